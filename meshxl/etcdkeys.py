@@ -1,0 +1,112 @@
+"""The etcd key layout: the one place that knows it.
+
+Every part of meshxl (control plane, sidecars, operator commands) meets the others
+only through these keys, so the layout is versioned (``v1``) and changed only here.
+Values are JSON documents (the model is stored as YAML text, as the operator wrote it).
+
+::
+
+    {root}/v1/mesh/model                                  cluster model (YAML text)
+    {root}/v1/mesh/clusters/{cluster}/members/{member}    member registration (leased)
+    {root}/v1/mesh/clusters/{cluster}/admin/{member}      admin state: member down
+    {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
+    {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased)
+
+Everything that decides Envoy's configuration lives under ``mesh/``, so the control
+plane watches exactly that prefix and nothing else (node status it writes itself,
+and session state, stay out of its watch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "/meshxl"
+
+
+def _segment(value: str, what: str) -> str:
+    if not value or "/" in value:
+        raise ValueError(f"invalid {what} for an etcd key: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builders and parsers under one root prefix."""
+
+    root: str = DEFAULT_ROOT
+
+    @property
+    def base(self) -> str:
+        return f"{self.root.rstrip('/')}/v1"
+
+    @property
+    def mesh_prefix(self) -> str:
+        """Everything the xDS control plane compiles from."""
+        return f"{self.base}/mesh/"
+
+    # -- the model -------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return f"{self.mesh_prefix}model"
+
+    # -- clusters: member registrations and admin state --------------------------
+    @property
+    def clusters_prefix(self) -> str:
+        return f"{self.mesh_prefix}clusters/"
+
+    def member(self, cluster: str, member: str) -> str:
+        return f"{self.members_prefix(cluster)}{_segment(member, 'member')}"
+
+    def members_prefix(self, cluster: str) -> str:
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/members/"
+
+    def member_admin(self, cluster: str, member: str) -> str:
+        cluster_part = _segment(cluster, "cluster")
+        return f"{self.clusters_prefix}{cluster_part}/admin/{_segment(member, 'member')}"
+
+    @property
+    def sites_prefix(self) -> str:
+        return f"{self.mesh_prefix}sites/"
+
+    def site_admin(self, site: str) -> str:
+        return f"{self.sites_prefix}{_segment(site, 'site')}/admin"
+
+    # -- xDS node status ---------------------------------------------------------
+    @property
+    def nodes_prefix(self) -> str:
+        return f"{self.base}/xds/nodes/"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.nodes_prefix}{_segment(node_id, 'node id')}"
+
+    # -- parsing -------------------------------------------------------------------
+    def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:
+        """Split a key under ``clusters/`` into (cluster, kind, member).
+
+        ``kind`` is ``members`` or ``admin``; anything else (for example session keys
+        added by later parts) returns None so watchers can ignore it.
+        """
+        if not key.startswith(self.clusters_prefix):
+            return None
+        parts = key[len(self.clusters_prefix) :].split("/")
+        if len(parts) != 3 or parts[1] not in ("members", "admin") or not all(parts):
+            return None
+        return parts[0], parts[1], parts[2]
+
+    def parse_site_key(self, key: str) -> str | None:
+        if not key.startswith(self.sites_prefix):
+            return None
+        parts = key[len(self.sites_prefix) :].split("/")
+        if len(parts) != 2 or parts[1] != "admin" or not parts[0]:
+            return None
+        return parts[0]
+
+    def parse_node_key(self, key: str) -> str | None:
+        if not key.startswith(self.nodes_prefix):
+            return None
+        rest = key[len(self.nodes_prefix) :]
+        return rest if rest and "/" not in rest else None
+
+
+KEYS = Keys()

@@ -1,0 +1,40 @@
+"""The cluster model: pure data, loading and validation, and the runtime view.
+
+Nothing here does I/O beyond reading a file on request, and nothing imports the
+rest of meshxl.
+"""
+
+from .load import ModelError, Problem, check_model, load_model, parse_model
+from .runtime import (
+    AdminAction,
+    ClusterView,
+    MemberState,
+    MemberView,
+    Registration,
+    Role,
+    RuntimeState,
+    cluster_view,
+)
+from .spec import (
+    DEFAULT_SITE,
+    ClusterSpec,
+    Cookie,
+    HealthCheck,
+    Listener,
+    Member,
+    ModelSpec,
+    OutlierDetection,
+    Overrides,
+    Retries,
+    Route,
+    Site,
+    Stickiness,
+)
+
+__all__ = [
+    "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
+    "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
+    "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
+    "RuntimeState", "Site", "Stickiness", "check_model", "cluster_view", "load_model",
+    "parse_model",
+]

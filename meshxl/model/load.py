@@ -1,0 +1,166 @@
+"""Loading and validating a model file: every problem named by field path and value."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .spec import DEFAULT_SITE, ClusterSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a model: where (field path), what, and the bad value."""
+
+    path: str
+    message: str
+    value: Any = None
+
+    def __str__(self) -> str:
+        shown = "" if self.value is None else f" (got {_short(self.value)})"
+        return f"{self.path or '<model>'}: {self.message}{shown}"
+
+
+class ModelError(ValueError):
+    """A model that cannot be served. ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "literal[")):  # pydantic's internal loc parts
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def parse_model(text: str, source: str = "<model>") -> ModelSpec:
+    """Parse YAML (or JSON) text into a validated model, or raise ModelError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ModelError([Problem(where, f"YAML syntax error: {reason}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ModelError([Problem("", "the model must be a mapping with a 'clusters' list",
+                                  type(data).__name__)])
+    try:
+        spec = ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            if err["type"] == "missing":
+                value = None
+            elif err["type"] == "extra_forbidden":
+                msg = "unknown field"
+                value = None
+            problems.append(Problem(_path(err["loc"]), msg, value))
+        raise ModelError(problems) from None
+    problems = list(check_model(spec))
+    if problems:
+        raise ModelError(problems)
+    return spec
+
+
+def load_model(path: str | Path) -> ModelSpec:
+    """Read and validate a model file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelError([Problem(str(p), f"cannot read the model file: {exc.strerror}")]) from None
+    return parse_model(text, source=str(p))
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def check_model(spec: ModelSpec) -> Iterator[Problem]:
+    """Cross-field checks pydantic cannot express (references, uniqueness)."""
+    yield from _duplicates("clusters", [c.name for c in spec.clusters], "cluster name")
+    routes: dict[tuple[str, int, str, str], str] = {}
+    for i, cluster in enumerate(spec.clusters):
+        base = f"clusters[{i}]"
+        yield from _check_cluster(base, cluster)
+        if cluster.listener is not None:
+            for domain in cluster.route.domains:
+                key = (cluster.listener.address, cluster.listener.port, domain,
+                       cluster.route.prefix)
+                if key in routes:
+                    yield Problem(f"{base}.route", f"cluster {routes[key]!r} already routes "
+                                  f"{domain}{cluster.route.prefix} on "
+                                  f"{cluster.listener.address}:{cluster.listener.port}")
+                routes.setdefault(key, cluster.name)
+
+
+def _duplicates(path: str, names: list[str], what: str) -> Iterator[Problem]:
+    for name, count in Counter(names).items():
+        if count > 1:
+            idx = [i for i, n in enumerate(names) if n == name][1]
+            yield Problem(f"{path}[{idx}].name", f"duplicate {what}", name)
+
+
+def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
+    yield from _duplicates(f"{base}.sites", [s.name for s in c.sites], "site name")
+    yield from _duplicates(f"{base}.members", [m.name for m in c.members], "member name")
+    sites = set(c.site_names())
+    seen: dict[tuple[str, int], str] = {}
+    for j, m in enumerate(c.members):
+        if m.site is not None and m.site not in sites:
+            known = (", ".join(sorted(sites)) if c.sites
+                     else f"none declared, so only {DEFAULT_SITE!r}")
+            yield Problem(f"{base}.members[{j}].site", f"unknown site (sites: {known})", m.site)
+        endpoint = (m.address, m.port)
+        if endpoint in seen:
+            yield Problem(f"{base}.members[{j}]",
+                          f"same address and port as member {seen[endpoint]!r}",
+                          f"{m.address}:{m.port}")
+        seen.setdefault(endpoint, m.name)
+    if c.membership == "static" and not c.members:
+        yield Problem(f"{base}.members", "a static cluster needs at least one member "
+                      "(or use membership: registered)")
+    st = c.stickiness
+    if st is not None:
+        if st.algorithm == "maglev" and not _is_prime(st.maglev_table_size):
+            yield Problem(f"{base}.stickiness.maglev_table_size", "must be a prime number",
+                          st.maglev_table_size)
+        if st.ring_minimum_size > st.ring_maximum_size:
+            yield Problem(f"{base}.stickiness.ring_minimum_size",
+                          f"must not exceed ring_maximum_size ({st.ring_maximum_size})",
+                          st.ring_minimum_size)
+    hc = c.health_check
+    if hc.enabled and hc.timeout > hc.interval * 4:
+        yield Problem(f"{base}.health_check.timeout",
+                      f"is much longer than the interval ({hc.interval}s): checks would overlap",
+                      hc.timeout)
+    if c.retries.backoff_base > c.retries.backoff_max:
+        yield Problem(f"{base}.retries.backoff_base", "must not exceed backoff_max",
+                      c.retries.backoff_base)

@@ -1,0 +1,216 @@
+"""The declarative cluster model, in ClusterXL terms.
+
+A model file lists clusters. Each cluster is a set of members (service instances)
+spread over sites, served in one of two modes:
+
+* ``high-availability``: one active member, the others standby then backup
+  (Envoy EDS priorities 0, 1, 2+);
+* ``load-sharing``: every member of the first site tier is active, by weight.
+
+Traffic is sticky: a consistent-hash load balancer (maglev or ring_hash) keyed on a
+header, a cookie or the source IP keeps a session on one member while it lives.
+
+These classes only describe and validate; they do no I/O. Durations are written as
+``250ms``, ``1.5s``, ``2m``, ``1h`` or a number of seconds, and stored as seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 250ms, 1s or 2m")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("expected a duration such as 250ms, 1s or 2m")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Weight = Annotated[int, Field(ge=1, le=10_000)]
+Port = Annotated[int, Field(ge=1, le=65_535)]
+
+DEFAULT_SITE = "default"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Site(_Spec):
+    """A failure domain (a data center, zone or Maestro site)."""
+
+    name: Name
+    weight: Weight = 100
+    """Share of the tier's traffic when several sites share a failover rank."""
+    failover_rank: int | None = Field(default=None, ge=0, le=100)
+    """Lower ranks take traffic first; by default the order in the list."""
+
+
+class Member(_Spec):
+    """One service instance of a cluster."""
+
+    name: Name
+    address: str = Field(min_length=1, max_length=253)
+    port: Port
+    site: Name | None = None
+    weight: Weight = 100
+    priority: int | None = Field(default=None, ge=0, le=100)
+    """Explicit tier inside the member's site: equal priorities share traffic."""
+
+
+class Cookie(_Spec):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "meshxl-session"
+    ttl: Duration = 3600.0
+    """Envoy sets the cookie when a request has none; 0 makes it a session cookie."""
+    path: str = "/"
+
+
+class Stickiness(_Spec):
+    """Session affinity: consistent hashing on one request property."""
+
+    algorithm: Literal["maglev", "ring_hash"] = "maglev"
+    header: Annotated[str, Field(pattern=HEADER_PATTERN)] | None = None
+    cookie: Cookie | None = None
+    source_ip: bool = False
+    maglev_table_size: int = Field(default=65537, ge=2, le=5_000_011)
+    ring_minimum_size: int = Field(default=1024, ge=1, le=8_388_608)
+    ring_maximum_size: int = Field(default=8_388_608, ge=1, le=8_388_608)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Stickiness:
+        keys = [k for k, on in (("header", self.header is not None),
+                                ("cookie", self.cookie is not None),
+                                ("source_ip", self.source_ip)) if on]
+        if len(keys) != 1:
+            raise ValueError(
+                "set exactly one hash key: header, cookie or source_ip"
+                + (f" (got {', '.join(keys)})" if keys else "")
+            )
+        return self
+
+    @property
+    def key(self) -> str:
+        return "header" if self.header else "cookie" if self.cookie else "source_ip"
+
+
+class HealthCheck(_Spec):
+    """Envoy active HTTP health checking; defaults detect a dead member in < 1 s."""
+
+    enabled: bool = True
+    path: str = Field(default="/healthz", pattern=r"^/")
+    interval: PositiveDuration = 0.25
+    timeout: PositiveDuration = 0.2
+    healthy_threshold: int = Field(default=1, ge=1, le=100)
+    unhealthy_threshold: int = Field(default=2, ge=1, le=100)
+    no_traffic_interval: PositiveDuration = 0.5
+    """Envoy's default is 60 s: a member without traffic would be checked once a minute."""
+    unhealthy_interval: PositiveDuration = 0.5
+    unhealthy_edge_interval: PositiveDuration = 0.1
+    healthy_edge_interval: PositiveDuration = 0.1
+    expected_statuses: list[Annotated[int, Field(ge=100, le=599)]] = [200]
+
+
+class OutlierDetection(_Spec):
+    """Passive ejection, faster than health checks: one failed connect ejects."""
+
+    enabled: bool = True
+    consecutive_local_origin_failure: int = Field(default=1, ge=1)
+    consecutive_5xx: int = Field(default=5, ge=1)
+    consecutive_gateway_failure: int = Field(default=3, ge=1)
+    interval: PositiveDuration = 1.0
+    base_ejection_time: PositiveDuration = 5.0
+    max_ejection_percent: int = Field(default=100, ge=0, le=100)
+
+
+RETRY_CONDITIONS = (
+    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
+    "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
+    "retriable-headers", "http3-post-connect-failure",
+)
+
+
+class Retries(_Spec):
+    """Retry a failed request on a different member and, if needed, priority."""
+
+    attempts: int = Field(default=3, ge=0, le=20)
+    retry_on: list[Literal[RETRY_CONDITIONS]] = [  # type: ignore[valid-type]
+        "connect-failure", "refused-stream", "reset", "gateway-error",
+    ]
+    per_try_timeout: Duration = 2.0
+    previous_hosts: bool = True
+    host_selection_max_attempts: int = Field(default=5, ge=1, le=100)
+    previous_priorities: bool | None = None
+    """Move a retry to the next priority; default: on in high-availability mode."""
+    backoff_base: PositiveDuration = 0.005
+    backoff_max: PositiveDuration = 0.05
+    budget_percent: float = Field(default=50.0, gt=0, le=100)
+    """Envoy caps outstanding retries at 3 per cluster by default; a budget scales."""
+    min_retry_concurrency: int = Field(default=64, ge=1)
+
+
+class Listener(_Spec):
+    """Where Envoy exposes the cluster."""
+
+    address: str = "0.0.0.0"
+    port: Port
+
+
+class Route(_Spec):
+    domains: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    prefix: str = Field(default="/", pattern=r"^/")
+    timeout: Duration = 15.0
+
+
+class Overrides(_Spec):
+    """Raw Envoy JSON merged over the generated resources (expert escape hatch)."""
+
+    cluster: dict[str, Any] | None = None
+    route: dict[str, Any] | None = None
+
+
+class ClusterSpec(_Spec):
+    name: Name
+    mode: Literal["high-availability", "load-sharing"] = "high-availability"
+    membership: Literal["static", "registered"] = "static"
+    """static: listed members are always advertised (health checks decide);
+    registered: only members with a live, ready registration in etcd are."""
+    stickiness: Stickiness | None = None
+    sites: list[Site] = []
+    members: list[Member] = []
+    health_check: HealthCheck = HealthCheck()
+    outlier_detection: OutlierDetection = OutlierDetection()
+    retries: Retries = Retries()
+    listener: Listener | None = None
+    route: Route = Route()
+    connect_timeout: PositiveDuration = 0.25
+    priority_spillover: bool = False
+    """False: a lower tier gets traffic only when no member above it is healthy.
+    True: Envoy's gradual spill-over (overprovisioning factor 140)."""
+    overrides: Overrides = Overrides()
+
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites] or [DEFAULT_SITE]
+
+
+class ModelSpec(_Spec):
+    clusters: list[ClusterSpec] = []
+
+    def cluster(self, name: str) -> ClusterSpec | None:
+        return next((c for c in self.clusters if c.name == name), None)

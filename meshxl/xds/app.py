@@ -1,0 +1,263 @@
+"""The control-plane process: sources -> debounced rebuild -> snapshot -> ADS streams.
+
+It owns no state that is not in the model file or etcd: a restarted replica, or a
+second one, serves byte-identical resources with identical versions. Node status
+(what each Envoy ACKed or NACKed) is published to etcd under this replica's lease and
+on an HTTP status endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import grpc
+from aiohttp import web
+
+from meshxl import etcd
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.model import ModelSpec, RuntimeState
+
+from .cache import Snapshot, SnapshotCache
+from .resources import CompileError, compile_resources
+from .server import AdsServer
+from .sources import Debouncer, EtcdMeshSource, ModelFileSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """Everything a control-plane replica needs; validated by the CLI."""
+
+    listen: str = "127.0.0.1:18000"
+    config_path: Path | None = None
+    etcd: str | None = None
+    etcd_root: str = DEFAULT_ROOT
+    admin: str | None = None
+    """HOST:PORT of the HTTP status endpoint (/healthz, /readyz, /v1/status)."""
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    debounce: float = 0.01
+    max_delay: float = 0.1
+    status_ttl: int = 10
+    """Lease TTL (s) of the node-status keys: they vanish with a dead replica."""
+
+    def __post_init__(self) -> None:
+        if self.config_path is None and self.etcd is None:
+            raise ValueError("give a model file (--config), etcd (--etcd), or both")
+
+
+class ControlPlane:
+    """One replica of the xDS control plane."""
+
+    def __init__(self, config: ControlPlaneConfig):
+        self.config = config
+        self.keys = Keys(config.etcd_root)
+        self.cache = SnapshotCache()
+        self.ads = AdsServer(self.cache, on_status_change=self._publish_node)
+        self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
+                                   max_delay=config.max_delay)
+        self.file: ModelFileSource | None = None
+        self.mesh: EtcdMeshSource | None = None
+        self.client: aetcd.Client | None = None
+        self.compile_error: str | None = None
+        self.last_build: dict[str, Any] = {}
+        self.port = 0
+        self.admin_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._lease: Any = None
+        self._node_revisions: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load sources, publish the first snapshot, then accept Envoys.
+
+        With etcd, the first snapshot waits for the first full read: a replica never
+        serves a configuration that lacks the registrations every other replica sees.
+        """
+        cfg = self.config
+        if cfg.config_path is not None:
+            self.file = ModelFileSource(cfg.config_path, self.rebuilder.poke)
+            self.file.load()  # ModelError: refuse to start on a bad file
+            self._spawn(self.file.run())
+        if cfg.etcd is not None:
+            self.client = etcd.client(cfg.etcd)
+            await self.client.connect()
+            self.mesh = EtcdMeshSource(self.client, self.keys, self.rebuilder.poke)
+            self._spawn(self.mesh.run())
+            await self.mesh.synced.wait()
+            self._spawn(self._keep_lease())
+        await self.rebuild()
+        self._spawn(self.rebuilder.run())
+        self._grpc, self.port = await self.ads.serve(cfg.listen)
+        if cfg.admin:
+            await self._start_admin(cfg.admin)
+        log.info("xDS control plane %s serving ADS on %s (port %d)", cfg.replica,
+                 cfg.listen, self.port)
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=0.5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.ads.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.client is not None:
+            if self._lease is not None:
+                with contextlib.suppress(Exception):
+                    await self._lease.revoke()
+            with contextlib.suppress(Exception):
+                await self.client.close()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    # -- rebuild ------------------------------------------------------------------------
+
+    @property
+    def model(self) -> ModelSpec | None:
+        """The model file wins when given; otherwise the model stored in etcd."""
+        if self.file is not None:
+            return self.file.model
+        return self.mesh.model if self.mesh is not None else None
+
+    @property
+    def runtime(self) -> RuntimeState:
+        return self.mesh.runtime if self.mesh is not None else RuntimeState()
+
+    async def rebuild(self) -> None:
+        """Compile and publish a snapshot. A model that fails keeps the last good one."""
+        model = self.model
+        if model is None:
+            return
+        started = time.perf_counter()
+        try:
+            resources = compile_resources(model, self.runtime)
+        except CompileError as exc:
+            self.compile_error = str(exc)
+            log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
+            return
+        snapshot = Snapshot.build(resources.by_type())
+        self.compile_error = None
+        previous = self.cache.snapshot
+        if previous is not None and previous.versions == snapshot.versions:
+            return
+        self.cache.set(snapshot)
+        self.last_build = {
+            "at": time.time(),
+            "seconds": round(time.perf_counter() - started, 6),
+            "versions": snapshot.versions,
+            "etcd_revision": self.mesh.revision if self.mesh else None,
+        }
+        log.info("snapshot %s", " ".join(f"{t.rsplit('.', 1)[-1]}={v}"
+                                         for t, v in snapshot.versions.items()))
+
+    # -- node status in etcd ----------------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        """Keep this replica's lease alive; node-status keys die with the replica."""
+        assert self.client is not None
+        while True:
+            try:
+                if self._lease is None:
+                    self._lease = await self.client.lease(self.config.status_ttl)
+                await asyncio.sleep(self.config.status_ttl / 3)
+                await self._lease.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("status lease refresh failed (%s); taking a new lease", exc)
+                self._lease = None
+                await asyncio.sleep(0.5)
+
+    async def _publish_node(self, node_id: str, status: dict[str, Any]) -> None:
+        if self.client is None or self._lease is None:
+            return
+        key = self.keys.node(node_id).encode()
+        if status.get("streams", 0) > 0:
+            value = json.dumps({**status, "replica": self.config.replica}).encode()
+            put = await self.client.put(key, value, lease=self._lease)
+            self._node_revisions[node_id] = put.header.revision
+            return
+        # Disconnected: remove the record only if no other replica rewrote it since.
+        revision = self._node_revisions.pop(node_id, None)
+        if revision is not None:
+            tx = self.client.transactions
+            await self.client.transaction(compare=[tx.mod(key) == revision],
+                                          success=[tx.delete(key)], failure=[])
+
+    # -- HTTP status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        snapshot = self.cache.snapshot
+        return {
+            "replica": self.config.replica,
+            "ready": snapshot is not None,
+            "model_source": str(self.config.config_path) if self.file else
+            (self.keys.model if self.mesh else None),
+            "model_error": (self.file.error if self.file else None)
+            or (self.mesh.model_error if self.mesh else None),
+            "compile_error": self.compile_error,
+            "etcd": None if self.mesh is None else {
+                "revision": self.mesh.revision, "resyncs": self.mesh.resyncs,
+                "last_error": self.mesh.last_error,
+            },
+            "versions": snapshot.versions if snapshot else {},
+            "last_build": self.last_build,
+            "rebuilds": self.rebuilder.runs,
+            "responses_sent": self.ads.responses_sent,
+            "nacks": self.ads.nacks,
+            "nodes": self.ads.node_status(),
+        }
+
+    async def _start_admin(self, listen: str) -> None:
+        from meshxl.proxy.bootstrap import parse_hostport
+
+        host, port = parse_hostport(listen)
+        app = web.Application()
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = self.cache.snapshot is not None
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+        async def status(_: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        async def nodes(_: web.Request) -> web.Response:
+            return web.json_response(self.ads.node_status())
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/v1/status", status)
+        app.router.add_get("/v1/nodes", nodes)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.admin_port = sockets[0].getsockname()[1] if sockets else port

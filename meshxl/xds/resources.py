@@ -1,0 +1,349 @@
+"""Compile the cluster model plus runtime state into Envoy resources (pure).
+
+One meshxl cluster becomes:
+
+* a CDS ``Cluster`` (EDS over ADS): consistent-hash lb policy, active health checks,
+  outlier detection, a retry budget in the circuit breakers, and a priority policy
+  that keeps lower tiers idle while a higher one has a healthy member;
+* an EDS ``ClusterLoadAssignment``: one ``LocalityLbEndpoints`` per (site, priority),
+  members advertised with their tier as priority and their weight; admin-drained
+  members kept as ``DRAINING`` so Envoy stops sending them new requests;
+* a virtual host in the RDS ``RouteConfiguration`` of its listener, with the hash
+  policy and a retry policy that moves a retry to a different member and tier;
+* an LDS ``Listener`` per distinct listener address (shared by clusters).
+
+Everything here is a pure function of (spec, state), so it is tested case by case
+without processes, and two control-plane replicas given the same input produce the
+same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
+from envoy.type.v3 import percent_pb2, range_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from meshxl.model import ClusterSpec, ClusterView, ModelSpec, RuntimeState, cluster_view
+
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+
+# A lower tier takes traffic only when the tier above has no healthy member: Envoy
+# scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
+_NO_SPILLOVER_FACTOR = 1_000_000
+_ADS = config_source_pb2.ConfigSource(
+    ads=config_source_pb2.AggregatedConfigSource(),
+    resource_api_version=config_source_pb2.ApiVersion.V3,
+)
+
+
+class CompileError(ValueError):
+    """The model cannot be turned into Envoy resources (names the field path)."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass
+class Resources:
+    """Envoy resources by type URL, then by resource name."""
+
+    clusters: dict[str, cluster_pb2.Cluster] = field(default_factory=dict)
+    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+    listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
+    routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
+
+    def by_type(self) -> dict[str, Mapping[str, Message]]:
+        return {
+            CLUSTER_TYPE: self.clusters,
+            ENDPOINT_TYPE: self.endpoints,
+            LISTENER_TYPE: self.listeners,
+            ROUTE_TYPE: self.routes,
+        }
+
+
+def _dur(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _any(message: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(message)
+    return a
+
+
+def listener_name(address: str, port: int) -> str:
+    return f"meshxl_{address}_{port}"
+
+
+def compile_resources(model: ModelSpec, state: RuntimeState | None = None) -> Resources:
+    """The whole Envoy configuration for a model and the runtime state."""
+    state = state or RuntimeState()
+    out = Resources()
+    listeners: dict[tuple[str, int], list[ClusterSpec]] = {}
+    for i, spec in enumerate(model.clusters):
+        view = cluster_view(spec, state)
+        out.clusters[spec.name] = build_cluster(spec, f"clusters[{i}]")
+        out.endpoints[spec.name] = build_load_assignment(view)
+        if spec.listener is not None:
+            listeners.setdefault((spec.listener.address, spec.listener.port), []).append(spec)
+    for (address, port), specs in listeners.items():
+        name = listener_name(address, port)
+        out.listeners[name] = build_listener(name, address, port)
+        out.routes[name] = build_route_config(name, specs, model)
+    return out
+
+
+# -- CDS -------------------------------------------------------------------------------
+
+
+def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Cluster:
+    c = cluster_pb2.Cluster(
+        name=spec.name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ADS),
+        connect_timeout=_dur(spec.connect_timeout),
+        # A removed member leaves at once, even while its health check still passes.
+        ignore_health_on_host_removal=True,
+    )
+    st = spec.stickiness
+    if st is None:
+        c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    elif st.algorithm == "maglev":
+        c.lb_policy = cluster_pb2.Cluster.MAGLEV
+        c.maglev_lb_config.table_size.value = st.maglev_table_size
+    else:
+        c.lb_policy = cluster_pb2.Cluster.RING_HASH
+        c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
+        c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+    # Panic routing would send traffic to members known to be down: never for HA.
+    c.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
+
+    hc = spec.health_check
+    if hc.enabled:
+        check = health_check_pb2.HealthCheck(
+            timeout=_dur(hc.timeout),
+            interval=_dur(hc.interval),
+            interval_jitter=_dur(min(hc.interval / 10, 0.05)),
+            healthy_threshold=wrappers_pb2.UInt32Value(value=hc.healthy_threshold),
+            unhealthy_threshold=wrappers_pb2.UInt32Value(value=hc.unhealthy_threshold),
+            no_traffic_interval=_dur(hc.no_traffic_interval),
+            unhealthy_interval=_dur(hc.unhealthy_interval),
+            unhealthy_edge_interval=_dur(hc.unhealthy_edge_interval),
+            healthy_edge_interval=_dur(hc.healthy_edge_interval),
+            http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=hc.path),
+        )
+        for status in sorted(set(hc.expected_statuses)):
+            check.http_health_check.expected_statuses.append(
+                range_pb2.Int64Range(start=status, end=status + 1))
+        c.health_checks.append(check)
+
+    od = spec.outlier_detection
+    if od.enabled:
+        c.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
+                value=od.consecutive_local_origin_failure),
+            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=od.consecutive_5xx),
+            consecutive_gateway_failure=wrappers_pb2.UInt32Value(
+                value=od.consecutive_gateway_failure),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            interval=_dur(od.interval),
+            base_ejection_time=_dur(od.base_ejection_time),
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=od.max_ejection_percent),
+        ))
+
+    # Retries are capped by the circuit breaker (3 outstanding by default): when a
+    # member dies under load most retries would overflow. A budget scales with load.
+    r = spec.retries
+    c.circuit_breakers.CopyFrom(circuit_breaker_pb2.CircuitBreakers(thresholds=[
+        circuit_breaker_pb2.CircuitBreakers.Thresholds(
+            priority=base_pb2.RoutingPriority.DEFAULT,
+            retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
+                budget_percent=percent_pb2.Percent(value=r.budget_percent),
+                min_retry_concurrency=wrappers_pb2.UInt32Value(value=r.min_retry_concurrency),
+            ),
+        )
+    ]))
+    c.metadata.filter_metadata["meshxl"].CopyFrom(
+        _struct({"cluster": spec.name, "mode": spec.mode,
+                 "stickiness": st.key if st else "none"}))
+    if spec.overrides.cluster:
+        c = _merge(c, spec.overrides.cluster, f"{path}.overrides.cluster")
+    return c
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(data)
+    return s
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
+    """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource."""
+    merged = _deep_merge(json_format.MessageToDict(message), override)
+    try:
+        return json_format.ParseDict(merged, type(message)())
+    except json_format.ParseError as exc:
+        raise CompileError(path, f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") \
+            from None
+
+
+# -- EDS -------------------------------------------------------------------------------
+
+
+def build_load_assignment(view: ClusterView) -> endpoint_pb2.ClusterLoadAssignment:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=view.name)
+    if not view.spec.priority_spillover:
+        cla.policy.overprovisioning_factor.value = _NO_SPILLOVER_FACTOR
+    groups: dict[tuple[int, str], endpoint_components_pb2.LocalityLbEndpoints] = {}
+    for m in sorted((m for m in view.members if m.advertised), key=lambda m: (m.priority, m.site)):
+        group = groups.get((m.priority, m.site))
+        if group is None:
+            group = cla.endpoints.add(priority=m.priority)
+            group.locality.zone = m.site
+            groups[(m.priority, m.site)] = group
+        ep = group.lb_endpoints.add()
+        sock = ep.endpoint.address.socket_address
+        sock.address = m.address
+        sock.port_value = m.port
+        sock.protocol = address_pb2.SocketAddress.TCP
+        ep.endpoint.hostname = m.name
+        ep.load_balancing_weight.value = m.lb_weight
+        ep.health_status = (health_check_pb2.DRAINING if m.draining
+                            else health_check_pb2.UNKNOWN)
+        ep.metadata.filter_metadata["meshxl"].CopyFrom(
+            _struct({"member": m.name, "site": m.site, "role": str(m.role)}))
+    return cla
+
+
+# -- LDS / RDS ---------------------------------------------------------------------------
+
+
+def build_listener(name: str, address: str, port: int) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ADS, route_config_name=name),
+        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                         typed_config=_any(router_pb2.Router()))],
+    )
+    listener = listener_pb2.Listener(name=name)
+    listener.address.socket_address.address = address
+    listener.address.socket_address.port_value = port
+    listener.filter_chains.append(listener_components_pb2.FilterChain(filters=[
+        listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                       typed_config=_any(hcm)),
+    ]))
+    return listener
+
+
+def build_route_config(name: str, specs: list[ClusterSpec],
+                       model: ModelSpec) -> route_pb2.RouteConfiguration:
+    """One route configuration per listener: clusters grouped by their domains."""
+    rc = route_pb2.RouteConfiguration(name=name)
+    hosts: dict[tuple[str, ...], route_components_pb2.VirtualHost] = {}
+    routes: dict[tuple[str, ...], list[tuple[str, route_components_pb2.Route]]] = {}
+    for spec in specs:
+        domains = tuple(spec.route.domains)
+        if domains not in hosts:
+            hosts[domains] = route_components_pb2.VirtualHost(
+                name=f"{name}_{len(hosts)}", domains=list(domains))
+            routes[domains] = []
+        index = model.clusters.index(spec)
+        routes[domains].append((spec.route.prefix, build_route(spec, f"clusters[{index}]")))
+    for domains, vhost in hosts.items():
+        # Longest prefix first: Envoy takes the first matching route.
+        for _, route in sorted(routes[domains], key=lambda pr: -len(pr[0])):
+            vhost.routes.append(route)
+        rc.virtual_hosts.append(vhost)
+    return rc
+
+
+def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb2.Route:
+    route = route_components_pb2.Route(name=spec.name)
+    route.match.prefix = spec.route.prefix
+    action = route.route
+    action.cluster = spec.name
+    action.timeout.CopyFrom(_dur(spec.route.timeout))
+    st = spec.stickiness
+    if st is not None:
+        hp = action.hash_policy.add()
+        if st.header:
+            hp.header.header_name = st.header
+        elif st.cookie:
+            hp.cookie.name = st.cookie.name
+            hp.cookie.path = st.cookie.path
+            hp.cookie.ttl.CopyFrom(_dur(st.cookie.ttl))
+        else:
+            hp.connection_properties.source_ip = True
+        hp.terminal = True
+
+    r = spec.retries
+    if r.attempts > 0:
+        rp = action.retry_policy
+        rp.retry_on = ",".join(r.retry_on)
+        rp.num_retries.value = r.attempts
+        if r.per_try_timeout > 0:
+            rp.per_try_timeout.CopyFrom(_dur(r.per_try_timeout))
+        rp.retry_back_off.base_interval.CopyFrom(_dur(r.backoff_base))
+        rp.retry_back_off.max_interval.CopyFrom(_dur(r.backoff_max))
+        if r.previous_hosts:
+            rp.retry_host_predicate.append(route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
+            ))
+            # A consistent hash picks the same dead member again unless Envoy may re-pick.
+            rp.host_selection_retry_max_attempts = r.host_selection_max_attempts
+        previous_priorities = r.previous_priorities
+        if previous_priorities is None:
+            previous_priorities = spec.mode == "high-availability"
+        if previous_priorities:
+            rp.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
+                name="envoy.retry_priorities.previous_priorities",
+                typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(
+                    update_frequency=1)),
+            ))
+    if spec.overrides.route:
+        route = _merge(route, spec.overrides.route, f"{path}.overrides.route")
+    return route
+
+
+__all__ = [
+    "CLUSTER_TYPE", "ENDPOINT_TYPE", "LISTENER_TYPE", "ROUTE_TYPE", "CompileError",
+    "Resources", "build_cluster", "build_listener", "build_load_assignment", "build_route",
+    "build_route_config", "compile_resources", "listener_name",
+]

