@@ -39,11 +39,18 @@ class Registration:
         if not 1 <= port <= 65535:
             raise ValueError(f"registration port out of range: {port}")
         weight = data.get("weight")
+        if weight is not None:
+            try:
+                weight = int(weight)
+            except (TypeError, ValueError):
+                raise ValueError(f"registration weight is not a number: {weight!r}") from None
+            if not 1 <= weight <= 10_000:
+                raise ValueError(f"registration weight out of range 1..10000: {weight}")
         return cls(
             address=address,
             port=port,
             site=data.get("site") or None,
-            weight=int(weight) if weight is not None else None,
+            weight=weight,
             ready=bool(data.get("ready", True)),
             problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
         )
@@ -190,10 +197,11 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     # Dense priorities over advertised members: an empty tier never leaves a gap.
     keys = sorted({key for key, v in drafts if v.advertised})
     priority_of = {key: i for i, key in enumerate(keys)}
-    # Site share inside a tier: the sum of member weights per (tier, site).
+    # Site share inside a tier: the sum of serving member weights per (tier, site), so
+    # a drained member's share goes to its site's other members, not to other sites.
     tier_site_total: dict[tuple[tuple[int, int], str], int] = {}
     for key, v in drafts:
-        if v.advertised:
+        if v.advertised and not v.draining:
             tier_site_total[(key, v.site)] = tier_site_total.get((key, v.site), 0) + v.weight
 
     # Roles follow the tiers that actually serve (draining members serve nothing).
@@ -205,7 +213,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         if not v.advertised:
             members.append(v)
             continue
-        total = tier_site_total[(key, v.site)]
+        total = tier_site_total.get((key, v.site), v.weight)
         lb_weight = max(1, round(site_weight.get(v.site, 100) * v.weight * _WEIGHT_SCALE / total))
         members.append(replace(v, priority=priority_of[key], lb_weight=lb_weight,
                                role=_role(spec, rank_of.get(key))))

@@ -99,10 +99,8 @@ class Stickiness(_Spec):
                                 ("cookie", self.cookie is not None),
                                 ("source_ip", self.source_ip)) if on]
         if len(keys) != 1:
-            raise ValueError(
-                "set exactly one hash key: header, cookie or source_ip"
-                + (f" (got {', '.join(keys)})" if keys else "")
-            )
+            raise ValueError("set exactly one hash key: header, cookie or source_ip"
+                             + (f"; {', '.join(keys)} are set" if keys else "; none is set"))
         return self
 
     @property

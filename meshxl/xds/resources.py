@@ -273,23 +273,28 @@ def build_listener(name: str, address: str, port: int) -> listener_pb2.Listener:
 
 def build_route_config(name: str, specs: list[ClusterSpec],
                        model: ModelSpec) -> route_pb2.RouteConfiguration:
-    """One route configuration per listener: clusters grouped by their domains."""
-    rc = route_pb2.RouteConfiguration(name=name)
-    hosts: dict[tuple[str, ...], route_components_pb2.VirtualHost] = {}
-    routes: dict[tuple[str, ...], list[tuple[str, route_components_pb2.Route]]] = {}
+    """One route configuration per listener.
+
+    Envoy allows a domain in one virtual host only, while clusters may share a
+    domain under different prefixes: routes are collected per domain, and domains
+    with identical routes share a virtual host.
+    """
+    per_domain: dict[str, list[ClusterSpec]] = {}
     for spec in specs:
-        domains = tuple(spec.route.domains)
-        if domains not in hosts:
-            hosts[domains] = route_components_pb2.VirtualHost(
-                name=f"{name}_{len(hosts)}", domains=list(domains))
-            routes[domains] = []
-        index = model.clusters.index(spec)
-        routes[domains].append((spec.route.prefix, build_route(spec, f"clusters[{index}]")))
-    for domains, vhost in hosts.items():
+        for domain in dict.fromkeys(spec.route.domains):
+            per_domain.setdefault(domain, []).append(spec)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for domain, members in per_domain.items():
         # Longest prefix first: Envoy takes the first matching route.
-        for _, route in sorted(routes[domains], key=lambda pr: -len(pr[0])):
-            vhost.routes.append(route)
-        rc.virtual_hosts.append(vhost)
+        ordered = sorted(members, key=lambda s: -len(s.route.prefix))
+        groups.setdefault(tuple(s.name for s in ordered), []).append(domain)
+    by_name = {spec.name: spec for spec in specs}
+    rc = route_pb2.RouteConfiguration(name=name)
+    for i, (cluster_names, domains) in enumerate(groups.items()):
+        vhost = rc.virtual_hosts.add(name=f"{name}_{i}", domains=domains)
+        for cluster_name in cluster_names:
+            spec = by_name[cluster_name]
+            vhost.routes.append(build_route(spec, f"clusters[{model.clusters.index(spec)}]"))
     return rc
 
 

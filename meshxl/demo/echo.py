@@ -1,0 +1,148 @@
+"""A tiny backend member for the quickstart and the tests.
+
+Every response names the member that served it (JSON body and ``x-meshxl-member``
+header) and echoes the session the client presented, so stickiness and failover are
+visible from the client side. Health can be failed and restored over HTTP
+(``POST /admin/health`` with body ``fail`` or ``ok``), so a test can make Envoy's health
+checks eject a member without killing it.
+
+Run: ``python -m meshxl.demo.echo --name a --listen 127.0.0.1:8081``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from meshxl.proxy.bootstrap import parse_hostport
+
+__all__ = ["SESSION_HEADER", "make_app", "main", "serve"]
+
+#: Header a client uses to name its session (and the default hash key for stickiness).
+SESSION_HEADER = "x-session-id"
+#: Header every response carries: which member served it.
+MEMBER_HEADER = "x-meshxl-member"
+#: Cookie names tried, in order, when the session header is absent.
+DEFAULT_SESSION_COOKIES = ("x-session-id", "session", "meshxl-session")
+
+_NAME = web.AppKey("name", str)
+_HEALTHY = web.AppKey("healthy", list)
+_COOKIES = web.AppKey("cookies", tuple)
+
+
+def _session_of(request: web.Request) -> str | None:
+    header = request.headers.get(SESSION_HEADER)
+    if header:
+        return header
+    for cookie in request.app[_COOKIES]:
+        value = request.cookies.get(cookie)
+        if value:
+            return str(value)
+    return None
+
+
+@web.middleware
+async def _member_header(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers[MEMBER_HEADER] = request.app[_NAME]
+        raise
+    response.headers[MEMBER_HEADER] = request.app[_NAME]
+    return response
+
+
+async def _echo(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"member": request.app[_NAME], "path": request.path, "session": _session_of(request)}
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    if request.app[_HEALTHY][0]:
+        return web.Response(text="ok")
+    return web.Response(status=503, text="fail")
+
+
+async def _set_health(request: web.Request) -> web.Response:
+    body = (await request.text()).strip().lower()
+    if body not in ("ok", "fail"):
+        return web.Response(status=400, text=f"body must be 'ok' or 'fail', got {body!r}\n")
+    request.app[_HEALTHY][0] = body == "ok"
+    return web.Response(text=body)
+
+
+def make_app(
+    name: str, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES
+) -> web.Application:
+    """Build the echo application for member ``name``."""
+    app = web.Application(middlewares=[_member_header])
+    app[_NAME] = name
+    app[_HEALTHY] = [True]  # a one-item list so handlers can flip it in place
+    app[_COOKIES] = tuple(session_cookies)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_post("/admin/health", _set_health)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    return app
+
+
+async def serve(
+    name: str,
+    host: str,
+    port: int,
+    session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES,
+) -> None:
+    """Serve until SIGTERM/SIGINT; print one ``listening`` line once the port is bound."""
+    runner = web.AppRunner(make_app(name, session_cookies), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listening {shown}:{bound} member={name}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshxl.demo.echo", description="meshxl demo echo backend"
+    )
+    parser.add_argument("--name", required=True, help="member name reported in every response")
+    parser.add_argument("--listen", default="127.0.0.1:8081", help="HOST:PORT to bind")
+    parser.add_argument(
+        "--session-cookie",
+        action="append",
+        default=None,
+        help="cookie name that carries the session (repeatable; default: "
+        + ", ".join(DEFAULT_SESSION_COOKIES)
+        + ")",
+    )
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_hostport(args.listen, allow_zero=True)
+    except ValueError as exc:
+        parser.error(str(exc))
+    cookies = tuple(args.session_cookie or DEFAULT_SESSION_COOKIES)
+    try:
+        asyncio.run(serve(args.name, host, port, cookies))
+    except OSError as exc:
+        print(f"echo {args.name}: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Envoy bootstrap for a data plane managed by meshxl's xDS control server.
+
+Pure: builds a plain ``dict`` (the Envoy v3 ``Bootstrap`` message in its JSON/YAML form)
+so it can be rendered to YAML for ``envoy -c``, embedded in a Kubernetes ConfigMap, or
+checked in tests without starting anything.
+
+The control plane is reached through ADS on the static cluster ``meshxl_xds``. Several
+control-plane replicas become several endpoints at increasing EDS priorities (list order
+is preference) with a TCP health check, so Envoy moves its ADS stream to the next
+replica when one dies; HTTP/2 keepalive pings notice a dead or partitioned replica
+within about two seconds instead of waiting for TCP timeouts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "XDS_CLUSTER",
+    "build_bootstrap",
+    "parse_hostport",
+    "render_yaml",
+]
+
+#: Name of the static cluster that carries the ADS stream to the control plane.
+XDS_CLUSTER = "meshxl_xds"
+
+_HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _seconds(value: float) -> str:
+    """Render a duration the way protobuf JSON spells ``google.protobuf.Duration``."""
+    if value < 0:
+        raise ValueError(f"duration must not be negative: {value!r}")
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return f"{text or '0'}s"
+
+
+def _valid_port(port: object, what: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= 65535:
+        raise ValueError(f"{what}: port must be an integer in {low}..65535, got {port!r}")
+    return port
+
+
+def _valid_host(host: object, what: str) -> str:
+    if not isinstance(host, str) or not host or host != host.strip():
+        raise ValueError(f"{what}: host must be a non-empty name or IP address, got {host!r}")
+    if host.startswith("[") or host.endswith("]"):
+        raise ValueError(f"{what}: give an IPv6 host without brackets, got {host!r}")
+    if any(c in host for c in "/ \t@?#") or (":" in host and not _is_ip(host)):
+        raise ValueError(f"{what}: not a valid host name or IP address: {host!r}")
+    return host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_hostport(value: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:18000`` for IPv6) into ``(host, port)``.
+
+    Raises ``ValueError`` naming the bad value, so CLI flags and model files fail with
+    a message that points at what the user typed. ``allow_zero`` accepts port 0 for
+    listeners that let the kernel choose.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT as a string, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f"bad HOST:PORT {value!r}: expected [IPV6]:PORT, e.g. [::1]:18000")
+        host, port_text = text[1:end], text[end + 2 :]
+        if not _is_ip(host) or ":" not in host:
+            raise ValueError(
+                f"bad HOST:PORT {value!r}: {host!r} in brackets is not an IPv6 address"
+            )
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"bad HOST:PORT {value!r}: expected HOST:PORT, e.g. 127.0.0.1:18000")
+        if ":" in host:
+            raise ValueError(
+                f"bad HOST:PORT {value!r}: write IPv6 addresses in brackets, e.g. [::1]:18000"
+            )
+    if not port_text.isdigit():
+        raise ValueError(f"bad HOST:PORT {value!r}: port {port_text!r} is not a number")
+    port = _valid_port(int(port_text), f"bad HOST:PORT {value!r}", allow_zero=allow_zero)
+    return _valid_host(host, f"bad HOST:PORT {value!r}"), port
+
+
+def _address_list(xds: Sequence[tuple[str, int] | str] | str) -> list[tuple[str, int]]:
+    if isinstance(xds, str):
+        # A lone "host:port" is common enough at the CLI that it should not be
+        # iterated character by character.
+        xds = [xds]
+    out: list[tuple[str, int]] = []
+    for item in xds:
+        if isinstance(item, str):
+            out.append(parse_hostport(item))
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            what = f"bad control-plane address {item!r}"
+            out.append((_valid_host(item[0], what), _valid_port(item[1], what)))
+        else:
+            raise ValueError(
+                f"bad control-plane address {item!r}: expected 'HOST:PORT' or (host, port)"
+            )
+    if not out:
+        raise ValueError("at least one control-plane address (HOST:PORT) is required")
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate control-plane addresses in {[f'{h}:{p}' for h, p in out]}")
+    return out
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _xds_cluster(
+    addresses: list[tuple[str, int]],
+    *,
+    connect_timeout: float,
+    keepalive_interval: float,
+    keepalive_timeout: float,
+    health_check_interval: float,
+) -> dict[str, Any]:
+    static = all(_is_ip(host) for host, _ in addresses)
+    cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if static else "STRICT_DNS",
+        "connect_timeout": _seconds(connect_timeout),
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {
+                            "interval": _seconds(keepalive_interval),
+                            "timeout": _seconds(keepalive_timeout),
+                        },
+                    },
+                },
+            },
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            # One locality per replica at its own priority: list order is preference,
+            # and Envoy fails over to the next replica when the health check fails.
+            "endpoints": [
+                {
+                    "priority": priority,
+                    "lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}],
+                }
+                for priority, (host, port) in enumerate(addresses)
+            ],
+        },
+    }
+    if not static:
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if len(addresses) > 1:
+        # A single replica needs no health check: there is nowhere else to go, and the
+        # ADS stream's own reconnect backoff covers restarts.
+        cluster["health_checks"] = [
+            {
+                "timeout": _seconds(min(1.0, health_check_interval)),
+                "interval": _seconds(health_check_interval),
+                # Without this a cluster Envoy considers idle is checked once a minute.
+                "no_traffic_interval": _seconds(health_check_interval),
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "tcp_health_check": {},
+            }
+        ]
+    return cluster
+
+
+def build_bootstrap(
+    node_id: str,
+    xds: Sequence[tuple[str, int] | str] | str,
+    *,
+    admin_port: int,
+    admin_address: str = "127.0.0.1",
+    node_cluster: str = "meshxl",
+    delta: bool = False,
+    region: str | None = None,
+    zone: str | None = None,
+    sub_zone: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    connect_timeout: float = 0.25,
+    keepalive_interval: float = 1.0,
+    keepalive_timeout: float = 1.0,
+    health_check_interval: float = 1.0,
+    reconnect_base: float = 0.1,
+    reconnect_max: float = 1.0,
+    initial_fetch_timeout: float | None = None,
+) -> dict[str, Any]:
+    """Return an Envoy v3 bootstrap that takes clusters and listeners from meshxl over ADS.
+
+    ``xds`` lists control-plane replicas as ``"HOST:PORT"`` strings or ``(host, port)``
+    tuples, most preferred first. ``delta=True`` selects the incremental (DELTA_GRPC)
+    protocol. ``region``/``zone``/``sub_zone`` set the node locality, which meshxl uses
+    to prefer members on the same site. ``initial_fetch_timeout`` bounds how long Envoy's
+    startup waits for the first CDS/LDS response (Envoy's default is 15 s; 0 waits
+    forever); ``None`` keeps Envoy's default.
+    """
+    if not isinstance(node_id, str) or not node_id.strip():
+        raise ValueError(f"node_id must be a non-empty string, got {node_id!r}")
+    if not isinstance(node_cluster, str) or not node_cluster.strip():
+        raise ValueError(f"node_cluster must be a non-empty string, got {node_cluster!r}")
+    _valid_port(admin_port, f"bad admin port {admin_port!r}")
+    _valid_host(admin_address, f"bad admin address {admin_address!r}")
+    if not _is_ip(admin_address):
+        raise ValueError(f"admin address must be an IP address, got {admin_address!r}")
+    for name, value in (
+        ("connect_timeout", connect_timeout),
+        ("keepalive_interval", keepalive_interval),
+        ("keepalive_timeout", keepalive_timeout),
+        ("health_check_interval", health_check_interval),
+        ("reconnect_base", reconnect_base),
+        ("reconnect_max", reconnect_max),
+    ):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+    if reconnect_max < reconnect_base:
+        raise ValueError(
+            f"reconnect_max ({reconnect_max!r}) must not be below reconnect_base "
+            f"({reconnect_base!r})"
+        )
+    addresses = _address_list(xds)
+
+    node: dict[str, Any] = {"id": node_id, "cluster": node_cluster}
+    locality = {
+        key: value
+        for key, value in (("region", region), ("zone", zone), ("sub_zone", sub_zone))
+        if value
+    }
+    if locality:
+        node["locality"] = locality
+    if metadata:
+        node["metadata"] = dict(metadata)
+
+    def ads_source() -> dict[str, Any]:
+        source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+        if initial_fetch_timeout is not None:
+            source["initial_fetch_timeout"] = _seconds(initial_fetch_timeout)
+        return source
+
+    return {
+        "node": node,
+        "admin": {"address": _socket_address(admin_address, admin_port)},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": True,
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            # Reconnect quickly after a control-plane restart or
+                            # failover instead of Envoy's default backoff (up to 30 s).
+                            "retry_policy": {
+                                "retry_back_off": {
+                                    "base_interval": _seconds(reconnect_base),
+                                    "max_interval": _seconds(reconnect_max),
+                                },
+                            },
+                        },
+                    }
+                ],
+            },
+            "cds_config": ads_source(),
+            "lds_config": ads_source(),
+        },
+        "static_resources": {
+            "clusters": [
+                _xds_cluster(
+                    addresses,
+                    connect_timeout=connect_timeout,
+                    keepalive_interval=keepalive_interval,
+                    keepalive_timeout=keepalive_timeout,
+                    health_check_interval=health_check_interval,
+                )
+            ],
+        },
+    }
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """A YAML dumper that never writes anchors, so shared sub-dicts stay readable."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render_yaml(bootstrap: dict[str, Any]) -> str:
+    """Render a bootstrap as YAML for ``envoy -c``, keeping the field order as built."""
+    return yaml.dump(bootstrap, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,383 @@
+"""State-of-the-world ADS: streams, nonces, ACK/NACK and per-node status.
+
+Resources and versions live in :mod:`meshxl.xds.cache`; this module only runs the
+protocol (go-control-plane keeps the same split). Each stream has one reader task
+feeding an inbox and one loop (the gRPC handler) that processes requests and writes
+responses; a single event wakes the loop for a request or a new snapshot.
+
+Responses are pre-encoded bytes from the snapshot plus a nonce, sent through a method
+handler whose response serializer is the identity, so a push to N Envoys encodes
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+from meshxl.xds.cache import TYPE_ORDER, WILDCARD_TYPES, Snapshot, SnapshotCache, with_nonce
+
+__all__ = ["ADS_SERVICE", "AdsServer", "OnStatusChange"]
+
+log = logging.getLogger(__name__)
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+#: ``await on_status_change(node_id, status)``: called after a node connects,
+#: disconnects, ACKs or NACKs. Calls for one node are serialized and coalesced.
+OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+# Rejected responses remembered per node; old entries fall out first.
+_QUARANTINE_MAX = 64
+
+# Server-side keepalive so a vanished Envoy's stream (and its node status) ends.
+_GRPC_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+# What a response carried for one type: its version and the names asked for
+# (None = wildcard). A NACKed key is never sent to that node again.
+_Key = tuple[str, frozenset[str] | None]
+
+
+class _ProtocolError(Exception):
+    """A request no ADS client may send; ends the stream with INVALID_ARGUMENT."""
+
+
+@dataclass
+class _TypeStatus:
+    sent_version: str | None = None
+    acked_version: str | None = None
+    ack_time: float | None = None
+    responses: int = 0
+
+
+@dataclass
+class _Nack:
+    type_url: str
+    version: str | None
+    error: str
+    time: float
+
+
+@dataclass
+class _Node:
+    node_id: str
+    cluster: str = ""
+    streams: int = 0
+    connected_at: float | None = None
+    disconnected_at: float | None = None
+    nacks: int = 0
+    last_nack: _Nack | None = None
+    types: dict[str, _TypeStatus] = field(default_factory=dict)
+    rejected: dict[tuple[str, _Key], None] = field(default_factory=dict)
+    dirty: bool = False
+    notifier: asyncio.Task[None] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        nack = self.last_nack
+        return {
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "streams": self.streams,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "nacks": self.nacks,
+            "last_nack": None
+            if nack is None
+            else {
+                "type_url": nack.type_url,
+                "version": nack.version,
+                "error": nack.error,
+                "time": nack.time,
+            },
+            "types": {
+                t: {
+                    "sent_version": s.sent_version,
+                    "acked_version": s.acked_version,
+                    "ack_time": s.ack_time,
+                    "responses": s.responses,
+                }
+                for t, s in self.types.items()
+            },
+        }
+
+    def quarantine(self, type_url: str, key: _Key) -> None:
+        self.rejected[(type_url, key)] = None
+        while len(self.rejected) > _QUARANTINE_MAX:
+            del self.rejected[next(iter(self.rejected))]
+
+
+@dataclass
+class _Subscription:
+    """One type on one stream."""
+
+    names: frozenset[str]
+    wildcard: bool
+    fresh: bool = True  # the client asked without a nonce: answer even if unchanged
+    nonce: str = ""
+    sent: _Key | None = None
+
+    def want(self, version: str) -> _Key | None:
+        """The key a response would carry now; None when nothing is subscribed."""
+        if self.wildcard:
+            return (version, None)
+        if not self.names:
+            return None
+        return (version, self.names)
+
+
+def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
+    """SotW: "*" asks for everything; so does no name at all for CDS and LDS."""
+    return "*" in names or (type_url in WILDCARD_TYPES and not names)
+
+
+@dataclass
+class _Stream:
+    inbox: deque[Any] = field(default_factory=deque)
+    closed: bool = False
+    node: _Node | None = None
+    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
+    nonces: int = 0
+
+    def order(self) -> list[str]:
+        known = [t for t in TYPE_ORDER if t in self.subscriptions]
+        return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class AdsServer:
+    """Serves a :class:`SnapshotCache` to any number of Envoys over SotW ADS.
+
+    Per node it keeps the status operators need (streams, versions sent and ACKed,
+    the last NACK) and a quarantine of rejected responses so a NACK never loops.
+    """
+
+    def __init__(
+        self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None
+    ) -> None:
+        self._cache = cache
+        self._on_status_change = on_status_change
+        self._nodes: dict[str, _Node] = {}
+        self._notifiers: set[asyncio.Task[None]] = set()
+        #: Responses written, per type URL.
+        self.responses_sent: dict[str, int] = {}
+        #: NACKs received (all nodes, all types).
+        self.nacks = 0
+        #: Requests ignored because their nonce was not the last one sent.
+        self.stale_requests = 0
+
+    # -- wiring -------------------------------------------------------------------
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The ADS method handlers, for a server that builds its own generic handler."""
+        return {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._stream,
+                request_deserializer=DiscoveryRequest.FromString,
+                response_serializer=_identity,
+            )
+        }
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the ADS service to ``server`` (before it starts)."""
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ADS_SERVICE, self.method_handlers()),)
+        )
+
+    async def serve(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        """Start a plaintext gRPC server on ``listen`` ("host:port", port may be 0).
+
+        Returns the started server and the bound port; stop it with ``server.stop``.
+        """
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        self.register(server)
+        port = server.add_insecure_port(listen)
+        if not port:
+            raise OSError(f"cannot listen on {listen}")
+        await server.start()
+        return server, port
+
+    async def close(self) -> None:
+        """Wait for scheduled status callbacks to finish."""
+        while self._notifiers:
+            await asyncio.gather(*self._notifiers, return_exceptions=True)
+
+    # -- status -------------------------------------------------------------------
+
+    def node_status(self) -> dict[str, dict[str, Any]]:
+        """Per node id, a JSON-able status (streams, versions, last NACK)."""
+        return {node_id: node.as_dict() for node_id, node in self._nodes.items()}
+
+    def forget(self, node_id: str) -> None:
+        """Drop a disconnected node's status and quarantine (e.g. its pod is gone)."""
+        node = self._nodes.get(node_id)
+        if node is not None and node.streams == 0:
+            del self._nodes[node_id]
+
+    def _changed(self, node: _Node) -> None:
+        """Schedule ``on_status_change``: one runner per node, latest status wins."""
+        if self._on_status_change is None:
+            return
+        node.dirty = True
+        if node.notifier is None or node.notifier.done():
+            task = asyncio.get_running_loop().create_task(self._notify(node))
+            node.notifier = task
+            self._notifiers.add(task)
+            task.add_done_callback(self._notifiers.discard)
+
+    async def _notify(self, node: _Node) -> None:
+        assert self._on_status_change is not None
+        while node.dirty:
+            node.dirty = False
+            try:
+                await self._on_status_change(node.node_id, node.as_dict())
+            except Exception:
+                log.exception("status callback failed for node %s", node.node_id)
+
+    # -- the stream ---------------------------------------------------------------
+
+    async def _stream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        stream = _Stream()
+        with self._cache.watch() as wake:
+            reader = asyncio.create_task(self._read(requests, stream, wake))
+            try:
+                while True:
+                    await wake.wait()
+                    wake.clear()
+                    try:
+                        while stream.inbox:
+                            self._on_request(stream, stream.inbox.popleft())
+                    except _ProtocolError as e:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    if stream.closed:
+                        return
+                    snapshot = self._cache.snapshot
+                    if snapshot is None or stream.node is None:
+                        continue  # hold requests until there is something to serve
+                    for type_url in stream.order():
+                        response = self._response(stream, stream.node, snapshot, type_url)
+                        if response is not None:
+                            await context.write(response)
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                self._disconnect(stream)
+
+    async def _read(
+        self, requests: AsyncIterator[Any], stream: _Stream, wake: asyncio.Event
+    ) -> None:
+        try:
+            async for request in requests:
+                stream.inbox.append(request)
+                wake.set()
+        except Exception as e:  # the client went away mid-read
+            log.debug("ADS stream read ended: %r", e)
+        finally:
+            stream.closed = True
+            wake.set()
+
+    def _connect(self, stream: _Stream, request: Any) -> _Node:
+        node_id = request.node.id
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node(node_id)
+        node.cluster = request.node.cluster or node.cluster
+        node.streams += 1
+        node.connected_at = time.time()
+        stream.node = node
+        log.info("node %s connected (%d streams)", node_id, node.streams)
+        self._changed(node)
+        return node
+
+    def _disconnect(self, stream: _Stream) -> None:
+        node = stream.node
+        if node is None:
+            return
+        stream.node = None
+        node.streams -= 1
+        node.disconnected_at = time.time()
+        log.info("node %s disconnected (%d streams left)", node.node_id, node.streams)
+        self._changed(node)
+
+    def _on_request(self, stream: _Stream, request: Any) -> None:
+        node = stream.node or self._connect(stream, request)
+        type_url = request.type_url
+        if not type_url:
+            raise _ProtocolError("type_url is required on an ADS stream")
+        names = frozenset(request.resource_names)
+        wildcard = _is_wildcard(type_url, names)
+        sub = stream.subscriptions.get(type_url)
+        if sub is None:
+            # First request for the type on this stream: answer whatever nonce it
+            # carries (it may come from another control-plane replica).
+            stream.subscriptions[type_url] = _Subscription(names, wildcard)
+            node.types.setdefault(type_url, _TypeStatus())
+            return
+        nonce = request.response_nonce
+        if nonce and nonce != sub.nonce:
+            self.stale_requests += 1
+            log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
+            return
+        sub.names, sub.wildcard = names, wildcard
+        if not nonce:
+            sub.fresh = True  # a re-request; answer it even if nothing changed
+            return
+        status = node.types.setdefault(type_url, _TypeStatus())
+        if request.HasField("error_detail"):
+            self._nack(node, type_url, sub, status, request.error_detail.message)
+        elif sub.sent is not None:
+            status.acked_version = sub.sent[0]
+            status.ack_time = time.time()
+            self._changed(node)
+
+    def _nack(
+        self, node: _Node, type_url: str, sub: _Subscription, status: _TypeStatus, error: str
+    ) -> None:
+        version = sub.sent[0] if sub.sent is not None else None
+        if sub.sent is not None:
+            node.quarantine(type_url, sub.sent)
+        node.nacks += 1
+        node.last_nack = _Nack(type_url, version, error, time.time())
+        self.nacks += 1
+        log.warning("node %s rejected %s version %s: %s", node.node_id, type_url, version, error)
+        self._changed(node)
+
+    def _response(
+        self, stream: _Stream, node: _Node, snapshot: Snapshot, type_url: str
+    ) -> bytes | None:
+        """The bytes to send for ``type_url`` now, or None; records them as sent."""
+        sub = stream.subscriptions[type_url]
+        resources = snapshot.resources(type_url)
+        key = sub.want(resources.version)
+        if key is None or (not sub.fresh and key == sub.sent):
+            sub.fresh = False
+            return None
+        sub.fresh = False
+        if (type_url, key) in node.rejected:
+            log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
+            return None
+        body = resources.response if key[1] is None else resources.subset(key[1])
+        stream.nonces += 1
+        sub.nonce = str(stream.nonces)
+        sub.sent = key
+        status = node.types.setdefault(type_url, _TypeStatus())
+        status.sent_version = key[0]
+        status.responses += 1
+        self.responses_sent[type_url] = self.responses_sent.get(type_url, 0) + 1
+        return with_nonce(body, sub.nonce)
