@@ -300,5 +300,28 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
                       "--use-dynamic-base-id", "--drain-time-s", "1"])
 
 
+# -- demo -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--etcd", "etcd_url", metavar="URL", help="Use a running etcd instead of a "
+              "temporary one (keys go under a fresh prefix and are removed afterwards).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where logs go (default: a temporary directory).")
+def quickstart(etcd_url: str | None, work_dir: Path | None) -> None:
+    """A local tour: sticky load sharing, kill -9 failover, member down, site offline."""
+    from rich.console import Console
+
+    from meshxl.demo.local import LocalError
+    from meshxl.demo.quickstart import quickstart as run_quickstart
+
+    _setup_logging("warning")
+    try:
+        code = _run(lambda: run_quickstart(Console(), work_dir, etcd_url))
+    except LocalError as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
