@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit: 1 for a problem with the inpu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -218,10 +219,11 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 
     _setup_logging(log_level)
     try:
-        extra = {"replica": replica} if replica else {}
         config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
                                     etcd_root=etcd_root, admin=admin, debounce=debounce,
-                                    max_delay=max_delay, **extra)
+                                    max_delay=max_delay)
+        if replica:
+            config = dataclasses.replace(config, replica=replica)
     except ValueError as exc:
         _fail(str(exc))
     _run(lambda: ControlPlane(config).run_forever())

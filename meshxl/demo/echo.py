@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from meshxl.proxy.bootstrap import parse_hostport
+from meshxl.addr import parse_hostport
 
 __all__ = ["SESSION_HEADER", "make_app", "main", "serve"]
 

@@ -164,9 +164,9 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     entries: list[tuple[Member | None, str, Registration | None]] = [
         (m, m.name, state.registrations.get((spec.name, m.name))) for m in spec.members
     ]
-    for (cluster, name), reg in sorted(state.registrations.items()):
+    for (cluster, name), registration in sorted(state.registrations.items()):
         if cluster == spec.name and name not in listed:
-            entries.append((None, name, reg))
+            entries.append((None, name, registration))
 
     drafts: list[tuple[tuple[int, int], MemberView]] = []
     index_in_site: dict[str, int] = {}

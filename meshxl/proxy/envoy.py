@@ -91,7 +91,7 @@ class EnvoyProcess:
         name: str = "envoy",
     ) -> None:
         self.name = name
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).absolute()
         self.log_path = self.work_dir / f"{name}.log"
         self._bootstrap_src = bootstrap
         self._log_level = log_level
@@ -160,7 +160,7 @@ class EnvoyProcess:
             self.config_path.write_text(render_yaml(src))
             bootstrap = src
         else:
-            self.config_path = Path(src)
+            self.config_path = Path(src).absolute()
             try:
                 loaded = yaml.safe_load(self.config_path.read_text())
             except (OSError, yaml.YAMLError) as exc:
@@ -176,9 +176,9 @@ class EnvoyProcess:
         if self.running:
             raise EnvoyError(f"{self.name} is already running (pid {self.pid})")
         log = await asyncio.to_thread(self._prepare)
-        cmd = self.command()
         self._base_id = None
         with log:
+            cmd = self.command()
             log.write(f"$ {' '.join(cmd)}\n".encode())
             log.flush()
             # Own session: a Ctrl-C in the terminal reaches us, and we decide how Envoy

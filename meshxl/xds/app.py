@@ -232,7 +232,7 @@ class ControlPlane:
         }
 
     async def _start_admin(self, listen: str) -> None:
-        from meshxl.proxy.bootstrap import parse_hostport
+        from meshxl.addr import parse_hostport
 
         host, port = parse_hostport(listen)
         app = web.Application()

@@ -1,0 +1,120 @@
+"""Shared fixtures: real etcd, Envoy and backend processes, owned by a per-test harness.
+
+Every process a test starts through these fixtures is killed at teardown (pass or
+fail), its temporary directory removed, and, when the test fails, the tail of every
+process log is attached to the failure report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator, Sequence
+from typing import Any
+
+import aetcd
+import pytest
+
+from meshxl.xds.app import ControlPlane
+from tests.harness import backends as _backends
+from tests.harness import controlplane as _controlplane
+from tests.harness import envoy as _envoy
+from tests.harness import etcd as _etcd
+from tests.harness.procs import Harness
+
+HARNESS_KEY = pytest.StashKey[Harness]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the logs of the test's processes to a failed setup/call/teardown report."""
+    report = yield
+    harness = item.stash.get(HARNESS_KEY, None)
+    if harness is not None and report.failed:
+        for title, text in harness.log_sections():
+            report.sections.append((title, text))
+    return report
+
+
+@pytest.fixture
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Owner of this test's processes and temp dir (killed and removed at teardown)."""
+    owner = Harness(request.node.name)
+    request.node.stash[HARNESS_KEY] = owner
+    try:
+        yield owner
+    finally:
+        await owner.aclose()
+
+
+def _require_etcd() -> None:
+    """Fail (not skip) when etcd is missing: a skipped suite would look like a passing one."""
+    try:
+        _etcd.find_etcd()
+    except _etcd.EtcdNotInstalled as exc:
+        message = str(exc)
+    else:
+        return
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture
+async def etcd(harness: Harness) -> _etcd.EtcdServer:
+    """A fresh single-member etcd (about 0.5 s to start), empty, for this test only."""
+    _require_etcd()
+    return await _etcd.start_etcd(harness)
+
+
+@pytest.fixture
+async def etcd_client(etcd: _etcd.EtcdServer) -> AsyncIterator[aetcd.Client]:
+    """A connected aetcd client to the ``etcd`` fixture."""
+    async with etcd.client() as client:
+        yield client
+
+
+@pytest.fixture
+async def etcd_cluster(harness: Harness) -> _etcd.EtcdCluster:
+    """A fresh 3-member etcd cluster; ``etcd_cluster[i]`` is member i (kill/start it)."""
+    _require_etcd()
+    return await _etcd.start_etcd_cluster(harness, 3)
+
+
+@pytest.fixture
+def start_envoy(harness: Harness) -> _envoy.StartEnvoy:
+    """``await start_envoy(node_id, xds_port_or_ports, **options) -> EnvoyFixture``."""
+
+    async def start(node_id: str, xds: Any, **options: Any) -> _envoy.EnvoyFixture:
+        return await _envoy.start_envoy(harness, node_id, xds, **options)
+
+    return start
+
+
+@pytest.fixture
+def start_backends(harness: Harness) -> _backends.StartBackends:
+    """``await start_backends(3)`` -> echo members m0..m2 on free loopback ports."""
+
+    async def start(members: int | Sequence[str], **options: Any) -> list[_backends.Backend]:
+        return await _backends.start_backends(harness, members, **options)
+
+    return start
+
+
+@pytest.fixture
+def start_control_plane(harness: Harness) -> Any:
+    """``await start_control_plane(config_path=..., etcd=url, **config)`` -> ControlPlane
+    running in this process on a free port (``plane.port``), stopped at teardown."""
+
+    async def start(**options: Any) -> ControlPlane:
+        return await _controlplane.start_control_plane(harness, **options)
+
+    return start
+
+
+@pytest.fixture
+def control_plane_process(harness: Harness) -> Any:
+    """``ControlPlaneProcess(...)`` factory: ``meshxl serve xds`` as a killable process."""
+
+    def make(**options: Any) -> _controlplane.ControlPlaneProcess:
+        return _controlplane.ControlPlaneProcess(harness, **options)
+
+    return make

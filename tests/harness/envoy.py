@@ -1,0 +1,374 @@
+"""Real Envoy processes for integration tests, and typed views of their admin API.
+
+``start_envoy`` builds a bootstrap with ``meshxl.proxy.bootstrap.build_bootstrap``,
+runs it with ``meshxl.proxy.envoy.EnvoyProcess`` and returns once the admin endpoint
+answers. Envoy then waits (state PRE_INITIALIZING, ``/ready`` 503) until the control
+plane answers CDS and LDS, retrying the ADS stream every <= 1 s, so a test may start
+Envoy before or after the control plane and then ``await envoy.wait_ready()``.
+"""
+
+# Waits take a `timeout` (ASYNC109) so errors name what was awaited and carry the log.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, overload
+
+import aiohttp
+
+from meshxl.proxy.bootstrap import build_bootstrap
+from meshxl.proxy.envoy import EnvoyProcess
+from tests.harness.ports import free_port
+from tests.harness.procs import Harness, forget_pid, remember_pid
+from tests.harness.waiting import wait_for
+
+__all__ = ["EnvoyFixture", "Host", "StartEnvoy", "XdsAddress", "start_envoy"]
+
+T = TypeVar("T")
+
+#: A control-plane address: a loopback port, "HOST:PORT", or (host, port).
+XdsAddress = int | str | tuple[str, int]
+
+#: Health flags in ``/clusters`` that take a host out of load balancing.
+FAILURE_FLAGS = frozenset(
+    {
+        "failed_active_health_check",
+        "failed_outlier_check",
+        "failed_eds_health",
+        "failed_active_degraded_check",
+        "excluded_via_immediate_hc_fail",
+        "active_hc_timeout",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Host:
+    """One upstream host of a cluster as Envoy sees it (``/clusters?format=json``)."""
+
+    address: str
+    port: int
+    priority: int = 0
+    weight: int = 1
+    #: Boolean health flags that are set, e.g. {"failed_active_health_check"}.
+    flags: frozenset[str] = frozenset()
+    #: EDS health status: HEALTHY, UNHEALTHY, DRAINING, TIMEOUT, DEGRADED or UNKNOWN.
+    eds_health_status: str = "UNKNOWN"
+    region: str = ""
+    zone: str = ""
+    sub_zone: str = ""
+    hostname: str = ""
+    stats: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def endpoint(self) -> str:
+        """``address:port``, handy for sets and messages."""
+        return f"{self.address}:{self.port}"
+
+    @property
+    def healthy(self) -> bool:
+        """True when Envoy would send traffic here (no failure flag, EDS not unhealthy)."""
+        return not (self.flags & FAILURE_FLAGS) and self.eds_health_status in (
+            "HEALTHY",
+            "UNKNOWN",
+        )
+
+    @classmethod
+    def from_admin(cls, raw: dict[str, Any]) -> Host:
+        sock = raw.get("address", {}).get("socket_address", {})
+        health = dict(raw.get("health_status", {}))
+        eds = str(health.pop("eds_health_status", "UNKNOWN"))
+        flags = frozenset(k for k, v in health.items() if v is True)
+        locality = raw.get("locality", {}) or {}
+        stats = {str(s.get("name")): int(s.get("value", 0)) for s in raw.get("stats", [])}
+        return cls(
+            address=str(sock.get("address", "")),
+            port=int(sock.get("port_value", 0)),
+            priority=int(raw.get("priority", 0)),
+            weight=int(raw.get("weight", 1)),
+            flags=flags,
+            eds_health_status=eds,
+            region=str(locality.get("region", "")),
+            zone=str(locality.get("zone", "")),
+            sub_zone=str(locality.get("sub_zone", "")),
+            hostname=str(raw.get("hostname", "")),
+            stats=stats,
+        )
+
+
+class EnvoyFixture:
+    """A running test Envoy plus helpers over its admin API."""
+
+    def __init__(
+        self,
+        harness: Harness,
+        process: EnvoyProcess,
+        *,
+        node_id: str,
+        bootstrap: dict[str, Any],
+    ) -> None:
+        self.harness = harness
+        self.process = process
+        self.node_id = node_id
+        self.bootstrap = bootstrap
+        self.name = process.name
+        self._http: aiohttp.ClientSession | None = None
+
+    # -- harness protocol --------------------------------------------------------
+
+    def logs(self) -> str:
+        return self.process.logs()
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    async def kill(self) -> None:
+        """SIGKILL (teardown, or a proxy crash in a test)."""
+        pid = self.process.pid
+        await self.process.kill()
+        forget_pid(pid)
+
+    async def stop(self) -> None:
+        """SIGTERM, SIGKILL after 5 s."""
+        pid = self.process.pid
+        await self.process.stop()
+        forget_pid(pid)
+
+    # -- admin API ---------------------------------------------------------------
+
+    @property
+    def admin_url(self) -> str:
+        return self.process.admin_url
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
+            self.harness.on_close(self._http.close)
+        return self._http
+
+    async def get(self, path: str, **params: str) -> tuple[int, str]:
+        """GET an admin path; returns (status, body)."""
+        async with self._session().get(self.admin_url + path, params=params) as resp:
+            return resp.status, await resp.text()
+
+    async def post(self, path: str, **params: str) -> tuple[int, str]:
+        """POST an admin path (``/healthcheck/fail``, ``/drain_listeners``...)."""
+        async with self._session().post(self.admin_url + path, params=params) as resp:
+            return resp.status, await resp.text()
+
+    async def get_json(self, path: str, **params: str) -> Any:
+        status, body = await self.get(path, **params)
+        if status != 200:
+            raise AssertionError(f"{self.name}: GET {path} {params} -> HTTP {status}: {body}")
+        return json.loads(body)
+
+    async def wait_admin(self, timeout: float = 15.0) -> None:
+        await self.process.wait_admin(timeout)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for LIVE: the control plane has answered CDS and LDS."""
+        await self.process.wait_ready(timeout)
+
+    async def ready(self) -> bool:
+        status, _ = await self.get("/ready")
+        return status == 200
+
+    async def server_info(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.get_json("/server_info")
+        return data
+
+    async def server_state(self) -> str:
+        """PRE_INITIALIZING, INITIALIZING, LIVE or DRAINING."""
+        return str((await self.server_info()).get("state", ""))
+
+    async def config_dump(
+        self,
+        resource: str | None = None,
+        *,
+        include_eds: bool = False,
+        mask: str | None = None,
+        name_regex: str | None = None,
+    ) -> dict[str, Any]:
+        """``/config_dump``; ``resource`` e.g. ``dynamic_active_clusters``."""
+        params: dict[str, str] = {}
+        if resource:
+            params["resource"] = resource
+        if include_eds:
+            params["include_eds"] = ""
+        if mask:
+            params["mask"] = mask
+        if name_regex:
+            params["name_regex"] = name_regex
+        data: dict[str, Any] = await self.get_json("/config_dump", **params)
+        return data
+
+    async def dynamic_clusters(self) -> dict[str, dict[str, Any]]:
+        """Active clusters received over xDS: name -> Cluster (JSON), plus ``version_info``."""
+        dump = await self.config_dump("dynamic_active_clusters")
+        out: dict[str, dict[str, Any]] = {}
+        for item in dump.get("configs", []):
+            cluster = dict(item.get("cluster", {}))
+            cluster["version_info"] = item.get("version_info", "")
+            out[str(cluster.get("name"))] = cluster
+        return out
+
+    async def clusters(self) -> dict[str, list[Host]]:
+        """``/clusters?format=json``: cluster name -> hosts with priority/weight/health."""
+        data = await self.get_json("/clusters", format="json")
+        return {
+            str(c.get("name")): [Host.from_admin(h) for h in c.get("host_statuses", [])]
+            for c in data.get("cluster_statuses", [])
+        }
+
+    async def hosts(self, cluster: str) -> list[Host]:
+        """Hosts of one cluster; [] if Envoy does not know the cluster (yet)."""
+        return (await self.clusters()).get(cluster, [])
+
+    async def listeners(self) -> dict[str, tuple[str, int]]:
+        """``/listeners?format=json``: listener name -> bound (address, port)."""
+        data = await self.get_json("/listeners", format="json")
+        out: dict[str, tuple[str, int]] = {}
+        for item in data.get("listener_statuses", []):
+            sock = item.get("local_address", {}).get("socket_address", {})
+            out[str(item.get("name"))] = (str(sock.get("address")), int(sock.get("port_value", 0)))
+        return out
+
+    async def stats(self, filter: str | None = None) -> dict[str, int]:
+        """Counters and gauges from ``/stats?format=json`` (``filter`` is a regex)."""
+        params = {"format": "json"}
+        if filter:
+            params["filter"] = filter
+        data = await self.get_json("/stats", **params)
+        out: dict[str, int] = {}
+        for item in data.get("stats", []):
+            if "name" in item:
+                out[str(item["name"])] = int(item.get("value", 0))
+        return out
+
+    async def stat(self, name: str) -> int:
+        """One counter or gauge; 0 when Envoy has not created it yet."""
+        return (await self.stats(filter=f"^{re.escape(name)}$")).get(name, 0)
+
+    @overload
+    async def wait_for(
+        self, predicate: Callable[[], Awaitable[T]], timeout: float = ..., what: str = ...
+    ) -> T: ...
+
+    @overload
+    async def wait_for(
+        self, predicate: Callable[[], T], timeout: float = ..., what: str = ...
+    ) -> T: ...
+
+    async def wait_for(
+        self,
+        predicate: Callable[[], Any],
+        timeout: float = 15.0,
+        what: str = "condition",
+    ) -> Any:
+        """``tests.harness.waiting.wait_for``, with this Envoy's name in the message."""
+        return await wait_for(predicate, timeout, f"{what} on {self.name}")
+
+    async def wait_hosts(
+        self,
+        cluster: str,
+        predicate: Callable[[list[Host]], bool] = bool,
+        timeout: float = 15.0,
+        what: str | None = None,
+    ) -> list[Host]:
+        """Wait until cluster ``cluster`` exists and ``predicate(hosts)`` holds; return hosts."""
+
+        async def check() -> list[Host] | None:
+            hosts = await self.hosts(cluster)
+            return hosts if hosts and predicate(hosts) else None
+
+        result = await self.wait_for(check, timeout, what or f"hosts of cluster {cluster!r}")
+        assert result is not None
+        return result
+
+    def __repr__(self) -> str:
+        return f"EnvoyFixture({self.name}, node={self.node_id}, admin={self.admin_url})"
+
+
+def _xds_list(xds: XdsAddress | Sequence[XdsAddress]) -> list[str | tuple[str, int]]:
+    items: Iterable[XdsAddress]
+    if isinstance(xds, int | str) or (
+        isinstance(xds, tuple) and len(xds) == 2 and isinstance(xds[1], int)
+    ):
+        items = [xds]  # type: ignore[list-item]
+    else:
+        items = xds  # type: ignore[assignment]
+    out: list[str | tuple[str, int]] = []
+    for item in items:
+        if isinstance(item, bool):
+            raise ValueError(f"bad control-plane address {item!r}")
+        if isinstance(item, int):
+            out.append(("127.0.0.1", item))
+        else:
+            out.append(item)
+    return out
+
+
+async def start_envoy(
+    harness: Harness,
+    node_id: str,
+    xds: XdsAddress | Sequence[XdsAddress],
+    *,
+    admin_port: int | None = None,
+    delta: bool = False,
+    wait: Literal["admin", "ready", "none"] = "admin",
+    timeout: float = 30.0,
+    log_level: str = "info",
+    component_log_level: str | None = None,
+    concurrency: int = 1,
+    customize: Callable[[dict[str, Any]], None] | None = None,
+    **bootstrap_options: Any,
+) -> EnvoyFixture:
+    """Start Envoy as xDS node ``node_id`` against control plane(s) ``xds``.
+
+    ``xds`` is a port on 127.0.0.1, ``"HOST:PORT"``, ``(host, port)`` or a list of those
+    (order = preference). Extra keyword arguments go to ``build_bootstrap`` (``zone``,
+    ``initial_fetch_timeout``...); ``customize`` may edit the bootstrap dict in place.
+    ``wait`` is "admin" (default: admin endpoint answers), "ready" (LIVE) or "none".
+    """
+    name = harness.unique_name(f"envoy-{node_id}")
+    admin_port = admin_port or free_port()
+    bootstrap = build_bootstrap(
+        node_id, _xds_list(xds), admin_port=admin_port, delta=delta, **bootstrap_options
+    )
+    if customize is not None:
+        customize(bootstrap)
+    process = EnvoyProcess(
+        bootstrap,
+        harness.path(name),
+        log_level=log_level,
+        component_log_level=component_log_level,
+        concurrency=concurrency,
+        name=name,
+    )
+    envoy = EnvoyFixture(harness, process, node_id=node_id, bootstrap=bootstrap)
+    harness.own(envoy)
+    await process.start()
+    if process.pid is not None:
+        remember_pid(process.pid, name)
+    if wait == "admin":
+        await process.wait_admin(timeout)
+    elif wait == "ready":
+        await process.wait_ready(timeout)
+    return envoy
+
+
+class StartEnvoy(Protocol):
+    """Type of the ``start_envoy`` fixture: ``start_envoy`` without the harness argument."""
+
+    def __call__(
+        self,
+        node_id: str,
+        xds: XdsAddress | Sequence[XdsAddress],
+        **options: Any,
+    ) -> Awaitable[EnvoyFixture]: ...

@@ -1,0 +1,309 @@
+"""Real etcd servers for integration tests: one member, or a 3-member cluster.
+
+Each member runs on free loopback ports with its own data directory under the test's
+harness root, with short raft timings (heartbeat 50 ms, election 500 ms) so a single
+member is healthy in well under a second and a cluster re-elects quickly after a kill.
+"""
+
+# Waits take a `timeout` (ASYNC109) so errors name the member and carry its log.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import aiohttp
+
+from tests.harness.ports import free_ports
+from tests.harness.procs import Harness, HarnessError, ManagedProcess
+
+__all__ = [
+    "EtcdCluster",
+    "EtcdNotInstalled",
+    "EtcdServer",
+    "find_etcd",
+    "start_etcd",
+    "start_etcd_cluster",
+]
+
+HOST = "127.0.0.1"
+
+
+class EtcdNotInstalled(HarnessError):
+    """No ``etcd`` binary on PATH."""
+
+
+def find_etcd() -> str:
+    found = os.environ.get("MESHXL_ETCD_BINARY") or shutil.which("etcd")
+    if not found:
+        raise EtcdNotInstalled(
+            "etcd is not installed: integration tests need a real etcd 3.4+ server on PATH "
+            "(Debian: `apt-get install etcd-server`, or run `make setup`); "
+            "set MESHXL_ETCD_BINARY=/path/to/etcd to use another binary"
+        )
+    return found
+
+
+class EtcdServer:
+    """One etcd member. ``start`` spawns it; ``wait_healthy`` waits for ``/health``."""
+
+    def __init__(
+        self,
+        harness: Harness,
+        *,
+        name: str,
+        client_port: int,
+        peer_port: int,
+        initial_cluster: str,
+        token: str,
+        data_dir: Path,
+    ) -> None:
+        self.harness = harness
+        self.name = name
+        self.host = HOST
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.data_dir = data_dir
+        self._token = token
+        self._initial_cluster = initial_cluster
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        self.process = ManagedProcess(
+            name,
+            self._argv(),
+            harness.root / f"{name}.log",
+            cwd=data_dir.parent,
+            env=env,
+        )
+        harness.own(self)
+
+    def _argv(self) -> list[str]:
+        return [
+            find_etcd(),
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self._initial_cluster,
+            "--initial-cluster-token", self._token,
+            "--initial-cluster-state", "new",
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+        ]  # fmt: skip
+
+    # -- addresses ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Client URL, ``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """``(host, client_port)``: what ``aetcd.Client(host=, port=)`` takes."""
+        return (self.host, self.client_port)
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Same shape as ``EtcdCluster.endpoints``, so code can take either."""
+        return [self.endpoint]
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    async def start(self, *, wait: bool = True, timeout: float = 15.0) -> EtcdServer:
+        """Spawn the member (or restart it on its existing data) and, by default, wait."""
+        self.process.start()
+        if wait:
+            await self.wait_healthy(timeout)
+        return self
+
+    async def wait_healthy(self, timeout: float = 15.0) -> None:
+        """Poll ``/health`` until it reports ``true`` (there is a leader, reads work)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+            while True:
+                self.process.check_alive(f"{self.url}/health")
+                try:
+                    async with http.get(f"{self.url}/health") as resp:
+                        body = await resp.text()
+                        if resp.status == 200 and json.loads(body).get("health") == "true":
+                            return
+                        last = f"HTTP {resp.status}: {body.strip()[:200]}"
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                if time.monotonic() >= deadline:
+                    raise HarnessError(
+                        f"etcd {self.name} not healthy after {timeout:g}s ({last}); "
+                        f"log tail:\n{self.process.tail()}"
+                    )
+                await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """SIGKILL: the member dies without a word to its peers."""
+        await self.process.kill()
+
+    async def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL after 5 s."""
+        await self.process.stop()
+
+    # -- access ------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> aetcd.Client:
+        """A new aetcd client for this member; use ``async with`` (it must be closed)."""
+        return aetcd.Client(host=self.host, port=self.client_port, **kwargs)
+
+    async def status(self) -> dict[str, Any]:
+        """``Maintenance.Status`` over etcd's JSON gateway: member id, leader, revision."""
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http,
+            http.post(f"{self.url}/v3/maintenance/status", json={}) as resp,
+        ):
+            resp.raise_for_status()
+            data: dict[str, Any] = await resp.json(content_type=None)
+            return data
+
+    def logs(self) -> str:
+        return self.process.logs()
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"EtcdServer({self.name}, {self.url}, {state})"
+
+
+class EtcdCluster:
+    """``size`` etcd members forming one cluster (fault tests kill some of them)."""
+
+    def __init__(self, harness: Harness, size: int = 3, name: str = "etcd") -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        ports = free_ports(2 * size)
+        token = f"meshxl-test-{uuid.uuid4().hex[:12]}"
+        names = [harness.unique_name(f"{name}-{i}") for i in range(size)]
+        initial = ",".join(f"{n}=http://{HOST}:{ports[2 * i + 1]}" for i, n in enumerate(names))
+        self.members: list[EtcdServer] = [
+            EtcdServer(
+                harness,
+                name=n,
+                client_port=ports[2 * i],
+                peer_port=ports[2 * i + 1],
+                initial_cluster=initial,
+                token=token,
+                data_dir=harness.path(n) / "data",
+            )
+            for i, n in enumerate(names)
+        ]
+
+    def __getitem__(self, index: int) -> EtcdServer:
+        return self.members[index]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """``(host, client_port)`` of every member, in member order."""
+        return [m.endpoint for m in self.members]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    @property
+    def running(self) -> list[EtcdServer]:
+        return [m for m in self.members if m.running]
+
+    async def start(self, timeout: float = 20.0) -> EtcdCluster:
+        """Start all members together (they must meet to elect) and wait for health."""
+        for member in self.members:
+            member.process.start()
+        await asyncio.gather(*(m.wait_healthy(timeout) for m in self.members))
+        return self
+
+    def client(self, *, alive_only: bool = True, **kwargs: Any) -> aetcd.Client:
+        """An aetcd client whose gRPC channel knows several members (failover inside gRPC).
+
+        aetcd takes one host; a gRPC ``ipv4:`` target with a comma-separated address list
+        makes the channel move to another member when the one it uses dies. In-flight
+        requests to a killed member still fail: retry them (``wait_for``). Pass
+        ``timeout=1`` in fault tests: a follower that lost its leader holds a request
+        about 6 s before failing it.
+        """
+        members = self.running if alive_only else self.members
+        if not members:
+            raise HarnessError("no running etcd member to connect to")
+        addresses = [f"{m.host}:{m.client_port}" for m in members]
+        head, last = addresses[:-1], members[-1]
+        host = "ipv4:" + ",".join([*head, last.host])
+        return aetcd.Client(host=host, port=last.client_port, **kwargs)
+
+    async def leader(self) -> EtcdServer:
+        """The member that is leader now, according to the running members."""
+        for member in self.running:
+            try:
+                status = await member.status()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+            leader_id = status.get("leader")
+            for candidate in self.running:
+                try:
+                    cstatus = await candidate.status()
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+                if leader_id and cstatus.get("header", {}).get("member_id") == leader_id:
+                    return candidate
+        raise HarnessError("no etcd member reports a reachable leader")
+
+    async def kill(self, index: int) -> EtcdServer:
+        """SIGKILL member ``index``; returns it (``await member.start()`` to bring it back)."""
+        await self.members[index].kill()
+        return self.members[index]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {m.name}\n{m.logs()}" for m in self.members)
+
+
+async def start_etcd(harness: Harness, name: str = "etcd", timeout: float = 15.0) -> EtcdServer:
+    """Start a single-member etcd and wait until it is healthy."""
+    name = harness.unique_name(name)
+    client_port, peer_port = free_ports(2)
+    server = EtcdServer(
+        harness,
+        name=name,
+        client_port=client_port,
+        peer_port=peer_port,
+        initial_cluster=f"{name}=http://{HOST}:{peer_port}",
+        token=f"meshxl-test-{uuid.uuid4().hex[:12]}",
+        data_dir=harness.path(name) / "data",
+    )
+    return await server.start(timeout=timeout)
+
+
+async def start_etcd_cluster(
+    harness: Harness, size: int = 3, name: str = "etcd", timeout: float = 20.0
+) -> EtcdCluster:
+    """Start a ``size``-member etcd cluster and wait until every member is healthy."""
+    return await EtcdCluster(harness, size, name).start(timeout)

@@ -1,0 +1,415 @@
+"""SotW ADS against a real grpc.aio server and client on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.protobuf.message import Message
+from google.rpc.status_pb2 import Status
+
+from meshxl.xds import cache
+from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, Snapshot, SnapshotCache
+from meshxl.xds.server import AdsServer
+
+WAIT = 3.0  # generous bound for anything that must happen
+QUIET = 0.3  # bounded window in which nothing may arrive
+
+
+def snapshot(version: int = 1, clusters: Iterable[str] = ("a", "b")) -> Snapshot:
+    """Clusters and their endpoints; ``version`` changes every resource."""
+    resources: dict[str, dict[str, Message]] = {CLUSTER: {}, ENDPOINT: {}}
+    for name in clusters:
+        c = Cluster(name=name, type=Cluster.EDS)
+        c.connect_timeout.seconds = version
+        c.eds_cluster_config.eds_config.ads.SetInParent()
+        resources[CLUSTER][name] = c
+        cla = ClusterLoadAssignment(cluster_name=name)
+        address = cla.endpoints.add().lb_endpoints.add().endpoint.address.socket_address
+        address.address = "127.0.0.1"
+        address.port_value = 8000 + version
+        resources[ENDPOINT][name] = cla
+    return Snapshot.build(resources)
+
+
+def names(response: DiscoveryResponse) -> list[str]:
+    out = []
+    for packed in response.resources:
+        if packed.type_url == CLUSTER:
+            c = Cluster()
+            packed.Unpack(c)
+            out.append(c.name)
+        else:
+            cla = ClusterLoadAssignment()
+            packed.Unpack(cla)
+            out.append(cla.cluster_name)
+    return out
+
+
+async def eventually(condition: Callable[[], Any], within: float = WAIT) -> None:
+    """Poll a condition on the server's state until it holds (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class Envoy:
+    """A scripted ADS client speaking like Envoy (node on the first request only)."""
+
+    def __init__(self, stub: AggregatedDiscoveryServiceStub, node_id: str) -> None:
+        self.node_id = node_id
+        self._requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
+        self._sent_node = False
+        self.call = stub.StreamAggregatedResources(self._outgoing())
+        # One reader for the call's life: cancelling a read would cancel the call.
+        self._responses: asyncio.Queue[DiscoveryResponse] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._incoming())
+
+    async def _incoming(self) -> None:
+        async for response in self.call:
+            self._responses.put_nowait(response)
+
+    async def _outgoing(self) -> AsyncIterator[DiscoveryRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def request(
+        self,
+        type_url: str,
+        resource_names: Iterable[str] = (),
+        *,
+        version: str = "",
+        nonce: str = "",
+        error: str | None = None,
+    ) -> None:
+        request = DiscoveryRequest(
+            type_url=type_url,
+            resource_names=list(resource_names),
+            version_info=version,
+            response_nonce=nonce,
+        )
+        if not self._sent_node:
+            request.node.CopyFrom(Node(id=self.node_id, cluster="test"))
+            self._sent_node = True
+        if error is not None:
+            request.error_detail.CopyFrom(Status(code=3, message=error))
+        self._requests.put_nowait(request)
+
+    def ack(self, response: DiscoveryResponse, resource_names: Iterable[str] = ()) -> None:
+        self.request(
+            response.type_url,
+            resource_names,
+            version=response.version_info,
+            nonce=response.nonce,
+        )
+
+    def nack(self, response: DiscoveryResponse, error: str, previous: str = "") -> None:
+        self.request(response.type_url, version=previous, nonce=response.nonce, error=error)
+
+    async def recv(self, within: float = WAIT) -> DiscoveryResponse:
+        return await asyncio.wait_for(self._responses.get(), within)
+
+    async def silent(self, window: float = QUIET) -> None:
+        """Assert that nothing arrives within a short bounded window."""
+        with pytest.raises(asyncio.TimeoutError):
+            response = await asyncio.wait_for(self._responses.get(), window)
+            pytest.fail(f"unexpected response: {response}")
+
+    def close(self) -> None:
+        self._requests.put_nowait(None)
+
+    async def stop(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class Harness:
+    def __init__(self, snapshots: SnapshotCache, ads: AdsServer, channel: grpc.aio.Channel):
+        self.cache = snapshots
+        self.ads = ads
+        self.stub = AggregatedDiscoveryServiceStub(channel)
+        self.envoys: list[Envoy] = []
+
+    def envoy(self, node_id: str = "envoy-1") -> Envoy:
+        self.envoys.append(Envoy(self.stub, node_id))
+        return self.envoys[-1]
+
+    def types(self, node_id: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.ads.node_status()[node_id]["types"]
+        return status
+
+
+@pytest.fixture
+async def xds() -> AsyncIterator[Harness]:
+    snapshots = SnapshotCache()
+    ads = AdsServer(snapshots)
+    server, port = await ads.serve("127.0.0.1:0")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    harness = Harness(snapshots, ads, channel)
+    try:
+        yield harness
+    finally:
+        for envoy in harness.envoys:
+            await envoy.stop()
+        await channel.close()
+        await server.stop(None)
+        await ads.close()
+
+
+async def test_initial_request_gets_clusters_and_ack_is_recorded(xds: Harness) -> None:
+    snap = snapshot()
+    xds.cache.set(snap)
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    response = await envoy.recv()
+    assert response.type_url == CLUSTER
+    assert response.version_info == snap.version(CLUSTER)
+    assert response.nonce
+    assert names(response) == ["a", "b"]
+
+    envoy.ack(response)
+    await eventually(lambda: xds.types("envoy-1")[CLUSTER]["acked_version"] is not None)
+    status = xds.ads.node_status()["envoy-1"]
+    assert status["streams"] == 1
+    assert status["cluster"] == "test"
+    assert status["types"][CLUSTER]["acked_version"] == snap.version(CLUSTER)
+    assert status["types"][CLUSTER]["responses"] == 1
+    assert status["last_nack"] is None
+    await envoy.silent()  # an ACK is not answered
+
+
+async def test_first_request_answered_even_when_version_matches(xds: Harness) -> None:
+    snap = snapshot()
+    xds.cache.set(snap)
+    envoy = xds.envoy()  # e.g. reconnecting from another control-plane replica
+    envoy.request(CLUSTER, version=snap.version(CLUSTER), nonce="from-another-replica")
+    assert (await envoy.recv()).version_info == snap.version(CLUSTER)
+
+
+async def test_requests_wait_for_the_first_snapshot(xds: Harness) -> None:
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    await envoy.silent()
+    xds.cache.set(snapshot())
+    assert names(await envoy.recv()) == ["a", "b"]
+
+
+async def test_endpoints_by_name(xds: Harness) -> None:
+    xds.cache.set(snapshot(clusters=("a", "b", "c")))
+    envoy = xds.envoy()
+    envoy.request(ENDPOINT, ["b"])
+    response = await envoy.recv()
+    assert names(response) == ["b"]
+
+    envoy.ack(response, ["b", "c"])  # a new cluster arrived: names change
+    response = await envoy.recv()
+    assert names(response) == ["b", "c"]
+
+
+async def test_snapshot_change_pushes_clusters_then_endpoints(xds: Harness) -> None:
+    xds.cache.set(snapshot(1))
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    clusters = await envoy.recv()
+    envoy.ack(clusters)
+    envoy.request(ENDPOINT, ["a", "b"])
+    endpoints = await envoy.recv()
+    envoy.ack(endpoints, ["a", "b"])
+    await eventually(lambda: xds.types("envoy-1")[ENDPOINT]["acked_version"] is not None)
+
+    new = snapshot(2)
+    xds.cache.set(new)
+    first, second = await envoy.recv(), await envoy.recv()
+    assert (first.type_url, second.type_url) == (CLUSTER, ENDPOINT)
+    assert first.version_info == new.version(CLUSTER)
+    assert second.version_info == new.version(ENDPOINT)
+    assert len({clusters.nonce, endpoints.nonce, first.nonce, second.nonce}) == 4
+
+
+async def test_unchanged_type_is_not_pushed_again(xds: Harness) -> None:
+    xds.cache.set(snapshot(1))
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    envoy.ack(await envoy.recv())
+    await eventually(lambda: xds.types("envoy-1")[CLUSTER]["acked_version"] is not None)
+    xds.cache.set(snapshot(1))  # rebuilt from the same model: same versions
+    await envoy.silent()
+
+
+async def test_nack_is_recorded_and_never_looped(xds: Harness) -> None:
+    good, bad = snapshot(1), snapshot(2)
+    xds.cache.set(good)
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    accepted = await envoy.recv()
+    envoy.ack(accepted)
+    await eventually(lambda: xds.types("envoy-1")[CLUSTER]["acked_version"] is not None)
+
+    xds.cache.set(bad)
+    rejected = await envoy.recv()
+    assert rejected.version_info == bad.version(CLUSTER)
+    envoy.nack(rejected, "cluster a: bad timeout", previous=accepted.version_info)
+    await eventually(lambda: xds.ads.nacks == 1)
+
+    status = xds.ads.node_status()["envoy-1"]
+    assert status["last_nack"]["error"] == "cluster a: bad timeout"
+    assert status["last_nack"]["version"] == bad.version(CLUSTER)
+    assert status["last_nack"]["type_url"] == CLUSTER
+    assert status["types"][CLUSTER]["acked_version"] == good.version(CLUSTER)
+
+    sent = xds.ads.responses_sent[CLUSTER]
+    xds.cache.set(snapshot(2))  # the same bad model again: same version
+    await envoy.silent()
+    assert xds.ads.responses_sent[CLUSTER] == sent
+
+    # A reconnect of the same node does not get the rejected version either.
+    again = xds.envoy()
+    again.request(CLUSTER, version=accepted.version_info)
+    await again.silent()
+    assert xds.ads.responses_sent[CLUSTER] == sent
+
+    fixed = snapshot(3)
+    xds.cache.set(fixed)
+    for client in (envoy, again):
+        response = await client.recv()
+        assert response.version_info == fixed.version(CLUSTER)
+        client.ack(response)
+    await eventually(
+        lambda: xds.types("envoy-1")[CLUSTER]["acked_version"] == fixed.version(CLUSTER)
+    )
+
+
+async def test_stale_nonce_is_ignored(xds: Harness) -> None:
+    xds.cache.set(snapshot(1))
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    old = await envoy.recv()
+    new_snapshot = snapshot(2)
+    xds.cache.set(new_snapshot)
+    new = await envoy.recv()
+
+    envoy.nack(old, "late complaint about an old response")  # stale: ignored
+    envoy.ack(new)
+    await eventually(
+        lambda: xds.types("envoy-1")[CLUSTER]["acked_version"] == new_snapshot.version(CLUSTER)
+    )
+    assert xds.ads.stale_requests == 1
+    assert xds.ads.nacks == 0
+    assert xds.ads.node_status()["envoy-1"]["last_nack"] is None
+    await envoy.silent()
+
+
+async def test_two_nodes_converge(xds: Harness) -> None:
+    snap = snapshot()
+    xds.cache.set(snap)
+    envoys = [xds.envoy("front"), xds.envoy("back")]
+    for envoy in envoys:
+        envoy.request(CLUSTER)
+        envoy.ack(await envoy.recv())
+        envoy.request(ENDPOINT, ["a"])
+        envoy.ack(await envoy.recv(), ["a"])
+
+    def converged() -> bool:
+        status = xds.ads.node_status()
+        return all(
+            status[n]["types"][t]["acked_version"] == snap.version(t)
+            for n in ("front", "back")
+            for t in (CLUSTER, ENDPOINT)
+        )
+
+    await eventually(converged)
+
+
+async def test_encoding_does_not_grow_with_streams(xds: Harness) -> None:
+    xds.cache.set(snapshot(1))
+    envoys = [xds.envoy(f"envoy-{i}") for i in range(20)]
+    for envoy in envoys:
+        envoy.request(CLUSTER)
+        envoy.request(ENDPOINT, ["a", "b"])
+    for envoy in envoys:
+        envoy.ack(await envoy.recv())
+        envoy.ack(await envoy.recv(), ["a", "b"])
+
+    before = cache.stats.resources_encoded
+    new = snapshot(2)  # 2 clusters + 2 assignments
+    assert cache.stats.resources_encoded - before == 4
+    xds.cache.set(new)
+    for envoy in envoys:
+        assert (await envoy.recv()).version_info == new.version(CLUSTER)
+        assert (await envoy.recv()).version_info == new.version(ENDPOINT)
+    assert cache.stats.resources_encoded - before == 4
+
+
+async def test_disconnect_cleans_up(xds: Harness) -> None:
+    xds.cache.set(snapshot())
+    cancelled, closed = xds.envoy("gone"), xds.envoy("gone")
+    for envoy in (cancelled, closed):
+        envoy.request(CLUSTER)
+        await envoy.recv()
+    assert xds.ads.node_status()["gone"]["streams"] == 2
+
+    cancelled.call.cancel()
+    await eventually(lambda: xds.ads.node_status()["gone"]["streams"] == 1)
+    closed.close()  # half-close: the server ends the stream
+    assert await closed.call.code() == grpc.StatusCode.OK
+    await eventually(lambda: xds.ads.node_status()["gone"]["streams"] == 0)
+    assert xds.ads.node_status()["gone"]["disconnected_at"] is not None
+
+    xds.ads.forget("gone")
+    assert "gone" not in xds.ads.node_status()
+    tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    assert not [t for t in tasks if "_read" in repr(t.get_coro())]
+
+
+async def test_missing_type_url_is_invalid(xds: Harness) -> None:
+    xds.cache.set(snapshot())
+    envoy = xds.envoy()
+    envoy.request("")
+    assert await envoy.call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_type_is_served_empty(xds: Harness) -> None:
+    xds.cache.set(snapshot())
+    envoy = xds.envoy()
+    envoy.request(LISTENER)
+    response = await envoy.recv()
+    assert response.type_url == LISTENER
+    assert list(response.resources) == []
+
+
+async def test_status_callback_gets_latest_status() -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def persist(node_id: str, status: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # like an etcd put
+        seen.append((node_id, status))
+
+    snapshots = SnapshotCache()
+    ads = AdsServer(snapshots, on_status_change=persist)
+    server, port = await ads.serve("127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        snap = snapshot()
+        snapshots.set(snap)
+        envoy = Envoy(AggregatedDiscoveryServiceStub(channel), "cb")
+        envoy.request(CLUSTER)
+        envoy.ack(await envoy.recv())
+        await eventually(
+            lambda: bool(seen) and seen[-1][1]["types"][CLUSTER]["acked_version"] is not None
+        )
+        await envoy.stop()
+        await eventually(lambda: seen[-1][1]["streams"] == 0)
+    await server.stop(None)
+    await ads.close()
+    assert {node_id for node_id, _ in seen} == {"cb"}
+    assert seen[-1][1]["types"][CLUSTER]["acked_version"] == snap.version(CLUSTER)
