@@ -41,4 +41,5 @@ if ! command -v etcd >/dev/null 2>&1; then
   fi
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
-echo "setup ok: $("$venv/bin/envoy" --version 2>/dev/null | awk '{print $3}' | cut -d/ -f2 | sed 's/^/envoy /'), $(etcd --version | head -1)"
+envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
+echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"
