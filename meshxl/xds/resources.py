@@ -141,6 +141,8 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
         c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
     # Panic routing would send traffic to members known to be down: never for HA.
     c.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
+    # Envoy batches host health/weight changes for 1 s by default; a failover must not wait.
+    c.common_lb_config.update_merge_window.CopyFrom(_dur(0))
 
     hc = spec.health_check
     if hc.enabled:

@@ -107,6 +107,9 @@ def test_ha_cluster_uses_maglev_over_ads_eds() -> None:
     # Panic routing would send traffic to members known to be down.
     assert c.common_lb_config.HasField("healthy_panic_threshold")
     assert c.common_lb_config.healthy_panic_threshold.value == 0.0
+    # Host health changes reach the load balancer at once, not after a 1 s merge window.
+    assert c.common_lb_config.HasField("update_merge_window")
+    assert c.common_lb_config.update_merge_window.ToNanoseconds() == 0
     assert dict(c.metadata.filter_metadata["meshxl"]) == {
         "cluster": "c", "mode": "high-availability", "stickiness": "header"}
 
