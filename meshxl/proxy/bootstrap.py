@@ -13,6 +13,7 @@ within about two seconds instead of waiting for TCP timeouts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -241,11 +242,25 @@ def build_bootstrap(
     }
 
 
+# Envoy's YAML parser follows YAML 1.1, where y, n, yes, off... are booleans; PyYAML
+# leaves y and n unquoted, so a node id "n" would reach Envoy as false.
+_YAML11_SCALARS = re.compile(
+    r"^(y|yes|n|no|true|false|on|off|null|~|[-+]?[0-9][0-9_.:eE+-]*)$", re.IGNORECASE)
+
+
 class _PlainDumper(yaml.SafeDumper):
     """A YAML dumper that never writes anchors, so shared sub-dicts stay readable."""
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "'" if _YAML11_SCALARS.match(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_PlainDumper.add_representer(str, _represent_str)
 
 
 def render_yaml(bootstrap: dict[str, Any]) -> str:

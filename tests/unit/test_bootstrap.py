@@ -188,3 +188,13 @@ def test_render_yaml_round_trips_without_anchors() -> None:
     assert yaml.safe_load(text) == b
     assert "&id" not in text and "*id" not in text
     assert text.startswith("node:")  # field order kept: node first, as written
+
+
+@pytest.mark.parametrize("node_id", ["n", "Y", "off", "yes", "null", "1.5", "1:30"])
+def test_render_yaml_keeps_yaml11_lookalikes_strings(node_id: str) -> None:
+    """Envoy reads YAML 1.1: an unquoted n is false, 1:30 is 90. Such ids stay strings."""
+    import yaml as pyyaml
+
+    text = render_yaml(build_bootstrap(node_id, ["127.0.0.1:18000"], admin_port=9901))
+    assert f"id: '{node_id}'" in text
+    assert pyyaml.safe_load(text)["node"]["id"] == node_id
