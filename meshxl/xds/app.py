@@ -192,8 +192,17 @@ class ControlPlane:
                 await asyncio.sleep(0.5)
 
     async def _publish_node(self, node_id: str, status: dict[str, Any]) -> None:
+        """Write a node's status to etcd; etcd trouble costs a status update, nothing more."""
         if self.client is None or self._lease is None:
             return
+        try:
+            await self._write_node(node_id, status)
+        except Exception as exc:
+            log.warning("node %s status not written to etcd: %s: %s", node_id,
+                        type(exc).__name__, exc)
+
+    async def _write_node(self, node_id: str, status: dict[str, Any]) -> None:
+        assert self.client is not None
         key = self.keys.node(node_id).encode()
         if status.get("streams", 0) > 0:
             value = json.dumps({**status, "replica": self.config.replica}).encode()

@@ -23,7 +23,17 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
-from meshxl.xds.cache import TYPE_ORDER, WILDCARD_TYPES, Snapshot, SnapshotCache, with_nonce
+from meshxl.xds.cache import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    TYPE_ORDER,
+    WILDCARD_TYPES,
+    Snapshot,
+    SnapshotCache,
+    with_nonce,
+)
 
 __all__ = ["ADS_SERVICE", "AdsServer", "OnStatusChange"]
 
@@ -38,12 +48,20 @@ OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
 # Rejected responses remembered per node; old entries fall out first.
 _QUARANTINE_MAX = 64
 
-# Server-side keepalive so a vanished Envoy's stream (and its node status) ends.
+# Server-side keepalive so a vanished Envoy's stream (and its node status) ends. Envoy's
+# bootstrap pings every second to notice a dead control plane fast: accept that rate,
+# or gRPC closes the stream as abusive ("too many pings") every few seconds.
 _GRPC_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
 )
+
+# A CDS (LDS) response makes Envoy re-warm changed clusters (listeners); it then asks
+# for their EDS (RDS) again with the current nonce, which looks like an ACK. That
+# request must be answered even if nothing changed, or the cluster stays warming.
+_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
 # What a response carried for one type: its version and the names asked for
 # (None = wildcard). A NACKed key is never sent to that node again.
@@ -125,6 +143,7 @@ class _Subscription:
     names: frozenset[str]
     wildcard: bool
     fresh: bool = True  # the client asked without a nonce: answer even if unchanged
+    rewarm: bool = False  # the parent type was just sent: answer the next request
     nonce: str = ""
     sent: _Key | None = None
 
@@ -344,6 +363,8 @@ class AdsServer:
         elif sub.sent is not None:
             status.acked_version = sub.sent[0]
             status.ack_time = time.time()
+            if sub.rewarm:
+                sub.fresh, sub.rewarm = True, False
             self._changed(node)
 
     def _nack(
@@ -373,6 +394,7 @@ class AdsServer:
             log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
             return None
         body = resources.response if key[1] is None else resources.subset(key[1])
+        sub.rewarm = False  # this response reaches the re-warming resources after their parent
         stream.nonces += 1
         sub.nonce = str(stream.nonces)
         sub.sent = key
@@ -380,4 +402,7 @@ class AdsServer:
         status.sent_version = key[0]
         status.responses += 1
         self.responses_sent[type_url] = self.responses_sent.get(type_url, 0) + 1
+        dependent = stream.subscriptions.get(_DEPENDENT.get(type_url, ""))
+        if dependent is not None:
+            dependent.rewarm = True
         return with_nonce(body, sub.nonce)

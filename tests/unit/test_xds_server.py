@@ -237,6 +237,47 @@ async def test_snapshot_change_pushes_clusters_then_endpoints(xds: Harness) -> N
     assert len({clusters.nonce, endpoints.nonce, first.nonce, second.nonce}) == 4
 
 
+async def test_cluster_only_change_answers_the_rewarming_endpoint_request(xds: Harness) -> None:
+    """After a CDS push Envoy re-warms the changed clusters and asks for their EDS again
+    with the current nonce (it looks like an ACK): it must get an answer, or the cluster
+    stays warming although its endpoints did not change."""
+    base = snapshot(1)
+    xds.cache.set(base)
+    envoy = xds.envoy()
+    envoy.request(CLUSTER)
+    clusters = await envoy.recv()
+    envoy.ack(clusters)
+    envoy.request(ENDPOINT, ["a", "b"])
+    endpoints = await envoy.recv()
+    envoy.ack(endpoints, ["a", "b"])
+    await eventually(lambda: xds.types("envoy-1")[ENDPOINT]["acked_version"] is not None)
+
+    # New clusters, same endpoints: only CDS changes.
+    resources = {CLUSTER: {}, ENDPOINT: {}}
+    for name in ("a", "b"):
+        c = Cluster(name=name, type=Cluster.EDS)
+        c.connect_timeout.seconds = 9
+        c.eds_cluster_config.eds_config.ads.SetInParent()
+        resources[CLUSTER][name] = c
+    for packed in endpoints.resources:
+        cla = ClusterLoadAssignment()
+        packed.Unpack(cla)
+        resources[ENDPOINT][cla.cluster_name] = cla
+    changed = Snapshot.build(resources)
+    assert changed.version(ENDPOINT) == base.version(ENDPOINT)
+    xds.cache.set(changed)
+    pushed = await envoy.recv()
+    assert pushed.type_url == CLUSTER
+    envoy.ack(pushed)
+    envoy.ack(endpoints, ["a", "b"])  # the re-warming request: same names, current nonce
+    again = await envoy.recv()
+    assert again.type_url == ENDPOINT
+    assert again.version_info == base.version(ENDPOINT)
+    assert sorted(names(again)) == ["a", "b"]
+    envoy.ack(again, ["a", "b"])
+    await envoy.silent()  # answered once, not in a loop
+
+
 async def test_unchanged_type_is_not_pushed_again(xds: Harness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
