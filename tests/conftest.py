@@ -7,6 +7,11 @@ process log is attached to the failure report.
 
 from __future__ import annotations
 
+import os
+
+# grpc-core prints connection-level INFO lines (GOAWAY on a killed etcd member) otherwise.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
 
