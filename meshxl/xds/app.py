@@ -28,7 +28,7 @@ from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, RuntimeState
 
 from .cache import Snapshot, SnapshotCache
-from .resources import CompileError, compile_resources
+from .resources import CompileError, Compiler
 from .server import AdsServer
 from .sources import Debouncer, EtcdMeshSource, ModelFileSource
 
@@ -69,6 +69,7 @@ class ControlPlane:
         self.file: ModelFileSource | None = None
         self.mesh: EtcdMeshSource | None = None
         self.client: aetcd.Client | None = None
+        self.compiler = Compiler()
         self.compile_error: str | None = None
         self.last_build: dict[str, Any] = {}
         self.port = 0
@@ -153,14 +154,14 @@ class ControlPlane:
             return
         started = time.perf_counter()
         try:
-            resources = compile_resources(model, self.runtime)
+            resources = self.compiler.compile(model, self.runtime)
         except CompileError as exc:
             self.compile_error = str(exc)
             log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
             return
-        snapshot = Snapshot.build(resources.by_type())
-        self.compile_error = None
         previous = self.cache.snapshot
+        snapshot = Snapshot.build(resources.by_type(), previous=previous)
+        self.compile_error = None
         if previous is not None and previous.versions == snapshot.versions:
             return
         self.cache.set(snapshot)

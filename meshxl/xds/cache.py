@@ -104,6 +104,9 @@ class Resources:
     entries: Mapping[str, bytes]
     response: bytes
     """The full ``DiscoveryResponse`` (all resources) without a nonce."""
+    sources: Mapping[str, Message] = field(default_factory=dict, repr=False)
+    """The message each entry was encoded from: a later build given the same object
+    reuses the entry instead of encoding it again."""
     _subsets: dict[frozenset[str], bytes] = field(default_factory=dict, repr=False)
 
     @property
@@ -131,13 +134,21 @@ def _frame(type_url: str, version: str, body: bytes) -> bytes:
     return _field(_F_VERSION_INFO, version.encode()) + body + _field(_F_TYPE_URL, type_url.encode())
 
 
-def _encode_type(type_url: str, messages: Mapping[str, Message]) -> Resources:
+def _encode_type(type_url: str, messages: Mapping[str, Message],
+                 previous: Resources | None = None) -> Resources:
     full_name = type_url.removeprefix(_PREFIX)
     any_type_url = _field(_F_ANY_TYPE_URL, type_url.encode())
     entries: dict[str, bytes] = {}
     digest = hashlib.sha256()
+    reuse = previous.sources if previous is not None else {}
     for name in sorted(messages):
         message = messages[name]
+        if reuse.get(name) is message:  # the very object encoded last time
+            entry = previous.entries[name]  # type: ignore[union-attr]
+            entries[name] = entry
+            digest.update(_field(1, name.encode()))
+            digest.update(entry)
+            continue
         if message.DESCRIPTOR.full_name != full_name:
             raise ValueError(
                 f"resource {name!r} is a {message.DESCRIPTOR.full_name}, not {full_name}"
@@ -149,8 +160,11 @@ def _encode_type(type_url: str, messages: Mapping[str, Message]) -> Resources:
         digest.update(_field(1, name.encode()))
         digest.update(entry)
     version = digest.hexdigest()[:_VERSION_HEX]
+    if previous is not None and previous.version == version:
+        return previous  # same bytes: keep its response and memoised subsets
     response = _frame(type_url, version, b"".join(entries.values()))
-    return Resources(type_url, version, MappingProxyType(entries), response)
+    return Resources(type_url, version, MappingProxyType(entries), response,
+                     MappingProxyType(dict(messages)))
 
 
 class Snapshot:
@@ -158,7 +172,8 @@ class Snapshot:
 
     Types absent from the input are served as empty, so a subscriber to a type the
     model does not use still gets an (empty) answer instead of waiting forever.
-    Messages must not be mutated while ``build`` runs; they are not kept afterwards.
+    Messages are kept (to recognise them in the next build) and must never be mutated
+    after ``build``: a change is a new message object.
     """
 
     __slots__ = ("_types",)
@@ -167,12 +182,18 @@ class Snapshot:
         self._types = MappingProxyType(dict(types))
 
     @classmethod
-    def build(cls, resources: Mapping[str, Mapping[str, Message]]) -> Snapshot:
-        """Encode ``{type_url: {name: message}}``; every message is serialized once."""
-        types = {t: _encode_type(t, resources.get(t, {})) for t in TYPE_ORDER}
+    def build(cls, resources: Mapping[str, Mapping[str, Message]],
+              previous: Snapshot | None = None) -> Snapshot:
+        """Encode ``{type_url: {name: message}}``; every message is serialized once.
+
+        With ``previous``, a message that is the same object as one it encoded is not
+        encoded again, so a rebuild after a one-member change encodes one resource.
+        """
+        old = previous._types if previous is not None else {}
+        types = {t: _encode_type(t, resources.get(t, {}), old.get(t)) for t in TYPE_ORDER}
         for type_url, messages in resources.items():
             if type_url not in types:
-                types[type_url] = _encode_type(type_url, messages)
+                types[type_url] = _encode_type(type_url, messages, old.get(type_url))
         stats.snapshots_built += 1
         return cls(types)
 

@@ -291,11 +291,8 @@ def test_eds_priorities_and_localities() -> None:
     assert (sock.address, sock.port_value, sock.protocol) == (
         "127.0.0.1", 8081, address_pb2.SocketAddress.TCP)
     assert a.health_status == health_check_pb2.UNKNOWN
-    assert dict(a.metadata.filter_metadata["meshxl"]) == {
-        "member": "a", "site": "dc1", "role": "active"}
-    roles = {h: ep.metadata.filter_metadata["meshxl"]["role"]
-             for h, (_, _, ep) in endpoints_by_name(cla).items()}
-    assert roles == {"a": "active", "b": "standby", "c": "backup"}
+    # The member is the hostname and its site the zone: no per-endpoint metadata to pay for.
+    assert not a.HasField("metadata")
 
 
 def test_default_site_is_the_locality_zone() -> None:
@@ -328,8 +325,7 @@ def test_admin_down_member_is_draining() -> None:
     assert eps["a"][2].health_status == health_check_pb2.DRAINING
     assert eps["a"][0] == 0  # kept where it was
     assert eps["b"][2].health_status == health_check_pb2.UNKNOWN
-    assert eps["a"][2].metadata.filter_metadata["meshxl"]["role"] == "none"
-    assert eps["b"][2].metadata.filter_metadata["meshxl"]["role"] == "active"
+    assert eps["b"][0] == 1  # the standby's tier serves while the drained active is empty
 
 
 def test_site_offline_members_are_draining() -> None:
