@@ -1,0 +1,137 @@
+"""Debounced rebuilds and the model file source (asyncio and a temp file, no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from meshxl.model import ModelError
+from meshxl.xds.sources import Debouncer, ModelFileSource
+
+GOOD = """
+clusters:
+  - name: web
+    members: [{name: a, address: 127.0.0.1, port: 8081}]
+"""
+
+
+async def run_debouncer(quiet: float, max_delay: float) -> tuple[Debouncer, list[float],
+                                                                  asyncio.Task[None]]:
+    runs: list[float] = []
+
+    async def action() -> None:
+        runs.append(time.monotonic())
+
+    debouncer = Debouncer(action, quiet=quiet, max_delay=max_delay)
+    return debouncer, runs, asyncio.create_task(debouncer.run())
+
+
+async def until(condition: object, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_burst_of_changes_becomes_one_rebuild() -> None:
+    debouncer, runs, task = await run_debouncer(quiet=0.05, max_delay=1.0)
+    try:
+        for _ in range(50):
+            debouncer.poke()
+            await asyncio.sleep(0.001)
+        await until(lambda: runs)
+        await asyncio.sleep(0.15)  # bounded: a second run would come within quiet
+        assert len(runs) == 1
+        assert debouncer.pokes == 50 and debouncer.runs == 1
+    finally:
+        task.cancel()
+
+
+async def test_continuous_changes_still_rebuild_within_max_delay() -> None:
+    debouncer, runs, task = await run_debouncer(quiet=0.05, max_delay=0.2)
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < 0.7:  # never quiet for 50 ms
+            debouncer.poke()
+            await asyncio.sleep(0.01)
+        await until(lambda: len(runs) >= 3)
+        first = runs[0] - start
+        assert first < 0.2 + 0.1, f"first rebuild after {first:.3f}s, max_delay is 0.2s"
+        gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+        assert all(gap < 0.2 + 0.1 for gap in gaps), gaps
+    finally:
+        task.cancel()
+
+
+async def test_changes_after_a_rebuild_trigger_another() -> None:
+    debouncer, runs, task = await run_debouncer(quiet=0.01, max_delay=0.1)
+    try:
+        debouncer.poke()
+        await until(lambda: len(runs) == 1)
+        debouncer.poke()
+        await until(lambda: len(runs) == 2)
+    finally:
+        task.cancel()
+
+
+async def test_a_failing_rebuild_does_not_stop_later_ones() -> None:
+    calls = 0
+
+    async def action() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+
+    debouncer = Debouncer(action, quiet=0.001, max_delay=0.01)
+    task = asyncio.create_task(debouncer.run())
+    try:
+        debouncer.poke()
+        await until(lambda: calls == 1)
+        debouncer.poke()
+        await until(lambda: calls == 2)
+    finally:
+        task.cancel()
+
+
+def test_model_file_loads_and_a_bad_file_refuses_to_start(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(GOOD)
+    source = ModelFileSource(path, lambda: None)
+    assert source.load().clusters[0].name == "web"
+    path.write_text("clusters: [{name: Bad}]")
+    with pytest.raises(ModelError):
+        ModelFileSource(path, lambda: None).load()
+
+
+async def test_model_file_reload_and_bad_edit_keeps_last_good(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(GOOD)
+    changes: list[int] = []
+    source = ModelFileSource(path, lambda: changes.append(1), interval=0.01)
+    source.load()
+    task = asyncio.create_task(source.run())
+    try:
+        path.write_text(GOOD.replace("8081", "8082"))
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+        await until(lambda: changes)
+        assert source.model is not None
+        assert source.model.clusters[0].members[0].port == 8082
+
+        path.write_text("clusters: [{name: web, mode: nope}]")
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+        await until(lambda: source.error is not None)
+        assert "mode" in source.error
+        assert source.model.clusters[0].members[0].port == 8082  # still the last good one
+        assert len(changes) == 1  # a rejected edit is not a change
+
+        path.write_text(GOOD)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 3_000_000))
+        await until(lambda: len(changes) == 2)
+        assert source.error is None
+    finally:
+        task.cancel()
