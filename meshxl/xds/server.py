@@ -47,6 +47,9 @@ OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # Rejected responses remembered per node; old entries fall out first.
 _QUARANTINE_MAX = 64
+# Disconnected nodes whose status (and quarantine) is kept; the oldest go first, so
+# pod churn cannot grow the control plane without bound.
+DISCONNECTED_NODES_MAX = 1024
 
 # Server-side keepalive so a vanished Envoy's stream (and its node status) ends. Envoy's
 # bootstrap pings every second to notice a dead control plane fast: accept that rate,
@@ -333,6 +336,16 @@ class AdsServer:
         node.disconnected_at = time.time()
         log.info("node %s disconnected (%d streams left)", node.node_id, node.streams)
         self._changed(node)
+        if node.streams == 0:
+            self._prune_disconnected()
+
+    def _prune_disconnected(self) -> None:
+        gone = [n for n in self._nodes.values() if n.streams == 0]
+        if len(gone) <= DISCONNECTED_NODES_MAX:
+            return
+        gone.sort(key=lambda n: n.disconnected_at or 0.0)
+        for node in gone[: len(gone) - DISCONNECTED_NODES_MAX]:
+            del self._nodes[node.node_id]
 
     def _on_request(self, stream: _Stream, request: Any) -> None:
         node = stream.node or self._connect(stream, request)

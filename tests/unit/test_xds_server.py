@@ -454,3 +454,25 @@ async def test_status_callback_gets_latest_status() -> None:
     await ads.close()
     assert {node_id for node_id, _ in seen} == {"cb"}
     assert seen[-1][1]["types"][CLUSTER]["acked_version"] == snap.version(CLUSTER)
+
+
+async def test_disconnected_node_records_are_bounded(
+    xds: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import meshxl.xds.server as server_module
+
+    monkeypatch.setattr(server_module, "DISCONNECTED_NODES_MAX", 2)
+    xds.cache.set(snapshot(1))
+    for i in range(4):
+        envoy = xds.envoy(f"churn-{i}")
+        envoy.request(CLUSTER)
+        envoy.ack(await envoy.recv())
+        await eventually(lambda i=i: xds.types(f"churn-{i}")[CLUSTER]["acked_version"])
+        envoy.close()
+        await eventually(lambda i=i: xds.ads.node_status()[f"churn-{i}"]["streams"] == 0)
+    live = xds.envoy("live")
+    live.request(CLUSTER)
+    await live.recv()
+    # The two most recently disconnected nodes are kept, the older two dropped; the
+    # connected one is never dropped.
+    assert set(xds.ads.node_status()) == {"churn-2", "churn-3", "live"}
