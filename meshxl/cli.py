@@ -58,6 +58,8 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # grpc's own debug lines (one per event loop lookup) would drown meshxl's.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
 etcd_option = click.option(
@@ -227,6 +229,53 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
     except ValueError as exc:
         _fail(str(exc))
     _run(lambda: ControlPlane(config).run_forever())
+
+
+@serve.command("statesync")
+@click.option("--cluster", required=True, help="The meshxl cluster this member belongs to.")
+@click.option("--member", required=True, help="This member's name (unique in the cluster).")
+@click.option("--app", "app_address", required=True, metavar="HOST:PORT",
+              help="The application's address: registered for Envoy to send traffic to.")
+@click.option("--site", help="The member's site (failover order comes from the model).")
+@click.option("--weight", type=click.IntRange(1, 10_000), help="Load-sharing weight.")
+@click.option("--listen", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
+              help="The sidecar's HTTP API (keep it on loopback).")
+@click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+              default="http://127.0.0.1:2379", show_default=True, help="etcd endpoints.")
+@root_option
+@click.option("--session-ttl", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Sessions expire this long after their last write "
+                   "(default: the cluster's sessions.ttl in the model, else 1800).")
+@click.option("--sync-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Keep sessions younger than this on this member only (default: model, "
+                   "else 0).")
+@click.option("--max-session-bytes", type=click.IntRange(1, 1_048_576),
+              help="Largest session state (default: model, else 1 MiB).")
+@click.option("--lease-ttl", type=click.FloatRange(min=1), default=3.0, show_default=True,
+              metavar="SECONDS", help="Registration lease: a dead sidecar leaves Envoy "
+                                      "within about this long.")
+@click.option("--batch-max-ops", type=click.IntRange(1, 128), default=64, show_default=True,
+              help="Writes per etcd transaction at most.")
+@click.option("--log-level", default="info", show_default=True)
+def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
+                    weight: int | None, listen: str, etcd_urls: str, etcd_root: str,
+                    session_ttl: float | None, sync_delay: float | None,
+                    max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
+                    log_level: str) -> None:
+    """The session-state sidecar: replicates sessions through etcd, registers the member."""
+    from meshxl.statesync.app import StatesyncConfig
+    from meshxl.statesync.app import serve as serve_sidecar
+
+    _setup_logging(log_level)
+    try:
+        config = StatesyncConfig(cluster=cluster, member=member, app=app_address,
+                                 etcd=etcd_urls, listen=listen, site=site, weight=weight,
+                                 etcd_root=etcd_root, session_ttl=session_ttl,
+                                 sync_delay=sync_delay, max_bytes=max_session_bytes,
+                                 lease_ttl=lease_ttl, batch_max_ops=batch_max_ops)
+    except ValueError as exc:
+        _fail(str(exc))
+    _run(lambda: serve_sidecar(config))
 
 
 # -- Envoy --------------------------------------------------------------------------------

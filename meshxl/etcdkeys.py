@@ -11,6 +11,7 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/clusters/{cluster}/admin/{member}      admin state: member down
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased)
+    {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
 
 Everything that decides Envoy's configuration lives under ``mesh/``, so the control
 plane watches exactly that prefix and nothing else (node status it writes itself,
@@ -79,6 +80,14 @@ class Keys:
 
     def node(self, node_id: str) -> str:
         return f"{self.nodes_prefix}{_segment(node_id, 'node id')}"
+
+    # -- session state ---------------------------------------------------------------
+    def sessions_prefix(self, cluster: str) -> str:
+        """One cluster's sessions: what every sidecar of that cluster watches."""
+        return f"{self.base}/sessions/{_segment(cluster, 'cluster')}/"
+
+    def session(self, cluster: str, session: str) -> str:
+        return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
 
     # -- parsing -------------------------------------------------------------------
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:

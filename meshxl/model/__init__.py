@@ -27,6 +27,7 @@ from .spec import (
     Overrides,
     Retries,
     Route,
+    Sessions,
     Site,
     Stickiness,
 )
@@ -35,6 +36,6 @@ __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
-    "RuntimeState", "Site", "Stickiness", "check_model", "cluster_view", "load_model",
+    "RuntimeState", "Sessions", "Site", "Stickiness", "check_model", "cluster_view", "load_model",
     "parse_model",
 ]

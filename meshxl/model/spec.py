@@ -176,6 +176,18 @@ class Route(_Spec):
     timeout: Duration = 15.0
 
 
+class Sessions(_Spec):
+    """Session state kept by the statesync sidecars of the cluster."""
+
+    ttl: PositiveDuration = 1800.0
+    """A session expires this long after its last write (shared etcd leases)."""
+    sync_delay: Duration = 0.0
+    """Sessions younger than this stay on their member only (ClusterXL delayed sync):
+    less etcd traffic for short sessions, but they are lost if their member dies."""
+    max_bytes: int = Field(default=1_048_576, ge=1, le=1_048_576)
+    """Largest session state; etcd refuses requests above 1.5 MiB."""
+
+
 class Overrides(_Spec):
     """Raw Envoy JSON merged over the generated resources (expert escape hatch)."""
 
@@ -201,6 +213,7 @@ class ClusterSpec(_Spec):
     priority_spillover: bool = False
     """False: a lower tier gets traffic only when no member above it is healthy.
     True: Envoy's gradual spill-over (overprovisioning factor 140)."""
+    sessions: Sessions = Sessions()
     overrides: Overrides = Overrides()
 
     def site_names(self) -> list[str]:

@@ -1,0 +1,252 @@
+"""The statesync sidecar process: etcd client, store, cache, membership, HTTP API.
+
+Resource lifetimes follow aiohttp's ``cleanup_ctx``: the etcd client, the watch and
+the registration start with the app and stop with it. The member is registered at
+once but advertised (``ready``) only after the cache has read every session of its
+cluster, so Envoy never sends a session to a member that could not serve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+from aiohttp import web
+
+from meshxl import etcd
+from meshxl.addr import parse_hostport
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.model import ModelError, parse_model
+from meshxl.model import Sessions as SessionDefaults
+
+from .api import SessionRoutes, json_errors
+from .cache import SessionCache
+from .membership import Membership
+from .metrics import StatesyncMetrics
+from .sessions import Sessions, Settings
+from .store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatesyncConfig:
+    cluster: str
+    member: str
+    app: str
+    """HOST:PORT of the application: what Envoy sends the member's traffic to."""
+    etcd: str
+    listen: str = "127.0.0.1:7070"
+    site: str | None = None
+    weight: int | None = None
+    etcd_root: str = DEFAULT_ROOT
+    session_ttl: float | None = None
+    """None: the cluster's ``sessions.ttl`` from the model in etcd (default 30 min)."""
+    sync_delay: float | None = None
+    max_bytes: int | None = None
+    lease_ttl: float = 3.0
+    """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
+    batch_max_ops: int = 64
+    batch_max_bytes: int = 1_000_000
+    max_inflight: int = 2
+    sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.app)
+        parse_hostport(self.listen, allow_zero=True)
+        etcd.parse_endpoints(self.etcd)
+        if self.session_ttl is not None and self.session_ttl <= 0:
+            raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
+        if self.sync_delay is not None and self.sync_delay < 0:
+            raise ValueError(f"sync delay must not be negative, got {self.sync_delay}")
+        if self.max_bytes is not None and not 1 <= self.max_bytes <= 1_048_576:
+            raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")
+
+
+class Sidecar:
+    """Everything one sidecar runs, created in the app's cleanup context."""
+
+    def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings):
+        self.config = config
+        self.keys = Keys(config.etcd_root)
+        self.client = client
+        self.metrics = StatesyncMetrics()
+        self.store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
+                                  max_batch_bytes=config.batch_max_bytes,
+                                  max_inflight=config.max_inflight,
+                                  on_batch=self.metrics.on_batch)
+        self.cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
+                                  on_lag=self.metrics.replication_lag.observe)
+        self.sessions = Sessions(self.store, self.cache, self.keys, config.cluster,
+                                 config.member, settings, self.metrics)
+        host, port = parse_hostport(config.app)
+        self.membership = Membership(client, self.keys, config.cluster, config.member,
+                                     address=host, port=port, site=config.site,
+                                     weight=config.weight, ttl=config.lease_ttl,
+                                     sidecar=config.listen)
+        self.started = time.time()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        await self.membership.start()
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.cache.run()))
+        self._tasks.append(loop.create_task(self._follow_sync()))
+        self._tasks.append(loop.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        with contextlib.suppress(Exception):
+            await self.membership.stop()
+
+    async def _follow_sync(self) -> None:
+        """Advertise the member exactly while its cache is caught up with etcd."""
+        while True:
+            await self.cache.synced.wait()
+            await self.membership.set_ready(True)
+            log.info("cache caught up (%d sessions): member %s is ready", len(self.cache),
+                     self.config.member)
+            await self.cache.resync_needed.wait()
+            self.cache.resync_needed.clear()
+            await self.membership.set_ready(False)
+            log.warning("cache must re-read everything: member %s withdrawn meanwhile",
+                        self.config.member)
+
+    async def _housekeeping(self) -> None:
+        settings = self.sessions.settings
+        period = min(1.0, settings.sync_delay / 2) if settings.sync_delay > 0 else 1.0
+        last_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            if settings.sync_delay > 0:
+                await self.sessions.flush_due()
+            if time.monotonic() - last_prune > settings.ttl / 10:
+                self.sessions.prune_observed()
+                last_prune = time.monotonic()
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self.membership.registered:
+            reasons.append("not registered in etcd (lease being (re)acquired)")
+        if not self.cache.synced.is_set():
+            reasons.append("session cache still syncing with etcd")
+        if self.membership.problems:
+            reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
+        return reasons
+
+    def refresh_gauges(self) -> None:
+        self.metrics.cached.set(len(self.cache))
+        self.metrics.revision.set(self.cache.applied)
+        self.metrics.local.set(self.sessions.local_sessions)
+        self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
+
+    def status(self) -> dict[str, Any]:
+        c, s = self.cache, self.sessions
+        return {
+            "cluster": self.config.cluster, "member": self.config.member,
+            "site": self.config.site, "app": self.config.app,
+            "ready": not self.not_ready_reasons(), "reasons": self.not_ready_reasons(),
+            "registered": self.membership.registered, "problems": self.membership.problems,
+            "revision": c.applied, "lag_seconds": c.last_lag,
+            "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
+            "local_sessions": s.local_sessions, "takeovers": s.takeovers,
+            "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
+            "last_full_sync": c.last_full_sync, "watch_starts": c.resumes,
+            "errors": c.errors, "last_error": c.last_error, "bad_records": c.bad_records,
+            "lease_losses": self.membership.lease_losses,
+            "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
+                         "max_bytes": s.settings.max_bytes},
+            "started": self.started,
+        }
+
+
+SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:
+    """CLI values win; otherwise the cluster's ``sessions`` block of the model in etcd."""
+    defaults = SessionDefaults()
+    got = await client.get(Keys(config.etcd_root).model.encode())
+    if got is not None:
+        try:
+            spec = parse_model(got.value.decode(), source="model in etcd").cluster(config.cluster)
+        except ModelError as exc:
+            log.warning("model in etcd is invalid (%s); using session defaults", exc)
+        else:
+            if spec is not None:
+                defaults = spec.sessions
+            else:
+                log.warning("cluster %r is not in the model in etcd; using session defaults",
+                            config.cluster)
+    return Settings(
+        ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
+        sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
+        max_bytes=config.max_bytes if config.max_bytes is not None else defaults.max_bytes,
+    )
+
+
+def create_app(config: StatesyncConfig) -> web.Application:
+    max_bytes = config.max_bytes or 1_048_576
+    app = web.Application(middlewares=[json_errors], client_max_size=max_bytes + 65536)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        client = etcd.client(config.etcd)
+        await client.connect()
+        try:
+            settings = await session_settings(client, config)
+            sidecar = Sidecar(config, client, settings)
+            app[SIDECAR] = sidecar
+            await sidecar.start()
+            log.info("statesync %s/%s on %s: sessions ttl %ss, sync delay %ss, max %d bytes",
+                     config.cluster, config.member, config.listen, settings.ttl,
+                     settings.sync_delay, settings.max_bytes)
+            try:
+                yield
+            finally:
+                await sidecar.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    app.cleanup_ctx.append(lifetime)
+    routes = _LazyRoutes(app)
+    routes.add_to(app)
+    return app
+
+
+class _LazyRoutes(SessionRoutes):
+    """Routes resolve the sidecar at request time (it exists once the app started)."""
+
+    def __init__(self, app: web.Application):
+        self._app = app
+
+    @property  # type: ignore[override]
+    def sidecar(self) -> Sidecar:
+        return self._app[SIDECAR]
+
+
+async def serve(config: StatesyncConfig) -> None:
+    host, port = parse_hostport(config.listen, allow_zero=True)
+    runner = web.AppRunner(create_app(config), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("statesync API on http://%s:%d", host, port)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+__all__ = ["SIDECAR", "Sidecar", "StatesyncConfig", "create_app", "serve"]

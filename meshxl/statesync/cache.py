@@ -1,0 +1,199 @@
+"""A watch-fed copy of one cluster's sessions, revision-aware.
+
+A full read (paged, all pages at one revision) then a watch from the next revision.
+After a lost connection or etcd member the watch resumes from the last applied
+revision; after a compaction (the revision is gone) everything is read again. An
+update is applied only if it is newer than what the cache holds for that key, so
+nothing is applied twice or out of order, whatever mix of watch events, resyncs and
+the sidecar's own acknowledged writes arrives first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import aetcd
+from aetcd import rpc
+from aetcd.exceptions import RevisionCompactedError
+
+from .record import SessionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Entry:
+    revision: int
+    record: SessionRecord
+
+
+class SessionCache:
+    """Sessions under ``prefix`` by id; ``applied`` is the last revision fully applied."""
+
+    def __init__(self, client: aetcd.Client, prefix: str, *, page_size: int = 2000,
+                 on_lag: Callable[[float], None] | None = None):
+        self._client = client
+        self._prefix = prefix.encode()
+        self._page_size = page_size
+        self._on_lag = on_lag
+        self.entries: dict[str, Entry] = {}
+        self.applied = 0
+        self.synced = asyncio.Event()
+        """Set after the first full read; cleared while a full re-read is needed."""
+        self.resync_needed = asyncio.Event()
+        """Set when ``synced`` is cleared (a compaction forced a full re-read)."""
+        self.full_syncs = 0
+        self.resumes = 0
+        self.last_full_sync: float | None = None
+        self.last_error: str | None = None
+        self.errors = 0
+        self.bad_records = 0
+        self.last_lag: float | None = None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, session_id: str) -> Entry | None:
+        return self.entries.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def owned_by(self, member: str) -> int:
+        return sum(1 for e in self.entries.values() if e.record.owner == member)
+
+    def ids(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    # -- the sidecar's own acknowledged writes --------------------------------------------
+
+    def write_through(self, session_id: str, revision: int, record: SessionRecord | None) -> None:
+        """Apply an acknowledged write at once (None: a delete), unless the watch
+        already went past it: then the watch's newer view stands."""
+        if revision <= self.applied:
+            return
+        entry = self.entries.get(session_id)
+        if entry is not None and entry.revision >= revision:
+            return
+        if record is None:
+            self.entries.pop(session_id, None)
+        else:
+            self.entries[session_id] = Entry(revision, record)
+
+    # -- the watch loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        need_full = True
+        backoff = 0.05
+        while True:
+            try:
+                if need_full:
+                    await self._full_sync()
+                    need_full = False
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except RevisionCompactedError as exc:
+                log.warning("session watch: revision %d compacted (%s); reading everything",
+                            self.applied + 1, exc)
+                need_full = True
+                self.synced.clear()
+                self.resync_needed.set()
+            except Exception as exc:  # connection lost, etcd member gone: resume
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("session watch interrupted (%s); resuming from revision %d",
+                            self.last_error, self.applied + 1)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            else:
+                backoff = 0.05
+
+    async def _full_sync(self) -> None:
+        """Read every session at one revision, page by page."""
+        end = _prefix_end(self._prefix)
+        entries: dict[str, Entry] = {}
+        key, revision = self._prefix, 0
+        while True:
+            request = rpc.RangeRequest(key=key, range_end=end, limit=self._page_size,
+                                       revision=revision)
+            try:
+                response = await self._client.kvstub.Range(
+                    request, timeout=30, metadata=self._client.metadata)
+            except rpc.AioRpcError as exc:
+                if exc.code() == rpc.StatusCode.OUT_OF_RANGE:  # our revision got compacted
+                    raise RevisionCompactedError(revision) from None
+                raise
+            if revision == 0:
+                revision = response.header.revision
+            for kv in response.kvs:
+                record = self._decode(kv.key, kv.value)
+                if record is not None:
+                    entries[kv.key[len(self._prefix):].decode()] = Entry(kv.mod_revision, record)
+            if not response.more or not response.kvs:
+                break
+            key = response.kvs[-1].key + b"\0"
+        # Own writes newer than the read stay; the watch from revision + 1 confirms them.
+        for session_id, entry in self.entries.items():
+            if entry.revision > revision and entry.revision > entries.get(
+                    session_id, Entry(0, entry.record)).revision:
+                entries[session_id] = entry
+        self.entries = entries
+        self.applied = revision
+        self.full_syncs += 1
+        self.last_full_sync = time.time()
+        self.synced.set()
+        log.info("session cache: %d sessions at revision %d", len(entries), revision)
+
+    async def _watch(self) -> None:
+        start = self.applied + 1
+        watch = await self._client.watch_prefix(self._prefix, start_revision=start)
+        self.resumes += 1
+        if self.resumes > self.full_syncs:
+            log.info("session watch resumed from revision %d", start)
+        try:
+            async for event in watch:
+                self._apply(event)
+        finally:
+            await watch.cancel()
+        raise ConnectionError("session watch ended")
+
+    def _apply(self, event: aetcd.rtypes.Event) -> None:
+        kv = event.kv
+        revision = kv.mod_revision
+        session_id = kv.key[len(self._prefix):].decode()
+        entry = self.entries.get(session_id)
+        if event.kind == "PUT":
+            if entry is None or entry.revision < revision:
+                record = self._decode(kv.key, kv.value)
+                if record is not None:
+                    self.entries[session_id] = Entry(revision, record)
+                    lag = time.time() - record.updated
+                    self.last_lag = lag
+                    if self._on_lag is not None:
+                        self._on_lag(lag)
+        elif entry is not None and entry.revision < revision:
+            del self.entries[session_id]
+        self.applied = max(self.applied, revision)
+
+    def _decode(self, key: bytes, value: bytes) -> SessionRecord | None:
+        try:
+            return SessionRecord.decode(value)
+        except ValueError as exc:
+            self.bad_records += 1
+            log.warning("ignoring %s: %s", key.decode(errors="replace"), exc)
+            return None
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key after every key starting with ``prefix``."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"

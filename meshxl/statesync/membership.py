@@ -1,0 +1,323 @@
+"""A member's registration in etcd, held under the sidecar's own lease.
+
+This is ClusterXL's CCP and critical devices (pnotes) for a mesh member: the sidecar
+writes ``Keys.member(cluster, member)`` under a lease it keeps alive, so the xDS control
+plane (``membership: registered`` clusters) advertises the member to Envoy only while
+the sidecar lives, only once it reports ``ready`` (its cache caught up: "syncing"
+before that), and withdraws it while the application reports any problem.
+
+When the sidecar dies, nothing deletes the key: etcd does when the lease expires, so
+the member disappears from Envoy at most about ``ttl`` seconds (rounded up to whole
+seconds, and never below etcd's own minimum lease TTL) after the last keepalive, plus
+the control plane's debounce and the xDS push. A graceful :meth:`Membership.stop`
+revokes the lease and the key goes at once.
+
+The keepalive refreshes every ``ttl / 3``. A refresh that fails is retried at once
+(another etcd member may answer); the lease counts as lost only when etcd says it is
+gone or no refresh has succeeded for a whole TTL (for example the process was paused
+with SIGSTOP, or etcd was unreachable). Then :attr:`Membership.registered` turns False,
+:attr:`Membership.lease_losses` counts one, and the task grants a new lease and writes
+the registration again, retrying with bounded backoff until etcd answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aetcd
+
+from meshxl.etcdkeys import Keys
+from meshxl.model import Registration
+
+__all__ = ["MIN_TTL", "Membership", "registration_document"]
+
+log = logging.getLogger(__name__)
+
+MIN_TTL = 1.0
+"""Smallest accepted lease TTL (seconds). etcd rounds TTLs up to whole seconds and to
+its own minimum (about 1.5x the election timeout: 2 s with etcd's defaults)."""
+
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 2.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def registration_document(
+    *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
+    problems: dict[str, dict[str, str]], sidecar: str, pid: int, since: str, updated: str,
+) -> dict[str, Any]:
+    """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
+    doc: dict[str, Any] = {"address": address, "port": port}
+    if site is not None:
+        doc["site"] = site
+    if weight is not None:
+        doc["weight"] = weight
+    doc.update(
+        ready=ready,
+        problems=sorted(problems),
+        problem_details={name: dict(problems[name]) for name in sorted(problems)},
+        sidecar=sidecar, pid=pid, since=since, updated=updated,
+    )
+    return doc
+
+
+class Membership:
+    """A member's registration in etcd under its own lease: it disappears from Envoy
+    when the sidecar dies (lease ends), appears only when ready, and is withdrawn while
+    the app reports a problem (ClusterXL critical devices / pnotes).
+
+    State changes (:meth:`set_ready`, :meth:`set_problem`, :meth:`clear_problem`) are
+    kept locally and written one at a time, the latest state winning. A write that etcd
+    refuses does not raise: it is logged, kept in :attr:`last_error`, and retried by the
+    keepalive task (which also rewrites everything after a lease loss).
+    """
+
+    def __init__(self, client: aetcd.Client, keys: Keys, cluster: str, member: str, *,
+                 address: str, port: int, site: str | None = None, weight: int | None = None,
+                 ttl: float = 3.0, sidecar: str = "") -> None:
+        if not ttl >= MIN_TTL:  # also rejects NaN
+            raise ValueError(
+                f"membership lease ttl must be >= {MIN_TTL:g} s, got {ttl!r}: etcd leases "
+                "shorter than about 2 s expire spuriously (use 2-10 s; the member leaves "
+                "Envoy at most about ttl seconds after its sidecar dies)")
+        self.client = client
+        self.cluster = cluster
+        self.member = member
+        self.key = keys.member(cluster, member)  # ValueError on a bad cluster/member name
+        self.ttl = float(ttl)
+        self.address = address
+        self.port = port
+        self.site = site
+        self.weight = weight
+        self.sidecar = sidecar
+        self.lease_id: int | None = None
+        self.lease_losses = 0
+        self.last_error: str | None = None
+        """The latest etcd trouble (kept after recovery, for status pages)."""
+        self._failing = False
+        self._ready = False
+        self._problems: dict[str, dict[str, str]] = {}
+        self._since = ""
+        self._version = 0          # bumped on every local change
+        self._written = -1         # version last written under the current lease
+        self._expires = 0.0        # monotonic time the current lease ends unless refreshed
+        self._write_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        # Refuse at construction what the control plane would refuse to read.
+        Registration.from_dict(self._document())
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def problems(self) -> dict[str, dict[str, str]]:
+        """Reported problems: name -> {"detail", "since"} (a copy)."""
+        return {name: dict(info) for name, info in self._problems.items()}
+
+    @property
+    def registered(self) -> bool:
+        """The lease is (as far as we know) alive and carries the registration."""
+        return (self.lease_id is not None and self._written >= 0
+                and time.monotonic() < self._expires)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between keepalives."""
+        return self.ttl / 3
+
+    def _document(self) -> dict[str, Any]:
+        return registration_document(
+            address=self.address, port=self.port, site=self.site, weight=self.weight,
+            ready=self._ready, problems=self._problems, sidecar=self.sidecar,
+            pid=os.getpid(), since=self._since, updated=_now())
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Grant the lease, write the registration (ready=False unless set before), and
+        start the keepalive. Raises the etcd error if this first registration fails."""
+        if self._task is not None:
+            raise RuntimeError("membership already started")
+        self._stopped = False
+        self._since = _now()
+        await self._register()
+        self._task = asyncio.get_running_loop().create_task(
+            self._keepalive(), name=f"membership {self.cluster}/{self.member}")
+
+    async def stop(self, *, revoke: bool = True) -> None:
+        """Stop the keepalive; with ``revoke`` (graceful) the registration goes at once,
+        without it it stays until the lease expires (what a crash looks like)."""
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self._write_lock:
+            lease_id, self.lease_id = self.lease_id, None
+            self._written = -1
+            if revoke and lease_id is not None:
+                try:
+                    async with asyncio.timeout(max(self.ttl, 2.0)):
+                        await self.client.revoke_lease(lease_id)
+                except Exception as exc:  # it expires on its own within ttl
+                    self.last_error = f"revoke: {type(exc).__name__}: {exc}"
+                    log.warning("member %s/%s: lease not revoked (%s); the registration "
+                                "expires within %g s", self.cluster, self.member, exc,
+                                self.ttl)
+
+    # -- changes -------------------------------------------------------------------------
+
+    async def set_ready(self, ready: bool) -> None:
+        """Advertise (True) or hold back as "syncing" (False); no-op if unchanged."""
+        if ready == self._ready:
+            return
+        self._ready = ready
+        await self._changed()
+
+    async def set_problem(self, name: str, detail: str = "") -> bool:
+        """Report a problem: the member is withdrawn while any is set. True if new."""
+        if not name:
+            raise ValueError("a problem needs a name")
+        info = self._problems.get(name)
+        if info is not None:
+            if info["detail"] == detail:
+                return False
+            info["detail"] = detail
+            await self._changed()
+            return False
+        self._problems[name] = {"detail": detail, "since": _now()}
+        await self._changed()
+        return True
+
+    async def clear_problem(self, name: str) -> bool:
+        """Clear a problem; True if it was set."""
+        if self._problems.pop(name, None) is None:
+            return False
+        await self._changed()
+        return True
+
+    async def _changed(self) -> None:
+        self._version += 1
+        if self.lease_id is not None and not self._stopped:
+            try:
+                await self._write()
+            except Exception as exc:
+                self._failed("registration not written (retrying)", exc)
+                self._wake.set()
+
+    # -- etcd ------------------------------------------------------------------------------
+
+    async def _write(self, *, force: bool = False) -> None:
+        """Put the latest state under the current lease, one put at a time.
+
+        Callers that queued behind an in-flight put find their change already written
+        by whoever went next, which carried the latest state.
+        """
+        async with self._write_lock:
+            lease_id = self.lease_id
+            if lease_id is None or (self._written == self._version and not force):
+                return
+            version = self._version
+            value = json.dumps(self._document(), sort_keys=True).encode()
+            async with asyncio.timeout(max(self.ttl, 2.0)):
+                await self.client.put(self.key.encode(), value, lease=lease_id)
+            if self.lease_id == lease_id:
+                self._written = max(self._written, version)
+
+    async def _register(self) -> None:
+        """Grant a new lease and write the registration under it."""
+        started = time.monotonic()
+        async with asyncio.timeout(max(self.ttl, 2.0)):
+            lease = await self.client.lease(math.ceil(self.ttl))
+        async with self._write_lock:
+            self.lease_id = lease.id
+            self._written = -1
+            self._expires = started + lease.ttl
+        try:
+            await self._write(force=True)
+        except BaseException:
+            self.lease_id = None
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.client.revoke_lease(lease.id)
+            raise
+        self._failing = False
+        log.info("member %s/%s registered under lease %x (ttl %d s)", self.cluster,
+                 self.member, lease.id, lease.ttl)
+
+    async def _refresh(self) -> bool:
+        """One keepalive; False when etcd says the lease is gone."""
+        assert self.lease_id is not None
+        started = time.monotonic()
+        async with asyncio.timeout(max(self.interval, 0.5)):
+            reply = await self.client.refresh_lease(self.lease_id)
+        if reply is None or reply.TTL <= 0:
+            return False
+        self._expires = max(self._expires, started + reply.TTL)
+        return True
+
+    def _lost(self, why: str) -> None:
+        self.lease_losses += 1
+        self.last_error = why
+        log.warning("member %s/%s: lease %s lost (%s); registering again", self.cluster,
+                    self.member, f"{self.lease_id:x}" if self.lease_id else "-", why)
+        self.lease_id = None
+        self._written = -1
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if not self._failing or self.last_error != message:  # once per streak and cause
+            log.warning("member %s/%s: %s: %s", self.cluster, self.member, what, message)
+        self._failing = True
+        self.last_error = message
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, or less when a failed write asks for attention."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        self._wake.clear()
+
+    async def _keepalive(self) -> None:
+        """Refresh every ttl/3; re-register after a loss; never raise (but on cancel)."""
+        backoff = _BACKOFF_MIN
+        delay = self.interval
+        while True:
+            await self._sleep(delay)
+            try:
+                if self.lease_id is not None and time.monotonic() >= self._expires:
+                    self._lost(f"no keepalive succeeded for {self.ttl:g} s")
+                if self.lease_id is None:
+                    await self._register()
+                elif not await self._refresh():
+                    self._lost("etcd reports the lease gone")
+                    delay = 0.0  # register at once
+                    continue
+                elif self._written != self._version:
+                    await self._write()
+                backoff, delay, self._failing = _BACKOFF_MIN, self.interval, False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._failed("keepalive failed (retrying)" if self.lease_id is not None
+                             else "registration failed (retrying)", exc)
+                # A lease that may still be alive is retried well within its TTL.
+                delay = backoff if self.lease_id is None else min(backoff, self.interval)
+                backoff = min(backoff * 2, _BACKOFF_MAX)

@@ -1,0 +1,435 @@
+"""Session semantics: ownership, fencing, takeover, conditional writes, delayed sync.
+
+Fencing is by revision, not by locks (locks alone are not safe; etcd is the judge):
+
+* every write compares the session's mod_revision in the same etcd transaction;
+* the revision compared is ``If-Match`` when the app sends one (412 on mismatch);
+  otherwise the revision this member last *observed* for the session (its last read
+  or write of it), so a member that lost the session to another one, for example
+  after a pause or a partition, gets 409 however fresh its cache has become since;
+* a member that never touched the session (a takeover, or a new session) writes
+  against the newest revision it can learn, and takes ownership;
+* every read first asks etcd, linearizably and without the value, for the session's
+  current revision; the cached state is served only if it is that revision.
+
+Two members therefore can never both acknowledge conflicting writes: etcd accepts one
+compare and refuses the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import json_merge_patch
+
+from meshxl.etcdkeys import Keys
+
+from .cache import SessionCache
+from .metrics import StatesyncMetrics
+from .record import JSON_TYPE, SessionRecord, is_json
+from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
+
+log = logging.getLogger(__name__)
+
+_BLIND_RETRIES = 3
+
+
+class SessionError(Exception):
+    """An API-level failure with the HTTP status it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.details = details
+
+
+class BadRequest(SessionError):
+    status = 400
+
+
+class NotFound(SessionError):
+    status = 404
+
+
+class Conflict(SessionError):
+    status = 409
+
+
+class PreconditionFailed(SessionError):
+    status = 412
+
+
+class TooLarge(SessionError):
+    status = 413
+
+
+class Unavailable(SessionError):
+    status = 503
+
+
+@dataclass(frozen=True)
+class Settings:
+    ttl: float = 1800.0
+    sync_delay: float = 0.0
+    max_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A session's state as the API returns it."""
+
+    session_id: str
+    record: SessionRecord
+    etag: str
+    """``"<etcd revision>"``, or ``"L<n>"`` while only on this member (delayed sync)."""
+    created: bool = False
+    previous_owner: str | None = None
+    source: str = "etcd"
+
+    @property
+    def takeover(self) -> bool:
+        return self.previous_owner is not None and self.previous_owner != self.record.owner
+
+
+@dataclass
+class _Local:
+    record: SessionRecord
+    version: int
+
+
+def parse_etag(value: str) -> str:
+    """``"12"``, ``W/"12"`` or ``12`` -> ``12``; ``*`` stays ``*``."""
+    text = value.strip()
+    if text == "*":
+        return text
+    if text.startswith("W/"):
+        text = text[2:]
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    if not text or "," in text or '"' in text:
+        raise BadRequest(f"If-Match must be one ETag such as \"42\", got {value!r}")
+    return text
+
+
+class Sessions:
+    """One member's view of its cluster's sessions."""
+
+    def __init__(self, store: SessionStore, cache: SessionCache, keys: Keys, cluster: str,
+                 member: str, settings: Settings, metrics: StatesyncMetrics):
+        self.store = store
+        self.cache = cache
+        self.keys = keys
+        self.cluster = cluster
+        self.member = member
+        self.settings = settings
+        self.metrics = metrics
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._observed: dict[str, tuple[int, float]] = {}
+        self._local: dict[str, _Local] = {}
+        self._local_versions = 0
+        self.takeovers = 0
+        self.conflicts = 0
+
+    def key(self, session_id: str) -> bytes:
+        return self.keys.session(self.cluster, session_id).encode()
+
+    # -- per-session serialization ------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
+        """One write at a time per session on this member (its order is the app's)."""
+        lock, users = self._locks.get(session_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[session_id]
+            if users <= 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
+
+    def _observe(self, session_id: str, revision: int) -> None:
+        self._observed[session_id] = (revision, time.monotonic())
+
+    def prune_observed(self) -> int:
+        """Forget observations older than any session can live (called periodically)."""
+        horizon = time.monotonic() - (self.settings.ttl + self.store.leases.bucket) * 1.5
+        stale = [s for s, (_, at) in self._observed.items() if at < horizon]
+        for session_id in stale:
+            del self._observed[session_id]
+        return len(stale)
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> Stored:
+        local = self._local.get(session_id)
+        if local is not None:
+            self.metrics.reads.labels("local", "ok").inc()
+            return Stored(session_id, local.record, f"L{local.version}", source="local")
+        stored = await self._read(session_id)
+        self._observe(session_id, int(stored.etag))
+        return stored
+
+    async def _read(self, session_id: str) -> Stored:
+        """The current state, proven current against etcd (linearizable)."""
+        key = self.key(session_id)
+        entry = self.cache.get(session_id)
+        try:
+            if entry is not None:
+                revision = await self.store.check(key)
+                if revision == entry.revision:
+                    self.metrics.reads.labels("cache", "ok").inc()
+                    return Stored(session_id, entry.record, str(revision), source="cache")
+                if revision == 0:
+                    self.metrics.reads.labels("cache", "not_found").inc()
+                    raise NotFound(f"no session {session_id!r}")
+            state = await self.store.fetch(key)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"etcd unavailable: {exc}") from None
+        if state.revision == 0 or state.value is None:
+            self.metrics.reads.labels("etcd", "not_found").inc()
+            raise NotFound(f"no session {session_id!r}")
+        record = SessionRecord.decode(state.value)
+        self.cache.write_through(session_id, state.revision, record)
+        self.metrics.reads.labels("etcd", "ok").inc()
+        return Stored(session_id, record, str(state.revision), source="etcd")
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def put(self, session_id: str, data: bytes, content_type: str,
+                  if_match: str | None = None, traceparent: str | None = None) -> Stored:
+        self._check_size(data)
+        async with self._exclusive(session_id):
+            now = time.time()
+            if self.settings.sync_delay > 0 and self._keep_local(session_id, now):
+                return self._put_local(session_id, data, content_type, if_match, now,
+                                       traceparent)
+            entry = self.cache.get(session_id)
+            prior = entry.record if entry is not None else None
+
+            def make(prior: SessionRecord | None) -> bytes:
+                return SessionRecord(self.member, content_type,
+                                     prior.created if prior else now, time.time(), data,
+                                     traceparent).encode()
+
+            return await self._write("put", session_id, if_match, make,
+                                     entry.revision if entry else 0, prior)
+
+    async def patch(self, session_id: str, patch: Any, if_match: str | None = None,
+                    traceparent: str | None = None) -> Stored:
+        """RFC 7386 JSON merge patch of a JSON session."""
+        async with self._exclusive(session_id):
+            local = self._local.get(session_id)
+            if local is not None:
+                merged = self._merged(session_id, local.record, patch)
+                return self._put_local(session_id, merged, JSON_TYPE, if_match, time.time(),
+                                       traceparent)
+            current = await self._read(session_id)
+
+            def make(prior: SessionRecord | None) -> bytes:
+                if prior is None:
+                    raise NotFound(f"no session {session_id!r}")
+                return SessionRecord(self.member, JSON_TYPE, prior.created, time.time(),
+                                     self._merged(session_id, prior, patch),
+                                     traceparent).encode()
+
+            return await self._write("patch", session_id, if_match, make,
+                                     int(current.etag), current.record)
+
+    async def delete(self, session_id: str, if_match: str | None = None) -> None:
+        async with self._exclusive(session_id):
+            if self._local.pop(session_id, None) is not None:
+                self.metrics.writes.labels("delete", "ok").inc()
+                return
+            entry = self.cache.get(session_id)
+            await self._write("delete", session_id, if_match, None,
+                              entry.revision if entry else 0,
+                              entry.record if entry else None)
+            self._observed.pop(session_id, None)
+
+    def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
+        if not is_json(record.content_type):
+            raise Conflict(f"session {session_id!r} holds {record.content_type}, not JSON: "
+                           "it cannot be merge-patched")
+        try:
+            merged = json_merge_patch.merge(json.loads(record.data), patch)
+        except ValueError as exc:
+            raise Conflict(f"session {session_id!r} holds invalid JSON: {exc}") from None
+        data = json.dumps(merged, separators=(",", ":")).encode()
+        self._check_size(data)
+        return data
+
+    async def _write(self, op: str, session_id: str, if_match: str | None,
+                     make: Any, cached_revision: int,
+                     prior: SessionRecord | None) -> Stored:
+        """The compare-and-write loop shared by put, patch and delete."""
+        key = self.key(session_id)
+        observed = self._observed.get(session_id)
+        if if_match is not None:
+            mode = "if-match"
+            tag = parse_etag(if_match)
+            expected = cached_revision if tag == "*" else _revision(tag)
+            if tag == "*" and expected == 0:
+                expected = await self._check(key)
+                if expected == 0:
+                    raise PreconditionFailed(f"session {session_id!r} does not exist",
+                                             current=None)
+        elif observed is not None:
+            mode, expected = "owner", observed[0]
+        else:
+            mode, expected = "blind", cached_revision
+        if op == "delete" and expected == 0 and mode != "if-match":
+            expected = await self._check(key)
+            if expected == 0:
+                raise NotFound(f"no session {session_id!r}")
+
+        for _ in range(_BLIND_RETRIES):
+            value = make(prior) if make is not None else None
+            try:
+                if value is None:
+                    result = await self.store.delete(key, expected)
+                else:
+                    result = await self.store.put(key, value, expected)
+            except StoreUnavailable as exc:
+                self.metrics.writes.labels(op, "unavailable").inc()
+                raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
+            if result.ok:
+                return self._acknowledged(op, session_id, result, value, expected, prior)
+            current = result.current or KeyState(0)
+            current_record = SessionRecord.decode(current.value) if current.value else None
+            if mode == "if-match":
+                self.metrics.writes.labels(op, "precondition_failed").inc()
+                raise PreconditionFailed(
+                    f"session {session_id!r} is at revision {current.revision or 'none'}, "
+                    f"not {if_match}", current=current.revision or None)
+            if current.revision == 0 and op == "delete":
+                self.metrics.writes.labels(op, "not_found").inc()
+                raise NotFound(f"no session {session_id!r}")
+            if (mode == "owner" and current_record is not None
+                    and current_record.owner != self.member):
+                self.conflicts += 1
+                self.metrics.conflicts.inc()
+                self.metrics.writes.labels(op, "conflict").inc()
+                self.cache.write_through(session_id, current.revision, current_record)
+                raise Conflict(
+                    f"session {session_id!r} was written by member {current_record.owner!r} "
+                    f"(revision {current.revision}) after this member last saw it "
+                    f"(revision {expected}): ownership lost",
+                    owner=current_record.owner, revision=current.revision)
+            if op == "patch" and current_record is None:
+                raise NotFound(f"no session {session_id!r}")
+            # New to this member, expired meanwhile, or our own unconfirmed write:
+            # write against what is there now.
+            expected, prior = current.revision, current_record
+        self.metrics.writes.labels(op, "conflict").inc()
+        raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
+                       "read it and try again")
+
+    def _acknowledged(self, op: str, session_id: str, result: WriteResult,
+                      value: bytes | None, expected: int,
+                      prior: SessionRecord | None) -> Stored:
+        self.metrics.writes.labels(op, "ok").inc()
+        record = SessionRecord.decode(value) if value is not None else None
+        self.cache.write_through(session_id, result.revision, record)
+        if record is None:
+            return Stored(session_id, prior or _GONE, str(result.revision))
+        self._observe(session_id, result.revision)
+        previous_owner = prior.owner if prior is not None else None
+        stored = Stored(session_id, record, str(result.revision), created=expected == 0,
+                        previous_owner=previous_owner)
+        if stored.takeover:
+            self.takeovers += 1
+            self.metrics.takeovers.inc()
+            log.info("took over session %s from member %s", session_id, previous_owner)
+        return stored
+
+    async def _check(self, key: bytes) -> int:
+        try:
+            return await self.store.check(key)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"etcd unavailable: {exc}") from None
+
+    def _check_size(self, data: bytes) -> None:
+        if len(data) > self.settings.max_bytes:
+            raise TooLarge(f"session state is {len(data)} bytes; the limit is "
+                           f"{self.settings.max_bytes}", limit=self.settings.max_bytes)
+
+    # -- delayed sync ---------------------------------------------------------------------
+
+    def _keep_local(self, session_id: str, now: float) -> bool:
+        """Young sessions stay here; a session etcd already has is never demoted."""
+        local = self._local.get(session_id)
+        if local is not None:
+            return now - local.record.created < self.settings.sync_delay
+        return self.cache.get(session_id) is None and session_id not in self._observed
+
+    def _put_local(self, session_id: str, data: bytes, content_type: str,
+                   if_match: str | None, now: float, traceparent: str | None) -> Stored:
+        local = self._local.get(session_id)
+        if if_match is not None:
+            tag = parse_etag(if_match)
+            current = f"L{local.version}" if local else None
+            if not (tag == "*" and local) and tag != current:
+                raise PreconditionFailed(f"session {session_id!r} is at "
+                                         f"{current or 'nothing'}, not {if_match}")
+        self._local_versions += 1
+        record = SessionRecord(self.member, content_type, local.record.created if local else now,
+                               now, data, traceparent)
+        self._local[session_id] = _Local(record, self._local_versions)
+        self.metrics.writes.labels("put", "local").inc()
+        self.metrics.local.set(len(self._local))
+        return Stored(session_id, record, f"L{self._local_versions}", created=local is None,
+                      source="local")
+
+    async def flush_due(self) -> int:
+        """Replicate local sessions that reached ``sync_delay``; returns how many."""
+        now = time.time()
+        due = [s for s, local in self._local.items()
+               if now - local.record.created >= self.settings.sync_delay]
+        flushed = 0
+        for session_id in due:
+            async with self._exclusive(session_id):
+                local = self._local.get(session_id)
+                if local is None:
+                    continue
+                record = local.record
+                try:
+                    await self._write("put", session_id, None, lambda _p, r=record: r.encode(),
+                                      0, None)
+                except SessionError as exc:
+                    log.warning("delayed sync of session %s failed: %s", session_id, exc)
+                    continue
+                del self._local[session_id]
+                flushed += 1
+        self.metrics.local.set(len(self._local))
+        return flushed
+
+    @property
+    def local_sessions(self) -> int:
+        return len(self._local)
+
+
+_GONE = SessionRecord("", "", 0.0, 0.0, b"")
+
+
+def _revision(tag: str) -> int:
+    try:
+        revision = int(tag)
+    except ValueError:
+        raise BadRequest(f"If-Match must carry an etcd revision such as \"42\", got {tag!r}") \
+            from None
+    if revision <= 0:
+        raise BadRequest(f"If-Match revision must be positive, got {revision}")
+    return revision

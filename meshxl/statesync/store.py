@@ -1,0 +1,276 @@
+"""Sessions in etcd: revision-compared writes, batched; linearizable reads; shared leases.
+
+Writes
+    Every write is a small transaction of its own: *if the key's mod_revision is still
+    what the writer expects, put (or delete); otherwise return the key as it is now*.
+    Under load, waiting writes are sent together as nested transactions inside one
+    etcd transaction (etcd >= 3.3): one round trip and one raft entry for the batch,
+    while each write still succeeds or fails on its own compare. A write is
+    acknowledged only from etcd's answer, so an acknowledged write is committed.
+
+Reads
+    ``check`` is a linearizable, keys-only range: the key's current mod_revision, no
+    value. Concurrent checks share one transaction. With it a sidecar proves its
+    watch-fed cache current for a session before serving it (etcd's own ReadIndex idea,
+    per key).
+
+TTL
+    Sessions expire through leases shared by time bucket: each bucket of ``ttl / 10``
+    has one lease of ``ttl + bucket`` seconds, attached to every write in that bucket.
+    A session thus lives between ``ttl`` and ``ttl + bucket`` after its last write,
+    with a handful of leases instead of one per session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+from aetcd import rpc
+
+log = logging.getLogger(__name__)
+
+# etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
+# requests above 1.5 MiB (--max-request-bytes).
+MAX_TXN_OPS = 128
+MAX_REQUEST_BYTES = 1_400_000
+
+
+class StoreUnavailable(Exception):
+    """etcd did not answer: the write was not acknowledged (it may or may not apply)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyState:
+    """A key as etcd has it now: ``revision`` 0 means it does not exist."""
+
+    revision: int
+    value: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    ok: bool
+    revision: int
+    """Commit revision (the key's new mod_revision) when ok."""
+    current: KeyState | None = None
+    """When not ok: the key as it is, so the caller can tell 409 from 412."""
+
+
+@dataclass(slots=True)
+class _Op:
+    request: rpc.RequestOp
+    size: int
+    parse: Callable[[Any, int], Any]
+    future: asyncio.Future[Any]
+    queued: float = field(default_factory=time.perf_counter)
+
+
+def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, keys_only=keys_only))
+
+
+def _key_state(response: Any) -> KeyState:
+    kvs = response.response_range.kvs
+    if not kvs:
+        return KeyState(0)
+    return KeyState(kvs[0].mod_revision, kvs[0].value or None)
+
+
+class _Batcher:
+    """Queue of transaction ops sent as few etcd transactions as the load allows.
+
+    An op waits only while ``max_inflight`` transactions are already out; whatever
+    queued meanwhile (up to the op and byte bounds) leaves in the next one, so the
+    delay a batch adds is bounded by one etcd round trip.
+    """
+
+    def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
+                 max_inflight: int, timeout: float,
+                 on_batch: Callable[[str, int, float], None] | None = None):
+        self._client = client
+        self.name = name
+        self._max_ops = min(max_ops, MAX_TXN_OPS)
+        self._max_bytes = min(max_bytes, MAX_REQUEST_BYTES)
+        self._max_inflight = max_inflight
+        self._timeout = timeout
+        self._queue: deque[_Op] = deque()
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_batch = on_batch
+
+    async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int], Any],
+                     size: int = 64) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Op(request, size, parse, future))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        while self._queue and self._inflight < self._max_inflight:
+            batch = [self._queue.popleft()]
+            size = batch[0].size
+            while (self._queue and len(batch) < self._max_ops
+                   and size + self._queue[0].size <= self._max_bytes):
+                op = self._queue.popleft()
+                size += op.size
+                batch.append(op)
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Op]) -> None:
+        started = time.perf_counter()
+        try:
+            request = rpc.TxnRequest(success=[op.request for op in batch])
+            try:
+                response = await self._client.kvstub.Txn(
+                    request, timeout=self._timeout, metadata=self._client.metadata)
+            except rpc.AioRpcError as exc:
+                error = StoreUnavailable(f"etcd {exc.code().name}: {exc.details()}")
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(error)
+                return
+            revision = response.header.revision
+            for op, result in zip(batch, response.responses, strict=True):
+                if not op.future.done():
+                    try:
+                        op.future.set_result(op.parse(result, revision))
+                    except Exception as exc:  # a parse bug must not strand the others
+                        op.future.set_exception(exc)
+            if self._on_batch is not None:
+                self._on_batch(self.name, len(batch), time.perf_counter() - started)
+        finally:
+            self._inflight -= 1
+            self._kick()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue:
+            op = self._queue.popleft()
+            if not op.future.done():
+                op.future.set_exception(StoreUnavailable("the store is closing"))
+
+
+class _Leases:
+    """One lease per time bucket, granted on first use, shared by all writes in it."""
+
+    def __init__(self, client: aetcd.Client, ttl: float):
+        self._client = client
+        self.ttl = ttl
+        self.bucket = max(1.0, ttl / 10)
+        self._leases: dict[int, int] = {}
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> int:
+        bucket = int(time.time() // self.bucket)
+        lease = self._leases.get(bucket)
+        if lease is not None:
+            return lease
+        async with self._lock:
+            lease = self._leases.get(bucket)
+            if lease is None:
+                granted = await self._client.lease(math.ceil(self.ttl + self.bucket))
+                lease = self._leases[bucket] = granted.id
+                for old in [b for b in self._leases if b < bucket - 1]:
+                    del self._leases[old]
+            return lease
+
+    def forget(self) -> None:
+        """After etcd refused a lease (revoked, or etcd lost it): grant anew."""
+        self._leases.clear()
+
+
+class SessionStore:
+    """One cluster's sessions in etcd, for one member's sidecar."""
+
+    def __init__(self, client: aetcd.Client, *, ttl: float, max_batch_ops: int = 64,
+                 max_batch_bytes: int = 1_000_000, max_inflight: int = 2,
+                 timeout: float = 5.0,
+                 on_batch: Callable[[str, int, float], None] | None = None):
+        self._client = client
+        self.leases = _Leases(client, ttl)
+        self._writes = _Batcher(client, "write", max_ops=max_batch_ops,
+                                max_bytes=max_batch_bytes, max_inflight=max_inflight,
+                                timeout=timeout, on_batch=on_batch)
+        self._reads = _Batcher(client, "read", max_ops=MAX_TXN_OPS, max_bytes=MAX_REQUEST_BYTES,
+                               max_inflight=max_inflight, timeout=timeout, on_batch=on_batch)
+
+    async def close(self) -> None:
+        await self._writes.close()
+        await self._reads.close()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def check(self, key: bytes) -> int:
+        """The key's current mod_revision (0: absent), linearizable, without its value."""
+        state: KeyState = await self._reads.submit(
+            _range(key, keys_only=True), lambda r, _rev: _key_state(r), len(key) + 16)
+        return state.revision
+
+    async def fetch(self, key: bytes) -> KeyState:
+        """The key with its value, linearizable."""
+        state: KeyState = await self._reads.submit(
+            _range(key, keys_only=False), lambda r, _rev: _key_state(r), len(key) + 16)
+        return state
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
+        """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
+
+        async def op() -> rpc.RequestOp:
+            lease = await self.leases.current()
+            return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+
+        return await self._write(key, expected, op, len(key) + len(value) + 64)
+
+    async def delete(self, key: bytes, expected: int) -> WriteResult:
+        """Delete if the key's mod_revision is ``expected``."""
+
+        async def op() -> rpc.RequestOp:
+            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+
+        return await self._write(key, expected, op, len(key) + 64)
+
+    async def _write(self, key: bytes, expected: int,
+                     make_op: Callable[[], Any], size: int) -> WriteResult:
+        for attempt in (1, 2):
+            op = await make_op()
+            try:
+                result: WriteResult = await self._writes.submit(
+                    self._guarded(key, expected, op), _write_result, size)
+                return result
+            except StoreUnavailable as exc:
+                if attempt == 1 and "lease not found" in str(exc):
+                    # etcd refused the whole batch for one lost lease: nothing applied.
+                    log.warning("a session lease is gone; granting a new one and retrying")
+                    self.leases.forget()
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _guarded(key: bytes, expected: int, op: rpc.RequestOp) -> rpc.RequestOp:
+        compare = rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                              mod_revision=expected)
+        return rpc.RequestOp(request_txn=rpc.TxnRequest(
+            compare=[compare], success=[op], failure=[_range(key, keys_only=False)]))
+
+
+def _write_result(response: Any, revision: int) -> WriteResult:
+    txn = response.response_txn
+    if txn.succeeded:
+        return WriteResult(True, revision)
+    return WriteResult(False, 0, _key_state(txn.responses[0]))
