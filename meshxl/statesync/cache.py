@@ -164,6 +164,8 @@ class SessionCache:
     def _apply(self, event: aetcd.rtypes.Event) -> None:
         kv = event.kv
         revision = kv.mod_revision
+        if revision < self.applied:  # a replay: the cache already went past it
+            return
         session_id = kv.key[len(self._prefix):].decode()
         entry = self.entries.get(session_id)
         if event.kind == "PUT":

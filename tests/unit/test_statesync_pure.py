@@ -1,0 +1,135 @@
+"""statesync's pure parts: the record codec, ETags, config checks, and the cache's
+ordering rules (fed real aetcd event objects, no etcd)."""
+
+from __future__ import annotations
+
+import pytest
+from aetcd import rpc
+from aetcd.rtypes import Event
+
+from meshxl.statesync.app import StatesyncConfig
+from meshxl.statesync.cache import SessionCache, _prefix_end
+from meshxl.statesync.record import SessionRecord, is_json, valid_session_id
+from meshxl.statesync.sessions import BadRequest, parse_etag
+
+PREFIX = "/meshxl/v1/sessions/c/"
+
+
+def record(owner: str = "a", data: bytes = b'{"n":1}') -> SessionRecord:
+    return SessionRecord(owner, "application/json", 1.0, 2.0, data, None)
+
+
+def test_record_round_trips_any_bytes_including_newlines() -> None:
+    original = SessionRecord("member-a", "application/octet-stream", 1.5, 2.5,
+                             b"\x00line1\nline2\n\xff", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    assert SessionRecord.decode(original.encode()) == original
+
+
+@pytest.mark.parametrize("raw", [b"no header", b"{not json}\nx", b'{"owner":"a"}\nx',
+                                 b"\n", b"[1]\nx"])
+def test_record_decode_names_the_problem(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="session record"):
+        SessionRecord.decode(raw)
+
+
+@pytest.mark.parametrize("session_id,ok", [
+    ("abc-123_X.~", True), ("a" * 200, True), ("a" * 201, False), ("", False),
+    ("a/b", False), ("a b", False), ("..", False), (".", False), ("é", False),
+])
+def test_session_ids(session_id: str, ok: bool) -> None:
+    assert valid_session_id(session_id) is ok
+
+
+@pytest.mark.parametrize("content_type,ok", [
+    ("application/json", True), ("application/json; charset=utf-8", True),
+    ("application/merge-patch+json", True), ("text/plain", False),
+    ("application/octet-stream", False),
+])
+def test_is_json(content_type: str, ok: bool) -> None:
+    assert is_json(content_type) is ok
+
+
+@pytest.mark.parametrize("value,tag", [('"12"', "12"), ("12", "12"), ('W/"12"', "12"),
+                                       ("*", "*"), (' "L3" ', "L3")])
+def test_parse_etag(value: str, tag: str) -> None:
+    assert parse_etag(value) == tag
+
+
+@pytest.mark.parametrize("value", ['"1", "2"', '""', '"a"b"', ""])
+def test_parse_etag_rejects(value: str) -> None:
+    with pytest.raises(BadRequest, match="If-Match"):
+        parse_etag(value)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"app": "nohost"}, "HOST:PORT"), ({"listen": "127.0.0.1:99999"}, "port"),
+    ({"etcd": "https://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "TTL"),
+    ({"sync_delay": -1}, "delay"), ({"max_bytes": 2_000_000}, "size"),
+])
+def test_config_rejects_bad_values(change: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"cluster": "c", "member": "a", "app": "127.0.0.1:8080",
+                               "etcd": "http://127.0.0.1:2379"}
+    with pytest.raises(ValueError, match=message):
+        StatesyncConfig(**{**base, **change})  # type: ignore[arg-type]
+
+
+def event(kind: str, session: str, revision: int, value: bytes = b"") -> Event:
+    kv = rpc.KeyValue(key=(PREFIX + session).encode(), value=value, mod_revision=revision)
+    return Event(rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE, kv)
+
+
+def cache() -> SessionCache:
+    return SessionCache(None, PREFIX)  # type: ignore[arg-type]  # never touches etcd here
+
+
+def test_events_apply_in_order_and_never_twice() -> None:
+    c = cache()
+    c._apply(event("PUT", "s", 5, record("a", b"1").encode()))
+    c._apply(event("PUT", "s", 5, record("a", b"1").encode()))  # a resumed watch repeats
+    c._apply(event("PUT", "s", 4, record("x", b"old").encode()))  # older: ignored
+    entry = c.get("s")
+    assert entry is not None and (entry.revision, entry.record.data) == (5, b"1")
+    c._apply(event("DELETE", "s", 6))
+    assert c.get("s") is None and c.applied == 6
+    c._apply(event("PUT", "s", 5, record("a", b"1").encode()))  # stale replay after delete
+    assert c.get("s") is None  # the cache never goes back
+
+
+def test_many_keys_in_one_revision_all_apply() -> None:
+    """A batched transaction writes many sessions at one revision."""
+    c = cache()
+    for name in ("a", "b", "c"):
+        c._apply(event("PUT", name, 9, record(name).encode()))
+    assert sorted(c.ids()) == ["a", "b", "c"] and c.applied == 9
+
+
+def test_write_through_defers_to_a_watch_that_went_further() -> None:
+    c = cache()
+    c.write_through("s", 10, record("a", b"mine"))
+    assert c.get("s") is not None and c.get("s").revision == 10  # type: ignore[union-attr]
+    c._apply(event("PUT", "s", 10, record("a", b"mine").encode()))
+    c._apply(event("DELETE", "s", 11))
+    c.write_through("s", 10, record("a", b"mine"))  # a late acknowledgement
+    assert c.get("s") is None
+    c.write_through("t", 12, record("b", b"x"))
+    c.write_through("t", 12, None)  # not newer than what is there: ignored
+    assert c.get("t") is not None
+
+
+def test_bad_records_are_counted_not_applied() -> None:
+    c = cache()
+    c._apply(event("PUT", "s", 3, b"garbage"))
+    assert c.get("s") is None and c.bad_records == 1 and c.applied == 3
+
+
+def test_owned_by_counts_owners() -> None:
+    c = cache()
+    c._apply(event("PUT", "x", 1, record("a").encode()))
+    c._apply(event("PUT", "y", 2, record("b").encode()))
+    c._apply(event("PUT", "z", 3, record("a").encode()))
+    assert (c.owned_by("a"), c.owned_by("b"), len(c)) == (2, 1, 3)
+
+
+@pytest.mark.parametrize("prefix,end", [(b"/a/", b"/a0"), (b"a\xff", b"b"), (b"\xff", b"\0")])
+def test_prefix_end(prefix: bytes, end: bytes) -> None:
+    assert _prefix_end(prefix) == end
