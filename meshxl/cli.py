@@ -256,12 +256,14 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                                       "within about this long.")
 @click.option("--batch-max-ops", type=click.IntRange(1, 128), default=64, show_default=True,
               help="Writes per etcd transaction at most.")
+@click.option("--max-inflight", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="etcd transactions in flight at once; writes arriving meanwhile batch.")
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
                     weight: int | None, listen: str, etcd_urls: str, etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
-                    log_level: str) -> None:
+                    max_inflight: int, log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
@@ -272,7 +274,8 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
                                  etcd=etcd_urls, listen=listen, site=site, weight=weight,
                                  etcd_root=etcd_root, session_ttl=session_ttl,
                                  sync_delay=sync_delay, max_bytes=max_session_bytes,
-                                 lease_ttl=lease_ttl, batch_max_ops=batch_max_ops)
+                                 lease_ttl=lease_ttl, batch_max_ops=batch_max_ops,
+                                 max_inflight=max_inflight)
     except ValueError as exc:
         _fail(str(exc))
     _run(lambda: serve_sidecar(config))

@@ -67,6 +67,9 @@ def client(urls: str | list[tuple[str, int]], *, timeout: float | None = 5.0) ->
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": 1000,
+        # A page of sessions (each up to ~1 MiB) or a watch response can pass gRPC's
+        # 4 MiB default; readers also shrink their pages when a response is too large.
+        "grpc.max_receive_message_length": 32 * 1024 * 1024,
     }
     if len(endpoints) == 1:
         host, port = endpoints[0]

@@ -123,3 +123,18 @@ def control_plane_process(harness: Harness) -> Any:
         return _controlplane.ControlPlaneProcess(harness, **options)
 
     return make
+
+
+@pytest.fixture
+def start_sidecar(harness: Harness) -> Any:
+    """``await start_sidecar(cluster=..., member=..., etcd=url, app_port=..., **cli_options)``
+    -> a started (ready, unless ``wait_ready=False``) ``meshxl serve statesync`` process."""
+    from tests.harness.sidecar import SidecarProcess
+
+    async def start(*, cluster: str, member: str, etcd: str, app_port: int,
+                    wait_ready: bool = True, **cli_options: Any) -> SidecarProcess:
+        sidecar = SidecarProcess(harness, cluster=cluster, member=member, etcd=etcd,
+                                 app_port=app_port, **cli_options)
+        return await sidecar.start(wait_ready=wait_ready)
+
+    return start

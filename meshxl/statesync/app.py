@@ -56,7 +56,7 @@ class StatesyncConfig:
     """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
     batch_max_ops: int = 64
     batch_max_bytes: int = 1_000_000
-    max_inflight: int = 2
+    max_inflight: int = 4
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:

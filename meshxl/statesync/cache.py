@@ -113,19 +113,27 @@ class SessionCache:
                 backoff = 0.05
 
     async def _full_sync(self) -> None:
-        """Read every session at one revision, page by page."""
+        """Read every session at one revision, page by page.
+
+        etcd pages by count, not bytes: a page too large for one gRPC message is read
+        again in smaller pages (down to one session, which always fits).
+        """
         end = _prefix_end(self._prefix)
         entries: dict[str, Entry] = {}
-        key, revision = self._prefix, 0
+        key, revision, page = self._prefix, 0, self._page_size
         while True:
-            request = rpc.RangeRequest(key=key, range_end=end, limit=self._page_size,
-                                       revision=revision)
+            request = rpc.RangeRequest(key=key, range_end=end, limit=page, revision=revision)
             try:
                 response = await self._client.kvstub.Range(
                     request, timeout=30, metadata=self._client.metadata)
             except rpc.AioRpcError as exc:
                 if exc.code() == rpc.StatusCode.OUT_OF_RANGE:  # our revision got compacted
                     raise RevisionCompactedError(revision) from None
+                if exc.code() == rpc.StatusCode.RESOURCE_EXHAUSTED and page > 1:
+                    page = max(1, page // 8)
+                    log.info("session page too large for one message; reading %d at a time",
+                             page)
+                    continue
                 raise
             if revision == 0:
                 revision = response.header.revision

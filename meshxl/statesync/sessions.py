@@ -6,7 +6,9 @@ Fencing is by revision, not by locks (locks alone are not safe; etcd is the judg
 * the revision compared is ``If-Match`` when the app sends one (412 on mismatch);
   otherwise the revision this member last *observed* for the session (its last read
   or write of it), so a member that lost the session to another one, for example
-  after a pause or a partition, gets 409 however fresh its cache has become since;
+  after a pause or a partition, gets 409 however fresh its cache has become since
+  (unless the session is gone meanwhile, deleted or expired: a write then creates it
+  anew, as any member's would);
 * a member that never touched the session (a takeover, or a new session) writes
   against the newest revision it can learn, and takes ownership;
 * every read first asks etcd, linearizably and without the value, for the session's
@@ -278,14 +280,14 @@ class Sessions:
         key = self.key(session_id)
         observed = self._observed.get(session_id)
         if if_match is not None:
-            mode = "if-match"
             tag = parse_etag(if_match)
-            expected = cached_revision if tag == "*" else _revision(tag)
-            if tag == "*" and expected == 0:
-                expected = await self._check(key)
+            if tag == "*":  # "exists now": asked of etcd, never of a cache that may lag
+                mode, expected = "if-exists", await self._check(key)
                 if expected == 0:
                     raise PreconditionFailed(f"session {session_id!r} does not exist",
                                              current=None)
+            else:
+                mode, expected = "if-match", _revision(tag)
         elif observed is not None:
             mode, expected = "owner", observed[0]
         else:
@@ -309,7 +311,7 @@ class Sessions:
                 return self._acknowledged(op, session_id, result, value, expected, prior)
             current = result.current or KeyState(0)
             current_record = SessionRecord.decode(current.value) if current.value else None
-            if mode == "if-match":
+            if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
                 self.metrics.writes.labels(op, "precondition_failed").inc()
                 raise PreconditionFailed(
                     f"session {session_id!r} is at revision {current.revision or 'none'}, "

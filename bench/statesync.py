@@ -1,0 +1,625 @@
+"""statesync sidecar: write throughput and replication lag, each beside raw etcd.
+
+Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
+
+1. Write throughput at equal concurrency (64 writers, ~1 KiB JSON values, each writer
+   overwriting its own key/session, fixed duration and a cap on the count): (a) raw
+   aetcd puts straight to etcd; (b) through one sidecar over HTTP with batching on
+   (``--batch-max-ops 64``); (c) a second sidecar with ``--batch-max-ops 1`` (off).
+   The load generator is a separate process (this script with ``--client``), so it does
+   not share an event loop or a GIL with the sidecar; it does share the machine's
+   cores with etcd and the sidecar (no pinning). CPU seconds of client, sidecar and
+   etcd over the measured window are reported so the split is visible. Modes are run
+   in rotating order, several rounds; the median round is reported.
+2. Replication lag: sidecars A and B of one cluster on one etcd. Sequential writes on
+   A; for each, the time from A's acknowledgement (HTTP 200/201 with ``ETag``) until
+   B's cache has applied that revision, found by polling B's ``/v1/status`` (its
+   ``revision``) in a tight bounded loop. A poll answers after B applied the revision,
+   so each sample is an upper bound, at most one status round trip late (the round
+   trip is reported). Interleaved with it, in the same rounds: a put with aetcd on a
+   prefix watched by this process, from the put's acknowledgement to the watch event.
+   As a cross-check without polling: B's own ``meshxl_statesync_replication_lag_seconds``
+   histogram (from A's write timestamp, taken before A's etcd transaction, to B's
+   apply) beside raw "put sent -> watch event".
+
+Prints a table and writes ``bench/results/statesync.json``. Loopback only; every loop
+is bounded in count and time; all processes are stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from meshxl import etcd
+from meshxl.demo.local import HOST, LocalProcess, LocalStack, free_ports, wait_http
+
+SCRIPT = Path(__file__).resolve()
+RESULTS = SCRIPT.parent / "results" / "statesync.json"
+CONCURRENCY = 64
+VALUE_BYTES = 1024
+TARGET_UNBATCHED = 0.7
+TARGET_BATCHED = 1.0
+TARGET_LAG_RATIO = 2.0
+SETUP_TIMEOUT = 30.0
+LAG_TIMEOUT = 2.0
+CLIENT_GRACE = 30.0
+MODES = (("raw", "raw aetcd put -> etcd"),
+         ("batched", "sidecar HTTP, --batch-max-ops 64"),
+         ("unbatched", "sidecar HTTP, --batch-max-ops 1"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _value(tag: str) -> bytes:
+    """A ~1 KiB JSON document (a shopping-cart-like session)."""
+    doc: dict[str, Any] = {"tag": tag, "user": "u-0001", "cart": [], "pad": ""}
+    base = len(json.dumps(doc).encode())
+    doc["pad"] = "x" * (VALUE_BYTES - base)
+    return json.dumps(doc).encode()
+
+
+def _pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"n": 0}
+    out = {"n": len(samples), "min": min(samples) * 1000, "p50": _pct(samples, 0.5) * 1000,
+           "p99": _pct(samples, 0.99) * 1000, "max": max(samples) * 1000}
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (and its reaped children), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _histograms(text: str, name: str) -> dict[str, dict[str, Any]]:
+    """Histogram ``name`` from Prometheus text, by its label values (joined)."""
+    out: dict[str, dict[str, Any]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            labels = {k: v for k, v in sample.labels.items() if k != "le"}
+            key = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            h = out.setdefault(key, {"buckets": {}, "sum": 0.0, "count": 0.0})
+            if sample.name.endswith("_bucket"):
+                h["buckets"][float(sample.labels["le"])] = sample.value
+            elif sample.name.endswith("_sum"):
+                h["sum"] = sample.value
+            elif sample.name.endswith("_count"):
+                h["count"] = sample.value
+    return out
+
+
+def _hist_delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[str, Any]:
+    after = after or {"buckets": {}, "sum": 0.0, "count": 0.0}
+    before = before or {"buckets": {}, "sum": 0.0, "count": 0.0}
+    return {"buckets": {le: v - before["buckets"].get(le, 0.0)
+                        for le, v in after["buckets"].items()},
+            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"]}
+
+
+def _hist_quantile(h: dict[str, Any], q: float) -> float | None:
+    """Prometheus' histogram_quantile: linear within the bucket."""
+    if not h["count"]:
+        return None
+    rank = q * h["count"]
+    lower, below = 0.0, 0.0
+    for le, cum in sorted(h["buckets"].items()):
+        if cum >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * ((rank - below) / max(cum - below, 1e-12))
+        lower, below = le, cum
+    return lower
+
+
+async def _metrics(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(f"{base}/metrics") as resp:
+        return await resp.text()
+
+
+# -- the load generator (a separate process: ``--client JSON``) ------------------------
+
+
+async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``concurrency`` tasks each overwrite their own key until the duration or count
+    is reached; a short warm-up (each task writes ``warmup`` times) is not counted."""
+    conc, prefix = int(cfg["concurrency"]), str(cfg["prefix"])
+    value = _value(prefix)
+    client: Any = None
+    http: aiohttp.ClientSession | None = None
+    base = str(cfg["target"])
+    if cfg["mode"] == "raw":
+        client = etcd.client(base)
+        await client.connect()
+
+        async def write(task: int) -> None:
+            await client.put(f"{prefix}{task:04d}".encode(), value)
+    else:
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=conc + 4),
+            timeout=aiohttp.ClientTimeout(total=10.0))
+        headers = {"Content-Type": "application/json"}
+
+        async def write(task: int) -> None:
+            assert http is not None
+            async with http.put(f"{base}/v1/sessions/{prefix}{task:04d}", data=value,
+                                headers=headers) as resp:
+                await resp.read()
+                if resp.status not in (200, 201) or "ETag" not in resp.headers:
+                    raise RuntimeError(f"PUT answered {resp.status}")
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    done = 0
+    max_writes = int(cfg["max_writes"])
+
+    async def worker(task: int, end: float) -> None:
+        nonlocal done
+        while done < max_writes and time.perf_counter() < end and len(errors) < 100:
+            t = time.perf_counter()
+            try:
+                await write(task)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            latencies.append(time.perf_counter() - t)
+            done += 1
+
+    async def warm(task: int) -> None:
+        for _ in range(int(cfg["warmup"])):
+            await write(task)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(conc))), 15.0)
+        pids = [int(p) for p in cfg.get("pids", [])]
+        metrics_before = await _metrics(http, base) if http is not None else ""
+        cpu_before = [_cpu_seconds(p) for p in pids]
+        own_before = time.process_time()
+        start = time.perf_counter()
+        end = start + float(cfg["duration"])
+        await asyncio.wait_for(asyncio.gather(*(worker(t, end) for t in range(conc))),
+                               float(cfg["duration"]) + 15.0)
+        elapsed = time.perf_counter() - start
+        own = time.process_time() - own_before
+        cpu_after = [_cpu_seconds(p) for p in pids]
+        metrics_after = await _metrics(http, base) if http is not None else ""
+    finally:
+        if client is not None:
+            await client.close()
+        if http is not None:
+            await http.close()
+
+    out: dict[str, Any] = {
+        "writes": done, "seconds": round(elapsed, 4), "writes_per_s": round(done / elapsed, 1),
+        "errors": len(errors), "first_errors": errors[:3], "latency_ms": _ms(latencies),
+        "cpu_s": {"client": round(own, 3)},
+        "value_bytes": len(value),
+    }
+    for pid, b, a in zip(pids, cpu_before, cpu_after, strict=True):
+        if a is not None and b is not None:
+            out["cpu_s"][str(pid)] = round(a - b, 3)
+    if http is not None:
+        name = "meshxl_statesync_batch_size"
+        hb, ha = _histograms(metrics_before, name), _histograms(metrics_after, name)
+        name = "meshxl_statesync_batch_duration_seconds"
+        db, da = _histograms(metrics_before, name), _histograms(metrics_after, name)
+        out["batches"] = {}
+        for kind in ha:
+            d = _hist_delta(ha.get(kind), hb.get(kind))
+            t = _hist_delta(da.get(kind), db.get(kind))
+            if d["count"]:
+                out["batches"][kind] = {
+                    "transactions": int(d["count"]), "ops": int(d["sum"]),
+                    "mean_size": round(d["sum"] / d["count"], 2),
+                    "mean_txn_ms": round(t["sum"] / t["count"] * 1000, 2) if t["count"] else None}
+    return out
+
+
+def client_main(raw: str) -> int:
+    print(json.dumps(asyncio.run(_load(json.loads(raw)))))
+    return 0
+
+
+# -- 1. throughput ---------------------------------------------------------------------
+
+
+async def _run_client(cfg: dict[str, Any], running: list[asyncio.subprocess.Process]) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), "--client", json.dumps(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL)
+    running.append(proc)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(),
+                                          float(cfg["duration"]) + CLIENT_GRACE)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        running.remove(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load client ({cfg['mode']}) failed:\n{err.decode()[-3000:]}")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def bench_throughput(url: str, sidecars: dict[str, tuple[str, LocalProcess]],
+                           etcd_pid: int, rounds: int, duration: float,
+                           max_writes: int) -> dict[str, Any]:
+    running: list[asyncio.subprocess.Process] = []
+    by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in MODES}
+    try:
+        for r in range(rounds):
+            order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
+            for mode in order:
+                cfg: dict[str, Any] = {
+                    "mode": "raw" if mode == "raw" else "http",
+                    "concurrency": CONCURRENCY, "duration": duration,
+                    "max_writes": max_writes, "warmup": 2,
+                    "prefix": f"/bench-raw/r{r}-" if mode == "raw" else f"s-r{r}-",
+                    "target": url if mode == "raw" else sidecars[mode][0],
+                    "pids": [etcd_pid] + ([] if mode == "raw" else
+                                          [sidecars[mode][1].proc.pid]),  # type: ignore[union-attr]
+                }
+                res = await _run_client(cfg, running)
+                cpu = res.pop("cpu_s")
+                res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
+                if mode != "raw":
+                    pid = str(sidecars[mode][1].proc.pid)  # type: ignore[union-attr]
+                    res["cpu_s"]["sidecar"] = cpu.get(pid)
+                res["round"] = r
+                by_mode[mode].append(res)
+    finally:
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    out: dict[str, Any] = {"concurrency": CONCURRENCY, "value_bytes": VALUE_BYTES,
+                           "rounds": rounds, "duration_s": duration,
+                           "max_writes": max_writes, "modes": {}}
+    for mode, label in MODES:
+        runs = by_mode[mode]
+        ranked = sorted(runs, key=lambda x: x["writes_per_s"])
+        median = ranked[len(ranked) // 2]
+        out["modes"][mode] = {"label": label, "median_run": median,
+                              "writes_per_s": [x["writes_per_s"] for x in runs]}
+    raw = out["modes"]["raw"]["median_run"]["writes_per_s"]
+    for mode in ("batched", "unbatched"):
+        wps = out["modes"][mode]["median_run"]["writes_per_s"]
+        out[f"ratio_{mode}_vs_raw"] = round(wps / raw, 3) if raw else None
+    return out
+
+
+# -- 2. replication lag ----------------------------------------------------------------
+
+
+async def bench_lag(url: str, a: str, b: str, rounds: int) -> dict[str, Any]:
+    value = _value("lag")
+    client = etcd.client(url)
+    await client.connect()
+    watch = await client.watch_prefix(b"/bench-watch/")
+    pending: dict[bytes, asyncio.Future[float]] = {}
+
+    async def follow() -> None:
+        async for event in watch:
+            t = time.perf_counter()
+            fut = pending.pop(event.kv.key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(t)
+
+    follower = asyncio.create_task(follow())
+    side_ack: list[float] = []
+    side_first_poll: int = 0
+    polls: list[int] = []
+    status_rtt: list[float] = []
+    raw_ack: list[float] = []
+    raw_sent: list[float] = []
+    raw_event_before_ack = 0
+    timeouts = {"sidecar": 0, "raw": 0}
+    headers = {"Content-Type": "application/json"}
+    try:
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=LAG_TIMEOUT)) as http:
+            # Quiet status round trips: the polling resolution.
+            for _ in range(min(rounds, 100)):
+                t = time.perf_counter()
+                async with http.get(f"{b}/v1/status") as resp:
+                    await resp.read()
+                status_rtt.append(time.perf_counter() - t)
+            lag_before = _histograms(await _metrics(http, b),
+                                     "meshxl_statesync_replication_lag_seconds").get("")
+
+            async def sidecar_round(i: int) -> None:
+                nonlocal side_first_poll
+                async with http.put(f"{a}/v1/sessions/lag-{i:05d}", data=value,
+                                    headers=headers) as resp:
+                    await resp.read()
+                    if resp.status not in (200, 201):
+                        raise RuntimeError(f"PUT on A answered {resp.status}")
+                    revision = int(resp.headers["ETag"].strip('"'))
+                t_ack = time.perf_counter()
+                deadline = t_ack + LAG_TIMEOUT
+                n = 0
+                while time.perf_counter() < deadline:
+                    n += 1
+                    async with http.get(f"{b}/v1/status") as resp:
+                        applied = (await resp.json())["revision"]
+                    if applied >= revision:
+                        side_ack.append(time.perf_counter() - t_ack)
+                        polls.append(n)
+                        side_first_poll += n == 1
+                        return
+                timeouts["sidecar"] += 1
+
+            async def raw_round(i: int) -> None:
+                nonlocal raw_event_before_ack
+                key = f"/bench-watch/k{i:05d}".encode()
+                fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                pending[key] = fut
+                t_sent = time.perf_counter()
+                await client.put(key, value)
+                t_ack = time.perf_counter()
+                try:
+                    t_event = await asyncio.wait_for(fut, LAG_TIMEOUT)
+                except TimeoutError:
+                    timeouts["raw"] += 1
+                    pending.pop(key, None)
+                    return
+                raw_event_before_ack += t_event < t_ack
+                raw_ack.append(max(0.0, t_event - t_ack))
+                raw_sent.append(t_event - t_sent)
+
+            for i in range(rounds):
+                if i % 2 == 0:
+                    await sidecar_round(i)
+                    await raw_round(i)
+                else:
+                    await raw_round(i)
+                    await sidecar_round(i)
+            lag_after = _histograms(await _metrics(http, b),
+                                    "meshxl_statesync_replication_lag_seconds").get("")
+    finally:
+        follower.cancel()
+        with contextlib.suppress(Exception):
+            await watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await follower
+        await client.close()
+
+    hist = _hist_delta(lag_after, lag_before)
+    hist_q = {f"p{int(q * 100)}": (round(v * 1000, 3) if v is not None else None)
+              for q in (0.5, 0.99) for v in [_hist_quantile(hist, q)]}
+    # The raw samples put into the same buckets and read the same way, so the two
+    # quantiles carry the same interpolation error.
+    raw_hist = {"buckets": {le: float(sum(x <= le for x in raw_sent))
+                            for le in hist["buckets"]},
+                "sum": sum(raw_sent), "count": float(len(raw_sent))}
+    raw_q = {f"p{int(q * 100)}": (round(v * 1000, 3) if v is not None else None)
+             for q in (0.5, 0.99) for v in [_hist_quantile(raw_hist, q)]}
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "sidecar_ack_to_b_ms": _ms(side_ack),
+        "sidecar_b_seen_on_first_poll": side_first_poll,
+        "sidecar_polls_median": statistics.median(polls) if polls else None,
+        "status_round_trip_ms": _ms(status_rtt),
+        "raw_ack_to_watch_event_ms": _ms(raw_ack),
+        "raw_watch_event_before_put_ack": raw_event_before_ack,
+        "raw_put_sent_to_watch_event_ms": _ms(raw_sent),
+        "raw_put_sent_to_watch_event_bucketed_ms": raw_q,
+        "b_lag_histogram_ms": {"count": int(hist["count"]),
+                               "mean": round(hist["sum"] / hist["count"] * 1000, 3)
+                               if hist["count"] else None, **hist_q},
+        "timeouts": timeouts,
+    }
+    # The target ratio: write sent to etcd -> applied by the follower, both sides
+    # bucketed alike. (Ack-based times are no basis for a ratio: etcd's watch event
+    # usually reaches the client before the put's own answer, so raw ack -> event is ~0.)
+    for q in ("p50", "p99"):
+        hv, rv = hist_q[q], raw_q[q]
+        if hv is not None and rv is not None:
+            out[f"ratio_{q}"] = round(hv / max(rv, 1e-3), 2)
+    return out
+
+
+# -- setup, profile, report ------------------------------------------------------------
+
+
+async def _sidecar(stack: LocalStack, name: str, cluster: str, url: str, batch: int,
+                   profile_dir: Path | None = None) -> tuple[str, LocalProcess]:
+    app_port, port = free_ports(2)
+    prefix = [sys.executable]
+    if profile_dir is not None:
+        prefix += ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
+    argv = prefix + ["-m", "meshxl.cli", "serve", "statesync", "--cluster", cluster,
+                     "--member", name, "--app", f"{HOST}:{app_port}",
+                     "--listen", f"{HOST}:{port}", "--etcd", url,
+                     "--batch-max-ops", str(batch), "--log-level", "warning"]
+    if os.environ.get("MESHXL_BENCH_INFLIGHT"):  # for exploring the sidecar's setting
+        argv += ["--max-inflight", os.environ["MESHXL_BENCH_INFLIGHT"]]
+    proc = await stack.spawn(name, argv)
+    base = f"http://{HOST}:{port}"
+    await wait_http(f"{base}/readyz", proc, timeout=SETUP_TIMEOUT)
+    return base, proc
+
+
+def _profile_top(path: Path, lines: int = 18) -> str:
+    import io
+    import pstats
+
+    out = io.StringIO()
+    try:
+        pstats.Stats(str(path), stream=out).sort_stats("tottime").print_stats(lines)
+    except (OSError, TypeError, EOFError) as exc:
+        return f"(no profile: {exc})"
+    text = out.getvalue()
+    start = text.find("   ncalls")
+    return text[start:] if start >= 0 else text
+
+
+async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
+    rounds, duration, max_writes, lag_rounds = (1, 2.0, 40_000, 100) if quick else \
+        (3, 4.0, 100_000, 300)
+    stack = LocalStack(work)
+    step = "starting etcd"
+    res: dict[str, Any] = {}
+    prof_dir = work if profile else None
+    try:
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            url = await stack.etcd()
+            etcd_pid = stack.processes[0].proc.pid  # type: ignore[union-attr]
+            step = "starting sidecars"
+            sidecars = {
+                "batched": await _sidecar(stack, "tput-b64", "tput-b64", url, 64, prof_dir),
+                "unbatched": await _sidecar(stack, "tput-b1", "tput-b1", url, 1, prof_dir),
+            }
+            lag_a, _ = await _sidecar(stack, "lag-a", "lag", url, 64)
+            lag_b, _ = await _sidecar(stack, "lag-b", "lag", url, 64)
+        step = "measuring throughput"
+        res["throughput"] = await bench_throughput(url, sidecars, etcd_pid, rounds, duration,
+                                                   max_writes)
+        step = "measuring replication lag"
+        res["lag"] = await bench_lag(url, lag_a, lag_b, lag_rounds)
+        if profile:
+            step = "collecting profiles"
+            res["profile_top_tottime"] = {}
+            for mode, (_, proc) in sidecars.items():
+                assert proc.proc is not None
+                os.kill(proc.proc.pid, signal.SIGINT)  # KeyboardInterrupt: cProfile writes
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.proc.wait(), 10.0)
+                res["profile_top_tottime"][mode] = _profile_top(work / f"{proc.name}.prof")
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        traceback.print_exc()
+        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
+    finally:
+        await stack.close()
+    return res
+
+
+def print_report(res: dict[str, Any]) -> None:
+    t = res["throughput"]
+    print(f"\n== write throughput: {t['concurrency']} concurrent writers, ~{t['value_bytes']} B "
+          f"JSON values, {t['duration_s']:g} s per run, {t['rounds']} round(s), median shown")
+    print("   load generator: separate process; client, sidecar and etcd share "
+          f"{res['env']['cpus']} cores (no pinning); CPU = cpu-seconds / wall-second")
+    print(f"  {'mode':<36} {'writes/s':>9} {'vs raw':>7} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'batch':>6} {'CPU cli':>7} {'side':>5} {'etcd':>5}  all runs")
+    raw = t["modes"]["raw"]["median_run"]["writes_per_s"]
+    for mode, _ in MODES:
+        m = t["modes"][mode]
+        run = m["median_run"]
+        secs = run["seconds"]
+        cpu = run["cpu_s"]
+
+        def share(x: float | None, secs: float = secs) -> str:
+            return f"{x / secs:5.2f}" if x is not None else "    -"
+        batch = "-"
+        if run.get("batches"):
+            put = run["batches"].get("kind=put") or next(iter(run["batches"].values()))
+            batch = f"{put['mean_size']:.1f}"
+        errs = f"  ERRORS {run['errors']}: {run['first_errors']}" if run["errors"] else ""
+        print(f"  {m['label']:<36} {run['writes_per_s']:>9.0f} "
+              f"{run['writes_per_s'] / raw:>6.2f}x {run['latency_ms']['p50']:>7.2f} "
+              f"{run['latency_ms']['p99']:>7.2f} {batch:>6} {share(cpu['client']):>7} "
+              f"{share(cpu.get('sidecar')):>5} {share(cpu.get('etcd')):>5}  "
+              f"{m['writes_per_s']}{errs}")
+    for mode in ("batched", "unbatched"):
+        run = t["modes"][mode]["median_run"]
+        if run.get("batches"):
+            print(f"   {mode} batches: {run['batches']}")
+
+    lag = res["lag"]
+    print(f"\n== replication lag: {lag['rounds']} sequential writes, interleaved "
+          "sidecar A->B and raw put->watch")
+    print(f"  {'path':<52} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    h, rb = lag["b_lag_histogram_ms"], lag["raw_put_sent_to_watch_event_bucketed_ms"]
+    if h.get("p50") is not None and rb.get("p50") is not None:
+        print(f"  {'sidecar: A write stamp -> B apply (B histogram)':<52} {h['p50']:>8.2f} "
+              f"{h['p99']:>8.2f} {'':>8}  bucketed, n={h['count']}, mean {h['mean']:.2f}")
+        print(f"  {'etcd: put sent -> aetcd watch event (same buckets)':<52} "
+              f"{rb['p50']:>8.2f} {rb['p99']:>8.2f}")
+    rows = (("etcd: put sent -> watch event (exact)", "raw_put_sent_to_watch_event_ms"),
+            ("sidecar: A ack -> B /v1/status shows it (polled)", "sidecar_ack_to_b_ms"),
+            ("  poll resolution: B /v1/status round trip", "status_round_trip_ms"),
+            ("etcd: put ack -> watch event", "raw_ack_to_watch_event_ms"))
+    for label, key in rows:
+        s = lag[key]
+        if s.get("n"):
+            print(f"  {label:<52} {s['p50']:>8.2f} {s['p99']:>8.2f} {s['max']:>8.2f}")
+    print(f"   B had the write at the first poll in {lag['sidecar_b_seen_on_first_poll']}/"
+          f"{lag['sidecar_ack_to_b_ms'].get('n', 0)} rounds; raw watch event came before the "
+          f"put ack in {lag['raw_watch_event_before_put_ack']} rounds (counted as 0); "
+          f"timeouts {lag['timeouts']}")
+
+    print("\n== summary (targets: unbatched >= 0.7x raw, batched >= 1.0x raw, lag <= 2x)")
+    for mode, target in (("unbatched", TARGET_UNBATCHED), ("batched", TARGET_BATCHED)):
+        ratio = t[f"ratio_{mode}_vs_raw"]
+        print(f"  sidecar {mode:<9} / raw etcd writes/s: {ratio:.2f}x "
+              f"({'MET' if ratio is not None and ratio >= target else 'MISSED'}, "
+              f"target >= {target})")
+    if "ratio_p50" in lag:
+        ok = lag["ratio_p50"] <= TARGET_LAG_RATIO and lag["ratio_p99"] <= TARGET_LAG_RATIO
+        print(f"  replication lag / etcd watch latency (write sent -> follower has it, "
+              f"bucketed alike): p50 {lag['ratio_p50']:.2f}x, p99 {lag['ratio_p99']:.2f}x "
+              f"({'MET' if ok else 'MISSED'}, target <= {TARGET_LAG_RATIO:g}x)")
+    for mode, text in res.get("profile_top_tottime", {}).items():
+        print(f"\n== cProfile of the {mode} sidecar (whole life, by tottime)\n{text}")
+    print(f"  results: {RESULTS}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (< ~30 s)")
+    parser.add_argument("--profile", action="store_true",
+                        help="run the throughput sidecars under cProfile and print the top")
+    parser.add_argument("--client", metavar="JSON", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        return client_main(args.client)
+
+    started = time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "statesync", "quick": args.quick, "profile": args.profile,
+        "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                "platform": platform.platform()},
+    }
+    with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
+        res.update(asyncio.run(run(args.quick, args.profile, Path(work))))
+    res["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    print_report(res)
+    print(f"  ran in {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
