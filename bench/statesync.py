@@ -5,7 +5,9 @@ Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
 1. Write throughput at equal concurrency (64 writers, ~1 KiB JSON values, each writer
    overwriting its own key/session, fixed duration and a cap on the count): (a) raw
    aetcd puts straight to etcd; (b) through one sidecar over HTTP with batching on
-   (``--batch-max-ops 64``); (c) a second sidecar with ``--batch-max-ops 1`` (off).
+   (``--batch-max-ops 64``, one transaction in flight: group commit); (c) a second
+   sidecar with ``--batch-max-ops 1 --max-inflight 64`` (batching off, the same
+   concurrency as the raw puts).
    The load generator is a separate process (this script with ``--client``), so it does
    not share an event loop or a GIL with the sidecar; it does share the machine's
    cores with etcd and the sidecar (no pinning). CPU seconds of client, sidecar and
@@ -61,7 +63,7 @@ LAG_TIMEOUT = 2.0
 CLIENT_GRACE = 30.0
 MODES = (("raw", "raw aetcd put -> etcd"),
          ("batched", "sidecar HTTP, --batch-max-ops 64"),
-         ("unbatched", "sidecar HTTP, --batch-max-ops 1"))
+         ("unbatched", "sidecar HTTP, batch 1, 64 in flight"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -452,7 +454,8 @@ async def bench_lag(url: str, a: str, b: str, rounds: int) -> dict[str, Any]:
 
 
 async def _sidecar(stack: LocalStack, name: str, cluster: str, url: str, batch: int,
-                   profile_dir: Path | None = None) -> tuple[str, LocalProcess]:
+                   profile_dir: Path | None = None,
+                   inflight: int | None = None) -> tuple[str, LocalProcess]:
     app_port, port = free_ports(2)
     prefix = [sys.executable]
     if profile_dir is not None:
@@ -461,8 +464,8 @@ async def _sidecar(stack: LocalStack, name: str, cluster: str, url: str, batch: 
                      "--member", name, "--app", f"{HOST}:{app_port}",
                      "--listen", f"{HOST}:{port}", "--etcd", url,
                      "--batch-max-ops", str(batch), "--log-level", "warning"]
-    if os.environ.get("MESHXL_BENCH_INFLIGHT"):  # for exploring the sidecar's setting
-        argv += ["--max-inflight", os.environ["MESHXL_BENCH_INFLIGHT"]]
+    if inflight is not None:
+        argv += ["--max-inflight", str(inflight)]
     proc = await stack.spawn(name, argv)
     base = f"http://{HOST}:{port}"
     await wait_http(f"{base}/readyz", proc, timeout=SETUP_TIMEOUT)
@@ -497,7 +500,8 @@ async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
             step = "starting sidecars"
             sidecars = {
                 "batched": await _sidecar(stack, "tput-b64", "tput-b64", url, 64, prof_dir),
-                "unbatched": await _sidecar(stack, "tput-b1", "tput-b1", url, 1, prof_dir),
+                "unbatched": await _sidecar(stack, "tput-b1", "tput-b1", url, 1, prof_dir,
+                                            inflight=CONCURRENCY),
             }
             lag_a, _ = await _sidecar(stack, "lag-a", "lag", url, 64)
             lag_b, _ = await _sidecar(stack, "lag-b", "lag", url, 64)

@@ -256,7 +256,7 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                                       "within about this long.")
 @click.option("--batch-max-ops", type=click.IntRange(1, 128), default=64, show_default=True,
               help="Writes per etcd transaction at most.")
-@click.option("--max-inflight", type=click.IntRange(1, 256), default=4, show_default=True,
+@click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,

@@ -56,7 +56,9 @@ class StatesyncConfig:
     """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
     batch_max_ops: int = 64
     batch_max_bytes: int = 1_000_000
-    max_inflight: int = 4
+    max_inflight: int = 1
+    """etcd transactions in flight at once: with one, everything that arrives while it
+    is out leaves in the next (group commit), which measured fastest."""
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:

@@ -221,10 +221,10 @@ class Sessions:
             entry = self.cache.get(session_id)
             prior = entry.record if entry is not None else None
 
-            def make(prior: SessionRecord | None) -> bytes:
+            def make(prior: SessionRecord | None) -> SessionRecord:
                 return SessionRecord(self.member, content_type,
                                      prior.created if prior else now, time.time(), data,
-                                     traceparent).encode()
+                                     traceparent)
 
             return await self._write("put", session_id, if_match, make,
                                      entry.revision if entry else 0, prior)
@@ -240,12 +240,11 @@ class Sessions:
                                        traceparent)
             current = await self._read(session_id)
 
-            def make(prior: SessionRecord | None) -> bytes:
+            def make(prior: SessionRecord | None) -> SessionRecord:
                 if prior is None:
                     raise NotFound(f"no session {session_id!r}")
                 return SessionRecord(self.member, JSON_TYPE, prior.created, time.time(),
-                                     self._merged(session_id, prior, patch),
-                                     traceparent).encode()
+                                     self._merged(session_id, prior, patch), traceparent)
 
             return await self._write("patch", session_id, if_match, make,
                                      int(current.etag), current.record)
@@ -298,17 +297,17 @@ class Sessions:
                 raise NotFound(f"no session {session_id!r}")
 
         for _ in range(_BLIND_RETRIES):
-            value = make(prior) if make is not None else None
+            record = make(prior) if make is not None else None
             try:
-                if value is None:
+                if record is None:
                     result = await self.store.delete(key, expected)
                 else:
-                    result = await self.store.put(key, value, expected)
+                    result = await self.store.put(key, record.encode(), expected)
             except StoreUnavailable as exc:
                 self.metrics.writes.labels(op, "unavailable").inc()
                 raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
             if result.ok:
-                return self._acknowledged(op, session_id, result, value, expected, prior)
+                return self._acknowledged(op, session_id, result, record, expected, prior)
             current = result.current or KeyState(0)
             current_record = SessionRecord.decode(current.value) if current.value else None
             if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
@@ -340,10 +339,9 @@ class Sessions:
                        "read it and try again")
 
     def _acknowledged(self, op: str, session_id: str, result: WriteResult,
-                      value: bytes | None, expected: int,
+                      record: SessionRecord | None, expected: int,
                       prior: SessionRecord | None) -> Stored:
         self.metrics.writes.labels(op, "ok").inc()
-        record = SessionRecord.decode(value) if value is not None else None
         self.cache.write_through(session_id, result.revision, record)
         if record is None:
             return Stored(session_id, prior or _GONE, str(result.revision))
@@ -408,8 +406,7 @@ class Sessions:
                     continue
                 record = local.record
                 try:
-                    await self._write("put", session_id, None, lambda _p, r=record: r.encode(),
-                                      0, None)
+                    await self._write("put", session_id, None, lambda _p, r=record: r, 0, None)
                 except SessionError as exc:
                     log.warning("delayed sync of session %s failed: %s", session_id, exc)
                     continue
