@@ -164,7 +164,7 @@ class Sidecar:
             "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
-            "last_full_sync": c.last_full_sync, "watch_starts": c.resumes,
+            "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
             "errors": c.errors, "last_error": c.last_error, "bad_records": c.bad_records,
             "lease_losses": self.membership.lease_losses,
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,

@@ -47,7 +47,7 @@ class SessionCache:
         self.resync_needed = asyncio.Event()
         """Set when ``synced`` is cleared (a compaction forced a full re-read)."""
         self.full_syncs = 0
-        self.resumes = 0
+        self.watch_starts = 0
         self.last_full_sync: float | None = None
         self.last_error: str | None = None
         self.errors = 0
@@ -159,8 +159,8 @@ class SessionCache:
     async def _watch(self) -> None:
         start = self.applied + 1
         watch = await self._client.watch_prefix(self._prefix, start_revision=start)
-        self.resumes += 1
-        if self.resumes > self.full_syncs:
+        self.watch_starts += 1
+        if self.watch_starts > self.full_syncs:
             log.info("session watch resumed from revision %d", start)
         try:
             async for event in watch:
