@@ -27,6 +27,7 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/xds_compile.py
+	$(PY) bench/statesync.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshxl tests bench
