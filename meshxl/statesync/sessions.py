@@ -215,7 +215,7 @@ class Sessions:
         self._check_size(data)
         async with self._exclusive(session_id):
             now = time.time()
-            if self.settings.sync_delay > 0 and self._keep_local(session_id, now):
+            if self.settings.sync_delay > 0 and await self._keep_local(session_id, now):
                 return self._put_local(session_id, data, content_type, if_match, now,
                                        traceparent)
             entry = self.cache.get(session_id)
@@ -368,12 +368,15 @@ class Sessions:
 
     # -- delayed sync ---------------------------------------------------------------------
 
-    def _keep_local(self, session_id: str, now: float) -> bool:
-        """Young sessions stay here; a session etcd already has is never demoted."""
+    async def _keep_local(self, session_id: str, now: float) -> bool:
+        """Young sessions stay here; a session etcd already has is never demoted (asked
+        of etcd with a read, since the cache may not have seen a brand-new session)."""
         local = self._local.get(session_id)
         if local is not None:
             return now - local.record.created < self.settings.sync_delay
-        return self.cache.get(session_id) is None and session_id not in self._observed
+        if self.cache.get(session_id) is not None or session_id in self._observed:
+            return False
+        return await self._check(self.key(session_id)) == 0
 
     def _put_local(self, session_id: str, data: bytes, content_type: str,
                    if_match: str | None, now: float, traceparent: str | None) -> Stored:

@@ -178,12 +178,8 @@ class _Shapes:
     def cluster(self, spec: ClusterSpec, path: str) -> cluster_pb2.Cluster:
         if spec.overrides.cluster:
             return build_cluster(spec, path)
-        key = spec.model_dump_json(include=_CLUSTER_SHAPE)
-        template = self._clusters.get(key)
-        if template is None:
-            template = self._clusters[key] = build_cluster(spec, path)
-        c = cluster_pb2.Cluster()
-        c.CopyFrom(template)
+        c: cluster_pb2.Cluster = self._copy(self._clusters, spec, path, _CLUSTER_SHAPE,
+                                            build_cluster)
         c.name = spec.name
         c.metadata.filter_metadata["meshxl"].fields["cluster"].string_value = spec.name
         return c
@@ -191,15 +187,23 @@ class _Shapes:
     def route(self, spec: ClusterSpec, path: str) -> route_components_pb2.Route:
         if spec.overrides.route:
             return build_route(spec, path)
-        key = spec.model_dump_json(include=_ROUTE_SHAPE)
-        template = self._routes.get(key)
-        if template is None:
-            template = self._routes[key] = build_route(spec, path)
-        r = route_components_pb2.Route()
-        r.CopyFrom(template)
+        r: route_components_pb2.Route = self._copy(self._routes, spec, path, _ROUTE_SHAPE,
+                                                   build_route)
         r.name = spec.name
         r.route.cluster = spec.name
         return r
+
+    @staticmethod
+    def _copy(memo: dict[str, Any], spec: ClusterSpec, path: str, shape: Any,
+              build: Any) -> Any:
+        """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
+        key = spec.model_dump_json(include=shape)
+        template = memo.get(key)
+        if template is None:
+            template = memo[key] = build(spec, path)
+        copy = type(template)()
+        copy.CopyFrom(template)
+        return copy
 
 
 # -- CDS -------------------------------------------------------------------------------
