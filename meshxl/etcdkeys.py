@@ -12,6 +12,8 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased)
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
+    {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
+                                                          its trace context (leased)
 
 Everything that decides Envoy's configuration lives under ``mesh/``, so the control
 plane watches exactly that prefix and nothing else (node status it writes itself,
@@ -88,6 +90,13 @@ class Keys:
 
     def session(self, cluster: str, session: str) -> str:
         return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
+
+    # -- failover trace context ------------------------------------------------------
+    def failovers_prefix(self, cluster: str) -> str:
+        return f"{self.base}/failovers/{_segment(cluster, 'cluster')}/"
+
+    def failover(self, cluster: str, member: str) -> str:
+        return f"{self.failovers_prefix(cluster)}{_segment(member, 'member')}"
 
     # -- parsing -------------------------------------------------------------------
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:

@@ -30,12 +30,14 @@ from .spec import (
     Sessions,
     Site,
     Stickiness,
+    Telemetry,
 )
 
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
-    "RuntimeState", "Sessions", "Site", "Stickiness", "check_model", "cluster_view", "load_model",
+    "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_model",
+    "cluster_view", "load_model",
     "parse_model",
 ]

@@ -220,8 +220,19 @@ class ClusterSpec(_Spec):
         return [s.name for s in self.sites] or [DEFAULT_SITE]
 
 
+class Telemetry(_Spec):
+    """Envoy's request tracing (OpenTelemetry, W3C trace context)."""
+
+    tracing: bool = False
+    collector_cluster: Annotated[str, Field(min_length=1)] = "meshxl_otlp"
+    """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
+    service_name: str = "envoy"
+    sampling_percent: float = Field(default=100.0, ge=0, le=100)
+
+
 class ModelSpec(_Spec):
     clusters: list[ClusterSpec] = []
+    telemetry: Telemetry = Telemetry()
 
     def cluster(self, name: str) -> ClusterSpec | None:
         return next((c for c in self.clusters if c.name == name), None)

@@ -33,6 +33,7 @@ __all__ = [
 
 #: Name of the static cluster that carries the ADS stream to the control plane.
 XDS_CLUSTER = "meshxl_xds"
+OTLP_CLUSTER = "meshxl_otlp"
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -149,6 +150,7 @@ def build_bootstrap(
     reconnect_base: float = 0.1,
     reconnect_max: float = 1.0,
     initial_fetch_timeout: float | None = None,
+    otlp: tuple[str, int] | str | None = None,
 ) -> dict[str, Any]:
     """Return an Envoy v3 bootstrap that takes clusters and listeners from meshxl over ADS.
 
@@ -157,7 +159,9 @@ def build_bootstrap(
     protocol. ``region``/``zone``/``sub_zone`` set the node locality, which meshxl uses
     to prefer members on the same site. ``initial_fetch_timeout`` bounds how long Envoy's
     startup waits for the first CDS/LDS response (Envoy's default is 15 s; 0 waits
-    forever); ``None`` keeps Envoy's default.
+    forever); ``None`` keeps Envoy's default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC
+    collector) adds the ``meshxl_otlp`` cluster that the listeners' OpenTelemetry
+    tracer exports request spans to when the model enables tracing.
     """
     if not isinstance(node_id, str) or not node_id.strip():
         raise ValueError(f"node_id must be a non-empty string, got {node_id!r}")
@@ -183,6 +187,7 @@ def build_bootstrap(
             f"({reconnect_base!r})"
         )
     addresses = _address_list(xds)
+    collector = _address_list([otlp] if isinstance(otlp, str) else [otlp])[0] if otlp else None
 
     node: dict[str, Any] = {"id": node_id, "cluster": node_cluster}
     locality = {
@@ -237,7 +242,28 @@ def build_bootstrap(
                     keepalive_timeout=keepalive_timeout,
                     health_check_interval=health_check_interval,
                 )
-            ],
+            ] + ([_otlp_cluster(collector, connect_timeout)] if collector else []),
+        },
+    }
+
+
+def _otlp_cluster(address: tuple[str, int], connect_timeout: float) -> dict[str, Any]:
+    """Where Envoy's OpenTelemetry tracer sends spans (OTLP over gRPC, so HTTP/2)."""
+    host, port = address
+    return {
+        "name": OTLP_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": _seconds(connect_timeout),
+        "typed_extension_protocol_options": {
+            _HTTP_PROTOCOL_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {
+            "cluster_name": OTLP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host,
+                                                                                    port)}}]}],
         },
     }
 

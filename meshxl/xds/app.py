@@ -22,17 +22,23 @@ from typing import Any
 import aetcd
 import grpc
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshxl import etcd
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, RuntimeState
 
-from .cache import Snapshot, SnapshotCache
+from .cache import ENDPOINT, Snapshot, SnapshotCache
+from .failover import FailoverTracer, Loss, losses
 from .resources import CompileError, Compiler
 from .server import AdsServer
 from .sources import Debouncer, EtcdMeshSource, ModelFileSource
 
 log = logging.getLogger(__name__)
+
+FAILOVER_RECORD_TTL = 300
+"""Seconds a failover's trace context stays in etcd for late takeovers to link to."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +69,15 @@ class ControlPlane:
         self.config = config
         self.keys = Keys(config.etcd_root)
         self.cache = SnapshotCache()
-        self.ads = AdsServer(self.cache, on_status_change=self._publish_node)
+        self.failovers = FailoverTracer(connected=self._acked_endpoints,
+                                        on_start=self._record_failover)
+        self.ads = AdsServer(self.cache, on_status_change=self._publish_node,
+                             on_sent=self.failovers.sent, on_answer=self.failovers.answered)
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
+        self._changed_at: int | None = None
+        self._built_runtime: RuntimeState | None = None
+        self._built_model: ModelSpec | None = None
         self.file: ModelFileSource | None = None
         self.mesh: EtcdMeshSource | None = None
         self.client: aetcd.Client | None = None
@@ -90,18 +102,19 @@ class ControlPlane:
         """
         cfg = self.config
         if cfg.config_path is not None:
-            self.file = ModelFileSource(cfg.config_path, self.rebuilder.poke)
+            self.file = ModelFileSource(cfg.config_path, self._changed)
             self.file.load()  # ModelError: refuse to start on a bad file
             self._spawn(self.file.run())
         if cfg.etcd is not None:
             self.client = etcd.client(cfg.etcd)
             await self.client.connect()
-            self.mesh = EtcdMeshSource(self.client, self.keys, self.rebuilder.poke)
+            self.mesh = EtcdMeshSource(self.client, self.keys, self._changed)
             self._spawn(self.mesh.run())
             await self.mesh.synced.wait()
             self._spawn(self._keep_lease())
         await self.rebuild()
         self._spawn(self.rebuilder.run())
+        self._spawn(self._tick_failovers())
         self._grpc, self.port = await self.ads.serve(cfg.listen)
         if cfg.admin:
             await self._start_admin(cfg.admin)
@@ -115,6 +128,7 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.ads.close()
+        self.failovers.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.client is not None:
@@ -147,22 +161,37 @@ class ControlPlane:
     def runtime(self) -> RuntimeState:
         return self.mesh.runtime if self.mesh is not None else RuntimeState()
 
+    def _changed(self) -> None:
+        """A source saw a change: remember when (a failover's detection starts there)."""
+        if self._changed_at is None:
+            self._changed_at = time.time_ns()
+        self.rebuilder.poke()
+
     async def rebuild(self) -> None:
         """Compile and publish a snapshot. A model that fails keeps the last good one."""
         model = self.model
         if model is None:
             return
+        runtime = self.runtime
+        seen, self._changed_at = self._changed_at or time.time_ns(), None
+        if self._built_runtime is not None and self._built_model is model:
+            self.failovers.detected(losses(model, self._built_runtime, runtime), seen,
+                                    self.mesh.revision if self.mesh else None)
+        self.failovers.rebuilding()
         started = time.perf_counter()
         try:
-            resources = self.compiler.compile(model, self.runtime)
+            resources = self.compiler.compile(model, runtime)
         except CompileError as exc:
             self.compile_error = str(exc)
             log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
             return
+        self._built_runtime, self._built_model = runtime, model
         previous = self.cache.snapshot
         snapshot = Snapshot.build(resources.by_type(), previous=previous)
         self.compile_error = None
-        if previous is not None and previous.versions == snapshot.versions:
+        unchanged = previous is not None and previous.versions == snapshot.versions
+        self.failovers.built(snapshot.version(ENDPOINT), changed=not unchanged)
+        if unchanged:
             return
         self.cache.set(snapshot)
         self.last_build = {
@@ -173,6 +202,38 @@ class ControlPlane:
         }
         log.info("snapshot %s", " ".join(f"{t.rsplit('.', 1)[-1]}={v}"
                                          for t, v in snapshot.versions.items()))
+
+    # -- failovers ----------------------------------------------------------------------
+
+    def _acked_endpoints(self) -> dict[str, str | None]:
+        """Connected Envoy nodes and the EDS version each ACKed last."""
+        return {node: status["types"].get(ENDPOINT, {}).get("acked_version")
+                for node, status in self.ads.node_status().items() if status["streams"] > 0}
+
+    def _record_failover(self, loss: Loss, root: Any) -> None:
+        """Publish the failover's trace context, so sidecars link their takeovers to it."""
+        if self.client is None:
+            return
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(root))
+        record = {"traceparent": carrier.get("traceparent"), "cause": loss.cause,
+                  "member": loss.member, "at": time.time(), "replica": self.config.replica}
+        self._spawn(self._write_failover(loss, json.dumps(record).encode()))
+
+    async def _write_failover(self, loss: Loss, value: bytes) -> None:
+        assert self.client is not None
+        try:
+            lease = await self.client.lease(FAILOVER_RECORD_TTL)
+            await self.client.put(self.keys.failover(loss.cluster, loss.member).encode(),
+                                  value, lease=lease)
+        except Exception as exc:
+            log.warning("failover record for %s/%s not written: %s", loss.cluster,
+                        loss.member, exc)
+
+    async def _tick_failovers(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.failovers.tick()
 
     # -- node status in etcd ----------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -42,7 +43,14 @@ from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from meshxl.model import ClusterSpec, ClusterView, ModelSpec, RuntimeState, cluster_view
+from meshxl.model import (
+    ClusterSpec,
+    ClusterView,
+    ModelSpec,
+    RuntimeState,
+    Telemetry,
+    cluster_view,
+)
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DRAINING as _DRAINING
 
@@ -118,7 +126,7 @@ def _compile_static(model: ModelSpec) -> Resources:
     paths = {spec.name: f"clusters[{i}]" for i, spec in enumerate(model.clusters)}
     for (address, port), specs in listeners.items():
         name = listener_name(address, port)
-        out.listeners[name] = build_listener(name, address, port)
+        out.listeners[name] = build_listener(name, address, port, model.telemetry)
         out.routes[name] = build_route_config(name, specs, paths, shapes)
     return out
 
@@ -352,7 +360,8 @@ def build_load_assignment(view: ClusterView) -> endpoint_pb2.ClusterLoadAssignme
 # -- LDS / RDS ---------------------------------------------------------------------------
 
 
-def build_listener(name: str, address: str, port: int) -> listener_pb2.Listener:
+def build_listener(name: str, address: str, port: int,
+                   telemetry: Telemetry | None = None) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -360,6 +369,14 @@ def build_listener(name: str, address: str, port: int) -> listener_pb2.Listener:
         http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                          typed_config=_any(router_pb2.Router()))],
     )
+    if telemetry is not None and telemetry.tracing:
+        otel = opentelemetry_pb2.OpenTelemetryConfig(service_name=telemetry.service_name)
+        otel.grpc_service.envoy_grpc.cluster_name = telemetry.collector_cluster
+        hcm.tracing.provider.name = "envoy.tracers.opentelemetry"
+        hcm.tracing.provider.typed_config.Pack(otel)
+        hcm.tracing.random_sampling.value = telemetry.sampling_percent
+        # A span per upstream attempt: a failed attempt and its retry show in the trace.
+        hcm.tracing.spawn_upstream_span.value = True
     listener = listener_pb2.Listener(name=name)
     listener.address.socket_address.address = address
     listener.address.socket_address.port_value = port

@@ -44,6 +44,9 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 #: ``await on_status_change(node_id, status)``: called after a node connects,
 #: disconnects, ACKs or NACKs. Calls for one node are serialized and coalesced.
 OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
+OnDelivery = Callable[[str, str, str, str | None], None]
+"""(node id, type URL, version, NACK error or None): a response was sent (error None,
+called through ``on_sent``) or answered (``on_answer``)."""
 
 # Rejected responses remembered per node; old entries fall out first.
 _QUARANTINE_MAX = 64
@@ -189,10 +192,13 @@ class AdsServer:
     """
 
     def __init__(
-        self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None
+        self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None,
+        on_sent: OnDelivery | None = None, on_answer: OnDelivery | None = None,
     ) -> None:
         self._cache = cache
         self._on_status_change = on_status_change
+        self._on_sent = on_sent
+        self._on_answer = on_answer
         self._nodes: dict[str, _Node] = {}
         self._notifiers: set[asyncio.Task[None]] = set()
         #: Responses written, per type URL.
@@ -373,7 +379,12 @@ class AdsServer:
         status = node.types.setdefault(type_url, _TypeStatus())
         if request.HasField("error_detail"):
             self._nack(node, type_url, sub, status, request.error_detail.message)
+            if self._on_answer is not None and sub.sent is not None:
+                self._on_answer(node.node_id, type_url, sub.sent[0],
+                                request.error_detail.message or "rejected")
         elif sub.sent is not None:
+            if self._on_answer is not None:
+                self._on_answer(node.node_id, type_url, sub.sent[0], None)
             status.acked_version = sub.sent[0]
             status.ack_time = time.time()
             if sub.rewarm:
@@ -415,6 +426,8 @@ class AdsServer:
         status.sent_version = key[0]
         status.responses += 1
         self.responses_sent[type_url] = self.responses_sent.get(type_url, 0) + 1
+        if self._on_sent is not None:
+            self._on_sent(node.node_id, type_url, key[0], None)
         dependent = stream.subscriptions.get(_DEPENDENT.get(type_url, ""))
         if dependent is not None:
             dependent.rewarm = True

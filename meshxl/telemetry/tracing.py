@@ -1,0 +1,92 @@
+"""OpenTelemetry set-up shared by every meshxl process.
+
+The SDK is configured from the standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_*`` with
+``OTEL_EXPORTER_OTLP_PROTOCOL`` ``grpc`` or ``http/protobuf``, ``OTEL_SDK_DISABLED``),
+and ``--trace-file PATH`` adds OTLP JSON lines written to a file. Resource attributes
+name the component, cluster and member, so spans of all processes can be told apart
+in one file or one collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+from . import names
+
+log = logging.getLogger(__name__)
+
+_provider: TracerProvider | None = None
+
+
+def _otlp_exporter() -> SpanExporter | None:
+    """The OTLP exporter the standard environment asks for, if any."""
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    endpoint = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    wanted = [e.strip() for e in exporters.split(",") if e.strip()]
+    if "none" in wanted or not (endpoint or "otlp" in wanted):
+        return None
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter()
+    if protocol in ("http/protobuf", "http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+        return HTTPSpanExporter()
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} is not supported: "
+                     "use grpc or http/protobuf")
+
+
+def setup_tracing(component: str, *, service_name: str | None = None,
+                  attributes: Mapping[str, Any] | None = None,
+                  trace_file: str | Path | None = None,
+                  schedule_delay_ms: int = 200) -> TracerProvider:
+    """Install the process's tracer provider (once) and return it."""
+    global _provider
+    if _provider is not None:
+        return _provider
+    attrs: dict[str, Any] = {names.COMPONENT: component,
+                             **{k: v for k, v in (attributes or {}).items() if v is not None}}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = service_name or f"meshxl-{component}"
+    provider = TracerProvider(resource=Resource.create(attrs))
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
+        exporter = _otlp_exporter()
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter,
+                                                           schedule_delay_millis=5000))
+        if trace_file is not None:
+            from opentelemetry.exporter.otlp.json.file.trace_exporter import FileSpanExporter
+
+            Path(trace_file).parent.mkdir(parents=True, exist_ok=True)
+            provider.add_span_processor(BatchSpanProcessor(
+                FileSpanExporter(str(trace_file)), schedule_delay_millis=schedule_delay_ms))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop exporting (at process exit)."""
+    global _provider
+    if _provider is not None:
+        _provider.force_flush(5000)
+        _provider.shutdown()
+        _provider = None
+
+
+def tracer(name: str = "meshxl") -> trace.Tracer:
+    return trace.get_tracer(name)

@@ -1,0 +1,224 @@
+"""One OpenTelemetry trace per failover, from the control plane's point of view.
+
+A failover starts when a member that was serving stops serving: its registration
+ended (lease expired), it is not ready, the app reported a problem, or an operator
+took it (or its site) down. The trace then follows the decision through the rebuild,
+the push of the new EDS version to every connected Envoy and each Envoy's ACK; the
+root span ends when the last of them ACKed (or after ``timeout``, as an error).
+
+Span names and attributes: :mod:`meshxl.telemetry.names` and docs/telemetry.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from meshxl.model import ClusterSpec, MemberState, ModelSpec, RuntimeState, cluster_view
+from meshxl.telemetry import names
+
+from .cache import ENDPOINT
+
+log = logging.getLogger(__name__)
+
+_CAUSES = {
+    MemberState.LOST: "lease_expired",
+    MemberState.SYNCING: "not_ready",
+    MemberState.PROBLEM: "problem",
+    MemberState.ADMIN_DOWN: "admin_down",
+    MemberState.SITE_OFFLINE: "site_offline",
+}
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A member that stopped serving, as seen in one rebuild."""
+
+    cluster: str
+    member: str
+    cause: str
+    from_state: str
+    to_state: str
+
+
+@dataclass
+class _Failover:
+    loss: Loss
+    root: Span
+    detect: Span | None
+    rebuild: Span | None = None
+    version: str | None = None
+    waiting: set[str] = field(default_factory=set)
+    pushes: dict[str, Span] = field(default_factory=dict)
+    acks: dict[str, Span] = field(default_factory=dict)
+    deadline: float = 0.0
+
+
+def _serving(spec: ClusterSpec, state: RuntimeState) -> dict[str, str]:
+    """member -> state, for one cluster (from the same view the compiler uses)."""
+    return {m.name: str(m.state) for m in cluster_view(spec, state).members}
+
+
+def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[Loss]:
+    """Members that served before and do not now (pure; cheap when nothing changed)."""
+    found = []
+    offline_changed = set(before.sites_offline) != set(after.sites_offline)
+    for spec in model.clusters:
+        if (not offline_changed
+                and before.registrations_of(spec.name) == after.registrations_of(spec.name)
+                and before.members_down_of(spec.name) == after.members_down_of(spec.name)):
+            continue
+        old, new = _serving(spec, before), _serving(spec, after)
+        for member, was in old.items():
+            now = new.get(member, str(MemberState.LOST))
+            if was == MemberState.READY and now != MemberState.READY:
+                cause = "removed" if member not in new else _CAUSES.get(MemberState(now),
+                                                                        "removed")
+                found.append(Loss(spec.name, member, cause, was, now))
+    return found
+
+
+class FailoverTracer:
+    """Follows each loss through rebuild, push and ACK. Single event loop; no I/O."""
+
+    def __init__(self, *, connected: Callable[[], dict[str, str | None]],
+                 timeout: float = 10.0,
+                 on_start: Callable[[Loss, Span], None] | None = None):
+        self._connected = connected
+        self._timeout = timeout
+        self._on_start = on_start
+        self._tracer = trace.get_tracer("meshxl.xds")
+        self._open: list[_Failover] = []
+        self.started = 0
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    def detected(self, found: list[Loss], seen_ns: int, revision: int | None) -> None:
+        """Start a trace per loss; ``seen_ns`` is when the change was first seen."""
+        for loss in found:
+            attrs: dict[str, str | int] = {names.CLUSTER: loss.cluster, names.MEMBER: loss.member,
+                                           names.CAUSE: loss.cause,
+                                           names.FROM_STATE: loss.from_state,
+                                           names.TO_STATE: loss.to_state}
+            if revision is not None:
+                attrs[names.ETCD_REVISION] = revision
+            root = self._tracer.start_span(names.FAILOVER, start_time=seen_ns,
+                                           attributes=attrs, context=None,
+                                           kind=trace.SpanKind.INTERNAL)
+            ctx = trace.set_span_in_context(root)
+            detect = self._tracer.start_span(names.FAILOVER_DETECT, context=ctx,
+                                             start_time=seen_ns, attributes=attrs)
+            self._open.append(_Failover(loss, root, detect))
+            self.started += 1
+            log.info("failover: %s/%s %s (%s -> %s)", loss.cluster, loss.member, loss.cause,
+                     loss.from_state, loss.to_state)
+            if self._on_start is not None:
+                self._on_start(loss, root)
+
+    def rebuilding(self) -> None:
+        now = time.time_ns()
+        for f in self._open:
+            if f.detect is not None:
+                f.detect.end(end_time=now)
+                f.detect = None
+                f.rebuild = self._tracer.start_span(
+                    names.FAILOVER_REBUILD, context=trace.set_span_in_context(f.root),
+                    start_time=now)
+
+    def built(self, version: str, changed: bool) -> None:
+        """The snapshot with ``version`` (EDS) is about to be served."""
+        now = time.time_ns()
+        acked = self._connected()  # connected node -> the EDS version it ACKed last
+        nodes = {node for node, have in acked.items() if have != version}
+        for f in self._open:
+            if f.rebuild is not None:
+                f.rebuild.set_attribute(names.VERSION, version)
+                f.rebuild.end(end_time=now)
+                f.rebuild = None
+            if not changed and f.version is not None:
+                continue
+            f.version = version
+            f.root.set_attribute(names.VERSION, version)
+            f.root.set_attribute(names.NODES, len(acked))
+            f.waiting = set(nodes)
+            f.deadline = time.monotonic() + self._timeout
+            ctx = trace.set_span_in_context(f.root)
+            for node in nodes:
+                if node not in f.pushes:
+                    f.pushes[node] = self._tracer.start_span(
+                        names.FAILOVER_PUSH, context=ctx, start_time=now,
+                        attributes={names.NODE: node, names.TYPE_URL: ENDPOINT,
+                                    names.VERSION: version})
+        self._close_finished()
+
+    def sent(self, node: str, type_url: str, version: str, _error: str | None) -> None:
+        if type_url != ENDPOINT:
+            return
+        now = time.time_ns()
+        for f in self._open:
+            if f.version != version or node not in f.waiting:
+                continue
+            push = f.pushes.pop(node, None)
+            if push is not None:
+                push.end(end_time=now)
+            if node not in f.acks:
+                f.acks[node] = self._tracer.start_span(
+                    names.FAILOVER_ACK, context=trace.set_span_in_context(f.root),
+                    start_time=now, attributes={names.NODE: node, names.VERSION: version,
+                                                names.TYPE_URL: ENDPOINT})
+
+    def answered(self, node: str, type_url: str, version: str, error: str | None) -> None:
+        if type_url != ENDPOINT:
+            return
+        now = time.time_ns()
+        for f in self._open:
+            if f.version != version or node not in f.waiting:
+                continue
+            ack = f.acks.pop(node, None)
+            if ack is not None:
+                if error:
+                    ack.set_status(Status(StatusCode.ERROR, f"NACK: {error}"))
+                ack.end(end_time=now)
+            f.waiting.discard(node)
+        self._close_finished()
+
+    def tick(self) -> None:
+        """End failovers whose Envoys did not all ACK in time (called periodically)."""
+        self._close_finished()
+
+    def _close_finished(self) -> None:
+        now_mono, now = time.monotonic(), time.time_ns()
+        still = []
+        for f in self._open:
+            if f.version is None:
+                still.append(f)
+                continue
+            timed_out = now_mono > f.deadline and bool(f.waiting)
+            if f.waiting and not timed_out:
+                still.append(f)
+                continue
+            for span in [*f.pushes.values(), *f.acks.values()]:
+                span.set_status(Status(StatusCode.ERROR, "no ACK before the deadline"))
+                span.end(end_time=now)
+            if timed_out:
+                f.root.set_status(Status(StatusCode.ERROR,
+                                         f"{len(f.waiting)} Envoy node(s) did not ACK "
+                                         f"within {self._timeout:g}s"))
+            f.root.end(end_time=now)
+        self._open = still
+
+    def close(self) -> None:
+        for f in self._open:
+            f.root.set_status(Status(StatusCode.ERROR, "control plane stopped"))
+            f.root.end()
+        self._open = []
+
+
+__all__ = ["FailoverTracer", "Loss", "losses"]
