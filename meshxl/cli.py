@@ -56,12 +56,16 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 def _traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
             coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit."""
+    import signal
+
     from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
 
     try:
         setup_tracing(component, attributes=attributes, trace_file=trace_file)
     except ValueError as exc:
         _fail(str(exc))
+    # SIGTERM ends the server like Ctrl-C: cleanup runs and the spans are flushed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return _run(coro_fn)
     finally:
@@ -304,6 +308,20 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
             lambda: serve_sidecar(config))
 
 
+@serve.command("otlp-receiver")
+@click.option("--listen", default="127.0.0.1:4317", show_default=True, metavar="HOST:PORT",
+              help="OTLP/gRPC address (point Envoy's bootstrap --otlp here).")
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Append received spans to this file as OTLP JSON lines.")
+@click.option("--log-level", default="info", show_default=True)
+def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
+    """A small OTLP/gRPC trace receiver writing JSON lines (local runs and tests)."""
+    from meshxl.telemetry.receiver import serve_receiver
+
+    _setup_logging(log_level)
+    _run(lambda: serve_receiver(listen, str(path)))
+
+
 # -- Envoy --------------------------------------------------------------------------------
 
 
@@ -378,6 +396,33 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
                err=True)
     os.execv(binary, [binary, "-c", str(path), "--log-level", log_level,
                       "--use-dynamic-base-id", "--drain-time-s", "1"])
+
+
+# -- SLOs ---------------------------------------------------------------------------------
+
+
+@main.group()
+def slo() -> None:
+    """Judge failovers against service level objectives, from their traces."""
+
+
+@slo.command("review")
+@click.option("--traces", "traces", multiple=True, required=True, metavar="FILE",
+              help="OTLP JSON lines (repeat, or list several after one --traces).")
+@click.option("--slo", "slos", multiple=True, required=True, metavar="FILE",
+              help="OpenSLO v1 SLO documents (YAML); repeat for several files.")
+@click.option("--output", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.argument("more_traces", nargs=-1, metavar="[FILE...]")
+def slo_review(traces: tuple[str, ...], slos: tuple[str, ...], output: str,
+               more_traces: tuple[str, ...]) -> None:
+    """Per objective: p50/p90/p99/max, good/total, met, error budget left, burn rate.
+
+    Exit 1 when an objective is breached, 2 when input cannot be read.
+    """
+    from meshxl.telemetry.slo import slo_review_command
+
+    sys.exit(slo_review_command([*traces, *more_traces], list(slos), output))
 
 
 # -- demo -------------------------------------------------------------------------------

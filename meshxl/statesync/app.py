@@ -33,6 +33,7 @@ from .membership import Membership
 from .metrics import StatesyncMetrics
 from .sessions import Sessions, Settings
 from .store import SessionStore
+from .tracing import TakeoverTracer, follow_failovers
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Sidecar:
                                      address=host, port=port, site=config.site,
                                      weight=config.weight, ttl=config.lease_ttl,
                                      sidecar=config.listen)
+        self.takeovers = TakeoverTracer(config.cluster, config.member)
+        self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -103,6 +106,8 @@ class Sidecar:
         self._tasks.append(loop.create_task(self.cache.run()))
         self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(loop.create_task(follow_failovers(
+            self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -200,7 +205,12 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
 
 def create_app(config: StatesyncConfig) -> web.Application:
     max_bytes = config.max_bytes or 1_048_576
-    app = web.Application(middlewares=[json_errors], client_max_size=max_bytes + 65536)
+    from meshxl.telemetry.http import server_middleware
+
+    # Tracing first: the request's span (continuing Envoy's and the app's traceparent)
+    # is current while the handlers run, so takeover spans land in the request trace.
+    app = web.Application(middlewares=[server_middleware(), json_errors],
+                          client_max_size=max_bytes + 65536)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         client = etcd.client(config.etcd)

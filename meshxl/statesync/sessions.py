@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,23 @@ class Stored:
         return self.previous_owner is not None and self.previous_owner != self.record.owner
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """A session this member took over: from its first access here to the write that
+    made this member the owner (wall clock, ns)."""
+
+    session_id: str
+    previous_owner: str
+    owner: str
+    start_ns: int
+    end_ns: int
+    previous_traceparent: str | None
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+
 @dataclass
 class _Local:
     record: SessionRecord
@@ -137,8 +154,11 @@ class Sessions:
         self._observed: dict[str, tuple[int, float]] = {}
         self._local: dict[str, _Local] = {}
         self._local_versions = 0
+        self._first_access: dict[str, int] = {}
         self.takeovers = 0
         self.conflicts = 0
+        self.on_takeover: Callable[[Takeover], None] | None = None
+        """Called (in the request's context) when this member took a session over."""
 
     def key(self, session_id: str) -> bytes:
         return self.keys.session(self.cluster, session_id).encode()
@@ -171,6 +191,10 @@ class Sessions:
         stale = [s for s, (_, at) in self._observed.items() if at < horizon]
         for session_id in stale:
             del self._observed[session_id]
+        # A read that no takeover write followed within a minute starts nothing.
+        cutoff = time.time_ns() - 60_000_000_000
+        for session_id in [s for s, at in self._first_access.items() if at < cutoff]:
+            del self._first_access[session_id]
         return len(stale)
 
     # -- reads --------------------------------------------------------------------------
@@ -180,8 +204,11 @@ class Sessions:
         if local is not None:
             self.metrics.reads.labels("local", "ok").inc()
             return Stored(session_id, local.record, f"L{local.version}", source="local")
+        started = time.time_ns()
         stored = await self._read(session_id)
         self._observe(session_id, int(stored.etag))
+        if stored.record.owner != self.member:  # a takeover may follow: it starts here
+            self._first_access.setdefault(session_id, started)
         return stored
 
     async def _read(self, session_id: str) -> Stored:
@@ -276,6 +303,16 @@ class Sessions:
                      make: Any, cached_revision: int,
                      prior: SessionRecord | None) -> Stored:
         """The compare-and-write loop shared by put, patch and delete."""
+        self._first_access.setdefault(session_id, time.time_ns())
+        try:
+            return await self._compare_and_write(op, session_id, if_match, make,
+                                                 cached_revision, prior)
+        finally:
+            self._first_access.pop(session_id, None)
+
+    async def _compare_and_write(self, op: str, session_id: str, if_match: str | None,
+                                 make: Any, cached_revision: int,
+                                 prior: SessionRecord | None) -> Stored:
         key = self.key(session_id)
         observed = self._observed.get(session_id)
         if if_match is not None:
@@ -353,6 +390,12 @@ class Sessions:
             self.takeovers += 1
             self.metrics.takeovers.inc()
             log.info("took over session %s from member %s", session_id, previous_owner)
+            if self.on_takeover is not None:
+                assert prior is not None and previous_owner is not None
+                self.on_takeover(Takeover(
+                    session_id, previous_owner, self.member,
+                    self._first_access.get(session_id, time.time_ns()), time.time_ns(),
+                    prior.traceparent))
         return stored
 
     async def _check(self, key: bytes) -> int:

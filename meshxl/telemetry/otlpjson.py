@@ -340,13 +340,19 @@ def read_spans(paths: Iterable[str]) -> list[Span]:
     return spans
 
 
+def _start_order(span: Span) -> tuple[int, int]:
+    """By start; on a tie the longer span (the enclosing parent) first."""
+    return span.start_ns, -span.end_ns
+
+
 def by_trace(spans: Iterable[Span]) -> dict[str, list[Span]]:
-    """Spans grouped by trace id (traces in first-seen order), each sorted by start."""
+    """Spans grouped by trace id (traces in first-seen order), each sorted by start
+    (a parent before the child that starts with it)."""
     traces: dict[str, list[Span]] = {}
     for span in spans:
         traces.setdefault(span.trace_id, []).append(span)
     for members in traces.values():
-        members.sort(key=lambda s: (s.start_ns, s.end_ns))
+        members.sort(key=_start_order)
     return traces
 
 
@@ -361,6 +367,6 @@ def children(spans: Sequence[Span]) -> dict[str, list[Span]]:
         if span.parent_span_id is not None:
             out.setdefault(span.parent_span_id, []).append(span)
     for members in out.values():
-        members.sort(key=lambda s: (s.start_ns, s.end_ns))
+        members.sort(key=_start_order)
     return out
 

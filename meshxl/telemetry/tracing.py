@@ -80,7 +80,11 @@ def setup_tracing(component: str, *, service_name: str | None = None,
 
 
 def shutdown_tracing() -> None:
-    """Flush and stop exporting (at process exit)."""
+    """Flush and stop exporting (at process exit).
+
+    OpenTelemetry lets a process set its global provider once: after this, spans are
+    no longer exported, and a later ``setup_tracing`` cannot install another.
+    """
     global _provider
     if _provider is not None:
         _provider.force_flush(5000)

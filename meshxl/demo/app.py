@@ -1,0 +1,228 @@
+"""The demo's stateful service: a per-session counter whose state lives only in its sidecar.
+
+``POST /counter`` (header ``x-session-id``) reads the session from the member's
+statesync sidecar, increments ``seq`` and writes it back; the answer carries the new
+``seq`` and the member that served it (also as ``x-meshxl-member``). Because nothing is
+kept in the process, any member can carry on a session after another one died: that
+is what ``meshxl demo`` shows.
+
+Errors map onto what Envoy's retry policy understands: sidecar 5xx or unreachable ->
+503 (retried as ``gateway-error``); sidecar 409 (ownership lost: another member wrote
+the session since) -> 409, not retried. ``GET /healthz`` follows the sidecar's
+``/readyz``, so a member whose sidecar is gone or still syncing fails Envoy's health
+check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from meshxl.addr import parse_hostport
+
+log = logging.getLogger("meshxl.demo.app")
+
+SESSION_HEADER = "x-session-id"
+MEMBER_HEADER = "x-meshxl-member"
+READY_POLL = 0.2
+
+try:  # W3C trace context through aiohttp (meshxl.telemetry.http)
+    from meshxl.telemetry.http import client_trace_configs, server_middleware
+except ImportError:  # pragma: no cover - only while telemetry.http is not there
+    client_trace_configs = None  # type: ignore[assignment]
+    server_middleware = None  # type: ignore[assignment]
+
+_member = web.AppKey("member", str)
+_sidecar = web.AppKey("sidecar", str)
+_http = web.AppKey("http", aiohttp.ClientSession)
+_probe = web.AppKey("probe", aiohttp.ClientSession)
+_ready = web.AppKey("ready", dict)
+
+
+class _SidecarError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _answer(status: int, body: dict[str, Any], member: str) -> web.Response:
+    return web.json_response(body, status=status, headers={MEMBER_HEADER: member})
+
+
+def _error(status: int, message: str, member: str, **extra: Any) -> web.Response:
+    return _answer(status, {"error": message, "status": status, "member": member, **extra},
+                   member)
+
+
+def _map_status(status: int) -> int:
+    """The sidecar's answer as the app's: 409 stays 409, other failures become 503."""
+    return 409 if status == 409 else 503
+
+
+async def _read_seq(request: web.Request, session: str) -> int:
+    http, base = request.app[_http], request.app[_sidecar]
+    try:
+        async with http.get(f"{base}/v1/sessions/{session}") as resp:
+            if resp.status == 404:
+                return 0
+            body = await resp.read()
+            if resp.status != 200:
+                raise _SidecarError(_map_status(resp.status),
+                                    f"sidecar GET answered {resp.status}: {body[:200]!r}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _SidecarError(503, f"sidecar unreachable: {type(exc).__name__}: {exc}") from exc
+    try:
+        return int(json.loads(body).get("seq", 0))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise _SidecarError(503, f"session {session} holds no counter: {body[:200]!r}") from exc
+
+
+async def _write_seq(request: web.Request, session: str, seq: int) -> None:
+    http, base, member = request.app[_http], request.app[_sidecar], request.app[_member]
+    try:
+        async with http.put(f"{base}/v1/sessions/{session}",
+                            json={"seq": seq, "member": member}) as resp:
+            body = await resp.read()
+            if resp.status not in (200, 201):
+                raise _SidecarError(_map_status(resp.status),
+                                    f"sidecar PUT answered {resp.status}: {body[:200]!r}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _SidecarError(503, f"sidecar unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+def _session_of(request: web.Request) -> str | None:
+    session = request.headers.get(SESSION_HEADER, "").strip()
+    return session or None
+
+
+async def increment(request: web.Request) -> web.Response:
+    member = request.app[_member]
+    session = _session_of(request)
+    if session is None:
+        return _error(400, f"the {SESSION_HEADER} header is required", member)
+    try:
+        seq = await _read_seq(request, session) + 1
+        await _write_seq(request, session, seq)
+    except _SidecarError as exc:
+        return _error(exc.status, str(exc), member, session=session)
+    return _answer(200, {"member": member, "session": session, "seq": seq}, member)
+
+
+async def current(request: web.Request) -> web.Response:
+    member = request.app[_member]
+    session = _session_of(request)
+    if session is None:
+        return _error(400, f"the {SESSION_HEADER} header is required", member)
+    try:
+        seq = await _read_seq(request, session)
+    except _SidecarError as exc:
+        return _error(exc.status, str(exc), member, session=session)
+    return _answer(200, {"member": member, "session": session, "seq": seq}, member)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    member = request.app[_member]
+    state = request.app[_ready]
+    if state["ready"]:
+        return _answer(200, {"member": member, "ready": True}, member)
+    return _error(503, f"sidecar not ready: {state['reason']}", member)
+
+
+async def _watch_ready(app: web.Application) -> None:
+    """Poll the sidecar's /readyz; health follows it (a dead sidecar fails the member)."""
+    state, http, url = app[_ready], app[_probe], f"{app[_sidecar]}/readyz"
+    timeout = aiohttp.ClientTimeout(total=READY_POLL * 2)
+    while True:
+        try:
+            async with http.get(url, timeout=timeout) as resp:
+                state["ready"] = resp.status == 200
+                state["reason"] = "" if state["ready"] else f"/readyz answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            state["ready"], state["reason"] = False, f"unreachable ({type(exc).__name__})"
+        await asyncio.sleep(READY_POLL)
+
+
+async def _resources(app: web.Application) -> Any:
+    configs = client_trace_configs() if client_trace_configs is not None else None
+    app[_http] = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=5.0), trace_configs=configs)
+    # Readiness is polled outside of any request: an untraced session, no span noise.
+    app[_probe] = aiohttp.ClientSession()
+    watcher = asyncio.create_task(_watch_ready(app))
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    await app[_http].close()
+    await app[_probe].close()
+
+
+def make_app(member: str, sidecar: str) -> web.Application:
+    middlewares = [server_middleware()] if server_middleware is not None else []
+    app = web.Application(middlewares=middlewares)
+    app[_member] = member
+    app[_sidecar] = sidecar.rstrip("/")
+    app[_ready] = {"ready": False, "reason": "not polled yet"}
+    app.cleanup_ctx.append(_resources)
+    app.router.add_post("/counter", increment)
+    app.router.add_get("/counter", current)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(member: str, listen: str, sidecar: str) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    host, port = parse_hostport(listen)
+    runner = web.AppRunner(make_app(member, sidecar), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("member %s serving on %s, state in %s", member, listen, sidecar)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshxl.demo.app", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="this member's name")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("--sidecar", required=True, metavar="URL",
+                        help="the member's statesync sidecar, e.g. http://127.0.0.1:7070")
+    parser.add_argument("--cluster", default="demo")
+    parser.add_argument("--trace-file", help="write this process's spans as OTLP JSON lines")
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Envoy health-checks every member several times a second: keep those out of traces.
+    os.environ.setdefault("OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS", "healthz")
+    from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
+
+    setup_tracing("app", attributes={"meshxl.cluster": args.cluster,
+                                     "meshxl.member": args.name},
+                  trace_file=args.trace_file)
+    try:
+        asyncio.run(serve(args.name, args.listen, args.sidecar))
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

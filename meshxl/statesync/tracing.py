@@ -1,0 +1,152 @@
+"""Takeover spans: in the request's trace, and in the failover's trace.
+
+When this member takes a session over, ``meshxl.session.takeover`` is recorded in the
+request's own trace (the request came through Envoy and the app with a W3C
+``traceparent``), linked to the previous owner's last write. The control plane
+publishes each failover's trace context in etcd; when one names the previous owner,
+a ``meshxl.failover.takeover`` span joins that failover's trace with the takeover's
+times, linked back to the request trace. Takeovers often happen before the control
+plane even learns of the loss (Envoy retries within milliseconds, a lease takes
+seconds to end), so recent takeovers are kept until their failover appears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import aetcd
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from meshxl.telemetry import names
+
+from .sessions import Takeover
+
+log = logging.getLogger(__name__)
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+KEEP_SECONDS = 300.0
+"""How long a takeover waits for its failover, and a failover for late takeovers."""
+
+
+def _context(traceparent: str | None) -> Context | None:
+    if not traceparent:
+        return None
+    ctx = _PROPAGATOR.extract({"traceparent": traceparent})
+    return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
+
+
+def _span_context(traceparent: str | None) -> SpanContext | None:
+    ctx = _context(traceparent)
+    return trace.get_current_span(ctx).get_span_context() if ctx is not None else None
+
+
+@dataclass
+class _Recent:
+    takeover: Takeover
+    span: SpanContext
+    joined: set[str] = field(default_factory=set)
+    """Failover traces this takeover already joined."""
+
+
+class TakeoverTracer:
+    """Records takeovers and joins them to the failovers the control plane publishes."""
+
+    def __init__(self, cluster: str, member: str):
+        self.cluster = cluster
+        self.member = member
+        self._tracer = trace.get_tracer("meshxl.statesync")
+        self._recent: deque[_Recent] = deque()
+        self._failovers: dict[str, tuple[str, float]] = {}  # lost member -> (traceparent, at)
+        self.joined = 0
+
+    def record(self, t: Takeover) -> None:
+        """Called in the request's context right after the takeover write."""
+        links = []
+        previous = _span_context(t.previous_traceparent)
+        if previous is not None:
+            links.append(Link(previous, {"meshxl.link": "previous_owner_write"}))
+        span = self._tracer.start_span(
+            names.SESSION_TAKEOVER, start_time=t.start_ns, links=links,
+            attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
+                        names.SESSION: t.session_id, names.PREVIOUS_OWNER: t.previous_owner})
+        span.end(end_time=t.end_ns)
+        recent = _Recent(t, span.get_span_context())
+        self._recent.append(recent)
+        self._prune()
+        failover = self._failovers.get(t.previous_owner)
+        if failover is not None:
+            self._join(recent, failover[0])
+
+    def failover(self, lost_member: str, traceparent: str) -> None:
+        """A failover of ``lost_member`` was published: join the takeovers from it."""
+        self._failovers[lost_member] = (traceparent, time.time())
+        for recent in self._recent:
+            if recent.takeover.previous_owner == lost_member:
+                self._join(recent, traceparent)
+        self._prune()
+
+    def _join(self, recent: _Recent, traceparent: str) -> None:
+        parent = _context(traceparent)
+        if parent is None or traceparent in recent.joined:
+            return
+        recent.joined.add(traceparent)
+        t = recent.takeover
+        span = self._tracer.start_span(
+            names.FAILOVER_TAKEOVER, context=parent, start_time=t.start_ns,
+            links=[Link(recent.span, {"meshxl.link": "request_trace"})],
+            attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
+                        names.SESSION: t.session_id, names.PREVIOUS_OWNER: t.previous_owner})
+        span.end(end_time=t.end_ns)
+        self.joined += 1
+
+    def _prune(self) -> None:
+        horizon_ns = time.time_ns() - int(KEEP_SECONDS * 1e9)
+        while self._recent and self._recent[0].takeover.end_ns < horizon_ns:
+            self._recent.popleft()
+        horizon = time.time() - KEEP_SECONDS
+        for member in [m for m, (_, at) in self._failovers.items() if at < horizon]:
+            del self._failovers[member]
+
+
+async def follow_failovers(client: aetcd.Client, prefix: str, tracer: TakeoverTracer) -> None:
+    """Feed the failover records of this cluster to ``tracer`` (read, then watch)."""
+    backoff = 0.1
+    while True:
+        try:
+            got = await client.get_prefix(prefix.encode())
+            for kv in got:
+                _offer(tracer, kv.value)
+            watch = await client.watch_prefix(prefix.encode(),
+                                              start_revision=got.header.revision + 1)
+            backoff = 0.1
+            try:
+                async for event in watch:
+                    if event.kind == "PUT":
+                        _offer(tracer, event.kv.value)
+            finally:
+                await watch.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # tracing must never disturb the sidecar
+            log.debug("failover watch interrupted: %s", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+def _offer(tracer: TakeoverTracer, raw: bytes) -> None:
+    try:
+        record = json.loads(raw)
+        member, traceparent = record["member"], record["traceparent"]
+    except (ValueError, KeyError, TypeError):
+        log.debug("ignoring a malformed failover record")
+        return
+    if isinstance(member, str) and isinstance(traceparent, str):
+        tracer.failover(member, traceparent)
