@@ -59,10 +59,11 @@ class _Recent:
 class TakeoverTracer:
     """Records takeovers and joins them to the failovers the control plane publishes."""
 
-    def __init__(self, cluster: str, member: str):
+    def __init__(self, cluster: str, member: str,
+                 tracer_provider: trace.TracerProvider | None = None):
         self.cluster = cluster
         self.member = member
-        self._tracer = trace.get_tracer("meshxl.statesync")
+        self._tracer = trace.get_tracer("meshxl.statesync", tracer_provider=tracer_provider)
         self._recent: deque[_Recent] = deque()
         self._failovers: dict[str, tuple[str, float]] = {}  # lost member -> (traceparent, at)
         self.joined = 0

@@ -88,11 +88,12 @@ class FailoverTracer:
 
     def __init__(self, *, connected: Callable[[], dict[str, str | None]],
                  timeout: float = 10.0,
-                 on_start: Callable[[Loss, Span], None] | None = None):
+                 on_start: Callable[[Loss, Span], None] | None = None,
+                 tracer_provider: trace.TracerProvider | None = None):
         self._connected = connected
         self._timeout = timeout
         self._on_start = on_start
-        self._tracer = trace.get_tracer("meshxl.xds")
+        self._tracer = trace.get_tracer("meshxl.xds", tracer_provider=tracer_provider)
         self._open: list[_Failover] = []
         self.started = 0
 

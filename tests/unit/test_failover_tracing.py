@@ -1,0 +1,149 @@
+"""Failover and takeover tracing, with an in-memory exporter (no processes)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
+from meshxl.statesync.sessions import Takeover
+from meshxl.statesync.tracing import TakeoverTracer
+from meshxl.telemetry import names
+from meshxl.xds.cache import CLUSTER, ENDPOINT
+from meshxl.xds.failover import FailoverTracer, losses
+
+MODEL = parse_model("""
+clusters:
+  - name: c
+    membership: registered
+    members:
+      - {name: a, address: 127.0.0.1, port: 8001}
+      - {name: b, address: 127.0.0.1, port: 8002}
+  - name: other
+    members: [{name: x, address: 127.0.0.1, port: 8003}]
+""")
+BOTH = RuntimeState(registrations={("c", "a"): Registration("127.0.0.1", 8001),
+                                   ("c", "b"): Registration("127.0.0.1", 8002)})
+
+
+@pytest.fixture
+def exporter() -> tuple[TracerProvider, InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    return provider, memory
+
+
+@pytest.mark.parametrize("after,cause", [
+    (RuntimeState(registrations={("c", "b"): Registration("127.0.0.1", 8002)}),
+     "lease_expired"),
+    (RuntimeState(registrations={**BOTH.registrations,
+                                 ("c", "a"): Registration("127.0.0.1", 8001, ready=False)}),
+     "not_ready"),
+    (RuntimeState(registrations={**BOTH.registrations,
+                                 ("c", "a"): Registration("127.0.0.1", 8001, problems=("db",))}),
+     "problem"),
+    (RuntimeState(registrations=BOTH.registrations,
+                  members_down={("c", "a"): AdminAction()}), "admin_down"),
+    (RuntimeState(registrations=BOTH.registrations,
+                  sites_offline={"default": AdminAction()}), "site_offline"),
+])
+def test_losses_name_the_member_and_the_cause(after: RuntimeState, cause: str) -> None:
+    found = losses(MODEL, BOTH, after)
+    assert [(loss.cluster, loss.member, loss.cause) for loss in found][0] == ("c", "a", cause)
+    if cause != "site_offline":  # a site going offline takes every member of it
+        assert len(found) == 1
+
+
+def test_no_loss_when_nothing_stops_serving() -> None:
+    assert losses(MODEL, BOTH, BOTH) == []
+    joined = RuntimeState(registrations={**BOTH.registrations,
+                                         ("c", "z"): Registration("127.0.0.1", 8009)})
+    assert losses(MODEL, BOTH, joined) == []  # a member joining is no failover
+    assert losses(MODEL, RuntimeState(), BOTH) == []  # nor is a member becoming ready
+
+
+def test_a_failover_trace_follows_rebuild_push_and_ack(exporter) -> None:  # type: ignore[no-untyped-def]
+    provider, memory = exporter
+    acked: dict[str, str | None] = {"n1": "v0", "n2": "v0"}
+    tracer = FailoverTracer(connected=lambda: dict(acked), tracer_provider=provider)
+    loss = losses(MODEL, BOTH, RuntimeState(registrations={
+        ("c", "b"): Registration("127.0.0.1", 8002)}))
+    tracer.detected(loss, time.time_ns(), revision=42)
+    tracer.rebuilding()
+    tracer.built("v1", changed=True)
+    tracer.sent("n1", CLUSTER, "c1", None)  # other types are not followed
+    for node in ("n1", "n2"):
+        tracer.sent(node, ENDPOINT, "v1", None)
+    tracer.answered("n1", ENDPOINT, "v1", None)
+    assert tracer.open == 1  # n2 has not ACKed yet
+    tracer.answered("n2", ENDPOINT, "v1", "bad cluster")  # a NACK ends it too, as an error
+    assert tracer.open == 0
+    spans = {(s.name, s.attributes.get(names.NODE)): s for s in memory.get_finished_spans()}
+    root = spans[(names.FAILOVER, None)]
+    assert root.attributes[names.MEMBER] == "a"
+    assert root.attributes[names.CAUSE] == "lease_expired"
+    assert root.attributes[names.ETCD_REVISION] == 42
+    assert root.attributes[names.NODES] == 2
+    for name in (names.FAILOVER_DETECT, names.FAILOVER_REBUILD):
+        assert spans[(name, None)].parent.span_id == root.context.span_id
+    for node in ("n1", "n2"):
+        push, ack = spans[(names.FAILOVER_PUSH, node)], spans[(names.FAILOVER_ACK, node)]
+        assert push.end_time <= ack.start_time + 1  # causal order
+        assert ack.parent.span_id == root.context.span_id
+    assert spans[(names.FAILOVER_ACK, "n2")].status.status_code == StatusCode.ERROR
+    assert root.end_time >= spans[(names.FAILOVER_ACK, "n2")].end_time
+
+
+def test_nodes_that_already_have_the_version_are_not_waited_for(exporter) -> None:  # type: ignore[no-untyped-def]
+    provider, memory = exporter
+    tracer = FailoverTracer(connected=lambda: {"n1": "v1"}, tracer_provider=provider)
+    tracer.detected(losses(MODEL, BOTH, RuntimeState()), time.time_ns(), None)
+    tracer.rebuilding()
+    tracer.built("v1", changed=False)
+    assert tracer.open == 0
+    assert any(s.name == names.FAILOVER for s in memory.get_finished_spans())
+
+
+def test_a_missing_ack_ends_the_failover_as_an_error(exporter) -> None:  # type: ignore[no-untyped-def]
+    provider, memory = exporter
+    tracer = FailoverTracer(connected=lambda: {"n1": None}, timeout=0.0,
+                            tracer_provider=provider)
+    tracer.detected(losses(MODEL, BOTH, RuntimeState()), time.time_ns(), None)
+    tracer.rebuilding()
+    tracer.built("v9", changed=True)
+    time.sleep(0.001)
+    tracer.tick()
+    root = next(s for s in memory.get_finished_spans() if s.name == names.FAILOVER)
+    assert root.status.status_code == StatusCode.ERROR
+    assert "did not ACK" in (root.status.description or "")
+
+
+def test_takeovers_join_the_failover_whenever_it_appears(exporter) -> None:  # type: ignore[no-untyped-def]
+    provider, memory = exporter
+    takeovers = TakeoverTracer("c", "b", tracer_provider=provider)
+    now = time.time_ns()
+    previous = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    takeovers.record(Takeover("s1", "a", "b", now, now + 3_000_000, previous))
+    failover = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    takeovers.failover("a", failover)  # published after the takeover (the usual order)
+    takeovers.failover("a", failover)  # seen again after a watch resumed: no duplicate
+    takeovers.record(Takeover("s2", "a", "b", now, now + 1_000_000, None))  # a late one
+    takeovers.record(Takeover("s3", "x", "b", now, now + 1_000_000, None))  # another owner
+    spans = memory.get_finished_spans()
+    request = [s for s in spans if s.name == names.SESSION_TAKEOVER]
+    joined = [s for s in spans if s.name == names.FAILOVER_TAKEOVER]
+    assert len(request) == 3
+    assert sorted(s.attributes[names.SESSION] for s in joined) == ["s1", "s2"]
+    for span in joined:
+        assert format(span.context.trace_id, "032x") == "a" * 32
+        assert format(span.parent.span_id, "016x") == "b" * 16
+        assert len(span.links) == 1  # back to the request trace's takeover span
+    s1 = next(s for s in request if s.attributes[names.SESSION] == "s1")
+    assert format(s1.links[0].context.trace_id, "032x") == "1" * 32  # previous owner's write
+    assert (s1.end_time - s1.start_time) == 3_000_000
