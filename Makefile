@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test unit integration bench lint clean
+.PHONY: setup demo quickstart test unit integration bench lint clean
 
 $(STAMP): pyproject.toml
 	@scripts/setup.sh "$(VENV)"
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/meshxl demo --output-dir out/demo
+
+quickstart: $(STAMP)
 	$(VENV)/bin/meshxl quickstart
 
 test: $(STAMP)

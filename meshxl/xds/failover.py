@@ -77,8 +77,9 @@ def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[
         for member, was in old.items():
             now = new.get(member, str(MemberState.LOST))
             if was == MemberState.READY and now != MemberState.READY:
-                cause = "removed" if member not in new else _CAUSES.get(MemberState(now),
-                                                                        "removed")
+                # A registered member that is not listed in the model leaves the view
+                # when its registration ends: that is its lease ending too.
+                cause = _CAUSES.get(MemberState(now), "removed")
                 found.append(Loss(spec.name, member, cause, was, now))
     return found
 

@@ -147,3 +147,10 @@ def test_takeovers_join_the_failover_whenever_it_appears(exporter) -> None:  # t
     s1 = next(s for s in request if s.attributes[names.SESSION] == "s1")
     assert format(s1.links[0].context.trace_id, "032x") == "1" * 32  # previous owner's write
     assert (s1.end_time - s1.start_time) == 3_000_000
+
+
+def test_an_unlisted_registered_member_whose_lease_ends_is_lease_expired() -> None:
+    model = parse_model("clusters: [{name: d, membership: registered}]")
+    before = RuntimeState(registrations={("d", "m"): Registration("127.0.0.1", 9000)})
+    (loss,) = losses(model, before, RuntimeState())
+    assert (loss.member, loss.cause) == ("m", "lease_expired")

@@ -413,3 +413,33 @@ def test_fixture_session_takeover_batched() -> None:
     assert report.failovers == 1 and report.met
     assert summary == {"convergence_ms": (1, 1, 46.0), "request_success_ratio": (1, 1, None),
                        "takeover_ms": (1, 1, 15.0), "rto_ms": (0, 0, None)}
+
+
+# -- a trace recorded from a real `meshxl demo` run (Envoy, control plane, sidecars) ----------
+
+RECORDED = Path(__file__).parent / "fixtures" / "traces" / "recorded-demo-ha.jsonl"
+EXAMPLE_SLOS = Path(__file__).parents[2] / "deploy" / "slo" / "failover.yaml"
+
+
+def test_recorded_demo_run_meets_the_example_objectives(capsys: pytest.CaptureFixture[str]) -> None:
+    code = slo_review_command([str(RECORDED)], [str(EXAMPLE_SLOS)], "json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["met"] and report["failovers"] == 1
+    by_name = {o["name"]: o for o in report["objectives"]}
+    assert by_name["session-takeover"]["total"] == 40  # every session of the killed member
+    assert by_name["failover-zero-failed-requests"]["good"] == \
+        by_name["failover-zero-failed-requests"]["total"] > 0
+    assert by_name["data-plane-rto"]["total"] >= 1  # requests Envoy retried on the standby
+    assert 0 < by_name["failover-convergence"]["p99"] < 1000
+
+
+def test_recorded_demo_run_breaches_a_stricter_objective(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(EXAMPLE_SLOS.read_text().replace("value: 50", "value: 5"))
+    code = slo_review_command([str(RECORDED)], [str(strict)], "json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and not report["met"]
+    takeover = next(o for o in report["objectives"] if o["sli"] == "takeover_ms")
+    assert not takeover["met"] and takeover["burn_rate"] is None or takeover["burn_rate"] > 1
