@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshxl.telemetry import names
+from meshxl.telemetry import names, slo
 
 from .local import HOST, LocalError, LocalProcess, LocalStack, free_ports, wait_http
 
@@ -247,7 +247,6 @@ def failover_times(spans: Sequence[Any], member: str) -> FailoverTimes:
     out.trace_id, out.start_ns = root.trace_id, root.start_ns
     out.cause = root.attributes.get(names.CAUSE)
     acks = [s for s in trace if s.name == names.FAILOVER_ACK]
-    out.converged_ns = max((s.end_ns for s in acks), default=None)
     out.pushes_ns = sorted(s.start_ns for s in trace if s.name == names.FAILOVER_PUSH)
     out.acks_ns = sorted(s.end_ns for s in acks)
     for name in (names.FAILOVER_DETECT, names.FAILOVER_REBUILD, names.FAILOVER_PUSH,
@@ -256,15 +255,17 @@ def failover_times(spans: Sequence[Any], member: str) -> FailoverTimes:
         if stage:
             out.stage_ms[name.rsplit(".", 1)[-1]] = round(
                 (max(s.end_ns for s in stage) - min(s.start_ns for s in stage)) / 1e6, 2)
-    takeovers = [s for s in trace if s.name == names.FAILOVER_TAKEOVER]
-    out.takeover_source = names.FAILOVER_TAKEOVER if takeovers else None
-    if not takeovers:
-        # Takeover spans in the request traces, after the failover started.
-        takeovers = [s for s in spans if s.name == names.SESSION_TAKEOVER
-                     and s.start_ns >= root.start_ns]
-        out.takeover_source = names.SESSION_TAKEOVER if takeovers else None
+    # Convergence and takeover as the SLO review defines them (one definition).
+    (failover,) = [f for f in slo.find_failovers(spans) if f.trace_id == root.trace_id]
+    (converged_ms,) = slo.convergence_ms(spans, [failover])
+    out.converged_ns = root.start_ns + round(converged_ms * 1e6)
+    out.takeover_ms = slo.takeover_ms(spans, [failover])
+    joined = [s for s in trace if s.name == names.FAILOVER_TAKEOVER]
+    takeovers = joined or [s for s in spans if s.name == names.SESSION_TAKEOVER
+                           and failover.contains(s.start_ns)]
+    out.takeover_source = ((names.FAILOVER_TAKEOVER if joined else names.SESSION_TAKEOVER)
+                           if takeovers else None)
     out.takeovers_ns = sorted(s.start_ns for s in takeovers)
-    out.takeover_ms = [(s.end_ns - s.start_ns) / 1e6 for s in takeovers]
     out.violations = causal_violations(trace)
     return out
 
