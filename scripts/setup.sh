@@ -18,6 +18,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[test,dev]"
+# xds-protos ships an older copy of the OpenTelemetry protos (opentelemetry/proto/...)
+# at the same paths as opentelemetry-proto; whichever installs last wins. The newer
+# OpenTelemetry files are a superset that Envoy's protos still import, so make them win.
+otel_proto=$("$venv/bin/python" -m pip show opentelemetry-proto 2>/dev/null | awk '/^Version:/{print $2}')
+if [ -n "$otel_proto" ]; then
+  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
+fi
 
 if ! command -v etcd >/dev/null 2>&1; then
   echo "etcd not found on PATH: installing Debian's etcd-server"
