@@ -559,8 +559,10 @@ class _Member:
 class _Traffic:
     """Steady session traffic through Envoy, one request at a time per session."""
 
-    def __init__(self, url: str, sessions: int, until: float, max_requests: int) -> None:
+    def __init__(self, url: str, sessions: int, until: float, max_requests: int,
+                 trace_file: Path | None = None) -> None:
         self.url = url
+        self.trace_file = trace_file
         self.sessions = [f"s{i:03d}" for i in range(sessions)]
         self.until = until
         self.max_requests = max_requests
@@ -570,12 +572,31 @@ class _Traffic:
 
     async def run(self) -> None:
         import aiohttp
+        from opentelemetry.exporter.otlp.json.file.trace_exporter import FileSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+        from meshxl.telemetry.http import client_trace_configs
+
+        # The client starts every request's trace (W3C traceparent through Envoy, the
+        # app and its sidecar). A provider of this run's own: a process sets its global
+        # provider once, and the demo may run several times in one process (tests).
+        provider = TracerProvider(resource=Resource.create(
+            {"service.name": "meshxl-demo-client", names.COMPONENT: "demo"}))
+        if self.trace_file is not None:
+            provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(str(self.trace_file)),
+                                                           schedule_delay_millis=500))
         timeout = aiohttp.ClientTimeout(total=5.0)
         connector = aiohttp.TCPConnector(limit=len(self.sessions) + 4)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
-            await asyncio.gather(*(self._session(http, s, k)
-                                   for k, s in enumerate(self.sessions)))
+        try:
+            async with aiohttp.ClientSession(
+                    timeout=timeout, connector=connector,
+                    trace_configs=client_trace_configs(tracer_provider=provider)) as http:
+                await asyncio.gather(*(self._session(http, s, k)
+                                       for k, s in enumerate(self.sessions)))
+        finally:
+            provider.shutdown()
 
     async def _session(self, http: Any, session: str, k: int) -> None:
         # Spread the sessions' first requests over one interval.
@@ -795,7 +816,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
 
         started = time.time()
         traffic = _Traffic(f"http://{HOST}:{listen}/counter", sessions, started + duration,
-                           max_requests=int(sessions * (duration / REQUEST_INTERVAL + 10)))
+                           max_requests=int(sessions * (duration / REQUEST_INTERVAL + 10)),
+                           trace_file=traces / "client.jsonl")
         killed: str | None = None
         kill_time: float | None = None
         from rich.live import Live
