@@ -29,18 +29,14 @@ import aiohttp
 from aiohttp import web
 
 from meshxl.addr import parse_hostport
+from meshxl.telemetry import tracing
+from meshxl.telemetry.http import client_trace_configs, server_middleware
 
 log = logging.getLogger("meshxl.demo.app")
 
 SESSION_HEADER = "x-session-id"
 MEMBER_HEADER = "x-meshxl-member"
 READY_POLL = 0.2
-
-try:  # W3C trace context through aiohttp (meshxl.telemetry.http)
-    from meshxl.telemetry.http import client_trace_configs, server_middleware
-except ImportError:  # pragma: no cover - only while telemetry.http is not there
-    client_trace_configs = None  # type: ignore[assignment]
-    server_middleware = None  # type: ignore[assignment]
 
 _member = web.AppKey("member", str)
 _sidecar = web.AppKey("sidecar", str)
@@ -153,7 +149,7 @@ async def _watch_ready(app: web.Application) -> None:
 
 
 async def _resources(app: web.Application) -> Any:
-    configs = client_trace_configs() if client_trace_configs is not None else None
+    configs = client_trace_configs() if tracing.enabled() else None
     app[_http] = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=5.0), trace_configs=configs)
     # Readiness is polled outside of any request: an untraced session, no span noise.
@@ -168,7 +164,8 @@ async def _resources(app: web.Application) -> Any:
 
 
 def make_app(member: str, sidecar: str) -> web.Application:
-    middlewares = [server_middleware()] if server_middleware is not None else []
+    # W3C trace context through the app, when its spans go somewhere.
+    middlewares = [server_middleware()] if tracing.enabled() else []
     app = web.Application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")

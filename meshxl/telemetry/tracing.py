@@ -63,20 +63,29 @@ def setup_tracing(component: str, *, service_name: str | None = None,
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = service_name or f"meshxl-{component}"
     provider = TracerProvider(resource=Resource.create(attrs))
+    exporting = False
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true":
         exporter = _otlp_exporter()
         if exporter is not None:
             provider.add_span_processor(BatchSpanProcessor(exporter,
                                                            schedule_delay_millis=5000))
+            exporting = True
         if trace_file is not None:
             from opentelemetry.exporter.otlp.json.file.trace_exporter import FileSpanExporter
 
             Path(trace_file).parent.mkdir(parents=True, exist_ok=True)
             provider.add_span_processor(BatchSpanProcessor(
                 FileSpanExporter(str(trace_file)), schedule_delay_millis=schedule_delay_ms))
-    trace.set_tracer_provider(provider)
-    _provider = provider
+            exporting = True
+    if exporting:  # with nowhere to send spans, the API's no-op tracer costs nothing
+        trace.set_tracer_provider(provider)
+        _provider = provider
     return provider
+
+
+def enabled() -> bool:
+    """Whether this process exports spans (request instrumentation is added only then)."""
+    return _provider is not None
 
 
 def shutdown_tracing() -> None:
