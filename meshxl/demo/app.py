@@ -101,29 +101,28 @@ def _session_of(request: web.Request) -> str | None:
     return session or None
 
 
-async def increment(request: web.Request) -> web.Response:
-    member = request.app[_member]
-    session = _session_of(request)
-    if session is None:
-        return _error(400, f"the {SESSION_HEADER} header is required", member)
-    try:
-        seq = await _read_seq(request, session) + 1
-        await _write_seq(request, session, seq)
-    except _SidecarError as exc:
-        return _error(exc.status, str(exc), member, session=session)
-    return _answer(200, {"member": member, "session": session, "seq": seq}, member)
-
-
-async def current(request: web.Request) -> web.Response:
+async def _counter(request: web.Request, *, increment: bool) -> web.Response:
+    """Read the session's counter from the sidecar and, for POST, write it back + 1."""
     member = request.app[_member]
     session = _session_of(request)
     if session is None:
         return _error(400, f"the {SESSION_HEADER} header is required", member)
     try:
         seq = await _read_seq(request, session)
+        if increment:
+            seq += 1
+            await _write_seq(request, session, seq)
     except _SidecarError as exc:
         return _error(exc.status, str(exc), member, session=session)
     return _answer(200, {"member": member, "session": session, "seq": seq}, member)
+
+
+async def increment(request: web.Request) -> web.Response:
+    return await _counter(request, increment=True)
+
+
+async def current(request: web.Request) -> web.Response:
+    return await _counter(request, increment=False)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -160,13 +160,15 @@ class FailoverTracer:
                                     names.VERSION: version})
         self._close_finished()
 
+    def _awaiting(self, node: str, type_url: str, version: str) -> list[_Failover]:
+        """Open failovers waiting for ``node`` to get (or answer) EDS ``version``."""
+        if type_url != ENDPOINT or not self._open:
+            return []
+        return [f for f in self._open if f.version == version and node in f.waiting]
+
     def sent(self, node: str, type_url: str, version: str, _error: str | None) -> None:
-        if type_url != ENDPOINT:
-            return
         now = time.time_ns()
-        for f in self._open:
-            if f.version != version or node not in f.waiting:
-                continue
+        for f in self._awaiting(node, type_url, version):
             push = f.pushes.pop(node, None)
             if push is not None:
                 push.end(end_time=now)
@@ -177,12 +179,11 @@ class FailoverTracer:
                                                 names.TYPE_URL: ENDPOINT})
 
     def answered(self, node: str, type_url: str, version: str, error: str | None) -> None:
-        if type_url != ENDPOINT:
+        awaiting = self._awaiting(node, type_url, version)
+        if not awaiting:
             return
         now = time.time_ns()
-        for f in self._open:
-            if f.version != version or node not in f.waiting:
-                continue
+        for f in awaiting:
             ack = f.acks.pop(node, None)
             if ack is not None:
                 if error:
