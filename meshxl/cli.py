@@ -94,6 +94,61 @@ root_option = click.option(
     envvar="MESHXL_ETCD_PREFIX", help="Key prefix of this meshxl installation in etcd.")
 
 
+output_option = click.option(
+    "--output", "-o", type=click.Choice(["table", "json"]), default="table",
+    show_default=True, help="Rich tables for people, JSON for scripts.")
+wait_option = click.option(
+    "--wait", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+    help="Wait up to SECONDS until every connected Envoy acknowledged the change "
+         "(exit 1 if not).")
+model_option = click.option(
+    "--model", "model_file", type=click.Path(dir_okay=False, path_type=Path),
+    help="The model file the control plane serves, when it does not read the model "
+         "from etcd.")
+
+
+def _model_text(model_file: Path | None) -> tuple[str | None, str | None]:
+    if model_file is None:
+        return None, None
+    try:
+        return model_file.read_text(encoding="utf-8"), str(model_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {model_file}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _print_json(data: Any) -> None:
+    import json
+
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+async def _wait_verified(client: Any, keys: Keys, wait: float) -> dict[str, Any] | None:
+    if not wait:
+        return None
+    from meshxl.observe import verify
+
+    await asyncio.sleep(0.05)  # let the control plane see the change first
+    return await verify(client, keys, settle=wait)
+
+
+def _report_action(done: dict[str, Any], verified: dict[str, Any] | None, output: str,
+                   line: str) -> None:
+    if verified is not None:
+        done["converged"] = verified["ok"]
+        done["mismatches"] = verified["mismatches"]
+    if output == "json":
+        _print_json(done)
+    else:
+        click.echo(line)
+        if verified is not None:
+            click.echo("every connected Envoy acknowledged the change" if verified["ok"]
+                       else "not converged: " + "; ".join(
+                           p["message"] for p in verified["mismatches"]))
+    if verified is not None and not verified["ok"]:
+        sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshxl")
 def main() -> None:
@@ -137,9 +192,14 @@ def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
     except OSError as exc:
         _fail(f"cannot read {file}: {exc.strerror}")
     try:
-        compile_resources(load_model(file))
+        model = load_model(file)
+        compile_resources(model)
     except CompileError as exc:
         _fail(str(exc))
+    except ModelError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
 
     async def go() -> Any:
         async with etcd.client(etcd_urls) as client:
@@ -162,20 +222,28 @@ def _member_cmd(down: bool) -> Callable[..., None]:
     @click.argument("cluster")
     @click.argument("member_name", metavar="MEMBER")
     @click.option("--reason", default="", help="Why, recorded for meshxl status.")
+    @wait_option
+    @output_option
     @etcd_option
     @root_option
-    def cmd(cluster: str, member_name: str, reason: str, etcd_urls: str, etcd_root: str) -> None:
+    def cmd(cluster: str, member_name: str, reason: str, wait: float, output: str,
+            etcd_urls: str, etcd_root: str) -> None:
         from meshxl import etcd
         from meshxl.ops import set_member_admin
 
-        async def go() -> int:
+        async def go() -> tuple[int, dict[str, Any] | None]:
             async with etcd.client(etcd_urls) as client:
-                return await set_member_admin(client, Keys(etcd_root), cluster, member_name,
-                                              down, reason)
+                keys = Keys(etcd_root)
+                revision = await set_member_admin(client, keys, cluster, member_name, down,
+                                                  reason)
+                return revision, await _wait_verified(client, keys, wait)
 
-        revision = _run(go)
-        click.echo(f"{cluster}/{member_name}: {'down' if down else 'up'} "
-                   f"(etcd revision {revision})")
+        revision, verified = _run(go)
+        _report_action({"cluster": cluster, "member": member_name,
+                        "action": "down" if down else "up", "reason": reason,
+                        "revision": revision}, verified, output,
+                       f"{cluster}/{member_name}: {'down' if down else 'up'} "
+                       f"(etcd revision {revision})")
 
     return cmd
 
@@ -192,25 +260,138 @@ def site() -> None:
 def _site_cmd(offline: bool) -> Callable[..., None]:
     @click.argument("site_name", metavar="SITE")
     @click.option("--reason", default="", help="Why, recorded for meshxl status.")
+    @wait_option
+    @output_option
     @etcd_option
     @root_option
-    def cmd(site_name: str, reason: str, etcd_urls: str, etcd_root: str) -> None:
+    def cmd(site_name: str, reason: str, wait: float, output: str, etcd_urls: str,
+            etcd_root: str) -> None:
         from meshxl import etcd
         from meshxl.ops import set_site_admin
 
-        async def go() -> int:
+        async def go() -> tuple[int, dict[str, Any] | None]:
             async with etcd.client(etcd_urls) as client:
-                return await set_site_admin(client, Keys(etcd_root), site_name, offline, reason)
+                keys = Keys(etcd_root)
+                revision = await set_site_admin(client, keys, site_name, offline, reason)
+                return revision, await _wait_verified(client, keys, wait)
 
-        revision = _run(go)
-        click.echo(f"site {site_name}: {'offline' if offline else 'online'} "
-                   f"(etcd revision {revision})")
+        revision, verified = _run(go)
+        _report_action({"site": site_name, "action": "offline" if offline else "online",
+                        "reason": reason, "revision": revision}, verified, output,
+                       f"site {site_name}: {'offline' if offline else 'online'} "
+                       f"(etcd revision {revision})")
 
     return cmd
 
 
 site.command("offline", help="Move every cluster's traffic off a site.")(_site_cmd(True))
 site.command("online", help="Let a site take traffic again.")(_site_cmd(False))
+
+
+# -- operator views -----------------------------------------------------------------------
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output keeps whole rows (rich would wrap at 80 columns otherwise).
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+
+
+@main.command()
+@click.option("--cluster", help="Only this cluster.")
+@model_option
+@output_option
+@etcd_option
+@root_option
+def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
+           etcd_root: str) -> None:
+    """Clusters, members and Envoy nodes (like cphaprob state)."""
+    from meshxl import etcd
+    from meshxl.observe import read_mesh, status_report
+
+    text, source = _model_text(model_file)
+
+    async def go() -> dict[str, Any]:
+        async with etcd.client(etcd_urls) as client:
+            return status_report(await read_mesh(client, Keys(etcd_root), text, source),
+                                 cluster)
+
+    report = _run(go)
+    if cluster is not None and not report["clusters"] and not report["model_error"]:
+        _fail(f"unknown cluster {cluster!r}")
+    if output == "json":
+        _print_json(report)
+    else:
+        from meshxl.tables import render_status
+
+        render_status(report, _console())
+
+
+@main.command()
+@click.option("--cluster", help="Only this cluster.")
+@model_option
+@output_option
+@etcd_option
+@root_option
+def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
+         etcd_root: str) -> None:
+    """State synchronization per sidecar (like cphaprob syncstat)."""
+    from meshxl import etcd
+    from meshxl.observe import read_mesh, sync_report
+
+    text, source = _model_text(model_file)
+
+    async def go() -> dict[str, Any]:
+        async with etcd.client(etcd_urls) as client:
+            return sync_report(await read_mesh(client, Keys(etcd_root), text, source), cluster)
+
+    report = _run(go)
+    if output == "json":
+        _print_json(report)
+    else:
+        from meshxl.tables import render_sync
+
+        render_sync(report, _console())
+
+
+@main.command()
+@click.option("--envoy-admin", "envoy_admin", multiple=True, metavar="URL",
+              help="Also compare this Envoy's live /clusters (repeat for several).")
+@click.option("--settle", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              metavar="SECONDS", help="Re-check mismatches this long (a push in flight "
+              "is not a mismatch).")
+@model_option
+@output_option
+@etcd_option
+@root_option
+def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None, output: str,
+           etcd_urls: str, etcd_root: str) -> None:
+    """Distribution verification: what each Envoy runs is what the model says now.
+
+    Exit 1 when anything mismatches (each mismatch is named).
+    """
+    from meshxl import etcd
+    from meshxl.observe import verify as run_verify
+
+    text, source = _model_text(model_file)
+    for url in envoy_admin:
+        if not url.startswith(("http://", "https://")):
+            _fail(f"--envoy-admin needs an http(s) URL, got {url!r}")
+
+    async def go() -> dict[str, Any]:
+        async with etcd.client(etcd_urls) as client:
+            return await run_verify(client, Keys(etcd_root), envoy_admin, text, source,
+                                    settle=settle)
+
+    report = _run(go)
+    if output == "json":
+        _print_json(report)
+    else:
+        from meshxl.tables import render_verify
+
+        render_verify(report, _console())
+    sys.exit(0 if report["ok"] else 1)
 
 
 # -- servers ------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
     {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
                                                           its trace context (leased)
+    {root}/v1/state/{cluster}/{member}                    a member's last state change and
+                                                          failover count (control plane)
+    {root}/v1/sync/{cluster}/{member}                     a sidecar's sync statistics
+                                                          (under its registration lease)
 
 Everything that decides Envoy's configuration lives under ``mesh/``, so the control
 plane watches exactly that prefix and nothing else (node status it writes itself,
@@ -97,6 +101,30 @@ class Keys:
 
     def failover(self, cluster: str, member: str) -> str:
         return f"{self.failovers_prefix(cluster)}{_segment(member, 'member')}"
+
+    # -- member state history and sidecar sync statistics -----------------------------
+    @property
+    def states_prefix(self) -> str:
+        return f"{self.base}/state/"
+
+    def member_state(self, cluster: str, member: str) -> str:
+        return f"{self.states_prefix}{_segment(cluster, 'cluster')}/{_segment(member, 'member')}"
+
+    @property
+    def sync_prefix(self) -> str:
+        return f"{self.base}/sync/"
+
+    def sync_stats(self, cluster: str, member: str) -> str:
+        return f"{self.sync_prefix}{_segment(cluster, 'cluster')}/{_segment(member, 'member')}"
+
+    def parse_pair_key(self, prefix: str, key: str) -> tuple[str, str] | None:
+        """Split ``{prefix}{cluster}/{member}`` (state and sync keys)."""
+        if not key.startswith(prefix):
+            return None
+        parts = key[len(prefix):].split("/")
+        if len(parts) != 2 or not all(parts):
+            return None
+        return parts[0], parts[1]
 
     # -- parsing -------------------------------------------------------------------
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:

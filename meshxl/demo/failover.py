@@ -23,8 +23,6 @@ import collections
 import contextlib
 import json
 import math
-import os
-import signal
 import sys
 import tempfile
 import time
@@ -35,16 +33,9 @@ from typing import Any
 
 from meshxl.telemetry import names, slo
 
-from .local import HOST, LocalError, LocalProcess, LocalStack, free_ports, wait_http
+from .deployment import CLUSTER, MODES, SESSION_HEADER, DemoDeployment
 
-CLUSTER = "demo"
-SESSION_HEADER = "x-session-id"
 MEMBER_HEADER = "x-meshxl-member"
-MODES = ("high-availability", "load-sharing")
-# (member, site): in high-availability a is active, b standby (same site, next tier)
-# and c the backup in the second site; in load-sharing all three share one site.
-HA_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc2"))
-LS_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc1"))
 REQUEST_INTERVAL = 0.1
 """Pause between one session's requests: 10 requests/s per session."""
 BUCKET = 0.1
@@ -530,38 +521,14 @@ def _event_times(report: Mapping[str, Any], started: float) -> dict[str, list[fl
 # -- the run --------------------------------------------------------------------------
 
 
-def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]]) -> str:
-    sites = sorted({site for _, site in members})
-    return f"""\
-clusters:
-  - name: {CLUSTER}
-    mode: {mode}
-    membership: registered
-    stickiness: {{algorithm: maglev, header: {SESSION_HEADER}}}
-    sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
-    health_check: {{path: /healthz}}
-    listener: {{address: {HOST}, port: {listen_port}}}
-    sessions: {{ttl: 5m}}
-telemetry: {{tracing: true}}
-"""
-
-
-@dataclass
-class _Member:
-    name: str
-    site: str
-    app_port: int
-    sidecar_port: int
-    app: LocalProcess | None = None
-    sidecar: LocalProcess | None = None
-
-
-class _Traffic:
+class Traffic:
     """Steady session traffic through Envoy, one request at a time per session."""
 
     def __init__(self, url: str, sessions: int, until: float, max_requests: int,
-                 trace_file: Path | None = None) -> None:
+                 trace_file: Path | None = None,
+                 interval: float = REQUEST_INTERVAL) -> None:
         self.url = url
+        self.interval = interval
         self.trace_file = trace_file
         self.sessions = [f"s{i:03d}" for i in range(sessions)]
         self.until = until
@@ -600,7 +567,7 @@ class _Traffic:
 
     async def _session(self, http: Any, session: str, k: int) -> None:
         # Spread the sessions' first requests over one interval.
-        await asyncio.sleep(REQUEST_INTERVAL * k / len(self.sessions))
+        await asyncio.sleep(self.interval * k / len(self.sessions))
         while time.time() < self.until and len(self.records) < self.max_requests:
             record = await request(http, self.url, session, "POST")
             self.records.append(record)
@@ -608,7 +575,7 @@ class _Traffic:
                 self.counts[record.member] += 1
             else:
                 self.failures += 1
-            await asyncio.sleep(REQUEST_INTERVAL)
+            await asyncio.sleep(self.interval)
 
 
 async def request(http: Any, url: str, session: str, method: str) -> Record:
@@ -630,7 +597,7 @@ async def request(http: Any, url: str, session: str, method: str) -> Record:
                       type(exc).__name__)
 
 
-def _progress(traffic: _Traffic, started: float, duration: float, killed: str | None) -> Any:
+def _progress(traffic: Traffic, started: float, duration: float, killed: str | None) -> Any:
     from rich.table import Table
 
     table = Table.grid(padding=(0, 2))
@@ -647,43 +614,7 @@ def _progress(traffic: _Traffic, started: float, duration: float, killed: str | 
     return table
 
 
-async def _envoy_hosts(admin_url: str) -> list[dict[str, Any]]:
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
-        async with http.get(f"{admin_url}/clusters", params={"format": "json"}) as resp:
-            data = await resp.json(content_type=None)
-    for cluster in data.get("cluster_statuses", []):
-        if cluster.get("name") == CLUSTER:
-            return list(cluster.get("host_statuses", []))
-    return []
-
-
-def healthy_host(host: Mapping[str, Any]) -> bool:
-    """A ``/clusters?format=json`` host that takes traffic: no failure flag set."""
-    status = host.get("health_status", {})
-    flags = ("failed_active_health_check", "failed_outlier_check", "failed_eds_health",
-             "excluded_via_immediate_hc_fail", "active_hc_timeout")
-    return (not any(status.get(f) for f in flags)
-            and status.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN"))
-
-
-async def _wait(predicate: Any, what: str, timeout: float, explain: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            if await predicate():
-                return
-        if time.monotonic() > deadline:
-            detail = ""
-            if explain is not None:
-                with contextlib.suppress(Exception):
-                    detail = f": {await explain()}"
-            raise LocalError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        await asyncio.sleep(0.05)
-
-
-async def _read_back(url: str, sessions: Sequence[str]) -> tuple[dict[str, int | None],
+async def read_back(url: str, sessions: Sequence[str]) -> tuple[dict[str, int | None],
                                                                   list[Record]]:
     import aiohttp
 
@@ -720,29 +651,10 @@ async def _wait_spans_settled(path: Path, quiet: float = 0.6, timeout: float = 5
         await asyncio.sleep(0.1)
 
 
-def _envoy_bootstrap(xds_port: int, admin_port: int, otlp_port: int) -> dict[str, Any]:
-    from meshxl.proxy.bootstrap import build_bootstrap
-
-    bootstrap = build_bootstrap("meshxl-demo", [(HOST, xds_port)], admin_port=admin_port,
-                                otlp=(HOST, otlp_port))
-    # Envoy exports request spans every 5 s by default; flush them soon so none are
-    # left in its buffer when it stops.
-    bootstrap["layered_runtime"] = {"layers": [{"name": "meshxl-demo", "static_layer": {
-        "tracing.opentelemetry.flush_interval_ms": 200,
-        "tracing.opentelemetry.min_flush_spans": 64,
-    }}]}
-    return bootstrap
-
-
 async def run_demo(console: Any, *, mode: str = "high-availability", sessions: int = 40,
                    duration: float = 20.0, output_dir: Path | None = None,
                    etcd_url: str | None = None, kill_at: float | None = None) -> int:
     """Run the failover demo; returns 1 if an acknowledged write was lost, else 0."""
-    from meshxl import etcd
-    from meshxl.etcdkeys import Keys
-    from meshxl.ops import apply_model
-    from meshxl.proxy.envoy import EnvoyProcess
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if sessions < 1 or duration <= 0:
@@ -757,67 +669,18 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
     for old in traces.glob("*.jsonl"):
         old.unlink()
     work = Path(tempfile.mkdtemp(prefix="meshxl-demo-work-"))
-    stack = LocalStack(work)
-    layout = HA_MEMBERS if mode == "high-availability" else LS_MEMBERS
-    ports = free_ports(4 + 2 * len(layout))
-    listen, xds_port, xds_admin, envoy_admin = ports[:4]
-    members = [_Member(name, site, ports[4 + 2 * i], ports[5 + 2 * i])
-               for i, (name, site) in enumerate(layout)]
-    receiver: Any = None
-    envoy: Any = None
-    xds: LocalProcess | None = None
-    py = [sys.executable, "-u", "-m"]
+    deployment = DemoDeployment(work, mode=mode, etcd_url=etcd_url, trace_dir=traces)
     try:
         with console.status("starting etcd, the control plane, three members and Envoy..."):
-            from meshxl.telemetry.receiver import TraceReceiver
-
-            url = etcd_url or await stack.etcd()
-            keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
-            async with etcd.client(url) as client:
-                await apply_model(client, keys, demo_model(mode, listen, layout), "demo model")
-            receiver = TraceReceiver(traces / "envoy.jsonl")
-            otlp_port = await receiver.start(f"{HOST}:0")
-            xds = await stack.spawn("xds", py + [
-                "meshxl.cli", "serve", "xds", "--listen", f"{HOST}:{xds_port}",
-                "--etcd", url, "--etcd-prefix", keys.root, "--admin", f"{HOST}:{xds_admin}",
-                "--trace-file", str(traces / "xds.jsonl")])
-            for m in members:
-                m.sidecar = await stack.spawn(f"sidecar-{m.name}", py + [
-                    "meshxl.cli", "serve", "statesync", "--cluster", CLUSTER,
-                    "--member", m.name, "--app", f"{HOST}:{m.app_port}", "--site", m.site,
-                    "--listen", f"{HOST}:{m.sidecar_port}", "--etcd", url,
-                    "--etcd-prefix", keys.root, "--lease-ttl", "2",
-                    "--trace-file", str(traces / f"sidecar-{m.name}.jsonl")])
-                m.app = await stack.spawn(f"app-{m.name}", py + [
-                    "meshxl.demo.app", "--name", m.name, "--cluster", CLUSTER,
-                    "--listen", f"{HOST}:{m.app_port}",
-                    "--sidecar", f"http://{HOST}:{m.sidecar_port}",
-                    "--trace-file", str(traces / f"app-{m.name}.jsonl")])
-            await wait_http(f"http://{HOST}:{xds_admin}/healthz", xds)
-            for m in members:
-                assert m.app is not None and m.sidecar is not None
-                await wait_http(f"http://{HOST}:{m.sidecar_port}/readyz", m.sidecar, 20)
-                await wait_http(f"http://{HOST}:{m.app_port}/healthz", m.app, 20)
-            envoy = EnvoyProcess(_envoy_bootstrap(xds_port, envoy_admin, otlp_port), work,
-                                 log_level="warning")
-            await envoy.start()
-            await envoy.wait_ready(30)
-            admin_url = f"http://{HOST}:{envoy_admin}"
-
-            async def all_healthy() -> bool:
-                hosts = await _envoy_hosts(admin_url)
-                return len(hosts) == len(members) and all(healthy_host(h) for h in hosts)
-
-            await _wait(all_healthy, "Envoy to see all three members healthy", 20,
-                        lambda: _envoy_hosts(admin_url))
+            await deployment.start()
         console.print(f"[bold]meshxl demo[/] ({mode}): {sessions} sessions for "
-                      f"{duration:g} s through Envoy {HOST}:{listen}; kill -9 at "
+                      f"{duration:g} s through Envoy {deployment.url}; kill -9 at "
                       f"{kill_after:g} s. Logs in {work}")
 
         started = time.time()
-        traffic = _Traffic(f"http://{HOST}:{listen}/counter", sessions, started + duration,
-                           max_requests=int(sessions * (duration / REQUEST_INTERVAL + 10)),
-                           trace_file=traces / "client.jsonl")
+        traffic = Traffic(f"{deployment.url}/counter", sessions, started + duration,
+                          max_requests=int(sessions * (duration / REQUEST_INTERVAL + 10)),
+                          trace_file=traces / "client.jsonl")
         killed: str | None = None
         kill_time: float | None = None
         from rich.live import Live
@@ -826,51 +689,37 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                   refresh_per_second=5, transient=False) as live:
             load = asyncio.create_task(traffic.run())
             while not load.done():
-                now = time.time()
-                if killed is None and now - started >= kill_after:
+                if killed is None and time.time() - started >= kill_after:
                     killed = ("a" if mode == "high-availability"
                               else busiest_member(traffic.records) or "a")
-                    victim = next(m for m in members if m.name == killed)
-                    kill_time = time.time()
-                    for proc in (victim.app, victim.sidecar):
-                        if proc is not None and proc.proc is not None:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.killpg(proc.proc.pid, signal.SIGKILL)
+                    kill_time = await deployment.kill_member(killed)
                 live.update(_progress(traffic, started, duration, killed))
                 await asyncio.wait([load], timeout=0.05)
             await load
             live.update(_progress(traffic, started, duration, killed))
         console.print()
         ended = time.time()
-        for m in members:
-            if m.name == killed:
-                for proc in (m.app, m.sidecar):
-                    if proc is not None:
-                        await proc.kill()  # reaps the killed group
+        if killed is not None:
+            await deployment.reap_member(killed)
 
-        final, readback = await _read_back(f"http://{HOST}:{listen}/counter",
-                                           traffic.sessions)
+        final, readback = await read_back(f"{deployment.url}/counter", traffic.sessions)
         records = traffic.records + readback
 
         # Stop: the control plane first (so no member's shutdown looks like a
         # failover), Envoy once its spans are out, then the members, gracefully so
         # every process flushes its trace file.
-        if xds is not None:
-            await xds.stop(5)
+        await deployment.stop_replicas()
         await _wait_spans_settled(traces / "envoy.jsonl")
-        await envoy.stop()
-        envoy = None
-        await asyncio.gather(*(p.stop(5) for m in members for p in (m.app, m.sidecar)
-                               if p is not None))
-        await receiver.stop()
-        receiver = None
+        await deployment.stop_envoy()
+        await deployment.stop_members()
+        await deployment.stop_receiver()
         merge_traces(traces, out / "traces.jsonl")
         spans = read_spans([out / "traces.jsonl"])
 
         report = build_report(records, final, spans, mode=mode,
-                              members=[m.name for m in members], sessions=sessions,
-                              duration=duration, started=started, kill_time=kill_time,
-                              killed=killed)
+                              members=[m.name for m in deployment.members],
+                              sessions=sessions, duration=duration, started=started,
+                              kill_time=kill_time, killed=killed)
         fo = failover_times(spans, killed) if killed else FailoverTimes()
         report["traffic_ended_s"] = round(ended - started, 3)
         report["readback_failed"] = sum(1 for r in readback if not r.ok)
@@ -886,11 +735,7 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         print_summary(console, report, out)
         return 1 if report["lost_writes"] else 0
     finally:
-        if envoy is not None:
-            await envoy.stop()
-        await stack.close()
-        if receiver is not None:
-            await receiver.stop()
+        await deployment.close()
 
 
 def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
@@ -949,4 +794,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["Record", "build_report", "run_demo"]
+__all__ = ["CLUSTER", "Record", "Traffic", "build_report", "request", "run_demo"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -60,6 +61,8 @@ class StatesyncConfig:
     max_inflight: int = 1
     """etcd transactions in flight at once: with one, everything that arrives while it
     is out leaves in the next (group commit), which measured fastest."""
+    sync_publish_interval: float = 2.0
+    """Seconds between publications of this sidecar's statistics (``meshxl sync``)."""
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -106,6 +109,7 @@ class Sidecar:
         self._tasks.append(loop.create_task(self.cache.run()))
         self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        self._tasks.append(loop.create_task(self._publish_sync()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
@@ -141,6 +145,30 @@ class Sidecar:
             if time.monotonic() - last_prune > settings.ttl / 10:
                 self.sessions.prune_observed()
                 last_prune = time.monotonic()
+
+    async def _publish_sync(self) -> None:
+        """Publish :meth:`status` for ``meshxl sync`` under the registration's lease
+        (it vanishes with the sidecar), when it changed or the lease is new."""
+        key = self.keys.sync_stats(self.config.cluster, self.config.member).encode()
+        last: tuple[int | None, str] = (None, "")
+        while True:
+            await asyncio.sleep(self.config.sync_publish_interval)
+            lease = self.membership.lease_id
+            if lease is None:
+                continue
+            body = json.dumps(self.status(), sort_keys=True, default=str)
+            if (lease, body) == last:
+                continue
+            value = json.dumps({**json.loads(body), "published": time.time()}).encode()
+            try:
+                async with asyncio.timeout(max(self.config.sync_publish_interval, 1.0)):
+                    await self.client.put(key, value, lease=lease)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next round retries; stats are best effort
+                log.debug("sync statistics not published: %s", exc)
+                continue
+            last = (lease, body)
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []

@@ -31,6 +31,8 @@ from meshxl.model import ModelSpec, RuntimeState
 
 from .cache import ENDPOINT, Snapshot, SnapshotCache
 from .failover import FailoverTracer, Loss, losses
+from .history import MemberHistory, transitions
+from .metrics import Convergence, XdsMetrics
 from .resources import CompileError, Compiler
 from .server import AdsServer
 from .sources import Debouncer, EtcdMeshSource, ModelFileSource
@@ -69,10 +71,14 @@ class ControlPlane:
         self.config = config
         self.keys = Keys(config.etcd_root)
         self.cache = SnapshotCache()
+        self.metrics = XdsMetrics()
+        self.convergence = Convergence(self.metrics)
         self.failovers = FailoverTracer(connected=self._acked_endpoints,
                                         on_start=self._record_failover)
-        self.ads = AdsServer(self.cache, on_status_change=self._publish_node,
-                             on_sent=self.failovers.sent, on_answer=self.failovers.answered)
+        self.ads = AdsServer(self.cache, on_status_change=self._node_changed,
+                             on_sent=self.failovers.sent, on_answer=self.failovers.answered,
+                             metrics=self.metrics)
+        self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
         self._changed_at: int | None = None
@@ -112,6 +118,8 @@ class ControlPlane:
             self._spawn(self.mesh.run())
             await self.mesh.synced.wait()
             self._spawn(self._keep_lease())
+            self.history = MemberHistory(self.client, self.keys, cfg.replica)
+            self.history.start()
         await self.rebuild()
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
@@ -129,6 +137,8 @@ class ControlPlane:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.ads.close()
         self.failovers.close()
+        if self.history is not None:
+            await self.history.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.client is not None:
@@ -174,15 +184,22 @@ class ControlPlane:
             return
         runtime = self.runtime
         seen, self._changed_at = self._changed_at or time.time_ns(), None
+        revision = self.mesh.revision if self.mesh else None
         if self._built_runtime is not None and self._built_model is model:
-            self.failovers.detected(losses(model, self._built_runtime, runtime), seen,
-                                    self.mesh.revision if self.mesh else None)
+            changes = transitions(model, self._built_runtime, runtime)
+            found = losses(model, self._built_runtime, runtime, changes)
+            for loss in found:
+                self.metrics.failovers.labels(loss.cluster, loss.cause).inc()
+            self.failovers.detected(found, seen, revision)
+            if self.history is not None and revision is not None:
+                self.history.record(changes, revision)
         self.failovers.rebuilding()
         started = time.perf_counter()
         try:
             resources = self.compiler.compile(model, runtime)
         except CompileError as exc:
             self.compile_error = str(exc)
+            self.metrics.rebuilds.labels("error").inc()
             log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
             return
         self._built_runtime, self._built_model = runtime, model
@@ -191,9 +208,13 @@ class ControlPlane:
         self.compile_error = None
         unchanged = previous is not None and previous.versions == snapshot.versions
         self.failovers.built(snapshot.version(ENDPOINT), changed=not unchanged)
+        self.metrics.rebuild_seconds.observe(time.perf_counter() - started)
         if unchanged:
+            self.metrics.rebuilds.labels("unchanged").inc()
             return
+        self.metrics.rebuilds.labels("published").inc()
         self.cache.set(snapshot)
+        self.convergence.published(snapshot.versions, seen, self.ads.node_status())
         self.last_build = {
             "at": time.time(),
             "seconds": round(time.perf_counter() - started, 6),
@@ -253,6 +274,10 @@ class ControlPlane:
                 self._lease = None
                 await asyncio.sleep(0.5)
 
+    async def _node_changed(self, node_id: str, status: dict[str, Any]) -> None:
+        self.convergence.node_changed(node_id, status)
+        await self._publish_node(node_id, status)
+
     async def _publish_node(self, node_id: str, status: dict[str, Any]) -> None:
         """Write a node's status to etcd; etcd trouble costs a status update, nothing more."""
         if self.client is None or self._lease is None:
@@ -302,6 +327,22 @@ class ControlPlane:
             "nodes": self.ads.node_status(),
         }
 
+    def refresh_gauges(self) -> None:
+        """Gauges read at scrape time (they cost nothing between scrapes)."""
+        m = self.metrics
+        pending = self.rebuilder.pending_since
+        m.debounce_pending.set(self.rebuilder.pending)
+        m.debounce_wait.set(0.0 if pending is None else time.monotonic() - pending)
+        m.etcd_revision.set(self.mesh.revision if self.mesh else 0)
+        m.nodes.set(sum(1 for s in self.ads.node_status().values() if s["streams"] > 0))
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self.refresh_gauges()
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def _start_admin(self, listen: str) -> None:
         from meshxl.addr import parse_hostport
 
@@ -325,6 +366,7 @@ class ControlPlane:
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/v1/status", status)
         app.router.add_get("/v1/nodes", nodes)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

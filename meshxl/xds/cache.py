@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -231,6 +232,7 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._snapshot: Snapshot | None = None
         self._generation = 0
+        self._published_at: float | None = None
         self._watchers: set[asyncio.Event] = set()
 
     @property
@@ -242,10 +244,17 @@ class SnapshotCache:
         """Incremented by every :meth:`set`; lets a waiter tell old from new."""
         return self._generation
 
+    @property
+    def published_at(self) -> float | None:
+        """``time.monotonic()`` of the last :meth:`set` (None before the first): the start
+        of a push, for the push-latency metric."""
+        return self._published_at
+
     def set(self, snapshot: Snapshot) -> None:
         """Serve ``snapshot`` from now on and wake every watcher."""
         self._snapshot = snapshot
         self._generation += 1
+        self._published_at = time.monotonic()
         for event in self._watchers:
             event.set()
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from meshxl.model import ClusterSpec, MemberState, ModelSpec, RuntimeState, cluster_view
+from meshxl.model import MemberState, ModelSpec, RuntimeState
 from meshxl.telemetry import names
 
 from .cache import ENDPOINT
+from .history import Change, transitions
 
 log = logging.getLogger(__name__)
 
@@ -59,29 +60,19 @@ class _Failover:
     deadline: float = 0.0
 
 
-def _serving(spec: ClusterSpec, state: RuntimeState) -> dict[str, str]:
-    """member -> state, for one cluster (from the same view the compiler uses)."""
-    return {m.name: str(m.state) for m in cluster_view(spec, state).members}
+def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState,
+           changes: list[Change] | None = None) -> list[Loss]:
+    """Members that served before and do not now (pure; cheap when nothing changed).
 
-
-def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[Loss]:
-    """Members that served before and do not now (pure; cheap when nothing changed)."""
-    found = []
-    offline_changed = set(before.sites_offline) != set(after.sites_offline)
-    for spec in model.clusters:
-        if (not offline_changed
-                and before.registrations_of(spec.name) == after.registrations_of(spec.name)
-                and before.members_down_of(spec.name) == after.members_down_of(spec.name)):
-            continue
-        old, new = _serving(spec, before), _serving(spec, after)
-        for member, was in old.items():
-            now = new.get(member, str(MemberState.LOST))
-            if was == MemberState.READY and now != MemberState.READY:
-                # A registered member that is not listed in the model leaves the view
-                # when its registration ends: that is its lease ending too.
-                cause = _CAUSES.get(MemberState(now), "removed")
-                found.append(Loss(spec.name, member, cause, was, now))
-    return found
+    ``changes``: the :func:`~meshxl.xds.history.transitions` already computed for the
+    same states, to avoid computing them twice.
+    """
+    if changes is None:
+        changes = transitions(model, before, after)
+    # A registered member that is not listed in the model leaves the view when its
+    # registration ends: that is its lease ending too.
+    return [Loss(c.cluster, c.member, _CAUSES.get(MemberState(c.to_state), "removed"),
+                 c.from_state, c.to_state) for c in changes if c.failover]
 
 
 class FailoverTracer:
@@ -97,13 +88,22 @@ class FailoverTracer:
         self._tracer = trace.get_tracer("meshxl.xds", tracer_provider=tracer_provider)
         self._open: list[_Failover] = []
         self.started = 0
+        self.untraced = 0
+        """Losses seen while no Envoy was connected to this replica (not traced)."""
 
     @property
     def open(self) -> int:
         return len(self._open)
 
     def detected(self, found: list[Loss], seen_ns: int, revision: int | None) -> None:
-        """Start a trace per loss; ``seen_ns`` is when the change was first seen."""
+        """Start a trace per loss; ``seen_ns`` is when the change was first seen.
+
+        A replica with no Envoy connected traces nothing: with several replicas, the
+        failover is traced by the one(s) whose Envoys must converge, not once per replica.
+        """
+        if found and not self._connected():
+            self.untraced += len(found)
+            return
         for loss in found:
             attrs: dict[str, str | int] = {names.CLUSTER: loss.cluster, names.MEMBER: loss.member,
                                            names.CAUSE: loss.cause,

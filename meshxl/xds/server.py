@@ -1,9 +1,15 @@
-"""State-of-the-world ADS: streams, nonces, ACK/NACK and per-node status.
+"""ADS streams: nonces, ACK/NACK and per-node status, for state of the world and delta.
 
 Resources and versions live in :mod:`meshxl.xds.cache`; this module only runs the
-protocol (go-control-plane keeps the same split). Each stream has one reader task
-feeding an inbox and one loop (the gRPC handler) that processes requests and writes
-responses; a single event wakes the loop for a request or a new snapshot.
+protocol (go-control-plane keeps the same split). Both ADS methods are served on one
+gRPC service: ``StreamAggregatedResources`` (state of the world, here) and
+``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`). They share what an
+operator sees and what keeps a NACK from looping: the per-node status, the quarantine
+of rejected responses, the ``on_sent``/``on_answer`` hooks and the metrics.
+
+Each stream has one reader task feeding an inbox and one loop (the gRPC handler) that
+processes requests and writes responses; a single event wakes the loop for a request
+or a new snapshot.
 
 Responses are pre-encoded bytes from the snapshot plus a nonce, sent through a method
 handler whose response serializer is the identity, so a push to N Envoys encodes
@@ -16,13 +22,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
+from meshxl.xds import delta
 from meshxl.xds.cache import (
     CLUSTER,
     ENDPOINT,
@@ -34,8 +41,9 @@ from meshxl.xds.cache import (
     SnapshotCache,
     with_nonce,
 )
+from meshxl.xds.metrics import XdsMetrics
 
-__all__ = ["ADS_SERVICE", "AdsServer", "OnStatusChange"]
+__all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +54,11 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
 OnDelivery = Callable[[str, str, str, str | None], None]
 """(node id, type URL, version, NACK error or None): a response was sent (error None,
-called through ``on_sent``) or answered (``on_answer``)."""
+called through ``on_sent``) or answered (``on_answer``). The version is the type's
+snapshot version, for delta streams too (their ``system_version_info``)."""
+
+#: The ``protocol`` label of SotW streams (metrics); delta streams: ``delta.PROTOCOL``.
+SOTW = "sotw"
 
 # Rejected responses remembered per node; old entries fall out first.
 _QUARANTINE_MAX = 64
@@ -69,13 +81,10 @@ _GRPC_OPTIONS = (
 # request must be answered even if nothing changed, or the cluster stays warming.
 _DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
-# What a response carried for one type: its version and the names asked for
-# (None = wildcard). A NACKed key is never sent to that node again.
+# What a SotW response carried for one type: its version and the names asked for
+# (None = wildcard). A NACKed key is never sent to that node again. Delta streams
+# quarantine (name, resource version) keys of their own.
 _Key = tuple[str, frozenset[str] | None]
-
-
-class _ProtocolError(Exception):
-    """A request no ADS client may send; ends the stream with INVALID_ARGUMENT."""
 
 
 @dataclass
@@ -104,7 +113,7 @@ class _Node:
     nacks: int = 0
     last_nack: _Nack | None = None
     types: dict[str, _TypeStatus] = field(default_factory=dict)
-    rejected: dict[tuple[str, _Key], None] = field(default_factory=dict)
+    rejected: dict[tuple[str, Hashable], None] = field(default_factory=dict)
     dirty: bool = False
     notifier: asyncio.Task[None] | None = None
 
@@ -136,15 +145,41 @@ class _Node:
             },
         }
 
-    def quarantine(self, type_url: str, key: _Key) -> None:
+    def status(self, type_url: str) -> _TypeStatus:
+        """The type's status, created when the node first asks for the type."""
+        found = self.types.get(type_url)
+        if found is None:
+            found = self.types[type_url] = _TypeStatus()
+        return found
+
+    def quarantine(self, type_url: str, key: Hashable) -> None:
         self.rejected[(type_url, key)] = None
         while len(self.rejected) > _QUARANTINE_MAX:
             del self.rejected[next(iter(self.rejected))]
 
+    def is_rejected(self, type_url: str, key: Hashable) -> bool:
+        return (type_url, key) in self.rejected
+
+
+class _Session(Protocol):
+    """One ADS stream's protocol state, as the shared stream loop drives it."""
+
+    protocol: str  # the metrics label: "sotw" or "delta"
+    opened_at: float  # time.monotonic() when the stream was accepted
+    inbox: deque[Any]
+    closed: bool
+    node: _Node | None
+
+    def handle(self, request: Any) -> str | None:
+        """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
+
+    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
+        """What to write now, in push order; each response is recorded as it is made."""
+
 
 @dataclass
 class _Subscription:
-    """One type on one stream."""
+    """One type on one SotW stream."""
 
     names: frozenset[str]
     wildcard: bool
@@ -152,6 +187,7 @@ class _Subscription:
     rewarm: bool = False  # the parent type was just sent: answer the next request
     nonce: str = ""
     sent: _Key | None = None
+    sent_at: float | None = None  # time.monotonic() of the write, for the ACK latency
 
     def want(self, version: str) -> _Key | None:
         """The key a response would carry now; None when nothing is subscribed."""
@@ -167,17 +203,87 @@ def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
     return "*" in names or (type_url in WILDCARD_TYPES and not names)
 
 
-@dataclass
-class _Stream:
-    inbox: deque[Any] = field(default_factory=deque)
-    closed: bool = False
-    node: _Node | None = None
-    subscriptions: dict[str, _Subscription] = field(default_factory=dict)
-    nonces: int = 0
+class _SotwSession:
+    """State of the world on one stream: one outstanding response per type."""
+
+    protocol = SOTW
+
+    def __init__(self, server: AdsServer) -> None:
+        self._server = server
+        self.opened_at = time.monotonic()
+        self.inbox: deque[Any] = deque()
+        self.closed = False
+        self.node: _Node | None = None
+        self.subscriptions: dict[str, _Subscription] = {}
+        self.nonces = 0
 
     def order(self) -> list[str]:
         known = [t for t in TYPE_ORDER if t in self.subscriptions]
         return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
+
+    def handle(self, request: Any) -> str | None:
+        server = self._server
+        node = self.node or server._connect(self, request.node)
+        type_url = request.type_url
+        if not type_url:
+            return "type_url is required on an ADS stream"
+        names = frozenset(request.resource_names)
+        wildcard = _is_wildcard(type_url, names)
+        sub = self.subscriptions.get(type_url)
+        if sub is None:
+            # First request for the type on this stream: answer whatever nonce it
+            # carries (it may come from another control-plane replica).
+            self.subscriptions[type_url] = _Subscription(names, wildcard)
+            node.status(type_url)
+            return None
+        nonce = request.response_nonce
+        if nonce and nonce != sub.nonce:
+            server._stale(node, type_url, nonce)
+            return None
+        sub.names, sub.wildcard = names, wildcard
+        if not nonce:
+            sub.fresh = True  # a re-request; answer it even if nothing changed
+            return None
+        if request.HasField("error_detail"):
+            if sub.sent is not None:
+                node.quarantine(type_url, sub.sent)
+            server._answered(node, type_url, sub.sent[0] if sub.sent else None,
+                             request.error_detail.message, sub.sent_at, nack=True)
+        elif sub.sent is not None:
+            server._answered(node, type_url, sub.sent[0], None, sub.sent_at)
+            if sub.rewarm:
+                sub.fresh, sub.rewarm = True, False
+        return None
+
+    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
+        assert self.node is not None
+        for type_url in self.order():
+            response = self._response(self.node, snapshot, type_url)
+            if response is not None:
+                yield response
+
+    def _response(self, node: _Node, snapshot: Snapshot, type_url: str) -> bytes | None:
+        """The bytes to send for ``type_url`` now, or None; records them as sent."""
+        sub = self.subscriptions[type_url]
+        resources = snapshot.resources(type_url)
+        key = sub.want(resources.version)
+        if key is None or (not sub.fresh and key == sub.sent):
+            sub.fresh = False
+            return None
+        sub.fresh = False
+        if node.is_rejected(type_url, key):
+            log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
+            return None
+        body = resources.response if key[1] is None else resources.subset(key[1])
+        sub.rewarm = False  # this response reaches the re-warming resources after their parent
+        self.nonces += 1
+        sub.nonce = str(self.nonces)
+        sub.sent = key
+        sub.sent_at = self._server._delivered(self, type_url, key[0])
+        dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
+        if dependent is not None:
+            dependent.rewarm = True
+        return with_nonce(body, sub.nonce)
 
 
 def _identity(data: bytes) -> bytes:
@@ -185,7 +291,8 @@ def _identity(data: bytes) -> bytes:
 
 
 class AdsServer:
-    """Serves a :class:`SnapshotCache` to any number of Envoys over SotW ADS.
+    """Serves a :class:`SnapshotCache` to any number of Envoys over ADS, state of the
+    world and delta alike.
 
     Per node it keeps the status operators need (streams, versions sent and ACKed,
     the last NACK) and a quarantine of rejected responses so a NACK never loops.
@@ -194,18 +301,21 @@ class AdsServer:
     def __init__(
         self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None,
         on_sent: OnDelivery | None = None, on_answer: OnDelivery | None = None,
+        metrics: XdsMetrics | None = None,
     ) -> None:
         self._cache = cache
         self._on_status_change = on_status_change
         self._on_sent = on_sent
         self._on_answer = on_answer
+        self._metrics = metrics
         self._nodes: dict[str, _Node] = {}
         self._notifiers: set[asyncio.Task[None]] = set()
-        #: Responses written, per type URL.
+        #: Responses written, per type URL (both protocols).
         self.responses_sent: dict[str, int] = {}
         #: NACKs received (all nodes, all types).
         self.nacks = 0
-        #: Requests ignored because their nonce was not the last one sent.
+        #: Requests whose nonce was not one this stream is waiting for: ignored as an
+        #: ACK or NACK (a delta request still changes its subscriptions).
         self.stale_requests = 0
 
     # -- wiring -------------------------------------------------------------------
@@ -214,10 +324,15 @@ class AdsServer:
         """The ADS method handlers, for a server that builds its own generic handler."""
         return {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._stream,
+                self._sotw_stream,
                 request_deserializer=DiscoveryRequest.FromString,
                 response_serializer=_identity,
-            )
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._delta_stream,
+                request_deserializer=DeltaDiscoveryRequest.FromString,
+                response_serializer=_identity,
+            ),
         }
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -276,68 +391,27 @@ class AdsServer:
             except Exception:
                 log.exception("status callback failed for node %s", node.node_id)
 
-    # -- the stream ---------------------------------------------------------------
+    # -- what both protocols record (also called by meshxl.xds.delta) ----------------
 
-    async def _stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-    ) -> None:
-        stream = _Stream()
-        with self._cache.watch() as wake:
-            reader = asyncio.create_task(self._read(requests, stream, wake))
-            try:
-                while True:
-                    await wake.wait()
-                    wake.clear()
-                    try:
-                        while stream.inbox:
-                            self._on_request(stream, stream.inbox.popleft())
-                    except _ProtocolError as e:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    if stream.closed:
-                        return
-                    snapshot = self._cache.snapshot
-                    if snapshot is None or stream.node is None:
-                        continue  # hold requests until there is something to serve
-                    for type_url in stream.order():
-                        response = self._response(stream, stream.node, snapshot, type_url)
-                        if response is not None:
-                            await context.write(response)
-            finally:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-                self._disconnect(stream)
-
-    async def _read(
-        self, requests: AsyncIterator[Any], stream: _Stream, wake: asyncio.Event
-    ) -> None:
-        try:
-            async for request in requests:
-                stream.inbox.append(request)
-                wake.set()
-        except Exception as e:  # the client went away mid-read
-            log.debug("ADS stream read ended: %r", e)
-        finally:
-            stream.closed = True
-            wake.set()
-
-    def _connect(self, stream: _Stream, request: Any) -> _Node:
-        node_id = request.node.id
+    def _connect(self, session: _Session, node_proto: Any) -> _Node:
+        """The stream's first request names its node: count the stream on it."""
+        node_id = node_proto.id
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = _Node(node_id)
-        node.cluster = request.node.cluster or node.cluster
+        node.cluster = node_proto.cluster or node.cluster
         node.streams += 1
         node.connected_at = time.time()
-        stream.node = node
+        session.node = node
         log.info("node %s connected (%d streams)", node_id, node.streams)
         self._changed(node)
         return node
 
-    def _disconnect(self, stream: _Stream) -> None:
-        node = stream.node
+    def _disconnect(self, session: _Session) -> None:
+        node = session.node
         if node is None:
             return
-        stream.node = None
+        session.node = None
         node.streams -= 1
         node.disconnected_at = time.time()
         log.info("node %s disconnected (%d streams left)", node.node_id, node.streams)
@@ -353,82 +427,112 @@ class AdsServer:
         for node in gone[: len(gone) - DISCONNECTED_NODES_MAX]:
             del self._nodes[node.node_id]
 
-    def _on_request(self, stream: _Stream, request: Any) -> None:
-        node = stream.node or self._connect(stream, request)
-        type_url = request.type_url
-        if not type_url:
-            raise _ProtocolError("type_url is required on an ADS stream")
-        names = frozenset(request.resource_names)
-        wildcard = _is_wildcard(type_url, names)
-        sub = stream.subscriptions.get(type_url)
-        if sub is None:
-            # First request for the type on this stream: answer whatever nonce it
-            # carries (it may come from another control-plane replica).
-            stream.subscriptions[type_url] = _Subscription(names, wildcard)
-            node.types.setdefault(type_url, _TypeStatus())
-            return
-        nonce = request.response_nonce
-        if nonce and nonce != sub.nonce:
-            self.stale_requests += 1
-            log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
-            return
-        sub.names, sub.wildcard = names, wildcard
-        if not nonce:
-            sub.fresh = True  # a re-request; answer it even if nothing changed
-            return
-        status = node.types.setdefault(type_url, _TypeStatus())
-        if request.HasField("error_detail"):
-            self._nack(node, type_url, sub, status, request.error_detail.message)
-            if self._on_answer is not None and sub.sent is not None:
-                self._on_answer(node.node_id, type_url, sub.sent[0],
-                                request.error_detail.message or "rejected")
-        elif sub.sent is not None:
-            if self._on_answer is not None:
-                self._on_answer(node.node_id, type_url, sub.sent[0], None)
-            status.acked_version = sub.sent[0]
-            status.ack_time = time.time()
-            if sub.rewarm:
-                sub.fresh, sub.rewarm = True, False
-            self._changed(node)
-
-    def _nack(
-        self, node: _Node, type_url: str, sub: _Subscription, status: _TypeStatus, error: str
-    ) -> None:
-        version = sub.sent[0] if sub.sent is not None else None
-        if sub.sent is not None:
-            node.quarantine(type_url, sub.sent)
-        node.nacks += 1
-        node.last_nack = _Nack(type_url, version, error, time.time())
-        self.nacks += 1
-        log.warning("node %s rejected %s version %s: %s", node.node_id, type_url, version, error)
-        self._changed(node)
-
-    def _response(
-        self, stream: _Stream, node: _Node, snapshot: Snapshot, type_url: str
-    ) -> bytes | None:
-        """The bytes to send for ``type_url`` now, or None; records them as sent."""
-        sub = stream.subscriptions[type_url]
-        resources = snapshot.resources(type_url)
-        key = sub.want(resources.version)
-        if key is None or (not sub.fresh and key == sub.sent):
-            sub.fresh = False
-            return None
-        sub.fresh = False
-        if (type_url, key) in node.rejected:
-            log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
-            return None
-        body = resources.response if key[1] is None else resources.subset(key[1])
-        sub.rewarm = False  # this response reaches the re-warming resources after their parent
-        stream.nonces += 1
-        sub.nonce = str(stream.nonces)
-        sub.sent = key
-        status = node.types.setdefault(type_url, _TypeStatus())
-        status.sent_version = key[0]
+    def _delivered(self, session: _Session, type_url: str, version: str) -> float:
+        """A response for ``type_url`` at (snapshot) ``version`` is being written on
+        ``session``'s stream. Returns its ``time.monotonic()``, for the ACK latency.
+        """
+        now = time.monotonic()
+        node = session.node
+        assert node is not None
+        status = node.status(type_url)
+        status.sent_version = version
         status.responses += 1
         self.responses_sent[type_url] = self.responses_sent.get(type_url, 0) + 1
         if self._on_sent is not None:
-            self._on_sent(node.node_id, type_url, key[0], None)
-        dependent = stream.subscriptions.get(_DEPENDENT.get(type_url, ""))
-        if dependent is not None:
-            dependent.rewarm = True
-        return with_nonce(body, sub.nonce)
+            self._on_sent(node.node_id, type_url, version, None)
+        if self._metrics is not None:
+            # Push latency only for a snapshot published while the stream was open: the
+            # first answer to an Envoy that connects later is no push.
+            published = self._cache.published_at
+            since = None if published is None or published < session.opened_at \
+                else now - published
+            self._metrics.sent(type_url, session.protocol, since)
+        return now
+
+    def _answered(self, node: _Node, type_url: str, version: str | None, error: str | None,
+                  sent_at: float | None, *, nack: bool = False) -> None:
+        """Envoy ACKed (``nack`` False) or NACKed the response sent at ``sent_at``.
+
+        ``version`` is the type's snapshot version that response carried (None when
+        a NACK names no response of this stream).
+        """
+        nack = nack or error is not None
+        status = node.status(type_url)
+        if nack:
+            node.nacks += 1
+            node.last_nack = _Nack(type_url, version, error or "", time.time())
+            self.nacks += 1
+            log.warning("node %s rejected %s version %s: %s", node.node_id, type_url, version,
+                        error)
+        elif version is not None:
+            status.acked_version = version
+            status.ack_time = time.time()
+        if self._on_answer is not None and version is not None:
+            self._on_answer(node.node_id, type_url, version, (error or "rejected") if nack
+                            else None)
+        if self._metrics is not None and sent_at is not None:
+            self._metrics.answered(type_url, nack, time.monotonic() - sent_at)
+        self._changed(node)
+
+    def _stale(self, node: _Node, type_url: str, nonce: str) -> None:
+        self.stale_requests += 1
+        log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
+
+    # -- the streams ----------------------------------------------------------------
+
+    async def _sotw_stream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._run(requests, context, _SotwSession(self))
+
+    async def _delta_stream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        await self._run(requests, context, delta.DeltaSession(self))
+
+    async def _run(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+                   session: _Session) -> None:
+        if self._metrics is not None:
+            self._metrics.stream_opened(session.protocol)
+        try:
+            with self._cache.watch() as wake:
+                reader = asyncio.create_task(self._read(requests, session, wake))
+                try:
+                    await self._loop(context, session, wake)
+                finally:
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+                    self._disconnect(session)
+        finally:
+            if self._metrics is not None:
+                self._metrics.stream_closed(session.protocol)
+
+    async def _loop(self, context: grpc.aio.ServicerContext, session: _Session,
+                    wake: asyncio.Event) -> None:
+        while True:
+            await wake.wait()
+            wake.clear()
+            while session.inbox:
+                error = session.handle(session.inbox.popleft())
+                if error is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+            if session.closed:
+                return
+            snapshot = self._cache.snapshot
+            if snapshot is None or session.node is None:
+                continue  # hold requests until there is something to serve
+            for response in session.responses(snapshot):
+                await context.write(response)
+
+    async def _read(
+        self, requests: AsyncIterator[Any], session: _Session, wake: asyncio.Event
+    ) -> None:
+        try:
+            async for request in requests:
+                session.inbox.append(request)
+                wake.set()
+        except Exception as e:  # the client went away mid-read
+            log.debug("ADS stream read ended: %r", e)
+        finally:
+            session.closed = True
+            wake.set()

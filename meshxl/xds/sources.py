@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,13 @@ class Debouncer:
         self._poked = asyncio.Event()
         self.pokes = 0
         self.runs = 0
+        self.pending = 0
+        """Changes seen since the last run started."""
         self.pending_since: float | None = None
 
     def poke(self) -> None:
         self.pokes += 1
+        self.pending += 1
         if self.pending_since is None:
             self.pending_since = time.monotonic()
         self._poked.set()
@@ -71,6 +74,7 @@ class Debouncer:
                     break
             self._poked.clear()
             self.pending_since = None
+            self.pending = 0
             self.runs += 1
             try:
                 await self._action()
@@ -212,39 +216,41 @@ class EtcdMeshSource:
                 else:
                     self.model, self.model_error = model, None
             changed = True
-        runtime = self._runtime_from_values()
+        runtime = runtime_from_values(keys, self._values)
         if runtime != self._runtime:
             self._runtime = runtime
             changed = True
         if changed:
             self._on_change()
 
-    def _runtime_from_values(self) -> RuntimeState:
-        registrations: dict[tuple[str, str], Registration] = {}
-        members_down: dict[tuple[str, str], AdminAction] = {}
-        sites_offline: dict[str, AdminAction] = {}
-        for key, raw in self._values.items():
-            parsed = self._keys.parse_cluster_key(key)
-            if parsed is not None:
-                cluster, kind, member = parsed
-                data = _json(key, raw)
-                if data is None:
-                    continue
-                try:
-                    if kind == "members":
-                        registrations[(cluster, member)] = Registration.from_dict(data)
-                    else:
-                        members_down[(cluster, member)] = AdminAction.from_dict(data)
-                except ValueError as exc:
-                    log.warning("ignoring %s: %s", key, exc)
+def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState:
+    """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are
+    logged and skipped, as the control plane skips them."""
+    registrations: dict[tuple[str, str], Registration] = {}
+    members_down: dict[tuple[str, str], AdminAction] = {}
+    sites_offline: dict[str, AdminAction] = {}
+    for key, raw in values.items():
+        parsed = keys.parse_cluster_key(key)
+        if parsed is not None:
+            cluster, kind, member = parsed
+            data = _json(key, raw)
+            if data is None:
                 continue
-            site = self._keys.parse_site_key(key)
-            if site is not None:
-                data = _json(key, raw)
-                if data is not None:
-                    sites_offline[site] = AdminAction.from_dict(data)
-        return RuntimeState(registrations=registrations, members_down=members_down,
-                            sites_offline=sites_offline)
+            try:
+                if kind == "members":
+                    registrations[(cluster, member)] = Registration.from_dict(data)
+                else:
+                    members_down[(cluster, member)] = AdminAction.from_dict(data)
+            except ValueError as exc:
+                log.warning("ignoring %s: %s", key, exc)
+            continue
+        site = keys.parse_site_key(key)
+        if site is not None:
+            data = _json(key, raw)
+            if data is not None:
+                sites_offline[site] = AdminAction.from_dict(data)
+    return RuntimeState(registrations=registrations, members_down=members_down,
+                        sites_offline=sites_offline)
 
 
 def _json(key: str, raw: bytes) -> dict[str, Any] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +15,10 @@ from meshxl.cli import main
 from meshxl.etcdkeys import Keys
 from meshxl.ops import apply_model
 from meshxl.proxy.envoy import find_envoy
+from tests.harness.cli import REPO, meshxl
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "deploy" / "examples" / "quickstart.yaml"
 KEYS = Keys()
 
@@ -39,16 +38,6 @@ clusters:
   - {name: a, address: 127.0.0.1, port: 8080, site: dc1}
   - {name: b, address: 127.0.0.1, port: 8081, site: dc2}
 """
-
-
-async def meshxl(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    """Run ``python -m meshxl.cli ARGS`` without blocking the event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshxl.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def one_line_error(err: str) -> str:

@@ -237,11 +237,12 @@ def test_merge_and_read_traces(tmp_path: Path) -> None:
 
 
 def test_demo_model_is_valid_in_both_modes() -> None:
+    from meshxl.demo import deployment
     from meshxl.model.load import parse_model
 
-    for mode, layout in (("high-availability", demo.HA_MEMBERS),
-                         ("load-sharing", demo.LS_MEMBERS)):
-        text = demo.demo_model(mode, 10000, layout)
+    for mode, layout in (("high-availability", deployment.HA_MEMBERS),
+                         ("load-sharing", deployment.LS_MEMBERS)):
+        text = deployment.demo_model(mode, 10000, layout)
         model = parse_model(text)
         cluster = model.cluster("demo")
         assert cluster is not None and cluster.mode == mode

@@ -110,6 +110,19 @@ def test_nodes_that_already_have_the_version_are_not_waited_for(exporter) -> Non
     assert any(s.name == names.FAILOVER for s in memory.get_finished_spans())
 
 
+def test_a_replica_without_envoys_traces_nothing(exporter) -> None:  # type: ignore[no-untyped-def]
+    """With several replicas, only those whose Envoys must converge trace a failover."""
+    provider, memory = exporter
+    started: list[str] = []
+    tracer = FailoverTracer(connected=dict, tracer_provider=provider,
+                            on_start=lambda loss, _root: started.append(loss.member))
+    tracer.detected(losses(MODEL, BOTH, RuntimeState()), time.time_ns(), None)
+    tracer.rebuilding()
+    tracer.built("v2", changed=True)
+    assert tracer.open == 0 and tracer.started == 0 and tracer.untraced == 2
+    assert memory.get_finished_spans() == () and started == []
+
+
 def test_a_missing_ack_ends_the_failover_as_an_error(exporter) -> None:  # type: ignore[no-untyped-def]
     provider, memory = exporter
     tracer = FailoverTracer(connected=lambda: {"n1": None}, timeout=0.0,

@@ -253,7 +253,7 @@ async def test_cluster_only_change_answers_the_rewarming_endpoint_request(xds: H
     await eventually(lambda: xds.types("envoy-1")[ENDPOINT]["acked_version"] is not None)
 
     # New clusters, same endpoints: only CDS changes.
-    resources = {CLUSTER: {}, ENDPOINT: {}}
+    resources: dict[str, dict[str, Message]] = {CLUSTER: {}, ENDPOINT: {}}
     for name in ("a", "b"):
         c = Cluster(name=name, type=Cluster.EDS)
         c.connect_timeout.seconds = 9
@@ -467,9 +467,17 @@ async def test_disconnected_node_records_are_bounded(
         envoy = xds.envoy(f"churn-{i}")
         envoy.request(CLUSTER)
         envoy.ack(await envoy.recv())
-        await eventually(lambda i=i: xds.types(f"churn-{i}")[CLUSTER]["acked_version"])
+        node = f"churn-{i}"
+
+        def acked(node: str = node) -> Any:
+            return xds.types(node)[CLUSTER]["acked_version"]
+
+        def gone(node: str = node) -> bool:
+            return bool(xds.ads.node_status()[node]["streams"] == 0)
+
+        await eventually(acked)
         envoy.close()
-        await eventually(lambda i=i: xds.ads.node_status()[f"churn-{i}"]["streams"] == 0)
+        await eventually(gone)
     live = xds.envoy("live")
     live.request(CLUSTER)
     await live.recv()

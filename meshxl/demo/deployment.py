@@ -1,0 +1,326 @@
+"""A complete local meshxl deployment on loopback: etcd, control-plane replicas, three
+members (the sample counter app plus its statesync sidecar each) and Envoy.
+
+``meshxl demo`` runs its failover on it; the operator-command and control-plane HA
+tests, and anything else that needs "a running meshxl", start one the same way::
+
+    async with DemoDeployment(work_dir, mode="high-availability", replicas=2) as d:
+        ...  # d.url is Envoy's listener, d.etcd_url / d.keys the etcd installation
+
+Every process is owned by a :class:`LocalStack` and killed on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshxl.etcdkeys import Keys
+
+from .local import HOST, LocalError, LocalProcess, LocalStack, free_ports, wait_http
+
+__all__ = [
+    "CLUSTER",
+    "HA_MEMBERS",
+    "LS_MEMBERS",
+    "MODES",
+    "DemoDeployment",
+    "DemoMember",
+    "demo_model",
+    "envoy_hosts",
+    "healthy_host",
+    "wait_until",
+]
+
+CLUSTER = "demo"
+SESSION_HEADER = "x-session-id"
+MODES = ("high-availability", "load-sharing")
+# (member, site): in high-availability a is active, b standby (same site, next tier)
+# and c the backup in the second site; in load-sharing all three share one site.
+HA_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc2"))
+LS_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc1"))
+
+
+def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]]) -> str:
+    sites = sorted({site for _, site in members})
+    return f"""\
+clusters:
+  - name: {CLUSTER}
+    mode: {mode}
+    membership: registered
+    stickiness: {{algorithm: maglev, header: {SESSION_HEADER}}}
+    sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
+    health_check: {{path: /healthz}}
+    listener: {{address: {HOST}, port: {listen_port}}}
+    sessions: {{ttl: 5m}}
+telemetry: {{tracing: true}}
+"""
+
+
+@dataclass
+class DemoMember:
+    name: str
+    site: str
+    app_port: int
+    sidecar_port: int
+    app: LocalProcess | None = None
+    sidecar: LocalProcess | None = None
+
+    @property
+    def sidecar_url(self) -> str:
+        return f"http://{HOST}:{self.sidecar_port}"
+
+
+@dataclass
+class Replica:
+    """One control-plane replica: ``meshxl serve xds`` with its admin endpoint."""
+
+    name: str
+    port: int
+    admin_port: int
+    process: LocalProcess | None = None
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.admin_port}"
+
+
+async def envoy_hosts(admin_url: str, cluster: str = CLUSTER) -> list[dict[str, Any]]:
+    """The hosts of ``cluster`` in Envoy's ``/clusters?format=json``."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+        async with http.get(f"{admin_url}/clusters", params={"format": "json"}) as resp:
+            data = await resp.json(content_type=None)
+    for status in data.get("cluster_statuses", []):
+        if status.get("name") == cluster:
+            return list(status.get("host_statuses", []))
+    return []
+
+
+def healthy_host(host: Mapping[str, Any]) -> bool:
+    """A ``/clusters?format=json`` host that takes traffic: no failure flag set."""
+    status = host.get("health_status", {})
+    flags = ("failed_active_health_check", "failed_outlier_check", "failed_eds_health",
+             "excluded_via_immediate_hc_fail", "active_hc_timeout")
+    return (not any(status.get(f) for f in flags)
+            and status.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN"))
+
+
+async def wait_until(predicate: Any, what: str, timeout: float, explain: Any = None) -> None:
+    """Poll ``await predicate()`` until true; LocalError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if await predicate():
+                return
+        if time.monotonic() > deadline:
+            detail = ""
+            if explain is not None:
+                with contextlib.suppress(Exception):
+                    detail = f": {await explain()}"
+            raise LocalError(f"timed out after {timeout:g}s waiting for {what}{detail}")
+        await asyncio.sleep(0.05)
+
+
+class DemoDeployment:
+    """etcd + ``replicas`` control planes + three members + Envoy, all on loopback.
+
+    ``trace_dir``: every process writes its spans there (and Envoy's go to an OTLP
+    receiver writing ``envoy.jsonl``); None runs without tracing.
+    """
+
+    def __init__(self, work_dir: Path, *, mode: str = "high-availability", replicas: int = 1,
+                 etcd_url: str | None = None, trace_dir: Path | None = None,
+                 delta: bool = False, lease_ttl: float = 2.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if replicas < 1:
+            raise ValueError("at least one control-plane replica")
+        self.mode = mode
+        self.work_dir = work_dir
+        self.stack = LocalStack(work_dir)
+        self.trace_dir = trace_dir
+        self.delta = delta
+        self.lease_ttl = lease_ttl
+        self.etcd_url = etcd_url or ""
+        self._own_etcd = etcd_url is None
+        self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
+        layout = HA_MEMBERS if mode == "high-availability" else LS_MEMBERS
+        ports = free_ports(2 + 2 * replicas + 2 * len(layout))
+        self.listen_port, self.envoy_admin_port = ports[:2]
+        self.replicas = [Replica(f"xds-{i}", ports[2 + 2 * i], ports[3 + 2 * i])
+                         for i in range(replicas)]
+        base = 2 + 2 * replicas
+        self.members = [DemoMember(name, site, ports[base + 2 * i], ports[base + 2 * i + 1])
+                        for i, (name, site) in enumerate(layout)]
+        self.receiver: Any = None
+        self.envoy: Any = None
+
+    @property
+    def url(self) -> str:
+        """Envoy's listener for the demo cluster."""
+        return f"http://{HOST}:{self.listen_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{HOST}:{self.envoy_admin_port}"
+
+    def member(self, name: str) -> DemoMember:
+        return next(m for m in self.members if m.name == name)
+
+    async def __aenter__(self) -> DemoDeployment:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- start and stop ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        from meshxl import etcd
+        from meshxl.ops import apply_model
+
+        if self._own_etcd:
+            self.etcd_url = await self.stack.etcd()
+        async with etcd.client(self.etcd_url) as client:
+            await apply_model(client, self.keys, demo_model(self.mode, self.listen_port,
+                                                            [(m.name, m.site)
+                                                             for m in self.members]),
+                              "demo model")
+        otlp_port = None
+        if self.trace_dir is not None:
+            from meshxl.telemetry.receiver import TraceReceiver
+
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            self.receiver = TraceReceiver(self.trace_dir / "envoy.jsonl")
+            otlp_port = await self.receiver.start(f"{HOST}:0")
+        for replica in self.replicas:
+            await self.start_replica(replica, wait=False)
+        for m in self.members:
+            await self.start_member(m, wait=False)
+        for replica in self.replicas:
+            assert replica.process is not None
+            await wait_http(f"{replica.admin_url}/healthz", replica.process)
+        for m in self.members:
+            assert m.app is not None and m.sidecar is not None
+            await wait_http(f"{m.sidecar_url}/readyz", m.sidecar, 20)
+            await wait_http(f"http://{HOST}:{m.app_port}/healthz", m.app, 20)
+        await self.start_envoy(otlp_port)
+
+    def _traced(self, name: str) -> list[str]:
+        if self.trace_dir is None:
+            return []
+        return ["--trace-file", str(self.trace_dir / f"{name}.jsonl")]
+
+    async def start_replica(self, replica: Replica, wait: bool = True) -> None:
+        replica.process = await self.stack.spawn(replica.name, [
+            sys.executable, "-u", "-m", "meshxl.cli", "serve", "xds",
+            "--listen", f"{HOST}:{replica.port}", "--etcd", self.etcd_url,
+            "--etcd-prefix", self.keys.root, "--admin", f"{HOST}:{replica.admin_port}",
+            "--replica", replica.name, *self._traced(replica.name)])
+        if wait:
+            await wait_http(f"{replica.admin_url}/readyz", replica.process)
+
+    async def start_member(self, m: DemoMember, wait: bool = True) -> None:
+        py = [sys.executable, "-u", "-m"]
+        m.sidecar = await self.stack.spawn(f"sidecar-{m.name}", py + [
+            "meshxl.cli", "serve", "statesync", "--cluster", CLUSTER, "--member", m.name,
+            "--app", f"{HOST}:{m.app_port}", "--site", m.site,
+            "--listen", f"{HOST}:{m.sidecar_port}", "--etcd", self.etcd_url,
+            "--etcd-prefix", self.keys.root, "--lease-ttl", f"{self.lease_ttl:g}",
+            *self._traced(f"sidecar-{m.name}")])
+        m.app = await self.stack.spawn(f"app-{m.name}", py + [
+            "meshxl.demo.app", "--name", m.name, "--cluster", CLUSTER,
+            "--listen", f"{HOST}:{m.app_port}", "--sidecar", m.sidecar_url,
+            *self._traced(f"app-{m.name}")])
+        if wait:
+            await wait_http(f"{m.sidecar_url}/readyz", m.sidecar, 20)
+            await wait_http(f"http://{HOST}:{m.app_port}/healthz", m.app, 20)
+
+    def bootstrap(self, otlp_port: int | None) -> dict[str, Any]:
+        from meshxl.proxy.bootstrap import build_bootstrap
+
+        bootstrap = build_bootstrap(
+            "meshxl-demo", [(HOST, r.port) for r in self.replicas],
+            admin_port=self.envoy_admin_port, delta=self.delta,
+            otlp=(HOST, otlp_port) if otlp_port is not None else None)
+        # Envoy exports request spans every 5 s by default; flush them soon so none are
+        # left in its buffer when it stops.
+        bootstrap["layered_runtime"] = {"layers": [{"name": "meshxl-demo", "static_layer": {
+            "tracing.opentelemetry.flush_interval_ms": 200,
+            "tracing.opentelemetry.min_flush_spans": 64,
+        }}]}
+        return bootstrap
+
+    async def start_envoy(self, otlp_port: int | None) -> None:
+        from meshxl.proxy.envoy import EnvoyProcess
+
+        self.envoy = EnvoyProcess(self.bootstrap(otlp_port), self.work_dir,
+                                  log_level="warning")
+        await self.envoy.start()
+        await self.envoy.wait_ready(30)
+        await wait_until(self.all_healthy, "Envoy to see all three members healthy", 20,
+                         lambda: envoy_hosts(self.admin_url))
+
+    async def all_healthy(self) -> bool:
+        hosts = await envoy_hosts(self.admin_url)
+        return len(hosts) == len(self.members) and all(healthy_host(h) for h in hosts)
+
+    async def kill_member(self, name: str) -> float:
+        """kill -9 a member's app and sidecar (process groups); returns the time."""
+        m = self.member(name)
+        killed = time.time()
+        for proc in (m.app, m.sidecar):
+            if proc is not None and proc.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.proc.pid, signal.SIGKILL)
+        return killed
+
+    async def reap_member(self, name: str) -> None:
+        m = self.member(name)
+        for proc in (m.app, m.sidecar):
+            if proc is not None:
+                await proc.kill()
+
+    async def kill_replica(self, index: int) -> None:
+        """kill -9 a control-plane replica."""
+        process = self.replicas[index].process
+        if process is not None:
+            await process.kill()
+
+    async def stop_replicas(self, grace: float = 5.0) -> None:
+        await asyncio.gather(*(r.process.stop(grace) for r in self.replicas
+                               if r.process is not None))
+
+    async def stop_envoy(self) -> None:
+        if self.envoy is not None:
+            await self.envoy.stop()
+            self.envoy = None
+
+    async def stop_members(self, grace: float = 5.0) -> None:
+        await asyncio.gather(*(p.stop(grace) for m in self.members
+                               for p in (m.app, m.sidecar) if p is not None))
+
+    async def stop_receiver(self) -> None:
+        if self.receiver is not None:
+            await self.receiver.stop()
+            self.receiver = None
+
+    async def close(self) -> None:
+        await self.stop_envoy()
+        await self.stack.close()
+        await self.stop_receiver()

@@ -1,0 +1,404 @@
+"""What ``meshxl status``, ``meshxl sync`` and ``meshxl verify`` report, read from etcd
+(and, for verify, from Envoy admin APIs).
+
+:func:`read_mesh` is the only I/O against etcd; the reports are pure functions of what
+it read, so the commands, their tests and other tools (the DR drill) agree on every
+number. Every report is a JSON-able ``dict``; :mod:`meshxl.tables` renders them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+import aiohttp
+
+from meshxl.etcdkeys import Keys
+from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
+from meshxl.model.runtime import MemberState, MemberView
+from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from meshxl.xds.history import reason
+from meshxl.xds.metrics import type_label
+from meshxl.xds.resources import CompileError, compile_resources
+from meshxl.xds.sources import runtime_from_values
+
+__all__ = [
+    "EnvoyLive",
+    "MeshRead",
+    "fetch_envoy",
+    "read_mesh",
+    "status_report",
+    "sync_report",
+    "verify_report",
+]
+
+_SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
+
+
+def short_type(type_url: str) -> str:
+    return _SHORT.get(type_url, type_label(type_url))
+
+
+@dataclass
+class MeshRead:
+    """Everything meshxl keeps in etcd, read once."""
+
+    revision: int
+    model: ModelSpec | None
+    model_error: str | None
+    model_source: str
+    runtime: RuntimeState
+    registrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    states: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    sync: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+def _load(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = None,
+                    model_source: str | None = None) -> MeshRead:
+    """Read the model (or use ``model_text``, the file the control plane serves), the
+    runtime state, node status, member history and sidecar statistics."""
+    mesh, nodes, states, sync = await asyncio.gather(
+        client.get_prefix(keys.mesh_prefix.encode()),
+        client.get_prefix(keys.nodes_prefix.encode()),
+        client.get_prefix(keys.states_prefix.encode()),
+        client.get_prefix(keys.sync_prefix.encode()),
+    )
+    values = {kv.key.decode(): kv.value for kv in mesh}
+    model, error, source = None, None, model_source or keys.model
+    if model_text is None:
+        raw = values.get(keys.model)
+        model_text = raw.decode("utf-8", "replace") if raw is not None else None
+    if model_text is not None:
+        try:
+            model = parse_model(model_text, source=source)
+        except ModelError as exc:
+            error = str(exc)
+    read = MeshRead(revision=max(r.header.revision for r in (mesh, nodes, states, sync)),
+                    model=model, model_error=error, model_source=source,
+                    runtime=runtime_from_values(keys, values))
+    for key, raw in values.items():
+        parsed = keys.parse_cluster_key(key)
+        data = _load(raw)
+        if parsed is not None and parsed[1] == "members" and data is not None:
+            read.registrations[(parsed[0], parsed[2])] = data
+    for kv in nodes:
+        node = keys.parse_node_key(kv.key.decode())
+        data = _load(kv.value)
+        if node is not None and data is not None:
+            read.nodes[node] = data
+    for target, result, prefix in ((read.states, states, keys.states_prefix),
+                                   (read.sync, sync, keys.sync_prefix)):
+        for kv in result:
+            pair = keys.parse_pair_key(prefix, kv.key.decode())
+            data = _load(kv.value)
+            if pair is not None and data is not None:
+                target[pair] = data
+    return read
+
+
+def _clusters(read: MeshRead, only: str | None) -> list[Any]:
+    if read.model is None:
+        return []
+    specs = list(read.model.clusters)
+    if only is not None:
+        specs = [s for s in specs if s.name == only]
+    return specs
+
+
+def _shares(members: Iterable[MemberView]) -> dict[str, float]:
+    """Fraction of new sessions each member gets now: the lowest tier with a ready
+    member takes them, split by EDS weight."""
+    ready = [m for m in members if m.state == MemberState.READY]
+    if not ready:
+        return {}
+    tier = min(m.priority for m in ready)
+    serving = [m for m in ready if m.priority == tier]
+    total = sum(m.lb_weight for m in serving) or 1
+    return {m.name: m.lb_weight / total for m in serving}
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def status_report(read: MeshRead, cluster: str | None = None) -> dict[str, Any]:
+    """``meshxl status``: clusters with their members, and the Envoy nodes."""
+    clusters = []
+    for spec in _clusters(read, cluster):
+        view = cluster_view(spec, read.runtime)
+        shares = _shares(view.members)
+        members = []
+        for m in view.members:
+            key = (spec.name, m.name)
+            history = read.states.get(key, {})
+            registration = read.registrations.get(key, {})
+            admin = read.runtime.members_down_of(spec.name).get(m.name)
+            site_admin = read.runtime.sites_offline.get(m.site)
+            last = ({"state": history.get("state"), "reason": history.get("reason"),
+                     "at": history.get("at")} if history.get("state") == str(m.state)
+                    else {"state": str(m.state), "reason": reason(m, spec.name, read.runtime),
+                          "at": registration.get("since") or None})
+            members.append({
+                "name": m.name, "site": m.site, "address": f"{m.address}:{m.port}",
+                "priority": m.priority if m.advertised else None,
+                "role": str(m.role), "share": round(shares.get(m.name, 0.0), 4),
+                "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
+                "problem_details": registration.get("problem_details", {}),
+                "admin": None if admin is None else vars(admin),
+                "site_admin": None if site_admin is None else vars(site_admin),
+                "last_change": last,
+                "failovers": int(history.get("failovers", 0) or 0),
+                "last_failover": history.get("last_failover"),
+                "sidecar": registration.get("sidecar"),
+            })
+        clusters.append({
+            "name": spec.name, "mode": spec.mode, "membership": spec.membership,
+            "stickiness": _stickiness(spec), "sites": spec.site_names(),
+            "members": members,
+        })
+    nodes = []
+    for node_id in sorted(read.nodes):
+        n = read.nodes[node_id]
+        nack = n.get("last_nack")
+        nodes.append({
+            "node": node_id, "cluster": n.get("cluster"), "replica": n.get("replica"),
+            "streams": n.get("streams", 0), "connected_at": n.get("connected_at"),
+            "acked": {short_type(t): s.get("acked_version")
+                      for t, s in sorted(n.get("types", {}).items())},
+            "nacks": n.get("nacks", 0),
+            "last_nack": None if not nack else {**nack, "type": short_type(nack["type_url"])},
+        })
+    offline = {site: vars(action) for site, action in read.runtime.sites_offline.items()}
+    return {"revision": read.revision, "model": read.model_source,
+            "model_error": read.model_error, "clusters": clusters,
+            "sites_offline": offline, "nodes": nodes}
+
+
+def _stickiness(spec: Any) -> dict[str, Any] | None:
+    s = spec.stickiness
+    if s is None:
+        return None
+    on = s.header if s.header else s.cookie.name if s.cookie else "source address"
+    return {"algorithm": s.algorithm, "key": s.key, "on": on}
+
+
+# -- sync -----------------------------------------------------------------------------
+
+
+def sync_report(read: MeshRead, cluster: str | None = None,
+                now: float | None = None) -> dict[str, Any]:
+    """``meshxl sync``: every sidecar's view of state synchronization."""
+    now = time.time() if now is None else now
+    known = {s.name for s in _clusters(read, cluster)} if read.model else set()
+    rows = []
+    for (c, member), stats in sorted(read.sync.items()):
+        if cluster is not None and c != cluster:
+            continue
+        published = stats.get("published")
+        rows.append({
+            "cluster": c, "member": member, "in_model": c in known,
+            "ready": stats.get("ready"), "reasons": stats.get("reasons", []),
+            "revision": stats.get("revision"),
+            "lag_seconds": stats.get("lag_seconds"),
+            "cached_sessions": stats.get("cached_sessions"),
+            "owned_sessions": stats.get("owned_sessions"),
+            "local_sessions": stats.get("local_sessions"),
+            "takeovers": stats.get("takeovers"),
+            "last_full_sync": stats.get("last_full_sync"),
+            "full_syncs": stats.get("full_syncs"),
+            "write_conflicts": stats.get("write_conflicts"),
+            "errors": stats.get("errors"), "last_error": stats.get("last_error"),
+            "lease_losses": stats.get("lease_losses"),
+            "age_seconds": None if published is None else round(max(0.0, now - published), 3),
+        })
+    missing = []
+    for spec in _clusters(read, cluster):
+        for m in cluster_view(spec, read.runtime).members:
+            registered = (spec.name, m.name) in read.registrations
+            if registered and (spec.name, m.name) not in read.sync:
+                missing.append({"cluster": spec.name, "member": m.name})
+    return {"revision": read.revision, "sidecars": rows, "without_statistics": missing}
+
+
+# -- verify ---------------------------------------------------------------------------
+
+
+@dataclass
+class EnvoyLive:
+    """What one Envoy's admin API says: its node id and live cluster endpoints."""
+
+    url: str
+    node_id: str | None = None
+    clusters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    error: str | None = None
+    connected: bool | None = None
+    """Envoy's own ``control_plane.connected_state`` (None: not reported)."""
+
+
+async def fetch_envoy(url: str, timeout: float = 5.0) -> EnvoyLive:
+    """GET ``/server_info`` and ``/clusters?format=json`` from an Envoy admin URL."""
+    live = EnvoyLive(url=url)
+    base = url.rstrip("/")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(f"{base}/server_info") as resp:
+                resp.raise_for_status()
+                info = await resp.json(content_type=None)
+            async with s.get(f"{base}/clusters", params={"format": "json"}) as resp:
+                resp.raise_for_status()
+                clusters = await resp.json(content_type=None)
+            async with s.get(f"{base}/stats", params={
+                    "format": "json", "filter": "^control_plane.connected_state$"}) as resp:
+                resp.raise_for_status()
+                stats = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        live.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        return live
+    live.node_id = info.get("node", {}).get("id")
+    for stat in stats.get("stats", []):
+        if stat.get("name") == "control_plane.connected_state":
+            live.connected = bool(stat.get("value"))
+    for status in clusters.get("cluster_statuses", []):
+        hosts = []
+        for h in status.get("host_statuses", []):
+            sock = h.get("address", {}).get("socket_address", {})
+            hosts.append({
+                "address": f"{sock.get('address')}:{sock.get('port_value')}",
+                "priority": int(h.get("priority", 0)),
+                "weight": int(h.get("weight", 1)),
+                "draining": h.get("health_status", {}).get("eds_health_status") == "DRAINING",
+            })
+        live.clusters[status.get("name", "")] = sorted(hosts, key=lambda x: x["address"])
+    return live
+
+
+def expected_versions(read: MeshRead) -> dict[str, str]:
+    """The versions a control plane serves for this model and runtime now (versions
+    are content hashes, so every replica computes the same ones)."""
+    if read.model is None:
+        return {}
+    resources = compile_resources(read.model, read.runtime)
+    return Snapshot.build(resources.by_type()).versions
+
+
+def expected_endpoints(read: MeshRead) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec in _clusters(read, None):
+        hosts = [{"address": f"{m.address}:{m.port}", "priority": m.priority,
+                  "weight": m.lb_weight, "draining": m.draining, "member": m.name}
+                 for m in cluster_view(spec, read.runtime).members if m.advertised]
+        out[spec.name] = sorted(hosts, key=lambda x: x["address"])
+    return out
+
+
+def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str, Any]:
+    """``meshxl verify``: every mismatch between what the model says now and what each
+    Envoy acknowledged (and, with admin URLs, what it actually runs)."""
+    problems: list[dict[str, Any]] = []
+
+    def problem(node: str | None, kind: str, message: str, **extra: Any) -> None:
+        problems.append({"node": node, "kind": kind, "message": message, **extra})
+
+    if read.model is None:
+        problem(None, "model", read.model_error or f"no model at {read.model_source}")
+        return {"ok": False, "revision": read.revision, "expected": {}, "nodes": [],
+                "envoys": [], "mismatches": problems}
+    try:
+        expected = expected_versions(read)
+    except CompileError as exc:
+        problem(None, "model", f"the model does not compile: {exc}")
+        expected = {}
+    nodes = []
+    for node_id in sorted(read.nodes):
+        status = read.nodes[node_id]
+        types = status.get("types", {})
+        checked = {}
+        for type_url, want in expected.items():
+            if type_url not in types:
+                continue  # this Envoy does not subscribe to the type
+            got = types[type_url].get("acked_version")
+            checked[short_type(type_url)] = {"expected": want, "acked": got}
+            if got != want:
+                problem(node_id, "version", f"{node_id}: {short_type(type_url)} acked "
+                        f"{got or 'nothing'}, the model says {want}",
+                        type=short_type(type_url), expected=want, acked=got,
+                        replica=status.get("replica"))
+        nack = status.get("last_nack")
+        if nack and nack.get("version") in (expected.get(nack.get("type_url", "")), None):
+            problem(node_id, "nack", f"{node_id}: rejected {short_type(nack['type_url'])} "
+                    f"version {nack.get('version')}: {nack.get('error')}",
+                    type=short_type(nack["type_url"]))
+        nodes.append({"node": node_id, "replica": status.get("replica"), "types": checked})
+    endpoints = expected_endpoints(read)
+    envoy_rows = []
+    for live in envoys:
+        row: dict[str, Any] = {"url": live.url, "node": live.node_id, "error": live.error}
+        envoy_rows.append(row)
+        if live.error is not None:
+            problem(None, "envoy", f"{live.url}: admin API unreachable: {live.error}")
+            continue
+        if live.connected is False:
+            problem(live.node_id, "disconnected", f"{live.node_id} ({live.url}) has no "
+                    "control-plane connection (control_plane.connected_state 0)")
+        elif live.node_id not in read.nodes:
+            problem(live.node_id, "disconnected", f"{live.node_id} ({live.url}) is connected "
+                    "to no control-plane replica")
+        for name, wanted_hosts in endpoints.items():
+            live_hosts = live.clusters.get(name)
+            if live_hosts is None:
+                problem(live.node_id, "cluster", f"{live.node_id}: cluster {name} missing",
+                        cluster=name)
+                continue
+            _compare_hosts(live.node_id, name, wanted_hosts, live_hosts, problem)
+    return {"ok": not problems, "revision": read.revision,
+            "expected": {short_type(t): v for t, v in expected.items()},
+            "nodes": nodes, "envoys": envoy_rows, "mismatches": problems}
+
+
+def _compare_hosts(node: str | None, cluster: str, want: list[dict[str, Any]],
+                   got: list[dict[str, Any]], problem: Any) -> None:
+    have = {h["address"]: h for h in got}
+    wanted = {h["address"]: h for h in want}
+    for address, w in wanted.items():
+        h = have.get(address)
+        if h is None:
+            problem(node, "endpoint", f"{node}: {cluster} lacks {w['member']} ({address})",
+                    cluster=cluster, member=w["member"])
+            continue
+        for attr in ("priority", "weight", "draining"):
+            if h[attr] != w[attr]:
+                problem(node, "endpoint", f"{node}: {cluster} {w['member']} ({address}) "
+                        f"{attr} is {h[attr]}, the model says {w[attr]}",
+                        cluster=cluster, member=w["member"], field=attr)
+    for address in have.keys() - wanted.keys():
+        problem(node, "endpoint", f"{node}: {cluster} still sends to {address}, which the "
+                "model no longer advertises", cluster=cluster)
+
+
+async def verify(client: aetcd.Client, keys: Keys, envoy_urls: Iterable[str] = (),
+                 model_text: str | None = None, model_source: str | None = None,
+                 settle: float = 0.0, interval: float = 0.25) -> dict[str, Any]:
+    """Read and verify until nothing mismatches or ``settle`` seconds pass: a change
+    made a moment ago is still being pushed, which is not a mismatch."""
+    urls = list(envoy_urls)
+    deadline = time.monotonic() + settle
+    while True:
+        read = await read_mesh(client, keys, model_text, model_source)
+        envoys = await asyncio.gather(*(fetch_envoy(u) for u in urls))
+        report = verify_report(read, envoys)
+        if report["ok"] or time.monotonic() >= deadline:
+            return report
+        await asyncio.sleep(interval)

@@ -1,0 +1,216 @@
+"""Member state history in etcd: the last state change of every member, its reason and
+time, and how many failovers the member has caused (``cphaprob state``'s "last state
+change" and failover counter).
+
+Every control-plane replica derives the same changes from the same etcd revisions, so
+every replica may write them: a record carries the etcd revision of the change it
+describes, and a write is a compare-and-swap that only moves that revision forward.
+The first replica to write a change wins; the others find it already there and count
+nothing twice. Writes run in the background, in order, and never delay a push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aetcd
+
+from meshxl.etcdkeys import Keys
+from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.runtime import MemberView
+
+__all__ = ["Change", "MemberHistory", "reason", "transitions"]
+
+log = logging.getLogger(__name__)
+
+_TXN_OPS = 64  # etcd's default --max-txn-ops is 128: stay well inside
+
+
+@dataclass(frozen=True)
+class Change:
+    """One member's state change, as seen by one rebuild."""
+
+    cluster: str
+    member: str
+    from_state: str
+    to_state: str
+    reason: str
+
+    @property
+    def failover(self) -> bool:
+        """The member served before and does not now: its sessions moved."""
+        return self.from_state == MemberState.READY and self.to_state != MemberState.READY
+
+
+def reason(view: MemberView | None, cluster: str, state: RuntimeState) -> str:
+    """Why a member is in its state, in words an operator can act on."""
+    if view is None:
+        return "removed from the cluster"
+    st = view.state
+    if st == MemberState.ADMIN_DOWN:
+        action = state.members_down_of(cluster).get(view.name)
+        return _admin("member down", action.reason if action else "",
+                      action.by if action else "")
+    if st == MemberState.SITE_OFFLINE:
+        action = state.sites_offline.get(view.site)
+        return _admin(f"site {view.site} offline", action.reason if action else "",
+                      action.by if action else "")
+    if st == MemberState.PROBLEM:
+        return f"problem reported: {', '.join(view.problems)}"
+    if st == MemberState.SYNCING:
+        return "registered, session cache still syncing"
+    if st == MemberState.LOST:
+        return reason_lost()
+    return "ready"
+
+
+def reason_lost() -> str:
+    return "registration lease ended (sidecar gone or partitioned from etcd)"
+
+
+def _admin(what: str, why: str, by: str) -> str:
+    text = what
+    if by:
+        text += f" by {by}"
+    if why:
+        text += f": {why}"
+    return text
+
+
+def _views(model: ModelSpec, state: RuntimeState, cluster: str) -> dict[str, MemberView]:
+    spec = model.cluster(cluster)
+    if spec is None:
+        return {}
+    return {m.name: m for m in cluster_view(spec, state).members}
+
+
+def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[Change]:
+    """Every member whose state differs between two runtime states (pure).
+
+    Clusters whose registrations and admin records did not change are skipped without
+    building their views, so a rebuild after a one-member change costs one cluster.
+    """
+    found: list[Change] = []
+    offline_changed = before.sites_offline != after.sites_offline
+    for spec in model.clusters:
+        name = spec.name
+        if (not offline_changed
+                and before.registrations_of(name) == after.registrations_of(name)
+                and before.members_down_of(name) == after.members_down_of(name)):
+            continue
+        old, new = _views(model, before, name), _views(model, after, name)
+        for member in sorted(old.keys() | new.keys()):
+            was, now = old.get(member), new.get(member)
+            was_state = str(was.state) if was else str(MemberState.LOST)
+            now_state = str(now.state) if now else str(MemberState.LOST)
+            if was_state == now_state and (was is None or now is None
+                                           or was.problems == now.problems):
+                continue
+            if now is None and member in before.registrations_of(name) \
+                    and member not in after.registrations_of(name):
+                why = reason_lost()
+            else:
+                why = reason(now, name, after)
+            found.append(Change(name, member, was_state, now_state, why))
+    return found
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class MemberHistory:
+    """Writes :class:`Change` records to etcd in the background (see the module doc)."""
+
+    def __init__(self, client: aetcd.Client, keys: Keys, replica: str) -> None:
+        self._client = client
+        self._keys = keys
+        self._replica = replica
+        self._queue: asyncio.Queue[tuple[int, list[Change]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        """Records this replica wrote (the others' were there first)."""
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def record(self, changes: Iterable[Change], revision: int) -> None:
+        """Queue the changes seen at etcd ``revision`` (no I/O here)."""
+        batch = list(changes)
+        if batch:
+            self._queue.put_nowait((revision, batch))
+
+    async def _run(self) -> None:
+        while True:
+            revision, changes = await self._queue.get()
+            for attempt in range(3):
+                try:
+                    await self._write(revision, changes)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("member history at revision %d not written (%s)%s", revision,
+                                self.last_error, "; retrying" if attempt < 2 else "")
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _write(self, revision: int, changes: list[Change]) -> None:
+        for start in range(0, len(changes), _TXN_OPS):
+            chunk = changes[start:start + _TXN_OPS]
+            # Compare-and-swap against what we read; a lost race re-reads and drops what
+            # the winner already wrote (its records carry this revision).
+            for _ in range(5):
+                if await self._swap(revision, chunk):
+                    break
+
+    async def _swap(self, revision: int, changes: list[Change]) -> bool:
+        tx = self._client.transactions
+        compare, success = [], []
+        keys = [self._keys.member_state(c.cluster, c.member).encode() for c in changes]
+        current = await asyncio.gather(*(self._client.get(k) for k in keys))
+        for change, key, got in zip(changes, keys, current, strict=True):
+            old: dict[str, Any] = {}
+            if got is not None:
+                with contextlib.suppress(ValueError):
+                    loaded = json.loads(got.value)
+                    old = loaded if isinstance(loaded, dict) else {}
+                if int(old.get("revision", 0) or 0) >= revision:
+                    continue  # another replica (or an earlier pass) recorded it
+                compare.append(tx.mod(key) == got.mod_revision)
+            else:
+                compare.append(tx.version(key) == 0)
+            success.append(tx.put(key, json.dumps(self._record(change, revision, old)).encode()))
+        if not success:
+            return True
+        ok, _ = await self._client.transaction(compare=compare, success=success, failure=[])
+        if ok:
+            self.written += len(success)
+        return bool(ok)
+
+    def _record(self, change: Change, revision: int, old: dict[str, Any]) -> dict[str, Any]:
+        now = _now()
+        record = {
+            "state": change.to_state, "from": change.from_state, "reason": change.reason,
+            "at": now, "revision": revision, "replica": self._replica,
+            "failovers": int(old.get("failovers", 0) or 0) + (1 if change.failover else 0),
+            "last_failover": old.get("last_failover"),
+        }
+        if change.failover:
+            record["last_failover"] = {"at": now, "to_state": change.to_state,
+                                       "reason": change.reason}
+        return record

@@ -1,0 +1,139 @@
+"""The control plane's Prometheus metrics, on a registry of its own (several replicas
+may share a process in tests and benchmarks). Names and meanings: docs/metrics.md.
+
+The ADS servers (state of the world and delta) report through the methods below; the
+control plane reports rebuilds, convergence and the debounce queue.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Convergence", "XdsMetrics", "type_label"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+
+
+def type_label(type_url: str) -> str:
+    """``type.googleapis.com/envoy.config.cluster.v3.Cluster`` -> ``Cluster``."""
+    return type_url.rsplit(".", 1)[-1] or type_url
+
+
+class XdsMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.streams = Gauge("meshxl_xds_connected_streams", "ADS streams open now, by "
+                             "protocol (sotw, delta).", ["protocol"], registry=r)
+        self.streams_opened = Counter("meshxl_xds_streams_opened", "ADS streams accepted, "
+                                      "by protocol.", ["protocol"], registry=r)
+        self.pushes = Counter("meshxl_xds_pushes", "Discovery responses sent, by resource "
+                              "type and protocol.", ["type", "protocol"], registry=r)
+        self.push_seconds = Histogram("meshxl_xds_push_duration_seconds", "From a snapshot "
+                                      "being published to its response being written on a "
+                                      "stream, by resource type.", ["type"],
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.ack_seconds = Histogram("meshxl_xds_ack_duration_seconds", "From a response "
+                                     "being written to Envoy's ACK or NACK of it, by resource "
+                                     "type.", ["type"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.nacks = Counter("meshxl_xds_nacks", "Responses Envoy rejected, by resource "
+                             "type.", ["type"], registry=r)
+        self.convergence_seconds = Histogram(
+            "meshxl_xds_convergence_seconds", "From a change being seen in etcd or the model "
+            "file to the last connected Envoy acknowledging the snapshot built from it.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.rebuilds = Counter("meshxl_xds_rebuilds", "Snapshot rebuilds, by result "
+                                "(published, unchanged, error).", ["result"], registry=r)
+        self.rebuild_seconds = Histogram("meshxl_xds_rebuild_duration_seconds", "Compile "
+                                         "and encode time of one rebuild.",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.debounce_pending = Gauge("meshxl_xds_debounce_pending_changes", "Changes seen "
+                                      "and not yet built into a snapshot.", registry=r)
+        self.debounce_wait = Gauge("meshxl_xds_debounce_oldest_change_age_seconds", "Age of "
+                                   "the oldest change waiting for a rebuild (0 when none).",
+                                   registry=r)
+        self.failovers = Counter("meshxl_xds_failovers", "Members that stopped serving, by "
+                                 "cluster and cause.", ["cluster", "cause"], registry=r)
+        self.etcd_revision = Gauge("meshxl_xds_etcd_revision", "Last etcd revision of the "
+                                   "mesh read by this replica.", registry=r)
+        self.nodes = Gauge("meshxl_xds_nodes", "Envoy nodes with at least one open stream.",
+                           registry=r)
+
+    # -- reported by the ADS servers -------------------------------------------------
+
+    def stream_opened(self, protocol: str) -> None:
+        self.streams_opened.labels(protocol).inc()
+        self.streams.labels(protocol).inc()
+
+    def stream_closed(self, protocol: str) -> None:
+        self.streams.labels(protocol).dec()
+
+    def sent(self, type_url: str, protocol: str, since_published: float | None) -> None:
+        """``since_published`` None: the stream opened after the snapshot was published
+        (a connecting Envoy's first answer is not a push), so only the count moves."""
+        label = type_label(type_url)
+        self.pushes.labels(label, protocol).inc()
+        if since_published is not None:
+            self.push_seconds.labels(label).observe(max(0.0, since_published))
+
+    def answered(self, type_url: str, nack: bool, seconds: float) -> None:
+        label = type_label(type_url)
+        self.ack_seconds.labels(label).observe(max(0.0, seconds))
+        if nack:
+            self.nacks.labels(label).inc()
+
+
+class Convergence:
+    """Times "change seen -> every connected Envoy ACKed the snapshot built from it".
+
+    A newer snapshot published before the last one converged keeps the older change's
+    start (the operator waits from the first change). No I/O; single event loop.
+    """
+
+    def __init__(self, metrics: XdsMetrics) -> None:
+        self._metrics = metrics
+        self._versions: dict[str, str] = {}
+        self._seen_ns: int | None = None
+        self._waiting: set[str] = set()
+
+    @property
+    def waiting(self) -> frozenset[str]:
+        return frozenset(self._waiting)
+
+    def published(self, versions: dict[str, str], seen_ns: int,
+                  nodes: dict[str, dict[str, Any]]) -> None:
+        """A snapshot with ``versions`` is served; ``nodes``: node id -> status."""
+        self._versions = dict(versions)
+        if self._seen_ns is None:
+            self._seen_ns = seen_ns
+        connected = {n: s for n, s in nodes.items() if s.get("streams", 0) > 0}
+        if not connected:
+            self._seen_ns, self._waiting = None, set()  # nothing to converge
+            return
+        self._waiting = {n for n, status in connected.items() if not self._done(status)}
+        self._finish()
+
+    def node_changed(self, node_id: str, status: dict[str, Any]) -> None:
+        if node_id not in self._waiting:
+            return
+        if status.get("streams", 0) == 0 or self._done(status):
+            self._waiting.discard(node_id)
+            self._finish()
+
+    def _done(self, status: dict[str, Any]) -> bool:
+        types = status.get("types", {})
+        # Only the types this node subscribed to count (an Envoy without listeners
+        # never asks for routes).
+        return all(types[t].get("acked_version") == v for t, v in self._versions.items()
+                   if t in types)
+
+    def _finish(self) -> None:
+        if self._waiting or self._seen_ns is None:
+            return
+        self._metrics.convergence_seconds.observe(
+            max(0.0, (time.time_ns() - self._seen_ns) / 1e9))
+        self._seen_ns = None

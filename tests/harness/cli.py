@@ -1,0 +1,33 @@
+"""Run the ``meshxl`` command as an operator does: a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def meshxl(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    """Run ``python -m meshxl.cli ARGS`` without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshxl.cli", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def meshxl_json(*args: str, expect: int = 0, timeout: float = 30) -> Any:
+    """Run ``meshxl ARGS --output json``; assert the exit code and parse stdout."""
+    code, out, err = await meshxl(*args, "--output", "json", timeout=timeout)
+    assert code == expect, f"meshxl {' '.join(args)} exited {code}:\n{out}\n{err}"
+    return json.loads(out)
