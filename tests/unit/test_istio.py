@@ -1,0 +1,480 @@
+"""`meshxl istio render`: DestinationRule and EnvoyFilter per model shape, field by field.
+
+Every object is validated against Istio's own CRD schemas (fixtures/istio, copied from
+../shared/schemas with its header), made strict: unknown fields are errors (the API
+server prunes or rejects them), and the CRDs' duration rules (CEL) are checked. The
+EnvoyFilter patch values are parsed as the Envoy protos Istio merges them into.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from click.testing import CliRunner
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
+    previous_priorities_config_pb2,
+)
+from google.protobuf import json_format
+
+from meshxl.cli import main
+from meshxl.istio import IstioOptions, IstioRenderError, render_model
+from meshxl.model import RuntimeState, cluster_view, parse_model
+
+CRDS = Path(__file__).parent / "fixtures" / "istio" / "istio-networking-crds.yaml"
+OPTIONS = IstioOptions(namespace="shop")
+_GO_DURATION = re.compile(r"^(\d+(\.\d+)?(h|m|s|ms|us|ns))+$")
+
+
+# -- strict CRD validation ---------------------------------------------------------------------
+
+
+def _strict(schema: Any) -> Any:
+    """Close every object schema the CRD does not leave open, as the API server does."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("type") == "object" and "properties" in out \
+            and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def _duration_rule(validator: Any, rules: Any, instance: Any, schema: Any) -> Any:
+    """The CEL rules of these CRDs that meshxl's output meets: durations >= 1 ms."""
+    for rule in rules:
+        if rule["rule"] == "duration(self) >= duration('1ms')":
+            if not isinstance(instance, str) or not _GO_DURATION.match(instance):
+                yield jsonschema.ValidationError(f"{instance!r} is not a duration")
+            elif _seconds(instance) < 0.001:
+                yield jsonschema.ValidationError(f"{instance!r}: {rule['message']}")
+
+
+def _seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+    return sum(float(n) * units[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)(h|ms|m|s|us|ns)",
+                                                             text))
+
+
+def _validators() -> dict[tuple[str, str], Any]:
+    checker = jsonschema.validators.extend(
+        jsonschema.Draft7Validator, {"x-kubernetes-validations": _duration_rule})
+    out = {}
+    for crd in yaml.safe_load_all(CRDS.read_text()):
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for version in crd["spec"]["versions"]:
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            schema["properties"].update({"apiVersion": {"const": f"{group}/{version['name']}"},
+                                         "kind": {"const": kind},
+                                         "metadata": {"type": "object"}})
+            schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+            out[(f"{group}/{version['name']}", kind)] = checker(schema)
+    return out
+
+
+VALIDATORS = _validators()
+
+
+def check_crd(obj: dict[str, Any]) -> None:
+    validator = VALIDATORS[(obj["apiVersion"], obj["kind"])]
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    if obj["kind"] == "EnvoyFilter":
+        for patch in obj["spec"]["configPatches"]:
+            message = {"HTTP_ROUTE": route_components_pb2.Route,
+                       "CLUSTER": cluster_pb2.Cluster}[patch["applyTo"]]()
+            # Strict proto JSON: a misspelled Envoy field or bad duration fails here.
+            json_format.ParseDict(patch["patch"]["value"], message)
+
+
+def test_the_crd_check_is_strict() -> None:
+    dr = render("LS_COOKIE").objects[0]
+    dr["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]["httpHeader"] = "x"
+    with pytest.raises(AssertionError, match="Additional properties"):
+        check_crd(dr)
+    dr = render("LS_COOKIE").objects[0]
+    dr["spec"]["trafficPolicy"]["connectionPool"]["tcp"]["connectTimeout"] = "0s"
+    with pytest.raises(AssertionError, match="greater than 1ms"):
+        check_crd(dr)
+    rendered = render("LS_COOKIE")
+    patches(rendered)["CLUSTER"]["patch"]["value"]["health_checks"][0]["timeout"] = "200ms"
+    with pytest.raises(json_format.ParseError):
+        check_crd(rendered.objects[1])
+
+
+# -- model shapes ------------------------------------------------------------------------------
+
+MODELS = {
+    # ClusterXL HA in one site: one active, a standby and a backup.
+    "HA_ONE_SITE": """
+clusters:
+  - name: orders
+    stickiness: {header: x-session-id}
+    members:
+      - {name: orders-0, address: 10.0.0.1, port: 8080}
+      - {name: orders-1, address: 10.0.0.2, port: 8080}
+      - {name: orders-2, address: 10.0.0.3, port: 8080}
+""",
+    # Maestro dual site in HA mode: active and standby in dc1, backup in dc2.
+    "HA_TWO_SITES": """
+clusters:
+  - name: orders
+    mode: high-availability
+    stickiness: {algorithm: maglev, header: x-session-id, maglev_table_size: 131}
+    sites: [{name: dc1}, {name: dc2}]
+    members:
+      - {name: orders-0, address: 10.0.0.1, port: 8080, site: dc1}
+      - {name: orders-1, address: 10.0.0.2, port: 8080, site: dc1}
+      - {name: orders-2, address: 10.1.0.1, port: 8080, site: dc2}
+""",
+    # Load sharing, sticky by cookie on a hash ring.
+    "LS_COOKIE": """
+clusters:
+  - name: cart
+    mode: load-sharing
+    stickiness:
+      algorithm: ring_hash
+      cookie: {name: cart-session, ttl: 90m, path: /cart}
+      ring_minimum_size: 2048
+      ring_maximum_size: 65536
+    members:
+      - {name: cart-0, address: 10.0.0.1, port: 9090}
+      - {name: cart-1, address: 10.0.0.2, port: 9090, weight: 200}
+""",
+    # Load sharing over two sites: dc1 active-active, dc2 takes over when dc1 is down.
+    "LS_TWO_SITES_SOURCE_IP": """
+clusters:
+  - name: api
+    mode: load-sharing
+    membership: registered
+    stickiness: {source_ip: true}
+    sites: [{name: dc1}, {name: dc2}]
+    outlier_detection: {consecutive_5xx: 7, interval: 2s, base_ejection_time: 30s,
+                        max_ejection_percent: 50}
+    retries: {attempts: 2, previous_hosts: false, per_try_timeout: 500ms}
+    health_check: {enabled: false}
+    connect_timeout: 100ms
+""",
+    # Active-active sites, no stickiness.
+    "LS_SHARED_RANK": """
+clusters:
+  - name: search
+    mode: load-sharing
+    sites: [{name: dc1, failover_rank: 0}, {name: dc2, failover_rank: 0}]
+    members:
+      - {name: search-0, address: 10.0.0.1, port: 80, site: dc1}
+      - {name: search-1, address: 10.1.0.1, port: 80, site: dc2}
+    retries: {attempts: 0}
+""",
+    "THREE_SITES": """
+clusters:
+  - name: ledger
+    mode: load-sharing
+    stickiness: {header: x-account}
+    sites: [{name: dc1}, {name: dc2}, {name: dc3}]
+    members:
+      - {name: ledger-0, address: 10.0.0.1, port: 7000, site: dc1}
+      - {name: ledger-1, address: 10.1.0.1, port: 7000, site: dc2}
+      - {name: ledger-2, address: 10.2.0.1, port: 7000, site: dc3}
+""",
+}
+
+
+#: Shapes whose members register themselves need the Service port.
+OPTIONS_FOR = {"LS_TWO_SITES_SOURCE_IP": IstioOptions(namespace="shop", ports={"api": 443})}
+
+
+def render(name: str, options: IstioOptions | None = None) -> Any:
+    options = options or OPTIONS_FOR.get(name, OPTIONS)
+    rendered = render_model(parse_model(MODELS[name]), options)
+    for obj in rendered.objects:
+        check_crd(obj)
+    return rendered
+
+
+def traffic_policy(rendered: Any) -> dict[str, Any]:
+    return rendered.objects[0]["spec"]["trafficPolicy"]  # type: ignore[no-any-return]
+
+
+def patches(rendered: Any) -> dict[str, dict[str, Any]]:
+    return {p["applyTo"]: p for p in rendered.objects[1]["spec"]["configPatches"]}
+
+
+def istio_priorities(labels: dict[str, dict[str, str]], failover_priority: list[str]
+                     ) -> dict[str, int]:
+    """Istio's applyFailoverPriorityPerLocality for key=value entries (then made dense)."""
+    raw = {}
+    for name, pod in labels.items():
+        priority = 0
+        for j, entry in enumerate(failover_priority):
+            key, value = entry.split("=", 1)
+            if pod.get(key) != value:
+                priority = len(failover_priority) - j
+                break
+        raw[name] = priority
+    dense = {p: i for i, p in enumerate(sorted(set(raw.values())))}
+    return {name: dense[p] for name, p in raw.items()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_shape_validates_and_names_objects(name: str) -> None:
+    rendered = render(name)
+    model = parse_model(MODELS[name])
+    assert len(rendered.objects) == 2 * len(model.clusters)
+    dr, ef = rendered.objects
+    cluster = model.clusters[0].name
+    assert (dr["apiVersion"], dr["kind"]) == ("networking.istio.io/v1", "DestinationRule")
+    assert dr["metadata"]["name"] == f"meshxl-{cluster}"
+    assert dr["metadata"]["namespace"] == "shop"
+    assert dr["spec"]["host"] == f"{cluster}.shop.svc.cluster.local"
+    assert (ef["apiVersion"], ef["kind"]) == ("networking.istio.io/v1alpha3", "EnvoyFilter")
+    assert ef["metadata"]["namespace"] == "istio-system", "root namespace: every sidecar"
+    for patch in ef["spec"]["configPatches"]:
+        assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
+        assert patch["patch"]["operation"] == "MERGE"
+
+
+def test_ha_one_site_active_member_then_the_rest() -> None:
+    rendered = render("HA_ONE_SITE")
+    lb = traffic_policy(rendered)["loadBalancer"]
+    assert lb["consistentHash"] == {"httpHeaderName": "x-session-id",
+                                    "maglev": {"tableSize": 65537}}
+    assert lb["localityLbSetting"] == {
+        "enabled": True,
+        "failoverPriority": ["statefulset.kubernetes.io/pod-name=orders-0"]}
+    assert rendered.warnings == [
+        "cluster orders: members orders-1, orders-2 (meshxl priorities 1, 2) share "
+        "Istio priority 1"]
+    outlier = traffic_policy(rendered)["outlierDetection"]
+    assert outlier == {"splitExternalLocalOriginErrors": True,
+                       "consecutiveLocalOriginFailures": 1, "consecutive5xxErrors": 5,
+                       "consecutiveGatewayErrors": 3, "interval": "1s",
+                       "baseEjectionTime": "5s", "maxEjectionPercent": 100,
+                       "minHealthPercent": 0}
+    assert traffic_policy(rendered)["retryBudget"] == {"percent": 50.0,
+                                                       "minRetryConcurrency": 64}
+    assert traffic_policy(rendered)["connectionPool"] == {"tcp": {"connectTimeout": "250ms"}}
+    route = patches(rendered)["HTTP_ROUTE"]
+    assert route["match"]["routeConfiguration"] == {
+        "vhost": {"name": "orders.shop.svc.cluster.local:8080"}}
+    retry = route["patch"]["value"]["route"]["retry_policy"]
+    assert retry == {
+        "retry_on": "connect-failure,refused-stream,reset,gateway-error",
+        "num_retries": 3,
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+        "per_try_timeout": "2s",
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                      "previous_hosts.v3.PreviousHostsPredicate"}}],
+        "host_selection_retry_max_attempts": 5,
+        "retry_priority": {
+            "name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority."
+                                      "previous_priorities.v3.PreviousPrioritiesConfig",
+                             "update_frequency": 1}},
+    }
+    cluster = patches(rendered)["CLUSTER"]
+    assert cluster["match"]["cluster"] == {"service": "orders.shop.svc.cluster.local",
+                                           "portNumber": 8080}
+    value = cluster["patch"]["value"]
+    assert value["common_lb_config"] == {"healthy_panic_threshold": {"value": 0},
+                                         "update_merge_window": "0s"}
+    check = value["health_checks"][0]
+    assert (check["interval"], check["timeout"], check["no_traffic_interval"]) == \
+        ("0.25s", "0.2s", "0.5s")
+    assert check["http_health_check"] == {"path": "/healthz",
+                                          "expected_statuses": [{"start": 200, "end": 201}]}
+    assert "ring_hash_lb_config" not in value
+
+
+def test_ha_two_sites_istio_priorities_equal_meshxl_tiers() -> None:
+    rendered = render("HA_TWO_SITES")
+    lb = traffic_policy(rendered)["loadBalancer"]
+    assert lb["consistentHash"]["maglev"] == {"tableSize": 131}
+    chain = lb["localityLbSetting"]["failoverPriority"]
+    assert chain == ["meshxl.io/site=dc1", "statefulset.kubernetes.io/pod-name=orders-0"]
+    assert rendered.warnings == []
+    spec = parse_model(MODELS["HA_TWO_SITES"]).clusters[0]
+    view = cluster_view(spec, RuntimeState())
+    pods = {m.name: {"meshxl.io/site": m.site, "statefulset.kubernetes.io/pod-name": m.name}
+            for m in view.members}
+    assert istio_priorities(pods, chain) == {m.name: m.priority for m in view.members} == \
+        {"orders-0": 0, "orders-1": 1, "orders-2": 2}
+
+
+def test_load_sharing_cookie_ring_hash_one_tier() -> None:
+    rendered = render("LS_COOKIE")
+    lb = traffic_policy(rendered)["loadBalancer"]
+    assert lb["consistentHash"] == {
+        "httpCookie": {"name": "cart-session", "path": "/cart", "ttl": "5400s"},
+        "ringHash": {"minimumRingSize": 2048}}
+    # One tier: Istio's per-client locality preference is off, so every proxy hashes a
+    # session to the same member.
+    assert lb["localityLbSetting"] == {"enabled": False}
+    retry = patches(rendered)["HTTP_ROUTE"]["patch"]["value"]["route"]["retry_policy"]
+    assert "retry_priority" not in retry, "load sharing: no move to a lower tier"
+    assert retry["retry_host_predicate"][0]["name"] == \
+        "envoy.retry_host_predicates.previous_hosts"
+    value = patches(rendered)["CLUSTER"]["patch"]["value"]
+    assert value["ring_hash_lb_config"] == {"maximum_ring_size": 65536}
+    assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 9090
+
+
+def test_load_sharing_two_sites_source_ip() -> None:
+    rendered = render("LS_TWO_SITES_SOURCE_IP")
+    policy = traffic_policy(rendered)
+    lb = policy["loadBalancer"]
+    assert lb["consistentHash"] == {"useSourceIp": True, "maglev": {"tableSize": 65537}}
+    assert lb["localityLbSetting"] == {"enabled": True,
+                                       "failoverPriority": ["meshxl.io/site=dc1"]}
+    assert policy["outlierDetection"]["consecutive5xxErrors"] == 7
+    assert policy["outlierDetection"]["interval"] == "2s"
+    assert policy["outlierDetection"]["baseEjectionTime"] == "30s"
+    assert policy["outlierDetection"]["maxEjectionPercent"] == 50
+    assert policy["connectionPool"]["tcp"]["connectTimeout"] == "100ms"
+    retry = patches(rendered)["HTTP_ROUTE"]["patch"]["value"]["route"]["retry_policy"]
+    assert "retry_host_predicate" not in retry and "host_selection_retry_max_attempts" \
+        not in retry
+    assert (retry["num_retries"], retry["per_try_timeout"]) == (2, "0.5s")
+    assert patches(rendered)["HTTP_ROUTE"]["match"]["routeConfiguration"]["vhost"]["name"] \
+        == "api.shop.svc.cluster.local:443"
+    assert "health_checks" not in patches(rendered)["CLUSTER"]["patch"]["value"]
+
+
+def test_shared_rank_sites_without_stickiness_or_retries() -> None:
+    rendered = render("LS_SHARED_RANK")
+    policy = traffic_policy(rendered)
+    assert policy["loadBalancer"] == {"simple": "LEAST_REQUEST",
+                                      "localityLbSetting": {"enabled": False}}
+    assert "retryBudget" not in policy
+    assert list(patches(rendered)) == ["CLUSTER"]
+
+
+def test_three_sites_merge_the_later_ones_with_a_warning() -> None:
+    rendered = render("THREE_SITES")
+    lb = traffic_policy(rendered)["loadBalancer"]
+    assert lb["localityLbSetting"]["failoverPriority"] == ["meshxl.io/site=dc1"]
+    assert rendered.warnings == ["cluster ledger: sites dc2, dc3 share Istio priority 1 "
+                                 "(a failoverPriority chain puts every site after the "
+                                 "first in one tier)"]
+
+
+def test_region_failover_is_offered_with_its_hashing_caveat() -> None:
+    rendered = render("HA_TWO_SITES", IstioOptions(namespace="shop", site_failover="region"))
+    assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"] == {
+        "enabled": True, "failover": [{"from": "dc1", "to": "dc2"},
+                                      {"from": "dc2", "to": "dc1"}]}
+    assert "relative to each client's region" in rendered.warnings[0]
+
+
+def test_options_change_hosts_labels_and_namespaces() -> None:
+    options = IstioOptions(namespace="prod", cluster_domain="corp.local",
+                           root_namespace="mesh-root", site_label="topology.example/site",
+                           ports={"*": 80})
+    rendered = render("HA_TWO_SITES", options)
+    dr, ef = rendered.objects
+    assert dr["spec"]["host"] == "orders.prod.svc.corp.local"
+    assert ef["metadata"]["namespace"] == "mesh-root"
+    assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"]["failoverPriority"][0] \
+        == "topology.example/site=dc1"
+    assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 80
+
+
+@pytest.mark.parametrize(("model", "options", "message"), [
+    ("""
+clusters:
+  - name: a
+    sites: [{name: dc1, failover_rank: 0}, {name: dc2, failover_rank: 0}, {name: dc3}]
+    members: [{name: a-0, address: 10.0.0.1, port: 80, site: dc1}]
+""", {}, "cluster a: sites dc1, dc2 share the first failover rank"),
+    ("""
+clusters:
+  - name: a
+    members:
+      - {name: a-0, address: 10.0.0.1, port: 80, priority: 0}
+      - {name: a-1, address: 10.0.0.2, port: 80, priority: 0}
+      - {name: a-2, address: 10.0.0.3, port: 80, priority: 1}
+""", {}, "cluster a: the active tier (a-0, a-1) is neither one member nor a whole"),
+    ("""
+clusters:
+  - name: a
+    sites: [{name: dc1}, {name: dc2}]
+    outlier_detection: {enabled: false}
+    members: [{name: a-0, address: 10.0.0.1, port: 80, site: dc1}]
+""", {}, "cluster a: Istio fails over between sites or members only with outlier"),
+    ("""
+clusters:
+  - name: a
+    membership: registered
+""", {}, "cluster a: it lists no members; give its Service port (--port a=PORT)"),
+    ("""
+clusters:
+  - name: a
+    members:
+      - {name: a-0, address: 10.0.0.1, port: 80}
+      - {name: a-1, address: 10.0.0.2, port: 81}
+""", {}, "cluster a: its members use different ports"),
+    ("clusters: [{name: a, members: [{name: a-0, address: 10.0.0.1, port: 80}]}]",
+     {"ports": {"b": 80}}, "--port names clusters not in the model: b"),
+])
+def test_what_istio_cannot_express_is_an_error(model: str, options: dict[str, Any],
+                                               message: str) -> None:
+    with pytest.raises(IstioRenderError, match=re.escape(message)):
+        render_model(parse_model(model), IstioOptions(**options))
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_render_command(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODELS["HA_ONE_SITE"] + MODELS["LS_COOKIE"].replace("clusters:\n", ""))
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), "-n", "shop"])
+    assert result.exit_code == 0, result.output
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
+        ("DestinationRule", "meshxl-orders"), ("EnvoyFilter", "meshxl-shop-orders"),
+        ("DestinationRule", "meshxl-cart"), ("EnvoyFilter", "meshxl-shop-cart")]
+    for doc in docs:
+        check_crd(doc)
+    assert result.stderr.startswith("meshxl: warning: cluster orders: members orders-1")
+
+
+@pytest.mark.parametrize(("model", "args", "message"), [
+    ("clusters: [{name: a, mode: hot}]", [], "clusters[0].mode:"),
+    ("clusters: [{name: a, membership: registered}]", [],
+     "meshxl: cluster a: it lists no members"),
+    ("clusters: [{name: a, membership: registered}]", ["--port", "a=http"],
+     "meshxl: bad --port 'a=http'"),
+])
+def test_render_command_errors(tmp_path: Path, model: str, args: list[str],
+                               message: str) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(model)
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), *args])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(message)
+    assert result.stdout == ""
+
+
+def test_render_command_with_a_port_for_registered_members(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODELS["LS_TWO_SITES_SOURCE_IP"])
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), "--port", "8443"])
+    assert result.exit_code == 0, result.output
+    ef = list(yaml.safe_load_all(result.stdout))[1]
+    assert ef["spec"]["configPatches"][0]["match"]["routeConfiguration"]["vhost"]["name"] \
+        == "api.default.svc.cluster.local:8443"
