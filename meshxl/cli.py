@@ -173,8 +173,16 @@ def validate(file: Path) -> None:
         sys.exit(1)
     except CompileError as exc:
         _fail(str(exc))
+    _warn(model)
     members = sum(len(c.members) for c in model.clusters)
     click.echo(f"{file}: ok ({len(model.clusters)} clusters, {members} members)")
+
+
+def _warn(model: Any) -> None:
+    from meshxl.model import model_warnings
+
+    for warning in model_warnings(model):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
@@ -200,6 +208,7 @@ def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(1)
+    _warn(model)
 
     async def go() -> Any:
         async with etcd.client(etcd_urls) as client:
@@ -392,6 +401,66 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
 
         render_verify(report, _console())
     sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@click.option("--site", required=True, help="The site to take offline and bring back.")
+@click.option("--duration", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS", help="How long the site stays offline.")
+@click.option("--slo", "slo", multiple=True, type=click.Path(dir_okay=False),
+              help="OpenSLO file(s) to judge the drill's failovers (needs --traces).")
+@click.option("--traces", "traces", multiple=True, type=click.Path(dir_okay=False),
+              help="OTLP JSON trace file(s) the deployment writes (a Collector's file "
+              "exporter or --trace-file).")
+@click.option("--envoy-admin", "envoy_admin", multiple=True, metavar="URL",
+              help="Envoy admin URL(s): verify their live endpoints and sample traffic.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("drill"), show_default=True,
+              help="Where drill.json, drill.md and timeline.png go.")
+@click.option("--converge-timeout", type=click.FloatRange(min=1), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="Longest wait for every Envoy to acknowledge a step.")
+@click.option("--reason", default="DR drill", show_default=True,
+              help="Recorded with the site offline action.")
+@model_option
+@etcd_option
+@root_option
+def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, ...],
+          envoy_admin: tuple[str, ...], output_dir: Path, converge_timeout: float,
+          reason: str, model_file: Path | None, etcd_urls: str, etcd_root: str) -> None:
+    """The DR drill: verify, take SITE offline, watch, verify, bring it back, verify.
+
+    Refuses to start (exit 2) unless everything is healthy and in sync; brings the site
+    back online if anything fails midway; exit 1 when a step fails or an objective is
+    breached. Writes a JSON and a Markdown report and a timeline plot.
+    """
+    from meshxl import etcd
+    from meshxl.drill import DrillConfig, run_drill
+
+    text, source = _model_text(model_file)
+    for url in envoy_admin:
+        if not url.startswith(("http://", "https://")):
+            _fail(f"--envoy-admin needs an http(s) URL, got {url!r}", 2)
+    cfg = DrillConfig(site=site, output_dir=output_dir, duration=duration,
+                      envoy_admin=list(envoy_admin), traces=list(traces), slo=list(slo),
+                      converge_timeout=converge_timeout, reason=reason, model_text=text,
+                      model_source=source)
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        async with etcd.client(etcd_urls) as client:
+            return await run_drill(client, Keys(etcd_root), cfg,
+                                   say=lambda line: click.echo(f"drill: {line}"))
+
+    try:
+        code, report = _run(go)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+        raise AssertionError("unreachable") from None
+    if report.get("refused"):
+        for reason_line in report["refused"]:
+            click.echo(f"meshxl drill: refused: {reason_line}", err=True)
+    click.echo(f"drill {report['result']}: {report['files']['markdown']}")
+    sys.exit(code)
 
 
 # -- servers ------------------------------------------------------------------------------

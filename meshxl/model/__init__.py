@@ -4,7 +4,7 @@ Nothing here does I/O beyond reading a file on request, and nothing imports the
 rest of meshxl.
 """
 
-from .load import ModelError, Problem, check_model, load_model, parse_model
+from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
 from .runtime import (
     AdminAction,
     ClusterView,
@@ -38,6 +38,5 @@ __all__ = [
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
     "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_model",
-    "cluster_view", "load_model",
-    "parse_model",
+    "cluster_view", "load_model", "model_warnings", "parse_model",
 ]

@@ -164,3 +164,26 @@ def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
     if c.retries.backoff_base > c.retries.backoff_max:
         yield Problem(f"{base}.retries.backoff_base", "must not exceed backoff_max",
                       c.retries.backoff_base)
+
+
+def model_warnings(model: ModelSpec) -> list[Problem]:
+    """Things that are valid but defeat the purpose of high availability.
+
+    An active and a standby on one site with no other site share a failure domain: the
+    site's loss takes the whole cluster down (ClusterXL members belong in different
+    racks, rooms or sites; in Kubernetes, in different nodes and zones).
+    """
+    found = []
+    for i, spec in enumerate(model.clusters):
+        if spec.mode != "high-availability" or len(spec.members) < 2:
+            continue
+        default = spec.site_names()[0]
+        sites = {m.site or default for m in spec.members}
+        if len(sites) == 1:
+            (site,) = sites
+            found.append(Problem(
+                f"clusters[{i}] ({spec.name})",
+                f"active and standby are both on site {site} and no member is on another "
+                "site: one site failure takes the whole cluster down (put a member on a "
+                "second site)"))
+    return found

@@ -56,6 +56,17 @@ def test_validate_accepts_the_quickstart_example() -> None:
     assert "ok (2 clusters, 6 members)" in result.output
 
 
+def test_validate_warns_when_active_and_standby_share_the_only_site(tmp_path: Path) -> None:
+    model = tmp_path / "one-site.yaml"
+    model.write_text(SITES_MODEL.replace("site: dc2", "site: dc1"))
+    proc = subprocess.run([sys.executable, "-m", "meshxl.cli", "validate", str(model)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning: clusters[0] (c): active and standby are both on "
+                                  "site dc1"), proc.stderr
+    assert "ok (1 clusters, 2 members)" in proc.stdout
+
+
 def test_validate_reports_one_line_per_problem(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_MODEL)

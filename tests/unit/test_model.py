@@ -440,3 +440,37 @@ def test_cross_field_problems_are_all_reported() -> None:
     # The exception text carries every line, so a CLI printing it shows them all.
     for p in info.value.problems:
         assert str(p) in str(info.value)
+
+
+# -- warnings: valid, but not highly available ------------------------------------------------
+
+
+def test_ha_active_and_standby_on_one_site_is_warned_about() -> None:
+    from meshxl.model import model_warnings
+
+    one_site = parse_model(dedent("""
+        clusters:
+          - name: cart
+            sites: [{name: dc1}, {name: dc2}]
+            members:
+              - {name: a, address: 127.0.0.1, port: 8080, site: dc1}
+              - {name: b, address: 127.0.0.1, port: 8081, site: dc1}
+          - name: ok
+            sites: [{name: dc1}, {name: dc2}]
+            members:
+              - {name: a, address: 127.0.0.1, port: 8082, site: dc1}
+              - {name: b, address: 127.0.0.1, port: 8083, site: dc2}
+          - name: shared
+            mode: load-sharing
+            members:
+              - {name: a, address: 127.0.0.1, port: 8084}
+              - {name: b, address: 127.0.0.1, port: 8085}
+          - name: implicit
+            members:
+              - {name: a, address: 127.0.0.1, port: 8086}
+              - {name: b, address: 127.0.0.1, port: 8087}
+        """))
+    warnings = model_warnings(one_site)
+    assert [w.path for w in warnings] == ["clusters[0] (cart)", "clusters[3] (implicit)"]
+    assert "both on site dc1" in warnings[0].message
+    assert "one site failure takes the whole cluster down" in str(warnings[0])
