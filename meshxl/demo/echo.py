@@ -58,7 +58,20 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
+MAX_DELAY = 5.0
+
+
 async def _echo(request: web.Request) -> web.Response:
+    """Echo the member; ``?delay=SECONDS`` (at most 5) answers that much later, to keep
+    requests in flight in tests of load-bounded hashing."""
+    try:
+        delay = float(request.query.get("delay", 0))
+    except ValueError:
+        return web.json_response({"error": "delay must be a number of seconds"}, status=400)
+    if not 0 <= delay <= MAX_DELAY:
+        return web.json_response({"error": f"delay must be 0..{MAX_DELAY:g} s"}, status=400)
+    if delay:
+        await asyncio.sleep(delay)
     return web.json_response(
         {"member": request.app[_NAME], "path": request.path, "session": _session_of(request)}
     )

@@ -305,6 +305,10 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
     st = spec.stickiness
     if st is not None and st.algorithm == "ring_hash":
         value["ring_hash_lb_config"] = {"maximum_ring_size": st.ring_maximum_size}
+    if st is not None and st.balance_factor is not None:
+        # DestinationRule has no bounded-load setting: patch Envoy's own field.
+        value["common_lb_config"]["consistent_hashing_lb_config"] = {
+            "hash_balance_factor": round(st.balance_factor * 100)}
     hc = spec.health_check
     if hc.enabled:
         value["health_checks"] = [{

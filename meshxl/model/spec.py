@@ -92,6 +92,10 @@ class Stickiness(_Spec):
     maglev_table_size: int = Field(default=65537, ge=2, le=5_000_011)
     ring_minimum_size: int = Field(default=1024, ge=1, le=8_388_608)
     ring_maximum_size: int = Field(default=8_388_608, ge=1, le=8_388_608)
+    balance_factor: float | None = Field(default=None, ge=1.0, le=10.0)
+    """Bounded loads: no member takes more than this times the mean number of requests
+    in flight; beyond it, requests of its sessions go to the next member of the ring
+    (they lose stickiness, not service). Envoy's ``hash_balance_factor`` / 100."""
 
     @model_validator(mode="after")
     def _one_key(self) -> Stickiness:

@@ -236,6 +236,11 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
         c.lb_policy = cluster_pb2.Cluster.RING_HASH
         c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
         c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+    if st is not None and st.balance_factor is not None:
+        # Consistent hashing with bounded loads: a member above factor x the mean load
+        # (requests in flight) passes new requests on along the hash ring/table.
+        c.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value = round(
+            st.balance_factor * 100)
     # Panic routing would send traffic to members known to be down: never for HA.
     c.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
     # Envoy batches host health/weight changes for 1 s by default; a failover must not wait.

@@ -331,6 +331,7 @@ def test_load_sharing_cookie_ring_hash_one_tier() -> None:
     value = patches(rendered)["CLUSTER"]["patch"]["value"]
     assert value["ring_hash_lb_config"] == {"maximum_ring_size": 65536}
     assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 9090
+    assert "consistent_hashing_lb_config" not in value["common_lb_config"]
 
 
 def test_load_sharing_two_sites_source_ip() -> None:
@@ -478,3 +479,15 @@ def test_render_command_with_a_port_for_registered_members(tmp_path: Path) -> No
     ef = list(yaml.safe_load_all(result.stdout))[1]
     assert ef["spec"]["configPatches"][0]["match"]["routeConfiguration"]["vhost"]["name"] \
         == "api.default.svc.cluster.local:8443"
+
+
+def test_balance_factor_becomes_an_envoy_filter_cluster_patch() -> None:
+    text = MODELS["LS_COOKIE"].replace("      algorithm: ring_hash\n",
+                                       "      algorithm: ring_hash\n      balance_factor: 1.5\n")
+    assert "balance_factor: 1.5" in text
+    rendered = render_model(parse_model(text), OPTIONS)
+    for obj in rendered.objects:
+        check_crd(obj)  # also parses the patch as an Envoy Cluster: the field name is real
+    value = patches(rendered)["CLUSTER"]["patch"]["value"]
+    assert value["common_lb_config"]["consistent_hashing_lb_config"] == {
+        "hash_balance_factor": 150}

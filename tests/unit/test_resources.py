@@ -128,6 +128,20 @@ def test_ring_hash_config() -> None:
     assert not c.HasField("maglev_lb_config")
 
 
+@pytest.mark.parametrize("algorithm", ["maglev", "ring_hash"])
+def test_balance_factor_bounds_the_load_of_hashing(algorithm: str) -> None:
+    c = cds(f"stickiness: {{header: x-s, algorithm: {algorithm}, balance_factor: 1.25}}")
+    assert c.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value == 125
+    plain = cds(f"stickiness: {{header: x-s, algorithm: {algorithm}}}")
+    assert not plain.common_lb_config.consistent_hashing_lb_config.HasField(
+        "hash_balance_factor")
+
+
+def test_balance_factor_below_one_is_refused() -> None:
+    with pytest.raises(ModelError, match="balance_factor"):
+        cds("stickiness: {header: x-s, balance_factor: 0.9}")
+
+
 def test_no_stickiness_is_least_request() -> None:
     c = cds()
     assert c.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
