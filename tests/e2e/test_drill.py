@@ -58,7 +58,8 @@ async def test_the_drill_moves_traffic_off_the_site_and_back(
         deployment: DemoDeployment, tmp_path: Path) -> None:
     d = deployment
     assert d.trace_dir is not None
-    traffic = Traffic(f"{d.url}/counter", 10, time.time() + 22.0, max_requests=4000,
+    # Until the drills are done (stopped below; at most 90 s and a bounded count).
+    traffic = Traffic(f"{d.url}/counter", 10, time.time() + 90.0, max_requests=9000,
                       trace_file=d.trace_dir / "client.jsonl")
     load = asyncio.create_task(traffic.run())
     await asyncio.sleep(1.0)
@@ -90,6 +91,7 @@ async def test_the_drill_moves_traffic_off_the_site_and_back(
         "drill", "--site", "dc1", "--duration", "1", "--envoy-admin", d.admin_url,
         "--slo", str(slo_file(tmp_path, "strict.yaml", 0.001)), *traces,
         "--output-dir", str(tmp_path / "strict"), *etcd_args(d), timeout=120)
+    traffic.until = time.time()
     await load
     assert code == 1, stdout
     strict = json.loads((tmp_path / "strict" / "drill.json").read_text())

@@ -49,9 +49,17 @@ def served_by(records: list[Record], since: float, until: float | None = None) -
                    and (until is None or r.sent < until))
 
 
-async def traffic_during(d: DemoDeployment, seconds: float, sessions: int = 20) -> Traffic:
-    return Traffic(f"{d.url}/counter", sessions, time.time() + seconds,
-                   max_requests=int(sessions * seconds * 12))
+def steady_traffic(d: DemoDeployment, sessions: int = 20) -> Traffic:
+    """Session traffic until :func:`finish` (at most 60 s and a bounded request count)."""
+    return Traffic(f"{d.url}/counter", sessions, time.time() + 60.0,
+                   max_requests=sessions * 60 * 12)
+
+
+async def finish(traffic: Traffic, load: asyncio.Task[None], after: float = 1.5) -> None:
+    """Let the traffic run ``after`` more seconds, then stop it and wait for it."""
+    await asyncio.sleep(after)
+    traffic.until = time.time()
+    await load
 
 
 async def check_no_loss(d: DemoDeployment, traffic: Traffic) -> None:
@@ -90,7 +98,7 @@ async def test_member_down_drains_under_load_and_status_and_sync_show_it(
     [node] = before["nodes"]
     assert node["node"] == "meshxl-demo" and node["replica"] == "xds-0"
 
-    traffic = await traffic_during(d, 10.0)
+    traffic = steady_traffic(d)
     load = asyncio.create_task(traffic.run())
     await asyncio.sleep(2.0)
     down_at = time.time()
@@ -102,7 +110,7 @@ async def test_member_down_drains_under_load_and_status_and_sync_show_it(
     up_at = time.time()
     await meshxl_json("member", "up", CLUSTER, "a", "--wait", "10", *etcd_args(d))
     back_at = time.time()
-    await load
+    await finish(traffic, load)
 
     # Zero failed requests, zero lost writes: the drain moved sessions with their state.
     await check_no_loss(d, traffic)
@@ -178,7 +186,7 @@ async def test_member_down_is_shown_with_who_why_and_when(
 async def test_site_offline_moves_traffic_and_online_brings_it_back(
         deployment: DemoDeployment) -> None:
     d = deployment
-    traffic = await traffic_during(d, 6.0, sessions=10)
+    traffic = steady_traffic(d, sessions=10)
     load = asyncio.create_task(traffic.run())
     await asyncio.sleep(1.5)
     done = await meshxl_json("site", "offline", "dc1", "--reason", "dr drill", "--wait", "10",
@@ -197,7 +205,7 @@ async def test_site_offline_moves_traffic_and_online_brings_it_back(
     online_at = time.time()
     await meshxl_json("site", "online", "dc1", "--wait", "10", *etcd_args(d))
     back_at = time.time()
-    await load
+    await finish(traffic, load)
     await check_no_loss(d, traffic)
     assert set(served_by(traffic.records, moved_at + 0.2, online_at)) == {"c"}
     assert set(served_by(traffic.records, back_at + 0.2)) == {"a"}
