@@ -28,9 +28,13 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q -ra tests/integration
 
+# Every benchmark beside its reference, then bench/results/summary.png (~10 min on an
+# idle machine; BENCH_QUICK=1 for a smoke run of about two minutes).
+BENCHMARKS := xds_compile statesync xds_envoys ads_load sidecar_memory failover rebalance
 bench: $(STAMP)
-	$(PY) bench/xds_compile.py
-	$(PY) bench/statesync.py
+	@status=0; for b in $(BENCHMARKS); do \
+	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \
+	$(PY) bench/summary.py; exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshxl tests bench

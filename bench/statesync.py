@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
@@ -599,6 +599,25 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  results: {RESULTS}")
 
 
+def verdicts(res: dict[str, Any]) -> list[Verdict]:
+    t, lag = res["throughput"], res["lag"]
+    raw = t["modes"]["raw"]["median_run"]["writes_per_s"]
+    out = []
+    for mode, target, label in (("batched", TARGET_BATCHED, "batched (group commit)"),
+                                ("unbatched", TARGET_UNBATCHED, "batch 1, 64 in flight")):
+        wps = t["modes"][mode]["median_run"]["writes_per_s"]
+        out.append(Verdict(f"statesync: sidecar writes/s / raw aetcd puts, {label}",
+                           t[f"ratio_{mode}_vs_raw"], target, "x", at_most=False,
+                           reference=f"{wps:,.0f} vs raw {raw:,.0f} writes/s at "
+                           f"{t['concurrency']} concurrent writers"))
+    h, rb = lag["b_lag_histogram_ms"], lag["raw_put_sent_to_watch_event_bucketed_ms"]
+    for q in ("p50", "p99"):
+        out.append(Verdict(f"statesync: replication lag / etcd watch latency, {q}",
+                           lag.get(f"ratio_{q}"), TARGET_LAG_RATIO, "x",
+                           reference=f"sidecar {h.get(q)} ms vs etcd watch {rb.get(q)} ms"))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (< ~30 s)")
@@ -608,19 +627,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.client:
         return client_main(args.client)
+    args.quick = quick_requested(args.quick)
 
     started = time.perf_counter()
     res: dict[str, Any] = {
         "benchmark": "statesync", "quick": args.quick, "profile": args.profile,
-        "env": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                "platform": platform.platform()},
+        "env": env_info(),
     }
     with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
         res.update(asyncio.run(run(args.quick, args.profile, Path(work))))
     res["seconds"] = round(time.perf_counter() - started, 1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    verdict_list = verdicts(res)
+    write_results("statesync", res, verdict_list)
     print_report(res)
+    print_verdicts("statesync", verdict_list)
     print(f"  ran in {res['seconds']} s")
     return 0
 

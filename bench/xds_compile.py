@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import cProfile
 import io
-import json
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -36,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
 from google.protobuf import any_pb2
 from google.protobuf.internal import api_implementation
@@ -446,28 +445,40 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  results: {RESULTS}")
 
 
+def verdicts(res: dict[str, Any]) -> list[Verdict]:
+    c = res["compile"]
+    m = c["model"]
+    return [Verdict(
+        f"xDS: compile + encode {m['clusters']:,} clusters x {m['members_per_cluster']} "
+        "endpoints, median", c["compile_plus_build_ms"]["median"], TARGET_COMPILE_MS, "ms",
+        reference=f"compile {c['compile_ms']['median']} + encode "
+        f"{c['snapshot_build_ms']['median']} ms; one member down incremental "
+        f"{c['member_down_incremental_ms']['median']} ms")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (< ~20 s)")
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of one compile + build")
     args = parser.parse_args()
+    args.quick = quick_requested(args.quick)
     repeats, naive_repeats, rounds = (3, 1, 10) if args.quick else (7, 3, 30)
 
     started = time.perf_counter()
     res: dict[str, Any] = {
         "benchmark": "xds_compile",
         "quick": args.quick,
-        "env": {"python": platform.python_version(), "protobuf": api_implementation.Type(),
-                "cpus": os.cpu_count(), "platform": platform.platform()},
+        "env": {**env_info(), "protobuf": api_implementation.Type()},
     }
     res["compile"] = bench_compile(repeats, naive_repeats, args.profile)
     with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
         res["ack"] = asyncio.run(bench_ack(rounds, Path(work)))
     res["seconds"] = round(time.perf_counter() - started, 1)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
+    verdict_list = verdicts(res)
+    write_results("xds_compile", res, verdict_list)
     print_report(res)
+    print_verdicts("xDS compile + encode", verdict_list)
     print(f"  ran in {res['seconds']} s")
     return 0
 

@@ -49,14 +49,15 @@ HA_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc2"))
 LS_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc1"))
 
 
-def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]]) -> str:
+def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
+               algorithm: str = "maglev") -> str:
     sites = sorted({site for _, site in members})
     return f"""\
 clusters:
   - name: {CLUSTER}
     mode: {mode}
     membership: registered
-    stickiness: {{algorithm: maglev, header: {SESSION_HEADER}}}
+    stickiness: {{algorithm: {algorithm}, header: {SESSION_HEADER}}}
     sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
     health_check: {{path: /healthz}}
     listener: {{address: {HOST}, port: {listen_port}}}
@@ -140,7 +141,9 @@ class DemoDeployment:
 
     def __init__(self, work_dir: Path, *, mode: str = "high-availability", replicas: int = 1,
                  etcd_url: str | None = None, trace_dir: Path | None = None,
-                 delta: bool = False, lease_ttl: float = 2.0) -> None:
+                 delta: bool = False, lease_ttl: float = 2.0,
+                 members: Sequence[tuple[str, str]] | None = None,
+                 algorithm: str = "maglev") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if replicas < 1:
@@ -154,7 +157,11 @@ class DemoDeployment:
         self.etcd_url = etcd_url or ""
         self._own_etcd = etcd_url is None
         self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
-        layout = HA_MEMBERS if mode == "high-availability" else LS_MEMBERS
+        self.algorithm = algorithm
+        layout = list(members) if members is not None else (
+            HA_MEMBERS if mode == "high-availability" else LS_MEMBERS)
+        if not layout:
+            raise ValueError("at least one member")
         ports = free_ports(2 + 2 * replicas + 2 * len(layout))
         self.listen_port, self.envoy_admin_port = ports[:2]
         self.replicas = [Replica(f"xds-{i}", ports[2 + 2 * i], ports[3 + 2 * i])
@@ -197,10 +204,9 @@ class DemoDeployment:
         if self._own_etcd:
             self.etcd_url = await self.stack.etcd()
         async with etcd.client(self.etcd_url) as client:
-            await apply_model(client, self.keys, demo_model(self.mode, self.listen_port,
-                                                            [(m.name, m.site)
-                                                             for m in self.members]),
-                              "demo model")
+            await apply_model(client, self.keys, demo_model(
+                self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
+                self.algorithm), "demo model")
         otlp_port = None
         if self.trace_dir is not None:
             from meshxl.telemetry.receiver import TraceReceiver
@@ -273,12 +279,38 @@ class DemoDeployment:
                                   log_level="warning")
         await self.envoy.start()
         await self.envoy.wait_ready(30)
-        await wait_until(self.all_healthy, "Envoy to see all three members healthy", 20,
-                         lambda: envoy_hosts(self.admin_url))
+        await self.wait_all_healthy()
 
     async def all_healthy(self) -> bool:
         hosts = await envoy_hosts(self.admin_url)
         return len(hosts) == len(self.members) and all(healthy_host(h) for h in hosts)
+
+    async def wait_all_healthy(self, timeout: float = 20) -> None:
+        await wait_until(self.all_healthy,
+                         f"Envoy to see all {len(self.members)} members healthy", timeout,
+                         lambda: envoy_hosts(self.admin_url))
+
+    async def add_member(self, name: str, site: str) -> DemoMember:
+        """Scale out: a new member (app + sidecar) that registers itself; returns once
+        Envoy sees every member healthy."""
+        if any(m.name == name for m in self.members):
+            raise ValueError(f"member {name} exists")
+        app_port, sidecar_port = free_ports(2)
+        m = DemoMember(name, site, app_port, sidecar_port)
+        self.members.append(m)
+        await self.start_member(m)
+        await self.wait_all_healthy()
+        return m
+
+    async def remove_member(self, name: str) -> None:
+        """Scale in: stop a member gracefully (its sidecar withdraws the registration);
+        returns once Envoy no longer has it."""
+        m = self.member(name)
+        for proc in (m.app, m.sidecar):
+            if proc is not None:
+                await proc.stop(5.0)
+        self.members.remove(m)
+        await self.wait_all_healthy()
 
     async def kill_member(self, name: str) -> float:
         """kill -9 a member's app and sidecar (process groups); returns the time."""

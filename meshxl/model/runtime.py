@@ -177,33 +177,35 @@ class ClusterView:
 _WEIGHT_SCALE = 1000
 
 
+# MemberView's own __new__ is a Python function; the tuple constructor is not, and this
+# runs once per member of the whole mesh on every full compile.
+_new_view = tuple.__new__
+
+
 def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     """Decide every member's state, tier, weight and role for one cluster."""
-    site_rank = {s.name: (s.failover_rank if s.failover_rank is not None else i)
-                 for i, s in enumerate(spec.sites)} or {DEFAULT_SITE: 0}
-    site_weight = {s.name: s.weight for s in spec.sites} or {DEFAULT_SITE: 100}
-    default_site = spec.site_names()[0]
+    if spec.sites:
+        site_rank: dict[str, int] = {}
+        site_weight: dict[str, int] = {}
+        for i, s in enumerate(spec.sites):
+            site_rank[s.name] = s.failover_rank if s.failover_rank is not None else i
+            site_weight[s.name] = s.weight
+        default_site = spec.sites[0].name
+    else:
+        site_rank, site_weight, default_site = {DEFAULT_SITE: 0}, {DEFAULT_SITE: 100}, DEFAULT_SITE
     unknown_site_rank = max(site_rank.values()) + 1
     high_availability = spec.mode == "high-availability"
-
-    # Spec members first (their order is the operator's preference), then members
-    # that registered without being listed, by name.
     registered = state.registrations_of(spec.name)
-    listed = {m.name for m in spec.members}
-    entries: list[tuple[Member | None, str, Registration | None]] = [
-        (m, m.name, registered.get(m.name)) for m in spec.members
-    ]
-    entries += [(None, name, registered[name]) for name in sorted(registered)
-                if name not in listed]
+    down = state.members_down_of(spec.name)
+    offline = state.sites_offline
+    absent = _LOST if spec.membership == "registered" else _READY
 
     # (tier key, name, address, port, site, weight, state, problems)
     drafts: list[tuple[tuple[int, int], str, str, int, str, int, MemberState,
                        tuple[str, ...]]] = []
     index_in_site: dict[str, int] = {}
-    down = state.members_down_of(spec.name)
-    offline = state.sites_offline
-    absent = _LOST if spec.membership == "registered" else _READY
-    for member, name, reg in entries:
+
+    def draft(member: Member | None, name: str, reg: Registration | None) -> None:
         if reg is not None:
             site = reg.site or (member.site if member else None) or default_site
             address, port, problems = reg.address, reg.port, reg.problems
@@ -229,6 +231,19 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         drafts.append(((site_rank.get(site, unknown_site_rank), tier), name, address, port,
                        site, weight, member_state, problems))
 
+    # Spec members first (their order is the operator's preference), then members
+    # that registered without being listed, by name.
+    if registered:
+        listed = {m.name for m in spec.members}
+        for m in spec.members:
+            draft(m, m.name, registered.get(m.name))
+        for name in sorted(registered):
+            if name not in listed:
+                draft(None, name, registered[name])
+    else:
+        for m in spec.members:
+            draft(m, m.name, None)
+
     # Dense priorities over advertised members: an empty tier never leaves a gap.
     ready = _READY
     priority_of = {key: i for i, key in
@@ -245,17 +260,20 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     factor = {(key, site): site_weight.get(site, 100) * _WEIGHT_SCALE / total
               for (key, site), total in totals.items()}
 
-    members = []
+    members: list[MemberView] = []
+    append = members.append
     for key, name, address, port, site, weight, member_state, problems in drafts:
         if member_state not in ADVERTISED:
-            members.append(MemberView(name, address, port, site, weight, member_state,
-                                      problems=problems))
+            append(_new_view(MemberView, (name, address, port, site, weight, member_state, 0,
+                                          1, _NO_ROLE, problems)))
             continue
-        scale = factor.get((key, site), site_weight.get(site, 100) * _WEIGHT_SCALE / weight)
-        members.append(MemberView(
+        scale = factor.get((key, site))
+        if scale is None:
+            scale = site_weight.get(site, 100) * _WEIGHT_SCALE / weight
+        append(_new_view(MemberView, (
             name, address, port, site, weight, member_state, priority_of[key],
             max(1, round(weight * scale)),
-            role_of[key] if member_state is ready else _NO_ROLE, problems))
+            role_of[key] if member_state is ready else _NO_ROLE, problems)))
     return ClusterView(spec=spec, members=tuple(members))
 
 

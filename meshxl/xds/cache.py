@@ -71,9 +71,14 @@ class EncodeStats:
 
 
 stats = EncodeStats()
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:  # most lengths and tags: one byte
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -139,28 +144,27 @@ def _encode_type(type_url: str, messages: Mapping[str, Message],
                  previous: Resources | None = None) -> Resources:
     full_name = type_url.removeprefix(_PREFIX)
     any_type_url = _field(_F_ANY_TYPE_URL, type_url.encode())
+    any_value_tag = _varint(_F_ANY_VALUE << 3 | 2)
     entries: dict[str, bytes] = {}
-    digest = hashlib.sha256()
+    hashed: list[bytes] = []  # (name field, entry) per resource: what the version hashes
     reuse = previous.sources if previous is not None else {}
     for name in sorted(messages):
         message = messages[name]
         if reuse.get(name) is message:  # the very object encoded last time
             entry = previous.entries[name]  # type: ignore[union-attr]
-            entries[name] = entry
-            digest.update(_field(1, name.encode()))
-            digest.update(entry)
-            continue
-        if message.DESCRIPTOR.full_name != full_name:
-            raise ValueError(
-                f"resource {name!r} is a {message.DESCRIPTOR.full_name}, not {full_name}"
-            )
-        value = message.SerializeToString(deterministic=True)
-        stats.resources_encoded += 1
-        entry = _field(_F_RESOURCES, any_type_url + _field(_F_ANY_VALUE, value))
+        else:
+            if message.DESCRIPTOR.full_name != full_name:
+                raise ValueError(
+                    f"resource {name!r} is a {message.DESCRIPTOR.full_name}, not {full_name}"
+                )
+            value = message.SerializeToString(deterministic=True)
+            stats.resources_encoded += 1
+            entry = _field(_F_RESOURCES, any_type_url + any_value_tag + _varint(len(value))
+                           + value)
         entries[name] = entry
-        digest.update(_field(1, name.encode()))
-        digest.update(entry)
-    version = digest.hexdigest()[:_VERSION_HEX]
+        hashed.append(_field(1, name.encode()))
+        hashed.append(entry)
+    version = hashlib.sha256(b"".join(hashed)).hexdigest()[:_VERSION_HEX]
     if previous is not None and previous.version == version:
         return previous  # same bytes: keep its response and memoised subsets
     response = _frame(type_url, version, b"".join(entries.values()))

@@ -168,12 +168,14 @@ class Compiler:
                          routes=dict(self._static.routes))
 
 
-# What a Cluster or Route depends on besides the cluster's name: many clusters share one
-# policy, so each distinct shape is built once per compile and copied (5x faster).
-_CLUSTER_SHAPE = {"mode", "stickiness", "health_check", "outlier_detection", "retries",
-                  "connect_timeout"}
-_ROUTE_SHAPE: dict[str, Any] = {"mode": True, "stickiness": True, "retries": True,
-                                "route": {"prefix", "timeout"}}
+# What a Cluster or a Route depends on besides the cluster's name (the Cluster: mode,
+# stickiness, health check, outlier detection, retries, connect timeout; the Route:
+# mode, stickiness, retries, route prefix and timeout). Many clusters share one policy,
+# so each distinct shape is built once per compile and copied (5x faster). One key
+# covers both (one serialization per cluster): equal keys still mean equal shapes.
+_SHAPE: dict[str, Any] = {"mode": True, "stickiness": True, "health_check": True,
+                          "outlier_detection": True, "retries": True, "connect_timeout": True,
+                          "route": {"prefix", "timeout"}}
 
 
 class _Shapes:
@@ -182,12 +184,12 @@ class _Shapes:
     def __init__(self) -> None:
         self._clusters: dict[str, cluster_pb2.Cluster] = {}
         self._routes: dict[str, route_components_pb2.Route] = {}
+        self._keys: dict[int, str] = {}  # id(spec) -> shape key; specs outlive the compile
 
     def cluster(self, spec: ClusterSpec, path: str) -> cluster_pb2.Cluster:
         if spec.overrides.cluster:
             return build_cluster(spec, path)
-        c: cluster_pb2.Cluster = self._copy(self._clusters, spec, path, _CLUSTER_SHAPE,
-                                            build_cluster)
+        c: cluster_pb2.Cluster = self._copy(self._clusters, spec, path, build_cluster)
         c.name = spec.name
         c.metadata.filter_metadata["meshxl"].fields["cluster"].string_value = spec.name
         return c
@@ -195,17 +197,16 @@ class _Shapes:
     def route(self, spec: ClusterSpec, path: str) -> route_components_pb2.Route:
         if spec.overrides.route:
             return build_route(spec, path)
-        r: route_components_pb2.Route = self._copy(self._routes, spec, path, _ROUTE_SHAPE,
-                                                   build_route)
+        r: route_components_pb2.Route = self._copy(self._routes, spec, path, build_route)
         r.name = spec.name
         r.route.cluster = spec.name
         return r
 
-    @staticmethod
-    def _copy(memo: dict[str, Any], spec: ClusterSpec, path: str, shape: Any,
-              build: Any) -> Any:
+    def _copy(self, memo: dict[str, Any], spec: ClusterSpec, path: str, build: Any) -> Any:
         """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
-        key = spec.model_dump_json(include=shape)
+        key = self._keys.get(id(spec))
+        if key is None:
+            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE)
         template = memo.get(key)
         if template is None:
             template = memo[key] = build(spec, path)
@@ -340,25 +341,23 @@ def build_load_assignment(view: ClusterView) -> endpoint_pb2.ClusterLoadAssignme
         cla.policy.overprovisioning_factor.value = _NO_SPILLOVER_FACTOR
     advertised = [m for m in view.members if m.state in _ADVERTISED]
     advertised.sort(key=_PRIORITY_SITE)
-    group = None
-    group_key: tuple[int, str] | None = None
+    add: Any = None
+    last_priority, last_site = -1, None
     # Unpacking the view tuple is several times cheaper than attribute access, and this
     # loop runs once per endpoint of the whole mesh.
     for name, address, port, site, _, state, priority, lb_weight, _, _ in advertised:
-        if (priority, site) != group_key:
-            group_key = (priority, site)
+        if priority != last_priority or site != last_site:
+            last_priority, last_site = priority, site
             group = cla.endpoints.add(priority=priority)
             group.locality.zone = site
-        assert group is not None
-        ep = group.lb_endpoints.add()
+            add = group.lb_endpoints.add
+        ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
         endpoint = ep.endpoint
+        endpoint.hostname = name
         sock = endpoint.address.socket_address
         sock.address = address
         sock.port_value = port  # protocol: TCP, the default
-        endpoint.hostname = name
         ep.load_balancing_weight.value = lb_weight
-        if state in _DRAINING:
-            ep.health_status = health_check_pb2.DRAINING
     return cla
 
 

@@ -1,0 +1,190 @@
+"""What every benchmark in ``bench/`` shares: quick mode, statistics, process figures,
+target verdicts and the results file.
+
+Each benchmark writes ``bench/results/NAME.json`` with a ``verdicts`` list (one entry
+per target: measured, target, the reference measured beside it, met or not);
+``bench/summary.py`` draws them all into one PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def quick_requested(flag: bool) -> bool:
+    """``--quick`` or ``BENCH_QUICK=1`` in the environment (what ``make bench`` passes)."""
+    return flag or os.environ.get("BENCH_QUICK", "") not in ("", "0", "false", "no")
+
+
+def env_info() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "loadavg_at_start": [round(x, 2) for x in load],
+            "started_unix": round(time.time(), 3)}
+
+
+# -- statistics -----------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated quantile (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary_ms(values_ms: Sequence[float], digits: int = 2) -> dict[str, Any]:
+    """``{n, min, p50, p99, max, mean}`` of values already in milliseconds."""
+    if not values_ms:
+        return {"n": 0}
+    out: dict[str, Any] = {"n": len(values_ms), "min": min(values_ms),
+                           "p50": quantile(values_ms, 0.5), "p99": quantile(values_ms, 0.99),
+                           "max": max(values_ms), "mean": statistics.fmean(values_ms)}
+    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+# -- process figures (Linux /proc) ------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process, from ``/proc/PID/statm``."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, from ``/proc/PID/stat``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# -- verdicts ---------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """One target: ``measured`` against ``target`` (``at_most`` or ``at_least``)."""
+
+    name: str
+    measured: float | None
+    target: float
+    unit: str
+    at_most: bool = True
+    reference: str = ""
+    """What was measured beside it in the same run, in words (``"raw etcd 9,300/s"``)."""
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None:
+            return None
+        return self.measured <= self.target if self.at_most else self.measured >= self.target
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["met"] = self.met
+        return out
+
+    def line(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        verdict = {True: "MET", False: "MISSED", None: "NOT MEASURED"}[self.met]
+        measured = "-" if self.measured is None else _num(self.measured)
+        ref = f"   [{self.reference}]" if self.reference else ""
+        return (f"  {self.name:<52} {measured:>9} {self.unit:<7} target {sign} "
+                f"{_num(self.target)} {self.unit:<7} {verdict}{ref}")
+
+
+def _num(value: float) -> str:
+    if value == 0 or abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def print_verdicts(title: str, verdicts: Sequence[Verdict]) -> None:
+    print(f"\n== {title}: targets")
+    for v in verdicts:
+        print(v.line())
+
+
+def write_results(name: str, result: dict[str, Any], verdicts: Sequence[Verdict]) -> Path:
+    """``bench/results/NAME.json`` with the run's verdicts; returns the path."""
+    result = dict(result)
+    result["verdicts"] = [v.as_dict() for v in verdicts]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
+
+
+# -- a mesh to serve ----------------------------------------------------------------------
+
+
+def mesh_model(clusters: int, members: int, *, listener_port: int, clusters_per_listener: int = 10,
+               prefix: str = "svc") -> str:
+    """A load-sharing, maglev model: ``clusters`` x ``members`` (two sites), health checks
+    off (the members are addresses nobody serves), one listener per
+    ``clusters_per_listener`` clusters from ``listener_port`` up."""
+    lines = ["clusters:"]
+    half = max(1, members // 2)
+    for i in range(clusters):
+        lines += [
+            f"  - name: {prefix}-{i:04d}",
+            "    mode: load-sharing",
+            "    stickiness: {algorithm: maglev, header: x-session-id}",
+            "    sites: [{name: dc1}, {name: dc2}]",
+            "    health_check: {enabled: false}",
+            "    members:",
+        ]
+        lines += [f"      - {{name: m{j:02d}, address: 127.0.0.{j + 1}, port: {20000 + i}, "
+                  f"site: {'dc1' if j < half else 'dc2'}}}" for j in range(members)]
+        lines += [f"    listener: {{address: 127.0.0.1, "
+                  f"port: {listener_port + i // clusters_per_listener}}}",
+                  f"    route: {{domains: [\"{prefix}-{i:04d}.local\"]}}"]
+    return "\n".join(lines) + "\n"
+
+
+async def start_control_plane(stack: Any, model: str, name: str = "xds") -> dict[str, Any]:
+    """etcd (in ``stack``), ``model`` stored in it, and one ``meshxl serve xds`` process
+    with its admin endpoint. Returns ``{etcd, keys, port, admin, process}``."""
+    import sys
+
+    from meshxl import etcd
+    from meshxl.demo.local import HOST, free_ports, wait_http
+    from meshxl.etcdkeys import Keys
+    from meshxl.ops import apply_model
+
+    url = await stack.etcd()
+    keys = Keys(f"/meshxl-bench-{os.getpid()}")
+    async with etcd.client(url) as client:
+        await apply_model(client, keys, model, "bench model")
+    port, admin_port = free_ports(2)
+    process = await stack.spawn(name, [
+        sys.executable, "-m", "meshxl.cli", "serve", "xds", "--listen", f"{HOST}:{port}",
+        "--etcd", url, "--etcd-prefix", keys.root, "--admin", f"{HOST}:{admin_port}",
+        "--replica", name, "--log-level", "warning"])
+    admin = f"http://{HOST}:{admin_port}"
+    await wait_http(f"{admin}/readyz", process, timeout=30)
+    return {"etcd": url, "keys": keys, "port": port, "admin": admin, "process": process}

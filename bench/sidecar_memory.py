@@ -1,0 +1,259 @@
+"""statesync sidecar memory with 100,000 cached sessions, against the payload's size.
+
+Run: ``.venv/bin/python bench/sidecar_memory.py [--quick] [--sessions N]``
+
+A local etcd and one ``meshxl serve statesync`` process. 100,000 sessions of one
+cluster are written to etcd in the sidecar's record format (owner header + the
+session's JSON), as other members' sidecars write them: this sidecar's watch-fed
+cache then holds every one, which is what a member carries so that it can take any
+session over. Measured: the sidecar's RSS before and once its cache holds them all
+(``/v1/status``), and a second sidecar started afterwards that reads them in its full
+sync (paged range reads) instead of the watch. The ratio is the RSS growth over the
+payload bytes (session ids + session documents; etcd's header is overhead).
+
+Beside it, the floor for any Python process: a separate interpreter holding the same
+ids and documents in a plain ``dict[str, bytes]`` (its RSS growth).
+
+Two document sizes: ~1 KiB (the statesync throughput benchmark's shopping cart) and
+~256 B (a small session). Writes ``bench/results/sidecar_memory.json``. Loopback only;
+bounded loops; every process is stopped at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from benchlib import (
+    Verdict,
+    env_info,
+    print_verdicts,
+    quick_requested,
+    rss_bytes,
+    write_results,
+)
+
+from meshxl import etcd
+from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports, wait_http
+from meshxl.etcdkeys import Keys
+from meshxl.statesync.record import SessionRecord
+
+NAME = "sidecar_memory"
+TARGET_RATIO = 3.0
+SIZES = (1024, 256)
+TXN_OPS = 128
+WRITERS = 4
+SYNC_TIMEOUT = 180.0
+SETUP_TIMEOUT = 30.0
+
+FLOOR = """
+import gc, sys
+sys.path.insert(0, sys.argv[3])
+from sidecar_memory import document
+n, size = int(sys.argv[1]), int(sys.argv[2])
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+gc.collect()
+before = rss()
+store = {}
+for i in range(n):
+    sid = f"sess-{i:07d}"
+    store[sid] = document(sid, size)
+gc.collect()
+print(rss() - before)
+"""
+
+
+def document(session_id: str, size: int) -> bytes:
+    """A JSON session document of about ``size`` bytes."""
+    doc: dict[str, Any] = {"user": session_id, "cart": [], "pad": ""}
+    base = len(json.dumps(doc).encode())
+    doc["pad"] = "x" * max(0, size - base)
+    return json.dumps(doc).encode()
+
+
+async def fill(url: str, keys: Keys, cluster: str, sessions: int, size: int) -> int:
+    """Write ``sessions`` records into etcd (transactions of 128 puts); payload bytes."""
+    payload = 0
+    now = time.time()
+    ops: list[tuple[bytes, bytes]] = []
+    for i in range(sessions):
+        sid = f"sess-{i:07d}"
+        data = document(sid, size)
+        payload += len(sid) + len(data)
+        record = SessionRecord(owner="other", content_type="application/json", created=now,
+                               updated=now, data=data)
+        ops.append((keys.session(cluster, sid).encode(), record.encode()))
+    batches = [ops[i:i + TXN_OPS] for i in range(0, len(ops), TXN_OPS)]
+    async with etcd.client(url) as client:
+        tx = client.transactions
+
+        async def writer(k: int) -> None:
+            for batch in batches[k::WRITERS]:
+                await client.transaction(compare=[], success=[tx.put(key, value)
+                                                              for key, value in batch],
+                                         failure=[])
+        await asyncio.gather(*(writer(k) for k in range(WRITERS)))
+    return payload
+
+
+async def sidecar(stack: LocalStack, url: str, keys: Keys, cluster: str,
+                  name: str) -> tuple[str, int]:
+    app_port, port = free_ports(2)
+    proc = await stack.spawn(name, [
+        sys.executable, "-m", "meshxl.cli", "serve", "statesync", "--cluster", cluster,
+        "--member", name, "--app", f"{HOST}:{app_port}", "--listen", f"{HOST}:{port}",
+        "--etcd", url, "--etcd-prefix", keys.root, "--log-level", "warning"])
+    base = f"http://{HOST}:{port}"
+    await wait_http(f"{base}/readyz", proc, timeout=SYNC_TIMEOUT)
+    assert proc.proc is not None
+    return base, proc.proc.pid
+
+
+async def cached(base: str, want: int, timeout: float) -> float:
+    """Wait until the sidecar's cache holds ``want`` sessions; returns the wait."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as http:
+        while True:
+            async with http.get(f"{base}/v1/status") as resp:
+                status = await resp.json()
+            if status["cached_sessions"] >= want:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise LocalError(f"{base} caches {status['cached_sessions']} of {want} "
+                                 f"sessions after {timeout:g}s")
+            await asyncio.sleep(0.2)
+
+
+async def settled_rss(pid: int, seconds: float = 1.0) -> int:
+    """RSS once it stopped moving (the last of a few samples)."""
+    value = rss_bytes(pid) or 0
+    for _ in range(int(seconds / 0.25)):
+        await asyncio.sleep(0.25)
+        value = rss_bytes(pid) or 0
+    return value
+
+
+def python_floor(sessions: int, size: int) -> int:
+    """RSS growth of a bare interpreter holding the same ids and documents in a dict."""
+    out = subprocess.run([sys.executable, "-c", FLOOR, str(sessions), str(size),
+                          str(Path(__file__).resolve().parent)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout.strip())
+
+
+async def one_size(stack: LocalStack, url: str, keys: Keys, sessions: int,
+                   size: int) -> dict[str, Any]:
+    cluster = f"mem{size}"
+    watch_base, watch_pid = await sidecar(stack, url, keys, cluster, f"watch-{size}")
+    rss0 = await settled_rss(watch_pid)
+    t = time.monotonic()
+    payload = await fill(url, keys, cluster, sessions, size)
+    write_s = time.monotonic() - t
+    caught_up = await cached(watch_base, sessions, SYNC_TIMEOUT)
+    rss1 = await settled_rss(watch_pid, 2.0)
+    t = time.monotonic()
+    sync_base, sync_pid = await sidecar(stack, url, keys, cluster, f"sync-{size}")
+    await cached(sync_base, sessions, SYNC_TIMEOUT)
+    sync_s = time.monotonic() - t
+    rss_sync = await settled_rss(sync_pid, 2.0)
+    # The full-sync sidecar's baseline is taken as the watch sidecar's (same program,
+    # same empty start): its own was not measurable before it synced.
+    floor = await asyncio.to_thread(python_floor, sessions, size)
+    watch_growth, sync_growth = rss1 - rss0, rss_sync - rss0
+    return {
+        "document_bytes": size, "sessions": sessions, "payload_bytes": payload,
+        "payload_mb": round(payload / 2**20, 1),
+        "rss_empty_mb": round(rss0 / 2**20, 1),
+        "rss_watch_fed_mb": round(rss1 / 2**20, 1),
+        "rss_full_sync_mb": round(rss_sync / 2**20, 1),
+        "growth_per_session_bytes": round(max(watch_growth, sync_growth) / sessions),
+        "ratio_watch_fed": round(watch_growth / payload, 2),
+        "ratio_full_sync": round(sync_growth / payload, 2),
+        "python_dict_floor_ratio": round(floor / payload, 2),
+        "write_s": round(write_s, 1), "watch_catch_up_s": round(caught_up, 1),
+        "full_sync_s": round(sync_s, 1),
+    }
+
+
+async def run(work: Path, sessions: int, sizes: tuple[int, ...]) -> dict[str, Any]:
+    stack = LocalStack(work)
+    keys = Keys("/meshxl-bench-memory")
+    res: dict[str, Any] = {"sizes": []}
+    step = "starting etcd"
+    try:
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            url = await stack.etcd()
+        for size in sizes:
+            step = f"measuring {sessions} sessions of ~{size} B"
+            res["sizes"].append(await one_size(stack, url, keys, sessions, size))
+    except (LocalError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        traceback.print_exc()
+        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
+    finally:
+        await stack.close()
+    return res
+
+
+def verdicts(res: dict[str, Any]) -> list[Verdict]:
+    out = []
+    for s in res["sizes"]:
+        worst = max(s["ratio_watch_fed"], s["ratio_full_sync"])
+        out.append(Verdict(
+            f"statesync: sidecar RSS growth / payload, {s['sessions']:,} x "
+            f"~{s['document_bytes']} B",
+            worst, TARGET_RATIO, "x",
+            reference=f"watch-fed {s['ratio_watch_fed']}x, full sync {s['ratio_full_sync']}x;"
+            f" plain Python dict {s['python_dict_floor_ratio']}x"))
+    return out
+
+
+def print_report(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
+    print("\n== sidecar memory: sessions cached, RSS growth over payload (ids + documents)")
+    print(f"  {'doc B':>6} {'sessions':>9} {'payload MB':>10} {'empty':>6} {'watch':>6} "
+          f"{'sync':>6} {'B/sess':>7} {'watch x':>8} {'sync x':>7} {'dict x':>7} "
+          f"{'catch-up s':>10} {'sync s':>7}")
+    for s in res["sizes"]:
+        print(f"  {s['document_bytes']:>6} {s['sessions']:>9,} {s['payload_mb']:>10} "
+              f"{s['rss_empty_mb']:>6} {s['rss_watch_fed_mb']:>6} {s['rss_full_sync_mb']:>6} "
+              f"{s['growth_per_session_bytes']:>7} {s['ratio_watch_fed']:>8} "
+              f"{s['ratio_full_sync']:>7} {s['python_dict_floor_ratio']:>7} "
+              f"{s['watch_catch_up_s']:>10} {s['full_sync_s']:>7}")
+    print_verdicts("sidecar memory", verdict_list)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 sessions, ~1 KiB only")
+    parser.add_argument("--sessions", type=int, help="sessions (default 100000; quick 20000)")
+    args = parser.parse_args()
+    quick = quick_requested(args.quick)
+    sessions = args.sessions or (20_000 if quick else 100_000)
+    if sessions < 1:
+        parser.error("sessions must be >= 1")
+    sizes = SIZES[:1] if quick else SIZES
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
+    with tempfile.TemporaryDirectory(prefix="meshxl-bench-memory-") as work:
+        res.update(asyncio.run(run(Path(work), sessions, sizes)))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    verdict_list = verdicts(res)
+    path = write_results(NAME, res, verdict_list)
+    print_report(res, verdict_list)
+    print(f"  results: {path}; ran in {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
