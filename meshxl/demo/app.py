@@ -6,11 +6,20 @@ statesync sidecar, increments ``seq`` and writes it back; the answer carries the
 kept in the process, any member can carry on a session after another one died: that
 is what ``meshxl demo`` shows.
 
+The increment is a compare-and-set: the write carries the read's ETag (``If-Match``), so
+two requests for one session that overlap (a retry racing the original, say, or requests
+a paused member resumes with) never both write the same next value; the loser reads
+again, up to :data:`CAS_ATTEMPTS` times, then answers 409.
+
 Errors map onto what Envoy's retry policy understands: sidecar 5xx or unreachable ->
 503 (retried as ``gateway-error``); sidecar 409 (ownership lost: another member wrote
 the session since) -> 409, not retried. ``GET /healthz`` follows the sidecar's
 ``/readyz``, so a member whose sidecar is gone or still syncing fails Envoy's health
 check.
+
+When the sidecar requires a token (``meshxl serve statesync --token-file``), the app
+sends it from ``MESHXL_STATESYNC_TOKEN_FILE`` (the injected pods' Secret volume) or
+``MESHXL_STATESYNC_TOKEN``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -37,9 +47,11 @@ log = logging.getLogger("meshxl.demo.app")
 SESSION_HEADER = "x-session-id"
 MEMBER_HEADER = "x-meshxl-member"
 READY_POLL = 0.2
+CAS_ATTEMPTS = 3
 
 _member = web.AppKey("member", str)
 _sidecar = web.AppKey("sidecar", str)
+_headers = web.AppKey("headers", dict)
 _http = web.AppKey("http", aiohttp.ClientSession)
 _probe = web.AppKey("probe", aiohttp.ClientSession)
 _ready = web.AppKey("ready", dict)
@@ -49,6 +61,10 @@ class _SidecarError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Changed(Exception):
+    """The session changed between this request's read and its write (412)."""
 
 
 def _answer(status: int, body: dict[str, Any], member: str) -> web.Response:
@@ -65,30 +81,38 @@ def _map_status(status: int) -> int:
     return 409 if status == 409 else 503
 
 
-async def _read_seq(request: web.Request, session: str) -> int:
+async def _read_seq(request: web.Request, session: str) -> tuple[int, str | None]:
+    """The session's counter and its ETag (0 and None for a new session)."""
     http, base = request.app[_http], request.app[_sidecar]
     try:
         async with http.get(f"{base}/v1/sessions/{session}") as resp:
             if resp.status == 404:
-                return 0
+                return 0, None
             body = await resp.read()
+            etag = resp.headers.get("ETag")
             if resp.status != 200:
                 raise _SidecarError(_map_status(resp.status),
                                     f"sidecar GET answered {resp.status}: {body[:200]!r}")
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise _SidecarError(503, f"sidecar unreachable: {type(exc).__name__}: {exc}") from exc
     try:
-        return int(json.loads(body).get("seq", 0))
+        return int(json.loads(body).get("seq", 0)), etag
     except (ValueError, AttributeError, TypeError) as exc:
         raise _SidecarError(503, f"session {session} holds no counter: {body[:200]!r}") from exc
 
 
-async def _write_seq(request: web.Request, session: str, seq: int) -> None:
+async def _write_seq(request: web.Request, session: str, seq: int,
+                     etag: str | None) -> None:
+    """Write ``seq`` if the session is still at ``etag``, or still absent without one
+    (_Changed if not)."""
     http, base, member = request.app[_http], request.app[_sidecar], request.app[_member]
+    headers = {"If-Match": etag} if etag else {"If-None-Match": "*"}
     try:
-        async with http.put(f"{base}/v1/sessions/{session}",
+        async with http.put(f"{base}/v1/sessions/{session}", headers=headers,
                             json={"seq": seq, "member": member}) as resp:
             body = await resp.read()
+            if resp.status == 412:
+                raise _Changed(body[:200].decode(errors="replace"))
             if resp.status not in (200, 201):
                 raise _SidecarError(_map_status(resp.status),
                                     f"sidecar PUT answered {resp.status}: {body[:200]!r}")
@@ -108,10 +132,19 @@ async def _counter(request: web.Request, *, increment: bool) -> web.Response:
     if session is None:
         return _error(400, f"the {SESSION_HEADER} header is required", member)
     try:
-        seq = await _read_seq(request, session)
-        if increment:
+        for _ in range(CAS_ATTEMPTS):
+            seq, etag = await _read_seq(request, session)
+            if not increment:
+                break
             seq += 1
-            await _write_seq(request, session, seq)
+            try:
+                await _write_seq(request, session, seq, etag)
+            except _Changed:
+                continue
+            break
+        else:
+            return _error(409, f"session {session} kept changing during the increment "
+                               f"({CAS_ATTEMPTS} attempts)", member, session=session)
     except _SidecarError as exc:
         return _error(exc.status, str(exc), member, session=session)
     return _answer(200, {"member": member, "session": session, "seq": seq}, member)
@@ -150,7 +183,7 @@ async def _watch_ready(app: web.Application) -> None:
 async def _resources(app: web.Application) -> Any:
     configs = client_trace_configs() if tracing.enabled() else None
     app[_http] = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=5.0), trace_configs=configs)
+        timeout=aiohttp.ClientTimeout(total=5.0), trace_configs=configs, headers=app[_headers])
     # Readiness is polled outside of any request: an untraced session, no span noise.
     app[_probe] = aiohttp.ClientSession()
     watcher = asyncio.create_task(_watch_ready(app))
@@ -162,12 +195,13 @@ async def _resources(app: web.Application) -> Any:
     await app[_probe].close()
 
 
-def make_app(member: str, sidecar: str) -> web.Application:
+def make_app(member: str, sidecar: str, token: str | None = None) -> web.Application:
     # W3C trace context through the app, when its spans go somewhere.
     middlewares = [server_middleware()] if tracing.enabled() else []
     app = web.Application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")
+    app[_headers] = {"Authorization": f"Bearer {token}"} if token else {}
     app[_ready] = {"ready": False, "reason": "not polled yet"}
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/counter", increment)
@@ -176,10 +210,10 @@ def make_app(member: str, sidecar: str) -> web.Application:
     return app
 
 
-async def serve(member: str, listen: str, sidecar: str) -> None:
+async def serve(member: str, listen: str, sidecar: str, token: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     host, port = parse_hostport(listen)
-    runner = web.AppRunner(make_app(member, sidecar), access_log=None)
+    runner = web.AppRunner(make_app(member, sidecar, token), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)
@@ -204,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-file", help="write this process's spans as OTLP JSON lines")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
+    from meshxl.statesync.auth import TokenError, read_token
+
+    token_file = os.environ.get("MESHXL_STATESYNC_TOKEN_FILE")
+    try:
+        token = read_token(Path(token_file) if token_file else None, dict(os.environ))
+    except TokenError as exc:
+        parser.exit(1, f"meshxl.demo.app: {exc}\n")
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Envoy health-checks every member several times a second: keep those out of traces.
@@ -214,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "meshxl.member": args.name},
                   trace_file=args.trace_file)
     try:
-        asyncio.run(serve(args.name, args.listen, args.sidecar))
+        asyncio.run(serve(args.name, args.listen, args.sidecar, token))
     finally:
         shutdown_tracing()
     return 0

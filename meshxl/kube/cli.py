@@ -57,6 +57,12 @@ _inject_options: list[Callable[..., Any]] = [
                       "topology.kubernetes.io/zone): members declaring meshxl.io/site "
                       "then run only on nodes of that site. Unset: sites are not placed "
                       "(also MESHXL_SITE_TOPOLOGY_KEY)."),
+    click.option("--statesync-token-secret", metavar="SECRET",
+                 envvar="MESHXL_STATESYNC_TOKEN_SECRET", default=None,
+                 help="Secret (key 'token', in each pod's namespace) the sidecar API then "
+                      "requires as a bearer token; the app containers get it as the file "
+                      "named by MESHXL_STATESYNC_TOKEN_FILE. Unset: no token (also "
+                      "MESHXL_STATESYNC_TOKEN_SECRET)."),
 ]
 
 
@@ -71,14 +77,16 @@ def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 
 def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
             image_pull_policy: str, anti_affinity: str,
-            site_topology_key: str | None) -> InjectConfig:
+            site_topology_key: str | None,
+            statesync_token_secret: str | None = None) -> InjectConfig:
     try:
         return InjectConfig(image=image, etcd=etcd_urls, etcd_prefix=etcd_root,
                             xds=tuple(xds) or InjectConfig.xds,
                             proxy=proxy,  # type: ignore[arg-type]
                             image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
                             anti_affinity=anti_affinity,  # type: ignore[arg-type]
-                            site_topology_key=site_topology_key or None)
+                            site_topology_key=site_topology_key or None,
+                            statesync_token_secret=statesync_token_secret or None)
     except ValueError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
@@ -97,7 +105,8 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
 def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str,
                           etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
-                          site_topology_key: str | None, log_level: str) -> None:
+                          site_topology_key: str | None, statesync_token_secret: str | None,
+                          log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
     import asyncio
     import logging
@@ -109,7 +118,7 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
-                     anti_affinity, site_topology_key)
+                     anti_affinity, site_topology_key, statesync_token_secret)
     try:
         config = WebhookConfig(tls_cert=tls_cert, tls_key=tls_key, inject=inject,
                                listen=listen)
@@ -136,7 +145,8 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
 @click.option("-q", "--quiet", is_flag=True, help="No per-workload summary on stderr.")
 def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
-                   anti_affinity: str, site_topology_key: str | None, quiet: bool) -> None:
+                   anti_affinity: str, site_topology_key: str | None,
+                   statesync_token_secret: str | None, quiet: bool) -> None:
     """Add the meshxl sidecars to the Pods, Deployments and StatefulSets of a YAML file.
 
     Writes the result to stdout (like istioctl kube-inject); workloads that opted out
@@ -146,7 +156,7 @@ def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
     from .workloads import inject_yaml
 
     config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
-                     anti_affinity, site_topology_key)
+                     anti_affinity, site_topology_key, statesync_token_secret)
     try:
         if filename == "-":
             text, source = sys.stdin.read(), "<stdin>"

@@ -46,7 +46,8 @@ __all__ = [
     "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
     "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
     "ENVOY_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER", "LABEL_INJECT", "LABEL_SITE",
-    "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "ZONE_KEY", "AntiAffinity",
+    "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "TOKEN_FILE_ENV", "TOKEN_VOLUME",
+    "ZONE_KEY", "AntiAffinity",
     "Decision", "InjectConfig", "InjectError", "PatchResult", "decide", "mutate_pod",
     "pod_patch",
 ]
@@ -80,6 +81,12 @@ STATESYNC_CONTAINER = "meshxl-statesync"
 ENVOY_CONTAINER = "meshxl-envoy"
 ENVOY_VOLUME = "meshxl-envoy"
 ENVOY_WORK_DIR = "/var/run/meshxl/envoy"
+#: The sidecar API token (optional): a Secret volume mounted into the statesync sidecar
+#: and the application containers, whose MESHXL_STATESYNC_TOKEN_FILE names the file.
+TOKEN_VOLUME = "meshxl-statesync-token"
+TOKEN_DIR = "/var/run/meshxl/statesync-token"
+TOKEN_KEY = "token"
+TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
 DEFAULT_IMAGE = f"meshxl/meshxl:{__version__}"
 
 _TRUE = {"true", "enabled", "yes", "1"}
@@ -123,6 +130,10 @@ class InjectConfig:
     (a site is a zone) or ``topology.kubernetes.io/region``. When set, a member declaring
     ``meshxl.io/site`` must run on a node labelled with its site; when None, sites are
     only what the model says (no placement)."""
+    statesync_token_secret: str | None = None
+    """A Secret (in the pod's namespace) whose key ``token`` the sidecar API then
+    requires; mounted into the sidecar and the application containers, which find it
+    through ``MESHXL_STATESYNC_TOKEN_FILE``. None: no token (the API stays on loopback)."""
 
     def __post_init__(self) -> None:
         if not self.image or self.image != self.image.strip() or " " in self.image:
@@ -138,7 +149,8 @@ class InjectConfig:
             parse_hostport(address)
         host, _ = parse_hostport(self.statesync_listen)
         if host not in ("127.0.0.1", "::1", "localhost"):
-            # The session API has no authentication: it must stay inside the pod.
+            # The session API is for the pod's own app: it stays inside the pod (a token,
+            # statesync_token_secret, guards it against the pod's other processes).
             raise ValueError(f"the statesync API must listen on loopback, got {host!r}")
         if not 1 <= self.envoy_admin_port <= 65535:
             raise ValueError(f"bad Envoy admin port {self.envoy_admin_port!r}")
@@ -148,6 +160,10 @@ class InjectConfig:
         if self.site_topology_key is not None and not _is_label_key(self.site_topology_key):
             raise ValueError("the site topology key must be a node label key such as "
                              f"topology.kubernetes.io/zone, got {self.site_topology_key!r}")
+        secret = self.statesync_token_secret
+        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            raise ValueError("the statesync token Secret must be a Secret name (lowercase "
+                             f"letters, digits, '-' and '.'), got {secret!r}")
 
 
 def _is_label_key(key: str) -> bool:
@@ -159,10 +175,16 @@ def _is_label_key(key: str) -> bool:
 
 
 def _check_etcd(urls: str) -> None:
-    """The same rules as ``--etcd`` everywhere (http://HOST:PORT, comma-separated)."""
-    from meshxl.etcd import parse_endpoints
+    """The rules of ``--etcd`` (comma-separated HOST:PORT URLs), http only: injected
+    sidecars get no etcd certificates (docs/security.md: etcd inside the cluster, or
+    the external-etcd overlay's TLS proxy)."""
+    from meshxl.etcd import parse_urls
 
-    parse_endpoints(urls)  # EtcdEndpointError is a ValueError
+    tls, _ = parse_urls(urls)  # EtcdEndpointError is a ValueError
+    if tls:
+        raise ValueError("unsupported etcd URL scheme 'https' for injected sidecars: they "
+                         "get no etcd certificates; use http:// to the in-cluster etcd or "
+                         "the external-etcd overlay's TLS proxy")
 
 
 @dataclass(frozen=True)
@@ -420,9 +442,11 @@ def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int
         args += ["--site", site]
     if weight is not None:
         args += ["--weight", str(weight)]
+    if config.statesync_token_secret:
+        args += ["--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"]
     host, port = parse_hostport(config.statesync_listen)
     shown = f"[{host}]" if ":" in host else host
-    return {
+    container: dict[str, Any] = {
         "name": STATESYNC_CONTAINER,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
@@ -431,10 +455,39 @@ def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int
         "env": _downward_env(),
         # Native sidecar: started before the app containers, stopped after them.
         "restartPolicy": "Always",
+        # /healthz needs no token.
         "startupProbe": _probe_url(f"http://{shown}:{port}/healthz"),
         "resources": copy.deepcopy(dict(config.statesync_resources)),
         "securityContext": _security_context(),
     }
+    if config.statesync_token_secret:
+        container["volumeMounts"] = [_token_mount()]
+    return container
+
+
+def _token_mount() -> dict[str, Any]:
+    return {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
+
+
+def _token_volume(secret: str) -> dict[str, Any]:
+    # Mode 0444: the application's user is not known here; only this pod's sidecar and
+    # application containers mount the volume.
+    return {"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444,
+                                              "items": [{"key": TOKEN_KEY,
+                                                         "path": TOKEN_KEY}]}}
+
+
+def _give_token(container: dict[str, Any]) -> None:
+    """Let an application container read the token: the mount and the variable naming
+    the file (a variable or mount path the container already has is left alone)."""
+    env = list(container.get("env") or [])
+    if not any(isinstance(e, Mapping) and e.get("name") == TOKEN_FILE_ENV for e in env):
+        env.append({"name": TOKEN_FILE_ENV, "value": f"{TOKEN_DIR}/{TOKEN_KEY}"})
+    container["env"] = env
+    mounts = list(container.get("volumeMounts") or [])
+    if not any(isinstance(m, Mapping) and m.get("mountPath") == TOKEN_DIR for m in mounts):
+        mounts.append(_token_mount())
+    container["volumeMounts"] = mounts
 
 
 def _envoy(config: InjectConfig, cluster: str) -> dict[str, Any]:
@@ -511,6 +564,16 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
                                                                    "sizeLimit": "16Mi"}}]
         volumes.append(ENVOY_VOLUME)
     new_spec["initContainers"] = init
+    if config.statesync_token_secret:
+        taken = {v.get("name") for v in new_spec.get("volumes") or []
+                 if isinstance(v, Mapping)}
+        if TOKEN_VOLUME in taken:
+            raise InjectError(f"the pod already has a volume named {TOKEN_VOLUME!r}")
+        new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
+                               _token_volume(config.statesync_token_secret)]
+        volumes.append(TOKEN_VOLUME)
+        for container in new_spec["containers"]:
+            _give_token(container)
     scheduling = _place(new_spec, cluster, site, strength, config.site_topology_key)
 
     # Labels Istio's failoverPriority and selectors match on (an annotation-only

@@ -53,8 +53,58 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+MAX_MODEL_BYTES = 4 * 1024 * 1024
+"""Largest model text (a model stored in etcd must stay under etcd's 1.5 MiB anyway)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists (the model itself needs about six levels)."""
+MAX_VALUES = 1_000_000
+"""Most values a model may expand to, YAML aliases counted at every use (a "billion
+laughs" document is a few lines of text that expand to more than memory holds)."""
+
+
+class _Unbounded(Exception):
+    pass
+
+
+def _check_bounds(data: Any) -> None:
+    """Refuse data nested too deep, expanding to too many values, or containing itself
+    (YAML aliases make a graph of shared nodes; it is measured as the tree it means)."""
+    seen: dict[int, tuple[int, int]] = {}  # id -> (values, height)
+    active: set[int] = set()
+
+    def measure(node: Any, depth: int) -> tuple[int, int]:
+        if not isinstance(node, dict | list):
+            return 1, 0
+        key = id(node)
+        if key in active:
+            raise _Unbounded("the model contains itself (a YAML alias inside its own anchor)")
+        if key not in seen:
+            if depth > MAX_DEPTH:
+                raise _Unbounded(f"the model is nested deeper than {MAX_DEPTH} levels")
+            active.add(key)
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            values, height = 1, 0
+            for child in children:
+                count, below = measure(child, depth + 1)
+                values, height = values + count, max(height, below + 1)
+                if values > MAX_VALUES:
+                    raise _Unbounded(f"the model expands to more than {MAX_VALUES} values "
+                                     "(YAML aliases are counted at every use)")
+            active.discard(key)
+            seen[key] = (values, height)
+        values, height = seen[key]
+        if depth + height > MAX_DEPTH:
+            raise _Unbounded(f"the model is nested deeper than {MAX_DEPTH} levels")
+        return values, height
+
+    measure(data, 0)
+
+
 def parse_model(text: str, source: str = "<model>") -> ModelSpec:
     """Parse YAML (or JSON) text into a validated model, or raise ModelError."""
+    if len(text) > MAX_MODEL_BYTES:
+        raise ModelError([Problem(source, f"the model is larger than {MAX_MODEL_BYTES} "
+                                          "characters")])
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -62,6 +112,17 @@ def parse_model(text: str, source: str = "<model>") -> ModelSpec:
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         reason = getattr(exc, "problem", None) or str(exc)
         raise ModelError([Problem(where, f"YAML syntax error: {reason}")]) from None
+    except RecursionError:
+        raise ModelError([Problem(source, "YAML nested too deep")]) from None
+    except Exception as exc:
+        # PyYAML's constructors let other errors through for values they cannot build
+        # (an impossible date, an empty !!timestamp): still bad input, nothing else.
+        raise ModelError([Problem(source, f"YAML value error: {type(exc).__name__}: "
+                                          f"{str(exc)[:200]}")]) from None
+    try:
+        _check_bounds(data)
+    except _Unbounded as exc:
+        raise ModelError([Problem(source, str(exc))]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -94,6 +155,9 @@ def load_model(path: str | Path) -> ModelSpec:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ModelError([Problem(str(p), f"cannot read the model file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ModelError([Problem(str(p), f"cannot read the model file: not UTF-8 text "
+                                          f"(byte {exc.start})")]) from None
     return parse_model(text, source=str(p))
 
 

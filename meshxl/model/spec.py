@@ -138,7 +138,11 @@ class OutlierDetection(_Spec):
     consecutive_gateway_failure: int = Field(default=3, ge=1)
     interval: PositiveDuration = 1.0
     base_ejection_time: PositiveDuration = 5.0
-    max_ejection_percent: int = Field(default=100, ge=0, le=100)
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    """Outlier detection finds one bad member; when most fail at once (their shared
+    state store is down, say) the cause is not the members, and ejecting them all would
+    turn a write outage into a total one. Envoy always allows one ejection; dead members
+    beyond the bound are still removed by active health checks."""
 
 
 RETRY_CONDITIONS = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -26,6 +27,7 @@ from meshxl.addr import valid_port as _valid_port
 
 __all__ = [
     "XDS_CLUSTER",
+    "XdsTls",
     "build_bootstrap",
     "parse_hostport",
     "render_yaml",
@@ -36,6 +38,58 @@ XDS_CLUSTER = "meshxl_xds"
 OTLP_CLUSTER = "meshxl_otlp"
 
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+@dataclass(frozen=True)
+class XdsTls:
+    """TLS from Envoy to the control plane: Envoy checks the server's certificate
+    against ``ca`` and its name, and (mutual TLS) presents ``cert``/``key``.
+
+    Paths are as Envoy sees them (read when Envoy starts). The server certificate must
+    name one of the ``--xds`` hosts (DNS or IP subject alternative name) or ``sni``.
+    """
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    sni: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("CA", self.ca), ("certificate", self.cert), ("key", self.key)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"xDS TLS {name} path must be a non-empty string, got "
+                                 f"{value!r}")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("--xds-cert and --xds-key go together: give both or neither")
+        if self.sni is not None:
+            _valid_host(self.sni, f"bad xDS TLS server name {self.sni!r}")
+            if _is_ip(self.sni):
+                raise ValueError(f"the xDS TLS server name (SNI) must be a DNS name, got "
+                                 f"{self.sni!r}")
+
+    def transport_socket(self, hosts: Sequence[str]) -> dict[str, Any]:
+        names = list(dict.fromkeys([*([self.sni] if self.sni else []), *hosts]))
+        context: dict[str, Any] = {
+            # gRPC servers expect HTTP/2 negotiated by ALPN.
+            "alpn_protocols": ["h2"],
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "validation_context": {
+                "trusted_ca": {"filename": self.ca},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "IP_ADDRESS" if _is_ip(name) else "DNS",
+                     "matcher": {"exact": name}} for name in names],
+            },
+        }
+        if self.cert is not None and self.key is not None:
+            context["tls_certificates"] = [{"certificate_chain": {"filename": self.cert},
+                                            "private_key": {"filename": self.key}}]
+        sni = self.sni or next((h for h in hosts if not _is_ip(h)), None)
+        config: dict[str, Any] = {"@type": f"type.googleapis.com/{_UPSTREAM_TLS}",
+                                  "common_tls_context": context}
+        if sni:
+            config["sni"] = sni
+        return {"name": "envoy.transport_sockets.tls", "typed_config": config}
 
 
 def _seconds(value: float) -> str:
@@ -80,6 +134,7 @@ def _xds_cluster(
     keepalive_interval: float,
     keepalive_timeout: float,
     health_check_interval: float,
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     static = all(_is_ip(host) for host, _ in addresses)
     cluster: dict[str, Any] = {
@@ -114,6 +169,8 @@ def _xds_cluster(
     }
     if not static:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if tls is not None:
+        cluster["transport_socket"] = tls.transport_socket([host for host, _ in addresses])
     if len(addresses) > 1:
         # A single replica needs no health check: there is nowhere else to go, and the
         # ADS stream's own reconnect backoff covers restarts.
@@ -151,6 +208,7 @@ def build_bootstrap(
     reconnect_max: float = 1.0,
     initial_fetch_timeout: float | None = None,
     otlp: tuple[str, int] | str | None = None,
+    xds_tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """Return an Envoy v3 bootstrap that takes clusters and listeners from meshxl over ADS.
 
@@ -161,7 +219,8 @@ def build_bootstrap(
     startup waits for the first CDS/LDS response (Envoy's default is 15 s; 0 waits
     forever); ``None`` keeps Envoy's default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC
     collector) adds the ``meshxl_otlp`` cluster that the listeners' OpenTelemetry
-    tracer exports request spans to when the model enables tracing.
+    tracer exports request spans to when the model enables tracing. ``xds_tls`` makes
+    the ADS connection TLS (or mutual TLS), see :class:`XdsTls`.
     """
     if not isinstance(node_id, str) or not node_id.strip():
         raise ValueError(f"node_id must be a non-empty string, got {node_id!r}")
@@ -241,6 +300,7 @@ def build_bootstrap(
                     keepalive_interval=keepalive_interval,
                     keepalive_timeout=keepalive_timeout,
                     health_check_interval=health_check_interval,
+                    tls=xds_tls,
                 )
             ] + ([_otlp_cluster(collector, connect_timeout)] if collector else []),
         },

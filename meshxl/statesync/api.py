@@ -53,6 +53,16 @@ async def _body(request: web.Request, limit: int) -> bytes:
     return data
 
 
+def _content_type(request: web.Request, default: str) -> str:
+    """The Content-Type header, which is stored and sent back as a header: a media type
+    is printable ASCII (other bytes would come back mangled, or not encode at all)."""
+    value = request.headers.get("Content-Type", default)
+    if len(value) > 255 or not all(" " <= c <= "~" for c in value):
+        raise BadRequest("Content-Type must be a media type of at most 255 printable ASCII "
+                         f"characters, such as application/json; got {value[:80]!r}")
+    return value
+
+
 def _stored_headers(stored: Stored) -> dict[str, str]:
     return {"ETag": f'"{stored.etag}"', "X-Meshxl-Owner": stored.record.owner,
             "X-Meshxl-Source": stored.source}
@@ -92,16 +102,20 @@ class SessionRoutes:
         session_id = _session_id(request)
         sessions = self.sidecar.sessions
         data = await _body(request, sessions.settings.max_bytes)
-        content_type = request.headers.get("Content-Type", "application/octet-stream")
+        content_type = _content_type(request, "application/octet-stream")
         if is_json(content_type):
             try:
                 json.loads(data)
             except ValueError as exc:
                 raise BadRequest(f"body is not valid JSON ({exc}); send another "
                                  "Content-Type to store it as bytes") from None
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None and if_none_match.strip() != "*":
+            raise BadRequest('If-None-Match takes only "*" (create, never replace)')
         stored = await sessions.put(session_id, data, content_type,
                                     request.headers.get("If-Match"),
-                                    request.headers.get("traceparent"))
+                                    request.headers.get("traceparent"),
+                                    create_only=if_none_match is not None)
         return _write_response(stored)
 
     async def get(self, request: web.Request) -> web.Response:
@@ -111,7 +125,7 @@ class SessionRoutes:
 
     async def patch(self, request: web.Request) -> web.Response:
         session_id = _session_id(request)
-        content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        content_type = _content_type(request, "").split(";")[0].strip().lower()
         if content_type not in (MERGE_PATCH, "application/json"):
             raise web.HTTPUnsupportedMediaType(
                 reason=f"PATCH takes {MERGE_PATCH} (RFC 7386), not {content_type or 'nothing'}")
@@ -168,7 +182,8 @@ class SessionRoutes:
         reasons = self.sidecar.not_ready_reasons()
         if reasons:
             return web.json_response({"ready": False, "reasons": reasons}, status=503)
-        return web.json_response({"ready": True})
+        warnings = self.sidecar.warnings()
+        return web.json_response({"ready": True, **({"warnings": warnings} if warnings else {})})
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.sidecar.refresh_gauges()

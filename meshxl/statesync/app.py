@@ -24,11 +24,13 @@ from aiohttp import web
 
 from meshxl import etcd
 from meshxl.addr import parse_hostport
+from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelError, parse_model
 from meshxl.model import Sessions as SessionDefaults
 
 from .api import SessionRoutes, json_errors
+from .auth import check_exposure, token_middleware, valid_token
 from .cache import SessionCache
 from .membership import Membership
 from .metrics import StatesyncMetrics
@@ -64,11 +66,18 @@ class StatesyncConfig:
     sync_publish_interval: float = 2.0
     """Seconds between publications of this sidecar's statistics (``meshxl sync``)."""
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    etcd_security: EtcdSecurity | None = None
+    """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
+    token: str | None = field(default=None, repr=False)
+    """Bearer token every API request but the health checks must carry (auth.py)."""
 
     def __post_init__(self) -> None:
         parse_hostport(self.app)
-        parse_hostport(self.listen, allow_zero=True)
-        etcd.parse_endpoints(self.etcd)
+        host, _ = parse_hostport(self.listen, allow_zero=True)
+        etcd.check_settings(self.etcd, self.etcd_security)
+        if self.token is not None:
+            valid_token(self.token, "the configuration")
+        check_exposure(host, self.token)
         if self.session_ttl is not None and self.session_ttl <= 0:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
         if self.sync_delay is not None and self.sync_delay < 0:
@@ -172,13 +181,24 @@ class Sidecar:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
-        if not self.membership.registered:
+        # An unconfirmed lease withdraws the member only while etcd answers: during an
+        # etcd outage every member is in the same state, and failing them all would turn
+        # it into a total one (cached reads still work; writes fail with 503).
+        if not self.membership.registered and not self.membership.etcd_unreachable:
             reasons.append("not registered in etcd (lease being (re)acquired)")
         if not self.cache.synced.is_set():
             reasons.append("session cache still syncing with etcd")
         if self.membership.problems:
             reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
         return reasons
+
+    def warnings(self) -> list[str]:
+        """What works only in part while the member stays ready."""
+        unreachable = self.membership.unreachable_for
+        if unreachable is None:
+            return []
+        return [f"etcd unreachable for {unreachable:.1f} s: cached sessions are read "
+                "unverified, writes fail with 503"]
 
     def refresh_gauges(self) -> None:
         self.metrics.cached.set(len(self.cache))
@@ -193,6 +213,7 @@ class Sidecar:
             "site": self.config.site, "app": self.config.app,
             "ready": not self.not_ready_reasons(), "reasons": self.not_ready_reasons(),
             "registered": self.membership.registered, "problems": self.membership.problems,
+            "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             "revision": c.applied, "lag_seconds": c.last_lag,
             "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
@@ -240,11 +261,13 @@ def create_app(config: StatesyncConfig) -> web.Application:
     # is current while the handlers run, so takeover spans land in the request trace.
     # Only when spans go somewhere: the instrumentation costs ~30 % of write throughput.
     middlewares = [server_middleware()] if tracing.enabled() else []
+    if config.token is not None:  # before any work (and before reading a body)
+        middlewares.append(token_middleware(config.token))
     app = web.Application(middlewares=[*middlewares, json_errors],
                           client_max_size=max_bytes + 65536)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        client = etcd.client(config.etcd)
+        client = etcd.client(config.etcd, security=config.etcd_security)
         await client.connect()
         try:
             settings = await session_settings(client, config)

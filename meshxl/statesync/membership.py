@@ -18,6 +18,13 @@ gone or no refresh has succeeded for a whole TTL (for example the process was pa
 with SIGSTOP, or etcd was unreachable). Then :attr:`Membership.registered` turns False,
 :attr:`Membership.lease_losses` counts one, and the task grants a new lease and writes
 the registration again, retrying with bounded backoff until etcd answers.
+
+While etcd does not answer at all (down, or this member cut off from it),
+:attr:`Membership.etcd_unreachable` says so. The lease cannot be confirmed then, but the
+member is no less able to serve than any other: the sidecar stays ready (see
+``Sidecar.not_ready_reasons``) rather than failing its health check together with every
+other member. If only this member is cut off, its lease ends in etcd and the control
+plane withdraws it from Envoy all the same.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aetcd
+from aetcd import rpc
+from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from meshxl.etcdkeys import Keys
 from meshxl.model import Registration
 
-__all__ = ["MIN_TTL", "Membership", "registration_document"]
+__all__ = ["MIN_TTL", "Membership", "no_answer", "registration_document"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,14 @@ its own minimum (about 1.5x the election timeout: 2 s with etcd's defaults)."""
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
+
+
+def no_answer(exc: BaseException) -> bool:
+    """etcd did not answer (down, unreachable, no quorum), as opposed to refusing."""
+    if isinstance(exc, TimeoutError | ConnectionFailedError | ConnectionTimeoutError | OSError):
+        return True
+    return isinstance(exc, rpc.AioRpcError) and exc.code() in (
+        rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def _now() -> str:
@@ -106,6 +123,7 @@ class Membership:
         self.last_error: str | None = None
         """The latest etcd trouble (kept after recovery, for status pages)."""
         self._failing = False
+        self._unreachable_since: float | None = None  # monotonic; None: etcd answers
         self._ready = False
         self._problems: dict[str, dict[str, str]] = {}
         self._since = ""
@@ -135,6 +153,18 @@ class Membership:
         """The lease is (as far as we know) alive and carries the registration."""
         return (self.lease_id is not None and self._written >= 0
                 and time.monotonic() < self._expires)
+
+    @property
+    def etcd_unreachable(self) -> bool:
+        """etcd has not answered this member's keepalives or registration since the
+        last success: an etcd outage, or this member is cut off from etcd."""
+        return self._unreachable_since is not None
+
+    @property
+    def unreachable_for(self) -> float | None:
+        """Seconds etcd has not answered for, None while it answers."""
+        since = self._unreachable_since
+        return None if since is None else time.monotonic() - since
 
     @property
     def interval(self) -> float:
@@ -259,6 +289,7 @@ class Membership:
                     await self.client.revoke_lease(lease.id)
             raise
         self._failing = False
+        self._answered()
         log.info("member %s/%s registered under lease %x (ttl %d s)", self.cluster,
                  self.member, lease.id, lease.ttl)
 
@@ -281,7 +312,15 @@ class Membership:
         self.lease_id = None
         self._written = -1
 
+    def _answered(self) -> None:
+        if self._unreachable_since is not None:
+            log.info("member %s/%s: etcd answers again after %.1f s", self.cluster,
+                        self.member, time.monotonic() - self._unreachable_since)
+        self._unreachable_since = None
+
     def _failed(self, what: str, exc: BaseException) -> None:
+        if no_answer(exc) and self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
         message = f"{type(exc).__name__}: {exc}".rstrip(": ")
         if not self._failing or self.last_error != message:  # once per streak and cause
             log.warning("member %s/%s: %s: %s", self.cluster, self.member, what, message)
@@ -313,6 +352,7 @@ class Membership:
                 elif self._written != self._version:
                     await self._write()
                 backoff, delay, self._failing = _BACKOFF_MIN, self.interval, False
+                self._answered()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

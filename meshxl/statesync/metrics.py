@@ -16,8 +16,8 @@ class StatesyncMetrics:
         self.writes = Counter("meshxl_statesync_writes", "Session writes by operation and "
                               "result.", ["op", "result"], registry=r)
         self.reads = Counter("meshxl_statesync_reads", "Session reads by where the state "
-                             "came from (cache, etcd, local) and result.", ["source", "result"],
-                             registry=r)
+                             "came from (cache, etcd, local, cache-unverified) and result.",
+                             ["source", "result"], registry=r)
         self.conflicts = Counter("meshxl_statesync_write_conflicts", "Writes refused because "
                                  "another member wrote the session since (409).", registry=r)
         self.takeovers = Counter("meshxl_statesync_takeovers", "Sessions this member took "

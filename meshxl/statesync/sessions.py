@@ -12,7 +12,9 @@ Fencing is by revision, not by locks (locks alone are not safe; etcd is the judg
 * a member that never touched the session (a takeover, or a new session) writes
   against the newest revision it can learn, and takes ownership;
 * every read first asks etcd, linearizably and without the value, for the session's
-  current revision; the cached state is served only if it is that revision.
+  current revision; the cached state is served only if it is that revision (while etcd
+  does not answer, it is served marked ``cache-unverified``, and a write based on it
+  still compares the revision read).
 
 Two members therefore can never both acknowledge conflicting writes: etcd accepts one
 compare and refuses the other.
@@ -41,6 +43,8 @@ from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
 log = logging.getLogger(__name__)
 
 _BLIND_RETRIES = 3
+UNVERIFIED = "cache-unverified"
+"""``X-Meshxl-Source`` of a read served from the cache while etcd does not answer."""
 
 
 class SessionError(Exception):
@@ -212,7 +216,8 @@ class Sessions:
         return stored
 
     async def _read(self, session_id: str) -> Stored:
-        """The current state, proven current against etcd (linearizable)."""
+        """The current state, proven current against etcd (linearizable); while etcd
+        does not answer, the cached state marked ``cache-unverified`` (else 503)."""
         key = self.key(session_id)
         entry = self.cache.get(session_id)
         try:
@@ -226,7 +231,13 @@ class Sessions:
                     raise NotFound(f"no session {session_id!r}")
             state = await self.store.fetch(key)
         except StoreUnavailable as exc:
-            raise Unavailable(f"etcd unavailable: {exc}") from None
+            entry = self.cache.get(session_id) or entry
+            if entry is None:
+                raise Unavailable(f"etcd unavailable: {exc}") from None
+            # etcd cannot prove the cache current: serve it, marked. A write based on
+            # it compares this revision, so it cannot overwrite anything newer.
+            self.metrics.reads.labels(UNVERIFIED, "ok").inc()
+            return Stored(session_id, entry.record, str(entry.revision), source=UNVERIFIED)
         if state.revision == 0 or state.value is None:
             self.metrics.reads.labels("etcd", "not_found").inc()
             raise NotFound(f"no session {session_id!r}")
@@ -238,11 +249,18 @@ class Sessions:
     # -- writes -------------------------------------------------------------------------
 
     async def put(self, session_id: str, data: bytes, content_type: str,
-                  if_match: str | None = None, traceparent: str | None = None) -> Stored:
+                  if_match: str | None = None, traceparent: str | None = None, *,
+                  create_only: bool = False) -> Stored:
+        """Write a session; ``create_only`` (``If-None-Match: *``): only if it does not
+        exist (412 if it does), so two creations never both succeed."""
         self._check_size(data)
+        if create_only and if_match is not None:
+            raise BadRequest("send If-Match or If-None-Match, not both")
         async with self._exclusive(session_id):
             now = time.time()
             if self.settings.sync_delay > 0 and await self._keep_local(session_id, now):
+                if create_only and session_id in self._local:
+                    raise PreconditionFailed(f"session {session_id!r} exists")
                 return self._put_local(session_id, data, content_type, if_match, now,
                                        traceparent)
             entry = self.cache.get(session_id)
@@ -254,7 +272,8 @@ class Sessions:
                                      traceparent)
 
             return await self._write("put", session_id, if_match, make,
-                                     entry.revision if entry else 0, prior)
+                                     entry.revision if entry else 0, prior,
+                                     create_only=create_only)
 
     async def patch(self, session_id: str, patch: Any, if_match: str | None = None,
                     traceparent: str | None = None) -> Stored:
@@ -301,21 +320,24 @@ class Sessions:
 
     async def _write(self, op: str, session_id: str, if_match: str | None,
                      make: Any, cached_revision: int,
-                     prior: SessionRecord | None) -> Stored:
+                     prior: SessionRecord | None, *, create_only: bool = False) -> Stored:
         """The compare-and-write loop shared by put, patch and delete."""
         self._first_access.setdefault(session_id, time.time_ns())
         try:
             return await self._compare_and_write(op, session_id, if_match, make,
-                                                 cached_revision, prior)
+                                                 cached_revision, prior, create_only)
         finally:
             self._first_access.pop(session_id, None)
 
     async def _compare_and_write(self, op: str, session_id: str, if_match: str | None,
                                  make: Any, cached_revision: int,
-                                 prior: SessionRecord | None) -> Stored:
+                                 prior: SessionRecord | None,
+                                 create_only: bool = False) -> Stored:
         key = self.key(session_id)
         observed = self._observed.get(session_id)
-        if if_match is not None:
+        if create_only:
+            mode, expected = "if-absent", 0
+        elif if_match is not None:
             tag = parse_etag(if_match)
             if tag == "*":  # "exists now": asked of etcd, never of a cache that may lag
                 mode, expected = "if-exists", await self._check(key)
@@ -347,6 +369,10 @@ class Sessions:
                 return self._acknowledged(op, session_id, result, record, expected, prior)
             current = result.current or KeyState(0)
             current_record = SessionRecord.decode(current.value) if current.value else None
+            if mode == "if-absent":
+                self.metrics.writes.labels(op, "precondition_failed").inc()
+                raise PreconditionFailed(f"session {session_id!r} exists (revision "
+                                         f"{current.revision})", current=current.revision)
             if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
                 self.metrics.writes.labels(op, "precondition_failed").inc()
                 raise PreconditionFailed(
@@ -477,4 +503,6 @@ def _revision(tag: str) -> int:
             from None
     if revision <= 0:
         raise BadRequest(f"If-Match revision must be positive, got {revision}")
+    if revision >= 1 << 63:  # etcd revisions are int64: compared, it would not encode
+        raise BadRequest(f"If-Match revision {tag[:40]} is beyond etcd's revisions")
     return revision

@@ -34,6 +34,7 @@ from typing import Any
 
 import aetcd
 from aetcd import rpc
+from aetcd.exceptions import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -230,24 +231,29 @@ class SessionStore:
     async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
 
-        async def op() -> rpc.RequestOp:
+        async def op() -> dict[str, Any]:
             lease = await self.leases.current()
-            return rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease))
+            return {"request_put": {"key": key, "value": value, "lease": lease}}
 
         return await self._write(key, expected, op, len(key) + len(value) + 64)
 
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
 
-        async def op() -> rpc.RequestOp:
-            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))
+        async def op() -> dict[str, Any]:
+            return {"request_delete_range": {"key": key}}
 
         return await self._write(key, expected, op, len(key) + 64)
 
     async def _write(self, key: bytes, expected: int,
                      make_op: Callable[[], Any], size: int) -> WriteResult:
         for attempt in (1, 2):
-            op = await make_op()
+            try:
+                op = await make_op()
+            except (ClientError, rpc.AioRpcError, TimeoutError) as exc:
+                # No session lease without etcd (a new TTL bucket): not acknowledged.
+                raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
+                                       f"lease: {exc}") from exc
             try:
                 result: WriteResult = await self._writes.submit(
                     self._guarded(key, expected, op), _write_result, size)
@@ -262,11 +268,15 @@ class SessionStore:
         raise AssertionError("unreachable")
 
     @staticmethod
-    def _guarded(key: bytes, expected: int, op: rpc.RequestOp) -> rpc.RequestOp:
-        compare = rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
-                              mod_revision=expected)
-        return rpc.RequestOp(request_txn=rpc.TxnRequest(
-            compare=[compare], success=[op], failure=[_range(key, keys_only=False)]))
+    def _guarded(key: bytes, expected: int, op: dict[str, Any]) -> rpc.RequestOp:
+        """``op`` (a RequestOp as a dict) if the key's mod_revision is ``expected``, else
+        read the key. Built in one constructor call: nested messages are not copied
+        (a third of the cost of building them one by one, on every write)."""
+        return rpc.RequestOp(request_txn={
+            "compare": [{"key": key, "target": rpc.Compare.MOD, "result": rpc.Compare.EQUAL,
+                         "mod_revision": expected}],
+            "success": [op],
+            "failure": [{"request_range": {"key": key}}]})
 
 
 def _write_result(response: Any, revision: int) -> WriteResult:

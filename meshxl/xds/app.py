@@ -26,8 +26,10 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshxl import etcd
+from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, RuntimeState
+from meshxl.tls import ServerTls
 
 from .cache import ENDPOINT, Snapshot, SnapshotCache
 from .failover import FailoverTracer, Loss, losses
@@ -58,10 +60,31 @@ class ControlPlaneConfig:
     max_delay: float = 0.1
     status_ttl: int = 10
     """Lease TTL (s) of the node-status keys: they vanish with a dead replica."""
+    etcd_security: EtcdSecurity | None = None
+    """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
+    tls_cert: Path | None = None
+    """Serve ADS over TLS with this certificate chain and ``tls_key``."""
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    """Mutual TLS: accept only Envoys whose client certificate this CA signed."""
 
     def __post_init__(self) -> None:
         if self.config_path is None and self.etcd is None:
             raise ValueError("give a model file (--config), etcd (--etcd), or both")
+        if self.etcd is not None:
+            etcd.check_settings(self.etcd, self.etcd_security)
+        elif self.etcd_security is not None and self.etcd_security != EtcdSecurity():
+            raise ValueError("etcd TLS or credential options need --etcd")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def server_tls(self) -> ServerTls | None:
+        """The ADS server's TLS (files checked now), or None for plaintext."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return ServerTls(self.tls_cert, self.tls_key, self.client_ca)
 
 
 class ControlPlane:
@@ -69,6 +92,7 @@ class ControlPlane:
 
     def __init__(self, config: ControlPlaneConfig):
         self.config = config
+        self.tls = config.server_tls()
         self.keys = Keys(config.etcd_root)
         self.cache = SnapshotCache()
         self.metrics = XdsMetrics()
@@ -112,8 +136,9 @@ class ControlPlane:
             self.file.load()  # ModelError: refuse to start on a bad file
             self._spawn(self.file.run())
         if cfg.etcd is not None:
-            self.client = etcd.client(cfg.etcd)
+            self.client = etcd.client(cfg.etcd, security=cfg.etcd_security)
             await self.client.connect()
+            await etcd.check_credentials(self.client)  # a wrong password: fail now
             self.mesh = EtcdMeshSource(self.client, self.keys, self._changed)
             self._spawn(self.mesh.run())
             await self.mesh.synced.wait()
@@ -123,11 +148,12 @@ class ControlPlane:
         await self.rebuild()
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
-        self._grpc, self.port = await self.ads.serve(cfg.listen)
+        self._grpc, self.port = await self.ads.serve(cfg.listen, tls=self.tls)
         if cfg.admin:
             await self._start_admin(cfg.admin)
-        log.info("xDS control plane %s serving ADS on %s (port %d)", cfg.replica,
-                 cfg.listen, self.port)
+        log.info("xDS control plane %s serving ADS on %s (port %d, %s)", cfg.replica,
+                 cfg.listen, self.port, "plaintext" if self.tls is None else
+                 "TLS" if self.tls.client_ca is None else "mutual TLS")
 
     async def stop(self) -> None:
         if self._grpc is not None:

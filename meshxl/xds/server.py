@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
+from meshxl.tls import ServerTls
 from meshxl.xds import delta
 from meshxl.xds.cache import (
     CLUSTER,
@@ -341,14 +342,19 @@ class AdsServer:
             (grpc.method_handlers_generic_handler(ADS_SERVICE, self.method_handlers()),)
         )
 
-    async def serve(self, listen: str) -> tuple[grpc.aio.Server, int]:
-        """Start a plaintext gRPC server on ``listen`` ("host:port", port may be 0).
+    async def serve(self, listen: str, *, tls: ServerTls | None = None
+                    ) -> tuple[grpc.aio.Server, int]:
+        """Start a gRPC server on ``listen`` ("host:port", port may be 0): plaintext, or
+        TLS (mutual TLS when ``tls`` has a client CA).
 
         Returns the started server and the bound port; stop it with ``server.stop``.
         """
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         self.register(server)
-        port = server.add_insecure_port(listen)
+        if tls is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, tls.credentials())
         if not port:
             raise OSError(f"cannot listen on {listen}")
         await server.start()

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def meshxl(*args: str, timeout: float = 30) -> tuple[int, str, str]:
-    """Run ``python -m meshxl.cli ARGS`` without blocking the event loop."""
+async def meshxl(*args: str, timeout: float = 30,
+                 env: Mapping[str, str | None] | None = None) -> tuple[int, str, str]:
+    """Run ``python -m meshxl.cli ARGS`` without blocking the event loop (``env``: extra
+    environment variables; None removes one)."""
+    environ = None
+    if env:
+        merged = {**os.environ, **env}
+        environ = {k: v for k, v in merged.items() if v is not None}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshxl.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environ)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

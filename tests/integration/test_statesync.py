@@ -332,6 +332,18 @@ async def test_if_match_compare_and_set(etcd: EtcdServer, start_sidecar: Any) ->
     star = await a.put("cas", {"v": 5}, if_match="*")
     assert star.status == 200 and (await a.get("cas")).json() == {"v": 5}
 
+    # If-None-Match: * creates only: of concurrent creations exactly one succeeds.
+    creations = await asyncio.gather(*(a.put("fresh", {"v": i}, headers={
+        "If-None-Match": "*"}) for i in range(4)))
+    assert sorted(r.status for r in creations) == [201, 412, 412, 412], creations
+    (won,) = [i for i, r in enumerate(creations) if r.status == 201]
+    assert (await a.get("fresh")).json() == {"v": won}
+    assert_json_error(await a.put("cas", {"v": 6}, headers={"If-None-Match": "*"}), 412)
+    assert_json_error(await a.put("x", {"v": 1}, headers={"If-None-Match": '"3"'}), 400)
+    assert_json_error(await a.put("cas", {"v": 6}, if_match=star.etag,
+                                  headers={"If-None-Match": "*"}), 400)
+    assert (await a.get("cas")).json() == {"v": 5}
+
 
 class RawConnection:
     """One keep-alive HTTP/1.1 connection: the request bytes can be put in the kernel

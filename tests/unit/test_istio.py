@@ -261,7 +261,7 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
     assert outlier == {"splitExternalLocalOriginErrors": True,
                        "consecutiveLocalOriginFailures": 1, "consecutive5xxErrors": 5,
                        "consecutiveGatewayErrors": 3, "interval": "1s",
-                       "baseEjectionTime": "5s", "maxEjectionPercent": 100,
+                       "baseEjectionTime": "5s", "maxEjectionPercent": 50,
                        "minHealthPercent": 0}
     assert traffic_policy(rendered)["retryBudget"] == {"percent": 50.0,
                                                        "minRetryConcurrency": 64}

@@ -63,7 +63,7 @@ def test_parse_etag_rejects(value: str) -> None:
 
 @pytest.mark.parametrize("change,message", [
     ({"app": "nohost"}, "HOST:PORT"), ({"listen": "127.0.0.1:99999"}, "port"),
-    ({"etcd": "https://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "TTL"),
+    ({"etcd": "ftp://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "TTL"),
     ({"sync_delay": -1}, "delay"), ({"max_bytes": 2_000_000}, "size"),
 ])
 def test_config_rejects_bad_values(change: dict[str, object], message: str) -> None:
