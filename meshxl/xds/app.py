@@ -41,6 +41,9 @@ from .sources import Debouncer, EtcdMeshSource, ModelFileSource
 
 log = logging.getLogger(__name__)
 
+_NODE_TXN_OPS = 64
+"""Node statuses per etcd transaction (etcd's default --max-txn-ops is 128)."""
+
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
 
@@ -99,7 +102,7 @@ class ControlPlane:
         self.convergence = Convergence(self.metrics)
         self.failovers = FailoverTracer(connected=self._acked_endpoints,
                                         on_start=self._record_failover)
-        self.ads = AdsServer(self.cache, on_status_change=self._node_changed,
+        self.ads = AdsServer(self.cache, on_status_change=self._nodes_changed,
                              on_sent=self.failovers.sent, on_answer=self.failovers.answered,
                              metrics=self.metrics)
         self.history: MemberHistory | None = None
@@ -120,7 +123,7 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease: Any = None
-        self._node_revisions: dict[str, int] = {}
+        self._node_values: dict[str, bytes] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -300,34 +303,42 @@ class ControlPlane:
                 self._lease = None
                 await asyncio.sleep(0.5)
 
-    async def _node_changed(self, node_id: str, status: dict[str, Any]) -> None:
-        self.convergence.node_changed(node_id, status)
-        await self._publish_node(node_id, status)
+    async def _nodes_changed(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        for node_id, status in batch:
+            self.convergence.node_changed(node_id, status)
+        await self._publish_nodes(batch)
 
-    async def _publish_node(self, node_id: str, status: dict[str, Any]) -> None:
-        """Write a node's status to etcd; etcd trouble costs a status update, nothing more."""
+    async def _publish_nodes(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write node statuses to etcd, many per transaction (a push to 1,000 Envoys
+        brings 1,000 ACKs); etcd trouble costs status updates, nothing more."""
         if self.client is None or self._lease is None:
             return
-        try:
-            await self._write_node(node_id, status)
-        except Exception as exc:
-            log.warning("node %s status not written to etcd: %s: %s", node_id,
-                        type(exc).__name__, exc)
+        tx = self.client.transactions
+        puts = []
+        for node_id, status in batch:
+            key = self.keys.node(node_id).encode()
+            if status.get("streams", 0) > 0:
+                value = json.dumps({**status, "replica": self.config.replica}).encode()
+                self._node_values[node_id] = value
+                puts.append(tx.put(key, value, lease=self._lease))
+                continue
+            # Disconnected: remove the record only if no other replica rewrote it since.
+            last = self._node_values.pop(node_id, None)
+            if last is not None:
+                await self._etcd_quietly(f"node {node_id} status not removed from etcd",
+                                         compare=[tx.value(key) == last],
+                                         success=[tx.delete(key)])
+        for start in range(0, len(puts), _NODE_TXN_OPS):
+            await self._etcd_quietly(f"{len(puts[start:start + _NODE_TXN_OPS])} node "
+                                     "status(es) not written to etcd", compare=[],
+                                     success=puts[start:start + _NODE_TXN_OPS])
 
-    async def _write_node(self, node_id: str, status: dict[str, Any]) -> None:
+    async def _etcd_quietly(self, what: str, **txn: Any) -> None:
         assert self.client is not None
-        key = self.keys.node(node_id).encode()
-        if status.get("streams", 0) > 0:
-            value = json.dumps({**status, "replica": self.config.replica}).encode()
-            put = await self.client.put(key, value, lease=self._lease)
-            self._node_revisions[node_id] = put.header.revision
-            return
-        # Disconnected: remove the record only if no other replica rewrote it since.
-        revision = self._node_revisions.pop(node_id, None)
-        if revision is not None:
-            tx = self.client.transactions
-            await self.client.transaction(compare=[tx.mod(key) == revision],
-                                          success=[tx.delete(key)], failure=[])
+        try:
+            await self.client.transaction(failure=[], **txn)
+        except Exception as exc:
+            log.warning("%s: %s: %s", what, type(exc).__name__, exc)
 
     # -- HTTP status -----------------------------------------------------------------------
 

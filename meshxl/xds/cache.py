@@ -114,6 +114,8 @@ class Resources:
     """The message each entry was encoded from: a later build given the same object
     reuses the entry instead of encoding it again."""
     _subsets: dict[frozenset[str], bytes] = field(default_factory=dict, repr=False)
+    _nonced: dict[tuple[frozenset[str] | None, str], bytes] = field(default_factory=dict,
+                                                                   repr=False)
 
     @property
     def names(self) -> frozenset[str]:
@@ -133,6 +135,23 @@ class Resources:
             if len(self._subsets) >= _SUBSET_MEMO_MAX:
                 self._subsets.clear()
             self._subsets[names] = cached
+        return cached
+
+
+    def message(self, names: frozenset[str] | None, nonce: str) -> bytes:
+        """The response (all resources, or ``names``) with ``nonce``, ready to write.
+
+        Streams that send the same names with the same nonce share one bytes object:
+        a push to N Envoys builds one message, not N copies.
+        """
+        key = (names, nonce)
+        cached = self._nonced.get(key)
+        if cached is None:
+            body = self.response if names is None else self.subset(names)
+            cached = with_nonce(body, nonce)
+            if len(self._nonced) >= _SUBSET_MEMO_MAX:
+                self._nonced.clear()
+            self._nonced[key] = cached
         return cached
 
 

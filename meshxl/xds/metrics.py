@@ -60,6 +60,7 @@ class XdsMetrics:
                                  "cluster and cause.", ["cluster", "cause"], registry=r)
         self.etcd_revision = Gauge("meshxl_xds_etcd_revision", "Last etcd revision of the "
                                    "mesh read by this replica.", registry=r)
+        self._labelled: dict[tuple[str, ...], Any] = {}
         self.nodes = Gauge("meshxl_xds_nodes", "Envoy nodes with at least one open stream.",
                            registry=r)
 
@@ -75,16 +76,26 @@ class XdsMetrics:
     def sent(self, type_url: str, protocol: str, since_published: float | None) -> None:
         """``since_published`` None: the stream opened after the snapshot was published
         (a connecting Envoy's first answer is not a push), so only the count moves."""
-        label = type_label(type_url)
-        self.pushes.labels(label, protocol).inc()
+        pushes, push_seconds = self._children(("sent", type_url, protocol), lambda label: (
+            self.pushes.labels(label, protocol), self.push_seconds.labels(label)), type_url)
+        pushes.inc()
         if since_published is not None:
-            self.push_seconds.labels(label).observe(max(0.0, since_published))
+            push_seconds.observe(max(0.0, since_published))
 
     def answered(self, type_url: str, nack: bool, seconds: float) -> None:
-        label = type_label(type_url)
-        self.ack_seconds.labels(label).observe(max(0.0, seconds))
+        ack_seconds, nacks = self._children(("answered", type_url), lambda label: (
+            self.ack_seconds.labels(label), self.nacks.labels(label)), type_url)
+        ack_seconds.observe(max(0.0, seconds))
         if nack:
-            self.nacks.labels(label).inc()
+            nacks.inc()
+
+    def _children(self, key: tuple[str, ...], make: Any, type_url: str) -> Any:
+        """Labelled children, looked up once: ``labels()`` costs more than the
+        observation, and a push to 1,000 Envoys makes 1,000 of each."""
+        found = self._labelled.get(key)
+        if found is None:
+            found = self._labelled[key] = make(type_label(type_url))
+        return found
 
 
 class Convergence:

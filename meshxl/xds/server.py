@@ -40,7 +40,6 @@ from meshxl.xds.cache import (
     WILDCARD_TYPES,
     Snapshot,
     SnapshotCache,
-    with_nonce,
 )
 from meshxl.xds.metrics import XdsMetrics
 
@@ -52,7 +51,7 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 #: ``await on_status_change(node_id, status)``: called after a node connects,
 #: disconnects, ACKs or NACKs. Calls for one node are serialized and coalesced.
-OnStatusChange = Callable[[str, dict[str, Any]], Awaitable[None]]
+OnStatusChange = Callable[[list[tuple[str, dict[str, Any]]]], Awaitable[None]]
 OnDelivery = Callable[[str, str, str, str | None], None]
 """(node id, type URL, version, NACK error or None): a response was sent (error None,
 called through ``on_sent``) or answered (``on_answer``). The version is the type's
@@ -61,6 +60,11 @@ snapshot version, for delta streams too (their ``system_version_info``)."""
 #: The ``protocol`` label of SotW streams (metrics); delta streams: ``delta.PROTOCOL``.
 SOTW = "sotw"
 
+# Versions per subscription whose send count is kept for nonces (older ones recur
+# only with identical content, where a repeated nonce is harmless).
+_NONCE_VERSIONS = 8
+# Distinct subscription name sets kept shared between streams (cleared when full).
+_NAMES_MEMO_MAX = 4096
 # Rejected responses remembered per node; old entries fall out first.
 _QUARANTINE_MAX = 64
 # Disconnected nodes whose status (and quarantine) is kept; the oldest go first, so
@@ -115,8 +119,6 @@ class _Node:
     last_nack: _Nack | None = None
     types: dict[str, _TypeStatus] = field(default_factory=dict)
     rejected: dict[tuple[str, Hashable], None] = field(default_factory=dict)
-    dirty: bool = False
-    notifier: asyncio.Task[None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         nack = self.last_nack
@@ -189,6 +191,7 @@ class _Subscription:
     nonce: str = ""
     sent: _Key | None = None
     sent_at: float | None = None  # time.monotonic() of the write, for the ACK latency
+    repeats: dict[str, int] = field(default_factory=dict)  # sends per recent version
 
     def want(self, version: str) -> _Key | None:
         """The key a response would carry now; None when nothing is subscribed."""
@@ -216,7 +219,6 @@ class _SotwSession:
         self.closed = False
         self.node: _Node | None = None
         self.subscriptions: dict[str, _Subscription] = {}
-        self.nonces = 0
 
     def order(self) -> list[str]:
         known = [t for t in TYPE_ORDER if t in self.subscriptions]
@@ -228,7 +230,7 @@ class _SotwSession:
         type_url = request.type_url
         if not type_url:
             return "type_url is required on an ADS stream"
-        names = frozenset(request.resource_names)
+        names = server._shared_names(frozenset(request.resource_names))
         wildcard = _is_wildcard(type_url, names)
         sub = self.subscriptions.get(type_url)
         if sub is None:
@@ -275,16 +277,21 @@ class _SotwSession:
         if node.is_rejected(type_url, key):
             log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
             return None
-        body = resources.response if key[1] is None else resources.subset(key[1])
         sub.rewarm = False  # this response reaches the re-warming resources after their parent
-        self.nonces += 1
-        sub.nonce = str(self.nonces)
+        # The nonce is the version and how often this stream was sent it before: unique
+        # on the stream, and the same on every stream getting this version for the first
+        # time, so they all share one encoded message.
+        repeats = sub.repeats.pop(key[0], 0)
+        sub.repeats[key[0]] = repeats + 1
+        if len(sub.repeats) > _NONCE_VERSIONS:
+            del sub.repeats[next(iter(sub.repeats))]
+        sub.nonce = f"{key[0]}.{repeats}"
         sub.sent = key
         sub.sent_at = self._server._delivered(self, type_url, key[0])
         dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
         if dependent is not None:
             dependent.rewarm = True
-        return with_nonce(body, sub.nonce)
+        return resources.message(key[1], sub.nonce)
 
 
 def _identity(data: bytes) -> bytes:
@@ -310,7 +317,9 @@ class AdsServer:
         self._on_answer = on_answer
         self._metrics = metrics
         self._nodes: dict[str, _Node] = {}
-        self._notifiers: set[asyncio.Task[None]] = set()
+        self._dirty: dict[str, _Node] = {}
+        self._names: dict[frozenset[str], frozenset[str]] = {}
+        self._notifier: asyncio.Task[None] | None = None
         #: Responses written, per type URL (both protocols).
         self.responses_sent: dict[str, int] = {}
         #: NACKs received (all nodes, all types).
@@ -362,8 +371,8 @@ class AdsServer:
 
     async def close(self) -> None:
         """Wait for scheduled status callbacks to finish."""
-        while self._notifiers:
-            await asyncio.gather(*self._notifiers, return_exceptions=True)
+        while self._notifier is not None and not self._notifier.done():
+            await asyncio.gather(self._notifier, return_exceptions=True)
 
     # -- status -------------------------------------------------------------------
 
@@ -378,24 +387,25 @@ class AdsServer:
             del self._nodes[node_id]
 
     def _changed(self, node: _Node) -> None:
-        """Schedule ``on_status_change``: one runner per node, latest status wins."""
+        """Schedule ``on_status_change``: one runner for all nodes, in batches (a push
+        to 1,000 Envoys is 1,000 ACKs: their statuses go out together), the latest
+        status of each node winning."""
         if self._on_status_change is None:
             return
-        node.dirty = True
-        if node.notifier is None or node.notifier.done():
-            task = asyncio.get_running_loop().create_task(self._notify(node))
-            node.notifier = task
-            self._notifiers.add(task)
-            task.add_done_callback(self._notifiers.discard)
+        self._dirty[node.node_id] = node
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify())
 
-    async def _notify(self, node: _Node) -> None:
+    async def _notify(self) -> None:
         assert self._on_status_change is not None
-        while node.dirty:
-            node.dirty = False
+        while self._dirty:
+            await asyncio.sleep(0)  # let the ACKs already read join this batch
+            batch = [(node_id, node.as_dict()) for node_id, node in self._dirty.items()]
+            self._dirty.clear()
             try:
-                await self._on_status_change(node.node_id, node.as_dict())
+                await self._on_status_change(batch)
             except Exception:
-                log.exception("status callback failed for node %s", node.node_id)
+                log.exception("status callback failed for %d node(s)", len(batch))
 
     # -- what both protocols record (also called by meshxl.xds.delta) ----------------
 
@@ -479,6 +489,16 @@ class AdsServer:
         if self._metrics is not None and sent_at is not None:
             self._metrics.answered(type_url, nack, time.monotonic() - sent_at)
         self._changed(node)
+
+    def _shared_names(self, names: frozenset[str]) -> frozenset[str]:
+        """One set object per distinct list of names: a thousand Envoys asking for the
+        same hundred clusters keep one copy of the names, not a thousand."""
+        shared = self._names.get(names)
+        if shared is None:
+            if len(self._names) >= _NAMES_MEMO_MAX:
+                self._names.clear()
+            shared = self._names[names] = names
+        return shared
 
     def _stale(self, node: _Node, type_url: str, nonce: str) -> None:
         self.stale_requests += 1

@@ -145,3 +145,18 @@ async def test_cache_wait_returns_newer_snapshot() -> None:
     second = Snapshot.build(model(ports=(1,)))
     snapshots.set(second)
     assert await asyncio.wait_for(waiter, 1) is second
+
+
+def test_one_message_per_nonce_is_shared_by_every_stream() -> None:
+    """A push to N Envoys builds one message per (names, nonce), not N copies."""
+    snap = Snapshot.build({CLUSTER: {"a": Cluster(name="a"), "b": Cluster(name="b")}})
+    resources = snap.resources(CLUSTER)
+    nonce = f"{resources.version}.0"
+    first = resources.message(None, nonce)
+    assert resources.message(None, nonce) is first
+    parsed = DiscoveryResponse.FromString(first)
+    assert parsed.nonce == nonce and len(parsed.resources) == 2
+    subset = resources.message(frozenset({"a"}), nonce)
+    assert resources.message(frozenset({"a"}), nonce) is subset
+    assert len(DiscoveryResponse.FromString(subset).resources) == 1
+    assert DiscoveryResponse.FromString(resources.message(None, "other")).nonce == "other"

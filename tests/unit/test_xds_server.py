@@ -432,9 +432,9 @@ async def test_unknown_type_is_served_empty(xds: Harness) -> None:
 async def test_status_callback_gets_latest_status() -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
 
-    async def persist(node_id: str, status: dict[str, Any]) -> None:
-        await asyncio.sleep(0)  # like an etcd put
-        seen.append((node_id, status))
+    async def persist(batch: list[tuple[str, dict[str, Any]]]) -> None:
+        await asyncio.sleep(0)  # like an etcd transaction
+        seen.extend(batch)
 
     snapshots = SnapshotCache()
     ads = AdsServer(snapshots, on_status_change=persist)
