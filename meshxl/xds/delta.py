@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshxl.xds.cache import (
     CLUSTER,
@@ -64,9 +64,7 @@ from meshxl.xds.cache import (
     Snapshot,
     _field,
 )
-
-if TYPE_CHECKING:
-    from meshxl.xds.server import AdsServer, _Node
+from meshxl.xds.nodes import NodeStatus, Streams
 
 __all__ = ["PROTOCOL", "DeltaResources", "DeltaSession", "Rejected", "delta_resources",
            "resource_version"]
@@ -197,7 +195,7 @@ class Rejected:
     resources: frozenset[tuple[str, str]]
 
 
-def _quarantined(node: _Node, type_url: str) -> list[frozenset[tuple[str, str]]]:
+def _quarantined(node: NodeStatus, type_url: str) -> list[frozenset[tuple[str, str]]]:
     """The (name, version) sets the node rejected for ``type_url`` (on any stream)."""
     return [key.resources for (rejected_type, key) in node.rejected
             if rejected_type == type_url and isinstance(key, Rejected)]
@@ -250,12 +248,12 @@ class DeltaSession:
 
     protocol = PROTOCOL
 
-    def __init__(self, server: AdsServer) -> None:
+    def __init__(self, server: Streams) -> None:
         self._server = server
         self.opened_at = time.monotonic()
         self.inbox: deque[Any] = deque()
         self.closed = False
-        self.node: _Node | None = None
+        self.node: NodeStatus | None = None
         self.subscriptions: dict[str, _Subscription] = {}
         self.nonces = 0
         # EDS names whose cluster was just sent: Envoy re-warms the cluster and needs them.
@@ -269,7 +267,7 @@ class DeltaSession:
 
     def handle(self, request: Any) -> str | None:
         server = self._server
-        node = self.node or server._connect(self, request.node)
+        node = self.node or server.connect(self, request.node)
         type_url = request.type_url
         if not type_url:
             return "type_url is required on an ADS stream"
@@ -294,17 +292,17 @@ class DeltaSession:
             return None  # a spontaneous change of subscriptions
         sent = self._answered(sub, nonce)
         if sent is None:
-            server._stale(node, type_url, nonce)
+            server.stale(node, type_url, nonce)
         elif request.HasField("error_detail"):
             if sent.resources:
                 node.quarantine(type_url, Rejected(frozenset(sent.resources)))
             for name, version in sent.resources:
                 if sub.known.get(name) == version:  # not superseded by a later response
                     sub.rejected[name] = version
-            server._answered(node, type_url, sent.version, request.error_detail.message,
+            server.answered(node, type_url, sent.version, request.error_detail.message,
                              sent.at, nack=True)
         else:
-            server._answered(node, type_url, sent.version if sent.complete else None, None,
+            server.answered(node, type_url, sent.version if sent.complete else None, None,
                              sent.at)
         return None
 
@@ -366,7 +364,7 @@ class DeltaSession:
             return set()
         return set(current.changed_since(sub.served))
 
-    def _response(self, node: _Node, snapshot: Snapshot, type_url: str) -> bytes | None:
+    def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
         current = delta_resources(snapshot.resources(type_url))
@@ -415,7 +413,7 @@ class DeltaSession:
         server = self._server
         self.nonces += 1
         nonce = str(self.nonces)
-        at = server._delivered(self, type_url, current.version)
+        at = server.delivered(self, type_url, current.version)
         sub.version = current.version
         sub.pending[nonce] = _Sent(current.version,
                                    tuple((name, current.versions[name]) for name in send),

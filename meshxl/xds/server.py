@@ -22,9 +22,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
@@ -42,6 +42,7 @@ from meshxl.xds.cache import (
     SnapshotCache,
 )
 from meshxl.xds.metrics import XdsMetrics
+from meshxl.xds.nodes import Nack, NodeStatus, Session
 
 __all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 
@@ -65,8 +66,6 @@ SOTW = "sotw"
 _NONCE_VERSIONS = 8
 # Distinct subscription name sets kept shared between streams (cleared when full).
 _NAMES_MEMO_MAX = 4096
-# Rejected responses remembered per node; old entries fall out first.
-_QUARANTINE_MAX = 64
 # Disconnected nodes whose status (and quarantine) is kept; the oldest go first, so
 # pod churn cannot grow the control plane without bound.
 DISCONNECTED_NODES_MAX = 1024
@@ -90,94 +89,6 @@ _DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 # (None = wildcard). A NACKed key is never sent to that node again. Delta streams
 # quarantine (name, resource version) keys of their own.
 _Key = tuple[str, frozenset[str] | None]
-
-
-@dataclass
-class _TypeStatus:
-    sent_version: str | None = None
-    acked_version: str | None = None
-    ack_time: float | None = None
-    responses: int = 0
-
-
-@dataclass
-class _Nack:
-    type_url: str
-    version: str | None
-    error: str
-    time: float
-
-
-@dataclass
-class _Node:
-    node_id: str
-    cluster: str = ""
-    streams: int = 0
-    connected_at: float | None = None
-    disconnected_at: float | None = None
-    nacks: int = 0
-    last_nack: _Nack | None = None
-    types: dict[str, _TypeStatus] = field(default_factory=dict)
-    rejected: dict[tuple[str, Hashable], None] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        nack = self.last_nack
-        return {
-            "node_id": self.node_id,
-            "cluster": self.cluster,
-            "streams": self.streams,
-            "connected_at": self.connected_at,
-            "disconnected_at": self.disconnected_at,
-            "nacks": self.nacks,
-            "last_nack": None
-            if nack is None
-            else {
-                "type_url": nack.type_url,
-                "version": nack.version,
-                "error": nack.error,
-                "time": nack.time,
-            },
-            "types": {
-                t: {
-                    "sent_version": s.sent_version,
-                    "acked_version": s.acked_version,
-                    "ack_time": s.ack_time,
-                    "responses": s.responses,
-                }
-                for t, s in self.types.items()
-            },
-        }
-
-    def status(self, type_url: str) -> _TypeStatus:
-        """The type's status, created when the node first asks for the type."""
-        found = self.types.get(type_url)
-        if found is None:
-            found = self.types[type_url] = _TypeStatus()
-        return found
-
-    def quarantine(self, type_url: str, key: Hashable) -> None:
-        self.rejected[(type_url, key)] = None
-        while len(self.rejected) > _QUARANTINE_MAX:
-            del self.rejected[next(iter(self.rejected))]
-
-    def is_rejected(self, type_url: str, key: Hashable) -> bool:
-        return (type_url, key) in self.rejected
-
-
-class _Session(Protocol):
-    """One ADS stream's protocol state, as the shared stream loop drives it."""
-
-    protocol: str  # the metrics label: "sotw" or "delta"
-    opened_at: float  # time.monotonic() when the stream was accepted
-    inbox: deque[Any]
-    closed: bool
-    node: _Node | None
-
-    def handle(self, request: Any) -> str | None:
-        """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
-
-    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
-        """What to write now, in push order; each response is recorded as it is made."""
 
 
 @dataclass
@@ -217,7 +128,7 @@ class _SotwSession:
         self.opened_at = time.monotonic()
         self.inbox: deque[Any] = deque()
         self.closed = False
-        self.node: _Node | None = None
+        self.node: NodeStatus | None = None
         self.subscriptions: dict[str, _Subscription] = {}
 
     def order(self) -> list[str]:
@@ -226,7 +137,7 @@ class _SotwSession:
 
     def handle(self, request: Any) -> str | None:
         server = self._server
-        node = self.node or server._connect(self, request.node)
+        node = self.node or server.connect(self, request.node)
         type_url = request.type_url
         if not type_url:
             return "type_url is required on an ADS stream"
@@ -241,7 +152,7 @@ class _SotwSession:
             return None
         nonce = request.response_nonce
         if nonce and nonce != sub.nonce:
-            server._stale(node, type_url, nonce)
+            server.stale(node, type_url, nonce)
             return None
         sub.names, sub.wildcard = names, wildcard
         if not nonce:
@@ -250,10 +161,10 @@ class _SotwSession:
         if request.HasField("error_detail"):
             if sub.sent is not None:
                 node.quarantine(type_url, sub.sent)
-            server._answered(node, type_url, sub.sent[0] if sub.sent else None,
+            server.answered(node, type_url, sub.sent[0] if sub.sent else None,
                              request.error_detail.message, sub.sent_at, nack=True)
         elif sub.sent is not None:
-            server._answered(node, type_url, sub.sent[0], None, sub.sent_at)
+            server.answered(node, type_url, sub.sent[0], None, sub.sent_at)
             if sub.rewarm:
                 sub.fresh, sub.rewarm = True, False
         return None
@@ -265,7 +176,7 @@ class _SotwSession:
             if response is not None:
                 yield response
 
-    def _response(self, node: _Node, snapshot: Snapshot, type_url: str) -> bytes | None:
+    def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
         resources = snapshot.resources(type_url)
@@ -287,7 +198,7 @@ class _SotwSession:
             del sub.repeats[next(iter(sub.repeats))]
         sub.nonce = f"{key[0]}.{repeats}"
         sub.sent = key
-        sub.sent_at = self._server._delivered(self, type_url, key[0])
+        sub.sent_at = self._server.delivered(self, type_url, key[0])
         dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
         if dependent is not None:
             dependent.rewarm = True
@@ -316,8 +227,8 @@ class AdsServer:
         self._on_sent = on_sent
         self._on_answer = on_answer
         self._metrics = metrics
-        self._nodes: dict[str, _Node] = {}
-        self._dirty: dict[str, _Node] = {}
+        self._nodes: dict[str, NodeStatus] = {}
+        self._dirty: dict[str, NodeStatus] = {}
         self._names: dict[frozenset[str], frozenset[str]] = {}
         self._notifier: asyncio.Task[None] | None = None
         #: Responses written, per type URL (both protocols).
@@ -386,7 +297,7 @@ class AdsServer:
         if node is not None and node.streams == 0:
             del self._nodes[node_id]
 
-    def _changed(self, node: _Node) -> None:
+    def _changed(self, node: NodeStatus) -> None:
         """Schedule ``on_status_change``: one runner for all nodes, in batches (a push
         to 1,000 Envoys is 1,000 ACKs: their statuses go out together), the latest
         status of each node winning."""
@@ -407,14 +318,14 @@ class AdsServer:
             except Exception:
                 log.exception("status callback failed for %d node(s)", len(batch))
 
-    # -- what both protocols record (also called by meshxl.xds.delta) ----------------
+    # -- what both protocols record: the Streams interface of meshxl.xds.nodes ---------
 
-    def _connect(self, session: _Session, node_proto: Any) -> _Node:
+    def connect(self, session: Session, node_proto: Any) -> NodeStatus:
         """The stream's first request names its node: count the stream on it."""
         node_id = node_proto.id
         node = self._nodes.get(node_id)
         if node is None:
-            node = self._nodes[node_id] = _Node(node_id)
+            node = self._nodes[node_id] = NodeStatus(node_id)
         node.cluster = node_proto.cluster or node.cluster
         node.streams += 1
         node.connected_at = time.time()
@@ -423,7 +334,7 @@ class AdsServer:
         self._changed(node)
         return node
 
-    def _disconnect(self, session: _Session) -> None:
+    def _disconnect(self, session: Session) -> None:
         node = session.node
         if node is None:
             return
@@ -443,7 +354,7 @@ class AdsServer:
         for node in gone[: len(gone) - DISCONNECTED_NODES_MAX]:
             del self._nodes[node.node_id]
 
-    def _delivered(self, session: _Session, type_url: str, version: str) -> float:
+    def delivered(self, session: Session, type_url: str, version: str) -> float:
         """A response for ``type_url`` at (snapshot) ``version`` is being written on
         ``session``'s stream. Returns its ``time.monotonic()``, for the ACK latency.
         """
@@ -465,7 +376,7 @@ class AdsServer:
             self._metrics.sent(type_url, session.protocol, since)
         return now
 
-    def _answered(self, node: _Node, type_url: str, version: str | None, error: str | None,
+    def answered(self, node: NodeStatus, type_url: str, version: str | None, error: str | None,
                   sent_at: float | None, *, nack: bool = False) -> None:
         """Envoy ACKed (``nack`` False) or NACKed the response sent at ``sent_at``.
 
@@ -476,7 +387,7 @@ class AdsServer:
         status = node.status(type_url)
         if nack:
             node.nacks += 1
-            node.last_nack = _Nack(type_url, version, error or "", time.time())
+            node.last_nack = Nack(type_url, version, error or "", time.time())
             self.nacks += 1
             log.warning("node %s rejected %s version %s: %s", node.node_id, type_url, version,
                         error)
@@ -500,7 +411,7 @@ class AdsServer:
             shared = self._names[names] = names
         return shared
 
-    def _stale(self, node: _Node, type_url: str, nonce: str) -> None:
+    def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         self.stale_requests += 1
         log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
 
@@ -517,7 +428,7 @@ class AdsServer:
         await self._run(requests, context, delta.DeltaSession(self))
 
     async def _run(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                   session: _Session) -> None:
+                   session: Session) -> None:
         if self._metrics is not None:
             self._metrics.stream_opened(session.protocol)
         try:
@@ -533,7 +444,7 @@ class AdsServer:
             if self._metrics is not None:
                 self._metrics.stream_closed(session.protocol)
 
-    async def _loop(self, context: grpc.aio.ServicerContext, session: _Session,
+    async def _loop(self, context: grpc.aio.ServicerContext, session: Session,
                     wake: asyncio.Event) -> None:
         while True:
             await wake.wait()
@@ -551,7 +462,7 @@ class AdsServer:
                 await context.write(response)
 
     async def _read(
-        self, requests: AsyncIterator[Any], session: _Session, wake: asyncio.Event
+        self, requests: AsyncIterator[Any], session: Session, wake: asyncio.Event
     ) -> None:
         try:
             async for request in requests:
