@@ -231,7 +231,8 @@ def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
 
 
 def model_warnings(model: ModelSpec) -> list[Problem]:
-    """Things that are valid but defeat the purpose of high availability.
+    """Things that are valid but defeat their purpose: a Maglev table too small to
+    spread sessions evenly, and high availability inside one failure domain.
 
     An active and a standby on one site with no other site share a failure domain: the
     site's loss takes the whole cluster down (ClusterXL members belong in different
@@ -239,6 +240,14 @@ def model_warnings(model: ModelSpec) -> list[Problem]:
     """
     found = []
     for i, spec in enumerate(model.clusters):
+        st = spec.stickiness
+        if (st is not None and st.algorithm == "maglev"
+                and st.maglev_table_size < 100 * len(spec.members)):
+            found.append(Problem(
+                f"clusters[{i}] ({spec.name}).stickiness.maglev_table_size",
+                f"{st.maglev_table_size} entries for {len(spec.members)} members: Maglev "
+                "spreads sessions evenly with at least 100 entries per member (use a "
+                f"prime >= {100 * len(spec.members)})", st.maglev_table_size))
         if spec.mode != "high-availability" or len(spec.members) < 2:
             continue
         default = spec.site_names()[0]

@@ -250,7 +250,7 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
     rendered = render("HA_ONE_SITE")
     lb = traffic_policy(rendered)["loadBalancer"]
     assert lb["consistentHash"] == {"httpHeaderName": "x-session-id",
-                                    "maglev": {"tableSize": 65537}}
+                                    "maglev": {"tableSize": 4099}}
     assert lb["localityLbSetting"] == {
         "enabled": True,
         "failoverPriority": ["statefulset.kubernetes.io/pod-name=orders-0"]}
@@ -338,7 +338,7 @@ def test_load_sharing_two_sites_source_ip() -> None:
     rendered = render("LS_TWO_SITES_SOURCE_IP")
     policy = traffic_policy(rendered)
     lb = policy["loadBalancer"]
-    assert lb["consistentHash"] == {"useSourceIp": True, "maglev": {"tableSize": 65537}}
+    assert lb["consistentHash"] == {"useSourceIp": True, "maglev": {"tableSize": 4099}}
     assert lb["localityLbSetting"] == {"enabled": True,
                                        "failoverPriority": ["meshxl.io/site=dc1"]}
     assert policy["outlierDetection"]["consecutive5xxErrors"] == 7

@@ -474,3 +474,30 @@ def test_ha_active_and_standby_on_one_site_is_warned_about() -> None:
     assert [w.path for w in warnings] == ["clusters[0] (cart)", "clusters[3] (implicit)"]
     assert "both on site dc1" in warnings[0].message
     assert "one site failure takes the whole cluster down" in str(warnings[0])
+
+
+def test_a_maglev_table_too_small_for_its_members_is_warned_about() -> None:
+    from meshxl.model import model_warnings
+
+    members = "\n".join(f"              - {{name: m{i}, address: 127.0.0.1, port: {9000 + i}}}"
+                        for i in range(3))
+    small = parse_model(dedent(f"""
+        clusters:
+          - name: cart
+            mode: load-sharing
+            stickiness: {{header: x-s, maglev_table_size: 251}}
+            members:
+{members}
+        """))
+    [warning] = model_warnings(small)
+    assert warning.path == "clusters[0] (cart).stickiness.maglev_table_size"
+    assert "251 entries for 3 members" in warning.message and "prime >= 300" in warning.message
+    roomy = parse_model(dedent(f"""
+        clusters:
+          - name: cart
+            mode: load-sharing
+            stickiness: {{header: x-s, maglev_table_size: 307}}
+            members:
+{members}
+        """))
+    assert model_warnings(roomy) == []

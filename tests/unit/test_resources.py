@@ -234,7 +234,7 @@ def test_cluster_override_replaces_a_field_and_keeps_the_rest() -> None:
     assert c.connect_timeout.seconds == 2
     assert c.per_connection_buffer_limit_bytes.value == 1024
     assert c.lb_policy == cluster_pb2.Cluster.MAGLEV
-    assert c.maglev_lb_config.table_size.value == 65537
+    assert c.maglev_lb_config.table_size.value == 4099
     assert c.common_lb_config.HasField("healthy_panic_threshold")
     assert c.health_checks[0].no_traffic_interval.ToMilliseconds() == 500
     assert c.eds_cluster_config.eds_config.HasField("ads")
