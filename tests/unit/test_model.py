@@ -501,3 +501,10 @@ def test_a_maglev_table_too_small_for_its_members_is_warned_about() -> None:
 {members}
         """))
     assert model_warnings(roomy) == []
+
+
+@pytest.mark.parametrize("text", ["[" * 200_000, "- " * 200_000 + "x", "{a: " * 50_000])
+def test_deep_nesting_is_refused_before_libyaml_builds_it(text: str) -> None:
+    """libyaml's composer recurses in C: unchecked, such a document kills the process."""
+    with pytest.raises(ModelError, match="nested deeper than"):
+        parse_model(text)
