@@ -37,16 +37,30 @@ async def until(condition: object, within: float = 3.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_a_burst_of_changes_becomes_one_rebuild() -> None:
+async def test_a_change_after_quiet_is_built_at_once() -> None:
+    """The failover case: nothing to coalesce with, so no reason to wait."""
+    debouncer, runs, task = await run_debouncer(quiet=0.2, max_delay=1.0)
+    try:
+        poked = time.monotonic()
+        debouncer.poke()
+        await until(lambda: runs)
+        assert runs[0] - poked < 0.1, "an isolated change waited for the quiet period"
+    finally:
+        task.cancel()
+
+
+async def test_a_burst_of_changes_becomes_two_rebuilds_at_most() -> None:
+    """The first change of a burst is built at once, the rest together after quiet."""
     debouncer, runs, task = await run_debouncer(quiet=0.05, max_delay=1.0)
     try:
         for _ in range(50):
             debouncer.poke()
             await asyncio.sleep(0.001)
-        await until(lambda: runs)
-        await asyncio.sleep(0.15)  # bounded: a second run would come within quiet
-        assert len(runs) == 1
-        assert debouncer.pokes == 50 and debouncer.runs == 1
+        last = time.monotonic()
+        await until(lambda: len(runs) == 2)
+        await asyncio.sleep(0.15)  # bounded: a third run would come within quiet
+        assert len(runs) == 2 and debouncer.pokes == 50 and debouncer.runs == 2
+        assert runs[1] - last >= 0.05 - 0.005, "the rest of the burst waits for quiet"
     finally:
         task.cancel()
 
