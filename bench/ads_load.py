@@ -32,7 +32,6 @@ import contextlib
 import json
 import resource
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,15 +41,15 @@ import aiohttp
 import grpc
 from benchlib import (
     Verdict,
+    convergence_histogram,
     cpu_seconds,
-    env_info,
     mesh_model,
     print_verdicts,
     quick_requested,
     rss_bytes,
+    run_benchmark,
     start_control_plane,
     summary_ms,
-    write_results,
 )
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -59,7 +58,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
 from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
@@ -166,16 +164,6 @@ async def sim_envoy(node_id: str, channel: grpc.aio.Channel, hub: Hub) -> None:
         call.cancel()
 
 
-async def _metric(http: aiohttp.ClientSession, admin: str) -> tuple[float, float]:
-    async with http.get(f"{admin}/metrics") as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        if family.name == "meshxl_xds_convergence_seconds":
-            values = {s.name: s.value for s in family.samples if not s.labels.get("le")}
-            return (values.get("meshxl_xds_convergence_seconds_count", 0.0),
-                    values.get("meshxl_xds_convergence_seconds_sum", 0.0))
-    return 0.0, 0.0
-
 
 async def _server_last_ack(http: aiohttp.ClientSession, admin: str, type_url: str,
                            version: str, streams: int, deadline: float) -> float:
@@ -262,7 +250,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
             for r in range(int(cfg["rounds"])):
                 before = eds_version
                 hub.forget(ENDPOINT)  # every stream has ACKed `before`: count from zero
-                count0, sum0 = await _metric(http, admin)
+                count0, sum0 = await convergence_histogram(http, admin)
                 cpu0, own0 = cpu_seconds(pid), time.process_time()
                 t_write = time.time()
                 if r % 2 == 0:
@@ -275,7 +263,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
                 eds_version, client_done = done[ENDPOINT]
                 server_done = await _server_last_ack(http, admin, ENDPOINT, eds_version,
                                                      streams, deadline)
-                count1, sum1 = await _metric(http, admin)
+                count1, sum1 = await convergence_histogram(http, admin)
                 rounds.append({
                     "total_ms": (server_done - t_write) * 1000,
                     "from_commit_ms": (server_done - t_commit) * 1000,
@@ -425,16 +413,10 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * streams + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the children
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-ads-") as work:
-        res.update(asyncio.run(run(Path(work), streams, rounds, args.streams_per_channel)))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    path = write_results(NAME, res, verdict_list)
-    print_report(res, verdict_list)
-    print(f"  results: {path}; ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(
+        NAME, quick, "meshxl-bench-ads-",
+        lambda work: run(work, streams, rounds, args.streams_per_channel),
+        verdicts, print_report)
 
 
 if __name__ == "__main__":

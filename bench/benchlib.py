@@ -9,7 +9,6 @@ per target: measured, target, the reference measured beside it, met or not);
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from meshxl.demo.failover import quantile as _demo_quantile
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -39,14 +40,8 @@ def env_info() -> dict[str, Any]:
 # -- statistics -----------------------------------------------------------------------
 
 
-def quantile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated quantile (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low, high = math.floor(pos), math.ceil(pos)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+quantile = _demo_quantile
+"""Linear-interpolated quantile (numpy's default); None for no values (the demo's)."""
 
 
 def summary_ms(values_ms: Sequence[float], digits: int = 2) -> dict[str, Any]:
@@ -188,3 +183,40 @@ async def start_control_plane(stack: Any, model: str, name: str = "xds") -> dict
     admin = f"http://{HOST}:{admin_port}"
     await wait_http(f"{admin}/readyz", process, timeout=30)
     return {"etcd": url, "keys": keys, "port": port, "admin": admin, "process": process}
+
+
+# -- running a benchmark -------------------------------------------------------------------
+
+
+async def convergence_histogram(http: Any, admin: str) -> tuple[float, float]:
+    """(count, sum) of the control plane's ``meshxl_xds_convergence_seconds``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with http.get(f"{admin}/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        if family.name == "meshxl_xds_convergence_seconds":
+            values = {s.name: s.value for s in family.samples if not s.labels.get("le")}
+            return (values.get("meshxl_xds_convergence_seconds_count", 0.0),
+                    values.get("meshxl_xds_convergence_seconds_sum", 0.0))
+    return 0.0, 0.0
+
+
+def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: Any,
+                  print_report: Any) -> int:
+    """The common tail of every benchmark's ``main``: ``run(work_dir)`` (a coroutine
+    function returning the results) in a temporary directory, then verdicts, the
+    results file and the report. Returns the exit code (0: the run completed)."""
+    import asyncio
+    import tempfile
+
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"benchmark": name, "quick": quick, "env": env_info()}
+    with tempfile.TemporaryDirectory(prefix=work_prefix) as work:
+        res.update(asyncio.run(run(Path(work))))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    verdict_list = verdicts(res)
+    path = write_results(name, res, verdict_list)
+    print_report(res, verdict_list)
+    print(f"  results: {path}; ran in {res['seconds']} s")
+    return 0

@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import inspect
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -54,13 +53,12 @@ from typing import Any
 import aiohttp
 from benchlib import (
     Verdict,
-    env_info,
+    convergence_histogram,
     print_verdicts,
     quick_requested,
+    run_benchmark,
     summary_ms,
-    write_results,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
@@ -167,21 +165,6 @@ async def _eds_status(http: aiohttp.ClientSession, admin: str) -> dict[str, Any]
     return dict(nodes.get(NODE, {}).get("types", {}).get(ENDPOINT) or {})
 
 
-async def _convergence_histogram(http: aiohttp.ClientSession, admin: str) -> tuple[float,
-                                                                                      float]:
-    """(count, sum) of ``meshxl_xds_convergence_seconds``."""
-    async with http.get(f"{admin}/metrics") as resp:
-        text = await resp.text()
-    count = total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "meshxl_xds_convergence_seconds":
-            for s in family.samples:
-                if s.name.endswith("_count"):
-                    count = s.value
-                elif s.name.endswith("_sum"):
-                    total = s.value
-    return count, total
-
 
 class RegistrationWatch:
     """This process's own watch on the cluster's registrations: when each disappeared."""
@@ -282,7 +265,7 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
                     step=0.1)
                 await asyncio.sleep(STEADY)
                 before = await _eds_status(http, admin)
-                hist_before = await _convergence_histogram(http, admin)
+                hist_before = await convergence_histogram(http, admin)
                 step = f"kill {rep + 1}: waiting for the loss to be pushed and ACKed"
                 kill = await d.kill_member(KILLED)
                 loss_known = await watch.wait_deleted(KILLED, kill, LEASE_TTL + PHASE_TIMEOUT)
@@ -297,7 +280,7 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
 
                 await _wait_for(acked, "Envoy's EDS ACK of the loss", PHASE_TIMEOUT, 0.01)
                 await asyncio.sleep(SETTLE)
-                hist_after = await _convergence_histogram(http, admin)
+                hist_after = await convergence_histogram(http, admin)
                 window_end = time.time()
                 step = f"kill {rep + 1}: restarting member {KILLED}"
                 await d.reap_member(KILLED)
@@ -526,17 +509,10 @@ def main() -> int:
     sessions = args.sessions or (50 if quick else 200)
     if repeats < 1 or sessions < 1 or args.interval <= 0:
         parser.error("repeats and sessions must be >= 1, interval > 0")
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-failover-") as work:
-        res.update(asyncio.run(run(Path(work), repeats, sessions, args.interval,
-                                   args.traces)))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    path = write_results(NAME, res, verdict_list)
-    print_report(res, verdict_list)
-    print(f"  results: {path}; ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(
+        NAME, quick, "meshxl-bench-failover-",
+        lambda work: run(work, repeats, sessions, args.interval, args.traces),
+        verdicts, print_report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -35,11 +34,10 @@ from typing import Any
 import aiohttp
 from benchlib import (
     Verdict,
-    env_info,
     print_verdicts,
     quick_requested,
     rss_bytes,
-    write_results,
+    run_benchmark,
 )
 
 from meshxl import etcd
@@ -243,16 +241,9 @@ def main() -> int:
     if sessions < 1:
         parser.error("sessions must be >= 1")
     sizes = SIZES[:1] if quick else SIZES
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-memory-") as work:
-        res.update(asyncio.run(run(Path(work), sessions, sizes)))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    path = write_results(NAME, res, verdict_list)
-    print_report(res, verdict_list)
-    print(f"  results: {path}; ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(
+        NAME, quick, "meshxl-bench-memory-", lambda work: run(work, sessions, sizes),
+        verdicts, print_report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,13 +41,13 @@ from typing import Any
 import aiohttp
 from benchlib import (
     Verdict,
-    env_info,
+    convergence_histogram,
     mesh_model,
     print_verdicts,
     quick_requested,
+    run_benchmark,
     start_control_plane,
     summary_ms,
-    write_results,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -77,19 +76,6 @@ async def _json(http: aiohttp.ClientSession, url: str) -> Any:
     async with http.get(url) as resp:
         return await resp.json(content_type=None)
 
-
-async def _convergence(http: aiohttp.ClientSession, admin: str) -> tuple[float, float]:
-    async with http.get(f"{admin}/metrics") as resp:
-        text = await resp.text()
-    count = total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "meshxl_xds_convergence_seconds":
-            for s in family.samples:
-                if s.name.endswith("_count"):
-                    count = s.value
-                elif s.name.endswith("_sum"):
-                    total = s.value
-    return count, total
 
 
 async def _histogram_sums(http: aiohttp.ClientSession, admin: str) -> dict[str, list[float]]:
@@ -141,7 +127,7 @@ async def one_round(http: aiohttp.ClientSession, admin: str, nodes: list[str],
                     change: Any) -> dict[str, Any]:
     """Make one change; time it until every node ACKed each changed type."""
     before = (await _json(http, f"{admin}/v1/status"))["versions"]
-    hist_before = await _convergence(http, admin)
+    hist_before = await convergence_histogram(http, admin)
     t0 = time.time()
     await change()  # one etcd write
     t_commit = time.time()
@@ -163,7 +149,7 @@ async def one_round(http: aiohttp.ClientSession, admin: str, nodes: list[str],
         if time.monotonic() > deadline:
             raise LocalError(f"not every Envoy ACKed a new version in {ROUND_TIMEOUT:g}s "
                              f"(changed: {list(changed)})")
-    hist_after = await _convergence(http, admin)
+    hist_after = await convergence_histogram(http, admin)
     observed = hist_after[0] - hist_before[0]
     return {
         "types": sorted(t.rsplit(".", 1)[-1] for t in changed),
@@ -326,16 +312,9 @@ def main() -> int:
     rounds = -(-rounds // 4) * 4  # each phase ends as it started: member up, model stored
     if args.envoys < 1 or rounds < 2:
         parser.error("at least one Envoy and two rounds")
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-envoys-") as work:
-        res.update(asyncio.run(run(Path(work), args.envoys, rounds)))
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    path = write_results(NAME, res, verdict_list)
-    print_report(res, verdict_list)
-    print(f"  results: {path}; ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(
+        NAME, quick, "meshxl-bench-envoys-", lambda work: run(work, args.envoys, rounds),
+        verdicts, print_report)
 
 
 if __name__ == "__main__":

@@ -407,24 +407,14 @@ def _console() -> Any:
 def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
            etcd_root: str) -> None:
     """Clusters, members and Envoy nodes (like cphaprob state)."""
-    from meshxl.observe import read_mesh, status_report
+    from meshxl.observe import status_report
+    from meshxl.tables import render_status
 
-    text, source = _model_text(model_file)
-
-    async def go() -> dict[str, Any]:
-        async with _etcd_client(etcd_urls) as client:
-            return status_report(await read_mesh(client, Keys(etcd_root), text, source),
-                                 cluster)
-
-    report = _run(go)
+    report = _mesh_view(lambda read: status_report(read, cluster), model_file, etcd_urls,
+                        etcd_root)
     if cluster is not None and not report["clusters"] and not report["model_error"]:
         _fail(f"unknown cluster {cluster!r}")
-    if output == "json":
-        _print_json(report)
-    else:
-        from meshxl.tables import render_status
-
-        render_status(report, _console())
+    _show(report, output, render_status)
 
 
 @main.command()
@@ -436,21 +426,32 @@ def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls:
 def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
          etcd_root: str) -> None:
     """State synchronization per sidecar (like cphaprob syncstat)."""
-    from meshxl.observe import read_mesh, sync_report
+    from meshxl.observe import sync_report
+    from meshxl.tables import render_sync
+
+    _show(_mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
+                     etcd_root), output, render_sync)
+
+
+def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
+               etcd_urls: str, etcd_root: str) -> dict[str, Any]:
+    """Read everything meshxl keeps in etcd once and build a report from it."""
+    from meshxl.observe import read_mesh
 
     text, source = _model_text(model_file)
 
     async def go() -> dict[str, Any]:
         async with _etcd_client(etcd_urls) as client:
-            return sync_report(await read_mesh(client, Keys(etcd_root), text, source), cluster)
+            return build(await read_mesh(client, Keys(etcd_root), text, source))
 
-    report = _run(go)
+    return _run(go)
+
+
+def _show(report: dict[str, Any], output: str, render: Callable[[Any, Any], None]) -> None:
     if output == "json":
         _print_json(report)
     else:
-        from meshxl.tables import render_sync
-
-        render_sync(report, _console())
+        render(report, _console())
 
 
 @main.command()
@@ -481,13 +482,10 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
             return await run_verify(client, Keys(etcd_root), envoy_admin, text, source,
                                     settle=settle)
 
-    report = _run(go)
-    if output == "json":
-        _print_json(report)
-    else:
-        from meshxl.tables import render_verify
+    from meshxl.tables import render_verify
 
-        render_verify(report, _console())
+    report = _run(go)
+    _show(report, output, render_verify)
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import weakref
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -64,7 +62,7 @@ from meshxl.xds.cache import (
     Snapshot,
     _field,
 )
-from meshxl.xds.nodes import NodeStatus, Streams
+from meshxl.xds.nodes import NodeStatus, Streams, StreamState
 
 __all__ = ["PROTOCOL", "DeltaResources", "DeltaSession", "Rejected", "delta_resources",
            "resource_version"]
@@ -243,17 +241,13 @@ def _eds_name(clusters: DeltaResources, cluster: str) -> str:
     return str(getattr(config, "service_name", "")) or cluster
 
 
-class DeltaSession:
+class DeltaSession(StreamState):
     """The delta protocol on one ADS stream; ``server`` keeps node status and hooks."""
 
     protocol = PROTOCOL
 
     def __init__(self, server: Streams) -> None:
-        self._server = server
-        self.opened_at = time.monotonic()
-        self.inbox: deque[Any] = deque()
-        self.closed = False
-        self.node: NodeStatus | None = None
+        super().__init__(server)
         self.subscriptions: dict[str, _Subscription] = {}
         self.nonces = 0
         # EDS names whose cluster was just sent: Envoy re-warms the cluster and needs them.

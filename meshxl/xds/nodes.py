@@ -7,6 +7,7 @@ rejected responses, and the two interfaces that tie a stream's protocol state
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 from meshxl.xds.cache import Snapshot
 
-__all__ = ["Nack", "NodeStatus", "Session", "Streams", "TypeStatus"]
+__all__ = ["Nack", "NodeStatus", "Session", "StreamState", "Streams", "TypeStatus"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
@@ -108,6 +109,19 @@ class Session(Protocol):
         """What to write now, in push order; each response is recorded as it is made."""
 
 
+
+
+class StreamState:
+    """What every protocol's per-stream state starts with (the :class:`Session` fields)."""
+
+    protocol = ""
+
+    def __init__(self, server: Streams) -> None:
+        self._server = server
+        self.opened_at = time.monotonic()
+        self.inbox: deque[Any] = deque()
+        self.closed = False
+        self.node: NodeStatus | None = None
 
 
 class Streams(Protocol):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,7 @@ from meshxl.xds.cache import (
     SnapshotCache,
 )
 from meshxl.xds.metrics import XdsMetrics
-from meshxl.xds.nodes import Nack, NodeStatus, Session
+from meshxl.xds.nodes import Nack, NodeStatus, Session, StreamState
 
 __all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 
@@ -118,17 +117,14 @@ def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
     return "*" in names or (type_url in WILDCARD_TYPES and not names)
 
 
-class _SotwSession:
+class _SotwSession(StreamState):
     """State of the world on one stream: one outstanding response per type."""
 
     protocol = SOTW
 
     def __init__(self, server: AdsServer) -> None:
-        self._server = server
-        self.opened_at = time.monotonic()
-        self.inbox: deque[Any] = deque()
-        self.closed = False
-        self.node: NodeStatus | None = None
+        super().__init__(server)
+        self._server: AdsServer = server
         self.subscriptions: dict[str, _Subscription] = {}
 
     def order(self) -> list[str]:
