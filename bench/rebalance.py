@@ -21,8 +21,9 @@ sessions that moved (a counter read back below the number of acknowledged POSTs)
 Targets: zero lost writes; for maglev (the default), the moved fraction within 1.5x
 of the ideal plus the sampling error of the session count. Ring hash is reported beside
 the ideal but not judged: Envoy resizes every member's share of its fixed-size ring
-when the member count changes, which moves about twice the ideal. Writes ``bench/results/rebalance.json``.
-Loopback only; bounded request counts; every process is killed at the end.
+when the member count changes, which moves about twice the ideal.
+Writes ``bench/results/rebalance.json``. Loopback only; bounded request counts; every
+process is killed at the end.
 """
 
 from __future__ import annotations
