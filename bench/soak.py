@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import statistics
@@ -48,7 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from meshxl import etcd
-from meshxl.demo.deployment import CLUSTER, MODES, DemoDeployment, envoy_hosts, healthy_host
+from meshxl.demo.deployment import (
+    CLUSTER,
+    MODES,
+    DemoDeployment,
+    envoy_hosts,
+    healthy_host,
+    wait_until,
+)
 from meshxl.demo.failover import (
     REQUEST_INTERVAL,
     Record,
@@ -199,14 +205,11 @@ def serving_member(records: Sequence[Record], since: float) -> str | None:
 
 
 async def wait_step(predicate: Any, what: str, timeout: float = STEP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            if await predicate():
-                return
-        if time.monotonic() > deadline:
-            raise SoakError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.1)
+    """The deployment's own wait, with the soak's error (the run broke, exit 2)."""
+    try:
+        await wait_until(predicate, what, timeout)
+    except LocalError as exc:
+        raise SoakError(str(exc)) from exc
 
 
 async def failover(d: DemoDeployment, traffic: Traffic, started: float) -> Failover:

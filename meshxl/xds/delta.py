@@ -56,7 +56,6 @@ from typing import Any
 from meshxl.xds.cache import (
     CLUSTER,
     ENDPOINT,
-    TYPE_ORDER,
     WILDCARD_TYPES,
     Resources,
     Snapshot,
@@ -252,10 +251,6 @@ class DeltaSession(StreamState):
         self.nonces = 0
         # EDS names whose cluster was just sent: Envoy re-warms the cluster and needs them.
         self._rewarm: set[str] = set()
-
-    def order(self) -> list[str]:
-        known = [t for t in TYPE_ORDER if t in self.subscriptions]
-        return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
 
     # -- requests ---------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshxl.xds.cache import Snapshot
+from meshxl.xds.cache import TYPE_ORDER, Snapshot
 
 __all__ = ["Nack", "NodeStatus", "Session", "StreamState", "Streams", "TypeStatus"]
 
@@ -122,6 +122,12 @@ class StreamState:
         self.inbox: deque[Any] = deque()
         self.closed = False
         self.node: NodeStatus | None = None
+        self.subscriptions: dict[str, Any] = {}
+
+    def order(self) -> list[str]:
+        """Subscribed types, in push order (CDS, EDS, LDS, RDS, then the rest)."""
+        known = [t for t in TYPE_ORDER if t in self.subscriptions]
+        return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
 
 
 class Streams(Protocol):

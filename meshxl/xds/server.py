@@ -35,7 +35,6 @@ from meshxl.xds.cache import (
     ENDPOINT,
     LISTENER,
     ROUTE,
-    TYPE_ORDER,
     WILDCARD_TYPES,
     Snapshot,
     SnapshotCache,
@@ -126,10 +125,6 @@ class _SotwSession(StreamState):
         super().__init__(server)
         self._server: AdsServer = server
         self.subscriptions: dict[str, _Subscription] = {}
-
-    def order(self) -> list[str]:
-        known = [t for t in TYPE_ORDER if t in self.subscriptions]
-        return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
 
     def handle(self, request: Any) -> str | None:
         server = self._server
