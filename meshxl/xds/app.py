@@ -243,7 +243,7 @@ class ControlPlane:
             return
         self.metrics.rebuilds.labels("published").inc()
         self.cache.set(snapshot)
-        self.convergence.published(snapshot.versions, seen, self.ads.node_status())
+        self.convergence.published(snapshot.versions, seen, self.ads.acked())
         self.last_build = {
             "at": time.time(),
             "seconds": round(time.perf_counter() - started, 6),
@@ -257,8 +257,7 @@ class ControlPlane:
 
     def _acked_endpoints(self) -> dict[str, str | None]:
         """Connected Envoy nodes and the EDS version each ACKed last."""
-        return {node: status["types"].get(ENDPOINT, {}).get("acked_version")
-                for node, status in self.ads.node_status().items() if status["streams"] > 0}
+        return {node: types.get(ENDPOINT) for node, types in self.ads.acked().items()}
 
     def _record_failover(self, loss: Loss, root: Any) -> None:
         """Publish the failover's trace context, so sidecars link their takeovers to it."""
@@ -371,7 +370,7 @@ class ControlPlane:
         m.debounce_pending.set(self.rebuilder.pending)
         m.debounce_wait.set(0.0 if pending is None else time.monotonic() - pending)
         m.etcd_revision.set(self.mesh.revision if self.mesh else 0)
-        m.nodes.set(sum(1 for s in self.ads.node_status().values() if s["streams"] > 0))
+        m.nodes.set(len(self.ads.acked()))
 
     async def _metrics(self, _: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

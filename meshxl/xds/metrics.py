@@ -116,31 +116,31 @@ class Convergence:
         return frozenset(self._waiting)
 
     def published(self, versions: dict[str, str], seen_ns: int,
-                  nodes: dict[str, dict[str, Any]]) -> None:
-        """A snapshot with ``versions`` is served; ``nodes``: node id -> status."""
+                  acked: dict[str, dict[str, str | None]]) -> None:
+        """A snapshot with ``versions`` is served; ``acked``: connected node -> the
+        version it ACKed last per type."""
         self._versions = dict(versions)
         if self._seen_ns is None:
             self._seen_ns = seen_ns
-        connected = {n: s for n, s in nodes.items() if s.get("streams", 0) > 0}
-        if not connected:
+        if not acked:
             self._seen_ns, self._waiting = None, set()  # nothing to converge
             return
-        self._waiting = {n for n, status in connected.items() if not self._done(status)}
+        self._waiting = {n for n, types in acked.items() if not self._done(types)}
         self._finish()
 
     def node_changed(self, node_id: str, status: dict[str, Any]) -> None:
+        """A node's status (as published: ``streams`` and ``types``) changed."""
         if node_id not in self._waiting:
             return
-        if status.get("streams", 0) == 0 or self._done(status):
+        types = {t: s.get("acked_version") for t, s in status.get("types", {}).items()}
+        if status.get("streams", 0) == 0 or self._done(types):
             self._waiting.discard(node_id)
             self._finish()
 
-    def _done(self, status: dict[str, Any]) -> bool:
-        types = status.get("types", {})
+    def _done(self, acked: dict[str, str | None]) -> bool:
         # Only the types this node subscribed to count (an Envoy without listeners
         # never asks for routes).
-        return all(types[t].get("acked_version") == v for t, v in self._versions.items()
-                   if t in types)
+        return all(acked[t] == v for t, v in self._versions.items() if t in acked)
 
     def _finish(self) -> None:
         if self._waiting or self._seen_ns is None:

@@ -282,6 +282,12 @@ class AdsServer:
         """Per node id, a JSON-able status (streams, versions, last NACK)."""
         return {node_id: node.as_dict() for node_id, node in self._nodes.items()}
 
+    def acked(self) -> dict[str, dict[str, str | None]]:
+        """Connected nodes and the version each ACKed last, per type: what the
+        per-rebuild bookkeeping needs, without building every node's full status."""
+        return {node_id: {t: st.acked_version for t, st in node.types.items()}
+                for node_id, node in self._nodes.items() if node.streams > 0}
+
     def forget(self, node_id: str) -> None:
         """Drop a disconnected node's status and quarantine (e.g. its pod is gone)."""
         node = self._nodes.get(node_id)

@@ -241,10 +241,9 @@ def test_convergence_waits_for_every_connected_node() -> None:
     metrics = XdsMetrics()
     conv = Convergence(metrics)
     versions = {CLUSTER: "c2", ENDPOINT: "e2"}
-    nodes = {"n1": acked_node({CLUSTER: "c1", ENDPOINT: "e1"}),
-             "n2": acked_node({ENDPOINT: "e1"}),
-             "gone": {"streams": 0, "types": {}}}
-    conv.published(versions, 0, nodes)
+    # Connected nodes and what they ACKed (AdsServer.acked: disconnected ones are out).
+    conv.published(versions, 0, {"n1": {CLUSTER: "c1", ENDPOINT: "e1"},
+                                 "n2": {ENDPOINT: "e1"}})
     assert conv.waiting == {"n1", "n2"}
     conv.node_changed("n2", acked_node({ENDPOINT: "e2"}))  # EDS only: done
     conv.node_changed("n1", acked_node({CLUSTER: "c2", ENDPOINT: "e1"}))  # not yet

@@ -448,11 +448,13 @@ async def test_status_callback_gets_latest_status() -> None:
         await eventually(
             lambda: bool(seen) and seen[-1][1]["types"][CLUSTER]["acked_version"] is not None
         )
+        assert ads.acked() == {"cb": {CLUSTER: snap.version(CLUSTER)}}
         await envoy.stop()
         await eventually(lambda: seen[-1][1]["streams"] == 0)
     await server.stop(None)
     await ads.close()
     assert {node_id for node_id, _ in seen} == {"cb"}
+    assert ads.acked() == {}  # disconnected nodes are not waited for
     assert seen[-1][1]["types"][CLUSTER]["acked_version"] == snap.version(CLUSTER)
 
 
