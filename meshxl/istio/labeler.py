@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState
 
 
 def changes(namespace: str, desired: Mapping[str, Mapping[str, Mapping[str, str | None]]],
-            pods: list[Mapping[str, Any]]) -> list[LabelChange]:
+            pods: Sequence[Mapping[str, Any]]) -> list[LabelChange]:
     """The patches that bring ``pods`` (the namespace's meshxl member pods) to
     ``desired``. A member pod meshxl does not know at all gets role ``none``."""
     out: list[LabelChange] = []
@@ -70,7 +70,7 @@ def changes(namespace: str, desired: Mapping[str, Mapping[str, Mapping[str, str 
         meta = pod.get("metadata") or {}
         name, labels = meta.get("name"), meta.get("labels") or {}
         cluster = labels.get(CLUSTER_LABEL)
-        if not isinstance(name, str) or cluster not in desired:
+        if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
             continue
         want = desired[cluster].get(name, {ROLE_LABEL: "none", SERVING_LABEL: None,
                                            PREFERRED_LABEL: None})
@@ -96,8 +96,8 @@ class KubeApi:
             ca_file = ca_file or str(_SA_DIR / "ca.crt")
         self.api_url = api_url.rstrip("/")
         self._token = token
-        self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context(cafile=ca_file) if ca_file else None)
+        self._ssl: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_file) if ca_file else True)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
