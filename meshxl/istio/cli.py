@@ -196,44 +196,61 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
 
 @istio_group.command("label")
 @click.option("-f", "--filename", "file", type=click.Path(dir_okay=False, path_type=Path),
-              help="The model file (default: the model stored in etcd).")
-@click.option("-n", "--namespace", "namespaces", multiple=True, required=True,
-              help="Namespace of member pods (pod name = member name); repeat.")
+              help="The model file, reloaded on change (default: the model in etcd).")
+@click.option("-n", "--namespace", "namespaces", multiple=True,
+              help="Namespace of member pods (pod name = member name); repeat. Default: "
+                   "every namespace.")
 @click.option("--kube-api", default=None, metavar="URL",
               help="Kubernetes API URL (default: in-cluster service account).")
 @click.option("--resync", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
               metavar="SECONDS", help="Full reconcile at least this often.")
+@click.option("--health-listen", default=None, metavar="HOST:PORT",
+              help="Serve /healthz and /readyz (the last reconcile succeeded) here.")
 @click.option("--once", is_flag=True, help="One reconcile, then exit.")
 @_etcd_decorators
 def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
-                  resync: float, once: bool, etcd_urls: str, etcd_root: str) -> None:
+                  resync: float, health_listen: str | None, once: bool, etcd_urls: str,
+                  etcd_root: str) -> None:
     """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
     high-availability clusters in step with meshxl's view, for failoverPriority."""
     import asyncio
 
     from meshxl.cli import _etcd_client
     from meshxl.etcdkeys import Keys
-    from meshxl.xds.sources import EtcdMeshSource
+    from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
 
     from .labeler import KubeApi, KubeApiError, PodLabeler
 
-    model = _load(file) if file is not None else None
+    health: tuple[str, int] | None = None
+    if health_listen is not None:
+        host, _, port = health_listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail(f"bad --health-listen {health_listen!r}: expected HOST:PORT")
+        health = (host.strip("[]"), int(port))
 
     async def run() -> None:
         try:
             api = KubeApi(kube_api)
         except (KubeApiError, OSError) as exc:
             _fail(str(exc))
-        labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces]
+        labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces or [None]]
 
         def poke() -> None:
             for labeler in labelers:
                 labeler.poke()
 
+        file_source = None
+        if file is not None:
+            _load(file)  # a bad file: the model's problems and exit 1
+            file_source = ModelFileSource(file, poke)
+            file_source.load()
         async with _etcd_client(etcd_urls) as client:
             source = EtcdMeshSource(client, Keys(etcd_root), poke)
-            task = asyncio.create_task(source.run())
-            view = _View(source, model)
+            tasks = [asyncio.create_task(source.run())]
+            if file_source is not None:
+                tasks.append(asyncio.create_task(file_source.run()))
+            view = _View(source, file_source)
+            runner = await _serve_health(health, labelers, resync) if health else None
             try:
                 await asyncio.wait_for(source.synced.wait(), 30)
                 if once:
@@ -244,21 +261,51 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
             except (TimeoutError, KubeApiError) as exc:
                 _fail(str(exc) or "etcd did not answer in 30 s")
             finally:
-                task.cancel()
+                for task in tasks:
+                    task.cancel()
+                if runner is not None:
+                    await runner.cleanup()
                 await api.close()
 
     asyncio.run(run())
 
 
+async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: float) -> Any:
+    """/healthz: the process answers; /readyz: every labeler reconciled within three
+    resync periods."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        now = asyncio.get_running_loop().time()
+        stale = [str(lb.namespace or "*") for lb in labelers
+                 if lb.reconciled_at is None or now - lb.reconciled_at > 3 * resync + 5]
+        errors = [lb.last_error for lb in labelers if lb.last_error]
+        body = {"ready": not stale, "stale": stale, "errors": errors}
+        return web.json_response(body, status=200 if not stale else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, where[0], where[1]).start()
+    return runner
+
+
 class _View:
     """The model (file, or etcd's) and etcd's runtime state."""
 
-    def __init__(self, source: Any, model: Any) -> None:
-        self._source, self._model = source, model
+    def __init__(self, source: Any, file_source: Any) -> None:
+        self._source, self._file = source, file_source
 
     @property
     def model(self) -> Any:
-        return self._model if self._model is not None else self._source.model
+        return self._file.model if self._file is not None else self._source.model
 
     @property
     def runtime(self) -> Any:

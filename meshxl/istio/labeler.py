@@ -61,14 +61,19 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState
     return out
 
 
-def changes(namespace: str, desired: Mapping[str, Mapping[str, Mapping[str, str | None]]],
+def changes(namespace: str | None,
+            desired: Mapping[str, Mapping[str, Mapping[str, str | None]]],
             pods: Sequence[Mapping[str, Any]]) -> list[LabelChange]:
-    """The patches that bring ``pods`` (the namespace's meshxl member pods) to
-    ``desired``. A member pod meshxl does not know at all gets role ``none``."""
+    """The patches that bring ``pods`` (meshxl member pods, of ``namespace`` or of any
+    namespace when None) to ``desired``. A member pod meshxl does not know at all gets
+    role ``none``."""
     out: list[LabelChange] = []
     for pod in pods:
         meta = pod.get("metadata") or {}
         name, labels = meta.get("name"), meta.get("labels") or {}
+        pod_namespace = namespace or meta.get("namespace")
+        if not isinstance(pod_namespace, str):
+            continue
         cluster = labels.get(CLUSTER_LABEL)
         if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
             continue
@@ -76,7 +81,7 @@ def changes(namespace: str, desired: Mapping[str, Mapping[str, Mapping[str, str 
                                            PREFERRED_LABEL: None})
         patch = {k: v for k, v in want.items() if labels.get(k) != v}
         if patch:
-            out.append(LabelChange(namespace, name, patch))
+            out.append(LabelChange(pod_namespace, name, patch))
     return out
 
 
@@ -122,9 +127,10 @@ class KubeApi:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubeApiError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
 
-    async def member_pods(self, namespace: str) -> list[dict[str, Any]]:
-        data = await self._call("GET", f"/api/v1/namespaces/{namespace}/pods",
-                                params={"labelSelector": CLUSTER_LABEL})
+    async def member_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Pods labelled with a meshxl cluster, in ``namespace`` or in every one."""
+        path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+        data = await self._call("GET", path, params={"labelSelector": CLUSTER_LABEL})
         items = data.get("items") if isinstance(data, dict) else None
         return [i for i in items or [] if isinstance(i, dict)]
 
@@ -137,14 +143,17 @@ class KubeApi:
 
 @dataclass
 class PodLabeler:
-    """Reconciles the role labels of one namespace's member pods with meshxl's view."""
+    """Reconciles the role labels of member pods (one namespace, or all when None)
+    with meshxl's view."""
 
     api: KubeApi
-    namespace: str
+    namespace: str | None
     resync: float = 5.0
     patched: int = 0
     errors: int = 0
     last_error: str | None = None
+    reconciled_at: float | None = None
+    """Monotonic time of the last successful reconcile (readiness)."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def poke(self) -> None:
@@ -176,10 +185,12 @@ class PodLabeler:
             try:
                 await self.reconcile(source.model, source.runtime)
                 self.last_error = None
+                self.reconciled_at = asyncio.get_running_loop().time()
             except KubeApiError as exc:
                 self.errors += 1
                 self.last_error = str(exc)
-                log.warning("labelling pods in %s failed: %s", self.namespace, exc)
+                log.warning("labelling pods in %s failed: %s", self.namespace or
+                            "all namespaces", exc)
             try:
                 await asyncio.wait_for(self._wake.wait(), self.resync)
             except TimeoutError:

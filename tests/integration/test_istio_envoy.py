@@ -420,3 +420,57 @@ async def _members_is(http: aiohttp.ClientSession, url: str, member: str) -> boo
 
 def yaml_text(model: Any) -> bytes:
     return (REPO / "deploy" / "kubernetes" / "base" / "model.yaml").read_bytes()
+
+
+async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: Any,
+                                                       tmp_path: Path) -> None:
+    """``meshxl istio label --once`` as a process: model file, registrations in etcd,
+    pods in two namespaces found without -n, health endpoint flag checked."""
+    import subprocess
+    import sys
+
+    istiod = FakeIstiod(tmp_path, [])
+    for name, site in [("orders-0", "dc1"), ("orders-1", "dc1")]:
+        istiod.add_pod(name, site, 1)
+    istiod.pods["orders-1"]["metadata"]["namespace"] = "other"
+    app = web.Application()
+
+    async def list_all(request: web.Request) -> web.Response:
+        assert request.query["labelSelector"] == "meshxl.io/cluster"
+        return web.json_response({"items": [
+            {k: v for k, v in p.items() if k != "port"} for p in istiod.pods.values()]})
+
+    async def patch(request: web.Request) -> web.Response:
+        pod = istiod.pods[request.match_info["name"]]
+        assert pod["metadata"]["namespace"] == request.match_info["ns"]
+        pod["metadata"]["labels"].update((await request.json())["metadata"]["labels"])
+        return web.json_response({})
+    app.router.add_get("/api/v1/pods", list_all)
+    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    keys = Keys()
+    for name in ("orders-0", "orders-1"):
+        await etcd_client.put(keys.member("orders", name).encode(), json.dumps(
+            {"address": "127.0.0.1", "port": 1, "site": "dc1", "ready": True}).encode())
+    model = REPO / "deploy" / "kubernetes" / "base" / "model.yaml"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshxl.cli", "istio", "label", "--once", "-f", str(model),
+            "--kube-api", f"http://127.0.0.1:{port}", "--etcd", etcd.url,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert istiod.labels("orders-0")["meshxl.io/role"] == "active"
+        assert istiod.labels("orders-1")["meshxl.io/role"] == "standby"
+        bad = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshxl.cli", "istio", "label", "--once",
+            "--health-listen", "nope", "--etcd", etcd.url,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(bad.communicate(), 60)
+        assert bad.returncode == 1
+        assert err.decode().startswith("meshxl: bad --health-listen 'nope'")
+    finally:
+        await runner.cleanup()
