@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .render import DEFAULT_MEMBER_LABEL, DEFAULT_SITE_LABEL
+from .render import DEFAULT_SITE_LABEL
 
 __all__ = ["istio_group"]
 
@@ -68,8 +68,6 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
                    "repeat.")
 @click.option("--site-label", default=DEFAULT_SITE_LABEL, show_default=True,
               help="Pod label holding the member's site (set by the injector).")
-@click.option("--member-label", default=DEFAULT_MEMBER_LABEL, show_default=True,
-              help="Pod label holding the member name (high-availability mode).")
 @click.option("--site-failover", type=click.Choice(["priority", "region"]),
               default="priority", show_default=True,
               help="priority: failoverPriority on the site label, the same for every "
@@ -77,7 +75,7 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
 def render_command(file: Path, namespace: str, cluster_domain: str, root_namespace: str,
                    ports: tuple[str, ...], services_file: Path | None,
                    filter_namespace: str | None, client_selector: tuple[str, ...],
-                   site_label: str, member_label: str, site_failover: str) -> None:
+                   site_label: str, site_failover: str) -> None:
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
@@ -106,7 +104,7 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
                            root_namespace=root_namespace, ports=_ports(ports),
                            services=services, filter_namespace=filter_namespace,
                            client_selector=_selector(client_selector),
-                           site_label=site_label, member_label=member_label,
+                           site_label=site_label,
                            site_failover=site_failover)  # type: ignore[arg-type]
     try:
         rendered = render_model(model, options)

@@ -40,14 +40,12 @@ from meshxl.model.runtime import ClusterView, Role
 from meshxl.model.spec import DEFAULT_SITE
 
 __all__ = [
-    "DEFAULT_MEMBER_LABEL", "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions",
+    "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions",
     "IstioRenderError", "PREFERRED_LABEL", "ROLE_LABEL", "Rendered", "SERVING_LABEL",
     "render_cluster", "render_model", "role_labels",
 ]
 
 DEFAULT_SITE_LABEL = "meshxl.io/site"
-#: Set by the StatefulSet controller on every pod: the member name is the pod name.
-DEFAULT_MEMBER_LABEL = "statefulset.kubernetes.io/pod-name"
 #: Role labels ``meshxl istio label`` keeps on high-availability member pods.
 ROLE_LABEL = "meshxl.io/role"
 """active, standby, backup, or none (drained, unready, lost)."""
@@ -89,7 +87,6 @@ class IstioOptions:
     """Kubernetes Service objects by name (from ``kubectl get svc -o yaml``), optional:
     the port then comes from (and is checked against) the Service."""
     site_label: str = DEFAULT_SITE_LABEL
-    member_label: str = DEFAULT_MEMBER_LABEL
     site_failover: Literal["priority", "region"] = "priority"
     """priority: failoverPriority on the site label (the same for every client);
     region: sites are Kubernetes regions and Istio's region ``failover`` is used."""
