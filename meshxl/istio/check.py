@@ -131,12 +131,15 @@ def _ref(obj: Mapping[str, Any]) -> str:
     return f"{obj['kind']} {ns + '/' if ns else ''}{meta['name']}"
 
 
-def _host_matches(host: str, name: str, options: IstioOptions) -> bool:
-    """Whether a DestinationRule/VirtualService host (short names resolved in the
-    object's namespace, as Istio does) names the cluster's Service."""
-    fqdn = f"{name}.{options.namespace}.svc.{options.cluster_domain}"
-    if host in (name, f"{name}.{options.namespace}", f"{name}.{options.namespace}.svc",
-                fqdn):
+def _host_matches(host: str, name: str, options: IstioOptions,
+                  namespace: str | None = None) -> bool:
+    """Whether a DestinationRule/VirtualService host names the cluster's Service. A
+    short name is resolved in the object's own ``namespace``, as Istio does."""
+    ns = options.namespace
+    fqdn = f"{name}.{ns}.svc.{options.cluster_domain}"
+    if host == name:
+        return (namespace or ns) == ns
+    if host in (f"{name}.{ns}", f"{name}.{ns}.svc", fqdn):
         return True
     if host.startswith("*"):
         return fqdn.endswith(host[1:])
@@ -182,7 +185,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         ours = None
         for other in by_kind.get("DestinationRule", []):
             host = str((other.get("spec") or {}).get("host", ""))
-            if not _host_matches(host, name, options):
+            if not _host_matches(host, name, options, other["metadata"].get("namespace")):
                 continue
             if other["metadata"]["name"] == ours_name and in_ns(other):
                 ours = other
@@ -237,7 +240,8 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         # VirtualService retries against the model's previous_hosts.
         for vs in by_kind.get("VirtualService", []):
             vs_spec = vs.get("spec") or {}
-            if not any(_host_matches(str(h), name, options) for h in vs_spec.get("hosts") or []):
+            if not any(_host_matches(str(h), name, options, vs["metadata"].get("namespace"))
+                       for h in vs_spec.get("hosts") or []):
                 continue
             for route in vs_spec.get("http") or []:
                 retries = route.get("retries") if isinstance(route, dict) else None

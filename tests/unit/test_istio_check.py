@@ -68,6 +68,13 @@ def test_another_destination_rule_for_the_host() -> None:
     assert [(f.level, f.object) for f in findings] == [
         ("error", "DestinationRule shop/orders-tls")]
     assert "Istio keeps one traffic policy per host" in findings[0].message
+    # In a client's namespace, a full name wins over meshxl's rule for those clients;
+    # a short name there means that namespace's own "orders".
+    elsewhere = {**other, "metadata": {"name": "orders-web", "namespace": "web"},
+                 "spec": {**other["spec"], "host": "orders.shop.svc.cluster.local"}}
+    short = {**other, "metadata": {"name": "local-orders", "namespace": "web"}}
+    findings = check(MODEL, [*_healthy(), elsewhere, short], OPTIONS)
+    assert [f.object for f in findings] == ["DestinationRule web/orders-web"]
 
 
 def test_a_port_mismatch() -> None:
