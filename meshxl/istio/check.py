@@ -100,6 +100,10 @@ def _flatten(doc: Any, where: str) -> list[dict[str, Any]]:
     meta = doc.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         raise CheckInputError(f"{where}: a {doc['kind']} has no metadata.name")
+    if not isinstance(meta.get("namespace", ""), str) or \
+            not isinstance(meta.get("labels", {}), dict):
+        raise CheckInputError(f"{where}: {doc['kind']} {meta['name']}: metadata.namespace "
+                              "must be a string and metadata.labels a mapping")
     return [doc]
 
 
@@ -110,8 +114,8 @@ def istio_version_of(objects: Iterable[Mapping[str, Any]]) -> tuple[int, int] | 
             continue
         if not str(obj["metadata"]["name"]).startswith("istiod"):
             continue
-        template = (obj.get("spec") or {}).get("template") or {}
-        for container in (template.get("spec") or {}).get("containers") or []:
+        template = _map(_map(obj.get("spec")).get("template"))
+        for container in _list(_map(template.get("spec")).get("containers")):
             image = str(container.get("image", "")) if isinstance(container, dict) else ""
             tag = image.rsplit("/", 1)[-1].partition(":")[2].partition("@")[0]
             version = parse_version(tag)
@@ -125,10 +129,19 @@ def parse_version(text: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
+def _map(value: Any) -> Mapping[str, Any]:
+    """A mapping field of an object, or empty when it is missing or malformed."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _ref(obj: Mapping[str, Any]) -> str:
     meta = obj["metadata"]
     ns = meta.get("namespace")
-    return f"{obj['kind']} {ns + '/' if ns else ''}{meta['name']}"
+    return f"{obj['kind']} {f'{ns}/' if ns else ''}{meta['name']}"
 
 
 def _host_matches(host: str, name: str, options: IstioOptions,
@@ -157,6 +170,9 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
     def in_ns(obj: Mapping[str, Any]) -> bool:
         return (obj["metadata"].get("namespace") or ns) == ns
 
+    def labels_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        return _map(obj["metadata"].get("labels"))
+
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for obj in objects:
         by_kind.setdefault(obj["kind"], []).append(obj)
@@ -184,8 +200,10 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         ours_name = dr["metadata"]["name"]
         ours = None
         for other in by_kind.get("DestinationRule", []):
-            host = str((other.get("spec") or {}).get("host", ""))
-            if not _host_matches(host, name, options, other["metadata"].get("namespace")):
+            host = str(_map(other.get("spec")).get("host", ""))
+            other_ns = other["metadata"].get("namespace")
+            if not _host_matches(host, name, options,
+                                 other_ns if isinstance(other_ns, str) else None):
                 continue
             if other["metadata"]["name"] == ours_name and in_ns(other):
                 ours = other
@@ -199,7 +217,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             add("warning", name, f"DestinationRule {ns}/{ours_name}",
                 "not applied (meshxl istio render | kubectl apply -f -)")
         else:
-            policy = (ours.get("spec") or {}).get("trafficPolicy") or {}
+            policy = _map(_map(ours.get("spec")).get("trafficPolicy"))
             if "outlierDetection" not in policy:
                 add("error", name, _ref(ours),
                     "no outlierDetection: Istio ignores failoverPriority and failover "
@@ -210,9 +228,9 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         for other in by_kind.get("EnvoyFilter", []):
             if other["metadata"]["name"] != ef_name:
                 continue
-            other_spec = other.get("spec") or {}
-            for patch in other_spec.get("configPatches") or []:
-                cluster_match = ((patch.get("match") or {}).get("cluster") or {})
+            other_spec = _map(other.get("spec"))
+            for patch in _list(other_spec.get("configPatches")):
+                cluster_match = _map(_map(_map(patch).get("match")).get("cluster"))
                 applied = cluster_match.get("portNumber")
                 numbers = [p for p, _ in service_ports(services[0])] if services else []
                 if applied is not None and numbers and applied not in numbers:
@@ -229,9 +247,8 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         # HA: the role labels must be on the member pods.
         if spec.mode == "high-availability":
             pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
-                    and (p["metadata"].get("labels") or {}).get("meshxl.io/cluster") == name]
-            if pods and not any((p["metadata"].get("labels") or {}).get(ROLE_LABEL)
-                                == "active" for p in pods):
+                    and labels_of(p).get("meshxl.io/cluster") == name]
+            if pods and not any(labels_of(p).get(ROLE_LABEL) == "active" for p in pods):
                 add("error", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
                     f"no member pod is labelled {ROLE_LABEL}=active: is meshxl istio "
                     "label running? Without the role labels every member shares one "
@@ -239,11 +256,13 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
 
         # VirtualService retries against the model's previous_hosts.
         for vs in by_kind.get("VirtualService", []):
-            vs_spec = vs.get("spec") or {}
-            if not any(_host_matches(str(h), name, options, vs["metadata"].get("namespace"))
-                       for h in vs_spec.get("hosts") or []):
+            vs_spec = _map(vs.get("spec"))
+            vs_ns = vs["metadata"].get("namespace")
+            if not any(_host_matches(str(h), name, options,
+                                     vs_ns if isinstance(vs_ns, str) else None)
+                       for h in _list(vs_spec.get("hosts"))):
                 continue
-            for route in vs_spec.get("http") or []:
+            for route in _list(vs_spec.get("http")):
                 retries = route.get("retries") if isinstance(route, dict) else None
                 if not isinstance(retries, dict):
                     continue

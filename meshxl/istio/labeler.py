@@ -69,8 +69,10 @@ def changes(namespace: str | None,
     role ``none``."""
     out: list[LabelChange] = []
     for pod in pods:
-        meta = pod.get("metadata") or {}
-        name, labels = meta.get("name"), meta.get("labels") or {}
+        meta = pod.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        name, labels = meta.get("name"), meta.get("labels")
+        labels = labels if isinstance(labels, Mapping) else {}
         pod_namespace = namespace or meta.get("namespace")
         if not isinstance(pod_namespace, str):
             continue

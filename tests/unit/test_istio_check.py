@@ -159,3 +159,39 @@ def test_check_command(tmp_path: Path) -> None:
     missing = CliRunner().invoke(main, ["istio", "check", "-f", str(model),
                                         str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 1 and missing.stderr.startswith("meshxl: ")
+
+
+# -- malformed objects: findings or a clean error, never a crash ------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=8))
+_trees = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["spec", "host", "hosts", "ports", "port", "http",
+                                     "retries", "trafficPolicy", "configPatches", "match",
+                                     "cluster", "portNumber", "labels", "template",
+                                     "containers", "image", "workloadSelector", "items",
+                                     "outlierDetection", "retryIgnorePreviousHosts"]),
+                    inner, max_size=4)), max_leaves=12)
+
+
+@st.composite
+def _objects(draw: Any) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["Service", "DestinationRule", "EnvoyFilter", "Pod",
+                                 "VirtualService", "Deployment"]))
+    meta: dict[str, Any] = {"name": draw(st.sampled_from(
+        ["orders", "meshxl-orders", "meshxl-shop-orders", "istiod", "x"]))}
+    if draw(st.booleans()):
+        meta["namespace"] = draw(st.sampled_from(["shop", "istio-system", 3]))
+    if draw(st.booleans()):
+        meta["labels"] = draw(_trees)
+    return {"kind": kind, "metadata": meta, "spec": draw(_trees)}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_objects(), max_size=5))
+def test_malformed_objects_never_crash_the_check(objects: list[dict[str, Any]]) -> None:
+    findings = check(MODEL, objects, OPTIONS, istio_version=(1, 27))
+    assert all(f.level in ("error", "warning") for f in findings)

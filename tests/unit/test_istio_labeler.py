@@ -51,7 +51,8 @@ def test_changes_patch_only_what_differs_and_unknown_pods_get_no_role() -> None:
                                 "meshxl.io/preferred": "true"}),
             _pod("orders-1", **{"meshxl.io/role": "active", "meshxl.io/serving": "true",
                                 "meshxl.io/preferred": "true"}),
-            _pod("orders-9"), _pod("cart-0", cluster="cart"), {"metadata": {}}]
+            _pod("orders-9"), _pod("cart-0", cluster="cart"), {"metadata": {}},
+            {"metadata": "x"}, {"metadata": {"name": "y", "labels": ["z"]}}]
     out = {c.pod: dict(c.labels) for c in changes("shop", desired, pods)}
     assert out == {
         "orders-0": {"meshxl.io/role": "none", "meshxl.io/serving": None,
