@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -308,3 +309,34 @@ def test_make_certs_renews_etcd_certificates_under_the_same_ca(tree: Path,
     for secret in secrets:
         for value in secret["data"].values():
             assert base64.b64decode("".join(value.split())) != ca_key
+
+
+def test_documented_copy_of_the_sidecars_secret(tree: Path, tmp_path: Path) -> None:
+    """docs/kubernetes.md's go-template copies the Secret as a valid Secret with the
+    same type and data, and nothing of the source namespace's metadata."""
+    import json
+    import re
+
+    import kubernetes_validate
+
+    docs = (manifests.ROOT / "docs" / "kubernetes.md").read_text()
+    (template,) = re.findall(r"^COPY='(.*)'$", docs, flags=re.MULTILINE)
+    etcd = tree / "components" / "self-signed" / "certs" / "etcd"
+    proc = subprocess.run(
+        [manifests._kubectl(), "-n", NAMESPACE,
+         "create", "secret", "generic", "meshxl-statesync-etcd", "--type=kubernetes.io/tls",
+         f"--from-file=tls.crt={etcd / 'statesync.crt'}",
+         f"--from-file=tls.key={etcd / 'statesync.key'}",
+         f"--from-file=ca.crt={etcd / 'ca.crt'}",
+         "--dry-run=client", "-o", f"go-template={template}"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster")})  # offline
+    assert proc.returncode == 0, proc.stderr
+    copied = json.loads(proc.stdout)
+    kubernetes_validate.validate(copied, kubernetes_validate.latest_version(), strict=True)
+    assert copied["metadata"] == {"name": "meshxl-statesync-etcd"}
+    assert copied["type"] == "kubernetes.io/tls"
+    assert {k: base64.b64decode(v) for k, v in copied["data"].items()} == {
+        "tls.crt": (etcd / "statesync.crt").read_bytes(),
+        "tls.key": (etcd / "statesync.key").read_bytes(),
+        "ca.crt": (etcd / "ca.crt").read_bytes()}
