@@ -17,6 +17,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshxl.cli import main
 from meshxl.kube import ANNOTATION_STATUS, STATESYNC_CONTAINER, InjectConfig, mutate_pod
@@ -164,3 +166,31 @@ def test_inject_command_tls_mistakes_are_one_line(args: list[str], message: str)
     assert result.exit_code == 1
     assert result.stderr.startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(secret=st.lists(_LABEL, min_size=1, max_size=3).map(".".join),
+       hosts=st.lists(_LABEL, min_size=1, max_size=3, unique=True),
+       port=st.integers(1, 65535))
+def test_any_secret_name_and_https_endpoints_give_a_valid_pod(secret: str, hosts: list[str],
+                                                              port: int) -> None:
+    urls = ",".join(f"https://{h}:{port}" for h in hosts)
+    config = InjectConfig(image=TLS.image, etcd=urls, etcd_client_secret=secret)
+    pod = admitted(_pod(), config)
+    _validate(pod)
+    sidecar = _sidecar(pod)
+    assert _flag(sidecar["args"], "--etcd") == urls
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == ETCD_CLIENT_VOLUME]
+    assert volume["secret"]["secretName"] == secret
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(min_size=1, max_size=40).filter(
+    lambda s: not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*",
+                               s)))
+def test_a_secret_that_is_not_a_secret_name_is_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match="the etcd client Secret must be a Secret name"):
+        InjectConfig(etcd=ETCD, etcd_client_secret=secret)
