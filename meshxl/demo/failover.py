@@ -773,7 +773,8 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     console.print(table)
     console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}")
     console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
-                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')")
+                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
+                  markup=False)
     if lost:
         console.print(f"[red]{lost} acknowledged writes were lost[/]")
 
