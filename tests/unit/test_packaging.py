@@ -63,3 +63,18 @@ def test_installs_use_the_lock_and_need_no_repair_step() -> None:
     # No two of meshxl's dependencies install the same files: opentelemetry-proto (whose
     # files xds-protos overwrites with an older copy) is not among them.
     assert "opentelemetry-proto" not in locked(ROOT / "requirements" / "image.lock")
+
+
+def test_a_changed_dependency_makes_the_lock_stale(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lockfile", ROOT / "scripts" / "lockfile.py")
+    assert spec is not None and spec.loader is not None
+    lockfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lockfile)
+    changed = tmp_path / "pyproject.toml"
+    text = (ROOT / "pyproject.toml").read_text()
+    changed.write_text(text.replace('"jsonpatch>=', '"schemathesis>=4",\n  "jsonpatch>=', 1))
+    assert changed.read_text() != text
+    assert lockfile.fingerprint(changed) != lockfile.fingerprint()
+    assert lockfile.stamped(ROOT / "requirements" / "dev.lock") == lockfile.fingerprint()
