@@ -82,7 +82,11 @@ class ExportSettings:
         if compression not in ("none", "gzip"):
             raise ValueError(f"OTEL_EXPORTER_OTLP_COMPRESSION {compression!r}: use gzip or none")
         insecure = _setting("INSECURE")
-        timeout = float(_setting("TIMEOUT") or 10.0)
+        try:
+            timeout = float(_setting("TIMEOUT") or 10.0)
+        except ValueError:
+            raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT {_setting('TIMEOUT')!r} is not a "
+                             "number of seconds") from None
         if timeout <= 0:
             raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT must be positive, got {timeout}")
         return cls(endpoint=endpoint, headers=_headers(_setting("HEADERS")), timeout=timeout,
@@ -148,8 +152,12 @@ class GrpcSpanExporter(_RetryingExporter):
         if secure:
             roots = None
             if settings.certificate:
-                with open(settings.certificate, "rb") as f:
-                    roots = f.read()
+                try:
+                    with open(settings.certificate, "rb") as f:
+                        roots = f.read()
+                except OSError as exc:
+                    raise ValueError(f"OTEL_EXPORTER_OTLP_CERTIFICATE {settings.certificate}: "
+                                     f"{exc.strerror}") from None
             self._channel = grpc.secure_channel(
                 target, grpc.ssl_channel_credentials(roots), options, compression)
         else:

@@ -55,6 +55,17 @@ def test_settings_follow_the_opentelemetry_variables(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "brotli")
     with pytest.raises(ValueError, match="brotli"):
         ExportSettings.from_env("grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TIMEOUT 'soon'"):
+        ExportSettings.from_env("grpc")
+
+
+def test_bad_settings_are_one_line_errors_not_tracebacks(tmp_path: Path) -> None:
+    """setup_tracing's callers turn ValueError into one line and exit 1."""
+    missing = tmp_path / "ca.pem"
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_CERTIFICATE .*ca.pem"):
+        GrpcSpanExporter(ExportSettings("https://collector:4317", certificate=str(missing)))
 
 
 def test_protocols(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,8 +78,10 @@ async def receiver(tmp_path: Path) -> AsyncIterator[TraceReceiver]:
     await r.stop()
 
 
+@pytest.mark.parametrize("gzip", [False, True])
 async def test_receiver_writes_what_file_span_exporter_writes(tmp_path: Path,
-                                                              receiver: TraceReceiver) -> None:
+                                                              receiver: TraceReceiver,
+                                                              gzip: bool) -> None:
     spans = sdk_spans()
     written = tmp_path / "sdk.jsonl"
     exporter = FileSpanExporter(written)
@@ -87,7 +89,7 @@ async def test_receiver_writes_what_file_span_exporter_writes(tmp_path: Path,
     exporter.shutdown()
 
     otlp = GrpcSpanExporter(ExportSettings(endpoint=f"http://127.0.0.1:{receiver.port}",
-                                           timeout=5))
+                                           timeout=5, gzip=gzip))
     try:
         # The gRPC exporter blocks; the receiver needs this event loop to answer.
         assert await asyncio.to_thread(otlp.export, spans) is SpanExportResult.SUCCESS
