@@ -240,8 +240,12 @@ PROBE_TIMEOUT = 0.5
 ATTEMPT_TIMEOUT = 2.0
 """Deadline of one attempt of a request (:meth:`Balancer.call`); a request as a whole
 has the client's timeout."""
-SLOW_ATTEMPT = 0.2
-"""An attempt outstanding this long makes the members be probed often."""
+SLOW_ATTEMPT = 0.1
+"""An attempt outstanding this long makes the members be probed at once, then often."""
+LAGGING = 0.15
+"""A member whose probe has been outstanding this long while another member answered
+a probe sent later is down: compared with its peers, not with a fixed deadline, so a
+slow machine (every probe late) marks no member down for it."""
 TROUBLE_HOLD = 3.0
 """Seconds of frequent probing after the last failed or slow request."""
 
@@ -272,6 +276,8 @@ class Endpoint:
         self._probe_seq = 0
         self._applied_seq = 0
         self._probing = 0
+        self._outstanding: dict[int, float] = {}  # probe seq -> monotonic time sent
+        self.answered_sent = 0.0  # when the newest answered probe was sent
         self._changed = asyncio.Event()
 
     def changed(self) -> asyncio.Event:
@@ -487,6 +493,7 @@ class Balancer:
 
     async def _probe_loop(self, ep: Endpoint) -> None:
         while True:
+            self._check_lagging(ep)
             if ep._probing < 3:  # overlapping probes: a healed member is seen at once
                 ep._probing += 1
                 task = asyncio.get_running_loop().create_task(self._probe(ep))
@@ -499,10 +506,20 @@ class Balancer:
                     await self._wake.wait()
             self._wake.clear()
 
+    def _check_lagging(self, ep: Endpoint) -> None:
+        if not ep._outstanding or ep.state == DOWN:
+            return
+        oldest = min(ep._outstanding.values())
+        if time.monotonic() - oldest > LAGGING and any(
+                other.answered_sent > oldest for other in self.endpoints if other is not ep):
+            self.failed(ep, TimeoutError(f"no answer for {time.monotonic() - oldest:.2f} s "
+                                         "while other members answer"))
+
     async def _probe(self, ep: Endpoint) -> None:
         ep._probe_seq += 1
         seq = ep._probe_seq
         sent = time.monotonic()
+        ep._outstanding[seq] = sent
         try:
             await ep.client.connect()
             reply = await ep.client.maintenancestub.Status(
@@ -525,6 +542,7 @@ class Balancer:
             if seq > ep._applied_seq:
                 ep._applied_seq = seq
                 ep.answered = True
+                ep.answered_sent = max(ep.answered_sent, sent)
                 ep.member_id = reply.header.member_id
                 ep.term = reply.raftTerm
                 if ep.suspect_since and sent >= ep.suspect_since:
@@ -535,11 +553,13 @@ class Balancer:
                 self._evaluate(leader_changed=ep if leader_changed else None)
         finally:
             ep._probing -= 1
+            ep._outstanding.pop(seq, None)
 
     def _evaluate(self, leader_changed: Endpoint | None = None) -> None:
         """Each member's state from the latest probes (a member that reports a leader
         which itself does not answer, or is behind another member's term, has none)."""
-        gone = {e.member_id for e in self.endpoints if e.member_id and not e.answered}
+        gone = {e.member_id for e in self.endpoints
+                if e.member_id and (not e.answered or e.suspect_since)}
         newest = max((e.term for e in self.endpoints if e.answered), default=0)
         changed = False
         for ep in self.endpoints:
@@ -570,7 +590,9 @@ class Balancer:
             self._any_change = asyncio.Event()
 
     def status(self) -> list[dict[str, Any]]:
-        return [ep.as_dict() for ep in self.endpoints]
+        """Each member's health, and which one requests go to (``current``)."""
+        preferred = self.endpoints[self._preferred]
+        return [{**ep.as_dict(), "current": ep is preferred} for ep in self.endpoints]
 
 
 class MemberChanged(Exception):
