@@ -252,7 +252,7 @@ TROUBLE_HOLD = 3.0
 UP, NO_LEADER, DOWN, UNKNOWN = "up", "no-leader", "down", "unknown"
 
 
-class EtcdUnavailable(Exception):
+class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError):  # type: ignore[misc]
     """No etcd member could take the request (none answers, or no leader in time)."""
 
 
@@ -644,10 +644,10 @@ class BalancedClient(aetcd.Client):  # type: ignore[misc]
 
     channel = property(lambda self: self._member.channel)
     metadata = property(lambda self: self._member.metadata)
-    kvstub = property(lambda self: self._member.kvstub)
-    leasestub = property(lambda self: self._member.leasestub)
-    clusterstub = property(lambda self: self._member.clusterstub)
-    maintenancestub = property(lambda self: self._member.maintenancestub)
+    kvstub = property(lambda self: _Stub(self.balancer, "kvstub"))
+    leasestub = property(lambda self: _Stub(self.balancer, "leasestub"))
+    clusterstub = property(lambda self: _Stub(self.balancer, "clusterstub"))
+    maintenancestub = property(lambda self: _Stub(self.balancer, "maintenancestub"))
     _watcher = property(lambda self: self._member._watcher)
 
     async def connect(self) -> None:
@@ -657,6 +657,13 @@ class BalancedClient(aetcd.Client):  # type: ignore[misc]
             await ep.client.connect()
         self.balancer.start()
         self._connected.set()
+        # The first probes' answers, so that the first request goes to a member that
+        # answers (bounded: a member cut off is found out by the requests' own retries).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                while not any(ep.state == UP for ep in self.balancer.endpoints) and any(
+                        ep.state == UNKNOWN for ep in self.balancer.endpoints):
+                    await self.balancer._any_change.wait()
 
     async def close(self) -> None:
         await self.balancer.stop()
@@ -702,6 +709,48 @@ class BalancedClient(aetcd.Client):  # type: ignore[misc]
 
         from aetcd import rtypes
         return rtypes.Watch(iterator, inner.cancel, inner.watch_id)
+
+
+class _Stub:
+    """A gRPC stub of whichever member answers: unary calls go through
+    :meth:`Balancer.call` (sent again elsewhere after no answer), except ``Txn``, whose
+    compares may not make a second application harmless: it gets one attempt, on an up
+    member. Streams go to the current member."""
+
+    _STREAMS = frozenset({"LeaseKeepAlive", "Snapshot", "Watch"})
+
+    def __init__(self, balancer: Balancer, attr: str):
+        self._balancer = balancer
+        self._attr = attr
+
+    def __getattr__(self, method: str) -> Any:
+        balancer, attr = self._balancer, self._attr
+        if method in self._STREAMS:
+            return getattr(getattr(balancer.current.client, attr), method)
+
+        def invoke(request: Any, timeout: float | None = None, metadata: Any = None,
+                   **kwargs: Any) -> Awaitable[Any]:
+            def send(ep: Endpoint, attempt_timeout: float) -> Awaitable[Any]:
+                return getattr(getattr(ep.client, attr), method)(
+                    request, timeout=attempt_timeout, metadata=ep.client.metadata, **kwargs)
+
+            if method == "Txn":
+                return _once(balancer, send, timeout)
+            return balancer.call(send, timeout=timeout, what=f"etcd {method}")
+
+        return invoke
+
+
+async def _once(balancer: Balancer, send: Callable[[Endpoint, float], Awaitable[T]],
+                timeout: float | None) -> T:
+    deadline = time.monotonic() + (balancer.timeout if timeout is None else timeout)
+    ep = await balancer.choose(deadline)
+    try:
+        return await send(ep, max(deadline - time.monotonic(), 0.01))
+    except grpc.aio.AioRpcError as exc:
+        if retryable(exc):
+            balancer.failed(ep, exc)
+        raise
 
 
 def balancer_of(client: aetcd.Client) -> Balancer:
