@@ -244,6 +244,21 @@ class Deployment:
         found: tuple[int, str] = await wait_for(agreed, 15, "an etcd leader")
         return found
 
+    async def move_leader(self, leader: int, to: int) -> tuple[int, str]:
+        """Hand the leadership from member ``leader`` to member ``to`` (etcd's
+        MoveLeader); returns the new (index, member id)."""
+        statuses = await self.statuses()
+        target = statuses[to]["header"]["member_id"]
+        async with self.http.post(f"{self.etcd[leader].url}/v3/maintenance/transfer-leadership",
+                                  json={"targetID": target}) as resp:
+            assert resp.status == 200, await resp.text()
+
+        async def moved() -> bool:
+            return (await self.leader())[0] == to
+
+        await wait_for(moved, 10, "the leadership to move")
+        return await self.leader()
+
     def member_index(self, endpoint: str) -> int:
         return next(i for i, m in enumerate(self.etcd.members)
                     if f"{m.host}:{m.client_port}" == endpoint)
@@ -422,9 +437,12 @@ async def run_fault(d: Deployment, fault: str) -> None:
         elif fault == "follower-partition":
             unused = [i for i in followers if i not in currents.values()]
             victim = (unused or followers)[0]
-        else:  # the member a sidecar uses: a follower one if any sidecar uses one
-            used = [i for i in currents.values() if i != leader_index]
-            victim = used[0] if used else leader_index
+        else:  # the member a sidecar uses, made a follower first if it leads
+            victim = currents[d.sidecars[0].member]
+            if victim == leader_index:
+                leader_index, leader_id = await d.move_leader(
+                    leader_index, next(i for i in followers))
+                followers = [i for i in range(len(d.etcd)) if i != leader_index]
         elected = victim == leader_index
         users = [m for m, i in currents.items() if i == victim]
 
