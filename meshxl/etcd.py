@@ -337,6 +337,7 @@ class Balancer:
         self._wake = asyncio.Event()
         self._any_change = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Task[None]] = set()
         self.switches = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -349,7 +350,7 @@ class Balancer:
                        for ep in self.endpoints]
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = [*self._tasks, *self._probes], []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -497,7 +498,8 @@ class Balancer:
             if ep._probing < 3:  # overlapping probes: a healed member is seen at once
                 ep._probing += 1
                 task = asyncio.get_running_loop().create_task(self._probe(ep))
-                task.add_done_callback(lambda _t: None)
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
             trouble = time.monotonic() < self._trouble_until or any(
                 e.state != UP for e in self.endpoints)
             interval = PROBE_INTERVAL_TROUBLE if trouble else PROBE_INTERVAL
