@@ -10,8 +10,9 @@ the rules. Traffic stays inside these namespaces (and the driver's veth).
 
 Everything is removed at teardown, also when the test fails or the process is killed:
 deleting a namespace deletes its veths (and their peers, the driver's one included)
-and its iptables rules. :meth:`Network.close` deletes them, the harness calls it, and
-an ``atexit`` hook removes whatever a crashed test left.
+and its iptables rules. :meth:`Network.close` deletes them, the harness calls it, an
+``atexit`` hook removes whatever a failed test left, and the next :meth:`Network.create`
+deletes namespaces of test processes that were killed (their pid is in the name).
 
 :func:`unavailable` says why namespaces cannot be used here (not root, no ``ip`` or
 ``iptables``, no permission): tests skip with that reason.
@@ -24,6 +25,7 @@ import atexit
 import itertools
 import os
 import random
+import re
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -55,6 +57,29 @@ def _cleanup_leftovers() -> None:
         _delete(name)
 
 
+_NAME = re.compile(r"^mx(\d+)x\d+[bh]\d*$")
+
+
+def sweep_stale() -> None:
+    """Delete namespaces a killed test process left (its pid is in their name)."""
+    listing = _run("ip", "netns", "list", check=False).stdout
+    for line in listing.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = _NAME.match(name)
+        if match and not _alive(int(match.group(1))):
+            _delete(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def unavailable() -> str | None:
     """None if namespaces with iptables work here, else why not (a skip reason)."""
     if os.geteuid() != 0:
@@ -82,14 +107,13 @@ class Network:
     def __init__(self, harness: Harness, hosts: int, label: str = "mx") -> None:
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be 1..200, got {hosts}")
-        tag = f"{os.getpid() % 100000}{next(_counter)}"
-        self.name = f"{label}{tag}"
+        self.name = f"{label}{os.getpid()}x{next(_counter)}"
         self.bridge_ns = f"{self.name}b"
         self.hosts = [f"{self.name}h{i}" for i in range(hosts)]
         # A /24 unlikely to meet another test's (or anything routed on the machine).
         self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(1, 255)}"
         self.driver_ip = f"{self.prefix}.1"
-        self._driver_if = f"{self.name}d"[:15]
+        self._driver_if = f"mxd{os.getpid() % 100000}x{next(_counter)}"[:15]
         self._harness = harness
         self._isolated: set[int] = set()
         harness.own(self)
@@ -110,6 +134,7 @@ class Network:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def create(self) -> Network:
+        await asyncio.to_thread(sweep_stale)
         await asyncio.to_thread(self._create)
         return self
 

@@ -544,3 +544,48 @@ async def test_a_sidecar_cut_off_reads_unverified_and_verified_again_once_healed
     assert got == "cache", got
     assert verified_after <= MEMBER_TARGET + SLACK, (
         f"reads verified again only {verified_after:.2f} s after the partition healed")
+
+
+# -- the namespace harness itself --------------------------------------------------------------
+
+
+async def test_network_partitions_between_namespaces_and_removes_everything(
+    harness: Harness,
+) -> None:
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(f"real partitions need network namespaces: {reason}")
+    net = await Network(harness, 2).create()
+    server = ManagedProcess("listener", net.wrap(0, [
+        sys.executable, "-m", "http.server", "--bind", net.ip(0), "8000"]),
+        harness.root / "listener.log")
+    server.start()
+    probe = [sys.executable, "-c", "import socket, sys; "
+             f"socket.create_connection(('{net.ip(0)}', 8000), timeout=0.5)"]
+
+    async def connects() -> bool:
+        done = await asyncio.create_subprocess_exec(*net.wrap(1, probe))
+        return await done.wait() == 0
+
+    try:
+        await wait_for(connects, 10, "host 1 reaches host 0")
+        await net.isolate(0)
+        assert not await connects(), "an isolated host was reached"
+        async with aiohttp.ClientSession() as http:  # the driver still reaches it
+            async with http.get(f"http://{net.ip(0)}:8000/") as resp:
+                assert resp.status == 200
+        await net.heal(0)
+        assert await connects()
+    finally:
+        await server.kill()
+    await net.close()
+
+    async def output(*argv: str) -> str:
+        done = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        out, _ = await done.communicate()
+        return out.decode()
+
+    listing = await output("ip", "netns", "list")
+    assert net.name not in listing, listing
+    links = await output("ip", "link")
+    assert net._driver_if not in links, links
