@@ -65,6 +65,7 @@ command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after inst
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
    && command -v apt-get >/dev/null 2>&1; then
   echo "iptables not found: installing Debian's iptables (for the partition tests)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables \
     >/dev/null || echo "iptables not installed: the partition tests will be skipped" >&2
 fi
