@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 _NODE_TXN_OPS = 64
 """Node statuses per etcd transaction (etcd's default --max-txn-ops is 128)."""
 
+_NODE_VALUE_MAX = 64 * 1024
+"""Largest node-status record written (they are a few hundred bytes: node ids and NACK
+texts are bounded at the ADS edge)."""
+
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
 
@@ -315,16 +319,26 @@ class ControlPlane:
         tx = self.client.transactions
         puts = []
         for node_id, status in batch:
-            key = self.keys.node(node_id).encode()
-            if status.get("streams", 0) > 0:
+            # One entry that cannot be stored costs that entry only, never the batch.
+            try:
+                key = self.keys.node(node_id).encode()
                 value = json.dumps({**status, "replica": self.config.replica}).encode()
+            except (ValueError, TypeError) as exc:
+                log.warning("node status not written to etcd: %s", exc)
+                continue
+            if status.get("streams", 0) > 0:
+                if len(value) > _NODE_VALUE_MAX:
+                    log.warning("node status not written to etcd: %d bytes (at most %d)",
+                                len(value), _NODE_VALUE_MAX)
+                    continue
                 self._node_values[node_id] = value
                 puts.append(tx.put(key, value, lease=self._lease))
                 continue
             # Disconnected: remove the record only if no other replica rewrote it since.
+            # (Records are bounded, so the compare always fits in an etcd request.)
             last = self._node_values.pop(node_id, None)
             if last is not None:
-                await self._etcd_quietly(f"node {node_id} status not removed from etcd",
+                await self._etcd_quietly("node status not removed from etcd",
                                          compare=[tx.value(key) == last],
                                          success=[tx.delete(key)])
         for start in range(0, len(puts), _NODE_TXN_OPS):
