@@ -244,6 +244,10 @@ class Telemetry(_Spec):
 class ModelSpec(_Spec):
     clusters: list[ClusterSpec] = []
     telemetry: Telemetry = Telemetry()
+    allow_empty: bool = False
+    """A model without clusters withdraws every listener and cluster from every Envoy.
+    It is refused (an empty file or input, a file caught mid-write) unless it says
+    ``allow_empty: true``: the one way to serve nothing on purpose."""
 
     def cluster(self, name: str) -> ClusterSpec | None:
         return next((c for c in self.clusters if c.name == name), None)
