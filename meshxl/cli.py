@@ -605,12 +605,15 @@ def serve() -> None:
               help="Quiet period (s) that ends a burst of changes.")
 @click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
               help="Longest delay (s) from a change to its push.")
+@click.option("--dns-interval", type=click.FloatRange(0.1, 3600), default=5.0,
+              show_default=True,
+              help="Seconds between resolutions of member addresses that are host names.")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
               admin: str | None, replica: str | None, debounce: float, max_delay: float,
-              trace_file: Path | None, log_level: str) -> None:
+              dns_interval: float, trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
     from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 
@@ -619,7 +622,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
         config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
                                     etcd_root=etcd_root, admin=admin, debounce=debounce,
                                     max_delay=max_delay, etcd_security=_etcd_security(),
-                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca)
+                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                                    dns_interval=dns_interval)
         if replica:
             config = dataclasses.replace(config, replica=replica)
         config.server_tls()  # the TLS files are usable: fail now, in one line

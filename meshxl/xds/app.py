@@ -32,6 +32,8 @@ from meshxl.model import ModelSpec, RuntimeState
 from meshxl.tls import ServerTls
 
 from .cache import ENDPOINT, Snapshot, SnapshotCache
+from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
+from .dns import Resolver, hostnames
 from .failover import FailoverTracer, Loss, losses
 from .history import MemberHistory, transitions
 from .metrics import Convergence, XdsMetrics
@@ -74,6 +76,8 @@ class ControlPlaneConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     """Mutual TLS: accept only Envoys whose client certificate this CA signed."""
+    dns_interval: float = DNS_INTERVAL
+    """Seconds between resolutions of member addresses that are host names."""
 
     def __post_init__(self) -> None:
         if self.config_path is None and self.etcd is None:
@@ -119,6 +123,7 @@ class ControlPlane:
         self.mesh: EtcdMeshSource | None = None
         self.client: aetcd.Client | None = None
         self.compiler = Compiler()
+        self.resolver = Resolver(self._changed, interval=config.dns_interval)
         self.compile_error: str | None = None
         self.last_build: dict[str, Any] = {}
         self.port = 0
@@ -152,7 +157,13 @@ class ControlPlane:
             self._spawn(self._keep_lease())
             self.history = MemberHistory(self.client, self.keys, cfg.replica)
             self.history.start()
+        model = self.model
+        if model is not None:
+            # The first snapshot already has the endpoints of members named by host name.
+            self.resolver.want(hostnames(model, self.runtime))
+            await self.resolver.resolve()
         await self.rebuild()
+        self._spawn(self.resolver.run())
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
         self._grpc, self.port = await self.ads.serve(cfg.listen, tls=self.tls)
@@ -228,8 +239,9 @@ class ControlPlane:
                 self.history.record(changes, revision)
         self.failovers.rebuilding()
         started = time.perf_counter()
+        self.resolver.want(hostnames(model, runtime))
         try:
-            resources = self.compiler.compile(model, runtime)
+            resources = self.compiler.compile(model, runtime, self.resolver.addresses)
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
@@ -370,6 +382,7 @@ class ControlPlane:
                 "last_error": self.mesh.last_error,
             },
             "versions": snapshot.versions if snapshot else {},
+            "dns": self.resolver.status(),
             "last_build": self.last_build,
             "rebuilds": self.rebuilder.runs,
             "responses_sent": self.ads.responses_sent,
