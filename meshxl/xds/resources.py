@@ -63,7 +63,7 @@ ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
 _NO_SPILLOVER_FACTOR = 1_000_000
-_ENVOY_MAX_EJECTION_TIME = 300.0
+_MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 _ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(),
     resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -299,9 +299,7 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             base_ejection_time=_dur(od.base_ejection_time),
             max_ejection_percent=wrappers_pb2.UInt32Value(value=od.max_ejection_percent),
         ))
-        if od.base_ejection_time > _ENVOY_MAX_EJECTION_TIME:
-            # Envoy refuses a base ejection time above max_ejection_time (300 s default).
-            c.outlier_detection.max_ejection_time.CopyFrom(_dur(od.base_ejection_time))
+
 
     # Retries are capped by the circuit breaker (3 outstanding by default): when a
     # member dies under load most retries would overflow. A budget scales with load.
@@ -342,10 +340,48 @@ def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
     """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource."""
     merged = _deep_merge(json_format.MessageToDict(message), override)
     try:
-        return json_format.ParseDict(merged, type(message)())
+        result = json_format.ParseDict(merged, type(message)())
     except json_format.ParseError as exc:
         raise CompileError(path, f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") \
             from None
+    problem = _out_of_range(result)
+    if problem is not None:
+        raise CompileError(path, problem)
+    return result
+
+
+def _out_of_range(message: Message, where: str = "") -> str | None:
+    """The first value of ``message`` no Envoy field accepts: a negative or oversized
+    duration, a percentage outside 0..100 (what an override can get wrong that the
+    protobuf types let through)."""
+    name = message.DESCRIPTOR.full_name
+    if name == "google.protobuf.Duration":
+        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        if seconds < 0 or nanos < 0:
+            return f"{where or 'duration'}: a duration must not be negative"
+        if seconds > _MAX_PROTO_SECONDS:
+            return f"{where or 'duration'}: duration out of range"
+        return None
+    if name == "envoy.type.v3.Percent":
+        value = message.value  # type: ignore[attr-defined]
+        if not 0 <= value <= 100:
+            return f"{where or 'percent'}: a percentage must be within 0..100, got {value}"
+        return None
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        label = f"{where}.{descriptor.json_name}" if where else descriptor.json_name
+        if descriptor.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        elif descriptor.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            found = _out_of_range(item, label)
+            if found is not None:
+                return found
+    return None
 
 
 # -- EDS -------------------------------------------------------------------------------
