@@ -133,6 +133,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease: Any = None
         self._node_values: dict[str, bytes] = {}
+        self._undeleted: dict[str, bytes] = {}  # records whose removal failed
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class ControlPlane:
                     self._lease = await self.client.lease(self.config.status_ttl)
                 await asyncio.sleep(self.config.status_ttl / 3)
                 await self._lease.refresh()
+                await self._retry_node_deletes()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -344,26 +346,45 @@ class ControlPlane:
                                 len(value), _NODE_VALUE_MAX)
                     continue
                 self._node_values[node_id] = value
+                self._undeleted.pop(node_id, None)
                 puts.append(tx.put(key, value, lease=self._lease))
                 continue
             # Disconnected: remove the record only if no other replica rewrote it since.
             # (Records are bounded, so the compare always fits in an etcd request.)
-            last = self._node_values.pop(node_id, None)
-            if last is not None:
-                await self._etcd_quietly("node status not removed from etcd",
-                                         compare=[tx.value(key) == last],
-                                         success=[tx.delete(key)])
+            last = self._node_values.pop(node_id, None) or self._undeleted.pop(node_id, None)
+            if last is not None and not await self._etcd_quietly(
+                    "node status not removed from etcd (retried later)",
+                    compare=[tx.value(key) == last], success=[tx.delete(key)]):
+                self._undeleted[node_id] = last
         for start in range(0, len(puts), _NODE_TXN_OPS):
             await self._etcd_quietly(f"{len(puts[start:start + _NODE_TXN_OPS])} node "
                                      "status(es) not written to etcd", compare=[],
                                      success=puts[start:start + _NODE_TXN_OPS])
 
-    async def _etcd_quietly(self, what: str, **txn: Any) -> None:
+    async def _retry_node_deletes(self) -> None:
+        """Remove the records of disconnected nodes whose removal failed (etcd trouble):
+        a record left behind would count as a connected Envoy until this replica dies."""
+        if self.client is None or not self._undeleted:
+            return
+        tx = self.client.transactions
+        for node_id, last in list(self._undeleted.items()):
+            if node_id in self._node_values:
+                del self._undeleted[node_id]  # connected again: its record is current
+                continue
+            key = self.keys.node(node_id).encode()
+            if await self._etcd_quietly("node status not removed from etcd (retried later)",
+                                        compare=[tx.value(key) == last],
+                                        success=[tx.delete(key)]):
+                self._undeleted.pop(node_id, None)
+
+    async def _etcd_quietly(self, what: str, **txn: Any) -> bool:
         assert self.client is not None
         try:
             await self.client.transaction(failure=[], **txn)
         except Exception as exc:
             log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+            return False
+        return True
 
     # -- HTTP status -----------------------------------------------------------------------
 
