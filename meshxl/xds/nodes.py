@@ -61,11 +61,18 @@ def node_id_problem(node_id: str) -> str | None:
 
 
 def bound_text(text: str, limit: int = NACK_TEXT_MAX) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    """``text`` cut to at most ``limit`` characters, keeping its start and its end (Envoy
+    puts the reason of a rejection after a dump of the resource) and saying how much of
+    the middle was cut."""
     if len(text) <= limit:
         return text
-    note = f"... [{len(text) - limit} more characters]"
-    return text[: max(limit - len(note), 0)] + note
+    width = len(str(len(text)))  # the note's length whatever the count it shows
+    room = max(limit - len(f" [...{'9' * width} characters cut...] "), 0)
+    head = room // 3
+    tail = room - head
+    cut = len(text) - head - tail
+    note = f" [...{cut} characters cut...] "
+    return text[:head] + note + (text[len(text) - tail:] if tail else "")
 
 
 class LogLimiter:

@@ -223,7 +223,7 @@ async def test_nack_text_is_bounded_and_repeats_are_not_logged(
         await eventually(lambda v=version: xds.ads.nacks == v)  # type: ignore[misc]
     error = xds.ads.node_status()["envoy-1"]["last_nack"]["error"]
     assert len(error) <= NACK_TEXT_MAX
-    assert error.startswith("EEEE") and "more characters" in error
+    assert error.startswith("EEEE") and "characters cut" in error
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert len(rejected) == 1
     assert len(rejected[0].getMessage()) < NACK_TEXT_MAX + 500
@@ -267,3 +267,20 @@ def test_node_status_round_trips_through_its_stored_form(
     assert read == status
     assert isinstance(node.last_nack, Nack)
     assert len(read["last_nack"]["error"]) <= NACK_TEXT_MAX
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(st.text(max_size=3000), st.builds(
+    lambda n: "".join(chr(0x41 + i % 26) for i in range(n)), st.integers(0, 5000))),
+    limit=st.integers(64, 2048))
+def test_bounded_text_keeps_both_ends_within_the_limit(text: str, limit: int) -> None:
+    from meshxl.xds.nodes import bound_text
+
+    out = bound_text(text, limit)
+    assert len(out) <= limit
+    if len(text) <= limit:
+        assert out == text
+    else:
+        # The note takes at most 29 characters for texts under 10,000 characters.
+        assert out.startswith(text[: (limit - 40) // 3])
+        assert out.endswith(text[-((limit - 40) * 2 // 3):])
