@@ -33,7 +33,7 @@ from meshxl.tls import ServerTls
 
 from .cache import ENDPOINT, Snapshot, SnapshotCache
 from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
-from .dns import Resolver, hostnames
+from .dns import Resolver, hostnames, is_ip_literal
 from .failover import FailoverTracer, Loss, losses
 from .history import MemberHistory, transitions
 from .metrics import Convergence, XdsMetrics
@@ -124,6 +124,7 @@ class ControlPlane:
         self.client: aetcd.Client | None = None
         self.compiler = Compiler()
         self.resolver = Resolver(self._changed, interval=config.dns_interval)
+        self._dns_inputs: tuple[ModelSpec, frozenset[str]] | None = None
         self.compile_error: str | None = None
         self.last_build: dict[str, Any] = {}
         self.port = 0
@@ -132,6 +133,7 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease: Any = None
+        self._lease_lock = asyncio.Lock()
         self._node_values: dict[str, bytes] = {}
         self._undeleted: dict[str, bytes] = {}  # records whose removal failed
 
@@ -240,7 +242,11 @@ class ControlPlane:
                 self.history.record(changes, revision)
         self.failovers.rebuilding()
         started = time.perf_counter()
-        self.resolver.want(hostnames(model, runtime))
+        if self._dns_inputs is None or self._dns_inputs[0] is not model:
+            # The model's host names, once per model (it is immutable).
+            self._dns_inputs = (model, frozenset(hostnames(model)))
+        self.resolver.want(self._dns_inputs[1].union(
+            r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses)
         except CompileError as exc:
@@ -303,13 +309,20 @@ class ControlPlane:
 
     # -- node status in etcd ----------------------------------------------------------------
 
+    async def _take_lease(self) -> None:
+        """Take this replica's status lease unless it has one (one at a time, so the
+        lease keeper and an early status write never make two)."""
+        assert self.client is not None
+        async with self._lease_lock:
+            if self._lease is None:
+                self._lease = await self.client.lease(self.config.status_ttl)
+
     async def _keep_lease(self) -> None:
         """Keep this replica's lease alive; node-status keys die with the replica."""
         assert self.client is not None
         while True:
             try:
-                if self._lease is None:
-                    self._lease = await self.client.lease(self.config.status_ttl)
+                await self._take_lease()
                 await asyncio.sleep(self.config.status_ttl / 3)
                 await self._lease.refresh()
                 await self._retry_node_deletes()
@@ -328,8 +341,17 @@ class ControlPlane:
     async def _publish_nodes(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Write node statuses to etcd, many per transaction (a push to 1,000 Envoys
         brings 1,000 ACKs); etcd trouble costs status updates, nothing more."""
-        if self.client is None or self._lease is None:
+        if self.client is None:
             return
+        if self._lease is None:
+            # The first ACKs may come before the lease keeper's first lease: take one
+            # now rather than drop their statuses.
+            try:
+                await self._take_lease()
+            except Exception as exc:
+                log.warning("%d node status(es) not written to etcd: no lease: %s",
+                            len(batch), exc)
+                return
         tx = self.client.transactions
         puts = []
         for node_id, status in batch:
