@@ -408,6 +408,8 @@ def build_load_assignment(view: ClusterView,
     last_priority, last_site = -1, None
     # Unpacking the view tuple is several times cheaper than attribute access, and this
     # loop runs once per endpoint of the whole mesh.
+    resolved = resolved or {}
+    gaps = False
     for name, address, port, site, _, state, priority, lb_weight, _, _ in advertised:
         if priority != last_priority or site != last_site:
             last_priority, last_site = priority, site
@@ -415,24 +417,28 @@ def build_load_assignment(view: ClusterView,
             group.locality.zone = site
             add = group.lb_endpoints.add
         if is_ip_literal(address):
-            ips: tuple[str, ...] = (address,)
-            named = False
-        else:
-            ips = (resolved or {}).get(address, ())
-            named = True
+            ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
+            endpoint = ep.endpoint
+            endpoint.hostname = name
+            sock = endpoint.address.socket_address
+            sock.address = address
+            sock.port_value = port  # protocol: TCP, the default
+            ep.load_balancing_weight.value = lb_weight
+            continue
+        ips = resolved.get(address, ())
+        gaps = gaps or not ips
         for ip in ips:
             ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
             endpoint = ep.endpoint
             endpoint.hostname = name
             sock = endpoint.address.socket_address
             sock.address = ip
-            sock.port_value = port  # protocol: TCP, the default
+            sock.port_value = port
             ep.load_balancing_weight.value = lb_weight
-            if named:
-                ep.metadata.filter_metadata["meshxl"].fields["address"].string_value = address
+            ep.metadata.filter_metadata["meshxl"].fields["address"].string_value = address
     # A (priority, site) group whose members have no address yet is left out: Envoy
     # refuses nothing about it, but the priorities must stay dense.
-    return _dense(cla)
+    return _dense(cla) if gaps else cla
 
 
 def _dense(cla: endpoint_pb2.ClusterLoadAssignment) -> endpoint_pb2.ClusterLoadAssignment:
