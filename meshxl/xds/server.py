@@ -455,7 +455,8 @@ class AdsServer:
 
     def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         self.stale_requests += 1
-        log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
+        log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url,
+                  bound_text(nonce, 64))
 
     # -- the streams ----------------------------------------------------------------
 
