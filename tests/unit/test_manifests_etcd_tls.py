@@ -148,6 +148,8 @@ def test_etcd_serves_clients_and_peers_over_tls_with_client_certificates(
     assert container["startupProbe"]["httpGet"]["port"] == "metrics"
 
     assert _arg(container, "--client-cert-auth") == "true"
+    # TLS changes nothing of the members' election behaviour (etcd 3.4 needs it said).
+    assert _arg(container, "--pre-vote") == "true"
     assert _arg(container, "--peer-client-cert-auth") == "true"
     server = _secret_of(etcd, container, _arg(container, "--cert-file"))
     assert _secret_of(etcd, container, _arg(container, "--key-file")) == server
