@@ -23,13 +23,14 @@ import aetcd
 from aiohttp import web
 
 from meshxl import etcd
+from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelError, parse_model
 from meshxl.model import Sessions as SessionDefaults
 
-from .api import SessionRoutes, json_errors
+from .api import SessionRoutes
 from .auth import check_exposure, token_middleware, valid_token
 from .cache import SessionCache
 from .membership import Membership
@@ -99,7 +100,8 @@ class Sidecar:
                                   max_inflight=config.max_inflight,
                                   on_batch=self.metrics.on_batch)
         self.cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
-                                  on_lag=self.metrics.replication_lag.observe)
+                                  on_lag=self.metrics.replication_lag.observe,
+                                  on_undecodable=self.metrics.undecodable.labels("watch").inc)
         self.sessions = Sessions(self.store, self.cache, self.keys, config.cluster,
                                  config.member, settings, self.metrics)
         host, port = parse_hostport(config.app)
@@ -205,6 +207,7 @@ class Sidecar:
         self.metrics.revision.set(self.cache.applied)
         self.metrics.local.set(self.sessions.local_sessions)
         self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
+        self.metrics.undecodable_sessions.set(len(self.cache.undecodable))
 
     def status(self) -> dict[str, Any]:
         c, s = self.cache, self.sessions
@@ -219,7 +222,8 @@ class Sidecar:
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
-            "errors": c.errors, "last_error": c.last_error, "bad_records": c.bad_records,
+            "errors": c.errors, "last_error": c.last_error and c.last_error[:500],
+            "bad_records": c.bad_records, "undecodable_sessions": len(c.undecodable),
             "lease_losses": self.membership.lease_losses,
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
                          "max_bytes": s.settings.max_bytes},
@@ -263,8 +267,7 @@ def create_app(config: StatesyncConfig) -> web.Application:
     middlewares = [server_middleware()] if tracing.enabled() else []
     if config.token is not None:  # before any work (and before reading a body)
         middlewares.append(token_middleware(config.token))
-    app = web.Application(middlewares=[*middlewares, json_errors],
-                          client_max_size=max_bytes + 65536)
+    app = mweb.application(middlewares=middlewares, client_max_size=max_bytes + 65536)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         client = etcd.client(config.etcd, security=config.etcd_security)
@@ -304,7 +307,7 @@ class _LazyRoutes(SessionRoutes):
 
 async def serve(config: StatesyncConfig) -> None:
     host, port = parse_hostport(config.listen, allow_zero=True)
-    runner = web.AppRunner(create_app(config), access_log=None)
+    runner = mweb.Runner(create_app(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
