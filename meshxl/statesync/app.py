@@ -170,7 +170,7 @@ class Sidecar:
             body = json.dumps(self.status(), sort_keys=True, default=str)
             if (lease, body) == last:
                 continue
-            value = json.dumps({**json.loads(body), "published": time.time()}).encode()
+            value = sync_stats_value(json.loads(body), time.time())
             try:
                 async with asyncio.timeout(max(self.config.sync_publish_interval, 1.0)):
                     await self.client.put(key, value, lease=lease)
@@ -229,6 +229,11 @@ class Sidecar:
                          "max_bytes": s.settings.max_bytes},
             "started": self.started,
         }
+
+
+def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
+    """The stored form of a sidecar's statistics (``meshxl sync`` reads it back)."""
+    return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)

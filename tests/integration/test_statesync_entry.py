@@ -116,7 +116,7 @@ async def test_undecodable_record_is_reported_and_never_blocks_its_session(
         await wait_for(cleared, 10, "undecodable count back to zero")
 
         # A key under the sessions prefix that is not a session id is counted, skipped.
-        await client.put(KEYS.session(CLUSTER, "x").encode()[:-1] + "bad id".encode(), b"?")
+        await client.put(KEYS.session(CLUSTER, "x").encode()[:-1] + b"bad id", b"?")
         await wait_for(lambda: _bad_records(a), 10, "foreign key counted")
     # A member starting with undecodable records in etcd becomes ready and reports them.
     async with aetcd.Client(host="127.0.0.1", port=etcd.client_port) as client:
