@@ -146,7 +146,7 @@ def loads(data: bytes | str, *, what: str = "body",
     except RecursionError:
         raise BadJson(f"{what} nests deeper than {max_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadJson(f"{what} is not valid JSON: {exc}") from None
+        raise BadJson(f"{what} is not JSON: {exc}") from None
     if brackets > max_depth and json_depth(value) > max_depth:
         raise BadJson(f"{what} nests deeper than {max_depth} levels")
     return value
