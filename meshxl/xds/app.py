@@ -380,9 +380,8 @@ class ControlPlane:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _start_admin(self, listen: str) -> None:
-        from meshxl.addr import parse_hostport
-
         from meshxl import web as mweb
+        from meshxl.addr import parse_hostport
 
         host, port = parse_hostport(listen)
         app = mweb.application()
