@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelError, parse_model
 from meshxl.model import Sessions as SessionDefaults
+from meshxl.model.spec import NAME_PATTERN
 
 from .api import SessionRoutes
 from .auth import check_exposure, token_middleware, valid_token
@@ -73,6 +75,14 @@ class StatesyncConfig:
     """Bearer token every API request but the health checks must carry (auth.py)."""
 
     def __post_init__(self) -> None:
+        # The names go into etcd keys, every stored record (the owner) and the
+        # registration: bounded here, as the model bounds them.
+        for what, name in (("cluster", self.cluster), ("member", self.member),
+                           ("site", self.site)):
+            if name is not None and not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
+                                 "letters, digits, '.', '_' or '-', starting and ending "
+                                 "with a letter or digit")
         parse_hostport(self.app)
         host, _ = parse_hostport(self.listen, allow_zero=True)
         etcd.check_settings(self.etcd, self.etcd_security)

@@ -38,7 +38,7 @@ from meshxl.web import HttpError
 
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
-from .record import JSON_TYPE, SessionRecord, is_json
+from .record import JSON_TYPE, SessionRecord, is_json, valid_session_id
 from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ class Sessions:
         """Called (in the request's context) when this member took a session over."""
 
     def key(self, session_id: str) -> bytes:
+        if not valid_session_id(session_id):  # one etcd key segment, bounded
+            raise BadRequest(f"invalid session id {session_id[:80]!r}", field="session_id")
         return self.keys.session(self.cluster, session_id).encode()
 
     # -- per-session serialization ------------------------------------------------------
