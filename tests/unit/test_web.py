@@ -128,3 +128,23 @@ def test_server_settings_bound_headers_and_idle_time() -> None:
     args = mweb.server_args()
     assert 0 < args["keepalive_timeout"] <= 60
     assert args["max_headers"] <= 128 and args["max_field_size"] <= 8190
+
+
+def test_every_meshxl_server_uses_the_shared_layer() -> None:
+    """No server builds its own aiohttp Application or AppRunner (which would answer
+    errors as text and keep slow clients forever); the echo backend stands in for an
+    application and is not a meshxl surface."""
+    import ast
+    from pathlib import Path
+
+    package = Path(mweb.__file__).parent
+    exempt = {package / "web.py", package / "demo" / "echo.py"}
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path in exempt:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("Application", "AppRunner")):
+                offenders.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert offenders == []
