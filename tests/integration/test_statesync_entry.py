@@ -22,6 +22,7 @@ import pytest
 
 from meshxl.etcdkeys import Keys
 from tests.harness import EtcdServer, free_port, wait_for
+from tests.harness.cli import meshxl_json
 from tests.harness.sidecar import SidecarProcess
 
 from .test_statesync import CLUSTER, assert_json_error, pair
@@ -124,6 +125,14 @@ async def test_undecodable_record_is_reported_and_never_blocks_its_session(
     c = await start_sidecar(cluster=CLUSTER, member="c", etcd=etcd.url, app_port=free_port())
     assert (await c.status())["undecodable_sessions"] == 1
     assert_json_error(await c.get("s2"), 409)
+
+    # Operators see it in `meshxl sync` (the sidecars publish their statistics).
+    async def in_sync_view() -> bool:
+        report = await meshxl_json("sync", "--etcd", etcd.url)
+        rows = {r["member"]: r for r in report["sidecars"]}
+        return all(rows.get(m, {}).get("undecodable_sessions") == 1 for m in "abc")
+
+    await wait_for(in_sync_view, 20, "undecodable session counted in meshxl sync")
     assert (await c.put("s2", b"fine")).status == 200
 
 
