@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-HEADER_TIMEOUT = 15.0
-"""Seconds a connection may take to send a complete request head, or stay idle."""
+HEADER_TIMEOUT = 30.0
+"""Seconds a connection may take to send a complete request head, or stay idle between
+requests (longer than the 15 s clients such as aiohttp keep idle connections, so a
+pooled connection is not closed just as the client reuses it)."""
 BODY_TIMEOUT = 30.0
 """Seconds a request body may take to arrive."""
 MAX_JSON_DEPTH = 64
