@@ -16,12 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from meshxl import web as mweb
 from meshxl.web import error_response, json_errors
 
+from .membership import MAX_PROBLEMS
 from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
 from .sessions import BadRequest, Conflict, Stored, TooLarge
 
 MERGE_PATCH = "application/merge-patch+json"
-MAX_PROBLEMS = 32
-"""Problems one member may report at once (each is stored in its registration)."""
 MAX_PROBLEM_DETAIL = 1024
 """Characters of a problem's detail."""
 PROBLEM_NAME_MAX = 63
