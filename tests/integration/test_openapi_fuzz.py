@@ -56,7 +56,8 @@ async def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
 
 async def _schemathesis(url: str, checks: str, seconds: int, *options: str,
                         report: Path) -> str:
-    """Run the schemathesis CLI against ``url``; its output, asserting it passed."""
+    """Run the schemathesis CLI against ``url`` (in the report's directory, where it
+    keeps its cache); its output, asserting it passed."""
     argv = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
             "--checks", checks, "--max-time", str(seconds), "--max-examples", "60",
             "--workers", "2", "--seed", "4242", "--request-timeout", "10",
@@ -64,7 +65,8 @@ async def _schemathesis(url: str, checks: str, seconds: int, *options: str,
             "--suppress-health-check", "all", "--no-color", *options,
             "--report", "ndjson", "--report-ndjson-path", str(report)]
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        cwd=report.parent)
     try:
         output, _ = await asyncio.wait_for(process.communicate(), seconds + 120)
     finally:
