@@ -193,24 +193,40 @@ class Sidecar:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
-        # An unconfirmed lease withdraws the member only while etcd answers: during an
-        # etcd outage every member is in the same state, and failing them all would turn
-        # it into a total one (cached reads still work; writes fail with 503).
-        if not self.membership.registered and not self.membership.etcd_unreachable:
-            reasons.append("not registered in etcd (lease being (re)acquired)")
+        # Only the member's own state: a lease lost later is withdrawn by the control
+        # plane; failing readiness for it would fail every member at once in an etcd
+        # fault (membership.py).
+        registration = self.membership.not_ready_reason()
+        if registration is not None:
+            reasons.append(registration)
         if not self.cache.synced.is_set():
             reasons.append("session cache still syncing with etcd")
         if self.membership.problems:
             reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
         return reasons
 
+    def liveness_problems(self) -> list[str]:
+        """Why the process needs a restart (``/healthz`` 503): a background loop ended.
+        Each one retries etcd trouble itself, so an end is a crash, and the sidecar
+        would go on answering with stale sessions and no registration renewal."""
+        problems = []
+        for task in self._tasks:
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                name = getattr(task.get_coro(), "__qualname__", task.get_name())
+                problems.append(f"{name} stopped" + (f": {error!r}" if error else ""))
+        return problems
+
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
+        warnings = []
         unreachable = self.membership.unreachable_for
-        if unreachable is None:
-            return []
-        return [f"etcd unreachable for {unreachable:.1f} s: cached sessions are read "
-                "unverified, writes fail with 503"]
+        if unreachable is not None:
+            warnings.append(f"etcd unreachable for {unreachable:.1f} s: cached sessions are "
+                            "read unverified, writes fail with 503")
+        elif not self.membership.registered and self.membership.registrations:
+            warnings.append("registration lease lost: registering again")
+        return warnings
 
     def refresh_gauges(self) -> None:
         self.metrics.cached.set(len(self.cache))
@@ -235,6 +251,7 @@ class Sidecar:
             "errors": c.errors, "last_error": c.last_error and c.last_error[:500],
             "bad_records": c.bad_records, "undecodable_sessions": len(c.undecodable),
             "lease_losses": self.membership.lease_losses,
+            "etcd_members": etcd.balancer_of(self.client).status(),
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
                          "max_bytes": s.settings.max_bytes},
             "started": self.started,
