@@ -66,7 +66,7 @@ class MeshRead:
 def _load(raw: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -226,6 +226,7 @@ def sync_report(read: MeshRead, cluster: str | None = None,
             "last_full_sync": stats.get("last_full_sync"),
             "full_syncs": stats.get("full_syncs"),
             "write_conflicts": stats.get("write_conflicts"),
+            "undecodable_sessions": stats.get("undecodable_sessions"),
             "errors": stats.get("errors"), "last_error": stats.get("last_error"),
             "lease_losses": stats.get("lease_losses"),
             "age_seconds": None if published is None else round(max(0.0, now - published), 3),

@@ -75,7 +75,8 @@ def render_status(report: dict[str, Any], console: Console) -> None:
 def render_sync(report: dict[str, Any], console: Console) -> None:
     table = Table(title="state synchronization", title_justify="left")
     for column in ("cluster", "member", "ready", "revision", "lag ms", "cached", "owned",
-                   "takeovers", "conflicts", "last full sync", "errors", "age s"):
+                   "takeovers", "conflicts", "undecodable", "last full sync", "errors",
+                   "age s"):
         table.add_column(column)
     for s in report["sidecars"]:
         lag = s["lag_seconds"]
@@ -83,7 +84,9 @@ def render_sync(report: dict[str, Any], console: Console) -> None:
             s["cluster"], s["member"], "yes" if s["ready"] else "[yellow]no",
             _dash(s["revision"]), "-" if lag is None else f"{lag * 1000:.1f}",
             _dash(s["cached_sessions"]), _dash(s["owned_sessions"]), _dash(s["takeovers"]),
-            _dash(s["write_conflicts"]), _when(s["last_full_sync"]),
+            _dash(s["write_conflicts"]),
+            _dash(s.get("undecodable_sessions")) if not s.get("undecodable_sessions")
+            else f"[red]{s['undecodable_sessions']}", _when(s["last_full_sync"]),
             _dash(s["errors"]) + (f" ({s['last_error']})" if s.get("last_error") else ""),
             _dash(s["age_seconds"]))
     console.print(table)

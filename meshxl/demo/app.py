@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 from meshxl.telemetry import tracing
 from meshxl.telemetry.http import client_trace_configs, server_middleware
@@ -198,7 +199,7 @@ async def _resources(app: web.Application) -> Any:
 def make_app(member: str, sidecar: str, token: str | None = None) -> web.Application:
     # W3C trace context through the app, when its spans go somewhere.
     middlewares = [server_middleware()] if tracing.enabled() else []
-    app = web.Application(middlewares=middlewares)
+    app = mweb.application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")
     app[_headers] = {"Authorization": f"Bearer {token}"} if token else {}
@@ -213,7 +214,7 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
 async def serve(member: str, listen: str, sidecar: str, token: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     host, port = parse_hostport(listen)
-    runner = web.AppRunner(make_app(member, sidecar, token), access_log=None)
+    runner = mweb.Runner(make_app(member, sidecar, token))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)

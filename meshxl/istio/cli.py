@@ -275,6 +275,8 @@ async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: flo
 
     from aiohttp import web
 
+    from meshxl import web as mweb
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
@@ -286,10 +288,10 @@ async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: flo
         body = {"ready": not stale, "stale": stale, "errors": errors}
         return web.json_response(body, status=200 if not stale else 503)
 
-    app = web.Application()
+    app = mweb.application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(app, access_log=None)
+    runner = mweb.Runner(app)
     await runner.setup()
     await web.TCPSite(runner, where[0], where[1]).start()
     return runner

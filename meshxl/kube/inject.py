@@ -211,6 +211,65 @@ class Decision:
     reason: str
 
 
+# The parts of a pod the injector reads, with their Kubernetes types. A pod is admitted
+# before the API server validates it, so anything may arrive: the shape is checked once,
+# at entry, and a pod that does not conform gets no sidecars and a warning naming the
+# field (never an exception deeper in). None (null) stands for absent everywhere.
+_SCALAR = (str, int, float, bool)
+_STRING_MAP = "string map"
+_CONTAINER: dict[str, Any] = {
+    "name": str, "ports": [{"containerPort": int, "protocol": str, "name": str}],
+    "env": [{"name": str}], "volumeMounts": [{"name": str, "mountPath": str}]}
+_POD_SHAPE: dict[str, Any] = {
+    "metadata": {"labels": _STRING_MAP, "annotations": _STRING_MAP, "name": str,
+                 "generateName": str, "namespace": str},
+    "spec": {
+        "containers": [_CONTAINER], "initContainers": [_CONTAINER],
+        "volumes": [{"name": str}], "nodeSelector": _STRING_MAP,
+        "topologySpreadConstraints": [{"topologyKey": str}],
+        "affinity": {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": str}],
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"podAffinityTerm": {"topologyKey": str}}]},
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": str}]}]}}},
+    },
+}
+
+
+def check_shape(pod: Any, shape: Any = None, where: str = "") -> None:
+    """Raise :class:`InjectError` naming the first field of ``pod`` that the injector
+    reads and that does not have its Kubernetes type (a mapping, a list of objects, a
+    string...)."""
+    if shape is None:
+        if not isinstance(pod, Mapping):
+            raise InjectError("the pod is not a mapping")
+        shape = _POD_SHAPE
+    if pod is None:
+        return
+    here = where or "the pod"
+    if shape is _STRING_MAP:
+        if not isinstance(pod, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, _SCALAR) for k, v in pod.items()):
+            raise InjectError(f"{here} must map strings to strings")
+    elif isinstance(shape, dict):
+        if not isinstance(pod, Mapping):
+            raise InjectError(f"{here} is not a mapping")
+        for key, inner in shape.items():
+            check_shape(pod.get(key), inner, f"{where}.{key}" if where else key)
+    elif isinstance(shape, list):
+        if not isinstance(pod, list) or not all(isinstance(i, Mapping) for i in pod):
+            raise InjectError(f"{here} must be a list of objects")
+        for i, item in enumerate(pod):
+            check_shape(item, shape[0], f"{where}[{i}]")
+    elif shape is int:
+        if not isinstance(pod, int) or isinstance(pod, bool):
+            raise InjectError(f"{here} must be an integer")
+    elif not isinstance(pod, shape):
+        raise InjectError(f"{here} must be a {shape.__name__}")
+
+
 def _meta(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = pod.get("metadata") or {}
     if not isinstance(meta, Mapping):
@@ -244,6 +303,7 @@ def decide(pod: Mapping[str, Any], *, namespace_enabled: bool) -> Decision:
     webhook's namespace selector guarantees it for the pods it is sent; ``meshxl
     inject`` treats every workload it is given as opted in).
     """
+    check_shape(pod)
     meta = _meta(pod)
     choice = _lookup(meta, LABEL_INJECT)
     if choice is not None and choice.strip().lower() in _FALSE:
@@ -573,8 +633,7 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
     Raises :class:`InjectError` when the pod lacks what injection needs (its cluster,
     its application port) or carries bad meshxl labels.
     """
-    if not isinstance(pod, Mapping):
-        raise InjectError("the pod is not a mapping")
+    check_shape(pod)
     meta = _meta(pod)
     spec = pod.get("spec")
     if not isinstance(spec, Mapping):

@@ -29,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as _PROM_TYPE
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 
 from .inject import InjectConfig, InjectError, pod_patch
@@ -105,8 +106,8 @@ def admission_response(review: Any, config: InjectConfig) -> dict[str, Any]:
             json.dumps(result.patch, separators=(",", ":")).encode()).decode()
     if result.warnings:
         response["warnings"] = list(result.warnings)
-    namespace = request.get("namespace") or meta.get("namespace")
-    name = meta.get("name") or meta.get("generateName") or "?"
+    namespace = str(request.get("namespace") or meta.get("namespace"))[:253]
+    name = str(meta.get("name") or meta.get("generateName") or "?")[:253]
     log.info("pod %s/%s: %s%s", namespace, name,
              "injected" if result.patch else "skipped", f" ({result.reason})")
     return _review(response)
@@ -122,7 +123,7 @@ _REVIEWS = web.AppKey("reviews", Counter)
 
 def create_app(config: InjectConfig) -> web.Application:
     """The webhook's routes: ``POST /inject``, ``/healthz``, ``/readyz``, ``/metrics``."""
-    app = web.Application(client_max_size=_MAX_BODY)
+    app = mweb.application(client_max_size=_MAX_BODY)
     registry = CollectorRegistry()
     app[_INJECT_CONFIG] = config
     app[_REVIEWS] = Counter("meshxl_webhook_reviews", "AdmissionReviews answered, by result",
@@ -130,9 +131,9 @@ def create_app(config: InjectConfig) -> web.Application:
 
     async def inject(request: web.Request) -> web.Response:
         try:
-            review = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _bad(app, "the body is not JSON")
+            review = await mweb.read_json(request, _MAX_BODY, what="the body")
+        except mweb.BadJson as exc:
+            return _bad(app, str(exc))
         try:
             answer = admission_response(review, app[_INJECT_CONFIG])
         except ReviewError as exc:
@@ -194,7 +195,7 @@ async def running(config: WebhookConfig) -> AsyncIterator[tuple[web.AppRunner, i
     """Start the HTTPS server; yields the runner and the bound port."""
     context = tls_context(config.tls_cert, config.tls_key)
     host, port = parse_hostport(config.listen, allow_zero=True)
-    runner = web.AppRunner(create_app(config.inject), access_log=None)
+    runner = mweb.Runner(create_app(config.inject))
     await runner.setup()
     reloader = asyncio.create_task(_reload_certificates(context, config))
     try:

@@ -1,38 +1,36 @@
-"""The sidecar's HTTP API (aiohttp). Every error is JSON: ``{"error": ..., "status": ...}``."""
+"""The sidecar's HTTP API (aiohttp). Every error is JSON: ``{"error": ..., "status": ...}``
+(:mod:`meshxl.web`). Every value that is stored (the state, its content type, the trace
+context, a problem's name and detail) is validated and bounded here, at entry, so
+whatever is acknowledged reads back. The API is described by ``openapi.json``.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .record import is_json, valid_session_id
-from .sessions import BadRequest, SessionError, Stored, TooLarge
+from meshxl import web as mweb
+from meshxl.web import error_response, json_errors
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from .membership import MAX_PROBLEMS
+from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
+from .sessions import BadRequest, Conflict, Stored, TooLarge
+
 MERGE_PATCH = "application/merge-patch+json"
+MAX_PROBLEM_DETAIL = 1024
+"""Characters of a problem's detail."""
+PROBLEM_NAME_MAX = 63
 
 
-def error_response(status: int, message: str, **details: Any) -> web.Response:
-    return web.json_response({"error": message, "status": status, **details}, status=status)
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every failure to a JSON body with a message; nothing accepted is lost."""
-    try:
-        return await handler(request)
-    except SessionError as exc:
-        return error_response(exc.status, str(exc), **exc.details)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, f"request body too large: {exc.text}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason, path=request.path)
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of this API (shipped as package data)."""
+    text = resources.files("meshxl.statesync").joinpath("openapi.json").read_text("utf-8")
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 def _session_id(request: web.Request) -> str:
@@ -44,23 +42,27 @@ def _session_id(request: web.Request) -> str:
 
 
 async def _body(request: web.Request, limit: int) -> bytes:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise TooLarge(f"session state is {length} bytes; the limit is {limit}", limit=limit)
-    data = await request.read()
-    if len(data) > limit:
-        raise TooLarge(f"session state is {len(data)} bytes; the limit is {limit}", limit=limit)
-    return data
+    try:
+        return await mweb.read_body(request, limit, what="session state")
+    except mweb.BodyTooLarge as exc:
+        raise TooLarge(str(exc), limit=limit) from None
 
 
 def _content_type(request: web.Request, default: str) -> str:
     """The Content-Type header, which is stored and sent back as a header: a media type
     is printable ASCII (other bytes would come back mangled, or not encode at all)."""
     value = request.headers.get("Content-Type", default)
-    if len(value) > 255 or not all(" " <= c <= "~" for c in value):
+    if value and not valid_content_type(value):
         raise BadRequest("Content-Type must be a media type of at most 255 printable ASCII "
-                         f"characters, such as application/json; got {value[:80]!r}")
+                         f"characters, such as application/json; got {value[:80]!r}",
+                         field="Content-Type")
     return value
+
+
+def _traceparent(request: web.Request) -> str | None:
+    """The request's W3C trace context, kept with the write so a takeover can link to
+    it; an invalid one is ignored (trace context is optional metadata)."""
+    return valid_traceparent(request.headers.get("traceparent"))
 
 
 def _stored_headers(stored: Stored) -> dict[str, str]:
@@ -95,6 +97,7 @@ class SessionRoutes:
         r.add_route("GET", "/readyz", self.readyz)
         r.add_route("GET", "/metrics", self.metrics)
         r.add_route("GET", "/v1/status", self.status)
+        r.add_route("GET", "/openapi.json", self.openapi)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -105,16 +108,16 @@ class SessionRoutes:
         content_type = _content_type(request, "application/octet-stream")
         if is_json(content_type):
             try:
-                json.loads(data)
-            except ValueError as exc:
-                raise BadRequest(f"body is not valid JSON ({exc}); send another "
-                                 "Content-Type to store it as bytes") from None
+                mweb.loads(data)
+            except mweb.BadJson as exc:
+                raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
+                                 field="body") from None
         if_none_match = request.headers.get("If-None-Match")
         if if_none_match is not None and if_none_match.strip() != "*":
             raise BadRequest('If-None-Match takes only "*" (create, never replace)')
         stored = await sessions.put(session_id, data, content_type,
                                     request.headers.get("If-Match"),
-                                    request.headers.get("traceparent"),
+                                    _traceparent(request),
                                     create_only=if_none_match is not None)
         return _write_response(stored)
 
@@ -131,12 +134,12 @@ class SessionRoutes:
                 reason=f"PATCH takes {MERGE_PATCH} (RFC 7386), not {content_type or 'nothing'}")
         data = await _body(request, self.sidecar.sessions.settings.max_bytes)
         try:
-            patch = json.loads(data)
-        except ValueError as exc:
-            raise BadRequest(f"merge patch is not valid JSON: {exc}") from None
+            patch = mweb.loads(data, what="merge patch")
+        except mweb.BadJson as exc:
+            raise BadRequest(str(exc), field="body") from None
         stored = await self.sidecar.sessions.patch(session_id, patch,
                                                    request.headers.get("If-Match"),
-                                                   request.headers.get("traceparent"))
+                                                   _traceparent(request))
         return _write_response(stored)
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -150,25 +153,23 @@ class SessionRoutes:
         return web.json_response({"problems": self.sidecar.membership.problems})
 
     async def put_problem(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if not valid_session_id(name) or len(name) > 63:
-            raise BadRequest(f"invalid problem name {name!r}: use 1-63 characters of "
-                             "A-Z a-z 0-9 . _ ~ -")
+        name = _problem_name(request)
         detail = ""
         if request.can_read_body:
-            raw = await _body(request, 4096)
-            try:
-                body = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                body = {"detail": raw.decode(errors="replace")}
-            detail = str(body.get("detail", "")) if isinstance(body, dict) else str(body)
-        created = await self.sidecar.membership.set_problem(name, detail)
+            raw = await mweb.read_body(request, 4 * MAX_PROBLEM_DETAIL + 64,
+                                       what="problem report")
+            detail = _problem_detail(raw, request.content_type)
+        membership = self.sidecar.membership
+        if name not in membership.problems and len(membership.problems) >= MAX_PROBLEMS:
+            raise Conflict(f"{MAX_PROBLEMS} problems are reported already: clear one first",
+                           field="name")
+        created = await membership.set_problem(name, detail)
         return web.json_response({"problem": name, "detail": detail,
                                   "problems": sorted(self.sidecar.membership.problems)},
                                  status=201 if created else 200)
 
     async def delete_problem(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = _problem_name(request)
         if not await self.sidecar.membership.clear_problem(name):
             return error_response(404, f"no problem {name!r} is set")
         return web.Response(status=204)
@@ -195,6 +196,45 @@ class SessionRoutes:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.sidecar.status(), dumps=_dumps)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+
+def _problem_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if not valid_session_id(name) or len(name) > PROBLEM_NAME_MAX:
+        raise BadRequest(f"invalid problem name {name[:80]!r}: use 1-{PROBLEM_NAME_MAX} "
+                         "characters of A-Z a-z 0-9 . _ ~ -", field="name")
+    return name
+
+
+def _problem_detail(raw: bytes, content_type: str) -> str:
+    """``{"detail": "..."}`` (JSON), or the body as plain text: at most
+    :data:`MAX_PROBLEM_DETAIL` characters of printable text."""
+    if not raw.strip():
+        return ""
+    if is_json(content_type) or raw.lstrip()[:1] == b"{":
+        body = mweb.loads(raw, what="problem report")
+        if not isinstance(body, dict):
+            raise BadRequest('a problem report is {"detail": "<text>"}', field="body")
+        detail = body.get("detail", "")
+        if not isinstance(detail, str):
+            raise BadRequest("detail must be a string", field="detail")
+    else:
+        try:
+            detail = raw.decode()
+        except UnicodeDecodeError:
+            raise BadRequest("a plain-text problem detail must be UTF-8",
+                             field="detail") from None
+    detail = detail.strip()
+    if len(detail) > MAX_PROBLEM_DETAIL:
+        raise BadRequest(f"detail is {len(detail)} characters; the limit is "
+                         f"{MAX_PROBLEM_DETAIL}", field="detail")
+    if not detail.isprintable():
+        raise BadRequest("detail must be printable text (no control characters)",
+                         field="detail")
+    return detail
 
 
 def _dumps(data: Any) -> str:

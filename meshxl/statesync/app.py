@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -23,13 +24,15 @@ import aetcd
 from aiohttp import web
 
 from meshxl import etcd
+from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelError, parse_model
 from meshxl.model import Sessions as SessionDefaults
+from meshxl.model.spec import NAME_PATTERN
 
-from .api import SessionRoutes, json_errors
+from .api import SessionRoutes
 from .auth import check_exposure, token_middleware, valid_token
 from .cache import SessionCache
 from .membership import Membership
@@ -72,6 +75,14 @@ class StatesyncConfig:
     """Bearer token every API request but the health checks must carry (auth.py)."""
 
     def __post_init__(self) -> None:
+        # The names go into etcd keys, every stored record (the owner) and the
+        # registration: bounded here, as the model bounds them.
+        for what, name in (("cluster", self.cluster), ("member", self.member),
+                           ("site", self.site)):
+            if name is not None and not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
+                                 "letters, digits, '.', '_' or '-', starting and ending "
+                                 "with a letter or digit")
         parse_hostport(self.app)
         host, _ = parse_hostport(self.listen, allow_zero=True)
         etcd.check_settings(self.etcd, self.etcd_security)
@@ -99,7 +110,8 @@ class Sidecar:
                                   max_inflight=config.max_inflight,
                                   on_batch=self.metrics.on_batch)
         self.cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
-                                  on_lag=self.metrics.replication_lag.observe)
+                                  on_lag=self.metrics.replication_lag.observe,
+                                  on_undecodable=self.metrics.undecodable.labels("watch").inc)
         self.sessions = Sessions(self.store, self.cache, self.keys, config.cluster,
                                  config.member, settings, self.metrics)
         host, port = parse_hostport(config.app)
@@ -168,7 +180,7 @@ class Sidecar:
             body = json.dumps(self.status(), sort_keys=True, default=str)
             if (lease, body) == last:
                 continue
-            value = json.dumps({**json.loads(body), "published": time.time()}).encode()
+            value = sync_stats_value(json.loads(body), time.time())
             try:
                 async with asyncio.timeout(max(self.config.sync_publish_interval, 1.0)):
                     await self.client.put(key, value, lease=lease)
@@ -221,6 +233,7 @@ class Sidecar:
         self.metrics.revision.set(self.cache.applied)
         self.metrics.local.set(self.sessions.local_sessions)
         self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
+        self.metrics.undecodable_sessions.set(len(self.cache.undecodable))
 
     def status(self) -> dict[str, Any]:
         c, s = self.cache, self.sessions
@@ -235,13 +248,19 @@ class Sidecar:
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
-            "errors": c.errors, "last_error": c.last_error, "bad_records": c.bad_records,
+            "errors": c.errors, "last_error": c.last_error and c.last_error[:500],
+            "bad_records": c.bad_records, "undecodable_sessions": len(c.undecodable),
             "lease_losses": self.membership.lease_losses,
             "etcd_members": etcd.balancer_of(self.client).status(),
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
                          "max_bytes": s.settings.max_bytes},
             "started": self.started,
         }
+
+
+def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
+    """The stored form of a sidecar's statistics (``meshxl sync`` reads it back)."""
+    return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
@@ -280,8 +299,7 @@ def create_app(config: StatesyncConfig) -> web.Application:
     middlewares = [server_middleware()] if tracing.enabled() else []
     if config.token is not None:  # before any work (and before reading a body)
         middlewares.append(token_middleware(config.token))
-    app = web.Application(middlewares=[*middlewares, json_errors],
-                          client_max_size=max_bytes + 65536)
+    app = mweb.application(middlewares=middlewares, client_max_size=max_bytes + 65536)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         client = etcd.client(config.etcd, security=config.etcd_security)
@@ -321,7 +339,7 @@ class _LazyRoutes(SessionRoutes):
 
 async def serve(config: StatesyncConfig) -> None:
     host, port = parse_hostport(config.listen, allow_zero=True)
-    runner = web.AppRunner(create_app(config), access_log=None)
+    runner = mweb.Runner(create_app(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -20,7 +20,7 @@ import aetcd
 from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 
-from .record import SessionRecord
+from .record import SessionRecord, valid_session_id
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class SessionCache:
     """Sessions under ``prefix`` by id; ``applied`` is the last revision fully applied."""
 
     def __init__(self, client: aetcd.Client, prefix: str, *, page_size: int = 2000,
-                 on_lag: Callable[[float], None] | None = None):
+                 on_lag: Callable[[float], None] | None = None,
+                 on_undecodable: Callable[[], None] | None = None):
         self._client = client
         self._prefix = prefix.encode()
         self._page_size = page_size
@@ -52,6 +53,10 @@ class SessionCache:
         self.last_error: str | None = None
         self.errors = 0
         self.bad_records = 0
+        """Undecodable records met (a count of events)."""
+        self.undecodable: dict[str, int] = {}
+        """Session keys whose current record cannot be decoded -> its revision."""
+        self._on_undecodable = on_undecodable
         self.last_lag: float | None = None
 
     # -- reading ---------------------------------------------------------------------------
@@ -120,6 +125,7 @@ class SessionCache:
         """
         end = _prefix_end(self._prefix)
         entries: dict[str, Entry] = {}
+        self.undecodable = {}  # a full read finds them all again
         key, revision, page = self._prefix, 0, self._page_size
         while True:
             request = rpc.RangeRequest(key=key, range_end=end, limit=page, revision=revision)
@@ -138,9 +144,10 @@ class SessionCache:
             if revision == 0:
                 revision = response.header.revision
             for kv in response.kvs:
-                record = self._decode(kv.key, kv.value)
-                if record is not None:
-                    entries[kv.key[len(self._prefix):].decode()] = Entry(kv.mod_revision, record)
+                session_id = self._session_id(kv.key)
+                record = self._decode(session_id, kv.key, kv.value, kv.mod_revision)
+                if record is not None and session_id is not None:
+                    entries[session_id] = Entry(kv.mod_revision, record)
             if not response.more or not response.kvs:
                 break
             key = response.kvs[-1].key + b"\0"
@@ -174,28 +181,59 @@ class SessionCache:
         revision = kv.mod_revision
         if revision < self.applied:  # a replay: the cache already went past it
             return
-        session_id = kv.key[len(self._prefix):].decode()
+        session_id = self._session_id(kv.key)
+        if session_id is None:
+            self._note_bad(kv.key, "not a session id", revision)
+            self.applied = max(self.applied, revision)
+            return
         entry = self.entries.get(session_id)
         if event.kind == "PUT":
             if entry is None or entry.revision < revision:
-                record = self._decode(kv.key, kv.value)
-                if record is not None:
+                record = self._decode(session_id, kv.key, kv.value, revision)
+                if record is None:  # what was cached is not the session any more
+                    self.entries.pop(session_id, None)
+                else:
                     self.entries[session_id] = Entry(revision, record)
                     lag = time.time() - record.updated
                     self.last_lag = lag
                     if self._on_lag is not None:
                         self._on_lag(lag)
-        elif entry is not None and entry.revision < revision:
-            del self.entries[session_id]
+        else:
+            self.undecodable.pop(session_id, None)
+            if entry is not None and entry.revision < revision:
+                del self.entries[session_id]
         self.applied = max(self.applied, revision)
 
-    def _decode(self, key: bytes, value: bytes) -> SessionRecord | None:
+    def _session_id(self, key: bytes) -> str | None:
         try:
-            return SessionRecord.decode(value)
-        except ValueError as exc:
-            self.bad_records += 1
-            log.warning("ignoring %s: %s", key.decode(errors="replace"), exc)
+            session_id = key[len(self._prefix):].decode()
+        except UnicodeDecodeError:
             return None
+        return session_id if valid_session_id(session_id) else None
+
+    def _decode(self, session_id: str | None, key: bytes, value: bytes,
+                revision: int) -> SessionRecord | None:
+        if session_id is None:
+            self._note_bad(key, "not a session id", revision)
+            return None
+        try:
+            record = SessionRecord.decode(value)
+        except ValueError as exc:
+            self._note_bad(key, str(exc), revision, session_id)
+            return None
+        self.undecodable.pop(session_id, None)
+        return record
+
+    def _note_bad(self, key: bytes, why: str, revision: int,
+                  session_id: str | None = None) -> None:
+        """Count an undecodable record (kept out of the cache, reported in status)."""
+        self.bad_records += 1
+        if session_id is not None:
+            self.undecodable[session_id] = revision
+        if self._on_undecodable is not None:
+            self._on_undecodable()
+        log.warning("ignoring %s (revision %d): %s", key[:300].decode(errors="replace"),
+                    revision, why[:300])
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -69,6 +69,10 @@ _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
 
 
+MAX_PROBLEMS = 32
+"""Problems a member reports at once: each is stored in its registration."""
+
+
 def no_answer(exc: BaseException) -> bool:
     """etcd did not answer (down, unreachable, no quorum), as opposed to refusing."""
     if isinstance(exc, TimeoutError | ConnectionFailedError | ConnectionTimeoutError | OSError
@@ -245,9 +249,12 @@ class Membership:
 
     async def set_problem(self, name: str, detail: str = "") -> bool:
         """Report a problem: the member is withdrawn while any is set. True if new."""
-        if not name:
-            raise ValueError("a problem needs a name")
+        if not name or len(name) > 63 or len(detail) > 1024:
+            raise ValueError("a problem needs a name of 1-63 characters and a detail of "
+                             "at most 1024 (both are stored in the registration)")
         info = self._problems.get(name)
+        if info is None and len(self._problems) >= MAX_PROBLEMS:
+            raise ValueError(f"at most {MAX_PROBLEMS} problems at once")
         if info is not None:
             if info["detail"] == detail:
                 return False

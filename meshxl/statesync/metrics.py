@@ -37,6 +37,14 @@ class StatesyncMetrics:
                            "sync_delay, kept on this member only.", registry=r)
         self.revision = Gauge("meshxl_statesync_etcd_revision", "Last etcd revision "
                               "applied to the cache.", registry=r)
+        self.undecodable = Counter("meshxl_statesync_undecodable_records", "Stored session "
+                                   "records this sidecar could not decode (written by a "
+                                   "foreign or broken writer), by where it met them.",
+                                   ["where"], registry=r)
+        self.undecodable_sessions = Gauge("meshxl_statesync_undecodable_sessions", "Sessions "
+                                          "of the cluster whose stored record cannot be "
+                                          "decoded now (PUT or DELETE replaces them).",
+                                          registry=r)
         self.ready = Gauge("meshxl_statesync_ready", "1 when registered and caught up.",
                            registry=r)
 

@@ -8,6 +8,7 @@ JSON needs no re-encoding, and ``etcdctl get`` still shows who owns what. Pure c
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,27 @@ _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 JSON_TYPE = "application/json"
 HEADER_LIMIT = 4096
+"""Bytes the header line may take: every field in it is bounded far below (a member
+name, a media type of at most :data:`MAX_CONTENT_TYPE` characters, two numbers and a
+55-character trace context), so whatever :meth:`SessionRecord.encode` writes decodes."""
+MAX_CONTENT_TYPE = 255
+MAX_OWNER = 253
+TRACEPARENT = re.compile(r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}"
+                         r"-[0-9a-f]{2}$")
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """A W3C ``traceparent`` (``00-<trace id>-<span id>-<flags>``, 55 characters) as
+    given, or None for anything else: trace context is optional metadata, so an
+    invalid one is dropped (as the W3C specification says), never stored."""
+    if value is None or len(value) != 55:
+        return None
+    return value if TRACEPARENT.match(value) else None
+
+
+def valid_content_type(value: str) -> bool:
+    """A media type that can be stored and sent back as a header: printable ASCII."""
+    return 0 < len(value) <= MAX_CONTENT_TYPE and all(" " <= c <= "~" for c in value)
 
 
 def valid_session_id(session_id: str) -> bool:
@@ -41,6 +63,13 @@ class SessionRecord:
     traceparent: str | None = None
     """W3C trace context of the write, so a takeover can link to it."""
 
+    def __post_init__(self) -> None:
+        # Refuse what would not read back (the API validates first, with 4xx answers).
+        if len(self.owner) > MAX_OWNER or len(self.content_type) > MAX_CONTENT_TYPE:
+            raise ValueError("session record owner or content type too long")
+        if self.traceparent is not None and valid_traceparent(self.traceparent) is None:
+            raise ValueError(f"invalid traceparent {self.traceparent[:80]!r}")
+
     def encode(self) -> bytes:
         # Built by hand from JSON-encoded parts: on the write path, 5x cheaper than
         # json.dumps of a dict (strings go through the C string encoder, floats through
@@ -58,13 +87,22 @@ class SessionRecord:
             raise ValueError("session record has no header line")
         try:
             header = json.loads(raw[:newline])
+            owner, content_type = header["owner"], header["type"]
+            if not isinstance(owner, str) or not isinstance(content_type, str):
+                raise TypeError("owner and type must be strings")
+            created, updated = header["created"], header["updated"]
+            if not all(isinstance(t, int | float) and not isinstance(t, bool)
+                       and math.isfinite(t) for t in (created, updated)):
+                raise TypeError("created and updated must be finite numbers")
+            traceparent = header.get("traceparent")
             return cls(
-                owner=sys.intern(str(header["owner"])),
-                content_type=sys.intern(str(header["type"])),
-                created=float(header["created"]),
-                updated=float(header["updated"]),
+                owner=sys.intern(owner),
+                content_type=sys.intern(content_type),
+                created=float(created),
+                updated=float(updated),
                 data=raw[newline + 1:],
-                traceparent=header.get("traceparent"),
+                traceparent=valid_traceparent(traceparent) if isinstance(traceparent, str)
+                else None,
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(f"bad session record header: {exc}") from None

@@ -34,10 +34,11 @@ from typing import Any
 import json_merge_patch
 
 from meshxl.etcdkeys import Keys
+from meshxl.web import HttpError
 
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
-from .record import JSON_TYPE, SessionRecord, is_json
+from .record import JSON_TYPE, SessionRecord, is_json, valid_session_id
 from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,8 @@ UNVERIFIED = "cache-unverified"
 """``X-Meshxl-Source`` of a read served from the cache while etcd does not answer."""
 
 
-class SessionError(Exception):
+class SessionError(HttpError):
     """An API-level failure with the HTTP status it maps to."""
-
-    status = 500
-
-    def __init__(self, message: str, **details: Any):
-        super().__init__(message)
-        self.details = details
 
 
 class BadRequest(SessionError):
@@ -67,6 +62,11 @@ class NotFound(SessionError):
 
 class Conflict(SessionError):
     status = 409
+
+
+class Undecodable(Conflict):
+    """The session's stored record cannot be decoded (a foreign or broken writer put it
+    in etcd): reads and merge patches fail with this; PUT and DELETE replace it."""
 
 
 class PreconditionFailed(SessionError):
@@ -138,7 +138,8 @@ def parse_etag(value: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
     if not text or "," in text or '"' in text:
-        raise BadRequest(f"If-Match must be one ETag such as \"42\", got {value!r}")
+        raise BadRequest(f"If-Match must be one ETag such as \"42\", got {value[:80]!r}",
+                         field="If-Match")
     return text
 
 
@@ -165,6 +166,8 @@ class Sessions:
         """Called (in the request's context) when this member took a session over."""
 
     def key(self, session_id: str) -> bytes:
+        if not valid_session_id(session_id):  # one etcd key segment, bounded
+            raise BadRequest(f"invalid session id {session_id[:80]!r}", field="session_id")
         return self.keys.session(self.cluster, session_id).encode()
 
     # -- per-session serialization ------------------------------------------------------
@@ -241,7 +244,9 @@ class Sessions:
         if state.revision == 0 or state.value is None:
             self.metrics.reads.labels("etcd", "not_found").inc()
             raise NotFound(f"no session {session_id!r}")
-        record = SessionRecord.decode(state.value)
+        record = self._decode(session_id, state.revision, state.value, "read")
+        if record is None:
+            raise self._undecodable(session_id, state.revision)
         self.cache.write_through(session_id, state.revision, record)
         self.metrics.reads.labels("etcd", "ok").inc()
         return Stored(session_id, record, str(state.revision), source="etcd")
@@ -368,7 +373,8 @@ class Sessions:
             if result.ok:
                 return self._acknowledged(op, session_id, result, record, expected, prior)
             current = result.current or KeyState(0)
-            current_record = SessionRecord.decode(current.value) if current.value else None
+            current_record = (self._decode(session_id, current.revision, current.value, op)
+                              if current.value else None)
             if mode == "if-absent":
                 self.metrics.writes.labels(op, "precondition_failed").inc()
                 raise PreconditionFailed(f"session {session_id!r} exists (revision "
@@ -393,9 +399,11 @@ class Sessions:
                     f"(revision {expected}): ownership lost",
                     owner=current_record.owner, revision=current.revision)
             if op == "patch" and current_record is None:
+                if current.revision:
+                    raise self._undecodable(session_id, current.revision)
                 raise NotFound(f"no session {session_id!r}")
-            # New to this member, expired meanwhile, or our own unconfirmed write:
-            # write against what is there now.
+            # New to this member, expired meanwhile, our own unconfirmed write, or an
+            # undecodable record (replaced): write against what is there now.
             expected, prior = current.revision, current_record
         self.metrics.writes.labels(op, "conflict").inc()
         raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
@@ -423,6 +431,24 @@ class Sessions:
                     self._first_access.get(session_id, time.time_ns()), time.time_ns(),
                     prior.traceparent))
         return stored
+
+    def _decode(self, session_id: str, revision: int, raw: bytes,
+                where: str) -> SessionRecord | None:
+        """A stored record, or None (counted, logged) when it cannot be decoded."""
+        try:
+            return SessionRecord.decode(raw)
+        except ValueError as exc:
+            self.metrics.undecodable.labels(where).inc()
+            log.warning("session %s: stored record (revision %d) cannot be decoded: %s",
+                        session_id, revision, str(exc)[:300])
+            return None
+
+    def _undecodable(self, session_id: str, revision: int) -> Undecodable:
+        self.metrics.reads.labels("etcd", "undecodable").inc()
+        return Undecodable(
+            f"session {session_id!r}: the stored record (revision {revision}) cannot be "
+            "decoded (written by another program?); PUT without If-Match replaces it, "
+            "DELETE removes it", undecodable=True, revision=revision)
 
     async def _check(self, key: bytes) -> int:
         try:
@@ -499,10 +525,10 @@ def _revision(tag: str) -> int:
     try:
         revision = int(tag)
     except ValueError:
-        raise BadRequest(f"If-Match must carry an etcd revision such as \"42\", got {tag!r}") \
+        raise BadRequest(f"If-Match must carry an etcd revision such as \"42\", got {tag[:80]!r}") \
             from None
     if revision <= 0:
-        raise BadRequest(f"If-Match revision must be positive, got {revision}")
+        raise BadRequest(f"If-Match revision must be positive, got {tag[:40]}")
     if revision >= 1 << 63:  # etcd revisions are int64: compared, it would not encode
         raise BadRequest(f"If-Match revision {tag[:40]} is beyond etcd's revisions")
     return revision

@@ -27,6 +27,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from meshxl.telemetry import names
 
+from .record import valid_traceparent
 from .sessions import Takeover
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,9 @@ def _offer(tracer: TakeoverTracer, raw: bytes) -> None:
     try:
         record = json.loads(raw)
         member, traceparent = record["member"], record["traceparent"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         log.debug("ignoring a malformed failover record")
         return
-    if isinstance(member, str) and isinstance(traceparent, str):
+    if (isinstance(member, str) and 0 < len(member) <= 253 and isinstance(traceparent, str)
+            and valid_traceparent(traceparent)):
         tracer.failover(member, traceparent)

@@ -450,10 +450,11 @@ class ControlPlane:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _start_admin(self, listen: str) -> None:
+        from meshxl import web as mweb
         from meshxl.addr import parse_hostport
 
         host, port = parse_hostport(listen)
-        app = web.Application()
+        app = mweb.application()
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
@@ -473,7 +474,7 @@ class ControlPlane:
         app.router.add_get("/v1/status", status)
         app.router.add_get("/v1/nodes", nodes)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = mweb.Runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()

@@ -230,8 +230,10 @@ def _check(req: Req, status: int, headers: dict[str, str], body: bytes,
            etcd_down: bool) -> None:
     where = f"{req.method} {req.path[:80]} -> {status} {body[:200]!r}"
     bare_path = req.path.split("?", 1)[0]
-    if req.method not in _METHODS and status == 400 and not body.startswith(b"{"):
-        return  # aiohttp's HTTP parser knows no such method: refused before the app
+    if req.method not in _METHODS and status == 400:
+        # aiohttp's HTTP parser knows no such method: refused before the app, as JSON.
+        assert json.loads(body)["status"] == 400, where
+        return
     if status >= 500:
         documented = status == 503 and (bare_path == "/readyz" or etcd_down)
         assert documented, f"server error: {where}"

@@ -194,6 +194,37 @@ async def test_pod_without_cluster_is_allowed_with_a_warning(webhook: Webhook) -
     assert "no meshxl cluster" in answer["response"]["warnings"][0]
 
 
+@pytest.mark.parametrize("change", [
+    lambda p: p["spec"]["containers"][0].update({"name": ["a", "list"]}),
+    lambda p: p["spec"]["containers"][0].update({"ports": 8080}),
+    lambda p: p["spec"]["containers"][0].update({"volumeMounts": 3}),
+    lambda p: p["spec"].update({"volumes": [{"name": {"nested": 1}}]}),
+    lambda p: p["spec"].update({"affinity": {"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": ["x"]}]}}}),
+    lambda p: p["metadata"].update({"labels": {"meshxl.io/cluster": {"x": 1}}}),
+])
+async def test_malformed_pods_are_allowed_with_a_warning(webhook: Webhook,
+                                                         change: Any) -> None:
+    bad = pod("pod.yaml")
+    change(bad)
+    status, answer = await webhook.post(review(bad))
+    assert status == 200, answer
+    response = answer["response"]
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"][0].startswith("meshxl: not injected:"), response
+
+
+async def test_http_errors_are_json_and_nesting_is_bounded(webhook: Webhook) -> None:
+    for raw in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 70 + b"1" + b"}" * 70):
+        status, answer = await webhook.post(None, raw=raw)
+        assert status == 400 and "nests deeper" in answer["error"], answer
+    for method, path, expected in (("GET", "/inject", 405), ("GET", "/nowhere", 404)):
+        async with webhook.session.request(method, webhook.url + path) as resp:
+            assert resp.status == expected
+            assert resp.content_type == "application/json"
+            assert (await resp.json())["status"] == expected
+
+
 async def test_other_kinds_pass(webhook: Webhook) -> None:
     status, answer = await webhook.post(review({"metadata": {"name": "x"}}, kind="Service"))
     assert status == 200

@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshxl.cli import main
 from meshxl.kube import (
@@ -30,6 +32,7 @@ from meshxl.kube import (
     mutate_pod,
     pod_patch,
 )
+from meshxl.kube.webhook import ReviewError, admission_response
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 CONFIG = InjectConfig(image="registry.example.com/meshxl:1.0",
@@ -414,7 +417,8 @@ def _without(path: list[str], key: str) -> dict[str, Any]:
     (lambda p: p["spec"].update({"volumes": [{"name": ENVOY_VOLUME, "emptyDir": {}}]}),
      "already has a volume named"),
     (lambda p: p["spec"].update({"containers": []}), "no containers"),
-    (lambda p: p["spec"].update({"initContainers": {"a": 1}}), "spec.initContainers is not"),
+    (lambda p: p["spec"].update({"initContainers": {"a": 1}}),
+     "spec.initContainers must be a list"),
     (lambda p: p["metadata"]["annotations"].update({ANNOTATION_ANTI_AFFINITY: "strict"}),
      "meshxl.io/anti-affinity must be 'preferred', 'required' or 'none'"),
     (lambda p: p["spec"].update({"affinity": ["x"]}), "spec.affinity is not a mapping"),
@@ -574,3 +578,88 @@ def test_inject_command_errors(args: list[str], stdin: str | None, message: str)
     assert result.stderr.startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+# -- junk pods and AdmissionReviews (hypothesis) ------------------------------------------
+
+_JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 70_000) | st.floats(allow_nan=False)
+    | st.text(max_size=6) | st.sampled_from(["true", "false", "web", "TCP", "8080", "none",
+                                             "envoy", "required", "ipv6", "zone-a"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=4) | st.sampled_from(["name", "ports", "containerPort", "protocol",
+                                               "topologyKey", "key", "matchExpressions"]),
+        inner, max_size=4),
+    max_leaves=10)
+_KEYS = st.sampled_from(["meshxl.io/inject", "meshxl.io/cluster", "app", "meshxl.io/site",
+                         "meshxl.io/weight", "meshxl.io/app-port", "meshxl.io/proxy",
+                         "meshxl.io/anti-affinity", "meshxl.io/ip-family",
+                         "meshxl.io/status"])
+_VALUES = _JUNK | st.sampled_from(["web", "true", "1", "8080", "zone-a", "envoy", "none"])
+_CONTAINER = st.fixed_dictionaries({}, optional={
+    "name": _VALUES, "env": _JUNK, "volumeMounts": _JUNK,
+    "ports": st.lists(st.fixed_dictionaries({}, optional={"containerPort": _VALUES,
+                                                          "protocol": _VALUES}) | _JUNK,
+                      max_size=2) | _JUNK})
+_AFFINITY = st.dictionaries(
+    st.sampled_from(["podAntiAffinity", "nodeAffinity"]),
+    st.dictionaries(st.sampled_from([PREFERRED, "requiredDuringSchedulingIgnoredDuringExecution"]),
+                    _JUNK | st.lists(st.dictionaries(st.sampled_from(
+                        ["topologyKey", "podAffinityTerm", "nodeSelectorTerms"]), _JUNK),
+                        max_size=2)))
+_SPEC = st.fixed_dictionaries({}, optional={
+    "containers": st.lists(_CONTAINER | _JUNK, max_size=2) | _JUNK,
+    "initContainers": st.lists(_CONTAINER | _JUNK, max_size=2) | _JUNK,
+    "volumes": st.lists(st.dictionaries(st.just("name"), _VALUES) | _JUNK, max_size=2) | _JUNK,
+    "affinity": _AFFINITY | _JUNK, "topologySpreadConstraints": _JUNK,
+    "nodeSelector": st.dictionaries(st.just("topology.kubernetes.io/zone"), _VALUES) | _JUNK})
+_META = st.fixed_dictionaries({}, optional={
+    "labels": st.dictionaries(_KEYS, _VALUES, max_size=4) | _JUNK,
+    "annotations": st.dictionaries(_KEYS, _VALUES, max_size=4) | _JUNK, "name": _VALUES})
+_INJECTABLE = st.builds(
+    lambda meta, spec, containers: {
+        "metadata": {**meta, "labels": {"meshxl.io/cluster": "web"},
+                     "annotations": {"meshxl.io/app-port": "8080", "meshxl.io/site": "a"}},
+        "spec": {**spec, "containers": containers}},
+    _META, _SPEC, st.lists(_CONTAINER, min_size=1, max_size=2))
+JUNK_PODS = st.fixed_dictionaries({}, optional={"metadata": _META | _JUNK,
+                                                "spec": _SPEC | _JUNK}) | _INJECTABLE | _JUNK
+_CONFIGS = [CONFIG, InjectConfig(image="m:1", proxy="none"),
+            InjectConfig(image="m:1", statesync_token_secret="tok",
+                         site_topology_key="topology.kubernetes.io/zone")]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(JUNK_PODS, st.sampled_from(_CONFIGS))
+def test_junk_pods_get_a_patch_or_a_warning_never_an_exception(pod: Any,
+                                                                 config: InjectConfig) -> None:
+    if not isinstance(pod, dict):
+        with pytest.raises(InjectError):
+            mutate_pod(pod, config)
+        return
+    result = pod_patch(pod, config)
+    if result.patch is not None:
+        patched = jsonpatch.apply_patch(pod, result.patch)
+        assert patched["metadata"]["labels"]["meshxl.io/cluster"]
+        assert pod_patch(patched, config).patch is None  # injected once only
+
+
+_REVIEWS = st.builds(
+    lambda uid, kind, op, obj, extra: {"apiVersion": "admission.k8s.io/v1",
+                                       "kind": "AdmissionReview",
+                                       "request": {"uid": uid, "kind": kind, "operation": op,
+                                                   "object": obj, **extra}},
+    st.text(min_size=1, max_size=8) | _JUNK, st.just({"kind": "Pod"}) | _JUNK,
+    st.sampled_from(["CREATE", "UPDATE"]) | _JUNK, JUNK_PODS,
+    st.dictionaries(st.sampled_from(["namespace", "name", "dryRun"]), _JUNK)) | _JUNK
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_REVIEWS)
+def test_junk_admission_reviews_are_answered_or_refused_cleanly(review: Any) -> None:
+    try:
+        answer = admission_response(review, CONFIG)
+    except ReviewError:
+        return
+    assert answer["response"]["allowed"] is True
+    json.dumps(answer)

@@ -161,6 +161,16 @@ def test_sync_report_lists_sidecars_and_the_silent_ones() -> None:
     assert "web" in out.getvalue() and "no statistics" in out.getvalue()
 
 
+def test_sync_view_shows_undecodable_sessions() -> None:
+    stats = {"ready": True, "revision": 7, "undecodable_sessions": 3, "published": 990.0}
+    read = read_of(runtime(), sync={("web", "a"): stats}, registrations={("web", "a"): {}})
+    report = sync_report(read, now=1000.0)
+    assert report["sidecars"][0]["undecodable_sessions"] == 3
+    out = io.StringIO()
+    render_sync(report, Console(file=out, width=250))
+    assert "undecodable" in out.getvalue() and " 3 " in out.getvalue()
+
+
 # -- verify --------------------------------------------------------------------------------
 
 

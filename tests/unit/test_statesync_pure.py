@@ -65,6 +65,8 @@ def test_parse_etag_rejects(value: str) -> None:
     ({"app": "nohost"}, "HOST:PORT"), ({"listen": "127.0.0.1:99999"}, "port"),
     ({"etcd": "ftp://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "TTL"),
     ({"sync_delay": -1}, "delay"), ({"max_bytes": 2_000_000}, "size"),
+    ({"member": "m" * 5000}, "invalid member name"), ({"cluster": "a/b"}, "cluster name"),
+    ({"site": "DC 1"}, "site name"), ({"member": ""}, "member name"),
 ])
 def test_config_rejects_bad_values(change: dict[str, object], message: str) -> None:
     base: dict[str, object] = {"cluster": "c", "member": "a", "app": "127.0.0.1:8080",

@@ -1,0 +1,242 @@
+"""Every format the sidecar stores reads back (hypothesis round trips), and what it cannot
+read is refused with a ValueError, never another exception.
+
+Formats: the session record, the member registration (with problem reports), the sync
+statistics, the failover records it reads and the trace context it keeps; plus the
+entry checks (trace context, content type, problem detail, bounded JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from aetcd import rpc
+from aetcd.rtypes import Event
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshxl import web as mweb
+from meshxl.etcdkeys import Keys
+from meshxl.model import Registration
+from meshxl.observe import _load
+from meshxl.statesync.api import MAX_PROBLEM_DETAIL, _problem_detail
+from meshxl.statesync.app import sync_stats_value
+from meshxl.statesync.cache import SessionCache
+from meshxl.statesync.membership import registration_document
+from meshxl.statesync.record import (
+    HEADER_LIMIT,
+    SessionRecord,
+    valid_content_type,
+    valid_session_id,
+    valid_traceparent,
+)
+from meshxl.statesync.sessions import BadRequest
+from meshxl.statesync.tracing import TakeoverTracer, _offer
+
+FAST = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+names = st.from_regex(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?", fullmatch=True)
+hexes = st.text("0123456789abcdef", min_size=1)
+traceparents = st.builds(
+    lambda v, t, s, f: f"{v}-{t}-{s}-{f}",
+    st.from_regex(r"[0-9a-e][0-9a-f]", fullmatch=True),
+    st.from_regex(r"[0-9a-f]{32}", fullmatch=True).filter(lambda t: t != "0" * 32),
+    st.from_regex(r"[0-9a-f]{16}", fullmatch=True).filter(lambda s: s != "0" * 16),
+    st.from_regex(r"[0-9a-f]{2}", fullmatch=True))
+content_types = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
+                        max_size=255)
+times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
+records = st.builds(SessionRecord, owner=names, content_type=content_types, created=times,
+                    updated=times, data=st.binary(max_size=2000),
+                    traceparent=st.none() | traceparents)
+
+
+@FAST
+@given(records)
+def test_session_record_round_trips(record: SessionRecord) -> None:
+    raw = record.encode()
+    assert raw.index(b"\n") < HEADER_LIMIT
+    assert SessionRecord.decode(raw) == record
+
+
+@FAST
+@given(st.binary(max_size=300) | st.builds(lambda h, d: h + b"\n" + d,
+                                           st.binary(max_size=200), st.binary(max_size=20)))
+def test_session_record_decode_refuses_junk_with_value_error(raw: bytes) -> None:
+    try:
+        record = SessionRecord.decode(raw)
+    except ValueError:
+        return
+    assert SessionRecord.decode(record.encode()) == record  # what decodes re-encodes
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(["owner", "type", "created", "updated",
+                                        "traceparent", "x"]),
+                       st.none() | st.booleans() | st.integers() | st.floats()
+                       | st.text(max_size=80) | st.lists(st.integers(), max_size=2)),
+       st.binary(max_size=20))
+def test_session_record_decode_checks_every_header_field(header: dict[str, Any],
+                                                         data: bytes) -> None:
+    raw = json.dumps(header).encode() + b"\n" + data
+    try:
+        record = SessionRecord.decode(raw)
+    except ValueError:
+        return
+    assert isinstance(record.owner, str) and isinstance(record.content_type, str)
+    assert math.isfinite(record.created) and math.isfinite(record.updated)
+    assert record.traceparent is None or valid_traceparent(record.traceparent)
+    SessionRecord.decode(record.encode())
+
+
+@FAST
+@given(st.text(max_size=120) | traceparents)
+def test_trace_context_is_kept_only_when_valid(value: str) -> None:
+    kept = valid_traceparent(value)
+    assert kept is None or (kept == value and len(value) == 55)
+    if kept is None:
+        with pytest.raises(ValueError):
+            SessionRecord("a", "text/plain", 1.0, 1.0, b"", value)
+
+
+@pytest.mark.parametrize("value", [
+    "00-" + "a" * 6000, "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", ""])
+def test_invalid_trace_contexts(value: str) -> None:
+    assert valid_traceparent(value) is None
+
+
+@FAST
+@given(st.text(max_size=300))
+def test_content_type_check_bounds_what_is_stored(value: str) -> None:
+    if valid_content_type(value):
+        SessionRecord("a", value, 1.0, 1.0, b"").encode()
+    else:
+        assert not value or len(value) > 255 or any(not " " <= c <= "~" for c in value)
+
+
+problems = st.dictionaries(
+    st.from_regex(r"[A-Za-z0-9._~-]{1,63}", fullmatch=True).filter(valid_session_id),
+    st.fixed_dictionaries({"detail": st.text(max_size=MAX_PROBLEM_DETAIL).filter(
+        str.isprintable), "since": st.just("2026-01-01T00:00:00.000+00:00")}),
+    max_size=32)
+
+
+@FAST
+@given(address=st.from_regex(r"[a-z0-9.:-]{1,60}", fullmatch=True),
+       port=st.integers(1, 65535), site=st.none() | names,
+       weight=st.none() | st.integers(1, 10_000), ready=st.booleans(), problems=problems)
+def test_registration_round_trips(address: str, port: int, site: str | None,
+                                  weight: int | None, ready: bool,
+                                  problems: dict[str, dict[str, str]]) -> None:
+    doc = registration_document(address=address, port=port, site=site, weight=weight,
+                                ready=ready, problems=problems, sidecar="127.0.0.1:7070",
+                                pid=1, since="s", updated="u")
+    raw = json.dumps(doc, sort_keys=True).encode()
+    back = json.loads(raw)
+    assert back == doc and back["problem_details"] == problems
+    reg = Registration.from_dict(back)
+    assert (reg.address, reg.port, reg.site, reg.weight, reg.ready) == (
+        address, port, site, weight, ready)
+    assert reg.problems == tuple(sorted(problems))
+    assert len(raw) < 200_000  # far below etcd's request limit, even at the bounds
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                          allow_infinity=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10),
+                                                                inner, max_size=4),
+    max_leaves=20)
+
+
+@FAST
+@given(st.dictionaries(st.text(max_size=20), json_values, max_size=10), times)
+def test_sync_statistics_round_trip(stats: dict[str, Any], published: float) -> None:
+    assert _load(sync_stats_value(stats, published)) == {**stats, "published": published}
+
+
+@FAST
+@given(st.binary(max_size=200) | st.builds(lambda m, t: json.dumps(
+    {"member": m, "traceparent": t}).encode(), json_values, json_values | traceparents))
+def test_failover_records_of_any_shape_are_ignored_or_used(raw: bytes) -> None:
+    tracer = TakeoverTracer("c", "a")
+    _offer(tracer, raw)  # never raises
+
+
+@FAST
+@given(json_values)
+def test_bounded_json_reads_back_what_is_not_too_deep(value: Any) -> None:
+    raw = json.dumps(value).encode()
+    assert mweb.loads(raw) == value
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 200_000])
+def test_bounded_json_refuses_deep_nesting(depth: int) -> None:
+    for raw in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+        with pytest.raises(mweb.BadJson, match="nests deeper"):
+            mweb.loads(raw)
+    assert mweb.json_depth(json.loads(b"[" * 64 + b"]" * 64)) == 64
+
+
+@FAST
+@given(st.binary(max_size=500))
+def test_bounded_json_refuses_junk_with_bad_json(raw: bytes) -> None:
+    try:
+        mweb.loads(raw)
+    except mweb.BadJson:
+        pass
+
+
+@FAST
+@given(st.binary(max_size=1200) | st.builds(
+    lambda d: json.dumps({"detail": d}).encode(), json_values | st.text(max_size=1100)),
+    st.sampled_from(["application/json", "text/plain", ""]))
+def test_problem_detail_is_bounded_printable_text(raw: bytes, content_type: str) -> None:
+    try:
+        detail = _problem_detail(raw, content_type)
+    except (BadRequest, mweb.BadJson) as exc:
+        assert exc.status == 400
+        return
+    assert isinstance(detail, str) and len(detail) <= MAX_PROBLEM_DETAIL
+    assert detail.isprintable()
+
+
+PREFIX = "/meshxl/v1/sessions/c/"
+
+
+@FAST
+@given(st.binary(min_size=1, max_size=40), st.binary(max_size=100))
+def test_cache_skips_foreign_keys_and_records(suffix: bytes, value: bytes) -> None:
+    cache = SessionCache(None, PREFIX)  # type: ignore[arg-type]  # never touches etcd
+    kv = rpc.KeyValue(key=PREFIX.encode() + suffix, value=value, mod_revision=3)
+    cache._apply(Event(rpc.Event.PUT, kv))
+    assert cache.applied == 3
+    for session_id, entry in cache.entries.items():
+        assert valid_session_id(session_id) and entry.revision == 3
+    assert len(cache.entries) + cache.bad_records == 1
+    assert set(cache.undecodable) <= {suffix.decode(errors="replace")}
+
+
+def test_cache_counts_undecodable_sessions_until_replaced_or_deleted() -> None:
+    cache = SessionCache(None, PREFIX)  # type: ignore[arg-type]
+    good = SessionRecord("a", "text/plain", 1.0, 1.0, b"x").encode()
+    for revision, (kind, value) in enumerate([("PUT", good), ("PUT", b"junk"),
+                                              ("PUT", good), ("PUT", b"junk"),
+                                              ("DELETE", b"")], start=2):
+        kv = rpc.KeyValue(key=(PREFIX + "s").encode(), value=value, mod_revision=revision)
+        cache._apply(Event(rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE, kv))
+        broken = value == b"junk"
+        assert cache.undecodable == ({"s": revision} if broken else {})
+        assert (cache.get("s") is None) == (broken or kind == "DELETE")
+
+
+def test_session_ids_in_keys_are_validated() -> None:
+    with pytest.raises(ValueError):
+        Keys().session("c", "a/b")
