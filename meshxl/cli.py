@@ -23,8 +23,17 @@ from meshxl.model import ModelError, load_model
 T = TypeVar("T")
 
 
+def _one_line(text: object) -> str:
+    """A message as one line: line breaks and other control characters escaped."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in value)
+
+
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"meshxl: {message}", err=True)
+    click.echo(f"meshxl: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -394,8 +403,34 @@ site.command("online", help="Let a site take traffic again.")(_site_cmd(False))
 def _console() -> Any:
     from rich.console import Console
 
-    # Piped output keeps whole rows (rich would wrap at 80 columns otherwise).
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    # Piped output keeps whole rows (rich would wrap at 80 columns otherwise). Nothing
+    # printed is markup: the tables build their cells as plain Text (meshxl.tables).
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200,
+                   markup=False, highlight=False, emoji=False)
+
+
+async def _no_model(client: Any, keys: Keys) -> str:
+    """Why there is nothing to show: no model under the prefix, and where one is."""
+    from meshxl.etcdkeys import DEFAULT_ROOT
+
+    root = keys.root
+    message = (f"no model stored under etcd prefix {root!r} (key {keys.model}): "
+               "run 'meshxl apply FILE' first")
+    candidates = [DEFAULT_ROOT, "/" + root.strip("/"), root.strip("/"),
+                  "/" + root.strip("/").lower()]
+    found = []
+    for candidate in dict.fromkeys(c for c in candidates if c and c != root):
+        try:
+            other = Keys(candidate)
+        except ValueError:
+            continue
+        if other.model != keys.model and await client.get(other.model.encode()) is not None:
+            found.append(candidate)
+    if found:
+        message += f"; did you mean --etcd-prefix {found[0]}?"
+        if len(found) > 1:
+            message += f" (models also under {', '.join(found[1:])})"
+    return message
 
 
 @main.command()
@@ -411,7 +446,7 @@ def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls:
     from meshxl.tables import render_status
 
     report = _mesh_view(lambda read: status_report(read, cluster), model_file, etcd_urls,
-                        etcd_root)
+                        etcd_root, require_model=True)
     if cluster is not None and not report["clusters"] and not report["model_error"]:
         _fail(f"unknown cluster {cluster!r}")
     _show(report, output, render_status)
@@ -430,19 +465,30 @@ def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: s
     from meshxl.tables import render_sync
 
     _show(_mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
-                     etcd_root), output, render_sync)
+                     etcd_root, require_model=False), output, render_sync)
 
 
 def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
-               etcd_urls: str, etcd_root: str) -> dict[str, Any]:
-    """Read everything meshxl keeps in etcd once and build a report from it."""
+               etcd_urls: str, etcd_root: str, *, require_model: bool) -> dict[str, Any]:
+    """Read everything meshxl keeps in etcd once and build a report from it.
+
+    Nothing stored under the prefix is an error that says so (a mistyped
+    ``--etcd-prefix`` must not look like an empty mesh); ``require_model``: a missing
+    model is one even when sidecars publish statistics there.
+    """
     from meshxl.observe import read_mesh
+    from meshxl.ops import OpsError
 
     text, source = _model_text(model_file)
 
     async def go() -> dict[str, Any]:
         async with _etcd_client(etcd_urls) as client:
-            return build(await read_mesh(client, Keys(etcd_root), text, source))
+            keys = Keys(etcd_root)
+            read = await read_mesh(client, keys, text, source)
+            if read.model is None and read.model_error is None and (
+                    require_model or not read.sync):
+                raise OpsError(await _no_model(client, keys))
+            return build(read)
 
     return _run(go)
 
@@ -478,8 +524,13 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
             _fail(f"--envoy-admin needs an http(s) URL, got {url!r}")
 
     async def go() -> dict[str, Any]:
+        from meshxl.ops import OpsError
+
         async with _etcd_client(etcd_urls) as client:
-            return await run_verify(client, Keys(etcd_root), envoy_admin, text, source,
+            keys = Keys(etcd_root)
+            if text is None and await client.get(keys.model.encode()) is None:
+                raise OpsError(await _no_model(client, keys))
+            return await run_verify(client, keys, envoy_admin, text, source,
                                     settle=settle)
 
     from meshxl.tables import render_verify
@@ -534,7 +585,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     async def go() -> tuple[int, dict[str, Any]]:
         async with _etcd_client(etcd_urls) as client:
             return await run_drill(client, Keys(etcd_root), cfg,
-                                   say=lambda line: click.echo(f"drill: {line}"))
+                                   say=lambda line: click.echo(f"drill: {_one_line(line)}"))
 
     try:
         code, report = _run(go)
@@ -543,7 +594,9 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
         raise AssertionError("unreachable") from None
     if report.get("refused"):
         for reason_line in report["refused"]:
-            click.echo(f"meshxl drill: refused: {reason_line}", err=True)
+            click.echo(f"meshxl drill: refused: {_one_line(reason_line)}", err=True)
+    if report.get("abort_reason"):
+        click.echo(f"meshxl drill: aborted: {_one_line(report['abort_reason'])}", err=True)
     click.echo(f"drill {report['result']}: {report['files']['markdown']}")
     sys.exit(code)
 
