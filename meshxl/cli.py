@@ -39,6 +39,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async command, turning known errors into one line and exit 1."""
+    from meshxl.addr import ListenError
     from meshxl.etcd import EtcdAuthError, EtcdEndpointError, EtcdSecurityError, describe_error
     from meshxl.ops import OpsError
     from meshxl.tls import TlsFileError
@@ -49,7 +50,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except (OpsError, EtcdEndpointError, EtcdSecurityError, EtcdAuthError,
-            TlsFileError) as exc:
+            TlsFileError, ListenError) as exc:
         _fail(str(exc))
     except ModelError as exc:
         for problem in exc.problems:
@@ -728,8 +729,13 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
 @click.option("--log-level", default="info", show_default=True)
 def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
     """A small OTLP/gRPC trace receiver writing JSON lines (local runs and tests)."""
+    from meshxl.addr import ListenError, parse_listen
     from meshxl.telemetry.receiver import serve_receiver
 
+    try:
+        parse_listen(listen)
+    except ListenError as exc:
+        _fail(str(exc))
     _setup_logging(log_level)
     _run(lambda: serve_receiver(listen, str(path)))
 

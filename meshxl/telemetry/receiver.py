@@ -24,6 +24,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
     add_TraceServiceServicer_to_server,
 )
 
+from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
+
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 32 * 1024 * 1024
@@ -99,12 +101,11 @@ class TraceReceiver:
             raise RuntimeError("the receiver is already started")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
+                                          *GRPC_SERVER_OPTIONS])
         add_TraceServiceServicer_to_server(_Servicer(self), server)
         try:
-            port = server.add_insecure_port(listen)
-            if port == 0:  # older grpcio reports a failed bind this way
-                raise RuntimeError(f"cannot listen on {listen}")
+            port = bind_grpc(server, listen)  # ListenError: busy port, bad address
             await server.start()
         except BaseException:
             self._file.close()
