@@ -212,3 +212,57 @@ def test_grpc_servers_never_share_a_port() -> None:
             if isinstance(node, ast.Attribute) and node.attr in ("add_insecure_port",
                                                                  "add_secure_port"):
                 assert path.name == "addr.py", f"{path}: bind through meshxl.addr.bind_grpc"
+
+
+async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
+    start_sidecar: Any, etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    from meshxl.ops import apply_model
+
+    keys = Keys()
+    await apply_model(etcd_client, keys, MODEL.replace("name: c", "name: other"), "test")
+    sidecar = await start_sidecar(cluster="c", member="m", etcd=etcd.url, app_port=8080,
+                                  site="dc1")
+
+    async def warned() -> Any:
+        return [w for w in (await sidecar.status())["warnings"] if "not in the model" in w]
+
+    [warning] = await wait_for(warned, 20, "the sidecar's model warning")
+    assert warning.startswith("cluster 'c' is not in the model (clusters: other)")
+    await wait_for(lambda: warning in sidecar.logs(), 10, "the warning in the log")
+
+    # Nothing changes on the sidecar, and its statistics are still published again.
+    async def published() -> Any:
+        got = await etcd_client.get(keys.sync_stats("c", "m").encode())
+        return got is not None and json.loads(got.value)
+
+    first = await wait_for(published, 20, "statistics published")
+    assert first["publish_interval"] == 2.0
+    later = await wait_for(lambda: _newer(published, first["published"]), 20,
+                           "statistics published again")
+    assert later["published"] > first["published"]
+    code, out, err = await meshxl("sync", "--etcd", etcd.url, "--output", "json")
+    [row] = json.loads(out)["sidecars"]
+    assert row["stale"] is False and row["age_seconds"] < 6, row
+
+    # A model change is noticed: the cluster appears but not the sidecar's site.
+    await apply_model(etcd_client, keys, MODEL.replace(
+        "members:", "sites: [{name: dc2}]\n  members:"), "test")
+
+    async def site_warning() -> Any:
+        return [w for w in (await sidecar.status())["warnings"] if "dc1" in w]
+
+    [warning] = await wait_for(site_warning, 20, "the site warning")
+    assert warning == ("site 'dc1' is not a site of cluster c in the model (sites: dc2)")
+    await apply_model(etcd_client, keys, MODEL.replace(
+        "members:", "sites: [{name: dc2}, {name: dc1}]\n  members:"), "test")
+
+    async def clear() -> bool:
+        return not (await sidecar.status())["warnings"]
+
+    await wait_for(clear, 20, "the warning cleared")
+
+
+async def _newer(read: Any, than: float) -> Any:
+    got = await read()
+    return got and got["published"] > than and got
