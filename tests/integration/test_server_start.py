@@ -266,3 +266,11 @@ async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
 async def _newer(read: Any, than: float) -> Any:
     got = await read()
     return got and got["published"] > than and got
+
+
+async def test_statesync_with_etcd_unreachable_fails_in_one_line() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, _, err = await meshxl(*statesync_argv("127.0.0.1:0", dead), timeout=60)
+    assert code == 1
+    line = one_line_error(err)
+    assert line.startswith("meshxl: etcd request failed") and dead.split("//")[1] in line

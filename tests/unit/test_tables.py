@@ -140,3 +140,17 @@ def test_drill_markdown_keeps_outside_text_literal(site: str, reason: str, detai
         assert len(cells) in (6, 7), row
     assert not any(re.search(r"(?<!\\)[\[\]<>`*_]", line) for line in lines[1:]
                    if not line.startswith(("|", "Result: ", "SLO review")))
+
+
+def test_demo_summary_shows_failure_texts_literally(tmp_path: Any) -> None:
+    from meshxl.demo.failover import print_summary
+
+    report = {"mode": "[b]ha", "killed_member": "[/red]", "kill_at_s": 1.0, "requests": 10,
+              "per_member_requests": {"a": 10}, "failed_requests": 1,
+              "failures": {"ServerDisconnectedError: [/] closed": 1}, "lost_writes": 0,
+              "acknowledged_writes": 9, "rto_ms": {}, "takeover_ms": {}}
+    out = io.StringIO()
+    print_summary(Console(file=out, width=300, color_system=None), report, tmp_path / "[x]")
+    text = out.getvalue()
+    assert "ServerDisconnectedError: [/] closed" in text and "member [/red]" in text
+    assert "[x]/report.json" in text
