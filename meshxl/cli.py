@@ -411,27 +411,9 @@ def _console() -> Any:
 
 
 async def _no_model(client: Any, keys: Keys) -> str:
-    """Why there is nothing to show: no model under the prefix, and where one is."""
-    from meshxl.etcdkeys import DEFAULT_ROOT
+    from meshxl.ops import no_model_message
 
-    root = keys.root
-    message = (f"no model stored under etcd prefix {root!r} (key {keys.model}): "
-               "run 'meshxl apply FILE' first")
-    candidates = [DEFAULT_ROOT, "/" + root.strip("/"), root.strip("/"),
-                  "/" + root.strip("/").lower()]
-    found = []
-    for candidate in dict.fromkeys(c for c in candidates if c and c != root):
-        try:
-            other = Keys(candidate)
-        except ValueError:
-            continue
-        if other.model != keys.model and await client.get(other.model.encode()) is not None:
-            found.append(candidate)
-    if found:
-        message += f"; did you mean --etcd-prefix {found[0]}?"
-        if len(found) > 1:
-            message += f" (models also under {', '.join(found[1:])})"
-    return message
+    return await no_model_message(client, keys)
 
 
 @main.command()

@@ -71,8 +71,9 @@ async def test_status_without_a_model_says_why_and_suggests_the_prefix(
     assert "no model stored under etcd prefix '/meshxl'" in line and "meshxl apply" in line
 
     await apply_model(etcd_client, KEYS, MODEL, "test")
-    for command in ("status", "verify", "sync"):
-        code, out, err = await meshxl(command, "--etcd", etcd.url, "--etcd-prefix", "meshxl")
+    for command in (["status"], ["verify"], ["sync"], ["member", "down", "c", "a"],
+                    ["site", "offline", "dc1"]):
+        code, out, err = await meshxl(*command, "--etcd", etcd.url, "--etcd-prefix", "meshxl")
         assert code == 1, (command, out, err)
         line = one_line_error(err)
         assert "no model stored under etcd prefix 'meshxl'" in line, line
