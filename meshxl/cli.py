@@ -236,11 +236,11 @@ def _report_action(done: dict[str, Any], verified: dict[str, Any] | None, output
     if output == "json":
         _print_json(done)
     else:
-        click.echo(line)
+        click.echo(_one_line(line))
         if verified is not None:
             click.echo("every connected Envoy acknowledged the change" if verified["ok"]
-                       else "not converged: " + "; ".join(
-                           p["message"] for p in verified["mismatches"]))
+                       else _one_line("not converged: " + "; ".join(
+                           p["message"] for p in verified["mismatches"])))
     if verified is not None and not verified["ok"]:
         sys.exit(1)
 
