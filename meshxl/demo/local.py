@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from meshxl.binaries import find_etcd
 
 HOST = "127.0.0.1"
 
@@ -36,14 +37,6 @@ def free_ports(count: int, host: str = HOST) -> list[int]:
     while len(ports) < count:
         ports.add(free_port(host))
     return sorted(ports)
-
-
-def find_etcd() -> str:
-    found = os.environ.get("MESHXL_ETCD_BINARY") or shutil.which("etcd")
-    if not found:
-        raise LocalError("etcd is not installed: run `make setup` (installs Debian's "
-                         "etcd-server) or pass --etcd URL of a running etcd")
-    return found
 
 
 class LocalProcess:

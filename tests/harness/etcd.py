@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import aetcd
 import aiohttp
 
+from meshxl import binaries
 from tests.harness.ports import free_ports
 from tests.harness.procs import Harness, HarnessError, ManagedProcess
 
@@ -42,14 +42,11 @@ class EtcdNotInstalled(HarnessError):
 
 
 def find_etcd() -> str:
-    found = os.environ.get("MESHXL_ETCD_BINARY") or shutil.which("etcd")
-    if not found:
-        raise EtcdNotInstalled(
-            "etcd is not installed: integration tests need a real etcd 3.4+ server on PATH "
-            "(Debian: `apt-get install etcd-server`, or run `make setup`); "
-            "set MESHXL_ETCD_BINARY=/path/to/etcd to use another binary"
-        )
-    return found
+    try:
+        return binaries.find_etcd()
+    except binaries.MissingBinary as exc:
+        raise EtcdNotInstalled(f"integration tests need a real etcd 3.4+ server: {exc} "
+                               "(or run `make setup`)") from None
 
 
 class EtcdServer:

@@ -26,9 +26,12 @@ from google.protobuf import json_format
 
 from meshxl.cli import main
 from meshxl.istio import IstioOptions, IstioRenderError, render_model
-from meshxl.model import RuntimeState, cluster_view, parse_model
+from meshxl.istio.render import HA_FAILOVER_PRIORITY, istio_priority, role_labels
+from meshxl.model import RuntimeState, cluster_view, load_model, parse_model
+from meshxl.model.runtime import AdminAction, Registration
 
 CRDS = Path(__file__).parent / "fixtures" / "istio" / "istio-networking-crds.yaml"
+REPO = Path(__file__).resolve().parents[2]
 OPTIONS = IstioOptions(namespace="shop")
 _GO_DURATION = re.compile(r"^(\d+(\.\d+)?(h|m|s|ms|us|ns))+$")
 
@@ -126,6 +129,7 @@ clusters:
       - {name: orders-0, address: 10.0.0.1, port: 8080}
       - {name: orders-1, address: 10.0.0.2, port: 8080}
       - {name: orders-2, address: 10.0.0.3, port: 8080}
+    listener: {port: 8080}
 """,
     # Maestro dual site in HA mode: active and standby in dc1, backup in dc2.
     "HA_TWO_SITES": """
@@ -138,6 +142,7 @@ clusters:
       - {name: orders-0, address: 10.0.0.1, port: 8080, site: dc1}
       - {name: orders-1, address: 10.0.0.2, port: 8080, site: dc1}
       - {name: orders-2, address: 10.1.0.1, port: 8080, site: dc2}
+    listener: {port: 8080}
 """,
     # Load sharing, sticky by cookie on a hash ring.
     "LS_COOKIE": """
@@ -152,6 +157,7 @@ clusters:
     members:
       - {name: cart-0, address: 10.0.0.1, port: 9090}
       - {name: cart-1, address: 10.0.0.2, port: 9090, weight: 200}
+    listener: {port: 9090}
 """,
     # Load sharing over two sites: dc1 active-active, dc2 takes over when dc1 is down.
     "LS_TWO_SITES_SOURCE_IP": """
@@ -177,6 +183,7 @@ clusters:
       - {name: search-0, address: 10.0.0.1, port: 80, site: dc1}
       - {name: search-1, address: 10.1.0.1, port: 80, site: dc2}
     retries: {attempts: 0}
+    listener: {port: 80}
 """,
     "THREE_SITES": """
 clusters:
@@ -188,6 +195,7 @@ clusters:
       - {name: ledger-0, address: 10.0.0.1, port: 7000, site: dc1}
       - {name: ledger-1, address: 10.1.0.1, port: 7000, site: dc2}
       - {name: ledger-2, address: 10.2.0.1, port: 7000, site: dc3}
+    listener: {port: 7000}
 """,
 }
 
@@ -240,7 +248,8 @@ def test_every_shape_validates_and_names_objects(name: str) -> None:
     assert dr["metadata"]["namespace"] == "shop"
     assert dr["spec"]["host"] == f"{cluster}.shop.svc.cluster.local"
     assert (ef["apiVersion"], ef["kind"]) == ("networking.istio.io/v1alpha3", "EnvoyFilter")
-    assert ef["metadata"]["namespace"] == "istio-system", "root namespace: every sidecar"
+    assert ef["metadata"]["namespace"] == "shop", "the Service's namespace, not mesh-wide"
+    assert "workloadSelector" not in ef["spec"]
     for patch in ef["spec"]["configPatches"]:
         assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
         assert patch["patch"]["operation"] == "MERGE"
@@ -253,10 +262,9 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
                                     "maglev": {"tableSize": 4099}}
     assert lb["localityLbSetting"] == {
         "enabled": True,
-        "failoverPriority": ["statefulset.kubernetes.io/pod-name=orders-0"]}
-    assert rendered.warnings == [
-        "cluster orders: members orders-1, orders-2 (meshxl priorities 1, 2) share "
-        "Istio priority 1"]
+        "failoverPriority": ["meshxl.io/serving=true", "meshxl.io/preferred=true",
+                             "meshxl.io/role=active"]}
+    assert rendered.warnings == []
     outlier = traffic_policy(rendered)["outlierDetection"]
     assert outlier == {"splitExternalLocalOriginErrors": True,
                        "consecutiveLocalOriginFailures": 1, "consecutive5xxErrors": 5,
@@ -268,17 +276,14 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
     assert traffic_policy(rendered)["connectionPool"] == {"tcp": {"connectTimeout": "250ms"}}
     route = patches(rendered)["HTTP_ROUTE"]
     assert route["match"]["routeConfiguration"] == {
-        "vhost": {"name": "orders.shop.svc.cluster.local:8080"}}
+        "vhost": {"name": "orders.shop.svc.cluster.local:8080",
+                  "route": {"action": "ROUTE"}}}
     retry = route["patch"]["value"]["route"]["retry_policy"]
     assert retry == {
         "retry_on": "connect-failure,refused-stream,reset,gateway-error",
         "num_retries": 3,
         "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
         "per_try_timeout": "2s",
-        "retry_host_predicate": [{
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host."
-                                      "previous_hosts.v3.PreviousHostsPredicate"}}],
         "host_selection_retry_max_attempts": 5,
         "retry_priority": {
             "name": "envoy.retry_priorities.previous_priorities",
@@ -290,6 +295,7 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
     assert cluster["match"]["cluster"] == {"service": "orders.shop.svc.cluster.local",
                                            "portNumber": 8080}
     value = cluster["patch"]["value"]
+    assert value["ignore_health_on_host_removal"] is True
     assert value["common_lb_config"] == {"healthy_panic_threshold": {"value": 0},
                                          "update_merge_window": "0s"}
     check = value["health_checks"][0]
@@ -300,19 +306,60 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
     assert "ring_hash_lb_config" not in value
 
 
+def _pod_priorities(spec: Any, runtime: RuntimeState, chain: list[str]) -> dict[str, int]:
+    """The priorities istiod gives the member pods labelled by ``meshxl istio label``."""
+    labels = {name: {k: v for k, v in pod.items() if v is not None}
+              for name, pod in role_labels(cluster_view(spec, runtime)).items()}
+    return {name: istio_priority(pod, chain) for name, pod in labels.items()}
+
+
 def test_ha_two_sites_istio_priorities_equal_meshxl_tiers() -> None:
     rendered = render("HA_TWO_SITES")
     lb = traffic_policy(rendered)["loadBalancer"]
     assert lb["consistentHash"]["maglev"] == {"tableSize": 131}
     chain = lb["localityLbSetting"]["failoverPriority"]
-    assert chain == ["meshxl.io/site=dc1", "statefulset.kubernetes.io/pod-name=orders-0"]
+    assert chain == list(HA_FAILOVER_PRIORITY)
     assert rendered.warnings == []
     spec = parse_model(MODELS["HA_TWO_SITES"]).clusters[0]
     view = cluster_view(spec, RuntimeState())
-    pods = {m.name: {"meshxl.io/site": m.site, "statefulset.kubernetes.io/pod-name": m.name}
-            for m in view.members}
-    assert istio_priorities(pods, chain) == {m.name: m.priority for m in view.members} == \
+    assert _pod_priorities(spec, RuntimeState(), chain) == \
+        {m.name: m.priority for m in view.members} == \
         {"orders-0": 0, "orders-1": 1, "orders-2": 2}
+
+
+def _registered(*members: tuple[str, str, bool]) -> dict[tuple[str, str], Registration]:
+    return {("orders", name): Registration(address="10.0.0.1", port=8080, site=site,
+                                           ready=ready) for name, site, ready in members}
+
+
+def test_registered_members_get_active_standby_from_role_labels() -> None:
+    """The repo's Kubernetes model: members register, none is listed. The role labels
+    give one active, one standby, and follow member down, readiness and lost members."""
+    model = load_model(REPO / "deploy" / "kubernetes" / "base" / "model.yaml")
+    spec = model.clusters[0]
+    assert (spec.mode, spec.membership, spec.members) == ("high-availability",
+                                                         "registered", [])
+    rendered = render_model(model, OPTIONS)
+    for obj in rendered.objects:
+        check_crd(obj)
+    chain = rendered.objects[0]["spec"]["trafficPolicy"]["loadBalancer"][
+        "localityLbSetting"]["failoverPriority"]
+    regs = _registered(("orders-0", "dc1", True), ("orders-1", "dc1", True),
+                       ("orders-2", "dc2", True))
+    runtime = RuntimeState(registrations=regs)
+    assert _pod_priorities(spec, runtime, chain) == {"orders-0": 0, "orders-1": 1,
+                                                     "orders-2": 2}
+    down = RuntimeState(registrations=regs,
+                        members_down={("orders", "orders-0"): AdminAction("drain")})
+    assert _pod_priorities(spec, down, chain) == {"orders-0": 3, "orders-1": 0,
+                                                  "orders-2": 1}
+    syncing = RuntimeState(registrations=_registered(
+        ("orders-0", "dc1", False), ("orders-1", "dc1", True), ("orders-2", "dc2", True)))
+    assert _pod_priorities(spec, syncing, chain) == {"orders-0": 3, "orders-1": 0,
+                                                     "orders-2": 1}
+    offline = RuntimeState(registrations=regs, sites_offline={"dc1": AdminAction("dr")})
+    assert _pod_priorities(spec, offline, chain) == {"orders-0": 3, "orders-1": 3,
+                                                     "orders-2": 0}
 
 
 def test_load_sharing_cookie_ring_hash_one_tier() -> None:
@@ -326,8 +373,7 @@ def test_load_sharing_cookie_ring_hash_one_tier() -> None:
     assert lb["localityLbSetting"] == {"enabled": False}
     retry = patches(rendered)["HTTP_ROUTE"]["patch"]["value"]["route"]["retry_policy"]
     assert "retry_priority" not in retry, "load sharing: no move to a lower tier"
-    assert retry["retry_host_predicate"][0]["name"] == \
-        "envoy.retry_host_predicates.previous_hosts"
+    assert "retry_host_predicate" not in retry, "Istio's default route has it already"
     value = patches(rendered)["CLUSTER"]["patch"]["value"]
     assert value["ring_hash_lb_config"] == {"maximum_ring_size": 65536}
     assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 9090
@@ -347,12 +393,14 @@ def test_load_sharing_two_sites_source_ip() -> None:
     assert policy["outlierDetection"]["maxEjectionPercent"] == 50
     assert policy["connectionPool"]["tcp"]["connectTimeout"] == "100ms"
     retry = patches(rendered)["HTTP_ROUTE"]["patch"]["value"]["route"]["retry_policy"]
-    assert "retry_host_predicate" not in retry and "host_selection_retry_max_attempts" \
-        not in retry
+    assert "retry_host_predicate" not in retry
+    assert any("previous_hosts: false holds only on VirtualService routes" in w
+               for w in rendered.warnings)
     assert (retry["num_retries"], retry["per_try_timeout"]) == (2, "0.5s")
     assert patches(rendered)["HTTP_ROUTE"]["match"]["routeConfiguration"]["vhost"]["name"] \
         == "api.shop.svc.cluster.local:443"
     assert "health_checks" not in patches(rendered)["CLUSTER"]["patch"]["value"]
+    assert "ignore_health_on_host_removal" not in patches(rendered)["CLUSTER"]["patch"]["value"]
 
 
 def test_shared_rank_sites_without_stickiness_or_retries() -> None:
@@ -375,59 +423,61 @@ def test_three_sites_merge_the_later_ones_with_a_warning() -> None:
 
 def test_region_failover_is_offered_with_its_hashing_caveat() -> None:
     rendered = render("HA_TWO_SITES", IstioOptions(namespace="shop", site_failover="region"))
+    # The member tier stays: Istio orders by failoverPriority first (priority x 5 plus
+    # the client-relative locality priority).
     assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"] == {
+        "enabled": True,
+        "failoverPriority": ["meshxl.io/serving=true", "meshxl.io/preferred=true",
+                             "meshxl.io/role=active"],
+        "failover": [{"from": "dc1", "to": "dc2"}, {"from": "dc2", "to": "dc1"}]}
+    assert "relative to each client's region" in rendered.warnings[0]
+    ls = render("LS_TWO_SITES_SOURCE_IP", IstioOptions(namespace="shop", ports={"*": 443},
+                                                       site_failover="region"))
+    assert traffic_policy(ls)["loadBalancer"]["localityLbSetting"] == {
         "enabled": True, "failover": [{"from": "dc1", "to": "dc2"},
                                       {"from": "dc2", "to": "dc1"}]}
-    assert "relative to each client's region" in rendered.warnings[0]
 
 
 def test_options_change_hosts_labels_and_namespaces() -> None:
     options = IstioOptions(namespace="prod", cluster_domain="corp.local",
                            root_namespace="mesh-root", site_label="topology.example/site",
+                           filter_namespace="mesh-root", client_selector={"app": "web"},
                            ports={"*": 80})
-    rendered = render("HA_TWO_SITES", options)
+    rendered = render("THREE_SITES", options)
     dr, ef = rendered.objects
-    assert dr["spec"]["host"] == "orders.prod.svc.corp.local"
+    assert dr["spec"]["host"] == "ledger.prod.svc.corp.local"
     assert ef["metadata"]["namespace"] == "mesh-root"
+    assert ef["spec"]["workloadSelector"] == {"labels": {"app": "web"}}
     assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"]["failoverPriority"][0] \
         == "topology.example/site=dc1"
     assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 80
+    mesh_wide = render_model(parse_model(MODELS["THREE_SITES"]),
+                             IstioOptions(filter_namespace="istio-system"))
+    assert "patch every sidecar of the mesh" in mesh_wide.warnings[0]
 
 
 @pytest.mark.parametrize(("model", "options", "message"), [
     ("""
 clusters:
   - name: a
+    mode: load-sharing
     sites: [{name: dc1, failover_rank: 0}, {name: dc2, failover_rank: 0}, {name: dc3}]
     members: [{name: a-0, address: 10.0.0.1, port: 80, site: dc1}]
+    listener: {port: 80}
 """, {}, "cluster a: sites dc1, dc2 share the first failover rank"),
-    ("""
-clusters:
-  - name: a
-    members:
-      - {name: a-0, address: 10.0.0.1, port: 80, priority: 0}
-      - {name: a-1, address: 10.0.0.2, port: 80, priority: 0}
-      - {name: a-2, address: 10.0.0.3, port: 80, priority: 1}
-""", {}, "cluster a: the active tier (a-0, a-1) is neither one member nor a whole"),
     ("""
 clusters:
   - name: a
     sites: [{name: dc1}, {name: dc2}]
     outlier_detection: {enabled: false}
     members: [{name: a-0, address: 10.0.0.1, port: 80, site: dc1}]
+    listener: {port: 80}
 """, {}, "cluster a: Istio fails over between sites or members only with outlier"),
     ("""
 clusters:
   - name: a
     membership: registered
-""", {}, "cluster a: it lists no members; give its Service port (--port a=PORT)"),
-    ("""
-clusters:
-  - name: a
-    members:
-      - {name: a-0, address: 10.0.0.1, port: 80}
-      - {name: a-1, address: 10.0.0.2, port: 81}
-""", {}, "cluster a: its members use different ports"),
+""", {}, "cluster a: no listener port in the model; give its Service port (--port a=PORT)"),
     ("clusters: [{name: a, members: [{name: a-0, address: 10.0.0.1, port: 80}]}]",
      {"ports": {"b": 80}}, "--port names clusters not in the model: b"),
 ])
@@ -451,13 +501,14 @@ def test_render_command(tmp_path: Path) -> None:
         ("DestinationRule", "meshxl-cart"), ("EnvoyFilter", "meshxl-shop-cart")]
     for doc in docs:
         check_crd(doc)
-    assert result.stderr.startswith("meshxl: warning: cluster orders: members orders-1")
+    assert result.stderr == ("meshxl: warning: cluster cart: member weights (cart-1) are "
+                             "not rendered: Istio weighs endpoints itself\n")
 
 
 @pytest.mark.parametrize(("model", "args", "message"), [
     ("clusters: [{name: a, mode: hot}]", [], "clusters[0].mode:"),
     ("clusters: [{name: a, membership: registered}]", [],
-     "meshxl: cluster a: it lists no members"),
+     "meshxl: cluster a: no listener port in the model"),
     ("clusters: [{name: a, membership: registered}]", ["--port", "a=http"],
      "meshxl: bad --port 'a=http'"),
 ])
@@ -491,3 +542,100 @@ def test_balance_factor_becomes_an_envoy_filter_cluster_patch() -> None:
     value = patches(rendered)["CLUSTER"]["patch"]["value"]
     assert value["common_lb_config"]["consistent_hashing_lb_config"] == {
         "hash_balance_factor": 150}
+
+
+# -- ports, repo models, merge semantics ----------------------------------------------------
+
+
+def _service(name: str, *ports: tuple[int, int]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"ports": [{"port": p, "targetPort": t} for p, t in ports]}}
+
+
+def test_the_port_is_the_service_port_not_the_target_port() -> None:
+    model = parse_model(MODELS["HA_ONE_SITE"])  # members and listener on 8080
+    options = IstioOptions(namespace="shop", services={"orders": _service("orders", (80, 8080))})
+    rendered = render_model(model, options)
+    assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 80
+    assert patches(rendered)["HTTP_ROUTE"]["match"]["routeConfiguration"]["vhost"]["name"] \
+        == "orders.shop.svc.cluster.local:80"
+    with pytest.raises(IstioRenderError, match=re.escape(
+            "cluster orders: Service orders has no port 8080 (its ports: 80); the "
+            "EnvoyFilter would match nothing")):
+        render_model(model, IstioOptions(namespace="shop", ports={"orders": 8080},
+                                          services=options.services))
+    with pytest.raises(IstioRenderError, match="has ports 80, 443; choose one"):
+        render_model(model, IstioOptions(namespace="shop", services={
+            "orders": _service("orders", (80, 8080), (443, 8443))}))
+
+
+@pytest.mark.parametrize("path", ["deploy/kubernetes/base/model.yaml",
+                                  "deploy/examples/quickstart.yaml"])
+def test_the_repo_models_render_without_a_port(path: str) -> None:
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(REPO / path)])
+    assert result.exit_code == 0, result.output
+    for doc in yaml.safe_load_all(result.stdout):
+        if doc:
+            check_crd(doc)
+
+
+def test_render_command_reads_services(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODELS["HA_ONE_SITE"])
+    services = tmp_path / "svc.yaml"
+    services.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [
+        _service("orders", (80, 8080))]}))
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), "-n", "shop",
+                                       "--services", str(services)])
+    assert result.exit_code == 0, result.output
+    ef = list(yaml.safe_load_all(result.stdout))[1]
+    assert ef["spec"]["configPatches"][1]["match"]["cluster"]["portNumber"] == 80
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), "-n", "shop",
+                                       "--services", str(services), "--port", "8080"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("meshxl: cluster orders: Service orders has no port 8080")
+
+
+def _istio_default_route(cluster: str) -> route_components_pb2.Route:
+    """The route Istio builds for a Service without a VirtualService
+    (BuildDefaultHTTPOutboundRoute: the non-hashing default retry policy)."""
+    return json_format.ParseDict({
+        "name": "default", "match": {"prefix": "/"},
+        "route": {"cluster": cluster, "timeout": "0s",
+                  "retry_policy": {
+                      "retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
+                                  "retriable-status-codes",
+                      "num_retries": 2, "host_selection_retry_max_attempts": 5,
+                      "retry_host_predicate": [{
+                          "name": "envoy.retry_host_predicates.previous_hosts",
+                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
+                                                    "retry.host.previous_hosts.v3."
+                                                    "PreviousHostsPredicate"}}]},
+                  "hash_policy": [{"header": {"header_name": "x-session-id"}}]}},
+        route_components_pb2.Route())
+
+
+def test_route_patch_merged_like_istio_keeps_one_previous_hosts() -> None:
+    rendered = render("HA_ONE_SITE")
+    route = _istio_default_route("outbound|8080||orders.shop.svc.cluster.local")
+    patch = json_format.ParseDict(patches(rendered)["HTTP_ROUTE"]["patch"]["value"],
+                                  route_components_pb2.Route())
+    route.MergeFrom(patch)  # Istio's MERGE: proto merge, lists appended
+    policy = route.route.retry_policy
+    assert [p.name for p in policy.retry_host_predicate] == [
+        "envoy.retry_host_predicates.previous_hosts"]
+    assert policy.num_retries.value == 3
+    assert policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    assert route.route.cluster == "outbound|8080||orders.shop.svc.cluster.local"
+    assert route.route.hash_policy[0].header.header_name == "x-session-id"
+    # Only routes whose action is a route: never a redirect or direct response, where
+    # a merged `route` would leave a route action without a cluster.
+    assert patches(rendered)["HTTP_ROUTE"]["match"]["routeConfiguration"]["vhost"][
+        "route"] == {"action": "ROUTE"}
+
+
+def test_istio_mode_warns_about_weights() -> None:
+    rendered = render("LS_COOKIE")
+    assert rendered.warnings == ["cluster cart: member weights (cart-1) are not rendered: "
+                                 "Istio weighs endpoints itself"]

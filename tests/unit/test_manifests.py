@@ -31,6 +31,9 @@ KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.name for p in (KUBE / "overlays").iterdir() if p.is_dir())
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 NAMESPACE = "meshxl-system"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+#: The only workload that calls the Kubernetes API (istio overlay): pod labels.
+API_CLIENTS = {"meshxl-istio-label"}
 
 
 def _kubectl() -> str:
@@ -165,7 +168,7 @@ def test_overlay_validates_against_kubernetes_schemas(overlay: str,
     assert docs
     for doc in docs:
         kind, name = doc["kind"], doc["metadata"]["name"]
-        if kind != "Namespace" and not kind.endswith("WebhookConfiguration"):
+        if kind not in CLUSTER_SCOPED and not kind.endswith("WebhookConfiguration"):
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{kind}/{name}"
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshxl"
         if doc["apiVersion"].startswith("cert-manager.io/"):
@@ -214,7 +217,7 @@ def test_workloads_are_highly_available_and_probed(overlay: str, render: Render)
         assert labels["meshxl.io/inject"] == "false", name
         pod = template["spec"]
         assert pod["serviceAccountName"] in accounts, name
-        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["automountServiceAccountToken"] is (name in API_CLIENTS), name
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         for container in pod["containers"]:
             requests = container["resources"]["requests"]
@@ -326,11 +329,25 @@ def test_services_select_pods_and_ports(overlay: str, render: Render) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_kubernetes_api_permissions(overlay: str, render: Render) -> None:
-    """Least privilege: meshxl never calls the Kubernetes API, so nothing is granted."""
-    kinds = {d["kind"] for d in render(overlay)}
-    assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}
-    for account in (d for d in render(overlay) if d["kind"] == "ServiceAccount"):
+    """Least privilege: meshxl calls the Kubernetes API only in Istio mode, to label
+    member pods: list and patch pods, nothing else, for its own account."""
+    docs = render(overlay)
+    rbac = [d for d in docs
+            if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
+    for account in (d for d in docs if d["kind"] == "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
+    if overlay != "istio":
+        assert rbac == []
+        return
+    role = _find(docs, "ClusterRole", "meshxl-istio-label")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
+                              "verbs": ["list", "patch"]}]
+    binding = _find(docs, "ClusterRoleBinding", "meshxl-istio-label")
+    assert binding["roleRef"]["name"] == "meshxl-istio-label"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meshxl-istio-label",
+                                    "namespace": NAMESPACE}]
+    assert {(d["kind"], d["metadata"]["name"]) for d in rbac} == {
+        ("ClusterRole", "meshxl-istio-label"), ("ClusterRoleBinding", "meshxl-istio-label")}
 
 
 @pytest.mark.parametrize("overlay", [o for o in OVERLAYS if o != "istio"])
@@ -354,7 +371,8 @@ def test_control_plane(overlay: str, render: Render) -> None:
     model = parse_model(model_map["data"][config.name])
     assert [c.name for c in model.clusters] == ["orders"]
     pdb = _find(docs, "PodDisruptionBudget", "meshxl-xds")
-    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {
+        "app.kubernetes.io/name": "meshxl-xds"}}}
 
 
 @pytest.mark.parametrize("overlay", ["default", "self-signed", "istio"])
@@ -498,8 +516,76 @@ def test_self_signed_certificate_reaches_the_webhook(render: Render) -> None:
 def test_istio_overlay_leaves_the_envoys_to_istiod(render: Render) -> None:
     docs = render("istio")
     assert not [d for d in docs if d["metadata"]["name"] == "meshxl-xds"]
+    # Nothing refers to what the overlay deleted (the injector's xDS address).
+    assert "meshxl-xds" not in yaml.safe_dump_all(docs)
     namespace = _find(docs, "Namespace", NAMESPACE)
     assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
+    label = _find(docs, "Deployment", "meshxl-istio-label")
+    container = label["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["istio", "label"]
+    assert _arg(container, "--etcd") == "http://meshxl-etcd:2379"
+    config = Path(_arg(container, "--filename"))
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
+    assert config.parent == Path(mount["mountPath"])
+    port = _arg(container, "--health-listen").rpartition(":")[2]
+    assert {p["containerPort"] for p in container["ports"]} == {int(port)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_disruption_budgets_never_block_a_drain(overlay: str, render: Render) -> None:
+    """minAvailable: 1 refuses every eviction once a workload is down to one replica."""
+    for pdb in (d for d in render(overlay) if d["kind"] == "PodDisruptionBudget"):
+        assert "minAvailable" not in pdb["spec"], pdb["metadata"]["name"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def _admits(policy: dict[str, Any], port: str, labels: dict[str, str],
+            same_namespace: bool) -> bool:
+    """Whether a NetworkPolicy ingress rule lets a pod with ``labels`` reach ``port``."""
+    for rule in policy["spec"].get("ingress", []):
+        if all(p["port"] != port for p in rule.get("ports", [])):
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "namespaceSelector" not in peer and not same_namespace:
+                continue
+            selector = peer.get("podSelector", {})
+            if not selector.get("matchLabels", {}).items() <= labels.items():
+                continue
+            if all(e["key"] in labels for e in selector.get("matchExpressions", [])
+                   if e["operator"] == "Exists"):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_etcd_network_policy(overlay: str, render: Render) -> None:
+    docs = render(overlay)
+    policy = _find(docs, "NetworkPolicy", "meshxl-etcd")
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    etcd = [w for w in _workloads(docs)
+            if selected.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+    assert [w["metadata"]["name"] for w in etcd] == \
+        (["meshxl-etcd-proxy"] if overlay == "external-etcd" else ["meshxl-etcd"])
+    ports = {p["name"] for p in etcd[0]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        assert {p["port"] for p in rule["ports"]} <= ports
+    # meshxl's own etcd clients get in; an injected member of any namespace gets in.
+    for workload in _workloads(docs):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        name = workload["metadata"]["name"]
+        if name in {"meshxl-xds", "meshxl-istio-label"}:
+            assert _admits(policy, "client", labels, same_namespace=True), name
+        if name == "meshxl-webhook":
+            assert not _admits(policy, "client", labels, same_namespace=True), name
+    member = {"app": "orders", "meshxl.io/cluster": "orders"}
+    assert _admits(policy, "client", member, same_namespace=False)
+    assert not _admits(policy, "client", {"app": "intruder"}, same_namespace=False)
+    assert not _admits(policy, "client", {"app": "intruder"}, same_namespace=True)
+    if overlay != "external-etcd":
+        assert not _admits(policy, "peer", member, same_namespace=False)
+        assert _admits(policy, "peer", {"app.kubernetes.io/name": "meshxl-etcd"}, True)
 
 
 def test_image_set_in_a_derived_overlay_reaches_the_injected_sidecars(tmp_path: Path,

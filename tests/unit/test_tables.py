@@ -148,7 +148,7 @@ def test_demo_summary_shows_failure_texts_literally(tmp_path: Any) -> None:
     report = {"mode": "[b]ha", "killed_member": "[/red]", "kill_at_s": 1.0, "requests": 10,
               "per_member_requests": {"a": 10}, "failed_requests": 1,
               "failures": {"ServerDisconnectedError: [/] closed": 1}, "lost_writes": 0,
-              "acknowledged_writes": 9, "rto_ms": {}, "takeover_ms": {}}
+              "acknowledged_writes": 9, "rto_ms": {}, "takeover_ms": {}, "files": {}}
     out = io.StringIO()
     print_summary(Console(file=out, width=300, color_system=None), report, tmp_path / "[x]")
     text = out.getvalue()

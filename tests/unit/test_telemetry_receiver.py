@@ -1,4 +1,6 @@
-"""The OTLP/gRPC receiver against the SDK's own exporters, on loopback."""
+"""The OTLP/gRPC receiver and meshxl's OTLP exporters, against the SDK's file exporter,
+on loopback. Nothing here imports ``opentelemetry.proto``: meshxl does not depend on
+which copy of it is installed (xds-protos ships an older one at the same paths)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,6 @@ import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.json.file.trace_exporter import FileSpanExporter
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -27,10 +22,22 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanKind, StatusCode
 
 from meshxl.telemetry import names
+from meshxl.telemetry.export import ExportSettings, GrpcSpanExporter
+from meshxl.telemetry.otlp import (
+    EXPORT_METHOD,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from meshxl.telemetry.receiver import TraceReceiver, proto_to_otlp_json, serve_receiver
 
 WAIT = 5.0
-EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+EXPORT = EXPORT_METHOD
+SPAN_KIND_SERVER, STATUS_CODE_OK = 2, 1
+
+
+def export_stub(channel: grpc.aio.Channel) -> Any:
+    return channel.unary_unary(EXPORT, request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=ExportTraceServiceResponse.FromString)
 
 
 def sdk_spans() -> list[ReadableSpan]:
@@ -71,15 +78,18 @@ async def receiver(tmp_path: Path) -> AsyncIterator[TraceReceiver]:
     await r.stop()
 
 
+@pytest.mark.parametrize("gzip", [False, True])
 async def test_receiver_writes_what_file_span_exporter_writes(tmp_path: Path,
-                                                              receiver: TraceReceiver) -> None:
+                                                              receiver: TraceReceiver,
+                                                              gzip: bool) -> None:
     spans = sdk_spans()
     written = tmp_path / "sdk.jsonl"
     exporter = FileSpanExporter(written)
     assert exporter.export(spans) is SpanExportResult.SUCCESS
     exporter.shutdown()
 
-    otlp = OTLPSpanExporter(endpoint=f"127.0.0.1:{receiver.port}", insecure=True, timeout=5)
+    otlp = GrpcSpanExporter(ExportSettings(endpoint=f"http://127.0.0.1:{receiver.port}",
+                                           timeout=5, gzip=gzip))
     try:
         # The gRPC exporter blocks; the receiver needs this event loop to answer.
         assert await asyncio.to_thread(otlp.export, spans) is SpanExportResult.SUCCESS
@@ -114,9 +124,9 @@ def test_proto_to_otlp_json_uses_hex_ids_integer_enums_and_string_int64() -> Non
     scope_spans = request.resource_spans.add().scope_spans.add()
     span = scope_spans.spans.add(
         trace_id=bytes(range(16)), span_id=b"\x00\x01\x02\x03\xfc\xfd\xfe\xff",
-        parent_span_id=b"\xff" * 8, name="GET /session", kind=Span.SPAN_KIND_SERVER,
-        start_time_unix_nano=2**62, end_time_unix_nano=2**62 + 1,
-        status=Status(code=Status.STATUS_CODE_OK))
+        parent_span_id=b"\xff" * 8, name="GET /session", kind=SPAN_KIND_SERVER,
+        start_time_unix_nano=2**62, end_time_unix_nano=2**62 + 1)
+    span.status.code = STATUS_CODE_OK
     span.links.add(trace_id=b"\xab" * 16, span_id=b"\xcd" * 8)
     attribute = span.attributes.add(key="blob")
     attribute.value.bytes_value = b"\x00\xff"
@@ -133,21 +143,56 @@ def test_proto_to_otlp_json_uses_hex_ids_integer_enums_and_string_int64() -> Non
 
 
 async def test_empty_and_undecodable_requests_leave_the_server_serving(
-        receiver: TraceReceiver) -> None:
+        receiver: TraceReceiver, caplog: pytest.LogCaptureFixture) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{receiver.port}") as channel:
-        stub = TraceServiceStub(channel)
-        assert await stub.Export(ExportTraceServiceRequest()) == ExportTraceServiceResponse()
+        export = export_stub(channel)
+        assert await export(ExportTraceServiceRequest()) == ExportTraceServiceResponse()
         raw = channel.unary_unary(EXPORT)  # no serializers: bytes as they are
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await raw(b"\xff\xff\xff garbage")
-        assert failed.value.code() is not grpc.StatusCode.OK
+        # Loud, not silent: the sender gets a reason, the receiver's log an error.
+        assert failed.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "ExportTraceServiceRequest" in (failed.value.details() or "")
+        assert receiver.failures == 1
+        assert any(r.levelname == "ERROR" and "could not be decoded" in r.getMessage()
+                   for r in caplog.records)
         request = ExportTraceServiceRequest()
         request.resource_spans.add().scope_spans.add().spans.add(
             trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="after")
-        await stub.Export(request)
+        await export(request)
     assert (receiver.exports, receiver.spans) == (1, 1)
     [line] = read_lines(receiver.path)
     assert [s["name"] for s in spans_of(line)] == ["after"]
+
+
+def test_otlp_messages_come_from_descriptors_of_meshxl_own() -> None:
+    """Not from whichever opentelemetry/proto copy is installed (xds-protos ships an older
+    one, without scope_spans, at the same paths as opentelemetry-proto)."""
+    from google.protobuf import descriptor_pool
+
+    from meshxl.telemetry import otlp
+
+    assert otlp.ExportTraceServiceRequest.DESCRIPTOR.file.pool is not descriptor_pool.Default()
+    fields = otlp.POOL.FindMessageTypeByName("opentelemetry.proto.trace.v1.ResourceSpans")
+    assert fields.fields_by_name["scope_spans"].number == 2
+
+
+def test_envoy_spans_round_trip_through_the_wire_format() -> None:
+    """A line Envoy's spans produced in a demo run: OTLP/JSON -> protobuf bytes -> the
+    receiver's decoding -> the same OTLP/JSON."""
+    import copy
+
+    from meshxl.telemetry.otlp import request_from_otlp_json
+
+    fixture = Path(__file__).parent / "fixtures" / "traces" / "recorded-demo-ha.jsonl"
+    envoy_lines = [line for line in read_lines(fixture)
+                   if any(a["value"].get("stringValue") == "envoy"
+                          for rs in line["resourceSpans"]
+                          for a in rs["resource"]["attributes"])]
+    assert envoy_lines
+    for line in envoy_lines:
+        wire = request_from_otlp_json(copy.deepcopy(line)).SerializeToString()
+        assert proto_to_otlp_json(ExportTraceServiceRequest.FromString(wire)) == line
 
 
 async def test_serve_receiver_appends_until_cancelled(tmp_path: Path) -> None:
@@ -161,7 +206,7 @@ async def test_serve_receiver_appends_until_cancelled(tmp_path: Path) -> None:
     request.resource_spans.add().scope_spans.add().spans.add(
         trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="served")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        await TraceServiceStub(channel).Export(request, wait_for_ready=True, timeout=WAIT)
+        await export_stub(channel)(request, wait_for_ready=True, timeout=WAIT)
     # The answer comes after the line is written and flushed.
     earlier, line = read_lines(path)
     assert earlier == {"resourceSpans": []}

@@ -1,0 +1,6 @@
+"""``python -m meshxl``: the ``meshxl`` command."""
+
+from meshxl.cli import main
+
+if __name__ == "__main__":
+    main(prog_name="meshxl")

@@ -1,0 +1,288 @@
+"""``meshxl istio check``: what would make meshxl's Istio objects ineffective (pure).
+
+In the spirit of ``istioctl analyze``: it reads a namespace's objects (files or
+``kubectl get ... -o yaml`` output: multi-document YAML and ``List`` kinds) and the
+model, renders what ``meshxl istio render`` would, and reports:
+
+* another DestinationRule for a cluster's host (Istio keeps one traffic policy per
+  host: meshxl's may be the one dropped);
+* a Service port the EnvoyFilter does not match (the patches then apply to nothing);
+* a meshxl DestinationRule without outlier detection (Istio ignores the failover
+  order without it);
+* an Istio too old for the objects (DestinationRule v1 needs 1.22, ``retryBudget``
+  1.27), from ``--istio-version`` or the istiod Deployment's image tag;
+* high-availability member pods without role labels (``meshxl istio label`` not
+  running: every member would share one priority);
+* VirtualService retries that disagree with ``retries.previous_hosts``;
+* EnvoyFilters in the root namespace without a workload selector.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from meshxl.model import ModelSpec
+
+from .render import (
+    ROLE_LABEL,
+    IstioOptions,
+    IstioRenderError,
+    render_cluster,
+    service_ports,
+)
+
+__all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
+           "load_objects"]
+
+#: Oldest Istio for DestinationRule networking.istio.io/v1 and failoverPriority
+#: label=value entries; retryBudget needs 1.27.
+MIN_ISTIO = (1, 22)
+RETRY_BUDGET_ISTIO = (1, 27)
+_MAX_INPUT = 32 * 1024 * 1024
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?")
+
+
+class CheckInputError(ValueError):
+    """Objects that cannot be read (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Literal["error", "warning"]
+    cluster: str
+    object: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def load_objects(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Kubernetes objects from YAML files ('-': stdin), ``List`` kinds flattened."""
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            if str(path) == "-":
+                text = sys.stdin.read(_MAX_INPUT + 1)
+            else:
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read(_MAX_INPUT + 1)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckInputError(f"{path}: {exc}") from None
+        if len(text) > _MAX_INPUT:
+            raise CheckInputError(f"{path}: larger than {_MAX_INPUT // (1024 * 1024)} MiB")
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError as exc:
+            raise CheckInputError(f"{path}: not YAML: {exc}".splitlines()[0]) from None
+        for doc in docs:
+            out += _flatten(doc, str(path))
+    return out
+
+
+def _flatten(doc: Any, where: str) -> list[dict[str, Any]]:
+    if doc is None:
+        return []
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+        raise CheckInputError(f"{where}: a document is not a Kubernetes object (no kind)")
+    if doc["kind"] == "List" or doc["kind"].endswith("List") and "items" in doc:
+        items = doc.get("items") or []
+        if not isinstance(items, list):
+            raise CheckInputError(f"{where}: {doc['kind']} items is not a list")
+        return [o for item in items for o in _flatten(item, where)]
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        raise CheckInputError(f"{where}: a {doc['kind']} has no metadata.name")
+    if not isinstance(meta.get("namespace", ""), str) or \
+            not isinstance(meta.get("labels", {}), dict):
+        raise CheckInputError(f"{where}: {doc['kind']} {meta['name']}: metadata.namespace "
+                              "must be a string and metadata.labels a mapping")
+    return [doc]
+
+
+def istio_version_of(objects: Iterable[Mapping[str, Any]]) -> tuple[int, int] | None:
+    """The Istio minor version from the istiod Deployment's image tag, if present."""
+    for obj in objects:
+        if obj.get("kind") != "Deployment":
+            continue
+        if not str(obj["metadata"]["name"]).startswith("istiod"):
+            continue
+        template = _map(_map(obj.get("spec")).get("template"))
+        for container in _list(_map(template.get("spec")).get("containers")):
+            image = str(container.get("image", "")) if isinstance(container, dict) else ""
+            tag = image.rsplit("/", 1)[-1].partition(":")[2].partition("@")[0]
+            version = parse_version(tag)
+            if version is not None:
+                return version
+    return None
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    match = _VERSION.match(text.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    """A mapping field of an object, or empty when it is missing or malformed."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _ref(obj: Mapping[str, Any]) -> str:
+    meta = obj["metadata"]
+    ns = meta.get("namespace")
+    return f"{obj['kind']} {f'{ns}/' if ns else ''}{meta['name']}"
+
+
+def _host_matches(host: str, name: str, options: IstioOptions,
+                  namespace: str | None = None) -> bool:
+    """Whether a DestinationRule/VirtualService host names the cluster's Service. A
+    short name is resolved in the object's own ``namespace``, as Istio does."""
+    ns = options.namespace
+    fqdn = f"{name}.{ns}.svc.{options.cluster_domain}"
+    if host == name:
+        return (namespace or ns) == ns
+    if host in (f"{name}.{ns}", f"{name}.{ns}.svc", fqdn):
+        return True
+    if host.startswith("*"):
+        return fqdn.endswith(host[1:])
+    return False
+
+
+def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions, *,
+          istio_version: tuple[int, int] | None = None) -> list[Finding]:
+    findings: list[Finding] = []
+    ns = options.namespace
+
+    def add(level: Literal["error", "warning"], cluster: str, obj: str, msg: str) -> None:
+        findings.append(Finding(level, cluster, obj, msg))
+
+    def in_ns(obj: Mapping[str, Any]) -> bool:
+        return (obj["metadata"].get("namespace") or ns) == ns
+
+    def labels_of(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        return _map(obj["metadata"].get("labels"))
+
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    version = istio_version or istio_version_of(objects)
+    uses_budget = False
+
+    for spec in model.clusters:
+        name = spec.name
+        services = [s for s in by_kind.get("Service", [])
+                    if s["metadata"]["name"] == name and in_ns(s)]
+        try:
+            rendered = render_cluster(spec, IstioOptions(**{
+                **options.__dict__, "services": {name: services[0]} if services else {}}))
+        except IstioRenderError as exc:
+            add("error", name, f"Service {ns}/{name}", str(exc))
+            continue
+        dr, ef = rendered.objects
+        uses_budget |= "retryBudget" in dr["spec"]["trafficPolicy"]
+        if not services:
+            add("error", name, f"Service {ns}/{name}",
+                "no Service of the cluster's name: Istio's host for the cluster does not "
+                "exist, the DestinationRule and EnvoyFilter apply to nothing")
+
+        # DestinationRules: ours, others for the same host.
+        ours_name = dr["metadata"]["name"]
+        ours = None
+        for other in by_kind.get("DestinationRule", []):
+            host = str(_map(other.get("spec")).get("host", ""))
+            other_ns = other["metadata"].get("namespace")
+            if not _host_matches(host, name, options,
+                                 other_ns if isinstance(other_ns, str) else None):
+                continue
+            if other["metadata"]["name"] == ours_name and in_ns(other):
+                ours = other
+                continue
+            add("error", name, _ref(other),
+                f"another DestinationRule for host {host}: Istio keeps one traffic policy "
+                "per host (the oldest rule wins; rules in one namespace are merged "
+                f"without overriding), so {ours_name}'s load balancing and failover may "
+                "be dropped; delete it or move its settings into the model")
+        if ours is None:
+            add("warning", name, f"DestinationRule {ns}/{ours_name}",
+                "not applied (meshxl istio render | kubectl apply -f -)")
+        else:
+            policy = _map(_map(ours.get("spec")).get("trafficPolicy"))
+            if "outlierDetection" not in policy:
+                add("error", name, _ref(ours),
+                    "no outlierDetection: Istio ignores failoverPriority and failover "
+                    "without it, so every tier shares the traffic")
+
+        # EnvoyFilters: ours matches the Service port; none is mesh-wide unselected.
+        ef_name = ef["metadata"]["name"]
+        for other in by_kind.get("EnvoyFilter", []):
+            if other["metadata"]["name"] != ef_name:
+                continue
+            other_spec = _map(other.get("spec"))
+            for patch in _list(other_spec.get("configPatches")):
+                cluster_match = _map(_map(_map(patch).get("match")).get("cluster"))
+                applied = cluster_match.get("portNumber")
+                numbers = [p for p, _ in service_ports(services[0])] if services else []
+                if applied is not None and numbers and applied not in numbers:
+                    add("error", name, _ref(other),
+                        f"matches port {applied}, the Service's ports are "
+                        f"{', '.join(map(str, numbers))}: the patches apply to nothing "
+                        "(render with --services or --port SERVICE_PORT)")
+            if other["metadata"].get("namespace") == options.root_namespace \
+                    and not other_spec.get("workloadSelector"):
+                add("warning", name, _ref(other),
+                    "in the root namespace without a workloadSelector: every sidecar of "
+                    "the mesh health-checks the cluster's members")
+
+        # HA: the role labels must be on the member pods.
+        if spec.mode == "high-availability":
+            pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
+                    and labels_of(p).get("meshxl.io/cluster") == name]
+            if pods and not any(labels_of(p).get(ROLE_LABEL) == "active" for p in pods):
+                add("error", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
+                    f"no member pod is labelled {ROLE_LABEL}=active: is meshxl istio "
+                    "label running? Without the role labels every member shares one "
+                    "priority (load sharing)")
+
+        # VirtualService retries against the model's previous_hosts.
+        for vs in by_kind.get("VirtualService", []):
+            vs_spec = _map(vs.get("spec"))
+            vs_ns = vs["metadata"].get("namespace")
+            if not any(_host_matches(str(h), name, options,
+                                     vs_ns if isinstance(vs_ns, str) else None)
+                       for h in _list(vs_spec.get("hosts"))):
+                continue
+            for route in _list(vs_spec.get("http")):
+                retries = route.get("retries") if isinstance(route, dict) else None
+                if not isinstance(retries, dict):
+                    continue
+                ignore = retries.get("retryIgnorePreviousHosts")
+                if spec.retries.previous_hosts and ignore is not True:
+                    add("warning", name, _ref(vs),
+                        "retries without retryIgnorePreviousHosts: true: a retry under "
+                        "consistent hashing goes back to the member that failed")
+                elif not spec.retries.previous_hosts and ignore is True:
+                    add("warning", name, _ref(vs),
+                        "retryIgnorePreviousHosts: true, the model says previous_hosts: "
+                        "false")
+
+    if version is None:
+        add("warning", "", "istiod", "Istio version unknown (give --istio-version or "
+            "include the istiod Deployment): needs >= 1.22, >= 1.27 for retryBudget")
+    elif version < MIN_ISTIO:
+        add("error", "", "istiod", f"Istio {version[0]}.{version[1]} is too old: "
+            "DestinationRule networking.istio.io/v1 needs 1.22")
+    elif uses_budget and version < RETRY_BUDGET_ISTIO:
+        add("error", "", "istiod", f"Istio {version[0]}.{version[1]} does not know "
+            "trafficPolicy.retryBudget (1.27): the API server rejects the DestinationRule")
+    return findings

