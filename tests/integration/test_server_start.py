@@ -17,7 +17,7 @@ import pytest
 
 from meshxl.etcdkeys import Keys
 from tests.harness.certs import CA
-from tests.harness.cli import REPO, meshxl
+from tests.harness.cli import meshxl
 from tests.harness.controlplane import ControlPlaneProcess
 from tests.harness.ports import free_port
 from tests.harness.procs import ManagedProcess
@@ -194,24 +194,6 @@ async def test_webhook_refuses_a_busy_port_and_bad_addresses(tmp_path: Path) -> 
         code, _, err = await meshxl("serve", "webhook", *tls, "--listen", bad, timeout=30)
         assert code == 1, err
         one_line_error(err)
-
-
-def test_grpc_servers_never_share_a_port() -> None:
-    """The option that keeps a second gRPC server off a busy port is set everywhere."""
-    import ast
-
-    for path in (REPO / "meshxl").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "server"
-                    and ast.unparse(node.func.value) == "grpc.aio"):
-                options = ast.unparse(node)
-                assert "GRPC_SERVER_OPTIONS" in options or "_GRPC_OPTIONS" in options, (
-                    f"{path}: {options}")
-            if isinstance(node, ast.Attribute) and node.attr in ("add_insecure_port",
-                                                                 "add_secure_port"):
-                assert path.name == "addr.py", f"{path}: bind through meshxl.addr.bind_grpc"
 
 
 async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(

@@ -3,6 +3,8 @@ one line saying where and why; gRPC servers never share a port (no SO_REUSEPORT)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 from hypothesis import given, settings
@@ -60,3 +62,24 @@ def test_ports_never_wrap() -> None:
         with pytest.raises(ListenError):
             parse_listen(bad)
     assert parse_listen("[::1]:0") == ("::1", 0)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_grpc_servers_never_share_a_port() -> None:
+    """The option that keeps a second gRPC server off a busy port is set everywhere."""
+    import ast
+
+    for path in (REPO / "meshxl").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "server"
+                    and ast.unparse(node.func.value) == "grpc.aio"):
+                options = ast.unparse(node)
+                assert "GRPC_SERVER_OPTIONS" in options or "_GRPC_OPTIONS" in options, (
+                    f"{path}: {options}")
+            if isinstance(node, ast.Attribute) and node.attr in ("add_insecure_port",
+                                                                 "add_secure_port"):
+                assert path.name == "addr.py", f"{path}: bind through meshxl.addr.bind_grpc"
