@@ -93,7 +93,7 @@ async def start_etcd(stack: LocalStack, retention: int) -> str:
         "--listen-client-urls", url, "--advertise-client-urls", url,
         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"etcd={peer_url}",
-        "--heartbeat-interval", "50", "--election-timeout", "500",
+        "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote",
         "--auto-compaction-mode", "revision",
         "--auto-compaction-retention", str(retention)])
     await wait_http(f"{url}/health", proc)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.model import ModelError, load_model
+from meshxl.model import ModelError
 
 T = TypeVar("T")
 
@@ -303,14 +303,41 @@ def version_command(etcd_urls: str | None, output: str) -> None:
 # -- model ---------------------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def validate(file: Path) -> None:
-    """Check a model file: exit 0, or one line per problem and exit 1."""
+_MODEL_FILE = click.argument("file", type=click.Path(dir_okay=False, allow_dash=True,
+                                                     path_type=Path))
+
+
+def _read_model_input(file: Path) -> tuple[str, str]:
+    """(text, source name) of FILE, or of standard input for ``-``; read exactly once,
+    so the model checked is the model stored."""
+    from meshxl.model.load import MAX_MODEL_BYTES
+
+    source = "<stdin>" if str(file) == "-" else str(file)
+    try:
+        if str(file) == "-":
+            data = sys.stdin.buffer.read(MAX_MODEL_BYTES + 1)
+        else:
+            with file.open("rb") as handle:
+                data = handle.read(MAX_MODEL_BYTES + 1)
+    except OSError as exc:
+        _fail(f"cannot read {source}: {exc.strerror}")
+    if len(data) > MAX_MODEL_BYTES:
+        _fail(f"{source}: the model is larger than {MAX_MODEL_BYTES} bytes")
+    try:
+        return data.decode("utf-8"), source
+    except UnicodeDecodeError as exc:
+        _fail(f"{source}: cannot read the model: not UTF-8 text (byte {exc.start})")
+    raise AssertionError("unreachable")
+
+
+def _checked_model(text: str, source: str) -> Any:
+    """The model of ``text``, compiled once to be sure Envoy gets valid resources; on a
+    problem, one line per problem and exit 1."""
+    from meshxl.model import parse_model
     from meshxl.xds.resources import CompileError, compile_resources
 
     try:
-        model = load_model(file)
+        model = parse_model(text, source=source)
         compile_resources(model)
     except ModelError as exc:
         for problem in exc.problems:
@@ -318,9 +345,19 @@ def validate(file: Path) -> None:
         sys.exit(1)
     except CompileError as exc:
         _fail(str(exc))
+    return model
+
+
+@main.command()
+@_MODEL_FILE
+def validate(file: Path) -> None:
+    """Check a model file (``-``: standard input): exit 0, or one line per problem and
+    exit 1. A model without clusters is refused unless it sets ``allow_empty: true``."""
+    text, source = _read_model_input(file)
+    model = _checked_model(text, source)
     _warn(model)
     members = sum(len(c.members) for c in model.clusters)
-    click.echo(f"{file}: ok ({len(model.clusters)} clusters, {members} members)")
+    click.echo(f"{source}: ok ({len(model.clusters)} clusters, {members} members)")
 
 
 def _warn(model: Any) -> None:
@@ -331,32 +368,21 @@ def _warn(model: Any) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_MODEL_FILE
 @etcd_option
 @root_option
 def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
-    """Validate a model file and store it in etcd for every control-plane replica."""
+    """Validate a model file (``-``: standard input) and store it in etcd for every
+    control-plane replica. The text stored is the text validated, byte for byte."""
     from meshxl.ops import apply_model
-    from meshxl.xds.resources import CompileError, compile_resources
 
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror}")
-    try:
-        model = load_model(file)
-        compile_resources(model)
-    except CompileError as exc:
-        _fail(str(exc))
-    except ModelError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(1)
+    text, source = _read_model_input(file)
+    model = _checked_model(text, source)
     _warn(model)
 
     async def go() -> Any:
         async with _etcd_client(etcd_urls) as client:
-            return await apply_model(client, Keys(etcd_root), text, str(file))
+            return await apply_model(client, Keys(etcd_root), text, source)
 
     applied = _run(go)
     state = "unchanged" if applied.unchanged else "stored"
@@ -656,12 +682,15 @@ def serve() -> None:
               help="Quiet period (s) that ends a burst of changes.")
 @click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
               help="Longest delay (s) from a change to its push.")
+@click.option("--dns-interval", type=click.FloatRange(0.1, 3600), default=5.0,
+              show_default=True,
+              help="Seconds between resolutions of member addresses that are host names.")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
               admin: str | None, replica: str | None, debounce: float, max_delay: float,
-              trace_file: Path | None, log_level: str) -> None:
+              dns_interval: float, trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
     from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 
@@ -670,7 +699,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
         config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
                                     etcd_root=etcd_root, admin=admin, debounce=debounce,
                                     max_delay=max_delay, etcd_security=_etcd_security(),
-                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca)
+                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                                    dns_interval=dns_interval)
         if replica:
             config = dataclasses.replace(config, replica=replica)
         config.server_tls()  # the TLS files are usable: fail now, in one line

@@ -10,7 +10,8 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/clusters/{cluster}/members/{member}    member registration (leased)
     {root}/v1/mesh/clusters/{cluster}/admin/{member}      admin state: member down
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
-    {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased)
+    {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
+                                                          id percent-encoded)
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
     {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
                                                           its trace context (leased)
@@ -27,6 +28,7 @@ and session state, stay out of its watch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
 DEFAULT_ROOT = "/meshxl"
 
@@ -85,7 +87,11 @@ class Keys:
         return f"{self.base}/xds/nodes/"
 
     def node(self, node_id: str) -> str:
-        return f"{self.nodes_prefix}{_segment(node_id, 'node id')}"
+        """A node id is percent-encoded (RFC 3986 unreserved characters stay as they
+        are, so ordinary ids read the same): any id makes one key segment."""
+        if not node_id:
+            raise ValueError("invalid node id for an etcd key: ''")
+        return f"{self.nodes_prefix}{quote(node_id, safe='')}"
 
     # -- session state ---------------------------------------------------------------
     def sessions_prefix(self, cluster: str) -> str:
@@ -152,7 +158,12 @@ class Keys:
         if not key.startswith(self.nodes_prefix):
             return None
         rest = key[len(self.nodes_prefix) :]
-        return rest if rest and "/" not in rest else None
+        if not rest or "/" in rest:
+            return None
+        try:
+            return unquote(rest, errors="strict")
+        except UnicodeDecodeError:
+            return None
 
 
 KEYS = Keys()

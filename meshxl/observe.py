@@ -22,6 +22,7 @@ from meshxl.etcdkeys import Keys
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.runtime import MemberState, MemberView
 from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from meshxl.xds.dns import hostnames, resolve_names
 from meshxl.xds.history import reason
 from meshxl.xds.metrics import type_label
 from meshxl.xds.resources import CompileError, compile_resources
@@ -38,6 +39,7 @@ __all__ = [
     "verify_report",
 ]
 
+_DRAINING = 3  # envoy.config.core.v3.HealthStatus.DRAINING
 _SHORT = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
 
 
@@ -57,6 +59,8 @@ class MeshRead:
     registrations: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     states: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    resolved: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Member addresses that are host names, resolved as the control plane does."""
     sync: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
 
@@ -88,9 +92,11 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
             model = parse_model(model_text, source=source)
         except ModelError as exc:
             error = str(exc)
+    runtime = runtime_from_values(keys, values)
+    resolved = await resolve_names(hostnames(model, runtime)) if model is not None else {}
     read = MeshRead(revision=max(r.header.revision for r in (mesh, nodes, states, sync)),
                     model=model, model_error=error, model_source=source,
-                    runtime=runtime_from_values(keys, values))
+                    runtime=runtime, resolved=resolved)
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         data = _load(raw)
@@ -338,17 +344,28 @@ def expected_versions(read: MeshRead) -> dict[str, str]:
     are content hashes, so every replica computes the same ones)."""
     if read.model is None:
         return {}
-    resources = compile_resources(read.model, read.runtime)
+    resources = compile_resources(read.model, read.runtime, read.resolved)
     return Snapshot.build(resources.by_type()).versions
 
 
 def expected_endpoints(read: MeshRead) -> dict[str, list[dict[str, Any]]]:
+    """Per cluster, the hosts its compiled EDS resource lists (a member named by host
+    name has one per resolved address)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for spec in _clusters(read, None):
-        hosts = [{"address": f"{m.address}:{m.port}", "priority": m.priority,
-                  "weight": m.lb_weight, "draining": m.draining, "member": m.name}
-                 for m in cluster_view(spec, read.runtime).members if m.advertised]
-        out[spec.name] = sorted(hosts, key=lambda x: x["address"])
+    if read.model is None:
+        return out
+    resources = compile_resources(read.model, read.runtime, read.resolved)
+    for name, cla in resources.endpoints.items():
+        hosts = []
+        for group in cla.endpoints:
+            for ep in group.lb_endpoints:
+                sock = ep.endpoint.address.socket_address
+                hosts.append({"address": f"{sock.address}:{sock.port_value}",
+                              "priority": group.priority,
+                              "weight": ep.load_balancing_weight.value,
+                              "draining": ep.health_status == _DRAINING,
+                              "member": ep.endpoint.hostname})
+        out[name] = sorted(hosts, key=lambda x: x["address"])
     return out
 
 

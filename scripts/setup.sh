@@ -60,5 +60,14 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
 command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
+# The etcd fault tests partition network namespaces with iptables (as root only; they
+# skip, saying why, without it).
+if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
+   && command -v apt-get >/dev/null 2>&1; then
+  echo "iptables not found: installing Debian's iptables (for the partition tests)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iptables \
+    >/dev/null || echo "iptables not installed: the partition tests will be skipped" >&2
+fi
 envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
 echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"

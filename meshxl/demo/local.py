@@ -129,6 +129,9 @@ class LocalStack:
             "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", f"{name}={peer_url}",
             "--heartbeat-interval", "50", "--election-timeout", "500",
+            # etcd 3.4 runs without pre-vote: a member rejoining after a partition
+            # would force an election (3.5 has it on).
+            "--pre-vote",
         ])
         await wait_http(f"{url}/health", proc)
         return url

@@ -148,8 +148,8 @@ def parse_model(text: str, source: str = "<model>") -> ModelSpec:
         _check_bounds(data)
     except _Unbounded as exc:
         raise ModelError([Problem(source, str(exc))]) from None
-    if data is None:
-        data = {}
+    if data is None or (isinstance(data, str) and not data.strip()):
+        raise ModelError([Problem(source, EMPTY_MODEL)])
     if not isinstance(data, dict):
         raise ModelError([Problem("", "the model must be a mapping with a 'clusters' list",
                                   type(data).__name__)])
@@ -192,8 +192,16 @@ def _is_prime(n: int) -> bool:
     return all(n % d for d in range(2, math.isqrt(n) + 1))
 
 
+EMPTY_MODEL = ("the model is empty (an empty file or input, or a file caught mid-write): "
+               "serving it would withdraw every listener from every Envoy")
+NO_CLUSTERS = ("the model has no clusters: serving it would withdraw every listener from "
+               "every Envoy (to do that on purpose, set 'allow_empty: true' in the model)")
+
+
 def check_model(spec: ModelSpec) -> Iterator[Problem]:
     """Cross-field checks pydantic cannot express (references, uniqueness)."""
+    if not spec.clusters and not spec.allow_empty:
+        yield Problem("clusters", NO_CLUSTERS)
     yield from _duplicates("clusters", [c.name for c in spec.clusters], "cluster name")
     routes: dict[tuple[str, int, str, str], str] = {}
     for i, cluster in enumerate(spec.clusters):

@@ -15,7 +15,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .spec import DEFAULT_SITE, ClusterSpec, Member
+from .spec import DEFAULT_SITE, ClusterSpec, Member, _check_member_address
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,10 @@ class Registration:
             raise ValueError(f"registration needs address and port: {exc}") from None
         if not 1 <= port <= 65535:
             raise ValueError(f"registration port out of range: {port}")
+        try:
+            _check_member_address(address)
+        except ValueError as exc:
+            raise ValueError(f"registration address {address[:80]!r}: {exc}") from None
         weight = data.get("weight")
         if weight is not None:
             try:

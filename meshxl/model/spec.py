@@ -16,15 +16,36 @@ These classes only describe and validate; they do no I/O. Durations are written 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
+_DOMAIN_CHARS = r"[A-Za-z0-9._\-\[\]:]"
+_DOMAIN = (rf"^(\*|\*{_DOMAIN_CHARS}+|{_DOMAIN_CHARS}+\*|{_DOMAIN_CHARS}+)$")
+
+
+MAX_DURATION = 31_536_000.0
+"""Longest duration (365 days). Envoy's own bound is 10,000 years, but its timers work
+in milliseconds: a year is far beyond any sensible timeout and far inside every limit."""
+MIN_DURATION = 0.001
+"""Shortest non-zero duration: Envoy's timers count milliseconds, so anything shorter
+would become 0 (which Envoy refuses where it needs a positive value, or reads as
+"disabled")."""
+UINT32_MAX = 2**32 - 1
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 def _parse_duration(value: Any) -> Any:
@@ -40,8 +61,56 @@ def _parse_duration(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+def _check_duration(value: float) -> float:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite duration")
+    if value > MAX_DURATION:
+        raise ValueError(f"at most {MAX_DURATION:g}s (365 days)")
+    if 0 < value < MIN_DURATION:
+        raise ValueError("0 or at least 1ms (Envoy counts milliseconds)")
+    return value
+
+
+def _ip_literal(address: str) -> bool:
+    if "%" in address:
+        return False
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_member_address(address: str) -> str:
+    """An IP address, or a DNS host name the control plane resolves (RFC 1123)."""
+    if _ip_literal(address):
+        return address
+    name = address[:-1] if address.endswith(".") else address
+    labels = name.split(".")
+    if (not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise ValueError("expected an IP address or a DNS host name (letters, digits and "
+                         "'-' in dot-separated labels)")
+    return address
+
+
+def _check_listen_address(address: str) -> str:
+    if not _ip_literal(address):
+        raise ValueError("Envoy listens on an IP address (e.g. 0.0.0.0, 127.0.0.1 or ::), "
+                         "not a host name")
+    return address
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0),
+                     AfterValidator(_check_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0),
+                             AfterValidator(_check_duration)]
+Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
+MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
+                          AfterValidator(_check_member_address)]
+ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
+_TEXT = r"^[\x21-\x7e]+$"
+"""Printable ASCII without spaces: what Envoy accepts in a path or header value here."""
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Weight = Annotated[int, Field(ge=1, le=10_000)]
 Port = Annotated[int, Field(ge=1, le=65_535)]
@@ -67,7 +136,8 @@ class Member(_Spec):
     """One service instance of a cluster."""
 
     name: Name
-    address: str = Field(min_length=1, max_length=253)
+    address: MemberAddress
+    """An IP address, or a host name the control plane resolves (docs/model.md)."""
     port: Port
     site: Name | None = None
     weight: Weight = 100
@@ -76,17 +146,18 @@ class Member(_Spec):
 
 
 class Cookie(_Spec):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = "meshxl-session"
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+                               max_length=256)] = "meshxl-session"
     ttl: Duration = 3600.0
     """Envoy sets the cookie when a request has none; 0 makes it a session cookie."""
-    path: str = "/"
+    path: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
 
 
 class Stickiness(_Spec):
     """Session affinity: consistent hashing on one request property."""
 
     algorithm: Literal["maglev", "ring_hash"] = "maglev"
-    header: Annotated[str, Field(pattern=HEADER_PATTERN)] | None = None
+    header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
     cookie: Cookie | None = None
     source_ip: bool = False
     maglev_table_size: int = Field(default=4099, ge=2, le=5_000_011)
@@ -119,7 +190,7 @@ class HealthCheck(_Spec):
     """Envoy active HTTP health checking; defaults detect a dead member in < 1 s."""
 
     enabled: bool = True
-    path: str = Field(default="/healthz", pattern=r"^/")
+    path: str = Field(default="/healthz", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
     interval: PositiveDuration = 0.25
     timeout: PositiveDuration = 0.2
     healthy_threshold: int = Field(default=1, ge=1, le=100)
@@ -136,9 +207,9 @@ class OutlierDetection(_Spec):
     """Passive ejection, faster than health checks: one failed connect ejects."""
 
     enabled: bool = True
-    consecutive_local_origin_failure: int = Field(default=1, ge=1)
-    consecutive_5xx: int = Field(default=5, ge=1)
-    consecutive_gateway_failure: int = Field(default=3, ge=1)
+    consecutive_local_origin_failure: Count = 1
+    consecutive_5xx: Count = 5
+    consecutive_gateway_failure: Count = 3
     interval: PositiveDuration = 1.0
     base_ejection_time: PositiveDuration = 5.0
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
@@ -171,19 +242,22 @@ class Retries(_Spec):
     backoff_max: PositiveDuration = 0.05
     budget_percent: float = Field(default=50.0, gt=0, le=100)
     """Envoy caps outstanding retries at 3 per cluster by default; a budget scales."""
-    min_retry_concurrency: int = Field(default=64, ge=1)
+    min_retry_concurrency: Count = 64
 
 
 class Listener(_Spec):
     """Where Envoy exposes the cluster."""
 
-    address: str = "0.0.0.0"
+    address: ListenAddress = "0.0.0.0"
     port: Port
 
 
 class Route(_Spec):
-    domains: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    prefix: str = Field(default="/", pattern=r"^/")
+    domains: list[Annotated[str, Field(pattern=_DOMAIN, max_length=253)]] = Field(
+        default_factory=lambda: ["*"], min_length=1)
+    """Host names (optionally ``:port``) with at most one wildcard, leading (``*.a.com``,
+    ``*-b.a.com``) or trailing (``a.*``), or ``*`` alone: what Envoy accepts."""
+    prefix: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
     timeout: Duration = 15.0
 
 
@@ -235,15 +309,20 @@ class Telemetry(_Spec):
     """Envoy's request tracing (OpenTelemetry, W3C trace context)."""
 
     tracing: bool = False
-    collector_cluster: Annotated[str, Field(min_length=1)] = "meshxl_otlp"
+    collector_cluster: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=253)] = (
+        "meshxl_otlp")
     """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
-    service_name: str = "envoy"
+    service_name: str = Field(default="envoy", pattern=r"^[\x20-\x7e]+$", max_length=256)
     sampling_percent: float = Field(default=100.0, ge=0, le=100)
 
 
 class ModelSpec(_Spec):
     clusters: list[ClusterSpec] = []
     telemetry: Telemetry = Telemetry()
+    allow_empty: bool = False
+    """A model without clusters withdraws every listener and cluster from every Envoy.
+    It is refused (an empty file or input, a file caught mid-write) unless it says
+    ``allow_empty: true``: the one way to serve nothing on purpose."""
 
     def cluster(self, name: str) -> ClusterSpec | None:
         return next((c for c in self.clusters if c.name == name), None)

@@ -24,6 +24,7 @@ from meshxl.addr import is_ip as _is_ip
 from meshxl.addr import parse_hostport
 from meshxl.addr import valid_host as _valid_host
 from meshxl.addr import valid_port as _valid_port
+from meshxl.xds.nodes import node_id_problem
 
 __all__ = [
     "XDS_CLUSTER",
@@ -222,8 +223,11 @@ def build_bootstrap(
     tracer exports request spans to when the model enables tracing. ``xds_tls`` makes
     the ADS connection TLS (or mutual TLS), see :class:`XdsTls`.
     """
-    if not isinstance(node_id, str) or not node_id.strip():
-        raise ValueError(f"node_id must be a non-empty string, got {node_id!r}")
+    if not isinstance(node_id, str):
+        raise ValueError(f"node_id must be a string, got {node_id!r}")
+    problem = node_id_problem(node_id)
+    if problem is not None:
+        raise ValueError(f"bad --node-id: {problem}")
     if not isinstance(node_cluster, str) or not node_cluster.strip():
         raise ValueError(f"node_cluster must be a non-empty string, got {node_cluster!r}")
     _valid_port(admin_port, f"bad admin port {admin_port!r}")

@@ -218,11 +218,12 @@ class Sidecar:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
-        # An unconfirmed lease withdraws the member only while etcd answers: during an
-        # etcd outage every member is in the same state, and failing them all would turn
-        # it into a total one (cached reads still work; writes fail with 503).
-        if not self.membership.registered and not self.membership.etcd_unreachable:
-            reasons.append("not registered in etcd (lease being (re)acquired)")
+        # Only the member's own state: a lease lost later is withdrawn by the control
+        # plane; failing readiness for it would fail every member at once in an etcd
+        # fault (membership.py).
+        registration = self.membership.not_ready_reason()
+        if registration is not None:
+            reasons.append(registration)
         if not self.cache.synced.is_set():
             reasons.append("session cache still syncing with etcd")
         if self.membership.problems:
@@ -243,12 +244,14 @@ class Sidecar:
 
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
-        out = [] if self.model_warning is None else [self.model_warning]
+        warnings = [] if self.model_warning is None else [self.model_warning]
         unreachable = self.membership.unreachable_for
-        if unreachable is None:
-            return out
-        return [*out, f"etcd unreachable for {unreachable:.1f} s: cached sessions are read "
-                "unverified, writes fail with 503"]
+        if unreachable is not None:
+            warnings.append(f"etcd unreachable for {unreachable:.1f} s: cached sessions are "
+                            "read unverified, writes fail with 503")
+        elif not self.membership.registered and self.membership.registrations:
+            warnings.append("registration lease lost: registering again")
+        return warnings
 
     def refresh_gauges(self) -> None:
         self.metrics.cached.set(len(self.cache))
@@ -271,6 +274,7 @@ class Sidecar:
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
             "errors": c.errors, "last_error": c.last_error, "bad_records": c.bad_records,
             "lease_losses": self.membership.lease_losses,
+            "etcd_members": etcd.balancer_of(self.client).status(),
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
                          "max_bytes": s.settings.max_bytes},
             "started": self.started,

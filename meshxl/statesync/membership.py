@@ -12,12 +12,22 @@ seconds, and never below etcd's own minimum lease TTL) after the last keepalive,
 the control plane's debounce and the xDS push. A graceful :meth:`Membership.stop`
 revokes the lease and the key goes at once.
 
-The keepalive refreshes every ``ttl / 3``. A refresh that fails is retried at once
-(another etcd member may answer); the lease counts as lost only when etcd says it is
-gone or no refresh has succeeded for a whole TTL (for example the process was paused
-with SIGSTOP, or etcd was unreachable). Then :attr:`Membership.registered` turns False,
-:attr:`Membership.lease_losses` counts one, and the task grants a new lease and writes
-the registration again, retrying with bounded backoff until etcd answers.
+The keepalive refreshes every ``ttl / 3``. Every lease grant, keepalive and
+registration write goes to an etcd member that answers (``meshxl/etcd.py``), with a
+short deadline per attempt, and is sent again to another member (or to the same one
+once it has a new leader) when its member goes: a fault of one etcd member, the
+leader included, costs a healthy member neither its lease nor its registration. The
+lease counts as lost only when etcd says it is gone or no refresh has succeeded for a
+whole TTL (for example the process was paused with SIGSTOP, or etcd was unreachable).
+Then :attr:`Membership.registered` turns False, :attr:`Membership.lease_losses` counts
+one, and the task grants a new lease and writes the registration again, retrying with
+bounded backoff until etcd answers.
+
+Readiness depends on the member's own state: :meth:`Membership.not_ready_reason` is set
+only until the first registration is written. A lease lost later is the control
+plane's business (it withdraws the member whose key is gone); failing the health check
+for it as well would make every member not ready at once whenever etcd cannot grant
+leases for a moment (a leader election), which is what Envoy must never see.
 
 While etcd does not answer at all (down, or this member cut off from it),
 :attr:`Membership.etcd_unreachable` says so. The lease cannot be confirmed then, but the
@@ -43,6 +53,7 @@ import aetcd
 from aetcd import rpc
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
+from meshxl import etcd
 from meshxl.etcdkeys import Keys
 from meshxl.model import Registration
 
@@ -60,7 +71,8 @@ _BACKOFF_MAX = 2.0
 
 def no_answer(exc: BaseException) -> bool:
     """etcd did not answer (down, unreachable, no quorum), as opposed to refusing."""
-    if isinstance(exc, TimeoutError | ConnectionFailedError | ConnectionTimeoutError | OSError):
+    if isinstance(exc, TimeoutError | ConnectionFailedError | ConnectionTimeoutError | OSError
+                  | etcd.EtcdUnavailable | etcd.MemberChanged):
         return True
     return isinstance(exc, rpc.AioRpcError) and exc.code() in (
         rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED)
@@ -120,6 +132,8 @@ class Membership:
         self.sidecar = sidecar
         self.lease_id: int | None = None
         self.lease_losses = 0
+        self.registrations = 0
+        """Registrations written (the first at start, then one after each lease loss)."""
         self.last_error: str | None = None
         """The latest etcd trouble (kept after recovery, for status pages)."""
         self._failing = False
@@ -153,6 +167,13 @@ class Membership:
         """The lease is (as far as we know) alive and carries the registration."""
         return (self.lease_id is not None and self._written >= 0
                 and time.monotonic() < self._expires)
+
+    def not_ready_reason(self) -> str | None:
+        """Why the member must not be advertised, as far as its registration goes: only
+        before its first registration (see the module docstring)."""
+        if self.registrations == 0:
+            return "not registered in etcd yet"
+        return None
 
     @property
     def etcd_unreachable(self) -> bool:
@@ -204,8 +225,9 @@ class Membership:
             self._written = -1
             if revoke and lease_id is not None:
                 try:
-                    async with asyncio.timeout(max(self.ttl, 2.0)):
-                        await self.client.revoke_lease(lease_id)
+                    await self._call(lambda ep, t: ep.client.leasestub.LeaseRevoke(
+                        rpc.LeaseRevokeRequest(ID=lease_id), timeout=t,
+                        metadata=ep.client.metadata), "lease revoke")
                 except Exception as exc:  # it expires on its own within ttl
                     self.last_error = f"revoke: {type(exc).__name__}: {exc}"
                     log.warning("member %s/%s: lease not revoked (%s); the registration "
@@ -266,43 +288,64 @@ class Membership:
                 return
             version = self._version
             value = json.dumps(self._document(), sort_keys=True).encode()
-            async with asyncio.timeout(max(self.ttl, 2.0)):
-                await self.client.put(self.key.encode(), value, lease=lease_id)
+            request = rpc.PutRequest(key=self.key.encode(), value=value, lease=lease_id)
+            await self._call(lambda ep, t: ep.client.kvstub.Put(
+                request, timeout=t, metadata=ep.client.metadata), "registration write")
             if self.lease_id == lease_id:
                 self._written = max(self._written, version)
 
     async def _register(self) -> None:
         """Grant a new lease and write the registration under it."""
         started = time.monotonic()
-        async with asyncio.timeout(max(self.ttl, 2.0)):
-            lease = await self.client.lease(math.ceil(self.ttl))
+        lease = await self._call(lambda ep, t: ep.client.leasestub.LeaseGrant(
+            rpc.LeaseGrantRequest(TTL=math.ceil(self.ttl)), timeout=t,
+            metadata=ep.client.metadata), "lease grant")
         async with self._write_lock:
-            self.lease_id = lease.id
+            self.lease_id = lease.ID
             self._written = -1
-            self._expires = started + lease.ttl
+            self._expires = started + lease.TTL
         try:
             await self._write(force=True)
         except BaseException:
             self.lease_id = None
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await self.client.revoke_lease(lease.id)
+                await self._call(lambda ep, t: ep.client.leasestub.LeaseRevoke(
+                    rpc.LeaseRevokeRequest(ID=lease.ID), timeout=t,
+                    metadata=ep.client.metadata), "lease revoke", timeout=1.0)
             raise
+        self.registrations += 1
         self._failing = False
         self._answered()
         log.info("member %s/%s registered under lease %x (ttl %d s)", self.cluster,
-                 self.member, lease.id, lease.ttl)
+                 self.member, lease.ID, lease.TTL)
 
     async def _refresh(self) -> bool:
         """One keepalive; False when etcd says the lease is gone."""
-        assert self.lease_id is not None
+        lease_id = self.lease_id
+        assert lease_id is not None
         started = time.monotonic()
-        async with asyncio.timeout(max(self.interval, 0.5)):
-            reply = await self.client.refresh_lease(self.lease_id)
+
+        async def keepalive(ep: etcd.Endpoint, timeout: float) -> Any:
+            async for reply in ep.client.leasestub.LeaseKeepAlive(
+                    [rpc.LeaseKeepAliveRequest(ID=lease_id)], timeout=timeout,
+                    metadata=ep.client.metadata):
+                return reply
+            return None
+
+        # Until the lease would end: a refresh that lands late still keeps it.
+        remaining = self._expires - started
+        reply = await self._call(keepalive, "lease keepalive",
+                                 timeout=max(remaining, self.interval))
         if reply is None or reply.TTL <= 0:
             return False
         self._expires = max(self._expires, started + reply.TTL)
         return True
+
+    async def _call(self, fn: Any, what: str, *, timeout: float | None = None) -> Any:
+        """One etcd request on a member that answers, short attempts, retried elsewhere."""
+        return await etcd.balancer_of(self.client).call(
+            fn, timeout=max(self.ttl, 2.0) if timeout is None else timeout,
+            attempt_timeout=min(etcd.ATTEMPT_TIMEOUT, max(self.interval, 0.5)), what=what)
 
     def _lost(self, why: str) -> None:
         self.lease_losses += 1

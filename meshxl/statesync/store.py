@@ -8,6 +8,23 @@ Writes
     while each write still succeeds or fails on its own compare. A write is
     acknowledged only from etcd's answer, so an acknowledged write is committed.
 
+Faults
+    A batch is sent to an etcd member that answers (``meshxl/etcd.py``), with a short
+    deadline per attempt. An attempt whose member stops answering or changes leader is
+    cancelled and the batch sent again elsewhere, as soon as a member has a leader.
+    Sending a write twice is safe because of its compare: once one attempt applied,
+    the key's mod_revision is no longer the expected one, so no later attempt applies
+    it again (a revision never comes back). What a retried attempt cannot tell by
+    itself is whether an earlier one applied: its compare fails either way. It reads
+    the key in the same transaction, and the key holding exactly the bytes this write
+    put (each record carries its writer and a timestamp) means the earlier attempt
+    applied: acknowledged, at that revision. Anything else leaves the outcome unknown:
+    503, never a 2xx and never a 409/412 the app would take for "not applied". A
+    creation (expected revision 0) is never sent twice: a key deleted meanwhile would
+    let a second attempt apply too, so it answers 503 when its attempt went unanswered.
+    A batch whose attempt is slow stops holding its place in the queue: the writes
+    behind it leave in the next batch rather than wait for its deadline.
+
 Reads
     ``check`` is a linearizable, keys-only range: the key's current mod_revision, no
     value. Concurrent checks share one transaction. With it a sidecar proves its
@@ -36,12 +53,19 @@ import aetcd
 from aetcd import rpc
 from aetcd.exceptions import ClientError
 
+from meshxl import etcd
+from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
+
 log = logging.getLogger(__name__)
 
 # etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
 # requests above 1.5 MiB (--max-request-bytes).
 MAX_TXN_OPS = 128
 MAX_REQUEST_BYTES = 1_400_000
+STALLED_AFTER = 0.25
+"""Seconds after which a batch in flight no longer counts against ``max_inflight``."""
+MAX_STALLED = 16
+"""Batches in flight beyond ``max_inflight`` (stalled ones) at most."""
 
 
 class StoreUnavailable(Exception):
@@ -69,8 +93,13 @@ class WriteResult:
 class _Op:
     request: rpc.RequestOp
     size: int
-    parse: Callable[[Any, int], Any]
+    parse: Callable[[Any, int, bool], Any]
+    """(response, revision, uncertain): ``uncertain`` when an earlier attempt of this op
+    went unanswered (it may have applied)."""
     future: asyncio.Future[Any]
+    resend: bool = True
+    """Safe to send again after an unanswered attempt."""
+    uncertain: bool = False
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -104,13 +133,14 @@ class _Batcher:
         self._timeout = timeout
         self._queue: deque[_Op] = deque()
         self._inflight = 0
+        self._stalled = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
 
-    async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int], Any],
-                     size: int = 64) -> Any:
+    async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
+                     size: int = 64, *, resend: bool = True) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(request, size, parse, future))
+        self._queue.append(_Op(request, size, parse, future, resend))
         self._kick()
         return await future
 
@@ -130,29 +160,91 @@ class _Batcher:
 
     async def _send(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
+        stalled = False
+
+        def stall() -> None:
+            # Slow (its member may be gone): let the queue move on without it.
+            nonlocal stalled
+            if self._stalled < MAX_STALLED:
+                stalled = True
+                self._stalled += 1
+                self._inflight -= 1
+                self._kick()
+
+        timer = asyncio.get_running_loop().call_later(STALLED_AFTER, stall)
         try:
-            request = rpc.TxnRequest(success=[op.request for op in batch])
-            try:
-                response = await self._client.kvstub.Txn(
-                    request, timeout=self._timeout, metadata=self._client.metadata)
-            except rpc.AioRpcError as exc:
-                error = StoreUnavailable(f"etcd {exc.code().name}: {exc.details()}")
-                for op in batch:
-                    if not op.future.done():
-                        op.future.set_exception(error)
-                return
-            revision = response.header.revision
-            for op, result in zip(batch, response.responses, strict=True):
-                if not op.future.done():
-                    try:
-                        op.future.set_result(op.parse(result, revision))
-                    except Exception as exc:  # a parse bug must not strand the others
-                        op.future.set_exception(exc)
+            await self._attempts(batch)
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), time.perf_counter() - started)
         finally:
-            self._inflight -= 1
+            timer.cancel()
+            if stalled:
+                self._stalled -= 1
+            else:
+                self._inflight -= 1
             self._kick()
+
+    async def _attempts(self, batch: list[_Op]) -> None:
+        """Send the batch until every op has its answer: again (the ops that may be sent
+        twice) after an attempt without one, to a member that answers."""
+        balancer = etcd.balancer_of(self._client)
+        deadline = time.monotonic() + self._timeout
+        pending = batch
+        last = "no attempt"
+
+        def fail(ops: list[_Op], error: Exception) -> None:
+            for op in ops:
+                if not op.future.done():
+                    op.future.set_exception(error)
+
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                fail(pending, StoreUnavailable(f"etcd did not answer in time ({last})"))
+                return
+            try:
+                ep = await balancer.choose(deadline)
+            except EtcdUnavailable as exc:
+                fail(pending, StoreUnavailable(str(exc)))
+                return
+            request = rpc.TxnRequest(success=[op.request for op in pending])
+            # One member and nowhere else to go: one attempt, the whole deadline.
+            timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if balancer.probing else remaining
+            try:
+                response = await balancer.attempt(ep, ep.client.kvstub.Txn(
+                    request, timeout=timeout, metadata=ep.client.metadata), timeout)
+            except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
+                if isinstance(exc, rpc.AioRpcError):
+                    last = f"etcd {exc.code().name}: {exc.details()}"
+                    if not retryable(exc) or not balancer.probing:
+                        fail(pending, StoreUnavailable(last))
+                        return
+                else:
+                    last = f"{type(exc).__name__}: {exc}"
+                    if not balancer.probing:
+                        fail(pending, StoreUnavailable(f"etcd did not answer: {last}"))
+                        return
+                if not isinstance(exc, MemberChanged):
+                    balancer.failed(ep, exc)
+                again = []
+                for op in pending:
+                    op.uncertain = True
+                    if op.resend:
+                        again.append(op)
+                    else:
+                        fail([op], StoreUnavailable(
+                            f"etcd did not answer ({last}); the write may or may not have "
+                            "applied"))
+                pending = again
+                continue
+            revision = response.header.revision
+            for op, result in zip(pending, response.responses, strict=True):
+                if not op.future.done():
+                    try:
+                        op.future.set_result(op.parse(result, revision, op.uncertain))
+                    except Exception as exc:  # a parse bug must not strand the others
+                        op.future.set_exception(exc)
+            return
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -182,8 +274,12 @@ class _Leases:
         async with self._lock:
             lease = self._leases.get(bucket)
             if lease is None:
-                granted = await self._client.lease(math.ceil(self.ttl + self.bucket))
-                lease = self._leases[bucket] = granted.id
+                ttl = math.ceil(self.ttl + self.bucket)
+                granted = await etcd.balancer_of(self._client).call(
+                    lambda ep, timeout: ep.client.leasestub.LeaseGrant(
+                        rpc.LeaseGrantRequest(TTL=ttl), timeout=timeout,
+                        metadata=ep.client.metadata), what="session lease grant")
+                lease = self._leases[bucket] = granted.ID
                 for old in [b for b in self._leases if b < bucket - 1]:
                     del self._leases[old]
             return lease
@@ -217,13 +313,13 @@ class SessionStore:
     async def check(self, key: bytes) -> int:
         """The key's current mod_revision (0: absent), linearizable, without its value."""
         state: KeyState = await self._reads.submit(
-            _range(key, keys_only=True), lambda r, _rev: _key_state(r), len(key) + 16)
+            _range(key, keys_only=True), _read_result, len(key) + 16)
         return state.revision
 
     async def fetch(self, key: bytes) -> KeyState:
         """The key with its value, linearizable."""
         state: KeyState = await self._reads.submit(
-            _range(key, keys_only=False), lambda r, _rev: _key_state(r), len(key) + 16)
+            _range(key, keys_only=False), _read_result, len(key) + 16)
         return state
 
     # -- writes ---------------------------------------------------------------------------
@@ -235,7 +331,7 @@ class SessionStore:
             lease = await self.leases.current()
             return {"request_put": {"key": key, "value": value, "lease": lease}}
 
-        return await self._write(key, expected, op, len(key) + len(value) + 64)
+        return await self._write(key, expected, op, len(key) + len(value) + 64, value)
 
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
@@ -243,20 +339,23 @@ class SessionStore:
         async def op() -> dict[str, Any]:
             return {"request_delete_range": {"key": key}}
 
-        return await self._write(key, expected, op, len(key) + 64)
+        return await self._write(key, expected, op, len(key) + 64, None)
 
-    async def _write(self, key: bytes, expected: int,
-                     make_op: Callable[[], Any], size: int) -> WriteResult:
+    async def _write(self, key: bytes, expected: int, make_op: Callable[[], Any], size: int,
+                     value: bytes | None) -> WriteResult:
         for attempt in (1, 2):
             try:
                 op = await make_op()
-            except (ClientError, rpc.AioRpcError, TimeoutError) as exc:
+            except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
+                    MemberChanged) as exc:
                 # No session lease without etcd (a new TTL bucket): not acknowledged.
                 raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
                                        f"lease: {exc}") from exc
             try:
                 result: WriteResult = await self._writes.submit(
-                    self._guarded(key, expected, op), _write_result, size)
+                    self._guarded(key, expected, op),
+                    lambda r, rev, uncertain: _write_result(r, rev, uncertain, value), size,
+                    resend=expected != 0)
                 return result
             except StoreUnavailable as exc:
                 if attempt == 1 and "lease not found" in str(exc):
@@ -279,8 +378,22 @@ class SessionStore:
             "failure": [{"request_range": {"key": key}}]})
 
 
-def _write_result(response: Any, revision: int) -> WriteResult:
+def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
+    return _key_state(response)
+
+
+def _write_result(response: Any, revision: int, uncertain: bool,
+                  value: bytes | None) -> WriteResult:
+    """The answer to one guarded write. ``uncertain``: an earlier attempt went
+    unanswered, so a failed compare may be that attempt's own success (see the module
+    docstring)."""
     txn = response.response_txn
     if txn.succeeded:
         return WriteResult(True, revision)
-    return WriteResult(False, 0, _key_state(txn.responses[0]))
+    current = _key_state(txn.responses[0])
+    if uncertain:
+        if value is not None and current.revision and current.value == value:
+            return WriteResult(True, current.revision)
+        raise StoreUnavailable("etcd did not answer an earlier attempt of this write, and "
+                               "whether it applied cannot be told now: not acknowledged")
+    return WriteResult(False, 0, current)

@@ -33,6 +33,8 @@ from meshxl.model import ModelSpec, RuntimeState
 from meshxl.tls import ServerTls
 
 from .cache import ENDPOINT, Snapshot, SnapshotCache
+from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
+from .dns import Resolver, hostnames, is_ip_literal
 from .failover import FailoverTracer, Loss, losses
 from .history import MemberHistory, transitions
 from .metrics import Convergence, XdsMetrics
@@ -44,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _NODE_TXN_OPS = 64
 """Node statuses per etcd transaction (etcd's default --max-txn-ops is 128)."""
+
+_NODE_VALUE_MAX = 64 * 1024
+"""Largest node-status record written (they are a few hundred bytes: node ids and NACK
+texts are bounded at the ADS edge)."""
 
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
@@ -71,6 +77,8 @@ class ControlPlaneConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     """Mutual TLS: accept only Envoys whose client certificate this CA signed."""
+    dns_interval: float = DNS_INTERVAL
+    """Seconds between resolutions of member addresses that are host names."""
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "--listen")
@@ -119,6 +127,8 @@ class ControlPlane:
         self.mesh: EtcdMeshSource | None = None
         self.client: aetcd.Client | None = None
         self.compiler = Compiler()
+        self.resolver = Resolver(self._changed, interval=config.dns_interval)
+        self._dns_inputs: tuple[ModelSpec, frozenset[str]] | None = None
         self.compile_error: str | None = None
         self.last_build: dict[str, Any] = {}
         self.port = 0
@@ -128,7 +138,9 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease: Any = None
+        self._lease_lock = asyncio.Lock()
         self._node_values: dict[str, bytes] = {}
+        self._undeleted: dict[str, bytes] = {}  # records whose removal failed
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -164,7 +176,13 @@ class ControlPlane:
             self._spawn(self._keep_lease())
             self.history = MemberHistory(self.client, self.keys, cfg.replica)
             self.history.start()
+        model = self.model
+        if model is not None:
+            # The first snapshot already has the endpoints of members named by host name.
+            self.resolver.want(hostnames(model, self.runtime))
+            await self.resolver.resolve()
         await self.rebuild()
+        self._spawn(self.resolver.run())
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
         await self._grpc.start()
@@ -260,8 +278,13 @@ class ControlPlane:
                 self.history.record(changes, revision)
         self.failovers.rebuilding()
         started = time.perf_counter()
+        if self._dns_inputs is None or self._dns_inputs[0] is not model:
+            # The model's host names, once per model (it is immutable).
+            self._dns_inputs = (model, frozenset(hostnames(model)))
+        self.resolver.want(self._dns_inputs[1].union(
+            r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
         try:
-            resources = self.compiler.compile(model, runtime)
+            resources = self.compiler.compile(model, runtime, self.resolver.addresses)
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
@@ -322,15 +345,23 @@ class ControlPlane:
 
     # -- node status in etcd ----------------------------------------------------------------
 
+    async def _take_lease(self) -> None:
+        """Take this replica's status lease unless it has one (one at a time, so the
+        lease keeper and an early status write never make two)."""
+        assert self.client is not None
+        async with self._lease_lock:
+            if self._lease is None:
+                self._lease = await self.client.lease(self.config.status_ttl)
+
     async def _keep_lease(self) -> None:
         """Keep this replica's lease alive; node-status keys die with the replica."""
         assert self.client is not None
         while True:
             try:
-                if self._lease is None:
-                    self._lease = await self.client.lease(self.config.status_ttl)
+                await self._take_lease()
                 await asyncio.sleep(self.config.status_ttl / 3)
                 await self._lease.refresh()
+                await self._retry_node_deletes()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -346,34 +377,72 @@ class ControlPlane:
     async def _publish_nodes(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Write node statuses to etcd, many per transaction (a push to 1,000 Envoys
         brings 1,000 ACKs); etcd trouble costs status updates, nothing more."""
-        if self.client is None or self._lease is None:
+        if self.client is None:
             return
+        if self._lease is None:
+            # The first ACKs may come before the lease keeper's first lease: take one
+            # now rather than drop their statuses.
+            try:
+                await self._take_lease()
+            except Exception as exc:
+                log.warning("%d node status(es) not written to etcd: no lease: %s",
+                            len(batch), exc)
+                return
         tx = self.client.transactions
         puts = []
         for node_id, status in batch:
-            key = self.keys.node(node_id).encode()
-            if status.get("streams", 0) > 0:
+            # One entry that cannot be stored costs that entry only, never the batch.
+            try:
+                key = self.keys.node(node_id).encode()
                 value = json.dumps({**status, "replica": self.config.replica}).encode()
+            except (ValueError, TypeError) as exc:
+                log.warning("node status not written to etcd: %s", exc)
+                continue
+            if status.get("streams", 0) > 0:
+                if len(value) > _NODE_VALUE_MAX:
+                    log.warning("node status not written to etcd: %d bytes (at most %d)",
+                                len(value), _NODE_VALUE_MAX)
+                    continue
                 self._node_values[node_id] = value
+                self._undeleted.pop(node_id, None)
                 puts.append(tx.put(key, value, lease=self._lease))
                 continue
             # Disconnected: remove the record only if no other replica rewrote it since.
-            last = self._node_values.pop(node_id, None)
-            if last is not None:
-                await self._etcd_quietly(f"node {node_id} status not removed from etcd",
-                                         compare=[tx.value(key) == last],
-                                         success=[tx.delete(key)])
+            # (Records are bounded, so the compare always fits in an etcd request.)
+            last = self._node_values.pop(node_id, None) or self._undeleted.pop(node_id, None)
+            if last is not None and not await self._etcd_quietly(
+                    "node status not removed from etcd (retried later)",
+                    compare=[tx.value(key) == last], success=[tx.delete(key)]):
+                self._undeleted[node_id] = last
         for start in range(0, len(puts), _NODE_TXN_OPS):
             await self._etcd_quietly(f"{len(puts[start:start + _NODE_TXN_OPS])} node "
                                      "status(es) not written to etcd", compare=[],
                                      success=puts[start:start + _NODE_TXN_OPS])
 
-    async def _etcd_quietly(self, what: str, **txn: Any) -> None:
+    async def _retry_node_deletes(self) -> None:
+        """Remove the records of disconnected nodes whose removal failed (etcd trouble):
+        a record left behind would count as a connected Envoy until this replica dies."""
+        if self.client is None or not self._undeleted:
+            return
+        tx = self.client.transactions
+        for node_id, last in list(self._undeleted.items()):
+            if node_id in self._node_values:
+                del self._undeleted[node_id]  # connected again: its record is current
+                continue
+            key = self.keys.node(node_id).encode()
+            if await self._etcd_quietly("node status not removed from etcd (retried later)",
+                                        compare=[tx.value(key) == last],
+                                        success=[tx.delete(key)]):
+                self._undeleted.pop(node_id, None)
+
+    async def _etcd_quietly(self, what: str, **txn: Any) -> bool:
         assert self.client is not None
         try:
             await self.client.transaction(failure=[], **txn)
         except Exception as exc:
             log.warning("%s: %s: %s", what, type(exc).__name__, exc)
+            return False
+        return True
 
     # -- HTTP status -----------------------------------------------------------------------
 
@@ -393,6 +462,7 @@ class ControlPlane:
                 "last_error": self.mesh.last_error,
             },
             "versions": snapshot.versions if snapshot else {},
+            "dns": self.resolver.status(),
             "last_build": self.last_build,
             "rebuilds": self.rebuilder.runs,
             "responses_sent": self.ads.responses_sent,

@@ -258,8 +258,9 @@ class DeltaSession(StreamState):
         server = self._server
         node = self.node or server.connect(self, request.node)
         type_url = request.type_url
-        if not type_url:
-            return "type_url is required on an ADS stream"
+        problem = self.check_type(type_url)
+        if problem is not None:
+            return problem
         subscribe = list(request.resource_names_subscribe)
         unsubscribe = list(request.resource_names_unsubscribe)
         sub = self.subscriptions.get(type_url)

@@ -15,10 +15,86 @@ from typing import Any, Protocol
 
 from meshxl.xds.cache import TYPE_ORDER, Snapshot
 
-__all__ = ["Nack", "NodeStatus", "Session", "StreamState", "Streams", "TypeStatus"]
+__all__ = ["NACK_TEXT_MAX", "NODE_ID_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus",
+           "Session", "StreamState", "Streams", "TypeStatus", "bound_text", "node_id_problem"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
+
+NODE_ID_MAX = 256
+"""Longest Envoy node id accepted (Istio's ``sidecar~IP~pod.ns~ns.svc.cluster.local``
+ids stay well under it). Node ids enter log lines, etcd keys and status records."""
+NODE_CLUSTER_MAX = 256
+"""Longest ``node.cluster`` kept (longer ones are truncated)."""
+NACK_TEXT_MAX = 1024
+"""A NACK's ``error_detail`` message is kept (in memory, in etcd, in log lines) up to
+this many characters; the rest is replaced by a note of how much was cut. Envoy's own
+messages name the resource and the field and are far shorter."""
+TYPE_URL_MAX = 256
+"""Longest type URL a stream may subscribe to (Envoy's are under 100 characters)."""
+TYPES_MAX = 32
+"""Most distinct types one stream may subscribe to (Envoy uses at most a dozen)."""
+LOG_REPEAT_SECONDS = 60.0
+"""An identical warning about one node is logged at most once per this many seconds."""
+
+
+class BadRequest(ValueError):
+    """A request the stream cannot serve: it ends with INVALID_ARGUMENT and this text."""
+
+
+def node_id_problem(node_id: str) -> str | None:
+    """Why ``node_id`` cannot name an Envoy node, or None when it can.
+
+    A node id is 1 to :data:`NODE_ID_MAX` printable ASCII characters without spaces
+    or ``/``: it is a path segment of an etcd key, a field of every log line about the
+    node, and the key of its status everywhere.
+    """
+    if not node_id:
+        return "the node id is empty (set node.id in the Envoy bootstrap)"
+    if len(node_id) > NODE_ID_MAX:
+        return f"the node id is {len(node_id)} characters long (at most {NODE_ID_MAX})"
+    bad = next((c for c in node_id if not "!" <= c <= "~" or c == "/"), None)
+    if bad is not None:
+        return (f"the node id contains {bad!r}: use printable ASCII characters other than "
+                "space and '/'")
+    return None
+
+
+def bound_text(text: str, limit: int = NACK_TEXT_MAX) -> str:
+    """``text`` cut to at most ``limit`` characters, keeping its start and its end (Envoy
+    puts the reason of a rejection after a dump of the resource) and saying how much of
+    the middle was cut."""
+    if len(text) <= limit:
+        return text
+    width = len(str(len(text)))  # the note's length whatever the count it shows
+    room = max(limit - len(f" [...{'9' * width} characters cut...] "), 0)
+    head = room // 3
+    tail = room - head
+    cut = len(text) - head - tail
+    note = f" [...{cut} characters cut...] "
+    return text[:head] + note + (text[len(text) - tail:] if tail else "")
+
+
+class LogLimiter:
+    """Lets an identical line (per key) through once per ``interval`` seconds and
+    counts what it held back, so a client repeating itself cannot fill the disk."""
+
+    def __init__(self, interval: float = LOG_REPEAT_SECONDS, size: int = 4096) -> None:
+        self._interval = interval
+        self._size = size
+        self._last: dict[Hashable, tuple[float, int]] = {}
+
+    def allow(self, key: Hashable) -> tuple[bool, int]:
+        """(log it now, how many identical lines were held back since the last one)."""
+        now = time.monotonic()
+        found = self._last.get(key)
+        if found is not None and now - found[0] < self._interval:
+            self._last[key] = (found[0], found[1] + 1)
+            return False, 0
+        if found is None and len(self._last) >= self._size:
+            self._last.pop(next(iter(self._last)))
+        self._last[key] = (now, 0)
+        return True, found[1] if found is not None else 0
 
 
 @dataclass
@@ -123,6 +199,18 @@ class StreamState:
         self.closed = False
         self.node: NodeStatus | None = None
         self.subscriptions: dict[str, Any] = {}
+
+    def check_type(self, type_url: str) -> str | None:
+        """Why a request for ``type_url`` cannot be served on this stream, or None."""
+        if not type_url:
+            return "type_url is required on an ADS stream"
+        if type_url in self.subscriptions:
+            return None
+        if len(type_url) > TYPE_URL_MAX:
+            return f"type_url is {len(type_url)} characters long (at most {TYPE_URL_MAX})"
+        if len(self.subscriptions) >= TYPES_MAX:
+            return f"more than {TYPES_MAX} types subscribed on one stream"
+        return None
 
     def order(self) -> list[str]:
         """Subscribed types, in push order (CDS, EDS, LDS, RDS, then the rest)."""

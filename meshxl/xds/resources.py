@@ -53,6 +53,7 @@ from meshxl.model import (
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DRAINING as _DRAINING
+from meshxl.xds.dns import is_ip_literal
 
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -62,6 +63,7 @@ ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
 _NO_SPILLOVER_FACTOR = 1_000_000
+_MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 _ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(),
     resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -109,9 +111,12 @@ def listener_name(address: str, port: int) -> str:
     return f"meshxl_{address}_{port}"
 
 
-def compile_resources(model: ModelSpec, state: RuntimeState | None = None) -> Resources:
-    """The whole Envoy configuration for a model and the runtime state."""
-    return Compiler().compile(model, state)
+def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
+                      resolved: Mapping[str, tuple[str, ...]] | None = None) -> Resources:
+    """The whole Envoy configuration for a model and the runtime state; ``resolved``
+    maps member addresses that are host names to their IP addresses
+    (:mod:`meshxl.xds.dns`)."""
+    return Compiler().compile(model, state, resolved)
 
 
 def _compile_static(model: ModelSpec) -> Resources:
@@ -146,26 +151,39 @@ class Compiler:
         self._static = Resources()
         self._endpoints: dict[str, tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
 
-    def compile(self, model: ModelSpec, state: RuntimeState | None = None) -> Resources:
+    def compile(self, model: ModelSpec, state: RuntimeState | None = None,
+                resolved: Mapping[str, tuple[str, ...]] | None = None) -> Resources:
         state = state or RuntimeState()
+        resolved = resolved or {}
         if model is not self._model:
             static = _compile_static(model)  # CompileError: the memo stays as it was
             self._model, self._static, self._endpoints = model, static, {}
         offline = frozenset(state.sites_offline)
         endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
         for spec in model.clusters:
-            inputs = (state.registrations_of(spec.name), state.members_down_of(spec.name),
-                      offline)
+            registrations = state.registrations_of(spec.name)
+            inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
+                                       offline)
+            if resolved:
+                inputs += (_resolved_for(spec, registrations, resolved),)
             cached = self._endpoints.get(spec.name)
             if cached is not None and cached[0] == inputs:
                 endpoints[spec.name] = cached[1]
                 continue
-            cla = build_load_assignment(cluster_view(spec, state))
+            cla = build_load_assignment(cluster_view(spec, state), resolved)
             self._endpoints[spec.name] = (inputs, cla)
             endpoints[spec.name] = cla
         return Resources(clusters=dict(self._static.clusters), endpoints=endpoints,
                          listeners=dict(self._static.listeners),
                          routes=dict(self._static.routes))
+
+
+def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],
+                  resolved: Mapping[str, tuple[str, ...]]) -> tuple[Any, ...]:
+    """The resolutions one cluster's EDS depends on (its memo key)."""
+    names = {m.address for m in spec.members if m.address in resolved}
+    names.update(r.address for r in registrations.values() if r.address in resolved)
+    return tuple((n, resolved[n]) for n in sorted(names))
 
 
 # What a Cluster or a Route depends on besides the cluster's name (the Cluster: mode,
@@ -282,6 +300,7 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             max_ejection_percent=wrappers_pb2.UInt32Value(value=od.max_ejection_percent),
         ))
 
+
     # Retries are capped by the circuit breaker (3 outstanding by default): when a
     # member dies under load most retries would overflow. A budget scales with load.
     r = spec.retries
@@ -321,10 +340,48 @@ def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
     """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource."""
     merged = _deep_merge(json_format.MessageToDict(message), override)
     try:
-        return json_format.ParseDict(merged, type(message)())
+        result = json_format.ParseDict(merged, type(message)())
     except json_format.ParseError as exc:
         raise CompileError(path, f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") \
             from None
+    problem = _out_of_range(result)
+    if problem is not None:
+        raise CompileError(path, problem)
+    return result
+
+
+def _out_of_range(message: Message, where: str = "") -> str | None:
+    """The first value of ``message`` no Envoy field accepts: a negative or oversized
+    duration, a percentage outside 0..100 (what an override can get wrong that the
+    protobuf types let through)."""
+    name = message.DESCRIPTOR.full_name
+    if name == "google.protobuf.Duration":
+        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        if seconds < 0 or nanos < 0:
+            return f"{where or 'duration'}: a duration must not be negative"
+        if seconds > _MAX_PROTO_SECONDS:
+            return f"{where or 'duration'}: duration out of range"
+        return None
+    if name == "envoy.type.v3.Percent":
+        value = message.value  # type: ignore[attr-defined]
+        if not 0 <= value <= 100:
+            return f"{where or 'percent'}: a percentage must be within 0..100, got {value}"
+        return None
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        label = f"{where}.{descriptor.json_name}" if where else descriptor.json_name
+        if descriptor.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        elif descriptor.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            found = _out_of_range(item, label)
+            if found is not None:
+                return found
+    return None
 
 
 # -- EDS -------------------------------------------------------------------------------
@@ -333,9 +390,15 @@ def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
 _PRIORITY_SITE = operator.itemgetter(6, 3)  # MemberView.priority, MemberView.site
 
 
-def build_load_assignment(view: ClusterView) -> endpoint_pb2.ClusterLoadAssignment:
+def build_load_assignment(view: ClusterView,
+                          resolved: Mapping[str, tuple[str, ...]] | None = None,
+                          ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints by (priority, site). The member is the endpoint's hostname and its site
-    the locality zone, so Envoy's /clusters and config_dump name both."""
+    the locality zone, so Envoy's /clusters and config_dump name both.
+
+    A member whose address is a host name gets one endpoint per address in
+    ``resolved`` (same priority, weight and state; the name in the endpoint's
+    ``meshxl`` metadata), and none while it has not resolved."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=view.name)
     if not view.spec.priority_spillover:
         cla.policy.overprovisioning_factor.value = _NO_SPILLOVER_FACTOR
@@ -345,20 +408,53 @@ def build_load_assignment(view: ClusterView) -> endpoint_pb2.ClusterLoadAssignme
     last_priority, last_site = -1, None
     # Unpacking the view tuple is several times cheaper than attribute access, and this
     # loop runs once per endpoint of the whole mesh.
+    resolved = resolved or {}
+    gaps = False
     for name, address, port, site, _, state, priority, lb_weight, _, _ in advertised:
         if priority != last_priority or site != last_site:
             last_priority, last_site = priority, site
             group = cla.endpoints.add(priority=priority)
             group.locality.zone = site
             add = group.lb_endpoints.add
-        ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
-        endpoint = ep.endpoint
-        endpoint.hostname = name
-        sock = endpoint.address.socket_address
-        sock.address = address
-        sock.port_value = port  # protocol: TCP, the default
-        ep.load_balancing_weight.value = lb_weight
-    return cla
+        if is_ip_literal(address):
+            ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
+            endpoint = ep.endpoint
+            endpoint.hostname = name
+            sock = endpoint.address.socket_address
+            sock.address = address
+            sock.port_value = port  # protocol: TCP, the default
+            ep.load_balancing_weight.value = lb_weight
+            continue
+        ips = resolved.get(address, ())
+        gaps = gaps or not ips
+        for ip in ips:
+            ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
+            endpoint = ep.endpoint
+            endpoint.hostname = name
+            sock = endpoint.address.socket_address
+            sock.address = ip
+            sock.port_value = port
+            ep.load_balancing_weight.value = lb_weight
+            ep.metadata.filter_metadata["meshxl"].fields["address"].string_value = address
+    # A (priority, site) group whose members have no address yet is left out: Envoy
+    # refuses nothing about it, but the priorities must stay dense.
+    return _dense(cla) if gaps else cla
+
+
+def _dense(cla: endpoint_pb2.ClusterLoadAssignment) -> endpoint_pb2.ClusterLoadAssignment:
+    if all(group.lb_endpoints for group in cla.endpoints):
+        return cla
+    groups = [g for g in cla.endpoints if g.lb_endpoints]
+    out = endpoint_pb2.ClusterLoadAssignment(cluster_name=cla.cluster_name)
+    out.policy.CopyFrom(cla.policy)
+    if not cla.HasField("policy"):
+        out.ClearField("policy")
+    ranks = {p: i for i, p in enumerate(sorted({g.priority for g in groups}))}
+    for group in groups:
+        added = out.endpoints.add()
+        added.CopyFrom(group)
+        added.priority = ranks[group.priority]
+    return out
 
 
 # -- LDS / RDS ---------------------------------------------------------------------------

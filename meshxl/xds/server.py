@@ -41,7 +41,18 @@ from meshxl.xds.cache import (
     SnapshotCache,
 )
 from meshxl.xds.metrics import XdsMetrics
-from meshxl.xds.nodes import Nack, NodeStatus, Session, StreamState
+from meshxl.xds.nodes import (
+    NACK_TEXT_MAX,
+    NODE_CLUSTER_MAX,
+    BadRequest,
+    LogLimiter,
+    Nack,
+    NodeStatus,
+    Session,
+    StreamState,
+    bound_text,
+    node_id_problem,
+)
 
 __all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 
@@ -100,6 +111,7 @@ class _Subscription:
     fresh: bool = True  # the client asked without a nonce: answer even if unchanged
     rewarm: bool = False  # the parent type was just sent: answer the next request
     nonce: str = ""
+    answered: bool = False  # the response ``nonce`` names was ACKed or NACKed already
     sent: _Key | None = None
     sent_at: float | None = None  # time.monotonic() of the write, for the ACK latency
     repeats: dict[str, int] = field(default_factory=dict)  # sends per recent version
@@ -132,8 +144,9 @@ class _SotwSession(StreamState):
         server = self._server
         node = self.node or server.connect(self, request.node)
         type_url = request.type_url
-        if not type_url:
-            return "type_url is required on an ADS stream"
+        problem = self.check_type(type_url)
+        if problem is not None:
+            return problem
         names = server._shared_names(frozenset(request.resource_names))
         wildcard = _is_wildcard(type_url, names)
         sub = self.subscriptions.get(type_url)
@@ -151,13 +164,22 @@ class _SotwSession(StreamState):
         if not nonce:
             sub.fresh = True  # a re-request; answer it even if nothing changed
             return None
+        # The xDS protocol: a request naming the last response's nonce NACKs it when it
+        # carries error_detail, ACKs it when its version_info is the version sent, and
+        # otherwise (Envoy's subscriptions changed; after a NACK it repeats the nonce
+        # with the version it still holds) acknowledges nothing.
         if request.HasField("error_detail"):
+            if sub.answered:
+                return None  # that response was answered already
+            sub.answered = True
             if sub.sent is not None:
                 node.quarantine(type_url, sub.sent)
             server.answered(node, type_url, sub.sent[0] if sub.sent else None,
                              request.error_detail.message, sub.sent_at, nack=True)
-        elif sub.sent is not None:
-            server.answered(node, type_url, sub.sent[0], None, sub.sent_at)
+        elif sub.sent is not None and request.version_info == sub.sent[0]:
+            if not sub.answered:
+                sub.answered = True
+                server.answered(node, type_url, sub.sent[0], None, sub.sent_at)
             if sub.rewarm:
                 sub.fresh, sub.rewarm = True, False
         return None
@@ -190,7 +212,7 @@ class _SotwSession(StreamState):
         if len(sub.repeats) > _NONCE_VERSIONS:
             del sub.repeats[next(iter(sub.repeats))]
         sub.nonce = f"{key[0]}.{repeats}"
-        sub.sent = key
+        sub.sent, sub.answered = key, False
         sub.sent_at = self._server.delivered(self, type_url, key[0])
         dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
         if dependent is not None:
@@ -231,6 +253,9 @@ class AdsServer:
         #: Requests whose nonce was not one this stream is waiting for: ignored as an
         #: ACK or NACK (a delta request still changes its subscriptions).
         self.stale_requests = 0
+        #: Streams refused for a node id that cannot name a node.
+        self.refused = 0
+        self._log_limit = LogLimiter()
 
     # -- wiring -------------------------------------------------------------------
 
@@ -317,14 +342,25 @@ class AdsServer:
     def connect(self, session: Session, node_proto: Any) -> NodeStatus:
         """The stream's first request names its node: count the stream on it."""
         node_id = node_proto.id
+        problem = node_id_problem(node_id)
+        if problem is not None:
+            self.refused += 1
+            allowed, held = self._log_limit.allow(("refused", problem))
+            if allowed:
+                log.warning("ADS stream refused: %s%s", problem,
+                            f" ({held} more since the last report)" if held else "")
+            raise BadRequest(problem)
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = NodeStatus(node_id)
-        node.cluster = node_proto.cluster or node.cluster
+        node.cluster = bound_text(node_proto.cluster, NODE_CLUSTER_MAX) or node.cluster
         node.streams += 1
         node.connected_at = time.time()
         session.node = node
-        log.info("node %s connected (%d streams)", node_id, node.streams)
+        allowed, held = self._log_limit.allow((node_id, "connected"))
+        if allowed:
+            log.info("node %s connected (%d streams)%s", node_id, node.streams,
+                     f" ({held} more connections since the last report)" if held else "")
         self._changed(node)
         return node
 
@@ -335,7 +371,10 @@ class AdsServer:
         session.node = None
         node.streams -= 1
         node.disconnected_at = time.time()
-        log.info("node %s disconnected (%d streams left)", node.node_id, node.streams)
+        allowed, held = self._log_limit.allow((node.node_id, "disconnected"))
+        if allowed:
+            log.info("node %s disconnected (%d streams left)%s", node.node_id, node.streams,
+                     f" ({held} more disconnections since the last report)" if held else "")
         self._changed(node)
         if node.streams == 0:
             self._prune_disconnected()
@@ -379,12 +418,18 @@ class AdsServer:
         """
         nack = nack or error is not None
         status = node.status(type_url)
+        if error is not None:
+            error = bound_text(error, NACK_TEXT_MAX)
         if nack:
             node.nacks += 1
             node.last_nack = Nack(type_url, version, error or "", time.time())
             self.nacks += 1
-            log.warning("node %s rejected %s version %s: %s", node.node_id, type_url, version,
-                        error)
+            allowed, held = self._log_limit.allow((node.node_id, "nack", type_url, error))
+            if allowed:
+                log.warning("node %s rejected %s version %s: %s%s", node.node_id, type_url,
+                            version, error,
+                            f" ({held} identical rejections since the last report)"
+                            if held else "")
         elif version is not None:
             status.acked_version = version
             status.ack_time = time.time()
@@ -407,7 +452,8 @@ class AdsServer:
 
     def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         self.stale_requests += 1
-        log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url, nonce)
+        log.debug("node %s: stale %s nonce %s ignored", node.node_id, type_url,
+                  bound_text(nonce, 64))
 
     # -- the streams ----------------------------------------------------------------
 
@@ -425,18 +471,22 @@ class AdsServer:
                    session: Session) -> None:
         if self._metrics is not None:
             self._metrics.stream_opened(session.protocol)
+        reader: asyncio.Task[None] | None = None
         try:
             with self._cache.watch() as wake:
                 reader = asyncio.create_task(self._read(requests, session, wake))
-                try:
-                    await self._loop(context, session, wake)
-                finally:
-                    reader.cancel()
-                    await asyncio.gather(reader, return_exceptions=True)
-                    self._disconnect(session)
+                await self._loop(context, session, wake)
         finally:
+            # Every way a stream ends (the client leaving, an abort, the handler task
+            # cancelled, even while it waits below) first drops the stream from its
+            # node, synchronously: an await before it could be cancelled in turn and
+            # leave a "ghost" node that counts as connected until a restart.
+            self._disconnect(session)
             if self._metrics is not None:
                 self._metrics.stream_closed(session.protocol)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
 
     async def _loop(self, context: grpc.aio.ServicerContext, session: Session,
                     wake: asyncio.Event) -> None:
@@ -444,7 +494,10 @@ class AdsServer:
             await wake.wait()
             wake.clear()
             while session.inbox:
-                error = session.handle(session.inbox.popleft())
+                try:
+                    error = session.handle(session.inbox.popleft())
+                except BadRequest as exc:
+                    error = str(exc)
                 if error is not None:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
             if session.closed:

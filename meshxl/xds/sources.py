@@ -24,9 +24,9 @@ from meshxl.model import (
     AdminAction,
     ModelError,
     ModelSpec,
+    Problem,
     Registration,
     RuntimeState,
-    load_model,
     parse_model,
 )
 
@@ -94,7 +94,14 @@ class Debouncer:
 
 
 class ModelFileSource:
-    """The model from a file, reloaded when it changes; a bad edit keeps the last good."""
+    """The model from a file, reloaded when it changes; a bad edit keeps the last good.
+
+    A reload never acts on a partial write: a changed file is read only once its size,
+    modification time and inode have stood still for one poll interval, and the text
+    read counts only if they did not change while it was read. An empty, unparseable
+    or clusterless file (see :func:`meshxl.model.parse_model`) is refused with a
+    one-line log and the last good model keeps serving.
+    """
 
     def __init__(self, path: str | Path, on_change: Callable[[], None], *,
                  interval: float = 0.25):
@@ -102,9 +109,12 @@ class ModelFileSource:
         self._on_change = on_change
         self._interval = interval
         self._stamp: tuple[int, int, int] | None = None
+        self._seen: tuple[int, int, int] | None | bool = False  # the last change polled
         self.model: ModelSpec | None = None
         self.error: str | None = None
         self.loaded_at: float | None = None
+        self.refused = 0
+        """Reloads refused (bad, empty or clusterless text)."""
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -113,10 +123,34 @@ class ModelFileSource:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _read(self) -> tuple[tuple[int, int, int] | None, ModelSpec]:
+        """(the file's stamp, its model) from one read; ModelError when the file is
+        bad, or changed while it was read."""
+        before = self._stat()
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise ModelError([Problem(str(self.path), "cannot read the model file: "
+                                      f"{exc.strerror}")]) from None
+        if self._stat() != before:
+            raise _Changing()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelError([Problem(str(self.path), "cannot read the model file: not "
+                                      f"UTF-8 text (byte {exc.start})")]) from None
+        return before, parse_model(text, source=str(self.path))
+
     def load(self) -> ModelSpec:
         """Load now; raises ModelError so a bad file stops the server at start-up."""
-        self._stamp = self._stat()
-        self.model = load_model(self.path)
+        for _ in range(3):
+            try:
+                self._stamp, self.model = self._read()
+                break
+            except _Changing:
+                time.sleep(self._interval)
+        else:
+            raise ModelError([Problem(str(self.path), "the model file keeps changing")])
         self.error = None
         self.loaded_at = time.time()
         return self.model
@@ -126,20 +160,39 @@ class ModelFileSource:
             await asyncio.sleep(self._interval)
             stamp = self._stat()
             if stamp == self._stamp:
+                self._seen = False
                 continue
-            self._stamp = stamp
+            if stamp != self._seen:
+                self._seen = stamp  # changed: read it once it stands still
+                continue
             try:
-                model = load_model(self.path)
-            except ModelError as exc:
-                self.error = str(exc)
-                log.error("model file %s rejected, still serving the last good model: %s",
-                          self.path, exc)
+                stamp, model = self._read()
+            except _Changing:
                 continue
+            except ModelError as exc:
+                self._stamp, self._seen = stamp, False
+                self.error = str(exc)
+                self.refused += 1
+                log.error("model file %s rejected, still serving the last good model: %s",
+                          self.path, _one_line(self.error))
+                continue
+            self._stamp, self._seen = stamp, False
             if model == self.model:
+                self.error = None
                 continue
             self.model, self.error, self.loaded_at = model, None, time.time()
             log.info("model file %s reloaded", self.path)
             self._on_change()
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """``text`` on one line, at most ``limit`` characters (a log line per event)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class _Changing(Exception):
+    """The file changed while it was read."""
 
 
 class EtcdMeshSource:
@@ -215,15 +268,23 @@ class EtcdMeshSource:
         if text != self._model_text:
             self._model_text = text
             if text is None:
-                self.model, self.model_error = None, None
+                # Deleted: nothing new to serve; the last good model keeps serving.
+                self.model_error = None if self.model is None else (
+                    f"{keys.model}: no model stored; still serving the last good model")
             else:
+                # An empty, undecodable, unparseable or clusterless stored model is
+                # refused like a bad file: the last good one keeps serving.
                 try:
-                    model = parse_model(text.decode("utf-8", "replace"), source=keys.model)
+                    try:
+                        decoded = text.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ModelError([Problem(keys.model, "the stored model is not "
+                                                  f"UTF-8 text (byte {exc.start})")]) from None
+                    model = parse_model(decoded, source=keys.model)
                 except ModelError as exc:
-                    # A bad model in etcd keeps the last good one serving.
                     self.model_error = str(exc)
                     log.error("model in etcd rejected, still serving the last good model: %s",
-                              exc)
+                              _one_line(self.model_error))
                 else:
                     self.model, self.model_error = model, None
             changed = True

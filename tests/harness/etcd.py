@@ -15,8 +15,10 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aetcd
 import aiohttp
@@ -24,6 +26,9 @@ import aiohttp
 from meshxl import binaries
 from tests.harness.ports import free_ports
 from tests.harness.procs import Harness, HarnessError, ManagedProcess
+
+if TYPE_CHECKING:
+    from tests.harness.netns import Network
 
 __all__ = [
     "EtcdCluster",
@@ -62,10 +67,12 @@ class EtcdServer:
         initial_cluster: str,
         token: str,
         data_dir: Path,
+        host: str = HOST,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         self.harness = harness
         self.name = name
-        self.host = HOST
+        self.host = host
         self.client_port = client_port
         self.peer_port = peer_port
         self.data_dir = data_dir
@@ -74,7 +81,7 @@ class EtcdServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         self.process = ManagedProcess(
             name,
-            self._argv(),
+            wrap(self._argv()) if wrap is not None else self._argv(),
             harness.root / f"{name}.log",
             cwd=data_dir.parent,
             env=env,
@@ -95,6 +102,9 @@ class EtcdServer:
             "--initial-cluster-state", "new",
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
+            # etcd 3.4 defaults to no pre-vote: a member that rejoins after a partition
+            # would depose a healthy leader (3.5 enables it).
+            "--pre-vote",
             "--logger", "zap",
             "--log-outputs", "stderr",
         ]  # fmt: skip
@@ -194,13 +204,20 @@ class EtcdServer:
 class EtcdCluster:
     """``size`` etcd members forming one cluster (fault tests kill some of them)."""
 
-    def __init__(self, harness: Harness, size: int = 3, name: str = "etcd") -> None:
+    def __init__(self, harness: Harness, size: int = 3, name: str = "etcd",
+                 network: Network | None = None) -> None:
+        """``network``: member i runs in host i's namespace (``tests/harness/netns.py``),
+        on its address, ports 2379/2380."""
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        ports = free_ports(2 * size)
+        if network is not None and len(network.hosts) < size:
+            raise ValueError(f"the network has {len(network.hosts)} hosts, not {size}")
+        ports = free_ports(2 * size) if network is None else [2379, 2380] * size
+        hosts = [HOST if network is None else network.ip(i) for i in range(size)]
         token = f"meshxl-test-{uuid.uuid4().hex[:12]}"
         names = [harness.unique_name(f"{name}-{i}") for i in range(size)]
-        initial = ",".join(f"{n}=http://{HOST}:{ports[2 * i + 1]}" for i, n in enumerate(names))
+        initial = ",".join(f"{n}=http://{hosts[i]}:{ports[2 * i + 1]}"
+                           for i, n in enumerate(names))
         self.members: list[EtcdServer] = [
             EtcdServer(
                 harness,
@@ -210,6 +227,8 @@ class EtcdCluster:
                 initial_cluster=initial,
                 token=token,
                 data_dir=harness.path(n) / "data",
+                host=hosts[i],
+                wrap=None if network is None else partial(network.wrap, i),
             )
             for i, n in enumerate(names)
         ]

@@ -218,7 +218,7 @@ async def test_nack_over_delta_is_recorded_not_resent_and_fixed(
 
     # meshxl accepts this override; Envoy's validation (Duration gt 0) rejects it.
     write_model(model, cluster("c", "high-availability", members, lport,
-                               overrides={"cluster": {"connectTimeout": "-1s"}}))
+                               overrides={"cluster": {"connectTimeout": "0s"}}))
 
     def nacked() -> dict[str, Any] | None:
         found: dict[str, Any] | None = plane.ads.node_status()["delta"]["last_nack"]

@@ -271,7 +271,7 @@ async def test_status_shows_a_problem_and_a_nack(deployment: DemoDeployment) -> 
     # A model Envoy rejects (meshxl accepts the override; Envoy's validation does not).
     text = demo_model(d.mode, d.listen_port, [(m.name, m.site) for m in d.members])
     bad = text.replace("    sessions: {ttl: 5m}\n", "    sessions: {ttl: 5m}\n"
-                       '    overrides: {cluster: {"connectTimeout": "-1s"}}\n')
+                       '    overrides: {cluster: {"connectTimeout": "0s"}}\n')
     path = d.work_dir / "bad-model.yaml"
     path.write_text(bad)
     code, _, err = await meshxl("apply", str(path), *etcd_args(d))

@@ -233,9 +233,10 @@ async def test_nack_is_recorded_not_resent_and_fixed_by_a_corrected_model(
     await wait_for(lambda: acked_all(plane.ads.node_status(), "n1",
                                      plane.cache.snapshot.versions), 10, "first ACK")
 
-    # meshxl accepts this override; Envoy's validation (Duration gt 0) rejects it.
+    # meshxl accepts this override (a duration, not negative); Envoy's validation of
+    # connect_timeout (gt 0) rejects it.
     await store(etcd_client, ha_model(members, lport, extra=(
-        '  overrides: {cluster: {"connectTimeout": "-1s"}}\n')))
+        '  overrides: {cluster: {"connectTimeout": "0s"}}\n')))
 
     def nacked() -> dict[str, Any] | None:
         return plane.ads.node_status().get("n1", {}).get("last_nack")

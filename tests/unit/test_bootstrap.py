@@ -159,7 +159,10 @@ def test_reconnect_backoff_is_short() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"node_id": ""}, "node_id"),
+        ({"node_id": ""}, "node id is empty"),
+        ({"node_id": "a/b"}, "'/'"),
+        ({"node_id": "two words"}, "' '"),
+        ({"node_id": "n" * 257}, "257 characters"),
         ({"xds": []}, "at least one control-plane address"),
         ({"xds": ["127.0.0.1"]}, "'127.0.0.1'"),
         ({"xds": [("127.0.0.1", 0)]}, "('127.0.0.1', 0)"),

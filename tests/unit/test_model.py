@@ -51,8 +51,19 @@ def test_quickstart_example_loads() -> None:
     assert spec.cluster("cart") is cart and spec.cluster("nope") is None
 
 
-def test_empty_document_is_an_empty_model() -> None:
-    assert parse_model("").clusters == []
+@pytest.mark.parametrize("text", ["", "   \n", "# only a comment\n", "---\n", "null\n"])
+def test_empty_document_is_refused(text: str) -> None:
+    with pytest.raises(ModelError, match="the model is empty"):
+        parse_model(text)
+
+
+@pytest.mark.parametrize("text", ["clusters: []\n", "telemetry: {tracing: false}\n",
+                                  "{}\n"])
+def test_model_without_clusters_is_refused_unless_allowed(text: str) -> None:
+    with pytest.raises(ModelError, match="no clusters.*allow_empty: true"):
+        parse_model(text)
+    assert parse_model(text + "allow_empty: true\n" if text != "{}\n"
+                       else "allow_empty: true\n").clusters == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,276 @@
+"""The etcd balancer's judgement of members, and the session store's retries, without
+processes: members are fakes answering (or not) what a test says.
+
+The real thing (etcd members in network namespaces, partitioned and killed under load)
+is ``tests/integration/test_etcd_partitions.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aetcd import rpc
+
+from meshxl import etcd
+from meshxl.etcd import DOWN, NO_LEADER, UP, Balancer, Endpoint, EtcdUnavailable
+from meshxl.statesync.store import SessionStore, StoreUnavailable, WriteResult, _write_result
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- what a retried write's answer means ------------------------------------------------------
+
+
+def _failed_compare(revision: int, value: bytes | None) -> Any:
+    kvs = [rpc.KeyValue(key=b"k", mod_revision=revision, value=value or b"")] if revision else []
+    return rpc.ResponseOp(response_txn=rpc.TxnResponse(
+        succeeded=False, responses=[rpc.ResponseOp(
+            response_range=rpc.RangeResponse(kvs=kvs))]))
+
+
+def test_a_write_answered_the_first_time_means_what_etcd_says() -> None:
+    ok = rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=True))
+    assert _write_result(ok, 42, False, b"v") == WriteResult(True, 42)
+    assert _write_result(ok, 42, True, b"v") == WriteResult(True, 42)
+    refused = _write_result(_failed_compare(40, b"theirs"), 42, False, b"mine")
+    assert not refused.ok and refused.current is not None
+    assert refused.current.revision == 40 and refused.current.value == b"theirs"
+
+
+def test_a_retried_write_finding_its_own_bytes_was_applied_by_the_earlier_attempt() -> None:
+    assert _write_result(_failed_compare(41, b"mine"), 42, True, b"mine") == \
+        WriteResult(True, 41)
+
+
+@pytest.mark.parametrize(("revision", "value", "ours"), [
+    (41, b"theirs", b"mine"),   # overwritten since, or never applied: cannot tell
+    (0, None, b"mine"),         # deleted since
+    (0, None, None),            # a delete: gone, by this attempt or another writer's
+    (41, b"theirs", None),
+])
+def test_a_retried_write_that_cannot_tell_is_never_a_2xx_nor_a_conflict(
+        revision: int, value: bytes | None, ours: bytes | None) -> None:
+    with pytest.raises(StoreUnavailable, match="cannot be told"):
+        _write_result(_failed_compare(revision, value), 42, True, ours)
+
+
+# -- judging members ------------------------------------------------------------------------------
+
+
+def _balancer(n: int = 3) -> Balancer:
+    balancer = Balancer([Endpoint(f"m{i}:2379", object()) for i in range(n)])  # type: ignore[arg-type]
+    balancer._preferred = 0
+    return balancer
+
+
+def _answer(ep: Endpoint, member_id: int, leader: int, term: int = 2) -> None:
+    ep.answered, ep.member_id, ep.leader, ep.term = True, member_id, leader, term
+    ep._applied_seq += 1
+
+
+def _silent(ep: Endpoint) -> None:
+    ep.answered = False
+    ep._applied_seq += 1
+
+
+def test_members_with_a_leader_are_up_and_the_preferred_one_is_used() -> None:
+    b = _balancer()
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 1)
+    b._evaluate()
+    assert [ep.state for ep in b.endpoints] == [UP, UP, UP]
+    assert b.current is b.endpoints[0]
+
+
+def test_a_silent_leader_leaves_its_followers_without_one_until_a_new_term() -> None:
+    b = _balancer()
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 1)
+    b._evaluate()
+    fired = b.endpoints[1].changed()
+    _silent(b.endpoints[0])
+    b._evaluate()
+    assert [ep.state for ep in b.endpoints] == [DOWN, NO_LEADER, NO_LEADER]
+    assert fired.is_set(), "requests on a follower of a gone leader must be told"
+    # Member 2 won the election: every member reporting it is up again, and the
+    # client moved off the silent member.
+    _answer(b.endpoints[1], 2, 2, term=3)
+    _answer(b.endpoints[2], 3, 2, term=3)
+    b._evaluate()
+    assert [ep.state for ep in b.endpoints] == [DOWN, UP, UP]
+    assert b.current is b.endpoints[1] and b.switches == 1
+
+
+def test_a_member_behind_the_newest_term_has_no_leader() -> None:
+    b = _balancer()
+    _answer(b.endpoints[0], 1, 1, term=2)   # still believes in the old leader
+    _answer(b.endpoints[1], 2, 2, term=3)
+    _answer(b.endpoints[2], 3, 2, term=3)
+    b._evaluate()
+    assert [ep.state for ep in b.endpoints] == [NO_LEADER, UP, UP]
+
+
+def test_a_new_leader_tells_requests_in_flight_on_a_member_that_stays_up() -> None:
+    b = _balancer()
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 1, term=2)
+    b._evaluate()
+    fired = b.endpoints[2].changed()
+    _answer(b.endpoints[2], 3, 2, term=3)
+    b._evaluate(leader_changed=b.endpoints[2])
+    assert fired.is_set() and b.endpoints[2].state == UP
+
+
+def test_a_member_lagging_behind_its_peers_probes_is_down() -> None:
+    b = _balancer(2)
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 1)
+    b._evaluate()
+    sent = time.monotonic() - 1.0
+    b.endpoints[0]._outstanding[99] = sent
+    b._check_lagging(b.endpoints[0])
+    assert b.endpoints[0].state == UP, "nobody answered a later probe: no verdict"
+    b.endpoints[1].answered_sent = sent + 0.5
+    b._check_lagging(b.endpoints[0])
+    assert b.endpoints[0].state == DOWN and b.current is b.endpoints[1]
+
+
+async def test_choose_fails_at_once_when_no_member_answers() -> None:
+    b = _balancer()
+    for ep in b.endpoints:
+        _silent(ep)
+    b._evaluate()
+    started = time.monotonic()
+    with pytest.raises(EtcdUnavailable, match="no etcd member answers"):
+        await b.choose(time.monotonic() + 5)
+    assert time.monotonic() - started < 0.1
+
+
+async def test_choose_waits_for_a_leader_then_takes_the_member_that_has_one() -> None:
+    b = _balancer()
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 0)
+    b._evaluate()
+    assert {ep.state for ep in b.endpoints} == {NO_LEADER}
+
+    async def elect() -> None:
+        await asyncio.sleep(0.05)
+        _answer(b.endpoints[2], 3, 3, term=3)
+        b._evaluate()
+
+    task = asyncio.create_task(elect())
+    assert await b.choose(time.monotonic() + 5) is b.endpoints[2]
+    await task
+    with pytest.raises(EtcdUnavailable, match="no etcd member has a leader"):
+        _silent(b.endpoints[2])
+        b._evaluate()
+        await b.choose(time.monotonic() + 0.05)
+
+
+# -- the store's batches against members that hang --------------------------------------------
+
+
+class _Member:
+    """A fake etcd member's client: ``Txn`` answers at once, or never while ``hang``."""
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.sent: list[int] = []
+        self.metadata = None
+        self.kvstub = self
+
+    async def Txn(self, request: Any, timeout: float, metadata: Any) -> Any:  # noqa: N802
+        self.sent.append(len(request.success))
+        if self.hang:
+            await asyncio.sleep(3600)
+        return rpc.TxnResponse(header=rpc.ResponseHeader(revision=7), responses=[
+            rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=True))
+            for _ in request.success])
+
+
+def _write(store: SessionStore, key: bytes, expected: int) -> Any:
+    return store._writes.submit(SessionStore._guarded(key, expected, {
+        "request_put": {"key": key, "value": b"v"}}),
+        lambda r, rev, unc: _write_result(r, rev, unc, b"v"), resend=expected != 0)
+
+
+async def test_a_batch_stuck_on_a_member_does_not_hold_the_writes_behind_it() -> None:
+    member = _Member()
+    store = SessionStore(member, ttl=60, max_inflight=1, timeout=5)  # type: ignore[arg-type]
+    member.hang = True
+    stuck = asyncio.create_task(_write(store, b"a", 3))
+    await asyncio.sleep(0.01)
+    member.hang = False
+    started = time.monotonic()
+    assert (await _write(store, b"b", 4)).ok
+    assert time.monotonic() - started < 1.0, "the write waited for the stuck batch"
+    stuck.cancel()
+    await store.close()
+
+
+async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creations_are_not(
+) -> None:
+    lost, good = _Member(), _Member()
+    client: Any = type("C", (), {})()
+    client.balancer = _balancer(2)
+    client.balancer.endpoints[0].client = lost
+    client.balancer.endpoints[1].client = good
+    for i, ep in enumerate(client.balancer.endpoints):
+        _answer(ep, i + 1, 2)  # the leader is the member that stays
+    client.balancer._evaluate()
+    store = SessionStore(client, ttl=60, max_inflight=1, timeout=5)
+    lost.hang = True
+    update = asyncio.create_task(_write(store, b"a", 3))
+    create = asyncio.create_task(_write(store, b"b", 0))
+    await asyncio.sleep(0.4)  # the second batch went too, past the stalled first one
+    assert lost.sent == [1, 1] and not good.sent
+    _silent(client.balancer.endpoints[0])   # its probes stop answering
+    client.balancer._evaluate()
+    assert (await asyncio.wait_for(update, 2)) == WriteResult(True, 7)
+    with pytest.raises(StoreUnavailable, match="may or may not have applied"):
+        await asyncio.wait_for(create, 2)
+    assert good.sent == [1], "only the update is sent again"
+    await store.close()
+
+
+# -- every etcd meshxl starts runs with pre-vote ----------------------------------------------
+
+
+ETCD_COMMAND_LINES = ["meshxl/demo/local.py", "bench/soak.py", "tests/harness/etcd.py"]
+
+
+@pytest.mark.parametrize("path", ETCD_COMMAND_LINES)
+def test_every_etcd_command_line_enables_pre_vote(path: str) -> None:
+    text = (ROOT / path).read_text()
+    starts = [m.start() for m in re.finditer(r"find_etcd\(\),", text)]
+    assert starts, f"{path} starts no etcd any more: update this list"
+    for start in starts:
+        window = text[start:start + 1200]
+        assert '"--pre-vote"' in window, f"an etcd command line in {path} lacks --pre-vote"
+
+
+def test_every_etcd_started_in_the_source_tree_is_listed_here() -> None:
+    found = {str(p.relative_to(ROOT)) for top in ("meshxl", "bench", "tests")
+             for p in (ROOT / top).rglob("*.py")
+             if re.search(r"find_etcd\(\),", p.read_text())}
+    assert found == set(ETCD_COMMAND_LINES)
+
+
+def test_the_kubernetes_etcd_runs_with_pre_vote() -> None:
+    manifest = (ROOT / "deploy/kubernetes/base/etcd.yaml").read_text()
+    assert "- --pre-vote=true" in manifest
+
+
+def test_a_multi_member_client_is_balanced_and_a_single_one_stays_plain() -> None:
+    import aetcd
+
+    assert type(etcd.client("http://127.0.0.1:2379")) is aetcd.Client
+    balanced = etcd.client("http://127.0.0.1:2379,http://127.0.0.2:2379")
+    assert isinstance(balanced, etcd.BalancedClient)
+    assert [ep.name for ep in balanced.balancer.endpoints] == ["127.0.0.1:2379",
+                                                               "127.0.0.2:2379"]
