@@ -71,6 +71,12 @@ _inject_options: list[Callable[..., Any]] = [
                       "requires as a bearer token; the app containers get it as the file "
                       "named by MESHXL_STATESYNC_TOKEN_FILE. Unset: no token (also "
                       "MESHXL_STATESYNC_TOKEN_SECRET)."),
+    click.option("--etcd-client-secret", metavar="SECRET",
+                 envvar="MESHXL_ETCD_CLIENT_SECRET", default=None,
+                 help="Secret (keys tls.crt, tls.key, ca.crt, in each pod's namespace) "
+                      "mounted read-only into the statesync sidecar for https:// etcd: its "
+                      "client certificate and the CA of etcd's certificate. Required with "
+                      "https:// --etcd (also MESHXL_ETCD_CLIENT_SECRET)."),
 ]
 
 
@@ -86,7 +92,8 @@ def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
 def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
             image_pull_policy: str, anti_affinity: str,
             site_topology_key: str | None,
-            statesync_token_secret: str | None = None) -> InjectConfig:
+            statesync_token_secret: str | None = None,
+            etcd_client_secret: str | None = None) -> InjectConfig:
     try:
         return InjectConfig(image=image, etcd=etcd_urls, etcd_prefix=etcd_root,
                             xds=tuple(xds) or InjectConfig.xds,
@@ -94,7 +101,8 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
                             image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
                             anti_affinity=anti_affinity,  # type: ignore[arg-type]
                             site_topology_key=site_topology_key or None,
-                            statesync_token_secret=statesync_token_secret or None)
+                            statesync_token_secret=statesync_token_secret or None,
+                            etcd_client_secret=etcd_client_secret or None)
     except ValueError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
@@ -114,7 +122,7 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
                           etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
                           site_topology_key: str | None, statesync_token_secret: str | None,
-                          log_level: str) -> None:
+                          etcd_client_secret: str | None, log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
     import asyncio
     import logging
@@ -126,7 +134,8 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
-                     anti_affinity, site_topology_key, statesync_token_secret)
+                     anti_affinity, site_topology_key, statesync_token_secret,
+                     etcd_client_secret)
     try:
         config = WebhookConfig(tls_cert=tls_cert, tls_key=tls_key, inject=inject,
                                listen=listen)
@@ -154,7 +163,8 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
 def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
                    anti_affinity: str, site_topology_key: str | None,
-                   statesync_token_secret: str | None, quiet: bool) -> None:
+                   statesync_token_secret: str | None, etcd_client_secret: str | None,
+                   quiet: bool) -> None:
     """Add the meshxl sidecars to the Pods, Deployments and StatefulSets of a YAML file.
 
     Writes the result to stdout (like istioctl kube-inject); workloads that opted out
@@ -168,7 +178,8 @@ def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
     from .workloads import inject_documents
 
     config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
-                     anti_affinity, site_topology_key, statesync_token_secret)
+                     anti_affinity, site_topology_key, statesync_token_secret,
+                     etcd_client_secret)
     source = "<stdin>" if filename == "-" else filename
     try:
         text = read_text(filename, MAX_INJECT_BYTES, "Kubernetes YAML")

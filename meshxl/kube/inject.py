@@ -45,7 +45,8 @@ from meshxl.model.spec import NAME_PATTERN
 __all__ = [
     "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
     "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
-    "ENVOY_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER", "LABEL_INJECT", "LABEL_SITE",
+    "ENVOY_VOLUME", "ETCD_CLIENT_DIR", "ETCD_CLIENT_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER",
+    "LABEL_INJECT", "LABEL_SITE",
     "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "TOKEN_FILE_ENV", "TOKEN_VOLUME",
     "ZONE_KEY", "AntiAffinity",
     "Decision", "InjectConfig", "InjectError", "PatchResult", "decide", "mutate_pod",
@@ -87,6 +88,11 @@ TOKEN_VOLUME = "meshxl-statesync-token"
 TOKEN_DIR = "/var/run/meshxl/statesync-token"
 TOKEN_KEY = "token"
 TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
+#: The etcd client certificate (with https:// etcd): a Secret volume (keys tls.crt,
+#: tls.key, ca.crt, as cert-manager writes them) mounted into the statesync sidecar only.
+ETCD_CLIENT_VOLUME = "meshxl-etcd-client"
+ETCD_CLIENT_DIR = "/var/run/meshxl/etcd-client"
+ETCD_CLIENT_KEYS = ("tls.crt", "tls.key", "ca.crt")
 DEFAULT_IMAGE = f"meshxl/meshxl:{__version__}"
 
 _TRUE = {"true", "enabled", "yes", "1"}
@@ -134,13 +140,18 @@ class InjectConfig:
     """A Secret (in the pod's namespace) whose key ``token`` the sidecar API then
     requires; mounted into the sidecar and the application containers, which find it
     through ``MESHXL_STATESYNC_TOKEN_FILE``. None: no token (the API stays on loopback)."""
+    etcd_client_secret: str | None = None
+    """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
+    the client certificate the statesync sidecar presents to an etcd running with
+    ``--client-cert-auth`` and the CA that signed etcd's certificate. Needed with
+    ``https://`` etcd endpoints, meaningless without (docs/kubernetes.md, "etcd TLS")."""
 
     def __post_init__(self) -> None:
         if not self.image or self.image != self.image.strip() or " " in self.image:
             raise ValueError(f"bad sidecar image {self.image!r}")
         if self.proxy not in ("envoy", "none"):
             raise ValueError(f"proxy must be 'envoy' or 'none', got {self.proxy!r}")
-        _check_etcd(self.etcd)
+        _check_etcd(self.etcd, self.etcd_client_secret)
         if not self.etcd_prefix.startswith("/"):
             raise ValueError(f"etcd prefix must start with '/', got {self.etcd_prefix!r}")
         if self.proxy == "envoy" and not self.xds:
@@ -164,6 +175,10 @@ class InjectConfig:
         if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
             raise ValueError("the statesync token Secret must be a Secret name (lowercase "
                              f"letters, digits, '-' and '.'), got {secret!r}")
+        secret = self.etcd_client_secret
+        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            raise ValueError("the etcd client Secret must be a Secret name (lowercase "
+                             f"letters, digits, '-' and '.'), got {secret!r}")
 
 
 def _is_label_key(key: str) -> bool:
@@ -174,17 +189,20 @@ def _is_label_key(key: str) -> bool:
     return bool(_LABEL_NAME.match(name))
 
 
-def _check_etcd(urls: str) -> None:
-    """The rules of ``--etcd`` (comma-separated HOST:PORT URLs), http only: injected
-    sidecars get no etcd certificates (docs/security.md: etcd inside the cluster, or
-    the external-etcd overlay's TLS proxy)."""
+def _check_etcd(urls: str, client_secret: str | None = None) -> None:
+    """The rules of ``--etcd`` (comma-separated URLs): ``https://`` endpoints need the
+    Secret holding the sidecars' etcd client certificate and CA (``client_secret``),
+    which ``http://`` endpoints cannot use."""
     from meshxl.etcd import parse_urls
 
     tls, _ = parse_urls(urls)  # EtcdEndpointError is a ValueError
-    if tls:
-        raise ValueError("unsupported etcd URL scheme 'https' for injected sidecars: they "
-                         "get no etcd certificates; use http:// to the in-cluster etcd or "
-                         "the external-etcd overlay's TLS proxy")
+    if tls and client_secret is None:
+        raise ValueError("https:// etcd endpoints need the etcd client Secret of the "
+                         "injected sidecars (--etcd-client-secret, MESHXL_ETCD_CLIENT_SECRET): "
+                         "a Secret with tls.crt, tls.key and ca.crt in each pod's namespace")
+    if not tls and client_secret is not None:
+        raise ValueError("an etcd client Secret needs https:// etcd endpoints, got "
+                         f"{urls!r}")
 
 
 @dataclass(frozen=True)
@@ -461,6 +479,10 @@ def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int
         args += ["--weight", str(weight)]
     if config.statesync_token_secret:
         args += ["--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"]
+    if config.etcd_client_secret:
+        args += ["--etcd-ca", f"{ETCD_CLIENT_DIR}/ca.crt",
+                 "--etcd-cert", f"{ETCD_CLIENT_DIR}/tls.crt",
+                 "--etcd-key", f"{ETCD_CLIENT_DIR}/tls.key"]
     host, port = parse_hostport(config.statesync_listen)
     shown = f"[{host}]" if ":" in host else host
     container: dict[str, Any] = {
@@ -480,6 +502,9 @@ def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int
     }
     if config.statesync_token_secret:
         container["volumeMounts"] = [_token_mount()]
+    if config.etcd_client_secret:
+        container["volumeMounts"] = [*container.get("volumeMounts", []), {
+            "name": ETCD_CLIENT_VOLUME, "mountPath": ETCD_CLIENT_DIR, "readOnly": True}]
     return container
 
 
@@ -493,6 +518,15 @@ def _token_volume(secret: str) -> dict[str, Any]:
     return {"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444,
                                               "items": [{"key": TOKEN_KEY,
                                                          "path": TOKEN_KEY}]}}
+
+
+def _etcd_client_volume(secret: str) -> dict[str, Any]:
+    # Mode 0444, like the token: the sidecar's user owns no group of the volume (the
+    # pod's fsGroup is the application's choice), and only the sidecar mounts it. Not
+    # optional: without it the pod waits (its events name the missing Secret).
+    return {"name": ETCD_CLIENT_VOLUME, "secret": {
+        "secretName": secret, "defaultMode": 0o444,
+        "items": [{"key": key, "path": key} for key in ETCD_CLIENT_KEYS]}}
 
 
 def _give_token(container: dict[str, Any]) -> None:
@@ -592,6 +626,14 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
         volumes.append(TOKEN_VOLUME)
         for container in new_spec["containers"]:
             _give_token(container)
+    if config.etcd_client_secret:
+        taken = {v.get("name") for v in new_spec.get("volumes") or []
+                 if isinstance(v, Mapping)}
+        if ETCD_CLIENT_VOLUME in taken:
+            raise InjectError(f"the pod already has a volume named {ETCD_CLIENT_VOLUME!r}")
+        new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
+                               _etcd_client_volume(config.etcd_client_secret)]
+        volumes.append(ETCD_CLIENT_VOLUME)
     scheduling = _place(new_spec, cluster, site, strength, config.site_topology_key)
 
     # Labels Istio's failoverPriority and selectors match on (an annotation-only

@@ -83,8 +83,10 @@ class CA:
 
     def issue(self, common_name: str, *, names: tuple[str, ...] = LOOPBACK_NAMES,
               server: bool = True, client: bool = True,
-              expired: bool = False) -> Leaf:
-        """A leaf certificate for ``names`` (server and/or client usage)."""
+              expired: bool = False, empty_subject: bool = False) -> Leaf:
+        """A leaf certificate for ``names`` (server and/or client usage); with
+        ``empty_subject`` it has no Common Name (``common_name`` names the files only),
+        as etcd's gRPC proxy demands of its client certificate."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         start = now - datetime.timedelta(days=3 if expired else 0, minutes=1)
@@ -93,7 +95,8 @@ class CA:
                  ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name)).issuer_name(self._cert.subject)
+            .subject_name(x509.Name([]) if empty_subject else _name(common_name))
+            .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)

@@ -443,7 +443,11 @@ def test_bad_inject_value_is_a_warning_not_a_crash() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"etcd": "https://etcd:2379"}, "unsupported etcd URL scheme 'https'"),
+    ({"etcd": "https://etcd:2379"}, "https:// etcd endpoints need the etcd client Secret"),
+    ({"etcd_client_secret": "meshxl-statesync-etcd"},
+     "an etcd client Secret needs https:// etcd endpoints"),
+    ({"etcd": "https://etcd:2379", "etcd_client_secret": "Not_A_Name"},
+     "the etcd client Secret must be a Secret name"),
     ({"xds": ("cp:notaport",)}, "port"),
     ({"xds": ()}, "at least one control-plane address"),
     ({"statesync_listen": "0.0.0.0:7070"}, "must listen on loopback"),
@@ -559,7 +563,8 @@ def test_inject_command_placement_options(monkeypatch: pytest.MonkeyPatch) -> No
     (["-f", "/nonexistent/x.yaml"], None, "meshxl: cannot read /nonexistent/x.yaml"),
     (["-f", "-"], "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n",
      "meshxl: Pod/p: the pod has no containers"),
-    (["-f", "-", "--etcd", "https://etcd:2379"], "", "meshxl: unsupported etcd URL scheme"),
+    (["-f", "-", "--etcd", "https://etcd:2379"], "",
+     "meshxl: https:// etcd endpoints need the etcd client Secret"),
     (["-f", "-", "--site-topology-key", "zone name"], "",
      "meshxl: the site topology key must be a node label key"),
 ])

@@ -361,7 +361,7 @@ def test_control_plane(overlay: str, render: Render) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert _arg(container, "--admin").endswith(":18001")
-    assert _arg(container, "--etcd") == "http://meshxl-etcd:2379"
+    assert _arg(container, "--etcd") == "https://meshxl-etcd:2379"
     # The model ConfigMap is mounted where --config points, and is a valid model.
     config = Path(_arg(container, "--config"))
     mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
@@ -393,7 +393,7 @@ def test_etcd_is_a_three_member_statefulset(overlay: str, render: Render) -> Non
     assert names == [f"meshxl-etcd-{i}" for i in range(3)]
     for member in initial:
         name, url = member.split("=", 1)
-        assert url == f"http://{name}.{peer['metadata']['name']}.$(POD_NAMESPACE).svc:2380"
+        assert url == f"https://{name}.{peer['metadata']['name']}.$(POD_NAMESPACE).svc:2380"
     assert spec["volumeClaimTemplates"][0]["metadata"]["name"] in {
         m["name"] for m in container["volumeMounts"]}
     assert _find(docs, "PodDisruptionBudget", "meshxl-etcd")["spec"]["maxUnavailable"] == 1
@@ -435,7 +435,7 @@ def test_webhook_configuration(overlay: str, render: Render) -> None:
     # The injected containers run the image the webhook runs.
     assert env["MESHXL_SIDECAR_IMAGE"] == container["image"]
     assert env["MESHXL_PROXY"] == ("none" if overlay == "istio" else "envoy")
-    assert env["MESHXL_ETCD"] == f"http://meshxl-etcd.{NAMESPACE}.svc:2379"
+    assert env["MESHXL_ETCD"] == f"https://meshxl-etcd.{NAMESPACE}.svc:2379"
     assert len(config["webhooks"]) == 2
     for hook in config["webhooks"]:
         assert hook["failurePolicy"] == "Fail"
@@ -523,7 +523,7 @@ def test_istio_overlay_leaves_the_envoys_to_istiod(render: Render) -> None:
     label = _find(docs, "Deployment", "meshxl-istio-label")
     container = label["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["istio", "label"]
-    assert _arg(container, "--etcd") == "http://meshxl-etcd:2379"
+    assert _arg(container, "--etcd") == "https://meshxl-etcd:2379"
     config = Path(_arg(container, "--filename"))
     mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
     assert config.parent == Path(mount["mountPath"])

@@ -1,0 +1,209 @@
+"""The overlays' etcd TLS against real processes: etcd started with the rendered
+StatefulSet's own flags and the self-signed overlay's own Secrets, meshxl with the
+control plane's flags and the sidecars' Secret, and the external-etcd overlay's gRPC
+proxy with its rendered flags in front of it.
+
+Only what cannot run here is replaced: names, data directory and URLs (loopback ports,
+``localhost``, which etcd's certificate names); Secret volumes are projected into
+directories as the kubelet does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshxl import etcd
+from tests.harness import free_port, wait_for
+from tests.harness.cli import meshxl
+from tests.harness.etcd import find_etcd
+from tests.harness.ports import free_ports
+from tests.harness.procs import Harness, ManagedProcess
+from tests.harness.sidecar import SidecarProcess
+from tests.unit import test_manifests as manifests
+from tests.unit.test_manifests import _find, _kustomize
+
+pytestmark = pytest.mark.integration
+
+tree = manifests.tree  # deploy/kubernetes copied, make-certs.sh run (a fixture)
+
+#: Flags that name this member, its data or its network addresses: replaced.
+LOCAL = {"--name", "--data-dir", "--listen-client-urls", "--advertise-client-urls",
+         "--listen-peer-urls", "--initial-advertise-peer-urls", "--listen-metrics-urls",
+         "--initial-cluster", "--endpoints", "--listen-addr"}
+
+
+def _secrets(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+
+
+def _project(workload: dict[str, Any], container: dict[str, Any],
+             secrets: dict[str, dict[str, Any]], root: Path) -> dict[str, Path]:
+    """Each mounted Secret volume written under ``root``: mountPath -> directory."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    mounted: dict[str, Path] = {}
+    for mount in container["volumeMounts"]:
+        source = volumes.get(mount["name"], {}).get("secret")
+        if source is None or source["secretName"] not in secrets:
+            continue
+        directory = root / workload["metadata"]["name"] / mount["name"]
+        directory.mkdir(parents=True)
+        for key, value in secrets[source["secretName"]]["data"].items():
+            path = directory / key
+            path.write_bytes(base64.b64decode("".join(value.split())))
+            path.chmod(0o600)
+        mounted[mount["mountPath"]] = directory
+    return mounted
+
+
+def _local_args(container: dict[str, Any], mounted: dict[str, Path],
+                local: dict[str, str]) -> list[str]:
+    """The container's args with mount paths resolved and LOCAL flags replaced."""
+    out = []
+    for arg in container["args"]:
+        flag, eq, value = arg.partition("=")
+        if eq and flag in LOCAL:
+            assert flag in local, f"no local value for {flag}"
+            continue
+        for mount_path, directory in mounted.items():
+            if value.startswith(mount_path + "/"):
+                arg = f"{flag}={directory}{value[len(mount_path):]}"
+        out.append(arg)
+    return out + [f"{flag}={value}" for flag, value in local.items()]
+
+
+def _tls_options(mounted: dict[str, Path], container: dict[str, Any]) -> list[str]:
+    options = []
+    for arg in container["args"]:
+        flag, _, value = arg.partition("=")
+        if flag in ("--etcd-ca", "--etcd-cert", "--etcd-key"):
+            for mount_path, directory in mounted.items():
+                if value.startswith(mount_path + "/"):
+                    options += [flag, str(directory) + value[len(mount_path):]]
+    assert len(options) == 6, container["args"]
+    return options
+
+
+async def _etcd_answers(url: str, files: Path) -> None:
+    security = etcd.EtcdSecurity(ca=files / "ca.crt", cert=files / "tls.crt",
+                                 key=files / "tls.key")
+
+    async def answers() -> bool:
+        try:
+            async with etcd.client(url, security=security, timeout=2) as client:
+                await client.get(b"/health-check")
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    await wait_for(answers, 30.0, f"etcd at {url}", interval=0.1)
+
+
+async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
+        harness: Harness, tree: Path) -> None:
+    docs = tuple(_kustomize(tree / "overlays" / "self-signed"))
+    secrets = _secrets(docs)
+    statefulset = _find(docs, "StatefulSet", "meshxl-etcd")
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    mounted = _project(statefulset, container, secrets, harness.root / "volumes")
+    client_port, peer_port, metrics_port = free_ports(3)
+    peer = f"https://127.0.0.1:{peer_port}"
+    args = _local_args(container, mounted, {
+        "--name": "meshxl-etcd-0", "--data-dir": str(harness.path("etcd-data") / "data"),
+        "--listen-client-urls": f"https://127.0.0.1:{client_port}",
+        "--advertise-client-urls": f"https://localhost:{client_port}",
+        "--listen-peer-urls": peer, "--initial-advertise-peer-urls": peer,
+        "--listen-metrics-urls": f"http://127.0.0.1:{metrics_port}",
+        "--initial-cluster": f"meshxl-etcd-0={peer}"})
+    assert any(a.startswith("--client-cert-auth=") for a in args)
+    server = ManagedProcess("etcd", [find_etcd(), *args], harness.root / "etcd.log")
+    harness.own(server)
+    server.start()
+    url = f"https://localhost:{client_port}"
+    system_dir = harness.root / "system"
+    for name, value in secrets["meshxl-etcd-system-tls"]["data"].items():
+        (system_dir / name).parent.mkdir(exist_ok=True)
+        (system_dir / name).write_bytes(base64.b64decode("".join(value.split())))
+    await _etcd_answers(url, system_dir)
+
+    # The control plane's own flags and Secret.
+    xds = _find(docs, "Deployment", "meshxl-xds")
+    (xds_container,) = xds["spec"]["template"]["spec"]["containers"]
+    xds_mounted = _project(xds, xds_container, secrets, harness.root / "volumes")
+    options = _tls_options(xds_mounted, xds_container)
+    code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
+    assert code == 0, err
+    assert json.loads(out)["clusters"] == []
+
+    # A sidecar with the sidecars' Secret (what the webhook mounts) registers.
+    files = harness.root / "statesync"
+    files.mkdir()
+    for name, value in secrets["meshxl-statesync-etcd"]["data"].items():
+        (files / name).write_bytes(base64.b64decode("".join(value.split())))
+    sidecar = SidecarProcess(harness, cluster="orders", member="orders-0", etcd=url,
+                             app_port=free_port(), etcd_ca=files / "ca.crt",
+                             etcd_cert=files / "tls.crt", etcd_key=files / "tls.key")
+    await sidecar.start(timeout=30.0)
+    assert (await sidecar.put("cart-1", {"items": 1})).status == 201
+
+    # Refused: no client certificate, and one from the webhook's CA (not etcd's).
+    webhook = secrets["meshxl-webhook-tls"]["data"]
+    other = harness.root / "webhook"
+    other.mkdir()
+    for name, value in webhook.items():
+        (other / name).write_bytes(base64.b64decode("".join(value.split())))
+    for refused in (["--etcd-ca", str(files / "ca.crt")],
+                    ["--etcd-ca", str(files / "ca.crt"), "--etcd-cert", str(other / "tls.crt"),
+                     "--etcd-key", str(other / "tls.key")]):
+        code, _, err = await meshxl("status", "-o", "json", "--etcd", url, *refused,
+                                    timeout=60)
+        assert code != 0, refused
+        assert "certificate" in err, err
+
+
+async def test_external_etcd_proxy_serves_meshxl_with_client_certificates(
+        harness: Harness, tree: Path) -> None:
+    """The external-etcd overlay's proxy, with its rendered flags, in front of an etcd
+    with client TLS; meshxl reaches etcd through it with its client certificate only."""
+    from tests.harness.certs import CA
+    from tests.harness.secure_etcd import start_secure_etcd
+
+    backend = await start_secure_etcd(harness, CA(harness.path("external-pki")))
+    # etcd's gRPC proxy refuses a client certificate with a Common Name ("cert has non
+    # empty Common Name"): docs/kubernetes.md says so.
+    leaf = backend.ca.issue("proxy-client", names=(), server=False, empty_subject=True)
+    self_signed = _secrets(tuple(_kustomize(tree / "overlays" / "self-signed")))
+    docs = tuple(_kustomize(tree / "overlays" / "external-etcd"))
+    proxy = _find(docs, "Deployment", "meshxl-etcd-proxy")
+    (container,) = proxy["spec"]["template"]["spec"]["containers"]
+    # meshxl-etcd-server-tls as cert-manager would write it (the self-signed one here);
+    # meshxl-etcd-client-tls: your etcd's client certificate.
+    client = {"tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": backend.ca.cert}
+    secrets = {**self_signed, "meshxl-etcd-client-tls": {"data": {
+        k: base64.b64encode(p.read_bytes()).decode() for k, p in client.items()}}}
+    mounted = _project(proxy, container, secrets, harness.root / "volumes")
+    port = free_port()
+    args = _local_args(container, mounted, {
+        "--endpoints": backend.url.removeprefix("https://"),
+        "--listen-addr": f"127.0.0.1:{port}"})
+    process = ManagedProcess("etcd-proxy", [find_etcd(), *args],
+                             harness.root / "etcd-proxy.log")
+    harness.own(process)
+    process.start()
+    url = f"https://localhost:{port}"
+    system = harness.root / "system"
+    system.mkdir()
+    for name, value in self_signed["meshxl-etcd-system-tls"]["data"].items():
+        (system / name).write_bytes(base64.b64decode("".join(value.split())))
+    await _etcd_answers(url, system)
+    options = ["--etcd-ca", str(system / "ca.crt"), "--etcd-cert", str(system / "tls.crt"),
+               "--etcd-key", str(system / "tls.key")]
+    code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
+    assert code == 0, err
+    code, _, err = await meshxl("status", "-o", "json", "--etcd", url, *options[:2],
+                                timeout=60)
+    assert code != 0 and "certificate" in err, err

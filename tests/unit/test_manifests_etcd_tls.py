@@ -1,0 +1,345 @@
+"""deploy/kubernetes: etcd is served over TLS with client-certificate authentication in
+every overlay, and every meshxl process that talks to etcd holds a certificate etcd
+accepts: meshxl's pods mount theirs, the webhook tells the injected sidecars where
+theirs is. Rendered with `kubectl kustomize` (the fixtures of test_manifests)."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from meshxl.kube import STATESYNC_CONTAINER, InjectConfig, mutate_pod
+from meshxl.kube.inject import ETCD_CLIENT_VOLUME
+from tests.unit import test_manifests as manifests
+from tests.unit.test_manifests import (
+    NAMESPACE,
+    OVERLAYS,
+    Docs,
+    Render,
+    _arg,
+    _find,
+    _kustomize,
+    _workloads,
+)
+
+# The overlays rendered once per module, from a copy with the self-signed certificates.
+tree = manifests.tree
+render = manifests.render
+
+IN_CLUSTER = ["default", "self-signed", "istio"]
+CERT_MANAGER = ["default", "external-etcd", "istio"]
+FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+ETCD_CLIENT_LABEL = "meshxl.io/etcd-client"
+
+
+def _container(workload: dict[str, Any]) -> dict[str, Any]:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container  # type: ignore[no-any-return]
+
+
+def _secret_of(workload: dict[str, Any], container: dict[str, Any], path: str) -> str:
+    """The Secret whose volume is mounted (read-only) where ``path`` lies."""
+    pod = workload["spec"]["template"]["spec"]
+    for mount in container.get("volumeMounts", []):
+        if Path(path).parent == Path(mount["mountPath"]):
+            assert mount.get("readOnly") is True, (path, mount)
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            assert Path(path).name in ("tls.crt", "tls.key", "ca.crt"), path
+            return str(volume["secret"]["secretName"])
+    raise AssertionError(f"{workload['metadata']['name']}: nothing mounted at {path}")
+
+
+class Issued:
+    """What an overlay issues into a Secret: cert-manager Certificates or generated
+    Secrets (self-signed), seen the same way: names, usages, issuer."""
+
+    def __init__(self, docs: Docs) -> None:
+        self.docs = docs
+        self.certificates = {d["spec"]["secretName"]: d for d in docs
+                             if d["kind"] == "Certificate"}
+        self.secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+
+    def __contains__(self, secret: str) -> bool:
+        return secret in self.certificates or secret in self.secrets
+
+    def _x509(self, secret: str, key: str = "tls.crt") -> Any:
+        from cryptography import x509
+
+        data = self.secrets[secret]["data"][key]
+        return x509.load_pem_x509_certificate(base64.b64decode("".join(data.split())))
+
+    def dns_names(self, secret: str) -> list[str]:
+        if secret in self.certificates:
+            return list(self.certificates[secret]["spec"].get("dnsNames", []))
+        from cryptography import x509
+
+        cert = self._x509(secret)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return []
+        return list(san.get_values_for_type(x509.DNSName))
+
+    def common_name(self, secret: str) -> str:
+        if secret in self.certificates:
+            return str(self.certificates[secret]["spec"]["commonName"])
+        from cryptography.x509.oid import NameOID
+
+        return str(self._x509(secret).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)[0].value)
+
+    def usages(self, secret: str) -> set[str]:
+        """The extended key usages: ``server auth``, ``client auth``."""
+        if secret in self.certificates:
+            return set(self.certificates[secret]["spec"]["usages"]) & {"server auth",
+                                                                       "client auth"}
+        from cryptography import x509
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        eku = self._x509(secret).extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage).value
+        names = {ExtendedKeyUsageOID.SERVER_AUTH: "server auth",
+                 ExtendedKeyUsageOID.CLIENT_AUTH: "client auth"}
+        return {names[u] for u in eku if u in names}
+
+    def trust_anchor(self, secret: str) -> str:
+        """Who vouches for the certificate: its issuer (cert-manager), or the CA it is
+        verified against (self-signed: the Secret's own ca.crt, checked)."""
+        if secret in self.certificates:
+            issuer = _find(self.docs, "Issuer",
+                           self.certificates[secret]["spec"]["issuerRef"]["name"])
+            ca_secret = issuer["spec"]["ca"]["secretName"]
+            ca = self.certificates[ca_secret]
+            assert ca["spec"]["isCA"] is True
+            return str(ca_secret)
+        ca = self._x509(secret, "ca.crt")
+        self._x509(secret).verify_directly_issued_by(ca)
+        return ca.fingerprint(ca.signature_hash_algorithm).hex()  # type: ignore[no-any-return]
+
+
+def _host_matches(host: str, names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(host, name) and host.count(".") == name.count(".")
+               for name in names)
+
+
+@pytest.mark.parametrize("overlay", IN_CLUSTER)
+def test_etcd_serves_clients_and_peers_over_tls_with_client_certificates(
+        overlay: str, render: Render) -> None:
+    docs = render(overlay)
+    issued = Issued(docs)
+    etcd = _find(docs, "StatefulSet", "meshxl-etcd")
+    container = _container(etcd)
+    for flag in ("--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
+                 "--initial-advertise-peer-urls"):
+        assert _arg(container, flag).startswith("https://"), flag
+    members = [m.split("=", 1)[1] for m in _arg(container, "--initial-cluster").split(",")]
+    assert members and all(m.startswith("https://") for m in members)
+    # Health and metrics stay plain HTTP on their own port: the kubelet's probes.
+    assert _arg(container, "--listen-metrics-urls").startswith("http://")
+    assert container["startupProbe"]["httpGet"]["port"] == "metrics"
+
+    assert _arg(container, "--client-cert-auth") == "true"
+    # TLS changes nothing of the members' election behaviour (etcd 3.4 needs it said).
+    assert _arg(container, "--pre-vote") == "true"
+    assert _arg(container, "--peer-client-cert-auth") == "true"
+    server = _secret_of(etcd, container, _arg(container, "--cert-file"))
+    assert _secret_of(etcd, container, _arg(container, "--key-file")) == server
+    assert _arg(container, "--trusted-ca-file").endswith("/ca.crt")
+    peer = _secret_of(etcd, container, _arg(container, "--peer-cert-file"))
+    assert _secret_of(etcd, container, _arg(container, "--peer-key-file")) == peer
+    assert _arg(container, "--peer-trusted-ca-file").endswith("/ca.crt")
+    assert server in issued and peer in issued and server != peer
+    assert issued.trust_anchor(server) == issued.trust_anchor(peer)
+    # Only the members' certificate joins as a peer, not a client certificate of the CA.
+    assert _arg(container, "--peer-cert-allowed-cn") == issued.common_name(peer)
+    assert {"server auth", "client auth"} <= issued.usages(peer)
+    assert "server auth" in issued.usages(server)
+
+    # Each name a client or peer dials is in the certificate it is served.
+    def member_host(url: str) -> str:
+        return str(urlsplit(url.replace("$(POD_NAME)", "meshxl-etcd-0")
+                            .replace("$(POD_NAMESPACE)", NAMESPACE)).hostname)
+
+    for url in members:
+        assert _host_matches(member_host(url), issued.dns_names(peer)), url
+    assert _host_matches(member_host(_arg(container, "--advertise-client-urls")),
+                         issued.dns_names(server))
+    for url in _etcd_urls(docs):
+        assert _host_matches(str(urlsplit(url).hostname), issued.dns_names(server)), url
+
+
+def _etcd_urls(docs: Docs) -> list[str]:
+    """Every etcd URL meshxl is configured with: its pods' --etcd and the injector's."""
+    urls = []
+    for workload in _workloads(docs):
+        container = _container(workload)
+        if any(a.startswith("--etcd=") for a in container.get("args", [])):
+            urls.append(_arg(container, "--etcd"))
+        for env in container.get("env", []):
+            if env["name"] == "MESHXL_ETCD" and workload["metadata"]["name"] == "meshxl-webhook":
+                urls.append(env["value"])
+    return urls
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_meshxl_pod_talking_to_etcd_mounts_a_client_certificate(
+        overlay: str, render: Render) -> None:
+    docs = render(overlay)
+    issued = Issued(docs)
+    etcd_secret = "meshxl-etcd-server-tls"
+    anchor = issued.trust_anchor(etcd_secret)
+    talking = []
+    for workload in _workloads(docs):
+        name = workload["metadata"]["name"]
+        container = _container(workload)
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        uses_etcd = any(a.startswith("--etcd=") for a in container.get("args", []))
+        # The pods etcd's NetworkPolicy lets in are exactly the ones configured for it.
+        assert uses_etcd is (labels.get(ETCD_CLIENT_LABEL) == "true"), name
+        if not uses_etcd:
+            continue
+        talking.append(name)
+        assert _arg(container, "--etcd").startswith("https://"), name
+        secrets = {_secret_of(workload, container, _arg(container, flag))
+                   for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key")}
+        (secret,) = secrets
+        assert secret in issued, (name, secret)
+        assert issued.usages(secret) == {"client auth"}, (name, secret)
+        assert issued.trust_anchor(secret) == anchor, (name, secret)
+        volume = next(v for v in workload["spec"]["template"]["spec"]["volumes"]
+                      if v.get("secret", {}).get("secretName") == secret)
+        # The key is readable by meshxl's user through the pod's fsGroup, not by all.
+        assert volume["secret"]["defaultMode"] == 0o440, name
+        assert workload["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == \
+            workload["spec"]["template"]["spec"]["securityContext"]["runAsGroup"], name
+    expected = {"meshxl-xds"} if overlay != "istio" else {"meshxl-istio-label"}
+    assert set(talking) == expected
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str,
+                                                         render: Render) -> None:
+    docs = render(overlay)
+    issued = Issued(docs)
+    webhook = _find(docs, "Deployment", "meshxl-webhook")
+    container = _container(webhook)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MESHXL_ETCD"].startswith("https://")
+    secret = env["MESHXL_ETCD_CLIENT_SECRET"]
+    # The template every injected namespace copies is issued here, by etcd's CA, for
+    # client authentication only.
+    assert secret in issued
+    assert issued.usages(secret) == {"client auth"}
+    assert issued.trust_anchor(secret) == issued.trust_anchor("meshxl-etcd-server-tls")
+    # The webhook never connects to etcd: it holds no etcd credentials.
+    mounted = {v["secret"]["secretName"] for v in webhook["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}
+    assert mounted == {"meshxl-webhook-tls"}
+    # What the webhook is configured with injects a sidecar that mounts that Secret.
+    config = InjectConfig(image=container["image"], etcd=env["MESHXL_ETCD"],
+                          etcd_client_secret=secret, proxy=env["MESHXL_PROXY"])
+    pod = mutate_pod(yaml.safe_load((FIXTURES / "pod.yaml").read_text()), config)
+    (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == STATESYNC_CONTAINER]
+    assert "--etcd-cert" in sidecar["args"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == ETCD_CLIENT_VOLUME]
+    assert volume["secret"]["secretName"] == secret
+
+
+def test_external_etcd_proxy_serves_meshxl_like_the_members(render: Render) -> None:
+    docs = render("external-etcd")
+    issued = Issued(docs)
+    proxy = _find(docs, "Deployment", "meshxl-etcd-proxy")
+    container = _container(proxy)
+    serving = _secret_of(proxy, container, _arg(container, "--cert-file"))
+    assert serving == "meshxl-etcd-server-tls"
+    assert _secret_of(proxy, container, _arg(container, "--key-file")) == serving
+    # etcd's gRPC proxy requires client certificates once it is given a trusted CA.
+    assert _secret_of(proxy, container, _arg(container, "--trusted-ca-file")) == serving
+    # Your etcd's client certificate stays a Secret you create (not issued here).
+    assert _secret_of(proxy, container, _arg(container, "--cert")) == "meshxl-etcd-client-tls"
+    assert "meshxl-etcd-client-tls" not in issued
+    assert not [d for d in docs if d["kind"] == "Certificate"
+                and d["metadata"]["name"] == "meshxl-etcd-peer"]
+
+
+@pytest.mark.parametrize("overlay", CERT_MANAGER)
+def test_etcd_ca_is_not_the_webhooks(overlay: str, render: Render) -> None:
+    """Anything etcd's CA signs may use etcd: the webhook's CA must not be it."""
+    issued = Issued(render(overlay))
+    assert issued.trust_anchor("meshxl-etcd-server-tls") != \
+        issued.trust_anchor("meshxl-webhook-tls")
+
+
+def test_make_certs_renews_etcd_certificates_under_the_same_ca(tree: Path,
+                                                              tmp_path: Path) -> None:
+    """Re-running make-certs.sh renews every leaf and keeps etcd's CA, so the copies of
+    the sidecars' Secret in other namespaces stay trusted; the CA key is in no Secret."""
+    from cryptography import x509
+
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed by make-certs.sh", pytrace=False)
+    copy_ = tmp_path / "kubernetes"
+    shutil.copytree(tree, copy_, ignore=shutil.ignore_patterns("single-node-*", "derived-*"))
+    etcd = copy_ / "components" / "self-signed" / "certs" / "etcd"
+    ca_before = (etcd / "ca.crt").read_bytes()
+    leaf_before = (etcd / "statesync.crt").read_bytes()
+    proc = subprocess.run(["bash", str(copy_ / "components" / "self-signed" / "make-certs.sh")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (etcd / "ca.crt").read_bytes() == ca_before
+    assert (etcd / "statesync.crt").read_bytes() != leaf_before
+    ca = x509.load_pem_x509_certificate(ca_before)
+    for stem in ("server", "peer", "system", "statesync"):
+        x509.load_pem_x509_certificate((etcd / f"{stem}.crt").read_bytes()
+                                       ).verify_directly_issued_by(ca)
+    assert (etcd / "ca.key").stat().st_mode & 0o077 == 0
+    secrets = [d for d in _kustomize(copy_ / "overlays" / "self-signed")
+               if d["kind"] == "Secret"]
+    assert {s["metadata"]["name"] for s in secrets} >= {
+        "meshxl-etcd-server-tls", "meshxl-etcd-peer-tls", "meshxl-etcd-system-tls",
+        "meshxl-statesync-etcd"}
+    ca_key = (etcd / "ca.key").read_bytes()
+    for secret in secrets:
+        for value in secret["data"].values():
+            assert base64.b64decode("".join(value.split())) != ca_key
+
+
+def test_documented_copy_of_the_sidecars_secret(tree: Path, tmp_path: Path) -> None:
+    """docs/kubernetes.md's go-template copies the Secret as a valid Secret with the
+    same type and data, and nothing of the source namespace's metadata."""
+    import json
+    import re
+
+    import kubernetes_validate
+
+    docs = (manifests.ROOT / "docs" / "kubernetes.md").read_text()
+    templates = set(re.findall(r"^COPY='(.*)'$", docs, flags=re.MULTILINE))
+    (template,) = templates  # the same wherever the docs show it
+    etcd = tree / "components" / "self-signed" / "certs" / "etcd"
+    proc = subprocess.run(
+        [manifests._kubectl(), "-n", NAMESPACE,
+         "create", "secret", "generic", "meshxl-statesync-etcd", "--type=kubernetes.io/tls",
+         f"--from-file=tls.crt={etcd / 'statesync.crt'}",
+         f"--from-file=tls.key={etcd / 'statesync.key'}",
+         f"--from-file=ca.crt={etcd / 'ca.crt'}",
+         "--dry-run=client", "-o", f"go-template={template}"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster")})  # offline
+    assert proc.returncode == 0, proc.stderr
+    copied = json.loads(proc.stdout)
+    kubernetes_validate.validate(copied, kubernetes_validate.latest_version(), strict=True)
+    assert copied["metadata"] == {"name": "meshxl-statesync-etcd"}
+    assert copied["type"] == "kubernetes.io/tls"
+    assert {k: base64.b64decode(v) for k, v in copied["data"].items()} == {
+        "tls.crt": (etcd / "statesync.crt").read_bytes(),
+        "tls.key": (etcd / "statesync.key").read_bytes(),
+        "ca.crt": (etcd / "ca.crt").read_bytes()}
