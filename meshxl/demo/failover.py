@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from meshxl.telemetry import names, slo
 
 from .deployment import CLUSTER, MODES, SESSION_HEADER, DemoDeployment
@@ -675,8 +677,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         with console.status("starting etcd, the control plane, three members and Envoy..."):
             await deployment.start()
         console.print(f"[bold]meshxl demo[/] ({mode}): {sessions} sessions for "
-                      f"{duration:g} s through Envoy {deployment.url}; kill -9 at "
-                      f"{kill_after:g} s. Logs in {work}")
+                      f"{duration:g} s through Envoy {escape(deployment.url)}; kill -9 at "
+                      f"{kill_after:g} s. Logs in {escape(str(work))}")
 
         started = time.time()
         traffic = Traffic(f"{deployment.url}/counter", sessions, started + duration,
@@ -750,8 +752,8 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
         return "-" if value is None else f"{value:.0f} ms"
 
     rto, takeover = report.get("rto_ms") or {}, report.get("takeover_ms") or {}
-    table = Table(title=f"meshxl demo: {report['mode']}, kill -9 member "
-                        f"{report.get('killed_member')} at {report.get('kill_at_s')} s",
+    table = Table(title=escape(f"meshxl demo: {report['mode']}, kill -9 member "
+                               f"{report.get('killed_member')} at {report.get('kill_at_s')} s"),
                   show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -760,7 +762,7 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     table.add_row("requests", f"{report['requests']} "
                   f"({', '.join(f'{k}: {v}' for k, v in report['per_member_requests'].items())})")
     table.add_row("failed requests", f"[{'red' if failed else 'green'}]{failed}[/]"
-                  + (f" {report['failures']}" if failed else ""))
+                  + (f" {escape(str(report['failures']))}" if failed else ""))
     table.add_row("acknowledged writes", str(report["acknowledged_writes"]))
     table.add_row("lost writes", f"[{'red' if lost else 'green'}]{lost}[/]")
     table.add_row("RTO (sessions of the killed member)",
@@ -771,7 +773,8 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     table.add_row("takeover", f"p50 {ms(takeover.get('p50'))}, p99 {ms(takeover.get('p99'))} "
                               f"({takeover.get('count', 0)} sessions)")
     console.print(table)
-    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}")
+    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",
+                  markup=False, highlight=False)
     console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
                   else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
                   markup=False)
