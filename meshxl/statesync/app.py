@@ -29,7 +29,7 @@ from meshxl import web as mweb
 from meshxl.addr import bind_tcp, bound_port, grpc_target, parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.model import ModelError, parse_model
+from meshxl.model import ModelError, check_member_address, parse_model
 from meshxl.model import Sessions as SessionDefaults
 from meshxl.model.spec import NAME_PATTERN
 
@@ -84,7 +84,11 @@ class StatesyncConfig:
                 raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
                                  "letters, digits, '.', '_' or '-', starting and ending "
                                  "with a letter or digit")
-        parse_hostport(self.app)
+        app_host, _ = parse_hostport(self.app)
+        try:  # what the member registers: the control plane's rule for member addresses
+            check_member_address(app_host)
+        except ValueError as exc:
+            raise ValueError(f"invalid app address {app_host[:80]!r}: {exc}") from None
         host, _ = parse_hostport(self.listen, allow_zero=True)
         etcd.check_settings(self.etcd, self.etcd_security)
         if self.token is not None:
