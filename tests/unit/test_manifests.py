@@ -722,3 +722,30 @@ def test_dockerfile_matches_the_manifests(render: Render) -> None:
                if line and not line.startswith("#")]
     assert ignored[0] == "*"  # nothing but what the build copies
     assert {"!pyproject.toml", "!README.md", "!meshxl/"} <= set(ignored)
+
+
+def test_documented_etcd_endpoints(render: Render, tmp_path: Path) -> None:
+    """docs/kubernetes.md, "etcd endpoints": the list it shows is the one rendered, and
+    its commands find the list the webhook has (run offline on the rendered objects)."""
+    import re
+
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = text.split("\n## etcd endpoints\n", 1)[1].split("\n## ", 1)[0]
+    docs = render("default")
+    (shown,) = re.findall(r"^```\n(https://\S+)\n```$", section, flags=re.MULTILINE)
+    assert shown.split(",") == _etcd_member_urls(docs)
+    expressions = re.findall(r"-o jsonpath=\\?\n?'([^']*)'", section)
+    assert len(expressions) == 2
+
+    def jsonpath(obj: dict[str, Any], expression: str) -> str:
+        path = tmp_path / "object.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        proc = subprocess.run(
+            [_kubectl(), "label", "--local", "-f", str(path), "docs.meshxl.io/check=1",
+             "-o", f"jsonpath={expression}"], capture_output=True, text=True, timeout=60,
+            check=False, env={**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster")})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    name = jsonpath(_find(docs, "Deployment", "meshxl-webhook"), expressions[0])
+    assert jsonpath(_find(docs, "ConfigMap", name), expressions[1]) == shown
