@@ -469,6 +469,7 @@ def test_every_meshxl_process_gets_every_etcd_member(overlay: str, render: Rende
     between them), not one Service address that kube-proxy would pin each connection of
     to one member; from one ConfigMap; fully qualified, since the webhook hands the list
     to sidecars in other namespaces. external-etcd: its proxies' Service."""
+    from meshxl import etcd
     from meshxl.etcd import parse_urls
 
     docs = render(overlay)
@@ -496,6 +497,15 @@ def test_every_meshxl_process_gets_every_etcd_member(overlay: str, render: Rende
     assert [host for host, _ in endpoints] == [
         url.removeprefix("https://").rsplit(":", 1)[0] for url in expected]
     assert all(host.endswith(f".{NAMESPACE}.svc") for host, _ in endpoints)
+    # meshxl's client for that value: one health-checked channel per member, or, with the
+    # proxies' one Service, a single channel (the proxies fail over behind it).
+    client = etcd.client(",".join(expected))
+    if overlay == "external-etcd":
+        assert not isinstance(client, etcd.BalancedClient)
+    else:
+        assert isinstance(client, etcd.BalancedClient)
+        assert [e.name for e in client.balancer.endpoints] == [
+            f"{host}:{port}" for host, port in endpoints]
 
 
 def test_scaling_etcd_alone_leaves_meshxl_behind(tree: Path, tmp_path: Path) -> None:
