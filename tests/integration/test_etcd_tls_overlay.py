@@ -135,9 +135,12 @@ async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
     (xds_container,) = xds["spec"]["template"]["spec"]["containers"]
     xds_mounted = _project(xds, xds_container, secrets, harness.root / "volumes")
     options = _tls_options(xds_mounted, xds_container)
+    model = tree / "base" / "model.yaml"
+    code, _, err = await meshxl("apply", str(model), "--etcd", url, *options)
+    assert code == 0, err
     code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
     assert code == 0, err
-    assert json.loads(out)["clusters"] == []
+    assert [c["name"] for c in json.loads(out)["clusters"]] == ["orders"]
 
     # A sidecar with the sidecars' Secret (what the webhook mounts) registers.
     files = harness.root / "statesync"
@@ -202,8 +205,12 @@ async def test_external_etcd_proxy_serves_meshxl_with_client_certificates(
     await _etcd_answers(url, system)
     options = ["--etcd-ca", str(system / "ca.crt"), "--etcd-cert", str(system / "tls.crt"),
                "--etcd-key", str(system / "tls.key")]
+    code, _, err = await meshxl("apply", str(tree / "base" / "model.yaml"), "--etcd", url,
+                                *options)
+    assert code == 0, err
     code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
     assert code == 0, err
+    assert [c["name"] for c in json.loads(out)["clusters"]] == ["orders"]
     code, _, err = await meshxl("status", "-o", "json", "--etcd", url, *options[:2],
                                 timeout=60)
     assert code != 0 and "certificate" in err, err

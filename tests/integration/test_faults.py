@@ -39,8 +39,15 @@ import aiohttp
 import pytest
 
 from meshxl import etcd as meshxl_etcd
-from meshxl.demo.deployment import CLUSTER, DemoDeployment, envoy_hosts, healthy_host
+from meshxl.demo.deployment import (
+    CLUSTER,
+    DemoDeployment,
+    demo_model,
+    envoy_hosts,
+    healthy_host,
+)
 from meshxl.demo.failover import Record, Traffic, lost_writes, read_back, request
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdCluster, EtcdServer, Harness, free_port, wait_for
 from tests.harness.sidecar import Reply, SidecarProcess
@@ -250,6 +257,11 @@ async def test_sidecar_in_a_full_etcd_outage_fails_writes_fast_and_serves_cached
     # A 10 s session TTL: a new session-lease bucket every second, so writes during the
     # outage also need a lease etcd cannot grant.
     options = {"lease_ttl": LEASE_TTL, "session_ttl": 10}
+    # The model names the sidecars' cluster, as in any deployment (a sidecar warns while
+    # it is missing, and this test asserts that no warning is left after the outage).
+    model = demo_model("high-availability", free_port(), [("a", "dc1"), ("b", "dc1")])
+    async with meshxl_etcd.client(etcd.url, timeout=5) as client:
+        await client.put(Keys(DEFAULT_ROOT).model.encode(), model.encode())
     a, b = await asyncio.gather(*(
         start_sidecar(cluster=CLUSTER, member=m, etcd=etcd.url, app_port=free_port(),
                       **options) for m in ("a", "b")))
