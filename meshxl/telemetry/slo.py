@@ -59,8 +59,9 @@ Budget (Occurrences)
     overspent). With ``target == 1`` there is no budget: no bad occurrence gives
     remaining 1.0 and burn 0.0, any bad one gives remaining 0.0 and an infinite burn
     rate, reported as ``null`` in JSON (which has no infinity) and ``inf`` in the
-    table. Percentiles are nearest-rank over the SLI values (None for the ratio SLI
-    and when there are no values).
+    table. Percentiles are nearest-rank over the SLI values (``meshxl.stats.quantile``,
+    the definition of every meshxl report; None for the ratio SLI and when there are no
+    values).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from meshxl.stats import quantile
 
 from . import names
 from .otlpjson import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, Span, TraceFileError, read_spans
@@ -470,14 +473,6 @@ class Report:
         return all(r.met for r in self.objectives)
 
 
-def _percentile(ordered: Sequence[float], pct: float) -> float | None:
-    """Nearest-rank percentile: a value that occurred, never an interpolation."""
-    if not ordered:
-        return None
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 def _budget(good: int, total: int, target: float) -> tuple[float, float]:
     """(budget_remaining, burn_rate) as documented in the module docstring."""
     bad = total - good
@@ -499,7 +494,7 @@ def _evaluate(objective: Objective, values: Sequence[float] | None,
         compare, threshold = _OPS[objective.op], objective.threshold
         good, total = sum(1 for v in values if compare(v, threshold)), len(values)
         ordered = sorted(values)
-        stats = [_percentile(ordered, 50), _percentile(ordered, 90), _percentile(ordered, 99),
+        stats = [quantile(ordered, 0.5), quantile(ordered, 0.9), quantile(ordered, 0.99),
                  ordered[-1] if ordered else None]
     # A tiny tolerance so that 99/100 meets 0.99 despite binary floating point.
     met = total == 0 or good / total >= objective.target - 1e-12
