@@ -379,12 +379,15 @@ def merge_traces(trace_dir: Path, target: Path) -> int:
 
     One file per process (each its own exporter) becomes the run's one trace file;
     blank lines are dropped, bytes that are not UTF-8 replaced (``read_spans`` then
-    names the line).
+    names the line). A file's last line without its newline is dropped too: exporters
+    write whole lines, so it is a write a killed process (``kill -9`` of a member) left
+    unfinished, not a span to read.
     """
     lines = 0
     with target.open("w", encoding="utf-8") as out:
         for path in sorted(trace_dir.glob("*.jsonl")):
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for line in text[:text.rfind("\n") + 1].splitlines():
                 if line.strip():
                     out.write(line.rstrip() + "\n")
                     lines += 1

@@ -241,6 +241,22 @@ def test_merge_and_read_traces(tmp_path: Path) -> None:
     assert demo.failover_roots(spans, "a") == [root]
 
 
+def test_merge_traces_drops_the_line_a_killed_process_left_unfinished(tmp_path: Path) -> None:
+    # kill -9 can land while an exporter writes a batch: its file ends in part of a line.
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": names.FAILOVER, "kind": 1,
+            "startTimeUnixNano": "1000", "endTimeUnixNano": "3000", "attributes": [],
+            "status": {}}
+    whole = otlp_line("meshxl-app", [span])
+    later = otlp_line("meshxl-app", [{**span, "spanId": "ef" * 8}])
+    (traces / "app-a.jsonl").write_text(whole + "\n" + later[: len(later) // 2])
+    (traces / "app-b.jsonl").write_text(whole + "\n")
+    merged = tmp_path / "traces.jsonl"
+    assert merge_traces(traces, merged) == 2
+    assert [s.span_id for s in read_spans([str(merged)])] == ["cd" * 8]
+
+
 def test_demo_model_is_valid_in_both_modes() -> None:
     from meshxl.demo import deployment
     from meshxl.model.load import parse_model
