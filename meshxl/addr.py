@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+from typing import Any
 
 
 def valid_port(port: object, what: str, *, allow_zero: bool = False) -> int:
@@ -61,3 +64,92 @@ def parse_hostport(value: str, *, allow_zero: bool = False) -> tuple[str, int]:
         raise ValueError(f"bad HOST:PORT {value!r}: port {port_text!r} is not a number")
     port = valid_port(int(port_text), f"bad HOST:PORT {value!r}", allow_zero=allow_zero)
     return valid_host(host, f"bad HOST:PORT {value!r}"), port
+
+
+# -- listening: every server binds through these, so a busy port or a bad address is one
+# -- line and a non-zero exit, never a second process on the same port or a traceback.
+
+GRPC_SERVER_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.so_reuseport", 0),)
+"""gRPC servers set SO_REUSEPORT by default: a second server on a busy port starts and
+the kernel splits new connections between the two processes. Every meshxl gRPC server
+passes these options."""
+
+
+class ListenError(ValueError):
+    """A server cannot listen where it was told to (the message says where and why)."""
+
+
+def parse_listen(value: str, what: str = "--listen") -> tuple[str, int]:
+    """A server's ``HOST:PORT`` (port 0: the kernel picks one), checked: ListenError."""
+    try:
+        return parse_hostport(value, allow_zero=True)
+    except ValueError as exc:
+        raise ListenError(f"{what}: {exc}") from None
+
+
+def grpc_target(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _why_not(host: str, port: int) -> str | None:
+    """Why binding ``host:port`` fails, found by trying it (gRPC logs the reason in
+    lines of its own instead of saying it), or None if a bind works now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+                probe.bind(sockaddr)
+        except OSError as exc:
+            return _os_reason(exc)
+    return None
+
+
+def bind_grpc(server: Any, listen: str, credentials: Any = None,
+              what: str = "--listen") -> int:
+    """Bind ``server`` (created with :data:`GRPC_SERVER_OPTIONS`) to ``listen``; the bound
+    port, or ListenError. The port is bound here, before the server starts serving."""
+    host, port = parse_listen(listen, what)
+    reason = _why_not(host, port)  # the common failures, without gRPC's own log lines
+    if reason is not None:
+        raise ListenError(f"{what}: cannot listen on {listen}: {reason}")
+    target = grpc_target(host, port)
+    try:
+        bound = (server.add_insecure_port(target) if credentials is None
+                 else server.add_secure_port(target, credentials))
+    except RuntimeError:
+        bound = 0
+    if not bound:  # taken between the probe and the bind
+        raise ListenError(f"{what}: cannot listen on {listen}: "
+                          f"{_why_not(host, port) or 'the address is not available'}")
+    return int(bound)
+
+
+def bind_tcp(listen: str, what: str = "--listen") -> socket.socket:
+    """A listening TCP socket on ``listen`` for an HTTP server (aiohttp's ``SockSite``),
+    or ListenError: bound now, so the port is known and held before anything else."""
+    host, port = parse_listen(listen, what)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"{what}: cannot listen on {listen}: cannot resolve "
+                          f"{host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    try:
+        return socket.create_server(sockaddr[:2], family=family, backlog=1024,
+                                    reuse_port=False)
+    except OSError as exc:
+        raise ListenError(f"{what}: cannot listen on {listen}: {_os_reason(exc)}") from None
+
+
+def bound_port(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])

@@ -22,13 +22,23 @@ from meshxl.model import ModelError
 T = TypeVar("T")
 
 
+def _one_line(text: object) -> str:
+    """A message as one line: line breaks and other control characters escaped."""
+    value = str(text)
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in value)
+
+
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"meshxl: {message}", err=True)
+    click.echo(f"meshxl: {_one_line(message)}", err=True)
     sys.exit(code)
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async command, turning known errors into one line and exit 1."""
+    from meshxl.addr import ListenError
     from meshxl.binaries import MissingBinary
     from meshxl.etcd import EtcdAuthError, EtcdEndpointError, EtcdSecurityError, describe_error
     from meshxl.ops import OpsError
@@ -40,7 +50,7 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except (OpsError, EtcdEndpointError, EtcdSecurityError, EtcdAuthError,
-            TlsFileError, MissingBinary) as exc:
+            TlsFileError, ListenError, MissingBinary) as exc:
         _fail(str(exc))
     except ModelError as exc:
         for problem in exc.problems:
@@ -226,11 +236,11 @@ def _report_action(done: dict[str, Any], verified: dict[str, Any] | None, output
     if output == "json":
         _print_json(done)
     else:
-        click.echo(line)
+        click.echo(_one_line(line))
         if verified is not None:
             click.echo("every connected Envoy acknowledged the change" if verified["ok"]
-                       else "not converged: " + "; ".join(
-                           p["message"] for p in verified["mismatches"]))
+                       else _one_line("not converged: " + "; ".join(
+                           p["message"] for p in verified["mismatches"])))
     if verified is not None and not verified["ok"]:
         sys.exit(1)
 
@@ -461,8 +471,16 @@ site.command("online", help="Let a site take traffic again.")(_site_cmd(False))
 def _console() -> Any:
     from rich.console import Console
 
-    # Piped output keeps whole rows (rich would wrap at 80 columns otherwise).
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    # Piped output keeps whole rows (rich would wrap at 80 columns otherwise). Nothing
+    # printed is markup: the tables build their cells as plain Text (meshxl.tables).
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200,
+                   markup=False, highlight=False, emoji=False)
+
+
+async def _no_model(client: Any, keys: Keys) -> str:
+    from meshxl.ops import no_model_message
+
+    return await no_model_message(client, keys)
 
 
 @main.command()
@@ -478,7 +496,7 @@ def status(cluster: str | None, model_file: Path | None, output: str, etcd_urls:
     from meshxl.tables import render_status
 
     report = _mesh_view(lambda read: status_report(read, cluster), model_file, etcd_urls,
-                        etcd_root)
+                        etcd_root, require_model=True)
     if cluster is not None and not report["clusters"] and not report["model_error"]:
         _fail(f"unknown cluster {cluster!r}")
     _show(report, output, render_status)
@@ -497,19 +515,30 @@ def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: s
     from meshxl.tables import render_sync
 
     _show(_mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
-                     etcd_root), output, render_sync)
+                     etcd_root, require_model=False), output, render_sync)
 
 
 def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
-               etcd_urls: str, etcd_root: str) -> dict[str, Any]:
-    """Read everything meshxl keeps in etcd once and build a report from it."""
+               etcd_urls: str, etcd_root: str, *, require_model: bool) -> dict[str, Any]:
+    """Read everything meshxl keeps in etcd once and build a report from it.
+
+    Nothing stored under the prefix is an error that says so (a mistyped
+    ``--etcd-prefix`` must not look like an empty mesh); ``require_model``: a missing
+    model is one even when sidecars publish statistics there.
+    """
     from meshxl.observe import read_mesh
+    from meshxl.ops import OpsError
 
     text, source = _model_text(model_file)
 
     async def go() -> dict[str, Any]:
         async with _etcd_client(etcd_urls) as client:
-            return build(await read_mesh(client, Keys(etcd_root), text, source))
+            keys = Keys(etcd_root)
+            read = await read_mesh(client, keys, text, source)
+            if read.model is None and read.model_error is None and (
+                    require_model or not read.sync):
+                raise OpsError(await _no_model(client, keys))
+            return build(read)
 
     return _run(go)
 
@@ -545,8 +574,13 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
             _fail(f"--envoy-admin needs an http(s) URL, got {url!r}")
 
     async def go() -> dict[str, Any]:
+        from meshxl.ops import OpsError
+
         async with _etcd_client(etcd_urls) as client:
-            return await run_verify(client, Keys(etcd_root), envoy_admin, text, source,
+            keys = Keys(etcd_root)
+            if text is None and await client.get(keys.model.encode()) is None:
+                raise OpsError(await _no_model(client, keys))
+            return await run_verify(client, keys, envoy_admin, text, source,
                                     settle=settle)
 
     from meshxl.tables import render_verify
@@ -601,7 +635,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     async def go() -> tuple[int, dict[str, Any]]:
         async with _etcd_client(etcd_urls) as client:
             return await run_drill(client, Keys(etcd_root), cfg,
-                                   say=lambda line: click.echo(f"drill: {line}"))
+                                   say=lambda line: click.echo(f"drill: {_one_line(line)}"))
 
     try:
         code, report = _run(go)
@@ -610,7 +644,9 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
         raise AssertionError("unreachable") from None
     if report.get("refused"):
         for reason_line in report["refused"]:
-            click.echo(f"meshxl drill: refused: {reason_line}", err=True)
+            click.echo(f"meshxl drill: refused: {_one_line(reason_line)}", err=True)
+    if report.get("abort_reason"):
+        click.echo(f"meshxl drill: aborted: {_one_line(report['abort_reason'])}", err=True)
     click.echo(f"drill {report['result']}: {report['files']['markdown']}")
     sys.exit(code)
 
@@ -746,8 +782,13 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
 @click.option("--log-level", default="info", show_default=True)
 def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
     """A small OTLP/gRPC trace receiver writing JSON lines (local runs and tests)."""
+    from meshxl.addr import ListenError, parse_listen
     from meshxl.telemetry.receiver import serve_receiver
 
+    try:
+        parse_listen(listen)
+    except ListenError as exc:
+        _fail(str(exc))
     _setup_logging(log_level)
     _run(lambda: serve_receiver(listen, str(path)))
 

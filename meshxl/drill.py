@@ -371,25 +371,39 @@ def _write(out: Path, report: dict[str, Any], sampler: _Sampler | None,
     (out / "drill.md").write_text(markdown(report))
 
 
+_MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]<>()#|!~&"})
+
+
+def _md(value: Any) -> str:
+    """Text from etcd, Envoy or an operator as literal Markdown: one line (control
+    characters escaped), every character Markdown or HTML would act on escaped."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    return text.translate(_MD_SPECIAL)
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The drill report for people (pure)."""
-    lines = [f"# DR drill: site {report['site']}", "",
+    """The drill report for people (pure); every value that came from outside goes
+    through :func:`_md`."""
+    lines = [f"# DR drill: site {_md(report['site'])}", "",
              f"Result: **{report['result']}** (started {report['started']}, "
              f"{report['duration_s']:g} s offline)", ""]
     if report.get("refused"):
-        lines += ["Refused to start:", ""] + [f"- {r}" for r in report["refused"]] + [""]
+        lines += ["Refused to start:", ""] + [f"- {_md(r)}" for r in report["refused"]] + [""]
     if report.get("abort_reason"):
-        lines += [f"Aborted: {report['abort_reason']}; site restored online: "
+        lines += [f"Aborted: {_md(report['abort_reason'])}; site restored online: "
                   f"{report.get('restored')}", ""]
     lines += ["| step | ok | seconds | detail |", "|---|---|---|---|"]
     for s in report["steps"]:
-        detail = str(s["detail"]).replace("|", "\\|")
-        lines.append(f"| {s['step']} | {'yes' if s['ok'] else 'NO'} | {s['seconds']} | "
+        detail = _md(s["detail"])
+        lines.append(f"| {_md(s['step'])} | {'yes' if s['ok'] else 'NO'} | {s['seconds']} | "
                      f"{detail} |")
     traffic = report.get("traffic")
     if traffic and traffic.get("sampled"):
         lines += ["", "Requests per site (Envoy endpoint counters):", "",
-                  "| phase | " + " | ".join(sorted(set().union(
+                  "| phase | " + " | ".join(_md(s) for s in sorted(set().union(
                       traffic["before"], traffic["during"], traffic["after"]))) + " |"]
         sites = sorted(set().union(traffic["before"], traffic["during"], traffic["after"]))
         lines.append("|---|" + "---|" * len(sites))
@@ -403,7 +417,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{'all objectives met' if slo['met'] else 'BREACHED'}", "",
                   "| objective | good/total | p50 | p99 | met |", "|---|---|---|---|---|"]
         for o in slo["objectives"]:
-            lines.append(f"| {o['name']} | {o['good']}/{o['total']} | {o['p50']} | "
+            lines.append(f"| {_md(o['name'])} | {o['good']}/{o['total']} | {o['p50']} | "
                          f"{o['p99']} | {'yes' if o['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 

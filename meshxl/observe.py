@@ -32,6 +32,7 @@ __all__ = [
     "EnvoyLive",
     "MeshRead",
     "fetch_envoy",
+    "model_warnings",
     "read_mesh",
     "status_report",
     "sync_report",
@@ -179,18 +180,45 @@ def status_report(read: MeshRead, cluster: str | None = None) -> dict[str, Any]:
     for node_id in sorted(read.nodes):
         n = read.nodes[node_id]
         nack = n.get("last_nack")
+        nack = nack if isinstance(nack, dict) else None
+        types = n.get("types")
+        types = types if isinstance(types, dict) else {}
         nodes.append({
             "node": node_id, "cluster": n.get("cluster"), "replica": n.get("replica"),
             "streams": n.get("streams", 0), "connected_at": n.get("connected_at"),
-            "acked": {short_type(t): s.get("acked_version")
-                      for t, s in sorted(n.get("types", {}).items())},
+            "acked": {short_type(str(t)): s.get("acked_version")
+                      for t, s in sorted(types.items()) if isinstance(s, dict)},
             "nacks": n.get("nacks", 0),
-            "last_nack": None if not nack else {**nack, "type": short_type(nack["type_url"])},
+            "last_nack": None if not nack else {
+                **nack, "type": short_type(str(nack.get("type_url")))},
         })
     offline = {site: vars(action) for site, action in read.runtime.sites_offline.items()}
     return {"revision": read.revision, "model": read.model_source,
+            "model_found": read.model is not None or read.model_error is not None,
             "model_error": read.model_error, "clusters": clusters,
-            "sites_offline": offline, "nodes": nodes}
+            "sites_offline": offline, "nodes": nodes, "warnings": model_warnings(read)}
+
+
+def model_warnings(read: MeshRead) -> list[str]:
+    """Members registered by sidecars that the model does not know: a cluster that is
+    not in the model, or a site its cluster does not list (their traffic is not what
+    the operator expects)."""
+    if read.model is None:
+        return []
+    specs = {c.name: c for c in read.model.clusters}
+    out = []
+    for (cluster, member), registration in sorted(read.registrations.items()):
+        spec = specs.get(cluster)
+        if spec is None:
+            out.append(f"member {member} is registered for cluster {cluster!r}, which is not "
+                       f"in the model (clusters: {', '.join(sorted(specs)) or 'none'})")
+            continue
+        site = registration.get("site")
+        sites = spec.site_names()
+        if site and sites and site not in sites:
+            out.append(f"member {cluster}/{member} is registered on site {site!r}, which "
+                       f"cluster {cluster} does not list (sites: {', '.join(sites)})")
+    return out
 
 
 def _stickiness(spec: Any) -> dict[str, Any] | None:
@@ -204,6 +232,14 @@ def _stickiness(spec: Any) -> dict[str, Any] | None:
 # -- sync -----------------------------------------------------------------------------
 
 
+STALE_INTERVALS = 3
+"""Statistics older than this many publication intervals are flagged stale: the
+sidecar publishes every interval (docs/operations.md), so its process, its etcd
+connection or its lease is in trouble."""
+
+DEFAULT_PUBLISH_INTERVAL = 2.0
+
+
 def sync_report(read: MeshRead, cluster: str | None = None,
                 now: float | None = None) -> dict[str, Any]:
     """``meshxl sync``: every sidecar's view of state synchronization."""
@@ -214,6 +250,13 @@ def sync_report(read: MeshRead, cluster: str | None = None,
         if cluster is not None and c != cluster:
             continue
         published = stats.get("published")
+        if not isinstance(published, int | float) or isinstance(published, bool):
+            published = None
+        interval = stats.get("publish_interval")
+        if not isinstance(interval, int | float) or isinstance(interval, bool) \
+                or not 0 < interval < 3600:
+            interval = DEFAULT_PUBLISH_INTERVAL
+        age = None if published is None else round(max(0.0, now - published), 3)
         rows.append({
             "cluster": c, "member": member, "in_model": c in known,
             "ready": stats.get("ready"), "reasons": stats.get("reasons", []),
@@ -229,7 +272,8 @@ def sync_report(read: MeshRead, cluster: str | None = None,
             "undecodable_sessions": stats.get("undecodable_sessions"),
             "errors": stats.get("errors"), "last_error": stats.get("last_error"),
             "lease_losses": stats.get("lease_losses"),
-            "age_seconds": None if published is None else round(max(0.0, now - published), 3),
+            "age_seconds": age, "publish_interval": interval,
+            "stale": age is None or age > STALE_INTERVALS * interval,
         })
     missing = []
     for spec in _clusters(read, cluster):
@@ -237,7 +281,11 @@ def sync_report(read: MeshRead, cluster: str | None = None,
             registered = (spec.name, m.name) in read.registrations
             if registered and (spec.name, m.name) not in read.sync:
                 missing.append({"cluster": spec.name, "member": m.name})
-    return {"revision": read.revision, "sidecars": rows, "without_statistics": missing}
+    warnings = [f"{r['cluster']}/{r['member']}: statistics are {r['age_seconds']} s old "
+                f"(published every {r['publish_interval']} s): the sidecar is not publishing"
+                for r in rows if r["stale"] and r["age_seconds"] is not None]
+    return {"revision": read.revision, "sidecars": rows, "without_statistics": missing,
+            "warnings": warnings + model_warnings(read)}
 
 
 # -- verify ---------------------------------------------------------------------------
@@ -333,7 +381,7 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
     if read.model is None:
         problem(None, "model", read.model_error or f"no model at {read.model_source}")
         return {"ok": False, "revision": read.revision, "expected": {}, "nodes": [],
-                "envoys": [], "mismatches": problems}
+                "envoys": [], "mismatches": problems, "warnings": []}
     try:
         expected = expected_versions(read)
     except CompileError as exc:
@@ -342,10 +390,11 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
     nodes = []
     for node_id in sorted(read.nodes):
         status = read.nodes[node_id]
-        types = status.get("types", {})
+        types = status.get("types")
+        types = types if isinstance(types, dict) else {}
         checked = {}
         for type_url, want in expected.items():
-            if type_url not in types:
+            if not isinstance(types.get(type_url), dict):
                 continue  # this Envoy does not subscribe to the type
             got = types[type_url].get("acked_version")
             checked[short_type(type_url)] = {"expected": want, "acked": got}
@@ -355,10 +404,11 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
                         type=short_type(type_url), expected=want, acked=got,
                         replica=status.get("replica"))
         nack = status.get("last_nack")
-        if nack and nack.get("version") in (expected.get(nack.get("type_url", "")), None):
-            problem(node_id, "nack", f"{node_id}: rejected {short_type(nack['type_url'])} "
-                    f"version {nack.get('version')}: {nack.get('error')}",
-                    type=short_type(nack["type_url"]))
+        if isinstance(nack, dict) and nack.get("version") in (
+                expected.get(str(nack.get("type_url"))), None):
+            nack_type = short_type(str(nack.get("type_url")))
+            problem(node_id, "nack", f"{node_id}: rejected {nack_type} "
+                    f"version {nack.get('version')}: {nack.get('error')}", type=nack_type)
         nodes.append({"node": node_id, "replica": status.get("replica"), "types": checked})
     endpoints = expected_endpoints(read)
     envoy_rows = []
@@ -383,7 +433,8 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
             _compare_hosts(live.node_id, name, wanted_hosts, live_hosts, problem)
     return {"ok": not problems, "revision": read.revision,
             "expected": {short_type(t): v for t, v in expected.items()},
-            "nodes": nodes, "envoys": envoy_rows, "mismatches": problems}
+            "nodes": nodes, "envoys": envoy_rows, "mismatches": problems,
+            "warnings": model_warnings(read)}
 
 
 def _compare_hosts(node: str | None, cluster: str, want: list[dict[str, Any]],

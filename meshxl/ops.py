@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import aetcd
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, parse_model
 
 
@@ -56,10 +56,31 @@ async def apply_model(client: aetcd.Client, keys: Keys, text: str, source: str) 
     return Applied(put.header.revision, len(model.clusters), unchanged=False)
 
 
+async def no_model_message(client: aetcd.Client, keys: Keys) -> str:
+    """Why there is nothing under ``keys``: no model under the prefix, and the likely
+    prefix that does hold one (a mistyped ``--etcd-prefix`` must not look like an
+    empty mesh)."""
+    root = keys.root
+    message = (f"no model stored under etcd prefix {root!r} (key {keys.model}): "
+               "run 'meshxl apply FILE' first")
+    candidates = [DEFAULT_ROOT, "/" + root.strip("/"), root.strip("/"),
+                  "/" + root.strip("/").lower()]
+    found = []
+    for candidate in dict.fromkeys(c for c in candidates if c and c != root):
+        other = Keys(candidate)
+        if other.model != keys.model and await client.get(other.model.encode()) is not None:
+            found.append(candidate)
+    if found:
+        message += f"; did you mean --etcd-prefix {found[0]}?"
+        if len(found) > 1:
+            message += f" (models also under {', '.join(found[1:])})"
+    return message
+
+
 async def stored_model(client: aetcd.Client, keys: Keys) -> ModelSpec:
     got = await client.get(keys.model.encode())
     if got is None:
-        raise OpsError(f"no model stored in etcd at {keys.model}: run 'meshxl apply FILE' first")
+        raise OpsError(await no_model_message(client, keys))
     return parse_model(got.value.decode(), source=keys.model)
 
 

@@ -2,6 +2,12 @@
 
 Each renderer takes the JSON report of :mod:`meshxl.observe` and prints it; nothing
 here computes anything the JSON output lacks.
+
+Everything shown comes from somewhere else: reasons operators typed, problem names
+apps reported, NACK texts Envoy sent, names in etcd. None of it is rich markup: every
+value becomes a :class:`rich.text.Text` in :func:`plain` (the one place cells are
+made), with control characters (ANSI escapes included) shown as escapes and very long
+values cut, and styles are applied to the Text, never spelled as ``[markup]``.
 """
 
 from __future__ import annotations
@@ -11,19 +17,50 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-__all__ = ["render_status", "render_sync", "render_verify"]
+__all__ = ["MAX_CELL", "plain", "print_line", "render_status", "render_sync", "render_verify"]
+
+MAX_CELL = 300
+"""Characters of one value shown in a table or line (the JSON output has all of it)."""
 
 _STATE_STYLE = {"ready": "green", "syncing": "yellow", "problem": "red", "lost": "red",
                 "admin-down": "magenta", "site-offline": "magenta"}
+
+
+def _printable(text: str) -> str:
+    """Control characters (ESC, CR, C1 controls...) as Python escapes: shown, not obeyed."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def plain(value: Any, style: str = "") -> Text:
+    """A value as literal text: no markup, no emoji codes, no highlighting."""
+    text = "" if value is None else str(value)
+    if len(text) > MAX_CELL:
+        text = f"{text[:MAX_CELL]}... ({len(text) - MAX_CELL} more characters)"
+    return Text(_printable(text), style=style, no_wrap=False, end="")
+
+
+def print_line(console: Console, *parts: Text | str) -> None:
+    """One line of literal text (``str`` parts are the program's own words)."""
+    line = Text()
+    for part in parts:
+        line.append(part if isinstance(part, Text) else plain(part))
+    console.print(line, markup=False, highlight=False, emoji=False)
 
 
 def _when(value: Any) -> str:
     """An ISO string or epoch seconds, shown as UTC to the second."""
     if value in (None, ""):
         return "-"
-    if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (ValueError, OverflowError, OSError):
+            return str(value)
     text = str(value)
     return text.replace("T", " ")[:19]
 
@@ -32,87 +69,101 @@ def _dash(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
+def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
+    table = Table(title=plain(title), title_justify="left", highlight=False)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    return table
+
+
 def render_status(report: dict[str, Any], console: Console) -> None:
     if report.get("model_error"):
-        console.print(f"[red]model error:[/red] {report['model_error']}")
+        print_line(console, plain("model error:", "red"), " ", plain(report["model_error"]))
     for c in report["clusters"]:
         sticky = c["stickiness"]
         hashing = f"{sticky['algorithm']} on {sticky['key']} {sticky['on']}" if sticky else "none"
-        table = Table(title=f"cluster {c['name']}  mode {c['mode']}  sticky {hashing}",
-                      title_justify="left")
-        for column in ("member", "site", "prio", "role", "share", "state", "last change",
-                       "failovers"):
-            table.add_column(column, justify="right" if column in ("prio", "share",
-                                                                     "failovers") else "left")
+        table = _table(f"cluster {c['name']}  mode {c['mode']}  sticky {hashing}",
+                       ("member", "site", "prio", "role", "share", "state", "last change",
+                        "failovers"), right=("prio", "share", "failovers"))
         for m in c["members"]:
-            state = m["state"]
+            state = str(m["state"])
             if m["problems"]:
-                state += f" ({', '.join(m['problems'])})"
-            last = m["last_change"]
+                state += f" ({', '.join(str(p) for p in m['problems'])})"
+            last = m["last_change"] or {}
             change = f"{_when(last.get('at'))} {last.get('reason') or ''}".strip()
             table.add_row(
-                m["name"], m["site"], _dash(m["priority"]), m["role"],
-                f"{m['share'] * 100:.0f}%", f"[{_STATE_STYLE.get(m['state'], '')}]{state}",
-                change, str(m["failovers"]))
+                plain(m["name"]), plain(m["site"]), plain(_dash(m["priority"])),
+                plain(m["role"]), plain(f"{m['share'] * 100:.0f}%"),
+                plain(state, _STATE_STYLE.get(str(m["state"]), "")), plain(change),
+                plain(m["failovers"]))
         console.print(table)
-    if report["sites_offline"]:
-        for site, action in sorted(report["sites_offline"].items()):
-            console.print(f"site {site} offline since {_when(action.get('at'))} by "
-                          f"{action.get('by') or '?'}: {action.get('reason') or '-'}")
-    nodes = Table(title="Envoy nodes", title_justify="left")
-    for column in ("node", "replica", "streams", "CDS", "EDS", "LDS", "RDS", "last NACK"):
-        nodes.add_column(column)
+    for site, action in sorted(report["sites_offline"].items()):
+        print_line(console, f"site {site} offline since {_when(action.get('at'))} by "
+                   f"{action.get('by') or '?'}: {action.get('reason') or '-'}")
+    nodes = _table("Envoy nodes", ("node", "replica", "streams", "CDS", "EDS", "LDS", "RDS",
+                                   "last NACK"))
     for n in report["nodes"]:
         nack = n["last_nack"]
         nodes.add_row(
-            n["node"], _dash(n["replica"]), str(n["streams"]),
-            *(_dash(n["acked"].get(t)) for t in ("CDS", "EDS", "LDS", "RDS")),
-            "-" if not nack else f"[red]{nack['type']} {_dash(nack.get('version'))}: "
-            f"{nack.get('error', '')}")
+            plain(n["node"]), plain(_dash(n["replica"])), plain(n["streams"]),
+            *(plain(_dash(n["acked"].get(t))) for t in ("CDS", "EDS", "LDS", "RDS")),
+            plain("-") if not nack else plain(
+                f"{nack.get('type')} {_dash(nack.get('version'))}: {nack.get('error', '')}",
+                "red"))
     console.print(nodes)
+    for warning in report.get("warnings", []):
+        print_line(console, plain("warning:", "yellow"), " ", plain(warning))
 
 
 def render_sync(report: dict[str, Any], console: Console) -> None:
-    table = Table(title="state synchronization", title_justify="left")
-    for column in ("cluster", "member", "ready", "revision", "lag ms", "cached", "owned",
-                   "takeovers", "conflicts", "undecodable", "last full sync", "errors",
-                   "age s"):
-        table.add_column(column)
+    table = _table("state synchronization",
+                   ("cluster", "member", "ready", "revision", "lag ms", "cached", "owned",
+                    "takeovers", "conflicts", "undecodable", "last full sync", "errors", "age s"))
     for s in report["sidecars"]:
         lag = s["lag_seconds"]
+        age = plain(_dash(s["age_seconds"]))
+        if s.get("stale"):
+            age = plain(f"{_dash(s['age_seconds'])} stale", "yellow")
         table.add_row(
-            s["cluster"], s["member"], "yes" if s["ready"] else "[yellow]no",
-            _dash(s["revision"]), "-" if lag is None else f"{lag * 1000:.1f}",
-            _dash(s["cached_sessions"]), _dash(s["owned_sessions"]), _dash(s["takeovers"]),
-            _dash(s["write_conflicts"]),
-            _dash(s.get("undecodable_sessions")) if not s.get("undecodable_sessions")
-            else f"[red]{s['undecodable_sessions']}", _when(s["last_full_sync"]),
-            _dash(s["errors"]) + (f" ({s['last_error']})" if s.get("last_error") else ""),
-            _dash(s["age_seconds"]))
+            plain(s["cluster"]), plain(s["member"]),
+            plain("yes") if s["ready"] else plain("no", "yellow"),
+            plain(_dash(s["revision"])),
+            plain("-" if not isinstance(lag, int | float) else f"{lag * 1000:.1f}"),
+            plain(_dash(s["cached_sessions"])), plain(_dash(s["owned_sessions"])),
+            plain(_dash(s["takeovers"])), plain(_dash(s["write_conflicts"])),
+            plain(_dash(s.get("undecodable_sessions")))
+            if not s.get("undecodable_sessions")
+            else plain(str(s["undecodable_sessions"]), "red"),
+            plain(_when(s["last_full_sync"])),
+            plain(_dash(s["errors"]) + (f" ({s['last_error']})" if s.get("last_error") else "")),
+            age)
     console.print(table)
     for m in report["without_statistics"]:
-        console.print(f"[yellow]{m['cluster']}/{m['member']}: registered, no statistics "
-                      "published yet")
+        print_line(console, plain(f"{m['cluster']}/{m['member']}: registered, no statistics "
+                                  "published yet", "yellow"))
+    for warning in report.get("warnings", []):
+        print_line(console, plain("warning:", "yellow"), " ", plain(warning))
 
 
 def render_verify(report: dict[str, Any], console: Console) -> None:
     expected = " ".join(f"{t}={v}" for t, v in report["expected"].items())
-    console.print(f"model versions at etcd revision {report['revision']}: {expected or '-'}")
-    table = Table(title="distribution verification", title_justify="left")
-    for column in ("node", "replica", "CDS", "EDS", "LDS", "RDS"):
-        table.add_column(column)
+    print_line(console, f"model versions at etcd revision {report['revision']}: "
+               f"{expected or '-'}")
+    table = _table("distribution verification", ("node", "replica", "CDS", "EDS", "LDS", "RDS"))
     for n in report["nodes"]:
         cells = []
         for t in ("CDS", "EDS", "LDS", "RDS"):
             v = n["types"].get(t)
-            cells.append("-" if v is None else "[green]ok" if v["acked"] == v["expected"]
-                         else f"[red]{_dash(v['acked'])}")
-        table.add_row(n["node"], _dash(n["replica"]), *cells)
+            cells.append(plain("-") if v is None else plain("ok", "green")
+                         if v["acked"] == v["expected"] else plain(_dash(v["acked"]), "red"))
+        table.add_row(plain(n["node"]), plain(_dash(n["replica"])), *cells)
     console.print(table)
     for e in report["envoys"]:
-        console.print(f"envoy {e['url']}: node {_dash(e['node'])}"
-                      + (f" [red]{e['error']}" if e["error"] else ""))
+        print_line(console, f"envoy {e['url']}: node {_dash(e['node'])}",
+                   *((" ", plain(e["error"], "red")) if e["error"] else ()))
     if report["ok"]:
-        console.print("[green]verified: every Envoy runs what the model says")
+        print_line(console, plain("verified: every Envoy runs what the model says", "green"))
     for p in report["mismatches"]:
-        console.print(f"[red]mismatch[/red] {p['message']}")
+        print_line(console, plain("mismatch", "red"), " ", plain(p["message"]))
+    for warning in report.get("warnings", []):
+        print_line(console, plain("warning:", "yellow"), " ", plain(warning))

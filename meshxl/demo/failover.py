@@ -12,9 +12,10 @@ SIGKILL). The run then reads every session back and writes, in the output direct
   Envoy's, the apps' and the sidecars' request traces;
 * ``timeline.png``: requests per member over time with the failover's events.
 
-This module is the flow and its console output only, over reusable parts: the traffic
-(:mod:`meshxl.local.traffic`), the report's pure computations (:mod:`meshxl.local.report`,
-percentiles by :mod:`meshxl.stats`) and the picture (:mod:`meshxl.local.plot`).
+This module is the flow and its live progress only, over reusable parts: the traffic
+(:mod:`meshxl.local.traffic`), the report's computations and summary table
+(:mod:`meshxl.local.report`, percentiles by :mod:`meshxl.stats`) and the picture
+(:mod:`meshxl.local.plot`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ import importlib.util
 import json
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from meshxl.local.plot import plot_timeline
-from meshxl.local.report import FailoverTimes, build_report, busiest_member, failover_times
+from meshxl.local.report import (
+    FailoverTimes,
+    build_report,
+    busiest_member,
+    failover_times,
+    print_summary,
+)
 from meshxl.local.traffic import REQUEST_INTERVAL, Traffic, read_back
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
 
@@ -92,8 +100,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         with console.status("starting etcd, the control plane, three members and Envoy..."):
             await deployment.start()
         console.print(f"[bold]meshxl demo[/] ({mode}): {sessions} sessions for "
-                      f"{duration:g} s through Envoy {deployment.url}; kill -9 at "
-                      f"{kill_after:g} s. Logs in {work}")
+                      f"{duration:g} s through Envoy {escape(deployment.url)}; kill -9 at "
+                      f"{kill_after:g} s. Logs in {escape(str(work))}")
 
         started = time.time()
         traffic = Traffic(f"{deployment.url}/counter", sessions, started + duration,
@@ -158,42 +166,6 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         return 1 if report["lost_writes"] else 0
     finally:
         await deployment.close()
-
-
-def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
-    from rich.table import Table
-
-    def ms(value: Any) -> str:
-        return "-" if value is None else f"{value:.0f} ms"
-
-    rto, takeover = report.get("rto_ms") or {}, report.get("takeover_ms") or {}
-    table = Table(title=f"meshxl demo: {report['mode']}, kill -9 member "
-                        f"{report.get('killed_member')} at {report.get('kill_at_s')} s",
-                  show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    failed = report["failed_requests"]
-    lost = report["lost_writes"]
-    table.add_row("requests", f"{report['requests']} "
-                  f"({', '.join(f'{k}: {v}' for k, v in report['per_member_requests'].items())})")
-    table.add_row("failed requests", f"[{'red' if failed else 'green'}]{failed}[/]"
-                  + (f" {report['failures']}" if failed else ""))
-    table.add_row("acknowledged writes", str(report["acknowledged_writes"]))
-    table.add_row("lost writes", f"[{'red' if lost else 'green'}]{lost}[/]")
-    table.add_row("RTO (sessions of the killed member)",
-                  f"p50 {ms(rto.get('p50'))}, p99 {ms(rto.get('p99'))}, "
-                  f"max {ms(rto.get('max'))} ({rto.get('count', 0)} sessions)")
-    table.add_row("detection (kill -> failover trace)", ms(report.get("detection_ms")))
-    table.add_row("convergence (failover -> last ACK)", ms(report.get("convergence_ms")))
-    table.add_row("takeover", f"p50 {ms(takeover.get('p50'))}, p99 {ms(takeover.get('p99'))} "
-                              f"({takeover.get('count', 0)} sessions)")
-    console.print(table)
-    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}")
-    console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
-                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
-                  markup=False)
-    if lost:
-        console.print(f"[red]{lost} acknowledged writes were lost[/]")
 
 
 __all__ = ["run_demo"]

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from meshxl import etcd
@@ -164,9 +165,9 @@ async def quickstart(console: Console, work_dir: Path | None = None,
                                  work, log_level="warning")
             await envoy.start()
             await envoy.wait_ready(30)
-        console.print(f"[bold]meshxl quickstart[/] (logs in {work})\n"
-                      f"  etcd {url}, xDS {HOST}:{xds}, Envoy listener {HOST}:{listen}, "
-                      f"admin http://{HOST}:{admin}")
+        console.print(f"[bold]meshxl quickstart[/] (logs in {escape(str(work))})\n"
+                      f"  etcd {escape(url)}, xDS {HOST}:{xds}, Envoy listener "
+                      f"{HOST}:{listen}, admin http://{HOST}:{admin}")
         endpoint = f"http://{HOST}:{listen}/"
         await _wait(lambda: _only_member(endpoint, "ledger.local", "alpha"),
                     "Envoy to route the ledger cluster to its active member")

@@ -4,8 +4,9 @@ From the client's :class:`~meshxl.local.traffic.Record` list, the sessions read 
 and the run's spans (:func:`meshxl.telemetry.otlpjson.read_spans`): requests and
 failures, acknowledged and lost writes, recovery time per session (RTO), and the
 failover trace's detection, convergence and takeover times (as ``meshxl slo review``
-defines them). :func:`build_report` assembles ``report.json`` of ``meshxl demo``; the
-benchmarks and tests use the parts. No I/O, no processes: tested on synthetic records.
+defines them). :func:`build_report` assembles ``report.json`` of ``meshxl demo`` and
+:func:`print_summary` prints it; the benchmarks and tests use the parts. No processes:
+tested on synthetic records.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from meshxl import stats
@@ -286,7 +288,47 @@ def build_report(records: Sequence[Record], final: Mapping[str, int | None],
     return report
 
 
+
+def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
+    """The report as a table on ``console`` (rich), with where its files went; texts
+    from outside (failure messages, member names, paths) printed literally."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{value:.0f} ms"
+
+    rto, takeover = report.get("rto_ms") or {}, report.get("takeover_ms") or {}
+    table = Table(title=escape(f"meshxl demo: {report['mode']}, kill -9 member "
+                               f"{report.get('killed_member')} at {report.get('kill_at_s')} s"),
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    failed = report["failed_requests"]
+    lost = report["lost_writes"]
+    table.add_row("requests", f"{report['requests']} "
+                  f"({', '.join(f'{k}: {v}' for k, v in report['per_member_requests'].items())})")
+    table.add_row("failed requests", f"[{'red' if failed else 'green'}]{failed}[/]"
+                  + (f" {escape(str(report['failures']))}" if failed else ""))
+    table.add_row("acknowledged writes", str(report["acknowledged_writes"]))
+    table.add_row("lost writes", f"[{'red' if lost else 'green'}]{lost}[/]")
+    table.add_row("RTO (sessions of the killed member)",
+                  f"p50 {ms(rto.get('p50'))}, p99 {ms(rto.get('p99'))}, "
+                  f"max {ms(rto.get('max'))} ({rto.get('count', 0)} sessions)")
+    table.add_row("detection (kill -> failover trace)", ms(report.get("detection_ms")))
+    table.add_row("convergence (failover -> last ACK)", ms(report.get("convergence_ms")))
+    table.add_row("takeover", f"p50 {ms(takeover.get('p50'))}, p99 {ms(takeover.get('p99'))} "
+                              f"({takeover.get('count', 0)} sessions)")
+    console.print(table)
+    console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",
+                  markup=False, highlight=False)
+    console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
+                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
+                  markup=False)
+    if lost:
+        console.print(f"[red]{lost} acknowledged writes were lost[/]")
+
 __all__ = ["FailoverTimes", "Record", "build_report", "busiest_member", "causal_violations",
            "distribution", "envoy_retry_traces", "failover_roots", "failover_times",
            "failure_kinds", "last_acknowledged", "lost_writes", "member_counts",
-           "recovery_times_ms"]
+           "print_summary", "recovery_times_ms"]

@@ -31,12 +31,14 @@ from .spec import (
     Site,
     Stickiness,
     Telemetry,
+    check_member_address,
 )
 
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
-    "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_model",
+    "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_member_address",
+    "check_model",
     "cluster_view", "load_model", "model_warnings", "parse_model",
 ]

@@ -15,7 +15,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .spec import DEFAULT_SITE, ClusterSpec, Member, _check_member_address
+from .spec import DEFAULT_SITE, ClusterSpec, Member, check_member_address
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Registration:
         if not 1 <= port <= 65535:
             raise ValueError(f"registration port out of range: {port}")
         try:
-            _check_member_address(address)
+            check_member_address(address)
         except ValueError as exc:
             raise ValueError(f"registration address {address[:80]!r}: {exc}") from None
         weight = data.get("weight")

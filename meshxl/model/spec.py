@@ -81,8 +81,9 @@ def _ip_literal(address: str) -> bool:
     return True
 
 
-def _check_member_address(address: str) -> str:
-    """An IP address, or a DNS host name the control plane resolves (RFC 1123)."""
+def check_member_address(address: str) -> str:
+    """An IP address, or a DNS host name the control plane resolves (RFC 1123); raises
+    ValueError. The one rule for the model's members and for registrations."""
     if _ip_literal(address):
         return address
     name = address[:-1] if address.endswith(".") else address
@@ -107,7 +108,7 @@ PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0
                              AfterValidator(_check_duration)]
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
-                          AfterValidator(_check_member_address)]
+                          AfterValidator(check_member_address)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
 _TEXT = r"^[\x21-\x7e]+$"
 """Printable ASCII without spaces: what Envoy accepts in a path or header value here."""

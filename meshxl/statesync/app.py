@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -25,10 +26,10 @@ from aiohttp import web
 
 from meshxl import etcd
 from meshxl import web as mweb
-from meshxl.addr import parse_hostport
+from meshxl.addr import bind_tcp, bound_port, grpc_target, parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.model import ModelError, parse_model
+from meshxl.model import ModelError, check_member_address, parse_model
 from meshxl.model import Sessions as SessionDefaults
 from meshxl.model.spec import NAME_PATTERN
 
@@ -83,7 +84,11 @@ class StatesyncConfig:
                 raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
                                  "letters, digits, '.', '_' or '-', starting and ending "
                                  "with a letter or digit")
-        parse_hostport(self.app)
+        app_host, _ = parse_hostport(self.app)
+        try:  # what the member registers: the control plane's rule for member addresses
+            check_member_address(app_host)
+        except ValueError as exc:
+            raise ValueError(f"invalid app address {app_host[:80]!r}: {exc}") from None
         host, _ = parse_hostport(self.listen, allow_zero=True)
         etcd.check_settings(self.etcd, self.etcd_security)
         if self.token is not None:
@@ -122,6 +127,8 @@ class Sidecar:
         self.takeovers = TakeoverTracer(config.cluster, config.member)
         self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
+        self.model_warning: str | None = None
+        """Set while the model lacks this member's cluster or site."""
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
@@ -131,6 +138,7 @@ class Sidecar:
         self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._publish_sync()))
+        self._tasks.append(loop.create_task(self._follow_model()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
@@ -169,27 +177,60 @@ class Sidecar:
 
     async def _publish_sync(self) -> None:
         """Publish :meth:`status` for ``meshxl sync`` under the registration's lease
-        (it vanishes with the sidecar), when it changed or the lease is new."""
+        (it vanishes with the sidecar) every ``sync_publish_interval`` seconds, changed
+        or not: the record's age then tells ``meshxl sync`` whether this sidecar and its
+        etcd connection still work (it flags records older than a few intervals)."""
         key = self.keys.sync_stats(self.config.cluster, self.config.member).encode()
-        last: tuple[int | None, str] = (None, "")
+        interval = self.config.sync_publish_interval
         while True:
-            await asyncio.sleep(self.config.sync_publish_interval)
+            await asyncio.sleep(interval)
             lease = self.membership.lease_id
             if lease is None:
                 continue
-            body = json.dumps(self.status(), sort_keys=True, default=str)
-            if (lease, body) == last:
-                continue
-            value = sync_stats_value(json.loads(body), time.time())
+            value = sync_stats_value({**self.status(), "publish_interval": interval},
+                                     time.time())
             try:
-                async with asyncio.timeout(max(self.config.sync_publish_interval, 1.0)):
+                async with asyncio.timeout(max(interval, 1.0)):
                     await self.client.put(key, value, lease=lease)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next round retries; stats are best effort
                 log.debug("sync statistics not published: %s", exc)
-                continue
-            last = (lease, body)
+
+    async def _follow_model(self) -> None:
+        """Warn (log, status) while the model lacks this member's cluster or site: its
+        registration then reaches no Envoy, or not the locality the operator meant.
+        Checked at start and on every model change."""
+        key = self.keys.model.encode()
+        backoff = 0.5
+        while True:
+            try:
+                got = await self.client.get(key)
+                self._check_model(None if got is None else got.value)
+                revision = None if got is None else got.mod_revision
+                watch = await self.client.watch(key, start_revision=(
+                    revision + 1 if revision is not None else None))
+                backoff = 0.5
+                try:
+                    async for event in watch:
+                        self._check_model(event.kv.value if event.kind == "PUT" else None)
+                finally:
+                    await watch.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd trouble: the membership reports it
+                log.debug("model watch interrupted: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _check_model(self, raw: bytes | None) -> None:
+        warning = model_mismatch(raw, self.config.cluster, self.config.site, self.keys.model)
+        if warning is not None and warning != self.model_warning:
+            log.warning("%s", warning)
+        elif warning is None and self.model_warning is not None:
+            log.info("the model now has cluster %s%s", self.config.cluster,
+                     f" and site {self.config.site}" if self.config.site else "")
+        self.model_warning = warning
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -219,7 +260,7 @@ class Sidecar:
 
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
-        warnings = []
+        warnings = [] if self.model_warning is None else [self.model_warning]
         unreachable = self.membership.unreachable_for
         if unreachable is not None:
             warnings.append(f"etcd unreachable for {unreachable:.1f} s: cached sessions are "
@@ -266,6 +307,27 @@ def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
 SIDECAR = web.AppKey("sidecar", Sidecar)
 
 
+def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
+                   where: str) -> str | None:
+    """Why the model does not place this member as configured, or None."""
+    if raw is None:
+        return f"no model in etcd at {where}: no Envoy is told about member registrations"
+    try:
+        model = parse_model(raw.decode("utf-8", "replace"), source="model in etcd")
+    except ModelError:
+        return None  # the control plane keeps its last good model and reports this one
+    spec = model.cluster(cluster)
+    if spec is None:
+        names = ", ".join(c.name for c in model.clusters) or "none"
+        return (f"cluster {cluster!r} is not in the model (clusters: {names}): no Envoy "
+                "sends this member traffic")
+    sites = spec.site_names()
+    if site and sites and site not in sites:
+        return (f"site {site!r} is not a site of cluster {cluster} in the model (sites: "
+                f"{', '.join(sites)})")
+    return None
+
+
 async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:
     """CLI values win; otherwise the cluster's ``sessions`` block of the model in etcd."""
     defaults = SessionDefaults()
@@ -279,8 +341,8 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
             if spec is not None:
                 defaults = spec.sessions
             else:
-                log.warning("cluster %r is not in the model in etcd; using session defaults",
-                            config.cluster)
+                log.info("cluster %r is not in the model in etcd; using session defaults",
+                         config.cluster)
     return Settings(
         ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
         sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
@@ -338,13 +400,24 @@ class _LazyRoutes(SessionRoutes):
 
 
 async def serve(config: StatesyncConfig) -> None:
-    host, port = parse_hostport(config.listen, allow_zero=True)
-    runner = mweb.Runner(create_app(config))
-    await runner.setup()
+    """Bind the API port, then start the sidecar (etcd, registration) and serve.
+
+    The port is bound before the member registers: a busy port or a bad address fails
+    the start (ListenError) with nothing registered, and the registration names the
+    port actually bound (``--listen HOST:0`` included).
+    """
+    sock = bind_tcp(config.listen)
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        log.info("statesync API on http://%s:%d", host, port)
+        host, _ = parse_hostport(config.listen, allow_zero=True)
+        config = dataclasses.replace(config, listen=grpc_target(host, bound_port(sock)))
+        runner = mweb.Runner(create_app(config))
+        await runner.setup()  # connects to etcd and registers the member
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await web.SockSite(runner, sock).start()
+        log.info("statesync API on http://%s", config.listen)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -319,23 +319,47 @@ def parse_line(text: str, source: str = "file", line: int = 1) -> list[Span]:
         raise TraceFileError(source, line, str(bad)) from None
 
 
-def read_spans(paths: Iterable[str]) -> list[Span]:
-    """Every span of every file, in file order.
+MAX_TRACE_LINE = 64 * 1024 * 1024
+"""Longest line of a trace file, in characters (one export request; the receiver
+accepts requests of up to 32 MiB of protobuf)."""
+MAX_TRACE_BYTES = 1024 * 1024 * 1024
+"""Most characters read from all trace files of one review together."""
+MAX_SPANS = 1_000_000
+"""Most spans one review reads (distinct spans, after duplicates are dropped)."""
+
+
+def read_spans(paths: Iterable[str], *, max_line: int = MAX_TRACE_LINE,
+               max_total: int = MAX_TRACE_BYTES, max_spans: int = MAX_SPANS) -> list[Span]:
+    """Every span of every file, in file order, within the limits (a file past one is
+    a ``TraceFileError`` naming the limit: split the files or narrow the time range).
 
     A span seen twice (same trace and span id: a file given twice, an exporter that
     retried) is kept once, so it is not counted twice by the SLO review.
     """
     spans: list[Span] = []
     seen: set[tuple[str, str]] = set()
+    total = 0
     for path in paths:
         try:
             with open(path, encoding="utf-8") as file:
-                for number, text in enumerate(file, start=1):
+                number = 0
+                while text := file.readline(max_line + 1):
+                    number += 1
+                    if len(text) > max_line:
+                        raise TraceFileError(path, number, f"line longer than {max_line:,} "
+                                             "characters")
+                    total += len(text)
+                    if total > max_total:
+                        raise TraceFileError(path, number, "the trace files hold more than "
+                                             f"{max_total:,} characters")
                     for span in parse_line(text, path, number):
                         key = (span.trace_id, span.span_id)
                         if key not in seen:
                             seen.add(key)
                             spans.append(span)
+                    if len(spans) > max_spans:
+                        raise TraceFileError(path, number, f"more than {max_spans:,} spans "
+                                             "to review")
         except UnicodeDecodeError as error:
             raise TraceFileError(path, None, f"not UTF-8 text: {error.reason}") from None
         except OSError as error:

@@ -22,6 +22,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 
+from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
+
 from .otlp import (
     TRACE_SERVICE,
     ExportTraceServiceRequest,
@@ -114,12 +116,11 @@ class TraceReceiver:
             raise RuntimeError("the receiver is already started")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE)])
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", _MAX_MESSAGE),
+                                          *GRPC_SERVER_OPTIONS])
         server.add_generic_rpc_handlers((_handler(self),))
         try:
-            port = server.add_insecure_port(listen)
-            if port == 0:  # older grpcio reports a failed bind this way
-                raise RuntimeError(f"cannot listen on {listen}")
+            port = bind_grpc(server, listen)  # ListenError: busy port, bad address
             await server.start()
         except BaseException:
             self._file.close()

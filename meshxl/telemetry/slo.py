@@ -75,6 +75,7 @@ from typing import Any
 
 import yaml
 
+from meshxl.bounded import InputError, load_yaml_all, read_text
 from meshxl.stats import quantile
 
 from . import names
@@ -278,6 +279,16 @@ def _objective_list(document: Mapping[str, Any], name: str, path: str) -> list[O
     return out
 
 
+MAX_SLO_BYTES = 1024 * 1024
+"""Largest SLO file (an OpenSLO document is a few hundred bytes)."""
+MAX_SLO_DEPTH = 32
+"""Deepest nesting of an SLO file's mappings and lists (OpenSLO needs about six)."""
+MAX_SLO_VALUES = 100_000
+"""Most values an SLO file may expand to, YAML aliases counted at every use."""
+MAX_FAILOVERS = 10_000
+"""Most failover traces one review judges (each is compared with every span)."""
+
+
 def parse_slo_documents(text: str, source: str = "slo") -> list[Objective]:
     """The objectives of every OpenSLO ``SLO`` document in one YAML text.
 
@@ -285,13 +296,18 @@ def parse_slo_documents(text: str, source: str = "slo") -> list[Objective]:
     (0, 1] raises ``SloError`` naming ``source`` and the field: a review against a
     half-understood objective would report a verdict nobody asked for.
     """
+    if len(text) > MAX_SLO_BYTES:
+        raise SloError(source, "", f"larger than {MAX_SLO_BYTES:,} characters")
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in load_yaml_all(text, source, max_depth=MAX_SLO_DEPTH,
+                                               max_values=MAX_SLO_VALUES) if d is not None]
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise SloError(source, where, f"invalid YAML: {problem}") from None
+    except InputError as error:
+        raise SloError(source, "", str(error).removeprefix(f"{source}: ")) from None
     if not documents:
         raise SloError(source, "", "no SLO documents")
     out: list[Objective] = []
@@ -308,11 +324,10 @@ def load_slos(paths: Iterable[str]) -> list[Objective]:
     out: list[Objective] = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or str(error)
-            raise SloError(path, "", f"cannot read: {reason}") from None
+            text = read_text(path, MAX_SLO_BYTES, "SLO file")
+        except InputError as error:
+            raise SloError(path, "", str(error).removeprefix(f"{path}: ")
+                           .replace(f"cannot read {path}:", "cannot read:")) from None
         out.extend(parse_slo_documents(text, path))
     return out
 
@@ -565,15 +580,20 @@ def render_table(report: Report) -> Any:
                    "budget left", "burn rate", "met"):
         numeric = column not in ("objective", "SLI", "met")
         table.add_column(column, justify="right" if numeric else "left")
+    from meshxl.tables import plain
+
     for r in report.objectives:
-        title = r.objective.name
-        if r.objective.display_name and r.objective.display_name not in title:
-            title += f"\n{r.objective.display_name}"
+        # Names come from the SLO files: plain text, never rich markup.
+        title = plain(r.objective.name)
+        if r.objective.display_name and r.objective.display_name not in r.objective.name:
+            title.append("\n")
+            title.append(plain(r.objective.display_name))
         table.add_row(
-            title, r.objective.describe(), f"{r.good}/{r.total}", f"{r.objective.target:g}",
+            title, plain(r.objective.describe()), f"{r.good}/{r.total}",
+            f"{r.objective.target:g}",
             _number(r.p50), _number(r.p90), _number(r.p99), _number(r.max),
             f"{r.budget_remaining:.1%}", _number(r.burn_rate),
-            "[green]met[/green]" if r.met else "[bold red]BREACHED[/bold red]",
+            plain("met", "green") if r.met else plain("BREACHED", "bold red"),
         )
     return table
 
@@ -596,7 +616,12 @@ def slo_review_command(traces: list[str], slo: list[str], output: str) -> int:
         objectives = load_slos(slo)
         spans = read_spans(traces)
     except (SloError, TraceFileError) as error:
-        print(str(error), file=sys.stderr)
+        print(str(error).replace("\n", " "), file=sys.stderr)
+        return 2
+    roots = sum(1 for span in spans if span.name == names.FAILOVER)
+    if roots > MAX_FAILOVERS:
+        print(f"meshxl slo review: {roots:,} failover traces, more than the {MAX_FAILOVERS:,} "
+              "one review judges: review a shorter time range", file=sys.stderr)
         return 2
     report = review(spans, objectives)
     if output == "json":

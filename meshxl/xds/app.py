@@ -26,6 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshxl import etcd
+from meshxl.addr import bind_grpc, bind_tcp, bound_port, parse_listen
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, RuntimeState
@@ -80,6 +81,9 @@ class ControlPlaneConfig:
     """Seconds between resolutions of member addresses that are host names."""
 
     def __post_init__(self) -> None:
+        parse_listen(self.listen, "--listen")
+        if self.admin is not None:
+            parse_listen(self.admin, "--admin")
         if self.config_path is None and self.etcd is None:
             raise ValueError("give a model file (--config), etcd (--etcd), or both")
         if self.etcd is not None:
@@ -130,6 +134,7 @@ class ControlPlane:
         self.port = 0
         self.admin_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._serving = False
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._lease: Any = None
@@ -140,12 +145,23 @@ class ControlPlane:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load sources, publish the first snapshot, then accept Envoys.
+        """Bind the ports, load sources, publish the first snapshot, then accept Envoys.
 
-        With etcd, the first snapshot waits for the first full read: a replica never
-        serves a configuration that lacks the registrations every other replica sees.
+        Both ports are bound first: a busy port or a bad address fails the start at
+        once (ListenError), and the admin endpoint answers while the rest starts, with
+        /readyz saying what the replica waits for. With etcd, the first snapshot waits
+        for the first full read: a replica never serves a configuration that lacks the
+        registrations every other replica sees.
         """
         cfg = self.config
+        from .server import _GRPC_OPTIONS
+
+        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)  # no SO_REUSEPORT
+        self.ads.register(self._grpc)
+        self.port = bind_grpc(self._grpc, cfg.listen,
+                              None if self.tls is None else self.tls.credentials())
+        if cfg.admin:
+            await self._start_admin(cfg.admin)
         if cfg.config_path is not None:
             self.file = ModelFileSource(cfg.config_path, self._changed)
             self.file.load()  # ModelError: refuse to start on a bad file
@@ -169,16 +185,15 @@ class ControlPlane:
         self._spawn(self.resolver.run())
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
-        self._grpc, self.port = await self.ads.serve(cfg.listen, tls=self.tls)
-        if cfg.admin:
-            await self._start_admin(cfg.admin)
+        await self._grpc.start()
+        self._serving = True
         log.info("xDS control plane %s serving ADS on %s (port %d, %s)", cfg.replica,
                  cfg.listen, self.port, "plaintext" if self.tls is None else
                  "TLS" if self.tls.client_ca is None else "mutual TLS")
 
     async def stop(self) -> None:
         if self._grpc is not None:
-            await self._grpc.stop(grace=0.5)
+            await self._grpc.stop(grace=0.5 if self._serving else None)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -196,11 +211,32 @@ class ControlPlane:
                 await self.client.close()
 
     async def run_forever(self) -> None:
-        await self.start()
         try:
+            await self.start()
             await asyncio.Event().wait()
         finally:
             await self.stop()
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why this replica does not serve Envoys yet (empty: it does)."""
+        if self._serving and self.cache.snapshot is not None:
+            return []
+        reasons = []
+        if self.mesh is not None and not self.mesh.synced.is_set():
+            reasons.append(f"etcd unreachable: {self.mesh.last_error}" if self.mesh.last_error
+                           else "waiting for the first full read of etcd")
+        elif self.config.etcd is not None and self.mesh is None:
+            reasons.append("connecting to etcd")
+        if self.model is None and (self.mesh is None or self.mesh.synced.is_set()):
+            model_error = (self.file.error if self.file else None) or (
+                self.mesh.model_error if self.mesh else None)
+            reasons.append(f"no usable model: {model_error}" if model_error else
+                           f"no model stored in etcd at {self.keys.model}")
+        if self.compile_error is not None:
+            reasons.append(f"the model does not compile: {self.compile_error}")
+        if not reasons:
+            reasons.append("starting")
+        return reasons
 
     def _spawn(self, coro: Any) -> None:
         self._tasks.append(asyncio.get_running_loop().create_task(coro))
@@ -414,7 +450,8 @@ class ControlPlane:
         snapshot = self.cache.snapshot
         return {
             "replica": self.config.replica,
-            "ready": snapshot is not None,
+            "ready": not self.not_ready_reasons(),
+            "reasons": self.not_ready_reasons(),
             "model_source": str(self.config.config_path) if self.file else
             (self.keys.model if self.mesh else None),
             "model_error": (self.file.error if self.file else None)
@@ -451,17 +488,18 @@ class ControlPlane:
 
     async def _start_admin(self, listen: str) -> None:
         from meshxl import web as mweb
-        from meshxl.addr import parse_hostport
 
-        host, port = parse_hostport(listen)
+        sock = bind_tcp(listen, "--admin")
+        self.admin_port = bound_port(sock)
         app = mweb.application()
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
         async def readyz(_: web.Request) -> web.Response:
-            ready = self.cache.snapshot is not None
-            return web.json_response({"ready": ready}, status=200 if ready else 503)
+            reasons = self.not_ready_reasons()
+            return web.json_response({"ready": not reasons, "reasons": reasons},
+                                     status=503 if reasons else 200)
 
         async def status(_: web.Request) -> web.Response:
             return web.json_response(self.status())
@@ -476,8 +514,8 @@ class ControlPlane:
         app.router.add_get("/metrics", self._metrics)
         self._runner = mweb.Runner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.admin_port = sockets[0].getsockname()[1] if sockets else port
+        try:
+            await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            sock.close()
+            raise

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
+from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
 from meshxl.tls import ServerTls
 from meshxl.xds import delta
 from meshxl.xds.cache import (
@@ -87,6 +88,7 @@ _GRPC_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
     ("grpc.http2.max_ping_strikes", 0),
+    *GRPC_SERVER_OPTIONS,  # no SO_REUSEPORT: a second server on a busy port fails
 )
 
 # A CDS (LDS) response makes Envoy re-warm changed clusters (listeners); it then asks
@@ -287,12 +289,7 @@ class AdsServer:
         """
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         self.register(server)
-        if tls is None:
-            port = server.add_insecure_port(listen)
-        else:
-            port = server.add_secure_port(listen, tls.credentials())
-        if not port:
-            raise OSError(f"cannot listen on {listen}")
+        port = bind_grpc(server, listen, None if tls is None else tls.credentials())
         await server.start()
         return server, port
 

@@ -102,6 +102,52 @@ def _arg(container: dict[str, Any], flag: str) -> str:
     raise AssertionError(f"{container['name']} has no {flag}=")
 
 
+def _env(docs: Docs, container: dict[str, Any], name: str) -> str | None:
+    """A container's environment variable as the kubelet sets it: its value, or the key
+    of a rendered ConfigMap it refers to; None if the container has no such variable."""
+    for env in container.get("env", []):
+        if env["name"] != name:
+            continue
+        if "value" in env:
+            return str(env["value"])
+        ref = env["valueFrom"]["configMapKeyRef"]
+        return str(_find(docs, "ConfigMap", ref["name"])["data"][ref["key"]])
+    return None
+
+
+def _meshxl_containers(docs: Docs) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(workload, container) of every container running the meshxl image."""
+    return [(w, c) for w in _workloads(docs)
+            for c in w["spec"]["template"]["spec"]["containers"]
+            if c["image"].rsplit(":", 1)[0].endswith("meshxl/meshxl")]
+
+
+def _etcd_of(docs: Docs, container: dict[str, Any]) -> list[str]:
+    """The etcd endpoints a meshxl container is given: MESHXL_ETCD, which every meshxl
+    command reads as --etcd (an --etcd= argument would override it: there is none)."""
+    assert not [a for a in container.get("args", []) if a.startswith("--etcd=")], \
+        container["name"]
+    value = _env(docs, container, "MESHXL_ETCD")
+    assert value is not None, f"{container['name']} has no MESHXL_ETCD"
+    return value.split(",")
+
+
+def _etcd_member_urls(docs: Docs) -> list[str]:
+    """The client URL of each member of the rendered etcd StatefulSet, derived from its
+    replicas, serviceName, namespace and the headless Service's client port."""
+    etcd = _find(docs, "StatefulSet", "meshxl-etcd")
+    peer = _find(docs, "Service", etcd["spec"]["serviceName"])
+    (port,) = [p for p in peer["spec"]["ports"] if p["name"] == "client"]
+    (container,) = etcd["spec"]["template"]["spec"]["containers"]
+    listen = int(_arg(container, "--listen-client-urls").rsplit(":", 1)[1])
+    target = port["targetPort"]
+    assert target == listen or {p["name"]: p["containerPort"]
+                                for p in container["ports"]}[target] == listen
+    name, namespace = etcd["metadata"]["name"], etcd["metadata"]["namespace"]
+    return [f"https://{name}-{i}.{peer['metadata']['name']}.{namespace}.svc:{port['port']}"
+            for i in range(etcd["spec"]["replicas"])]
+
+
 # -- cert-manager: a strict schema of the fields meshxl uses --------------------------------
 
 _ISSUER_REF = {"type": "object", "additionalProperties": False, "required": ["name"],
@@ -361,7 +407,9 @@ def test_control_plane(overlay: str, render: Render) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert _arg(container, "--admin").endswith(":18001")
-    assert _arg(container, "--etcd") == "https://meshxl-etcd:2379"
+    assert _etcd_of(docs, container) == (
+        _etcd_member_urls(docs) if overlay != "external-etcd"
+        else [f"https://meshxl-etcd.{NAMESPACE}.svc:2379"])
     # The model ConfigMap is mounted where --config points, and is a valid model.
     config = Path(_arg(container, "--config"))
     mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
@@ -415,6 +463,69 @@ def test_external_etcd_goes_through_a_tls_proxy(render: Render) -> None:
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "meshxl-etcd-proxy"}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_meshxl_process_gets_every_etcd_member(overlay: str, render: Render) -> None:
+    """Each member by its own name (a health-checked connection per member, failover
+    between them), not one Service address that kube-proxy would pin each connection of
+    to one member; from one ConfigMap; fully qualified, since the webhook hands the list
+    to sidecars in other namespaces. external-etcd: its proxies' Service."""
+    from meshxl import etcd
+    from meshxl.etcd import parse_urls
+
+    docs = render(overlay)
+    containers = _meshxl_containers(docs)
+    names = {w["metadata"]["name"] for w, _ in containers}
+    assert names == ({"meshxl-istio-label", "meshxl-webhook"} if overlay == "istio"
+                     else {"meshxl-xds", "meshxl-webhook"})
+    if overlay == "external-etcd":
+        service = _find(docs, "Service", "meshxl-etcd")
+        (port,) = service["spec"]["ports"]
+        expected = [f"https://meshxl-etcd.{NAMESPACE}.svc:{port['port']}"]
+        assert not [d for d in docs if d["metadata"]["name"] == "meshxl-etcd-peer"]
+    else:
+        expected = _etcd_member_urls(docs)
+        assert len(expected) == 3
+    sources = set()
+    for _, container in containers:
+        assert _etcd_of(docs, container) == expected, container["name"]
+        (env,) = [e for e in container["env"] if e["name"] == "MESHXL_ETCD"]
+        sources.add(env["valueFrom"]["configMapKeyRef"]["name"])
+    (source,) = sources  # one place to change
+    assert source.startswith("meshxl-etcd-endpoints")
+    tls, endpoints = parse_urls(",".join(expected))
+    assert tls is True
+    assert [host for host, _ in endpoints] == [
+        url.removeprefix("https://").rsplit(":", 1)[0] for url in expected]
+    assert all(host.endswith(f".{NAMESPACE}.svc") for host, _ in endpoints)
+    # meshxl's client for that value: one health-checked channel per member, or, with the
+    # proxies' one Service, a single channel (the proxies fail over behind it).
+    client = etcd.client(",".join(expected))
+    if overlay == "external-etcd":
+        assert not isinstance(client, etcd.BalancedClient)
+    else:
+        assert isinstance(client, etcd.BalancedClient)
+        assert [e.name for e in client.balancer.endpoints] == [
+            f"{host}:{port}" for host, port in endpoints]
+
+
+def test_scaling_etcd_alone_leaves_meshxl_behind(tree: Path, tmp_path: Path) -> None:
+    """The member list is derived from the StatefulSet, not copied: scaling etcd without
+    updating the ConfigMap meshxl-etcd-endpoints is caught."""
+    derived = tree / "overlays" / f"derived-{tmp_path.name}"
+    derived.mkdir()
+    (derived / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources:\n"
+        "  - ../default\n"
+        "replicas:\n"
+        "  - {name: meshxl-etcd, count: 5}\n")
+    docs = tuple(_kustomize(derived))
+    (_, container), *_ = _meshxl_containers(docs)
+    assert len(_etcd_member_urls(docs)) == 5
+    assert _etcd_of(docs, container) == _etcd_member_urls(docs)[:3]
+
+
 def _webhook_parts(docs: tuple[dict[str, Any], ...]
                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     deployment = _find(docs, "Deployment", "meshxl-webhook")
@@ -435,7 +546,9 @@ def test_webhook_configuration(overlay: str, render: Render) -> None:
     # The injected containers run the image the webhook runs.
     assert env["MESHXL_SIDECAR_IMAGE"] == container["image"]
     assert env["MESHXL_PROXY"] == ("none" if overlay == "istio" else "envoy")
-    assert env["MESHXL_ETCD"] == f"https://meshxl-etcd.{NAMESPACE}.svc:2379"
+    assert _etcd_of(docs, container) == (
+        _etcd_member_urls(docs) if overlay != "external-etcd"
+        else [f"https://meshxl-etcd.{NAMESPACE}.svc:2379"])
     assert len(config["webhooks"]) == 2
     for hook in config["webhooks"]:
         assert hook["failurePolicy"] == "Fail"
@@ -523,7 +636,7 @@ def test_istio_overlay_leaves_the_envoys_to_istiod(render: Render) -> None:
     label = _find(docs, "Deployment", "meshxl-istio-label")
     container = label["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["istio", "label"]
-    assert _arg(container, "--etcd") == "https://meshxl-etcd:2379"
+    assert _etcd_of(docs, container) == _etcd_member_urls(docs)
     config = Path(_arg(container, "--filename"))
     mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
     assert config.parent == Path(mount["mountPath"])
@@ -619,3 +732,30 @@ def test_dockerfile_matches_the_manifests(render: Render) -> None:
                if line and not line.startswith("#")]
     assert ignored[0] == "*"  # nothing but what the build copies
     assert {"!pyproject.toml", "!README.md", "!meshxl/"} <= set(ignored)
+
+
+def test_documented_etcd_endpoints(render: Render, tmp_path: Path) -> None:
+    """docs/kubernetes.md, "etcd endpoints": the list it shows is the one rendered, and
+    its commands find the list the webhook has (run offline on the rendered objects)."""
+    import re
+
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = text.split("\n## etcd endpoints\n", 1)[1].split("\n## ", 1)[0]
+    docs = render("default")
+    (shown,) = re.findall(r"^```\n(https://\S+)\n```$", section, flags=re.MULTILINE)
+    assert shown.split(",") == _etcd_member_urls(docs)
+    expressions = re.findall(r"-o jsonpath=\\?\n?'([^']*)'", section)
+    assert len(expressions) == 2
+
+    def jsonpath(obj: dict[str, Any], expression: str) -> str:
+        path = tmp_path / "object.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        proc = subprocess.run(
+            [_kubectl(), "label", "--local", "-f", str(path), "docs.meshxl.io/check=1",
+             "-o", f"jsonpath={expression}"], capture_output=True, text=True, timeout=60,
+            check=False, env={**os.environ, "KUBECONFIG": str(tmp_path / "no-cluster")})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    name = jsonpath(_find(docs, "Deployment", "meshxl-webhook"), expressions[0])
+    assert jsonpath(_find(docs, "ConfigMap", name), expressions[1]) == shown

@@ -26,8 +26,11 @@ from tests.unit.test_manifests import (
     Docs,
     Render,
     _arg,
+    _etcd_member_urls,
+    _etcd_of,
     _find,
     _kustomize,
+    _meshxl_containers,
     _workloads,
 )
 
@@ -173,21 +176,23 @@ def test_etcd_serves_clients_and_peers_over_tls_with_client_certificates(
         assert _host_matches(member_host(url), issued.dns_names(peer)), url
     assert _host_matches(member_host(_arg(container, "--advertise-client-urls")),
                          issued.dns_names(server))
+    # What meshxl's pods and the sidecars dial: each member, by a name etcd is served as.
+    assert set(_etcd_urls(docs)) == set(_etcd_member_urls(docs))
     for url in _etcd_urls(docs):
         assert _host_matches(str(urlsplit(url).hostname), issued.dns_names(server)), url
 
 
 def _etcd_urls(docs: Docs) -> list[str]:
-    """Every etcd URL meshxl is configured with: its pods' --etcd and the injector's."""
-    urls = []
-    for workload in _workloads(docs):
-        container = _container(workload)
-        if any(a.startswith("--etcd=") for a in container.get("args", [])):
-            urls.append(_arg(container, "--etcd"))
-        for env in container.get("env", []):
-            if env["name"] == "MESHXL_ETCD" and workload["metadata"]["name"] == "meshxl-webhook":
-                urls.append(env["value"])
-    return urls
+    """Every etcd URL meshxl is configured with: its pods' and the injector's
+    MESHXL_ETCD, each endpoint of the list."""
+    return [url for _, container in _meshxl_containers(docs)
+            for url in _etcd_of(docs, container)]
+
+
+def _connects_to_etcd(container: dict[str, Any]) -> bool:
+    """A meshxl container that connects to etcd: any but the webhook, which only passes
+    its endpoints on to the sidecars it injects."""
+    return container["args"][:2] != ["serve", "webhook"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -202,13 +207,14 @@ def test_every_meshxl_pod_talking_to_etcd_mounts_a_client_certificate(
         name = workload["metadata"]["name"]
         container = _container(workload)
         labels = workload["spec"]["template"]["metadata"]["labels"]
-        uses_etcd = any(a.startswith("--etcd=") for a in container.get("args", []))
+        uses_etcd = (workload, container) in _meshxl_containers(docs) and \
+            _connects_to_etcd(container)
         # The pods etcd's NetworkPolicy lets in are exactly the ones configured for it.
         assert uses_etcd is (labels.get(ETCD_CLIENT_LABEL) == "true"), name
         if not uses_etcd:
             continue
         talking.append(name)
-        assert _arg(container, "--etcd").startswith("https://"), name
+        assert all(url.startswith("https://") for url in _etcd_of(docs, container)), name
         secrets = {_secret_of(workload, container, _arg(container, flag))
                    for flag in ("--etcd-ca", "--etcd-cert", "--etcd-key")}
         (secret,) = secrets
@@ -233,7 +239,8 @@ def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str,
     webhook = _find(docs, "Deployment", "meshxl-webhook")
     container = _container(webhook)
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["MESHXL_ETCD"].startswith("https://")
+    etcd_urls = ",".join(_etcd_of(docs, container))
+    assert etcd_urls.startswith("https://")
     secret = env["MESHXL_ETCD_CLIENT_SECRET"]
     # The template every injected namespace copies is issued here, by etcd's CA, for
     # client authentication only.
@@ -245,11 +252,16 @@ def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str,
                if "secret" in v}
     assert mounted == {"meshxl-webhook-tls"}
     # What the webhook is configured with injects a sidecar that mounts that Secret.
-    config = InjectConfig(image=container["image"], etcd=env["MESHXL_ETCD"],
+    config = InjectConfig(image=container["image"], etcd=etcd_urls,
                           etcd_client_secret=secret, proxy=env["MESHXL_PROXY"])
     pod = mutate_pod(yaml.safe_load((FIXTURES / "pod.yaml").read_text()), config)
     (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == STATESYNC_CONTAINER]
     assert "--etcd-cert" in sidecar["args"]
+    # The sidecar dials what the webhook has: every member in the in-cluster overlays.
+    assert sidecar["args"][sidecar["args"].index("--etcd") + 1] == etcd_urls
+    assert etcd_urls.split(",") == (
+        [f"https://meshxl-etcd.{NAMESPACE}.svc:2379"] if overlay == "external-etcd"
+        else _etcd_member_urls(docs))
     (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == ETCD_CLIENT_VOLUME]
     assert volume["secret"]["secretName"] == secret
 
@@ -267,6 +279,11 @@ def test_external_etcd_proxy_serves_meshxl_like_the_members(render: Render) -> N
     # Your etcd's client certificate stays a Secret you create (not issued here).
     assert _secret_of(proxy, container, _arg(container, "--cert")) == "meshxl-etcd-client-tls"
     assert "meshxl-etcd-client-tls" not in issued
+    # What meshxl dials (the proxies' Service) is a name of the proxies' certificate.
+    urls = _etcd_urls(docs)
+    assert urls
+    for url in urls:
+        assert _host_matches(str(urlsplit(url).hostname), issued.dns_names(serving)), url
     assert not [d for d in docs if d["kind"] == "Certificate"
                 and d["metadata"]["name"] == "meshxl-etcd-peer"]
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from meshxl import web as mweb
 from meshxl.etcdkeys import Keys
-from meshxl.model import Registration
+from meshxl.model import Registration, check_member_address
 from meshxl.observe import _load
 from meshxl.statesync.api import MAX_PROBLEM_DETAIL, _problem_detail
 from meshxl.statesync.app import sync_stats_value
@@ -127,8 +127,29 @@ problems = st.dictionaries(
     max_size=32)
 
 
+member_addresses = (st.ip_addresses().map(str)
+                    | st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{1,10}){0,3}",
+                                    fullmatch=True))
+
+
 @FAST
-@given(address=st.from_regex(r"[a-z0-9.:-]{1,60}", fullmatch=True),
+@given(address=st.from_regex(r"[a-z0-9.:-]{1,60}", fullmatch=True))
+def test_registration_refuses_what_the_control_plane_refuses(address: str) -> None:
+    """A registration decodes exactly when its address is a valid member address."""
+    doc = registration_document(address=address, port=80, site=None, weight=None,
+                                ready=True, problems={}, sidecar="127.0.0.1:7070",
+                                pid=1, since="s", updated="u")
+    try:
+        check_member_address(address)
+    except ValueError:
+        with pytest.raises(ValueError, match="registration address"):
+            Registration.from_dict(doc)
+    else:
+        assert Registration.from_dict(doc).address == address
+
+
+@FAST
+@given(address=member_addresses,
        port=st.integers(1, 65535), site=st.none() | names,
        weight=st.none() | st.integers(1, 10_000), ready=st.booleans(), problems=problems)
 def test_registration_round_trips(address: str, port: int, site: str | None,

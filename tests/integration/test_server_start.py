@@ -1,0 +1,258 @@
+"""Every ``meshxl serve`` server starts right or not at all: a busy port or a bad listen
+address is one line and a non-zero exit (never a second process sharing the port), the
+control plane's health endpoint answers while it waits for etcd and says why it is not
+ready, and the statesync sidecar binds its port before it registers its member."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import aiohttp
+import pytest
+
+from meshxl.etcdkeys import Keys
+from tests.harness.certs import CA
+from tests.harness.cli import meshxl
+from tests.harness.controlplane import ControlPlaneProcess
+from tests.harness.ports import free_port
+from tests.harness.procs import ManagedProcess
+from tests.harness.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+MODEL = """\
+clusters:
+- name: c
+  members:
+  - {name: a, address: 127.0.0.1, port: 8080}
+"""
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def listening(port: int) -> socket.socket:
+    """Something else holding a loopback port."""
+    sock = socket.create_server(("127.0.0.1", port))
+    return sock
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODEL)
+    return path
+
+
+async def test_a_second_control_plane_on_a_busy_port_is_refused(
+    harness: Any, model: Path,
+) -> None:
+    first = await ControlPlaneProcess(harness, config_path=model).start()
+    code, _, err = await meshxl("serve", "xds", "--config", str(model),
+                                "--listen", first.address, timeout=30)
+    assert code == 1
+    line = one_line_error(err)
+    assert line == f"meshxl: --listen: cannot listen on {first.address}: Address already in use"
+
+    code, _, err = await meshxl("serve", "xds", "--config", str(model), "--listen",
+                                "127.0.0.1:0", "--admin", f"127.0.0.1:{first.admin_port}",
+                                timeout=30)
+    assert code == 1
+    assert "--admin: cannot listen on" in one_line_error(err)
+    assert (await first.get("/readyz"))[0] == 200  # the first one still serves
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--listen", "127.0.0.1:65536", "port must be an integer in 0..65535, got 65536"),
+    ("--listen", "127.0.0.1:99999", "port must be an integer in 0..65535, got 99999"),
+    ("--listen", "127.0.0.1", "expected HOST:PORT"),
+    ("--listen", "::1:18000", "write IPv6 addresses in brackets"),
+    ("--listen", "no such host:1", "not a valid host name"),
+    ("--listen", "nosuch.invalid:0", "cannot resolve 'nosuch.invalid'"),
+    ("--listen", "192.0.2.1:0", "Cannot assign requested address"),
+    ("--admin", "127.0.0.1:70000", "port must be an integer in 0..65535, got 70000"),
+    ("--admin", "nosuch.invalid:0", "cannot resolve 'nosuch.invalid'"),
+])
+async def test_control_plane_refuses_bad_listen_addresses(
+    model: Path, option: str, value: str, message: str,
+) -> None:
+    args = ["--listen", "127.0.0.1:0", option, value]
+    code, _, err = await meshxl("serve", "xds", "--config", str(model), *args, timeout=30)
+    assert code == 1
+    line = one_line_error(err)
+    assert line.startswith(f"meshxl: {option}: ") and message in line, line
+
+
+async def test_control_plane_health_says_why_it_waits_for_etcd(harness: Any) -> None:
+    dead_etcd = f"http://127.0.0.1:{free_port()}"
+    plane = ControlPlaneProcess(harness, etcd=dead_etcd)
+    plane.process.start()
+
+    async def not_ready() -> Any:
+        code, body = await plane.get("/readyz")
+        return code == 503 and "etcd unreachable" in " ".join(body["reasons"]) and body
+
+    body = await wait_for(not_ready, 20, "/readyz answering 503 with the etcd error")
+    assert body["ready"] is False
+    [reason] = body["reasons"]
+    assert reason.startswith("etcd unreachable: ") and dead_etcd.split("//")[1] in reason
+    assert (await plane.get("/healthz"))[0] == 200
+    status = await plane.status()
+    assert status["ready"] is False and status["reasons"][0].startswith("etcd unreachable")
+    assert status["versions"] == {}  # nothing served before the first full read
+
+
+async def test_control_plane_without_a_model_says_so(harness: Any, etcd: Any) -> None:
+    plane = ControlPlaneProcess(harness, etcd=etcd.url)
+    plane.process.start()
+
+    async def reasons() -> Any:
+        code, body = await plane.get("/readyz")
+        return code == 503 and "no model" in " ".join(body["reasons"]) and body["reasons"]
+
+    [reason] = await wait_for(reasons, 20, "/readyz naming the missing model")
+    assert reason == f"no model stored in etcd at {Keys().model}"
+
+
+def statesync_argv(listen: str, etcd: str, member: str = "a") -> list[str]:
+    return ["serve", "statesync", "--cluster", "c", "--member", member,
+            "--app", "127.0.0.1:8080", "--listen", listen, "--etcd", etcd]
+
+
+async def test_statesync_refuses_a_busy_port_before_registering(
+    etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    port = free_port()
+    with listening(port):
+        code, _, err = await meshxl(*statesync_argv(f"127.0.0.1:{port}", etcd.url),
+                                    timeout=30)
+    assert code == 1
+    assert one_line_error(err) == (f"meshxl: --listen: cannot listen on 127.0.0.1:{port}: "
+                                   "Address already in use")
+    assert await etcd_client.get(Keys().member("c", "a").encode()) is None
+    for bad, message in (("127.0.0.1:65536", "0..65535"), ("127.0.0.1:x", "not a number")):
+        code, _, err = await meshxl(*statesync_argv(bad, etcd.url), timeout=30)
+        assert code == 1 and message in one_line_error(err), err
+
+
+async def test_statesync_registers_the_port_it_bound(
+    harness: Any, etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    argv = [sys.executable, "-m", "meshxl.cli",
+            *statesync_argv("127.0.0.1:0", etcd.url, member="zero")]
+    process = ManagedProcess("statesync-zero", argv, harness.root / "statesync-zero.log")
+    harness.own(process)
+    process.start()
+    key = Keys().member("c", "zero").encode()
+
+    async def registered() -> Any:
+        process.check_alive("statesync registration")
+        got = await etcd_client.get(key)
+        return got is not None and json.loads(got.value)
+
+    registration = await wait_for(registered, 20, "the member registered")
+    host, _, port = registration["sidecar"].rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    async with (aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/healthz") as resp):
+        assert resp.status == 200
+
+
+async def test_otlp_receiver_refuses_a_busy_port_and_bad_addresses(tmp_path: Path) -> None:
+    port = free_port()
+    out = str(tmp_path / "spans.jsonl")
+    with listening(port):
+        code, _, err = await meshxl("serve", "otlp-receiver", "--file", out,
+                                    "--listen", f"127.0.0.1:{port}", timeout=30)
+    assert code == 1
+    assert "Address already in use" in one_line_error(err)
+    code, _, err = await meshxl("serve", "otlp-receiver", "--file", out,
+                                "--listen", "127.0.0.1:65536", timeout=30)
+    assert code == 1 and "0..65535" in one_line_error(err)
+
+
+async def test_webhook_refuses_a_busy_port_and_bad_addresses(tmp_path: Path) -> None:
+    leaf = CA(tmp_path / "ca").issue("webhook")
+    tls = ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key)]
+    port = free_port()
+    with listening(port):
+        code, _, err = await meshxl("serve", "webhook", *tls,
+                                    "--listen", f"127.0.0.1:{port}", timeout=30)
+    assert code == 1
+    assert "Address already in use" in one_line_error(err).replace("address already in use",
+                                                                   "Address already in use")
+    for bad in ("127.0.0.1:65536", "nosuch.invalid:1"):
+        code, _, err = await meshxl("serve", "webhook", *tls, "--listen", bad, timeout=30)
+        assert code == 1, err
+        one_line_error(err)
+
+
+async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
+    start_sidecar: Any, etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    from meshxl.ops import apply_model
+
+    keys = Keys()
+    await apply_model(etcd_client, keys, MODEL.replace("name: c", "name: other"), "test")
+    sidecar = await start_sidecar(cluster="c", member="m", etcd=etcd.url, app_port=8080,
+                                  site="dc1")
+
+    async def warned() -> Any:
+        return [w for w in (await sidecar.status())["warnings"] if "not in the model" in w]
+
+    [warning] = await wait_for(warned, 20, "the sidecar's model warning")
+    assert warning.startswith("cluster 'c' is not in the model (clusters: other)")
+    await wait_for(lambda: warning in sidecar.logs(), 10, "the warning in the log")
+
+    # Nothing changes on the sidecar, and its statistics are still published again.
+    async def published() -> Any:
+        got = await etcd_client.get(keys.sync_stats("c", "m").encode())
+        return got is not None and json.loads(got.value)
+
+    first = await wait_for(published, 20, "statistics published")
+    assert first["publish_interval"] == 2.0
+    later = await wait_for(lambda: _newer(published, first["published"]), 20,
+                           "statistics published again")
+    assert later["published"] > first["published"]
+    code, out, err = await meshxl("sync", "--etcd", etcd.url, "--output", "json")
+    [row] = json.loads(out)["sidecars"]
+    assert row["stale"] is False and row["age_seconds"] < 6, row
+
+    # A model change is noticed: the cluster appears but not the sidecar's site.
+    await apply_model(etcd_client, keys, MODEL.replace(
+        "members:", "sites: [{name: dc2}]\n  members:"), "test")
+
+    async def site_warning() -> Any:
+        return [w for w in (await sidecar.status())["warnings"] if "dc1" in w]
+
+    [warning] = await wait_for(site_warning, 20, "the site warning")
+    assert warning == ("site 'dc1' is not a site of cluster c in the model (sites: dc2)")
+    await apply_model(etcd_client, keys, MODEL.replace(
+        "members:", "sites: [{name: dc2}, {name: dc1}]\n  members:"), "test")
+
+    async def clear() -> bool:
+        return not (await sidecar.status())["warnings"]
+
+    await wait_for(clear, 20, "the warning cleared")
+
+
+async def _newer(read: Any, than: float) -> Any:
+    got = await read()
+    return got and got["published"] > than and got
+
+
+async def test_statesync_with_etcd_unreachable_fails_in_one_line() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, _, err = await meshxl(*statesync_argv("127.0.0.1:0", dead), timeout=60)
+    assert code == 1
+    line = one_line_error(err)
+    assert line.startswith("meshxl: etcd request failed") and dead.split("//")[1] in line
