@@ -42,11 +42,9 @@ import grpc
 from benchlib import (
     Verdict,
     convergence_histogram,
-    cpu_seconds,
     mesh_model,
     print_verdicts,
     quick_requested,
-    rss_bytes,
     run_benchmark,
     start_control_plane,
     summary_ms,
@@ -62,6 +60,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, Discovery
 from meshxl import etcd
 from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
 from meshxl.etcdkeys import Keys
+from meshxl.stats import cpu_seconds, rss_bytes
 from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
 
 NAME = "ads_load"

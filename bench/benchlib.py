@@ -1,5 +1,7 @@
-"""What every benchmark in ``bench/`` shares: quick mode, statistics, process figures,
-target verdicts and the results file.
+"""What every benchmark in ``bench/`` shares: quick mode, the summary of
+:mod:`meshxl.stats` (the one percentile definition of every report; the per-process
+figures ``rss_bytes`` and ``cpu_seconds`` are there too), target verdicts and the results
+file.
 
 Each benchmark writes ``bench/results/NAME.json`` with a ``verdicts`` list (one entry
 per target: measured, target, the reference measured beside it, met or not);
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -19,11 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from meshxl.demo.failover import quantile as _demo_quantile
+from meshxl.stats import summary
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def quick_requested(flag: bool) -> bool:
@@ -38,41 +37,13 @@ def env_info() -> dict[str, Any]:
             "started_unix": round(time.time(), 3)}
 
 
-# -- statistics -----------------------------------------------------------------------
-
-
-quantile = _demo_quantile
-"""Linear-interpolated quantile (numpy's default); None for no values (the demo's)."""
+# -- statistics: meshxl.stats, the definitions every report uses -------------------------
 
 
 def summary_ms(values_ms: Sequence[float], digits: int = 2) -> dict[str, Any]:
-    """``{n, min, p50, p99, max, mean}`` of values already in milliseconds."""
-    if not values_ms:
-        return {"n": 0}
-    out: dict[str, Any] = {"n": len(values_ms), "min": min(values_ms),
-                           "p50": quantile(values_ms, 0.5), "p99": quantile(values_ms, 0.99),
-                           "max": max(values_ms), "mean": statistics.fmean(values_ms)}
-    return {k: (round(v, digits) if isinstance(v, float) else v) for k, v in out.items()}
-
-
-# -- process figures (Linux /proc) ------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process, from ``/proc/PID/statm``."""
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process, from ``/proc/PID/stat``."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """:func:`meshxl.stats.summary` (``{n, min, p50, p90, p99, max, mean}``, nearest-rank
+    percentiles) of values already in milliseconds, rounded to ``digits``."""
+    return summary(values_ms, digits)
 
 
 # -- verdicts ---------------------------------------------------------------------------

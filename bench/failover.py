@@ -62,17 +62,11 @@ from benchlib import (
 
 from meshxl import etcd
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
-from meshxl.demo.failover import (
-    Record,
-    Traffic,
-    lost_writes,
-    merge_traces,
-    read_back,
-    read_spans,
-    recovery_times_ms,
-)
 from meshxl.demo.local import LocalError
+from meshxl.local.report import lost_writes, recovery_times_ms
+from meshxl.local.traffic import Record, Traffic, read_back
 from meshxl.telemetry import names, slo
+from meshxl.telemetry.otlpjson import merge_traces, read_spans
 from meshxl.xds.cache import ENDPOINT
 
 NAME = "failover"
@@ -313,7 +307,7 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
             await d.stop_members()
             await d.stop_receiver()
             merge_traces(trace_dir, work / "traces.jsonl")
-            spans = read_spans([work / "traces.jsonl"])
+            spans = read_spans([str(work / "traces.jsonl")])
     except (LocalError, TimeoutError, OSError, KeyError) as exc:
         traceback.print_exc()
         logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in d.stack.processes)

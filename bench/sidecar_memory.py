@@ -36,7 +36,6 @@ from benchlib import (
     Verdict,
     print_verdicts,
     quick_requested,
-    rss_bytes,
     run_benchmark,
 )
 
@@ -44,6 +43,7 @@ from meshxl import etcd
 from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports, wait_http
 from meshxl.etcdkeys import Keys
 from meshxl.statesync.record import SessionRecord
+from meshxl.stats import rss_bytes
 
 NAME = "sidecar_memory"
 TARGET_RATIO = 3.0
@@ -54,13 +54,13 @@ SYNC_TIMEOUT = 180.0
 SETUP_TIMEOUT = 30.0
 
 FLOOR = """
-import gc, sys
+import gc, os, sys
 sys.path.insert(0, sys.argv[3])
 from sidecar_memory import document
+from meshxl.stats import rss_bytes
 n, size = int(sys.argv[1]), int(sys.argv[2])
 def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+    return rss_bytes(os.getpid())
 gc.collect()
 before = rss()
 store = {}

@@ -36,8 +36,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -55,17 +53,11 @@ from meshxl.demo.deployment import (
     healthy_host,
     wait_until,
 )
-from meshxl.demo.failover import (
-    REQUEST_INTERVAL,
-    Record,
-    Traffic,
-    failure_kinds,
-    lost_writes,
-    read_back,
-)
 from meshxl.demo.local import HOST, LocalError, LocalStack, find_etcd, free_ports, wait_http
+from meshxl.local.report import failure_kinds, lost_writes
+from meshxl.local.traffic import REQUEST_INTERVAL, Record, Traffic, read_back
+from meshxl.stats import quantile, rss_bytes
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 NOT_JUDGED = {"etcd": "etcd's own memory (revision history until compaction), not meshxl's"}
 MIB = 1024 * 1024
 STEP_TIMEOUT = 30.0
@@ -74,14 +66,6 @@ STEP_TIMEOUT = 30.0
 
 class SoakError(RuntimeError):
     """The run could not go on (a member that did not come back, a dead process)."""
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of a process (``/proc/PID/statm``), None once it is gone."""
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 async def start_etcd(stack: LocalStack, retention: int) -> str:
@@ -149,6 +133,13 @@ class Sampler:
                 self.series.setdefault((name, pid), Series(name, pid)).samples.append((at, rss))
 
 
+def _median(values: Sequence[int]) -> float:
+    """The p50 of :func:`meshxl.stats.quantile` (nearest rank, a sampled RSS)."""
+    value = quantile(values, 0.5)
+    assert value is not None, "a median of no samples"
+    return value
+
+
 def flatness(series: Series, *, warmup: float, end: float, max_growth: float,
              min_growth: int) -> dict[str, Any]:
     """Judge one process incarnation: median RSS of the last third of its samples after
@@ -166,8 +157,8 @@ def flatness(series: Series, *, warmup: float, end: float, max_growth: float,
     after = [b for t, b in series.samples if t >= warmup]
     if after:
         third = max(1, len(after) // 3)
-        out.update(early_mib=round(statistics.median(after[:third]) / MIB, 2),
-                   late_mib=round(statistics.median(after[-third:]) / MIB, 2))
+        out.update(early_mib=round(_median(after[:third]) / MIB, 2),
+                   late_mib=round(_median(after[-third:]) / MIB, 2))
     if not judge:
         return {**out, "judged": False, "why": NOT_JUDGED[series.name]}
     if first_at > warmup or last_at < end * 0.95:
@@ -175,7 +166,7 @@ def flatness(series: Series, *, warmup: float, end: float, max_growth: float,
     if len(after) < 6:
         return {**out, "judged": False, "why": "fewer than 6 samples after the warm-up"}
     third = len(after) // 3
-    early, late = statistics.median(after[:third]), statistics.median(after[-third:])
+    early, late = _median(after[:third]), _median(after[-third:])
     growth = (late - early) / early
     grew = growth > max_growth and late - early > min_growth
     return {**out, "judged": True, "early_mib": round(early / MIB, 2),

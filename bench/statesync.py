@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -45,11 +44,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
+from benchlib import (
+    Verdict,
+    env_info,
+    print_verdicts,
+    quick_requested,
+    summary_ms,
+    write_results,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
 from meshxl.demo.local import HOST, LocalProcess, LocalStack, free_ports, wait_http
+from meshxl.stats import cpu_seconds, quantile
 
 SCRIPT = Path(__file__).resolve()
 RESULTS = SCRIPT.parent / "results" / "statesync.json"
@@ -64,7 +71,6 @@ CLIENT_GRACE = 30.0
 MODES = (("raw", "raw aetcd put -> etcd"),
          ("batched", "sidecar HTTP, --batch-max-ops 64"),
          ("unbatched", "sidecar HTTP, batch 1, 64 in flight"))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -78,26 +84,9 @@ def _value(tag: str) -> bytes:
     return json.dumps(doc).encode()
 
 
-def _pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
 def _ms(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"n": 0}
-    out = {"n": len(samples), "min": min(samples) * 1000, "p50": _pct(samples, 0.5) * 1000,
-           "p99": _pct(samples, 0.99) * 1000, "max": max(samples) * 1000}
-    return {k: round(v, 3) for k, v in out.items()}
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (and its reaped children), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """The summary of samples in seconds, in milliseconds."""
+    return summary_ms([x * 1000 for x in samples], 3)
 
 
 def _histograms(text: str, name: str) -> dict[str, dict[str, Any]]:
@@ -203,7 +192,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(conc))), 15.0)
         pids = [int(p) for p in cfg.get("pids", [])]
         metrics_before = await _metrics(http, base) if http is not None else ""
-        cpu_before = [_cpu_seconds(p) for p in pids]
+        cpu_before = [cpu_seconds(p) for p in pids]
         own_before = time.process_time()
         start = time.perf_counter()
         end = start + float(cfg["duration"])
@@ -211,7 +200,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
                                float(cfg["duration"]) + 15.0)
         elapsed = time.perf_counter() - start
         own = time.process_time() - own_before
-        cpu_after = [_cpu_seconds(p) for p in pids]
+        cpu_after = [cpu_seconds(p) for p in pids]
         metrics_after = await _metrics(http, base) if http is not None else ""
     finally:
         if client is not None:
@@ -429,7 +418,7 @@ async def bench_lag(url: str, a: str, b: str, rounds: int) -> dict[str, Any]:
         "rounds": rounds,
         "sidecar_ack_to_b_ms": _ms(side_ack),
         "sidecar_b_seen_on_first_poll": side_first_poll,
-        "sidecar_polls_median": statistics.median(polls) if polls else None,
+        "sidecar_polls_median": quantile(polls, 0.5),
         "status_round_trip_ms": _ms(status_rtt),
         "raw_ack_to_watch_event_ms": _ms(raw_ack),
         "raw_watch_event_before_put_ack": raw_event_before_ack,

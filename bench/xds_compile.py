@@ -25,7 +25,6 @@ import cProfile
 import io
 import os
 import pstats
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from meshxl.model.load import check_model
 from meshxl.ops import apply_model, set_member_admin
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess
+from meshxl.stats import summary
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 from meshxl.xds.cache import ENDPOINT, TYPE_ORDER, Snapshot, stats, with_nonce
 from meshxl.xds.resources import Compiler, compile_resources
@@ -64,13 +64,13 @@ SETUP_TIMEOUT = 30.0
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _ms(samples: list[float]) -> dict[str, float]:
-    """min / median / max (and p99 when there are enough samples), in ms."""
-    ms = sorted(s * 1000 for s in samples)
-    out = {"n": len(ms), "min": ms[0], "median": statistics.median(ms), "max": ms[-1]}
-    if len(ms) >= 2:
-        out["p99"] = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return {k: round(v, 3) for k, v in out.items()}
+def _ms(samples: list[float]) -> dict[str, Any]:
+    """The summary (:func:`meshxl.stats.summary`) of samples in seconds, in ms;
+    ``median`` is its p50 (nearest rank, as every percentile meshxl reports)."""
+    out = summary([x * 1000 for x in samples], 3)
+    if "p50" in out:
+        out["median"] = out["p50"]
+    return out
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:

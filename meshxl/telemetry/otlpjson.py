@@ -3,7 +3,8 @@
 The SLO review reads what ``--trace-file`` (opentelemetry-exporter-otlp-json-file's
 ``FileSpanExporter``) and the OpenTelemetry Collector's ``file`` exporter write: one
 ``ExportTraceServiceRequest`` in OTLP/JSON per line. Parsing is pure (``parse_line``)
-so it is tested without files; ``read_spans`` is the only part that touches the disk.
+so it is tested without files; ``read_spans`` and ``merge_traces`` (many processes'
+files into one) are the only parts that touch the disk.
 
 The input is checked rather than trusted, because a review that silently skips a span
 reports a better SLO than the one that was delivered: every problem raises
@@ -18,6 +19,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "TraceFileError",
     "by_trace",
     "children",
+    "merge_traces",
     "parse_line",
     "read_spans",
 ]
@@ -394,3 +397,22 @@ def children(spans: Sequence[Span]) -> dict[str, list[Span]]:
         members.sort(key=_start_order)
     return out
 
+
+def merge_traces(trace_dir: Path, target: Path) -> int:
+    """Concatenate every ``*.jsonl`` of ``trace_dir`` into ``target``; returns lines.
+
+    One file per process (each its own exporter) becomes the run's one trace file;
+    blank lines are dropped, bytes that are not UTF-8 replaced (``read_spans`` then
+    names the line). A file's last line without its newline is dropped too: exporters
+    write whole lines, so it is a write a killed process (``kill -9`` of a member) left
+    unfinished, not a span to read.
+    """
+    lines = 0
+    with target.open("w", encoding="utf-8") as out:
+        for path in sorted(trace_dir.glob("*.jsonl")):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for line in text[:text.rfind("\n") + 1].splitlines():
+                if line.strip():
+                    out.write(line.rstrip() + "\n")
+                    lines += 1
+    return lines

@@ -17,7 +17,7 @@ import pytest
 
 from meshxl import etcd
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
-from meshxl.demo.failover import Traffic
+from meshxl.local.traffic import Traffic
 from tests.harness.cli import REPO, meshxl, meshxl_json
 
 pytestmark = pytest.mark.integration

@@ -46,8 +46,9 @@ from meshxl.demo.deployment import (
     envoy_hosts,
     healthy_host,
 )
-from meshxl.demo.failover import Record, Traffic, lost_writes, read_back, request
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.local.report import lost_writes
+from meshxl.local.traffic import Record, Traffic, read_back, request
 from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdCluster, EtcdServer, Harness, free_port, wait_for
 from tests.harness.sidecar import Reply, SidecarProcess

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from meshxl.demo.deployment import CLUSTER, DemoDeployment, demo_model, envoy_hosts
-from meshxl.demo.failover import Record, Traffic, lost_writes, read_back
+from meshxl.local.report import lost_writes
+from meshxl.local.traffic import Record, Traffic, read_back
 from tests.harness import wait_for
 from tests.harness.cli import meshxl, meshxl_json
 

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
-from meshxl.demo.failover import Traffic, lost_writes, read_back
+from meshxl.local.report import lost_writes
+from meshxl.local.traffic import Traffic, read_back
 from tests.harness import wait_for
 from tests.harness.cli import meshxl_json
 

@@ -1,4 +1,6 @@
-"""The demo's report computations on synthetic request records and spans (no processes)."""
+"""The failover report's computations (meshxl.local.report, the percentiles of
+meshxl.stats) and the timeline (meshxl.local.plot) on synthetic request records and
+spans, no processes."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from meshxl.demo import failover as demo
-from meshxl.demo.failover import Record
+from meshxl import stats
+from meshxl.local import plot
+from meshxl.local import report as demo
+from meshxl.local.traffic import Record
 from meshxl.telemetry import names
-from meshxl.telemetry.otlpjson import Span
+from meshxl.telemetry.otlpjson import Span, merge_traces, read_spans
 
 T0 = 1_700_000_000.0
 KILL = T0 + 4.0
@@ -58,10 +62,11 @@ def failover_trace(member: str = "a", trace_id: str = "f" * 32, start: float = 1
 
 
 def test_quantiles_and_distribution() -> None:
-    assert demo.quantile([], 0.5) is None
-    assert demo.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
-    assert demo.quantile([0.0, 10.0], 0.99) == pytest.approx(9.9)
-    assert demo.distribution([10.0, 20.0, 30.0]) == {"count": 3, "p50": 20.0, "p99": 29.8,
+    # Nearest rank (meshxl.stats): the value at rank ceil(q * n), one that was observed.
+    assert stats.quantile([], 0.5) is None
+    assert stats.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert stats.quantile([0.0, 10.0], 0.99) == 10.0
+    assert demo.distribution([10.0, 20.0, 30.0]) == {"count": 3, "p50": 20.0, "p99": 30.0,
                                                      "max": 30.0}
     assert demo.distribution([]) == {"count": 0, "p50": None, "p99": None, "max": None}
 
@@ -156,9 +161,9 @@ def test_build_report_has_every_field() -> None:
     records = [post(3.0, "s1", "a", 1), post(4.25, "s1", "b", 2, took=0.05),
                post(3.1, "s2", "a", 1), post(4.3, "s2", "b", 2)]
     spans = failover_trace() + envoy_attempts("1" * 32, [("0", True), ("200", False)])
-    report = demo.build_report(records, {"s1": 2, "s2": 1}, spans, mode="high-availability",
-                               members=["a", "b", "c"], sessions=2, duration=8.0, started=T0,
-                               kill_time=KILL, killed="a")
+    report = demo.build_report(records, {"s1": 2, "s2": 1}, spans, cluster="demo",
+                               mode="high-availability", members=["a", "b", "c"], sessions=2,
+                               duration=8.0, started=T0, kill_time=KILL, killed="a")
     json.dumps(report)  # serializable as is
     assert report["requests"] == 4 and report["failed_requests"] == 0
     assert report["acknowledged_writes"] == 4
@@ -166,7 +171,7 @@ def test_build_report_has_every_field() -> None:
     assert report["rto_ms"]["count"] == 2 and report["rto_ms"]["max"] == pytest.approx(310)
     assert report["detection_ms"] == pytest.approx(1800, abs=0.1)
     assert report["convergence_ms"] == pytest.approx(16, abs=0.1)
-    assert report["takeover_ms"]["p50"] == pytest.approx(3)
+    assert report["takeover_ms"]["p50"] == pytest.approx(2)  # of 2 and 4 ms, nearest rank
     assert report["kill_at_s"] == 4.0 and report["killed_member"] == "a"
     assert report["per_member_requests"] == {"a": 2, "b": 2}
     assert report["per_member_requests_after_kill"] == {"b": 2}
@@ -177,9 +182,9 @@ def test_build_report_has_every_field() -> None:
 
 
 def test_build_report_without_a_kill() -> None:
-    report = demo.build_report([post(0, "s1", "a", 1)], {"s1": 1}, [], mode="load-sharing",
-                               members=["a"], sessions=1, duration=1.0, started=T0,
-                               kill_time=None, killed=None)
+    report = demo.build_report([post(0, "s1", "a", 1)], {"s1": 1}, [], cluster="demo",
+                               mode="load-sharing", members=["a"], sessions=1, duration=1.0,
+                               started=T0, kill_time=None, killed=None)
     assert report["lost_writes"] == 0 and report["rto_ms"]["count"] == 0
     assert report["convergence_ms"] is None and report["detection_ms"] is None
 
@@ -188,7 +193,7 @@ def test_timeline_series_buckets_successes_per_member_and_failures() -> None:
     records = [post(0.01, "s1", "a", 1, took=0.0), post(0.05, "s2", "a", 1, took=0.0),
                post(0.15, "s1", "b", 2, took=0.0), post(0.25, "s2", None, None, 503, 0.0),
                Record(T0 + 0.2, T0 + 0.21, "s1", 200, "b", 2, "GET")]  # reads not plotted
-    times, per_member, failures = demo.timeline_series(records, T0, T0 + 0.3)
+    times, per_member, failures = plot.timeline_series(records, T0, T0 + 0.3)
     assert times == [0.0, 0.1, 0.2]
     assert per_member == {"a": [2, 0, 0], "b": [0, 1, 0]}
     assert failures == [0, 0, 1]
@@ -197,12 +202,12 @@ def test_timeline_series_buckets_successes_per_member_and_failures() -> None:
 def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     records = [post(t / 10, f"s{t % 3}", "a" if t < 40 else "b", t) for t in range(80)]
     spans = failover_trace()
-    report = demo.build_report(records, {}, spans, mode="high-availability",
+    report = demo.build_report(records, {}, spans, cluster="demo", mode="high-availability",
                                members=["a", "b", "c"], sessions=3, duration=8.0, started=T0,
                                kill_time=KILL, killed="a")
     report["failover"]["_pushes_ns"] = [s.start_ns for s in spans
                                         if s.name == names.FAILOVER_PUSH]
-    demo.plot_timeline(tmp_path / "t.png", records, report, T0, T0 + 8.0)
+    plot.plot_timeline(tmp_path / "t.png", records, report, T0, T0 + 8.0)
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -226,14 +231,30 @@ def test_merge_and_read_traces(tmp_path: Path) -> None:
              "name": names.FAILOVER_DETECT, "attributes": []}
     (traces / "envoy.jsonl").write_text(otlp_line("envoy", [child]) + "\n")
     merged = tmp_path / "traces.jsonl"
-    assert demo.merge_traces(traces, merged) == 2
-    for spans in (demo.read_spans([merged]), demo._parse_spans_locally([merged])):
-        by_name = {s.name: s for s in spans}
-        root = by_name[names.FAILOVER]
-        assert root.parent_span_id is None and root.attributes[names.MEMBER] == "a"
-        assert root.attributes[names.NODES] == 1 and root.start_ns == 1000
-        assert root.service == "meshxl-xds" and by_name[names.FAILOVER_DETECT].service == "envoy"
-        assert demo.failover_roots(spans, "a") == [root]
+    assert merge_traces(traces, merged) == 2
+    spans = read_spans([str(merged)])
+    by_name = {s.name: s for s in spans}
+    root = by_name[names.FAILOVER]
+    assert root.parent_span_id is None and root.attributes[names.MEMBER] == "a"
+    assert root.attributes[names.NODES] == 1 and root.start_ns == 1000
+    assert root.service == "meshxl-xds" and by_name[names.FAILOVER_DETECT].service == "envoy"
+    assert demo.failover_roots(spans, "a") == [root]
+
+
+def test_merge_traces_drops_the_line_a_killed_process_left_unfinished(tmp_path: Path) -> None:
+    # kill -9 can land while an exporter writes a batch: its file ends in part of a line.
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": names.FAILOVER, "kind": 1,
+            "startTimeUnixNano": "1000", "endTimeUnixNano": "3000", "attributes": [],
+            "status": {}}
+    whole = otlp_line("meshxl-app", [span])
+    later = otlp_line("meshxl-app", [{**span, "spanId": "ef" * 8}])
+    (traces / "app-a.jsonl").write_text(whole + "\n" + later[: len(later) // 2])
+    (traces / "app-b.jsonl").write_text(whole + "\n")
+    merged = tmp_path / "traces.jsonl"
+    assert merge_traces(traces, merged) == 2
+    assert [s.span_id for s in read_spans([str(merged)])] == ["cd" * 8]
 
 
 def test_demo_model_is_valid_in_both_modes() -> None:

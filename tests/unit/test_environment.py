@@ -17,7 +17,9 @@ def test_meshxl_telemetry_never_imports_the_contested_opentelemetry_modules() ->
     code = (
         "import sys\n"
         "import meshxl.cli, meshxl.telemetry.receiver, meshxl.telemetry.export\n"
-        "import meshxl.telemetry.tracing, meshxl.telemetry.slo, meshxl.demo.failover\n"
+        "import meshxl.telemetry.tracing, meshxl.telemetry.slo, meshxl.stats\n"
+        "import meshxl.local.traffic, meshxl.local.report, meshxl.local.plot\n"
+        "import meshxl.demo.failover  # the `meshxl demo` flow\n"
         "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.proto.trace',"
         " 'opentelemetry.proto.collector', 'opentelemetry.exporter.otlp.proto'))))\n"
     )

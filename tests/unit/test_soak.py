@@ -11,7 +11,7 @@ import grpc
 import pytest
 from aetcd.exceptions import ClientError, ConnectionFailedError, ConnectionTimeoutError
 
-from meshxl.demo.failover import Record
+from meshxl.local.traffic import Record
 from meshxl.statesync.membership import no_answer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))

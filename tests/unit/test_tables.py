@@ -143,7 +143,7 @@ def test_drill_markdown_keeps_outside_text_literal(site: str, reason: str, detai
 
 
 def test_demo_summary_shows_failure_texts_literally(tmp_path: Any) -> None:
-    from meshxl.demo.failover import print_summary
+    from meshxl.local.report import print_summary
 
     report = {"mode": "[b]ha", "killed_member": "[/red]", "kill_at_s": 1.0, "requests": 10,
               "per_member_requests": {"a": 10}, "failed_requests": 1,
