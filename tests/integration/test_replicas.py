@@ -16,6 +16,7 @@ import pytest
 
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
 from meshxl.demo.failover import Traffic, lost_writes, read_back
+from meshxl.proxy.admin import EnvoyAdmin
 from tests.harness import wait_for
 from tests.harness.cli import meshxl_json
 
@@ -36,10 +37,8 @@ async def deployment(request: pytest.FixtureRequest,
 
 
 async def envoy_stats(d: DemoDeployment) -> dict[str, int]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{d.admin_url}/stats", params={"format": "json"}) as resp:
-            data = await resp.json(content_type=None)
-    return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+    async with EnvoyAdmin(d.admin_url) as admin:
+        return await admin.stats()
 
 
 async def node_replica(d: DemoDeployment) -> Any:
