@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshxl import headers as hdr
 from meshxl.etcdkeys import Keys
 from meshxl.proxy.admin import EnvoyAdmin, Host
 
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 CLUSTER = "demo"
-SESSION_HEADER = "x-session-id"
+SESSION_HEADER = hdr.SESSION
 MODES = ("high-availability", "load-sharing")
 # (member, site): in high-availability a is active, b standby (same site, next tier)
 # and c the backup in the second site; in load-sharing all three share one site.

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
 from .render import PREFERRED_LABEL, ROLE_LABEL, SERVING_LABEL, role_labels
@@ -110,7 +111,7 @@ class KubeApi:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            headers = bearer(self._token)
             self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
         return self._session
 
