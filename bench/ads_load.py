@@ -62,7 +62,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, Discovery
 from meshxl import etcd
 from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
 from meshxl.etcdkeys import Keys
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
 
 NAME = "ads_load"
 SCRIPT = Path(__file__).resolve()

@@ -73,7 +73,7 @@ from meshxl.demo.failover import (
 )
 from meshxl.demo.local import LocalError
 from meshxl.telemetry import names, slo
-from meshxl.xds.cache import ENDPOINT
+from meshxl.xds.types import ENDPOINT
 
 NAME = "failover"
 NODE = "meshxl-demo"  # the deployment's Envoy node id

@@ -22,8 +22,8 @@ from opentelemetry.trace import Span, Status, StatusCode
 from meshxl.model import MemberState, ModelSpec, RuntimeState
 from meshxl.telemetry import names
 
-from .cache import ENDPOINT
 from .history import Change, transitions
+from .types import ENDPOINT
 
 log = logging.getLogger(__name__)
 

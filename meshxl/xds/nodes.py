@@ -13,7 +13,8 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshxl.xds.cache import TYPE_ORDER, Snapshot
+from meshxl.xds.cache import Snapshot
+from meshxl.xds.types import TYPE_ORDER
 
 __all__ = ["NACK_TEXT_MAX", "NODE_ID_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus",
            "Session", "StreamState", "Streams", "TypeStatus", "bound_text", "node_id_problem"]

@@ -53,12 +53,8 @@ from meshxl.model import (
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DRAINING as _DRAINING
+from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
-
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
@@ -89,10 +85,10 @@ class Resources:
 
     def by_type(self) -> dict[str, Mapping[str, Message]]:
         return {
-            CLUSTER_TYPE: self.clusters,
-            ENDPOINT_TYPE: self.endpoints,
-            LISTENER_TYPE: self.listeners,
-            ROUTE_TYPE: self.routes,
+            types.CLUSTER: self.clusters,
+            types.ENDPOINT: self.endpoints,
+            types.LISTENER: self.listeners,
+            types.ROUTE: self.routes,
         }
 
 
@@ -566,7 +562,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 
 
 __all__ = [
-    "CLUSTER_TYPE", "ENDPOINT_TYPE", "LISTENER_TYPE", "ROUTE_TYPE", "CompileError", "Compiler",
+    "CompileError", "Compiler",
     "Resources", "build_cluster", "build_listener", "build_load_assignment", "build_route",
     "build_route_config", "compile_resources", "listener_name",
 ]

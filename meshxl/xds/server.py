@@ -30,15 +30,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 
 from meshxl.tls import ServerTls
 from meshxl.xds import delta
-from meshxl.xds.cache import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    WILDCARD_TYPES,
-    Snapshot,
-    SnapshotCache,
-)
+from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
@@ -52,6 +44,7 @@ from meshxl.xds.nodes import (
     bound_text,
     node_id_problem,
 )
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD_TYPES
 
 __all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 

@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshxl.etcdkeys import Keys
-from meshxl.xds.cache import CLUSTER, SnapshotCache
+from meshxl.xds.cache import SnapshotCache
 from meshxl.xds.nodes import NACK_TEXT_MAX, NODE_ID_MAX, Nack, NodeStatus, node_id_problem
 from meshxl.xds.server import AdsServer, _SotwSession
+from meshxl.xds.types import CLUSTER
 from tests.unit.test_xds_delta import Harness as DeltaHarness
 from tests.unit.test_xds_delta import snap
 from tests.unit.test_xds_server import Harness, eventually, snapshot
