@@ -57,7 +57,7 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState
     """cluster -> member (pod name) -> role labels, for every high-availability cluster."""
     out: dict[str, dict[str, dict[str, str | None]]] = {}
     for spec in model.clusters:
-        if spec.mode == "high-availability":
+        if spec.high_availability:
             out[spec.name] = role_labels(cluster_view(spec, runtime))
     return out
 

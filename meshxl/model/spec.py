@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +39,35 @@ _DOMAIN = (rf"^(\*|\*{_DOMAIN_CHARS}+|{_DOMAIN_CHARS}+\*|{_DOMAIN_CHARS}+)$")
 
 
 MAX_DURATION = 31_536_000.0
+
+# The enumerations of the model. Code that acts on one dispatches through a table keyed
+# by every value and looks values up with :func:`choose`, so a value without an entry
+# raises instead of falling into some default branch (tests/unit/test_dispatch.py checks
+# every table covers every value).
+Algorithm = Literal["maglev", "ring_hash"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+HashKey = Literal["header", "cookie", "source_ip"]
+HASH_KEYS: tuple[HashKey, ...] = get_args(HashKey)
+Mode = Literal["high-availability", "load-sharing"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+Membership = Literal["static", "registered"]
+MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class UnknownChoice(ValueError):
+    """A dispatch met a value its table has no entry for."""
+
+
+def choose(table: Mapping[_K, _V], value: _K, what: str) -> _V:
+    """``table[value]``; :class:`UnknownChoice` naming ``what`` when there is none."""
+    try:
+        return table[value]
+    except KeyError:
+        known = ", ".join(map(str, table))
+        raise UnknownChoice(f"unknown {what} {value!r} (known: {known})") from None
 """Longest duration (365 days). Envoy's own bound is 10,000 years, but its timers work
 in milliseconds: a year is far beyond any sensible timeout and far inside every limit."""
 MIN_DURATION = 0.001
@@ -156,7 +186,7 @@ class Cookie(_Spec):
 class Stickiness(_Spec):
     """Session affinity: consistent hashing on one request property."""
 
-    algorithm: Literal["maglev", "ring_hash"] = "maglev"
+    algorithm: Algorithm = "maglev"
     header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
     cookie: Cookie | None = None
     source_ip: bool = False
@@ -182,7 +212,7 @@ class Stickiness(_Spec):
         return self
 
     @property
-    def key(self) -> str:
+    def key(self) -> HashKey:
         return "header" if self.header else "cookie" if self.cookie else "source_ip"
 
 
@@ -280,10 +310,14 @@ class Overrides(_Spec):
     route: dict[str, Any] | None = None
 
 
+_HIGH_AVAILABILITY: dict[Mode, bool] = {"high-availability": True, "load-sharing": False}
+_REGISTERED: dict[Membership, bool] = {"registered": True, "static": False}
+
+
 class ClusterSpec(_Spec):
     name: Name
-    mode: Literal["high-availability", "load-sharing"] = "high-availability"
-    membership: Literal["static", "registered"] = "static"
+    mode: Mode = "high-availability"
+    membership: Membership = "static"
     """static: listed members are always advertised (health checks decide);
     registered: only members with a live, ready registration in etcd are."""
     stickiness: Stickiness | None = None
@@ -300,6 +334,16 @@ class ClusterSpec(_Spec):
     True: Envoy's gradual spill-over (overprovisioning factor 140)."""
     sessions: Sessions = Sessions()
     overrides: Overrides = Overrides()
+
+    @property
+    def high_availability(self) -> bool:
+        """One active member (True) or load sharing among the first tier (False)."""
+        return choose(_HIGH_AVAILABILITY, self.mode, "mode")
+
+    @property
+    def registered(self) -> bool:
+        """Only members with a live registration are advertised (membership registered)."""
+        return choose(_REGISTERED, self.membership, "membership")
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites] or [DEFAULT_SITE]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,7 @@ from meshxl.model import (
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DRAINING as _DRAINING
+from meshxl.model.spec import Algorithm, HashKey, Stickiness, choose
 from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
 
@@ -232,6 +233,24 @@ class _Shapes:
 # -- CDS -------------------------------------------------------------------------------
 
 
+def _maglev(c: cluster_pb2.Cluster, st: Stickiness) -> None:
+    c.lb_policy = cluster_pb2.Cluster.MAGLEV
+    c.maglev_lb_config.table_size.value = st.maglev_table_size
+
+
+def _ring_hash(c: cluster_pb2.Cluster, st: Stickiness) -> None:
+    c.lb_policy = cluster_pb2.Cluster.RING_HASH
+    c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
+    c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+
+
+#: Stickiness algorithm -> how a cluster is set up for it.
+_LB_POLICIES: dict[Algorithm, Callable[[cluster_pb2.Cluster, Stickiness], None]] = {
+    "maglev": _maglev,
+    "ring_hash": _ring_hash,
+}
+
+
 def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Cluster:
     c = cluster_pb2.Cluster(
         name=spec.name,
@@ -244,13 +263,8 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     st = spec.stickiness
     if st is None:
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
-    elif st.algorithm == "maglev":
-        c.lb_policy = cluster_pb2.Cluster.MAGLEV
-        c.maglev_lb_config.table_size.value = st.maglev_table_size
     else:
-        c.lb_policy = cluster_pb2.Cluster.RING_HASH
-        c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
-        c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+        choose(_LB_POLICIES, st.algorithm, "stickiness algorithm")(c, st)
     if st is not None and st.balance_factor is not None:
         # Consistent hashing with bounded loads: a member above factor x the mean load
         # (requests in flight) passes new requests on along the hash ring/table.
@@ -512,6 +526,29 @@ def build_route_config(name: str, specs: list[ClusterSpec],
     return rc
 
 
+def _hash_header(hp: Any, st: Stickiness) -> None:
+    hp.header.header_name = st.header or ""
+
+
+def _hash_cookie(hp: Any, st: Stickiness) -> None:
+    assert st.cookie is not None
+    hp.cookie.name = st.cookie.name
+    hp.cookie.path = st.cookie.path
+    hp.cookie.ttl.CopyFrom(_dur(st.cookie.ttl))
+
+
+def _hash_source_ip(hp: Any, st: Stickiness) -> None:
+    hp.connection_properties.source_ip = True
+
+
+#: Stickiness key -> the route's hash policy (a ``RouteAction.HashPolicy``).
+_HASH_POLICIES: dict[HashKey, Callable[[Any, Stickiness], None]] = {
+    "header": _hash_header,
+    "cookie": _hash_cookie,
+    "source_ip": _hash_source_ip,
+}
+
+
 def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb2.Route:
     route = route_components_pb2.Route(name=spec.name)
     route.match.prefix = spec.route.prefix
@@ -521,14 +558,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
     st = spec.stickiness
     if st is not None:
         hp = action.hash_policy.add()
-        if st.header:
-            hp.header.header_name = st.header
-        elif st.cookie:
-            hp.cookie.name = st.cookie.name
-            hp.cookie.path = st.cookie.path
-            hp.cookie.ttl.CopyFrom(_dur(st.cookie.ttl))
-        else:
-            hp.connection_properties.source_ip = True
+        choose(_HASH_POLICIES, st.key, "stickiness key")(hp, st)
         hp.terminal = True
 
     r = spec.retries
@@ -549,7 +579,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
             rp.host_selection_retry_max_attempts = r.host_selection_max_attempts
         previous_priorities = r.previous_priorities
         if previous_priorities is None:
-            previous_priorities = spec.mode == "high-availability"
+            previous_priorities = spec.high_availability
         if previous_priorities:
             rp.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
                 name="envoy.retry_priorities.previous_priorities",
