@@ -73,9 +73,9 @@ def _stored_headers(stored: Stored) -> dict[str, str]:
 
 def _write_response(stored: Stored) -> web.Response:
     body = {"session": stored.session_id, "etag": stored.etag, "owner": stored.record.owner,
-            "created": stored.created, "takeover": stored.takeover,
+            "created": stored.new_session, "takeover": stored.takeover,
             "replicated": stored.source != "local"}
-    return web.json_response(body, status=201 if stored.created else 200,
+    return web.json_response(body, status=201 if stored.new_session else 200,
                              headers=_stored_headers(stored))
 
 
