@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from meshxl import web as mweb
 from meshxl.etcdkeys import Keys
 from meshxl.model import Registration
+from meshxl.model.spec import _check_member_address
 from meshxl.observe import _load
 from meshxl.statesync.api import MAX_PROBLEM_DETAIL, _problem_detail
 from meshxl.statesync.app import sync_stats_value
@@ -141,6 +142,13 @@ def test_registration_round_trips(address: str, port: int, site: str | None,
     raw = json.dumps(doc, sort_keys=True).encode()
     back = json.loads(raw)
     assert back == doc and back["problem_details"] == problems
+    try:
+        _check_member_address(address)
+    except ValueError:
+        # Not a member address the model accepts (e.g. "0"): refused, naming the field.
+        with pytest.raises(ValueError, match="registration address"):
+            Registration.from_dict(back)
+        return
     reg = Registration.from_dict(back)
     assert (reg.address, reg.port, reg.site, reg.weight, reg.ready) == (
         address, port, site, weight, ready)
