@@ -91,11 +91,6 @@ def parse_urls(urls: str) -> tuple[bool, list[tuple[str, int]]]:
     return schemes == {"https"}, endpoints
 
 
-def parse_endpoints(urls: str) -> list[tuple[str, int]]:
-    """Parse ``http://h1:2379,http://h2:2379`` (scheme optional) into (host, port)."""
-    return parse_urls(urls)[1]
-
-
 def read_secret_file(path: Path, what: str) -> str:
     """The first line of a password or token file, or a one-line error naming it."""
     try:

@@ -37,9 +37,6 @@ log = logging.getLogger("meshxl.istio.labeler")
 
 CLUSTER_LABEL = "meshxl.io/cluster"
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-_ROLE_KEYS = (ROLE_LABEL, SERVING_LABEL, PREFERRED_LABEL)
-
-
 class KubeApiError(RuntimeError):
     """The Kubernetes API refused a request or could not be reached."""
 

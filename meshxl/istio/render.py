@@ -59,7 +59,6 @@ HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
                         f"{ROLE_LABEL}=active")
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
-_PREVIOUS_HOSTS = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
 

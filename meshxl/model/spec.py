@@ -139,8 +139,6 @@ Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
                           AfterValidator(_check_member_address)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
-_TEXT = r"^[\x21-\x7e]+$"
-"""Printable ASCII without spaces: what Envoy accepts in a path or header value here."""
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Weight = Annotated[int, Field(ge=1, le=10_000)]
 Port = Annotated[int, Field(ge=1, le=65_535)]
