@@ -19,7 +19,6 @@ same bytes.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
 from envoy.type.v3 import percent_pb2, range_pb2
-from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshxl.model import (
@@ -56,11 +55,11 @@ from meshxl.model.runtime import DRAINING as _DRAINING
 from meshxl.model.spec import Algorithm, HashKey, Stickiness, choose
 from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
+from meshxl.xds.overrides import OverrideError, merge_override
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
 _NO_SPILLOVER_FACTOR = 1_000_000
-_MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 _ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(),
     resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -337,61 +336,12 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
-
-
 def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
-    """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource."""
-    merged = _deep_merge(json_format.MessageToDict(message), override)
+    """Overlay raw Envoy JSON on a generated resource (:mod:`meshxl.xds.overrides`)."""
     try:
-        result = json_format.ParseDict(merged, type(message)())
-    except json_format.ParseError as exc:
-        raise CompileError(path, f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") \
-            from None
-    problem = _out_of_range(result)
-    if problem is not None:
-        raise CompileError(path, problem)
-    return result
-
-
-def _out_of_range(message: Message, where: str = "") -> str | None:
-    """The first value of ``message`` no Envoy field accepts: a negative or oversized
-    duration, a percentage outside 0..100 (what an override can get wrong that the
-    protobuf types let through)."""
-    name = message.DESCRIPTOR.full_name
-    if name == "google.protobuf.Duration":
-        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
-        if seconds < 0 or nanos < 0:
-            return f"{where or 'duration'}: a duration must not be negative"
-        if seconds > _MAX_PROTO_SECONDS:
-            return f"{where or 'duration'}: duration out of range"
-        return None
-    if name == "envoy.type.v3.Percent":
-        value = message.value  # type: ignore[attr-defined]
-        if not 0 <= value <= 100:
-            return f"{where or 'percent'}: a percentage must be within 0..100, got {value}"
-        return None
-    for descriptor, value in message.ListFields():
-        if descriptor.message_type is None:
-            continue
-        label = f"{where}.{descriptor.json_name}" if where else descriptor.json_name
-        if descriptor.message_type.GetOptions().map_entry:
-            items = [v for v in value.values() if isinstance(v, Message)]
-        elif descriptor.is_repeated:
-            items = list(value)
-        else:
-            items = [value]
-        for item in items:
-            found = _out_of_range(item, label)
-            if found is not None:
-                return found
-    return None
+        return merge_override(message, override)
+    except OverrideError as exc:
+        raise CompileError(path, str(exc)) from None
 
 
 # -- EDS -------------------------------------------------------------------------------
