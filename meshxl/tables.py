@@ -12,10 +12,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from meshxl.model import MemberState
+
 __all__ = ["render_status", "render_sync", "render_verify"]
 
-_STATE_STYLE = {"ready": "green", "syncing": "yellow", "problem": "red", "lost": "red",
-                "admin-down": "magenta", "site-offline": "magenta"}
+_STATE_STYLE: dict[str, str] = {
+    MemberState.READY: "green", MemberState.SYNCING: "yellow", MemberState.PROBLEM: "red",
+    MemberState.LOST: "red", MemberState.ADMIN_DOWN: "magenta",
+    MemberState.SITE_OFFLINE: "magenta"}
 
 
 def _when(value: Any) -> str:

@@ -73,3 +73,15 @@ def test_an_unknown_mode_or_membership_raises() -> None:
         _ = cluster().model_copy(update={"mode": "active-active"}).high_availability
     with pytest.raises(UnknownChoice, match="unknown membership"):
         _ = cluster().model_copy(update={"membership": "dynamic"}).registered
+
+
+def test_member_state_tables_cover_every_state() -> None:
+    from meshxl import tables
+    from meshxl.model import MemberState
+    from meshxl.xds import failover
+
+    assert set(tables._STATE_STYLE) == set(MemberState)
+    # Every state a member can fail over to has a cause; READY is no failover.
+    assert set(failover._CAUSES) == set(MemberState) - {MemberState.READY}
+    with pytest.raises(UnknownChoice, match="member state"):
+        choose(failover._CAUSES, MemberState.READY, "member state")
