@@ -149,11 +149,13 @@ def parse_clusters(data: Mapping[str, Any]) -> dict[str, list[Host]]:
 
 
 def parse_stats(data: Mapping[str, Any]) -> dict[str, int]:
-    """``/stats?format=json`` -> counters and gauges by name (histograms left out)."""
+    """``/stats?format=json`` -> counters and gauges by name (histograms and text
+    readouts such as ``control_plane.identifier`` left out)."""
     out: dict[str, int] = {}
     for item in data.get("stats", []):
-        if "name" in item and "value" in item:
-            out[str(item["name"])] = int(item["value"])
+        value = item.get("value")
+        if "name" in item and isinstance(value, int) and not isinstance(value, bool):
+            out[str(item["name"])] = value
     return out
 
 

@@ -60,5 +60,6 @@ def test_parse_clusters_and_stats() -> None:
         {"name": "c", "host_statuses": [raw_host(1), raw_host(2)]}, {"name": "empty"}]})
     assert {k: [h.port for h in v] for k, v in clusters.items()} == {"c": [1, 2], "empty": []}
     stats = parse_stats({"stats": [{"name": "a", "value": 1},
+                                   {"name": "control_plane.identifier", "value": "6b8c5d5f"},
                                    {"name": "h", "histograms": {}}]})
     assert stats == {"a": 1}
