@@ -18,7 +18,7 @@ from typing import Any
 import aetcd
 import aiohttp
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcdkeys import MEMBERS, Keys
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.runtime import MemberState, MemberView
 from meshxl.proxy.admin import EnvoyAdmin
@@ -101,7 +101,7 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         data = _load(raw)
-        if parsed is not None and parsed[1] == "members" and data is not None:
+        if parsed is not None and parsed[1] == MEMBERS and data is not None:
             read.registrations[(parsed[0], parsed[2])] = data
     for kv in nodes:
         node = keys.parse_node_key(kv.key.decode())
