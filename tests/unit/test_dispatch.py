@@ -85,3 +85,10 @@ def test_member_state_tables_cover_every_state() -> None:
     assert set(failover._CAUSES) == set(MemberState) - {MemberState.READY}
     with pytest.raises(UnknownChoice, match="member state"):
         choose(failover._CAUSES, MemberState.READY, "member state")
+
+
+def test_every_member_state_has_a_reason() -> None:
+    from meshxl.model import MemberState
+    from meshxl.xds import history
+
+    assert set(history._REASONS) == set(MemberState)
