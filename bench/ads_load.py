@@ -61,7 +61,7 @@ from meshxl import etcd
 from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
 from meshxl.etcdkeys import Keys
 from meshxl.stats import cpu_seconds, rss_bytes
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
 
 NAME = "ads_load"
 SCRIPT = Path(__file__).resolve()

@@ -67,7 +67,7 @@ from meshxl.local.report import lost_writes, recovery_times_ms
 from meshxl.local.traffic import Record, Traffic, read_back
 from meshxl.telemetry import names, slo
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
-from meshxl.xds.cache import ENDPOINT
+from meshxl.xds.types import ENDPOINT
 
 NAME = "failover"
 NODE = "meshxl-demo"  # the deployment's Envoy node id

@@ -214,8 +214,7 @@ async def failover(d: DemoDeployment, traffic: Traffic, started: float) -> Failo
 
     async def moved_off() -> bool:
         for host in await envoy_hosts(d.admin_url):
-            sock = host.get("address", {}).get("socket_address", {})
-            if (sock.get("address"), sock.get("port_value")) == address and healthy_host(host):
+            if (host.address, host.port) == address and healthy_host(host):
                 return False
         return True
 

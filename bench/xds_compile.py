@@ -48,8 +48,9 @@ from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess
 from meshxl.stats import summary
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
-from meshxl.xds.cache import ENDPOINT, TYPE_ORDER, Snapshot, stats, with_nonce
+from meshxl.xds.cache import Snapshot, stats, with_nonce
 from meshxl.xds.resources import Compiler, compile_resources
+from meshxl.xds.types import ENDPOINT, TYPE_ORDER
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_compile.json"
 TARGET_COMPILE_MS = 100.0

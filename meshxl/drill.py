@@ -38,6 +38,7 @@ import aiohttp
 from meshxl.etcdkeys import Keys
 from meshxl.observe import read_mesh, status_report, sync_report, verify
 from meshxl.ops import set_site_admin
+from meshxl.proxy.admin import EnvoyAdmin
 
 __all__ = ["DrillConfig", "DrillRefused", "run_drill"]
 
@@ -119,17 +120,8 @@ def preflight_problems(site: str, status: dict[str, Any], sync: dict[str, Any],
 
 async def _host_counters(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
     """``cluster/address`` -> rq_total, from one Envoy's ``/clusters?format=json``."""
-    async with http.get(f"{url.rstrip('/')}/clusters", params={"format": "json"}) as resp:
-        data = await resp.json(content_type=None)
-    counters = {}
-    for status in data.get("cluster_statuses", []):
-        for host in status.get("host_statuses", []):
-            sock = host.get("address", {}).get("socket_address", {})
-            total = next((int(s.get("value", 0)) for s in host.get("stats", [])
-                          if s.get("name") == "rq_total"), 0)
-            key = f"{status.get('name')}/{sock.get('address')}:{sock.get('port_value')}"
-            counters[key] = total
-    return counters
+    clusters = await EnvoyAdmin(url, session=http).clusters()
+    return {f"{name}/{h.endpoint}": h.rq_total for name, hosts in clusters.items() for h in hosts}
 
 
 class _Sampler:

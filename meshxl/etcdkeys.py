@@ -32,6 +32,13 @@ from urllib.parse import quote, unquote
 
 DEFAULT_ROOT = "/meshxl"
 
+#: The two kinds of key under ``clusters/CLUSTER/`` (what :meth:`Keys.parse_cluster_key`
+#: returns as ``kind``): member registrations, and the administrative state
+#: ("member down"; a site's "offline" is ``sites/SITE/admin``).
+MEMBERS = "members"
+ADMIN = "admin"
+CLUSTER_KEY_KINDS = (MEMBERS, ADMIN)
+
 
 def _segment(value: str, what: str) -> str:
     if not value or "/" in value:
@@ -68,18 +75,18 @@ class Keys:
         return f"{self.members_prefix(cluster)}{_segment(member, 'member')}"
 
     def members_prefix(self, cluster: str) -> str:
-        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/members/"
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/{MEMBERS}/"
 
     def member_admin(self, cluster: str, member: str) -> str:
         cluster_part = _segment(cluster, "cluster")
-        return f"{self.clusters_prefix}{cluster_part}/admin/{_segment(member, 'member')}"
+        return f"{self.clusters_prefix}{cluster_part}/{ADMIN}/{_segment(member, 'member')}"
 
     @property
     def sites_prefix(self) -> str:
         return f"{self.mesh_prefix}sites/"
 
     def site_admin(self, site: str) -> str:
-        return f"{self.sites_prefix}{_segment(site, 'site')}/admin"
+        return f"{self.sites_prefix}{_segment(site, 'site')}/{ADMIN}"
 
     # -- xDS node status ---------------------------------------------------------
     @property
@@ -142,7 +149,7 @@ class Keys:
         if not key.startswith(self.clusters_prefix):
             return None
         parts = key[len(self.clusters_prefix) :].split("/")
-        if len(parts) != 3 or parts[1] not in ("members", "admin") or not all(parts):
+        if len(parts) != 3 or parts[1] not in CLUSTER_KEY_KINDS or not all(parts):
             return None
         return parts[0], parts[1], parts[2]
 
@@ -150,7 +157,7 @@ class Keys:
         if not key.startswith(self.sites_prefix):
             return None
         parts = key[len(self.sites_prefix) :].split("/")
-        if len(parts) != 2 or parts[1] != "admin" or not parts[0]:
+        if len(parts) != 2 or parts[1] != ADMIN or not parts[0]:
             return None
         return parts[0]
 

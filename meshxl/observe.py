@@ -18,15 +18,17 @@ from typing import Any
 import aetcd
 import aiohttp
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcdkeys import MEMBERS, Keys
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.runtime import MemberState, MemberView
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot
+from meshxl.proxy.admin import EnvoyAdmin
+from meshxl.xds.cache import Snapshot
 from meshxl.xds.dns import hostnames, resolve_names
 from meshxl.xds.history import reason
 from meshxl.xds.metrics import type_label
 from meshxl.xds.resources import CompileError, compile_resources
 from meshxl.xds.sources import runtime_from_values
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 __all__ = [
     "EnvoyLive",
@@ -100,7 +102,7 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         data = _load(raw)
-        if parsed is not None and parsed[1] == "members" and data is not None:
+        if parsed is not None and parsed[1] == MEMBERS and data is not None:
             read.registrations[(parsed[0], parsed[2])] = data
     for kv in nodes:
         node = keys.parse_node_key(kv.key.decode())
@@ -306,37 +308,22 @@ class EnvoyLive:
 async def fetch_envoy(url: str, timeout: float = 5.0) -> EnvoyLive:
     """GET ``/server_info`` and ``/clusters?format=json`` from an Envoy admin URL."""
     live = EnvoyLive(url=url)
-    base = url.rstrip("/")
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-            async with s.get(f"{base}/server_info") as resp:
-                resp.raise_for_status()
-                info = await resp.json(content_type=None)
-            async with s.get(f"{base}/clusters", params={"format": "json"}) as resp:
-                resp.raise_for_status()
-                clusters = await resp.json(content_type=None)
-            async with s.get(f"{base}/stats", params={
-                    "format": "json", "filter": "^control_plane.connected_state$"}) as resp:
-                resp.raise_for_status()
-                stats = await resp.json(content_type=None)
+        async with EnvoyAdmin(url, timeout=timeout) as admin:
+            info = await admin.server_info()
+            clusters = await admin.clusters()
+            connected = await admin.stat("control_plane.connected_state")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         live.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return live
-    live.node_id = info.get("node", {}).get("id")
-    for stat in stats.get("stats", []):
-        if stat.get("name") == "control_plane.connected_state":
-            live.connected = bool(stat.get("value"))
-    for status in clusters.get("cluster_statuses", []):
-        hosts = []
-        for h in status.get("host_statuses", []):
-            sock = h.get("address", {}).get("socket_address", {})
-            hosts.append({
-                "address": f"{sock.get('address')}:{sock.get('port_value')}",
-                "priority": int(h.get("priority", 0)),
-                "weight": int(h.get("weight", 1)),
-                "draining": h.get("health_status", {}).get("eds_health_status") == "DRAINING",
-            })
-        live.clusters[status.get("name", "")] = sorted(hosts, key=lambda x: x["address"])
+    live.node_id = info.node_id
+    if connected is not None:
+        live.connected = bool(connected)
+    for name, hosts in clusters.items():
+        live.clusters[name] = sorted(
+            ({"address": h.endpoint, "priority": h.priority, "weight": h.weight,
+              "draining": h.draining} for h in hosts),
+            key=lambda x: x["address"])
     return live
 
 

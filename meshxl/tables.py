@@ -19,13 +19,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from meshxl.model import MemberState
+
 __all__ = ["MAX_CELL", "plain", "print_line", "render_status", "render_sync", "render_verify"]
 
 MAX_CELL = 300
 """Characters of one value shown in a table or line (the JSON output has all of it)."""
 
-_STATE_STYLE = {"ready": "green", "syncing": "yellow", "problem": "red", "lost": "red",
-                "admin-down": "magenta", "site-offline": "magenta"}
+_STATE_STYLE: dict[str, str] = {
+    MemberState.READY: "green", MemberState.SYNCING: "yellow", MemberState.PROBLEM: "red",
+    MemberState.LOST: "red", MemberState.ADMIN_DOWN: "magenta",
+    MemberState.SITE_OFFLINE: "magenta"}
 
 
 def _printable(text: str) -> str:

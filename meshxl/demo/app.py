@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from meshxl import headers as hdr
 from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 from meshxl.telemetry import tracing
@@ -45,8 +46,8 @@ from meshxl.telemetry.http import client_trace_configs, server_middleware
 
 log = logging.getLogger("meshxl.demo.app")
 
-SESSION_HEADER = "x-session-id"
-MEMBER_HEADER = "x-meshxl-member"
+SESSION_HEADER = hdr.SESSION
+MEMBER_HEADER = hdr.MEMBER
 READY_POLL = 0.2
 CAS_ATTEMPTS = 3
 
@@ -90,7 +91,7 @@ async def _read_seq(request: web.Request, session: str) -> tuple[int, str | None
             if resp.status == 404:
                 return 0, None
             body = await resp.read()
-            etag = resp.headers.get("ETag")
+            etag = resp.headers.get(hdr.ETAG)
             if resp.status != 200:
                 raise _SidecarError(_map_status(resp.status),
                                     f"sidecar GET answered {resp.status}: {body[:200]!r}")
@@ -107,7 +108,7 @@ async def _write_seq(request: web.Request, session: str, seq: int,
     """Write ``seq`` if the session is still at ``etag``, or still absent without one
     (_Changed if not)."""
     http, base, member = request.app[_http], request.app[_sidecar], request.app[_member]
-    headers = {"If-Match": etag} if etag else {"If-None-Match": "*"}
+    headers = {hdr.IF_MATCH: etag} if etag else {hdr.IF_NONE_MATCH: "*"}
     try:
         async with http.put(f"{base}/v1/sessions/{session}", headers=headers,
                             json={"seq": seq, "member": member}) as resp:
@@ -202,7 +203,7 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
     app = mweb.application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")
-    app[_headers] = {"Authorization": f"Bearer {token}"} if token else {}
+    app[_headers] = hdr.bearer(token)
     app[_ready] = {"ready": False, "reason": "not polled yet"}
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/counter", increment)

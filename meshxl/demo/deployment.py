@@ -18,12 +18,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshxl import headers as hdr
 from meshxl.etcdkeys import Keys
+from meshxl.proxy.admin import EnvoyAdmin, Host
 
 from .local import HOST, LocalError, LocalProcess, LocalStack, free_ports, wait_http
 
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 CLUSTER = "demo"
-SESSION_HEADER = "x-session-id"
+SESSION_HEADER = hdr.SESSION
 MODES = ("high-availability", "load-sharing")
 # (member, site): in high-availability a is active, b standby (same site, next tier)
 # and c the backup in the second site; in load-sharing all three share one site.
@@ -94,26 +96,15 @@ class Replica:
         return f"http://{HOST}:{self.admin_port}"
 
 
-async def envoy_hosts(admin_url: str, cluster: str = CLUSTER) -> list[dict[str, Any]]:
+async def envoy_hosts(admin_url: str, cluster: str = CLUSTER) -> list[Host]:
     """The hosts of ``cluster`` in Envoy's ``/clusters?format=json``."""
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
-        async with http.get(f"{admin_url}/clusters", params={"format": "json"}) as resp:
-            data = await resp.json(content_type=None)
-    for status in data.get("cluster_statuses", []):
-        if status.get("name") == cluster:
-            return list(status.get("host_statuses", []))
-    return []
+    async with EnvoyAdmin(admin_url, timeout=1.0) as admin:
+        return await admin.hosts(cluster)
 
 
-def healthy_host(host: Mapping[str, Any]) -> bool:
-    """A ``/clusters?format=json`` host that takes traffic: no failure flag set."""
-    status = host.get("health_status", {})
-    flags = ("failed_active_health_check", "failed_outlier_check", "failed_eds_health",
-             "excluded_via_immediate_hc_fail", "active_hc_timeout")
-    return (not any(status.get(f) for f in flags)
-            and status.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN"))
+def healthy_host(host: Host) -> bool:
+    """A host that takes traffic: :attr:`meshxl.proxy.admin.Host.healthy`."""
+    return host.healthy
 
 
 async def wait_until(predicate: Any, what: str, timeout: float, explain: Any = None) -> None:

@@ -20,16 +20,17 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from meshxl import headers as hdr
 from meshxl.addr import parse_hostport
 
 __all__ = ["SESSION_HEADER", "make_app", "main", "serve"]
 
 #: Header a client uses to name its session (and the default hash key for stickiness).
-SESSION_HEADER = "x-session-id"
+SESSION_HEADER = hdr.SESSION
 #: Header every response carries: which member served it.
-MEMBER_HEADER = "x-meshxl-member"
+MEMBER_HEADER = hdr.MEMBER
 #: Cookie names tried, in order, when the session header is absent.
-DEFAULT_SESSION_COOKIES = ("x-session-id", "session", "meshxl-session")
+DEFAULT_SESSION_COOKIES = (hdr.SESSION, "session", "meshxl-session")
 
 _NAME = web.AppKey("name", str)
 _HEALTHY = web.AppKey("healthy", list)

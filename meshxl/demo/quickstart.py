@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from meshxl import etcd
+from meshxl import headers as hdr
 from meshxl.etcdkeys import Keys
 from meshxl.ops import apply_model, set_member_admin, set_site_admin
 from meshxl.proxy.bootstrap import build_bootstrap
@@ -72,12 +73,12 @@ class Tally:
 async def _request(http: aiohttp.ClientSession, url: str, host: str, session: str,
                    tally: Tally) -> None:
     try:
-        async with http.get(url, headers={"host": host, "x-session-id": session,
+        async with http.get(url, headers={"host": host, hdr.SESSION: session,
                                           "cookie": f"ledger-session={session}"}) as resp:
             if resp.status != 200:
                 tally.failures[f"HTTP {resp.status}"] += 1
                 return
-            member = resp.headers.get("x-meshxl-member", "?")
+            member = resp.headers.get(hdr.MEMBER, "?")
     except (aiohttp.ClientError, TimeoutError) as exc:
         tally.failures[type(exc).__name__] += 1
         return

@@ -245,7 +245,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                     "the mesh health-checks the cluster's members")
 
         # HA: the role labels must be on the member pods.
-        if spec.mode == "high-availability":
+        if spec.high_availability:
             pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
                     and labels_of(p).get("meshxl.io/cluster") == name]
             if pods and not any(labels_of(p).get(ROLE_LABEL) == "active" for p in pods):

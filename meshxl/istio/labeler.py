@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
 from .render import PREFERRED_LABEL, ROLE_LABEL, SERVING_LABEL, role_labels
@@ -36,9 +37,6 @@ log = logging.getLogger("meshxl.istio.labeler")
 
 CLUSTER_LABEL = "meshxl.io/cluster"
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-_ROLE_KEYS = (ROLE_LABEL, SERVING_LABEL, PREFERRED_LABEL)
-
-
 class KubeApiError(RuntimeError):
     """The Kubernetes API refused a request or could not be reached."""
 
@@ -56,7 +54,7 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState
     """cluster -> member (pod name) -> role labels, for every high-availability cluster."""
     out: dict[str, dict[str, dict[str, str | None]]] = {}
     for spec in model.clusters:
-        if spec.mode == "high-availability":
+        if spec.high_availability:
             out[spec.name] = role_labels(cluster_view(spec, runtime))
     return out
 
@@ -110,7 +108,7 @@ class KubeApi:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+            headers = bearer(self._token)
             self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
         return self._session
 

@@ -30,14 +30,14 @@ other serving members at 2 and drained or unready members last (3).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshxl import __version__
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import ClusterView, Role
-from meshxl.model.spec import DEFAULT_SITE
+from meshxl.model.spec import DEFAULT_SITE, Algorithm, HashKey, Stickiness, choose
 
 __all__ = [
     "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions",
@@ -59,7 +59,6 @@ HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
                         f"{ROLE_LABEL}=active")
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
-_PREVIOUS_HOSTS = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
 
@@ -169,18 +168,35 @@ def _load_balancer(spec: ClusterSpec) -> dict[str, Any]:
     if st is None:
         return {"simple": "LEAST_REQUEST"}
     hashing: dict[str, Any] = {}
-    if st.header:
-        hashing["httpHeaderName"] = st.header
-    elif st.cookie:
-        hashing["httpCookie"] = {"name": st.cookie.name, "path": st.cookie.path,
-                                 "ttl": _duration(st.cookie.ttl)}
-    else:
-        hashing["useSourceIp"] = True
-    if st.algorithm == "maglev":
-        hashing["maglev"] = {"tableSize": st.maglev_table_size}
-    else:
-        hashing["ringHash"] = {"minimumRingSize": st.ring_minimum_size}
+    hashing.update(choose(_ISTIO_HASH_KEYS, st.key, "stickiness key")(st))
+    hashing.update(choose(_ISTIO_ALGORITHMS, st.algorithm, "stickiness algorithm")(st))
     return {"consistentHash": hashing}
+
+
+def _cookie(st: Stickiness) -> dict[str, Any]:
+    assert st.cookie is not None
+    return {"httpCookie": {"name": st.cookie.name, "path": st.cookie.path,
+                           "ttl": _duration(st.cookie.ttl)}}
+
+
+#: Stickiness key -> DestinationRule ``consistentHash`` key.
+_ISTIO_HASH_KEYS: dict[HashKey, Callable[[Stickiness], dict[str, Any]]] = {
+    "header": lambda st: {"httpHeaderName": st.header},
+    "cookie": _cookie,
+    "source_ip": lambda st: {"useSourceIp": True},
+}
+#: Stickiness algorithm -> DestinationRule ``consistentHash`` algorithm settings.
+_ISTIO_ALGORITHMS: dict[Algorithm, Callable[[Stickiness], dict[str, Any]]] = {
+    "maglev": lambda st: {"maglev": {"tableSize": st.maglev_table_size}},
+    "ring_hash": lambda st: {"ringHash": {"minimumRingSize": st.ring_minimum_size}},
+}
+#: Stickiness algorithm -> what the EnvoyFilter's cluster patch adds (DestinationRule
+#: has no field for it).
+_ALGORITHM_PATCHES: dict[Algorithm, Callable[[Stickiness], dict[str, Any]]] = {
+    "maglev": lambda st: {},
+    "ring_hash": lambda st: {"ring_hash_lb_config": {"maximum_ring_size":
+                                                      st.ring_maximum_size}},
+}
 
 
 def _site_ranks(spec: ClusterSpec) -> dict[str, int]:
@@ -261,7 +277,7 @@ def _region_failover(spec: ClusterSpec, warnings: list[str]) -> list[dict[str, s
 def _locality(spec: ClusterSpec, options: IstioOptions,
               warnings: list[str]) -> dict[str, Any]:
     region = options.site_failover == "region" and len(spec.sites) > 1
-    if spec.mode == "high-availability":
+    if spec.high_availability:
         # The member tier comes first; with region failover Istio orders each
         # failoverPriority tier by the client's region (priority x 5 + locality).
         setting: dict[str, Any] = {"enabled": True,
@@ -350,7 +366,7 @@ def _retry_policy(spec: ClusterSpec, warnings: list[str]) -> dict[str, Any] | No
         policy["per_try_timeout"] = _proto_duration(r.per_try_timeout)
     previous_priorities = r.previous_priorities
     if previous_priorities is None:
-        previous_priorities = spec.mode == "high-availability"
+        previous_priorities = spec.high_availability
     if previous_priorities:
         policy["retry_priority"] = {
             "name": "envoy.retry_priorities.previous_priorities",
@@ -367,8 +383,8 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
                              "update_merge_window": _proto_duration(0)},
     }
     st = spec.stickiness
-    if st is not None and st.algorithm == "ring_hash":
-        value["ring_hash_lb_config"] = {"maximum_ring_size": st.ring_maximum_size}
+    if st is not None:
+        value.update(choose(_ALGORITHM_PATCHES, st.algorithm, "stickiness algorithm")(st))
     if st is not None and st.balance_factor is not None:
         # DestinationRule has no bounded-load setting: patch Envoy's own field.
         value["common_lb_config"]["consistent_hashing_lb_config"] = {

@@ -32,6 +32,7 @@ from .spec import (
     Stickiness,
     Telemetry,
     check_member_address,
+    is_ip_literal,
 )
 
 __all__ = [
@@ -39,6 +40,6 @@ __all__ = [
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
     "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_member_address",
-    "check_model",
+    "check_model", "is_ip_literal",
     "cluster_view", "load_model", "model_warnings", "parse_model",
 ]

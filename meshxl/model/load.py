@@ -241,7 +241,7 @@ def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
                           f"same address and port as member {seen[endpoint]!r}",
                           f"{m.address}:{m.port}")
         seen.setdefault(endpoint, m.name)
-    if c.membership == "static" and not c.members:
+    if not c.registered and not c.members:
         yield Problem(f"{base}.members", "a static cluster needs at least one member "
                       "(or use membership: registered)")
     st = c.stickiness
@@ -281,7 +281,7 @@ def model_warnings(model: ModelSpec) -> list[Problem]:
                 f"{st.maglev_table_size} entries for {len(spec.members)} members: Maglev "
                 "spreads sessions evenly with at least 100 entries per member (use a "
                 f"prime >= {100 * len(spec.members)})", st.maglev_table_size))
-        if spec.mode != "high-availability" or len(spec.members) < 2:
+        if not spec.high_availability or len(spec.members) < 2:
             continue
         default = spec.site_names()[0]
         sites = {m.site or default for m in spec.members}

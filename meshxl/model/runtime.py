@@ -198,11 +198,11 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     else:
         site_rank, site_weight, default_site = {DEFAULT_SITE: 0}, {DEFAULT_SITE: 100}, DEFAULT_SITE
     unknown_site_rank = max(site_rank.values()) + 1
-    high_availability = spec.mode == "high-availability"
+    high_availability = spec.high_availability
     registered = state.registrations_of(spec.name)
     down = state.members_down_of(spec.name)
     offline = state.sites_offline
-    absent = _LOST if spec.membership == "registered" else _READY
+    absent = _LOST if spec.registered else _READY
 
     # (tier key, name, address, port, site, weight, state, problems)
     drafts: list[tuple[tuple[int, int], str, str, int, str, int, MemberState,
@@ -282,6 +282,6 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
 
 
 def _role(spec: ClusterSpec, rank: int) -> Role:
-    if spec.mode == "load-sharing":
+    if not spec.high_availability:
         return Role.LOAD_SHARING if rank == 0 else Role.BACKUP
     return (Role.ACTIVE, Role.STANDBY)[rank] if rank < 2 else Role.BACKUP

@@ -16,9 +16,11 @@ These classes only describe and validate; they do no I/O. Durations are written 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +40,35 @@ _DOMAIN = (rf"^(\*|\*{_DOMAIN_CHARS}+|{_DOMAIN_CHARS}+\*|{_DOMAIN_CHARS}+)$")
 
 
 MAX_DURATION = 31_536_000.0
+
+# The enumerations of the model. Code that acts on one dispatches through a table keyed
+# by every value and looks values up with :func:`choose`, so a value without an entry
+# raises instead of falling into some default branch (tests/unit/test_dispatch.py checks
+# every table covers every value).
+Algorithm = Literal["maglev", "ring_hash"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+HashKey = Literal["header", "cookie", "source_ip"]
+HASH_KEYS: tuple[HashKey, ...] = get_args(HashKey)
+Mode = Literal["high-availability", "load-sharing"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+Membership = Literal["static", "registered"]
+MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class UnknownChoice(ValueError):
+    """A dispatch met a value its table has no entry for."""
+
+
+def choose(table: Mapping[_K, _V], value: _K, what: str) -> _V:
+    """``table[value]``; :class:`UnknownChoice` naming ``what`` when there is none."""
+    try:
+        return table[value]
+    except KeyError:
+        known = ", ".join(map(str, table))
+        raise UnknownChoice(f"unknown {what} {value!r} (known: {known})") from None
 """Longest duration (365 days). Envoy's own bound is 10,000 years, but its timers work
 in milliseconds: a year is far beyond any sensible timeout and far inside every limit."""
 MIN_DURATION = 0.001
@@ -71,7 +102,9 @@ def _check_duration(value: float) -> float:
     return value
 
 
-def _ip_literal(address: str) -> bool:
+@functools.lru_cache(maxsize=65_536)
+def is_ip_literal(address: str) -> bool:
+    """An address Envoy takes as is (IPv4 dotted quad or IPv6, no zone index)."""
     if "%" in address:
         return False
     try:
@@ -84,7 +117,7 @@ def _ip_literal(address: str) -> bool:
 def check_member_address(address: str) -> str:
     """An IP address, or a DNS host name the control plane resolves (RFC 1123); raises
     ValueError. The one rule for the model's members and for registrations."""
-    if _ip_literal(address):
+    if is_ip_literal(address):
         return address
     name = address[:-1] if address.endswith(".") else address
     labels = name.split(".")
@@ -96,7 +129,7 @@ def check_member_address(address: str) -> str:
 
 
 def _check_listen_address(address: str) -> str:
-    if not _ip_literal(address):
+    if not is_ip_literal(address):
         raise ValueError("Envoy listens on an IP address (e.g. 0.0.0.0, 127.0.0.1 or ::), "
                          "not a host name")
     return address
@@ -110,8 +143,6 @@ Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
                           AfterValidator(check_member_address)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
-_TEXT = r"^[\x21-\x7e]+$"
-"""Printable ASCII without spaces: what Envoy accepts in a path or header value here."""
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Weight = Annotated[int, Field(ge=1, le=10_000)]
 Port = Annotated[int, Field(ge=1, le=65_535)]
@@ -157,7 +188,7 @@ class Cookie(_Spec):
 class Stickiness(_Spec):
     """Session affinity: consistent hashing on one request property."""
 
-    algorithm: Literal["maglev", "ring_hash"] = "maglev"
+    algorithm: Algorithm = "maglev"
     header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
     cookie: Cookie | None = None
     source_ip: bool = False
@@ -183,7 +214,7 @@ class Stickiness(_Spec):
         return self
 
     @property
-    def key(self) -> str:
+    def key(self) -> HashKey:
         return "header" if self.header else "cookie" if self.cookie else "source_ip"
 
 
@@ -281,10 +312,14 @@ class Overrides(_Spec):
     route: dict[str, Any] | None = None
 
 
+_HIGH_AVAILABILITY: dict[Mode, bool] = {"high-availability": True, "load-sharing": False}
+_REGISTERED: dict[Membership, bool] = {"registered": True, "static": False}
+
+
 class ClusterSpec(_Spec):
     name: Name
-    mode: Literal["high-availability", "load-sharing"] = "high-availability"
-    membership: Literal["static", "registered"] = "static"
+    mode: Mode = "high-availability"
+    membership: Membership = "static"
     """static: listed members are always advertised (health checks decide);
     registered: only members with a live, ready registration in etcd are."""
     stickiness: Stickiness | None = None
@@ -301,6 +336,16 @@ class ClusterSpec(_Spec):
     True: Envoy's gradual spill-over (overprovisioning factor 140)."""
     sessions: Sessions = Sessions()
     overrides: Overrides = Overrides()
+
+    @property
+    def high_availability(self) -> bool:
+        """One active member (True) or load sharing among the first tier (False)."""
+        return choose(_HIGH_AVAILABILITY, self.mode, "mode")
+
+    @property
+    def registered(self) -> bool:
+        """Only members with a live registration are advertised (membership registered)."""
+        return choose(_REGISTERED, self.membership, "membership")
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites] or [DEFAULT_SITE]

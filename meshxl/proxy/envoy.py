@@ -25,6 +25,7 @@ import aiohttp
 import yaml
 
 from meshxl.binaries import MissingBinary, find_envoy
+from meshxl.proxy.admin import EnvoyAdmin, ServerInfo
 from meshxl.proxy.bootstrap import render_yaml
 
 __all__ = ["EnvoyError", "EnvoyNotFound", "EnvoyProcess", "find_envoy"]
@@ -262,6 +263,7 @@ class EnvoyProcess:
         last = "no answer yet"
         client_timeout = aiohttp.ClientTimeout(total=1.0)
         async with aiohttp.ClientSession(timeout=client_timeout) as http:
+            admin = EnvoyAdmin(self.admin_url, session=http)
             while True:
                 if self._proc.returncode is not None:
                     raise EnvoyError(
@@ -269,11 +271,10 @@ class EnvoyProcess:
                         f"for {what}; log tail:\n{self._tail()}"
                     )
                 try:
-                    async with http.get(self.admin_url + path) as resp:
-                        body = await resp.text()
-                        if accept is None or resp.status in accept:
-                            return resp.status, body
-                        last = f"HTTP {resp.status}: {body.strip()[:200]}"
+                    status, body = await admin.get(path)
+                    if accept is None or status in accept:
+                        return status, body
+                    last = f"HTTP {status}: {body.strip()[:200]}"
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 if time.monotonic() >= deadline:
@@ -294,4 +295,4 @@ class EnvoyProcess:
     async def server_state(self) -> str:
         """Envoy's server state from ``/server_info`` (e.g. PRE_INITIALIZING, LIVE)."""
         _, body = await self._poll("/server_info", {200}, 5.0, "/server_info")
-        return str(json.loads(body).get("state", ""))
+        return ServerInfo.from_admin(json.loads(body)).state

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meshxl import headers as hdr
 from meshxl import web as mweb
 from meshxl.web import error_response, json_errors
 
@@ -62,19 +63,19 @@ def _content_type(request: web.Request, default: str) -> str:
 def _traceparent(request: web.Request) -> str | None:
     """The request's W3C trace context, kept with the write so a takeover can link to
     it; an invalid one is ignored (trace context is optional metadata)."""
-    return valid_traceparent(request.headers.get("traceparent"))
+    return valid_traceparent(request.headers.get(hdr.TRACEPARENT))
 
 
 def _stored_headers(stored: Stored) -> dict[str, str]:
-    return {"ETag": f'"{stored.etag}"', "X-Meshxl-Owner": stored.record.owner,
-            "X-Meshxl-Source": stored.source}
+    return {hdr.ETAG: f'"{stored.etag}"', hdr.OWNER: stored.record.owner,
+            hdr.SOURCE: stored.source}
 
 
 def _write_response(stored: Stored) -> web.Response:
     body = {"session": stored.session_id, "etag": stored.etag, "owner": stored.record.owner,
-            "created": stored.created, "takeover": stored.takeover,
+            "created": stored.new_session, "takeover": stored.takeover,
             "replicated": stored.source != "local"}
-    return web.json_response(body, status=201 if stored.created else 200,
+    return web.json_response(body, status=201 if stored.new_session else 200,
                              headers=_stored_headers(stored))
 
 
@@ -112,11 +113,11 @@ class SessionRoutes:
             except mweb.BadJson as exc:
                 raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
                                  field="body") from None
-        if_none_match = request.headers.get("If-None-Match")
+        if_none_match = request.headers.get(hdr.IF_NONE_MATCH)
         if if_none_match is not None and if_none_match.strip() != "*":
             raise BadRequest('If-None-Match takes only "*" (create, never replace)')
         stored = await sessions.put(session_id, data, content_type,
-                                    request.headers.get("If-Match"),
+                                    request.headers.get(hdr.IF_MATCH),
                                     _traceparent(request),
                                     create_only=if_none_match is not None)
         return _write_response(stored)
@@ -138,13 +139,13 @@ class SessionRoutes:
         except mweb.BadJson as exc:
             raise BadRequest(str(exc), field="body") from None
         stored = await self.sidecar.sessions.patch(session_id, patch,
-                                                   request.headers.get("If-Match"),
+                                                   request.headers.get(hdr.IF_MATCH),
                                                    _traceparent(request))
         return _write_response(stored)
 
     async def delete(self, request: web.Request) -> web.Response:
         await self.sidecar.sessions.delete(_session_id(request),
-                                           request.headers.get("If-Match"))
+                                           request.headers.get(hdr.IF_MATCH))
         return web.Response(status=204)
 
     # -- critical devices ----------------------------------------------------------------

@@ -19,6 +19,8 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from meshxl import headers as hdr
+
 __all__ = ["OPEN_PATHS", "TOKEN_ENV", "TokenError", "check_exposure", "read_token",
            "token_middleware", "valid_token"]
 
@@ -89,7 +91,7 @@ def check_exposure(host: str, token: str | None) -> None:
 
 def _unauthorized(message: str) -> web.Response:
     return web.json_response({"error": message, "status": 401}, status=401,
-                             headers={"WWW-Authenticate": _REALM})
+                             headers={hdr.WWW_AUTHENTICATE: _REALM})
 
 
 def token_middleware(token: str) -> Middleware:
@@ -105,7 +107,7 @@ def token_middleware(token: str) -> Middleware:
                             handler: Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
-        header = request.headers.get("Authorization")
+        header = request.headers.get(hdr.AUTHORIZATION)
         if header is None:
             return _unauthorized("this API needs a token: Authorization: Bearer <token>")
         scheme, _, presented = header.strip().partition(" ")

@@ -51,7 +51,7 @@ def is_json(content_type: str) -> bool:
     return base == JSON_TYPE or base.endswith("+json")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SessionRecord:
     owner: str
     content_type: str

@@ -88,7 +88,7 @@ class Settings:
     max_bytes: int = 1_048_576
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stored:
     """A session's state as the API returns it."""
 
@@ -96,7 +96,8 @@ class Stored:
     record: SessionRecord
     etag: str
     """``"<etcd revision>"``, or ``"L<n>"`` while only on this member (delayed sync)."""
-    created: bool = False
+    new_session: bool = False
+    """This write created the session (the API answers 201 and ``"created": true``)."""
     previous_owner: str | None = None
     source: str = "etcd"
 
@@ -210,7 +211,8 @@ class Sessions:
         local = self._local.get(session_id)
         if local is not None:
             self.metrics.reads.labels("local", "ok").inc()
-            return Stored(session_id, local.record, f"L{local.version}", source="local")
+            return Stored(session_id=session_id, record=local.record, etag=f"L{local.version}",
+                          source="local")
         started = time.time_ns()
         stored = await self._read(session_id)
         self._observe(session_id, int(stored.etag))
@@ -228,7 +230,8 @@ class Sessions:
                 revision = await self.store.check(key)
                 if revision == entry.revision:
                     self.metrics.reads.labels("cache", "ok").inc()
-                    return Stored(session_id, entry.record, str(revision), source="cache")
+                    return Stored(session_id=session_id, record=entry.record, etag=str(revision),
+                                  source="cache")
                 if revision == 0:
                     self.metrics.reads.labels("cache", "not_found").inc()
                     raise NotFound(f"no session {session_id!r}")
@@ -240,7 +243,8 @@ class Sessions:
             # etcd cannot prove the cache current: serve it, marked. A write based on
             # it compares this revision, so it cannot overwrite anything newer.
             self.metrics.reads.labels(UNVERIFIED, "ok").inc()
-            return Stored(session_id, entry.record, str(entry.revision), source=UNVERIFIED)
+            return Stored(session_id=session_id, record=entry.record, etag=str(entry.revision),
+                          source=UNVERIFIED)
         if state.revision == 0 or state.value is None:
             self.metrics.reads.labels("etcd", "not_found").inc()
             raise NotFound(f"no session {session_id!r}")
@@ -249,7 +253,7 @@ class Sessions:
             raise self._undecodable(session_id, state.revision)
         self.cache.write_through(session_id, state.revision, record)
         self.metrics.reads.labels("etcd", "ok").inc()
-        return Stored(session_id, record, str(state.revision), source="etcd")
+        return Stored(session_id=session_id, record=record, etag=str(state.revision), source="etcd")
 
     # -- writes -------------------------------------------------------------------------
 
@@ -272,9 +276,9 @@ class Sessions:
             prior = entry.record if entry is not None else None
 
             def make(prior: SessionRecord | None) -> SessionRecord:
-                return SessionRecord(self.member, content_type,
-                                     prior.created if prior else now, time.time(), data,
-                                     traceparent)
+                return SessionRecord(owner=self.member, content_type=content_type,
+                                     created=prior.created if prior else now,
+                                     updated=time.time(), data=data, traceparent=traceparent)
 
             return await self._write("put", session_id, if_match, make,
                                      entry.revision if entry else 0, prior,
@@ -294,8 +298,10 @@ class Sessions:
             def make(prior: SessionRecord | None) -> SessionRecord:
                 if prior is None:
                     raise NotFound(f"no session {session_id!r}")
-                return SessionRecord(self.member, JSON_TYPE, prior.created, time.time(),
-                                     self._merged(session_id, prior, patch), traceparent)
+                return SessionRecord(owner=self.member, content_type=JSON_TYPE,
+                                     created=prior.created, updated=time.time(),
+                                     data=self._merged(session_id, prior, patch),
+                                     traceparent=traceparent)
 
             return await self._write("patch", session_id, if_match, make,
                                      int(current.etag), current.record)
@@ -415,11 +421,11 @@ class Sessions:
         self.metrics.writes.labels(op, "ok").inc()
         self.cache.write_through(session_id, result.revision, record)
         if record is None:
-            return Stored(session_id, prior or _GONE, str(result.revision))
+            return Stored(session_id=session_id, record=prior or _GONE, etag=str(result.revision))
         self._observe(session_id, result.revision)
         previous_owner = prior.owner if prior is not None else None
-        stored = Stored(session_id, record, str(result.revision), created=expected == 0,
-                        previous_owner=previous_owner)
+        stored = Stored(session_id=session_id, record=record, etag=str(result.revision),
+                        new_session=expected == 0, previous_owner=previous_owner)
         if stored.takeover:
             self.takeovers += 1
             self.metrics.takeovers.inc()
@@ -483,13 +489,14 @@ class Sessions:
                 raise PreconditionFailed(f"session {session_id!r} is at "
                                          f"{current or 'nothing'}, not {if_match}")
         self._local_versions += 1
-        record = SessionRecord(self.member, content_type, local.record.created if local else now,
-                               now, data, traceparent)
+        record = SessionRecord(owner=self.member, content_type=content_type,
+                               created=local.record.created if local else now, updated=now,
+                               data=data, traceparent=traceparent)
         self._local[session_id] = _Local(record, self._local_versions)
         self.metrics.writes.labels("put", "local").inc()
         self.metrics.local.set(len(self._local))
-        return Stored(session_id, record, f"L{self._local_versions}", created=local is None,
-                      source="local")
+        return Stored(session_id=session_id, record=record, etag=f"L{self._local_versions}",
+                      new_session=local is None, source="local")
 
     async def flush_due(self) -> int:
         """Replicate local sessions that reached ``sync_delay``; returns how many."""
@@ -518,7 +525,7 @@ class Sessions:
         return len(self._local)
 
 
-_GONE = SessionRecord("", "", 0.0, 0.0, b"")
+_GONE = SessionRecord(owner="", content_type="", created=0.0, updated=0.0, data=b"")
 
 
 def _revision(tag: str) -> int:

@@ -32,7 +32,7 @@ MEMBER = "meshxl.member"
 """The member the span is about: the lost member on failover spans, the new owner on
 takeover spans."""
 CAUSE = "meshxl.failover.cause"
-"""lease_expired | not_ready | problem | admin_down | site_offline | removed"""
+"""lease_expired | not_ready | problem | admin_down | site_offline (meshxl.xds.failover)"""
 FROM_STATE = "meshxl.failover.from_state"
 TO_STATE = "meshxl.failover.to_state"
 ETCD_REVISION = "meshxl.etcd.revision"
@@ -45,6 +45,3 @@ SESSION = "meshxl.session.id"
 PREVIOUS_OWNER = "meshxl.session.previous_owner"
 COMPONENT = "meshxl.component"
 """Resource attribute: xds | statesync | app | demo | envoy"""
-
-# -- causes -------------------------------------------------------------------------------
-CAUSES = ("lease_expired", "not_ready", "problem", "admin_down", "site_offline", "removed")

@@ -32,7 +32,7 @@ from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, RuntimeState
 from meshxl.tls import ServerTls
 
-from .cache import ENDPOINT, Snapshot, SnapshotCache
+from .cache import Snapshot, SnapshotCache
 from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
 from .dns import Resolver, hostnames, is_ip_literal
 from .failover import FailoverTracer, Loss, losses
@@ -41,6 +41,7 @@ from .metrics import Convergence, XdsMetrics
 from .resources import CompileError, Compiler
 from .server import AdsServer
 from .sources import Debouncer, EtcdMeshSource, ModelFileSource
+from .types import ENDPOINT
 
 log = logging.getLogger(__name__)
 

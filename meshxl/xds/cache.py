@@ -23,31 +23,16 @@ from types import MappingProxyType
 
 from google.protobuf.message import Message
 
+from meshxl.xds.types import TYPE_ORDER, TYPE_URL_PREFIX
+
 __all__ = [
-    "CLUSTER",
-    "ENDPOINT",
-    "LISTENER",
-    "ROUTE",
-    "TYPE_ORDER",
-    "WILDCARD_TYPES",
     "EncodeStats",
-    "Resources",
+    "EncodedResources",
     "Snapshot",
     "SnapshotCache",
     "stats",
     "with_nonce",
 ]
-
-_PREFIX = "type.googleapis.com/"
-CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
-ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
-ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
-
-#: ADS push order: clusters before their endpoints, listeners before their routes.
-TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-#: Types where an empty ``resource_names`` means "everything" (SotW legacy wildcard).
-WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
 
 # DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
 _F_VERSION_INFO = 1
@@ -98,7 +83,7 @@ def with_nonce(response: bytes, nonce: str) -> bytes:
 
 
 @dataclass(frozen=True, eq=False)
-class Resources:
+class EncodedResources:
     """All resources of one type in a snapshot, already encoded.
 
     ``entries`` maps a resource name to its encoded ``resources`` field (tag, length,
@@ -160,8 +145,8 @@ def _frame(type_url: str, version: str, body: bytes) -> bytes:
 
 
 def _encode_type(type_url: str, messages: Mapping[str, Message],
-                 previous: Resources | None = None) -> Resources:
-    full_name = type_url.removeprefix(_PREFIX)
+                 previous: EncodedResources | None = None) -> EncodedResources:
+    full_name = type_url.removeprefix(TYPE_URL_PREFIX)
     any_type_url = _field(_F_ANY_TYPE_URL, type_url.encode())
     any_value_tag = _varint(_F_ANY_VALUE << 3 | 2)
     entries: dict[str, bytes] = {}
@@ -187,7 +172,7 @@ def _encode_type(type_url: str, messages: Mapping[str, Message],
     if previous is not None and previous.version == version:
         return previous  # same bytes: keep its response and memoised subsets
     response = _frame(type_url, version, b"".join(entries.values()))
-    return Resources(type_url, version, MappingProxyType(entries), response,
+    return EncodedResources(type_url, version, MappingProxyType(entries), response,
                      MappingProxyType(dict(messages)))
 
 
@@ -202,7 +187,7 @@ class Snapshot:
 
     __slots__ = ("_types",)
 
-    def __init__(self, types: Mapping[str, Resources]) -> None:
+    def __init__(self, types: Mapping[str, EncodedResources]) -> None:
         self._types = MappingProxyType(dict(types))
 
     @classmethod
@@ -221,7 +206,7 @@ class Snapshot:
         stats.snapshots_built += 1
         return cls(types)
 
-    def resources(self, type_url: str) -> Resources:
+    def resources(self, type_url: str) -> EncodedResources:
         found = self._types.get(type_url)
         if found is None:
             found = _encode_type(type_url, {})

@@ -39,7 +39,7 @@ Rules, from Envoy's xDS protocol document ("Incremental xDS") and Envoy's delta 
 
 Encoding stays "once per snapshot": per type, each resource's delta entry (``Resource``
 with name, version and the already encoded ``Any``) and its version are computed once
-per :class:`~meshxl.xds.cache.Resources` object and shared by all streams, and so is
+per :class:`~meshxl.xds.cache.EncodedResources` object and shared by all streams, and so is
 the concatenation for a set of names many streams send alike.
 """
 
@@ -53,15 +53,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from meshxl.xds.cache import (
-    CLUSTER,
-    ENDPOINT,
-    WILDCARD_TYPES,
-    Resources,
-    Snapshot,
-    _field,
-)
+from meshxl.xds.cache import EncodedResources, Snapshot, _field
 from meshxl.xds.nodes import NodeStatus, Streams, StreamState
+from meshxl.xds.types import CLUSTER, ENDPOINT, WILDCARD_TYPES
 
 __all__ = ["PROTOCOL", "DeltaResources", "DeltaSession", "Rejected", "delta_resources",
            "resource_version"]
@@ -95,14 +89,14 @@ class DeltaResources:
 
     ``versions`` maps a name to its resource version, ``entries`` a name to its encoded
     ``resources`` field (tag, length, ``Resource``), ready to be concatenated. It holds
-    no reference to its :class:`~meshxl.xds.cache.Resources` (it is memoised beside it,
+    no reference to its :class:`~meshxl.xds.cache.EncodedResources` (it is memoised beside it,
     weakly), only to the mappings it was built from.
     """
 
     __slots__ = ("__weakref__", "_bodies", "_changes", "entries", "raw", "sources", "type_url",
                  "version", "versions")
 
-    def __init__(self, resources: Resources, versions: Mapping[str, str],
+    def __init__(self, resources: EncodedResources, versions: Mapping[str, str],
                  entries: Mapping[str, bytes]) -> None:
         self.type_url = resources.type_url
         #: The type's snapshot version (``system_version_info``).
@@ -140,7 +134,7 @@ class DeltaResources:
         return names
 
 
-_MEMO: weakref.WeakKeyDictionary[Resources, DeltaResources] = weakref.WeakKeyDictionary()
+_MEMO: weakref.WeakKeyDictionary[EncodedResources, DeltaResources] = weakref.WeakKeyDictionary()
 # The last one built per type: a rebuild reuses unchanged entries (same bytes object).
 _LAST: dict[str, DeltaResources] = {}
 
@@ -150,7 +144,7 @@ def resource_version(entry: bytes) -> str:
     return hashlib.sha256(entry).hexdigest()[:_VERSION_HEX]
 
 
-def delta_resources(resources: Resources) -> DeltaResources:
+def delta_resources(resources: EncodedResources) -> DeltaResources:
     """The delta form of ``resources``, built once per object whatever the streams."""
     found = _MEMO.get(resources)
     if found is not None:

@@ -16,7 +16,6 @@ plane's status and log; a name that never resolved has no endpoint yet.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import socket
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from meshxl.model import ModelSpec, RuntimeState
+from meshxl.model import ModelSpec, RuntimeState, is_ip_literal
 
 __all__ = ["MAX_ADDRESSES", "Resolution", "Resolver", "hostnames", "is_ip_literal",
            "resolve_names"]
@@ -40,18 +39,6 @@ DEFAULT_INTERVAL = 5.0
 DEFAULT_TIMEOUT = 2.0
 
 Lookup = Callable[[str], Awaitable[list[str]]]
-
-
-@functools.lru_cache(maxsize=65_536)
-def is_ip_literal(address: str) -> bool:
-    """An address Envoy takes as is (IPv4 dotted quad or IPv6, no zone index)."""
-    if "%" in address:
-        return False
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 def hostnames(model: ModelSpec, runtime: RuntimeState | None = None) -> set[str]:

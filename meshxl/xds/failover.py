@@ -20,10 +20,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from meshxl.model import MemberState, ModelSpec, RuntimeState
+from meshxl.model.spec import choose
 from meshxl.telemetry import names
 
-from .cache import ENDPOINT
 from .history import Change, transitions
+from .types import ENDPOINT
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState,
         changes = transitions(model, before, after)
     # A registered member that is not listed in the model leaves the view when its
     # registration ends: that is its lease ending too.
-    return [Loss(c.cluster, c.member, _CAUSES.get(MemberState(c.to_state), "removed"),
+    return [Loss(c.cluster, c.member, choose(_CAUSES, MemberState(c.to_state), "member state"),
                  c.from_state, c.to_state) for c in changes if c.failover]
 
 

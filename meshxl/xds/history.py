@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ import aetcd
 from meshxl.etcdkeys import Keys
 from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import MemberView
+from meshxl.model.spec import choose
 
 __all__ = ["Change", "MemberHistory", "reason", "transitions"]
 
@@ -53,22 +54,30 @@ def reason(view: MemberView | None, cluster: str, state: RuntimeState) -> str:
     """Why a member is in its state, in words an operator can act on."""
     if view is None:
         return "removed from the cluster"
-    st = view.state
-    if st == MemberState.ADMIN_DOWN:
-        action = state.members_down_of(cluster).get(view.name)
-        return _admin("member down", action.reason if action else "",
-                      action.by if action else "")
-    if st == MemberState.SITE_OFFLINE:
-        action = state.sites_offline.get(view.site)
-        return _admin(f"site {view.site} offline", action.reason if action else "",
-                      action.by if action else "")
-    if st == MemberState.PROBLEM:
-        return f"problem reported: {', '.join(view.problems)}"
-    if st == MemberState.SYNCING:
-        return "registered, session cache still syncing"
-    if st == MemberState.LOST:
-        return reason_lost()
-    return "ready"
+    return choose(_REASONS, view.state, "member state")(view, cluster, state)
+
+
+def _member_down(view: MemberView, cluster: str, state: RuntimeState) -> str:
+    action = state.members_down_of(cluster).get(view.name)
+    return _admin("member down", action.reason if action else "", action.by if action else "")
+
+
+def _site_offline(view: MemberView, cluster: str, state: RuntimeState) -> str:
+    action = state.sites_offline.get(view.site)
+    return _admin(f"site {view.site} offline", action.reason if action else "",
+                  action.by if action else "")
+
+
+#: Member state -> why a member is in it.
+_REASONS: dict[MemberState, Callable[[MemberView, str, RuntimeState], str]] = {
+    MemberState.READY: lambda view, cluster, state: "ready",
+    MemberState.ADMIN_DOWN: _member_down,
+    MemberState.SITE_OFFLINE: _site_offline,
+    MemberState.PROBLEM: lambda view, cluster, state:
+        f"problem reported: {', '.join(view.problems)}",
+    MemberState.SYNCING: lambda view, cluster, state: "registered, session cache still syncing",
+    MemberState.LOST: lambda view, cluster, state: reason_lost(),
+}
 
 
 def reason_lost() -> str:

@@ -1,7 +1,7 @@
 """What both ADS protocols share about the Envoys they serve: each node's status (what
 operators see: streams, versions sent and ACKed, the last NACK), the quarantine of
 rejected responses, and the two interfaces that tie a stream's protocol state
-(:class:`Session`, state of the world in :mod:`meshxl.xds.server`, delta in
+(:class:`Session`, state of the world in :mod:`meshxl.xds.sotw`, delta in
 :mod:`meshxl.xds.delta`) to the server that runs it (:class:`Streams`).
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshxl.xds.cache import TYPE_ORDER, Snapshot
+from meshxl.xds.cache import Snapshot
+from meshxl.xds.types import TYPE_ORDER
 
 __all__ = ["NACK_TEXT_MAX", "NODE_ID_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus",
            "Session", "StreamState", "Streams", "TypeStatus", "bound_text", "node_id_problem"]
@@ -233,3 +234,6 @@ class Streams(Protocol):
 
     def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         """A request answered a nonce this stream is not waiting for."""
+
+    def shared_names(self, names: frozenset[str]) -> frozenset[str]:
+        """One shared set object per distinct set of subscribed names."""

@@ -19,9 +19,8 @@ same bytes.
 
 from __future__ import annotations
 
-import copy
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +39,7 @@ from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
 from envoy.type.v3 import percent_pb2, range_pb2
-from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshxl.model import (
@@ -53,17 +52,14 @@ from meshxl.model import (
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DRAINING as _DRAINING
+from meshxl.model.spec import Algorithm, HashKey, Stickiness, choose
+from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
-
-CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
-ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+from meshxl.xds.overrides import OverrideError, merge_override
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
 _NO_SPILLOVER_FACTOR = 1_000_000
-_MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 _ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(),
     resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -89,10 +85,10 @@ class Resources:
 
     def by_type(self) -> dict[str, Mapping[str, Message]]:
         return {
-            CLUSTER_TYPE: self.clusters,
-            ENDPOINT_TYPE: self.endpoints,
-            LISTENER_TYPE: self.listeners,
-            ROUTE_TYPE: self.routes,
+            types.CLUSTER: self.clusters,
+            types.ENDPOINT: self.endpoints,
+            types.LISTENER: self.listeners,
+            types.ROUTE: self.routes,
         }
 
 
@@ -236,6 +232,24 @@ class _Shapes:
 # -- CDS -------------------------------------------------------------------------------
 
 
+def _maglev(c: cluster_pb2.Cluster, st: Stickiness) -> None:
+    c.lb_policy = cluster_pb2.Cluster.MAGLEV
+    c.maglev_lb_config.table_size.value = st.maglev_table_size
+
+
+def _ring_hash(c: cluster_pb2.Cluster, st: Stickiness) -> None:
+    c.lb_policy = cluster_pb2.Cluster.RING_HASH
+    c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
+    c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+
+
+#: Stickiness algorithm -> how a cluster is set up for it.
+_LB_POLICIES: dict[Algorithm, Callable[[cluster_pb2.Cluster, Stickiness], None]] = {
+    "maglev": _maglev,
+    "ring_hash": _ring_hash,
+}
+
+
 def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Cluster:
     c = cluster_pb2.Cluster(
         name=spec.name,
@@ -248,13 +262,8 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     st = spec.stickiness
     if st is None:
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
-    elif st.algorithm == "maglev":
-        c.lb_policy = cluster_pb2.Cluster.MAGLEV
-        c.maglev_lb_config.table_size.value = st.maglev_table_size
     else:
-        c.lb_policy = cluster_pb2.Cluster.RING_HASH
-        c.ring_hash_lb_config.minimum_ring_size.value = st.ring_minimum_size
-        c.ring_hash_lb_config.maximum_ring_size.value = st.ring_maximum_size
+        choose(_LB_POLICIES, st.algorithm, "stickiness algorithm")(c, st)
     if st is not None and st.balance_factor is not None:
         # Consistent hashing with bounded loads: a member above factor x the mean load
         # (requests in flight) passes new requests on along the hash ring/table.
@@ -327,61 +336,12 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
-
-
 def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
-    """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource."""
-    merged = _deep_merge(json_format.MessageToDict(message), override)
+    """Overlay raw Envoy JSON on a generated resource (:mod:`meshxl.xds.overrides`)."""
     try:
-        result = json_format.ParseDict(merged, type(message)())
-    except json_format.ParseError as exc:
-        raise CompileError(path, f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") \
-            from None
-    problem = _out_of_range(result)
-    if problem is not None:
-        raise CompileError(path, problem)
-    return result
-
-
-def _out_of_range(message: Message, where: str = "") -> str | None:
-    """The first value of ``message`` no Envoy field accepts: a negative or oversized
-    duration, a percentage outside 0..100 (what an override can get wrong that the
-    protobuf types let through)."""
-    name = message.DESCRIPTOR.full_name
-    if name == "google.protobuf.Duration":
-        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
-        if seconds < 0 or nanos < 0:
-            return f"{where or 'duration'}: a duration must not be negative"
-        if seconds > _MAX_PROTO_SECONDS:
-            return f"{where or 'duration'}: duration out of range"
-        return None
-    if name == "envoy.type.v3.Percent":
-        value = message.value  # type: ignore[attr-defined]
-        if not 0 <= value <= 100:
-            return f"{where or 'percent'}: a percentage must be within 0..100, got {value}"
-        return None
-    for descriptor, value in message.ListFields():
-        if descriptor.message_type is None:
-            continue
-        label = f"{where}.{descriptor.json_name}" if where else descriptor.json_name
-        if descriptor.message_type.GetOptions().map_entry:
-            items = [v for v in value.values() if isinstance(v, Message)]
-        elif descriptor.is_repeated:
-            items = list(value)
-        else:
-            items = [value]
-        for item in items:
-            found = _out_of_range(item, label)
-            if found is not None:
-                return found
-    return None
+        return merge_override(message, override)
+    except OverrideError as exc:
+        raise CompileError(path, str(exc)) from None
 
 
 # -- EDS -------------------------------------------------------------------------------
@@ -516,6 +476,29 @@ def build_route_config(name: str, specs: list[ClusterSpec],
     return rc
 
 
+def _hash_header(hp: Any, st: Stickiness) -> None:
+    hp.header.header_name = st.header or ""
+
+
+def _hash_cookie(hp: Any, st: Stickiness) -> None:
+    assert st.cookie is not None
+    hp.cookie.name = st.cookie.name
+    hp.cookie.path = st.cookie.path
+    hp.cookie.ttl.CopyFrom(_dur(st.cookie.ttl))
+
+
+def _hash_source_ip(hp: Any, st: Stickiness) -> None:
+    hp.connection_properties.source_ip = True
+
+
+#: Stickiness key -> the route's hash policy (a ``RouteAction.HashPolicy``).
+_HASH_POLICIES: dict[HashKey, Callable[[Any, Stickiness], None]] = {
+    "header": _hash_header,
+    "cookie": _hash_cookie,
+    "source_ip": _hash_source_ip,
+}
+
+
 def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb2.Route:
     route = route_components_pb2.Route(name=spec.name)
     route.match.prefix = spec.route.prefix
@@ -525,14 +508,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
     st = spec.stickiness
     if st is not None:
         hp = action.hash_policy.add()
-        if st.header:
-            hp.header.header_name = st.header
-        elif st.cookie:
-            hp.cookie.name = st.cookie.name
-            hp.cookie.path = st.cookie.path
-            hp.cookie.ttl.CopyFrom(_dur(st.cookie.ttl))
-        else:
-            hp.connection_properties.source_ip = True
+        choose(_HASH_POLICIES, st.key, "stickiness key")(hp, st)
         hp.terminal = True
 
     r = spec.retries
@@ -553,7 +529,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
             rp.host_selection_retry_max_attempts = r.host_selection_max_attempts
         previous_priorities = r.previous_priorities
         if previous_priorities is None:
-            previous_priorities = spec.mode == "high-availability"
+            previous_priorities = spec.high_availability
         if previous_priorities:
             rp.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
                 name="envoy.retry_priorities.previous_priorities",
@@ -566,7 +542,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 
 
 __all__ = [
-    "CLUSTER_TYPE", "ENDPOINT_TYPE", "LISTENER_TYPE", "ROUTE_TYPE", "CompileError", "Compiler",
+    "CompileError", "Compiler",
     "Resources", "build_cluster", "build_listener", "build_load_assignment", "build_route",
     "build_route_config", "compile_resources", "listener_name",
 ]

@@ -2,8 +2,8 @@
 
 Resources and versions live in :mod:`meshxl.xds.cache`; this module only runs the
 protocol (go-control-plane keeps the same split). Both ADS methods are served on one
-gRPC service: ``StreamAggregatedResources`` (state of the world, here) and
-``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`). They share what an
+gRPC service: ``StreamAggregatedResources`` (state of the world, :mod:`meshxl.xds.sotw`)
+and ``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`). They share what an
 operator sees and what keeps a NACK from looping: the per-node status, the quarantine
 of rejected responses, the ``on_sent``/``on_answer`` hooks and the metrics.
 
@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -30,16 +29,8 @@ from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, Disc
 
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
 from meshxl.tls import ServerTls
-from meshxl.xds import delta
-from meshxl.xds.cache import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    WILDCARD_TYPES,
-    Snapshot,
-    SnapshotCache,
-)
+from meshxl.xds import delta, sotw
+from meshxl.xds.cache import SnapshotCache
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
@@ -49,7 +40,6 @@ from meshxl.xds.nodes import (
     Nack,
     NodeStatus,
     Session,
-    StreamState,
     bound_text,
     node_id_problem,
 )
@@ -68,12 +58,6 @@ OnDelivery = Callable[[str, str, str, str | None], None]
 called through ``on_sent``) or answered (``on_answer``). The version is the type's
 snapshot version, for delta streams too (their ``system_version_info``)."""
 
-#: The ``protocol`` label of SotW streams (metrics); delta streams: ``delta.PROTOCOL``.
-SOTW = "sotw"
-
-# Versions per subscription whose send count is kept for nonces (older ones recur
-# only with identical content, where a repeated nonce is harmless).
-_NONCE_VERSIONS = 8
 # Distinct subscription name sets kept shared between streams (cleared when full).
 _NAMES_MEMO_MAX = 4096
 # Disconnected nodes whose status (and quarantine) is kept; the oldest go first, so
@@ -90,135 +74,6 @@ _GRPC_OPTIONS = (
     ("grpc.http2.max_ping_strikes", 0),
     *GRPC_SERVER_OPTIONS,  # no SO_REUSEPORT: a second server on a busy port fails
 )
-
-# A CDS (LDS) response makes Envoy re-warm changed clusters (listeners); it then asks
-# for their EDS (RDS) again with the current nonce, which looks like an ACK. That
-# request must be answered even if nothing changed, or the cluster stays warming.
-_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
-
-# What a SotW response carried for one type: its version and the names asked for
-# (None = wildcard). A NACKed key is never sent to that node again. Delta streams
-# quarantine (name, resource version) keys of their own.
-_Key = tuple[str, frozenset[str] | None]
-
-
-@dataclass
-class _Subscription:
-    """One type on one SotW stream."""
-
-    names: frozenset[str]
-    wildcard: bool
-    fresh: bool = True  # the client asked without a nonce: answer even if unchanged
-    rewarm: bool = False  # the parent type was just sent: answer the next request
-    nonce: str = ""
-    answered: bool = False  # the response ``nonce`` names was ACKed or NACKed already
-    sent: _Key | None = None
-    sent_at: float | None = None  # time.monotonic() of the write, for the ACK latency
-    repeats: dict[str, int] = field(default_factory=dict)  # sends per recent version
-
-    def want(self, version: str) -> _Key | None:
-        """The key a response would carry now; None when nothing is subscribed."""
-        if self.wildcard:
-            return (version, None)
-        if not self.names:
-            return None
-        return (version, self.names)
-
-
-def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
-    """SotW: "*" asks for everything; so does no name at all for CDS and LDS."""
-    return "*" in names or (type_url in WILDCARD_TYPES and not names)
-
-
-class _SotwSession(StreamState):
-    """State of the world on one stream: one outstanding response per type."""
-
-    protocol = SOTW
-
-    def __init__(self, server: AdsServer) -> None:
-        super().__init__(server)
-        self._server: AdsServer = server
-        self.subscriptions: dict[str, _Subscription] = {}
-
-    def handle(self, request: Any) -> str | None:
-        server = self._server
-        node = self.node or server.connect(self, request.node)
-        type_url = request.type_url
-        problem = self.check_type(type_url)
-        if problem is not None:
-            return problem
-        names = server._shared_names(frozenset(request.resource_names))
-        wildcard = _is_wildcard(type_url, names)
-        sub = self.subscriptions.get(type_url)
-        if sub is None:
-            # First request for the type on this stream: answer whatever nonce it
-            # carries (it may come from another control-plane replica).
-            self.subscriptions[type_url] = _Subscription(names, wildcard)
-            node.status(type_url)
-            return None
-        nonce = request.response_nonce
-        if nonce and nonce != sub.nonce:
-            server.stale(node, type_url, nonce)
-            return None
-        sub.names, sub.wildcard = names, wildcard
-        if not nonce:
-            sub.fresh = True  # a re-request; answer it even if nothing changed
-            return None
-        # The xDS protocol: a request naming the last response's nonce NACKs it when it
-        # carries error_detail, ACKs it when its version_info is the version sent, and
-        # otherwise (Envoy's subscriptions changed; after a NACK it repeats the nonce
-        # with the version it still holds) acknowledges nothing.
-        if request.HasField("error_detail"):
-            if sub.answered:
-                return None  # that response was answered already
-            sub.answered = True
-            if sub.sent is not None:
-                node.quarantine(type_url, sub.sent)
-            server.answered(node, type_url, sub.sent[0] if sub.sent else None,
-                             request.error_detail.message, sub.sent_at, nack=True)
-        elif sub.sent is not None and request.version_info == sub.sent[0]:
-            if not sub.answered:
-                sub.answered = True
-                server.answered(node, type_url, sub.sent[0], None, sub.sent_at)
-            if sub.rewarm:
-                sub.fresh, sub.rewarm = True, False
-        return None
-
-    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
-        assert self.node is not None
-        for type_url in self.order():
-            response = self._response(self.node, snapshot, type_url)
-            if response is not None:
-                yield response
-
-    def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
-        """The bytes to send for ``type_url`` now, or None; records them as sent."""
-        sub = self.subscriptions[type_url]
-        resources = snapshot.resources(type_url)
-        key = sub.want(resources.version)
-        if key is None or (not sub.fresh and key == sub.sent):
-            sub.fresh = False
-            return None
-        sub.fresh = False
-        if node.is_rejected(type_url, key):
-            log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
-            return None
-        sub.rewarm = False  # this response reaches the re-warming resources after their parent
-        # The nonce is the version and how often this stream was sent it before: unique
-        # on the stream, and the same on every stream getting this version for the first
-        # time, so they all share one encoded message.
-        repeats = sub.repeats.pop(key[0], 0)
-        sub.repeats[key[0]] = repeats + 1
-        if len(sub.repeats) > _NONCE_VERSIONS:
-            del sub.repeats[next(iter(sub.repeats))]
-        sub.nonce = f"{key[0]}.{repeats}"
-        sub.sent, sub.answered = key, False
-        sub.sent_at = self._server.delivered(self, type_url, key[0])
-        dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
-        if dependent is not None:
-            dependent.rewarm = True
-        return resources.message(key[1], sub.nonce)
-
 
 def _identity(data: bytes) -> bytes:
     return data
@@ -440,7 +295,7 @@ class AdsServer:
             self._metrics.answered(type_url, nack, time.monotonic() - sent_at)
         self._changed(node)
 
-    def _shared_names(self, names: frozenset[str]) -> frozenset[str]:
+    def shared_names(self, names: frozenset[str]) -> frozenset[str]:
         """One set object per distinct list of names: a thousand Envoys asking for the
         same hundred clusters keep one copy of the names, not a thousand."""
         shared = self._names.get(names)
@@ -460,7 +315,7 @@ class AdsServer:
     async def _sotw_stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        await self._run(requests, context, _SotwSession(self))
+        await self._run(requests, context, sotw.SotwSession(self))
 
     async def _delta_stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext

@@ -19,7 +19,7 @@ from typing import Any
 
 import aetcd
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcdkeys import ADMIN, MEMBERS, Keys
 from meshxl.model import (
     AdminAction,
     ModelError,
@@ -29,6 +29,7 @@ from meshxl.model import (
     RuntimeState,
     parse_model,
 )
+from meshxl.model.spec import UnknownChoice
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +310,12 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
             if data is None:
                 continue
             try:
-                if kind == "members":
+                if kind == MEMBERS:
                     registrations[(cluster, member)] = Registration.from_dict(data)
-                else:
+                elif kind == ADMIN:
                     members_down[(cluster, member)] = AdminAction.from_dict(data)
+                else:
+                    raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
             except ValueError as exc:
                 log.warning("ignoring %s: %s", key, exc)
             continue

@@ -13,14 +13,11 @@ Envoy before or after the control plane and then ``await envoy.wait_ready()``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, overload
 
-import aiohttp
-
+from meshxl.proxy.admin import EnvoyAdmin, Host
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess
 from tests.harness.ports import free_port
@@ -33,72 +30,6 @@ T = TypeVar("T")
 
 #: A control-plane address: a loopback port, "HOST:PORT", or (host, port).
 XdsAddress = int | str | tuple[str, int]
-
-#: Health flags in ``/clusters`` that take a host out of load balancing.
-FAILURE_FLAGS = frozenset(
-    {
-        "failed_active_health_check",
-        "failed_outlier_check",
-        "failed_eds_health",
-        "failed_active_degraded_check",
-        "excluded_via_immediate_hc_fail",
-        "active_hc_timeout",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Host:
-    """One upstream host of a cluster as Envoy sees it (``/clusters?format=json``)."""
-
-    address: str
-    port: int
-    priority: int = 0
-    weight: int = 1
-    #: Boolean health flags that are set, e.g. {"failed_active_health_check"}.
-    flags: frozenset[str] = frozenset()
-    #: EDS health status: HEALTHY, UNHEALTHY, DRAINING, TIMEOUT, DEGRADED or UNKNOWN.
-    eds_health_status: str = "UNKNOWN"
-    region: str = ""
-    zone: str = ""
-    sub_zone: str = ""
-    hostname: str = ""
-    stats: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def endpoint(self) -> str:
-        """``address:port``, handy for sets and messages."""
-        return f"{self.address}:{self.port}"
-
-    @property
-    def healthy(self) -> bool:
-        """True when Envoy would send traffic here (no failure flag, EDS not unhealthy)."""
-        return not (self.flags & FAILURE_FLAGS) and self.eds_health_status in (
-            "HEALTHY",
-            "UNKNOWN",
-        )
-
-    @classmethod
-    def from_admin(cls, raw: dict[str, Any]) -> Host:
-        sock = raw.get("address", {}).get("socket_address", {})
-        health = dict(raw.get("health_status", {}))
-        eds = str(health.pop("eds_health_status", "UNKNOWN"))
-        flags = frozenset(k for k, v in health.items() if v is True)
-        locality = raw.get("locality", {}) or {}
-        stats = {str(s.get("name")): int(s.get("value", 0)) for s in raw.get("stats", [])}
-        return cls(
-            address=str(sock.get("address", "")),
-            port=int(sock.get("port_value", 0)),
-            priority=int(raw.get("priority", 0)),
-            weight=int(raw.get("weight", 1)),
-            flags=flags,
-            eds_health_status=eds,
-            region=str(locality.get("region", "")),
-            zone=str(locality.get("zone", "")),
-            sub_zone=str(locality.get("sub_zone", "")),
-            hostname=str(raw.get("hostname", "")),
-            stats=stats,
-        )
 
 
 class EnvoyFixture:
@@ -117,7 +48,7 @@ class EnvoyFixture:
         self.node_id = node_id
         self.bootstrap = bootstrap
         self.name = process.name
-        self._http: aiohttp.ClientSession | None = None
+        self._admin: EnvoyAdmin | None = None
 
     # -- harness protocol --------------------------------------------------------
 
@@ -146,21 +77,21 @@ class EnvoyFixture:
     def admin_url(self) -> str:
         return self.process.admin_url
 
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0))
-            self.harness.on_close(self._http.close)
-        return self._http
+    @property
+    def admin(self) -> EnvoyAdmin:
+        """The typed admin client (``meshxl.proxy.admin``), closed with the harness."""
+        if self._admin is None:
+            self._admin = EnvoyAdmin(self.admin_url)
+            self.harness.on_close(self._admin.close)
+        return self._admin
 
     async def get(self, path: str, **params: str) -> tuple[int, str]:
         """GET an admin path; returns (status, body)."""
-        async with self._session().get(self.admin_url + path, params=params) as resp:
-            return resp.status, await resp.text()
+        return await self.admin.get(path, **params)
 
     async def post(self, path: str, **params: str) -> tuple[int, str]:
-        """POST an admin path (``/healthcheck/fail``, ``/drain_listeners``...)."""
-        async with self._session().post(self.admin_url + path, params=params) as resp:
-            return resp.status, await resp.text()
+        """POST an admin path; returns (status, body)."""
+        return await self.admin.post(path, **params)
 
     async def get_json(self, path: str, **params: str) -> Any:
         status, body = await self.get(path, **params)
@@ -176,8 +107,7 @@ class EnvoyFixture:
         await self.process.wait_ready(timeout)
 
     async def ready(self) -> bool:
-        status, _ = await self.get("/ready")
-        return status == 200
+        return await self.admin.ready()
 
     async def server_info(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.get_json("/server_info")
@@ -185,7 +115,7 @@ class EnvoyFixture:
 
     async def server_state(self) -> str:
         """PRE_INITIALIZING, INITIALIZING, LIVE or DRAINING."""
-        return str((await self.server_info()).get("state", ""))
+        return (await self.admin.server_info()).state
 
     async def config_dump(
         self,
@@ -196,64 +126,33 @@ class EnvoyFixture:
         name_regex: str | None = None,
     ) -> dict[str, Any]:
         """``/config_dump``; ``resource`` e.g. ``dynamic_active_clusters``."""
-        params: dict[str, str] = {}
-        if resource:
-            params["resource"] = resource
-        if include_eds:
-            params["include_eds"] = ""
-        if mask:
-            params["mask"] = mask
-        if name_regex:
-            params["name_regex"] = name_regex
-        data: dict[str, Any] = await self.get_json("/config_dump", **params)
-        return data
+        return await self.admin.config_dump(
+            resource, include_eds=include_eds, mask=mask, name_regex=name_regex
+        )
 
     async def dynamic_clusters(self) -> dict[str, dict[str, Any]]:
         """Active clusters received over xDS: name -> Cluster (JSON), plus ``version_info``."""
-        dump = await self.config_dump("dynamic_active_clusters")
-        out: dict[str, dict[str, Any]] = {}
-        for item in dump.get("configs", []):
-            cluster = dict(item.get("cluster", {}))
-            cluster["version_info"] = item.get("version_info", "")
-            out[str(cluster.get("name"))] = cluster
-        return out
+        return await self.admin.dynamic_clusters()
 
     async def clusters(self) -> dict[str, list[Host]]:
         """``/clusters?format=json``: cluster name -> hosts with priority/weight/health."""
-        data = await self.get_json("/clusters", format="json")
-        return {
-            str(c.get("name")): [Host.from_admin(h) for h in c.get("host_statuses", [])]
-            for c in data.get("cluster_statuses", [])
-        }
+        return await self.admin.clusters()
 
     async def hosts(self, cluster: str) -> list[Host]:
         """Hosts of one cluster; [] if Envoy does not know the cluster (yet)."""
-        return (await self.clusters()).get(cluster, [])
+        return await self.admin.hosts(cluster)
 
     async def listeners(self) -> dict[str, tuple[str, int]]:
         """``/listeners?format=json``: listener name -> bound (address, port)."""
-        data = await self.get_json("/listeners", format="json")
-        out: dict[str, tuple[str, int]] = {}
-        for item in data.get("listener_statuses", []):
-            sock = item.get("local_address", {}).get("socket_address", {})
-            out[str(item.get("name"))] = (str(sock.get("address")), int(sock.get("port_value", 0)))
-        return out
+        return await self.admin.listeners()
 
     async def stats(self, filter: str | None = None) -> dict[str, int]:
         """Counters and gauges from ``/stats?format=json`` (``filter`` is a regex)."""
-        params = {"format": "json"}
-        if filter:
-            params["filter"] = filter
-        data = await self.get_json("/stats", **params)
-        out: dict[str, int] = {}
-        for item in data.get("stats", []):
-            if "name" in item:
-                out[str(item["name"])] = int(item.get("value", 0))
-        return out
+        return await self.admin.stats(filter)
 
     async def stat(self, name: str) -> int:
         """One counter or gauge; 0 when Envoy has not created it yet."""
-        return (await self.stats(filter=f"^{re.escape(name)}$")).get(name, 0)
+        return await self.admin.stat(name) or 0
 
     @overload
     async def wait_for(

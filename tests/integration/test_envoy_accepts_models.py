@@ -22,9 +22,10 @@ from meshxl.model import ModelError, parse_model
 from meshxl.model.spec import MAX_DURATION, RETRY_CONDITIONS, UINT32_MAX
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess, find_envoy
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
+from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.resources import CompileError, compile_resources
 from meshxl.xds.server import AdsServer
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.harness.ports import free_port, free_ports
 
 T = TypeVar("T")

@@ -162,10 +162,10 @@ async def check_no_loss(d: DemoDeployment, sessions: list[str],
 
 
 async def envoy_stats(d: DemoDeployment) -> dict[str, int]:
-    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http,
-                http.get(f"{d.admin_url}/stats", params={"format": "json"}) as resp):
-        data = await resp.json(content_type=None)
-    return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+    from meshxl.proxy.admin import EnvoyAdmin
+
+    async with EnvoyAdmin(d.admin_url, timeout=2) as admin:
+        return await admin.stats()
 
 
 async def get_json(url: str) -> tuple[int, Any]:

@@ -199,8 +199,7 @@ async def test_site_offline_moves_traffic_and_online_brings_it_back(
         "a": "site-offline", "b": "site-offline", "c": "ready"}
     assert report["sites_offline"]["dc1"]["reason"] == "dr drill"
     hosts = await envoy_hosts(d.admin_url)
-    draining = {h["address"]["socket_address"]["port_value"] for h in hosts
-                if h["health_status"].get("eds_health_status") == "DRAINING"}
+    draining = {h.port for h in hosts if h.eds_health_status == "DRAINING"}
     assert draining == {d.member("a").app_port, d.member("b").app_port}
     await asyncio.sleep(1.5)
     online_at = time.time()

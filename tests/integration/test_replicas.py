@@ -17,6 +17,7 @@ import pytest
 from meshxl.demo.deployment import CLUSTER, DemoDeployment
 from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Traffic, read_back
+from meshxl.proxy.admin import EnvoyAdmin
 from tests.harness import wait_for
 from tests.harness.cli import meshxl_json
 
@@ -37,10 +38,8 @@ async def deployment(request: pytest.FixtureRequest,
 
 
 async def envoy_stats(d: DemoDeployment) -> dict[str, int]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{d.admin_url}/stats", params={"format": "json"}) as resp:
-            data = await resp.json(content_type=None)
-    return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+    async with EnvoyAdmin(d.admin_url) as admin:
+        return await admin.stats()
 
 
 async def node_replica(d: DemoDeployment) -> Any:

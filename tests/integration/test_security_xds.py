@@ -26,7 +26,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from meshxl.proxy.bootstrap import XdsTls
 from meshxl.proxy.envoy import find_envoy
-from meshxl.xds.cache import CLUSTER
+from meshxl.xds.types import CLUSTER
 from tests.harness import wait_for
 from tests.harness.certs import CA, Leaf
 

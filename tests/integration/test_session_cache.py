@@ -22,7 +22,8 @@ PREFIX = Keys().sessions_prefix("c")
 
 
 def value(n: int) -> bytes:
-    return SessionRecord("a", "application/json", 1.0, 1.0, str(n).encode()).encode()
+    return SessionRecord(owner="a", content_type="application/json", created=1.0, updated=1.0,
+                         data=str(n).encode()).encode()
 
 
 @asynccontextmanager

@@ -599,7 +599,8 @@ async def test_full_sync_shrinks_pages_that_exceed_the_message_limit(etcd: EtcdS
     from meshxl.statesync.record import SessionRecord
 
     prefix = Keys().sessions_prefix(CLUSTER)
-    record = SessionRecord("a", "application/octet-stream", 1.0, 1.0, b"y" * 300_000)
+    record = SessionRecord(owner="a", content_type="application/octet-stream", created=1.0,
+                           updated=1.0, data=b"y" * 300_000)
     async with etcd.client() as writer:
         for i in range(8):  # 2.4 MB in all, more than the 1 MB this client accepts
             await writer.put(f"{prefix}s{i}".encode(), record.encode())

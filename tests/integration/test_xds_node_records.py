@@ -14,7 +14,7 @@ from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceSt
 
 from meshxl.etcdkeys import Keys
 from meshxl.ops import apply_model
-from meshxl.xds.cache import CLUSTER
+from meshxl.xds.types import CLUSTER
 from tests.harness import wait_for
 from tests.unit.test_xds_server import Envoy
 

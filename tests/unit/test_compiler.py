@@ -7,8 +7,9 @@ the result must be byte-identical to compiling everything from scratch.
 from __future__ import annotations
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
-from meshxl.xds.cache import ENDPOINT, Snapshot, stats
+from meshxl.xds.cache import Snapshot, stats
 from meshxl.xds.resources import Compiler, Resources, compile_resources
+from meshxl.xds.types import ENDPOINT
 
 MODEL = parse_model("""
 clusters:

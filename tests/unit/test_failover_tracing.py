@@ -14,8 +14,8 @@ from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
 from meshxl.statesync.sessions import Takeover
 from meshxl.statesync.tracing import TakeoverTracer
 from meshxl.telemetry import names
-from meshxl.xds.cache import CLUSTER, ENDPOINT
 from meshxl.xds.failover import FailoverTracer, losses
+from meshxl.xds.types import CLUSTER, ENDPOINT
 
 MODEL = parse_model("""
 clusters:

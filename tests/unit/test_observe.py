@@ -20,11 +20,12 @@ from meshxl.observe import (
     verify_report,
 )
 from meshxl.tables import render_status, render_sync, render_verify
-from meshxl.xds.cache import CLUSTER, ENDPOINT, Snapshot
+from meshxl.xds.cache import Snapshot
 from meshxl.xds.failover import losses
 from meshxl.xds.history import transitions
 from meshxl.xds.metrics import Convergence, XdsMetrics
 from meshxl.xds.resources import Compiler
+from meshxl.xds.types import CLUSTER, ENDPOINT
 
 MODEL = parse_model(dedent("""
     clusters:

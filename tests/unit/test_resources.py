@@ -25,11 +25,8 @@ from meshxl.model import (
     RuntimeState,
     parse_model,
 )
+from meshxl.xds import types
 from meshxl.xds.resources import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    LISTENER_TYPE,
-    ROUTE_TYPE,
     CompileError,
     Resources,
     compile_resources,
@@ -547,8 +544,8 @@ def test_cluster_without_listener_has_no_lds_or_rds() -> None:
 def test_by_type_maps_type_urls() -> None:
     res = compile_resources(parse_model(QUICKSTART.read_text(encoding="utf-8")))
     by = res.by_type()
-    assert by[CLUSTER_TYPE] is res.clusters and by[ENDPOINT_TYPE] is res.endpoints
-    assert by[LISTENER_TYPE] is res.listeners and by[ROUTE_TYPE] is res.routes
+    assert by[types.CLUSTER] is res.clusters and by[types.ENDPOINT] is res.endpoints
+    assert by[types.LISTENER] is res.listeners and by[types.ROUTE] is res.routes
     for url, resources in by.items():
         for msg in resources.values():
             assert url.endswith("/" + msg.DESCRIPTOR.full_name)

@@ -100,7 +100,8 @@ def test_trace_context_is_kept_only_when_valid(value: str) -> None:
     assert kept is None or (kept == value and len(value) == 55)
     if kept is None:
         with pytest.raises(ValueError):
-            SessionRecord("a", "text/plain", 1.0, 1.0, b"", value)
+            SessionRecord(owner="a", content_type="text/plain", created=1.0, updated=1.0, data=b"",
+                          traceparent=value)
 
 
 @pytest.mark.parametrize("value", [
@@ -115,7 +116,7 @@ def test_invalid_trace_contexts(value: str) -> None:
 @given(st.text(max_size=300))
 def test_content_type_check_bounds_what_is_stored(value: str) -> None:
     if valid_content_type(value):
-        SessionRecord("a", value, 1.0, 1.0, b"").encode()
+        SessionRecord(owner="a", content_type=value, created=1.0, updated=1.0, data=b"").encode()
     else:
         assert not value or len(value) > 255 or any(not " " <= c <= "~" for c in value)
 
@@ -247,7 +248,8 @@ def test_cache_skips_foreign_keys_and_records(suffix: bytes, value: bytes) -> No
 
 def test_cache_counts_undecodable_sessions_until_replaced_or_deleted() -> None:
     cache = SessionCache(None, PREFIX)  # type: ignore[arg-type]
-    good = SessionRecord("a", "text/plain", 1.0, 1.0, b"x").encode()
+    good = SessionRecord(owner="a", content_type="text/plain", created=1.0, updated=1.0,
+                         data=b"x").encode()
     for revision, (kind, value) in enumerate([("PUT", good), ("PUT", b"junk"),
                                               ("PUT", good), ("PUT", b"junk"),
                                               ("DELETE", b"")], start=2):

@@ -16,12 +16,14 @@ PREFIX = "/meshxl/v1/sessions/c/"
 
 
 def record(owner: str = "a", data: bytes = b'{"n":1}') -> SessionRecord:
-    return SessionRecord(owner, "application/json", 1.0, 2.0, data, None)
+    return SessionRecord(owner=owner, content_type="application/json", created=1.0, updated=2.0,
+                         data=data, traceparent=None)
 
 
 def test_record_round_trips_any_bytes_including_newlines() -> None:
-    original = SessionRecord("member-a", "application/octet-stream", 1.5, 2.5,
-                             b"\x00line1\nline2\n\xff", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    original = SessionRecord(owner="member-a", content_type="application/octet-stream", created=1.5,
+                             updated=2.5, data=b"\x00line1\nline2\n\xff",
+                             traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01")
     assert SessionRecord.decode(original.encode()) == original
 
 

@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshxl.etcdkeys import Keys
-from meshxl.xds.cache import CLUSTER, SnapshotCache
+from meshxl.xds.cache import SnapshotCache
 from meshxl.xds.nodes import NACK_TEXT_MAX, NODE_ID_MAX, Nack, NodeStatus, node_id_problem
-from meshxl.xds.server import AdsServer, _SotwSession
+from meshxl.xds.server import AdsServer
+from meshxl.xds.sotw import SotwSession
+from meshxl.xds.types import CLUSTER
 from tests.unit.test_xds_delta import Harness as DeltaHarness
 from tests.unit.test_xds_delta import snap
 from tests.unit.test_xds_server import Harness, eventually, snapshot
@@ -169,7 +171,7 @@ async def test_stream_cancelled_twice_leaves_no_ghost_node() -> None:
             await release.wait()  # a reader slow to stop
         yield DiscoveryRequest()  # pragma: no cover
 
-    task = asyncio.create_task(ads._run(requests(), _Context(), _SotwSession(ads)))  # type: ignore[arg-type]
+    task = asyncio.create_task(ads._run(requests(), _Context(), SotwSession(ads)))  # type: ignore[arg-type]
     await eventually(lambda: ads.node_status().get("ghost", {}).get("streams") == 1)
     task.cancel()
     await asyncio.sleep(0.05)  # the handler now waits for its reader

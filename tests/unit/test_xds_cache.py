@@ -14,16 +14,8 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.message import Message
 
 from meshxl.xds import cache
-from meshxl.xds.cache import (
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    TYPE_ORDER,
-    Snapshot,
-    SnapshotCache,
-    with_nonce,
-)
+from meshxl.xds.cache import Snapshot, SnapshotCache, with_nonce
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
 
 
 def cluster(name: str, timeout_s: int = 1) -> Cluster:

@@ -27,10 +27,11 @@ from google.protobuf.message import Message
 from google.rpc.status_pb2 import Status
 
 from meshxl.xds import cache
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshot, SnapshotCache
+from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.delta import _frame, delta_resources, resource_version
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.server import AdsServer
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.unit.test_xds_server import QUIET, WAIT, Envoy, eventually
 
 

@@ -17,8 +17,9 @@ from google.protobuf.message import Message
 from google.rpc.status_pb2 import Status
 
 from meshxl.xds import cache
-from meshxl.xds.cache import CLUSTER, ENDPOINT, LISTENER, Snapshot, SnapshotCache
+from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.server import AdsServer
+from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER
 
 WAIT = 3.0  # generous bound for anything that must happen
 QUIET = 0.3  # bounded window in which nothing may arrive

@@ -1,0 +1,46 @@
+"""The HTTP header names meshxl sends and reads, defined once.
+
+aiohttp compares header names case-insensitively (``CIMultiDict``), so the spelling
+here is what meshxl writes; readers match any case.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "AUTHORIZATION",
+    "ETAG",
+    "IF_MATCH",
+    "IF_NONE_MATCH",
+    "MEMBER",
+    "OWNER",
+    "SESSION",
+    "SOURCE",
+    "TRACEPARENT",
+    "WWW_AUTHENTICATE",
+    "bearer",
+]
+
+#: The session id the sample apps and the demo route on (the model's stickiness header).
+SESSION: Final = "x-session-id"
+#: The member that served a response (sample apps).
+MEMBER: Final = "x-meshxl-member"
+#: The statesync session API: the member owning a session, and where a read came from
+#: ("etcd", or "cache" while etcd does not answer).
+OWNER: Final = "X-Meshxl-Owner"
+SOURCE: Final = "X-Meshxl-Source"
+#: Conditional writes of the session API (RFC 9110).
+ETAG: Final = "ETag"
+IF_MATCH: Final = "If-Match"
+IF_NONE_MATCH: Final = "If-None-Match"
+#: Bearer tokens (the sidecar's API, the Kubernetes API).
+AUTHORIZATION: Final = "Authorization"
+WWW_AUTHENTICATE: Final = "WWW-Authenticate"
+#: W3C trace context.
+TRACEPARENT: Final = "traceparent"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """``{Authorization: Bearer TOKEN}``, or no header without a token."""
+    return {AUTHORIZATION: f"Bearer {token}"} if token else {}
