@@ -14,7 +14,7 @@ import pytest
 
 from meshxl.etcdkeys import Keys
 from meshxl.ops import apply_model
-from meshxl.xds.cache import CLUSTER
+from meshxl.xds.types import CLUSTER
 from tests.harness.cli import meshxl
 
 pytestmark = pytest.mark.integration

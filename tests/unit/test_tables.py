@@ -13,7 +13,7 @@ from rich.console import Console
 from meshxl.model import AdminAction, Registration, RuntimeState
 from meshxl.observe import MeshRead, status_report, sync_report, verify_report
 from meshxl.tables import MAX_CELL, plain, render_status, render_sync, render_verify
-from meshxl.xds.cache import CLUSTER, ENDPOINT
+from meshxl.xds.types import CLUSTER, ENDPOINT
 from tests.unit.test_observe import MODEL, expected_versions, live_from_model, read_of
 
 MARKUP = ["[/red]", "[red]", "[/]", "[bold", "[link=http://x]y[/link]", "x[/x]y",
