@@ -47,19 +47,20 @@ import grpc
 from aetcd import rpc, watcher
 
 from meshxl import tls
+from meshxl.errors import InputError, Unavailable
 
 log = logging.getLogger(__name__)
 
 
-class EtcdEndpointError(ValueError):
+class EtcdEndpointError(InputError):
     """An ``--etcd`` value that is not a list of http(s)://HOST:PORT URLs."""
 
 
-class EtcdSecurityError(ValueError):
+class EtcdSecurityError(InputError):
     """Unusable etcd TLS or credential settings: a file missing or bad, half a pair."""
 
 
-class EtcdAuthError(aetcd.exceptions.ClientError):  # type: ignore[misc]
+class EtcdAuthError(aetcd.exceptions.ClientError, Unavailable):  # type: ignore[misc]
     """etcd refused the user name and password (a wrong setting, not a passing fault)."""
 
 
@@ -252,7 +253,7 @@ TROUBLE_HOLD = 3.0
 UP, NO_LEADER, DOWN, UNKNOWN = "up", "no-leader", "down", "unknown"
 
 
-class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError):  # type: ignore[misc]
+class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError, Unavailable):  # type: ignore[misc]
     """No etcd member could take the request (none answers, or no leader in time)."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from meshxl.errors import Unavailable
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
 from .render import PREFERRED_LABEL, ROLE_LABEL, SERVING_LABEL, role_labels
@@ -39,7 +40,7 @@ _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _ROLE_KEYS = (ROLE_LABEL, SERVING_LABEL, PREFERRED_LABEL)
 
 
-class KubeApiError(RuntimeError):
+class KubeApiError(Unavailable, RuntimeError):
     """The Kubernetes API refused a request or could not be reached."""
 
 

@@ -74,7 +74,8 @@ from typing import Any
 
 import yaml
 
-from meshxl.bounded import InputError, load_yaml_all, read_text
+from meshxl.bounded import load_yaml_all, read_text
+from meshxl.errors import InputError
 
 from . import names
 from .otlpjson import KIND_CLIENT, KIND_SERVER, STATUS_ERROR, Span, TraceFileError, read_spans
@@ -115,7 +116,7 @@ _NS = 1_000_000  # per millisecond
 
 # -- objectives -----------------------------------------------------------------------------
 
-class SloError(ValueError):
+class SloError(InputError):
     """A bad SLO document; ``str()`` names the file and the field."""
 
     def __init__(self, path: str, field: str, message: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from meshxl.errors import InputError
 from meshxl.xds.cache import TYPE_ORDER, Snapshot
 
 __all__ = ["NACK_TEXT_MAX", "NODE_ID_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus",
@@ -38,7 +39,7 @@ LOG_REPEAT_SECONDS = 60.0
 """An identical warning about one node is logged at most once per this many seconds."""
 
 
-class BadRequest(ValueError):
+class BadRequest(InputError):
     """A request the stream cannot serve: it ends with INVALID_ARGUMENT and this text."""
 
 

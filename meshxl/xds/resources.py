@@ -43,6 +43,7 @@ from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshxl.errors import InputError
 from meshxl.model import (
     ClusterSpec,
     ClusterView,
@@ -70,7 +71,7 @@ _ADS = config_source_pb2.ConfigSource(
 )
 
 
-class CompileError(ValueError):
+class CompileError(InputError):
     """The model cannot be turned into Envoy resources (names the field path)."""
 
     def __init__(self, path: str, message: str):
