@@ -35,7 +35,7 @@ from typing import Any
 import aetcd
 import aiohttp
 
-from meshxl.errors import InputError, MeshxlError
+from meshxl.errors import Conflict, InputError
 from meshxl.etcdkeys import Keys
 from meshxl.observe import read_mesh, status_report, sync_report, verify
 from meshxl.ops import set_site_admin
@@ -45,7 +45,7 @@ __all__ = ["DrillConfig", "DrillRefused", "DrillSettingsError", "run_drill"]
 PASSED, FAILED, REFUSED = 0, 1, 2
 
 
-class DrillRefused(MeshxlError):
+class DrillRefused(Conflict):
     """The deployment is not healthy enough to drill; ``reasons`` says why."""
 
     def __init__(self, reasons: list[str]):

@@ -6,29 +6,34 @@ the ``meshxl`` command to a one-line message and an exit code (``meshxl.cli.erro
 the HTTP servers to a JSON error body and a status (``meshxl.web``). Nothing else
 matches on exception types by name.
 
-=================  ===================================================  ====  =====
-member             meaning                                              exit  HTTP
-=================  ===================================================  ====  =====
-InputError         bad input: a model, file, option, certificate,       1     400
-                   request or trace that cannot be used as given
-TooLarge           input beyond a size limit (an InputError)             1     413
-NotFound           a named thing (cluster, member, site, session) does  1     404
-                   not exist
-Conflict           a revision-compared write lost, or the writer was    1     409
-                   fenced (a newer owner holds the session)
-PreconditionFailed a conditional write whose condition no longer holds  1     412
-                   (a Conflict)
-Unavailable        a service meshxl depends on (etcd, Envoy, the        1     503
-                   Kubernetes API) did not answer or refused
-MissingBinary      a program meshxl runs (envoy, etcd) is not           1     500
-                   installed; the message says what to install
-ProcessError       a process meshxl started (a local deployment's etcd, 1     500
-                   Envoy, a server) failed or died
-=================  ===================================================  ====  =====
+==================  ==================================================  ====  ====
+member              meaning                                             exit  HTTP
+==================  ==================================================  ====  ====
+InputError          bad input: a model, file, option, certificate,      1     400
+                    request or trace that cannot be used as given
+TooLarge            input beyond a size limit (an InputError)           1     413
+NotFound            a named thing (cluster, member, site, session)      1     404
+                    does not exist
+Conflict            the current state forbids it: a revision-compared   1     409
+                    write lost, a fenced writer (a newer owner holds
+                    the session), a drill on an unhealthy deployment
+PreconditionFailed  a conditional write whose condition no longer       1     412
+                    holds (a Conflict)
+Unavailable         a service meshxl depends on (etcd, Envoy, the       1     503
+                    Kubernetes API) did not answer or refused
+MissingBinary       a program meshxl runs (envoy, etcd) is not          1     500
+                    installed; the message says what to install
+ProcessError        a process meshxl started (a local deployment's      1     500
+                    etcd, Envoy, a server) failed or died
+==================  ==================================================  ====  ====
+
+The command's exit codes are :data:`meshxl.cli.errors.EXIT_CODES`, the servers'
+statuses :data:`meshxl.web.HTTP_STATUS`.
 
 Each project exception keeps its own name and module (``ModelError`` in
 ``meshxl.model``, ``OpsError`` in ``meshxl.ops``...) and subclasses its family member;
-those that callers also catch as ``ValueError`` or ``RuntimeError`` keep that base too.
+``InputError`` is also a ``ValueError``, ``MissingBinary`` and ``ProcessError`` are
+also ``RuntimeError`` (as callers caught them before).
 Exceptions private to a module (leading underscore) carry control flow inside it and
 are not part of the family.
 """
@@ -73,7 +78,8 @@ class NotFound(MeshxlError):
 
 
 class Conflict(MeshxlError):
-    """A revision-compared write lost, or its writer was fenced."""
+    """The current state forbids it: a revision-compared write lost, its writer was
+    fenced, a drill found the deployment unhealthy."""
 
 
 class PreconditionFailed(Conflict):

@@ -598,7 +598,7 @@ class Balancer:
         return [{**ep.as_dict(), "current": ep is preferred} for ep in self.endpoints]
 
 
-class MemberChanged(Exception):
+class MemberChanged(Unavailable):
     """The member a request was sent to stopped being up, or its leader changed."""
 
 
