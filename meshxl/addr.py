@@ -7,6 +7,8 @@ import os
 import socket
 from typing import Any
 
+from meshxl.errors import InputError
+
 
 def valid_port(port: object, what: str, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
@@ -75,7 +77,7 @@ the kernel splits new connections between the two processes. Every meshxl gRPC s
 passes these options."""
 
 
-class ListenError(ValueError):
+class ListenError(InputError):
     """A server cannot listen where it was told to (the message says where and why)."""
 
 

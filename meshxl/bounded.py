@@ -12,11 +12,9 @@ from typing import Any
 
 import yaml
 
+from meshxl.errors import InputError
+
 __all__ = ["InputError", "load_yaml_all", "read_text"]
-
-
-class InputError(ValueError):
-    """An input file that cannot be used (the message names it and says why)."""
 
 
 def read_text(path: str, limit: int, what: str = "input") -> str:

@@ -35,22 +35,28 @@ from typing import Any
 import aetcd
 import aiohttp
 
+from meshxl.errors import Conflict, InputError
 from meshxl.etcdkeys import Keys
 from meshxl.observe import read_mesh, status_report, sync_report, verify
 from meshxl.ops import set_site_admin
 from meshxl.proxy.admin import EnvoyAdmin
 
-__all__ = ["DrillConfig", "DrillRefused", "run_drill"]
+__all__ = ["DrillConfig", "DrillRefused", "DrillSettingsError", "run_drill"]
 
 PASSED, FAILED, REFUSED = 0, 1, 2
 
 
-class DrillRefused(Exception):
+class DrillRefused(Conflict):
     """The deployment is not healthy enough to drill; ``reasons`` says why."""
 
     def __init__(self, reasons: list[str]):
         super().__init__("; ".join(reasons))
         self.reasons = reasons
+
+
+class DrillSettingsError(InputError, ValueError):
+    """The drill's settings cannot be used (an SLO file, --slo without --traces): it
+    refuses to start (exit :data:`REFUSED`)."""
 
 
 class _Abort(Exception):
@@ -243,9 +249,10 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
     try:
         objectives = load_slos(cfg.slo) if cfg.slo else []
     except SloError as exc:
-        raise ValueError(str(exc)) from None
+        raise DrillSettingsError(str(exc)) from None
     if objectives and not cfg.traces:
-        raise ValueError("--slo needs --traces: the objectives are judged on failover traces")
+        raise DrillSettingsError("--slo needs --traces: the objectives are judged on "
+                                 "failover traces")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     drill = _Drill(client, keys, cfg, say)
     started = time.time()

@@ -20,6 +20,7 @@ import aetcd
 import grpc
 
 from meshxl import tls
+from meshxl.errors import InputError
 from meshxl.etcd_auth import EtcdAuthError, _host, _SecureClient, _TokenAuth
 from meshxl.etcd_balancer import (
     ATTEMPT_TIMEOUT,
@@ -53,11 +54,11 @@ __all__ = [
 ]
 
 
-class EtcdEndpointError(ValueError):
+class EtcdEndpointError(InputError):
     """An ``--etcd`` value that is not a list of http(s)://HOST:PORT URLs."""
 
 
-class EtcdSecurityError(ValueError):
+class EtcdSecurityError(InputError):
     """Unusable etcd TLS or credential settings: a file missing or bad, half a pair."""
 
 

@@ -22,10 +22,12 @@ import aetcd
 import grpc
 from aetcd import rpc, watcher
 
+from meshxl.errors import Unavailable
+
 log = logging.getLogger("meshxl.etcd")
 
 
-class EtcdAuthError(aetcd.exceptions.ClientError):  # type: ignore[misc]
+class EtcdAuthError(aetcd.exceptions.ClientError, Unavailable):  # type: ignore[misc]
     """etcd refused the user name and password (a wrong setting, not a passing fault)."""
 
 

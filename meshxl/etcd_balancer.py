@@ -33,6 +33,8 @@ import aetcd
 import grpc
 from aetcd import rpc
 
+from meshxl.errors import Unavailable
+
 log = logging.getLogger("meshxl.etcd")
 
 T = TypeVar("T")
@@ -58,7 +60,7 @@ TROUBLE_HOLD = 3.0
 UP, NO_LEADER, DOWN, UNKNOWN = "up", "no-leader", "down", "unknown"
 
 
-class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError):  # type: ignore[misc]
+class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError, Unavailable):  # type: ignore[misc]
     """No etcd member could take the request (none answers, or no leader in time)."""
 
 
@@ -403,7 +405,7 @@ class Balancer:
         return [{**ep.as_dict(), "current": ep is preferred} for ep in self.endpoints]
 
 
-class MemberChanged(Exception):
+class MemberChanged(Unavailable):
     """The member a request was sent to stopped being up, or its leader changed."""
 
 

@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 
 import aetcd
 
+from meshxl.errors import NotFound
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, parse_model
 
 
-class OpsError(Exception):
+class OpsError(NotFound):
     """An operator command that cannot be carried out (the message says why)."""
 
 

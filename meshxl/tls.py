@@ -15,12 +15,14 @@ from pathlib import Path
 
 import grpc
 
+from meshxl.errors import InputError
+
 __all__ = ["ServerTls", "TlsFileError", "check_ca", "check_pair", "read_pem"]
 
 log = logging.getLogger(__name__)
 
 
-class TlsFileError(ValueError):
+class TlsFileError(InputError):
     """A certificate, key or CA file that cannot be used; the message names it."""
 
 

@@ -1,9 +1,12 @@
 """What every meshxl HTTP server shares: JSON errors, bounded JSON bodies, timeouts.
 
 * :func:`json_errors`, a middleware: every error answer is ``{"error": ..., "status":
-  ...}`` JSON, the handlers' own (:class:`HttpError`), aiohttp's (404, 405, 413...) and
-  an unexpected exception's (a 500 with a one-line message; the traceback goes to the
-  log, never to the client).
+  ...}`` JSON, the handlers' own (any :class:`~meshxl.errors.MeshxlError`, its status
+  from :data:`HTTP_STATUS`), aiohttp's (404, 405, 413...) and an unexpected
+  exception's (a 500 with a one-line message; the traceback goes to the log, never to
+  the client).
+* :data:`HTTP_STATUS` and :func:`http_status`: the one mapping of the
+  :mod:`meshxl.errors` family to HTTP statuses, for every meshxl server.
 * :class:`Runner`, an ``AppRunner`` whose answers to requests that never reach the
   application (a malformed request line, headers too long: aiohttp's own 400/431) are
   JSON too, with the server timeouts below.
@@ -29,6 +32,16 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from meshxl.errors import (
+    Conflict,
+    InputError,
+    MeshxlError,
+    NotFound,
+    PreconditionFailed,
+    TooLarge,
+    Unavailable,
+)
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,26 +58,38 @@ MAX_HEADERS = 100
 MAX_FIELD_SIZE = 8190
 
 
-class HttpError(Exception):
-    """A failure with the HTTP status it maps to and extra JSON fields."""
-
-    status = 500
-
-    def __init__(self, message: str, **details: Any):
-        super().__init__(message)
-        self.details = details
+class BadJson(InputError):
+    """A body that is not JSON, or nests too deep."""
 
 
-class BadJson(HttpError):
-    status = 400
+class BodyTooLarge(TooLarge):
+    """A body beyond the endpoint's limit."""
 
 
-class BodyTooLarge(HttpError):
-    status = 413
+class BodyTimeout(InputError):
+    """A body that did not arrive in time."""
 
 
-class BodyTimeout(HttpError):
-    status = 408
+HTTP_STATUS: dict[type[MeshxlError], int] = {
+    MeshxlError: 500,
+    InputError: 400,
+    BodyTimeout: 408,
+    TooLarge: 413,
+    NotFound: 404,
+    Conflict: 409,
+    PreconditionFailed: 412,
+    Unavailable: 503,
+}
+"""HTTP status per member of the :mod:`meshxl.errors` family (the nearest class in an
+exception's hierarchy counts)."""
+
+
+def http_status(exc: MeshxlError) -> int:
+    """The HTTP status ``exc`` is answered with (:data:`HTTP_STATUS`)."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]  # type: ignore[index]
+    return 500
 
 
 def error_response(status: int, message: str, **details: Any) -> web.Response:
@@ -76,8 +101,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     """Every failure becomes a JSON body with a message (see the module docstring)."""
     try:
         response = await handler(request)
-    except HttpError as exc:
-        return error_response(exc.status, str(exc), **exc.details)
+    except MeshxlError as exc:
+        return error_response(http_status(exc), str(exc), **exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -231,6 +256,7 @@ def application(*, middlewares: list[Any] | None = None, client_max_size: int = 
                            client_max_size=client_max_size, **kwargs)
 
 
-__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "MAX_JSON_DEPTH", "BadJson", "BodyTimeout",
-           "BodyTooLarge", "HttpError", "Runner", "application", "error_response",
-           "json_depth", "json_errors", "loads", "read_body", "read_json", "server_args"]
+__all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "HTTP_STATUS", "MAX_JSON_DEPTH", "BadJson",
+           "BodyTimeout", "BodyTooLarge", "Runner", "application", "error_response",
+           "http_status", "json_depth", "json_errors", "loads", "read_body", "read_json",
+           "server_args"]

@@ -18,11 +18,12 @@ from pathlib import Path
 import aiohttp
 
 from meshxl.binaries import find_etcd
+from meshxl.errors import ProcessError
 
 HOST = "127.0.0.1"
 
 
-class LocalError(RuntimeError):
+class LocalError(ProcessError):
     """A local process could not be started or did not become ready."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from meshxl.errors import InputError
 from meshxl.model import ModelSpec
 
 from .render import (
@@ -49,7 +50,7 @@ _MAX_INPUT = 32 * 1024 * 1024
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?")
 
 
-class CheckInputError(ValueError):
+class CheckInputError(InputError):
     """Objects that cannot be read (the message names the file)."""
 
 

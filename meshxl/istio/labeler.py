@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from meshxl.errors import Unavailable
 from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
@@ -37,7 +38,7 @@ log = logging.getLogger("meshxl.istio.labeler")
 
 CLUSTER_LABEL = "meshxl.io/cluster"
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-class KubeApiError(RuntimeError):
+class KubeApiError(Unavailable, RuntimeError):
     """The Kubernetes API refused a request or could not be reached."""
 
 

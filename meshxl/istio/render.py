@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshxl import __version__
+from meshxl.errors import InputError
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import ClusterView, Role
 from meshxl.model.spec import DEFAULT_SITE, Algorithm, HashKey, Stickiness, choose
@@ -63,7 +64,7 @@ _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3.
                         "PreviousPrioritiesConfig")
 
 
-class IstioRenderError(ValueError):
+class IstioRenderError(InputError):
     """A model (or option) Istio cannot express; the message names the cluster."""
 
 

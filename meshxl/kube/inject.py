@@ -40,6 +40,7 @@ import jsonpatch
 
 from meshxl import __version__
 from meshxl.addr import parse_hostport
+from meshxl.errors import InputError
 from meshxl.kube.containers import (
     ENVOY_CONTAINER,
     ENVOY_VOLUME,
@@ -102,7 +103,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _PREFERRED_WEIGHT = 100  # the most a preference can weigh: members apart comes first
 
 
-class InjectError(ValueError):
+class InjectError(InputError):
     """A pod (or workload) that cannot be injected; the message says what to add."""
 
 

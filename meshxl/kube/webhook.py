@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from meshxl import web as mweb
 from meshxl.addr import parse_hostport
+from meshxl.errors import InputError
 
 from .inject import InjectConfig, InjectError, pod_patch
 
@@ -56,7 +57,7 @@ class WebhookConfig:
             raise ValueError("cert_reload_interval must be positive")
 
 
-class ReviewError(ValueError):
+class ReviewError(InputError):
     """A request body that is not a well-formed AdmissionReview v1 (answered with 400)."""
 
 
@@ -133,11 +134,11 @@ def create_app(config: InjectConfig) -> web.Application:
         try:
             review = await mweb.read_json(request, _MAX_BODY, what="the body")
         except mweb.BadJson as exc:
-            return _bad(app, str(exc))
+            return _bad(app, exc)
         try:
             answer = admission_response(review, app[_INJECT_CONFIG])
         except ReviewError as exc:
-            return _bad(app, str(exc))
+            return _bad(app, exc)
         patched = "patch" in answer["response"]
         app[_REVIEWS].labels("injected" if patched else "skipped").inc()
         return web.json_response(answer)
@@ -156,10 +157,10 @@ def create_app(config: InjectConfig) -> web.Application:
     return app
 
 
-def _bad(app: web.Application, message: str) -> web.Response:
+def _bad(app: web.Application, exc: InputError) -> web.Response:
     app[_REVIEWS].labels("malformed").inc()
-    log.warning("malformed admission request: %s", message)
-    return web.json_response({"error": message, "status": 400}, status=400)
+    log.warning("malformed admission request: %s", exc)
+    return mweb.error_response(mweb.http_status(exc), str(exc))
 
 
 def _mtimes(*paths: Path) -> tuple[float, ...]:

@@ -16,7 +16,15 @@ import yaml
 
 from .inject import InjectConfig, InjectError, decide, mutate_pod
 
-__all__ = ["InjectReport", "inject_documents", "inject_object", "inject_yaml"]
+__all__ = ["MAX_INJECT_BYTES", "MAX_INJECT_DEPTH", "MAX_INJECT_VALUES", "InjectReport",
+           "inject_documents", "inject_object", "inject_yaml"]
+
+MAX_INJECT_BYTES = 16 * 1024 * 1024
+"""Largest input of ``meshxl inject`` (the API server takes objects of up to 1.5 MiB)."""
+MAX_INJECT_DEPTH = 100
+"""Deepest nesting of mappings and lists (a pod template needs about 15)."""
+MAX_INJECT_VALUES = 2_000_000
+"""Most values the input may expand to, YAML aliases counted at every use."""
 
 #: Where each workload kind keeps its pod template.
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from meshxl.errors import InputError
+
 from .spec import DEFAULT_SITE, ClusterSpec, ModelSpec
 
 
@@ -28,7 +30,7 @@ class Problem:
         return f"{self.path or '<model>'}: {self.message}{shown}"
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model that cannot be served. ``problems`` lists every reason."""
 
     def __init__(self, problems: list[Problem]):

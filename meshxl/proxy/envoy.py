@@ -25,13 +25,14 @@ import aiohttp
 import yaml
 
 from meshxl.binaries import MissingBinary, find_envoy
+from meshxl.errors import ProcessError
 from meshxl.proxy.admin import EnvoyAdmin, ServerInfo
 from meshxl.proxy.bootstrap import render_yaml
 
 __all__ = ["EnvoyError", "EnvoyNotFound", "EnvoyProcess", "find_envoy"]
 
 
-class EnvoyError(RuntimeError):
+class EnvoyError(ProcessError):
     """Envoy could not be started, exited early, or did not become ready in time."""
 
 

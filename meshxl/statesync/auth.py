@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from meshxl import headers as hdr
+from meshxl.errors import InputError
 
 __all__ = ["OPEN_PATHS", "TOKEN_ENV", "TokenError", "check_exposure", "read_token",
            "token_middleware", "valid_token"]
@@ -38,7 +39,7 @@ MAX_TOKEN_LENGTH = 4096
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class TokenError(ValueError):
+class TokenError(InputError):
     """A token (or token file) that cannot be used; the message says why."""
 
 

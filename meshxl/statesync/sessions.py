@@ -33,8 +33,8 @@ from typing import Any
 
 import json_merge_patch
 
+from meshxl import errors
 from meshxl.etcdkeys import Keys
-from meshxl.web import HttpError
 
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
@@ -48,20 +48,20 @@ UNVERIFIED = "cache-unverified"
 """``X-Meshxl-Source`` of a read served from the cache while etcd does not answer."""
 
 
-class SessionError(HttpError):
-    """An API-level failure with the HTTP status it maps to."""
+class SessionError(errors.MeshxlError):
+    """A failure of the session API (its HTTP status: :func:`meshxl.web.http_status`)."""
 
 
-class BadRequest(SessionError):
-    status = 400
+class BadRequest(SessionError, errors.InputError):
+    pass
 
 
-class NotFound(SessionError):
-    status = 404
+class NotFound(SessionError, errors.NotFound):
+    pass
 
 
-class Conflict(SessionError):
-    status = 409
+class Conflict(SessionError, errors.Conflict):
+    pass
 
 
 class Undecodable(Conflict):
@@ -69,16 +69,16 @@ class Undecodable(Conflict):
     in etcd): reads and merge patches fail with this; PUT and DELETE replace it."""
 
 
-class PreconditionFailed(SessionError):
-    status = 412
+class PreconditionFailed(SessionError, errors.PreconditionFailed):
+    pass
 
 
-class TooLarge(SessionError):
-    status = 413
+class TooLarge(SessionError, errors.TooLarge):
+    pass
 
 
-class Unavailable(SessionError):
-    status = 503
+class Unavailable(SessionError, errors.Unavailable):
+    pass
 
 
 @dataclass(frozen=True)

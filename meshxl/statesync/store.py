@@ -54,6 +54,7 @@ from aetcd import rpc
 from aetcd.exceptions import ClientError
 
 from meshxl import etcd
+from meshxl.errors import Unavailable
 from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ MAX_STALLED = 16
 """Batches in flight beyond ``max_inflight`` (stalled ones) at most."""
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(Unavailable):
     """etcd did not answer: the write was not acknowledged (it may or may not apply)."""
 
 

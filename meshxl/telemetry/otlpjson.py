@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshxl.errors import InputError
+
 __all__ = [
     "KIND_CLIENT",
     "KIND_CONSUMER",
@@ -64,7 +66,7 @@ _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 _SPAN_ID = re.compile(r"[0-9a-fA-F]{16}")
 
 
-class TraceFileError(ValueError):
+class TraceFileError(InputError):
     """A trace file that cannot be read or does not hold valid OTLP/JSON spans.
 
     ``str()`` is ``"{path}:{line}: {message}"`` (``"{path}: {message}"`` when the

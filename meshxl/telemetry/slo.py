@@ -3,8 +3,9 @@
 Objectives are OpenSLO v1 ``SLO`` documents (``deploy/slo/failover.yaml``) whose
 indicator names one of the SLIs below with a metric source of type ``meshxl-traces``;
 they are evaluated with the ``Occurrences`` budgeting method over spans read from OTLP
-JSON lines files. Everything but ``slo_review_command`` is pure, so the numbers are
-tested on synthetic traces without processes.
+JSON lines files. Everything here is pure, so the numbers are tested on synthetic
+traces without processes; ``meshxl slo review`` (:mod:`meshxl.cli.telemetry`) reads
+the files and prints the report.
 
 Failovers and windows
     A failover is a ``meshxl.failover`` span (the root of a failover trace). Its window
@@ -66,7 +67,6 @@ Budget (Occurrences)
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -75,11 +75,11 @@ from typing import Any
 
 import yaml
 
-from meshxl.bounded import InputError, load_yaml_all, read_text
+from meshxl.bounded import load_yaml_all, read_text
+from meshxl.errors import InputError
 from meshxl.stats import quantile
 
-from . import names
-from .otlpjson import Span, TraceFileError, read_spans
+from .otlpjson import Span
 from .sli import Failover, convergence_ms, find_failovers, request_counts, rto_ms, takeover_ms
 
 __all__ = [
@@ -95,12 +95,10 @@ __all__ = [
     "find_failovers",
     "load_slos",
     "parse_slo_documents",
-    "render_table",
     "report_to_json",
     "request_counts",
     "review",
     "rto_ms",
-    "slo_review_command",
     "takeover_ms",
 ]
 
@@ -117,7 +115,7 @@ _OP_TEXT = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 
 # -- objectives -----------------------------------------------------------------------------
 
-class SloError(ValueError):
+class SloError(InputError):
     """A bad SLO document; ``str()`` names the file and the field."""
 
     def __init__(self, path: str, field: str, message: str) -> None:
@@ -441,71 +439,3 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "met": report.met,
         "failovers": report.failovers,
     }
-
-
-def render_table(report: Report) -> Any:
-    """A rich ``Table`` of the report (returned, so callers choose the console)."""
-    from rich.table import Table
-
-    table = Table(title=f"SLO review: {report.failovers} failover(s)")
-    for column in ("objective", "SLI", "good/total", "target", "p50", "p90", "p99", "max",
-                   "budget left", "burn rate", "met"):
-        numeric = column not in ("objective", "SLI", "met")
-        table.add_column(column, justify="right" if numeric else "left")
-    from meshxl.tables import plain
-
-    for r in report.objectives:
-        # Names come from the SLO files: plain text, never rich markup.
-        title = plain(r.objective.name)
-        if r.objective.display_name and r.objective.display_name not in r.objective.name:
-            title.append("\n")
-            title.append(plain(r.objective.display_name))
-        table.add_row(
-            title, plain(r.objective.describe()), f"{r.good}/{r.total}",
-            f"{r.objective.target:g}",
-            _number(r.p50), _number(r.p90), _number(r.p99), _number(r.max),
-            f"{r.budget_remaining:.1%}", _number(r.burn_rate),
-            plain("met", "green") if r.met else plain("BREACHED", "bold red"),
-        )
-    return table
-
-
-def slo_review_command(traces: list[str], slo: list[str], output: str) -> int:
-    """``meshxl slo review``: print the report; 0 met, 1 breached, 2 bad input."""
-    import sys
-
-    from rich.console import Console
-
-    if output not in OUTPUTS:
-        print(f"meshxl slo review: --output: expected one of {', '.join(OUTPUTS)}, "
-              f"got {output!r}", file=sys.stderr)
-        return 2
-    if not traces or not slo:
-        missing = "--traces" if not traces else "--slo"
-        print(f"meshxl slo review: {missing}: at least one file is needed", file=sys.stderr)
-        return 2
-    try:
-        objectives = load_slos(slo)
-        spans = read_spans(traces)
-    except (SloError, TraceFileError) as error:
-        print(str(error).replace("\n", " "), file=sys.stderr)
-        return 2
-    roots = sum(1 for span in spans if span.name == names.FAILOVER)
-    if roots > MAX_FAILOVERS:
-        print(f"meshxl slo review: {roots:,} failover traces, more than the {MAX_FAILOVERS:,} "
-              "one review judges: review a shorter time range", file=sys.stderr)
-        return 2
-    report = review(spans, objectives)
-    if output == "json":
-        print(json.dumps(report_to_json(report), indent=2, allow_nan=False))
-    else:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=max(console.width, 140))
-        console.print(render_table(report))
-        if report.failovers == 0:
-            console.print("no failover traces found: every objective is met with 0 "
-                          "occurrences")
-        console.print("all objectives met" if report.met
-                      else "[bold red]SLO breached[/bold red]")
-    return 0 if report.met else 1

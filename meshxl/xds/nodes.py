@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from meshxl.errors import InputError
 from meshxl.xds.cache import Snapshot
 from meshxl.xds.types import TYPE_ORDER
 
@@ -39,7 +40,7 @@ LOG_REPEAT_SECONDS = 60.0
 """An identical warning about one node is logged at most once per this many seconds."""
 
 
-class BadRequest(ValueError):
+class BadRequest(InputError):
     """A request the stream cannot serve: it ends with INVALID_ARGUMENT and this text."""
 
 

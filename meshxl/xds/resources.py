@@ -42,6 +42,7 @@ from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshxl.errors import InputError
 from meshxl.model import (
     ClusterSpec,
     ClusterView,
@@ -66,7 +67,7 @@ _ADS = config_source_pb2.ConfigSource(
 )
 
 
-class CompileError(ValueError):
+class CompileError(InputError):
     """The model cannot be turned into Envoy resources (names the field path)."""
 
     def __init__(self, path: str, message: str):

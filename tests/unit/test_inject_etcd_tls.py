@@ -128,7 +128,7 @@ def test_injected_tls_command_line_is_accepted_by_serve_statesync() -> None:
     command = main.commands["serve"].commands["statesync"]  # type: ignore[attr-defined]
     ctx = command.make_context("statesync", expanded[2:])
     assert ctx.params["etcd_urls"] == ETCD
-    # The TLS options are stored where the command reads them (meshxl.cli._etcd_security).
+    # The TLS options are stored where the command reads them (meshxl.cli.options.etcd_security).
     stored = ctx.meta["meshxl.etcd_security"]
     assert {k: str(v) for k, v in stored.items() if k in ("ca", "cert", "key")} == {
         "ca": f"{ETCD_CLIENT_DIR}/ca.crt", "cert": f"{ETCD_CLIENT_DIR}/tls.crt",

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from meshxl.bounded import InputError, load_yaml_all, read_text
 from meshxl.cli import main
-from meshxl.kube.cli import MAX_INJECT_BYTES, MAX_INJECT_DEPTH
+from meshxl.cli.telemetry import slo_review_command
+from meshxl.kube.workloads import MAX_INJECT_BYTES, MAX_INJECT_DEPTH
 from meshxl.telemetry.otlpjson import TraceFileError, read_spans
 from meshxl.telemetry.slo import (
     MAX_SLO_BYTES,
@@ -24,7 +25,6 @@ from meshxl.telemetry.slo import (
     SloError,
     load_slos,
     parse_slo_documents,
-    slo_review_command,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -162,7 +162,7 @@ def test_apply_reads_its_input_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(meshxl.ops, "apply_model", fake_apply)
-    monkeypatch.setattr("meshxl.cli._etcd_client", lambda urls: FakeClient())
+    monkeypatch.setattr("meshxl.cli.model.etcd_client", lambda urls: FakeClient())
     monkeypatch.setattr(Path, "open", counting_open)
     monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("read twice"))
     result = CliRunner().invoke(main, ["apply", str(path), "--etcd", "http://127.0.0.1:9"])

@@ -12,6 +12,7 @@ from textwrap import dedent
 import pytest
 from opentelemetry.trace import SpanKind
 
+from meshxl.cli.telemetry import slo_review_command
 from meshxl.telemetry import names
 from meshxl.telemetry.otlpjson import Span, read_spans
 from meshxl.telemetry.slo import (
@@ -25,7 +26,6 @@ from meshxl.telemetry.slo import (
     request_counts,
     review,
     rto_ms,
-    slo_review_command,
     takeover_ms,
 )
 

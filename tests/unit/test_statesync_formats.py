@@ -224,7 +224,7 @@ def test_problem_detail_is_bounded_printable_text(raw: bytes, content_type: str)
     try:
         detail = _problem_detail(raw, content_type)
     except (BadRequest, mweb.BadJson) as exc:
-        assert exc.status == 400
+        assert mweb.http_status(exc) == 400
         return
     assert isinstance(detail, str) and len(detail) <= MAX_PROBLEM_DETAIL
     assert detail.isprintable()

@@ -1,8 +1,5 @@
-"""Click commands for Kubernetes: ``meshxl serve webhook`` and ``meshxl inject``.
-
-Registered on the main command in :mod:`meshxl.cli`. Bad input is one line on stderr
-and exit 1, like every meshxl command.
-"""
+"""Kubernetes: ``meshxl inject`` and ``meshxl serve webhook`` (registered in the
+``serve`` group, :mod:`.serve`). The injection itself is :mod:`meshxl.kube`."""
 
 from __future__ import annotations
 
@@ -13,23 +10,10 @@ from typing import Any
 
 import click
 
-from .inject import DEFAULT_IMAGE, InjectConfig
+from meshxl.kube.inject import DEFAULT_IMAGE, InjectConfig
 
-__all__ = ["inject_command", "serve_webhook_command"]
-
-
-MAX_INJECT_BYTES = 16 * 1024 * 1024
-"""Largest input of ``meshxl inject`` (the API server takes objects of up to 1.5 MiB)."""
-MAX_INJECT_DEPTH = 100
-"""Deepest nesting of mappings and lists (a pod template needs about 15)."""
-MAX_INJECT_VALUES = 2_000_000
-"""Most values the input may expand to, YAML aliases counted at every use."""
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"meshxl: {message}", err=True)
-    sys.exit(code)
-
+from .errors import checked, fail
+from .options import setup_logging, with_options
 
 _inject_options: list[Callable[..., Any]] = [
     click.option("--image", envvar="MESHXL_SIDECAR_IMAGE", default=DEFAULT_IMAGE,
@@ -80,32 +64,19 @@ _inject_options: list[Callable[..., Any]] = [
 ]
 
 
-def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return deco
-
-
 def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
             image_pull_policy: str, anti_affinity: str,
             site_topology_key: str | None,
             statesync_token_secret: str | None = None,
             etcd_client_secret: str | None = None) -> InjectConfig:
-    try:
-        return InjectConfig(image=image, etcd=etcd_urls, etcd_prefix=etcd_root,
-                            xds=tuple(xds) or InjectConfig.xds,
-                            proxy=proxy,  # type: ignore[arg-type]
-                            image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
-                            anti_affinity=anti_affinity,  # type: ignore[arg-type]
-                            site_topology_key=site_topology_key or None,
-                            statesync_token_secret=statesync_token_secret or None,
-                            etcd_client_secret=etcd_client_secret or None)
-    except ValueError as exc:
-        _fail(str(exc))
-    raise AssertionError("unreachable")
+    return checked(lambda: InjectConfig(
+        image=image, etcd=etcd_urls, etcd_prefix=etcd_root, xds=tuple(xds) or InjectConfig.xds,
+        proxy=proxy,  # type: ignore[arg-type]
+        image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
+        anti_affinity=anti_affinity,  # type: ignore[arg-type]
+        site_topology_key=site_topology_key or None,
+        statesync_token_secret=statesync_token_secret or None,
+        etcd_client_secret=etcd_client_secret or None))
 
 
 @click.command("webhook")
@@ -116,23 +87,21 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
               help="PEM private key of the certificate.")
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, metavar="HOST:PORT",
               help="HTTPS address (POST /inject, /healthz, /readyz, /metrics).")
-@_with(_inject_options)
+@with_options(_inject_options)
 @click.option("--log-level", default="info", show_default=True)
-def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str,
+def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
                           etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
                           site_topology_key: str | None, statesync_token_secret: str | None,
                           etcd_client_secret: str | None, log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
     import asyncio
-    import logging
     import signal
     import ssl
 
-    from .webhook import WebhookConfig, serve, tls_context
+    from meshxl.kube.webhook import WebhookConfig, serve, tls_context
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level)
     inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
                      etcd_client_secret)
@@ -141,26 +110,26 @@ def serve_webhook_command(tls_cert: Path, tls_key: Path, listen: str, image: str
                                listen=listen)
         tls_context(tls_cert, tls_key)  # fail now, in one line, on a bad certificate
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except ssl.SSLError as exc:  # before OSError, its base class
-        _fail(f"bad TLS certificate or key ({tls_cert}, {tls_key}): {exc.reason or exc}")
+        fail(f"bad TLS certificate or key ({tls_cert}, {tls_key}): {exc.reason or exc}")
     except OSError as exc:
-        _fail(f"cannot read the TLS certificate or key: {exc.strerror or exc}")
+        fail(f"cannot read the TLS certificate or key: {exc.strerror or exc}")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         sys.exit(0)
     except OSError as exc:  # the port is taken and friends
-        _fail(f"cannot listen on {listen}: {exc.strerror or exc}")
+        fail(f"cannot listen on {listen}: {exc.strerror or exc}")
 
 
 @click.command("inject")
 @click.option("-f", "--filename", "filename", required=True, metavar="FILE",
               help="Kubernetes YAML (multi-document; '-' reads stdin).")
-@_with(_inject_options)
+@with_options(_inject_options)
 @click.option("-q", "--quiet", is_flag=True, help="No per-workload summary on stderr.")
-def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
+def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
                    anti_affinity: str, site_topology_key: str | None,
                    statesync_token_secret: str | None, etcd_client_secret: str | None,
@@ -172,29 +141,27 @@ def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
     """
     import yaml
 
-    from meshxl.bounded import InputError, load_yaml_all, read_text
-
-    from .inject import InjectError
-    from .workloads import inject_documents
+    from meshxl.bounded import load_yaml_all, read_text
+    from meshxl.kube.workloads import (
+        MAX_INJECT_BYTES,
+        MAX_INJECT_DEPTH,
+        MAX_INJECT_VALUES,
+        inject_documents,
+    )
 
     config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
                      etcd_client_secret)
     source = "<stdin>" if filename == "-" else filename
-    try:
-        text = read_text(filename, MAX_INJECT_BYTES, "Kubernetes YAML")
-        docs = [d for d in load_yaml_all(text, source, max_depth=MAX_INJECT_DEPTH,
-                                         max_values=MAX_INJECT_VALUES) if d is not None]
-    except InputError as exc:
-        _fail(str(exc))
+    text = checked(lambda: read_text(filename, MAX_INJECT_BYTES, "Kubernetes YAML"))
+    docs = [d for d in checked(lambda: load_yaml_all(text, source, max_depth=MAX_INJECT_DEPTH,
+                                                     max_values=MAX_INJECT_VALUES))
+            if d is not None]
     for doc in docs:
         if not isinstance(doc, dict):
-            _fail(f"{source}: every document must be a Kubernetes object (a mapping), got "
+            fail(f"{source}: every document must be a Kubernetes object (a mapping), got "
                   f"{type(doc).__name__}")
-    try:
-        out, reports = inject_documents(docs, config)
-    except InjectError as exc:
-        _fail(str(exc))
+    out, reports = checked(lambda: inject_documents(docs, config))
     # libyaml's emitter when PyYAML has it: the same text, 6x faster on large input.
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     rendered = yaml.dump_all(out, Dumper=dumper, sort_keys=False, default_flow_style=False)
@@ -202,3 +169,6 @@ def inject_command(filename: str, image: str, etcd_urls: str, etcd_root: str,
         for report in reports:
             click.echo(f"meshxl: {report}", err=True)
     click.echo(rendered, nl=False)
+
+
+COMMANDS: list[click.Command] = [inject]

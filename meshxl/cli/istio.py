@@ -1,5 +1,6 @@
-"""``meshxl istio render`` (the Istio objects for a model, YAML on stdout), ``meshxl
-istio label`` (role labels on member pods) and ``meshxl istio check``."""
+"""Istio: ``meshxl istio render`` (the Istio objects for a model, YAML on stdout),
+``meshxl istio label`` (role labels on member pods) and ``meshxl istio check``. The
+rendering, checks and labeler are :mod:`meshxl.istio`."""
 
 from __future__ import annotations
 
@@ -9,18 +10,14 @@ from typing import Any
 
 import click
 
-from .render import DEFAULT_SITE_LABEL
+from meshxl.istio.render import DEFAULT_SITE_LABEL
 
-__all__ = ["istio_group"]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"meshxl: {message}", err=True)
-    sys.exit(code)
+from .errors import checked, fail, run
+from .options import etcd_client, etcd_option, root_option
 
 
 @click.group("istio")
-def istio_group() -> None:
+def istio() -> None:
     """Istio mode: istiod stays the control plane, meshxl renders its objects."""
 
 
@@ -31,7 +28,7 @@ def _ports(values: tuple[str, ...]) -> dict[str, int]:
         if not sep:
             name, number = "*", value
         if not number.isdigit() or not 1 <= int(number) <= 65535 or not name:
-            _fail(f"bad --port {value!r}: expected PORT or CLUSTER=PORT")
+            fail(f"bad --port {value!r}: expected PORT or CLUSTER=PORT")
         ports[name] = int(number)
     return ports
 
@@ -41,12 +38,12 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
     for value in values:
         key, sep, label = value.partition("=")
         if not sep or not key:
-            _fail(f"bad --client-selector {value!r}: expected KEY=VALUE")
+            fail(f"bad --client-selector {value!r}: expected KEY=VALUE")
         out[key] = label
     return out
 
 
-@istio_group.command("render")
+@istio.command("render")
 @click.option("-f", "--filename", "file", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The meshxl model.")
 @click.option("-n", "--namespace", default="default", show_default=True,
@@ -79,24 +76,13 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
-    from meshxl.model import ModelError, load_model
+    from meshxl.istio.check import load_objects
+    from meshxl.istio.render import IstioOptions, render_model
 
-    from .render import IstioOptions, IstioRenderError, render_model
-
-    try:
-        model = load_model(file)
-    except ModelError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(1)
+    model = _load(file)
     services: dict[str, Any] = {}
     if services_file is not None:
-        from .check import CheckInputError, load_objects
-
-        try:
-            objects = load_objects([services_file])
-        except CheckInputError as exc:
-            _fail(str(exc))
+        objects = checked(lambda: load_objects([services_file]))
         services = {o["metadata"]["name"]: o for o in objects
                     if o.get("kind") == "Service"
                     and (o["metadata"].get("namespace") or namespace) == namespace}
@@ -106,10 +92,7 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
                            client_selector=_selector(client_selector),
                            site_label=site_label,
                            site_failover=site_failover)  # type: ignore[arg-type]
-    try:
-        rendered = render_model(model, options)
-    except IstioRenderError as exc:
-        _fail(str(exc))
+    rendered = checked(lambda: render_model(model, options))
     for warning in rendered.warnings:
         click.echo(f"meshxl: warning: {warning}", err=True)
     header = f"# Istio objects for {file} (meshxl istio render)\n"
@@ -118,25 +101,13 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
 
 
 def _load(file: Path) -> Any:
-    from meshxl.model import ModelError, load_model
+    """The model of ``file``; its problems one line each and exit 1."""
+    from meshxl.model import load_model
 
-    try:
-        return load_model(file)
-    except ModelError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(1)
+    return checked(lambda: load_model(file))
 
 
-def _etcd_decorators(fn: Any) -> Any:
-    """``--etcd`` with its TLS/credential options and ``--etcd-prefix`` (the shared
-    ones of the meshxl command, imported when this group is registered)."""
-    from meshxl.cli import etcd_option, root_option
-
-    return etcd_option(root_option(fn))
-
-
-@istio_group.command("check")
+@istio.command("check")
 @click.option("-f", "--filename", "file", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The meshxl model.")
 @click.argument("objects", nargs=-1, required=True,
@@ -161,19 +132,16 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
     -n shop -o yaml` (and the istiod Deployment). Exit 1 when an error is found."""
     import json
 
-    from .check import CheckInputError, check, load_objects, parse_version
-    from .render import IstioOptions
+    from meshxl.istio.check import check, load_objects, parse_version
+    from meshxl.istio.render import IstioOptions
 
     model = _load(file)
     version = None
     if istio_version is not None:
         version = parse_version(istio_version)
         if version is None:
-            _fail(f"bad --istio-version {istio_version!r}: expected X.Y")
-    try:
-        loaded = load_objects(objects)
-    except CheckInputError as exc:
-        _fail(str(exc))
+            fail(f"bad --istio-version {istio_version!r}: expected X.Y")
+    loaded = checked(lambda: load_objects(objects))
     options = IstioOptions(namespace=namespace, cluster_domain=cluster_domain,
                            root_namespace=root_namespace, ports=_ports(ports),
                            filter_namespace=filter_namespace)
@@ -192,7 +160,7 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
     sys.exit(1 if any(f.level == "error" for f in findings) else 0)
 
 
-@istio_group.command("label")
+@istio.command("label")
 @click.option("-f", "--filename", "file", type=click.Path(dir_okay=False, path_type=Path),
               help="The model file, reloaded on change (default: the model in etcd).")
 @click.option("-n", "--namespace", "namespaces", multiple=True,
@@ -205,7 +173,8 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
 @click.option("--health-listen", default=None, metavar="HOST:PORT",
               help="Serve /healthz and /readyz (the last reconcile succeeded) here.")
 @click.option("--once", is_flag=True, help="One reconcile, then exit.")
-@_etcd_decorators
+@etcd_option
+@root_option
 def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
                   resync: float, health_listen: str | None, once: bool, etcd_urls: str,
                   etcd_root: str) -> None:
@@ -213,24 +182,22 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     high-availability clusters in step with meshxl's view, for failoverPriority."""
     import asyncio
 
-    from meshxl.cli import _etcd_client
     from meshxl.etcdkeys import Keys
+    from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
     from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
-
-    from .labeler import KubeApi, KubeApiError, PodLabeler
 
     health: tuple[str, int] | None = None
     if health_listen is not None:
         host, _, port = health_listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            _fail(f"bad --health-listen {health_listen!r}: expected HOST:PORT")
+            fail(f"bad --health-listen {health_listen!r}: expected HOST:PORT")
         health = (host.strip("[]"), int(port))
 
-    async def run() -> None:
+    async def label() -> None:
         try:
             api = KubeApi(kube_api)
         except (KubeApiError, OSError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces or [None]]
 
         def poke() -> None:
@@ -242,7 +209,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
             _load(file)  # a bad file: the model's problems and exit 1
             file_source = ModelFileSource(file, poke)
             file_source.load()
-        async with _etcd_client(etcd_urls) as client:
+        async with etcd_client(etcd_urls) as client:
             source = EtcdMeshSource(client, Keys(etcd_root), poke)
             tasks = [asyncio.create_task(source.run())]
             if file_source is not None:
@@ -257,7 +224,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                     return
                 await asyncio.gather(*(labeler.run(view) for labeler in labelers))
             except (TimeoutError, KubeApiError) as exc:
-                _fail(str(exc) or "etcd did not answer in 30 s")
+                fail(str(exc) or "etcd did not answer in 30 s")
             finally:
                 for task in tasks:
                     task.cancel()
@@ -265,7 +232,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                     await runner.cleanup()
                 await api.close()
 
-    asyncio.run(run())
+    run(label)
 
 
 async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: float) -> Any:
@@ -310,3 +277,6 @@ class _View:
     @property
     def runtime(self) -> Any:
         return self._source.runtime
+
+
+COMMANDS: list[click.Command] = [istio]

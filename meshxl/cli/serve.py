@@ -1,0 +1,181 @@
+"""Servers: ``meshxl serve xds``, ``serve statesync``, ``serve otlp-receiver`` and
+``serve webhook`` (defined with the other Kubernetes commands in :mod:`.kube`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .errors import checked, run
+from .kube import serve_webhook
+from .options import (
+    FILE,
+    etcd_security,
+    etcd_security_options,
+    root_option,
+    setup_logging,
+    trace_file_option,
+)
+
+T = TypeVar("T")
+
+
+def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
+           coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit."""
+    import signal
+
+    from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
+
+    checked(lambda: setup_tracing(component, attributes=attributes, trace_file=trace_file))
+    # SIGTERM ends the server like Ctrl-C: cleanup runs and the spans are flushed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return run(coro_fn)
+    finally:
+        shutdown_tracing()
+
+
+@click.group()
+def serve() -> None:
+    """Run a meshxl server process."""
+
+
+@click.command("xds")
+@click.option("--listen", default="127.0.0.1:18000", show_default=True, metavar="HOST:PORT",
+              help="gRPC ADS address Envoys connect to.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file, reloaded when it changes (otherwise the model in etcd).")
+@click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+              help="etcd endpoints: stored model, member registrations, admin state.")
+@etcd_security_options
+@root_option
+@click.option("--tls-cert", type=FILE, metavar="FILE",
+              help="Serve ADS over TLS with this PEM certificate chain (with --tls-key); "
+                   "renewed files are picked up without a restart.")
+@click.option("--tls-key", type=FILE, metavar="FILE", help="PEM private key of --tls-cert.")
+@click.option("--client-ca", type=FILE, metavar="FILE",
+              help="Mutual TLS: accept only Envoys presenting a client certificate signed "
+                   "by this CA (needs --tls-cert).")
+@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status); "
+              "plain HTTP: keep it on loopback or a private network.")
+@click.option("--replica", help="This replica's name (default: host-pid).")
+@click.option("--debounce", type=click.FloatRange(0, 5), default=0.01, show_default=True,
+              help="Quiet period (s) that ends a burst of changes.")
+@click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
+              help="Longest delay (s) from a change to its push.")
+@click.option("--dns-interval", type=click.FloatRange(0.1, 3600), default=5.0,
+              show_default=True,
+              help="Seconds between resolutions of member addresses that are host names.")
+@trace_file_option
+@click.option("--log-level", default="info", show_default=True)
+def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
+              tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
+              admin: str | None, replica: str | None, debounce: float, max_delay: float,
+              dns_interval: float, trace_file: Path | None, log_level: str) -> None:
+    """The xDS control server (gRPC ADS) for Envoy."""
+    from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+
+    setup_logging(log_level)
+
+    def settings() -> ControlPlaneConfig:
+        config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
+                                    etcd_root=etcd_root, admin=admin, debounce=debounce,
+                                    max_delay=max_delay, etcd_security=etcd_security(),
+                                    tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                                    dns_interval=dns_interval)
+        if replica:
+            config = dataclasses.replace(config, replica=replica)
+        config.server_tls()  # the TLS files are usable: fail now, in one line
+        return config
+
+    config = checked(settings)
+    traced("xds", trace_file, {"meshxl.replica": config.replica},
+           lambda: ControlPlane(config).run_forever())
+
+
+@click.command("statesync")
+@click.option("--cluster", required=True, help="The meshxl cluster this member belongs to.")
+@click.option("--member", required=True, help="This member's name (unique in the cluster).")
+@click.option("--app", "app_address", required=True, metavar="HOST:PORT",
+              help="The application's address: registered for Envoy to send traffic to.")
+@click.option("--site", help="The member's site (failover order comes from the model).")
+@click.option("--weight", type=click.IntRange(1, 10_000), help="Load-sharing weight.")
+@click.option("--listen", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
+              help="The sidecar's HTTP API (keep it on loopback; any other address "
+                   "needs a token).")
+@click.option("--token-file", type=FILE, envvar="MESHXL_STATESYNC_TOKEN_FILE",
+              metavar="FILE", help="Require 'Authorization: Bearer TOKEN' on every request "
+              "but /healthz and /readyz, TOKEN being this file's first line (or the "
+              "MESHXL_STATESYNC_TOKEN variable; also MESHXL_STATESYNC_TOKEN_FILE).")
+@click.option("--etcd", "etcd_urls", metavar="URL[,URL...]", envvar="MESHXL_ETCD",
+              default="http://127.0.0.1:2379", show_default=True,
+              help="etcd endpoints, http:// or https://.")
+@etcd_security_options
+@root_option
+@click.option("--session-ttl", type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Sessions expire this long after their last write "
+                   "(default: the cluster's sessions.ttl in the model, else 1800).")
+@click.option("--sync-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Keep sessions younger than this on this member only (default: model, "
+                   "else 0).")
+@click.option("--max-session-bytes", type=click.IntRange(1, 1_048_576),
+              help="Largest session state (default: model, else 1 MiB).")
+@click.option("--lease-ttl", type=click.FloatRange(min=1), default=3.0, show_default=True,
+              metavar="SECONDS", help="Registration lease: a dead sidecar leaves Envoy "
+                                      "within about this long.")
+@click.option("--batch-max-ops", type=click.IntRange(1, 128), default=64, show_default=True,
+              help="Writes per etcd transaction at most.")
+@click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="etcd transactions in flight at once; writes arriving meanwhile batch.")
+@trace_file_option
+@click.option("--log-level", default="info", show_default=True)
+def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
+                    weight: int | None, listen: str, token_file: Path | None, etcd_urls: str,
+                    etcd_root: str,
+                    session_ttl: float | None, sync_delay: float | None,
+                    max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
+                    max_inflight: int, trace_file: Path | None, log_level: str) -> None:
+    """The session-state sidecar: replicates sessions through etcd, registers the member."""
+    import os
+
+    from meshxl.statesync.app import StatesyncConfig
+    from meshxl.statesync.app import serve as serve_sidecar
+    from meshxl.statesync.auth import read_token
+
+    setup_logging(log_level)
+    config = checked(lambda: StatesyncConfig(
+        cluster=cluster, member=member, app=app_address, etcd=etcd_urls, listen=listen,
+        site=site, weight=weight, etcd_root=etcd_root, session_ttl=session_ttl,
+        sync_delay=sync_delay, max_bytes=max_session_bytes, lease_ttl=lease_ttl,
+        batch_max_ops=batch_max_ops, max_inflight=max_inflight,
+        etcd_security=etcd_security(), token=read_token(token_file, dict(os.environ))))
+    traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
+           lambda: serve_sidecar(config))
+
+
+@click.command("otlp-receiver")
+@click.option("--listen", default="127.0.0.1:4317", show_default=True, metavar="HOST:PORT",
+              help="OTLP/gRPC address (point Envoy's bootstrap --otlp here).")
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Append received spans to this file as OTLP JSON lines.")
+@click.option("--log-level", default="info", show_default=True)
+def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
+    """A small OTLP/gRPC trace receiver writing JSON lines (local runs and tests)."""
+    from meshxl.addr import parse_listen
+    from meshxl.telemetry.receiver import serve_receiver
+
+    checked(lambda: parse_listen(listen))
+    setup_logging(log_level)
+    run(lambda: serve_receiver(listen, str(path)))
+
+
+SERVERS: list[click.Command] = [serve_xds, serve_statesync, serve_otlp_receiver, serve_webhook]
+for _server in SERVERS:
+    serve.add_command(_server)
+
+COMMANDS: list[click.Command] = [serve]

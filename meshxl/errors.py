@@ -1,0 +1,102 @@
+"""The one root of meshxl's exceptions and its small family.
+
+Every exception meshxl raises for a caller to handle derives from :class:`MeshxlError`
+through one of these members, so an edge catches the root once and maps the member:
+the ``meshxl`` command to a one-line message and an exit code (``meshxl.cli.errors``),
+the HTTP servers to a JSON error body and a status (``meshxl.web``). Nothing else
+matches on exception types by name.
+
+==================  ==================================================  ====  ====
+member              meaning                                             exit  HTTP
+==================  ==================================================  ====  ====
+InputError          bad input: a model, file, option, certificate,      1     400
+                    request or trace that cannot be used as given
+TooLarge            input beyond a size limit (an InputError)           1     413
+NotFound            a named thing (cluster, member, site, session)      1     404
+                    does not exist
+Conflict            the current state forbids it: a revision-compared   1     409
+                    write lost, a fenced writer (a newer owner holds
+                    the session), a drill on an unhealthy deployment
+PreconditionFailed  a conditional write whose condition no longer       1     412
+                    holds (a Conflict)
+Unavailable         a service meshxl depends on (etcd, Envoy, the       1     503
+                    Kubernetes API) did not answer or refused
+MissingBinary       a program meshxl runs (envoy, etcd) is not          1     500
+                    installed; the message says what to install
+ProcessError        a process meshxl started (a local deployment's      1     500
+                    etcd, Envoy, a server) failed or died
+==================  ==================================================  ====  ====
+
+The command's exit codes are :data:`meshxl.cli.errors.EXIT_CODES`, the servers'
+statuses :data:`meshxl.web.HTTP_STATUS`.
+
+Each project exception keeps its own name and module (``ModelError`` in
+``meshxl.model``, ``OpsError`` in ``meshxl.ops``...) and subclasses its family member;
+``InputError`` is also a ``ValueError``, ``MissingBinary`` and ``ProcessError`` are
+also ``RuntimeError`` (as callers caught them before).
+Exceptions private to a module (leading underscore) carry control flow inside it and
+are not part of the family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["Conflict", "InputError", "MeshxlError", "MissingBinary", "NotFound",
+           "PreconditionFailed", "ProcessError", "TooLarge", "Unavailable"]
+
+
+class MeshxlError(Exception):
+    """The root: a failure whose message is meant for the person or program that asked.
+
+    ``details``: extra JSON fields an HTTP server sends with the message;
+    ``problems``: see below.
+    """
+
+    details: Mapping[str, Any] = MappingProxyType({})
+    problems: Sequence[object] = ()
+    """Several problems to name, one line each (a model's), instead of the message."""
+
+    def __init__(self, *args: Any, **details: Any):
+        super().__init__(*args)
+        if details:
+            self.details = details
+
+
+class InputError(MeshxlError, ValueError):
+    """Bad input: what was given cannot be used (the message says what and where)."""
+
+
+class TooLarge(InputError):
+    """Input beyond a size limit."""
+
+
+class NotFound(MeshxlError):
+    """A named thing does not exist."""
+
+
+class Conflict(MeshxlError):
+    """The current state forbids it: a revision-compared write lost, its writer was
+    fenced, a drill found the deployment unhealthy."""
+
+
+class PreconditionFailed(Conflict):
+    """A conditional write whose condition no longer holds."""
+
+
+class Unavailable(MeshxlError):
+    """A service meshxl depends on (etcd, Envoy, the Kubernetes API) did not answer."""
+
+
+class MissingBinary(MeshxlError, RuntimeError):
+    """A binary meshxl needs is not installed; the message says what to install."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+class ProcessError(MeshxlError, RuntimeError):
+    """A process meshxl started failed to start, or died."""
