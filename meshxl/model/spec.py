@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from meshxl.errors import InputError
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
@@ -58,7 +60,7 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-class UnknownChoice(ValueError):
+class UnknownChoice(InputError):
     """A dispatch met a value its table has no entry for."""
 
 

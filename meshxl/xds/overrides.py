@@ -12,12 +12,14 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from meshxl.errors import InputError
+
 __all__ = ["OverrideError", "merge_override"]
 
 _MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 
 
-class OverrideError(ValueError):
+class OverrideError(InputError):
     """An override that does not give a resource Envoy accepts."""
 
 
