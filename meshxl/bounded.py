@@ -14,7 +14,7 @@ import yaml
 
 from meshxl.errors import InputError
 
-__all__ = ["InputError", "load_yaml_all", "read_text"]
+__all__ = ["InputError", "check_depth", "load_yaml_all", "measure", "read_text"]
 
 
 def read_text(path: str, limit: int, what: str = "input") -> str:
@@ -39,22 +39,27 @@ def read_text(path: str, limit: int, what: str = "input") -> str:
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _measure(data: Any, max_depth: int, max_values: int, name: str) -> int:
-    """Values ``data`` expands to, shared (aliased) nodes counted at every use."""
+def measure(data: Any, *, max_depth: int, max_values: int, name: str) -> int:
+    """Values ``data`` expands to, shared (aliased) nodes counted at every use; raises
+    InputError naming ``name`` when it nests deeper than ``max_depth``, expands to more
+    than ``max_values`` or contains itself (YAML aliases make a graph of shared nodes:
+    it is measured as the tree it means)."""
     seen: dict[int, tuple[int, int]] = {}  # id -> (values, height)
     active: set[int] = set()
 
-    def measure(node: Any, depth: int) -> tuple[int, int]:
+    def walk(node: Any, depth: int) -> tuple[int, int]:
         if not isinstance(node, dict | list):
             return 1, 0
         key = id(node)
         if key in active:
             raise InputError(f"{name}: a YAML alias inside its own anchor")
         if key not in seen:
+            if depth > max_depth:
+                raise InputError(f"{name}: nested deeper than {max_depth} levels")
             active.add(key)
             values, height = 1, 0
             for child in ([*node.keys(), *node.values()] if isinstance(node, dict) else node):
-                count, below = measure(child, depth + 1)
+                count, below = walk(child, depth + 1)
                 values, height = values + count, max(height, below + 1)
                 if values > max_values:
                     raise InputError(f"{name}: expands to more than {max_values:,} values "
@@ -66,20 +71,27 @@ def _measure(data: Any, max_depth: int, max_values: int, name: str) -> int:
             raise InputError(f"{name}: nested deeper than {max_depth} levels")
         return values, height
 
-    return measure(data, 0)[0]
+    return walk(data, 0)[0]
+
+
+def check_depth(text: str, *, max_depth: int, name: str, loader: Any = None) -> None:
+    """Refuse YAML nested deeper than ``max_depth``, from the parser's event stream
+    (iterative): libyaml's composer recurses in C and crashes the process on deep
+    nesting, so this runs before anything builds the document."""
+    depth = 0
+    for event in yaml.parse(text, Loader=loader or _Loader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > max_depth:
+                raise InputError(f"{name}: nested deeper than {max_depth} levels")
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
 
 
 def load_yaml_all(text: str, name: str, *, max_depth: int, max_values: int) -> list[Any]:
     """Every document of a YAML stream (``None`` for empty ones), within the bounds."""
-    depth = 0
     try:
-        for event in yaml.parse(text, Loader=_Loader):
-            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-                depth += 1
-                if depth > max_depth:
-                    raise InputError(f"{name}: nested deeper than {max_depth} levels")
-            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-                depth -= 1
+        check_depth(text, max_depth=max_depth, name=name)
         documents = list(yaml.load_all(text, Loader=_Loader))  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -95,7 +107,7 @@ def load_yaml_all(text: str, name: str, *, max_depth: int, max_values: int) -> l
                          f"{str(exc)[:200]}") from None
     total = 0
     for document in documents:
-        total += _measure(document, max_depth, max_values, name)
+        total += measure(document, max_depth=max_depth, max_values=max_values, name=name)
         if total > max_values:
             raise InputError(f"{name}: expands to more than {max_values:,} values "
                              "(YAML aliases are counted at every use)")

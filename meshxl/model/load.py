@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from meshxl.bounded import check_depth, measure
 from meshxl.errors import InputError
 
 from .spec import DEFAULT_SITE, ClusterSpec, ModelSpec
@@ -62,44 +63,7 @@ MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
 """Most values a model may expand to, YAML aliases counted at every use (a "billion
 laughs" document is a few lines of text that expand to more than memory holds)."""
-
-
-class _Unbounded(Exception):
-    pass
-
-
-def _check_bounds(data: Any) -> None:
-    """Refuse data nested too deep, expanding to too many values, or containing itself
-    (YAML aliases make a graph of shared nodes; it is measured as the tree it means)."""
-    seen: dict[int, tuple[int, int]] = {}  # id -> (values, height)
-    active: set[int] = set()
-
-    def measure(node: Any, depth: int) -> tuple[int, int]:
-        if not isinstance(node, dict | list):
-            return 1, 0
-        key = id(node)
-        if key in active:
-            raise _Unbounded("the model contains itself (a YAML alias inside its own anchor)")
-        if key not in seen:
-            if depth > MAX_DEPTH:
-                raise _Unbounded(f"the model is nested deeper than {MAX_DEPTH} levels")
-            active.add(key)
-            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-            values, height = 1, 0
-            for child in children:
-                count, below = measure(child, depth + 1)
-                values, height = values + count, max(height, below + 1)
-                if values > MAX_VALUES:
-                    raise _Unbounded(f"the model expands to more than {MAX_VALUES} values "
-                                     "(YAML aliases are counted at every use)")
-            active.discard(key)
-            seen[key] = (values, height)
-        values, height = seen[key]
-        if depth + height > MAX_DEPTH:
-            raise _Unbounded(f"the model is nested deeper than {MAX_DEPTH} levels")
-        return values, height
-
-    measure(data, 0)
+_MODEL = "the model"
 
 
 _CLoader = getattr(yaml, "CSafeLoader", None)
@@ -114,14 +78,7 @@ def _load_yaml(text: str) -> Any:
     """
     if _CLoader is None:
         return yaml.safe_load(text)
-    depth = 0
-    for event in yaml.parse(text, Loader=_CLoader):
-        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise _Unbounded(f"the model is nested deeper than {MAX_DEPTH} levels")
-        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-            depth -= 1
+    check_depth(text, max_depth=MAX_DEPTH, name=_MODEL, loader=_CLoader)
     return yaml.load(text, Loader=_CLoader)  # noqa: S506 - CSafeLoader is the safe loader
 
 
@@ -132,7 +89,7 @@ def parse_model(text: str, source: str = "<model>") -> ModelSpec:
                                           "characters")])
     try:
         data = _load_yaml(text)
-    except _Unbounded as exc:
+    except InputError as exc:
         raise ModelError([Problem(source, str(exc))]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -147,8 +104,8 @@ def parse_model(text: str, source: str = "<model>") -> ModelSpec:
         raise ModelError([Problem(source, f"YAML value error: {type(exc).__name__}: "
                                           f"{str(exc)[:200]}")]) from None
     try:
-        _check_bounds(data)
-    except _Unbounded as exc:
+        measure(data, max_depth=MAX_DEPTH, max_values=MAX_VALUES, name=_MODEL)
+    except InputError as exc:
         raise ModelError([Problem(source, str(exc))]) from None
     if data is None or (isinstance(data, str) and not data.strip()):
         raise ModelError([Problem(source, EMPTY_MODEL)])
