@@ -968,7 +968,7 @@ def demo(mode: str, sessions: int, duration: float, output_dir: Path | None,
     from rich.console import Console
 
     from meshxl.demo.failover import run_demo
-    from meshxl.demo.local import LocalError
+    from meshxl.local.wait import LocalError
 
     _setup_logging("warning")
     try:
@@ -989,8 +989,8 @@ def quickstart(etcd_url: str | None, work_dir: Path | None) -> None:
     """A local tour: sticky load sharing, kill -9 failover, member down, site offline."""
     from rich.console import Console
 
-    from meshxl.demo.local import LocalError
     from meshxl.demo.quickstart import quickstart as run_quickstart
+    from meshxl.local.wait import LocalError
 
     _setup_logging("warning")
     try:

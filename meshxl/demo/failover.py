@@ -34,9 +34,8 @@ from typing import Any
 
 from rich.markup import escape
 
+from meshxl.local.deployment import CLUSTER, MODES, SESSION_HEADER, DemoDeployment
 from meshxl.telemetry import names, slo
-
-from .deployment import CLUSTER, MODES, SESSION_HEADER, DemoDeployment
 
 MEMBER_HEADER = "x-meshxl-member"
 REQUEST_INTERVAL = 0.1

@@ -237,7 +237,7 @@ def test_merge_and_read_traces(tmp_path: Path) -> None:
 
 
 def test_demo_model_is_valid_in_both_modes() -> None:
-    from meshxl.demo import deployment
+    from meshxl.local import deployment
     from meshxl.model.load import parse_model
 
     for mode, layout in (("high-availability", deployment.HA_MEMBERS),
