@@ -58,8 +58,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
 from meshxl import etcd
-from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.procs import run as run_command
+from meshxl.local.servers import HOST
+from meshxl.local.wait import LocalError
 from meshxl.stats import cpu_seconds, rss_bytes
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER
 
@@ -303,24 +307,15 @@ def client_main(raw: str) -> int:
 
 
 async def _run_client(cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--client", json.dumps(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        raise LocalError(f"load client ({cfg['streams']} streams) failed:\n"
-                         f"{err.decode()[-3000:]}")
-    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+    code, out, err = await run_command(
+        [sys.executable, str(SCRIPT), "--client", json.dumps(cfg)], timeout=timeout)
+    if code != 0:
+        raise LocalError(f"load client ({cfg['streams']} streams) failed:\n{err[-3000:]}")
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 async def run(work: Path, streams: int, rounds: int, per_channel: int) -> dict[str, Any]:
-    stack = LocalStack(work)
+    stack = Owner(work, grace=3.0)
     listener = free_ports(1)[0]
     model = mesh_model(CLUSTERS, MEMBERS, listener_port=listener, clusters_per_listener=10)
     res: dict[str, Any] = {"model": f"{CLUSTERS} clusters x {MEMBERS} members, "
@@ -329,7 +324,7 @@ async def run(work: Path, streams: int, rounds: int, per_channel: int) -> dict[s
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
             cp = await start_control_plane(stack, model)
-        pid = cp["process"].proc.pid
+        pid = cp["process"].pid
         res["rss_mb_idle"] = round((rss_bytes(pid) or 0) / 2**20, 1)
         base = {"target": f"{HOST}:{cp['port']}", "admin": cp["admin"], "etcd": cp["etcd"],
                 "etcd_root": cp["keys"].root, "server_pid": pid, "rounds": rounds,
@@ -341,10 +336,10 @@ async def run(work: Path, streams: int, rounds: int, per_channel: int) -> dict[s
         res["many"] = await _run_client({**base, "streams": streams}, budget)
     except (LocalError, TimeoutError, OSError) as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        logs = stack.report()
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
     finally:
-        await stack.close()
+        await stack.aclose()
     return res
 
 

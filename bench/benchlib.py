@@ -136,24 +136,24 @@ def mesh_model(clusters: int, members: int, *, listener_port: int, clusters_per_
 async def start_control_plane(stack: Any, model: str, name: str = "xds") -> dict[str, Any]:
     """etcd (in ``stack``), ``model`` stored in it, and one ``meshxl serve xds`` process
     with its admin endpoint. Returns ``{etcd, keys, port, admin, process}``."""
-    import sys
-
     from meshxl import etcd
-    from meshxl.demo.local import HOST, free_ports, wait_http
     from meshxl.etcdkeys import Keys
+    from meshxl.local import commands
+    from meshxl.local.ports import free_ports
+    from meshxl.local.servers import HOST, start_etcd
+    from meshxl.local.wait import wait_http
     from meshxl.ops import apply_model
 
-    url = await stack.etcd()
+    url = (await start_etcd(stack))[0]
     keys = Keys(f"/meshxl-bench-{os.getpid()}")
     async with etcd.client(url) as client:
         await apply_model(client, keys, model, "bench model")
     port, admin_port = free_ports(2)
-    process = await stack.spawn(name, [
-        sys.executable, "-m", "meshxl.cli", "serve", "xds", "--listen", f"{HOST}:{port}",
-        "--etcd", url, "--etcd-prefix", keys.root, "--admin", f"{HOST}:{admin_port}",
-        "--replica", name, "--log-level", "warning"])
+    process = stack.spawn(name, commands.xds(
+        listen=f"{HOST}:{port}", etcd=url, etcd_prefix=keys.root, admin=f"{HOST}:{admin_port}",
+        replica=name, log_level="warning"))
     admin = f"http://{HOST}:{admin_port}"
-    await wait_http(f"{admin}/readyz", process, timeout=30)
+    await wait_http(f"{admin}/readyz", process=process, timeout=30)
     return {"etcd": url, "keys": keys, "port": port, "admin": admin, "process": process}
 
 

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/failover.py [--quick] [--repeats N] [--sessions N] [--traces]``
 
-One local deployment (``meshxl.demo.deployment.DemoDeployment``, high-availability:
+One local deployment (``meshxl.local.deployment.DemoDeployment``, high-availability:
 etcd, one ``meshxl serve xds``, members a (active), b (standby), c (backup site), each
 the sample counter app plus its statesync sidecar, and a real Envoy), all on loopback.
 ``--sessions`` sticky sessions send one POST at a time each through Envoy (every POST
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import sys
 import time
 import traceback
@@ -61,10 +60,10 @@ from benchlib import (
 )
 
 from meshxl import etcd
-from meshxl.demo.deployment import CLUSTER, DemoDeployment
-from meshxl.demo.local import LocalError
+from meshxl.local.deployment import CLUSTER, DemoDeployment
 from meshxl.local.report import lost_writes, recovery_times_ms
 from meshxl.local.traffic import Record, Traffic, read_back
+from meshxl.local.wait import LocalError, wait_until
 from meshxl.telemetry import names, slo
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
 from meshxl.xds.types import ENDPOINT
@@ -182,13 +181,13 @@ class RegistrationWatch:
                 self.deleted.setdefault(member, []).append(time.time())
 
     async def wait_deleted(self, member: str, after: float, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def deleted() -> float | None:
             found = [t for t in self.deleted.get(member, []) if t >= after]
-            if found:
-                return found[0]
-            await asyncio.sleep(0.005)
-        raise LocalError(f"registration of {member} not deleted within {timeout:g}s")
+            return found[0] if found else None
+
+        found: float = await wait_until(deleted, timeout=timeout, interval=0.005,
+                                        what=f"the registration of {member} to be deleted")
+        return found
 
     async def close(self) -> None:
         if self._task is not None:
@@ -198,20 +197,6 @@ class RegistrationWatch:
         if self._watch is not None:
             with contextlib.suppress(Exception):
                 await self._watch.cancel()
-
-
-async def _wait_for(predicate: Any, what: str, timeout: float, step: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            found = predicate()
-            if inspect.isawaitable(found):
-                found = await found
-            if found:
-                return
-        if time.monotonic() > deadline:
-            raise LocalError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(step)
 
 
 def _served_by(traffic: Traffic, member: str, since: float) -> float:
@@ -254,9 +239,9 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
             for rep in range(repeats):
                 step = f"kill {rep + 1}: waiting for traffic on member {KILLED}"
                 since = time.time()
-                await _wait_for(lambda since=since: _at_least(
-                    _served_by(traffic, KILLED, since), 0.95), "traffic on a", PHASE_TIMEOUT,
-                    step=0.1)
+                await wait_until(lambda since=since: _at_least(
+                    _served_by(traffic, KILLED, since), 0.95), what="traffic on a",
+                    timeout=PHASE_TIMEOUT, interval=0.1)
                 await asyncio.sleep(STEADY)
                 before = await _eds_status(http, admin)
                 hist_before = await convergence_histogram(http, admin)
@@ -272,15 +257,16 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
                         "acked_version")) and status.get("acked_version")
                         == status.get("sent_version"))
 
-                await _wait_for(acked, "Envoy's EDS ACK of the loss", PHASE_TIMEOUT, 0.01)
+                await wait_until(acked, what="Envoy's EDS ACK of the loss",
+                                 timeout=PHASE_TIMEOUT, interval=0.01)
                 await asyncio.sleep(SETTLE)
                 hist_after = await convergence_histogram(http, admin)
                 window_end = time.time()
                 step = f"kill {rep + 1}: restarting member {KILLED}"
                 await d.reap_member(KILLED)
                 await d.start_member(d.member(KILLED))
-                await _wait_for(d.all_healthy, "Envoy to see a healthy again", PHASE_TIMEOUT,
-                                0.05)
+                await wait_until(d.all_healthy, what="Envoy to see a healthy again",
+                                 timeout=PHASE_TIMEOUT)
                 observed = hist_after[0] - hist_before[0]
                 kills.append({
                     "kill_unix": kill, "window": [window_start, window_end],
@@ -292,8 +278,8 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
                 window_start = time.time()
             step = "final steady load"
             since = time.time()
-            await _wait_for(lambda: _at_least(_served_by(traffic, KILLED, since), 0.95),
-                            "traffic back on a", PHASE_TIMEOUT, step=0.1)
+            await wait_until(lambda: _at_least(_served_by(traffic, KILLED, since), 0.95),
+                             what="traffic back on a", timeout=PHASE_TIMEOUT, interval=0.1)
         traffic.until = time.time()
         await asyncio.wait_for(load, 15.0)
         ended = time.time()
@@ -310,7 +296,7 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
             spans = read_spans([str(work / "traces.jsonl")])
     except (LocalError, TimeoutError, OSError, KeyError) as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in d.stack.processes)
+        logs = d.owner.report()
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
     finally:
         if load is not None and not load.done():

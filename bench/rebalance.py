@@ -43,7 +43,7 @@ from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_r
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meshxl.demo.deployment import SESSION_HEADER, DemoDeployment  # noqa: E402
+from meshxl.local.deployment import SESSION_HEADER, DemoDeployment  # noqa: E402
 
 MEMBER_HEADER = "x-meshxl-member"
 

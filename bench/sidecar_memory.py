@@ -40,8 +40,12 @@ from benchlib import (
 )
 
 from meshxl import etcd
-from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports, wait_http
 from meshxl.etcdkeys import Keys
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.servers import HOST, start_etcd
+from meshxl.local.wait import LocalError, wait_http, wait_until
 from meshxl.statesync.record import SessionRecord
 from meshxl.stats import rss_bytes
 
@@ -105,32 +109,33 @@ async def fill(url: str, keys: Keys, cluster: str, sessions: int, size: int) -> 
     return payload
 
 
-async def sidecar(stack: LocalStack, url: str, keys: Keys, cluster: str,
+async def sidecar(stack: Owner, url: str, keys: Keys, cluster: str,
                   name: str) -> tuple[str, int]:
     app_port, port = free_ports(2)
-    proc = await stack.spawn(name, [
-        sys.executable, "-m", "meshxl.cli", "serve", "statesync", "--cluster", cluster,
-        "--member", name, "--app", f"{HOST}:{app_port}", "--listen", f"{HOST}:{port}",
-        "--etcd", url, "--etcd-prefix", keys.root, "--log-level", "warning"])
+    proc = stack.spawn(name, commands.statesync(
+        cluster=cluster, member=name, app=f"{HOST}:{app_port}", listen=f"{HOST}:{port}",
+        etcd=url, etcd_prefix=keys.root, log_level="warning"))
     base = f"http://{HOST}:{port}"
-    await wait_http(f"{base}/readyz", proc, timeout=SYNC_TIMEOUT)
-    assert proc.proc is not None
-    return base, proc.proc.pid
+    await wait_http(f"{base}/readyz", process=proc, timeout=SYNC_TIMEOUT)
+    assert proc.pid is not None
+    return base, proc.pid
 
 
 async def cached(base: str, want: int, timeout: float) -> float:
     """Wait until the sidecar's cache holds ``want`` sessions; returns the wait."""
     started = time.monotonic()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0)) as http:
-        while True:
+
+        async def count() -> int:
             async with http.get(f"{base}/v1/status") as resp:
-                status = await resp.json()
-            if status["cached_sessions"] >= want:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise LocalError(f"{base} caches {status['cached_sessions']} of {want} "
-                                 f"sessions after {timeout:g}s")
-            await asyncio.sleep(0.2)
+                return int((await resp.json())["cached_sessions"])
+
+        async def enough() -> bool:
+            return await count() >= want
+
+        await wait_until(enough, timeout=timeout, interval=0.2,
+                         what=f"{base} to cache {want} sessions")
+    return time.monotonic() - started
 
 
 async def settled_rss(pid: int, seconds: float = 1.0) -> int:
@@ -150,7 +155,7 @@ def python_floor(sessions: int, size: int) -> int:
     return int(out.stdout.strip())
 
 
-async def one_size(stack: LocalStack, url: str, keys: Keys, sessions: int,
+async def one_size(stack: Owner, url: str, keys: Keys, sessions: int,
                    size: int) -> dict[str, Any]:
     cluster = f"mem{size}"
     watch_base, watch_pid = await sidecar(stack, url, keys, cluster, f"watch-{size}")
@@ -185,22 +190,22 @@ async def one_size(stack: LocalStack, url: str, keys: Keys, sessions: int,
 
 
 async def run(work: Path, sessions: int, sizes: tuple[int, ...]) -> dict[str, Any]:
-    stack = LocalStack(work)
+    stack = Owner(work, grace=3.0)
     keys = Keys("/meshxl-bench-memory")
     res: dict[str, Any] = {"sizes": []}
     step = "starting etcd"
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
-            url = await stack.etcd()
+            url = (await start_etcd(stack))[0]
         for size in sizes:
             step = f"measuring {sessions} sessions of ~{size} B"
             res["sizes"].append(await one_size(stack, url, keys, sessions, size))
     except (LocalError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        logs = stack.report()
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
     finally:
-        await stack.close()
+        await stack.aclose()
     return res
 
 

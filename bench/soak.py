@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/soak.py [--duration 600] [--interval 30] [--output FILE]``
 
-One local deployment (``meshxl.demo.deployment.DemoDeployment``: etcd, the control
+One local deployment (``meshxl.local.deployment.DemoDeployment``: etcd, the control
 plane, three members (the counter app plus its statesync sidecar each) and Envoy, all
 on loopback) carries ``--sessions`` sticky sessions through Envoy for ``--duration``
 seconds, one request at a time per session, every request a read and an acknowledged
@@ -45,17 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from meshxl import etcd
-from meshxl.demo.deployment import (
-    CLUSTER,
-    MODES,
-    DemoDeployment,
-    envoy_hosts,
-    healthy_host,
-    wait_until,
-)
-from meshxl.demo.local import HOST, LocalError, LocalStack, find_etcd, free_ports, wait_http
+from meshxl.local.deployment import CLUSTER, MODES, DemoDeployment, envoy_hosts, healthy_host
+from meshxl.local.procs import Owner
 from meshxl.local.report import failure_kinds, lost_writes
+from meshxl.local.servers import HOST
+from meshxl.local.servers import start_etcd as start_local_etcd
 from meshxl.local.traffic import REQUEST_INTERVAL, Record, Traffic, read_back
+from meshxl.local.wait import LocalError, wait_until
 from meshxl.stats import quantile, rss_bytes
 
 NOT_JUDGED = {"etcd": "etcd's own memory (revision history until compaction), not meshxl's"}
@@ -68,19 +64,10 @@ class SoakError(RuntimeError):
     """The run could not go on (a member that did not come back, a dead process)."""
 
 
-async def start_etcd(stack: LocalStack, retention: int) -> str:
+async def start_etcd(stack: Owner, retention: int) -> str:
     """A single-member etcd that compacts its history to the last ``retention`` revisions."""
-    client, peer = free_ports(2)
-    url, peer_url = f"http://{HOST}:{client}", f"http://{HOST}:{peer}"
-    proc = await stack.spawn("etcd", [
-        find_etcd(), "--name", "etcd", "--data-dir", str(stack.work_dir / "etcd.data"),
-        "--listen-client-urls", url, "--advertise-client-urls", url,
-        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"etcd={peer_url}",
-        "--heartbeat-interval", "50", "--election-timeout", "500", "--pre-vote",
-        "--auto-compaction-mode", "revision",
-        "--auto-compaction-retention", str(retention)])
-    await wait_http(f"{url}/health", proc)
+    url, _ = await start_local_etcd(stack, extra=[
+        "--auto-compaction-mode", "revision", "--auto-compaction-retention", str(retention)])
     return url
 
 
@@ -96,30 +83,30 @@ class Series:
     samples: list[tuple[float, int]] = field(default_factory=list)
 
 
-def processes(d: DemoDeployment, stack: LocalStack | None) -> dict[str, int]:
+def processes(d: DemoDeployment, stack: Owner | None) -> dict[str, int]:
     """Every process of the run by name: etcd (if ours), control plane, Envoy, members."""
     found: dict[str, int] = {}
     if stack is not None:
         for proc in stack.processes:
-            if proc.name == "etcd" and proc.running and proc.proc is not None:
-                found["etcd"] = proc.proc.pid
+            if proc.name == "etcd" and proc.running and proc.pid is not None:
+                found["etcd"] = proc.pid
     for replica in d.replicas:
-        if replica.process is not None and replica.process.proc is not None:
-            found[replica.name] = replica.process.proc.pid
+        if replica.process is not None and replica.process.pid is not None:
+            found[replica.name] = replica.process.pid
     if d.envoy is not None and d.envoy.pid is not None:
         found["envoy"] = d.envoy.pid
     for m in d.members:
         for member_proc in (m.app, m.sidecar):
             if (member_proc is not None and member_proc.running
-                    and member_proc.proc is not None):
-                found[member_proc.name] = member_proc.proc.pid
+                    and member_proc.pid is not None):
+                found[member_proc.name] = member_proc.pid
     return found
 
 
 class Sampler:
     """Samples the RSS of every process of the deployment, each incarnation apart."""
 
-    def __init__(self, d: DemoDeployment, stack: LocalStack | None, started: float):
+    def __init__(self, d: DemoDeployment, stack: Owner | None, started: float):
         self.d = d
         self.stack = stack
         self.started = started
@@ -198,7 +185,7 @@ def serving_member(records: Sequence[Record], since: float) -> str | None:
 async def wait_step(predicate: Any, what: str, timeout: float = STEP_TIMEOUT) -> None:
     """The deployment's own wait, with the soak's error (the run broke, exit 2)."""
     try:
-        await wait_until(predicate, what, timeout)
+        await wait_until(predicate, timeout=timeout, what=what)
     except LocalError as exc:
         raise SoakError(str(exc)) from exc
 
@@ -242,7 +229,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     stack = None
     try:
         if args.etcd is None:
-            stack = LocalStack(work / "etcd")
+            stack = Owner(work / "etcd", grace=3.0)
             etcd_url = await start_etcd(stack, args.etcd_retention)
         else:
             etcd_url = args.etcd
@@ -250,10 +237,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             return await run(d, stack, args, work)
     finally:
         if stack is not None:
-            await stack.close()
+            await stack.aclose()
 
 
-async def run(d: DemoDeployment, stack: LocalStack | None, args: argparse.Namespace,
+async def run(d: DemoDeployment, stack: Owner | None, args: argparse.Namespace,
               work: Path) -> dict[str, Any]:
     started = time.time()
     end = started + args.duration

@@ -55,7 +55,12 @@ from benchlib import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
-from meshxl.demo.local import HOST, LocalProcess, LocalStack, free_ports, wait_http
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.procs import run as run_command
+from meshxl.local.servers import HOST, start_etcd
+from meshxl.local.wait import wait_http
 from meshxl.stats import cpu_seconds, quantile
 
 SCRIPT = Path(__file__).resolve()
@@ -242,55 +247,40 @@ def client_main(raw: str) -> int:
 # -- 1. throughput ---------------------------------------------------------------------
 
 
-async def _run_client(cfg: dict[str, Any], running: list[asyncio.subprocess.Process]) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--client", json.dumps(cfg),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
-    running.append(proc)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(),
-                                          float(cfg["duration"]) + CLIENT_GRACE)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        running.remove(proc)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load client ({cfg['mode']}) failed:\n{err.decode()[-3000:]}")
-    return json.loads(out.decode().strip().splitlines()[-1])
+async def _run_client(cfg: dict[str, Any]) -> Any:
+    """One load client process (killed on timeout or cancellation)."""
+    code, out, err = await run_command(
+        [sys.executable, str(SCRIPT), "--client", json.dumps(cfg)],
+        timeout=float(cfg["duration"]) + CLIENT_GRACE)
+    if code != 0:
+        raise RuntimeError(f"load client ({cfg['mode']}) failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
-async def bench_throughput(url: str, sidecars: dict[str, tuple[str, LocalProcess]],
+async def bench_throughput(url: str, sidecars: dict[str, tuple[str, Process]],
                            etcd_pid: int, rounds: int, duration: float,
                            max_writes: int) -> dict[str, Any]:
-    running: list[asyncio.subprocess.Process] = []
     by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in MODES}
-    try:
-        for r in range(rounds):
-            order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
-            for mode in order:
-                cfg: dict[str, Any] = {
-                    "mode": "raw" if mode == "raw" else "http",
-                    "concurrency": CONCURRENCY, "duration": duration,
-                    "max_writes": max_writes, "warmup": 2,
-                    "prefix": f"/bench-raw/r{r}-" if mode == "raw" else f"s-r{r}-",
-                    "target": url if mode == "raw" else sidecars[mode][0],
-                    "pids": [etcd_pid] + ([] if mode == "raw" else
-                                          [sidecars[mode][1].proc.pid]),  # type: ignore[union-attr]
-                }
-                res = await _run_client(cfg, running)
-                cpu = res.pop("cpu_s")
-                res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
-                if mode != "raw":
-                    pid = str(sidecars[mode][1].proc.pid)  # type: ignore[union-attr]
-                    res["cpu_s"]["sidecar"] = cpu.get(pid)
-                res["round"] = r
-                by_mode[mode].append(res)
-    finally:
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+    for r in range(rounds):
+        order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
+        for mode in order:
+            cfg: dict[str, Any] = {
+                "mode": "raw" if mode == "raw" else "http",
+                "concurrency": CONCURRENCY, "duration": duration,
+                "max_writes": max_writes, "warmup": 2,
+                "prefix": f"/bench-raw/r{r}-" if mode == "raw" else f"s-r{r}-",
+                "target": url if mode == "raw" else sidecars[mode][0],
+                "pids": [etcd_pid] + ([] if mode == "raw" else
+                                      [sidecars[mode][1].pid]),
+            }
+            res = await _run_client(cfg)
+            cpu = res.pop("cpu_s")
+            res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
+            if mode != "raw":
+                pid = str(sidecars[mode][1].pid)
+                res["cpu_s"]["sidecar"] = cpu.get(pid)
+            res["round"] = r
+            by_mode[mode].append(res)
 
     out: dict[str, Any] = {"concurrency": CONCURRENCY, "value_bytes": VALUE_BYTES,
                            "rounds": rounds, "duration_s": duration,
@@ -442,22 +432,19 @@ async def bench_lag(url: str, a: str, b: str, rounds: int) -> dict[str, Any]:
 # -- setup, profile, report ------------------------------------------------------------
 
 
-async def _sidecar(stack: LocalStack, name: str, cluster: str, url: str, batch: int,
+async def _sidecar(stack: Owner, name: str, cluster: str, url: str, batch: int,
                    profile_dir: Path | None = None,
-                   inflight: int | None = None) -> tuple[str, LocalProcess]:
+                   inflight: int | None = None) -> tuple[str, Process]:
     app_port, port = free_ports(2)
-    prefix = [sys.executable]
+    python = [sys.executable]
     if profile_dir is not None:
-        prefix += ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
-    argv = prefix + ["-m", "meshxl.cli", "serve", "statesync", "--cluster", cluster,
-                     "--member", name, "--app", f"{HOST}:{app_port}",
-                     "--listen", f"{HOST}:{port}", "--etcd", url,
-                     "--batch-max-ops", str(batch), "--log-level", "warning"]
-    if inflight is not None:
-        argv += ["--max-inflight", str(inflight)]
-    proc = await stack.spawn(name, argv)
+        python += ["-m", "cProfile", "-o", str(profile_dir / f"{name}.prof")]
+    proc = stack.spawn(name, commands.statesync(
+        cluster=cluster, member=name, app=f"{HOST}:{app_port}", listen=f"{HOST}:{port}",
+        etcd=url, batch_max_ops=batch, log_level="warning", max_inflight=inflight,
+        python=python))
     base = f"http://{HOST}:{port}"
-    await wait_http(f"{base}/readyz", proc, timeout=SETUP_TIMEOUT)
+    await wait_http(f"{base}/readyz", process=proc, timeout=SETUP_TIMEOUT)
     return base, proc
 
 
@@ -478,14 +465,15 @@ def _profile_top(path: Path, lines: int = 18) -> str:
 async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
     rounds, duration, max_writes, lag_rounds = (1, 2.0, 40_000, 100) if quick else \
         (3, 4.0, 100_000, 300)
-    stack = LocalStack(work)
+    stack = Owner(work, grace=3.0)
     step = "starting etcd"
     res: dict[str, Any] = {}
     prof_dir = work if profile else None
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
-            url = await stack.etcd()
-            etcd_pid = stack.processes[0].proc.pid  # type: ignore[union-attr]
+            url, etcd_proc = await start_etcd(stack)
+            assert etcd_proc.pid is not None
+            etcd_pid = etcd_proc.pid
             step = "starting sidecars"
             sidecars = {
                 "batched": await _sidecar(stack, "tput-b64", "tput-b64", url, 64, prof_dir),
@@ -503,17 +491,17 @@ async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
             step = "collecting profiles"
             res["profile_top_tottime"] = {}
             for mode, (_, proc) in sidecars.items():
-                assert proc.proc is not None
-                os.kill(proc.proc.pid, signal.SIGINT)  # KeyboardInterrupt: cProfile writes
+                assert proc.pid is not None
+                os.kill(proc.pid, signal.SIGINT)  # KeyboardInterrupt: cProfile writes
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.proc.wait(), 10.0)
+                    await proc.wait_exit(10.0)
                 res["profile_top_tottime"][mode] = _profile_top(work / f"{proc.name}.prof")
     except (TimeoutError, RuntimeError, OSError) as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        logs = stack.report()
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
     finally:
-        await stack.close()
+        await stack.aclose()
     return res
 
 

@@ -39,8 +39,10 @@ from google.protobuf import any_pb2
 from google.protobuf.internal import api_implementation
 
 from meshxl import etcd
-from meshxl.demo.local import HOST, LocalStack, free_ports
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.servers import HOST, start_etcd
 from meshxl.model import AdminAction, ModelSpec, RuntimeState
 from meshxl.model.load import check_model
 from meshxl.ops import apply_model, set_member_admin
@@ -306,7 +308,7 @@ async def _one_round(planes: list[ControlPlane], nodes: list[str], client: Any, 
 
 
 async def bench_ack(rounds: int, work: Path) -> dict[str, Any]:
-    stack = LocalStack(work)
+    stack = Owner(work, grace=3.0)
     planes: list[ControlPlane] = []
     envoys: list[EnvoyProcess] = []
     client: Any = None
@@ -320,7 +322,7 @@ async def bench_ack(rounds: int, work: Path) -> dict[str, Any]:
     step = "starting etcd"
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
-            url = await stack.etcd()
+            url = (await start_etcd(stack))[0]
             step = "storing the model"
             client = etcd.client(url)
             await client.connect()
@@ -360,7 +362,7 @@ async def bench_ack(rounds: int, work: Path) -> dict[str, Any]:
         await client.delete_prefix(keys.base.encode())
     except TimeoutError as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        logs = stack.report()
         raise SystemExit(f"timed out {step} (> {SETUP_TIMEOUT:g} s): {exc}\n{logs}") from None
     finally:
         for envoy in envoys:
@@ -369,7 +371,7 @@ async def bench_ack(rounds: int, work: Path) -> dict[str, Any]:
             await plane.stop()
         if client is not None:
             await client.close()
-        await stack.close()
+        await stack.aclose()
 
     out: dict[str, Any] = {"rounds": rounds, "model": "3 clusters x 3 members, maglev, "
                            "health checks off, one shared listener", "planes": []}

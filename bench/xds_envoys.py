@@ -52,7 +52,10 @@ from benchlib import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
-from meshxl.demo.local import HOST, LocalError, LocalStack, free_ports
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.servers import HOST
+from meshxl.local.wait import LocalError
 from meshxl.model.load import parse_model
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyError, EnvoyProcess
@@ -207,7 +210,7 @@ async def measure(http: aiohttp.ClientSession, cp: dict[str, Any], nodes: list[s
 
 
 async def run(work: Path, envoys: int, rounds: int) -> dict[str, Any]:
-    stack = LocalStack(work)
+    stack = Owner(work, grace=3.0)
     procs: list[EnvoyProcess] = []
     listener = free_ports(1)[0]
     model = mesh_model(CLUSTERS, MEMBERS, listener_port=listener, clusters_per_listener=10)
@@ -252,14 +255,14 @@ async def run(work: Path, envoys: int, rounds: int) -> dict[str, Any]:
             res["nacks"] = status["nacks"]
     except (LocalError, EnvoyError, TimeoutError, OSError) as exc:
         traceback.print_exc()
-        logs = "\n".join(f"--- {p.name}:\n{p.tail()}" for p in stack.processes)
+        logs = stack.report()
         envoy_logs = "\n".join(f"--- {p.name}:\n{p.logs()[-2000:]}" for p in procs)
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}\n{envoy_logs}") from None
     finally:
         for p in procs:
             with contextlib.suppress(Exception):
                 await p.stop()
-        await stack.close()
+        await stack.aclose()
     return res
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: real etcd, Envoy and backend processes, owned by a per-test harness.
+"""Shared fixtures: real etcd, Envoy and backend processes, owned by a per-test owner
+(``meshxl.local.procs.Owner``, the same one the demo and the benchmarks use).
 
 Every process a test starts through these fixtures is killed at teardown (pass or
 fail), its temporary directory removed, and, when the test fails, the tail of every
@@ -18,14 +19,14 @@ from typing import Any
 import aetcd
 import pytest
 
+from meshxl.local.procs import Owner
 from meshxl.xds.app import ControlPlane
 from tests.harness import backends as _backends
 from tests.harness import controlplane as _controlplane
 from tests.harness import envoy as _envoy
 from tests.harness import etcd as _etcd
-from tests.harness.procs import Harness
 
-HARNESS_KEY = pytest.StashKey[Harness]()
+HARNESS_KEY = pytest.StashKey[Owner]()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -42,9 +43,9 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture
-async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Owner]:
     """Owner of this test's processes and temp dir (killed and removed at teardown)."""
-    owner = Harness(request.node.name)
+    owner = Owner(label=request.node.name)
     request.node.stash[HARNESS_KEY] = owner
     try:
         yield owner
@@ -64,7 +65,7 @@ def _require_etcd() -> None:
 
 
 @pytest.fixture
-async def etcd(harness: Harness) -> _etcd.EtcdServer:
+async def etcd(harness: Owner) -> _etcd.EtcdServer:
     """A fresh single-member etcd (about 0.5 s to start), empty, for this test only."""
     _require_etcd()
     return await _etcd.start_etcd(harness)
@@ -78,14 +79,14 @@ async def etcd_client(etcd: _etcd.EtcdServer) -> AsyncIterator[aetcd.Client]:
 
 
 @pytest.fixture
-async def etcd_cluster(harness: Harness) -> _etcd.EtcdCluster:
+async def etcd_cluster(harness: Owner) -> _etcd.EtcdCluster:
     """A fresh 3-member etcd cluster; ``etcd_cluster[i]`` is member i (kill/start it)."""
     _require_etcd()
     return await _etcd.start_etcd_cluster(harness, 3)
 
 
 @pytest.fixture
-def start_envoy(harness: Harness) -> _envoy.StartEnvoy:
+def start_envoy(harness: Owner) -> _envoy.StartEnvoy:
     """``await start_envoy(node_id, xds_port_or_ports, **options) -> EnvoyFixture``."""
 
     async def start(node_id: str, xds: Any, **options: Any) -> _envoy.EnvoyFixture:
@@ -95,7 +96,7 @@ def start_envoy(harness: Harness) -> _envoy.StartEnvoy:
 
 
 @pytest.fixture
-def start_backends(harness: Harness) -> _backends.StartBackends:
+def start_backends(harness: Owner) -> _backends.StartBackends:
     """``await start_backends(3)`` -> echo members m0..m2 on free loopback ports."""
 
     async def start(members: int | Sequence[str], **options: Any) -> list[_backends.Backend]:
@@ -105,7 +106,7 @@ def start_backends(harness: Harness) -> _backends.StartBackends:
 
 
 @pytest.fixture
-def start_control_plane(harness: Harness) -> Any:
+def start_control_plane(harness: Owner) -> Any:
     """``await start_control_plane(config_path=..., etcd=url, **config)`` -> ControlPlane
     running in this process on a free port (``plane.port``), stopped at teardown."""
 
@@ -116,7 +117,7 @@ def start_control_plane(harness: Harness) -> Any:
 
 
 @pytest.fixture
-def control_plane_process(harness: Harness) -> Any:
+def control_plane_process(harness: Owner) -> Any:
     """``ControlPlaneProcess(...)`` factory: ``meshxl serve xds`` as a killable process."""
 
     def make(**options: Any) -> _controlplane.ControlPlaneProcess:
@@ -126,7 +127,7 @@ def control_plane_process(harness: Harness) -> Any:
 
 
 @pytest.fixture
-def start_sidecar(harness: Harness) -> Any:
+def start_sidecar(harness: Owner) -> Any:
     """``await start_sidecar(cluster=..., member=..., etcd=url, app_port=..., **cli_options)``
     -> a started (ready, unless ``wait_ready=False``) ``meshxl serve statesync`` process."""
     from tests.harness.sidecar import SidecarProcess

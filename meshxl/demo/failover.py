@@ -30,6 +30,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from meshxl.local.deployment import CLUSTER, MODES, DemoDeployment
 from meshxl.local.plot import plot_timeline
 from meshxl.local.report import (
     FailoverTimes,
@@ -40,8 +41,6 @@ from meshxl.local.report import (
 )
 from meshxl.local.traffic import REQUEST_INTERVAL, Traffic, read_back
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
-
-from .deployment import CLUSTER, MODES, DemoDeployment
 
 
 def _progress(traffic: Traffic, started: float, duration: float, killed: str | None) -> Any:

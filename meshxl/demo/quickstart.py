@@ -27,12 +27,14 @@ from rich.table import Table
 from meshxl import etcd
 from meshxl import headers as hdr
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.servers import HOST, start_echo, start_etcd
+from meshxl.local.wait import wait_until
 from meshxl.ops import apply_model, set_member_admin, set_site_admin
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
-
-from .local import HOST, LocalStack, free_ports
 
 MODEL = """\
 clusters:
@@ -111,11 +113,9 @@ async def _steady(url: str, host: str, sessions: int, seconds: float,
 
 
 async def _wait(predicate: Any, what: str, timeout: float = 15.0) -> float:
+    """Seconds until ``predicate`` held."""
     start = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until(predicate, timeout=timeout, what=what, interval=0.02)
     return time.monotonic() - start
 
 
@@ -145,14 +145,14 @@ async def quickstart(console: Console, work_dir: Path | None = None,
                      etcd_url: str | None = None) -> int:
     """Run the tour; returns a process exit code (non-zero if any request failed)."""
     work = work_dir or Path(tempfile.mkdtemp(prefix="meshxl-quickstart-"))
-    stack = LocalStack(work)
+    owner = Owner(work, grace=3.0)
     plane: ControlPlane | None = None
     envoy: EnvoyProcess | None = None
     failed = 0
     try:
         p1, p2, p3, listen, xds, admin = free_ports(6)
         with console.status("starting etcd, control plane, backends and Envoy..."):
-            url = etcd_url or await stack.etcd()
+            url = etcd_url or (await start_etcd(owner))[0]
             keys = Keys(f"/meshxl-quickstart-{int(time.time())}")
             model = MODEL.format(host=HOST, p1=p1, p2=p2, p3=p3, listen=listen)
             async with etcd.client(url) as client:
@@ -160,7 +160,7 @@ async def quickstart(console: Console, work_dir: Path | None = None,
             plane = ControlPlane(ControlPlaneConfig(listen=f"{HOST}:{xds}", etcd=url,
                                                     etcd_root=keys.root))
             await plane.start()
-            backends = {name: await stack.echo(name, port)
+            backends = {name: await start_echo(owner, name, port)
                         for name, port in (("alpha", p1), ("bravo", p2), ("charlie", p3))}
             envoy = EnvoyProcess(build_bootstrap("quickstart", [(HOST, xds)], admin_port=admin),
                                  work, log_level="warning")
@@ -225,4 +225,4 @@ async def quickstart(console: Console, work_dir: Path | None = None,
             await envoy.stop()
         if plane is not None:
             await plane.stop()
-        await stack.close()
+        await owner.aclose()

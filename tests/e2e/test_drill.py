@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from meshxl import etcd
-from meshxl.demo.deployment import CLUSTER, DemoDeployment
+from meshxl.local.deployment import CLUSTER, DemoDeployment
+from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
 from tests.harness.cli import REPO, meshxl, meshxl_json
 
@@ -40,8 +40,9 @@ def slo_file(tmp_path: Path, name: str, takeover_below_ms: float) -> Path:
 
 
 @pytest.fixture
-async def deployment(tmp_path: Path) -> AsyncIterator[DemoDeployment]:
+async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
     async with DemoDeployment(tmp_path / "work", trace_dir=tmp_path / "traces") as d:
+        harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 
 
@@ -132,7 +133,7 @@ async def test_a_drill_that_fails_midway_brings_the_site_back(
         stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
     replica = d.replicas[0].process
-    assert replica is not None and replica.proc is not None
+    assert replica is not None and replica.running
     paused = False
     try:
         # Once the preflight passed, freeze the only control plane: Envoy can never
@@ -142,12 +143,12 @@ async def test_a_drill_that_fails_midway_brings_the_site_back(
             async for raw in proc.stdout:
                 lines.append(raw.decode())
                 if "preflight" in lines[-1] and not paused:
-                    os.killpg(replica.proc.pid, signal.SIGSTOP)
+                    replica.signal(signal.SIGSTOP)
                     paused = True
             code = await proc.wait()
     finally:
         if paused:
-            os.killpg(replica.proc.pid, signal.SIGCONT)
+            replica.signal(signal.SIGCONT)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()

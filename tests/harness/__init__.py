@@ -1,6 +1,10 @@
-"""Test harness: real etcd, Envoy and backend processes on loopback, always cleaned up.
+"""Test harness: pytest glue over :mod:`meshxl.local` for real etcd, Envoy and backend
+processes on loopback, always cleaned up.
 
-Fixtures built on it live in ``tests/conftest.py``; import helpers from here.
+Processes, ports and waiting come from ``meshxl.local`` (``procs.Owner``,
+``ports.free_port``, ``wait.wait_until``); this package adds the test-side views
+(etcd members with aetcd clients, Envoy's admin API, the sidecar's HTTP API). Fixtures
+built on it live in ``tests/conftest.py``.
 """
 
 from tests.harness.backends import Backend, StartBackends, start_backends
@@ -14,9 +18,6 @@ from tests.harness.etcd import (
     start_etcd_cluster,
 )
 from tests.harness.load import Outcome, by_session, drive, failures, members_seen
-from tests.harness.ports import free_port, free_ports
-from tests.harness.procs import Harness, HarnessError, ManagedProcess
-from tests.harness.waiting import WaitTimeout, wait_for
 
 __all__ = [
     "Backend",
@@ -24,24 +25,17 @@ __all__ = [
     "EtcdCluster",
     "EtcdNotInstalled",
     "EtcdServer",
-    "Harness",
-    "HarnessError",
     "Host",
-    "ManagedProcess",
     "StartBackends",
     "StartEnvoy",
     "Outcome",
-    "WaitTimeout",
     "by_session",
     "drive",
     "failures",
     "find_etcd",
-    "free_port",
-    "free_ports",
     "members_seen",
     "start_backends",
     "start_envoy",
     "start_etcd",
     "start_etcd_cluster",
-    "wait_for",
 ]

@@ -10,16 +10,16 @@ crashes, and fail its health check over HTTP without killing it.
 from __future__ import annotations
 
 import asyncio
-import sys
-import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
-from tests.harness.ports import free_ports
-from tests.harness.procs import Harness, HarnessError, ManagedProcess
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.wait import LocalError, wait_until
 
 __all__ = ["Backend", "StartBackends", "start_backends"]
 
@@ -27,16 +27,12 @@ __all__ = ["Backend", "StartBackends", "start_backends"]
 class Backend:
     """One echo member on ``host:port``."""
 
-    def __init__(self, harness: Harness, name: str, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, harness: Owner, name: str, port: int, host: str = "127.0.0.1") -> None:
         self.name = name
         self.host = host
         self.port = port
-        self.process = ManagedProcess(
-            f"backend-{name}",
-            [sys.executable, "-u", "-m", "meshxl.demo.echo", "--name", name,
-             "--listen", f"{host}:{port}"],
-            harness.root / f"backend-{name}.log",
-        )  # fmt: skip
+        self.process = Process(f"backend-{name}", commands.echo(name, f"{host}:{port}"),
+                               harness.root / f"backend-{name}.log")
         harness.own(self)
 
     @property
@@ -58,25 +54,16 @@ class Backend:
         return self
 
     async def wait_listening(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while True:
-            self.process.check_alive(f"{self.host}:{self.port} to accept connections")
-            try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), 1.0
-                )
-                writer.close()
-                await writer.wait_closed()
-                return
-            except (OSError, TimeoutError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() >= deadline:
-                raise HarnessError(
-                    f"backend {self.name} not listening on {self.host}:{self.port} after "
-                    f"{timeout:g}s ({last}); log tail:\n{self.process.tail()}"
-                )
-            await asyncio.sleep(0.02)
+        async def accepts() -> bool:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
+                                               1.0)
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        await wait_until(accepts, timeout=timeout, interval=0.02, process=self.process,
+                         what=f"backend {self.name} to accept connections on "
+                              f"{self.host}:{self.port}")
 
     async def kill9(self) -> None:
         """SIGKILL: the member vanishes mid-flight (connections reset, no goodbye)."""
@@ -96,7 +83,7 @@ class Backend:
             http.post(f"{self.url}/admin/health", data="ok" if ok else "fail") as resp,
         ):
             if resp.status != 200:
-                raise HarnessError(f"backend {self.name}: set_health -> HTTP {resp.status}")
+                raise LocalError(f"backend {self.name}: set_health -> HTTP {resp.status}")
 
     def logs(self) -> str:
         return self.process.logs()
@@ -110,7 +97,7 @@ class Backend:
 
 
 async def start_backends(
-    harness: Harness,
+    harness: Owner,
     members: int | Sequence[str],
     *,
     prefix: str = "m",

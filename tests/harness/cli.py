@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from meshxl.local.procs import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,17 +22,8 @@ async def meshxl(*args: str, timeout: float = 30,
     if env:
         merged = {**os.environ, **env}
         environ = {k: v for k, v in merged.items() if v is not None}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshxl.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environ)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run([sys.executable, "-m", "meshxl.cli", *args], timeout=timeout, cwd=REPO,
+                     env=environ)
 
 
 async def meshxl_json(*args: str, expect: int = 0, timeout: float = 30) -> Any:

@@ -8,16 +8,16 @@ server and node status; the process form (:class:`ControlPlaneProcess`, the real
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.wait import wait_until
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
-from tests.harness.ports import free_ports
-from tests.harness.procs import Harness, ManagedProcess
-from tests.harness.waiting import wait_for
 
 __all__ = ["ControlPlaneProcess", "InProcessControlPlane", "start_control_plane"]
 
@@ -51,7 +51,7 @@ class InProcessControlPlane:
             self._handler.close()
 
 
-async def start_control_plane(harness: Harness, *, config_path: Path | str | None = None,
+async def start_control_plane(harness: Owner, *, config_path: Path | str | None = None,
                               etcd: str | None = None, **options: Any) -> ControlPlane:
     """Start a control plane in this process on a free port (``plane.port``)."""
     (port,) = free_ports(1)
@@ -68,18 +68,14 @@ async def start_control_plane(harness: Harness, *, config_path: Path | str | Non
 class ControlPlaneProcess:
     """``meshxl serve xds`` as a child process with an HTTP status endpoint."""
 
-    def __init__(self, harness: Harness, *, name: str = "xds", config_path: Path | None = None,
+    def __init__(self, harness: Owner, *, name: str = "xds", config_path: Path | None = None,
                  etcd: str | None = None, extra_args: tuple[str, ...] = ()):
         self.port, self.admin_port = free_ports(2)
-        argv = [sys.executable, "-m", "meshxl.cli", "serve", "xds",
-                "--listen", f"{HOST}:{self.port}", "--admin", f"{HOST}:{self.admin_port}",
-                "--replica", name, "--log-level", "debug", *extra_args]
-        if config_path is not None:
-            argv += ["--config", str(config_path)]
-        if etcd is not None:
-            argv += ["--etcd", etcd]
+        argv = commands.xds(listen=f"{HOST}:{self.port}", admin=f"{HOST}:{self.admin_port}",
+                            replica=name, log_level="debug", config=config_path, etcd=etcd,
+                            extra=extra_args)
         self.name = name
-        self.process = ManagedProcess(name, argv, harness.root / f"{name}.log")
+        self.process = Process(name, argv, harness.root / f"{name}.log")
         self.log_path = self.process.log_path
         harness.own(self)
 
@@ -92,10 +88,10 @@ class ControlPlaneProcess:
         self.process.start()
 
         async def ready() -> bool:
-            self.process.check_alive(f"{self.name} /readyz")
             return (await self.get("/readyz"))[0] == 200
 
-        await wait_for(ready, timeout, f"{self.name} ready")
+        await wait_until(ready, timeout=timeout, what=f"{self.name} ready",
+                         process=self.process)
         return self
 
     async def get(self, path: str) -> tuple[int, Any]:

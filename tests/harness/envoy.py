@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, overload
 
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
+from meshxl.local.wait import wait_until
 from meshxl.proxy.admin import EnvoyAdmin, Host
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.proxy.envoy import EnvoyProcess
-from tests.harness.ports import free_port
-from tests.harness.procs import Harness, forget_pid, remember_pid
-from tests.harness.waiting import wait_for
 
 __all__ = ["EnvoyFixture", "Host", "StartEnvoy", "XdsAddress", "start_envoy"]
 
@@ -37,7 +37,7 @@ class EnvoyFixture:
 
     def __init__(
         self,
-        harness: Harness,
+        harness: Owner,
         process: EnvoyProcess,
         *,
         node_id: str,
@@ -61,15 +61,11 @@ class EnvoyFixture:
 
     async def kill(self) -> None:
         """SIGKILL (teardown, or a proxy crash in a test)."""
-        pid = self.process.pid
         await self.process.kill()
-        forget_pid(pid)
 
     async def stop(self) -> None:
         """SIGTERM, SIGKILL after 5 s."""
-        pid = self.process.pid
         await self.process.stop()
-        forget_pid(pid)
 
     # -- admin API ---------------------------------------------------------------
 
@@ -155,23 +151,24 @@ class EnvoyFixture:
         return await self.admin.stat(name) or 0
 
     @overload
-    async def wait_for(
-        self, predicate: Callable[[], Awaitable[T]], timeout: float = ..., what: str = ...
+    async def wait_until(
+        self, predicate: Callable[[], Awaitable[T]], *, timeout: float = ..., what: str = ...
     ) -> T: ...
 
     @overload
-    async def wait_for(
-        self, predicate: Callable[[], T], timeout: float = ..., what: str = ...
+    async def wait_until(
+        self, predicate: Callable[[], T], *, timeout: float = ..., what: str = ...
     ) -> T: ...
 
-    async def wait_for(
+    async def wait_until(
         self,
         predicate: Callable[[], Any],
+        *,
         timeout: float = 15.0,
         what: str = "condition",
     ) -> Any:
-        """``tests.harness.waiting.wait_for``, with this Envoy's name in the message."""
-        return await wait_for(predicate, timeout, f"{what} on {self.name}")
+        """``meshxl.local.wait.wait_until``, with this Envoy's name in the message."""
+        return await wait_until(predicate, timeout=timeout, what=f"{what} on {self.name}")
 
     async def wait_hosts(
         self,
@@ -186,7 +183,8 @@ class EnvoyFixture:
             hosts = await self.hosts(cluster)
             return hosts if hosts and predicate(hosts) else None
 
-        result = await self.wait_for(check, timeout, what or f"hosts of cluster {cluster!r}")
+        result = await self.wait_until(check, timeout=timeout,
+                                       what=what or f"hosts of cluster {cluster!r}")
         assert result is not None
         return result
 
@@ -214,7 +212,7 @@ def _xds_list(xds: XdsAddress | Sequence[XdsAddress]) -> list[str | tuple[str, i
 
 
 async def start_envoy(
-    harness: Harness,
+    harness: Owner,
     node_id: str,
     xds: XdsAddress | Sequence[XdsAddress],
     *,
@@ -253,8 +251,6 @@ async def start_envoy(
     envoy = EnvoyFixture(harness, process, node_id=node_id, bootstrap=bootstrap)
     harness.own(envoy)
     await process.start()
-    if process.pid is not None:
-        remember_pid(process.pid, name)
     if wait == "admin":
         await process.wait_admin(timeout)
     elif wait == "ready":

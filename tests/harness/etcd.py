@@ -1,8 +1,9 @@
 """Real etcd servers for integration tests: one member, or a 3-member cluster.
 
-Each member runs on free loopback ports with its own data directory under the test's
-harness root, with short raft timings (heartbeat 50 ms, election 500 ms) so a single
-member is healthy in well under a second and a cluster re-elects quickly after a kill.
+Each member runs on free loopback ports (or in a network namespace) with its own data
+directory under the test's owner root; the command line is
+:func:`meshxl.local.commands.etcd` (short raft timings, pre-vote), optionally with
+client TLS.
 """
 
 # Waits take a `timeout` (ASYNC109) so errors name the member and carry its log.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
+import ssl
 import uuid
 from collections.abc import Callable
 from functools import partial
@@ -24,8 +25,10 @@ import aetcd
 import aiohttp
 
 from meshxl import binaries
-from tests.harness.ports import free_ports
-from tests.harness.procs import Harness, HarnessError, ManagedProcess
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.wait import LocalError, wait_until
 
 if TYPE_CHECKING:
     from tests.harness.netns import Network
@@ -42,7 +45,7 @@ __all__ = [
 HOST = "127.0.0.1"
 
 
-class EtcdNotInstalled(HarnessError):
+class EtcdNotInstalled(LocalError):
     """No ``etcd`` binary on PATH."""
 
 
@@ -59,7 +62,7 @@ class EtcdServer:
 
     def __init__(
         self,
-        harness: Harness,
+        harness: Owner,
         *,
         name: str,
         client_port: int,
@@ -69,7 +72,11 @@ class EtcdServer:
         data_dir: Path,
         host: str = HOST,
         wrap: Callable[[list[str]], list[str]] | None = None,
+        state: str = "new",
+        tls: commands.EtcdTls | None = None,
     ) -> None:
+        """``state`` "existing": join a running cluster; ``tls``: serve clients over
+        https and require client certificates; ``wrap``: e.g. run in a namespace."""
         self.harness = harness
         self.name = name
         self.host = host
@@ -78,8 +85,10 @@ class EtcdServer:
         self.data_dir = data_dir
         self._token = token
         self._initial_cluster = initial_cluster
+        self._state = state
+        self.tls = tls
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        self.process = ManagedProcess(
+        self.process = Process(
             name,
             wrap(self._argv()) if wrap is not None else self._argv(),
             harness.root / f"{name}.log",
@@ -89,32 +98,22 @@ class EtcdServer:
         harness.own(self)
 
     def _argv(self) -> list[str]:
-        return [
-            find_etcd(),
-            "--name", self.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.url,
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", self._initial_cluster,
-            "--initial-cluster-token", self._token,
-            "--initial-cluster-state", "new",
-            "--heartbeat-interval", "50",
-            "--election-timeout", "500",
-            # etcd 3.4 defaults to no pre-vote: a member that rejoins after a partition
-            # would depose a healthy leader (3.5 enables it).
-            "--pre-vote",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-        ]  # fmt: skip
+        return commands.etcd(
+            name=self.name, data_dir=self.data_dir, client_url=self.url,
+            peer_url=self.peer_url, initial_cluster=self._initial_cluster, token=self._token,
+            state=self._state, tls=self.tls, binary=find_etcd())
 
     # -- addresses ---------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """Client URL, ``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}:{self.client_port}"
+        """Client URL, ``http://127.0.0.1:PORT`` (https with ``tls``)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How to reach the client URL: None for plain http (``SecureEtcd`` overrides)."""
+        return None
 
     @property
     def peer_url(self) -> str:
@@ -145,25 +144,20 @@ class EtcdServer:
 
     async def wait_healthy(self, timeout: float = 15.0) -> None:
         """Poll ``/health`` until it reports ``true`` (there is a leader, reads work)."""
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
-            while True:
-                self.process.check_alive(f"{self.url}/health")
-                try:
-                    async with http.get(f"{self.url}/health") as resp:
-                        body = await resp.text()
-                        if resp.status == 200 and json.loads(body).get("health") == "true":
-                            return
-                        last = f"HTTP {resp.status}: {body.strip()[:200]}"
-                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() >= deadline:
-                    raise HarnessError(
-                        f"etcd {self.name} not healthy after {timeout:g}s ({last}); "
-                        f"log tail:\n{self.process.tail()}"
-                    )
-                await asyncio.sleep(0.05)
+        context = self.ssl_context()
+        connector = aiohttp.TCPConnector(ssl=context) if context is not None else None
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+
+            async def healthy() -> bool:
+                async with http.get(f"{self.url}/health") as resp:
+                    body = await resp.text()
+                    if resp.status == 200 and json.loads(body).get("health") == "true":
+                        return True
+                    raise LocalError(f"HTTP {resp.status}: {body.strip()[:200]}")
+
+            await wait_until(healthy, timeout=timeout, process=self.process,
+                             what=f"etcd {self.name} healthy at {self.url}/health")
 
     async def kill(self) -> None:
         """SIGKILL: the member dies without a word to its peers."""
@@ -204,7 +198,7 @@ class EtcdServer:
 class EtcdCluster:
     """``size`` etcd members forming one cluster (fault tests kill some of them)."""
 
-    def __init__(self, harness: Harness, size: int = 3, name: str = "etcd",
+    def __init__(self, harness: Owner, size: int = 3, name: str = "etcd",
                  network: Network | None = None) -> None:
         """``network``: member i runs in host i's namespace (``tests/harness/netns.py``),
         on its address, ports 2379/2380."""
@@ -270,7 +264,7 @@ class EtcdCluster:
         """
         members = self.running if alive_only else self.members
         if not members:
-            raise HarnessError("no running etcd member to connect to")
+            raise LocalError("no running etcd member to connect to")
         addresses = [f"{m.host}:{m.client_port}" for m in members]
         head, last = addresses[:-1], members[-1]
         host = "ipv4:" + ",".join([*head, last.host])
@@ -291,7 +285,7 @@ class EtcdCluster:
                     continue
                 if leader_id and cstatus.get("header", {}).get("member_id") == leader_id:
                     return candidate
-        raise HarnessError("no etcd member reports a reachable leader")
+        raise LocalError("no etcd member reports a reachable leader")
 
     async def kill(self, index: int) -> EtcdServer:
         """SIGKILL member ``index``; returns it (``await member.start()`` to bring it back)."""
@@ -302,7 +296,7 @@ class EtcdCluster:
         return "\n".join(f"--- {m.name}\n{m.logs()}" for m in self.members)
 
 
-async def start_etcd(harness: Harness, name: str = "etcd", timeout: float = 15.0) -> EtcdServer:
+async def start_etcd(harness: Owner, name: str = "etcd", timeout: float = 15.0) -> EtcdServer:
     """Start a single-member etcd and wait until it is healthy."""
     name = harness.unique_name(name)
     client_port, peer_port = free_ports(2)
@@ -319,7 +313,7 @@ async def start_etcd(harness: Harness, name: str = "etcd", timeout: float = 15.0
 
 
 async def start_etcd_cluster(
-    harness: Harness, size: int = 3, name: str = "etcd", timeout: float = 20.0
+    harness: Owner, size: int = 3, name: str = "etcd", timeout: float = 20.0
 ) -> EtcdCluster:
     """Start a ``size``-member etcd cluster and wait until every member is healthy."""
     return await EtcdCluster(harness, size, name).start(timeout)

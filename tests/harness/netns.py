@@ -30,7 +30,8 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
-from tests.harness.procs import Harness, HarnessError
+from meshxl.local.procs import Owner
+from meshxl.local.wait import LocalError
 
 __all__ = ["Network", "unavailable"]
 
@@ -41,7 +42,7 @@ _counter = itertools.count()
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
     if check and done.returncode != 0:
-        raise HarnessError(f"{' '.join(argv)} failed ({done.returncode}): "
+        raise LocalError(f"{' '.join(argv)} failed ({done.returncode}): "
                            f"{(done.stderr or done.stdout).strip()}")
     return done
 
@@ -104,7 +105,7 @@ def unavailable() -> str | None:
 class Network:
     """A bridge and ``hosts`` namespaces; ``ip(i)`` is host i's address."""
 
-    def __init__(self, harness: Harness, hosts: int, label: str = "mx") -> None:
+    def __init__(self, harness: Owner, hosts: int, label: str = "mx") -> None:
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be 1..200, got {hosts}")
         self.name = f"{label}{os.getpid()}x{next(_counter)}"

@@ -9,19 +9,18 @@ created and ``auth enable``d through etcd's own Auth API (what ``etcdctl user ad
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import time
 
 import aetcd
-import aiohttp
 import grpc
 from aetcd import rpc
 
+from meshxl.local.commands import EtcdTls
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.wait import LocalError
 from tests.harness.certs import CA, Leaf
 from tests.harness.etcd import HOST, EtcdServer, find_etcd
-from tests.harness.ports import free_ports
-from tests.harness.procs import Harness, HarnessError
 
 __all__ = ["SecureEtcd", "enable_auth", "start_secure_etcd"]
 
@@ -33,7 +32,7 @@ ROOT_PASSWORD = "root-secret-for-tests"
 class SecureEtcd(EtcdServer):
     """One etcd member whose client URL is https (client certificates required)."""
 
-    def __init__(self, harness: Harness, *, name: str, ca: CA, server: Leaf,
+    def __init__(self, harness: Owner, *, name: str, ca: CA, server: Leaf,
                  extra_args: tuple[str, ...] = ()) -> None:
         self.ca = ca
         self.server_cert = server
@@ -41,50 +40,23 @@ class SecureEtcd(EtcdServer):
         client_port, peer_port = free_ports(2)
         super().__init__(harness, name=name, client_port=client_port, peer_port=peer_port,
                          initial_cluster=f"{name}=http://{HOST}:{peer_port}",
-                         token=f"meshxl-secure-{name}", data_dir=harness.path(name) / "data")
+                         token=f"meshxl-secure-{name}", data_dir=harness.path(name) / "data",
+                         tls=EtcdTls(ca=ca.cert, cert=server.cert, key=server.key))
         self.client_leaf = ca.issue(f"{name}-client", server=False)
 
     def _argv(self) -> list[str]:
-        argv = super()._argv()
-        return [*argv, "--client-cert-auth", "--trusted-ca-file", str(self.ca.cert),
-                "--cert-file", str(self.server_cert.cert),
-                "--key-file", str(self.server_cert.key), *self.extra_args]
-
-    @property
-    def url(self) -> str:
-        return f"https://{self.host}:{self.client_port}"
+        return [*super()._argv(), *self.extra_args]
 
     def ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(cafile=str(self.ca.cert))
         context.load_cert_chain(str(self.client_leaf.cert), str(self.client_leaf.key))
         return context
 
-    async def wait_healthy(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        connector = aiohttp.TCPConnector(ssl=self.ssl_context())
-        async with aiohttp.ClientSession(connector=connector,
-                                         timeout=aiohttp.ClientTimeout(total=2.0)) as http:
-            while True:
-                self.process.check_alive(f"{self.url}/health")
-                try:
-                    async with http.get(f"{self.url}/health") as resp:
-                        body = await resp.text()
-                        if resp.status == 200 and '"health":"true"' in body.replace(" ", ""):
-                            return
-                        last = f"HTTP {resp.status}: {body.strip()[:200]}"
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() >= deadline:
-                    raise HarnessError(f"etcd {self.name} not healthy after {timeout:g}s "
-                                       f"({last}); log tail:\n{self.process.tail()}")
-                await asyncio.sleep(0.05)
-
     def client(self, **kwargs: object) -> aetcd.Client:  # pragma: no cover - use meshxl's
-        raise HarnessError("use meshxl.etcd.client(url, security=...) for a TLS etcd")
+        raise LocalError("use meshxl.etcd.client(url, security=...) for a TLS etcd")
 
 
-async def start_secure_etcd(harness: Harness, ca: CA, *, name: str = "etcd-tls",
+async def start_secure_etcd(harness: Owner, ca: CA, *, name: str = "etcd-tls",
                             extra_args: tuple[str, ...] = ()) -> SecureEtcd:
     find_etcd()
     # etcd dials its own gRPC gateway with its server certificate: it needs clientAuth too.

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from tests.harness.ports import free_port
-from tests.harness.procs import Harness, ManagedProcess
-from tests.harness.waiting import wait_for
+from meshxl.local import commands
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner, Process
+from meshxl.local.wait import wait_until
 
 __all__ = ["Reply", "SidecarProcess"]
 
@@ -52,34 +52,20 @@ class Reply(NamedTuple):
         return self.headers.get("X-Meshxl-Owner")
 
 
-def _option(name: str, value: Any) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return [flag]
-    if value is False or value is None:
-        return []
-    return [flag, str(value)]
-
-
 class SidecarProcess:
     """``meshxl serve statesync`` for one member, on a fixed free port."""
 
-    def __init__(self, harness: Harness, *, cluster: str, member: str, etcd: str,
+    def __init__(self, harness: Owner, *, cluster: str, member: str, etcd: str,
                  app_port: int, app_host: str = HOST, site: str | None = None,
                  log_level: str = "debug", **cli_options: Any) -> None:
         self.cluster = cluster
         self.member = member
         self.port = free_port()
-        argv = [sys.executable, "-u", "-m", "meshxl.cli", "serve", "statesync",
-                "--cluster", cluster, "--member", member, "--app", f"{app_host}:{app_port}",
-                "--listen", f"{HOST}:{self.port}", "--etcd", etcd,
-                "--log-level", log_level]
-        if site is not None:
-            argv += ["--site", site]
-        for name, value in cli_options.items():
-            argv += _option(name, value)
+        argv = commands.statesync(cluster=cluster, member=member, app=f"{app_host}:{app_port}",
+                                  listen=f"{HOST}:{self.port}", etcd=etcd, log_level=log_level,
+                                  site=site, **cli_options)
         self.name = harness.unique_name(f"sidecar-{cluster}-{member}")
-        self.process = ManagedProcess(self.name, argv, harness.root / f"{self.name}.log")
+        self.process = Process(self.name, argv, harness.root / f"{self.name}.log")
         self.log_path = self.process.log_path
         self._http: aiohttp.ClientSession | None = None
         self._harness = harness
@@ -104,18 +90,18 @@ class SidecarProcess:
 
     async def wait_ready(self, timeout: float = 15.0) -> None:
         async def ready() -> bool:
-            self.process.check_alive(f"{self.name} /readyz")
             return (await self.request("GET", "/readyz")).status == 200
 
-        await wait_for(ready, timeout, f"{self.name} ready")
+        await wait_until(ready, timeout=timeout, what=f"{self.name} ready",
+                         process=self.process)
 
     async def wait_listening(self, timeout: float = 15.0) -> None:
         """Until the API answers at all (ready or not)."""
         async def answers() -> bool:
-            self.process.check_alive(f"{self.name} /healthz")
             return (await self.request("GET", "/healthz")).status == 200
 
-        await wait_for(answers, timeout, f"{self.name} listening", interval=0.005)
+        await wait_until(answers, timeout=timeout, what=f"{self.name} listening",
+                         interval=0.005, process=self.process)
 
     async def restart(self, *, wait_ready: bool = True, timeout: float = 15.0) -> SidecarProcess:
         """Kill (if alive) and start again: same port, same member, same log."""

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.harness import Backend, free_ports
+from meshxl.local.ports import free_ports
+from tests.harness import Backend
 
 pytestmark = pytest.mark.integration
 

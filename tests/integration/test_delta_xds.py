@@ -18,17 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
 from meshxl.xds.app import ControlPlane
-from tests.harness import (
-    Backend,
-    EnvoyFixture,
-    Host,
-    drive,
-    failures,
-    free_ports,
-    members_seen,
-    wait_for,
-)
+from tests.harness import Backend, EnvoyFixture, Host, drive, failures, members_seen
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +107,7 @@ async def test_sticky_sessions_over_delta_xds(
 
     # The node status of a delta stream reads like a SotW one: every type ACKed at the
     # snapshot's version, over one stream.
-    await wait_for(lambda: in_sync(plane, "delta"), 10, "delta node in sync")
+    await wait_until(lambda: in_sync(plane, "delta"), timeout=10, what="delta node in sync")
     assert plane.ads.node_status()["delta"]["streams"] == 1
 
     outcomes = await drive(f"http://{LOOPBACK}:{lport}/", 60, 5, concurrency=8, max_seconds=20)
@@ -187,16 +180,17 @@ async def test_member_and_cluster_removal_over_delta_xds(
         return "api" not in await envoy.clusters() and all(
             port != api_port for _, port in listeners.values())
 
-    await envoy.wait_for(api_gone, 10, "cluster api and its listener removed")
+    await envoy.wait_until(api_gone, timeout=10, what="cluster api and its listener removed")
 
     async def applied() -> bool:
         return (await envoy.dynamic_clusters())["web"].get("connect_timeout") == "2s"
 
-    await envoy.wait_for(applied, 3, "cluster change applied without a warming stall")
+    await envoy.wait_until(applied, timeout=3,
+                           what="cluster change applied without a warming stall")
     dump = await envoy.config_dump("dynamic_warming_clusters")
     assert not dump.get("configs"), dump
     assert await served(web_port) <= {a.name, b.name}
-    await wait_for(lambda: in_sync(plane, "delta"), 10, "delta node in sync")
+    await wait_until(lambda: in_sync(plane, "delta"), timeout=10, what="delta node in sync")
     assert plane.ads.node_status()["delta"]["connected_at"] == connected_at, \
         "applied only because the ADS stream was re-opened"
 
@@ -213,7 +207,7 @@ async def test_nack_over_delta_is_recorded_not_resent_and_fixed(
     model, plane, envoy = await start_stack(
         tmp_path, start_control_plane, start_envoy,
         cluster("c", "high-availability", members, lport))
-    await wait_for(lambda: in_sync(plane, "delta"), 10, "first ACK")
+    await wait_until(lambda: in_sync(plane, "delta"), timeout=10, what="first ACK")
     good_cds = versions(plane)[CDS]
 
     # meshxl accepts this override; Envoy's validation (Duration gt 0) rejects it.
@@ -224,7 +218,7 @@ async def test_nack_over_delta_is_recorded_not_resent_and_fixed(
         found: dict[str, Any] | None = plane.ads.node_status()["delta"]["last_nack"]
         return found
 
-    nack = await wait_for(nacked, 10, "NACK recorded")
+    nack = await wait_until(nacked, timeout=10, what="NACK recorded")
     assert nack is not None
     bad_cds = versions(plane)[CDS]
     assert bad_cds != good_cds
@@ -244,7 +238,7 @@ async def test_nack_over_delta_is_recorded_not_resent_and_fixed(
                 "the NACKed cluster is being resent"
         return True
 
-    await wait_for(quiet_window, 10, "a 1 s window without CDS responses")
+    await wait_until(quiet_window, timeout=10, what="a 1 s window without CDS responses")
     assert plane.ads.node_status()["delta"]["types"][CDS]["acked_version"] == good_cds
     assert plane.ads.nacks == 1
 
@@ -259,8 +253,8 @@ async def test_nack_over_delta_is_recorded_not_resent_and_fixed(
     async def applied() -> bool:
         return (await envoy.dynamic_clusters())["c"].get("connect_timeout") == "3s"
 
-    await envoy.wait_for(applied, 10, "corrected cluster applied")
-    await wait_for(lambda: in_sync(plane, "delta"), 10, "corrected version ACKed")
+    await envoy.wait_until(applied, timeout=10, what="corrected cluster applied")
+    await wait_until(lambda: in_sync(plane, "delta"), timeout=10, what="corrected version ACKed")
     assert await served(lport) == {a.name}
 
 
@@ -310,7 +304,8 @@ async def _agree(plane: ControlPlane, sotw: EnvoyFixture, delta: EnvoyFixture) -
         left, right = await _view(sotw), await _view(delta)
         return left if left == right and not left[0]["warming"] else None
 
-    return await wait_for(same, 15, "SotW and delta Envoys with identical configuration")
+    return await wait_until(same, timeout=15,
+                            what="SotW and delta Envoys with identical configuration")
 
 
 async def test_sotw_and_delta_envoys_end_with_identical_configuration(
@@ -350,7 +345,7 @@ async def test_sotw_and_delta_envoys_end_with_identical_configuration(
                      route={"domains": ["shared.local"]})
     before = versions(plane)
     write_model(model, shared, ha, extra)
-    await wait_for(lambda: versions(plane) != before, 10, "the new snapshot")
+    await wait_until(lambda: versions(plane) != before, timeout=10, what="the new snapshot")
     resources, hosts = await _agree(plane, sotw, delta)
     assert set(resources["clusters"]) == {"shared", "ha", "extra"}
     assert set(resources["endpoints"]) == {"shared", "ha", "extra"}
@@ -378,12 +373,14 @@ async def test_reconnect_to_another_replica_resends_nothing(
     envoy = await start_envoy("delta", [first.port, second.port], delta=True)
     await envoy.wait_ready()
     await envoy.wait_hosts("c", lambda hs: len(hs) == 2 and all(h.healthy for h in hs))
-    await wait_for(lambda: in_sync(first, "delta"), 10, "in sync with the first replica")
+    await wait_until(lambda: in_sync(first, "delta"), timeout=10,
+                     what="in sync with the first replica")
     updates = await envoy.stat("cluster.c.update_success")  # EDS updates of cluster c
     modified = await envoy.stat("cluster_manager.cluster_modified")
 
     await first.stop()
-    await wait_for(lambda: in_sync(second, "delta"), 20, "in sync with the second replica")
+    await wait_until(lambda: in_sync(second, "delta"), timeout=20,
+                     what="in sync with the second replica")
     assert await served(lport) <= {a.name, b.name}
     assert await envoy.stat("cluster.c.update_success") == updates, "endpoints sent again"
     assert await envoy.stat("cluster_manager.cluster_modified") == modified

@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from meshxl.local.ports import free_port, free_ports
 from meshxl.model import ModelError, parse_model
 from meshxl.model.spec import MAX_DURATION, RETRY_CONDITIONS, UINT32_MAX
 from meshxl.proxy.bootstrap import build_bootstrap
@@ -26,7 +27,6 @@ from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.resources import CompileError, compile_resources
 from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.harness.ports import free_port, free_ports
 
 T = TypeVar("T")
 NODE = "hypothesis-envoy"

@@ -20,17 +20,9 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.harness import (
-    Backend,
-    EnvoyFixture,
-    Host,
-    Outcome,
-    drive,
-    failures,
-    free_ports,
-    members_seen,
-    wait_for,
-)
+from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
+from tests.harness import Backend, EnvoyFixture, Host, Outcome, drive, failures, members_seen
 
 pytestmark = pytest.mark.integration
 
@@ -434,16 +426,17 @@ async def test_second_site_takes_traffic_only_when_first_has_none(
         seen_while_dc1_up.update(served(res))
         return set(served(res)) == {d1b.name}
 
-    await wait_for(only_dc1b, 15, f"all traffic on {d1b.name}")
+    await wait_until(only_dc1b, timeout=15, what=f"all traffic on {d1b.name}")
     assert d2.name not in seen_while_dc1_up, seen_while_dc1_up
 
     await d1b.set_health(False)
     await wait_host_flag(envoy, "pay", d1b, healthy=False)
-    await wait_for(lambda: only_member(url, d2.name), 15, "traffic to move to dc2")
+    await wait_until(lambda: only_member(url, d2.name), timeout=15, what="traffic to move to dc2")
 
     await d1a.set_health(True)
     await wait_host_flag(envoy, "pay", d1a, healthy=True)
-    await wait_for(lambda: only_member(url, d1a.name), 15, "traffic to return to dc1")
+    await wait_until(lambda: only_member(url, d1a.name), timeout=15,
+                     what="traffic to return to dc1")
 
 
 # -- 6. model reload ---------------------------------------------------------------------------
@@ -491,5 +484,5 @@ async def test_model_file_change_reaches_envoy_without_restart(
         counts = served(res)
         return counts if set(counts) == {a.name, b.name, c.name} else None
 
-    counts = await wait_for(all_three_serve, 15, "traffic on the new member")
+    counts = await wait_until(all_three_serve, timeout=15, what="traffic on the new member")
     assert counts[a.name] > counts[b.name] and counts[a.name] > counts[c.name], counts

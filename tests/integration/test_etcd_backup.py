@@ -5,19 +5,18 @@ existing)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import run
+from meshxl.local.wait import wait_until
 from tests.harness.etcd import EtcdServer
-from tests.harness.ports import free_ports
-from tests.harness.waiting import wait_for
 
 KEYS = {f"/meshxl/v1/mesh/clusters/orders/members/orders-{i}": f'{{"n": {i}}}'
         for i in range(3)}
@@ -33,17 +32,10 @@ def _etcdctl() -> str:
 
 async def etcdctl(*args: str, endpoints: str | None = None) -> str:
     argv = [_etcdctl(), *args] + ([f"--endpoints={endpoints}"] if endpoints else [])
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"})
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, f"etcdctl {' '.join(args)}: {err.decode()}"
-    return out.decode()
+    code, out, err = await run(argv, timeout=30,
+                               env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"})
+    assert code == 0, f"etcdctl {' '.join(args)}: {err}"
+    return out
 
 
 class _JoiningMember(EtcdServer):
@@ -117,7 +109,7 @@ async def test_snapshot_restore_and_member_replacement(harness: Any, etcd_cluste
                 raise
             return False
         return True
-    await wait_for(add, timeout=30, interval=0.5, what="member add accepted")
+    await wait_until(add, timeout=30, interval=0.5, what="member add accepted")
     initial = next(line.split("=", 1)[1].strip('"') for line in added.splitlines()
                    if line.startswith("ETCD_INITIAL_CLUSTER="))
     assert f"{lost.name}={new_peer_url}" in initial
@@ -133,7 +125,7 @@ async def test_snapshot_restore_and_member_replacement(harness: Any, etcd_cluste
     async def healthy() -> bool:
         out = await etcdctl("endpoint", "health", "-w", "json", endpoints=all_three)
         return all(h["health"] for h in json.loads(out)) and len(json.loads(out)) == 3
-    await wait_for(healthy, timeout=30, what="three healthy members after the replacement")
+    await wait_until(healthy, timeout=30, what="three healthy members after the replacement")
     members = json.loads(await etcdctl("member", "list", "-w", "json",
                                        endpoints=all_three))["members"]
     assert sorted(m["name"] for m in members) == sorted(

@@ -42,8 +42,11 @@ import pytest
 
 from meshxl import etcd as meshxl_etcd
 from meshxl.etcdkeys import Keys
+from meshxl.local import commands
+from meshxl.local.procs import Owner, Process, run
+from meshxl.local.wait import wait_until
 from meshxl.statesync.record import SessionRecord
-from tests.harness import EtcdCluster, Harness, ManagedProcess, wait_for
+from tests.harness import EtcdCluster
 from tests.harness.netns import Network, unavailable
 
 pytestmark = pytest.mark.integration
@@ -72,19 +75,18 @@ SIDECAR_HOSTS = (3, 4, 5)
 class NsSidecar:
     """``meshxl serve statesync`` inside a namespace, on its address (with a token)."""
 
-    def __init__(self, harness: Harness, net: Network, host: int, member: str,
+    def __init__(self, harness: Owner, net: Network, host: int, member: str,
                  etcd_urls: str, token_file: str, token: str) -> None:
         self.member = member
         self.host = host
         self.ip = net.ip(host)
         self.url = f"http://{self.ip}:7070"
         self.name = harness.unique_name(f"sidecar-{member}")
-        argv = [sys.executable, "-u", "-m", "meshxl.cli", "serve", "statesync",
-                "--cluster", CLUSTER, "--member", member, "--app", f"{self.ip}:8080",
-                "--listen", f"{self.ip}:7070", "--etcd", etcd_urls,
-                "--token-file", token_file, "--lease-ttl", "2", "--log-level", "info"]
-        self.process = ManagedProcess(self.name, net.wrap(host, argv),
-                                      harness.root / f"{self.name}.log")
+        argv = commands.statesync(cluster=CLUSTER, member=member, app=f"{self.ip}:8080",
+                                  listen=f"{self.ip}:7070", etcd=etcd_urls,
+                                  token_file=token_file, lease_ttl=2, log_level="info")
+        self.process = Process(self.name, net.wrap(host, argv),
+                               harness.root / f"{self.name}.log")
         self.log_path = self.process.log_path
         self.headers = {"Authorization": f"Bearer {token}"}
         harness.own(self)
@@ -241,7 +243,7 @@ class Deployment:
                     return i, leader
             return None
 
-        found: tuple[int, str] = await wait_for(agreed, 15, "an etcd leader")
+        found: tuple[int, str] = await wait_until(agreed, timeout=15, what="an etcd leader")
         return found
 
     async def move_leader(self, leader: int, to: int) -> tuple[int, str]:
@@ -256,7 +258,7 @@ class Deployment:
         async def moved() -> bool:
             return (await self.leader())[0] == to
 
-        await wait_for(moved, 10, "the leadership to move")
+        await wait_until(moved, timeout=10, what="the leadership to move")
         return await self.leader()
 
     def member_index(self, endpoint: str) -> int:
@@ -265,7 +267,7 @@ class Deployment:
 
 
 @pytest.fixture
-async def deployment(harness: Harness) -> AsyncIterator[Deployment]:
+async def deployment(harness: Owner) -> AsyncIterator[Deployment]:
     reason = unavailable()
     if reason is not None:
         pytest.skip(f"real partitions need network namespaces: {reason}")
@@ -282,12 +284,11 @@ async def deployment(harness: Harness) -> AsyncIterator[Deployment]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
         for sc in sidecars:
             async def ready(sc: NsSidecar = sc) -> bool:
-                sc.process.check_alive("ready")
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     return await sc.ready(http)
                 return False
 
-            await wait_for(ready, 30, f"{sc.name} ready")
+            await wait_until(ready, timeout=30, what=f"{sc.name} ready", process=sc.process)
         yield Deployment(net, etcd, sidecars, http)
 
 
@@ -425,8 +426,8 @@ async def run_fault(d: Deployment, fault: str) -> None:
     load.start(d.http)
     ready.start(d)
     try:
-        await wait_for(lambda: all(len(load.acks(sc.member)) >= 20 for sc in d.sidecars),
-                       20, "writes acknowledged by every sidecar before the fault")
+        await wait_until(lambda: all(len(load.acks(sc.member)) >= 20 for sc in d.sidecars),
+                         timeout=20, what="writes acknowledged by every sidecar before the fault")
         leader_index, leader_id = await d.leader()
         currents = {sc.member: d.member_index(await sc.current_member(d.http))
                     for sc in d.sidecars}
@@ -550,13 +551,13 @@ async def test_a_sidecar_cut_off_reads_unverified_and_verified_again_once_healed
 
 
 async def test_network_partitions_between_namespaces_and_removes_everything(
-    harness: Harness,
+    harness: Owner,
 ) -> None:
     reason = unavailable()
     if reason is not None:
         pytest.skip(f"real partitions need network namespaces: {reason}")
     net = await Network(harness, 2).create()
-    server = ManagedProcess("listener", net.wrap(0, [
+    server = Process("listener", net.wrap(0, [
         sys.executable, "-m", "http.server", "--bind", net.ip(0), "8000"]),
         harness.root / "listener.log")
     server.start()
@@ -564,11 +565,11 @@ async def test_network_partitions_between_namespaces_and_removes_everything(
              f"socket.create_connection(('{net.ip(0)}', 8000), timeout=0.5)"]
 
     async def connects() -> bool:
-        done = await asyncio.create_subprocess_exec(*net.wrap(1, probe))
-        return await done.wait() == 0
+        code, _, _ = await run(net.wrap(1, probe), timeout=10)
+        return code == 0
 
     try:
-        await wait_for(connects, 10, "host 1 reaches host 0")
+        await wait_until(connects, timeout=10, what="host 1 reaches host 0")
         await net.isolate(0)
         assert not await connects(), "an isolated host was reached"
         async with aiohttp.ClientSession() as http:  # the driver still reaches it
@@ -581,9 +582,8 @@ async def test_network_partitions_between_namespaces_and_removes_everything(
     await net.close()
 
     async def output(*argv: str) -> str:
-        done = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
-        out, _ = await done.communicate()
-        return out.decode()
+        _, out, _ = await run(argv, timeout=20)
+        return out
 
     listing = await output("ip", "netns", "list")
     assert net.name not in listing, listing

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from meshxl import etcd
-from tests.harness import free_port, wait_for
+from meshxl.local.ports import free_port, free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.wait import wait_until
 from tests.harness.cli import meshxl
 from tests.harness.etcd import find_etcd
-from tests.harness.ports import free_ports
-from tests.harness.procs import Harness, ManagedProcess
 from tests.harness.sidecar import SidecarProcess
 from tests.unit import test_manifests as manifests
 from tests.unit.test_manifests import _find, _kustomize
@@ -100,11 +100,11 @@ async def _etcd_answers(url: str, files: Path) -> None:
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
-    await wait_for(answers, 30.0, f"etcd at {url}", interval=0.1)
+    await wait_until(answers, timeout=30.0, what=f"etcd at {url}", interval=0.1)
 
 
 async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
-        harness: Harness, tree: Path) -> None:
+        harness: Owner, tree: Path) -> None:
     docs = tuple(_kustomize(tree / "overlays" / "self-signed"))
     secrets = _secrets(docs)
     statefulset = _find(docs, "StatefulSet", "meshxl-etcd")
@@ -120,7 +120,7 @@ async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
         "--listen-metrics-urls": f"http://127.0.0.1:{metrics_port}",
         "--initial-cluster": f"meshxl-etcd-0={peer}"})
     assert any(a.startswith("--client-cert-auth=") for a in args)
-    server = ManagedProcess("etcd", [find_etcd(), *args], harness.root / "etcd.log")
+    server = Process("etcd", [find_etcd(), *args], harness.root / "etcd.log")
     harness.own(server)
     server.start()
     url = f"https://localhost:{client_port}"
@@ -169,7 +169,7 @@ async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
 
 
 async def test_external_etcd_proxy_serves_meshxl_with_client_certificates(
-        harness: Harness, tree: Path) -> None:
+        harness: Owner, tree: Path) -> None:
     """The external-etcd overlay's proxy, with its rendered flags, in front of an etcd
     with client TLS; meshxl reaches etcd through it with its client certificate only."""
     from tests.harness.certs import CA
@@ -193,7 +193,7 @@ async def test_external_etcd_proxy_serves_meshxl_with_client_certificates(
     args = _local_args(container, mounted, {
         "--endpoints": backend.url.removeprefix("https://"),
         "--listen-addr": f"127.0.0.1:{port}"})
-    process = ManagedProcess("etcd-proxy", [find_etcd(), *args],
+    process = Process("etcd-proxy", [find_etcd(), *args],
                              harness.root / "etcd-proxy.log")
     harness.own(process)
     process.start()

@@ -23,10 +23,8 @@ anywhere would break that chain.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import os
 import signal
 import time
 from collections import defaultdict
@@ -39,18 +37,21 @@ import aiohttp
 import pytest
 
 from meshxl import etcd as meshxl_etcd
-from meshxl.demo.deployment import (
+from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.local.deployment import (
     CLUSTER,
     DemoDeployment,
     demo_model,
     envoy_hosts,
     healthy_host,
 )
-from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
 from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Record, Traffic, read_back, request
+from meshxl.local.wait import wait_until
 from meshxl.statesync.record import SessionRecord
-from tests.harness import EtcdCluster, EtcdServer, Harness, free_port, wait_for
+from tests.harness import EtcdCluster, EtcdServer
 from tests.harness.sidecar import Reply, SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -68,33 +69,10 @@ STALE_SEQ = 10**9
 # -- helpers ------------------------------------------------------------------------------
 
 
-class _LogFile:
-    """A DemoDeployment log file in the harness's failure report (it stops its own
-    processes: nothing to kill here)."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = path.stem
-        self.log_path = path
-
-    def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    async def kill(self) -> None:
-        return None
-
-
-def report_logs(harness: Harness, d: DemoDeployment) -> None:
-    for path in sorted(d.work_dir.glob("*.log")):
-        harness.own(_LogFile(path))
-
-
 @pytest.fixture
-async def deployment(harness: Harness, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
+async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
     async with DemoDeployment(tmp_path / "work", lease_ttl=LEASE_TTL) as d:
-        report_logs(harness, d)
+        harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 
 
@@ -130,8 +108,8 @@ class Load:
     async def all_acked(self, since: float, what: str, *, member: str | None = None,
                         timeout: float = 20.0) -> None:
         """Wait until every session had a write acknowledged after ``since``."""
-        await wait_for(lambda: self.acked(since, member) == set(self.sessions), timeout,
-                       f"every session acknowledged {what}")
+        await wait_until(lambda: self.acked(since, member) == set(self.sessions), timeout=timeout,
+                         what=f"every session acknowledged {what}")
 
     def failed(self, since: float = 0.0, until: float = math.inf) -> list[Record]:
         """Failed requests sent from ``since`` on that ended before ``until``."""
@@ -181,7 +159,7 @@ async def healthy_members(d: DemoDeployment) -> int:
 def member_pids(d: DemoDeployment) -> dict[str, int]:
     """The members' processes (apps and sidecars) by name."""
     procs = [p for m in d.members for p in (m.app, m.sidecar)]
-    return {p.name: p.proc.pid for p in procs if p is not None and p.proc is not None}
+    return {p.name: p.pid for p in procs if p is not None and p.pid is not None}
 
 
 def all_running(d: DemoDeployment) -> bool:
@@ -275,7 +253,7 @@ async def test_sidecar_in_a_full_etcd_outage_fails_writes_fast_and_serves_cached
     async def b_caches_all() -> bool:
         return (await b.status())["cached_sessions"] == len(acked)
 
-    await wait_for(b_caches_all, 10, "b caches a's sessions")
+    await wait_until(b_caches_all, timeout=10, what="b caches a's sessions")
 
     await etcd.kill()
     down = time.monotonic()
@@ -312,7 +290,7 @@ async def test_sidecar_in_a_full_etcd_outage_fails_writes_fast_and_serves_cached
     async def writes_again() -> bool:
         return (await b.put("s7", {"seq": 8})).status == 200
 
-    await wait_for(writes_again, 15, "b writes again after etcd returned")
+    await wait_until(writes_again, timeout=15, what="b writes again after etcd returned")
     for sidecar in (a, b):
 
         async def recovered(sidecar: SidecarProcess = sidecar) -> bool:
@@ -320,7 +298,8 @@ async def test_sidecar_in_a_full_etcd_outage_fails_writes_fast_and_serves_cached
             return (status["ready"] and status["registered"] and not status["warnings"]
                     and status["etcd_unreachable_for"] is None)
 
-        await wait_for(recovered, 10, f"{sidecar.member} registered again, no warnings")
+        await wait_until(recovered, timeout=10,
+                         what=f"{sidecar.member} registered again, no warnings")
     assert (a.process.pid, b.process.pid) == (pid_a, pid_b)
     for i in range(7):
         got = await a.get(f"s{i}")
@@ -335,11 +314,11 @@ async def test_sidecar_in_a_full_etcd_outage_fails_writes_fast_and_serves_cached
 
 
 async def test_etcd_member_loss_and_full_outage_under_load(
-    harness: Harness, etcd_cluster: EtcdCluster, tmp_path: Path,
+    harness: Owner, etcd_cluster: EtcdCluster, tmp_path: Path,
 ) -> None:
     async with DemoDeployment(tmp_path / "work", etcd_url=",".join(etcd_cluster.urls),
                               lease_ttl=LEASE_TTL) as d:
-        report_logs(harness, d)
+        harness.own(d.owner)
         started_pids = member_pids(d)
         load = Load(d)
         await load.all_acked(0, "before the fault")
@@ -391,7 +370,8 @@ async def test_etcd_member_loss_and_full_outage_under_load(
             # etcd without serving; Envoy keeps routing with the configuration it has.
             await d.kill_replica(0)
             await d.start_replica(d.replicas[0], wait=False)
-            await wait_for(partial(_disconnected, d), 10, "Envoy to lose the control plane")
+            await wait_until(partial(_disconnected, d), timeout=10,
+                             what="Envoy to lose the control plane")
             reads = await read_all()
             assert all(r.ok for r in reads) and {r.session: r.seq for r in reads} == final
             assert await healthy_members(d) == 3
@@ -416,16 +396,16 @@ async def test_etcd_member_loss_and_full_outage_under_load(
         returned = time.time()
         load = Load(d)
         await load.all_acked(returned, "after etcd returned", timeout=30)
-        await wait_for(partial(_connected, d), 20, "Envoy back on the control plane")
+        await wait_until(partial(_connected, d), timeout=20, what="Envoy back on the control plane")
         # The same versions as before the outage: nothing for Envoy to re-apply.
-        (_, status) = await wait_for(partial(get_json, f"{replica}/v1/status"), 10,
-                                     "the control plane's status")
+        (_, status) = await wait_until(partial(get_json, f"{replica}/v1/status"), timeout=10,
+                                       what="the control plane's status")
         assert status["versions"] == versions
         records += await load.stop()
         assert member_pids(d) == started_pids and all_running(d)
         for name in (m.name for m in d.members):
-            await wait_for(partial(_registered_without_warnings, d, name), 10,
-                           f"{name} registered again, no warnings")
+            await wait_until(partial(_registered_without_warnings, d, name), timeout=10,
+                             what=f"{name} registered again, no warnings")
         await check_no_loss(d, load.sessions, records)
 
 
@@ -437,7 +417,7 @@ async def test_reads_through_envoy_survive_write_load_during_an_etcd_outage(
     await load.all_acked(0, "before the outage")
     records = await load.stop()
     final = await check_no_loss(d, load.sessions, records)
-    etcd = next(p for p in d.stack.processes if p.name == "etcd")
+    etcd = next(p for p in d.owner.processes if p.name == "etcd")
     await etcd.kill()
     down = time.time()
     reads: list[Record] = []
@@ -488,12 +468,14 @@ async def test_control_plane_sidecar_and_envoy_restarts_lose_no_write(
     # The only control-plane replica killed -9: Envoy keeps the configuration it has.
     before = await envoy_stats(d)
     await d.kill_replica(0)
-    await wait_for(lambda: _disconnected(d), 10, "Envoy to notice the control plane gone")
+    await wait_until(lambda: _disconnected(d), timeout=10,
+                     what="Envoy to notice the control plane gone")
     await load.all_acked(time.time(), "while the control plane is down")
     hosts = await envoy_hosts(d.admin_url)
     assert len(hosts) == 3 and all(healthy_host(h) for h in hosts), hosts
     await d.start_replica(d.replicas[0])
-    await wait_for(lambda: _connected(d), 15, "Envoy reconnected to the control plane")
+    await wait_until(lambda: _connected(d), timeout=15,
+                     what="Envoy reconnected to the control plane")
     cp_back = time.time()
     after = await envoy_stats(d)
     assert {s: after[s] for s in FLAP_STATS} == {s: before[s] for s in FLAP_STATS}
@@ -508,8 +490,8 @@ async def test_control_plane_sidecar_and_envoy_restarts_lose_no_write(
     await load.all_acked(sc_killed + 1.0, "by b while a's sidecar is dead", member="b")
     assert not load.failed(), load.failed()[:5]
     _, b_status = await get_json(f"{b.sidecar_url}/v1/status")
-    await a.sidecar.start()
-    await wait_for(lambda: _ready(a.sidecar_url), 20, "a's restarted sidecar ready")
+    a.sidecar.start()
+    await wait_until(lambda: _ready(a.sidecar_url), timeout=20, what="a's restarted sidecar ready")
     _, a_status = await get_json(f"{a.sidecar_url}/v1/status")
     assert a_status["cached_sessions"] == SESSIONS, a_status  # caught up before ready
     assert a_status["revision"] >= b_status["revision"], (a_status, b_status)
@@ -557,9 +539,8 @@ async def _ready(url: str) -> bool:
 def _signal_member(d: DemoDeployment, name: str, sig: signal.Signals) -> None:
     m = d.member(name)
     for proc in (m.app, m.sidecar):
-        if proc is not None and proc.proc is not None and proc.running:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.proc.pid, sig)
+        if proc is not None and proc.running:
+            proc.signal(sig)
 
 
 async def test_isolated_former_owner_is_fenced_and_its_writes_never_merged(
@@ -601,9 +582,10 @@ async def test_isolated_former_owner_is_fenced_and_its_writes_never_merged(
         try:
             # a's writes issued while it is cut off: they wait in its socket.
             stale = [asyncio.create_task(stale_write(s)) for s in quiet]
-            await wait_for(lambda: _no_registration(d, "a"), LEASE_TTL + 10,
-                           "a's lease to end")
-            await wait_for(lambda: _hosts(d, 2), 10, "the control plane to withdraw a")
+            await wait_until(lambda: _no_registration(d, "a"), timeout=LEASE_TTL + 10,
+                             what="a's lease to end")
+            await wait_until(lambda: _hosts(d, 2), timeout=10,
+                             what="the control plane to withdraw a")
             took = await asyncio.gather(*(post(s) for s in quiet))
             assert all(r.ok and r.member == "b" and r.seq == 2 for r in took), took
             await load.all_acked(paused, "by b, which took a's sessions over", member="b")
@@ -620,7 +602,7 @@ async def test_isolated_former_owner_is_fenced_and_its_writes_never_merged(
 
         # a registers again and, as the active member, takes the sessions back with
         # fresh reads (the session moving back, not a merge).
-        await wait_for(lambda: _hosts(d, 3), 20, "a back in Envoy")
+        await wait_until(lambda: _hosts(d, 3), timeout=20, what="a back in Envoy")
         await load.all_acked(resumed, "by a again", member="a", timeout=25)
         records = await load.stop()
         back = await asyncio.gather(*(post(s) for s in quiet))

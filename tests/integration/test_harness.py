@@ -14,20 +14,20 @@ import aetcd
 import aiohttp
 import pytest
 
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner, run
+from meshxl.local.wait import wait_until
 from meshxl.proxy.bootstrap import XDS_CLUSTER, build_bootstrap, render_yaml
 from meshxl.proxy.envoy import EnvoyNotFound, EnvoyProcess, find_envoy
 from tests.harness import (
     EtcdCluster,
     EtcdServer,
-    Harness,
     Host,
     StartBackends,
     StartEnvoy,
     drive,
     failures,
-    free_port,
     members_seen,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ def _shm_exists(base_id: int) -> bool:
 
 
 async def test_single_etcd_stores_and_reads_a_key(
-    etcd: EtcdServer, etcd_client: aetcd.Client, harness: Harness
+    etcd: EtcdServer, etcd_client: aetcd.Client, harness: Owner
 ) -> None:
     await etcd_client.put(b"/meshxl/test/k", b"v1")
     async with etcd.client() as other:
@@ -82,7 +82,7 @@ async def test_etcd_cluster_keeps_working_when_a_member_is_killed(
             await client.put(b"k", b"after")
             return True
 
-        await wait_for(write_after, 15.0, "a write to the 2 surviving members")
+        await wait_until(write_after, timeout=15.0, what="a write to the 2 surviving members")
 
     survivor = etcd_cluster.running[0]
     async with survivor.client() as direct:
@@ -97,25 +97,17 @@ async def test_etcd_cluster_keeps_working_when_a_member_is_killed(
             got = await rejoined.get(b"k")
             return got is not None and got.value == b"after"
 
-        await wait_for(caught_up, 15.0, f"{leader.name} to catch up after restart")
+        await wait_until(caught_up, timeout=15.0, what=f"{leader.name} to catch up after restart")
 
 
 # -- Envoy -----------------------------------------------------------------------
 
 
 async def _validate(path: Path) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        find_envoy(),
-        "--mode",
-        "validate",
-        "--disable-hot-restart",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(errors="replace")
+    code, out, err = await run(
+        [find_envoy(), "--mode", "validate", "--disable-hot-restart", "-c", str(path)],
+        timeout=60)
+    return code, out + err
 
 
 @pytest.mark.parametrize(
@@ -159,7 +151,7 @@ async def test_envoy_starts_without_control_plane_and_waits_for_it(
     hosts = await envoy.hosts(XDS_CLUSTER)
     assert [(h.address, h.port, h.priority) for h in hosts] == [("127.0.0.1", xds_port, 0)]
     # It keeps trying the control plane (short reconnect backoff).
-    await envoy.wait_for(
+    await envoy.wait_until(
         lambda: envoy.stat(f"cluster.{XDS_CLUSTER}.upstream_cx_connect_fail"),
         what="ADS connection attempts to the absent control plane",
     )
@@ -328,8 +320,8 @@ def test_atexit_kills_processes_left_running(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from tests.harness.procs import ManagedProcess
-        p = ManagedProcess("sleeper", ["sleep", "60"], Path({str(tmp_path)!r}) / "s.log")
+        from meshxl.local.procs import Process
+        p = Process("sleeper", ["sleep", "60"], Path({str(tmp_path)!r}) / "s.log")
         p.start()
         print(p.pid, flush=True)
         """
@@ -342,3 +334,44 @@ def test_atexit_kills_processes_left_running(tmp_path: Path) -> None:
     pid = int(run.stdout.split()[0])
     # The interpreter's atexit hook has already run when subprocess.run returns.
     assert not _alive(pid)
+
+
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "interpreter"])
+async def test_children_die_when_their_parent_is_killed(harness: Owner, setpriv: bool) -> None:
+    """SIGKILL leaves no cleanup code a chance: the kernel's parent-death signal does it,
+    for the demo's and the benchmarks' processes as for the tests' (set by util-linux's
+    setpriv, or by the interpreter where there is none)."""
+    pidfile = harness.root / "child.pid"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from meshxl.local import procs
+        from meshxl.local.procs import Owner
+        if not {setpriv!r}:
+            procs._SETPRIV = None
+        owner = Owner(Path({str(harness.path("parent"))!r}))
+        p = owner.spawn("sleeper", ["sleep", "60"])
+        Path({str(pidfile)!r}).write_text(str(p.pid))
+        time.sleep(60)
+        """
+    )
+    parent = harness.spawn("parent", [sys.executable, "-c", script], cwd=REPO)
+    child = int(await wait_until(lambda: pidfile.read_text(), timeout=30,
+                                 what="the parent to start its child", process=parent))
+    assert _alive(child)
+    await parent.kill()  # its own process group only: the child runs in another
+    await wait_until(lambda: not _alive(child), timeout=10,
+                     what="the child of a SIGKILLed parent to die")
+
+
+async def test_an_owned_deployment_reports_its_logs_through_the_test_owner(
+        harness: Owner, tmp_path: Path) -> None:
+    inner = Owner(tmp_path / "deployment", label="deployment")
+    harness.own(inner)
+    proc = inner.spawn("talker", ["sh", "-c", "echo hello from the deployment"])
+    await proc.wait_exit(10)
+    await inner.aclose()
+    sections = dict(harness.log_sections())
+    (title,) = [t for t in sections if "talker" in t]
+    assert "hello from the deployment" in sections[title]

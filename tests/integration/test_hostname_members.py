@@ -4,7 +4,6 @@ empty model refused before it reaches etcd."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
@@ -12,7 +11,9 @@ import aetcd
 import pytest
 
 from meshxl.etcdkeys import Keys
-from tests.harness import EnvoyFixture, drive, failures, free_ports
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import run
+from tests.harness import EnvoyFixture, drive, failures
 from tests.harness.cli import REPO, meshxl_json
 
 pytestmark = pytest.mark.integration
@@ -21,13 +22,8 @@ KEYS = Keys()
 
 
 async def apply_stdin(text: str, etcd_url: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshxl.cli", "apply", "-", "--etcd", etcd_url, cwd=REPO,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(text.encode()), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run([sys.executable, "-m", "meshxl.cli", "apply", "-", "--etcd", etcd_url],
+                     cwd=REPO, stdin=text.encode(), timeout=30)
 
 
 async def test_hostname_members_serve_and_member_down_wait_converges(

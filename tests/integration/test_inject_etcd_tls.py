@@ -22,9 +22,9 @@ import pytest
 from meshxl import etcd
 from meshxl.etcdkeys import Keys
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig
-from tests.harness import free_port
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner, Process
 from tests.harness.certs import CA
-from tests.harness.procs import Harness, ManagedProcess
 from tests.harness.secure_etcd import SecureEtcd, start_secure_etcd
 from tests.harness.sidecar import SidecarProcess
 from tests.unit.test_inject_etcd_tls import SECRET, _pod, admitted
@@ -58,7 +58,7 @@ def project(volume: dict[str, Any], secret: dict[str, Any], directory: Path) -> 
 
 
 async def test_injected_sidecar_registers_and_serves_a_session_over_etcd_tls(
-        harness: Harness) -> None:
+        harness: Owner) -> None:
     ca = CA(harness.path("pki"), name="meshxl-etcd-ca")
     server: SecureEtcd = await start_secure_etcd(harness, ca)
     port = free_port()
@@ -85,7 +85,7 @@ async def test_injected_sidecar_registers_and_serves_a_session_over_etcd_tls(
     sidecar = SidecarProcess(harness, cluster="orders", member=member, etcd=server.url,
                              app_port=8080)
     sidecar.port = port
-    sidecar.process = ManagedProcess(sidecar.name, [sys.executable, "-u", "-m", "meshxl.cli",
+    sidecar.process = Process(sidecar.name, [sys.executable, "-u", "-m", "meshxl.cli",
                                                     *args], sidecar.log_path)
     await sidecar.start(timeout=30.0)  # /readyz: registered, cache caught up
 

@@ -3,28 +3,21 @@ statesync sidecar: ready only when registered, caught up and without problems.""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig, mutate_pod
-from tests.harness.waiting import wait_for
+from meshxl.local.procs import run
+from meshxl.local.wait import wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "kube"
 
 
 async def _exit_code(command: list[str]) -> int:
-    proc = await asyncio.create_subprocess_exec(*command, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL)
-    try:
-        return await asyncio.wait_for(proc.wait(), 20)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+    code, _, _ = await run(command, timeout=20)
+    return code
 
 
 async def test_probe_commands_against_a_real_sidecar(etcd: Any, start_backends: Any,
@@ -49,10 +42,10 @@ async def test_probe_commands_against_a_real_sidecar(etcd: Any, start_backends: 
 
     async def not_ready() -> bool:
         return await _exit_code(command("readinessProbe")) != 0
-    await wait_for(not_ready, timeout=20, what="readiness probe fails with a problem")
+    await wait_until(not_ready, timeout=20, what="readiness probe fails with a problem")
     assert await _exit_code(command("livenessProbe")) == 0, "a problem is not a restart"
     await sidecar.clear_problem("disk-full")
 
     async def ready() -> bool:
         return await _exit_code(command("readinessProbe")) == 0
-    await wait_for(ready, timeout=20, what="readiness probe passes again")
+    await wait_until(ready, timeout=20, what="readiness probe passes again")

@@ -50,10 +50,11 @@ from meshxl.etcdkeys import Keys
 from meshxl.istio import IstioOptions, render_model
 from meshxl.istio.labeler import KubeApi, PodLabeler
 from meshxl.istio.render import istio_priority
+from meshxl.local.ports import free_port
+from meshxl.local.procs import run
+from meshxl.local.wait import wait_until
 from meshxl.model import load_model
 from meshxl.xds.sources import EtcdMeshSource
-from tests.harness.ports import free_port
-from tests.harness.waiting import wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -329,9 +330,9 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
     tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     try:
-        await wait_for(lambda: istiod.priorities() == {"orders-0": 0, "orders-1": 1,
+        await wait_until(lambda: istiod.priorities() == {"orders-0": 0, "orders-1": 1,
                                                        "orders-2": 2},
-                       timeout=30, what="role labels: orders-0 active, orders-1 standby")
+                         timeout=30, what="role labels: orders-0 active, orders-1 standby")
         assert istiod.labels("orders-0")["meshxl.io/role"] == "active"
         assert istiod.labels("orders-1")["meshxl.io/role"] == "standby"
         assert istiod.labels("orders-2")["meshxl.io/role"] == "backup"
@@ -366,13 +367,13 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
                 return await serving_priorities() == want
             return check
 
-        await envoy.wait_for(expect({"orders-0": 0, "orders-1": 1, "orders-2": 2}),
-                             timeout=20, what="EDS: active 0, standby 1, backup 2")
+        await envoy.wait_until(expect({"orders-0": 0, "orders-1": 1, "orders-2": 2}),
+                               timeout=20, what="EDS: active 0, standby 1, backup 2")
         healthy = {port_of[n] for n in names}
 
         async def all_healthy() -> bool:
             return {h.port for h in await envoy.hosts(CLUSTER) if h.healthy} == healthy
-        await envoy.wait_for(all_healthy, timeout=20, what="health checks pass")
+        await envoy.wait_until(all_healthy, timeout=20, what="health checks pass")
 
         # Every session goes to the active member, from this client as from any other.
         assert await _members(http, url) == Counter({"orders-0": len(SESSIONS)})
@@ -382,28 +383,28 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
 
         async def on_standby() -> bool:
             return await _members(http, url) == Counter({"orders-1": len(SESSIONS)})
-        await wait_for(on_standby, timeout=30, what="failover to the standby only")
+        await wait_until(on_standby, timeout=30, what="failover to the standby only")
         await backends[0].start()
-        await wait_for(lambda: _members_is(http, url, "orders-0"), timeout=30,
-                       what="back on the active")
+        await wait_until(lambda: _members_is(http, url, "orders-0"), timeout=30,
+                         what="back on the active")
 
         # meshxl member down drains: the labeler demotes orders-0, orders-1 is active.
         await ops.set_member_admin(etcd_client, keys, "orders", "orders-0", down=True,
                                    reason="test drain")
-        await envoy.wait_for(expect({"orders-0": 2, "orders-1": 0, "orders-2": 1}),
-                             timeout=20, what="drained member last, standby promoted")
-        await wait_for(lambda: _members_is(http, url, "orders-1"), timeout=20,
-                       what="traffic drained to orders-1")
+        await envoy.wait_until(expect({"orders-0": 2, "orders-1": 0, "orders-2": 1}),
+                               timeout=20, what="drained member last, standby promoted")
+        await wait_until(lambda: _members_is(http, url, "orders-1"), timeout=20,
+                         what="traffic drained to orders-1")
         await ops.set_member_admin(etcd_client, keys, "orders", "orders-0", down=False,
                                    reason="test undrain")
-        await wait_for(lambda: _members_is(http, url, "orders-0"), timeout=20,
-                       what="orders-0 active again")
+        await wait_until(lambda: _members_is(http, url, "orders-0"), timeout=20,
+                         what="orders-0 active again")
 
         # A pod that is not ready leaves EDS; its health check still passes, and
         # ignore_health_on_host_removal makes Envoy drop it anyway.
         istiod.set_ready("orders-0", False)
-        await envoy.wait_for(expect({"orders-1": 0, "orders-2": 1}), timeout=20,
-                             what="the unready pod out of Envoy")
+        await envoy.wait_until(expect({"orders-1": 0, "orders-2": 1}), timeout=20,
+                               what="the unready pod out of Envoy")
         assert await _members(http, url) == Counter({"orders-1": len(SESSIONS)})
     finally:
         await http.close()
@@ -426,7 +427,6 @@ async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: A
                                                        tmp_path: Path) -> None:
     """``meshxl istio label --once`` as a process: model file, registrations in etcd,
     pods in two namespaces found without -n, health endpoint flag checked."""
-    import subprocess
     import sys
 
     istiod = FakeIstiod(tmp_path, [])
@@ -457,20 +457,16 @@ async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: A
             {"address": "127.0.0.1", "port": 1, "site": "dc1", "ready": True}).encode())
     model = REPO / "deploy" / "kubernetes" / "base" / "model.yaml"
     try:
-        proc = await asyncio.create_subprocess_exec(
+        code, out, err = await run([
             sys.executable, "-m", "meshxl.cli", "istio", "label", "--once", "-f", str(model),
-            "--kube-api", f"http://127.0.0.1:{port}", "--etcd", etcd.url,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()
+            "--kube-api", f"http://127.0.0.1:{port}", "--etcd", etcd.url], timeout=60)
+        assert code == 0, err
         assert istiod.labels("orders-0")["meshxl.io/role"] == "active"
         assert istiod.labels("orders-1")["meshxl.io/role"] == "standby"
-        bad = await asyncio.create_subprocess_exec(
+        code, _, err = await run([
             sys.executable, "-m", "meshxl.cli", "istio", "label", "--once",
-            "--health-listen", "nope", "--etcd", etcd.url,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _, err = await asyncio.wait_for(bad.communicate(), 60)
-        assert bad.returncode == 1
-        assert err.decode().startswith("meshxl: bad --health-listen 'nope'")
+            "--health-listen", "nope", "--etcd", etcd.url], timeout=60)
+        assert code == 1
+        assert err.startswith("meshxl: bad --health-listen 'nope'")
     finally:
         await runner.cleanup()

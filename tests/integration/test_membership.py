@@ -17,11 +17,13 @@ import pytest
 
 from meshxl import etcd as meshxl_etcd
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
 from meshxl.model import Registration
 from meshxl.ops import apply_model
 from meshxl.statesync.membership import Membership
 from meshxl.xds.app import ControlPlane
-from tests.harness import Backend, EnvoyFixture, drive, failures, free_ports, wait_for
+from tests.harness import Backend, EnvoyFixture, drive, failures
 
 pytestmark = pytest.mark.integration
 
@@ -148,19 +150,19 @@ async def test_envoy_follows_readiness_and_problems(
     assert not m.ready
 
     # Not ready ("syncing"): the control plane has compiled it, Envoy has no host.
-    await wait_for(cluster_known(envoy), 10, "cluster in Envoy")
+    await wait_until(cluster_known(envoy), timeout=10, what="cluster in Envoy")
     assert await envoy.hosts(CLUSTER) == [], "a member that is not ready is advertised"
 
     await m.set_ready(True)
     hosts = await envoy.wait_hosts(CLUSTER, lambda hs: len(hs) == 1 and hs[0].healthy,
                                    what="ready member advertised")
     assert hosts[0].port == a.endpoint[1]  # the registration's port, not the listed one
-    await wait_for(answers(lport), 10, "first request through the registered member")
+    await wait_until(answers(lport), timeout=10, what="first request through the registered member")
     outcomes = await drive(f"http://127.0.0.1:{lport}/", 4, 2, max_seconds=10)
     assert not failures(outcomes) and {o.member for o in outcomes} == {a.name}
 
     assert await m.set_problem("db", "primary down")
-    await wait_for(no_hosts(envoy), 10, "member with a problem withdrawn")
+    await wait_until(no_hosts(envoy), timeout=10, what="member with a problem withdrawn")
     assert await m.clear_problem("db")
     await envoy.wait_hosts(CLUSTER, lambda hs: len(hs) == 1 and hs[0].healthy,
                            what="member back after the problem cleared")
@@ -188,10 +190,10 @@ async def test_crashed_sidecar_disappears_within_its_ttl(
     async def gone() -> bool:
         return await etcd_client.get(m.key.encode()) is None
 
-    await wait_for(gone, ttl + 3, "registration expired with its lease")
+    await wait_until(gone, timeout=ttl + 3, what="registration expired with its lease")
     expired_after = time.monotonic() - died
     assert expired_after <= ttl + 1.5, f"registration outlived its lease: {expired_after:.1f}s"
-    await wait_for(no_hosts(envoy), 10, "Envoy drops the dead member")
+    await wait_until(no_hosts(envoy), timeout=10, what="Envoy drops the dead member")
 
 
 # -- 4. lease loss ---------------------------------------------------------------------------
@@ -217,7 +219,7 @@ async def test_lost_lease_is_noticed_and_the_member_registers_again(
         stored = await registration(etcd_client, m.key)
         return stored if stored is not None and stored[1] != old else None
 
-    doc, lease = await wait_for(back, ttl, "registration under a new lease")
+    doc, lease = await wait_until(back, timeout=ttl, what="registration under a new lease")
     noticed = time.monotonic() - revoked
     assert noticed <= ttl / 3 + 1.0, f"lease loss noticed after {noticed:.1f}s"
     assert lease == m.lease_id and m.registered
@@ -260,7 +262,8 @@ async def test_registration_survives_loss_of_the_etcd_member_in_use(
 
             checks = 0
             while time.monotonic() - killed < 2.5 * ttl:
-                (stored,) = await wait_for(read, 3, "read from a surviving etcd member")
+                (stored,) = await wait_until(read, timeout=3,
+                                             what="read from a surviving etcd member")
                 assert stored is not None, (
                     f"registration gone {time.monotonic() - killed:.1f}s after etcd "
                     f"member {victim} died (last error: {m.last_error})")

@@ -5,7 +5,6 @@ content type and body as documented. Bounded in time (``--max-time``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
@@ -14,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from meshxl.local.ports import free_port
+from meshxl.local.procs import run
 from meshxl.statesync.api import openapi_document
-from tests.harness import EtcdServer, free_port
+from tests.harness import EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -64,17 +65,9 @@ async def _schemathesis(url: str, checks: str, seconds: int, *options: str,
             "--phases", "examples,fuzzing", "--continue-on-failure",
             "--suppress-health-check", "all", "--no-color", *options,
             "--report", "ndjson", "--report-ndjson-path", str(report)]
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        cwd=report.parent)
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), seconds + 120)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, _failures(report) + text[-6000:]
+    code, out, err = await run(argv, timeout=seconds + 120, cwd=report.parent)
+    text = out + err
+    assert code == 0, _failures(report) + text[-6000:]
     return text
 
 

@@ -16,18 +16,20 @@ from typing import Any
 
 import pytest
 
-from meshxl.demo.deployment import CLUSTER, DemoDeployment, demo_model, envoy_hosts
+from meshxl.local.deployment import CLUSTER, DemoDeployment, demo_model, envoy_hosts
+from meshxl.local.procs import Owner
 from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Record, Traffic, read_back
-from tests.harness import wait_for
+from meshxl.local.wait import wait_until
 from tests.harness.cli import meshxl, meshxl_json
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def deployment(tmp_path: Path) -> AsyncIterator[DemoDeployment]:
+async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
     async with DemoDeployment(tmp_path / "work") as d:
+        harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 
 
@@ -136,7 +138,7 @@ async def test_member_down_drains_under_load_and_status_and_sync_show_it(
         rows = {r["member"]: r for r in report["sidecars"]}
         return bool(rows.get("b", {}).get("takeovers")) and set(rows) == {"a", "b", "c"}
 
-    await wait_for(published, 10, "sync statistics with b's takeovers")
+    await wait_until(published, timeout=10, what="sync statistics with b's takeovers")
     assert rows["b"]["takeovers"] >= 1  # b took the drained sessions over
     assert rows["a"]["ready"] and rows["a"]["cached_sessions"] == len(traffic.sessions)
     assert all(r["errors"] == 0 and r["write_conflicts"] == 0 for r in rows.values()), rows
@@ -172,7 +174,7 @@ async def test_member_down_is_shown_with_who_why_and_when(
         last = members(await status(d))["b"]["last_change"]
         return last["state"] == "admin-down" and "disk swap" in (last["reason"] or "")
 
-    await wait_for(recorded, 10, "the state change in the member history")
+    await wait_until(recorded, timeout=10, what="the state change in the member history")
     code, out, err = await meshxl("status", *etcd_args(d))
     assert code == 0, err
     assert "admin-down" in out and "disk swap" in out
@@ -264,7 +266,7 @@ async def test_status_shows_a_problem_and_a_nack(deployment: DemoDeployment) -> 
         c = members(await status(d))["c"]
         return c["state"] == "problem" and c["problems"] == ["database"]
 
-    await wait_for(problem_shown, 10, "the problem in meshxl status")
+    await wait_until(problem_shown, timeout=10, what="the problem in meshxl status")
     c = members(await status(d))["c"]
     assert c["problem_details"]["database"]["detail"] == "connection refused"
 
@@ -281,7 +283,7 @@ async def test_status_shows_a_problem_and_a_nack(deployment: DemoDeployment) -> 
         [node] = (await status(d))["nodes"]
         return bool(node["last_nack"]) and node["last_nack"]["type"] == "CDS"
 
-    await wait_for(nack_shown, 10, "the NACK in meshxl status")
+    await wait_until(nack_shown, timeout=10, what="the NACK in meshxl status")
     [node] = (await status(d))["nodes"]
     assert node["nacks"] >= 1 and "duration" in node["last_nack"]["error"].lower() or \
         "timeout" in node["last_nack"]["error"].lower(), node

@@ -14,11 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meshxl.demo.deployment import CLUSTER, DemoDeployment
+from meshxl.local.deployment import CLUSTER, DemoDeployment
+from meshxl.local.procs import Owner
 from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Traffic, read_back
+from meshxl.local.wait import wait_until
 from meshxl.proxy.admin import EnvoyAdmin
-from tests.harness import wait_for
 from tests.harness.cli import meshxl_json
 
 pytestmark = pytest.mark.integration
@@ -30,10 +31,11 @@ FLAP_STATS = ("cluster_manager.cluster_added", "cluster_manager.cluster_modified
 
 
 @pytest.fixture(params=["sotw", "delta"])
-async def deployment(request: pytest.FixtureRequest,
+async def deployment(request: pytest.FixtureRequest, harness: Owner,
                      tmp_path: Path) -> AsyncIterator[DemoDeployment]:
     async with DemoDeployment(tmp_path / "work", replicas=2,
                               delta=request.param == "delta") as d:
+        harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 
 
@@ -66,7 +68,7 @@ async def test_kill_the_connected_replica_under_load(deployment: DemoDeployment)
         stats = await envoy_stats(d)
         return stats["control_plane.connected_state"] == 1 and await node_replica(d) == "xds-1"
 
-    await wait_for(moved, 15, "Envoy to reconnect to replica xds-1")
+    await wait_until(moved, timeout=15, what="Envoy to reconnect to replica xds-1")
 
     # A change while xds-0 is down reaches Envoy through xds-1.
     done = await meshxl_json("member", "down", CLUSTER, "c", "--wait", "10", *etcd)

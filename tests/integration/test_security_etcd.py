@@ -15,11 +15,12 @@ import pytest
 
 from meshxl import etcd
 from meshxl.etcdkeys import Keys
-from tests.harness import free_port, wait_for
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
+from meshxl.local.wait import wait_until
 from tests.harness.certs import CA
 from tests.harness.cli import meshxl
 from tests.harness.controlplane import ControlPlaneProcess
-from tests.harness.procs import Harness
 from tests.harness.secure_etcd import PASSWORD, USER, SecureEtcd, enable_auth_on, start_secure_etcd
 from tests.harness.sidecar import SidecarProcess
 
@@ -52,7 +53,7 @@ def model(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def tls_etcd(harness: Harness) -> SecureEtcd:
+async def tls_etcd(harness: Owner) -> SecureEtcd:
     return await start_secure_etcd(harness, CA(harness.path("pki")))
 
 
@@ -68,7 +69,7 @@ def _tls_options(server: SecureEtcd) -> dict[str, Any]:
 
 
 async def test_commands_sidecar_and_control_plane_over_tls(
-        harness: Harness, tls_etcd: SecureEtcd, model: Path, tmp_path: Path) -> None:
+        harness: Owner, tls_etcd: SecureEtcd, model: Path, tmp_path: Path) -> None:
     args = _tls_args(tls_etcd)
     code, out, err = await meshxl("apply", str(model), *args)
     assert code == 0, err
@@ -94,7 +95,7 @@ async def test_commands_sidecar_and_control_plane_over_tls(
         assert code == 0, err
         return [s["member"] for s in json.loads(out)["sidecars"]] == ["a"]
 
-    await wait_for(synced, 10.0, "the sidecar in meshxl sync")
+    await wait_until(synced, timeout=10.0, what="the sidecar in meshxl sync")
     code, out, err = await meshxl("verify", "-o", "json", "--settle", "0", *args)
     assert "etcd request failed" not in err, err
     assert json.loads(out)["expected"]["CDS"], out  # compiled from the model read over TLS
@@ -111,7 +112,7 @@ async def test_commands_sidecar_and_control_plane_over_tls(
     async def caught_up() -> bool:
         return int((await plane.status())["etcd"]["revision"] or 0) >= revision
 
-    await wait_for(caught_up, 10.0, "the control plane to see member down")
+    await wait_until(caught_up, timeout=10.0, what="the control plane to see member down")
 
 
 async def test_tls_mistakes_are_one_line_errors(tls_etcd: SecureEtcd, tmp_path: Path) -> None:
@@ -159,7 +160,7 @@ async def test_tls_with_several_endpoints_fails_over(tls_etcd: SecureEtcd) -> No
 
 
 @pytest.fixture
-async def auth_etcd(harness: Harness) -> Any:
+async def auth_etcd(harness: Owner) -> Any:
     """A plaintext etcd with authentication on; simple tokens live 1 s when idle, so
     every test below also runs with tokens expiring under it."""
     from tests.harness.etcd import EtcdServer, start_etcd
@@ -173,7 +174,7 @@ async def auth_etcd(harness: Harness) -> Any:
 
 
 async def test_commands_sidecar_and_control_plane_with_a_password(
-        harness: Harness, auth_etcd: Any, model: Path, tmp_path: Path) -> None:
+        harness: Owner, auth_etcd: Any, model: Path, tmp_path: Path) -> None:
     password_file = tmp_path / "etcd-password"
     password_file.write_text(PASSWORD + "\n")
     password_file.chmod(0o600)
@@ -204,7 +205,7 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
     async def writes() -> bool:
         return (await sidecar.put("cart-2", {"items": 2})).status == 201
 
-    await wait_for(writes, 15.0, "a write after etcd's restart")
+    await wait_until(writes, timeout=15.0, what="a write after etcd's restart")
     code, out, err = await meshxl("member", "down", "orders", "a", *creds)
     assert code == 0, err
     revision = int(out.rsplit("revision ", 1)[1].rstrip(")\n"))
@@ -212,7 +213,8 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
     async def plane_caught_up() -> bool:
         return int((await plane.status())["etcd"]["revision"] or 0) >= revision
 
-    await wait_for(plane_caught_up, 15.0, "the control plane's watch after the restart")
+    await wait_until(plane_caught_up, timeout=15.0,
+                     what="the control plane's watch after the restart")
     sync = await sidecar.status()
     assert sync["revision"] >= revision - 1  # the sidecar's session watch resumed too
 
@@ -223,7 +225,7 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
 
 
 async def test_wrong_or_missing_credentials_are_one_line_errors(
-        harness: Harness, auth_etcd: Any, model: Path, tmp_path: Path) -> None:
+        harness: Owner, auth_etcd: Any, model: Path, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password\n")
     empty = tmp_path / "empty"

@@ -14,7 +14,6 @@ import asyncio
 import http.client
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from meshxl.local import commands
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
+from meshxl.local.wait import wait_until
 from meshxl.statesync.auth import OPEN_PATHS
 from meshxl.statesync.record import valid_session_id
-from tests.harness import free_port, wait_for
-from tests.harness.procs import Harness, ManagedProcess
 from tests.harness.sidecar import SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-async def _sidecar(harness: Harness, etcd_url: str, token_file: Path,
+async def _sidecar(harness: Owner, etcd_url: str, token_file: Path,
                    **options: Any) -> SidecarProcess:
     sidecar = SidecarProcess(harness, cluster="orders", member="a", etcd=etcd_url,
                              app_port=free_port(), token_file=token_file, **options)
@@ -67,7 +68,7 @@ async def _sidecar(harness: Harness, etcd_url: str, token_file: Path,
 
 
 async def test_every_endpoint_but_health_checks_needs_the_token(
-        harness: Harness, etcd: Any, token_file: Path) -> None:
+        harness: Owner, etcd: Any, token_file: Path) -> None:
     sidecar = await _sidecar(harness, etcd.url, token_file)
     for path in sorted(OPEN_PATHS):
         assert (await sidecar.request("GET", path)).status == 200, path
@@ -98,29 +99,27 @@ async def test_every_endpoint_but_health_checks_needs_the_token(
 
 
 async def test_demo_app_sends_the_token_from_its_environment(
-        harness: Harness, etcd: Any, token_file: Path) -> None:
+        harness: Owner, etcd: Any, token_file: Path) -> None:
     sidecar = await _sidecar(harness, etcd.url, token_file)
 
     async def start_app(env: dict[str, str]) -> str:
         port = free_port()
         name = harness.unique_name("demo-app")
-        app = ManagedProcess(name, [sys.executable, "-m", "meshxl.demo.app", "--name", "a",
-                                    "--listen", f"127.0.0.1:{port}",
-                                    "--sidecar", sidecar.url],
-                             harness.root / f"{name}.log", env={**_environ(), **env})
-        harness.own(app)  # type: ignore[arg-type]
+        app = harness.process(
+            name, commands.app("a", cluster=None, listen=f"127.0.0.1:{port}",
+                               sidecar=sidecar.url),
+            env={**_environ(), **env})
         app.start()
         url = f"http://127.0.0.1:{port}"
 
         async def healthy() -> bool:  # /readyz needs no token: health follows it
-            app.check_alive("demo app /healthz")
             try:
                 async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as r:
                     return r.status == 200
             except aiohttp.ClientError:
                 return False
 
-        await wait_for(healthy, 15.0, f"{name} healthy")
+        await wait_until(healthy, timeout=15.0, what=f"{name} healthy", process=app)
         return url
 
     async def count(url: str) -> tuple[int, Any]:
@@ -278,7 +277,7 @@ def _fuzz(port: int, examples: int, *, etcd_down: bool) -> int:
 
 
 async def test_fuzzed_requests_never_crash_the_sidecar(
-        harness: Harness, etcd: Any, token_file: Path) -> None:
+        harness: Owner, etcd: Any, token_file: Path) -> None:
     sidecar = await _sidecar(harness, etcd.url, token_file, max_session_bytes=MAX_BYTES,
                              log_level="info")
     started = time.monotonic()

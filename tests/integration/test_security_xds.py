@@ -24,10 +24,11 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
+from meshxl.local.procs import run
+from meshxl.local.wait import wait_until
 from meshxl.proxy.bootstrap import XdsTls
 from meshxl.proxy.envoy import find_envoy
 from meshxl.xds.types import CLUSTER
-from tests.harness import wait_for
 from tests.harness.certs import CA, Leaf
 
 pytestmark = pytest.mark.integration
@@ -128,7 +129,8 @@ async def test_mutual_tls_refuses_clients_without_a_valid_certificate(
 
     # A real Envoy without a client certificate never gets a stream, let alone config.
     bare = await start_envoy("bare", plane.port, xds_tls=XdsTls(ca=str(pki.ca.cert)))
-    await bare.wait_for(lambda: _ssl_failures(bare), 15.0, "bare Envoy's TLS failures")
+    await bare.wait_until(lambda: _ssl_failures(bare), timeout=15.0,
+                          what="bare Envoy's TLS failures")
     assert "bare" not in plane.ads.node_status()
     assert "orders" not in await bare.dynamic_clusters()
 
@@ -144,7 +146,8 @@ async def test_envoy_refuses_a_control_plane_its_ca_did_not_sign(
     plane = await start_control_plane(config_path=model, tls_cert=pki.server.cert,
                                       tls_key=pki.server.key)
     envoy = await start_envoy("wary", plane.port, xds_tls=XdsTls(ca=str(pki.other_ca.cert)))
-    await envoy.wait_for(lambda: _verify_failed(envoy), 15.0, "a failed verification")
+    await envoy.wait_until(lambda: _verify_failed(envoy), timeout=15.0,
+                           what="a failed verification")
     assert "wary" not in plane.ads.node_status()
 
 
@@ -163,7 +166,7 @@ async def test_envoy_checks_the_control_plane_name(
     async def san_refused() -> bool:
         return await envoy.stat("cluster.meshxl_xds.ssl.fail_verify_san") > 0
 
-    await envoy.wait_for(san_refused, 15.0, "a refused subject alternative name")
+    await envoy.wait_until(san_refused, timeout=15.0, what="a refused subject alternative name")
     assert "strict" not in plane.ads.node_status()
 
 
@@ -195,21 +198,19 @@ async def test_renewed_server_certificate_is_served_without_restart(
     async def serves_renewed() -> bool:
         return await asyncio.to_thread(_peer_serial, plane.port, pki.ca.cert) == expected
 
-    await wait_for(serves_renewed, 10.0, "the renewed certificate")
+    await wait_until(serves_renewed, timeout=10.0, what="the renewed certificate")
     assert first != expected
     assert plane.tls is not None and plane.tls.reloads == 1
 
 
 async def test_bootstrap_command_output_passes_envoy_validation(pki: Pki, tmp_path: Path) -> None:
     """``meshxl bootstrap --xds-ca/--xds-cert/--xds-key/--xds-sni``, checked by Envoy."""
-    proc = await asyncio.create_subprocess_exec(
+    code, out, err = await run([
         sys.executable, "-m", "meshxl.cli", "bootstrap", "--node-id", "n1",
         "--xds", "xds-0.meshxl.test:18000", "--xds", "127.0.0.1:18001",
         "--xds-ca", str(pki.ca.cert), "--xds-cert", str(pki.envoy.cert),
-        "--xds-key", str(pki.envoy.key), "--xds-sni", "meshxl-xds.meshxl-system.svc",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
+        "--xds-key", str(pki.envoy.key), "--xds-sni", "meshxl-xds.meshxl-system.svc"])
+    assert code == 0, err
     boot = yaml.safe_load(out)
     (xds,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "meshxl_xds"]
     tls = xds["transport_socket"]["typed_config"]
@@ -220,9 +221,9 @@ async def test_bootstrap_command_output_passes_envoy_validation(pki: Pki, tmp_pa
         ("IP_ADDRESS", "127.0.0.1")}
 
     path = tmp_path / "bootstrap.yaml"
-    path.write_bytes(out)
-    validate = await asyncio.create_subprocess_exec(
-        find_envoy(), "--mode", "validate", "--disable-hot-restart", "-c", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    text, _ = await asyncio.wait_for(validate.communicate(), 60)
-    assert validate.returncode == 0 and b"OK" in text, text.decode(errors="replace")
+    path.write_text(out)
+    code, vout, verr = await run(
+        [find_envoy(), "--mode", "validate", "--disable-hot-restart", "-c", str(path)],
+        timeout=60)
+    text = vout + verr
+    assert code == 0 and "OK" in text, text

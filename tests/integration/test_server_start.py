@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Process
+from meshxl.local.wait import wait_until
 from tests.harness.certs import CA
 from tests.harness.cli import meshxl
 from tests.harness.controlplane import ControlPlaneProcess
-from tests.harness.ports import free_port
-from tests.harness.procs import ManagedProcess
-from tests.harness.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,7 @@ async def test_control_plane_health_says_why_it_waits_for_etcd(harness: Any) -> 
         code, body = await plane.get("/readyz")
         return code == 503 and "etcd unreachable" in " ".join(body["reasons"]) and body
 
-    body = await wait_for(not_ready, 20, "/readyz answering 503 with the etcd error")
+    body = await wait_until(not_ready, timeout=20, what="/readyz answering 503 with the etcd error")
     assert body["ready"] is False
     [reason] = body["reasons"]
     assert reason.startswith("etcd unreachable: ") and dead_etcd.split("//")[1] in reason
@@ -119,7 +119,7 @@ async def test_control_plane_without_a_model_says_so(harness: Any, etcd: Any) ->
         code, body = await plane.get("/readyz")
         return code == 503 and "no model" in " ".join(body["reasons"]) and body["reasons"]
 
-    [reason] = await wait_for(reasons, 20, "/readyz naming the missing model")
+    [reason] = await wait_until(reasons, timeout=20, what="/readyz naming the missing model")
     assert reason == f"no model stored in etcd at {Keys().model}"
 
 
@@ -149,17 +149,17 @@ async def test_statesync_registers_the_port_it_bound(
 ) -> None:
     argv = [sys.executable, "-m", "meshxl.cli",
             *statesync_argv("127.0.0.1:0", etcd.url, member="zero")]
-    process = ManagedProcess("statesync-zero", argv, harness.root / "statesync-zero.log")
+    process = Process("statesync-zero", argv, harness.root / "statesync-zero.log")
     harness.own(process)
     process.start()
     key = Keys().member("c", "zero").encode()
 
     async def registered() -> Any:
-        process.check_alive("statesync registration")
         got = await etcd_client.get(key)
         return got is not None and json.loads(got.value)
 
-    registration = await wait_for(registered, 20, "the member registered")
+    registration = await wait_until(registered, timeout=20, what="the member registered",
+                                    process=process)
     host, _, port = registration["sidecar"].rpartition(":")
     assert host == "127.0.0.1" and int(port) > 0
     async with (aiohttp.ClientSession() as http,
@@ -209,19 +209,19 @@ async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
     async def warned() -> Any:
         return [w for w in (await sidecar.status())["warnings"] if "not in the model" in w]
 
-    [warning] = await wait_for(warned, 20, "the sidecar's model warning")
+    [warning] = await wait_until(warned, timeout=20, what="the sidecar's model warning")
     assert warning.startswith("cluster 'c' is not in the model (clusters: other)")
-    await wait_for(lambda: warning in sidecar.logs(), 10, "the warning in the log")
+    await wait_until(lambda: warning in sidecar.logs(), timeout=10, what="the warning in the log")
 
     # Nothing changes on the sidecar, and its statistics are still published again.
     async def published() -> Any:
         got = await etcd_client.get(keys.sync_stats("c", "m").encode())
         return got is not None and json.loads(got.value)
 
-    first = await wait_for(published, 20, "statistics published")
+    first = await wait_until(published, timeout=20, what="statistics published")
     assert first["publish_interval"] == 2.0
-    later = await wait_for(lambda: _newer(published, first["published"]), 20,
-                           "statistics published again")
+    later = await wait_until(lambda: _newer(published, first["published"]), timeout=20,
+                           what="statistics published again")
     assert later["published"] > first["published"]
     code, out, err = await meshxl("sync", "--etcd", etcd.url, "--output", "json")
     [row] = json.loads(out)["sidecars"]
@@ -234,7 +234,7 @@ async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
     async def site_warning() -> Any:
         return [w for w in (await sidecar.status())["warnings"] if "dc1" in w]
 
-    [warning] = await wait_for(site_warning, 20, "the site warning")
+    [warning] = await wait_until(site_warning, timeout=20, what="the site warning")
     assert warning == ("site 'dc1' is not a site of cluster c in the model (sites: dc2)")
     await apply_model(etcd_client, keys, MODEL.replace(
         "members:", "sites: [{name: dc2}, {name: dc1}]\n  members:"), "test")
@@ -242,7 +242,7 @@ async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
     async def clear() -> bool:
         return not (await sidecar.status())["warnings"]
 
-    await wait_for(clear, 20, "the warning cleared")
+    await wait_until(clear, timeout=20, what="the warning cleared")
 
 
 async def _newer(read: Any, than: float) -> Any:

@@ -12,9 +12,10 @@ import pytest
 
 from meshxl import etcd as etcd_client
 from meshxl.etcdkeys import Keys
+from meshxl.local.wait import wait_until
 from meshxl.statesync.cache import SessionCache
 from meshxl.statesync.record import SessionRecord
-from tests.harness import EtcdCluster, EtcdServer, wait_for
+from tests.harness import EtcdCluster, EtcdServer
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,8 @@ async def test_watch_resumes_after_etcd_restarts(etcd: EtcdServer) -> None:
             for i in range(5, 8):
                 await writer.put(f"{PREFIX}s{i}".encode(), value(i))
             last = (await writer.get(f"{PREFIX}s7".encode())).mod_revision
-        await wait_for(lambda: cache.applied >= last, 15,
-                       "cache resumed and caught up after the restart")
+        await wait_until(lambda: cache.applied >= last, timeout=15,
+                         what="cache resumed and caught up after the restart")
         assert cache.errors >= 1
         assert cache.full_syncs == 1, "resumed from its revision, not re-read"
         assert contents(cache) == {"s0": b"0", "s1": b"100", "s3": b"3", "s4": b"4",
@@ -77,14 +78,14 @@ async def test_compaction_while_away_forces_a_full_read(etcd_cluster: EtcdCluste
         await etcd_cluster.kill(0)
         async with etcd_cluster.client(timeout=1) as writer:
             # The survivors may be electing a leader: retry each request until it lands.
-            await wait_for(lambda: writer.put(f"{PREFIX}s0".encode(), value(10)), 20,
-                           "a write to the surviving members")
+            await wait_until(lambda: writer.put(f"{PREFIX}s0".encode(), value(10)), timeout=20,
+                             what="a write to the surviving members")
             await writer.delete(f"{PREFIX}s1".encode())
             await writer.put(f"{PREFIX}s9".encode(), value(9))
             put = await writer.put(f"{PREFIX}s9".encode(), value(99))
             await writer.compact(put.header.revision, physical=True)
         await first.start()  # rejoins, catches up, and has compacted past the cache
-        await wait_for(lambda: cache.full_syncs >= 2 and cache.synced.is_set(), 20,
-                       "a full re-read after the compaction")
+        await wait_until(lambda: cache.full_syncs >= 2 and cache.synced.is_set(), timeout=20,
+                         what="a full re-read after the compaction")
         assert contents(cache) == {"s0": b"10", "s2": b"2", "s9": b"99"}
         assert cache.applied >= put.header.revision

@@ -20,9 +20,11 @@ import aetcd
 import pytest
 
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_port, free_ports
+from meshxl.local.wait import wait_until
 from meshxl.model import Registration
 from meshxl.ops import apply_model
-from tests.harness import EtcdCluster, EtcdServer, free_port, free_ports, wait_for
+from tests.harness import EtcdCluster, EtcdServer
 from tests.harness.sidecar import Reply, SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -113,7 +115,7 @@ async def test_two_hundred_sessions_replicate_exactly(
     async def all_cached() -> bool:
         return (await b.status())["cached_sessions"] == 200
 
-    await wait_for(all_cached, 10, "b caches 200 sessions")
+    await wait_until(all_cached, timeout=10, what="b caches 200 sessions")
     gets = await gather_bounded(32, [b.get(s) for s in ids])
     for s, got in zip(ids, gets, strict=True):
         assert got.status == 200, (s, got)
@@ -178,7 +180,7 @@ async def test_no_acknowledged_write_lost_when_an_etcd_member_dies(
             got = await a.get(session)
             return got if got.status == 200 else None
 
-        got = await wait_for(read, 10, f"GET {session} after the fault")
+        got = await wait_until(read, timeout=10, what=f"GET {session} after the fault")
         assert got is not None
         body = got.json()
         assert body["seq"] >= last, (
@@ -203,7 +205,7 @@ async def test_restarted_member_is_ready_only_after_catching_up(
     async def a_has(count: int) -> bool:
         return (await a.status())["cached_sessions"] == count
 
-    await wait_for(lambda: a_has(40), 10, "a caches b's first sessions")
+    await wait_until(lambda: a_has(40), timeout=10, what="a caches b's first sessions")
     await a.kill9()
 
     # While a is down: new sessions, updates, deletes.
@@ -249,8 +251,8 @@ async def test_restarted_member_is_ready_only_after_catching_up(
             assert body["reasons"], body
             await asyncio.sleep(0.005)
         assert seen and seen[-1] == 200, f"a never became ready: {seen}"
-        await wait_for(lambda: readiness[-2:] == [False, True], 5,
-                       "registration: not ready, then ready")
+        await wait_until(lambda: readiness[-2:] == [False, True], timeout=5,
+                         what="registration: not ready, then ready")
         assert readiness[0] is False, readiness
     finally:
         await watch.cancel()
@@ -292,7 +294,7 @@ async def test_paused_former_owner_is_fenced(etcd: EtcdServer, start_sidecar: An
     async def caught_up() -> bool:
         return int((await a.status())["revision"]) >= b_revision
 
-    await wait_for(caught_up, 10, "a's cache past b's write")
+    await wait_until(caught_up, timeout=10, what="a's cache past b's write")
     for _ in range(2):  # however fresh its cache, a lost the session
         fenced = await a.put("s", {"by": "a", "late": True})
         body = assert_json_error(fenced, 409)
@@ -444,8 +446,8 @@ async def test_sessions_expire_after_their_ttl(etcd: EtcdServer, start_sidecar: 
         return all(r.status == 404 for r in replies)
 
     bucket = max(1.0, ttl / 10)
-    await wait_for(gone_everywhere, ttl + bucket + 2.0, "session expired on a and b",
-                   interval=0.1)
+    await wait_until(gone_everywhere, timeout=ttl + bucket + 2.0, what="session expired on a and b",
+                     interval=0.1)
     lived = time.monotonic() - written
     assert lived >= ttl - 0.5, f"session expired after {lived:.1f}s, before its ttl {ttl}"
     assert_json_error(await b.get("brief"), 404)
@@ -454,7 +456,7 @@ async def test_sessions_expire_after_their_ttl(etcd: EtcdServer, start_sidecar: 
         statuses = await asyncio.gather(a.status(), b.status())
         return all(s["cached_sessions"] == 0 for s in statuses)
 
-    await wait_for(uncached, 5, "expired session dropped from both caches")
+    await wait_until(uncached, timeout=5, what="expired session dropped from both caches")
 
 
 # -- 9. problems (critical devices) and Envoy ------------------------------------------------
@@ -491,7 +493,7 @@ clusters:
 
     set_reply = await sidecar.set_problem("db", "primary unreachable")
     assert set_reply.status == 201, set_reply
-    await wait_for(no_hosts, 10, "member with a problem withdrawn from Envoy")
+    await wait_until(no_hosts, timeout=10, what="member with a problem withdrawn from Envoy")
     ready = await sidecar.readyz()
     assert ready.status == 503 and any("db" in r for r in ready.json()["reasons"]), ready
 
@@ -502,7 +504,7 @@ clusters:
 
     await sidecar.kill9()
     killed = time.monotonic()
-    await wait_for(no_hosts, 10, "crashed sidecar's member removed from Envoy")
+    await wait_until(no_hosts, timeout=10, what="crashed sidecar's member removed from Envoy")
     assert time.monotonic() - killed <= 2 + 4, "member outlived its 2 s lease by too much"
 
 
@@ -563,7 +565,7 @@ async def test_delayed_sync_keeps_young_sessions_local(
         got = await b.get("young")
         return got if got.status == 200 else None
 
-    got = await wait_for(on_b, delay + 5, "delayed session replicated to b")
+    got = await wait_until(on_b, timeout=delay + 5, what="delayed session replicated to b")
     assert got is not None
     assert time.monotonic() - written >= delay - 0.2
     assert got.json() == {"v": 1} and got.owner == "a" and got.source in ("cache", "etcd")

@@ -21,7 +21,9 @@ import aetcd
 import pytest
 
 from meshxl.etcdkeys import Keys
-from tests.harness import EtcdServer, free_port, wait_for
+from meshxl.local.ports import free_port
+from meshxl.local.wait import wait_until
+from tests.harness import EtcdServer
 from tests.harness.cli import meshxl_json
 from tests.harness.sidecar import SidecarProcess
 
@@ -44,7 +46,7 @@ async def test_long_trace_context_is_dropped_and_the_session_reads_back(
     async def on_b() -> bool:
         return (await b.get("cart")).status == 200
 
-    await wait_for(on_b, 10, "session replicated to b")
+    await wait_until(on_b, timeout=10, what="session replicated to b")
     for member in (a, b):
         got = await member.get("cart")
         assert got.status == 200 and got.json() == {"n": 1}, got
@@ -84,7 +86,7 @@ async def test_undecodable_record_is_reported_and_never_blocks_its_session(
             async def counted(member: SidecarProcess = b) -> bool:
                 return (await member.status())["undecodable_sessions"] == 1
 
-            await wait_for(counted, 10, "undecodable record counted in status")
+            await wait_until(counted, timeout=10, what="undecodable record counted in status")
             for member in (a, b):
                 got = await member.get("s1")
                 body = assert_json_error(got, 409)
@@ -103,22 +105,22 @@ async def test_undecodable_record_is_reported_and_never_blocks_its_session(
                     got = await member.get("s1")
                     return got.status == 200 and got.json() == {"v": 2}
 
-                await wait_for(readable, 10, "replaced session readable")
+                await wait_until(readable, timeout=10, what="replaced session readable")
 
         # A DELETE removes one.
         await client.put(key, b"garbage")
-        await wait_for(lambda: counted(a), 10, "undecodable record counted on a")
+        await wait_until(lambda: counted(a), timeout=10, what="undecodable record counted on a")
         assert (await a.delete("s1")).status == 204
         assert_json_error(await b.get("s1"), 404)
 
         async def cleared() -> bool:
             return all([(await m.status())["undecodable_sessions"] == 0 for m in (a, b)])
 
-        await wait_for(cleared, 10, "undecodable count back to zero")
+        await wait_until(cleared, timeout=10, what="undecodable count back to zero")
 
         # A key under the sessions prefix that is not a session id is counted, skipped.
         await client.put(KEYS.session(CLUSTER, "x").encode()[:-1] + b"bad id", b"?")
-        await wait_for(lambda: _bad_records(a), 10, "foreign key counted")
+        await wait_until(lambda: _bad_records(a), timeout=10, what="foreign key counted")
     # A member starting with undecodable records in etcd becomes ready and reports them.
     async with aetcd.Client(host="127.0.0.1", port=etcd.client_port) as client:
         await client.put(KEYS.session(CLUSTER, "s2").encode(), b"junk")
@@ -132,7 +134,7 @@ async def test_undecodable_record_is_reported_and_never_blocks_its_session(
         rows = {r["member"]: r for r in report["sidecars"]}
         return all(rows.get(m, {}).get("undecodable_sessions") == 1 for m in "abc")
 
-    await wait_for(in_sync_view, 20, "undecodable session counted in meshxl sync")
+    await wait_until(in_sync_view, timeout=20, what="undecodable session counted in meshxl sync")
     assert (await c.put("s2", b"fine")).status == 200
 
 

@@ -32,8 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig, mutate_pod
 from meshxl.kube.webhook import WebhookConfig, running
-from tests.harness.ports import free_port
-from tests.harness.procs import Harness, ManagedProcess
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner, Process, run
+from meshxl.local.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -298,10 +299,10 @@ def _meshxl(*args: str) -> list[str]:
     return [sys.executable, "-m", "meshxl.cli", *args]
 
 
-async def test_serve_webhook_command(harness: Harness, tmp_path: Path) -> None:
+async def test_serve_webhook_command(harness: Owner, tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     port = free_port()
-    proc = ManagedProcess("webhook", _meshxl(
+    proc = Process("webhook", _meshxl(
         "serve", "webhook", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
         "--listen", f"127.0.0.1:{port}", "--image", "registry.example.com/meshxl:3.0",
         "--proxy", "none", "--anti-affinity", "required"),
@@ -312,17 +313,12 @@ async def test_serve_webhook_command(harness: Harness, tmp_path: Path) -> None:
     proc.start()
     connector = aiohttp.TCPConnector(ssl=client_context(certs.ca))
     async with aiohttp.ClientSession(connector=connector) as session:
-        deadline = time.monotonic() + 20
-        while True:
-            proc.check_alive("the webhook to listen")
-            try:
-                async with session.get(f"https://127.0.0.1:{port}/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientConnectorError:
-                pass
-            assert time.monotonic() < deadline, proc.tail()
-            await asyncio.sleep(0.05)
+
+        async def ready() -> bool:
+            async with session.get(f"https://127.0.0.1:{port}/readyz") as resp:
+                return resp.status == 200
+
+        await wait_until(ready, timeout=20, what="the webhook to listen", process=proc)
         async with session.post(f"https://127.0.0.1:{port}/inject",
                                 json=review(pod("pod.yaml"))) as resp:
             answer = await resp.json()
@@ -344,11 +340,9 @@ async def test_serve_webhook_command(harness: Harness, tmp_path: Path) -> None:
 async def test_serve_webhook_bad_certificate_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.crt"
     bad.write_text("not a certificate")
-    process = await asyncio.create_subprocess_exec(
-        *_meshxl("serve", "webhook", "--tls-cert", str(bad), "--tls-key", str(bad),
-                 "--listen", "127.0.0.1:0"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 1
-    lines = stderr.decode().strip().splitlines()
+    code, _, stderr = await run(_meshxl("serve", "webhook", "--tls-cert", str(bad),
+                                        "--tls-key", str(bad), "--listen", "127.0.0.1:0"),
+                                timeout=30)
+    assert code == 1
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("meshxl: bad TLS certificate or key")

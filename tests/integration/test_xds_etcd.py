@@ -19,17 +19,12 @@ import aetcd
 import pytest
 
 from meshxl.etcdkeys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import run
+from meshxl.local.wait import wait_until
 from meshxl.ops import apply_model, set_member_admin, set_site_admin
 from meshxl.xds.app import ControlPlane
-from tests.harness import (
-    Backend,
-    EnvoyFixture,
-    Host,
-    drive,
-    failures,
-    free_ports,
-    wait_for,
-)
+from tests.harness import Backend, EnvoyFixture, Host, drive, failures
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +85,7 @@ async def wait_in_sync(plane: ControlPlane, node: str, revision: int, runs_befor
                 and plane.rebuilder.runs > runs_before and snapshot is not None
                 and acked_all(plane.ads.node_status(), node, snapshot.versions))
 
-    await wait_for(check, 10, f"{node} in sync with etcd revision {revision}")
+    await wait_until(check, timeout=10, what=f"{node} in sync with etcd revision {revision}")
 
 
 # -- 1. model and admin changes through etcd ------------------------------------------
@@ -112,12 +107,10 @@ async def test_model_member_and_site_changes_in_etcd_reach_envoy(
     # (a) `meshxl apply` of a model with a third member (in dc2).
     path = harness.root / "three.yaml"
     path.write_text(ha_model([(a, "dc1"), (b, "dc1"), (c, "dc2")], lport))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshxl.cli", "apply", str(path), "--etcd", etcd.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    assert b"stored" in out
+    code, out, err = await run(
+        [sys.executable, "-m", "meshxl.cli", "apply", str(path), "--etcd", etcd.url], timeout=30)
+    assert code == 0, err
+    assert "stored" in out
     hosts = await envoy.wait_hosts(
         "c", lambda hs: len(hs) == 3 and all(h.healthy for h in hs), what="third member")
     assert by_port(hosts, c).zone == "dc2"
@@ -187,16 +180,17 @@ clusters:
     assert hosts[0].port == a.endpoint[1]  # the registration's port, not the listed one
     # A host added to a running cluster takes traffic after its first health check
     # result passes Envoy's update_merge_window (1 s default): wait for the first success.
-    await wait_for(_answers(lport), 10, "first request through the registered member")
+    await wait_until(_answers(lport), timeout=10,
+                     what="first request through the registered member")
     assert await served_by(lport, 4, 2) == {a.name}
 
     await register(problems=["db"])
-    await wait_for(_empty(envoy, "r"), 10, "registration with problems withdrawn")
+    await wait_until(_empty(envoy, "r"), timeout=10, what="registration with problems withdrawn")
 
     await register()
     await envoy.wait_hosts("r", lambda hs: len(hs) == 1, what="registration back")
     await lease.revoke()
-    await wait_for(_empty(envoy, "r"), 10, "registration removed with its lease")
+    await wait_until(_empty(envoy, "r"), timeout=10, what="registration removed with its lease")
     assert await etcd_client.get(key) is None
 
 
@@ -230,8 +224,8 @@ async def test_nack_is_recorded_not_resent_and_fixed_by_a_corrected_model(
     await envoy.wait_ready()
     await envoy.wait_hosts("c", lambda hs: all(h.healthy for h in hs))
     good_cds = plane.cache.snapshot.versions[CDS]
-    await wait_for(lambda: acked_all(plane.ads.node_status(), "n1",
-                                     plane.cache.snapshot.versions), 10, "first ACK")
+    await wait_until(lambda: acked_all(plane.ads.node_status(), "n1",
+                                     plane.cache.snapshot.versions), timeout=10, what="first ACK")
 
     # meshxl accepts this override (a duration, not negative); Envoy's validation of
     # connect_timeout (gt 0) rejects it.
@@ -241,7 +235,7 @@ async def test_nack_is_recorded_not_resent_and_fixed_by_a_corrected_model(
     def nacked() -> dict[str, Any] | None:
         return plane.ads.node_status().get("n1", {}).get("last_nack")
 
-    nack = await wait_for(nacked, 10, "NACK recorded")
+    nack = await wait_until(nacked, timeout=10, what="NACK recorded")
     bad_cds = plane.cache.snapshot.versions[CDS]
     assert bad_cds != good_cds
     assert nack["type_url"] == CDS
@@ -271,7 +265,7 @@ async def test_nack_is_recorded_not_resent_and_fixed_by_a_corrected_model(
             assert cds_responses() == before, "the NACKed version is being resent"
         return True
 
-    await wait_for(quiet_window, 10, "a 1 s window on one ADS stream")
+    await wait_until(quiet_window, timeout=10, what="a 1 s window on one ADS stream")
     status = plane.ads.node_status()["n1"]
     assert status["types"][CDS]["acked_version"] == good_cds
 
@@ -285,22 +279,23 @@ async def test_nack_is_recorded_not_resent_and_fixed_by_a_corrected_model(
         data = json.loads(got.value) if got is not None else {}
         return data if data.get("last_nack") else None
 
-    published = await wait_for(nack_in_etcd, 10, "node status with the NACK in etcd")
+    published = await wait_until(nack_in_etcd, timeout=10, what="node status with the NACK in etcd")
     assert published["last_nack"]["type_url"] == CDS
     assert published["last_nack"]["error"] == nack["error"]
 
     # A corrected model is sent, ACKed and takes effect.
     await store(etcd_client, ha_model(members, lport, extra=(
         '  overrides: {cluster: {"connectTimeout": "3s"}}\n')))
-    await wait_for(lambda: plane.cache.snapshot.versions[CDS] not in (good_cds, bad_cds),
-                   10, "corrected snapshot")
-    await wait_for(lambda: acked_all(plane.ads.node_status(), "n1",
-                                     plane.cache.snapshot.versions), 20, "corrected ACK")
+    await wait_until(lambda: plane.cache.snapshot.versions[CDS] not in (good_cds, bad_cds),
+                     timeout=10, what="corrected snapshot")
+    await wait_until(lambda: acked_all(plane.ads.node_status(), "n1",
+                                     plane.cache.snapshot.versions),
+                     timeout=20, what="corrected ACK")
 
     async def applied() -> bool:
         return (await envoy.dynamic_clusters())["c"].get("connect_timeout") == "3s"
 
-    await envoy.wait_for(applied, 20, "connect_timeout 3s")
+    await envoy.wait_until(applied, timeout=20, what="connect_timeout 3s")
     assert await served_by(lport) == {a.name}
 
 
@@ -324,7 +319,7 @@ async def test_envoys_serve_while_control_plane_is_down_and_resync_after_restart
         ok = all(acked_all(status["nodes"], n, versions) for n in ("n1", "n2"))
         return versions if ok else None
 
-    versions = await wait_for(converged, 15, "both Envoys ACK the snapshot")
+    versions = await wait_until(converged, timeout=15, what="both Envoys ACK the snapshot")
     assert set(versions) >= {CDS}
     for envoy in (e1, e2):
         await envoy.wait_hosts("c", lambda hs: len(hs) == 2 and all(h.healthy for h in hs))
@@ -342,7 +337,7 @@ async def test_envoys_serve_while_control_plane_is_down_and_resync_after_restart
         assert len(await envoy.hosts("c")) == 2  # nothing new without a control plane
 
     await proc.start()
-    new_versions = await wait_for(converged, 20, "both Envoys re-sync after restart")
+    new_versions = await wait_until(converged, timeout=20, what="both Envoys re-sync after restart")
     assert new_versions != versions
     for envoy in (e1, e2):
         await envoy.wait_hosts("c", lambda hs: len(hs) == 3 and all(h.healthy for h in hs),
@@ -371,7 +366,7 @@ async def test_two_replicas_on_one_etcd_serve_identical_versions(
         v1, v2 = (await r1.status())["versions"], (await r2.status())["versions"]
         return v1 == v2 and v1 != s1["versions"]
 
-    await wait_for(agree, 10, "both replicas on the new identical versions")
+    await wait_until(agree, timeout=10, what="both replicas on the new identical versions")
 
 
 # -- 6. etcd member loss --------------------------------------------------------------------
@@ -399,7 +394,8 @@ async def test_control_plane_survives_loss_of_one_etcd_member(
                 return False
             return True
 
-        await wait_for(member_down, 15, "member down written through a surviving member")
+        await wait_until(member_down, timeout=15,
+                         what="member down written through a surviving member")
     hosts = await envoy.wait_hosts(
         "c", lambda hs: by_port(hs, a).eds_health_status == "DRAINING", timeout=20,
         what="member down after losing an etcd member")
@@ -430,7 +426,7 @@ async def test_bad_model_in_etcd_keeps_last_good_snapshot(
 
     # Written directly: `meshxl apply` would refuse it.
     await etcd_client.put(KEYS.model.encode(), bad.encode())
-    error = await wait_for(lambda: plane.status()["model_error"], 10, "model_error")
+    error = await wait_until(lambda: plane.status()["model_error"], timeout=10, what="model_error")
     if "70000" in bad:
         assert "70000" in error and "port" in error, error
     assert plane.cache.snapshot.versions == versions
@@ -438,13 +434,15 @@ async def test_bad_model_in_etcd_keeps_last_good_snapshot(
 
     fixed = ha_model([(a, "dc1"), (b, "dc1")], lport, extra="  connect_timeout: 1s\n")
     await store(etcd_client, fixed)
-    await wait_for(lambda: plane.status()["model_error"] is None, 10, "model_error cleared")
-    await wait_for(lambda: plane.cache.snapshot.versions != versions, 10, "new snapshot")
+    await wait_until(lambda: plane.status()["model_error"] is None, timeout=10,
+                     what="model_error cleared")
+    await wait_until(lambda: plane.cache.snapshot.versions != versions, timeout=10,
+                     what="new snapshot")
 
     async def applied() -> bool:
         return (await envoy.dynamic_clusters())["c"].get("connect_timeout") == "1s"
 
-    await envoy.wait_for(applied, 20, "fixed model applied")
+    await envoy.wait_until(applied, timeout=20, what="fixed model applied")
 
 
 # -- ADS stream behaviour --------------------------------------------------------
@@ -488,6 +486,6 @@ async def test_cluster_only_change_applies_without_a_new_stream(
         return (await envoy.dynamic_clusters())["c"].get("connect_timeout") == "2s"
 
     # Warming needs only the EDS answer and a health-check round: well under 3 s.
-    await envoy.wait_for(applied, 3, "cluster change applied")
+    await envoy.wait_until(applied, timeout=3, what="cluster change applied")
     assert plane.ads.node_status()["n1"]["connected_at"] == connected_at, \
         "applied only because the ADS stream was re-opened"

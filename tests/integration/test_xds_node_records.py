@@ -13,9 +13,9 @@ import pytest
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 
 from meshxl.etcdkeys import Keys
+from meshxl.local.wait import wait_until
 from meshxl.ops import apply_model
 from meshxl.xds.types import CLUSTER
-from tests.harness import wait_for
 from tests.unit.test_xds_server import Envoy
 
 pytestmark = pytest.mark.integration
@@ -56,7 +56,7 @@ async def test_bad_ids_are_refused_and_records_follow_every_stream_end(
             return found is not None and \
                 found["types"][CLUSTER]["acked_version"] == response.version_info
 
-        await wait_for(acked, 10, "the good node's ACK in etcd")
+        await wait_until(acked, timeout=10, what="the good node's ACK in etcd")
         nodes = await etcd_client.get_prefix(KEYS.nodes_prefix.encode())
         assert [KEYS.parse_node_key(kv.key.decode()) for kv in nodes] == [GOOD_ID]
 
@@ -65,7 +65,7 @@ async def test_bad_ids_are_refused_and_records_follow_every_stream_end(
         async def gone() -> bool:
             return await record(etcd_client, GOOD_ID) is None
 
-        await wait_for(gone, 10, "the record of a disconnected node removed")
+        await wait_until(gone, timeout=10, what="the record of a disconnected node removed")
         assert plane.ads.node_status()[GOOD_ID]["streams"] == 0
     finally:
         for client in clients:

@@ -258,7 +258,7 @@ def test_merge_traces_drops_the_line_a_killed_process_left_unfinished(tmp_path: 
 
 
 def test_demo_model_is_valid_in_both_modes() -> None:
-    from meshxl.demo import deployment
+    from meshxl.local import deployment
     from meshxl.model.load import parse_model
 
     for mode, layout in (("high-availability", deployment.HA_MEMBERS),

@@ -241,7 +241,8 @@ async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creatio
 # -- every etcd meshxl starts runs with pre-vote ----------------------------------------------
 
 
-ETCD_COMMAND_LINES = ["meshxl/demo/local.py", "bench/soak.py", "tests/harness/etcd.py"]
+# The one etcd command-line builder: the demo, the benchmarks and the tests use it.
+ETCD_COMMAND_LINES = ["meshxl/local/commands.py"]
 # etcds started with the args of a rendered Kubernetes manifest, whose --pre-vote
 # test_the_kubernetes_etcd_runs_with_pre_vote checks.
 ETCD_FROM_MANIFESTS = ["tests/integration/test_etcd_tls_overlay.py"]

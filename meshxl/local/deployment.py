@@ -7,16 +7,15 @@ tests, and anything else that needs "a running meshxl", start one the same way::
     async with DemoDeployment(work_dir, mode="high-availability", replicas=2) as d:
         ...  # d.url is Envoy's listener, d.etcd_url / d.keys the etcd installation
 
-Every process is owned by a :class:`LocalStack` and killed on exit.
+Every process is owned by a :class:`meshxl.local.procs.Owner` (``d.owner``) and killed
+on exit; ``d.owner.log_sections()`` has their log tails for a report.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +24,12 @@ from typing import Any
 
 from meshxl import headers as hdr
 from meshxl.etcdkeys import Keys
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner, Process
+from meshxl.local.servers import HOST, start_etcd
+from meshxl.local.wait import wait_http, wait_until
 from meshxl.proxy.admin import EnvoyAdmin, Host
-
-from .local import HOST, LocalError, LocalProcess, LocalStack, free_ports, wait_http
 
 __all__ = [
     "CLUSTER",
@@ -39,7 +41,6 @@ __all__ = [
     "demo_model",
     "envoy_hosts",
     "healthy_host",
-    "wait_until",
 ]
 
 CLUSTER = "demo"
@@ -74,8 +75,8 @@ class DemoMember:
     site: str
     app_port: int
     sidecar_port: int
-    app: LocalProcess | None = None
-    sidecar: LocalProcess | None = None
+    app: Process | None = None
+    sidecar: Process | None = None
 
     @property
     def sidecar_url(self) -> str:
@@ -89,7 +90,7 @@ class Replica:
     name: str
     port: int
     admin_port: int
-    process: LocalProcess | None = None
+    process: Process | None = None
 
     @property
     def admin_url(self) -> str:
@@ -105,22 +106,6 @@ async def envoy_hosts(admin_url: str, cluster: str = CLUSTER) -> list[Host]:
 def healthy_host(host: Host) -> bool:
     """A host that takes traffic: :attr:`meshxl.proxy.admin.Host.healthy`."""
     return host.healthy
-
-
-async def wait_until(predicate: Any, what: str, timeout: float, explain: Any = None) -> None:
-    """Poll ``await predicate()`` until true; LocalError naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(Exception):
-            if await predicate():
-                return
-        if time.monotonic() > deadline:
-            detail = ""
-            if explain is not None:
-                with contextlib.suppress(Exception):
-                    detail = f": {await explain()}"
-            raise LocalError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        await asyncio.sleep(0.05)
 
 
 class DemoDeployment:
@@ -141,7 +126,7 @@ class DemoDeployment:
             raise ValueError("at least one control-plane replica")
         self.mode = mode
         self.work_dir = work_dir
-        self.stack = LocalStack(work_dir)
+        self.owner = Owner(work_dir, grace=3.0)
         self.trace_dir = trace_dir
         self.delta = delta
         self.lease_ttl = lease_ttl
@@ -193,7 +178,7 @@ class DemoDeployment:
         from meshxl.ops import apply_model
 
         if self._own_etcd:
-            self.etcd_url = await self.stack.etcd()
+            self.etcd_url, _ = await start_etcd(self.owner)
         async with etcd.client(self.etcd_url) as client:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
@@ -211,42 +196,46 @@ class DemoDeployment:
             await self.start_member(m, wait=False)
         for replica in self.replicas:
             assert replica.process is not None
-            await wait_http(f"{replica.admin_url}/healthz", replica.process)
+            await wait_http(f"{replica.admin_url}/healthz", process=replica.process)
         for m in self.members:
-            assert m.app is not None and m.sidecar is not None
-            await wait_http(f"{m.sidecar_url}/readyz", m.sidecar, 20)
-            await wait_http(f"http://{HOST}:{m.app_port}/healthz", m.app, 20)
+            await self.wait_member(m)
         await self.start_envoy(otlp_port)
 
-    def _traced(self, name: str) -> list[str]:
-        if self.trace_dir is None:
-            return []
-        return ["--trace-file", str(self.trace_dir / f"{name}.jsonl")]
+    def _trace_file(self, name: str) -> Path | None:
+        return None if self.trace_dir is None else self.trace_dir / f"{name}.jsonl"
 
     async def start_replica(self, replica: Replica, wait: bool = True) -> None:
-        replica.process = await self.stack.spawn(replica.name, [
-            sys.executable, "-u", "-m", "meshxl.cli", "serve", "xds",
-            "--listen", f"{HOST}:{replica.port}", "--etcd", self.etcd_url,
-            "--etcd-prefix", self.keys.root, "--admin", f"{HOST}:{replica.admin_port}",
-            "--replica", replica.name, *self._traced(replica.name)])
+        argv = commands.xds(
+            listen=f"{HOST}:{replica.port}", etcd=self.etcd_url, etcd_prefix=self.keys.root,
+            admin=f"{HOST}:{replica.admin_port}", replica=replica.name,
+            trace_file=self._trace_file(replica.name))
+        if replica.process is None:
+            replica.process = self.owner.process(replica.name, argv)
+        replica.process.start()
         if wait:
-            await wait_http(f"{replica.admin_url}/readyz", replica.process)
+            await wait_http(f"{replica.admin_url}/readyz", process=replica.process)
 
     async def start_member(self, m: DemoMember, wait: bool = True) -> None:
-        py = [sys.executable, "-u", "-m"]
-        m.sidecar = await self.stack.spawn(f"sidecar-{m.name}", py + [
-            "meshxl.cli", "serve", "statesync", "--cluster", CLUSTER, "--member", m.name,
-            "--app", f"{HOST}:{m.app_port}", "--site", m.site,
-            "--listen", f"{HOST}:{m.sidecar_port}", "--etcd", self.etcd_url,
-            "--etcd-prefix", self.keys.root, "--lease-ttl", f"{self.lease_ttl:g}",
-            *self._traced(f"sidecar-{m.name}")])
-        m.app = await self.stack.spawn(f"app-{m.name}", py + [
-            "meshxl.demo.app", "--name", m.name, "--cluster", CLUSTER,
-            "--listen", f"{HOST}:{m.app_port}", "--sidecar", m.sidecar_url,
-            *self._traced(f"app-{m.name}")])
+        if m.sidecar is None:
+            m.sidecar = self.owner.process(f"sidecar-{m.name}", commands.statesync(
+                cluster=CLUSTER, member=m.name, app=f"{HOST}:{m.app_port}", site=m.site,
+                listen=f"{HOST}:{m.sidecar_port}", etcd=self.etcd_url,
+                etcd_prefix=self.keys.root, lease_ttl=self.lease_ttl,
+                trace_file=self._trace_file(f"sidecar-{m.name}")))
+        if m.app is None:
+            m.app = self.owner.process(f"app-{m.name}", commands.app(
+                m.name, cluster=CLUSTER, listen=f"{HOST}:{m.app_port}",
+                sidecar=m.sidecar_url, trace_file=self._trace_file(f"app-{m.name}")))
+        m.sidecar.start()
+        m.app.start()
         if wait:
-            await wait_http(f"{m.sidecar_url}/readyz", m.sidecar, 20)
-            await wait_http(f"http://{HOST}:{m.app_port}/healthz", m.app, 20)
+            await self.wait_member(m)
+
+    async def wait_member(self, m: DemoMember) -> None:
+        """Until the member's sidecar is ready and its app answers."""
+        assert m.app is not None and m.sidecar is not None
+        await wait_http(f"{m.sidecar_url}/readyz", process=m.sidecar, timeout=20)
+        await wait_http(f"http://{HOST}:{m.app_port}/healthz", process=m.app, timeout=20)
 
     def bootstrap(self, otlp_port: int | None) -> dict[str, Any]:
         from meshxl.proxy.bootstrap import build_bootstrap
@@ -268,6 +257,7 @@ class DemoDeployment:
 
         self.envoy = EnvoyProcess(self.bootstrap(otlp_port), self.work_dir,
                                   log_level="warning")
+        self.owner.own(self.envoy)
         await self.envoy.start()
         await self.envoy.wait_ready(30)
         await self.wait_all_healthy()
@@ -277,9 +267,9 @@ class DemoDeployment:
         return len(hosts) == len(self.members) and all(healthy_host(h) for h in hosts)
 
     async def wait_all_healthy(self, timeout: float = 20) -> None:
-        await wait_until(self.all_healthy,
-                         f"Envoy to see all {len(self.members)} members healthy", timeout,
-                         lambda: envoy_hosts(self.admin_url))
+        await wait_until(self.all_healthy, timeout=timeout,
+                         what=f"Envoy to see all {len(self.members)} members healthy",
+                         explain=lambda: envoy_hosts(self.admin_url))
 
     async def add_member(self, name: str, site: str) -> DemoMember:
         """Scale out: a new member (app + sidecar) that registers itself; returns once
@@ -308,9 +298,8 @@ class DemoDeployment:
         m = self.member(name)
         killed = time.time()
         for proc in (m.app, m.sidecar):
-            if proc is not None and proc.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.proc.pid, signal.SIGKILL)
+            if proc is not None:
+                proc.signal(signal.SIGKILL)
         return killed
 
     async def reap_member(self, name: str) -> None:
@@ -345,5 +334,5 @@ class DemoDeployment:
 
     async def close(self) -> None:
         await self.stop_envoy()
-        await self.stack.close()
+        await self.owner.aclose()
         await self.stop_receiver()

@@ -1,7 +1,8 @@
-"""Free loopback ports for test processes.
+"""Free loopback ports for local processes (the demo, the benchmarks, the tests).
 
-A port is found by binding ``127.0.0.1:0``; the set of ports already handed out in this
-session keeps two fixtures from getting the same one between "found" and "bound".
+A port is found by binding ``127.0.0.1:0``; the set of ports already handed out by this
+process keeps two callers from getting the same one between "found" and "bound" (the
+kernel may hand a just-released port out again).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ _lock = threading.Lock()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A loopback port nothing listens on now and this session has not handed out."""
+    """A loopback port nothing listens on now and this process has not handed out."""
     return free_ports(1, host)[0]
 
 
