@@ -66,8 +66,11 @@ def recovery_times_ms(records: Sequence[Record], kill_time: float,
     """RTO per session the killed member was serving, and the sessions never recovered.
 
     A session counts when its last success that ended before the kill was served by
-    the killed member; its RTO runs from the kill to the end of its first success
-    that ends after the kill.
+    the killed member; its RTO runs from the kill to the end of its first success that
+    ends after the kill and was served by another member. A response the killed member
+    sent before it died can still reach the client after the kill (it was in flight
+    through Envoy): it does not recover the session, whose next request still has to
+    fail over.
     """
     last_before: dict[str, Record] = {}
     first_after: dict[str, Record] = {}
@@ -76,7 +79,7 @@ def recovery_times_ms(records: Sequence[Record], kill_time: float,
             continue
         if r.ended <= kill_time:
             last_before[r.session] = r
-        elif r.session not in first_after:
+        elif r.member != killed and r.session not in first_after:
             first_after[r.session] = r
     rto, unrecovered = [], []
     for session, r in sorted(last_before.items()):
@@ -92,12 +95,15 @@ def recovery_times_ms(records: Sequence[Record], kill_time: float,
 
 def member_counts(records: Iterable[Record], *, since: float | None = None,
                   until: float | None = None) -> dict[str, int]:
-    """Successful POSTs per member, optionally those ending in [since, until)."""
+    """Successful POSTs per member, optionally those sent at or after ``since`` and
+    those that ended before ``until``. ``since`` counts by the time a request was sent:
+    a response the killed member sent just before the kill may reach the client just
+    after it, and is not a request served after the kill."""
     counts: collections.Counter[str] = collections.Counter()
     for r in records:
         if r.method != "POST" or not r.ok or r.member is None:
             continue
-        if since is not None and r.ended < since:
+        if since is not None and r.sent < since:
             continue
         if until is not None and r.ended >= until:
             continue

@@ -95,6 +95,18 @@ def test_recovery_time_counts_only_sessions_of_the_killed_member() -> None:
     assert unrecovered == ["s4"]
 
 
+def test_a_response_in_flight_at_the_kill_neither_recovers_nor_counts_after_it() -> None:
+    # s1's request went to a before the kill and its answer reached the client 20 ms
+    # after it (in flight through Envoy); the session recovers only on b, 300 ms later.
+    kill = KILL - T0
+    records = [post(3.0, "s1", "a", 1), post(kill - 0.01, "s1", "a", 2, took=0.03),
+               post(kill + 0.25, "s1", "b", 3, took=0.05)]
+    rto, unrecovered = demo.recovery_times_ms(records, KILL, "a")
+    assert rto == [pytest.approx(300, abs=0.01)] and unrecovered == []
+    assert demo.member_counts(records, since=KILL) == {"b": 1}
+    assert demo.member_counts(records, until=KILL) == {"a": 1}
+
+
 def test_busiest_member_and_member_counts() -> None:
     records = [post(0, "s1", "a", 1), post(0, "s2", "b", 1), post(1, "s2", "c", 2),
                post(0, "s3", "c", 1), post(1, "s4", "b", 1, status=409)]
