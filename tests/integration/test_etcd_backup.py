@@ -92,7 +92,22 @@ async def test_snapshot_restore_and_member_replacement(harness: Any, etcd_cluste
     alive = ",".join(m.url for m in etcd_cluster.members[:2])
     listed = json.loads(await etcdctl("member", "list", "-w", "json", endpoints=alive))
     member_id = next(m["ID"] for m in listed["members"] if m["name"] == lost.name)
-    await etcdctl("member", "remove", f"{member_id:x}", endpoints=alive)
+    # The lost member may have been the leader: until the others elect one, the remove
+    # can run out of etcdctl's deadline. Retry then; a retried remove that finds the
+    # member gone means an earlier attempt applied.
+
+    async def remove() -> bool:
+        try:
+            await etcdctl("member", "remove", f"{member_id:x}", endpoints=alive)
+        except AssertionError as exc:
+            if "member not found" in str(exc):
+                return True
+            if not any(reason in str(exc) for reason in (
+                    "deadline exceeded", "leader changed", "no leader", "unhealthy cluster")):
+                raise
+            return False
+        return True
+    await wait_until(remove, timeout=30, interval=0.5, what="member remove accepted")
     new_client, new_peer = free_ports(2)
     new_peer_url = f"http://127.0.0.1:{new_peer}"
     # Right after a removal etcd may refuse the add ("unhealthy cluster": its strict

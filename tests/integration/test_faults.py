@@ -398,8 +398,15 @@ async def test_etcd_member_loss_and_full_outage_under_load(
         await load.all_acked(returned, "after etcd returned", timeout=30)
         await wait_until(partial(_connected, d), timeout=20, what="Envoy back on the control plane")
         # The same versions as before the outage: nothing for Envoy to re-apply.
-        (_, status) = await wait_until(partial(get_json, f"{replica}/v1/status"), timeout=10,
-                                       what="the control plane's status")
+        # /v1/status answers before the replica has rebuilt from etcd (versions empty):
+        # wait for its snapshot, then compare.
+
+        async def rebuilt() -> dict[str, Any] | None:
+            _, body = await get_json(f"{replica}/v1/status")
+            return body if body.get("versions") else None
+
+        status = await wait_until(rebuilt, timeout=10,
+                                  what="the control plane's snapshot after etcd returned")
         assert status["versions"] == versions
         records += await load.stop()
         assert member_pids(d) == started_pids and all_running(d)
