@@ -219,10 +219,7 @@ class EnvoyProcess:
 
     def logs(self) -> str:
         """Everything Envoy has written so far (stdout and stderr)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self._process.logs() if self._process else ""
 
     def tail(self, lines: int = 40) -> str:
         return self._process.tail(lines) if self._process else ""

@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -330,13 +330,6 @@ class DeltaSession(StreamState):
                 return sent
 
     # -- responses --------------------------------------------------------------------
-
-    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
-        assert self.node is not None
-        for type_url in self.order():
-            response = self._response(self.node, snapshot, type_url)
-            if response is not None:
-                yield response
 
     def _candidates(self, sub: _Subscription, current: DeltaResources) -> set[str]:
         """Names whose state may differ between Envoy and ``current``."""

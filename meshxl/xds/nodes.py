@@ -219,6 +219,18 @@ class StreamState:
         known = [t for t in TYPE_ORDER if t in self.subscriptions]
         return known + [t for t in self.subscriptions if t not in TYPE_ORDER]
 
+    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
+        """What ``snapshot`` gives this stream to send, type by type in push order."""
+        assert self.node is not None
+        for type_url in self.order():
+            response = self._response(self.node, snapshot, type_url)
+            if response is not None:
+                yield response
+
+    def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
+        """One type's response (None: nothing to send); each protocol defines it."""
+        raise NotImplementedError
+
 
 class Streams(Protocol):
     """What a :class:`Session` reports to the server running its stream."""

@@ -9,7 +9,6 @@ resources and versions come from :mod:`meshxl.xds.cache`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,13 +118,6 @@ class SotwSession(StreamState):
             if sub.rewarm:
                 sub.fresh, sub.rewarm = True, False
         return None
-
-    def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
-        assert self.node is not None
-        for type_url in self.order():
-            response = self._response(self.node, snapshot, type_url)
-            if response is not None:
-                yield response
 
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
