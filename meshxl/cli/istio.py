@@ -182,16 +182,17 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     high-availability clusters in step with meshxl's view, for failoverPriority."""
     import asyncio
 
+    from meshxl.addr import ListenError, bind_tcp
     from meshxl.etcdkeys import Keys
     from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
     from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
 
-    health: tuple[str, int] | None = None
+    health: Any = None  # the bound socket: a busy port or a bad address fails the start
     if health_listen is not None:
-        host, _, port = health_listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            fail(f"bad --health-listen {health_listen!r}: expected HOST:PORT")
-        health = (host.strip("[]"), int(port))
+        try:
+            health = bind_tcp(health_listen, "--health-listen")
+        except ListenError as exc:
+            fail(f"bad --health-listen {health_listen!r}: {exc}")
 
     async def label() -> None:
         try:
@@ -235,7 +236,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     run(label)
 
 
-async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: float) -> Any:
+async def _serve_health(sock: Any, labelers: list[Any], resync: float) -> Any:
     """/healthz: the process answers; /readyz: every labeler reconciled within three
     resync periods."""
     import asyncio
@@ -260,7 +261,7 @@ async def _serve_health(where: tuple[str, int], labelers: list[Any], resync: flo
     app.router.add_get("/readyz", readyz)
     runner = mweb.Runner(app)
     await runner.setup()
-    await web.TCPSite(runner, where[0], where[1]).start()
+    await web.SockSite(runner, sock).start()
     return runner
 
 

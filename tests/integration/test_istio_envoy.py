@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -468,5 +469,15 @@ async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: A
             "--health-listen", "nope", "--etcd", etcd.url], timeout=60)
         assert code == 1
         assert err.startswith("meshxl: bad --health-listen 'nope'")
+        # A busy health port: one line, exit 1, before any labelling.
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            taken = f"127.0.0.1:{busy.getsockname()[1]}"
+            code, _, err = await run([
+                sys.executable, "-m", "meshxl.cli", "istio", "label", "--once",
+                "--health-listen", taken, "--etcd", etcd.url], timeout=60)
+        assert code == 1 and err.count("\n") == 1, err
+        assert err.startswith(f"meshxl: bad --health-listen '{taken}'"), err
     finally:
         await runner.cleanup()
