@@ -71,20 +71,29 @@ def _kill_leftovers() -> None:
 # threads (gRPC's event engine) then run in the child and break it (aborts, "epoll_wait
 # error: Bad file descriptor" on stderr). So a small program sets it and exec()s the
 # command: util-linux's ``setpriv``, else this interpreter (Linux only either way).
+# The signal is armed only once the wrapper runs, a few milliseconds after the spawn (tens
+# for the interpreter): a parent killed in between would leave the command orphaned.
+# So after arming it the wrapper checks that its parent is still the process that
+# spawned it (else that one is gone already) and exits instead of running the command.
 _SETPRIV = shutil.which("setpriv")
 _SHIM = ("import ctypes, os, signal, sys; "
          "ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0); "
-         "os.execvp(sys.argv[1], sys.argv[1:])")
+         "os.getppid() == int(sys.argv[1]) or os._exit(1); "
+         "os.execvp(sys.argv[2], sys.argv[2:])")
+_PARENT_CHECK = 'if [ "$PPID" != "$0" ]; then exit 1; fi; exec "$@"'
 
 
 def die_with_parent(argv: Sequence[str]) -> list[str]:
     """``argv`` wrapped so the command gets SIGKILL when the process that started it
-    dies (``PR_SET_PDEATHSIG``, kept across exec); unchanged where Linux is not."""
+    dies (``PR_SET_PDEATHSIG``, kept across exec), and never starts once that process
+    is gone; unchanged where Linux is not."""
     if not sys.platform.startswith("linux"):
         return list(argv)
+    parent = str(os.getpid())
     if _SETPRIV:
-        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
-    return [sys.executable, "-c", _SHIM, *argv]
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _PARENT_CHECK,
+                parent, *argv]
+    return [sys.executable, "-c", _SHIM, parent, *argv]
 
 
 def tail(text: str, lines: int) -> str:

@@ -365,6 +365,34 @@ async def test_children_die_when_their_parent_is_killed(harness: Owner, setpriv:
                      what="the child of a SIGKILLed parent to die")
 
 
+@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "interpreter"])
+async def test_a_child_whose_parent_dies_at_once_never_runs_on(harness: Owner,
+                                                               setpriv: bool) -> None:
+    """The parent is SIGKILLed right after the spawn, before the wrapper can have armed
+    the parent-death signal: the wrapper sees its parent gone and never runs the
+    command (else ``sleep`` would be orphaned for a minute)."""
+    pidfile = harness.root / "child.pid"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from meshxl.local import procs
+        from meshxl.local.procs import Owner
+        if not {setpriv!r}:
+            procs._SETPRIV = None
+        owner = Owner(Path({str(harness.path("parent"))!r}))
+        p = owner.spawn("sleeper", ["sleep", "60"])
+        Path({str(pidfile)!r}).write_text(str(p.pid))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    parent = harness.spawn("parent", [sys.executable, "-c", script], cwd=REPO)
+    await parent.wait_exit(30)
+    child = int(pidfile.read_text())
+    await wait_until(lambda: not _alive(child), timeout=10,
+                     what="the child of a parent killed at once to be gone")
+
+
 async def test_an_owned_deployment_reports_its_logs_through_the_test_owner(
         harness: Owner, tmp_path: Path) -> None:
     inner = Owner(tmp_path / "deployment", label="deployment")

@@ -215,8 +215,12 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
 
     await wait_until(plane_caught_up, timeout=15.0,
                      what="the control plane's watch after the restart")
-    sync = await sidecar.status()
-    assert sync["revision"] >= revision - 1  # the sidecar's session watch resumed too
+
+    async def sidecar_caught_up() -> bool:  # its session watch resumed too (it saw cart-2)
+        return int((await sidecar.status())["revision"] or 0) >= revision - 1
+
+    await wait_until(sidecar_caught_up, timeout=15.0,
+                     what="the sidecar's session watch after the restart")
 
     # The stored model is readable by an authenticated client only.
     security = etcd.EtcdSecurity(user=USER, password=PASSWORD)
