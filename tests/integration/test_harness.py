@@ -336,15 +336,20 @@ def test_atexit_kills_processes_left_running(tmp_path: Path) -> None:
     assert not _alive(pid)
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["running", "at-once"])
 @pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "interpreter"])
-async def test_children_die_when_their_parent_is_killed(harness: Owner, setpriv: bool) -> None:
+async def test_children_die_when_their_parent_is_killed(harness: Owner, setpriv: bool,
+                                                        at_once: bool) -> None:
     """SIGKILL leaves no cleanup code a chance: the kernel's parent-death signal does it,
     for the demo's and the benchmarks' processes as for the tests' (set by util-linux's
-    setpriv, or by the interpreter where there is none)."""
+    setpriv, or by the interpreter where there is none). ``at_once``: the parent dies
+    right after the spawn, before the wrapper can have armed the signal; the wrapper
+    sees its parent gone and never runs the command (else ``sleep`` would be orphaned)."""
     pidfile = harness.root / "child.pid"
+    then = "os.kill(os.getpid(), signal.SIGKILL)" if at_once else "time.sleep(60)"
     script = textwrap.dedent(
         f"""
-        import time
+        import os, signal, time
         from pathlib import Path
         from meshxl.local import procs
         from meshxl.local.procs import Owner
@@ -353,44 +358,20 @@ async def test_children_die_when_their_parent_is_killed(harness: Owner, setpriv:
         owner = Owner(Path({str(harness.path("parent"))!r}))
         p = owner.spawn("sleeper", ["sleep", "60"])
         Path({str(pidfile)!r}).write_text(str(p.pid))
-        time.sleep(60)
+        {then}
         """
     )
     parent = harness.spawn("parent", [sys.executable, "-c", script], cwd=REPO)
-    child = int(await wait_until(lambda: pidfile.read_text(), timeout=30,
-                                 what="the parent to start its child", process=parent))
-    assert _alive(child)
-    await parent.kill()  # its own process group only: the child runs in another
+    if at_once:
+        await parent.wait_exit(30)
+        child = int(pidfile.read_text())
+    else:
+        child = int(await wait_until(lambda: pidfile.read_text(), timeout=30,
+                                     what="the parent to start its child", process=parent))
+        assert _alive(child)
+        await parent.kill()  # its own process group only: the child runs in another
     await wait_until(lambda: not _alive(child), timeout=10,
                      what="the child of a SIGKILLed parent to die")
-
-
-@pytest.mark.parametrize("setpriv", [True, False], ids=["setpriv", "interpreter"])
-async def test_a_child_whose_parent_dies_at_once_never_runs_on(harness: Owner,
-                                                               setpriv: bool) -> None:
-    """The parent is SIGKILLed right after the spawn, before the wrapper can have armed
-    the parent-death signal: the wrapper sees its parent gone and never runs the
-    command (else ``sleep`` would be orphaned for a minute)."""
-    pidfile = harness.root / "child.pid"
-    script = textwrap.dedent(
-        f"""
-        import os, signal
-        from pathlib import Path
-        from meshxl.local import procs
-        from meshxl.local.procs import Owner
-        if not {setpriv!r}:
-            procs._SETPRIV = None
-        owner = Owner(Path({str(harness.path("parent"))!r}))
-        p = owner.spawn("sleeper", ["sleep", "60"])
-        Path({str(pidfile)!r}).write_text(str(p.pid))
-        os.kill(os.getpid(), signal.SIGKILL)
-        """
-    )
-    parent = harness.spawn("parent", [sys.executable, "-c", script], cwd=REPO)
-    await parent.wait_exit(30)
-    child = int(pidfile.read_text())
-    await wait_until(lambda: not _alive(child), timeout=10,
-                     what="the child of a parent killed at once to be gone")
 
 
 async def test_an_owned_deployment_reports_its_logs_through_the_test_owner(
