@@ -331,8 +331,11 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
     tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     try:
+        roles = {"orders-0": "active", "orders-1": "standby", "orders-2": "backup"}
         await wait_until(lambda: istiod.priorities() == {"orders-0": 0, "orders-1": 1,
-                                                       "orders-2": 2},
+                                                       "orders-2": 2}
+                         and all(istiod.labels(pod).get("meshxl.io/role") == role
+                                 for pod, role in roles.items()),
                          timeout=30, what="role labels: orders-0 active, orders-1 standby")
         assert istiod.labels("orders-0")["meshxl.io/role"] == "active"
         assert istiod.labels("orders-1")["meshxl.io/role"] == "standby"
