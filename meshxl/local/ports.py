@@ -1,19 +1,43 @@
 """Free loopback ports for local processes (the demo, the benchmarks, the tests).
 
-A port is found by binding ``127.0.0.1:0``; the set of ports already handed out by this
-process keeps two callers from getting the same one between "found" and "bound" (the
-kernel may hand a just-released port out again).
+Ports are drawn at random from *below* the kernel's ephemeral range
+(``net.ipv4.ip_local_port_range``, 32768-60999 by default). A port from the ephemeral
+range (what binding port 0 gives) can be taken as the source port of any outgoing
+connection between "found" and "bound", or while its server is down for a restart (an
+etcd member killed and started again, with clients still reconnecting to it; a client
+can even connect to itself). Outside that range only a listener can take it. The set of
+ports already handed out by this process keeps two callers from getting the same one.
 """
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
+from pathlib import Path
 
-__all__ = ["free_port", "free_ports"]
+__all__ = ["free_port", "free_ports", "port_range"]
 
 _handed_out: set[int] = set()
 _lock = threading.Lock()
+_random = random.SystemRandom()
+
+#: The lowest port handed out: above the well-known and most registered service ports.
+LOWEST = 10000
+#: Fewer candidates than this below the ephemeral range: fall back to the kernel's choice.
+_MINIMUM_RANGE = 2000
+
+
+def port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range | None:
+    """The ports to draw from (``LOWEST`` up to the ephemeral range), or None when the
+    ephemeral range cannot be read or leaves too little room below it."""
+    try:
+        low = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if low - LOWEST < _MINIMUM_RANGE:
+        return None
+    return range(LOWEST, low)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -21,19 +45,30 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def _try_bind(family: socket.AddressFamily, host: str, port: int) -> int | None:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return None
+        return int(sock.getsockname()[1])
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports (see ``free_port``)."""
+    """``count`` distinct free ports (see the module's text)."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = port_range()
     ports: list[int] = []
     with _lock:
         for _ in range(count):
             for _attempt in range(200):
-                with socket.socket(family, socket.SOCK_STREAM) as sock:
-                    sock.bind((host, 0))
-                    port = int(sock.getsockname()[1])
-                if port not in _handed_out:
+                wanted = 0 if candidates is None else _random.choice(candidates)
+                if wanted in _handed_out:
+                    continue
+                port = _try_bind(family, host, wanted)
+                if port is not None and port not in _handed_out:
                     _handed_out.add(port)
                     ports.append(port)
                     break
