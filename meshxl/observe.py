@@ -130,8 +130,11 @@ def _clusters(read: MeshRead, only: str | None) -> list[Any]:
 
 def _shares(members: Iterable[MemberView]) -> dict[str, float]:
     """Fraction of new sessions each member gets now: the lowest tier with a ready
-    member takes them, split by EDS weight."""
-    ready = [m for m in members if m.state == MemberState.READY]
+    member takes them, split by EDS weight (overloaded members only when no member is
+    ready: Envoy gives degraded hosts new sessions only then)."""
+    members = list(members)
+    ready = ([m for m in members if m.state == MemberState.READY]
+             or [m for m in members if m.state == MemberState.OVERLOADED])
     if not ready:
         return {}
     tier = min(m.priority for m in ready)

@@ -29,7 +29,7 @@ MAX_CELL = 300
 _STATE_STYLE: dict[str, str] = {
     MemberState.READY: "green", MemberState.SYNCING: "yellow", MemberState.PROBLEM: "red",
     MemberState.LOST: "red", MemberState.ADMIN_DOWN: "magenta",
-    MemberState.SITE_OFFLINE: "magenta"}
+    MemberState.SITE_OFFLINE: "magenta", MemberState.OVERLOADED: "yellow"}
 
 
 def _printable(text: str) -> str:

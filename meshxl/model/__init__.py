@@ -25,6 +25,7 @@ from .spec import (
     ModelSpec,
     OutlierDetection,
     Overrides,
+    Pin,
     Retries,
     Route,
     Sessions,
@@ -38,7 +39,7 @@ from .spec import (
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
-    "OutlierDetection", "Overrides", "Problem", "Registration", "Retries", "Role", "Route",
+    "OutlierDetection", "Overrides", "Pin", "Problem", "Registration", "Retries", "Role", "Route",
     "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_member_address",
     "check_model", "is_ip_literal",
     "cluster_view", "load_model", "model_warnings", "parse_model",

@@ -28,6 +28,9 @@ class Registration:
     weight: int | None = None
     ready: bool = True
     problems: tuple[str, ...] = ()
+    overloaded: bool = False
+    """The application says it is overloaded: it keeps its pinned sessions, new sessions
+    go elsewhere (EDS ``DEGRADED``)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Registration:
@@ -58,6 +61,7 @@ class Registration:
             weight=weight,
             ready=bool(data.get("ready", True)),
             problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
+            overloaded=data.get("overload") is not None,
         )
 
 
@@ -112,6 +116,7 @@ class MemberState(StrEnum):
     READY = "ready"
     SYNCING = "syncing"          # registered, not ready yet (cache catching up)
     PROBLEM = "problem"          # the app reported a critical problem
+    OVERLOADED = "overloaded"    # serving its sessions, placed no new ones (DEGRADED)
     ADMIN_DOWN = "admin-down"    # meshxl member down
     SITE_OFFLINE = "site-offline"  # meshxl site offline
     LOST = "lost"                # registered membership, no live registration
@@ -120,12 +125,19 @@ class MemberState(StrEnum):
 # Enum members bound once: class attribute access on an Enum is a descriptor call, and
 # cluster_view runs once per member of the whole mesh on every compile.
 _READY, _SYNCING, _PROBLEM = MemberState.READY, MemberState.SYNCING, MemberState.PROBLEM
+_OVERLOADED = MemberState.OVERLOADED
 _ADMIN_DOWN, _SITE_OFFLINE, _LOST = (MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE,
                                      MemberState.LOST)
 
-#: States in which a member is sent to Envoy; DRAINING ones are sent marked DRAINING.
-ADVERTISED = frozenset({MemberState.READY, MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE})
+#: States in which a member is sent to Envoy; DRAINING ones are sent marked DRAINING,
+#: DEGRADED ones marked DEGRADED (they serve the sessions pinned to them, and the load
+#: balancer gives them new ones only when no member of their priority is healthy).
+ADVERTISED = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ADMIN_DOWN,
+                        MemberState.SITE_OFFLINE})
 DRAINING = frozenset({MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE})
+DEGRADED = frozenset({MemberState.OVERLOADED})
+#: States that serve: they have a role and a share of their site's weight.
+SERVING = frozenset({MemberState.READY, MemberState.OVERLOADED})
 
 
 class Role(StrEnum):
@@ -230,8 +242,10 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
             member_state = absent
         elif reg.problems:
             member_state = _PROBLEM
+        elif not reg.ready:
+            member_state = _SYNCING
         else:
-            member_state = _READY if reg.ready else _SYNCING
+            member_state = _OVERLOADED if reg.overloaded else _READY
         drafts.append(((site_rank.get(site, unknown_site_rank), tier), name, address, port,
                        site, weight, member_state, problems))
 
@@ -249,17 +263,17 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
             draft(m, m.name, None)
 
     # Dense priorities over advertised members: an empty tier never leaves a gap.
-    ready = _READY
+    serving = SERVING
     priority_of = {key: i for i, key in
                    enumerate(sorted({d[0] for d in drafts if d[6] in ADVERTISED}))}
     # Roles follow the tiers that actually serve (draining members serve nothing).
     role_of = {key: _role(spec, rank) for rank, key in
-               enumerate(sorted({d[0] for d in drafts if d[6] is ready}))}
+               enumerate(sorted({d[0] for d in drafts if d[6] in serving}))}
     # Site share inside a tier: the sum of serving member weights per (tier, site), so
     # a drained member's share goes to its site's other members, not to other sites.
     totals: dict[tuple[tuple[int, int], str], int] = {}
     for d in drafts:
-        if d[6] is ready:
+        if d[6] in serving:
             totals[(d[0], d[4])] = totals.get((d[0], d[4]), 0) + d[5]
     factor = {(key, site): site_weight.get(site, 100) * _WEIGHT_SCALE / total
               for (key, site), total in totals.items()}
@@ -277,7 +291,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         append(_new_view(MemberView, (
             name, address, port, site, weight, member_state, priority_of[key],
             max(1, round(weight * scale)),
-            role_of[key] if member_state is ready else _NO_ROLE, problems)))
+            role_of[key] if member_state in serving else _NO_ROLE, problems)))
     return ClusterView(spec=spec, members=tuple(members))
 
 

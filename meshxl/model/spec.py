@@ -49,6 +49,8 @@ MAX_DURATION = 31_536_000.0
 # every table covers every value).
 Algorithm = Literal["maglev", "ring_hash"]
 ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+PinCarrier = Literal["cookie", "header"]
+PIN_CARRIERS: tuple[PinCarrier, ...] = get_args(PinCarrier)
 HashKey = Literal["header", "cookie", "source_ip"]
 HASH_KEYS: tuple[HashKey, ...] = get_args(HashKey)
 Mode = Literal["high-availability", "load-sharing"]
@@ -187,6 +189,43 @@ class Cookie(_Spec):
     path: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
 
 
+class PinCookie(Cookie):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
+                               max_length=256)] = "meshxl-pin"
+    ttl: Duration = 3600.0
+    """How long the pin holds without a request; 0 keeps it for the browser session.
+    Envoy writes the expiry into the cookie's value and ignores an expired pin."""
+
+
+class Pin(_Spec):
+    """Pinned sessions (Envoy's stateful session filter, on top of the hash).
+
+    Envoy remembers in a cookie (or a response header the client sends back) the member
+    that served the session, and routes the session there while that member is in the
+    cluster and healthy (or degraded), whatever members join or leave. The hash places
+    new sessions and sessions whose member is gone, drained or failing; the answer then
+    carries the new pin. docs/stickiness.md says what a client can do with a pin."""
+
+    cookie: PinCookie | None = None
+    header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
+    strict: bool = False
+    """Envoy's strict mode: a request whose pinned member is not available fails with
+    503 instead of moving to the hash's choice (for state that cannot move; meshxl's
+    statesync moves it, so the default lets the session move)."""
+
+    @model_validator(mode="after")
+    def _one_carrier(self) -> Pin:
+        if self.cookie is not None and self.header is not None:
+            raise ValueError("a pin travels in a cookie or in a header, not both")
+        if self.cookie is None and self.header is None:
+            object.__setattr__(self, "cookie", PinCookie())
+        return self
+
+    @property
+    def carrier(self) -> PinCarrier:
+        return "header" if self.header is not None else "cookie"
+
+
 class Stickiness(_Spec):
     """Session affinity: consistent hashing on one request property."""
 
@@ -204,6 +243,9 @@ class Stickiness(_Spec):
     """Bounded loads: no member takes more than this times the mean number of requests
     in flight; beyond it, requests of its sessions go to the next member of the ring
     (they lose stickiness, not service). Envoy's ``hash_balance_factor`` / 100."""
+    pin: Pin | None = None
+    """Keep each session on the member that served it while that member lives
+    (the hash places new sessions); see :class:`Pin`."""
 
     @model_validator(mode="after")
     def _one_key(self) -> Stickiness:
@@ -213,6 +255,15 @@ class Stickiness(_Spec):
         if len(keys) != 1:
             raise ValueError("set exactly one hash key: header, cookie or source_ip"
                              + (f"; {', '.join(keys)} are set" if keys else "; none is set"))
+        pin = self.pin
+        if pin is not None:
+            if pin.header is not None and pin.header == self.header:
+                raise ValueError(f"pin.header {pin.header!r} is the hash header: the pin "
+                                 "needs a header of its own")
+            if (pin.cookie is not None and self.cookie is not None
+                    and pin.cookie.name == self.cookie.name):
+                raise ValueError(f"pin.cookie.name {pin.cookie.name!r} is the hash cookie: "
+                                 "the pin needs a cookie of its own")
         return self
 
     @property

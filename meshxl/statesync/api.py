@@ -94,6 +94,9 @@ class SessionRoutes:
         r.add_route("GET", "/v1/problems", self.problems)
         r.add_route("PUT", "/v1/problems/{name}", self.put_problem)
         r.add_route("DELETE", "/v1/problems/{name}", self.delete_problem)
+        r.add_route("GET", "/v1/overload", self.overload)
+        r.add_route("PUT", "/v1/overload", self.put_overload)
+        r.add_route("DELETE", "/v1/overload", self.delete_overload)
         r.add_route("GET", "/healthz", self.healthz)
         r.add_route("GET", "/readyz", self.readyz)
         r.add_route("GET", "/metrics", self.metrics)
@@ -175,6 +178,26 @@ class SessionRoutes:
             return error_response(404, f"no problem {name!r} is set")
         return web.Response(status=204)
 
+    # -- load -----------------------------------------------------------------------------
+
+    async def overload(self, request: web.Request) -> web.Response:
+        return web.json_response({"overload": self.sidecar.membership.overload})
+
+    async def put_overload(self, request: web.Request) -> web.Response:
+        detail = ""
+        if request.can_read_body:
+            raw = await mweb.read_body(request, 4 * MAX_PROBLEM_DETAIL + 64,
+                                       what="overload report")
+            detail = _problem_detail(raw, request.content_type, what="overload report")
+        created = await self.sidecar.membership.set_overload(detail)
+        return web.json_response({"overload": self.sidecar.membership.overload},
+                                 status=201 if created else 200)
+
+    async def delete_overload(self, request: web.Request) -> web.Response:
+        if not await self.sidecar.membership.clear_overload():
+            return error_response(404, "no overload is reported")
+        return web.Response(status=204)
+
     # -- health, metrics, status ---------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -210,15 +233,15 @@ def _problem_name(request: web.Request) -> str:
     return name
 
 
-def _problem_detail(raw: bytes, content_type: str) -> str:
+def _problem_detail(raw: bytes, content_type: str, what: str = "problem report") -> str:
     """``{"detail": "..."}`` (JSON), or the body as plain text: at most
     :data:`MAX_PROBLEM_DETAIL` characters of printable text."""
     if not raw.strip():
         return ""
     if is_json(content_type) or raw.lstrip()[:1] == b"{":
-        body = mweb.loads(raw, what="problem report")
+        body = mweb.loads(raw, what=what)
         if not isinstance(body, dict):
-            raise BadRequest('a problem report is {"detail": "<text>"}', field="body")
+            raise BadRequest(f'the {what} is {{"detail": "<text>"}}', field="body")
         detail = body.get("detail", "")
         if not isinstance(detail, str):
             raise BadRequest("detail must be a string", field="detail")
@@ -226,7 +249,7 @@ def _problem_detail(raw: bytes, content_type: str) -> str:
         try:
             detail = raw.decode()
         except UnicodeDecodeError:
-            raise BadRequest("a plain-text problem detail must be UTF-8",
+            raise BadRequest("a plain-text detail must be UTF-8",
                              field="detail") from None
     detail = detail.strip()
     if len(detail) > MAX_PROBLEM_DETAIL:

@@ -89,6 +89,7 @@ def _now() -> str:
 def registration_document(
     *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
     problems: dict[str, dict[str, str]], sidecar: str, pid: int, since: str, updated: str,
+    overload: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
     doc: dict[str, Any] = {"address": address, "port": port}
@@ -102,6 +103,8 @@ def registration_document(
         problem_details={name: dict(problems[name]) for name in sorted(problems)},
         sidecar=sidecar, pid=pid, since=since, updated=updated,
     )
+    if overload is not None:
+        doc["overload"] = dict(overload)
     return doc
 
 
@@ -144,6 +147,7 @@ class Membership:
         self._unreachable_since: float | None = None  # monotonic; None: etcd answers
         self._ready = False
         self._problems: dict[str, dict[str, str]] = {}
+        self._overload: dict[str, str] | None = None
         self._since = ""
         self._version = 0          # bumped on every local change
         self._written = -1         # version last written under the current lease
@@ -200,7 +204,7 @@ class Membership:
         return registration_document(
             address=self.address, port=self.port, site=self.site, weight=self.weight,
             ready=self._ready, problems=self._problems, sidecar=self.sidecar,
-            pid=os.getpid(), since=self._since, updated=_now())
+            pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -262,6 +266,35 @@ class Membership:
             await self._changed()
             return False
         self._problems[name] = {"detail": detail, "since": _now()}
+        await self._changed()
+        return True
+
+    @property
+    def overload(self) -> dict[str, str] | None:
+        """The application's overload report ({"detail", "since"}), or None (a copy)."""
+        return dict(self._overload) if self._overload is not None else None
+
+    async def set_overload(self, detail: str = "") -> bool:
+        """The application is overloaded: the member keeps the sessions pinned to it and
+        gets no new ones while another member of its tier is ready. True if new."""
+        if len(detail) > 1024:
+            raise ValueError("an overload detail has at most 1024 characters (it is "
+                             "stored in the registration)")
+        if self._overload is not None:
+            if self._overload["detail"] == detail:
+                return False
+            self._overload["detail"] = detail
+            await self._changed()
+            return False
+        self._overload = {"detail": detail, "since": _now()}
+        await self._changed()
+        return True
+
+    async def clear_overload(self) -> bool:
+        """The overload is over; True if one was reported."""
+        if self._overload is None:
+            return False
+        self._overload = None
         await self._changed()
         return True
 

@@ -24,7 +24,7 @@ import aetcd
 
 from meshxl.etcdkeys import Keys
 from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
-from meshxl.model.runtime import MemberView
+from meshxl.model.runtime import SERVING, MemberView
 from meshxl.model.spec import choose
 
 __all__ = ["Change", "MemberHistory", "reason", "transitions"]
@@ -47,7 +47,7 @@ class Change:
     @property
     def failover(self) -> bool:
         """The member served before and does not now: its sessions moved."""
-        return self.from_state == MemberState.READY and self.to_state != MemberState.READY
+        return self.from_state in SERVING and self.to_state not in SERVING
 
 
 def reason(view: MemberView | None, cluster: str, state: RuntimeState) -> str:
@@ -71,6 +71,8 @@ def _site_offline(view: MemberView, cluster: str, state: RuntimeState) -> str:
 #: Member state -> why a member is in it.
 _REASONS: dict[MemberState, Callable[[MemberView, str, RuntimeState], str]] = {
     MemberState.READY: lambda view, cluster, state: "ready",
+    MemberState.OVERLOADED: lambda view, cluster, state:
+        "overloaded (reported by the application): keeps its sessions, gets no new ones",
     MemberState.ADMIN_DOWN: _member_down,
     MemberState.SITE_OFFLINE: _site_offline,
     MemberState.PROBLEM: lambda view, cluster, state:

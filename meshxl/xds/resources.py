@@ -31,9 +31,12 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.stateful_session.v3 import stateful_session_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.http.stateful_session.cookie.v3 import cookie_pb2
+from envoy.extensions.http.stateful_session.header.v3 import header_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
@@ -52,8 +55,9 @@ from meshxl.model import (
     cluster_view,
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
+from meshxl.model.runtime import DEGRADED as _DEGRADED
 from meshxl.model.runtime import DRAINING as _DRAINING
-from meshxl.model.spec import Algorithm, HashKey, Stickiness, choose
+from meshxl.model.spec import Algorithm, HashKey, Pin, PinCarrier, Stickiness, choose
 from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
 from meshxl.xds.overrides import OverrideError, merge_override
@@ -128,7 +132,9 @@ def _compile_static(model: ModelSpec) -> Resources:
     paths = {spec.name: f"clusters[{i}]" for i, spec in enumerate(model.clusters)}
     for (address, port), specs in listeners.items():
         name = listener_name(address, port)
-        out.listeners[name] = build_listener(name, address, port, model.telemetry)
+        pinned = any(s.stickiness is not None and s.stickiness.pin is not None for s in specs)
+        out.listeners[name] = build_listener(name, address, port, model.telemetry,
+                                             pinned=pinned)
         out.routes[name] = build_route_config(name, specs, paths, shapes)
     return out
 
@@ -270,6 +276,11 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
         # (requests in flight) passes new requests on along the hash ring/table.
         c.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value = round(
             st.balance_factor * 100)
+    if st is not None and st.pin is not None:
+        # A pinned session stays on its member while Envoy sees it healthy (or unknown:
+        # no health check yet) or degraded (overloaded: it keeps its sessions). A
+        # draining, failing or ejected member is no override target: its sessions move.
+        c.common_lb_config.override_host_status.statuses.extend(_PIN_TARGETS)
     # Panic routing would send traffic to members known to be down: never for HA.
     c.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
     # Envoy batches host health/weight changes for 1 s by default; a failover must not wait.
@@ -331,6 +342,9 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     return c
 
 
+_PIN_TARGETS = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)
+
+
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
@@ -349,6 +363,11 @@ def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
 
 
 _PRIORITY_SITE = operator.itemgetter(6, 3)  # MemberView.priority, MemberView.site
+#: Member states sent with an EDS health status (others are sent without one).
+_STATUS: dict[Any, int] = {
+    **dict.fromkeys(_DRAINING, health_check_pb2.DRAINING),
+    **dict.fromkeys(_DEGRADED, health_check_pb2.DEGRADED),
+}
 
 
 def build_load_assignment(view: ClusterView,
@@ -377,8 +396,9 @@ def build_load_assignment(view: ClusterView,
             group = cla.endpoints.add(priority=priority)
             group.locality.zone = site
             add = group.lb_endpoints.add
+        status = _STATUS.get(state)
         if is_ip_literal(address):
-            ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
+            ep = add(health_status=status) if status is not None else add()
             endpoint = ep.endpoint
             endpoint.hostname = name
             sock = endpoint.address.socket_address
@@ -389,7 +409,7 @@ def build_load_assignment(view: ClusterView,
         ips = resolved.get(address, ())
         gaps = gaps or not ips
         for ip in ips:
-            ep = add(health_status=health_check_pb2.DRAINING) if state in _DRAINING else add()
+            ep = add(health_status=status) if status is not None else add()
             endpoint = ep.endpoint
             endpoint.hostname = name
             sock = endpoint.address.socket_address
@@ -421,14 +441,24 @@ def _dense(cla: endpoint_pb2.ClusterLoadAssignment) -> endpoint_pb2.ClusterLoadA
 # -- LDS / RDS ---------------------------------------------------------------------------
 
 
-def build_listener(name: str, address: str, port: int,
-                   telemetry: Telemetry | None = None) -> listener_pb2.Listener:
+STATEFUL_SESSION = "envoy.filters.http.stateful_session"
+
+
+def build_listener(name: str, address: str, port: int, telemetry: Telemetry | None = None,
+                   *, pinned: bool = False) -> listener_pb2.Listener:
+    """``pinned``: some route of the listener pins sessions, so the HCM runs Envoy's
+    stateful session filter (inactive by itself: each pinned route configures it)."""
+    filters = [hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                                  typed_config=_any(router_pb2.Router()))]
+    if pinned:
+        filters.insert(0, hcm_pb2.HttpFilter(
+            name=STATEFUL_SESSION,
+            typed_config=_any(stateful_session_pb2.StatefulSession())))
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ADS, route_config_name=name),
-        http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router",
-                                         typed_config=_any(router_pb2.Router()))],
+        http_filters=filters,
     )
     if telemetry is not None and telemetry.tracing:
         otel = opentelemetry_pb2.OpenTelemetryConfig(service_name=telemetry.service_name)
@@ -492,6 +522,36 @@ def _hash_source_ip(hp: Any, st: Stickiness) -> None:
     hp.connection_properties.source_ip = True
 
 
+def _pin_cookie(pin: Pin) -> tuple[str, Message]:
+    assert pin.cookie is not None
+    state = cookie_pb2.CookieBasedSessionState()
+    state.cookie.name = pin.cookie.name
+    state.cookie.path = pin.cookie.path
+    state.cookie.ttl.CopyFrom(_dur(pin.cookie.ttl))
+    return "envoy.http.stateful_session.cookie", state
+
+
+def _pin_header(pin: Pin) -> tuple[str, Message]:
+    return "envoy.http.stateful_session.header", header_pb2.HeaderBasedSessionState(
+        name=pin.header or "")
+
+
+#: Where a pin travels -> Envoy's session state extension (name, config).
+_PIN_STATES: dict[PinCarrier, Callable[[Pin], tuple[str, Message]]] = {
+    "cookie": _pin_cookie,
+    "header": _pin_header,
+}
+
+
+def pin_config(pin: Pin) -> stateful_session_pb2.StatefulSessionPerRoute:
+    """The stateful session filter's configuration for one pinned route."""
+    name, state = choose(_PIN_STATES, pin.carrier, "pin carrier")(pin)
+    config = stateful_session_pb2.StatefulSession(strict=pin.strict)
+    config.session_state.name = name
+    config.session_state.typed_config.Pack(state)
+    return stateful_session_pb2.StatefulSessionPerRoute(stateful_session=config)
+
+
 #: Stickiness key -> the route's hash policy (a ``RouteAction.HashPolicy``).
 _HASH_POLICIES: dict[HashKey, Callable[[Any, Stickiness], None]] = {
     "header": _hash_header,
@@ -511,6 +571,8 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
         hp = action.hash_policy.add()
         choose(_HASH_POLICIES, st.key, "stickiness key")(hp, st)
         hp.terminal = True
+        if st.pin is not None:
+            route.typed_per_filter_config[STATEFUL_SESSION].Pack(pin_config(st.pin))
 
     r = spec.retries
     if r.attempts > 0:
@@ -543,7 +605,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 
 
 __all__ = [
-    "CompileError", "Compiler",
+    "STATEFUL_SESSION", "CompileError", "Compiler",
     "Resources", "build_cluster", "build_listener", "build_load_assignment", "build_route",
     "build_route_config", "compile_resources", "listener_name",
 ]

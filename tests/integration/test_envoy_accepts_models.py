@@ -135,11 +135,20 @@ members = st.lists(st.fixed_dictionaries({
     "address": addresses, "port": ints(1, 65535)}, optional={
     "weight": ints(1, 10_000), "priority": ints(0, 100)}), min_size=1, max_size=3)
 
+pins = st.one_of(
+    st.none(), st.just({}),
+    st.builds(lambda h, strict: {"header": h, "strict": strict},
+              st.sampled_from(["x-meshxl-pin", "p", "y" * 256]), st.booleans()),
+    st.builds(lambda name, ttl, path: {"cookie": {"name": name, "ttl": ttl, "path": path}},
+              st.sampled_from(["pin", "P!#$%&'*+.^_`|~-"]), durations(positive=False),
+              st.sampled_from(["/", "/a/b~c"])))
+
 stickiness = st.one_of(st.none(), st.builds(
-    lambda algorithm, key, table, ring, factor: {
+    lambda algorithm, key, table, ring, factor, pin: {
         "algorithm": algorithm, **key, "maglev_table_size": table,
         "ring_minimum_size": ring[0], "ring_maximum_size": ring[1],
-        **({"balance_factor": factor} if factor is not None else {})},
+        **({"balance_factor": factor} if factor is not None else {}),
+        **({"pin": pin} if pin is not None else {})},
     st.sampled_from(["maglev", "ring_hash"]),
     st.one_of(st.just({"source_ip": True}),
               st.builds(lambda h: {"header": h}, st.sampled_from(["x-session", "a", "x" * 256])),
@@ -148,6 +157,7 @@ stickiness = st.one_of(st.none(), st.builds(
     st.sampled_from([2, 3, 4099, 65537]),
     st.sampled_from([(1, 1), (1, 8_388_608), (1024, 8_388_608), (2, 3)]),
     st.one_of(st.none(), st.floats(1.0, 10.0)),
+    pins,
 ))
 
 

@@ -19,6 +19,7 @@ from meshxl.model.spec import (
     HASH_KEYS,
     MEMBERSHIPS,
     MODES,
+    PIN_CARRIERS,
     ClusterSpec,
     Stickiness,
     UnknownChoice,
@@ -29,6 +30,7 @@ from meshxl.xds import resources
 TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("xds _LB_POLICIES", resources._LB_POLICIES, ALGORITHMS),
     ("xds _HASH_POLICIES", resources._HASH_POLICIES, HASH_KEYS),
+    ("xds _PIN_STATES", resources._PIN_STATES, PIN_CARRIERS),
     ("istio _ISTIO_ALGORITHMS", render._ISTIO_ALGORITHMS, ALGORITHMS),
     ("istio _ALGORITHM_PATCHES", render._ALGORITHM_PATCHES, ALGORITHMS),
     ("istio _ISTIO_HASH_KEYS", render._ISTIO_HASH_KEYS, HASH_KEYS),
@@ -81,8 +83,11 @@ def test_member_state_tables_cover_every_state() -> None:
     from meshxl.xds import failover
 
     assert set(tables._STATE_STYLE) == set(MemberState)
-    # Every state a member can fail over to has a cause; READY is no failover.
-    assert set(failover._CAUSES) == set(MemberState) - {MemberState.READY}
+    from meshxl.model.runtime import SERVING
+
+    # Every state a member can fail over to has a cause; a serving state is no failover
+    # (an overloaded member keeps its sessions).
+    assert set(failover._CAUSES) == set(MemberState) - SERVING
     with pytest.raises(UnknownChoice, match="member state"):
         choose(failover._CAUSES, MemberState.READY, "member state")
 

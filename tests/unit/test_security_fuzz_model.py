@@ -33,7 +33,8 @@ FIELDS = ["clusters", "name", "mode", "members", "address", "port", "site", "sit
           "sync_delay", "max_bytes", "failover_rank", "outlier_detection",
           "maglev_table_size", "ring_minimum_size", "ring_maximum_size", "balance_factor",
           "budget_percent", "telemetry", "tracing", "priority_spillover", "enabled",
-          "backoff_base", "backoff_max", "unhealthy_threshold", "no_traffic_interval"]
+          "backoff_base", "backoff_max", "unhealthy_threshold", "no_traffic_interval",
+          "pin", "strict"]
 
 scalars = (st.none() | st.booleans() | st.integers() | st.floats()
            | st.text(max_size=20) | st.sampled_from(["250ms", "1.5s", "2m", "1h", "-1s",
