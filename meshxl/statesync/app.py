@@ -283,6 +283,7 @@ class Sidecar:
             "site": self.config.site, "app": self.config.app,
             "ready": not self.not_ready_reasons(), "reasons": self.not_ready_reasons(),
             "registered": self.membership.registered, "problems": self.membership.problems,
+            "overload": self.membership.overload,
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             "revision": c.applied, "lag_seconds": c.last_lag,
             "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
