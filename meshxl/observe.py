@@ -19,6 +19,7 @@ import aetcd
 import aiohttp
 
 from meshxl.etcdkeys import MEMBERS, Keys
+from meshxl.meshstate import runtime_from_values
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.runtime import MemberState, MemberView
 from meshxl.proxy.admin import EnvoyAdmin
@@ -27,7 +28,6 @@ from meshxl.xds.dns import hostnames, resolve_names
 from meshxl.xds.history import reason
 from meshxl.xds.metrics import type_label
 from meshxl.xds.resources import CompileError, compile_resources
-from meshxl.xds.sources import runtime_from_values
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 __all__ = [

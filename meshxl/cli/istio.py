@@ -185,7 +185,8 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     from meshxl.addr import ListenError, bind_tcp
     from meshxl.etcdkeys import Keys
     from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
-    from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
+    from meshxl.meshstate import EtcdMeshSource
+    from meshxl.xds.sources import ModelFileSource
 
     health: Any = None  # the bound socket: a busy port or a bad address fails the start
     if health_listen is not None:

@@ -57,6 +57,8 @@ Mode = Literal["high-availability", "load-sharing"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 Membership = Literal["static", "registered"]
 MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
+Replication = Literal["all", "narrow"]
+REPLICATIONS: tuple[Replication, ...] = get_args(Replication)
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -356,6 +358,12 @@ class Sessions(_Spec):
     less etcd traffic for short sessions, but they are lost if their member dies."""
     max_bytes: int = Field(default=1_048_576, ge=1, le=1_048_576)
     """Largest session state; etcd refuses requests above 1.5 MiB."""
+    replication: Replication = "all"
+    """Which sessions each member keeps a copy of. ``all``: every session of the
+    cluster, fed by a watch (etcd sends every write to every member). ``narrow``: the
+    sessions the member wrote or read, plus, in high-availability mode, the standby
+    keeps everything (it takes the active's sessions over); any other session is read
+    from etcd on first use. Read by each sidecar when it starts (docs/scaling.md)."""
 
 
 class Overrides(_Spec):

@@ -4,6 +4,14 @@ Resource lifetimes follow aiohttp's ``cleanup_ctx``: the etcd client, the watch 
 the registration start with the app and stop with it. The member is registered at
 once but advertised (``ready``) only after the cache has read every session of its
 cluster, so Envoy never sends a session to a member that could not serve it.
+
+With ``sessions.replication: narrow`` the cache holds only what this member wrote or
+read, and the member is ready at once (any other session is read from etcd on first
+use); the sidecar follows the mesh in etcd (model and registrations) for its member's
+role, and while that role is ``standby`` (high-availability mode) it watches and holds
+every session of the cluster, as in ``all`` mode, so the failover it exists for finds
+the active's sessions local. Leaving the standby role it stops the watch and keeps
+what it holds (the sessions it now serves); expired sessions are pruned.
 """
 
 from __future__ import annotations
@@ -29,9 +37,16 @@ from meshxl import web as mweb
 from meshxl.addr import bind_tcp, bound_port, grpc_target, parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.model import ModelError, check_member_address, parse_model
+from meshxl.meshstate import EtcdMeshSource
+from meshxl.model import (
+    ModelError,
+    Role,
+    check_member_address,
+    cluster_view,
+    parse_model,
+)
 from meshxl.model import Sessions as SessionDefaults
-from meshxl.model.spec import NAME_PATTERN
+from meshxl.model.spec import NAME_PATTERN, Replication, choose
 
 from .api import SessionRoutes
 from .auth import check_exposure, token_middleware, valid_token
@@ -102,6 +117,10 @@ class StatesyncConfig:
             raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")
 
 
+#: ``sessions.replication`` -> whether the cache holds only what the member uses.
+_HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": True}
+
+
 class Sidecar:
     """Everything one sidecar runs, created in the app's cleanup context."""
 
@@ -129,26 +148,72 @@ class Sidecar:
         self.started = time.time()
         self.model_warning: str | None = None
         """Set while the model lacks this member's cluster or site."""
+        self.narrow = choose(_HOLDS_ONLY_WHAT_IT_USES, settings.replication,
+                             "sessions replication")
+        self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed)
+        self.role = Role.NONE
+        """This member's role in the cluster, as the control plane computes it."""
+        self._watch: asyncio.Task[None] | None = None
+        """The cache's watch while it holds every session (always, unless narrow)."""
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> None:
         await self.membership.start()
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self.cache.run()))
-        self._tasks.append(loop.create_task(self._follow_sync()))
+        if self.narrow:
+            await self.membership.set_ready(True)
+        else:
+            self._watch = loop.create_task(self.cache.run())
+            self._tasks.append(self._watch)
+            self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._publish_sync()))
-        self._tasks.append(loop.create_task(self._follow_model()))
+        self._tasks.append(loop.create_task(self.mesh.run()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        watch = self._watch
+        for task in [*self._tasks, *([watch] if watch is not None else [])]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *([watch] if watch is not None else []),
+                             return_exceptions=True)
         await self.store.close()
         with contextlib.suppress(Exception):
             await self.membership.stop()
+
+    # -- the mesh: model warnings, and the role that scopes a narrow cache ------------
+
+    def _mesh_changed(self) -> None:
+        self._check_model(self.mesh.model_text)
+        model = self.mesh.model
+        spec = model.cluster(self.config.cluster) if model is not None else None
+        role = Role.NONE
+        if spec is not None:
+            me = cluster_view(spec, self.mesh.runtime).member(
+                self.config.member)
+            role = me.role if me is not None else Role.NONE
+        if role != self.role:
+            log.info("member %s is now %s", self.config.member, role)
+            self.role = role
+        if self.narrow:
+            self._scope(hold_all=spec is not None and spec.high_availability
+                        and role == Role.STANDBY)
+
+    def _scope(self, *, hold_all: bool) -> None:
+        """Start or stop the watch that keeps every session of the cluster."""
+        if hold_all and self._watch is None:
+            log.info("standby: holding every session of cluster %s", self.config.cluster)
+            self._watch = asyncio.get_running_loop().create_task(self.cache.run())
+        elif not hold_all and self._watch is not None:
+            log.info("no longer standby: holding only the sessions this member uses")
+            self._watch.cancel()
+            self._watch = None
+
+    @property
+    def holds_all(self) -> bool:
+        """The cache holds every session of the cluster (or is catching up to)."""
+        return self._watch is not None
 
     async def _follow_sync(self) -> None:
         """Advertise the member exactly while its cache is caught up with etcd."""
@@ -173,6 +238,9 @@ class Sidecar:
                 await self.sessions.flush_due()
             if time.monotonic() - last_prune > settings.ttl / 10:
                 self.sessions.prune_observed()
+                if not self.holds_all:  # no watch reports expiries: drop them here
+                    self.cache.prune_expired(
+                        time.time() - settings.ttl - self.store.leases.bucket)
                 last_prune = time.monotonic()
 
     async def _publish_sync(self) -> None:
@@ -197,32 +265,6 @@ class Sidecar:
             except Exception as exc:  # the next round retries; stats are best effort
                 log.debug("sync statistics not published: %s", exc)
 
-    async def _follow_model(self) -> None:
-        """Warn (log, status) while the model lacks this member's cluster or site: its
-        registration then reaches no Envoy, or not the locality the operator meant.
-        Checked at start and on every model change."""
-        key = self.keys.model.encode()
-        backoff = 0.5
-        while True:
-            try:
-                got = await self.client.get(key)
-                self._check_model(None if got is None else got.value)
-                revision = None if got is None else got.mod_revision
-                watch = await self.client.watch(key, start_revision=(
-                    revision + 1 if revision is not None else None))
-                backoff = 0.5
-                try:
-                    async for event in watch:
-                        self._check_model(event.kv.value if event.kind == "PUT" else None)
-                finally:
-                    await watch.cancel()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # etcd trouble: the membership reports it
-                log.debug("model watch interrupted: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
     def _check_model(self, raw: bytes | None) -> None:
         warning = model_mismatch(raw, self.config.cluster, self.config.site, self.keys.model)
         if warning is not None and warning != self.model_warning:
@@ -240,7 +282,7 @@ class Sidecar:
         registration = self.membership.not_ready_reason()
         if registration is not None:
             reasons.append(registration)
-        if not self.cache.synced.is_set():
+        if not self.narrow and not self.cache.synced.is_set():
             reasons.append("session cache still syncing with etcd")
         if self.membership.problems:
             reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
@@ -295,7 +337,9 @@ class Sidecar:
             "lease_losses": self.membership.lease_losses,
             "etcd_members": etcd.balancer_of(self.client).status(),
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,
-                         "max_bytes": s.settings.max_bytes},
+                         "max_bytes": s.settings.max_bytes,
+                         "replication": s.settings.replication},
+            "role": str(self.role), "holds_all_sessions": self.holds_all,
             "started": self.started,
         }
 
@@ -348,6 +392,7 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
         ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
         sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
         max_bytes=config.max_bytes if config.max_bytes is not None else defaults.max_bytes,
+        replication=defaults.replication,
     )
 
 
@@ -372,9 +417,10 @@ def create_app(config: StatesyncConfig) -> web.Application:
             sidecar = Sidecar(config, client, settings)
             app[SIDECAR] = sidecar
             await sidecar.start()
-            log.info("statesync %s/%s on %s: sessions ttl %ss, sync delay %ss, max %d bytes",
-                     config.cluster, config.member, config.listen, settings.ttl,
-                     settings.sync_delay, settings.max_bytes)
+            log.info("statesync %s/%s on %s: sessions ttl %ss, sync delay %ss, max %d bytes, "
+                     "replication %s", config.cluster, config.member, config.listen,
+                     settings.ttl, settings.sync_delay, settings.max_bytes,
+                     settings.replication)
             try:
                 yield
             finally:

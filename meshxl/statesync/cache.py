@@ -73,6 +73,15 @@ class SessionCache:
     def ids(self) -> Iterator[str]:
         return iter(self.entries)
 
+    def prune_expired(self, horizon: float) -> int:
+        """Drop sessions last written before ``horizon`` (wall clock): their lease has
+        ended in etcd. For a cache without a watch, which hears of no expiry; reads
+        prove every entry against etcd anyway, so an early drop costs one fetch."""
+        stale = [s for s, e in self.entries.items() if e.record.updated < horizon]
+        for session_id in stale:
+            del self.entries[session_id]
+        return len(stale)
+
     # -- the sidecar's own acknowledged writes --------------------------------------------
 
     def write_through(self, session_id: str, revision: int, record: SessionRecord | None) -> None:

@@ -35,6 +35,7 @@ import json_merge_patch
 
 from meshxl import errors
 from meshxl.etcdkeys import Keys
+from meshxl.model.spec import Replication
 
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
@@ -86,6 +87,8 @@ class Settings:
     ttl: float = 1800.0
     sync_delay: float = 0.0
     max_bytes: int = 1_048_576
+    replication: Replication = "all"
+    """``all`` or ``narrow`` (the model's ``sessions.replication``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,7 @@ from meshxl import etcd
 from meshxl.addr import bind_grpc, bind_tcp, bound_port, parse_listen
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.meshstate import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
 from meshxl.tls import ServerTls
 
@@ -40,7 +41,7 @@ from .history import MemberHistory, transitions
 from .metrics import Convergence, XdsMetrics
 from .resources import CompileError, Compiler
 from .server import AdsServer
-from .sources import Debouncer, EtcdMeshSource, ModelFileSource
+from .sources import Debouncer, ModelFileSource
 from .types import ENDPOINT
 
 log = logging.getLogger(__name__)

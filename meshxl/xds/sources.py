@@ -1,4 +1,5 @@
-"""Where the control plane's input comes from: the model file and etcd.
+"""Where the control plane's input comes from: the model file, or etcd
+(:class:`meshxl.meshstate.EtcdMeshSource`).
 
 Both sources only record what they saw and poke a :class:`Debouncer`; the rebuild
 (compile + snapshot) happens once per burst. The control plane keeps no state of its
@@ -9,27 +10,14 @@ of replicas on one etcd serve the same configuration.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-import aetcd
-
-from meshxl.etcdkeys import ADMIN, MEMBERS, Keys
-from meshxl.model import (
-    AdminAction,
-    ModelError,
-    ModelSpec,
-    Problem,
-    Registration,
-    RuntimeState,
-    parse_model,
-)
-from meshxl.model.spec import UnknownChoice
+from meshxl.meshstate import one_line
+from meshxl.model import ModelError, ModelSpec, Problem, parse_model
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +80,10 @@ class Debouncer:
             except Exception:  # one bad rebuild must not stop later ones
                 log.exception("rebuild failed")
             self._last_run = time.monotonic()
+
+
+class _Changing(Exception):
+    """The file changed while it was read."""
 
 
 class ModelFileSource:
@@ -175,7 +167,7 @@ class ModelFileSource:
                 self.error = str(exc)
                 self.refused += 1
                 log.error("model file %s rejected, still serving the last good model: %s",
-                          self.path, _one_line(self.error))
+                          self.path, one_line(self.error))
                 continue
             self._stamp, self._seen = stamp, False
             if model == self.model:
@@ -184,157 +176,3 @@ class ModelFileSource:
             self.model, self.error, self.loaded_at = model, None, time.time()
             log.info("model file %s reloaded", self.path)
             self._on_change()
-
-
-def _one_line(text: str, limit: int = 2000) -> str:
-    """``text`` on one line, at most ``limit`` characters (a log line per event)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-class _Changing(Exception):
-    """The file changed while it was read."""
-
-
-class EtcdMeshSource:
-    """Mirror of etcd's ``mesh/`` prefix: model, member registrations, admin state.
-
-    A full read at one revision, then a watch from the next revision; any failure
-    (connection lost, revision compacted) ends in a fresh full read, so nothing is
-    missed and nothing is applied twice.
-    """
-
-    def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None]):
-        self._client = client
-        self._keys = keys
-        self._on_change = on_change
-        self._values: dict[str, bytes] = {}
-        self.revision = 0
-        self.synced = asyncio.Event()
-        self.resyncs = 0
-        self.last_error: str | None = None
-        self.model: ModelSpec | None = None
-        self.model_error: str | None = None
-        self._model_text: bytes | None = None
-        self._runtime = RuntimeState()
-
-    @property
-    def runtime(self) -> RuntimeState:
-        return self._runtime
-
-    async def run(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._sync_and_watch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnect and resync on any etcd trouble
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("etcd watch interrupted (%s); resyncing in %.1fs",
-                            self.last_error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            else:
-                backoff = 0.1
-
-    async def _sync_and_watch(self) -> None:
-        prefix = self._keys.mesh_prefix.encode()
-        result = await self._client.get_prefix(prefix)
-        self._values = {kv.key.decode(): kv.value for kv in result}
-        self.revision = result.header.revision
-        self.resyncs += 1
-        self._rebuild()
-        self.synced.set()
-        self.last_error = None
-        watch = await self._client.watch_prefix(prefix, start_revision=self.revision + 1)
-        try:
-            async for event in watch:
-                key = event.kv.key.decode()
-                if event.kind == "PUT":
-                    self._values[key] = event.kv.value
-                else:
-                    self._values.pop(key, None)
-                self.revision = max(self.revision, event.kv.mod_revision)
-                self._rebuild()
-        finally:
-            await watch.cancel()
-        raise ConnectionError("etcd watch ended")
-
-    def _rebuild(self) -> None:
-        """Recompute model and runtime from the mirrored keys; poke on any change."""
-        keys = self._keys
-        changed = False
-        text = self._values.get(keys.model)
-        if text != self._model_text:
-            self._model_text = text
-            if text is None:
-                # Deleted: nothing new to serve; the last good model keeps serving.
-                self.model_error = None if self.model is None else (
-                    f"{keys.model}: no model stored; still serving the last good model")
-            else:
-                # An empty, undecodable, unparseable or clusterless stored model is
-                # refused like a bad file: the last good one keeps serving.
-                try:
-                    try:
-                        decoded = text.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise ModelError([Problem(keys.model, "the stored model is not "
-                                                  f"UTF-8 text (byte {exc.start})")]) from None
-                    model = parse_model(decoded, source=keys.model)
-                except ModelError as exc:
-                    self.model_error = str(exc)
-                    log.error("model in etcd rejected, still serving the last good model: %s",
-                              _one_line(self.model_error))
-                else:
-                    self.model, self.model_error = model, None
-            changed = True
-        runtime = runtime_from_values(keys, self._values)
-        if runtime != self._runtime:
-            self._runtime = runtime
-            changed = True
-        if changed:
-            self._on_change()
-
-def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState:
-    """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are
-    logged and skipped, as the control plane skips them."""
-    registrations: dict[tuple[str, str], Registration] = {}
-    members_down: dict[tuple[str, str], AdminAction] = {}
-    sites_offline: dict[str, AdminAction] = {}
-    for key, raw in values.items():
-        parsed = keys.parse_cluster_key(key)
-        if parsed is not None:
-            cluster, kind, member = parsed
-            data = _json(key, raw)
-            if data is None:
-                continue
-            try:
-                if kind == MEMBERS:
-                    registrations[(cluster, member)] = Registration.from_dict(data)
-                elif kind == ADMIN:
-                    members_down[(cluster, member)] = AdminAction.from_dict(data)
-                else:
-                    raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
-            except ValueError as exc:
-                log.warning("ignoring %s: %s", key, exc)
-            continue
-        site = keys.parse_site_key(key)
-        if site is not None:
-            data = _json(key, raw)
-            if data is not None:
-                sites_offline[site] = AdminAction.from_dict(data)
-    return RuntimeState(registrations=registrations, members_down=members_down,
-                        sites_offline=sites_offline)
-
-
-def _json(key: str, raw: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        log.warning("ignoring %s: not JSON", key)
-        return None
-    if not isinstance(data, dict):
-        log.warning("ignoring %s: not a JSON object", key)
-        return None
-    return data

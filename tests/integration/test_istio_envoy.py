@@ -54,8 +54,8 @@ from meshxl.istio.render import istio_priority
 from meshxl.local.ports import free_port
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
+from meshxl.meshstate import EtcdMeshSource
 from meshxl.model import load_model
-from meshxl.xds.sources import EtcdMeshSource
 
 pytestmark = pytest.mark.asyncio
 

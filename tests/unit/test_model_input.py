@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from meshxl.cli import main
 from meshxl.etcdkeys import Keys
-from meshxl.xds.sources import EtcdMeshSource, ModelFileSource
+from meshxl.meshstate import EtcdMeshSource
+from meshxl.xds.sources import ModelFileSource
 from tests.unit.test_sources import GOOD, until
 
 

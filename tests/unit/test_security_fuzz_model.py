@@ -34,7 +34,7 @@ FIELDS = ["clusters", "name", "mode", "members", "address", "port", "site", "sit
           "maglev_table_size", "ring_minimum_size", "ring_maximum_size", "balance_factor",
           "budget_percent", "telemetry", "tracing", "priority_spillover", "enabled",
           "backoff_base", "backoff_max", "unhealthy_threshold", "no_traffic_interval",
-          "pin", "strict"]
+          "pin", "strict", "replication"]
 
 scalars = (st.none() | st.booleans() | st.integers() | st.floats()
            | st.text(max_size=20) | st.sampled_from(["250ms", "1.5s", "2m", "1h", "-1s",
