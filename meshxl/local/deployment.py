@@ -36,6 +36,7 @@ __all__ = [
     "HA_MEMBERS",
     "LS_MEMBERS",
     "MODES",
+    "PIN_COOKIE",
     "DemoDeployment",
     "DemoMember",
     "demo_model",
@@ -50,17 +51,22 @@ MODES = ("high-availability", "load-sharing")
 # and c the backup in the second site; in load-sharing all three share one site.
 HA_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc2"))
 LS_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc1"))
+# The cookie Envoy keeps a pinned session's member in (``pin=True``).
+PIN_COOKIE = "meshxl-pin"
 
 
 def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
-               algorithm: str = "maglev") -> str:
+               algorithm: str = "maglev", pin: bool = False) -> str:
+    """The demo cluster; ``pin``: sessions are pinned to the member that served them
+    (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones."""
     sites = sorted({site for _, site in members})
+    pinned = f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else ""
     return f"""\
 clusters:
   - name: {CLUSTER}
     mode: {mode}
     membership: registered
-    stickiness: {{algorithm: {algorithm}, header: {SESSION_HEADER}}}
+    stickiness: {{algorithm: {algorithm}, header: {SESSION_HEADER}{pinned}}}
     sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
     health_check: {{path: /healthz}}
     listener: {{address: {HOST}, port: {listen_port}}}
@@ -112,14 +118,15 @@ class DemoDeployment:
     """etcd + ``replicas`` control planes + three members + Envoy, all on loopback.
 
     ``trace_dir``: every process writes its spans there (and Envoy's go to an OTLP
-    receiver writing ``envoy.jsonl``); None runs without tracing.
+    receiver writing ``envoy.jsonl``); None runs without tracing. ``pin``: pinned
+    sessions (see :func:`demo_model`).
     """
 
     def __init__(self, work_dir: Path, *, mode: str = "high-availability", replicas: int = 1,
                  etcd_url: str | None = None, trace_dir: Path | None = None,
                  delta: bool = False, lease_ttl: float = 2.0,
                  members: Sequence[tuple[str, str]] | None = None,
-                 algorithm: str = "maglev") -> None:
+                 algorithm: str = "maglev", pin: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if replicas < 1:
@@ -134,6 +141,7 @@ class DemoDeployment:
         self._own_etcd = etcd_url is None
         self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
         self.algorithm = algorithm
+        self.pin = pin
         layout = list(members) if members is not None else (
             HA_MEMBERS if mode == "high-availability" else LS_MEMBERS)
         if not layout:
@@ -182,7 +190,7 @@ class DemoDeployment:
         async with etcd.client(self.etcd_url) as client:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
-                self.algorithm), "demo model")
+                self.algorithm, self.pin), "demo model")
         otlp_port = None
         if self.trace_dir is not None:
             from meshxl.telemetry.receiver import TraceReceiver

@@ -1,4 +1,5 @@
-"""The benchmarks' pure parts: verdicts, the failover computations, the summary picture.
+"""The benchmarks' pure parts: verdicts, the failover and rebalance computations, the
+summary picture.
 
 The benchmarks themselves run with ``make bench`` (not part of the test suite); this
 keeps what they compute and draw honest without starting a process.
@@ -14,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import benchlib  # noqa: E402
+import rebalance  # noqa: E402
 import summary  # noqa: E402
 from failover import disruption_ms, regressions  # noqa: E402
 
@@ -70,6 +72,82 @@ def test_regressions_find_undone_writes() -> None:
     assert regressions(lost) == {"s": 2}
     # a retried write that both members applied only skips a number: nothing lost
     assert regressions([_r("s", 1.0, 1.01, seq=1), _r("s", 2.0, 2.01, seq=3)]) == {}
+
+
+def test_pin_from_reads_envoys_set_cookie() -> None:
+    # Envoy quotes the value (base64 of the pinned address) and adds attributes.
+    headers = ['meshxl-pin="MTI3LjAuMC4xOjgwODA="; Max-Age=3600; Path=/; HttpOnly',
+               "other=1; Path=/"]
+    assert rebalance.pin_from(headers, "meshxl-pin") == "MTI3LjAuMC4xOjgwODA="
+    assert rebalance.pin_from(headers[1:], "meshxl-pin") is None
+    assert rebalance.pin_from(["meshxl-pin=a", "meshxl-pin=b"], "meshxl-pin") == "b"
+    assert rebalance.pin_from(['bad cookie "', "meshxl-pin=x"], "meshxl-pin") == "x"
+
+
+def test_moves_split_the_leaving_members_sessions_from_the_others() -> None:
+    before = {"s1": "a", "s2": "a", "s3": "b", "s4": "c", "s5": "c"}
+    # a leaves: its two sessions move; s4 of c moves too; s6 is new (not counted)
+    after = {"s1": "b", "s2": "c", "s3": "b", "s4": "b", "s5": "c", "s6": "b"}
+    found = rebalance.moves(before, after, "a")
+    assert found["moved"] == 3 and found["sessions"] == 5 and found["fraction"] == 0.6
+    assert (found["on_leaving"], found["moved_on_leaving"]) == (2, 2)
+    assert found["moved_others"] == 1 and found["others_fraction"] == round(1 / 3, 4)
+    # a member joins: every session is someone else's
+    joined = rebalance.moves(before, {**before, "s3": "d"}, None)
+    assert (joined["moved"], joined["on_leaving"], joined["moved_others"]) == (1, 0, 1)
+
+
+def test_lost_writes_per_step_and_on_readback() -> None:
+    before = {"s1": 3, "s2": 5, "s3": 1}
+    # s1 went on (4), s2 skipped a number (7: a retry applied twice), s3 fell back to
+    # its counter before the last acknowledged write (1 again: one write lost)
+    assert rebalance.lost_in_step(before, {"s1": 4, "s2": 7, "s3": 1, "new": 1}) == 1
+    assert rebalance.lost_in_step(before, {"s2": 3}) == 3  # 4 and 5 lost, then 3 again
+    assert rebalance.lost_in_step({}, {"s1": 1}) == 0
+    # 4 acknowledged POSTs need a counter of at least 4; unreadable counts as 0
+    assert rebalance.lost_on_readback({"s1": 4, "s2": 2, "s3": 1},
+                                      {"s1": 5, "s2": 1, "s3": None}) == 2
+
+
+def test_share_and_sampling_error() -> None:
+    assert rebalance.share_of({"a": "m3", "b": "m1", "c": "m3", "d": "m0"}, "m3") == 0.5
+    assert rebalance.share_of({}, "m3") == 0.0
+    assert round(rebalance.sampling_error(0.25, 1000), 4) == 0.0411
+
+
+def _run(name: str, pinned: bool, steps: list[dict], share: float) -> dict:
+    return {"run": name, "pinned": pinned, "members": 3, "steps": steps,
+            "new_sessions": {"sessions": 1000, "share": share, "ideal": 0.25},
+            "lost_writes": 0, "lost_writes_readback": 0, "moved_sessions": 10}
+
+
+def _step(name: str, fraction: float, ideal: float, leaving: str | None,
+          moved_others: int = 0) -> dict:
+    return {"step": name, "fraction": fraction, "ideal": ideal, "sessions": 1000,
+            "leaving": leaving, "on_leaving": 250 if leaving else 0,
+            "moved_on_leaving": 250 if leaving else 0, "moved_others": moved_others,
+            "lost_writes": 0}
+
+
+def test_rebalance_verdicts_judge_maglev_and_pinned() -> None:
+    maglev = _run("maglev", False, [_step("3->4", 0.26, 0.25, None),
+                                    _step("4->3", 0.26, 0.25, "m3"),
+                                    _step("3->2", 0.34, 0.333, "m0", moved_others=2)], 0.26)
+    ring = _run("ring_hash", False, [_step("3->4", 0.9, 0.25, None)], 0.3)
+    pinned = _run("pinned", True, [_step("3->4", 0.0, 0.25, None),
+                                   _step("4->3", 0.125, 0.25, "m3"),
+                                   _step("3->2", 0.3, 0.333, "m0", moved_others=1)], 0.1)
+    found = {v.name: v for v in rebalance.verdicts({"sessions": 1000,
+                                                    "runs": [maglev, ring, pinned]})}
+    assert found["rebalance maglev 3->4: moved fraction"].met
+    assert not any(n.startswith("rebalance ring_hash 3->4") for n in found)  # not judged
+    assert found["rebalance ring_hash N=3: lost writes"].met
+    assert found["rebalance pinned 3->4: moved fraction"].met
+    assert found["rebalance pinned 4->3: others' sessions moved"].met
+    others = found["rebalance pinned 3->2: others' sessions moved"]
+    assert others.met is False and "maglev moved 2 others'" in others.reference
+    share = found["rebalance pinned N=3: new sessions to the new member"]
+    assert share.met is False and share.target == round(0.25 / 1.5 - 0.0411, 4)
 
 
 def test_summary_reads_verdicts_and_draws(tmp_path: Path) -> None:

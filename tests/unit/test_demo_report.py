@@ -282,3 +282,20 @@ def test_demo_model_is_valid_in_both_modes() -> None:
         assert cluster.membership == "registered" and model.telemetry.tracing
         assert cluster.stickiness is not None and cluster.stickiness.header == "x-session-id"
         assert [s.name for s in cluster.sites] == sorted({site for _, site in layout})
+        assert cluster.stickiness.pin is None
+
+
+def test_demo_model_pins_sessions_on_request() -> None:
+    from meshxl.local import deployment
+    from meshxl.model.load import parse_model
+
+    for algorithm in ("maglev", "ring_hash"):
+        text = deployment.demo_model("load-sharing", 10000, deployment.LS_MEMBERS,
+                                     algorithm, pin=True)
+        cluster = parse_model(text).cluster("demo")
+        assert cluster is not None and cluster.stickiness is not None
+        assert cluster.stickiness.algorithm == algorithm
+        assert cluster.stickiness.header == "x-session-id"
+        pin = cluster.stickiness.pin
+        assert pin is not None and pin.carrier == "cookie" and not pin.strict
+        assert pin.cookie is not None and pin.cookie.name == deployment.PIN_COOKIE
