@@ -137,3 +137,14 @@ def test_owned_by_counts_owners() -> None:
 @pytest.mark.parametrize("prefix,end", [(b"/a/", b"/a0"), (b"a\xff", b"b"), (b"\xff", b"\0")])
 def test_prefix_end(prefix: bytes, end: bytes) -> None:
     assert _prefix_end(prefix) == end
+
+
+def test_a_cache_without_a_watch_prunes_sessions_past_their_lease() -> None:
+    c = cache()
+    for n, updated in (("old", 100.0), ("edge", 200.0), ("fresh", 300.0)):
+        c.write_through(n, int(updated), SessionRecord(
+            owner="a", content_type="application/json", created=updated, updated=updated,
+            data=b"{}"))
+    assert c.prune_expired(200.0) == 1
+    assert sorted(c.ids()) == ["edge", "fresh"]
+    assert c.prune_expired(0.0) == 0
