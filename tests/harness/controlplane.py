@@ -52,10 +52,12 @@ class InProcessControlPlane:
 
 
 async def start_control_plane(harness: Owner, *, config_path: Path | str | None = None,
-                              etcd: str | None = None, **options: Any) -> ControlPlane:
-    """Start a control plane in this process on a free port (``plane.port``)."""
-    (port,) = free_ports(1)
-    config = ControlPlaneConfig(listen=f"{HOST}:{port}",
+                              etcd: str | None = None, host: str = HOST,
+                              **options: Any) -> ControlPlane:
+    """Start a control plane in this process on a free port (``plane.port``) of ``host``
+    (an address of a test network's driver, for Envoys in network namespaces)."""
+    (port,) = free_ports(1, host)
+    config = ControlPlaneConfig(listen=f"{host}:{port}",
                                 config_path=Path(config_path) if config_path else None,
                                 etcd=etcd, **options)
     plane = ControlPlane(config)

@@ -192,6 +192,19 @@ class EnvoyFixture:
         return f"EnvoyFixture({self.name}, node={self.node_id}, admin={self.admin_url})"
 
 
+class _WrappedEnvoy(EnvoyProcess):
+    """Envoy run through a wrapper command: ``ip netns exec NS`` puts it on a host of its
+    own (a network namespace), as proxies on several machines are."""
+
+    def __init__(self, *args: Any, wrap: Callable[[list[str]], list[str]],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wrap = wrap
+
+    def command(self) -> list[str]:
+        return self._wrap(super().command())
+
+
 def _xds_list(xds: XdsAddress | Sequence[XdsAddress]) -> list[str | tuple[str, int]]:
     items: Iterable[XdsAddress]
     if isinstance(xds, int | str) or (
@@ -224,6 +237,7 @@ async def start_envoy(
     component_log_level: str | None = None,
     concurrency: int = 1,
     customize: Callable[[dict[str, Any]], None] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
     **bootstrap_options: Any,
 ) -> EnvoyFixture:
     """Start Envoy as xDS node ``node_id`` against control plane(s) ``xds``.
@@ -232,6 +246,10 @@ async def start_envoy(
     (order = preference). Extra keyword arguments go to ``build_bootstrap`` (``zone``,
     ``initial_fetch_timeout``...); ``customize`` may edit the bootstrap dict in place.
     ``wait`` is "admin" (default: admin endpoint answers), "ready" (LIVE) or "none".
+    ``wrap`` turns the command line into the one to run (``Network.wrap``: Envoy in a
+    network namespace; give ``admin_address`` an address the test reaches there). A
+    wrapped Envoy runs without hot restart: its shared memory in /dev/shm is common to
+    every network namespace, its base-id sockets are not, so two could pick one id.
     """
     name = harness.unique_name(f"envoy-{node_id}")
     admin_port = admin_port or free_port()
@@ -240,14 +258,11 @@ async def start_envoy(
     )
     if customize is not None:
         customize(bootstrap)
-    process = EnvoyProcess(
-        bootstrap,
-        harness.path(name),
-        log_level=log_level,
-        component_log_level=component_log_level,
-        concurrency=concurrency,
-        name=name,
-    )
+    options: dict[str, Any] = {"log_level": log_level, "concurrency": concurrency,
+                               "component_log_level": component_log_level, "name": name}
+    process = (EnvoyProcess(bootstrap, harness.path(name), **options) if wrap is None else
+               _WrappedEnvoy(bootstrap, harness.path(name), wrap=wrap, hot_restart=False,
+                             **options))
     envoy = EnvoyFixture(harness, process, node_id=node_id, bootstrap=bootstrap)
     harness.own(envoy)
     await process.start()

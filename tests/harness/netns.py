@@ -5,8 +5,9 @@ the bridge by a veth pair and given ``10.X.Y.(i+2)/24``; the test process reache
 through one more veth in its own namespace (``10.X.Y.1``, the *driver*). Processes run
 inside a host namespace with :meth:`Network.wrap` (``ip netns exec``). A partition is
 iptables rules inside the namespace (:meth:`Network.isolate`, :meth:`Network.block`):
-packets are dropped silently, as in a real partition, and :meth:`Network.heal` removes
-the rules. Traffic stays inside these namespaces (and the driver's veth).
+packets are dropped silently, as in a real partition; :meth:`Network.refuse` resets one
+host's connections to one server only; :meth:`Network.heal` removes the rules. Traffic
+stays inside these namespaces (and the driver's veth).
 
 Everything is removed at teardown, also when the test fails or the process is killed:
 deleting a namespace deletes its veths (and their peers, the driver's one included)
@@ -209,6 +210,15 @@ class Network:
                 self._iptables(host, "-A", "INPUT", "-s", self.ip(peer), "-j", "DROP")
                 self._iptables(host, "-A", "OUTPUT", "-d", self.ip(peer), "-j", "DROP")
         await asyncio.to_thread(rules)
+        self._isolated.add(host)
+
+    async def refuse(self, host: int, address: str, port: int) -> None:
+        """Refuse host ``host``'s connections to ``address:port`` (a TCP reset, as from a
+        closed port): a fault between that host and one server only, which every other
+        host still reaches."""
+        await asyncio.to_thread(
+            self._iptables, host, "-A", "OUTPUT", "-d", address, "-p", "tcp", "--dport",
+            str(port), "-j", "REJECT", "--reject-with", "tcp-reset")
         self._isolated.add(host)
 
     async def heal(self, host: int | None = None) -> None:
