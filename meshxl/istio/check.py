@@ -14,7 +14,12 @@ model, renders what ``meshxl istio render`` would, and reports:
 * high-availability member pods without role labels (``meshxl istio label`` not
   running: every member would share one priority);
 * VirtualService retries that disagree with ``retries.previous_hosts``;
-* EnvoyFilters in the root namespace without a workload selector.
+* EnvoyFilters in the root namespace without a workload selector;
+* pinned sessions (``stickiness.pin``): Istio's own persistent-session labels on the
+  cluster's Service (or on a Service of a cluster without a pin), an applied EnvoyFilter
+  that does not pin (rendered before the model had a pin), an istiod whose draining
+  label is not the one ``meshxl istio label`` writes, and VirtualService routes that
+  send a strictly pinned host's traffic to another destination.
 """
 
 from __future__ import annotations
@@ -32,15 +37,20 @@ from meshxl.errors import InputError
 from meshxl.model import ModelSpec
 
 from .render import (
+    DRAINING_LABEL,
+    ISTIO_SESSION_LABELS,
     ROLE_LABEL,
     IstioOptions,
     IstioRenderError,
+    istio_session_labels,
+    pin_filter_name,
     render_cluster,
     service_ports,
+    session_label_problem,
 )
 
 __all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
-           "load_objects"]
+           "istiod_env", "load_objects"]
 
 #: Oldest Istio for DestinationRule networking.istio.io/v1 and failoverPriority
 #: label=value entries; retryBudget needs 1.27.
@@ -125,6 +135,24 @@ def istio_version_of(objects: Iterable[Mapping[str, Any]]) -> tuple[int, int] | 
     return None
 
 
+def istiod_env(objects: Iterable[Mapping[str, Any]]) -> dict[str, str] | None:
+    """The literal environment of the istiod Deployment's containers (its feature
+    flags), or None when no istiod Deployment is among the objects."""
+    found = None
+    for obj in objects:
+        if obj.get("kind") != "Deployment" or \
+                not str(obj["metadata"]["name"]).startswith("istiod"):
+            continue
+        found = found or {}
+        template = _map(_map(obj.get("spec")).get("template"))
+        for container in _list(_map(template.get("spec")).get("containers")):
+            for var in _list(_map(container).get("env")):
+                var = _map(var)
+                if isinstance(var.get("name"), str) and isinstance(var.get("value"), str):
+                    found[var["name"]] = var["value"]
+    return found
+
+
 def parse_version(text: str) -> tuple[int, int] | None:
     match = _VERSION.match(text.strip())
     return (int(match[1]), int(match[2])) if match else None
@@ -179,6 +207,13 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         by_kind.setdefault(obj["kind"], []).append(obj)
     version = istio_version or istio_version_of(objects)
     uses_budget = False
+    env = istiod_env(objects)
+    # istiod's own persistent-session Service labels (its env can rename or disable them).
+    session_labels = tuple(
+        (env or {}).get(var, default) for var, default in zip(
+            ("PILOT_PERSISTENT_SESSION_LABEL", "PILOT_PERSISTENT_SESSION_HEADER_LABEL"),
+            ISTIO_SESSION_LABELS, strict=True))
+    draining_label = (env or {}).get("PILOT_DRAINING_LABEL", DRAINING_LABEL)
 
     for spec in model.clusters:
         name = spec.name
@@ -192,10 +227,22 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             continue
         dr, ef = rendered.objects
         uses_budget |= "retryBudget" in dr["spec"]["trafficPolicy"]
+        pin = spec.stickiness.pin if spec.stickiness is not None else None
         if not services:
             add("error", name, f"Service {ns}/{name}",
                 "no Service of the cluster's name: Istio's host for the cluster does not "
                 "exist, the DestinationRule and EnvoyFilter apply to nothing")
+        else:
+            problem = session_label_problem(
+                spec, istio_session_labels(services[0], session_labels))
+            if problem is not None:
+                add("error" if pin is not None else "warning", name, _ref(services[0]),
+                    problem)
+        if pin is not None and draining_label != DRAINING_LABEL:
+            add("error", name, "istiod",
+                f"istiod's PILOT_DRAINING_LABEL is {draining_label!r}, meshxl istio label "
+                f"marks drained members {DRAINING_LABEL}: the pinned sessions of a drained "
+                "member (member down, site offline) stay on it")
 
         # DestinationRules: ours, others for the same host.
         ours_name = dr["metadata"]["name"]
@@ -230,15 +277,33 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             if other["metadata"]["name"] != ef_name:
                 continue
             other_spec = _map(other.get("spec"))
+            pins: list[str] = []
+            numbers = [p for p, _ in service_ports(services[0])] if services else []
+            wrong: list[Any] = []
             for patch in _list(other_spec.get("configPatches")):
-                cluster_match = _map(_map(_map(patch).get("match")).get("cluster"))
-                applied = cluster_match.get("portNumber")
-                numbers = [p for p, _ in service_ports(services[0])] if services else []
-                if applied is not None and numbers and applied not in numbers:
+                match = _map(_map(patch).get("match"))
+                for matched in (match.get("cluster"), match.get("listener")):
+                    applied = _map(matched).get("portNumber")
+                    if applied is not None and numbers and applied not in numbers \
+                            and applied not in wrong:
+                        wrong.append(applied)
+                        add("error", name, _ref(other),
+                            f"matches port {applied}, the Service's ports are "
+                            f"{', '.join(map(str, numbers))}: the patches apply to nothing "
+                            "(render with --services or --port SERVICE_PORT)")
+                if _map(patch).get("applyTo") == "HTTP_FILTER":
+                    value = _map(_map(_map(patch).get("patch")).get("value"))
+                    pins.append(str(value.get("name", "")))
+            if (other["metadata"].get("namespace") or ns) == (options.filter_namespace or ns):
+                if pin is not None and pin_filter_name(spec, options) not in pins:
                     add("error", name, _ref(other),
-                        f"matches port {applied}, the Service's ports are "
-                        f"{', '.join(map(str, numbers))}: the patches apply to nothing "
-                        "(render with --services or --port SERVICE_PORT)")
+                        "does not pin sessions (no stateful session filter): rendered "
+                        "before the model had stickiness.pin? Apply meshxl istio render's "
+                        "output again")
+                elif pin is None and pins:
+                    add("warning", name, _ref(other),
+                        "pins sessions, the model has no stickiness.pin: apply meshxl "
+                        "istio render's output again")
             if other["metadata"].get("namespace") == options.root_namespace \
                     and not other_spec.get("workloadSelector"):
                 add("warning", name, _ref(other),
@@ -264,6 +329,22 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                        for h in _list(vs_spec.get("hosts"))):
                 continue
             for route in _list(vs_spec.get("http")):
+                if pin is not None and pin.strict:
+                    elsewhere = []
+                    for dest in (_map(_map(d).get("destination"))
+                                 for d in _list(_map(route).get("route"))):
+                        host, subset = str(dest.get("host", "")), dest.get("subset")
+                        if subset:
+                            elsewhere.append(f"{host} (subset {subset})")
+                        elif not _host_matches(host, name, options,
+                                               vs_ns if isinstance(vs_ns, str) else None):
+                            elsewhere.append(host)
+                    if elsewhere:
+                        add("warning", name, _ref(vs),
+                            f"a route of host {name} also goes to {', '.join(elsewhere)} "
+                            "(another host or a subset): the pin configuration is on the "
+                            "route, and in strict mode a pin naming a member that "
+                            "destination lacks is answered 503")
                 retries = route.get("retries") if isinstance(route, dict) else None
                 if not isinstance(retries, dict):
                     continue

@@ -11,7 +11,12 @@ sidecar. For each one this renders:
   say: the route's retry policy with the ``previous_hosts`` host predicate (Istio drops
   it from its default retry policy when the destination uses consistent hashing),
   ``host_selection_retry_max_attempts`` and the ``previous_priorities`` retry priority;
-  and the cluster's active health checks and panic threshold.
+  and the cluster's active health checks and panic threshold; for pinned sessions
+  (``stickiness.pin``) Envoy's stateful session filter in the client's outbound HTTP
+  connection manager, its per-route configuration and the cluster's
+  ``override_host_status``, exactly as meshxl's own xDS sends them (Istio's
+  ``istio.io/persistent-session`` Service labels cannot say strict mode, the cookie's
+  TTL or a path, and keep draining members' pins: docs/istio.md).
 
 Failover order. Istio computes EDS priorities itself. With
 ``failoverPriority: ["label=value", ...]`` the priority of an endpoint depends only on
@@ -25,7 +30,10 @@ High availability orders by the role labels that ``meshxl istio label`` keeps on
 member pods from meshxl's own view (registrations, readiness, ``member down``,
 ``site offline``): ``meshxl.io/serving=true``, ``meshxl.io/preferred=true``,
 ``meshxl.io/role=active`` put the active member at priority 0, the standby at 1, the
-other serving members at 2 and drained or unready members last (3).
+other serving members at 2 and drained or unready members last (3). In a pinned
+cluster the labeler also marks drained members with istiod's draining label
+(``istio.io/draining``): istiod then leaves them out of EDS, so their pinned sessions
+move as they do under meshxl's own xDS (a pin outlives a mere change of priority).
 """
 
 from __future__ import annotations
@@ -38,12 +46,22 @@ from meshxl import __version__
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import ClusterView, Role
-from meshxl.model.spec import DEFAULT_SITE, Algorithm, HashKey, Stickiness, choose
+from meshxl.model.spec import (
+    DEFAULT_SITE,
+    Algorithm,
+    HashKey,
+    Pin,
+    PinCarrier,
+    Stickiness,
+    choose,
+)
 
 __all__ = [
-    "DEFAULT_SITE_LABEL", "HA_FAILOVER_PRIORITY", "IstioOptions",
-    "IstioRenderError", "PREFERRED_LABEL", "ROLE_LABEL", "Rendered", "SERVING_LABEL",
-    "render_cluster", "render_model", "role_labels",
+    "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
+    "ISTIO_SESSION_LABELS", "IstioOptions", "IstioRenderError", "PREFERRED_LABEL",
+    "PIN_TARGETS", "ROLE_LABEL", "Rendered", "SERVING_LABEL", "drain_labels",
+    "istio_session_labels", "pin_filter_name", "render_cluster", "render_model",
+    "role_labels", "session_label_problem",
 ]
 
 DEFAULT_SITE_LABEL = "meshxl.io/site"
@@ -58,10 +76,25 @@ PREFERRED_LABEL = "meshxl.io/preferred"
 #: row lowers its priority by one, so active 0, standby 1, backup 2, the rest 3.
 HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
                         f"{ROLE_LABEL}=active")
+#: istiod's pod label for draining endpoints (its PILOT_DRAINING_LABEL default): a
+#: labelled endpoint is sent as DRAINING to Services with Istio's persistent-session
+#: cookie label and left out of every other Service's EDS.
+DRAINING_LABEL = "istio.io/draining"
+DRAINING_VALUE = "meshxl"
+"""The value meshxl writes: it removes only its own draining label, never another's."""
+#: istiod's Service labels for its own persistent sessions (PILOT_PERSISTENT_SESSION_LABEL
+#: and PILOT_PERSISTENT_SESSION_HEADER_LABEL defaults).
+ISTIO_SESSION_LABELS = ("istio.io/persistent-session", "istio.io/persistent-session-header")
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
+_TYPE = "type.googleapis.com/"
+_STATEFUL_SESSION = "envoy.extensions.filters.http.stateful_session.v3."
+#: EDS statuses a pin may target (as meshxl's xDS sets them): healthy, unknown (no health
+#: check yet) and degraded (overloaded: keeps its sessions). Not DRAINING, which Istio's
+#: own persistent sessions add: a drained or terminating member's sessions move.
+PIN_TARGETS = ("HEALTHY", "UNKNOWN", "DEGRADED")
 
 
 class IstioRenderError(InputError):
@@ -200,6 +233,79 @@ _ALGORITHM_PATCHES: dict[Algorithm, Callable[[Stickiness], dict[str, Any]]] = {
 }
 
 
+def pin_filter_name(spec: ClusterSpec, options: IstioOptions) -> str:
+    """The name of the cluster's stateful session filter in the client's HTTP connection
+    manager. One per pinned cluster, not Envoy's default name: clusters sharing a port
+    share a connection manager (each filter acts only on the routes configured under its
+    name), and istiod's own empty filter (PILOT_ENABLE_PERSISTENT_SESSION_FILTER) carries
+    the default name."""
+    return f"meshxl.pin.{options.namespace}.{spec.name}"
+
+
+def _pin_cookie(pin: Pin) -> tuple[str, dict[str, Any]]:
+    assert pin.cookie is not None
+    return "envoy.http.stateful_session.cookie", {
+        "@type": f"{_TYPE}envoy.extensions.http.stateful_session.cookie.v3."
+                 "CookieBasedSessionState",
+        "cookie": {"name": pin.cookie.name, "path": pin.cookie.path,
+                   "ttl": _proto_duration(pin.cookie.ttl)}}
+
+
+def _pin_header(pin: Pin) -> tuple[str, dict[str, Any]]:
+    return "envoy.http.stateful_session.header", {
+        "@type": f"{_TYPE}envoy.extensions.http.stateful_session.header.v3."
+                 "HeaderBasedSessionState",
+        "name": pin.header}
+
+
+#: Where a pin travels -> Envoy's session state extension (name, proto JSON config).
+_PIN_STATES: dict[PinCarrier, Callable[[Pin], tuple[str, dict[str, Any]]]] = {
+    "cookie": _pin_cookie,
+    "header": _pin_header,
+}
+
+
+def _pin_per_route(pin: Pin) -> dict[str, Any]:
+    """The stateful session filter's per-route configuration (meshxl's xDS:
+    ``resources.pin_config``)."""
+    name, state = choose(_PIN_STATES, pin.carrier, "pin carrier")(pin)
+    return {"@type": f"{_TYPE}{_STATEFUL_SESSION}StatefulSessionPerRoute",
+            "stateful_session": {"session_state": {"name": name, "typed_config": state},
+                                 "strict": pin.strict}}
+
+
+def _pin(spec: ClusterSpec) -> Pin | None:
+    return spec.stickiness.pin if spec.stickiness is not None else None
+
+
+def istio_session_labels(service: Mapping[str, Any],
+                         names: Sequence[str] = ISTIO_SESSION_LABELS) -> dict[str, str]:
+    """Istio's own persistent-session labels set (non-empty) on a Service object."""
+    meta = service.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return {}
+    return {k: str(labels[k]) for k in names if k and labels.get(k)}
+
+
+def session_label_problem(spec: ClusterSpec, labels: Mapping[str, str]) -> str | None:
+    """What Istio's own persistent-session labels on the cluster's Service do to the
+    model, or None when there are none."""
+    if not labels:
+        return None
+    named = ", ".join(f"{k}={v}" for k, v in labels.items())
+    if _pin(spec) is not None:
+        return (f"Service {spec.name} has Istio's persistent-session label ({named}): "
+                "istiod then keeps DRAINING members as pin targets (a drained or "
+                "terminating member keeps its pinned sessions, the model moves them) and, "
+                "with PILOT_ENABLE_PERSISTENT_SESSION_FILTER, sets a second pin of its own "
+                "beside meshxl's; remove the label (meshxl's EnvoyFilter pins the sessions)")
+    return (f"Service {spec.name} has Istio's persistent-session label ({named}) but the "
+            "model has no stickiness.pin: with PILOT_ENABLE_PERSISTENT_SESSION_FILTER "
+            "istiod pins its sessions (they no longer follow the hash, failover order or "
+            "drains); remove the label or add stickiness.pin to the model")
+
+
 def _site_ranks(spec: ClusterSpec) -> dict[str, int]:
     return {s.name: (s.failover_rank if s.failover_rank is not None else i)
             for i, s in enumerate(spec.sites)} or {DEFAULT_SITE: 0}
@@ -228,6 +334,18 @@ def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
             PREFERRED_LABEL: "true" if role in ("active", "standby") else None,
         }
     return out
+
+
+def drain_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
+    """The draining label of each member pod of a pinned cluster (``None``: remove it).
+
+    The members meshxl's own xDS sends as EDS DRAINING (``member down``, ``site
+    offline``) get istiod's draining label: istiod then leaves them out of the EDS of a
+    Service without Istio's persistent-session cookie label, and their pinned sessions
+    move. A priority change alone (the role labels) would not move them: a pin
+    overrides the load balancer's choice whatever the priority."""
+    return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining else None}
+            for m in view.members}
 
 
 def _site_chain(spec: ClusterSpec, options: IstioOptions,
@@ -386,6 +504,8 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
     st = spec.stickiness
     if st is not None:
         value.update(choose(_ALGORITHM_PATCHES, st.algorithm, "stickiness algorithm")(st))
+    if st is not None and st.pin is not None:
+        value["common_lb_config"]["override_host_status"] = {"statuses": list(PIN_TARGETS)}
     if st is not None and st.balance_factor is not None:
         # DestinationRule has no bounded-load setting: patch Envoy's own field.
         value["common_lb_config"]["consistent_hashing_lb_config"] = {
@@ -418,8 +538,15 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
     warnings = [] if warnings is None else warnings
     host, port = _host(spec.name, options), _port(spec, options)
     patches: list[dict[str, Any]] = []
+    route: dict[str, Any] = {}
     retry = _retry_policy(spec, warnings)
     if retry is not None:
+        route["route"] = {"retry_policy": retry}
+    pin = _pin(spec)
+    if pin is not None:
+        route["typed_per_filter_config"] = {pin_filter_name(spec, options):
+                                            _pin_per_route(pin)}
+    if route:
         patches.append({
             "applyTo": "HTTP_ROUTE",
             # Only routes whose action is a route (to this Service's virtual host): a
@@ -428,7 +555,7 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
             "match": {"context": "SIDECAR_OUTBOUND",
                       "routeConfiguration": {"vhost": {"name": f"{host}:{port}",
                                                        "route": {"action": "ROUTE"}}}},
-            "patch": {"operation": "MERGE", "value": {"route": {"retry_policy": retry}}},
+            "patch": {"operation": "MERGE", "value": route},
         })
     patches.append({
         "applyTo": "CLUSTER",
@@ -436,6 +563,20 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
                   "cluster": {"service": host, "portNumber": port}},
         "patch": {"operation": "MERGE", "value": _cluster_patch(spec)},
     })
+    if pin is not None:
+        # The filter in the outbound HTTP connection manager of the Service port (shared
+        # by every Service on that port): inert on routes without its configuration.
+        patches.append({
+            "applyTo": "HTTP_FILTER",
+            "match": {"context": "SIDECAR_OUTBOUND", "listener": {
+                "portNumber": port,
+                "filterChain": {"filter": {
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "subFilter": {"name": "envoy.filters.http.router"}}}}},
+            "patch": {"operation": "INSERT_BEFORE", "value": {
+                "name": pin_filter_name(spec, options),
+                "typed_config": {"@type": f"{_TYPE}{_STATEFUL_SESSION}StatefulSession"}}},
+        })
     filter_spec: dict[str, Any] = {}
     if options.client_selector:
         filter_spec["workloadSelector"] = {"labels": dict(options.client_selector)}
@@ -469,6 +610,11 @@ def render_cluster(spec: ClusterSpec, options: IstioOptions) -> Rendered:
     if dropped:
         warnings.append(f"cluster {spec.name}: {' and '.join(dropped)} are not rendered: "
                         "Istio weighs endpoints itself")
+    service = options.services.get(spec.name)
+    problem = session_label_problem(spec, istio_session_labels(service)) \
+        if service is not None else None
+    if problem is not None:
+        warnings.append(f"cluster {spec.name}: {problem}")
     return Rendered(objects, warnings)
 
 

@@ -38,6 +38,7 @@ TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("istio _ISTIO_ALGORITHMS", render._ISTIO_ALGORITHMS, ALGORITHMS),
     ("istio _ALGORITHM_PATCHES", render._ALGORITHM_PATCHES, ALGORITHMS),
     ("istio _ISTIO_HASH_KEYS", render._ISTIO_HASH_KEYS, HASH_KEYS),
+    ("istio _PIN_STATES", render._PIN_STATES, PIN_CARRIERS),
 ]
 
 

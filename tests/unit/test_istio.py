@@ -18,6 +18,12 @@ import yaml
 from click.testing import CliRunner
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.stateful_session.v3 import stateful_session_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.http.stateful_session.cookie.v3 import cookie_pb2  # noqa: F401
+from envoy.extensions.http.stateful_session.header.v3 import header_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
     previous_priorities_config_pb2,
@@ -97,7 +103,8 @@ def check_crd(obj: dict[str, Any]) -> None:
     if obj["kind"] == "EnvoyFilter":
         for patch in obj["spec"]["configPatches"]:
             message = {"HTTP_ROUTE": route_components_pb2.Route,
-                       "CLUSTER": cluster_pb2.Cluster}[patch["applyTo"]]()
+                       "CLUSTER": cluster_pb2.Cluster,
+                       "HTTP_FILTER": hcm_pb2.HttpFilter}[patch["applyTo"]]()
             # Strict proto JSON: a misspelled Envoy field or bad duration fails here.
             json_format.ParseDict(patch["patch"]["value"], message)
 
@@ -185,6 +192,30 @@ clusters:
     retries: {attempts: 0}
     listener: {port: 80}
 """,
+    # Load sharing with pinned sessions: a cookie pin (TTL, path, strict) over the hash.
+    "LS_PINNED_COOKIE": """
+clusters:
+  - name: web
+    mode: load-sharing
+    stickiness:
+      header: x-session-id
+      pin: {cookie: {name: web-pin, ttl: 90m, path: /app}, strict: true}
+    members:
+      - {name: web-0, address: 10.0.0.1, port: 8080}
+      - {name: web-1, address: 10.0.0.2, port: 8080}
+    listener: {port: 8080}
+""",
+    # High availability, the pin in a header, no retries.
+    "HA_PINNED_HEADER": """
+clusters:
+  - name: orders
+    stickiness: {header: x-session-id, pin: {header: x-orders-pin}}
+    retries: {attempts: 0}
+    members:
+      - {name: orders-0, address: 10.0.0.1, port: 8080}
+      - {name: orders-1, address: 10.0.0.2, port: 8080}
+    listener: {port: 8080}
+""",
     "THREE_SITES": """
 clusters:
   - name: ledger
@@ -252,7 +283,8 @@ def test_every_shape_validates_and_names_objects(name: str) -> None:
     assert "workloadSelector" not in ef["spec"]
     for patch in ef["spec"]["configPatches"]:
         assert patch["match"]["context"] == "SIDECAR_OUTBOUND"
-        assert patch["patch"]["operation"] == "MERGE"
+        assert patch["patch"]["operation"] == (
+            "INSERT_BEFORE" if patch["applyTo"] == "HTTP_FILTER" else "MERGE")
 
 
 def test_ha_one_site_active_member_then_the_rest() -> None:
@@ -639,3 +671,110 @@ def test_istio_mode_warns_about_weights() -> None:
     rendered = render("LS_COOKIE")
     assert rendered.warnings == ["cluster cart: member weights (cart-1) are not rendered: "
                                  "Istio weighs endpoints itself"]
+
+
+# -- pinned sessions (stickiness.pin) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["LS_PINNED_COOKIE", "HA_PINNED_HEADER"])
+def test_a_pin_renders_what_meshxls_own_xds_sends(name: str) -> None:
+    """The EnvoyFilter gives Istio's sidecars the stateful session filter, its per-route
+    configuration and the cluster's override statuses exactly as meshxl's xDS sends
+    them: compared as Envoy protos with the xDS compiler's own output."""
+    from meshxl.xds.resources import build_cluster, pin_config
+
+    rendered = render(name)
+    spec = parse_model(MODELS[name]).clusters[0]
+    assert spec.stickiness is not None and spec.stickiness.pin is not None
+    by_kind = patches(rendered)
+    filter_name = f"meshxl.pin.shop.{spec.name}"
+
+    route = json_format.ParseDict(by_kind["HTTP_ROUTE"]["patch"]["value"],
+                                  route_components_pb2.Route())
+    assert list(route.typed_per_filter_config) == [filter_name]
+    per_route = stateful_session_pb2.StatefulSessionPerRoute()
+    assert route.typed_per_filter_config[filter_name].Unpack(per_route)
+    assert per_route == pin_config(spec.stickiness.pin)
+
+    cluster = json_format.ParseDict(by_kind["CLUSTER"]["patch"]["value"],
+                                    cluster_pb2.Cluster())
+    assert list(cluster.common_lb_config.override_host_status.statuses) == list(
+        build_cluster(spec).common_lb_config.override_host_status.statuses)
+
+    insert = by_kind["HTTP_FILTER"]
+    assert insert["patch"]["operation"] == "INSERT_BEFORE"
+    assert insert["match"]["listener"] == {
+        "portNumber": 8080, "filterChain": {"filter": {
+            "name": "envoy.filters.network.http_connection_manager",
+            "subFilter": {"name": "envoy.filters.http.router"}}}}
+    http_filter = json_format.ParseDict(insert["patch"]["value"], hcm_pb2.HttpFilter())
+    assert http_filter.name == filter_name, "not Envoy's default name: istiod's own filter"
+    session = stateful_session_pb2.StatefulSession()
+    assert http_filter.typed_config.Unpack(session)
+    assert session == stateful_session_pb2.StatefulSession(), "inert outside pinned routes"
+
+
+def test_pin_details_istio_labels_cannot_carry_are_rendered() -> None:
+    value = patches(render("LS_PINNED_COOKIE"))["HTTP_ROUTE"]["patch"]["value"]
+    config = value["typed_per_filter_config"]["meshxl.pin.shop.web"]["stateful_session"]
+    assert config["strict"] is True
+    assert config["session_state"]["typed_config"]["cookie"] == {
+        "name": "web-pin", "path": "/app", "ttl": "5400s"}
+    assert value["route"]["retry_policy"]["num_retries"] == 3  # one patch, both settings
+    # No retries: the route patch carries the pin alone.
+    value = patches(render("HA_PINNED_HEADER"))["HTTP_ROUTE"]["patch"]["value"]
+    assert set(value) == {"typed_per_filter_config"}
+    state = value["typed_per_filter_config"]["meshxl.pin.shop.orders"]["stateful_session"]
+    assert state["session_state"]["typed_config"]["name"] == "x-orders-pin"
+
+
+@pytest.mark.parametrize("name", ["HA_ONE_SITE", "LS_COOKIE", "LS_SHARED_RANK"])
+def test_without_a_pin_no_session_filter(name: str) -> None:
+    by_kind = patches(render(name))
+    assert "HTTP_FILTER" not in by_kind
+    assert "typed_per_filter_config" not in by_kind.get("HTTP_ROUTE", {}).get(
+        "patch", {}).get("value", {})
+    assert "override_host_status" not in by_kind["CLUSTER"]["patch"]["value"][
+        "common_lb_config"]
+
+
+def test_pinned_clusters_on_one_port_each_configure_their_own_filter() -> None:
+    """Services on one port share the client's HTTP connection manager: each pinned
+    cluster inserts its own filter there and configures it on its own routes only, so
+    no route runs two pins."""
+    model = parse_model(MODELS["LS_PINNED_COOKIE"] + """
+  - name: cart
+    mode: load-sharing
+    stickiness: {cookie: {name: cart}, pin: {}}
+    members: [{name: cart-0, address: 10.0.1.1, port: 8080}]
+    listener: {port: 8080}
+    route: {domains: [cart]}
+""")
+    rendered = render_model(model, OPTIONS)
+    names = []
+    for ef in rendered.objects[1::2]:
+        for obj in ef["spec"]["configPatches"]:
+            if obj["applyTo"] == "HTTP_FILTER":
+                names.append(obj["patch"]["value"]["name"])
+            if obj["applyTo"] == "HTTP_ROUTE":
+                host = obj["match"]["routeConfiguration"]["vhost"]["name"].split(".")[0]
+                assert list(obj["patch"]["value"]["typed_per_filter_config"]) == [
+                    f"meshxl.pin.shop.{host}"]
+    assert names == ["meshxl.pin.shop.web", "meshxl.pin.shop.cart"]
+
+
+def test_istio_persistent_session_labels_on_the_service_are_warned_about() -> None:
+    labelled = _service("web", (8080, 8080))
+    labelled["metadata"]["labels"] = {"istio.io/persistent-session": "web-pin"}
+    rendered = render_model(parse_model(MODELS["LS_PINNED_COOKIE"]),
+                            IstioOptions(namespace="shop", services={"web": labelled}))
+    assert len(rendered.warnings) == 1
+    assert rendered.warnings[0].startswith(
+        "cluster web: Service web has Istio's persistent-session label "
+        "(istio.io/persistent-session=web-pin): istiod then keeps DRAINING members")
+    # On a cluster without a pin, Istio would pin what the model does not.
+    labelled = _service("orders", (8080, 8080))
+    labelled["metadata"]["labels"] = {"istio.io/persistent-session-header": "x-pin"}
+    rendered = render_model(parse_model(MODELS["HA_ONE_SITE"]),
+                            IstioOptions(namespace="shop", services={"orders": labelled}))
+    assert any("but the model has no stickiness.pin" in w for w in rendered.warnings)

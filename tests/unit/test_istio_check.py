@@ -173,7 +173,10 @@ _trees = st.recursive(_scalars, lambda inner: st.one_of(
                                      "retries", "trafficPolicy", "configPatches", "match",
                                      "cluster", "portNumber", "labels", "template",
                                      "containers", "image", "workloadSelector", "items",
-                                     "outlierDetection", "retryIgnorePreviousHosts"]),
+                                     "outlierDetection", "retryIgnorePreviousHosts",
+                                     "env", "name", "value", "route", "destination",
+                                     "subset", "applyTo", "listener", "patch",
+                                     "istio.io/persistent-session"]),
                     inner, max_size=4)), max_leaves=12)
 
 
@@ -193,5 +196,102 @@ def _objects(draw: Any) -> dict[str, Any]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_objects(), max_size=5))
 def test_malformed_objects_never_crash_the_check(objects: list[dict[str, Any]]) -> None:
-    findings = check(MODEL, objects, OPTIONS, istio_version=(1, 27))
-    assert all(f.level in ("error", "warning") for f in findings)
+    for model in (MODEL, PINNED):
+        findings = check(model, objects, OPTIONS, istio_version=(1, 27))
+        assert all(f.level in ("error", "warning") for f in findings)
+
+
+# -- pinned sessions ----------------------------------------------------------------------------
+
+PINNED = parse_model("""
+clusters:
+  - name: orders
+    membership: registered
+    stickiness: {header: x-session-id, pin: {strict: true}}
+    listener: {port: 8080}
+""")
+
+
+def _pinned() -> list[dict[str, Any]]:
+    return [_service(), *render_model(PINNED, OPTIONS).objects, _pod("orders-0", "active"),
+            _pod("orders-1", "standby"), _istiod("1.27.1")]
+
+
+def _env(objects: list[dict[str, Any]], **env: str) -> list[dict[str, Any]]:
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            obj["spec"]["template"]["spec"]["containers"][0]["env"] = [
+                {"name": k, "value": v} for k, v in env.items()] + [
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]
+    return objects
+
+
+def _labelled(objects: list[dict[str, Any]], **labels: str) -> list[dict[str, Any]]:
+    for obj in objects:
+        if obj["kind"] == "Service":
+            obj["metadata"]["labels"] = labels
+    return objects
+
+
+def test_a_pinned_namespace_has_no_findings() -> None:
+    assert check(PINNED, _pinned(), OPTIONS) == []
+    assert check(PINNED, _env(_pinned(), PILOT_ENABLE_PERSISTENT_SESSION_FILTER="true"),
+                 OPTIONS) == []
+
+
+def test_istio_persistent_session_labels_on_the_service() -> None:
+    objects = _labelled(_pinned(), **{"istio.io/persistent-session": "orders-pin"})
+    findings = check(PINNED, objects, OPTIONS)
+    assert [(f.level, f.object) for f in findings] == [("error", "Service shop/orders")]
+    assert "keeps DRAINING members as pin targets" in findings[0].message
+    # Without a pin in the model, Istio would pin what the model does not: a warning.
+    objects = _labelled(_healthy(), **{"istio.io/persistent-session-header": "x-pin"})
+    assert _messages(objects) == [("warning", check(MODEL, objects, OPTIONS)[0].message)]
+    assert "the model has no stickiness.pin" in _messages(objects)[0][1]
+    # istiod may rename its labels: the renamed one counts, the default one no longer.
+    objects = _env(_labelled(_pinned(), **{"istio.io/persistent-session": "x"}),
+                   PILOT_PERSISTENT_SESSION_LABEL="example.com/pin")
+    assert check(PINNED, objects, OPTIONS) == []
+    objects = _env(_labelled(_pinned(), **{"example.com/pin": "x"}),
+                   PILOT_PERSISTENT_SESSION_LABEL="example.com/pin")
+    assert [f.level for f in check(PINNED, objects, OPTIONS)] == ["error"]
+
+
+def test_istiod_with_another_draining_label_keeps_drained_pins() -> None:
+    findings = check(PINNED, _env(_pinned(), PILOT_DRAINING_LABEL=""), OPTIONS)
+    assert [(f.level, f.object) for f in findings] == [("error", "istiod")]
+    assert "PILOT_DRAINING_LABEL is ''" in findings[0].message
+    assert check(MODEL, _env(_healthy(), PILOT_DRAINING_LABEL=""), OPTIONS) == []
+
+
+def test_an_envoy_filter_rendered_before_or_after_the_pin() -> None:
+    stale = [o for o in _pinned() if o["kind"] != "EnvoyFilter"] + [
+        o for o in render_model(MODEL, OPTIONS).objects if o["kind"] == "EnvoyFilter"]
+    assert [(f.level, f.message.split(":")[0]) for f in check(PINNED, stale, OPTIONS)] == [
+        ("error", "does not pin sessions (no stateful session filter)")]
+    ahead = [o for o in _healthy() if o["kind"] != "EnvoyFilter"] + [
+        o for o in render_model(PINNED, OPTIONS).objects if o["kind"] == "EnvoyFilter"]
+    assert [f.level for f in check(MODEL, ahead, OPTIONS)] == ["warning"]
+
+
+def test_a_port_mismatch_of_a_pinned_filter_is_reported_once() -> None:
+    objects = [o for o in _pinned() if o["kind"] != "Service"] + [_service(80, 8080)]
+    msgs = [m for level, m in (
+        (f.level, f.message) for f in check(PINNED, objects, OPTIONS)) if level == "error"]
+    assert msgs == ["matches port 8080, the Service's ports are 80: the patches apply to "
+                    "nothing (render with --services or --port SERVICE_PORT)"]
+
+
+def test_strict_pins_and_virtual_service_routes_to_other_destinations() -> None:
+    vs = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+          "metadata": {"name": "orders", "namespace": "shop"},
+          "spec": {"hosts": ["orders"], "http": [{"route": [
+              {"destination": {"host": "orders"}, "weight": 90},
+              {"destination": {"host": "orders", "subset": "canary"}, "weight": 10}]}]}}
+    findings = check(PINNED, [*_pinned(), vs], OPTIONS)
+    assert [(f.level, f.object) for f in findings] == [("warning", "VirtualService shop/orders")]
+    assert findings[0].message.startswith(
+        "a route of host orders also goes to orders (subset canary)")
+    assert "in strict mode a pin naming a member that destination lacks" in findings[0].message
+    vs["spec"]["http"][0]["route"].pop()
+    assert check(PINNED, [*_pinned(), vs], OPTIONS) == []
