@@ -1,10 +1,14 @@
-"""``meshxl istio label``: role labels on high-availability member pods, kept current.
+"""``meshxl istio label``: role labels on high-availability member pods, and the draining
+label on drained members of pinned clusters, kept current.
 
 Under Istio, istiod computes every endpoint's EDS priority from the DestinationRule's
 ``failoverPriority`` and the pod's labels. meshxl decides who is active (its tiers,
 registrations, readiness, ``member down``, ``site offline``); this loop writes that
 decision onto the pods as labels (:func:`meshxl.istio.render.role_labels`), so
-istiod's priorities follow meshxl's view, as Patroni labels its leader pod. A change
+istiod's priorities follow meshxl's view, as Patroni labels its leader pod. In a
+cluster with pinned sessions, the members meshxl drains (``member down``, ``site
+offline``) also get istiod's draining label (:func:`meshxl.istio.render.drain_labels`):
+istiod leaves them out of EDS and their pins move. A change
 in etcd is applied at once; a full reconcile every ``resync`` seconds repairs pods
 that were recreated or relabelled by someone else.
 
@@ -30,9 +34,18 @@ from meshxl.errors import Unavailable
 from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
-from .render import PREFERRED_LABEL, ROLE_LABEL, SERVING_LABEL, role_labels
+from .render import (
+    DRAINING_LABEL,
+    DRAINING_VALUE,
+    PREFERRED_LABEL,
+    ROLE_LABEL,
+    SERVING_LABEL,
+    drain_labels,
+    role_labels,
+)
 
-__all__ = ["KubeApi", "KubeApiError", "LabelChange", "PodLabeler", "desired_labels"]
+__all__ = ["ClusterLabels", "KubeApi", "KubeApiError", "LabelChange", "PodLabeler",
+           "desired_labels"]
 
 log = logging.getLogger("meshxl.istio.labeler")
 
@@ -50,18 +63,48 @@ class LabelChange:
     """New values; ``None`` removes the label."""
 
 
-def desired_labels(model: ModelSpec, runtime: RuntimeState
-                   ) -> dict[str, dict[str, dict[str, str | None]]]:
-    """cluster -> member (pod name) -> role labels, for every high-availability cluster."""
-    out: dict[str, dict[str, dict[str, str | None]]] = {}
+@dataclass(frozen=True)
+class ClusterLabels:
+    """The labels meshxl wants on a cluster's member pods."""
+
+    members: dict[str, dict[str, str | None]]
+    """member (pod name) -> labels (``None``: remove the label)."""
+    unknown: dict[str, str | None]
+    """For a member pod meshxl does not know at all: role ``none``, no draining mark."""
+
+
+def desired_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLabels]:
+    """cluster -> its labels, for every high-availability cluster (role labels) and
+    every cluster with pinned sessions (the draining label)."""
+    out: dict[str, ClusterLabels] = {}
     for spec in model.clusters:
+        pinned = spec.stickiness is not None and spec.stickiness.pin is not None
+        if not (spec.high_availability or pinned):
+            continue
+        view = cluster_view(spec, runtime)
+        members: dict[str, dict[str, str | None]] = {m.name: {} for m in view.members}
+        unknown: dict[str, str | None] = {}
         if spec.high_availability:
-            out[spec.name] = role_labels(cluster_view(spec, runtime))
+            for name, labels in role_labels(view).items():
+                members[name].update(labels)
+            unknown.update({ROLE_LABEL: "none", SERVING_LABEL: None, PREFERRED_LABEL: None})
+        if pinned:
+            for name, labels in drain_labels(view).items():
+                members[name].update(labels)
+            unknown[DRAINING_LABEL] = None
+        out[spec.name] = ClusterLabels(members, unknown)
     return out
 
 
-def changes(namespace: str | None,
-            desired: Mapping[str, Mapping[str, Mapping[str, str | None]]],
+def _differs(key: str, have: Any, want: str | None) -> bool:
+    if have == want:
+        return False
+    # The draining label is meshxl's only with meshxl's value: a pod someone else
+    # drains stays drained, and meshxl never removes their mark.
+    return key != DRAINING_LABEL or have is None or have == DRAINING_VALUE
+
+
+def changes(namespace: str | None, desired: Mapping[str, ClusterLabels],
             pods: Sequence[Mapping[str, Any]]) -> list[LabelChange]:
     """The patches that bring ``pods`` (meshxl member pods, of ``namespace`` or of any
     namespace when None) to ``desired``. A member pod meshxl does not know at all gets
@@ -78,9 +121,8 @@ def changes(namespace: str | None,
         cluster = labels.get(CLUSTER_LABEL)
         if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
             continue
-        want = desired[cluster].get(name, {ROLE_LABEL: "none", SERVING_LABEL: None,
-                                           PREFERRED_LABEL: None})
-        patch = {k: v for k, v in want.items() if labels.get(k) != v}
+        want = desired[cluster].members.get(name, desired[cluster].unknown)
+        patch = {k: v for k, v in want.items() if _differs(k, labels.get(k), v)}
         if patch:
             out.append(LabelChange(pod_namespace, name, patch))
     return out
@@ -144,8 +186,8 @@ class KubeApi:
 
 @dataclass
 class PodLabeler:
-    """Reconciles the role labels of member pods (one namespace, or all when None)
-    with meshxl's view."""
+    """Reconciles the role and draining labels of member pods (one namespace, or all
+    when None) with meshxl's view."""
 
     api: KubeApi
     namespace: str | None

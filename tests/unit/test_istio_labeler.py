@@ -37,10 +37,10 @@ def _state(down: tuple[str, ...] = ()) -> RuntimeState:
 def test_only_high_availability_clusters_are_labelled() -> None:
     desired = desired_labels(MODEL, _state())
     assert list(desired) == ["orders"]
-    assert desired["orders"]["orders-0"] == {"meshxl.io/role": "active",
+    assert desired["orders"].members["orders-0"] == {"meshxl.io/role": "active",
                                              "meshxl.io/serving": "true",
                                              "meshxl.io/preferred": "true"}
-    assert desired["orders"]["orders-2"] == {"meshxl.io/role": "backup",
+    assert desired["orders"].members["orders-2"] == {"meshxl.io/role": "backup",
                                              "meshxl.io/serving": "true",
                                              "meshxl.io/preferred": None}
 
@@ -59,6 +59,61 @@ def test_changes_patch_only_what_differs_and_unknown_pods_get_no_role() -> None:
                      "meshxl.io/preferred": None},
         "orders-9": {"meshxl.io/role": "none"},
     }
+
+
+PINNED = parse_model("""
+clusters:
+  - name: orders
+    membership: registered
+    stickiness: {header: x-session-id, pin: {}}
+    sites: [{name: dc1}, {name: dc2}]
+    listener: {port: 8080}
+  - name: cart
+    mode: load-sharing
+    stickiness: {header: x-cart, pin: {header: x-cart-pin}}
+    sites: [{name: dc1}, {name: dc2}]
+    members:
+      - {name: cart-0, address: 10.0.0.1, port: 80, site: dc1}
+      - {name: cart-1, address: 10.0.0.2, port: 80, site: dc2}
+""")
+
+
+def test_pinned_clusters_mark_drained_members_with_istiods_draining_label() -> None:
+    """A pin overrides the priority: drained members of a pinned cluster must leave
+    Istio's EDS (istio.io/draining) for their sessions to move, as with meshxl's xDS."""
+    state = _state(down=("orders-0",))
+    state = RuntimeState(registrations=state.registrations, members_down=state.members_down,
+                         sites_offline={"dc2": AdminAction()})
+    desired = desired_labels(PINNED, state)
+    assert list(desired) == ["orders", "cart"]
+    orders, cart = desired["orders"].members, desired["cart"].members
+    assert orders["orders-0"] == {"meshxl.io/role": "none", "meshxl.io/serving": None,
+                                  "meshxl.io/preferred": None,
+                                  "istio.io/draining": "meshxl"}
+    assert orders["orders-1"] == {"meshxl.io/role": "active", "meshxl.io/serving": "true",
+                                  "meshxl.io/preferred": "true", "istio.io/draining": None}
+    assert orders["orders-2"]["istio.io/draining"] == "meshxl"  # its site is offline
+    # Load sharing: no role labels, only the draining mark.
+    assert cart == {"cart-0": {"istio.io/draining": None},
+                    "cart-1": {"istio.io/draining": "meshxl"}}
+    assert desired["cart"].unknown == {"istio.io/draining": None}
+
+    pods = [_pod("orders-0", **{"meshxl.io/role": "active"}),
+            _pod("orders-1", **{"istio.io/draining": "meshxl"}),
+            _pod("orders-2", **{"istio.io/draining": "rollout"}),
+            _pod("cart-0", cluster="cart", **{"istio.io/draining": "rollout"}),
+            _pod("cart-1", cluster="cart"),
+            _pod("cart-9", cluster="cart", **{"istio.io/draining": "meshxl"}),
+            _pod("cart-8", cluster="cart")]
+    out = {c.pod: dict(c.labels) for c in changes("shop", desired, pods)}
+    assert out["orders-0"]["istio.io/draining"] == "meshxl"
+    assert out["orders-1"]["istio.io/draining"] is None  # undrained: meshxl's mark goes
+    # Someone else's draining mark is neither overwritten nor removed.
+    assert "istio.io/draining" not in out["orders-2"]
+    assert "cart-0" not in out
+    assert out["cart-1"] == {"istio.io/draining": "meshxl"}
+    assert out["cart-9"] == {"istio.io/draining": None}  # unknown pod: meshxl's mark goes
+    assert "cart-8" not in out
 
 
 class _Api:
