@@ -20,6 +20,15 @@ patch of labels); the members are real statesync sidecars registered in a real e
 the backends real echo servers, and ``meshxl istio label`` labels the pods from what
 meshxl decides. Asserted: traffic only to the active, failover only to the standby,
 ``meshxl member down`` drains, no traffic to a pod that is not ready.
+
+Pinned sessions (``stickiness.pin``): the outbound HTTP connection manager is Istio's
+(its filter chain with or without istiod's own empty stateful session filter,
+PILOT_ENABLE_PERSISTENT_SESSION_FILTER), the EnvoyFilter's HTTP_FILTER patch inserted
+as Istio's INSERT_BEFORE does, and istiod's EDS leaves out pods labelled
+``istio.io/draining`` (the Service has no persistent-session label). Asserted: every
+answer pins, pins keep sessions where the hash would move them back, a pod leaving
+moves exactly its sessions, ``meshxl member down`` moves the drained member's pins, and
+istiod's own filter beside meshxl's sets no second pin.
 """
 
 from __future__ import annotations
@@ -34,9 +43,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.stateful_session.v3 import (  # noqa: F401
+    stateful_session_pb2,
+)
+from envoy.extensions.http.stateful_session.cookie.v3 import cookie_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.extensions.retry.priority.previous_priorities.v3 import (  # noqa: F401
     previous_priorities_config_pb2,
@@ -50,12 +64,13 @@ from meshxl import ops
 from meshxl.etcdkeys import Keys
 from meshxl.istio import IstioOptions, render_model
 from meshxl.istio.labeler import KubeApi, PodLabeler
-from meshxl.istio.render import istio_priority
+from meshxl.istio.render import DRAINING_LABEL, istio_priority
 from meshxl.local.ports import free_port
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
 from meshxl.meshstate import EtcdMeshSource
-from meshxl.model import load_model
+from meshxl.model import load_model, parse_model
+from tests.integration.test_pinned_sessions import PIN, Browser, moved
 
 pytestmark = pytest.mark.asyncio
 
@@ -107,8 +122,10 @@ def istio_cluster(dr: dict[str, Any], eds_dir: Path) -> dict[str, Any]:
         "common_lb_config": {
             # applyOutlierDetection: minHealthPercent -> panic threshold.
             "healthy_panic_threshold": {"value": float(od["minHealthPercent"])},
-            # LocalityLBSettings.ApplyToCluster with failoverPriority and outlier detection.
-            "locality_weighted_lb_config": {},
+            # LocalityLBSettings.ApplyToCluster with failoverPriority and outlier detection
+            # (nothing when locality load balancing is off).
+            **({"locality_weighted_lb_config": {}}
+               if policy["loadBalancer"]["localityLbSetting"].get("enabled") else {}),
         },
         "outlier_detection": {
             "consecutive_5xx": od["consecutive5xxErrors"],
@@ -169,8 +186,28 @@ def patched(kind: type[Message], base: dict[str, Any], patch: dict[str, Any]) ->
     return out
 
 
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                    "router.v3.Router"}}
+#: istiod's EmptySessionFilter, in every outbound HTTP connection manager when istiod
+#: runs with PILOT_ENABLE_PERSISTENT_SESSION_FILTER (xdsfilters.EmptySessionFilter).
+ISTIO_EMPTY_SESSION_FILTER = {
+    "name": "envoy.filters.http.stateful_session",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http."
+                              "stateful_session.v3.StatefulSession"}}
+
+
+def insert_before(filters: list[dict[str, Any]], patch: dict[str, Any]) -> list[dict[str, Any]]:
+    """An EnvoyFilter HTTP_FILTER INSERT_BEFORE: the value goes before the first filter
+    named by the match's subFilter."""
+    anchor = patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"]
+    at = next(i for i, f in enumerate(filters) if f["name"] == anchor)
+    return [*filters[:at], patch["patch"]["value"], *filters[at:]]
+
+
 def bootstrap(admin_port: int, listen_port: int, cluster: dict[str, Any],
-              route: dict[str, Any]) -> dict[str, Any]:
+              route: dict[str, Any],
+              http_filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "node": {"id": "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local",
                  "cluster": "client.shop"},
@@ -191,10 +228,7 @@ def bootstrap(admin_port: int, listen_port: int, cluster: dict[str, Any],
                         "route_config": {"name": str(SERVICE_PORT), "virtual_hosts": [{
                             "name": f"{HOST}:{SERVICE_PORT}", "domains": ["*"],
                             "routes": [route]}]},
-                        "http_filters": [{
-                            "name": "envoy.filters.http.router",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
-                                                      "filters.http.router.v3.Router"}}],
+                        "http_filters": http_filters or [ROUTER],
                     }}]}],
             }],
         },
@@ -207,6 +241,9 @@ class FakeIstiod:
     def __init__(self, eds_dir: Path, chain: list[str]) -> None:
         self.eds_dir = eds_dir
         self.chain = chain
+        #: The Service has Istio's persistent-session cookie label: draining pods are
+        #: sent as DRAINING instead of being left out.
+        self.persistent_session = False
         self.pods: dict[str, dict[str, Any]] = {}
         self.version = 0
         self.patches = 0
@@ -224,10 +261,15 @@ class FakeIstiod:
         self.pods[name]["status"]["ready"] = ready
         self.write_eds()
 
+    def draining(self, name: str) -> bool:
+        return bool(self.pods[name]["metadata"]["labels"].get(DRAINING_LABEL))
+
     def priorities(self) -> dict[str, int]:
-        """applyFailoverPriorities over the ready pods (dense, as Istio compacts)."""
+        """applyFailoverPriorities over the ready pods (dense, as Istio compacts); pods
+        labelled draining only for a persistent-session Service (filterIstioEndpoint)."""
         raw = {name: istio_priority(pod["metadata"]["labels"], self.chain)
-               for name, pod in self.pods.items() if pod["status"]["ready"]}
+               for name, pod in self.pods.items() if pod["status"]["ready"]
+               and (self.persistent_session or not self.draining(name))}
         dense = {p: i for i, p in enumerate(sorted(set(raw.values())))}
         return {name: dense[p] for name, p in raw.items()}
 
@@ -238,7 +280,7 @@ class FakeIstiod:
             groups.setdefault((priority, pod["metadata"]["labels"]["meshxl.io/site"]), []).append({
                 "endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                             "port_value": pod["port"]}}},
-                "health_status": "HEALTHY",
+                "health_status": "DRAINING" if self.draining(name) else "HEALTHY",
                 "load_balancing_weight": 1,
                 "metadata": {"filter_metadata": {"istio": {"workload": f"{name};{NAMESPACE}"}}},
             })
@@ -425,6 +467,151 @@ async def _members_is(http: aiohttp.ClientSession, url: str, member: str) -> boo
 
 def yaml_text(model: Any) -> bytes:
     return (REPO / "deploy" / "kubernetes" / "base" / "model.yaml").read_bytes()
+
+
+PINNED_MODEL = {"clusters": [{
+    "name": "orders", "mode": "load-sharing", "membership": "registered",
+    "stickiness": {"header": "x-session-id", "pin": {"cookie": {"name": PIN}}},
+    "listener": {"port": SERVICE_PORT}}]}
+
+
+def _pins_set(resp_headers: Any) -> int:
+    return sum(1 for raw in resp_headers.getall("Set-Cookie", [])
+               if raw.startswith(f"{PIN}="))
+
+
+async def test_pinned_sessions_through_istio_shaped_envoy(
+        harness: Any, etcd: Any, etcd_client: Any, start_backends: Any, start_sidecar: Any,
+        start_envoy: Any, tmp_path: Path) -> None:
+    model = parse_model(yaml.safe_dump(PINNED_MODEL))
+    rendered = render_model(model, IstioOptions(namespace=NAMESPACE,
+                                                ports={"orders": SERVICE_PORT}))
+    assert rendered.warnings == []
+    dr, ef = rendered.objects
+    assert dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"] == {
+        "enabled": False}
+    patch_of = {p["applyTo"]: p for p in ef["spec"]["configPatches"]}
+
+    names = ["orders-0", "orders-1", "orders-2"]
+    backends = await start_backends(names)
+    eds_dir = tmp_path / "eds"
+    eds_dir.mkdir()
+    istiod = FakeIstiod(eds_dir, [])
+    for backend in backends:
+        istiod.add_pod(backend.name, "dc1", backend.port)
+    istiod.write_eds()
+
+    runner = web.AppRunner(istiod.app())
+    await runner.setup()
+    api_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    keys = Keys()
+    await etcd_client.put(keys.model.encode(), yaml.safe_dump(PINNED_MODEL).encode())
+    for backend in backends:
+        await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
+                            app_port=backend.port)
+    api = KubeApi(f"http://127.0.0.1:{api_port}")
+    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
+    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
+    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
+    try:
+        cluster = patched(cluster_pb2.Cluster, istio_cluster(dr, eds_dir),
+                          patch_of["CLUSTER"]["patch"]["value"])
+        assert cluster["common_lb_config"]["override_host_status"]["statuses"] == [
+            "HEALTHY", "UNKNOWN", "DEGRADED"]
+        route = patched(route_components_pb2.Route, istio_default_route("x-session-id"),
+                        patch_of["HTTP_ROUTE"]["patch"]["value"])
+        assert list(route["typed_per_filter_config"]) == [f"meshxl.pin.{NAMESPACE}.orders"]
+        envoys = {}
+        # Istio's default (no session filter of its own), and istiod with
+        # PILOT_ENABLE_PERSISTENT_SESSION_FILTER (its empty filter first).
+        for label, chain in (("default", [ROUTER]),
+                             ("istiod-filter", [ISTIO_EMPTY_SESSION_FILTER, ROUTER])):
+            filters = insert_before(chain, patch_of["HTTP_FILTER"])
+            assert [f["name"] for f in filters][-2:] == [f"meshxl.pin.{NAMESPACE}.orders",
+                                                        "envoy.filters.http.router"]
+            admin_port, listen_port = free_port(), free_port()
+            config = bootstrap(admin_port, listen_port, cluster, route, filters)
+
+            def customize(boot: dict[str, Any], config: dict[str, Any] = config) -> None:
+                boot.clear()
+                boot.update(config)
+
+            envoy = await start_envoy(f"istio-{label}", 1, admin_port=admin_port,
+                                      customize=customize)
+            await envoy.wait_ready()
+            envoys[label] = (envoy, f"http://127.0.0.1:{listen_port}/")
+        envoy, url = envoys["default"]
+        port_of = {b.name: b.port for b in backends}
+
+        async def serving(members: list[str], which: Any = envoy) -> None:
+            want = {port_of[n] for n in members}
+            await which.wait_hosts(
+                CLUSTER, lambda hs: {h.port for h in hs} == want and all(
+                    h.healthy for h in hs), timeout=20, what=f"healthy hosts {members}")
+
+        for which, _ in envoys.values():
+            await serving(names, which)
+
+        browser = Browser(url)
+        sessions = [f"s{i}" for i in range(60)]
+        placed = await browser.visit(sessions)
+        assert len(browser.pins) == len(sessions), "Envoy did not pin every answer"
+        assert set(placed.values()) == set(names), placed
+
+        # A pod leaves (not ready): exactly its sessions move, and are pinned anew.
+        leaving = "orders-0"
+        theirs = sorted(s for s, m in placed.items() if m == leaving)
+        istiod.set_ready(leaving, False)
+        await serving(["orders-1", "orders-2"])
+        after = await browser.visit(sessions)
+        assert sorted(moved(placed, after)) == theirs
+        # It comes back: the hash alone would send its sessions back to it (a client
+        # without pins shows it), the pins keep them where they are now.
+        istiod.set_ready(leaving, True)
+        await serving(names)
+        unpinned = await Browser(url).visit(sessions)
+        assert {s for s, m in unpinned.items() if m == leaving} == set(theirs)
+        assert not moved(after, await browser.visit(sessions)), "a return moved pins"
+
+        # meshxl member down: the labeler marks the pod draining, istiod leaves it out
+        # of EDS, and its pinned sessions move (a priority change would not move them).
+        drained = "orders-1"
+        before = await browser.visit(sessions)
+        mine = sorted(s for s, m in before.items() if m == drained)
+        assert mine
+        await ops.set_member_admin(etcd_client, keys, "orders", drained, down=True,
+                                   reason="test drain")
+        await wait_until(lambda: istiod.labels(drained).get(DRAINING_LABEL) == "meshxl",
+                         timeout=20, what=f"{drained} labelled {DRAINING_LABEL}")
+        await serving(["orders-0", "orders-2"])
+        drained_after = await browser.visit(sessions)
+        assert sorted(moved(before, drained_after)) == mine
+        await ops.set_member_admin(etcd_client, keys, "orders", drained, down=False,
+                                   reason="test undrain")
+        await wait_until(lambda: DRAINING_LABEL not in istiod.labels(drained),
+                         timeout=20, what=f"{drained} no longer draining")
+        await serving(names)
+        assert not moved(drained_after, await browser.visit(sessions))
+
+        # istiod's own empty filter beside meshxl's: one pin per answer, and a pin set
+        # by one client holds on the other.
+        other, other_url = envoys["istiod-filter"]
+        await serving(names, other)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
+                                         timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for session in sessions[:12]:
+                async with http.get(other_url, headers={"x-session-id": session}) as resp:
+                    assert resp.status == 200
+                    assert _pins_set(resp.headers) == 1, resp.headers.getall("Set-Cookie")
+        shared = Browser(other_url, pins=dict(browser.pins))
+        assert not moved(drained_after, await shared.visit(sessions))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await api.close()
+        await runner.cleanup()
 
 
 async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: Any,
