@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +59,7 @@ class EtcdMeshSource:
         self.synced = asyncio.Event()
         self.resyncs = 0
         self.last_error: str | None = None
+        self._failing_since: float | None = None  # monotonic; None: the watch works
         self.model: ModelSpec | None = None
         self.model_error: str | None = None
         self._model_text: bytes | None = None
@@ -81,12 +83,20 @@ class EtcdMeshSource:
                 raise
             except Exception as exc:  # reconnect and resync on any etcd trouble
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 log.warning("etcd watch interrupted (%s); resyncing in %.1fs",
                             self.last_error, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.1
+
+    def unreachable_for(self) -> float:
+        """Seconds since the watch failed while no full read has succeeded since (0 while
+        the mirror is current)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def _sync_and_watch(self) -> None:
         prefix = self._keys.mesh_prefix.encode()
@@ -97,6 +107,7 @@ class EtcdMeshSource:
         self._rebuild()
         self.synced.set()
         self.last_error = None
+        self._failing_since = None
         watch = await self._client.watch_prefix(prefix, start_revision=self.revision + 1)
         try:
             async for event in watch:

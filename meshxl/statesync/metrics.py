@@ -47,6 +47,12 @@ class StatesyncMetrics:
                                           registry=r)
         self.ready = Gauge("meshxl_statesync_ready", "1 when registered and caught up.",
                            registry=r)
+        self.etcd_unreachable = Gauge("meshxl_statesync_etcd_unreachable_seconds", "Seconds "
+                                      "etcd has not answered this member's registration "
+                                      "and keepalives for (0 while it answers).", registry=r)
+        self.member = Gauge("meshxl_statesync_member_info", "Always 1: the cluster, member "
+                            "and site this sidecar serves (to join its other series on).",
+                            ["cluster", "member", "site"], registry=r)
 
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)

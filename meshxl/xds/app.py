@@ -38,7 +38,7 @@ from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
 from .dns import Resolver, hostnames, is_ip_literal
 from .failover import FailoverTracer, Loss, losses
 from .history import MemberHistory, transitions
-from .metrics import Convergence, XdsMetrics
+from .metrics import Convergence, XdsMetrics, member_state_counts
 from .resources import CompileError, Compiler
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
@@ -143,6 +143,7 @@ class ControlPlane:
         self._lease_lock = asyncio.Lock()
         self._node_values: dict[str, bytes] = {}
         self._undeleted: dict[str, bytes] = {}  # records whose removal failed
+        self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -270,6 +271,8 @@ class ControlPlane:
         runtime = self.runtime
         seen, self._changed_at = self._changed_at or time.time_ns(), None
         revision = self.mesh.revision if self.mesh else None
+        if self._built_model is not model:
+            self.metrics.know_clusters(c.name for c in model.clusters)
         if self._built_runtime is not None and self._built_model is model:
             changes = transitions(model, self._built_runtime, runtime)
             found = losses(model, self._built_runtime, runtime, changes)
@@ -479,7 +482,14 @@ class ControlPlane:
         m.debounce_pending.set(self.rebuilder.pending)
         m.debounce_wait.set(0.0 if pending is None else time.monotonic() - pending)
         m.etcd_revision.set(self.mesh.revision if self.mesh else 0)
+        m.etcd_unreachable.set(self.mesh.unreachable_for() if self.mesh else 0.0)
         m.nodes.set(len(self.ads.acked()))
+        model, runtime = self.model, self.runtime
+        counted = self._counted
+        if counted is None or counted[0] is not model or counted[1] is not runtime:
+            # Model and runtime are immutable: recounted only after a change.
+            m.set_members(member_state_counts(model, runtime))
+            self._counted = (model, runtime)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -35,6 +35,8 @@ _CAUSES = {
     MemberState.ADMIN_DOWN: "admin_down",
     MemberState.SITE_OFFLINE: "site_offline",
 }
+#: Every cause a failover is counted under (``meshxl_xds_failovers_total``).
+FAILOVER_CAUSES: tuple[str, ...] = tuple(_CAUSES.values())
 
 
 @dataclass(frozen=True)

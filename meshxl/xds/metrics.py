@@ -8,11 +8,17 @@ control plane reports rebuilds, convergence and the debounce queue.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Convergence", "XdsMetrics", "type_label"]
+from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
+
+from .failover import FAILOVER_CAUSES
+from .types import TYPE_ORDER
+
+__all__ = ["Convergence", "XdsMetrics", "member_state_counts", "type_label"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
@@ -60,9 +66,40 @@ class XdsMetrics:
                                  "cluster and cause.", ["cluster", "cause"], registry=r)
         self.etcd_revision = Gauge("meshxl_xds_etcd_revision", "Last etcd revision of the "
                                    "mesh read by this replica.", registry=r)
+        self.etcd_unreachable = Gauge("meshxl_xds_etcd_unreachable_seconds", "Seconds since "
+                                      "this replica's watch of the mesh in etcd failed, "
+                                      "while no full read has succeeded since (0 while it "
+                                      "works).", registry=r)
+        self.members = Gauge("meshxl_xds_members", "Members of the model's clusters by "
+                             "state, as this replica compiles them.", ["cluster", "state"],
+                             registry=r)
+        self._member_counts: dict[tuple[str, str], int] = {}
+        self._clusters: set[str] = set()
         self._labelled: dict[tuple[str, ...], Any] = {}
+        for type_url in TYPE_ORDER:
+            # At zero from the start: the first NACK is an increase a rule can see.
+            self.nacks.labels(type_label(type_url))
         self.nodes = Gauge("meshxl_xds_nodes", "Envoy nodes with at least one open stream.",
                            registry=r)
+
+    def know_clusters(self, names: Iterable[str]) -> None:
+        """Start each new cluster's failover counters at zero, so that a rule sees its
+        first failover as an increase (a series born at 1 shows none)."""
+        for cluster in set(names) - self._clusters:
+            for cause in FAILOVER_CAUSES:
+                self.failovers.labels(cluster, cause)
+            self._clusters.add(cluster)
+
+    def set_members(self, counts: dict[tuple[str, str], int]) -> None:
+        """Set ``meshxl_xds_members`` to ``counts``; a cluster gone from the model loses
+        its series."""
+        if counts == self._member_counts:
+            return
+        for key in self._member_counts.keys() - counts.keys():
+            self.members.remove(*key)
+        for (cluster, state), n in counts.items():
+            self.members.labels(cluster, state).set(n)
+        self._member_counts = dict(counts)
 
     # -- reported by the ADS servers -------------------------------------------------
 
@@ -96,6 +133,21 @@ class XdsMetrics:
         if found is None:
             found = self._labelled[key] = make(type_label(type_url))
         return found
+
+
+def member_state_counts(model: ModelSpec | None,
+                        runtime: RuntimeState) -> dict[tuple[str, str], int]:
+    """(cluster, state) -> members in that state, every state of every cluster listed
+    (zeros too: an alert on ``> 0`` then has a series to compare)."""
+    counts: dict[tuple[str, str], int] = {}
+    if model is None:
+        return counts
+    for spec in model.clusters:
+        found = dict.fromkeys(MemberState, 0)
+        for member in cluster_view(spec, runtime).members:
+            found[member.state] += 1
+        counts.update(((spec.name, str(state)), n) for state, n in found.items())
+    return counts
 
 
 class Convergence:
