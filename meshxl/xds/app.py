@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,17 @@ class ControlPlaneConfig:
         return ServerTls(self.tls_cert, self.tls_key, self.client_ca)
 
 
+AdminPages = Callable[[web.Application, "ControlPlane"], None]
+"""Adds pages to the admin port's application (``meshxl serve xds`` adds the live
+view, :mod:`meshxl.ui`, which sits above this package)."""
+
+
 class ControlPlane:
     """One replica of the xDS control plane."""
 
-    def __init__(self, config: ControlPlaneConfig):
+    def __init__(self, config: ControlPlaneConfig, *, admin_pages: AdminPages | None = None):
         self.config = config
+        self.admin_pages = admin_pages
         self.tls = config.server_tls()
         self.keys = Keys(config.etcd_root)
         self.cache = SnapshotCache()
@@ -532,6 +539,8 @@ class ControlPlane:
         app.router.add_get("/v1/status", status)
         app.router.add_get("/v1/nodes", nodes)
         app.router.add_get("/metrics", self._metrics)
+        if self.admin_pages is not None:
+            self.admin_pages(app, self)
         self._runner = mweb.Runner(app)
         await self._runner.setup()
         try:
