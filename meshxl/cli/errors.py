@@ -93,9 +93,11 @@ def checked(fn: Callable[[], T], overrides: Overrides | None = None) -> T:
         fail(str(exc))
 
 
-def run(coro_fn: Callable[[], Awaitable[T]], overrides: Overrides | None = None) -> T:
+def run(coro_fn: Callable[[], Awaitable[T]], overrides: Overrides | None = None,
+        interrupted: int = INTERRUPTED) -> T:
     """Run an async command: meshxl failures reported as one line and an exit, an etcd
-    or gRPC failure as one line (never a traceback), Ctrl-C as exit 130."""
+    or gRPC failure as one line (never a traceback), Ctrl-C as exit ``interrupted``
+    (130; 0 for a command that runs until Ctrl-C, such as ``meshxl status --watch``)."""
     async def main() -> T:
         return await coro_fn()
 
@@ -104,7 +106,7 @@ def run(coro_fn: Callable[[], Awaitable[T]], overrides: Overrides | None = None)
     except MeshxlError as exc:
         report(exc, overrides)
     except KeyboardInterrupt:
-        sys.exit(INTERRUPTED)
+        sys.exit(interrupted)
     except Exception as exc:  # etcd unreachable and friends: one line, not a traceback
         import aetcd.exceptions
         import grpc

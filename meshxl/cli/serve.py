@@ -61,8 +61,11 @@ def serve() -> None:
 @click.option("--client-ca", type=FILE, metavar="FILE",
               help="Mutual TLS: accept only Envoys presenting a client certificate signed "
                    "by this CA (needs --tls-cert).")
-@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status); "
-              "plain HTTP: keep it on loopback or a private network.")
+@click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status) and "
+              "live view (/ui/); plain HTTP: keep it on loopback or a private network.")
+@click.option("--ui/--no-ui", default=True, show_default=True,
+              help="Serve the live view (/ui/ and /v1/view: what 'meshxl status' shows) "
+                   "on the --admin port.")
 @click.option("--replica", help="This replica's name (default: host-pid).")
 @click.option("--debounce", type=click.FloatRange(0, 5), default=0.01, show_default=True,
               help="Quiet period (s) that ends a burst of changes.")
@@ -75,10 +78,11 @@ def serve() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
-              admin: str | None, replica: str | None, debounce: float, max_delay: float,
-              dns_interval: float, trace_file: Path | None, log_level: str) -> None:
+              admin: str | None, ui: bool, replica: str | None, debounce: float,
+              max_delay: float, dns_interval: float, trace_file: Path | None,
+              log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
-    from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+    from meshxl.xds.app import AdminPages, ControlPlane, ControlPlaneConfig
 
     setup_logging(log_level)
 
@@ -94,8 +98,13 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
         return config
 
     config = checked(settings)
+    pages: AdminPages | None = None
+    if ui:
+        from meshxl.ui import install
+
+        pages = install
     traced("xds", trace_file, {"meshxl.replica": config.replica},
-           lambda: ControlPlane(config).run_forever())
+           lambda: ControlPlane(config, admin_pages=pages).run_forever())
 
 
 @click.command("statesync")

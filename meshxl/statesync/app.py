@@ -332,6 +332,7 @@ class Sidecar:
             "revision": c.applied, "lag_seconds": c.last_lag,
             "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
+            "failover_takeovers": self.takeovers.summary(),
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
             "errors": c.errors, "last_error": c.last_error and c.last_error[:500],

@@ -35,6 +35,22 @@ log = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
 KEEP_SECONDS = 300.0
 """How long a takeover waits for its failover, and a failover for late takeovers."""
+SUMMARY_FAILOVERS = 16
+"""Failovers whose takeovers :meth:`TakeoverTracer.summary` lists (the latest)."""
+SUMMARY_TIMES = 32
+"""Takeover times listed per failover (the first ones; all are counted)."""
+
+
+@dataclass
+class _Joined:
+    """The takeovers of one failover, summed up."""
+
+    lost_member: str
+    count: int = 0
+    first_ns: int = 0
+    last_ns: int = 0
+    times: list[tuple[int, int]] = field(default_factory=list)
+    updated: float = 0.0
 
 
 def _context(traceparent: str | None) -> Context | None:
@@ -54,7 +70,7 @@ class _Recent:
     takeover: Takeover
     span: SpanContext
     joined: set[str] = field(default_factory=set)
-    """Failover traces this takeover already joined."""
+    """Failovers (their ids) this takeover already joined."""
 
 
 class TakeoverTracer:
@@ -66,7 +82,9 @@ class TakeoverTracer:
         self.member = member
         self._tracer = trace.get_tracer("meshxl.statesync", tracer_provider=tracer_provider)
         self._recent: deque[_Recent] = deque()
-        self._failovers: dict[str, tuple[str, float]] = {}  # lost member -> (traceparent, at)
+        # lost member -> (its latest failover's traceparent, the failover's id, seen at)
+        self._failovers: dict[str, tuple[str | None, str, float]] = {}
+        self._joined: dict[str, _Joined] = {}  # failover id -> its takeovers here
         self.joined = 0
 
     def record(self, t: Takeover) -> None:
@@ -85,37 +103,68 @@ class TakeoverTracer:
         self._prune()
         failover = self._failovers.get(t.previous_owner)
         if failover is not None:
-            self._join(recent, failover[0])
+            self._join(recent, failover[0], failover[1])
 
-    def failover(self, lost_member: str, traceparent: str) -> None:
-        """A failover of ``lost_member`` was published: join the takeovers from it."""
-        self._failovers[lost_member] = (traceparent, time.time())
+    def failover(self, lost_member: str, traceparent: str | None,
+                 failover_id: str | None = None) -> None:
+        """A failover of ``lost_member`` was published: join the takeovers from it.
+
+        ``failover_id`` names the failover whether or not it is traced (a control plane
+        exporting no spans publishes no trace context); it defaults to the traceparent.
+        """
+        key = failover_id or traceparent
+        if key is None:
+            return
+        self._failovers[lost_member] = (traceparent, key, time.time())
         for recent in self._recent:
             if recent.takeover.previous_owner == lost_member:
-                self._join(recent, traceparent)
+                self._join(recent, traceparent, key)
         self._prune()
 
-    def _join(self, recent: _Recent, traceparent: str) -> None:
-        parent = _context(traceparent)
-        if parent is None or traceparent in recent.joined:
+    def _join(self, recent: _Recent, traceparent: str | None, key: str) -> None:
+        if key in recent.joined:
             return
-        recent.joined.add(traceparent)
+        recent.joined.add(key)
         t = recent.takeover
-        span = self._tracer.start_span(
-            names.FAILOVER_TAKEOVER, context=parent, start_time=t.start_ns,
-            links=[Link(recent.span, {"meshxl.link": "request_trace"})],
-            attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
-                        names.SESSION: t.session_id, names.PREVIOUS_OWNER: t.previous_owner})
-        span.end(end_time=t.end_ns)
-        self.joined += 1
+        parent = _context(traceparent)
+        if parent is not None:
+            span = self._tracer.start_span(
+                names.FAILOVER_TAKEOVER, context=parent, start_time=t.start_ns,
+                links=[Link(recent.span, {"meshxl.link": "request_trace"})],
+                attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
+                            names.SESSION: t.session_id,
+                            names.PREVIOUS_OWNER: t.previous_owner})
+            span.end(end_time=t.end_ns)
+            self.joined += 1
+        joined = self._joined.pop(key, None) or _Joined(t.previous_owner)
+        self._joined[key] = joined  # the most recently joined last
+        joined.count += 1
+        joined.first_ns = min(joined.first_ns or t.start_ns, t.start_ns)
+        joined.last_ns = max(joined.last_ns, t.end_ns)
+        joined.updated = time.time()
+        if len(joined.times) < SUMMARY_TIMES:
+            joined.times.append((t.start_ns, t.end_ns))
+        while len(self._joined) > SUMMARY_FAILOVERS:
+            del self._joined[next(iter(self._joined))]
+
+    def summary(self) -> list[dict[str, object]]:
+        """The takeovers joined to each recent failover (by its id): count, first
+        start, last end and the first :data:`SUMMARY_TIMES` (start, end) pairs, in
+        seconds."""
+        return [{"failover": key, "member": j.lost_member, "count": j.count,
+                 "first": round(j.first_ns / 1e9, 6), "last": round(j.last_ns / 1e9, 6),
+                 "times": [[round(a / 1e9, 6), round(b / 1e9, 6)] for a, b in j.times]}
+                for key, j in self._joined.items()]
 
     def _prune(self) -> None:
         horizon_ns = time.time_ns() - int(KEEP_SECONDS * 1e9)
         while self._recent and self._recent[0].takeover.end_ns < horizon_ns:
             self._recent.popleft()
         horizon = time.time() - KEEP_SECONDS
-        for member in [m for m, (_, at) in self._failovers.items() if at < horizon]:
+        for member in [m for m, (_, _, at) in self._failovers.items() if at < horizon]:
             del self._failovers[member]
+        for key in [k for k, j in self._joined.items() if j.updated < horizon]:
+            del self._joined[key]
 
 
 async def follow_failovers(client: aetcd.Client, prefix: str, tracer: TakeoverTracer) -> None:
@@ -143,13 +192,20 @@ async def follow_failovers(client: aetcd.Client, prefix: str, tracer: TakeoverTr
             backoff = min(backoff * 2, 5.0)
 
 
+_MAX_ID = 512
+
+
 def _offer(tracer: TakeoverTracer, raw: bytes) -> None:
     try:
         record = json.loads(raw)
-        member, traceparent = record["member"], record["traceparent"]
-    except (ValueError, KeyError, TypeError, RecursionError):
+        member, traceparent = record["member"], record.get("traceparent")
+        failover_id = record.get("id")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         log.debug("ignoring a malformed failover record")
         return
-    if (isinstance(member, str) and 0 < len(member) <= 253 and isinstance(traceparent, str)
-            and valid_traceparent(traceparent)):
-        tracer.failover(member, traceparent)
+    if not (isinstance(traceparent, str) and valid_traceparent(traceparent)):
+        traceparent = None
+    if not (isinstance(failover_id, str) and 0 < len(failover_id) <= _MAX_ID):
+        failover_id = None
+    if isinstance(member, str) and 0 < len(member) <= 253 and (traceparent or failover_id):
+        tracer.failover(member, traceparent, failover_id)

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,24 @@ class ControlPlaneConfig:
         return ServerTls(self.tls_cert, self.tls_key, self.client_ca)
 
 
+AdminPages = Callable[[web.Application, "ControlPlane"], None]
+"""Adds pages to the admin port's application (``meshxl serve xds`` adds the live
+view, :mod:`meshxl.ui`, which sits above this package)."""
+
+
 class ControlPlane:
     """One replica of the xDS control plane."""
 
-    def __init__(self, config: ControlPlaneConfig):
+    def __init__(self, config: ControlPlaneConfig, *, admin_pages: AdminPages | None = None):
         self.config = config
+        self.admin_pages = admin_pages
         self.tls = config.server_tls()
         self.keys = Keys(config.etcd_root)
         self.cache = SnapshotCache()
         self.metrics = XdsMetrics()
         self.convergence = Convergence(self.metrics)
         self.failovers = FailoverTracer(connected=self._acked_endpoints,
-                                        on_start=self._record_failover)
+                                        on_change=self._record_failover)
         self.ads = AdsServer(self.cache, on_status_change=self._nodes_changed,
                              on_sent=self.failovers.sent, on_answer=self.failovers.answered,
                              metrics=self.metrics)
@@ -144,6 +151,8 @@ class ControlPlane:
         self._node_values: dict[str, bytes] = {}
         self._undeleted: dict[str, bytes] = {}  # records whose removal failed
         self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
+        self._failover_records: dict[tuple[str, str], bytes] = {}  # waiting to be written
+        self._failover_pending = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -177,6 +186,7 @@ class ControlPlane:
             self._spawn(self.mesh.run())
             await self.mesh.synced.wait()
             self._spawn(self._keep_lease())
+            self._spawn(self._write_failovers())
             self.history = MemberHistory(self.client, self.keys, cfg.replica)
             self.history.start()
         model = self.model
@@ -323,25 +333,41 @@ class ControlPlane:
         """Connected Envoy nodes and the EDS version each ACKed last."""
         return {node: types.get(ENDPOINT) for node, types in self.ads.acked().items()}
 
-    def _record_failover(self, loss: Loss, root: Any) -> None:
-        """Publish the failover's trace context, so sidecars link their takeovers to it."""
+    def _record_failover(self, loss: Loss, root: Any, timeline: dict[str, Any]) -> None:
+        """Publish the failover's trace context (sidecars link their takeovers to it) and
+        its timeline (``meshxl status`` and the live view show it, from any replica).
+
+        Called when the failover starts, is pushed and ends: the latest record per
+        member waits for the writer, so a slow etcd never delays a push and never
+        writes an older timeline over a newer one."""
         if self.client is None:
             return
         carrier: dict[str, str] = {}
         TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(root))
-        record = {"traceparent": carrier.get("traceparent"), "cause": loss.cause,
-                  "member": loss.member, "at": time.time(), "replica": self.config.replica}
-        self._spawn(self._write_failover(loss, json.dumps(record).encode()))
+        record = {**timeline, "traceparent": carrier.get("traceparent"), "cause": loss.cause,
+                  "member": loss.member, "at": timeline.get("detected") or time.time(),
+                  "replica": self.config.replica}
+        self._failover_records[(loss.cluster, loss.member)] = json.dumps(record).encode()
+        self._failover_pending.set()
 
-    async def _write_failover(self, loss: Loss, value: bytes) -> None:
+    async def _write_failovers(self) -> None:
+        """Write the waiting failover records, each under a lease of
+        :data:`FAILOVER_RECORD_TTL` (a failover is kept that long after its last change)."""
         assert self.client is not None
-        try:
-            lease = await self.client.lease(FAILOVER_RECORD_TTL)
-            await self.client.put(self.keys.failover(loss.cluster, loss.member).encode(),
-                                  value, lease=lease)
-        except Exception as exc:
-            log.warning("failover record for %s/%s not written: %s", loss.cluster,
-                        loss.member, exc)
+        while True:
+            await self._failover_pending.wait()
+            self._failover_pending.clear()
+            records, self._failover_records = self._failover_records, {}
+            for (cluster, member), value in records.items():
+                try:
+                    lease = await self.client.lease(FAILOVER_RECORD_TTL)
+                    await self.client.put(self.keys.failover(cluster, member).encode(),
+                                          value, lease=lease)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("failover record for %s/%s not written: %s", cluster,
+                                member, exc)
 
     async def _tick_failovers(self) -> None:
         while True:
@@ -524,6 +550,8 @@ class ControlPlane:
         app.router.add_get("/v1/status", status)
         app.router.add_get("/v1/nodes", nodes)
         app.router.add_get("/metrics", self._metrics)
+        if self.admin_pages is not None:
+            self.admin_pages(app, self)
         self._runner = mweb.Runner(app)
         await self._runner.setup()
         try:

@@ -6,6 +6,12 @@ took it (or its site) down. The trace then follows the decision through the rebu
 the push of the new EDS version to every connected Envoy and each Envoy's ACK; the
 root span ends when the last of them ACKed (or after ``timeout``, as an error).
 
+Beside the spans, each failover keeps its timeline (when the loss was seen, the
+rebuild, each Envoy's push and answer, NACK texts included) as a JSON-able record:
+:class:`FailoverTracer` hands it to ``on_change`` when the failover starts, when its
+version is pushed and when it ends, and the control plane stores it in etcd for
+``meshxl status`` and the live view of every replica.
+
 Span names and attributes: :mod:`meshxl.telemetry.names` and docs/telemetry.md.
 """
 
@@ -15,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
@@ -50,17 +57,66 @@ class Loss:
     to_state: str
 
 
+TIMELINE_NODES = 50
+"""Envoy nodes a failover's timeline lists one by one (the others are only counted), so
+a push to a thousand Envoys stays a small record."""
+
+_NACK_TEXT = 1024
+"""Characters of a NACK text kept in a timeline."""
+
+
+def _seconds(ns: int | None) -> float | None:
+    return None if ns is None else round(ns / 1e9, 6)
+
+
+@dataclass
+class _NodeTimes:
+    pushed: int
+    sent: int | None = None
+    answered: int | None = None
+    nack: str | None = None
+
+
 @dataclass
 class _Failover:
     loss: Loss
     root: Span
     detect: Span | None
+    detected_ns: int = 0
+    revision: int | None = None
     rebuild: Span | None = None
+    rebuild_ns: int | None = None
+    built_ns: int | None = None
     version: str | None = None
     waiting: set[str] = field(default_factory=set)
     pushes: dict[str, Span] = field(default_factory=dict)
     acks: dict[str, Span] = field(default_factory=dict)
     deadline: float = 0.0
+    nodes: dict[str, _NodeTimes] = field(default_factory=dict)
+    """Per Envoy node (the first :data:`TIMELINE_NODES`): push, send and answer times."""
+    nodes_total: int = 0
+    acked: int = 0
+    nacked: int = 0
+    ended_ns: int | None = None
+    outcome: str = "open"
+    """``open``, ``converged`` (every Envoy answered), ``timeout`` or ``stopped``."""
+
+    def timeline(self) -> dict[str, Any]:
+        """The failover as a JSON-able record (times in seconds since the epoch)."""
+        loss = self.loss
+        return {
+            "id": f"{loss.cluster}/{loss.member}@{self.detected_ns}",
+            "cluster": loss.cluster, "member": loss.member, "cause": loss.cause,
+            "from_state": loss.from_state, "to_state": loss.to_state,
+            "revision": self.revision, "detected": _seconds(self.detected_ns),
+            "rebuild": _seconds(self.rebuild_ns), "built": _seconds(self.built_ns),
+            "version": self.version, "nodes_total": self.nodes_total,
+            "acked": self.acked, "nacked": self.nacked,
+            "nodes": [{"node": node, "pushed": _seconds(t.pushed), "sent": _seconds(t.sent),
+                       "answered": _seconds(t.answered), "nack": t.nack}
+                      for node, t in sorted(self.nodes.items())],
+            "ended": _seconds(self.ended_ns), "outcome": self.outcome,
+        }
 
 
 def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState,
@@ -83,11 +139,13 @@ class FailoverTracer:
 
     def __init__(self, *, connected: Callable[[], dict[str, str | None]],
                  timeout: float = 10.0,
-                 on_start: Callable[[Loss, Span], None] | None = None,
+                 on_change: Callable[[Loss, Span, dict[str, Any]], None] | None = None,
                  tracer_provider: trace.TracerProvider | None = None):
+        """``on_change(loss, root_span, timeline)``: called when a failover starts, when
+        its version is pushed and when it ends (no I/O in it: it runs on the push path)."""
         self._connected = connected
         self._timeout = timeout
-        self._on_start = on_start
+        self._on_change = on_change
         self._tracer = trace.get_tracer("meshxl.xds", tracer_provider=tracer_provider)
         self._open: list[_Failover] = []
         self.started = 0
@@ -120,12 +178,16 @@ class FailoverTracer:
             ctx = trace.set_span_in_context(root)
             detect = self._tracer.start_span(names.FAILOVER_DETECT, context=ctx,
                                              start_time=seen_ns, attributes=attrs)
-            self._open.append(_Failover(loss, root, detect))
+            f = _Failover(loss, root, detect, detected_ns=seen_ns, revision=revision)
+            self._open.append(f)
             self.started += 1
             log.info("failover: %s/%s %s (%s -> %s)", loss.cluster, loss.member, loss.cause,
                      loss.from_state, loss.to_state)
-            if self._on_start is not None:
-                self._on_start(loss, root)
+            self._changed(f)
+
+    def _changed(self, f: _Failover) -> None:
+        if self._on_change is not None:
+            self._on_change(f.loss, f.root, f.timeline())
 
     def rebuilding(self) -> None:
         now = time.time_ns()
@@ -136,6 +198,7 @@ class FailoverTracer:
                 f.rebuild = self._tracer.start_span(
                     names.FAILOVER_REBUILD, context=trace.set_span_in_context(f.root),
                     start_time=now)
+                f.rebuild_ns = now
 
     def built(self, version: str, changed: bool) -> None:
         """The snapshot with ``version`` (EDS) is about to be served."""
@@ -147,6 +210,7 @@ class FailoverTracer:
                 f.rebuild.set_attribute(names.VERSION, version)
                 f.rebuild.end(end_time=now)
                 f.rebuild = None
+                f.built_ns = now
             if not changed and f.version is not None:
                 continue
             f.version = version
@@ -154,6 +218,8 @@ class FailoverTracer:
             f.root.set_attribute(names.NODES, len(acked))
             f.waiting = set(nodes)
             f.deadline = time.monotonic() + self._timeout
+            f.nodes_total, f.acked, f.nacked = len(nodes), 0, 0
+            f.nodes = {node: _NodeTimes(now) for node in sorted(nodes)[:TIMELINE_NODES]}
             ctx = trace.set_span_in_context(f.root)
             for node in nodes:
                 if node not in f.pushes:
@@ -161,6 +227,8 @@ class FailoverTracer:
                         names.FAILOVER_PUSH, context=ctx, start_time=now,
                         attributes={names.NODE: node, names.TYPE_URL: ENDPOINT,
                                     names.VERSION: version})
+            if f.waiting:
+                self._changed(f)  # pushed: the timeline shows who it waits for
         self._close_finished()
 
     def _awaiting(self, node: str, type_url: str, version: str) -> list[_Failover]:
@@ -175,6 +243,9 @@ class FailoverTracer:
             push = f.pushes.pop(node, None)
             if push is not None:
                 push.end(end_time=now)
+            times = f.nodes.get(node)
+            if times is not None and times.sent is None:
+                times.sent = now
             if node not in f.acks:
                 f.acks[node] = self._tracer.start_span(
                     names.FAILOVER_ACK, context=trace.set_span_in_context(f.root),
@@ -192,7 +263,16 @@ class FailoverTracer:
                 if error:
                     ack.set_status(Status(StatusCode.ERROR, f"NACK: {error}"))
                 ack.end(end_time=now)
-            f.waiting.discard(node)
+            if node in f.waiting:
+                f.waiting.discard(node)
+                if error:
+                    f.nacked += 1
+                else:
+                    f.acked += 1
+                times = f.nodes.get(node)
+                if times is not None:
+                    times.answered = now
+                    times.nack = error[:_NACK_TEXT] if error else None
         self._close_finished()
 
     def tick(self) -> None:
@@ -218,6 +298,8 @@ class FailoverTracer:
                                          f"{len(f.waiting)} Envoy node(s) did not ACK "
                                          f"within {self._timeout:g}s"))
             f.root.end(end_time=now)
+            f.ended_ns, f.outcome = now, "timeout" if timed_out else "converged"
+            self._changed(f)
         self._open = still
 
     def close(self) -> None:

@@ -76,13 +76,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     yield Installed(venv, work, seconds)
 
 
-def test_the_wheel_carries_the_otlp_descriptors(installed: Installed) -> None:
+def test_the_wheel_carries_the_otlp_descriptors_and_the_live_view(
+        installed: Installed) -> None:
     import zipfile
+
+    from meshxl.ui import ASSETS
 
     [wheel] = (installed.work / "dist").glob("meshxl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "meshxl/telemetry/otlp_trace.binpb" in names
     assert "meshxl/__main__.py" in names
+    for asset in ASSETS:  # the page is served from the package: no network needed
+        assert f"meshxl/ui/static/{asset}" in names, asset
+    script = ("from meshxl.ui import ASSETS, _asset; "
+              "print(sum(len(_asset(name)) > 0 for name in ASSETS))")
+    out = _run([installed.bin("python"), "-c", script], installed.work, 60).stdout
+    assert out.strip() == str(len(ASSETS))
 
 
 def test_version_from_the_installed_venv(installed: Installed) -> None:

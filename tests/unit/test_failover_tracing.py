@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -12,9 +14,9 @@ from opentelemetry.trace import StatusCode
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
 from meshxl.statesync.sessions import Takeover
-from meshxl.statesync.tracing import TakeoverTracer
+from meshxl.statesync.tracing import SUMMARY_FAILOVERS, SUMMARY_TIMES, TakeoverTracer
 from meshxl.telemetry import names
-from meshxl.xds.failover import FailoverTracer, losses
+from meshxl.xds.failover import TIMELINE_NODES, FailoverTracer, losses
 from meshxl.xds.types import CLUSTER, ENDPOINT
 
 MODEL = parse_model("""
@@ -100,6 +102,61 @@ def test_a_failover_trace_follows_rebuild_push_and_ack(exporter) -> None:  # typ
     assert root.end_time >= spans[(names.FAILOVER_ACK, "n2")].end_time
 
 
+def test_the_timeline_follows_the_failover_and_keeps_nack_texts() -> None:
+    """What the control plane stores in etcd for ``meshxl status`` and the live view:
+    the timeline when the failover starts, when it is pushed and when it ends."""
+    acked: dict[str, str | None] = {f"n{i:02d}": "v0" for i in range(60)}
+    records: list[dict[str, Any]] = []
+    tracer = FailoverTracer(connected=lambda: dict(acked),
+                            on_change=lambda loss, root, timeline: records.append(timeline))
+    seen = time.time_ns()
+    tracer.detected(losses(MODEL, BOTH, RuntimeState(registrations={
+        ("c", "b"): Registration("127.0.0.1", 8002)})), seen, revision=7)
+    assert len(records) == 1
+    started = records[0]
+    assert (started["cluster"], started["member"], started["cause"]) == (
+        "c", "a", "lease_expired")
+    assert started["detected"] == round(seen / 1e9, 6) and started["revision"] == 7
+    assert started["outcome"] == "open" and started["version"] is None
+    assert started["id"] == f"c/a@{seen}"
+
+    tracer.rebuilding()
+    tracer.built("v1", changed=True)
+    pushed = records[-1]
+    assert len(records) == 2 and pushed["version"] == "v1"
+    assert pushed["detected"] <= pushed["rebuild"] <= pushed["built"]
+    assert pushed["nodes_total"] == 60 and len(pushed["nodes"]) == TIMELINE_NODES
+    assert all(n["pushed"] == pushed["built"] and n["answered"] is None
+               for n in pushed["nodes"])
+
+    nack = "cluster c: " + "x" * 5000
+    for node in acked:
+        tracer.sent(node, ENDPOINT, "v1", None)
+        tracer.answered(node, ENDPOINT, "v1", nack if node == "n00" else None)
+    ended = records[-1]
+    assert len(records) == 3 and tracer.open == 0
+    assert ended["outcome"] == "converged" and ended["ended"] >= ended["built"]
+    assert (ended["acked"], ended["nacked"]) == (59, 1)
+    first = ended["nodes"][0]
+    assert first["node"] == "n00" and first["nack"] == nack[:1024]
+    assert first["pushed"] <= first["sent"] <= first["answered"]
+    assert ended["nodes"][1]["nack"] is None
+    json.dumps(ended)  # stored as JSON
+
+
+def test_a_timeline_that_times_out_says_so() -> None:
+    records: list[dict[str, Any]] = []
+    tracer = FailoverTracer(connected=lambda: {"n1": None}, timeout=0.0,
+                            on_change=lambda loss, root, timeline: records.append(timeline))
+    tracer.detected(losses(MODEL, BOTH, RuntimeState()), time.time_ns(), None)
+    tracer.rebuilding()
+    tracer.built("v9", changed=True)
+    time.sleep(0.001)
+    tracer.tick()
+    assert {r["outcome"] for r in records[-2:]} == {"timeout"}
+    assert records[-1]["acked"] == 0 and records[-1]["nodes"][0]["answered"] is None
+
+
 def test_nodes_that_already_have_the_version_are_not_waited_for(exporter) -> None:  # type: ignore[no-untyped-def]
     provider, memory = exporter
     tracer = FailoverTracer(connected=lambda: {"n1": "v1"}, tracer_provider=provider)
@@ -115,7 +172,7 @@ def test_a_replica_without_envoys_traces_nothing(exporter) -> None:  # type: ign
     provider, memory = exporter
     started: list[str] = []
     tracer = FailoverTracer(connected=dict, tracer_provider=provider,
-                            on_start=lambda loss, _root: started.append(loss.member))
+                            on_change=lambda loss, _root, _t: started.append(loss.member))
     tracer.detected(losses(MODEL, BOTH, RuntimeState()), time.time_ns(), None)
     tracer.rebuilding()
     tracer.built("v2", changed=True)
@@ -160,6 +217,29 @@ def test_takeovers_join_the_failover_whenever_it_appears(exporter) -> None:  # t
     s1 = next(s for s in request if s.attributes[names.SESSION] == "s1")
     assert format(s1.links[0].context.trace_id, "032x") == "1" * 32  # previous owner's write
     assert (s1.end_time - s1.start_time) == 3_000_000
+
+
+def test_takeovers_are_summed_up_per_failover_with_or_without_tracing() -> None:
+    """The sync statistics carry each failover's takeovers, whether the control plane
+    exports spans (a trace context) or not (only the failover's id)."""
+    takeovers = TakeoverTracer("c", "b")  # no tracer provider: spans record nothing
+    now = time.time_ns()
+    for i in range(40):
+        takeovers.record(Takeover(f"s{i}", "a", "b", now + i * 1000, now + i * 2000, None))
+    takeovers.record(Takeover("t", "x", "b", now, now + 1000, None))  # another member's
+    takeovers.failover("a", None, "c/a@1")
+    takeovers.failover("a", None, "c/a@1")  # the record rewritten: nothing counted twice
+    takeovers.record(Takeover("late", "a", "b", now + 10**9, now + 2 * 10**9, None))
+    [summary] = takeovers.summary()
+    assert summary["failover"] == "c/a@1" and summary["member"] == "a"
+    assert summary["count"] == 41 and len(summary["times"]) == SUMMARY_TIMES
+    assert summary["first"] == round(now / 1e9, 6)
+    assert summary["last"] == round((now + 2 * 10**9) / 1e9, 6)
+    assert takeovers.failover("x", None) is None  # neither id nor trace: ignored
+    assert len(takeovers.summary()) == 1
+    for k in range(SUMMARY_FAILOVERS + 3):  # only the latest failovers are kept
+        takeovers.failover("a", None, f"c/a@{k + 2}")
+    assert len(takeovers.summary()) == SUMMARY_FAILOVERS
 
 
 def test_an_unlisted_registered_member_whose_lease_ends_is_lease_expired() -> None:

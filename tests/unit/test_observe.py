@@ -11,10 +11,13 @@ from rich.console import Console
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
 from meshxl.observe import (
+    DEPARTED_SECONDS,
     EnvoyLive,
     MeshRead,
     expected_endpoints,
     expected_versions,
+    failover_report,
+    live_report,
     status_report,
     sync_report,
     verify_report,
@@ -141,6 +144,82 @@ def test_status_report_roles_shares_states_and_history() -> None:
     render_status(report, Console(file=out, width=200))
     text = out.getvalue()
     assert "cluster web" in text and "admin-down" in text and "CDS v2: bad" in text
+
+
+def test_a_member_whose_registration_ended_is_listed_as_lost_for_a_while() -> None:
+    at = "2026-01-01T00:00:00.000+00:00"
+    then = 1767225600.0  # at, as epoch seconds
+    history = {"state": "lost", "reason": "registration lease ended", "at": at,
+               "failovers": 2}
+    read = read_of(runtime(gone=[("web", "a")]), states={
+        ("web", "a"): history, ("web", "b"): {**history, "state": "ready"},
+        ("api", "old"): history})
+    report = status_report(read, now=then + 10)
+    web = next(c for c in report["clusters"] if c["name"] == "web")
+    assert [m["name"] for m in web["members"]] == ["b", "c"]
+    [gone] = web["departed"]
+    assert (gone["name"], gone["state"], gone["failovers"]) == ("a", "lost", 2)
+    assert gone["last_change"]["reason"] == "registration lease ended"
+    # A listed member stays in "members"; and after a while the departed are forgotten.
+    api = next(c for c in report["clusters"] if c["name"] == "api")
+    assert [m["name"] for m in api["departed"]] == ["old"]
+    later = status_report(read, now=then + DEPARTED_SECONDS + 1)
+    assert all(not c["departed"] for c in later["clusters"])
+    text = io.StringIO()
+    render_status(report, Console(file=text, width=200))
+    assert "lost (left)" in text.getvalue()
+
+
+def _failover_record(**extra: Any) -> dict[str, Any]:
+    return {"id": "web/a@1", "traceparent": None, "cluster": "web", "member": "a",
+            "cause": "lease_expired", "from_state": "ready", "to_state": "lost",
+            "detected": 100.0, "rebuild": 100.001, "built": 100.002, "version": "v2",
+            "nodes_total": 2, "acked": 1, "nacked": 1, "outcome": "converged",
+            "ended": 100.0105, "replica": "xds-0",
+            "nodes": [{"node": "e1", "pushed": 100.002, "sent": 100.003,
+                       "answered": 100.004, "nack": None},
+                      {"node": "e2", "pushed": 100.002, "sent": 100.003,
+                       "answered": 100.01, "nack": "bad endpoint"}], **extra}
+
+
+def test_failovers_join_the_takeovers_their_new_owners_published() -> None:
+    takeovers = [{"failover": "web/a@1", "member": "a", "count": 12, "first": 98.0,
+                  "last": 98.5, "times": [[98.0, 98.1], [98.2, 98.5]]},
+                 {"failover": "web/a@0", "member": "a", "count": 99, "first": 1.0,
+                  "last": 2.0, "times": []}]  # an older failover of the same member
+    read = read_of(runtime(gone=[("web", "a")]), failovers={
+        ("web", "a"): _failover_record(),
+        ("web", "c"): _failover_record(member="c", id="web/c@1", detected=200.0,
+                                       outcome="open", ended=None, nodes=[])},
+        sync={("web", "b"): {"failover_takeovers": takeovers},
+              ("api", "x"): {"failover_takeovers": [{**takeovers[0], "count": 5}]}})
+    report = failover_report(read)
+    assert [(f["member"], f["outcome"]) for f in report] == [("c", "open"), ("a", "converged")]
+    a = report[1]
+    assert a["converged_ms"] == 10.5 and (a["acked"], a["nacked"]) == (1, 1)
+    assert [n["nack"] for n in a["nodes"]] == [None, "bad endpoint"]
+    assert a["takeovers"] == [{"member": "b", "count": 12, "first": 98.0, "last": 98.5,
+                               "times": [[98.0, 98.1], [98.2, 98.5]]}]
+    assert a["takeover_count"] == 12
+    assert report[0]["converged_ms"] is None and report[0]["takeovers"] == []
+    assert failover_report(read, "api") == []
+    assert status_report(read)["failovers"] == report
+    assert live_report(read, now=300.0)["status"]["failovers"] == report
+
+
+def test_malformed_failover_records_are_shown_as_far_as_they_go() -> None:
+    junk: dict[str, Any] = {"detected": "yesterday", "nodes": [1, {"node": 5}, {"node": "e"}],
+                            "acked": -3, "nacked": True, "outcome": ["x"], "ended": float("nan"),
+                            "cause": {"x": 1}}
+    read = read_of(runtime(), failovers={("web", "a"): junk},
+                   sync={("web", "b"): {"failover_takeovers": "lots"},
+                         ("web", "c"): {"failover_takeovers": [None, {"failover": None}]}})
+    [f] = failover_report(read)
+    assert f["detected"] is None and f["ended"] is None and f["cause"] is None
+    assert [n["node"] for n in f["nodes"]] == ["e"]
+    assert (f["acked"], f["nacked"], f["outcome"]) == (0, 0, "open")
+    assert f["takeovers"] == [] and f["converged_ms"] is None
+    render_status(status_report(read), Console(file=io.StringIO(), width=200))
 
 
 # -- sync ----------------------------------------------------------------------------------

@@ -12,7 +12,14 @@ from rich.console import Console
 
 from meshxl.model import AdminAction, Registration, RuntimeState
 from meshxl.observe import MeshRead, status_report, sync_report, verify_report
-from meshxl.tables import MAX_CELL, plain, render_status, render_sync, render_verify
+from meshxl.tables import (
+    MAX_CELL,
+    plain,
+    render_status,
+    render_sync,
+    render_verify,
+    status_group,
+)
 from meshxl.xds.types import CLUSTER, ENDPOINT
 from tests.unit.test_observe import MODEL, expected_versions, live_from_model, read_of
 
@@ -61,6 +68,30 @@ def test_status_shows_operator_and_envoy_text_literally(
     text = render(render_status, status_report(read))
     check(text, nack, node)
     assert shown(reason)[:40] in text  # the reason shares a cell with the time
+
+
+@settings(max_examples=40, deadline=None)
+@given(member=hostile, node=hostile, nack=hostile, replica=hostile)
+def test_failovers_show_envoy_text_literally(member: str, node: str, nack: str,
+                                             replica: str) -> None:
+    record = {"cluster": "web", "member": member or "m", "cause": replica, "detected": 10.0,
+              "built": 10.001, "ended": 10.002, "outcome": "converged", "replica": replica,
+              "version": nack, "nodes_total": 1, "nacked": 1,
+              "nodes": [{"node": node, "pushed": 10.001, "sent": 10.001,
+                         "answered": 10.002, "nack": nack or "x"}]}
+    read = read_of(RuntimeState(), failovers={("web", member or "m"): record})
+    text = render(render_status, status_report(read))
+    check(text, member or "m", replica)
+    assert "recent failovers" in text and "0/1 acked, 1 NACK" in text
+    assert shown(nack or "x")[:40] in text and shown(node)[:40] in text
+
+
+def test_the_status_view_is_one_renderable_for_watch() -> None:
+    state = RuntimeState(registrations={("web", "a"): Registration("127.0.0.1", 8001)})
+    group = status_group(status_report(read_of(state)))
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(group)
+    assert "cluster web" in out.getvalue() and "Envoy nodes" in out.getvalue()
 
 
 @settings(max_examples=40, deadline=None)

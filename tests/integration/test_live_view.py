@@ -1,0 +1,299 @@
+"""The control plane's live view (``/ui/`` on its admin port) in a real browser:
+headless Chromium (Debian's package) driven by Playwright, against real etcd, two
+control-plane replicas, three members and Envoy.
+
+The page must show the members, Envoy's ACKed versions and the sidecars; a member
+killed under traffic must show as lost, with its failover's timeline (loss seen,
+rebuild, push, Envoy's ACK, the takeovers), within a second of the control plane
+seeing it; every replica shows the same; text from the mesh is shown as text; and the
+page runs without a single console error, loading nothing from anywhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import aiohttp
+import pytest
+
+from meshxl.etcdkeys import Keys
+from meshxl.local.deployment import DemoDeployment
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.traffic import Traffic
+from meshxl.ops import apply_model
+from meshxl.ui import SECURITY_HEADERS, install
+from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+from meshxl.xds.types import CLUSTER as CDS
+from meshxl.xds.types import ENDPOINT
+from tests.harness.browser import (
+    BrowserNotInstalled,
+    Console,
+    find_chromium,
+    open_page,
+    wait_for_js,
+)
+from tests.harness.cli import meshxl_json
+from tests.harness.controlplane import InProcessControlPlane
+
+pytestmark = pytest.mark.integration
+
+POLL = 0.25
+"""The page's poll period in these tests (seconds; ?interval=)."""
+SHOWN_WITHIN = 1.0
+"""Seconds from the control plane seeing a loss to the page showing it (generous: the
+page polls every POLL s and one read of etcd takes milliseconds)."""
+
+# Records when the page first shows member a as not ready and the failover of a: a
+# MutationObserver sees the DOM change as it happens (Date.now(), the host's clock, the
+# same one the control plane stamps its observation with).
+OBSERVE = """
+window.__seen = {};
+new MutationObserver(() => {
+  const now = Date.now();
+  const row = document.querySelector('tr.member[data-cluster="demo"][data-member="a"]');
+  if (row && row.dataset.state !== "ready" && !window.__seen.state) {
+    window.__seen.state = {at: now, state: row.dataset.state};
+  }
+  const card = document.querySelector('.failover[data-cluster="demo"][data-member="a"]');
+  if (card && !window.__seen.failover) {
+    window.__seen.failover = {at: now, detected: Number(card.dataset.detected)};
+  }
+}).observe(document, {subtree: true, childList: true, attributes: true});
+"""
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Fail (never skip) without a browser: setup installs it."""
+    try:
+        return find_chromium()
+    except BrowserNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
+    async with DemoDeployment(tmp_path / "work", replicas=2) as d:
+        harness.own(d.owner)  # its processes' logs in a failure report
+        yield d
+
+
+def assert_clean(console: Console) -> None:
+    assert console.problems() == [], "\n".join(console.problems())
+
+
+async def member_states(page: Any) -> dict[str, str]:
+    return dict(await page.eval_on_selector_all(
+        "tr.member", "rows => rows.map(r => [r.dataset.member, r.dataset.state])"))
+
+
+async def test_the_page_shows_members_and_a_failover_as_it_happens(
+    chromium: str, deployment: DemoDeployment, tmp_path: Path,
+) -> None:
+    d = deployment
+    # The second replica: no Envoy is connected to it, so it follows no failover
+    # itself; it shows what etcd holds, like every replica.
+    quiet, busy = d.replicas[1], d.replicas[0]
+    async with open_page(tmp_path / "profile") as (page, console):
+        await page.add_init_script(OBSERVE)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        await page.goto(f"{quiet.admin_url}/ui?interval={POLL}")
+        assert page.url == f"{quiet.admin_url}/ui/?interval={POLL}"
+        await wait_for_js(page, "document.querySelectorAll('tr.member[data-state=ready]')"
+                          ".length === 3", timeout=10)
+        rows = await page.eval_on_selector_all("tr.member", """rows => rows.map(r =>
+            Array.from(r.cells).map(c => c.textContent.trim()))""")
+        by_member = {r[0]: r for r in rows}
+        assert by_member["a"][1:4] == ["dc1", "active", "0"], rows
+        assert by_member["b"][2] == "standby" and by_member["c"][2] == "backup", rows
+        assert "100%" in by_member["a"][5] and "0%" in by_member["b"][5], rows
+        assert by_member["a"][7] == "ready", rows  # the reason column
+
+        # Envoy's ACKed versions are this replica's (both serve the same hashes).
+        await page.wait_for_selector('tr.node[data-node="meshxl-demo"]')
+        node = await page.eval_on_selector('tr.node[data-node="meshxl-demo"]',
+                                           "r => Array.from(r.cells).map(c => c.textContent)")
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{quiet.admin_url}/v1/status") as resp:
+            served = (await resp.json())["versions"]
+        assert node[3:7] == [served[CDS], served[ENDPOINT], *node[5:7]], node
+        assert node[0] == "meshxl-demo" and node[1] == busy.name
+        # The sidecars' sync state.
+        await wait_for_js(page, "document.querySelectorAll('#sidecars tr.sidecar').length"
+                          " === 3", timeout=10)
+
+        # kill -9 the active member under traffic.
+        traffic = Traffic(f"{d.url}/counter", 10, time.time() + 12, max_requests=2000)
+        load = asyncio.create_task(traffic.run())
+        await asyncio.sleep(1.5)
+        await d.kill_member("a")
+        await wait_for_js(page, "window.__seen.failover && window.__seen.state", timeout=20)
+        seen = await page.evaluate("window.__seen")
+        detected = seen["failover"]["detected"]
+        state_after = seen["state"]["at"] / 1000 - detected
+        failover_after = seen["failover"]["at"] / 1000 - detected
+        print(f"\nshown after the control plane saw the loss: member state "
+              f"{state_after * 1000:.0f} ms, failover {failover_after * 1000:.0f} ms "
+              f"(polling every {POLL * 1000:.0f} ms)")
+        assert seen["state"]["state"] == "lost"
+        assert state_after < SHOWN_WITHIN and failover_after < SHOWN_WITHIN, seen
+
+        # The failover's timeline: loss seen, rebuild, push and Envoy's ACK, then the
+        # takeovers that member b's sidecar publishes (every 2 s).
+        card = '.failover[data-cluster="demo"][data-member="a"]'
+        await page.wait_for_selector(f'{card}[data-outcome="converged"]', timeout=10_000)
+        for mark in ("line.detect", "rect.rebuild", "rect.push", "rect.ack", "circle.ack"):
+            assert await page.locator(f"{card} svg {mark}").count() >= 1, mark
+        await wait_for_js(page, f"""Array.from(document.querySelectorAll('{card} svg text'))
+            .some(t => t.textContent.startsWith('takeovers by b'))""", timeout=15,
+                          what="the takeovers by member b on the timeline")
+        assert await page.locator(f"{card} svg rect.takeover").count() >= 1
+        text = await page.locator(card).inner_text()
+        assert "lease_expired" in text and "1/1 Envoys ACKed" in text, text
+        assert f"followed by replica {busy.name}" in text, text
+        states = await member_states(page)
+        assert states["a"] == "lost" and states["b"] == "ready", states
+        b_share = await page.eval_on_selector('tr.member[data-member="b"] meter', "m => m.value")
+        assert b_share == 1
+
+        # The other replica shows the same failover.
+        await page.goto(f"{busy.admin_url}/ui/?interval={POLL}")
+        await page.wait_for_selector(f'{card}[data-outcome="converged"]')
+        assert await page.locator(f"{card} svg rect.takeover").count() >= 1
+
+        await load
+        assert_clean(console)
+        local = ("http://127.0.0.1:", "data:")
+        assert all(url.startswith(local) for url in requests), requests
+
+
+HOSTILE_MEMBER = '<img src=x onerror="window.__xss=1">'
+HOSTILE_NODE = "<b>envoy</b>&amp;"
+HOSTILE_NACK = "</td><script>window.__xss=2</script> field [bold]x[/] \u202e"
+HOSTILE_REASON = "<iframe srcdoc='<script>parent.__xss=3</script>'>"
+
+MODEL = """\
+clusters:
+- name: c
+  membership: registered
+  sites: [{name: dc1}]
+"""
+
+
+@pytest.fixture
+async def plane(harness: Owner, etcd: Any) -> ControlPlane:
+    """A control plane in this process with its admin port and the live view."""
+    port, admin = free_ports(2)
+    config = ControlPlaneConfig(listen=f"127.0.0.1:{port}", etcd=etcd.url,
+                                admin=f"127.0.0.1:{admin}", replica="xds-<i>")
+    control = ControlPlane(config, admin_pages=install)
+    harness.own(InProcessControlPlane(control, harness.root / "control-plane.log"))
+    await control.start()
+    return control
+
+
+async def test_text_from_the_mesh_is_shown_as_text(
+    chromium: str, plane: ControlPlane, etcd_client: aetcd.Client, tmp_path: Path,
+) -> None:
+    keys = Keys()
+    await apply_model(etcd_client, keys, MODEL, "test")
+    registration = {"address": "127.0.0.1", "port": 9000, "site": "dc1", "ready": True,
+                    "problems": ["<u>db</u>"]}
+    await etcd_client.put(keys.member("c", HOSTILE_MEMBER).encode(),
+                          json.dumps(registration).encode())
+    await etcd_client.put(keys.member_admin("c", HOSTILE_MEMBER).encode(),
+                          json.dumps({"reason": HOSTILE_REASON, "by": "<op>"}).encode())
+    node = {"streams": 1, "replica": "<i>xds</i>", "types": {CDS: {"acked_version": "<v>"}},
+            "nacks": 1, "last_nack": {"type_url": CDS, "version": "<v>",
+                                      "error": HOSTILE_NACK}}
+    await etcd_client.put(keys.node(HOSTILE_NODE).encode(), json.dumps(node).encode())
+    now = time.time()
+    failover = {"id": "x", "cluster": "c", "member": HOSTILE_MEMBER, "cause": "<cause>",
+                "from_state": "ready", "to_state": "<lost>", "detected": now - 1,
+                "rebuild": now - 0.99, "built": now - 0.98, "version": "<v2>",
+                "nodes_total": 1, "acked": 0, "nacked": 1, "outcome": "converged",
+                "ended": now - 0.97, "replica": "<i>", "nodes": [
+                    {"node": HOSTILE_NODE, "pushed": now - 0.98, "sent": now - 0.98,
+                     "answered": now - 0.97, "nack": HOSTILE_NACK}]}
+    await etcd_client.put(keys.failover("c", HOSTILE_MEMBER).encode(),
+                          json.dumps(failover).encode())
+
+    async with open_page(tmp_path / "profile") as (page, console):
+        page.on("dialog", lambda dialog: console.errors.append(f"dialog: {dialog.message}"))
+        await page.goto(f"http://127.0.0.1:{plane.admin_port}/ui/?interval={POLL}")
+        await page.wait_for_selector(".failover svg rect.nack")
+        await page.wait_for_selector("tr.node")
+        body = await page.locator("body").inner_text()
+        for text in (HOSTILE_MEMBER, HOSTILE_NODE, HOSTILE_REASON, "<u>db</u>", "<op>",
+                     "<cause>", "<v2>", "<i>xds</i>", "replica xds-<i>"):
+            assert text in body, text
+        assert HOSTILE_NACK.strip() in body
+        # Nothing was parsed as markup: no element the texts spell exists, nothing ran.
+        injected = await page.evaluate("""() => [
+            document.querySelectorAll('img, iframe, b, u, i').length,
+            Array.from(document.scripts).filter(s => !s.src).length,
+            window.__xss === undefined]""")
+        assert injected == [0, 0, True], injected
+        # A long node name is cut in the drawing and whole in its tooltip.
+        titles = await page.eval_on_selector_all(".failover svg text title",
+                                                 "ts => ts.map(t => t.textContent)")
+        assert f"Envoy {HOSTILE_NODE}" in titles, titles
+        assert_clean(console)
+
+
+async def test_the_page_and_its_data_answer_with_the_admin_port(
+    plane: ControlPlane, etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    await apply_model(etcd_client, Keys(), MODEL, "test")
+    base = f"http://127.0.0.1:{plane.admin_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/ui", allow_redirects=False) as resp:
+            assert resp.status == 302 and resp.headers["Location"] == "ui/"
+        for path, kind in (("/ui/", "text/html"), ("/ui/ui.js", "text/javascript"),
+                           ("/ui/ui.css", "text/css"), ("/v1/view", "application/json")):
+            async with http.get(f"{base}{path}") as resp:
+                assert resp.status == 200, path
+                assert resp.content_type == kind, path
+                for name, value in SECURITY_HEADERS.items():
+                    assert resp.headers[name] == value, (path, name)
+                body = await resp.read()
+            if path == "/ui/":
+                page = body.decode()
+                assert "http://" not in page.replace('href="../v1/view"', "")
+                assert "<script src=\"ui.js\" defer></script>" in page
+            if path == "/ui/ui.js":
+                assert b"innerHTML" not in body and b"insertAdjacentHTML" not in body
+        for path in ("/ui/index.htm", "/ui/..%2fapp.py", "/ui/static"):
+            async with http.get(f"{base}{path}") as resp:
+                assert resp.status == 404, path
+                assert (await resp.json())["status"] == 404
+        async with http.get(f"{base}/v1/view") as resp:
+            view = await resp.json()
+    # What `meshxl status` and `meshxl sync` report, from the same functions.
+    status = await meshxl_json("status", "--etcd", etcd.url)
+    sync = await meshxl_json("sync", "--etcd", etcd.url)
+    assert view["status"]["clusters"] == status["clusters"]
+    assert view["status"]["nodes"] == status["nodes"]
+    assert view["status"]["failovers"] == status["failovers"] == []
+    assert view["sync"]["sidecars"] == sync["sidecars"]
+    assert view["replica"]["name"] == "xds-<i>" and view["replica"]["ready"]
+
+
+async def test_no_ui_serves_only_the_status_endpoints(control_plane_process: Any,
+                                                      etcd: Any,
+                                                      etcd_client: aetcd.Client) -> None:
+    await apply_model(etcd_client, Keys(), MODEL, "test")
+    plane = control_plane_process(etcd=etcd.url, extra_args=("--no-ui",))
+    await plane.start()
+    for path in ("/ui/", "/v1/view"):
+        code, _ = await plane.get(path)
+        assert code == 404, path
+    assert (await plane.get("/v1/status"))[0] == 200
