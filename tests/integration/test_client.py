@@ -3,8 +3,9 @@
 What is checked: every operation of both clients and the errors they raise (the
 sidecar's messages and fields), connection reuse, a fenced writer's 409, a contended
 ``update`` from two clients on two members (every increment counted once), 503s while
-etcd is down and recovery once it is back, a token-protected sidecar, and the aiohttp
-and ASGI middlewares (load, save, 409 on a lost write, retries).
+etcd is down and recovery once it is back, a token-protected sidecar, the aiohttp
+and ASGI middlewares (load, save, 409 on a lost write, retries), and the demo app's
+answers through the client.
 """
 
 from __future__ import annotations
@@ -487,3 +488,40 @@ async def test_asgi_middleware(harness: Owner, etcd: EtcdServer, start_sidecar: 
     status, body = await call(plain, [(b"x-session-id", b"a/b")])
     assert status == 400 and "invalid session id" in body["error"]
 
+
+# -- the demo app ----------------------------------------------------------------------------
+
+
+async def test_demo_app_counts_through_the_client(harness: Owner, etcd: EtcdServer,
+                                                  start_sidecar: Any) -> None:
+    """The sample app's answers: its counter, 400 for an invalid session id, 503 once
+    its sidecar is gone (Envoy retries that elsewhere), health following /readyz."""
+    from meshxl.demo.app import make_app
+
+    a = await start_member(start_sidecar, etcd.url, "a")
+    url = await serve(harness, make_app("a", a.url))
+    async with aiohttp.ClientSession() as http:
+        async def post(session: str) -> tuple[int, Any]:
+            async with http.post(f"{url}/counter", headers={"x-session-id": session}) as resp:
+                return resp.status, await resp.json()
+
+        async def healthy() -> bool:
+            async with http.get(f"{url}/healthz") as resp:
+                return resp.status == 200
+
+        await wait_until(healthy, timeout=10, what="the app follows its sidecar's /readyz")
+        assert await post("cart-1") == (200, {"member": "a", "session": "cart-1", "seq": 1})
+        assert (await post("cart-1"))[1]["seq"] == 2
+        async with http.get(f"{url}/counter", headers={"x-session-id": "cart-1"}) as resp:
+            assert (await resp.json())["seq"] == 2
+        status, body = await post("a b")
+        assert status == 400 and "invalid session id" in body["error"]
+
+        await a.kill9()
+        status, body = await post("cart-1")
+        assert status == 503 and "sidecar unreachable" in body["error"], body
+
+        async def unhealthy() -> bool:
+            return not await healthy()
+
+        await wait_until(unhealthy, timeout=10, what="the app unhealthy without its sidecar")
