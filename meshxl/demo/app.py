@@ -9,13 +9,15 @@ is what ``meshxl demo`` shows.
 The increment is a compare-and-set: the write carries the read's ETag (``If-Match``), so
 two requests for one session that overlap (a retry racing the original, say, or requests
 a paused member resumes with) never both write the same next value; the loser reads
-again, up to :data:`CAS_ATTEMPTS` times, then answers 409.
+again, up to :data:`CAS_ATTEMPTS` times, then answers 409. It is
+:meth:`meshxl.client.AsyncClient.update`, with no retries of 503s in the app (Envoy
+retries them on another member, rather than the request waiting for a dead sidecar).
 
 Errors map onto what Envoy's retry policy understands: sidecar 5xx or unreachable ->
 503 (retried as ``gateway-error``); sidecar 409 (ownership lost: another member wrote
-the session since) -> 409, not retried. ``GET /healthz`` follows the sidecar's
-``/readyz``, so a member whose sidecar is gone or still syncing fails Envoy's health
-check.
+the session since) -> 409, not retried; an invalid session id -> 400. ``GET /healthz``
+follows the sidecar's ``/readyz``, so a member whose sidecar is gone or still syncing
+fails Envoy's health check.
 
 When the sidecar requires a token (``meshxl serve statesync --token-file``), the app
 sends it from ``MESHXL_STATESYNC_TOKEN_FILE`` (the injected pods' Secret volume) or
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -35,12 +36,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from meshxl import headers as hdr
 from meshxl import web as mweb
 from meshxl.addr import parse_hostport
+from meshxl.client import (
+    AsyncClient,
+    Backoff,
+    BadRequest,
+    ClientSettings,
+    Conflict,
+    Contended,
+    NotFound,
+)
+from meshxl.client.plans import check_session_id
+from meshxl.errors import MeshxlError
 from meshxl.telemetry import tracing
 from meshxl.telemetry.http import client_trace_configs, server_middleware
 
@@ -50,23 +61,26 @@ SESSION_HEADER = hdr.SESSION
 MEMBER_HEADER = hdr.MEMBER
 READY_POLL = 0.2
 CAS_ATTEMPTS = 3
+SIDECAR_TIMEOUT = 5.0
 
 _member = web.AppKey("member", str)
 _sidecar = web.AppKey("sidecar", str)
-_headers = web.AppKey("headers", dict)
-_http = web.AppKey("http", aiohttp.ClientSession)
-_probe = web.AppKey("probe", aiohttp.ClientSession)
+_token = web.AppKey("token", str)
+_client = web.AppKey("client", AsyncClient)
+_probe = web.AppKey("probe", AsyncClient)
 _ready = web.AppKey("ready", dict)
 
+SETTINGS = ClientSettings(
+    timeout=SIDECAR_TIMEOUT,
+    # No retries of its own: a 503 goes back to Envoy at once, which retries it on the
+    # next member (a dead sidecar would otherwise hold the request here).
+    unavailable=Backoff(attempts=1),
+    conflicts=Backoff(attempts=CAS_ATTEMPTS, first=0.0),
+)
 
-class _SidecarError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
-
-class _Changed(Exception):
-    """The session changed between this request's read and its write (412)."""
+class _NoCounter(Exception):
+    """The session holds something else than a counter."""
 
 
 def _answer(status: int, body: dict[str, Any], member: str) -> web.Response:
@@ -78,48 +92,15 @@ def _error(status: int, message: str, member: str, **extra: Any) -> web.Response
                    member)
 
 
-def _map_status(status: int) -> int:
-    """The sidecar's answer as the app's: 409 stays 409, other failures become 503."""
-    return 409 if status == 409 else 503
-
-
-async def _read_seq(request: web.Request, session: str) -> tuple[int, str | None]:
-    """The session's counter and its ETag (0 and None for a new session)."""
-    http, base = request.app[_http], request.app[_sidecar]
+def _seq(session: str, state: Any) -> int:
+    """The counter in a session's state (0 for a new session)."""
+    if state is None:
+        return 0
     try:
-        async with http.get(f"{base}/v1/sessions/{session}") as resp:
-            if resp.status == 404:
-                return 0, None
-            body = await resp.read()
-            etag = resp.headers.get(hdr.ETAG)
-            if resp.status != 200:
-                raise _SidecarError(_map_status(resp.status),
-                                    f"sidecar GET answered {resp.status}: {body[:200]!r}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _SidecarError(503, f"sidecar unreachable: {type(exc).__name__}: {exc}") from exc
-    try:
-        return int(json.loads(body).get("seq", 0)), etag
+        return int(state.get("seq", 0))
     except (ValueError, AttributeError, TypeError) as exc:
-        raise _SidecarError(503, f"session {session} holds no counter: {body[:200]!r}") from exc
-
-
-async def _write_seq(request: web.Request, session: str, seq: int,
-                     etag: str | None) -> None:
-    """Write ``seq`` if the session is still at ``etag``, or still absent without one
-    (_Changed if not)."""
-    http, base, member = request.app[_http], request.app[_sidecar], request.app[_member]
-    headers = {hdr.IF_MATCH: etag} if etag else {hdr.IF_NONE_MATCH: "*"}
-    try:
-        async with http.put(f"{base}/v1/sessions/{session}", headers=headers,
-                            json={"seq": seq, "member": member}) as resp:
-            body = await resp.read()
-            if resp.status == 412:
-                raise _Changed(body[:200].decode(errors="replace"))
-            if resp.status not in (200, 201):
-                raise _SidecarError(_map_status(resp.status),
-                                    f"sidecar PUT answered {resp.status}: {body[:200]!r}")
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _SidecarError(503, f"sidecar unreachable: {type(exc).__name__}: {exc}") from exc
+        raise _NoCounter(f"session {session} holds no counter: {str(state)[:200]!r}") \
+            from exc
 
 
 def _session_of(request: web.Request) -> str | None:
@@ -128,27 +109,33 @@ def _session_of(request: web.Request) -> str | None:
 
 
 async def _counter(request: web.Request, *, increment: bool) -> web.Response:
-    """Read the session's counter from the sidecar and, for POST, write it back + 1."""
-    member = request.app[_member]
+    """Read the session's counter from the sidecar and, for POST, write it back + 1
+    (``update``: If-Match the read's ETag, read again if the session changed)."""
+    member, client = request.app[_member], request.app[_client]
     session = _session_of(request)
     if session is None:
         return _error(400, f"the {SESSION_HEADER} header is required", member)
     try:
-        for _ in range(CAS_ATTEMPTS):
-            seq, etag = await _read_seq(request, session)
-            if not increment:
-                break
-            seq += 1
-            try:
-                await _write_seq(request, session, seq, etag)
-            except _Changed:
-                continue
-            break
+        check_session_id(session)
+    except BadRequest as exc:  # the client's request, not the sidecar: no retry helps
+        return _error(400, f"{SESSION_HEADER}: {exc}", member)
+    try:
+        if increment:
+            updated = await client.update(
+                session, lambda state: {"seq": _seq(session, state) + 1, "member": member})
+            seq = int(updated.state["seq"])
         else:
-            return _error(409, f"session {session} kept changing during the increment "
-                               f"({CAS_ATTEMPTS} attempts)", member, session=session)
-    except _SidecarError as exc:
-        return _error(exc.status, str(exc), member, session=session)
+            try:
+                seq = _seq(session, (await client.get(session)).state)
+            except NotFound:
+                seq = 0
+    except Contended:
+        return _error(409, f"session {session} kept changing during the increment "
+                           f"({CAS_ATTEMPTS} attempts)", member, session=session)
+    except Conflict as exc:  # ownership lost: another member wrote the session since
+        return _error(409, str(exc), member, session=session)
+    except (MeshxlError, _NoCounter) as exc:  # sidecar 5xx, unreachable, refused
+        return _error(503, str(exc), member, session=session)
     return _answer(200, {"member": member, "session": session, "seq": seq}, member)
 
 
@@ -170,30 +157,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def _watch_ready(app: web.Application) -> None:
     """Poll the sidecar's /readyz; health follows it (a dead sidecar fails the member)."""
-    state, http, url = app[_ready], app[_probe], f"{app[_sidecar]}/readyz"
-    timeout = aiohttp.ClientTimeout(total=READY_POLL * 2)
+    state, probe = app[_ready], app[_probe]
     while True:
         try:
-            async with http.get(url, timeout=timeout) as resp:
-                state["ready"] = resp.status == 200
-                state["reason"] = "" if state["ready"] else f"/readyz answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            state["ready"], state["reason"] = False, f"unreachable ({type(exc).__name__})"
+            readiness = await probe.ready()
+            state["ready"] = readiness.ready
+            state["reason"] = "" if readiness.ready else \
+                f"/readyz: {'; '.join(readiness.reasons) or 'not ready'}"
+        except MeshxlError as exc:
+            state["ready"], state["reason"] = False, str(exc)
         await asyncio.sleep(READY_POLL)
 
 
 async def _resources(app: web.Application) -> Any:
     configs = client_trace_configs() if tracing.enabled() else None
-    app[_http] = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=5.0), trace_configs=configs, headers=app[_headers])
-    # Readiness is polled outside of any request: an untraced session, no span noise.
-    app[_probe] = aiohttp.ClientSession()
+    app[_client] = AsyncClient(app[_sidecar], token=app[_token] or None, settings=SETTINGS,
+                               trace_configs=configs)
+    # Readiness is polled outside of any request: an untraced client, no span noise.
+    app[_probe] = AsyncClient(app[_sidecar], settings=ClientSettings(
+        timeout=READY_POLL * 2, connect_timeout=READY_POLL * 2, unavailable=Backoff(attempts=1)))
     watcher = asyncio.create_task(_watch_ready(app))
     yield
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
-    await app[_http].close()
+    await app[_client].close()
     await app[_probe].close()
 
 
@@ -203,7 +191,7 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
     app = mweb.application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")
-    app[_headers] = hdr.bearer(token)
+    app[_token] = token or ""
     app[_ready] = {"ready": False, "reason": "not polled yet"}
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/counter", increment)

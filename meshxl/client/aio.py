@@ -1,0 +1,150 @@
+"""The async client (aiohttp): the plans of :mod:`meshxl.client.plans` over one pooled
+``aiohttp.ClientSession`` (keep-alive, at most ``settings.max_connections`` at once).
+
+Create it anywhere; its HTTP session is opened on first use, inside the running loop,
+and closed by :meth:`AsyncClient.close` (or ``async with``). An application that has an
+``aiohttp.ClientSession`` already (with tracing, say) passes it as ``http``: the client
+then uses it and leaves closing it to its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from meshxl import __version__
+from meshxl import headers as hdr
+
+from . import plans
+from .errors import describe
+from .plans import Answer, Pause, Plan, Readiness, Request, Session, Unanswered, Written
+from .settings import DEFAULT_URL, ClientSettings
+from .url import base_url
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """The sidecar's session API, for asyncio code.
+
+    ``url``: the sidecar (``http://127.0.0.1:7070``); ``token``: its bearer token
+    (``--token-file``), if it requires one; ``trace_configs``: for the HTTP session the
+    client opens (``meshxl.telemetry.http.client_trace_configs()``).
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
+                 settings: ClientSettings | None = None,
+                 http: aiohttp.ClientSession | None = None,
+                 trace_configs: list[aiohttp.TraceConfig] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.url = base_url(url)
+        self.settings = settings or ClientSettings()
+        self._headers = {"User-Agent": f"meshxl-client/{__version__}", **hdr.bearer(token)}
+        # sock_connect, not connect: waiting for a pooled connection is not connecting.
+        self._timeout = aiohttp.ClientTimeout(total=self.settings.timeout,
+                                              sock_connect=self.settings.connect_timeout)
+        self._http = http
+        self._owns_http = http is None
+        self._trace_configs = trace_configs
+        self._rng = rng or random.Random()
+
+    # -- session API ------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> Session:
+        """The session's state and ETag; :class:`NotFound` if there is none."""
+        return await self.run(plans.get(session_id, self.settings, self._rng))
+
+    async def put(self, session_id: str, state: Any, *, content_type: str | None = None,
+                  if_match: str | None = None, create_only: bool = False) -> Written:
+        """Create or replace: bytes verbatim, anything else as JSON. ``if_match``: only
+        if the session is at that ETag (else :class:`PreconditionFailed`);
+        ``create_only``: only if it does not exist."""
+        return await self.run(plans.put(session_id, state, self.settings, self._rng,
+                                        content_type=content_type, if_match=if_match,
+                                        create_only=create_only))
+
+    async def patch(self, session_id: str, merge_patch: Any, *,
+                    if_match: str | None = None) -> Written:
+        """JSON merge patch (RFC 7386) of a JSON session."""
+        return await self.run(plans.patch(session_id, merge_patch, self.settings, self._rng,
+                                          if_match=if_match))
+
+    async def delete(self, session_id: str, *, if_match: str | None = None) -> None:
+        await self.run(plans.delete(session_id, self.settings, self._rng, if_match=if_match))
+
+    async def update(self, session_id: str, fn: Callable[[Any], Any], *,
+                     default: Any = None) -> Session:
+        """Compare-and-set loop: ``fn(state)`` written if the session did not change
+        since it was read, else read and applied again (``settings.conflicts``)."""
+        return await self.run(plans.update(session_id, fn, self.settings, self._rng,
+                                           default=default))
+
+    async def ready(self) -> Readiness:
+        """The sidecar's ``/readyz`` (one try; :class:`Unreachable` without an answer)."""
+        return await self.run(plans.ready(self.settings, self._rng))
+
+    # -- the driver -------------------------------------------------------------------------
+
+    async def run(self, plan: Plan[T]) -> T:
+        """Carry out a plan (see :mod:`meshxl.client.plans`) and return its result."""
+        try:
+            step = next(plan)
+            while True:
+                if isinstance(step, Pause):
+                    await asyncio.sleep(step.seconds)
+                    step = plan.send(None)
+                else:
+                    step = plan.send(await self._send(step))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            plan.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or (self._owns_http and self._http.closed):
+            connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
+                                             keepalive_timeout=self.settings.keepalive)
+            self._http = aiohttp.ClientSession(connector=connector,
+                                               trace_configs=self._trace_configs)
+            self._owns_http = True
+        return self._http
+
+    async def _send(self, request: Request) -> Answer | Unanswered:
+        http = self._session()
+        try:
+            async with http.request(request.method, self.url + request.path,
+                                    data=request.body,
+                                    headers={**self._headers, **request.headers},
+                                    timeout=self._timeout, allow_redirects=False) as resp:
+                body = await resp.read()
+                headers = {name.lower(): value for name, value in resp.headers.items()}
+                return Answer(resp.status, headers, body)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return Unanswered(describe(exc), sent=False)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Unanswered(describe(exc), sent=True)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the HTTP session the client opened (not one it was given)."""
+        if self._owns_http and self._http is not None:
+            await self._http.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.url!r})"
+

@@ -1,0 +1,170 @@
+"""What the client raises: the sidecar's JSON error answers, mapped onto meshxl's family.
+
+Every error answer of the sidecar is ``{"error": "<message>", "status": N, ...}``
+(``docs/statesync.md``); :func:`error_from_answer` turns one into the exception of its
+status, keeping the server's message (``exc.message``) and its other fields
+(``exc.details``: ``field``, ``owner``, ``revision``, ``current``, ``undecodable``...).
+
+=====================  ===========================  ==============================
+exception              family member                when
+=====================  ===========================  ==============================
+BadRequest             InputError                   400, 408, 415, another 4xx; an
+                                                    invalid session id or state
+                                                    refused before sending
+Unauthorized           Unavailable                  401/403: no or wrong token
+NotFound               NotFound                     404
+Conflict               Conflict                     409: ownership lost (another
+                                                    member wrote the session), a
+                                                    merge patch of a non-JSON state
+Undecodable            Conflict                     409 with ``"undecodable": true``
+Contended              Conflict                     ``update`` gave up: the session
+                                                    kept changing
+PreconditionFailed     PreconditionFailed           412: ``If-Match`` /
+                       (and Conflict)               ``If-None-Match: *`` failed
+TooLarge               TooLarge                     413
+Unavailable            Unavailable                  503 (etcd unavailable), another
+                                                    5xx, an answer not as documented
+Unreachable            Unavailable                  no answer (refused, reset, timed
+                                                    out)
+WriteUncertain         Unavailable                  a write retried after an attempt
+                                                    that may have applied, whose
+                                                    retry cannot tell
+=====================  ===========================  ==============================
+
+A 401 is an ``Unavailable``, not an ``InputError``: the sidecar refuses this process
+(its token is missing or wrong), which is no fault of whoever asked the application,
+so an application maps it like any other failure of its sidecar (a 503, retried by
+Envoy elsewhere), as :mod:`meshxl.web` does with the family.
+
+``exc.details`` never holds ``error`` or ``status``, so an exception that reaches
+:func:`meshxl.web.json_errors` becomes a JSON answer with the sidecar's fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from meshxl import errors
+
+__all__ = ["BadRequest", "Conflict", "Contended", "NotFound", "PreconditionFailed",
+           "SidecarError", "TooLarge", "Unauthorized", "Unavailable", "Undecodable",
+           "Unreachable", "WriteUncertain", "describe", "error_from_answer"]
+
+
+class SidecarError(errors.MeshxlError):
+    """A failed request to the statesync sidecar.
+
+    ``status``: the sidecar's HTTP status (None when it did not answer, or when the
+    client refused the request before sending it); ``message``: the sidecar's own
+    message; ``method`` and ``path``: the request.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, method: str = "",
+                 path: str = "", **details: Any):
+        self.message = message
+        self.status = status
+        self.method = method
+        self.path = path
+        super().__init__(_describe(message, status, method, path), **details)
+
+
+def _describe(message: str, status: int | None, method: str, path: str) -> str:
+    if status is None or not method:
+        return message
+    return f"sidecar {method} {path} answered {status}: {message}"
+
+
+class BadRequest(SidecarError, errors.InputError):
+    """The request was refused as given (or would be, so it was not sent)."""
+
+
+class Unauthorized(SidecarError, errors.Unavailable):
+    """The sidecar requires a token (``--token-file``) and this one is missing or wrong."""
+
+
+class NotFound(SidecarError, errors.NotFound):
+    """No such session."""
+
+
+class Conflict(SidecarError, errors.Conflict):
+    """The session's state forbids the write: another member wrote it since this one
+    last saw it (this member was fenced), or it is not JSON (merge patch)."""
+
+
+class Undecodable(Conflict):
+    """The session's stored record cannot be decoded: a ``put`` without ``if_match``
+    replaces it, ``delete`` removes it."""
+
+
+class Contended(Conflict):
+    """``update`` read and wrote as many times as allowed and lost every time."""
+
+
+class PreconditionFailed(Conflict, errors.PreconditionFailed):
+    """``If-Match`` named another ETag, or ``If-None-Match: *`` found the session (a
+    :class:`Conflict`, as in the family)."""
+
+
+class TooLarge(SidecarError, errors.TooLarge):
+    """The state is larger than the sidecar's limit (``--max-session-bytes``)."""
+
+
+class Unavailable(SidecarError, errors.Unavailable):
+    """The sidecar cannot serve the request now: etcd does not answer (503; a write was
+    not acknowledged, and may or may not have applied)."""
+
+
+class Unreachable(Unavailable):
+    """No answer from the sidecar: connection refused or reset, or timed out."""
+
+
+class WriteUncertain(Unavailable):
+    """A write was sent again after an attempt without an acknowledgement (a 503, or
+    no answer), and the retry was refused by its own condition (412): the earlier
+    attempt may have applied, or another writer came first; the client cannot tell
+    which. Read the session before deciding what to do."""
+
+
+_BY_STATUS: dict[int, type[SidecarError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 408: BadRequest,
+    409: Conflict, 412: PreconditionFailed, 413: TooLarge, 415: BadRequest,
+}
+
+
+def error_class(status: int, details: dict[str, Any]) -> type[SidecarError]:
+    """The exception an error answer of ``status`` (with these fields) raises."""
+    if status == 409 and details.get("undecodable") is True:
+        return Undecodable
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    return BadRequest if 400 <= status < 500 else Unavailable
+
+
+def error_from_answer(status: int, body: bytes, *, method: str, path: str,
+                      session: str | None = None) -> SidecarError:
+    """The exception for an error answer: its class from ``status``, its message the
+    body's ``error`` (the start of the body when it is not the documented JSON)."""
+    parsed: Any = None
+    try:
+        parsed = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    details: dict[str, Any] = {}
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        message = parsed["error"] or f"HTTP {status}"
+        details = {k: v for k, v in parsed.items()
+                   if k not in ("error", "status", "path") and isinstance(k, str)}
+    else:
+        text = body[:200].decode("utf-8", "replace").strip()
+        message = f"{text} (not the JSON error the API documents)" if text else f"HTTP {status}"
+    if session is not None:
+        details.setdefault("session", session)
+    cls = error_class(status, details)
+    return cls(message, status=status, method=method, path=path, **details)
+
+
+def describe(exc: BaseException) -> str:
+    """A transport failure in one line: its type, and its text if it has one."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,414 @@
+"""The client's logic without I/O: each operation is a *plan*.
+
+A plan is a generator that yields what to do next, a :class:`Request` to send or a
+:class:`Pause` to wait, and is sent back what happened (an :class:`Answer`, or
+:class:`Unanswered`). Its return value is the operation's result; its exceptions are
+the operation's errors (:mod:`meshxl.client.errors`). The async and the sync client are
+two small drivers of the same plans (``run``), so the retry rules, the ETag handling
+and the error mapping exist once, and are tested without a network.
+
+Retry rules:
+
+* a 503 or no answer: the same request again, per ``settings.unavailable``;
+* a write answered 503, or sent and not answered, may have applied. Sent again, an
+  unconditional ``put`` or ``patch`` cannot tell (both are idempotent: the retry
+  writes the same state), a ``delete`` that then finds nothing is done; but a
+  conditional write (``If-Match``, ``If-None-Match: *``) refused by its condition
+  (412) may be refused by its own earlier success: :class:`WriteUncertain`, never a
+  412 that would make ``update`` apply its function twice;
+* ``update`` after a 409 or 412: read again, apply the function to the newer state,
+  write again, per ``settings.conflicts`` (:class:`Contended` when they run out).
+
+**Adding an operation** (the extension point). An operation is a plan here plus one
+line in each client: ``return await self.run(plans.something(...))`` and
+``return self.run(plans.something(...))``. A plan may send any number of requests
+(``update`` sends several), so operations over several sessions (bulk reads and
+writes, transactions) need nothing new from the clients once the sidecar's API has
+endpoints for them; they are not invented here before it does. ``run`` is public,
+so an application can drive plans of its own the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from meshxl import headers as hdr
+
+from .errors import (
+    BadRequest,
+    Contended,
+    SidecarError,
+    Unavailable,
+    Undecodable,
+    Unreachable,
+    WriteUncertain,
+    error_from_answer,
+)
+from .settings import ClientSettings
+
+__all__ = ["JSON", "MERGE_PATCH", "OCTETS", "SESSION_ID", "Answer", "Pause", "Plan",
+           "Readiness", "Request", "Session", "Unanswered", "Written", "check_session_id",
+           "decode_state", "delete", "encode_state", "exchange", "get", "is_json", "patch",
+           "put", "ready", "update"]
+
+T = TypeVar("T")
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+OCTETS = "application/octet-stream"
+SESSION_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
+"""A session id, as the API's OpenAPI document says (``SessionId``); not ``.`` or
+``..``. Checked before sending: such an id is one path segment, never a path."""
+
+
+# -- what a plan asks for and gets ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request to the sidecar; ``path`` is relative to the sidecar's URL."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    session: str | None = None
+    """The session it concerns (named in errors)."""
+
+    @property
+    def writes(self) -> bool:
+        return self.method not in ("GET", "HEAD")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The sidecar's answer; header names in lower case."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def content_type(self) -> str:
+        return self.header("Content-Type") or OCTETS
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """No answer. ``sent``: the request may have reached the sidecar (it was not
+    refused at connect), so a write may have applied."""
+
+    reason: str
+    sent: bool = True
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+Step = Request | Pause
+Outcome = Answer | Unanswered | None
+Plan = Generator[Step, Outcome, T]
+"""A plan returning ``T``: yields steps, is sent their outcomes (None after a pause)."""
+
+
+# -- results --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Session:
+    """A session's state: decoded JSON for a JSON content type, else the bytes."""
+
+    id: str
+    state: Any
+    etag: str
+    """As the sidecar sent it (``"42"``): give it back as ``if_match``."""
+    owner: str | None
+    """The member that wrote the session last."""
+    content_type: str
+    source: str | None
+    """Where the sidecar read it: ``etcd``, ``cache``, ``local``, ``cache-unverified``;
+    ``write`` for the state ``update`` wrote."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Written:
+    """A write's acknowledgement: committed in etcd (unless ``replicated`` is false:
+    delayed sync keeps young sessions on their member)."""
+
+    session: str
+    etag: str
+    owner: str
+    created: bool
+    takeover: bool
+    """This write took the session over from another member."""
+    replicated: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Readiness:
+    ready: bool
+    reasons: list[str]
+    warnings: list[str]
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def check_session_id(session_id: str) -> str:
+    if (not isinstance(session_id, str) or not SESSION_ID.match(session_id)
+            or session_id in (".", "..")):
+        raise BadRequest(f"invalid session id {str(session_id)[:80]!r}: use 1-200 "
+                         "characters of A-Z a-z 0-9 . _ ~ - (not . or ..)",
+                         field="session_id")
+    return session_id
+
+
+def session_path(session_id: str) -> str:
+    return f"/v1/sessions/{check_session_id(session_id)}"
+
+
+def is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == JSON or base.endswith("+json")
+
+
+def encode_state(state: Any, content_type: str | None = None) -> tuple[bytes, str]:
+    """Bytes are stored verbatim (``content_type``, else octet-stream); anything else
+    as JSON."""
+    if isinstance(state, bytes | bytearray | memoryview):
+        return bytes(state), content_type or OCTETS
+    try:
+        text = json.dumps(state, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"the session state is neither bytes nor JSON: {exc}",
+                         field="state") from None
+    return text.encode(), JSON if content_type is None or not is_json(content_type) \
+        else content_type
+
+
+def decode_state(data: bytes, content_type: str, session: str | None = None) -> Any:
+    if not is_json(content_type):
+        return data
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Unavailable(f"the sidecar sent session {session!r} as {content_type} that "
+                          f"is not JSON: {exc}", session=session) from None
+
+
+def _json_body(answer: Answer, request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(answer.body)
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise Unavailable(f"the sidecar answered {request.method} {request.path} with "
+                          f"{answer.status} and no JSON object: {answer.body[:120]!r}")
+    return body
+
+
+def session_from(session_id: str, answer: Answer) -> Session:
+    content_type = answer.content_type
+    return Session(id=session_id, state=decode_state(answer.body, content_type, session_id),
+                   etag=answer.header(hdr.ETAG) or "", owner=answer.header(hdr.OWNER),
+                   content_type=content_type, source=answer.header(hdr.SOURCE))
+
+
+def written_from(answer: Answer, request: Request) -> Written:
+    body = _json_body(answer, request)
+    try:
+        etag = answer.header(hdr.ETAG) or f'"{body["etag"]}"'
+        return Written(session=str(body["session"]), etag=etag, owner=str(body["owner"]),
+                       created=bool(body["created"]), takeover=bool(body["takeover"]),
+                       replicated=bool(body["replicated"]))
+    except KeyError as exc:
+        raise Unavailable(f"the sidecar's answer to {request.method} {request.path} lacks "
+                          f"{exc}") from None
+
+
+def _error(request: Request, answer: Answer) -> SidecarError:
+    return error_from_answer(answer.status, answer.body, method=request.method,
+                             path=request.path, session=request.session)
+
+
+def _uncertain(request: Request, answer: Answer) -> WriteUncertain:
+    cause = _error(request, answer)
+    return WriteUncertain(
+        f"{request.method} {request.path} was sent again after an attempt that was not "
+        f"acknowledged, and the retry's condition failed ({cause.message}): the earlier "
+        "attempt may have applied; read the session to know", status=answer.status,
+        session=request.session)
+
+
+# -- plans ----------------------------------------------------------------------------------
+
+
+def exchange(request: Request, settings: ClientSettings,
+             rng: random.Random) -> Plan[tuple[Answer, bool]]:
+    """Send ``request``, again after a 503 or no answer (``settings.unavailable``).
+    Returns the last answer (a 503 too, once the tries run out) and whether an earlier
+    attempt may have applied (a write answered 503, or sent without an answer)."""
+    pauses = settings.unavailable.delays(rng)
+    uncertain = False
+    while True:
+        outcome = yield request
+        if isinstance(outcome, Answer) and outcome.status != 503:
+            return outcome, uncertain
+        if not isinstance(outcome, Answer | Unanswered):
+            raise TypeError(f"a plan was sent {outcome!r} for a request")
+        last_try_uncertain = request.writes and (isinstance(outcome, Answer) or outcome.sent)
+        pause = next(pauses, None)
+        if pause is None:
+            if isinstance(outcome, Answer):
+                return outcome, uncertain
+            tries = settings.unavailable.attempts
+            maybe = (" (the write may or may not have applied)"
+                     if uncertain or last_try_uncertain else "")
+            raise Unreachable(f"sidecar unreachable: {request.method} {request.path}: "
+                              f"{outcome.reason} ({tries} {_tries(tries)}){maybe}",
+                              session=request.session)
+        uncertain = uncertain or last_try_uncertain
+        yield Pause(pause)
+
+
+def _tries(n: int) -> str:
+    return "try" if n == 1 else "tries"
+
+
+def get(session_id: str, settings: ClientSettings, rng: random.Random) -> Plan[Session]:
+    request = Request("GET", session_path(session_id), session=session_id)
+    answer, _ = yield from exchange(request, settings, rng)
+    if answer.status != 200:
+        raise _error(request, answer)
+    return session_from(session_id, answer)
+
+
+def _conditions(if_match: str | None, create_only: bool) -> dict[str, str]:
+    if if_match is not None and create_only:
+        raise BadRequest("give if_match or create_only, not both")
+    if if_match is not None:
+        if not if_match.strip() or not if_match.isprintable():
+            raise BadRequest(f"if_match must be an ETag such as '\"42\"', got {if_match!r}",
+                             field="If-Match")
+        return {hdr.IF_MATCH: if_match}
+    return {hdr.IF_NONE_MATCH: "*"} if create_only else {}
+
+
+def put(session_id: str, state: Any, settings: ClientSettings, rng: random.Random, *,
+        content_type: str | None = None, if_match: str | None = None,
+        create_only: bool = False) -> Plan[Written]:
+    path = session_path(session_id)
+    body, ctype = encode_state(state, content_type)
+    request = Request("PUT", path, {"Content-Type": ctype, **_conditions(if_match, create_only)},
+                      body, session_id)
+    answer, uncertain = yield from exchange(request, settings, rng)
+    if answer.status in (200, 201):
+        return written_from(answer, request)
+    if uncertain and answer.status == 412:
+        raise _uncertain(request, answer)
+    raise _error(request, answer)
+
+
+def patch(session_id: str, merge_patch: Any, settings: ClientSettings, rng: random.Random, *,
+          if_match: str | None = None) -> Plan[Written]:
+    path = session_path(session_id)
+    body, _ = encode_state(merge_patch, JSON)
+    request = Request("PATCH", path, {"Content-Type": MERGE_PATCH,
+                                      **_conditions(if_match, False)}, body, session_id)
+    answer, uncertain = yield from exchange(request, settings, rng)
+    if answer.status == 200:
+        return written_from(answer, request)
+    if uncertain and answer.status == 412:
+        raise _uncertain(request, answer)
+    raise _error(request, answer)
+
+
+def delete(session_id: str, settings: ClientSettings, rng: random.Random, *,
+           if_match: str | None = None) -> Plan[None]:
+    request = Request("DELETE", session_path(session_id), _conditions(if_match, False),
+                      None, session_id)
+    answer, uncertain = yield from exchange(request, settings, rng)
+    if answer.status == 204:
+        return None
+    if uncertain:
+        error = _error(request, answer)
+        # Gone either way: by the earlier attempt, or by another deleter.
+        if answer.status == 404 or (answer.status == 412
+                                    and error.details.get("current", 0) is None):
+            return None
+        if answer.status == 412:
+            raise _uncertain(request, answer)
+    raise _error(request, answer)
+
+
+def update(session_id: str, fn: Callable[[Any], Any], settings: ClientSettings,
+           rng: random.Random, *, default: Any = None) -> Plan[Session]:
+    """Read the session, write ``fn(state)`` if it is still at what was read, and
+    start again after a 409 or 412. A missing session is ``default`` (a copy), created
+    only if still absent (``If-None-Match: *``). ``fn`` may run several times: it
+    should only compute the new state. Bytes states keep their content type."""
+    pauses = settings.conflicts.delays(rng)
+    read = Request("GET", session_path(session_id), session=session_id)
+    tries = 0
+    while True:
+        tries += 1
+        answer, _ = yield from exchange(read, settings, rng)
+        if answer.status == 200:
+            current = session_from(session_id, answer)
+            state, etag, ctype = current.state, current.etag, current.content_type
+        elif answer.status == 404:
+            state, etag, ctype = copy.deepcopy(default), None, None
+        else:
+            raise _error(read, answer)
+        new = fn(state)
+        body, new_type = encode_state(new, ctype if isinstance(new, bytes) else None)
+        conditions = {hdr.IF_MATCH: etag} if etag else {hdr.IF_NONE_MATCH: "*"}
+        write = Request("PUT", read.path, {"Content-Type": new_type, **conditions}, body,
+                        session_id)
+        answer, uncertain = yield from exchange(write, settings, rng)
+        if answer.status in (200, 201):
+            written = written_from(answer, write)
+            return Session(id=session_id, state=new, etag=written.etag, owner=written.owner,
+                           content_type=new_type, source="write")
+        if answer.status not in (409, 412):
+            raise _error(write, answer)
+        if uncertain:
+            raise _uncertain(write, answer)
+        conflict = _error(write, answer)
+        if isinstance(conflict, Undecodable):
+            raise conflict
+        pause = next(pauses, None)
+        if pause is None:
+            raise Contended(f"session {session_id!r} kept changing: {tries} "
+                            f"{_tries(tries)} to update it lost to other writers (last: "
+                            f"{conflict.message})", status=answer.status,
+                            session=session_id) from conflict
+        if pause > 0:
+            yield Pause(pause)
+
+
+def ready(settings: ClientSettings, rng: random.Random) -> Plan[Readiness]:
+    """``GET /readyz``: ready (200) or not (503, with the reasons); one try."""
+    request = Request("GET", "/readyz")
+    outcome = yield request
+    if isinstance(outcome, Unanswered):
+        raise Unreachable(f"sidecar unreachable: GET /readyz: {outcome.reason}")
+    if not isinstance(outcome, Answer):
+        raise TypeError(f"a plan was sent {outcome!r} for a request")
+    if outcome.status not in (200, 503):
+        raise _error(request, outcome)
+    body = _json_body(outcome, request)
+    return Readiness(ready=outcome.status == 200 and body.get("ready") is True,
+                     reasons=[str(r) for r in body.get("reasons") or []],
+                     warnings=[str(w) for w in body.get("warnings") or []])
