@@ -77,10 +77,13 @@ async def test_the_standby_holds_everything_and_roles_move_with_registrations(
         etcd: Any, etcd_client: Any, start_sidecar: Any) -> None:
     await apply_model(etcd_client, KEYS, model("high-availability"), "test")
     a, b, c = await sidecars(etcd, start_sidecar)
+    # Each sidecar follows the registrations on its own watch: wait for each.
     await wait_until(lambda: status_is(b, role="standby", holds_all_sessions=True),
                      timeout=10, what="b standby, holding every session")
-    assert await status_is(a, role="active", holds_all_sessions=False)
-    assert await status_is(c, role="backup", holds_all_sessions=False)
+    await wait_until(lambda: status_is(a, role="active", holds_all_sessions=False),
+                     timeout=10, what="a active")
+    await wait_until(lambda: status_is(c, role="backup", holds_all_sessions=False),
+                     timeout=10, what="c backup")
 
     for i in range(40):
         assert (await a.put(f"s{i}", {"n": i})).status == 201
