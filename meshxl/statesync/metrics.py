@@ -22,6 +22,16 @@ class StatesyncMetrics:
                                  "another member wrote the session since (409).", registry=r)
         self.takeovers = Counter("meshxl_statesync_takeovers", "Sessions this member took "
                                  "over from another member.", registry=r)
+        self.bulk_requests = Counter("meshxl_statesync_bulk_requests", "Multi-session "
+                                     "requests (get, save) by kind.", ["kind"], registry=r)
+        self.bulk_items = Counter("meshxl_statesync_bulk_items", "Sessions named in "
+                                  "multi-session requests, by kind (get, save, "
+                                  "transaction); each is also counted as a read or a "
+                                  "write.", ["kind"], registry=r)
+        self.transactions = Counter("meshxl_statesync_transactions", "Transactions by "
+                                    "result (committed, or the first failure: "
+                                    "precondition_failed, conflict, not_found, "
+                                    "unavailable).", ["result"], registry=r)
         self.batch_size = Histogram("meshxl_statesync_batch_size", "Operations per etcd "
                                     "transaction.", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)

@@ -27,8 +27,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import json_merge_patch
@@ -39,7 +39,7 @@ from meshxl.etcdkeys import Keys
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json, valid_session_id
-from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
+from .store import MAX_TXN_OPS, KeyState, SessionStore, StoreUnavailable, TxnWrite, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,47 @@ class _Local:
     version: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class Change:
+    """One operation of a transaction: write ``data`` (None: delete the session)."""
+
+    session_id: str
+    data: bytes | None
+    content_type: str = JSON_TYPE
+    if_match: str | None = None
+    create_only: bool = False
+
+    @property
+    def op(self) -> str:
+        return "put" if self.data is not None else "delete"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transacted:
+    """A transaction's answer. Committed: every upsert's :class:`Stored` (None for a
+    delete), all at ``revision``. Not committed: nothing applied, and ``errors`` holds
+    the failure of each operation that failed, by its index."""
+
+    committed: bool
+    revision: int = 0
+    stored: tuple[Stored | None, ...] = ()
+    errors: Mapping[int, SessionError] = field(default_factory=dict)
+
+
+@dataclass
+class _Planned:
+    """A transaction's operation as it will be sent: the revision it compares."""
+
+    change: Change
+    key: bytes
+    mode: str
+    expected: int
+    prior: SessionRecord | None
+    local: bool = False
+    """The session was kept on this member only (delayed sync): the transaction
+    replicates it (a delete only forgets it, as a single delete does)."""
+
+
 def parse_etag(value: str) -> str:
     """``"12"``, ``W/"12"`` or ``12`` -> ``12``; ``*`` stays ``*``."""
     text = value.strip()
@@ -142,6 +183,15 @@ def parse_etag(value: str) -> str:
         raise BadRequest(f"If-Match must be one ETag such as \"42\", got {value[:80]!r}",
                          field="If-Match")
     return text
+
+
+def check_if_match(value: str) -> str:
+    """An If-Match value's tag, checked (BadRequest): ``*``, an etcd revision, or
+    ``L<n>`` (a session kept on this member only)."""
+    tag = parse_etag(value)
+    if tag != "*" and not (tag[:1] == "L" and tag[1:].isdigit()):
+        _revision(tag)
+    return tag
 
 
 class Sessions:
@@ -189,6 +239,16 @@ class Sessions:
                 del self._locks[session_id]
             else:
                 self._locks[session_id] = (lock, users - 1)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive_all(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
+        """:meth:`_exclusive` for several sessions, taken in sorted order: two
+        transactions over overlapping sessions never wait for each other in a cycle
+        (a single write holds one lock, and waits for none while holding it)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for session_id in sorted(set(session_ids)):
+                await stack.enter_async_context(self._exclusive(session_id))
+            yield
 
     def _observe(self, session_id: str, revision: int) -> None:
         self._observed[session_id] = (revision, time.monotonic())
@@ -317,6 +377,173 @@ class Sessions:
                               entry.record if entry else None)
             self._observed.pop(session_id, None)
 
+    # -- transactions ---------------------------------------------------------------------
+
+    async def transact(self, changes: Sequence[Change],
+                       traceparent: str | None = None) -> Transacted:
+        """Apply every change or none, in one etcd transaction.
+
+        Each operation compares the revision a single write would (If-Match, create
+        only, the revision this member observed, or the newest it knows for a session
+        new to it), and fails the way a single write would (412, 409, 404); an
+        operation whose compare failed only because the session moved under a write
+        that may replace it (a takeover, an expired session) is compared again, as a
+        single write is, and the transaction sent again. The sessions' locks are held
+        throughout, taken in sorted order.
+        """
+        ids = [c.session_id for c in changes]
+        if not 0 < len(changes) <= MAX_TXN_OPS:
+            raise BadRequest(f"a transaction holds 1 to {MAX_TXN_OPS} operations, "
+                             f"not {len(changes)}")
+        if len(set(ids)) != len(ids):
+            raise BadRequest("a transaction names each session once")
+        keys = [self.key(session_id) for session_id in ids]
+        for change in changes:
+            if change.data is not None:
+                self._check_size(change.data)
+            if change.create_only and (change.if_match is not None or change.data is None):
+                raise BadRequest("create-only applies to an upsert without If-Match")
+        async with self._exclusive_all(ids):
+            started = time.time_ns()
+            for session_id in ids:
+                self._first_access.setdefault(session_id, started)
+            try:
+                return await self._transact(changes, keys, traceparent)
+            finally:
+                for session_id in ids:
+                    self._first_access.pop(session_id, None)
+
+    async def _transact(self, changes: Sequence[Change], keys: list[bytes],
+                        traceparent: str | None) -> Transacted:
+        async def plan(change: Change, key: bytes) -> _Planned:
+            local = self._local.get(change.session_id)
+            if local is not None:
+                self._local_precondition(change, local)
+                return _Planned(change, key, "blind", 0, local.record, local=True)
+            entry = self.cache.get(change.session_id)
+            mode, expected = await self._expectation(
+                change.op, change.session_id, key, change.if_match, change.create_only,
+                entry.revision if entry else 0)
+            return _Planned(change, key, mode, expected, entry.record if entry else None)
+
+        planned = await asyncio.gather(*(plan(c, k) for c, k in zip(changes, keys, strict=True)),
+                                       return_exceptions=True)
+        refused: dict[int, SessionError] = {}
+        plans: list[_Planned] = []
+        for i, outcome in enumerate(planned):
+            if isinstance(outcome, SessionError):
+                refused[i] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                plans.append(outcome)
+        if refused:
+            return self._aborted(refused)
+        # A session kept only here and deleted: forgotten on commit, nothing in etcd.
+        sent = [p for p in plans if not (p.local and p.change.data is None)]
+        failed: list[int] = []
+        for _ in range(_BLIND_RETRIES):
+            now = time.time()
+            records = [None if p.change.data is None else SessionRecord(
+                owner=self.member, content_type=p.change.content_type,
+                created=p.prior.created if p.prior else now, updated=now,
+                data=p.change.data, traceparent=traceparent) for p in plans]
+            by_plan = {id(p): r for p, r in zip(plans, records, strict=True)}
+            revision = 0
+            if sent:
+                writes = [TxnWrite(p.key, p.expected, None if (r := by_plan[id(p)]) is None
+                                   else r.encode()) for p in sent]
+                try:
+                    result = await self.store.transact(writes)
+                except StoreUnavailable as exc:
+                    self.metrics.transactions.labels("unavailable").inc()
+                    raise Unavailable("etcd unavailable, transaction not acknowledged: "
+                                      f"{exc}") from None
+                if not result.ok:
+                    failed = [i for i, (p, now_at) in enumerate(zip(sent, result.current,
+                                                                     strict=True))
+                              if now_at.revision != p.expected]
+                    refused = await self._judge(sent, failed, result.current)
+                    if refused:
+                        index = {id(p): i for i, p in enumerate(plans)}
+                        return self._aborted({index[id(sent[i])]: e for i, e in refused.items()})
+                    continue
+                revision = result.revision
+            return self._committed(plans, records, revision)
+        index = {id(p): i for i, p in enumerate(plans)}
+        for i in failed:
+            self.metrics.writes.labels(sent[i].change.op, "conflict").inc()
+        return self._aborted({index[id(sent[i])]: Conflict(
+            f"session {sent[i].change.session_id!r} kept changing under concurrent "
+            "writers; read it and try again") for i in failed})
+
+    async def _judge(self, sent: list[_Planned], failed: list[int],
+                     current: Sequence[KeyState]) -> dict[int, SessionError]:
+        """The failures among ``failed`` operations (their compares failed), by index;
+        the others get the revision to compare next time (the transaction is sent
+        again). Whether a session moved to another member takes its record, read now
+        (the failure branch reads revisions only)."""
+        wanted = [i for i in failed if current[i].revision
+                  and sent[i].mode in ("owner", "blind")]
+        try:
+            fetched = dict(zip(wanted, await asyncio.gather(
+                *(self.store.fetch(sent[i].key) for i in wanted)), strict=True))
+        except StoreUnavailable as exc:
+            self.metrics.transactions.labels("unavailable").inc()
+            raise Unavailable(f"etcd unavailable, transaction not acknowledged: {exc}") \
+                from None
+        refused: dict[int, SessionError] = {}
+        for i in failed:
+            plan = sent[i]
+            session_id = plan.change.session_id
+            state = fetched.get(i, current[i])
+            record = (self._decode(session_id, state.revision, state.value, "transaction")
+                      if state.value else None)
+            refusal = self._refusal(plan.change.op, session_id, plan.mode,
+                                    plan.change.if_match, plan.expected, state, record)
+            if refusal is not None:
+                refused[i] = refusal
+            else:
+                plan.expected, plan.prior = state.revision, record
+        return refused
+
+    def _local_precondition(self, change: Change, local: _Local) -> None:
+        """If-Match and create-only against a session kept only here (``L<n>``)."""
+        current = f"L{local.version}"
+        if change.create_only:
+            raise PreconditionFailed(f"session {change.session_id!r} exists ({current})")
+        if change.if_match is not None:
+            tag = parse_etag(change.if_match)
+            if tag not in ("*", current):
+                raise PreconditionFailed(f"session {change.session_id!r} is at {current}, "
+                                         f"not {change.if_match}")
+
+    def _aborted(self, refused: dict[int, SessionError]) -> Transacted:
+        self.metrics.transactions.labels(result_name(refused[min(refused)])).inc()
+        return Transacted(committed=False, errors=refused)
+
+    def _committed(self, plans: list[_Planned], records: list[SessionRecord | None],
+                   revision: int) -> Transacted:
+        stored: list[Stored | None] = []
+        for plan, record in zip(plans, records, strict=True):
+            session_id = plan.change.session_id
+            if plan.local:
+                self._local.pop(session_id, None)
+            if record is None:
+                self.metrics.writes.labels("delete", "ok").inc()
+                if not plan.local:
+                    self.cache.write_through(session_id, revision, None)
+                    self._observed.pop(session_id, None)
+                stored.append(None)
+            else:
+                stored.append(self._acknowledged(
+                    "put", session_id, WriteResult(True, revision), record,
+                    plan.prior is None if plan.local else plan.expected == 0, plan.prior))
+        if any(plan.local for plan in plans):
+            self.metrics.local.set(len(self._local))
+        self.metrics.transactions.labels("committed").inc()
+        return Transacted(committed=True, revision=revision, stored=tuple(stored))
+
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
         if not is_json(record.content_type):
             raise Conflict(f"session {session_id!r} holds {record.content_type}, not JSON: "
@@ -345,6 +572,43 @@ class Sessions:
                                  prior: SessionRecord | None,
                                  create_only: bool = False) -> Stored:
         key = self.key(session_id)
+        mode, expected = await self._expectation(op, session_id, key, if_match, create_only,
+                                                 cached_revision)
+        for _ in range(_BLIND_RETRIES):
+            record = make(prior) if make is not None else None
+            try:
+                if record is None:
+                    result = await self.store.delete(key, expected)
+                else:
+                    result = await self.store.put(key, record.encode(), expected)
+            except StoreUnavailable as exc:
+                self.metrics.writes.labels(op, "unavailable").inc()
+                raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
+            if result.ok:
+                return self._acknowledged(op, session_id, result, record, expected == 0, prior)
+            current = result.current or KeyState(0)
+            current_record = (self._decode(session_id, current.revision, current.value, op)
+                              if current.value else None)
+            refusal = self._refusal(op, session_id, mode, if_match, expected, current,
+                                    current_record)
+            if refusal is not None:
+                raise refusal
+            if op == "patch" and current_record is None:
+                if current.revision:
+                    raise self._undecodable(session_id, current.revision)
+                raise NotFound(f"no session {session_id!r}")
+            # New to this member, expired meanwhile, our own unconfirmed write, or an
+            # undecodable record (replaced): write against what is there now.
+            expected, prior = current.revision, current_record
+        self.metrics.writes.labels(op, "conflict").inc()
+        raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
+                       "read it and try again")
+
+    async def _expectation(self, op: str, session_id: str, key: bytes, if_match: str | None,
+                           create_only: bool, cached_revision: int) -> tuple[str, int]:
+        """The revision a write compares and why (its mode): ``if-absent`` (create
+        only), ``if-exists`` (``If-Match: *``), ``if-match``, ``owner`` (the revision this
+        member last observed) or ``blind`` (new to this member: the newest it knows)."""
         observed = self._observed.get(session_id)
         if create_only:
             mode, expected = "if-absent", 0
@@ -365,58 +629,40 @@ class Sessions:
             expected = await self._check(key)
             if expected == 0:
                 raise NotFound(f"no session {session_id!r}")
+        return mode, expected
 
-        for _ in range(_BLIND_RETRIES):
-            record = make(prior) if make is not None else None
-            try:
-                if record is None:
-                    result = await self.store.delete(key, expected)
-                else:
-                    result = await self.store.put(key, record.encode(), expected)
-            except StoreUnavailable as exc:
-                self.metrics.writes.labels(op, "unavailable").inc()
-                raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
-            if result.ok:
-                return self._acknowledged(op, session_id, result, record, expected, prior)
-            current = result.current or KeyState(0)
-            current_record = (self._decode(session_id, current.revision, current.value, op)
-                              if current.value else None)
-            if mode == "if-absent":
-                self.metrics.writes.labels(op, "precondition_failed").inc()
-                raise PreconditionFailed(f"session {session_id!r} exists (revision "
-                                         f"{current.revision})", current=current.revision)
-            if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
-                self.metrics.writes.labels(op, "precondition_failed").inc()
-                raise PreconditionFailed(
-                    f"session {session_id!r} is at revision {current.revision or 'none'}, "
-                    f"not {if_match}", current=current.revision or None)
-            if current.revision == 0 and op == "delete":
-                self.metrics.writes.labels(op, "not_found").inc()
-                raise NotFound(f"no session {session_id!r}")
-            if (mode == "owner" and current_record is not None
-                    and current_record.owner != self.member):
-                self.conflicts += 1
-                self.metrics.conflicts.inc()
-                self.metrics.writes.labels(op, "conflict").inc()
-                self.cache.write_through(session_id, current.revision, current_record)
-                raise Conflict(
-                    f"session {session_id!r} was written by member {current_record.owner!r} "
-                    f"(revision {current.revision}) after this member last saw it "
-                    f"(revision {expected}): ownership lost",
-                    owner=current_record.owner, revision=current.revision)
-            if op == "patch" and current_record is None:
-                if current.revision:
-                    raise self._undecodable(session_id, current.revision)
-                raise NotFound(f"no session {session_id!r}")
-            # New to this member, expired meanwhile, our own unconfirmed write, or an
-            # undecodable record (replaced): write against what is there now.
-            expected, prior = current.revision, current_record
-        self.metrics.writes.labels(op, "conflict").inc()
-        raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
-                       "read it and try again")
+    def _refusal(self, op: str, session_id: str, mode: str, if_match: str | None,
+                 expected: int, current: KeyState,
+                 current_record: SessionRecord | None) -> SessionError | None:
+        """The answer to a write whose compare failed (counted), or None when it may be
+        sent again against the key as it is now."""
+        if mode == "if-absent":
+            self.metrics.writes.labels(op, "precondition_failed").inc()
+            return PreconditionFailed(f"session {session_id!r} exists (revision "
+                                      f"{current.revision})", current=current.revision)
+        if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
+            self.metrics.writes.labels(op, "precondition_failed").inc()
+            return PreconditionFailed(
+                f"session {session_id!r} is at revision {current.revision or 'none'}, "
+                f"not {if_match}", current=current.revision or None)
+        if current.revision == 0 and op == "delete":
+            self.metrics.writes.labels(op, "not_found").inc()
+            return NotFound(f"no session {session_id!r}")
+        if (mode == "owner" and current_record is not None
+                and current_record.owner != self.member):
+            self.conflicts += 1
+            self.metrics.conflicts.inc()
+            self.metrics.writes.labels(op, "conflict").inc()
+            self.cache.write_through(session_id, current.revision, current_record)
+            return Conflict(
+                f"session {session_id!r} was written by member {current_record.owner!r} "
+                f"(revision {current.revision}) after this member last saw it "
+                f"(revision {expected}): ownership lost",
+                owner=current_record.owner, revision=current.revision)
+        return None
 
     def _acknowledged(self, op: str, session_id: str, result: WriteResult,
-                      record: SessionRecord | None, expected: int,
+                      record: SessionRecord | None, new_session: bool,
                       prior: SessionRecord | None) -> Stored:
         self.metrics.writes.labels(op, "ok").inc()
         self.cache.write_through(session_id, result.revision, record)
@@ -425,7 +671,7 @@ class Sessions:
         self._observe(session_id, result.revision)
         previous_owner = prior.owner if prior is not None else None
         stored = Stored(session_id=session_id, record=record, etag=str(result.revision),
-                        new_session=expected == 0, previous_owner=previous_owner)
+                        new_session=new_session, previous_owner=previous_owner)
         if stored.takeover:
             self.takeovers += 1
             self.metrics.takeovers.inc()
@@ -523,6 +769,16 @@ class Sessions:
     @property
     def local_sessions(self) -> int:
         return len(self._local)
+
+
+def result_name(exc: SessionError) -> str:
+    """The metrics' name of a failure (``result`` label)."""
+    for cls, name in ((PreconditionFailed, "precondition_failed"), (Conflict, "conflict"),
+                      (NotFound, "not_found"), (Unavailable, "unavailable"),
+                      (TooLarge, "too_large"), (BadRequest, "bad_request")):
+        if isinstance(exc, cls):
+            return name
+    return "failed"
 
 
 _GONE = SessionRecord(owner="", content_type="", created=0.0, updated=0.0, data=b"")

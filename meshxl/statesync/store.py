@@ -25,6 +25,16 @@ Faults
     A batch whose attempt is slow stops holding its place in the queue: the writes
     behind it leave in the next batch rather than wait for its deadline.
 
+Transactions
+    ``transact`` writes several keys all or none: one guarded op like a single write,
+    with a compare per key (at most 128, etcd's ``--max-txn-ops``, each key once, the
+    whole under etcd's 1.5 MiB request limit). It joins a batch as one nested
+    transaction. Its failure branch reads every key's revision, keys only, so the
+    caller can tell which compare failed without an answer that could exceed gRPC's
+    message limit. An unanswered attempt is settled as a single write is: every key
+    it puts holds its exact bytes at one revision (read back one by one) and every key
+    it deletes is gone, or 503.
+
 Reads
     ``check`` is a linearizable, keys-only range: the key's current mod_revision, no
     value. Concurrent checks share one transaction. With it a sidecar proves its
@@ -45,7 +55,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +98,27 @@ class WriteResult:
     """Commit revision (the key's new mod_revision) when ok."""
     current: KeyState | None = None
     """When not ok: the key as it is, so the caller can tell 409 from 412."""
+
+
+@dataclass(frozen=True, slots=True)
+class TxnWrite:
+    """One key of a transaction: put ``value`` (None: delete the key) if the key's
+    mod_revision is ``expected`` (0: the key must not exist)."""
+
+    key: bytes
+    expected: int
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    ok: bool
+    revision: int
+    """Commit revision when ok (every key put has it as its mod_revision)."""
+    current: tuple[KeyState, ...] = ()
+    """When not ok: every key's revision now (values not read), in the writes' order."""
+    uncertain: bool = False
+    """Not ok after an unanswered attempt: that attempt may be what moved the keys."""
 
 
 @dataclass(slots=True)
@@ -328,36 +359,101 @@ class SessionStore:
     async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
 
-        async def op() -> dict[str, Any]:
+        async def request() -> rpc.RequestOp:
             lease = await self.leases.current()
-            return {"request_put": {"key": key, "value": value, "lease": lease}}
+            return self._guarded(key, expected,
+                                 {"request_put": {"key": key, "value": value, "lease": lease}})
 
-        return await self._write(key, expected, op, len(key) + len(value) + 64, value)
+        result: WriteResult = await self._write(
+            request, lambda r, rev, uncertain: _write_result(r, rev, uncertain, value),
+            len(key) + len(value) + 64, resend=expected != 0)
+        return result
 
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
 
-        async def op() -> dict[str, Any]:
-            return {"request_delete_range": {"key": key}}
+        async def request() -> rpc.RequestOp:
+            return self._guarded(key, expected, {"request_delete_range": {"key": key}})
 
-        return await self._write(key, expected, op, len(key) + 64, None)
+        result: WriteResult = await self._write(
+            request, lambda r, rev, uncertain: _write_result(r, rev, uncertain, None),
+            len(key) + 64, resend=expected != 0)
+        return result
 
-    async def _write(self, key: bytes, expected: int, make_op: Callable[[], Any], size: int,
-                     value: bytes | None) -> WriteResult:
+    async def transact(self, writes: Sequence[TxnWrite]) -> TxnResult:
+        """All of ``writes`` or none: one guarded op whose compares cover every key.
+
+        Success puts (with the session lease) and deletes every key; failure reads every
+        key's revision (keys only: the values of up to 128 sessions could exceed what
+        one answer may carry), so the caller can tell which compare failed. It travels
+        in a batch like any single write, as one nested transaction.
+        """
+        if not 0 < len(writes) <= MAX_TXN_OPS:
+            raise ValueError(f"a transaction holds 1 to {MAX_TXN_OPS} writes, "
+                             f"not {len(writes)}")
+        if len({w.key for w in writes}) != len(writes):
+            raise ValueError("a transaction names each key once (etcd refuses duplicates)")
+        size = sum(len(w.key) + len(w.value or b"") + 96 for w in writes)
+        if size > MAX_REQUEST_BYTES:
+            raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
+                             f"{MAX_REQUEST_BYTES} in one request")
+
+        async def request() -> rpc.RequestOp:
+            lease = (await self.leases.current()
+                     if any(w.value is not None for w in writes) else 0)
+            return rpc.RequestOp(request_txn={
+                "compare": [{"key": w.key, "target": rpc.Compare.MOD,
+                             "result": rpc.Compare.EQUAL, "mod_revision": w.expected}
+                            for w in writes],
+                "success": [{"request_put": {"key": w.key, "value": w.value, "lease": lease}}
+                            if w.value is not None else
+                            {"request_delete_range": {"key": w.key}} for w in writes],
+                "failure": [{"request_range": {"key": w.key, "keys_only": True}}
+                            for w in writes]})
+
+        result: TxnResult = await self._write(
+            request, _txn_result, size,
+            # A creation is never sent twice (see the module docstring): a transaction
+            # is sent again only if every compare expects an existing key.
+            resend=all(w.expected != 0 for w in writes))
+        if result.uncertain:
+            return await self._settle(writes, result)
+        return result
+
+    async def _settle(self, writes: Sequence[TxnWrite], result: TxnResult) -> TxnResult:
+        """A transaction whose earlier attempt went unanswered and whose compares then
+        failed: acknowledged if every key it puts holds exactly its bytes at one
+        revision and every key it deletes is gone; anything else is not known."""
+        unknown = StoreUnavailable("etcd did not answer an earlier attempt of this "
+                                   "transaction, and whether it applied cannot be told "
+                                   "now: not acknowledged")
+        puts = [w for w in writes if w.value is not None]
+        if not puts or any(c.revision != 0 for w, c in zip(writes, result.current, strict=True)
+                           if w.value is None):
+            raise unknown
+        revisions = {c.revision for w, c in zip(writes, result.current, strict=True)
+                     if w.value is not None}
+        if len(revisions) != 1 or 0 in revisions:
+            raise unknown
+        for write in puts:
+            state = await self.fetch(write.key)
+            if state.value != write.value:
+                raise unknown
+        return TxnResult(True, revisions.pop())
+
+    async def _write(self, make_request: Callable[[], Awaitable[rpc.RequestOp]],
+                     parse: Callable[[Any, int, bool], Any], size: int, *,
+                     resend: bool) -> Any:
         for attempt in (1, 2):
             try:
-                op = await make_op()
+                request = await make_request()
             except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
                     MemberChanged) as exc:
                 # No session lease without etcd (a new TTL bucket): not acknowledged.
                 raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
                                        f"lease: {exc}") from exc
             try:
-                result: WriteResult = await self._writes.submit(
-                    self._guarded(key, expected, op),
-                    lambda r, rev, uncertain: _write_result(r, rev, uncertain, value), size,
-                    resend=expected != 0)
-                return result
+                return await self._writes.submit(request, parse, size, resend=resend)
             except StoreUnavailable as exc:
                 if attempt == 1 and "lease not found" in str(exc):
                     # etcd refused the whole batch for one lost lease: nothing applied.
@@ -381,6 +477,13 @@ class SessionStore:
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
     return _key_state(response)
+
+
+def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
+    txn = response.response_txn
+    if txn.succeeded:
+        return TxnResult(True, revision)
+    return TxnResult(False, 0, tuple(_key_state(r) for r in txn.responses), uncertain)
 
 
 def _write_result(response: Any, revision: int, uncertain: bool,

@@ -174,6 +174,19 @@ class SidecarProcess:
         hdrs = {"If-Match": if_match} if if_match is not None else {}
         return await self.request("DELETE", f"/v1/sessions/{session}", headers=hdrs)
 
+    async def post_json(self, path: str, body: Any) -> Reply:
+        return await self.request("POST", path, data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+
+    async def bulk_get(self, sessions: list[str]) -> Reply:
+        return await self.post_json("/v1/sessions:bulkGet", {"sessions": sessions})
+
+    async def bulk_save(self, items: list[dict[str, Any]]) -> Reply:
+        return await self.post_json("/v1/sessions:bulkSave", {"items": items})
+
+    async def transaction(self, operations: list[dict[str, Any]]) -> Reply:
+        return await self.post_json("/v1/sessions:transaction", {"operations": operations})
+
     async def status(self) -> dict[str, Any]:
         reply = await self.request("GET", "/v1/status")
         assert reply.status == 200, reply
