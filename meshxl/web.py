@@ -148,8 +148,14 @@ async def read_body(request: web.Request, limit: int, *, what: str = "request bo
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"{what} is {length} bytes; the limit is {limit}", limit=limit)
-    body = bytearray()
     content = request.content  # not request.read(), which stops at client_max_size
+    if content.is_eof():  # the whole body came with the head (a small one): no waiting
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise BodyTooLarge(f"{what} is {len(data)} bytes; the limit is {limit}",
+                               limit=limit)
+        return data
+    body = bytearray()
     try:
         async with asyncio.timeout(timeout):
             while chunk := await content.readany():

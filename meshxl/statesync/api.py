@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from importlib import resources
 from typing import Any
 
@@ -32,8 +31,6 @@ from .sessions import (
     TooLarge,
     Transacted,
 )
-
-log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_PROBLEM_DETAIL = 1024
@@ -86,11 +83,9 @@ def _stored_headers(stored: Stored) -> dict[str, str]:
 
 
 def _write_response(stored: Stored) -> web.Response:
-    body = {"session": stored.session_id, "etag": stored.etag, "owner": stored.record.owner,
-            "created": stored.new_session, "takeover": stored.takeover,
-            "replicated": stored.source != "local"}
-    return web.json_response(body, status=201 if stored.new_session else 200,
-                             headers=_stored_headers(stored))
+    return web.Response(body=bulk.write_answer(stored), status=201 if stored.new_session
+                        else 200, headers={**_stored_headers(stored),
+                                           "Content-Type": "application/json"})
 
 
 def _json_bytes(body: bytes, status: int = 200) -> web.Response:
@@ -235,23 +230,15 @@ class SessionRoutes:
         items = bulk.parse_save(await _body(request, bulk.MAX_BODY, "bulk save request"),
                                 sessions.settings.max_bytes)
         self._count("save", len(items))
-        traceparent = _traceparent(request)
-        results = await asyncio.gather(*(
-            sessions.put(item.session_id, item.data, item.content_type, item.if_match,
-                         traceparent, create_only=item.create_only) for item in items),
-            return_exceptions=True)
-        parts = []
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, Stored):
-                parts.append(bulk.dumps(bulk.write_fields(result)))
-            elif isinstance(result, SessionError):
-                parts.append(bulk.dumps(bulk.error_fields(item.session_id, result)))
-            else:  # the others' answers still count: this one is a 500 of its own
-                log.error("bulk save of session %s failed", item.session_id,
-                          exc_info=result)
-                parts.append(bulk.dumps({"session": item.session_id, "status": 500,
-                                         "error": f"internal error: {type(result).__name__}"}))
-        return _json_bytes(bulk.items_body(parts))
+        results = await sessions.put_many(
+            [Change(session_id=item.session_id, data=item.data,
+                    content_type=item.content_type, if_match=item.if_match,
+                    create_only=item.create_only) for item in items],
+            _traceparent(request))
+        return _json_bytes(bulk.items_body([
+            bulk.write_answer(result, status=True) if isinstance(result, Stored)
+            else bulk.dumps(bulk.error_fields(item.session_id, result))
+            for item, result in zip(items, results, strict=True)]))
 
     async def transaction(self, request: web.Request) -> web.Response:
         """Every operation or none, in one etcd transaction (Sessions.transact)."""

@@ -36,6 +36,12 @@ from .record import JSON_TYPE, is_json, valid_content_type, valid_session_id
 from .sessions import BadRequest, SessionError, Stored, TooLarge, check_if_match
 from .store import MAX_TXN_OPS
 
+_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+# One encoder each, made once (json.dumps with options makes one per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 MAX_ITEMS = MAX_TXN_OPS
 """Sessions per request at most (a transaction is one etcd transaction level)."""
 MAX_BODY = 4 * 1024 * 1024
@@ -246,13 +252,13 @@ def encode_json(where: _Where, value: Any) -> bytes:
     """A JSON value as stored: compact, UTF-8 (strings with lone surrogates, which
     UTF-8 cannot carry, escaped), no NaN or Infinity (not JSON)."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _COMPACT.encode(value)
     except ValueError as exc:
         raise where.bad("data", f"not JSON: {exc}") from None
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+        return _COMPACT_ASCII.encode(value).encode()
 
 
 def _once(items: list[Item], array: str) -> None:
@@ -307,6 +313,21 @@ def read_item(stored: Stored) -> bytes:
             + b'"}')
 
 
+_BOOL = ("false", "true")
+
+
+def write_answer(stored: Stored, *, status: bool = False) -> bytes:
+    """What a write answers (PUT's body; with ``status``, a bulk save item), built by
+    hand: this is every write's answer, and the fields need no escaping but the owner
+    (a session id and an ETag are URL-safe)."""
+    new, record = stored.new_session, stored.record
+    code = f'"status":{201 if new else 200},' if status else ""
+    return (f'{{"session":"{stored.session_id}",{code}"etag":"{stored.etag}",'
+            f'"owner":{_string(record.owner)},"created":{_BOOL[new]},'
+            f'"takeover":{_BOOL[stored.takeover]},'
+            f'"replicated":{_BOOL[stored.source != "local"]}}}').encode()
+
+
 def write_fields(stored: Stored) -> dict[str, Any]:
     """What a single write answers, as a bulk item: status, ETag, owner..."""
     return {"session": stored.session_id, "status": 201 if stored.new_session else 200,
@@ -331,4 +352,4 @@ def dumps(value: Any) -> bytes:
 
 __all__ = ["ENCODINGS", "MAX_BODY", "MAX_GET_BODY", "MAX_ITEMS", "MAX_TXN_BYTES", "Item",
            "embeddable", "error_fields", "items_body", "parse_get", "parse_save",
-           "parse_transaction", "read_item", "write_fields"]
+           "parse_transaction", "read_item", "write_answer", "write_fields"]

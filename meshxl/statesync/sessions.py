@@ -18,15 +18,23 @@ Fencing is by revision, not by locks (locks alone are not safe; etcd is the judg
 
 Two members therefore can never both acknowledge conflicting writes: etcd accepts one
 compare and refuses the other.
+
+Several sessions at once follow the same rules: a bulk save (:meth:`Sessions.put_many`)
+is each session's put, their first attempts queued together; a transaction
+(:meth:`Sessions.transact`) puts each session's compare, chosen as for a single write,
+into one etcd transaction that applies everything or nothing. Both hold the sessions'
+locks, taken in sorted order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,6 +202,61 @@ def check_if_match(value: str) -> str:
     return tag
 
 
+class _SessionLocks:
+    """A lock per session, held while a write of it is under way.
+
+    Most writes meet no other write of their session: the first takes it at once,
+    without allocating a lock; later ones wait in order (FIFO) and get it handed over.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, deque[asyncio.Future[None]] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def acquire(self, session_id: str) -> None:
+        held = self._held
+        if session_id not in held:
+            held[session_id] = None
+            return
+        waiters = held[session_id]
+        if waiters is None:
+            waiters = held[session_id] = deque()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(session_id)  # handed over just as this waiter was cancelled
+            elif future in waiters:
+                waiters.remove(future)
+            raise
+
+    def release(self, session_id: str) -> None:
+        waiters = self._held[session_id]
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # still held: by that waiter now
+                return
+        del self._held[session_id]
+
+
+class _Exclusive:
+    __slots__ = ("_locks", "_session_id")
+
+    def __init__(self, locks: _SessionLocks, session_id: str):
+        self._locks, self._session_id = locks, session_id
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._session_id)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._locks.release(self._session_id)
+
+
 class Sessions:
     """One member's view of its cluster's sessions."""
 
@@ -206,7 +269,9 @@ class Sessions:
         self.member = member
         self.settings = settings
         self.metrics = metrics
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks = _SessionLocks()
+        self._prefix = keys.sessions_prefix(cluster).encode()
+        """Every session key starts with it (``keys.session``), built once."""
         self._observed: dict[str, tuple[int, float]] = {}
         self._local: dict[str, _Local] = {}
         self._local_versions = 0
@@ -219,36 +284,29 @@ class Sessions:
     def key(self, session_id: str) -> bytes:
         if not valid_session_id(session_id):  # one etcd key segment, bounded
             raise BadRequest(f"invalid session id {session_id[:80]!r}", field="session_id")
-        return self.keys.session(self.cluster, session_id).encode()
+        return self._prefix + session_id.encode()
 
     # -- per-session serialization ------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
+    def _exclusive(self, session_id: str) -> _Exclusive:
         """One write at a time per session on this member (its order is the app's)."""
-        lock, users = self._locks.get(session_id, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[session_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[session_id]
-            if users <= 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+        return _Exclusive(self._locks, session_id)
 
     @contextlib.asynccontextmanager
     async def _exclusive_all(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
         """:meth:`_exclusive` for several sessions, taken in sorted order: two
-        transactions over overlapping sessions never wait for each other in a cycle
-        (a single write holds one lock, and waits for none while holding it)."""
-        async with contextlib.AsyncExitStack() as stack:
+        transactions or bulk saves over overlapping sessions never wait for each other
+        in a cycle (a single write holds one lock, and waits for none while holding
+        it)."""
+        held: list[str] = []
+        try:
             for session_id in sorted(set(session_ids)):
-                await stack.enter_async_context(self._exclusive(session_id))
+                await self._locks.acquire(session_id)
+                held.append(session_id)
             yield
+        finally:
+            for session_id in held:
+                self._locks.release(session_id)
 
     def _observe(self, session_id: str, revision: int) -> None:
         self._observed[session_id] = (revision, time.monotonic())
@@ -270,7 +328,7 @@ class Sessions:
     async def get(self, session_id: str) -> Stored:
         local = self._local.get(session_id)
         if local is not None:
-            self.metrics.reads.labels("local", "ok").inc()
+            self.metrics.read("local", "ok").inc()
             return Stored(session_id=session_id, record=local.record, etag=f"L{local.version}",
                           source="local")
         started = time.time_ns()
@@ -289,11 +347,11 @@ class Sessions:
             if entry is not None:
                 revision = await self.store.check(key)
                 if revision == entry.revision:
-                    self.metrics.reads.labels("cache", "ok").inc()
+                    self.metrics.read("cache", "ok").inc()
                     return Stored(session_id=session_id, record=entry.record, etag=str(revision),
                                   source="cache")
                 if revision == 0:
-                    self.metrics.reads.labels("cache", "not_found").inc()
+                    self.metrics.read("cache", "not_found").inc()
                     raise NotFound(f"no session {session_id!r}")
             state = await self.store.fetch(key)
         except StoreUnavailable as exc:
@@ -302,17 +360,17 @@ class Sessions:
                 raise Unavailable(f"etcd unavailable: {exc}") from None
             # etcd cannot prove the cache current: serve it, marked. A write based on
             # it compares this revision, so it cannot overwrite anything newer.
-            self.metrics.reads.labels(UNVERIFIED, "ok").inc()
+            self.metrics.read(UNVERIFIED, "ok").inc()
             return Stored(session_id=session_id, record=entry.record, etag=str(entry.revision),
                           source=UNVERIFIED)
         if state.revision == 0 or state.value is None:
-            self.metrics.reads.labels("etcd", "not_found").inc()
+            self.metrics.read("etcd", "not_found").inc()
             raise NotFound(f"no session {session_id!r}")
         record = self._decode(session_id, state.revision, state.value, "read")
         if record is None:
             raise self._undecodable(session_id, state.revision)
         self.cache.write_through(session_id, state.revision, record)
-        self.metrics.reads.labels("etcd", "ok").inc()
+        self.metrics.read("etcd", "ok").inc()
         return Stored(session_id=session_id, record=record, etag=str(state.revision), source="etcd")
 
     # -- writes -------------------------------------------------------------------------
@@ -344,6 +402,83 @@ class Sessions:
                                      entry.revision if entry else 0, prior,
                                      create_only=create_only)
 
+    async def put_many(self, changes: Sequence[Change],
+                       traceparent: str | None = None) -> list[Stored | SessionError]:
+        """Several sessions written as :meth:`put` writes each (a bulk save): each
+        succeeds or fails on its own. Their first attempts go to the write queue
+        together, so they leave in the same etcd transactions, with no task each; a
+        write whose compare failed goes on alone, as put() would. The sessions' locks
+        are taken in sorted order (as a transaction takes them)."""
+        if len({c.session_id for c in changes}) != len(changes):
+            raise BadRequest("a bulk save names each session once")
+        if self.settings.sync_delay > 0:  # each may stay here: as put() decides, one by one
+            outcomes = await asyncio.gather(*(
+                self.put(c.session_id, c.data or b"", c.content_type, c.if_match,
+                         traceparent, create_only=c.create_only) for c in changes),
+                return_exceptions=True)
+            return [_answer(o) for o in outcomes]
+        ids = [c.session_id for c in changes]
+        async with self._exclusive_all(ids):
+            started = time.time_ns()
+            for session_id in ids:
+                self._first_access.setdefault(session_id, started)
+            try:
+                return await self._put_many(changes, traceparent)
+            finally:
+                for session_id in ids:
+                    self._first_access.pop(session_id, None)
+
+    async def _put_many(self, changes: Sequence[Change],
+                        traceparent: str | None) -> list[Stored | SessionError]:
+        results: list[Stored | SessionError | None] = [None] * len(changes)
+        try:
+            lease = await self.store.lease()
+        except StoreUnavailable as exc:
+            self.metrics.write("put", "unavailable").inc(len(changes))
+            error = Unavailable(f"etcd unavailable, write not acknowledged: {exc}")
+            return [error] * len(changes)
+        now = time.time()
+        planned = []
+        for i, change in enumerate(changes):
+            session_id = change.session_id
+            try:
+                if change.data is None:
+                    raise BadRequest(f"session {session_id!r}: a bulk save writes states")
+                self._check_size(change.data)
+                key = self.key(session_id)
+                entry = self.cache.get(session_id)
+                mode, expected = await self._expectation(
+                    "put", session_id, key, change.if_match, change.create_only,
+                    entry.revision if entry else 0)
+            except SessionError as exc:
+                results[i] = exc
+                continue
+            prior = entry.record if entry is not None else None
+            make = functools.partial(self._new_record, change.content_type, change.data, now,
+                                     traceparent)
+            record = make(prior)
+            planned.append((i, key, mode, expected, make, prior, record))
+        futures = self.store.put_all(
+            [(key, record.encode(), expected) for _, key, _, expected, _, _, record in planned],
+            lease)
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        for (i, key, mode, expected, make, prior, record), answer in zip(planned, answers,
+                                                                         strict=True):
+            change = changes[i]
+            try:
+                results[i] = await self._attempts(
+                    "put", change.session_id, key, mode, expected, change.if_match, make,
+                    prior, first=(record, answer))
+            except SessionError as exc:
+                results[i] = exc
+        return [r for r in results if r is not None]
+
+    def _new_record(self, content_type: str, data: bytes, now: float,
+                    traceparent: str | None, prior: SessionRecord | None) -> SessionRecord:
+        return SessionRecord(owner=self.member, content_type=content_type,
+                             created=prior.created if prior else now, updated=time.time(),
+                             data=data, traceparent=traceparent)
+
     async def patch(self, session_id: str, patch: Any, if_match: str | None = None,
                     traceparent: str | None = None) -> Stored:
         """RFC 7386 JSON merge patch of a JSON session."""
@@ -369,7 +504,7 @@ class Sessions:
     async def delete(self, session_id: str, if_match: str | None = None) -> None:
         async with self._exclusive(session_id):
             if self._local.pop(session_id, None) is not None:
-                self.metrics.writes.labels("delete", "ok").inc()
+                self.metrics.write("delete", "ok").inc()
                 return
             entry = self.cache.get(session_id)
             await self._write("delete", session_id, if_match, None,
@@ -472,7 +607,7 @@ class Sessions:
             return self._committed(plans, records, revision)
         index = {id(p): i for i, p in enumerate(plans)}
         for i in failed:
-            self.metrics.writes.labels(sent[i].change.op, "conflict").inc()
+            self.metrics.write(sent[i].change.op, "conflict").inc()
         return self._aborted({index[id(sent[i])]: Conflict(
             f"session {sent[i].change.session_id!r} kept changing under concurrent "
             "writers; read it and try again") for i in failed})
@@ -530,7 +665,7 @@ class Sessions:
             if plan.local:
                 self._local.pop(session_id, None)
             if record is None:
-                self.metrics.writes.labels("delete", "ok").inc()
+                self.metrics.write("delete", "ok").inc()
                 if not plan.local:
                     self.cache.write_through(session_id, revision, None)
                     self._observed.pop(session_id, None)
@@ -574,15 +709,38 @@ class Sessions:
         key = self.key(session_id)
         mode, expected = await self._expectation(op, session_id, key, if_match, create_only,
                                                  cached_revision)
+        return await self._attempts(op, session_id, key, mode, expected, if_match, make,
+                                    prior)
+
+    async def _attempts(self, op: str, session_id: str, key: bytes, mode: str,
+                        expected: int, if_match: str | None, make: Any,
+                        prior: SessionRecord | None,
+                        first: tuple[SessionRecord, WriteResult | BaseException] | None = None
+                        ) -> Stored:
+        """Write, and again against the key as it is now while the rules allow
+        (:meth:`_refusal`). ``first``: the record of a first attempt already sent (by
+        :meth:`put_many`) and its answer."""
         for _ in range(_BLIND_RETRIES):
-            record = make(prior) if make is not None else None
+            record: SessionRecord | None
+            answer: WriteResult | BaseException | None
+            if first is not None:
+                record, answer = first
+                first = None
+                if isinstance(answer, StoreUnavailable) and "lease not found" in str(answer):
+                    answer = None  # refused whole for a lost lease: nothing applied, again
+            else:
+                record, answer = make(prior) if make is not None else None, None
             try:
-                if record is None:
+                if isinstance(answer, BaseException):
+                    raise answer
+                if answer is not None:
+                    result = answer
+                elif record is None:
                     result = await self.store.delete(key, expected)
                 else:
                     result = await self.store.put(key, record.encode(), expected)
             except StoreUnavailable as exc:
-                self.metrics.writes.labels(op, "unavailable").inc()
+                self.metrics.write(op, "unavailable").inc()
                 raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
             if result.ok:
                 return self._acknowledged(op, session_id, result, record, expected == 0, prior)
@@ -600,7 +758,7 @@ class Sessions:
             # New to this member, expired meanwhile, our own unconfirmed write, or an
             # undecodable record (replaced): write against what is there now.
             expected, prior = current.revision, current_record
-        self.metrics.writes.labels(op, "conflict").inc()
+        self.metrics.write(op, "conflict").inc()
         raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
                        "read it and try again")
 
@@ -637,22 +795,22 @@ class Sessions:
         """The answer to a write whose compare failed (counted), or None when it may be
         sent again against the key as it is now."""
         if mode == "if-absent":
-            self.metrics.writes.labels(op, "precondition_failed").inc()
+            self.metrics.write(op, "precondition_failed").inc()
             return PreconditionFailed(f"session {session_id!r} exists (revision "
                                       f"{current.revision})", current=current.revision)
         if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
-            self.metrics.writes.labels(op, "precondition_failed").inc()
+            self.metrics.write(op, "precondition_failed").inc()
             return PreconditionFailed(
                 f"session {session_id!r} is at revision {current.revision or 'none'}, "
                 f"not {if_match}", current=current.revision or None)
         if current.revision == 0 and op == "delete":
-            self.metrics.writes.labels(op, "not_found").inc()
+            self.metrics.write(op, "not_found").inc()
             return NotFound(f"no session {session_id!r}")
         if (mode == "owner" and current_record is not None
                 and current_record.owner != self.member):
             self.conflicts += 1
             self.metrics.conflicts.inc()
-            self.metrics.writes.labels(op, "conflict").inc()
+            self.metrics.write(op, "conflict").inc()
             self.cache.write_through(session_id, current.revision, current_record)
             return Conflict(
                 f"session {session_id!r} was written by member {current_record.owner!r} "
@@ -664,7 +822,7 @@ class Sessions:
     def _acknowledged(self, op: str, session_id: str, result: WriteResult,
                       record: SessionRecord | None, new_session: bool,
                       prior: SessionRecord | None) -> Stored:
-        self.metrics.writes.labels(op, "ok").inc()
+        self.metrics.write(op, "ok").inc()
         self.cache.write_through(session_id, result.revision, record)
         if record is None:
             return Stored(session_id=session_id, record=prior or _GONE, etag=str(result.revision))
@@ -696,7 +854,7 @@ class Sessions:
             return None
 
     def _undecodable(self, session_id: str, revision: int) -> Undecodable:
-        self.metrics.reads.labels("etcd", "undecodable").inc()
+        self.metrics.read("etcd", "undecodable").inc()
         return Undecodable(
             f"session {session_id!r}: the stored record (revision {revision}) cannot be "
             "decoded (written by another program?); PUT without If-Match replaces it, "
@@ -739,7 +897,7 @@ class Sessions:
                                created=local.record.created if local else now, updated=now,
                                data=data, traceparent=traceparent)
         self._local[session_id] = _Local(record, self._local_versions)
-        self.metrics.writes.labels("put", "local").inc()
+        self.metrics.write("put", "local").inc()
         self.metrics.local.set(len(self._local))
         return Stored(session_id=session_id, record=record, etag=f"L{self._local_versions}",
                       new_session=local is None, source="local")
@@ -769,6 +927,12 @@ class Sessions:
     @property
     def local_sessions(self) -> int:
         return len(self._local)
+
+
+def _answer(outcome: Stored | BaseException) -> Stored | SessionError:
+    if isinstance(outcome, Stored | SessionError):
+        return outcome
+    raise outcome
 
 
 def result_name(exc: SessionError) -> str:

@@ -51,12 +51,13 @@ TTL
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aetcd
@@ -132,7 +133,6 @@ class _Op:
     resend: bool = True
     """Safe to send again after an unanswered attempt."""
     uncertain: bool = False
-    queued: float = field(default_factory=time.perf_counter)
 
 
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
@@ -171,10 +171,20 @@ class _Batcher:
 
     async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
                      size: int = 64, *, resend: bool = True) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(request, size, parse, future, resend))
+        future = self.enqueue(request, parse, size, resend=resend)
         self._kick()
         return await future
+
+    def enqueue(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
+                size: int = 64, *, resend: bool = True) -> asyncio.Future[Any]:
+        """Queue an op without sending: :meth:`kick` after the last of several, so they
+        leave together."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Op(request, size, parse, future, resend))
+        return future
+
+    def kick(self) -> None:
+        self._kick()
 
     def _kick(self) -> None:
         while self._queue and self._inflight < self._max_inflight:
@@ -298,6 +308,10 @@ class _Leases:
         self._leases: dict[int, int] = {}
         self._lock = asyncio.Lock()
 
+    def cached(self) -> int | None:
+        """The current bucket's lease if it was granted already (no await)."""
+        return self._leases.get(int(time.time() // self.bucket))
+
     async def current(self) -> int:
         bucket = int(time.time() // self.bucket)
         lease = self._leases.get(bucket)
@@ -358,26 +372,36 @@ class SessionStore:
 
     async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
-
-        async def request() -> rpc.RequestOp:
-            lease = await self.leases.current()
-            return self._guarded(key, expected,
-                                 {"request_put": {"key": key, "value": value, "lease": lease}})
-
         result: WriteResult = await self._write(
-            request, lambda r, rev, uncertain: _write_result(r, rev, uncertain, value),
+            lambda lease: self._guarded(key, expected, {"request_put": {
+                "key": key, "value": value, "lease": lease}}),
+            lambda r, rev, uncertain: _write_result(r, rev, uncertain, value),
             len(key) + len(value) + 64, resend=expected != 0)
         return result
 
+    async def lease(self) -> int:
+        """The session lease of the current TTL bucket (StoreUnavailable without etcd)."""
+        return self.leases.cached() or await self._lease()
+
+    def put_all(self, puts: Sequence[tuple[bytes, bytes, int]],
+                lease: int) -> list[asyncio.Future[WriteResult]]:
+        """:meth:`put` of each ``(key, value, expected)`` with ``lease``, queued together
+        (they leave in the same transactions); one future each. A put etcd refused for
+        a lost lease fails with StoreUnavailable naming it (put() then retries)."""
+        futures = [self._writes.enqueue(
+            self._guarded(key, expected, {"request_put": {
+                "key": key, "value": value, "lease": lease}}),
+            functools.partial(_put_result, value), len(key) + len(value) + 64,
+            resend=expected != 0) for key, value, expected in puts]
+        self._writes.kick()
+        return futures
+
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
-
-        async def request() -> rpc.RequestOp:
-            return self._guarded(key, expected, {"request_delete_range": {"key": key}})
-
         result: WriteResult = await self._write(
-            request, lambda r, rev, uncertain: _write_result(r, rev, uncertain, None),
-            len(key) + 64, resend=expected != 0)
+            lambda _lease: self._guarded(key, expected, {"request_delete_range": {"key": key}}),
+            lambda r, rev, uncertain: _write_result(r, rev, uncertain, None),
+            len(key) + 64, resend=expected != 0, leased=False)
         return result
 
     async def transact(self, writes: Sequence[TxnWrite]) -> TxnResult:
@@ -398,9 +422,7 @@ class SessionStore:
             raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
                              f"{MAX_REQUEST_BYTES} in one request")
 
-        async def request() -> rpc.RequestOp:
-            lease = (await self.leases.current()
-                     if any(w.value is not None for w in writes) else 0)
+        def request(lease: int) -> rpc.RequestOp:
             return rpc.RequestOp(request_txn={
                 "compare": [{"key": w.key, "target": rpc.Compare.MOD,
                              "result": rpc.Compare.EQUAL, "mod_revision": w.expected}
@@ -415,7 +437,8 @@ class SessionStore:
             request, _txn_result, size,
             # A creation is never sent twice (see the module docstring): a transaction
             # is sent again only if every compare expects an existing key.
-            resend=all(w.expected != 0 for w in writes))
+            resend=all(w.expected != 0 for w in writes),
+            leased=any(w.value is not None for w in writes))
         if result.uncertain:
             return await self._settle(writes, result)
         return result
@@ -441,19 +464,17 @@ class SessionStore:
                 raise unknown
         return TxnResult(True, revisions.pop())
 
-    async def _write(self, make_request: Callable[[], Awaitable[rpc.RequestOp]],
+    async def _write(self, build: Callable[[int], rpc.RequestOp],
                      parse: Callable[[Any, int, bool], Any], size: int, *,
-                     resend: bool) -> Any:
+                     resend: bool, leased: bool = True) -> Any:
+        """Submit ``build(lease)`` (the session lease of the current TTL bucket) to the
+        write batcher; once more with a new lease if etcd lost the lease."""
         for attempt in (1, 2):
+            lease = 0
+            if leased:
+                lease = self.leases.cached() or await self._lease()
             try:
-                request = await make_request()
-            except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
-                    MemberChanged) as exc:
-                # No session lease without etcd (a new TTL bucket): not acknowledged.
-                raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
-                                       f"lease: {exc}") from exc
-            try:
-                return await self._writes.submit(request, parse, size, resend=resend)
+                return await self._writes.submit(build(lease), parse, size, resend=resend)
             except StoreUnavailable as exc:
                 if attempt == 1 and "lease not found" in str(exc):
                     # etcd refused the whole batch for one lost lease: nothing applied.
@@ -462,6 +483,15 @@ class SessionStore:
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    async def _lease(self) -> int:
+        try:
+            return await self.leases.current()
+        except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
+                MemberChanged) as exc:
+            # No session lease without etcd (a new TTL bucket): not acknowledged.
+            raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
+                                   f"lease: {exc}") from exc
 
     @staticmethod
     def _guarded(key: bytes, expected: int, op: dict[str, Any]) -> rpc.RequestOp:
@@ -484,6 +514,10 @@ def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
     if txn.succeeded:
         return TxnResult(True, revision)
     return TxnResult(False, 0, tuple(_key_state(r) for r in txn.responses), uncertain)
+
+
+def _put_result(value: bytes, response: Any, revision: int, uncertain: bool) -> WriteResult:
+    return _write_result(response, revision, uncertain, value)
 
 
 def _write_result(response: Any, revision: int, uncertain: bool,
