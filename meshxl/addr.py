@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import stat
 from typing import Any
 
 from meshxl.errors import InputError
@@ -155,3 +156,76 @@ def bind_tcp(listen: str, what: str = "--listen") -> socket.socket:
 
 def bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
+
+
+# -- Unix domain sockets: a cheaper path between processes of one host (no TCP stack).
+
+UNIX_PREFIX = "unix:"
+MAX_UNIX_PATH = 107
+"""Bytes of a socket path (``sun_path`` holds 108 with its terminating NUL)."""
+SOCKET_MODES = (0o600, 0o660)
+"""Permissions a listening socket may get: its owner only, or its group too. Connecting
+takes write permission on the socket file, so these decide who may talk to it."""
+
+
+def unix_path(value: str, what: str = "--listen") -> str | None:
+    """The path of a ``unix:PATH`` listen address, checked (ListenError), or None when
+    ``value`` is not one."""
+    if not value.startswith(UNIX_PREFIX):
+        return None
+    path = value[len(UNIX_PREFIX):]
+    if not path or "\0" in path or path != path.strip():
+        raise ListenError(f"{what}: bad socket address {value[:120]!r}: expected unix:PATH, "
+                          "e.g. unix:/run/meshxl/statesync.sock")
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ListenError(f"{what}: socket path {path[:80]!r}... is longer than "
+                          f"{MAX_UNIX_PATH} bytes, the most a Unix socket address holds")
+    return path
+
+
+def bind_unix(path: str, mode: int = 0o600, what: str = "--listen") -> socket.socket:
+    """A listening Unix socket at ``path`` with permissions ``mode`` (one of
+    :data:`SOCKET_MODES`), or ListenError. A socket file nobody listens on (left by a
+    process that died) is replaced; a live one, or a file that is not a socket, is not."""
+    where = f"{what}: cannot listen on unix:{path}"
+    if mode not in SOCKET_MODES:
+        raise ListenError(f"{where}: socket mode {mode:o} is neither 600 nor 660")
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise ListenError(f"{where}: {_os_reason(exc)}") from None
+    if found is not None:
+        if not stat.S_ISSOCK(found.st_mode):
+            raise ListenError(f"{where}: the path exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:  # stale: its server is gone
+                os.unlink(path)
+            except OSError as exc:
+                raise ListenError(f"{where}: {_os_reason(exc)}") from None
+            else:
+                raise ListenError(f"{where}: another process listens on it")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # Before listen(): until then nobody can connect, whatever the umask gave.
+        os.chmod(path, mode)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"{where}: {_os_reason(exc)}") from None
+    return sock
+
+
+def remove_unix(path: str, inode: int) -> None:
+    """Remove the socket file at ``path`` if it is still the one with ``inode`` (its
+    ``os.stat`` after :func:`bind_unix`): another server may have replaced it since."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

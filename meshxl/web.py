@@ -10,9 +10,10 @@
 * :class:`Runner`, an ``AppRunner`` whose answers to requests that never reach the
   application (a malformed request line, headers too long: aiohttp's own 400/431) are
   JSON too, with the server timeouts below.
-* :func:`read_body` and :func:`read_json`: a body read with a size limit and a time
-  limit, JSON parsed with its nesting depth bounded (deep nesting is a 400, never a
-  ``RecursionError``).
+* :func:`read_body` and :func:`read_json`: a body read with a size limit (the
+  endpoint's, checked as the body arrives; the application's ``client_max_size`` is
+  only the default of what aiohttp itself reads) and a time limit, JSON parsed with its
+  nesting depth bounded (deep nesting is a 400, never a ``RecursionError``).
 * Timeouts: a connection that has not sent a complete request head within
   :data:`HEADER_TIMEOUT` seconds (or stays idle that long between requests) is
   closed, and a body must arrive within :data:`BODY_TIMEOUT`, so slow clients cannot
@@ -147,14 +148,24 @@ async def read_body(request: web.Request, limit: int, *, what: str = "request bo
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(f"{what} is {length} bytes; the limit is {limit}", limit=limit)
+    content = request.content  # not request.read(), which stops at client_max_size
+    if content.is_eof():  # the whole body came with the head (a small one): no waiting
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise BodyTooLarge(f"{what} is {len(data)} bytes; the limit is {limit}",
+                               limit=limit)
+        return data
+    body = bytearray()
     try:
         async with asyncio.timeout(timeout):
-            data = await request.read()
+            while chunk := await content.readany():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(f"{what} is more than {limit} bytes; the limit is "
+                                       f"{limit}", limit=limit)
     except TimeoutError:
         raise BodyTimeout(f"{what} did not arrive within {timeout:g} s") from None
-    if len(data) > limit:
-        raise BodyTooLarge(f"{what} is {len(data)} bytes; the limit is {limit}", limit=limit)
-    return data
+    return bytes(body)
 
 
 def loads(data: bytes | str, *, what: str = "body",

@@ -114,9 +114,15 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="The application's address: registered for Envoy to send traffic to.")
 @click.option("--site", help="The member's site (failover order comes from the model).")
 @click.option("--weight", type=click.IntRange(1, 10_000), help="Load-sharing weight.")
-@click.option("--listen", default="127.0.0.1:7070", show_default=True, metavar="HOST:PORT",
-              help="The sidecar's HTTP API (keep it on loopback; any other address "
-                   "needs a token).")
+@click.option("--listen", "listens", multiple=True, metavar="HOST:PORT|unix:PATH",
+              help="The sidecar's HTTP API (default 127.0.0.1:7070; keep it on loopback, "
+                   "any other address needs a token). Give it twice to serve the API on "
+                   "a Unix socket too (unix:/run/meshxl/statesync.sock): the app's cheaper "
+                   "path; health checks and the registration stay on HOST:PORT.")
+@click.option("--socket-mode", type=click.Choice(["0600", "0660"]), default="0600",
+              show_default=True, help="Permissions of the Unix socket: its user only, or "
+                                      "its group too (an app running as another user of "
+                                      "the group).")
 @click.option("--token-file", type=FILE, envvar="MESHXL_STATESYNC_TOKEN_FILE",
               metavar="FILE", help="Require 'Authorization: Bearer TOKEN' on every request "
               "but /healthz and /readyz, TOKEN being this file's first line (or the "
@@ -144,7 +150,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
-                    weight: int | None, listen: str, token_file: Path | None, etcd_urls: str,
+                    weight: int | None, listens: tuple[str, ...], socket_mode: str,
+                    token_file: Path | None, etcd_urls: str,
                     etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
@@ -157,14 +164,29 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
     from meshxl.statesync.auth import read_token
 
     setup_logging(log_level)
+    listen, unix_socket = checked(lambda: statesync_listens(listens))
     config = checked(lambda: StatesyncConfig(
         cluster=cluster, member=member, app=app_address, etcd=etcd_urls, listen=listen,
+        unix_socket=unix_socket, socket_mode=int(socket_mode, 8),
         site=site, weight=weight, etcd_root=etcd_root, session_ttl=session_ttl,
         sync_delay=sync_delay, max_bytes=max_session_bytes, lease_ttl=lease_ttl,
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
         etcd_security=etcd_security(), token=read_token(token_file, dict(os.environ))))
     traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
            lambda: serve_sidecar(config))
+
+
+def statesync_listens(values: tuple[str, ...]) -> tuple[str, str | None]:
+    """``--listen`` values -> (HOST:PORT, Unix socket path or None): one of each at
+    most, HOST:PORT by default."""
+    from meshxl.addr import ListenError, unix_path
+
+    tcp = [v for v in values if unix_path(v) is None]
+    unix = [p for v in values if (p := unix_path(v)) is not None]
+    if len(tcp) > 1 or len(unix) > 1:
+        raise ListenError("--listen: give one HOST:PORT and one unix:PATH at most, got "
+                          + ", ".join(values))
+    return (tcp[0] if tcp else "127.0.0.1:7070"), (unix[0] if unix else None)
 
 
 @click.command("otlp-receiver")

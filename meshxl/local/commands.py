@@ -34,12 +34,15 @@ PYTHON: tuple[str, ...] = (sys.executable, "-u")
 
 def options(**values: Any) -> list[str]:
     """``--flag value`` pairs from keyword arguments (``snake_case`` -> ``--snake-case``):
-    True is a bare flag, False and None are left out."""
+    True is a bare flag, False and None are left out, a list repeats the flag."""
     out: list[str] = []
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
             out.append(flag)
+        elif isinstance(value, list | tuple):  # a repeatable option
+            for each in value:
+                out += [flag, str(each)]
         elif value is not False and value is not None:
             out += [flag, str(value)]
     return out

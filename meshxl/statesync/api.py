@@ -6,6 +6,7 @@ whatever is acknowledged reads back. The API is described by ``openapi.json``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from importlib import resources
 from typing import Any
@@ -17,9 +18,19 @@ from meshxl import headers as hdr
 from meshxl import web as mweb
 from meshxl.web import error_response, json_errors
 
+from . import bulk
 from .membership import MAX_PROBLEMS
 from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
-from .sessions import BadRequest, Conflict, Stored, TooLarge
+from .sessions import (
+    BadRequest,
+    Change,
+    Conflict,
+    PreconditionFailed,
+    SessionError,
+    Stored,
+    TooLarge,
+    Transacted,
+)
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_PROBLEM_DETAIL = 1024
@@ -42,9 +53,9 @@ def _session_id(request: web.Request) -> str:
     return session_id
 
 
-async def _body(request: web.Request, limit: int) -> bytes:
+async def _body(request: web.Request, limit: int, what: str = "session state") -> bytes:
     try:
-        return await mweb.read_body(request, limit, what="session state")
+        return await mweb.read_body(request, limit, what=what)
     except mweb.BodyTooLarge as exc:
         raise TooLarge(str(exc), limit=limit) from None
 
@@ -72,11 +83,50 @@ def _stored_headers(stored: Stored) -> dict[str, str]:
 
 
 def _write_response(stored: Stored) -> web.Response:
-    body = {"session": stored.session_id, "etag": stored.etag, "owner": stored.record.owner,
-            "created": stored.new_session, "takeover": stored.takeover,
-            "replicated": stored.source != "local"}
-    return web.json_response(body, status=201 if stored.new_session else 200,
-                             headers=_stored_headers(stored))
+    return web.Response(body=bulk.write_answer(stored), status=201 if stored.new_session
+                        else 200, headers={**_stored_headers(stored),
+                                           "Content-Type": "application/json"})
+
+
+def _json_bytes(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> web.Response:
+    """Committed: 200, every item's answer. Not: the first failed operation's status,
+    naming it, with every item's answer (424 for those that failed only because
+    another one did)."""
+    if outcome.committed:
+        answers: list[dict[str, Any]] = []
+        for item, stored in zip(items, outcome.stored, strict=True):
+            if stored is None:
+                answers.append({"session": item.session_id, "operation": "delete",
+                                "status": 204})
+            else:
+                answers.append({**bulk.write_fields(stored), "operation": "upsert"})
+        return _json_bytes(bulk.dumps({"committed": True, "revision": outcome.revision,
+                                       "items": answers}))
+    first = min(outcome.errors)
+    failure = outcome.errors[first]
+    item = items[first]
+    field = "session"
+    if isinstance(failure, PreconditionFailed):
+        field = "if_none_match" if item.create_only else "if_match"
+    status = mweb.http_status(failure)
+    answers = []
+    for i, each in enumerate(items):
+        error = outcome.errors.get(i)
+        if error is not None:
+            answers.append({**bulk.error_fields(each.session_id, error),
+                            "operation": each.operation})
+        else:
+            answers.append({"session": each.session_id, "operation": each.operation,
+                            "status": 424, "error": f"not applied: operations[{first}] "
+                            "failed and a transaction applies all or nothing"})
+    body = {"error": f"operations[{first}] (session {item.session_id!r}): {failure}",
+            "status": status, "field": f"operations[{first}].{field}", "item": first,
+            "committed": False, "items": answers}
+    return _json_bytes(bulk.dumps(body), status)
 
 
 class SessionRoutes:
@@ -91,6 +141,9 @@ class SessionRoutes:
         r.add_route("GET", "/v1/sessions/{session_id}", self.get)
         r.add_route("PATCH", "/v1/sessions/{session_id}", self.patch)
         r.add_route("DELETE", "/v1/sessions/{session_id}", self.delete)
+        r.add_route("POST", "/v1/sessions:bulkGet", self.bulk_get)
+        r.add_route("POST", "/v1/sessions:bulkSave", self.bulk_save)
+        r.add_route("POST", "/v1/sessions:transaction", self.transaction)
         r.add_route("GET", "/v1/problems", self.problems)
         r.add_route("PUT", "/v1/problems/{name}", self.put_problem)
         r.add_route("DELETE", "/v1/problems/{name}", self.delete_problem)
@@ -150,6 +203,61 @@ class SessionRoutes:
         await self.sidecar.sessions.delete(_session_id(request),
                                            request.headers.get(hdr.IF_MATCH))
         return web.Response(status=204)
+
+    # -- several sessions (bulk.py) -------------------------------------------------------
+
+    async def bulk_get(self, request: web.Request) -> web.Response:
+        """Each session as GET answers it (concurrent reads share etcd transactions)."""
+        sessions = self.sidecar.sessions
+        ids = bulk.parse_get(await _body(request, bulk.MAX_GET_BODY, "bulk get request"))
+        self._count("get", len(ids))
+        results = await asyncio.gather(*(sessions.get(s) for s in ids),
+                                       return_exceptions=True)
+        parts = []
+        for session_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Stored):
+                parts.append(bulk.read_item(result))
+            elif isinstance(result, SessionError):
+                parts.append(bulk.dumps(bulk.error_fields(session_id, result)))
+            else:
+                raise result
+        return _json_bytes(bulk.items_body(parts))
+
+    async def bulk_save(self, request: web.Request) -> web.Response:
+        """Each item as PUT would write it, concurrently (the batcher packs them into
+        shared etcd transactions); each succeeds or fails on its own."""
+        sessions = self.sidecar.sessions
+        items = bulk.parse_save(await _body(request, bulk.MAX_BODY, "bulk save request"),
+                                sessions.settings.max_bytes)
+        self._count("save", len(items))
+        results = await sessions.put_many(
+            [Change(session_id=item.session_id, data=item.data,
+                    content_type=item.content_type, if_match=item.if_match,
+                    create_only=item.create_only) for item in items],
+            _traceparent(request))
+        return _json_bytes(bulk.items_body([
+            bulk.write_answer(result, status=True) if isinstance(result, Stored)
+            else bulk.dumps(bulk.error_fields(item.session_id, result))
+            for item, result in zip(items, results, strict=True)]))
+
+    async def transaction(self, request: web.Request) -> web.Response:
+        """Every operation or none, in one etcd transaction (Sessions.transact)."""
+        sessions = self.sidecar.sessions
+        items = bulk.parse_transaction(
+            await _body(request, bulk.MAX_BODY, "transaction request"),
+            sessions.settings.max_bytes)
+        self._count("transaction", len(items))
+        outcome = await sessions.transact(
+            [Change(session_id=item.session_id, data=item.data,
+                    content_type=item.content_type, if_match=item.if_match,
+                    create_only=item.create_only) for item in items],
+            _traceparent(request))
+        return _transaction_response(items, outcome)
+
+    def _count(self, kind: str, items: int) -> None:
+        metrics = self.sidecar.metrics
+        metrics.bulk_requests.labels(kind).inc()
+        metrics.bulk_items.labels(kind).inc(items)
 
     # -- critical devices ----------------------------------------------------------------
 

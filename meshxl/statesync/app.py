@@ -34,7 +34,14 @@ from aiohttp import web
 
 from meshxl import etcd
 from meshxl import web as mweb
-from meshxl.addr import bind_tcp, bound_port, grpc_target, parse_hostport
+from meshxl.addr import (
+    bind_tcp,
+    bind_unix,
+    bound_port,
+    grpc_target,
+    parse_hostport,
+    remove_unix,
+)
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcdkeys import DEFAULT_ROOT, Keys
 from meshxl.meshstate import EtcdMeshSource
@@ -68,6 +75,10 @@ class StatesyncConfig:
     """HOST:PORT of the application: what Envoy sends the member's traffic to."""
     etcd: str
     listen: str = "127.0.0.1:7070"
+    """HOST:PORT of the API: registered, and where health checks go."""
+    unix_socket: str | None = None
+    """A Unix socket path the API listens on too (``--listen unix:PATH``)."""
+    socket_mode: int = 0o600
     site: str | None = None
     weight: int | None = None
     etcd_root: str = DEFAULT_ROOT
@@ -450,27 +461,41 @@ class _LazyRoutes(SessionRoutes):
 
 
 async def serve(config: StatesyncConfig) -> None:
-    """Bind the API port, then start the sidecar (etcd, registration) and serve.
+    """Bind the API port (and socket), then start the sidecar (etcd, registration) and
+    serve.
 
     The port is bound before the member registers: a busy port or a bad address fails
     the start (ListenError) with nothing registered, and the registration names the
-    port actually bound (``--listen HOST:0`` included).
+    port actually bound (``--listen HOST:0`` included). The Unix socket, if any, serves
+    the same API (the app's cheaper path); health checks and the registration use TCP.
     """
     sock = bind_tcp(config.listen)
+    unix: socket.socket | None = None
     try:
+        if config.unix_socket is not None:
+            unix = bind_unix(config.unix_socket, config.socket_mode)
+            inode = os.stat(config.unix_socket).st_ino
         host, _ = parse_hostport(config.listen, allow_zero=True)
         config = dataclasses.replace(config, listen=grpc_target(host, bound_port(sock)))
         runner = mweb.Runner(create_app(config))
         await runner.setup()  # connects to etcd and registers the member
     except BaseException:
         sock.close()
+        if unix is not None and config.unix_socket is not None:
+            unix.close()
+            remove_unix(config.unix_socket, inode)
         raise
     try:
         await web.SockSite(runner, sock).start()
         log.info("statesync API on http://%s", config.listen)
+        if unix is not None:
+            await web.SockSite(runner, unix).start()
+            log.info("statesync API on unix:%s", config.unix_socket)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        if unix is not None and config.unix_socket is not None:
+            remove_unix(config.unix_socket, inode)
 
 
 __all__ = ["SIDECAR", "Sidecar", "StatesyncConfig", "create_app", "serve"]

@@ -3,6 +3,8 @@ share a process in tests and benchmarks)."""
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -18,10 +20,24 @@ class StatesyncMetrics:
         self.reads = Counter("meshxl_statesync_reads", "Session reads by where the state "
                              "came from (cache, etcd, local, cache-unverified) and result.",
                              ["source", "result"], registry=r)
+        # Each label set's counter looked up once (labels() takes a lock every call).
+        self.write = functools.cache(self.writes.labels)
+        self.read = functools.cache(self.reads.labels)
         self.conflicts = Counter("meshxl_statesync_write_conflicts", "Writes refused because "
                                  "another member wrote the session since (409).", registry=r)
         self.takeovers = Counter("meshxl_statesync_takeovers", "Sessions this member took "
                                  "over from another member.", registry=r)
+        self.bulk_requests = Counter("meshxl_statesync_bulk_requests", "Multi-session "
+                                     "requests by kind (get, save, transaction).", ["kind"],
+                                     registry=r)
+        self.bulk_items = Counter("meshxl_statesync_bulk_items", "Sessions named in "
+                                  "multi-session requests, by kind (get, save, "
+                                  "transaction); each is also counted as a read or a "
+                                  "write.", ["kind"], registry=r)
+        self.transactions = Counter("meshxl_statesync_transactions", "Transactions by "
+                                    "result (committed, or the first failure: "
+                                    "precondition_failed, conflict, not_found, "
+                                    "unavailable).", ["result"], registry=r)
         self.batch_size = Histogram("meshxl_statesync_batch_size", "Operations per etcd "
                                     "transaction.", ["kind"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)

@@ -38,7 +38,8 @@ def valid_traceparent(value: str | None) -> str | None:
 
 def valid_content_type(value: str) -> bool:
     """A media type that can be stored and sent back as a header: printable ASCII."""
-    return 0 < len(value) <= MAX_CONTENT_TYPE and all(" " <= c <= "~" for c in value)
+    # ASCII and printable: " " to "~" (what isprintable() accepts of ASCII), in C.
+    return 0 < len(value) <= MAX_CONTENT_TYPE and value.isascii() and value.isprintable()
 
 
 def valid_session_id(session_id: str) -> bool:

@@ -18,17 +18,25 @@ Fencing is by revision, not by locks (locks alone are not safe; etcd is the judg
 
 Two members therefore can never both acknowledge conflicting writes: etcd accepts one
 compare and refuses the other.
+
+Several sessions at once follow the same rules: a bulk save (:meth:`Sessions.put_many`)
+is each session's put, their first attempts queued together; a transaction
+(:meth:`Sessions.transact`) puts each session's compare, chosen as for a single write,
+into one etcd transaction that applies everything or nothing. Both hold the sessions'
+locks, taken in sorted order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import json_merge_patch
@@ -40,7 +48,7 @@ from meshxl.model.spec import Replication
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json, valid_session_id
-from .store import KeyState, SessionStore, StoreUnavailable, WriteResult
+from .store import MAX_TXN_OPS, KeyState, SessionStore, StoreUnavailable, TxnWrite, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,47 @@ class _Local:
     version: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class Change:
+    """One operation of a transaction: write ``data`` (None: delete the session)."""
+
+    session_id: str
+    data: bytes | None
+    content_type: str = JSON_TYPE
+    if_match: str | None = None
+    create_only: bool = False
+
+    @property
+    def op(self) -> str:
+        return "put" if self.data is not None else "delete"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transacted:
+    """A transaction's answer. Committed: every upsert's :class:`Stored` (None for a
+    delete), all at ``revision``. Not committed: nothing applied, and ``errors`` holds
+    the failure of each operation that failed, by its index."""
+
+    committed: bool
+    revision: int = 0
+    stored: tuple[Stored | None, ...] = ()
+    errors: Mapping[int, SessionError] = field(default_factory=dict)
+
+
+@dataclass
+class _Planned:
+    """A transaction's operation as it will be sent: the revision it compares."""
+
+    change: Change
+    key: bytes
+    mode: str
+    expected: int
+    prior: SessionRecord | None
+    local: bool = False
+    """The session was kept on this member only (delayed sync): the transaction
+    replicates it (a delete only forgets it, as a single delete does)."""
+
+
 def parse_etag(value: str) -> str:
     """``"12"``, ``W/"12"`` or ``12`` -> ``12``; ``*`` stays ``*``."""
     text = value.strip()
@@ -147,6 +196,70 @@ def parse_etag(value: str) -> str:
     return text
 
 
+def check_if_match(value: str) -> str:
+    """An If-Match value's tag, checked (BadRequest): ``*``, an etcd revision, or
+    ``L<n>`` (a session kept on this member only)."""
+    tag = parse_etag(value)
+    if tag != "*" and not (tag[:1] == "L" and tag[1:].isdigit()):
+        _revision(tag)
+    return tag
+
+
+class _SessionLocks:
+    """A lock per session, held while a write of it is under way.
+
+    Most writes meet no other write of their session: the first takes it at once,
+    without allocating a lock; later ones wait in order (FIFO) and get it handed over.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, deque[asyncio.Future[None]] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def acquire(self, session_id: str) -> None:
+        held = self._held
+        if session_id not in held:
+            held[session_id] = None
+            return
+        waiters = held[session_id]
+        if waiters is None:
+            waiters = held[session_id] = deque()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(session_id)  # handed over just as this waiter was cancelled
+            elif future in waiters:
+                waiters.remove(future)
+            raise
+
+    def release(self, session_id: str) -> None:
+        waiters = self._held[session_id]
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # still held: by that waiter now
+                return
+        del self._held[session_id]
+
+
+class _Exclusive:
+    __slots__ = ("_locks", "_session_id")
+
+    def __init__(self, locks: _SessionLocks, session_id: str):
+        self._locks, self._session_id = locks, session_id
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._session_id)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self._locks.release(self._session_id)
+
+
 class Sessions:
     """One member's view of its cluster's sessions."""
 
@@ -159,7 +272,9 @@ class Sessions:
         self.member = member
         self.settings = settings
         self.metrics = metrics
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._locks = _SessionLocks()
+        self._prefix = keys.sessions_prefix(cluster).encode()
+        """Every session key starts with it (``keys.session``), built once."""
         self._observed: dict[str, tuple[int, float]] = {}
         self._local: dict[str, _Local] = {}
         self._local_versions = 0
@@ -172,26 +287,29 @@ class Sessions:
     def key(self, session_id: str) -> bytes:
         if not valid_session_id(session_id):  # one etcd key segment, bounded
             raise BadRequest(f"invalid session id {session_id[:80]!r}", field="session_id")
-        return self.keys.session(self.cluster, session_id).encode()
+        return self._prefix + session_id.encode()
 
     # -- per-session serialization ------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, session_id: str) -> AsyncIterator[None]:
+    def _exclusive(self, session_id: str) -> _Exclusive:
         """One write at a time per session on this member (its order is the app's)."""
-        lock, users = self._locks.get(session_id, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[session_id] = (lock, users + 1)
+        return _Exclusive(self._locks, session_id)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive_all(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
+        """:meth:`_exclusive` for several sessions, taken in sorted order: two
+        transactions or bulk saves over overlapping sessions never wait for each other
+        in a cycle (a single write holds one lock, and waits for none while holding
+        it)."""
+        held: list[str] = []
         try:
-            async with lock:
-                yield
+            for session_id in sorted(set(session_ids)):
+                await self._locks.acquire(session_id)
+                held.append(session_id)
+            yield
         finally:
-            lock, users = self._locks[session_id]
-            if users <= 1:
-                del self._locks[session_id]
-            else:
-                self._locks[session_id] = (lock, users - 1)
+            for session_id in held:
+                self._locks.release(session_id)
 
     def _observe(self, session_id: str, revision: int) -> None:
         self._observed[session_id] = (revision, time.monotonic())
@@ -213,7 +331,7 @@ class Sessions:
     async def get(self, session_id: str) -> Stored:
         local = self._local.get(session_id)
         if local is not None:
-            self.metrics.reads.labels("local", "ok").inc()
+            self.metrics.read("local", "ok").inc()
             return Stored(session_id=session_id, record=local.record, etag=f"L{local.version}",
                           source="local")
         started = time.time_ns()
@@ -232,11 +350,11 @@ class Sessions:
             if entry is not None:
                 revision = await self.store.check(key)
                 if revision == entry.revision:
-                    self.metrics.reads.labels("cache", "ok").inc()
+                    self.metrics.read("cache", "ok").inc()
                     return Stored(session_id=session_id, record=entry.record, etag=str(revision),
                                   source="cache")
                 if revision == 0:
-                    self.metrics.reads.labels("cache", "not_found").inc()
+                    self.metrics.read("cache", "not_found").inc()
                     raise NotFound(f"no session {session_id!r}")
             state = await self.store.fetch(key)
         except StoreUnavailable as exc:
@@ -245,17 +363,17 @@ class Sessions:
                 raise Unavailable(f"etcd unavailable: {exc}") from None
             # etcd cannot prove the cache current: serve it, marked. A write based on
             # it compares this revision, so it cannot overwrite anything newer.
-            self.metrics.reads.labels(UNVERIFIED, "ok").inc()
+            self.metrics.read(UNVERIFIED, "ok").inc()
             return Stored(session_id=session_id, record=entry.record, etag=str(entry.revision),
                           source=UNVERIFIED)
         if state.revision == 0 or state.value is None:
-            self.metrics.reads.labels("etcd", "not_found").inc()
+            self.metrics.read("etcd", "not_found").inc()
             raise NotFound(f"no session {session_id!r}")
         record = self._decode(session_id, state.revision, state.value, "read")
         if record is None:
             raise self._undecodable(session_id, state.revision)
         self.cache.write_through(session_id, state.revision, record)
-        self.metrics.reads.labels("etcd", "ok").inc()
+        self.metrics.read("etcd", "ok").inc()
         return Stored(session_id=session_id, record=record, etag=str(state.revision), source="etcd")
 
     # -- writes -------------------------------------------------------------------------
@@ -287,6 +405,83 @@ class Sessions:
                                      entry.revision if entry else 0, prior,
                                      create_only=create_only)
 
+    async def put_many(self, changes: Sequence[Change],
+                       traceparent: str | None = None) -> list[Stored | SessionError]:
+        """Several sessions written as :meth:`put` writes each (a bulk save): each
+        succeeds or fails on its own. Their first attempts go to the write queue
+        together, so they leave in the same etcd transactions, with no task each; a
+        write whose compare failed goes on alone, as put() would. The sessions' locks
+        are taken in sorted order (as a transaction takes them)."""
+        if len({c.session_id for c in changes}) != len(changes):
+            raise BadRequest("a bulk save names each session once")
+        if self.settings.sync_delay > 0:  # each may stay here: as put() decides, one by one
+            outcomes = await asyncio.gather(*(
+                self.put(c.session_id, c.data or b"", c.content_type, c.if_match,
+                         traceparent, create_only=c.create_only) for c in changes),
+                return_exceptions=True)
+            return [_answer(o) for o in outcomes]
+        ids = [c.session_id for c in changes]
+        async with self._exclusive_all(ids):
+            started = time.time_ns()
+            for session_id in ids:
+                self._first_access.setdefault(session_id, started)
+            try:
+                return await self._put_many(changes, traceparent)
+            finally:
+                for session_id in ids:
+                    self._first_access.pop(session_id, None)
+
+    async def _put_many(self, changes: Sequence[Change],
+                        traceparent: str | None) -> list[Stored | SessionError]:
+        results: list[Stored | SessionError | None] = [None] * len(changes)
+        try:
+            lease = await self.store.lease()
+        except StoreUnavailable as exc:
+            self.metrics.write("put", "unavailable").inc(len(changes))
+            error = Unavailable(f"etcd unavailable, write not acknowledged: {exc}")
+            return [error] * len(changes)
+        now = time.time()
+        planned = []
+        for i, change in enumerate(changes):
+            session_id = change.session_id
+            try:
+                if change.data is None:
+                    raise BadRequest(f"session {session_id!r}: a bulk save writes states")
+                self._check_size(change.data)
+                key = self.key(session_id)
+                entry = self.cache.get(session_id)
+                mode, expected = await self._expectation(
+                    "put", session_id, key, change.if_match, change.create_only,
+                    entry.revision if entry else 0)
+            except SessionError as exc:
+                results[i] = exc
+                continue
+            prior = entry.record if entry is not None else None
+            make = functools.partial(self._new_record, change.content_type, change.data, now,
+                                     traceparent)
+            record = make(prior)
+            planned.append((i, key, mode, expected, make, prior, record))
+        futures = self.store.put_all(
+            [(key, record.encode(), expected) for _, key, _, expected, _, _, record in planned],
+            lease)
+        answers = await asyncio.gather(*futures, return_exceptions=True)
+        for (i, key, mode, expected, make, prior, record), answer in zip(planned, answers,
+                                                                         strict=True):
+            change = changes[i]
+            try:
+                results[i] = await self._attempts(
+                    "put", change.session_id, key, mode, expected, change.if_match, make,
+                    prior, first=(record, answer))
+            except SessionError as exc:
+                results[i] = exc
+        return [r for r in results if r is not None]
+
+    def _new_record(self, content_type: str, data: bytes, now: float,
+                    traceparent: str | None, prior: SessionRecord | None) -> SessionRecord:
+        return SessionRecord(owner=self.member, content_type=content_type,
+                             created=prior.created if prior else now, updated=time.time(),
+                             data=data, traceparent=traceparent)
+
     async def patch(self, session_id: str, patch: Any, if_match: str | None = None,
                     traceparent: str | None = None) -> Stored:
         """RFC 7386 JSON merge patch of a JSON session."""
@@ -312,13 +507,180 @@ class Sessions:
     async def delete(self, session_id: str, if_match: str | None = None) -> None:
         async with self._exclusive(session_id):
             if self._local.pop(session_id, None) is not None:
-                self.metrics.writes.labels("delete", "ok").inc()
+                self.metrics.write("delete", "ok").inc()
                 return
             entry = self.cache.get(session_id)
             await self._write("delete", session_id, if_match, None,
                               entry.revision if entry else 0,
                               entry.record if entry else None)
             self._observed.pop(session_id, None)
+
+    # -- transactions ---------------------------------------------------------------------
+
+    async def transact(self, changes: Sequence[Change],
+                       traceparent: str | None = None) -> Transacted:
+        """Apply every change or none, in one etcd transaction.
+
+        Each operation compares the revision a single write would (If-Match, create
+        only, the revision this member observed, or the newest it knows for a session
+        new to it), and fails the way a single write would (412, 409, 404); an
+        operation whose compare failed only because the session moved under a write
+        that may replace it (a takeover, an expired session) is compared again, as a
+        single write is, and the transaction sent again. The sessions' locks are held
+        throughout, taken in sorted order.
+        """
+        ids = [c.session_id for c in changes]
+        if not 0 < len(changes) <= MAX_TXN_OPS:
+            raise BadRequest(f"a transaction holds 1 to {MAX_TXN_OPS} operations, "
+                             f"not {len(changes)}")
+        if len(set(ids)) != len(ids):
+            raise BadRequest("a transaction names each session once")
+        keys = [self.key(session_id) for session_id in ids]
+        for change in changes:
+            if change.data is not None:
+                self._check_size(change.data)
+            if change.create_only and (change.if_match is not None or change.data is None):
+                raise BadRequest("create-only applies to an upsert without If-Match")
+        async with self._exclusive_all(ids):
+            started = time.time_ns()
+            for session_id in ids:
+                self._first_access.setdefault(session_id, started)
+            try:
+                return await self._transact(changes, keys, traceparent)
+            finally:
+                for session_id in ids:
+                    self._first_access.pop(session_id, None)
+
+    async def _transact(self, changes: Sequence[Change], keys: list[bytes],
+                        traceparent: str | None) -> Transacted:
+        async def plan(change: Change, key: bytes) -> _Planned:
+            local = self._local.get(change.session_id)
+            if local is not None:
+                self._local_precondition(change, local)
+                return _Planned(change, key, "blind", 0, local.record, local=True)
+            entry = self.cache.get(change.session_id)
+            mode, expected = await self._expectation(
+                change.op, change.session_id, key, change.if_match, change.create_only,
+                entry.revision if entry else 0)
+            return _Planned(change, key, mode, expected, entry.record if entry else None)
+
+        planned = await asyncio.gather(*(plan(c, k) for c, k in zip(changes, keys, strict=True)),
+                                       return_exceptions=True)
+        refused: dict[int, SessionError] = {}
+        plans: list[_Planned] = []
+        for i, outcome in enumerate(planned):
+            if isinstance(outcome, SessionError):
+                refused[i] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                plans.append(outcome)
+        if refused:
+            return self._aborted(refused)
+        # A session kept only here and deleted: forgotten on commit, nothing in etcd.
+        sent = [p for p in plans if not (p.local and p.change.data is None)]
+        failed: list[int] = []
+        for _ in range(_BLIND_RETRIES):
+            now = time.time()
+            records = [None if p.change.data is None else SessionRecord(
+                owner=self.member, content_type=p.change.content_type,
+                created=p.prior.created if p.prior else now, updated=now,
+                data=p.change.data, traceparent=traceparent) for p in plans]
+            by_plan = {id(p): r for p, r in zip(plans, records, strict=True)}
+            revision = 0
+            if sent:
+                writes = [TxnWrite(p.key, p.expected, None if (r := by_plan[id(p)]) is None
+                                   else r.encode()) for p in sent]
+                try:
+                    result = await self.store.transact(writes)
+                except StoreUnavailable as exc:
+                    self.metrics.transactions.labels("unavailable").inc()
+                    raise Unavailable("etcd unavailable, transaction not acknowledged: "
+                                      f"{exc}") from None
+                if not result.ok:
+                    failed = [i for i, (p, now_at) in enumerate(zip(sent, result.current,
+                                                                     strict=True))
+                              if now_at.revision != p.expected]
+                    refused = await self._judge(sent, failed, result.current)
+                    if refused:
+                        index = {id(p): i for i, p in enumerate(plans)}
+                        return self._aborted({index[id(sent[i])]: e for i, e in refused.items()})
+                    continue
+                revision = result.revision
+            return self._committed(plans, records, revision)
+        index = {id(p): i for i, p in enumerate(plans)}
+        for i in failed:
+            self.metrics.write(sent[i].change.op, "conflict").inc()
+        return self._aborted({index[id(sent[i])]: Conflict(
+            f"session {sent[i].change.session_id!r} kept changing under concurrent "
+            "writers; read it and try again") for i in failed})
+
+    async def _judge(self, sent: list[_Planned], failed: list[int],
+                     current: Sequence[KeyState]) -> dict[int, SessionError]:
+        """The failures among ``failed`` operations (their compares failed), by index;
+        the others get the revision to compare next time (the transaction is sent
+        again). Whether a session moved to another member takes its record, read now
+        (the failure branch reads revisions only)."""
+        wanted = [i for i in failed if current[i].revision
+                  and sent[i].mode in ("owner", "blind")]
+        try:
+            fetched = dict(zip(wanted, await asyncio.gather(
+                *(self.store.fetch(sent[i].key) for i in wanted)), strict=True))
+        except StoreUnavailable as exc:
+            self.metrics.transactions.labels("unavailable").inc()
+            raise Unavailable(f"etcd unavailable, transaction not acknowledged: {exc}") \
+                from None
+        refused: dict[int, SessionError] = {}
+        for i in failed:
+            plan = sent[i]
+            session_id = plan.change.session_id
+            state = fetched.get(i, current[i])
+            record = (self._decode(session_id, state.revision, state.value, "transaction")
+                      if state.value else None)
+            refusal = self._refusal(plan.change.op, session_id, plan.mode,
+                                    plan.change.if_match, plan.expected, state, record)
+            if refusal is not None:
+                refused[i] = refusal
+            else:
+                plan.expected, plan.prior = state.revision, record
+        return refused
+
+    def _local_precondition(self, change: Change, local: _Local) -> None:
+        """If-Match and create-only against a session kept only here (``L<n>``)."""
+        current = f"L{local.version}"
+        if change.create_only:
+            raise PreconditionFailed(f"session {change.session_id!r} exists ({current})")
+        if change.if_match is not None:
+            tag = parse_etag(change.if_match)
+            if tag not in ("*", current):
+                raise PreconditionFailed(f"session {change.session_id!r} is at {current}, "
+                                         f"not {change.if_match}")
+
+    def _aborted(self, refused: dict[int, SessionError]) -> Transacted:
+        self.metrics.transactions.labels(result_name(refused[min(refused)])).inc()
+        return Transacted(committed=False, errors=refused)
+
+    def _committed(self, plans: list[_Planned], records: list[SessionRecord | None],
+                   revision: int) -> Transacted:
+        stored: list[Stored | None] = []
+        for plan, record in zip(plans, records, strict=True):
+            session_id = plan.change.session_id
+            if plan.local:
+                self._local.pop(session_id, None)
+            if record is None:
+                self.metrics.write("delete", "ok").inc()
+                if not plan.local:
+                    self.cache.write_through(session_id, revision, None)
+                    self._observed.pop(session_id, None)
+                stored.append(None)
+            else:
+                stored.append(self._acknowledged(
+                    "put", session_id, WriteResult(True, revision), record,
+                    plan.prior is None if plan.local else plan.expected == 0, plan.prior))
+        if any(plan.local for plan in plans):
+            self.metrics.local.set(len(self._local))
+        self.metrics.transactions.labels("committed").inc()
+        return Transacted(committed=True, revision=revision, stored=tuple(stored))
 
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
         if not is_json(record.content_type):
@@ -348,6 +710,66 @@ class Sessions:
                                  prior: SessionRecord | None,
                                  create_only: bool = False) -> Stored:
         key = self.key(session_id)
+        mode, expected = await self._expectation(op, session_id, key, if_match, create_only,
+                                                 cached_revision)
+        return await self._attempts(op, session_id, key, mode, expected, if_match, make,
+                                    prior)
+
+    async def _attempts(self, op: str, session_id: str, key: bytes, mode: str,
+                        expected: int, if_match: str | None, make: Any,
+                        prior: SessionRecord | None,
+                        first: tuple[SessionRecord, WriteResult | BaseException] | None = None
+                        ) -> Stored:
+        """Write, and again against the key as it is now while the rules allow
+        (:meth:`_refusal`). ``first``: the record of a first attempt already sent (by
+        :meth:`put_many`) and its answer."""
+        for _ in range(_BLIND_RETRIES):
+            record: SessionRecord | None
+            answer: WriteResult | BaseException | None
+            if first is not None:
+                record, answer = first
+                first = None
+                if isinstance(answer, StoreUnavailable) and "lease not found" in str(answer):
+                    answer = None  # refused whole for a lost lease: nothing applied, again
+            else:
+                record, answer = make(prior) if make is not None else None, None
+            try:
+                if isinstance(answer, BaseException):
+                    raise answer
+                if answer is not None:
+                    result = answer
+                elif record is None:
+                    result = await self.store.delete(key, expected)
+                else:
+                    result = await self.store.put(key, record.encode(), expected)
+            except StoreUnavailable as exc:
+                self.metrics.write(op, "unavailable").inc()
+                raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
+            if result.ok:
+                return self._acknowledged(op, session_id, result, record, expected == 0, prior)
+            current = result.current or KeyState(0)
+            current_record = (self._decode(session_id, current.revision, current.value, op)
+                              if current.value else None)
+            refusal = self._refusal(op, session_id, mode, if_match, expected, current,
+                                    current_record)
+            if refusal is not None:
+                raise refusal
+            if op == "patch" and current_record is None:
+                if current.revision:
+                    raise self._undecodable(session_id, current.revision)
+                raise NotFound(f"no session {session_id!r}")
+            # New to this member, expired meanwhile, our own unconfirmed write, or an
+            # undecodable record (replaced): write against what is there now.
+            expected, prior = current.revision, current_record
+        self.metrics.write(op, "conflict").inc()
+        raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
+                       "read it and try again")
+
+    async def _expectation(self, op: str, session_id: str, key: bytes, if_match: str | None,
+                           create_only: bool, cached_revision: int) -> tuple[str, int]:
+        """The revision a write compares and why (its mode): ``if-absent`` (create
+        only), ``if-exists`` (``If-Match: *``), ``if-match``, ``owner`` (the revision this
+        member last observed) or ``blind`` (new to this member: the newest it knows)."""
         observed = self._observed.get(session_id)
         if create_only:
             mode, expected = "if-absent", 0
@@ -368,67 +790,49 @@ class Sessions:
             expected = await self._check(key)
             if expected == 0:
                 raise NotFound(f"no session {session_id!r}")
+        return mode, expected
 
-        for _ in range(_BLIND_RETRIES):
-            record = make(prior) if make is not None else None
-            try:
-                if record is None:
-                    result = await self.store.delete(key, expected)
-                else:
-                    result = await self.store.put(key, record.encode(), expected)
-            except StoreUnavailable as exc:
-                self.metrics.writes.labels(op, "unavailable").inc()
-                raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
-            if result.ok:
-                return self._acknowledged(op, session_id, result, record, expected, prior)
-            current = result.current or KeyState(0)
-            current_record = (self._decode(session_id, current.revision, current.value, op)
-                              if current.value else None)
-            if mode == "if-absent":
-                self.metrics.writes.labels(op, "precondition_failed").inc()
-                raise PreconditionFailed(f"session {session_id!r} exists (revision "
-                                         f"{current.revision})", current=current.revision)
-            if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
-                self.metrics.writes.labels(op, "precondition_failed").inc()
-                raise PreconditionFailed(
-                    f"session {session_id!r} is at revision {current.revision or 'none'}, "
-                    f"not {if_match}", current=current.revision or None)
-            if current.revision == 0 and op == "delete":
-                self.metrics.writes.labels(op, "not_found").inc()
-                raise NotFound(f"no session {session_id!r}")
-            if (mode == "owner" and current_record is not None
-                    and current_record.owner != self.member):
-                self.conflicts += 1
-                self.metrics.conflicts.inc()
-                self.metrics.writes.labels(op, "conflict").inc()
-                self.cache.write_through(session_id, current.revision, current_record)
-                raise Conflict(
-                    f"session {session_id!r} was written by member {current_record.owner!r} "
-                    f"(revision {current.revision}) after this member last saw it "
-                    f"(revision {expected}): ownership lost",
-                    owner=current_record.owner, revision=current.revision)
-            if op == "patch" and current_record is None:
-                if current.revision:
-                    raise self._undecodable(session_id, current.revision)
-                raise NotFound(f"no session {session_id!r}")
-            # New to this member, expired meanwhile, our own unconfirmed write, or an
-            # undecodable record (replaced): write against what is there now.
-            expected, prior = current.revision, current_record
-        self.metrics.writes.labels(op, "conflict").inc()
-        raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
-                       "read it and try again")
+    def _refusal(self, op: str, session_id: str, mode: str, if_match: str | None,
+                 expected: int, current: KeyState,
+                 current_record: SessionRecord | None) -> SessionError | None:
+        """The answer to a write whose compare failed (counted), or None when it may be
+        sent again against the key as it is now."""
+        if mode == "if-absent":
+            self.metrics.write(op, "precondition_failed").inc()
+            return PreconditionFailed(f"session {session_id!r} exists (revision "
+                                      f"{current.revision})", current=current.revision)
+        if mode == "if-match" or (mode == "if-exists" and current.revision == 0):
+            self.metrics.write(op, "precondition_failed").inc()
+            return PreconditionFailed(
+                f"session {session_id!r} is at revision {current.revision or 'none'}, "
+                f"not {if_match}", current=current.revision or None)
+        if current.revision == 0 and op == "delete":
+            self.metrics.write(op, "not_found").inc()
+            return NotFound(f"no session {session_id!r}")
+        if (mode == "owner" and current_record is not None
+                and current_record.owner != self.member):
+            self.conflicts += 1
+            self.metrics.conflicts.inc()
+            self.metrics.write(op, "conflict").inc()
+            self.cache.write_through(session_id, current.revision, current_record)
+            return Conflict(
+                f"session {session_id!r} was written by member {current_record.owner!r} "
+                f"(revision {current.revision}) after this member last saw it "
+                f"(revision {expected}): ownership lost",
+                owner=current_record.owner, revision=current.revision)
+        return None
 
     def _acknowledged(self, op: str, session_id: str, result: WriteResult,
-                      record: SessionRecord | None, expected: int,
+                      record: SessionRecord | None, new_session: bool,
                       prior: SessionRecord | None) -> Stored:
-        self.metrics.writes.labels(op, "ok").inc()
+        self.metrics.write(op, "ok").inc()
         self.cache.write_through(session_id, result.revision, record)
         if record is None:
             return Stored(session_id=session_id, record=prior or _GONE, etag=str(result.revision))
         self._observe(session_id, result.revision)
         previous_owner = prior.owner if prior is not None else None
         stored = Stored(session_id=session_id, record=record, etag=str(result.revision),
-                        new_session=expected == 0, previous_owner=previous_owner)
+                        new_session=new_session, previous_owner=previous_owner)
         if stored.takeover:
             self.takeovers += 1
             self.metrics.takeovers.inc()
@@ -453,7 +857,7 @@ class Sessions:
             return None
 
     def _undecodable(self, session_id: str, revision: int) -> Undecodable:
-        self.metrics.reads.labels("etcd", "undecodable").inc()
+        self.metrics.read("etcd", "undecodable").inc()
         return Undecodable(
             f"session {session_id!r}: the stored record (revision {revision}) cannot be "
             "decoded (written by another program?); PUT without If-Match replaces it, "
@@ -496,7 +900,7 @@ class Sessions:
                                created=local.record.created if local else now, updated=now,
                                data=data, traceparent=traceparent)
         self._local[session_id] = _Local(record, self._local_versions)
-        self.metrics.writes.labels("put", "local").inc()
+        self.metrics.write("put", "local").inc()
         self.metrics.local.set(len(self._local))
         return Stored(session_id=session_id, record=record, etag=f"L{self._local_versions}",
                       new_session=local is None, source="local")
@@ -526,6 +930,22 @@ class Sessions:
     @property
     def local_sessions(self) -> int:
         return len(self._local)
+
+
+def _answer(outcome: Stored | BaseException) -> Stored | SessionError:
+    if isinstance(outcome, Stored | SessionError):
+        return outcome
+    raise outcome
+
+
+def result_name(exc: SessionError) -> str:
+    """The metrics' name of a failure (``result`` label)."""
+    for cls, name in ((PreconditionFailed, "precondition_failed"), (Conflict, "conflict"),
+                      (NotFound, "not_found"), (Unavailable, "unavailable"),
+                      (TooLarge, "too_large"), (BadRequest, "bad_request")):
+        if isinstance(exc, cls):
+            return name
+    return "failed"
 
 
 _GONE = SessionRecord(owner="", content_type="", created=0.0, updated=0.0, data=b"")

@@ -25,6 +25,16 @@ Faults
     A batch whose attempt is slow stops holding its place in the queue: the writes
     behind it leave in the next batch rather than wait for its deadline.
 
+Transactions
+    ``transact`` writes several keys all or none: one guarded op like a single write,
+    with a compare per key (at most 128, etcd's ``--max-txn-ops``, each key once, the
+    whole under etcd's 1.5 MiB request limit). It joins a batch as one nested
+    transaction. Its failure branch reads every key's revision, keys only, so the
+    caller can tell which compare failed without an answer that could exceed gRPC's
+    message limit. An unanswered attempt is settled as a single write is: every key
+    it puts holds its exact bytes at one revision (read back one by one) and every key
+    it deletes is gone, or 503.
+
 Reads
     ``check`` is a linearizable, keys-only range: the key's current mod_revision, no
     value. Concurrent checks share one transaction. With it a sidecar proves its
@@ -41,12 +51,13 @@ TTL
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aetcd
@@ -90,6 +101,27 @@ class WriteResult:
     """When not ok: the key as it is, so the caller can tell 409 from 412."""
 
 
+@dataclass(frozen=True, slots=True)
+class TxnWrite:
+    """One key of a transaction: put ``value`` (None: delete the key) if the key's
+    mod_revision is ``expected`` (0: the key must not exist)."""
+
+    key: bytes
+    expected: int
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxnResult:
+    ok: bool
+    revision: int
+    """Commit revision when ok (every key put has it as its mod_revision)."""
+    current: tuple[KeyState, ...] = ()
+    """When not ok: every key's revision now (values not read), in the writes' order."""
+    uncertain: bool = False
+    """Not ok after an unanswered attempt: that attempt may be what moved the keys."""
+
+
 @dataclass(slots=True)
 class _Op:
     request: rpc.RequestOp
@@ -101,7 +133,6 @@ class _Op:
     resend: bool = True
     """Safe to send again after an unanswered attempt."""
     uncertain: bool = False
-    queued: float = field(default_factory=time.perf_counter)
 
 
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
@@ -140,10 +171,20 @@ class _Batcher:
 
     async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
                      size: int = 64, *, resend: bool = True) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(request, size, parse, future, resend))
+        future = self.enqueue(request, parse, size, resend=resend)
         self._kick()
         return await future
+
+    def enqueue(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
+                size: int = 64, *, resend: bool = True) -> asyncio.Future[Any]:
+        """Queue an op without sending: :meth:`kick` after the last of several, so they
+        leave together."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Op(request, size, parse, future, resend))
+        return future
+
+    def kick(self) -> None:
+        self._kick()
 
     def _kick(self) -> None:
         while self._queue and self._inflight < self._max_inflight:
@@ -267,6 +308,10 @@ class _Leases:
         self._leases: dict[int, int] = {}
         self._lock = asyncio.Lock()
 
+    def cached(self) -> int | None:
+        """The current bucket's lease if it was granted already (no await)."""
+        return self._leases.get(int(time.time() // self.bucket))
+
     async def current(self) -> int:
         bucket = int(time.time() // self.bucket)
         lease = self._leases.get(bucket)
@@ -327,37 +372,109 @@ class SessionStore:
 
     async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
+        result: WriteResult = await self._write(
+            lambda lease: self._guarded(key, expected, {"request_put": {
+                "key": key, "value": value, "lease": lease}}),
+            lambda r, rev, uncertain: _write_result(r, rev, uncertain, value),
+            len(key) + len(value) + 64, resend=expected != 0)
+        return result
 
-        async def op() -> dict[str, Any]:
-            lease = await self.leases.current()
-            return {"request_put": {"key": key, "value": value, "lease": lease}}
+    async def lease(self) -> int:
+        """The session lease of the current TTL bucket (StoreUnavailable without etcd)."""
+        return self.leases.cached() or await self._lease()
 
-        return await self._write(key, expected, op, len(key) + len(value) + 64, value)
+    def put_all(self, puts: Sequence[tuple[bytes, bytes, int]],
+                lease: int) -> list[asyncio.Future[WriteResult]]:
+        """:meth:`put` of each ``(key, value, expected)`` with ``lease``, queued together
+        (they leave in the same transactions); one future each. A put etcd refused for
+        a lost lease fails with StoreUnavailable naming it (put() then retries)."""
+        futures = [self._writes.enqueue(
+            self._guarded(key, expected, {"request_put": {
+                "key": key, "value": value, "lease": lease}}),
+            functools.partial(_put_result, value), len(key) + len(value) + 64,
+            resend=expected != 0) for key, value, expected in puts]
+        self._writes.kick()
+        return futures
 
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
+        result: WriteResult = await self._write(
+            lambda _lease: self._guarded(key, expected, {"request_delete_range": {"key": key}}),
+            lambda r, rev, uncertain: _write_result(r, rev, uncertain, None),
+            len(key) + 64, resend=expected != 0, leased=False)
+        return result
 
-        async def op() -> dict[str, Any]:
-            return {"request_delete_range": {"key": key}}
+    async def transact(self, writes: Sequence[TxnWrite]) -> TxnResult:
+        """All of ``writes`` or none: one guarded op whose compares cover every key.
 
-        return await self._write(key, expected, op, len(key) + 64, None)
+        Success puts (with the session lease) and deletes every key; failure reads every
+        key's revision (keys only: the values of up to 128 sessions could exceed what
+        one answer may carry), so the caller can tell which compare failed. It travels
+        in a batch like any single write, as one nested transaction.
+        """
+        if not 0 < len(writes) <= MAX_TXN_OPS:
+            raise ValueError(f"a transaction holds 1 to {MAX_TXN_OPS} writes, "
+                             f"not {len(writes)}")
+        if len({w.key for w in writes}) != len(writes):
+            raise ValueError("a transaction names each key once (etcd refuses duplicates)")
+        size = sum(len(w.key) + len(w.value or b"") + 96 for w in writes)
+        if size > MAX_REQUEST_BYTES:
+            raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
+                             f"{MAX_REQUEST_BYTES} in one request")
 
-    async def _write(self, key: bytes, expected: int, make_op: Callable[[], Any], size: int,
-                     value: bytes | None) -> WriteResult:
+        def request(lease: int) -> rpc.RequestOp:
+            return rpc.RequestOp(request_txn={
+                "compare": [{"key": w.key, "target": rpc.Compare.MOD,
+                             "result": rpc.Compare.EQUAL, "mod_revision": w.expected}
+                            for w in writes],
+                "success": [{"request_put": {"key": w.key, "value": w.value, "lease": lease}}
+                            if w.value is not None else
+                            {"request_delete_range": {"key": w.key}} for w in writes],
+                "failure": [{"request_range": {"key": w.key, "keys_only": True}}
+                            for w in writes]})
+
+        result: TxnResult = await self._write(
+            request, _txn_result, size,
+            # A creation is never sent twice (see the module docstring): a transaction
+            # is sent again only if every compare expects an existing key.
+            resend=all(w.expected != 0 for w in writes),
+            leased=any(w.value is not None for w in writes))
+        if result.uncertain:
+            return await self._settle(writes, result)
+        return result
+
+    async def _settle(self, writes: Sequence[TxnWrite], result: TxnResult) -> TxnResult:
+        """A transaction whose earlier attempt went unanswered and whose compares then
+        failed: acknowledged if every key it puts holds exactly its bytes at one
+        revision and every key it deletes is gone; anything else is not known."""
+        unknown = StoreUnavailable("etcd did not answer an earlier attempt of this "
+                                   "transaction, and whether it applied cannot be told "
+                                   "now: not acknowledged")
+        puts = [w for w in writes if w.value is not None]
+        if not puts or any(c.revision != 0 for w, c in zip(writes, result.current, strict=True)
+                           if w.value is None):
+            raise unknown
+        revisions = {c.revision for w, c in zip(writes, result.current, strict=True)
+                     if w.value is not None}
+        if len(revisions) != 1 or 0 in revisions:
+            raise unknown
+        for write in puts:
+            state = await self.fetch(write.key)
+            if state.value != write.value:
+                raise unknown
+        return TxnResult(True, revisions.pop())
+
+    async def _write(self, build: Callable[[int], rpc.RequestOp],
+                     parse: Callable[[Any, int, bool], Any], size: int, *,
+                     resend: bool, leased: bool = True) -> Any:
+        """Submit ``build(lease)`` (the session lease of the current TTL bucket) to the
+        write batcher; once more with a new lease if etcd lost the lease."""
         for attempt in (1, 2):
+            lease = 0
+            if leased:
+                lease = self.leases.cached() or await self._lease()
             try:
-                op = await make_op()
-            except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
-                    MemberChanged) as exc:
-                # No session lease without etcd (a new TTL bucket): not acknowledged.
-                raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
-                                       f"lease: {exc}") from exc
-            try:
-                result: WriteResult = await self._writes.submit(
-                    self._guarded(key, expected, op),
-                    lambda r, rev, uncertain: _write_result(r, rev, uncertain, value), size,
-                    resend=expected != 0)
-                return result
+                return await self._writes.submit(build(lease), parse, size, resend=resend)
             except StoreUnavailable as exc:
                 if attempt == 1 and "lease not found" in str(exc):
                     # etcd refused the whole batch for one lost lease: nothing applied.
@@ -366,6 +483,15 @@ class SessionStore:
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    async def _lease(self) -> int:
+        try:
+            return await self.leases.current()
+        except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
+                MemberChanged) as exc:
+            # No session lease without etcd (a new TTL bucket): not acknowledged.
+            raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
+                                   f"lease: {exc}") from exc
 
     @staticmethod
     def _guarded(key: bytes, expected: int, op: dict[str, Any]) -> rpc.RequestOp:
@@ -381,6 +507,17 @@ class SessionStore:
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
     return _key_state(response)
+
+
+def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
+    txn = response.response_txn
+    if txn.succeeded:
+        return TxnResult(True, revision)
+    return TxnResult(False, 0, tuple(_key_state(r) for r in txn.responses), uncertain)
+
+
+def _put_result(value: bytes, response: Any, revision: int, uncertain: bool) -> WriteResult:
+    return _write_result(response, revision, uncertain, value)
 
 
 def _write_result(response: Any, revision: int, uncertain: bool,

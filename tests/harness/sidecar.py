@@ -57,12 +57,16 @@ class SidecarProcess:
 
     def __init__(self, harness: Owner, *, cluster: str, member: str, etcd: str,
                  app_port: int, app_host: str = HOST, site: str | None = None,
-                 log_level: str = "debug", **cli_options: Any) -> None:
+                 log_level: str = "debug", unix_socket: str | None = None,
+                 **cli_options: Any) -> None:
         self.cluster = cluster
         self.member = member
         self.port = free_port()
+        self.unix_socket = unix_socket
+        """The API's Unix socket too (``--listen unix:PATH``); requests still use TCP."""
+        listen = [f"{HOST}:{self.port}"] + ([f"unix:{unix_socket}"] if unix_socket else [])
         argv = commands.statesync(cluster=cluster, member=member, app=f"{app_host}:{app_port}",
-                                  listen=f"{HOST}:{self.port}", etcd=etcd, log_level=log_level,
+                                  listen=listen, etcd=etcd, log_level=log_level,
                                   site=site, **cli_options)
         self.name = harness.unique_name(f"sidecar-{cluster}-{member}")
         self.process = Process(self.name, argv, harness.root / f"{self.name}.log")
@@ -173,6 +177,19 @@ class SidecarProcess:
     async def delete(self, session: str, *, if_match: str | None = None) -> Reply:
         hdrs = {"If-Match": if_match} if if_match is not None else {}
         return await self.request("DELETE", f"/v1/sessions/{session}", headers=hdrs)
+
+    async def post_json(self, path: str, body: Any) -> Reply:
+        return await self.request("POST", path, data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+
+    async def bulk_get(self, sessions: list[str]) -> Reply:
+        return await self.post_json("/v1/sessions:bulkGet", {"sessions": sessions})
+
+    async def bulk_save(self, items: list[dict[str, Any]]) -> Reply:
+        return await self.post_json("/v1/sessions:bulkSave", {"items": items})
+
+    async def transaction(self, operations: list[dict[str, Any]]) -> Reply:
+        return await self.post_json("/v1/sessions:transaction", {"operations": operations})
 
     async def status(self) -> dict[str, Any]:
         reply = await self.request("GET", "/v1/status")

@@ -3,6 +3,9 @@ one line saying where and why; gRPC servers never share a port (no SO_REUSEPORT)
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
 from pathlib import Path
 
 import grpc
@@ -10,7 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshxl.addr import GRPC_SERVER_OPTIONS, ListenError, bind_grpc, bind_tcp, parse_listen
+from meshxl.addr import (
+    GRPC_SERVER_OPTIONS,
+    SOCKET_MODES,
+    ListenError,
+    bind_grpc,
+    bind_tcp,
+    bind_unix,
+    parse_listen,
+    remove_unix,
+    unix_path,
+)
 
 
 async def test_a_second_grpc_server_cannot_bind_a_busy_port() -> None:
@@ -83,3 +96,59 @@ def test_grpc_servers_never_share_a_port() -> None:
             if isinstance(node, ast.Attribute) and node.attr in ("add_insecure_port",
                                                                  "add_secure_port"):
                 assert path.name == "addr.py", f"{path}: bind through meshxl.addr.bind_grpc"
+
+
+# -- Unix sockets ---------------------------------------------------------------------------
+
+
+def test_unix_socket_gets_its_mode_and_replaces_only_a_stale_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "api.sock")
+    for mode in SOCKET_MODES:
+        sock = bind_unix(path, mode)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == mode
+            with pytest.raises(ListenError, match="another process listens on it"):
+                bind_unix(path)
+        finally:
+            sock.close()  # the file stays behind, as after a crash: stale
+        assert os.path.exists(path)
+    again = bind_unix(path)
+    inode = os.stat(path).st_ino
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+    finally:
+        again.close()
+    remove_unix(path, inode - 1)  # not the socket it bound: left alone
+    assert os.path.exists(path)
+    remove_unix(path, inode)
+    assert not os.path.exists(path)
+
+
+def test_unix_socket_refusals_are_one_line(tmp_path: Path) -> None:
+    plain = tmp_path / "file"
+    plain.write_text("keep me")
+    with pytest.raises(ListenError, match=r"^--listen: cannot listen on unix:.*file: the "
+                                          "path exists and is not a socket$"):
+        bind_unix(str(plain))
+    assert plain.read_text() == "keep me"
+    with pytest.raises(ListenError, match="No such file or directory"):
+        bind_unix(str(tmp_path / "missing" / "api.sock"))
+    with pytest.raises(ListenError, match="neither 600 nor 660"):
+        bind_unix(str(tmp_path / "api.sock"), 0o666)
+    assert unix_path("127.0.0.1:7070") is None
+    assert unix_path("unix:/run/x.sock") == "/run/x.sock"
+    for bad in ("unix:", "unix: /x", "unix:/x\0y", "unix:/" + "a" * 200):
+        with pytest.raises(ListenError, match="^--listen: "):
+            unix_path(bad)
+
+
+def test_statesync_listens_one_port_and_one_socket() -> None:
+    from meshxl.cli.serve import statesync_listens
+
+    assert statesync_listens(()) == ("127.0.0.1:7070", None)
+    assert statesync_listens(("unix:/s",)) == ("127.0.0.1:7070", "/s")
+    assert statesync_listens(("127.0.0.1:0", "unix:/s")) == ("127.0.0.1:0", "/s")
+    for bad in (("unix:/a", "unix:/b"), ("127.0.0.1:1", "127.0.0.1:2")):
+        with pytest.raises(ListenError, match="one HOST:PORT and one unix:PATH at most"):
+            statesync_listens(bad)

@@ -3,6 +3,8 @@ ordering rules (fed real aetcd event objects, no etcd)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aetcd import rpc
 from aetcd.rtypes import Event
@@ -10,7 +12,7 @@ from aetcd.rtypes import Event
 from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
 from meshxl.statesync.record import SessionRecord, is_json, valid_session_id
-from meshxl.statesync.sessions import BadRequest, parse_etag
+from meshxl.statesync.sessions import BadRequest, _SessionLocks, parse_etag
 
 PREFIX = "/meshxl/v1/sessions/c/"
 
@@ -148,3 +150,39 @@ def test_a_cache_without_a_watch_prunes_sessions_past_their_lease() -> None:
     assert c.prune_expired(200.0) == 1
     assert sorted(c.ids()) == ["edge", "fresh"]
     assert c.prune_expired(0.0) == 0
+
+
+# -- per-session locks ----------------------------------------------------------------------
+
+
+async def test_session_locks_are_fifo_and_survive_cancelled_waiters() -> None:
+    locks = _SessionLocks()
+    order: list[str] = []
+    await locks.acquire("s")  # held, nothing allocated for it
+    assert len(locks) == 1
+
+    async def writer(name: str) -> None:
+        await locks.acquire("s")
+        order.append(name)
+        await asyncio.sleep(0)
+        locks.release("s")
+
+    first = asyncio.create_task(writer("first"))
+    cancelled = asyncio.create_task(writer("cancelled"))
+    last = asyncio.create_task(writer("last"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # waiting: it leaves the queue
+    await asyncio.sleep(0)
+    locks.release("s")
+    await asyncio.gather(first, last, cancelled, return_exceptions=True)
+    assert order == ["first", "last"] and len(locks) == 0
+
+    # Cancelled just as the lock was handed to it: it passes the lock on.
+    await locks.acquire("s")
+    handed = asyncio.create_task(writer("handed"))
+    after = asyncio.create_task(writer("after"))
+    await asyncio.sleep(0)
+    locks.release("s")  # handed to `handed`...
+    handed.cancel()  # ...which is cancelled before it runs
+    await asyncio.gather(handed, after, return_exceptions=True)
+    assert order[-1] == "after" and "handed" not in order and len(locks) == 0

@@ -26,7 +26,11 @@ async def _text_error(_: web.Request) -> web.Response:
 
 
 async def _echo(request: web.Request) -> web.Response:
-    return web.json_response({"got": await mweb.read_json(request, 10_000)})
+    return web.json_response({"got": await mweb.read_json(request, 1000)})
+
+
+async def _big(request: web.Request) -> web.Response:
+    return web.json_response({"bytes": len(await mweb.read_body(request, 10_000))})
 
 
 async def _slow_body(request: web.Request) -> web.Response:
@@ -40,6 +44,7 @@ async def server() -> AsyncIterator[tuple[str, int]]:
     app.router.add_get("/boom", _boom)
     app.router.add_get("/teapot", _text_error)
     app.router.add_post("/echo", _echo)
+    app.router.add_post("/big", _big)
     app.router.add_post("/slow", _slow_body)
     runner = mweb.Runner(app, header_timeout=0.5)
     await runner.setup()
@@ -75,10 +80,20 @@ async def test_bodies_are_bounded_in_size_and_depth(server: tuple[str, int]) -> 
     assert (await _call(url, "POST", data=b'{"a": [1, 2]}'))[2] == {"got": {"a": [1, 2]}}
     status, _, body = await _call(url, "POST", data=b"x" * 5000)
     assert status == 413 and body["status"] == 413
+    # Chunked, without a length: cut off at the limit as it arrives.
+    status, _, body = await _call(url, "POST", data=_chunks(b"x" * 100, 50))
+    assert status == 413 and "the limit is 1000" in body["error"]
+    # The endpoint's limit decides, not the application's default (1000 here).
+    assert (await _call(server[0] + "/big", "POST", data=b"x" * 5000))[2] == {"bytes": 5000}
     status, _, body = await _call(url, "POST", data=b"[" * 400 + b"]" * 400)
     assert status == 400 and "nests deeper" in body["error"]
     status, _, body = await _call(url, "POST", data=b"{nope")
     assert status == 400 and "not JSON" in body["error"]
+
+
+async def _chunks(chunk: bytes, count: int) -> AsyncIterator[bytes]:
+    for _ in range(count):
+        yield chunk
 
 
 async def _raw(port: int, data: bytes) -> bytes:
