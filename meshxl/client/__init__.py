@@ -3,15 +3,16 @@
 ``AsyncClient`` (aiohttp) and ``Client`` (blocking, the standard library's
 ``http.client``) have the same methods: ``get``, ``put`` (``if_match`` compare-and-set,
 ``create_only``), ``patch`` (JSON merge patch), ``delete``, ``update(session, fn)`` (read,
-apply, write with ``If-Match``, again after a 409/412) and ``ready``. Both retry 503s and
+apply, write with ``If-Match``, again after a 409/412), ``ready``, and for several
+sessions in one request ``bulk_get``, ``bulk_save`` (each item on its own) and
+``transaction`` (``Upsert`` and ``Delete`` operations, all or nothing). Both retry 503s and
 unanswered requests with bounded exponential backoff and jitter, send the bearer token,
 keep connections alive, and raise the sidecar's JSON errors as meshxl's error family
 (:mod:`meshxl.client.errors`). :mod:`meshxl.client.middleware` loads and saves a
 request's session for aiohttp and ASGI apps.
 
 The operations are written once, without I/O, in :mod:`meshxl.client.plans`; the two
-clients only carry them out (``run``), which is also where operations over several
-sessions will be added once the API has them.
+clients only carry them out (``run``).
 
 The client imports nothing of the sidecar's own code (``meshxl.statesync``): an
 application depends on the HTTP API only.
@@ -32,13 +33,13 @@ from .errors import (
     Unreachable,
     WriteUncertain,
 )
-from .plans import Readiness, Session, Written
+from .plans import Delete, Readiness, Session, Upsert, Written
 from .settings import DEFAULT_URL, Backoff, ClientSettings
 from .sync import Client
 
 __all__ = [
     "DEFAULT_URL", "AsyncClient", "Backoff", "BadRequest", "Client", "ClientSettings",
-    "Conflict", "Contended", "NotFound", "PreconditionFailed", "Readiness", "Session",
+    "Conflict", "Contended", "Delete", "NotFound", "PreconditionFailed", "Readiness", "Session",
     "SidecarError", "TooLarge", "Unauthorized", "Unavailable", "Undecodable", "Unreachable",
-    "Written", "WriteUncertain",
+    "Upsert", "Written", "WriteUncertain",
 ]

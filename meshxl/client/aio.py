@@ -21,8 +21,19 @@ from meshxl import __version__
 from meshxl import headers as hdr
 
 from . import plans
-from .errors import describe
-from .plans import Answer, Pause, Plan, Readiness, Request, Session, Unanswered, Written
+from .errors import SidecarError, describe
+from .plans import (
+    Answer,
+    Delete,
+    Pause,
+    Plan,
+    Readiness,
+    Request,
+    Session,
+    Unanswered,
+    Upsert,
+    Written,
+)
 from .settings import DEFAULT_URL, ClientSettings
 from .url import base_url
 
@@ -85,6 +96,21 @@ class AsyncClient:
         since it was read, else read and applied again (``settings.conflicts``)."""
         return await self.run(plans.update(session_id, fn, self.settings, self._rng,
                                            default=default))
+
+    async def bulk_get(self, session_ids: list[str]) -> list[Session | SidecarError]:
+        """Many sessions in one request: each a :class:`Session` or the error a
+        :meth:`get` of it raises (returned, not raised), in the order asked."""
+        return await self.run(plans.bulk_get(session_ids, self.settings, self._rng))
+
+    async def bulk_save(self, items: list[Upsert]) -> list[Written | SidecarError]:
+        """Many writes in one request, each as :meth:`put` (not atomic): each item's
+        acknowledgement or error (returned, not raised)."""
+        return await self.run(plans.bulk_save(items, self.settings, self._rng))
+
+    async def transaction(self, operations: list[Upsert | Delete]) -> list[Written | None]:
+        """All or nothing: the upserts' acknowledgements (None for deletes), or the
+        failing operation's error, raised, with nothing written."""
+        return await self.run(plans.transaction(operations, self.settings, self._rng))
 
     async def ready(self) -> Readiness:
         """The sidecar's ``/readyz`` (one try; :class:`Unreachable` without an answer)."""

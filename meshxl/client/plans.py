@@ -30,6 +30,7 @@ so an application can drive plans of its own the same way.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import random
@@ -412,3 +413,149 @@ def ready(settings: ClientSettings, rng: random.Random) -> Plan[Readiness]:
     return Readiness(ready=outcome.status == 200 and body.get("ready") is True,
                      reasons=[str(r) for r in body.get("reasons") or []],
                      warnings=[str(w) for w in body.get("warnings") or []])
+
+
+# -- several sessions at once (POST /v1/sessions:bulkGet, :bulkSave, :transaction) -------
+
+
+MAX_BULK = 128
+"""Sessions per bulk request or transaction (the API's bound, etcd's --max-txn-ops)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Upsert:
+    """One write of a bulk save or a transaction: ``state`` as :func:`put` takes it."""
+
+    session: str
+    state: Any
+    content_type: str | None = None
+    if_match: str | None = None
+    create_only: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delete:
+    """One delete of a transaction."""
+
+    session: str
+    if_match: str | None = None
+
+
+def _quoted(etag: Any) -> str:
+    text = str(etag)
+    return text if text.startswith(('"', "W/")) else f'"{text}"'
+
+
+def _item_body(item: Upsert | Delete) -> dict[str, Any]:
+    body: dict[str, Any] = {"session": check_session_id(item.session)}
+    if isinstance(item, Upsert):
+        data, ctype = encode_state(item.state, item.content_type)
+        if is_json(ctype) and not isinstance(item.state, bytes):
+            body.update(data=json.loads(data), encoding="json")
+        else:
+            body.update(data=base64.b64encode(data).decode("ascii"), encoding="base64")
+        body["content_type"] = ctype
+        conditions = _conditions(item.if_match, item.create_only)
+        if hdr.IF_MATCH in conditions:
+            body["if_match"] = conditions[hdr.IF_MATCH]
+        elif conditions:
+            body["if_none_match"] = "*"
+    elif item.if_match is not None:
+        body["if_match"] = _conditions(item.if_match, False)[hdr.IF_MATCH]
+    return body
+
+
+def _bulk_request(path: str, body: dict[str, Any], count: int) -> Request:
+    if not 1 <= count <= MAX_BULK:
+        raise BadRequest(f"a bulk request names 1 to {MAX_BULK} sessions, not {count}")
+    return Request("POST", path, {"Content-Type": JSON},
+                   json.dumps(body, separators=(",", ":")).encode())
+
+
+def _item_error(item: dict[str, Any], request: Request, uncertain: bool) -> SidecarError:
+    status = int(item.get("status") or 500)
+    session = str(item.get("session")) if item.get("session") is not None else None
+    item_request = Request(request.method, request.path, session=session)
+    answer = Answer(status, {}, json.dumps(item).encode())
+    if uncertain and status == 412:
+        return _uncertain(item_request, answer)
+    return _error(item_request, answer)
+
+
+def _item_written(item: dict[str, Any], etag: Any) -> Written:
+    return Written(session=str(item["session"]), etag=_quoted(etag),
+                   owner=str(item.get("owner", "")), created=bool(item.get("created")),
+                   takeover=bool(item.get("takeover")),
+                   replicated=bool(item.get("replicated", True)))
+
+
+def _items(answer: Answer, request: Request, count: int) -> list[dict[str, Any]]:
+    items = _json_body(answer, request).get("items")
+    if not isinstance(items, list) or len(items) != count or not all(
+            isinstance(i, dict) for i in items):
+        raise Unavailable(f"the sidecar's answer to {request.path} does not carry "
+                          f"{count} items")
+    return items
+
+
+def bulk_get(session_ids: list[str], settings: ClientSettings,
+             rng: random.Random) -> Plan[list[Session | SidecarError]]:
+    """Each session as :func:`get` gives it, or the error it gives (``NotFound``...),
+    in the order asked."""
+    ids = [check_session_id(s) for s in session_ids]
+    request = _bulk_request("/v1/sessions:bulkGet", {"sessions": ids}, len(ids))
+    answer, _ = yield from exchange(request, settings, rng)
+    if answer.status != 200:
+        raise _error(request, answer)
+    out: list[Session | SidecarError] = []
+    for item in _items(answer, request, len(ids)):
+        if item.get("status") != 200:
+            out.append(_item_error(item, request, False))
+            continue
+        ctype = str(item.get("content_type") or OCTETS)
+        if item.get("encoding") == "base64":
+            raw = base64.b64decode(str(item.get("data", "")))
+            state = decode_state(raw, ctype, str(item["session"]))
+        else:
+            state = item.get("data")
+        out.append(Session(id=str(item["session"]), state=state, etag=_quoted(item["etag"]),
+                           owner=item.get("owner"), content_type=ctype,
+                           source=item.get("source")))
+    return out
+
+
+def bulk_save(items: list[Upsert], settings: ClientSettings,
+              rng: random.Random) -> Plan[list[Written | SidecarError]]:
+    """Each item written as :func:`put` writes it, each on its own (not atomic): its
+    acknowledgement or its error, in order."""
+    request = _bulk_request("/v1/sessions:bulkSave",
+                            {"items": [_item_body(i) for i in items]}, len(items))
+    answer, uncertain = yield from exchange(request, settings, rng)
+    if answer.status != 200:
+        raise _error(request, answer)
+    return [_item_written(item, item.get("etag")) if item.get("status") in (200, 201)
+            else _item_error(item, request, uncertain)
+            for item in _items(answer, request, len(items))]
+
+
+def transaction(operations: list[Upsert | Delete], settings: ClientSettings,
+                rng: random.Random) -> Plan[list[Written | None]]:
+    """All or nothing: every upsert's acknowledgement (None for a delete), or the
+    error of the operation that failed (nothing was written; its ``details`` carry
+    ``item`` and every operation's answer in ``items``)."""
+    ops = []
+    for op in operations:
+        body = _item_body(op)
+        body["operation"] = "upsert" if isinstance(op, Upsert) else "delete"
+        ops.append(body)
+    request = _bulk_request("/v1/sessions:transaction", {"operations": ops}, len(ops))
+    answer, uncertain = yield from exchange(request, settings, rng)
+    if answer.status != 200:
+        if uncertain and answer.status == 412:
+            raise _uncertain(request, answer)
+        raise _error(request, answer)
+    body = _json_body(answer, request)
+    return [None if item.get("operation") == "delete"
+            else _item_written(item, item.get("etag", body.get("revision")))
+            for item in _items(answer, request, len(ops))]
+

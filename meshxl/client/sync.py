@@ -30,8 +30,19 @@ from meshxl import __version__
 from meshxl import headers as hdr
 
 from . import plans
-from .errors import describe
-from .plans import Answer, Pause, Plan, Readiness, Request, Session, Unanswered, Written
+from .errors import SidecarError, describe
+from .plans import (
+    Answer,
+    Delete,
+    Pause,
+    Plan,
+    Readiness,
+    Request,
+    Session,
+    Unanswered,
+    Upsert,
+    Written,
+)
 from .settings import DEFAULT_URL, ClientSettings
 from .url import base_url, split_url
 
@@ -80,6 +91,15 @@ class Client:
                default: Any = None) -> Session:
         return self.run(plans.update(session_id, fn, self.settings, self._fork_rng(),
                                      default=default))
+
+    def bulk_get(self, session_ids: list[str]) -> list[Session | SidecarError]:
+        return self.run(plans.bulk_get(session_ids, self.settings, self._fork_rng()))
+
+    def bulk_save(self, items: list[Upsert]) -> list[Written | SidecarError]:
+        return self.run(plans.bulk_save(items, self.settings, self._fork_rng()))
+
+    def transaction(self, operations: list[Upsert | Delete]) -> list[Written | None]:
+        return self.run(plans.transaction(operations, self.settings, self._fork_rng()))
 
     def ready(self) -> Readiness:
         return self.run(plans.ready(self.settings, self._fork_rng()))

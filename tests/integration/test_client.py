@@ -525,3 +525,46 @@ async def test_demo_app_counts_through_the_client(harness: Owner, etcd: EtcdServ
             return not await healthy()
 
         await wait_until(unhealthy, timeout=10, what="the app unhealthy without its sidecar")
+
+
+async def test_bulk_operations_of_both_clients(etcd: EtcdServer, start_sidecar: Any) -> None:
+    from meshxl.client import Delete, Upsert
+
+    a = await start_member(start_sidecar, etcd.url, "a")
+    async with AsyncClient(a.url) as client:
+        saved = await client.bulk_save([
+            Upsert(session="j1", state={"n": 1}),
+            Upsert(session="b1", state=b"\x00\x01\xff"),
+            Upsert(session="j2", state={"n": 2}, if_match='"999999"'),
+        ])
+        assert saved[0].created and saved[0].etag.startswith('"')  # type: ignore[union-attr]
+        assert saved[1].created  # type: ignore[union-attr]
+        assert isinstance(saved[2], PreconditionFailed | NotFound), saved[2]
+
+        got = await client.bulk_get(["j1", "b1", "nope"])
+        j1, b1, nope = got
+        assert j1.state == {"n": 1} and j1.etag == saved[0].etag  # type: ignore[union-attr]
+        assert b1.state == b"\x00\x01\xff"  # type: ignore[union-attr]
+        assert isinstance(nope, NotFound)
+
+        # A transaction with one stale condition writes nothing.
+        with pytest.raises(PreconditionFailed):
+            await client.transaction([Upsert(session="j1", state={"n": 10}),
+                                      Delete(session="b1", if_match='"1"')])
+        assert (await client.get("j1")).state == {"n": 1}
+        done = await client.transaction([
+            Upsert(session="j1", state={"n": 11}, if_match=j1.etag),  # type: ignore[union-attr]
+            Delete(session="b1")])
+        assert done[1] is None and done[0] is not None and not done[0].created
+        with pytest.raises(NotFound):
+            await client.get("b1")
+
+    sync = Client(a.url)
+    try:
+        got_sync = await asyncio.to_thread(sync.bulk_get, ["j1"])
+        assert got_sync[0].state == {"n": 11}  # type: ignore[union-attr]
+        written = await asyncio.to_thread(
+            sync.transaction, [Upsert(session="j3", state=[1, 2], create_only=True)])
+        assert written[0] is not None and written[0].created
+    finally:
+        sync.close()

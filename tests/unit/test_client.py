@@ -412,3 +412,19 @@ def test_readiness() -> None:
     assert not not_ready.ready and not_ready.reasons == ["syncing"]
     with pytest.raises(cerrors.Unreachable):
         Sidecar(Unanswered("refused", sent=False)).run(plans.ready(FAST, RNG))
+
+
+def test_bulk_items_carry_json_as_json_and_bytes_as_base64() -> None:
+    from meshxl.client.plans import MAX_BULK, Delete, Upsert, _bulk_request, _item_body
+
+    assert _item_body(Upsert(session="a", state={"x": [1]}, if_match='"4"')) == {
+        "session": "a", "data": {"x": [1]}, "encoding": "json",
+        "content_type": "application/json", "if_match": '"4"'}
+    assert _item_body(Upsert(session="b", state=b"\xff", create_only=True)) == {
+        "session": "b", "data": "/w==", "encoding": "base64",
+        "content_type": "application/octet-stream", "if_none_match": "*"}
+    assert _item_body(Delete(session="c")) == {"session": "c"}
+    with pytest.raises(cerrors.BadRequest):
+        _item_body(Upsert(session="../x", state=1))
+    with pytest.raises(cerrors.BadRequest, match="1 to 128"):
+        _bulk_request("/v1/sessions:bulkGet", {}, MAX_BULK + 1)
