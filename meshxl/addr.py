@@ -158,7 +158,7 @@ def bound_port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
 
-# -- Unix domain sockets: a cheaper path between processes of one host (no TCP stack).
+# -- Unix domain sockets: between processes of one host, no port, access by file mode.
 
 UNIX_PREFIX = "unix:"
 MAX_UNIX_PATH = 107

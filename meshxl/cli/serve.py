@@ -117,8 +117,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @click.option("--listen", "listens", multiple=True, metavar="HOST:PORT|unix:PATH",
               help="The sidecar's HTTP API (default 127.0.0.1:7070; keep it on loopback, "
                    "any other address needs a token). Give it twice to serve the API on "
-                   "a Unix socket too (unix:/run/meshxl/statesync.sock): the app's cheaper "
-                   "path; health checks and the registration stay on HOST:PORT.")
+                   "a Unix socket too (unix:/run/meshxl/statesync.sock): no port, access by "
+                   "file permissions; health checks and the registration stay on HOST:PORT.")
 @click.option("--socket-mode", type=click.Choice(["0600", "0660"]), default="0600",
               show_default=True, help="Permissions of the Unix socket: its user only, or "
                                       "its group too (an app running as another user of "

@@ -467,7 +467,7 @@ async def serve(config: StatesyncConfig) -> None:
     The port is bound before the member registers: a busy port or a bad address fails
     the start (ListenError) with nothing registered, and the registration names the
     port actually bound (``--listen HOST:0`` included). The Unix socket, if any, serves
-    the same API (the app's cheaper path); health checks and the registration use TCP.
+    the same API (no port, access by file permissions); health checks and the registration use TCP.
     """
     sock = bind_tcp(config.listen)
     unix: socket.socket | None = None

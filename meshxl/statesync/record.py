@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
+_NUMBERS = (int, float)
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 JSON_TYPE = "application/json"
 HEADER_LIMIT = 4096
@@ -92,8 +93,10 @@ class SessionRecord:
             if not isinstance(owner, str) or not isinstance(content_type, str):
                 raise TypeError("owner and type must be strings")
             created, updated = header["created"], header["updated"]
-            if not all(isinstance(t, int | float) and not isinstance(t, bool)
-                       and math.isfinite(t) for t in (created, updated)):
+            # Exact types: what json.loads makes of numbers (a bool is not one); no
+            # generator: this runs for every write the watch brings, the member's own too.
+            if (type(created) not in _NUMBERS or type(updated) not in _NUMBERS
+                    or not math.isfinite(created) or not math.isfinite(updated)):
                 raise TypeError("created and updated must be finite numbers")
             traceparent = header.get("traceparent")
             return cls(
