@@ -23,7 +23,6 @@ from .membership import MAX_PROBLEMS
 from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
 from .sessions import (
     BadRequest,
-    Change,
     Conflict,
     PreconditionFailed,
     SessionError,
@@ -231,9 +230,7 @@ class SessionRoutes:
                                 sessions.settings.max_bytes)
         self._count("save", len(items))
         results = await sessions.put_many(
-            [Change(session_id=item.session_id, data=item.data,
-                    content_type=item.content_type, if_match=item.if_match,
-                    create_only=item.create_only) for item in items],
+            items,
             _traceparent(request))
         return _json_bytes(bulk.items_body([
             bulk.write_answer(result, status=True) if isinstance(result, Stored)
@@ -248,9 +245,7 @@ class SessionRoutes:
             sessions.settings.max_bytes)
         self._count("transaction", len(items))
         outcome = await sessions.transact(
-            [Change(session_id=item.session_id, data=item.data,
-                    content_type=item.content_type, if_match=item.if_match,
-                    create_only=item.create_only) for item in items],
+            items,
             _traceparent(request))
         return _transaction_response(items, outcome)
 

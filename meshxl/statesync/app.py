@@ -185,11 +185,10 @@ class Sidecar:
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
     async def stop(self) -> None:
-        watch = self._watch
-        for task in [*self._tasks, *([watch] if watch is not None else [])]:
+        tasks = {*self._tasks, *([self._watch] if self._watch is not None else [])}
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *([watch] if watch is not None else []),
-                             return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()
         with contextlib.suppress(Exception):
             await self.membership.stop()

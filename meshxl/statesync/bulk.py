@@ -33,7 +33,7 @@ from typing import Any
 from meshxl import web as mweb
 
 from .record import JSON_TYPE, is_json, valid_content_type, valid_session_id
-from .sessions import BadRequest, SessionError, Stored, TooLarge, check_if_match
+from .sessions import BadRequest, Change, SessionError, Stored, TooLarge, check_if_match
 from .store import MAX_TXN_OPS
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -55,21 +55,13 @@ OCTET_STREAM = "application/octet-stream"
 ENCODINGS = ("json", "base64")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One session of a bulk save or transaction request, checked."""
+@dataclass(frozen=True, kw_only=True)
+class Item(Change):
+    """One session of a bulk save or transaction request, checked: the write it asks
+    for (a :class:`Change`, what :meth:`Sessions.put_many` and ``transact`` take) and
+    its place in the request."""
 
     index: int
-    session_id: str
-    data: bytes | None
-    """The state's bytes; None: delete (transactions only)."""
-    content_type: str = JSON_TYPE
-    if_match: str | None = None
-    create_only: bool = False
-
-    @property
-    def operation(self) -> str:
-        return "upsert" if self.data is not None else "delete"
 
 
 class _Where:

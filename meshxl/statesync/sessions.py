@@ -154,6 +154,11 @@ class Change:
     def op(self) -> str:
         return "put" if self.data is not None else "delete"
 
+    @property
+    def operation(self) -> str:
+        """The multi-session API's name for it: ``upsert`` or ``delete``."""
+        return "upsert" if self.data is not None else "delete"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Transacted:
