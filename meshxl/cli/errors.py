@@ -94,15 +94,18 @@ def checked(fn: Callable[[], T], overrides: Overrides | None = None) -> T:
 
 
 def run(coro_fn: Callable[[], Awaitable[T]], overrides: Overrides | None = None,
-        interrupted: int = INTERRUPTED) -> T:
+        interrupted: int = INTERRUPTED,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
     """Run an async command: meshxl failures reported as one line and an exit, an etcd
     or gRPC failure as one line (never a traceback), Ctrl-C as exit ``interrupted``
-    (130; 0 for a command that runs until Ctrl-C, such as ``meshxl status --watch``)."""
+    (130; 0 for a command that runs until Ctrl-C, such as ``meshxl status --watch``).
+    ``loop_factory``: the event loop (:func:`meshxl.loops.loop_factory`), else asyncio's."""
     async def main() -> T:
         return await coro_fn()
 
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main())
     except MeshxlError as exc:
         report(exc, overrides)
     except KeyboardInterrupt:

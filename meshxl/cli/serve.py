@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,8 +26,10 @@ T = TypeVar("T")
 
 
 def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
-           coro_fn: Callable[[], Awaitable[T]]) -> T:
-    """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit."""
+           coro_fn: Callable[[], Awaitable[T]],
+           loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+    """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit, on
+    the event loop ``loop_factory`` makes (asyncio's by default)."""
     import signal
 
     from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
@@ -35,7 +38,7 @@ def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
     # SIGTERM ends the server like Ctrl-C: cleanup runs and the spans are flushed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(coro_fn)
+        return run(coro_fn, loop_factory=loop_factory)
     finally:
         shutdown_tracing()
 
@@ -159,6 +162,7 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     import os
 
+    from meshxl.loops import loop_factory
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
     from meshxl.statesync.auth import read_token
@@ -173,7 +177,7 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
         etcd_security=etcd_security(), token=read_token(token_file, dict(os.environ))))
     traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
-           lambda: serve_sidecar(config))
+           lambda: serve_sidecar(config), loop_factory=checked(loop_factory))
 
 
 def statesync_listens(values: tuple[str, ...]) -> tuple[str, str | None]:
