@@ -1,6 +1,6 @@
 """statesync: the session-state sidecar that replicates through etcd."""
 
-from .app import Sidecar, StatesyncConfig, create_app, serve
+from .app import Sidecar, StatesyncConfig, http_server, routes, serve
 from .membership import Membership
 from .record import SessionRecord
 from .sessions import (
@@ -20,5 +20,5 @@ from .store import SessionStore, StoreUnavailable
 __all__ = [
     "BadRequest", "Conflict", "Membership", "NotFound", "PreconditionFailed", "SessionError",
     "SessionRecord", "SessionStore", "Sessions", "Settings", "Sidecar", "StatesyncConfig",
-    "Stored", "StoreUnavailable", "TooLarge", "Unavailable", "create_app", "serve",
+    "Stored", "StoreUnavailable", "TooLarge", "Unavailable", "http_server", "routes", "serve",
 ]

@@ -1,7 +1,8 @@
-"""The sidecar's HTTP API (aiohttp). Every error is JSON: ``{"error": ..., "status": ...}``
-(:mod:`meshxl.web`). Every value that is stored (the state, its content type, the trace
-context, a problem's name and detail) is validated and bounded here, at entry, so
-whatever is acknowledged reads back. The API is described by ``openapi.json``.
+"""The sidecar's HTTP API, served by :mod:`.server`. Every error is JSON: ``{"error":
+..., "status": ...}`` (:mod:`meshxl.web`'s shape). Every value that is stored (the
+state, its content type, the trace context, a problem's name and detail) is validated
+and bounded here, at entry, so whatever is acknowledged reads back. The API is
+described by ``openapi.json``.
 """
 
 from __future__ import annotations
@@ -11,30 +12,36 @@ import json
 from importlib import resources
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshxl import headers as hdr
 from meshxl import web as mweb
-from meshxl.web import error_response, json_errors
 
 from . import bulk
 from .membership import MAX_PROBLEMS
 from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
+from .server import JSON, Refused, Request, Response, Router, error
 from .sessions import (
     BadRequest,
     Conflict,
     PreconditionFailed,
     SessionError,
     Stored,
-    TooLarge,
     Transacted,
 )
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_PROBLEM_DETAIL = 1024
 """Characters of a problem's detail."""
+MAX_REPORT = 4 * MAX_PROBLEM_DETAIL + 64
+"""Bytes of a problem or overload report's body."""
 PROBLEM_NAME_MAX = 63
+
+# Request header names as the server keys them (lower case).
+_CONTENT_TYPE = "content-type"
+_IF_MATCH = hdr.IF_MATCH.lower()
+_IF_NONE_MATCH = hdr.IF_NONE_MATCH.lower()
+_TRACEPARENT = hdr.TRACEPARENT.lower()
 
 
 def openapi_document() -> dict[str, Any]:
@@ -44,25 +51,18 @@ def openapi_document() -> dict[str, Any]:
     return document
 
 
-def _session_id(request: web.Request) -> str:
-    session_id = request.match_info["session_id"]
+def _session_id(request: Request) -> str:
+    session_id = request.params["session_id"]
     if not valid_session_id(session_id):
         raise BadRequest(f"invalid session id {session_id!r}: use 1-200 characters of "
                          "A-Z a-z 0-9 . _ ~ -")
     return session_id
 
 
-async def _body(request: web.Request, limit: int, what: str = "session state") -> bytes:
-    try:
-        return await mweb.read_body(request, limit, what=what)
-    except mweb.BodyTooLarge as exc:
-        raise TooLarge(str(exc), limit=limit) from None
-
-
-def _content_type(request: web.Request, default: str) -> str:
+def _content_type(request: Request, default: str) -> str:
     """The Content-Type header, which is stored and sent back as a header: a media type
     is printable ASCII (other bytes would come back mangled, or not encode at all)."""
-    value = request.headers.get("Content-Type", default)
+    value = request.headers.get(_CONTENT_TYPE, default)
     if value and not valid_content_type(value):
         raise BadRequest("Content-Type must be a media type of at most 255 printable ASCII "
                          f"characters, such as application/json; got {value[:80]!r}",
@@ -70,28 +70,32 @@ def _content_type(request: web.Request, default: str) -> str:
     return value
 
 
-def _traceparent(request: web.Request) -> str | None:
+def _traceparent(request: Request) -> str | None:
     """The request's W3C trace context, kept with the write so a takeover can link to
     it; an invalid one is ignored (trace context is optional metadata)."""
-    return valid_traceparent(request.headers.get(hdr.TRACEPARENT))
+    return valid_traceparent(request.headers.get(_TRACEPARENT))
 
 
-def _stored_headers(stored: Stored) -> dict[str, str]:
-    return {hdr.ETAG: f'"{stored.etag}"', hdr.OWNER: stored.record.owner,
-            hdr.SOURCE: stored.source}
+def _stored_headers(stored: Stored, content_type: str) -> list[tuple[str, str]]:
+    return [(hdr.ETAG, f'"{stored.etag}"'), (hdr.OWNER, stored.record.owner),
+            (hdr.SOURCE, stored.source), ("Content-Type", content_type)]
 
 
-def _write_response(stored: Stored) -> web.Response:
-    return web.Response(body=bulk.write_answer(stored), status=201 if stored.new_session
-                        else 200, headers={**_stored_headers(stored),
-                                           "Content-Type": "application/json"})
+def _write_response(stored: Stored) -> Response:
+    return Response(201 if stored.new_session else 200, bulk.write_answer(stored),
+                    _stored_headers(stored, JSON))
 
 
-def _json_bytes(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json")
+def _json_bytes(body: bytes, status: int = 200) -> Response:
+    return Response(status, body, [("Content-Type", JSON)])
 
 
-def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> web.Response:
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, default=str).encode(),
+                    [("Content-Type", JSON)])
+
+
+def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> Response:
     """Committed: 200, every item's answer. Not: the first failed operation's status,
     naming it, with every item's answer (424 for those that failed only because
     another one did)."""
@@ -134,33 +138,48 @@ class SessionRoutes:
     def __init__(self, sidecar: Any):
         self.sidecar = sidecar
 
-    def add_to(self, app: web.Application) -> None:
-        r = app.router
-        r.add_route("PUT", "/v1/sessions/{session_id}", self.put)
-        r.add_route("GET", "/v1/sessions/{session_id}", self.get)
-        r.add_route("PATCH", "/v1/sessions/{session_id}", self.patch)
-        r.add_route("DELETE", "/v1/sessions/{session_id}", self.delete)
-        r.add_route("POST", "/v1/sessions:bulkGet", self.bulk_get)
-        r.add_route("POST", "/v1/sessions:bulkSave", self.bulk_save)
-        r.add_route("POST", "/v1/sessions:transaction", self.transaction)
-        r.add_route("GET", "/v1/problems", self.problems)
-        r.add_route("PUT", "/v1/problems/{name}", self.put_problem)
-        r.add_route("DELETE", "/v1/problems/{name}", self.delete_problem)
-        r.add_route("GET", "/v1/overload", self.overload)
-        r.add_route("PUT", "/v1/overload", self.put_overload)
-        r.add_route("DELETE", "/v1/overload", self.delete_overload)
-        r.add_route("GET", "/healthz", self.healthz)
-        r.add_route("GET", "/readyz", self.readyz)
-        r.add_route("GET", "/metrics", self.metrics)
-        r.add_route("GET", "/v1/status", self.status)
-        r.add_route("GET", "/openapi.json", self.openapi)
+    def router(self, max_bytes: int, *, delayed_sync: bool = False) -> Router:
+        """Every route, with the body each takes (``max_bytes``: a session state's).
+        ``delayed_sync``: a bulk save then writes each session on its own, as a PUT
+        would, in tasks of their own, so it runs alone on its connection."""
+        r = Router()
+        # A session's writes take its lock before they first wait (sessions.py), so
+        # pipelined writes of one connection may run side by side: each session's in
+        # the order sent, different sessions' as if sent on connections of their own.
+        r.add("PUT", "/v1/sessions/{session_id}", self.put, max_body=max_bytes,
+              what="session state", concurrent=True)
+        r.add("GET", "/v1/sessions/{session_id}", self.get)
+        r.add("PATCH", "/v1/sessions/{session_id}", self.patch, max_body=max_bytes,
+              what="session state", concurrent=True)
+        r.add("DELETE", "/v1/sessions/{session_id}", self.delete, concurrent=True)
+        r.add("POST", "/v1/sessions:bulkGet", self.bulk_get, max_body=bulk.MAX_GET_BODY,
+              what="bulk get request")
+        # Bulk saves and transactions take their places in every session's line at
+        # once, before they first wait: they may run side by side too.
+        r.add("POST", "/v1/sessions:bulkSave", self.bulk_save, max_body=bulk.MAX_BODY,
+              what="bulk save request", concurrent=not delayed_sync)
+        r.add("POST", "/v1/sessions:transaction", self.transaction, max_body=bulk.MAX_BODY,
+              what="transaction request", concurrent=True)
+        r.add("GET", "/v1/problems", self.problems)
+        r.add("PUT", "/v1/problems/{name}", self.put_problem, max_body=MAX_REPORT,
+              what="problem report")
+        r.add("DELETE", "/v1/problems/{name}", self.delete_problem)
+        r.add("GET", "/v1/overload", self.overload)
+        r.add("PUT", "/v1/overload", self.put_overload, max_body=MAX_REPORT,
+              what="overload report")
+        r.add("DELETE", "/v1/overload", self.delete_overload)
+        r.add("GET", "/healthz", self.healthz)
+        r.add("GET", "/readyz", self.readyz)
+        r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/v1/status", self.status)
+        r.add("GET", "/openapi.json", self.openapi)
+        return r
 
     # -- sessions -------------------------------------------------------------------------
 
-    async def put(self, request: web.Request) -> web.Response:
+    async def put(self, request: Request) -> Response:
         session_id = _session_id(request)
-        sessions = self.sidecar.sessions
-        data = await _body(request, sessions.settings.max_bytes)
+        data = request.body
         content_type = _content_type(request, "application/octet-stream")
         if is_json(content_type):
             try:
@@ -168,47 +187,46 @@ class SessionRoutes:
             except mweb.BadJson as exc:
                 raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
                                  field="body") from None
-        if_none_match = request.headers.get(hdr.IF_NONE_MATCH)
+        headers = request.headers
+        if_none_match = headers.get(_IF_NONE_MATCH)
         if if_none_match is not None and if_none_match.strip() != "*":
             raise BadRequest('If-None-Match takes only "*" (create, never replace)')
-        stored = await sessions.put(session_id, data, content_type,
-                                    request.headers.get(hdr.IF_MATCH),
-                                    _traceparent(request),
-                                    create_only=if_none_match is not None)
+        stored = await self.sidecar.sessions.put(session_id, data, content_type,
+                                                 headers.get(_IF_MATCH), _traceparent(request),
+                                                 create_only=if_none_match is not None)
         return _write_response(stored)
 
-    async def get(self, request: web.Request) -> web.Response:
+    async def get(self, request: Request) -> Response:
         stored = await self.sidecar.sessions.get(_session_id(request))
-        return web.Response(body=stored.record.data, headers={
-            **_stored_headers(stored), "Content-Type": stored.record.content_type})
+        return Response(200, stored.record.data,
+                        _stored_headers(stored, stored.record.content_type))
 
-    async def patch(self, request: web.Request) -> web.Response:
+    async def patch(self, request: Request) -> Response:
         session_id = _session_id(request)
         content_type = _content_type(request, "").split(";")[0].strip().lower()
         if content_type not in (MERGE_PATCH, "application/json"):
-            raise web.HTTPUnsupportedMediaType(
-                reason=f"PATCH takes {MERGE_PATCH} (RFC 7386), not {content_type or 'nothing'}")
-        data = await _body(request, self.sidecar.sessions.settings.max_bytes)
+            raise Refused(415, f"PATCH takes {MERGE_PATCH} (RFC 7386), not "
+                               f"{content_type or 'nothing'}", path=request.path)
         try:
-            patch = mweb.loads(data, what="merge patch")
+            patch = mweb.loads(request.body, what="merge patch")
         except mweb.BadJson as exc:
             raise BadRequest(str(exc), field="body") from None
         stored = await self.sidecar.sessions.patch(session_id, patch,
-                                                   request.headers.get(hdr.IF_MATCH),
+                                                   request.headers.get(_IF_MATCH),
                                                    _traceparent(request))
         return _write_response(stored)
 
-    async def delete(self, request: web.Request) -> web.Response:
+    async def delete(self, request: Request) -> Response:
         await self.sidecar.sessions.delete(_session_id(request),
-                                           request.headers.get(hdr.IF_MATCH))
-        return web.Response(status=204)
+                                           request.headers.get(_IF_MATCH))
+        return Response(204)
 
     # -- several sessions (bulk.py) -------------------------------------------------------
 
-    async def bulk_get(self, request: web.Request) -> web.Response:
+    async def bulk_get(self, request: Request) -> Response:
         """Each session as GET answers it (concurrent reads share etcd transactions)."""
         sessions = self.sidecar.sessions
-        ids = bulk.parse_get(await _body(request, bulk.MAX_GET_BODY, "bulk get request"))
+        ids = bulk.parse_get(request.body)
         self._count("get", len(ids))
         results = await asyncio.gather(*(sessions.get(s) for s in ids),
                                        return_exceptions=True)
@@ -222,114 +240,99 @@ class SessionRoutes:
                 raise result
         return _json_bytes(bulk.items_body(parts))
 
-    async def bulk_save(self, request: web.Request) -> web.Response:
+    async def bulk_save(self, request: Request) -> Response:
         """Each item as PUT would write it, concurrently (the batcher packs them into
         shared etcd transactions); each succeeds or fails on its own."""
         sessions = self.sidecar.sessions
-        items = bulk.parse_save(await _body(request, bulk.MAX_BODY, "bulk save request"),
-                                sessions.settings.max_bytes)
+        items = bulk.parse_save(request.body, sessions.settings.max_bytes)
         self._count("save", len(items))
-        results = await sessions.put_many(
-            items,
-            _traceparent(request))
+        results = await sessions.put_many(items, _traceparent(request))
         return _json_bytes(bulk.items_body([
             bulk.write_answer(result, status=True) if isinstance(result, Stored)
             else bulk.dumps(bulk.error_fields(item.session_id, result))
             for item, result in zip(items, results, strict=True)]))
 
-    async def transaction(self, request: web.Request) -> web.Response:
+    async def transaction(self, request: Request) -> Response:
         """Every operation or none, in one etcd transaction (Sessions.transact)."""
         sessions = self.sidecar.sessions
-        items = bulk.parse_transaction(
-            await _body(request, bulk.MAX_BODY, "transaction request"),
-            sessions.settings.max_bytes)
+        items = bulk.parse_transaction(request.body, sessions.settings.max_bytes)
         self._count("transaction", len(items))
-        outcome = await sessions.transact(
-            items,
-            _traceparent(request))
+        outcome = await sessions.transact(items, _traceparent(request))
         return _transaction_response(items, outcome)
 
     def _count(self, kind: str, items: int) -> None:
         metrics = self.sidecar.metrics
-        metrics.bulk_requests.labels(kind).inc()
-        metrics.bulk_items.labels(kind).inc(items)
+        metrics.bulk_request(kind).inc()
+        metrics.bulk_item(kind).inc(items)
 
     # -- critical devices ----------------------------------------------------------------
 
-    async def problems(self, request: web.Request) -> web.Response:
-        return web.json_response({"problems": self.sidecar.membership.problems})
+    async def problems(self, request: Request) -> Response:
+        return _json({"problems": self.sidecar.membership.problems})
 
-    async def put_problem(self, request: web.Request) -> web.Response:
+    async def put_problem(self, request: Request) -> Response:
         name = _problem_name(request)
-        detail = ""
-        if request.can_read_body:
-            raw = await mweb.read_body(request, 4 * MAX_PROBLEM_DETAIL + 64,
-                                       what="problem report")
-            detail = _problem_detail(raw, request.content_type)
+        detail = _problem_detail(request.body, request.content_type)
         membership = self.sidecar.membership
         if name not in membership.problems and len(membership.problems) >= MAX_PROBLEMS:
             raise Conflict(f"{MAX_PROBLEMS} problems are reported already: clear one first",
                            field="name")
         created = await membership.set_problem(name, detail)
-        return web.json_response({"problem": name, "detail": detail,
-                                  "problems": sorted(self.sidecar.membership.problems)},
-                                 status=201 if created else 200)
+        return _json({"problem": name, "detail": detail,
+                      "problems": sorted(self.sidecar.membership.problems)},
+                     status=201 if created else 200)
 
-    async def delete_problem(self, request: web.Request) -> web.Response:
+    async def delete_problem(self, request: Request) -> Response:
         name = _problem_name(request)
         if not await self.sidecar.membership.clear_problem(name):
-            return error_response(404, f"no problem {name!r} is set")
-        return web.Response(status=204)
+            return error(404, f"no problem {name!r} is set")
+        return Response(204)
 
     # -- load -----------------------------------------------------------------------------
 
-    async def overload(self, request: web.Request) -> web.Response:
-        return web.json_response({"overload": self.sidecar.membership.overload})
+    async def overload(self, request: Request) -> Response:
+        return _json({"overload": self.sidecar.membership.overload})
 
-    async def put_overload(self, request: web.Request) -> web.Response:
-        detail = ""
-        if request.can_read_body:
-            raw = await mweb.read_body(request, 4 * MAX_PROBLEM_DETAIL + 64,
-                                       what="overload report")
-            detail = _problem_detail(raw, request.content_type, what="overload report")
+    async def put_overload(self, request: Request) -> Response:
+        detail = _problem_detail(request.body, request.content_type, what="overload report")
         created = await self.sidecar.membership.set_overload(detail)
-        return web.json_response({"overload": self.sidecar.membership.overload},
-                                 status=201 if created else 200)
+        return _json({"overload": self.sidecar.membership.overload},
+                     status=201 if created else 200)
 
-    async def delete_overload(self, request: web.Request) -> web.Response:
+    async def delete_overload(self, request: Request) -> Response:
         if not await self.sidecar.membership.clear_overload():
-            return error_response(404, "no overload is reported")
-        return web.Response(status=204)
+            return error(404, "no overload is reported")
+        return Response(204)
 
     # -- health, metrics, status ---------------------------------------------------------
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: Request) -> Response:
         problems = self.sidecar.liveness_problems()
         if problems:
-            return web.json_response({"status": "failing", "problems": problems}, status=503)
-        return web.json_response({"status": "ok"})
+            return _json({"status": "failing", "problems": problems}, status=503)
+        return _json({"status": "ok"})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: Request) -> Response:
         reasons = self.sidecar.not_ready_reasons()
         if reasons:
-            return web.json_response({"ready": False, "reasons": reasons}, status=503)
+            return _json({"ready": False, "reasons": reasons}, status=503)
         warnings = self.sidecar.warnings()
-        return web.json_response({"ready": True, **({"warnings": warnings} if warnings else {})})
+        return _json({"ready": True, **({"warnings": warnings} if warnings else {})})
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request) -> Response:
         self.sidecar.refresh_gauges()
         body = generate_latest(self.sidecar.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Response(200, body, [("Content-Type", CONTENT_TYPE_LATEST)])
 
-    async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.sidecar.status(), dumps=_dumps)
+    async def status(self, request: Request) -> Response:
+        return _json(self.sidecar.status())
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi_document())
+    async def openapi(self, request: Request) -> Response:
+        return _json(openapi_document())
 
 
-def _problem_name(request: web.Request) -> str:
-    name = request.match_info["name"]
+def _problem_name(request: Request) -> str:
+    name = request.params["name"]
     if not valid_session_id(name) or len(name) > PROBLEM_NAME_MAX:
         raise BadRequest(f"invalid problem name {name[:80]!r}: use 1-{PROBLEM_NAME_MAX} "
                          "characters of A-Z a-z 0-9 . _ ~ -", field="name")
@@ -364,8 +367,4 @@ def _problem_detail(raw: bytes, content_type: str, what: str = "problem report")
     return detail
 
 
-def _dumps(data: Any) -> str:
-    return json.dumps(data, default=lambda o: round(o, 6) if isinstance(o, float) else str(o))
-
-
-__all__ = ["SessionRoutes", "error_response", "json_errors"]
+__all__ = ["SessionRoutes", "openapi_document"]

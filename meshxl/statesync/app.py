@@ -1,9 +1,11 @@
 """The statesync sidecar process: etcd client, store, cache, membership, HTTP API.
 
-Resource lifetimes follow aiohttp's ``cleanup_ctx``: the etcd client, the watch and
-the registration start with the app and stop with it. The member is registered at
-once but advertised (``ready``) only after the cache has read every session of its
-cluster, so Envoy never sends a session to a member that could not serve it.
+:func:`serve` owns the resource lifetimes: the API's sockets are bound first, then the
+etcd client, the watch and the registration start, then the API serves (its own HTTP
+server, :mod:`.server`); at the end they stop in the reverse order. The member is
+registered at once but advertised (``ready``) only after the cache has read every
+session of its cluster, so Envoy never sends a session to a member that could not
+serve it.
 
 With ``sessions.replication: narrow`` the cache holds only what this member wrote or
 read, and the member is ready at once (any other session is read from etcd on first
@@ -19,21 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
-from aiohttp import web
 
 from meshxl import etcd
-from meshxl import web as mweb
 from meshxl.addr import (
     bind_tcp,
     bind_unix,
@@ -56,10 +56,11 @@ from meshxl.model import Sessions as SessionDefaults
 from meshxl.model.spec import NAME_PATTERN, Replication, choose
 
 from .api import SessionRoutes
-from .auth import check_exposure, token_middleware, valid_token
+from .auth import check_exposure, token_check, valid_token
 from .cache import SessionCache
 from .membership import Membership
 from .metrics import StatesyncMetrics
+from .server import HttpServer, Router
 from .sessions import Sessions, Settings
 from .store import SessionStore
 from .tracing import TakeoverTracer, follow_failovers
@@ -362,9 +363,6 @@ def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
     return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
 
 
-SIDECAR = web.AppKey("sidecar", Sidecar)
-
-
 def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
                    where: str) -> str | None:
     """Why the model does not place this member as configured, or None."""
@@ -409,54 +407,43 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
     )
 
 
-def create_app(config: StatesyncConfig) -> web.Application:
-    max_bytes = config.max_bytes or 1_048_576
+def routes(sidecar: Sidecar) -> Router:
+    """The API's routes, bound to ``sidecar``."""
+    settings = sidecar.sessions.settings
+    return SessionRoutes(sidecar).router(settings.max_bytes,
+                                         delayed_sync=settings.sync_delay > 0)
+
+
+def http_server(sidecar: Sidecar) -> HttpServer:
+    """The API's server: the token check (if any) on every request's head, and a SERVER
+    span per request while spans go somewhere (it continues the request's
+    ``traceparent``, so takeover spans land in the request's trace; off otherwise, as it
+    costs a good part of a write's CPU)."""
     from meshxl.telemetry import tracing
-    from meshxl.telemetry.http import server_middleware
+    from meshxl.telemetry.http import server_spans
 
-    # Tracing first: the request's span (continuing Envoy's and the app's traceparent)
-    # is current while the handlers run, so takeover spans land in the request trace.
-    # Only when spans go somewhere: the instrumentation costs ~30 % of write throughput.
-    middlewares = [server_middleware()] if tracing.enabled() else []
-    if config.token is not None:  # before any work (and before reading a body)
-        middlewares.append(token_middleware(config.token))
-    app = mweb.application(middlewares=middlewares, client_max_size=max_bytes + 65536)
-
-    async def lifetime(app: web.Application) -> AsyncIterator[None]:
-        client = etcd.client(config.etcd, security=config.etcd_security)
-        await client.connect()
-        try:
-            settings = await session_settings(client, config)
-            sidecar = Sidecar(config, client, settings)
-            app[SIDECAR] = sidecar
-            await sidecar.start()
-            log.info("statesync %s/%s on %s: sessions ttl %ss, sync delay %ss, max %d bytes, "
-                     "replication %s", config.cluster, config.member, config.listen,
-                     settings.ttl, settings.sync_delay, settings.max_bytes,
-                     settings.replication)
-            try:
-                yield
-            finally:
-                await sidecar.stop()
-        finally:
-            with contextlib.suppress(Exception):
-                await client.close()
-
-    app.cleanup_ctx.append(lifetime)
-    routes = _LazyRoutes(app)
-    routes.add_to(app)
-    return app
+    token = sidecar.config.token
+    return HttpServer(routes(sidecar),
+                      authorize=token_check(token) if token is not None else None,
+                      wrap=server_spans() if tracing.enabled() else None)
 
 
-class _LazyRoutes(SessionRoutes):
-    """Routes resolve the sidecar at request time (it exists once the app started)."""
-
-    def __init__(self, app: web.Application):
-        self._app = app
-
-    @property  # type: ignore[override]
-    def sidecar(self) -> Sidecar:
-        return self._app[SIDECAR]
+async def _start(config: StatesyncConfig) -> tuple[aetcd.Client, Sidecar]:
+    """Connect to etcd, read the session settings, start the sidecar (registers)."""
+    client = etcd.client(config.etcd, security=config.etcd_security)
+    await client.connect()
+    try:
+        settings = await session_settings(client, config)
+        sidecar = Sidecar(config, client, settings)
+        await sidecar.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
+    log.info("statesync %s/%s on %s: sessions ttl %ss, sync delay %ss, max %d bytes, "
+             "replication %s", config.cluster, config.member, config.listen,
+             settings.ttl, settings.sync_delay, settings.max_bytes, settings.replication)
+    return client, sidecar
 
 
 async def serve(config: StatesyncConfig) -> None:
@@ -476,25 +463,32 @@ async def serve(config: StatesyncConfig) -> None:
             inode = os.stat(config.unix_socket).st_ino
         host, _ = parse_hostport(config.listen, allow_zero=True)
         config = dataclasses.replace(config, listen=grpc_target(host, bound_port(sock)))
-        runner = mweb.Runner(create_app(config))
-        await runner.setup()  # connects to etcd and registers the member
+        client, sidecar = await _start(config)  # connects to etcd and registers the member
     except BaseException:
         sock.close()
         if unix is not None and config.unix_socket is not None:
             unix.close()
             remove_unix(config.unix_socket, inode)
         raise
+    server = http_server(sidecar)
+    # What exists now (modules, the model, the protobuf descriptors) lives as long as
+    # the process: out of the collector's way, so its collections scan only what
+    # requests create (fewer and shorter pauses under load).
+    gc.freeze()
     try:
-        await web.SockSite(runner, sock).start()
+        await server.listen(sock)
         log.info("statesync API on http://%s", config.listen)
         if unix is not None:
-            await web.SockSite(runner, unix).start()
+            await server.listen(unix)
             log.info("statesync API on unix:%s", config.unix_socket)
         await asyncio.Event().wait()
     finally:
-        await runner.cleanup()
+        await server.close()
+        await sidecar.stop()
+        with contextlib.suppress(Exception):
+            await client.close()
         if unix is not None and config.unix_socket is not None:
             remove_unix(config.unix_socket, inode)
 
 
-__all__ = ["SIDECAR", "Sidecar", "StatesyncConfig", "create_app", "serve"]
+__all__ = ["Sidecar", "StatesyncConfig", "http_server", "routes", "serve"]

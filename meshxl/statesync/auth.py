@@ -13,17 +13,15 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from meshxl import headers as hdr
 from meshxl.errors import InputError
 
+from .server import Authorize, Request, Response, error
+
 __all__ = ["OPEN_PATHS", "TOKEN_ENV", "TokenError", "check_exposure", "read_token",
-           "token_middleware", "valid_token"]
+           "token_check", "valid_token"]
 
 TOKEN_ENV = "MESHXL_STATESYNC_TOKEN"
 """The environment variable holding the token (the alternative to ``--token-file``)."""
@@ -35,8 +33,7 @@ _REALM = 'Bearer realm="meshxl-statesync"'
 _TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 4096
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_AUTHORIZATION = hdr.AUTHORIZATION.lower()
 
 
 class TokenError(InputError):
@@ -90,33 +87,31 @@ def check_exposure(host: str, token: str | None) -> None:
                          f"{TOKEN_ENV}), or listen on 127.0.0.1")
 
 
-def _unauthorized(message: str) -> web.Response:
-    return web.json_response({"error": message, "status": 401}, status=401,
-                             headers={hdr.WWW_AUTHENTICATE: _REALM})
+def _unauthorized(message: str) -> Response:
+    return error(401, message, [(hdr.WWW_AUTHENTICATE, _REALM)])
 
 
-def token_middleware(token: str) -> Middleware:
-    """An aiohttp middleware that requires ``Authorization: Bearer <token>``.
+def token_check(token: str) -> Authorize:
+    """The server's check of every request's head: ``Authorization: Bearer <token>``
+    (a 401 refusal), before any routing or body.
 
     The comparison takes the same time wherever the tokens differ (hmac.compare_digest
     on bytes), so response times do not leak the token a character at a time.
     """
     expected = token.encode("ascii")
 
-    @web.middleware
-    async def require_token(request: web.Request,
-                            handler: Handler) -> web.StreamResponse:
+    def check(request: Request) -> Response | None:
         if request.path in OPEN_PATHS:
-            return await handler(request)
-        header = request.headers.get(hdr.AUTHORIZATION)
+            return None
+        header = request.headers.get(_AUTHORIZATION)
         if header is None:
             return _unauthorized("this API needs a token: Authorization: Bearer <token>")
         scheme, _, presented = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             return _unauthorized("the Authorization header must be 'Bearer <token>'")
-        given = presented.strip().encode("utf-8", "surrogateescape")
+        given = presented.strip().encode("latin-1")  # the header's bytes, as received
         if not hmac.compare_digest(given, expected):
             return _unauthorized("invalid token")
-        return await handler(request)
+        return None
 
-    return require_token
+    return check

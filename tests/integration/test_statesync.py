@@ -620,3 +620,72 @@ async def test_full_sync_shrinks_pages_that_exceed_the_message_limit(etcd: EtcdS
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await small.close()
+
+
+async def test_pipelined_requests_keep_their_order_and_writes_share_transactions(
+        etcd: EtcdServer, start_sidecar: Any) -> None:
+    """One connection, requests sent without waiting for answers (HTTP pipelining):
+    answers come in order; a session's writes apply in the order sent; a read sees the
+    writes sent before it; writes of different sessions run side by side (they share
+    etcd transactions)."""
+    a = await start_sidecar(cluster=CLUSTER, member="a", etcd=etcd.url, app_port=free_port())
+
+    def put(session: str, body: bytes, extra: str = "") -> bytes:
+        return (f"PUT /v1/sessions/{session} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+    def plain(method: str, path: str, extra: str = "") -> bytes:
+        return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+    before = await a.request("GET", "/metrics")
+    batches_before = _batches(before.body)
+    stream = b"".join([
+        *(put(f"p{i}", b'{"i":%d}' % i) for i in range(20)),   # 20 sessions at once
+        put("s", b'{"v":1}'), put("s", b'{"v":2}'),              # one session, in order
+        plain("GET", "/v1/sessions/s"),                          # sees both writes
+        put("t", b'{"v":1}'), plain("DELETE", "/v1/sessions/t"),
+        plain("GET", "/v1/sessions/t"),                          # sees the delete
+        put("s", b'{"v":3}', "If-Match: \"1\"\r\n"),             # a stale ETag: 412
+        plain("GET", "/v1/sessions/s", "Connection: close\r\n"),
+    ])
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+    writer.write(stream)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 30)
+    writer.close()
+    answers = _answers(raw)
+    statuses = [status for status, _ in answers]
+    assert statuses == [201] * 20 + [201, 200, 200, 201, 204, 404, 412, 200], statuses
+    assert [json.loads(body)["session"] for _, body in answers[:20]] == [
+        f"p{i}" for i in range(20)]
+    assert json.loads(answers[22][1]) == {"v": 2}
+    assert json.loads(answers[27][1]) == {"v": 2}
+    # The 20 first writes went to etcd in fewer transactions than writes.
+    after = _batches((await a.request("GET", "/metrics")).body)
+    assert after[1] - batches_before[1] >= 25 and after[0] - batches_before[0] < 20, \
+        (batches_before, after)
+
+
+def _batches(metrics: bytes) -> tuple[float, float]:
+    """(write transactions, write ops) from the sidecar's batch-size histogram."""
+    count = total = 0.0
+    for line in metrics.decode().splitlines():
+        if line.startswith('meshxl_statesync_batch_size_count{kind="write"}'):
+            count = float(line.split()[-1])
+        elif line.startswith('meshxl_statesync_batch_size_sum{kind="write"}'):
+            total = float(line.split()[-1])
+    return count, total
+
+
+def _answers(raw: bytes) -> list[tuple[int, bytes]]:
+    """Every answer in a pipelined stream: (status, body), in order."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next((int(line.split(b":")[1]) for line in lines[1:]
+                       if line.lower().startswith(b"content-length:")), 0)
+        out.append((status, rest[:length]))
+        raw = rest[length:]
+    return out
