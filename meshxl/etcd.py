@@ -41,6 +41,7 @@ from meshxl.etcd_balancer import (
     MemberChanged,
     balancer_of,
     retryable,
+    watch_responses,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ __all__ = [
     "Balancer", "Endpoint", "EtcdAuthError", "EtcdEndpointError", "EtcdSecurity",
     "EtcdSecurityError", "EtcdUnavailable", "MemberChanged", "balancer_of", "check_credentials",
     "check_settings", "client", "describe_error", "parse_urls", "read_secret_file", "retryable",
+    "watch_responses",
 ]
 
 

@@ -42,6 +42,9 @@ _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
+SAVE_FIELDS = ("session", "data", "encoding", "content_type", "if_match", "if_none_match")
+UPSERT_FIELDS = ("operation", *SAVE_FIELDS)
+
 MAX_ITEMS = MAX_TXN_OPS
 """Sessions per request at most (a transaction is one etcd transaction level)."""
 MAX_BODY = 4 * 1024 * 1024
@@ -102,9 +105,7 @@ def parse_save(body: bytes, max_bytes: int) -> list[Item]:
     """``{"items": [{"session", "data", "encoding"?, "content_type"?, "if_match"?,
     "if_none_match"?}, ...]}`` -> the items, checked; ``max_bytes`` per state."""
     request = _object(body, "items")
-    items = [_item(_Where("items", i), raw, max_bytes, ("session", "data", "encoding",
-                                                         "content_type", "if_match",
-                                                         "if_none_match"))
+    items = [_item(_Where("items", i), raw, max_bytes, SAVE_FIELDS)
              for i, raw in enumerate(_array(request, "items"))]
     _once(items, "items")
     return items
@@ -121,9 +122,7 @@ def parse_transaction(body: bytes, max_bytes: int) -> list[Item]:
             raise where.bad("operation", "each operation is an object")
         operation = raw.get("operation", "upsert")
         if operation == "upsert":
-            items.append(_item(where, raw, max_bytes, ("operation", "session", "data",
-                                                       "encoding", "content_type",
-                                                       "if_match", "if_none_match")))
+            items.append(_item(where, raw, max_bytes, UPSERT_FIELDS))
         elif operation == "delete":
             _only(where, raw, ("operation", "session", "if_match"))
             items.append(Item(index=i, session_id=_session(where, raw), data=None,
@@ -191,10 +190,15 @@ def _if_match(where: _Where, raw: dict[str, Any]) -> str | None:
     return value
 
 
-def _item(where: _Where, raw: Any, max_bytes: int, allowed: Sequence[str]) -> Item:
+_ALLOWED: dict[tuple[str, ...], frozenset[str]] = {
+    fields: frozenset(fields) for fields in (SAVE_FIELDS, UPSERT_FIELDS)}
+
+
+def _item(where: _Where, raw: Any, max_bytes: int, allowed: tuple[str, ...]) -> Item:
     if not isinstance(raw, dict):
         raise where.bad("session", "each item is an object")
-    _only(where, raw, allowed)
+    if not raw.keys() <= _ALLOWED[allowed]:
+        _only(where, raw, allowed)
     session_id = _session(where, raw)
     encoding = raw.get("encoding", "json")
     if encoding not in ENCODINGS:

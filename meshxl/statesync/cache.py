@@ -6,6 +6,11 @@ revision; after a compaction (the revision is gone) everything is read again. An
 update is applied only if it is newer than what the cache holds for that key, so
 nothing is applied twice or out of order, whatever mix of watch events, resyncs and
 the sidecar's own acknowledged writes arrives first.
+
+The member's own writes come back through the watch too, usually before etcd's answer
+to the write: the sidecar says what it is writing (:meth:`SessionCache.expect`), and an
+event carrying exactly those bytes takes the record already built instead of decoding
+it again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 import aetcd
 from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
+
+from meshxl import etcd
 
 from .record import SessionRecord, valid_session_id
 
@@ -58,6 +65,8 @@ class SessionCache:
         """Session keys whose current record cannot be decoded -> its revision."""
         self._on_undecodable = on_undecodable
         self.last_lag: float | None = None
+        self._expected: dict[str, tuple[bytes, SessionRecord]] = {}
+        """Writes of this member under way: session -> (stored bytes, record)."""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -82,7 +91,16 @@ class SessionCache:
             del self.entries[session_id]
         return len(stale)
 
-    # -- the sidecar's own acknowledged writes --------------------------------------------
+    # -- the sidecar's own writes ----------------------------------------------------------
+
+    def expect(self, session_id: str, value: bytes, record: SessionRecord) -> None:
+        """This member is writing ``value`` (``record`` encoded): if the watch brings it,
+        the record is taken as it is. One write per session at a time (the session's
+        lock), so one entry each; :meth:`settled` removes it."""
+        self._expected[session_id] = (value, record)
+
+    def settled(self, session_id: str) -> None:
+        self._expected.pop(session_id, None)
 
     def write_through(self, session_id: str, revision: int, record: SessionRecord | None) -> None:
         """Apply an acknowledged write at once (None: a delete), unless the watch
@@ -174,18 +192,18 @@ class SessionCache:
 
     async def _watch(self) -> None:
         start = self.applied + 1
-        watch = await self._client.watch_prefix(self._prefix, start_revision=start)
         self.watch_starts += 1
         if self.watch_starts > self.full_syncs:
             log.info("session watch resumed from revision %d", start)
-        try:
-            async for event in watch:
-                self._apply(event)
-        finally:
-            await watch.cancel()
+        apply = self._apply
+        async for response in etcd.watch_responses(self._client, self._prefix,
+                                                   _prefix_end(self._prefix), start):
+            for event in response.events:
+                apply(event)
         raise ConnectionError("session watch ended")
 
-    def _apply(self, event: aetcd.rtypes.Event) -> None:
+    def _apply(self, event: rpc.Event) -> None:
+        """One event of the watch (etcd's ``mvccpb.Event``: type 0 put, 1 delete)."""
         kv = event.kv
         revision = kv.mod_revision
         if revision < self.applied:  # a replay: the cache already went past it
@@ -196,17 +214,25 @@ class SessionCache:
             self.applied = max(self.applied, revision)
             return
         entry = self.entries.get(session_id)
-        if event.kind == "PUT":
+        if event.type == _PUT:
             if entry is None or entry.revision < revision:
-                record = self._decode(session_id, kv.key, kv.value, revision)
-                if record is None:  # what was cached is not the session any more
-                    self.entries.pop(session_id, None)
+                value = kv.value
+                own = self._expected.get(session_id)
+                if own is not None and own[0] == value:
+                    # This member's own write: no decoding, and no replication lag
+                    # (the lag measured is other members' writes reaching this one).
+                    self.entries[session_id] = Entry(revision, own[1])
+                    self.undecodable.pop(session_id, None)
                 else:
-                    self.entries[session_id] = Entry(revision, record)
-                    lag = time.time() - record.updated
-                    self.last_lag = lag
-                    if self._on_lag is not None:
-                        self._on_lag(lag)
+                    record = self._decode(session_id, kv.key, value, revision)
+                    if record is None:  # what was cached is not the session any more
+                        self.entries.pop(session_id, None)
+                    else:
+                        self.entries[session_id] = Entry(revision, record)
+                        lag = time.time() - record.updated
+                        self.last_lag = lag
+                        if self._on_lag is not None:
+                            self._on_lag(lag)
         else:
             self.undecodable.pop(session_id, None)
             if entry is not None and entry.revision < revision:
@@ -243,6 +269,9 @@ class SessionCache:
             self._on_undecodable()
         log.warning("ignoring %s (revision %d): %s", key[:300].decode(errors="replace"),
                     revision, why[:300])
+
+
+_PUT = rpc.Event.PUT
 
 
 def _prefix_end(prefix: bytes) -> bytes:

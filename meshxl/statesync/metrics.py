@@ -45,7 +45,8 @@ class StatesyncMetrics:
                                        "one batched etcd transaction.", ["kind"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.replication_lag = Histogram("meshxl_statesync_replication_lag_seconds", "From "
-                                         "a write's timestamp to its arrival in this cache.",
+                                         "another member's write's timestamp to its arrival "
+                                         "in this cache.",
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.cached = Gauge("meshxl_statesync_cached_sessions", "Sessions in the cache.",
                             registry=r)
@@ -70,6 +71,12 @@ class StatesyncMetrics:
                             "and site this sidecar serves (to join its other series on).",
                             ["cluster", "member", "site"], registry=r)
 
+        # Children looked up once each (labels() takes a lock on every call).
+        self.bulk_request = functools.cache(self.bulk_requests.labels)
+        self.bulk_item = functools.cache(self.bulk_items.labels)
+        self._batch_size = functools.cache(self.batch_size.labels)
+        self._batch_seconds = functools.cache(self.batch_seconds.labels)
+
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(kind).observe(size)
-        self.batch_seconds.labels(kind).observe(seconds)
+        self._batch_size(kind).observe(size)
+        self._batch_seconds(kind).observe(seconds)

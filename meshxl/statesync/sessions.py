@@ -223,24 +223,51 @@ class _SessionLocks:
     def __len__(self) -> int:
         return len(self._held)
 
+    def try_acquire(self, session_id: str) -> bool:
+        """Take the lock if nobody holds it (no await): the common case."""
+        if session_id in self._held:
+            return False
+        self._held[session_id] = None
+        return True
+
     async def acquire(self, session_id: str) -> None:
+        future = self.reserve(session_id)
+        if future is not None:
+            await self.wait(session_id, future)
+
+    def reserve(self, session_id: str) -> asyncio.Future[None] | None:
+        """Take the lock now (None), or take a place in its line: the future is done
+        when the lock is handed over (:meth:`wait` for it). Taking places in several
+        lines at once, with no await in between, keeps writes in the order they came."""
         held = self._held
         if session_id not in held:
             held[session_id] = None
-            return
+            return None
         waiters = held[session_id]
         if waiters is None:
             waiters = held[session_id] = deque()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(future)
+        return future
+
+    async def wait(self, session_id: str, future: asyncio.Future[None]) -> None:
+        """Wait for a place :meth:`reserve` took (given up if cancelled)."""
         try:
             await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(session_id)  # handed over just as this waiter was cancelled
-            elif future in waiters:
-                waiters.remove(future)
+            self.give_up(session_id, future)
             raise
+
+    def give_up(self, session_id: str, future: asyncio.Future[None] | None) -> None:
+        """Leave a line (None: the lock was taken at once): release the lock if it was
+        handed over already, else step out of the line."""
+        if future is None or (future.done() and not future.cancelled()):
+            self.release(session_id)  # held, or handed over just as this was given up
+            return
+        waiters = self._held.get(session_id)
+        if waiters and future in waiters:
+            waiters.remove(future)
+        future.cancel()
 
     def release(self, session_id: str) -> None:
         waiters = self._held[session_id]
@@ -302,19 +329,28 @@ class Sessions:
 
     @contextlib.asynccontextmanager
     async def _exclusive_all(self, session_ids: Sequence[str]) -> AsyncIterator[None]:
-        """:meth:`_exclusive` for several sessions, taken in sorted order: two
-        transactions or bulk saves over overlapping sessions never wait for each other
-        in a cycle (a single write holds one lock, and waits for none while holding
-        it)."""
-        held: list[str] = []
+        """:meth:`_exclusive` for several sessions: a place in every session's line is
+        taken at once (no await in between), then each handed-over lock awaited. Every
+        write takes its places in the order writes came, so none waits for a later one:
+        two transactions or bulk saves over overlapping sessions never wait for each
+        other in a cycle, and a connection's pipelined writes keep their order
+        (``server.py``, concurrent routes)."""
+        locks = self._locks
+        places = [(session_id, locks.reserve(session_id))
+                  for session_id in sorted(set(session_ids))]
+        waited = 0
         try:
-            for session_id in sorted(set(session_ids)):
-                await self._locks.acquire(session_id)
-                held.append(session_id)
+            for _, future in places:
+                if future is not None:
+                    await future
+                waited += 1
             yield
         finally:
-            for session_id in held:
-                self._locks.release(session_id)
+            for i, (session_id, future) in enumerate(places):
+                if i < waited:
+                    locks.release(session_id)
+                else:
+                    locks.give_up(session_id, future)
 
     def _observe(self, session_id: str, revision: int) -> None:
         self._observed[session_id] = (revision, time.monotonic())
@@ -391,7 +427,10 @@ class Sessions:
         self._check_size(data)
         if create_only and if_match is not None:
             raise BadRequest("send If-Match or If-None-Match, not both")
-        async with self._exclusive(session_id):
+        locks = self._locks
+        if not locks.try_acquire(session_id):
+            await locks.acquire(session_id)
+        try:
             now = time.time()
             if self.settings.sync_delay > 0 and await self._keep_local(session_id, now):
                 if create_only and session_id in self._local:
@@ -400,15 +439,12 @@ class Sessions:
                                        traceparent)
             entry = self.cache.get(session_id)
             prior = entry.record if entry is not None else None
-
-            def make(prior: SessionRecord | None) -> SessionRecord:
-                return SessionRecord(owner=self.member, content_type=content_type,
-                                     created=prior.created if prior else now,
-                                     updated=time.time(), data=data, traceparent=traceparent)
-
+            make = functools.partial(self._new_record, content_type, data, now, traceparent)
             return await self._write("put", session_id, if_match, make,
                                      entry.revision if entry else 0, prior,
                                      create_only=create_only)
+        finally:
+            locks.release(session_id)
 
     async def put_many(self, changes: Sequence[Change],
                        traceparent: str | None = None) -> list[Stored | SessionError]:
@@ -455,9 +491,11 @@ class Sessions:
                 self._check_size(change.data)
                 key = self.key(session_id)
                 entry = self.cache.get(session_id)
-                mode, expected = await self._expectation(
-                    "put", session_id, key, change.if_match, change.create_only,
-                    entry.revision if entry else 0)
+                cached = entry.revision if entry else 0
+                known = self._known_expectation("put", session_id, change.if_match,
+                                                change.create_only, cached)
+                mode, expected = known if known is not None else await self._expectation(
+                    "put", session_id, key, change.if_match, change.create_only, cached)
             except SessionError as exc:
                 results[i] = exc
                 continue
@@ -466,19 +504,33 @@ class Sessions:
                                      traceparent)
             record = make(prior)
             planned.append((i, key, mode, expected, make, prior, record))
-        futures = self.store.put_all(
-            [(key, record.encode(), expected) for _, key, _, expected, _, _, record in planned],
-            lease)
-        answers = await asyncio.gather(*futures, return_exceptions=True)
+        puts = []
+        expect = self.cache.expect
+        for i, key, _, expected, _, _, record in planned:
+            value = record.encode()
+            expect(changes[i].session_id, value, record)
+            puts.append((key, value, expected))
+        try:
+            answers = await self.store.put_all(puts, lease)
+        finally:
+            for i, *_ in planned:
+                self.cache.settled(changes[i].session_id)
+        acknowledged = 0
         for (i, key, mode, expected, make, prior, record), answer in zip(planned, answers,
                                                                          strict=True):
             change = changes[i]
+            if isinstance(answer, WriteResult) and answer.ok:  # most: no second attempt
+                results[i] = self._acknowledged("put", change.session_id, answer, record,
+                                                expected == 0, prior, counted=False)
+                acknowledged += 1
+                continue
             try:
                 results[i] = await self._attempts(
                     "put", change.session_id, key, mode, expected, change.if_match, make,
                     prior, first=(record, answer))
             except SessionError as exc:
                 results[i] = exc
+        self.metrics.write("put", "ok").inc(acknowledged)
         return [r for r in results if r is not None]
 
     def _new_record(self, content_type: str, data: bytes, now: float,
@@ -705,20 +757,15 @@ class Sessions:
         """The compare-and-write loop shared by put, patch and delete."""
         self._first_access.setdefault(session_id, time.time_ns())
         try:
-            return await self._compare_and_write(op, session_id, if_match, make,
-                                                 cached_revision, prior, create_only)
+            key = self.key(session_id)
+            known = self._known_expectation(op, session_id, if_match, create_only,
+                                            cached_revision)
+            mode, expected = known if known is not None else await self._expectation(
+                op, session_id, key, if_match, create_only, cached_revision)
+            return await self._attempts(op, session_id, key, mode, expected, if_match, make,
+                                        prior)
         finally:
             self._first_access.pop(session_id, None)
-
-    async def _compare_and_write(self, op: str, session_id: str, if_match: str | None,
-                                 make: Any, cached_revision: int,
-                                 prior: SessionRecord | None,
-                                 create_only: bool = False) -> Stored:
-        key = self.key(session_id)
-        mode, expected = await self._expectation(op, session_id, key, if_match, create_only,
-                                                 cached_revision)
-        return await self._attempts(op, session_id, key, mode, expected, if_match, make,
-                                    prior)
 
     async def _attempts(self, op: str, session_id: str, key: bytes, mode: str,
                         expected: int, if_match: str | None, make: Any,
@@ -746,7 +793,12 @@ class Sessions:
                 elif record is None:
                     result = await self.store.delete(key, expected)
                 else:
-                    result = await self.store.put(key, record.encode(), expected)
+                    value = record.encode()
+                    self.cache.expect(session_id, value, record)
+                    try:
+                        result = await self.store.put(key, value, expected)
+                    finally:
+                        self.cache.settled(session_id)
             except StoreUnavailable as exc:
                 self.metrics.write(op, "unavailable").inc()
                 raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None
@@ -769,6 +821,21 @@ class Sessions:
         self.metrics.write(op, "conflict").inc()
         raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
                        "read it and try again")
+
+    def _known_expectation(self, op: str, session_id: str, if_match: str | None,
+                           create_only: bool, cached_revision: int) -> tuple[str, int] | None:
+        """:meth:`_expectation` when it needs no etcd read (most writes), else None."""
+        if op == "delete":
+            return None
+        if create_only:
+            return "if-absent", 0
+        if if_match is not None:
+            tag = parse_etag(if_match)
+            return None if tag == "*" else ("if-match", _revision(tag))
+        observed = self._observed.get(session_id)
+        if observed is not None:
+            return "owner", observed[0]
+        return "blind", cached_revision
 
     async def _expectation(self, op: str, session_id: str, key: bytes, if_match: str | None,
                            create_only: bool, cached_revision: int) -> tuple[str, int]:
@@ -829,8 +896,11 @@ class Sessions:
 
     def _acknowledged(self, op: str, session_id: str, result: WriteResult,
                       record: SessionRecord | None, new_session: bool,
-                      prior: SessionRecord | None) -> Stored:
-        self.metrics.write(op, "ok").inc()
+                      prior: SessionRecord | None, *, counted: bool = True) -> Stored:
+        """The write is committed: cache, ownership, takeover. ``counted``: count it in
+        the metrics here (a bulk save counts its writes at once)."""
+        if counted:
+            self.metrics.write(op, "ok").inc()
         self.cache.write_through(session_id, result.revision, record)
         if record is None:
             return Stored(session_id=session_id, record=prior or _GONE, etag=str(result.revision))

@@ -68,6 +68,8 @@ from meshxl import etcd
 from meshxl.errors import Unavailable
 from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
 
+from . import wire
+
 log = logging.getLogger(__name__)
 
 # etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
@@ -122,17 +124,60 @@ class TxnResult:
     """Not ok after an unanswered attempt: that attempt may be what moved the keys."""
 
 
+_PENDING: Any = object()
+
+
+class _Group:
+    """The answers of several ops queued together (a bulk save), delivered at once: one
+    future for all, rather than a future, a callback and a wake-up each."""
+
+    __slots__ = ("future", "pending", "results")
+
+    def __init__(self, size: int):
+        self.future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.results: list[Any] = [_PENDING] * size
+        self.pending = size
+
+    def settle(self, index: int, value: Any) -> None:
+        if self.results[index] is not _PENDING:
+            return
+        self.results[index] = value
+        self.pending -= 1
+        if not self.pending and not self.future.done():
+            self.future.set_result(self.results)
+
+
 @dataclass(slots=True)
 class _Op:
-    request: rpc.RequestOp
+    request: bytes
+    """A serialized ``RequestOp`` (:mod:`.wire`)."""
     size: int
     parse: Callable[[Any, int, bool], Any]
     """(response, revision, uncertain): ``uncertain`` when an earlier attempt of this op
     went unanswered (it may have applied)."""
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None
+    """Its answer; None for an op of a :class:`_Group`."""
     resend: bool = True
     """Safe to send again after an unanswered attempt."""
     uncertain: bool = False
+    group: _Group | None = None
+    index: int = 0
+
+    def answered(self) -> bool:
+        if self.group is not None:
+            return self.group.results[self.index] is not _PENDING
+        assert self.future is not None
+        return self.future.done()
+
+    def settle(self, value: Any) -> None:
+        """Deliver the answer (an exception: as the op's failure)."""
+        if self.group is not None:
+            self.group.settle(self.index, value)
+        elif self.future is not None and not self.future.done():
+            if isinstance(value, BaseException):
+                self.future.set_exception(value)
+            else:
+                self.future.set_result(value)
 
 
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
@@ -169,19 +214,34 @@ class _Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
 
-    async def submit(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
-                     size: int = 64, *, resend: bool = True) -> Any:
+    async def submit(self, request: bytes | rpc.RequestOp,
+                     parse: Callable[[Any, int, bool], Any], size: int = 64, *,
+                     resend: bool = True) -> Any:
         future = self.enqueue(request, parse, size, resend=resend)
         self._kick()
         return await future
 
-    def enqueue(self, request: rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
+    def enqueue(self, request: bytes | rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
                 size: int = 64, *, resend: bool = True) -> asyncio.Future[Any]:
-        """Queue an op without sending: :meth:`kick` after the last of several, so they
-        leave together."""
+        """Queue an op (serialized, or a message serialized here) without sending:
+        :meth:`kick` after the last of several, so they leave together."""
+        if not isinstance(request, bytes):
+            request = request.SerializeToString()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Op(request, size, parse, future, resend))
         return future
+
+    def enqueue_group(self, ops: Sequence[tuple[bytes, Callable[[Any, int, bool], Any], int,
+                                                bool]]) -> asyncio.Future[list[Any]]:
+        """Queue ``(request, parse, size, resend)`` ops together (no send: :meth:`kick`):
+        one future for their answers, in order, each a result or an exception."""
+        group = _Group(len(ops))
+        append = self._queue.append
+        for index, (request, parse, size, resend) in enumerate(ops):
+            append(_Op(request, size, parse, None, resend, group=group, index=index))
+        if not ops:
+            group.future.set_result([])
+        return group.future
 
     def kick(self) -> None:
         self._kick()
@@ -236,8 +296,7 @@ class _Batcher:
 
         def fail(ops: list[_Op], error: Exception) -> None:
             for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(error)
+                op.settle(error)
 
         while pending:
             remaining = deadline - time.monotonic()
@@ -249,11 +308,11 @@ class _Batcher:
             except EtcdUnavailable as exc:
                 fail(pending, StoreUnavailable(str(exc)))
                 return
-            request = rpc.TxnRequest(success=[op.request for op in pending])
+            request = wire.txn_request([op.request for op in pending])
             # One member and nowhere else to go: one attempt, the whole deadline.
             timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if balancer.probing else remaining
             try:
-                response = await balancer.attempt(ep, ep.client.kvstub.Txn(
+                response = await balancer.attempt(ep, _txn(ep.client)(
                     request, timeout=timeout, metadata=ep.client.metadata), timeout)
             except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
                 if isinstance(exc, rpc.AioRpcError):
@@ -281,11 +340,11 @@ class _Batcher:
                 continue
             revision = response.header.revision
             for op, result in zip(pending, response.responses, strict=True):
-                if not op.future.done():
+                if not op.answered():
                     try:
-                        op.future.set_result(op.parse(result, revision, op.uncertain))
+                        op.settle(op.parse(result, revision, op.uncertain))
                     except Exception as exc:  # a parse bug must not strand the others
-                        op.future.set_exception(exc)
+                        op.settle(exc)
             return
 
     async def close(self) -> None:
@@ -293,9 +352,18 @@ class _Batcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue:
-            op = self._queue.popleft()
-            if not op.future.done():
-                op.future.set_exception(StoreUnavailable("the store is closing"))
+            self._queue.popleft().settle(StoreUnavailable("the store is closing"))
+
+
+def _txn(client: aetcd.Client) -> Any:
+    """``KV.Txn`` on the client's channel taking a serialized request (:mod:`.wire`),
+    made once per channel."""
+    made = client.__dict__.get("_meshxl_txn")
+    if made is None or made[0] is not client.channel:
+        call = client.channel.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
+                                          response_deserializer=rpc.TxnResponse.FromString)
+        made = client.__dict__["_meshxl_txn"] = (client.channel, call)
+    return made[1]
 
 
 class _Leases:
@@ -372,29 +440,38 @@ class SessionStore:
 
     async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
-        result: WriteResult = await self._write(
-            lambda lease: self._guarded(key, expected, {"request_put": {
-                "key": key, "value": value, "lease": lease}}),
-            lambda r, rev, uncertain: _write_result(r, rev, uncertain, value),
-            len(key) + len(value) + 64, resend=expected != 0)
-        return result
+        for attempt in (1, 2):
+            lease = self.leases.cached() or await self._lease()
+            writes = self._writes
+            future = writes.enqueue(wire.guarded_put(key, value, expected, lease),
+                                    functools.partial(_put_result, value),
+                                    len(key) + len(value) + 64, resend=expected != 0)
+            writes.kick()
+            try:
+                result: WriteResult = await future
+                return result
+            except StoreUnavailable as exc:
+                if attempt == 1 and self._lease_lost(exc):
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     async def lease(self) -> int:
         """The session lease of the current TTL bucket (StoreUnavailable without etcd)."""
         return self.leases.cached() or await self._lease()
 
     def put_all(self, puts: Sequence[tuple[bytes, bytes, int]],
-                lease: int) -> list[asyncio.Future[WriteResult]]:
+                lease: int) -> asyncio.Future[list[WriteResult | BaseException]]:
         """:meth:`put` of each ``(key, value, expected)`` with ``lease``, queued together
-        (they leave in the same transactions); one future each. A put etcd refused for
-        a lost lease fails with StoreUnavailable naming it (put() then retries)."""
-        futures = [self._writes.enqueue(
-            self._guarded(key, expected, {"request_put": {
-                "key": key, "value": value, "lease": lease}}),
-            functools.partial(_put_result, value), len(key) + len(value) + 64,
-            resend=expected != 0) for key, value, expected in puts]
+        (they leave in the same transactions): one future for every answer, in order,
+        each a :class:`WriteResult` or the exception it failed with. A put etcd refused
+        for a lost lease fails with StoreUnavailable naming it (put() then retries)."""
+        future = self._writes.enqueue_group([
+            (wire.guarded_put(key, value, expected, lease),
+             functools.partial(_put_result, value), len(key) + len(value) + 64, expected != 0)
+            for key, value, expected in puts])
         self._writes.kick()
-        return futures
+        return future
 
     async def delete(self, key: bytes, expected: int) -> WriteResult:
         """Delete if the key's mod_revision is ``expected``."""
@@ -476,13 +553,19 @@ class SessionStore:
             try:
                 return await self._writes.submit(build(lease), parse, size, resend=resend)
             except StoreUnavailable as exc:
-                if attempt == 1 and "lease not found" in str(exc):
-                    # etcd refused the whole batch for one lost lease: nothing applied.
-                    log.warning("a session lease is gone; granting a new one and retrying")
-                    self.leases.forget()
+                if attempt == 1 and self._lease_lost(exc):
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    def _lease_lost(self, exc: StoreUnavailable) -> bool:
+        """etcd refused the whole batch for one lost lease (nothing applied): forget the
+        leases, so the next attempt is granted a new one."""
+        if "lease not found" not in str(exc):
+            return False
+        log.warning("a session lease is gone; granting a new one and retrying")
+        self.leases.forget()
+        return True
 
     async def _lease(self) -> int:
         try:

@@ -183,6 +183,17 @@ class _Member:
         self.sent: list[int] = []
         self.metadata = None
         self.kvstub = self
+        self.channel = self
+
+    def unary_unary(self, method: str, request_serializer: Any,
+                    response_deserializer: Any) -> Any:
+        """The store sends its batches as serialized requests (statesync/wire.py)."""
+        assert method == "/etcdserverpb.KV/Txn" and request_serializer is None
+
+        def call(data: bytes, timeout: float, metadata: Any) -> Any:
+            return self.Txn(rpc.TxnRequest.FromString(data), timeout, metadata)
+
+        return call
 
     async def Txn(self, request: Any, timeout: float, metadata: Any) -> Any:  # noqa: N802
         self.sent.append(len(request.success))

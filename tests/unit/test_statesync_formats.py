@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aetcd import rpc
-from aetcd.rtypes import Event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -243,7 +242,7 @@ PREFIX = "/meshxl/v1/sessions/c/"
 def test_cache_skips_foreign_keys_and_records(suffix: bytes, value: bytes) -> None:
     cache = SessionCache(None, PREFIX)  # type: ignore[arg-type]  # never touches etcd
     kv = rpc.KeyValue(key=PREFIX.encode() + suffix, value=value, mod_revision=3)
-    cache._apply(Event(rpc.Event.PUT, kv))
+    cache._apply(rpc.Event(type=rpc.Event.PUT, kv=kv))
     assert cache.applied == 3
     for session_id, entry in cache.entries.items():
         assert valid_session_id(session_id) and entry.revision == 3
@@ -259,7 +258,8 @@ def test_cache_counts_undecodable_sessions_until_replaced_or_deleted() -> None:
                                               ("PUT", good), ("PUT", b"junk"),
                                               ("DELETE", b"")], start=2):
         kv = rpc.KeyValue(key=(PREFIX + "s").encode(), value=value, mod_revision=revision)
-        cache._apply(Event(rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE, kv))
+        cache._apply(rpc.Event(type=rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE,
+                                kv=kv))
         broken = value == b"junk"
         assert cache.undecodable == ({"s": revision} if broken else {})
         assert (cache.get("s") is None) == (broken or kind == "DELETE")

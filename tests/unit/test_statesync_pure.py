@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 from aetcd import rpc
-from aetcd.rtypes import Event
 
 from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
@@ -79,9 +78,9 @@ def test_config_rejects_bad_values(change: dict[str, object], message: str) -> N
         StatesyncConfig(**{**base, **change})  # type: ignore[arg-type]
 
 
-def event(kind: str, session: str, revision: int, value: bytes = b"") -> Event:
+def event(kind: str, session: str, revision: int, value: bytes = b"") -> rpc.Event:
     kv = rpc.KeyValue(key=(PREFIX + session).encode(), value=value, mod_revision=revision)
-    return Event(rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE, kv)
+    return rpc.Event(type=rpc.Event.PUT if kind == "PUT" else rpc.Event.DELETE, kv=kv)
 
 
 def cache() -> SessionCache:
@@ -186,3 +185,43 @@ async def test_session_locks_are_fifo_and_survive_cancelled_waiters() -> None:
     handed.cancel()  # ...which is cancelled before it runs
     await asyncio.gather(handed, after, return_exceptions=True)
     assert order[-1] == "after" and "handed" not in order and len(locks) == 0
+
+
+async def test_several_sessions_take_their_places_at_once_and_keep_arrival_order() -> None:
+    """A write of several sessions (a bulk save) that waits for one of them already has
+    its place in the others' lines: a later single write of one of those comes after
+    it, as a connection's pipelined writes must (server.py, concurrent routes)."""
+    from meshxl.statesync.sessions import Sessions
+
+    sessions = Sessions.__new__(Sessions)
+    sessions._locks = _SessionLocks()
+    order: list[str] = []
+    await sessions._locks.acquire("a")  # someone else holds "a"
+
+    async def bulk() -> None:
+        async with sessions._exclusive_all(["c", "a"]):
+            order.append("bulk a+c")
+
+    async def single() -> None:
+        await sessions._locks.acquire("c")
+        order.append("single c")
+        sessions._locks.release("c")
+
+    first = asyncio.create_task(bulk())
+    await asyncio.sleep(0)  # the bulk write waits for "a", placed in line for "c"
+    second = asyncio.create_task(single())
+    await asyncio.sleep(0)
+    assert order == []  # "c" is free, yet the single write waits behind the bulk one
+    sessions._locks.release("a")
+    await asyncio.gather(first, second)
+    assert order == ["bulk a+c", "single c"] and len(sessions._locks) == 0
+
+    # Cancelled while waiting: every place it took is given back.
+    await sessions._locks.acquire("a")
+    waiting = asyncio.create_task(bulk())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    sessions._locks.release("a")
+    assert len(sessions._locks) == 0

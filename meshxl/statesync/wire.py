@@ -1,0 +1,83 @@
+"""etcd's ``Txn`` request for the session store's hot path, in protobuf's wire format.
+
+Every session write is one guarded put (``if mod_revision(key) == expected: put, else
+read the key``), nested in the batch's transaction. Built as upb messages, one such op
+took about 14 us of Python (the nested dicts converted field by field) and the batch
+request copied every op again; written here as bytes, an op takes about 2 us and the
+batch is their concatenation. Pure code: ``tests/unit/test_statesync_wire.py`` checks
+every encoding against etcd's own generated messages (same bytes, same parse).
+
+Field numbers (etcd's ``rpc.proto``): ``RequestOp`` request_range 1, request_put 2,
+request_txn 4; ``TxnRequest`` compare 1, success 2, failure 3; ``Compare`` result 1
+(EQUAL 0), target 2 (MOD 2), key 3, mod_revision 6; ``PutRequest`` key 1, value 2,
+lease 3; ``RangeRequest`` key 1. Zero values are left out, as proto3 does, but for a
+oneof member (``mod_revision``), which is written whatever its value.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+__all__ = ["guarded_put", "txn_request", "varint"]
+
+_INT64_MAX = (1 << 63) - 1
+_SMALL = [bytes([n]) for n in range(128)]
+
+
+def varint(n: int) -> bytes:
+    """A non-negative integer as a protobuf varint (lengths and revisions mostly take
+    two or three bytes: written without a loop)."""
+    if n < 128:
+        if n < 0:
+            raise ValueError(f"negative varint {n}")
+        return _SMALL[n]
+    if n < 16384:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if n < 2097152:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
+    if n < 268435456:
+        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
+    out = bytearray()
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _lease_field(lease: int) -> bytes:
+    """``PutRequest.lease`` (a session lease is shared by every write of its TTL bucket:
+    encoded once)."""
+    return b"\x18" + varint(lease) if lease else b""
+
+
+def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
+    """A serialized ``RequestOp``: a transaction putting ``value`` at ``key`` (with
+    ``lease``; 0: none) if the key's mod_revision is ``expected`` (0: absent), else
+    reading the key. Lengths are computed first, so the value is copied once: this runs
+    for every session written."""
+    if not (0 <= expected <= _INT64_MAX and 0 <= lease <= _INT64_MAX):
+        raise ValueError(f"revision {expected} or lease {lease} out of etcd's range")
+    v = varint
+    key_field = b"\x0a" + v(len(key)) + key                  # PutRequest/RangeRequest.key
+    # Compare: target MOD, key, mod_revision (a oneof member: written even when 0).
+    compare = b"\x10\x02\x1a" + key_field[1:] + b"\x30" + v(expected)
+    failure = b"\x1a" + v(len(key_field) + 2) + b"\x0a" + v(len(key_field)) + key_field
+    value_head = b"\x12" + v(len(value)) if value else b""
+    lease_field = _lease_field(lease)
+    put_size = len(key_field) + len(value_head) + len(value) + len(lease_field)
+    put_head = b"\x12" + v(put_size)                              # RequestOp.request_put
+    success_head = b"\x12" + v(len(put_head) + put_size)          # TxnRequest.success
+    compare_head = b"\x0a" + v(len(compare))                      # TxnRequest.compare
+    txn_size = (len(compare_head) + len(compare) + len(success_head) + len(put_head)
+                + put_size + len(failure))
+    return b"".join((b"\x22", v(txn_size), compare_head, compare, success_head, put_head,
+                     key_field, value_head, value, lease_field, failure))
+
+
+def txn_request(ops: Iterable[bytes]) -> bytes:
+    """A serialized ``TxnRequest`` with no compares whose success branch is ``ops``
+    (serialized ``RequestOp`` messages): what a batch sends."""
+    return b"".join([b"\x12" + varint(len(op)) + op for op in ops])
