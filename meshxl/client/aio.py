@@ -1,16 +1,24 @@
-"""The async client (aiohttp): the plans of :mod:`meshxl.client.plans` over one pooled
-``aiohttp.ClientSession`` (keep-alive, at most ``settings.max_connections`` at once).
+"""The async client: the plans of :mod:`meshxl.client.plans` over a pool of kept-alive
+connections to the sidecar (at most ``settings.max_connections`` at once).
 
-Create it anywhere; its HTTP session is opened on first use, inside the running loop,
-and closed by :meth:`AsyncClient.close` (or ``async with``). An application that has an
-``aiohttp.ClientSession`` already (with tracing, say) passes it as ``http``: the client
-then uses it and leaves closing it to its owner.
+By default the pool is meshxl's own lean HTTP/1.1 transport
+(:mod:`meshxl.client.transport`, httptools), over TCP or the sidecar's Unix socket
+(``unix:/PATH``): on loopback the client's CPU per request is what limits an
+application's write rate. Two aiohttp features keep the client on an
+``aiohttp.ClientSession``: an application's own session passed as ``http`` (the client
+uses it and leaves closing it to its owner), and ``trace_configs`` (aiohttp's request
+hooks, which OpenTelemetry's client tracing uses).
+
+Create it anywhere; its connections are opened on first use, inside the running loop
+(use one client in one loop), and closed by :meth:`AsyncClient.close` (or ``async
+with``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -19,6 +27,7 @@ import aiohttp
 
 from meshxl import __version__
 from meshxl import headers as hdr
+from meshxl.errors import InputError
 
 from . import plans
 from .errors import SidecarError, describe
@@ -35,7 +44,8 @@ from .plans import (
     Written,
 )
 from .settings import DEFAULT_URL, ClientSettings
-from .url import base_url
+from .transport import Pool
+from .url import base_url, split_url, unix_path
 
 __all__ = ["AsyncClient"]
 
@@ -45,9 +55,14 @@ T = TypeVar("T")
 class AsyncClient:
     """The sidecar's session API, for asyncio code.
 
-    ``url``: the sidecar (``http://127.0.0.1:7070``); ``token``: its bearer token
-    (``--token-file``), if it requires one; ``trace_configs``: for the HTTP session the
-    client opens (``meshxl.telemetry.http.client_trace_configs()``).
+    ``url``: the sidecar, ``http://127.0.0.1:7070`` or ``unix:/run/meshxl/statesync.sock``;
+    ``token``: its bearer token (``--token-file``), if it requires one.
+
+    ``http`` (an application's ``aiohttp.ClientSession``) or ``trace_configs`` (for the
+    session the client then opens: ``meshxl.telemetry.http.client_trace_configs()``)
+    are aiohttp features: with either, requests go through aiohttp rather than the
+    client's own transport. ``http`` cannot reach a ``unix:`` URL (its connector
+    decides where it connects).
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
@@ -57,14 +72,26 @@ class AsyncClient:
                  rng: random.Random | None = None) -> None:
         self.url = base_url(url)
         self.settings = settings or ClientSettings()
+        self._unix = unix_path(url)
+        if self._unix is not None and http is not None:
+            raise InputError(f"{url!r}: an aiohttp session given as http connects where its "
+                             "connector says; give the client no http to reach a unix: URL")
+        scheme, host, port, self._prefix = ("http", "localhost", 80, "") \
+            if self._unix is not None else split_url(url)
+        self._origin = "http://localhost" if self._unix is not None else self.url
         self._headers = {"User-Agent": f"meshxl-client/{__version__}", **hdr.bearer(token)}
-        # sock_connect, not connect: waiting for a pooled connection is not connecting.
-        self._timeout = aiohttp.ClientTimeout(total=self.settings.timeout,
-                                              sock_connect=self.settings.connect_timeout)
+        self._rng = rng or random.Random()
         self._http = http
         self._owns_http = http is None
         self._trace_configs = trace_configs
-        self._rng = rng or random.Random()
+        self._pool: Pool | None = None
+        if http is None and not trace_configs:
+            self._pool = Pool(settings=self.settings, host=host, port=port, unix=self._unix,
+                              tls=ssl.create_default_context() if scheme == "https" else None,
+                              headers=self._headers)
+        # sock_connect, not connect: waiting for a pooled connection is not connecting.
+        self._timeout = aiohttp.ClientTimeout(total=self.settings.timeout,
+                                              sock_connect=self.settings.connect_timeout)
 
     # -- session API ------------------------------------------------------------------------
 
@@ -133,19 +160,28 @@ class AsyncClient:
         finally:
             plan.close()
 
+    async def _send(self, request: Request) -> Answer | Unanswered:
+        if self._pool is not None:
+            return await self._pool.request(request.method, self._prefix + request.path,
+                                            request.headers, request.body)
+        return await self._send_aiohttp(request)
+
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or (self._owns_http and self._http.closed):
-            connector = aiohttp.TCPConnector(limit=self.settings.max_connections,
-                                             keepalive_timeout=self.settings.keepalive)
+            limit, keepalive = self.settings.max_connections, self.settings.keepalive
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+                path=self._unix, limit=limit, keepalive_timeout=keepalive) \
+                if self._unix is not None else aiohttp.TCPConnector(
+                    limit=limit, keepalive_timeout=keepalive)
             self._http = aiohttp.ClientSession(connector=connector,
                                                trace_configs=self._trace_configs)
             self._owns_http = True
         return self._http
 
-    async def _send(self, request: Request) -> Answer | Unanswered:
+    async def _send_aiohttp(self, request: Request) -> Answer | Unanswered:
         http = self._session()
         try:
-            async with http.request(request.method, self.url + request.path,
+            async with http.request(request.method, self._origin + request.path,
                                     data=request.body,
                                     headers={**self._headers, **request.headers},
                                     timeout=self._timeout, allow_redirects=False) as resp:
@@ -160,7 +196,10 @@ class AsyncClient:
     # -- lifetime ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the HTTP session the client opened (not one it was given)."""
+        """Close the client's connections (not an HTTP session it was given); it opens
+        new ones if used again."""
+        if self._pool is not None:
+            await self._pool.close()
         if self._owns_http and self._http is not None:
             await self._http.close()
 

@@ -184,13 +184,17 @@ def is_json(content_type: str) -> bool:
     return base == JSON or base.endswith("+json")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""Made once: ``json.dumps`` with options makes an encoder on every call."""
+
+
 def encode_state(state: Any, content_type: str | None = None) -> tuple[bytes, str]:
     """Bytes are stored verbatim (``content_type``, else octet-stream); anything else
     as JSON."""
     if isinstance(state, bytes | bytearray | memoryview):
         return bytes(state), content_type or OCTETS
     try:
-        text = json.dumps(state, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _COMPACT.encode(state)
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"the session state is neither bytes nor JSON: {exc}",
                          field="state") from None
@@ -446,14 +450,18 @@ def _quoted(etag: Any) -> str:
     return text if text.startswith(('"', "W/")) else f'"{text}"'
 
 
-def _item_body(item: Upsert | Delete) -> dict[str, Any]:
-    body: dict[str, Any] = {"session": check_session_id(item.session)}
+def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
+    """One item of a bulk save or transaction, as JSON text. A JSON state goes in as
+    the text :func:`encode_state` made of it (encoded once, never parsed back)."""
+    body: dict[str, Any] = {"session": check_session_id(item.session), **extra}
+    data = b""
     if isinstance(item, Upsert):
-        data, ctype = encode_state(item.state, item.content_type)
-        if is_json(ctype) and not isinstance(item.state, bytes):
-            body.update(data=json.loads(data), encoding="json")
+        state, ctype = encode_state(item.state, item.content_type)
+        if is_json(ctype) and not isinstance(item.state, bytes | bytearray | memoryview):
+            body["encoding"] = "json"
+            data = b',"data":' + state
         else:
-            body.update(data=base64.b64encode(data).decode("ascii"), encoding="base64")
+            body.update(data=base64.b64encode(state).decode("ascii"), encoding="base64")
         body["content_type"] = ctype
         conditions = _conditions(item.if_match, item.create_only)
         if hdr.IF_MATCH in conditions:
@@ -462,14 +470,20 @@ def _item_body(item: Upsert | Delete) -> dict[str, Any]:
             body["if_none_match"] = "*"
     elif item.if_match is not None:
         body["if_match"] = _conditions(item.if_match, False)[hdr.IF_MATCH]
-    return body
+    return json.dumps(body, separators=(",", ":")).encode()[:-1] + data + b"}"
 
 
-def _bulk_request(path: str, body: dict[str, Any], count: int) -> Request:
+def _bulk_request(path: str, body: dict[str, Any] | tuple[str, list[bytes]],
+                  count: int) -> Request:
+    """A bulk request: ``body`` as an object, or as ``(array name, its items' JSON)``."""
     if not 1 <= count <= MAX_BULK:
         raise BadRequest(f"a bulk request names 1 to {MAX_BULK} sessions, not {count}")
-    return Request("POST", path, {"Content-Type": JSON},
-                   json.dumps(body, separators=(",", ":")).encode())
+    if isinstance(body, tuple):
+        name, parts = body
+        data = b'{"' + name.encode() + b'":[' + b",".join(parts) + b"]}"
+    else:
+        data = json.dumps(body, separators=(",", ":")).encode()
+    return Request("POST", path, {"Content-Type": JSON}, data)
 
 
 def _item_error(item: dict[str, Any], request: Request, uncertain: bool) -> SidecarError:
@@ -529,7 +543,7 @@ def bulk_save(items: list[Upsert], settings: ClientSettings,
     """Each item written as :func:`put` writes it, each on its own (not atomic): its
     acknowledgement or its error, in order."""
     request = _bulk_request("/v1/sessions:bulkSave",
-                            {"items": [_item_body(i) for i in items]}, len(items))
+                            ("items", [_item_body(i) for i in items]), len(items))
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status != 200:
         raise _error(request, answer)
@@ -543,12 +557,9 @@ def transaction(operations: list[Upsert | Delete], settings: ClientSettings,
     """All or nothing: every upsert's acknowledgement (None for a delete), or the
     error of the operation that failed (nothing was written; its ``details`` carry
     ``item`` and every operation's answer in ``items``)."""
-    ops = []
-    for op in operations:
-        body = _item_body(op)
-        body["operation"] = "upsert" if isinstance(op, Upsert) else "delete"
-        ops.append(body)
-    request = _bulk_request("/v1/sessions:transaction", {"operations": ops}, len(ops))
+    ops = [_item_body(op, operation="upsert" if isinstance(op, Upsert) else "delete")
+           for op in operations]
+    request = _bulk_request("/v1/sessions:transaction", ("operations", ops), len(ops))
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status != 200:
         if uncertain and answer.status == 412:

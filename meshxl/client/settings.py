@@ -70,9 +70,10 @@ class ClientSettings:
     """Everything but the address and the token."""
 
     timeout: float = 10.0
-    """Seconds for one request and its answer (longer than the sidecar's own 5 s etcd
-    deadline, so a slow etcd comes back as the sidecar's 503, not as a client timeout).
-    The sync client applies it to each socket operation (http.client's timeout)."""
+    """Seconds for one request and its answer, waiting for a free connection included
+    (longer than the sidecar's own 5 s etcd deadline, so a slow etcd comes back as the
+    sidecar's 503, not as a client timeout). The sync client applies it to each socket
+    operation (http.client's timeout)."""
     connect_timeout: float = 2.0
     """Seconds to connect (the sidecar is on loopback: a refusal is immediate)."""
     unavailable: Backoff = field(default_factory=Backoff)
@@ -83,6 +84,12 @@ class ClientSettings:
     max_connections: int = 100
     """Connections to the sidecar at once (the async client; more requests wait for
     one, within ``timeout``); idle ones the sync client keeps."""
+    pipeline: int = 16
+    """Requests the async client sends on one connection before their answers come
+    (HTTP/1.1 pipelining; 1: one at a time). Requests made together leave in one write
+    and their answers come back in one read: on loopback, the system calls per request,
+    not the bytes, are what a request costs. The sidecar runs a connection's pipelined
+    session writes side by side (each session's in order), anything else in turn."""
     keepalive: float = 15.0
     """Seconds an idle connection is kept for reuse: under the sidecar's 30 s, so the
     client never reuses one the server is closing."""
@@ -95,6 +102,8 @@ class ClientSettings:
                              f"{self.connect_timeout}")
         if not 1 <= self.max_connections <= 1024:
             raise InputError(f"max_connections must be 1 to 1024, got {self.max_connections}")
+        if not 1 <= self.pipeline <= 128:
+            raise InputError(f"pipeline must be 1 to 128, got {self.pipeline}")
         if not 0 <= self.keepalive <= 29:
             raise InputError("keepalive must be 0 to 29 s (the sidecar closes idle "
                              f"connections after 30 s), got {self.keepalive}")

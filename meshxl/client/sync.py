@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,11 +45,30 @@ from .plans import (
     Written,
 )
 from .settings import DEFAULT_URL, ClientSettings
-from .url import base_url, split_url
+from .url import base_url, split_url, unix_path
 
-__all__ = ["Client"]
+__all__ = ["Client", "UnixHTTPConnection"]
 
 T = TypeVar("T")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a Unix socket (the sidecar's ``--listen unix:PATH``); the
+    ``Host`` header says ``localhost``."""
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 class Client:
@@ -59,7 +79,9 @@ class Client:
                  settings: ClientSettings | None = None,
                  rng: random.Random | None = None) -> None:
         self.settings = settings or ClientSettings()
-        scheme, self._host, self._port, self._prefix = split_url(url)
+        self._unix = unix_path(url)
+        scheme, self._host, self._port, self._prefix = ("http", "localhost", 80, "") \
+            if self._unix is not None else split_url(url)
         self._https = scheme == "https"
         self.url = base_url(url)
         self._headers = {"User-Agent": f"meshxl-client/{__version__}", **hdr.bearer(token)}
@@ -153,6 +175,8 @@ class Client:
         return Answer(resp.status, headers, body)
 
     def _connection(self) -> http.client.HTTPConnection:
+        if self._unix is not None:
+            return UnixHTTPConnection(self._unix, timeout=self.settings.connect_timeout)
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self.settings.connect_timeout)
 

@@ -1,17 +1,19 @@
 """meshxl.client against real ``meshxl serve statesync`` sidecars on a real etcd.
 
 What is checked: every operation of both clients and the errors they raise (the
-sidecar's messages and fields), connection reuse, a fenced writer's 409, a contended
-``update`` from two clients on two members (every increment counted once), 503s while
-etcd is down and recovery once it is back, a token-protected sidecar, the aiohttp
-and ASGI middlewares (load, save, 409 on a lost write, retries), and the demo app's
-answers through the client.
+sidecar's messages and fields), over TCP and over the sidecar's Unix socket
+(``unix:PATH``), connection reuse (the async client's own transport and its aiohttp
+path), a fenced writer's 409, a contended ``update`` from two clients on two members
+(every increment counted once), 503s while etcd is down and recovery once it is back,
+a token-protected sidecar, the aiohttp and ASGI middlewares (load, save, 409 on a lost
+write, retries), and the demo app's answers through the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,20 @@ async def start_member(start_sidecar: Any, etcd: str, member: str,
     return sidecar
 
 
+OVER = pytest.mark.parametrize("over", ["tcp", "unix"])
+
+
+async def start_reachable(start_sidecar: Any, etcd: str, member: str, over: str,
+                          tmp_path: Path, **options: Any) -> tuple[SidecarProcess, str]:
+    """A member and the URL its clients use: its TCP port, or its Unix socket."""
+    if over == "unix":
+        sock = str(tmp_path / "statesync.sock")
+        sidecar = await start_member(start_sidecar, etcd, member, unix_socket=sock, **options)
+        return sidecar, f"unix:{sock}"
+    sidecar = await start_member(start_sidecar, etcd, member, **options)
+    return sidecar, sidecar.url
+
+
 def increment(state: Any) -> dict[str, int]:
     return {"seq": (state or {}).get("seq", 0) + 1}
 
@@ -72,11 +88,13 @@ async def write_counts(sidecar: SidecarProcess, result: str) -> int:
 # -- the operations --------------------------------------------------------------------------
 
 
+@OVER
 async def test_async_client_operations_and_errors(
-    etcd: EtcdServer, start_sidecar: Any,
+    etcd: EtcdServer, start_sidecar: Any, over: str, tmp_path: Path,
 ) -> None:
-    a = await start_member(start_sidecar, etcd.url, "a", max_session_bytes=4096)
-    async with AsyncClient(a.url) as client:
+    _, url = await start_reachable(start_sidecar, etcd.url, "a", over, tmp_path,
+                                   max_session_bytes=4096)
+    async with AsyncClient(url) as client:
         created = await client.put("cart-1", {"items": ["apple"]})
         assert created.created and created.owner == "a" and created.replicated
         got = await client.get("cart-1")
@@ -112,21 +130,25 @@ async def test_async_client_operations_and_errors(
         with pytest.raises(NotFound):
             await client.delete("cart-1")
         assert (await client.ready()).ready
+        assert client._pool is not None and client._pool.opened == 1  # one kept alive
 
 
+@OVER
 async def test_sync_client_operations_and_connection_reuse(
-    etcd: EtcdServer, start_sidecar: Any,
+    etcd: EtcdServer, start_sidecar: Any, over: str, tmp_path: Path,
 ) -> None:
-    a = await start_member(start_sidecar, etcd.url, "a")
+    _, url = await start_reachable(start_sidecar, etcd.url, "a", over, tmp_path)
 
-    def use() -> list[tuple[str, int]]:
-        ports = []
-        with Client(a.url) as client:
+    def use() -> list[Any]:
+        socks = []  # kept, so no two of them share an id()
+        with Client(url) as client:
             client.put("s1", {"n": 1}, create_only=True)
             for _ in range(20):
                 got = client.get("s1")
                 client.put("s1", {"n": got.state["n"] + 1}, if_match=got.etag)
-                ports.append(client._idle[-1][1].sock.getsockname())
+                socks.append(client._idle[-1][1].sock)
+                assert socks[-1].family == (socket.AF_UNIX if over == "unix"
+                                            else socket.AF_INET)
             assert client.update("s1", lambda s: {"n": s["n"] * 2}).state == {"n": 42}
             client.patch("s1", {"m": True})
             assert client.get("s1").state == {"n": 42, "m": True}
@@ -135,26 +157,47 @@ async def test_sync_client_operations_and_connection_reuse(
             client.delete("s1")
             with pytest.raises(NotFound):
                 client.get("s1")
-        return ports
+        return socks
 
-    ports = await asyncio.to_thread(use)
-    assert len(set(ports)) == 1, f"one kept-alive connection expected, got {set(ports)}"
+    socks = await asyncio.to_thread(use)
+    assert len({id(s) for s in socks}) == 1, "one kept-alive connection expected"
 
-    def unkept() -> set[Any]:
+    def unkept() -> list[Any]:
         # keepalive=0: an idle connection is never reused (past it, the sidecar may be
         # closing it).
-        with Client(a.url, settings=ClientSettings(keepalive=0)) as client:
-            names = set()
+        with Client(url, settings=ClientSettings(keepalive=0)) as client:
+            socks = []
             for _ in range(3):
                 client.put("s0", {"n": 0})
-                names.add(client._idle[-1][1].sock.getsockname())
-            return names
+                socks.append(client._idle[-1][1].sock)
+            return socks
 
-    assert len(await asyncio.to_thread(unkept)) == 3
+    assert len({id(s) for s in await asyncio.to_thread(unkept)}) == 3
 
 
 async def test_async_client_reuses_its_connections(etcd: EtcdServer, start_sidecar: Any) -> None:
     a = await start_member(start_sidecar, etcd.url, "a")
+    async with AsyncClient(a.url) as own:  # the client's own transport
+        assert own._pool is not None
+        for n in range(30):
+            await own.update("s0", increment)
+            assert (await own.get("s0")).state == {"seq": n + 1}
+        assert own._pool.opened == 1
+        # 40 at once: pipelined 16 to a connection (3 connections), reused for the next
+        # 40; the sidecar answers every write of a connection, in order.
+        for round_ in range(2):
+            written = await asyncio.gather(*(own.put(f"p{i}", {"i": i, "round": round_})
+                                             for i in range(40)))
+            assert [w.session for w in written] == [f"p{i}" for i in range(40)]
+        assert own._pool.opened == 3
+        got = await asyncio.gather(*(own.get(f"p{i}") for i in range(40)))
+        assert [s.state for s in got] == [{"i": i, "round": 1} for i in range(40)]
+    # One at a time on a connection (pipeline=1): 16 at once take 16 connections.
+    async with AsyncClient(a.url, settings=ClientSettings(pipeline=1)) as single:
+        for _ in range(2):
+            await asyncio.gather(*(single.put(f"q{i}", {"i": i}) for i in range(16)))
+        assert single._pool is not None and single._pool.opened == 16
+    # The aiohttp path (trace_configs are aiohttp's), counted by aiohttp's own hooks.
     counts = {"created": 0, "reused": 0}
     trace = aiohttp.TraceConfig()
 

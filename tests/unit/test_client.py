@@ -21,7 +21,7 @@ from meshxl import web as mweb
 from meshxl.client import Backoff, ClientSettings, plans
 from meshxl.client import errors as cerrors
 from meshxl.client.plans import Answer, Pause, Plan, Request, Unanswered
-from meshxl.client.url import base_url, split_url
+from meshxl.client.url import MAX_UNIX_PATH, base_url, split_url, unix_path
 from meshxl.statesync.api import openapi_document
 
 RNG = random.Random(7)
@@ -222,9 +222,30 @@ def test_sidecar_urls() -> None:
     assert base_url("http://localhost") == "http://localhost:80"
     assert base_url("http://[::1]:7070/side/") == "http://[::1]:7070/side"
     for bad in ["127.0.0.1:7070", "ftp://h:1", "http://:7070", "http://h:99999",
-                "http://u:p@h:1", "http://h:1/?q=1"]:
+                "http://u:p@h:1", "http://h:1/?q=1", "http://h:1/a b", "unix:/x.sock"]:
         with pytest.raises(errors.InputError, match="bad sidecar URL"):
             split_url(bad)
+
+
+def test_unix_socket_urls() -> None:
+    from meshxl.client import AsyncClient, Client
+
+    assert unix_path("unix:/run/meshxl/statesync.sock") == "/run/meshxl/statesync.sock"
+    assert unix_path("http://127.0.0.1:7070") is None
+    assert base_url(" unix:/run/s.sock ") == "unix:/run/s.sock"
+    longest = "unix:/" + "a" * (MAX_UNIX_PATH - 1)
+    assert MAX_UNIX_PATH == 107 and unix_path(longest) == longest[5:]
+    for bad, why in [("unix:run/s.sock", "must be absolute"), ("unix:", "must be absolute"),
+                     ("unix:/a\0b", "NUL"), (longest + "a", "at most 107 bytes, this one 108"),
+                     ("unix:/" + "é" * 54, "at most 107 bytes, this one 109")]:
+        with pytest.raises(errors.InputError, match=why):
+            unix_path(bad)
+        with pytest.raises(errors.InputError, match="bad sidecar URL"):
+            Client(bad)
+        with pytest.raises(errors.InputError, match="bad sidecar URL"):
+            AsyncClient(bad)
+    assert Client("unix:/run/s.sock").url == AsyncClient("unix:/run/s.sock").url == \
+        "unix:/run/s.sock"
 
 
 def test_states_are_json_unless_bytes() -> None:
@@ -417,13 +438,20 @@ def test_readiness() -> None:
 def test_bulk_items_carry_json_as_json_and_bytes_as_base64() -> None:
     from meshxl.client.plans import MAX_BULK, Delete, Upsert, _bulk_request, _item_body
 
-    assert _item_body(Upsert(session="a", state={"x": [1]}, if_match='"4"')) == {
+    assert json.loads(_item_body(Upsert(session="a", state={"x": [1]}, if_match='"4"'))) == {
         "session": "a", "data": {"x": [1]}, "encoding": "json",
         "content_type": "application/json", "if_match": '"4"'}
-    assert _item_body(Upsert(session="b", state=b"\xff", create_only=True)) == {
+    assert json.loads(_item_body(Upsert(session="b", state=b"\xff", create_only=True))) == {
         "session": "b", "data": "/w==", "encoding": "base64",
         "content_type": "application/octet-stream", "if_none_match": "*"}
-    assert _item_body(Delete(session="c")) == {"session": "c"}
+    assert json.loads(_item_body(Delete(session="c"), operation="delete")) == {
+        "session": "c", "operation": "delete"}
+    # A JSON state goes in as its encoding, a valid part of the request's JSON.
+    request = _bulk_request("/v1/sessions:bulkSave", ("items", [
+        _item_body(Upsert(session=f"s{i}", state={"é": i, "l": [None, 1.5]}))
+        for i in range(3)]), 3)
+    assert [i["data"] for i in json.loads(request.body or b"")["items"]] == [
+        {"é": i, "l": [None, 1.5]} for i in range(3)]
     with pytest.raises(cerrors.BadRequest):
         _item_body(Upsert(session="../x", state=1))
     with pytest.raises(cerrors.BadRequest, match="1 to 128"):
