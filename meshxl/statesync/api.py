@@ -20,7 +20,7 @@ from meshxl import web as mweb
 from . import bulk
 from .membership import MAX_PROBLEMS
 from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
-from .server import JSON, Refused, Request, Response, Router, error
+from .server import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
 from .sessions import (
     BadRequest,
     Conflict,
@@ -143,23 +143,26 @@ class SessionRoutes:
         ``delayed_sync``: a bulk save then writes each session on its own, as a PUT
         would, in tasks of their own, so it runs alone on its connection."""
         r = Router()
-        # A session's writes take its lock before they first wait (sessions.py), so
-        # pipelined writes of one connection may run side by side: each session's in
-        # the order sent, different sessions' as if sent on connections of their own.
+        # A session's writes take their places in its lock's line before they first
+        # wait (sessions.py), so a connection's pipelined writes run side by side: each
+        # session's in the order sent, different sessions' as if sent on connections of
+        # their own. A read waits for the writes sent before it on its session.
+        one = "session_id"
         r.add("PUT", "/v1/sessions/{session_id}", self.put, max_body=max_bytes,
-              what="session state", concurrent=True)
-        r.add("GET", "/v1/sessions/{session_id}", self.get)
+              what="session state", access=WRITE, key=one)
+        r.add("GET", "/v1/sessions/{session_id}", self.get, access=READ, key=one)
         r.add("PATCH", "/v1/sessions/{session_id}", self.patch, max_body=max_bytes,
-              what="session state", concurrent=True)
-        r.add("DELETE", "/v1/sessions/{session_id}", self.delete, concurrent=True)
+              what="session state", access=WRITE, key=one)
+        r.add("DELETE", "/v1/sessions/{session_id}", self.delete, access=WRITE, key=one)
         r.add("POST", "/v1/sessions:bulkGet", self.bulk_get, max_body=bulk.MAX_GET_BODY,
-              what="bulk get request")
+              what="bulk get request", access=READ)
         # Bulk saves and transactions take their places in every session's line at
-        # once, before they first wait: they may run side by side too.
+        # once, before they first wait: writes too (not with delayed sync, where a
+        # bulk save writes each session in a task of its own).
         r.add("POST", "/v1/sessions:bulkSave", self.bulk_save, max_body=bulk.MAX_BODY,
-              what="bulk save request", concurrent=not delayed_sync)
+              what="bulk save request", access=ALONE if delayed_sync else WRITE)
         r.add("POST", "/v1/sessions:transaction", self.transaction, max_body=bulk.MAX_BODY,
-              what="transaction request", concurrent=True)
+              what="transaction request", access=WRITE)
         r.add("GET", "/v1/problems", self.problems)
         r.add("PUT", "/v1/problems/{name}", self.put_problem, max_body=MAX_REPORT,
               what="problem report")

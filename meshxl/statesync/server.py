@@ -9,11 +9,12 @@ that needs and refuses the rest clearly:
 
 * HTTP/1.1 and 1.0; keep-alive (HTTP/1.1's default); pipelined requests answered in
   order (reading pauses while :data:`MAX_QUEUED` wait, or :data:`MAX_PIPELINED` are
-  taken up). A route marked ``concurrent``
-  (the session writes) runs beside the concurrent requests before it on its
-  connection, as if they had come on connections of their own; any other request waits
-  for those before it to finish, and those after it wait for it. Answers ready in the
-  same turn of the event loop leave in one write;
+  taken up). A request starts as soon as none of those before it on its connection
+  that still run conflicts with it (:attr:`Route.access`): writes run beside writes
+  (the session layer orders a session's writes by its lock, taken in the order they
+  came), a read waits for the requests before it that touch its session, a write for
+  the reads before it that do, and an ``alone`` request for everything. Answers ready
+  in the same turn of the event loop leave in one write;
 * bodies by ``Content-Length`` or chunked, buffered whole, at most the route's
   ``max_body``: a larger one is read to its end and discarded (so the client, which
   may send it all before reading, gets the answer) and refused with 413, without
@@ -56,8 +57,8 @@ from meshxl.web import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_FIELD_SIZE, MAX_HEADERS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HttpServer", "Refused", "Request", "Response", "Route", "Router", "error",
-           "json_response"]
+__all__ = ["ALONE", "READ", "WRITE", "HttpServer", "Refused", "Request", "Response", "Route",
+           "Router", "error", "json_response"]
 
 MAX_QUEUED = 8
 """Pipelined requests waiting (not taken up) on one connection before it stops reading."""
@@ -71,6 +72,8 @@ LINGER = 2.0
 client gets the answer rather than a reset."""
 IGNORED_BODY = 0
 """``max_body`` of a route that reads no body: whatever is sent is dropped."""
+READ, WRITE, ALONE = "read", "write", "alone"
+"""A route's :attr:`Route.access`."""
 JSON = "application/json"
 
 Handler = Callable[["Request"], Awaitable["Response"]]
@@ -109,7 +112,7 @@ class Request:
     ``", "``), ``params`` the route's path parameters (percent-decoded)."""
 
     __slots__ = ("body", "headers", "keep_alive", "method", "params", "path", "query",
-                 "refusal", "route", "version")
+                 "refusal", "route", "session", "version")
 
     def __init__(self, method: str, path: str, query: str, version: str,
                  headers: dict[str, str], keep_alive: bool):
@@ -124,6 +127,8 @@ class Request:
         self.route: Route | None = None
         self.refusal: Response | None = None
         """Decided from the head (401, 404, 405, 413...): answered instead of the route."""
+        self.session: str | None = None
+        """The one session it touches (the route's ``key`` parameter), None: any."""
 
     @property
     def content_type(self) -> str:
@@ -176,10 +181,13 @@ class Route:
     """Bytes of body the handler takes (413 beyond); 0: any body is dropped."""
     what: str = "request body"
     """Named in the 413's message."""
-    concurrent: bool = False
-    """May run while earlier pipelined requests of its connection still run (they must
-    be concurrent too): for requests whose order its handler keeps itself (a session's
-    writes are ordered by the session's lock, taken before the handler first waits)."""
+    access: str = ALONE
+    """Beside which requests pipelined before it on its connection it may run:
+    ``write``: beside any write (its handler keeps writes in the order they came: a
+    session's lock, taken before it first waits) and beside reads of other sessions;
+    ``read``: beside anything touching other sessions; ``alone``: after all of them."""
+    key: str | None = None
+    """The path parameter naming the one session it touches; None: it may touch any."""
 
 
 class Router:
@@ -193,8 +201,10 @@ class Router:
 
     def add(self, method: str, pattern: str, handler: Handler, *,
             max_body: int = IGNORED_BODY, what: str = "request body",
-            concurrent: bool = False) -> None:
-        route = Route(method, pattern, handler, max_body, what, concurrent)
+            access: str = ALONE, key: str | None = None) -> None:
+        if access not in (READ, WRITE, ALONE):
+            raise ValueError(f"access is {READ!r}, {WRITE!r} or {ALONE!r}, not {access!r}")
+        route = Route(method, pattern, handler, max_body, what, access, key)
         self._routes.append(route)
         segments = pattern.split("/")
         if not any(s.startswith("{") for s in segments):
@@ -327,6 +337,17 @@ async def _answer(request: Request) -> Response:
 _IDLE, _HEAD, _BODY, _DONE = range(4)
 
 
+def _conflict(new: Request, running: Request) -> bool:
+    """Whether ``new`` must wait for ``running``, pipelined before it on its connection."""
+    a, b = new.route, running.route
+    assert a is not None and b is not None
+    if a.access == ALONE or b.access == ALONE:
+        return True
+    if a.access == WRITE and b.access == WRITE:
+        return False  # ordered by the sessions' locks
+    return new.session is None or running.session is None or new.session == running.session
+
+
 class _Slot:
     """A request taken up, in arrival order: its answer, once there is one (a request
     refused from its head has its answer at once; ``request`` None: the answer to bytes
@@ -352,9 +373,8 @@ class _Connection(asyncio.Protocol):
         that could not be parsed (then the connection closes)."""
         self.slots: deque[_Slot] = deque()
         """Requests taken up and not answered yet, in arrival order."""
-        self.running = 0
-        """Handlers under way, and those of them not ``concurrent``."""
-        self.running_alone = 0
+        self.active: list[Request] = []
+        """Requests whose handlers run."""
         self.flush_soon = False
         self.paused_reading = False
         self.paused_writing = False
@@ -539,6 +559,8 @@ class _Connection(asyncio.Protocol):
                          path=request.path, allowed=allowed)
         request.route = route
         request.params = params
+        if route.key is not None:
+            request.session = params.get(route.key)
         self._limit = route.max_body
         length = request.headers.get("content-length")
         if route.max_body and length is not None and length.isdigit() and \
@@ -550,8 +572,8 @@ class _Connection(asyncio.Protocol):
     # -- answering ----------------------------------------------------------------------------
 
     def _next(self) -> None:
-        """Take up queued requests: each as soon as the rules allow (see the module
-        docstring: concurrent routes beside each other, anything else alone)."""
+        """Take up queued requests in order, each as soon as none of those still running
+        conflicts with it (the module docstring, :attr:`Route.access`)."""
         queue, slots = self.queue, self.slots
         while queue and not self.paused_writing:
             item = queue[0]
@@ -563,17 +585,13 @@ class _Connection(asyncio.Protocol):
                 queue.popleft()
                 slots.append(_Slot(item, item.refusal))
                 continue
-            assert item.route is not None
-            concurrent = item.route.concurrent
-            if self.running and (not concurrent or self.running_alone):
+            if self.active and any(_conflict(item, other) for other in self.active):
                 break
             queue.popleft()
             slot = _Slot(item, None)
             slots.append(slot)
-            self.running += 1
-            if not concurrent:
-                self.running_alone += 1
-            self.loop.create_task(self._handle(slot, concurrent))
+            self.active.append(item)
+            self.loop.create_task(self._handle(slot))
         if slots and slots[0].response is not None and not self.flush_soon:
             self._flush()
         if self.paused_reading and not self.closing and self.transport \
@@ -587,12 +605,11 @@ class _Connection(asyncio.Protocol):
                 self.deadline = self.loop.time() + self.server.header_timeout
                 self._head_bytes = 0
 
-    async def _handle(self, slot: _Slot, concurrent: bool) -> None:
-        assert slot.request is not None
-        slot.response = await self.server.call(slot.request)
-        self.running -= 1
-        if not concurrent:
-            self.running_alone -= 1
+    async def _handle(self, slot: _Slot) -> None:
+        request = slot.request
+        assert request is not None
+        slot.response = await self.server.call(request)
+        self.active.remove(request)
         if self.transport is None:
             return
         if len(self.slots) == 1:  # nothing else under way: answer now

@@ -425,3 +425,53 @@ def test_any_framing_and_any_split_gives_the_same_bodies(
             assert status == 413
         else:
             assert status == 200 and json.loads(answer)["body"].encode("latin-1") == body
+
+
+def test_pipelined_requests_run_beside_each_other_unless_they_conflict(loop: str) -> None:
+    """Writes beside writes; a read beside what touches other sessions; a read after a
+    write of its session waits for it, a write after a read of its session too; an
+    ``alone`` request after everything. Answers in order whatever finishes first."""
+    events: list[str] = []
+
+    def handler(kind: str) -> Any:
+        async def handle(request: Request) -> Response:
+            name = f"{kind} {request.params['id']}"
+            events.append(f"start {name}")
+            await asyncio.sleep(float(request.headers.get("x-take", "0")))
+            events.append(f"end {name}")
+            return Response(200, name.encode())
+        return handle
+
+    async def alone(request: Request) -> Response:
+        events.append("start alone")
+        return Response(200, b"alone")
+
+    r = Router()
+    r.add("PUT", "/s/{id}", handler("write"), max_body=64, access=srv.WRITE, key="id")
+    r.add("GET", "/s/{id}", handler("read"), access=srv.READ, key="id")
+    r.add("GET", "/alone", alone)
+
+    def req(method: str, path: str, take: float = 0.0) -> bytes:
+        return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-Take: {take}\r\n"
+                f"Content-Length: 0\r\n\r\n").encode()
+
+    async def main() -> None:
+        async with serving(r) as (_, port):
+            stream = (req("PUT", "/s/a", 0.3) + req("PUT", "/s/b", 0.1)  # side by side
+                      + req("GET", "/s/c")                               # other session
+                      + req("GET", "/s/a")                               # waits for PUT a
+                      + req("PUT", "/s/c", 0.05)                         # in line after it
+                      + req("GET", "/alone") + req("GET", "/s/d")
+                      + b"GET /s/e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            got = answers(await exchange(port, stream))
+        assert [b for _, _, b in got] == [b"write a", b"write b", b"read c", b"read a",
+                                          b"write c", b"alone", b"read d", b"read e"]
+        order = events.index
+        assert order("start write b") < order("end write a")      # writes side by side
+        assert order("start read c") < order("end write a")       # another session's read
+        assert order("start read a") > order("end write a")       # its session's write first
+        assert order("start write c") > order("start read a")     # in order behind it
+        assert order("start alone") > order("end write c")        # after everything
+        assert order("start read d") > order("start alone")
+
+    run(loop, main)
