@@ -10,12 +10,17 @@ Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
    --max-inflight 64`` (batching off, the same concurrency as the raw puts); (d) the
    sidecar of (b) over its Unix socket (``--listen unix:PATH``), 64 writers; (e) bulk
    saves of 16 sessions per request over that socket, 4 writers (64 sessions in
-   flight, as in the others); writes/s counts sessions written.
-   The load generator is a separate process (this script with ``--client``), so it does
-   not share an event loop or a GIL with the sidecar; it does share the machine's
-   cores with etcd and the sidecar (no pinning). CPU seconds of client, sidecar and
-   etcd over the measured window are reported so the split is visible. Modes are run
-   in rotating order, several rounds; the median round is reported.
+   flight, as in the others); (f) the sidecar of (b) over TCP from a plain aiohttp
+   client, for reference; writes/s counts sessions written.
+   The load generator is the application: a separate process (this script with
+   ``--client``), so it does not share an event loop or a GIL with the sidecar; it
+   does share the machine's cores with etcd and the sidecar (no pinning). It writes
+   through ``meshxl.client.AsyncClient`` (what an application uses to reach its
+   sidecar) and straight to etcd through aetcd (the reference), on the event loop the
+   sidecar runs on (``meshxl.loops``: uvloop). CPU seconds of client, sidecar and etcd
+   over the measured window are reported so the split is visible. Modes are run in
+   rotating order, several rounds (five), each from a compacted etcd; the median round is
+   reported.
 2. Replication lag: sidecars A and B of one cluster on one etcd. Sequential writes on
    A; for each, the time from A's acknowledgement (HTTP 200/201 with ``ETag``) until
    B's cache has applied that revision, found by polling B's ``/v1/status`` (its
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aetcd import rpc
 from benchlib import (
     Verdict,
     env_info,
@@ -59,12 +65,14 @@ from benchlib import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
+from meshxl.client import AsyncClient, Upsert
 from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner, Process
 from meshxl.local.procs import run as run_command
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.local.wait import wait_http, wait_until
+from meshxl.loops import loop_factory
 from meshxl.stats import cpu_seconds, quantile
 
 SCRIPT = Path(__file__).resolve()
@@ -84,8 +92,9 @@ MODES = (("raw", "raw aetcd put -> etcd"),
          ("batched", "sidecar HTTP/TCP, --batch-max-ops 64"),
          ("unbatched", "sidecar HTTP/TCP, batch 1, 64 in flight"),
          ("unix", "sidecar HTTP/Unix socket, batch 64"),
-         ("bulk16", f"bulk save x{BULK_SESSIONS}, Unix socket, batch 64"))
-SIDECAR_MODES = ("batched", "unbatched", "unix", "bulk16")
+         ("bulk16", f"bulk save x{BULK_SESSIONS}, Unix socket, batch 64"),
+         ("aiohttp", "sidecar HTTP/TCP, batch 64, aiohttp client"))
+SIDECAR_MODES = ("batched", "unbatched", "unix", "bulk16", "aiohttp")
 TARGETS = {"batched": (TARGET_BATCHED, "batched (group commit), TCP"),
            "unbatched": (TARGET_UNBATCHED, "batch 1, 64 in flight, TCP"),
            "unix": (TARGET_UNIX, "batched, Unix socket"),
@@ -164,6 +173,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     conc, prefix = int(cfg["concurrency"]), str(cfg["prefix"])
     value = _value(prefix)
     client: Any = None
+    sidecar: AsyncClient | None = None
     http: aiohttp.ClientSession | None = None
     base = str(cfg["target"])
     if cfg["mode"] == "raw":
@@ -172,39 +182,36 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
 
         async def write(task: int) -> None:
             await client.put(f"{prefix}{task:04d}".encode(), value)
-    else:
-        socket_path = cfg.get("unix")
-        connector: aiohttp.BaseConnector = (
-            aiohttp.UnixConnector(path=socket_path, limit=conc + 4) if socket_path
-            else aiohttp.TCPConnector(limit=conc + 4))
-        http = aiohttp.ClientSession(connector=connector,
+    elif cfg["mode"] == "aiohttp":  # a plain aiohttp client, for reference
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc + 4),
                                      timeout=aiohttp.ClientTimeout(total=10.0))
         headers = {"Content-Type": "application/json"}
-        api = "http://sidecar" if socket_path else base
+
+        async def write(task: int) -> None:
+            assert http is not None
+            async with http.put(f"{base}/v1/sessions/{prefix}{task:04d}", data=value,
+                                headers=headers) as resp:
+                await resp.read()
+                if resp.status not in (200, 201) or "ETag" not in resp.headers:
+                    raise RuntimeError(f"PUT answered {resp.status}")
+    else:
+        socket_path = cfg.get("unix")
+        sidecar = AsyncClient(f"unix:{socket_path}" if socket_path else base)
         per_request = int(cfg.get("bulk", 0))
         if per_request:
             document = json.loads(value)
-            bodies = [json.dumps({"items": [
-                {"session": f"{prefix}{task:04d}-{i:02d}", "data": document}
-                for i in range(per_request)]}).encode() for task in range(conc)]
+            batches = [[Upsert(session=f"{prefix}{task:04d}-{i:02d}", state=document)
+                        for i in range(per_request)] for task in range(conc)]
 
             async def write(task: int) -> None:
-                assert http is not None
-                async with http.post(f"{api}/v1/sessions:bulkSave", data=bodies[task],
-                                     headers=headers) as resp:
-                    answer = await resp.json()
-                    if resp.status != 200 or any(item["status"] not in (200, 201)
-                                                 for item in answer["items"]):
-                        raise RuntimeError(f"bulk save answered {resp.status}: "
-                                           f"{str(answer)[:200]}")
+                assert sidecar is not None
+                for answer in await sidecar.bulk_save(batches[task]):
+                    if isinstance(answer, Exception):
+                        raise answer
         else:
             async def write(task: int) -> None:
-                assert http is not None
-                async with http.put(f"{api}/v1/sessions/{prefix}{task:04d}", data=value,
-                                    headers=headers) as resp:
-                    await resp.read()
-                    if resp.status not in (200, 201) or "ETag" not in resp.headers:
-                        raise RuntimeError(f"PUT answered {resp.status}")
+                assert sidecar is not None
+                await sidecar.put(f"{prefix}{task:04d}", value, content_type="application/json")
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -231,7 +238,8 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(conc))), 15.0)
         pids = [int(p) for p in cfg.get("pids", [])]
-        metrics_before = await _metrics(http, base) if http is not None else ""
+        metrics = aiohttp.ClientSession() if cfg["mode"] != "raw" else None
+        metrics_before = await _metrics(metrics, base) if metrics is not None else ""
         cpu_before = [cpu_seconds(p) for p in pids]
         own_before = time.process_time()
         start = time.perf_counter()
@@ -241,10 +249,14 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         own = time.process_time() - own_before
         cpu_after = [cpu_seconds(p) for p in pids]
-        metrics_after = await _metrics(http, base) if http is not None else ""
+        metrics_after = await _metrics(metrics, base) if metrics is not None else ""
+        if metrics is not None:
+            await metrics.close()
     finally:
         if client is not None:
             await client.close()
+        if sidecar is not None:
+            await sidecar.close()
         if http is not None:
             await http.close()
 
@@ -258,7 +270,7 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
     for pid, b, a in zip(pids, cpu_before, cpu_after, strict=True):
         if a is not None and b is not None:
             out["cpu_s"][str(pid)] = round(a - b, 3)
-    if http is not None:
+    if cfg["mode"] != "raw":
         name = "meshxl_statesync_batch_size"
         hb, ha = _histograms(metrics_before, name), _histograms(metrics_after, name)
         name = "meshxl_statesync_batch_duration_seconds"
@@ -276,7 +288,8 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def client_main(raw: str) -> int:
-    print(json.dumps(asyncio.run(_load(json.loads(raw)))))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        print(json.dumps(runner.run(_load(json.loads(raw)))))
     return 0
 
 
@@ -293,7 +306,7 @@ async def _run_client(cfg: dict[str, Any]) -> Any:
     return json.loads(out.strip().splitlines()[-1])
 
 
-SIDECAR_OF = {"unix": "batched", "bulk16": "batched"}
+SIDECAR_OF = {"unix": "batched", "bulk16": "batched", "aiohttp": "batched"}
 """Modes that use another mode's sidecar (over its Unix socket)."""
 
 
@@ -302,12 +315,14 @@ async def bench_throughput(url: str, sidecars: dict[str, Sidecar],
                            max_writes: int,
                            profiles: dict[str, list[Path]]) -> dict[str, Any]:
     by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in MODES}
+    client = etcd.client(url)
+    await client.connect()
     for r in range(rounds):
         order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
         for mode in order:
             sidecar = sidecars.get(SIDECAR_OF.get(mode, mode))
             cfg: dict[str, Any] = {
-                "mode": "raw" if mode == "raw" else "http",
+                "mode": mode if mode in ("raw", "aiohttp") else "http",
                 "concurrency": (CONCURRENCY // BULK_SESSIONS if mode == "bulk16"
                                 else CONCURRENCY),
                 "bulk": BULK_SESSIONS if mode == "bulk16" else 0,
@@ -325,6 +340,10 @@ async def bench_throughput(url: str, sidecars: dict[str, Sidecar],
             finally:
                 if sidecar is not None:
                     await sidecar.stop()
+            # Each run starts from a compacted etcd: the history a run leaves (every
+            # overwrite is a revision kept) would otherwise slow the runs after it.
+            head = await client.kvstub.Range(rpc.RangeRequest(key=b"\0", limit=1))
+            await client.compact(head.header.revision, physical=True)
             cpu = res.pop("cpu_s")
             res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
             if sidecar is not None:
@@ -334,6 +353,7 @@ async def bench_throughput(url: str, sidecars: dict[str, Sidecar],
                 for who, sec in res["cpu_s"].items()}
             res["round"] = r
             by_mode[mode].append(res)
+    await client.close()
 
     out: dict[str, Any] = {"concurrency": CONCURRENCY, "value_bytes": VALUE_BYTES,
                            "rounds": rounds, "duration_s": duration,
@@ -549,8 +569,10 @@ def _profile_top(paths: list[Path], lines: int = 30) -> str:
 
 
 async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
+    # Five rounds: on a machine whose speed moves by a fifth from minute to minute, the
+    # median of five rotated rounds is what each ratio compares.
     rounds, duration, max_writes, lag_rounds = (1, 2.0, 40_000, 100) if quick else \
-        (3, 4.0, 100_000, 300)
+        (5, 4.0, 100_000, 300)
     stack = Owner(work, grace=3.0)
     step = "starting etcd"
     res: dict[str, Any] = {}
