@@ -423,7 +423,10 @@ def ready(settings: ClientSettings, rng: random.Random) -> Plan[Readiness]:
 
 
 MAX_BULK = 128
-"""Sessions per bulk request or transaction (the API's bound, etcd's --max-txn-ops)."""
+"""Sessions per bulk get or bulk save (the API's bound, etcd's --max-txn-ops)."""
+MAX_OPERATIONS = MAX_BULK - 1
+"""Operations per transaction (nested in the sidecar's batch, which etcd counts against
+the 128 operations it takes per level)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,10 +477,11 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
 
 
 def _bulk_request(path: str, body: dict[str, Any] | tuple[str, list[bytes]],
-                  count: int) -> Request:
+                  count: int, limit: int = MAX_BULK) -> Request:
     """A bulk request: ``body`` as an object, or as ``(array name, its items' JSON)``."""
-    if not 1 <= count <= MAX_BULK:
-        raise BadRequest(f"a bulk request names 1 to {MAX_BULK} sessions, not {count}")
+    if not 1 <= count <= limit:
+        what = "a transaction holds" if limit == MAX_OPERATIONS else "a bulk request names"
+        raise BadRequest(f"{what} 1 to {limit} sessions, not {count}")
     if isinstance(body, tuple):
         name, parts = body
         data = b'{"' + name.encode() + b'":[' + b",".join(parts) + b"]}"
@@ -559,7 +563,8 @@ def transaction(operations: list[Upsert | Delete], settings: ClientSettings,
     ``item`` and every operation's answer in ``items``)."""
     ops = [_item_body(op, operation="upsert" if isinstance(op, Upsert) else "delete")
            for op in operations]
-    request = _bulk_request("/v1/sessions:transaction", ("operations", ops), len(ops))
+    request = _bulk_request("/v1/sessions:transaction", ("operations", ops), len(ops),
+                            MAX_OPERATIONS)
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status != 200:
         if uncertain and answer.status == 412:

@@ -34,7 +34,7 @@ from meshxl import web as mweb
 
 from .record import JSON_TYPE, is_json, valid_content_type, valid_session_id
 from .sessions import BadRequest, Change, SessionError, Stored, TooLarge, check_if_match
-from .store import MAX_TXN_OPS
+from .store import MAX_TXN_OPS, MAX_TXN_WRITES
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
@@ -46,7 +46,10 @@ SAVE_FIELDS = ("session", "data", "encoding", "content_type", "if_match", "if_no
 UPSERT_FIELDS = ("operation", *SAVE_FIELDS)
 
 MAX_ITEMS = MAX_TXN_OPS
-"""Sessions per request at most (a transaction is one etcd transaction level)."""
+"""Sessions per bulk get or bulk save at most (etcd's operations per transaction level)."""
+MAX_OPERATIONS = MAX_TXN_WRITES
+"""Operations per transaction at most: one etcd transaction nested in a batch, which
+etcd's 128 operations per level leave 127."""
 MAX_BODY = 4 * 1024 * 1024
 """Bytes of a bulk save or transaction request body."""
 MAX_GET_BODY = 64 * 1024
@@ -116,7 +119,7 @@ def parse_transaction(body: bytes, max_bytes: int) -> list[Item]:
     the items, checked; the states together within :data:`MAX_TXN_BYTES`."""
     request = _object(body, "operations")
     items = []
-    for i, raw in enumerate(_array(request, "operations")):
+    for i, raw in enumerate(_array(request, "operations", MAX_OPERATIONS)):
         where = _Where("operations", i)
         if not isinstance(raw, dict):
             raise where.bad("operation", "each operation is an object")
@@ -153,13 +156,13 @@ def _object(body: bytes, array: str) -> dict[str, Any]:
     return request
 
 
-def _array(request: dict[str, Any], name: str) -> list[Any]:
+def _array(request: dict[str, Any], name: str, limit: int = MAX_ITEMS) -> list[Any]:
     value = request.get(name)
     if not isinstance(value, list) or not value:
         raise BadRequest(f"{name} must be a non-empty array", field=name)
-    if len(value) > MAX_ITEMS:
-        raise TooLarge(f"{name} holds {len(value)} entries; the limit is {MAX_ITEMS}",
-                       field=name, limit=MAX_ITEMS)
+    if len(value) > limit:
+        raise TooLarge(f"{name} holds {len(value)} entries; the limit is {limit}",
+                       field=name, limit=limit)
     return value
 
 
@@ -346,6 +349,7 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-__all__ = ["ENCODINGS", "MAX_BODY", "MAX_GET_BODY", "MAX_ITEMS", "MAX_TXN_BYTES", "Item",
+__all__ = ["ENCODINGS", "MAX_BODY", "MAX_GET_BODY", "MAX_ITEMS", "MAX_OPERATIONS",
+           "MAX_TXN_BYTES", "Item",
            "embeddable", "error_fields", "items_body", "parse_get", "parse_save",
            "parse_transaction", "read_item", "write_answer", "write_fields"]

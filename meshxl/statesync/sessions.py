@@ -48,7 +48,7 @@ from meshxl.model.spec import Replication
 from .cache import SessionCache
 from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json, valid_session_id
-from .store import MAX_TXN_OPS, KeyState, SessionStore, StoreUnavailable, TxnWrite, WriteResult
+from .store import MAX_TXN_WRITES, KeyState, SessionStore, StoreUnavailable, TxnWrite, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -587,8 +587,8 @@ class Sessions:
         throughout, taken in sorted order.
         """
         ids = [c.session_id for c in changes]
-        if not 0 < len(changes) <= MAX_TXN_OPS:
-            raise BadRequest(f"a transaction holds 1 to {MAX_TXN_OPS} operations, "
+        if not 0 < len(changes) <= MAX_TXN_WRITES:
+            raise BadRequest(f"a transaction holds 1 to {MAX_TXN_WRITES} operations, "
                              f"not {len(changes)}")
         if len(set(ids)) != len(ids):
             raise BadRequest("a transaction names each session once")

@@ -27,13 +27,14 @@ Faults
 
 Transactions
     ``transact`` writes several keys all or none: one guarded op like a single write,
-    with a compare per key (at most 128, etcd's ``--max-txn-ops``, each key once, the
-    whole under etcd's 1.5 MiB request limit). It joins a batch as one nested
-    transaction. Its failure branch reads every key's revision, keys only, so the
-    caller can tell which compare failed without an answer that could exceed gRPC's
-    message limit. An unanswered attempt is settled as a single write is: every key
-    it puts holds its exact bytes at one revision (read back one by one) and every key
-    it deletes is gone, or 503.
+    with a compare per key (at most 127: it joins a batch as one nested transaction,
+    and etcd's ``--max-txn-ops``, 128, counts the batch's level against it; each key
+    once; the whole under etcd's 1.5 MiB request limit). A batch holding it holds at
+    most 128 minus its width ops (:func:`take_batch`). Its failure branch reads every
+    key's revision, keys only, so the caller can tell which compare failed without an
+    answer that could exceed gRPC's message limit. An unanswered attempt is settled as
+    a single write is: every key it puts holds its exact bytes at one revision (read
+    back one by one) and every key it deletes is gone, or 503.
 
 Reads
     ``check`` is a linearizable, keys-only range: the key's current mod_revision, no
@@ -73,8 +74,12 @@ from . import wire
 log = logging.getLogger(__name__)
 
 # etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
-# requests above 1.5 MiB (--max-request-bytes).
+# requests above 1.5 MiB (--max-request-bytes). A nested level's limit is what the levels
+# above it left: a batch of n ops may hold nested transactions of at most 128 - n ops.
 MAX_TXN_OPS = 128
+MAX_TXN_WRITES = MAX_TXN_OPS - 1
+"""Keys of one :meth:`SessionStore.transact`: it travels nested in a batch of at least
+itself, so etcd leaves it 127 of its 128 operations."""
 MAX_REQUEST_BYTES = 1_400_000
 STALLED_AFTER = 0.25
 """Seconds after which a batch in flight no longer counts against ``max_inflight``."""
@@ -162,6 +167,8 @@ class _Op:
     uncertain: bool = False
     group: _Group | None = None
     index: int = 0
+    width: int = 1
+    """Operations of its nested transaction (0: not a transaction, a plain read)."""
 
     def answered(self) -> bool:
         if self.group is not None:
@@ -178,6 +185,28 @@ class _Op:
                 self.future.set_exception(value)
             else:
                 self.future.set_result(value)
+
+
+def take_batch(queue: deque[_Op], max_ops: int, max_bytes: int) -> list[_Op]:
+    """Take the next batch off a non-empty ``queue``: its head and the ops behind it, in
+    order, while the batch holds at most ``max_ops`` ops and ``max_bytes`` bytes (the
+    head alone may exceed them) and etcd takes it: a batch of n ops whose widest nested
+    transaction holds w ops is refused unless n + w <= 128 (``--max-txn-ops`` counts the
+    outer level against the nested one). Pure; ``tests/unit/test_statesync_pure.py``."""
+    first = queue.popleft()
+    batch = [first]
+    size = first.size
+    widest = first.width
+    while queue and len(batch) < max_ops:
+        op = queue[0]
+        wide = op.width if op.width > widest else widest
+        if size + op.size > max_bytes or len(batch) + 1 + wide > MAX_TXN_OPS:
+            break
+        queue.popleft()
+        size += op.size
+        widest = wide
+        batch.append(op)
+    return batch
 
 
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
@@ -216,19 +245,21 @@ class _Batcher:
 
     async def submit(self, request: bytes | rpc.RequestOp,
                      parse: Callable[[Any, int, bool], Any], size: int = 64, *,
-                     resend: bool = True) -> Any:
-        future = self.enqueue(request, parse, size, resend=resend)
+                     resend: bool = True, width: int = 1) -> Any:
+        future = self.enqueue(request, parse, size, resend=resend, width=width)
         self._kick()
         return await future
 
     def enqueue(self, request: bytes | rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
-                size: int = 64, *, resend: bool = True) -> asyncio.Future[Any]:
+                size: int = 64, *, resend: bool = True, width: int = 1) -> asyncio.Future[Any]:
         """Queue an op (serialized, or a message serialized here) without sending:
-        :meth:`kick` after the last of several, so they leave together."""
+        :meth:`kick` after the last of several, so they leave together. ``width``: the
+        operations of the op's nested transaction (1: a guarded single-key write; 0:
+        a plain read)."""
         if not isinstance(request, bytes):
             request = request.SerializeToString()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Op(request, size, parse, future, resend))
+        self._queue.append(_Op(request, size, parse, future, resend, width=width))
         return future
 
     def enqueue_group(self, ops: Sequence[tuple[bytes, Callable[[Any, int, bool], Any], int,
@@ -248,13 +279,7 @@ class _Batcher:
 
     def _kick(self) -> None:
         while self._queue and self._inflight < self._max_inflight:
-            batch = [self._queue.popleft()]
-            size = batch[0].size
-            while (self._queue and len(batch) < self._max_ops
-                   and size + self._queue[0].size <= self._max_bytes):
-                op = self._queue.popleft()
-                size += op.size
-                batch.append(op)
+            batch = take_batch(self._queue, self._max_ops, self._max_bytes)
             self._inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)
@@ -427,13 +452,13 @@ class SessionStore:
     async def check(self, key: bytes) -> int:
         """The key's current mod_revision (0: absent), linearizable, without its value."""
         state: KeyState = await self._reads.submit(
-            _range(key, keys_only=True), _read_result, len(key) + 16)
+            _range(key, keys_only=True), _read_result, len(key) + 16, width=0)
         return state.revision
 
     async def fetch(self, key: bytes) -> KeyState:
         """The key with its value, linearizable."""
         state: KeyState = await self._reads.submit(
-            _range(key, keys_only=False), _read_result, len(key) + 16)
+            _range(key, keys_only=False), _read_result, len(key) + 16, width=0)
         return state
 
     # -- writes ---------------------------------------------------------------------------
@@ -489,8 +514,8 @@ class SessionStore:
         one answer may carry), so the caller can tell which compare failed. It travels
         in a batch like any single write, as one nested transaction.
         """
-        if not 0 < len(writes) <= MAX_TXN_OPS:
-            raise ValueError(f"a transaction holds 1 to {MAX_TXN_OPS} writes, "
+        if not 0 < len(writes) <= MAX_TXN_WRITES:
+            raise ValueError(f"a transaction holds 1 to {MAX_TXN_WRITES} writes, "
                              f"not {len(writes)}")
         if len({w.key for w in writes}) != len(writes):
             raise ValueError("a transaction names each key once (etcd refuses duplicates)")
@@ -515,7 +540,7 @@ class SessionStore:
             # A creation is never sent twice (see the module docstring): a transaction
             # is sent again only if every compare expects an existing key.
             resend=all(w.expected != 0 for w in writes),
-            leased=any(w.value is not None for w in writes))
+            leased=any(w.value is not None for w in writes), width=len(writes))
         if result.uncertain:
             return await self._settle(writes, result)
         return result
@@ -543,7 +568,7 @@ class SessionStore:
 
     async def _write(self, build: Callable[[int], rpc.RequestOp],
                      parse: Callable[[Any, int, bool], Any], size: int, *,
-                     resend: bool, leased: bool = True) -> Any:
+                     resend: bool, leased: bool = True, width: int = 1) -> Any:
         """Submit ``build(lease)`` (the session lease of the current TTL bucket) to the
         write batcher; once more with a new lease if etcd lost the lease."""
         for attempt in (1, 2):
@@ -551,7 +576,8 @@ class SessionStore:
             if leased:
                 lease = self.leases.cached() or await self._lease()
             try:
-                return await self._writes.submit(build(lease), parse, size, resend=resend)
+                return await self._writes.submit(build(lease), parse, size, resend=resend,
+                                                 width=width)
             except StoreUnavailable as exc:
                 if attempt == 1 and self._lease_lost(exc):
                     continue

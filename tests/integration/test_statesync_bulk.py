@@ -20,6 +20,7 @@ from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
 from tests.harness import EtcdServer
 from tests.harness.sidecar import Reply, SidecarProcess
+from tests.integration.test_statesync import _answers
 
 pytestmark = pytest.mark.integration
 
@@ -334,6 +335,43 @@ async def test_a_transaction_beyond_one_etcd_request_is_413(
     saved = items(await a.bulk_save([{"session": s, "data": big, "encoding": "base64"}
                                      for s in ("big1", "big2")]))
     assert [i["status"] for i in saved] == [201, 201], saved
+
+
+async def test_full_batches_and_wide_transactions_stay_within_etcds_operation_limit(
+    etcd: EtcdServer, start_sidecar: Any,
+) -> None:
+    """etcd takes 128 operations per transaction level and counts the levels above a
+    nested transaction against it: a batch of 128 single writes, or a transaction of k
+    sessions in a batch of more than 128 - k ops, is refused whole (every write in it
+    503). The sidecar forms batches etcd takes, and a transaction holds 127 sessions."""
+    a = await member(start_sidecar, etcd.url, "a", batch_max_ops=128)
+    saved = items(await a.bulk_save([{"session": f"w{i}", "data": i} for i in range(128)]))
+    assert [i["status"] for i in saved] == [201] * 128, saved
+    # The widest transaction queued behind single writes (pipelined on one connection:
+    # the first write leaves alone, the others and the transaction queue up behind it).
+    def request(method: str, path: str, body: bytes, extra: str = "") -> bytes:
+        return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+    wide = json.dumps({"operations": [{"session": f"t{i}", "data": [1, i]}
+                                      for i in range(127)]}).encode()
+    stream = b"".join([*(request("PUT", f"/v1/sessions/w{i}", b'{"round":1}')
+                         for i in range(40)),
+                       request("POST", "/v1/sessions:transaction", wide,
+                               "Connection: close\r\n")])
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+    writer.write(stream)
+    await writer.drain()
+    answers = _answers(await asyncio.wait_for(reader.read(), 30))
+    writer.close()
+    assert [status for status, _ in answers] == [200] * 41, answers[:3]
+    got = await a.get("t126")
+    assert got.json() == [1, 126], got
+    refused = await a.transaction([{"session": f"u{i}", "data": i} for i in range(128)])
+    body = refused.json()
+    assert refused.status == 413 and body["field"] == "operations", refused
+    assert "the limit is 127" in body["error"], body
+    assert (await a.get("u0")).status == 404  # nothing written
 
 
 async def test_a_transaction_replicates_sessions_kept_local(

@@ -456,3 +456,9 @@ def test_bulk_items_carry_json_as_json_and_bytes_as_base64() -> None:
         _item_body(Upsert(session="../x", state=1))
     with pytest.raises(cerrors.BadRequest, match="1 to 128"):
         _bulk_request("/v1/sessions:bulkGet", {}, MAX_BULK + 1)
+    # A transaction is nested in the sidecar's batch: etcd leaves it 127 operations.
+    from meshxl.client.plans import transaction
+    plan = transaction([Upsert(session=f"s{i}", state=i) for i in range(128)],
+                       ClientSettings(), random.Random(1))
+    with pytest.raises(cerrors.BadRequest, match="a transaction holds 1 to 127"):
+        next(plan)

@@ -1,12 +1,15 @@
-"""statesync's pure parts: the record codec, ETags, config checks, and the cache's
-ordering rules (fed real aetcd event objects, no etcd)."""
+"""statesync's pure parts: the record codec, ETags, config checks, the cache's
+ordering rules (fed real aetcd event objects, no etcd), and how writes form batches."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from aetcd import rpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
@@ -225,3 +228,50 @@ async def test_several_sessions_take_their_places_at_once_and_keep_arrival_order
         await waiting
     sessions._locks.release("a")
     assert len(sessions._locks) == 0
+
+
+# -- batches etcd takes ------------------------------------------------------------------
+
+
+def _op(size: int, width: int) -> Any:
+    from meshxl.statesync.store import _Op
+    return _Op(b"", size, lambda *_: None, None, width=width)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(1, 400_000), st.integers(0, 127)), min_size=1,
+                    max_size=400),
+       max_ops=st.integers(1, 128), max_bytes=st.integers(1, 1_400_000))
+def test_batches_keep_order_and_stay_within_what_etcd_takes(
+        ops: list[tuple[int, int]], max_ops: int, max_bytes: int) -> None:
+    """Every op leaves once, in order; a batch holds at most max_ops ops and max_bytes
+    (but for a lone op), its ops plus its widest nested transaction at most 128 (etcd
+    refuses the whole batch otherwise), and it stops only where the next op would break
+    one of those bounds."""
+    from collections import deque
+
+    from meshxl.statesync.store import MAX_TXN_OPS, take_batch
+    queue = deque(_op(size, width) for size, width in ops)
+    order = list(queue)
+    taken: list[Any] = []
+    while queue:
+        batch = take_batch(queue, max_ops, max_bytes)
+        taken += batch
+        size, widest = sum(o.size for o in batch), max(o.width for o in batch)
+        assert len(batch) + widest <= MAX_TXN_OPS
+        assert len(batch) == 1 or (len(batch) <= max_ops and size <= max_bytes)
+        if queue:
+            nxt = queue[0]
+            assert (len(batch) == max_ops or size + nxt.size > max_bytes
+                    or len(batch) + 1 + max(widest, nxt.width) > MAX_TXN_OPS)
+    assert [id(o) for o in taken] == [id(o) for o in order]
+
+
+def test_single_writes_fill_a_batch_to_127_and_a_wide_transaction_leaves_room_for_one() -> None:
+    from collections import deque
+
+    from meshxl.statesync.store import take_batch
+    singles = deque(_op(10, 1) for _ in range(300))
+    assert [len(take_batch(singles, 128, 10**6)) for _ in range(3)] == [127, 127, 46]
+    mixed = deque([_op(10, 1), _op(10, 127), _op(10, 1), _op(10, 0)])
+    assert [len(take_batch(mixed, 128, 10**6)) for _ in range(3)] == [1, 1, 2]
