@@ -2,16 +2,18 @@
 
 Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
 
-1. Write throughput at equal concurrency (64 sessions written at once, ~1 KiB JSON
-   values, each writer overwriting its own key/session, fixed duration and a cap on
-   the count): (a) raw aetcd puts straight to etcd, 64 writers; (b) through one sidecar
-   over HTTP/TCP with batching on (``--batch-max-ops 64``, one transaction in flight:
-   group commit), 64 writers; (c) a second sidecar with ``--batch-max-ops 1
+1. Write throughput at equal concurrency (64 writers, ~1 KiB JSON values, each writer
+   overwriting its own keys/sessions, fixed duration and a cap on the count): (a) raw
+   aetcd puts straight to etcd, 64 writers; (b) through one sidecar over HTTP/TCP with
+   its default batching (``--batch-max-ops 64``, one transaction in flight, group
+   commit, a full batch leaving at once), 64 writers; (c) a second sidecar with ``--batch-max-ops 1
    --max-inflight 64`` (batching off, the same concurrency as the raw puts); (d) the
    sidecar of (b) over its Unix socket (``--listen unix:PATH``), 64 writers; (e) bulk
-   saves of 16 sessions per request over that socket, 4 writers (64 sessions in
-   flight, as in the others); (f) the sidecar of (b) over TCP from a plain aiohttp
-   client, for reference; writes/s counts sessions written.
+   saves of 16 sessions per request over that socket, 64 writers (the writers of the
+   others, each request carrying 16 sessions: 1,024 sessions in flight); (f) the same
+   from 4 writers (64 sessions in flight, as in the single-write modes), for
+   reference; (g) the sidecar of (b) over TCP from a plain aiohttp client, for
+   reference; writes/s counts sessions written.
    The load generator is the application: a separate process (this script with
    ``--client``), so it does not share an event loop or a GIL with the sidecar; it
    does share the machine's cores with etcd and the sidecar (no pinning). It writes
@@ -92,13 +94,18 @@ MODES = (("raw", "raw aetcd put -> etcd"),
          ("batched", "sidecar HTTP/TCP, --batch-max-ops 64"),
          ("unbatched", "sidecar HTTP/TCP, batch 1, 64 in flight"),
          ("unix", "sidecar HTTP/Unix socket, batch 64"),
-         ("bulk16", f"bulk save x{BULK_SESSIONS}, Unix socket, batch 64"),
+         ("bulk16", f"bulk save x{BULK_SESSIONS}, Unix, 64 writers"),
+         ("bulk16w4", f"bulk save x{BULK_SESSIONS}, Unix, 4 writers"),
          ("aiohttp", "sidecar HTTP/TCP, batch 64, aiohttp client"))
-SIDECAR_MODES = ("batched", "unbatched", "unix", "bulk16", "aiohttp")
+SIDECAR_MODES = ("batched", "unbatched", "unix", "bulk16", "bulk16w4", "aiohttp")
+BULK_WRITERS = {"bulk16": CONCURRENCY, "bulk16w4": CONCURRENCY // BULK_SESSIONS}
+"""Writers of the bulk modes: 64 as the others (16 sessions a request), and 4 (as many
+sessions in flight as the others)."""
 TARGETS = {"batched": (TARGET_BATCHED, "batched (group commit), TCP"),
            "unbatched": (TARGET_UNBATCHED, "batch 1, 64 in flight, TCP"),
            "unix": (TARGET_UNIX, "batched, Unix socket"),
-           "bulk16": (TARGET_BULK, f"bulk saves of {BULK_SESSIONS} sessions, Unix socket")}
+           "bulk16": (TARGET_BULK, f"bulk saves of {BULK_SESSIONS} sessions, Unix socket, "
+                                   f"{CONCURRENCY} writers")}
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -306,7 +313,8 @@ async def _run_client(cfg: dict[str, Any]) -> Any:
     return json.loads(out.strip().splitlines()[-1])
 
 
-SIDECAR_OF = {"unix": "batched", "bulk16": "batched", "aiohttp": "batched"}
+SIDECAR_OF = {"unix": "batched", "bulk16": "batched", "bulk16w4": "batched",
+              "aiohttp": "batched"}
 """Modes that use another mode's sidecar (over its Unix socket)."""
 
 
@@ -323,10 +331,9 @@ async def bench_throughput(url: str, sidecars: dict[str, Sidecar],
             sidecar = sidecars.get(SIDECAR_OF.get(mode, mode))
             cfg: dict[str, Any] = {
                 "mode": mode if mode in ("raw", "aiohttp") else "http",
-                "concurrency": (CONCURRENCY // BULK_SESSIONS if mode == "bulk16"
-                                else CONCURRENCY),
-                "bulk": BULK_SESSIONS if mode == "bulk16" else 0,
-                "unix": sidecar.unix if sidecar and mode in ("unix", "bulk16") else None,
+                "concurrency": BULK_WRITERS.get(mode, CONCURRENCY),
+                "bulk": BULK_SESSIONS if mode in BULK_WRITERS else 0,
+                "unix": sidecar.unix if sidecar and mode in ("unix", *BULK_WRITERS) else None,
                 "duration": duration,
                 "max_writes": max_writes, "warmup": 2,
                 "prefix": f"/bench-raw/r{r}-" if mode == "raw" else f"s-{mode}-r{r}-",
@@ -611,7 +618,7 @@ async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
 
 def print_report(res: dict[str, Any]) -> None:
     t = res["throughput"]
-    print(f"\n== write throughput: {t['concurrency']} sessions written at once, "
+    print(f"\n== write throughput: {t['concurrency']} writers, "
           f"~{t['value_bytes']} B JSON values, {t['duration_s']:g} s per run, {t['rounds']} "
           "round(s), median shown")
     print("   load generator: separate process; client, sidecar and etcd share "
@@ -696,8 +703,8 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
         wps = t["modes"][mode]["median_run"]["writes_per_s"]
         out.append(Verdict(f"statesync: sidecar writes/s / raw aetcd puts, {label}",
                            t[f"ratio_{mode}_vs_raw"], target, "x", at_most=False,
-                           reference=f"{wps:,.0f} vs raw {raw:,.0f} writes/s at "
-                           f"{t['concurrency']} sessions in flight"))
+                           reference=f"{wps:,.0f} vs raw {raw:,.0f} writes/s, "
+                           f"{t['concurrency']} writers"))
     h, rb = lag["b_lag_histogram_ms"], lag["raw_put_sent_to_watch_event_bucketed_ms"]
     for q in ("p50", "p99"):
         out.append(Verdict(f"statesync: replication lag / etcd watch latency, {q}",

@@ -85,6 +85,11 @@ STALLED_AFTER = 0.25
 """Seconds after which a batch in flight no longer counts against ``max_inflight``."""
 MAX_STALLED = 16
 """Batches in flight beyond ``max_inflight`` (stalled ones) at most."""
+FULL_EXTRA = 3
+"""Full batches in flight beyond ``max_inflight`` at most: a batch that cannot grow gains
+nothing by waiting for the ones in flight (bulk saves of 16 sessions from 64 writers:
+about 1.6x raw puts with one transaction in flight, 2.1x with full batches leaving at
+once; single writes from 64 writers never fill a batch and are unchanged)."""
 
 
 class StoreUnavailable(Unavailable):
@@ -187,6 +192,14 @@ class _Op:
                 self.future.set_result(value)
 
 
+def may_send(queued: int, inflight: int, max_inflight: int, max_ops: int) -> bool:
+    """Whether the next batch leaves now: while fewer than ``max_inflight`` are out, or
+    when it is full (``max_ops`` ops queued) and fewer than ``max_inflight`` +
+    :data:`FULL_EXTRA` are. Pure."""
+    return queued > 0 and (inflight < max_inflight or (
+        queued >= max_ops and inflight < max_inflight + FULL_EXTRA))
+
+
 def take_batch(queue: deque[_Op], max_ops: int, max_bytes: int) -> list[_Op]:
     """Take the next batch off a non-empty ``queue``: its head and the ops behind it, in
     order, while the batch holds at most ``max_ops`` ops and ``max_bytes`` bytes (the
@@ -225,7 +238,9 @@ class _Batcher:
 
     An op waits only while ``max_inflight`` transactions are already out; whatever
     queued meanwhile (up to the op and byte bounds) leaves in the next one, so the
-    delay a batch adds is bounded by one etcd round trip.
+    delay a batch adds is bounded by one etcd round trip. A full batch does not wait
+    (:func:`may_send`): under a load that fills batches, etcd gets the next one while
+    it commits the last.
     """
 
     def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
@@ -278,8 +293,10 @@ class _Batcher:
         self._kick()
 
     def _kick(self) -> None:
-        while self._queue and self._inflight < self._max_inflight:
-            batch = take_batch(self._queue, self._max_ops, self._max_bytes)
+        queue = self._queue
+        while queue and may_send(len(queue), self._inflight, self._max_inflight,
+                                 self._max_ops):
+            batch = take_batch(queue, self._max_ops, self._max_bytes)
             self._inflight += 1
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)

@@ -275,3 +275,14 @@ def test_single_writes_fill_a_batch_to_127_and_a_wide_transaction_leaves_room_fo
     assert [len(take_batch(singles, 128, 10**6)) for _ in range(3)] == [127, 127, 46]
     mixed = deque([_op(10, 1), _op(10, 127), _op(10, 1), _op(10, 0)])
     assert [len(take_batch(mixed, 128, 10**6)) for _ in range(3)] == [1, 1, 2]
+
+
+def test_a_full_batch_leaves_without_waiting_for_the_one_in_flight() -> None:
+    from meshxl.statesync.store import FULL_EXTRA, may_send
+    assert not may_send(0, 0, 1, 64)
+    assert may_send(1, 0, 1, 64)                  # nothing out: the first write leaves
+    assert not may_send(63, 1, 1, 64)             # group commit: it waits for the answer
+    assert may_send(64, 1, 1, 64)                 # a full batch does not
+    assert may_send(500, FULL_EXTRA, 1, 64)
+    assert not may_send(500, 1 + FULL_EXTRA, 1, 64)  # bounded all the same
+    assert may_send(5, 1, 2, 64) and not may_send(5, 2, 2, 64)
