@@ -477,10 +477,11 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
 
 
 def _bulk_request(path: str, body: dict[str, Any] | tuple[str, list[bytes]],
-                  count: int, limit: int = MAX_BULK) -> Request:
-    """A bulk request: ``body`` as an object, or as ``(array name, its items' JSON)``."""
+                  count: int, limit: int = MAX_BULK,
+                  what: str = "a bulk request names") -> Request:
+    """A bulk request: ``body`` as an object, or as ``(array name, its items' JSON)``,
+    of at most ``limit`` sessions (``what`` names the bound in the error)."""
     if not 1 <= count <= limit:
-        what = "a transaction holds" if limit == MAX_OPERATIONS else "a bulk request names"
         raise BadRequest(f"{what} 1 to {limit} sessions, not {count}")
     if isinstance(body, tuple):
         name, parts = body
@@ -564,7 +565,7 @@ def transaction(operations: list[Upsert | Delete], settings: ClientSettings,
     ops = [_item_body(op, operation="upsert" if isinstance(op, Upsert) else "delete")
            for op in operations]
     request = _bulk_request("/v1/sessions:transaction", ("operations", ops), len(ops),
-                            MAX_OPERATIONS)
+                            MAX_OPERATIONS, "a transaction holds")
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status != 200:
         if uncertain and answer.status == 412:
