@@ -287,5 +287,15 @@ class _Watcher(watcher.Watcher):  # type: ignore[misc]
         await super()._handle_response(response)
 
 
+def watch_refused(client: aetcd.Client) -> None:
+    """etcd cancelled a watch of ``client`` with a reason: forget its token, so the next
+    call or stream authenticates again (etcd 3.4 refuses a watch made with a token it
+    no longer knows, after a restart or the token's TTL, this way, with no gRPC error
+    for the interceptors to see). A client without a password: nothing to do."""
+    auth = getattr(client, "_auth", None)
+    if isinstance(auth, _TokenAuth):
+        auth.invalidate(auth.current)
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host

@@ -34,6 +34,7 @@ import grpc
 from aetcd import rpc
 
 from meshxl.errors import Unavailable
+from meshxl.etcd_auth import watch_refused
 
 log = logging.getLogger("meshxl.etcd")
 
@@ -588,7 +589,9 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
     queue, which cost more than applying it. Ends with ``RevisionCompactedError`` when
     ``start_revision`` is compacted, and with ``ConnectionFailedError`` when the stream
     ends, etcd cancels the watch, or (several members) its member stops being up: the
-    caller resumes from the last revision it applied, elsewhere if need be.
+    caller resumes from the last revision it applied, elsewhere if need be. A watch etcd
+    cancels with a reason (a token it forgot, missing permissions) also drops the
+    member's token, so the resumed watch authenticates again.
     """
     await client.connect()
     balancer = balancer_of(client)
@@ -621,6 +624,8 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
             if response.compact_revision:
                 raise aetcd.exceptions.RevisionCompactedError(response.compact_revision)
             if response.canceled:
+                if response.cancel_reason:  # refused for its token or its permissions
+                    watch_refused(member)
                 raise aetcd.exceptions.ConnectionFailedError(
                     f"etcd canceled the watch: {response.cancel_reason or 'no reason given'}")
             if response.events:

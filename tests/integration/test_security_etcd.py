@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import pytest
 
-from meshxl import etcd
+from meshxl import etcd, etcd_balancer
 from meshxl.etcdkeys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
@@ -21,7 +22,14 @@ from meshxl.local.wait import wait_until
 from tests.harness.certs import CA
 from tests.harness.cli import meshxl
 from tests.harness.controlplane import ControlPlaneProcess
-from tests.harness.secure_etcd import PASSWORD, USER, SecureEtcd, enable_auth_on, start_secure_etcd
+from tests.harness.secure_etcd import (
+    PASSWORD,
+    USER,
+    SecureEtcd,
+    enable_auth_on,
+    forget_tokens,
+    start_secure_etcd,
+)
 from tests.harness.sidecar import SidecarProcess
 
 pytestmark = pytest.mark.integration
@@ -233,6 +241,31 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
     security = etcd.EtcdSecurity(user=USER, password=PASSWORD)
     async with etcd.client(auth_etcd.url, security=security) as client:
         assert (await client.get(Keys().model.encode())) is not None
+
+
+async def test_a_watch_refused_for_a_forgotten_token_authenticates_again(
+        auth_etcd: Any) -> None:
+    """etcd refuses a watch whose token it no longer knows by cancelling it (no gRPC
+    error): the session cache's watch then forgets the token, so the next watch, even
+    one moment later, authenticates again instead of being refused the same way."""
+    security = etcd.EtcdSecurity(user=USER, password=PASSWORD)
+    key = b"/meshxl/test/watch-token"
+    async with etcd.client(auth_etcd.url, security=security) as client:
+        await client.put(key, b"1")  # authenticates: the token is confirmed just now
+        head = (await client.get(key)).mod_revision
+
+        async def first_response() -> Any:
+            async for response in etcd_balancer.watch_responses(client, key, key + b"\0",
+                                                                head):
+                return response
+            return None
+
+        await forget_tokens(auth_etcd.url)
+        with pytest.raises(aetcd.exceptions.ConnectionFailedError,
+                           match="etcd canceled the watch: .*invalid auth token"):
+            await asyncio.wait_for(first_response(), 5.0)
+        response = await asyncio.wait_for(first_response(), 5.0)
+        assert [e.kv.mod_revision for e in response.events] == [head]
 
 
 async def test_wrong_or_missing_credentials_are_one_line_errors(
