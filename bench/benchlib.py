@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import runpy
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from meshxl.stats import summary
@@ -198,3 +201,25 @@ def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: 
     print_report(res, verdict_list)
     print(f"  results: {path}; ran in {res['seconds']} s")
     return 0
+
+
+# -- wrappers that watch a module between signals (profiled.py, gcwatched.py) -----------
+
+
+def run_module_between_signals(module: str, argv: Sequence[str],
+                               start: Callable[[], None], stop: Callable[[], None]) -> None:
+    """Run ``module`` as ``__main__`` with ``argv``: SIGUSR1 calls ``start`` (a window
+    opens), SIGUSR2 ``stop`` (it closes and is written out), SIGTERM ends the run. So a
+    benchmark watches the load it measures, window by window, not the start-up."""
+
+    def terminate(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: start())
+    signal.signal(signal.SIGUSR2, lambda _signum, _frame: stop())
+    signal.signal(signal.SIGTERM, terminate)
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except (KeyboardInterrupt, SystemExit):
+        pass

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import gc
 import json
-import runpy
-import signal
 import sys
 import time
-from types import FrameType
 from typing import Any
+
+from benchlib import run_module_between_signals
 
 
 def main() -> None:
@@ -49,13 +48,13 @@ def main() -> None:
             seconds[generation] += took
             longest[0] = max(longest[0], took)
 
-    def start(_signum: int, _frame: FrameType | None) -> None:
+    def start() -> None:
         counts[:] = [0, 0, 0]
         seconds[:] = [0.0, 0.0, 0.0]
         longest[0] = 0.0
         watching[0] = True
 
-    def stop(_signum: int, _frame: FrameType | None) -> None:
+    def stop() -> None:
         nonlocal windows
         watching[0] = False
         with open(f"{out}.{windows}", "w") as f:
@@ -63,18 +62,8 @@ def main() -> None:
                        "threshold": gc.get_threshold()}, f)
         windows += 1
 
-    def terminate(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
     gc.callbacks.append(collected)
-    signal.signal(signal.SIGUSR1, start)
-    signal.signal(signal.SIGUSR2, stop)
-    signal.signal(signal.SIGTERM, terminate)
-    sys.argv = [module, *args[2:]]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except (KeyboardInterrupt, SystemExit):
-        pass
+    run_module_between_signals(module, args[2:], start, stop)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ window, not the start-up's imports.
 from __future__ import annotations
 
 import cProfile
-import runpy
-import signal
 import sys
-from types import FrameType
+
+from benchlib import run_module_between_signals
 
 
 def main() -> None:
@@ -22,27 +21,17 @@ def main() -> None:
     profiler = cProfile.Profile()
     windows = 0
 
-    def start(_signum: int, _frame: FrameType | None) -> None:
+    def start() -> None:
         profiler.enable()
 
-    def stop(_signum: int, _frame: FrameType | None) -> None:
+    def stop() -> None:
         nonlocal profiler, windows
         profiler.disable()
         profiler.dump_stats(f"{out}.{windows}")
         windows += 1
         profiler = cProfile.Profile()
 
-    def terminate(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGUSR1, start)
-    signal.signal(signal.SIGUSR2, stop)
-    signal.signal(signal.SIGTERM, terminate)
-    sys.argv = [module, *sys.argv[4:]]
-    try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    except (KeyboardInterrupt, SystemExit):
-        pass
+    run_module_between_signals(module, sys.argv[4:], start, stop)
 
 
 if __name__ == "__main__":
