@@ -24,15 +24,13 @@ import json
 import os
 import signal
 import sys
-import tempfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import statesync as ss
 from aetcd import rpc
-from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
+from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark
 
 from meshxl import etcd
 from meshxl.local import commands
@@ -202,19 +200,14 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (< ~1 min)")
-    args = parser.parse_args()
-    quick = quick_requested(args.quick)
-    started = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": "statesync_gc", "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
-        res.update(asyncio.run(run(quick, Path(work))))
-    res["seconds"] = round(time.perf_counter() - started, 1)
-    verdict_list = verdicts(res)
-    write_results("statesync_gc", res, verdict_list)
-    print_report(res)
-    print_verdicts("statesync_gc", verdict_list)
-    print(f"  ran in {res['seconds']} s")
-    return 0
+    quick = quick_requested(parser.parse_args().quick)
+
+    def report(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
+        print_report(res)
+        print_verdicts("statesync_gc", verdict_list)
+
+    return run_benchmark("statesync_gc", quick, "meshxl-bench-",
+                         lambda work: run(quick, work), verdicts, report)
 
 
 if __name__ == "__main__":
