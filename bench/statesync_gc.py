@@ -127,9 +127,15 @@ async def measure(url: str, sidecars: dict[str, Watched], etcd_pid: int, rounds:
                         "gc_threshold": gc_stats["threshold"]})
     finally:
         await client.close()
-    out: dict[str, Any] = {"rounds": rounds, "duration_s": duration,
-                           "concurrency": ss.CONCURRENCY, "workloads": {}}
-    for workload in WORKLOADS:
+    return {"rounds": rounds, "duration_s": duration, "concurrency": ss.CONCURRENCY,
+            "workloads": summarize(runs)}
+
+
+def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Per workload: each sidecar's median round (by sessions/s) and its rounds, and the
+    shipped / default ratios of the medians of all rounds. Pure."""
+    out: dict[str, Any] = {}
+    for workload in runs:
         entry: dict[str, Any] = {}
         for which in SIDECARS:
             ranked = sorted(runs[workload][which], key=lambda x: x["writes_per_s"])
@@ -138,7 +144,7 @@ async def measure(url: str, sidecars: dict[str, Watched], etcd_pid: int, rounds:
         for field in ("sidecar_cpu_us_per_session", "gc_ms_per_1k_sessions"):
             a, b = (_median(runs[workload][s], field) for s in SIDECARS)
             entry[f"ratio_{field}"] = round(a / b, 3) if a is not None and b else None
-        out["workloads"][workload] = entry
+        out[workload] = entry
     return out
 
 

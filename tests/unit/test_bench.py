@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import benchlib  # noqa: E402
 import rebalance  # noqa: E402
+import statesync_gc  # noqa: E402
 import summary  # noqa: E402
 from failover import disruption_ms, regressions  # noqa: E402
 
@@ -163,3 +164,32 @@ def test_summary_reads_verdicts_and_draws(tmp_path: Path) -> None:
     assert [summary._score(r) for r in rows] == [0.5, 2.0, 0.1]
     out = summary.draw(rows, tmp_path / "summary.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _gc_round(rate: float, cpu: float, gc_ms: float | None) -> dict[str, object]:
+    return {"writes_per_s": rate, "sidecar_cpu_us_per_session": cpu,
+            "gc_ms_per_1k_sessions": gc_ms, "gc_collections": [0, 0, 0],
+            "gc_longest_ms": 0.0, "gc_threshold": [700, 10, 10]}
+
+
+def test_statesync_gc_ratios_and_verdicts() -> None:
+    runs = {"bulk16": {
+        "shipped": [_gc_round(9000, 90, 0.5), _gc_round(7000, 110, 0.3),
+                    _gc_round(8000, 100, 0.4)],
+        "python-default": [_gc_round(7500, 104, 8.0), _gc_round(8500, 96, 6.0),
+                           _gc_round(6500, 120, 10.0)]}}
+    summary_ = statesync_gc.summarize(runs)["bulk16"]
+    assert summary_["shipped"]["median_run"]["writes_per_s"] == 8000
+    assert summary_["python-default"]["median_run"]["writes_per_s"] == 7500
+    # Medians of all rounds, whichever round was the median by rate.
+    assert summary_["ratio_gc_ms_per_1k_sessions"] == 0.05
+    assert summary_["ratio_sidecar_cpu_us_per_session"] == round(100 / 104, 3)
+    [verdict] = statesync_gc.verdicts({"workloads": {"bulk16": summary_}})
+    assert verdict.met is True and verdict.measured == 0.05
+    assert verdict.reference == "0.4 vs 8.0 ms per 1,000 sessions"
+
+    # The shipped setting collecting half as much as the default or more misses.
+    runs["bulk16"]["shipped"] = [_gc_round(8000, 100, 5.0)]
+    runs["bulk16"]["python-default"] = [_gc_round(8000, 100, 8.0)]
+    [verdict] = statesync_gc.verdicts({"workloads": statesync_gc.summarize(runs)})
+    assert verdict.met is False
