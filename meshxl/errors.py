@@ -42,10 +42,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["Conflict", "InputError", "MeshxlError", "MissingBinary", "NotFound",
-           "PreconditionFailed", "ProcessError", "TooLarge", "Unavailable"]
+           "PreconditionFailed", "ProcessError", "TooLarge", "Unavailable", "detached"]
 
 
 class MeshxlError(Exception):
@@ -100,3 +100,20 @@ class MissingBinary(MeshxlError, RuntimeError):
 
 class ProcessError(MeshxlError, RuntimeError):
     """A process meshxl started failed to start, or died."""
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def detached(error: _E) -> _E:
+    """``error`` without its traceback, to keep as a value (a result among others, a
+    failure to report later) past the ``except`` block that caught it.
+
+    The traceback references every frame the error passed through, the catching one
+    included; a frame that keeps the error (in a local or a list) then makes a
+    reference cycle, and the request's data the frame holds stays in memory until the
+    garbage collector runs, not until the request is answered. An error raised from a
+    local is the same cycle: delete the local as it propagates (``try: raise error``,
+    ``finally: del error``), as ``except ... as`` does.
+    """
+    return error.with_traceback(None)

@@ -33,7 +33,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from meshxl.errors import Unavailable
+from meshxl.errors import Unavailable, detached
 from meshxl.etcd_auth import watch_refused
 
 log = logging.getLogger("meshxl.etcd")
@@ -262,7 +262,7 @@ class Balancer:
                     TimeoutError, MemberChanged) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError) and not retryable(exc):
                     raise
-                last = exc
+                last = detached(exc)  # kept past this block (errors.detached)
                 if not self.probing:
                     raise
                 if not isinstance(exc, MemberChanged):

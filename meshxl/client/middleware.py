@@ -43,6 +43,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from meshxl import headers as hdr
+from meshxl.errors import detached
 
 from .aio import AsyncClient
 from .errors import BadRequest, Conflict, NotFound, SidecarError
@@ -298,7 +299,7 @@ class _Held:
             try:
                 await save(self._client, self._session)
             except SidecarError as exc:
-                self.failure = exc
+                self.failure = detached(exc)  # kept past this block (errors.detached)
                 return
             self.started = True
         await self._send(message)

@@ -392,7 +392,10 @@ def update(session_id: str, fn: Callable[[Any], Any], settings: ClientSettings,
             raise _uncertain(write, answer)
         conflict = _error(write, answer)
         if isinstance(conflict, Undecodable):
-            raise conflict
+            try:
+                raise conflict
+            finally:  # the frame keeps no reference to it: no reference cycle
+                del conflict  # (meshxl.errors.detached)
         pause = next(pauses, None)
         if pause is None:
             raise Contended(f"session {session_id!r} kept changing: {tries} "

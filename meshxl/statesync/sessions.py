@@ -497,7 +497,7 @@ class Sessions:
                 mode, expected = known if known is not None else await self._expectation(
                     "put", session_id, key, change.if_match, change.create_only, cached)
             except SessionError as exc:
-                results[i] = exc
+                results[i] = errors.detached(exc)
                 continue
             prior = entry.record if entry is not None else None
             make = functools.partial(self._new_record, change.content_type, change.data, now,
@@ -529,7 +529,7 @@ class Sessions:
                     "put", change.session_id, key, mode, expected, change.if_match, make,
                     prior, first=(record, answer))
             except SessionError as exc:
-                results[i] = exc
+                results[i] = errors.detached(exc)
         self.metrics.write("put", "ok").inc(acknowledged)
         return [r for r in results if r is not None]
 
@@ -628,8 +628,11 @@ class Sessions:
         for i, outcome in enumerate(planned):
             if isinstance(outcome, SessionError):
                 refused[i] = outcome
-            elif isinstance(outcome, BaseException):
-                raise outcome
+            elif isinstance(outcome, BaseException):  # a bug: raised with its traceback
+                try:
+                    raise outcome
+                finally:  # the frame keeps no reference to it: no reference cycle
+                    del outcome, planned  # (errors.detached)
             else:
                 plans.append(outcome)
         if refused:
@@ -787,7 +790,11 @@ class Sessions:
                 record, answer = make(prior) if make is not None else None, None
             try:
                 if isinstance(answer, BaseException):
-                    raise answer
+                    error, answer = answer, None
+                    try:
+                        raise error
+                    finally:  # the frame keeps no reference to it: no reference cycle
+                        del error  # (errors.detached)
                 if answer is not None:
                     result = answer
                 elif record is None:
@@ -810,7 +817,10 @@ class Sessions:
             refusal = self._refusal(op, session_id, mode, if_match, expected, current,
                                     current_record)
             if refusal is not None:
-                raise refusal
+                try:
+                    raise refusal
+                finally:  # the frame keeps no reference to it: no reference cycle
+                    del refusal  # (errors.detached)
             if op == "patch" and current_record is None:
                 if current.revision:
                     raise self._undecodable(session_id, current.revision)
@@ -1010,7 +1020,10 @@ class Sessions:
 def _answer(outcome: Stored | BaseException) -> Stored | SessionError:
     if isinstance(outcome, Stored | SessionError):
         return outcome
-    raise outcome
+    try:
+        raise outcome
+    finally:  # the frame keeps no reference to it: no reference cycle (errors.detached)
+        del outcome
 
 
 def result_name(exc: SessionError) -> str:

@@ -66,7 +66,7 @@ from aetcd import rpc
 from aetcd.exceptions import ClientError
 
 from meshxl import etcd
-from meshxl.errors import Unavailable
+from meshxl.errors import Unavailable, detached
 from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
 
 from . import wire
@@ -386,7 +386,9 @@ class _Batcher:
                     try:
                         op.settle(op.parse(result, revision, op.uncertain))
                     except Exception as exc:  # a parse bug must not strand the others
-                        op.settle(exc)
+                        if not isinstance(exc, StoreUnavailable):
+                            log.exception("etcd's answer to a write could not be taken up")
+                        op.settle(detached(exc))
             return
 
     async def close(self) -> None:
@@ -395,6 +397,12 @@ class _Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue:
             self._queue.popleft().settle(StoreUnavailable("the store is closing"))
+
+
+def _unknown() -> StoreUnavailable:
+    """A transaction of :meth:`SessionStore._settle` that may or may not have applied."""
+    return StoreUnavailable("etcd did not answer an earlier attempt of this transaction, "
+                            "and whether it applied cannot be told now: not acknowledged")
 
 
 def _txn(client: aetcd.Client) -> Any:
@@ -566,21 +574,18 @@ class SessionStore:
         """A transaction whose earlier attempt went unanswered and whose compares then
         failed: acknowledged if every key it puts holds exactly its bytes at one
         revision and every key it deletes is gone; anything else is not known."""
-        unknown = StoreUnavailable("etcd did not answer an earlier attempt of this "
-                                   "transaction, and whether it applied cannot be told "
-                                   "now: not acknowledged")
         puts = [w for w in writes if w.value is not None]
         if not puts or any(c.revision != 0 for w, c in zip(writes, result.current, strict=True)
                            if w.value is None):
-            raise unknown
+            raise _unknown()
         revisions = {c.revision for w, c in zip(writes, result.current, strict=True)
                      if w.value is not None}
         if len(revisions) != 1 or 0 in revisions:
-            raise unknown
+            raise _unknown()
         for write in puts:
             state = await self.fetch(write.key)
             if state.value != write.value:
-                raise unknown
+                raise _unknown()
         return TxnResult(True, revisions.pop())
 
     async def _write(self, build: Callable[[int], rpc.RequestOp],
