@@ -103,6 +103,9 @@ async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http) -> No
         ("POST", "/v1/sessions:transaction", json.dumps({"operations": [
             {"session": "t-3", "data": {"a": 1}}]}).encode(), {}, 200),
         ("GET", "/v1/no-such-route", b"", {}, 404),
+        ("POST", "/v1/sessions/cart-1", b"{}", {}, 405),
+        ("PUT", "/v1/sessions/cart-big", b'"' + b"x" * 1_100_000 + b'"', {}, 413),
+        ("PUT", "/v1/problems/disk", b"{", {}, 400),
     ]
 
     async def each() -> None:
