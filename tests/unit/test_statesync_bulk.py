@@ -204,6 +204,29 @@ def test_any_stored_bytes_read_back_exactly_in_valid_json(data: bytes,
     assert item.data == data
 
 
+_TEXT = st.text(st.characters() | st.sampled_from(
+    ["\x7f", "\n", "\x00", "\x1f", "\ud800", "\u00e9", "\u2028", '"', "\\", "u"])) \
+    | st.just("a\\u0041")
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                          allow_infinity=False) | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12)
+
+
+@given(_JSON_VALUES)
+@settings(max_examples=400, deadline=None)
+def test_stored_json_is_the_compact_utf8_encoding_byte_for_byte(value: Any) -> None:
+    """A JSON state is stored compact, in UTF-8 (lone surrogates, which UTF-8 cannot
+    carry, escaped), whatever its strings hold: control characters, DEL, escapes."""
+    compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        expected = compact.encode(value).encode()
+    except UnicodeEncodeError:
+        expected = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    assert bulk.encode_json(bulk._Where("items", 0), value) == expected
+
+
 def test_lone_surrogates_are_stored_escaped() -> None:
     (item,) = save({"session": "s", "data": {"k": "\ud800x"}})
     assert item.data == b'{"k":"\\ud800x"}'
