@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from meshxl.addr import bind_tcp, bound_port
+from meshxl.etcdkeys import Keys
 from meshxl.statesync import app
+from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdServer
 
 pytestmark = pytest.mark.integration
@@ -76,7 +78,8 @@ def _items(prefix: str, n: int, **fields: Any) -> bytes:
                                   **fields} for i in range(n)]}).encode()
 
 
-async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http) -> None:
+async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http,
+                                                            etcd: EtcdServer) -> None:
     status, body = await sidecar.call("PUT", "/v1/sessions/cart-1", b'{"items":1}')
     assert status == 201, body
     etag = json.loads(body)["etag"]
@@ -108,10 +111,27 @@ async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http) -> No
         ("PUT", "/v1/problems/disk", b"{", {}, 400),
     ]
 
+    taken = 0
+
     async def each() -> None:
+        nonlocal taken
         for method, path, body, headers, expected in requests:
             status, answer = await sidecar.call(method, path, body, headers)
             assert status == expected, (method, path, headers, status, answer)
+        # A takeover: a session member b wrote, written here (traced, counted).
+        taken += 1
+        session = f"taken-{taken}"
+        record = SessionRecord(owner="b", content_type=JSON, created=1.0, updated=1.0,
+                               data=b'{"items":1}')
+        async with etcd.client() as client:
+            await client.put(Keys().session("orders", session).encode(), record.encode())
+        for _ in range(100):  # until the watch brought it (else a blind write, no takeover)
+            status, answer = await sidecar.call("GET", f"/v1/sessions/{session}")
+            if status == 200:
+                break
+            await asyncio.sleep(0.01)
+        status, answer = await sidecar.call("PUT", f"/v1/sessions/{session}", b'{"items":2}')
+        assert status == 200 and json.loads(answer)["takeover"] is True, answer
 
     await each()  # first uses (caches, lazily built objects) are not the requests' own
     gc.collect()
