@@ -15,8 +15,15 @@ Beside it, the floor for any Python process: a separate interpreter holding the 
 ids and documents in a plain ``dict[str, bytes]`` (its RSS growth).
 
 Two document sizes: ~1 KiB (the statesync throughput benchmark's shopping cart) and
-~256 B (a small session). Writes ``bench/results/sidecar_memory.json``. Loopback only;
-bounded loops; every process is stopped at the end, also on failure.
+~256 B (a small session).
+
+Then refused writes: a fresh sidecar gets 200 bulk saves (50 with ``--quick``), one at
+a time, of four ~1 MB states each, every one refused by its If-Match (412 per item).
+Nothing of them is stored, so nothing should stay: its RSS growth against the bytes
+sent (a request kept in a reference cycle stays until the garbage collector runs).
+
+Writes ``bench/results/sidecar_memory.json``. Loopback only; bounded loops; every
+process is stopped at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from meshxl.stats import rss_bytes
 
 NAME = "sidecar_memory"
 TARGET_RATIO = 3.0
+TARGET_REFUSED = 0.05
+"""RSS growth after the refused writes / the bytes they sent."""
+REFUSED_STATE = 1_000_000
+REFUSED_ITEMS = 4
 SIZES = (1024, 256)
 TXN_OPS = 128
 WRITERS = 4
@@ -189,7 +200,33 @@ async def one_size(stack: Owner, url: str, keys: Keys, sessions: int,
     }
 
 
-async def run(work: Path, sessions: int, sizes: tuple[int, ...]) -> dict[str, Any]:
+async def refused_writes(stack: Owner, url: str, keys: Keys, requests: int) -> dict[str, Any]:
+    """RSS of a sidecar before and after ``requests`` bulk saves whose every item is
+    refused by its If-Match (none of the sessions exists)."""
+    base, pid = await sidecar(stack, url, keys, "refused", "refused")
+    body = json.dumps({"items": [
+        {"session": f"refused-{i}", "data": "x" * REFUSED_STATE, "if_match": '"1"'}
+        for i in range(REFUSED_ITEMS)]}).encode()
+    rss0 = await settled_rss(pid)
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as http:
+        for _ in range(requests):
+            async with http.post(f"{base}/v1/sessions:bulkSave", data=body,
+                                 headers=headers) as resp:
+                answer = await resp.json()
+            statuses = {item["status"] for item in answer["items"]}
+            if resp.status != 200 or statuses != {412}:
+                raise LocalError(f"a refused bulk save answered {resp.status} {statuses}")
+    rss1 = await settled_rss(pid, 2.0)
+    sent = requests * len(body)
+    return {"requests": requests, "items_per_request": REFUSED_ITEMS,
+            "request_bytes": len(body), "sent_mb": round(sent / 2**20, 1),
+            "rss_before_mb": round(rss0 / 2**20, 1), "rss_after_mb": round(rss1 / 2**20, 1),
+            "ratio_growth_to_sent": round(max(0, rss1 - rss0) / sent, 4)}
+
+
+async def run(work: Path, sessions: int, sizes: tuple[int, ...],
+              refused: int) -> dict[str, Any]:
     stack = Owner(work, grace=3.0)
     keys = Keys("/meshxl-bench-memory")
     res: dict[str, Any] = {"sizes": []}
@@ -200,6 +237,8 @@ async def run(work: Path, sessions: int, sizes: tuple[int, ...]) -> dict[str, An
         for size in sizes:
             step = f"measuring {sessions} sessions of ~{size} B"
             res["sizes"].append(await one_size(stack, url, keys, sessions, size))
+        step = f"{refused} refused bulk saves"
+        res["refused"] = await refused_writes(stack, url, keys, refused)
     except (LocalError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
         traceback.print_exc()
         logs = stack.report()
@@ -219,6 +258,13 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
             worst, TARGET_RATIO, "x",
             reference=f"watch-fed {s['ratio_watch_fed']}x, full sync {s['ratio_full_sync']}x;"
             f" plain Python dict {s['python_dict_floor_ratio']}x"))
+    r = res.get("refused")
+    if r is not None:
+        out.append(Verdict(
+            "statesync: sidecar RSS growth / bytes sent, bulk saves refused by If-Match",
+            r["ratio_growth_to_sent"], TARGET_REFUSED, "x",
+            reference=f"{r['rss_before_mb']} -> {r['rss_after_mb']} MB after {r['requests']} "
+                      f"requests, {r['sent_mb']} MB sent"))
     return out
 
 
@@ -233,6 +279,11 @@ def print_report(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
               f"{s['growth_per_session_bytes']:>7} {s['ratio_watch_fed']:>8} "
               f"{s['ratio_full_sync']:>7} {s['python_dict_floor_ratio']:>7} "
               f"{s['watch_catch_up_s']:>10} {s['full_sync_s']:>7}")
+    r = res.get("refused")
+    if r is not None:
+        print(f"  refused writes: {r['requests']} bulk saves of {r['items_per_request']} x "
+              f"~1 MB, all 412: RSS {r['rss_before_mb']} -> {r['rss_after_mb']} MB, "
+              f"{r['sent_mb']} MB sent ({r['ratio_growth_to_sent']}x)")
     print_verdicts("sidecar memory", verdict_list)
 
 
@@ -246,8 +297,9 @@ def main() -> int:
     if sessions < 1:
         parser.error("sessions must be >= 1")
     sizes = SIZES[:1] if quick else SIZES
+    refused = 50 if quick else 200
     return run_benchmark(
-        NAME, quick, "meshxl-bench-memory-", lambda work: run(work, sessions, sizes),
+        NAME, quick, "meshxl-bench-memory-", lambda work: run(work, sessions, sizes, refused),
         verdicts, print_report)
 
 
