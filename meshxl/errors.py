@@ -106,14 +106,19 @@ _E = TypeVar("_E", bound=BaseException)
 
 
 def detached(error: _E) -> _E:
-    """``error`` without its traceback, to keep as a value (a result among others, a
-    failure to report later) past the ``except`` block that caught it.
+    """``error`` without its traceback, nor the errors it was raised from or during:
+    what an ``except`` block that keeps an error (a result among others, a failure to
+    report later) or answers it (the HTTP servers' error answers) stores or drops.
 
-    The traceback references every frame the error passed through, the catching one
-    included; a frame that keeps the error (in a local or a list) then makes a
-    reference cycle, and the request's data the frame holds stays in memory until the
-    garbage collector runs, not until the request is answered. An error raised from a
-    local is the same cycle: delete the local as it propagates (``try: raise error``,
-    ``finally: del error``), as ``except ... as`` does.
+    A traceback references every frame the error passed through; a frame that keeps
+    the error (a local it was raised from, a list of results) makes a reference
+    cycle, and the request's data the frame holds would stay in memory until the
+    garbage collector runs, not until the request is answered.
     """
-    return error.with_traceback(None)
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return error

@@ -97,6 +97,12 @@ class _TokenAuth:
             self._token = None
             self._disabled = False
 
+    def refused(self) -> None:
+        """etcd cancelled a watch with a reason (a token it no longer knows, after a
+        restart or the token's TTL: etcd 3.4 says so this way, with no gRPC error for
+        the interceptors to see): the next call or stream authenticates again."""
+        self.invalidate(self._token)
+
     @property
     def current(self) -> str | None:
         return self._token
@@ -281,20 +287,18 @@ class _Watcher(watcher.Watcher):  # type: ignore[misc]
     async def _handle_response(self, response: Any) -> None:
         if response.canceled and response.cancel_reason:
             if self._auth is not None:
-                self._auth.invalidate(self._auth.current)
+                self._auth.refused()
             raise aetcd.exceptions.ClientError(
                 f"etcd cancelled the watch: {response.cancel_reason}")
         await super()._handle_response(response)
 
 
 def watch_refused(client: aetcd.Client) -> None:
-    """etcd cancelled a watch of ``client`` with a reason: forget its token, so the next
-    call or stream authenticates again (etcd 3.4 refuses a watch made with a token it
-    no longer knows, after a restart or the token's TTL, this way, with no gRPC error
-    for the interceptors to see). A client without a password: nothing to do."""
+    """etcd cancelled a watch of ``client`` with a reason: :meth:`_TokenAuth.refused`
+    (a client without a password: nothing to do)."""
     auth = getattr(client, "_auth", None)
     if isinstance(auth, _TokenAuth):
-        auth.invalidate(auth.current)
+        auth.refused()
 
 
 def _host(host: str) -> str:

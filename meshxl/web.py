@@ -41,6 +41,7 @@ from meshxl.errors import (
     PreconditionFailed,
     TooLarge,
     Unavailable,
+    detached,
 )
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,21 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     """Every failure becomes a JSON body with a message (see the module docstring)."""
     try:
         response = await handler(request)
-    except MeshxlError as exc:
-        return error_response(http_status(exc), str(exc), **exc.details)
+    except asyncio.CancelledError:
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _from_http_exception(request, exc)
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", path=request.path)
+        try:
+            if isinstance(exc, MeshxlError):
+                return error_response(http_status(exc), str(exc), **exc.details)
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(500, f"internal error: {type(exc).__name__}",
+                                  path=request.path)
+        finally:  # answered: the frames it passed through (and their data) go now
+            detached(exc)
     if response.status >= 400 and not _is_json(response):
         # A handler's own non-JSON error (web.Response(status=4xx, text=...)).
         text = getattr(response, "text", None) if isinstance(response, web.Response) else None

@@ -395,7 +395,7 @@ def update(session_id: str, fn: Callable[[Any], Any], settings: ClientSettings,
             try:
                 raise conflict
             finally:  # the frame keeps no reference to it: no reference cycle
-                del conflict  # (meshxl.errors.detached)
+                del conflict  # (the caller may keep the error)
         pause = next(pauses, None)
         if pause is None:
             raise Contended(f"session {session_id!r} kept changing: {tries} "

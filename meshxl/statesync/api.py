@@ -239,11 +239,8 @@ class SessionRoutes:
                 parts.append(bulk.read_item(result))
             elif isinstance(result, SessionError):
                 parts.append(bulk.dumps(bulk.error_fields(session_id, result)))
-            else:  # a bug: raised with its traceback
-                try:
-                    raise result
-                finally:  # the frame keeps no reference to it: no reference cycle
-                    del result, results  # (errors.detached)
+            else:
+                raise result
         return _json_bytes(bulk.items_body(parts))
 
     async def bulk_save(self, request: Request) -> Response:

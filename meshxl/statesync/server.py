@@ -52,7 +52,7 @@ from urllib.parse import unquote
 
 import httptools
 
-from meshxl.errors import InputError, MeshxlError
+from meshxl.errors import InputError, MeshxlError, detached
 from meshxl.web import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_FIELD_SIZE, MAX_HEADERS, http_status
 
 log = logging.getLogger(__name__)
@@ -323,15 +323,18 @@ async def _answer(request: Request) -> Response:
     assert request.route is not None
     try:
         return await request.route.handler(request)
-    except Refused as exc:
-        return error(exc.status, str(exc), exc.headers, **exc.details)
-    except MeshxlError as exc:
-        return error(http_status(exc), str(exc), **exc.details)
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        log.exception("%s %s failed", request.method, request.path[:200])
-        return error(500, f"internal error: {type(exc).__name__}", path=request.path)
+        try:
+            if isinstance(exc, Refused):
+                return error(exc.status, str(exc), exc.headers, **exc.details)
+            if isinstance(exc, MeshxlError):
+                return error(http_status(exc), str(exc), **exc.details)
+            log.exception("%s %s failed", request.method, request.path[:200])
+            return error(500, f"internal error: {type(exc).__name__}", path=request.path)
+        finally:  # answered: the frames it passed through (and their data) go now
+            detached(exc)
 
 
 _IDLE, _HEAD, _BODY, _DONE = range(4)

@@ -628,11 +628,8 @@ class Sessions:
         for i, outcome in enumerate(planned):
             if isinstance(outcome, SessionError):
                 refused[i] = outcome
-            elif isinstance(outcome, BaseException):  # a bug: raised with its traceback
-                try:
-                    raise outcome
-                finally:  # the frame keeps no reference to it: no reference cycle
-                    del outcome, planned  # (errors.detached)
+            elif isinstance(outcome, BaseException):
+                raise outcome
             else:
                 plans.append(outcome)
         if refused:
@@ -790,11 +787,7 @@ class Sessions:
                 record, answer = make(prior) if make is not None else None, None
             try:
                 if isinstance(answer, BaseException):
-                    error, answer = answer, None
-                    try:
-                        raise error
-                    finally:  # the frame keeps no reference to it: no reference cycle
-                        del error  # (errors.detached)
+                    raise answer
                 if answer is not None:
                     result = answer
                 elif record is None:
@@ -817,10 +810,7 @@ class Sessions:
             refusal = self._refusal(op, session_id, mode, if_match, expected, current,
                                     current_record)
             if refusal is not None:
-                try:
-                    raise refusal
-                finally:  # the frame keeps no reference to it: no reference cycle
-                    del refusal  # (errors.detached)
+                raise refusal
             if op == "patch" and current_record is None:
                 if current.revision:
                     raise self._undecodable(session_id, current.revision)
@@ -1020,10 +1010,7 @@ class Sessions:
 def _answer(outcome: Stored | BaseException) -> Stored | SessionError:
     if isinstance(outcome, Stored | SessionError):
         return outcome
-    try:
-        raise outcome
-    finally:  # the frame keeps no reference to it: no reference cycle (errors.detached)
-        del outcome
+    raise outcome
 
 
 def result_name(exc: SessionError) -> str:
