@@ -186,7 +186,7 @@ class SessionRoutes:
         content_type = _content_type(request, "application/octet-stream")
         if is_json(content_type):
             try:
-                mweb.loads(data)
+                mweb.check_json(data)
             except mweb.BadJson as exc:
                 raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
                                  field="body") from None

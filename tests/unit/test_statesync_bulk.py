@@ -219,12 +219,38 @@ _JSON_VALUES = st.recursive(
 def test_stored_json_is_the_compact_utf8_encoding_byte_for_byte(value: Any) -> None:
     """A JSON state is stored compact, in UTF-8 (lone surrogates, which UTF-8 cannot
     carry, escaped), whatever its strings hold: control characters, DEL, escapes."""
+    assert_stored_compact(value)
+
+
+def assert_stored_compact(value: Any) -> None:
+    """Saved (parsed from a request, re-encoded), ``value`` is stored as the standard
+    library's compact encoding, byte for byte."""
     compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     try:
         expected = compact.encode(value).encode()
     except UnicodeEncodeError:
         expected = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    assert bulk.encode_json(bulk._Where("items", 0), value) == expected
+    (item,) = save({"session": "s", "data": value})
+    assert item.data == expected
+    assert bulk.encode_json(bulk._Where("items", 0), value) == expected  # not plain
+
+
+@pytest.mark.parametrize("value", [
+    1e-7, [1.5e-05, 2.5e-300], {"a": None}, "one-time", [2**64, -(2**70)], "\ud800",
+    {"k": [None, 1e-5, "e-"]}, 1e16, 5e-324])
+def test_stored_json_where_orjson_writes_other_bytes(value: Any) -> None:
+    """Where orjson's bytes would differ from the standard library's (an exponent
+    without its leading zero) or it refuses (lone surrogates, integers beyond 64 bits),
+    the bytes stored are still the standard library's."""
+    assert_stored_compact(value)
+
+
+@pytest.mark.parametrize("data", [b"NaN", b"[Infinity]", b'{"x": -Infinity}', b"1e400",
+                                  b"[1, -1e999]"])
+def test_nan_and_infinity_are_refused_not_stored_as_null(data: bytes) -> None:
+    with pytest.raises(BadRequest, match="not JSON") as caught:
+        bulk.parse_save(b'{"items": [{"session": "s", "data": ' + data + b"}]}", 1 << 20)
+    assert caught.value.details["field"] == "items[0].data"
 
 
 def test_lone_surrogates_are_stored_escaped() -> None:
