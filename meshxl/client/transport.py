@@ -68,6 +68,11 @@ class _Exchange:
             self.future.set_result(outcome)
 
 
+_NAMES: dict[bytes, str] = {}
+"""Answer header names as sent -> as keyed (lower case): the sidecar's few, each decoded
+once."""
+
+
 class _Connection(asyncio.Protocol):
     """One connection: requests in flight in order, answers parsed as they arrive and
     matched to them first in, first out.
@@ -168,7 +173,12 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_NAMES) < 256:
+                _NAMES[name] = key
+        self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True

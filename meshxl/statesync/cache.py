@@ -65,8 +65,8 @@ class SessionCache:
         """Session keys whose current record cannot be decoded -> its revision."""
         self._on_undecodable = on_undecodable
         self.last_lag: float | None = None
-        self._expected: dict[str, tuple[bytes, SessionRecord]] = {}
-        """Writes of this member under way: session -> (stored bytes, record)."""
+        self._expected: dict[bytes, tuple[bytes, SessionRecord, str]] = {}
+        """Writes of this member under way: key -> (stored bytes, record, session)."""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -93,14 +93,14 @@ class SessionCache:
 
     # -- the sidecar's own writes ----------------------------------------------------------
 
-    def expect(self, session_id: str, value: bytes, record: SessionRecord) -> None:
-        """This member is writing ``value`` (``record`` encoded): if the watch brings it,
-        the record is taken as it is. One write per session at a time (the session's
-        lock), so one entry each; :meth:`settled` removes it."""
-        self._expected[session_id] = (value, record)
+    def expect(self, key: bytes, session_id: str, value: bytes, record: SessionRecord) -> None:
+        """This member is writing ``value`` (``record`` encoded) at ``key``: if the watch
+        brings it, the record is taken as it is. One write per session at a time (the
+        session's lock), so one entry each; :meth:`settled` removes it."""
+        self._expected[key] = (value, record, session_id)
 
-    def settled(self, session_id: str) -> None:
-        self._expected.pop(session_id, None)
+    def settled(self, key: bytes) -> None:
+        self._expected.pop(key, None)
 
     def write_through(self, session_id: str, revision: int, record: SessionRecord | None) -> None:
         """Apply an acknowledged write at once (None: a delete), unless the watch
@@ -208,6 +208,18 @@ class SessionCache:
         revision = kv.mod_revision
         if revision < self.applied:  # a replay: the cache already went past it
             return
+        own = self._expected.get(kv.key)
+        if own is not None and event.type == _PUT and own[0] == kv.value:
+            # This member's own write: no decoding, and no replication lag (the lag
+            # measured is other members' writes reaching this one).
+            own_id = own[2]
+            known = self.entries.get(own_id)
+            if known is None or known.revision < revision:
+                self.entries[own_id] = Entry(revision, own[1])
+                self.undecodable.pop(own_id, None)
+            if revision > self.applied:
+                self.applied = revision
+            return
         session_id = self._session_id(kv.key)
         if session_id is None:
             self._note_bad(kv.key, "not a session id", revision)
@@ -216,23 +228,15 @@ class SessionCache:
         entry = self.entries.get(session_id)
         if event.type == _PUT:
             if entry is None or entry.revision < revision:
-                value = kv.value
-                own = self._expected.get(session_id)
-                if own is not None and own[0] == value:
-                    # This member's own write: no decoding, and no replication lag
-                    # (the lag measured is other members' writes reaching this one).
-                    self.entries[session_id] = Entry(revision, own[1])
-                    self.undecodable.pop(session_id, None)
+                record = self._decode(session_id, kv.key, kv.value, revision)
+                if record is None:  # what was cached is not the session any more
+                    self.entries.pop(session_id, None)
                 else:
-                    record = self._decode(session_id, kv.key, value, revision)
-                    if record is None:  # what was cached is not the session any more
-                        self.entries.pop(session_id, None)
-                    else:
-                        self.entries[session_id] = Entry(revision, record)
-                        lag = time.time() - record.updated
-                        self.last_lag = lag
-                        if self._on_lag is not None:
-                            self._on_lag(lag)
+                    self.entries[session_id] = Entry(revision, record)
+                    lag = time.time() - record.updated
+                    self.last_lag = lag
+                    if self._on_lag is not None:
+                        self._on_lag(lag)
         else:
             self.undecodable.pop(session_id, None)
             if entry is not None and entry.revision < revision:

@@ -57,6 +57,13 @@ def is_json(content_type: str) -> bool:
     return base == JSON_TYPE or base.endswith("+json")
 
 
+@functools.lru_cache(maxsize=256)
+def _header_start(owner: str, content_type: str) -> bytes:
+    """A record header up to its ``created`` value (a member writes its records with a
+    handful of content types: encoded once each)."""
+    return f'{{"owner":{_string(owner)},"type":{_string(content_type)},"created":'.encode()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionRecord:
     owner: str
@@ -81,9 +88,9 @@ class SessionRecord:
         # json.dumps of a dict (strings go through the C string encoder, floats through
         # repr, which is valid JSON for finite numbers).
         trace = f',"traceparent":{_string(self.traceparent)}' if self.traceparent else ""
-        header = (f'{{"owner":{_string(self.owner)},"type":{_string(self.content_type)},'
-                  f'"created":{self.created!r},"updated":{self.updated!r}{trace}}}')
-        return header.encode() + b"\n" + self.data
+        return (_header_start(self.owner, self.content_type)
+                + f'{self.created!r},"updated":{self.updated!r}{trace}}}\n'.encode()
+                + self.data)
 
     @classmethod
     def decode(cls, raw: bytes) -> SessionRecord:

@@ -323,21 +323,35 @@ async def _answer(request: Request) -> Response:
     assert request.route is not None
     try:
         return await request.route.handler(request)
-    except asyncio.CancelledError:
-        raise
     except Exception as exc:
-        try:
-            if isinstance(exc, Refused):
-                return error(exc.status, str(exc), exc.headers, **exc.details)
-            if isinstance(exc, MeshxlError):
-                return error(http_status(exc), str(exc), **exc.details)
-            log.exception("%s %s failed", request.method, request.path[:200])
-            return error(500, f"internal error: {type(exc).__name__}", path=request.path)
-        finally:  # answered: the frames it passed through (and their data) go now
-            detached(exc)
+        return _failure(request, exc)
+
+
+def _failure(request: Request, exc: Exception) -> Response:
+    """The JSON answer to a handler's error (logged with its traceback if unexpected)."""
+    try:
+        if isinstance(exc, Refused):
+            return error(exc.status, str(exc), exc.headers, **exc.details)
+        if isinstance(exc, MeshxlError):
+            return error(http_status(exc), str(exc), **exc.details)
+        log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
+        return error(500, f"internal error: {type(exc).__name__}", path=request.path)
+    finally:  # answered: the frames it passed through (and their data) go now
+        detached(exc)
 
 
 _IDLE, _HEAD, _BODY, _DONE = range(4)
+
+_NAMES: dict[bytes, str] = {}
+"""Header names as sent -> as keyed (lower case): the few a client sends, each decoded
+once."""
+
+
+def _header_name(name: bytes) -> str:
+    key = name.decode("latin-1").lower()
+    if len(_NAMES) < 256:
+        _NAMES[name] = key
+    return key
 
 
 def _conflict(new: Request, running: Request) -> bool:
@@ -378,6 +392,8 @@ class _Connection(asyncio.Protocol):
         """Requests taken up and not answered yet, in arrival order."""
         self.active: list[Request] = []
         """Requests whose handlers run."""
+        self.others = 0
+        """Of them, those that are not writes (a write never waits for a write)."""
         self.flush_soon = False
         self.paused_reading = False
         self.paused_writing = False
@@ -473,15 +489,22 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
+        if self._header_count > MAX_HEADERS or len(name) + len(value) > MAX_FIELD_SIZE:
+            self._too_large(name)
+        key = _NAMES.get(name)
+        if key is None:
+            key = _header_name(name)
+        headers = self._headers
+        text = value.decode("latin-1")
+        if key in headers:
+            text = f"{headers[key]}, {text}"
+        headers[key] = text
+
+    def _too_large(self, name: bytes) -> None:
         if self._header_count > MAX_HEADERS:
             raise _Stop(error(431, f"more than {MAX_HEADERS} header fields"))
-        if len(name) + len(value) > MAX_FIELD_SIZE:
-            raise _Stop(error(431, f"header field {name[:60].decode('latin-1')!r} longer "
-                                   f"than {MAX_FIELD_SIZE} bytes"))
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        known = self._headers.get(key)
-        self._headers[key] = text if known is None else f"{known}, {text}"
+        raise _Stop(error(431, f"header field {name[:60].decode('latin-1')!r} longer "
+                               f"than {MAX_FIELD_SIZE} bytes"))
 
     def on_headers_complete(self) -> None:
         self.state = _BODY
@@ -588,12 +611,17 @@ class _Connection(asyncio.Protocol):
                 queue.popleft()
                 slots.append(_Slot(item, item.refusal))
                 continue
-            if self.active and any(_conflict(item, other) for other in self.active):
+            assert item.route is not None
+            write = item.route.access == WRITE
+            if self.active and (self.others or not write) and any(
+                    _conflict(item, other) for other in self.active):
                 break
             queue.popleft()
             slot = _Slot(item, None)
             slots.append(slot)
             self.active.append(item)
+            if not write:
+                self.others += 1
             self.loop.create_task(self._handle(slot))
         if slots and slots[0].response is not None and not self.flush_soon:
             self._flush()
@@ -610,9 +638,19 @@ class _Connection(asyncio.Protocol):
 
     async def _handle(self, slot: _Slot) -> None:
         request = slot.request
-        assert request is not None
-        slot.response = await self.server.call(request)
+        assert request is not None and request.route is not None
+        route = request.route
+        if self.server.wrap is not None:
+            response = await self.server.call(request)
+        else:  # the route's handler at once: _answer's work, a coroutine fewer per request
+            try:
+                response = await route.handler(request)
+            except Exception as exc:
+                response = _failure(request, exc)
+        slot.response = response
         self.active.remove(request)
+        if route.access != WRITE:
+            self.others -= 1
         if self.transport is None:
             return
         if len(self.slots) == 1:  # nothing else under way: answer now
@@ -724,8 +762,7 @@ def _head(response: Response, date: bytes, keep_alive: bool, http10: bool) -> by
     """The status line and header block, checked: a value with a line break (or any
     other control character) would split the answer."""
     status = response.status
-    lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, _REASONS.get(status, b"Unknown"),
-                                                  date)]
+    lines = []
     for name, value in response.headers:
         if name not in _SENDABLE_NAMES:
             if not _TOKEN.match(name):
@@ -734,12 +771,12 @@ def _head(response: Response, date: bytes, keep_alive: bool, http10: bool) -> by
                 _SENDABLE_NAMES.add(name)
         if not value.isprintable():
             raise ValueError(f"header {name[:60]!r} has a value that cannot be sent")
-        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(f"{name}: {value}\r\n")
     if status != 204 and not 100 <= status < 200:
-        lines.append(b"Content-Length: %d\r\n" % len(response.body))
+        lines.append(f"Content-Length: {len(response.body)}\r\n")
     if not keep_alive:
-        lines.append(b"Connection: close\r\n")
+        lines.append("Connection: close\r\n")
     elif http10:
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        lines.append("Connection: keep-alive\r\n")
+    return (b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, _REASONS.get(status, b"Unknown"), date)
+            + "".join(lines).encode("latin-1") + b"\r\n")

@@ -99,9 +99,10 @@ class Settings:
     """``all`` or ``narrow`` (the model's ``sessions.replication``)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Stored:
-    """A session's state as the API returns it."""
+    """A session's state as the API returns it (not frozen: made on every write, and a
+    frozen dataclass sets each field through ``object.__setattr__``)."""
 
     session_id: str
     record: SessionRecord
@@ -140,9 +141,10 @@ class _Local:
     version: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Change:
-    """One operation of a transaction: write ``data`` (None: delete the session)."""
+    """One operation of a transaction or bulk save: write ``data`` (None: delete the
+    session). Not frozen: made for every session of a multi-session request."""
 
     session_id: str
     data: bytes | None
@@ -438,11 +440,37 @@ class Sessions:
                 return self._put_local(session_id, data, content_type, if_match, now,
                                        traceparent)
             entry = self.cache.get(session_id)
+            cached = entry.revision if entry is not None else 0
             prior = entry.record if entry is not None else None
             make = functools.partial(self._new_record, content_type, data, now, traceparent)
-            return await self._write("put", session_id, if_match, make,
-                                     entry.revision if entry else 0, prior,
-                                     create_only=create_only)
+            known = self._known_expectation("put", session_id, if_match, create_only, cached)
+            lease = self.store.leases.cached()
+            if known is None or lease is None:  # an etcd read first, or a new lease
+                return await self._write("put", session_id, if_match, make, cached, prior,
+                                         create_only=create_only)
+            # The common write, its first attempt here: :meth:`_write` without the
+            # coroutines between the request and etcd's answer.
+            self._first_access.setdefault(session_id, time.time_ns())
+            try:
+                key = self.key(session_id)
+                mode, expected = known
+                record = make(prior)
+                value = record.encode()
+                self.cache.expect(key, session_id, value, record)
+                try:
+                    answer: WriteResult | StoreUnavailable = await self.store.put_soon(
+                        key, value, expected, lease)
+                except StoreUnavailable as exc:
+                    answer = errors.detached(exc)
+                finally:
+                    self.cache.settled(key)
+                if isinstance(answer, WriteResult) and answer.ok:
+                    return self._acknowledged("put", session_id, answer, record,
+                                              expected == 0, prior)
+                return await self._attempts("put", session_id, key, mode, expected, if_match,
+                                            make, prior, first=(record, answer))
+            finally:
+                self._first_access.pop(session_id, None)
         finally:
             locks.release(session_id)
 
@@ -482,13 +510,15 @@ class Sessions:
             error = Unavailable(f"etcd unavailable, write not acknowledged: {exc}")
             return [error] * len(changes)
         now = time.time()
+        member = self.member
         planned = []
         for i, change in enumerate(changes):
             session_id = change.session_id
+            data = change.data
             try:
-                if change.data is None:
+                if data is None:
                     raise BadRequest(f"session {session_id!r}: a bulk save writes states")
-                self._check_size(change.data)
+                self._check_size(data)
                 key = self.key(session_id)
                 entry = self.cache.get(session_id)
                 cached = entry.revision if entry else 0
@@ -500,30 +530,33 @@ class Sessions:
                 results[i] = errors.detached(exc)
                 continue
             prior = entry.record if entry is not None else None
-            make = functools.partial(self._new_record, change.content_type, change.data, now,
-                                     traceparent)
-            record = make(prior)
-            planned.append((i, key, mode, expected, make, prior, record))
+            record = SessionRecord(owner=member, content_type=change.content_type,
+                                   created=prior.created if prior else now, updated=now,
+                                   data=data, traceparent=traceparent)
+            planned.append((i, key, mode, expected, prior, record))
         puts = []
         expect = self.cache.expect
-        for i, key, _, expected, _, _, record in planned:
+        for i, key, _, expected, _, record in planned:
             value = record.encode()
-            expect(changes[i].session_id, value, record)
+            expect(key, changes[i].session_id, value, record)
             puts.append((key, value, expected))
         try:
             answers = await self.store.put_all(puts, lease)
         finally:
-            for i, *_ in planned:
-                self.cache.settled(changes[i].session_id)
+            settled = self.cache.settled
+            for _, key, *_ in planned:
+                settled(key)
         acknowledged = 0
-        for (i, key, mode, expected, make, prior, record), answer in zip(planned, answers,
-                                                                         strict=True):
+        for (i, key, mode, expected, prior, record), answer in zip(planned, answers,
+                                                                   strict=True):
             change = changes[i]
             if isinstance(answer, WriteResult) and answer.ok:  # most: no second attempt
                 results[i] = self._acknowledged("put", change.session_id, answer, record,
                                                 expected == 0, prior, counted=False)
                 acknowledged += 1
                 continue
+            make = functools.partial(self._new_record, change.content_type, change.data or b"",
+                                     now, traceparent)
             try:
                 results[i] = await self._attempts(
                     "put", change.session_id, key, mode, expected, change.if_match, make,
@@ -794,11 +827,11 @@ class Sessions:
                     result = await self.store.delete(key, expected)
                 else:
                     value = record.encode()
-                    self.cache.expect(session_id, value, record)
+                    self.cache.expect(key, session_id, value, record)
                     try:
                         result = await self.store.put(key, value, expected)
                     finally:
-                        self.cache.settled(session_id)
+                        self.cache.settled(key)
             except StoreUnavailable as exc:
                 self.metrics.write(op, "unavailable").inc()
                 raise Unavailable(f"etcd unavailable, write not acknowledged: {exc}") from None

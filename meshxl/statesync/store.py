@@ -104,7 +104,7 @@ class KeyState:
     value: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WriteResult:
     ok: bool
     revision: int
@@ -304,33 +304,42 @@ class _Batcher:
 
     async def _send(self, batch: list[_Op]) -> None:
         started = time.perf_counter()
+        holding = True  # a place among the batches in flight (stalled: beyond them)
         stalled = False
 
         def stall() -> None:
             # Slow (its member may be gone): let the queue move on without it.
             nonlocal stalled
-            if self._stalled < MAX_STALLED:
+            if holding and not stalled and self._stalled < MAX_STALLED:
                 stalled = True
                 self._stalled += 1
                 self._inflight -= 1
                 self._kick()
 
+        def leave() -> None:
+            # Answered: the next batch goes while this one's answers are taken up.
+            nonlocal holding
+            if holding:
+                holding = False
+                if stalled:
+                    self._stalled -= 1
+                else:
+                    self._inflight -= 1
+                self._kick()
+
         timer = asyncio.get_running_loop().call_later(STALLED_AFTER, stall)
         try:
-            await self._attempts(batch)
+            await self._attempts(batch, leave)
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), time.perf_counter() - started)
         finally:
             timer.cancel()
-            if stalled:
-                self._stalled -= 1
-            else:
-                self._inflight -= 1
-            self._kick()
+            leave()
 
-    async def _attempts(self, batch: list[_Op]) -> None:
+    async def _attempts(self, batch: list[_Op], answered: Callable[[], None]) -> None:
         """Send the batch until every op has its answer: again (the ops that may be sent
-        twice) after an attempt without one, to a member that answers."""
+        twice) after an attempt without one, to a member that answers. ``answered`` is
+        called when etcd's answer is in, before the ops take it up."""
         balancer = etcd.balancer_of(self._client)
         deadline = time.monotonic() + self._timeout
         pending = batch
@@ -380,6 +389,7 @@ class _Batcher:
                             "applied"))
                 pending = again
                 continue
+            answered()
             revision = response.header.revision
             for op, result in zip(pending, response.responses, strict=True):
                 if not op.answered():
@@ -492,19 +502,26 @@ class SessionStore:
         """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
         for attempt in (1, 2):
             lease = self.leases.cached() or await self._lease()
-            writes = self._writes
-            future = writes.enqueue(wire.guarded_put(key, value, expected, lease),
-                                    functools.partial(_put_result, value),
-                                    len(key) + len(value) + 64, resend=expected != 0)
-            writes.kick()
             try:
-                result: WriteResult = await future
+                result: WriteResult = await self.put_soon(key, value, expected, lease)
                 return result
             except StoreUnavailable as exc:
                 if attempt == 1 and self._lease_lost(exc):
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    def put_soon(self, key: bytes, value: bytes, expected: int,
+                 lease: int) -> asyncio.Future[WriteResult]:
+        """:meth:`put`'s attempt with ``lease``, queued now (a coroutine fewer on every
+        write): its answer, or StoreUnavailable (for a lost lease too: :meth:`put` then
+        grants a new one)."""
+        writes = self._writes
+        future: asyncio.Future[WriteResult] = writes.enqueue(
+            wire.guarded_put(key, value, expected, lease), functools.partial(_put_result, value),
+            len(key) + len(value) + 64, resend=expected != 0)
+        writes.kick()
+        return future
 
     async def lease(self) -> int:
         """The session lease of the current TTL bucket (StoreUnavailable without etcd)."""

@@ -53,6 +53,19 @@ def _lease_field(lease: int) -> bytes:
     return b"\x18" + varint(lease) if lease else b""
 
 
+@functools.lru_cache(maxsize=8192)
+def _key_parts(key: bytes) -> tuple[bytes, bytes, bytes]:
+    """What a guarded put of ``key`` holds whatever it writes: the key's field
+    (PutRequest/RangeRequest.key), the compare up to its revision, the failure branch
+    (a session is written many times: built once while it is written)."""
+    key_field = b"\x0a" + varint(len(key)) + key
+    # Compare: target MOD, key, mod_revision (a oneof member: written even when 0).
+    compare = b"\x10\x02\x1a" + key_field[1:] + b"\x30"
+    failure = (b"\x1a" + varint(len(key_field) + 2) + b"\x0a" + varint(len(key_field))
+               + key_field)
+    return key_field, compare, failure
+
+
 def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
     """A serialized ``RequestOp``: a transaction putting ``value`` at ``key`` (with
     ``lease``; 0: none) if the key's mod_revision is ``expected`` (0: absent), else
@@ -61,10 +74,8 @@ def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
     if not (0 <= expected <= _INT64_MAX and 0 <= lease <= _INT64_MAX):
         raise ValueError(f"revision {expected} or lease {lease} out of etcd's range")
     v = varint
-    key_field = b"\x0a" + v(len(key)) + key                  # PutRequest/RangeRequest.key
-    # Compare: target MOD, key, mod_revision (a oneof member: written even when 0).
-    compare = b"\x10\x02\x1a" + key_field[1:] + b"\x30" + v(expected)
-    failure = b"\x1a" + v(len(key_field) + 2) + b"\x0a" + v(len(key_field)) + key_field
+    key_field, compare, failure = _key_parts(key)
+    compare += v(expected)
     value_head = b"\x12" + v(len(value)) if value else b""
     lease_field = _lease_field(lease)
     put_size = len(key_field) + len(value_head) + len(value) + len(lease_field)
