@@ -38,7 +38,7 @@ integration: $(STAMP)
 
 # Every benchmark beside its reference, then bench/results/summary.png (~10 min on an
 # idle machine; BENCH_QUICK=1 for a smoke run of about two minutes).
-BENCHMARKS := xds_compile statesync statesync_gc statesync_scale xds_envoys ads_load sidecar_memory failover rebalance
+BENCHMARKS := xds_compile statesync statesync_path statesync_gc statesync_scale xds_envoys ads_load sidecar_memory failover rebalance
 bench: $(STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \

@@ -7,6 +7,7 @@ keeps what they compute and draw honest without starting a process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 import benchlib  # noqa: E402
 import rebalance  # noqa: E402
 import statesync_gc  # noqa: E402
+import statesync_path  # noqa: E402
 import summary  # noqa: E402
 from failover import disruption_ms, regressions  # noqa: E402
 
@@ -193,3 +195,24 @@ def test_statesync_gc_ratios_and_verdicts() -> None:
     runs["bulk16"]["python-default"] = [_gc_round(8000, 100, 8.0)]
     [verdict] = statesync_gc.verdicts({"workloads": statesync_gc.summarize(runs)})
     assert verdict.met is False
+
+
+def test_statesync_path_runs_the_sidecars_write_path_in_process() -> None:
+    """The in-process benchmark drives the real request path: every PUT answered 2xx,
+    its write acknowledged from (in-process) etcd's answer."""
+    for load in ("floor", "put", "bulk"):
+        measured = asyncio.run(statesync_path.measure(load, rounds=3, repeats=1))
+        assert measured["us_per_request"] > 0 and measured["calls_per_request"] > 10
+    server, etcd = statesync_path._server("put")
+    assert etcd is not None
+    assert asyncio.run(_one_round(server)) == statesync_path.PIPELINED
+
+
+async def _one_round(server: object) -> int:
+    connection = statesync_path._Connection(server)  # type: ignore[arg-type]
+    transport = statesync_path._Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(statesync_path._requests("put", 0))
+    for _ in range(8):
+        await asyncio.sleep(0)
+    return transport.answers  # a 2xx each
