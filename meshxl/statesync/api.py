@@ -19,7 +19,13 @@ from meshxl import web as mweb
 
 from . import bulk
 from .membership import MAX_PROBLEMS
-from .record import is_json, valid_content_type, valid_session_id, valid_traceparent
+from .record import (
+    is_json,
+    served_content_type,
+    valid_content_type,
+    valid_session_id,
+    valid_traceparent,
+)
 from .server import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
 from .sessions import (
     BadRequest,
@@ -61,8 +67,9 @@ def _session_id(request: Request) -> str:
 
 def _content_type(request: Request, default: str) -> str:
     """The Content-Type header, which is stored and sent back as a header: a media type
-    is printable ASCII (other bytes would come back mangled, or not encode at all)."""
-    value = request.headers.get(_CONTENT_TYPE, default)
+    (RFC 9110: ``type/subtype``, then ``; name=value`` parameters) of printable ASCII,
+    else BadRequest; an empty one counts as none (``default``)."""
+    value = request.headers.get(_CONTENT_TYPE) or default  # empty: as if not sent
     if value and not valid_content_type(value):
         raise BadRequest("Content-Type must be a media type of at most 255 printable ASCII "
                          f"characters, such as application/json; got {value[:80]!r}",
@@ -202,7 +209,7 @@ class SessionRoutes:
     async def get(self, request: Request) -> Response:
         stored = await self.sidecar.sessions.get(_session_id(request))
         return Response(200, stored.record.data,
-                        _stored_headers(stored, stored.record.content_type))
+                        _stored_headers(stored, served_content_type(stored.record.content_type)))
 
     async def patch(self, request: Request) -> Response:
         session_id = _session_id(request)

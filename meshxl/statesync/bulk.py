@@ -35,7 +35,7 @@ import orjson
 
 from meshxl import web as mweb
 
-from .record import JSON_TYPE, is_json, valid_content_type, valid_session_id
+from .record import JSON_TYPE, is_json, served_content_type, valid_content_type, valid_session_id
 from .sessions import BadRequest, Change, SessionError, Stored, TooLarge, check_if_match
 from .store import MAX_TXN_OPS, MAX_TXN_WRITES
 
@@ -345,7 +345,7 @@ def read_item(stored: Stored) -> bytes:
     record = stored.record
     head = _open({"session": stored.session_id, "status": 200, "etag": stored.etag,
                   "owner": record.owner, "source": stored.source,
-                  "content_type": record.content_type})
+                  "content_type": served_content_type(record.content_type)})
     if is_json(record.content_type) and embeddable(record.data):
         return head + b',"encoding":"json","data":' + record.data + b"}"
     return (head + b',"encoding":"base64","data":"' + base64.b64encode(record.data)

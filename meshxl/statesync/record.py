@@ -38,10 +38,26 @@ def valid_traceparent(value: str | None) -> str | None:
     return value if TRACEPARENT.match(value) else None
 
 
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?: *; *{_TOKEN}=(?:{_TOKEN}|\"(?:[ !#-\[\]-~]|\\[ -~])*\"))*")
+"""RFC 9110's ``media-type`` (type/subtype, then ``; name=value`` parameters, a value a
+token or a quoted string), in printable ASCII."""
+
+
+@functools.lru_cache(maxsize=512)
 def valid_content_type(value: str) -> bool:
-    """A media type that can be stored and sent back as a header: printable ASCII."""
-    # ASCII and printable: " " to "~" (what isprintable() accepts of ASCII), in C.
-    return 0 < len(value) <= MAX_CONTENT_TYPE and value.isascii() and value.isprintable()
+    """A media type (:data:`MEDIA_TYPE`) of at most :data:`MAX_CONTENT_TYPE` characters:
+    it is stored and sent back as the session's Content-Type, so anything a client could
+    not read as one (``#3](j``) is refused. Cached: an application uses a handful."""
+    return len(value) <= MAX_CONTENT_TYPE and MEDIA_TYPE.fullmatch(value) is not None
+
+
+def served_content_type(value: str) -> str:
+    """The Content-Type a stored record is answered with: its own, or
+    ``application/octet-stream`` for a record written (by an older version, or another
+    program) with one that is not a media type."""
+    return value if valid_content_type(value) else "application/octet-stream"
 
 
 def valid_session_id(session_id: str) -> bool:

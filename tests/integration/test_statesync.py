@@ -536,10 +536,43 @@ async def test_bad_input_is_refused_and_loses_nothing(
     assert_json_error(await a.patch("keep", b"{nope"), 400)
     assert_json_error(await a.patch("keep", {"big": "q" * 1001}), 413)
 
+    # A Content-Type is sent back as the session's: it must be a media type.
+    for ctype in ("#3](j", "text", "text/", "text/plain;", "a b/c", "x/" + "y" * 254):
+        refused = assert_json_error(await a.put("keep", b"{}", content_type=ctype), 400)
+        assert refused["field"] == "Content-Type", refused
+    assert_json_error(await a.post_json("/v1/sessions:bulkSave", {"items": [
+        {"session": "keep", "data": "eA==", "encoding": "base64", "content_type": "#3](j"}]}),
+        400)
+
     got = await a.get("keep")
     assert got.status == 200 and got.json() == {"ok": True} and got.etag == good.etag
     exact = await a.put("edge", b"e" * 1000)
     assert exact.status == 201, exact  # the limit itself is allowed
+    quoted = await a.put("q", b"x", content_type='text/plain; charset="utf-8"; x=y')
+    assert quoted.status == 201, quoted
+    assert (await a.get("q")).headers["Content-Type"] == 'text/plain; charset="utf-8"; x=y'
+    empty = await a.put("e", b"x", headers={"Content-Type": ""})  # an empty one is none
+    assert empty.status == 201, empty
+    assert (await a.get("e")).headers["Content-Type"] == "application/octet-stream"
+
+
+async def test_a_stored_type_that_is_no_media_type_is_served_as_bytes(
+    etcd: EtcdServer, start_sidecar: Any,
+) -> None:
+    """A record another program (or an older version) stored with a type that is no
+    media type is answered as application/octet-stream, never with that type."""
+    from meshxl.statesync.record import SessionRecord
+
+    a = await start_sidecar(cluster=CLUSTER, member="a", etcd=etcd.url, app_port=free_port())
+    record = SessionRecord(owner="b", content_type="#3](j", created=1.0, updated=1.0,
+                           data=b"raw")
+    async with etcd.client() as writer:
+        await writer.put(f"{Keys().sessions_prefix(CLUSTER)}odd".encode(), record.encode())
+    got = await a.get("odd")
+    assert got.status == 200 and got.body == b"raw", got
+    assert got.headers["Content-Type"] == "application/octet-stream"
+    [item] = (await a.post_json("/v1/sessions:bulkGet", {"sessions": ["odd"]})).json()["items"]
+    assert item["content_type"] == "application/octet-stream", item
 
 
 # -- 11. delayed sync ------------------------------------------------------------------------

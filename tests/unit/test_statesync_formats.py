@@ -28,6 +28,7 @@ from meshxl.statesync.membership import registration_document
 from meshxl.statesync.record import (
     HEADER_LIMIT,
     SessionRecord,
+    served_content_type,
     valid_content_type,
     valid_session_id,
     valid_traceparent,
@@ -116,8 +117,23 @@ def test_invalid_trace_contexts(value: str) -> None:
 def test_content_type_check_bounds_what_is_stored(value: str) -> None:
     if valid_content_type(value):
         SessionRecord(owner="a", content_type=value, created=1.0, updated=1.0, data=b"").encode()
+        assert len(value) <= 255 and "/" in value and value.isascii() and value.isprintable()
     else:
-        assert not value or len(value) > 255 or any(not " " <= c <= "~" for c in value)
+        assert served_content_type(value) == "application/octet-stream"
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("application/json", True), ("text/plain; charset=utf-8", True),
+    ('text/plain;charset="a \\"b\\""', True), ("application/vnd.api+json", True),
+    ("a/b;x=y; z=w", True), ("#3](j", False), ("", False), ("text", False),
+    ("text/", False), ("/json", False), ("text/plain;", False), ("text/plain; charset", False),
+    ("text/pl ain", False), ("text/plain\n", False), ("x/" + "y" * 254, False),
+    ('a/b;c="open', False), ("a/b;c=\u00e9", False)])
+def test_a_content_type_is_a_media_type(value: str, ok: bool) -> None:
+    """Sent back as the session's Content-Type: RFC 9110's type/subtype and parameters,
+    whatever else is printable is refused (a client could not read it as a media type)."""
+    assert valid_content_type(value) is ok
+    assert served_content_type(value) == (value if ok else "application/octet-stream")
 
 
 problems = st.dictionaries(
