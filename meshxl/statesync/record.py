@@ -45,12 +45,18 @@ MEDIA_TYPE = re.compile(
 token or a quoted string), in printable ASCII."""
 
 
-@functools.lru_cache(maxsize=512)
 def valid_content_type(value: str) -> bool:
     """A media type (:data:`MEDIA_TYPE`) of at most :data:`MAX_CONTENT_TYPE` characters:
     it is stored and sent back as the session's Content-Type, so anything a client could
-    not read as one (``#3](j``) is refused. Cached: an application uses a handful."""
-    return len(value) <= MAX_CONTENT_TYPE and MEDIA_TYPE.fullmatch(value) is not None
+    not read as one (``#3](j``) is refused."""
+    return len(value) <= MAX_CONTENT_TYPE and _media_type(value)
+
+
+@functools.lru_cache(maxsize=512)
+def _media_type(value: str) -> bool:
+    """Cached (an application uses a handful of types; what is cached is bounded by
+    :func:`valid_content_type`'s length check first)."""
+    return MEDIA_TYPE.fullmatch(value) is not None
 
 
 def served_content_type(value: str) -> str:
