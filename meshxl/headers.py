@@ -20,6 +20,7 @@ __all__ = [
     "TRACEPARENT",
     "WWW_AUTHENTICATE",
     "bearer",
+    "lower_name",
 ]
 
 #: The session id the sample apps and the demo route on (the model's stickiness header).
@@ -44,3 +45,19 @@ TRACEPARENT: Final = "traceparent"
 def bearer(token: str | None) -> dict[str, str]:
     """``{Authorization: Bearer TOKEN}``, or no header without a token."""
     return {AUTHORIZATION: f"Bearer {token}"} if token else {}
+
+
+_LOWER: dict[bytes, str] = {}
+"""Header names as received -> lower case: a peer sends a handful, each decoded once."""
+
+
+def lower_name(name: bytes) -> str:
+    """A received header name (ISO-8859-1 bytes) in lower case, the key both HTTP parsers
+    of the session API (the sidecar's server, ``meshxl.client``'s transport) file headers
+    under. The first 256 names seen are remembered (a peer could send endless new ones)."""
+    key = _LOWER.get(name)
+    if key is None:
+        key = name.decode("latin-1").lower()
+        if len(_LOWER) < 256:
+            _LOWER[name] = key
+    return key

@@ -188,8 +188,7 @@ def check_json(data: bytes, *, what: str = "body", max_depth: int = MAX_JSON_DEP
     except orjson.JSONDecodeError:
         loads(data, what=what, max_depth=max_depth)
         return
-    if brackets > max_depth and json_depth(value) > max_depth:
-        raise BadJson(f"{what} nests deeper than {max_depth} levels")
+    _check_depth(value, brackets, what, max_depth)
 
 
 def loads(data: bytes | str, *, what: str = "body", max_depth: int = MAX_JSON_DEPTH,
@@ -211,9 +210,15 @@ def loads(data: bytes | str, *, what: str = "body", max_depth: int = MAX_JSON_DE
         raise BadJson(f"{what} nests deeper than {max_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadJson(f"{what} is not JSON: {exc}") from None
+    _check_depth(value, brackets, what, max_depth)
+    return value
+
+
+def _check_depth(value: Any, brackets: int, what: str, max_depth: int) -> None:
+    """BadJson if ``value`` nests deeper than ``max_depth`` (a text with fewer brackets
+    than that cannot: the walk is skipped)."""
     if brackets > max_depth and json_depth(value) > max_depth:
         raise BadJson(f"{what} nests deeper than {max_depth} levels")
-    return value
 
 
 def json_depth(value: Any) -> int:

@@ -29,6 +29,8 @@ from typing import cast
 
 import httptools
 
+from meshxl.headers import lower_name
+
 from .errors import BadRequest, describe
 from .plans import Answer, Unanswered
 from .settings import ClientSettings
@@ -66,11 +68,6 @@ class _Exchange:
     def resolve(self, outcome: Answer | Unanswered) -> None:
         if not self.future.done():
             self.future.set_result(outcome)
-
-
-_NAMES: dict[bytes, str] = {}
-"""Answer header names as sent -> as keyed (lower case): the sidecar's few, each decoded
-once."""
 
 
 class _Connection(asyncio.Protocol):
@@ -173,12 +170,7 @@ class _Connection(asyncio.Protocol):
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = _NAMES.get(name)
-        if key is None:
-            key = name.decode("latin-1").lower()
-            if len(_NAMES) < 256:
-                _NAMES[name] = key
-        self._headers[key] = value.decode("latin-1")
+        self._headers[lower_name(name)] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True

@@ -53,6 +53,7 @@ from urllib.parse import unquote
 import httptools
 
 from meshxl.errors import InputError, MeshxlError, detached
+from meshxl.headers import lower_name
 from meshxl.web import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_FIELD_SIZE, MAX_HEADERS, http_status
 
 log = logging.getLogger(__name__)
@@ -342,17 +343,6 @@ def _failure(request: Request, exc: Exception) -> Response:
 
 _IDLE, _HEAD, _BODY, _DONE = range(4)
 
-_NAMES: dict[bytes, str] = {}
-"""Header names as sent -> as keyed (lower case): the few a client sends, each decoded
-once."""
-
-
-def _header_name(name: bytes) -> str:
-    key = name.decode("latin-1").lower()
-    if len(_NAMES) < 256:
-        _NAMES[name] = key
-    return key
-
 
 def _conflict(new: Request, running: Request) -> bool:
     """Whether ``new`` must wait for ``running``, pipelined before it on its connection."""
@@ -491,9 +481,7 @@ class _Connection(asyncio.Protocol):
         self._header_count += 1
         if self._header_count > MAX_HEADERS or len(name) + len(value) > MAX_FIELD_SIZE:
             self._too_large(name)
-        key = _NAMES.get(name)
-        if key is None:
-            key = _header_name(name)
+        key = lower_name(name)
         headers = self._headers
         text = value.decode("latin-1")
         if key in headers:
