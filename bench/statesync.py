@@ -5,7 +5,7 @@ Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
 1. Write throughput at equal concurrency (64 writers, ~1 KiB JSON values, each writer
    overwriting its own keys/sessions, fixed duration and a cap on the count): (a) raw
    aetcd puts straight to etcd, 64 writers; (b) through one sidecar over HTTP/TCP with
-   its default batching (``--batch-max-ops 64``, one transaction in flight, group
+   its default batching (``--batch-max-ops`` default, one transaction in flight, group
    commit, a full batch leaving at once), 64 writers; (c) a second sidecar with ``--batch-max-ops 1
    --max-inflight 64`` (batching off, the same concurrency as the raw puts); (d) the
    sidecar of (b) over its Unix socket (``--listen unix:PATH``), 64 writers; (e) bulk
@@ -14,15 +14,20 @@ Run: ``.venv/bin/python bench/statesync.py [--quick] [--profile]``
    from 4 writers (64 sessions in flight, as in the single-write modes), for
    reference; (g) the sidecar of (b) over TCP from a plain aiohttp client, for
    reference; writes/s counts sessions written.
-   The load generator is the application: a separate process (this script with
-   ``--client``), so it does not share an event loop or a GIL with the sidecar; it
+   The load generator is the application: one process per mode (this script with
+   ``--serve``), started once, connected and warmed up, then told over a control
+   socket to run each round, so it shares no event loop or GIL with the sidecar; it
    does share the machine's cores with etcd and the sidecar (no pinning). It writes
    through ``meshxl.client.AsyncClient`` (what an application uses to reach its
    sidecar) and straight to etcd through aetcd (the reference), on the event loop the
    sidecar runs on (``meshxl.loops``: uvloop). CPU seconds of client, sidecar and etcd
-   over the measured window are reported so the split is visible. Modes are run in
-   rotating order, several rounds (five), each from a compacted etcd; the median round is
-   reported.
+   are reported so the split is visible. The modes run in rotating order, many short
+   rounds (16 of 1.5 s), each run from a compacted etcd. A mode's ratio to raw is the
+   median over its runs of the run's rate over raw's rate at that moment (interpolated
+   between the raw runs just before and after it: :func:`paired_ratios`): this machine's
+   speed moves by up to half from one second to the next, and a ratio of rates measured
+   side by side carries less of that than a ratio of each mode's median rate (also
+   reported).
 2. Replication lag: sidecars A and B of one cluster on one etcd. Sequential writes on
    A; for each, the time from A's acknowledgement (HTTP 200/201 with ``ETag``) until
    B's cache has applied that revision, found by polling B's ``/v1/status`` (its
@@ -50,6 +55,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +96,17 @@ TARGET_LAG_RATIO = 2.0
 SETUP_TIMEOUT = 30.0
 LAG_TIMEOUT = 2.0
 CLIENT_GRACE = 30.0
+ROUNDS, DURATION = 16, 1.5
+"""Rounds of every mode and seconds per run (rounds are rotated: each mode runs first in
+some)."""
+ROUNDS_QUICK = 3
 MODES = (("raw", "raw aetcd put -> etcd"),
-         ("batched", "sidecar HTTP/TCP, --batch-max-ops 64"),
+         ("batched", "sidecar HTTP/TCP, default batching"),
          ("unbatched", "sidecar HTTP/TCP, batch 1, 64 in flight"),
-         ("unix", "sidecar HTTP/Unix socket, batch 64"),
+         ("unix", "sidecar HTTP/Unix socket, default batching"),
          ("bulk16", f"bulk save x{BULK_SESSIONS}, Unix, 64 writers"),
          ("bulk16w4", f"bulk save x{BULK_SESSIONS}, Unix, 4 writers"),
-         ("aiohttp", "sidecar HTTP/TCP, batch 64, aiohttp client"))
+         ("aiohttp", "sidecar HTTP/TCP, aiohttp client"))
 SIDECAR_MODES = ("batched", "unbatched", "unix", "bulk16", "bulk16w4", "aiohttp")
 BULK_WRITERS = {"bulk16": CONCURRENCY, "bulk16w4": CONCURRENCY // BULK_SESSIONS}
 """Writers of the bulk modes: 64 as the others (16 sessions a request), and 4 (as many
@@ -171,132 +181,203 @@ async def _metrics(http: aiohttp.ClientSession, base: str) -> str:
         return await resp.text()
 
 
-# -- the load generator (a separate process: ``--client JSON``) ------------------------
+# -- the load generator (a separate process) --------------------------------------------
 
 
-async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``concurrency`` tasks each overwrite their own key until the duration or count
-    is reached; a short warm-up (each task writes ``warmup`` times) is not counted."""
-    conc, prefix = int(cfg["concurrency"]), str(cfg["prefix"])
-    value = _value(prefix)
-    client: Any = None
-    sidecar: AsyncClient | None = None
-    http: aiohttp.ClientSession | None = None
-    base = str(cfg["target"])
-    if cfg["mode"] == "raw":
-        client = etcd.client(base)
-        await client.connect()
+class _Load:
+    """One mode's writers (``cfg``): connected once, then run for as many rounds as
+    asked. ``concurrency`` tasks each overwrite their own key (or bulk-save their own
+    sessions) until the round's duration or write count is reached."""
 
-        async def write(task: int) -> None:
-            await client.put(f"{prefix}{task:04d}".encode(), value)
-    elif cfg["mode"] == "aiohttp":  # a plain aiohttp client, for reference
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc + 4),
-                                     timeout=aiohttp.ClientTimeout(total=10.0))
-        headers = {"Content-Type": "application/json"}
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.conc = int(cfg["concurrency"])
+        self.base = str(cfg["target"])
+        self.pids = [int(p) for p in cfg.get("pids", [])]
+        self.per_write = max(1, int(cfg.get("bulk", 0)))
+        """Sessions one write carries."""
+        self._closers: list[Callable[[], Awaitable[object]]] = []
+        self._metrics: aiohttp.ClientSession | None = None
+        self.write: Callable[[int], Awaitable[None]] | None = None
 
-        async def write(task: int) -> None:
-            assert http is not None
-            async with http.put(f"{base}/v1/sessions/{prefix}{task:04d}", data=value,
-                                headers=headers) as resp:
-                await resp.read()
-                if resp.status not in (200, 201) or "ETag" not in resp.headers:
-                    raise RuntimeError(f"PUT answered {resp.status}")
-    else:
-        socket_path = cfg.get("unix")
-        sidecar = AsyncClient(f"unix:{socket_path}" if socket_path else base)
-        per_request = int(cfg.get("bulk", 0))
-        if per_request:
-            document = json.loads(value)
-            batches = [[Upsert(session=f"{prefix}{task:04d}-{i:02d}", state=document)
-                        for i in range(per_request)] for task in range(conc)]
+    async def open(self) -> None:
+        cfg, conc = self.cfg, self.conc
+        prefix = str(cfg["prefix"])
+        value = _value(prefix)
+        if cfg["mode"] == "raw":
+            client = etcd.client(self.base)
+            await client.connect()
+            self._closers.append(client.close)
 
             async def write(task: int) -> None:
-                assert sidecar is not None
-                for answer in await sidecar.bulk_save(batches[task]):
-                    if isinstance(answer, Exception):
-                        raise answer
+                await client.put(f"{prefix}{task:04d}".encode(), value)
+        elif cfg["mode"] == "aiohttp":  # a plain aiohttp client, for reference
+            http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc + 4),
+                                         timeout=aiohttp.ClientTimeout(total=10.0))
+            self._closers.append(http.close)
+            headers = {"Content-Type": "application/json"}
+            base = self.base
+
+            async def write(task: int) -> None:
+                async with http.put(f"{base}/v1/sessions/{prefix}{task:04d}", data=value,
+                                    headers=headers) as resp:
+                    await resp.read()
+                    if resp.status not in (200, 201) or "ETag" not in resp.headers:
+                        raise RuntimeError(f"PUT answered {resp.status}")
         else:
-            async def write(task: int) -> None:
-                assert sidecar is not None
-                await sidecar.put(f"{prefix}{task:04d}", value, content_type="application/json")
+            socket_path = cfg.get("unix")
+            sidecar = AsyncClient(f"unix:{socket_path}" if socket_path else self.base)
+            self._closers.append(sidecar.close)
+            per_request = int(cfg.get("bulk", 0))
+            if per_request:
+                document = json.loads(value)
+                batches = [[Upsert(session=f"{prefix}{task:04d}-{i:02d}", state=document)
+                            for i in range(per_request)] for task in range(conc)]
 
-    latencies: list[float] = []
-    errors: list[str] = []
-    done = 0
-    max_writes = int(cfg["max_writes"])
-    sessions_per_write = max(1, int(cfg.get("bulk", 0)))
+                async def write(task: int) -> None:
+                    for answer in await sidecar.bulk_save(batches[task]):
+                        if isinstance(answer, Exception):
+                            raise answer
+            else:
+                async def write(task: int) -> None:
+                    await sidecar.put(f"{prefix}{task:04d}", value,
+                                      content_type="application/json")
+        self.write = write
+        if cfg["mode"] != "raw":
+            self._metrics = aiohttp.ClientSession()
+            self._closers.append(self._metrics.close)
 
-    async def worker(task: int, end: float) -> None:
-        nonlocal done
-        while done < max_writes and time.perf_counter() < end and len(errors) < 100:
-            t = time.perf_counter()
-            try:
+    async def warm(self) -> None:
+        """Each task writes ``warmup`` times (sessions created, connections open)."""
+        assert self.write is not None
+        write = self.write
+
+        async def warm(task: int) -> None:
+            for _ in range(int(self.cfg["warmup"])):
                 await write(task)
-            except Exception as exc:  # noqa: BLE001 - counted and reported
-                errors.append(f"{type(exc).__name__}: {exc}")
-                continue
-            latencies.append(time.perf_counter() - t)
-            done += sessions_per_write
+        await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(self.conc))), 15.0)
 
-    async def warm(task: int) -> None:
-        for _ in range(int(cfg["warmup"])):
-            await write(task)
+    async def round(self, duration: float, max_writes: int) -> dict[str, Any]:
+        """One measured window: writes, latency, CPU of the processes named, batches."""
+        assert self.write is not None
+        write = self.write
+        latencies: list[float] = []
+        errors: list[str] = []
+        done = 0
+        per_write = self.per_write
 
-    try:
-        await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(conc))), 15.0)
-        pids = [int(p) for p in cfg.get("pids", [])]
-        metrics = aiohttp.ClientSession() if cfg["mode"] != "raw" else None
-        metrics_before = await _metrics(metrics, base) if metrics is not None else ""
-        cpu_before = [cpu_seconds(p) for p in pids]
+        async def worker(task: int, end: float) -> None:
+            nonlocal done
+            while done < max_writes and time.perf_counter() < end and len(errors) < 100:
+                t = time.perf_counter()
+                try:
+                    await write(task)
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                latencies.append(time.perf_counter() - t)
+                done += per_write
+
+        metrics_before = await self._scrape()
+        cpu_before = [cpu_seconds(p) for p in self.pids]
         own_before = time.process_time()
         start = time.perf_counter()
-        end = start + float(cfg["duration"])
-        await asyncio.wait_for(asyncio.gather(*(worker(t, end) for t in range(conc))),
-                               float(cfg["duration"]) + 15.0)
+        end = start + duration
+        await asyncio.wait_for(asyncio.gather(*(worker(t, end) for t in range(self.conc))),
+                               duration + 15.0)
         elapsed = time.perf_counter() - start
         own = time.process_time() - own_before
-        cpu_after = [cpu_seconds(p) for p in pids]
-        metrics_after = await _metrics(metrics, base) if metrics is not None else ""
-        if metrics is not None:
-            await metrics.close()
-    finally:
-        if client is not None:
-            await client.close()
-        if sidecar is not None:
-            await sidecar.close()
-        if http is not None:
-            await http.close()
+        cpu_after = [cpu_seconds(p) for p in self.pids]
+        metrics_after = await self._scrape()
+        out: dict[str, Any] = {
+            "writes": done, "requests": len(latencies), "seconds": round(elapsed, 4),
+            "writes_per_s": round(done / elapsed, 1),
+            "errors": len(errors), "first_errors": errors[:3], "latency_ms": _ms(latencies),
+            "cpu_s": {"client": round(own, 3)},
+        }
+        for pid, b, a in zip(self.pids, cpu_before, cpu_after, strict=True):
+            if a is not None and b is not None:
+                out["cpu_s"][str(pid)] = round(a - b, 3)
+        if self._metrics is not None:
+            out["batches"] = _batches(metrics_before, metrics_after)
+        return out
 
-    out: dict[str, Any] = {
-        "writes": done, "requests": len(latencies), "seconds": round(elapsed, 4),
-        "writes_per_s": round(done / elapsed, 1),
-        "errors": len(errors), "first_errors": errors[:3], "latency_ms": _ms(latencies),
-        "cpu_s": {"client": round(own, 3)},
-        "value_bytes": len(value),
-    }
-    for pid, b, a in zip(pids, cpu_before, cpu_after, strict=True):
-        if a is not None and b is not None:
-            out["cpu_s"][str(pid)] = round(a - b, 3)
-    if cfg["mode"] != "raw":
-        name = "meshxl_statesync_batch_size"
-        hb, ha = _histograms(metrics_before, name), _histograms(metrics_after, name)
-        name = "meshxl_statesync_batch_duration_seconds"
-        db, da = _histograms(metrics_before, name), _histograms(metrics_after, name)
-        out["batches"] = {}
-        for kind in ha:
-            d = _hist_delta(ha.get(kind), hb.get(kind))
-            t = _hist_delta(da.get(kind), db.get(kind))
-            if d["count"]:
-                out["batches"][kind] = {
-                    "transactions": int(d["count"]), "ops": int(d["sum"]),
-                    "mean_size": round(d["sum"] / d["count"], 2),
-                    "mean_txn_ms": round(t["sum"] / t["count"] * 1000, 2) if t["count"] else None}
+    async def _scrape(self) -> str:
+        return await _metrics(self._metrics, self.base) if self._metrics is not None else ""
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+
+
+def _batches(before: str, after: str) -> dict[str, Any]:
+    """The sidecar's transactions between two scrapes: count, ops, mean size and time."""
+    name = "meshxl_statesync_batch_size"
+    hb, ha = _histograms(before, name), _histograms(after, name)
+    name = "meshxl_statesync_batch_duration_seconds"
+    db, da = _histograms(before, name), _histograms(after, name)
+    out: dict[str, Any] = {}
+    for kind in ha:
+        d = _hist_delta(ha.get(kind), hb.get(kind))
+        t = _hist_delta(da.get(kind), db.get(kind))
+        if d["count"]:
+            out[kind] = {"transactions": int(d["count"]), "ops": int(d["sum"]),
+                         "mean_size": round(d["sum"] / d["count"], 2),
+                         "mean_txn_ms": round(t["sum"] / t["count"] * 1000, 2)
+                         if t["count"] else None}
     return out
 
 
-def client_main(raw: str) -> int:
+async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One run of a load (``--client``, what ``bench/statesync_gc.py`` uses): connect,
+    warm up (not counted), one window of ``duration`` seconds."""
+    load = _Load(cfg)
+    try:
+        await load.open()
+        await load.warm()
+        out = await load.round(float(cfg["duration"]), int(cfg["max_writes"]))
+    finally:
+        await load.close()
+    out["value_bytes"] = VALUE_BYTES
+    return out
+
+
+async def _serve(cfg: dict[str, Any]) -> None:
+    """A load kept for the whole benchmark (``--serve``): connect and warm up once, then
+    answer each line ``DURATION MAX_WRITES`` on the control socket ``cfg["control"]``
+    with one round's results (a JSON line)."""
+    load = _Load(cfg)
+    try:
+        await load.open()
+        await load.warm()
+        finished = asyncio.get_running_loop().create_future()
+
+        async def control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while line := await reader.readline():
+                    duration, max_writes = line.split()
+                    result = await load.round(float(duration), int(max_writes))
+                    writer.write(json.dumps(result).encode() + b"\n")
+                    await writer.drain()
+            finally:
+                writer.close()
+                if not finished.done():
+                    finished.set_result(None)
+
+        server = await asyncio.start_unix_server(control, path=str(cfg["control"]))
+        async with server:
+            await finished
+    finally:
+        await load.close()
+
+
+def client_main(raw: str, serve: bool = False) -> int:
+    cfg = json.loads(raw)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        print(json.dumps(runner.run(_load(json.loads(raw)))))
+        if serve:
+            runner.run(_serve(cfg))
+        else:
+            print(json.dumps(runner.run(_load(cfg))))
     return 0
 
 
@@ -304,7 +385,7 @@ def client_main(raw: str) -> int:
 
 
 async def _run_client(cfg: dict[str, Any]) -> Any:
-    """One load client process (killed on timeout or cancellation)."""
+    """One load client process for one run (killed on timeout or cancellation)."""
     code, out, err = await run_command(
         [sys.executable, str(SCRIPT), "--client", json.dumps(cfg)],
         timeout=float(cfg["duration"]) + CLIENT_GRACE)
@@ -313,68 +394,166 @@ async def _run_client(cfg: dict[str, Any]) -> Any:
     return json.loads(out.strip().splitlines()[-1])
 
 
+class LoadProcess:
+    """A mode's load generator, one process for the whole benchmark: each round is a
+    line on its control socket, so rounds can be short and many."""
+
+    def __init__(self, stack: Owner, mode: str, cfg: dict[str, Any]):
+        self.mode = mode
+        self.control = stack.root / f"load-{mode}.ctl"
+        cfg = {**cfg, "control": str(self.control)}
+        self.process = stack.spawn(f"load-{mode}", [sys.executable, str(SCRIPT), "--serve",
+                                                    json.dumps(cfg)])
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def ready(self) -> None:
+        """Wait until it is connected and warmed up (its control socket answers)."""
+        async def connected() -> bool:
+            if not self.control.exists():
+                return False
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self.control))
+            except OSError:
+                return False
+            return True
+        await wait_until(connected, timeout=SETUP_TIMEOUT, what=f"load {self.mode} ready",
+                         process=self.process)
+
+    async def round(self, duration: float, max_writes: int) -> dict[str, Any]:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(f"{duration} {max_writes}\n".encode())
+        await self._writer.drain()
+        try:
+            line = await asyncio.wait_for(self._reader.readline(), duration + CLIENT_GRACE)
+        except TimeoutError:
+            raise RuntimeError(f"load {self.mode}: no answer within "
+                               f"{duration + CLIENT_GRACE:g} s\n{self.process.tail()}") from None
+        if not line:
+            raise RuntimeError(f"load {self.mode} ended:\n{self.process.tail()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+        with contextlib.suppress(Exception):
+            await self.process.wait_exit(10.0)
+
+
 SIDECAR_OF = {"unix": "batched", "bulk16": "batched", "bulk16w4": "batched",
               "aiohttp": "batched"}
 """Modes that use another mode's sidecar (over its Unix socket)."""
 
 
-async def bench_throughput(url: str, sidecars: dict[str, Sidecar],
-                           etcd_pid: int, rounds: int, duration: float,
-                           max_writes: int,
+def paired_ratios(sequence: list[tuple[str, float]], reference: str = "raw"
+                  ) -> dict[str, list[float]]:
+    """Each run's rate over the reference's rate at the same moment: the rates of
+    ``sequence`` (``(mode, rate)`` in the order they ran), each divided by the reference
+    rate interpolated between the reference's runs just before and just after it (the
+    one on either side at the ends). The machine's speed drifts between runs; a ratio to
+    the reference measured beside a run carries less of that drift than one to a
+    reference measured minutes away. Pure; ``tests/unit/test_bench.py``."""
+    marks = [(i, rate) for i, (mode, rate) in enumerate(sequence) if mode == reference]
+    out: dict[str, list[float]] = {}
+    if not marks:
+        return out
+    for i, (mode, rate) in enumerate(sequence):
+        if mode == reference:
+            continue
+        before = [m for m in marks if m[0] < i]
+        after = [m for m in marks if m[0] > i]
+        if before and after:
+            (i0, r0), (i1, r1) = before[-1], after[0]
+            ref = r0 + (r1 - r0) * (i - i0) / (i1 - i0)
+        else:
+            ref = (before[-1] if before else after[0])[1]
+        if ref > 0:
+            out.setdefault(mode, []).append(rate / ref)
+    return out
+
+
+async def bench_throughput(url: str, sidecars: dict[str, Sidecar], etcd_pid: int,
+                           stack: Owner, rounds: int, duration: float, max_writes: int,
                            profiles: dict[str, list[Path]]) -> dict[str, Any]:
     by_mode: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in MODES}
+    loads: dict[str, LoadProcess] = {}
+    for mode, _ in MODES:
+        sidecar = sidecars.get(SIDECAR_OF.get(mode, mode))
+        loads[mode] = LoadProcess(stack, mode, {
+            "mode": mode if mode in ("raw", "aiohttp") else "http",
+            "concurrency": BULK_WRITERS.get(mode, CONCURRENCY),
+            "bulk": BULK_SESSIONS if mode in BULK_WRITERS else 0,
+            "unix": sidecar.unix if sidecar and mode in ("unix", *BULK_WRITERS) else None,
+            "warmup": 2,
+            "prefix": "/bench-raw/" if mode == "raw" else f"s-{mode}-",
+            "target": url if sidecar is None else sidecar.url,
+            "pids": [etcd_pid] + ([] if sidecar is None else [sidecar.process.pid]),
+        })
+    await asyncio.gather(*(load.ready() for load in loads.values()))
     client = etcd.client(url)
     await client.connect()
-    for r in range(rounds):
-        order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
-        for mode in order:
-            sidecar = sidecars.get(SIDECAR_OF.get(mode, mode))
-            cfg: dict[str, Any] = {
-                "mode": mode if mode in ("raw", "aiohttp") else "http",
-                "concurrency": BULK_WRITERS.get(mode, CONCURRENCY),
-                "bulk": BULK_SESSIONS if mode in BULK_WRITERS else 0,
-                "unix": sidecar.unix if sidecar and mode in ("unix", *BULK_WRITERS) else None,
-                "duration": duration,
-                "max_writes": max_writes, "warmup": 2,
-                "prefix": f"/bench-raw/r{r}-" if mode == "raw" else f"s-{mode}-r{r}-",
-                "target": url if sidecar is None else sidecar.url,
-                "pids": [etcd_pid] + ([] if sidecar is None else [sidecar.process.pid]),
-            }
-            if sidecar is not None:
-                sidecar.profiled(mode, profiles)
-            try:
-                res = await _run_client(cfg)
-            finally:
+    sequence: list[tuple[str, float]] = []
+    try:
+        for r in range(rounds):
+            order = [MODES[(i + r) % len(MODES)][0] for i in range(len(MODES))]
+            for mode in order:
+                sidecar = sidecars.get(SIDECAR_OF.get(mode, mode))
                 if sidecar is not None:
-                    await sidecar.stop()
-            # Each run starts from a compacted etcd: the history a run leaves (every
-            # overwrite is a revision kept) would otherwise slow the runs after it.
-            head = await client.kvstub.Range(rpc.RangeRequest(key=b"\0", limit=1))
-            await client.compact(head.header.revision, physical=True)
-            cpu = res.pop("cpu_s")
-            res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
-            if sidecar is not None:
-                res["cpu_s"]["sidecar"] = cpu.get(str(sidecar.process.pid))
-            res["cpu_us_per_write"] = {
-                who: round(sec / res["writes"] * 1e6, 1) if sec and res["writes"] else None
-                for who, sec in res["cpu_s"].items()}
-            res["round"] = r
-            by_mode[mode].append(res)
-    await client.close()
+                    sidecar.profiled(mode, profiles)
+                try:
+                    res = await loads[mode].round(duration, max_writes)
+                finally:
+                    if sidecar is not None:
+                        await sidecar.stop()
+                # Every run starts from a compacted etcd: the history a run leaves (every
+                # overwrite is a revision kept) would otherwise slow the runs after it.
+                head = await client.kvstub.Range(rpc.RangeRequest(key=b"\0", limit=1))
+                await client.compact(head.header.revision, physical=True)
+                cpu = res.pop("cpu_s")
+                res["cpu_s"] = {"client": cpu["client"], "etcd": cpu.get(str(etcd_pid))}
+                if sidecar is not None:
+                    res["cpu_s"]["sidecar"] = cpu.get(str(sidecar.process.pid))
+                res["round"] = r
+                by_mode[mode].append(res)
+                sequence.append((mode, res["writes_per_s"]))
+    finally:
+        await client.close()
+        await asyncio.gather(*(load.close() for load in loads.values()))
 
     out: dict[str, Any] = {"concurrency": CONCURRENCY, "value_bytes": VALUE_BYTES,
                            "rounds": rounds, "duration_s": duration,
-                           "max_writes": max_writes, "modes": {}}
+                           "max_writes": max_writes, "modes": {},
+                           "order": [mode for mode, _ in sequence]}
     for mode, label in MODES:
         runs = by_mode[mode]
         ranked = sorted(runs, key=lambda x: x["writes_per_s"])
-        median = ranked[len(ranked) // 2]
-        out["modes"][mode] = {"label": label, "median_run": median,
-                              "writes_per_s": [x["writes_per_s"] for x in runs]}
+        writes = sum(x["writes"] for x in runs)
+        cpu = {who: sum(x["cpu_s"].get(who) or 0.0 for x in runs)
+               for who in runs[0]["cpu_s"]}
+        out["modes"][mode] = {
+            "label": label, "median_run": ranked[len(ranked) // 2],
+            "writes_per_s": [x["writes_per_s"] for x in runs],
+            "errors": sum(x["errors"] for x in runs),
+            "first_errors": next((x["first_errors"] for x in runs if x["errors"]), []),
+            "seconds": round(sum(x["seconds"] for x in runs), 3),
+            "cpu_us_per_write": {who: round(sec / writes * 1e6, 1) if writes else None
+                                 for who, sec in cpu.items()},
+            "cpu_cores": {who: round(sec / sum(x["seconds"] for x in runs), 2)
+                          for who, sec in cpu.items()}}
     raw = out["modes"]["raw"]["median_run"]["writes_per_s"]
+    ratios = paired_ratios(sequence)
     for mode in SIDECAR_MODES:
+        paired = sorted(ratios.get(mode, []))
         wps = out["modes"][mode]["median_run"]["writes_per_s"]
-        out[f"ratio_{mode}_vs_raw"] = round(wps / raw, 3) if raw else None
+        out["modes"][mode]["paired_ratios"] = [round(x, 3) for x in ratios.get(mode, [])]
+        out[f"ratio_{mode}_vs_raw"] = round(quantile(paired, 0.5) or 0.0, 3) if paired else None
+        out[f"ratio_{mode}_vs_raw_quartiles"] = [
+            round(quantile(paired, q) or 0.0, 3) for q in (0.25, 0.75)] if paired else None
+        out[f"ratio_{mode}_of_medians"] = round(wps / raw, 3) if raw else None
     return out
 
 
@@ -540,7 +719,7 @@ class Sidecar:
             await asyncio.sleep(0.2)  # written in full
 
 
-async def _sidecar(stack: Owner, name: str, cluster: str, url: str, batch: int,
+async def _sidecar(stack: Owner, name: str, cluster: str, url: str, batch: int | None,
                    profile_dir: Path | None = None,
                    inflight: int | None = None) -> Sidecar:
     app_port, port = free_ports(2)
@@ -576,10 +755,10 @@ def _profile_top(paths: list[Path], lines: int = 30) -> str:
 
 
 async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
-    # Five rounds: on a machine whose speed moves by a fifth from minute to minute, the
-    # median of five rotated rounds is what each ratio compares.
-    rounds, duration, max_writes, lag_rounds = (1, 2.0, 40_000, 100) if quick else \
-        (5, 4.0, 100_000, 300)
+    # Many short rounds, each mode's rate over raw's beside it: this machine's speed moves
+    # by up to half from one second to the next (docs/performance.md, "The machine").
+    rounds, duration, max_writes, lag_rounds = (ROUNDS_QUICK, 1.0, 40_000, 100) if quick \
+        else (ROUNDS, DURATION, 100_000, 300)
     stack = Owner(work, grace=3.0)
     step = "starting etcd"
     res: dict[str, Any] = {}
@@ -591,16 +770,17 @@ async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
             etcd_pid = etcd_proc.pid
             step = "starting sidecars"
             sidecars = {
-                "batched": await _sidecar(stack, "tput-b64", "tput-b64", url, 64, prof_dir),
+                "batched": await _sidecar(stack, "tput-batched", "tput-batched", url, None,
+                                          prof_dir),
                 "unbatched": await _sidecar(stack, "tput-b1", "tput-b1", url, 1, prof_dir,
                                             inflight=CONCURRENCY),
             }
-            lag_a = (await _sidecar(stack, "lag-a", "lag", url, 64)).url
-            lag_b = (await _sidecar(stack, "lag-b", "lag", url, 64)).url
+            lag_a = (await _sidecar(stack, "lag-a", "lag", url, None)).url
+            lag_b = (await _sidecar(stack, "lag-b", "lag", url, None)).url
         step = "measuring throughput"
         profiles: dict[str, list[Path]] = {}
-        res["throughput"] = await bench_throughput(url, sidecars, etcd_pid, rounds, duration,
-                                                   max_writes, profiles)
+        res["throughput"] = await bench_throughput(url, sidecars, etcd_pid, stack, rounds,
+                                                   duration, max_writes, profiles)
         step = "measuring replication lag"
         res["lag"] = await bench_lag(url, lag_a, lag_b, lag_rounds)
         if profile:
@@ -618,41 +798,45 @@ async def run(quick: bool, profile: bool, work: Path) -> dict[str, Any]:
 
 def print_report(res: dict[str, Any]) -> None:
     t = res["throughput"]
-    print(f"\n== write throughput: {t['concurrency']} writers, "
-          f"~{t['value_bytes']} B JSON values, {t['duration_s']:g} s per run, {t['rounds']} "
-          "round(s), median shown")
-    print("   load generator: separate process; client, sidecar and etcd share "
-          f"{res['env']['cpus']} cores (no pinning); CPU = cpu-seconds / wall-second; "
-          f"load average at start {res['env']['loadavg_at_start']}")
-    print(f"  {'mode':<40} {'writes/s':>9} {'vs raw':>7} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'batch':>6} {'CPU cli':>7} {'side':>5} {'etcd':>5}  all runs")
-    raw = t["modes"]["raw"]["median_run"]["writes_per_s"]
+    print(f"\n== write throughput: {t['concurrency']} writers, ~{t['value_bytes']} B JSON "
+          f"values, {t['rounds']} rounds of {t['duration_s']:g} s per mode, in rotating order")
+    print("   load generators: one process per mode, kept for the run; client, sidecar and "
+          f"etcd share {res['env']['cpus']} cores (no pinning); load average at start "
+          f"{res['env']['loadavg_at_start']}")
+    print("   vs raw: the median of each run's rate over raw's interpolated beside it "
+          "[quartiles]; runs: the median run's rate, latency and batches; CPU: cores used "
+          "over all runs")
+    print(f"  {'mode':<40} {'writes/s':>9} {'vs raw':>7} {'quartiles':>11} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'batch':>6} {'CPU cli':>7} {'side':>5} {'etcd':>5}")
     for mode, _ in MODES:
         m = t["modes"][mode]
         run = m["median_run"]
-        secs = run["seconds"]
-        cpu = run["cpu_s"]
+        cores = m["cpu_cores"]
 
-        def share(x: float | None, secs: float = secs) -> str:
-            return f"{x / secs:5.2f}" if x is not None else "    -"
+        def share(who: str, cores: dict[str, float] = cores) -> str:
+            return f"{cores[who]:5.2f}" if cores.get(who) is not None else "    -"
         batch = "-"
         if run.get("batches"):
-            put = run["batches"].get("kind=put") or next(iter(run["batches"].values()))
+            put = run["batches"].get("kind=write") or next(iter(run["batches"].values()))
             batch = f"{put['mean_size']:.1f}"
-        errs = f"  ERRORS {run['errors']}: {run['first_errors']}" if run["errors"] else ""
-        print(f"  {m['label']:<40} {run['writes_per_s']:>9.0f} "
-              f"{run['writes_per_s'] / raw:>6.2f}x {run['latency_ms']['p50']:>7.2f} "
-              f"{run['latency_ms']['p99']:>7.2f} {batch:>6} {share(cpu['client']):>7} "
-              f"{share(cpu.get('sidecar')):>5} {share(cpu.get('etcd')):>5}  "
-              f"{m['writes_per_s']}{errs}")
+        ratio = t.get(f"ratio_{mode}_vs_raw")
+        quartiles = t.get(f"ratio_{mode}_vs_raw_quartiles")
+        vs = f"{ratio:6.2f}x" if ratio is not None else "  1.00x"
+        q = f"[{quartiles[0]:.2f}-{quartiles[1]:.2f}]" if quartiles else ""
+        errs = f"  ERRORS {m['errors']}: {m['first_errors']}" if m["errors"] else ""
+        print(f"  {m['label']:<40} {run['writes_per_s']:>9.0f} {vs:>7} {q:>11} "
+              f"{run['latency_ms']['p50']:>7.2f} {run['latency_ms']['p99']:>7.2f} {batch:>6} "
+              f"{share('client'):>7} {share('sidecar'):>5} {share('etcd'):>5}{errs}")
     for mode in SIDECAR_MODES:
         run = t["modes"][mode]["median_run"]
         if run.get("batches"):
-            print(f"   {mode} batches: {run['batches']}")
-    print("   CPU microseconds per session written (median runs): " + "; ".join(
+            print(f"   {mode} batches (median run): {run['batches']}")
+    print("   CPU microseconds per session written (all runs): " + "; ".join(
         f"{mode} " + ", ".join(f"{who} {us}" for who, us in
-                               t["modes"][mode]["median_run"]["cpu_us_per_write"].items())
+                               t["modes"][mode]["cpu_us_per_write"].items())
         for mode, _ in MODES))
+    print("   ratio of the modes' median rates (the statistic before paired runs): " + ", ".join(
+        f"{mode} {t[f'ratio_{mode}_of_medians']:.2f}x" for mode in SIDECAR_MODES))
 
     lag = res["lag"]
     print(f"\n== replication lag: {lag['rounds']} sequential writes, interleaved "
@@ -701,10 +885,12 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
     out = []
     for mode, (target, label) in TARGETS.items():
         wps = t["modes"][mode]["median_run"]["writes_per_s"]
+        low, high = t[f"ratio_{mode}_vs_raw_quartiles"] or (None, None)
         out.append(Verdict(f"statesync: sidecar writes/s / raw aetcd puts, {label}",
                            t[f"ratio_{mode}_vs_raw"], target, "x", at_most=False,
-                           reference=f"{wps:,.0f} vs raw {raw:,.0f} writes/s, "
-                           f"{t['concurrency']} writers"))
+                           reference=f"median of {t['rounds']} paired runs, quartiles "
+                           f"{low}-{high}; median runs {wps:,.0f} vs raw {raw:,.0f} "
+                           f"writes/s, {t['concurrency']} writers"))
     h, rb = lag["b_lag_histogram_ms"], lag["raw_put_sent_to_watch_event_bucketed_ms"]
     for q in ("p50", "p99"):
         out.append(Verdict(f"statesync: replication lag / etcd watch latency, {q}",
@@ -715,13 +901,14 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter runs (< ~30 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     parser.add_argument("--profile", action="store_true",
                         help="run the throughput sidecars under cProfile and print the top")
     parser.add_argument("--client", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.client:
-        return client_main(args.client)
+    if args.client or args.serve:
+        return client_main(args.client or args.serve, serve=bool(args.serve))
     args.quick = quick_requested(args.quick)
 
     started = time.perf_counter()

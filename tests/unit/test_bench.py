@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 
 import benchlib  # noqa: E402
 import rebalance  # noqa: E402
+import statesync  # noqa: E402
 import statesync_gc  # noqa: E402
 import statesync_path  # noqa: E402
 import summary  # noqa: E402
@@ -216,3 +217,24 @@ async def _one_round(server: object) -> int:
     for _ in range(8):
         await asyncio.sleep(0)
     return transport.answers  # a 2xx each
+
+
+def test_statesync_ratios_pair_each_run_with_raw_beside_it() -> None:
+    """A run's ratio is over raw's rate at that moment: interpolated between the raw
+    runs around it, the nearest one at the ends; a drift of the machine's speed that
+    moves raw and the sidecar alike leaves the ratio where it is."""
+    # The machine slows down steadily; the sidecar always writes at 1.5x raw.
+    speed = [1.0 - 0.05 * i for i in range(12)]
+    sequence: list[tuple[str, float]] = []
+    for i, s in enumerate(speed):
+        mode = ("raw", "bulk16", "batched")[i % 3]
+        sequence.append((mode, 1000 * s * (1.0 if mode == "raw" else 1.5)))
+    ratios = statesync.paired_ratios(sequence)
+    assert set(ratios) == {"bulk16", "batched"} and len(ratios["bulk16"]) == 4
+    # Inside: exact; after the last raw run: the nearest raw (here faster than the run).
+    assert all(abs(r - 1.5) < 1e-9 for r in ratios["bulk16"][:3] + ratios["batched"][:3])
+    assert ratios["batched"][-1] < 1.5
+    # No raw run: no ratio; one raw run: every ratio is to it.
+    assert statesync.paired_ratios([("bulk16", 10.0)]) == {}
+    assert statesync.paired_ratios([("bulk16", 10.0), ("raw", 5.0)]) == {"bulk16": [2.0]}
+    assert statesync.paired_ratios([("raw", 4.0), ("x", 6.0), ("raw", 8.0)]) == {"x": [1.0]}
