@@ -146,8 +146,10 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @click.option("--lease-ttl", type=click.FloatRange(min=1), default=3.0, show_default=True,
               metavar="SECONDS", help="Registration lease: a dead sidecar leaves Envoy "
                                       "within about this long.")
-@click.option("--batch-max-ops", type=click.IntRange(1, 128), default=64, show_default=True,
-              help="Writes per etcd transaction at most.")
+# 127: etcd's 128 operations per transaction level, less the batch's own level
+# (meshxl.statesync.store.MAX_TXN_WRITES; tests/unit/test_statesync_pure.py checks).
+@click.option("--batch-max-ops", type=click.IntRange(1, 128), default=127, show_default=True,
+              help="Writes per etcd transaction at most (1: no batching).")
 @click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
 @trace_file_option

@@ -466,7 +466,7 @@ class _Leases:
 class SessionStore:
     """One cluster's sessions in etcd, for one member's sidecar."""
 
-    def __init__(self, client: aetcd.Client, *, ttl: float, max_batch_ops: int = 64,
+    def __init__(self, client: aetcd.Client, *, ttl: float, max_batch_ops: int = MAX_TXN_WRITES,
                  max_batch_bytes: int = 1_000_000, max_inflight: int = 2,
                  timeout: float = 5.0,
                  on_batch: Callable[[str, int, float], None] | None = None):

@@ -286,3 +286,20 @@ def test_a_full_batch_leaves_without_waiting_for_the_one_in_flight() -> None:
     assert may_send(500, FULL_EXTRA, 1, 64)
     assert not may_send(500, 1 + FULL_EXTRA, 1, 64)  # bounded all the same
     assert may_send(5, 1, 2, 64) and not may_send(5, 2, 2, 64)
+
+
+def test_the_default_batch_holds_as_many_writes_as_etcd_takes() -> None:
+    """The sidecar's default batch (CLI and config) is the most single writes etcd
+    accepts in one transaction: its 128 operations per level, less the batch's own."""
+    from collections import deque
+
+    from meshxl.cli.serve import serve_statesync
+    from meshxl.statesync.app import StatesyncConfig
+    from meshxl.statesync.store import MAX_TXN_OPS, MAX_TXN_WRITES, SessionStore, take_batch
+    option = next(p for p in serve_statesync.params if p.name == "batch_max_ops")
+    assert option.default == MAX_TXN_WRITES == MAX_TXN_OPS - 1
+    assert StatesyncConfig.__dataclass_fields__["batch_max_ops"].default == MAX_TXN_WRITES
+    store = SessionStore(None, ttl=60.0)  # type: ignore[arg-type]
+    assert store._writes._max_ops == MAX_TXN_WRITES
+    singles = deque(_op(10, 1) for _ in range(200))
+    assert len(take_batch(singles, MAX_TXN_WRITES, 10**6)) == MAX_TXN_WRITES
