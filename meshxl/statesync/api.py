@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -29,6 +30,7 @@ from .record import (
 from .server import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
 from .sessions import (
     BadRequest,
+    Change,
     Conflict,
     PreconditionFailed,
     SessionError,
@@ -81,6 +83,27 @@ def _traceparent(request: Request) -> str | None:
     """The request's W3C trace context, kept with the write so a takeover can link to
     it; an invalid one is ignored (trace context is optional metadata)."""
     return valid_traceparent(request.headers.get(_TRACEPARENT))
+
+
+def _put_change(request: Request) -> Change:
+    """A PUT's write, checked: the session id, the Content-Type (the state JSON if the
+    type says so), If-None-Match, and the trace context kept with it."""
+    session_id = _session_id(request)
+    data = request.body
+    content_type = _content_type(request, "application/octet-stream")
+    if is_json(content_type):
+        try:
+            mweb.check_json(data)
+        except mweb.BadJson as exc:
+            raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
+                             field="body") from None
+    headers = request.headers
+    if_none_match = headers.get(_IF_NONE_MATCH)
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise BadRequest('If-None-Match takes only "*" (create, never replace)')
+    return Change(session_id=session_id, data=data, content_type=content_type,
+                  if_match=headers.get(_IF_MATCH), create_only=if_none_match is not None,
+                  traceparent=_traceparent(request))
 
 
 def _stored_headers(stored: Stored, content_type: str) -> list[tuple[str, str]]:
@@ -155,8 +178,11 @@ class SessionRoutes:
         # session's in the order sent, different sessions' as if sent on connections of
         # their own. A read waits for the writes sent before it on its session.
         one = "session_id"
+        # PUTs pipelined together on a connection are taken up together (put_group):
+        # not with delayed sync, where each may stay local and put() decides one by one.
         r.add("PUT", "/v1/sessions/{session_id}", self.put, max_body=max_bytes,
-              what="session state", access=WRITE, key=one)
+              what="session state", access=WRITE, key=one,
+              group=None if delayed_sync else self.put_group)
         r.add("GET", "/v1/sessions/{session_id}", self.get, access=READ, key=one)
         r.add("PATCH", "/v1/sessions/{session_id}", self.patch, max_body=max_bytes,
               what="session state", access=WRITE, key=one)
@@ -188,23 +214,33 @@ class SessionRoutes:
     # -- sessions -------------------------------------------------------------------------
 
     async def put(self, request: Request) -> Response:
-        session_id = _session_id(request)
-        data = request.body
-        content_type = _content_type(request, "application/octet-stream")
-        if is_json(content_type):
-            try:
-                mweb.check_json(data)
-            except mweb.BadJson as exc:
-                raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
-                                 field="body") from None
-        headers = request.headers
-        if_none_match = headers.get(_IF_NONE_MATCH)
-        if if_none_match is not None and if_none_match.strip() != "*":
-            raise BadRequest('If-None-Match takes only "*" (create, never replace)')
-        stored = await self.sidecar.sessions.put(session_id, data, content_type,
-                                                 headers.get(_IF_MATCH), _traceparent(request),
-                                                 create_only=if_none_match is not None)
+        change = _put_change(request)
+        assert change.data is not None
+        stored = await self.sidecar.sessions.put(
+            change.session_id, change.data, change.content_type, change.if_match,
+            change.traceparent, create_only=change.create_only)
         return _write_response(stored)
+
+    async def put_group(self, requests: list[Request],
+                        answer: Callable[[int, Response | Exception], None]) -> None:
+        """PUTs pipelined on one connection, taken up together (the server's
+        :attr:`~.server.Route.group`): each checked and answered as :meth:`put` would,
+        their writes made by :meth:`Sessions.put_each`."""
+        changes: list[Change] = []
+        where: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                changes.append(_put_change(request))
+            except Exception as exc:  # answered as put() raising it would be
+                answer(i, exc)
+                continue
+            where.append(i)
+
+        def written(j: int, outcome: Stored | Exception) -> None:
+            answer(where[j], _write_response(outcome) if isinstance(outcome, Stored)
+                   else outcome)
+        if changes:
+            await self.sidecar.sessions.put_each(changes, written)
 
     async def get(self, request: Request) -> Response:
         stored = await self.sidecar.sessions.get(_session_id(request))

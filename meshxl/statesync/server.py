@@ -13,8 +13,10 @@ that needs and refuses the rest clearly:
   that still run conflicts with it (:attr:`Route.access`): writes run beside writes
   (the session layer orders a session's writes by its lock, taken in the order they
   came), a read waits for the requests before it that touch its session, a write for
-  the reads before it that do, and an ``alone`` request for everything. Answers ready
-  in the same turn of the event loop leave in one write;
+  the reads before it that do, and an ``alone`` request for everything. A route with a
+  group handler (:attr:`Route.group`) takes the requests queued one after another for
+  it, each of another session, in one call, each still answered on its own. Answers
+  ready in the same turn of the event loop leave in one write;
 * bodies by ``Content-Length`` or chunked, buffered whole, at most the route's
   ``max_body``: a larger one is read to its end and discarded (so the client, which
   may send it all before reading, gets the answer) and refused with 413, without
@@ -29,9 +31,10 @@ that needs and refuses the rest clearly:
   the path, 405 with the allowed methods, a handler's :class:`~meshxl.errors.MeshxlError`
   or :class:`Refused`, and anything unexpected as a 500 (its traceback to the log only).
 
-Handlers are ``async def handler(request: Request) -> Response``. A request whose
-client went away still runs to its end (a write in flight to etcd is not cut in half);
-its answer is dropped.
+Handlers are ``async def handler(request: Request) -> Response``; a group handler,
+``async def group(requests, answer)``, calls ``answer(index, response_or_error)`` once
+for each. A request whose client went away still runs to its end (a write in flight to
+etcd is not cut in half); its answer is dropped.
 """
 
 from __future__ import annotations
@@ -78,6 +81,12 @@ READ, WRITE, ALONE = "read", "write", "alone"
 JSON = "application/json"
 
 Handler = Callable[["Request"], Awaitable["Response"]]
+Answer = Callable[[int, "Response | Exception"], None]
+"""``answer(index, outcome)``: the answer to a group's request ``index``, a response or
+the error its handler would have raised."""
+GroupHandler = Callable[[list["Request"], Answer], Awaitable[None]]
+"""Takes up several requests of one route together and answers each through ``answer``
+(in any order, each once) before it returns."""
 Authorize = Callable[["Request"], "Response | None"]
 """Called with a request's head (no body yet): a refusal, or None to go on."""
 Wrap = Callable[["Request", Handler], Awaitable["Response"]]
@@ -189,6 +198,11 @@ class Route:
     ``read``: beside anything touching other sessions; ``alone``: after all of them."""
     key: str | None = None
     """The path parameter naming the one session it touches; None: it may touch any."""
+    group: GroupHandler | None = None
+    """Takes up, in one call, requests of this route pipelined one after the other on a
+    connection, each touching another session (a ``write`` route with a ``key``):
+    what a request costs besides its HTTP is then shared (no task each). Not while
+    ``wrap`` is set: each request then runs inside its own wrap (its span)."""
 
 
 class Router:
@@ -202,10 +216,14 @@ class Router:
 
     def add(self, method: str, pattern: str, handler: Handler, *,
             max_body: int = IGNORED_BODY, what: str = "request body",
-            access: str = ALONE, key: str | None = None) -> None:
+            access: str = ALONE, key: str | None = None,
+            group: GroupHandler | None = None) -> None:
         if access not in (READ, WRITE, ALONE):
             raise ValueError(f"access is {READ!r}, {WRITE!r} or {ALONE!r}, not {access!r}")
-        route = Route(method, pattern, handler, max_body, what, access, key)
+        if group is not None and (access != WRITE or key is None):
+            raise ValueError("a group handler takes writes of one session each "
+                             "(access write, with a key)")
+        route = Route(method, pattern, handler, max_body, what, access, key, group)
         self._routes.append(route)
         segments = pattern.split("/")
         if not any(s.startswith("{") for s in segments):
@@ -610,6 +628,11 @@ class _Connection(asyncio.Protocol):
             self.active.append(item)
             if not write:
                 self.others += 1
+            if item.route.group is not None and queue and self.server.wrap is None:
+                group = self._group(item, slot)
+                if len(group) > 1:
+                    self.loop.create_task(self._handle_group(group))
+                    continue
             self.loop.create_task(self._handle(slot))
         if slots and slots[0].response is not None and not self.flush_soon:
             self._flush()
@@ -624,20 +647,71 @@ class _Connection(asyncio.Protocol):
                 self.deadline = self.loop.time() + self.server.header_timeout
                 self._head_bytes = 0
 
+    def _group(self, first: Request, slot: _Slot) -> list[_Slot]:
+        """``first`` (taken up in ``slot``) and the requests queued right behind it that
+        its route's group handler takes with it: the same route, each another session,
+        none refused from its head or waiting for a request under way (taken up here)."""
+        queue, slots, active = self.queue, self.slots, self.active
+        group = [slot]
+        sessions = {first.session}
+        while queue:
+            item = queue[0]
+            if not isinstance(item, Request) or item.refusal is not None \
+                    or item.route is not first.route or item.session in sessions:
+                break
+            if self.others and any(_conflict(item, other) for other in active):
+                break  # a read of its session under way: it waits, and what follows it
+            queue.popleft()
+            sessions.add(item.session)
+            taken = _Slot(item, None)
+            slots.append(taken)
+            active.append(item)
+            group.append(taken)
+        return group
+
     async def _handle(self, slot: _Slot) -> None:
         request = slot.request
         assert request is not None and request.route is not None
-        route = request.route
         if self.server.wrap is not None:
             response = await self.server.call(request)
         else:  # the route's handler at once: _answer's work, a coroutine fewer per request
             try:
-                response = await route.handler(request)
+                response = await request.route.handler(request)
             except Exception as exc:
                 response = _failure(request, exc)
         slot.response = response
+        self._answered(request)
+
+    async def _handle_group(self, group: list[_Slot]) -> None:
+        """Requests taken up together (:attr:`Route.group`), each answered when its
+        own answer comes: a slow one holds back only the answers after it."""
+        requests = [slot.request for slot in group if slot.request is not None]
+        route = requests[0].route
+        assert route is not None and route.group is not None
+
+        def answer(index: int, outcome: Response | Exception) -> None:
+            slot = group[index]
+            if slot.response is not None or slot.request is None:
+                return  # answered already
+            slot.response = outcome if isinstance(outcome, Response) \
+                else _failure(slot.request, outcome)
+            self._answered(slot.request)
+
+        try:
+            await route.group(requests, answer)
+            missing: Exception = RuntimeError("the group handler left a request unanswered")
+        except Exception as exc:
+            missing = exc
+        for index, slot in enumerate(group):
+            if slot.response is None:
+                answer(index, missing)
+
+    def _answered(self, request: Request) -> None:
+        """A request's answer is in its slot: send what is ready in order, and take up
+        what waited for it."""
         self.active.remove(request)
-        if route.access != WRITE:
+        assert request.route is not None
+        if request.route.access != WRITE:
             self.others -= 1
         if self.transport is None:
             return

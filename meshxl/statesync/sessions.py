@@ -143,14 +143,17 @@ class _Local:
 
 @dataclass(slots=True, kw_only=True)
 class Change:
-    """One operation of a transaction or bulk save: write ``data`` (None: delete the
-    session). Not frozen: made for every session of a multi-session request."""
+    """One operation of a transaction, a bulk save or a group of PUTs: write ``data``
+    (None: delete the session). Not frozen: made for every session written."""
 
     session_id: str
     data: bytes | None
     content_type: str = JSON_TYPE
     if_match: str | None = None
     create_only: bool = False
+    traceparent: str | None = None
+    """The W3C trace context of its own request (a PUT's); None: the request's as a
+    whole (a bulk save's)."""
 
     @property
     def op(self) -> str:
@@ -433,46 +436,161 @@ class Sessions:
         if not locks.try_acquire(session_id):
             await locks.acquire(session_id)
         try:
-            now = time.time()
-            if self.settings.sync_delay > 0 and await self._keep_local(session_id, now):
-                if create_only and session_id in self._local:
-                    raise PreconditionFailed(f"session {session_id!r} exists")
-                return self._put_local(session_id, data, content_type, if_match, now,
-                                       traceparent)
-            entry = self.cache.get(session_id)
-            cached = entry.revision if entry is not None else 0
-            prior = entry.record if entry is not None else None
-            make = functools.partial(self._new_record, content_type, data, now, traceparent)
-            known = self._known_expectation("put", session_id, if_match, create_only, cached)
-            lease = self.store.leases.cached()
-            if known is None or lease is None:  # an etcd read first, or a new lease
-                return await self._write("put", session_id, if_match, make, cached, prior,
-                                         create_only=create_only)
-            # The common write, its first attempt here: :meth:`_write` without the
-            # coroutines between the request and etcd's answer.
-            self._first_access.setdefault(session_id, time.time_ns())
-            try:
-                key = self.key(session_id)
-                mode, expected = known
-                record = make(prior)
-                value = record.encode()
-                self.cache.expect(key, session_id, value, record)
-                try:
-                    answer: WriteResult | StoreUnavailable = await self.store.put_soon(
-                        key, value, expected, lease)
-                except StoreUnavailable as exc:
-                    answer = errors.detached(exc)
-                finally:
-                    self.cache.settled(key)
-                if isinstance(answer, WriteResult) and answer.ok:
-                    return self._acknowledged("put", session_id, answer, record,
-                                              expected == 0, prior)
-                return await self._attempts("put", session_id, key, mode, expected, if_match,
-                                            make, prior, first=(record, answer))
-            finally:
-                self._first_access.pop(session_id, None)
+            return await self._put_held(session_id, data, content_type, if_match,
+                                        traceparent, create_only)
         finally:
             locks.release(session_id)
+
+    async def _put_held(self, session_id: str, data: bytes, content_type: str,
+                        if_match: str | None, traceparent: str | None,
+                        create_only: bool) -> Stored:
+        """:meth:`put` with the session's lock held (the caller releases it)."""
+        now = time.time()
+        if self.settings.sync_delay > 0 and await self._keep_local(session_id, now):
+            if create_only and session_id in self._local:
+                raise PreconditionFailed(f"session {session_id!r} exists")
+            return self._put_local(session_id, data, content_type, if_match, now,
+                                   traceparent)
+        entry = self.cache.get(session_id)
+        cached = entry.revision if entry is not None else 0
+        prior = entry.record if entry is not None else None
+        make = functools.partial(self._new_record, content_type, data, now, traceparent)
+        known = self._known_expectation("put", session_id, if_match, create_only, cached)
+        lease = self.store.leases.cached()
+        if known is None or lease is None:  # an etcd read first, or a new lease
+            return await self._write("put", session_id, if_match, make, cached, prior,
+                                     create_only=create_only)
+        # The common write, its first attempt here: :meth:`_write` without the
+        # coroutines between the request and etcd's answer.
+        self._first_access.setdefault(session_id, time.time_ns())
+        try:
+            key = self.key(session_id)
+            mode, expected = known
+            record = make(prior)
+            value = record.encode()
+            self.cache.expect(key, session_id, value, record)
+            try:
+                answer: WriteResult | StoreUnavailable = await self.store.put_soon(
+                    key, value, expected, lease)
+            except StoreUnavailable as exc:
+                answer = errors.detached(exc)
+            finally:
+                self.cache.settled(key)
+            if isinstance(answer, WriteResult) and answer.ok:
+                return self._acknowledged("put", session_id, answer, record,
+                                          expected == 0, prior)
+            return await self._attempts("put", session_id, key, mode, expected, if_match,
+                                        make, prior, first=(record, answer))
+        finally:
+            self._first_access.pop(session_id, None)
+
+    async def put_each(self, changes: Sequence[Change],
+                       answer: Callable[[int, Stored | Exception], None]) -> None:
+        """Independent writes, each made as :meth:`put` makes it and answered through
+        ``answer(index, outcome)`` as soon as it has its outcome (a :class:`Stored`, a
+        :class:`SessionError`, or an unexpected error): pipelined PUTs of one connection,
+        taken up together (``SessionRoutes.put_group``).
+
+        Every write takes its place in its session's line at once, in the order given,
+        before anything waits, so a later write of a session (in this call or after it)
+        stays behind it. The writes whose lock is free and whose compare needs no etcd
+        read go to the write queue together, as a bulk save's do, with no task, future
+        or wake-up each: what a PUT costs the sidecar beyond its HTTP is mostly that.
+        Any other (its session busy with another write, ``If-Match: *``, delayed sync)
+        goes on in a task of its own, so it holds back no other's answer.
+        """
+        locks = self._locks
+        places: list[tuple[int, asyncio.Future[None] | None]] = []
+        for i, change in enumerate(changes):
+            try:  # what put() refuses before it waits (the size: as the write is made)
+                if change.data is None:
+                    raise BadRequest(f"session {change.session_id!r}: a PUT writes a state")
+                if change.create_only and change.if_match is not None:
+                    raise BadRequest("send If-Match or If-None-Match, not both")
+            except SessionError as exc:
+                answer(i, errors.detached(exc))
+                continue
+            places.append((i, locks.reserve(change.session_id)))
+        together: list[int] = []
+        alone: list[tuple[int, asyncio.Future[None] | None]] = []
+        for i, place in places:
+            change = changes[i]
+            if place is None and self.settings.sync_delay <= 0:
+                if change.if_match is not None:  # If-Match: * reads etcd first
+                    try:
+                        known = self._known_expectation("put", change.session_id,
+                                                        change.if_match, False, 0)
+                    except SessionError as exc:
+                        locks.release(change.session_id)
+                        answer(i, errors.detached(exc))
+                        continue
+                    if known is None:
+                        alone.append((i, place))
+                        continue
+                together.append(i)
+                continue
+            alone.append((i, place))
+
+        async def one(i: int, place: asyncio.Future[None] | None) -> None:
+            change = changes[i]
+            held = place is None
+            outcome: Stored | Exception
+            try:
+                if place is not None:
+                    await place  # the lock, handed over in line
+                    held = True
+                assert change.data is not None
+                self._check_size(change.data)
+                outcome = await self._put_held(change.session_id, change.data,
+                                               change.content_type, change.if_match,
+                                               change.traceparent, change.create_only)
+            except Exception as exc:  # a SessionError, or a bug: answered (500) all the same
+                outcome = errors.detached(exc)
+            finally:
+                if held:
+                    locks.release(change.session_id)
+                else:
+                    locks.give_up(change.session_id, place)
+            answer(i, outcome)
+
+        # Made before this coroutine first waits, each task takes charge of its place
+        # (its try/finally) in its first step, before this one can be cancelled.
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(one(i, place)) for i, place in alone]
+        try:
+            if together:
+                await self._put_together(changes, together, answer)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _put_together(self, changes: Sequence[Change], indexes: list[int],
+                            answer: Callable[[int, Stored | Exception], None]) -> None:
+        """:meth:`put_each`'s writes whose locks it holds: one bulk save's worth."""
+        ids = [changes[i].session_id for i in indexes]
+        started = time.time_ns()
+        first_access = self._first_access
+        for session_id in ids:
+            first_access.setdefault(session_id, started)
+        outcomes: list[Stored | SessionError] | None = None
+        try:
+            outcomes = await self._put_many([changes[i] for i in indexes], None)
+        except Exception as exc:
+            error = errors.detached(exc)
+            for i in indexes:
+                answer(i, error)
+        finally:
+            locks = self._locks
+            for session_id in ids:
+                first_access.pop(session_id, None)
+                locks.release(session_id)
+        if outcomes is not None:
+            for i, outcome in zip(indexes, outcomes, strict=True):
+                answer(i, outcome)
 
     async def put_many(self, changes: Sequence[Change],
                        traceparent: str | None = None) -> list[Stored | SessionError]:
@@ -532,7 +650,7 @@ class Sessions:
             prior = entry.record if entry is not None else None
             record = SessionRecord(owner=member, content_type=change.content_type,
                                    created=prior.created if prior else now, updated=now,
-                                   data=data, traceparent=traceparent)
+                                   data=data, traceparent=change.traceparent or traceparent)
             planned.append((i, key, mode, expected, prior, record))
         puts = []
         expect = self.cache.expect
@@ -556,7 +674,7 @@ class Sessions:
                 acknowledged += 1
                 continue
             make = functools.partial(self._new_record, change.content_type, change.data or b"",
-                                     now, traceparent)
+                                     now, change.traceparent or traceparent)
             try:
                 results[i] = await self._attempts(
                     "put", change.session_id, key, mode, expected, change.if_match, make,

@@ -54,6 +54,27 @@ class _Http:
                 length = int(value)
         return int(status_line.split()[1]), await self.reader.readexactly(length)
 
+    async def pipelined(self, requests: list[tuple[str, bytes, dict[str, str]]]
+                        ) -> list[int]:
+        """PUTs sent in one write (taken up together by the sidecar): their statuses."""
+        out = b""
+        for path, body, headers in requests:
+            fields = {"Host": "sidecar", "Content-Length": str(len(body)),
+                      "Content-Type": JSON, **headers}
+            head = [f"PUT {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+            out += ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        self.writer.write(out)
+        statuses = []
+        for _ in requests:
+            statuses.append(int((await self.reader.readline()).split()[1]))
+            length = 0
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await self.reader.readexactly(length)
+        return statuses
+
 
 @pytest.fixture
 async def sidecar(etcd: EtcdServer) -> AsyncIterator[_Http]:
@@ -118,6 +139,18 @@ async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http,
         for method, path, body, headers, expected in requests:
             status, answer = await sidecar.call(method, path, body, headers)
             assert status == expected, (method, path, headers, status, answer)
+        # Pipelined PUTs, taken up together: refusals among them, and a second write of
+        # a session (it waits for the first, in a task of its own).
+        statuses = await sidecar.pipelined([
+            ("/v1/sessions/pipe-1", b'{"a":1}', {}),
+            ("/v1/sessions/pipe-2", b'{"a":1}', {"If-Match": '"1"'}),
+            ("/v1/sessions/pipe!", b"{}", {}),
+            ("/v1/sessions/pipe-3", b'{"not json', {}),
+            ("/v1/sessions/pipe-4", b"{}", {"If-Match": "*"}),
+            ("/v1/sessions/pipe-5", b"{}", {}),
+            ("/v1/sessions/pipe-1", b'{"a":2}', {})])
+        assert statuses[0] in (200, 201) and statuses[1:5] == [412, 400, 400, 412], statuses
+        assert statuses[5] in (200, 201) and statuses[6] == 200, statuses
         # A takeover: a session member b wrote, written here (traced, counted).
         taken += 1
         session = f"taken-{taken}"

@@ -427,6 +427,142 @@ def test_any_framing_and_any_split_gives_the_same_bodies(
             assert status == 200 and json.loads(answer)["body"].encode("latin-1") == body
 
 
+def _grouped_router(groups: list[list[str]], handled: list[str],
+                    release: asyncio.Event | None = None) -> Router:
+    """PUT /s/{id} with a group handler recording each group's sessions; ``x-outcome``
+    picks each request's answer: ok, an error raised, left unanswered, or slow (waits
+    for ``release``)."""
+
+    async def one(request: Request) -> Response:
+        handled.append(request.params["id"])
+        return Response(200, f"one {request.params['id']}".encode())
+
+    async def group(requests: list[Request], answer: srv.Answer) -> None:
+        groups.append([r.params["id"] for r in requests])
+        slow = []
+        for i, request in enumerate(requests):
+            outcome = request.headers.get("x-outcome", "ok")
+            if outcome == "ok":
+                answer(i, Response(200, f"group {request.params['id']}".encode()))
+            elif outcome == "conflict":
+                answer(i, Conflict("taken", owner="b"))
+            elif outcome == "slow":
+                slow.append(i)
+            elif outcome == "raise":
+                raise KeyError("the whole group failed")
+        if slow:
+            assert release is not None
+            await release.wait()
+            for i in slow:
+                answer(i, Response(200, b"slow"))
+
+    async def read(request: Request) -> Response:
+        return Response(200, f"read {request.params['id']}".encode())
+
+    r = Router()
+    r.add("PUT", "/s/{id}", one, max_body=64, access=srv.WRITE, key="id", group=group)
+    r.add("GET", "/s/{id}", read, access=srv.READ, key="id")
+    return r
+
+
+def _put(session: str, outcome: str = "ok") -> bytes:
+    return (f"PUT /s/{session} HTTP/1.1\r\nHost: x\r\nX-Outcome: {outcome}\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def test_pipelined_writes_of_other_sessions_are_taken_up_together(loop: str) -> None:
+    """A route's group handler takes the writes queued one after another on a connection,
+    each another session, in one call; a second write of a session, a read of one being
+    written, or a request of another route ends the group. Every request gets its own
+    answer, in order: an error as JSON with its status, a request the handler left
+    unanswered or a handler that raised as 500."""
+    groups: list[list[str]] = []
+    handled: list[str] = []
+
+    async def main() -> None:
+        async with serving(_grouped_router(groups, handled)) as (_, port):
+            stream = (_put("a") + _put("b") + _put("c", "conflict") + _put("a")  # a again
+                      + _put("d") + b"GET /s/d HTTP/1.1\r\nHost: x\r\n\r\n"
+                      + _put("e") + _put("f", "unanswered") + _put("h")
+                      + b"GET /s/x HTTP/1.1\r\nHost: x\r\n\r\n"
+                      + _put("g", "raise") + _put("i") + b"GET /s/y HTTP/1.1\r\nHost: x"
+                      b"\r\nConnection: close\r\n\r\n")
+            got = answers(await exchange(port, stream))
+        bodies = [b for _, _, b in got]
+        assert [(status, body) for status, _, body in got[:2]] == [
+            (200, b"group a"), (200, b"group b")]
+        assert got[2][0] == 409 and json.loads(got[2][2]) == {
+            "error": "taken", "status": 409, "owner": "b"}
+        assert bodies[3:7] == [b"group a", b"group d", b"read d", b"group e"]
+        assert got[7][0] == 500 and json.loads(got[7][2])["error"] == \
+            "internal error: RuntimeError"                  # left unanswered
+        assert bodies[8:10] == [b"group h", b"read x"]
+        for status, _, body in got[10:12]:                  # the group's handler raised
+            assert status == 500 and json.loads(body)["error"] == "internal error: KeyError"
+        assert bodies[12] == b"read y"
+        # a b c | a d (the read of d waits) | e f h | g i
+        assert groups == [["a", "b", "c"], ["a", "d"], ["e", "f", "h"], ["g", "i"]]
+        assert handled == []
+
+    run(loop, main)
+
+
+def test_a_slow_write_in_a_group_holds_back_only_the_answers_after_it(loop: str) -> None:
+    """Answers leave in order as each comes: those before a slow write of the group are
+    sent while it still runs; a lone write goes to the route's handler, as does every
+    write while a wrap (tracing) runs around each request."""
+    groups: list[list[str]] = []
+    handled: list[str] = []
+    release = asyncio.Event()
+
+    async def main() -> None:
+        async with serving(_grouped_router(groups, handled, release)) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_put("a") + _put("b") + _put("c", "slow") + _put("d"))
+            raw = b""
+            async with asyncio.timeout(5):
+                while raw.count(b"HTTP/1.1 200") < 2:
+                    raw += await reader.read(65536)
+            assert [b for _, _, b in answers(raw)] == [b"group a", b"group b"]
+            release.set()
+            async with asyncio.timeout(5):
+                while raw.count(b"HTTP/1.1 200") < 4:
+                    raw += await reader.read(65536)
+            assert [b for _, _, b in answers(raw)] == [b"group a", b"group b", b"slow",
+                                                        b"group d"]
+            writer.write(_put("lone"))
+            async with asyncio.timeout(5):
+                while raw.count(b"HTTP/1.1 200") < 5:
+                    raw += await reader.read(65536)
+            writer.close()
+        assert groups == [["a", "b", "c", "d"]] and handled == ["lone"]
+
+        async def wrap(request: Request, handler: Any) -> Response:
+            response: Response = await handler(request)
+            return response
+        async with serving(_grouped_router(groups, handled), wrap=wrap) as (_, port):
+            got = answers(await exchange(port, _put("p") + _put("q") + (
+                b"PUT /s/r HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n")))
+        assert [b for _, _, b in got] == [b"one p", b"one q", b"one r"]
+        assert handled == ["lone", "p", "q", "r"] and len(groups) == 1
+
+    run(loop, main)
+
+
+def test_a_group_handler_takes_writes_of_one_session_each() -> None:
+    async def group(requests: list[Request], answer: srv.Answer) -> None:
+        pass
+
+    async def handler(request: Request) -> Response:
+        return Response(200)
+    r = Router()
+    with pytest.raises(ValueError, match="group handler"):
+        r.add("PUT", "/s/{id}", handler, access=srv.READ, key="id", group=group)
+    with pytest.raises(ValueError, match="group handler"):
+        r.add("PUT", "/s", handler, access=srv.WRITE, group=group)
+
+
 def test_pipelined_requests_run_beside_each_other_unless_they_conflict(loop: str) -> None:
     """Writes beside writes; a read beside what touches other sessions; a read after a
     write of its session waits for it, a write after a read of its session too; an

@@ -1,0 +1,192 @@
+"""PUTs pipelined on one connection are taken up together (``SessionRoutes.put_group``,
+``Sessions.put_each``): each answered exactly as it would be alone, in order, whatever
+its neighbours do; a session's writes stay in the order sent; a write whose session is
+busy waits alone, holding back no other answer; nothing is left locked.
+
+The sidecar runs in this process on a real socket and a real etcd, so its sessions'
+locks can be held and inspected; a plain socket sends the requests in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from meshxl.addr import bind_tcp, bound_port
+from meshxl.etcdkeys import Keys
+from meshxl.local.wait import wait_until
+from meshxl.statesync import app
+from meshxl.statesync.record import SessionRecord
+from meshxl.statesync.sessions import Change, PreconditionFailed, Stored
+from tests.harness import EtcdServer
+
+pytestmark = pytest.mark.integration
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+class Sidecar:
+    def __init__(self, port: int, side: app.Sidecar):
+        self.port, self.side = port, side
+
+    async def pipelined(self, *requests: tuple[str, str, bytes, dict[str, str]]
+                        ) -> list[tuple[int, dict[str, str], bytes]]:
+        """The requests in one write on a new connection; their answers, in order."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        out = b""
+        for method, path, body, headers in requests:
+            fields = {"Host": "sidecar", "Content-Length": str(len(body)),
+                      "Content-Type": "application/json", **headers}
+            head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+            out += ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        writer.write(out)
+        answers = []
+        try:
+            async with asyncio.timeout(15):
+                for _ in requests:
+                    status = int((await reader.readline()).split()[1])
+                    headers: dict[str, str] = {}
+                    while (line := await reader.readline()) not in (b"\r\n", b""):
+                        name, _, value = line.decode().partition(":")
+                        headers[name.lower()] = value.strip()
+                    body = await reader.readexactly(int(headers.get("content-length", 0)))
+                    answers.append((status, headers, body))
+        finally:
+            writer.close()
+        return answers
+
+
+@pytest.fixture
+async def sidecar(etcd: EtcdServer) -> AsyncIterator[Sidecar]:
+    sock = bind_tcp("127.0.0.1:0")
+    config = app.StatesyncConfig(cluster="orders", member="a", app="127.0.0.1:9",
+                                 etcd=etcd.url, listen=f"127.0.0.1:{bound_port(sock)}")
+    client, side = await app._start(config)
+    server = app.http_server(side)
+    await server.listen(sock)
+    try:
+        yield Sidecar(bound_port(sock), side)
+    finally:
+        await server.close()
+        await side.stop()
+        await client.close()
+
+
+def put(session: str, state: Any, **headers: str) -> tuple[str, str, bytes, dict[str, str]]:
+    body = state if isinstance(state, bytes) else json.dumps(state).encode()
+    return "PUT", f"/v1/sessions/{session}", body, {k.replace("_", "-"): v
+                                                      for k, v in headers.items()}
+
+
+async def stored(etcd: EtcdServer, session: str) -> SessionRecord | None:
+    from meshxl import etcd as metcd
+    async with metcd.client(etcd.url) as client:
+        got = await client.get(Keys("/meshxl").session("orders", session).encode())
+    return SessionRecord.decode(got.value) if got is not None else None
+
+
+async def test_pipelined_puts_answer_as_each_would_alone(sidecar: Sidecar,
+                                                         etcd: EtcdServer) -> None:
+    first = await sidecar.pipelined(put("b", {"v": 0}))
+    assert first[0][0] == 201
+    b_etag = first[0][1]["etag"]
+    got = await sidecar.pipelined(
+        put("a", {"v": 1}),                                    # created
+        put("b", {"v": 1}, If_Match=b_etag),                   # replaced, its ETag matches
+        put("bad!id", {"v": 1}),                               # 400
+        put("c", b'{"not json'),                               # 400
+        put("a", {"v": 2}),                                    # a again: after the first
+        put("d", {"v": 1}, If_None_Match="*"),                 # created
+        put("b", {"v": 2}, If_Match='"1"'),                    # 412: not that revision
+        ("GET", "/v1/sessions/a", b"", {}),                    # waits for both writes of a
+        put("e", {"v": 1}, If_Match="*"),                      # 412: does not exist
+        put("f", {"v": 1}, traceparent=TRACEPARENT),           # its own trace context
+        put("g", {"v": 1}, If_None_Match='"7"'),               # 400: only "*"
+        put("h", {"v": 1}, If_Match='"3"', If_None_Match="*"),  # 400: not both
+        put("b", {"v": 3}, If_None_Match="*"),                 # 412: exists
+    )
+    statuses = [status for status, _, _ in got]
+    assert statuses == [201, 200, 400, 400, 200, 201, 412, 200, 412, 201, 400, 400, 412]
+    a1, a2 = json.loads(got[0][2]), json.loads(got[4][2])
+    assert a1["created"] and not a2["created"] and int(a2["etag"]) > int(a1["etag"])
+    assert json.loads(got[7][2]) == {"v": 2} and got[7][1]["etag"] == f'"{a2["etag"]}"'
+    assert "invalid session id" in json.loads(got[2][2])["error"]
+    assert json.loads(got[3][2])["field"] == "body"
+    assert "If-Match" in json.loads(got[11][2])["error"]
+    for status, headers, _body in got:
+        if status in (200, 201):
+            assert headers["etag"].strip('"').isdigit() and headers["x-meshxl-owner"] == "a"
+    assert json.loads((await stored(etcd, "b")).data) == {"v": 1}  # type: ignore[union-attr]
+    assert await stored(etcd, "c") is None and await stored(etcd, "e") is None
+    f = await stored(etcd, "f")
+    a = await stored(etcd, "a")
+    assert f is not None and f.traceparent == TRACEPARENT
+    assert a is not None and a.traceparent is None and json.loads(a.data) == {"v": 2}
+    assert len(sidecar.side.sessions._locks) == 0
+
+
+async def test_a_busy_session_waits_alone_and_keeps_its_place(sidecar: Sidecar) -> None:
+    """A write whose session another write holds waits for it, in line; the others of
+    its group go on and are answered meanwhile. A write of that session made after the
+    group still comes after the group's."""
+    sessions = sidecar.side.sessions
+    assert sessions._locks.try_acquire("busy")  # another write of it, under way
+    answered: dict[int, Stored | Exception] = {}
+    changes = [Change(session_id=s, data=json.dumps({"by": "group", "s": s}).encode())
+               for s in ("x", "busy", "y")]
+    group = asyncio.get_running_loop().create_task(
+        sessions.put_each(changes, lambda i, outcome: answered.__setitem__(i, outcome)))
+    await wait_until(lambda: len(answered) >= 2, timeout=10, what="the free writes answered")
+    assert sorted(answered) == [0, 2] and all(isinstance(o, Stored) for o in answered.values())
+    later = asyncio.get_running_loop().create_task(
+        sessions.put("busy", b'{"by": "later"}', "application/json"))
+    await asyncio.sleep(0.05)  # a while for what must not happen
+    assert 1 not in answered and not later.done()
+    sessions._locks.release("busy")
+    async with asyncio.timeout(10):
+        await group
+        last = await later
+    first = answered[1]
+    assert isinstance(first, Stored) and int(last.etag) > int(first.etag)
+    got = await sessions.get("busy")
+    assert json.loads(got.record.data) == {"by": "later"}
+    assert len(sessions._locks) == 0
+
+
+async def test_a_cancelled_group_leaves_no_session_locked(sidecar: Sidecar) -> None:
+    sessions = sidecar.side.sessions
+    assert sessions._locks.try_acquire("held")
+    answered: list[int] = []
+    changes = [Change(session_id=s, data=b"{}") for s in ("held", "p", "q")]
+    group = asyncio.get_running_loop().create_task(
+        sessions.put_each(changes, lambda i, _outcome: answered.append(i)))
+    await asyncio.sleep(0)  # its places taken, its writes not yet answered
+    group.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await group
+    sessions._locks.release("held")
+    assert len(sessions._locks) == 0
+    assert 0 not in answered
+    stored_ = await sessions.put("held", b"{}", "application/json")  # nothing in its way
+    assert isinstance(stored_, Stored)
+
+
+async def test_refusals_in_a_group_are_the_ones_put_gives(sidecar: Sidecar) -> None:
+    sessions = sidecar.side.sessions
+    created = await sessions.put("r", b"{}", "application/json")
+    answered: dict[int, Stored | Exception] = {}
+    await sessions.put_each([
+        Change(session_id="r", data=b"{}", create_only=True),
+        Change(session_id="s", data=b"{}", if_match=f'"{int(created.etag) + 1000}"'),
+        Change(session_id="t", data=b"x" * (sessions.settings.max_bytes + 1)),
+        Change(session_id="u", data=None),
+    ], lambda i, outcome: answered.__setitem__(i, outcome))
+    assert isinstance(answered[0], PreconditionFailed)
+    assert isinstance(answered[1], PreconditionFailed)
+    assert type(answered[2]).__name__ == "TooLarge"
+    assert type(answered[3]).__name__ == "BadRequest"
+    assert len(sessions._locks) == 0
