@@ -23,75 +23,22 @@ from typing import Any
 
 import pytest
 
-from meshxl.addr import bind_tcp, bound_port
 from meshxl.etcdkeys import Keys
-from meshxl.statesync import app
 from meshxl.statesync.record import SessionRecord
-from tests.harness import EtcdServer
+from tests.harness import EtcdServer, inproc
+from tests.harness.inproc import JSON, RawHttp
 
 pytestmark = pytest.mark.integration
 
-JSON = "application/json"
-
-
-class _Http:
-    """HTTP/1.1 requests one at a time on one keep-alive connection."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
-
-    async def call(self, method: str, path: str, body: bytes = b"",
-                   headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        fields = {"Host": "sidecar", "Content-Length": str(len(body)), "Content-Type": JSON,
-                  **(headers or {})}
-        head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
-        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        status_line = await self.reader.readline()
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return int(status_line.split()[1]), await self.reader.readexactly(length)
-
-    async def pipelined(self, requests: list[tuple[str, bytes, dict[str, str]]]
-                        ) -> list[int]:
-        """PUTs sent in one write (taken up together by the sidecar): their statuses."""
-        out = b""
-        for path, body, headers in requests:
-            fields = {"Host": "sidecar", "Content-Length": str(len(body)),
-                      "Content-Type": JSON, **headers}
-            head = [f"PUT {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
-            out += ("\r\n".join(head) + "\r\n\r\n").encode() + body
-        self.writer.write(out)
-        statuses = []
-        for _ in requests:
-            statuses.append(int((await self.reader.readline()).split()[1]))
-            length = 0
-            while (line := await self.reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            await self.reader.readexactly(length)
-        return statuses
-
 
 @pytest.fixture
-async def sidecar(etcd: EtcdServer) -> AsyncIterator[_Http]:
-    sock = bind_tcp("127.0.0.1:0")
-    config = app.StatesyncConfig(cluster="orders", member="a", app="127.0.0.1:9",
-                                 etcd=etcd.url, listen=f"127.0.0.1:{bound_port(sock)}")
-    client, side = await app._start(config)
-    server = app.http_server(side)
-    await server.listen(sock)
-    reader, writer = await asyncio.open_connection("127.0.0.1", bound_port(sock))
-    try:
-        yield _Http(reader, writer)
-    finally:
-        writer.close()
-        await server.close()
-        await side.stop()
-        await client.close()
+async def sidecar(etcd: EtcdServer) -> AsyncIterator[RawHttp]:
+    async with inproc.sidecar(etcd.url) as (port, _side):
+        http = await RawHttp.open(port)
+        try:
+            yield http
+        finally:
+            http.close()
 
 
 def _items(prefix: str, n: int, **fields: Any) -> bytes:
@@ -99,7 +46,7 @@ def _items(prefix: str, n: int, **fields: Any) -> bytes:
                                   **fields} for i in range(n)]}).encode()
 
 
-async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http,
+async def test_answered_requests_leave_no_reference_cycles(sidecar: RawHttp,
                                                             etcd: EtcdServer) -> None:
     status, body = await sidecar.call("PUT", "/v1/sessions/cart-1", b'{"items":1}')
     assert status == 201, body
@@ -141,14 +88,14 @@ async def test_answered_requests_leave_no_reference_cycles(sidecar: _Http,
             assert status == expected, (method, path, headers, status, answer)
         # Pipelined PUTs, taken up together: refusals among them, and a second write of
         # a session (it waits for the first, in a task of its own).
-        statuses = await sidecar.pipelined([
-            ("/v1/sessions/pipe-1", b'{"a":1}', {}),
-            ("/v1/sessions/pipe-2", b'{"a":1}', {"If-Match": '"1"'}),
-            ("/v1/sessions/pipe!", b"{}", {}),
-            ("/v1/sessions/pipe-3", b'{"not json', {}),
-            ("/v1/sessions/pipe-4", b"{}", {"If-Match": "*"}),
-            ("/v1/sessions/pipe-5", b"{}", {}),
-            ("/v1/sessions/pipe-1", b'{"a":2}', {})])
+        statuses = [status for status, _, _ in await sidecar.pipelined([
+            ("PUT", "/v1/sessions/pipe-1", b'{"a":1}', {}),
+            ("PUT", "/v1/sessions/pipe-2", b'{"a":1}', {"If-Match": '"1"'}),
+            ("PUT", "/v1/sessions/pipe!", b"{}", {}),
+            ("PUT", "/v1/sessions/pipe-3", b'{"not json', {}),
+            ("PUT", "/v1/sessions/pipe-4", b"{}", {"If-Match": "*"}),
+            ("PUT", "/v1/sessions/pipe-5", b"{}", {}),
+            ("PUT", "/v1/sessions/pipe-1", b'{"a":2}', {})])]
         assert statuses[0] in (200, 201) and statuses[1:5] == [412, 400, 400, 412], statuses
         assert statuses[5] in (200, 201) and statuses[6] == 200, statuses
         # A takeover: a session member b wrote, written here (traced, counted).

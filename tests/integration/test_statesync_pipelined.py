@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from meshxl.addr import bind_tcp, bound_port
 from meshxl.etcdkeys import Keys
 from meshxl.local.wait import wait_until
 from meshxl.statesync import app
 from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.sessions import Change, PreconditionFailed, Stored
-from tests.harness import EtcdServer
+from tests.harness import EtcdServer, inproc
+from tests.harness.inproc import RawHttp
 
 pytestmark = pytest.mark.integration
 
@@ -33,47 +33,20 @@ class Sidecar:
     def __init__(self, port: int, side: app.Sidecar):
         self.port, self.side = port, side
 
-    async def pipelined(self, *requests: tuple[str, str, bytes, dict[str, str]]
+    async def pipelined(self, *requests: inproc.Request
                         ) -> list[tuple[int, dict[str, str], bytes]]:
         """The requests in one write on a new connection; their answers, in order."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        out = b""
-        for method, path, body, headers in requests:
-            fields = {"Host": "sidecar", "Content-Length": str(len(body)),
-                      "Content-Type": "application/json", **headers}
-            head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
-            out += ("\r\n".join(head) + "\r\n\r\n").encode() + body
-        writer.write(out)
-        answers = []
+        http = await RawHttp.open(self.port)
         try:
-            async with asyncio.timeout(15):
-                for _ in requests:
-                    status = int((await reader.readline()).split()[1])
-                    headers: dict[str, str] = {}
-                    while (line := await reader.readline()) not in (b"\r\n", b""):
-                        name, _, value = line.decode().partition(":")
-                        headers[name.lower()] = value.strip()
-                    body = await reader.readexactly(int(headers.get("content-length", 0)))
-                    answers.append((status, headers, body))
+            return await http.pipelined(requests)
         finally:
-            writer.close()
-        return answers
+            http.close()
 
 
 @pytest.fixture
 async def sidecar(etcd: EtcdServer) -> AsyncIterator[Sidecar]:
-    sock = bind_tcp("127.0.0.1:0")
-    config = app.StatesyncConfig(cluster="orders", member="a", app="127.0.0.1:9",
-                                 etcd=etcd.url, listen=f"127.0.0.1:{bound_port(sock)}")
-    client, side = await app._start(config)
-    server = app.http_server(side)
-    await server.listen(sock)
-    try:
-        yield Sidecar(bound_port(sock), side)
-    finally:
-        await server.close()
-        await side.stop()
-        await client.close()
+    async with inproc.sidecar(etcd.url) as (port, side):
+        yield Sidecar(port, side)
 
 
 def put(session: str, state: Any, **headers: str) -> tuple[str, str, bytes, dict[str, str]]:
