@@ -33,7 +33,7 @@ class Outcome:
     status: int | None  # HTTP status, None when no response arrived
     member: str | None  # from the JSON body / x-meshxl-member header
     error: str | None  # transport error or non-2xx summary
-    started: float  # seconds since the start of the run
+    started: float  # seconds since the run's origin (drive()'s start, or the caller's)
     elapsed: float  # seconds
     echoed_session: str | None = None  # the session the backend saw
 
@@ -67,6 +67,7 @@ async def drive(
     max_seconds: float = 20.0,
     request_timeout: float = 5.0,
     method: str = "GET",
+    origin: float | None = None,
 ) -> list[Outcome]:
     """Send the load and return one ``Outcome`` per request sent, in completion order.
 
@@ -74,7 +75,10 @@ async def drive(
     carries its session in ``header`` and/or in cookie ``cookie``. ``keep_set_cookies``
     stores cookies the proxy or backend sets (e.g. Envoy's hash cookie with a TTL) per
     session and sends them back, like a browser. Requests not started by ``max_seconds``
-    are not sent (so ``len(result)`` may be smaller than asked).
+    are not sent (so ``len(result)`` may be smaller than asked). ``origin``: the
+    ``time.monotonic()`` an outcome's ``started`` counts from (default: when this call
+    starts), for a caller that times a fault with its own clock: the load starts a while
+    after its task is made (its queue filled first).
     """
     _check_loopback(url)
     names = [f"s{i}" for i in range(sessions)] if isinstance(sessions, int) else list(sessions)
@@ -91,6 +95,7 @@ async def drive(
     results: list[Outcome] = []
     t0 = time.monotonic()
     deadline = t0 + max_seconds
+    zero = t0 if origin is None else origin
 
     async def one(http: aiohttp.ClientSession, session: str, seq: int) -> Outcome:
         headers = dict(extra_headers or {})
@@ -133,7 +138,7 @@ async def drive(
             status=status,
             member=member,
             error=error,
-            started=start - t0,
+            started=start - zero,
             elapsed=time.monotonic() - start,
             echoed_session=echoed,
         )
@@ -149,7 +154,7 @@ async def drive(
                 outcome = await asyncio.wait_for(one(http, session, seq), remaining)
             except TimeoutError:
                 outcome = Outcome(session, seq, None, None, "timed out (max_seconds)",
-                                  time.monotonic() - t0, 0.0)  # fmt: skip
+                                  time.monotonic() - zero, 0.0)  # fmt: skip
             results.append(outcome)
 
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)

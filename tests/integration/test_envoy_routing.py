@@ -375,16 +375,20 @@ async def test_ha_kill9_active_under_load_fails_no_request(
     assert not failures(res)
     assert set(served(res)) == {active.name}, served(res)
 
-    started = time.monotonic()
-    load = asyncio.create_task(drive(url, 50, 300, concurrency=8, max_seconds=3.0))
+    started = time.monotonic()  # the outcomes' times count from here too (origin)
+    load = asyncio.create_task(drive(url, 50, 300, concurrency=8, max_seconds=3.0,
+                                     origin=started))
     await asyncio.sleep(0.7)  # the fault is injected at a chosen point of the load
+    # The signal goes at once; kill9() returns once the process is reaped, which a busy
+    # machine can delay by a hundred ms or more while the standby already serves.
+    signalled = time.monotonic() - started
     await active.kill9()
-    killed_at = time.monotonic() - started
+    reaped = time.monotonic() - started
     res = await load
 
     assert not failures(res), f"{len(failures(res))} of {len(res)} failed, e.g. {failures(res)[:5]}"
-    before = [o for o in res if o.started + o.elapsed < killed_at - 0.05]
-    after = [o for o in res if o.started > killed_at]
+    before = [o for o in res if o.started + o.elapsed < signalled - 0.05]
+    after = [o for o in res if o.started > reaped]
     assert before and set(served(before)) == {active.name}, served(before)
     assert len(after) > 100, f"only {len(after)} requests after the kill"
     assert set(served(after)) == {standby.name}, served(after)
