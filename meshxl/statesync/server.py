@@ -629,9 +629,9 @@ class _Connection(asyncio.Protocol):
             if not write:
                 self.others += 1
             if item.route.group is not None and queue and self.server.wrap is None:
-                group = self._group(item, slot)
+                requests, group = self._group(item, slot)
                 if len(group) > 1:
-                    self.loop.create_task(self._handle_group(group))
+                    self.loop.create_task(self._handle_group(requests, group))
                     continue
             self.loop.create_task(self._handle(slot))
         if slots and slots[0].response is not None and not self.flush_soon:
@@ -647,12 +647,12 @@ class _Connection(asyncio.Protocol):
                 self.deadline = self.loop.time() + self.server.header_timeout
                 self._head_bytes = 0
 
-    def _group(self, first: Request, slot: _Slot) -> list[_Slot]:
+    def _group(self, first: Request, slot: _Slot) -> tuple[list[Request], list[_Slot]]:
         """``first`` (taken up in ``slot``) and the requests queued right behind it that
         its route's group handler takes with it: the same route, each another session,
         none refused from its head or waiting for a request under way (taken up here)."""
         queue, slots, active = self.queue, self.slots, self.active
-        group = [slot]
+        requests, group = [first], [slot]
         sessions = {first.session}
         while queue:
             item = queue[0]
@@ -666,8 +666,9 @@ class _Connection(asyncio.Protocol):
             taken = _Slot(item, None)
             slots.append(taken)
             active.append(item)
+            requests.append(item)
             group.append(taken)
-        return group
+        return requests, group
 
     async def _handle(self, slot: _Slot) -> None:
         request = slot.request
@@ -682,20 +683,21 @@ class _Connection(asyncio.Protocol):
         slot.response = response
         self._answered(request)
 
-    async def _handle_group(self, group: list[_Slot]) -> None:
-        """Requests taken up together (:attr:`Route.group`), each answered when its
-        own answer comes: a slow one holds back only the answers after it."""
-        requests = [slot.request for slot in group if slot.request is not None]
+    async def _handle_group(self, requests: list[Request], group: list[_Slot]) -> None:
+        """Requests taken up together (:attr:`Route.group`), ``group`` their slots,
+        each answered when its own answer comes: a slow one holds back only the
+        answers after it."""
         route = requests[0].route
         assert route is not None and route.group is not None
 
         def answer(index: int, outcome: Response | Exception) -> None:
             slot = group[index]
-            if slot.response is not None or slot.request is None:
+            if slot.response is not None:
                 return  # answered already
+            request = requests[index]
             slot.response = outcome if isinstance(outcome, Response) \
-                else _failure(slot.request, outcome)
-            self._answered(slot.request)
+                else _failure(request, outcome)
+            self._answered(request)
 
         try:
             await route.group(requests, answer)

@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,6 +215,12 @@ def check_if_match(value: str) -> str:
     return tag
 
 
+def _check_put_conditions(if_match: str | None, create_only: bool) -> None:
+    """A PUT takes If-Match or If-None-Match (``create_only``), not both."""
+    if create_only and if_match is not None:
+        raise BadRequest("send If-Match or If-None-Match, not both")
+
+
 class _SessionLocks:
     """A lock per session, held while a write of it is under way.
 
@@ -357,6 +363,20 @@ class Sessions:
                 else:
                     locks.give_up(session_id, future)
 
+    @contextlib.contextmanager
+    def _writing(self, session_ids: Sequence[str]) -> Iterator[None]:
+        """Writes of these sessions start now: a takeover among them is timed from here
+        (unless a read of it started earlier)."""
+        started = time.time_ns()
+        first_access = self._first_access
+        for session_id in session_ids:
+            first_access.setdefault(session_id, started)
+        try:
+            yield
+        finally:
+            for session_id in session_ids:
+                first_access.pop(session_id, None)
+
     def _observe(self, session_id: str, revision: int) -> None:
         self._observed[session_id] = (revision, time.monotonic())
 
@@ -430,8 +450,7 @@ class Sessions:
         """Write a session; ``create_only`` (``If-None-Match: *``): only if it does not
         exist (412 if it does), so two creations never both succeed."""
         self._check_size(data)
-        if create_only and if_match is not None:
-            raise BadRequest("send If-Match or If-None-Match, not both")
+        _check_put_conditions(if_match, create_only)
         locks = self._locks
         if not locks.try_acquire(session_id):
             await locks.acquire(session_id)
@@ -505,8 +524,7 @@ class Sessions:
             try:  # what put() refuses before it waits (the size: as the write is made)
                 if change.data is None:
                     raise BadRequest(f"session {change.session_id!r}: a PUT writes a state")
-                if change.create_only and change.if_match is not None:
-                    raise BadRequest("send If-Match or If-None-Match, not both")
+                _check_put_conditions(change.if_match, change.create_only)
             except SessionError as exc:
                 answer(i, errors.detached(exc))
                 continue
@@ -515,21 +533,21 @@ class Sessions:
         alone: list[tuple[int, asyncio.Future[None] | None]] = []
         for i, place in places:
             change = changes[i]
-            if place is None and self.settings.sync_delay <= 0:
-                if change.if_match is not None:  # If-Match: * reads etcd first
-                    try:
-                        known = self._known_expectation("put", change.session_id,
-                                                        change.if_match, False, 0)
-                    except SessionError as exc:
-                        locks.release(change.session_id)
-                        answer(i, errors.detached(exc))
-                        continue
-                    if known is None:
-                        alone.append((i, place))
-                        continue
-                together.append(i)
+            if place is not None or self.settings.sync_delay > 0:
+                alone.append((i, place))
                 continue
-            alone.append((i, place))
+            if change.if_match is not None:  # If-Match: * reads etcd first
+                try:
+                    known = self._known_expectation("put", change.session_id,
+                                                    change.if_match, False, 0)
+                except SessionError as exc:
+                    locks.release(change.session_id)
+                    answer(i, errors.detached(exc))
+                    continue
+                if known is None:
+                    alone.append((i, place))
+                    continue
+            together.append(i)
 
         async def one(i: int, place: asyncio.Future[None] | None) -> None:
             change = changes[i]
@@ -572,13 +590,10 @@ class Sessions:
                             answer: Callable[[int, Stored | Exception], None]) -> None:
         """:meth:`put_each`'s writes whose locks it holds: one bulk save's worth."""
         ids = [changes[i].session_id for i in indexes]
-        started = time.time_ns()
-        first_access = self._first_access
-        for session_id in ids:
-            first_access.setdefault(session_id, started)
         outcomes: list[Stored | SessionError] | None = None
         try:
-            outcomes = await self._put_many([changes[i] for i in indexes], None)
+            with self._writing(ids):
+                outcomes = await self._put_many([changes[i] for i in indexes], None)
         except Exception as exc:
             error = errors.detached(exc)
             for i in indexes:
@@ -586,7 +601,6 @@ class Sessions:
         finally:
             locks = self._locks
             for session_id in ids:
-                first_access.pop(session_id, None)
                 locks.release(session_id)
         if outcomes is not None:
             for i, outcome in zip(indexes, outcomes, strict=True):
@@ -609,14 +623,8 @@ class Sessions:
             return [_answer(o) for o in outcomes]
         ids = [c.session_id for c in changes]
         async with self._exclusive_all(ids):
-            started = time.time_ns()
-            for session_id in ids:
-                self._first_access.setdefault(session_id, started)
-            try:
+            with self._writing(ids):
                 return await self._put_many(changes, traceparent)
-            finally:
-                for session_id in ids:
-                    self._first_access.pop(session_id, None)
 
     async def _put_many(self, changes: Sequence[Change],
                         traceparent: str | None) -> list[Stored | SessionError]:
@@ -750,14 +758,8 @@ class Sessions:
             if change.create_only and (change.if_match is not None or change.data is None):
                 raise BadRequest("create-only applies to an upsert without If-Match")
         async with self._exclusive_all(ids):
-            started = time.time_ns()
-            for session_id in ids:
-                self._first_access.setdefault(session_id, started)
-            try:
+            with self._writing(ids):
                 return await self._transact(changes, keys, traceparent)
-            finally:
-                for session_id in ids:
-                    self._first_access.pop(session_id, None)
 
     async def _transact(self, changes: Sequence[Change], keys: list[bytes],
                         traceparent: str | None) -> Transacted:
