@@ -36,9 +36,9 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q -ra tests/integration
 
-# Every benchmark beside its reference, then bench/results/summary.png (~10 min on an
-# idle machine; BENCH_QUICK=1 for a smoke run of about two minutes).
-BENCHMARKS := xds_compile statesync statesync_path statesync_gc statesync_scale xds_envoys ads_load sidecar_memory failover rebalance
+# Every benchmark beside its reference, then bench/results/summary.png (how long it
+# takes, and BENCH_QUICK=1's smoke run: docs/performance.md).
+BENCHMARKS := xds_compile statesync statesync_path statesync_gc statesync_scale xds_envoys ads_load sidecar_memory failover rebalance flap
 bench: $(STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \
@@ -49,9 +49,12 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) bench/soak.py --duration 600 --interval 30 --output out/soak/report.json
 
+# ruff, mypy, and the import contract (pyproject.toml, [tool.importlinter]: the layers
+# of docs/design.md, no cycles), which tests/unit/test_architecture.py also runs.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshxl tests bench
 	$(VENV)/bin/mypy meshxl
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

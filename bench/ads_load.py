@@ -58,7 +58,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
 from meshxl import etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.procs import run as run_command

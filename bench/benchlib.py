@@ -140,12 +140,12 @@ async def start_control_plane(stack: Any, model: str, name: str = "xds") -> dict
     """etcd (in ``stack``), ``model`` stored in it, and one ``meshxl serve xds`` process
     with its admin endpoint. Returns ``{etcd, keys, port, admin, process}``."""
     from meshxl import etcd
-    from meshxl.etcdkeys import Keys
+    from meshxl.etcd.keys import Keys
     from meshxl.local import commands
     from meshxl.local.ports import free_ports
     from meshxl.local.servers import HOST, start_etcd
     from meshxl.local.wait import wait_http
-    from meshxl.ops import apply_model
+    from meshxl.operator.actions import apply_model
 
     url = (await start_etcd(stack))[0]
     keys = Keys(f"/meshxl-bench-{os.getpid()}")

@@ -33,6 +33,9 @@ The reference beside the RTO is the steady-state request latency of the same run
 the failover trace's detection, convergence and takeover times; it costs CPU on
 every request, so it is off by default.
 
+Then the same kill -9 for each other protocol (``--protocols``; gRPC unary calls and
+server streams, WebSocket, TCP): one row each, ``bench/failover_protocols.py``.
+
 Writes ``bench/results/failover.json``. Loopback only; request loops bounded in count
 and time; every process is killed at the end, also on failure.
 """
@@ -474,6 +477,47 @@ def print_report(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
     print_verdicts("failover", verdict_list)
 
 
+async def run_all(work: Path, repeats: int, sessions: int, interval: float, traces: bool,
+                  kinds: Sequence[str], kind_repeats: int, kind_sessions: int,
+                  ) -> dict[str, Any]:
+    """HTTP/1.1 (:func:`run`), then one row per other protocol
+    (``bench/failover_protocols.py``)."""
+    import failover_protocols
+
+    res = await run(work / "http", repeats, sessions, interval, traces) if "http" in kinds \
+        else {}
+    res["protocols"] = {}
+    for kind in kinds:
+        if kind == "http":
+            continue
+        try:
+            res["protocols"][kind] = await failover_protocols.run_kind(
+                work / kind, kind, kind_repeats, kind_sessions, 0.1, disruption_ms,
+                regressions)
+        except (LocalError, TimeoutError, OSError) as exc:
+            traceback.print_exc()
+            raise SystemExit(f"failed the {kind} run: {exc!r}") from None
+    return res
+
+
+def all_verdicts(res: dict[str, Any]) -> list[Verdict]:
+    import failover_protocols
+
+    out = verdicts(res) if "rto_ms" in res else []
+    return out + failover_protocols.verdicts(res.get("protocols", {}))
+
+
+def print_all(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
+    import failover_protocols
+
+    if "rto_ms" in res:
+        print_report(res, [v for v in verdict_list if v.name.startswith("failover:")])
+    if res.get("protocols"):
+        failover_protocols.print_rows(res["protocols"])
+        print_verdicts("failover, per protocol",
+                       [v for v in verdict_list if not v.name.startswith("failover:")])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 kills, 50 sessions")
@@ -483,16 +527,25 @@ def main() -> int:
                         help="seconds between one session's requests (default 0.5)")
     parser.add_argument("--traces", action="store_true",
                         help="trace every process too (adds trace-based figures; costs CPU)")
+    parser.add_argument("--protocols", default="http,grpc,grpc-stream,websocket,tcp",
+                        help="which rows to run, comma-separated (default: all of http, "
+                             "grpc, grpc-stream, websocket, tcp)")
     args = parser.parse_args()
     quick = quick_requested(args.quick)
     repeats = args.repeats or (2 if quick else 5)
     sessions = args.sessions or (50 if quick else 200)
-    if repeats < 1 or sessions < 1 or args.interval <= 0:
-        parser.error("repeats and sessions must be >= 1, interval > 0")
+    kinds = [k.strip() for k in args.protocols.split(",") if k.strip()]
+    unknown = set(kinds) - {"http", "grpc", "grpc-stream", "websocket", "tcp"}
+    if repeats < 1 or sessions < 1 or args.interval <= 0 or unknown or not kinds:
+        parser.error("repeats and sessions must be >= 1, interval > 0, protocols among "
+                     "http, grpc, grpc-stream, websocket, tcp")
+    # The other protocols: fewer kills and sessions (each is its own deployment).
+    kind_repeats, kind_sessions = (1, 20) if quick else (3, 50)
     return run_benchmark(
         NAME, quick, "meshxl-bench-failover-",
-        lambda work: run(work, repeats, sessions, args.interval, args.traces),
-        verdicts, print_report)
+        lambda work: run_all(work, repeats, sessions, args.interval, args.traces, kinds,
+                             kind_repeats, kind_sessions),
+        all_verdicts, print_all)
 
 
 if __name__ == "__main__":

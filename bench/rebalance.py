@@ -59,9 +59,9 @@ from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_r
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meshxl.local.deployment import PIN_COOKIE, SESSION_HEADER, DemoDeployment  # noqa: E402
+from meshxl import headers as hdr  # noqa: E402
+from meshxl.local.deployment import PIN_COOKIE, DemoDeployment  # noqa: E402
 
-MEMBER_HEADER = "x-meshxl-member"
 # (run, hash algorithm, pinned sessions)
 RUNS = (("maglev", "maglev", False), ("ring_hash", "ring_hash", False),
         ("pinned", "maglev", True))
@@ -144,7 +144,7 @@ class Clients:
         self.pins: dict[str, str] = {}
 
     def headers(self, session: str) -> dict[str, str]:
-        out = {SESSION_HEADER: session}
+        out = {hdr.SESSION: session}
         pin = self.pins.get(session)
         if self.pin_cookie and pin is not None:
             out["Cookie"] = f"{self.pin_cookie}={pin}"
@@ -173,7 +173,7 @@ class Clients:
                     failed += 1
                     return
                 self.keep(session, resp)
-                members[session] = resp.headers.get(MEMBER_HEADER, "?")
+                members[session] = resp.headers.get(hdr.MEMBER, "?")
                 acked[session] = int(json.loads(body)["seq"])
 
         await asyncio.gather(*(one(s) for s in sessions))

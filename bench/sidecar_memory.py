@@ -47,7 +47,7 @@ from benchlib import (
 )
 
 from meshxl import etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner

@@ -9,7 +9,7 @@ process, where repetitions agree within a few percent, so a change to the write 
 judged here before it is measured end to end.
 
 What runs is the sidecar's code from a request's bytes to its answer's bytes: the server
-(:mod:`meshxl.statesync.server`) parses pipelined requests, the API checks them,
+(:mod:`meshxl.statesync.http`) parses pipelined requests, the API checks them,
 :class:`~meshxl.statesync.sessions.Sessions` and
 :class:`~meshxl.statesync.store.SessionStore` build the guarded writes and batch them,
 and each batch's answer and its watch events, as etcd sends them (every write
@@ -47,14 +47,15 @@ from typing import Any
 from aetcd import rpc
 from benchlib import env_info, quick_requested, write_results
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.loops import loop_factory
 from meshxl.statesync.api import SessionRoutes
 from meshxl.statesync.cache import SessionCache
+from meshxl.statesync.http import WRITE, Connection, HttpServer, Request, Response, Router
 from meshxl.statesync.metrics import StatesyncMetrics
-from meshxl.statesync.server import WRITE, HttpServer, Request, Response, Router, _Connection
-from meshxl.statesync.sessions import Sessions, Settings
+from meshxl.statesync.sessions import Sessions
 from meshxl.statesync.store import SessionStore
+from meshxl.statesync.writes import Settings
 
 CONNECTIONS = 4
 PIPELINED = 16
@@ -186,7 +187,7 @@ async def measure(load: str, rounds: int, repeats: int, profile: bool = False
     server, etcd = _server(load)
     connections = []
     for i in range(CONNECTIONS):
-        connection = _Connection(server)
+        connection = Connection(server.site)
         transport = _Transport()
         connection.connection_made(transport)  # type: ignore[arg-type]
         connections.append((connection, transport, _requests(load, i)))

@@ -41,13 +41,13 @@ from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark, su
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshxl import etcd  # noqa: E402
-from meshxl.etcdkeys import Keys  # noqa: E402
+from meshxl.etcd.keys import Keys  # noqa: E402
 from meshxl.local import commands  # noqa: E402
 from meshxl.local.ports import free_ports  # noqa: E402
 from meshxl.local.procs import Owner, Process  # noqa: E402
 from meshxl.local.servers import HOST, start_etcd  # noqa: E402
 from meshxl.local.wait import wait_http, wait_until  # noqa: E402
-from meshxl.ops import apply_model  # noqa: E402
+from meshxl.operator.actions import apply_model  # noqa: E402
 from meshxl.stats import cpu_seconds, rss_bytes  # noqa: E402
 
 CLUSTER = "scale"

@@ -39,19 +39,19 @@ from google.protobuf import any_pb2
 from google.protobuf.internal import api_implementation
 
 from meshxl import etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
+from meshxl.local.envoy import EnvoyProcess
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.model import AdminAction, ModelSpec, RuntimeState
 from meshxl.model.load import check_model
-from meshxl.ops import apply_model, set_member_admin
+from meshxl.operator.actions import apply_model, set_member_admin
 from meshxl.proxy.bootstrap import build_bootstrap
-from meshxl.proxy.envoy import EnvoyProcess
 from meshxl.stats import summary
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 from meshxl.xds.cache import Snapshot, stats, with_nonce
-from meshxl.xds.resources import Compiler, compile_resources
+from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.types import ENDPOINT, TYPE_ORDER
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_compile.json"

@@ -52,13 +52,13 @@ from benchlib import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import etcd
+from meshxl.local.envoy import EnvoyError, EnvoyProcess
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST
 from meshxl.local.wait import LocalError
 from meshxl.model.load import parse_model
 from meshxl.proxy.bootstrap import build_bootstrap
-from meshxl.proxy.envoy import EnvoyError, EnvoyProcess
 
 NAME = "xds_envoys"
 TARGET_P99_MS = 50.0

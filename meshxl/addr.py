@@ -90,8 +90,13 @@ def parse_listen(value: str, what: str = "--listen") -> tuple[str, int]:
         raise ListenError(f"{what}: {exc}") from None
 
 
+def bracketed(host: str) -> str:
+    """``host`` as it goes before ``:PORT``: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def grpc_target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{bracketed(host)}:{port}"
 
 
 def _os_reason(exc: OSError) -> str:

@@ -3,7 +3,7 @@
 Every exception meshxl raises for a caller to handle derives from :class:`MeshxlError`
 through one of these members, so an edge catches the root once and maps the member:
 the ``meshxl`` command to a one-line message and an exit code (``meshxl.cli.errors``),
-the HTTP servers to a JSON error body and a status (``meshxl.web``). Nothing else
+the HTTP servers to a JSON error body and a status (``meshxl.httpbase``). Nothing else
 matches on exception types by name.
 
 ==================  ==================================================  ====  ====
@@ -19,6 +19,8 @@ Conflict            the current state forbids it: a revision-compared   1     40
                     the session), a drill on an unhealthy deployment
 PreconditionFailed  a conditional write whose condition no longer       1     412
                     holds (a Conflict)
+Undecodable         a stored record that cannot be decoded (written by  1     409
+                    another program): a Conflict a blind write mends
 Unavailable         a service meshxl depends on (etcd, Envoy, the       1     503
                     Kubernetes API) did not answer or refused
 MissingBinary       a program meshxl runs (envoy, etcd) is not          1     500
@@ -28,10 +30,12 @@ ProcessError        a process meshxl started (a local deployment's      1     50
 ==================  ==================================================  ====  ====
 
 The command's exit codes are :data:`meshxl.cli.errors.EXIT_CODES`, the servers'
-statuses :data:`meshxl.web.HTTP_STATUS`.
+statuses :data:`meshxl.httpbase.HTTP_STATUS`.
 
-Each project exception keeps its own name and module (``ModelError`` in
-``meshxl.model``, ``OpsError`` in ``meshxl.ops``...) and subclasses its family member;
+Each concept is defined here once. A project exception that adds a context keeps its
+own name and module (``ModelError`` in ``meshxl.model``, ``OpsError`` in
+``meshxl.operator.actions``, the session client's ``meshxl.client.Conflict`` carrying
+the sidecar's answer...) and subclasses its family member;
 ``InputError`` is also a ``ValueError``, ``MissingBinary`` and ``ProcessError`` are
 also ``RuntimeError`` (as callers caught them before).
 Exceptions private to a module (leading underscore) carry control flow inside it and
@@ -45,7 +49,8 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 __all__ = ["Conflict", "InputError", "MeshxlError", "MissingBinary", "NotFound",
-           "PreconditionFailed", "ProcessError", "TooLarge", "Unavailable", "detached"]
+           "PreconditionFailed", "ProcessError", "TooLarge", "Unavailable", "Undecodable",
+           "detached"]
 
 
 class MeshxlError(Exception):
@@ -84,6 +89,11 @@ class Conflict(MeshxlError):
 
 class PreconditionFailed(Conflict):
     """A conditional write whose condition no longer holds."""
+
+
+class Undecodable(Conflict):
+    """A stored record cannot be decoded (a foreign or broken writer put it there):
+    reads of it fail; a write that does not depend on it replaces it."""
 
 
 class Unavailable(MeshxlError):

@@ -23,13 +23,19 @@ from .options import setup_logging
                    "temporary directory).")
 @click.option("--etcd", "etcd_url", metavar="URL", help="Use a running etcd instead of a "
               "temporary one (keys go under a fresh prefix).")
+@click.option("--protocol", type=click.Choice(["http", "grpc", "websocket", "tcp"]),
+              default="http", show_default=True,
+              help="What the members speak and the clients drive: HTTP/1.1 requests, "
+                   "unary gRPC calls, WebSocket messages or lines over TCP connections.")
 def demo(mode: str, sessions: int, duration: float, output_dir: Path | None,
-         etcd_url: str | None) -> None:
+         etcd_url: str | None, protocol: str) -> None:
     """Failover end to end: kill -9 the active member under load, with traces and a report.
 
     Starts etcd, the control plane, Envoy and three members (app + statesync sidecar),
     drives sticky sessions through Envoy, kills the active member, reads every session
-    back, and exits 1 if any acknowledged write was lost.
+    back, and exits 1 if any acknowledged write was lost. --protocol grpc, websocket or
+    tcp runs the same with members speaking that protocol (WebSocket and TCP clients
+    reconnect; the report says how fast and where to).
     """
     from rich.console import Console
 
@@ -37,7 +43,8 @@ def demo(mode: str, sessions: int, duration: float, output_dir: Path | None,
 
     setup_logging("warning")
     sys.exit(run(lambda: run_demo(Console(), mode=mode, sessions=sessions, duration=duration,
-                                  output_dir=output_dir, etcd_url=etcd_url)))
+                                  output_dir=output_dir, etcd_url=etcd_url,
+                                  protocol=protocol)))
 
 
 @click.command()

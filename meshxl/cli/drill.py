@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 
 from .errors import one_line, run
 from .options import (
@@ -52,7 +52,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     back online if anything fails midway; exit 1 when a step fails or an objective is
     breached. Writes a JSON and a Markdown report and a timeline plot.
     """
-    from meshxl.drill import REFUSED, DrillConfig, DrillSettingsError, run_drill
+    from meshxl.operator.drill import REFUSED, DrillConfig, DrillSettingsError, run_drill
 
     text, source = model_text(model_file)
     check_admin_urls(envoy_admin, REFUSED)

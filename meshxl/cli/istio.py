@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from meshxl.istio.render import DEFAULT_SITE_LABEL
+from meshxl.istio.labels import DEFAULT_SITE_LABEL
 
 from .errors import checked, fail, run
 from .options import etcd_client, etcd_option, root_option
@@ -183,9 +183,9 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     import asyncio
 
     from meshxl.addr import ListenError, bind_tcp
-    from meshxl.etcdkeys import Keys
+    from meshxl.etcd.keys import Keys
+    from meshxl.etcd.mesh import EtcdMeshSource
     from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
-    from meshxl.meshstate import EtcdMeshSource
     from meshxl.xds.sources import ModelFileSource
 
     health: Any = None  # the bound socket: a busy port or a bad address fails the start

@@ -61,6 +61,13 @@ _inject_options: list[Callable[..., Any]] = [
                       "mounted read-only into the statesync sidecar for https:// etcd: its "
                       "client certificate and the CA of etcd's certificate. Required with "
                       "https:// --etcd (also MESHXL_ETCD_CLIENT_SECRET)."),
+    click.option("--xds-client-secret", metavar="SECRET",
+                 envvar="MESHXL_XDS_CLIENT_SECRET", default=None,
+                 help="Secret (keys tls.crt, tls.key, ca.crt, in each pod's namespace) "
+                      "mounted read-only into the injected Envoy: its client certificate "
+                      "for the control plane's mutual TLS (a SPIFFE ID of the namespace, "
+                      "for the node id POD.NAMESPACE) and the CA of the control plane's "
+                      "certificate. Unset: plaintext ADS (also MESHXL_XDS_CLIENT_SECRET)."),
 ]
 
 
@@ -68,7 +75,8 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
             image_pull_policy: str, anti_affinity: str,
             site_topology_key: str | None,
             statesync_token_secret: str | None = None,
-            etcd_client_secret: str | None = None) -> InjectConfig:
+            etcd_client_secret: str | None = None,
+            xds_client_secret: str | None = None) -> InjectConfig:
     return checked(lambda: InjectConfig(
         image=image, etcd=etcd_urls, etcd_prefix=etcd_root, xds=tuple(xds) or InjectConfig.xds,
         proxy=proxy,  # type: ignore[arg-type]
@@ -76,7 +84,8 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
         anti_affinity=anti_affinity,  # type: ignore[arg-type]
         site_topology_key=site_topology_key or None,
         statesync_token_secret=statesync_token_secret or None,
-        etcd_client_secret=etcd_client_secret or None))
+        etcd_client_secret=etcd_client_secret or None,
+        xds_client_secret=xds_client_secret or None))
 
 
 @click.command("webhook")
@@ -93,7 +102,8 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
                           etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
                           site_topology_key: str | None, statesync_token_secret: str | None,
-                          etcd_client_secret: str | None, log_level: str) -> None:
+                          etcd_client_secret: str | None, xds_client_secret: str | None,
+                          log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
     import asyncio
     import signal
@@ -104,7 +114,7 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
     setup_logging(log_level)
     inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
-                     etcd_client_secret)
+                     etcd_client_secret, xds_client_secret)
     try:
         config = WebhookConfig(tls_cert=tls_cert, tls_key=tls_key, inject=inject,
                                listen=listen)
@@ -133,7 +143,7 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
                    anti_affinity: str, site_topology_key: str | None,
                    statesync_token_secret: str | None, etcd_client_secret: str | None,
-                   quiet: bool) -> None:
+                   xds_client_secret: str | None, quiet: bool) -> None:
     """Add the meshxl sidecars to the Pods, Deployments and StatefulSets of a YAML file.
 
     Writes the result to stdout (like istioctl kube-inject); workloads that opted out
@@ -151,7 +161,7 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
 
     config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
-                     etcd_client_secret)
+                     etcd_client_secret, xds_client_secret)
     source = "<stdin>" if filename == "-" else filename
     text = checked(lambda: read_text(filename, MAX_INJECT_BYTES, "Kubernetes YAML"))
     docs = [d for d in checked(lambda: load_yaml_all(text, source, max_depth=MAX_INJECT_DEPTH,
@@ -162,7 +172,7 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
             fail(f"{source}: every document must be a Kubernetes object (a mapping), got "
                   f"{type(doc).__name__}")
     out, reports = checked(lambda: inject_documents(docs, config))
-    # libyaml's emitter when PyYAML has it: the same text, 6x faster on large input.
+    # libyaml's emitter when PyYAML has it: the same text, faster (docs/performance.md).
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     rendered = yaml.dump_all(out, Dumper=dumper, sort_keys=False, default_flow_style=False)
     if not quiet:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 
 from .errors import checked, fail, run
 from .options import etcd_client, etcd_option, root_option
@@ -43,7 +43,7 @@ def _checked_model(text: str, source: str) -> Any:
     """The model of ``text``, compiled once to be sure Envoy gets valid resources; on a
     problem, one line per problem and exit 1."""
     from meshxl.model import parse_model
-    from meshxl.xds.resources import compile_resources
+    from meshxl.xds.compiler import compile_resources
 
     def check() -> Any:
         model = parse_model(text, source=source)
@@ -79,7 +79,7 @@ def validate(file: Path) -> None:
 def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
     """Validate a model file (``-``: standard input) and store it in etcd for every
     control-plane replica. The text stored is the text validated, byte for byte."""
-    from meshxl.ops import apply_model
+    from meshxl.operator.actions import apply_model
 
     text, source = _read_model_input(file)
     model = _checked_model(text, source)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 
 from .errors import one_line, run
 from .options import etcd_client, etcd_option, output_option, print_json, root_option, wait_option
@@ -19,7 +19,7 @@ async def wait_verified(client: Any, keys: Keys, wait: float) -> dict[str, Any] 
     """With ``--wait``: verify until every Envoy acknowledged the change (or time is up)."""
     if not wait:
         return None
-    from meshxl.observe import verify
+    from meshxl.operator.views import verify
 
     await asyncio.sleep(0.05)  # let the control plane see the change first
     return await verify(client, keys, settle=wait)
@@ -58,7 +58,7 @@ def _member_cmd(down: bool) -> Callable[..., None]:
     @root_option
     def cmd(cluster: str, member_name: str, reason: str, wait: float, output: str,
             etcd_urls: str, etcd_root: str) -> None:
-        from meshxl.ops import set_member_admin
+        from meshxl.operator.actions import set_member_admin
 
         async def go() -> tuple[int, dict[str, Any] | None]:
             async with etcd_client(etcd_urls) as client:
@@ -95,7 +95,7 @@ def _site_cmd(offline: bool) -> Callable[..., None]:
     @root_option
     def cmd(site_name: str, reason: str, wait: float, output: str, etcd_urls: str,
             etcd_root: str) -> None:
-        from meshxl.ops import set_site_admin
+        from meshxl.operator.actions import set_site_admin
 
         async def go() -> tuple[int, dict[str, Any] | None]:
             async with etcd_client(etcd_urls) as client:

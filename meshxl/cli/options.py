@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from meshxl.etcdkeys import DEFAULT_ROOT
+from meshxl.etcd.keys import DEFAULT_ROOT
 
 from .errors import fail
 
@@ -170,7 +170,7 @@ def console() -> Any:
     from rich.console import Console
 
     # Piped output keeps whole rows (rich would wrap at 80 columns otherwise). Nothing
-    # printed is markup: the tables build their cells as plain Text (meshxl.tables).
+    # printed is markup: the tables build their cells as plain Text (meshxl.operator.tables).
     return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200,
                    markup=False, highlight=False, emoji=False)
 

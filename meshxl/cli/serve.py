@@ -64,6 +64,17 @@ def serve() -> None:
 @click.option("--client-ca", type=FILE, metavar="FILE",
               help="Mutual TLS: accept only Envoys presenting a client certificate signed "
                    "by this CA (needs --tls-cert).")
+@click.option("--node-binding", type=click.Choice(["san", "none"]),
+              help="How the client certificate binds the node id: 'san' (the default with "
+                   "--client-ca): it must name the node as a DNS name, or a node id "
+                   "NAME.NAMESPACE by a SPIFFE ID spiffe://TRUST-DOMAIN/ns/NAMESPACE/...; "
+                   "'none': any node id.")
+@click.option("--trust-domain", default="cluster.local", show_default=True,
+              help="SPIFFE trust domain of the client certificates' IDs (--node-binding san).")
+@click.option("--token-file", type=FILE, envvar="MESHXL_XDS_TOKEN_FILE", metavar="FILE",
+              help="Require 'authorization: Bearer TOKEN' on every ADS stream, TOKEN being "
+                   "this file's first line (or the MESHXL_XDS_TOKEN variable); needs TLS "
+                   "unless --listen is loopback.")
 @click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status) and "
               "live view (/ui/); plain HTTP: keep it on loopback or a private network.")
 @click.option("--ui/--no-ui", default=True, show_default=True,
@@ -81,19 +92,26 @@ def serve() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
+              node_binding: str | None, trust_domain: str, token_file: Path | None,
               admin: str | None, ui: bool, replica: str | None, debounce: float,
               max_delay: float, dns_interval: float, trace_file: Path | None,
               log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
+    import os
+
+    from meshxl.bearer import read_token
     from meshxl.xds.app import AdminPages, ControlPlane, ControlPlaneConfig
 
     setup_logging(log_level)
 
     def settings() -> ControlPlaneConfig:
+        token = read_token(token_file, os.environ, "MESHXL_XDS_TOKEN")
         config = ControlPlaneConfig(listen=listen, config_path=config_path, etcd=etcd_urls,
                                     etcd_root=etcd_root, admin=admin, debounce=debounce,
                                     max_delay=max_delay, etcd_security=etcd_security(),
                                     tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                                    node_binding=node_binding,  # type: ignore[arg-type]
+                                    trust_domain=trust_domain, token=token,
                                     dns_interval=dns_interval)
         if replica:
             config = dataclasses.replace(config, replica=replica)

@@ -17,7 +17,7 @@ from meshxl.telemetry.slo import (
     OUTPUTS,
     Report,
     SloError,
-    _number,
+    format_number,
     load_slos,
     report_to_json,
     review,
@@ -33,7 +33,7 @@ def render_table(report: Report) -> Any:
                    "budget left", "burn rate", "met"):
         numeric = column not in ("objective", "SLI", "met")
         table.add_column(column, justify="right" if numeric else "left")
-    from meshxl.tables import plain
+    from meshxl.operator.tables import plain
 
     for r in report.objectives:
         # Names come from the SLO files: plain text, never rich markup.
@@ -44,8 +44,8 @@ def render_table(report: Report) -> Any:
         table.add_row(
             title, plain(r.objective.describe()), f"{r.good}/{r.total}",
             f"{r.objective.target:g}",
-            _number(r.p50), _number(r.p90), _number(r.p99), _number(r.max),
-            f"{r.budget_remaining:.1%}", _number(r.burn_rate),
+            format_number(r.p50), format_number(r.p90), format_number(r.p99), format_number(r.max),
+            f"{r.budget_remaining:.1%}", format_number(r.burn_rate),
             plain("met", "green") if r.met else plain("BREACHED", "bold red"),
         )
     return table

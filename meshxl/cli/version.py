@@ -14,9 +14,9 @@ def print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     """``meshxl --version``: print the versions and exit."""
     if not value or ctx.resilient_parsing:
         return
-    from meshxl.versions import render, versions
+    from meshxl.local.versions import render, versions
 
-    click.echo(render(versions()))
+    click.echo(render(run(versions)))
     ctx.exit()
 
 
@@ -28,9 +28,9 @@ def print_versions(ctx: click.Context, _param: click.Parameter, value: bool) -> 
               show_default=True)
 def version_command(etcd_urls: str | None, output: str) -> None:
     """The versions of meshxl, Envoy, etcd (binary, and server with --etcd), libraries."""
-    from meshxl.versions import etcd_server_version, render, versions
+    from meshxl.local.versions import etcd_server_version, render, versions
 
-    report = versions()
+    report = run(versions)
     unreachable = False
     if etcd_urls:
         async def ask() -> str:

@@ -1,7 +1,7 @@
 """Read-only operator views: ``meshxl status``, ``meshxl sync``, ``meshxl verify``.
 
 A new view is one command here (added to :data:`COMMANDS`), its report in
-:mod:`meshxl.observe` and its table in :mod:`meshxl.tables`.
+:mod:`meshxl.operator.views` and its table in :mod:`meshxl.operator.tables`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 
 from .errors import fail, run
 from .options import (
@@ -29,7 +29,7 @@ from .options import (
 
 
 async def _no_model(client: Any, keys: Keys) -> str:
-    from meshxl.ops import no_model_message
+    from meshxl.operator.actions import no_model_message
 
     return await no_model_message(client, keys)
 
@@ -42,8 +42,8 @@ def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
     ``--etcd-prefix`` must not look like an empty mesh); ``require_model``: a missing
     model is one even when sidecars publish statistics there.
     """
-    from meshxl.observe import read_mesh
-    from meshxl.ops import OpsError
+    from meshxl.operator.actions import OpsError
+    from meshxl.operator.views import read_mesh
 
     text, source = model_text(model_file)
 
@@ -73,8 +73,8 @@ def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
 def status(cluster: str | None, watch: bool, interval: float, model_file: Path | None,
            output: str, etcd_urls: str, etcd_root: str) -> None:
     """Clusters, members, Envoy nodes and recent failovers (like cphaprob state)."""
-    from meshxl.observe import status_report
-    from meshxl.tables import render_status
+    from meshxl.operator.tables import render_status
+    from meshxl.operator.views import status_report
 
     if watch:
         if output != "table":
@@ -101,9 +101,9 @@ def _watch_status(cluster: str | None, interval: float, model_file: Path | None,
     from rich.console import Group
     from rich.live import Live
 
-    from meshxl.observe import read_mesh, status_report
-    from meshxl.ops import OpsError
-    from meshxl.tables import line_of, plain, status_view
+    from meshxl.operator.actions import OpsError
+    from meshxl.operator.tables import line_of, plain, status_view
+    from meshxl.operator.views import read_mesh, status_report
 
     from .options import console as make_console
 
@@ -166,8 +166,8 @@ def _watch_status(cluster: str | None, interval: float, model_file: Path | None,
 def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: str,
          etcd_root: str) -> None:
     """State synchronization per sidecar (like cphaprob syncstat)."""
-    from meshxl.observe import sync_report
-    from meshxl.tables import render_sync
+    from meshxl.operator.tables import render_sync
+    from meshxl.operator.views import sync_report
 
     show(_mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
                     etcd_root, require_model=False), output, render_sync)
@@ -189,9 +189,9 @@ def verify(envoy_admin: tuple[str, ...], settle: float, model_file: Path | None,
 
     Exit 1 when anything mismatches (each mismatch is named).
     """
-    from meshxl.observe import verify as run_verify
-    from meshxl.ops import OpsError
-    from meshxl.tables import render_verify
+    from meshxl.operator.actions import OpsError
+    from meshxl.operator.tables import render_verify
+    from meshxl.operator.views import verify as run_verify
 
     text, source = model_text(model_file)
     check_admin_urls(envoy_admin)

@@ -1,14 +1,16 @@
 """A client of the statesync sidecar's session API (``docs/statesync.md``).
 
 ``AsyncClient`` (asyncio, over its own HTTP/1.1 transport: :mod:`meshxl.client.transport`)
-and ``Client`` (blocking, the standard library's ``http.client``) have the same methods:
+and ``Client`` (blocking sockets; both parse answers with :mod:`meshxl.client.framing`)
+have the same methods:
 ``get``, ``put`` (``if_match`` compare-and-set, ``create_only``), ``patch`` (JSON merge
 patch), ``delete``, ``update(session, fn)`` (read, apply, write with ``If-Match``, again
 after a 409/412), ``ready``, and for several sessions in one request ``bulk_get``,
 ``bulk_save`` (each item on its own) and ``transaction`` (``Upsert`` and ``Delete``
 operations, all or nothing). Both retry 503s and unanswered requests with bounded
 exponential backoff and jitter, send the bearer token, keep connections alive (over TCP,
-or the sidecar's Unix socket: ``unix:/PATH``), and raise the sidecar's JSON errors as
+or the sidecar's Unix socket: ``unix:/PATH``), hold each request to one deadline and
+its answer to a size cap, and raise the sidecar's JSON errors as
 meshxl's error family (:mod:`meshxl.client.errors`). :mod:`meshxl.client.middleware`
 loads and saves a request's session for aiohttp and ASGI apps.
 

@@ -185,9 +185,17 @@ class AsyncClient:
                                     data=request.body,
                                     headers={**self._headers, **request.headers},
                                     timeout=self._timeout, allow_redirects=False) as resp:
-                body = await resp.read()
                 headers = {name.lower(): value for name, value in resp.headers.items()}
-                return Answer(resp.status, headers, body)
+                problem = _unframed(resp.status, headers, self.settings.max_answer)
+                if problem is not None:
+                    return Unanswered(problem, sent=True)
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > self.settings.max_answer:
+                        return Unanswered(f"the answer is larger than "
+                                          f"{self.settings.max_answer} bytes", sent=True)
+                return Answer(resp.status, headers, bytes(body))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return Unanswered(describe(exc), sent=False)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -213,3 +221,14 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"AsyncClient({self.url!r})"
 
+
+def _unframed(status: int, headers: dict[str, str], limit: int) -> str | None:
+    """Why an answer read through aiohttp is refused before its body, as the client's
+    own transport refuses it (:mod:`meshxl.client.framing`), or None."""
+    length = headers.get("content-length")
+    if "transfer-encoding" not in headers and length is None and status not in (204, 304):
+        return ("the answer says neither Content-Length nor chunked Transfer-Encoding: its "
+                "end, and so a cut, could not be told")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return f"the answer is larger than {limit} bytes (Content-Length: {length})"
+    return None

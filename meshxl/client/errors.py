@@ -1,9 +1,16 @@
-"""What the client raises: the sidecar's JSON error answers, mapped onto meshxl's family.
+"""What the client raises: the sidecar's JSON error answers, as meshxl's error family.
 
 Every error answer of the sidecar is ``{"error": "<message>", "status": N, ...}``
 (``docs/statesync.md``); :func:`error_from_answer` turns one into the exception of its
 status, keeping the server's message (``exc.message``) and its other fields
 (``exc.details``: ``field``, ``owner``, ``revision``, ``current``, ``undecodable``...).
+
+Each concept is the family's (:mod:`meshxl.errors`); the client adds one context,
+:class:`SidecarError` (the answer: ``status``, ``message``, ``method``, ``path``), so
+each class here is the family member it names *as the sidecar answered it*, catchable
+as either (``except meshxl.client.Conflict`` or ``except meshxl.errors.Conflict``).
+Only four are the client's own: :class:`Unauthorized`, :class:`Contended`,
+:class:`Unreachable` and :class:`WriteUncertain`.
 
 =====================  ===========================  ==============================
 exception              family member                when
@@ -16,11 +23,11 @@ NotFound               NotFound                     404
 Conflict               Conflict                     409: ownership lost (another
                                                     member wrote the session), a
                                                     merge patch of a non-JSON state
-Undecodable            Conflict                     409 with ``"undecodable": true``
+Undecodable            Undecodable (a Conflict)     409 with ``"undecodable": true``
 Contended              Conflict                     ``update`` gave up: the session
                                                     kept changing
 PreconditionFailed     PreconditionFailed           412: ``If-Match`` /
-                       (and Conflict)               ``If-None-Match: *`` failed
+                       (a Conflict)                 ``If-None-Match: *`` failed
 TooLarge               TooLarge                     413
 Unavailable            Unavailable                  503 (etcd unavailable), another
                                                     5xx, an answer not as documented
@@ -34,7 +41,7 @@ WriteUncertain         Unavailable                  a write retried after an att
 A 401 is an ``Unavailable``, not an ``InputError``: the sidecar refuses this process
 (its token is missing or wrong), which is no fault of whoever asked the application,
 so an application maps it like any other failure of its sidecar (a 503, retried by
-Envoy elsewhere), as :mod:`meshxl.web` does with the family.
+Envoy elsewhere), as :mod:`meshxl.httpbase` does with the family.
 
 ``exc.details`` never holds ``error`` or ``status``, so an exception that reaches
 :func:`meshxl.web.json_errors` becomes a JSON answer with the sidecar's fields.
@@ -75,44 +82,52 @@ def _describe(message: str, status: int | None, method: str, path: str) -> str:
     return f"sidecar {method} {path} answered {status}: {message}"
 
 
+# The family's members, as the sidecar answered them.
+
+
 class BadRequest(SidecarError, errors.InputError):
-    """The request was refused as given (or would be, so it was not sent)."""
+    """An :class:`~meshxl.errors.InputError`: refused as given (or it would be, so it
+    was not sent)."""
+
+
+class NotFound(SidecarError, errors.NotFound):
+    """A :class:`~meshxl.errors.NotFound`: no such session."""
+
+
+class Conflict(SidecarError, errors.Conflict):
+    """A :class:`~meshxl.errors.Conflict`: another member wrote the session since this
+    one last saw it (this member was fenced), or its state is not JSON (merge patch)."""
+
+
+class Undecodable(Conflict, errors.Undecodable):
+    """An :class:`~meshxl.errors.Undecodable`: a ``put`` without ``if_match`` replaces
+    the record, ``delete`` removes it."""
+
+
+class PreconditionFailed(Conflict, errors.PreconditionFailed):
+    """A :class:`~meshxl.errors.PreconditionFailed`: ``If-Match`` named another ETag,
+    or ``If-None-Match: *`` found the session."""
+
+
+class TooLarge(SidecarError, errors.TooLarge):
+    """A :class:`~meshxl.errors.TooLarge`: the state is beyond the sidecar's limit
+    (``--max-session-bytes``)."""
+
+
+class Unavailable(SidecarError, errors.Unavailable):
+    """An :class:`~meshxl.errors.Unavailable`: etcd does not answer the sidecar (503; a
+    write was not acknowledged, and may or may not have applied)."""
+
+
+# The client's own.
 
 
 class Unauthorized(SidecarError, errors.Unavailable):
     """The sidecar requires a token (``--token-file``) and this one is missing or wrong."""
 
 
-class NotFound(SidecarError, errors.NotFound):
-    """No such session."""
-
-
-class Conflict(SidecarError, errors.Conflict):
-    """The session's state forbids the write: another member wrote it since this one
-    last saw it (this member was fenced), or it is not JSON (merge patch)."""
-
-
-class Undecodable(Conflict):
-    """The session's stored record cannot be decoded: a ``put`` without ``if_match``
-    replaces it, ``delete`` removes it."""
-
-
 class Contended(Conflict):
     """``update`` read and wrote as many times as allowed and lost every time."""
-
-
-class PreconditionFailed(Conflict, errors.PreconditionFailed):
-    """``If-Match`` named another ETag, or ``If-None-Match: *`` found the session (a
-    :class:`Conflict`, as in the family)."""
-
-
-class TooLarge(SidecarError, errors.TooLarge):
-    """The state is larger than the sidecar's limit (``--max-session-bytes``)."""
-
-
-class Unavailable(SidecarError, errors.Unavailable):
-    """The sidecar cannot serve the request now: etcd does not answer (503; a write was
-    not acknowledged, and may or may not have applied)."""
 
 
 class Unreachable(Unavailable):

@@ -48,9 +48,10 @@ from meshxl.errors import detached
 from .aio import AsyncClient
 from .errors import BadRequest, Conflict, NotFound, SidecarError
 from .plans import JSON, check_session_id, encode_state
+from .sync import Client
 
 __all__ = ["SCOPE_KEY", "SESSION", "RequestSession", "SessionMiddleware",
-           "aiohttp_middleware", "load", "save"]
+           "aiohttp_middleware", "load", "load_sync", "save", "save_sync"]
 
 SCOPE_KEY = "meshxl_session"
 """Where the ASGI middleware puts the session: ``scope["state"][SCOPE_KEY]``."""
@@ -114,6 +115,32 @@ async def save(client: AsyncClient, session: RequestSession) -> bool:
         return False
     written = await client.put(session.id, session.state, content_type=session.content_type,
                                if_match=session.etag, create_only=session.etag is None)
+    session.etag, session.owner, session._saved = written.etag, written.owner, data
+    return True
+
+
+def load_sync(client: Client, session_id: str,
+              default: Callable[[], Any] = dict) -> RequestSession:
+    """:func:`load` with the blocking :class:`~meshxl.client.Client` (threads, the sync
+    gRPC server)."""
+    try:
+        found = client.get(session_id)
+    except NotFound:
+        session = RequestSession(session_id, default(), None)
+    else:
+        session = RequestSession(session_id, found.state, found.etag, found.owner,
+                                 found.content_type)
+    session._saved = session._encoded()
+    return session
+
+
+def save_sync(client: Client, session: RequestSession) -> bool:
+    """:func:`save` with the blocking :class:`~meshxl.client.Client`."""
+    data = session._encoded()
+    if data == session._saved:
+        return False
+    written = client.put(session.id, session.state, content_type=session.content_type,
+                         if_match=session.etag, create_only=session.etag is None)
     session.etag, session.owner, session._saved = written.etag, written.owner, data
     return True
 

@@ -72,8 +72,9 @@ class ClientSettings:
     timeout: float = 10.0
     """Seconds for one request and its answer, waiting for a free connection included
     (longer than the sidecar's own 5 s etcd deadline, so a slow etcd comes back as the
-    sidecar's 503, not as a client timeout). The sync client applies it to each socket
-    operation (http.client's timeout)."""
+    sidecar's 503, not as a client timeout). Both clients hold every request to it
+    as a whole (connecting, writing, every read), whatever the peer does: a slow drip or
+    a flood of interim answers cannot stretch it."""
     connect_timeout: float = 2.0
     """Seconds to connect (the sidecar is on loopback: a refusal is immediate)."""
     unavailable: Backoff = field(default_factory=Backoff)
@@ -93,6 +94,10 @@ class ClientSettings:
     keepalive: float = 15.0
     """Seconds an idle connection is kept for reuse: under the sidecar's 30 s, so the
     client never reuses one the server is closing."""
+    max_answer: int = 64 * 1024 * 1024
+    """Bytes of an answer's body at most (a larger one is refused, its connection
+    dropped): the sidecar's largest answers are bulk reads of at most 1 MiB sessions,
+    so a broken or hostile peer cannot make the client hold more."""
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout <= 600:
@@ -104,6 +109,8 @@ class ClientSettings:
             raise InputError(f"max_connections must be 1 to 1024, got {self.max_connections}")
         if not 1 <= self.pipeline <= 128:
             raise InputError(f"pipeline must be 1 to 128, got {self.pipeline}")
+        if not 1024 <= self.max_answer <= 1024 ** 3:
+            raise InputError(f"max_answer must be 1 KiB to 1 GiB, got {self.max_answer}")
         if not 0 <= self.keepalive <= 29:
             raise InputError("keepalive must be 0 to 29 s (the sidecar closes idle "
                              f"connections after 30 s), got {self.keepalive}")

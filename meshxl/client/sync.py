@@ -1,26 +1,32 @@
-"""The sync client: the same plans as the async one, over the standard library's
-``http.client``, for code without an event loop (WSGI apps, scripts, threads).
+"""The sync client: the same plans as the async one, over blocking sockets, for code
+without an event loop (WSGI apps, scripts, threads).
 
-Why ``http.client`` rather than a private event loop thread running the async client:
+Why blocking sockets rather than a private event loop thread running the async client:
 the logic (retries, ETags, ``update``, the error mapping) lives in the plans, so the
-driver is only a loop sending requests; over ``http.client`` that loop has no thread,
-no second event loop and no hand-over between them, so nothing to leak at exit or to
-break after ``fork``, the caller's own thread does the I/O, and a Ctrl-C or a timeout
-interrupts it where it is. What it costs: a small pool of kept-alive connections
-written here, and a timeout per socket operation (``http.client``'s) rather than per
-request.
+driver is only a loop sending requests; over plain sockets that loop has no thread, no
+second event loop and no hand-over between them, so nothing to leak at exit or to break
+after ``fork``, the caller's own thread does the I/O, and a Ctrl-C or a timeout
+interrupts it where it is. Answers are parsed by the async transport's own reader
+(:mod:`meshxl.client.framing`), so both clients frame alike, within the same bounds.
+
+Each request is held to ``settings.timeout`` as a whole: connecting, writing and every
+read get only what is left of it, so a peer that drips a byte at a time or floods
+interim answers cannot stretch it (``http.client``, used before, timed each socket
+operation alone). An answer larger than ``settings.max_answer``, or cut by a close, is
+no answer (:class:`~meshxl.client.Unreachable` after the retries).
 
 The client is thread-safe: each request takes an idle connection from the pool (or
 opens one) and gives it back when its answer was read in full. Connections idle longer
 than ``settings.keepalive`` are closed rather than reused, before the sidecar closes
-them.
+them; one the sidecar closed meanwhile is found (a zero-timeout poll) and not reused.
 """
 
 from __future__ import annotations
 
-import http.client
 import random
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +38,7 @@ from meshxl import headers as hdr
 
 from . import plans
 from .errors import SidecarError, describe
+from .framing import AnswerReader, Broken, RequestWriter
 from .plans import (
     Answer,
     Delete,
@@ -47,28 +54,49 @@ from .plans import (
 from .settings import DEFAULT_URL, ClientSettings
 from .url import base_url, split_url, unix_path
 
-__all__ = ["Client", "UnixHTTPConnection"]
+__all__ = ["Client"]
 
 T = TypeVar("T")
 
+_READ = 256 * 1024
+"""Bytes asked of the socket per read (asyncio reads as much)."""
+_RESET = (ConnectionResetError, BrokenPipeError)
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix socket (the sidecar's ``--listen unix:PATH``); the
-    ``Host`` header says ``localhost``."""
 
-    def __init__(self, path: str, timeout: float | None = None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
+class _Connection:
+    """One kept-alive connection: its socket, and the reader of its answers."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
+    __slots__ = ("answers", "broken", "reader", "sock", "since")
+
+    def __init__(self, sock: socket.socket, max_answer: int) -> None:
         self.sock = sock
+        self.answers: list[Answer] = []
+        self.reader = AnswerReader(self.answers.append, max_body=max_answer)
+        self.since = 0.0
+        self.broken = False
+        """Out of step after its last answer (bytes nobody asked for): not reused."""
+
+    def usable(self) -> bool:
+        """Nothing (a close, stray bytes) is waiting to be read on the idle socket."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not ready
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Lost(Exception):
+    """The connection ended before one byte of the answer; ``reset``: by a reset."""
+
+    def __init__(self, reason: str, reset: bool) -> None:
+        super().__init__(reason)
+        self.reset = reset
 
 
 class Client:
@@ -82,12 +110,17 @@ class Client:
         self._unix = unix_path(url)
         scheme, self._host, self._port, self._prefix = ("http", "localhost", 80, "") \
             if self._unix is not None else split_url(url)
-        self._https = scheme == "https"
+        self._tls = ssl.create_default_context() if scheme == "https" else None
         self.url = base_url(url)
-        self._headers = {"User-Agent": f"meshxl-client/{__version__}", **hdr.bearer(token)}
+        authority = "localhost" if self._unix is not None else (
+            f"[{self._host}]" if ":" in self._host else self._host) + (
+            "" if self._port == (443 if self._tls is not None else 80) else f":{self._port}")
+        self._writer = RequestWriter({"Host": authority,
+                                      "User-Agent": f"meshxl-client/{__version__}",
+                                      **hdr.bearer(token)})
         self._rng = rng or random.Random()
         self._rng_lock = threading.Lock()
-        self._idle: list[tuple[float, http.client.HTTPConnection]] = []
+        self._idle: list[_Connection] = []
         self._lock = threading.Lock()
 
     # -- session API ------------------------------------------------------------------------
@@ -149,46 +182,105 @@ class Client:
             return random.Random(self._rng.getrandbits(64))
 
     def _send(self, request: Request) -> Answer | Unanswered:
+        data = self._writer.encode(request.method, self._prefix + request.path,
+                                   request.headers, request.body)
+        deadline = time.monotonic() + self.settings.timeout
+        head_only = request.method == "HEAD"
         conn = self._take()
-        if conn is None:
-            conn = self._connection()
+        while True:
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = self._open(deadline)
+                except OSError as exc:
+                    return Unanswered(describe(exc), sent=False)
             try:
-                conn.connect()
-            except OSError as exc:
+                answer = self._exchange(conn, data, deadline, head_only)
+            except _Lost as lost:
                 conn.close()
-                return Unanswered(describe(exc), sent=False)
-        if conn.sock is not None:
-            conn.sock.settimeout(self.settings.timeout)
-        try:
-            conn.request(request.method, self._prefix + request.path, body=request.body,
-                         headers={**self._headers, **request.headers})
-            resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            return Unanswered(describe(exc), sent=True)
-        headers = {name.lower(): value for name, value in resp.getheaders()}
-        if resp.will_close:
-            conn.close()
-        else:
-            self._give(conn)
-        return Answer(resp.status, headers, body)
+                # The keep-alive race: the sidecar closed this idle connection as the
+                # request went out. A reset before any byte of the answer means the
+                # request was left unread in the closed socket (a plain close proves
+                # nothing), so sending it again, once, on a new connection is safe (as
+                # the async transport does).
+                if reused and lost.reset:
+                    conn = None
+                    continue
+                return Unanswered(str(lost), sent=True)
+            except (OSError, Broken) as exc:
+                conn.close()
+                return Unanswered(_reason(exc, self.settings.timeout), sent=True)
+            if conn.reader.keep and not conn.broken:
+                self._give(conn)
+            else:
+                conn.close()
+            return answer
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _open(self, deadline: float) -> _Connection:
+        budget = min(self.settings.connect_timeout, deadline - time.monotonic())
+        if budget <= 0:
+            raise TimeoutError(f"no time left to connect within {self.settings.timeout:g} s")
         if self._unix is not None:
-            return UnixHTTPConnection(self._unix, timeout=self.settings.connect_timeout)
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self.settings.connect_timeout)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(budget)
+                sock.connect(self._unix)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((self._host, self._port), timeout=budget)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+                except BaseException:
+                    sock.close()
+                    raise
+        return _Connection(sock, self.settings.max_answer)
 
-    def _take(self) -> http.client.HTTPConnection | None:
-        """An idle connection that is fresh enough, or None (open a new one)."""
+    @staticmethod
+    def _exchange(conn: _Connection, data: bytes, deadline: float,
+                  head_only: bool) -> Answer:
+        """Write the request and read its answer, all before ``deadline``."""
+        sock, reader = conn.sock, conn.reader
+        reader.expect(head_only)
+        try:
+            sock.settimeout(_left(deadline))
+            sock.sendall(data)
+            while not conn.answers:
+                sock.settimeout(_left(deadline))
+                chunk = sock.recv(_READ)
+                if not chunk:
+                    started = reader.started
+                    reader.eof()
+                    if not started:
+                        raise _Lost("the sidecar closed the connection without answering",
+                                    reset=False)
+                    raise Broken("the sidecar closed the connection before its answer "
+                                 "was complete")
+                try:
+                    reader.feed(chunk)
+                except Broken:
+                    if not conn.answers:
+                        raise
+                    conn.broken = True  # the answer came whole; what followed it is junk
+        except _RESET as exc:
+            if not reader.started:
+                raise _Lost(describe(exc), reset=True) from None
+            raise
+        return conn.answers.pop(0)
+
+    def _take(self) -> _Connection | None:
+        """An idle connection fresh enough and not closed by the peer, or None (open a
+        new one)."""
         horizon = time.monotonic() - self.settings.keepalive
         stale = []
         found = None
         with self._lock:
             while self._idle:
-                since, conn = self._idle.pop()
-                if since >= horizon:
+                conn = self._idle.pop()
+                if conn.since >= horizon and conn.usable():
                     found = conn
                     break
                 stale.append(conn)
@@ -196,10 +288,11 @@ class Client:
             conn.close()
         return found
 
-    def _give(self, conn: http.client.HTTPConnection) -> None:
+    def _give(self, conn: _Connection) -> None:
+        conn.since = time.monotonic()
         with self._lock:
             if len(self._idle) < self.settings.max_connections:
-                self._idle.append((time.monotonic(), conn))
+                self._idle.append(conn)
                 return
         conn.close()
 
@@ -209,7 +302,7 @@ class Client:
         """Close the idle connections; the client opens new ones if used again."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for _, conn in idle:
+        for conn in idle:
             conn.close()
 
     def __enter__(self) -> Client:
@@ -222,3 +315,16 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
 
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline``; TimeoutError when none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request's time ran out")
+    return left
+
+
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError
+        return describe(TimeoutError(f"no answer within {timeout:g} s"))
+    return str(exc) if isinstance(exc, Broken) else describe(exc)

@@ -57,8 +57,6 @@ from meshxl.telemetry.http import client_trace_configs, server_middleware
 
 log = logging.getLogger("meshxl.demo.app")
 
-SESSION_HEADER = hdr.SESSION
-MEMBER_HEADER = hdr.MEMBER
 READY_POLL = 0.2
 CAS_ATTEMPTS = 3
 SIDECAR_TIMEOUT = 5.0
@@ -84,7 +82,7 @@ class _NoCounter(Exception):
 
 
 def _answer(status: int, body: dict[str, Any], member: str) -> web.Response:
-    return web.json_response(body, status=status, headers={MEMBER_HEADER: member})
+    return web.json_response(body, status=status, headers={hdr.MEMBER: member})
 
 
 def _error(status: int, message: str, member: str, **extra: Any) -> web.Response:
@@ -104,7 +102,7 @@ def _seq(session: str, state: Any) -> int:
 
 
 def _session_of(request: web.Request) -> str | None:
-    session = request.headers.get(SESSION_HEADER, "").strip()
+    session = request.headers.get(hdr.SESSION, "").strip()
     return session or None
 
 
@@ -114,11 +112,11 @@ async def _counter(request: web.Request, *, increment: bool) -> web.Response:
     member, client = request.app[_member], request.app[_client]
     session = _session_of(request)
     if session is None:
-        return _error(400, f"the {SESSION_HEADER} header is required", member)
+        return _error(400, f"the {hdr.SESSION} header is required", member)
     try:
         check_session_id(session)
     except BadRequest as exc:  # the client's request, not the sidecar: no retry helps
-        return _error(400, f"{SESSION_HEADER}: {exc}", member)
+        return _error(400, f"{hdr.SESSION}: {exc}", member)
     try:
         if increment:
             updated = await client.update(
@@ -145,6 +143,43 @@ async def increment(request: web.Request) -> web.Response:
 
 async def current(request: web.Request) -> web.Response:
     return await _counter(request, increment=False)
+
+
+async def counter_ws(request: web.Request) -> web.StreamResponse:
+    """``GET /counter/ws`` (WebSocket, header ``x-session-id``): each text message
+    ``inc`` (or ``get``) is answered like ``POST`` (``GET``) ``/counter``, as JSON. When
+    the session cannot be served here the socket closes (1013, try again later), so the
+    client reconnects through Envoy to a member that can."""
+    member, client = request.app[_member], request.app[_client]
+    session = _session_of(request)
+    if session is None:
+        return _error(400, f"the {hdr.SESSION} header is required", member)
+    try:
+        check_session_id(session)
+    except BadRequest as exc:
+        return _error(400, f"{hdr.SESSION}: {exc}", member)
+    ws = web.WebSocketResponse(heartbeat=None)
+    await ws.prepare(request)
+    async for message in ws:
+        if message.type != web.WSMsgType.TEXT or message.data not in ("inc", "get"):
+            await ws.send_json({"error": "send 'inc' or 'get'", "member": member})
+            continue
+        try:
+            if message.data == "inc":
+                updated = await client.update(
+                    session, lambda state: {"seq": _seq(session, state) + 1, "member": member})
+                seq = int(updated.state["seq"])
+            else:
+                try:
+                    seq = _seq(session, (await client.get(session)).state)
+                except NotFound:
+                    seq = 0
+        except (MeshxlError, _NoCounter) as exc:
+            await ws.send_json({"error": str(exc), "member": member, "session": session})
+            await ws.close(code=1013, message=b"session unavailable here")
+            break
+        await ws.send_json({"member": member, "session": session, "seq": seq})
+    return ws
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -195,6 +230,7 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
     app[_ready] = {"ready": False, "reason": "not polled yet"}
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/counter", increment)
+    app.router.add_get("/counter/ws", counter_ws)
     app.router.add_get("/counter", current)
     app.router.add_get("/healthz", healthz)
     return app

@@ -23,12 +23,10 @@ from aiohttp.typedefs import Handler
 from meshxl import headers as hdr
 from meshxl.addr import parse_hostport
 
-__all__ = ["SESSION_HEADER", "make_app", "main", "serve"]
+__all__ = ["make_app", "main", "serve"]
 
-#: Header a client uses to name its session (and the default hash key for stickiness).
-SESSION_HEADER = hdr.SESSION
-#: Header every response carries: which member served it.
-MEMBER_HEADER = hdr.MEMBER
+#: Sessions are named by the ``hdr.SESSION`` header (the default hash key for
+#: stickiness); every response names the member that served it in ``hdr.MEMBER``.
 #: Cookie names tried, in order, when the session header is absent.
 DEFAULT_SESSION_COOKIES = (hdr.SESSION, "session", "meshxl-session")
 
@@ -38,7 +36,7 @@ _COOKIES = web.AppKey("cookies", tuple)
 
 
 def _session_of(request: web.Request) -> str | None:
-    header = request.headers.get(SESSION_HEADER)
+    header = request.headers.get(hdr.SESSION)
     if header:
         return header
     for cookie in request.app[_COOKIES]:
@@ -53,9 +51,9 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        exc.headers[MEMBER_HEADER] = request.app[_NAME]
+        exc.headers[hdr.MEMBER] = request.app[_NAME]
         raise
-    response.headers[MEMBER_HEADER] = request.app[_NAME]
+    response.headers[hdr.MEMBER] = request.app[_NAME]
     return response
 
 

@@ -39,6 +39,7 @@ from meshxl.local.report import (
     failover_times,
     print_summary,
 )
+from meshxl.local.streams import StreamTraffic, read_back_kind, reconnect_report
 from meshxl.local.traffic import REQUEST_INTERVAL, Traffic, read_back
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
 
@@ -76,12 +77,37 @@ async def _wait_spans_settled(path: Path, quiet: float = 0.6, timeout: float = 5
         await asyncio.sleep(0.1)
 
 
+#: ``--protocol`` -> the traffic that drives it (:mod:`meshxl.local.streams`'s kinds; HTTP
+#: is :class:`meshxl.local.traffic.Traffic`).
+KINDS = {"http": "http", "grpc": "grpc", "websocket": "websocket", "tcp": "tcp"}
+
+
+def _traffic(protocol: str, deployment: DemoDeployment, sessions: int, until: float,
+             traces: Path) -> Any:
+    max_requests = int(sessions * ((until - time.time()) / REQUEST_INTERVAL + 10))
+    if protocol == "http":
+        return Traffic(f"{deployment.url}/counter", sessions, until,
+                       max_requests=max_requests, trace_file=traces / "client.jsonl")
+    return StreamTraffic(KINDS[protocol], deployment.target, sessions, until, max_requests)
+
+
+async def _read_back(protocol: str, deployment: DemoDeployment,
+                     sessions: list[str]) -> tuple[dict[str, int | None], list[Any]]:
+    if protocol == "http":
+        return await read_back(f"{deployment.url}/counter", sessions)
+    return await read_back_kind(KINDS[protocol], deployment.target, sessions)
+
+
 async def run_demo(console: Any, *, mode: str = "high-availability", sessions: int = 40,
                    duration: float = 20.0, output_dir: Path | None = None,
-                   etcd_url: str | None = None, kill_at: float | None = None) -> int:
-    """Run the failover demo; returns 1 if an acknowledged write was lost, else 0."""
+                   etcd_url: str | None = None, kill_at: float | None = None,
+                   protocol: str = "http") -> int:
+    """Run the failover demo; returns 1 if an acknowledged write was lost, else 0.
+    ``protocol``: what the members speak and the clients drive (:data:`KINDS`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if protocol not in KINDS:
+        raise ValueError(f"protocol must be one of {', '.join(KINDS)}, got {protocol!r}")
     if sessions < 1 or duration <= 0:
         raise ValueError("sessions must be >= 1 and duration > 0")
     kill_after = duration * 0.4 if kill_at is None else kill_at
@@ -94,18 +120,17 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
     for old in traces.glob("*.jsonl"):
         old.unlink()
     work = Path(tempfile.mkdtemp(prefix="meshxl-demo-work-"))
-    deployment = DemoDeployment(work, mode=mode, etcd_url=etcd_url, trace_dir=traces)
+    deployment = DemoDeployment(work, mode=mode, etcd_url=etcd_url, trace_dir=traces,
+                                protocol=protocol)
     try:
         with console.status("starting etcd, the control plane, three members and Envoy..."):
             await deployment.start()
-        console.print(f"[bold]meshxl demo[/] ({mode}): {sessions} sessions for "
-                      f"{duration:g} s through Envoy {escape(deployment.url)}; kill -9 at "
-                      f"{kill_after:g} s. Logs in {escape(str(work))}")
+        console.print(f"[bold]meshxl demo[/] ({protocol}, {mode}): {sessions} sessions "
+                      f"for {duration:g} s through Envoy {escape(deployment.target)}; kill -9 "
+                      f"at {kill_after:g} s. Logs in {escape(str(work))}")
 
         started = time.time()
-        traffic = Traffic(f"{deployment.url}/counter", sessions, started + duration,
-                          max_requests=int(sessions * (duration / REQUEST_INTERVAL + 10)),
-                          trace_file=traces / "client.jsonl")
+        traffic = _traffic(protocol, deployment, sessions, started + duration, traces)
         killed: str | None = None
         kill_time: float | None = None
         from rich.live import Live
@@ -127,7 +152,7 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         if killed is not None:
             await deployment.reap_member(killed)
 
-        final, readback = await read_back(f"{deployment.url}/counter", traffic.sessions)
+        final, readback = await _read_back(protocol, deployment, traffic.sessions)
         records = traffic.records + readback
 
         # Stop: the control plane first (so no member's shutdown looks like a
@@ -146,6 +171,9 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                               sessions=sessions, duration=duration, started=started,
                               kill_time=kill_time, killed=killed)
         fo = failover_times(spans, killed) if killed else FailoverTimes()
+        report["protocol"] = protocol
+        if isinstance(traffic, StreamTraffic) and protocol != "grpc":
+            report["reconnects"] = reconnect_report(traffic.reconnects, kill_time, killed)
         report["traffic_ended_s"] = round(ended - started, 3)
         report["readback_failed"] = sum(1 for r in readback if not r.ok)
         # The picture needs matplotlib (the `demo` extra); without it the run still counts.
@@ -167,4 +195,4 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         await deployment.close()
 
 
-__all__ = ["run_demo"]
+__all__ = ["KINDS", "run_demo"]

@@ -26,14 +26,14 @@ from rich.table import Table
 
 from meshxl import etcd
 from meshxl import headers as hdr
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
+from meshxl.local.envoy import EnvoyProcess
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_echo, start_etcd
 from meshxl.local.wait import wait_until
-from meshxl.ops import apply_model, set_member_admin, set_site_admin
+from meshxl.operator.actions import apply_model, set_member_admin, set_site_admin
 from meshxl.proxy.bootstrap import build_bootstrap
-from meshxl.proxy.envoy import EnvoyProcess
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 
 MODEL = """\

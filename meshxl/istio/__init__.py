@@ -4,9 +4,8 @@ the role labels of high-availability members (``meshxl istio label``) and ``chec
 istiod stays the control plane; the statesync sidecar works the same under Istio.
 """
 
+from .labels import DEFAULT_SITE_LABEL, HA_FAILOVER_PRIORITY
 from .render import (
-    DEFAULT_SITE_LABEL,
-    HA_FAILOVER_PRIORITY,
     IstioOptions,
     IstioRenderError,
     Rendered,

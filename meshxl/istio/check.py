@@ -15,6 +15,9 @@ model, renders what ``meshxl istio render`` would, and reports:
   running: every member would share one priority);
 * VirtualService retries that disagree with ``retries.previous_hosts``;
 * EnvoyFilters in the root namespace without a workload selector;
+* a Service port that does not declare the cluster's protocol (``protocol: grpc`` needs
+  a ``grpc-...`` port name or ``appProtocol: grpc``; a TCP cluster ``tcp``): declaring
+  another one is an error, declaring none a warning (:mod:`meshxl.istio.protocols`);
 * pinned sessions (``stickiness.pin``): Istio's own persistent-session labels on the
   cluster's Service (or on a Service of a cluster without a pin), an applied EnvoyFilter
   that does not pin (rendered before the model had a pin), an istiod whose draining
@@ -36,17 +39,20 @@ import yaml
 from meshxl.errors import InputError
 from meshxl.model import ModelSpec
 
-from .render import (
+from .labels import (
     DRAINING_LABEL,
     ISTIO_SESSION_LABELS,
     ROLE_LABEL,
+    istio_session_labels,
+    session_label_problem,
+)
+from .protocols import port_problem, service_port
+from .render import (
     IstioOptions,
     IstioRenderError,
-    istio_session_labels,
     pin_filter_name,
     render_cluster,
     service_ports,
-    session_label_problem,
 )
 
 __all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
@@ -238,6 +244,13 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             if problem is not None:
                 add("error" if pin is not None else "warning", name, _ref(services[0]),
                     problem)
+            # The Service port must declare what the cluster speaks (Istio reads it).
+            port = next(p["match"]["cluster"]["portNumber"] for p in ef["spec"]["configPatches"]
+                        if p["applyTo"] == "CLUSTER")
+            entry = service_port(services[0], port)
+            found = port_problem(spec, entry) if entry is not None else None
+            if found is not None:
+                add(found[0], name, _ref(services[0]), found[1])
         if pin is not None and draining_label != DRAINING_LABEL:
             add("error", name, "istiod",
                 f"istiod's PILOT_DRAINING_LABEL is {draining_label!r}, meshxl istio label "

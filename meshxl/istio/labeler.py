@@ -34,7 +34,7 @@ from meshxl.errors import Unavailable
 from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 
-from .render import (
+from .labels import (
     DRAINING_LABEL,
     DRAINING_VALUE,
     PREFERRED_LABEL,

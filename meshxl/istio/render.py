@@ -38,14 +38,13 @@ move as they do under meshxl's own xDS (a pin outlives a mere change of priority
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshxl import __version__
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
-from meshxl.model.runtime import ClusterView, Role
 from meshxl.model.spec import (
     DEFAULT_SITE,
     Algorithm,
@@ -55,41 +54,23 @@ from meshxl.model.spec import (
     Stickiness,
     choose,
 )
+from meshxl.protowire import type_url
 
-__all__ = [
-    "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
-    "ISTIO_SESSION_LABELS", "IstioOptions", "IstioRenderError", "PREFERRED_LABEL",
-    "PIN_TARGETS", "ROLE_LABEL", "Rendered", "SERVING_LABEL", "drain_labels",
-    "istio_session_labels", "pin_filter_name", "render_cluster", "render_model",
-    "role_labels", "session_label_problem",
-]
+from .labels import (
+    DEFAULT_SITE_LABEL,
+    HA_FAILOVER_PRIORITY,
+    istio_session_labels,
+    session_label_problem,
+)
+from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
 
-DEFAULT_SITE_LABEL = "meshxl.io/site"
-#: Role labels ``meshxl istio label`` keeps on high-availability member pods.
-ROLE_LABEL = "meshxl.io/role"
-"""active, standby, backup, or none (drained, unready, lost)."""
-SERVING_LABEL = "meshxl.io/serving"
-"""``true`` on every member meshxl sends traffic to (active, standby, backup)."""
-PREFERRED_LABEL = "meshxl.io/preferred"
-"""``true`` on the active and the standby member."""
-#: failoverPriority of a high-availability cluster: each entry an endpoint matches in a
-#: row lowers its priority by one, so active 0, standby 1, backup 2, the rest 3.
-HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
-                        f"{ROLE_LABEL}=active")
-#: istiod's pod label for draining endpoints (its PILOT_DRAINING_LABEL default): a
-#: labelled endpoint is sent as DRAINING to Services with Istio's persistent-session
-#: cookie label and left out of every other Service's EDS.
-DRAINING_LABEL = "istio.io/draining"
-DRAINING_VALUE = "meshxl"
-"""The value meshxl writes: it removes only its own draining label, never another's."""
-#: istiod's Service labels for its own persistent sessions (PILOT_PERSISTENT_SESSION_LABEL
-#: and PILOT_PERSISTENT_SESSION_HEADER_LABEL defaults).
-ISTIO_SESSION_LABELS = ("istio.io/persistent-session", "istio.io/persistent-session-header")
+__all__ = ["PIN_TARGETS", "IstioOptions", "IstioRenderError", "Rendered", "pin_filter_name",
+           "render_cluster", "render_model", "service_ports"]
+
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
-_TYPE = "type.googleapis.com/"
 _STATEFUL_SESSION = "envoy.extensions.filters.http.stateful_session.v3."
 #: EDS statuses a pin may target (as meshxl's xDS sets them): healthy, unknown (no health
 #: check yet) and degraded (overloaded: keeps its sessions). Not DRAINING, which Istio's
@@ -245,16 +226,16 @@ def pin_filter_name(spec: ClusterSpec, options: IstioOptions) -> str:
 def _pin_cookie(pin: Pin) -> tuple[str, dict[str, Any]]:
     assert pin.cookie is not None
     return "envoy.http.stateful_session.cookie", {
-        "@type": f"{_TYPE}envoy.extensions.http.stateful_session.cookie.v3."
-                 "CookieBasedSessionState",
+        "@type": type_url("envoy.extensions.http.stateful_session.cookie.v3."
+                          "CookieBasedSessionState"),
         "cookie": {"name": pin.cookie.name, "path": pin.cookie.path,
                    "ttl": _proto_duration(pin.cookie.ttl)}}
 
 
 def _pin_header(pin: Pin) -> tuple[str, dict[str, Any]]:
     return "envoy.http.stateful_session.header", {
-        "@type": f"{_TYPE}envoy.extensions.http.stateful_session.header.v3."
-                 "HeaderBasedSessionState",
+        "@type": type_url("envoy.extensions.http.stateful_session.header.v3."
+                          "HeaderBasedSessionState"),
         "name": pin.header}
 
 
@@ -269,7 +250,7 @@ def _pin_per_route(pin: Pin) -> dict[str, Any]:
     """The stateful session filter's per-route configuration (meshxl's xDS:
     ``resources.pin_config``)."""
     name, state = choose(_PIN_STATES, pin.carrier, "pin carrier")(pin)
-    return {"@type": f"{_TYPE}{_STATEFUL_SESSION}StatefulSessionPerRoute",
+    return {"@type": type_url(f"{_STATEFUL_SESSION}StatefulSessionPerRoute"),
             "stateful_session": {"session_state": {"name": name, "typed_config": state},
                                  "strict": pin.strict}}
 
@@ -278,74 +259,9 @@ def _pin(spec: ClusterSpec) -> Pin | None:
     return spec.stickiness.pin if spec.stickiness is not None else None
 
 
-def istio_session_labels(service: Mapping[str, Any],
-                         names: Sequence[str] = ISTIO_SESSION_LABELS) -> dict[str, str]:
-    """Istio's own persistent-session labels set (non-empty) on a Service object."""
-    meta = service.get("metadata")
-    labels = meta.get("labels") if isinstance(meta, Mapping) else None
-    if not isinstance(labels, Mapping):
-        return {}
-    return {k: str(labels[k]) for k in names if k and labels.get(k)}
-
-
-def session_label_problem(spec: ClusterSpec, labels: Mapping[str, str]) -> str | None:
-    """What Istio's own persistent-session labels on the cluster's Service do to the
-    model, or None when there are none."""
-    if not labels:
-        return None
-    named = ", ".join(f"{k}={v}" for k, v in labels.items())
-    if _pin(spec) is not None:
-        return (f"Service {spec.name} has Istio's persistent-session label ({named}): "
-                "istiod then keeps DRAINING members as pin targets (a drained or "
-                "terminating member keeps its pinned sessions, the model moves them) and, "
-                "with PILOT_ENABLE_PERSISTENT_SESSION_FILTER, sets a second pin of its own "
-                "beside meshxl's; remove the label (meshxl's EnvoyFilter pins the sessions)")
-    return (f"Service {spec.name} has Istio's persistent-session label ({named}) but the "
-            "model has no stickiness.pin: with PILOT_ENABLE_PERSISTENT_SESSION_FILTER "
-            "istiod pins its sessions (they no longer follow the hash, failover order or "
-            "drains); remove the label or add stickiness.pin to the model")
-
-
 def _site_ranks(spec: ClusterSpec) -> dict[str, int]:
     return {s.name: (s.failover_rank if s.failover_rank is not None else i)
             for i, s in enumerate(spec.sites)} or {DEFAULT_SITE: 0}
-
-
-def istio_priority(labels: Mapping[str, str], chain: Sequence[str]) -> int:
-    """Istio's failoverPriority with ``label=value`` entries: N minus the leading
-    entries the endpoint's labels match (pilot's applyFailoverPriorityPerLocality)."""
-    for depth, entry in enumerate(chain):
-        key, _, value = entry.partition("=")
-        if labels.get(key) != value:
-            return len(chain) - depth
-    return 0
-
-
-def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
-    """The role labels of each member pod of a high-availability cluster (``None``:
-    remove the label). Drained, unready and lost members carry role ``none``."""
-    out: dict[str, dict[str, str | None]] = {}
-    for m in view.members:
-        role = m.role.value if m.role in (Role.ACTIVE, Role.STANDBY, Role.BACKUP) \
-            else "none"
-        out[m.name] = {
-            ROLE_LABEL: role,
-            SERVING_LABEL: "true" if role != "none" else None,
-            PREFERRED_LABEL: "true" if role in ("active", "standby") else None,
-        }
-    return out
-
-
-def drain_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
-    """The draining label of each member pod of a pinned cluster (``None``: remove it).
-
-    The members meshxl's own xDS sends as EDS DRAINING (``member down``, ``site
-    offline``) get istiod's draining label: istiod then leaves them out of the EDS of a
-    Service without Istio's persistent-session cookie label, and their pinned sessions
-    move. A priority change alone (the role labels) would not move them: a pin
-    overrides the load balancer's choice whatever the priority."""
-    return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining else None}
-            for m in view.members}
 
 
 def _site_chain(spec: ClusterSpec, options: IstioOptions,
@@ -489,7 +405,7 @@ def _retry_policy(spec: ClusterSpec, warnings: list[str]) -> dict[str, Any] | No
     if previous_priorities:
         policy["retry_priority"] = {
             "name": "envoy.retry_priorities.previous_priorities",
-            "typed_config": {"@type": f"type.googleapis.com/{_PREVIOUS_PRIORITIES}",
+            "typed_config": {"@type": type_url(_PREVIOUS_PRIORITIES),
                              "update_frequency": 1},
         }
     return policy
@@ -524,12 +440,10 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
             "unhealthy_interval": _proto_duration(hc.unhealthy_interval),
             "unhealthy_edge_interval": _proto_duration(hc.unhealthy_edge_interval),
             "healthy_edge_interval": _proto_duration(hc.healthy_edge_interval),
-            "http_health_check": {
-                "path": hc.path,
-                "expected_statuses": [{"start": s, "end": s + 1}
-                                      for s in sorted(set(hc.expected_statuses))],
-            },
+            **health_check_patch(spec),  # HTTP GET, grpc.health.v1 or a TCP connect
         }]
+    if spec.long_lived:
+        value["close_connections_on_host_health_failure"] = True
     return value
 
 
@@ -539,9 +453,11 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
     host, port = _host(spec.name, options), _port(spec, options)
     patches: list[dict[str, Any]] = []
     route: dict[str, Any] = {}
-    retry = _retry_policy(spec, warnings)
+    retry = _retry_policy(spec, warnings) if spec.protocol != "tcp" else None
     if retry is not None:
         route["route"] = {"retry_policy": retry}
+    if spec.protocol != "tcp" and route_protocol_patch(spec):
+        route.setdefault("route", {}).update(route_protocol_patch(spec))
     pin = _pin(spec)
     if pin is not None:
         route["typed_per_filter_config"] = {pin_filter_name(spec, options):
@@ -575,7 +491,7 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
                     "subFilter": {"name": "envoy.filters.http.router"}}}}},
             "patch": {"operation": "INSERT_BEFORE", "value": {
                 "name": pin_filter_name(spec, options),
-                "typed_config": {"@type": f"{_TYPE}{_STATEFUL_SESSION}StatefulSession"}}},
+                "typed_config": {"@type": type_url(f"{_STATEFUL_SESSION}StatefulSession")}}},
         })
     filter_spec: dict[str, Any] = {}
     if options.client_selector:
@@ -615,6 +531,7 @@ def render_cluster(spec: ClusterSpec, options: IstioOptions) -> Rendered:
         if service is not None else None
     if problem is not None:
         warnings.append(f"cluster {spec.name}: {problem}")
+    warnings += protocol_warnings(spec, service, _port(spec, options))
     return Rendered(objects, warnings)
 
 

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from meshxl.addr import parse_hostport
-
-if TYPE_CHECKING:
-    from meshxl.kube.inject import InjectConfig
-
+from meshxl.kube.config import InjectConfig
 
 STATESYNC_CONTAINER = "meshxl-statesync"
 ENVOY_CONTAINER = "meshxl-envoy"
@@ -30,6 +27,10 @@ TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
 ETCD_CLIENT_VOLUME = "meshxl-etcd-client"
 ETCD_CLIENT_DIR = "/var/run/meshxl/etcd-client"
 ETCD_CLIENT_KEYS = ("tls.crt", "tls.key", "ca.crt")
+#: The injected Envoy's client certificate for the control plane (mutual TLS): a Secret
+#: volume with the same keys, mounted into the Envoy container only.
+XDS_CLIENT_VOLUME = "meshxl-xds-client"
+XDS_CLIENT_DIR = "/var/run/meshxl/xds-client"
 
 _ENV_MEMBER = "MESHXL_MEMBER"
 _ENV_POD_IP = "MESHXL_POD_IP"
@@ -83,7 +84,7 @@ def _downward_env() -> list[dict[str, Any]]:
             field_ref(_ENV_POD_IP, "status.podIP")]
 
 
-def _statesync(config: InjectConfig, cluster: str, site: str | None, weight: int | None,
+def statesync_container(config: InjectConfig, cluster: str, site: str | None, weight: int | None,
                app_port: int, ipv6: bool) -> dict[str, Any]:
     pod_ip = f"[$({_ENV_POD_IP})]" if ipv6 else f"$({_ENV_POD_IP})"
     args = ["serve", "statesync", "--cluster", cluster, "--member", f"$({_ENV_MEMBER})",
@@ -128,7 +129,7 @@ def _token_mount() -> dict[str, Any]:
     return {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}
 
 
-def _token_volume(secret: str) -> dict[str, Any]:
+def token_volume(secret: str) -> dict[str, Any]:
     # Mode 0444: the application's user is not known here; only this pod's sidecar and
     # application containers mount the volume.
     return {"name": TOKEN_VOLUME, "secret": {"secretName": secret, "defaultMode": 0o444,
@@ -136,7 +137,7 @@ def _token_volume(secret: str) -> dict[str, Any]:
                                                          "path": TOKEN_KEY}]}}
 
 
-def _etcd_client_volume(secret: str) -> dict[str, Any]:
+def etcd_client_volume(secret: str) -> dict[str, Any]:
     # Mode 0444, like the token: the sidecar's user owns no group of the volume (the
     # pod's fsGroup is the application's choice), and only the sidecar mounts it. Not
     # optional: without it the pod waits (its events name the missing Secret).
@@ -145,7 +146,15 @@ def _etcd_client_volume(secret: str) -> dict[str, Any]:
         "items": [{"key": key, "path": key} for key in ETCD_CLIENT_KEYS]}}
 
 
-def _give_token(container: dict[str, Any]) -> None:
+def xds_client_volume(secret: str) -> dict[str, Any]:
+    # Mode 0444, as etcd's: only the Envoy container mounts it. Not optional: without
+    # it the pod waits (its events name the missing Secret).
+    return {"name": XDS_CLIENT_VOLUME, "secret": {
+        "secretName": secret, "defaultMode": 0o444,
+        "items": [{"key": key, "path": key} for key in ETCD_CLIENT_KEYS]}}
+
+
+def give_token(container: dict[str, Any]) -> None:
     """Let an application container read the token: the mount and the variable naming
     the file (a variable or mount path the container already has is left alone)."""
     env = list(container.get("env") or [])
@@ -158,13 +167,22 @@ def _give_token(container: dict[str, Any]) -> None:
     container["volumeMounts"] = mounts
 
 
-def _envoy(config: InjectConfig, cluster: str) -> dict[str, Any]:
+def envoy_container(config: InjectConfig, cluster: str) -> dict[str, Any]:
     # The bootstrap is rendered when the container starts (`meshxl envoy` writes it to
-    # the emptyDir, then execs Envoy): its node id is the pod name, which the downward
-    # API knows only at run time.
-    args = ["envoy", "--node-id", f"$({_ENV_MEMBER})", "--node-cluster", cluster]
+    # the emptyDir, then execs Envoy): its node id is POD.NAMESPACE (unique in the
+    # cluster, and the namespace is what the client certificate's SPIFFE ID binds),
+    # which the downward API knows only at run time.
+    args = ["envoy", "--node-id", f"$({_ENV_MEMBER}).$({_ENV_NAMESPACE})",
+            "--node-cluster", cluster]
     for address in config.xds:
         args += ["--xds", address]
+    mounts: list[dict[str, Any]] = [{"name": ENVOY_VOLUME, "mountPath": ENVOY_WORK_DIR}]
+    if config.xds_client_secret:
+        args += ["--xds-ca", f"{XDS_CLIENT_DIR}/ca.crt",
+                 "--xds-cert", f"{XDS_CLIENT_DIR}/tls.crt",
+                 "--xds-key", f"{XDS_CLIENT_DIR}/tls.key"]
+        mounts.append({"name": XDS_CLIENT_VOLUME, "mountPath": XDS_CLIENT_DIR,
+                       "readOnly": True})
     args += ["--admin-port", str(config.envoy_admin_port), "--work-dir", ENVOY_WORK_DIR,
              "--log-level", "warning"]
     return {
@@ -179,5 +197,5 @@ def _envoy(config: InjectConfig, cluster: str) -> dict[str, Any]:
         "startupProbe": _probe_url(f"http://127.0.0.1:{config.envoy_admin_port}/ready"),
         "resources": copy.deepcopy(dict(config.envoy_resources)),
         "securityContext": _security_context(),
-        "volumeMounts": [{"name": ENVOY_VOLUME, "mountPath": ENVOY_WORK_DIR}],
+        "volumeMounts": mounts,
     }

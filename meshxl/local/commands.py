@@ -17,6 +17,7 @@ from typing import Any
 from meshxl.binaries import find_envoy, find_etcd
 
 __all__ = [
+    "APP_MODULES",
     "EtcdTls",
     "PYTHON",
     "app",
@@ -175,8 +176,18 @@ def echo(name: str, listen: str, *, python: Sequence[str] = PYTHON) -> list[str]
     return [*python, "-m", "meshxl.demo.echo", "--name", name, "--listen", listen]
 
 
+#: The demo counter's member per protocol (WebSockets are the HTTP app's ``/counter/ws``).
+APP_MODULES = {"http": "meshxl.demo.app", "websocket": "meshxl.demo.app",
+               "grpc": "meshxl.demo.grpc_app", "tcp": "meshxl.demo.tcp_app"}
+
+
 def app(name: str, *, cluster: str | None, listen: str, sidecar: str,
-        trace_file: Path | None = None, python: Sequence[str] = PYTHON) -> list[str]:
-    """The demo's counter app (``meshxl.demo.app``) beside its statesync sidecar."""
-    return [*python, "-m", "meshxl.demo.app", *options(
+        trace_file: Path | None = None, python: Sequence[str] = PYTHON,
+        protocol: str = "http") -> list[str]:
+    """The demo's counter app beside its statesync sidecar: ``meshxl.demo.app`` (HTTP and
+    WebSocket), ``meshxl.demo.grpc_app`` or ``meshxl.demo.tcp_app``."""
+    module = APP_MODULES[protocol]
+    if module != "meshxl.demo.app":
+        trace_file = None  # only the HTTP app traces (Envoy traces every protocol's requests)
+    return [*python, "-m", module, *options(
         name=name, cluster=cluster, listen=listen, sidecar=sidecar, trace_file=trace_file)]

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from meshxl import headers as hdr
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner, Process
 from meshxl.local.servers import HOST, start_etcd
-from meshxl.local.wait import wait_http, wait_until
+from meshxl.local.wait import wait_http, wait_port, wait_until
 from meshxl.proxy.admin import EnvoyAdmin, Host
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "LS_MEMBERS",
     "MODES",
     "PIN_COOKIE",
+    "PROTOCOLS",
     "DemoDeployment",
     "DemoMember",
     "demo_model",
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 CLUSTER = "demo"
-SESSION_HEADER = hdr.SESSION
 MODES = ("high-availability", "load-sharing")
 # (member, site): in high-availability a is active, b standby (same site, next tier)
 # and c the backup in the second site; in load-sharing all three share one site.
@@ -55,23 +55,38 @@ LS_MEMBERS = (("a", "dc1"), ("b", "dc1"), ("c", "dc1"))
 PIN_COOKIE = "meshxl-pin"
 
 
+#: The demo's protocols (``meshxl demo --protocol``) -> the model's ``protocol``.
+PROTOCOLS = {"http": "http", "websocket": "http", "grpc": "grpc", "tcp": "tcp"}
+
+
 def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
-               algorithm: str = "maglev", pin: bool = False) -> str:
+               algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
+               drain_window: float | None = None, failover: str = "") -> str:
     """The demo cluster; ``pin``: sessions are pinned to the member that served them
-    (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones."""
+    (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones.
+    ``protocol``: what the members speak (:data:`PROTOCOLS`): gRPC and HTTP hash on the
+    session header, TCP on the client's source address; ``failover``: the cluster's
+    ``failover`` settings (YAML flow mapping)."""
     sites = sorted({site for _, site in members})
     pinned = f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else ""
+    spoken = PROTOCOLS[protocol]
+    key = "source_ip: true" if spoken == "tcp" else f"header: {hdr.SESSION}"
+    lines = [f"    protocol: {spoken}"] if spoken != "http" else []
+    if spoken == "http":
+        lines.append("    health_check: {path: /healthz}")
+    if drain_window is not None:
+        lines.append(f"    drain_window: {drain_window:g}s")
+    extra = "".join(f"{line}\n" for line in lines)
     return f"""\
 clusters:
   - name: {CLUSTER}
     mode: {mode}
     membership: registered
-    stickiness: {{algorithm: {algorithm}, header: {SESSION_HEADER}{pinned}}}
+    stickiness: {{algorithm: {algorithm}, {key}{pinned}}}
     sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
-    health_check: {{path: /healthz}}
-    listener: {{address: {HOST}, port: {listen_port}}}
+{extra}    listener: {{address: {HOST}, port: {listen_port}}}
     sessions: {{ttl: 5m}}
-telemetry: {{tracing: true}}
+{f"    failover: {failover}{chr(10)}" if failover else ""}telemetry: {{tracing: true}}
 """
 
 
@@ -126,9 +141,15 @@ class DemoDeployment:
                  etcd_url: str | None = None, trace_dir: Path | None = None,
                  delta: bool = False, lease_ttl: float = 2.0,
                  members: Sequence[tuple[str, str]] | None = None,
-                 algorithm: str = "maglev", pin: bool = False) -> None:
+                 algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
+                 drain_window: float | None = None, failover: str = "") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got "
+                             f"{protocol!r}")
+        self.protocol = protocol
+        self.drain_window = drain_window
         if replicas < 1:
             raise ValueError("at least one control-plane replica")
         self.mode = mode
@@ -142,6 +163,7 @@ class DemoDeployment:
         self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
         self.algorithm = algorithm
         self.pin = pin
+        self.failover = failover
         layout = list(members) if members is not None else (
             HA_MEMBERS if mode == "high-availability" else LS_MEMBERS)
         if not layout:
@@ -160,6 +182,11 @@ class DemoDeployment:
     def url(self) -> str:
         """Envoy's listener for the demo cluster."""
         return f"http://{HOST}:{self.listen_port}"
+
+    @property
+    def target(self) -> str:
+        """Envoy's listener as ``HOST:PORT`` (a gRPC channel's target, a TCP address)."""
+        return f"{HOST}:{self.listen_port}"
 
     @property
     def admin_url(self) -> str:
@@ -183,14 +210,15 @@ class DemoDeployment:
 
     async def start(self) -> None:
         from meshxl import etcd
-        from meshxl.ops import apply_model
+        from meshxl.operator.actions import apply_model
 
         if self._own_etcd:
             self.etcd_url, _ = await start_etcd(self.owner)
         async with etcd.client(self.etcd_url) as client:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
-                self.algorithm, self.pin), "demo model")
+                self.algorithm, self.pin, self.protocol, self.drain_window, self.failover),
+                "demo model")
         otlp_port = None
         if self.trace_dir is not None:
             from meshxl.telemetry.receiver import TraceReceiver
@@ -233,7 +261,8 @@ class DemoDeployment:
         if m.app is None:
             m.app = self.owner.process(f"app-{m.name}", commands.app(
                 m.name, cluster=CLUSTER, listen=f"{HOST}:{m.app_port}",
-                sidecar=m.sidecar_url, trace_file=self._trace_file(f"app-{m.name}")))
+                sidecar=m.sidecar_url, trace_file=self._trace_file(f"app-{m.name}"),
+                protocol=self.protocol))
         m.sidecar.start()
         m.app.start()
         if wait:
@@ -243,7 +272,10 @@ class DemoDeployment:
         """Until the member's sidecar is ready and its app answers."""
         assert m.app is not None and m.sidecar is not None
         await wait_http(f"{m.sidecar_url}/readyz", process=m.sidecar, timeout=20)
-        await wait_http(f"http://{HOST}:{m.app_port}/healthz", process=m.app, timeout=20)
+        if PROTOCOLS[self.protocol] == "http":
+            await wait_http(f"http://{HOST}:{m.app_port}/healthz", process=m.app, timeout=20)
+        else:
+            await wait_port(HOST, m.app_port, process=m.app, timeout=20)
 
     def bootstrap(self, otlp_port: int | None) -> dict[str, Any]:
         from meshxl.proxy.bootstrap import build_bootstrap
@@ -261,7 +293,7 @@ class DemoDeployment:
         return bootstrap
 
     async def start_envoy(self, otlp_port: int | None) -> None:
-        from meshxl.proxy.envoy import EnvoyProcess
+        from meshxl.local.envoy import EnvoyProcess
 
         self.envoy = EnvoyProcess(self.bootstrap(otlp_port), self.work_dir,
                                   log_level="warning")

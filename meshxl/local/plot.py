@@ -86,7 +86,9 @@ def plot_timeline(path: Path, records: Sequence[Record], report: Mapping[str, An
         ax.set_ylim(bottom=0)
         if k == 0:
             ax.set_xlim(0, end - started)
-            ax.set_title(f"meshxl demo ({report.get('mode')}): {report.get('requests')} "
+            spoken = "" if report.get("protocol", "http") == "http" else \
+                f"{report['protocol']}, "
+            ax.set_title(f"meshxl demo ({spoken}{report.get('mode')}): {report.get('requests')} "
                          f"requests, {report.get('failed_requests')} failed, "
                          f"{report.get('lost_writes')} lost writes")
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)

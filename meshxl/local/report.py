@@ -305,7 +305,8 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
         return "-" if value is None else f"{value:.0f} ms"
 
     rto, takeover = report.get("rto_ms") or {}, report.get("takeover_ms") or {}
-    table = Table(title=escape(f"meshxl demo: {report['mode']}, kill -9 member "
+    table = Table(title=escape(f"meshxl demo: {report.get('protocol', 'http')} "
+                               f"{report['mode']}, kill -9 member "
                                f"{report.get('killed_member')} at {report.get('kill_at_s')} s"),
                   show_header=False)
     table.add_column(style="bold")
@@ -325,6 +326,13 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     table.add_row("convergence (failover -> last ACK)", ms(report.get("convergence_ms")))
     table.add_row("takeover", f"p50 {ms(takeover.get('p50'))}, p99 {ms(takeover.get('p99'))} "
                               f"({takeover.get('count', 0)} sessions)")
+    streams = report.get("reconnects")
+    if streams:  # long-lived connections (WebSocket, TCP, gRPC streams)
+        first = streams["kill_to_first_answer_ms"]
+        table.add_row("reconnects (kill -> first answer)",
+                      f"{streams['of_killed_member']} of the killed member's connections, "
+                      f"p50 {ms(first.get('p50'))}, p99 {ms(first.get('p99'))}; state "
+                      + ("[green]intact[/]" if streams["state_intact"] else "[red]lost[/]"))
     console.print(table)
     console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",
                   markup=False, highlight=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshxl.demo.app import MEMBER_HEADER, SESSION_HEADER
+from meshxl import headers as hdr
 from meshxl.telemetry import names
 
 REQUEST_INTERVAL = 0.1
@@ -107,9 +107,9 @@ async def request(http: Any, url: str, session: str, method: str) -> Record:
 
     sent = time.time()
     try:
-        async with http.request(method, url, headers={SESSION_HEADER: session}) as resp:
+        async with http.request(method, url, headers={hdr.SESSION: session}) as resp:
             body = await resp.read()
-            member = resp.headers.get(MEMBER_HEADER)
+            member = resp.headers.get(hdr.MEMBER)
             seq = None
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError, TypeError):

@@ -28,7 +28,9 @@ __all__ = [
     "WaitTimeout",
     "Watched",
     "http_ok",
+    "port_open",
     "wait_http",
+    "wait_port",
     "wait_until",
 ]
 
@@ -153,4 +155,20 @@ async def wait_http(url: str, *, process: Watched | None = None, timeout: float 
     name = f"{process.name} at " if process is not None else ""
     await wait_until(lambda: http_ok(url, expect=expect), timeout=timeout,
                      what=f"{name}{url} to answer {expect}", interval=interval,
+                     process=process)
+
+
+async def port_open(host: str, port: int) -> bool:
+    """Does ``host:port`` accept a TCP connection? (Errors propagate: "not yet".)"""
+    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    writer.close()
+    return True
+
+
+async def wait_port(host: str, port: int, *, process: Watched | None = None,
+                    timeout: float = 15.0, interval: float = 0.05) -> None:
+    """Until ``host:port`` accepts connections; fail fast if ``process`` exits meanwhile."""
+    name = f"{process.name} at " if process is not None else ""
+    await wait_until(lambda: port_open(host, port), timeout=timeout,
+                     what=f"{name}{host}:{port} to accept connections", interval=interval,
                      process=process)

@@ -19,6 +19,7 @@ from .spec import (
     DEFAULT_SITE,
     ClusterSpec,
     Cookie,
+    Failover,
     HealthCheck,
     Listener,
     Member,
@@ -28,7 +29,7 @@ from .spec import (
     Pin,
     Retries,
     Route,
-    Sessions,
+    SessionSync,
     Site,
     Stickiness,
     Telemetry,
@@ -37,10 +38,11 @@ from .spec import (
 )
 
 __all__ = [
-    "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "HealthCheck",
+    "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "Failover",
+    "HealthCheck",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
     "OutlierDetection", "Overrides", "Pin", "Problem", "Registration", "Retries", "Role", "Route",
-    "RuntimeState", "Sessions", "Site", "Stickiness", "Telemetry", "check_member_address",
+    "RuntimeState", "SessionSync", "Site", "Stickiness", "Telemetry", "check_member_address",
     "check_model", "is_ip_literal",
     "cluster_view", "load_model", "model_warnings", "parse_model",
 ]

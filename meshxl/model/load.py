@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from meshxl.bounded import check_depth, measure
 from meshxl.errors import InputError
 
+from .protocols import check_protocols
+from .runtime import RuntimeState
 from .spec import DEFAULT_SITE, ClusterSpec, ModelSpec
 
 
@@ -70,8 +72,8 @@ _CLoader = getattr(yaml, "CSafeLoader", None)
 
 
 def _load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, with libyaml when PyYAML has it: 7x faster, which every
-    model change pays on every control-plane replica (31 ms -> 4 ms for 20 clusters).
+    """``yaml.safe_load``, with libyaml when PyYAML has it: several times faster, which
+    every model change pays on every control-plane replica (docs/performance.md).
 
     libyaml's composer recurses in C and crashes the process on deep nesting, so its
     (iterative) parser first checks the nesting depth from the event stream.
@@ -175,6 +177,7 @@ def check_model(spec: ModelSpec) -> Iterator[Problem]:
                                   f"{domain}{cluster.route.prefix} on "
                                   f"{cluster.listener.address}:{cluster.listener.port}")
                 routes.setdefault(key, cluster.name)
+    yield from (Problem(*found) for found in check_protocols(spec.clusters))
 
 
 def _duplicates(path: str, names: list[str], what: str) -> Iterator[Problem]:
@@ -217,38 +220,58 @@ def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
         yield Problem(f"{base}.health_check.timeout",
                       f"is much longer than the interval ({hc.interval}s): checks would overlap",
                       hc.timeout)
+    if c.failover.failback == "manual" and not c.high_availability:
+        yield Problem(f"{base}.failover.failback", "manual failback (ClusterXL's Active Up) "
+                      "keeps the active role where it went: it needs mode: "
+                      "high-availability (load-sharing members all serve)", "manual")
     if c.retries.backoff_base > c.retries.backoff_max:
         yield Problem(f"{base}.retries.backoff_base", "must not exceed backoff_max",
                       c.retries.backoff_base)
 
 
-def model_warnings(model: ModelSpec) -> list[Problem]:
+def model_warnings(model: ModelSpec, runtime: RuntimeState | None = None) -> list[Problem]:
     """Things that are valid but defeat their purpose: a Maglev table too small to
     spread sessions evenly, and high availability inside one failure domain.
 
     An active and a standby on one site with no other site share a failure domain: the
     site's loss takes the whole cluster down (ClusterXL members belong in different
     racks, rooms or sites; in Kubernetes, in different nodes and zones).
+
+    A static cluster's members are in the model. A ``membership: registered`` cluster's
+    are known only at run time: with ``runtime`` they are its live registrations (and
+    their sites); without it, only the members the model lists are judged.
     """
     found = []
     for i, spec in enumerate(model.clusters):
-        st = spec.stickiness
-        if (st is not None and st.algorithm == "maglev"
-                and st.maglev_table_size < 100 * len(spec.members)):
-            found.append(Problem(
-                f"clusters[{i}] ({spec.name}).stickiness.maglev_table_size",
-                f"{st.maglev_table_size} entries for {len(spec.members)} members: Maglev "
-                "spreads sessions evenly with at least 100 entries per member (use a "
-                f"prime >= {100 * len(spec.members)})", st.maglev_table_size))
-        if not spec.high_availability or len(spec.members) < 2:
-            continue
-        default = spec.site_names()[0]
-        sites = {m.site or default for m in spec.members}
-        if len(sites) == 1:
-            (site,) = sites
-            found.append(Problem(
-                f"clusters[{i}] ({spec.name})",
-                f"active and standby are both on site {site} and no member is on another "
-                "site: one site failure takes the whole cluster down (put a member on a "
-                "second site)"))
+        found.extend(cluster_warnings(i, spec, runtime))
+    return found
+
+
+def cluster_warnings(index: int, spec: ClusterSpec,
+                     runtime: RuntimeState | None = None) -> list[Problem]:
+    """:func:`model_warnings` of one cluster (``index``: its place in the model)."""
+    found = []
+    default = spec.site_names()[0]
+    if spec.registered and runtime is not None:
+        listed = {m.name: m.site for m in spec.members}
+        sites = [reg.site or listed.get(name) or default
+                 for name, reg in runtime.registrations_of(spec.name).items()]
+        what = "registered members"
+    else:
+        sites = [m.site or default for m in spec.members]
+        what = "members"
+    count = len(sites)
+    st = spec.stickiness
+    if st is not None and st.algorithm == "maglev" and st.maglev_table_size < 100 * count:
+        found.append(Problem(
+            f"clusters[{index}] ({spec.name}).stickiness.maglev_table_size",
+            f"{st.maglev_table_size} entries for {count} {what}: Maglev spreads sessions "
+            f"evenly with at least 100 entries per member (use a prime >= {100 * count})",
+            st.maglev_table_size))
+    if spec.high_availability and count >= 2 and len(set(sites)) == 1:
+        found.append(Problem(
+            f"clusters[{index}] ({spec.name})",
+            f"active and standby are both on site {sites[0]} and no {what[:-1]} is on "
+            "another site: one site failure takes the whole cluster down (put a member on "
+            "a second site)"))
     return found

@@ -30,7 +30,15 @@ class Registration:
     problems: tuple[str, ...] = ()
     overloaded: bool = False
     """The application says it is overloaded: it keeps its pinned sessions, new sessions
-    go elsewhere (EDS ``DEGRADED``)."""
+    go to the other ready members of its tier (EDS ``DEGRADED``)."""
+    returning: str | None = None
+    """Since when (its sidecar's clock, ISO 8601) the member is back after a problem, a
+    lost sync or a restart after a failover, and held behind the members that took
+    over from it (``behind``) until failback (None: not held). Its sidecar sets and
+    clears it (``statesync/failback.py``)."""
+    behind: tuple[str, ...] = ()
+    """The members that served when it came back: it stays behind them while one of
+    them serves."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Registration:
@@ -62,7 +70,25 @@ class Registration:
             ready=bool(data.get("ready", True)),
             problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
             overloaded=data.get("overload") is not None,
+            returning=_since(data.get("returning")),
+            behind=_names(data.get("returning")),
         )
+
+
+def _since(value: Any) -> str | None:
+    """The ``since`` of a ``{"since": ...}`` record, None when absent (read, not trusted)."""
+    if not isinstance(value, Mapping):
+        return None
+    since = value.get("since")
+    return str(since)[:64] if since else "unknown"
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """The ``behind`` names of a ``returning`` record (at most 64 of them, as text)."""
+    names = value.get("behind") if isinstance(value, Mapping) else None
+    if not isinstance(names, list):
+        return ()
+    return tuple(str(n)[:253] for n in names[:64])
 
 
 @dataclass(frozen=True)
@@ -117,6 +143,9 @@ class MemberState(StrEnum):
     SYNCING = "syncing"          # registered, not ready yet (cache catching up)
     PROBLEM = "problem"          # the app reported a critical problem
     OVERLOADED = "overloaded"    # serving its sessions, placed no new ones (DEGRADED)
+    ATTENTION = "active-attention"  # reported a problem or overload, serves all the
+    #                               same: no other member can (ClusterXL Active Attention)
+    RETURNING = "returning"      # back after trouble, held behind the serving members
     ADMIN_DOWN = "admin-down"    # meshxl member down
     SITE_OFFLINE = "site-offline"  # meshxl site offline
     LOST = "lost"                # registered membership, no live registration
@@ -125,19 +154,25 @@ class MemberState(StrEnum):
 # Enum members bound once: class attribute access on an Enum is a descriptor call, and
 # cluster_view runs once per member of the whole mesh on every compile.
 _READY, _SYNCING, _PROBLEM = MemberState.READY, MemberState.SYNCING, MemberState.PROBLEM
-_OVERLOADED = MemberState.OVERLOADED
+_OVERLOADED, _ATTENTION = MemberState.OVERLOADED, MemberState.ATTENTION
+_RETURNING = MemberState.RETURNING
 _ADMIN_DOWN, _SITE_OFFLINE, _LOST = (MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE,
                                      MemberState.LOST)
 
 #: States in which a member is sent to Envoy; DRAINING ones are sent marked DRAINING,
 #: DEGRADED ones marked DEGRADED (they serve the sessions pinned to them, and the load
 #: balancer gives them new ones only when no member of their priority is healthy).
-ADVERTISED = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ADMIN_DOWN,
+ADVERTISED = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ATTENTION,
+                        MemberState.RETURNING, MemberState.ADMIN_DOWN,
                         MemberState.SITE_OFFLINE})
 DRAINING = frozenset({MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE})
 DEGRADED = frozenset({MemberState.OVERLOADED})
 #: States that serve: they have a role and a share of their site's weight.
-SERVING = frozenset({MemberState.READY, MemberState.OVERLOADED})
+SERVING = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ATTENTION,
+                     MemberState.RETURNING})
+#: Serving states sent to Envoy as healthy: the hash places new sessions on them.
+PLACES_NEW = frozenset({MemberState.READY, MemberState.ATTENTION, MemberState.RETURNING})
+
 
 
 class Role(StrEnum):
@@ -216,9 +251,11 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     offline = state.sites_offline
     absent = _LOST if spec.registered else _READY
 
-    # (tier key, name, address, port, site, weight, state, problems)
-    drafts: list[tuple[tuple[int, int], str, str, int, str, int, MemberState,
-                       tuple[str, ...]]] = []
+    # (tier key, name, address, port, site, weight, state, problems); the tier key is
+    # (site rank, tier), sorted: one EDS priority per distinct key.
+    drafts: list[_Draft] = []
+    held: list[int] = []  # drafts of returning members
+    trouble: list[bool] = []  # one entry once a member is in trouble (problem, overload)
     index_in_site: dict[str, int] = {}
 
     def draft(member: Member | None, name: str, reg: Registration | None) -> None:
@@ -234,6 +271,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         index_in_site[site] = position + 1
         explicit = member.priority if member else None
         tier = explicit if explicit is not None else (position if high_availability else 0)
+        rank = site_rank.get(site, unknown_site_rank)
         if down and name in down:
             member_state = _ADMIN_DOWN
         elif offline and site in offline:
@@ -242,12 +280,20 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
             member_state = absent
         elif reg.problems:
             member_state = _PROBLEM
+            if not trouble:
+                trouble.append(True)
         elif not reg.ready:
             member_state = _SYNCING
         else:
             member_state = _OVERLOADED if reg.overloaded else _READY
-        drafts.append(((site_rank.get(site, unknown_site_rank), tier), name, address, port,
-                       site, weight, member_state, problems))
+            if reg.overloaded and not trouble:
+                trouble.append(True)
+            if reg.returning is not None:
+                held.append(len(drafts))
+                if member_state is _READY:
+                    member_state = _RETURNING
+        drafts.append(((rank, tier), name, address, port, site, weight, member_state,
+                       problems))
 
     # Spec members first (their order is the operator's preference), then members
     # that registered without being listed, by name.
@@ -262,6 +308,11 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         for m in spec.members:
             draft(m, m.name, None)
 
+    if held:
+        _hold(drafts, held, registered)
+    if trouble:
+        _fall_back(spec, drafts, registered)
+
     # Dense priorities over advertised members: an empty tier never leaves a gap.
     serving = SERVING
     priority_of = {key: i for i, key in
@@ -271,7 +322,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
                enumerate(sorted({d[0] for d in drafts if d[6] in serving}))}
     # Site share inside a tier: the sum of serving member weights per (tier, site), so
     # a drained member's share goes to its site's other members, not to other sites.
-    totals: dict[tuple[tuple[int, int], str], int] = {}
+    totals: dict[tuple[tuple[int, ...], str], int] = {}
     for d in drafts:
         if d[6] in serving:
             totals[(d[0], d[4])] = totals.get((d[0], d[4]), 0) + d[5]
@@ -293,6 +344,62 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
             max(1, round(weight * scale)),
             role_of[key] if member_state in serving else _NO_ROLE, problems)))
     return ClusterView(spec=spec, members=tuple(members))
+
+
+_Draft = tuple[tuple[int, ...], str, str, int, str, int, MemberState, tuple[str, ...]]
+
+
+def _hold(drafts: list[_Draft], held: list[int],
+          registered: Mapping[str, Registration]) -> None:
+    """Returning members go right after the members that took over from them (their
+    registration's ``behind``), while one of those serves (in place, on ``drafts``):
+    they take no traffic from it, and they are next in line when it fails, ahead of
+    the other standbys (ClusterXL's Active Up makes a member that comes back a
+    standby). Among themselves they keep their order. When none of those serves any
+    more, the member takes its own place again."""
+    marked = set(held)
+    serving = {d[1]: d[0] for i, d in enumerate(drafts) if d[6] in SERVING and i not in marked}
+    for i in held:
+        d = drafts[i]
+        ahead = [serving[name] for name in registered[d[1]].behind if name in serving]
+        if ahead:
+            drafts[i] = ((*min(ahead), 1, *d[0]), *d[1:])
+        elif d[6] is _RETURNING:
+            drafts[i] = (*d[:6], _READY, d[7])
+
+
+def _fall_back(spec: ClusterSpec, drafts: list[_Draft],
+               registered: Mapping[str, Registration]) -> None:
+    """``failover.all_withdrawn``: members that reported trouble serve all the same
+    (``active-attention``) where nobody else would (in place, on ``drafts``).
+
+    * A tier (EDS priority) whose serving members are all overloaded: Envoy's hash load
+      balancers build their table from healthy hosts only, so a tier of ``DEGRADED``
+      hosts takes no new session at all (503 when no other tier has a healthy host).
+      Its overloaded members are sent healthy instead: overload steers new sessions
+      inside a tier, it never fails them over to another tier.
+    * No member serves and some reported problems (and are caught up): the best of them
+      (``keep-best``: fewest problems, then tier, then place in the list) or all of them
+      (``keep-all``) serve.
+    """
+    policy = spec.failover.all_withdrawn
+    if policy == "withdraw":
+        return
+    placing = {d[0] for d in drafts if d[6] in PLACES_NEW}
+    for i, d in enumerate(drafts):
+        if d[6] is _OVERLOADED and d[0] not in placing:
+            drafts[i] = (*d[:6], _ATTENTION, d[7])
+    if any(d[6] in SERVING for d in drafts):
+        return
+    candidates = [i for i, d in enumerate(drafts) if d[6] is _PROBLEM
+                  and (reg := registered.get(d[1])) is not None and reg.ready]
+    if not candidates:
+        return
+    if policy == "keep-best":
+        candidates = [min(candidates, key=lambda i: (len(drafts[i][7]), drafts[i][0], i))]
+    for i in candidates:
+        d = drafts[i]
+        drafts[i] = (*d[:6], _ATTENTION, d[7])
 
 
 def _role(spec: ClusterSpec, rank: int) -> Role:

@@ -59,6 +59,15 @@ Membership = Literal["static", "registered"]
 MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
 Replication = Literal["all", "narrow"]
 REPLICATIONS: tuple[Replication, ...] = get_args(Replication)
+AllWithdrawn = Literal["keep-best", "keep-all", "withdraw"]
+ALL_WITHDRAWN: tuple[AllWithdrawn, ...] = get_args(AllWithdrawn)
+Failback = Literal["automatic", "manual"]
+FAILBACKS: tuple[Failback, ...] = get_args(Failback)
+Protocol = Literal["http", "http2", "grpc", "tcp"]
+"""What a cluster's members speak, named as Istio names Service ports."""
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+HealthCheckType = Literal["http", "grpc", "tcp"]
+HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = get_args(HealthCheckType)
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -96,6 +105,15 @@ def _parse_duration(value: Any) -> Any:
             raise ValueError("expected a duration such as 250ms, 1s or 2m")
         return float(match.group(1)) * _UNITS[match.group(2)]
     return value
+
+
+def parse_duration(value: Any) -> float:
+    """A duration as the model writes it (``250ms``, ``30s``, ``2m``, or a number of
+    seconds) in seconds; ValueError on anything else (the API's inputs use it too)."""
+    seconds = _parse_duration(value)
+    if not isinstance(seconds, float):
+        raise ValueError("expected a duration such as 250ms, 1s or 2m")
+    return seconds
 
 
 def _check_duration(value: float) -> float:
@@ -237,7 +255,7 @@ class Stickiness(_Spec):
     source_ip: bool = False
     maglev_table_size: int = Field(default=4099, ge=2, le=5_000_011)
     """Prime. Every Envoy rebuilds a cluster's table before it ACKs a change of its
-    members, so the size is paid on every failover: 4,099 (16x less work than Envoy's
+    members, so the size is paid on every failover: 4,099 (a sixteenth of Envoy's
     65,537) keeps Maglev's guidance of 100 entries per member up to 40 members."""
     ring_minimum_size: int = Field(default=1024, ge=1, le=8_388_608)
     ring_maximum_size: int = Field(default=8_388_608, ge=1, le=8_388_608)
@@ -274,9 +292,18 @@ class Stickiness(_Spec):
 
 
 class HealthCheck(_Spec):
-    """Envoy active HTTP health checking; defaults detect a dead member in < 1 s."""
+    """Envoy active health checking; defaults detect a dead member in < 1 s."""
 
     enabled: bool = True
+    type: HealthCheckType | None = None
+    """``http`` (GET ``path``), ``grpc`` (grpc.health.v1.Health/Check) or ``tcp``
+    (connect only); by default what the cluster's protocol speaks: grpc for gRPC, tcp
+    for TCP, http otherwise."""
+    grpc_service: str = Field(default="", pattern=r"^[\x21-\x7e]*$", max_length=1024)
+    """The service name a gRPC health check asks about ("": the server as a whole)."""
+    port: Port | None = None
+    """Check every member on this port instead of its serving port (a side port, e.g.
+    an HTTP health endpoint beside a TCP service)."""
     path: str = Field(default="/healthz", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
     interval: PositiveDuration = 0.25
     timeout: PositiveDuration = 0.2
@@ -306,11 +333,19 @@ class OutlierDetection(_Spec):
     beyond the bound are still removed by active health checks."""
 
 
+GRPC_RETRY_CONDITIONS = (
+    "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
+)
+"""Envoy's retry conditions on a gRPC status (the ``grpc-status`` of the answer)."""
 RETRY_CONDITIONS = (
     "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
     "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
-    "retriable-headers", "http3-post-connect-failure",
+    "retriable-headers", "http3-post-connect-failure", *GRPC_RETRY_CONDITIONS,
 )
+GRPC_RETRY_ON = ("connect-failure", "refused-stream", "reset", "unavailable")
+"""A gRPC cluster's default: what never ran (no connection, a refused or reset stream)
+and UNAVAILABLE, the status that says another member may serve the call. Not
+DEADLINE_EXCEEDED, INTERNAL or CANCELLED: the call may have run."""
 
 
 class Retries(_Spec):
@@ -346,10 +381,13 @@ class Route(_Spec):
     ``*-b.a.com``) or trailing (``a.*``), or ``*`` alone: what Envoy accepts."""
     prefix: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
     timeout: Duration = 15.0
+    """The whole request's time (0: none). A gRPC cluster's default is 0: a call is
+    bounded by its own deadline (``grpc-timeout``), so a stream is never cut at 15 s."""
 
 
-class Sessions(_Spec):
-    """Session state kept by the statesync sidecars of the cluster."""
+class SessionSync(_Spec):
+    """How the cluster's statesync sidecars keep and replicate session state (the
+    cluster's ``sessions:`` settings)."""
 
     ttl: PositiveDuration = 1800.0
     """A session expires this long after its last write (shared etcd leases)."""
@@ -366,6 +404,32 @@ class Sessions(_Spec):
     from etcd on first use. Read by each sidecar when it starts (docs/scaling.md)."""
 
 
+class Failover(_Spec):
+    """What the cluster does when its members report trouble, and when one comes back
+    (ClusterXL's "Active Attention" and its cluster member recovery setting)."""
+
+    all_withdrawn: AllWithdrawn = "keep-best"
+    """When no member can serve because each one reported a problem: ``keep-best``
+    keeps the best of them serving (fewest problems, then the operator's order: site
+    failover rank, priority, place in the list, name), as ClusterXL keeps one member
+    "Active Attention"; ``keep-all`` keeps every one of them serving; ``withdraw``
+    serves nothing (every request gets 503). It decides the same for a tier whose
+    members are all overloaded: they keep taking new sessions (``keep-*``), or the tier
+    is passed over (``withdraw``). A member shown ``active-attention`` serves in spite
+    of its report (docs/statesync.md)."""
+    failback: Failback = "automatic"
+    """A member that comes back after a problem, a lost sync or a restart after a
+    failover: ``automatic`` (ClusterXL's Primary Up) gives it back its place once it
+    has stayed well for ``failback_delay``; ``manual`` (Active Up, high-availability
+    only) keeps it behind the member that took over until that one fails or an
+    operator moves the active role (``meshxl member down`` on the active, then
+    ``member up``)."""
+    failback_delay: Duration = 10.0
+    """How long a member that came back must stay well before it takes its place back
+    (automatic failback): a member that flaps within this time moves no session back
+    until it stops flapping. 0 gives the place back at once."""
+
+
 class Overrides(_Spec):
     """Raw Envoy JSON merged over the generated resources (expert escape hatch)."""
 
@@ -374,11 +438,33 @@ class Overrides(_Spec):
 
 
 _HIGH_AVAILABILITY: dict[Mode, bool] = {"high-availability": True, "load-sharing": False}
+#: Protocol -> the health check it gets unless the model names one.
+_HEALTH_CHECK_OF: dict[Protocol, HealthCheckType] = {
+    "http": "http", "http2": "http", "grpc": "grpc", "tcp": "tcp"}
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _replaced(model: _M, **values: Any) -> _M:
+    """A copy with ``values``, keeping which fields the model file wrote."""
+    copy = model.model_copy(update=values)
+    object.__setattr__(copy, "__pydantic_fields_set__", set(model.model_fields_set))
+    return copy
 _REGISTERED: dict[Membership, bool] = {"registered": True, "static": False}
 
 
 class ClusterSpec(_Spec):
     name: Name
+    protocol: Protocol = "http"
+    """What the members speak (``http``: HTTP/1.1, ``http2``, ``grpc``, ``tcp``):
+    docs/model.md, "Protocols"."""
+    websocket: bool | None = None
+    """Allow WebSocket upgrades (on by default for ``http`` clusters, which alone can
+    carry them)."""
+    drain_window: Duration = 10.0
+    """How long long-lived connections (gRPC streams, WebSockets, TCP) may stay after
+    their member was drained (member down, site offline); then Envoy closes them and
+    their clients reconnect to the new owner (docs/model.md, "Drains")."""
     mode: Mode = "high-availability"
     membership: Membership = "static"
     """static: listed members are always advertised (health checks decide);
@@ -395,8 +481,35 @@ class ClusterSpec(_Spec):
     priority_spillover: bool = False
     """False: a lower tier gets traffic only when no member above it is healthy.
     True: Envoy's gradual spill-over (overprovisioning factor 140)."""
-    sessions: Sessions = Sessions()
+    sessions: SessionSync = SessionSync()
+    failover: Failover = Failover()
     overrides: Overrides = Overrides()
+
+    @model_validator(mode="after")
+    def _protocol_defaults(self) -> ClusterSpec:
+        """Fill what depends on the protocol and was not written: the health check's
+        type, a gRPC cluster's retry conditions and its route timeout."""
+        hc = self.health_check
+        if hc.type is None:
+            kind = choose(_HEALTH_CHECK_OF, self.protocol, "protocol")
+            object.__setattr__(self, "health_check", _replaced(hc, type=kind))
+        if self.protocol == "grpc":
+            if "retry_on" not in self.retries.model_fields_set:
+                object.__setattr__(self, "retries", _replaced(
+                    self.retries, retry_on=list(GRPC_RETRY_ON)))
+            if "timeout" not in self.route.model_fields_set:
+                object.__setattr__(self, "route", _replaced(self.route, timeout=0.0))
+        return self
+
+    @property
+    def websocket_upgrades(self) -> bool:
+        """WebSocket upgrades pass (``websocket``, default on for HTTP/1.1 clusters)."""
+        return self.websocket if self.websocket is not None else self.protocol == "http"
+
+    @property
+    def long_lived(self) -> bool:
+        """Its connections outlive requests: streams, WebSockets or TCP."""
+        return self.protocol != "http" or self.websocket_upgrades
 
     @property
     def high_availability(self) -> bool:

@@ -24,7 +24,9 @@ from meshxl.addr import is_ip as _is_ip
 from meshxl.addr import parse_hostport
 from meshxl.addr import valid_host as _valid_host
 from meshxl.addr import valid_port as _valid_port
-from meshxl.xds.nodes import node_id_problem
+from meshxl.bearer import valid_token
+from meshxl.nodeid import node_id_problem
+from meshxl.protowire import type_url
 
 __all__ = [
     "XDS_CLUSTER",
@@ -86,7 +88,7 @@ class XdsTls:
             context["tls_certificates"] = [{"certificate_chain": {"filename": self.cert},
                                             "private_key": {"filename": self.key}}]
         sni = self.sni or next((h for h in hosts if not _is_ip(h)), None)
-        config: dict[str, Any] = {"@type": f"type.googleapis.com/{_UPSTREAM_TLS}",
+        config: dict[str, Any] = {"@type": type_url(_UPSTREAM_TLS),
                                   "common_tls_context": context}
         if sni:
             config["sni"] = sni
@@ -144,7 +146,7 @@ def _xds_cluster(
         "connect_timeout": _seconds(connect_timeout),
         "typed_extension_protocol_options": {
             _HTTP_PROTOCOL_OPTIONS: {
-                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "@type": type_url(_HTTP_PROTOCOL_OPTIONS),
                 "explicit_http_config": {
                     "http2_protocol_options": {
                         "connection_keepalive": {
@@ -210,6 +212,7 @@ def build_bootstrap(
     initial_fetch_timeout: float | None = None,
     otlp: tuple[str, int] | str | None = None,
     xds_tls: XdsTls | None = None,
+    xds_token: str | None = None,
 ) -> dict[str, Any]:
     """Return an Envoy v3 bootstrap that takes clusters and listeners from meshxl over ADS.
 
@@ -221,7 +224,9 @@ def build_bootstrap(
     forever); ``None`` keeps Envoy's default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC
     collector) adds the ``meshxl_otlp`` cluster that the listeners' OpenTelemetry
     tracer exports request spans to when the model enables tracing. ``xds_tls`` makes
-    the ADS connection TLS (or mutual TLS), see :class:`XdsTls`.
+    the ADS connection TLS (or mutual TLS), see :class:`XdsTls`. ``xds_token`` is sent
+    as ``authorization: Bearer TOKEN`` on the ADS stream (``serve xds --token-file``):
+    the bootstrap then holds a secret, so keep its file private.
     """
     if not isinstance(node_id, str):
         raise ValueError(f"node_id must be a string, got {node_id!r}")
@@ -250,6 +255,8 @@ def build_bootstrap(
             f"({reconnect_base!r})"
         )
     addresses = _address_list(xds)
+    if xds_token is not None:
+        valid_token(xds_token, "--xds-token-file")
     collector = _address_list([otlp] if isinstance(otlp, str) else [otlp])[0] if otlp else None
 
     node: dict[str, Any] = {"id": node_id, "cluster": node_cluster}
@@ -262,6 +269,23 @@ def build_bootstrap(
         node["locality"] = locality
     if metadata:
         node["metadata"] = dict(metadata)
+
+    grpc_service: dict[str, Any] = {
+        "envoy_grpc": {
+            "cluster_name": XDS_CLUSTER,
+            # Reconnect quickly after a control-plane restart or failover instead of
+            # Envoy's default backoff (up to 30 s).
+            "retry_policy": {
+                "retry_back_off": {
+                    "base_interval": _seconds(reconnect_base),
+                    "max_interval": _seconds(reconnect_max),
+                },
+            },
+        },
+    }
+    if xds_token is not None:
+        grpc_service["initial_metadata"] = [{"key": "authorization",
+                                             "value": f"Bearer {xds_token}"}]
 
     def ads_source() -> dict[str, Any]:
         source: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
@@ -277,21 +301,7 @@ def build_bootstrap(
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {
-                            "cluster_name": XDS_CLUSTER,
-                            # Reconnect quickly after a control-plane restart or
-                            # failover instead of Envoy's default backoff (up to 30 s).
-                            "retry_policy": {
-                                "retry_back_off": {
-                                    "base_interval": _seconds(reconnect_base),
-                                    "max_interval": _seconds(reconnect_max),
-                                },
-                            },
-                        },
-                    }
-                ],
+                "grpc_services": [grpc_service],
             },
             "cds_config": ads_source(),
             "lds_config": ads_source(),
@@ -320,7 +330,7 @@ def _otlp_cluster(address: tuple[str, int], connect_timeout: float) -> dict[str,
         "connect_timeout": _seconds(connect_timeout),
         "typed_extension_protocol_options": {
             _HTTP_PROTOCOL_OPTIONS: {
-                "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                "@type": type_url(_HTTP_PROTOCOL_OPTIONS),
                 "explicit_http_config": {"http2_protocol_options": {}},
             },
         },

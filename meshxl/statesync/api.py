@@ -1,5 +1,5 @@
-"""The sidecar's HTTP API, served by :mod:`.server`. Every error is JSON: ``{"error":
-..., "status": ...}`` (:mod:`meshxl.web`'s shape). Every value that is stored (the
+"""The sidecar's HTTP API, served by :mod:`.http`. Every error is JSON: ``{"error":
+..., "status": ...}`` (:mod:`meshxl.httpbase`'s shape). Every value that is stored (the
 state, its content type, the trace context, a problem's name and detail) is validated
 and bounded here, at entry, so whatever is acknowledged reads back. The API is
 described by ``openapi.json``.
@@ -16,10 +16,14 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meshxl import headers as hdr
-from meshxl import web as mweb
+from meshxl import httpbase
+from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed
+from meshxl.model.spec import parse_duration
 
 from . import bulk
+from .http import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
 from .membership import MAX_PROBLEMS
+from .problems import check_ttl
 from .record import (
     is_json,
     served_content_type,
@@ -27,16 +31,7 @@ from .record import (
     valid_session_id,
     valid_traceparent,
 )
-from .server import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
-from .sessions import (
-    BadRequest,
-    Change,
-    Conflict,
-    PreconditionFailed,
-    SessionError,
-    Stored,
-    Transacted,
-)
+from .writes import DELETE, PATCH, Outcome, Stored, Transacted, Write
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_PROBLEM_DETAIL = 1024
@@ -62,7 +57,7 @@ def openapi_document() -> dict[str, Any]:
 def _session_id(request: Request) -> str:
     session_id = request.params["session_id"]
     if not valid_session_id(session_id):
-        raise BadRequest(f"invalid session id {session_id!r}: use 1-200 characters of "
+        raise InputError(f"invalid session id {session_id!r}: use 1-200 characters of "
                          "A-Z a-z 0-9 . _ ~ -")
     return session_id
 
@@ -70,10 +65,10 @@ def _session_id(request: Request) -> str:
 def _content_type(request: Request, default: str) -> str:
     """The Content-Type header, which is stored and sent back as a header: a media type
     (RFC 9110: ``type/subtype``, then ``; name=value`` parameters) of printable ASCII,
-    else BadRequest; an empty one counts as none (``default``)."""
+    else InputError; an empty one counts as none (``default``)."""
     value = request.headers.get(_CONTENT_TYPE) or default  # empty: as if not sent
     if value and not valid_content_type(value):
-        raise BadRequest("Content-Type must be a media type of at most 255 printable ASCII "
+        raise InputError("Content-Type must be a media type of at most 255 printable ASCII "
                          f"characters, such as application/json; got {value[:80]!r}",
                          field="Content-Type")
     return value
@@ -85,7 +80,7 @@ def _traceparent(request: Request) -> str | None:
     return valid_traceparent(request.headers.get(_TRACEPARENT))
 
 
-def _put_change(request: Request) -> Change:
+def _put_write(request: Request) -> Write:
     """A PUT's write, checked: the session id, the Content-Type (the state JSON if the
     type says so), If-None-Match, and the trace context kept with it."""
     session_id = _session_id(request)
@@ -93,17 +88,17 @@ def _put_change(request: Request) -> Change:
     content_type = _content_type(request, "application/octet-stream")
     if is_json(content_type):
         try:
-            mweb.check_json(data)
-        except mweb.BadJson as exc:
-            raise BadRequest(f"{exc}; send another Content-Type to store it as bytes",
+            httpbase.check_json(data)
+        except httpbase.BadJson as exc:
+            raise InputError(f"{exc}; send another Content-Type to store it as bytes",
                              field="body") from None
     headers = request.headers
     if_none_match = headers.get(_IF_NONE_MATCH)
     if if_none_match is not None and if_none_match.strip() != "*":
-        raise BadRequest('If-None-Match takes only "*" (create, never replace)')
-    return Change(session_id=session_id, data=data, content_type=content_type,
-                  if_match=headers.get(_IF_MATCH), create_only=if_none_match is not None,
-                  traceparent=_traceparent(request))
+        raise InputError('If-None-Match takes only "*" (create, never replace)')
+    return Write(session_id=session_id, data=data, content_type=content_type,
+                 if_match=headers.get(_IF_MATCH), create_only=if_none_match is not None,
+                 traceparent=_traceparent(request))
 
 
 def _stored_headers(stored: Stored, content_type: str) -> list[tuple[str, str]]:
@@ -114,6 +109,11 @@ def _stored_headers(stored: Stored, content_type: str) -> list[tuple[str, str]]:
 def _write_response(stored: Stored) -> Response:
     return Response(201 if stored.new_session else 200, bulk.write_answer(stored),
                     _stored_headers(stored, JSON))
+
+
+def _written(outcome: Outcome) -> Response | Exception:
+    """A write's answer: its response, or the error the server answers."""
+    return _write_response(outcome) if isinstance(outcome, Stored) else outcome
 
 
 def _json_bytes(body: bytes, status: int = 200) -> Response:
@@ -133,10 +133,10 @@ def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> Respon
         answers: list[dict[str, Any]] = []
         for item, stored in zip(items, outcome.stored, strict=True):
             if stored is None:
-                answers.append({"session": item.session_id, "operation": "delete",
+                answers.append({"session": item.session_id, "operation": DELETE,
                                 "status": 204})
             else:
-                answers.append({**bulk.write_fields(stored), "operation": "upsert"})
+                answers.append({**bulk.write_fields(stored), "operation": bulk.UPSERT})
         return _json_bytes(bulk.dumps({"committed": True, "revision": outcome.revision,
                                        "items": answers}))
     first = min(outcome.errors)
@@ -145,15 +145,15 @@ def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> Respon
     field = "session"
     if isinstance(failure, PreconditionFailed):
         field = "if_none_match" if item.create_only else "if_match"
-    status = mweb.http_status(failure)
+    status = httpbase.http_status(failure)
     answers = []
     for i, each in enumerate(items):
         error = outcome.errors.get(i)
         if error is not None:
             answers.append({**bulk.error_fields(each.session_id, error),
-                            "operation": each.operation})
+                            "operation": bulk.operation(each)})
         else:
-            answers.append({"session": each.session_id, "operation": each.operation,
+            answers.append({"session": each.session_id, "operation": bulk.operation(each),
                             "status": 424, "error": f"not applied: operations[{first}] "
                             "failed and a transaction applies all or nothing"})
     body = {"error": f"operations[{first}] (session {item.session_id!r}): {failure}",
@@ -214,33 +214,36 @@ class SessionRoutes:
     # -- sessions -------------------------------------------------------------------------
 
     async def put(self, request: Request) -> Response:
-        change = _put_change(request)
-        assert change.data is not None
-        stored = await self.sidecar.sessions.put(
-            change.session_id, change.data, change.content_type, change.if_match,
-            change.traceparent, create_only=change.create_only)
-        return _write_response(stored)
+        return await self._one(_put_write(request))
 
     async def put_group(self, requests: list[Request],
                         answer: Callable[[int, Response | Exception], None]) -> None:
         """PUTs pipelined on one connection, taken up together (the server's
-        :attr:`~.server.Route.group`): each checked and answered as :meth:`put` would,
-        their writes made by :meth:`Sessions.put_each`."""
-        changes: list[Change] = []
+        :attr:`~.http.Route.group`): each checked and answered as :meth:`put` would,
+        their writes made in one :meth:`~.sessions.Sessions.write`, ``early``: a write
+        waiting for its session holds back only the answers after it."""
+        writes: list[Write] = []
         where: list[int] = []
         for i, request in enumerate(requests):
             try:
-                changes.append(_put_change(request))
+                writes.append(_put_write(request))
             except Exception as exc:  # answered as put() raising it would be
                 answer(i, exc)
                 continue
             where.append(i)
-
-        def written(j: int, outcome: Stored | Exception) -> None:
-            answer(where[j], _write_response(outcome) if isinstance(outcome, Stored)
-                   else outcome)
-        if changes:
-            await self.sidecar.sessions.put_each(changes, written)
+        if not writes:
+            return
+        waiting: dict[asyncio.Task[Outcome], int] = {}
+        for i, outcome in zip(where, await self.sidecar.sessions.write(writes, early=True),
+                              strict=True):
+            if isinstance(outcome, asyncio.Task):
+                waiting[outcome] = i
+            else:
+                answer(i, _written(outcome))
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                answer(waiting.pop(task), _written(task.result()))
 
     async def get(self, request: Request) -> Response:
         stored = await self.sidecar.sessions.get(_session_id(request))
@@ -254,18 +257,24 @@ class SessionRoutes:
             raise Refused(415, f"PATCH takes {MERGE_PATCH} (RFC 7386), not "
                                f"{content_type or 'nothing'}", path=request.path)
         try:
-            patch = mweb.loads(request.body, what="merge patch")
-        except mweb.BadJson as exc:
-            raise BadRequest(str(exc), field="body") from None
-        stored = await self.sidecar.sessions.patch(session_id, patch,
-                                                   request.headers.get(_IF_MATCH),
-                                                   _traceparent(request))
-        return _write_response(stored)
+            patch = httpbase.loads(request.body, what="merge patch")
+        except httpbase.BadJson as exc:
+            raise InputError(str(exc), field="body") from None
+        return await self._one(Write(session_id=session_id, op=PATCH, patch=patch,
+                                     if_match=request.headers.get(_IF_MATCH),
+                                     traceparent=_traceparent(request)))
 
     async def delete(self, request: Request) -> Response:
-        await self.sidecar.sessions.delete(_session_id(request),
-                                           request.headers.get(_IF_MATCH))
+        await self._one(Write(session_id=_session_id(request), op=DELETE,
+                              if_match=request.headers.get(_IF_MATCH)))
         return Response(204)
+
+    async def _one(self, write: Write) -> Response:
+        """One write's answer (its error raised, for the server to answer)."""
+        [outcome] = await self.sidecar.sessions.write([write])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return _write_response(outcome)
 
     # -- several sessions (bulk.py) -------------------------------------------------------
 
@@ -280,7 +289,7 @@ class SessionRoutes:
         for session_id, result in zip(ids, results, strict=True):
             if isinstance(result, Stored):
                 parts.append(bulk.read_item(result))
-            elif isinstance(result, SessionError):
+            elif isinstance(result, MeshxlError):
                 parts.append(bulk.dumps(bulk.error_fields(session_id, result)))
             else:
                 raise result
@@ -292,19 +301,25 @@ class SessionRoutes:
         sessions = self.sidecar.sessions
         items = bulk.parse_save(request.body, sessions.settings.max_bytes)
         self._count("save", len(items))
-        results = await sessions.put_many(items, _traceparent(request))
-        return _json_bytes(bulk.items_body([
-            bulk.write_answer(result, status=True) if isinstance(result, Stored)
-            else bulk.dumps(bulk.error_fields(item.session_id, result))
-            for item, result in zip(items, results, strict=True)]))
+        outcomes = await sessions.write(items, traceparent=_traceparent(request))
+        parts = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Stored):
+                parts.append(bulk.write_answer(outcome, status=True))
+            elif isinstance(outcome, MeshxlError):
+                parts.append(bulk.dumps(bulk.error_fields(item.session_id, outcome)))
+            else:
+                raise outcome
+        return _json_bytes(bulk.items_body(parts))
 
     async def transaction(self, request: Request) -> Response:
-        """Every operation or none, in one etcd transaction (Sessions.transact)."""
+        """Every operation or none, in one etcd transaction (:mod:`.transactions`)."""
         sessions = self.sidecar.sessions
         items = bulk.parse_transaction(request.body, sessions.settings.max_bytes)
         self._count("transaction", len(items))
-        outcome = await sessions.transact(items, _traceparent(request))
-        return _transaction_response(items, outcome)
+        transacted = await sessions.write(items, atomic=True,
+                                          traceparent=_traceparent(request))
+        return _transaction_response(items, transacted)
 
     def _count(self, kind: str, items: int) -> None:
         metrics = self.sidecar.metrics
@@ -318,13 +333,13 @@ class SessionRoutes:
 
     async def put_problem(self, request: Request) -> Response:
         name = _problem_name(request)
-        detail = _problem_detail(request.body, request.content_type)
+        detail, ttl = _problem_report(request.body, request.content_type)
         membership = self.sidecar.membership
         if name not in membership.problems and len(membership.problems) >= MAX_PROBLEMS:
             raise Conflict(f"{MAX_PROBLEMS} problems are reported already: clear one first",
                            field="name")
-        created = await membership.set_problem(name, detail)
-        return _json({"problem": name, "detail": detail,
+        created = await membership.set_problem(name, detail, ttl)
+        return _json({"problem": name, "detail": detail, "ttl": ttl,
                       "problems": sorted(self.sidecar.membership.problems)},
                      status=201 if created else 200)
 
@@ -380,9 +395,29 @@ class SessionRoutes:
 def _problem_name(request: Request) -> str:
     name = request.params["name"]
     if not valid_session_id(name) or len(name) > PROBLEM_NAME_MAX:
-        raise BadRequest(f"invalid problem name {name[:80]!r}: use 1-{PROBLEM_NAME_MAX} "
+        raise InputError(f"invalid problem name {name[:80]!r}: use 1-{PROBLEM_NAME_MAX} "
                          "characters of A-Z a-z 0-9 . _ ~ -", field="name")
     return name
+
+
+def _problem_report(raw: bytes, content_type: str) -> tuple[str, float | None]:
+    """A problem report's detail and TTL: ``{"detail": "...", "ttl": "30s"}`` (the
+    TTL a duration such as ``30s`` or a number of seconds, optional) or a plain-text
+    detail (no TTL)."""
+    detail = _problem_detail(raw, content_type)
+    if not _json_body(raw, content_type):
+        return detail, None
+    ttl = httpbase.loads(raw, what="problem report").get("ttl")
+    if ttl is None:
+        return detail, None
+    try:
+        return detail, check_ttl(parse_duration(ttl))
+    except ValueError as exc:
+        raise InputError(f"ttl: {exc}", field="ttl") from None
+
+
+def _json_body(raw: bytes, content_type: str) -> bool:
+    return bool(raw.strip()) and (is_json(content_type) or raw.lstrip()[:1] == b"{")
 
 
 def _problem_detail(raw: bytes, content_type: str, what: str = "problem report") -> str:
@@ -390,25 +425,25 @@ def _problem_detail(raw: bytes, content_type: str, what: str = "problem report")
     :data:`MAX_PROBLEM_DETAIL` characters of printable text."""
     if not raw.strip():
         return ""
-    if is_json(content_type) or raw.lstrip()[:1] == b"{":
-        body = mweb.loads(raw, what=what)
+    if _json_body(raw, content_type):
+        body = httpbase.loads(raw, what=what)
         if not isinstance(body, dict):
-            raise BadRequest(f'the {what} is {{"detail": "<text>"}}', field="body")
+            raise InputError(f'the {what} is {{"detail": "<text>"}}', field="body")
         detail = body.get("detail", "")
         if not isinstance(detail, str):
-            raise BadRequest("detail must be a string", field="detail")
+            raise InputError("detail must be a string", field="detail")
     else:
         try:
             detail = raw.decode()
         except UnicodeDecodeError:
-            raise BadRequest("a plain-text detail must be UTF-8",
+            raise InputError("a plain-text detail must be UTF-8",
                              field="detail") from None
     detail = detail.strip()
     if len(detail) > MAX_PROBLEM_DETAIL:
-        raise BadRequest(f"detail is {len(detail)} characters; the limit is "
+        raise InputError(f"detail is {len(detail)} characters; the limit is "
                          f"{MAX_PROBLEM_DETAIL}", field="detail")
     if not detail.isprintable():
-        raise BadRequest("detail must be printable text (no control characters)",
+        raise InputError("detail must be printable text (no control characters)",
                          field="detail")
     return detail
 

@@ -2,7 +2,7 @@
 
 :func:`serve` owns the resource lifetimes: the API's sockets are bound first, then the
 etcd client, the watch and the registration start, then the API serves (its own HTTP
-server, :mod:`.server`); at the end they stop in the reverse order. The member is
+server, :mod:`.http`); at the end they stop in the reverse order. The member is
 registered at once but advertised (``ready``) only after the cache has read every
 session of its cluster, so Envoy never sends a session to a member that could not
 serve it.
@@ -43,27 +43,30 @@ from meshxl.addr import (
     remove_unix,
 )
 from meshxl.etcd import EtcdSecurity
-from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.meshstate import EtcdMeshSource
+from meshxl.etcd.keys import DEFAULT_ROOT, Keys
+from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import (
+    MemberState,
     ModelError,
     Role,
     check_member_address,
     cluster_view,
     parse_model,
 )
-from meshxl.model import Sessions as SessionDefaults
+from meshxl.model import SessionSync as SessionDefaults
+from meshxl.model.runtime import SERVING
 from meshxl.model.spec import NAME_PATTERN, Replication, choose
 
 from .api import SessionRoutes
 from .auth import check_exposure, token_check, valid_token
 from .cache import SessionCache
+from .http import HttpServer, Router
 from .membership import Membership
 from .metrics import StatesyncMetrics
-from .server import HttpServer, Router
-from .sessions import Sessions, Settings
+from .sessions import Sessions
 from .store import MAX_TXN_WRITES, SessionStore
 from .tracing import TakeoverTracer, follow_failovers
+from .writes import Settings
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +178,22 @@ class Sidecar:
         self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed)
         self.role = Role.NONE
         """This member's role in the cluster, as the control plane computes it."""
+        self.view_state: MemberState | None = None
+        """This member's state in the cluster's view (None: not in the model)."""
         self._watch: asyncio.Task[None] | None = None
         """The cache's watch while it holds every session (always, unless narrow)."""
         self._tasks: list[asyncio.Task[Any]] = []
+        self.membership.rejoin.serving = self._serving_now
 
     async def start(self) -> None:
+        await self._recall()
         await self.membership.start()
         loop = asyncio.get_running_loop()
         if self.narrow:
+            self._tasks.append(loop.create_task(self.mesh.run()))
+            with contextlib.suppress(TimeoutError):  # see _follow_sync
+                async with asyncio.timeout(5.0):
+                    await self.mesh.synced.wait()
             await self.membership.set_ready(True)
         else:
             self._watch = loop.create_task(self.cache.run())
@@ -190,7 +201,8 @@ class Sidecar:
             self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._publish_sync()))
-        self._tasks.append(loop.create_task(self.mesh.run()))
+        if not self.narrow:
+            self._tasks.append(loop.create_task(self.mesh.run()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
@@ -205,21 +217,74 @@ class Sidecar:
 
     # -- the mesh: model warnings, and the role that scopes a narrow cache ------------
 
+    async def _recall(self) -> None:
+        """Before the first registration: the cluster's failback policy, and whether
+        this member served before its sidecar (re)started (the control plane counted a
+        failover of it): then it comes back held (failback.py)."""
+        rejoin = self.membership.rejoin
+        try:
+            model, history = await asyncio.gather(
+                self.client.get(self.keys.model.encode()),
+                self.client.get(self.keys.member_state(self.config.cluster,
+                                                       self.config.member).encode()))
+        except Exception as exc:  # the mesh watch configures it as soon as etcd answers
+            log.warning("failback policy and member history not read: %s", exc)
+            return
+        if model is not None:
+            with contextlib.suppress(ModelError, UnicodeDecodeError):
+                spec = parse_model(model.value.decode(), source="model in etcd").cluster(
+                    self.config.cluster)
+                rejoin.configure(spec.failover if spec is not None else None)
+        if history is not None:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                rejoin.served = int(json.loads(history.value).get("failovers") or 0) > 0
+
     def _mesh_changed(self) -> None:
         self._check_model(self.mesh.model_text)
         model = self.mesh.model
         spec = model.cluster(self.config.cluster) if model is not None else None
         role = Role.NONE
+        state = None
+        self.membership.rejoin.configure(spec.failover if spec is not None else None)
         if spec is not None:
             me = cluster_view(spec, self.mesh.runtime).member(
                 self.config.member)
             role = me.role if me is not None else Role.NONE
+            state = me.state if me is not None else None
+            registration = self.mesh.runtime.registrations_of(spec.name).get(
+                self.config.member)
+            # The view did not hold it (none of the members it stood behind serves):
+            # returning, it would be shown returning; ready, it took its place.
+            if (registration is not None and registration.returning is not None
+                    and state == MemberState.READY):
+                self.membership.rejoin.unheld()
+        if state != self.view_state:
+            if state == MemberState.ATTENTION:
+                log.warning("member %s is active with problems: no other member can "
+                            "serve, so it serves in spite of what it reported",
+                            self.config.member)
+            self.view_state = state
         if role != self.role:
             log.info("member %s is now %s", self.config.member, role)
             self.role = role
         if self.narrow:
             self._scope(hold_all=spec is not None and spec.high_availability
                         and role == Role.STANDBY)
+
+    def _serving_now(self) -> tuple[str, ...]:
+        """The first tier of members that serve now, in this sidecar's view (a member
+        that comes back stands behind them: failback.py)."""
+        model = self.mesh.model
+        spec = model.cluster(self.config.cluster) if model is not None else None
+        if spec is None:
+            return ()
+        serving = [m for m in cluster_view(spec, self.mesh.runtime).members
+                   if m.state in SERVING and m.state != MemberState.RETURNING
+                   and m.name != self.config.member]
+        if not serving:
+            return ()
+        top = min(m.priority for m in serving)
+        return tuple(m.name for m in serving if m.priority == top)
 
     def _scope(self, *, hold_all: bool) -> None:
         """Start or stop the watch that keeps every session of the cluster."""
@@ -240,6 +305,11 @@ class Sidecar:
         """Advertise the member exactly while its cache is caught up with etcd."""
         while True:
             await self.cache.synced.wait()
+            # The mesh first: a member that comes back stands behind the members that
+            # serve, which only the mesh tells (failback.py).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self.mesh.synced.wait()
             await self.membership.set_ready(True)
             log.info("cache caught up (%d sessions): member %s is ready", len(self.cache),
                      self.config.member)
@@ -305,7 +375,9 @@ class Sidecar:
             reasons.append(registration)
         if not self.narrow and not self.cache.synced.is_set():
             reasons.append("session cache still syncing with etcd")
-        if self.membership.problems:
+        if self.membership.problems and self.view_state != MemberState.ATTENTION:
+            # Active with problems: the cluster keeps it serving (failover.all_withdrawn),
+            # so its health check must pass too, or Envoy would withdraw it all the same.
             reasons.append(f"problems reported: {', '.join(sorted(self.membership.problems))}")
         return reasons
 
@@ -324,6 +396,15 @@ class Sidecar:
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         warnings = [] if self.model_warning is None else [self.model_warning]
+        if self.view_state == MemberState.ATTENTION:
+            warnings.append("active with problems: no other member of the cluster can serve, "
+                            "so this one serves in spite of its report"
+                            + (f" ({', '.join(sorted(self.membership.problems))})"
+                               if self.membership.problems else " (overloaded)"))
+        returning = self.membership.rejoin.returning
+        if returning is not None:
+            warnings.append(f"returning since {returning['since']} ({returning['why']}): held "
+                            "behind the members that serve until failback")
         unreachable = self.membership.unreachable_for
         if unreachable is not None:
             warnings.append(f"etcd unreachable for {unreachable:.1f} s: cached sessions are "
@@ -348,6 +429,8 @@ class Sidecar:
             "ready": not self.not_ready_reasons(), "reasons": self.not_ready_reasons(),
             "registered": self.membership.registered, "problems": self.membership.problems,
             "overload": self.membership.overload,
+            "state": None if self.view_state is None else str(self.view_state),
+            "returning": self.membership.rejoin.returning,
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             "revision": c.applied, "lag_seconds": c.last_lag,
             "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import re
 from pathlib import Path
 
+from meshxl import bearer
 from meshxl import headers as hdr
-from meshxl.errors import InputError
+from meshxl.bearer import TokenError, valid_token
 
-from .server import Authorize, Request, Response, error
+from .http import Authorize, Request, Response, error
 
 __all__ = ["OPEN_PATHS", "TOKEN_ENV", "TokenError", "check_exposure", "read_token",
            "token_check", "valid_token"]
@@ -29,45 +29,13 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 """Paths answered without a token: liveness and readiness probes."""
 
 _REALM = 'Bearer realm="meshxl-statesync"'
-# RFC 6750 b64token: what an Authorization header can carry without quoting.
-_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
-MIN_TOKEN_LENGTH = 16
-MAX_TOKEN_LENGTH = 4096
 _AUTHORIZATION = hdr.AUTHORIZATION.lower()
-
-
-class TokenError(InputError):
-    """A token (or token file) that cannot be used; the message says why."""
-
-
-def valid_token(token: str, source: str) -> str:
-    """``token`` if it is usable as a bearer token, else :class:`TokenError`."""
-    if not MIN_TOKEN_LENGTH <= len(token) <= MAX_TOKEN_LENGTH:
-        raise TokenError(f"the token from {source} must be {MIN_TOKEN_LENGTH} to "
-                         f"{MAX_TOKEN_LENGTH} characters long (got {len(token)})")
-    if not _TOKEN.match(token):
-        raise TokenError(f"the token from {source} may hold only letters, digits and "
-                         "- . _ ~ + / (then = padding), e.g. `openssl rand -hex 32`")
-    return token
 
 
 def read_token(token_file: Path | None, environ: dict[str, str]) -> str | None:
     """The token from ``token_file`` (its first line) or ``$MESHXL_STATESYNC_TOKEN``;
     None when neither is given. Both at once is an error (which one would win?)."""
-    from_env = environ.get(TOKEN_ENV) or None
-    if token_file is None:
-        return valid_token(from_env.strip(), TOKEN_ENV) if from_env else None
-    if from_env:
-        raise TokenError(f"give the token once: --token-file or {TOKEN_ENV}, not both")
-    try:
-        text = token_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise TokenError(f"cannot read the token file {token_file}: {reason}") from None
-    lines = text.strip().splitlines()
-    if not lines:
-        raise TokenError(f"the token file {token_file} is empty")
-    return valid_token(lines[0].strip(), str(token_file))
+    return bearer.read_token(token_file, environ, TOKEN_ENV)
 
 
 def _is_loopback(host: str) -> bool:

@@ -33,11 +33,13 @@ from typing import Any
 
 import orjson
 
-from meshxl import web as mweb
+from meshxl import httpbase
+from meshxl.errors import InputError, MeshxlError, TooLarge
 
+from .conditions import check_if_match
 from .record import JSON_TYPE, is_json, served_content_type, valid_content_type, valid_session_id
-from .sessions import BadRequest, Change, SessionError, Stored, TooLarge, check_if_match
 from .store import MAX_TXN_OPS, MAX_TXN_WRITES
+from .writes import DELETE, PUT, Stored, Write
 
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
@@ -64,13 +66,23 @@ OCTET_STREAM = "application/octet-stream"
 ENCODINGS = ("json", "base64")
 
 
+UPSERT = "upsert"
+"""The wire format's name of a put (a transaction's ``operation``); a delete is
+``delete`` on the wire too."""
+
+
 @dataclass(slots=True, kw_only=True)
-class Item(Change):
+class Item(Write):
     """One session of a bulk save or transaction request, checked: the write it asks
-    for (a :class:`Change`, what :meth:`Sessions.put_many` and ``transact`` take) and
-    its place in the request."""
+    for (a :class:`~.writes.Write`, what :meth:`.sessions.Sessions.write` takes) and its
+    place in the request."""
 
     index: int
+
+
+def operation(write: Write) -> str:
+    """A write's ``operation`` as the wire format names it: ``upsert`` or ``delete``."""
+    return UPSERT if write.op == PUT else DELETE
 
 
 class _Where:
@@ -82,9 +94,9 @@ class _Where:
     def field(self, name: str) -> str:
         return f"{self.array}[{self.index}].{name}"
 
-    def bad(self, name: str, message: str) -> BadRequest:
+    def bad(self, name: str, message: str) -> InputError:
         where = self.field(name)
-        return BadRequest(f"{where}: {message}", field=where, item=self.index)
+        return InputError(f"{where}: {message}", field=where, item=self.index)
 
 
 # -- requests -------------------------------------------------------------------------
@@ -98,10 +110,10 @@ def parse_get(body: bytes) -> list[str]:
     for i, session_id in enumerate(ids):
         if not isinstance(session_id, str) or not valid_session_id(session_id):
             where = f"sessions[{i}]"
-            raise BadRequest(f"{where}: invalid session id {_show(session_id)}: use 1-200 "
+            raise InputError(f"{where}: invalid session id {_show(session_id)}: use 1-200 "
                              "characters of A-Z a-z 0-9 . _ ~ -", field=where, item=i)
         if session_id in seen:
-            raise BadRequest(f"sessions[{i}]: session {session_id!r} is named twice",
+            raise InputError(f"sessions[{i}]: session {session_id!r} is named twice",
                              field=f"sessions[{i}]", item=i)
         seen.add(session_id)
     return list(ids)
@@ -128,17 +140,17 @@ def parse_transaction(body: bytes, max_bytes: int) -> list[Item]:
         where = _Where("operations", i)
         if not isinstance(raw, dict):
             raise where.bad("operation", "each operation is an object")
-        operation = raw.get("operation", "upsert")
-        if operation == "upsert":
+        named = raw.get("operation", UPSERT)
+        if named == UPSERT:
             items.append(_item(where, raw, max_bytes, UPSERT_FIELDS, numbers.plain))
-        elif operation == "delete":
+        elif named == DELETE:
             _only(where, raw, ("operation", "session", "if_match"))
-            items.append(Item(index=i, session_id=_session(where, raw), data=None,
+            items.append(Item(index=i, session_id=_session(where, raw), op=DELETE,
                               if_match=_if_match(where, raw)))
         else:
-            raise where.bad("operation", f'"upsert" or "delete", not {_show(operation)}')
+            raise where.bad("operation", f'"upsert" or "delete", not {_show(named)}')
     _once(items, "operations")
-    total = sum(len(item.session_id) + len(item.data or b"") for item in items)
+    total = sum(len(item.session_id) + len(item.data) for item in items)
     if total > MAX_TXN_BYTES:
         raise TooLarge(f"the transaction's sessions hold {total} bytes; one transaction "
                        f"takes at most {MAX_TXN_BYTES} (etcd's request limit): split it "
@@ -148,17 +160,17 @@ def parse_transaction(body: bytes, max_bytes: int) -> list[Item]:
 
 def _object(body: bytes, array: str, numbers: _Numbers | None = None) -> dict[str, Any]:
     try:
-        request = mweb.loads(body, what="request body",
+        request = httpbase.loads(body, what="request body",
                              parse_float=numbers.number if numbers else None,
                              parse_constant=numbers.constant if numbers else None)
-    except mweb.BadJson as exc:
-        raise BadRequest(str(exc), field="body") from None
+    except httpbase.BadJson as exc:
+        raise InputError(str(exc), field="body") from None
     if not isinstance(request, dict):
-        raise BadRequest(f'the request body is a JSON object {{"{array}": [...]}}',
+        raise InputError(f'the request body is a JSON object {{"{array}": [...]}}',
                          field="body")
     unknown = sorted(set(request) - {array})
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0][:60]!r} (the body holds {array!r})",
+        raise InputError(f"unknown field {unknown[0][:60]!r} (the body holds {array!r})",
                          field=unknown[0][:60])
     return request
 
@@ -166,7 +178,7 @@ def _object(body: bytes, array: str, numbers: _Numbers | None = None) -> dict[st
 def _array(request: dict[str, Any], name: str, limit: int = MAX_ITEMS) -> list[Any]:
     value = request.get(name)
     if not isinstance(value, list) or not value:
-        raise BadRequest(f"{name} must be a non-empty array", field=name)
+        raise InputError(f"{name} must be a non-empty array", field=name)
     if len(value) > limit:
         raise TooLarge(f"{name} holds {len(value)} entries; the limit is {limit}",
                        field=name, limit=limit)
@@ -195,7 +207,7 @@ def _if_match(where: _Where, raw: dict[str, Any]) -> str | None:
         raise where.bad("if_match", 'an ETag string such as "42" or "*"')
     try:  # the header's check, answered with this field's name
         check_if_match(value)
-    except BadRequest as exc:
+    except InputError as exc:
         raise where.bad("if_match", str(exc).replace("If-Match", "if_match")) from None
     return value
 
@@ -236,8 +248,8 @@ def _item(where: _Where, raw: Any, max_bytes: int, allowed: tuple[str, ...],
                             "padding)") from None
         if is_json(content_type):
             try:
-                mweb.check_json(data, what="the decoded state")
-            except mweb.BadJson as exc:
+                httpbase.check_json(data, what="the decoded state")
+            except httpbase.BadJson as exc:
                 raise where.bad("data", f"{exc}; send another content_type to store it "
                                 "as bytes") from None
     if len(data) > max_bytes:
@@ -305,7 +317,7 @@ def _once(items: list[Item], array: str) -> None:
     for item in items:
         if item.session_id in seen:
             where = f"{array}[{item.index}].session"
-            raise BadRequest(f"{where}: session {item.session_id!r} is named twice",
+            raise InputError(f"{where}: session {item.session_id!r} is named twice",
                              field=where, item=item.index)
         seen.add(item.session_id)
 
@@ -375,9 +387,9 @@ def write_fields(stored: Stored) -> dict[str, Any]:
             "replicated": stored.source != "local"}
 
 
-def error_fields(session_id: str, exc: SessionError) -> dict[str, Any]:
+def error_fields(session_id: str, exc: MeshxlError) -> dict[str, Any]:
     """What a single request answers for ``exc``, as a bulk item."""
-    return {"session": session_id, "status": mweb.http_status(exc), "error": str(exc),
+    return {"session": session_id, "status": httpbase.http_status(exc), "error": str(exc),
             **exc.details}
 
 
@@ -390,6 +402,6 @@ def dumps(value: Any) -> bytes:
 
 
 __all__ = ["ENCODINGS", "MAX_BODY", "MAX_GET_BODY", "MAX_ITEMS", "MAX_OPERATIONS",
-           "MAX_TXN_BYTES", "Item",
+           "MAX_TXN_BYTES", "UPSERT", "Item", "operation",
            "embeddable", "error_fields", "items_body", "parse_get", "parse_save",
            "parse_transaction", "read_item", "write_answer", "write_fields"]

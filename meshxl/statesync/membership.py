@@ -54,8 +54,11 @@ from aetcd import rpc
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from meshxl import etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.model import Registration
+
+from .failback import Rejoin
+from .problems import ProblemLeases, check_ttl
 
 __all__ = ["MIN_TTL", "Membership", "no_answer", "registration_document"]
 
@@ -88,8 +91,8 @@ def _now() -> str:
 
 def registration_document(
     *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
-    problems: dict[str, dict[str, str]], sidecar: str, pid: int, since: str, updated: str,
-    overload: dict[str, str] | None = None,
+    problems: dict[str, dict[str, Any]], sidecar: str, pid: int, since: str, updated: str,
+    overload: dict[str, str] | None = None, returning: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
     doc: dict[str, Any] = {"address": address, "port": port}
@@ -105,6 +108,8 @@ def registration_document(
     )
     if overload is not None:
         doc["overload"] = dict(overload)
+    if returning is not None:
+        doc["returning"] = dict(returning)
     return doc
 
 
@@ -146,7 +151,13 @@ class Membership:
         self._failing = False
         self._unreachable_since: float | None = None  # monotonic; None: etcd answers
         self._ready = False
-        self._problems: dict[str, dict[str, str]] = {}
+        self._problems: dict[str, dict[str, Any]] = {}
+        self._expiry: dict[str, asyncio.TimerHandle] = {}  # problems with a TTL
+        self.problem_leases = ProblemLeases(keys, cluster, member,
+                                            lambda fn, what: self._call(fn, what))
+        self.rejoin = Rejoin(self._rejoined)
+        """Whether the member is held as "returning" after trouble (failback.py)."""
+        self._pending: set[asyncio.Task[Any]] = set()
         self._overload: dict[str, str] | None = None
         self._since = ""
         self._version = 0          # bumped on every local change
@@ -166,8 +177,9 @@ class Membership:
         return self._ready
 
     @property
-    def problems(self) -> dict[str, dict[str, str]]:
-        """Reported problems: name -> {"detail", "since"} (a copy)."""
+    def problems(self) -> dict[str, dict[str, Any]]:
+        """Reported problems: name -> {"detail", "since"} and, for one reported with a
+        TTL, "ttl" (seconds; it ends that long after its last report) (a copy)."""
         return {name: dict(info) for name, info in self._problems.items()}
 
     @property
@@ -204,7 +216,8 @@ class Membership:
         return registration_document(
             address=self.address, port=self.port, site=self.site, weight=self.weight,
             ready=self._ready, problems=self._problems, sidecar=self.sidecar,
-            pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload)
+            pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload,
+            returning=self.rejoin.returning)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -215,6 +228,7 @@ class Membership:
             raise RuntimeError("membership already started")
         self._stopped = False
         self._since = _now()
+        await self._restore_problems()
         await self._register()
         self._task = asyncio.get_running_loop().create_task(
             self._keepalive(), name=f"membership {self.cluster}/{self.member}")
@@ -223,6 +237,10 @@ class Membership:
         """Stop the keepalive; with ``revoke`` (graceful) the registration goes at once,
         without it it stays until the lease expires (what a crash looks like)."""
         self._stopped = True
+        self.rejoin.cancel()
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -249,25 +267,95 @@ class Membership:
         if ready == self._ready:
             return
         self._ready = ready
+        self.rejoin.well(self._well(), "its cache caught up again")
         await self._changed()
 
-    async def set_problem(self, name: str, detail: str = "") -> bool:
-        """Report a problem: the member is withdrawn while any is set. True if new."""
+    def _well(self) -> bool:
+        """Able to serve by its own state: registered, caught up, no problem."""
+        return self._ready and not self._problems and self.lease_id is not None
+
+    def _rejoined(self) -> None:
+        """The hold ended on its own (failback delay, policy): write it."""
+        task = asyncio.get_running_loop().create_task(self._changed())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def set_problem(self, name: str, detail: str = "", ttl: float | None = None) -> bool:
+        """Report a problem: the member is withdrawn while any is set (unless no other
+        member can serve: ``failover.all_withdrawn``). With ``ttl`` the problem ends
+        that many seconds after this report unless reported again (problems.py). True
+        if new."""
         if not name or len(name) > 63 or len(detail) > 1024:
             raise ValueError("a problem needs a name of 1-63 characters and a detail of "
                              "at most 1024 (both are stored in the registration)")
+        if ttl is not None:
+            check_ttl(ttl)
         info = self._problems.get(name)
         if info is None and len(self._problems) >= MAX_PROBLEMS:
             raise ValueError(f"at most {MAX_PROBLEMS} problems at once")
-        if info is not None:
-            if info["detail"] == detail:
-                return False
+        created = info is None
+        if info is None:
+            info = self._problems[name] = {"detail": detail, "since": _now()}
+            changed = True
+        else:
+            changed = info["detail"] != detail or info.get("ttl") != ttl
             info["detail"] = detail
+        had_ttl = "ttl" in info
+        if ttl is None:
+            info.pop("ttl", None)
+        else:
+            info["ttl"] = ttl
+        self._expire_in(name, ttl)
+        await self._persist(name, info, ttl, had_ttl)
+        self.rejoin.well(self._well(), "")
+        if changed:
             await self._changed()
-            return False
-        self._problems[name] = {"detail": detail, "since": _now()}
-        await self._changed()
-        return True
+        return created
+
+    def _expire_in(self, name: str, ttl: float | None) -> None:
+        timer = self._expiry.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        if ttl is not None:
+            self._expiry[name] = asyncio.get_running_loop().call_later(
+                ttl, self._expired, name, ttl)
+
+    def _expired(self, name: str, ttl: float) -> None:
+        self._expiry.pop(name, None)
+        log.warning("member %s/%s: problem %s not reported again within its ttl (%g s): "
+                    "cleared", self.cluster, self.member, name, ttl)
+        task = asyncio.get_running_loop().create_task(self.clear_problem(name))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _persist(self, name: str, info: dict[str, Any], ttl: float | None,
+                       had_ttl: bool) -> None:
+        """Keep a problem with a TTL in etcd (it outlives a restart until its TTL
+        ends); best effort: the registration is what withdraws the member."""
+        try:
+            if ttl is not None:
+                await self.problem_leases.keep(name, info["detail"], info["since"], ttl)
+            elif had_ttl:
+                await self.problem_leases.forget(name)
+        except Exception as exc:
+            self._failed(f"problem {name} not kept in etcd", exc)
+
+    async def _restore_problems(self) -> None:
+        """Problems with a TTL a previous sidecar of this member reported, still
+        running: restored before the first registration (problems.py)."""
+        try:
+            restored = await self.problem_leases.restore()
+        except Exception as exc:
+            self._failed("problems of the previous sidecar not read", exc)
+            return
+        for p in restored:
+            if p.name in self._problems or len(self._problems) >= MAX_PROBLEMS:
+                continue
+            self._problems[p.name] = {"detail": p.detail, "since": p.since, "ttl": p.ttl}
+            self._expire_in(p.name, p.remaining)
+            log.warning("member %s/%s: problem %s restored from before the restart "
+                        "(%.0f s of its ttl left)", self.cluster, self.member, p.name,
+                        p.remaining)
 
     @property
     def overload(self) -> dict[str, str] | None:
@@ -300,8 +388,15 @@ class Membership:
 
     async def clear_problem(self, name: str) -> bool:
         """Clear a problem; True if it was set."""
-        if self._problems.pop(name, None) is None:
+        info = self._problems.pop(name, None)
+        if info is None:
             return False
+        self._expire_in(name, None)
+        if "ttl" in info:
+            await self._persist(name, info, None, True)
+        # Back with the hold, if any, in the same write (the control plane never sees
+        # the member back without it).
+        self.rejoin.well(self._well(), f"problem {name} cleared")
         await self._changed()
         return True
 
@@ -337,6 +432,7 @@ class Membership:
     async def _register(self) -> None:
         """Grant a new lease and write the registration under it."""
         started = time.monotonic()
+        withdrawn = self.registrations > 0 and await self._registration_gone()
         lease = await self._call(lambda ep, t: ep.client.leasestub.LeaseGrant(
             rpc.LeaseGrantRequest(TTL=math.ceil(self.ttl)), timeout=t,
             metadata=ep.client.metadata), "lease grant")
@@ -344,10 +440,13 @@ class Membership:
             self.lease_id = lease.ID
             self._written = -1
             self._expires = started + lease.TTL
+            self.rejoin.well(self._well(), "registered again after its registration ended",
+                             back=withdrawn)
         try:
             await self._write(force=True)
         except BaseException:
             self.lease_id = None
+            self.rejoin.well(False, "")
             with contextlib.suppress(Exception):
                 await self._call(lambda ep, t: ep.client.leasestub.LeaseRevoke(
                     rpc.LeaseRevokeRequest(ID=lease.ID), timeout=t,
@@ -358,6 +457,19 @@ class Membership:
         self._answered()
         log.info("member %s/%s registered under lease %x (ttl %d s)", self.cluster,
                  self.member, lease.ID, lease.TTL)
+
+    async def _registration_gone(self) -> bool:
+        """Whether the previous registration ended in etcd (its lease expired: the
+        control plane withdrew the member) before this one. A lease given up while etcd
+        was away, with the registration still there, withdrew nothing: an etcd outage
+        makes no member "come back" (failback.py)."""
+        try:
+            got = await self._call(lambda ep, t: ep.client.kvstub.Range(
+                rpc.RangeRequest(key=self.key.encode(), count_only=True), timeout=t,
+                metadata=ep.client.metadata), "registration read")
+        except Exception:  # the write below fails the same way and is retried
+            return False
+        return int(got.count) == 0
 
     async def _refresh(self) -> bool:
         """One keepalive; False when etcd says the lease is gone."""
@@ -394,6 +506,7 @@ class Membership:
                     self.member, f"{self.lease_id:x}" if self.lease_id else "-", why)
         self.lease_id = None
         self._written = -1
+        self.rejoin.well(False, "")
 
     def _answered(self) -> None:
         if self._unreachable_since is not None:

@@ -43,10 +43,7 @@ Reads
     per key).
 
 TTL
-    Sessions expire through leases shared by time bucket: each bucket of ``ttl / 10``
-    has one lease of ``ttl + bucket`` seconds, attached to every write in that bucket.
-    A session thus lives between ``ttl`` and ``ttl + bucket`` after its last write,
-    with a handful of leases instead of one per session.
+    Every put carries the session lease of its time bucket (:mod:`.leases`).
 """
 
 from __future__ import annotations
@@ -54,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -63,13 +59,14 @@ from typing import Any
 
 import aetcd
 from aetcd import rpc
-from aetcd.exceptions import ClientError
 
 from meshxl import etcd
-from meshxl.errors import Unavailable, detached
+from meshxl.errors import detached
 from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
 
 from . import wire
+from .errors import LeaseLost, StoreUnavailable
+from .leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +89,6 @@ about 1.6x raw puts with one transaction in flight, 2.1x with full batches leavi
 once; single writes from 64 writers never fill a batch and are unchanged)."""
 
 
-class StoreUnavailable(Unavailable):
-    """etcd did not answer: the write was not acknowledged (it may or may not apply)."""
-
-
 @dataclass(frozen=True, slots=True)
 class KeyState:
     """A key as etcd has it now: ``revision`` 0 means it does not exist."""
@@ -113,14 +106,10 @@ class WriteResult:
     """When not ok: the key as it is, so the caller can tell 409 from 412."""
 
 
-@dataclass(frozen=True, slots=True)
-class TxnWrite:
-    """One key of a transaction: put ``value`` (None: delete the key) if the key's
-    mod_revision is ``expected`` (0: the key must not exist)."""
-
-    key: bytes
-    expected: int
-    value: bytes | None
+KeyWrite = tuple[bytes, bytes | None, int]
+"""``(key, value, expected)``: put ``value`` at ``key`` (None: delete the key) if the
+key's mod_revision is ``expected`` (0: the key must not exist). A plain tuple: one is made
+for every session written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +234,10 @@ class _Batcher:
 
     def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
                  max_inflight: int, timeout: float,
-                 on_batch: Callable[[str, int, float], None] | None = None):
+                 on_batch: Callable[[str, int, float], None] | None = None,
+                 on_lease_lost: Callable[[], None] | None = None):
         self._client = client
+        self._on_lease_lost = on_lease_lost
         self.name = name
         self._max_ops = min(max_ops, MAX_TXN_OPS)
         self._max_bytes = min(max_bytes, MAX_REQUEST_BYTES)
@@ -368,6 +359,12 @@ class _Batcher:
             except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
                 if isinstance(exc, rpc.AioRpcError):
                     last = f"etcd {exc.code().name}: {exc.details()}"
+                    if "lease not found" in last:
+                        # Refused whole (nothing applied) for a lease etcd lost.
+                        if self._on_lease_lost is not None:
+                            self._on_lease_lost()
+                        fail(pending, LeaseLost(last))
+                        return
                     if not retryable(exc) or not balancer.probing:
                         fail(pending, StoreUnavailable(last))
                         return
@@ -426,43 +423,6 @@ def _txn(client: aetcd.Client) -> Any:
     return made[1]
 
 
-class _Leases:
-    """One lease per time bucket, granted on first use, shared by all writes in it."""
-
-    def __init__(self, client: aetcd.Client, ttl: float):
-        self._client = client
-        self.ttl = ttl
-        self.bucket = max(1.0, ttl / 10)
-        self._leases: dict[int, int] = {}
-        self._lock = asyncio.Lock()
-
-    def cached(self) -> int | None:
-        """The current bucket's lease if it was granted already (no await)."""
-        return self._leases.get(int(time.time() // self.bucket))
-
-    async def current(self) -> int:
-        bucket = int(time.time() // self.bucket)
-        lease = self._leases.get(bucket)
-        if lease is not None:
-            return lease
-        async with self._lock:
-            lease = self._leases.get(bucket)
-            if lease is None:
-                ttl = math.ceil(self.ttl + self.bucket)
-                granted = await etcd.balancer_of(self._client).call(
-                    lambda ep, timeout: ep.client.leasestub.LeaseGrant(
-                        rpc.LeaseGrantRequest(TTL=ttl), timeout=timeout,
-                        metadata=ep.client.metadata), what="session lease grant")
-                lease = self._leases[bucket] = granted.ID
-                for old in [b for b in self._leases if b < bucket - 1]:
-                    del self._leases[old]
-            return lease
-
-    def forget(self) -> None:
-        """After etcd refused a lease (revoked, or etcd lost it): grant anew."""
-        self._leases.clear()
-
-
 class SessionStore:
     """One cluster's sessions in etcd, for one member's sidecar."""
 
@@ -471,10 +431,11 @@ class SessionStore:
                  timeout: float = 5.0,
                  on_batch: Callable[[str, int, float], None] | None = None):
         self._client = client
-        self.leases = _Leases(client, ttl)
+        self.leases = Leases(client, ttl)
         self._writes = _Batcher(client, "write", max_ops=max_batch_ops,
                                 max_bytes=max_batch_bytes, max_inflight=max_inflight,
-                                timeout=timeout, on_batch=on_batch)
+                                timeout=timeout, on_batch=on_batch,
+                                on_lease_lost=self.leases.forget)
         self._reads = _Batcher(client, "read", max_ops=MAX_TXN_OPS, max_bytes=MAX_REQUEST_BYTES,
                                max_inflight=max_inflight, timeout=timeout, on_batch=on_batch)
 
@@ -498,57 +459,32 @@ class SessionStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def put(self, key: bytes, value: bytes, expected: int) -> WriteResult:
-        """Put if the key's mod_revision is ``expected`` (0: the key must not exist)."""
-        for attempt in (1, 2):
-            lease = self.leases.cached() or await self._lease()
-            try:
-                result: WriteResult = await self.put_soon(key, value, expected, lease)
-                return result
-            except StoreUnavailable as exc:
-                if attempt == 1 and self._lease_lost(exc):
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def put_soon(self, key: bytes, value: bytes, expected: int,
-                 lease: int) -> asyncio.Future[WriteResult]:
-        """:meth:`put`'s attempt with ``lease``, queued now (a coroutine fewer on every
-        write): its answer, or StoreUnavailable (for a lost lease too: :meth:`put` then
-        grants a new one)."""
-        writes = self._writes
-        future: asyncio.Future[WriteResult] = writes.enqueue(
-            wire.guarded_put(key, value, expected, lease), functools.partial(_put_result, value),
-            len(key) + len(value) + 64, resend=expected != 0)
-        writes.kick()
-        return future
-
     async def lease(self) -> int:
-        """The session lease of the current TTL bucket (StoreUnavailable without etcd)."""
-        return self.leases.cached() or await self._lease()
+        """The session lease of the current TTL bucket, granted if need be
+        (StoreUnavailable without etcd); :meth:`lease_now` when it was granted already."""
+        return self.leases.cached() or await self.leases.current()
 
-    def put_all(self, puts: Sequence[tuple[bytes, bytes, int]],
-                lease: int) -> asyncio.Future[list[WriteResult | BaseException]]:
-        """:meth:`put` of each ``(key, value, expected)`` with ``lease``, queued together
-        (they leave in the same transactions): one future for every answer, in order,
-        each a :class:`WriteResult` or the exception it failed with. A put etcd refused
-        for a lost lease fails with StoreUnavailable naming it (put() then retries)."""
-        future = self._writes.enqueue_group([
-            (wire.guarded_put(key, value, expected, lease),
-             functools.partial(_put_result, value), len(key) + len(value) + 64, expected != 0)
-            for key, value, expected in puts])
-        self._writes.kick()
+    def lease_now(self) -> int | None:
+        """The current TTL bucket's session lease, if granted already (no await)."""
+        return self.leases.cached()
+
+    def write(self, writes: Sequence[KeyWrite],
+              lease: int) -> asyncio.Future[list[WriteResult | BaseException]]:
+        """Each of ``writes`` on its own, guarded by its compare, puts with ``lease``:
+        queued together now, so they leave in the same transactions, with no coroutine
+        between the caller and etcd's answer. One future for every answer, in order,
+        each a :class:`WriteResult` or the exception it failed with (:class:`LeaseLost`:
+        nothing applied, send it again)."""
+        batcher = self._writes
+        future = batcher.enqueue_group([
+            (wire.guarded_put(key, value, expected, lease), functools.partial(_put_result, value),
+             len(key) + len(value) + 64, expected != 0) if value is not None else
+            (wire.guarded_delete(key, expected), _delete_result, len(key) + 64, expected != 0)
+            for key, value, expected in writes])
+        batcher.kick()
         return future
 
-    async def delete(self, key: bytes, expected: int) -> WriteResult:
-        """Delete if the key's mod_revision is ``expected``."""
-        result: WriteResult = await self._write(
-            lambda _lease: self._guarded(key, expected, {"request_delete_range": {"key": key}}),
-            lambda r, rev, uncertain: _write_result(r, rev, uncertain, None),
-            len(key) + 64, resend=expected != 0, leased=False)
-        return result
-
-    async def transact(self, writes: Sequence[TxnWrite]) -> TxnResult:
+    async def transact(self, writes: Sequence[KeyWrite]) -> TxnResult:
         """All of ``writes`` or none: one guarded op whose compares cover every key.
 
         Success puts (with the session lease) and deletes every key; failure reads every
@@ -559,98 +495,58 @@ class SessionStore:
         if not 0 < len(writes) <= MAX_TXN_WRITES:
             raise ValueError(f"a transaction holds 1 to {MAX_TXN_WRITES} writes, "
                              f"not {len(writes)}")
-        if len({w.key for w in writes}) != len(writes):
+        if len({key for key, _, _ in writes}) != len(writes):
             raise ValueError("a transaction names each key once (etcd refuses duplicates)")
-        size = sum(len(w.key) + len(w.value or b"") + 96 for w in writes)
+        size = sum(len(key) + len(value or b"") + 96 for key, value, _ in writes)
         if size > MAX_REQUEST_BYTES:
             raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
                              f"{MAX_REQUEST_BYTES} in one request")
+        leased = any(value is not None for _, value, _ in writes)
+        for attempt in (1, 2):
+            lease = await self.lease() if leased else 0
+            request = rpc.RequestOp(request_txn={
+                "compare": [{"key": key, "target": rpc.Compare.MOD,
+                             "result": rpc.Compare.EQUAL, "mod_revision": expected}
+                            for key, _, expected in writes],
+                "success": [{"request_put": {"key": key, "value": value, "lease": lease}}
+                            if value is not None else
+                            {"request_delete_range": {"key": key}} for key, value, _ in writes],
+                "failure": [{"request_range": {"key": key, "keys_only": True}}
+                            for key, _, _ in writes]})
+            try:
+                result: TxnResult = await self._writes.submit(
+                    request, _txn_result, size,
+                    # A creation is never sent twice (see the module docstring): a
+                    # transaction is sent again only if every compare expects an
+                    # existing key.
+                    resend=all(expected != 0 for _, _, expected in writes),
+                    width=len(writes))
+            except LeaseLost:
+                if attempt == 1:
+                    continue  # nothing applied: again, with a new lease
+                raise
+            if result.uncertain:
+                return await self._settle(writes, result)
+            return result
+        raise AssertionError("unreachable")
 
-        def request(lease: int) -> rpc.RequestOp:
-            return rpc.RequestOp(request_txn={
-                "compare": [{"key": w.key, "target": rpc.Compare.MOD,
-                             "result": rpc.Compare.EQUAL, "mod_revision": w.expected}
-                            for w in writes],
-                "success": [{"request_put": {"key": w.key, "value": w.value, "lease": lease}}
-                            if w.value is not None else
-                            {"request_delete_range": {"key": w.key}} for w in writes],
-                "failure": [{"request_range": {"key": w.key, "keys_only": True}}
-                            for w in writes]})
-
-        result: TxnResult = await self._write(
-            request, _txn_result, size,
-            # A creation is never sent twice (see the module docstring): a transaction
-            # is sent again only if every compare expects an existing key.
-            resend=all(w.expected != 0 for w in writes),
-            leased=any(w.value is not None for w in writes), width=len(writes))
-        if result.uncertain:
-            return await self._settle(writes, result)
-        return result
-
-    async def _settle(self, writes: Sequence[TxnWrite], result: TxnResult) -> TxnResult:
+    async def _settle(self, writes: Sequence[KeyWrite], result: TxnResult) -> TxnResult:
         """A transaction whose earlier attempt went unanswered and whose compares then
         failed: acknowledged if every key it puts holds exactly its bytes at one
         revision and every key it deletes is gone; anything else is not known."""
-        puts = [w for w in writes if w.value is not None]
-        if not puts or any(c.revision != 0 for w, c in zip(writes, result.current, strict=True)
-                           if w.value is None):
+        puts = [(key, value) for key, value, _ in writes if value is not None]
+        if not puts or any(now.revision != 0 for (_, value, _), now
+                           in zip(writes, result.current, strict=True) if value is None):
             raise _unknown()
-        revisions = {c.revision for w, c in zip(writes, result.current, strict=True)
-                     if w.value is not None}
+        revisions = {now.revision for (_, value, _), now
+                     in zip(writes, result.current, strict=True) if value is not None}
         if len(revisions) != 1 or 0 in revisions:
             raise _unknown()
-        for write in puts:
-            state = await self.fetch(write.key)
-            if state.value != write.value:
+        for key, value in puts:
+            state = await self.fetch(key)
+            if state.value != value:
                 raise _unknown()
         return TxnResult(True, revisions.pop())
-
-    async def _write(self, build: Callable[[int], rpc.RequestOp],
-                     parse: Callable[[Any, int, bool], Any], size: int, *,
-                     resend: bool, leased: bool = True, width: int = 1) -> Any:
-        """Submit ``build(lease)`` (the session lease of the current TTL bucket) to the
-        write batcher; once more with a new lease if etcd lost the lease."""
-        for attempt in (1, 2):
-            lease = 0
-            if leased:
-                lease = self.leases.cached() or await self._lease()
-            try:
-                return await self._writes.submit(build(lease), parse, size, resend=resend,
-                                                 width=width)
-            except StoreUnavailable as exc:
-                if attempt == 1 and self._lease_lost(exc):
-                    continue
-                raise
-        raise AssertionError("unreachable")
-
-    def _lease_lost(self, exc: StoreUnavailable) -> bool:
-        """etcd refused the whole batch for one lost lease (nothing applied): forget the
-        leases, so the next attempt is granted a new one."""
-        if "lease not found" not in str(exc):
-            return False
-        log.warning("a session lease is gone; granting a new one and retrying")
-        self.leases.forget()
-        return True
-
-    async def _lease(self) -> int:
-        try:
-            return await self.leases.current()
-        except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
-                MemberChanged) as exc:
-            # No session lease without etcd (a new TTL bucket): not acknowledged.
-            raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
-                                   f"lease: {exc}") from exc
-
-    @staticmethod
-    def _guarded(key: bytes, expected: int, op: dict[str, Any]) -> rpc.RequestOp:
-        """``op`` (a RequestOp as a dict) if the key's mod_revision is ``expected``, else
-        read the key. Built in one constructor call: nested messages are not copied
-        (a third of the cost of building them one by one, on every write)."""
-        return rpc.RequestOp(request_txn={
-            "compare": [{"key": key, "target": rpc.Compare.MOD, "result": rpc.Compare.EQUAL,
-                         "mod_revision": expected}],
-            "success": [op],
-            "failure": [{"request_range": {"key": key}}]})
 
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
@@ -666,6 +562,10 @@ def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
 
 def _put_result(value: bytes, response: Any, revision: int, uncertain: bool) -> WriteResult:
     return _write_result(response, revision, uncertain, value)
+
+
+def _delete_result(response: Any, revision: int, uncertain: bool) -> WriteResult:
+    return _write_result(response, revision, uncertain, None)
 
 
 def _write_result(response: Any, revision: int, uncertain: bool,

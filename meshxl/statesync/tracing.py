@@ -13,6 +13,7 @@ seconds to end), so recent takeovers are kept until their failover appears.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshxl.telemetry import names
 
 from .record import valid_traceparent
-from .sessions import Takeover
+from .writes import Takeover
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,11 @@ async def follow_failovers(client: aetcd.Client, prefix: str, tracer: TakeoverTr
                     if event.kind == "PUT":
                         _offer(tracer, event.kv.value)
             finally:
-                await watch.cancel()
+                # A watch whose stream is going may fail to cancel: that failure must
+                # not take the place of a cancellation in flight (the sidecar stopping
+                # waits for this task), nor of the watch's own error.
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tracing must never disturb the sidecar

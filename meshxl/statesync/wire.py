@@ -1,17 +1,19 @@
 """etcd's ``Txn`` request for the session store's hot path, in protobuf's wire format.
 
-Every session write is one guarded put (``if mod_revision(key) == expected: put, else
-read the key``), nested in the batch's transaction. Built as upb messages, one such op
-took about 14 us of Python (the nested dicts converted field by field) and the batch
-request copied every op again; written here as bytes, an op takes about 2 us and the
-batch is their concatenation. Pure code: ``tests/unit/test_statesync_wire.py`` checks
-every encoding against etcd's own generated messages (same bytes, same parse).
+Every session write is one guarded put or delete (``if mod_revision(key) == expected:
+put (delete), else read the key``), nested in the batch's transaction. Built as upb
+messages, an op cost several times more Python (the nested dicts converted field by
+field) and the batch request copied every op again; written here as bytes, the batch is
+their concatenation (docs/performance.md, "What was measured to help"). The varint is
+:mod:`meshxl.protowire`'s. Pure code: ``tests/unit/test_statesync_wire.py`` checks every
+encoding against etcd's own generated messages (same bytes, same parse).
 
 Field numbers (etcd's ``rpc.proto``): ``RequestOp`` request_range 1, request_put 2,
-request_txn 4; ``TxnRequest`` compare 1, success 2, failure 3; ``Compare`` result 1
-(EQUAL 0), target 2 (MOD 2), key 3, mod_revision 6; ``PutRequest`` key 1, value 2,
-lease 3; ``RangeRequest`` key 1. Zero values are left out, as proto3 does, but for a
-oneof member (``mod_revision``), which is written whatever its value.
+request_delete_range 3, request_txn 4; ``TxnRequest`` compare 1, success 2, failure 3;
+``Compare`` result 1 (EQUAL 0), target 2 (MOD 2), key 3, mod_revision 6; ``PutRequest``
+key 1, value 2, lease 3; ``RangeRequest`` and ``DeleteRangeRequest`` key 1. Zero values
+are left out, as proto3 does, but for a oneof member (``mod_revision``), which is
+written whatever its value.
 """
 
 from __future__ import annotations
@@ -19,31 +21,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-__all__ = ["guarded_put", "txn_request", "varint"]
+from meshxl.protowire import varint
+
+__all__ = ["guarded_delete", "guarded_put", "txn_request"]
 
 _INT64_MAX = (1 << 63) - 1
-_SMALL = [bytes([n]) for n in range(128)]
-
-
-def varint(n: int) -> bytes:
-    """A non-negative integer as a protobuf varint (lengths and revisions mostly take
-    two or three bytes: written without a loop)."""
-    if n < 128:
-        if n < 0:
-            raise ValueError(f"negative varint {n}")
-        return _SMALL[n]
-    if n < 16384:
-        return bytes((n & 0x7F | 0x80, n >> 7))
-    if n < 2097152:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14))
-    if n < 268435456:
-        return bytes((n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21))
-    out = bytearray()
-    while n >= 128:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,6 +68,21 @@ def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
                 + put_size + len(failure))
     return b"".join((b"\x22", v(txn_size), compare_head, compare, success_head, put_head,
                      key_field, value_head, value, lease_field, failure))
+
+
+def guarded_delete(key: bytes, expected: int) -> bytes:
+    """A serialized ``RequestOp``: a transaction deleting ``key`` if its mod_revision is
+    ``expected``, else reading the key."""
+    if not 0 <= expected <= _INT64_MAX:
+        raise ValueError(f"revision {expected} out of etcd's range")
+    v = varint
+    key_field, compare, failure = _key_parts(key)
+    compare += v(expected)
+    delete = b"\x1a" + v(len(key_field)) + key_field              # RequestOp.request_delete_range
+    success = b"\x12" + v(len(delete)) + delete                   # TxnRequest.success
+    compare_head = b"\x0a" + v(len(compare))                      # TxnRequest.compare
+    txn_size = len(compare_head) + len(compare) + len(success) + len(failure)
+    return b"".join((b"\x22", v(txn_size), compare_head, compare, success, failure))
 
 
 def txn_request(ops: Iterable[bytes]) -> bytes:

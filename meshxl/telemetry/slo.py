@@ -93,6 +93,7 @@ __all__ = [
     "SloError",
     "convergence_ms",
     "find_failovers",
+    "format_number",
     "load_slos",
     "parse_slo_documents",
     "report_to_json",
@@ -141,10 +142,11 @@ class Objective:
         """``convergence_ms < 1000`` / ``request_success_ratio``, for the table."""
         if self.op is None:
             return self.sli
-        return f"{self.sli} {_OP_TEXT[self.op]} {_number(self.threshold)}"
+        return f"{self.sli} {_OP_TEXT[self.op]} {format_number(self.threshold)}"
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A figure as the review prints it: "-" for none, "inf", no trailing zeros."""
     if value is None:
         return "-"
     if math.isinf(value):

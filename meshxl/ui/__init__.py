@@ -2,7 +2,7 @@
 
 The page (``static/``: HTML, JavaScript and CSS shipped in the package, nothing
 fetched from elsewhere) polls ``/v1/view``, which is what ``meshxl status`` and
-``meshxl sync`` report, computed by the same functions (:mod:`meshxl.observe`) from
+``meshxl sync`` report, computed by the same functions (:mod:`meshxl.operator.views`) from
 one read of etcd. Every replica serves it the same way: what it shows comes from etcd,
 not from the replica's own memory, so a replica with no Envoy connected shows the
 failovers the others followed.
@@ -120,7 +120,8 @@ def view_of(plane: ControlPlane) -> Callable[[], Awaitable[dict[str, Any]]]:
     """What the page shows for ``plane``: ``meshxl status`` and ``meshxl sync`` of one
     etcd read (the model file when the replica serves one, as ``--model`` does for
     the commands) and the replica's own readiness and versions."""
-    from meshxl.observe import live_report, read_mesh, short_type
+    from meshxl.operator.views import live_report, read_mesh
+    from meshxl.xds.types import short_type
 
     config = plane.config
 

@@ -29,21 +29,25 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from meshxl import etcd
 from meshxl.addr import bind_grpc, bind_tcp, bound_port, parse_listen
 from meshxl.etcd import EtcdSecurity
-from meshxl.etcdkeys import DEFAULT_ROOT, Keys
-from meshxl.meshstate import EtcdMeshSource
+from meshxl.etcd.keys import DEFAULT_ROOT, Keys
+from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
 from meshxl.tls import ServerTls
 
+from .auth import DEFAULT_TRUST_DOMAIN, AdsAuth, Binding, ads_auth
 from .cache import Snapshot, SnapshotCache
+from .compiler import Compiler
 from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
 from .dns import Resolver, hostnames, is_ip_literal
+from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
 from .history import MemberHistory, transitions
 from .metrics import Convergence, XdsMetrics, member_state_counts
-from .resources import CompileError, Compiler
+from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
 from .types import ENDPOINT
+from .warnings import ModelWarnings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,13 @@ class ControlPlaneConfig:
     tls_key: Path | None = None
     client_ca: Path | None = None
     """Mutual TLS: accept only Envoys whose client certificate this CA signed."""
+    node_binding: Binding | None = None
+    """How a client certificate binds the node id (``san``, ``none``); None: ``san``
+    with ``client_ca``, else ``none``."""
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    """The SPIFFE trust domain whose ``spiffe://DOMAIN/ns/NS/...`` IDs name namespaces."""
+    token: str | None = field(default=None, repr=False)
+    """Require ``authorization: Bearer TOKEN`` on every ADS stream."""
     dns_interval: float = DNS_INTERVAL
     """Seconds between resolutions of member addresses that are host names."""
 
@@ -97,6 +108,13 @@ class ControlPlaneConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.client_ca is not None and self.tls_cert is None:
             raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        self.auth()  # a bad binding, trust domain or token fails here, and a token in clear
+
+    def auth(self) -> AdsAuth:
+        """Who may open an ADS stream, and for which node id."""
+        return ads_auth(host=parse_listen(self.listen)[0], tls=self.tls_cert is not None,
+                        client_ca=self.client_ca is not None, binding=self.node_binding,
+                        trust_domain=self.trust_domain, token=self.token)
 
     def server_tls(self) -> ServerTls | None:
         """The ADS server's TLS (files checked now), or None for plaintext."""
@@ -125,7 +143,7 @@ class ControlPlane:
                                         on_change=self._record_failover)
         self.ads = AdsServer(self.cache, on_status_change=self._nodes_changed,
                              on_sent=self.failovers.sent, on_answer=self.failovers.answered,
-                             metrics=self.metrics)
+                             metrics=self.metrics, auth=config.auth())
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -139,6 +157,8 @@ class ControlPlane:
         self.resolver = Resolver(self._changed, interval=config.dns_interval)
         self._dns_inputs: tuple[ModelSpec, frozenset[str]] | None = None
         self.compile_error: str | None = None
+        self.model_warnings = ModelWarnings()
+        """The model's warnings against the registrations (log, /v1/status, metric)."""
         self.last_build: dict[str, Any] = {}
         self.port = 0
         self.admin_port = 0
@@ -153,6 +173,7 @@ class ControlPlane:
         self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
         self._failover_records: dict[tuple[str, str], bytes] = {}  # waiting to be written
         self._failover_pending = asyncio.Event()
+        self._drain_timer: asyncio.TimerHandle | None = None  # the next drain window's end
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -166,9 +187,9 @@ class ControlPlane:
         registrations every other replica sees.
         """
         cfg = self.config
-        from .server import _GRPC_OPTIONS
+        from .server import ADS_GRPC_OPTIONS
 
-        self._grpc = grpc.aio.server(options=_GRPC_OPTIONS)  # no SO_REUSEPORT
+        self._grpc = grpc.aio.server(options=ADS_GRPC_OPTIONS)  # no SO_REUSEPORT
         self.ads.register(self._grpc)
         self.port = bind_grpc(self._grpc, cfg.listen,
                               None if self.tls is None else self.tls.credentials())
@@ -200,11 +221,13 @@ class ControlPlane:
         self._spawn(self._tick_failovers())
         await self._grpc.start()
         self._serving = True
-        log.info("xDS control plane %s serving ADS on %s (port %d, %s)", cfg.replica,
-                 cfg.listen, self.port, "plaintext" if self.tls is None else
-                 "TLS" if self.tls.client_ca is None else "mutual TLS")
+        log.log(logging.WARNING if self.ads.auth.unbound else logging.INFO,
+                "xDS control plane %s serving ADS on %s (port %d, %s; %s)", cfg.replica,
+                cfg.listen, self.port, "plaintext" if self.tls is None else
+                "TLS" if self.tls.client_ca is None else "mutual TLS", self.ads.auth.describe())
 
     async def stop(self) -> None:
+        self._wake_for_drain(None)
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5 if self._serving else None)
         for task in self._tasks:
@@ -284,13 +307,13 @@ class ControlPlane:
         if self._built_model is not model:
             self.metrics.know_clusters(c.name for c in model.clusters)
         if self._built_runtime is not None and self._built_model is model:
-            changes = transitions(model, self._built_runtime, runtime)
-            found = losses(model, self._built_runtime, runtime, changes)
+            member_transitions = transitions(model, self._built_runtime, runtime)
+            found = losses(model, self._built_runtime, runtime, member_transitions)
             for loss in found:
                 self.metrics.failovers.labels(loss.cluster, loss.cause).inc()
             self.failovers.detected(found, seen, revision)
             if self.history is not None and revision is not None:
-                self.history.record(changes, revision)
+                self.history.record(member_transitions, revision)
         self.failovers.rebuilding()
         started = time.perf_counter()
         if self._dns_inputs is None or self._dns_inputs[0] is not model:
@@ -298,14 +321,18 @@ class ControlPlane:
             self._dns_inputs = (model, frozenset(hostnames(model)))
         self.resolver.want(self._dns_inputs[1].union(
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
+        drains = expired_drains(model, runtime, time.time())
+        self._wake_for_drain(drains.next_expiry)
         try:
-            resources = self.compiler.compile(model, runtime, self.resolver.addresses)
+            resources = self.compiler.compile(model, runtime, self.resolver.addresses,
+                                              drains.expired)
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
             log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
             return
         self._built_runtime, self._built_model = runtime, model
+        self.model_warnings.update(model, runtime)
         previous = self.cache.snapshot
         snapshot = Snapshot.build(resources.by_type(), previous=previous)
         self.compile_error = None
@@ -326,6 +353,15 @@ class ControlPlane:
         }
         log.info("snapshot %s", " ".join(f"{t.rsplit('.', 1)[-1]}={v}"
                                          for t, v in snapshot.versions.items()))
+
+    def _wake_for_drain(self, at: float | None) -> None:
+        """Rebuild when the next drain window ends (its long-lived connections close)."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if at is not None:
+            delay = max(0.0, at - time.time()) + 0.001
+            self._drain_timer = asyncio.get_running_loop().call_later(delay, self._changed)
 
     # -- failovers ----------------------------------------------------------------------
 
@@ -488,6 +524,7 @@ class ControlPlane:
             "model_error": (self.file.error if self.file else None)
             or (self.mesh.model_error if self.mesh else None),
             "compile_error": self.compile_error,
+            "model_warnings": self.model_warnings.all(),
             "etcd": None if self.mesh is None else {
                 "revision": self.mesh.revision, "resyncs": self.mesh.resyncs,
                 "last_error": self.mesh.last_error,
@@ -516,6 +553,7 @@ class ControlPlane:
             # Model and runtime are immutable: recounted only after a change.
             m.set_members(member_state_counts(model, runtime))
             self._counted = (model, runtime)
+        m.set_model_warnings({c: len(w) for c, w in self.model_warnings.current.items()})
 
     async def _metrics(self, _: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -23,7 +23,8 @@ from types import MappingProxyType
 
 from google.protobuf.message import Message
 
-from meshxl.xds.types import TYPE_ORDER, TYPE_URL_PREFIX
+from meshxl.protowire import len_field, type_name, varint
+from meshxl.xds.types import TYPE_ORDER
 
 __all__ = [
     "EncodeStats",
@@ -56,30 +57,9 @@ class EncodeStats:
 
 
 stats = EncodeStats()
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:  # most lengths and tags: one byte
-        return _ONE_BYTE[n]
-    if n < 0x4000:
-        return bytes(((n & 0x7F) | 0x80, n >> 7))
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited field (wire type 2): tag, length, payload."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def with_nonce(response: bytes, nonce: str) -> bytes:
     """Append the nonce field to a pre-encoded response (parsers merge the fields)."""
-    return response + _field(_F_NONCE, nonce.encode())
+    return response + len_field(_F_NONCE, nonce.encode())
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,14 +121,15 @@ class EncodedResources:
 
 
 def _frame(type_url: str, version: str, body: bytes) -> bytes:
-    return _field(_F_VERSION_INFO, version.encode()) + body + _field(_F_TYPE_URL, type_url.encode())
+    return (len_field(_F_VERSION_INFO, version.encode()) + body
+            + len_field(_F_TYPE_URL, type_url.encode()))
 
 
 def _encode_type(type_url: str, messages: Mapping[str, Message],
                  previous: EncodedResources | None = None) -> EncodedResources:
-    full_name = type_url.removeprefix(TYPE_URL_PREFIX)
-    any_type_url = _field(_F_ANY_TYPE_URL, type_url.encode())
-    any_value_tag = _varint(_F_ANY_VALUE << 3 | 2)
+    full_name = type_name(type_url)
+    any_type_url = len_field(_F_ANY_TYPE_URL, type_url.encode())
+    any_value_tag = varint(_F_ANY_VALUE << 3 | 2)
     entries: dict[str, bytes] = {}
     hashed: list[bytes] = []  # (name field, entry) per resource: what the version hashes
     reuse = previous.sources if previous is not None else {}
@@ -163,10 +144,10 @@ def _encode_type(type_url: str, messages: Mapping[str, Message],
                 )
             value = message.SerializeToString(deterministic=True)
             stats.resources_encoded += 1
-            entry = _field(_F_RESOURCES, any_type_url + any_value_tag + _varint(len(value))
+            entry = len_field(_F_RESOURCES, any_type_url + any_value_tag + varint(len(value))
                            + value)
         entries[name] = entry
-        hashed.append(_field(1, name.encode()))
+        hashed.append(len_field(1, name.encode()))
         hashed.append(entry)
     version = hashlib.sha256(b"".join(hashed)).hexdigest()[:_VERSION_HEX]
     if previous is not None and previous.version == version:

@@ -24,8 +24,12 @@ Rules, from Envoy's xDS protocol document ("Incremental xDS") and Envoy's delta 
   a request with an unknown nonce still changes the subscriptions (the protocol says
   so) but acknowledges nothing.
 * **NACK.** Envoy applies nothing of a rejected response and keeps its versions. Each
-  (name, version) of that response is quarantined for the node: never sent to it
-  again, on this stream or after a reconnect; a new version is.
+  (name, version) of that response is quarantined for the node: on this stream it is
+  not sent again, and later streams of the node get that resource as it was in the
+  last version of the type the node accepted whole (or nothing, if it had none then);
+  a node that never accepted a version is sent the current one, once per stream. A
+  rejection thus never leaves a node below the last configuration it accepted. A new
+  version of the resource is sent normally.
 * **Re-warming.** An updated cluster is re-created in Envoy and warms until its
   endpoints arrive; its EDS name is already subscribed, so Envoy asks for nothing, and
   without an answer the new cluster would warm until ``initial_fetch_timeout``. So
@@ -53,11 +57,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from meshxl.xds.cache import EncodedResources, Snapshot, _field
+from meshxl.protowire import len_field
+from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.nodes import NodeStatus, Streams, StreamState
 from meshxl.xds.types import CLUSTER, ENDPOINT, WILDCARD_TYPES
 
-__all__ = ["PROTOCOL", "DeltaResources", "DeltaSession", "Rejected", "delta_resources",
+__all__ = ["PROTOCOL", "DeltaResources", "DeltaStream", "Rejected", "delta_resources",
            "resource_version"]
 
 log = logging.getLogger(__name__)
@@ -144,8 +149,11 @@ def resource_version(entry: bytes) -> str:
     return hashlib.sha256(entry).hexdigest()[:_VERSION_HEX]
 
 
-def delta_resources(resources: EncodedResources) -> DeltaResources:
-    """The delta form of ``resources``, built once per object whatever the streams."""
+def delta_resources(resources: EncodedResources, *, remember: bool = True) -> DeltaResources:
+    """The delta form of ``resources``, built once per object whatever the streams.
+
+    ``remember`` False: an older version (a node's fallback), not the base the next
+    snapshot's entries are reused from."""
     found = _MEMO.get(resources)
     if found is not None:
         return found
@@ -159,21 +167,22 @@ def delta_resources(resources: EncodedResources) -> DeltaResources:
             continue
         version = resource_version(entry)
         versions[name] = version
-        entries[name] = _field(_F_RESOURCES, _field(_F_RESOURCE_VERSION, version.encode())
-                               + entry + _field(_F_RESOURCE_NAME, name.encode()))
+        entries[name] = len_field(_F_RESOURCES, len_field(_F_RESOURCE_VERSION, version.encode())
+                               + entry + len_field(_F_RESOURCE_NAME, name.encode()))
     found = DeltaResources(resources, MappingProxyType(versions), MappingProxyType(entries))
     _MEMO[resources] = found
-    _LAST[resources.type_url] = found
+    if remember:
+        _LAST[resources.type_url] = found
     return found
 
 
 def _frame(type_url: str, version: str, body: bytes, removed: list[str], nonce: str) -> bytes:
     return b"".join((
-        _field(_F_SYSTEM_VERSION, version.encode()),
+        len_field(_F_SYSTEM_VERSION, version.encode()),
         body,
-        _field(_F_TYPE_URL, type_url.encode()),
-        _field(_F_NONCE, nonce.encode()),
-        *(_field(_F_REMOVED, name.encode()) for name in removed),
+        len_field(_F_TYPE_URL, type_url.encode()),
+        len_field(_F_NONCE, nonce.encode()),
+        *(len_field(_F_REMOVED, name.encode()) for name in removed),
     ))
 
 
@@ -185,11 +194,21 @@ class Rejected:
 
     resources: frozenset[tuple[str, str]]
 
+    def recurs(self, current: DeltaResources) -> bool:
+        """Whether every resource of the rejected response is at the same version now.
+        Only then is each of them suspect: once one changed (the bad one, usually), the
+        others are sent again, and one that is bad itself is rejected alone."""
+        versions = current.versions
+        return all(versions.get(name) == version for name, version in self.resources)
 
-def _quarantined(node: NodeStatus, type_url: str) -> list[frozenset[tuple[str, str]]]:
-    """The (name, version) sets the node rejected for ``type_url`` (on any stream)."""
+
+def _quarantined(node: NodeStatus, type_url: str,
+                 current: DeltaResources) -> list[frozenset[tuple[str, str]]]:
+    """The (name, version) sets the node rejected for ``type_url`` (on any stream) that
+    recur whole in ``current``."""
     return [key.resources for (rejected_type, key) in node.rejected
-            if rejected_type == type_url and isinstance(key, Rejected)]
+            if rejected_type == type_url and isinstance(key, Rejected)
+            and key.recurs(current)]
 
 
 @dataclass
@@ -200,6 +219,8 @@ class _Sent:
     resources: tuple[tuple[str, str], ...]  # (name, resource version) carried
     at: float  # time.monotonic() of the write
     complete: bool  # nothing wanted was held back: an ACK means the node has ``version``
+    snapshot: EncodedResources  # the type's resources at ``version``
+    held: tuple[tuple[str, str | None], ...] = ()  # (name, version Envoy held before)
 
 
 @dataclass
@@ -210,7 +231,8 @@ class _Subscription:
     names: set[str]  # explicit subscriptions
     known: dict[str, str | None]  # what Envoy holds: a version, or None (told: no such name)
     force: set[str] = field(default_factory=set)  # send even if Envoy holds this version
-    rejected: dict[str, str] = field(default_factory=dict)  # name -> version Envoy refused
+    refused: dict[str, Rejected] = field(default_factory=dict)  # name -> response refused here
+    held_back: dict[str, str] = field(default_factory=dict)  # name -> current version not sent
     served: DeltaResources | None = None  # what the last diff ran against
     dirty: bool = True  # subscriptions changed: diff everything, not only what changed
     version: str | None = None  # system version last sent
@@ -224,7 +246,8 @@ class _Subscription:
 
     def forget(self, name: str) -> None:
         self.known.pop(name, None)
-        self.rejected.pop(name, None)
+        self.refused.pop(name, None)
+        self.held_back.pop(name, None)
         self.force.discard(name)
 
 
@@ -234,7 +257,7 @@ def _eds_name(clusters: DeltaResources, cluster: str) -> str:
     return str(getattr(config, "service_name", "")) or cluster
 
 
-class DeltaSession(StreamState):
+class DeltaStream(StreamState):
     """The delta protocol on one ADS stream; ``server`` keeps node status and hooks."""
 
     protocol = PROTOCOL
@@ -278,16 +301,25 @@ class DeltaSession(StreamState):
         if sent is None:
             server.stale(node, type_url, nonce)
         elif request.HasField("error_detail"):
+            rejected = Rejected(frozenset(sent.resources))
             if sent.resources:
-                node.quarantine(type_url, Rejected(frozenset(sent.resources)))
+                node.quarantine(type_url, rejected)
+            before = dict(sent.held)
             for name, version in sent.resources:
+                sub.refused[name] = rejected
                 if sub.known.get(name) == version:  # not superseded by a later response
-                    sub.rejected[name] = version
+                    # Envoy applied nothing of it: it holds what it held before.
+                    sub.held_back[name] = version
+                    previous = before.get(name)
+                    if previous is None:
+                        sub.known.pop(name, None)
+                    else:
+                        sub.known[name] = previous
             server.answered(node, type_url, sent.version, request.error_detail.message,
                              sent.at, nack=True)
         else:
             server.answered(node, type_url, sent.version if sent.complete else None, None,
-                             sent.at)
+                             sent.at, resources=sent.snapshot if sent.complete else None)
         return None
 
     @staticmethod
@@ -339,12 +371,14 @@ class DeltaSession(StreamState):
             return set(sub.names)
         if sub.served is current:
             return set()
-        return set(current.changed_since(sub.served))
+        # Held-back names wait for the response they were rejected in to change.
+        return set(current.changed_since(sub.served)) | sub.held_back.keys()
 
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        current = delta_resources(snapshot.resources(type_url))
+        encoded = snapshot.resources(type_url)
+        current = delta_resources(encoded)
         force, sub.force = sub.force, set()
         if type_url == ENDPOINT and self._rewarm:
             force |= self._rewarm
@@ -352,9 +386,9 @@ class DeltaSession(StreamState):
         candidates = self._candidates(sub, current) | force
         sub.served, sub.dirty = current, False
 
-        send: list[str] = []
+        send: list[tuple[str, str, bytes]] = []  # (name, version, entry)
         removed: list[str] = []
-        quarantined = _quarantined(node, type_url)
+        fallback = _Fallback(node, type_url, current)
         for name in sorted(candidates):
             if not sub.wants(name):
                 continue
@@ -364,41 +398,97 @@ class DeltaSession(StreamState):
                     if sub.known.get(name, "") is not None or name in force:
                         removed.append(name)
                     sub.known[name] = None
-                    sub.rejected.pop(name, None)
+                    sub.held_back.pop(name, None)
                 elif name in sub.known:  # a wildcard resource that is gone
                     removed.append(name)
                     sub.forget(name)
                 continue
             if name not in force and sub.known.get(name) == version:
+                sub.held_back.pop(name, None)
                 continue
-            if sub.rejected.get(name) == version or any(
-                    (name, version) in rejected for rejected in quarantined):
-                sub.rejected[name] = version
-                log.debug("node %s: %s %s version %s is quarantined", node.node_id,
-                          type_url, name, version)
-                continue
-            send.append(name)
-        complete = not any(sub.wants(name) for name in sub.rejected.keys() - set(send))
+            target: tuple[str, bytes] | None = (version, current.entries[name])
+            refused = sub.refused.get(name)
+            if refused is not None and not refused.recurs(current):
+                del sub.refused[name]  # the response it came in cannot recur
+                refused = None
+            if refused is not None or fallback.rejected(name, version):
+                target = fallback.instead(name, version)
+                if target is not None and refused is not None and \
+                        (name, target[0]) in refused.resources:
+                    target = None  # never again on the stream that refused it
+                if target is not None and target[0] == version:
+                    sub.held_back.pop(name, None)  # accepted before: the ACK outweighs
+                else:
+                    sub.held_back[name] = version
+                log.debug("node %s: %s %s version %s is quarantined; %s", node.node_id,
+                          type_url, name, version, "nothing sent" if target is None else
+                          f"sending version {target[0]}, the last it accepted")
+                if target is not None and name not in force \
+                        and sub.known.get(name) == target[0]:
+                    continue  # Envoy holds it already
+            else:
+                sub.held_back.pop(name, None)
+            if target is not None:
+                send.append((name, target[0], target[1]))
+        complete = not any(sub.wants(name) for name in sub.held_back)
         if not send and not removed and (
             sub.version == current.version or not complete or not sub.interested()
         ):
             return None
 
-        for name in send:
-            sub.known[name] = current.versions[name]
-            sub.rejected.pop(name, None)
+        held = tuple((name, sub.known.get(name)) for name, _, _ in send)
+        for name, version, _ in send:
+            sub.known[name] = version
         server = self._server
         self.nonces += 1
         nonce = str(self.nonces)
         at = server.delivered(self, type_url, current.version)
         sub.version = current.version
         sub.pending[nonce] = _Sent(current.version,
-                                   tuple((name, current.versions[name]) for name in send),
-                                   at, complete)
+                                   tuple((name, version) for name, version, _ in send),
+                                   at, complete, encoded, held)
         while len(sub.pending) > _PENDING_MAX:
             del sub.pending[next(iter(sub.pending))]
         if type_url == CLUSTER and send:
-            self._rewarm.update(_eds_name(current, name) for name in send)
+            self._rewarm.update(_eds_name(current, name) for name, _, _ in send)
         log.debug("node %s: delta %s version %s: %d sent, %d removed", node.node_id,
                   type_url, current.version, len(send), len(removed))
-        return _frame(type_url, current.version, current.body(tuple(send)), removed, nonce)
+        if all(entry is current.entries.get(name) for name, _, entry in send):
+            body = current.body(tuple(name for name, _, _ in send))
+        else:
+            body = b"".join(entry for _, _, entry in send)
+        return _frame(type_url, current.version, body, removed, nonce)
+
+
+class _Fallback:
+    """What a node gets instead of a resource version it rejected: that resource as
+    it was in the last version of the type the node accepted whole."""
+
+    def __init__(self, node: NodeStatus, type_url: str, current: DeltaResources) -> None:
+        self._node = node
+        self._type_url = type_url
+        self._current = current
+        self._quarantined: list[frozenset[tuple[str, str]]] | None = None
+        self._accepted: DeltaResources | None = None
+
+    def rejected(self, name: str, version: str) -> bool:
+        """Whether the node rejected ``name`` at ``version`` (on any of its streams) in
+        a response that recurs whole now."""
+        if self._quarantined is None:
+            self._quarantined = _quarantined(self._node, self._type_url, self._current)
+        return any((name, version) in rejected for rejected in self._quarantined)
+
+    def instead(self, name: str, version: str) -> tuple[str, bytes] | None:
+        """(version, entry) to send instead of ``name`` at ``version``: the accepted
+        one (the same, if the node accepted that version: an ACK outweighs a NACK),
+        None if the accepted configuration had no such resource, or the current one
+        when the node never accepted a version of the type."""
+        encoded = self._node.accepted.get(self._type_url)
+        if encoded is None:
+            return version, self._current.entries[name]
+        if self._accepted is None:
+            self._accepted = delta_resources(encoded, remember=False)
+        accepted = self._accepted.versions.get(name)
+        if accepted is None:
+            return None
+        return accepted, self._accepted.entries[name]

@@ -30,7 +30,7 @@ from meshxl.model import MemberState, ModelSpec, RuntimeState
 from meshxl.model.spec import choose
 from meshxl.telemetry import names
 
-from .history import Change, transitions
+from .history import Transition, transitions
 from .types import ENDPOINT
 
 log = logging.getLogger(__name__)
@@ -120,18 +120,18 @@ class _Failover:
 
 
 def losses(model: ModelSpec, before: RuntimeState, after: RuntimeState,
-           changes: list[Change] | None = None) -> list[Loss]:
+           seen: list[Transition] | None = None) -> list[Loss]:
     """Members that served before and do not now (pure; cheap when nothing changed).
 
-    ``changes``: the :func:`~meshxl.xds.history.transitions` already computed for the
+    ``seen``: the :func:`~meshxl.xds.history.transitions` already computed for the
     same states, to avoid computing them twice.
     """
-    if changes is None:
-        changes = transitions(model, before, after)
+    if seen is None:
+        seen = transitions(model, before, after)
     # A registered member that is not listed in the model leaves the view when its
     # registration ends: that is its lease ending too.
     return [Loss(c.cluster, c.member, choose(_CAUSES, MemberState(c.to_state), "member state"),
-                 c.from_state, c.to_state) for c in changes if c.failover]
+                 c.from_state, c.to_state) for c in seen if c.failover]
 
 
 class FailoverTracer:

@@ -22,12 +22,12 @@ from typing import Any
 
 import aetcd
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import SERVING, MemberView
 from meshxl.model.spec import choose
 
-__all__ = ["Change", "MemberHistory", "reason", "transitions"]
+__all__ = ["Transition", "MemberHistory", "reason", "transitions"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ _TXN_OPS = 64  # etcd's default --max-txn-ops is 128: stay well inside
 
 
 @dataclass(frozen=True)
-class Change:
-    """One member's state change, as seen by one rebuild."""
+class Transition:
+    """One member's state transition (``from_state`` -> ``to_state``), as seen by one
+    rebuild."""
 
     cluster: str
     member: str
@@ -73,6 +74,8 @@ _REASONS: dict[MemberState, Callable[[MemberView, str, RuntimeState], str]] = {
     MemberState.READY: lambda view, cluster, state: "ready",
     MemberState.OVERLOADED: lambda view, cluster, state:
         "overloaded (reported by the application): keeps its sessions, gets no new ones",
+    MemberState.ATTENTION: lambda view, cluster, state: attention_reason(view),
+    MemberState.RETURNING: lambda view, cluster, state: returning_reason(view, cluster, state),
     MemberState.ADMIN_DOWN: _member_down,
     MemberState.SITE_OFFLINE: _site_offline,
     MemberState.PROBLEM: lambda view, cluster, state:
@@ -80,6 +83,22 @@ _REASONS: dict[MemberState, Callable[[MemberView, str, RuntimeState], str]] = {
     MemberState.SYNCING: lambda view, cluster, state: "registered, session cache still syncing",
     MemberState.LOST: lambda view, cluster, state: reason_lost(),
 }
+
+
+def attention_reason(view: MemberView) -> str:
+    """Why a member that reported trouble serves all the same."""
+    if view.problems:
+        return (f"active with problems ({', '.join(view.problems)}): no other member can "
+                "serve, so it keeps serving (failover.all_withdrawn)")
+    return ("overloaded, and no other member of its tier is ready: it keeps taking new "
+            "sessions (failover.all_withdrawn)")
+
+
+def returning_reason(view: MemberView, cluster: str, state: RuntimeState) -> str:
+    reg = state.registrations_of(cluster).get(view.name)
+    since = f" since {reg.returning}" if reg is not None and reg.returning else ""
+    return (f"came back{since}: held behind the members that serve until failback "
+            "(failover.failback, failback_delay)")
 
 
 def reason_lost() -> str:
@@ -102,13 +121,13 @@ def _views(model: ModelSpec, state: RuntimeState, cluster: str) -> dict[str, Mem
     return {m.name: m for m in cluster_view(spec, state).members}
 
 
-def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[Change]:
+def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> list[Transition]:
     """Every member whose state differs between two runtime states (pure).
 
     Clusters whose registrations and admin records did not change are skipped without
     building their views, so a rebuild after a one-member change costs one cluster.
     """
-    found: list[Change] = []
+    found: list[Transition] = []
     offline_changed = before.sites_offline != after.sites_offline
     for spec in model.clusters:
         name = spec.name
@@ -129,7 +148,7 @@ def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> 
                 why = reason_lost()
             else:
                 why = reason(now, name, after)
-            found.append(Change(name, member, was_state, now_state, why))
+            found.append(Transition(name, member, was_state, now_state, why))
     return found
 
 
@@ -138,13 +157,13 @@ def _now() -> str:
 
 
 class MemberHistory:
-    """Writes :class:`Change` records to etcd in the background (see the module doc)."""
+    """Writes :class:`Transition` records to etcd in the background (see the module doc)."""
 
     def __init__(self, client: aetcd.Client, keys: Keys, replica: str) -> None:
         self._client = client
         self._keys = keys
         self._replica = replica
-        self._queue: asyncio.Queue[tuple[int, list[Change]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, list[Transition]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
         """Records this replica wrote (the others' were there first)."""
@@ -159,18 +178,18 @@ class MemberHistory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def record(self, changes: Iterable[Change], revision: int) -> None:
-        """Queue the changes seen at etcd ``revision`` (no I/O here)."""
-        batch = list(changes)
+    def record(self, seen: Iterable[Transition], revision: int) -> None:
+        """Queue the transitions seen at etcd ``revision`` (no I/O here)."""
+        batch = list(seen)
         if batch:
             self._queue.put_nowait((revision, batch))
 
     async def _run(self) -> None:
         while True:
-            revision, changes = await self._queue.get()
+            revision, batch = await self._queue.get()
             for attempt in range(3):
                 try:
-                    await self._write(revision, changes)
+                    await self._write(revision, batch)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -180,21 +199,21 @@ class MemberHistory:
                                 self.last_error, "; retrying" if attempt < 2 else "")
                     await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _write(self, revision: int, changes: list[Change]) -> None:
-        for start in range(0, len(changes), _TXN_OPS):
-            chunk = changes[start:start + _TXN_OPS]
+    async def _write(self, revision: int, batch: list[Transition]) -> None:
+        for start in range(0, len(batch), _TXN_OPS):
+            chunk = batch[start:start + _TXN_OPS]
             # Compare-and-swap against what we read; a lost race re-reads and drops what
             # the winner already wrote (its records carry this revision).
             for _ in range(5):
                 if await self._swap(revision, chunk):
                     break
 
-    async def _swap(self, revision: int, changes: list[Change]) -> bool:
+    async def _swap(self, revision: int, batch: list[Transition]) -> bool:
         tx = self._client.transactions
         compare, success = [], []
-        keys = [self._keys.member_state(c.cluster, c.member).encode() for c in changes]
+        keys = [self._keys.member_state(c.cluster, c.member).encode() for c in batch]
         current = await asyncio.gather(*(self._client.get(k) for k in keys))
-        for change, key, got in zip(changes, keys, current, strict=True):
+        for transition, key, got in zip(batch, keys, current, strict=True):
             old: dict[str, Any] = {}
             if got is not None:
                 with contextlib.suppress(ValueError):
@@ -205,7 +224,8 @@ class MemberHistory:
                 compare.append(tx.mod(key) == got.mod_revision)
             else:
                 compare.append(tx.version(key) == 0)
-            success.append(tx.put(key, json.dumps(self._record(change, revision, old)).encode()))
+            record = self._record(transition, revision, old)
+            success.append(tx.put(key, json.dumps(record).encode()))
         if not success:
             return True
         ok, _ = await self._client.transaction(compare=compare, success=success, failure=[])
@@ -213,15 +233,16 @@ class MemberHistory:
             self.written += len(success)
         return bool(ok)
 
-    def _record(self, change: Change, revision: int, old: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, transition: Transition, revision: int, old: dict[str, Any]) -> dict[str, Any]:
         now = _now()
         record = {
-            "state": change.to_state, "from": change.from_state, "reason": change.reason,
+            "state": transition.to_state, "from": transition.from_state,
+            "reason": transition.reason,
             "at": now, "revision": revision, "replica": self._replica,
-            "failovers": int(old.get("failovers", 0) or 0) + (1 if change.failover else 0),
+            "failovers": int(old.get("failovers", 0) or 0) + (1 if transition.failover else 0),
             "last_failover": old.get("last_failover"),
         }
-        if change.failover:
-            record["last_failover"] = {"at": now, "to_state": change.to_state,
-                                       "reason": change.reason}
+        if transition.failover:
+            record["last_failover"] = {"at": now, "to_state": transition.to_state,
+                                       "reason": transition.reason}
         return record

@@ -15,18 +15,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
 
+from .auth import REFUSAL_REASONS
 from .failover import FAILOVER_CAUSES
-from .types import TYPE_ORDER
+from .types import TYPE_ORDER, type_label
 
-__all__ = ["Convergence", "XdsMetrics", "member_state_counts", "type_label"]
+__all__ = ["Convergence", "XdsMetrics", "member_state_counts"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
-
-
-def type_label(type_url: str) -> str:
-    """``type.googleapis.com/envoy.config.cluster.v3.Cluster`` -> ``Cluster``."""
-    return type_url.rsplit(".", 1)[-1] or type_url
 
 
 class XdsMetrics:
@@ -73,6 +69,11 @@ class XdsMetrics:
         self.members = Gauge("meshxl_xds_members", "Members of the model's clusters by "
                              "state, as this replica compiles them.", ["cluster", "state"],
                              registry=r)
+        self.model_warnings = Gauge("meshxl_xds_model_warnings", "Warnings about a "
+                                    "cluster's model judged against its live members "
+                                    "(Maglev table too small, high availability on one "
+                                    "site).", ["cluster"], registry=r)
+        self._warning_counts: dict[str, int] = {}
         self._member_counts: dict[tuple[str, str], int] = {}
         self._clusters: set[str] = set()
         self._labelled: dict[tuple[str, ...], Any] = {}
@@ -81,6 +82,12 @@ class XdsMetrics:
             self.nacks.labels(type_label(type_url))
         self.nodes = Gauge("meshxl_xds_nodes", "Envoy nodes with at least one open stream.",
                            registry=r)
+        self.streams_refused = Counter(
+            "meshxl_xds_streams_refused", "ADS streams refused, by reason: invalid_node_id, "
+            "unauthenticated (no or a wrong token), permission_denied (the client "
+            "certificate does not name the node id).", ["reason"], registry=r)
+        for reason in REFUSAL_REASONS:
+            self.streams_refused.labels(reason)  # at zero: the first refusal is an increase
 
     def know_clusters(self, names: Iterable[str]) -> None:
         """Start each new cluster's failover counters at zero, so that a rule sees its
@@ -101,6 +108,16 @@ class XdsMetrics:
             self.members.labels(cluster, state).set(n)
         self._member_counts = dict(counts)
 
+    def set_model_warnings(self, counts: dict[str, int]) -> None:
+        """Set ``meshxl_xds_model_warnings`` to ``counts``; a cluster gone loses its series."""
+        if counts == self._warning_counts:
+            return
+        for gone in self._warning_counts.keys() - counts.keys():
+            self.model_warnings.remove(gone)
+        for cluster, n in counts.items():
+            self.model_warnings.labels(cluster).set(n)
+        self._warning_counts = dict(counts)
+
     # -- reported by the ADS servers -------------------------------------------------
 
     def stream_opened(self, protocol: str) -> None:
@@ -109,6 +126,9 @@ class XdsMetrics:
 
     def stream_closed(self, protocol: str) -> None:
         self.streams.labels(protocol).dec()
+
+    def refused(self, reason: str) -> None:
+        self.streams_refused.labels(reason).inc()
 
     def sent(self, type_url: str, protocol: str, since_published: float | None) -> None:
         """``since_published`` None: the stream opened after the snapshot was published

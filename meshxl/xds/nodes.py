@@ -1,7 +1,8 @@
 """What both ADS protocols share about the Envoys they serve: each node's status (what
 operators see: streams, versions sent and ACKed, the last NACK), the quarantine of
-rejected responses, and the two interfaces that tie a stream's protocol state
-(:class:`Session`, state of the world in :mod:`meshxl.xds.sotw`, delta in
+rejected responses and the last accepted version of each type (what a node falls back
+to when the current one is quarantined), and the two interfaces that tie a stream's protocol state
+(:class:`Stream`, state of the world in :mod:`meshxl.xds.sotw`, delta in
 :mod:`meshxl.xds.delta`) to the server that runs it (:class:`Streams`).
 """
 
@@ -14,18 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshxl.errors import InputError
-from meshxl.xds.cache import Snapshot
+from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.types import TYPE_ORDER
 
-__all__ = ["NACK_TEXT_MAX", "NODE_ID_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus",
-           "Session", "StreamState", "Streams", "TypeStatus", "bound_text", "node_id_problem"]
+__all__ = ["NACK_TEXT_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus", "Peer", "Stream",
+           "StreamState", "Streams", "TypeStatus", "bound_text"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
 
-NODE_ID_MAX = 256
-"""Longest Envoy node id accepted (Istio's ``sidecar~IP~pod.ns~ns.svc.cluster.local``
-ids stay well under it). Node ids enter log lines, etcd keys and status records."""
 NODE_CLUSTER_MAX = 256
 """Longest ``node.cluster`` kept (longer ones are truncated)."""
 NACK_TEXT_MAX = 1024
@@ -38,28 +36,13 @@ TYPES_MAX = 32
 """Most distinct types one stream may subscribe to (Envoy uses at most a dozen)."""
 LOG_REPEAT_SECONDS = 60.0
 """An identical warning about one node is logged at most once per this many seconds."""
+# Names of a client certificate listed in a refusal, at most, and characters of each.
+_SHOWN_NAMES = 4
+_NAME_SHOWN_MAX = 128
 
 
 class BadRequest(InputError):
     """A request the stream cannot serve: it ends with INVALID_ARGUMENT and this text."""
-
-
-def node_id_problem(node_id: str) -> str | None:
-    """Why ``node_id`` cannot name an Envoy node, or None when it can.
-
-    A node id is 1 to :data:`NODE_ID_MAX` printable ASCII characters without spaces
-    or ``/``: it is a path segment of an etcd key, a field of every log line about the
-    node, and the key of its status everywhere.
-    """
-    if not node_id:
-        return "the node id is empty (set node.id in the Envoy bootstrap)"
-    if len(node_id) > NODE_ID_MAX:
-        return f"the node id is {len(node_id)} characters long (at most {NODE_ID_MAX})"
-    bad = next((c for c in node_id if not "!" <= c <= "~" or c == "/"), None)
-    if bad is not None:
-        return (f"the node id contains {bad!r}: use printable ASCII characters other than "
-                "space and '/'")
-    return None
 
 
 def bound_text(text: str, limit: int = NACK_TEXT_MAX) -> str:
@@ -99,6 +82,29 @@ class LogLimiter:
         return True, found[1] if found is not None else 0
 
 
+@dataclass(frozen=True)
+class Peer:
+    """What the transport proved about a stream's client: the DNS and URI subject
+    alternative names of its verified certificate (empty without one) and its
+    address, for log lines."""
+
+    address: str = ""
+    dns: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.dns or self.uris)
+
+    def names(self) -> str:
+        """The certificate's names as a refusal shows them (bounded)."""
+        shown = [bound_text(f"DNS:{n}", _NAME_SHOWN_MAX) for n in self.dns] + \
+            [bound_text(f"URI:{u}", _NAME_SHOWN_MAX) for u in self.uris]
+        more = len(shown) - _SHOWN_NAMES
+        text = ", ".join(shown[:_SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
+        return text or "no DNS or URI name"
+
+
 @dataclass
 class TypeStatus:
     sent_version: str | None = None
@@ -126,6 +132,11 @@ class NodeStatus:
     last_nack: Nack | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
     rejected: dict[tuple[str, Hashable], None] = field(default_factory=dict)
+    accepted: dict[str, EncodedResources] = field(default_factory=dict)
+    """Per type, the resources of the last version this node ACKed whole (its
+    ``acked_version``): served instead of a quarantined version, so a rejection never
+    leaves the node below the last configuration it accepted. Held while the node is
+    connected; the server keeps a bounded number of versions for disconnected nodes."""
 
     def as_dict(self) -> dict[str, Any]:
         nack = self.last_nack
@@ -170,8 +181,12 @@ class NodeStatus:
     def is_rejected(self, type_url: str, key: Hashable) -> bool:
         return (type_url, key) in self.rejected
 
+    def accept(self, type_url: str, resources: EncodedResources) -> None:
+        """The node ACKed all of ``resources`` (one type at one snapshot version)."""
+        self.accepted[type_url] = resources
 
-class Session(Protocol):
+
+class Stream(Protocol):
     """One ADS stream's protocol state, as the shared stream loop drives it."""
 
     protocol: str  # the metrics label: "sotw" or "delta"
@@ -179,6 +194,7 @@ class Session(Protocol):
     inbox: deque[Any]
     closed: bool
     node: NodeStatus | None
+    peer: Peer  # what the transport proved about the client (its certificate's names)
 
     def handle(self, request: Any) -> str | None:
         """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
@@ -190,7 +206,7 @@ class Session(Protocol):
 
 
 class StreamState:
-    """What every protocol's per-stream state starts with (the :class:`Session` fields)."""
+    """What every protocol's per-stream state starts with (the :class:`Stream` fields)."""
 
     protocol = ""
 
@@ -200,6 +216,7 @@ class StreamState:
         self.inbox: deque[Any] = deque()
         self.closed = False
         self.node: NodeStatus | None = None
+        self.peer = Peer()
         self.subscriptions: dict[str, Any] = {}
 
     def check_type(self, type_url: str) -> str | None:
@@ -233,17 +250,19 @@ class StreamState:
 
 
 class Streams(Protocol):
-    """What a :class:`Session` reports to the server running its stream."""
+    """What a :class:`Stream` reports to the server running it."""
 
-    def connect(self, session: Session, node_proto: Any) -> NodeStatus:
+    def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
         """The stream's first request names its node: count the stream on it."""
 
-    def delivered(self, session: Session, type_url: str, version: str) -> float:
+    def delivered(self, stream: Stream, type_url: str, version: str) -> float:
         """A response at (snapshot) ``version`` is being written; its monotonic time."""
 
     def answered(self, node: NodeStatus, type_url: str, version: str | None,
-                 error: str | None, sent_at: float | None, *, nack: bool = False) -> None:
-        """Envoy ACKed (or NACKed) the response sent at ``sent_at``."""
+                 error: str | None, sent_at: float | None, *, nack: bool = False,
+                 resources: EncodedResources | None = None) -> None:
+        """Envoy ACKed (or NACKed) the response sent at ``sent_at``; an ACK with
+        ``resources`` means the node now holds them whole."""
 
     def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         """A request answered a nonce this stream is not waiting for."""

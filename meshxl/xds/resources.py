@@ -1,4 +1,5 @@
-"""Compile the cluster model plus runtime state into Envoy resources (pure).
+"""Build Envoy resources from the cluster model and runtime state (pure); the compiler
+(:mod:`meshxl.xds.compiler`) decides what to build and what to reuse.
 
 One meshxl cluster becomes:
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -41,7 +41,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2,
 )
-from envoy.type.v3 import percent_pb2, range_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
@@ -49,18 +49,21 @@ from meshxl.errors import InputError
 from meshxl.model import (
     ClusterSpec,
     ClusterView,
-    ModelSpec,
-    RuntimeState,
     Telemetry,
-    cluster_view,
 )
 from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DEGRADED as _DEGRADED
 from meshxl.model.runtime import DRAINING as _DRAINING
 from meshxl.model.spec import Algorithm, HashKey, Pin, PinCarrier, Stickiness, choose
-from meshxl.xds import types
 from meshxl.xds.dns import is_ip_literal
 from meshxl.xds.overrides import OverrideError, merge_override
+from meshxl.xds.protocols import (
+    apply_protocol,
+    health_check_kind,
+    mark_generation,
+    route_protocol,
+    websocket_upgrades,
+)
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
@@ -79,24 +82,6 @@ class CompileError(InputError):
         super().__init__(f"{path}: {message}")
 
 
-@dataclass
-class Resources:
-    """Envoy resources by type URL, then by resource name."""
-
-    clusters: dict[str, cluster_pb2.Cluster] = field(default_factory=dict)
-    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
-    listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
-    routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
-
-    def by_type(self) -> dict[str, Mapping[str, Message]]:
-        return {
-            types.CLUSTER: self.clusters,
-            types.ENDPOINT: self.endpoints,
-            types.LISTENER: self.listeners,
-            types.ROUTE: self.routes,
-        }
-
-
 def _dur(seconds: float) -> duration_pb2.Duration:
     nanos = round(seconds * 1e9)
     return duration_pb2.Duration(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
@@ -110,130 +95,6 @@ def _any(message: Message) -> any_pb2.Any:
 
 def listener_name(address: str, port: int) -> str:
     return f"meshxl_{address}_{port}"
-
-
-def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
-                      resolved: Mapping[str, tuple[str, ...]] | None = None) -> Resources:
-    """The whole Envoy configuration for a model and the runtime state; ``resolved``
-    maps member addresses that are host names to their IP addresses
-    (:mod:`meshxl.xds.dns`)."""
-    return Compiler().compile(model, state, resolved)
-
-
-def _compile_static(model: ModelSpec) -> Resources:
-    """CDS, LDS and RDS: they depend on the model only, never on runtime state."""
-    out = Resources()
-    listeners: dict[tuple[str, int], list[ClusterSpec]] = {}
-    shapes = _Shapes()
-    for i, spec in enumerate(model.clusters):
-        out.clusters[spec.name] = shapes.cluster(spec, f"clusters[{i}]")
-        if spec.listener is not None:
-            listeners.setdefault((spec.listener.address, spec.listener.port), []).append(spec)
-    paths = {spec.name: f"clusters[{i}]" for i, spec in enumerate(model.clusters)}
-    for (address, port), specs in listeners.items():
-        name = listener_name(address, port)
-        pinned = any(s.stickiness is not None and s.stickiness.pin is not None for s in specs)
-        out.listeners[name] = build_listener(name, address, port, model.telemetry,
-                                             pinned=pinned)
-        out.routes[name] = build_route_config(name, specs, paths, shapes)
-    return out
-
-
-class Compiler:
-    """:func:`compile_resources` that remembers its last output.
-
-    The result is always what ``compile_resources(model, state)`` returns. While the
-    model is the same object, CDS, LDS and RDS are reused, and a cluster's EDS is
-    rebuilt only when its slice of the runtime state changed; reused resources are the
-    same message objects, so ``Snapshot.build(..., previous=...)`` does not encode
-    them again. A one-member change thus costs one cluster, not the whole mesh.
-    """
-
-    def __init__(self) -> None:
-        self._model: ModelSpec | None = None
-        self._static = Resources()
-        self._endpoints: dict[str, tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
-
-    def compile(self, model: ModelSpec, state: RuntimeState | None = None,
-                resolved: Mapping[str, tuple[str, ...]] | None = None) -> Resources:
-        state = state or RuntimeState()
-        resolved = resolved or {}
-        if model is not self._model:
-            static = _compile_static(model)  # CompileError: the memo stays as it was
-            self._model, self._static, self._endpoints = model, static, {}
-        offline = frozenset(state.sites_offline)
-        endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
-        for spec in model.clusters:
-            registrations = state.registrations_of(spec.name)
-            inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
-                                       offline)
-            if resolved:
-                inputs += (_resolved_for(spec, registrations, resolved),)
-            cached = self._endpoints.get(spec.name)
-            if cached is not None and cached[0] == inputs:
-                endpoints[spec.name] = cached[1]
-                continue
-            cla = build_load_assignment(cluster_view(spec, state), resolved)
-            self._endpoints[spec.name] = (inputs, cla)
-            endpoints[spec.name] = cla
-        return Resources(clusters=dict(self._static.clusters), endpoints=endpoints,
-                         listeners=dict(self._static.listeners),
-                         routes=dict(self._static.routes))
-
-
-def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],
-                  resolved: Mapping[str, tuple[str, ...]]) -> tuple[Any, ...]:
-    """The resolutions one cluster's EDS depends on (its memo key)."""
-    names = {m.address for m in spec.members if m.address in resolved}
-    names.update(r.address for r in registrations.values() if r.address in resolved)
-    return tuple((n, resolved[n]) for n in sorted(names))
-
-
-# What a Cluster or a Route depends on besides the cluster's name (the Cluster: mode,
-# stickiness, health check, outlier detection, retries, connect timeout; the Route:
-# mode, stickiness, retries, route prefix and timeout). Many clusters share one policy,
-# so each distinct shape is built once per compile and copied (5x faster). One key
-# covers both (one serialization per cluster): equal keys still mean equal shapes.
-_SHAPE: dict[str, Any] = {"mode": True, "stickiness": True, "health_check": True,
-                          "outlier_detection": True, "retries": True, "connect_timeout": True,
-                          "route": {"prefix", "timeout"}}
-
-
-class _Shapes:
-    """Per-compile memo of built resources by shape (never shared across compiles)."""
-
-    def __init__(self) -> None:
-        self._clusters: dict[str, cluster_pb2.Cluster] = {}
-        self._routes: dict[str, route_components_pb2.Route] = {}
-        self._keys: dict[int, str] = {}  # id(spec) -> shape key; specs outlive the compile
-
-    def cluster(self, spec: ClusterSpec, path: str) -> cluster_pb2.Cluster:
-        if spec.overrides.cluster:
-            return build_cluster(spec, path)
-        c: cluster_pb2.Cluster = self._copy(self._clusters, spec, path, build_cluster)
-        c.name = spec.name
-        c.metadata.filter_metadata["meshxl"].fields["cluster"].string_value = spec.name
-        return c
-
-    def route(self, spec: ClusterSpec, path: str) -> route_components_pb2.Route:
-        if spec.overrides.route:
-            return build_route(spec, path)
-        r: route_components_pb2.Route = self._copy(self._routes, spec, path, build_route)
-        r.name = spec.name
-        r.route.cluster = spec.name
-        return r
-
-    def _copy(self, memo: dict[str, Any], spec: ClusterSpec, path: str, build: Any) -> Any:
-        """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
-        key = self._keys.get(id(spec))
-        if key is None:
-            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE)
-        template = memo.get(key)
-        if template is None:
-            template = memo[key] = build(spec, path)
-        copy = type(template)()
-        copy.CopyFrom(template)
-        return copy
 
 
 # -- CDS -------------------------------------------------------------------------------
@@ -298,12 +159,10 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             unhealthy_interval=_dur(hc.unhealthy_interval),
             unhealthy_edge_interval=_dur(hc.unhealthy_edge_interval),
             healthy_edge_interval=_dur(hc.healthy_edge_interval),
-            http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=hc.path),
         )
-        for status in sorted(set(hc.expected_statuses)):
-            check.http_health_check.expected_statuses.append(
-                range_pb2.Int64Range(start=status, end=status + 1))
+        health_check_kind(check, spec)  # HTTP GET, grpc.health.v1 or a TCP connect
         c.health_checks.append(check)
+    apply_protocol(c, spec)
 
     od = spec.outlier_detection
     if od.enabled:
@@ -390,6 +249,8 @@ def build_load_assignment(view: ClusterView,
     # loop runs once per endpoint of the whole mesh.
     resolved = resolved or {}
     gaps = False
+    hc = view.spec.health_check
+    side_port = hc.port if hc.enabled else None
     for name, address, port, site, _, state, priority, lb_weight, _, _ in advertised:
         if priority != last_priority or site != last_site:
             last_priority, last_site = priority, site
@@ -405,6 +266,8 @@ def build_load_assignment(view: ClusterView,
             sock.address = address
             sock.port_value = port  # protocol: TCP, the default
             ep.load_balancing_weight.value = lb_weight
+            if side_port is not None:
+                endpoint.health_check_config.port_value = side_port
             continue
         ips = resolved.get(address, ())
         gaps = gaps or not ips
@@ -416,6 +279,8 @@ def build_load_assignment(view: ClusterView,
             sock.address = ip
             sock.port_value = port
             ep.load_balancing_weight.value = lb_weight
+            if side_port is not None:
+                endpoint.health_check_config.port_value = side_port
             ep.metadata.filter_metadata["meshxl"].fields["address"].string_value = address
     # A (priority, site) group whose members have no address yet is left out: Envoy
     # refuses nothing about it, but the priorities must stay dense.
@@ -445,9 +310,12 @@ STATEFUL_SESSION = "envoy.filters.http.stateful_session"
 
 
 def build_listener(name: str, address: str, port: int, telemetry: Telemetry | None = None,
-                   *, pinned: bool = False) -> listener_pb2.Listener:
+                   *, pinned: bool = False, websocket: bool = False,
+                   generation: str = "") -> listener_pb2.Listener:
     """``pinned``: some route of the listener pins sessions, so the HCM runs Envoy's
-    stateful session filter (inactive by itself: each pinned route configures it)."""
+    stateful session filter (inactive by itself: each pinned route configures it).
+    ``websocket``: some cluster of the listener allows WebSocket upgrades.
+    ``generation``: the drain generation (:func:`meshxl.xds.protocols.drain_generation`)."""
     filters = [hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                   typed_config=_any(router_pb2.Router()))]
     if pinned:
@@ -460,6 +328,8 @@ def build_listener(name: str, address: str, port: int, telemetry: Telemetry | No
         rds=hcm_pb2.Rds(config_source=_ADS, route_config_name=name),
         http_filters=filters,
     )
+    if websocket:
+        websocket_upgrades(hcm)
     if telemetry is not None and telemetry.tracing:
         otel = opentelemetry_pb2.OpenTelemetryConfig(service_name=telemetry.service_name)
         otel.grpc_service.envoy_grpc.cluster_name = telemetry.collector_cluster
@@ -475,18 +345,22 @@ def build_listener(name: str, address: str, port: int, telemetry: Telemetry | No
         listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
                                        typed_config=_any(hcm)),
     ]))
+    mark_generation(listener.filter_chains[0], generation)
     return listener
 
 
 def build_route_config(name: str, specs: list[ClusterSpec],
                        paths: Mapping[str, str] | None = None,
-                       shapes: _Shapes | None = None) -> route_pb2.RouteConfiguration:
+                       route: Callable[[ClusterSpec, str], route_components_pb2.Route]
+                       | None = None) -> route_pb2.RouteConfiguration:
     """One route configuration per listener.
 
     Envoy allows a domain in one virtual host only, while clusters may share a
     domain under different prefixes: routes are collected per domain, and domains
-    with identical routes share a virtual host.
+    with identical routes share a virtual host. ``route`` builds a cluster's route
+    (default :func:`build_route`; the compiler's copies one per shape).
     """
+    route = route or build_route
     per_domain: dict[str, list[ClusterSpec]] = {}
     for spec in specs:
         for domain in dict.fromkeys(spec.route.domains):
@@ -503,7 +377,7 @@ def build_route_config(name: str, specs: list[ClusterSpec],
         for cluster_name in cluster_names:
             spec = by_name[cluster_name]
             path = (paths or {}).get(cluster_name, "cluster")
-            vhost.routes.append(shapes.route(spec, path) if shapes else build_route(spec, path))
+            vhost.routes.append(route(spec, path))
     return rc
 
 
@@ -573,6 +447,7 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
         hp.terminal = True
         if st.pin is not None:
             route.typed_per_filter_config[STATEFUL_SESSION].Pack(pin_config(st.pin))
+    route_protocol(route, spec)
 
     r = spec.retries
     if r.attempts > 0:
@@ -605,7 +480,6 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 
 
 __all__ = [
-    "STATEFUL_SESSION", "CompileError", "Compiler",
-    "Resources", "build_cluster", "build_listener", "build_load_assignment", "build_route",
-    "build_route_config", "compile_resources", "listener_name",
+    "STATEFUL_SESSION", "CompileError", "build_cluster", "build_listener",
+    "build_load_assignment", "build_route", "build_route_config", "listener_name", "pin_config",
 ]

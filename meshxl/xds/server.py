@@ -5,7 +5,9 @@ protocol (go-control-plane keeps the same split). Both ADS methods are served on
 gRPC service: ``StreamAggregatedResources`` (state of the world, :mod:`meshxl.xds.sotw`)
 and ``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`). They share what an
 operator sees and what keeps a NACK from looping: the per-node status, the quarantine
-of rejected responses, the ``on_sent``/``on_answer`` hooks and the metrics.
+of rejected responses with the last accepted version a quarantined one gives way to,
+the ``on_sent``/``on_answer`` hooks and the metrics. Who may speak for a node (a bearer
+token, the node id bound to the client certificate) is :mod:`meshxl.xds.auth`.
 
 Each stream has one reader task feeding an inbox and one loop (the gRPC handler) that
 processes requests and writes responses; a single event wakes the loop for a request
@@ -28,9 +30,19 @@ import grpc
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
+from meshxl.nodeid import node_id_problem
 from meshxl.tls import ServerTls
 from meshxl.xds import delta, sotw
-from meshxl.xds.cache import SnapshotCache
+from meshxl.xds.auth import (
+    AdsAuth,
+    InvalidNodeId,
+    Peer,
+    PermissionDenied,
+    Refused,
+    Unauthenticated,
+    peer_names,
+)
+from meshxl.xds.cache import EncodedResources, SnapshotCache
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
@@ -39,12 +51,11 @@ from meshxl.xds.nodes import (
     LogLimiter,
     Nack,
     NodeStatus,
-    Session,
+    Stream,
     bound_text,
-    node_id_problem,
 )
 
-__all__ = ["ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
+__all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +74,20 @@ _NAMES_MEMO_MAX = 4096
 # Disconnected nodes whose status (and quarantine) is kept; the oldest go first, so
 # pod churn cannot grow the control plane without bound.
 DISCONNECTED_NODES_MAX = 1024
+# Versions per type kept for disconnected nodes to fall back to (the most recently
+# used first): nodes ACK the same few versions, so a handful covers every restart.
+RETAINED_VERSIONS_MAX = 16
+
+#: The gRPC status a refused stream ends with, by the refusal's class.
+_REFUSAL_CODES: dict[type[Refused], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
 
 # Server-side keepalive so a vanished Envoy's stream (and its node status) ends. Envoy's
 # bootstrap pings every second to notice a dead control plane fast: accept that rate,
 # or gRPC closes the stream as abusive ("too many pings") every few seconds.
-_GRPC_OPTIONS = (
+ADS_GRPC_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
@@ -84,15 +104,18 @@ class AdsServer:
     world and delta alike.
 
     Per node it keeps the status operators need (streams, versions sent and ACKed,
-    the last NACK) and a quarantine of rejected responses so a NACK never loops.
+    the last NACK), a quarantine of rejected responses so a NACK never loops, and the
+    last version of each type the node accepted, which a quarantined one gives way to.
+    ``auth`` decides who may open a stream and for which node.
     """
 
     def __init__(
         self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None,
         on_sent: OnDelivery | None = None, on_answer: OnDelivery | None = None,
-        metrics: XdsMetrics | None = None,
+        metrics: XdsMetrics | None = None, auth: AdsAuth | None = None,
     ) -> None:
         self._cache = cache
+        self.auth = auth or AdsAuth()
         self._on_status_change = on_status_change
         self._on_sent = on_sent
         self._on_answer = on_answer
@@ -108,9 +131,13 @@ class AdsServer:
         #: Requests whose nonce was not one this stream is waiting for: ignored as an
         #: ACK or NACK (a delta request still changes its subscriptions).
         self.stale_requests = 0
-        #: Streams refused for a node id that cannot name a node.
-        self.refused = 0
+        #: Streams refused, by reason (invalid_node_id, unauthenticated,
+        #: permission_denied).
+        self.refused: dict[str, int] = {}
         self._log_limit = LogLimiter()
+        # Accepted versions of disconnected nodes, per type and version, most recently
+        # used last (bounded by RETAINED_VERSIONS_MAX per type).
+        self._retained: dict[str, dict[str, EncodedResources]] = {}
 
     # -- wiring -------------------------------------------------------------------
 
@@ -142,7 +169,7 @@ class AdsServer:
 
         Returns the started server and the bound port; stop it with ``server.stop``.
         """
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server = grpc.aio.server(options=ADS_GRPC_OPTIONS)
         self.register(server)
         port = bind_grpc(server, listen, None if tls is None else tls.credentials())
         await server.start()
@@ -194,24 +221,23 @@ class AdsServer:
 
     # -- what both protocols record: the Streams interface of meshxl.xds.nodes ---------
 
-    def connect(self, session: Session, node_proto: Any) -> NodeStatus:
-        """The stream's first request names its node: count the stream on it."""
+    def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
+        """The stream's first request names its node: check that the stream may speak
+        for it (:class:`~meshxl.xds.auth.Refused` otherwise), then count the stream."""
         node_id = node_proto.id
         problem = node_id_problem(node_id)
         if problem is not None:
-            self.refused += 1
-            allowed, held = self._log_limit.allow(("refused", problem))
-            if allowed:
-                log.warning("ADS stream refused: %s%s", problem,
-                            f" ({held} more since the last report)" if held else "")
-            raise BadRequest(problem)
+            raise InvalidNodeId(problem)
+        self.auth.check_node(stream.peer, node_id)
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.cluster = bound_text(node_proto.cluster, NODE_CLUSTER_MAX) or node.cluster
+        if node.streams == 0:
+            self._restore(node)
         node.streams += 1
         node.connected_at = time.time()
-        session.node = node
+        stream.node = node
         allowed, held = self._log_limit.allow((node_id, "connected"))
         if allowed:
             log.info("node %s connected (%d streams)%s", node_id, node.streams,
@@ -219,11 +245,24 @@ class AdsServer:
         self._changed(node)
         return node
 
-    def _disconnect(self, session: Session) -> None:
-        node = session.node
+    def refuse(self, refusal: Refused, peer: Peer) -> grpc.StatusCode:
+        """Count and log a refused stream; the status it ends with."""
+        reason = refusal.reason
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self._metrics is not None:
+            self._metrics.refused(reason)
+        allowed, held = self._log_limit.allow(("refused", reason, str(refusal)))
+        if allowed:
+            log.warning("ADS stream from %s refused (%s): %s%s", peer.address or "?",
+                        reason, refusal,
+                        f" ({held} more since the last report)" if held else "")
+        return _REFUSAL_CODES.get(type(refusal), grpc.StatusCode.INVALID_ARGUMENT)
+
+    def _disconnect(self, stream: Stream) -> None:
+        node = stream.node
         if node is None:
             return
-        session.node = None
+        stream.node = None
         node.streams -= 1
         node.disconnected_at = time.time()
         allowed, held = self._log_limit.allow((node.node_id, "disconnected"))
@@ -232,7 +271,27 @@ class AdsServer:
                      f" ({held} more disconnections since the last report)" if held else "")
         self._changed(node)
         if node.streams == 0:
+            self._retain(node)
             self._prune_disconnected()
+
+    def _retain(self, node: NodeStatus) -> None:
+        """The node's last stream ended: its accepted versions go to the bounded store
+        shared by disconnected nodes (the node keeps their version names)."""
+        for type_url, resources in node.accepted.items():
+            kept = self._retained.setdefault(type_url, {})
+            kept.pop(resources.version, None)
+            kept[resources.version] = resources  # most recently used last
+            while len(kept) > RETAINED_VERSIONS_MAX:
+                del kept[next(iter(kept))]
+        node.accepted.clear()
+
+    def _restore(self, node: NodeStatus) -> None:
+        """A disconnected node's first stream: its accepted versions, where kept."""
+        for type_url, status in node.types.items():
+            version = status.acked_version
+            found = self._retained.get(type_url, {}).get(version or "")
+            if found is not None:
+                node.accepted[type_url] = found
 
     def _prune_disconnected(self) -> None:
         gone = [n for n in self._nodes.values() if n.streams == 0]
@@ -242,12 +301,12 @@ class AdsServer:
         for node in gone[: len(gone) - DISCONNECTED_NODES_MAX]:
             del self._nodes[node.node_id]
 
-    def delivered(self, session: Session, type_url: str, version: str) -> float:
+    def delivered(self, stream: Stream, type_url: str, version: str) -> float:
         """A response for ``type_url`` at (snapshot) ``version`` is being written on
-        ``session``'s stream. Returns its ``time.monotonic()``, for the ACK latency.
+        ``stream``. Returns its ``time.monotonic()``, for the ACK latency.
         """
         now = time.monotonic()
-        node = session.node
+        node = stream.node
         assert node is not None
         status = node.status(type_url)
         status.sent_version = version
@@ -259,17 +318,20 @@ class AdsServer:
             # Push latency only for a snapshot published while the stream was open: the
             # first answer to an Envoy that connects later is no push.
             published = self._cache.published_at
-            since = None if published is None or published < session.opened_at \
+            since = None if published is None or published < stream.opened_at \
                 else now - published
-            self._metrics.sent(type_url, session.protocol, since)
+            self._metrics.sent(type_url, stream.protocol, since)
         return now
 
     def answered(self, node: NodeStatus, type_url: str, version: str | None, error: str | None,
-                  sent_at: float | None, *, nack: bool = False) -> None:
+                  sent_at: float | None, *, nack: bool = False,
+                  resources: EncodedResources | None = None) -> None:
         """Envoy ACKed (``nack`` False) or NACKed the response sent at ``sent_at``.
 
         ``version`` is the type's snapshot version that response carried (None when
-        a NACK names no response of this stream).
+        a NACK names no response of this stream, or an ACK does not mean the node holds
+        that version whole); ``resources``, of an ACK with a version, are what the node
+        now holds: its fallback from then on.
         """
         nack = nack or error is not None
         status = node.status(type_url)
@@ -288,6 +350,8 @@ class AdsServer:
         elif version is not None:
             status.acked_version = version
             status.ack_time = time.time()
+            if resources is not None:
+                node.accept(type_url, resources)
         if self._on_answer is not None and version is not None:
             self._on_answer(node.node_id, type_url, version, (error or "rejected") if nack
                             else None)
@@ -315,63 +379,71 @@ class AdsServer:
     async def _sotw_stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        await self._run(requests, context, sotw.SotwSession(self))
+        await self._run(requests, context, sotw.SotwStream(self))
 
     async def _delta_stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
-        await self._run(requests, context, delta.DeltaSession(self))
+        await self._run(requests, context, delta.DeltaStream(self))
 
     async def _run(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                   session: Session) -> None:
+                   stream: Stream) -> None:
+        stream.peer = peer_names(context.auth_context() or {}, context.peer() or "")
+        try:
+            self.auth.admit(context.invocation_metadata() or ())
+        except Refused as refusal:
+            await context.abort(self.refuse(refusal, stream.peer), str(refusal))
         if self._metrics is not None:
-            self._metrics.stream_opened(session.protocol)
+            self._metrics.stream_opened(stream.protocol)
         reader: asyncio.Task[None] | None = None
         try:
             with self._cache.watch() as wake:
-                reader = asyncio.create_task(self._read(requests, session, wake))
-                await self._loop(context, session, wake)
+                reader = asyncio.create_task(self._read(requests, stream, wake))
+                await self._loop(context, stream, wake)
         finally:
             # Every way a stream ends (the client leaving, an abort, the handler task
             # cancelled, even while it waits below) first drops the stream from its
             # node, synchronously: an await before it could be cancelled in turn and
             # leave a "ghost" node that counts as connected until a restart.
-            self._disconnect(session)
+            self._disconnect(stream)
             if self._metrics is not None:
-                self._metrics.stream_closed(session.protocol)
+                self._metrics.stream_closed(stream.protocol)
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
 
-    async def _loop(self, context: grpc.aio.ServicerContext, session: Session,
+    async def _loop(self, context: grpc.aio.ServicerContext, stream: Stream,
                     wake: asyncio.Event) -> None:
         while True:
             await wake.wait()
             wake.clear()
-            while session.inbox:
+            while stream.inbox:
+                code = grpc.StatusCode.INVALID_ARGUMENT
                 try:
-                    error = session.handle(session.inbox.popleft())
+                    error = stream.handle(stream.inbox.popleft())
+                except Refused as refusal:
+                    error, code = str(refusal), self.refuse(refusal, stream.peer)
                 except BadRequest as exc:
                     error = str(exc)
                 if error is not None:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-            if session.closed:
+                    await context.abort(code, error)
+            if stream.closed:
                 return
             snapshot = self._cache.snapshot
-            if snapshot is None or session.node is None:
+            if snapshot is None or stream.node is None:
                 continue  # hold requests until there is something to serve
-            for response in session.responses(snapshot):
+            for response in stream.responses(snapshot):
                 await context.write(response)
 
     async def _read(
-        self, requests: AsyncIterator[Any], session: Session, wake: asyncio.Event
+        self, requests: AsyncIterator[Any], stream: Stream, wake: asyncio.Event
     ) -> None:
         try:
             async for request in requests:
-                session.inbox.append(request)
+                stream.inbox.append(request)
                 wake.set()
         except Exception as e:  # the client went away mid-read
             log.debug("ADS stream read ended: %r", e)
         finally:
-            session.closed = True
+            stream.closed = True
             wake.set()

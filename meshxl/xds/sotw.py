@@ -12,11 +12,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshxl.xds.cache import Snapshot
+from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.nodes import NodeStatus, Streams, StreamState
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD_TYPES
 
-__all__ = ["PROTOCOL", "SotwSession"]
+__all__ = ["PROTOCOL", "SotwStream"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,10 @@ _NONCE_VERSIONS = 8
 _DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
 # What a SotW response carried for one type: its version and the names asked for
-# (None = wildcard). A NACKed key is never sent to that node again. Delta streams
-# quarantine (name, resource version) keys of their own.
+# (None = wildcard). A NACKed key is quarantined for the node: later streams of the node
+# get the version it accepted last instead (never nothing: without an accepted version
+# the current one is sent, once per stream). Delta streams quarantine (name, resource
+# version) keys of their own.
 _Key = tuple[str, frozenset[str] | None]
 
 
@@ -48,7 +50,10 @@ class _Subscription:
     nonce: str = ""
     answered: bool = False  # the response ``nonce`` names was ACKed or NACKed already
     sent: _Key | None = None
+    sent_resources: EncodedResources | None = None  # what ``sent`` was cut from
     sent_at: float | None = None  # time.monotonic() of the write, for the ACK latency
+    nacked: bool = False  # Envoy rejected ``sent``: it still holds ``holds``
+    holds: _Key | None = None  # the last response Envoy ACKed on this stream
     repeats: dict[str, int] = field(default_factory=dict)  # sends per recent version
 
     def want(self, version: str) -> _Key | None:
@@ -65,7 +70,7 @@ def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
     return "*" in names or (type_url in WILDCARD_TYPES and not names)
 
 
-class SotwSession(StreamState):
+class SotwStream(StreamState):
     """State of the world on one stream: one outstanding response per type."""
 
     protocol = PROTOCOL
@@ -106,15 +111,16 @@ class SotwSession(StreamState):
         if request.HasField("error_detail"):
             if sub.answered:
                 return None  # that response was answered already
-            sub.answered = True
+            sub.answered, sub.nacked = True, True
             if sub.sent is not None:
                 node.quarantine(type_url, sub.sent)
             server.answered(node, type_url, sub.sent[0] if sub.sent else None,
                              request.error_detail.message, sub.sent_at, nack=True)
         elif sub.sent is not None and request.version_info == sub.sent[0]:
             if not sub.answered:
-                sub.answered = True
-                server.answered(node, type_url, sub.sent[0], None, sub.sent_at)
+                sub.answered, sub.holds = True, sub.sent
+                server.answered(node, type_url, sub.sent[0], None, sub.sent_at,
+                                resources=sub.sent_resources)
             if sub.rewarm:
                 sub.fresh, sub.rewarm = True, False
         return None
@@ -122,15 +128,15 @@ class SotwSession(StreamState):
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        resources = snapshot.resources(type_url)
+        resources = self._serving(node, type_url, sub, snapshot.resources(type_url))
         key = sub.want(resources.version)
-        if key is None or (not sub.fresh and key == sub.sent):
+        # Nothing is sent twice on a stream unless Envoy asks again (``fresh``): not the
+        # response in flight or answered, nor, after a NACK, what Envoy kept.
+        if key is None or (not sub.fresh and (
+                key == sub.sent or (sub.nacked and key == sub.holds))):
             sub.fresh = False
             return None
         sub.fresh = False
-        if node.is_rejected(type_url, key):
-            log.debug("node %s: %s version %s is quarantined", node.node_id, type_url, key[0])
-            return None
         sub.rewarm = False  # this response reaches the re-warming resources after their parent
         # The nonce is the version and how often this stream was sent it before: unique
         # on the stream, and the same on every stream getting this version for the first
@@ -140,9 +146,29 @@ class SotwSession(StreamState):
         if len(sub.repeats) > _NONCE_VERSIONS:
             del sub.repeats[next(iter(sub.repeats))]
         sub.nonce = f"{key[0]}.{repeats}"
-        sub.sent, sub.answered = key, False
+        sub.sent, sub.sent_resources, sub.answered, sub.nacked = key, resources, False, False
         sub.sent_at = self._server.delivered(self, type_url, key[0])
         dependent = self.subscriptions.get(_DEPENDENT.get(type_url, ""))
         if dependent is not None:
             dependent.rewarm = True
         return resources.message(key[1], sub.nonce)
+
+    @staticmethod
+    def _serving(node: NodeStatus, type_url: str, sub: _Subscription,
+                 current: EncodedResources) -> EncodedResources:
+        """What this stream serves for the type: the current version, unless the node
+        rejected it (on any stream) or this stream did; then the version the node
+        accepted last, if any. A rejection never leaves a node below the last
+        configuration it accepted, and never with nothing."""
+        key = sub.want(current.version)
+        if key is None or not (node.is_rejected(type_url, key) or (
+                sub.nacked and key == sub.sent)):
+            return current
+        accepted = node.accepted.get(type_url)
+        if accepted is None:
+            return current  # nothing better: sent, but not again on this stream
+        if accepted.version != current.version:
+            log.debug("node %s: %s version %s is quarantined; serving version %s, the "
+                      "last it accepted", node.node_id, type_url, current.version,
+                      accepted.version)
+        return accepted

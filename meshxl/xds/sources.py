@@ -1,5 +1,5 @@
 """Where the control plane's input comes from: the model file, or etcd
-(:class:`meshxl.meshstate.EtcdMeshSource`).
+(:class:`meshxl.etcd.mesh.EtcdMeshSource`).
 
 Both sources only record what they saw and poke a :class:`Debouncer`; the rebuild
 (compile + snapshot) happens once per burst. The control plane keeps no state of its
@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from meshxl.meshstate import one_line
+from meshxl.etcd.mesh import one_line
 from meshxl.model import ModelError, ModelSpec, Problem, parse_model
 
 log = logging.getLogger(__name__)

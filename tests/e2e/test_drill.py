@@ -81,6 +81,8 @@ async def test_the_drill_moves_traffic_off_the_site_and_back(
     t = report["traffic"]
     assert t["moved"] is True and t["during"].get("dc1", 0) == 0 and t["during"]["dc2"] > 0
     assert t["before"]["dc1"] > 0 and t["after"]["dc1"] > 0
+    # Failed requests are counted from Envoy's listeners, traces or not.
+    assert t["failed_requests"] == 0 and t["answered_requests"] > 0, t
     # The failovers (a and b went site-offline) were traced and judged.
     assert report["slo"]["met"] and report["slo"]["failovers"] >= 1
     assert (out / "timeline.png").read_bytes()[:4] == b"\x89PNG"

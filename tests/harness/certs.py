@@ -2,7 +2,7 @@
 
 Every certificate is valid from a minute ago for one day, uses ECDSA P-256, and names
 ``127.0.0.1``, ``::1`` and ``localhost`` unless told otherwise, so servers on loopback
-verify under either name.
+verify under either name. A name with ``://`` is a URI (a SPIFFE ID, for instance).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def _name(common_name: str) -> x509.Name:
 def _san(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
     entries: list[x509.GeneralName] = []
     for name in names:
+        if "://" in name:  # a URI, e.g. a SPIFFE ID
+            entries.append(x509.UniformResourceIdentifier(name))
+            continue
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:

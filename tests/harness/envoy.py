@@ -1,7 +1,7 @@
 """Real Envoy processes for integration tests, and typed views of their admin API.
 
 ``start_envoy`` builds a bootstrap with ``meshxl.proxy.bootstrap.build_bootstrap``,
-runs it with ``meshxl.proxy.envoy.EnvoyProcess`` and returns once the admin endpoint
+runs it with ``meshxl.local.envoy.EnvoyProcess`` and returns once the admin endpoint
 answers. Envoy then waits (state PRE_INITIALIZING, ``/ready`` 503) until the control
 plane answers CDS and LDS, retrying the ADS stream every <= 1 s, so a test may start
 Envoy before or after the control plane and then ``await envoy.wait_ready()``.
@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, overload
 
+from meshxl.local.envoy import EnvoyProcess
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
 from meshxl.proxy.admin import EnvoyAdmin, Host
 from meshxl.proxy.bootstrap import build_bootstrap
-from meshxl.proxy.envoy import EnvoyProcess
 
 __all__ = ["EnvoyFixture", "Host", "StartEnvoy", "XdsAddress", "start_envoy"]
 

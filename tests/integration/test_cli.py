@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from meshxl.cli import main
-from meshxl.etcdkeys import Keys
-from meshxl.ops import apply_model
-from meshxl.proxy.envoy import find_envoy
+from meshxl.etcd.keys import Keys
+from meshxl.local.envoy import find_envoy
+from meshxl.operator.actions import apply_model
 from tests.harness.cli import REPO, meshxl
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
-from meshxl.ops import apply_model
+from meshxl.etcd.keys import Keys
+from meshxl.operator.actions import apply_model
 from meshxl.xds.types import CLUSTER
 from tests.harness.cli import meshxl
 

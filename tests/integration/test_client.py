@@ -146,7 +146,7 @@ async def test_sync_client_operations_and_connection_reuse(
             for _ in range(20):
                 got = client.get("s1")
                 client.put("s1", {"n": got.state["n"] + 1}, if_match=got.etag)
-                socks.append(client._idle[-1][1].sock)
+                socks.append(client._idle[-1].sock)
                 assert socks[-1].family == (socket.AF_UNIX if over == "unix"
                                             else socket.AF_INET)
             assert client.update("s1", lambda s: {"n": s["n"] * 2}).state == {"n": 42}
@@ -169,7 +169,7 @@ async def test_sync_client_operations_and_connection_reuse(
             socks = []
             for _ in range(3):
                 client.put("s0", {"n": 0})
-                socks.append(client._idle[-1][1].sock)
+                socks.append(client._idle[-1].sock)
             return socks
 
     assert len({id(s) for s in await asyncio.to_thread(unkept)}) == 3

@@ -41,7 +41,7 @@ import aiohttp
 import pytest
 
 from meshxl import etcd as meshxl_etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local import commands
 from meshxl.local.procs import Owner, Process, run
 from meshxl.local.wait import wait_until

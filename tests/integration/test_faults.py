@@ -37,7 +37,7 @@ import aiohttp
 import pytest
 
 from meshxl import etcd as meshxl_etcd
-from meshxl.etcdkeys import DEFAULT_ROOT, Keys
+from meshxl.etcd.keys import DEFAULT_ROOT, Keys
 from meshxl.local.deployment import (
     CLUSTER,
     DemoDeployment,
@@ -71,7 +71,10 @@ STALE_SEQ = 10**9
 
 @pytest.fixture
 async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
-    async with DemoDeployment(tmp_path / "work", lease_ttl=LEASE_TTL) as d:
+    # A member back after a fault waits behind the one that took over (failback); a
+    # short wait keeps these tests quick (test_failback.py tests the hold itself).
+    async with DemoDeployment(tmp_path / "work", lease_ttl=LEASE_TTL,
+                              failover="{failback_delay: 2s}") as d:
         harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 

@@ -14,11 +14,11 @@ import aetcd
 import aiohttp
 import pytest
 
+from meshxl.local.envoy import EnvoyNotFound, EnvoyProcess, find_envoy
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, run
 from meshxl.local.wait import wait_until
 from meshxl.proxy.bootstrap import XDS_CLUSTER, build_bootstrap, render_yaml
-from meshxl.proxy.envoy import EnvoyNotFound, EnvoyProcess, find_envoy
 from tests.harness import (
     EtcdCluster,
     EtcdServer,

@@ -10,7 +10,7 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import run
 from tests.harness import EnvoyFixture, drive, failures

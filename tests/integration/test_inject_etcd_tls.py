@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 
 from meshxl import etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, Process

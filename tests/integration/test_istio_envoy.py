@@ -60,16 +60,16 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import Message
 
-from meshxl import ops
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
+from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.istio import IstioOptions, render_model
 from meshxl.istio.labeler import KubeApi, PodLabeler
-from meshxl.istio.render import DRAINING_LABEL, istio_priority
+from meshxl.istio.labels import DRAINING_LABEL, istio_priority
 from meshxl.local.ports import free_port
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
-from meshxl.meshstate import EtcdMeshSource
 from meshxl.model import load_model, parse_model
+from meshxl.operator import actions as ops
 from tests.integration.test_pinned_sessions import PIN, Browser, moved
 
 pytestmark = pytest.mark.asyncio

@@ -22,12 +22,12 @@ import aetcd
 import aiohttp
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.deployment import DemoDeployment
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 from meshxl.ui import SECURITY_HEADERS, install
 from meshxl.xds.app import ControlPlane, ControlPlaneConfig
 from meshxl.xds.types import CLUSTER as CDS
@@ -211,6 +211,10 @@ async def test_text_from_the_mesh_is_shown_as_text(
                           json.dumps(registration).encode())
     await etcd_client.put(keys.member_admin("c", HOSTILE_MEMBER).encode(),
                           json.dumps({"reason": HOSTILE_REASON, "by": "<op>"}).encode())
+    # The only other member reports a problem too: it serves all the same (the cluster's
+    # last resort), and the page says so.
+    await etcd_client.put(keys.member("c", "m2").encode(), json.dumps(
+        {**registration, "port": 9001}).encode())
     node = {"streams": 1, "replica": "<i>xds</i>", "types": {CDS: {"acked_version": "<v>"}},
             "nacks": 1, "last_nack": {"type_url": CDS, "version": "<v>",
                                       "error": HOSTILE_NACK}}
@@ -236,6 +240,12 @@ async def test_text_from_the_mesh_is_shown_as_text(
                      "<cause>", "<v2>", "<i>xds</i>", "replica xds-<i>"):
             assert text in body, text
         assert HOSTILE_NACK.strip() in body
+        kept = 'tr.member[data-member="m2"][data-state="active-attention"]'
+        await page.wait_for_selector(kept)
+        cells = await page.eval_on_selector(kept, "r => Array.from(r.cells).map(c => "
+                                            "c.textContent.trim())")
+        assert "active-attention (<u>db</u>)" in cells, cells
+        assert any("active with problems" in c for c in cells), cells
         # Nothing was parsed as markup: no element the texts spell exists, nothing ran.
         injected = await page.evaluate("""() => [
             document.querySelectorAll('img, iframe, b, u, i').length,

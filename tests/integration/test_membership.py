@@ -16,11 +16,11 @@ import aetcd
 import pytest
 
 from meshxl import etcd as meshxl_etcd
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.model import Registration
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 from meshxl.statesync.membership import Membership
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture, drive, failures
@@ -109,6 +109,9 @@ clusters:
   members:
   - {{name: {backend.name}, address: 127.0.0.1, port: 1}}
   listener: {{address: 127.0.0.1, port: {lport}}}
+  # One member: by default a problem would keep it serving (no other member can, see
+  # test_problems_fallback.py); these tests watch the withdrawal itself.
+  failover: {{all_withdrawn: withdraw}}
 """, "test")
     plane: ControlPlane = await start_control_plane(etcd=etcd.url)
     envoy: EnvoyFixture = await start_envoy("n1", plane.port)

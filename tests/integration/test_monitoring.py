@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 from tests.unit.test_monitoring import (
     dashboard_expressions,
     label_uses,
@@ -72,6 +72,9 @@ clusters:
   members:
   - {{name: m0, address: 127.0.0.1, port: 1}}
   listener: {{address: 127.0.0.1, port: {lport}}}
+  # One member: by default a problem would keep it serving (active-attention); this
+  # test wants the failover a problem causes.
+  failover: {{all_withdrawn: withdraw}}
 """, "test")
     plane = await control_plane_process(etcd=etcd.url).start()
     envoy = await start_envoy("n1", plane.port)

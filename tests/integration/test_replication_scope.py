@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl import etcd, etcd_balancer
-from meshxl.etcdkeys import Keys
+from meshxl import etcd
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
@@ -255,7 +255,7 @@ async def test_a_watch_refused_for_a_forgotten_token_authenticates_again(
         head = (await client.get(key)).mod_revision
 
         async def first_response() -> Any:
-            async for response in etcd_balancer.watch_responses(client, key, key + b"\0",
+            async for response in etcd.watch_responses(client, key, key + b"\0",
                                                                 head):
                 return response
             return None

@@ -1,9 +1,11 @@
 """ADS over TLS and mutual TLS, with a real Envoy and real gRPC clients.
 
 A throwaway CA signs the control plane's certificate (127.0.0.1, ::1, localhost) and
-Envoy's client certificate; a second CA signs a rogue client. Envoy bootstrapped with
-``--xds-ca`` (and ``--xds-cert``/``--xds-key``) gets its configuration; clients without
-a certificate, with one from the other CA, or in plaintext get nothing.
+Envoy's client certificate (naming its node ids: mutual TLS binds the node id to the
+certificate, tests/integration/test_xds_node_auth.py); a second CA signs a rogue
+client. Envoy bootstrapped with ``--xds-ca`` (and ``--xds-cert``/``--xds-key``) gets its
+configuration; clients without a certificate, with one from the other CA, or in
+plaintext get nothing.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
+from meshxl.local.envoy import find_envoy
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
 from meshxl.proxy.bootstrap import XdsTls
-from meshxl.proxy.envoy import find_envoy
 from meshxl.xds.types import CLUSTER
 from tests.harness.certs import CA, Leaf
 
@@ -42,7 +44,7 @@ class Pki:
     def __init__(self, root: Path) -> None:
         self.ca = CA(root / "ca")
         self.server = self.ca.issue("xds-server", client=False)
-        self.envoy = self.ca.issue("envoy-edge", server=False)
+        self.envoy = self.ca.issue("envoy-edge", names=("edge", "probe"), server=False)
         self.other_ca = CA(root / "other", "other-ca")
         self.rogue = self.other_ca.issue("rogue", server=False)
 

@@ -15,7 +15,7 @@ import aetcd
 import aiohttp
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Process
 from meshxl.local.wait import wait_until
@@ -199,7 +199,7 @@ async def test_webhook_refuses_a_busy_port_and_bad_addresses(tmp_path: Path) -> 
 async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
     start_sidecar: Any, etcd: Any, etcd_client: aetcd.Client,
 ) -> None:
-    from meshxl.ops import apply_model
+    from meshxl.operator.actions import apply_model
 
     keys = Keys()
     await apply_model(etcd_client, keys, MODEL.replace("name: c", "name: other"), "test")

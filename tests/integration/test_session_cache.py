@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from meshxl import etcd as etcd_client
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.wait import wait_until
 from meshxl.statesync.cache import SessionCache
 from meshxl.statesync.record import SessionRecord

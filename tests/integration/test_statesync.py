@@ -19,11 +19,11 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port, free_ports
 from meshxl.local.wait import wait_until
 from meshxl.model import Registration
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 from tests.harness import EtcdCluster, EtcdServer
 from tests.harness.sidecar import Reply, SidecarProcess
 
@@ -403,6 +403,32 @@ async def test_if_match_star_replaces_an_existing_session_despite_a_stale_cache(
     assert (await a.get("star")).json() == {"v": 3}
 
 
+async def test_a_read_on_a_lagging_cache_answers_the_current_state(
+    etcd: EtcdServer, start_sidecar: Any,
+) -> None:
+    """Replication lag costs a read from etcd, never a stale answer: every read of a
+    cached session is checked against etcd's revision first (docs/metrics.md,
+    ``MeshxlReplicationLagHigh``)."""
+    a, b = await pair(start_sidecar, etcd.url)
+    assert (await a.put("lag", {"v": 1})).status == 201
+    assert (await b.get("lag")).json() == {"v": 1}  # b's cache holds v1
+    conn = await RawConnection.open(b.port)
+    try:
+        await conn.send("GET", "/healthz", {})
+        assert (await conn.answer())[0] == 200
+        b.pause()  # b's watch cannot apply v2 before b reads the next request
+        try:
+            written = await a.put("lag", {"v": 2})
+            assert written.status == 200
+            await conn.send("GET", "/v1/sessions/lag", {})
+        finally:
+            b.resume()
+        status, body = await conn.answer()
+    finally:
+        conn.close()
+    assert status == 200 and json.loads(body) == {"v": 2}, (status, body)
+
+
 # -- 7. merge patch and delete ---------------------------------------------------------------
 
 
@@ -475,6 +501,9 @@ clusters:
   members:
   - {{name: {app.name}, address: 127.0.0.1, port: 1}}
   listener: {{address: 127.0.0.1, port: {lport}}}
+  # One member: by default a problem would keep it serving (no other member can, see
+  # test_problems_fallback.py); this test watches the withdrawal itself.
+  failover: {{all_withdrawn: withdraw}}
 """, "test")
     plane = await start_control_plane(etcd=etcd.url)
     envoy = await start_envoy("edge", plane.port)
@@ -629,7 +658,7 @@ async def test_full_sync_shrinks_pages_that_exceed_the_message_limit(etcd: EtcdS
     """etcd pages by count; a page larger than one gRPC message is read in smaller ones."""
     import aetcd
 
-    from meshxl.etcdkeys import Keys
+    from meshxl.etcd.keys import Keys
     from meshxl.statesync.cache import SessionCache
     from meshxl.statesync.record import SessionRecord
 

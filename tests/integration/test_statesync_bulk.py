@@ -15,7 +15,7 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
 from tests.harness import EtcdServer

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdServer, inproc
 from tests.harness.inproc import JSON, RawHttp

@@ -1,7 +1,7 @@
 """PUTs pipelined on one connection are taken up together (``SessionRoutes.put_group``,
-``Sessions.put_each``): each answered exactly as it would be alone, in order, whatever
-its neighbours do; a session's writes stay in the order sent; a write whose session is
-busy waits alone, holding back no other answer; nothing is left locked.
+``Sessions.write(..., early=True)``): each answered exactly as it would be alone, in
+order, whatever its neighbours do; a session's writes stay in the order sent; a write
+whose session is busy waits alone, holding back no other answer; nothing is left locked.
 
 The sidecar runs in this process on a real socket and a real etcd, so its sessions'
 locks can be held and inspected; a plain socket sends the requests in one write.
@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from meshxl.etcdkeys import Keys
-from meshxl.local.wait import wait_until
+from meshxl.errors import InputError, PreconditionFailed, TooLarge
+from meshxl.etcd.keys import Keys
 from meshxl.statesync import app
 from meshxl.statesync.record import SessionRecord
-from meshxl.statesync.sessions import Change, PreconditionFailed, Stored
+from meshxl.statesync.sessions import Sessions
+from meshxl.statesync.writes import Stored, Write
 from tests.harness import EtcdServer, inproc
 from tests.harness.inproc import RawHttp
 
@@ -99,67 +100,67 @@ async def test_pipelined_puts_answer_as_each_would_alone(sidecar: Sidecar,
     a = await stored(etcd, "a")
     assert f is not None and f.traceparent == TRACEPARENT
     assert a is not None and a.traceparent is None and json.loads(a.data) == {"v": 2}
-    assert len(sidecar.side.sessions._locks) == 0
+    assert len(sidecar.side.sessions.locks) == 0
+
+
+async def _put(sessions: Sessions, session_id: str, data: bytes) -> Stored:
+    [outcome] = await sessions.write([Write(session_id=session_id, data=data)])
+    assert isinstance(outcome, Stored), outcome
+    return outcome
 
 
 async def test_a_busy_session_waits_alone_and_keeps_its_place(sidecar: Sidecar) -> None:
-    """A write whose session another write holds waits for it, in line; the others of
-    its group go on and are answered meanwhile. A write of that session made after the
-    group still comes after the group's."""
+    """A write whose session another write holds waits for it, in line, in a task of its
+    own; the others of its group go on and have their outcomes meanwhile. A write of
+    that session made after the group still comes after the group's."""
     sessions = sidecar.side.sessions
-    assert sessions._locks.try_acquire("busy")  # another write of it, under way
-    answered: dict[int, Stored | Exception] = {}
-    changes = [Change(session_id=s, data=json.dumps({"by": "group", "s": s}).encode())
-               for s in ("x", "busy", "y")]
-    group = asyncio.get_running_loop().create_task(
-        sessions.put_each(changes, lambda i, outcome: answered.__setitem__(i, outcome)))
-    await wait_until(lambda: len(answered) >= 2, timeout=10, what="the free writes answered")
-    assert sorted(answered) == [0, 2] and all(isinstance(o, Stored) for o in answered.values())
-    later = asyncio.get_running_loop().create_task(
-        sessions.put("busy", b'{"by": "later"}', "application/json"))
+    assert sessions.locks.try_acquire("busy")  # another write of it, under way
+    writes = [Write(session_id=s, data=json.dumps({"by": "group", "s": s}).encode())
+              for s in ("x", "busy", "y")]
+    outcomes = await asyncio.wait_for(sessions.write(writes, early=True), 10)
+    assert isinstance(outcomes[0], Stored) and isinstance(outcomes[2], Stored)
+    waiting = outcomes[1]
+    assert isinstance(waiting, asyncio.Task)
+    later = asyncio.get_running_loop().create_task(_put(sessions, "busy", b'{"by": "later"}'))
     await asyncio.sleep(0.05)  # a while for what must not happen
-    assert 1 not in answered and not later.done()
-    sessions._locks.release("busy")
+    assert not waiting.done() and not later.done()
+    sessions.locks.release("busy")
     async with asyncio.timeout(10):
-        await group
+        first = await waiting
         last = await later
-    first = answered[1]
     assert isinstance(first, Stored) and int(last.etag) > int(first.etag)
     got = await sessions.get("busy")
     assert json.loads(got.record.data) == {"by": "later"}
-    assert len(sessions._locks) == 0
+    assert len(sessions.locks) == 0
 
 
 async def test_a_cancelled_group_leaves_no_session_locked(sidecar: Sidecar) -> None:
     sessions = sidecar.side.sessions
-    assert sessions._locks.try_acquire("held")
-    answered: list[int] = []
-    changes = [Change(session_id=s, data=b"{}") for s in ("held", "p", "q")]
-    group = asyncio.get_running_loop().create_task(
-        sessions.put_each(changes, lambda i, _outcome: answered.append(i)))
+    assert sessions.locks.try_acquire("held")
+    writes = [Write(session_id=s, data=b"{}") for s in ("held", "p", "q")]
+    group = asyncio.get_running_loop().create_task(sessions.write(writes, early=True))
     await asyncio.sleep(0)  # its places taken, its writes not yet answered
     group.cancel()
     with pytest.raises(asyncio.CancelledError):
         await group
-    sessions._locks.release("held")
-    assert len(sessions._locks) == 0
-    assert 0 not in answered
-    stored_ = await sessions.put("held", b"{}", "application/json")  # nothing in its way
+    sessions.locks.release("held")
+    assert len(sessions.locks) == 0
+    stored_ = await _put(sessions, "held", b"{}")  # nothing in its way
     assert isinstance(stored_, Stored)
 
 
 async def test_refusals_in_a_group_are_the_ones_put_gives(sidecar: Sidecar) -> None:
     sessions = sidecar.side.sessions
-    created = await sessions.put("r", b"{}", "application/json")
-    answered: dict[int, Stored | Exception] = {}
-    await sessions.put_each([
-        Change(session_id="r", data=b"{}", create_only=True),
-        Change(session_id="s", data=b"{}", if_match=f'"{int(created.etag) + 1000}"'),
-        Change(session_id="t", data=b"x" * (sessions.settings.max_bytes + 1)),
-        Change(session_id="u", data=None),
-    ], lambda i, outcome: answered.__setitem__(i, outcome))
-    assert isinstance(answered[0], PreconditionFailed)
-    assert isinstance(answered[1], PreconditionFailed)
-    assert type(answered[2]).__name__ == "TooLarge"
-    assert type(answered[3]).__name__ == "BadRequest"
-    assert len(sessions._locks) == 0
+    created = await _put(sessions, "r", b"{}")
+    outcomes = await sessions.write([
+        Write(session_id="r", data=b"{}", create_only=True),
+        Write(session_id="s", data=b"{}", if_match=f'"{int(created.etag) + 1000}"'),
+        Write(session_id="t", data=b"x" * (sessions.settings.max_bytes + 1)),
+        Write(session_id="bad!id", data=b"{}"),
+        Write(session_id="v", data=b"{}", if_match='"7"', create_only=True),
+    ], early=True)
+    assert isinstance(outcomes[0], PreconditionFailed)
+    assert isinstance(outcomes[1], PreconditionFailed)
+    assert type(outcomes[2]) is TooLarge
+    assert type(outcomes[3]) is InputError and type(outcomes[4]) is InputError
+    assert len(sessions.locks) == 0

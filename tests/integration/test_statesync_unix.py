@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from tests.harness import EtcdServer
 from tests.harness.cli import meshxl

@@ -17,8 +17,8 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
-from meshxl.ops import apply_model
+from meshxl.etcd.keys import Keys
+from meshxl.operator.actions import apply_model
 from tests.harness.cli import REPO, meshxl
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,11 @@ from typing import Any
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
-from meshxl.ops import apply_model, set_member_admin, set_site_admin
+from meshxl.operator.actions import apply_model, set_member_admin, set_site_admin
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture, Host, drive, failures
 
@@ -154,6 +154,9 @@ clusters:
   members:
   - {{name: {a.name}, address: 127.0.0.1, port: 1}}
   listener: {{address: 127.0.0.1, port: {lport}}}
+  # One member: by default a problem would keep it serving (no other member can, see
+  # test_problems_fallback.py); this test watches the withdrawal itself.
+  failover: {{all_withdrawn: withdraw}}
 """)
     plane: ControlPlane = await start_control_plane(etcd=etcd.url)
     envoy = await start_envoy("n1", plane.port)

@@ -12,9 +12,9 @@ import grpc
 import pytest
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.local.wait import wait_until
-from meshxl.ops import apply_model
+from meshxl.operator.actions import apply_model
 from meshxl.xds.types import CLUSTER
 from tests.unit.test_xds_server import Envoy
 

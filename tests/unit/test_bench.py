@@ -11,11 +11,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import benchlib  # noqa: E402
+import flap  # noqa: E402
 import rebalance  # noqa: E402
 import statesync  # noqa: E402
 import statesync_gc  # noqa: E402
@@ -209,8 +211,8 @@ def test_statesync_path_runs_the_sidecars_write_path_in_process() -> None:
     assert asyncio.run(_one_round(server)) == statesync_path.PIPELINED
 
 
-async def _one_round(server: object) -> int:
-    connection = statesync_path._Connection(server)  # type: ignore[arg-type]
+async def _one_round(server: Any) -> int:
+    connection = statesync_path.Connection(server.site)
     transport = statesync_path._Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
     connection.data_received(statesync_path._requests("put", 0))
@@ -238,3 +240,52 @@ def test_statesync_ratios_pair_each_run_with_raw_beside_it() -> None:
     assert statesync.paired_ratios([("bulk16", 10.0)]) == {}
     assert statesync.paired_ratios([("bulk16", 10.0), ("raw", 5.0)]) == {"bulk16": [2.0]}
     assert statesync.paired_ratios([("raw", 4.0), ("x", 6.0), ("raw", 8.0)]) == {"x": [1.0]}
+
+
+def test_session_moves_count_changes_of_member_from_where_the_session_was() -> None:
+    from meshxl.local.flap import session_moves
+
+    def rec(t: float, session: str, member: str | None, status: int = 200) -> Record:
+        return Record(sent=t, ended=t + 0.01, session=session, status=status, member=member)
+
+    records = [rec(0, "s1", "a"), rec(1, "s1", "b"), rec(2, "s1", "b", 503),
+               rec(3, "s1", "a"), rec(4, "s1", "a"), rec(0.5, "s2", "a"),
+               rec(2.5, "s2", "a"), rec(9, "s1", "b")]
+    # s1: a (before) -> b -> (a failed request counts nothing) -> a; s2 never moved.
+    assert session_moves(records, since=0.9, until=5) == {"s1": 2, "s2": 0}
+    assert session_moves(records) == {"s1": 3, "s2": 0}
+
+
+def test_flap_verdicts_judge_the_hold_against_one_move_per_flap() -> None:
+    def run(policy: str, most: int, flaps: int = 5, failed: int = 0) -> dict[str, object]:
+        return {"policy": policy, "flaps": flaps, "failed_requests": failed,
+                "moves_per_session": {"min": most, "max": most, "mean": most},
+                "moves_per_session_per_flap": most / flaps}
+
+    found = {v.name: v for v in flap.verdicts([run("none", 10), run("automatic", 2),
+                                                run("manual", 1)])}
+    assert found["automatic failback: moves per session per flap"].met
+    assert "10 moves per session" in found["manual failback: moves per session (all flaps)"
+                                          ].reference
+    missed = flap.verdicts([run("automatic", 10), run("manual", 2, failed=1)])
+    assert [v.met for v in missed] == [False, False, True, False]
+
+
+def test_the_protocol_rows_have_one_target_per_figure() -> None:
+    import failover_protocols
+
+    rows = failover_protocols.verdicts({
+        "grpc": {"failed": 0, "requests": 10, "repeats": 1, "lost_writes": 0,
+                 "acknowledged_writes": 10, "rto_ms": {"p50": 20.0, "p99": 150.0}},
+        "tcp": {"failed": 1, "requests": 10, "repeats": 1, "lost_writes": 0,
+                "acknowledged_writes": 9, "reconnect_ms": {"p99": 120.0},
+                "break_to_answer_ms": {"p99": 80.0}, "state_intact": True},
+    })
+    assert [(v.name, v.met) for v in rows] == [
+        ("failover gRPC unary: failed", True),
+        ("failover gRPC unary: lost acknowledged writes", True),
+        ("failover gRPC unary: RTO p99", False),
+        ("failover TCP: failed", False),
+        ("failover TCP: lost acknowledged writes", True),
+        ("failover TCP: reconnect p99 (kill -> first answer)", True),
+    ]

@@ -201,3 +201,17 @@ def test_render_yaml_keeps_yaml11_lookalikes_strings(node_id: str) -> None:
     text = render_yaml(build_bootstrap(node_id, ["127.0.0.1:18000"], admin_port=9901))
     assert f"id: '{node_id}'" in text
     assert pyyaml.safe_load(text)["node"]["id"] == node_id
+
+
+def test_xds_token_is_sent_as_initial_metadata() -> None:
+    token = "0123456789abcdef0123456789abcdef"
+    boot = build_bootstrap("n1", "127.0.0.1:18000", admin_port=9901, xds_token=token)
+    (service,) = boot["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert service["initial_metadata"] == [{"key": "authorization",
+                                            "value": f"Bearer {token}"}]
+    assert service["envoy_grpc"]["cluster_name"] == XDS_CLUSTER
+    plain = build_bootstrap("n1", "127.0.0.1:18000", admin_port=9901)
+    assert "initial_metadata" not in plain["dynamic_resources"]["ads_config"][
+        "grpc_services"][0]
+    with pytest.raises(ValueError, match="--xds-token-file"):
+        build_bootstrap("n1", "127.0.0.1:18000", admin_port=9901, xds_token="bad token")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshxl import errors
+from meshxl import errors, httpbase
 from meshxl import web as mweb
 from meshxl.client import Backoff, ClientSettings, plans
 from meshxl.client import errors as cerrors
@@ -110,8 +110,8 @@ def test_error_answers_map_onto_the_family(status: int, cls: type, member: type,
     assert str(exc) == f"sidecar PUT /v1/sessions/s1 answered {status}: what went wrong"
     assert exc.details == {"field": "If-Match", "session": "s1"}
     # The details never clash with what meshxl.web's JSON errors put first.
-    assert mweb.http_status(exc) == edge
-    response = mweb.error_response(mweb.http_status(exc), str(exc), **exc.details)
+    assert httpbase.http_status(exc) == edge
+    response = mweb.error_response(httpbase.http_status(exc), str(exc), **exc.details)
     assert json.loads(response.body)["field"] == "If-Match"
 
 
@@ -150,7 +150,7 @@ def test_every_error_status_maps_to_one_family_member(status: int, message: str,
     exc = cerrors.error_from_answer(status, body, method="GET", path="/p")
     assert isinstance(exc, cerrors.SidecarError)
     assert "error" not in exc.details and "status" not in exc.details
-    assert mweb.http_status(exc) in (400, 404, 409, 412, 413, 503)
+    assert httpbase.http_status(exc) in (400, 404, 409, 412, 413, 503)
 
 
 # -- backoff ---------------------------------------------------------------------------------

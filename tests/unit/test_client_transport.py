@@ -25,9 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshxl.client import AsyncClient, Backoff, BadRequest, ClientSettings, Unreachable
-from meshxl.client import transport as mtransport
+from meshxl.client.connection import MAX_HEAD, Connection
+from meshxl.client.framing import HEAD_SLICE
 from meshxl.client.plans import Answer, Unanswered
-from meshxl.client.transport import MAX_HEAD, Pool, _Connection
+from meshxl.client.transport import Pool
 from meshxl.errors import InputError
 from meshxl.local.ports import free_port
 
@@ -278,7 +279,10 @@ def test_idle_connections_are_closed_after_keepalive(run: Any) -> None:
 # -- framings and closes ---------------------------------------------------------------------
 
 
-def test_chunked_and_read_until_close_answers(run: Any) -> None:
+def test_chunked_answers_and_unframed_ones_refused(run: Any) -> None:
+    """Chunked answers keep the connection; an answer framed by neither Content-Length
+    nor chunked (its body would end at the close) is refused: a cut could not be told
+    from its end, and the sidecar never sends one."""
     body = bytes(range(256)) * 40
 
     def handler(peer: Peer, seen: Seen) -> None:
@@ -302,8 +306,8 @@ def test_chunked_and_read_until_close_answers(run: Any) -> None:
             assert got.headers["transfer-encoding"] == "chunked"
         assert pool.opened == 1  # chunked answers keep the connection
         got = await pool.request("GET", "/until-close", {}, None)
-        assert isinstance(got, Answer) and got.body == body
-        assert got.headers == {"content-type": "text/plain"}
+        assert isinstance(got, Unanswered) and got.sent
+        assert "neither Content-Length nor chunked" in got.reason
         assert isinstance(await pool.request("GET", "/next", {}, None), Answer)
         assert pool.opened == 2
         await pool.close()
@@ -498,22 +502,20 @@ def test_a_connect_that_hangs_times_out_unsent(run: Any) -> None:
             sock.close()
 
 
-def test_oversized_answers_are_refused(run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mtransport, "MAX_ANSWER", 10_000)
-
+def test_oversized_answers_are_refused(run: Any) -> None:
     def handler(peer: Peer, seen: Seen) -> None:
         if seen.path == "/big":
             peer.write(answer(200, b"x" * 10_001))
         elif seen.path == "/big-chunked":
             peer.write(answer(200, chunked(b"x" * 20_000, 3000), transfer_encoding="chunked"))
-        elif seen.path == "/big-head":
-            peer.write(answer(200, b"", x_big="h" * MAX_HEAD))
+        elif seen.path == "/big-head":  # past MAX_HEAD and the parser's slice of slack
+            peer.write(answer(200, b"", x_big="h" * (MAX_HEAD + HEAD_SLICE)))
         else:
             peer.write(answer(200, b"x" * 10_000))
 
     async def main() -> None:
         server = await Server(handler=handler).start()
-        pool = server.pool()
+        pool = server.pool(ClientSettings(timeout=5, max_answer=10_000))
         got = await pool.request("GET", "/fits", {}, None)
         assert isinstance(got, Answer) and len(got.body) == 10_000
         for path, what in (("/big", "answer is larger than 10000 bytes"),
@@ -739,17 +741,19 @@ def test_parsed_answers_equal_what_was_sent(generated: tuple[bytes, Answer, str]
     wire, expected, framing = generated
     loop = asyncio.new_event_loop()
     try:
-        conn = _Connection(Pool(settings=QUICK), loop)
+        conn = Connection(Pool(settings=QUICK), loop)
         conn.connection_made(_Wire())  # type: ignore[arg-type]
         waiter = conn.send(b"GET / HTTP/1.1\r\n\r\n", loop.time() + 10, False)
         points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
         for start, end in zip(points, points[1:], strict=False):
             conn.data_received(wire[start:end])
-        if framing == "close":
-            assert not waiter.done()
-            conn.connection_lost(None)
+        if framing == "close":  # refused as soon as its head says so
+            got = waiter.result()
+            assert isinstance(got, Unanswered) and "neither Content-Length" in got.reason
+            assert not conn.keep
+            return
         assert waiter.done() and waiter.result() == expected
-        assert conn.keep == (framing != "close")
+        assert conn.keep
     finally:
         loop.close()
 
@@ -873,7 +877,7 @@ def test_pipelined_answers_split_anyhow_reach_their_requests(
     wire = b"".join(w for w, _, _ in generated)
     loop = asyncio.new_event_loop()
     try:
-        conn = _Connection(Pool(settings=QUICK), loop)
+        conn = Connection(Pool(settings=QUICK), loop)
         conn.connection_made(_Wire())  # type: ignore[arg-type]
         waiters = [conn.send(b"GET / HTTP/1.1\r\n\r\n", loop.time() + 10, False)
                    for _ in generated]

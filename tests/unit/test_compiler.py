@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
 from meshxl.xds.cache import Snapshot, stats
-from meshxl.xds.resources import Compiler, Resources, compile_resources
+from meshxl.xds.compiler import Compiler, Resources, compile_resources
 from meshxl.xds.types import ENDPOINT
 
 MODEL = parse_model("""

@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 
 from meshxl.istio import render
+from meshxl.model import spec as model_spec
 from meshxl.model.spec import (
     ALGORITHMS,
     HASH_KEYS,
+    HEALTH_CHECK_TYPES,
     MEMBERSHIPS,
     MODES,
     PIN_CARRIERS,
+    PROTOCOLS,
     REPLICATIONS,
     ClusterSpec,
     Stickiness,
@@ -27,7 +30,7 @@ from meshxl.model.spec import (
     choose,
 )
 from meshxl.statesync import app as statesync_app
-from meshxl.xds import resources
+from meshxl.xds import protocols, resources
 
 TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("xds _LB_POLICIES", resources._LB_POLICIES, ALGORITHMS),
@@ -39,6 +42,9 @@ TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("istio _ALGORITHM_PATCHES", render._ALGORITHM_PATCHES, ALGORITHMS),
     ("istio _ISTIO_HASH_KEYS", render._ISTIO_HASH_KEYS, HASH_KEYS),
     ("istio _PIN_STATES", render._PIN_STATES, PIN_CARRIERS),
+    ("model _HEALTH_CHECK_OF", model_spec._HEALTH_CHECK_OF, PROTOCOLS),
+    ("xds protocols _UPSTREAM", protocols._UPSTREAM, PROTOCOLS),
+    ("xds protocols _HEALTH_CHECKS", protocols._HEALTH_CHECKS, HEALTH_CHECK_TYPES),
 ]
 
 
@@ -83,8 +89,8 @@ def test_an_unknown_mode_or_membership_raises() -> None:
 
 
 def test_member_state_tables_cover_every_state() -> None:
-    from meshxl import tables
     from meshxl.model import MemberState
+    from meshxl.operator import tables
     from meshxl.xds import failover
 
     assert set(tables._STATE_STYLE) == set(MemberState)

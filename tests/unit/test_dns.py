@@ -8,8 +8,8 @@ import pytest
 
 from meshxl.model import ModelError, parse_model
 from meshxl.model.runtime import Registration
+from meshxl.xds.compiler import compile_resources
 from meshxl.xds.dns import Resolver, hostnames, resolve_names
-from meshxl.xds.resources import compile_resources
 from tests.unit.test_sources import until
 
 MODEL = """

@@ -18,7 +18,8 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.etcd import DOWN, NO_LEADER, UP, Balancer, Endpoint, EtcdUnavailable
-from meshxl.statesync.store import SessionStore, StoreUnavailable, WriteResult, _write_result
+from meshxl.statesync.errors import StoreUnavailable
+from meshxl.statesync.store import SessionStore, WriteResult, _write_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -204,10 +205,11 @@ class _Member:
             for _ in request.success])
 
 
-def _write(store: SessionStore, key: bytes, expected: int) -> Any:
-    return store._writes.submit(SessionStore._guarded(key, expected, {
-        "request_put": {"key": key, "value": b"v"}}),
-        lambda r, rev, unc: _write_result(r, rev, unc, b"v"), resend=expected != 0)
+async def _write(store: SessionStore, key: bytes, expected: int) -> WriteResult:
+    [answer] = await store.write([(key, b"v", expected)], 0)
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
 
 
 async def test_a_batch_stuck_on_a_member_does_not_hold_the_writes_behind_it() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -13,8 +14,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
-from meshxl.statesync.sessions import Takeover
-from meshxl.statesync.tracing import SUMMARY_FAILOVERS, SUMMARY_TIMES, TakeoverTracer
+from meshxl.statesync.tracing import (
+    SUMMARY_FAILOVERS,
+    SUMMARY_TIMES,
+    TakeoverTracer,
+    follow_failovers,
+)
+from meshxl.statesync.writes import Takeover
 from meshxl.telemetry import names
 from meshxl.xds.failover import TIMELINE_NODES, FailoverTracer, losses
 from meshxl.xds.types import CLUSTER, ENDPOINT
@@ -247,3 +253,61 @@ def test_an_unlisted_registered_member_whose_lease_ends_is_lease_expired() -> No
     before = RuntimeState(registrations={("d", "m"): Registration("127.0.0.1", 9000)})
     (loss,) = losses(model, before, RuntimeState())
     assert (loss.member, loss.cause) == ("m", "lease_expired")
+
+
+class _Stop(BaseException):
+    """Ends a follower that went on after its cancellation (so the test fails, not hangs)."""
+
+
+class _BrokenWatch:
+    """A watch that yields nothing, and whose cancel fails as a closing gRPC stream's may
+    (``Stream removed``)."""
+
+    def __init__(self, stop: asyncio.Event):
+        self.stop = stop
+
+    def __aiter__(self) -> Any:
+        return self
+
+    async def __anext__(self) -> Any:
+        await self.stop.wait()
+        raise _Stop
+
+    async def cancel(self) -> None:
+        raise RuntimeError("Stream removed")
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.watches = 0
+        self.watching = asyncio.Event()
+        self.stop = asyncio.Event()
+
+    async def get_prefix(self, _prefix: bytes) -> Any:
+        if self.stop.is_set():
+            raise _Stop
+
+        class Got(list[Any]):
+            header = type("Header", (), {"revision": 1})()
+        return Got()
+
+    async def watch_prefix(self, _prefix: bytes, start_revision: int) -> _BrokenWatch:
+        self.watches += 1
+        self.watching.set()
+        return _BrokenWatch(self.stop)
+
+
+async def test_following_failovers_stops_when_cancelled_even_if_the_watch_cannot_close() -> None:
+    """The sidecar stops its tasks by cancelling them and waiting: a failure closing the
+    watch must not turn the cancellation into a retry (the sidecar never stopped)."""
+    client: Any = _Client()
+    task = asyncio.create_task(follow_failovers(client, "/f/", TakeoverTracer("c", "a")))
+    await asyncio.wait_for(client.watching.wait(), 2)
+    await asyncio.sleep(0)  # in the watch
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=2)
+    client.stop.set()
+    with pytest.raises((asyncio.CancelledError, _Stop)):
+        await task
+    assert done and task.cancelled(), "the cancelled follower went on watching"
+    assert client.watches == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -153,7 +154,9 @@ def test_pod_gets_statesync_and_envoy() -> None:
 
     envoy = init[ENVOY_CONTAINER]
     eargs = envoy["args"]
-    assert eargs[:3] == ["envoy", "--node-id", "$(MESHXL_MEMBER)"]
+    # POD.NAMESPACE: unique in the cluster, and what a SPIFFE ID of the namespace binds.
+    assert eargs[:3] == ["envoy", "--node-id", "$(MESHXL_MEMBER).$(MESHXL_NAMESPACE)"]
+    assert "--xds-cert" not in eargs  # plaintext ADS unless told
     assert [eargs[i + 1] for i, a in enumerate(eargs) if a == "--xds"] == list(CONFIG.xds)
     assert flag(eargs, "--node-cluster") == "orders"
     work_dir = flag(eargs, "--work-dir")
@@ -200,6 +203,35 @@ def test_injected_command_lines_are_accepted_by_the_meshxl_cli() -> None:
     params = sync.make_context("statesync", _expand(init[STATESYNC_CONTAINER]["args"][2:])).params
     assert (params["member"], params["app_address"], params["weight"]) == \
         ("orders-a", "10.1.2.3:9090", 200)
+
+
+def test_envoy_gets_its_xds_client_certificate() -> None:
+    """With an xDS client Secret the injected Envoy mounts it (and only the Envoy) and
+    connects with mutual TLS, as node POD.NAMESPACE; `meshxl envoy` parses the line."""
+    config = dataclasses.replace(CONFIG, xds_client_secret="meshxl-envoy-xds")
+    out = mutate_pod(load("pod.yaml"), config)
+    init = containers(out)
+    envoy = init[ENVOY_CONTAINER]
+    directory = "/var/run/meshxl/xds-client"
+    assert {"name": "meshxl-xds-client", "mountPath": directory, "readOnly": True} in \
+        envoy["volumeMounts"]
+    assert not any(m["name"] == "meshxl-xds-client"
+                   for m in init[STATESYNC_CONTAINER].get("volumeMounts", []))
+    args = envoy["args"]
+    assert (flag(args, "--xds-ca"), flag(args, "--xds-cert"), flag(args, "--xds-key")) == (
+        f"{directory}/ca.crt", f"{directory}/tls.crt", f"{directory}/tls.key")
+    (volume,) = [v for v in out["spec"]["volumes"] if v["name"] == "meshxl-xds-client"]
+    assert volume["secret"]["secretName"] == "meshxl-envoy-xds"
+    assert {i["key"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    status = json.loads(out["metadata"]["annotations"][ANNOTATION_STATUS])
+    assert status["volumes"] == [ENVOY_VOLUME, "meshxl-xds-client"]
+    validate_k8s(out)
+    command = main.commands["envoy"]  # type: ignore[attr-defined]
+    params = command.make_context("envoy", _expand(args[1:])).params
+    assert params["node_id"] == "orders-a.shop"
+    assert str(params["xds_cert"]) == f"{directory}/tls.crt"
+    with pytest.raises(ValueError, match="xDS client Secret"):
+        dataclasses.replace(CONFIG, xds_client_secret="Not A Name")
 
 
 def test_patch_applied_to_the_pod_gives_the_injected_pod() -> None:

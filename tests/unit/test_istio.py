@@ -32,7 +32,7 @@ from google.protobuf import json_format
 
 from meshxl.cli import main
 from meshxl.istio import IstioOptions, IstioRenderError, render_model
-from meshxl.istio.render import HA_FAILOVER_PRIORITY, istio_priority, role_labels
+from meshxl.istio.labels import HA_FAILOVER_PRIORITY, istio_priority, role_labels
 from meshxl.model import RuntimeState, cluster_view, load_model, parse_model
 from meshxl.model.runtime import AdminAction, Registration
 

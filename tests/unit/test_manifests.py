@@ -170,6 +170,7 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
                          "secretName": {"type": "string"}, "issuerRef": _ISSUER_REF,
                          "isCA": {"type": "boolean"}, "commonName": {"type": "string"},
                          "dnsNames": {"type": "array", "items": {"type": "string"}},
+                         "uris": {"type": "array", "items": {"type": "string"}},
                          "duration": {"type": "string", "pattern": r"^\d+h$"},
                          "renewBefore": {"type": "string", "pattern": r"^\d+h$"},
                          "usages": {"type": "array", "items": {"enum": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aetcd
 import pytest
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
 from meshxl.model import Registration
 from meshxl.statesync.membership import Membership, registration_document
 

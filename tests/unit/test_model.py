@@ -514,6 +514,57 @@ def test_a_maglev_table_too_small_for_its_members_is_warned_about() -> None:
     assert model_warnings(roomy) == []
 
 
+def test_registered_members_are_judged_from_their_registrations() -> None:
+    """The warnings never fired for ``membership: registered``: its members are known
+    only at run time. The control plane, ``meshxl status`` and the other views judge
+    the live registrations (meshxl/xds/warnings.py)."""
+    import logging
+
+    from meshxl.model import Registration, RuntimeState, model_warnings
+    from meshxl.xds.warnings import ModelWarnings
+
+    model = parse_model(dedent("""
+        clusters:
+          - name: cart
+            membership: registered
+            sites: [{name: dc1}, {name: dc2}]
+            stickiness: {header: x-s, maglev_table_size: 251}
+        """))
+
+    def runtime(*sites: str) -> RuntimeState:
+        return RuntimeState(registrations={
+            ("cart", f"m{i}"): Registration(address=f"10.0.0.{i + 1}", port=80, site=site)
+            for i, site in enumerate(sites)})
+
+    assert model_warnings(model) == []  # nothing listed: nothing to judge statically
+    found = model_warnings(model, runtime("dc1", "dc1", "dc1"))
+    assert [w.path for w in found] == ["clusters[0] (cart).stickiness.maglev_table_size",
+                                       "clusters[0] (cart)"]
+    assert "251 entries for 3 registered members" in found[0].message
+    assert "both on site dc1 and no registered member is on another site" in found[1].message
+    assert [w.path for w in model_warnings(model, runtime("dc1", "dc2"))] == []
+
+    # The control plane logs each warning once when it appears, once when it clears.
+    tracker = ModelWarnings()
+    logger = logging.getLogger("meshxl.xds.warnings")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        tracker.update(model, runtime("dc1", "dc1"))
+        tracker.update(model, runtime("dc1", "dc1"))  # no change: no new line
+        assert [r.levelname for r in records] == ["WARNING"]
+        assert tracker.all() == [str(w) for w in model_warnings(model, runtime("dc1", "dc1"))]
+        tracker.update(model, runtime("dc1", "dc2"))
+        assert [r.levelname for r in records] == ["WARNING", "INFO"] and tracker.all() == []
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.mark.parametrize("text", ["[" * 200_000, "- " * 200_000 + "x", "{a: " * 50_000])
 def test_deep_nesting_is_refused_before_libyaml_builds_it(text: str) -> None:
     """libyaml's composer recurses in C: unchecked, such a document kills the process."""

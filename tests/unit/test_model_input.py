@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from meshxl.cli import main
-from meshxl.etcdkeys import Keys
-from meshxl.meshstate import EtcdMeshSource
+from meshxl.etcd.keys import Keys
+from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.xds.sources import ModelFileSource
 from tests.unit.test_sources import GOOD, until
 
@@ -133,7 +133,7 @@ def test_apply_refuses_an_empty_model_before_reaching_etcd() -> None:
 
 def test_apply_reads_its_input_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The text stored is the text validated: the file is opened once."""
-    import meshxl.ops
+    import meshxl.operator.actions
 
     path = tmp_path / "m.yaml"
     path.write_text(GOOD)
@@ -162,7 +162,7 @@ def test_apply_reads_its_input_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             opened.append(str(self))
         return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(meshxl.ops, "apply_model", fake_apply)
+    monkeypatch.setattr(meshxl.operator.actions, "apply_model", fake_apply)
     monkeypatch.setattr("meshxl.cli.model.etcd_client", lambda urls: FakeClient())
     monkeypatch.setattr(Path, "open", counting_open)
     monkeypatch.setattr(Path, "read_text", lambda *a, **k: pytest.fail("read twice"))

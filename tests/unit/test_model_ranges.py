@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from meshxl.model import ModelError, parse_model
-from meshxl.xds.resources import CompileError, compile_resources
+from meshxl.xds.compiler import compile_resources
+from meshxl.xds.resources import CompileError
 
 BASE = "clusters: [{name: web, members: [{name: a, address: 127.0.0.1, port: 8080}]%s}]\n"
 

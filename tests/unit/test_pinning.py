@@ -23,9 +23,10 @@ from meshxl.model import (
     cluster_view,
     parse_model,
 )
-from meshxl.observe import _shares
-from meshxl.xds.history import Change
-from meshxl.xds.resources import STATEFUL_SESSION, compile_resources, listener_name
+from meshxl.operator.views.status import _shares
+from meshxl.xds.compiler import compile_resources
+from meshxl.xds.history import Transition
+from meshxl.xds.resources import STATEFUL_SESSION, listener_name
 
 
 def model(stickiness: str, *, extra: str = "", mode: str = "load-sharing") -> Any:
@@ -143,7 +144,7 @@ def state_with(overloaded: set[str], ready: bool = True) -> RuntimeState:
     return RuntimeState(registrations=regs)
 
 
-def registered_model(mode: str = "high-availability") -> Any:
+def registered_model(mode: str = "high-availability", failover: str = "") -> Any:
     return parse_model(dedent(f"""\
         clusters:
           - name: web
@@ -151,30 +152,56 @@ def registered_model(mode: str = "high-availability") -> Any:
             membership: registered
             stickiness: {{header: x-s, pin: {{}}}}
             listener: {{port: 10000}}
-        """))
+        """) + (f"    failover: {failover}\n" if failover else ""))
 
 
-def test_an_overloaded_member_is_sent_degraded_and_keeps_its_role() -> None:
-    spec = registered_model().clusters[0]
+def eds_status(model: Any, state: RuntimeState) -> dict[str, int]:
+    out = compile_resources(model, state)
+    return {ep.endpoint.hostname: ep.health_status
+            for group in out.endpoints["web"].endpoints for ep in group.lb_endpoints}
+
+
+def test_an_overloaded_member_is_sent_degraded_while_its_tier_has_a_ready_member() -> None:
+    spec = registered_model("load-sharing").clusters[0]
     view = cluster_view(spec, state_with({"a"}))
     a, b = view.member("a"), view.member("b")
     assert a is not None and b is not None
-    assert a.state == MemberState.OVERLOADED and a.role == Role.ACTIVE
-    assert b.state == MemberState.READY and b.role == Role.STANDBY
-    out = compile_resources(registered_model(), state_with({"a"}))
-    status = {ep.endpoint.hostname: ep.health_status
-              for group in out.endpoints["web"].endpoints for ep in group.lb_endpoints}
-    assert status == {"a": health_check_pb2.DEGRADED, "b": health_check_pb2.UNKNOWN}
-    # New sessions: the ready member, or the overloaded ones when none is ready.
+    assert a.state == MemberState.OVERLOADED and a.role == Role.LOAD_SHARING
+    assert b.state == MemberState.READY
+    assert eds_status(registered_model("load-sharing"), state_with({"a"})) == {
+        "a": health_check_pb2.DEGRADED, "b": health_check_pb2.UNKNOWN}
+    # New sessions: the ready member of the tier only.
     assert _shares(view.members) == {"b": 1.0}
+
+
+def test_a_tier_of_overloaded_members_keeps_taking_new_sessions() -> None:
+    """Envoy's hash balancers place nothing on DEGRADED hosts: a tier of overloaded
+    members sent DEGRADED takes no new session (503 when no other tier is healthy)."""
+    spec = registered_model("load-sharing").clusters[0]
     both = cluster_view(spec, state_with({"a", "b"}))
-    assert _shares(both.members) == {"a": 1.0}
+    assert {m.state for m in both.members} == {MemberState.ATTENTION}
+    assert _shares(both.members) == {"a": 0.5, "b": 0.5}
+    assert set(eds_status(registered_model("load-sharing"), state_with({"a", "b"})).values()
+               ) == {health_check_pb2.UNKNOWN}
+    # High availability: the active is alone in its tier; overload sends nothing to the
+    # standby (it is no failover), the active keeps its role and its new sessions.
+    ha = cluster_view(registered_model().clusters[0], state_with({"a"}))
+    assert [(m.name, m.state, m.role) for m in ha.members] == [
+        ("a", MemberState.ATTENTION, Role.ACTIVE), ("b", MemberState.READY, Role.STANDBY)]
+    assert _shares(ha.members) == {"a": 1.0}
+    # failover.all_withdrawn: withdraw passes the tier over, as Envoy would.
+    strict = registered_model("load-sharing", "{all_withdrawn: withdraw}")
+    view = cluster_view(strict.clusters[0], state_with({"a", "b"}))
+    assert {m.state for m in view.members} == {MemberState.OVERLOADED}
+    assert _shares(view.members) == {}
+    assert set(eds_status(strict, state_with({"a", "b"})).values()) == {
+        health_check_pb2.DEGRADED}
 
 
 def test_overload_is_not_a_failover_but_leaving_overload_for_down_is() -> None:
-    assert not Change("web", "a", "ready", "overloaded", "").failover
-    assert not Change("web", "a", "overloaded", "ready", "").failover
-    assert Change("web", "a", "overloaded", "lost", "").failover
+    assert not Transition("web", "a", "ready", "overloaded", "").failover
+    assert not Transition("web", "a", "overloaded", "ready", "").failover
+    assert Transition("web", "a", "overloaded", "lost", "").failover
 
 
 def test_a_registration_reads_overload_from_its_document() -> None:

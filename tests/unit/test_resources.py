@@ -26,12 +26,8 @@ from meshxl.model import (
     parse_model,
 )
 from meshxl.xds import types
-from meshxl.xds.resources import (
-    CompileError,
-    Resources,
-    compile_resources,
-    listener_name,
-)
+from meshxl.xds.compiler import Resources, compile_resources
+from meshxl.xds.resources import CompileError, listener_name
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "quickstart.yaml"
 MEMBERS = """

@@ -26,7 +26,7 @@ from meshxl.statesync.auth import (
     token_check,
     valid_token,
 )
-from meshxl.statesync.server import Request, Response, Router, json_response
+from meshxl.statesync.http import Request, Response, Router, json_response
 from meshxl.xds.app import ControlPlaneConfig
 from tests.harness.certs import CA
 from tests.unit.test_sidecar_http import answers, exchange, serving

@@ -1,5 +1,5 @@
-"""The sidecar's HTTP/1.1 server (meshxl/statesync/server.py), in process on loopback
-sockets: framing, keep-alive, pipelining, limits, timeouts, errors as JSON, on asyncio's
+"""The sidecar's HTTP/1.1 server (meshxl/statesync/http/), in process on loopback
+sockets: keep-alive, pipelining, limits, timeouts, errors as JSON, on asyncio's
 loop and on uvloop. Requests are written as raw bytes, the way misbehaving clients send
 them, and answers read back with http.client's parser where it helps."""
 
@@ -15,12 +15,10 @@ from typing import Any
 import httptools
 import pytest
 import uvloop
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from meshxl.errors import Conflict
-from meshxl.statesync import server as srv
-from meshxl.statesync.server import HttpServer, Refused, Request, Response, Router
+from meshxl.statesync import http as srv
+from meshxl.statesync.http import HttpServer, Refused, Request, Response, Router
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -242,15 +240,13 @@ def test_expect_continue(loop: str) -> None:
     (b"GET /teapot HTTP/1.1\r\nHost: x\r\n\r\n", 418, "short and stout"),
     (b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n", 500, "internal error: KeyError"),
     (b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n", 500, "invalid response header"),
-    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "bad HTTP request"),
     (b"FROB /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad HTTP request"),
-    (b"GET /healthz HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400,
-     "bad HTTP request"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request target"),
     (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"h" * 9000 + b"\r\n\r\n", 431, "X-Big"),
     (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101))
      + b"\r\n", 431, "more than 100 header fields"),
-    (b"GET /healthz HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", 200, None),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+     200, None),
 ])
 def test_every_refusal_is_json(loop: str, request_bytes: bytes, status: int,
                                words: str | None) -> None:
@@ -280,11 +276,11 @@ def test_405_names_the_allowed_methods_and_handler_details_pass_through(loop: st
                                                b"Content-Length: 0\r\nConnection: close\r\n\r\n"))
             assert got[0][1]["allow"] == "GET,PUT"
             assert json.loads(got[0][2])["allowed"] == ["GET", "PUT"]
-            got = answers(await exchange(port, b"GET /teapot HTTP/1.1\r\nConnection: close"
-                                               b"\r\n\r\n"))
+            got = answers(await exchange(port, b"GET /teapot HTTP/1.1\r\nHost: x\r\n"
+                                               b"Connection: close\r\n\r\n"))
             assert got[0][1]["x-why"] == "tea" and json.loads(got[0][2])["spout"] is True
-            got = answers(await exchange(port, b"GET /conflict HTTP/1.1\r\nConnection: close"
-                                               b"\r\n\r\n"))
+            got = answers(await exchange(port, b"GET /conflict HTTP/1.1\r\nHost: x\r\n"
+                                               b"Connection: close\r\n\r\n"))
             assert json.loads(got[0][2])["owner"] == "b"
 
     run(loop, main)
@@ -301,12 +297,13 @@ def test_authorize_runs_before_routing_and_body(loop: str) -> None:
     async def main() -> None:
         async with serving(_router(calls), authorize=authorize) as (_, port):
             for target in (b"/nowhere", b"/v1/sessions/a"):
-                raw = await exchange(port, b"PUT " + target + b" HTTP/1.1\r\nContent-Length: "
-                                     b"5000\r\nConnection: close\r\n\r\n" + b"x" * 5000)
+                raw = await exchange(port, b"PUT " + target + b" HTTP/1.1\r\nHost: x\r\n"
+                                     b"Content-Length: 5000\r\nConnection: close\r\n\r\n"
+                                     + b"x" * 5000)
                 assert raw.startswith(b"HTTP/1.1 401 "), raw[:200]
                 assert b"WWW-Authenticate: Bearer" in raw
-            raw = await exchange(port, b"GET /nowhere HTTP/1.1\r\nAuthorization: Bearer ok\r\n"
-                                       b"Connection: close\r\n\r\n")
+            raw = await exchange(port, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n"
+                                       b"Authorization: Bearer ok\r\nConnection: close\r\n\r\n")
             assert raw.startswith(b"HTTP/1.1 404 ")
         assert calls == []
 
@@ -321,7 +318,7 @@ def test_slow_heads_and_bodies_time_out(loop: str) -> None:
         async with serving(_router(), header_timeout=1.0, body_timeout=1.0) as (_, port):
             started = asyncio.get_running_loop().time()
             assert await exchange(port, b"GET /healthz HTTP/1.1\r\nHost:") == b""
-            slow_body = await exchange(port, b"PUT /v1/sessions/a HTTP/1.1\r\n"
+            slow_body = await exchange(port, b"PUT /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
                                              b"Content-Length: 10\r\n\r\nabc")
             assert slow_body.startswith(b"HTTP/1.1 408 ")
             assert "did not arrive" in json.loads(slow_body.partition(b"\r\n\r\n")[2])["error"]
@@ -382,49 +379,6 @@ def test_router_segments_and_decoding() -> None:
     assert r.resolve("/v1/sessions/a/b") is None
     assert r.resolve("/v1/sessions%3AbulkSave") is not None
     assert sorted(r.resolve("/v1/sessions/x")[0]) == ["GET", "PUT"]  # type: ignore[index]
-
-
-_body = st.binary(max_size=3000)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bodies=st.lists(st.tuples(_body, st.booleans()), min_size=1, max_size=5),
-       cuts=st.lists(st.integers(1, 400), max_size=30))
-def test_any_framing_and_any_split_gives_the_same_bodies(
-        bodies: list[tuple[bytes, bool]], cuts: list[int]) -> None:
-    """Requests framed by Content-Length or chunked, written in arbitrary pieces: each
-    handler sees exactly its body; bodies over the limit are refused, the rest served."""
-    stream = b""
-    for body, chunked in bodies:
-        if chunked:
-            pieces = [body[i:i + 700] for i in range(0, len(body), 700)]
-            framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-            stream += (b"PUT /v1/sessions/p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
-                       b"\r\n\r\n" + framed)
-        else:
-            stream += put("/v1/sessions/p", body)
-    stream += b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-    async def main() -> list[tuple[int, dict[str, str], bytes]]:
-        async with serving(_router()) as (_, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            at = 0
-            for cut in cuts:
-                writer.write(stream[at:at + cut])
-                at += cut
-                await writer.drain()
-            writer.write(stream[at:])
-            raw = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            return answers(raw)
-
-    got = run("uvloop", main)
-    assert len(got) == len(bodies) + 1
-    for (body, _), (status, _, answer) in zip(bodies, got, strict=False):
-        if len(body) > 1024:
-            assert status == 413
-        else:
-            assert status == 200 and json.loads(answer)["body"].encode("latin-1") == body
 
 
 def _grouped_router(groups: list[list[str]], handled: list[str],

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshxl.errors import InputError, PreconditionFailed, TooLarge
 from meshxl.statesync import bulk
 from meshxl.statesync.record import SessionRecord
-from meshxl.statesync.sessions import BadRequest, PreconditionFailed, Stored, TooLarge
+from meshxl.statesync.writes import DELETE, PUT, Stored
 
 
 def body(value: Any) -> bytes:
@@ -55,7 +56,8 @@ def test_save_items_get_their_defaults_and_exact_bytes() -> None:
     assert typed.data == b'{ "x" : 1 }' and typed.if_match == 'W/"12"'
     assert [i.index for i in (json_item, bytes_item, typed)] == [0, 1, 2]
     (fresh,) = save({"session": "d", "data": None, "if_none_match": "*"})
-    assert fresh.create_only and fresh.data == b"null" and fresh.operation == "upsert"
+    assert fresh.create_only and fresh.data == b"null" and fresh.op == PUT
+    assert bulk.operation(fresh) == "upsert"
     (local,) = save({"session": "e", "data": 1, "if_match": '"L3"'})
     assert local.if_match == '"L3"'
 
@@ -87,7 +89,7 @@ def test_save_items_get_their_defaults_and_exact_bytes() -> None:
     ({"session": "ok", "data": 1}, "items[1].session"),  # named twice
 ])
 def test_bad_save_items_are_named(item: Any, field: str) -> None:
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(InputError) as caught:
         save({"session": "ok", "data": 1}, item)
     assert caught.value.details["field"] == field
     assert caught.value.details["item"] == 1
@@ -100,7 +102,7 @@ def test_bad_save_items_are_named(item: Any, field: str) -> None:
     (b"[" * 100 + b"]" * 100, "body"),
 ])
 def test_bad_request_bodies_are_named(raw: bytes, field: str) -> None:
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(InputError) as caught:
         bulk.parse_save(raw, 100)
     assert caught.value.details["field"] == field
 
@@ -127,8 +129,9 @@ def test_transaction_operations() -> None:
     upsert, delete = bulk.parse_transaction(body({"operations": [
         {"session": "a", "data": {"n": 1}, "if_match": '"4"'},
         {"operation": "delete", "session": "b", "if_match": "*"}]}), 1000)
-    assert (upsert.operation, upsert.data, upsert.if_match) == ("upsert", b'{"n":1}', '"4"')
-    assert (delete.operation, delete.data, delete.if_match) == ("delete", None, "*")
+    assert (upsert.op, upsert.data, upsert.if_match) == (PUT, b'{"n":1}', '"4"')
+    assert (delete.op, delete.if_match) == (DELETE, "*")
+    assert [bulk.operation(w) for w in (upsert, delete)] == ["upsert", "delete"]
     for operation, field in (({"operation": "delete", "session": "b", "data": 1},
                               "operations[0].data"),
                              ({"operation": "rename", "session": "b"},
@@ -137,10 +140,10 @@ def test_transaction_operations() -> None:
                              ({"operation": "delete", "session": "b",
                                "if_none_match": "*"}, "operations[0].if_none_match"),
                              (["delete"], "operations[0].operation")):
-        with pytest.raises(BadRequest) as caught:
+        with pytest.raises(InputError) as caught:
             bulk.parse_transaction(body({"operations": [operation]}), 1000)
         assert caught.value.details["field"] == field, operation
-    with pytest.raises(BadRequest, match=r"operations\[1\].session: session 'a' is named"):
+    with pytest.raises(InputError, match=r"operations\[1\].session: session 'a' is named"):
         bulk.parse_transaction(body({"operations": [
             {"session": "a", "data": 1}, {"operation": "delete", "session": "a"}]}), 1000)
 
@@ -150,7 +153,7 @@ def test_bulk_get_ids() -> None:
     for sessions, field in ((["a", "a"], "sessions[1]"), (["a", "x/y"], "sessions[1]"),
                             (["a", None], "sessions[1]"), ([], "sessions"),
                             ("a", "sessions")):
-        with pytest.raises(BadRequest) as caught:
+        with pytest.raises(InputError) as caught:
             bulk.parse_get(body({"sessions": sessions}))
         assert caught.value.details["field"] == field
 
@@ -248,7 +251,7 @@ def test_stored_json_where_orjson_writes_other_bytes(value: Any) -> None:
 @pytest.mark.parametrize("data", [b"NaN", b"[Infinity]", b'{"x": -Infinity}', b"1e400",
                                   b"[1, -1e999]"])
 def test_nan_and_infinity_are_refused_not_stored_as_null(data: bytes) -> None:
-    with pytest.raises(BadRequest, match="not JSON") as caught:
+    with pytest.raises(InputError, match="not JSON") as caught:
         bulk.parse_save(b'{"items": [{"session": "s", "data": ' + data + b"}]}", 1 << 20)
     assert caught.value.details["field"] == "items[0].data"
 

@@ -17,10 +17,11 @@ from aetcd import rpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshxl import web as mweb
-from meshxl.etcdkeys import Keys
+from meshxl import httpbase
+from meshxl.errors import InputError
+from meshxl.etcd.keys import Keys
 from meshxl.model import Registration, check_member_address
-from meshxl.observe import _load
+from meshxl.operator.views.read import load_record
 from meshxl.statesync.api import MAX_PROBLEM_DETAIL, _problem_detail
 from meshxl.statesync.app import sync_stats_value
 from meshxl.statesync.cache import SessionCache
@@ -33,7 +34,6 @@ from meshxl.statesync.record import (
     valid_session_id,
     valid_traceparent,
 )
-from meshxl.statesync.sessions import BadRequest
 from meshxl.statesync.tracing import TakeoverTracer, _offer
 
 FAST = settings(max_examples=150, deadline=None,
@@ -201,7 +201,7 @@ json_values = st.recursive(
 @FAST
 @given(st.dictionaries(st.text(max_size=20), json_values, max_size=10), times)
 def test_sync_statistics_round_trip(stats: dict[str, Any], published: float) -> None:
-    assert _load(sync_stats_value(stats, published)) == {**stats, "published": published}
+    assert load_record(sync_stats_value(stats, published)) == {**stats, "published": published}
 
 
 @FAST
@@ -216,23 +216,23 @@ def test_failover_records_of_any_shape_are_ignored_or_used(raw: bytes) -> None:
 @given(json_values)
 def test_bounded_json_reads_back_what_is_not_too_deep(value: Any) -> None:
     raw = json.dumps(value).encode()
-    assert mweb.loads(raw) == value
+    assert httpbase.loads(raw) == value
 
 
 @pytest.mark.parametrize("depth", [65, 1000, 200_000])
 def test_bounded_json_refuses_deep_nesting(depth: int) -> None:
     for raw in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
-        with pytest.raises(mweb.BadJson, match="nests deeper"):
-            mweb.loads(raw)
-    assert mweb.json_depth(json.loads(b"[" * 64 + b"]" * 64)) == 64
+        with pytest.raises(httpbase.BadJson, match="nests deeper"):
+            httpbase.loads(raw)
+    assert httpbase.json_depth(json.loads(b"[" * 64 + b"]" * 64)) == 64
 
 
 @FAST
 @given(st.binary(max_size=500))
 def test_bounded_json_refuses_junk_with_bad_json(raw: bytes) -> None:
     try:
-        mweb.loads(raw)
-    except mweb.BadJson:
+        httpbase.loads(raw)
+    except httpbase.BadJson:
         pass
 
 
@@ -243,8 +243,8 @@ def test_bounded_json_refuses_junk_with_bad_json(raw: bytes) -> None:
 def test_problem_detail_is_bounded_printable_text(raw: bytes, content_type: str) -> None:
     try:
         detail = _problem_detail(raw, content_type)
-    except (BadRequest, mweb.BadJson) as exc:
-        assert mweb.http_status(exc) == 400
+    except InputError as exc:
+        assert httpbase.http_status(exc) == 400
         return
     assert isinstance(detail, str) and len(detail) <= MAX_PROBLEM_DETAIL
     assert detail.isprintable()

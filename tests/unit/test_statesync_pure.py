@@ -11,10 +11,12 @@ from aetcd import rpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshxl.errors import InputError
 from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
+from meshxl.statesync.conditions import parse_etag
+from meshxl.statesync.locks import SessionLocks
 from meshxl.statesync.record import SessionRecord, is_json, valid_session_id
-from meshxl.statesync.sessions import BadRequest, _SessionLocks, parse_etag
 
 PREFIX = "/meshxl/v1/sessions/c/"
 
@@ -63,7 +65,7 @@ def test_parse_etag(value: str, tag: str) -> None:
 
 @pytest.mark.parametrize("value", ['"1", "2"', '""', '"a"b"', ""])
 def test_parse_etag_rejects(value: str) -> None:
-    with pytest.raises(BadRequest, match="If-Match"):
+    with pytest.raises(InputError, match="If-Match"):
         parse_etag(value)
 
 
@@ -158,7 +160,7 @@ def test_a_cache_without_a_watch_prunes_sessions_past_their_lease() -> None:
 
 
 async def test_session_locks_are_fifo_and_survive_cancelled_waiters() -> None:
-    locks = _SessionLocks()
+    locks = SessionLocks()
     order: list[str] = []
     await locks.acquire("s")  # held, nothing allocated for it
     assert len(locks) == 1
@@ -193,41 +195,38 @@ async def test_session_locks_are_fifo_and_survive_cancelled_waiters() -> None:
 async def test_several_sessions_take_their_places_at_once_and_keep_arrival_order() -> None:
     """A write of several sessions (a bulk save) that waits for one of them already has
     its place in the others' lines: a later single write of one of those comes after
-    it, as a connection's pipelined writes must (server.py, concurrent routes)."""
-    from meshxl.statesync.sessions import Sessions
-
-    sessions = Sessions.__new__(Sessions)
-    sessions._locks = _SessionLocks()
+    it, as a connection's pipelined writes must (http/connection.py, concurrent routes)."""
+    locks = SessionLocks()
     order: list[str] = []
-    await sessions._locks.acquire("a")  # someone else holds "a"
+    await locks.acquire("a")  # someone else holds "a"
 
     async def bulk() -> None:
-        async with sessions._exclusive_all(["c", "a"]):
+        async with locks.hold(["c", "a"]):
             order.append("bulk a+c")
 
     async def single() -> None:
-        await sessions._locks.acquire("c")
+        await locks.acquire("c")
         order.append("single c")
-        sessions._locks.release("c")
+        locks.release("c")
 
     first = asyncio.create_task(bulk())
     await asyncio.sleep(0)  # the bulk write waits for "a", placed in line for "c"
     second = asyncio.create_task(single())
     await asyncio.sleep(0)
     assert order == []  # "c" is free, yet the single write waits behind the bulk one
-    sessions._locks.release("a")
+    locks.release("a")
     await asyncio.gather(first, second)
-    assert order == ["bulk a+c", "single c"] and len(sessions._locks) == 0
+    assert order == ["bulk a+c", "single c"] and len(locks) == 0
 
     # Cancelled while waiting: every place it took is given back.
-    await sessions._locks.acquire("a")
+    await locks.acquire("a")
     waiting = asyncio.create_task(bulk())
     await asyncio.sleep(0)
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    sessions._locks.release("a")
-    assert len(sessions._locks) == 0
+    locks.release("a")
+    assert len(locks) == 0
 
 
 # -- batches etcd takes ------------------------------------------------------------------

@@ -33,6 +33,19 @@ def test_guarded_put_is_etcds_message(key: bytes, value: bytes, expected: int,
     assert rpc.RequestOp.FromString(encoded) == reference
 
 
+@settings(max_examples=300)
+@given(key=st.binary(min_size=1, max_size=300), expected=_small_or_big)
+def test_guarded_delete_is_etcds_message(key: bytes, expected: int) -> None:
+    encoded = wire.guarded_delete(key, expected)
+    reference = rpc.RequestOp(request_txn=rpc.TxnRequest(
+        compare=[rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                             mod_revision=expected)],
+        success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))],
+        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))]))
+    assert encoded == reference.SerializeToString()
+    assert rpc.RequestOp.FromString(encoded) == reference
+
+
 @settings(max_examples=100)
 @given(ops=st.lists(st.tuples(st.binary(min_size=1, max_size=40), st.binary(max_size=3000),
                               _small_or_big, _small_or_big), max_size=20))
@@ -43,13 +56,6 @@ def test_a_batch_is_etcds_txn_request(ops: list[tuple[bytes, bytes, int, int]]) 
     assert rpc.TxnRequest.FromString(encoded) == reference
 
 
-@given(n=st.integers(0, (1 << 64) - 1))
-def test_varint(n: int) -> None:
-    # A varint is how protobuf writes a uint64 field: PutRequest.lease is one of them.
-    assert rpc.LeaseGrantRequest(ID=n & ((1 << 63) - 1)).SerializeToString() == (
-        b"\x10" + wire.varint(n & ((1 << 63) - 1)) if n & ((1 << 63) - 1) else b"")
-
-
 def test_out_of_range_numbers_are_refused() -> None:
     for expected, lease in ((-1, 0), (0, -1), (1 << 63, 0), (0, 1 << 63)):
         try:
@@ -57,3 +63,9 @@ def test_out_of_range_numbers_are_refused() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{expected}, {lease} accepted")
+    for expected in (-1, 1 << 63):
+        try:
+            wire.guarded_delete(b"k", expected)
+        except ValueError:
+            continue
+        raise AssertionError(f"{expected} accepted")

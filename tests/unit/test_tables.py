@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from meshxl.model import AdminAction, Registration, RuntimeState
-from meshxl.observe import MeshRead, status_report, sync_report, verify_report
-from meshxl.tables import (
+from meshxl.operator.tables import (
     MAX_CELL,
     plain,
     render_status,
@@ -20,8 +19,9 @@ from meshxl.tables import (
     render_verify,
     status_group,
 )
+from meshxl.operator.views import MeshRead, status_report, sync_report, verify_report
 from meshxl.xds.types import CLUSTER, ENDPOINT
-from tests.unit.test_observe import MODEL, expected_versions, live_from_model, read_of
+from tests.unit.test_operator_views import MODEL, expected_versions, live_from_model, read_of
 
 MARKUP = ["[/red]", "[red]", "[/]", "[bold", "[link=http://x]y[/link]", "x[/x]y",
           ":smile:", "\x1b[31mred\x1b[0m", "\x1b]8;;http://x\x07y", "\r\n", "a\u202eb",
@@ -152,7 +152,7 @@ def test_drill_markdown_keeps_outside_text_literal(site: str, reason: str, detai
                                                    objective: str) -> None:
     import re
 
-    from meshxl.drill import markdown
+    from meshxl.operator.drill import markdown
 
     def report(site: str, reason: str, detail: str, objective: str) -> dict[str, Any]:
         return {"site": site, "result": "aborted", "started": "T", "duration_s": 1.0,

@@ -1,4 +1,4 @@
-"""meshxl.web, the HTTP layer every meshxl server shares, on an in-process loopback server:
+"""meshxl.web, the aiohttp servers' layer, on an in-process loopback server:
 every error answer is JSON (the handlers', aiohttp's routing and size answers, protocol
 errors that never reach the application, unexpected exceptions), slow clients are cut
 off, bodies are bounded in size, time and nesting."""
@@ -13,8 +13,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from meshxl import web as mweb
 
@@ -165,42 +163,3 @@ def test_every_meshxl_server_uses_the_shared_layer() -> None:
                     and node.func.attr in ("Application", "AppRunner")):
                 offenders.append(f"{path.relative_to(package)}:{node.lineno}")
     assert offenders == []
-
-
-# -- check_json: loads' verdict, at orjson's speed ----------------------------------------
-
-
-def _verdict(check: Any, data: bytes) -> str | None:
-    try:
-        check(data)
-    except mweb.BadJson as exc:
-        return str(exc)
-    return None
-
-
-_JSONISH = st.lists(st.sampled_from([
-    b"{", b"}", b"[", b"]", b",", b":", b'"', b"a", b"\\", b"\\u", b"d800", b"dc00", b"0",
-    b"1", b"-", b".", b"e", b"E", b"+", b"99999999999999999999", b"1e400", b"NaN",
-    b"Infinity", b"true", b"null", b" ", b"\n", b"\x00", b"\x1f", b"\xef\xbb\xbf", b"\xff",
-    b"\xc3\xa9", b'"k"', b'{"a":1}', b"[[[[", b"]]]]"]), max_size=24).map(b"".join)
-
-
-@settings(max_examples=2000, deadline=None)
-@given(data=_JSONISH | st.binary(max_size=32)
-       | st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                      lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-                      max_leaves=10).map(lambda v: json.dumps(v).encode()))
-def test_check_json_accepts_exactly_what_loads_accepts(data: bytes) -> None:
-    """The fast check of a PUT's state says what the standard library says: the same
-    verdict for NaN, numbers beyond 64 bits, lone surrogates, byte order marks, UTF-16,
-    nesting, and anything else generated."""
-    assert _verdict(mweb.check_json, data) == _verdict(mweb.loads, data)
-
-
-@pytest.mark.parametrize("data", [
-    b'{"x": NaN}', b"[Infinity]", b"1e400", b"123456789012345678901234567890",
-    b'"\\ud800"', b"\xef\xbb\xbf{}", '{"a": 1}'.encode("utf-16"), b"[" * 65 + b"]" * 65,
-    b"[" * 64 + b"]" * 64, b"{", b"", b"\xff"])
-def test_check_json_on_what_orjson_and_the_standard_library_disagree(data: bytes) -> None:
-    assert _verdict(mweb.check_json, data) == _verdict(mweb.loads, data)

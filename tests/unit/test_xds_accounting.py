@@ -16,11 +16,12 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshxl.etcdkeys import Keys
+from meshxl.etcd.keys import Keys
+from meshxl.nodeid import NODE_ID_MAX, node_id_problem
 from meshxl.xds.cache import SnapshotCache
-from meshxl.xds.nodes import NACK_TEXT_MAX, NODE_ID_MAX, Nack, NodeStatus, node_id_problem
+from meshxl.xds.nodes import NACK_TEXT_MAX, Nack, NodeStatus
 from meshxl.xds.server import AdsServer
-from meshxl.xds.sotw import SotwSession
+from meshxl.xds.sotw import SotwStream
 from meshxl.xds.types import CLUSTER
 from tests.unit.test_xds_delta import Harness as DeltaHarness
 from tests.unit.test_xds_delta import snap
@@ -143,6 +144,17 @@ async def test_delta_request_after_nack_with_same_nonce_is_not_an_ack(
 
 
 class _Context:
+    """The parts of grpc.aio's ServicerContext a stream uses: a plaintext peer."""
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
     async def write(self, _: bytes) -> None:
         pass
 
@@ -171,7 +183,7 @@ async def test_stream_cancelled_twice_leaves_no_ghost_node() -> None:
             await release.wait()  # a reader slow to stop
         yield DiscoveryRequest()  # pragma: no cover
 
-    task = asyncio.create_task(ads._run(requests(), _Context(), SotwSession(ads)))  # type: ignore[arg-type]
+    task = asyncio.create_task(ads._run(requests(), _Context(), SotwStream(ads)))  # type: ignore[arg-type]
     await eventually(lambda: ads.node_status().get("ghost", {}).get("streams") == 1)
     task.cancel()
     await asyncio.sleep(0.05)  # the handler now waits for its reader

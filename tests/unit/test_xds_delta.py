@@ -399,21 +399,29 @@ async def test_nack_is_recorded_quarantined_and_fixed(xds: Harness) -> None:
 
 async def test_a_large_rejected_response_stays_quarantined(xds: Harness) -> None:
     """One quarantine entry per rejected response: 100 rejected clusters do not push
-    each other (or anything else) out of the node's bounded quarantine."""
-    everything = snap({f"c{i:03}": 1 for i in range(100)})
-    xds.cache.set(everything)
+    each other (or anything else) out of the node's bounded quarantine, so a reconnect
+    gets all 100 at the version the node accepted, none at the rejected one."""
+    accepted = snap({f"c{i:03}": 1 for i in range(100)})
+    xds.cache.set(accepted)
     envoy = xds.envoy()
     envoy.request(CLUSTER)
+    envoy.ack(await envoy.recv())
+    await eventually(lambda: xds.acked(CLUSTER) == accepted.version(CLUSTER))
+    xds.cache.set(snap({f"c{i:03}": 2 for i in range(100)}))
     response = await envoy.recv()
     assert len(response.resources) == 100
     envoy.nack(response, "rejected")
     await eventually(lambda: xds.ads.nacks == 1)
     await envoy.stop()
 
-    again = xds.envoy()  # reconnects holding nothing: still nothing is resent
+    again = xds.envoy()  # reconnects holding nothing: the accepted versions come back
     again.request(CLUSTER)
+    fallback = await again.recv()
+    assert sent(fallback) == versions(accepted, CLUSTER)
+    again.ack(fallback)
     await again.silent()
-    assert xds.ads.responses_sent[CLUSTER] == 1
+    # That ACK does not claim the node holds the version it rejected.
+    assert xds.acked(CLUSTER) == accepted.version(CLUSTER)
 
 
 async def test_ack_of_a_response_that_left_a_rejected_resource_out(xds: Harness) -> None:

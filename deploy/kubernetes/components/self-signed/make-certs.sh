@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
+# Usage: make-certs.sh [NAMESPACE...]
+#
 # Write a private CA and the meshxl webhook's serving certificate into certs/ (next to
-# this script) for the self-signed overlay, and etcd's certificates into certs/etcd/:
-# a CA of its own, etcd's serving and peer certificates, the client certificate of
-# meshxl's pods and the statesync sidecars' one (docs/kubernetes.md, "etcd TLS").
+# this script) for the self-signed overlay, etcd's certificates into certs/etcd/: a CA
+# of its own, etcd's serving and peer certificates, the client certificate of meshxl's
+# pods and the statesync sidecars' one (docs/kubernetes.md, "etcd TLS"), and the
+# control plane's into certs/xds/: a third CA, the control plane's serving certificate
+# and, for each NAMESPACE given, the client certificate of the Envoys injected there
+# (certs/xds/envoy-NAMESPACE.crt: the SPIFFE ID
+# spiffe://$MESHXL_TRUST_DOMAIN/ns/NAMESPACE/meshxl-envoy, which lets it speak for the
+# node ids POD.NAMESPACE; docs/kubernetes.md, "xDS mutual TLS").
 # Needs openssl. Re-run to renew (the certificates are valid for 730 days), then
-# re-apply the overlay. etcd's CA (valid 10 years) is kept in certs/etcd/ca.key and
-# reused, so renewed certificates stay trusted everywhere, the sidecars' namespaces
-# included; delete certs/etcd/ to start over with a new CA.
+# re-apply the overlay. etcd's and the control plane's CAs (valid 10 years) are kept in
+# certs/etcd/ca.key and certs/xds/ca.key and reused, so renewed certificates stay
+# trusted everywhere, the application namespaces included; delete certs/etcd/ or
+# certs/xds/ to start over with a new CA.
 set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)/certs"
 namespace="${MESHXL_NAMESPACE:-meshxl-system}"
 service="meshxl-webhook"
 days="${MESHXL_CERT_DAYS:-730}"
+trust_domain="${MESHXL_TRUST_DOMAIN:-cluster.local}"
+for ns in "$@"; do
+  [[ "$ns" =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]] || {
+    echo "make-certs.sh: '$ns' is not a Kubernetes namespace name" >&2; exit 2; }
+done
 command -v openssl >/dev/null || { echo "make-certs.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
 mkdir -p "$dir"
 umask 077
@@ -42,19 +55,10 @@ echo "wrote $dir/ca.crt, $dir/tls.crt, $dir/tls.key (valid $days days)"
 
 # -- etcd -------------------------------------------------------------------------------
 etcd="$dir/etcd"
-mkdir -p "$etcd"
-if [[ ! -s "$etcd/ca.key" || ! -s "$etcd/ca.crt" ]]; then
-  openssl ecparam -name prime256v1 -genkey -noout -out "$etcd/ca.key"
-  openssl req -x509 -new -key "$etcd/ca.key" -sha256 -days 3650 \
-    -subj "/CN=meshxl-etcd-ca" \
-    -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -out "$etcd/ca.crt"
-fi
 
-# issue NAME COMMON_NAME EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES]
+# issue NAME COMMON_NAME EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES [CA_DIRECTORY]]
 issue() {
-  local name="$1" cn="$2" eku="$3" san="${4:-}"
+  local name="$1" cn="$2" eku="$3" san="${4:-}" ca="${5:-$etcd}"
   openssl ecparam -name prime256v1 -genkey -noout -out "$tmp/$name.key"
   openssl req -new -key "$tmp/$name.key" -subj "/CN=$cn" -out "$tmp/$name.csr"
   {
@@ -63,11 +67,26 @@ issue() {
     echo "extendedKeyUsage=$eku"
     [[ -n "$san" ]] && echo "subjectAltName=$san"
   } > "$tmp/$name.cnf"
-  openssl x509 -req -in "$tmp/$name.csr" -CA "$etcd/ca.crt" -CAkey "$etcd/ca.key" \
-    -CAcreateserial -CAserial "$tmp/etcd-ca.srl" -sha256 -days "$days" \
-    -extfile "$tmp/$name.cnf" -out "$etcd/$name.crt" 2>/dev/null
-  cp "$tmp/$name.key" "$etcd/$name.key"
+  openssl x509 -req -in "$tmp/$name.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" \
+    -CAcreateserial -CAserial "$tmp/$(basename "$ca")-ca.srl" -sha256 -days "$days" \
+    -extfile "$tmp/$name.cnf" -out "$ca/$name.crt" 2>/dev/null
+  cp "$tmp/$name.key" "$ca/$name.key"
 }
+
+# ca DIRECTORY COMMON_NAME: a CA kept in DIRECTORY/ca.{crt,key} (made once, reused)
+ca() {
+  local directory="$1" cn="$2"
+  mkdir -p "$directory"
+  if [[ ! -s "$directory/ca.key" || ! -s "$directory/ca.crt" ]]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$directory/ca.key"
+    openssl req -x509 -new -key "$directory/ca.key" -sha256 -days 3650 \
+      -subj "/CN=$cn" \
+      -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -out "$directory/ca.crt"
+  fi
+}
+ca "$etcd" meshxl-etcd-ca
 peers="DNS:*.meshxl-etcd-peer.$namespace.svc,DNS:*.meshxl-etcd-peer.$namespace.svc.cluster.local"
 # Client auth too: etcd dials its own gRPC gateway with its serving certificate.
 issue server meshxl-etcd serverAuth,clientAuth \
@@ -76,3 +95,14 @@ issue peer meshxl-etcd-peer serverAuth,clientAuth "$peers"
 issue system meshxl-system clientAuth
 issue statesync meshxl-statesync clientAuth
 echo "wrote $etcd/{ca,server,peer,system,statesync}.crt and keys (valid $days days; CA kept)"
+
+# -- the control plane (ADS over mutual TLS) ---------------------------------------------
+xds="$dir/xds"
+ca "$xds" meshxl-xds-ca
+issue server "meshxl-xds.$namespace.svc" serverAuth \
+  "DNS:meshxl-xds.$namespace.svc,DNS:meshxl-xds.$namespace.svc.cluster.local" "$xds"
+for ns in "$@"; do
+  issue "envoy-$ns" "meshxl-envoy.$ns" clientAuth \
+    "URI:spiffe://$trust_domain/ns/$ns/meshxl-envoy" "$xds"
+done
+echo "wrote $xds/{ca,server}.crt and keys${*:+, Envoy certificates for: $*} (valid $days days; CA kept)"

@@ -1,0 +1,194 @@
+"""The etcd key layout: the one place that knows it.
+
+Every part of meshxl (control plane, sidecars, operator commands) meets the others
+only through these keys, so the layout is versioned (``v1``) and changed only here.
+Values are JSON documents (the model is stored as YAML text, as the operator wrote it).
+
+::
+
+    {root}/v1/mesh/model                                  cluster model (YAML text)
+    {root}/v1/mesh/clusters/{cluster}/members/{member}    member registration (leased)
+    {root}/v1/mesh/clusters/{cluster}/admin/{member}      admin state: member down
+    {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
+    {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
+                                                          id percent-encoded)
+    {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
+    {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
+                                                          its trace context and timeline
+                                                          (leased)
+    {root}/v1/state/{cluster}/{member}                    a member's last state change and
+                                                          failover count (control plane)
+    {root}/v1/sync/{cluster}/{member}                     a sidecar's sync statistics
+                                                          (under its registration lease)
+    {root}/v1/problems/{cluster}/{member}/{name}          a problem reported with a TTL
+                                                          (under a lease of that TTL: it
+                                                          outlives a sidecar restart)
+
+Everything that decides Envoy's configuration lives under ``mesh/``, so the control
+plane watches exactly that prefix and nothing else (node status it writes itself,
+and session state, stay out of its watch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+DEFAULT_ROOT = "/meshxl"
+
+#: The two kinds of key under ``clusters/CLUSTER/`` (what :meth:`Keys.parse_cluster_key`
+#: returns as ``kind``): member registrations, and the administrative state
+#: ("member down"; a site's "offline" is ``sites/SITE/admin``).
+MEMBERS = "members"
+ADMIN = "admin"
+CLUSTER_KEY_KINDS = (MEMBERS, ADMIN)
+
+
+def _segment(value: str, what: str) -> str:
+    if not value or "/" in value:
+        raise ValueError(f"invalid {what} for an etcd key: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builders and parsers under one root prefix."""
+
+    root: str = DEFAULT_ROOT
+
+    @property
+    def base(self) -> str:
+        return f"{self.root.rstrip('/')}/v1"
+
+    @property
+    def mesh_prefix(self) -> str:
+        """Everything the xDS control plane compiles from."""
+        return f"{self.base}/mesh/"
+
+    # -- the model -------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return f"{self.mesh_prefix}model"
+
+    # -- clusters: member registrations and admin state --------------------------
+    @property
+    def clusters_prefix(self) -> str:
+        return f"{self.mesh_prefix}clusters/"
+
+    def member(self, cluster: str, member: str) -> str:
+        return f"{self.members_prefix(cluster)}{_segment(member, 'member')}"
+
+    def members_prefix(self, cluster: str) -> str:
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/{MEMBERS}/"
+
+    def member_admin(self, cluster: str, member: str) -> str:
+        cluster_part = _segment(cluster, "cluster")
+        return f"{self.clusters_prefix}{cluster_part}/{ADMIN}/{_segment(member, 'member')}"
+
+    @property
+    def sites_prefix(self) -> str:
+        return f"{self.mesh_prefix}sites/"
+
+    def site_admin(self, site: str) -> str:
+        return f"{self.sites_prefix}{_segment(site, 'site')}/{ADMIN}"
+
+    # -- xDS node status ---------------------------------------------------------
+    @property
+    def nodes_prefix(self) -> str:
+        return f"{self.base}/xds/nodes/"
+
+    def node(self, node_id: str) -> str:
+        """A node id is percent-encoded (RFC 3986 unreserved characters stay as they
+        are, so ordinary ids read the same): any id makes one key segment."""
+        if not node_id:
+            raise ValueError("invalid node id for an etcd key: ''")
+        return f"{self.nodes_prefix}{quote(node_id, safe='')}"
+
+    # -- session state ---------------------------------------------------------------
+    def sessions_prefix(self, cluster: str) -> str:
+        """One cluster's sessions: what every sidecar of that cluster watches."""
+        return f"{self.base}/sessions/{_segment(cluster, 'cluster')}/"
+
+    def session(self, cluster: str, session: str) -> str:
+        return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
+
+    # -- failover trace context and timeline --------------------------------------------
+    @property
+    def all_failovers_prefix(self) -> str:
+        """Every cluster's failover records (``meshxl status`` reads them all)."""
+        return f"{self.base}/failovers/"
+
+    def failovers_prefix(self, cluster: str) -> str:
+        return f"{self.all_failovers_prefix}{_segment(cluster, 'cluster')}/"
+
+    def failover(self, cluster: str, member: str) -> str:
+        return f"{self.failovers_prefix(cluster)}{_segment(member, 'member')}"
+
+    # -- member state history and sidecar sync statistics -----------------------------
+    @property
+    def states_prefix(self) -> str:
+        return f"{self.base}/state/"
+
+    def member_state(self, cluster: str, member: str) -> str:
+        return f"{self.states_prefix}{_segment(cluster, 'cluster')}/{_segment(member, 'member')}"
+
+    @property
+    def sync_prefix(self) -> str:
+        return f"{self.base}/sync/"
+
+    def sync_stats(self, cluster: str, member: str) -> str:
+        return f"{self.sync_prefix}{_segment(cluster, 'cluster')}/{_segment(member, 'member')}"
+
+    # -- problems reported with a TTL ------------------------------------------------
+    def problems_prefix(self, cluster: str, member: str) -> str:
+        """One member's problems that outlive its sidecar until their TTL ends."""
+        return (f"{self.base}/problems/{_segment(cluster, 'cluster')}/"
+                f"{_segment(member, 'member')}/")
+
+    def problem(self, cluster: str, member: str, name: str) -> str:
+        return f"{self.problems_prefix(cluster, member)}{_segment(name, 'problem name')}"
+
+    def parse_pair_key(self, prefix: str, key: str) -> tuple[str, str] | None:
+        """Split ``{prefix}{cluster}/{member}`` (state and sync keys)."""
+        if not key.startswith(prefix):
+            return None
+        parts = key[len(prefix):].split("/")
+        if len(parts) != 2 or not all(parts):
+            return None
+        return parts[0], parts[1]
+
+    # -- parsing -------------------------------------------------------------------
+    def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:
+        """Split a key under ``clusters/`` into (cluster, kind, member).
+
+        ``kind`` is ``members`` or ``admin``; anything else (for example session keys
+        added by later parts) returns None so watchers can ignore it.
+        """
+        if not key.startswith(self.clusters_prefix):
+            return None
+        parts = key[len(self.clusters_prefix) :].split("/")
+        if len(parts) != 3 or parts[1] not in CLUSTER_KEY_KINDS or not all(parts):
+            return None
+        return parts[0], parts[1], parts[2]
+
+    def parse_site_key(self, key: str) -> str | None:
+        if not key.startswith(self.sites_prefix):
+            return None
+        parts = key[len(self.sites_prefix) :].split("/")
+        if len(parts) != 2 or parts[1] != ADMIN or not parts[0]:
+            return None
+        return parts[0]
+
+    def parse_node_key(self, key: str) -> str | None:
+        if not key.startswith(self.nodes_prefix):
+            return None
+        rest = key[len(self.nodes_prefix) :]
+        if not rest or "/" in rest:
+            return None
+        try:
+            return unquote(rest, errors="strict")
+        except UnicodeDecodeError:
+            return None
+
+
+KEYS = Keys()

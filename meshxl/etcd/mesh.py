@@ -1,0 +1,201 @@
+"""The mesh as etcd holds it: the model and the runtime state, mirrored by a watch.
+
+Everything that decides Envoy's configuration lives under etcd's ``mesh/`` prefix
+(:mod:`meshxl.etcd.keys`). :class:`EtcdMeshSource` keeps a copy of it (a full read at
+one revision, then a watch) and turns it into the last good model and a
+:class:`~meshxl.model.RuntimeState`. The control plane compiles from it; the statesync
+sidecar reads its own member's role from it; operator commands read it once
+(:func:`runtime_from_values`). It imports no part of ``xds`` or ``statesync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aetcd
+
+from meshxl.etcd.keys import ADMIN, MEMBERS, Keys
+from meshxl.model import (
+    AdminAction,
+    ModelError,
+    ModelSpec,
+    Problem,
+    Registration,
+    RuntimeState,
+    parse_model,
+)
+from meshxl.model.spec import UnknownChoice
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EtcdMeshSource", "one_line", "runtime_from_values"]
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` on one line, at most ``limit`` characters (a log line per event)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class EtcdMeshSource:
+    """Mirror of etcd's ``mesh/`` prefix: model, member registrations, admin state.
+
+    A full read at one revision, then a watch from the next revision; any failure
+    (connection lost, revision compacted) ends in a fresh full read, so nothing is
+    missed and nothing is applied twice.
+    """
+
+    def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None]):
+        self._client = client
+        self._keys = keys
+        self._on_change = on_change
+        self._values: dict[str, bytes] = {}
+        self.revision = 0
+        self.synced = asyncio.Event()
+        self.resyncs = 0
+        self.last_error: str | None = None
+        self._failing_since: float | None = None  # monotonic; None: the watch works
+        self.model: ModelSpec | None = None
+        self.model_error: str | None = None
+        self._model_text: bytes | None = None
+        self._runtime = RuntimeState()
+
+    @property
+    def runtime(self) -> RuntimeState:
+        return self._runtime
+
+    @property
+    def model_text(self) -> bytes | None:
+        """The stored model as etcd has it now (None: no model stored), valid or not."""
+        return self._model_text
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._sync_and_watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect and resync on any etcd trouble
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                log.warning("etcd watch interrupted (%s); resyncing in %.1fs",
+                            self.last_error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            else:
+                backoff = 0.1
+
+    def unreachable_for(self) -> float:
+        """Seconds since the watch failed while no full read has succeeded since (0 while
+        the mirror is current)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    async def _sync_and_watch(self) -> None:
+        prefix = self._keys.mesh_prefix.encode()
+        result = await self._client.get_prefix(prefix)
+        self._values = {kv.key.decode(): kv.value for kv in result}
+        self.revision = result.header.revision
+        self.resyncs += 1
+        self._rebuild()
+        self.synced.set()
+        self.last_error = None
+        self._failing_since = None
+        watch = await self._client.watch_prefix(prefix, start_revision=self.revision + 1)
+        try:
+            async for event in watch:
+                key = event.kv.key.decode()
+                if event.kind == "PUT":
+                    self._values[key] = event.kv.value
+                else:
+                    self._values.pop(key, None)
+                self.revision = max(self.revision, event.kv.mod_revision)
+                self._rebuild()
+        finally:
+            await watch.cancel()
+        raise ConnectionError("etcd watch ended")
+
+    def _rebuild(self) -> None:
+        """Recompute model and runtime from the mirrored keys; poke on any change."""
+        keys = self._keys
+        changed = False
+        text = self._values.get(keys.model)
+        if text != self._model_text:
+            self._model_text = text
+            if text is None:
+                # Deleted: nothing new to serve; the last good model keeps serving.
+                self.model_error = None if self.model is None else (
+                    f"{keys.model}: no model stored; still serving the last good model")
+            else:
+                # An empty, undecodable, unparseable or clusterless stored model is
+                # refused like a bad file: the last good one keeps serving.
+                try:
+                    try:
+                        decoded = text.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise ModelError([Problem(keys.model, "the stored model is not "
+                                                  f"UTF-8 text (byte {exc.start})")]) from None
+                    model = parse_model(decoded, source=keys.model)
+                except ModelError as exc:
+                    self.model_error = str(exc)
+                    log.error("model in etcd rejected, still serving the last good model: %s",
+                              one_line(self.model_error))
+                else:
+                    self.model, self.model_error = model, None
+            changed = True
+        runtime = runtime_from_values(keys, self._values)
+        if runtime != self._runtime:
+            self._runtime = runtime
+            changed = True
+        if changed:
+            self._on_change()
+
+def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState:
+    """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are
+    logged and skipped, as the control plane skips them."""
+    registrations: dict[tuple[str, str], Registration] = {}
+    members_down: dict[tuple[str, str], AdminAction] = {}
+    sites_offline: dict[str, AdminAction] = {}
+    for key, raw in values.items():
+        parsed = keys.parse_cluster_key(key)
+        if parsed is not None:
+            cluster, kind, member = parsed
+            data = _json(key, raw)
+            if data is None:
+                continue
+            try:
+                if kind == MEMBERS:
+                    registrations[(cluster, member)] = Registration.from_dict(data)
+                elif kind == ADMIN:
+                    members_down[(cluster, member)] = AdminAction.from_dict(data)
+                else:
+                    raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
+            except ValueError as exc:
+                log.warning("ignoring %s: %s", key, exc)
+            continue
+        site = keys.parse_site_key(key)
+        if site is not None:
+            data = _json(key, raw)
+            if data is not None:
+                sites_offline[site] = AdminAction.from_dict(data)
+    return RuntimeState(registrations=registrations, members_down=members_down,
+                        sites_offline=sites_offline)
+
+
+def _json(key: str, raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        log.warning("ignoring %s: not JSON", key)
+        return None
+    if not isinstance(data, dict):
+        log.warning("ignoring %s: not a JSON object", key)
+        return None
+    return data

@@ -1,0 +1,106 @@
+"""The labels of meshxl's Istio mode: the role and draining labels ``meshxl istio label``
+keeps on member pods (from meshxl's own view of each member), the failover priority
+Istio computes from them, and Istio's own persistent-session Service labels, which
+``meshxl istio check`` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meshxl.model import ClusterSpec
+from meshxl.model.runtime import ClusterView, Role
+
+__all__ = [
+    "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
+    "ISTIO_SESSION_LABELS", "PREFERRED_LABEL", "ROLE_LABEL", "SERVING_LABEL", "drain_labels",
+    "istio_priority", "istio_session_labels", "role_labels", "session_label_problem",
+]
+
+DEFAULT_SITE_LABEL = "meshxl.io/site"
+#: Role labels ``meshxl istio label`` keeps on high-availability member pods.
+ROLE_LABEL = "meshxl.io/role"
+"""active, standby, backup, or none (drained, unready, lost)."""
+SERVING_LABEL = "meshxl.io/serving"
+"""``true`` on every member meshxl sends traffic to (active, standby, backup)."""
+PREFERRED_LABEL = "meshxl.io/preferred"
+"""``true`` on the active and the standby member."""
+#: failoverPriority of a high-availability cluster: each entry an endpoint matches in a
+#: row lowers its priority by one, so active 0, standby 1, backup 2, the rest 3.
+HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
+                        f"{ROLE_LABEL}=active")
+#: istiod's pod label for draining endpoints (its PILOT_DRAINING_LABEL default): a
+#: labelled endpoint is sent as DRAINING to Services with Istio's persistent-session
+#: cookie label and left out of every other Service's EDS.
+DRAINING_LABEL = "istio.io/draining"
+DRAINING_VALUE = "meshxl"
+"""The value meshxl writes: it removes only its own draining label, never another's."""
+#: istiod's Service labels for its own persistent sessions (PILOT_PERSISTENT_SESSION_LABEL
+#: and PILOT_PERSISTENT_SESSION_HEADER_LABEL defaults).
+ISTIO_SESSION_LABELS = ("istio.io/persistent-session", "istio.io/persistent-session-header")
+
+
+def istio_session_labels(service: Mapping[str, Any],
+                         names: Sequence[str] = ISTIO_SESSION_LABELS) -> dict[str, str]:
+    """Istio's own persistent-session labels set (non-empty) on a Service object."""
+    meta = service.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    if not isinstance(labels, Mapping):
+        return {}
+    return {k: str(labels[k]) for k in names if k and labels.get(k)}
+
+
+def session_label_problem(spec: ClusterSpec, labels: Mapping[str, str]) -> str | None:
+    """What Istio's own persistent-session labels on the cluster's Service do to the
+    model, or None when there are none."""
+    if not labels:
+        return None
+    named = ", ".join(f"{k}={v}" for k, v in labels.items())
+    if spec.stickiness is not None and spec.stickiness.pin is not None:
+        return (f"Service {spec.name} has Istio's persistent-session label ({named}): "
+                "istiod then keeps DRAINING members as pin targets (a drained or "
+                "terminating member keeps its pinned sessions, the model moves them) and, "
+                "with PILOT_ENABLE_PERSISTENT_SESSION_FILTER, sets a second pin of its own "
+                "beside meshxl's; remove the label (meshxl's EnvoyFilter pins the sessions)")
+    return (f"Service {spec.name} has Istio's persistent-session label ({named}) but the "
+            "model has no stickiness.pin: with PILOT_ENABLE_PERSISTENT_SESSION_FILTER "
+            "istiod pins its sessions (they no longer follow the hash, failover order or "
+            "drains); remove the label or add stickiness.pin to the model")
+
+
+def istio_priority(labels: Mapping[str, str], chain: Sequence[str]) -> int:
+    """Istio's failoverPriority with ``label=value`` entries: N minus the leading
+    entries the endpoint's labels match (pilot's applyFailoverPriorityPerLocality)."""
+    for depth, entry in enumerate(chain):
+        key, _, value = entry.partition("=")
+        if labels.get(key) != value:
+            return len(chain) - depth
+    return 0
+
+
+def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
+    """The role labels of each member pod of a high-availability cluster (``None``:
+    remove the label). Drained, unready and lost members carry role ``none``."""
+    out: dict[str, dict[str, str | None]] = {}
+    for m in view.members:
+        role = m.role.value if m.role in (Role.ACTIVE, Role.STANDBY, Role.BACKUP) \
+            else "none"
+        out[m.name] = {
+            ROLE_LABEL: role,
+            SERVING_LABEL: "true" if role != "none" else None,
+            PREFERRED_LABEL: "true" if role in ("active", "standby") else None,
+        }
+    return out
+
+
+def drain_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
+    """The draining label of each member pod of a pinned cluster (``None``: remove it).
+
+    The members meshxl's own xDS sends as EDS DRAINING (``member down``, ``site
+    offline``) get istiod's draining label: istiod then leaves them out of the EDS of a
+    Service without Istio's persistent-session cookie label, and their pinned sessions
+    move. A priority change alone (the role labels) would not move them: a pin
+    overrides the load balancer's choice whatever the priority."""
+    return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining else None}
+            for m in view.members}

@@ -1,0 +1,128 @@
+"""What the injector adds and where things are: images, etcd, the control plane, sizes,
+placement and Secrets (:class:`InjectConfig`, checked when made), shared by the pod
+patch (:mod:`meshxl.kube.inject`) and the containers it adds
+(:mod:`meshxl.kube.containers`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from meshxl import __version__
+from meshxl.addr import parse_hostport
+
+__all__ = ["ANTI_AFFINITIES", "DEFAULT_IMAGE", "AntiAffinity", "InjectConfig"]
+
+AntiAffinity = Literal["preferred", "required", "none"]
+ANTI_AFFINITIES: tuple[AntiAffinity, ...] = ("preferred", "required", "none")
+DEFAULT_IMAGE = f"meshxl/meshxl:{__version__}"
+
+# A label key: an optional DNS-subdomain prefix and '/', then a name of <= 63 characters.
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    """What the injector adds: images, where etcd and the control plane are, sizes."""
+
+    image: str = DEFAULT_IMAGE
+    etcd: str = "http://meshxl-etcd.meshxl-system.svc:2379"
+    etcd_prefix: str = "/meshxl"
+    xds: tuple[str, ...] = ("meshxl-xds.meshxl-system.svc:18000",)
+    proxy: Literal["envoy", "none"] = "envoy"
+    statesync_listen: str = "127.0.0.1:7070"
+    envoy_admin_port: int = 9901
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    statesync_resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    envoy_resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    anti_affinity: AntiAffinity = "preferred"
+    """How members of one cluster are kept apart: ``preferred`` (the scheduler tries),
+    ``required`` (never two members on one node), ``none``; a pod's
+    ``meshxl.io/anti-affinity`` annotation overrides it."""
+    site_topology_key: str | None = None
+    """The node label whose values are meshxl site names, e.g. ``topology.kubernetes.io/zone``
+    (a site is a zone) or ``topology.kubernetes.io/region``. When set, a member declaring
+    ``meshxl.io/site`` must run on a node labelled with its site; when None, sites are
+    only what the model says (no placement)."""
+    statesync_token_secret: str | None = None
+    """A Secret (in the pod's namespace) whose key ``token`` the sidecar API then
+    requires; mounted into the sidecar and the application containers, which find it
+    through ``MESHXL_STATESYNC_TOKEN_FILE``. None: no token (the API stays on loopback)."""
+    etcd_client_secret: str | None = None
+    """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
+    the client certificate the statesync sidecar presents to an etcd running with
+    ``--client-cert-auth`` and the CA that signed etcd's certificate. Needed with
+    ``https://`` etcd endpoints, meaningless without (docs/kubernetes.md, "etcd TLS")."""
+    xds_client_secret: str | None = None
+    """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
+    the injected Envoy's client certificate for the control plane (mutual TLS, the node
+    id ``POD.NAMESPACE`` bound to it by a SPIFFE ID of the namespace) and the CA that
+    signed the control plane's certificate. None: plaintext ADS."""
+
+    def __post_init__(self) -> None:
+        if not self.image or self.image != self.image.strip() or " " in self.image:
+            raise ValueError(f"bad sidecar image {self.image!r}")
+        if self.proxy not in ("envoy", "none"):
+            raise ValueError(f"proxy must be 'envoy' or 'none', got {self.proxy!r}")
+        _check_etcd(self.etcd, self.etcd_client_secret)
+        if not self.etcd_prefix.startswith("/"):
+            raise ValueError(f"etcd prefix must start with '/', got {self.etcd_prefix!r}")
+        if self.proxy == "envoy" and not self.xds:
+            raise ValueError("plain-Envoy mode needs at least one control-plane address (--xds)")
+        for address in self.xds:
+            parse_hostport(address)
+        host, _ = parse_hostport(self.statesync_listen)
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            # The session API is for the pod's own app: it stays inside the pod (a token,
+            # statesync_token_secret, guards it against the pod's other processes).
+            raise ValueError(f"the statesync API must listen on loopback, got {host!r}")
+        if not 1 <= self.envoy_admin_port <= 65535:
+            raise ValueError(f"bad Envoy admin port {self.envoy_admin_port!r}")
+        if self.anti_affinity not in ANTI_AFFINITIES:
+            raise ValueError("anti-affinity must be 'preferred', 'required' or 'none', got "
+                             f"{self.anti_affinity!r}")
+        if self.site_topology_key is not None and not _is_label_key(self.site_topology_key):
+            raise ValueError("the site topology key must be a node label key such as "
+                             f"topology.kubernetes.io/zone, got {self.site_topology_key!r}")
+        secret = self.statesync_token_secret
+        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            raise ValueError("the statesync token Secret must be a Secret name (lowercase "
+                             f"letters, digits, '-' and '.'), got {secret!r}")
+        secret = self.etcd_client_secret
+        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            raise ValueError("the etcd client Secret must be a Secret name (lowercase "
+                             f"letters, digits, '-' and '.'), got {secret!r}")
+        secret = self.xds_client_secret
+        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+            raise ValueError("the xDS client Secret must be a Secret name (lowercase "
+                             f"letters, digits, '-' and '.'), got {secret!r}")
+
+
+def _is_label_key(key: str) -> bool:
+    """A Kubernetes label key: ``[prefix/]name``, the prefix a DNS subdomain."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return bool(_LABEL_NAME.match(name))
+
+
+def _check_etcd(urls: str, client_secret: str | None = None) -> None:
+    """The rules of ``--etcd`` (comma-separated URLs): ``https://`` endpoints need the
+    Secret holding the sidecars' etcd client certificate and CA (``client_secret``),
+    which ``http://`` endpoints cannot use."""
+    from meshxl.etcd import parse_urls
+
+    tls, _ = parse_urls(urls)  # EtcdEndpointError is a ValueError
+    if tls and client_secret is None:
+        raise ValueError("https:// etcd endpoints need the etcd client Secret of the "
+                         "injected sidecars (--etcd-client-secret, MESHXL_ETCD_CLIENT_SECRET): "
+                         "a Secret with tls.crt, tls.key and ca.crt in each pod's namespace")
+    if not tls and client_secret is not None:
+        raise ValueError("an etcd client Secret needs https:// etcd endpoints, got "
+                         f"{urls!r}")

@@ -1,0 +1,118 @@
+"""Operator actions that change etcd: store the model, member down/up, site offline/online.
+
+Every action is validated before anything is written, so a bad command never leaves
+etcd half-changed; admin records carry who, why and when for ``meshxl status``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aetcd
+
+from meshxl.errors import NotFound
+from meshxl.etcd.keys import DEFAULT_ROOT, Keys
+from meshxl.model import ModelSpec, parse_model
+
+
+class OpsError(NotFound):
+    """An operator command that cannot be carried out (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    revision: int
+    clusters: int
+    unchanged: bool
+
+
+def actor() -> str:
+    """Who is acting, for the audit trail: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _admin_record(reason: str) -> bytes:
+    return json.dumps({
+        "reason": reason,
+        "by": actor(),
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }).encode()
+
+
+async def apply_model(client: aetcd.Client, keys: Keys, text: str, source: str) -> Applied:
+    """Validate a model and store it as the text the operator wrote."""
+    model = parse_model(text, source=source)  # raises ModelError: nothing is written
+    current = await client.get(keys.model.encode())
+    if current is not None and current.value == text.encode():
+        return Applied(current.mod_revision, len(model.clusters), unchanged=True)
+    put = await client.put(keys.model.encode(), text.encode())
+    return Applied(put.header.revision, len(model.clusters), unchanged=False)
+
+
+async def no_model_message(client: aetcd.Client, keys: Keys) -> str:
+    """Why there is nothing under ``keys``: no model under the prefix, and the likely
+    prefix that does hold one (a mistyped ``--etcd-prefix`` must not look like an
+    empty mesh)."""
+    root = keys.root
+    message = (f"no model stored under etcd prefix {root!r} (key {keys.model}): "
+               "run 'meshxl apply FILE' first")
+    candidates = [DEFAULT_ROOT, "/" + root.strip("/"), root.strip("/"),
+                  "/" + root.strip("/").lower()]
+    found = []
+    for candidate in dict.fromkeys(c for c in candidates if c and c != root):
+        other = Keys(candidate)
+        if other.model != keys.model and await client.get(other.model.encode()) is not None:
+            found.append(candidate)
+    if found:
+        message += f"; did you mean --etcd-prefix {found[0]}?"
+        if len(found) > 1:
+            message += f" (models also under {', '.join(found[1:])})"
+    return message
+
+
+async def stored_model(client: aetcd.Client, keys: Keys) -> ModelSpec:
+    got = await client.get(keys.model.encode())
+    if got is None:
+        raise OpsError(await no_model_message(client, keys))
+    return parse_model(got.value.decode(), source=keys.model)
+
+
+async def set_member_admin(client: aetcd.Client, keys: Keys, cluster: str, member: str,
+                           down: bool, reason: str = "") -> int:
+    """``meshxl member down|up``: record (or clear) an administrative member down."""
+    model = await stored_model(client, keys)
+    spec = model.cluster(cluster)
+    if spec is None:
+        names = ", ".join(c.name for c in model.clusters) or "none"
+        raise OpsError(f"unknown cluster {cluster!r} (clusters: {names})")
+    registered = await client.get(keys.member(cluster, member).encode())
+    if all(m.name != member for m in spec.members) and registered is None:
+        names = ", ".join(m.name for m in spec.members) or "none listed"
+        raise OpsError(f"unknown member {member!r} in cluster {cluster!r} (members: {names})")
+    key = keys.member_admin(cluster, member).encode()
+    if down:
+        return (await client.put(key, _admin_record(reason))).header.revision
+    deleted = await client.delete(key)
+    return deleted.header.revision if deleted is not None else 0
+
+
+async def set_site_admin(client: aetcd.Client, keys: Keys, site: str, offline: bool,
+                         reason: str = "") -> int:
+    """``meshxl site offline|online``: move every cluster's traffic off (or back to) a site."""
+    model = await stored_model(client, keys)
+    known = {s for c in model.clusters for s in c.site_names()}
+    if site not in known:
+        raise OpsError(f"unknown site {site!r} (sites: {', '.join(sorted(known)) or 'none'})")
+    key = keys.site_admin(site).encode()
+    if offline:
+        return (await client.put(key, _admin_record(reason))).header.revision
+    deleted = await client.delete(key)
+    return deleted.header.revision if deleted is not None else 0

@@ -1,0 +1,148 @@
+"""``meshxl status``: clusters with their members (and those that left in the last
+minutes), the Envoy nodes and the recent failovers; and the live view's report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from meshxl.model import MemberState, cluster_view
+from meshxl.model.runtime import PLACES_NEW, MemberView
+from meshxl.operator.views.failovers import failover_report
+from meshxl.operator.views.read import MeshRead, clusters_of, count, model_warnings, number
+from meshxl.operator.views.sync import sync_report
+from meshxl.xds.history import reason
+from meshxl.xds.types import short_type
+
+__all__ = ["DEPARTED_SECONDS", "live_report", "status_report"]
+
+
+DEPARTED_SECONDS = 300.0
+"""How long a member whose registration ended stays listed as lost (``departed``)."""
+
+
+def _epoch(value: Any) -> float | None:
+    """Epoch seconds of a history time (ISO text) or number."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return number(value)
+
+
+def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> list[dict[str, Any]]:
+    """Members that left ``cluster`` within :data:`DEPARTED_SECONDS`: their registration
+    ended (a crash, a partition, a scale-in), so the cluster's view no longer lists
+    them; the member history says when and why."""
+    out = []
+    for (c, member), history in sorted(read.states.items()):
+        if c != cluster or member in present or history.get("state") != str(MemberState.LOST):
+            continue
+        at = _epoch(history.get("at"))
+        if at is None or now - at > DEPARTED_SECONDS:
+            continue
+        out.append({"name": member, "state": str(MemberState.LOST),
+                    "last_change": {"state": history.get("state"),
+                                    "reason": history.get("reason"), "at": history.get("at")},
+                    "failovers": count(history.get("failovers")),
+                    "last_failover": history.get("last_failover")})
+    return out
+
+
+def status_report(read: MeshRead, cluster: str | None = None,
+                  now: float | None = None) -> dict[str, Any]:
+    """``meshxl status``: clusters with their members (and those that left in the last
+    minutes), the Envoy nodes and the recent failovers."""
+    now = time.time() if now is None else now
+    clusters = []
+    for spec in clusters_of(read, cluster):
+        view = cluster_view(spec, read.runtime)
+        shares = _shares(view.members)
+        members = []
+        for m in view.members:
+            key = (spec.name, m.name)
+            history = read.states.get(key, {})
+            registration = read.registrations.get(key, {})
+            admin = read.runtime.members_down_of(spec.name).get(m.name)
+            site_admin = read.runtime.sites_offline.get(m.site)
+            last = ({"state": history.get("state"), "reason": history.get("reason"),
+                     "at": history.get("at")} if history.get("state") == str(m.state)
+                    else {"state": str(m.state), "reason": reason(m, spec.name, read.runtime),
+                          "at": registration.get("since") or None})
+            members.append({
+                "name": m.name, "site": m.site, "address": f"{m.address}:{m.port}",
+                "priority": m.priority if m.advertised else None,
+                "role": str(m.role), "share": round(shares.get(m.name, 0.0), 4),
+                "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
+                "problem_details": registration.get("problem_details", {}),
+                "admin": None if admin is None else vars(admin),
+                "site_admin": None if site_admin is None else vars(site_admin),
+                "last_change": last,
+                "failovers": int(history.get("failovers", 0) or 0),
+                "last_failover": history.get("last_failover"),
+                "sidecar": registration.get("sidecar"),
+            })
+        clusters.append({
+            "name": spec.name, "mode": spec.mode, "membership": spec.membership,
+            "stickiness": _stickiness(spec), "sites": spec.site_names(),
+            "members": members,
+            "departed": _departed(read, spec.name, {m["name"] for m in members}, now),
+        })
+    nodes = []
+    for node_id in sorted(read.nodes):
+        n = read.nodes[node_id]
+        nack = n.get("last_nack")
+        nack = nack if isinstance(nack, dict) else None
+        types = n.get("types")
+        types = types if isinstance(types, dict) else {}
+        nodes.append({
+            "node": node_id, "cluster": n.get("cluster"), "replica": n.get("replica"),
+            "streams": n.get("streams", 0), "connected_at": n.get("connected_at"),
+            "acked": {short_type(str(t)): s.get("acked_version")
+                      for t, s in sorted(types.items()) if isinstance(s, dict)},
+            "nacks": n.get("nacks", 0),
+            "last_nack": None if not nack else {
+                **nack, "type": short_type(str(nack.get("type_url")))},
+        })
+    offline = {site: vars(action) for site, action in read.runtime.sites_offline.items()}
+    return {"revision": read.revision, "model": read.model_source,
+            "model_found": read.model is not None or read.model_error is not None,
+            "model_error": read.model_error, "clusters": clusters,
+            "sites_offline": offline, "nodes": nodes,
+            "failovers": failover_report(read, cluster), "warnings": model_warnings(read)}
+
+
+def live_report(read: MeshRead, now: float | None = None) -> dict[str, Any]:
+    """What the control plane's live view shows: ``meshxl status`` and ``meshxl sync``
+    of one read."""
+    now = time.time() if now is None else now
+    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now)}
+
+
+def _shares(members: Iterable[MemberView]) -> dict[str, float]:
+    """Fraction of new sessions each member gets now: the lowest tier with a member
+    Envoy sees healthy takes them, split by EDS weight. Overloaded members (DEGRADED)
+    take none: Envoy's hash load balancers place nothing on a degraded host, and the
+    control plane sends a tier's overloaded members healthy (``active-attention``) when
+    no other member of the tier is ready."""
+    members = list(members)
+    ready = [m for m in members if m.state in PLACES_NEW]
+    if not ready:
+        return {}
+    tier = min(m.priority for m in ready)
+    serving = [m for m in ready if m.priority == tier]
+    total = sum(m.lb_weight for m in serving) or 1
+    return {m.name: m.lb_weight / total for m in serving}
+
+
+def _stickiness(spec: Any) -> dict[str, Any] | None:
+    s = spec.stickiness
+    if s is None:
+        return None
+    on = s.header if s.header else s.cookie.name if s.cookie else "source address"
+    return {"algorithm": s.algorithm, "key": s.key, "on": on}

@@ -1,0 +1,76 @@
+"""Delayed sync (ClusterXL's): a session younger than ``sync_delay`` is kept on the member
+that wrote it, not replicated, so short-lived sessions never cost etcd a write.
+
+A session is kept here only while etcd has never had it: its first write finds it in
+neither the cache nor etcd. Each write of it while it is young makes a new version here
+(ETag ``L<n>``); the first write once it is due, or the periodic flush, replicates it
+to etcd (its creation time kept) and it is kept here no longer. A delete forgets it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .metrics import StatesyncMetrics
+from .record import SessionRecord
+from .writes import PUT, Stored
+
+__all__ = ["Local", "LocalSessions"]
+
+
+@dataclass(slots=True)
+class Local:
+    """A session kept here: its record and its version (``L<n>``)."""
+
+    record: SessionRecord
+    version: int
+
+
+class LocalSessions:
+    """The sessions kept on this member (delayed sync)."""
+
+    def __init__(self, member: str, sync_delay: float, metrics: StatesyncMetrics):
+        self.member = member
+        self.sync_delay = sync_delay
+        self.enabled = sync_delay > 0
+        self.metrics = metrics
+        self._kept: dict[str, Local] = {}
+        self._versions = 0
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, session_id: str) -> Local | None:
+        return self._kept.get(session_id)
+
+    def young(self, local: Local, now: float) -> bool:
+        return now - local.record.created < self.sync_delay
+
+    def due(self, now: float) -> list[tuple[str, Local]]:
+        """The sessions whose delay is over (the flush replicates them)."""
+        return [(session_id, local) for session_id, local in self._kept.items()
+                if not self.young(local, now)]
+
+    def stored(self, session_id: str, local: Local, *, new_session: bool = False) -> Stored:
+        return Stored(session_id=session_id, record=local.record, etag=f"L{local.version}",
+                      new_session=new_session, source="local")
+
+    def keep(self, session_id: str, data: bytes, content_type: str,
+             traceparent: str | None, now: float) -> Stored:
+        """A new version of a session kept here (its conditions checked already)."""
+        local = self._kept.get(session_id)
+        self._versions += 1
+        record = SessionRecord(owner=self.member, content_type=content_type,
+                               created=local.record.created if local else now, updated=now,
+                               data=data, traceparent=traceparent)
+        kept = self._kept[session_id] = Local(record, self._versions)
+        self.metrics.write(PUT, "local").inc()
+        self.metrics.local.set(len(self._kept))
+        return self.stored(session_id, kept, new_session=local is None)
+
+    def drop(self, session_id: str) -> Local | None:
+        """Keep it here no longer (replicated, or deleted)."""
+        local = self._kept.pop(session_id, None)
+        if local is not None:
+            self.metrics.local.set(len(self._kept))
+        return local

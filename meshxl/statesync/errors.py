@@ -1,0 +1,54 @@
+"""The session layer's failures. Each is a member of :mod:`meshxl.errors`' family, which
+gives its HTTP status (:func:`meshxl.httpbase.http_status`): a bad request is an
+``InputError`` (400), a missing session ``NotFound`` (404), a lost compare ``Conflict``
+(409), a failed If-Match or If-None-Match ``PreconditionFailed`` (412), a state over
+the limit ``TooLarge`` (413), etcd not answering ``Unavailable`` (503). Defined here are
+only the subclasses that say more than their family member.
+"""
+
+from __future__ import annotations
+
+from meshxl.errors import (
+    Conflict,
+    InputError,
+    MeshxlError,
+    NotFound,
+    PreconditionFailed,
+    TooLarge,
+    Unavailable,
+)
+
+__all__ = ["LeaseLost", "StoreUnavailable", "Undecodable", "no_session", "result_name"]
+
+
+class Undecodable(Conflict):
+    """The session's stored record cannot be decoded (a foreign or broken writer put it
+    in etcd): reads and merge patches fail with this; PUT and DELETE replace it."""
+
+
+class StoreUnavailable(Unavailable):
+    """etcd did not answer: the write was not acknowledged (it may or may not apply)."""
+
+
+class LeaseLost(StoreUnavailable):
+    """etcd refused a batch for a session lease it no longer has: nothing in the batch
+    applied, so its writes may be sent again, with a new lease."""
+
+
+def no_session(session_id: str) -> NotFound:
+    return NotFound(f"no session {session_id!r}")
+
+
+_RESULTS: tuple[tuple[type[MeshxlError], str], ...] = (
+    (PreconditionFailed, "precondition_failed"), (Conflict, "conflict"),
+    (NotFound, "not_found"), (Unavailable, "unavailable"), (TooLarge, "too_large"),
+    (InputError, "bad_request"))
+
+
+def result_name(exc: MeshxlError) -> str:
+    """The metrics' name of a failure (``result`` label)."""
+    for cls, name in _RESULTS:
+        if isinstance(exc, cls):
+            return name
+    return "failed"
+

@@ -1,0 +1,577 @@
+"""One client connection of the sidecar's server: parse (llhttp through ``httptools``),
+admit from the head (token, route, method, declared size), queue pipelined requests and
+take each up as soon as none before it conflicts (:func:`.routing.must_wait`), answer
+in order, the answers ready in one turn of the event loop in one write. What the
+connections of one server share is its :class:`Site`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+from meshxl.errors import MeshxlError, detached
+from meshxl.headers import lower_name
+from meshxl.httpbase import (
+    BODY_TIMEOUT,
+    HEADER_TIMEOUT,
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    error_answer,
+)
+
+from .messages import JSON, Refused, Response, encode_head, error, json_response
+from .routing import IGNORED_BODY, WRITE, Handler, Request, Router, must_wait
+
+log = logging.getLogger("meshxl.statesync.http")
+
+__all__ = ["DISCARD_LIMIT", "LINGER", "MAX_PIPELINED", "MAX_QUEUED", "Authorize",
+           "Connection", "Site", "Wrap"]
+
+MAX_QUEUED = 8
+"""Pipelined requests waiting (not taken up) on one connection before it stops reading."""
+MAX_PIPELINED = 64
+"""Pipelined requests taken up and not answered on one connection before it stops
+reading."""
+DISCARD_LIMIT = 16 * 1024 * 1024
+"""Bytes of a refused body read and dropped before the connection is closed instead."""
+LINGER = 2.0
+"""Seconds a connection closed under a request body still reads (and drops) it, so the
+client gets the answer rather than a reset."""
+
+Authorize = Callable[[Request], "Response | None"]
+"""Called with a request's head (no body yet): a refusal, or None to go on."""
+Wrap = Callable[[Request, Handler], Awaitable[Response]]
+"""Runs the handler for a request (tracing: a span around it)."""
+
+
+class Site:
+    """What the connections of one server share: its routes and hooks, its timeouts,
+    the ``Date`` of its answers (stamped once a second by the server), and the
+    connections open, which the server closes and sweeps."""
+
+    def __init__(self, router: Router, *, authorize: Authorize | None = None,
+                 wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT):
+        self.router = router
+        self.authorize = authorize
+        self.wrap = wrap
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self.drained = asyncio.Event()
+        """Set when the server is closing and its last connection has closed."""
+        self.date = b""
+
+
+class _Stop(Exception):
+    """Raised in a parser callback, which stops httptools: answer ``response``, close."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status)
+        self.response = response
+
+
+async def _answer(request: Request) -> Response:
+    """The route handler's answer, its errors mapped to JSON answers."""
+    assert request.route is not None
+    try:
+        return await request.route.handler(request)
+    except Exception as exc:
+        return _failure(request, exc)
+
+
+def _check_framing(request: Request) -> None:
+    """What llhttp lets through and RFC 9112 refuses, so that no request is read one way
+    here and another by a proxy in front: a request without its Host (HTTP/1.1) or with
+    two (section 3.2), and a transfer coding other than chunked alone (6.1: chunked not
+    last is a 400; a coding before it, which this server does not decode, a 501).
+    Raises :class:`_Stop`: answered, then the connection closes."""
+    headers = request.headers
+    host = headers.get("host")
+    if host is None:
+        if request.version == "1.1":
+            raise _Stop(error(400, "an HTTP/1.1 request needs a Host header"))
+    elif ", " in host:  # fields joined: a Host value holds no space
+        raise _Stop(error(400, "more than one Host header"))
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        codings = [c.strip().lower() for c in coding.split(",")]
+        if codings[-1] != "chunked":
+            raise _Stop(error(400, f"Transfer-Encoding {coding[:60]!r} does not end with "
+                                   "chunked: the body's length cannot be told"))
+        if len(codings) > 1:
+            raise _Stop(error(501, f"Transfer-Encoding {coding[:60]!r}: only chunked is "
+                                   "supported"))
+
+
+def _failure(request: Request, exc: Exception) -> Response:
+    """The JSON answer to a handler's error (logged with its traceback if unexpected)."""
+    try:
+        if isinstance(exc, Refused):
+            return error(exc.status, str(exc), exc.headers, **exc.details)
+        if not isinstance(exc, MeshxlError):
+            log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
+        status, body = error_answer(exc, request.path)
+        return json_response(body, status)
+    finally:  # answered: the frames it passed through (and their data) go now
+        detached(exc)
+
+
+_IDLE, _HEAD, _BODY, _DONE = range(4)
+
+
+class _Slot:
+    """A request taken up, in arrival order: its answer, once there is one (a request
+    refused from its head has its answer at once; ``request`` None: the answer to bytes
+    that could not be parsed, the connection's last)."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: Request | None, response: Response | None):
+        self.request = request
+        self.response = response
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, queue, answer in order."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Request | Response] = deque()
+        """Complete requests not taken up yet, in arrival order; last, the answer to one
+        that could not be parsed (then the connection closes)."""
+        self.slots: deque[_Slot] = deque()
+        """Requests taken up and not answered yet, in arrival order."""
+        self.active: list[Request] = []
+        """Requests whose handlers run."""
+        self.others = 0
+        """Of them, those that are not writes (a write never waits for a write)."""
+        self.flush_soon = False
+        self.paused_reading = False
+        self.paused_writing = False
+        self.closing = False
+        """Close after the answers queued so far (an error, a shutdown, Connection: close)."""
+        self.lingering = False
+        self.ended = False
+        """The connection's last request came (``Connection: close``, HTTP/1.0): what
+        follows it is dropped, never parsed."""
+        self.deadline = 0.0
+        self.state = _IDLE
+        # The message being parsed.
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: dict[str, str] = {}
+        self._header_count = 0
+        self._head_bytes = 0
+        self._request: Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._limit = 0
+
+    # -- transport events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
+        self.site.connections.add(self)
+        self.deadline = self.loop.time() + self.site.header_timeout
+        if self.site.closing:
+            self.shutdown()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.site.connections.discard(self)
+        if self.site.closing and not self.site.connections:
+            self.site.drained.set()
+        self.transport = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        self._next()
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering or self.ended or self.closing and not self.slots and not self.queue:
+            return  # closing: what still arrives is dropped
+        if self.state == _HEAD:  # a head arriving in pieces (its first piece is bounded
+            self._head_bytes += len(data)  # by the transport's read size)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade and CONNECT are not served: answer what completed, then close.
+            if self.state != _IDLE:
+                self._fail(error(400, "protocol upgrades and CONNECT are not supported"))
+            else:
+                self.closing = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Stop):
+                self._fail(cause.response)
+            else:
+                log.error("HTTP parser callback failed", exc_info=cause or exc)
+                self._fail(error(500, "internal error parsing the request"))
+        except httptools.HttpParserError as exc:
+            if not self.ended:  # else: bytes after the last request, dropped
+                self._fail(error(400, f"bad HTTP request: {exc}"))
+        else:
+            if self.state == _HEAD and self._head_bytes > MAX_HEADERS * MAX_FIELD_SIZE:
+                self._fail(error(431, "request head too large"))
+        self._next()
+
+    def eof_received(self) -> bool | None:
+        if self.slots or self.queue:
+            self.closing = True  # answer what came (half-closed clients read it)
+            return True
+        return None
+
+    # -- parser callbacks (httptools) -------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.state = _HEAD
+        self._url = []
+        self._url_size = 0
+        self._headers = {}
+        self._header_count = 0
+        self._body = []
+        self._body_size = 0
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_FIELD_SIZE:
+            raise _Stop(error(414, f"request target longer than {MAX_FIELD_SIZE} bytes"))
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS or len(name) + len(value) > MAX_FIELD_SIZE:
+            self._too_large(name)
+        key = lower_name(name)
+        headers = self._headers
+        text = value.decode("latin-1")
+        if key in headers:
+            text = f"{headers[key]}, {text}"
+        headers[key] = text
+
+    def _too_large(self, name: bytes) -> None:
+        if self._header_count > MAX_HEADERS:
+            raise _Stop(error(431, f"more than {MAX_HEADERS} header fields"))
+        raise _Stop(error(431, f"header field {name[:60].decode('latin-1')!r} longer "
+                               f"than {MAX_FIELD_SIZE} bytes"))
+
+    def on_headers_complete(self) -> None:
+        self.state = _BODY
+        self.deadline = self.loop.time() + self.site.body_timeout
+        parser = self.parser
+        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        path, _, query = url.decode("latin-1").partition("?")
+        path = path.partition("#")[0]
+        request = Request(parser.get_method().decode("latin-1"), path, query,
+                          parser.get_http_version(), self._headers,
+                          parser.should_keep_alive())
+        self._request = request
+        self._limit = 0
+        headers = self._headers
+        if "host" not in headers or "transfer-encoding" in headers or ", " in headers["host"]:
+            _check_framing(request)
+        expects = headers.get("expect", "").lower() == "100-continue"
+        request.refusal = self._admit(request)
+        if request.refusal is not None:
+            if expects:  # the client waits before sending the body: answer now
+                raise _Stop(request.refusal)
+        elif expects and not self.slots and not self.queue and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        request = self._request
+        assert request is not None
+        if request.refusal is not None or self._limit == IGNORED_BODY:
+            if self._body_size > DISCARD_LIMIT:  # too much to read and drop: hang up
+                raise _Stop(request.refusal or error(413, "request body too large"))
+            return
+        if self._body_size > self._limit:
+            assert request.route is not None
+            self._body = []
+            request.refusal = error(413, f"{request.route.what} is more than {self._limit} "
+                                         f"bytes; the limit is {self._limit}",
+                                    limit=self._limit)
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.state = _DONE
+        self.deadline = 0.0
+        request = self._request
+        assert request is not None
+        if self._body and request.refusal is None:
+            request.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self.queue.append(request)
+        if not request.keep_alive:  # its answer is the last: nothing after it is read
+            self.closing = self.ended = True
+            if self.transport is not None and not self.paused_reading:
+                self.paused_reading = True
+                self.transport.pause_reading()
+        self._request = None
+        self._body = []
+        self.state = _IDLE
+        if (len(self.queue) >= MAX_QUEUED or len(self.slots) >= MAX_PIPELINED) \
+                and not self.paused_reading and self.transport:
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+    # -- admission: what is known from the head ---------------------------------------------
+
+    def _admit(self, request: Request) -> Response | None:
+        """A refusal decided from the head (token, route, method, declared size), or
+        None: the request goes on, its body bounded by the route's ``max_body``."""
+        site = self.site
+        if site.authorize is not None:
+            refusal = site.authorize(request)
+            if refusal is not None:
+                return refusal
+        found = site.router.resolve(request.path)
+        if found is None:
+            return error(404, "Not Found", path=request.path)
+        methods, params = found
+        route = methods.get(request.method)
+        if route is None:
+            allowed = sorted(methods)
+            return error(405, "Method Not Allowed", [("Allow", ",".join(allowed))],
+                         path=request.path, allowed=allowed)
+        request.route = route
+        request.params = params
+        if route.key is not None:
+            request.session = params.get(route.key)
+        self._limit = route.max_body
+        length = request.headers.get("content-length")
+        if route.max_body and length is not None and length.isdigit() and \
+                int(length) > route.max_body:
+            return error(413, f"{route.what} is {int(length)} bytes; the limit is "
+                              f"{route.max_body}", limit=route.max_body)
+        return None
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Take up queued requests in order, each as soon as none of those still running
+        conflicts with it (the module docstring, :attr:`Route.access`)."""
+        queue, slots = self.queue, self.slots
+        while queue and not self.paused_writing:
+            item = queue[0]
+            if isinstance(item, Response):  # bytes that could not be parsed: the end
+                queue.popleft()
+                slots.append(_Slot(None, item))
+                continue
+            if item.refusal is not None:
+                queue.popleft()
+                slots.append(_Slot(item, item.refusal))
+                continue
+            assert item.route is not None
+            write = item.route.access == WRITE
+            if self.active and (self.others or not write) and any(
+                    must_wait(item, other) for other in self.active):
+                break
+            queue.popleft()
+            slot = _Slot(item, None)
+            slots.append(slot)
+            self.active.append(item)
+            if not write:
+                self.others += 1
+            if item.route.group is not None and queue and self.site.wrap is None:
+                requests, group = self._group(item, slot)
+                if len(group) > 1:
+                    self.loop.create_task(self._handle_group(requests, group))
+                    continue
+            self.loop.create_task(self._handle(slot))
+        if slots and slots[0].response is not None and not self.flush_soon:
+            self._flush()
+        if self.paused_reading and not self.closing and self.transport \
+                and len(queue) < MAX_QUEUED // 2 and len(slots) < MAX_PIPELINED // 2:
+            self.paused_reading = False
+            self.transport.resume_reading()
+        if not slots and not queue:
+            if self.closing:
+                self._close()
+            elif self.state == _IDLE and not self.deadline:
+                self.deadline = self.loop.time() + self.site.header_timeout
+                self._head_bytes = 0
+
+    def _group(self, first: Request, slot: _Slot) -> tuple[list[Request], list[_Slot]]:
+        """``first`` (taken up in ``slot``) and the requests queued right behind it that
+        its route's group handler takes with it: the same route, each another session,
+        none refused from its head or waiting for a request under way (taken up here)."""
+        queue, slots, active = self.queue, self.slots, self.active
+        requests, group = [first], [slot]
+        sessions = {first.session}
+        while queue:
+            item = queue[0]
+            if not isinstance(item, Request) or item.refusal is not None \
+                    or item.route is not first.route or item.session in sessions:
+                break
+            if self.others and any(must_wait(item, other) for other in active):
+                break  # a read of its session under way: it waits, and what follows it
+            queue.popleft()
+            sessions.add(item.session)
+            taken = _Slot(item, None)
+            slots.append(taken)
+            active.append(item)
+            requests.append(item)
+            group.append(taken)
+        return requests, group
+
+    async def _handle(self, slot: _Slot) -> None:
+        request = slot.request
+        assert request is not None and request.route is not None
+        if self.site.wrap is not None:
+            response = await self.site.wrap(request, _answer)
+        else:  # the route's handler at once: _answer's work, a coroutine fewer per request
+            try:
+                response = await request.route.handler(request)
+            except Exception as exc:
+                response = _failure(request, exc)
+        slot.response = response
+        self._answered(request)
+
+    async def _handle_group(self, requests: list[Request], group: list[_Slot]) -> None:
+        """Requests taken up together (:attr:`Route.group`), ``group`` their slots,
+        each answered when its own answer comes: a slow one holds back only the
+        answers after it."""
+        route = requests[0].route
+        assert route is not None and route.group is not None
+
+        def answer(index: int, outcome: Response | Exception) -> None:
+            slot = group[index]
+            if slot.response is not None:
+                return  # answered already
+            request = requests[index]
+            slot.response = outcome if isinstance(outcome, Response) \
+                else _failure(request, outcome)
+            self._answered(request)
+
+        try:
+            await route.group(requests, answer)
+            missing: Exception = RuntimeError("the group handler left a request unanswered")
+        except Exception as exc:
+            missing = exc
+        for index, slot in enumerate(group):
+            if slot.response is None:
+                answer(index, missing)
+
+    def _answered(self, request: Request) -> None:
+        """A request's answer is in its slot: send what is ready in order, and take up
+        what waited for it."""
+        self.active.remove(request)
+        assert request.route is not None
+        if request.route.access != WRITE:
+            self.others -= 1
+        if self.transport is None:
+            return
+        if len(self.slots) == 1:  # nothing else under way: answer now
+            self._next()
+        elif not self.flush_soon:
+            # Others finish in this turn too (a batch of writes answered by one etcd
+            # transaction): their answers leave together, in one write.
+            self.flush_soon = True
+            self.loop.call_soon(self._flush_then_next)
+
+    def _flush_then_next(self) -> None:
+        self.flush_soon = False
+        if self.transport is not None:
+            self._next()
+
+    def _flush(self) -> None:
+        """Write the answers ready at the head of the line, in one write."""
+        slots = self.slots
+        out = []
+        while slots and slots[0].response is not None:
+            slot = slots.popleft()
+            request = slot.request
+            last = self.closing and not slots and not self.queue
+            assert slot.response is not None
+            if request is None:
+                out.append(self._encode(slot.response, keep_alive=False))
+            else:
+                out.append(self._encode(slot.response, keep_alive=not last,
+                                        head_only=request.method == "HEAD",
+                                        http10=request.version == "1.0"))
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _encode(self, response: Response, *, keep_alive: bool, head_only: bool = False,
+                http10: bool = False) -> bytes:
+        status = response.status
+        body = response.body
+        try:
+            head = encode_head(response, self.site.date, keep_alive, http10)
+        except ValueError as exc:  # a header that cannot be sent: never a broken answer
+            log.error("answer %d not sent as it was: %s", status, exc)
+            status, body = 500, b'{"error":"internal error: invalid response header",' \
+                                b'"status":500}'
+            head = encode_head(Response(500, body, [("Content-Type", JSON)]), self.site.date,
+                         keep_alive, http10)
+        if not keep_alive:
+            self.closing = True
+        return head + body if body and not head_only else head
+
+    def _fail(self, response: Response) -> None:
+        """A request that cannot be parsed or read on: answer it after those before it,
+        then close; nothing more is parsed."""
+        self.closing = True
+        self.queue.append(response)
+        if self.transport is not None and not self.paused_reading:
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+    def _close(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.state in (_HEAD, _BODY) and transport.can_write_eof():
+            # The client is still sending: half-close, and read (dropping it) a while,
+            # so it reads the answer instead of a reset.
+            self.lingering = True
+            self.deadline = self.loop.time() + LINGER
+            if self.paused_reading:
+                self.paused_reading = False
+                transport.resume_reading()
+            transport.write_eof()
+            return
+        transport.close()
+
+    # -- the server's sweeper and shutdown ----------------------------------------------------
+
+    def expire(self) -> None:
+        """Past the deadline: an idle connection or a slow head closes; a slow body is
+        answered 408 (then closed)."""
+        transport = self.transport
+        self.deadline = 0.0
+        if transport is None:
+            return
+        if self.lingering or self.state != _BODY or self.slots or self.queue:
+            transport.close()
+            return
+        self.closing = True
+        self.state = _IDLE
+        transport.write(self._encode(error(408, f"request body did not arrive within "
+                                                f"{self.site.body_timeout:g} s"),
+                                     keep_alive=False))
+        transport.close()
+
+    def shutdown(self) -> None:
+        self.closing = True
+        if not self.slots and not self.queue:
+            self._close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,153 @@
+"""The sidecar server's requests and routes: which handler answers a method at a path,
+the body it takes, and how a request may run beside those pipelined before it on its
+connection (:attr:`Route.access`, :func:`must_wait`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from .messages import Response
+
+__all__ = ["ALONE", "IGNORED_BODY", "READ", "WRITE", "Answer", "GroupHandler", "Handler",
+           "Request", "Route", "Router", "must_wait"]
+
+IGNORED_BODY = 0
+"""``max_body`` of a route that reads no body: whatever is sent is dropped."""
+READ, WRITE, ALONE = "read", "write", "alone"
+"""A route's :attr:`Route.access`."""
+
+Handler = Callable[["Request"], Awaitable[Response]]
+Answer = Callable[[int, "Response | Exception"], None]
+"""``answer(index, outcome)``: the answer to a group's request ``index``, a response or
+the error its handler would have raised."""
+GroupHandler = Callable[[list["Request"], Answer], Awaitable[None]]
+"""Takes up several requests of one route together and answers each through ``answer``
+(in any order, each once) before it returns."""
+
+
+class Request:
+    """One request: ``headers`` by lower-case name (repeated fields joined with
+    ``", "``), ``params`` the route's path parameters (percent-decoded)."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "params", "path", "query",
+                 "refusal", "route", "session", "version")
+
+    def __init__(self, method: str, path: str, query: str, version: str,
+                 headers: dict[str, str], keep_alive: bool):
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body = b""
+        self.params: dict[str, str] = {}
+        self.route: Route | None = None
+        self.refusal: Response | None = None
+        """Decided from the head (401, 404, 405, 413...): answered instead of the route."""
+        self.session: str | None = None
+        """The one session it touches (the route's ``key`` parameter), None: any."""
+
+    @property
+    def content_type(self) -> str:
+        """The media type without parameters, lower case ("" without one)."""
+        value = self.headers.get("content-type")
+        return value.split(";", 1)[0].strip().lower() if value else ""
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path[:80]}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: str
+    """``/v1/sessions/{session_id}``: a ``{name}`` is one path segment."""
+    handler: Handler
+    max_body: int = IGNORED_BODY
+    """Bytes of body the handler takes (413 beyond); 0: any body is dropped."""
+    what: str = "request body"
+    """Named in the 413's message."""
+    access: str = ALONE
+    """Beside which requests pipelined before it on its connection it may run:
+    ``write``: beside any write (its handler keeps writes in the order they came: a
+    session's lock, taken before it first waits) and beside reads of other sessions;
+    ``read``: beside anything touching other sessions; ``alone``: after all of them."""
+    key: str | None = None
+    """The path parameter naming the one session it touches; None: it may touch any."""
+    group: GroupHandler | None = None
+    """Takes up, in one call, requests of this route pipelined one after the other on a
+    connection, each touching another session (a ``write`` route with a ``key``):
+    what a request costs besides its HTTP is then shared (no task each). Not while
+    ``wrap`` is set: each request then runs inside its own wrap (its span)."""
+
+
+class Router:
+    """Exact paths in a dict, patterns by segment count; a ``{name}`` segment matches
+    one non-empty path segment, percent-decoded (``a%2Fb`` is the segment ``a/b``)."""
+
+    def __init__(self) -> None:
+        self._exact: dict[str, dict[str, Route]] = {}
+        self._patterns: dict[int, list[tuple[list[str | None], list[str], dict[str, Route]]]] = {}
+        self._routes: list[Route] = []
+
+    def add(self, method: str, pattern: str, handler: Handler, *,
+            max_body: int = IGNORED_BODY, what: str = "request body",
+            access: str = ALONE, key: str | None = None,
+            group: GroupHandler | None = None) -> None:
+        if access not in (READ, WRITE, ALONE):
+            raise ValueError(f"access is {READ!r}, {WRITE!r} or {ALONE!r}, not {access!r}")
+        if group is not None and (access != WRITE or key is None):
+            raise ValueError("a group handler takes writes of one session each "
+                             "(access write, with a key)")
+        route = Route(method, pattern, handler, max_body, what, access, key, group)
+        self._routes.append(route)
+        segments = pattern.split("/")
+        if not any(s.startswith("{") for s in segments):
+            self._exact.setdefault(pattern, {})[method] = route
+            return
+        literals: list[str | None] = [None if s.startswith("{") else s for s in segments]
+        names = [s[1:-1] for s in segments if s.startswith("{")]
+        for known, known_names, methods in self._patterns.get(len(segments), []):
+            if known == literals and known_names == names:
+                methods[method] = route
+                return
+        self._patterns.setdefault(len(segments), []).append((literals, names, {method: route}))
+
+    def routes(self) -> list[Route]:
+        return list(self._routes)
+
+    def resolve(self, path: str) -> tuple[dict[str, Route], dict[str, str]] | None:
+        """The methods served at ``path`` (raw, as sent) and its parameters, or None."""
+        plain = "%" not in path
+        methods = self._exact.get(path if plain else unquote(path, errors="replace"))
+        if methods is not None:
+            return methods, {}
+        segments = path.split("/")
+        for literals, names, methods in self._patterns.get(len(segments), ()):
+            values: list[str] = []
+            for literal, segment in zip(literals, segments, strict=True):
+                if not plain and "%" in segment:
+                    segment = unquote(segment, errors="replace")
+                if literal is None:
+                    if not segment:
+                        break
+                    values.append(segment)
+                elif literal != segment:
+                    break
+            else:
+                return methods, dict(zip(names, values, strict=True))
+        return None
+
+
+def must_wait(new: Request, running: Request) -> bool:
+    """Whether ``new`` must wait for ``running``, pipelined before it on its connection."""
+    a, b = new.route, running.route
+    assert a is not None and b is not None
+    if a.access == ALONE or b.access == ALONE:
+        return True
+    if a.access == WRITE and b.access == WRITE:
+        return False  # ordered by the sessions' locks
+    return new.session is None or running.session is None or new.session == running.session

@@ -1,0 +1,80 @@
+"""The sidecar's HTTP server: listening sockets, the once-a-second sweep (the ``Date`` of
+answers, connections past their deadline) and shutdown. Connections do the rest
+(:mod:`.connection`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from email.utils import formatdate
+
+from meshxl.httpbase import BODY_TIMEOUT, HEADER_TIMEOUT
+
+from .connection import Authorize, Connection, Site, Wrap
+from .routing import Router
+
+__all__ = ["HttpServer"]
+
+
+class HttpServer:
+    """Serves ``router`` on the sockets given to :meth:`listen`."""
+
+    def __init__(self, router: Router, *, authorize: Authorize | None = None,
+                 wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT):
+        self.site = Site(router, authorize=authorize, wrap=wrap,
+                         header_timeout=header_timeout, body_timeout=body_timeout)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stamp()
+
+    @property
+    def connections(self) -> set[Connection]:
+        return self.site.connections
+
+    async def listen(self, sock: socket.socket) -> None:
+        """Serve on a bound, listening-ready socket (TCP or Unix)."""
+        loop = asyncio.get_running_loop()
+        site = self.site
+        self._servers.append(await loop.create_server(lambda: Connection(site), sock=sock))
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, close idle connections, let answers under way finish (at
+        most ``grace`` seconds), then drop what is left."""
+        site = self.site
+        site.closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(site.connections):
+            conn.shutdown()
+        if site.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await site.drained.wait()
+        for conn in list(site.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    def _stamp(self) -> None:
+        self.site.date = formatdate(usegmt=True).encode()
+
+    async def _sweep(self) -> None:
+        """Once a second: the Date header, and connections past their deadline (one
+        pass over them all costs less than a timer armed and cancelled per request)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            self._stamp()
+            now = loop.time()
+            for conn in list(self.site.connections):
+                if conn.deadline and now >= conn.deadline:
+                    conn.expire()

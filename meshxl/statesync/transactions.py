@@ -1,0 +1,194 @@
+"""Transactions: puts and deletes of several sessions, all or none, in one etcd
+transaction (``POST /v1/sessions:transaction``).
+
+Each operation compares the revision a single write would (:mod:`.conditions`: If-Match,
+create only, the revision this member observed, or the newest it knows for a session
+new to it), and fails the way a single write would (412, 409, 404); an operation whose
+compare failed only because the session moved under a write that may replace it (a
+takeover, an expired session) is compared again, as a single write is, and the
+transaction sent again. A session kept only on this member (delayed sync) is checked
+against its version here and replicated by the transaction (a delete forgets it). The
+sessions' locks are held throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshxl.errors import Conflict, InputError, MeshxlError, Unavailable
+
+from .conditions import BLIND, BLIND_RETRIES, OWNER, check_write, local_precondition
+from .delayed import LocalSessions
+from .errors import StoreUnavailable, result_name
+from .ledger import Ledger
+from .locks import SessionLocks
+from .metrics import StatesyncMetrics
+from .record import SessionRecord
+from .store import MAX_TXN_WRITES, KeyState, SessionStore, WriteResult
+from .writes import DELETE, PUT, Stored, Transacted, Write
+
+__all__ = ["Transactions"]
+
+
+@dataclass
+class _Planned:
+    """An operation as it will be sent: the revision it compares."""
+
+    write: Write
+    key: bytes
+    mode: str
+    expected: int
+    prior: SessionRecord | None
+    local: bool = False
+    """The session was kept on this member only (delayed sync)."""
+
+
+class Transactions:
+    """One member's transactions (see the module docstring)."""
+
+    def __init__(self, ledger: Ledger, local: LocalSessions, locks: SessionLocks,
+                 store: SessionStore, metrics: StatesyncMetrics, max_bytes: int):
+        self.ledger, self.local, self.locks = ledger, local, locks
+        self.store, self.metrics, self.max_bytes = store, metrics, max_bytes
+
+    async def commit(self, writes: Sequence[Write], traceparent: str | None) -> Transacted:
+        """Apply every write or none: puts and deletes, each session once."""
+        ids = [w.session_id for w in writes]
+        if not 0 < len(writes) <= MAX_TXN_WRITES:
+            raise InputError(f"a transaction holds 1 to {MAX_TXN_WRITES} operations, "
+                             f"not {len(writes)}")
+        if len(set(ids)) != len(ids):
+            raise InputError("a transaction names each session once")
+        keys = [self.ledger.key(session_id) for session_id in ids]
+        for write in writes:
+            if write.op not in (PUT, DELETE):
+                raise InputError(f"a transaction puts and deletes, not {write.op}")
+            check_write(write, self.max_bytes)
+        async with self.locks.hold(ids):
+            with self.ledger.writing(ids):
+                return await self._commit(writes, keys, traceparent)
+
+    async def _plan(self, write: Write, key: bytes) -> _Planned:
+        local = self.local.get(write.session_id)
+        if local is not None:
+            local_precondition(write, local.version)
+            return _Planned(write, key, BLIND, 0, local.record, local=True)
+        entry = self.ledger.cache.get(write.session_id)
+        mode, expected = await self.ledger.expectation(write, key,
+                                                       entry.revision if entry else 0)
+        return _Planned(write, key, mode, expected, entry.record if entry else None)
+
+    async def _commit(self, writes: Sequence[Write], keys: list[bytes],
+                      traceparent: str | None) -> Transacted:
+        planned = await asyncio.gather(*(self._plan(w, k) for w, k in
+                                         zip(writes, keys, strict=True)),
+                                       return_exceptions=True)
+        refused: dict[int, MeshxlError] = {}
+        plans: list[_Planned] = []
+        for i, outcome in enumerate(planned):
+            if isinstance(outcome, MeshxlError):
+                refused[i] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                plans.append(outcome)
+        if refused:
+            return self._aborted(refused)
+        # A session kept only here and deleted: forgotten on commit, nothing in etcd.
+        sent = [p for p in plans if not (p.local and p.write.op == DELETE)]
+        index = {id(p): i for i, p in enumerate(plans)}
+        failed: list[int] = []
+        member = self.ledger.member
+        for _ in range(BLIND_RETRIES):
+            now = time.time()
+            records = [None if p.write.op == DELETE else SessionRecord(
+                owner=member, content_type=p.write.content_type,
+                created=p.prior.created if p.prior else now, updated=now,
+                data=p.write.data, traceparent=p.write.traceparent or traceparent)
+                for p in plans]
+            revision = 0
+            if sent:
+                record_of = {id(p): r for p, r in zip(plans, records, strict=True)}
+                try:
+                    result = await self.store.transact([
+                        (p.key, None if (r := record_of[id(p)]) is None else r.encode(),
+                         p.expected) for p in sent])
+                except StoreUnavailable as exc:
+                    self.metrics.transactions.labels("unavailable").inc()
+                    raise Unavailable("etcd unavailable, transaction not acknowledged: "
+                                      f"{exc}") from None
+                if not result.ok:
+                    failed = [i for i, (p, now_at) in enumerate(zip(sent, result.current,
+                                                                     strict=True))
+                              if now_at.revision != p.expected]
+                    refused = await self._judge(sent, failed, result.current)
+                    if refused:
+                        return self._aborted({index[id(sent[i])]: e
+                                              for i, e in refused.items()})
+                    continue
+                revision = result.revision
+            return self._committed(plans, records, revision)
+        for i in failed:
+            self.metrics.write(sent[i].write.op, "conflict").inc()
+        return self._aborted({index[id(sent[i])]: Conflict(
+            f"session {sent[i].write.session_id!r} kept changing under concurrent "
+            "writers; read it and try again") for i in failed})
+
+    async def _judge(self, sent: list[_Planned], failed: list[int],
+                     current: Sequence[KeyState]) -> dict[int, MeshxlError]:
+        """The failures among ``failed`` operations (their compares failed), by index;
+        the others get the revision to compare next time (the transaction is sent
+        again). Whether a session moved to another member takes its record, read now
+        (the failure branch reads revisions only)."""
+        wanted = [i for i in failed if current[i].revision and sent[i].mode in (OWNER, BLIND)]
+        try:
+            fetched = dict(zip(wanted, await asyncio.gather(
+                *(self.store.fetch(sent[i].key) for i in wanted)), strict=True))
+        except StoreUnavailable as exc:
+            self.metrics.transactions.labels("unavailable").inc()
+            raise Unavailable(f"etcd unavailable, transaction not acknowledged: {exc}") \
+                from None
+        ledger = self.ledger
+        refused: dict[int, MeshxlError] = {}
+        for i in failed:
+            plan = sent[i]
+            session_id = plan.write.session_id
+            state = fetched.get(i, current[i])
+            record = (ledger.decode(session_id, state.revision, state.value, "transaction")
+                      if state.value else None)
+            refusal = ledger.refusal(plan.write.op, session_id, plan.mode,
+                                     plan.write.if_match, plan.expected, state, record)
+            if refusal is not None:
+                refused[i] = refusal
+            else:
+                plan.expected, plan.prior = state.revision, record
+        return refused
+
+    def _aborted(self, refused: dict[int, MeshxlError]) -> Transacted:
+        self.metrics.transactions.labels(result_name(refused[min(refused)])).inc()
+        return Transacted(committed=False, errors=refused)
+
+    def _committed(self, plans: list[_Planned], records: list[SessionRecord | None],
+                   revision: int) -> Transacted:
+        stored: list[Stored | None] = []
+        ledger = self.ledger
+        for plan, record in zip(plans, records, strict=True):
+            session_id = plan.write.session_id
+            if plan.local:
+                self.local.drop(session_id)
+            if record is None:
+                if plan.local:
+                    self.metrics.write(DELETE, "ok").inc()
+                else:
+                    ledger.acknowledged(DELETE, session_id, WriteResult(True, revision), None,
+                                        False, plan.prior)
+                stored.append(None)
+            else:
+                stored.append(ledger.acknowledged(
+                    PUT, session_id, WriteResult(True, revision), record,
+                    plan.prior is None if plan.local else plan.expected == 0, plan.prior))
+        self.metrics.transactions.labels("committed").inc()
+        return Transacted(committed=True, revision=revision, stored=tuple(stored))

@@ -1,0 +1,110 @@
+"""What the session layer is asked to write and what it answers: a :class:`Write` of one
+session, a :class:`Stored` session, a :class:`Transacted` transaction, a
+:class:`Takeover`, and the layer's :class:`Settings`. Pure data.
+
+One vocabulary for what a write does to its session: :data:`PUT` (store a state),
+:data:`PATCH` (merge a JSON patch into it) and :data:`DELETE`; the metrics' ``op`` label
+says the same. The multi-session API's wire format names a put ``upsert``
+(:mod:`.bulk` translates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshxl.errors import MeshxlError
+from meshxl.model.spec import Replication
+
+from .record import JSON_TYPE, SessionRecord
+
+__all__ = ["DELETE", "PATCH", "PUT", "Outcome", "Settings", "Stored", "Takeover",
+           "Transacted", "Write"]
+
+PUT, PATCH, DELETE = "put", "patch", "delete"
+
+
+@dataclass(frozen=True)
+class Settings:
+    ttl: float = 1800.0
+    sync_delay: float = 0.0
+    max_bytes: int = 1_048_576
+    replication: Replication = "all"
+    """``all`` or ``narrow`` (the model's ``sessions.replication``)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Write:
+    """One session's write, as the API asks for it (not frozen: one is made for every
+    session written, and a frozen dataclass sets each field through
+    ``object.__setattr__``)."""
+
+    session_id: str
+    op: str = PUT
+    data: bytes = b""
+    """A put's state."""
+    patch: Any = None
+    """A patch's RFC 7386 merge patch (a JSON value)."""
+    content_type: str = JSON_TYPE
+    if_match: str | None = None
+    create_only: bool = False
+    """``If-None-Match: *``: only if the session does not exist."""
+    traceparent: str | None = None
+    """The W3C trace context of its own request (a PUT's); None: the request's as a
+    whole (a bulk save's)."""
+    record: SessionRecord | None = None
+    """A record to store as it is: a session kept on this member (delayed sync),
+    replicated when its delay is over."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Stored:
+    """A session's state as the API returns it (not frozen: made on every write)."""
+
+    session_id: str
+    record: SessionRecord
+    etag: str
+    """``"<etcd revision>"``, or ``"L<n>"`` while only on this member (delayed sync)."""
+    new_session: bool = False
+    """This write created the session (the API answers 201 and ``"created": true``)."""
+    previous_owner: str | None = None
+    source: str = "etcd"
+
+    @property
+    def takeover(self) -> bool:
+        return self.previous_owner is not None and self.previous_owner != self.record.owner
+
+
+Outcome = Stored | Exception
+"""A write's outcome: the session as stored, a :class:`~meshxl.errors.MeshxlError` that
+refused it, or (a bug) any other exception, which the API answers 500."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transacted:
+    """A transaction's answer. Committed: every put's :class:`Stored` (None for a
+    delete), all at ``revision``. Not committed: nothing applied, and ``errors`` holds
+    the failure of each operation that failed, by its index."""
+
+    committed: bool
+    revision: int = 0
+    stored: tuple[Stored | None, ...] = ()
+    errors: Mapping[int, MeshxlError] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A session this member took over: from its first access here to the write that
+    made this member the owner (wall clock, ns)."""
+
+    session_id: str
+    previous_owner: str
+    owner: str
+    start_ns: int
+    end_ns: int
+    previous_traceparent: str | None
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6

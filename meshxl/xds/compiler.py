@@ -1,0 +1,209 @@
+"""The compiler: the whole Envoy configuration for a model and the runtime state, and
+what to reuse from its last output so a one-member change costs one cluster.
+
+The resources themselves are built by :mod:`meshxl.xds.resources` (pure functions of a
+cluster's spec and view); this module calls them per cluster, per listener and per
+shape, and keeps what did not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from google.protobuf.message import Message
+
+from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.xds import types
+from meshxl.xds.protocols import build_tcp_listener, drain_generation
+from meshxl.xds.resources import (
+    build_cluster,
+    build_listener,
+    build_load_assignment,
+    build_route,
+    build_route_config,
+    listener_name,
+)
+
+__all__ = ["Compiler", "Resources", "compile_resources"]
+
+
+@dataclass
+class Resources:
+    """Envoy resources by type URL, then by resource name."""
+
+    clusters: dict[str, cluster_pb2.Cluster] = field(default_factory=dict)
+    endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
+    listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
+    routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
+
+    def by_type(self) -> dict[str, Mapping[str, Message]]:
+        return {
+            types.CLUSTER: self.clusters,
+            types.ENDPOINT: self.endpoints,
+            types.LISTENER: self.listeners,
+            types.ROUTE: self.routes,
+        }
+
+
+def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
+                      resolved: Mapping[str, tuple[str, ...]] | None = None,
+                      drained: frozenset[tuple[str, str]] = frozenset()) -> Resources:
+    """The whole Envoy configuration for a model and the runtime state; ``resolved``
+    maps member addresses that are host names to their IP addresses
+    (:mod:`meshxl.xds.dns`); ``drained``: the (cluster, member) pairs whose drain
+    window has passed (:mod:`meshxl.xds.drains`)."""
+    return Compiler().compile(model, state, resolved, drained)
+
+
+def _listeners_of(model: ModelSpec) -> dict[tuple[str, int], list[ClusterSpec]]:
+    listeners: dict[tuple[str, int], list[ClusterSpec]] = {}
+    for spec in model.clusters:
+        if spec.listener is not None:
+            listeners.setdefault((spec.listener.address, spec.listener.port), []).append(spec)
+    return listeners
+
+
+def _compile_static(model: ModelSpec) -> Resources:
+    """CDS and RDS: they depend on the model only, never on runtime state."""
+    out = Resources()
+    shapes = _Shapes()
+    for i, spec in enumerate(model.clusters):
+        out.clusters[spec.name] = shapes.cluster(spec, f"clusters[{i}]")
+    paths = {spec.name: f"clusters[{i}]" for i, spec in enumerate(model.clusters)}
+    for (address, port), specs in _listeners_of(model).items():
+        if specs[0].protocol == "tcp":
+            continue  # a TCP proxy listener: no routes
+        name = listener_name(address, port)
+        out.routes[name] = build_route_config(name, specs, paths, shapes.route)
+    return out
+
+
+def _compile_listeners(model: ModelSpec, drained: frozenset[tuple[str, str]],
+                       ) -> dict[str, listener_pb2.Listener]:
+    """LDS: from the model, and from the drains whose window has passed (a listener
+    with long-lived connections to a drained member changes its drain generation)."""
+    out: dict[str, listener_pb2.Listener] = {}
+    for (address, port), specs in _listeners_of(model).items():
+        name = listener_name(address, port)
+        generation = drain_generation(
+            (cluster, member) for cluster, member in drained
+            if any(s.name == cluster and s.long_lived for s in specs))
+        if specs[0].protocol == "tcp":
+            out[name] = build_tcp_listener(name, address, port, specs[0], generation)
+            continue
+        pinned = any(s.stickiness is not None and s.stickiness.pin is not None for s in specs)
+        out[name] = build_listener(name, address, port, model.telemetry, pinned=pinned,
+                                   websocket=any(s.websocket_upgrades for s in specs),
+                                   generation=generation)
+    return out
+
+
+class Compiler:
+    """:func:`compile_resources` that remembers its last output.
+
+    The result is always what ``compile_resources(model, state)`` returns. While the
+    model is the same object, CDS, LDS and RDS are reused, and a cluster's EDS is
+    rebuilt only when its slice of the runtime state changed; reused resources are the
+    same message objects, so ``Snapshot.build(..., previous=...)`` does not encode
+    them again. A one-member change thus costs one cluster, not the whole mesh.
+    """
+
+    def __init__(self) -> None:
+        self._model: ModelSpec | None = None
+        self._static = Resources()
+        self._endpoints: dict[str, tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
+        self._drained: frozenset[tuple[str, str]] = frozenset()
+
+    def compile(self, model: ModelSpec, state: RuntimeState | None = None,
+                resolved: Mapping[str, tuple[str, ...]] | None = None,
+                drained: frozenset[tuple[str, str]] = frozenset()) -> Resources:
+        state = state or RuntimeState()
+        resolved = resolved or {}
+        if model is not self._model:
+            static = _compile_static(model)  # CompileError: the memo stays as it was
+            static.listeners = _compile_listeners(model, drained)
+            self._model, self._static, self._endpoints = model, static, {}
+            self._drained = drained
+        elif drained != self._drained:
+            self._static.listeners = _compile_listeners(model, drained)
+            self._drained = drained
+        offline = frozenset(state.sites_offline)
+        endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
+        for spec in model.clusters:
+            registrations = state.registrations_of(spec.name)
+            inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
+                                       offline)
+            if resolved:
+                inputs += (_resolved_for(spec, registrations, resolved),)
+            cached = self._endpoints.get(spec.name)
+            if cached is not None and cached[0] == inputs:
+                endpoints[spec.name] = cached[1]
+                continue
+            cla = build_load_assignment(cluster_view(spec, state), resolved)
+            self._endpoints[spec.name] = (inputs, cla)
+            endpoints[spec.name] = cla
+        return Resources(clusters=dict(self._static.clusters), endpoints=endpoints,
+                         listeners=dict(self._static.listeners),
+                         routes=dict(self._static.routes))
+
+
+def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],
+                  resolved: Mapping[str, tuple[str, ...]]) -> tuple[Any, ...]:
+    """The resolutions one cluster's EDS depends on (its memo key)."""
+    names = {m.address for m in spec.members if m.address in resolved}
+    names.update(r.address for r in registrations.values() if r.address in resolved)
+    return tuple((n, resolved[n]) for n in sorted(names))
+
+
+# What a Cluster or a Route depends on besides the cluster's name (the Cluster: mode,
+# stickiness, health check, outlier detection, retries, connect timeout; the Route:
+# mode, stickiness, retries, route prefix and timeout). Many clusters share one policy,
+# so each distinct shape is built once per compile and copied (docs/performance.md). One key
+# covers both (one serialization per cluster): equal keys still mean equal shapes.
+_SHAPE: dict[str, Any] = {"protocol": True, "websocket": True,
+                          "mode": True, "stickiness": True, "health_check": True,
+                          "outlier_detection": True, "retries": True, "connect_timeout": True,
+                          "route": {"prefix", "timeout"}}
+
+
+class _Shapes:
+    """Per-compile memo of built resources by shape (never shared across compiles)."""
+
+    def __init__(self) -> None:
+        self._clusters: dict[str, cluster_pb2.Cluster] = {}
+        self._routes: dict[str, route_components_pb2.Route] = {}
+        self._keys: dict[int, str] = {}  # id(spec) -> shape key; specs outlive the compile
+
+    def cluster(self, spec: ClusterSpec, path: str) -> cluster_pb2.Cluster:
+        if spec.overrides.cluster:
+            return build_cluster(spec, path)
+        c: cluster_pb2.Cluster = self._copy(self._clusters, spec, path, build_cluster)
+        c.name = spec.name
+        c.metadata.filter_metadata["meshxl"].fields["cluster"].string_value = spec.name
+        return c
+
+    def route(self, spec: ClusterSpec, path: str) -> route_components_pb2.Route:
+        if spec.overrides.route:
+            return build_route(spec, path)
+        r: route_components_pb2.Route = self._copy(self._routes, spec, path, build_route)
+        r.name = spec.name
+        r.route.cluster = spec.name
+        return r
+
+    def _copy(self, memo: dict[str, Any], spec: ClusterSpec, path: str, build: Any) -> Any:
+        """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
+        key = self._keys.get(id(spec))
+        if key is None:
+            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE)
+        template = memo.get(key)
+        if template is None:
+            template = memo[key] = build(spec, path)
+        copy = type(template)()
+        copy.CopyFrom(template)
+        return copy

@@ -1,0 +1,167 @@
+"""What a cluster's protocol adds to its Envoy resources (pure).
+
+* ``http2`` and ``grpc``: the members are spoken to over HTTP/2 (the cluster's
+  ``HttpProtocolOptions``; without it Envoy speaks HTTP/1.1 and a gRPC server answers
+  nothing useful); gRPC clusters are health-checked with grpc.health.v1, and their
+  route lets a call's own deadline (``grpc-timeout``) bound it instead of cutting
+  streams at the route timeout;
+* ``http``: WebSocket upgrades on the listener's HTTP connection manager (and refused on
+  the routes of clusters that do not allow them);
+* ``tcp``: a listener of its own with Envoy's TCP proxy, hashing on the source address
+  for a consistent-hash cluster, connect retries, and TCP health checks.
+
+Clusters with long-lived connections also close them when Envoy finds their member
+dead (``close_connections_on_host_health_failure``), and their listeners carry a drain
+generation: a change of it makes Envoy drain the listener's connections
+(docs/model.md, "Drains").
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2, protocol_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import http_pb2
+from google.protobuf import wrappers_pb2
+
+from meshxl.model import ClusterSpec, HealthCheck
+from meshxl.model.spec import HealthCheckType, Protocol, choose
+
+__all__ = [
+    "HTTP_PROTOCOL_OPTIONS", "TCP_PROXY", "WEBSOCKET", "apply_protocol", "build_tcp_listener",
+    "drain_generation", "health_check_kind", "route_protocol", "websocket_upgrades",
+]
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TCP_PROXY = "envoy.filters.network.tcp_proxy"
+WEBSOCKET = "websocket"
+_DRAIN_KEY = "meshxl.drain"
+
+
+def _http11(c: cluster_pb2.Cluster) -> None:
+    """Envoy's default upstream protocol: nothing to add."""
+
+
+def _http2(c: cluster_pb2.Cluster) -> None:
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    options.explicit_http_config.http2_protocol_options.CopyFrom(
+        protocol_pb2.Http2ProtocolOptions())
+    c.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
+
+
+#: Protocol -> how the cluster speaks to its members.
+_UPSTREAM: dict[Protocol, Any] = {"http": _http11, "http2": _http2, "grpc": _http2,
+                                  "tcp": _http11}
+
+
+def apply_protocol(c: cluster_pb2.Cluster, spec: ClusterSpec) -> None:
+    """The upstream protocol, and closing a dead member's long-lived connections."""
+    choose(_UPSTREAM, spec.protocol, "protocol")(c)
+    if spec.long_lived:
+        # A member that fails its health check (or is ejected) keeps its open streams,
+        # WebSockets and TCP connections unless Envoy closes them: their clients then
+        # reconnect, to the member that took the sessions over.
+        c.close_connections_on_host_health_failure = True
+
+
+def _http_check(check: health_check_pb2.HealthCheck, hc: HealthCheck, spec: ClusterSpec,
+                ) -> None:
+    http = check.http_health_check
+    http.path = hc.path
+    if spec.protocol in ("http2", "grpc"):
+        http.codec_client_type = http_pb2.CodecClientType.HTTP2
+    for status in sorted(set(hc.expected_statuses)):
+        http.expected_statuses.add(start=status, end=status + 1)
+
+
+def _grpc_check(check: health_check_pb2.HealthCheck, hc: HealthCheck, spec: ClusterSpec,
+                ) -> None:
+    check.grpc_health_check.service_name = hc.grpc_service
+
+
+def _tcp_check(check: health_check_pb2.HealthCheck, hc: HealthCheck, spec: ClusterSpec,
+               ) -> None:
+    # Connect only: an empty send and no receive pass once the connection is up.
+    check.tcp_health_check.SetInParent()
+
+
+#: Health check type -> how the check is written.
+_HEALTH_CHECKS: dict[HealthCheckType, Any] = {"http": _http_check, "grpc": _grpc_check,
+                                              "tcp": _tcp_check}
+
+
+def health_check_kind(check: health_check_pb2.HealthCheck, spec: ClusterSpec) -> None:
+    """What the check sends: HTTP GET, grpc.health.v1 or a TCP connect."""
+    hc = spec.health_check
+    kind = hc.type or "http"
+    choose(_HEALTH_CHECKS, kind, "health check type")(check, hc, spec)
+
+
+def route_protocol(route: route_components_pb2.Route, spec: ClusterSpec) -> None:
+    """gRPC: the call's own deadline bounds it (``grpc-timeout``, uncapped). A cluster
+    that refuses WebSockets turns them off on its route (its listener may allow them
+    for another cluster)."""
+    if spec.protocol == "grpc":
+        route.route.max_stream_duration.grpc_timeout_header_max.SetInParent()
+    if not spec.websocket_upgrades:
+        route.route.upgrade_configs.add(upgrade_type=WEBSOCKET,
+                                        enabled=wrappers_pb2.BoolValue(value=False))
+
+
+WEBSOCKET_CLOSE_GRACE = 0.1
+"""Envoy's ``delayed_close_timeout`` on listeners that carry WebSockets (its default is
+1 s): when a member's side of a WebSocket closes, Envoy waits this long for the client
+to close before it closes the client's connection itself. The client sees the close,
+and reconnects, only then."""
+
+
+def websocket_upgrades(hcm: hcm_pb2.HttpConnectionManager) -> None:
+    hcm.upgrade_configs.add(upgrade_type=WEBSOCKET)
+    hcm.delayed_close_timeout.FromNanoseconds(round(WEBSOCKET_CLOSE_GRACE * 1e9))
+
+
+def drain_generation(drained: Iterable[tuple[str, str]]) -> str:
+    """A name for the set of (cluster, member) whose drain window has passed: when it
+    changes, Envoy drains the listener's connections (empty for none)."""
+    items = sorted(set(drained))
+    if not items:
+        return ""
+    digest = hashlib.sha256(repr(items).encode()).hexdigest()[:16]
+    return f"drain-{digest}"
+
+
+def mark_generation(chain: listener_components_pb2.FilterChain, generation: str) -> None:
+    """Carry the drain generation in the filter chain: a changed chain is one Envoy drains
+    (in place: the listener and its other chains stay)."""
+    if generation:
+        chain.metadata.filter_metadata["meshxl"].fields[_DRAIN_KEY].string_value = generation
+
+
+def build_tcp_listener(name: str, address: str, port: int, spec: ClusterSpec,
+                       generation: str = "") -> listener_pb2.Listener:
+    """A listener whose every connection goes to ``spec``'s cluster through Envoy's TCP
+    proxy: hashed on the client's address for a consistent-hash cluster, retried on
+    another member when the connection cannot be made."""
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=spec.name)
+    proxy.max_connect_attempts.value = spec.retries.attempts + 1
+    st = spec.stickiness
+    if st is not None and st.source_ip:
+        proxy.hash_policy.add().source_ip.SetInParent()
+    listener = listener_pb2.Listener(name=name)
+    listener.address.socket_address.address = address
+    listener.address.socket_address.port_value = port
+    chain = listener.filter_chains.add()
+    chain.filters.add(name=TCP_PROXY).typed_config.Pack(proxy)
+    mark_generation(chain, generation)
+    return listener
+

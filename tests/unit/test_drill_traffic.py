@@ -1,0 +1,34 @@
+"""The drill's traffic report: requests per site and phase, and failed requests, from
+Envoy's counters (pure: samples made up here, the sampling itself is tested against a
+real Envoy in tests/integration/test_drill_counts.py)."""
+
+from __future__ import annotations
+
+from meshxl.operator.drill import _Sampler, _traffic, markdown
+
+
+def sampler() -> _Sampler:
+    s = _Sampler(["http://envoy:9901"], {}, 1.0)
+    s.samples = [
+        {"t": 1.0, "sites": {"dc1": 5, "dc2": 0}, "failed": 0, "answered": 5},
+        {"t": 2.0, "sites": {"dc1": 0, "dc2": 5}, "failed": 2, "answered": 5},
+        {"t": 3.0, "sites": {"dc1": 0, "dc2": 5}, "failed": 0, "answered": 5},
+        {"t": 4.0, "sites": {"dc1": 5, "dc2": 0}, "failed": 1, "answered": 5},
+    ]
+    return s
+
+
+def test_failed_requests_are_counted_over_the_whole_drill() -> None:
+    t = _traffic(sampler(), "dc1", {"offline": 1.0, "offline converged": 1.0,
+                                    "online": 3.5})
+    assert t["failed_requests"] == 3 and t["answered_requests"] == 20
+    assert t["moved"] is True
+    report = {"site": "dc1", "started": "t0", "duration_s": 2.0, "result": "failed",
+              "steps": [], "traffic": t}
+    assert "Failed requests (answered 5xx by Envoy's listeners): 3 of 20" in markdown(report)
+
+
+def test_samples_without_answer_counts_count_nothing() -> None:
+    s = _Sampler(["http://envoy:9901"], {}, 1.0)
+    s.samples = [{"t": 1.0, "sites": {"dc1": 1}}]
+    assert _traffic(s, "dc1", {})["failed_requests"] == 0

@@ -1,0 +1,300 @@
+"""Who may open an ADS stream and for which node: the rules (pure), the configuration
+that turns them on, and the refusals a real grpc.aio server gives over mutual TLS on
+loopback (status code, message, metric, log line)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3.base_pb2 import Node
+from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+
+from meshxl.tls import ServerTls
+from meshxl.xds.app import ControlPlaneConfig
+from meshxl.xds.auth import (
+    AdsAuth,
+    Peer,
+    PermissionDenied,
+    Unauthenticated,
+    peer_names,
+    spiffe_namespace,
+)
+from meshxl.xds.cache import SnapshotCache
+from meshxl.xds.metrics import XdsMetrics
+from meshxl.xds.server import AdsServer
+from meshxl.xds.types import CLUSTER
+from tests.harness.certs import CA, Leaf
+from tests.unit.test_xds_server import snapshot
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+# -- the rules --------------------------------------------------------------------------
+
+
+def test_token_is_checked_in_constant_form() -> None:
+    auth = AdsAuth(token=TOKEN)
+    auth.admit([("authorization", f"Bearer {TOKEN}")])
+    auth.admit([("Authorization", f"bearer {TOKEN}")])  # the scheme is case-insensitive
+    for metadata, words in (
+        ([], "needs a token"),
+        ([("authorization", f"Bearer {TOKEN[:-1]}")], "invalid token"),
+        ([("authorization", f"Basic {TOKEN}")], "invalid token"),
+        ([("authorization", TOKEN)], "invalid token"),
+        ([("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer x")],
+         "invalid token"),
+    ):
+        with pytest.raises(Unauthenticated, match=words):
+            auth.admit(metadata)
+    AdsAuth().admit([])  # no token configured: nothing asked
+
+
+def test_node_id_must_be_named_by_the_certificate() -> None:
+    auth = AdsAuth(binding="san")
+    auth.check_node(Peer(dns=("edge-1",)), "edge-1")
+    auth.check_node(Peer(uris=("spiffe://cluster.local/ns/shop/sa/cart",)), "cart-0.shop")
+    auth.check_node(Peer(uris=("spiffe://cluster.local/ns/shop",)), "cart-7f9.x.shop")
+    refused = [
+        (Peer(dns=("edge-1",)), "edge-2"),
+        (Peer(dns=("*.shop",)), "cart-0.shop"),  # no wildcards
+        (Peer(dns=("EDGE-1",)), "edge-1"),  # node ids are case-sensitive
+        (Peer(uris=("spiffe://cluster.local/ns/shop/sa/cart",)), "cart-0.other"),
+        (Peer(uris=("spiffe://other.domain/ns/shop/sa/cart",)), "cart-0.shop"),
+        (Peer(uris=("spiffe://cluster.local/ns/shop/sa/cart",)), "shop"),
+        (Peer(uris=("https://cluster.local/ns/shop",)), "cart-0.shop"),
+        (Peer(uris=("spiffe://cluster.local/namespace/shop",)), "cart-0.shop"),
+    ]
+    for peer, node_id in refused:
+        with pytest.raises(PermissionDenied, match=f"does not name node id '{node_id}'"):
+            auth.check_node(peer, node_id)
+    with pytest.raises(PermissionDenied, match="presented none"):
+        auth.check_node(Peer(), "edge-1")
+    AdsAuth().check_node(Peer(), "anything")  # binding none
+
+
+def test_refusal_names_what_the_certificate_names_bounded() -> None:
+    peer = Peer(dns=tuple(f"n{i}" for i in range(10)) + ("x" * 1000,))
+    with pytest.raises(PermissionDenied) as info:
+        AdsAuth(binding="san").check_node(peer, "edge-1")
+    text = str(info.value)
+    assert "DNS:n0, DNS:n1, DNS:n2, DNS:n3 and 7 more" in text
+    assert len(text) < 400
+
+
+def test_spiffe_namespace() -> None:
+    assert spiffe_namespace("spiffe://cluster.local/ns/shop/sa/a", "cluster.local") == "shop"
+    assert spiffe_namespace("spiffe://td.example/ns/a-b", "td.example") == "a-b"
+    for uri in ("spiffe://cluster.local/ns/Shop", "spiffe://cluster.local/ns/-a",
+                "spiffe://cluster.local/ns/", "spiffe://cluster.local/sa/x/ns/shop",
+                "spiffe://cluster.localx/ns/shop"):
+        assert spiffe_namespace(uri, "cluster.local") is None, uri
+
+
+def test_peer_names_from_grpc_auth_context() -> None:
+    peer = peer_names({"peer_dns": [b"edge-1"], "peer_uri": [b"spiffe://a/ns/b"],
+                       "x509_common_name": [b"ignored"]}, "ipv4:127.0.0.1:5")
+    assert peer == Peer("ipv4:127.0.0.1:5", ("edge-1",), ("spiffe://a/ns/b",))
+    assert not peer_names({}).certified
+
+
+def test_configuration(tmp_path: Path) -> None:
+    model = tmp_path / "m.yaml"
+    model.write_text("clusters: []\n")
+    ca = CA(tmp_path / "ca")
+    server = ca.issue("xds", client=False)
+    tls = {"tls_cert": server.cert, "tls_key": server.key}
+    assert ControlPlaneConfig(config_path=model).auth() == AdsAuth()
+    assert ControlPlaneConfig(config_path=model, client_ca=ca.cert, **tls).auth().binding \
+        == "san"
+    assert ControlPlaneConfig(config_path=model, client_ca=ca.cert, node_binding="none",
+                              **tls).auth().binding == "none"
+    with pytest.raises(ValueError, match="needs client certificates"):
+        ControlPlaneConfig(config_path=model, node_binding="san", **tls)
+    with pytest.raises(ValueError, match="in clear"):
+        ControlPlaneConfig(config_path=model, listen="0.0.0.0:18000", token=TOKEN)
+    with pytest.raises(ValueError, match="16 to 4096"):
+        ControlPlaneConfig(config_path=model, token="short")
+    with pytest.raises(ValueError, match="trust-domain"):
+        ControlPlaneConfig(config_path=model, trust_domain="Bad Domain")
+    ControlPlaneConfig(config_path=model, listen="127.0.0.1:18000", token=TOKEN)
+    ControlPlaneConfig(config_path=model, listen="0.0.0.0:18000", token=TOKEN, **tls)
+
+
+# -- a real server ------------------------------------------------------------------------
+
+
+class Pki:
+    def __init__(self, root: Path) -> None:
+        self.ca = CA(root / "ca")
+        self.server = self.ca.issue("xds", client=False)
+        self.edge = self.ca.issue("edge-1", names=("edge-1",), server=False)
+        self.shop = self.ca.issue("shop", names=("spiffe://cluster.local/ns/shop/sa/cart",),
+                                  server=False)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+Serve = Any
+
+
+@pytest.fixture
+async def serve(pki: Pki) -> AsyncIterator[Serve]:
+    servers: list[grpc.aio.Server] = []
+
+    async def start(auth: AdsAuth, *, client_ca: bool = True) -> tuple[AdsServer, int,
+                                                                         XdsMetrics]:
+        cache = SnapshotCache()
+        cache.set(snapshot(1))
+        metrics = XdsMetrics()
+        ads = AdsServer(cache, metrics=metrics, auth=auth)
+        tls = ServerTls(pki.server.cert, pki.server.key, pki.ca.cert if client_ca else None)
+        server, port = await ads.serve("127.0.0.1:0", tls=tls)
+        servers.append(server)
+        return ads, port, metrics
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+def credentials(ca: Path, leaf: Leaf | None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=leaf.key.read_bytes() if leaf else None,
+        certificate_chain=leaf.cert.read_bytes() if leaf else None)
+
+
+async def first_response(port: int, ca: Path, node_id: str, leaf: Leaf | None = None,
+                         token: str | None = None, delta: bool = False) -> Any:
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    async with grpc.aio.secure_channel(f"localhost:{port}",
+                                       credentials(ca, leaf)) as channel:
+        stub = AggregatedDiscoveryServiceStub(channel)
+        node = Node(id=node_id)
+        call = (stub.DeltaAggregatedResources(
+            iter([DeltaDiscoveryRequest(node=node, type_url=CLUSTER)]), timeout=3,
+            metadata=metadata) if delta else stub.StreamAggregatedResources(
+            iter([DiscoveryRequest(node=node, type_url=CLUSTER)]), timeout=3,
+            metadata=metadata))
+        async for response in call:
+            call.cancel()
+            return response
+    raise AssertionError("no response")
+
+
+async def refused(*args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await first_response(*args, **kwargs)
+    return info.value.code(), info.value.details() or ""
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+async def test_mutual_tls_binds_the_node_id(pki: Pki, serve: Serve, delta: bool,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    ads, port, metrics = await serve(AdsAuth(binding="san"))
+    ca = pki.ca.cert
+    assert await first_response(port, ca, "edge-1", pki.edge, delta=delta)
+    assert await first_response(port, ca, "cart-0.shop", pki.shop, delta=delta)
+
+    caplog.set_level(logging.WARNING, "meshxl.xds.server")
+    code, details = await refused(port, ca, "edge-2", pki.edge, delta=delta)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "does not name node id 'edge-2'" in details and "DNS:edge-1" in details
+    code, details = await refused(port, ca, "cart-0.other", pki.shop, delta=delta)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert "URI:spiffe://cluster.local/ns/shop/sa/cart" in details
+
+    assert set(ads.node_status()) == {"edge-1", "cart-0.shop"}  # the refused never count
+    assert ads.refused == {"permission_denied": 2}
+    sample = metrics.registry.get_sample_value
+    assert sample("meshxl_xds_streams_refused_total", {"reason": "permission_denied"}) == 2
+    assert sample("meshxl_xds_streams_refused_total", {"reason": "unauthenticated"}) == 0
+    logged = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("(permission_denied)" in line and "'edge-2'" in line and "127.0.0.1" in line
+               for line in logged), logged
+
+
+async def test_token_on_every_stream(pki: Pki, serve: Serve) -> None:
+    ads, port, metrics = await serve(AdsAuth(token=TOKEN), client_ca=False)
+    ca = pki.ca.cert
+    assert await first_response(port, ca, "edge-1", token=TOKEN)
+    assert await first_response(port, ca, "edge-1", token=TOKEN, delta=True)
+    code, details = await refused(port, ca, "edge-1")
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "needs a token" in details
+    code, details = await refused(port, ca, "edge-1", token=TOKEN[::-1], delta=True)
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid token" in details
+    assert ads.refused == {"unauthenticated": 2}
+    assert metrics.registry.get_sample_value("meshxl_xds_streams_refused_total",
+                                             {"reason": "unauthenticated"}) == 2
+
+
+async def test_token_and_binding_together(pki: Pki, serve: Serve) -> None:
+    _, port, _ = await serve(AdsAuth(token=TOKEN, binding="san"))
+    ca = pki.ca.cert
+    assert await first_response(port, ca, "edge-1", pki.edge, token=TOKEN)
+    code, _ = await refused(port, ca, "edge-1", pki.edge)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await refused(port, ca, "edge-2", pki.edge, token=TOKEN)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def test_serve_xds_authentication_flag_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from meshxl.cli import main
+    from tests.unit.test_security import one_line
+
+    model = tmp_path / "model.yaml"
+    model.write_text("clusters: []\n")
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    runner = CliRunner()
+    for args, message in (
+        (["--node-binding", "san"], "--node-binding san needs client certificates"),
+        (["--listen", "0.0.0.0:0", "--token-file", str(token)], "would cross the network in "
+         "clear"),
+        (["--token-file", str(short)], "must be 16 to 4096 characters long"),
+        (["--trust-domain", "Not A Domain", "--node-binding", "none"], "bad --trust-domain"),
+    ):
+        result = runner.invoke(main, ["serve", "xds", "--config", str(model), *args])
+        assert result.exit_code == 1 and message in one_line(result), (args, result.output)
+    both = runner.invoke(main, ["serve", "xds", "--config", str(model), "--token-file",
+                                str(token)], env={"MESHXL_XDS_TOKEN": TOKEN})
+    assert "give the token once" in one_line(both)
+
+
+def test_bootstrap_sends_the_token_from_its_file(tmp_path: Path) -> None:
+    import yaml
+    from click.testing import CliRunner
+
+    from meshxl.cli import main
+    from tests.unit.test_security import one_line
+
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["bootstrap", "--node-id", "edge-1", "--xds",
+                                  "127.0.0.1:18000", "--xds-token-file", str(token)])
+    assert result.exit_code == 0, result.output
+    (service,) = yaml.safe_load(result.output)["dynamic_resources"]["ads_config"][
+        "grpc_services"]
+    assert service["initial_metadata"] == [{"key": "authorization",
+                                            "value": f"Bearer {TOKEN}"}]
+    missing = runner.invoke(main, ["bootstrap", "--node-id", "edge-1", "--xds",
+                                   "127.0.0.1:18000", "--xds-token-file",
+                                   str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "cannot read the token file" in one_line(missing)
