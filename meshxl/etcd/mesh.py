@@ -11,6 +11,7 @@ sidecar reads its own member's role from it; operator commands read it once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -119,7 +120,11 @@ class EtcdMeshSource:
                 self.revision = max(self.revision, event.kv.mod_revision)
                 self._rebuild()
         finally:
-            await watch.cancel()
+            # A watch whose stream is going may fail to cancel: that failure must not
+            # take the place of a cancellation in flight (stopping waits for this
+            # task), nor of the watch's own error.
+            with contextlib.suppress(Exception):
+                await watch.cancel()
         raise ConnectionError("etcd watch ended")
 
     def _rebuild(self) -> None:
