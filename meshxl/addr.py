@@ -28,6 +28,16 @@ def valid_host(host: object, what: str) -> str:
     return host
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1; brackets allowed)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

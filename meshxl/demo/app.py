@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from meshxl.client import (
     NotFound,
 )
 from meshxl.client.plans import check_session_id
+from meshxl.demo.signals import until_stopped
 from meshxl.errors import MeshxlError
 from meshxl.telemetry import tracing
 from meshxl.telemetry.http import client_trace_configs, server_middleware
@@ -243,12 +243,8 @@ async def serve(member: str, listen: str, sidecar: str, token: str | None = None
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         await runner.cleanup()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +21,7 @@ from aiohttp.typedefs import Handler
 
 from meshxl import headers as hdr
 from meshxl.addr import parse_hostport
+from meshxl.demo.signals import until_stopped
 
 __all__ = ["make_app", "main", "serve"]
 
@@ -119,11 +119,7 @@ async def serve(
         bound = runner.addresses[0][1] if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
         print(f"listening {shown}:{bound} member={name}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
     finally:
         await runner.cleanup()
 

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from typing import Any
 
@@ -31,6 +30,7 @@ from grpc import aio
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
 from meshxl.client import AsyncClient, Backoff, ClientSettings
 from meshxl.client.interceptor import AsyncSessionInterceptor, commit, current_session
+from meshxl.demo.signals import until_stopped
 from meshxl.errors import MeshxlError
 from meshxl.local import counter
 
@@ -129,12 +129,8 @@ async def serve(member: str, listen: str, sidecar: str) -> None:
     await server.start()
     follower = asyncio.create_task(_follow_sidecar(probe, health))
     log.info("gRPC member %s serving on %s, state in %s", member, listen, sidecar)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):

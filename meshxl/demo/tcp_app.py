@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from typing import Any
 
 from meshxl.addr import parse_hostport
 from meshxl.client import AsyncClient, Backoff, BadRequest, ClientSettings, NotFound
 from meshxl.client.plans import check_session_id
+from meshxl.demo.signals import until_stopped
 from meshxl.errors import MeshxlError
 
 log = logging.getLogger("meshxl.demo.tcp_app")
@@ -95,12 +95,8 @@ async def serve(member: str, listen: str, sidecar: str) -> None:
     counter = CounterServer(member, client)
     server = await asyncio.start_server(counter.connection, host, port, limit=MAX_LINE)
     log.info("TCP member %s serving on %s, state in %s", member, listen, sidecar)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
         server.close()
         await client.close()

@@ -11,11 +11,11 @@ show it): it comes from a file (a Kubernetes Secret volume) or an environment va
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from pathlib import Path
 
 from meshxl import bearer
 from meshxl import headers as hdr
+from meshxl.addr import is_loopback
 from meshxl.bearer import TokenError, valid_token
 
 from .http import Authorize, Request, Response, error
@@ -38,18 +38,9 @@ def read_token(token_file: Path | None, environ: dict[str, str]) -> str | None:
     return bearer.read_token(token_file, environ, TOKEN_ENV)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse an API reachable from other machines without a token."""
-    if token is None and not _is_loopback(host):
+    if token is None and not is_loopback(host):
         raise TokenError(f"the sidecar API would listen on {host}, which is not a loopback "
                          f"address, without authentication: give --token-file (or "
                          f"{TOKEN_ENV}), or listen on 127.0.0.1")

@@ -31,12 +31,12 @@ certificate's names are read from gRPC's verified peer properties, not parsed he
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from meshxl.addr import is_loopback
 from meshxl.bearer import bearer_matches, valid_token
 from meshxl.xds.nodes import BadRequest, Peer
 
@@ -103,15 +103,6 @@ def ads_auth(*, host: str, tls: bool, client_ca: bool, binding: Binding | None,
     return auth
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def spiffe_namespace(uri: str, trust_domain: str) -> str | None:
     """The Kubernetes namespace a SPIFFE ID ``spiffe://TRUST_DOMAIN/ns/NS[/...]``
     names, or None (another form, or another trust domain)."""
@@ -164,7 +155,7 @@ class AdsAuth:
     def check_exposure(self, host: str, tls: bool) -> None:
         """Refuse a token on a plaintext port outside loopback: it would cross the
         network in clear (gRPC itself sends call credentials only over TLS)."""
-        if self.token is None or tls or _is_loopback(host):
+        if self.token is None or tls or is_loopback(host):
             return
         raise ValueError("a token on a plaintext ADS port would cross the network in clear: "
                          "give --tls-cert and --tls-key, or listen on loopback")
