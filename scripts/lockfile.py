@@ -20,7 +20,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCKS = (ROOT / "requirements" / "dev.lock", ROOT / "requirements" / "image.lock")
+LOCKS = (ROOT / "requirements" / "dev.lock", ROOT / "requirements" / "demo.lock",
+         ROOT / "requirements" / "image.lock")
 PREFIX = "# pyproject-fingerprint: "
 
 

