@@ -73,9 +73,9 @@ log = logging.getLogger(__name__)
 GC_YOUNG = 10_000
 """Allocations between collections of the youngest generation (Python's default: 700).
 The collector counts allocations net of frees, never below zero, so the objects of the
-requests in flight (a few hundred at 64 writers) set it off about 80 times a second at
-700, for 4-8 % of the sidecar's CPU, though they die by their reference counts anyway.
-At 10,000 it ran 0 to 3 times in 4 s of either load (``bench/statesync_gc.py``)."""
+requests in flight set it off many times a second at 700, though they die by their
+reference counts anyway; at 10,000 it seldom runs (``bench/statesync_gc.py``, figures in
+docs/performance.md)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ class StatesyncConfig:
     """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
     batch_max_ops: int = MAX_TXN_WRITES
     """Writes per etcd transaction at most: as many as etcd takes (bulk saves from many
-    writers measured 12 % faster than with 64; single writes rarely fill 64 anyway)."""
+    writers measured faster than with 64, docs/performance.md; single writes rarely fill
+    a batch anyway)."""
     batch_max_bytes: int = 1_000_000
     max_inflight: int = 1
     """etcd transactions in flight at once: with one, everything that arrives while it

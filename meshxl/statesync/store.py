@@ -84,9 +84,9 @@ MAX_STALLED = 16
 """Batches in flight beyond ``max_inflight`` (stalled ones) at most."""
 FULL_EXTRA = 3
 """Full batches in flight beyond ``max_inflight`` at most: a batch that cannot grow gains
-nothing by waiting for the ones in flight (bulk saves of 16 sessions from 64 writers:
-about 1.6x raw puts with one transaction in flight, 2.1x with full batches leaving at
-once; single writes from 64 writers never fill a batch and are unchanged)."""
+nothing by waiting for the ones in flight (bulk saves from many writers gain from full
+batches leaving at once, docs/performance.md; single writes never fill a batch and are
+unchanged)."""
 
 
 @dataclass(frozen=True, slots=True)

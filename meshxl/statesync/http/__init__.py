@@ -6,10 +6,10 @@ queue of pipelined requests, answers in order), :mod:`.server` (listening, timeo
 shutdown). What it shares with meshxl's aiohttp servers is :mod:`meshxl.httpbase`.
 
 Why not aiohttp's server, which the other meshxl servers run on: on the same machine,
-aiohttp's request handling took 113-132 us of CPU per request, a handler doing nothing;
-this server, on llhttp (through ``httptools``) and uvloop, 17-25 us (docs/performance.md,
-"The sidecar's HTTP server"). It serves one small JSON API on loopback, so it does what
-that needs and refuses the rest clearly:
+aiohttp's request handling costs several times this server's CPU per request (llhttp
+through ``httptools``, on uvloop), a handler doing nothing; the figures are in
+docs/performance.md ("What was measured to help, and what not"). It serves one small
+JSON API on loopback, so it does what that needs and refuses the rest clearly:
 
 * HTTP/1.1 and 1.0; keep-alive (HTTP/1.1's default); pipelined requests answered in
   order (reading pauses while :data:`.connection.MAX_QUEUED` wait, or
