@@ -21,6 +21,7 @@ import this module and nothing of each other, so what a client sees is defined o
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -38,8 +39,9 @@ from meshxl.errors import (
 )
 
 __all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "HTTP_STATUS", "MAX_FIELD_SIZE", "MAX_HEADERS",
-           "MAX_JSON_DEPTH", "REASONS", "BadJson", "BodyTimeout", "BodyTooLarge", "check_json",
-           "error_answer", "error_body", "http_status", "json_depth", "loads"]
+           "MAX_JSON_DEPTH", "REASONS", "WRITE_TIMEOUT", "BadJson", "BodyTimeout", "BodyTooLarge",
+           "check_json", "error_answer", "error_body", "finite_float", "http_status",
+           "json_depth", "loads", "refuse_constant"]
 
 HEADER_TIMEOUT = 30.0
 """Seconds a connection may take to send a complete request head, or stay idle between
@@ -47,6 +49,9 @@ requests (longer than the 15 s clients such as aiohttp keep idle connections, so
 pooled connection is not closed just as the client reuses it)."""
 BODY_TIMEOUT = 30.0
 """Seconds a request body may take to arrive."""
+WRITE_TIMEOUT = 30.0
+"""Seconds a client may leave its answers unread (the server's send buffer full) before
+the connection is cut and what it holds dropped."""
 MAX_HEADERS = 100
 """Header fields of one request at most (431 beyond)."""
 MAX_FIELD_SIZE = 8190
@@ -136,13 +141,30 @@ def check_json(data: bytes, *, what: str = "body", max_depth: int = MAX_JSON_DEP
     _check_depth(value, brackets, what, max_depth)
 
 
+def finite_float(text: str) -> float:
+    """``parse_float`` that refuses a number no double holds (``1e400``): JSON has no
+    Infinity, so a stored value must never become one."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def refuse_constant(name: str) -> Any:
+    """``parse_constant`` that refuses ``NaN``, ``Infinity`` and ``-Infinity``, which the
+    standard library reads and JSON (RFC 8259) does not have."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def loads(data: bytes | str, *, what: str = "body", max_depth: int = MAX_JSON_DEPTH,
           parse_float: Callable[[str], Any] | None = None,
           parse_constant: Callable[[str], Any] | None = None) -> Any:
     """Parse JSON whose arrays and objects nest at most ``max_depth`` deep
-    (``parse_float`` and ``parse_constant``: as :func:`json.loads` takes them).
+    (``parse_float`` and ``parse_constant``: as :func:`json.loads` takes them; by
+    default :func:`finite_float` and :func:`refuse_constant`, so only JSON passes).
 
-    :class:`BadJson` (a 400) for anything else: invalid JSON, invalid UTF-8, too deep.
+    :class:`BadJson` (a 400) for anything else: invalid JSON (NaN, Infinity, a number out
+    of range among it), invalid UTF-8, too deep.
     """
     if isinstance(data, bytes | bytearray):
         # Cheap bound first: fewer brackets in total than the limit cannot nest deeper.
@@ -150,7 +172,8 @@ def loads(data: bytes | str, *, what: str = "body", max_depth: int = MAX_JSON_DE
     else:
         brackets = data.count("[") + data.count("{")
     try:
-        value = json.loads(data, parse_float=parse_float, parse_constant=parse_constant)
+        value = json.loads(data, parse_float=parse_float or finite_float,
+                           parse_constant=parse_constant or refuse_constant)
     except RecursionError:
         raise BadJson(f"{what} nests deeper than {max_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:

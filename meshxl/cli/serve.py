@@ -170,6 +170,11 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="Writes per etcd transaction at most (1: no batching).")
 @click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
+@click.option("--max-connections", type=click.IntRange(16, 1_000_000),
+              envvar="MESHXL_STATESYNC_MAX_CONNECTIONS",
+              help="Client connections of the API at most; at the cap the longest idle "
+                   "(or slowest head) is closed for a new one (default: 4096, or the "
+                   "open-file limit less 128).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
@@ -178,7 +183,8 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
                     etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
-                    max_inflight: int, trace_file: Path | None, log_level: str) -> None:
+                    max_inflight: int, max_connections: int | None, trace_file: Path | None,
+                    log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     import os
 
@@ -195,7 +201,8 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
         site=site, weight=weight, etcd_root=etcd_root, session_ttl=session_ttl,
         sync_delay=sync_delay, max_bytes=max_session_bytes, lease_ttl=lease_ttl,
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
-        etcd_security=etcd_security(), token=read_token(token_file, dict(os.environ))))
+        max_connections=max_connections, etcd_security=etcd_security(),
+        token=read_token(token_file, dict(os.environ))))
     traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
            lambda: serve_sidecar(config), loop_factory=checked(loop_factory))
 

@@ -107,6 +107,8 @@ class StatesyncConfig:
     max_inflight: int = 1
     """etcd transactions in flight at once: with one, everything that arrives while it
     is out leaves in the next (group commit), which measured fastest."""
+    max_connections: int | None = None
+    """The API's client connections at most (None: :func:`~.http.default_max_connections`)."""
     sync_publish_interval: float = 2.0
     """Seconds between publications of this sidecar's statistics (``meshxl sync``)."""
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -516,9 +518,13 @@ def http_server(sidecar: Sidecar) -> HttpServer:
     from meshxl.telemetry.http import server_spans
 
     token = sidecar.config.token
-    return HttpServer(routes(sidecar),
-                      authorize=token_check(token) if token is not None else None,
-                      wrap=server_spans() if tracing.enabled() else None)
+    server = HttpServer(routes(sidecar),
+                        authorize=token_check(token) if token is not None else None,
+                        wrap=server_spans() if tracing.enabled() else None,
+                        max_connections=sidecar.config.max_connections,
+                        on_limit=sidecar.metrics.http_limit)
+    sidecar.metrics.connections.set_function(lambda: len(server.connections))
+    return server
 
 
 async def _start(config: StatesyncConfig) -> tuple[aetcd.Client, Sidecar]:

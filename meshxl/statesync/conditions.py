@@ -34,12 +34,19 @@ BLIND_RETRIES = 3
 it (each against the key as it is then) before it is refused as contended (409)."""
 
 
-def parse_etag(value: str) -> str:
-    """``"12"``, ``W/"12"`` or ``12`` -> ``12``; ``*`` stays ``*``."""
+def parse_etag(value: str, *, strong: bool = True) -> str:
+    """``"12"`` or ``12`` -> ``12``; ``*`` stays ``*``. A weak tag (``W/"12"``) never
+    matches an If-Match, which compares strongly (RFC 9110 section 13.1.1): with
+    ``strong`` it is :class:`PreconditionFailed` (412), without (a syntax check only)
+    its tag."""
     text = value.strip()
     if text == "*":
         return text
     if text.startswith("W/"):
+        if strong:
+            raise PreconditionFailed(f"If-Match {value.strip()[:80]} is a weak ETag: it "
+                                     "never matches (If-Match compares strongly, RFC 9110 "
+                                     "section 13.1.1)")
         text = text[2:]
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
@@ -66,7 +73,7 @@ def revision(tag: str) -> int:
 def check_if_match(value: str) -> str:
     """An If-Match value's tag, checked (InputError): ``*``, an etcd revision, or
     ``L<n>`` (a session kept on this member only)."""
-    tag = parse_etag(value)
+    tag = parse_etag(value, strong=False)
     if tag != "*" and not (tag[:1] == "L" and tag[1:].isdigit()):
         revision(tag)
     return tag

@@ -71,11 +71,21 @@ class StatesyncMetrics:
                             "and site this sidecar serves (to join its other series on).",
                             ["cluster", "member", "site"], registry=r)
 
+        self.http_limits = Counter("meshxl_statesync_http_limits", "Connection-level limits "
+                                   "of the API hit, by limit (connections, idle_timeout, "
+                                   "header_timeout, body_timeout, write_timeout, head_size, "
+                                   "body_size).", ["limit"], registry=r)
+        self.connections = Gauge("meshxl_statesync_http_connections", "Client connections "
+                                 "of the API open.", registry=r)
+
         # Children looked up once each (labels() takes a lock on every call).
         self.bulk_request = functools.cache(self.bulk_requests.labels)
         self.bulk_item = functools.cache(self.bulk_items.labels)
         self._batch_size = functools.cache(self.batch_size.labels)
         self._batch_seconds = functools.cache(self.batch_seconds.labels)
+
+    def http_limit(self, limit: str) -> None:
+        self.http_limits.labels(limit).inc()
 
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
         self._batch_size(kind).observe(size)

@@ -28,13 +28,10 @@ compare and refuses the other.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Literal, overload
-
-import json_merge_patch
 
 from meshxl.errors import (
     Conflict,
@@ -45,6 +42,7 @@ from meshxl.errors import (
 )
 from meshxl.etcd.keys import Keys
 
+from . import mergepatch
 from .cache import SessionCache
 from .conditions import (
     BLIND,
@@ -513,9 +511,8 @@ class Sessions:
             raise Conflict(f"session {session_id!r} holds {record.content_type}, not JSON: "
                            "it cannot be merge-patched")
         try:
-            merged = json_merge_patch.merge(json.loads(record.data), patch)
-        except ValueError as exc:
+            data = mergepatch.merge(record.data, patch)
+        except (ValueError, RecursionError) as exc:
             raise Conflict(f"session {session_id!r} holds invalid JSON: {exc}") from None
-        data = json.dumps(merged, separators=(",", ":")).encode()
         check_size(data, self.settings.max_bytes)
         return data

@@ -235,7 +235,7 @@ def test_expect_continue(loop: str) -> None:
 @pytest.mark.parametrize(("request_bytes", "status", "words"), [
     (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "Not Found"),
     (b"DELETE /v1/sessions/a HTTP/1.1\r\nHost: x\r\n\r\n", 405, "Method Not Allowed"),
-    (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405, None),
+    (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 200, None),  # GET's answer, no body
     (b"GET /conflict HTTP/1.1\r\nHost: x\r\n\r\n", 409, "taken"),
     (b"GET /teapot HTTP/1.1\r\nHost: x\r\n\r\n", 418, "short and stout"),
     (b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n", 500, "internal error: KeyError"),
@@ -274,8 +274,8 @@ def test_405_names_the_allowed_methods_and_handler_details_pass_through(loop: st
         async with serving(_router()) as (_, port):
             got = answers(await exchange(port, b"POST /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
                                                b"Content-Length: 0\r\nConnection: close\r\n\r\n"))
-            assert got[0][1]["allow"] == "GET,PUT"
-            assert json.loads(got[0][2])["allowed"] == ["GET", "PUT"]
+            assert got[0][1]["allow"] == "GET,HEAD,PUT"  # HEAD: GET's answer, no body
+            assert json.loads(got[0][2])["allowed"] == ["GET", "HEAD", "PUT"]
             got = answers(await exchange(port, b"GET /teapot HTTP/1.1\r\nHost: x\r\n"
                                                b"Connection: close\r\n\r\n"))
             assert got[0][1]["x-why"] == "tea" and json.loads(got[0][2])["spout"] is True

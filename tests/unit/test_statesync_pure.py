@@ -11,7 +11,7 @@ from aetcd import rpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshxl.errors import InputError
+from meshxl.errors import InputError, PreconditionFailed
 from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
 from meshxl.statesync.conditions import parse_etag
@@ -57,10 +57,17 @@ def test_is_json(content_type: str, ok: bool) -> None:
     assert is_json(content_type) is ok
 
 
-@pytest.mark.parametrize("value,tag", [('"12"', "12"), ("12", "12"), ('W/"12"', "12"),
-                                       ("*", "*"), (' "L3" ', "L3")])
+@pytest.mark.parametrize("value,tag", [('"12"', "12"), ("12", "12"), ("*", "*"),
+                                       (' "L3" ', "L3")])
 def test_parse_etag(value: str, tag: str) -> None:
     assert parse_etag(value) == tag
+
+
+def test_a_weak_etag_never_matches_if_match_but_is_valid_syntax() -> None:
+    # RFC 9110 section 13.1.1: If-Match compares strongly, so W/"12" matches nothing.
+    with pytest.raises(PreconditionFailed, match="weak ETag"):
+        parse_etag('W/"12"')
+    assert parse_etag('W/"12"', strong=False) == "12"
 
 
 @pytest.mark.parametrize("value", ['"1", "2"', '""', '"a"b"', ""])

@@ -43,7 +43,7 @@ for each. A request whose client went away still runs to its end (a write in fli
 etcd is not cut in half); its answer is dropped.
 """
 
-from .connection import Authorize, Connection, Site, Wrap
+from .connection import Connection
 from .messages import JSON, Refused, Response, error, json_response
 from .routing import (
     ALONE,
@@ -57,8 +57,10 @@ from .routing import (
     Route,
     Router,
 )
-from .server import HttpServer
+from .server import MAX_CONNECTIONS, HttpServer, default_max_connections
+from .site import LIMITS, Authorize, Site, Wrap
 
-__all__ = ["ALONE", "IGNORED_BODY", "JSON", "READ", "WRITE", "Answer", "Authorize",
-           "Connection", "GroupHandler", "Handler", "HttpServer", "Refused", "Request",
-           "Response", "Route", "Router", "Site", "Wrap", "error", "json_response"]
+__all__ = ["ALONE", "IGNORED_BODY", "JSON", "LIMITS", "MAX_CONNECTIONS", "READ", "WRITE",
+           "Answer", "Authorize", "Connection", "GroupHandler", "Handler", "HttpServer",
+           "Refused", "Request", "Response", "Route", "Router", "Site", "Wrap",
+           "default_max_connections", "error", "json_response"]

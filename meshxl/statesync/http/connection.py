@@ -2,34 +2,31 @@
 admit from the head (token, route, method, declared size), queue pipelined requests and
 take each up as soon as none before it conflicts (:func:`.routing.must_wait`), answer
 in order, the answers ready in one turn of the event loop in one write. What the
-connections of one server share is its :class:`Site`."""
+connections of one server share is its :class:`~.site.Site`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
 
 import httptools
 
 from meshxl.errors import MeshxlError, detached
 from meshxl.headers import lower_name
 from meshxl.httpbase import (
-    BODY_TIMEOUT,
-    HEADER_TIMEOUT,
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     error_answer,
 )
 
 from .messages import JSON, Refused, Response, encode_head, error, json_response
-from .routing import IGNORED_BODY, WRITE, Handler, Request, Router, must_wait
+from .routing import IGNORED_BODY, WRITE, Request, must_wait
+from .site import BODY, DONE, HEAD, IDLE, Site
 
 log = logging.getLogger("meshxl.statesync.http")
 
-__all__ = ["DISCARD_LIMIT", "LINGER", "MAX_PIPELINED", "MAX_QUEUED", "Authorize",
-           "Connection", "Site", "Wrap"]
+__all__ = ["DISCARD_LIMIT", "LINGER", "MAX_PIPELINED", "MAX_QUEUED", "Connection"]
 
 MAX_QUEUED = 8
 """Pipelined requests waiting (not taken up) on one connection before it stops reading."""
@@ -41,32 +38,6 @@ DISCARD_LIMIT = 16 * 1024 * 1024
 LINGER = 2.0
 """Seconds a connection closed under a request body still reads (and drops) it, so the
 client gets the answer rather than a reset."""
-
-Authorize = Callable[[Request], "Response | None"]
-"""Called with a request's head (no body yet): a refusal, or None to go on."""
-Wrap = Callable[[Request, Handler], Awaitable[Response]]
-"""Runs the handler for a request (tracing: a span around it)."""
-
-
-class Site:
-    """What the connections of one server share: its routes and hooks, its timeouts,
-    the ``Date`` of its answers (stamped once a second by the server), and the
-    connections open, which the server closes and sweeps."""
-
-    def __init__(self, router: Router, *, authorize: Authorize | None = None,
-                 wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT):
-        self.router = router
-        self.authorize = authorize
-        self.wrap = wrap
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
-        self.connections: set[Connection] = set()
-        self.closing = False
-        self.drained = asyncio.Event()
-        """Set when the server is closing and its last connection has closed."""
-        self.date = b""
-
 
 class _Stop(Exception):
     """Raised in a parser callback, which stops httptools: answer ``response``, close."""
@@ -92,6 +63,9 @@ def _check_framing(request: Request) -> None:
     last is a 400; a coding before it, which this server does not decode, a 501).
     Raises :class:`_Stop`: answered, then the connection closes."""
     headers = request.headers
+    if request.version not in ("1.1", "1.0"):
+        raise _Stop(error(505, f"HTTP/{request.version[:8]} is not supported: this server "
+                               "speaks HTTP/1.1 and HTTP/1.0"))
     host = headers.get("host")
     if host is None:
         if request.version == "1.1":
@@ -100,6 +74,9 @@ def _check_framing(request: Request) -> None:
         raise _Stop(error(400, "more than one Host header"))
     coding = headers.get("transfer-encoding")
     if coding is not None:
+        if request.version == "1.0":  # RFC 9112 section 6.1: the framing is faulty
+            raise _Stop(error(400, "Transfer-Encoding in an HTTP/1.0 request: the body's "
+                                   "length cannot be trusted"))
         codings = [c.strip().lower() for c in coding.split(",")]
         if codings[-1] != "chunked":
             raise _Stop(error(400, f"Transfer-Encoding {coding[:60]!r} does not end with "
@@ -122,7 +99,8 @@ def _failure(request: Request, exc: Exception) -> Response:
         detached(exc)
 
 
-_IDLE, _HEAD, _BODY, _DONE = range(4)
+_HEAD_ONLY = {"HEAD": "GET"}
+"""A method answered by another's route, its answer without the body (RFC 9110 9.3.2)."""
 
 
 class _Slot:
@@ -164,7 +142,10 @@ class Connection(asyncio.Protocol):
         """The connection's last request came (``Connection: close``, HTTP/1.0): what
         follows it is dropped, never parsed."""
         self.deadline = 0.0
-        self.state = _IDLE
+        """When the idle connection, the head or the body under way has had its time."""
+        self.write_deadline = 0.0
+        """When a client that does not read its answers has had its time."""
+        self.state = IDLE
         # The message being parsed.
         self._url: list[bytes] = []
         self._url_size = 0
@@ -180,13 +161,21 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
-        self.site.connections.add(self)
-        self.deadline = self.loop.time() + self.site.header_timeout
-        if self.site.closing:
+        site = self.site
+        if len(site.connections) >= site.max_connections and not site.make_room():
+            self.ended = True  # nothing it sends is read
+            refusal = error(503, "too many connections: every one has requests under way")
+            assert self.transport is not None
+            self.transport.write(self._encode(refusal, keep_alive=False))
+            self.transport.close()
+            return
+        site.connections[self] = None
+        self.deadline = self.loop.time() + site.header_timeout
+        if site.closing:
             self.shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.site.connections.discard(self)
+        self.site.connections.pop(self, None)
         if self.site.closing and not self.site.connections:
             self.site.drained.set()
         self.transport = None
@@ -194,21 +183,23 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused_writing = True
+        self.write_deadline = self.loop.time() + self.site.write_timeout
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        self.write_deadline = 0.0
         self._next()
 
     def data_received(self, data: bytes) -> None:
         if self.lingering or self.ended or self.closing and not self.slots and not self.queue:
             return  # closing: what still arrives is dropped
-        if self.state == _HEAD:  # a head arriving in pieces (its first piece is bounded
+        if self.state == HEAD:  # a head arriving in pieces (its first piece is bounded
             self._head_bytes += len(data)  # by the transport's read size)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Upgrade and CONNECT are not served: answer what completed, then close.
-            if self.state != _IDLE:
+            if self.state != IDLE:
                 self._fail(error(400, "protocol upgrades and CONNECT are not supported"))
             else:
                 self.closing = True
@@ -223,7 +214,8 @@ class Connection(asyncio.Protocol):
             if not self.ended:  # else: bytes after the last request, dropped
                 self._fail(error(400, f"bad HTTP request: {exc}"))
         else:
-            if self.state == _HEAD and self._head_bytes > MAX_HEADERS * MAX_FIELD_SIZE:
+            if self.state == HEAD and self._head_bytes > MAX_HEADERS * MAX_FIELD_SIZE:
+                self.site.hit("head_size")
                 self._fail(error(431, "request head too large"))
         self._next()
 
@@ -236,7 +228,10 @@ class Connection(asyncio.Protocol):
     # -- parser callbacks (httptools) -------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.state = _HEAD
+        self.state = HEAD
+        # A head has header_timeout from its first byte, whatever came before it on the
+        # connection (a request under way, an answer not yet sent).
+        self.deadline = self.loop.time() + self.site.header_timeout
         self._url = []
         self._url_size = 0
         self._headers = {}
@@ -248,6 +243,7 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url_size += len(url)
         if self._url_size > MAX_FIELD_SIZE:
+            self.site.hit("head_size")
             raise _Stop(error(414, f"request target longer than {MAX_FIELD_SIZE} bytes"))
         self._url.append(url)
 
@@ -263,13 +259,14 @@ class Connection(asyncio.Protocol):
         headers[key] = text
 
     def _too_large(self, name: bytes) -> None:
+        self.site.hit("head_size")
         if self._header_count > MAX_HEADERS:
             raise _Stop(error(431, f"more than {MAX_HEADERS} header fields"))
         raise _Stop(error(431, f"header field {name[:60].decode('latin-1')!r} longer "
                                f"than {MAX_FIELD_SIZE} bytes"))
 
     def on_headers_complete(self) -> None:
-        self.state = _BODY
+        self.state = BODY
         self.deadline = self.loop.time() + self.site.body_timeout
         parser = self.parser
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
@@ -281,7 +278,8 @@ class Connection(asyncio.Protocol):
         self._request = request
         self._limit = 0
         headers = self._headers
-        if "host" not in headers or "transfer-encoding" in headers or ", " in headers["host"]:
+        if request.version != "1.1" or "host" not in headers \
+                or "transfer-encoding" in headers or ", " in headers["host"]:
             _check_framing(request)
         expects = headers.get("expect", "").lower() == "100-continue"
         request.refusal = self._admit(request)
@@ -297,10 +295,12 @@ class Connection(asyncio.Protocol):
         assert request is not None
         if request.refusal is not None or self._limit == IGNORED_BODY:
             if self._body_size > DISCARD_LIMIT:  # too much to read and drop: hang up
+                self.site.hit("body_size")
                 raise _Stop(request.refusal or error(413, "request body too large"))
             return
         if self._body_size > self._limit:
             assert request.route is not None
+            self.site.hit("body_size")
             self._body = []
             request.refusal = error(413, f"{request.route.what} is more than {self._limit} "
                                          f"bytes; the limit is {self._limit}",
@@ -309,7 +309,7 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self.state = _DONE
+        self.state = DONE
         self.deadline = 0.0
         request = self._request
         assert request is not None
@@ -323,7 +323,7 @@ class Connection(asyncio.Protocol):
                 self.transport.pause_reading()
         self._request = None
         self._body = []
-        self.state = _IDLE
+        self.state = IDLE
         if (len(self.queue) >= MAX_QUEUED or len(self.slots) >= MAX_PIPELINED) \
                 and not self.paused_reading and self.transport:
             self.paused_reading = True
@@ -344,8 +344,10 @@ class Connection(asyncio.Protocol):
             return error(404, "Not Found", path=request.path)
         methods, params = found
         route = methods.get(request.method)
+        if route is None and request.method in _HEAD_ONLY:
+            route = methods.get(_HEAD_ONLY[request.method])
         if route is None:
-            allowed = sorted(methods)
+            allowed = sorted({*methods, *(h for h, m in _HEAD_ONLY.items() if m in methods)})
             return error(405, "Method Not Allowed", [("Allow", ",".join(allowed))],
                          path=request.path, allowed=allowed)
         request.route = route
@@ -356,6 +358,7 @@ class Connection(asyncio.Protocol):
         length = request.headers.get("content-length")
         if route.max_body and length is not None and length.isdigit() and \
                 int(length) > route.max_body:
+            self.site.hit("body_size")
             return error(413, f"{route.what} is {int(length)} bytes; the limit is "
                               f"{route.max_body}", limit=route.max_body)
         return None
@@ -402,7 +405,7 @@ class Connection(asyncio.Protocol):
         if not slots and not queue:
             if self.closing:
                 self._close()
-            elif self.state == _IDLE and not self.deadline:
+            elif self.state == IDLE and not self.deadline:
                 self.deadline = self.loop.time() + self.site.header_timeout
                 self._head_bytes = 0
 
@@ -536,7 +539,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.state in (_HEAD, _BODY) and transport.can_write_eof():
+        if self.state in (HEAD, BODY) and transport.can_write_eof():
             # The client is still sending: half-close, and read (dropping it) a while,
             # so it reads the answer instead of a reset.
             self.lingering = True
@@ -550,18 +553,29 @@ class Connection(asyncio.Protocol):
 
     # -- the server's sweeper and shutdown ----------------------------------------------------
 
-    def expire(self) -> None:
-        """Past the deadline: an idle connection or a slow head closes; a slow body is
-        answered 408 (then closed)."""
+    def expire(self, now: float) -> None:
+        """Past a deadline: a client that has not read its answers in time is cut off
+        (what it did not read is dropped); an idle connection or a slow head closes; a
+        slow body is answered 408 (then closed)."""
         transport = self.transport
-        self.deadline = 0.0
         if transport is None:
             return
-        if self.lingering or self.state != _BODY or self.slots or self.queue:
+        if self.write_deadline and now >= self.write_deadline:
+            self.site.hit("write_timeout")
+            transport.abort()
+            return
+        if not self.deadline or now < self.deadline:
+            return
+        self.deadline = 0.0
+        if self.lingering or self.state != BODY or self.slots or self.queue:
+            if not self.lingering:
+                self.site.hit("header_timeout" if self.state == HEAD else
+                              "idle_timeout" if self.state == IDLE else "body_timeout")
             transport.close()
             return
+        self.site.hit("body_timeout")
         self.closing = True
-        self.state = _IDLE
+        self.state = IDLE
         transport.write(self._encode(error(408, f"request body did not arrive within "
                                                 f"{self.site.body_timeout:g} s"),
                                      keep_alive=False))

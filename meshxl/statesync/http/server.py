@@ -6,15 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
+from collections.abc import Callable
 from email.utils import formatdate
 
-from meshxl.httpbase import BODY_TIMEOUT, HEADER_TIMEOUT
+from meshxl.httpbase import BODY_TIMEOUT, HEADER_TIMEOUT, WRITE_TIMEOUT
 
-from .connection import Authorize, Connection, Site, Wrap
+from .connection import Connection
 from .routing import Router
+from .site import Authorize, Member, Site, Wrap
 
-__all__ = ["HttpServer"]
+__all__ = ["MAX_CONNECTIONS", "HttpServer", "default_max_connections"]
+
+MAX_CONNECTIONS = 4096
+"""Client connections at most by default (fewer where the process may open fewer
+files: :func:`default_max_connections`)."""
+FD_RESERVE = 128
+"""File descriptors left for everything else (etcd's connections, logs, the listening
+sockets) below the process's limit."""
+
+
+def default_max_connections() -> int:
+    """:data:`MAX_CONNECTIONS`, or the process's open-file limit less
+    :data:`FD_RESERVE` when that is lower, so a flood of connections meets the cap (and
+    its eviction of idle ones) before the limit of the process, which would refuse
+    every connection, the probes' among them, and etcd's."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft - FD_RESERVE))
 
 
 class HttpServer:
@@ -22,15 +43,21 @@ class HttpServer:
 
     def __init__(self, router: Router, *, authorize: Authorize | None = None,
                  wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT):
+                 body_timeout: float = BODY_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
+                 max_connections: int | None = None,
+                 on_limit: Callable[[str], None] | None = None):
         self.site = Site(router, authorize=authorize, wrap=wrap,
-                         header_timeout=header_timeout, body_timeout=body_timeout)
+                         header_timeout=header_timeout, body_timeout=body_timeout,
+                         write_timeout=write_timeout,
+                         max_connections=max_connections or default_max_connections(),
+                         on_limit=on_limit)
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._stamp()
 
     @property
-    def connections(self) -> set[Connection]:
+    def connections(self) -> dict[Member, None]:
+        """The connections open, oldest first."""
         return self.site.connections
 
     async def listen(self, sock: socket.socket) -> None:
@@ -76,5 +103,6 @@ class HttpServer:
             self._stamp()
             now = loop.time()
             for conn in list(self.site.connections):
-                if conn.deadline and now >= conn.deadline:
-                    conn.expire()
+                if conn.deadline and now >= conn.deadline \
+                        or conn.write_deadline and now >= conn.write_deadline:
+                    conn.expire(now)

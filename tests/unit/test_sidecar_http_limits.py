@@ -1,0 +1,199 @@
+"""Every connection-level resource of the sidecar's HTTP server is bounded and timed, and
+each limit hit is counted (the ``on_limit`` hook: a metric) and logged: a head has its
+time from its first byte whatever came before it on the connection, a client that does
+not read its answers is cut off, and the connection cap makes room by closing the
+connection that waits longest for a head, so a flood of idle or slow connections cannot
+keep the probes and the application out. HTTP conformance at the edges of RFC 9112
+(versions, HTTP/1.0 with a transfer coding, HEAD) is here too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from meshxl.statesync import http as srv
+from meshxl.statesync.http import Request, Response, Router
+from tests.unit.test_sidecar_http import _router, exchange, run, serving
+from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
+
+
+def _big_router() -> Router:
+    r = _router()
+
+    async def big(request: Request) -> Response:
+        return Response(200, b"x" * (1 << 20))
+
+    r.add("GET", "/big/{n}", big)
+    return r
+
+
+async def _closed(reader: asyncio.StreamReader, within: float) -> bytes:
+    """What the server sends until it closes (TimeoutError if it does not in time)."""
+    got = b""
+    async with asyncio.timeout(within):
+        while chunk := await reader.read(65536):
+            got += chunk
+    return got
+
+
+def test_a_head_has_its_timeout_from_its_first_byte_after_a_request(loop: str) -> None:
+    """One full request and one byte of the next head, then silence: the connection
+    used to stay open for ever (its deadline was armed only from idle)."""
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_router(), header_timeout=1.0, on_limit=hits.append) as (
+                server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nG")
+            await writer.drain()
+            got = await _closed(reader, within=4.0)
+            assert got.startswith(b"HTTP/1.1 200 ")
+            assert hits == ["header_timeout"] and server.site.hits["header_timeout"] == 1
+            writer.close()
+
+    run(loop, main)
+
+
+def test_an_idle_connection_is_closed_and_counted(loop: str) -> None:
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_router(), header_timeout=1.0, on_limit=hits.append) as (_, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await _closed(reader, within=4.0) == b""
+            assert hits == ["idle_timeout"]
+            writer.close()
+
+    run(loop, main)
+
+
+def test_a_client_that_does_not_read_its_answers_is_cut_off(loop: str) -> None:
+    """64 pipelined GETs of 1 MiB never read: the connection held their answers with no
+    bound in time; now it is aborted after the write timeout, its buffers dropped."""
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_big_router(), write_timeout=1.0, on_limit=hits.append) as (
+                server, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+            transport = writer.transport
+            transport.pause_reading()  # the client reads nothing
+            writer.write(b"".join(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                                  for i in range(64)))
+            await writer.drain()
+            await asyncio.sleep(3.5)  # the write timeout, and the sweep once a second
+            assert not server.connections
+            assert "write_timeout" in hits
+            writer.close()
+
+    run(loop, main)
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room(loop: str) -> None:
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_router(), max_connections=16, on_limit=hits.append) as (
+                server, port):
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+            await asyncio.sleep(0.1)
+            assert len(server.connections) == 16
+            # A slow head is the first to go, before any idle connection.
+            slow_reader, slow_writer = idle[7]
+            slow_writer.write(b"GET /healthz HTTP/1.1\r\nHo")
+            await slow_writer.drain()
+            await asyncio.sleep(0.1)
+            answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            assert await _closed(slow_reader, within=2.0) == b""
+            # Then the oldest idle one (the cap reached again by a new idle connection).
+            idle.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            assert len(server.connections) == 16
+            answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            assert await _closed(idle[0][0], within=2.0) == b""
+            assert hits == ["connections", "connections"]
+            assert len(server.connections) <= 16
+            for _, w in idle:
+                w.close()
+
+    run(loop, main)
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(loop: str) -> None:
+    async def main() -> None:
+        async with serving(_router(), max_connections=16) as (server, port):
+            busy = []
+            for _ in range(16):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"GET /slow/1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+                busy.append((r, w))
+            await asyncio.sleep(0.3)
+            refused = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert refused.startswith(b"HTTP/1.1 503 "), refused[:200]
+            assert "too many connections" in json.loads(refused.partition(b"\r\n\r\n")[2])[
+                "error"]
+            assert server.site.hits["connections"] == 1
+            for r, w in busy:  # the busy ones are answered all the same
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                w.close()
+
+    run(loop, main)
+
+
+def test_oversized_heads_and_bodies_are_counted(loop: str) -> None:
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_router(), on_limit=hits.append) as (_, port):
+            await exchange(port, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
+            await exchange(port, b"PUT /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Length: 5000\r\nConnection: close\r\n\r\n"
+                           + b"x" * 5000)
+            assert hits == ["head_size", "body_size"]
+
+    run(loop, main)
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n", 400),  # llhttp: not a version
+    (b"GET /healthz HTTP/0.9\r\nHost: x\r\n\r\n", 505),
+    # RFC 9112 section 6.1: a transfer coding in HTTP/1.0 means faulty framing: refused
+    # and closed, even with keep-alive asked for.
+    (b"PUT /v1/sessions/a HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400),
+])
+def test_versions_and_framings_a_strict_server_refuses(loop: str, request_bytes: bytes,
+                                                       status: int) -> None:
+    async def main() -> None:
+        async with serving(_router()) as (_, port):
+            raw = await exchange(port, request_bytes)  # until the server closes
+            assert raw.startswith(b"HTTP/1.1 %d " % status), raw[:200]
+            assert b"Connection: close" in raw.partition(b"\r\n\r\n")[0]
+
+    run(loop, main)
+
+
+def test_head_is_gets_answer_without_its_body(loop: str) -> None:
+    async def main() -> None:
+        async with serving(_router()) as (_, port):
+            got = await exchange(port, b"HEAD /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
+                                       b"Connection: close\r\n\r\n")
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and body == b""
+            assert b"Content-Length: " in head  # the length GET's body would have
+
+    run(loop, main)
+
+
+def test_the_default_cap_stays_below_the_open_file_limit() -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = srv.default_max_connections()
+    assert 16 <= cap <= srv.MAX_CONNECTIONS
+    if soft != resource.RLIM_INFINITY:
+        assert cap <= max(16, soft - 128)
