@@ -25,10 +25,8 @@ import gc
 import json
 import logging
 import os
-import re
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import aetcd
@@ -42,29 +40,29 @@ from meshxl.addr import (
     parse_hostport,
     remove_unix,
 )
-from meshxl.etcd import EtcdSecurity
-from meshxl.etcd.keys import DEFAULT_ROOT, Keys
+from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import (
     MemberState,
     ModelError,
     Role,
-    check_member_address,
     cluster_view,
     parse_model,
 )
 from meshxl.model import SessionSync as SessionDefaults
 from meshxl.model.runtime import SERVING
-from meshxl.model.spec import NAME_PATTERN, Replication, choose
+from meshxl.model.spec import Replication, choose
 
 from .api import SessionRoutes
-from .auth import check_exposure, token_check, valid_token
+from .auth import token_check
 from .cache import SessionCache
+from .config import StatesyncConfig
 from .http import HttpServer, Router
 from .membership import Membership
 from .metrics import StatesyncMetrics
 from .sessions import Sessions
-from .store import MAX_TXN_WRITES, SessionStore
+from .starting import Waiting, start_when_etcd_answers
+from .store import SessionStore
 from .tracing import TakeoverTracer, follow_failovers
 from .writes import Settings
 
@@ -78,72 +76,6 @@ reference counts anyway; at 10,000 it seldom runs (``bench/statesync_gc.py``, fi
 docs/performance.md)."""
 
 
-@dataclass(frozen=True)
-class StatesyncConfig:
-    cluster: str
-    member: str
-    app: str
-    """HOST:PORT of the application: what Envoy sends the member's traffic to."""
-    etcd: str
-    listen: str = "127.0.0.1:7070"
-    """HOST:PORT of the API: registered, and where health checks go."""
-    unix_socket: str | None = None
-    """A Unix socket path the API listens on too (``--listen unix:PATH``)."""
-    socket_mode: int = 0o600
-    site: str | None = None
-    weight: int | None = None
-    etcd_root: str = DEFAULT_ROOT
-    session_ttl: float | None = None
-    """None: the cluster's ``sessions.ttl`` from the model in etcd (default 30 min)."""
-    sync_delay: float | None = None
-    max_bytes: int | None = None
-    lease_ttl: float = 3.0
-    """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
-    batch_max_ops: int = MAX_TXN_WRITES
-    """Writes per etcd transaction at most: as many as etcd takes (bulk saves from many
-    writers measured faster than with 64, docs/performance.md; single writes rarely fill
-    a batch anyway)."""
-    batch_max_bytes: int = 1_000_000
-    max_inflight: int = 1
-    """etcd transactions in flight at once: with one, everything that arrives while it
-    is out leaves in the next (group commit), which measured fastest."""
-    max_connections: int | None = None
-    """The API's client connections at most (None: :func:`~.http.default_max_connections`)."""
-    sync_publish_interval: float = 2.0
-    """Seconds between publications of this sidecar's statistics (``meshxl sync``)."""
-    sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    etcd_security: EtcdSecurity | None = None
-    """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
-    token: str | None = field(default=None, repr=False)
-    """Bearer token every API request but the health checks must carry (auth.py)."""
-
-    def __post_init__(self) -> None:
-        # The names go into etcd keys, every stored record (the owner) and the
-        # registration: bounded here, as the model bounds them.
-        for what, name in (("cluster", self.cluster), ("member", self.member),
-                           ("site", self.site)):
-            if name is not None and not re.fullmatch(NAME_PATTERN, name):
-                raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
-                                 "letters, digits, '.', '_' or '-', starting and ending "
-                                 "with a letter or digit")
-        app_host, _ = parse_hostport(self.app)
-        try:  # what the member registers: the control plane's rule for member addresses
-            check_member_address(app_host)
-        except ValueError as exc:
-            raise ValueError(f"invalid app address {app_host[:80]!r}: {exc}") from None
-        host, _ = parse_hostport(self.listen, allow_zero=True)
-        etcd.check_settings(self.etcd, self.etcd_security)
-        if self.token is not None:
-            valid_token(self.token, "the configuration")
-        check_exposure(host, self.token)
-        if self.session_ttl is not None and self.session_ttl <= 0:
-            raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
-        if self.sync_delay is not None and self.sync_delay < 0:
-            raise ValueError(f"sync delay must not be negative, got {self.sync_delay}")
-        if self.max_bytes is not None and not 1 <= self.max_bytes <= 1_048_576:
-            raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")
-
-
 #: ``sessions.replication`` -> whether the cache holds only what the member uses.
 _HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": True}
 
@@ -151,11 +83,12 @@ _HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": Tru
 class Sidecar:
     """Everything one sidecar runs, created in the app's cleanup context."""
 
-    def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings):
+    def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings,
+                 metrics: StatesyncMetrics | None = None):
         self.config = config
         self.keys = Keys(config.etcd_root)
         self.client = client
-        self.metrics = StatesyncMetrics()
+        self.metrics = metrics or StatesyncMetrics()
         self.metrics.member.labels(config.cluster, config.member, config.site or "").set(1)
         self.store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
                                   max_batch_bytes=config.batch_max_bytes,
@@ -510,30 +443,42 @@ def routes(sidecar: Sidecar) -> Router:
 
 
 def http_server(sidecar: Sidecar) -> HttpServer:
-    """The API's server: the token check (if any) on every request's head, and a SERVER
-    span per request while spans go somewhere (it continues the request's
-    ``traceparent``, so takeover spans land in the request's trace; off otherwise, as it
-    costs a good part of a write's CPU)."""
-    from meshxl.telemetry import tracing
-    from meshxl.telemetry.http import server_spans
-
-    token = sidecar.config.token
-    server = HttpServer(routes(sidecar),
-                        authorize=token_check(token) if token is not None else None,
-                        wrap=server_spans() if tracing.enabled() else None,
-                        max_connections=sidecar.config.max_connections,
-                        on_limit=sidecar.metrics.http_limit)
-    sidecar.metrics.connections.set_function(lambda: len(server.connections))
+    """The API's server for a started sidecar (:func:`_server`, then :func:`_serve_api`)."""
+    server = _server(sidecar.config, sidecar.metrics, routes(sidecar))
+    _serve_api(server, sidecar)
     return server
 
 
-async def _start(config: StatesyncConfig) -> tuple[aetcd.Client, Sidecar]:
+def _server(config: StatesyncConfig, metrics: StatesyncMetrics, router: Router) -> HttpServer:
+    """The API's server: the token check (if any) on every request's head, the
+    connection cap, each limit hit counted."""
+    token = config.token
+    server = HttpServer(router, authorize=token_check(token) if token is not None else None,
+                        max_connections=config.max_connections, on_limit=metrics.http_limit)
+    metrics.connections.set_function(lambda: len(server.connections))
+    return server
+
+
+def _serve_api(server: HttpServer, sidecar: Sidecar) -> None:
+    """``server`` serves ``sidecar``'s API from now on, with a SERVER span per request
+    while spans go somewhere (it continues the request's ``traceparent``, so takeover
+    spans land in the request's trace; off otherwise, as it costs a good part of a
+    write's CPU)."""
+    from meshxl.telemetry import tracing
+    from meshxl.telemetry.http import server_spans
+
+    server.site.router = routes(sidecar)
+    server.site.wrap = server_spans() if tracing.enabled() else None
+
+
+async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = None,
+                 ) -> tuple[aetcd.Client, Sidecar]:
     """Connect to etcd, read the session settings, start the sidecar (registers)."""
     client = etcd.client(config.etcd, security=config.etcd_security)
-    await client.connect()
     try:
+        await client.connect()
         settings = await session_settings(client, config)
-        sidecar = Sidecar(config, client, settings)
+        sidecar = Sidecar(config, client, settings, metrics)
         await sidecar.start()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -546,13 +491,15 @@ async def _start(config: StatesyncConfig) -> tuple[aetcd.Client, Sidecar]:
 
 
 async def serve(config: StatesyncConfig) -> None:
-    """Bind the API port (and socket), then start the sidecar (etcd, registration) and
-    serve.
+    """Bind the API port (and socket) and serve on it: first the waiting answers of
+    :mod:`.starting` while the sidecar starts (etcd, registration; retried until etcd
+    answers), then the API.
 
     The port is bound before the member registers: a busy port or a bad address fails
     the start (ListenError) with nothing registered, and the registration names the
     port actually bound (``--listen HOST:0`` included). The Unix socket, if any, serves
-    the same API (no port, access by file permissions); health checks and the registration use TCP.
+    the same API (no port, access by file permissions); health checks and the
+    registration use TCP.
     """
     sock = bind_tcp(config.listen)
     unix: socket.socket | None = None
@@ -562,31 +509,36 @@ async def serve(config: StatesyncConfig) -> None:
             inode = os.stat(config.unix_socket).st_ino
         host, _ = parse_hostport(config.listen, allow_zero=True)
         config = dataclasses.replace(config, listen=grpc_target(host, bound_port(sock)))
-        client, sidecar = await _start(config)  # connects to etcd and registers the member
     except BaseException:
         sock.close()
         if unix is not None and config.unix_socket is not None:
             unix.close()
             remove_unix(config.unix_socket, inode)
         raise
-    server = http_server(sidecar)
-    # What exists now (modules, the model, the protobuf descriptors) lives as long as
-    # the process: out of the collector's way, so its collections scan only what
-    # requests create (fewer and shorter pauses under load), and fewer of them.
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+    metrics = StatesyncMetrics()
+    waiting = Waiting(config.etcd, metrics)
+    server = _server(config, metrics, waiting.router())
+    started: tuple[aetcd.Client, Sidecar] | None = None
     try:
         await server.listen(sock)
-        log.info("statesync API on http://%s", config.listen)
         if unix is not None:
             await server.listen(unix)
-            log.info("statesync API on unix:%s", config.unix_socket)
+        started = await start_when_etcd_answers(lambda: _start(config, metrics), waiting)
+        _serve_api(server, started[1])
+        log.info("statesync API on http://%s%s", config.listen,
+                 f" and unix:{config.unix_socket}" if unix is not None else "")
+        # What exists now (modules, the model, the protobuf descriptors) lives as long
+        # as the process: out of the collector's way, so its collections scan only what
+        # requests create (fewer and shorter pauses under load), and fewer of them.
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         await asyncio.Event().wait()
     finally:
         await server.close()
-        await sidecar.stop()
-        with contextlib.suppress(Exception):
-            await client.close()
+        if started is not None:
+            await started[1].stop()
+            with contextlib.suppress(Exception):
+                await started[0].close()
         if unix is not None and config.unix_socket is not None:
             remove_unix(config.unix_socket, inode)
 

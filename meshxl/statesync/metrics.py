@@ -62,6 +62,9 @@ class StatesyncMetrics:
                                           "of the cluster whose stored record cannot be "
                                           "decoded now (PUT or DELETE replaces them).",
                                           registry=r)
+        self.start_attempts = Counter("meshxl_statesync_start_attempts", "Attempts to start "
+                                      "(connect to etcd, read the session settings, "
+                                      "register) before the first succeeded.", registry=r)
         self.ready = Gauge("meshxl_statesync_ready", "1 when registered and caught up.",
                            registry=r)
         self.etcd_unreachable = Gauge("meshxl_statesync_etcd_unreachable_seconds", "Seconds "

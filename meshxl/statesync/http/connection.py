@@ -341,7 +341,10 @@ class Connection(asyncio.Protocol):
                 return refusal
         found = site.router.resolve(request.path)
         if found is None:
-            return error(404, "Not Found", path=request.path)
+            fallback = site.router.fallback
+            if fallback is None:
+                return error(404, "Not Found", path=request.path)
+            found = {request.method: fallback}, {}
         methods, params = found
         route = methods.get(request.method)
         if route is None and request.method in _HEAD_ONLY:

@@ -92,6 +92,13 @@ class Router:
         self._exact: dict[str, dict[str, Route]] = {}
         self._patterns: dict[int, list[tuple[list[str | None], list[str], dict[str, Route]]]] = {}
         self._routes: list[Route] = []
+        self.fallback: Route | None = None
+        """What answers a path no route matches, any method (None: 404)."""
+
+    def set_fallback(self, handler: Handler) -> None:
+        """``handler`` answers every request no route matches (its body dropped)."""
+        self.fallback = Route("*", "*", handler, IGNORED_BODY, "request body", ALONE, None,
+                              None)
 
     def add(self, method: str, pattern: str, handler: Handler, *,
             max_body: int = IGNORED_BODY, what: str = "request body",

@@ -1,0 +1,87 @@
+"""The sidecar's configuration (``meshxl serve statesync``'s options), checked when
+made: a bad value is a ValueError naming it, before anything starts."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+from meshxl import etcd
+from meshxl.addr import parse_hostport
+from meshxl.etcd import EtcdSecurity
+from meshxl.etcd.keys import DEFAULT_ROOT
+from meshxl.model import check_member_address
+from meshxl.model.spec import NAME_PATTERN
+
+from .auth import check_exposure, valid_token
+from .store import MAX_TXN_WRITES
+
+__all__ = ["StatesyncConfig"]
+
+
+@dataclass(frozen=True)
+class StatesyncConfig:
+    cluster: str
+    member: str
+    app: str
+    """HOST:PORT of the application: what Envoy sends the member's traffic to."""
+    etcd: str
+    listen: str = "127.0.0.1:7070"
+    """HOST:PORT of the API: registered, and where health checks go."""
+    unix_socket: str | None = None
+    """A Unix socket path the API listens on too (``--listen unix:PATH``)."""
+    socket_mode: int = 0o600
+    site: str | None = None
+    weight: int | None = None
+    etcd_root: str = DEFAULT_ROOT
+    session_ttl: float | None = None
+    """None: the cluster's ``sessions.ttl`` from the model in etcd (default 30 min)."""
+    sync_delay: float | None = None
+    max_bytes: int | None = None
+    lease_ttl: float = 3.0
+    """The registration's lease: a dead sidecar leaves Envoy at most this long after."""
+    batch_max_ops: int = MAX_TXN_WRITES
+    """Writes per etcd transaction at most: as many as etcd takes (bulk saves from many
+    writers measured faster than with 64, docs/performance.md; single writes rarely fill
+    a batch anyway)."""
+    batch_max_bytes: int = 1_000_000
+    max_inflight: int = 1
+    """etcd transactions in flight at once: with one, everything that arrives while it
+    is out leaves in the next (group commit), which measured fastest."""
+    max_connections: int | None = None
+    """The API's client connections at most (None: :func:`~.http.default_max_connections`)."""
+    sync_publish_interval: float = 2.0
+    """Seconds between publications of this sidecar's statistics (``meshxl sync``)."""
+    sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    etcd_security: EtcdSecurity | None = None
+    """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
+    token: str | None = field(default=None, repr=False)
+    """Bearer token every API request but the health checks must carry (auth.py)."""
+
+    def __post_init__(self) -> None:
+        # The names go into etcd keys, every stored record (the owner) and the
+        # registration: bounded here, as the model bounds them.
+        for what, name in (("cluster", self.cluster), ("member", self.member),
+                           ("site", self.site)):
+            if name is not None and not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"invalid {what} name {name[:80]!r}: 1-63 lowercase "
+                                 "letters, digits, '.', '_' or '-', starting and ending "
+                                 "with a letter or digit")
+        app_host, _ = parse_hostport(self.app)
+        try:  # what the member registers: the control plane's rule for member addresses
+            check_member_address(app_host)
+        except ValueError as exc:
+            raise ValueError(f"invalid app address {app_host[:80]!r}: {exc}") from None
+        host, _ = parse_hostport(self.listen, allow_zero=True)
+        etcd.check_settings(self.etcd, self.etcd_security)
+        if self.token is not None:
+            valid_token(self.token, "the configuration")
+        check_exposure(host, self.token)
+        if self.session_ttl is not None and self.session_ttl <= 0:
+            raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
+        if self.sync_delay is not None and self.sync_delay < 0:
+            raise ValueError(f"sync delay must not be negative, got {self.sync_delay}")
+        if self.max_bytes is not None and not 1 <= self.max_bytes <= 1_048_576:
+            raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")
