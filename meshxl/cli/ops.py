@@ -1,4 +1,5 @@
-"""Administrative actions: ``meshxl member down/up`` and ``meshxl site offline/online``."""
+"""Administrative actions: ``meshxl member down/up``, ``meshxl site offline/online``, and
+``meshxl restore check/bump`` after etcd is restored from a snapshot."""
 
 from __future__ import annotations
 
@@ -116,4 +117,74 @@ site.command("offline", help="Move every cluster's traffic off a site.")(_site_c
 site.command("online", help="Let a site take traffic again.")(_site_cmd(False))
 
 
-COMMANDS: list[click.Command] = [member, site]
+@click.group()
+def restore() -> None:
+    """After etcd is restored from a snapshot: move its revision past every revision
+    handed out before (ETags, owner fences), then check it before traffic returns
+    (docs/kubernetes.md, "Restore")."""
+
+
+_PAST = click.option("--past", type=click.IntRange(0), required=True, metavar="REVISION",
+                     help="The highest etcd revision meshxl handed out before the restore "
+                          "(docs/kubernetes.md says where to find it).")
+
+
+@restore.command("check")
+@_PAST
+@output_option
+@etcd_option
+def restore_check(past: int, output: str, etcd_urls: str) -> None:
+    """Exit 0 when etcd's revision is past REVISION and the history up to it compacted;
+    else 1, saying what to run."""
+    from meshxl.operator.restore import check
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            return await check(client, past)
+
+    checked = run(go)
+    verdict = {"revision": checked.revision, "past": past, "compacted": checked.compacted,
+               "safe": checked.safe}
+    if output == "json":
+        print_json(verdict)
+    elif checked.safe:
+        click.echo(f"etcd is at revision {checked.revision}, past {past}, its history up to "
+                   "it compacted: old ETags and fences cannot match new writes")
+    else:
+        click.echo(one_line(
+            f"not safe: etcd is at revision {checked.revision}"
+            + ("" if checked.revision > past else f", not past {past}")
+            + ("" if checked.compacted else ", its history not compacted")
+            + f": run `meshxl restore bump --past {past}` before traffic returns"))
+    if not checked.safe:
+        sys.exit(1)
+
+
+@restore.command("bump")
+@_PAST
+@output_option
+@etcd_option
+@root_option
+def restore_bump(past: int, output: str, etcd_urls: str, etcd_root: str) -> None:
+    """Write one key until etcd's revision is past REVISION, then compact there (etcd 3.4's
+    equivalent of `etcdutl snapshot restore --bump-revision --mark-compacted`)."""
+    from meshxl.operator.restore import bump
+
+    def progress(revision: int, target: int) -> None:
+        if output != "json":
+            click.echo(f"revision {revision} of {target}", err=True)
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            return await bump(client, Keys(etcd_root), past, progress)
+
+    done = run(go)
+    if output == "json":
+        print_json({"before": done.before, "after": done.after, "writes": done.writes,
+                    "seconds": round(done.seconds, 3)})
+    else:
+        click.echo(f"etcd revision {done.before} -> {done.after} ({done.writes} writes in "
+                   f"{done.seconds:.1f} s), compacted at {done.after}")
+
+
+COMMANDS: list[click.Command] = [member, site, restore]

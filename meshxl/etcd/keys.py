@@ -23,6 +23,9 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/problems/{cluster}/{member}/{name}          a problem reported with a TTL
                                                           (under a lease of that TTL: it
                                                           outlives a sidecar restart)
+    {root}/v1/revision-bump                               written over and over by
+                                                          ``meshxl restore bump``, then
+                                                          deleted
 
 Everything that decides Envoy's configuration lives under ``mesh/``, so the control
 plane watches exactly that prefix and nothing else (node status it writes itself,
@@ -55,6 +58,11 @@ class Keys:
     """Key builders and parsers under one root prefix."""
 
     root: str = DEFAULT_ROOT
+
+    @property
+    def revision_bump(self) -> str:
+        """The key ``meshxl restore bump`` writes to move etcd's revision on."""
+        return f"{self.base}/revision-bump"
 
     @property
     def base(self) -> str:

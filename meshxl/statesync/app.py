@@ -96,7 +96,8 @@ class Sidecar:
                                   on_batch=self.metrics.on_batch)
         self.cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
                                   on_lag=self.metrics.replication_lag.observe,
-                                  on_undecodable=self.metrics.undecodable.labels("watch").inc)
+                                  on_undecodable=self.metrics.undecodable.labels("watch").inc,
+                                  on_rewind=lambda: self.sessions.ledger.observed.clear())
         self.sessions = Sessions(self.store, self.cache, self.keys, config.cluster,
                                  config.member, settings, self.metrics)
         host, port = parse_hostport(config.app)
@@ -374,6 +375,7 @@ class Sidecar:
             "failover_takeovers": self.takeovers.summary(),
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
+            "rewinds": c.rewinds,
             "errors": c.errors, "last_error": c.last_error and c.last_error[:500],
             "bad_records": c.bad_records, "undecodable_sessions": len(c.undecodable),
             "lease_losses": self.membership.lease_losses,

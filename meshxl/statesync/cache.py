@@ -2,7 +2,10 @@
 
 A full read (paged, all pages at one revision) then a watch from the next revision.
 After a lost connection or etcd member the watch resumes from the last applied
-revision; after a compaction (the revision is gone) everything is read again. An
+revision; after a compaction (the revision is gone) everything is read again, and so
+after etcd's revision went back below the last one applied (etcd restored from a
+backup, or replaced): then nothing cached is kept, since revisions now name other
+writes (:class:`Rewound`). An
 update is applied only if it is newer than what the cache holds for that key, so
 nothing is applied twice or out of order, whatever mix of watch events, resyncs and
 the sidecar's own acknowledged writes arrives first.
@@ -26,6 +29,7 @@ from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 
 from meshxl import etcd
+from meshxl.errors import Unavailable
 
 from .record import SessionRecord, valid_session_id
 
@@ -38,16 +42,29 @@ class Entry:
     record: SessionRecord
 
 
+class Rewound(Unavailable):
+    """etcd's revision is below one this cache applied: its history was replaced (the
+    cache reads everything again)."""
+
+    def __init__(self, applied: int, now: int):
+        super().__init__(f"etcd's revision went back from {applied} to {now}")
+        self.applied, self.now = applied, now
+
+
 class SessionCache:
     """Sessions under ``prefix`` by id; ``applied`` is the last revision fully applied."""
 
     def __init__(self, client: aetcd.Client, prefix: str, *, page_size: int = 2000,
                  on_lag: Callable[[float], None] | None = None,
-                 on_undecodable: Callable[[], None] | None = None):
+                 on_undecodable: Callable[[], None] | None = None,
+                 on_rewind: Callable[[], None] | None = None):
         self._client = client
         self._prefix = prefix.encode()
         self._page_size = page_size
         self._on_lag = on_lag
+        self._on_rewind = on_rewind
+        """Called when etcd's history was replaced: what was observed of it is void."""
+        self.rewinds = 0
         self.entries: dict[str, Entry] = {}
         self.applied = 0
         self.synced = asyncio.Event()
@@ -128,6 +145,18 @@ class SessionCache:
                 await self._watch()
             except asyncio.CancelledError:
                 raise
+            except Rewound as exc:
+                self.rewinds += 1
+                log.error("session cache: %s (etcd restored from a backup, or replaced): "
+                          "dropping every cached session and reading everything",
+                          exc)
+                self.entries = {}  # revisions of the old history name other writes now
+                self.applied = 0
+                if self._on_rewind is not None:
+                    self._on_rewind()
+                need_full = True
+                self.synced.clear()
+                self.resync_needed.set()
             except RevisionCompactedError as exc:
                 log.warning("session watch: revision %d compacted (%s); reading everything",
                             self.applied + 1, exc)
@@ -170,6 +199,8 @@ class SessionCache:
                 raise
             if revision == 0:
                 revision = response.header.revision
+                if revision < self.applied:
+                    raise Rewound(self.applied, revision)
             for kv in response.kvs:
                 session_id = self._session_id(kv.key)
                 record = self._decode(session_id, kv.key, kv.value, kv.mod_revision)
@@ -194,6 +225,11 @@ class SessionCache:
         start = self.applied + 1
         self.watch_starts += 1
         if self.watch_starts > self.full_syncs:
+            # etcd watches a future revision without complaint: a cluster restored below
+            # it would never send what it writes until it got there.
+            now = await self._revision()
+            if now < self.applied:
+                raise Rewound(self.applied, now)
             log.info("session watch resumed from revision %d", start)
         apply = self._apply
         async for response in etcd.watch_responses(self._client, self._prefix,
@@ -201,6 +237,13 @@ class SessionCache:
             for event in response.events:
                 apply(event)
         raise ConnectionError("session watch ended")
+
+    async def _revision(self) -> int:
+        """etcd's revision now (a count-only range of one key: no data moves)."""
+        request = rpc.RangeRequest(key=self._prefix, count_only=True)
+        response = await self._client.kvstub.Range(request, timeout=5,
+                                                   metadata=self._client.metadata)
+        return int(response.header.revision)
 
     def _apply(self, event: rpc.Event) -> None:
         """One event of the watch (etcd's ``mvccpb.Event``: type 0 put, 1 delete)."""
