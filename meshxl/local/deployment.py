@@ -160,6 +160,8 @@ class DemoDeployment:
         self.lease_ttl = lease_ttl
         self.etcd_url = etcd_url or ""
         self._own_etcd = etcd_url is None
+        self.etcd_process: Process | None = None
+        """The deployment's own etcd (None when it was given ``etcd_url``)."""
         self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
         self.algorithm = algorithm
         self.pin = pin
@@ -213,7 +215,7 @@ class DemoDeployment:
         from meshxl.operator.actions import apply_model
 
         if self._own_etcd:
-            self.etcd_url, _ = await start_etcd(self.owner)
+            self.etcd_url, self.etcd_process = await start_etcd(self.owner)
         async with etcd.client(self.etcd_url) as client:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],

@@ -289,3 +289,23 @@ def test_the_protocol_rows_have_one_target_per_figure() -> None:
         ("failover TCP: lost acknowledged writes", True),
         ("failover TCP: reconnect p99 (kill -> first answer)", True),
     ]
+
+
+def test_cold_start_orders_and_verdicts() -> None:
+    import random
+
+    import coldstart
+
+    from meshxl.local.coldstart import PARTS, random_orders
+
+    orders = random_orders(5, random.Random(7))
+    assert len(orders) == 5 and all(sorted(o) == sorted(PARTS) for o in orders)
+    assert orders[-1][-1] == "etcd"  # the last order starts etcd last
+
+    def result(lost: int, exited: int, worst: float) -> dict[str, object]:
+        return {"first_start_seconds": 2.5, "lost": lost, "exited": exited,
+                "orders": [{"seconds": 1.0}, {"seconds": worst}]}
+
+    assert all(v.met for v in coldstart.verdicts(result(0, 0, 3.0)))
+    assert [v.met for v in coldstart.verdicts(result(1, 0, 3.0))] == [False, True, True]
+    assert [v.met for v in coldstart.verdicts(result(0, 1, 30.0))] == [True, False, False]
