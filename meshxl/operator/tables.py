@@ -225,6 +225,10 @@ def render_sync(report: dict[str, Any], console: Console) -> None:
     for m in report["without_statistics"]:
         print_line(console, plain(f"{m['cluster']}/{m['member']}: registered, no statistics "
                                   "published yet", "yellow"))
+    for m in report.get("unregistered", []):
+        print_line(console, plain(f"{m['cluster']}/{m['member']}: not registered: its sidecar "
+                                  "is down or cannot reach etcd (its /readyz says which)",
+                                  "yellow"))
     for warning in report.get("warnings", []):
         print_line(console, plain("warning:", "yellow"), " ", plain(warning))
 

@@ -235,10 +235,13 @@ def test_sync_report_lists_sidecars_and_the_silent_ones() -> None:
     [row] = report["sidecars"]
     assert (row["member"], row["owned_sessions"], row["age_seconds"]) == ("a", 4, 10.0)
     assert report["without_statistics"] == [{"cluster": "web", "member": "b"}]
+    # In the model, not registered: its sidecar is down or still waiting for etcd.
+    assert {"cluster": "web", "member": "c"} in report["unregistered"]
     assert sync_report(read, cluster="api")["sidecars"] == []
     out = io.StringIO()
     render_sync(report, Console(file=out, width=200))
     assert "web" in out.getvalue() and "no statistics" in out.getvalue()
+    assert "web/c: not registered" in out.getvalue()
 
 
 def test_sync_view_shows_undecodable_sessions() -> None:

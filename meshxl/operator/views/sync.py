@@ -55,14 +55,17 @@ def sync_report(read: MeshRead, cluster: str | None = None,
             "age_seconds": age, "publish_interval": interval,
             "stale": age is None or age > STALE_INTERVALS * interval,
         })
-    missing = []
+    missing, unregistered = [], []
     for spec in clusters_of(read, cluster):
         for m in cluster_view(spec, read.runtime).members:
             registered = (spec.name, m.name) in read.registrations
             if registered and (spec.name, m.name) not in read.sync:
                 missing.append({"cluster": spec.name, "member": m.name})
+            elif not registered:  # its sidecar is down, or cannot reach etcd (waiting)
+                unregistered.append({"cluster": spec.name, "member": m.name})
     warnings = [f"{r['cluster']}/{r['member']}: statistics are {r['age_seconds']} s old "
                 f"(published every {r['publish_interval']} s): the sidecar is not publishing"
                 for r in rows if r["stale"] and r["age_seconds"] is not None]
     return {"revision": read.revision, "sidecars": rows, "without_statistics": missing,
+            "unregistered": unregistered,
             "warnings": warnings + model_warnings(read)}
