@@ -43,11 +43,13 @@ class Entry:
 
 
 class Rewound(Unavailable):
-    """etcd's revision is below one this cache applied: its history was replaced (the
-    cache reads everything again)."""
+    """etcd's revision is below one this cache applied, or its cluster id changed: its
+    history was replaced (the cache reads everything again)."""
 
-    def __init__(self, applied: int, now: int):
-        super().__init__(f"etcd's revision went back from {applied} to {now}")
+    def __init__(self, applied: int, now: int, cluster: tuple[int, int] | None = None):
+        super().__init__(f"etcd's cluster id changed from {cluster[0]:x} to {cluster[1]:x}"
+                         if cluster is not None else
+                         f"etcd's revision went back from {applied} to {now}")
         self.applied, self.now = applied, now
 
 
@@ -65,6 +67,8 @@ class SessionCache:
         self._on_rewind = on_rewind
         """Called when etcd's history was replaced: what was observed of it is void."""
         self.rewinds = 0
+        self.cluster_id = 0
+        """etcd's cluster id at the last full read (0: none yet)."""
         self.entries: dict[str, Entry] = {}
         self.applied = 0
         self.synced = asyncio.Event()
@@ -201,6 +205,7 @@ class SessionCache:
                 revision = response.header.revision
                 if revision < self.applied:
                     raise Rewound(self.applied, revision)
+                self.cluster_id = response.header.cluster_id
             for kv in response.kvs:
                 session_id = self._session_id(kv.key)
                 record = self._decode(session_id, kv.key, kv.value, kv.mod_revision)
@@ -227,9 +232,11 @@ class SessionCache:
         if self.watch_starts > self.full_syncs:
             # etcd watches a future revision without complaint: a cluster restored below
             # it would never send what it writes until it got there.
-            now = await self._revision()
+            now, cluster_id = await self._revision()
             if now < self.applied:
                 raise Rewound(self.applied, now)
+            if self.cluster_id and cluster_id != self.cluster_id:
+                raise Rewound(self.applied, now, (self.cluster_id, cluster_id))
             log.info("session watch resumed from revision %d", start)
         apply = self._apply
         async for response in etcd.watch_responses(self._client, self._prefix,
@@ -238,12 +245,12 @@ class SessionCache:
                 apply(event)
         raise ConnectionError("session watch ended")
 
-    async def _revision(self) -> int:
-        """etcd's revision now (a count-only range of one key: no data moves)."""
+    async def _revision(self) -> tuple[int, int]:
+        """etcd's revision now and its cluster id (a count-only range: no data moves)."""
         request = rpc.RangeRequest(key=self._prefix, count_only=True)
         response = await self._client.kvstub.Range(request, timeout=5,
                                                    metadata=self._client.metadata)
-        return int(response.header.revision)
+        return int(response.header.revision), int(response.header.cluster_id)
 
     def _apply(self, event: rpc.Event) -> None:
         """One event of the watch (etcd's ``mvccpb.Event``: type 0 put, 1 delete)."""
