@@ -218,8 +218,11 @@ def build_bootstrap(
 
     ``xds`` lists control-plane replicas as ``"HOST:PORT"`` strings or ``(host, port)``
     tuples, most preferred first. ``delta=True`` selects the incremental (DELTA_GRPC)
-    protocol. ``region``/``zone``/``sub_zone`` set the node locality, which meshxl uses
-    to prefer members on the same site. ``initial_fetch_timeout`` bounds how long Envoy's
+    protocol. ``region``/``zone``/``sub_zone`` set the node locality, which Envoy reports
+    with its node (its admin shows it); meshxl does not route by it: every Envoy gets
+    the same endpoints and priorities, so a session hashes to the same member from any
+    site's Envoy (docs/istio.md: client-relative locality breaks stickiness across
+    sites). ``initial_fetch_timeout`` bounds how long Envoy's
     startup waits for the first CDS/LDS response (Envoy's default is 15 s; 0 waits
     forever); ``None`` keeps Envoy's default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC
     collector) adds the ``meshxl_otlp`` cluster that the listeners' OpenTelemetry
