@@ -104,8 +104,8 @@ async def bump(client: Any, keys: Keys, past: int,
         answer = await client.kvstub.Put(request, timeout=10, metadata=client.metadata)
         return int(answer.header.revision)
 
-    while revision < past:
-        batch = min(concurrency, past - revision)
+    while revision <= past:
+        batch = min(concurrency, past - revision + 1)
         revisions = await asyncio.gather(*(put() for _ in range(batch)))
         writes += batch
         revision = max(revision, *revisions)

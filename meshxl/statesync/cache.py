@@ -50,7 +50,7 @@ class Rewound(Unavailable):
         super().__init__(f"etcd's cluster id changed from {cluster[0]:x} to {cluster[1]:x}"
                          if cluster is not None else
                          f"etcd's revision went back from {applied} to {now}")
-        self.applied, self.now = applied, now
+        self.applied, self.now, self.cluster = applied, now, cluster
 
 
 class SessionCache:
@@ -67,6 +67,9 @@ class SessionCache:
         self._on_rewind = on_rewind
         """Called when etcd's history was replaced: what was observed of it is void."""
         self.rewinds = 0
+        self.replaced: tuple[int, int] | None = None
+        """(low, high): revisions handed out from a history etcd no longer has (it went
+        back to ``low``, or its cluster was replaced), which an ETag must not name."""
         self.cluster_id = 0
         """etcd's cluster id at the last full read (0: none yet)."""
         self.entries: dict[str, Entry] = {}
@@ -155,6 +158,9 @@ class SessionCache:
                           "dropping every cached session and reading everything",
                           exc)
                 self.entries = {}  # revisions of the old history name other writes now
+                low = 0 if exc.cluster else exc.now
+                high = max(exc.applied, self.replaced[1] if self.replaced else 0)
+                self.replaced = (min(low, self.replaced[0]) if self.replaced else low, high)
                 self.applied = 0
                 if self._on_rewind is not None:
                     self._on_rewind()
@@ -244,6 +250,13 @@ class SessionCache:
             for event in response.events:
                 apply(event)
         raise ConnectionError("session watch ended")
+
+    def replaced_revision(self, revision: int) -> bool:
+        """Whether ``revision`` was handed out from a history etcd no longer has: an
+        ETag naming it is refused (412) rather than compared, since etcd may give that
+        revision to another write."""
+        replaced = self.replaced
+        return replaced is not None and replaced[0] < revision <= replaced[1]
 
     async def _revision(self) -> tuple[int, int]:
         """etcd's revision now and its cluster id (a count-only range: no data moves)."""

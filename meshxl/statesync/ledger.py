@@ -124,6 +124,7 @@ class Ledger:
                                              current=None)
             else:
                 mode, expected = IF_MATCH, revision(tag)
+                self.check_not_replaced(write)
         elif observed is not None:
             mode, expected = OWNER, observed
         else:
@@ -133,6 +134,15 @@ class Ledger:
             if expected == 0:
                 raise no_session(session_id)
         return mode, expected
+
+    def check_not_replaced(self, write: Write) -> None:
+        """PreconditionFailed when the write's If-Match names a revision of a history
+        etcd no longer has (restored from a backup): it can match nothing safely."""
+        tag = write.if_match
+        if tag is not None and self.cache.replaced_revision(revision(parse_etag(tag))):
+            raise PreconditionFailed(
+                f"If-Match {tag.strip()} names a revision from before etcd was restored "
+                f"from a backup: read session {write.session_id!r} again", current=None)
 
     def refusal(self, op: str, session_id: str, mode: str, if_match: str | None,
                 expected: int, current: KeyState,

@@ -47,6 +47,7 @@ from .cache import SessionCache
 from .conditions import (
     BLIND,
     BLIND_RETRIES,
+    IF_MATCH,
     check_size,
     check_write,
     known_expectation,
@@ -241,6 +242,8 @@ class Sessions:
                 try:
                     known = known_expectation(write, seen[0] if seen is not None else None,
                                               entry.revision if entry is not None else 0)
+                    if known is not None and known[0] == IF_MATCH and cache.replaced:
+                        self.ledger.check_not_replaced(write)
                 except MeshxlError as exc:
                     locks.release(session_id)
                     outcomes[i] = detached(exc)
