@@ -49,9 +49,10 @@ from meshxl.model.load import check_model
 from meshxl.operator.actions import apply_model, set_member_admin
 from meshxl.proxy.bootstrap import build_bootstrap
 from meshxl.stats import summary
-from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+from meshxl.xds.app import ControlPlane
 from meshxl.xds.cache import Snapshot, stats, with_nonce
 from meshxl.xds.compiler import Compiler, compile_resources
+from meshxl.xds.config import ControlPlaneConfig
 from meshxl.xds.types import ENDPOINT, TYPE_ORDER
 
 RESULTS = Path(__file__).resolve().parent / "results" / "xds_compile.json"

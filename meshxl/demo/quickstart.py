@@ -34,7 +34,8 @@ from meshxl.local.servers import HOST, start_echo, start_etcd
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model, set_member_admin, set_site_admin
 from meshxl.proxy.bootstrap import build_bootstrap
-from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+from meshxl.xds.app import ControlPlane
+from meshxl.xds.config import ControlPlaneConfig
 
 MODEL = """\
 clusters:

@@ -311,6 +311,16 @@ def _region_failover(spec: ClusterSpec, warnings: list[str]) -> list[dict[str, s
 
 def _locality(spec: ClusterSpec, options: IstioOptions,
               warnings: list[str]) -> dict[str, Any]:
+    if spec.site_affinity == "local":
+        if spec.high_availability:
+            raise IstioRenderError(
+                f"cluster {spec.name}: site_affinity local in high-availability mode has "
+                "an active member per site, and the role labels Istio's failoverPriority "
+                "matches are the same for every client: use load-sharing, or "
+                "site_affinity global")
+        # A label without a value matches the client's own: each client proxy prefers
+        # endpoints whose site label equals its own, then the others.
+        return {"enabled": True, "failoverPriority": [options.site_label]}
     region = options.site_failover == "region" and len(spec.sites) > 1
     if spec.high_availability:
         # The member tier comes first; with region failover Istio orders each

@@ -233,8 +233,13 @@ _WEIGHT_SCALE = 1000
 _new_view = tuple.__new__
 
 
-def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
-    """Decide every member's state, tier, weight and role for one cluster."""
+def cluster_view(spec: ClusterSpec, state: RuntimeState,
+                 local_site: str | None = None) -> ClusterView:
+    """Decide every member's state, tier, weight and role for one cluster.
+
+    ``local_site``: the view of an Envoy in that site when the cluster's
+    ``site_affinity`` is ``local``: the site's members take the first tiers, the other
+    sites' follow in their usual order (roles are then relative to that site)."""
     if spec.sites:
         site_rank: dict[str, int] = {}
         site_weight: dict[str, int] = {}
@@ -250,9 +255,11 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
     down = state.members_down_of(spec.name)
     offline = state.sites_offline
     absent = _LOST if spec.registered else _READY
+    prefer = local_site if spec.site_affinity == "local" else None
 
     # (tier key, name, address, port, site, weight, state, problems); the tier key is
-    # (site rank, tier), sorted: one EDS priority per distinct key.
+    # (site rank, tier), or (not the local site, site rank, tier) in a site's own view,
+    # sorted: one EDS priority per distinct key.
     drafts: list[_Draft] = []
     held: list[int] = []  # drafts of returning members
     trouble: list[bool] = []  # one entry once a member is in trouble (problem, overload)
@@ -272,6 +279,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
         explicit = member.priority if member else None
         tier = explicit if explicit is not None else (position if high_availability else 0)
         rank = site_rank.get(site, unknown_site_rank)
+        key = (rank, tier) if prefer is None else (site != prefer, rank, tier)
         if down and name in down:
             member_state = _ADMIN_DOWN
         elif offline and site in offline:
@@ -292,8 +300,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState) -> ClusterView:
                 held.append(len(drafts))
                 if member_state is _READY:
                     member_state = _RETURNING
-        drafts.append(((rank, tier), name, address, port, site, weight, member_state,
-                       problems))
+        drafts.append((key, name, address, port, site, weight, member_state, problems))
 
     # Spec members first (their order is the operator's preference), then members
     # that registered without being listed, by name.

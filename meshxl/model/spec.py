@@ -64,6 +64,8 @@ ALL_WITHDRAWN: tuple[AllWithdrawn, ...] = get_args(AllWithdrawn)
 Failback = Literal["automatic", "manual"]
 FAILBACKS: tuple[Failback, ...] = get_args(Failback)
 Protocol = Literal["http", "http2", "grpc", "tcp"]
+#: Which members an Envoy prefers (``site_affinity``): the same everywhere, or its own site's.
+SiteAffinity = Literal["global", "local"]
 """What a cluster's members speak, named as Istio names Service ports."""
 PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 HealthCheckType = Literal["http", "grpc", "tcp"]
@@ -471,6 +473,11 @@ class ClusterSpec(_Spec):
     registered: only members with a live, ready registration in etcd are."""
     stickiness: Stickiness | None = None
     sites: list[Site] = []
+    site_affinity: SiteAffinity = "global"
+    """``global``: every Envoy gets the same endpoints in the same order, so a session
+    hashes to the same member from any site. ``local``: an Envoy whose node locality
+    zone names one of the sites gets that site's members first and the other sites'
+    behind them, as further tiers (docs/sites.md)."""
     members: list[Member] = []
     health_check: HealthCheck = HealthCheck()
     outlier_detection: OutlierDetection = OutlierDetection()
@@ -499,6 +506,23 @@ class ClusterSpec(_Spec):
                     self.retries, retry_on=list(GRPC_RETRY_ON)))
             if "timeout" not in self.route.model_fields_set:
                 object.__setattr__(self, "route", _replaced(self.route, timeout=0.0))
+        return self
+
+    @model_validator(mode="after")
+    def _local_sites(self) -> ClusterSpec:
+        """``site_affinity: local`` needs sites to prefer, and a pin wherever a session
+        can enter at either site: without one, site A's Envoy and site B's would hash
+        the same session to two members."""
+        if self.site_affinity != "local":
+            return self
+        if len(self.sites) < 2:
+            raise ValueError("site_affinity: local needs at least two sites under `sites`")
+        sticky = self.stickiness
+        if sticky is not None and sticky.pin is None and self.protocol != "tcp":
+            raise ValueError(
+                "site_affinity: local needs stickiness.pin: each site's Envoy hashes over "
+                "its own members first, so only a pin keeps a session on one member when "
+                "it enters at both sites (docs/sites.md)")
         return self
 
     @property

@@ -132,12 +132,15 @@ class ServerInfo:
     state: str
     node_id: str | None
     version: str = ""
+    zone: str = ""
+    """The node's locality zone (what picks a site's view of its clusters)."""
 
     @classmethod
     def from_admin(cls, raw: Mapping[str, Any]) -> ServerInfo:
         node = raw.get("node", {}) or {}
+        locality = node.get("locality", {}) or {}
         return cls(state=str(raw.get("state", "")), node_id=node.get("id"),
-                   version=str(raw.get("version", "")))
+                   version=str(raw.get("version", "")), zone=str(locality.get("zone", "")))
 
 
 def parse_clusters(data: Mapping[str, Any]) -> dict[str, list[Host]]:

@@ -219,17 +219,18 @@ def build_bootstrap(
     ``xds`` lists control-plane replicas as ``"HOST:PORT"`` strings or ``(host, port)``
     tuples, most preferred first. ``delta=True`` selects the incremental (DELTA_GRPC)
     protocol. ``region``/``zone``/``sub_zone`` set the node locality, which Envoy reports
-    with its node (its admin shows it); meshxl does not route by it: every Envoy gets
-    the same endpoints and priorities, so a session hashes to the same member from any
-    site's Envoy (docs/istio.md: client-relative locality breaks stickiness across
-    sites). ``initial_fetch_timeout`` bounds how long Envoy's
-    startup waits for the first CDS/LDS response (Envoy's default is 15 s; 0 waits
-    forever); ``None`` keeps Envoy's default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC
-    collector) adds the ``meshxl_otlp`` cluster that the listeners' OpenTelemetry
-    tracer exports request spans to when the model enables tracing. ``xds_tls`` makes
-    the ADS connection TLS (or mutual TLS), see :class:`XdsTls`. ``xds_token`` is sent
-    as ``authorization: Bearer TOKEN`` on the ADS stream (``serve xds --token-file``):
-    the bootstrap then holds a secret, so keep its file private.
+    with its node: a ``zone`` naming one of a ``site_affinity: local`` cluster's sites
+    gets that site's members first (docs/sites.md); every other cluster, and every
+    Envoy without a zone, gets the same endpoints and priorities everywhere, so a
+    session hashes to the same member from any site's Envoy.
+    ``initial_fetch_timeout`` bounds how long Envoy's startup waits for the first
+    CDS/LDS response (Envoy's default is 15 s; 0 waits forever); ``None`` keeps Envoy's
+    default. ``otlp`` (``HOST:PORT`` of an OTLP/gRPC collector) adds the ``meshxl_otlp``
+    cluster that the listeners' OpenTelemetry tracer exports request spans to when the
+    model enables tracing. ``xds_tls`` makes the ADS connection TLS (or mutual TLS), see
+    :class:`XdsTls`. ``xds_token`` is sent as ``authorization: Bearer TOKEN`` on the ADS
+    stream (``serve xds --token-file``): the bootstrap then holds a secret, so keep its
+    file private.
     """
     if not isinstance(node_id, str):
         raise ValueError(f"node_id must be a string, got {node_id!r}")

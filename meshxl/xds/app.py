@@ -12,12 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aetcd
@@ -27,17 +23,14 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshxl import etcd
-from meshxl.addr import bind_grpc, bind_tcp, bound_port, parse_listen
-from meshxl.etcd import EtcdSecurity
-from meshxl.etcd.keys import DEFAULT_ROOT, Keys
+from meshxl.addr import bind_grpc, bind_tcp, bound_port
+from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
-from meshxl.tls import ServerTls
 
-from .auth import DEFAULT_TRUST_DOMAIN, AdsAuth, Binding, ads_auth
 from .cache import Snapshot, SnapshotCache
 from .compiler import Compiler
-from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
+from .config import ControlPlaneConfig
 from .dns import Resolver, hostnames, is_ip_literal
 from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
@@ -60,67 +53,6 @@ texts are bounded at the ADS edge)."""
 
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
-
-
-@dataclass(frozen=True)
-class ControlPlaneConfig:
-    """Everything a control-plane replica needs; validated by the CLI."""
-
-    listen: str = "127.0.0.1:18000"
-    config_path: Path | None = None
-    etcd: str | None = None
-    etcd_root: str = DEFAULT_ROOT
-    admin: str | None = None
-    """HOST:PORT of the HTTP status endpoint (/healthz, /readyz, /v1/status)."""
-    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    debounce: float = 0.01
-    max_delay: float = 0.1
-    status_ttl: int = 10
-    """Lease TTL (s) of the node-status keys: they vanish with a dead replica."""
-    etcd_security: EtcdSecurity | None = None
-    """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
-    tls_cert: Path | None = None
-    """Serve ADS over TLS with this certificate chain and ``tls_key``."""
-    tls_key: Path | None = None
-    client_ca: Path | None = None
-    """Mutual TLS: accept only Envoys whose client certificate this CA signed."""
-    node_binding: Binding | None = None
-    """How a client certificate binds the node id (``san``, ``none``); None: ``san``
-    with ``client_ca``, else ``none``."""
-    trust_domain: str = DEFAULT_TRUST_DOMAIN
-    """The SPIFFE trust domain whose ``spiffe://DOMAIN/ns/NS/...`` IDs name namespaces."""
-    token: str | None = field(default=None, repr=False)
-    """Require ``authorization: Bearer TOKEN`` on every ADS stream."""
-    dns_interval: float = DNS_INTERVAL
-    """Seconds between resolutions of member addresses that are host names."""
-
-    def __post_init__(self) -> None:
-        parse_listen(self.listen, "--listen")
-        if self.admin is not None:
-            parse_listen(self.admin, "--admin")
-        if self.config_path is None and self.etcd is None:
-            raise ValueError("give a model file (--config), etcd (--etcd), or both")
-        if self.etcd is not None:
-            etcd.check_settings(self.etcd, self.etcd_security)
-        elif self.etcd_security is not None and self.etcd_security != EtcdSecurity():
-            raise ValueError("etcd TLS or credential options need --etcd")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
-        if self.client_ca is not None and self.tls_cert is None:
-            raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        self.auth()  # a bad binding, trust domain or token fails here, and a token in clear
-
-    def auth(self) -> AdsAuth:
-        """Who may open an ADS stream, and for which node id."""
-        return ads_auth(host=parse_listen(self.listen)[0], tls=self.tls_cert is not None,
-                        client_ca=self.client_ca is not None, binding=self.node_binding,
-                        trust_domain=self.trust_domain, token=self.token)
-
-    def server_tls(self) -> ServerTls | None:
-        """The ADS server's TLS (files checked now), or None for plaintext."""
-        if self.tls_cert is None or self.tls_key is None:
-            return None
-        return ServerTls(self.tls_cert, self.tls_key, self.client_ca)
 
 
 AdminPages = Callable[[web.Application, "ControlPlane"], None]
@@ -334,21 +266,27 @@ class ControlPlane:
         self._built_runtime, self._built_model = runtime, model
         self.model_warnings.update(model, runtime)
         previous = self.cache.snapshot
-        snapshot = Snapshot.build(resources.by_type(), previous=previous)
+        snapshot = Snapshot.build(resources.by_type(), previous=previous,
+                                  zones=resources.by_zone())
         self.compile_error = None
-        unchanged = previous is not None and previous.versions == snapshot.versions
-        self.failovers.built(snapshot.version(ENDPOINT), changed=not unchanged)
+        unchanged = (previous is not None and previous.versions == snapshot.versions
+                     and previous.zones == snapshot.zones)
+        node_zones = self.ads.zones()
+        self.failovers.built(snapshot.version(ENDPOINT), changed=not unchanged, expected={
+            node: snapshot.version(ENDPOINT, zone) for node, zone in node_zones.items()})
         self.metrics.rebuild_seconds.observe(time.perf_counter() - started)
         if unchanged:
             self.metrics.rebuilds.labels("unchanged").inc()
             return
         self.metrics.rebuilds.labels("published").inc()
         self.cache.set(snapshot)
-        self.convergence.published(snapshot.versions, seen, self.ads.acked())
+        self.convergence.published(snapshot.versions, seen, self.ads.acked(),
+                                   snapshot.zones, node_zones)
         self.last_build = {
             "at": time.time(),
             "seconds": round(time.perf_counter() - started, 6),
             "versions": snapshot.versions,
+            "zones": snapshot.zones,
             "etcd_revision": self.mesh.revision if self.mesh else None,
         }
         log.info("snapshot %s", " ".join(f"{t.rsplit('.', 1)[-1]}={v}"

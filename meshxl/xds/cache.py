@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from google.protobuf.message import Message
 
@@ -126,17 +127,26 @@ def _frame(type_url: str, version: str, body: bytes) -> bytes:
 
 
 def _encode_type(type_url: str, messages: Mapping[str, Message],
-                 previous: EncodedResources | None = None) -> EncodedResources:
+                 previous: EncodedResources | None = None,
+                 sibling: EncodedResources | None = None) -> EncodedResources:
+    """``previous``: this type's resources in the last snapshot (their entries are reused
+    for the same message objects, and returned whole when nothing changed);
+    ``sibling``: resources of the same type built just before (a zone's variant reuses
+    the entries it shares with the global one)."""
     full_name = type_name(type_url)
     any_type_url = len_field(_F_ANY_TYPE_URL, type_url.encode())
     any_value_tag = varint(_F_ANY_VALUE << 3 | 2)
     entries: dict[str, bytes] = {}
     hashed: list[bytes] = []  # (name field, entry) per resource: what the version hashes
-    reuse = previous.sources if previous is not None else {}
+    empty: Mapping[str, Any] = {}
+    old, old_entries = (previous.sources, previous.entries) if previous else (empty, empty)
+    near, near_entries = (sibling.sources, sibling.entries) if sibling else (empty, empty)
     for name in sorted(messages):
         message = messages[name]
-        if reuse.get(name) is message:  # the very object encoded last time
-            entry = previous.entries[name]  # type: ignore[union-attr]
+        if old.get(name) is message:  # the very object encoded last time
+            entry = old_entries[name]
+        elif near.get(name) is message:
+            entry = near_entries[name]
         else:
             if message.DESCRIPTOR.full_name != full_name:
                 raise ValueError(
@@ -166,39 +176,73 @@ class Snapshot:
     after ``build``: a change is a new message object.
     """
 
-    __slots__ = ("_types",)
+    __slots__ = ("_types", "_zones")
 
-    def __init__(self, types: Mapping[str, EncodedResources]) -> None:
+    def __init__(self, types: Mapping[str, EncodedResources],
+                 zones: Mapping[str, Mapping[str, EncodedResources]] | None = None) -> None:
         self._types = MappingProxyType(dict(types))
+        self._zones = MappingProxyType({z: MappingProxyType(dict(t))
+                                        for z, t in (zones or {}).items()})
 
     @classmethod
     def build(cls, resources: Mapping[str, Mapping[str, Message]],
-              previous: Snapshot | None = None) -> Snapshot:
+              previous: Snapshot | None = None,
+              zones: Mapping[str, Mapping[str, Mapping[str, Message]]] | None = None,
+              ) -> Snapshot:
         """Encode ``{type_url: {name: message}}``; every message is serialized once.
 
         With ``previous``, a message that is the same object as one it encoded is not
         encoded again, so a rebuild after a one-member change encodes one resource.
+        ``zones``: per Envoy locality zone, resources that replace the ones of the same
+        type and name for that zone's Envoys (``site_affinity: local``); the rest of the
+        type is shared, and encoded once.
         """
         old = previous._types if previous is not None else {}
         types = {t: _encode_type(t, resources.get(t, {}), old.get(t)) for t in TYPE_ORDER}
         for type_url, messages in resources.items():
             if type_url not in types:
                 types[type_url] = _encode_type(type_url, messages, old.get(type_url))
+        zoned: dict[str, dict[str, EncodedResources]] = {}
+        for zone, replaced in (zones or {}).items():
+            before: Mapping[str, EncodedResources] = (
+                previous._zones.get(zone, {}) if previous is not None else {})
+            zoned[zone] = {t: _encode_type(t, {**resources.get(t, {}), **messages},
+                                           before.get(t), types.get(t))
+                           for t, messages in replaced.items() if messages}
         stats.snapshots_built += 1
-        return cls(types)
+        return cls(types, zoned)
 
-    def resources(self, type_url: str) -> EncodedResources:
+    def resources(self, type_url: str, zone: str = "") -> EncodedResources:
+        """The type's resources as served to an Envoy in ``zone`` (its node locality)."""
+        if zone and self._zones:
+            types = self._zones.get(zone)
+            variant = types.get(type_url) if types is not None else None
+            if variant is not None:
+                return variant
         found = self._types.get(type_url)
         if found is None:
             found = _encode_type(type_url, {})
         return found
 
-    def version(self, type_url: str) -> str:
-        return self.resources(type_url).version
+    def version(self, type_url: str, zone: str = "") -> str:
+        return self.resources(type_url, zone).version
 
     @property
     def versions(self) -> dict[str, str]:
+        """The version of every type as served to Envoys outside any zone variant."""
         return {t: r.version for t, r in self._types.items()}
+
+    def versions_for(self, zone: str) -> dict[str, str]:
+        """The versions an Envoy in ``zone`` is served."""
+        variant = self._zones.get(zone) if zone else None
+        if not variant:
+            return self.versions
+        return {t: (variant[t] if t in variant else r).version for t, r in self._types.items()}
+
+    @property
+    def zones(self) -> dict[str, dict[str, str]]:
+        """Per zone with a variant, the versions of its variant types."""
+        return {z: {t: r.version for t, r in v.items()} for z, v in self._zones.items()}
 
     @property
     def type_urls(self) -> tuple[str, ...]:

@@ -41,6 +41,10 @@ class Resources:
     endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = field(default_factory=dict)
     listeners: dict[str, listener_pb2.Listener] = field(default_factory=dict)
     routes: dict[str, route_pb2.RouteConfiguration] = field(default_factory=dict)
+    zones: dict[str, dict[str, endpoint_pb2.ClusterLoadAssignment]] = field(
+        default_factory=dict)
+    """Per site (an Envoy's locality zone), the EDS of the ``site_affinity: local``
+    clusters as that site's Envoys see them; other Envoys get ``endpoints``."""
 
     def by_type(self) -> dict[str, Mapping[str, Message]]:
         return {
@@ -49,6 +53,10 @@ class Resources:
             types.LISTENER: self.listeners,
             types.ROUTE: self.routes,
         }
+
+    def by_zone(self) -> dict[str, dict[str, Mapping[str, Message]]]:
+        """Per zone, the resources its Envoys get instead (``Snapshot.build``'s zones)."""
+        return {zone: {types.ENDPOINT: cla} for zone, cla in self.zones.items()}
 
 
 def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
@@ -117,7 +125,8 @@ class Compiler:
     def __init__(self) -> None:
         self._model: ModelSpec | None = None
         self._static = Resources()
-        self._endpoints: dict[str, tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
+        self._endpoints: dict[tuple[str, str | None],
+                              tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
         self._drained: frozenset[tuple[str, str]] = frozenset()
 
     def compile(self, model: ModelSpec, state: RuntimeState | None = None,
@@ -135,22 +144,29 @@ class Compiler:
             self._drained = drained
         offline = frozenset(state.sites_offline)
         endpoints: dict[str, endpoint_pb2.ClusterLoadAssignment] = {}
+        zones: dict[str, dict[str, endpoint_pb2.ClusterLoadAssignment]] = {}
+        memo: dict[tuple[str, str | None], tuple[Any, endpoint_pb2.ClusterLoadAssignment]] = {}
         for spec in model.clusters:
             registrations = state.registrations_of(spec.name)
             inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
                                        offline)
             if resolved:
                 inputs += (_resolved_for(spec, registrations, resolved),)
-            cached = self._endpoints.get(spec.name)
-            if cached is not None and cached[0] == inputs:
-                endpoints[spec.name] = cached[1]
-                continue
-            cla = build_load_assignment(cluster_view(spec, state), resolved)
-            self._endpoints[spec.name] = (inputs, cla)
-            endpoints[spec.name] = cla
+            local = spec.site_names() if spec.site_affinity == "local" else ()
+            for site in (None, *local):
+                cached = self._endpoints.get((spec.name, site))
+                if cached is None or cached[0] != inputs:
+                    cached = (inputs, build_load_assignment(
+                        cluster_view(spec, state, local_site=site), resolved))
+                memo[(spec.name, site)] = cached
+                if site is None:
+                    endpoints[spec.name] = cached[1]
+                else:
+                    zones.setdefault(site, {})[spec.name] = cached[1]
+        self._endpoints = memo
         return Resources(clusters=dict(self._static.clusters), endpoints=endpoints,
                          listeners=dict(self._static.listeners),
-                         routes=dict(self._static.routes))
+                         routes=dict(self._static.routes), zones=zones)
 
 
 def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],

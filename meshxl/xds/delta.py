@@ -377,7 +377,7 @@ class DeltaStream(StreamState):
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        encoded = snapshot.resources(type_url)
+        encoded = snapshot.resources(type_url, node.zone)
         current = delta_resources(encoded)
         force, sub.force = sub.force, set()
         if type_url == ENDPOINT and self._rewarm:

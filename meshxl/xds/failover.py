@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +88,8 @@ class _Failover:
     rebuild_ns: int | None = None
     built_ns: int | None = None
     version: str | None = None
+    expected: dict[str, str] = field(default_factory=dict)
+    """Nodes served another EDS version than ``version`` (their zone's), by node."""
     waiting: set[str] = field(default_factory=set)
     pushes: dict[str, Span] = field(default_factory=dict)
     acks: dict[str, Span] = field(default_factory=dict)
@@ -200,11 +202,15 @@ class FailoverTracer:
                     start_time=now)
                 f.rebuild_ns = now
 
-    def built(self, version: str, changed: bool) -> None:
-        """The snapshot with ``version`` (EDS) is about to be served."""
+    def built(self, version: str, changed: bool,
+              expected: Mapping[str, str] | None = None) -> None:
+        """The snapshot with ``version`` (EDS) is about to be served; ``expected``: the
+        nodes served another version (their zone's variant), by node."""
         now = time.time_ns()
         acked = self._connected()  # connected node -> the EDS version it ACKed last
-        nodes = {node for node, have in acked.items() if have != version}
+        expected = dict(expected or {})
+        nodes = {node for node, have in acked.items()
+                 if have != expected.get(node, version)}
         for f in self._open:
             if f.rebuild is not None:
                 f.rebuild.set_attribute(names.VERSION, version)
@@ -213,7 +219,7 @@ class FailoverTracer:
                 f.built_ns = now
             if not changed and f.version is not None:
                 continue
-            f.version = version
+            f.version, f.expected = version, expected
             f.root.set_attribute(names.VERSION, version)
             f.root.set_attribute(names.NODES, len(acked))
             f.waiting = set(nodes)
@@ -226,7 +232,7 @@ class FailoverTracer:
                     f.pushes[node] = self._tracer.start_span(
                         names.FAILOVER_PUSH, context=ctx, start_time=now,
                         attributes={names.NODE: node, names.TYPE_URL: ENDPOINT,
-                                    names.VERSION: version})
+                                    names.VERSION: expected.get(node, version)})
             if f.waiting:
                 self._changed(f)  # pushed: the timeline shows who it waits for
         self._close_finished()
@@ -235,7 +241,8 @@ class FailoverTracer:
         """Open failovers waiting for ``node`` to get (or answer) EDS ``version``."""
         if type_url != ENDPOINT or not self._open:
             return []
-        return [f for f in self._open if f.version == version and node in f.waiting]
+        return [f for f in self._open if node in f.waiting
+                and f.expected.get(node, f.version) == version]
 
     def sent(self, node: str, type_url: str, version: str, _error: str | None) -> None:
         now = time.time_ns()

@@ -8,7 +8,7 @@ control plane reports rebuilds, convergence and the debounce queue.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -180,6 +180,7 @@ class Convergence:
     def __init__(self, metrics: XdsMetrics) -> None:
         self._metrics = metrics
         self._versions: dict[str, str] = {}
+        self._zones: dict[str, dict[str, str]] = {}
         self._seen_ns: int | None = None
         self._waiting: set[str] = set()
 
@@ -188,16 +189,22 @@ class Convergence:
         return frozenset(self._waiting)
 
     def published(self, versions: dict[str, str], seen_ns: int,
-                  acked: dict[str, dict[str, str | None]]) -> None:
+                  acked: dict[str, dict[str, str | None]],
+                  zones: Mapping[str, dict[str, str]] | None = None,
+                  node_zones: Mapping[str, str] | None = None) -> None:
         """A snapshot with ``versions`` is served; ``acked``: connected node -> the
-        version it ACKed last per type."""
+        version it ACKed last per type; ``zones``: per zone with a variant, the versions
+        its Envoys are served instead; ``node_zones``: connected nodes' zones."""
         self._versions = dict(versions)
+        self._zones = dict(zones or {})
+        node_zones = node_zones or {}
         if self._seen_ns is None:
             self._seen_ns = seen_ns
         if not acked:
             self._seen_ns, self._waiting = None, set()  # nothing to converge
             return
-        self._waiting = {n for n, types in acked.items() if not self._done(types)}
+        self._waiting = {n for n, types in acked.items()
+                         if not self._done(types, node_zones.get(n, ""))}
         self._finish()
 
     def node_changed(self, node_id: str, status: dict[str, Any]) -> None:
@@ -205,14 +212,16 @@ class Convergence:
         if node_id not in self._waiting:
             return
         types = {t: s.get("acked_version") for t, s in status.get("types", {}).items()}
-        if status.get("streams", 0) == 0 or self._done(types):
+        if status.get("streams", 0) == 0 or self._done(types, status.get("zone", "")):
             self._waiting.discard(node_id)
             self._finish()
 
-    def _done(self, acked: dict[str, str | None]) -> bool:
+    def _done(self, acked: dict[str, str | None], zone: str = "") -> bool:
         # Only the types this node subscribed to count (an Envoy without listeners
         # never asks for routes).
-        return all(acked[t] == v for t, v in self._versions.items() if t in acked)
+        variant = self._zones.get(zone, {}) if zone else {}
+        return all(acked[t] == variant.get(t, v) for t, v in self._versions.items()
+                   if t in acked)
 
     def _finish(self) -> None:
         if self._waiting or self._seen_ns is None:

@@ -125,6 +125,9 @@ class Nack:
 class NodeStatus:
     node_id: str
     cluster: str = ""
+    zone: str = ""
+    """The node's locality zone: a site's name gets that site's view of the
+    ``site_affinity: local`` clusters."""
     streams: int = 0
     connected_at: float | None = None
     disconnected_at: float | None = None
@@ -143,6 +146,7 @@ class NodeStatus:
         return {
             "node_id": self.node_id,
             "cluster": self.cluster,
+            "zone": self.zone,
             "streams": self.streams,
             "connected_at": self.connected_at,
             "disconnected_at": self.disconnected_at,

@@ -192,6 +192,11 @@ class AdsServer:
         return {node_id: {t: st.acked_version for t, st in node.types.items()}
                 for node_id, node in self._nodes.items() if node.streams > 0}
 
+    def zones(self) -> dict[str, str]:
+        """Connected nodes' locality zones (the ones that have one)."""
+        return {node_id: node.zone for node_id, node in self._nodes.items()
+                if node.streams > 0 and node.zone}
+
     def forget(self, node_id: str) -> None:
         """Drop a disconnected node's status and quarantine (e.g. its pod is gone)."""
         node = self._nodes.get(node_id)
@@ -233,6 +238,7 @@ class AdsServer:
         if node is None:
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.cluster = bound_text(node_proto.cluster, NODE_CLUSTER_MAX) or node.cluster
+        node.zone = bound_text(node_proto.locality.zone, NODE_CLUSTER_MAX)
         if node.streams == 0:
             self._restore(node)
         node.streams += 1

@@ -128,7 +128,7 @@ class SotwStream(StreamState):
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        resources = self._serving(node, type_url, sub, snapshot.resources(type_url))
+        resources = self._serving(node, type_url, sub, snapshot.resources(type_url, node.zone))
         key = sub.want(resources.version)
         # Nothing is sent twice on a stream unless Envoy asks again (``fresh``): not the
         # response in flight or answered, nor, after a NACK, what Envoy kept.

@@ -17,7 +17,8 @@ from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner, Process
 from meshxl.local.wait import wait_until
-from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+from meshxl.xds.app import ControlPlane
+from meshxl.xds.config import ControlPlaneConfig
 
 __all__ = ["ControlPlaneProcess", "InProcessControlPlane", "start_control_plane"]
 

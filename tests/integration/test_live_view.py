@@ -29,7 +29,8 @@ from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
 from meshxl.operator.actions import apply_model
 from meshxl.ui import SECURITY_HEADERS, install
-from meshxl.xds.app import ControlPlane, ControlPlaneConfig
+from meshxl.xds.app import ControlPlane
+from meshxl.xds.config import ControlPlaneConfig
 from meshxl.xds.types import CLUSTER as CDS
 from meshxl.xds.types import ENDPOINT
 from tests.harness.browser import (

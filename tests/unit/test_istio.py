@@ -435,6 +435,20 @@ def test_load_sharing_two_sites_source_ip() -> None:
     assert "ignore_health_on_host_removal" not in patches(rendered)["CLUSTER"]["patch"]["value"]
 
 
+def test_local_site_affinity_prefers_the_clients_own_site() -> None:
+    text = MODELS["LS_SHARED_RANK"].replace("mode: load-sharing", "mode: load-sharing\n"
+                                            "    site_affinity: local")
+    rendered = render_model(parse_model(text), OPTIONS)
+    for obj in rendered.objects:
+        check_crd(obj)
+    lb = traffic_policy(rendered)["loadBalancer"]
+    # A label without a value: each client proxy matches its own site label.
+    assert lb["localityLbSetting"] == {"enabled": True, "failoverPriority": ["meshxl.io/site"]}
+    ha = text.replace("mode: load-sharing", "mode: high-availability")
+    with pytest.raises(IstioRenderError, match="site_affinity local in high-availability"):
+        render_model(parse_model(ha), OPTIONS)
+
+
 def test_shared_rank_sites_without_stickiness_or_retries() -> None:
     rendered = render("LS_SHARED_RANK")
     policy = traffic_policy(rendered)

@@ -27,7 +27,7 @@ from meshxl.statesync.auth import (
     valid_token,
 )
 from meshxl.statesync.http import Request, Response, Router, json_response
-from meshxl.xds.app import ControlPlaneConfig
+from meshxl.xds.config import ControlPlaneConfig
 from tests.harness.certs import CA
 from tests.unit.test_sidecar_http import answers, exchange, serving
 

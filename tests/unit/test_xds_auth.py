@@ -16,7 +16,6 @@ from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceSt
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from meshxl.tls import ServerTls
-from meshxl.xds.app import ControlPlaneConfig
 from meshxl.xds.auth import (
     AdsAuth,
     Peer,
@@ -26,6 +25,7 @@ from meshxl.xds.auth import (
     spiffe_namespace,
 )
 from meshxl.xds.cache import SnapshotCache
+from meshxl.xds.config import ControlPlaneConfig
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER

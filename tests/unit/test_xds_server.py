@@ -67,8 +67,10 @@ async def eventually(condition: Callable[[], Any], within: float = WAIT) -> None
 class Envoy:
     """A scripted ADS client speaking like Envoy (node on the first request only)."""
 
-    def __init__(self, stub: AggregatedDiscoveryServiceStub, node_id: str) -> None:
+    def __init__(self, stub: AggregatedDiscoveryServiceStub, node_id: str,
+                 zone: str = "") -> None:
         self.node_id = node_id
+        self.zone = zone
         self._requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
         self._sent_node = False
         self.call = stub.StreamAggregatedResources(self._outgoing())
@@ -101,6 +103,7 @@ class Envoy:
         )
         if not self._sent_node:
             request.node.CopyFrom(Node(id=self.node_id, cluster="test"))
+            request.node.locality.zone = self.zone
             self._sent_node = True
         if error is not None:
             request.error_detail.CopyFrom(Status(code=3, message=error))
@@ -142,8 +145,8 @@ class Harness:
         self.stub = AggregatedDiscoveryServiceStub(channel)
         self.envoys: list[Envoy] = []
 
-    def envoy(self, node_id: str = "envoy-1") -> Envoy:
-        self.envoys.append(Envoy(self.stub, node_id))
+    def envoy(self, node_id: str = "envoy-1", zone: str = "") -> Envoy:
+        self.envoys.append(Envoy(self.stub, node_id, zone))
         return self.envoys[-1]
 
     def types(self, node_id: str) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from meshxl.xds.drains import expired_drains
 from meshxl.xds.resources import CompileError
 from meshxl.xds.types import short_type
 
-__all__ = ["EnvoyLive", "expected_endpoints", "expected_versions", "fetch_envoy", "verify",
-           "verify_report"]
+__all__ = ["EnvoyLive", "expected_endpoints", "expected_snapshot", "expected_versions",
+           "fetch_envoy", "verify", "verify_report"]
 
 _DRAINING = 3  # envoy.config.core.v3.HealthStatus.DRAINING
 
@@ -39,6 +39,7 @@ class EnvoyLive:
     node_id: str | None = None
     clusters: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     error: str | None = None
+    zone: str = ""
     connected: bool | None = None
     """Envoy's own ``control_plane.connected_state`` (None: not reported)."""
 
@@ -54,7 +55,7 @@ async def fetch_envoy(url: str, timeout: float = 5.0) -> EnvoyLive:
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         live.error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         return live
-    live.node_id = info.node_id
+    live.node_id, live.zone = info.node_id, info.zone
     if connected is not None:
         live.connected = bool(connected)
     for name, hosts in clusters.items():
@@ -65,25 +66,31 @@ async def fetch_envoy(url: str, timeout: float = 5.0) -> EnvoyLive:
     return live
 
 
-def expected_versions(read: MeshRead) -> dict[str, str]:
-    """The versions a control plane serves for this model and runtime now (versions
+def expected_snapshot(read: MeshRead) -> Snapshot | None:
+    """The snapshot a control plane serves for this model and runtime now (versions
     are content hashes, so every replica computes the same ones)."""
     if read.model is None:
-        return {}
+        return None
     # The listeners depend on which drain windows have passed, as in the control plane.
     drained = expired_drains(read.model, read.runtime, time.time()).expired
     resources = compile_resources(read.model, read.runtime, read.resolved, drained)
-    return Snapshot.build(resources.by_type()).versions
+    return Snapshot.build(resources.by_type(), zones=resources.by_zone())
 
 
-def expected_endpoints(read: MeshRead) -> dict[str, list[dict[str, Any]]]:
-    """Per cluster, the hosts its compiled EDS resource lists (a member named by host
-    name has one per resolved address)."""
+def expected_versions(read: MeshRead, zone: str = "") -> dict[str, str]:
+    """The versions served to an Envoy in ``zone`` (its node locality)."""
+    snapshot = expected_snapshot(read)
+    return {} if snapshot is None else snapshot.versions_for(zone)
+
+
+def expected_endpoints(read: MeshRead, zone: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Per cluster, the hosts its compiled EDS resource lists for an Envoy in ``zone``
+    (a member named by host name has one per resolved address)."""
     out: dict[str, list[dict[str, Any]]] = {}
     if read.model is None:
         return out
     resources = compile_resources(read.model, read.runtime, read.resolved)
-    for name, cla in resources.endpoints.items():
+    for name, cla in {**resources.endpoints, **resources.zones.get(zone, {})}.items():
         hosts = []
         for group in cla.endpoints:
             for ep in group.lb_endpoints:
@@ -110,17 +117,20 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
         return {"ok": False, "revision": read.revision, "expected": {}, "nodes": [],
                 "envoys": [], "mismatches": problems, "warnings": []}
     try:
-        expected = expected_versions(read)
+        snapshot = expected_snapshot(read)
     except CompileError as exc:
         problem(None, "model", f"the model does not compile: {exc}")
-        expected = {}
+        snapshot = None
+    expected = snapshot.versions if snapshot is not None else {}
     nodes = []
     for node_id in sorted(read.nodes):
         status = read.nodes[node_id]
         types = status.get("types")
         types = types if isinstance(types, dict) else {}
         checked = {}
-        for type_url, want in expected.items():
+        zone = str(status.get("zone") or "")
+        wanted = snapshot.versions_for(zone) if snapshot is not None else {}
+        for type_url, want in wanted.items():
             if not isinstance(types.get(type_url), dict):
                 continue  # this Envoy does not subscribe to the type
             got = types[type_url].get("acked_version")
@@ -132,12 +142,12 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
                         replica=status.get("replica"))
         nack = status.get("last_nack")
         if isinstance(nack, dict) and nack.get("version") in (
-                expected.get(str(nack.get("type_url"))), None):
+                wanted.get(str(nack.get("type_url"))), None):
             nack_type = short_type(str(nack.get("type_url")))
             problem(node_id, "nack", f"{node_id}: rejected {nack_type} "
                     f"version {nack.get('version')}: {nack.get('error')}", type=nack_type)
         nodes.append({"node": node_id, "replica": status.get("replica"), "types": checked})
-    endpoints = expected_endpoints(read)
+    endpoints_of: dict[str, dict[str, list[dict[str, Any]]]] = {}
     envoy_rows = []
     for live in envoys:
         row: dict[str, Any] = {"url": live.url, "node": live.node_id, "error": live.error}
@@ -151,7 +161,9 @@ def verify_report(read: MeshRead, envoys: Iterable[EnvoyLive] = ()) -> dict[str,
         elif live.node_id not in read.nodes:
             problem(live.node_id, "disconnected", f"{live.node_id} ({live.url}) is connected "
                     "to no control-plane replica")
-        for name, wanted_hosts in endpoints.items():
+        if live.zone not in endpoints_of:
+            endpoints_of[live.zone] = expected_endpoints(read, live.zone)
+        for name, wanted_hosts in endpoints_of[live.zone].items():
             live_hosts = live.clusters.get(name)
             if live_hosts is None:
                 problem(live.node_id, "cluster", f"{live.node_id}: cluster {name} missing",
