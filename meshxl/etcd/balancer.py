@@ -8,7 +8,9 @@ health-checked by a cheap ``Maintenance.Status`` probe with a short deadline (on
 second, every 100 ms while anything is wrong; the idea of etcd's clientv3 balancer
 and its health checker). A member is *up* while it answers and reports a leader that
 is not itself known to be gone; requests go to the member this client prefers (spread
-over the members at random), to another up member when it is not. :class:`Balancer`
+over the members at random, then the nearest: a member whose probes answer
+:data:`NEAR_MARGIN` faster is preferred, so a client in one site of a stretched cluster
+uses a member of its own site), to another up member when it is not. :class:`Balancer`
 also tells a caller when the member it sent a request to turned out gone or changed
 leader (:meth:`Endpoint.changed`), so the request can be cancelled and sent again
 elsewhere when that is safe (the session store decides what is: ``statesync/store.py``).
@@ -20,6 +22,7 @@ the watches that follow a member's health are in :mod:`meshxl.etcd.watch`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -46,6 +49,11 @@ PROBE_TIMEOUT = 0.5
 ATTEMPT_TIMEOUT = 2.0
 """Deadline of one attempt of a request (:meth:`Balancer.call`); a request as a whole
 has the client's timeout."""
+NEAR_MARGIN = 0.002
+"""A member whose fastest recent probe answered this much sooner than the preferred
+one's becomes preferred (loopback members differ by far less: they stay spread)."""
+NEAR_SAMPLES = 8
+"""Probe round trips kept per member; their minimum is its distance."""
 SLOW_ATTEMPT = 0.1
 """An attempt outstanding this long makes the members be probed at once, then often."""
 LAGGING = 0.15
@@ -84,7 +92,14 @@ class Endpoint:
         self._probing = 0
         self._outstanding: dict[int, float] = {}  # probe seq -> monotonic time sent
         self.answered_sent = 0.0  # when the newest answered probe was sent
+        self.round_trips: collections.deque[float] = collections.deque(maxlen=NEAR_SAMPLES)
         self._changed = asyncio.Event()
+
+    @property
+    def distance(self) -> float | None:
+        """The fastest of the recent probes' round trips (None before three answers)."""
+        trips = self.round_trips
+        return min(trips) if len(trips) >= 3 else None
 
     def changed(self) -> asyncio.Event:
         """Set when this member stops being up or its leader changes: a request sent to
@@ -108,7 +123,9 @@ class Endpoint:
         task.add_done_callback(_background.discard)
 
     def as_dict(self) -> dict[str, Any]:
+        distance = self.distance
         return {"endpoint": self.name, "state": self.state, "reason": self.reason,
+                "distance_ms": None if distance is None else round(distance * 1e3, 3),
                 "member_id": f"{self.member_id:x}" if self.member_id else None,
                 "leader": f"{self.leader:x}" if self.leader else None}
 
@@ -169,8 +186,14 @@ class Balancer:
         first up member after it (which becomes preferred), else the preferred one."""
         n = len(self.endpoints)
         preferred = self.endpoints[self._preferred]
-        if not self.probing or preferred.state == UP:
+        if not self.probing:
             return preferred
+        if preferred.state == UP:
+            near = self._nearer(preferred)
+            if near is None:
+                return preferred
+            self._switch(self.endpoints.index(near), "nearer")
+            return near
         for i in range(1, n):
             index = (self._preferred + i) % n
             if self.endpoints[index].state == UP:
@@ -183,11 +206,23 @@ class Balancer:
                     return ep
         return preferred
 
-    def _switch(self, index: int) -> None:
+    def _nearer(self, preferred: Endpoint) -> Endpoint | None:
+        """An up member nearer than ``preferred`` by :data:`NEAR_MARGIN`, if any."""
+        mine = preferred.distance
+        if mine is None:
+            return None
+        best, best_distance = None, mine - NEAR_MARGIN
+        for ep in self.endpoints:
+            distance = ep.distance
+            if ep.state == UP and distance is not None and distance < best_distance:
+                best, best_distance = ep, distance
+        return best
+
+    def _switch(self, index: int, why: str | None = None) -> None:
         if index != self._preferred:
             log.info("etcd: using %s (was %s: %s)", self.endpoints[index].name,
                      self.endpoints[self._preferred].name,
-                     self.endpoints[self._preferred].reason)
+                     why or self.endpoints[self._preferred].reason)
             self._preferred = index
             self.switches += 1
 
@@ -351,6 +386,7 @@ class Balancer:
                 ep._applied_seq = seq
                 ep.answered = True
                 ep.answered_sent = max(ep.answered_sent, sent)
+                ep.round_trips.append(time.monotonic() - sent)
                 ep.member_id = reply.header.member_id
                 ep.term = reply.raftTerm
                 if ep.suspect_since and sent >= ep.suspect_since:

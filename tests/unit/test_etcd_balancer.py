@@ -88,6 +88,29 @@ def test_members_with_a_leader_are_up_and_the_preferred_one_is_used() -> None:
     assert b.current is b.endpoints[0]
 
 
+def test_the_nearest_member_is_preferred_once_measured_and_only_when_clearly_nearer() -> None:
+    b = _balancer()
+    for i, ep in enumerate(b.endpoints):
+        _answer(ep, i + 1, 1)
+    b._evaluate()
+    # Two samples are no distance yet; loopback-like differences never move a client.
+    b.endpoints[0].round_trips.extend([0.0011, 0.0009, 0.0010])
+    b.endpoints[1].round_trips.extend([0.0004, 0.0003])
+    b.endpoints[2].round_trips.extend([0.0003, 0.0002, 0.0004])
+    assert b.current is b.endpoints[0] and b.switches == 0
+    # A member of another site (20 ms) is left for one of this site (0.3 ms), even when
+    # the far one has one fast outlier: the distance is the fastest recent probe.
+    b.endpoints[0].round_trips.clear()
+    b.endpoints[0].round_trips.extend([0.021, 0.020, 0.025])
+    assert b.current is b.endpoints[2] and b.switches == 1
+    assert b.endpoints[2].as_dict()["distance_ms"] == 0.2
+    # The nearer member is only taken while it is up.
+    _silent(b.endpoints[1])
+    _silent(b.endpoints[2])
+    b._evaluate()
+    assert b.current is b.endpoints[0]
+
+
 def test_a_silent_leader_leaves_its_followers_without_one_until_a_new_term() -> None:
     b = _balancer()
     for i, ep in enumerate(b.endpoints):
