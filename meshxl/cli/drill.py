@@ -10,7 +10,7 @@ import click
 
 from meshxl.etcd.keys import Keys
 
-from .errors import one_line, run
+from .errors import fail, one_line, run
 from .options import (
     check_admin_urls,
     etcd_client,
@@ -40,26 +40,45 @@ from .options import (
               help="Longest wait for every Envoy to acknowledge a step.")
 @click.option("--reason", default="DR drill", show_default=True,
               help="Recorded with the site offline action.")
+@click.option("--check-sidecar", "check_sidecars", multiple=True, metavar="URL",
+              help="A sidecar of the surviving site: after the watch, every session "
+              "written before and during the drill is read back through it and compared "
+              "with what etcd committed (the data check). Repeat for several clusters.")
+@click.option("--sidecar-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="MESHXL_STATESYNC_TOKEN_FILE",
+              help="The sidecars' API token (or MESHXL_STATESYNC_TOKEN).")
 @model_option
 @etcd_option
 @root_option
 def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, ...],
           envoy_admin: tuple[str, ...], output_dir: Path, converge_timeout: float,
-          reason: str, model_file: Path | None, etcd_urls: str, etcd_root: str) -> None:
+          reason: str, check_sidecars: tuple[str, ...], sidecar_token_file: Path | None,
+          model_file: Path | None, etcd_urls: str, etcd_root: str) -> None:
     """The DR drill: verify, take SITE offline, watch, verify, bring it back, verify.
 
     Refuses to start (exit 2) unless everything is healthy and in sync; brings the site
     back online if anything fails midway; exit 1 when a step fails or an objective is
     breached. Writes a JSON and a Markdown report and a timeline plot.
     """
+    import os
+
+    from meshxl.bearer import read_token
+    from meshxl.errors import InputError
     from meshxl.operator.drill import REFUSED, DrillConfig, DrillSettingsError, run_drill
 
     text, source = model_text(model_file)
     check_admin_urls(envoy_admin, REFUSED)
+    check_admin_urls(check_sidecars, REFUSED, "--check-sidecar")
+    try:
+        token = read_token(sidecar_token_file, os.environ, "MESHXL_STATESYNC_TOKEN",
+                           "--sidecar-token-file")
+    except InputError as exc:
+        fail(str(exc), REFUSED)
     cfg = DrillConfig(site=site, output_dir=output_dir, duration=duration,
                       envoy_admin=list(envoy_admin), traces=list(traces), slo=list(slo),
                       converge_timeout=converge_timeout, reason=reason, model_text=text,
-                      model_source=source)
+                      model_source=source, check_sidecars=list(check_sidecars),
+                      sidecar_token=token)
 
     async def go() -> tuple[int, dict[str, Any]]:
         async with etcd_client(etcd_urls) as client:

@@ -183,8 +183,8 @@ def show(report: dict[str, Any], output: str, render: Callable[[Any, Any], None]
         render(report, console())
 
 
-def check_admin_urls(urls: tuple[str, ...], code: int = 1) -> None:
-    """``--envoy-admin`` values are http(s) URLs."""
+def check_admin_urls(urls: tuple[str, ...], code: int = 1, flag: str = "--envoy-admin") -> None:
+    """``--envoy-admin`` (or ``flag``) values are http(s) URLs."""
     for url in urls:
         if not url.startswith(("http://", "https://")):
-            fail(f"--envoy-admin needs an http(s) URL, got {url!r}", code)
+            fail(f"{flag} needs an http(s) URL, got {url!r}", code)

@@ -9,7 +9,10 @@ The controlled site failover procedure against a running deployment:
 3. **watch** for ``duration`` seconds: sample Envoy's per-endpoint request counters (with
    ``--envoy-admin``) to see traffic leave the site, and its listeners' counters of
    requests answered with a 5xx (failed requests, counted with or without traces);
-4. **verify** the distribution with the site offline;
+4. **verify** the distribution with the site offline, and, given sidecars of the
+   surviving site (``--check-sidecar``), the **data check**: every session written
+   before and during the drill read back through them and compared with what etcd
+   committed (:mod:`meshxl.operator.consistency`);
 5. **online**: bring the site back and wait for every Envoy;
 6. **verify** once more;
 
@@ -39,6 +42,7 @@ import aiohttp
 from meshxl.errors import Conflict, InputError
 from meshxl.etcd.keys import Keys
 from meshxl.operator.actions import set_site_admin
+from meshxl.operator.consistency import Sidecar, committed, compare_sessions, sidecar_identity
 from meshxl.operator.views import read_mesh, status_report, sync_report, verify
 from meshxl.proxy.admin import EnvoyAdmin
 
@@ -78,6 +82,9 @@ class DrillConfig:
     model_text: str | None = None
     model_source: str | None = None
     trace_settle: float = 2.0
+    check_sidecars: list[str] = field(default_factory=list)
+    """Sidecars of the surviving site(s) the data check reads every session through."""
+    sidecar_token: str | None = field(default=None, repr=False)
     """Seconds to wait after the drill for processes to flush their spans."""
 
 
@@ -214,6 +221,8 @@ class _Drill:
         self.client, self.keys, self.cfg, self.say = client, keys, cfg, say
         self.steps: list[dict[str, Any]] = []
         self.events: dict[str, float] = {}
+        self.checkers: list[Sidecar] = []
+        self.baseline: dict[str, dict[str, int]] = {}
 
     async def _verify(self, settle: float) -> dict[str, Any]:
         return await verify(self.client, self.keys, self.cfg.envoy_admin, self.cfg.model_text,
@@ -259,6 +268,50 @@ class _Drill:
                   else "; ".join(p["message"] for p in report["mismatches"]),
                   mismatches=report["mismatches"])
 
+    async def data_baseline(self) -> None:
+        """Who reads the sessions back (sidecars outside the site, ready), and every
+        session's revision before the drill."""
+        started = time.time()
+        reasons = []
+        for url in self.cfg.check_sidecars:
+            try:
+                sidecar = await sidecar_identity(url, self.cfg.sidecar_token)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                reasons.append(f"--check-sidecar {url}: cannot read its status: "
+                               f"{type(exc).__name__}: {exc}")
+                continue
+            if sidecar.site == self.cfg.site:
+                reasons.append(f"--check-sidecar {url} ({sidecar.member}) is on site "
+                               f"{self.cfg.site}: the data check reads from the surviving site")
+            elif not sidecar.ready:
+                reasons.append(f"--check-sidecar {url} ({sidecar.member}) is not ready")
+            self.checkers.append(sidecar)
+        if reasons:
+            raise DrillRefused(reasons)
+        for cluster in sorted({s.cluster for s in self.checkers}):
+            sessions = await committed(self.client, self.keys, cluster)
+            self.baseline[cluster] = {k: revision for k, (revision, _) in sessions.items()}
+        self.step("data baseline", True, started, ", ".join(
+            f"{c}: {len(b)} sessions" for c, b in self.baseline.items()))
+
+    async def data_check(self) -> list[dict[str, Any]]:
+        """Every session before and during the drill, through each checking sidecar."""
+        started = time.time()
+        results = [await compare_sessions(self.client, self.keys, s, self.cfg.sidecar_token,
+                                          self.baseline.get(s.cluster, {}))
+                   for s in self.checkers]
+        ok = all(r["ok"] for r in results)
+        detail = "; ".join(
+            f"{r['member'] or r['sidecar']}: {r['matched']}/{r['sessions']} sessions match "
+            f"etcd ({r['written_during']} written during the drill)"
+            + ("" if r["ok"] else ", " + ", ".join(f"{n} {k}" for k, n in r["problems"].items()))
+            for r in results)
+        ended = time.time()
+        self.steps.append({"step": "data check", "ok": ok, "started": _iso(started),
+                           "seconds": round(ended - started, 3), "detail": detail})
+        self.say(f"{'ok  ' if ok else 'FAIL'} data check ({ended - started:.1f} s): {detail}")
+        return results
+
     async def set_site(self, offline: bool) -> None:
         started = time.time()
         revision = await set_site_admin(self.client, self.keys, self.cfg.site, offline,
@@ -291,6 +344,8 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
     code = PASSED
     try:
         _, sites = await drill.preflight()
+        if cfg.check_sidecars:
+            await drill.data_baseline()
         sampler = _Sampler(cfg.envoy_admin, sites, cfg.sample_interval)
         stop = asyncio.Event()
         sampling = asyncio.create_task(sampler.run(stop))
@@ -303,6 +358,8 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
             await asyncio.sleep(cfg.duration)
             drill.step("watch", True, watch, f"{cfg.duration:g} s with site {cfg.site} offline")
             await drill.converge("verify offline")
+            if drill.checkers:
+                report["data"] = await drill.data_check()
             await drill.set_site(offline=False)
             offline = False
             await drill.converge("online converged", "online converged")
@@ -327,6 +384,8 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
             _write(cfg.output_dir, report, sampler, drill.events)
             raise
     report["ended"] = _iso(time.time())
+    if code == PASSED and not all(r["ok"] for r in report.get("data", [])):
+        report["result"], code = "failed", FAILED
     if sampler is not None:
         report["traffic"] = _traffic(sampler, cfg.site, drill.events)
         if code == PASSED and (report["traffic"].get("moved") is False
@@ -442,6 +501,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Traffic left the site: {traffic['moved']}",
                   "", f"Failed requests (answered 5xx by Envoy's listeners): "
                   f"{traffic.get('failed_requests', 0)} of {traffic.get('answered_requests', 0)}"]
+    for data in report.get("data", []):
+        problems = ", ".join(f"{n} {_md(k)}" for k, n in data["problems"].items()) or "none"
+        lines += ["", f"Data check through {_md(data['member'])} (site {_md(data['site'])}, "
+                  f"cluster {_md(data['cluster'])}): {data['matched']} of {data['sessions']} "
+                  f"sessions match etcd, {data['written_during']} written during the drill; "
+                  f"problems: {problems}"]
+        for kind, names in data["named"].items():
+            lines += [f"- {_md(kind)}: " + ", ".join(_md(n) for n in names)]
     slo = report.get("slo")
     if slo:
         lines += ["", f"SLO review: {slo['failovers']} failover(s), "
