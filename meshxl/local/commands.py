@@ -70,13 +70,17 @@ def etcd(
     state: str = "new",
     tls: EtcdTls | None = None,
     binary: str | None = None,
+    heartbeat_ms: int = 50,
+    election_ms: int = 500,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """One etcd member listening on ``client_url`` (http or https) and ``peer_url``.
 
     ``initial_cluster`` defaults to this member alone; ``state`` "existing" joins a
-    running cluster. Raft timings are short (heartbeat 50 ms, election 500 ms) so a
-    member is healthy in well under a second and a cluster re-elects quickly.
+    running cluster. Raft timings are short by default (heartbeat 50 ms, election
+    500 ms) so a member is healthy in well under a second and a cluster re-elects
+    quickly; across a WAN, etcd's tuning guide wants a heartbeat about the round trip
+    and an election timeout of at least ten heartbeats.
     """
     argv = [
         binary or find_etcd(),
@@ -88,8 +92,8 @@ def etcd(
         "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", initial_cluster or f"{name}={peer_url}",
         "--initial-cluster-state", state,
-        "--heartbeat-interval", "50",
-        "--election-timeout", "500",
+        "--heartbeat-interval", str(heartbeat_ms),
+        "--election-timeout", str(election_ms),
         # etcd 3.4 runs without pre-vote: a member rejoining after a partition would
         # depose a healthy leader (3.5 has it on).
         "--pre-vote",

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -77,8 +78,14 @@ class EnvoyProcess:
         hot_restart: bool = True,
         extra_args: list[str] | tuple[str, ...] = (),
         name: str = "envoy",
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
+        """``wrap`` turns the command line into the one to run: ``Network.wrap`` puts
+        Envoy on a host of its own (a network namespace); run it without hot restart
+        then (its shared memory in /dev/shm is common to every namespace, its base-id
+        sockets are not, so two could pick one id)."""
         self.name = name
+        self._wrap = wrap
         self.work_dir = Path(work_dir).absolute()
         self.log_path = self.work_dir / f"{name}.log"
         self._bootstrap_src = bootstrap
@@ -113,11 +120,12 @@ class EnvoyProcess:
         """The command line ``start`` runs (after the bootstrap is in place)."""
         if self.config_path is None:
             raise EnvoyError("no bootstrap yet: call start() first")
-        return commands.envoy(
+        argv = commands.envoy(
             self.config_path, binary=self._envoy_path, log_level=self._log_level,
             component_log_level=self._component_log_level, concurrency=self._concurrency,
             base_id_path=self._base_id_path if self._hot_restart else None,
             extra=self._extra_args)
+        return argv if self._wrap is None else self._wrap(argv)
 
     @property
     def _base_id_path(self) -> Path:

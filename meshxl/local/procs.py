@@ -369,3 +369,11 @@ async def run(argv: Sequence[str], *, timeout: float = 30.0, cwd: Path | None = 
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def run_sync(argv: Sequence[str], *, timeout: float = 20.0) -> tuple[int, str, str]:
+    """:func:`run` for code that cannot await (an ``atexit`` hook, a worker thread):
+    ``(exit code, stdout, stderr)``; killed on timeout."""
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return done.returncode, done.stdout, done.stderr

@@ -50,11 +50,19 @@ class Traffic:
 
     def __init__(self, url: str, sessions: int, until: float, max_requests: int,
                  trace_file: Path | None = None,
-                 interval: float = REQUEST_INTERVAL) -> None:
+                 interval: float = REQUEST_INTERVAL, prefix: str = "s",
+                 pin_header: str | None = None) -> None:
+        """``url`` may be changed while it runs (a site's clients sent to the other
+        site); ``pin_header``: the header Envoy pins sessions with, kept per session
+        and sent back, as a client of a pinned cluster does."""
         self.url = url
         self.interval = interval
         self.trace_file = trace_file
-        self.sessions = [f"s{i:03d}" for i in range(sessions)]
+        self.sessions = [f"{prefix}{i:03d}" for i in range(sessions)]
+        self.pin_header = pin_header
+        self.pins: dict[str, str] = {}
+        self._inflight: dict[str, asyncio.Task[Record]] = {}
+        self._redirected: set[str] = set()
         self.until = until
         self.max_requests = max_requests
         self.records: list[Record] = []
@@ -89,11 +97,31 @@ class Traffic:
         finally:
             provider.shutdown()
 
+    def redirect(self, url: str) -> None:
+        """From now on to ``url``; requests in flight are abandoned (a failure each), as
+        a client gives up on a site it was told is gone."""
+        self.url = url
+        for session, call in list(self._inflight.items()):
+            self._redirected.add(session)
+            call.cancel()
+
     async def _session(self, http: Any, session: str, k: int) -> None:
         # Spread the sessions' first requests over one interval.
         await asyncio.sleep(self.interval * k / len(self.sessions))
         while time.time() < self.until and len(self.records) < self.max_requests:
-            record = await request(http, self.url, session, "POST")
+            sent = time.time()
+            call = asyncio.create_task(request(http, self.url, session, "POST",
+                                               self.pin_header, self.pins))
+            self._inflight[session] = call
+            try:
+                record = await call
+            except asyncio.CancelledError:
+                if session not in self._redirected:
+                    raise
+                self._redirected.discard(session)
+                record = Record(sent, time.time(), session, 0, error="redirected")
+            finally:
+                self._inflight.pop(session, None)
             self.records.append(record)
             if record.ok and record.member:
                 self.counts[record.member] += 1
@@ -102,14 +130,20 @@ class Traffic:
             await asyncio.sleep(self.interval)
 
 
-async def request(http: Any, url: str, session: str, method: str) -> Record:
+async def request(http: Any, url: str, session: str, method: str,
+                  pin_header: str | None = None, pins: dict[str, str] | None = None) -> Record:
     import aiohttp
 
     sent = time.time()
+    headers = {hdr.SESSION: session}
+    if pin_header and pins and session in pins:
+        headers[pin_header] = pins[session]
     try:
-        async with http.request(method, url, headers={hdr.SESSION: session}) as resp:
+        async with http.request(method, url, headers=headers) as resp:
             body = await resp.read()
             member = resp.headers.get(hdr.MEMBER)
+            if pin_header and pins is not None and pin_header in resp.headers:
+                pins[session] = resp.headers[pin_header]
             seq = None
             if resp.status == 200:
                 with contextlib.suppress(ValueError, AttributeError, TypeError):

@@ -192,19 +192,6 @@ class EnvoyFixture:
         return f"EnvoyFixture({self.name}, node={self.node_id}, admin={self.admin_url})"
 
 
-class _WrappedEnvoy(EnvoyProcess):
-    """Envoy run through a wrapper command: ``ip netns exec NS`` puts it on a host of its
-    own (a network namespace), as proxies on several machines are."""
-
-    def __init__(self, *args: Any, wrap: Callable[[list[str]], list[str]],
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._wrap = wrap
-
-    def command(self) -> list[str]:
-        return self._wrap(super().command())
-
-
 def _xds_list(xds: XdsAddress | Sequence[XdsAddress]) -> list[str | tuple[str, int]]:
     items: Iterable[XdsAddress]
     if isinstance(xds, int | str) or (
@@ -260,9 +247,8 @@ async def start_envoy(
         customize(bootstrap)
     options: dict[str, Any] = {"log_level": log_level, "concurrency": concurrency,
                                "component_log_level": component_log_level, "name": name}
-    process = (EnvoyProcess(bootstrap, harness.path(name), **options) if wrap is None else
-               _WrappedEnvoy(bootstrap, harness.path(name), wrap=wrap, hot_restart=False,
-                             **options))
+    process = EnvoyProcess(bootstrap, harness.path(name), wrap=wrap,
+                           hot_restart=wrap is None, **options)
     envoy = EnvoyFixture(harness, process, node_id=node_id, bootstrap=bootstrap)
     harness.own(envoy)
     await process.start()

@@ -204,7 +204,8 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def test_every_overlay_is_covered() -> None:
-    assert set(OVERLAYS) == {"default", "self-signed", "external-etcd", "istio"}, \
+    assert set(OVERLAYS) == {"default", "self-signed", "external-etcd", "istio",
+                             "two-sites"}, \
         "a new overlay needs its checks below"
 
 
@@ -277,6 +278,34 @@ def test_workloads_are_highly_available_and_probed(overlay: str, render: Render)
 
 
 HOSTNAME = "kubernetes.io/hostname"
+def test_two_sites_run_etcd_two_plus_two_plus_one_over_zones(render: Render) -> None:
+    """docs/sites.md: five members spread over zones (2 + 2 + 1 over three), WAN raft
+    timings, every member in the endpoints list, members placed by zone, and a model
+    whose sites prefer their own members."""
+    docs = render("two-sites")
+    etcd = _find(docs, "StatefulSet", "meshxl-etcd")
+    assert etcd["spec"]["replicas"] == 5
+    (container,) = etcd["spec"]["template"]["spec"]["containers"]
+    names = [m.split("=", 1)[0] for m in _arg(container, "--initial-cluster").split(",")]
+    assert names == [f"meshxl-etcd-{i}" for i in range(5)]
+    assert (_arg(container, "--heartbeat-interval"), _arg(container, "--election-timeout")) \
+        == ("100", "1000")
+    assert _arg(container, "--pre-vote") == "true"
+    (spread,) = etcd["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["maxSkew"]) == ("topology.kubernetes.io/zone", 1)
+    xds = _find(docs, "Deployment", "meshxl-xds")
+    (cp,) = [c for c in xds["spec"]["template"]["spec"]["containers"] if c["name"] == "xds"]
+    assert _etcd_of(docs, cp) == _etcd_member_urls(docs)
+    webhook = _find(docs, "Deployment", "meshxl-webhook")
+    (hook,) = webhook["spec"]["template"]["spec"]["containers"]
+    assert {"name": "MESHXL_SITE_TOPOLOGY_KEY", "value": "topology.kubernetes.io/zone"} \
+        in hook["env"]
+    model_map = _find(docs, "ConfigMap", "meshxl-model")
+    (text,) = model_map["data"].values()
+    (orders,) = parse_model(text).clusters
+    assert orders.site_affinity == "local" and len(orders.sites) == 2
+
+
 ZONE = "topology.kubernetes.io/zone"
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
@@ -485,7 +514,7 @@ def test_every_meshxl_process_gets_every_etcd_member(overlay: str, render: Rende
         assert not [d for d in docs if d["metadata"]["name"] == "meshxl-etcd-peer"]
     else:
         expected = _etcd_member_urls(docs)
-        assert len(expected) == 3
+        assert len(expected) == (5 if overlay == "two-sites" else 3)
     sources = set()
     for _, container in containers:
         assert _etcd_of(docs, container) == expected, container["name"]
