@@ -1,7 +1,7 @@
 """Two sites over a WAN: what RPO 0 costs a write, and what losing a whole site costs.
 
 Run (as root: network namespaces): ``.venv/bin/python bench/dualsite.py [--quick]
-[--rtts 5,20,40] [--writes N] [--sessions N]``
+[--rtts 5,20,40] [--writes N] [--sessions N] [--link proxy|netem]``
 
 Per round trip time, one dual-site bed (``meshxl.local.sites.DualSite``): sites east and
 west with two members each (the sample counter app and its statesync sidecar), a
@@ -38,6 +38,7 @@ from typing import Any
 
 from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
 
+from meshxl.local.netns import netem_unavailable
 from meshxl.local.procs import Owner
 from meshxl.local.siteloss import site_loss, write_latencies
 from meshxl.local.sites import DualSite, unavailable
@@ -62,12 +63,14 @@ async def stretched(rtt: float, sessions: int, window: float) -> dict[str, Any]:
     return {"rtt_ms": rtt, "window_s": window, "loss": loss}
 
 
-async def one_rtt(rtt: float, writes: int, sessions: int, losses: int) -> dict[str, Any]:
+async def one_rtt(rtt: float, writes: int, sessions: int, losses: int,
+                  link: str = "proxy") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="meshxl-dualsite-") as work:
         owner = Owner(Path(work), label=f"dualsite-{rtt:g}")
         started = time.monotonic()
-        async with DualSite(owner, rtt_ms=rtt) as bed:
-            out: dict[str, Any] = {"rtt_ms": rtt, "start_s": round(time.monotonic() - started, 1)}
+        async with DualSite(owner, rtt_ms=rtt, link=link) as bed:
+            out: dict[str, Any] = {"rtt_ms": rtt, "link_kind": link,
+                                   "start_s": round(time.monotonic() - started, 1)}
             out["link"] = await bed.link_rtt("east", "west")
             await bed.move_leader("east")
             out["writes_leader_near"] = await write_latencies(bed, "east", writes)
@@ -136,6 +139,9 @@ def main() -> int:
                         help="round trip times between the sites, ms (comma-separated)")
     parser.add_argument("--writes", type=int, default=300, help="writes per latency run")
     parser.add_argument("--sessions", type=int, default=12, help="sessions per site")
+    parser.add_argument("--link", choices=("proxy", "netem"), default="proxy",
+                        help="the user-space delay proxy (any kernel) or the kernel's netem "
+                             "(where it has sch_netem)")
     args = parser.parse_args()
     reason = unavailable()
     if reason is not None:
@@ -150,10 +156,13 @@ def main() -> int:
         rtts, writes, sessions, losses = [20.0], 30, 6, 1
     else:
         writes, sessions, losses = args.writes, args.sessions, 2
+    if args.link == "netem" and (problem := netem_unavailable()) is not None:
+        print(f"dualsite: --link netem: {problem}", file=sys.stderr)
+        return 2
     print(f"dual site: RTTs {', '.join(f'{r:g}' for r in rtts)} ms, {writes} writes, "
           f"{sessions} sessions per site, {losses} site loss(es) per RTT")
-    results = [asyncio.run(one_rtt(rtt, writes, sessions, 0 if rtt == 0 else losses))
-               for rtt in rtts]
+    results = [asyncio.run(one_rtt(rtt, writes, sessions, 0 if rtt == 0 else losses,
+                                   args.link)) for rtt in rtts]
     result: dict[str, Any] = {"rtts": results, "quick": quick}
     if not quick:
         result["stretched_without_witness"] = asyncio.run(stretched(20.0, sessions, 15.0))

@@ -12,7 +12,7 @@ import click
 
 from meshxl.etcd.keys import Keys
 
-from .errors import one_line, run
+from .errors import checked, fail, one_line, run
 from .options import etcd_client, etcd_option, output_option, print_json, root_option, wait_option
 
 
@@ -187,4 +187,84 @@ def restore_bump(past: int, output: str, etcd_urls: str, etcd_root: str) -> None
                    f"{done.seconds:.1f} s), compacted at {done.after}")
 
 
-COMMANDS: list[click.Command] = [member, site, restore]
+@click.group()
+def shards() -> None:
+    """The session shards: several etcd clusters for session state (docs/scaling.md)."""
+
+
+@shards.command("show")
+@output_option
+@etcd_option
+@root_option
+def shards_show(output: str, etcd_urls: str, etcd_root: str) -> None:
+    """The shard map stored in the main etcd cluster."""
+    from meshxl.operator.shards import read_map
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            return await read_map(client, Keys(etcd_root))
+
+    found, _ = run(go)
+    if output == "json":
+        print_json(found.as_dict() if found is not None else None)
+    elif found is None:
+        click.echo("sessions are not sharded: they live in the main etcd cluster")
+    else:
+        click.echo(f"shard map version {found.version}, {len(found.shards)} shards:")
+        for shard in found.shards:
+            click.echo(f"  {shard.name}  {shard.etcd}")
+
+
+def _shard_option(value: tuple[str, ...]) -> Any:
+    from meshxl.etcd.shards import parse_shard_map
+
+    items = []
+    for text in value:
+        name, sep, urls = text.partition("=")
+        if not sep:
+            fail(f"--shard takes NAME=URL[,URL...], got {text!r}")
+        items.append({"name": name.strip(), "etcd": urls})
+    return checked(lambda: parse_shard_map({"version": 0, "shards": items}))
+
+
+@shards.command("set")
+@click.option("--shard", "shard_items", multiple=True, required=True,
+              metavar="NAME=URL[,URL...]",
+              help="A shard: its name (in ETags and metrics) and its etcd endpoints; "
+                   "repeat for each, in any order. Its etcd takes the same TLS and "
+                   "credential options as --etcd.")
+@click.option("--dry-run", is_flag=True,
+              help="Only count where every stored session would go.")
+@output_option
+@etcd_option
+@root_option
+def shards_set(shard_items: tuple[str, ...], dry_run: bool, output: str, etcd_urls: str,
+               etcd_root: str) -> None:
+    """Store the shard map: refused (exit 1, nothing written) while sidecars are
+    registered or while any stored session would move to another shard."""
+    from meshxl.operator.shards import plan, set_map
+
+    new = _shard_option(shard_items)
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            if dry_run:
+                return None, await plan(client, Keys(etcd_root), new, etcd_client)
+            return await set_map(client, Keys(etcd_root), new, etcd_client)
+
+    stored, planned = run(go)
+    if output == "json":
+        print_json({"map": stored.as_dict() if stored else None, "plan": planned.as_dict(),
+                    "dry_run": dry_run})
+        return
+    for (source, target), count in sorted(planned.moves.items()):
+        click.echo(f"{count} sessions would move from {source} to {target}")
+    click.echo(f"{planned.moved} of {planned.sessions} sessions move; per shard: "
+               + (", ".join(f"{n} {c}" for n, c in sorted(planned.per_shard.items()))
+                  or "none"))
+    if stored is not None:
+        click.echo(f"shard map version {stored.version} stored: "
+                   f"{', '.join(stored.names)}")
+
+
+COMMANDS: list[click.Command] = [member, site, restore, shards]

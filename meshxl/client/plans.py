@@ -65,7 +65,7 @@ T = TypeVar("T")
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 OCTETS = "application/octet-stream"
-SESSION_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")
 """A session id, as the API's OpenAPI document says (``SessionId``); not ``.`` or
 ``..``. Checked before sending: such an id is one path segment, never a path."""
 
@@ -172,13 +172,17 @@ def check_session_id(session_id: str) -> str:
     if (not isinstance(session_id, str) or not SESSION_ID.match(session_id)
             or session_id in (".", "..")):
         raise BadRequest(f"invalid session id {str(session_id)[:80]!r}: use 1-200 "
-                         "characters of A-Z a-z 0-9 . _ ~ - (not . or ..)",
+                         "characters of A-Z a-z 0-9 . _ ~ - : { } (not . or ..)",
                          field="session_id")
     return session_id
 
 
 def session_path(session_id: str) -> str:
-    return f"/v1/sessions/{check_session_id(session_id)}"
+    """The session's URL path: a hash tag's braces percent-encoded."""
+    path = check_session_id(session_id)
+    if "{" in path or "}" in path:
+        path = path.replace("{", "%7B").replace("}", "%7D")
+    return f"/v1/sessions/{path}"
 
 
 def is_json(content_type: str) -> bool:

@@ -113,6 +113,11 @@ class Keys:
         return f"{self.nodes_prefix}{quote(node_id, safe='')}"
 
     # -- session state ---------------------------------------------------------------
+    @property
+    def shards(self) -> str:
+        """The session shards (``meshxl.etcd.shards``): absent, sessions live here."""
+        return f"{self.base}/shards"
+
     def sessions_prefix(self, cluster: str) -> str:
         """One cluster's sessions: what every sidecar of that cluster watches."""
         return f"{self.base}/sessions/{_segment(cluster, 'cluster')}/"

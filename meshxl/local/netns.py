@@ -97,18 +97,34 @@ def unavailable() -> str | None:
     for tool, package in (("ip", "iproute2"), ("iptables", "iptables")):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (Debian package {package})"
-    probe = f"mxprobe{os.getpid()}"
+    return _probe("mxprobe", ("iptables", "-S"),
+                  "iptables does not work in a network namespace")
+
+
+def _probe(label: str, argv: tuple[str, ...], failing: str) -> str | None:
+    """Run ``argv`` in a throwaway namespace: None if it works, else why not."""
+    probe = f"{label}{os.getpid()}"
     try:
         done = _run("ip", "netns", "add", probe, check=False)
         if done.returncode != 0:
             return f"cannot create a network namespace: {done.stderr.strip()}"
         _live.add(probe)
-        done = _run("ip", "netns", "exec", probe, "iptables", "-S", check=False)
+        _run("ip", "-n", probe, "link", "set", "lo", "up", check=False)
+        done = _run("ip", "netns", "exec", probe, *argv, check=False)
         if done.returncode != 0:
-            return f"iptables does not work in a network namespace: {done.stderr.strip()}"
+            return f"{failing}: {(done.stderr or done.stdout).strip()}"
     finally:
         _delete(probe)
     return None
+
+
+def netem_unavailable() -> str | None:
+    """None if the kernel delays packets with ``sch_netem`` (``tc qdisc ... netem``),
+    else why not (many kernels lack the module: "Specified qdisc kind is unknown")."""
+    if shutil.which("tc") is None:
+        return "`tc` is not installed (Debian package iproute2)"
+    return _probe("mxnetem", ("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+                              "1ms"), "the kernel has no netem")
 
 
 class Network:
@@ -199,14 +215,17 @@ class Network:
     def _iptables(self, host: int, *rule: str) -> None:
         _run("ip", "netns", "exec", self.hosts[host], "iptables", "-w", *rule)
 
-    async def isolate(self, host: int) -> None:
+    async def isolate(self, host: int, *, driver: bool = False) -> None:
         """Drop every packet between host ``host`` and the other hosts (the driver still
-        reaches it: the test can watch it)."""
+        reaches it, so the test can watch it, unless ``driver``: then it is cut off from
+        the test process too, as from a client in the root namespace)."""
         def rules() -> None:
             for chain, direction, iface in (("INPUT", "-s", "-i"), ("OUTPUT", "-d", "-o")):
                 # The host's own traffic (to its own address too) goes over lo.
                 self._iptables(host, "-A", chain, iface, "lo", "-j", "ACCEPT")
-                self._iptables(host, "-A", chain, direction, self.driver_ip, "-j", "ACCEPT")
+                if not driver:
+                    self._iptables(host, "-A", chain, direction, self.driver_ip, "-j",
+                                   "ACCEPT")
                 self._iptables(host, "-A", chain, direction, self.subnet, "-j", "DROP")
         await asyncio.to_thread(rules)
         self._isolated.add(host)
@@ -246,6 +265,23 @@ class Network:
         await asyncio.to_thread(
             self._iptables, host, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", destination,
             "-m", "mark", "!", "--mark", hex(mark), "-j", "DNAT", "--to-destination", to)
+
+    async def delay(self, host: int, destinations: Sequence[str], delay_ms: float) -> None:
+        """Hold host ``host``'s packets to ``destinations`` ``delay_ms`` on its way out
+        (netem in the fourth band of a prio qdisc on its interface; the rest of its
+        traffic passes undelayed). Needs a kernel with ``sch_netem``."""
+        def rules() -> None:
+            ns = self.hosts[host]
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root",
+                 "handle", "1:", "prio", "bands", "4", "priomap",
+                 *(["0"] * 16))
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "parent",
+                 "1:4", "handle", "40:", "netem", "delay", f"{delay_ms:g}ms")
+            for destination in destinations:
+                _run("ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0",
+                     "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                     "dst", f"{destination}/32", "flowid", "1:4")
+        await asyncio.to_thread(rules)
 
     async def heal(self, host: int | None = None) -> None:
         """Remove the partition rules of ``host`` (None: of every host)."""

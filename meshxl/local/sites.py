@@ -33,7 +33,7 @@ import aiohttp
 from meshxl import headers as hdr
 from meshxl.etcd.keys import Keys
 from meshxl.local import commands
-from meshxl.local.netns import Network, unavailable
+from meshxl.local.netns import Network, netem_unavailable, unavailable
 from meshxl.local.procs import Owner, Process
 from meshxl.local.wait import LocalError, wait_http, wait_until
 
@@ -109,6 +109,10 @@ class DualSite:
     etcd: int = 2
     witness: bool = True
     affinity: str = "local"
+    link: str = "proxy"
+    """How the round trip is added: ``proxy`` (the user-space delay proxy, any kernel)
+    or ``netem`` (the kernel's ``sch_netem`` on each site's egress to the other sites;
+    refused where the kernel lacks it)."""
     keys: Keys = field(default_factory=lambda: Keys(f"/meshxl-sites-{os.getpid()}"))
     net: Network | None = None
     site_members: list[SiteMember] = field(default_factory=list)
@@ -183,8 +187,13 @@ class DualSite:
         token_file.write_text(self.token + "\n")
         token_file.chmod(0o600)
         self.net = await Network(self.owner, 3, label="mxs").create()
+        if self.link not in ("proxy", "netem"):
+            raise ValueError(f"link must be proxy or netem, got {self.link!r}")
         if self.rtt_ms > 0:
-            await self._start_links()
+            if self.link == "netem":
+                await self._start_netem()
+            else:
+                await self._start_links()
         await self._start_etcd()
         async with etcd_client.client(",".join(self.etcd_urls("east")), timeout=10) as client:
             await apply_model(client, self.keys, dualsite_model(self.affinity), "dual-site")
@@ -217,6 +226,19 @@ class DualSite:
                     await self.net.redirect(_HOST[site], self.ip(other), listen, mark=MARK)
             await wait_until(functools.partial(self._listening, site, _PROXY), timeout=15,
                              what=f"the delay proxy of {site}", process=proxy)
+
+    async def _start_netem(self) -> None:
+        """The kernel's netem instead of the proxy: on each site's egress, packets to
+        another site wait RTT/2 (a prio qdisc's fourth band, chosen by destination), so
+        a round trip between two sites waits the RTT; the driver's traffic, in the
+        other bands, is not delayed."""
+        assert self.net is not None
+        problem = await asyncio.to_thread(netem_unavailable)
+        if problem is not None:
+            raise LocalError(f"link netem: {problem}; use the delay proxy (link proxy)")
+        for site in self.sites:
+            await self.net.delay(_HOST[site], [self.ip(o) for o in self.sites if o != site],
+                                 self.rtt_ms / 2)
 
     async def _listening(self, site: str, port: int) -> bool:
         try:

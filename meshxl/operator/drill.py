@@ -43,6 +43,7 @@ from meshxl.errors import Conflict, InputError
 from meshxl.etcd.keys import Keys
 from meshxl.operator.actions import set_site_admin
 from meshxl.operator.consistency import Sidecar, committed, compare_sessions, sidecar_identity
+from meshxl.operator.shards import read_map
 from meshxl.operator.views import read_mesh, status_report, sync_report, verify
 from meshxl.proxy.admin import EnvoyAdmin
 
@@ -273,6 +274,10 @@ class _Drill:
         session's revision before the drill."""
         started = time.time()
         reasons = []
+        if (await read_map(self.client, self.keys))[0] is not None:
+            raise DrillRefused(["--check-sidecar: sessions are sharded, and the data check "
+                                "reads the main etcd cluster's sessions only; run the drill "
+                                "without it"])
         for url in self.cfg.check_sidecars:
             try:
                 sidecar = await sidecar_identity(url, self.cfg.sidecar_token)

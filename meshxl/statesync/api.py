@@ -25,9 +25,11 @@ from .http import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, 
 from .membership import MAX_PROBLEMS
 from .problems import check_ttl
 from .record import (
+    SESSION_ID_RULE,
     is_json,
     served_content_type,
     valid_content_type,
+    valid_name,
     valid_session_id,
     valid_traceparent,
 )
@@ -57,8 +59,7 @@ def openapi_document() -> dict[str, Any]:
 def _session_id(request: Request) -> str:
     session_id = request.params["session_id"]
     if not valid_session_id(session_id):
-        raise InputError(f"invalid session id {session_id!r}: use 1-200 characters of "
-                         "A-Z a-z 0-9 . _ ~ -")
+        raise InputError(f"invalid session id {session_id!r}: use {SESSION_ID_RULE}")
     return session_id
 
 
@@ -394,7 +395,7 @@ class SessionRoutes:
 
 def _problem_name(request: Request) -> str:
     name = request.params["name"]
-    if not valid_session_id(name) or len(name) > PROBLEM_NAME_MAX:
+    if not valid_name(name) or len(name) > PROBLEM_NAME_MAX:
         raise InputError(f"invalid problem name {name[:80]!r}: use 1-{PROBLEM_NAME_MAX} "
                          "characters of A-Z a-z 0-9 . _ ~ -", field="name")
     return name

@@ -42,6 +42,7 @@ from meshxl.addr import (
 )
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
+from meshxl.etcd.shards import ShardMap
 from meshxl.model import (
     MemberState,
     ModelError,
@@ -49,7 +50,6 @@ from meshxl.model import (
     cluster_view,
     parse_model,
 )
-from meshxl.model import SessionSync as SessionDefaults
 from meshxl.model.runtime import SERVING
 from meshxl.model.spec import Replication, choose
 
@@ -59,8 +59,10 @@ from .cache import SessionCache
 from .config import StatesyncConfig
 from .http import HttpServer, Router
 from .membership import Membership
+from .mesh_reads import model_mismatch, session_settings, shard_map, sync_stats_value
 from .metrics import StatesyncMetrics
 from .sessions import Sessions
+from .shards import Shard, ShardedSessions
 from .starting import Waiting, start_when_etcd_answers
 from .store import SessionStore
 from .tracing import TakeoverTracer, follow_failovers
@@ -76,6 +78,10 @@ reference counts anyway; at 10,000 it seldom runs (``bench/statesync_gc.py``, fi
 docs/performance.md)."""
 
 
+SHARD_GRACE = 10.0
+"""Seconds a starting member waits for a session shard that does not answer before it
+turns ready without it (docs/scaling.md, "Readiness with shards")."""
+
 #: ``sessions.replication`` -> whether the cache holds only what the member uses.
 _HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": True}
 
@@ -84,22 +90,22 @@ class Sidecar:
     """Everything one sidecar runs, created in the app's cleanup context."""
 
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings,
-                 metrics: StatesyncMetrics | None = None):
+                 metrics: StatesyncMetrics | None = None,
+                 shard_map: ShardMap | None = None):
         self.config = config
         self.keys = Keys(config.etcd_root)
         self.client = client
         self.metrics = metrics or StatesyncMetrics()
         self.metrics.member.labels(config.cluster, config.member, config.site or "").set(1)
-        self.store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
-                                  max_batch_bytes=config.batch_max_bytes,
-                                  max_inflight=config.max_inflight,
-                                  on_batch=self.metrics.on_batch)
-        self.cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
-                                  on_lag=self.metrics.replication_lag.observe,
-                                  on_undecodable=self.metrics.undecodable.labels("watch").inc,
-                                  on_rewind=lambda: self.sessions.ledger.observed.clear())
-        self.sessions = Sessions(self.store, self.cache, self.keys, config.cluster,
-                                 config.member, settings, self.metrics)
+        self.shard_map = shard_map
+        if shard_map is None:  # sessions in the main cluster, beside everything else
+            self.parts = [self._part("", client, settings)]
+            self.sessions: Sessions | ShardedSessions = self.parts[0].engine
+        else:
+            self.parts = [self._part(s.name, etcd.client(s.etcd, security=config.etcd_security),
+                                     settings) for s in shard_map.shards]
+            self.sessions = ShardedSessions(shard_map, self.parts, settings)
+        self.store, self.cache = self.parts[0].store, self.parts[0].cache
         host, port = parse_hostport(config.app)
         self.membership = Membership(client, self.keys, config.cluster, config.member,
                                      address=host, port=port, site=config.site,
@@ -117,12 +123,31 @@ class Sidecar:
         """This member's role in the cluster, as the control plane computes it."""
         self.view_state: MemberState | None = None
         """This member's state in the cluster's view (None: not in the model)."""
-        self._watch: asyncio.Task[None] | None = None
-        """The cache's watch while it holds every session (always, unless narrow)."""
+        self._watches: list[asyncio.Task[None]] | None = None
+        """The caches' watches while they hold every session (always, unless narrow)."""
         self._tasks: list[asyncio.Task[Any]] = []
         self.membership.rejoin.serving = self._serving_now
 
+    def _part(self, name: str, client: aetcd.Client, settings: Settings) -> Shard:
+        """One etcd cluster's store, cache and session engine (the main cluster's, or a
+        shard's: ``name``)."""
+        config, metrics = self.config, self.metrics
+        store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
+                             max_batch_bytes=config.batch_max_bytes,
+                             max_inflight=config.max_inflight, on_batch=metrics.on_batch)
+        engine: list[Sessions] = []
+        cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
+                             on_lag=metrics.replication_lag.observe,
+                             on_undecodable=metrics.undecodable.labels("watch").inc,
+                             on_rewind=lambda: engine[0].ledger.observed.clear())
+        engine.append(Sessions(store, cache, self.keys, config.cluster, config.member,
+                               settings, metrics))
+        return Shard(name, client, store, cache, engine[0])
+
     async def start(self) -> None:
+        if self.shard_map is not None:
+            for part in self.parts:
+                await part.client.connect()
         await self._recall()
         await self.membership.start()
         loop = asyncio.get_running_loop()
@@ -133,8 +158,8 @@ class Sidecar:
                     await self.mesh.synced.wait()
             await self.membership.set_ready(True)
         else:
-            self._watch = loop.create_task(self.cache.run())
-            self._tasks.append(self._watch)
+            self._watches = [loop.create_task(part.cache.run()) for part in self.parts]
+            self._tasks.extend(self._watches)
             self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._publish_sync()))
@@ -144,11 +169,15 @@ class Sidecar:
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
     async def stop(self) -> None:
-        tasks = {*self._tasks, *([self._watch] if self._watch is not None else [])}
+        tasks = {*self._tasks, *(self._watches or [])}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.store.close()
+        for part in self.parts:
+            await part.store.close()
+            if part.client is not self.client:
+                with contextlib.suppress(Exception):
+                    await part.client.close()
         with contextlib.suppress(Exception):
             await self.membership.stop()
 
@@ -225,33 +254,67 @@ class Sidecar:
 
     def _scope(self, *, hold_all: bool) -> None:
         """Start or stop the watch that keeps every session of the cluster."""
-        if hold_all and self._watch is None:
+        if hold_all and self._watches is None:
             log.info("standby: holding every session of cluster %s", self.config.cluster)
-            self._watch = asyncio.get_running_loop().create_task(self.cache.run())
-        elif not hold_all and self._watch is not None:
+            loop = asyncio.get_running_loop()
+            self._watches = [loop.create_task(part.cache.run()) for part in self.parts]
+        elif not hold_all and self._watches is not None:
             log.info("no longer standby: holding only the sessions this member uses")
-            self._watch.cancel()
-            self._watch = None
+            for watch in self._watches:
+                watch.cancel()
+            self._watches = None
 
     @property
     def holds_all(self) -> bool:
         """The cache holds every session of the cluster (or is catching up to)."""
-        return self._watch is not None
+        return self._watches is not None
+
+    async def _synced(self) -> None:
+        """Until every cache has read its sessions. With shards, a shard that does not
+        answer is not waited for beyond :data:`SHARD_GRACE` (its sessions answer 503
+        until it does; the member serves the other shards' meanwhile)."""
+        async def one(part: Shard) -> None:
+            if self.shard_map is None:
+                await part.cache.synced.wait()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHARD_GRACE):
+                    await part.cache.synced.wait()
+                return
+            while part.reachable:  # slow, but answering: wait on
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await part.cache.synced.wait()
+                        return
+            if not part.cache.synced.is_set():
+                log.warning("session shard %s does not answer (%s): ready without it",
+                            part.name, part.cache.last_error)
+
+        await asyncio.gather(*(one(part) for part in self.parts))
+
+    async def _resync_needed(self) -> None:
+        waits = [asyncio.ensure_future(part.cache.resync_needed.wait()) for part in self.parts]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        for part in self.parts:
+            part.cache.resync_needed.clear()
 
     async def _follow_sync(self) -> None:
-        """Advertise the member exactly while its cache is caught up with etcd."""
+        """Advertise the member exactly while its caches are caught up with etcd."""
         while True:
-            await self.cache.synced.wait()
+            await self._synced()
             # The mesh first: a member that comes back stands behind the members that
             # serve, which only the mesh tells (failback.py).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self.mesh.synced.wait()
             await self.membership.set_ready(True)
-            log.info("cache caught up (%d sessions): member %s is ready", len(self.cache),
+            log.info("cache caught up (%d sessions): member %s is ready", self.cached_sessions,
                      self.config.member)
-            await self.cache.resync_needed.wait()
-            self.cache.resync_needed.clear()
+            await self._resync_needed()
             await self.membership.set_ready(False)
             log.warning("cache must re-read everything: member %s withdrawn meanwhile",
                         self.config.member)
@@ -267,8 +330,9 @@ class Sidecar:
             if time.monotonic() - last_prune > settings.ttl / 10:
                 self.sessions.prune_observed()
                 if not self.holds_all:  # no watch reports expiries: drop them here
-                    self.cache.prune_expired(
-                        time.time() - settings.ttl - self.store.leases.bucket)
+                    for part in self.parts:
+                        part.cache.prune_expired(
+                            time.time() - settings.ttl - part.store.leases.bucket)
                 last_prune = time.monotonic()
 
     async def _publish_sync(self) -> None:
@@ -310,8 +374,11 @@ class Sidecar:
         registration = self.membership.not_ready_reason()
         if registration is not None:
             reasons.append(registration)
-        if not self.narrow and not self.cache.synced.is_set():
-            reasons.append("session cache still syncing with etcd")
+        if not self.narrow:
+            for part in self.parts:
+                if not part.cache.synced.is_set() and (self.shard_map is None or part.reachable):
+                    reasons.append("session cache still syncing with etcd" + (
+                        f" (shard {part.name})" if part.name else ""))
         if self.membership.problems and self.view_state != MemberState.ATTENTION:
             # Active with problems: the cluster keeps it serving (failover.all_withdrawn),
             # so its health check must pass too, or Envoy would withdraw it all the same.
@@ -350,16 +417,28 @@ class Sidecar:
             warnings.append("registration lease lost: registering again")
         return warnings
 
+    @property
+    def cached_sessions(self) -> int:
+        return sum(len(part.cache) for part in self.parts)
+
     def refresh_gauges(self) -> None:
-        self.metrics.cached.set(len(self.cache))
+        self.metrics.cached.set(self.cached_sessions)
         self.metrics.revision.set(self.cache.applied)
+        if self.shard_map is not None:
+            for part in self.parts:
+                self.metrics.shard_up.labels(part.name).set(1 if part.reachable else 0)
+                self.metrics.shard_sessions.labels(part.name).set(len(part.cache))
         self.metrics.local.set(self.sessions.local_sessions)
         self.metrics.ready.set(0 if self.not_ready_reasons() else 1)
-        self.metrics.undecodable_sessions.set(len(self.cache.undecodable))
+        self.metrics.undecodable_sessions.set(sum(len(p.cache.undecodable) for p in self.parts))
         self.metrics.etcd_unreachable.set(self.membership.unreachable_for or 0.0)
 
     def status(self) -> dict[str, Any]:
+        """The sidecar as ``/v1/status`` and ``meshxl sync`` show it. With shards, the
+        cache's figures are the first shard's and ``shards`` has each one's."""
         c, s = self.cache, self.sessions
+        shards = None if self.shard_map is None else {
+            "version": self.shard_map.version, "shards": [p.status() for p in self.parts]}
         return {
             "cluster": self.config.cluster, "member": self.config.member,
             "site": self.config.site, "app": self.config.app,
@@ -370,7 +449,8 @@ class Sidecar:
             "returning": self.membership.rejoin.returning,
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             "revision": c.applied, "lag_seconds": c.last_lag,
-            "cached_sessions": len(c), "owned_sessions": c.owned_by(self.config.member),
+            "cached_sessions": self.cached_sessions,
+            "owned_sessions": sum(p.cache.owned_by(self.config.member) for p in self.parts),
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
             "failover_takeovers": self.takeovers.summary(),
             "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
@@ -384,57 +464,8 @@ class Sidecar:
                          "max_bytes": s.settings.max_bytes,
                          "replication": s.settings.replication},
             "role": str(self.role), "holds_all_sessions": self.holds_all,
-            "started": self.started,
+            "started": self.started, "shards": shards,
         }
-
-
-def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
-    """The stored form of a sidecar's statistics (``meshxl sync`` reads it back)."""
-    return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
-
-
-def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
-                   where: str) -> str | None:
-    """Why the model does not place this member as configured, or None."""
-    if raw is None:
-        return f"no model in etcd at {where}: no Envoy is told about member registrations"
-    try:
-        model = parse_model(raw.decode("utf-8", "replace"), source="model in etcd")
-    except ModelError:
-        return None  # the control plane keeps its last good model and reports this one
-    spec = model.cluster(cluster)
-    if spec is None:
-        names = ", ".join(c.name for c in model.clusters) or "none"
-        return (f"cluster {cluster!r} is not in the model (clusters: {names}): no Envoy "
-                "sends this member traffic")
-    sites = spec.site_names()
-    if site and sites and site not in sites:
-        return (f"site {site!r} is not a site of cluster {cluster} in the model (sites: "
-                f"{', '.join(sites)})")
-    return None
-
-
-async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:
-    """CLI values win; otherwise the cluster's ``sessions`` block of the model in etcd."""
-    defaults = SessionDefaults()
-    got = await client.get(Keys(config.etcd_root).model.encode())
-    if got is not None:
-        try:
-            spec = parse_model(got.value.decode(), source="model in etcd").cluster(config.cluster)
-        except ModelError as exc:
-            log.warning("model in etcd is invalid (%s); using session defaults", exc)
-        else:
-            if spec is not None:
-                defaults = spec.sessions
-            else:
-                log.info("cluster %r is not in the model in etcd; using session defaults",
-                         config.cluster)
-    return Settings(
-        ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
-        sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
-        max_bytes=config.max_bytes if config.max_bytes is not None else defaults.max_bytes,
-        replication=defaults.replication,
-    )
 
 
 def routes(sidecar: Sidecar) -> Router:
@@ -480,7 +511,7 @@ async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = Non
     try:
         await client.connect()
         settings = await session_settings(client, config)
-        sidecar = Sidecar(config, client, settings, metrics)
+        sidecar = Sidecar(config, client, settings, metrics, await shard_map(client, config))
         await sidecar.start()
     except BaseException:
         with contextlib.suppress(Exception):

@@ -37,7 +37,14 @@ from meshxl import httpbase
 from meshxl.errors import InputError, MeshxlError, TooLarge
 
 from .conditions import check_if_match
-from .record import JSON_TYPE, is_json, served_content_type, valid_content_type, valid_session_id
+from .record import (
+    JSON_TYPE,
+    SESSION_ID_RULE,
+    is_json,
+    served_content_type,
+    valid_content_type,
+    valid_session_id,
+)
 from .store import MAX_TXN_OPS, MAX_TXN_WRITES
 from .writes import DELETE, PUT, Stored, Write
 
@@ -110,8 +117,8 @@ def parse_get(body: bytes) -> list[str]:
     for i, session_id in enumerate(ids):
         if not isinstance(session_id, str) or not valid_session_id(session_id):
             where = f"sessions[{i}]"
-            raise InputError(f"{where}: invalid session id {_show(session_id)}: use 1-200 "
-                             "characters of A-Z a-z 0-9 . _ ~ -", field=where, item=i)
+            raise InputError(f"{where}: invalid session id {_show(session_id)}: use "
+                             f"{SESSION_ID_RULE}", field=where, item=i)
         if session_id in seen:
             raise InputError(f"sessions[{i}]: session {session_id!r} is named twice",
                              field=f"sessions[{i}]", item=i)
@@ -194,8 +201,8 @@ def _only(where: _Where, raw: dict[str, Any], allowed: Sequence[str]) -> None:
 def _session(where: _Where, raw: dict[str, Any]) -> str:
     session_id = raw.get("session")
     if not isinstance(session_id, str) or not valid_session_id(session_id):
-        raise where.bad("session", f"invalid session id {_show(session_id)}: use 1-200 "
-                        "characters of A-Z a-z 0-9 . _ ~ -")
+        raise where.bad("session", f"invalid session id {_show(session_id)}: use "
+                        f"{SESSION_ID_RULE}")
     return session_id
 
 

@@ -77,6 +77,9 @@ class SessionCache:
         self.synced = asyncio.Event()
         """Set after the first full read; cleared while a full re-read is needed."""
         self.resync_needed = asyncio.Event()
+        self.down_since: float | None = None
+        """``time.monotonic()`` since when the watch fails to reach etcd (None: it reads
+        and follows, or has not failed)."""
         """Set when ``synced`` is cleared (a compaction forced a full re-read)."""
         self.full_syncs = 0
         self.watch_starts = 0
@@ -176,6 +179,8 @@ class SessionCache:
             except Exception as exc:  # connection lost, etcd member gone: resume
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
                 log.warning("session watch interrupted (%s); resuming from revision %d",
                             self.last_error, self.applied + 1)
                 await asyncio.sleep(backoff)
@@ -229,6 +234,7 @@ class SessionCache:
         self.applied = revision
         self.full_syncs += 1
         self.last_full_sync = time.time()
+        self.down_since = None
         self.synced.set()
         log.info("session cache: %d sessions at revision %d", len(entries), revision)
 
@@ -239,6 +245,7 @@ class SessionCache:
             # etcd watches a future revision without complaint: a cluster restored below
             # it would never send what it writes until it got there.
             now, cluster_id = await self._revision()
+            self.down_since = None  # etcd answers (the watch may bring no event for long)
             if now < self.applied:
                 raise Rewound(self.applied, now)
             if self.cluster_id and cluster_id != self.cluster_id:
@@ -247,6 +254,7 @@ class SessionCache:
         apply = self._apply
         async for response in etcd.watch_responses(self._client, self._prefix,
                                                    _prefix_end(self._prefix), start):
+            self.down_since = None  # etcd answers this watch
             for event in response.events:
                 apply(event)
         raise ConnectionError("session watch ended")

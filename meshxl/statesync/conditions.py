@@ -20,6 +20,7 @@ version here, and its conditions are checked against that.
 from __future__ import annotations
 
 from meshxl.errors import InputError, PreconditionFailed, TooLarge
+from meshxl.etcd.shards import split_etag
 
 from .writes import DELETE, PUT, Write
 
@@ -71,11 +72,12 @@ def revision(tag: str) -> int:
 
 
 def check_if_match(value: str) -> str:
-    """An If-Match value's tag, checked (InputError): ``*``, an etcd revision, or
-    ``L<n>`` (a session kept on this member only)."""
+    """An If-Match value's tag, checked (InputError): ``*``, an etcd revision (with its
+    shard, ``s1:42``, when sessions are sharded), or ``L<n>`` (a session kept on this
+    member only)."""
     tag = parse_etag(value, strong=False)
     if tag != "*" and not (tag[:1] == "L" and tag[1:].isdigit()):
-        revision(tag)
+        revision(split_etag(tag)[1])
     return tag
 
 

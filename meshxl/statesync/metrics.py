@@ -67,6 +67,11 @@ class StatesyncMetrics:
                                       "register) before the first succeeded.", registry=r)
         self.ready = Gauge("meshxl_statesync_ready", "1 when registered and caught up.",
                            registry=r)
+        self.shard_up = Gauge("meshxl_statesync_shard_up", "1 while the session shard's "
+                              "etcd answers this sidecar's watch (sharded sessions only).",
+                              ["shard"], registry=r)
+        self.shard_sessions = Gauge("meshxl_statesync_shard_cached_sessions", "Sessions of "
+                                    "the shard in the cache.", ["shard"], registry=r)
         self.etcd_unreachable = Gauge("meshxl_statesync_etcd_unreachable_seconds", "Seconds "
                                       "etcd has not answered this member's registration "
                                       "and keepalives for (0 while it answers).", registry=r)

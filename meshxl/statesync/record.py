@@ -17,7 +17,11 @@ from dataclasses import dataclass
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 _NUMBERS = (int, float)
-SESSION_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")
+#: What a session id may be, in words (error messages).
+SESSION_ID_RULE = "1-200 characters of A-Z a-z 0-9 . _ ~ - : { } (not . or ..)"
+NAME = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
+"""Other names of the API (problems): URL-safe without encoding."""
 JSON_TYPE = "application/json"
 HEADER_LIMIT = 4096
 """Bytes the header line may take: every field in it is bounded far below (a member
@@ -67,8 +71,14 @@ def served_content_type(value: str) -> str:
 
 
 def valid_session_id(session_id: str) -> bool:
-    """URL-safe, no slash (it is one etcd key segment), at most 200 characters."""
+    """No slash (it is one etcd key segment), at most 200 characters; ``{`` and ``}``
+    (a hash tag: ``{user42}:cart``, docs/scaling.md) are percent-encoded in a URL."""
     return bool(SESSION_ID.match(session_id)) and session_id not in (".", "..")
+
+
+def valid_name(name: str) -> bool:
+    """A name of the API other than a session id: URL-safe as it is."""
+    return bool(NAME.match(name)) and name not in (".", "..")
 
 
 @functools.lru_cache(maxsize=512)

@@ -25,11 +25,12 @@ import aiohttp
 import pytest
 
 from meshxl import etcd
+from meshxl.local.netns import netem_unavailable
 from meshxl.local.procs import Owner
 from meshxl.local.siteloss import site_loss, write_latencies
 from meshxl.local.sites import DualSite, unavailable
 from meshxl.local.traffic import Traffic
-from meshxl.local.wait import wait_until
+from meshxl.local.wait import LocalError, wait_until
 from meshxl.operator.drill import PASSED, DrillConfig, run_drill
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
@@ -114,3 +115,20 @@ async def test_two_sites_over_a_wan(harness: Owner, tmp_path: Path) -> None:
                 "losses": [result]}
     verdicts = dualsite.verdicts({"rtts": [measured]})
     assert all(v.met for v in verdicts), [v.line() for v in verdicts]
+
+
+async def test_the_kernels_netem_is_used_only_where_it_exists(harness: Owner) -> None:
+    """``link: netem`` asks for the kernel's delay: where the kernel lacks sch_netem
+    (this machine's), the bed refuses at once, saying so, rather than measuring a link
+    with no delay."""
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(f"the dual-site bed needs network namespaces: {reason}")
+    problem = netem_unavailable()
+    if problem is None:
+        async with DualSite(harness, rtt_ms=RTT_MS, link="netem") as bed:
+            link = await bed.link_rtt("east", "west")
+            assert RTT_MS <= link["p50_ms"] < RTT_MS + 30, link
+        return
+    with pytest.raises(LocalError, match="link netem: the kernel has no netem"):
+        await DualSite(harness, rtt_ms=RTT_MS, link="netem").start()

@@ -309,3 +309,39 @@ def test_cold_start_orders_and_verdicts() -> None:
     assert all(v.met for v in coldstart.verdicts(result(0, 0, 3.0)))
     assert [v.met for v in coldstart.verdicts(result(1, 0, 3.0))] == [False, True, True]
     assert [v.met for v in coldstart.verdicts(result(0, 1, 30.0))] == [True, False, False]
+
+
+def test_dualsite_verdicts_hold_every_site_loss_to_its_targets() -> None:
+    import dualsite
+
+    def run(lost: int = 0, failed: int = 0, rto_max: float = 1500.0,
+            ratio: float = 1.05) -> dict[str, object]:
+        loss = {"lost_writes": lost, "surviving_failed": failed, "unrecovered": [],
+                "rto": {"max": rto_max}}
+        return {"rtts": [
+            {"rtt_ms": 0.0, "writes_leader_near": {"sidecar_ms": {"p50": 3.0}}},
+            {"rtt_ms": 20.0, "losses": [loss], "writes_leader_near": {
+                "ratio_p50": ratio, "raw_etcd_ms": {"p50": 24.0}}}]}
+
+    assert all(v.met for v in dualsite.verdicts(run()))
+    assert [v.met for v in dualsite.verdicts(run(lost=1, rto_max=70_000.0, ratio=2.0))] == [
+        False, True, True, False, False]
+
+
+def test_shard_verdicts_compare_like_with_like() -> None:
+    import statesync_shards
+
+    modes = [{"shards": 0, "writers": 32, "lost": 0, "sidecar_cpu_us_per_write": 60.0},
+             {"shards": 2, "writers": 32, "lost": 0, "reshard_moved_fraction": 0.34,
+              "one_down": {"failed_fraction": 0.5, "others_failed": 0}},
+             {"shards": 2, "writers": 64, "lost": 0, "sidecar_cpu_us_per_write": 63.0,
+              "reshard_moved_fraction": 0.34}]
+    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
+    assert all(found.values()), found
+    modes[1]["one_down"] = {"failed_fraction": 0.3, "others_failed": 4}
+    modes[2]["sidecar_cpu_us_per_write"] = 90.0
+    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
+    assert [name for name, met in found.items() if not met] == [
+        "K=2: one shard down, failing writes off 1/K by",
+        "K=2: one shard down, other shards' writes failing",
+        "K=2, 32 writers per shard: sidecar CPU per write / unsharded"], found

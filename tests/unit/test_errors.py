@@ -163,7 +163,8 @@ def test_the_command_is_built_from_one_list_of_areas() -> None:
     assert registered == set(main.commands)
     assert sorted(main.commands) == [
         "apply", "bootstrap", "demo", "drill", "envoy", "inject", "istio", "member",
-        "quickstart", "restore", "serve", "site", "slo", "status", "sync", "validate", "verify",
+        "quickstart", "restore", "serve", "shards", "site", "slo", "status", "sync", "validate",
+        "verify",
         "version"]
     serve = main.commands["serve"]
     assert isinstance(serve, click.Group)

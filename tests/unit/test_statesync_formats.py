@@ -23,9 +23,9 @@ from meshxl.etcd.keys import Keys
 from meshxl.model import Registration, check_member_address
 from meshxl.operator.views.read import load_record
 from meshxl.statesync.api import MAX_PROBLEM_DETAIL, _problem_detail
-from meshxl.statesync.app import sync_stats_value
 from meshxl.statesync.cache import SessionCache
 from meshxl.statesync.membership import registration_document
+from meshxl.statesync.mesh_reads import sync_stats_value
 from meshxl.statesync.record import (
     HEADER_LIMIT,
     SessionRecord,

@@ -1,0 +1,224 @@
+"""Sessions over K etcd clusters: what a write costs per shard, and what one shard's
+loss and a reshard cost.
+
+Run: ``.venv/bin/python bench/statesync_shards.py [--quick] [--writes N]``
+
+Per mode, one fresh set of single-member etcd clusters on loopback and one sidecar
+(``meshxl serve statesync``): *unsharded* (sessions in the main cluster, no shard map:
+the reference), then K = 1, 2 and 3 shards (a map in the main cluster, each shard one
+more etcd). The application writes ``--writes`` distinct sessions (~256 B of JSON) from
+32 concurrent writers through ``meshxl.client.AsyncClient`` (and, for K = 2 and 3, again
+with 32 writers per shard: each shard as loaded as the one unsharded cluster). Measured
+per mode: writes/s, the sidecar's CPU per write, each etcd's CPU per write of its shard,
+and every acknowledged session read back (0 lost). With K >= 2, one shard's etcd is then
+killed and every session is written once more: the fraction that fails (ideal 1/K) and
+that the other shards' writes all succeed (the client then takes a 503 as the answer; by
+default it retries one for about 2.5 s). The sessions a new shard would take (K -> K +
+1) are counted by ``meshxl shards set --dry-run``'s plan over the stored sessions,
+beside the ideal 1/(K + 1).
+
+On two cores throughput cannot grow with K (etcd and the sidecar share them): the
+targets are per write. Targets: the sidecar's CPU per write with K shards each as loaded
+as the unsharded cluster within 1.10x of unsharded (at a fixed total load, K shards
+split the writes into K batchers whose batches are K times smaller: the per-write cost
+of the batches rises, for etcd as for the sidecar; reported, without a target); 0
+acknowledged writes lost; with one of K shards down, failing writes within 0.05 of 1/K
+and none of the other shards' failing; a reshard moving within 0.05 of 1/(K + 1). Writes
+``bench/results/statesync_shards.json``. Loopback only; bounded; every process is killed
+at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
+
+from meshxl import etcd as meshxl_etcd
+from meshxl.client import AsyncClient, Backoff, ClientSettings, SidecarError
+from meshxl.etcd.keys import Keys
+from meshxl.etcd.shards import parse_shard_map
+from meshxl.local import commands
+from meshxl.local.ports import free_ports
+from meshxl.local.procs import Owner
+from meshxl.local.servers import HOST, start_etcd
+from meshxl.local.wait import wait_http
+from meshxl.operator.shards import plan
+from meshxl.stats import cpu_seconds
+
+WRITERS = 32
+CLUSTER = "bench"
+STATE = {"cart": ["item"] * 24, "note": "x" * 64}
+
+
+async def _write_all(url: str, ids: list[str], limit: float, writers: int = WRITERS,
+                     retries: bool = True) -> tuple[dict[str, str], int]:
+    """Every id written once by ``writers`` concurrent writers: acknowledged id ->
+    ETag, and the number refused (any error). ``retries`` False: a 503 is the answer
+    (the client's default retries it for about 2.5 s)."""
+    acked: dict[str, str] = {}
+    failed = 0
+    queue = list(reversed(ids))
+    deadline = time.monotonic() + limit
+
+    async def writer(client: AsyncClient) -> None:
+        nonlocal failed
+        while queue and time.monotonic() < deadline:
+            session = queue.pop()
+            try:
+                written = await client.put(session, {**STATE, "id": session})
+                acked[session] = written.etag
+            except SidecarError:
+                failed += 1
+
+    settings = ClientSettings() if retries else ClientSettings(unavailable=Backoff(attempts=1))
+    async with AsyncClient(url, settings=settings) as client:
+        await asyncio.gather(*(writer(client) for _ in range(writers)))
+    return acked, failed
+
+
+async def _lost(url: str, acked: dict[str, str]) -> int:
+    """Acknowledged sessions that do not read back as written (bulk gets of 100)."""
+    lost = 0
+    ids = sorted(acked)
+    async with AsyncClient(url) as client:
+        for start in range(0, len(ids), 100):
+            batch = ids[start:start + 100]
+            for session, got in zip(batch, await client.bulk_get(batch), strict=True):
+                if isinstance(got, SidecarError) or got.state.get("id") != session:
+                    lost += 1
+    return lost
+
+
+async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[str, Any]:
+    """``k`` None: unsharded."""
+    with tempfile.TemporaryDirectory(prefix="meshxl-shards-") as work:
+        owner = Owner(Path(work), label=f"shards-{k}")
+        try:
+            main_url, main = await start_etcd(owner, "main")
+            shards = [await start_etcd(owner, f"shard-{i + 1}") for i in range(k or 0)]
+            keys = Keys()
+            shard_map = None
+            if k:
+                shard_map = parse_shard_map({"version": 1, "shards": [
+                    {"name": f"s{i + 1}", "etcd": url} for i, (url, _) in enumerate(shards)]})
+                async with meshxl_etcd.client(main_url) as client:
+                    await client.put(keys.shards.encode(), shard_map.encode())
+            api, app = free_ports(2)
+            sidecar = owner.spawn("sidecar", commands.statesync(
+                cluster=CLUSTER, member="m1", app=f"{HOST}:{app}", listen=f"{HOST}:{api}",
+                etcd=main_url, log_level="warning"))
+            url = f"http://{HOST}:{api}"
+            await wait_http(f"{url}/readyz", process=sidecar, timeout=30)
+            warm = [f"warm-{i}" for i in range(200)]
+            await _write_all(url, warm, 30)
+            ids = [f"s-{i}" for i in range(writes)]
+            procs = {"sidecar": sidecar, "main": main,
+                     **{f"s{i + 1}": p for i, (_, p) in enumerate(shards)}}
+            cpu0 = {n: cpu_seconds(p.pid or 0) or 0.0 for n, p in procs.items()}
+            started = time.perf_counter()
+            acked, failed = await _write_all(url, ids, 120, writers)
+            seconds = time.perf_counter() - started
+            cpu = {n: (cpu_seconds(p.pid or 0) or 0.0) - cpu0[n] for n, p in procs.items()}
+            out: dict[str, Any] = {
+                "shards": k or 0, "writers": writers, "writes": len(acked), "failed": failed,
+                "writes_per_s": round(len(acked) / seconds, 1),
+                "sidecar_cpu_us_per_write": round(cpu["sidecar"] / max(1, len(acked)) * 1e6, 1),
+                "lost": await _lost(url, acked)}
+            if shard_map is not None:
+                per = {name: sum(1 for s in acked if shard_map.of(s).name == name)
+                       for name in shard_map.names}
+                out["etcd_cpu_us_per_write"] = {
+                    name: round(cpu[name] / max(1, per[name]) * 1e6, 1) for name in per}
+                out["per_shard_writes"] = per
+                grown = parse_shard_map({"version": 2, "shards": [
+                    *shard_map.as_dict()["shards"], {"name": f"s{k + 1}", "etcd": "unused"}]})
+
+                def connect(urls: str) -> Any:
+                    return meshxl_etcd.client(urls)
+
+                async with meshxl_etcd.client(main_url) as client:
+                    moves = await plan(client, keys, grown, connect)
+                out["reshard_moved_fraction"] = round(moves.moved / max(1, moves.sessions), 4)
+                if k >= 2 and writers == WRITERS:
+                    await shards[-1][1].kill()
+                    down = shard_map.names[-1]
+                    await asyncio.sleep(2.0)  # the sidecar sees it gone (DOWN_GRACE)
+                    again, refused = await _write_all(url, ids, 120, retries=False)
+                    out["one_down"] = {
+                        "shard": down, "failed_fraction": round(refused / len(ids), 4),
+                        "others_failed": sum(1 for s in ids if s not in again
+                                             and shard_map.of(s).name != down)}
+            else:
+                out["etcd_cpu_us_per_write"] = {"main": round(cpu["main"] / max(1, len(acked))
+                                                              * 1e6, 1)}
+            return out
+        finally:
+            await owner.aclose()
+
+
+def verdicts(result: dict[str, Any]) -> list[Verdict]:
+    base = next(m for m in result["modes"] if m["shards"] == 0)
+    ref = base["sidecar_cpu_us_per_write"]
+    out = [Verdict("acknowledged writes lost, every mode", sum(m["lost"] for m in
+                                                               result["modes"]), 0, "writes")]
+    for m in result["modes"]:
+        k, writers = m["shards"], m["writers"]
+        if not k:
+            continue
+        if writers == WRITERS * k:  # each shard as loaded as the unsharded cluster
+            out.append(Verdict(f"K={k}, {WRITERS} writers per shard: sidecar CPU per write "
+                               "/ unsharded", round(m["sidecar_cpu_us_per_write"] / ref, 3),
+                               1.10, "x", reference=f"unsharded {ref} us per write, "
+                                                    f"{WRITERS} writers"))
+        if writers != WRITERS:
+            continue
+        out.append(Verdict(f"K={k}: reshard to K+1 moves, off 1/(K+1) by",
+                           round(abs(m["reshard_moved_fraction"] - 1 / (k + 1)), 4), 0.05, "",
+                           reference=f"moved {m['reshard_moved_fraction']}, ideal "
+                                     f"{1 / (k + 1):.3f}"))
+        if "one_down" in m:
+            down = m["one_down"]
+            out.append(Verdict(f"K={k}: one shard down, failing writes off 1/K by",
+                               round(abs(down["failed_fraction"] - 1 / k), 4), 0.05, "",
+                               reference=f"failed {down['failed_fraction']}, ideal {1 / k:.3f}"))
+            out.append(Verdict(f"K={k}: one shard down, other shards' writes failing",
+                               down["others_failed"], 0, "writes"))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--writes", type=int, default=6000)
+    args = parser.parse_args()
+    writes = 1200 if quick_requested(args.quick) else args.writes
+    print(f"statesync shards: {writes} session writes per mode, {WRITERS} writers")
+    modes = []
+    for k, writers in ((None, WRITERS), (1, WRITERS), (2, WRITERS), (3, WRITERS),
+                       (2, 2 * WRITERS), (3, 3 * WRITERS)):
+        mode = asyncio.run(one_mode(k, writes, writers))
+        modes.append(mode)
+        name = "unsharded" if k is None else f"K={k}"
+        print(f"  {name:<10} {writers:>3} writers {mode['writes_per_s']:>8} w/s  "
+              f"sidecar {mode['sidecar_cpu_us_per_write']} us/write  etcd "
+              f"{mode['etcd_cpu_us_per_write']} us/write  lost {mode['lost']}"
+              + (f"  reshard moves {mode['reshard_moved_fraction']}" if k else "")
+              + (f"  one down: failed {mode['one_down']['failed_fraction']}, others "
+                 f"{mode['one_down']['others_failed']}" if "one_down" in mode else ""))
+    result = {"modes": modes, "writes": writes, "writers": WRITERS}
+    found = verdicts(result)
+    print_verdicts("statesync_shards", found)
+    path = write_results("statesync_shards", {"env": env_info(), **result}, found)
+    print(f"\nwrote {path}")
+    return 0 if all(v.met for v in found) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
