@@ -15,7 +15,10 @@ killed and every session is written once more: the fraction that fails (ideal 1/
 that the other shards' writes all succeed (the client then takes a 503 as the answer; by
 default it retries one for about 2.5 s). The sessions a new shard would take (K -> K +
 1) are counted by ``meshxl shards set --dry-run``'s plan over the stored sessions,
-beside the ideal 1/(K + 1).
+beside the ideal 1/(K + 1); then (32 writers) the shard is added for real, online,
+while every session is written once more: the time it takes, the sessions moved, the
+writes failed (the client retrying a 503, as by default) and lost. One shard down is
+measured after that, over the K + 1 shards.
 
 On two cores throughput cannot grow with K (etcd and the sidecar share them): the
 targets are per write. Targets: the sidecar's CPU per write with K shards each as loaded
@@ -43,13 +46,13 @@ from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_r
 from meshxl import etcd as meshxl_etcd
 from meshxl.client import AsyncClient, Backoff, ClientSettings, SidecarError
 from meshxl.etcd.keys import Keys
-from meshxl.etcd.shards import parse_shard_map
+from meshxl.etcd.shards import ShardMap, parse_shard_map
 from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.local.wait import wait_http
-from meshxl.operator.shards import plan
+from meshxl.operator.shards import plan, set_map
 from meshxl.stats import cpu_seconds
 
 WRITERS = 32
@@ -146,13 +149,18 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[s
                 async with meshxl_etcd.client(main_url) as client:
                     moves = await plan(client, keys, grown, connect)
                 out["reshard_moved_fraction"] = round(moves.moved / max(1, moves.sessions), 4)
+                if writers == WRITERS:
+                    shard_map, out["reshard"] = await _reshard(owner, main_url, url, shard_map,
+                                                               ids, connect)
+                    shards.append(out["reshard"].pop("etcd"))
                 if k >= 2 and writers == WRITERS:
                     await shards[-1][1].kill()
                     down = shard_map.names[-1]
                     await asyncio.sleep(2.0)  # the sidecar sees it gone (DOWN_GRACE)
                     again, refused = await _write_all(url, ids, 120, retries=False)
                     out["one_down"] = {
-                        "shard": down, "failed_fraction": round(refused / len(ids), 4),
+                        "shard": down, "of": len(shard_map.shards),
+                        "failed_fraction": round(refused / len(ids), 4),
                         "others_failed": sum(1 for s in ids if s not in again
                                              and shard_map.of(s).name != down)}
             else:
@@ -161,6 +169,31 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[s
             return out
         finally:
             await owner.aclose()
+
+
+async def _reshard(owner: Owner, main_url: str, url: str, shard_map: ShardMap,
+                   ids: list[str], connect: Any) -> tuple[ShardMap, dict[str, Any]]:
+    """K -> K + 1 online (``meshxl shards set``'s code) while every session is written
+    once more (the client retrying a 503, as by default): how long it took, the
+    sessions moved against the ideal, the writes that failed, and 0 lost."""
+    name = f"s{len(shard_map.shards) + 1}"
+    added = await start_etcd(owner, f"shard-{len(shard_map.shards) + 1}")
+    grown = parse_shard_map({"version": 0, "shards": [
+        *shard_map.as_dict()["shards"], {"name": name, "etcd": added[0]}]})
+    async with meshxl_etcd.client(main_url) as client:
+        writing = asyncio.ensure_future(_write_all(url, ids, 120))
+        await asyncio.sleep(0.2)
+        started = time.perf_counter()
+        stored, planned = await set_map(client, Keys(), grown, connect)
+        seconds = time.perf_counter() - started
+        acked, failed = await writing
+    return stored, {
+        "to": len(stored.shards), "seconds": round(seconds, 2), "sessions": planned.sessions,
+        "moved": planned.moved,
+        "moved_fraction": round(planned.moved / max(1, planned.sessions), 4),
+        "moved_by_command": planned.moved_now, "moved_by_sidecar": planned.moved_before,
+        "writes_during": len(acked), "failed_during": failed,
+        "lost": await _lost(url, acked), "etcd": added}
 
 
 def verdicts(result: dict[str, Any]) -> list[Verdict]:
@@ -183,12 +216,22 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
                            round(abs(m["reshard_moved_fraction"] - 1 / (k + 1)), 4), 0.05, "",
                            reference=f"moved {m['reshard_moved_fraction']}, ideal "
                                      f"{1 / (k + 1):.3f}"))
+        if "reshard" in m:
+            moved = m["reshard"]
+            out.append(Verdict(f"K={k} -> {k + 1} online, under writes: moved off 1/(K+1) by",
+                               round(abs(moved["moved_fraction"] - 1 / (k + 1)), 4), 0.05, "",
+                               reference=f"moved {moved['moved']} of {moved['sessions']} in "
+                                         f"{moved['seconds']} s"))
+            out.append(Verdict(f"K={k} -> {k + 1} online: writes failed or lost",
+                               moved["failed_during"] + moved["lost"], 0, "writes",
+                               reference=f"{moved['writes_during']} writes during it"))
         if "one_down" in m:
             down = m["one_down"]
-            out.append(Verdict(f"K={k}: one shard down, failing writes off 1/K by",
-                               round(abs(down["failed_fraction"] - 1 / k), 4), 0.05, "",
-                               reference=f"failed {down['failed_fraction']}, ideal {1 / k:.3f}"))
-            out.append(Verdict(f"K={k}: one shard down, other shards' writes failing",
+            n = down["of"]
+            out.append(Verdict(f"one of {n} shards down, failing writes off 1/{n} by",
+                               round(abs(down["failed_fraction"] - 1 / n), 4), 0.05, "",
+                               reference=f"failed {down['failed_fraction']}, ideal {1 / n:.3f}"))
+            out.append(Verdict(f"one of {n} shards down, other shards' writes failing",
                                down["others_failed"], 0, "writes"))
     return out
 
@@ -210,6 +253,9 @@ def main() -> int:
               f"sidecar {mode['sidecar_cpu_us_per_write']} us/write  etcd "
               f"{mode['etcd_cpu_us_per_write']} us/write  lost {mode['lost']}"
               + (f"  reshard moves {mode['reshard_moved_fraction']}" if k else "")
+              + (f"  online to K={mode['reshard']['to']}: {mode['reshard']['moved']} moved "
+                 f"in {mode['reshard']['seconds']} s, {mode['reshard']['failed_during']} "
+                 f"failed, {mode['reshard']['lost']} lost" if "reshard" in mode else "")
               + (f"  one down: failed {mode['one_down']['failed_fraction']}, others "
                  f"{mode['one_down']['others_failed']}" if "one_down" in mode else ""))
     result = {"modes": modes, "writes": writes, "writers": WRITERS}

@@ -213,6 +213,11 @@ def shards_show(output: str, etcd_urls: str, etcd_root: str) -> None:
         click.echo(f"shard map version {found.version}, {len(found.shards)} shards:")
         for shard in found.shards:
             click.echo(f"  {shard.name}  {shard.etcd}")
+        if found.moving:
+            click.echo("moving from (a reshard under way: `meshxl shards set` with the "
+                       "shards above finishes it):")
+            for shard in found.previous:
+                click.echo(f"  {shard.name}  {shard.etcd}")
 
 
 def _shard_option(value: tuple[str, ...]) -> Any:
@@ -235,31 +240,41 @@ def _shard_option(value: tuple[str, ...]) -> Any:
                    "credential options as --etcd.")
 @click.option("--dry-run", is_flag=True,
               help="Only count where every stored session would go.")
+@click.option("--ack-timeout", type=click.FloatRange(min=1), default=60.0,
+              show_default=True,
+              help="Seconds to wait for every registered sidecar to take the new map "
+                   "before any session moves.")
 @output_option
 @etcd_option
 @root_option
-def shards_set(shard_items: tuple[str, ...], dry_run: bool, output: str, etcd_urls: str,
-               etcd_root: str) -> None:
-    """Store the shard map: refused (exit 1, nothing written) while sidecars are
-    registered or while any stored session would move to another shard."""
+def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float, output: str,
+               etcd_urls: str, etcd_root: str) -> None:
+    """Store the shard map and move the sessions whose shard changes, under load (an
+    online reshard: progress on stderr). The first map of an installation is refused
+    (exit 1, nothing written) while sidecars run or sessions are stored unsharded."""
     from meshxl.operator.shards import plan, set_map
 
     new = _shard_option(shard_items)
+
+    def progress(line: str) -> None:
+        click.echo(line, err=True)
 
     async def go() -> Any:
         async with etcd_client(etcd_urls) as client:
             if dry_run:
                 return None, await plan(client, Keys(etcd_root), new, etcd_client)
-            return await set_map(client, Keys(etcd_root), new, etcd_client)
+            return await set_map(client, Keys(etcd_root), new, etcd_client,
+                                 ack_timeout=ack_timeout, progress=progress)
 
     stored, planned = run(go)
     if output == "json":
         print_json({"map": stored.as_dict() if stored else None, "plan": planned.as_dict(),
                     "dry_run": dry_run})
         return
+    verb = "would move" if stored is None else "moved"
     for (source, target), count in sorted(planned.moves.items()):
-        click.echo(f"{count} sessions would move from {source} to {target}")
-    click.echo(f"{planned.moved} of {planned.sessions} sessions move; per shard: "
+        click.echo(f"{count} sessions {verb} from {source} to {target}")
+    click.echo(f"{planned.moved} of {planned.sessions} sessions {verb.split()[-1]}; per shard: "
                + (", ".join(f"{n} {c}" for n, c in sorted(planned.per_shard.items()))
                   or "none"))
     if stored is not None:

@@ -222,6 +222,21 @@ def render_sync(report: dict[str, Any], console: Console) -> None:
             plain(_dash(s["errors"]) + (f" ({s['last_error']})" if s.get("last_error") else "")),
             age)
     console.print(table)
+    sharded = [s for s in report["sidecars"] if s.get("shards")]
+    if sharded:
+        shards = _table("session shards", ("cluster", "member", "map", "shard", "reachable",
+                                           "revision", "cached", "takeovers", "conflicts"))
+        for s in sharded:
+            for shard in s["shards"]["shards"]:
+                shards.add_row(
+                    plain(s["cluster"]), plain(s["member"]),
+                    plain(_dash(s["shards"].get("version"))), plain(shard["name"]),
+                    plain("yes") if shard.get("reachable") else plain(
+                        f"no ({_dash(shard.get('unreachable_for'))} s)", "red"),
+                    plain(_dash(shard.get("revision"))),
+                    plain(_dash(shard.get("cached_sessions"))),
+                    plain(_dash(shard.get("takeovers"))), plain(_dash(shard.get("conflicts"))))
+        console.print(shards)
     for m in report["without_statistics"]:
         print_line(console, plain(f"{m['cluster']}/{m['member']}: registered, no statistics "
                                   "published yet", "yellow"))

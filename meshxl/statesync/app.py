@@ -61,6 +61,7 @@ from .http import HttpServer, Router
 from .membership import Membership
 from .mesh_reads import model_mismatch, session_settings, shard_map, sync_stats_value
 from .metrics import StatesyncMetrics
+from .resharding import MapFollower
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
 from .starting import Waiting, start_when_etcd_answers
@@ -97,13 +98,12 @@ class Sidecar:
         self.client = client
         self.metrics = metrics or StatesyncMetrics()
         self.metrics.member.labels(config.cluster, config.member, config.site or "").set(1)
-        self.shard_map = shard_map
         if shard_map is None:  # sessions in the main cluster, beside everything else
             self.parts = [self._part("", client, settings)]
             self.sessions: Sessions | ShardedSessions = self.parts[0].engine
         else:
             self.parts = [self._part(s.name, etcd.client(s.etcd, security=config.etcd_security),
-                                     settings) for s in shard_map.shards]
+                                     settings) for s in shard_map.every]
             self.sessions = ShardedSessions(shard_map, self.parts, settings)
         self.store, self.cache = self.parts[0].store, self.parts[0].cache
         host, port = parse_hostport(config.app)
@@ -111,6 +111,7 @@ class Sidecar:
                                      address=host, port=port, site=config.site,
                                      weight=config.weight, ttl=config.lease_ttl,
                                      sidecar=config.listen)
+        self.membership.shard_map = shard_map.version if shard_map is not None else None
         self.takeovers = TakeoverTracer(config.cluster, config.member)
         self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
@@ -123,7 +124,7 @@ class Sidecar:
         """This member's role in the cluster, as the control plane computes it."""
         self.view_state: MemberState | None = None
         """This member's state in the cluster's view (None: not in the model)."""
-        self._watches: list[asyncio.Task[None]] | None = None
+        self._watches: dict[str, asyncio.Task[None]] | None = None
         """The caches' watches while they hold every session (always, unless narrow)."""
         self._tasks: list[asyncio.Task[Any]] = []
         self.membership.rejoin.serving = self._serving_now
@@ -158,18 +159,26 @@ class Sidecar:
                     await self.mesh.synced.wait()
             await self.membership.set_ready(True)
         else:
-            self._watches = [loop.create_task(part.cache.run()) for part in self.parts]
-            self._tasks.extend(self._watches)
+            self._watches = {part.name: loop.create_task(part.cache.run())
+                             for part in self.parts}
             self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
         self._tasks.append(loop.create_task(self._publish_sync()))
         if not self.narrow:
             self._tasks.append(loop.create_task(self.mesh.run()))
+        if isinstance(self.sessions, ShardedSessions):
+            settings = self.sessions.settings
+            follower = MapFollower(
+                self.client, self.keys, self.sessions, self.parts,
+                lambda name, client: self._part(name, client, settings),
+                self.config.etcd_security, lambda: self._watches,
+                self.membership.set_shard_map)
+            self._tasks.append(loop.create_task(follower.run()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
 
     async def stop(self) -> None:
-        tasks = {*self._tasks, *(self._watches or [])}
+        tasks = {*self._tasks, *(self._watches or {}).values()}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -257,10 +266,11 @@ class Sidecar:
         if hold_all and self._watches is None:
             log.info("standby: holding every session of cluster %s", self.config.cluster)
             loop = asyncio.get_running_loop()
-            self._watches = [loop.create_task(part.cache.run()) for part in self.parts]
+            self._watches = {part.name: loop.create_task(part.cache.run())
+                             for part in self.parts}
         elif not hold_all and self._watches is not None:
             log.info("no longer standby: holding only the sessions this member uses")
-            for watch in self._watches:
+            for watch in self._watches.values():
                 watch.cancel()
             self._watches = None
 
@@ -416,6 +426,12 @@ class Sidecar:
         elif not self.membership.registered and self.membership.registrations:
             warnings.append("registration lease lost: registering again")
         return warnings
+
+    @property
+    def shard_map(self) -> ShardMap | None:
+        """The session shards served now (None: sessions live in the main cluster)."""
+        sessions = self.sessions
+        return sessions.map if isinstance(sessions, ShardedSessions) else None
 
     @property
     def cached_sessions(self) -> int:

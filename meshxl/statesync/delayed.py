@@ -40,6 +40,9 @@ class LocalSessions:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def ids(self) -> list[str]:
+        return list(self._kept)
+
     def get(self, session_id: str) -> Local | None:
         return self._kept.get(session_id)
 
@@ -67,6 +70,13 @@ class LocalSessions:
         self.metrics.write(PUT, "local").inc()
         self.metrics.local.set(len(self._kept))
         return self.stored(session_id, kept, new_session=local is None)
+
+    def adopt(self, session_id: str, local: Local) -> None:
+        """Keep ``local``, kept until now by another shard's engine (a reshard); later
+        versions here number above it, so an ``L<n>`` ETag never names two states."""
+        self._kept[session_id] = local
+        self._versions = max(self._versions, local.version)
+        self.metrics.local.set(len(self._kept))
 
     def drop(self, session_id: str) -> Local | None:
         """Keep it here no longer (replicated, or deleted)."""

@@ -93,6 +93,7 @@ def registration_document(
     *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
     problems: dict[str, dict[str, Any]], sidecar: str, pid: int, since: str, updated: str,
     overload: dict[str, str] | None = None, returning: dict[str, str] | None = None,
+    shard_map: int | None = None,
 ) -> dict[str, Any]:
     """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
     doc: dict[str, Any] = {"address": address, "port": port}
@@ -110,6 +111,8 @@ def registration_document(
         doc["overload"] = dict(overload)
     if returning is not None:
         doc["returning"] = dict(returning)
+    if shard_map is not None:
+        doc["shard_map"] = shard_map  # the version served: an online reshard waits for it
     return doc
 
 
@@ -143,6 +146,8 @@ class Membership:
         self.weight = weight
         self.sidecar = sidecar
         self.lease_id: int | None = None
+        self.shard_map: int | None = None
+        """The session shard map version this sidecar serves (None: not sharded)."""
         self.lease_losses = 0
         self.registrations = 0
         """Registrations written (the first at start, then one after each lease loss)."""
@@ -217,7 +222,7 @@ class Membership:
             address=self.address, port=self.port, site=self.site, weight=self.weight,
             ready=self._ready, problems=self._problems, sidecar=self.sidecar,
             pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload,
-            returning=self.rejoin.returning)
+            returning=self.rejoin.returning, shard_map=self.shard_map)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -261,6 +266,12 @@ class Membership:
                                 self.ttl)
 
     # -- changes -------------------------------------------------------------------------
+
+    async def set_shard_map(self, version: int) -> None:
+        """Say in the registration that this sidecar serves shard map ``version``."""
+        if version != self.shard_map:
+            self.shard_map = version
+            await self._changed()
 
     async def set_ready(self, ready: bool) -> None:
         """Advertise (True) or hold back as "syncing" (False); no-op if unchanged."""

@@ -14,7 +14,14 @@ no other's writes. :class:`ShardedSessions` is the engine's face the API uses:
 * a write of several sessions (bulk save, pipelined PUTs) goes to each shard's engine
   with that shard's sessions, side by side; the outcomes come back in order;
 * a transaction stays in one shard (etcd's transaction is per cluster): one touching
-  two shards is refused whole with 400 naming them, never half-applied.
+  two shards is refused whole with 400 naming them, never half-applied;
+* while the map is moving (an online reshard), a session whose shard changed is, at
+  the stage ``prepare``, read where it is (its old shard, else its new one) and its
+  writes refused with 503 (for the second or two until every sidecar has the map); at
+  the stage ``move``, moved (:class:`meshxl.etcd.moving.Mover`) before it is read or
+  written, so it is served from exactly one shard at any time; the ownership this
+  member had of it in the old shard goes with it (a member that lost it there is still
+  fenced with 409 in the new one).
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from typing import Any
 
 import aetcd
 
-from meshxl.errors import InputError, PreconditionFailed, Unavailable
-from meshxl.etcd.shards import ShardMap, shard_etag, split_etag
+from meshxl.errors import InputError, MeshxlError, NotFound, PreconditionFailed, Unavailable
+from meshxl.etcd.moving import Mover
+from meshxl.etcd.shards import PREPARE, ShardMap, shard_etag, split_etag
 
 from .cache import SessionCache
 from .conditions import parse_etag
@@ -104,9 +112,70 @@ class ShardedSessions:
         self.map = shard_map
         self.shards = {s.name: s for s in shards}
         self.settings = settings
+        self.mover = Mover()
+
+    def apply(self, shard_map: ShardMap, shards: Sequence[Shard]) -> None:
+        """Serve ``shard_map`` from now on; ``shards`` holds every one it names. What
+        this member observed of a session in a shard that is no longer its own goes
+        with it to its new shard (:meth:`_carry`)."""
+        self.shards = {s.name: s for s in shards}
+        self.map = shard_map
+        for shard in self.shards.values():
+            for session_id in [s for s in shard.engine.ledger.observed
+                               if shard_map.of(s).name != shard.name]:
+                self._carry(session_id, shard, self.shard_of(session_id))
+            local = shard.engine.local  # delayed sync: kept by the engine of its shard
+            for session_id in [s for s in local.ids()
+                               if shard_map.of(s).name != shard.name]:
+                kept = local.drop(session_id)
+                assert kept is not None
+                self.shard_of(session_id).engine.local.adopt(session_id, kept)
+
+    @staticmethod
+    def _carry(session_id: str, old: Shard, new: Shard) -> None:
+        """This member's observation of ``session_id`` from ``old`` to ``new``: as
+        "observed, revision unknown" (0), which keeps it the owner if the record still
+        names it, and fences it (409) if another member wrote the session since."""
+        if old.engine.ledger.observed.pop(session_id, None) is not None:
+            if new.engine.ledger.observed_revision(session_id) is None:
+                new.engine.ledger.observe(session_id, 0)
 
     def shard_of(self, session_id: str) -> Shard:
         return self.shards[self.map.of(session_id).name]
+
+    async def settle(self, session_id: str) -> Shard:
+        """The shard that serves ``session_id`` now: while the map is moving and its
+        shard changed, it is first moved there if still in its old shard."""
+        shard = self.shard_of(session_id)
+        source = self.map.source_of(session_id)
+        if source is None:
+            return shard
+        if self.map.stage == PREPARE:
+            raise Unavailable(f"session {session_id!r} moves from shard {source.name} to "
+                              f"{shard.name}: its writes wait until every sidecar has the "
+                              "new shard map (a second or two); send it again")
+        old = self.shards[source.name]
+        old.refuse_if_down()
+        try:
+            await self.mover.move(old.client, shard.client, old.engine.ledger.key(session_id))
+        except MeshxlError:
+            raise
+        except Exception as exc:
+            raise Unavailable(f"session {session_id!r} moves from shard {old.name} to "
+                              f"{shard.name}, and that failed: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}") from None
+        self._carry(session_id, old, shard)  # a write in the old shard since apply()
+        return shard
+
+    async def _settle_all(self, session_ids: Sequence[str]) -> dict[str, BaseException]:
+        """:meth:`settle` of every moving session among ``session_ids``, side by side:
+        the errors, by session."""
+        moving = [s for s in dict.fromkeys(session_ids) if self.map.source_of(s) is not None]
+        if not moving:
+            return {}
+        done = await asyncio.gather(*(self.settle(s) for s in moving), return_exceptions=True)
+        return {s: e for s, e in zip(moving, done, strict=True)
+                if isinstance(e, BaseException)}
 
     # -- what the sidecar shows: sums over the shards ---------------------------------
 
@@ -141,7 +210,17 @@ class ShardedSessions:
     # -- reads and writes -----------------------------------------------------------
 
     async def get(self, session_id: str) -> Stored:
-        shard = self.shard_of(session_id)
+        source = self.map.source_of(session_id) if self.map.stage == PREPARE else None
+        if source is not None:  # not moved yet: where it is, its old shard or its new
+            old = self.shards[source.name]
+            old.refuse_if_down()
+            try:
+                return _tagged(old.name, await old.engine.get(session_id))  # type: ignore[no-any-return]
+            except NotFound:
+                pass
+            shard = self.shard_of(session_id)
+        else:
+            shard = await self.settle(session_id)
         shard.refuse_if_down()
         stored: Stored = _tagged(shard.name, await shard.engine.get(session_id))
         return stored
@@ -171,7 +250,12 @@ class ShardedSessions:
         outcomes: list[Any] = [None] * len(writes)
         groups: dict[str, list[int]] = {}
         batches: dict[str, list[Write]] = {}
+        unsettled = (await self._settle_all([w.session_id for w in writes])
+                     if self.map.moving else {})  # at PREPARE: 503 for those that move
         for i, write in enumerate(writes):
+            if write.session_id in unsettled:
+                outcomes[i] = unsettled[write.session_id]
+                continue
             try:
                 shard = self.shard_of(write.session_id)
                 shard.refuse_if_down()
@@ -204,6 +288,9 @@ class ShardedSessions:
             return await next(iter(self.shards.values())).engine.write(
                 [], atomic=True, traceparent=traceparent)
         shards = {self.shard_of(w.session_id).name for w in writes}
+        if len(shards) == 1 and self.map.moving:
+            for error in (await self._settle_all([w.session_id for w in writes])).values():
+                raise error
         if len(shards) > 1:
             spread = ", ".join(f"{w.session_id!r} in {self.shard_of(w.session_id).name}"
                                for w in writes[:8])

@@ -5,12 +5,16 @@ two more single-member etcd clusters, each session in the one its id hashes to. 
 must hold: every session lands in its shard and nowhere else; ETags name the shard and
 an If-Match of another shard (or of none) is refused with 412; a hash tag keeps
 sessions together so a transaction over them commits, while one over two shards is
-refused whole; a bulk save answers per item; and one shard's etcd lost makes only its
-sessions unavailable (503), the member stays ready and the other shard keeps writing.
+refused whole; a bulk save answers per item; one shard's etcd lost makes only its
+sessions unavailable (503), the member stays ready and the other shard keeps writing;
+and a shard added or removed under load (an online reshard) moves only the sessions
+whose shard changed, loses no acknowledged write, never serves a stale one, and keeps
+a member that lost a session fenced across the move.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -25,7 +29,7 @@ from meshxl.local.netns import Network, unavailable
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_http, wait_until
 from tests.harness import EtcdServer
-from tests.harness.cli import meshxl, meshxl_json
+from tests.harness.cli import meshxl_json
 from tests.harness.etcd import start_etcd
 from tests.harness.sidecar import SidecarProcess
 
@@ -107,8 +111,8 @@ async def test_sessions_in_two_shards(harness: Any, etcd: EtcdServer, etcd_clien
     status = await sidecar.status()
     assert [s["name"] for s in status["shards"]["shards"]] == ["s1", "s2"]
 
-    # A third shard would take about a third of the sessions; with sidecars running
-    # and sessions to move, setting it is refused and nothing is written.
+    # A third shard would take about a third of the sessions: the dry run counts them,
+    # writes nothing.
     three = await start_etcd(harness, "shard-3")
     wanted = ("--shard", f"s1={one.url}", "--shard", f"s2={two.url}", "--shard",
               f"s3={three.url}", "--etcd", etcd.url)
@@ -116,9 +120,8 @@ async def test_sessions_in_two_shards(harness: Any, etcd: EtcdServer, etcd_clien
     assert planned["sessions"] == 10 and 0 < planned["moved"] < 10, planned
     assert {m["to"] for m in planned["moves"]} == {"s3"}, planned
     assert planned["sidecars"] == [f"{CLUSTER}/m1"], planned
-    code, _, err = await meshxl("shards", "set", *wanted)
-    assert code == 1 and "sidecars are registered" in err and "would move" in err, err
     assert (await meshxl_json("shards", "show", "--etcd", etcd.url))["version"] == 1
+    assert await keys_in(three.url) == set()
 
     # Shard s2's etcd lost: its sessions answer 503; s1's keep writing; still ready.
     await two.kill()
@@ -202,3 +205,131 @@ async def test_a_partitioned_shard_costs_only_its_sessions(
     for session in in_one:
         assert (await sidecar.get(session)).json() == {"n": 4}
     assert (await sidecar.get(in_two[1])).json() == {"n": 1}
+
+
+async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
+                                         start_sidecar: Any) -> None:
+    """Two shards, then a third added and one removed while a member writes every
+    session without pause and another member reads them: every write answered 200
+    (but those of the moving sessions for the second or two the sidecars take the map
+    in: 503), every read at least as new as the last write acknowledged before it, every
+    session in exactly the shard the map names afterwards with its last state, and
+    the member that lost a session before the move is still fenced (409) after it."""
+    one, two, three = [await start_etcd(harness, f"shard-{i}") for i in (1, 2, 3)]
+    await meshxl_json("shards", "set", "--shard", f"s1={one.url}", "--shard",
+                      f"s2={two.url}", "--etcd", etcd.url)
+    m1: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
+                                             app_port=free_port())
+    m2: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m2", etcd=etcd.url,
+                                             app_port=free_port())
+    sessions = [f"u{i}" for i in range(40)]
+    three_map = parse_shard_map({"version": 1, "shards": [
+        {"name": n, "etcd": u} for n, u in (("s1", one.url), ("s2", two.url),
+                                            ("s3", three.url))]})
+    fenced = next(s for s in (f"f{i}" for i in range(100)) if three_map.of(s).name == "s3")
+    acked: dict[str, int] = {}
+    for session in [*sessions, fenced]:
+        assert (await m1.put(session, {"n": 0})).status == 201
+        acked[session] = 0
+    failures: list[Any] = []
+    stale: list[Any] = []
+    paused: list[float] = []
+
+    async def write_all(stop: asyncio.Event) -> int:
+        n, base = 0, max(acked.values())  # each write's value above all before it
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline and n < 20_000:
+            session = sessions[n % len(sessions)]
+            n += 1
+            reply = await m1.put(session, {"n": base + n})
+            if reply.status == 200:
+                acked[session] = base + n
+            elif reply.status == 503 and b"moves from shard" in reply.body:
+                paused.append(time.monotonic())  # the prepare stage: writes wait
+            else:
+                failures.append((session, reply.status, reply.body[:200]))
+        return n
+
+    async def read_all(stop: asyncio.Event) -> int:
+        n = 0
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline and n < 20_000:
+            session = sessions[n % len(sessions)]
+            n += 1
+            floor = acked[session]
+            reply = await m2.get(session)
+            if reply.status != 200:
+                failures.append((session, "read", reply.status, reply.body[:200]))
+            elif reply.json()["n"] < floor:
+                stale.append((session, reply.json()["n"], floor))
+        return n
+
+    async def under_load(*args: str) -> tuple[Any, int, int]:
+        stop = asyncio.Event()
+        writer, reader = (asyncio.ensure_future(write_all(stop)),
+                          asyncio.ensure_future(read_all(stop)))
+        await asyncio.sleep(0.5)
+        try:
+            done = await meshxl_json("shards", "set", *args, "--etcd", etcd.url, timeout=60)
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+        return done, await writer, await reader
+
+    # Add s3: about a third of the sessions move, under load.
+    done, writes, reads = await under_load("--shard", f"s1={one.url}", "--shard",
+                                           f"s2={two.url}", "--shard", f"s3={three.url}")
+    assert done["map"]["version"] == 4 and "previous" not in done["map"], done
+    assert 0 < done["plan"]["moved"] < len(acked), done
+    assert {m["to"] for m in done["plan"]["moves"]} == {"s3"}, done
+    assert writes > 50 and reads > 50, (writes, reads)
+    assert not failures and not stale, (failures[:5], stale[:5])
+    # Writes of the sessions that move waited (503) only while the sidecars took the
+    # map: a second or two, not the whole move.
+    assert not paused or paused[-1] - paused[0] < 4.0, (len(paused), paused[-1] - paused[0])
+    await _where_the_map_says(three_map, acked, {"s1": one.url, "s2": two.url,
+                                                  "s3": three.url})
+    for session, n in acked.items():
+        assert (await m2.get(session)).json() == {"n": n}, session
+    for sidecar in (m1, m2):
+        await wait_until(lambda sidecar=sidecar: _serves(sidecar, 4), timeout=10,
+                         what="the sidecars to take the final map")
+        status = await sidecar.status()
+        assert [s["name"] for s in status["shards"]["shards"]] == ["s1", "s2", "s3"]
+
+    # Ownership went with the session: m2 takes the fenced session over in its new
+    # shard, and m1, which owned it in the old one, is refused (409), not a takeover.
+    assert (await m2.put(fenced, {"by": "m2"})).status == 200
+    reply = await m1.put(fenced, {"by": "m1"})
+    assert reply.status == 409, reply
+    del acked[fenced]
+
+    # Remove s2: only its sessions move, and the sidecars close it.
+    done, writes, reads = await under_load("--shard", f"s1={one.url}", "--shard",
+                                           f"s3={three.url}")
+    assert done["map"]["version"] == 7, done
+    assert {m["from"] for m in done["plan"]["moves"]} == {"s2"}, done
+    assert not failures and not stale, (failures[:5], stale[:5])
+    after = parse_shard_map(done["map"])
+    await _where_the_map_says(after, acked, {"s1": one.url, "s3": three.url})
+    assert await keys_in(two.url) == set()
+    for session, n in acked.items():
+        assert (await m1.get(session)).json() == {"n": n}, session
+    await wait_until(lambda: _names(m1, ["s1", "s3"]), timeout=10,
+                     what="m1 to close shard s2")
+
+
+async def _where_the_map_says(shards: ShardMap, acked: dict[str, int],
+                              urls: dict[str, str]) -> None:
+    found = {name: await keys_in(url) for name, url in urls.items()}
+    for session in acked:
+        holders = [name for name, keys in found.items() if session in keys]
+        assert holders == [shards.of(session).name], (session, holders)
+
+
+async def _names(sidecar: SidecarProcess, names: list[str]) -> bool:
+    return [s["name"] for s in (await sidecar.status())["shards"]["shards"]] == names
+
+
+async def _serves(sidecar: SidecarProcess, version: int) -> bool:
+    return bool((await sidecar.status())["shards"]["version"] == version)

@@ -333,15 +333,20 @@ def test_shard_verdicts_compare_like_with_like() -> None:
 
     modes = [{"shards": 0, "writers": 32, "lost": 0, "sidecar_cpu_us_per_write": 60.0},
              {"shards": 2, "writers": 32, "lost": 0, "reshard_moved_fraction": 0.34,
-              "one_down": {"failed_fraction": 0.5, "others_failed": 0}},
+              "reshard": {"moved_fraction": 0.33, "moved": 33, "sessions": 100,
+                          "seconds": 1.5, "failed_during": 0, "lost": 0,
+                          "writes_during": 100},
+              "one_down": {"of": 3, "failed_fraction": 0.33, "others_failed": 0}},
              {"shards": 2, "writers": 64, "lost": 0, "sidecar_cpu_us_per_write": 63.0,
               "reshard_moved_fraction": 0.34}]
     found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
     assert all(found.values()), found
-    modes[1]["one_down"] = {"failed_fraction": 0.3, "others_failed": 4}
+    modes[1]["one_down"] = {"of": 3, "failed_fraction": 0.2, "others_failed": 4}
+    modes[1]["reshard"]["lost"] = 1
     modes[2]["sidecar_cpu_us_per_write"] = 90.0
     found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
     assert [name for name, met in found.items() if not met] == [
-        "K=2: one shard down, failing writes off 1/K by",
-        "K=2: one shard down, other shards' writes failing",
+        "K=2 -> 3 online: writes failed or lost",
+        "one of 3 shards down, failing writes off 1/3 by",
+        "one of 3 shards down, other shards' writes failing",
         "K=2, 32 writers per shard: sidecar CPU per write / unsharded"], found

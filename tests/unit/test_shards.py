@@ -154,3 +154,49 @@ async def test_a_transaction_over_two_shards_is_refused_whole() -> None:
         await router.write([Write(session_id=one), Write(session_id=two)], atomic=True)
     assert not router.shards["s1"].engine.asked  # type: ignore[attr-defined]
     assert not router.shards["s2"].engine.asked  # type: ignore[attr-defined]
+
+
+def _map(names: list[str], previous: list[str] | None = None, version: int = 1) -> ShardMap:
+    def shards(items: list[str]) -> list[dict[str, str]]:
+        return [{"name": n, "etcd": f"http://127.0.0.{i + 1}:2379"}
+                for i, n in enumerate(sorted(set(names) | set(previous or ())))
+                if n in items]
+    raw: dict[str, Any] = {"version": version, "shards": shards(names)}
+    if previous is not None:
+        raw["previous"], raw["stage"] = shards(previous), "move"
+    return parse_shard_map(raw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=30))
+def test_a_moving_map_names_the_old_shard_exactly_when_it_changed(session: str) -> None:
+    moving = _map(["a", "b", "c"], previous=["a", "b"])
+    source = moving.source_of(session)
+    before, after = winner(["a", "b"], session), moving.of(session).name
+    assert (source.name if source is not None else None) == (before if before != after
+                                                              else None)
+    assert _map(["a", "b", "c"]).source_of(session) is None
+    assert [s.name for s in moving.every] == ["a", "b", "c"]
+    assert parse_shard_map(moving.encode()) == moving
+
+
+def test_a_moving_map_keeps_removed_shards_until_done() -> None:
+    moving = _map(["a", "c"], previous=["a", "b", "c"])
+    assert moving.moving and [s.name for s in moving.every] == ["a", "c", "b"]
+    moved = [f"s{i}" for i in range(300) if moving.source_of(f"s{i}") is not None]
+    assert moved and all(winner(["a", "b", "c"], s) == "b" for s in moved)
+
+
+def test_a_moved_shard_keeps_its_name_and_its_etcd() -> None:
+    with pytest.raises(InputError, match="give a moved cluster a new name"):
+        parse_shard_map({"version": 2, "shards": [{"name": "a", "etcd": "http://x:1"}],
+                         "previous": [{"name": "a", "etcd": "http://y:1"}], "stage": "move"})
+    with pytest.raises(InputError, match="stage must be prepare or move"):
+        parse_shard_map({"version": 2, "shards": [{"name": "a", "etcd": "http://x:1"}],
+                         "previous": [{"name": "b", "etcd": "http://y:1"}]})
+    with pytest.raises(InputError, match="has no stage"):
+        parse_shard_map({"version": 2, "shards": [{"name": "a", "etcd": "http://x:1"}],
+                         "stage": "move"})
+    with pytest.raises(InputError, match="unknown fields: extra"):
+        parse_shard_map({"version": 2, "shards": [{"name": "a", "etcd": "http://x:1"}],
+                         "extra": 1})

@@ -109,6 +109,24 @@ def test_sync_shows_sidecar_text_literally(member: str, error: str, reasons: lis
 
 
 @settings(max_examples=40, deadline=None)
+@given(name=hostile, error=hostile)
+def test_sync_shows_each_shard_and_warns_of_one_unreachable(name: str, error: str) -> None:
+    shards = {"version": 4, "shards": [
+        {"name": "s1", "reachable": True, "revision": 9, "cached_sessions": 3},
+        {"name": name, "reachable": False, "unreachable_for": 2.5, "last_error": error}]}
+    stats = {"ready": True, "cached_sessions": 3, "published": 999.0, "shards": shards}
+    report = sync_report(read_of(RuntimeState(), sync={("web", "m1"): stats}), now=1000.0)
+    assert report["sidecars"][0]["shards"]["version"] == 4
+    assert any(f"session shard {name} unreachable for 2.5 s" in w for w in report["warnings"])
+    text = render(render_sync, report)
+    assert "session shards" in text and "no (2.5 s)" in text
+    check(text, name)
+    junk = sync_report(read_of(RuntimeState(), sync={("web", "m1"): {
+        **stats, "shards": {"shards": "x"}}}), now=1000.0)
+    assert junk["sidecars"][0]["shards"] is None
+
+
+@settings(max_examples=40, deadline=None)
 @given(node=hostile, nack=hostile, url=hostile, error=hostile)
 def test_verify_shows_node_and_envoy_text_literally(node: str, nack: str, url: str,
                                                     error: str) -> None:

@@ -54,6 +54,7 @@ def sync_report(read: MeshRead, cluster: str | None = None,
             "lease_losses": stats.get("lease_losses"),
             "age_seconds": age, "publish_interval": interval,
             "stale": age is None or age > STALE_INTERVALS * interval,
+            "shards": _shards(stats.get("shards")),
         })
     missing, unregistered = [], []
     for spec in clusters_of(read, cluster):
@@ -66,6 +67,20 @@ def sync_report(read: MeshRead, cluster: str | None = None,
     warnings = [f"{r['cluster']}/{r['member']}: statistics are {r['age_seconds']} s old "
                 f"(published every {r['publish_interval']} s): the sidecar is not publishing"
                 for r in rows if r["stale"] and r["age_seconds"] is not None]
+    warnings += [f"{r['cluster']}/{r['member']}: session shard {s['name']} unreachable"
+                 + (f" for {s['unreachable_for']} s" if s.get("unreachable_for") else "")
+                 + (f": {str(s['last_error'])[:200]}" if s.get("last_error") else "")
+                 for r in rows if r["shards"] for s in r["shards"]["shards"]
+                 if not s.get("reachable", True)]
     return {"revision": read.revision, "sidecars": rows, "without_statistics": missing,
             "unregistered": unregistered,
             "warnings": warnings + model_warnings(read)}
+
+
+def _shards(value: Any) -> dict[str, Any] | None:
+    """A sidecar's published shards (``/v1/status``'s ``shards``), kept only if it has
+    the expected form (published by another version, it may not)."""
+    if not isinstance(value, dict) or not isinstance(value.get("shards"), list):
+        return None
+    shards = [s for s in value["shards"] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    return {"version": value.get("version"), "shards": shards}
