@@ -17,11 +17,15 @@ registration write goes to an etcd member that answers (``meshxl/etcd.py``), wit
 short deadline per attempt, and is sent again to another member (or to the same one
 once it has a new leader) when its member goes: a fault of one etcd member, the
 leader included, costs a healthy member neither its lease nor its registration. The
-lease counts as lost only when etcd says it is gone or no refresh has succeeded for a
-whole TTL (for example the process was paused with SIGSTOP, or etcd was unreachable).
-Then :attr:`Membership.registered` turns False, :attr:`Membership.lease_losses` counts
-one, and the task grants a new lease and writes the registration again, retrying with
-bounded backoff until etcd answers.
+lease counts as lost only when etcd says it is gone (for example the process was paused
+with SIGSTOP longer than its TTL, or cut off from etcd that long). A refresh that has not
+succeeded for a whole TTL makes :attr:`Membership.registered` False at once, but the
+lease is asked about before it is given up: a new etcd leader extends every lease by its
+election timeout, so an election that held keepalives up longer than ``ttl - ttl/3``
+costs no lease (counting it lost then would rewrite every member's registration after
+each election). Then :attr:`Membership.lease_losses` counts one, and the task grants a
+new lease and writes the registration again, retrying with bounded backoff until etcd
+answers.
 
 Readiness depends on the member's own state: :meth:`Membership.not_ready_reason` is set
 only until the first registration is written. A lease lost later is the control
@@ -548,12 +552,15 @@ class Membership:
         while True:
             await self._sleep(delay)
             try:
-                if self.lease_id is not None and time.monotonic() >= self._expires:
-                    self._lost(f"no keepalive succeeded for {self.ttl:g} s")
+                # A lease past its local deadline is asked about, not given up: a new
+                # etcd leader extends every lease by its election timeout, so a keepalive
+                # held up by an election (longer than ttl - interval) still finds it.
                 if self.lease_id is None:
                     await self._register()
                 elif not await self._refresh():
-                    self._lost("etcd reports the lease gone")
+                    overdue = time.monotonic() >= self._expires
+                    self._lost("etcd reports the lease gone" + (
+                        f" (no keepalive had succeeded for {self.ttl:g} s)" if overdue else ""))
                     delay = 0.0  # register at once
                     continue
                 elif self._written != self._version:

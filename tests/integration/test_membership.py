@@ -234,6 +234,36 @@ async def test_lost_lease_is_noticed_and_the_member_registers_again(
     assert info.TTL > 0
 
 
+async def test_a_keepalive_late_past_the_ttl_keeps_a_lease_etcd_still_holds(
+    etcd_client: aetcd.Client, members: list[Membership],
+) -> None:
+    """An etcd election can hold keepalives up longer than ``ttl - ttl/3`` while the new
+    leader extends every lease: the member asks etcd before giving its lease up. (It
+    had counted a loss at the local deadline, and a leader partition under load then
+    rewrote a healthy member's registration.) The late refresh is made exactly late
+    here by moving the local deadline; the partition test shows it under a real one."""
+    ttl = 3
+    m = Membership(etcd_client, KEYS, CLUSTER, "m0", address="127.0.0.1", port=8080, ttl=ttl)
+    members.append(m)
+    await m.start()
+    await m.set_ready(True)
+    lease = m.lease_id
+    assert lease is not None and m.registered
+
+    m._expires = time.monotonic() - 0.1  # no refresh has succeeded for a whole TTL
+    assert not m.registered  # unconfirmed is reported at once ...
+    m._wake.set()
+
+    async def confirmed() -> bool:
+        return m.registered
+
+    await wait_until(confirmed, timeout=ttl, what="the late keepalive to confirm the lease")
+    # ... but nothing was given up: the same lease carries the registration.
+    assert m.lease_id == lease and m.lease_losses == 0, m.last_error
+    stored = await registration(etcd_client, m.key)
+    assert stored is not None and stored[1] == lease
+
+
 # -- 5. etcd member loss -------------------------------------------------------------------
 
 
