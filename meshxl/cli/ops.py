@@ -271,6 +271,10 @@ def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float, 
         print_json({"map": stored.as_dict() if stored else None, "plan": planned.as_dict(),
                     "dry_run": dry_run})
         return
+    if planned.unchanged:
+        click.echo(f"shard map version {stored.version} unchanged: "
+                   f"{', '.join(stored.names)} (nothing read or moved)")
+        return
     verb = "would move" if stored is None else "moved"
     for (source, target), count in sorted(planned.moves.items()):
         click.echo(f"{count} sessions {verb} from {source} to {target}")

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +42,10 @@ import aetcd
 from meshxl.errors import Conflict
 from meshxl.etcd.keys import MEMBERS, Keys
 from meshxl.etcd.moving import Mover
-from meshxl.etcd.shards import MOVE, PREPARE, ShardMap, parse_shard_map, winner
+from meshxl.etcd.shards import MOVE, PREPARE, Shard, ShardMap, parse_shard_map, winner
 
-__all__ = ["MAIN", "ShardPlan", "plan", "read_map", "set_map", "waiting_sidecars"]
+__all__ = ["MAIN", "ShardPlan", "plan", "read_map", "same_shards", "set_map",
+           "shard_clients", "waiting_sidecars"]
 
 Progress = Callable[[str], None]
 
@@ -58,6 +59,17 @@ async def read_map(client: aetcd.Client, keys: Keys) -> tuple[ShardMap | None, i
     if got is None:
         return None, 0
     return parse_shard_map(got.value), got.mod_revision
+
+
+@contextlib.asynccontextmanager
+async def shard_clients(shards: Iterable[Shard], connect: Callable[[str], Any]
+                        ) -> AsyncIterator[dict[str, aetcd.Client]]:
+    """An etcd client per shard, by name, all closed on leaving. ``connect(urls)``: an
+    etcd client (an async context manager); the commands give theirs, so every shard
+    is dialled with the main cluster's TLS and credential options."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield {shard.name: await stack.enter_async_context(connect(shard.etcd))
+               for shard in shards}
 
 
 @dataclass
@@ -75,6 +87,9 @@ class ShardPlan:
     """Sessions this reshard moved (the rest of :attr:`moved` went with their first
     access, by a sidecar, or expired meanwhile)."""
     moved_before: int = 0
+    unchanged: bool = False
+    """The map stored already places sessions on these shards: nothing was read,
+    written or moved."""
 
     @property
     def moved(self) -> int:
@@ -86,7 +101,13 @@ class ShardPlan:
                           for (a, b), n in sorted(self.moves.items())],
                 "per_shard": dict(sorted(self.per_shard.items())),
                 "sidecars": self.sidecars, "moved_now": self.moved_now,
-                "moved_by_sidecars": self.moved_before}
+                "moved_by_sidecars": self.moved_before, "unchanged": self.unchanged}
+
+
+def same_shards(a: ShardMap, b: ShardMap) -> bool:
+    """The same shards (names and members), in any order: placement is rendezvous
+    hashing over the names, so the order of the list moves no session. Pure."""
+    return sorted(a.shards, key=lambda s: s.name) == sorted(b.shards, key=lambda s: s.name)
 
 
 async def _session_ids(client: aetcd.Client, keys: Keys) -> list[tuple[str, str]]:
@@ -182,9 +203,7 @@ async def _migrate(keys: Keys, moving: ShardMap, connect: Callable[[str], Any],
     prefix = f"{keys.base}/sessions/".encode()
     mover = Mover()
     moved = found_moved = 0
-    async with contextlib.AsyncExitStack() as stack:
-        clients = {shard.name: await stack.enter_async_context(connect(shard.etcd))
-                   for shard in moving.every}
+    async with shard_clients(moving.every, connect) as clients:
         for shard in moving.previous:
             source = clients[shard.name]
             work = []
@@ -213,6 +232,8 @@ async def set_map(client: aetcd.Client, keys: Keys, new: ShardMap,
     """Store ``new`` and move the sessions it moves (the module docstring); Conflict
     saying why not. ``connect(urls)``: an etcd client (an async context manager)."""
     current, revision = await read_map(client, keys)
+    if current is not None and not current.moving and same_shards(current, new):
+        return current, ShardPlan(unchanged=True)  # run again (a Job): reads nothing
     checked = await plan(client, keys, new, connect)
     if current is None:
         reasons = []
@@ -232,15 +253,13 @@ async def set_map(client: aetcd.Client, keys: Keys, new: ShardMap,
         await _store(client, keys, stored, 0)
         return stored, checked
     if current.moving:
-        if current.shards != new.shards:
+        if not same_shards(current, new):
             raise Conflict(
                 f"a reshard to {', '.join(current.names)} is under way (map version "
                 f"{current.version}): run it again with those shards to finish it first")
         moving = current
         progress(f"going on with the reshard of map version {moving.version} "
                  f"({moving.stage})")
-    elif current.shards == new.shards:
-        return current, checked
     else:
         moving = ShardMap(current.version + 1, new.shards, current.shards, PREPARE)
         revision = await _store(client, keys, moving, revision)

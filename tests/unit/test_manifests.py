@@ -205,7 +205,7 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
 
 def test_every_overlay_is_covered() -> None:
     assert set(OVERLAYS) == {"default", "self-signed", "external-etcd", "istio",
-                             "two-sites"}, \
+                             "two-sites", "session-shards"}, \
         "a new overlay needs its checks below"
 
 
@@ -311,7 +311,7 @@ REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
 #: Replicas that must never share a node: etcd members (a node's loss would take the
 #: quorum, and a member's data lives on its volume). Stateless replicas only prefer it.
-MUST_NOT_SHARE_A_NODE = {"meshxl-etcd"}
+MUST_NOT_SHARE_A_NODE = {"meshxl-etcd", "meshxl-etcd-s1", "meshxl-etcd-s2"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -453,7 +453,7 @@ def test_control_plane(overlay: str, render: Render) -> None:
         "app.kubernetes.io/name": "meshxl-xds"}}}
 
 
-@pytest.mark.parametrize("overlay", ["default", "self-signed", "istio"])
+@pytest.mark.parametrize("overlay", ["default", "self-signed", "istio", "session-shards"])
 def test_etcd_is_a_three_member_statefulset(overlay: str, render: Render) -> None:
     docs = render(overlay)
     etcd = _find(docs, "StatefulSet", "meshxl-etcd")
@@ -606,7 +606,7 @@ def test_webhook_configuration(overlay: str, render: Render) -> None:
     assert namespace["metadata"]["labels"]["meshxl-injection"] == "disabled"
 
 
-@pytest.mark.parametrize("overlay", ["default", "external-etcd", "istio"])
+@pytest.mark.parametrize("overlay", ["default", "external-etcd", "istio", "session-shards"])
 def test_cert_manager_certificate_reaches_the_webhook(overlay: str,
                                                        render: Render) -> None:
     docs = render(overlay)

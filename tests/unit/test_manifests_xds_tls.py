@@ -39,7 +39,8 @@ from tests.unit.test_manifests import (
 from tests.unit.test_manifests_etcd_tls import Issued, _container, _host_matches, _secret_of
 
 NAMESPACES = ("shop", "payments")
-SERVING = ("default", "self-signed", "external-etcd", "two-sites")  # running meshxl-xds
+SERVING = ("default", "self-signed", "external-etcd", "two-sites",  # running meshxl-xds
+           "session-shards")
 FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 DOCS = manifests.ROOT / "docs" / "kubernetes.md"
 
