@@ -43,7 +43,9 @@ from .options import (
 @click.option("--check-sidecar", "check_sidecars", multiple=True, metavar="URL",
               help="A sidecar of the surviving site: after the watch, every session "
               "written before and during the drill is read back through it and compared "
-              "with what etcd committed (the data check). Repeat for several clusters.")
+              "with what etcd committed (the data check; with shards, each session in "
+              "its own shard's etcd, dialled with the --etcd-* TLS and credential "
+              "options). Repeat for several clusters.")
 @click.option("--sidecar-token-file", type=click.Path(dir_okay=False, path_type=Path),
               envvar="MESHXL_STATESYNC_TOKEN_FILE",
               help="The sidecars' API token (or MESHXL_STATESYNC_TOKEN).")
@@ -83,7 +85,8 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     async def go() -> tuple[int, dict[str, Any]]:
         async with etcd_client(etcd_urls) as client:
             return await run_drill(client, Keys(etcd_root), cfg,
-                                   say=lambda line: click.echo(f"drill: {one_line(line)}"))
+                                   say=lambda line: click.echo(f"drill: {one_line(line)}"),
+                                   connect=etcd_client)
 
     code, report = run(go, {DrillSettingsError: REFUSED})
     if report.get("refused"):

@@ -12,7 +12,7 @@ The controlled site failover procedure against a running deployment:
 4. **verify** the distribution with the site offline, and, given sidecars of the
    surviving site (``--check-sidecar``), the **data check**: every session written
    before and during the drill read back through them and compared with what etcd
-   committed (:mod:`meshxl.operator.consistency`);
+   committed, with shards in each session's own shard (:mod:`meshxl.operator.consistency`);
 5. **online**: bring the site back and wait for every Envoy;
 6. **verify** once more;
 
@@ -28,8 +28,10 @@ Exit codes: 0 passed, 1 failed (aborted, verification failed or an objective bre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,8 +44,15 @@ import aiohttp
 from meshxl.errors import Conflict, InputError
 from meshxl.etcd.keys import Keys
 from meshxl.operator.actions import set_site_admin
-from meshxl.operator.consistency import Sidecar, committed, compare_sessions, sidecar_identity
-from meshxl.operator.shards import read_map
+from meshxl.operator.consistency import (
+    Sharded,
+    Sidecar,
+    baseline_revisions,
+    compare_sessions,
+    data_check_refusals,
+    sidecar_identity,
+)
+from meshxl.operator.shards import read_map, shard_clients
 from meshxl.operator.views import read_mesh, status_report, sync_report, verify
 from meshxl.proxy.admin import EnvoyAdmin
 
@@ -218,12 +227,18 @@ class _Sampler:
 
 class _Drill:
     def __init__(self, client: aetcd.Client, keys: Keys, cfg: DrillConfig,
-                 say: Callable[[str], None]):
+                 say: Callable[[str], None], connect: Callable[[str], Any] | None = None):
         self.client, self.keys, self.cfg, self.say = client, keys, cfg, say
+        self.connect = connect
+        """Opens a shard's etcd client (an async context manager), for the data check
+        with shards."""
         self.steps: list[dict[str, Any]] = []
         self.events: dict[str, float] = {}
         self.checkers: list[Sidecar] = []
         self.baseline: dict[str, dict[str, int]] = {}
+        self.sharded: Sharded | None = None
+        self.resources = contextlib.AsyncExitStack()
+        """What the drill holds open until it ends: the shards' etcd clients."""
 
     async def _verify(self, settle: float) -> dict[str, Any]:
         return await verify(self.client, self.keys, self.cfg.envoy_admin, self.cfg.model_text,
@@ -274,10 +289,7 @@ class _Drill:
         session's revision before the drill."""
         started = time.time()
         reasons = []
-        if (await read_map(self.client, self.keys))[0] is not None:
-            raise DrillRefused(["--check-sidecar: sessions are sharded, and the data check "
-                                "reads the main etcd cluster's sessions only; run the drill "
-                                "without it"])
+        shard_map, _ = await read_map(self.client, self.keys)
         for url in self.cfg.check_sidecars:
             try:
                 sidecar = await sidecar_identity(url, self.cfg.sidecar_token)
@@ -291,19 +303,35 @@ class _Drill:
             elif not sidecar.ready:
                 reasons.append(f"--check-sidecar {url} ({sidecar.member}) is not ready")
             self.checkers.append(sidecar)
+        reasons += data_check_refusals(shard_map, self.checkers)
+        if shard_map is not None and self.connect is None:
+            reasons.append("--check-sidecar: sessions are sharded, and the drill was given "
+                           "no way to connect to the shards' etcd clusters")
         if reasons:
             raise DrillRefused(reasons)
+        if shard_map is not None:
+            assert self.connect is not None
+            clients = await self.resources.enter_async_context(
+                shard_clients(shard_map.shards, self.connect))
+            self.sharded = Sharded(shard_map, clients)
         for cluster in sorted({s.cluster for s in self.checkers}):
-            sessions = await committed(self.client, self.keys, cluster)
-            self.baseline[cluster] = {k: revision for k, (revision, _) in sessions.items()}
+            self.baseline[cluster] = await baseline_revisions(self.client, self.keys, cluster,
+                                                              self.sharded)
         self.step("data baseline", True, started, ", ".join(
-            f"{c}: {len(b)} sessions" for c, b in self.baseline.items()))
+            f"{c}: {len(b)} sessions{self._per_shard(b)}" for c, b in self.baseline.items()))
+
+    def _per_shard(self, sessions: dict[str, int]) -> str:
+        """`` (s1 10, s2 12)``: sessions per shard, with shards."""
+        if self.sharded is None:
+            return ""
+        counts = Counter(self.sharded.map.of(s).name for s in sessions)
+        return " (" + ", ".join(f"{n} {counts[n]}" for n in self.sharded.map.names) + ")"
 
     async def data_check(self) -> list[dict[str, Any]]:
         """Every session before and during the drill, through each checking sidecar."""
         started = time.time()
         results = [await compare_sessions(self.client, self.keys, s, self.cfg.sidecar_token,
-                                          self.baseline.get(s.cluster, {}))
+                                          self.baseline.get(s.cluster, {}), self.sharded)
                    for s in self.checkers]
         ok = all(r["ok"] for r in results)
         detail = "; ".join(
@@ -327,8 +355,12 @@ class _Drill:
 
 
 async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
-                    say: Callable[[str], None] = print) -> tuple[int, dict[str, Any]]:
-    """Run the drill; returns (exit code, report). Writes the report files."""
+                    say: Callable[[str], None] = print,
+                    connect: Callable[[str], Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """Run the drill; returns (exit code, report). Writes the report files.
+    ``connect(urls)``: an etcd client (an async context manager) for a session shard,
+    which the data check needs when sessions are sharded (the command's, with the
+    main cluster's TLS and credential options)."""
     from meshxl.telemetry.slo import SloError, load_slos
 
     try:
@@ -339,7 +371,7 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
         raise DrillSettingsError("--slo needs --traces: the objectives are judged on "
                                  "failover traces")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    drill = _Drill(client, keys, cfg, say)
+    drill = _Drill(client, keys, cfg, say, connect)
     started = time.time()
     report: dict[str, Any] = {"site": cfg.site, "started": _iso(started),
                               "duration_s": cfg.duration, "envoy_admin": cfg.envoy_admin,
@@ -388,6 +420,9 @@ async def run_drill(client: aetcd.Client, keys: Keys, cfg: DrillConfig,
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             _write(cfg.output_dir, report, sampler, drill.events)
             raise
+    finally:
+        with contextlib.suppress(Exception):  # a client that fails to close loses no report
+            await drill.resources.aclose()
     report["ended"] = _iso(time.time())
     if code == PASSED and not all(r["ok"] for r in report.get("data", [])):
         report["result"], code = "failed", FAILED
@@ -512,6 +547,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"cluster {_md(data['cluster'])}): {data['matched']} of {data['sessions']} "
                   f"sessions match etcd, {data['written_during']} written during the drill; "
                   f"problems: {problems}"]
+        for shard in data.get("shards", []):
+            found = ", ".join(f"{n} {_md(k)}" for k, n in shard["problems"].items()) or "none"
+            lines += [f"- shard {_md(shard['shard'])} (etcd revision {shard['at_revision']}): "
+                      f"{shard['matched']} of {shard['sessions']} sessions match; problems: "
+                      f"{found}"]
         for kind, names in data["named"].items():
             lines += [f"- {_md(kind)}: " + ", ".join(_md(n) for n in names)]
     slo = report.get("slo")
