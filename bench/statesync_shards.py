@@ -1,46 +1,57 @@
 """Sessions over K etcd clusters: what a write costs per shard, and what one shard's
 loss and a reshard cost.
 
-Run: ``.venv/bin/python bench/statesync_shards.py [--quick] [--writes N]``
+Run: ``.venv/bin/python bench/statesync_shards.py [--quick] [--writes N] [--rounds R]``
 
 Per mode, one fresh set of single-member etcd clusters on loopback and one sidecar
 (``meshxl serve statesync``): *unsharded* (sessions in the main cluster, no shard map:
-the reference), then K = 1, 2 and 3 shards (a map in the main cluster, each shard one
-more etcd). The application writes ``--writes`` distinct sessions (~256 B of JSON) from
-32 concurrent writers through ``meshxl.client.AsyncClient`` (and, for K = 2 and 3, again
-with 32 writers per shard: each shard as loaded as the one unsharded cluster). Measured
-per mode: writes/s, the sidecar's CPU per write, each etcd's CPU per write of its shard,
-and every acknowledged session read back (0 lost). With K >= 2, one shard's etcd is then
-killed and every session is written once more: the fraction that fails (ideal 1/K) and
-that the other shards' writes all succeed (the client then takes a 503 as the answer; by
-default it retries one for about 2.5 s). The sessions a new shard would take (K -> K +
-1) are counted by ``meshxl shards set --dry-run``'s plan over the stored sessions,
-beside the ideal 1/(K + 1); then (32 writers) the shard is added for real, online,
-while every session is written once more: the time it takes, the sessions moved, the
-writes failed (the client retrying a 503, as by default) and lost. One shard down is
-measured after that, over the K + 1 shards.
+the reference), or K = 1, 2 or 3 shards (a map in the main cluster, each shard one more
+etcd). The application writes ``--writes`` distinct sessions (~256 B of JSON) from W
+concurrent writers through ``meshxl.client.AsyncClient``. Measured per mode: writes/s,
+the sidecar's CPU per write, the writes per etcd transaction (the sidecar's
+``meshxl_statesync_batch_size``), each etcd's CPU per write of its shard, and every
+acknowledged session read back (0 lost). The CPU modes run ``--rounds`` times, in
+alternating order; each figure is the median of its rounds.
+
+What a write costs the sidecar is set by how many writes share an etcd transaction: a
+part per write and a part per transaction (the call, its watch event), so
+``cpu = a + b / batch``. Unsharded runs at W = 8, 16, 32 and 64 give the curve; each
+sharded run is compared with the curve at its own batch size ("does a shard make a
+write dearer than the same batch does without shards?"). At one sidecar load, K shards
+split the writes into K transactions, each K times smaller: that costs what an
+unsharded sidecar with 1/K of the load pays, and is reported beside it (no target).
+
+With K >= 2 (W = 32), one shard's etcd is then killed and every session is written once
+more: the fraction that fails (ideal 1/K) and that the other shards' writes all succeed
+(the client then takes a 503 as the answer; by default it retries one for about 2.5 s).
+The sessions a new shard would take (K -> K + 1) are counted by ``meshxl shards set
+--dry-run``'s plan over the stored sessions, beside the ideal 1/(K + 1); then the shard
+is added for real, online, while every session is written once more: the time it takes,
+the sessions moved, the writes failed (the client retrying a 503, as by default) and
+lost. One shard down is measured after that, over the K + 1 shards.
 
 On two cores throughput cannot grow with K (etcd and the sidecar share them): the
-targets are per write. Targets: the sidecar's CPU per write with K shards each as loaded
-as the unsharded cluster within 1.10x of unsharded (at a fixed total load, K shards
-split the writes into K batchers whose batches are K times smaller: the per-write cost
-of the batches rises, for etcd as for the sidecar; reported, without a target); 0
-acknowledged writes lost; with one of K shards down, failing writes within 0.05 of 1/K
-and none of the other shards' failing; a reshard moving within 0.05 of 1/(K + 1). Writes
-``bench/results/statesync_shards.json``. Loopback only; bounded; every process is killed
-at the end.
+targets are per write. Targets: the sidecar's CPU per write with K = 1 within 1.05x of
+unsharded at the same load, and every sharded run within 1.05x of the unsharded curve
+at its batch size; 0 acknowledged writes lost; with one of K shards down, failing writes
+within 0.05 of 1/K and none of the other shards' failing; a reshard moving within 0.05
+of 1/(K + 1). Writes ``bench/results/statesync_shards.json``. Loopback only; bounded;
+every process is killed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
 
 from meshxl import etcd as meshxl_etcd
@@ -56,6 +67,12 @@ from meshxl.operator.shards import plan, set_map
 from meshxl.stats import cpu_seconds
 
 WRITERS = 32
+CPU_MODES = ((None, 8), (None, 16), (None, 32), (None, 64), (1, 32), (2, 32), (2, 64),
+             (3, 48), (3, 96))
+"""(shards, writers) of the CPU runs: unsharded at four loads (the curve), then K = 1, 2
+and 3 at the unsharded reference's load and at K times it."""
+EXTRA_MODES = (1, 2, 3)
+"""Shards of the runs (W = 32) that go on to one shard down and an online reshard."""
 CLUSTER = "bench"
 STATE = {"cart": ["item"] * 24, "note": "x" * 64}
 
@@ -99,8 +116,18 @@ async def _lost(url: str, acked: dict[str, str]) -> int:
     return lost
 
 
-async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[str, Any]:
-    """``k`` None: unsharded."""
+async def _batches(url: str) -> tuple[float, float]:
+    """The sidecar's write transactions so far: (writes in them, transactions)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = dict(re.findall(r'^meshxl_statesync_batch_size_(sum|count)\{kind="write"\} (\S+)$',
+                            text, re.MULTILINE))
+    return float(found.get("sum", 0.0)), float(found.get("count", 0.0))
+
+
+async def one_mode(k: int | None, writes: int, writers: int = WRITERS,
+                   extras: bool = False) -> dict[str, Any]:
+    """``k`` None: unsharded. ``extras``: then the reshard and one shard down."""
     with tempfile.TemporaryDirectory(prefix="meshxl-shards-") as work:
         owner = Owner(Path(work), label=f"shards-{k}")
         try:
@@ -124,15 +151,21 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[s
             ids = [f"s-{i}" for i in range(writes)]
             procs = {"sidecar": sidecar, "main": main,
                      **{f"s{i + 1}": p for i, (_, p) in enumerate(shards)}}
+            batched0 = await _batches(url)
             cpu0 = {n: cpu_seconds(p.pid or 0) or 0.0 for n, p in procs.items()}
             started = time.perf_counter()
             acked, failed = await _write_all(url, ids, 120, writers)
             seconds = time.perf_counter() - started
             cpu = {n: (cpu_seconds(p.pid or 0) or 0.0) - cpu0[n] for n, p in procs.items()}
+            batched1 = await _batches(url)
+            transactions = batched1[1] - batched0[1]
             out: dict[str, Any] = {
                 "shards": k or 0, "writers": writers, "writes": len(acked), "failed": failed,
                 "writes_per_s": round(len(acked) / seconds, 1),
                 "sidecar_cpu_us_per_write": round(cpu["sidecar"] / max(1, len(acked)) * 1e6, 1),
+                "transactions": int(transactions),
+                "writes_per_transaction": round((batched1[0] - batched0[0])
+                                                / max(1.0, transactions), 2),
                 "lost": await _lost(url, acked)}
             if shard_map is not None:
                 per = {name: sum(1 for s in acked if shard_map.of(s).name == name)
@@ -149,11 +182,11 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS) -> dict[s
                 async with meshxl_etcd.client(main_url) as client:
                     moves = await plan(client, keys, grown, connect)
                 out["reshard_moved_fraction"] = round(moves.moved / max(1, moves.sessions), 4)
-                if writers == WRITERS:
+                if extras:
                     shard_map, out["reshard"] = await _reshard(owner, main_url, url, shard_map,
                                                                ids, connect)
                     shards.append(out["reshard"].pop("etcd"))
-                if k >= 2 and writers == WRITERS:
+                if k >= 2 and extras:
                     await shards[-1][1].kill()
                     down = shard_map.names[-1]
                     await asyncio.sleep(2.0)  # the sidecar sees it gone (DOWN_GRACE)
@@ -196,22 +229,48 @@ async def _reshard(owner: Owner, main_url: str, url: str, shard_map: ShardMap,
         "lost": await _lost(url, acked), "etcd": added}
 
 
+def curve(modes: list[dict[str, Any]]) -> tuple[float, float]:
+    """``a`` + ``b`` / batch fitted (least squares) to the unsharded modes' sidecar CPU
+    per write (us) over their writes per transaction: (a, b). Pure."""
+    points = [(1.0 / m["writes_per_transaction"], m["sidecar_cpu_us_per_write"])
+              for m in modes if m["shards"] == 0 and m.get("writes_per_transaction")]
+    if len(points) < 2:
+        raise ValueError("the curve needs two unsharded modes or more")
+    slope, intercept = statistics.linear_regression([x for x, _ in points],
+                                                    [y for _, y in points])
+    return intercept, slope
+
+
+def at_batch(fit: tuple[float, float], batch: float) -> float:
+    return fit[0] + fit[1] / batch
+
+
 def verdicts(result: dict[str, Any]) -> list[Verdict]:
-    base = next(m for m in result["modes"] if m["shards"] == 0)
-    ref = base["sidecar_cpu_us_per_write"]
-    out = [Verdict("acknowledged writes lost, every mode", sum(m["lost"] for m in
-                                                               result["modes"]), 0, "writes")]
-    for m in result["modes"]:
+    modes, extras = result["modes"], result.get("extras", [])
+    out = [Verdict("acknowledged writes lost, every mode",
+                   sum(m["lost"] for m in [*modes, *extras]), 0, "writes")]
+    by = {(m["shards"], m["writers"]): m for m in modes}
+    base = by.get((0, WRITERS))
+    if base is not None and (1, WRITERS) in by:
+        one = by[(1, WRITERS)]
+        out.append(Verdict(f"K=1, {WRITERS} writers: sidecar CPU per write / unsharded",
+                           round(one["sidecar_cpu_us_per_write"]
+                                 / base["sidecar_cpu_us_per_write"], 3), 1.05, "x",
+                           reference=f"unsharded {base['sidecar_cpu_us_per_write']} us, "
+                                     f"K=1 {one['sidecar_cpu_us_per_write']} us per write"))
+    fit = curve(modes)
+    for m in modes:
         k, writers = m["shards"], m["writers"]
         if not k:
             continue
-        if writers == WRITERS * k:  # each shard as loaded as the unsharded cluster
-            out.append(Verdict(f"K={k}, {WRITERS} writers per shard: sidecar CPU per write "
-                               "/ unsharded", round(m["sidecar_cpu_us_per_write"] / ref, 3),
-                               1.10, "x", reference=f"unsharded {ref} us per write, "
-                                                    f"{WRITERS} writers"))
-        if writers != WRITERS:
-            continue
+        batch = m["writes_per_transaction"]
+        expected = at_batch(fit, batch)
+        out.append(Verdict(f"K={k}, {writers} writers: sidecar CPU per write / unsharded "
+                           "at its batch", round(m["sidecar_cpu_us_per_write"] / expected, 3),
+                           1.05, "x", reference=f"{m['sidecar_cpu_us_per_write']} us at "
+                           f"{batch} writes per transaction; unsharded {expected:.1f} us"))
+    for m in extras:
+        k = m["shards"]
         out.append(Verdict(f"K={k}: reshard to K+1 moves, off 1/(K+1) by",
                            round(abs(m["reshard_moved_fraction"] - 1 / (k + 1)), 4), 0.05, "",
                            reference=f"moved {m['reshard_moved_fraction']}, ideal "
@@ -236,29 +295,63 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
     return out
 
 
+def _median_mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's runs as one: the run of median sidecar CPU per write, with the median
+    of each figure and every run's lost writes."""
+    ordered = sorted(runs, key=lambda r: r["sidecar_cpu_us_per_write"])
+    out = dict(ordered[len(ordered) // 2])
+    for name in ("writes_per_s", "sidecar_cpu_us_per_write", "writes_per_transaction"):
+        out[name] = round(statistics.median(r[name] for r in runs), 2)
+    out["lost"] = sum(r["lost"] for r in runs)
+    out["runs"] = [r["sidecar_cpu_us_per_write"] for r in runs]
+    return out
+
+
+def _line(name: str, mode: dict[str, Any]) -> str:
+    return (f"  {name:<10} {mode['writers']:>3} writers {mode['writes_per_s']:>8} w/s  "
+            f"sidecar {mode['sidecar_cpu_us_per_write']} us/write at "
+            f"{mode['writes_per_transaction']} writes/txn  etcd "
+            f"{mode['etcd_cpu_us_per_write']} us/write  lost {mode['lost']}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--writes", type=int, default=6000)
+    parser.add_argument("--writes", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    writes = 1200 if quick_requested(args.quick) else args.writes
-    print(f"statesync shards: {writes} session writes per mode, {WRITERS} writers")
-    modes = []
-    for k, writers in ((None, WRITERS), (1, WRITERS), (2, WRITERS), (3, WRITERS),
-                       (2, 2 * WRITERS), (3, 3 * WRITERS)):
-        mode = asyncio.run(one_mode(k, writes, writers))
-        modes.append(mode)
-        name = "unsharded" if k is None else f"K={k}"
-        print(f"  {name:<10} {writers:>3} writers {mode['writes_per_s']:>8} w/s  "
-              f"sidecar {mode['sidecar_cpu_us_per_write']} us/write  etcd "
-              f"{mode['etcd_cpu_us_per_write']} us/write  lost {mode['lost']}"
-              + (f"  reshard moves {mode['reshard_moved_fraction']}" if k else "")
+    quick = quick_requested(args.quick)
+    writes = 1200 if quick else args.writes
+    rounds = 1 if quick else max(1, args.rounds)
+    print(f"statesync shards: {writes} session writes per mode, {rounds} rounds")
+    runs: dict[tuple[int | None, int], list[dict[str, Any]]] = {m: [] for m in CPU_MODES}
+    for r in range(rounds):
+        for k, writers in (CPU_MODES if r % 2 == 0 else tuple(reversed(CPU_MODES))):
+            mode = asyncio.run(one_mode(k, writes, writers))
+            runs[(k, writers)].append(mode)
+            print(_line("unsharded" if k is None else f"K={k}", mode))
+    modes = [_median_mode(runs[m]) for m in CPU_MODES]
+    extras = []
+    for k in EXTRA_MODES:
+        mode = asyncio.run(one_mode(k, writes, WRITERS, extras=True))
+        extras.append(mode)
+        print(f"  K={k}: reshard plan moves {mode['reshard_moved_fraction']}"
               + (f"  online to K={mode['reshard']['to']}: {mode['reshard']['moved']} moved "
                  f"in {mode['reshard']['seconds']} s, {mode['reshard']['failed_during']} "
                  f"failed, {mode['reshard']['lost']} lost" if "reshard" in mode else "")
               + (f"  one down: failed {mode['one_down']['failed_fraction']}, others "
                  f"{mode['one_down']['others_failed']}" if "one_down" in mode else ""))
-    result = {"modes": modes, "writes": writes, "writers": WRITERS}
+    a, b = curve(modes)
+    base = next(m for m in modes if (m["shards"], m["writers"]) == (0, WRITERS))
+    one_load = {f"K={m['shards']}": round(m["sidecar_cpu_us_per_write"]
+                                          / base["sidecar_cpu_us_per_write"], 3)
+                for m in modes if m["shards"] and m["writers"] == WRITERS}
+    print(f"\n  unsharded curve: {a:.1f} us per write + {b:.0f} us per transaction / batch")
+    print(f"  at one sidecar load ({WRITERS} writers), sidecar CPU per write / unsharded: "
+          f"{one_load} (no target: K transactions, each K times smaller)")
+    result = {"modes": modes, "extras": extras, "writes": writes, "rounds": rounds,
+              "curve_us": {"per_write": round(a, 1), "per_transaction": round(b, 1)},
+              "one_load_ratio": one_load}
     found = verdicts(result)
     print_verdicts("statesync_shards", found)
     path = write_results("statesync_shards", {"env": env_info(), **result}, found)

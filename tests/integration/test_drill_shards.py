@@ -23,7 +23,7 @@ import pytest
 
 from meshxl import etcd as etcd_lib
 from meshxl.etcd.keys import Keys
-from meshxl.etcd.shards import ShardMap, parse_shard_map
+from meshxl.etcd.shards import parse_shard_map
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
 from meshxl.operator.drill import DrillConfig, DrillRefused, _Drill, markdown
@@ -31,18 +31,12 @@ from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdServer
 from tests.harness.etcd import start_etcd
 from tests.harness.sidecar import SidecarProcess
+from tests.integration.test_shards import ids_in
 
 pytestmark = pytest.mark.integration
 
 CLUSTER = "orders"
 KEYS = Keys()
-
-
-def ids_in(shards: ShardMap, name: str, count: int, prefix: str = "s") -> list[str]:
-    """``count`` session ids that hash to shard ``name``."""
-    found = [f"{prefix}{i}" for i in range(500) if shards.of(f"{prefix}{i}").name == name]
-    assert len(found) >= count
-    return found[:count]
 
 
 async def _applied(sidecar: SidecarProcess, shard: str) -> int:

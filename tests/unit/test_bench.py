@@ -331,22 +331,36 @@ def test_dualsite_verdicts_hold_every_site_loss_to_its_targets() -> None:
 def test_shard_verdicts_compare_like_with_like() -> None:
     import statesync_shards
 
-    modes = [{"shards": 0, "writers": 32, "lost": 0, "sidecar_cpu_us_per_write": 60.0},
-             {"shards": 2, "writers": 32, "lost": 0, "reshard_moved_fraction": 0.34,
-              "reshard": {"moved_fraction": 0.33, "moved": 33, "sessions": 100,
-                          "seconds": 1.5, "failed_during": 0, "lost": 0,
-                          "writes_during": 100},
-              "one_down": {"of": 3, "failed_fraction": 0.33, "others_failed": 0}},
-             {"shards": 2, "writers": 64, "lost": 0, "sidecar_cpu_us_per_write": 63.0,
-              "reshard_moved_fraction": 0.34}]
-    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
+    def cpu(shards: int, writers: int, per_write: float, batch: float) -> dict[str, Any]:
+        return {"shards": shards, "writers": writers, "lost": 0,
+                "sidecar_cpu_us_per_write": per_write, "writes_per_transaction": batch}
+
+    # Unsharded: 30 us a write + 640 us a transaction shared by its batch.
+    modes = [cpu(0, 8, 110.0, 8.0), cpu(0, 16, 70.0, 16.0), cpu(0, 32, 70.0, 16.0),
+             cpu(0, 64, 55.0, 25.6), cpu(1, 32, 71.0, 16.0), cpu(2, 32, 110.0, 8.0),
+             cpu(2, 64, 78.0, 13.3)]
+    extras = [{"shards": 2, "writers": 32, "lost": 0, "reshard_moved_fraction": 0.34,
+               "reshard": {"moved_fraction": 0.33, "moved": 33, "sessions": 100,
+                           "seconds": 1.5, "failed_during": 0, "lost": 0,
+                           "writes_during": 100},
+               "one_down": {"of": 3, "failed_fraction": 0.33, "others_failed": 0}}]
+    a, b = statesync_shards.curve(modes)
+    assert abs(a - 30.0) < 1.0 and abs(b - 640.0) < 10.0, (a, b)
+    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes,
+                                                               "extras": extras})}
     assert all(found.values()), found
-    modes[1]["one_down"] = {"of": 3, "failed_fraction": 0.2, "others_failed": 4}
-    modes[1]["reshard"]["lost"] = 1
-    modes[2]["sidecar_cpu_us_per_write"] = 90.0
-    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes})}
+    # K = 2 at one sidecar load costs 1.57x unsharded per write, as its batch of 8 does
+    # unsharded: no verdict misses. A write dearer than its batch explains does.
+    extras[0]["one_down"] = {"of": 3, "failed_fraction": 0.2, "others_failed": 4}
+    extras[0]["reshard"]["lost"] = 1
+    modes[6]["sidecar_cpu_us_per_write"] = 90.0
+    modes[4]["sidecar_cpu_us_per_write"] = 80.0
+    found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes,
+                                                               "extras": extras})}
     assert [name for name, met in found.items() if not met] == [
+        "K=1, 32 writers: sidecar CPU per write / unsharded",
+        "K=1, 32 writers: sidecar CPU per write / unsharded at its batch",
+        "K=2, 64 writers: sidecar CPU per write / unsharded at its batch",
         "K=2 -> 3 online: writes failed or lost",
         "one of 3 shards down, failing writes off 1/3 by",
-        "one of 3 shards down, other shards' writes failing",
-        "K=2, 32 writers per shard: sidecar CPU per write / unsharded"], found
+        "one of 3 shards down, other shards' writes failing"], found

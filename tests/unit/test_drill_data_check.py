@@ -42,9 +42,11 @@ HISTORY = {
 APPLIED = 20  # what the sidecar says it has applied before it is read
 
 
-def _as_of(revision: int) -> dict[str, tuple[int, bytes]]:
+def _as_of(revision: int, history: dict[str, list[tuple[int, bytes]]] | None = None
+           ) -> dict[str, tuple[int, bytes]]:
+    """Each session of ``history`` (default: HISTORY) as etcd had it at ``revision``."""
     out = {}
-    for session, versions in HISTORY.items():
+    for session, versions in (HISTORY if history is None else history).items():
         older = [v for v in versions if revision == 0 or v[0] <= revision]
         if older:
             out[session] = older[-1]
@@ -157,12 +159,7 @@ def sharded_answer(session: str, shard: str, revision: int, state: Any) -> Sessi
 
 
 def _shard_as_of(shard: str, revision: int) -> dict[str, tuple[int, bytes]]:
-    out = {}
-    for session, versions in SHARD_HISTORY[shard].items():
-        older = [v for v in versions if revision == 0 or v[0] <= revision]
-        if older:
-            out[session] = older[-1]
-    return out
+    return _as_of(revision, SHARD_HISTORY[shard])
 
 
 @pytest.fixture
