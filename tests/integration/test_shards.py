@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -204,6 +206,49 @@ async def test_a_partitioned_shard_costs_only_its_sessions(
                      what="shard s2 to take writes again")
     for session in in_one:
         assert (await sidecar.get(session)).json() == {"n": 4}
+    assert (await sidecar.get(in_two[1])).json() == {"n": 1}
+
+
+async def test_a_silent_shard_is_seen_and_costs_only_its_sessions(
+        harness: Any, etcd: EtcdServer, etcd_client: aetcd.Client,
+        start_sidecar: Any) -> None:
+    """Shard s2's etcd paused (SIGSTOP: its connections stay open and nothing answers,
+    as with a hung process or disk). No stream ends, so only asking etcd shows it: the
+    sidecar sees s2 unreachable within a few seconds, answers s2's writes 503 at once
+    instead of holding each for its deadline, and s1's writes go on; resumed, s2 is
+    reachable and written again with its state."""
+    one, two = await start_etcd(harness, "shard-1"), await start_etcd(harness, "shard-2")
+    shards = parse_shard_map({"version": 1, "shards": [
+        {"name": "s1", "etcd": one.url}, {"name": "s2", "etcd": two.url}]})
+    await etcd_client.put(KEYS.shards.encode(), shards.encode())
+    sidecar: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
+                                                  app_port=free_port())
+    in_one, in_two = ids_in(shards, "s1", 2), ids_in(shards, "s2", 2)
+    for session in in_one + in_two:
+        assert (await sidecar.put(session, {"n": 1})).status == 201
+    pid = two.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        paused = time.monotonic()
+        await wait_until(lambda: _shard_down(sidecar, "s2"), timeout=15,
+                         what="the sidecar to see the paused shard s2")
+        seen = time.monotonic() - paused
+        assert seen < 8.0, f"a silent shard seen after {seen:.1f} s"
+        await asyncio.sleep(1.2)  # past DOWN_GRACE: refused at once from now on
+        started = time.monotonic()
+        reply = await sidecar.put(in_two[0], {"n": 99})
+        assert reply.status == 503 and b"shard s2" in reply.body, reply
+        assert time.monotonic() - started < 1.0, "a write to a silent shard was held"
+        for i, session in enumerate(in_one):
+            reply = await sidecar.put(session, {"n": 10 + i})
+            assert reply.status == 200, reply
+        assert (await sidecar.readyz()).status == 200
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_until(lambda: _writes(sidecar, in_two[0]), timeout=20,
+                     what="shard s2 to take writes again")
+    assert not await _shard_down(sidecar, "s2")
     assert (await sidecar.get(in_two[1])).json() == {"n": 1}
 
 
