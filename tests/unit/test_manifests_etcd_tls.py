@@ -38,7 +38,8 @@ from tests.unit.test_manifests import (
 tree = manifests.tree
 render = manifests.render
 
-IN_CLUSTER = ["default", "self-signed", "istio", "two-sites", "session-shards"]
+IN_CLUSTER = ["default", "self-signed", "istio", "two-sites", "session-shards",
+              "session-shards-self-signed"]
 CERT_MANAGER = ["default", "external-etcd", "istio", "two-sites", "session-shards"]
 FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 ETCD_CLIENT_LABEL = "meshxl.io/etcd-client"

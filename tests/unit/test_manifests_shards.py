@@ -1,5 +1,7 @@
-"""deploy/kubernetes, overlays/session-shards: sessions over two more etcd clusters
-(docs/scaling.md, "Past one etcd cluster"; docs/kubernetes.md, "Session shards").
+"""deploy/kubernetes, overlays/session-shards and session-shards-self-signed: sessions
+over two more etcd clusters (docs/scaling.md, "Past one etcd cluster";
+docs/kubernetes.md, "Session shards"), with certificates from cert-manager or from
+make-certs.sh; every check here is made on both.
 
 Each shard is the main etcd under names of its own (same TLS, same CA, its own cluster
 token and peer certificate). The Job that stores the shard map runs a command line the
@@ -52,7 +54,9 @@ from tests.unit.test_manifests_etcd_tls import Issued, _container, _host_matches
 tree = manifests.tree
 render = manifests.render
 
-OVERLAY = "session-shards"
+#: The shard overlays, each with the installation it adds the shards to (the same
+#: certificates: cert-manager, or make-certs.sh's).
+SHARD_OVERLAYS = {"session-shards": "default", "session-shards-self-signed": "self-signed"}
 JOB = "meshxl-shard-map"
 MAIN = "meshxl-etcd"
 #: The main cluster's objects that every shard has too, under its own names.
@@ -108,7 +112,7 @@ def _parse(args: list[str], env: dict[str, str],
     words = list(args)
     command: click.Command = main
     ctx = click.Context(main, info_name="meshxl")
-    path = []
+    path: list[str] = []
     while isinstance(command, click.Group):
         assert words, f"{' '.join(path)} needs a command"
         name = words.pop(0)
@@ -154,14 +158,21 @@ def _without_base_labels(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.fixture(params=sorted(SHARD_OVERLAYS))
+def overlay(request: pytest.FixtureRequest) -> str:
+    """Each shard overlay in turn."""
+    return str(request.param)
+
+
 # -- the overlay -----------------------------------------------------------------------------
 
 
-def test_the_overlay_is_rendered_and_validated_with_the_others(render: Render) -> None:
+def test_the_overlay_is_rendered_and_validated_with_the_others(overlay: str,
+                                                               render: Render) -> None:
     """The checks every overlay gets (test_manifests*.py, strict Kubernetes schemas
     included) cover this one; and the Job's kind is validated strictly too."""
-    assert OVERLAY in OVERLAYS
-    docs = render(OVERLAY)
+    assert overlay in OVERLAYS
+    docs = render(overlay)
     job = _find(docs, "Job", JOB)
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(job, version, strict=True)
@@ -169,20 +180,46 @@ def test_the_overlay_is_rendered_and_validated_with_the_others(render: Render) -
     misspelled["spec"]["backofLimit"] = misspelled["spec"].pop("backoffLimit")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(misspelled, K8S_VERSIONS[0], strict=True)
-    # The main cluster stays the default installation's; the shards come on top.
-    default = render("default")
+    # The main cluster stays the installation's; the shards come on top.
+    default = render(SHARD_OVERLAYS[overlay])
     assert _find(docs, "StatefulSet", MAIN) == _find(default, "StatefulSet", MAIN)
     assert _etcd_member_urls(docs) == _etcd_member_urls(default)
     assert _shard_statefulsets(default) == []
     assert _shard_statefulsets(docs) == ["meshxl-etcd-s1", "meshxl-etcd-s2"]
 
 
+def test_both_shard_overlays_add_the_same_shards(render: Render) -> None:
+    """On top of their installation the two overlays add the same objects, but for where
+    the shards' four certificates come from: cert-manager Certificates, or Secrets of
+    the same names generated from make-certs.sh's files (and nothing of cert-manager)."""
+
+    def key(doc: dict[str, Any]) -> tuple[str, str]:
+        return doc["kind"], doc["metadata"]["name"]
+
+    added = {}
+    for overlay, installation in SHARD_OVERLAYS.items():
+        before = {key(d) for d in render(installation)}
+        added[overlay] = {key(d): d for d in render(overlay) if key(d) not in before}
+    issued, generated = added["session-shards"], added["session-shards-self-signed"]
+    certificates = {k: d for k, d in issued.items() if k[0] == "Certificate"}
+    secrets = {k: d for k, d in generated.items() if k[0] == "Secret"}
+    assert sorted(d["spec"]["secretName"] for d in certificates.values()) == \
+        sorted(name for _, name in secrets) == [
+            f"meshxl-etcd-{shard}-{use}-tls" for shard in ("s1", "s2")
+            for use in ("peer", "server")]
+    assert all(d["type"] == "kubernetes.io/tls" for d in secrets.values())
+    assert {k: d for k, d in issued.items() if k not in certificates} == \
+        {k: d for k, d in generated.items() if k not in secrets}
+    assert not [d for d in render("session-shards-self-signed")
+                if d["apiVersion"].startswith("cert-manager.io/")]
+
+
 # -- the Job's command line -----------------------------------------------------------------
 
 
-def test_the_jobs_command_line_is_one_meshxl_parses(render: Render,
+def test_the_jobs_command_line_is_one_meshxl_parses(overlay: str, render: Render,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = render(OVERLAY)
+    docs = render(overlay)
     command = _job_command(docs, monkeypatch)
     assert command.path == ["shards", "set"]
     # It stores the map (not a dry run) in the main cluster, every member by its name.
@@ -202,9 +239,9 @@ def test_the_jobs_command_line_is_one_meshxl_parses(render: Render,
         assert len(endpoints) == 3, shard
 
 
-def test_the_parse_would_catch_a_wrong_command_line(render: Render,
+def test_the_parse_would_catch_a_wrong_command_line(overlay: str, render: Render,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    docs = render(OVERLAY)
+    docs = render(overlay)
     container = _job_container(docs)
     env = {"MESHXL_ETCD": _env(docs, container, "MESHXL_ETCD") or ""}
     args = list(container["args"])
@@ -219,11 +256,11 @@ def test_the_parse_would_catch_a_wrong_command_line(render: Render,
 
 
 def test_the_jobs_shards_are_the_members_of_the_components_statefulsets(
-        render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+        overlay: str, render: Render, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each shard's URLs are exactly its StatefulSet's members, by their names under its
     headless Service and on that Service's client port; each etcd StatefulSet of the
     component is a shard, once; none is the main cluster."""
-    docs = render(OVERLAY)
+    docs = render(overlay)
     shard_map = _job_command(docs, monkeypatch).shard_map
     named = {}
     for shard in shard_map.shards:
@@ -256,18 +293,19 @@ def test_the_jobs_shards_are_the_members_of_the_components_statefulsets(
 
 
 @pytest.mark.parametrize("shard", ["meshxl-etcd-s1", "meshxl-etcd-s2"])
-def test_each_shard_is_the_main_etcd_under_its_own_names(shard: str, render: Render) -> None:
+def test_each_shard_is_the_main_etcd_under_its_own_names(shard: str, overlay: str,
+                                                         render: Render) -> None:
     """Same image, flags, TLS, probes, volumes, scheduling, NetworkPolicy and disruption
     budget as base/etcd.yaml; only the names differ."""
-    docs = render(OVERLAY)
+    docs = render(overlay)
     for kind, name in MAIN_OBJECTS:
         theirs = _find(docs, kind, name.replace(MAIN, shard))
         assert _without_base_labels(theirs) == \
             _renamed(_without_base_labels(_find(docs, kind, name)), shard), (kind, name)
 
 
-def test_the_shard_statefulsets_are_well_formed(render: Render) -> None:
-    docs = render(OVERLAY)
+def test_the_shard_statefulsets_are_well_formed(overlay: str, render: Render) -> None:
+    docs = render(overlay)
     issued = Issued(docs)
     tokens = {_arg(_container(_find(docs, "StatefulSet", MAIN)), "--initial-cluster-token")}
     for name in _shard_statefulsets(docs):
@@ -320,12 +358,12 @@ def test_the_shard_statefulsets_are_well_formed(render: Render) -> None:
         assert "server auth" in issued.usages(server)
 
 
-def test_every_client_of_a_shard_gets_in(render: Render,
+def test_every_client_of_a_shard_gets_in(overlay: str, render: Render,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The Job and the injected sidecars reach the main cluster and every shard: the
     NetworkPolicies admit them, and their client certificates come from the CA every
     cluster trusts."""
-    docs = render(OVERLAY)
+    docs = render(overlay)
     issued = Issued(docs)
     job = _find(docs, "Job", JOB)
     labels = job["spec"]["template"]["metadata"]["labels"]
@@ -359,8 +397,9 @@ def test_every_client_of_a_shard_gets_in(render: Render,
     assert volume["secret"] == {"secretName": "meshxl-etcd-system-tls", "defaultMode": 0o440}
 
 
-def test_the_job_runs_once_at_a_time_retries_and_holds_no_api_access(render: Render) -> None:
-    docs = render(OVERLAY)
+def test_the_job_runs_once_at_a_time_retries_and_holds_no_api_access(overlay: str,
+                                                                      render: Render) -> None:
+    docs = render(overlay)
     job = _find(docs, "Job", JOB)
     spec = job["spec"]
     assert spec.get("parallelism", 1) == 1 and spec.get("completions", 1) == 1
@@ -442,8 +481,9 @@ class _Compare:
 
 
 @pytest.fixture
-def job_map(render: Render, monkeypatch: pytest.MonkeyPatch) -> Iterator[ShardMap]:
-    yield _job_command(render(OVERLAY), monkeypatch).shard_map
+def job_map(overlay: str, render: Render,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[ShardMap]:
+    yield _job_command(render(overlay), monkeypatch).shard_map
 
 
 async def test_the_job_run_again_writes_nothing(job_map: ShardMap) -> None:

@@ -40,14 +40,15 @@ from tests.unit.test_manifests_etcd_tls import Issued, _container, _host_matches
 
 NAMESPACES = ("shop", "payments")
 SERVING = ("default", "self-signed", "external-etcd", "two-sites",  # running meshxl-xds
-           "session-shards")
+           "session-shards", "session-shards-self-signed")
 FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 DOCS = manifests.ROOT / "docs" / "kubernetes.md"
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """deploy/kubernetes copied, `make-certs.sh shop payments` run in it."""
+    """deploy/kubernetes copied, `make-certs.sh shop payments` run in it (with the
+    session shards' certificates, which their self-signed overlay needs)."""
     if not shutil.which("openssl"):
         pytest.fail("openssl is needed by make-certs.sh (apt-get install openssl)",
                     pytrace=False)
@@ -55,7 +56,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(manifests.KUBE, copy_, ignore=shutil.ignore_patterns("certs"))
     proc = subprocess.run(["bash", str(copy_ / "components" / "self-signed" /
                                        "make-certs.sh"), *NAMESPACES],
-                          capture_output=True, text=True, timeout=60, check=False)
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ,
+                               "MESHXL_ETCD_SHARDS": " ".join(manifests.SHARDS)})
     assert proc.returncode == 0, proc.stderr
     return copy_
 

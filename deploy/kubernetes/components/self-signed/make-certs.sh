@@ -10,6 +10,16 @@
 # (certs/xds/envoy-NAMESPACE.crt: the SPIFFE ID
 # spiffe://$MESHXL_TRUST_DOMAIN/ns/NAMESPACE/meshxl-envoy, which lets it speak for the
 # node ids POD.NAMESPACE; docs/kubernetes.md, "xDS mutual TLS").
+#
+# MESHXL_ETCD_SHARDS="s1 s2" (names separated by spaces or commas; none by default)
+# also issues, from etcd's CA, the serving and peer certificates of the session shards'
+# etcd clusters meshxl-etcd-SHARD (components/session-shards), shaped as the main
+# cluster's, into session-shards/certs/etcd/ next to this script (SHARD-server.crt,
+# SHARD-peer.crt, their keys and a copy of etcd's ca.crt), where the component
+# session-shards/ turns them into the Secrets meshxl-etcd-SHARD-server-tls and
+# meshxl-etcd-SHARD-peer-tls (kustomize reads only files under a component's own
+# directory). Name the shards on every run: a run without them leaves their
+# certificates as they are (docs/kubernetes.md, "Session shards").
 # Needs openssl. Re-run to renew (the certificates are valid for 730 days), then
 # re-apply the overlay. etcd's and the control plane's CAs (valid 10 years) are kept in
 # certs/etcd/ca.key and certs/xds/ca.key and reused, so renewed certificates stay
@@ -24,6 +34,13 @@ trust_domain="${MESHXL_TRUST_DOMAIN:-cluster.local}"
 for ns in "$@"; do
   [[ "$ns" =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]] || {
     echo "make-certs.sh: '$ns' is not a Kubernetes namespace name" >&2; exit 2; }
+done
+shards_list="${MESHXL_ETCD_SHARDS:-}"
+read -r -a shards <<< "${shards_list//,/ }"
+for shard in "${shards[@]}"; do
+  # A shard's name as meshxl accepts it (meshxl/etcd/shards.py, NAME).
+  [[ "$shard" =~ ^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$ ]] || {
+    echo "make-certs.sh: '$shard' is not a shard name (MESHXL_ETCD_SHARDS: lowercase letters, digits and '-', 1-32 characters)" >&2; exit 2; }
 done
 command -v openssl >/dev/null || { echo "make-certs.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
 mkdir -p "$dir"
@@ -56,9 +73,10 @@ echo "wrote $dir/ca.crt, $dir/tls.crt, $dir/tls.key (valid $days days)"
 # -- etcd -------------------------------------------------------------------------------
 etcd="$dir/etcd"
 
-# issue NAME COMMON_NAME EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES [CA_DIRECTORY]]
+# issue NAME COMMON_NAME EXTENDED_KEY_USAGE [SUBJECT_ALT_NAMES [CA_DIRECTORY [OUT]]]
+# writes OUT/NAME.crt and OUT/NAME.key (OUT: the CA's directory unless given)
 issue() {
-  local name="$1" cn="$2" eku="$3" san="${4:-}" ca="${5:-$etcd}"
+  local name="$1" cn="$2" eku="$3" san="${4:-}" ca="${5:-$etcd}" out="${6:-${5:-$etcd}}"
   openssl ecparam -name prime256v1 -genkey -noout -out "$tmp/$name.key"
   openssl req -new -key "$tmp/$name.key" -subj "/CN=$cn" -out "$tmp/$name.csr"
   {
@@ -69,8 +87,8 @@ issue() {
   } > "$tmp/$name.cnf"
   openssl x509 -req -in "$tmp/$name.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" \
     -CAcreateserial -CAserial "$tmp/$(basename "$ca")-ca.srl" -sha256 -days "$days" \
-    -extfile "$tmp/$name.cnf" -out "$ca/$name.crt" 2>/dev/null
-  cp "$tmp/$name.key" "$ca/$name.key"
+    -extfile "$tmp/$name.cnf" -out "$out/$name.crt" 2>/dev/null
+  cp "$tmp/$name.key" "$out/$name.key"
 }
 
 # ca DIRECTORY COMMON_NAME: a CA kept in DIRECTORY/ca.{crt,key} (made once, reused)
@@ -86,15 +104,36 @@ ca() {
       -out "$directory/ca.crt"
   fi
 }
+# cluster NAME OUT PREFIX: the serving and peer certificates of the etcd cluster NAME
+# (StatefulSet NAME, headless Service NAME-peer), OUT/PREFIXserver.crt and
+# OUT/PREFIXpeer.crt, from etcd's CA.
+cluster() {
+  local name="$1" out="$2" prefix="$3"
+  local peers="DNS:*.$name-peer.$namespace.svc,DNS:*.$name-peer.$namespace.svc.cluster.local"
+  # Client auth too: etcd dials its own gRPC gateway with its serving certificate.
+  issue "${prefix}server" "$name" serverAuth,clientAuth \
+    "DNS:$name,DNS:$name.$namespace,DNS:$name.$namespace.svc,DNS:$name.$namespace.svc.cluster.local,$peers,DNS:localhost" \
+    "$etcd" "$out"
+  # The members' certificate between them: etcd's --peer-cert-allowed-cn is NAME-peer,
+  # so a member of another cluster (same CA) cannot join this one.
+  issue "${prefix}peer" "$name-peer" serverAuth,clientAuth "$peers" "$etcd" "$out"
+}
 ca "$etcd" meshxl-etcd-ca
-peers="DNS:*.meshxl-etcd-peer.$namespace.svc,DNS:*.meshxl-etcd-peer.$namespace.svc.cluster.local"
-# Client auth too: etcd dials its own gRPC gateway with its serving certificate.
-issue server meshxl-etcd serverAuth,clientAuth \
-  "DNS:meshxl-etcd,DNS:meshxl-etcd.$namespace,DNS:meshxl-etcd.$namespace.svc,DNS:meshxl-etcd.$namespace.svc.cluster.local,$peers,DNS:localhost"
-issue peer meshxl-etcd-peer serverAuth,clientAuth "$peers"
+cluster meshxl-etcd "$etcd" ""
 issue system meshxl-system clientAuth
 issue statesync meshxl-statesync clientAuth
 echo "wrote $etcd/{ca,server,peer,system,statesync}.crt and keys (valid $days days; CA kept)"
+
+# -- the session shards' etcd clusters (MESHXL_ETCD_SHARDS) --------------------------------
+if (( ${#shards[@]} )); then
+  sharded="$(dirname "$dir")/session-shards/certs/etcd"
+  mkdir -p "$sharded"
+  cp "$etcd/ca.crt" "$sharded/ca.crt"
+  for shard in "${shards[@]}"; do
+    cluster "meshxl-etcd-$shard" "$sharded" "$shard-"
+  done
+  echo "wrote $sharded/{ca,SHARD-server,SHARD-peer}.crt and keys for shards: ${shards[*]} (valid $days days)"
+fi
 
 # -- the control plane (ADS over mutual TLS) ---------------------------------------------
 xds="$dir/xds"
