@@ -11,7 +11,8 @@ concurrent writers through ``meshxl.client.AsyncClient``. Measured per mode: wri
 the sidecar's CPU per write, the writes per etcd transaction (the sidecar's
 ``meshxl_statesync_batch_size``), each etcd's CPU per write of its shard, and every
 acknowledged session read back (0 lost). The CPU modes run ``--rounds`` times, in
-alternating order; each figure is the median of its rounds.
+alternating order; each figure is the median of its rounds, and K = 1 against
+unsharded the median of the rounds' paired ratios.
 
 What a write costs the sidecar is set by how many writes share an etcd transaction: a
 part per write and a part per transaction (the call, its watch event), so
@@ -21,9 +22,13 @@ write dearer than the same batch does without shards?"). At one sidecar load, K 
 split the writes into K transactions, each K times smaller: that costs what an
 unsharded sidecar with 1/K of the load pays, and is reported beside it (no target).
 
-With K >= 2 (W = 32), one shard's etcd is then killed and every session is written once
-more: the fraction that fails (ideal 1/K) and that the other shards' writes all succeed
-(the client then takes a 503 as the answer; by default it retries one for about 2.5 s).
+With K >= 2 (W = 32), the other shards' writes are timed with every shard up and with
+one shard's etcd paused (SIGSTOP: it answers nothing, as behind a partition), the
+application writing every session all along, in three alternating rounds: their writes/s
+and p99 latency while it is down against all up. Then that etcd is killed and every
+session is written once more: the fraction that fails (ideal 1/K) and that the other
+shards' writes all succeed (the client then takes a 503 as the answer; by default it
+retries one for about 2.5 s).
 The sessions a new shard would take (K -> K + 1) are counted by ``meshxl shards set
 --dry-run``'s plan over the stored sessions, beside the ideal 1/(K + 1); then the shard
 is added for real, online, while every session is written once more: the time it takes,
@@ -35,7 +40,8 @@ targets are per write. Targets: the sidecar's CPU per write with K = 1 within 1.
 unsharded at the same load, and every sharded run within 1.05x of the unsharded curve
 at its batch size; 0 acknowledged writes lost; with one of K shards down, failing writes
 within 0.05 of 1/K and none of the other shards' failing; a reshard moving within 0.05
-of 1/(K + 1). Writes ``bench/results/statesync_shards.json``. Loopback only; bounded;
+of 1/(K + 1); with one shard paused, the others' writes/s at least 0.9x and their p99
+at most 1.25x of all up. Writes ``bench/results/statesync_shards.json``. Loopback only; bounded;
 every process is killed at the end.
 """
 
@@ -43,7 +49,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -62,15 +70,17 @@ from meshxl.local import commands
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
-from meshxl.local.wait import wait_http
+from meshxl.local.wait import wait_http, wait_until
 from meshxl.operator.shards import plan, set_map
+from meshxl.statesync.shards import DOWN_GRACE
 from meshxl.stats import cpu_seconds
 
 WRITERS = 32
-CPU_MODES = ((None, 8), (None, 16), (None, 32), (None, 64), (1, 32), (2, 32), (2, 64),
+CPU_MODES = ((None, 8), (None, 16), (None, 64), (None, 32), (1, 32), (2, 32), (2, 64),
              (3, 48), (3, 96))
 """(shards, writers) of the CPU runs: unsharded at four loads (the curve), then K = 1, 2
-and 3 at the unsharded reference's load and at K times it."""
+and 3 at the unsharded reference's load and at K times it. Unsharded and K = 1 at 32
+writers run one after the other in every round (either order), for a paired ratio."""
 EXTRA_MODES = (1, 2, 3)
 """Shards of the runs (W = 32) that go on to one shard down and an online reshard."""
 CLUSTER = "bench"
@@ -187,6 +197,8 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS,
                                                                ids, connect)
                     shards.append(out["reshard"].pop("etcd"))
                 if k >= 2 and extras:
+                    out["others_while_down"] = await _others_while_down(
+                        url, ids, shard_map, shards[-1][1].pid or 0)
                     await shards[-1][1].kill()
                     down = shard_map.names[-1]
                     await asyncio.sleep(2.0)  # the sidecar sees it gone (DOWN_GRACE)
@@ -202,6 +214,77 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS,
             return out
         finally:
             await owner.aclose()
+
+
+async def _shard_reachable(url: str, name: str) -> bool:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/status") as resp:
+        status = await resp.json()
+    return bool(next(s for s in status["shards"]["shards"] if s["name"] == name)["reachable"])
+
+
+async def _mixed_load(url: str, ids: list[str], down: str, shard_map: ShardMap,
+                      seconds: float) -> dict[str, float]:
+    """Every session written in turn by ``WRITERS`` writers for ``seconds`` (a 503 is the
+    answer): the writes/s and latency p50/p99 (ms) of the sessions outside shard
+    ``down``, as the application sees them."""
+    latencies: list[float] = []
+    position = 0
+    deadline = time.monotonic() + seconds
+
+    async def writer(client: AsyncClient) -> None:
+        nonlocal position
+        while time.monotonic() < deadline:
+            session = ids[position % len(ids)]
+            position += 1
+            started = time.perf_counter()
+            try:
+                await client.put(session, {**STATE, "id": session})
+            except SidecarError:
+                continue
+            if shard_map.of(session).name != down:
+                latencies.append((time.perf_counter() - started) * 1e3)
+
+    settings = ClientSettings(unavailable=Backoff(attempts=1))
+    started = time.perf_counter()
+    async with AsyncClient(url, settings=settings) as client:
+        await asyncio.gather(*(writer(client) for _ in range(WRITERS)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"writes_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies), 2),
+            "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 2)}
+
+
+async def _others_while_down(url: str, ids: list[str], shard_map: ShardMap, pid: int,
+                             rounds: int = 3, seconds: float = 2.0) -> dict[str, Any]:
+    """The other shards' writes with one shard's etcd up, then stopped (SIGSTOP: it
+    answers nothing, as behind a partition), in alternating rounds, the application
+    writing every session: the medians of each state, and their ratio."""
+    down = shard_map.names[-1]
+    figures: dict[str, list[dict[str, float]]] = {"up": [], "down": []}
+    for _ in range(rounds):
+        figures["up"].append(await _mixed_load(url, ids, down, shard_map, seconds))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: _not(_shard_reachable(url, down)), timeout=30,
+                             what=f"the sidecar to see shard {down} unreachable")
+            await asyncio.sleep(DOWN_GRACE)  # its sessions now refused at once
+            figures["down"].append(await _mixed_load(url, ids, down, shard_map, seconds))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await wait_until(lambda: _shard_reachable(url, down), timeout=30,
+                         what=f"shard {down} reachable again")
+    median = {state: {name: statistics.median(r[name] for r in runs)
+                      for name in ("writes_per_s", "p50_ms", "p99_ms")}
+              for state, runs in figures.items()}
+    return {"shard": down, "of": len(shard_map.shards), "rounds": figures, **median,
+            "rate_ratio": round(median["down"]["writes_per_s"]
+                                / median["up"]["writes_per_s"], 3),
+            "p99_ratio": round(median["down"]["p99_ms"] / median["up"]["p99_ms"], 3)}
+
+
+async def _not(check: Any) -> bool:
+    return not await check
 
 
 async def _reshard(owner: Owner, main_url: str, url: str, shard_map: ShardMap,
@@ -254,10 +337,10 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
     if base is not None and (1, WRITERS) in by:
         one = by[(1, WRITERS)]
         out.append(Verdict(f"K=1, {WRITERS} writers: sidecar CPU per write / unsharded",
-                           round(one["sidecar_cpu_us_per_write"]
-                                 / base["sidecar_cpu_us_per_write"], 3), 1.05, "x",
-                           reference=f"unsharded {base['sidecar_cpu_us_per_write']} us, "
-                                     f"K=1 {one['sidecar_cpu_us_per_write']} us per write"))
+                           paired_ratio(one, base), 1.05, "x",
+                           reference=f"median of the rounds' ratios; medians unsharded "
+                                     f"{base['sidecar_cpu_us_per_write']} us, K=1 "
+                                     f"{one['sidecar_cpu_us_per_write']} us per write"))
     fit = curve(modes)
     for m in modes:
         k, writers = m["shards"], m["writers"]
@@ -284,6 +367,19 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
             out.append(Verdict(f"K={k} -> {k + 1} online: writes failed or lost",
                                moved["failed_during"] + moved["lost"], 0, "writes",
                                reference=f"{moved['writes_during']} writes during it"))
+        if "others_while_down" in m:
+            while_down = m["others_while_down"]
+            n = while_down["of"]
+            out.append(Verdict(f"one of {n} shards down: the others' writes/s / all up",
+                               while_down["rate_ratio"], 0.9, "x", at_most=False,
+                               reference=f"{while_down['down']['writes_per_s']} vs "
+                                         f"{while_down['up']['writes_per_s']} writes/s"))
+            out.append(Verdict(f"one of {n} shards down: the others' p99 latency / all up",
+                               while_down["p99_ratio"], 1.25, "x",
+                               reference=f"p99 {while_down['down']['p99_ms']} vs "
+                                         f"{while_down['up']['p99_ms']} ms, p50 "
+                                         f"{while_down['down']['p50_ms']} vs "
+                                         f"{while_down['up']['p50_ms']} ms"))
         if "one_down" in m:
             down = m["one_down"]
             n = down["of"]
@@ -293,6 +389,16 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
             out.append(Verdict(f"one of {n} shards down, other shards' writes failing",
                                down["others_failed"], 0, "writes"))
     return out
+
+
+def paired_ratio(mode: dict[str, Any], reference: dict[str, Any]) -> float:
+    """The median of each round's sidecar CPU per write of ``mode`` over ``reference``'s
+    run beside it (both with ``runs``), or the ratio of their medians. Pure."""
+    pairs = list(zip(mode.get("runs", []), reference.get("runs", []), strict=False))
+    if not pairs:
+        return round(mode["sidecar_cpu_us_per_write"]
+                     / reference["sidecar_cpu_us_per_write"], 3)
+    return round(statistics.median(a / b for a, b in pairs), 3)
 
 
 def _median_mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -318,7 +424,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--writes", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     quick = quick_requested(args.quick)
     writes = 1200 if quick else args.writes
@@ -339,12 +445,14 @@ def main() -> int:
               + (f"  online to K={mode['reshard']['to']}: {mode['reshard']['moved']} moved "
                  f"in {mode['reshard']['seconds']} s, {mode['reshard']['failed_during']} "
                  f"failed, {mode['reshard']['lost']} lost" if "reshard" in mode else "")
+              + (f"  others while one is down: {mode['others_while_down']['rate_ratio']}x "
+                 f"the writes/s, {mode['others_while_down']['p99_ratio']}x the p99"
+                 if "others_while_down" in mode else "")
               + (f"  one down: failed {mode['one_down']['failed_fraction']}, others "
                  f"{mode['one_down']['others_failed']}" if "one_down" in mode else ""))
     a, b = curve(modes)
     base = next(m for m in modes if (m["shards"], m["writers"]) == (0, WRITERS))
-    one_load = {f"K={m['shards']}": round(m["sidecar_cpu_us_per_write"]
-                                          / base["sidecar_cpu_us_per_write"], 3)
+    one_load = {f"K={m['shards']}": paired_ratio(m, base)
                 for m in modes if m["shards"] and m["writers"] == WRITERS}
     print(f"\n  unsharded curve: {a:.1f} us per write + {b:.0f} us per transaction / batch")
     print(f"  at one sidecar load ({WRITERS} writers), sidecar CPU per write / unsharded: "

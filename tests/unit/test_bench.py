@@ -343,7 +343,12 @@ def test_shard_verdicts_compare_like_with_like() -> None:
                "reshard": {"moved_fraction": 0.33, "moved": 33, "sessions": 100,
                            "seconds": 1.5, "failed_during": 0, "lost": 0,
                            "writes_during": 100},
-               "one_down": {"of": 3, "failed_fraction": 0.33, "others_failed": 0}}]
+               "one_down": {"of": 3, "failed_fraction": 0.33, "others_failed": 0},
+               "others_while_down": {"of": 3, "rate_ratio": 1.2, "p99_ratio": 0.8,
+                                     "up": {"writes_per_s": 3000.0, "p50_ms": 6.0,
+                                            "p99_ms": 12.0},
+                                     "down": {"writes_per_s": 3600.0, "p50_ms": 5.0,
+                                              "p99_ms": 9.6}}}]
     a, b = statesync_shards.curve(modes)
     assert abs(a - 30.0) < 1.0 and abs(b - 640.0) < 10.0, (a, b)
     found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes,
@@ -353,6 +358,7 @@ def test_shard_verdicts_compare_like_with_like() -> None:
     # unsharded: no verdict misses. A write dearer than its batch explains does.
     extras[0]["one_down"] = {"of": 3, "failed_fraction": 0.2, "others_failed": 4}
     extras[0]["reshard"]["lost"] = 1
+    extras[0]["others_while_down"].update(rate_ratio=0.6, p99_ratio=2.0)
     modes[6]["sidecar_cpu_us_per_write"] = 90.0
     modes[4]["sidecar_cpu_us_per_write"] = 80.0
     found = {v.name: v.met for v in statesync_shards.verdicts({"modes": modes,
@@ -362,5 +368,7 @@ def test_shard_verdicts_compare_like_with_like() -> None:
         "K=1, 32 writers: sidecar CPU per write / unsharded at its batch",
         "K=2, 64 writers: sidecar CPU per write / unsharded at its batch",
         "K=2 -> 3 online: writes failed or lost",
+        "one of 3 shards down: the others' writes/s / all up",
+        "one of 3 shards down: the others' p99 latency / all up",
         "one of 3 shards down, failing writes off 1/3 by",
         "one of 3 shards down, other shards' writes failing"], found
