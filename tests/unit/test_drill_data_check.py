@@ -10,6 +10,7 @@ The real thing (a drill over a WAN with traffic on both sites) is
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -61,13 +62,23 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         return Sidecar(url=url, cluster="orders", member="w1", site="west", ready=True,
                        revision=APPLIED)
 
+    _patch(monkeypatch, identity, lambda client, revision: _as_of(revision), answers)
+    return answers
+
+
+def _patch(monkeypatch: pytest.MonkeyPatch, identity: Any,
+           as_of: Callable[[Any, int], dict[str, tuple[int, bytes]]],
+           answers: dict[str, Any]) -> None:
+    """The check's reads replaced: the sidecar's status by ``identity``, etcd by
+    ``as_of(client, revision)``, the sidecar's bulk reads by ``answers``."""
+
     async def committed(client: Any, keys: Any, cluster: str,
                         revision: int = 0) -> dict[str, tuple[int, bytes]]:
-        return _as_of(revision)
+        return as_of(client, revision)
 
     async def at(client: Any, keys: Any, cluster: str, session: str,
                  revision: int) -> tuple[int, bytes] | None:
-        return _as_of(revision).get(session)
+        return as_of(client, revision).get(session)
 
     async def read(api: Any, ids: list[str]) -> dict[str, Any]:
         return {i: answers[i] for i in ids}
@@ -76,7 +87,6 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(consistency, "committed", committed)
     monkeypatch.setattr(consistency, "_at", at)
     monkeypatch.setattr(consistency, "_read", read)
-    return answers
 
 
 async def check(baseline: dict[str, int] | None = None) -> dict[str, Any]:
@@ -173,21 +183,7 @@ def sharded_fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         return Sidecar(url=url, cluster="orders", member="w1", site="west", ready=True,
                        revision=7, shard_map=state["served"], shards=dict(SHARD_APPLIED))
 
-    async def committed(client: Any, keys: Any, cluster: str,
-                        revision: int = 0) -> dict[str, tuple[int, bytes]]:
-        return _shard_as_of(client, revision)
-
-    async def at(client: Any, keys: Any, cluster: str, session: str,
-                 revision: int) -> tuple[int, bytes] | None:
-        return _shard_as_of(client, revision).get(session)
-
-    async def read(api: Any, ids: list[str]) -> dict[str, Any]:
-        return {i: answers[i] for i in ids}
-
-    monkeypatch.setattr(consistency, "sidecar_identity", identity)
-    monkeypatch.setattr(consistency, "committed", committed)
-    monkeypatch.setattr(consistency, "_at", at)
-    monkeypatch.setattr(consistency, "_read", read)
+    _patch(monkeypatch, identity, _shard_as_of, answers)
     return state
 
 
