@@ -53,11 +53,11 @@ class Rewound(Unavailable):
         self.applied, self.now, self.cluster = applied, now, cluster
 
 
-
 QUIET_PROBE = 1.0
 """Seconds a session watch may bring nothing before etcd is asked whether it answers."""
 PROBE_TIMEOUT = 2.0
 """How long that question may take before the watch's etcd counts as not answering."""
+
 
 class SessionCache:
     """Sessions under ``prefix`` by id; ``applied`` is the last revision fully applied."""
@@ -87,8 +87,6 @@ class SessionCache:
         self.down_since: float | None = None
         """``time.monotonic()`` since when the watch fails to reach etcd, or a quiet
         watch's etcd does not answer (None: it reads and follows, or has not failed)."""
-        self._heard = 0.0
-        """``time.monotonic()`` of the watch's last response (or answered probe)."""
         self.full_syncs = 0
         self.watch_starts = 0
         self.last_full_sync: float | None = None
@@ -260,12 +258,10 @@ class SessionCache:
                 raise Rewound(self.applied, now, (self.cluster_id, cluster_id))
             log.info("session watch resumed from revision %d", start)
         apply = self._apply
-        self._heard = time.monotonic()
         prober = asyncio.get_running_loop().create_task(self._probe_while_quiet())
         try:
             async for response in etcd.watch_responses(self._client, self._prefix,
                                                        _prefix_end(self._prefix), start):
-                self._heard = time.monotonic()
                 self.down_since = None  # etcd answers this watch
                 for event in response.events:
                     apply(event)
@@ -274,18 +270,21 @@ class SessionCache:
         raise ConnectionError("session watch ended")
 
     async def _probe_while_quiet(self) -> None:
-        """While the watch brings nothing for :data:`QUIET_PROBE` seconds, ask etcd
+        """While the watch applies nothing for :data:`QUIET_PROBE` seconds, ask etcd
         whether it answers (one key, linearizable). A member that went silent (a paused
         or hung process, a partition whose packets the kernel still acknowledges) ends
         no stream: gRPC's keepalive does not notice it on one endpoint, and without
         this the shard would count as reachable while every request to it waits for
-        its deadline."""
+        its deadline. Nothing on the watch's own path: a tick that finds ``applied``
+        moved asks nothing."""
         request = rpc.RangeRequest(key=self._prefix, keys_only=True, limit=1)
+        seen = self.applied
         while True:
             await asyncio.sleep(QUIET_PROBE)
-            asked = time.monotonic()
-            if asked - self._heard < QUIET_PROBE:
+            if self.applied != seen:
+                seen = self.applied
                 continue
+            asked = time.monotonic()
             try:
                 await self._client.kvstub.Range(request, timeout=PROBE_TIMEOUT,
                                                 metadata=self._client.metadata)
@@ -299,7 +298,6 @@ class SessionCache:
                 if self.down_since is not None:
                     log.info("session watch: etcd answers again")
                 self.down_since = None
-                self._heard = time.monotonic()
 
     def replaced_revision(self, revision: int) -> bool:
         """Whether ``revision`` was handed out from a history etcd no longer has: an

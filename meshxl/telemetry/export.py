@@ -15,6 +15,7 @@ endpoints without a scheme, ``INSECURE``.
 
 from __future__ import annotations
 
+import abc
 import gzip
 import logging
 import os
@@ -94,7 +95,7 @@ class ExportSettings:
                    insecure=None if insecure is None else insecure.lower() == "true")
 
 
-class _RetryingExporter(SpanExporter):
+class _RetryingExporter(SpanExporter, abc.ABC):
     """Encode once, send with bounded retries on transient failures (with jittered
     exponential backoff, all within ``timeout``); the batch processor calls ``export``
     from its own thread."""
@@ -103,9 +104,9 @@ class _RetryingExporter(SpanExporter):
         self.settings = settings
         self._stopped = threading.Event()
 
+    @abc.abstractmethod
     def _send(self, body: bytes, timeout: float) -> bool | None:
         """True: sent; False: failed for good; None: transient, try again."""
-        raise NotImplementedError
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._stopped.is_set():

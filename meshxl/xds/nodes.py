@@ -8,6 +8,7 @@ to when the current one is quarantined), and the two interfaces that tie a strea
 
 from __future__ import annotations
 
+import abc
 import time
 from collections import deque
 from collections.abc import Hashable, Iterator
@@ -209,7 +210,7 @@ class Stream(Protocol):
 
 
 
-class StreamState:
+class StreamState(abc.ABC):
     """What every protocol's per-stream state starts with (the :class:`Stream` fields)."""
 
     protocol = ""
@@ -248,9 +249,9 @@ class StreamState:
             if response is not None:
                 yield response
 
+    @abc.abstractmethod
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """One type's response (None: nothing to send); each protocol defines it."""
-        raise NotImplementedError
 
 
 class Streams(Protocol):

@@ -162,6 +162,22 @@ def test_shard_map_round_trip() -> None:
     assert json.loads(shards.encode())["version"] == 3
 
 
+async def _written_over_two_shards(
+        etcd: EtcdServer, etcd_client: aetcd.Client, start_sidecar: Any, s1: str, s2: str,
+        count: int) -> tuple[SidecarProcess, list[str], list[str]]:
+    """A map of shards s1 and s2 at those URLs, a sidecar on it, and ``count`` sessions
+    of each shard written ({"n": 1}): the sidecar and the sessions of s1 and of s2."""
+    shards = parse_shard_map({"version": 1, "shards": [
+        {"name": "s1", "etcd": s1}, {"name": "s2", "etcd": s2}]})
+    await etcd_client.put(KEYS.shards.encode(), shards.encode())
+    sidecar: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
+                                                  app_port=free_port())
+    in_one, in_two = ids_in(shards, "s1", count), ids_in(shards, "s2", count)
+    for session in in_one + in_two:
+        assert (await sidecar.put(session, {"n": 1})).status == 201
+    return sidecar, in_one, in_two
+
+
 async def test_a_partitioned_shard_costs_only_its_sessions(
         harness: Any, etcd: EtcdServer, etcd_client: aetcd.Client,
         start_sidecar: Any) -> None:
@@ -180,14 +196,8 @@ async def test_a_partitioned_shard_costs_only_its_sessions(
         name="shard-2", data_dir=harness.root / "shard-2", client_url=client_url,
         peer_url=peer_url)))
     await wait_http(f"{client_url}/health", process=process, timeout=20)
-    shards = parse_shard_map({"version": 1, "shards": [
-        {"name": "s1", "etcd": one.url}, {"name": "s2", "etcd": client_url}]})
-    await etcd_client.put(KEYS.shards.encode(), shards.encode())
-    sidecar: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
-                                                  app_port=free_port())
-    in_one, in_two = ids_in(shards, "s1", 3), ids_in(shards, "s2", 3)
-    for session in in_one + in_two:
-        assert (await sidecar.put(session, {"n": 1})).status == 201
+    sidecar, in_one, in_two = await _written_over_two_shards(
+        etcd, etcd_client, start_sidecar, one.url, client_url, 3)
 
     await net.isolate(0, driver=True)
     await wait_until(lambda: _shard_down(sidecar, "s2"), timeout=20,
@@ -218,14 +228,8 @@ async def test_a_silent_shard_is_seen_and_costs_only_its_sessions(
     instead of holding each for its deadline, and s1's writes go on; resumed, s2 is
     reachable and written again with its state."""
     one, two = await start_etcd(harness, "shard-1"), await start_etcd(harness, "shard-2")
-    shards = parse_shard_map({"version": 1, "shards": [
-        {"name": "s1", "etcd": one.url}, {"name": "s2", "etcd": two.url}]})
-    await etcd_client.put(KEYS.shards.encode(), shards.encode())
-    sidecar: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
-                                                  app_port=free_port())
-    in_one, in_two = ids_in(shards, "s1", 2), ids_in(shards, "s2", 2)
-    for session in in_one + in_two:
-        assert (await sidecar.put(session, {"n": 1})).status == 201
+    sidecar, in_one, in_two = await _written_over_two_shards(
+        etcd, etcd_client, start_sidecar, one.url, two.url, 2)
     pid = two.process.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)

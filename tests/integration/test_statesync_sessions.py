@@ -72,7 +72,7 @@ async def test_a_write_after_sync_delay_replicates_the_session_and_nothing_stays
     assert first.source == "local" and first.new_session and first.etag == "L1"
     await _due(first)
     second = await put(sessions, "s", b'{"v":2}')
-    # Replicated, as the session that existed here: 200, created when it was created.
+    # Now in etcd, as the session that was kept locally: 200, created when it was created.
     assert second.source == "etcd" and second.etag.isdigit()
     assert not second.new_session and second.record.created == first.record.created
     assert sessions.local_sessions == 0
