@@ -54,7 +54,7 @@ if TYPE_CHECKING:
         parse_urls,
         read_secret_file,
     )
-    from meshxl.etcd.watch import watch_responses
+    from meshxl.etcd.watch import cancel_watch, watch_responses
 
 _HOMES = {
     "auth": ("EtcdAuthError",),
@@ -66,7 +66,7 @@ _HOMES = {
     "connect": ("EtcdEndpointError", "EtcdSecurity", "EtcdSecurityError", "check_credentials",
                 "check_settings", "client", "describe_error", "parse_urls",
                 "read_secret_file"),
-    "watch": ("watch_responses",),
+    "watch": ("cancel_watch", "watch_responses"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
@@ -75,8 +75,8 @@ __all__ = [
     "PROBE_TIMEOUT", "SLOW_ATTEMPT", "TROUBLE_HOLD", "UNKNOWN", "UP", "BalancedClient",
     "Balancer", "Endpoint", "EtcdAuthError", "EtcdEndpointError", "EtcdSecurity",
     "EtcdSecurityError", "EtcdUnavailable", "MemberChanged", "balancer_of", "check_credentials",
-    "check_settings", "client", "describe_error", "parse_urls", "read_secret_file", "retryable",
-    "watch_responses",
+    "cancel_watch", "check_settings", "client", "describe_error", "parse_urls",
+    "read_secret_file", "retryable", "watch_responses",
 ]
 
 

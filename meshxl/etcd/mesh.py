@@ -11,7 +11,6 @@ sidecar reads its own member's role from it; operator commands read it once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import Any
 import aetcd
 
 from meshxl.etcd.keys import ADMIN, MEMBERS, Keys
+from meshxl.etcd.watch import cancel_watch
 from meshxl.model import (
     AdminAction,
     ModelError,
@@ -120,11 +120,7 @@ class EtcdMeshSource:
                 self.revision = max(self.revision, event.kv.mod_revision)
                 self._rebuild()
         finally:
-            # A watch whose stream is going may fail to cancel: that failure must not
-            # take the place of a cancellation in flight (stopping waits for this
-            # task), nor of the watch's own error.
-            with contextlib.suppress(Exception):
-                await watch.cancel()
+            await cancel_watch(watch)
         raise ConnectionError("etcd watch ended")
 
     def _rebuild(self) -> None:

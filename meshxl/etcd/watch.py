@@ -18,7 +18,21 @@ from aetcd import rpc
 from meshxl.etcd.auth import watch_refused
 from meshxl.etcd.balancer import DOWN, UP, Balancer, Endpoint, balancer_of
 
-__all__ = ["member_events", "watch_responses"]
+__all__ = ["CANCEL_TIMEOUT", "cancel_watch", "member_events", "watch_responses"]
+
+CANCEL_TIMEOUT = 1.0
+"""Seconds a watch's cancel may take when its owner lets it go."""
+
+
+async def cancel_watch(watch: Any) -> None:
+    """Cancel aetcd's ``watch`` when its owner ends (stopping, or resuming elsewhere),
+    within :data:`CANCEL_TIMEOUT`, raising nothing: a watch whose stream is going may
+    fail to cancel, or wait for an answer that never comes (aetcd's cancel awaits
+    etcd's reply on that stream), and neither may take the place of a cancellation in
+    flight, nor of the watch's own error, nor hold up the owner's stop."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            await watch.cancel()
 
 
 async def member_events(balancer: Balancer, ep: Endpoint, inner: Any) -> AsyncIterator[Any]:

@@ -13,7 +13,6 @@ seconds to end), so recent takeovers are kept until their failover appears.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from meshxl import etcd
 from meshxl.telemetry import names
 
 from .record import valid_traceparent
@@ -184,11 +184,7 @@ async def follow_failovers(client: aetcd.Client, prefix: str, tracer: TakeoverTr
                     if event.kind == "PUT":
                         _offer(tracer, event.kv.value)
             finally:
-                # A watch whose stream is going may fail to cancel: that failure must
-                # not take the place of a cancellation in flight (the sidecar stopping
-                # waits for this task), nor of the watch's own error.
-                with contextlib.suppress(Exception):
-                    await watch.cancel()
+                await etcd.cancel_watch(watch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # tracing must never disturb the sidecar
