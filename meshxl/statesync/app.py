@@ -79,10 +79,7 @@ reference counts anyway; at 10,000 it seldom runs (``bench/statesync_gc.py``, fi
 docs/performance.md)."""
 
 
-STOP_GRACE = 5.0
-"""Seconds :meth:`Sidecar.stop` waits for its tasks to end once cancelled: a task that
-does not end (a library wait that outlives its cancellation) is named in the log and
-left, and the stop goes on to close the stores, the clients and the registration."""
+STOP_GRACE = 5.0  # seconds a stop waits for its cancelled tasks (the rest: logged, left)
 SHARD_GRACE = 10.0
 """Seconds a starting member waits for a session shard that does not answer before it
 turns ready without it (docs/scaling.md, "Readiness with shards")."""
@@ -185,14 +182,11 @@ class Sidecar:
         tasks = {*self._tasks, *(self._watches or {}).values()}
         for task in tasks:
             task.cancel()
-        if tasks:
-            done, hung = await asyncio.wait(tasks, timeout=STOP_GRACE)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()  # retrieved: a task's failure is no stop's failure
-            for task in hung:
-                log.warning("stopping: task %s did not end within %.0f s of its cancel; "
-                            "left behind", task.get_name(), STOP_GRACE)
+        done, hung = await asyncio.wait(tasks, timeout=STOP_GRACE) if tasks else ((), ())
+        for task in done:  # a task's failure is no stop's failure: retrieved, dropped
+            _ = task.cancelled() or task.exception()
+        for task in hung:
+            log.warning("stopping: task %s outlived its cancel", task.get_name())
         for part in self.parts:
             await part.store.close()
             if part.client is not self.client:
