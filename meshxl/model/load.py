@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from meshxl.bounded import check_depth, measure
 from meshxl.errors import InputError
 
+from .listeners import check_listeners
 from .protocols import check_protocols
 from .runtime import RuntimeState
 from .spec import DEFAULT_SITE, ClusterSpec, ModelSpec
@@ -178,6 +179,7 @@ def check_model(spec: ModelSpec) -> Iterator[Problem]:
                                   f"{cluster.listener.address}:{cluster.listener.port}")
                 routes.setdefault(key, cluster.name)
     yield from (Problem(*found) for found in check_protocols(spec.clusters))
+    yield from (Problem(*found) for found in check_listeners(spec.clusters))
 
 
 def _duplicates(path: str, names: list[str], what: str) -> Iterator[Problem]:
