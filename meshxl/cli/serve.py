@@ -173,9 +173,9 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
 @click.option("--max-connections", type=click.IntRange(16, 1_000_000),
               envvar="MESHXL_STATESYNC_MAX_CONNECTIONS",
-              help="Client connections of the API at most; at the cap the longest idle "
-                   "(or slowest head) is closed for a new one (default: 4096, or the "
-                   "open-file limit less 128).")
+              help="Client connections of the API at most; at the cap the one stuck "
+                   "longest in a slow head or body (else the longest idle) is closed for "
+                   "a new one (default: 4096, or the open-file limit less 128).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,

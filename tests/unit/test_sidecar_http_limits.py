@@ -2,8 +2,9 @@
 each limit hit is counted (the ``on_limit`` hook: a metric) and logged: a head has its
 time from its first byte whatever came before it on the connection, a client that does
 not read its answers is cut off, and the connection cap makes room by closing the
-connection that waits longest for a head, so a flood of idle or slow connections cannot
-keep the probes and the application out. HTTP conformance at the edges of RFC 9112
+connection stuck longest in an incomplete request (a slow head or a slow body), else the
+longest idle, so a flood of idle or slow connections cannot keep the probes and the
+application out. HTTP conformance at the edges of RFC 9112
 (versions, HTTP/1.0 with a transfer coding, HEAD) is here too."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import json
 
 import pytest
 
+from meshxl.local.wait import wait_until
 from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
+from meshxl.statesync.http import site as srv_site
 from tests.unit.test_sidecar_http import _router, exchange, run, serving
 from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
@@ -117,6 +120,48 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(loop: str) -> None:
             assert hits == ["connections", "connections"]
             assert len(server.connections) <= 16
             for _, w in idle:
+                w.close()
+
+    run(loop, main)
+
+
+def test_at_the_cap_full_of_slow_bodies_the_longest_stuck_makes_room(loop: str) -> None:
+    """Slow bodies (a head, then a trickle of the body it announced) fill the cap: a probe
+    is still answered at once, the connection stuck longest in its request closed for
+    it, and the other slow bodies keep their place."""
+    async def main() -> None:
+        hits: list[str] = []
+        async with serving(_router(), max_connections=16, on_limit=hits.append) as (
+                server, port):
+            slow = []
+            for i in range(16):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(b"PUT /v1/sessions/s%d HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 1000\r\n\r\n" % i + b"x" * 10)
+                await w.drain()
+                slow.append((r, w))
+                await wait_until(lambda n=i + 1: len(server.connections) == n and all(
+                    c.state == srv_site.BODY for c in server.connections),
+                    timeout=5.0, interval=0.01, what=f"{i + 1} slow bodies")
+            # The oldest slow body keeps trickling: it has been stuck longest all the same.
+            slow[0][1].write(b"x" * 10)
+            await slow[0][1].drain()
+            loop_time = asyncio.get_running_loop().time
+            started = loop_time()
+            answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                          b"Connection: close\r\n\r\n", timeout=5.0)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            assert loop_time() - started < 2.0  # not the body timeout (30 s)
+            assert await _closed(slow[0][0], within=2.0) == b""
+            assert hits == ["connections"]
+            # The others are still there, and one completing its body is answered.
+            for r, _ in slow[1:]:
+                assert not r.at_eof()
+            r, w = slow[1]
+            w.write(b"y" * 990)
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            for _, w in slow:
                 w.close()
 
     run(loop, main)

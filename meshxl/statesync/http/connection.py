@@ -146,6 +146,8 @@ class Connection(asyncio.Protocol):
         self.write_deadline = 0.0
         """When a client that does not read its answers has had its time."""
         self.state = IDLE
+        self.started = 0.0
+        """When the request being read began (its first byte)."""
         # The message being parsed.
         self._url: list[bytes] = []
         self._url_size = 0
@@ -231,7 +233,8 @@ class Connection(asyncio.Protocol):
         self.state = HEAD
         # A head has header_timeout from its first byte, whatever came before it on the
         # connection (a request under way, an answer not yet sent).
-        self.deadline = self.loop.time() + self.site.header_timeout
+        self.started = self.loop.time()
+        self.deadline = self.started + self.site.header_timeout
         self._url = []
         self._url_size = 0
         self._headers = {}

@@ -44,6 +44,7 @@ class Member(Protocol):
     """A connection as the site sees it."""
 
     state: int
+    started: float
     deadline: float
     write_deadline: float
     slots: deque[Any]
@@ -99,19 +100,21 @@ class Site:
             self._logged[limit] = (now, self.hits[limit])
 
     def make_room(self) -> bool:
-        """At the connection cap: close the connection that waits longest for a head
-        (a slow one first, else the longest idle) to admit a new one; False when every
-        connection has requests under way (the new one is refused)."""
-        victim = None
+        """At the connection cap: close the connection stuck longest in an incomplete
+        request (a head or a body still arriving, nothing answered yet on it), else the
+        longest idle one, to admit a new one; False when every connection has requests
+        under way (the new one is refused). So slow heads and slow bodies cannot keep a
+        probe or the application out: the oldest of them gives way."""
+        stuck = idle = None
         for conn in self.connections:  # oldest first
-            if conn.slots or conn.queue or conn.state not in (IDLE, HEAD) \
-                    or conn.transport is None:
+            if conn.slots or conn.queue or conn.transport is None:
                 continue
-            if conn.state == HEAD:
-                victim = conn
-                break
-            if victim is None or conn.deadline < victim.deadline:
-                victim = conn
+            if conn.state in (HEAD, BODY):
+                if stuck is None or conn.started < stuck.started:
+                    stuck = conn
+            elif conn.state == IDLE and (idle is None or conn.deadline < idle.deadline):
+                idle = conn
+        victim = stuck or idle
         self.hit("connections")
         if victim is None:
             return False
