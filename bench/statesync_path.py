@@ -124,6 +124,9 @@ class _Transport:
     def is_closing(self) -> bool:
         return False
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # a client that reads everything at once
+
     def pause_reading(self) -> None:
         pass
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -18,6 +19,7 @@ from meshxl.local.wait import wait_until
 from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
 from meshxl.statesync.http import site as srv_site
+from meshxl.statesync.http.connection import MAX_PIPELINED
 from tests.unit.test_sidecar_http import _router, exchange, run, serving
 from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
@@ -87,6 +89,60 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off(loop: str) -> None:
             await asyncio.sleep(3.5)  # the write timeout, and the sweep once a second
             assert not server.connections
             assert "write_timeout" in hits
+            writer.close()
+
+    run(loop, main)
+
+
+def test_answers_unsent_are_bounded_by_the_budget_not_by_the_requests(loop: str) -> None:
+    """A client pipelines GETs of many sessions, each answered with 512 KiB, and reads
+    nothing: the server writes about one budget of answers into the transport, holds
+    the rest unwritten (they are the stored sessions, not copies), stops taking requests
+    up and stops reading; once the client reads, every answer comes, in order."""
+    body = b"s" * (512 * 1024)
+    count = 96
+
+    async def main() -> None:
+        r = _router()
+
+        async def session(request: Request) -> Response:
+            await asyncio.sleep(0)
+            return Response(200, body, [("X-Session", request.params["session_id"])])
+
+        r.add("GET", "/shared/{session_id}", session, access=srv.READ, key="session_id")
+        async with serving(r) as (server, port):
+            budget = 1 << 20  # the default answer budget, checked below
+            reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                           limit=1 << 20)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
+                                                       socket.SO_RCVBUF, 16 * 1024)
+            writer.write(b"".join(b"GET /shared/s%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                                  for i in range(count)))
+            await writer.drain()
+            await wait_until(lambda: server.connections, timeout=5.0, what="connected")
+            (conn,) = server.connections
+
+            def settled() -> bool:
+                """Nothing running, and either reading paused with requests waiting or
+                more than twice the budget in the transport (then the test fails)."""
+                return not conn.active and (conn.paused_reading and bool(conn.queue) or
+                                            conn.transport.get_write_buffer_size() > 2 * budget)
+
+            await wait_until(settled, timeout=5.0, what="answers held back, or sent")
+            buffered = conn.transport.get_write_buffer_size()
+            assert buffered <= budget + len(body) + 4096, buffered
+            assert len(conn.slots) <= MAX_PIPELINED and conn.queue and conn.paused_reading
+            # Answered but not sent: held as they are (the route's one body object).
+            assert all(slot.response.body is body for slot in conn.slots if slot.response)
+
+            heads = []
+            for _ in range(count):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                await reader.readexactly(len(body))
+                heads.append(head)
+            assert [h.split(b"X-Session: ")[1].split(b"\r\n")[0] for h in heads] == [
+                b"s%d" % i for i in range(count)]
+            assert server.site.answer_budget == budget
             writer.close()
 
     run(loop, main)

@@ -13,9 +13,11 @@ JSON API on loopback, so it does what that needs and refuses the rest clearly:
 
 * HTTP/1.1 and 1.0; keep-alive (HTTP/1.1's default); pipelined requests answered in
   order (reading pauses while :data:`.connection.MAX_QUEUED` wait, or
-  :data:`.connection.MAX_PIPELINED` are taken up). A request starts as soon as none of
-  those before it on its connection that still run conflicts with it
-  (:attr:`.routing.Route.access`): writes run beside writes
+  :data:`.connection.MAX_PIPELINED` are taken up, or the answers not yet sent reach the
+  connection's answer budget, :data:`.site.ANSWER_BUDGET`: then nothing more is taken
+  up either, and answers wait as they are, until the client reads). A request starts
+  as soon as none of those before it on its connection that still run conflicts with
+  it (:attr:`.routing.Route.access`): writes run beside writes
   (the session layer orders a session's writes by its lock, taken in the order they
   came), a read waits for the requests before it that touch its session, a write for
   the reads before it that do, and an ``alone`` request for everything. A route with a

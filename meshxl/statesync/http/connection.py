@@ -12,16 +12,11 @@ from collections import deque
 
 import httptools
 
-from meshxl.errors import MeshxlError, detached
 from meshxl.headers import lower_name
-from meshxl.httpbase import (
-    MAX_FIELD_SIZE,
-    MAX_HEADERS,
-    error_answer,
-)
+from meshxl.httpbase import MAX_FIELD_SIZE, MAX_HEADERS
 
-from .messages import JSON, Refused, Response, encode_head, error, json_response
-from .routing import IGNORED_BODY, WRITE, Request, must_wait
+from .messages import JSON, Response, encode_head, error
+from .routing import IGNORED_BODY, WRITE, Request, failure, framing_refusal, handled, must_wait
 from .site import BODY, DONE, HEAD, IDLE, Site
 
 log = logging.getLogger("meshxl.statesync.http")
@@ -31,8 +26,8 @@ __all__ = ["DISCARD_LIMIT", "LINGER", "MAX_PIPELINED", "MAX_QUEUED", "Connection
 MAX_QUEUED = 8
 """Pipelined requests waiting (not taken up) on one connection before it stops reading."""
 MAX_PIPELINED = 64
-"""Pipelined requests taken up and not answered on one connection before it stops
-reading."""
+"""Pipelined requests taken up and not sent on one connection at most: past it, none is
+taken up and the connection stops reading."""
 DISCARD_LIMIT = 16 * 1024 * 1024
 """Bytes of a refused body read and dropped before the connection is closed instead."""
 LINGER = 2.0
@@ -45,58 +40,6 @@ class _Stop(Exception):
     def __init__(self, response: Response):
         super().__init__(response.status)
         self.response = response
-
-
-async def _answer(request: Request) -> Response:
-    """The route handler's answer, its errors mapped to JSON answers."""
-    assert request.route is not None
-    try:
-        return await request.route.handler(request)
-    except Exception as exc:
-        return _failure(request, exc)
-
-
-def _check_framing(request: Request) -> None:
-    """What llhttp lets through and RFC 9112 refuses, so that no request is read one way
-    here and another by a proxy in front: a request without its Host (HTTP/1.1) or with
-    two (section 3.2), and a transfer coding other than chunked alone (6.1: chunked not
-    last is a 400; a coding before it, which this server does not decode, a 501).
-    Raises :class:`_Stop`: answered, then the connection closes."""
-    headers = request.headers
-    if request.version not in ("1.1", "1.0"):
-        raise _Stop(error(505, f"HTTP/{request.version[:8]} is not supported: this server "
-                               "speaks HTTP/1.1 and HTTP/1.0"))
-    host = headers.get("host")
-    if host is None:
-        if request.version == "1.1":
-            raise _Stop(error(400, "an HTTP/1.1 request needs a Host header"))
-    elif ", " in host:  # fields joined: a Host value holds no space
-        raise _Stop(error(400, "more than one Host header"))
-    coding = headers.get("transfer-encoding")
-    if coding is not None:
-        if request.version == "1.0":  # RFC 9112 section 6.1: the framing is faulty
-            raise _Stop(error(400, "Transfer-Encoding in an HTTP/1.0 request: the body's "
-                                   "length cannot be trusted"))
-        codings = [c.strip().lower() for c in coding.split(",")]
-        if codings[-1] != "chunked":
-            raise _Stop(error(400, f"Transfer-Encoding {coding[:60]!r} does not end with "
-                                   "chunked: the body's length cannot be told"))
-        if len(codings) > 1:
-            raise _Stop(error(501, f"Transfer-Encoding {coding[:60]!r}: only chunked is "
-                                   "supported"))
-
-
-def _failure(request: Request, exc: Exception) -> Response:
-    """The JSON answer to a handler's error (logged with its traceback if unexpected)."""
-    try:
-        if isinstance(exc, Refused):
-            return error(exc.status, str(exc), exc.headers, **exc.details)
-        if not isinstance(exc, MeshxlError):
-            log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
-        status, body = error_answer(exc, request.path)
-        return json_response(body, status)
-    finally:  # answered: the frames it passed through (and their data) go now
-        detached(exc)
 
 
 _HEAD_ONLY = {"HEAD": "GET"}
@@ -132,6 +75,8 @@ class Connection(asyncio.Protocol):
         """Requests whose handlers run."""
         self.others = 0
         """Of them, those that are not writes (a write never waits for a write)."""
+        self.held = 0
+        """Bytes of the answers ready and not written yet (their bodies, as they are)."""
         self.flush_soon = False
         self.paused_reading = False
         self.paused_writing = False
@@ -283,7 +228,9 @@ class Connection(asyncio.Protocol):
         headers = self._headers
         if request.version != "1.1" or "host" not in headers \
                 or "transfer-encoding" in headers or ", " in headers["host"]:
-            _check_framing(request)
+            refusal = framing_refusal(request)
+            if refusal is not None:
+                raise _Stop(refusal)
         expects = headers.get("expect", "").lower() == "100-continue"
         request.refusal = self._admit(request)
         if request.refusal is not None:
@@ -373,17 +320,54 @@ class Connection(asyncio.Protocol):
 
     def _next(self) -> None:
         """Take up queued requests in order, each as soon as none of those still running
-        conflicts with it (the module docstring, :attr:`Route.access`)."""
+        conflicts with it (the module docstring, :attr:`Route.access`), while fewer than
+        :data:`MAX_PIPELINED` are under way and less than the answer budget is unsent;
+        send the answers ready, and read on or not."""
         queue, slots = self.queue, self.slots
-        while queue and not self.paused_writing:
+        budget = self.site.answer_budget
+        while True:
+            self._take_up(budget)
+            if not slots or slots[0].response is None or self.flush_soon:
+                break
+            self._flush()  # what it sent makes room: take up more, if any waits
+            if not queue or self.paused_writing or len(slots) >= MAX_PIPELINED \
+                    or self._unsent() >= budget:
+                break
+        transport = self.transport
+        if transport is None:
+            return
+        unsent = self._unsent()
+        if not self.paused_reading:
+            if unsent >= budget:  # back-pressure: read on once answers drain
+                self.paused_reading = True
+                transport.pause_reading()
+        elif not self.closing and len(queue) < MAX_QUEUED // 2 \
+                and len(slots) < MAX_PIPELINED // 2 and unsent < budget // 2:
+            self.paused_reading = False
+            transport.resume_reading()
+        if not slots and not queue:
+            if self.closing:
+                self._close()
+            elif self.state == IDLE and not self.deadline:
+                self.deadline = self.loop.time() + self.site.header_timeout
+                self._head_bytes = 0
+
+    def _take_up(self, budget: int) -> None:
+        """Take up what may start now (:meth:`_next`'s bounds); the rest waits queued."""
+        queue, slots = self.queue, self.slots
+        if not queue or self.paused_writing or self._unsent() >= budget:
+            return  # (nothing below writes: neither changes in the loop)
+        while queue and len(slots) < MAX_PIPELINED:
             item = queue[0]
             if isinstance(item, Response):  # bytes that could not be parsed: the end
                 queue.popleft()
                 slots.append(_Slot(None, item))
+                self.held += len(item.body)
                 continue
             if item.refusal is not None:
                 queue.popleft()
                 slots.append(_Slot(item, item.refusal))
+                self.held += len(item.refusal.body)
                 continue
             assert item.route is not None
             write = item.route.access == WRITE
@@ -402,18 +386,6 @@ class Connection(asyncio.Protocol):
                     self.loop.create_task(self._handle_group(requests, group))
                     continue
             self.loop.create_task(self._handle(slot))
-        if slots and slots[0].response is not None and not self.flush_soon:
-            self._flush()
-        if self.paused_reading and not self.closing and self.transport \
-                and len(queue) < MAX_QUEUED // 2 and len(slots) < MAX_PIPELINED // 2:
-            self.paused_reading = False
-            self.transport.resume_reading()
-        if not slots and not queue:
-            if self.closing:
-                self._close()
-            elif self.state == IDLE and not self.deadline:
-                self.deadline = self.loop.time() + self.site.header_timeout
-                self._head_bytes = 0
 
     def _group(self, first: Request, slot: _Slot) -> tuple[list[Request], list[_Slot]]:
         """``first`` (taken up in ``slot``) and the requests queued right behind it that
@@ -422,7 +394,7 @@ class Connection(asyncio.Protocol):
         queue, slots, active = self.queue, self.slots, self.active
         requests, group = [first], [slot]
         sessions = {first.session}
-        while queue:
+        while queue and len(slots) < MAX_PIPELINED:
             item = queue[0]
             if not isinstance(item, Request) or item.refusal is not None \
                     or item.route is not first.route or item.session in sessions:
@@ -442,13 +414,14 @@ class Connection(asyncio.Protocol):
         request = slot.request
         assert request is not None and request.route is not None
         if self.site.wrap is not None:
-            response = await self.site.wrap(request, _answer)
-        else:  # the route's handler at once: _answer's work, a coroutine fewer per request
+            response = await self.site.wrap(request, handled)
+        else:  # the route's handler at once: handled's work, a coroutine fewer per request
             try:
                 response = await request.route.handler(request)
             except Exception as exc:
-                response = _failure(request, exc)
+                response = failure(request, exc)
         slot.response = response
+        self.held += len(response.body)
         self._answered(request)
 
     async def _handle_group(self, requests: list[Request], group: list[_Slot]) -> None:
@@ -464,7 +437,8 @@ class Connection(asyncio.Protocol):
                 return  # answered already
             request = requests[index]
             slot.response = outcome if isinstance(outcome, Response) \
-                else _failure(request, outcome)
+                else failure(request, outcome)
+            self.held += len(slot.response.body)
             self._answered(request)
 
         try:
@@ -498,23 +472,36 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self._next()
 
+    def _unsent(self) -> int:
+        """Bytes of answers not sent yet: ready here, or in the transport's buffer."""
+        transport = self.transport
+        return self.held + (transport.get_write_buffer_size() if transport else 0)
+
     def _flush(self) -> None:
-        """Write the answers ready at the head of the line, in one write."""
-        slots = self.slots
-        out = []
-        while slots and slots[0].response is not None:
-            slot = slots.popleft()
-            request = slot.request
-            last = self.closing and not slots and not self.queue
-            assert slot.response is not None
-            if request is None:
-                out.append(self._encode(slot.response, keep_alive=False))
-            else:
-                out.append(self._encode(slot.response, keep_alive=not last,
-                                        head_only=request.method == "HEAD",
-                                        http10=request.version == "1.0"))
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        """Write the answers ready at the head of the line, in one write each time, while
+        the transport holds less than the answer budget: the rest wait, as they are,
+        until it drains (``resume_writing``)."""
+        slots, budget = self.slots, self.site.answer_budget
+        while (transport := self.transport) is not None and slots \
+                and slots[0].response is not None:
+            buffered = transport.get_write_buffer_size()
+            out = []
+            while slots and slots[0].response is not None and buffered < budget:
+                slot = slots.popleft()
+                request, response = slot.request, slot.response
+                assert response is not None
+                last = self.closing and not slots and not self.queue
+                self.held -= len(response.body)
+                if request is None:
+                    out.append(self._encode(response, keep_alive=False))
+                else:
+                    out.append(self._encode(response, keep_alive=not last,
+                                            head_only=request.method == "HEAD",
+                                            http10=request.version == "1.0"))
+                buffered += len(out[-1])
+            if not out:
+                return  # the transport is full: it calls resume_writing once it drains
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _encode(self, response: Response, *, keep_alive: bool, head_only: bool = False,
                 http10: bool = False) -> bytes:

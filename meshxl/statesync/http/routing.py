@@ -4,14 +4,20 @@ connection (:attr:`Route.access`, :func:`must_wait`)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from .messages import Response
+from meshxl.errors import MeshxlError, detached
+from meshxl.httpbase import error_answer
+
+from .messages import Refused, Response, error, json_response
 
 __all__ = ["ALONE", "IGNORED_BODY", "READ", "WRITE", "Answer", "GroupHandler", "Handler",
-           "Request", "Route", "Router", "must_wait"]
+           "Request", "Route", "Router", "failure", "handled", "framing_refusal", "must_wait"]
+
+log = logging.getLogger("meshxl.statesync.http")
 
 IGNORED_BODY = 0
 """``max_body`` of a route that reads no body: whatever is sent is dropped."""
@@ -158,3 +164,56 @@ def must_wait(new: Request, running: Request) -> bool:
     if a.access == WRITE and b.access == WRITE:
         return False  # ordered by the sessions' locks
     return new.session is None or running.session is None or new.session == running.session
+
+
+def framing_refusal(request: Request) -> Response | None:
+    """What llhttp lets through and RFC 9112 refuses, so that no request is read one way
+    here and another by a proxy in front: a request without its Host (HTTP/1.1) or with
+    two (section 3.2), and a transfer coding other than chunked alone (6.1: chunked not
+    last is a 400; a coding before it, which this server does not decode, a 501). The
+    answer (then the connection closes), or None."""
+    headers = request.headers
+    if request.version not in ("1.1", "1.0"):
+        return error(505, f"HTTP/{request.version[:8]} is not supported: this server "
+                          "speaks HTTP/1.1 and HTTP/1.0")
+    host = headers.get("host")
+    if host is None:
+        if request.version == "1.1":
+            return error(400, "an HTTP/1.1 request needs a Host header")
+    elif ", " in host:  # fields joined: a Host value holds no space
+        return error(400, "more than one Host header")
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        if request.version == "1.0":  # RFC 9112 section 6.1: the framing is faulty
+            return error(400, "Transfer-Encoding in an HTTP/1.0 request: the body's "
+                              "length cannot be trusted")
+        codings = [c.strip().lower() for c in coding.split(",")]
+        if codings[-1] != "chunked":
+            return error(400, f"Transfer-Encoding {coding[:60]!r} does not end with "
+                              "chunked: the body's length cannot be told")
+        if len(codings) > 1:
+            return error(501, f"Transfer-Encoding {coding[:60]!r}: only chunked is "
+                              "supported")
+    return None
+
+
+async def handled(request: Request) -> Response:
+    """The route handler's answer, its errors mapped to JSON answers."""
+    assert request.route is not None
+    try:
+        return await request.route.handler(request)
+    except Exception as exc:
+        return failure(request, exc)
+
+
+def failure(request: Request, exc: Exception) -> Response:
+    """The JSON answer to a handler's error (logged with its traceback if unexpected)."""
+    try:
+        if isinstance(exc, Refused):
+            return error(exc.status, str(exc), exc.headers, **exc.details)
+        if not isinstance(exc, MeshxlError):
+            log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
+        status, body = error_answer(exc, request.path)
+        return json_response(body, status)
+    finally:  # answered: the frames it passed through (and their data) go now
+        detached(exc)

@@ -15,7 +15,7 @@ from meshxl.httpbase import BODY_TIMEOUT, HEADER_TIMEOUT, WRITE_TIMEOUT
 
 from .connection import Connection
 from .routing import Router
-from .site import Authorize, Member, Site, Wrap
+from .site import ANSWER_BUDGET, Authorize, Member, Site, Wrap
 
 __all__ = ["MAX_CONNECTIONS", "HttpServer", "default_max_connections"]
 
@@ -44,13 +44,13 @@ class HttpServer:
     def __init__(self, router: Router, *, authorize: Authorize | None = None,
                  wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
-                 max_connections: int | None = None,
+                 max_connections: int | None = None, answer_budget: int = ANSWER_BUDGET,
                  on_limit: Callable[[str], None] | None = None):
         self.site = Site(router, authorize=authorize, wrap=wrap,
                          header_timeout=header_timeout, body_timeout=body_timeout,
                          write_timeout=write_timeout,
                          max_connections=max_connections or default_max_connections(),
-                         on_limit=on_limit)
+                         answer_budget=answer_budget, on_limit=on_limit)
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._stamp()

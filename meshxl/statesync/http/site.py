@@ -18,8 +18,8 @@ from .routing import Handler, Request, Router
 
 log = logging.getLogger("meshxl.statesync.http")
 
-__all__ = ["BODY", "DONE", "HEAD", "IDLE", "LIMITS", "LOG_EVERY", "Authorize", "Member", "Site",
-           "Wrap"]
+__all__ = ["ANSWER_BUDGET", "BODY", "DONE", "HEAD", "IDLE", "LIMITS", "LOG_EVERY", "Authorize",
+           "Member", "Site", "Wrap"]
 
 IDLE, HEAD, BODY, DONE = range(4)
 """A connection's state: between requests, reading a head, reading a body, a request
@@ -31,6 +31,12 @@ LIMITS = ("connections", "idle_timeout", "header_timeout", "body_timeout", "writ
 admit another (or refused: every one busy), an idle keep-alive connection or a head or
 body that did not arrive in time, an answer its client did not read in time, a head or
 body over its bound."""
+ANSWER_BUDGET = 1 << 20
+"""Bytes of answers not yet sent on one connection (written into the transport, or
+ready and waiting) past which the connection takes up no request and stops reading,
+until its client reads: what a client that pipelines and does not read can make the
+server hold is about this much, whatever it asked for (one answer larger than the
+budget is still sent whole)."""
 LOG_EVERY = 10.0
 """Seconds between two log lines of one limit (a flood logs once, with its count)."""
 
@@ -66,7 +72,7 @@ class Site:
     def __init__(self, router: Router, *, authorize: Authorize | None = None,
                  wrap: Wrap | None = None, header_timeout: float = HEADER_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT, write_timeout: float = WRITE_TIMEOUT,
-                 max_connections: int = 1024,
+                 max_connections: int = 1024, answer_budget: int = ANSWER_BUDGET,
                  on_limit: Callable[[str], None] | None = None):
         self.router = router
         self.authorize = authorize
@@ -75,6 +81,7 @@ class Site:
         self.body_timeout = body_timeout
         self.write_timeout = write_timeout
         self.max_connections = max_connections
+        self.answer_budget = answer_budget
         self.on_limit = on_limit
         """Called with a limit's name (:data:`LIMITS`) each time it is hit (a metric)."""
         self.hits = dict.fromkeys(LIMITS, 0)
