@@ -75,6 +75,20 @@ def serve() -> None:
               help="Require 'authorization: Bearer TOKEN' on every ADS stream, TOKEN being "
                    "this file's first line (or the MESHXL_XDS_TOKEN variable); needs TLS "
                    "unless --listen is loopback.")
+@click.option("--credentials", "credentials_file", type=FILE, metavar="FILE",
+              envvar="MESHXL_XDS_CREDENTIALS_FILE",
+              help="Per-node or per-site credentials (YAML): each token (by its SHA-256) or "
+                   "client certificate name, the node ids and zones it may speak for "
+                   "(docs/security.md); read again when it changes.")
+@click.option("--max-nodes", type=click.IntRange(1, 1_000_000), default=10_000,
+              show_default=True, envvar="MESHXL_XDS_MAX_NODES",
+              help="Node ids connected at once, at most; a new one past it is refused "
+                   "(RESOURCE_EXHAUSTED).")
+@click.option("--max-nodes-per-credential", type=click.IntRange(1, 1_000_000), default=1_024,
+              show_default=True, envvar="MESHXL_XDS_MAX_NODES_PER_CREDENTIAL",
+              help="Node ids one credential (a token or certificate of --credentials, or a "
+                   "certificate bound by --node-binding san) speaks for at once, unless "
+                   "its entry sets max_nodes.")
 @click.option("--admin", metavar="HOST:PORT", help="HTTP status endpoint (/v1/status) and "
               "live view (/ui/); plain HTTP: keep it on loopback or a private network.")
 @click.option("--ui/--no-ui", default=True, show_default=True,
@@ -93,6 +107,7 @@ def serve() -> None:
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
               tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None,
               node_binding: str | None, trust_domain: str, token_file: Path | None,
+              credentials_file: Path | None, max_nodes: int, max_nodes_per_credential: int,
               admin: str | None, ui: bool, replica: str | None, debounce: float,
               max_delay: float, dns_interval: float, trace_file: Path | None,
               log_level: str) -> None:
@@ -113,6 +128,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                                     tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
                                     node_binding=node_binding,  # type: ignore[arg-type]
                                     trust_domain=trust_domain, token=token,
+                                    credentials=credentials_file, max_nodes=max_nodes,
+                                    max_nodes_per_credential=max_nodes_per_credential,
                                     dns_interval=dns_interval)
         if replica:
             config = dataclasses.replace(config, replica=replica)

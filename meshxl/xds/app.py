@@ -75,7 +75,9 @@ class ControlPlane:
                                         on_change=self._record_failover)
         self.ads = AdsServer(self.cache, on_status_change=self._nodes_changed,
                              on_sent=self.failovers.sent, on_answer=self.failovers.answered,
-                             metrics=self.metrics, auth=config.auth())
+                             metrics=self.metrics, auth=config.auth(),
+                             max_nodes=config.max_nodes,
+                             max_nodes_per_credential=config.max_nodes_per_credential)
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -473,6 +475,8 @@ class ControlPlane:
             "rebuilds": self.rebuilder.runs,
             "responses_sent": self.ads.responses_sent,
             "nacks": self.ads.nacks,
+            "refused": self.ads.refused,
+            "credentials": self.ads.credential_counts(),
             "nodes": self.ads.node_status(),
         }
 

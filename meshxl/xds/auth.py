@@ -9,7 +9,10 @@ both are configured:
 * **A bearer token** in the stream's metadata, ``authorization: Bearer TOKEN`` (Envoy
   sends it from the bootstrap's ``grpc_service.initial_metadata``; ``meshxl bootstrap
   --xds-token-file``). Missing or wrong: ``UNAUTHENTICATED``, before any request is
-  read. A token proves the client belongs to the installation, not which node it is.
+  read. The shared token (``--token-file``) proves the client belongs to the
+  installation, not which node it is; a token of the credentials file
+  (:mod:`meshxl.xds.credentials`, ``--credentials``) speaks for the node ids and zones
+  its entry names, as does a client certificate whose name an entry lists.
 * **The node id bound to the client certificate** (mutual TLS, ``--client-ca``; on
   by default then, ``--node-binding san``). The certificate, already verified against
   the client CA during the handshake, must name the node the stream's first request
@@ -27,6 +30,10 @@ both are configured:
 
 The common name is never used (RFC 6125 retired it as an identity), and the
 certificate's names are read from gRPC's verified peer properties, not parsed here.
+
+A stream presents its credentials when it opens (:meth:`AdsAuth.admit`, a
+:class:`Grant`), and its first request's node id and zone must be allowed by every one
+of them (:meth:`AdsAuth.authorize`); each also counts the node id against its bound.
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ from typing import Literal
 
 from meshxl.addr import is_loopback
 from meshxl.bearer import bearer_matches, valid_token
+from meshxl.xds.credentials import ANONYMOUS, SHARED, Credential, CredentialsFile
 from meshxl.xds.nodes import BadRequest, Peer
 
-__all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "Binding",
-           "InvalidNodeId", "Peer", "PermissionDenied", "Refused", "Unauthenticated",
-           "ads_auth", "peer_names", "spiffe_namespace"]
+__all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "Binding", "Grant",
+           "InvalidNodeId", "Peer", "PermissionDenied", "Refused", "TooManyNodes",
+           "Unauthenticated", "ads_auth", "peer_names", "spiffe_namespace"]
 
 Binding = Literal["san", "none"]
 BINDINGS: tuple[Binding, ...] = ("san", "none")
@@ -73,9 +81,31 @@ class Unauthenticated(Refused):
 
 
 class PermissionDenied(Refused):
-    """Authenticated, but not as the node it claims: ``PERMISSION_DENIED``."""
+    """Authenticated, but not as the node (or zone) it claims: ``PERMISSION_DENIED``."""
 
     reason = "permission_denied"
+
+
+class TooManyNodes(Refused):
+    """A new node id past a credential's bound, or past the bound on all nodes:
+    ``RESOURCE_EXHAUSTED``. Logged once a minute per credential, whatever the node ids
+    (someone inventing them would otherwise write a line for each)."""
+
+    reason = "too_many_nodes"
+
+    def __init__(self, message: str, credential: str = "") -> None:
+        super().__init__(message)
+        self.credential = credential
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a stream presented when it opened: the credentials whose rules apply to the
+    node it names, and whether ``--node-binding san`` binds it too (a certificate that
+    no credentials entry names)."""
+
+    credentials: tuple[Credential, ...]
+    bind: bool = False
 
 
 def peer_names(auth_context: Mapping[str, Iterable[bytes]], address: str = "") -> Peer:
@@ -89,7 +119,8 @@ def peer_names(auth_context: Mapping[str, Iterable[bytes]], address: str = "") -
 
 
 def ads_auth(*, host: str, tls: bool, client_ca: bool, binding: Binding | None,
-             trust_domain: str, token: str | None) -> AdsAuth:
+             trust_domain: str, token: str | None,
+             credentials: CredentialsFile | None = None) -> AdsAuth:
     """The checks ``serve xds``'s options ask for (``host``: the listen address;
     ``tls``, ``client_ca``: whether given); ValueError naming a problem."""
     if binding == "san" and not client_ca:
@@ -97,8 +128,13 @@ def ads_auth(*, host: str, tls: bool, client_ca: bool, binding: Binding | None,
                          "(and --tls-cert, --tls-key)")
     if token is not None:
         valid_token(token, "the configuration")
+    if credentials is not None and credentials.current().has_names and not client_ca:
+        raise ValueError(f"{credentials.path} lists certificate names (san_dns, san_uri): "
+                         "they need client certificates, give --client-ca (and "
+                         "--tls-cert, --tls-key)")
     auth = AdsAuth(token=token, binding=binding or ("san" if client_ca else "none"),
-                   trust_domain=trust_domain, unbound=client_ca and binding == "none")
+                   trust_domain=trust_domain, unbound=client_ca and binding == "none",
+                   credentials=credentials)
     auth.check_exposure(host, tls)
     return auth
 
@@ -112,7 +148,8 @@ def spiffe_namespace(uri: str, trust_domain: str) -> str | None:
     return found.group(2)
 
 
-REFUSAL_REASONS = tuple(c.reason for c in (InvalidNodeId, Unauthenticated, PermissionDenied))
+REFUSAL_REASONS = tuple(c.reason for c in (InvalidNodeId, Unauthenticated, PermissionDenied,
+                                           TooManyNodes))
 """The ``reason`` label values of ``meshxl_xds_streams_refused_total``."""
 
 
@@ -126,6 +163,8 @@ class AdsAuth:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     unbound: bool = False
     """Client certificates are asked for but bind no node id (``--node-binding none``)."""
+    credentials: CredentialsFile | None = None
+    """Per-node and per-site credentials (``--credentials``)."""
 
     def __post_init__(self) -> None:
         if self.binding not in BINDINGS:
@@ -137,13 +176,22 @@ class AdsAuth:
 
     @property
     def enabled(self) -> bool:
-        return self.token is not None or self.binding != "none"
+        return self.token is not None or self.binding != "none" or \
+            self.credentials is not None
+
+    def _tokens(self) -> bool:
+        """Whether a stream needs a token (unless a certificate name of the file)."""
+        return self.token is not None or (
+            self.credentials is not None and self.credentials.current().has_tokens)
 
     def describe(self) -> str:
         """For the start-up log line."""
         parts = []
         if self.token is not None:
-            parts.append("bearer token")
+            parts.append("shared bearer token")
+        if self.credentials is not None:
+            parts.append(f"credentials from {self.credentials.path} (node ids and zones "
+                         "bound per credential)")
         if self.binding == "san":
             parts.append(f"node id bound to the client certificate (trust domain "
                          f"{self.trust_domain})")
@@ -155,40 +203,75 @@ class AdsAuth:
     def check_exposure(self, host: str, tls: bool) -> None:
         """Refuse a token on a plaintext port outside loopback: it would cross the
         network in clear (gRPC itself sends call credentials only over TLS)."""
-        if self.token is None or tls or is_loopback(host):
+        if not self._tokens() or tls or is_loopback(host):
             return
         raise ValueError("a token on a plaintext ADS port would cross the network in clear: "
                          "give --tls-cert and --tls-key, or listen on loopback")
 
-    def admit(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
-        """Check a new stream's metadata: :class:`Unauthenticated` without the token."""
-        if self.token is None:
-            return
-        values = [v for k, v in metadata if k.lower() == "authorization"]
-        if not values:
-            raise Unauthenticated("this control plane needs a token: send the metadata "
-                                  "'authorization: Bearer <token>' (meshxl bootstrap "
-                                  "--xds-token-file)")
-        value = values[0]
-        if len(values) > 1 or isinstance(value, bytes) or \
-                not bearer_matches(value, self.token):
-            raise Unauthenticated("invalid token in the 'authorization' metadata")
+    def admit(self, metadata: Sequence[tuple[str, str | bytes]], peer: Peer) -> Grant:
+        """A new stream's credentials, from its metadata and its certificate's names:
+        :class:`Unauthenticated` for a wrong token, or none when one is needed."""
+        credentials = self.credentials.current() if self.credentials else None
+        named = credentials.for_peer(peer) if credentials is not None else ()
+        bind = self.binding == "san" and not named
+        granted: list[Credential] = []
+        if self._tokens():
+            values = [v for k, v in metadata if k.lower() == "authorization"]
+            if values:
+                granted.append(self._token_credential(values))
+            elif not named and (self.token is not None or not bind):
+                # Without a token, only a certificate may say who the stream is.
+                raise Unauthenticated("this control plane needs a token: send the metadata "
+                                      "'authorization: Bearer <token>' (meshxl bootstrap "
+                                      "--xds-token-file)")
+        granted.extend(named)
+        if not granted and not bind:
+            granted.append(ANONYMOUS)
+        return Grant(tuple(granted), bind)
 
-    def check_node(self, peer: Peer, node_id: str) -> None:
-        """:class:`PermissionDenied` unless ``peer``'s certificate names ``node_id``."""
+    def _token_credential(self, values: list[str | bytes]) -> Credential:
+        value = values[0]
+        if len(values) == 1 and not isinstance(value, bytes):
+            if self.token is not None and bearer_matches(value, self.token):
+                return SHARED
+            scheme, _, given = value.strip().partition(" ")
+            if self.credentials is not None and scheme.lower() == "bearer":
+                found = self.credentials.current().for_token(given.strip())
+                if found is not None:
+                    return found
+        raise Unauthenticated("invalid token in the 'authorization' metadata")
+
+    def authorize(self, grant: Grant, peer: Peer, node_id: str, zone: str,
+                  ) -> list[tuple[str, int | None]]:
+        """Check the node a stream's first request names (and its zone) against every
+        credential it presented: :class:`PermissionDenied` naming the first that does
+        not allow it. Returns what the node counts against: (credential, its bound;
+        None for the server's bound)."""
+        for credential in grant.credentials:
+            problem = credential.refusal(node_id, zone)
+            if problem is not None:
+                raise PermissionDenied(problem)
+        counted = [(c.name, c.max_nodes) for c in grant.credentials]
+        if grant.bind:
+            counted.append((self.check_node(peer, node_id), None))
+        return counted
+
+    def check_node(self, peer: Peer, node_id: str) -> str:
+        """:class:`PermissionDenied` unless ``peer``'s certificate names ``node_id``;
+        the name that does (``DNS:...``, ``URI:...``; "" when nothing is bound)."""
         if self.binding == "none":
-            return
+            return ""
         if not peer.certified:
             raise PermissionDenied(
                 f"node id {node_id!r} must be named by a client certificate, and this "
                 "client presented none with a DNS or URI name (mutual TLS: --client-ca; "
                 "Envoy: --xds-cert/--xds-key)")
         if node_id in peer.dns:
-            return
+            return f"DNS:{node_id}"
         namespace = node_id.rpartition(".")[2] if "." in node_id else None
-        if namespace and any(spiffe_namespace(uri, self.trust_domain) == namespace
-                             for uri in peer.uris):
-            return
+        for uri in peer.uris:
+            if namespace and spiffe_namespace(uri, self.trust_domain) == namespace:
+                return f"URI:{uri}"
         raise PermissionDenied(
             f"the client certificate does not name node id {node_id!r} (it names "
             f"{peer.names()}): give the certificate DNS:{node_id}, or a SPIFFE ID "

@@ -15,6 +15,7 @@ from meshxl.etcd.keys import DEFAULT_ROOT
 from meshxl.tls import ServerTls
 
 from .auth import DEFAULT_TRUST_DOMAIN, AdsAuth, Binding, ads_auth
+from .credentials import MAX_NODES, MAX_NODES_PER_CREDENTIAL, CredentialsFile
 from .dns import DEFAULT_INTERVAL as DNS_INTERVAL
 
 __all__ = ["ControlPlaneConfig"]
@@ -48,7 +49,14 @@ class ControlPlaneConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     """The SPIFFE trust domain whose ``spiffe://DOMAIN/ns/NS/...`` IDs name namespaces."""
     token: str | None = field(default=None, repr=False)
-    """Require ``authorization: Bearer TOKEN`` on every ADS stream."""
+    """Require ``authorization: Bearer TOKEN`` on every ADS stream (the shared token)."""
+    credentials: Path | None = None
+    """Per-node and per-site credentials: node ids and zones bound per token or
+    certificate name (:mod:`meshxl.xds.credentials`)."""
+    max_nodes: int = MAX_NODES
+    """Node ids connected at once, at most (each has a status record in etcd)."""
+    max_nodes_per_credential: int = MAX_NODES_PER_CREDENTIAL
+    """Node ids one credential speaks for at once, unless its entry says otherwise."""
     dns_interval: float = DNS_INTERVAL
     """Seconds between resolutions of member addresses that are host names."""
 
@@ -66,13 +74,19 @@ class ControlPlaneConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.client_ca is not None and self.tls_cert is None:
             raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        self.auth()  # a bad binding, trust domain or token fails here, and a token in clear
+        for option, value in (("--max-nodes", self.max_nodes),
+                              ("--max-nodes-per-credential", self.max_nodes_per_credential)):
+            if not 1 <= value <= 1_000_000:
+                raise ValueError(f"{option} must be from 1 to 1,000,000 (got {value})")
+        self.auth()  # a bad binding, trust domain, token or credentials file fails here
 
     def auth(self) -> AdsAuth:
         """Who may open an ADS stream, and for which node id."""
+        credentials = None if self.credentials is None else CredentialsFile(self.credentials)
         return ads_auth(host=parse_listen(self.listen)[0], tls=self.tls_cert is not None,
                         client_ca=self.client_ca is not None, binding=self.node_binding,
-                        trust_domain=self.trust_domain, token=self.token)
+                        trust_domain=self.trust_domain, token=self.token,
+                        credentials=credentials)
 
     def server_tls(self) -> ServerTls | None:
         """The ADS server's TLS (files checked now), or None for plaintext."""

@@ -319,7 +319,8 @@ class DeltaStream(StreamState):
                              sent.at, nack=True)
         else:
             server.answered(node, type_url, sent.version if sent.complete else None, None,
-                             sent.at, resources=sent.snapshot if sent.complete else None)
+                             sent.at, resources=sent.snapshot if sent.complete else None,
+                             zone=self.zone)
         return None
 
     @staticmethod
@@ -377,7 +378,7 @@ class DeltaStream(StreamState):
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        encoded = snapshot.resources(type_url, node.zone)
+        encoded = snapshot.resources(type_url, self.zone)
         current = delta_resources(encoded)
         force, sub.force = sub.force, set()
         if type_url == ENDPOINT and self._rewarm:
@@ -388,7 +389,7 @@ class DeltaStream(StreamState):
 
         send: list[tuple[str, str, bytes]] = []  # (name, version, entry)
         removed: list[str] = []
-        fallback = _Fallback(node, type_url, current)
+        fallback = _Fallback(node, self.zone, type_url, current)
         for name in sorted(candidates):
             if not sub.wants(name):
                 continue
@@ -462,10 +463,13 @@ class DeltaStream(StreamState):
 
 class _Fallback:
     """What a node gets instead of a resource version it rejected: that resource as
-    it was in the last version of the type the node accepted whole."""
+    it was in the last version of the type the node accepted whole, in the stream's
+    zone."""
 
-    def __init__(self, node: NodeStatus, type_url: str, current: DeltaResources) -> None:
+    def __init__(self, node: NodeStatus, zone: str, type_url: str,
+                 current: DeltaResources) -> None:
         self._node = node
+        self._zone = zone
         self._type_url = type_url
         self._current = current
         self._quarantined: list[frozenset[tuple[str, str]]] | None = None
@@ -483,7 +487,7 @@ class _Fallback:
         one (the same, if the node accepted that version: an ACK outweighs a NACK),
         None if the accepted configuration had no such resource, or the current one
         when the node never accepted a version of the type."""
-        encoded = self._node.accepted.get(self._type_url)
+        encoded = self._node.accepted_for(self._zone, self._type_url)
         if encoded is None:
             return version, self._current.entries[name]
         if self._accepted is None:

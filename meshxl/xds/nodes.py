@@ -24,6 +24,9 @@ __all__ = ["NACK_TEXT_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus", "P
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
+ZONES_KEPT = 8
+"""Zones per node whose accepted versions are kept (the oldest go first): a node's
+streams normally share one zone, and each zone falls back only to its own versions."""
 
 NODE_CLUSTER_MAX = 256
 """Longest ``node.cluster`` kept (longer ones are truncated)."""
@@ -127,8 +130,11 @@ class NodeStatus:
     node_id: str
     cluster: str = ""
     zone: str = ""
-    """The node's locality zone: a site's name gets that site's view of the
-    ``site_affinity: local`` clusters."""
+    """The locality zone of the node's longest connected stream (of its last stream
+    once none is connected), for status: what a stream is served follows its own zone
+    (:attr:`StreamState.zone`), never this."""
+    stream_zones: dict[int, str] = field(default_factory=dict)
+    """Each connected stream's zone, oldest stream first."""
     streams: int = 0
     connected_at: float | None = None
     disconnected_at: float | None = None
@@ -136,11 +142,15 @@ class NodeStatus:
     last_nack: Nack | None = None
     types: dict[str, TypeStatus] = field(default_factory=dict)
     rejected: dict[tuple[str, Hashable], None] = field(default_factory=dict)
-    accepted: dict[str, EncodedResources] = field(default_factory=dict)
-    """Per type, the resources of the last version this node ACKed whole (its
-    ``acked_version``): served instead of a quarantined version, so a rejection never
-    leaves the node below the last configuration it accepted. Held while the node is
-    connected; the server keeps a bounded number of versions for disconnected nodes."""
+    accepted: dict[str, dict[str, EncodedResources]] = field(default_factory=dict)
+    """Per zone and type, the resources of the last version a stream of this node in
+    that zone ACKed whole: served to the node's streams of that zone instead of a
+    quarantined version, so a rejection never leaves the node below the last
+    configuration it accepted there (and never gives it another zone's view). Held
+    while the node is connected; the server keeps a bounded number of versions for
+    disconnected nodes."""
+    accepted_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per zone and type, the version of :attr:`accepted` (kept while disconnected)."""
 
     def as_dict(self) -> dict[str, Any]:
         nack = self.last_nack
@@ -148,6 +158,7 @@ class NodeStatus:
             "node_id": self.node_id,
             "cluster": self.cluster,
             "zone": self.zone,
+            "zones": list(dict.fromkeys(self.stream_zones.values())),
             "streams": self.streams,
             "connected_at": self.connected_at,
             "disconnected_at": self.disconnected_at,
@@ -186,9 +197,28 @@ class NodeStatus:
     def is_rejected(self, type_url: str, key: Hashable) -> bool:
         return (type_url, key) in self.rejected
 
-    def accept(self, type_url: str, resources: EncodedResources) -> None:
-        """The node ACKed all of ``resources`` (one type at one snapshot version)."""
-        self.accepted[type_url] = resources
+    def accept(self, type_url: str, zone: str, resources: EncodedResources) -> None:
+        """A stream of the node in ``zone`` ACKed all of ``resources`` (one type at one
+        snapshot version)."""
+        for kept in (self.accepted, self.accepted_versions):
+            if zone not in kept and len(kept) >= ZONES_KEPT:
+                del kept[next(iter(kept))]
+        self.accepted.setdefault(zone, {})[type_url] = resources
+        self.accepted_versions.setdefault(zone, {})[type_url] = resources.version
+
+    def accepted_for(self, zone: str, type_url: str) -> EncodedResources | None:
+        """What the node's streams in ``zone`` fall back to for ``type_url``."""
+        return self.accepted.get(zone, {}).get(type_url)
+
+    def stream_zone(self, stream: object, zone: str | None) -> None:
+        """A stream of the node connected in ``zone`` (None: it ended); :attr:`zone`
+        follows the oldest connected stream."""
+        if zone is None:
+            self.stream_zones.pop(id(stream), None)
+        else:
+            self.stream_zones[id(stream)] = zone
+        if self.stream_zones:
+            self.zone = next(iter(self.stream_zones.values()))
 
 
 class Stream(Protocol):
@@ -200,6 +230,9 @@ class Stream(Protocol):
     closed: bool
     node: NodeStatus | None
     peer: Peer  # what the transport proved about the client (its certificate's names)
+    grant: Any  # the credentials it presented (meshxl.xds.auth.Grant)
+    zone: str  # its node's locality zone, as its first request declared it
+    counted: list[str]  # the credentials its node id counts against
 
     def handle(self, request: Any) -> str | None:
         """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
@@ -222,6 +255,10 @@ class StreamState(abc.ABC):
         self.closed = False
         self.node: NodeStatus | None = None
         self.peer = Peer()
+        self.grant: Any = None
+        self.zone = ""
+        """The zone this stream's node declared: what it is served follows it alone."""
+        self.counted: list[str] = []
         self.subscriptions: dict[str, Any] = {}
 
     def check_type(self, type_url: str) -> str | None:
@@ -265,9 +302,9 @@ class Streams(Protocol):
 
     def answered(self, node: NodeStatus, type_url: str, version: str | None,
                  error: str | None, sent_at: float | None, *, nack: bool = False,
-                 resources: EncodedResources | None = None) -> None:
+                 resources: EncodedResources | None = None, zone: str = "") -> None:
         """Envoy ACKed (or NACKed) the response sent at ``sent_at``; an ACK with
-        ``resources`` means the node now holds them whole."""
+        ``resources`` means the node now holds them whole (in ``zone``)."""
 
     def stale(self, node: NodeStatus, type_url: str, nonce: str) -> None:
         """A request answered a nonce this stream is not waiting for."""

@@ -39,10 +39,12 @@ from meshxl.xds.auth import (
     Peer,
     PermissionDenied,
     Refused,
+    TooManyNodes,
     Unauthenticated,
     peer_names,
 )
 from meshxl.xds.cache import EncodedResources, SnapshotCache
+from meshxl.xds.credentials import MAX_NODES, MAX_NODES_PER_CREDENTIAL, RESERVED_NAMES
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
@@ -82,6 +84,7 @@ RETAINED_VERSIONS_MAX = 16
 _REFUSAL_CODES: dict[type[Refused], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    TooManyNodes: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # Server-side keepalive so a vanished Envoy's stream (and its node status) ends. Envoy's
@@ -106,16 +109,25 @@ class AdsServer:
     Per node it keeps the status operators need (streams, versions sent and ACKed,
     the last NACK), a quarantine of rejected responses so a NACK never loops, and the
     last version of each type the node accepted, which a quarantined one gives way to.
-    ``auth`` decides who may open a stream and for which node.
+    ``auth`` decides who may open a stream and for which node (and zone); a new node id
+    past ``max_nodes`` connected, or past its credential's bound
+    (``max_nodes_per_credential`` unless its entry sets one), is refused.
     """
 
     def __init__(
         self, cache: SnapshotCache, *, on_status_change: OnStatusChange | None = None,
         on_sent: OnDelivery | None = None, on_answer: OnDelivery | None = None,
         metrics: XdsMetrics | None = None, auth: AdsAuth | None = None,
+        max_nodes: int = MAX_NODES, max_nodes_per_credential: int = MAX_NODES_PER_CREDENTIAL,
     ) -> None:
         self._cache = cache
         self.auth = auth or AdsAuth()
+        self.max_nodes = max_nodes
+        self.max_nodes_per_credential = max_nodes_per_credential
+        # Per credential, the node ids it speaks for now and their streams under it.
+        self._spoken: dict[str, dict[str, int]] = {}
+        self._bounds: dict[str, int | None] = {}  # per credential counted, its bound
+        self._connected = 0  # node ids with a stream
         self._on_status_change = on_status_change
         self._on_sent = on_sent
         self._on_answer = on_answer
@@ -193,7 +205,8 @@ class AdsServer:
                 for node_id, node in self._nodes.items() if node.streams > 0}
 
     def zones(self) -> dict[str, str]:
-        """Connected nodes' locality zones (the ones that have one)."""
+        """Connected nodes' locality zones (the ones that have one; a node's streams in
+        several zones: its oldest stream's)."""
         return {node_id: node.zone for node_id, node in self._nodes.items()
                 if node.streams > 0 and node.zone}
 
@@ -226,21 +239,76 @@ class AdsServer:
 
     # -- what both protocols record: the Streams interface of meshxl.xds.nodes ---------
 
+    def credential_counts(self) -> dict[str, dict[str, int | None]]:
+        """Per credential with a node connected: its node ids and its bound (None:
+        only ``max_nodes``)."""
+        return {name: {"nodes": len(nodes), "max_nodes": self._bounds.get(name)}
+                for name, nodes in self._spoken.items()}
+
+    def _limit(self, name: str, bound: int | None) -> int | None:
+        """A credential's bound: its entry's, else the server's; None for the shared
+        token and no authentication (one credential for every node)."""
+        if name in RESERVED_NAMES:
+            return None
+        return bound or self.max_nodes_per_credential
+
+    def _count(self, stream: Stream, node_id: str, counted: list[tuple[str, int | None]],
+               ) -> None:
+        """Count ``node_id`` against its credentials and all nodes, or refuse a new one
+        past a bound (:class:`~meshxl.xds.auth.TooManyNodes`)."""
+        node = self._nodes.get(node_id)
+        if (node is None or node.streams == 0) and self._connected >= self.max_nodes:
+            raise TooManyNodes(
+                f"this control plane serves {self._connected} node ids, its bound "
+                f"(--max-nodes): node id {node_id!r} refused until another node leaves")
+        for name, bound in counted:
+            spoken = self._spoken.get(name, {})
+            limit = self._limit(name, bound)
+            if node_id not in spoken and limit is not None and len(spoken) >= limit:
+                raise TooManyNodes(
+                    f"credential {name!r} speaks for {len(spoken)} node ids, its bound "
+                    "(max_nodes of its entry, or --max-nodes-per-credential): node id "
+                    f"{node_id!r} refused until one of them leaves", name)
+        for name, bound in counted:
+            spoken = self._spoken.setdefault(name, {})
+            spoken[node_id] = spoken.get(node_id, 0) + 1
+            self._bounds[name] = self._limit(name, bound)
+        stream.counted = [name for name, _ in counted]
+
+    def _uncount(self, stream: Stream, node_id: str) -> None:
+        for name in stream.counted:
+            spoken = self._spoken.get(name, {})
+            left = spoken.get(node_id, 1) - 1
+            if left > 0:
+                spoken[node_id] = left
+                continue
+            spoken.pop(node_id, None)
+            if not spoken:
+                self._spoken.pop(name, None)
+                self._bounds.pop(name, None)
+        stream.counted = []
+
     def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
-        """The stream's first request names its node: check that the stream may speak
-        for it (:class:`~meshxl.xds.auth.Refused` otherwise), then count the stream."""
+        """The stream's first request names its node (and zone): check that the
+        stream may speak for them and that a new node id is within the bounds
+        (:class:`~meshxl.xds.auth.Refused` otherwise), then count the stream. The zone
+        is the stream's own: what it is served follows it, and no other stream's."""
         node_id = node_proto.id
         problem = node_id_problem(node_id)
         if problem is not None:
             raise InvalidNodeId(problem)
-        self.auth.check_node(stream.peer, node_id)
+        zone = bound_text(node_proto.locality.zone, NODE_CLUSTER_MAX)
+        grant = stream.grant if stream.grant is not None else self.auth.admit((), stream.peer)
+        self._count(stream, node_id, self.auth.authorize(grant, stream.peer, node_id, zone))
         node = self._nodes.get(node_id)
         if node is None:
             node = self._nodes[node_id] = NodeStatus(node_id)
         node.cluster = bound_text(node_proto.cluster, NODE_CLUSTER_MAX) or node.cluster
-        node.zone = bound_text(node_proto.locality.zone, NODE_CLUSTER_MAX)
+        stream.zone = zone
+        node.stream_zone(stream, zone)
         if node.streams == 0:
             self._restore(node)
+            self._connected += 1
         node.streams += 1
         node.connected_at = time.time()
         stream.node = node
@@ -257,7 +325,8 @@ class AdsServer:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         if self._metrics is not None:
             self._metrics.refused(reason)
-        allowed, held = self._log_limit.allow(("refused", reason, str(refusal)))
+        key = refusal.credential if isinstance(refusal, TooManyNodes) else str(refusal)
+        allowed, held = self._log_limit.allow(("refused", reason, key))
         if allowed:
             log.warning("ADS stream from %s refused (%s): %s%s", peer.address or "?",
                         reason, refusal,
@@ -270,6 +339,10 @@ class AdsServer:
             return
         stream.node = None
         node.streams -= 1
+        node.stream_zone(stream, None)
+        self._uncount(stream, node.node_id)
+        if node.streams == 0:
+            self._connected -= 1
         node.disconnected_at = time.time()
         allowed, held = self._log_limit.allow((node.node_id, "disconnected"))
         if allowed:
@@ -283,21 +356,22 @@ class AdsServer:
     def _retain(self, node: NodeStatus) -> None:
         """The node's last stream ended: its accepted versions go to the bounded store
         shared by disconnected nodes (the node keeps their version names)."""
-        for type_url, resources in node.accepted.items():
-            kept = self._retained.setdefault(type_url, {})
-            kept.pop(resources.version, None)
-            kept[resources.version] = resources  # most recently used last
-            while len(kept) > RETAINED_VERSIONS_MAX:
-                del kept[next(iter(kept))]
+        for types in node.accepted.values():
+            for type_url, resources in types.items():
+                kept = self._retained.setdefault(type_url, {})
+                kept.pop(resources.version, None)
+                kept[resources.version] = resources  # most recently used last
+                while len(kept) > RETAINED_VERSIONS_MAX:
+                    del kept[next(iter(kept))]
         node.accepted.clear()
 
     def _restore(self, node: NodeStatus) -> None:
         """A disconnected node's first stream: its accepted versions, where kept."""
-        for type_url, status in node.types.items():
-            version = status.acked_version
-            found = self._retained.get(type_url, {}).get(version or "")
-            if found is not None:
-                node.accepted[type_url] = found
+        for zone, versions in node.accepted_versions.items():
+            for type_url, version in versions.items():
+                found = self._retained.get(type_url, {}).get(version)
+                if found is not None:
+                    node.accepted.setdefault(zone, {})[type_url] = found
 
     def _prune_disconnected(self) -> None:
         gone = [n for n in self._nodes.values() if n.streams == 0]
@@ -331,13 +405,13 @@ class AdsServer:
 
     def answered(self, node: NodeStatus, type_url: str, version: str | None, error: str | None,
                   sent_at: float | None, *, nack: bool = False,
-                  resources: EncodedResources | None = None) -> None:
+                  resources: EncodedResources | None = None, zone: str = "") -> None:
         """Envoy ACKed (``nack`` False) or NACKed the response sent at ``sent_at``.
 
         ``version`` is the type's snapshot version that response carried (None when
         a NACK names no response of this stream, or an ACK does not mean the node holds
         that version whole); ``resources``, of an ACK with a version, are what the node
-        now holds: its fallback from then on.
+        now holds: its fallback from then on, in ``zone`` (the answering stream's).
         """
         nack = nack or error is not None
         status = node.status(type_url)
@@ -357,7 +431,7 @@ class AdsServer:
             status.acked_version = version
             status.ack_time = time.time()
             if resources is not None:
-                node.accept(type_url, resources)
+                node.accept(type_url, zone, resources)
         if self._on_answer is not None and version is not None:
             self._on_answer(node.node_id, type_url, version, (error or "rejected") if nack
                             else None)
@@ -396,7 +470,7 @@ class AdsServer:
                    stream: Stream) -> None:
         stream.peer = peer_names(context.auth_context() or {}, context.peer() or "")
         try:
-            self.auth.admit(context.invocation_metadata() or ())
+            stream.grant = self.auth.admit(context.invocation_metadata() or (), stream.peer)
         except Refused as refusal:
             await context.abort(self.refuse(refusal, stream.peer), str(refusal))
         if self._metrics is not None:

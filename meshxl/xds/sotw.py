@@ -120,7 +120,7 @@ class SotwStream(StreamState):
             if not sub.answered:
                 sub.answered, sub.holds = True, sub.sent
                 server.answered(node, type_url, sub.sent[0], None, sub.sent_at,
-                                resources=sub.sent_resources)
+                                resources=sub.sent_resources, zone=self.zone)
             if sub.rewarm:
                 sub.fresh, sub.rewarm = True, False
         return None
@@ -128,7 +128,8 @@ class SotwStream(StreamState):
     def _response(self, node: NodeStatus, snapshot: Snapshot, type_url: str) -> bytes | None:
         """The bytes to send for ``type_url`` now, or None; records them as sent."""
         sub = self.subscriptions[type_url]
-        resources = self._serving(node, type_url, sub, snapshot.resources(type_url, node.zone))
+        resources = self._serving(node, self.zone, type_url, sub,
+                                  snapshot.resources(type_url, self.zone))
         key = sub.want(resources.version)
         # Nothing is sent twice on a stream unless Envoy asks again (``fresh``): not the
         # response in flight or answered, nor, after a NACK, what Envoy kept.
@@ -154,17 +155,18 @@ class SotwStream(StreamState):
         return resources.message(key[1], sub.nonce)
 
     @staticmethod
-    def _serving(node: NodeStatus, type_url: str, sub: _Subscription,
+    def _serving(node: NodeStatus, zone: str, type_url: str, sub: _Subscription,
                  current: EncodedResources) -> EncodedResources:
         """What this stream serves for the type: the current version, unless the node
         rejected it (on any stream) or this stream did; then the version the node
-        accepted last, if any. A rejection never leaves a node below the last
-        configuration it accepted, and never with nothing."""
+        accepted last in this stream's zone, if any. A rejection never leaves a node
+        below the last configuration it accepted, never with nothing, and never with
+        another zone's view."""
         key = sub.want(current.version)
         if key is None or not (node.is_rejected(type_url, key) or (
                 sub.nacked and key == sub.sent)):
             return current
-        accepted = node.accepted.get(type_url)
+        accepted = node.accepted_for(zone, type_url)
         if accepted is None:
             return current  # nothing better: sent, but not again on this stream
         if accepted.version != current.version:

@@ -40,8 +40,8 @@ TOKEN = "0123456789abcdef0123456789abcdef"
 
 def test_token_is_checked_in_constant_form() -> None:
     auth = AdsAuth(token=TOKEN)
-    auth.admit([("authorization", f"Bearer {TOKEN}")])
-    auth.admit([("Authorization", f"bearer {TOKEN}")])  # the scheme is case-insensitive
+    auth.admit([("authorization", f"Bearer {TOKEN}")], Peer())
+    auth.admit([("Authorization", f"bearer {TOKEN}")], Peer())  # case-insensitive scheme
     for metadata, words in (
         ([], "needs a token"),
         ([("authorization", f"Bearer {TOKEN[:-1]}")], "invalid token"),
@@ -51,8 +51,8 @@ def test_token_is_checked_in_constant_form() -> None:
          "invalid token"),
     ):
         with pytest.raises(Unauthenticated, match=words):
-            auth.admit(metadata)
-    AdsAuth().admit([])  # no token configured: nothing asked
+            auth.admit(metadata, Peer())
+    AdsAuth().admit([], Peer())  # no token configured: nothing asked
 
 
 def test_node_id_must_be_named_by_the_certificate() -> None:
