@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -58,16 +58,29 @@ class SidecarProcess:
     def __init__(self, harness: Owner, *, cluster: str, member: str, etcd: str,
                  app_port: int, app_host: str = HOST, site: str | None = None,
                  log_level: str = "debug", unix_socket: str | None = None,
-                 **cli_options: Any) -> None:
+                 host: str = HOST, wrap: Callable[[list[str]], list[str]] | None = None,
+                 token: str | None = None, **cli_options: Any) -> None:
+        """``host``: the address its API listens on (a network namespace's, with ``wrap``
+        running it inside that namespace; off loopback, the API wants a ``token``, which
+        every request of these helpers then carries)."""
         self.cluster = cluster
         self.member = member
+        self.host = host
         self.port = free_port()
         self.unix_socket = unix_socket
         """The API's Unix socket too (``--listen unix:PATH``); requests still use TCP."""
-        listen = [f"{HOST}:{self.port}"] + ([f"unix:{unix_socket}"] if unix_socket else [])
+        self.token = token
+        if token is not None:
+            token_file = harness.path("tokens") / f"{member}-{self.port}"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+            cli_options["token_file"] = token_file
+        listen = [f"{host}:{self.port}"] + ([f"unix:{unix_socket}"] if unix_socket else [])
         argv = commands.statesync(cluster=cluster, member=member, app=f"{app_host}:{app_port}",
                                   listen=listen, etcd=etcd, log_level=log_level,
                                   site=site, **cli_options)
+        if wrap is not None:
+            argv = wrap(argv)
         self.name = harness.unique_name(f"sidecar-{cluster}-{member}")
         self.process = Process(self.name, argv, harness.root / f"{self.name}.log")
         self.log_path = self.process.log_path
@@ -77,7 +90,7 @@ class SidecarProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -142,8 +155,11 @@ class SidecarProcess:
 
     async def request(self, method: str, path: str, *, data: Any = None,
                       headers: Mapping[str, str] | None = None) -> Reply:
+        sent = dict(headers or {})
+        if self.token is not None:
+            sent.setdefault("Authorization", f"Bearer {self.token}")
         async with self._session().request(method, self.url + path, data=data,
-                                           headers=dict(headers or {})) as resp:
+                                           headers=sent) as resp:
             return Reply(resp.status, resp.headers, await resp.read())
 
     @staticmethod
