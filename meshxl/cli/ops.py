@@ -197,14 +197,22 @@ def shards() -> None:
 @etcd_option
 @root_option
 def shards_show(output: str, etcd_urls: str, etcd_root: str) -> None:
-    """The shard map stored in the main etcd cluster."""
-    from meshxl.operator.shards import read_map
+    """The shard map stored in the main etcd cluster. One that cannot be used (stored
+    by hand) is printed as stored, with what is wrong, and exits 1."""
+    from meshxl.errors import InputError
+    from meshxl.etcd.shards import parse_shard_map
 
     async def go() -> Any:
         async with etcd_client(etcd_urls) as client:
-            return await read_map(client, Keys(etcd_root))
+            got = await client.get(Keys(etcd_root).shards.encode())
+            return None if got is None else bytes(got.value)
 
-    found, _ = run(go)
+    raw = run(go)
+    try:
+        found = None if raw is None else parse_shard_map(raw)
+    except InputError as exc:
+        click.echo(raw.decode(errors="replace") if raw else "")
+        fail(f"the stored shard map cannot be used: {exc}")
     if output == "json":
         print_json(found.as_dict() if found is not None else None)
     elif found is None:
@@ -212,10 +220,12 @@ def shards_show(output: str, etcd_urls: str, etcd_root: str) -> None:
     else:
         click.echo(f"shard map version {found.version}, {len(found.shards)} shards:")
         for shard in found.shards:
-            click.echo(f"  {shard.name}  {shard.etcd}")
+            click.echo(f"  {shard.name}  {shard.etcd}"
+                       + (f"  (etcd cluster {shard.cluster_id})" if shard.cluster_id else ""))
         if found.moving:
-            click.echo("moving from (a reshard under way: `meshxl shards set` with the "
-                       "shards above finishes it):")
+            click.echo(f"moving from, at the stage {found.stage} (a reshard under way: "
+                       "`meshxl shards set` with the shards above finishes it, with these "
+                       "goes back):")
             for shard in found.previous:
                 click.echo(f"  {shard.name}  {shard.etcd}")
 
@@ -239,20 +249,32 @@ def _shard_option(value: tuple[str, ...]) -> Any:
                    "repeat for each, in any order. Its etcd takes the same TLS and "
                    "credential options as --etcd.")
 @click.option("--dry-run", is_flag=True,
-              help="Only count where every stored session would go.")
+              help="Only check the list and count where every stored session would go.")
 @click.option("--ack-timeout", type=click.FloatRange(min=1), default=60.0,
               show_default=True,
-              help="Seconds to wait for every registered sidecar to take the new map "
-                   "before any session moves.")
+              help="Seconds to wait for every registered sidecar to take each new map "
+                   "version before going on.")
+@click.option("--probe-timeout", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True,
+              help="Seconds each shard has to answer (with its etcd cluster id) before "
+                   "anything is written.")
 @output_option
 @etcd_option
 @root_option
-def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float, output: str,
-               etcd_urls: str, etcd_root: str) -> None:
+def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float,
+               probe_timeout: float, output: str, etcd_urls: str, etcd_root: str) -> None:
     """Store the shard map and move the sessions whose shard changes, under load (an
-    online reshard: progress on stderr). The first map of an installation is refused
-    (exit 1, nothing written) while sidecars run or sessions are stored unsharded."""
-    from meshxl.operator.shards import plan, set_map
+    online reshard: progress on stderr).
+
+    \b
+    Checked first, nothing written otherwise: every shard answers, each is its own
+    etcd cluster (one cluster under two names is refused), a name already in the map
+    still reaches its cluster. New URLs of the same clusters are updated in place;
+    any other change moves sessions in stages (prepare, move). During a reshard the
+    same list again goes on, and the list it started from goes back. The first map
+    of an installation is refused (exit 1, nothing written) while sidecars run or
+    sessions are stored unsharded."""
+    from meshxl.operator.shards import set_map
 
     new = _shard_option(shard_items)
 
@@ -261,10 +283,9 @@ def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float, 
 
     async def go() -> Any:
         async with etcd_client(etcd_urls) as client:
-            if dry_run:
-                return None, await plan(client, Keys(etcd_root), new, etcd_client)
             return await set_map(client, Keys(etcd_root), new, etcd_client,
-                                 ack_timeout=ack_timeout, progress=progress)
+                                 ack_timeout=ack_timeout, probe_timeout=probe_timeout,
+                                 dry_run=dry_run, progress=progress)
 
     stored, planned = run(go)
     if output == "json":

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aetcd
 import grpc
@@ -25,6 +24,7 @@ from meshxl.errors import InputError
 from meshxl.etcd.auth import EtcdAuthError, SecureClient, TokenAuth, token_auth
 from meshxl.etcd.balanced import BalancedClient
 from meshxl.etcd.balancer import Endpoint
+from meshxl.etcd.endpoints import EtcdEndpointError, parse_urls
 
 log = logging.getLogger("meshxl.etcd")
 
@@ -32,40 +32,8 @@ __all__ = ["EtcdEndpointError", "EtcdSecurity", "EtcdSecurityError", "check_cred
            "check_settings", "client", "describe_error", "parse_urls", "read_secret_file"]
 
 
-class EtcdEndpointError(InputError):
-    """An ``--etcd`` value that is not a list of http(s)://HOST:PORT URLs."""
-
-
 class EtcdSecurityError(InputError):
     """Unusable etcd TLS or credential settings: a file missing or bad, half a pair."""
-
-
-def parse_urls(urls: str) -> tuple[bool, list[tuple[str, int]]]:
-    """``(tls, [(host, port), ...])`` of ``http(s)://h1:2379,...`` (scheme optional:
-    http). All endpoints must use one scheme."""
-    endpoints = []
-    schemes = set()
-    for raw in (u.strip() for u in urls.split(",")):
-        if not raw:
-            continue
-        parts = urlsplit(raw if "://" in raw else f"http://{raw}")
-        if parts.scheme not in ("http", "https"):
-            raise EtcdEndpointError(f"unsupported etcd URL scheme {parts.scheme!r} in {raw!r}: "
-                                    "use http://HOST:PORT or https://HOST:PORT")
-        try:
-            port = parts.port
-        except ValueError:
-            raise EtcdEndpointError(f"bad port in etcd URL {raw!r}") from None
-        if not parts.hostname or port is None or parts.path not in ("", "/"):
-            raise EtcdEndpointError(f"etcd URL must be http(s)://HOST:PORT, got {raw!r}")
-        schemes.add(parts.scheme)
-        endpoints.append((parts.hostname, port))
-    if not endpoints:
-        raise EtcdEndpointError("no etcd endpoint given")
-    if len(schemes) > 1:
-        raise EtcdEndpointError(f"etcd endpoints mix http:// and https:// in {urls!r}: "
-                                "use one scheme")
-    return schemes == {"https"}, endpoints
 
 
 def read_secret_file(path: Path, what: str) -> str:

@@ -23,6 +23,12 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/problems/{cluster}/{member}/{name}          a problem reported with a TTL
                                                           (under a lease of that TTL: it
                                                           outlives a sidecar restart)
+    {root}/v1/shards                                      the session shard map (main
+                                                          cluster; absent: not sharded)
+    {root}/v1/shard-fence                                 in each session shard's etcd:
+                                                          the newest shard map version
+                                                          (zero-padded), compared by every
+                                                          session transaction there
     {root}/v1/revision-bump                               written over and over by
                                                           ``meshxl restore bump``, then
                                                           deleted
@@ -117,6 +123,13 @@ class Keys:
     def shards(self) -> str:
         """The session shards (``meshxl.etcd.shards``): absent, sessions live here."""
         return f"{self.base}/shards"
+
+    @property
+    def shard_fence(self) -> str:
+        """In each session shard's etcd: the newest shard map version stored
+        (``meshxl.etcd.shards.fence_value``), which every session transaction there
+        compares (docs/scaling.md, "The map version fence")."""
+        return f"{self.base}/shard-fence"
 
     def sessions_prefix(self, cluster: str) -> str:
         """One cluster's sessions: what every sidecar of that cluster watches."""

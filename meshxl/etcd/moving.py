@@ -10,10 +10,16 @@ there, and is moved before it is read or written; only once the old key is gone 
 new shard's copy written. So the old shard's key never changes during the move (it is
 only copied, then deleted), the copy is exact, and nothing written is lost.
 
-If the old key did change under a move, or the new shard holds another state (a writer
-that did not follow the rule: a sidecar that had not yet taken the moving map), the
-move is refused (:class:`~meshxl.errors.Conflict`) and the old key stays, so no
-acknowledged write is dropped silently.
+Every read and write of a move compares the map version fence of its shard
+(:mod:`meshxl.etcd.fence`), so no move planned under a map that was replaced applies,
+and no writer on an older map runs beside it. If the old key did change under a move
+all the same, or the new shard holds another state, the move is refused
+(:class:`~meshxl.errors.Conflict`) and the old key stays, so no acknowledged write is
+dropped silently.
+
+A shard is its etcd cluster: when the two shards of a move are one cluster (a shard
+renamed), the key is already where it belongs, and the move does nothing, never a
+delete (the copy *is* the key).
 
 The copy keeps the session's expiry: its lease in the new shard ends when its lease in
 the old one would have (rounded up to :data:`LEASE_STEP`), one lease per step shared by
@@ -26,8 +32,11 @@ import math
 import time
 
 import aetcd
+from aetcd import rpc
 
 from meshxl.errors import Conflict
+
+from .fence import cluster_hex, probe, under_fence
 
 __all__ = ["LEASE_STEP", "Mover"]
 
@@ -36,48 +45,72 @@ LEASE_STEP = 5.0
 
 
 class Mover:
-    """Moves keys between etcd clusters; holds the leases it granted, by expiry step."""
+    """Moves keys between etcd clusters under one map version's fence (every read and
+    write of a move compares the shards' fences: :mod:`meshxl.etcd.fence`); holds the
+    leases it granted, by expiry step, and the cluster each client reaches."""
 
-    def __init__(self) -> None:
+    def __init__(self, fence_key: bytes) -> None:
+        self._fence_key = fence_key
         self._source_leases: dict[tuple[int, int], tuple[float, float]] = {}
         """(source client, lease) -> (when read: monotonic, seconds it had left)."""
         self._target_leases: dict[tuple[int, int], int] = {}
         """(target client, expiry step) -> lease granted there."""
+        self._clusters: dict[int, str] = {}
+        """id(client) -> the etcd cluster it reaches (from an answer's header)."""
         self.moved = 0
 
-    async def move(self, source: aetcd.Client, target: aetcd.Client, key: bytes) -> bool:
-        """Move ``key`` from ``source`` to ``target`` (the module docstring): True if this
-        call moved it, False if it was not (or no longer) in ``source``."""
-        got = await source.get(key)
-        if got is None:
+    async def _cluster(self, client: aetcd.Client) -> str:
+        known = self._clusters.get(id(client))
+        if known is None:
+            known = self._clusters[id(client)] = (await probe(client, self._fence_key)).cluster_id
+        return known
+
+    async def move(self, source: aetcd.Client, target: aetcd.Client, key: bytes,
+                   version: int, names: tuple[str, str] = ("", "")) -> bool:
+        """Move ``key`` from ``source`` to ``target`` (the module docstring) under shard
+        map ``version`` (``names``: the two shards', for messages): True if this call
+        moved it, False if it was not (or no longer) in ``source``, or if ``source``
+        and ``target`` are one etcd cluster: then the key is where it belongs, and is
+        never deleted. :class:`~meshxl.etcd.fence.Fenced` once a newer map was stored."""
+        fence = self._fence_key
+        read = await under_fence(source, fence, version, [], [_get(key)], [], where=names[0])
+        self._clusters[id(source)] = cluster_hex(read.header.cluster_id)
+        kvs = read.responses[0].response_range.kvs
+        if not kvs:
             return False
+        got = kvs[0]
+        if await self._cluster(target) == self._clusters[id(source)]:
+            return False  # one cluster under two names: nothing to move, nothing to delete
         lease = await self._lease(source, target, got.lease)
-        tx = target.transactions
-        created, _ = await target.transaction(compare=[tx.version(key) == 0],
-                                              success=[tx.put(key, got.value, lease)],
-                                              failure=[])
-        if not created:
-            there = await target.get(key)
-            if there is not None and there.value != got.value:
+        created = await under_fence(
+            target, fence, version,
+            [rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=key,
+                         version=0)],
+            [rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=got.value, lease=lease))],
+            [_get(key)], where=names[1])
+        if not created.succeeded:
+            there = created.responses[0].response_range.kvs
+            if there and there[0].value != got.value:
                 raise Conflict(
                     f"session key {key.decode(errors='replace')[:200]} is in its old shard "
                     f"(revision {got.mod_revision}) and, different, in its new one "
-                    f"(revision {there.mod_revision}): written on both sides by a sidecar "
-                    "that had not taken the moving shard map; both stay for an operator "
-                    "to choose")
-        sx = source.transactions
-        deleted, _ = await source.transaction(compare=[sx.mod(key) == got.mod_revision],
-                                              success=[sx.delete(key)], failure=[])
-        if deleted:
+                    f"(revision {there[0].mod_revision}): written on both sides; both stay "
+                    "for an operator to choose")
+        deleted = await under_fence(
+            source, fence, version,
+            [rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key,
+                         mod_revision=got.mod_revision)],
+            [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))],
+            [_get(key)], where=names[0])
+        if deleted.succeeded:
             self.moved += 1
             return True
-        now = await source.get(key)
-        if now is None:  # moved (or expired) meanwhile by someone else: the copy stands
+        now = deleted.responses[0].response_range.kvs
+        if not now:  # moved (or expired) meanwhile by someone else: the copy stands
             return False
         raise Conflict(f"session key {key.decode(errors='replace')[:200]} changed in its old "
                        f"shard while it moved (revision {got.mod_revision} -> "
-                       f"{now.mod_revision}): a sidecar that has not taken the moving shard "
-                       "map writes it; the key stays where it is")
+                       f"{now[0].mod_revision}); the key stays where it is")
 
     async def _lease(self, source: aetcd.Client, target: aetcd.Client, lease: int) -> int:
         """A lease of ``target`` that ends when ``lease`` of ``source`` does (0: none)."""
@@ -101,3 +134,7 @@ class Mover:
             for old in [k for k in self._target_leases if k[1] < past]:
                 del self._target_leases[old]
         return granted
+
+
+def _get(key: bytes) -> rpc.RequestOp:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key))

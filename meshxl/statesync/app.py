@@ -59,9 +59,15 @@ from .cache import SessionCache
 from .config import StatesyncConfig
 from .http import HttpServer, Router
 from .membership import Membership
-from .mesh_reads import model_mismatch, session_settings, shard_map, sync_stats_value
+from .mesh_reads import (
+    cache_status,
+    model_mismatch,
+    session_settings,
+    shard_map,
+    sync_stats_value,
+)
 from .metrics import StatesyncMetrics
-from .resharding import MapFollower
+from .resharding import MapFollower, caches_synced
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
 from .starting import Waiting, start_when_etcd_answers
@@ -80,9 +86,6 @@ docs/performance.md)."""
 
 
 STOP_GRACE = 5.0  # seconds a stop waits for its cancelled tasks (the rest: logged, left)
-SHARD_GRACE = 10.0
-"""Seconds a starting member waits for a session shard that does not answer before it
-turns ready without it (docs/scaling.md, "Readiness with shards")."""
 
 #: ``sessions.replication`` -> whether the cache holds only what the member uses.
 _HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": True}
@@ -105,14 +108,16 @@ class Sidecar:
         else:
             self.parts = [self._part(s.name, etcd.client(s.etcd, security=config.etcd_security),
                                      settings) for s in shard_map.every]
-            self.sessions = ShardedSessions(shard_map, self.parts, settings)
-        self.store, self.cache = self.parts[0].store, self.parts[0].cache
+            self.sessions = ShardedSessions(shard_map, self.parts, settings,
+                                            self.keys.shard_fence.encode())
         host, port = parse_hostport(config.app)
         self.membership = Membership(client, self.keys, config.cluster, config.member,
                                      address=host, port=port, site=config.site,
                                      weight=config.weight, ttl=config.lease_ttl,
                                      sidecar=config.listen)
         self.membership.shard_map = shard_map.version if shard_map is not None else None
+        self.metrics.shard_map_version.set(shard_map.version if shard_map is not None else 0)
+        self.metrics.shard_map_unusable.set(1 if shard_map and not shard_map.shards else 0)
         self.takeovers = TakeoverTracer(config.cluster, config.member)
         self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
@@ -173,7 +178,7 @@ class Sidecar:
                 self.client, self.keys, self.sessions, self.parts,
                 lambda name, client: self._part(name, client, settings),
                 self.config.etcd_security, lambda: self._watches,
-                self.membership.set_shard_map)
+                self.membership.set_shard_map, self.metrics)
             self._tasks.append(loop.create_task(follower.run()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
@@ -284,29 +289,6 @@ class Sidecar:
         """The cache holds every session of the cluster (or is catching up to)."""
         return self._watches is not None
 
-    async def _synced(self) -> None:
-        """Until every cache has read its sessions. With shards, a shard that does not
-        answer is not waited for beyond :data:`SHARD_GRACE` (its sessions answer 503
-        until it does; the member serves the other shards' meanwhile)."""
-        async def one(part: Shard) -> None:
-            if self.shard_map is None:
-                await part.cache.synced.wait()
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SHARD_GRACE):
-                    await part.cache.synced.wait()
-                return
-            while part.reachable:  # slow, but answering: wait on
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
-                        await part.cache.synced.wait()
-                        return
-            if not part.cache.synced.is_set():
-                log.warning("session shard %s does not answer (%s): ready without it",
-                            part.name, part.cache.last_error)
-
-        await asyncio.gather(*(one(part) for part in self.parts))
-
     async def _resync_needed(self) -> None:
         waits = [asyncio.ensure_future(part.cache.resync_needed.wait()) for part in self.parts]
         try:
@@ -320,7 +302,8 @@ class Sidecar:
     async def _follow_sync(self) -> None:
         """Advertise the member exactly while its caches are caught up with etcd."""
         while True:
-            await self._synced()
+            await caches_synced(self.parts, self.sessions.usable if isinstance(
+                self.sessions, ShardedSessions) else None)
             # The mesh first: a member that comes back stands behind the members that
             # serve, which only the mesh tells (failback.py).
             with contextlib.suppress(TimeoutError):
@@ -389,6 +372,8 @@ class Sidecar:
         registration = self.membership.not_ready_reason()
         if registration is not None:
             reasons.append(registration)
+        if self.shard_map is not None and not self.shard_map.shards:
+            reasons.append(f"no usable session shard map: {self.shard_map.problem}")
         if not self.narrow:
             for part in self.parts:
                 if not part.cache.synced.is_set() and (self.shard_map is None or part.reachable):
@@ -415,6 +400,9 @@ class Sidecar:
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         warnings = [] if self.model_warning is None else [self.model_warning]
+        if isinstance(self.sessions, ShardedSessions) and self.sessions.map_problem:
+            warnings.append(f"{self.sessions.map_problem} (serving shard map version "
+                            f"{self.sessions.map.version})")
         if self.view_state == MemberState.ATTENTION:
             warnings.append("active with problems: no other member of the cluster can serve, "
                             "so this one serves in spite of its report"
@@ -444,7 +432,7 @@ class Sidecar:
 
     def refresh_gauges(self) -> None:
         self.metrics.cached.set(self.cached_sessions)
-        self.metrics.revision.set(self.cache.applied)
+        self.metrics.revision.set(self.parts[0].cache.applied if self.parts else 0)
         if self.shard_map is not None:
             for part in self.parts:
                 self.metrics.shard_up.labels(part.name).set(1 if part.reachable else 0)
@@ -457,9 +445,8 @@ class Sidecar:
     def status(self) -> dict[str, Any]:
         """The sidecar as ``/v1/status`` and ``meshxl sync`` show it. With shards, the
         cache's figures are the first shard's and ``shards`` has each one's."""
-        c, s = self.cache, self.sessions
-        shards = None if self.shard_map is None else {
-            "version": self.shard_map.version, "shards": [p.status() for p in self.parts]}
+        s = self.sessions
+        shards = s.status() if isinstance(s, ShardedSessions) else None
         return {
             "cluster": self.config.cluster, "member": self.config.member,
             "site": self.config.site, "app": self.config.app,
@@ -469,16 +456,12 @@ class Sidecar:
             "state": None if self.view_state is None else str(self.view_state),
             "returning": self.membership.rejoin.returning,
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
-            "revision": c.applied, "lag_seconds": c.last_lag,
+            **cache_status(self.parts[0].cache if self.parts else None),
             "cached_sessions": self.cached_sessions,
             "owned_sessions": sum(p.cache.owned_by(self.config.member) for p in self.parts),
             "local_sessions": s.local_sessions, "takeovers": s.takeovers,
             "failover_takeovers": self.takeovers.summary(),
-            "write_conflicts": s.conflicts, "full_syncs": c.full_syncs,
-            "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
-            "rewinds": c.rewinds,
-            "errors": c.errors, "last_error": c.last_error and c.last_error[:500],
-            "bad_records": c.bad_records, "undecodable_sessions": len(c.undecodable),
+            "write_conflicts": s.conflicts,
             "lease_losses": self.membership.lease_losses,
             "etcd_members": etcd.balancer_of(self.client).status(),
             "settings": {"ttl": s.settings.ttl, "sync_delay": s.settings.sync_delay,

@@ -10,17 +10,20 @@ from typing import Any
 
 import aetcd
 
+from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.shards import ShardMap, parse_shard_map
 from meshxl.model import ModelError, parse_model
 from meshxl.model import SessionSync as SessionDefaults
 
+from .cache import SessionCache
 from .config import StatesyncConfig
 from .writes import Settings
 
 log = logging.getLogger("meshxl.statesync.app")
 
-__all__ = ["model_mismatch", "session_settings", "shard_map", "sync_stats_value"]
+__all__ = ["cache_status", "model_mismatch", "session_settings", "shard_map",
+           "sync_stats_value"]
 
 
 def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
@@ -50,14 +53,37 @@ def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
 
 
 async def shard_map(client: aetcd.Client, config: StatesyncConfig) -> ShardMap | None:
-    """The session shards in the main etcd cluster (None: sessions live there)."""
+    """The session shards in the main etcd cluster (None: sessions live there). A stored
+    map that cannot be used gives a map without shards saying why
+    (:meth:`ShardMap.unusable`): the sidecar starts and serves no session until a usable
+    one is stored (``resharding.py``)."""
     got = await client.get(Keys(config.etcd_root).shards.encode())
     if got is None:
         return None
-    found = parse_shard_map(got.value)
+    try:
+        found = parse_shard_map(got.value)
+    except InputError as exc:
+        log.error("the stored shard map cannot be used (%s): no session is served until a "
+                  "usable one is stored", exc)
+        return ShardMap.unusable(f"the stored shard map cannot be used: {exc}")
     log.info("sessions in %d shards (map version %d): %s", len(found.shards), found.version,
              ", ".join(found.names))
     return found
+
+
+def cache_status(cache: SessionCache | None) -> dict[str, Any]:
+    """``/v1/status``' figures of a session cache (the first shard's with shards; None:
+    the sidecar holds no usable shard map, so no cache)."""
+    c = cache
+    if c is None:
+        return {"revision": 0, "lag_seconds": None, "full_syncs": 0, "last_full_sync": None,
+                "watch_starts": 0, "rewinds": 0, "errors": 0, "last_error": None,
+                "bad_records": 0, "undecodable_sessions": 0}
+    return {"revision": c.applied, "lag_seconds": c.last_lag, "full_syncs": c.full_syncs,
+            "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
+            "rewinds": c.rewinds, "errors": c.errors,
+            "last_error": c.last_error and c.last_error[:500], "bad_records": c.bad_records,
+            "undecodable_sessions": len(c.undecodable)}
 
 
 async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:

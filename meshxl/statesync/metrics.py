@@ -72,6 +72,16 @@ class StatesyncMetrics:
                               ["shard"], registry=r)
         self.shard_sessions = Gauge("meshxl_statesync_shard_cached_sessions", "Sessions of "
                                     "the shard in the cache.", ["shard"], registry=r)
+        self.shard_map_version = Gauge("meshxl_statesync_shard_map_version", "The session "
+                                       "shard map version this sidecar serves.", registry=r)
+        self.shard_map_unusable = Gauge("meshxl_statesync_shard_map_unusable", "1 while the "
+                                        "stored shard map cannot be used (the sidecar serves "
+                                        "the last one it could; /v1/status says why).",
+                                        registry=r)
+        self.fenced = Counter("meshxl_statesync_shard_fenced", "Requests refused at a "
+                              "session shard because its fence names a newer shard map "
+                              "than the one they were planned under (answered 503).",
+                              registry=r)
         self.etcd_unreachable = Gauge("meshxl_statesync_etcd_unreachable_seconds", "Seconds "
                                       "etcd has not answered this member's registration "
                                       "and keepalives for (0 while it answers).", registry=r)

@@ -21,30 +21,44 @@ no other's writes. :class:`ShardedSessions` is the engine's face the API uses:
   the stage ``move``, moved (:class:`meshxl.etcd.moving.Mover`) before it is read or
   written, so it is served from exactly one shard at any time; the ownership this
   member had of it in the old shard goes with it (a member that lost it there is still
-  fenced with 409 in the new one).
+  fenced with 409 in the new one);
+* every read and write carries the map version it was planned under to its shard,
+  which applies it only while its fence is that version (:mod:`meshxl.etcd.fence`): a
+  request planned under a map that was replaced is refused with 503 there, never
+  acknowledged, and the sidecar reads the map again at once;
+* while the sidecar holds no usable map (none stored could be used), every session
+  answers 503 saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aetcd
 
 from meshxl.errors import InputError, MeshxlError, NotFound, PreconditionFailed, Unavailable
+from meshxl.etcd.fence import Fenced
 from meshxl.etcd.moving import Mover
-from meshxl.etcd.shards import PREPARE, ShardMap, shard_etag, split_etag
+from meshxl.etcd.shards import PREPARE, ShardMap, same_cluster, shard_etag, split_etag
 
 from .cache import SessionCache
 from .conditions import parse_etag
 from .sessions import Sessions
-from .store import SessionStore
+from .store import Fencing, SessionStore
 from .writes import Outcome, Settings, Stored, Transacted, Write
 
-__all__ = ["DOWN_GRACE", "Shard", "ShardedSessions"]
+__all__ = ["DOWN_GRACE", "PLANNED", "Shard", "ShardedSessions"]
+
+PLANNED: contextvars.ContextVar[int | None] = contextvars.ContextVar("planned_map_version",
+                                                                     default=None)
+"""The shard map version the request being served was planned under: what its reads
+and writes compare at the shard (:class:`.store.Fencing`); unset: the one served now.
+Set for each request by :class:`ShardedSessions`; the tasks a request starts inherit it."""
 
 DOWN_GRACE = 1.0
 """Seconds a shard's watch may fail (a member switch, an election) before its sessions
@@ -106,24 +120,62 @@ async def _send(engine: Sessions, writes: list[Write], early: bool,
 
 
 class ShardedSessions:
-    """:class:`.sessions.Sessions`' interface over the shards of ``shard_map``."""
+    """:class:`.sessions.Sessions`' interface over the shards of ``shard_map``.
 
-    def __init__(self, shard_map: ShardMap, shards: Sequence[Shard], settings: Settings):
+    Every request is planned under one map version, the one served when it came in,
+    and carries it to the shards (:data:`PLANNED`, then :class:`.store.Fencing`): its
+    reads and writes apply only while the shard's fence is that version."""
+
+    def __init__(self, shard_map: ShardMap, shards: Sequence[Shard], settings: Settings,
+                 fence_key: bytes):
         self.map = shard_map
-        self.shards = {s.name: s for s in shards}
         self.settings = settings
-        self.mover = Mover()
+        self.fence_key = fence_key
+        self.mover = Mover(fence_key)
+        self.usable = asyncio.Event()
+        """Set once a map with shards is served (never cleared: a sidecar keeps the last
+        usable map it had)."""
+        if shard_map.shards:
+            self.usable.set()
+        self.map_problem: str | None = shard_map.problem or None
+        """Why the stored map is not the one served (it could not be read as a map or
+        used), None while it is (:mod:`.resharding` sets it)."""
+        self.on_fenced: Callable[[int], None] = lambda version: None
+        """Told when a shard's fence names a newer map than a request's."""
+        self.fenced = 0
+        """Batches and moves refused by a shard's fence."""
+        self._on_takeover: Any = None
+        self.shards: dict[str, Shard] = {}
+        self._install(shards)
+
+    def _install(self, shards: Sequence[Shard]) -> None:
+        self.shards = {s.name: s for s in shards}
+        for part in shards:
+            part.store.fence(Fencing(self.fence_key, self._planned, self._fence_found,
+                                     part.name))
+            part.engine.on_takeover = self._on_takeover
+
+    def _planned(self) -> int:
+        version = PLANNED.get()
+        return self.map.version if version is None else version
+
+    def _fence_found(self, version: int) -> None:
+        self.fenced += 1
+        self.on_fenced(version)
 
     def apply(self, shard_map: ShardMap, shards: Sequence[Shard]) -> None:
         """Serve ``shard_map`` from now on; ``shards`` holds every one it names. What
         this member observed of a session in a shard that is no longer its own goes
         with it to its new shard (:meth:`_carry`)."""
-        self.shards = {s.name: s for s in shards}
+        self._install(shards)
         self.map = shard_map
+        self.map_problem = None
+        if shard_map.shards:
+            self.usable.set()
         for shard in self.shards.values():
             for session_id in [s for s in shard.engine.ledger.observed
                                if shard_map.of(s).name != shard.name]:
-                self._carry(session_id, shard, self.shard_of(session_id))
+                self._carry(session_id, shard, self.shard_of(session_id), shard_map)
             local = shard.engine.local  # delayed sync: kept by the engine of its shard
             for session_id in [s for s in local.ids()
                                if shard_map.of(s).name != shard.name]:
@@ -132,59 +184,80 @@ class ShardedSessions:
                 self.shard_of(session_id).engine.local.adopt(session_id, kept)
 
     @staticmethod
-    def _carry(session_id: str, old: Shard, new: Shard) -> None:
+    def _carry(session_id: str, old: Shard, new: Shard, shard_map: ShardMap) -> None:
         """This member's observation of ``session_id`` from ``old`` to ``new``: as
         "observed, revision unknown" (0), which keeps it the owner if the record still
-        names it, and fences it (409) if another member wrote the session since."""
-        if old.engine.ledger.observed.pop(session_id, None) is not None:
-            if new.engine.ledger.observed_revision(session_id) is None:
-                new.engine.ledger.observe(session_id, 0)
+        names it, and fences it (409) if another member wrote the session since; its
+        revision as it is when the two are one etcd cluster (a shard renamed)."""
+        seen = old.engine.ledger.observed.pop(session_id, None)
+        if seen is not None and new.engine.ledger.observed_revision(session_id) is None:
+            before, after = shard_map.named(old.name), shard_map.named(new.name)
+            exact = before is not None and after is not None and same_cluster(before, after)
+            new.engine.ledger.observe(session_id, seen[0] if exact else 0)
 
-    def shard_of(self, session_id: str) -> Shard:
-        return self.shards[self.map.of(session_id).name]
+    def shard_of(self, session_id: str, shard_map: ShardMap | None = None) -> Shard:
+        return self.shards[(shard_map or self.map).of(session_id).name]
 
-    async def settle(self, session_id: str) -> Shard:
-        """The shard that serves ``session_id`` now: while the map is moving and its
-        shard changed, it is first moved there if still in its old shard."""
-        shard = self.shard_of(session_id)
-        source = self.map.source_of(session_id)
+    async def settle(self, session_id: str, shard_map: ShardMap | None = None) -> Shard:
+        """The shard that serves ``session_id`` now under ``shard_map`` (the one
+        served): while the map is moving and its shard changed, it is first moved
+        there if still in its old shard."""
+        m = shard_map or self.map
+        shard = self.shard_of(session_id, m)
+        source = m.source_of(session_id)
         if source is None:
             return shard
-        if self.map.stage == PREPARE:
+        if m.stage == PREPARE:
             raise Unavailable(f"session {session_id!r} moves from shard {source.name} to "
                               f"{shard.name}: its writes wait until every sidecar has the "
                               "new shard map (a second or two); send it again")
         old = self.shards[source.name]
         old.refuse_if_down()
         try:
-            await self.mover.move(old.client, shard.client, old.engine.ledger.key(session_id))
+            await self.mover.move(old.client, shard.client, old.engine.ledger.key(session_id),
+                                  m.version, (old.name, shard.name))
+        except Fenced:
+            self._fence_found(m.version)
+            raise
         except MeshxlError:
             raise
         except Exception as exc:
             raise Unavailable(f"session {session_id!r} moves from shard {old.name} to "
                               f"{shard.name}, and that failed: {type(exc).__name__}: "
                               f"{str(exc)[:200]}") from None
-        self._carry(session_id, old, shard)  # a write in the old shard since apply()
+        self._carry(session_id, old, shard, m)  # a write in the old shard since apply()
         return shard
 
-    async def _settle_all(self, session_ids: Sequence[str]) -> dict[str, BaseException]:
+    async def _settle_all(self, session_ids: Sequence[str],
+                          m: ShardMap) -> dict[str, BaseException]:
         """:meth:`settle` of every moving session among ``session_ids``, side by side:
         the errors, by session."""
-        moving = [s for s in dict.fromkeys(session_ids) if self.map.source_of(s) is not None]
+        moving = [s for s in dict.fromkeys(session_ids) if m.source_of(s) is not None]
         if not moving:
             return {}
-        done = await asyncio.gather(*(self.settle(s) for s in moving), return_exceptions=True)
+        done = await asyncio.gather(*(self.settle(s, m) for s in moving),
+                                    return_exceptions=True)
         return {s: e for s, e in zip(moving, done, strict=True)
                 if isinstance(e, BaseException)}
+
+    def status(self) -> dict[str, Any]:
+        """``/v1/status`` ``shards``: the map served, each shard, and what is wrong
+        with the stored map if it is not the one served."""
+        m = self.map
+        return {"version": m.version, "stage": m.stage or None,
+                "shards": [self.shards[s.name].status() for s in m.every
+                           if s.name in self.shards],
+                "map_error": self.map_problem, "fenced": self.fenced}
 
     # -- what the sidecar shows: sums over the shards ---------------------------------
 
     @property
     def on_takeover(self) -> Any:
-        return next(iter(self.shards.values())).engine.on_takeover
+        return self._on_takeover
 
     @on_takeover.setter
     def on_takeover(self, hook: Any) -> None:
+        self._on_takeover = hook
         for shard in self.shards.values():
             shard.engine.on_takeover = hook
 
@@ -204,13 +277,26 @@ class ShardedSessions:
         return sum(s.engine.prune_observed() for s in self.shards.values())
 
     async def flush_due(self) -> int:
-        counts = await asyncio.gather(*(s.engine.flush_due() for s in self.shards.values()))
+        token = PLANNED.set(self.map.version)
+        try:
+            counts = await asyncio.gather(*(s.engine.flush_due()
+                                            for s in self.shards.values()))
+        finally:
+            PLANNED.reset(token)
         return sum(counts)
 
     # -- reads and writes -----------------------------------------------------------
 
     async def get(self, session_id: str) -> Stored:
-        source = self.map.source_of(session_id) if self.map.stage == PREPARE else None
+        m = self.map
+        token = PLANNED.set(m.version)
+        try:
+            return await self._get(session_id, m)
+        finally:
+            PLANNED.reset(token)
+
+    async def _get(self, session_id: str, m: ShardMap) -> Stored:
+        source = m.source_of(session_id) if m.stage == PREPARE else None
         if source is not None:  # not moved yet: where it is, its old shard or its new
             old = self.shards[source.name]
             old.refuse_if_down()
@@ -218,16 +304,17 @@ class ShardedSessions:
                 return _tagged(old.name, await old.engine.get(session_id))  # type: ignore[no-any-return]
             except NotFound:
                 pass
-            shard = self.shard_of(session_id)
+            shard = self.shard_of(session_id, m)
         else:
-            shard = await self.settle(session_id)
+            shard = await self.settle(session_id, m)
         shard.refuse_if_down()
         stored: Stored = _tagged(shard.name, await shard.engine.get(session_id))
         return stored
 
-    def _in_shard(self, write: Write, shard: Shard) -> Write:
-        """``write`` as its shard's engine takes it: an If-Match naming this shard, with
-        the shard taken off (412 for another shard's, or one naming none)."""
+    def _in_shard(self, write: Write, shard: Shard, m: ShardMap) -> Write:
+        """``write`` as its shard's engine takes it: an If-Match naming this shard (or
+        another name of its etcd cluster in the map), with the shard taken off (412 for
+        another shard's, or one naming none)."""
         tag = write.if_match
         if tag is None:
             return write
@@ -235,7 +322,9 @@ class ShardedSessions:
         if value == "*" or value.startswith("L"):
             return write
         named, revision = split_etag(value)
-        if named != shard.name:
+        spec, tagged = m.named(shard.name), m.named(named) if named else None
+        if named != shard.name and not (spec is not None and tagged is not None
+                                        and same_cluster(spec, tagged)):
             where = f"shard {named}" if named else "no shard"
             raise PreconditionFailed(
                 f"If-Match {tag.strip()[:80]} names {where}; session {write.session_id!r} "
@@ -245,21 +334,30 @@ class ShardedSessions:
     async def write(self, writes: Sequence[Write], *, atomic: bool = False,
                     early: bool = False, traceparent: str | None = None) -> Any:
         """:meth:`.sessions.Sessions.write`, each write in its session's shard."""
-        if atomic:
-            return await self._transaction(writes, traceparent)
+        m = self.map
+        token = PLANNED.set(m.version)
+        try:
+            if atomic:
+                return await self._transaction(writes, traceparent, m)
+            return await self._write(writes, early, traceparent, m)
+        finally:
+            PLANNED.reset(token)
+
+    async def _write(self, writes: Sequence[Write], early: bool, traceparent: str | None,
+                     m: ShardMap) -> list[Any]:
         outcomes: list[Any] = [None] * len(writes)
         groups: dict[str, list[int]] = {}
         batches: dict[str, list[Write]] = {}
-        unsettled = (await self._settle_all([w.session_id for w in writes])
-                     if self.map.moving else {})  # at PREPARE: 503 for those that move
+        unsettled = (await self._settle_all([w.session_id for w in writes], m)
+                     if m.moving else {})  # at PREPARE: 503 for those that move
         for i, write in enumerate(writes):
             if write.session_id in unsettled:
                 outcomes[i] = unsettled[write.session_id]
                 continue
             try:
-                shard = self.shard_of(write.session_id)
+                shard = self.shard_of(write.session_id, m)
                 shard.refuse_if_down()
-                translated = self._in_shard(write, shard)
+                translated = self._in_shard(write, shard, m)
             except (InputError, PreconditionFailed, Unavailable) as exc:
                 outcomes[i] = exc
                 continue
@@ -281,18 +379,21 @@ class ShardedSessions:
                                else _tagged(name, outcome))
         return outcomes
 
-    async def _transaction(self, writes: Sequence[Write],
-                           traceparent: str | None) -> Transacted:
+    async def _transaction(self, writes: Sequence[Write], traceparent: str | None,
+                           m: ShardMap) -> Transacted:
         """All or none: every session in one shard, or 400 naming the shards."""
         if not writes:
+            if not self.shards:
+                raise Unavailable(f"no usable session shard map: {m.problem}")
             return await next(iter(self.shards.values())).engine.write(
                 [], atomic=True, traceparent=traceparent)
-        shards = {self.shard_of(w.session_id).name for w in writes}
-        if len(shards) == 1 and self.map.moving:
-            for error in (await self._settle_all([w.session_id for w in writes])).values():
+        shards = {self.shard_of(w.session_id, m).name for w in writes}
+        if len(shards) == 1 and m.moving:
+            for error in (await self._settle_all([w.session_id for w in writes],
+                                                 m)).values():
                 raise error
         if len(shards) > 1:
-            spread = ", ".join(f"{w.session_id!r} in {self.shard_of(w.session_id).name}"
+            spread = ", ".join(f"{w.session_id!r} in {self.shard_of(w.session_id, m).name}"
                                for w in writes[:8])
             raise InputError(
                 f"a transaction stays in one shard, and these sessions live in "
@@ -301,7 +402,7 @@ class ShardedSessions:
         (name,) = shards
         shard = self.shards[name]
         shard.refuse_if_down()
-        transacted = await shard.engine.write([self._in_shard(w, shard) for w in writes],
+        transacted = await shard.engine.write([self._in_shard(w, shard, m) for w in writes],
                                               atomic=True, traceparent=traceparent)
         for stored in transacted.stored:
             _tagged(name, stored)

@@ -10,7 +10,8 @@ encoding against etcd's own generated messages (same bytes, same parse).
 
 Field numbers (etcd's ``rpc.proto``): ``RequestOp`` request_range 1, request_put 2,
 request_delete_range 3, request_txn 4; ``TxnRequest`` compare 1, success 2, failure 3;
-``Compare`` result 1 (EQUAL 0), target 2 (MOD 2), key 3, mod_revision 6; ``PutRequest``
+``Compare`` result 1 (EQUAL 0), target 2 (MOD 2, VALUE 3), key 3, mod_revision 6,
+value 7; ``PutRequest``
 key 1, value 2, lease 3; ``RangeRequest`` and ``DeleteRangeRequest`` key 1. Zero values
 are left out, as proto3 does, but for a oneof member (``mod_revision``), which is
 written whatever its value.
@@ -21,9 +22,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
+from meshxl.etcd.shards import fence_value
 from meshxl.protowire import varint
 
-__all__ = ["guarded_delete", "guarded_put", "txn_request"]
+__all__ = ["fence_parts", "guarded_delete", "guarded_put", "txn_request"]
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -85,7 +87,22 @@ def guarded_delete(key: bytes, expected: int) -> bytes:
     return b"".join((b"\x22", v(txn_size), compare_head, compare, success, failure))
 
 
-def txn_request(ops: Iterable[bytes]) -> bytes:
-    """A serialized ``TxnRequest`` with no compares whose success branch is ``ops``
-    (serialized ``RequestOp`` messages): what a batch sends."""
-    return b"".join([b"\x12" + varint(len(op)) + op for op in ops])
+@functools.lru_cache(maxsize=64)
+def fence_parts(key: bytes, version: int) -> tuple[bytes, bytes]:
+    """A batch's fence (:mod:`meshxl.etcd.fence`): ``TxnRequest.compare`` ``value(key)
+    == fence_value(version)`` (target VALUE 3, key 3, value 7; EQUAL is 0, left out)
+    and ``TxnRequest.failure`` reading the key, each a whole field."""
+    value = fence_value(version)
+    compare = (b"\x10\x03\x1a" + varint(len(key)) + key + b"\x3a" + varint(len(value))
+               + value)
+    read = b"\x0a" + varint(len(key)) + key                    # RangeRequest.key
+    op = b"\x0a" + varint(len(read)) + read                    # RequestOp.request_range
+    return (b"\x0a" + varint(len(compare)) + compare, b"\x1a" + varint(len(op)) + op)
+
+
+def txn_request(ops: Iterable[bytes], fence: tuple[bytes, bytes] | None = None) -> bytes:
+    """A serialized ``TxnRequest`` whose success branch is ``ops`` (serialized
+    ``RequestOp`` messages): what a batch sends; with ``fence`` (:func:`fence_parts`)
+    it applies only while the shard's fence is that version, and otherwise reads it."""
+    body = b"".join([b"\x12" + varint(len(op)) + op for op in ops])
+    return body if fence is None else fence[0] + body + fence[1]

@@ -261,8 +261,9 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
     """Two shards, then a third added and one removed while a member writes every
     session without pause and another member reads them: every write answered 200
     (but those of the moving sessions for the second or two the sidecars take the map
-    in: 503), every read at least as new as the last write acknowledged before it, every
-    session in exactly the shard the map names afterwards with its last state, and
+    in, and those planned under a map version in the moment it is replaced: 503, which
+    the client sends again), every read at least as new as the last write acknowledged
+    before it, every session in exactly the shard the map names afterwards with its last state, and
     the member that lost a session before the move is still fenced (409) after it."""
     one, two, three = [await start_etcd(harness, f"shard-{i}") for i in (1, 2, 3)]
     await meshxl_json("shards", "set", "--shard", f"s1={one.url}", "--shard",
@@ -283,6 +284,7 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
     failures: list[Any] = []
     stale: list[Any] = []
     paused: list[float] = []
+    fence_503: list[float] = []
 
     async def write_all(stop: asyncio.Event) -> int:
         n, base = 0, max(acked.values())  # each write's value above all before it
@@ -295,6 +297,8 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
                 acked[session] = base + n
             elif reply.status == 503 and b"moves from shard" in reply.body:
                 paused.append(time.monotonic())  # the prepare stage: writes wait
+            elif reply.status == 503 and b"is fenced at map version" in reply.body:
+                fence_503.append(time.monotonic())  # planned under the map just replaced
             else:
                 failures.append((session, reply.status, reply.body[:200]))
         return n
@@ -307,7 +311,9 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
             n += 1
             floor = acked[session]
             reply = await m2.get(session)
-            if reply.status != 200:
+            if reply.status == 503 and b"is fenced at map version" in reply.body:
+                fence_503.append(time.monotonic())
+            elif reply.status != 200:
                 failures.append((session, "read", reply.status, reply.body[:200]))
             elif reply.json()["n"] < floor:
                 stale.append((session, reply.json()["n"], floor))
@@ -336,6 +342,10 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
     # Writes of the sessions that move waited (503) only while the sidecars took the
     # map: a second or two, not the whole move.
     assert not paused or paused[-1] - paused[0] < 4.0, (len(paused), paused[-1] - paused[0])
+    # A write planned under a map just replaced is refused at the shard (503, the client
+    # sends it again) only in the moment the sidecar takes the new map: at most one
+    # short burst per map version stored (prepare, move, the stable map).
+    assert _brief(fence_503), fence_503
     await _where_the_map_says(three_map, acked, {"s1": one.url, "s2": two.url,
                                                   "s3": three.url})
     for session, n in acked.items():
@@ -354,11 +364,13 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
     del acked[fenced]
 
     # Remove s2: only its sessions move, and the sidecars close it.
+    fence_503.clear()
     done, writes, reads = await under_load("--shard", f"s1={one.url}", "--shard",
                                            f"s3={three.url}")
     assert done["map"]["version"] == 7, done
     assert {m["from"] for m in done["plan"]["moves"]} == {"s2"}, done
     assert not failures and not stale, (failures[:5], stale[:5])
+    assert _brief(fence_503), fence_503
     after = parse_shard_map(done["map"])
     await _where_the_map_says(after, acked, {"s1": one.url, "s3": three.url})
     assert await keys_in(two.url) == set()
@@ -366,6 +378,23 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
         assert (await m1.get(session)).json() == {"n": n}, session
     await wait_until(lambda: _names(m1, ["s1", "s3"]), timeout=10,
                      what="m1 to close shard s2")
+
+
+def _brief(times: list[float]) -> bool:
+    """At most one burst per map version a reshard stores, each under a second."""
+    bursts = _bursts(times)
+    return len(bursts) <= 3 and all(b[-1] - b[0] < 1.0 for b in bursts)
+
+
+def _bursts(times: list[float], gap: float = 0.5) -> list[list[float]]:
+    """``times`` grouped where they follow each other within ``gap`` seconds."""
+    groups: list[list[float]] = []
+    for t in sorted(times):
+        if groups and t - groups[-1][-1] <= gap:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
 
 
 async def _where_the_map_says(shards: ShardMap, acked: dict[str, int],

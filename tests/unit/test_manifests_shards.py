@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import click
 import kubernetes_validate
 import pytest
+from aetcd import rpc
 
 from meshxl.cli import main
 from meshxl.cli.ops import _shard_option
@@ -435,12 +436,48 @@ class _KV:
 
 class _Etcd:
     """An in-memory etcd of the calls `meshxl shards set` makes: get, prefix reads and
-    compare-and-put transactions (mod revision, version), with a revision counter."""
+    compare-and-put transactions (mod revision, version; and as etcd's own messages:
+    Range, and Txn comparing mod revision, version or value), with a revision counter
+    and a cluster id."""
+
+    _ids = iter(range(0x1000, 0x2000))
 
     def __init__(self) -> None:
         self.data: dict[bytes, _KV] = {}
         self.revision = 0
         self.transactions = self
+        self.kvstub = self
+        self.metadata = None
+        self.cluster_id = next(self._ids)
+
+    def _header(self) -> rpc.ResponseHeader:
+        return rpc.ResponseHeader(cluster_id=self.cluster_id, revision=self.revision)
+
+    async def Range(self, request: rpc.RangeRequest, **_: Any) -> rpc.RangeResponse:  # noqa: N802
+        found = rpc.RangeResponse(header=self._header())
+        kv = self.data.get(request.key)
+        if kv is not None:
+            found.kvs.append(rpc.KeyValue(key=kv.key, value=kv.value,
+                                          mod_revision=kv.mod_revision, version=kv.version))
+            found.count = 1
+        return found
+
+    def _holds(self, compare: rpc.Compare) -> bool:
+        kv = self.data.get(compare.key)
+        assert compare.result == rpc.Compare.EQUAL
+        if compare.target == rpc.Compare.MOD:
+            return (kv.mod_revision if kv else 0) == compare.mod_revision
+        if compare.target == rpc.Compare.VERSION:
+            return (kv.version if kv else 0) == compare.version
+        assert compare.target == rpc.Compare.VALUE
+        return kv is not None and kv.value == compare.value
+
+    async def Txn(self, request: rpc.TxnRequest, **_: Any) -> rpc.TxnResponse:  # noqa: N802
+        ok = all(self._holds(c) for c in request.compare)
+        for op in request.success if ok else request.failure:
+            assert op.HasField("request_put"), op
+            self.put(op.request_put.key, op.request_put.value)()
+        return rpc.TxnResponse(header=self._header(), succeeded=ok)
 
     def put(self, key: bytes, value: bytes) -> Callable[[], None]:
         def apply() -> None:
@@ -502,7 +539,11 @@ async def test_the_job_run_again_writes_nothing(job_map: ShardMap) -> None:
         yield shards[urls]
 
     stored, planned = await set_map(main_etcd, keys, job_map, connect)
-    assert (stored.version, stored.shards, stored.moving) == (1, job_map.shards, False)
+    assert stored is not None
+    assert (stored.version, stored.moving) == (1, False)
+    # Each shard as listed, known by the cluster that answered at its URLs.
+    assert [(s.name, s.etcd, s.cluster_id) for s in stored.shards] == [
+        (s.name, s.etcd, f"{shards[s.etcd].cluster_id:x}") for s in job_map.shards]
     assert planned.sessions == 0
     assert (await read_map(main_etcd, keys))[0] == stored
     assert main_etcd.revision == 1

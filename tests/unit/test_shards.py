@@ -27,6 +27,7 @@ from meshxl.statesync.shards import ShardedSessions
 from meshxl.statesync.writes import Settings, Write
 
 IDS = [f"session-{i}" for i in range(4000)]
+X, Y = "http://10.0.0.1:2379", "http://10.0.0.2:2379"
 
 
 def names(k: int) -> list[str]:
@@ -82,11 +83,14 @@ def test_the_map_round_trips_and_names_what_is_wrong() -> None:
     assert parse_shard_map(shards.encode()) == shards
     for bad, why in [
         (b"{", "not JSON"), ({"shards": []}, "non-empty"),
-        ({"shards": [{"name": "A", "etcd": "x"}]}, "lowercase"),
+        ({"shards": [{"name": "A", "etcd": X}]}, "lowercase"),
         ({"shards": [{"name": "a", "etcd": ""}]}, "etcd URLs"),
-        ({"shards": [{"name": "a", "etcd": "x"}, {"name": "a", "etcd": "y"}]}, "unique"),
-        ({"version": -1, "shards": [{"name": "a", "etcd": "x"}]}, "non-negative"),
-        ({"shards": [{"name": "a", "etcd": "x", "tls": True}]}, "{name, etcd}"),
+        ({"shards": [{"name": "a", "etcd": X}, {"name": "a", "etcd": Y}]}, "unique"),
+        ({"version": -1, "shards": [{"name": "a", "etcd": X}]}, "non-negative"),
+        ({"shards": [{"name": "a", "etcd": X, "tls": True}]}, "{name, etcd}"),
+        ({"shards": [{"name": "a", "etcd": X, "cluster_id": "nothex"}]}, "cluster_id"),
+        ({"shards": [{"name": "a", "etcd": X, "cluster_id": "c1"},
+                     {"name": "b", "etcd": Y, "cluster_id": "c1"}]}, "one etcd cluster"),
     ]:
         with pytest.raises(InputError, match=why):
             parse_shard_map(bad)  # type: ignore[arg-type]
@@ -116,18 +120,28 @@ class _Engine:
         return [PreconditionFailed("recorded") for _ in writes]
 
 
+class _Store:
+    def __init__(self) -> None:
+        self.fencing: Any = None
+
+    def fence(self, fencing: Any) -> None:
+        self.fencing = fencing
+
+
 class _Part:
     def __init__(self, name: str) -> None:
-        self.name, self.engine = name, _Engine()
+        self.name, self.engine, self.store = name, _Engine(), _Store()
 
     def refuse_if_down(self) -> None:
         """Up: nothing to refuse."""
 
 
 def _router() -> tuple[ShardedSessions, ShardMap]:
-    shards = parse_shard_map({"version": 1, "shards": [{"name": "s1", "etcd": "x"},
-                                                       {"name": "s2", "etcd": "y"}]})
-    return ShardedSessions(shards, [_Part("s1"), _Part("s2")], Settings()), shards  # type: ignore[list-item]
+    shards = parse_shard_map({"version": 1, "shards": [
+        {"name": "s1", "etcd": X, "cluster_id": "a1"}, {"name": "s2", "etcd": Y,
+                                                         "cluster_id": "b2"}]})
+    return ShardedSessions(shards, [_Part("s1"), _Part("s2")], Settings(),  # type: ignore[list-item]
+                           b"/fence"), shards
 
 
 async def test_if_match_reaches_the_engine_without_its_shard_or_is_refused() -> None:
@@ -187,8 +201,8 @@ def test_a_moving_map_keeps_removed_shards_until_done() -> None:
     assert moved and all(winner(["a", "b", "c"], s) == "b" for s in moved)
 
 
-def test_a_moved_shard_keeps_its_name_and_its_etcd() -> None:
-    with pytest.raises(InputError, match="give a moved cluster a new name"):
+def test_a_shard_in_both_lists_is_one_shard() -> None:
+    with pytest.raises(InputError, match="is listed twice"):
         parse_shard_map({"version": 2, "shards": [{"name": "a", "etcd": "http://x:1"}],
                          "previous": [{"name": "a", "etcd": "http://y:1"}], "stage": "move"})
     with pytest.raises(InputError, match="stage must be prepare or move"):

@@ -239,25 +239,26 @@ async def test_several_sessions_take_their_places_at_once_and_keep_arrival_order
 # -- batches etcd takes ------------------------------------------------------------------
 
 
-def _op(size: int, width: int) -> Any:
-    from meshxl.statesync.store import _Op
-    return _Op(b"", size, lambda *_: None, None, width=width)
+def _op(size: int, width: int, fence: int = -1) -> Any:
+    from meshxl.statesync.batcher import Op
+    return Op(b"", size, lambda *_: None, None, width=width, fence=fence)
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=st.lists(st.tuples(st.integers(1, 400_000), st.integers(0, 127)), min_size=1,
-                    max_size=400),
+@given(ops=st.lists(st.tuples(st.integers(1, 400_000), st.integers(0, 127),
+                              st.sampled_from([-1, 7, 7, 7, 8])), min_size=1, max_size=400),
        max_ops=st.integers(1, 128), max_bytes=st.integers(1, 1_400_000))
 def test_batches_keep_order_and_stay_within_what_etcd_takes(
-        ops: list[tuple[int, int]], max_ops: int, max_bytes: int) -> None:
+        ops: list[tuple[int, int, int]], max_ops: int, max_bytes: int) -> None:
     """Every op leaves once, in order; a batch holds at most max_ops ops and max_bytes
     (but for a lone op), its ops plus its widest nested transaction at most 128 (etcd
-    refuses the whole batch otherwise), and it stops only where the next op would break
+    refuses the whole batch otherwise), only ops planned under one shard map version
+    (its fence compare is the batch's), and it stops only where the next op would break
     one of those bounds."""
     from collections import deque
 
     from meshxl.statesync.store import MAX_TXN_OPS, take_batch
-    queue = deque(_op(size, width) for size, width in ops)
+    queue = deque(_op(size, width, fence) for size, width, fence in ops)
     order = list(queue)
     taken: list[Any] = []
     while queue:
@@ -266,10 +267,12 @@ def test_batches_keep_order_and_stay_within_what_etcd_takes(
         size, widest = sum(o.size for o in batch), max(o.width for o in batch)
         assert len(batch) + widest <= MAX_TXN_OPS
         assert len(batch) == 1 or (len(batch) <= max_ops and size <= max_bytes)
+        assert len({o.fence for o in batch}) == 1
         if queue:
             nxt = queue[0]
             assert (len(batch) == max_ops or size + nxt.size > max_bytes
-                    or len(batch) + 1 + max(widest, nxt.width) > MAX_TXN_OPS)
+                    or len(batch) + 1 + max(widest, nxt.width) > MAX_TXN_OPS
+                    or nxt.fence != batch[0].fence)
     assert [id(o) for o in taken] == [id(o) for o in order]
 
 

@@ -69,3 +69,23 @@ def test_out_of_range_numbers_are_refused() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{expected} accepted")
+
+
+@settings(max_examples=200)
+@given(key=st.binary(min_size=1, max_size=200), version=st.integers(0, 10 ** 19),
+       ops=st.lists(st.binary(min_size=1, max_size=40), max_size=5))
+def test_a_fenced_batch_is_etcds_message(key: bytes, version: int, ops: list[bytes]) -> None:
+    """A batch with the shard map fence: ``value(fence) == version`` compared at its
+    outer level, the fence read in its failure branch (meshxl/etcd/fence.py builds the
+    same with etcd's messages for the moves)."""
+    from meshxl.etcd.fence import fence_compare, fence_read
+
+    puts = [wire.guarded_put(op, b"v", 0, 0) for op in ops]
+    encoded = wire.txn_request(puts, wire.fence_parts(key, version))
+    reference = rpc.TxnRequest(compare=[fence_compare(key, version)],
+                               success=[rpc.RequestOp.FromString(p) for p in puts],
+                               failure=[fence_read(key)])
+    assert encoded == reference.SerializeToString()
+    assert rpc.TxnRequest.FromString(encoded) == reference
+    assert wire.txn_request(puts) == rpc.TxnRequest(
+        success=reference.success).SerializeToString()
