@@ -91,6 +91,10 @@ class Mover:
         if not created.succeeded:
             there = created.responses[0].response_range.kvs
             if there and there[0].value != got.value:
+                again = await under_fence(source, fence, version, [], [_get(key)], [],
+                                          where=names[0])
+                if not again.responses[0].response_range.kvs:
+                    return False  # moved meanwhile by another (and written since): done
                 raise Conflict(
                     f"session key {key.decode(errors='replace')[:200]} is in its old shard "
                     f"(revision {got.mod_revision}) and, different, in its new one "

@@ -5,17 +5,21 @@
   applied) and the sidecar told; a batch of a newer version raises a lower (or
   missing) fence first; the fence is never lowered;
 * a move between two names of one etcd cluster (a renamed shard) deletes nothing;
+* a move raced by another mover that finished first, and a write since, is no
+  conflict: the first mover's copy stands;
 * a move planned under a replaced map is refused at the shard, nothing copied.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aetcd
 import pytest
+from aetcd import rpc
 
-from meshxl.etcd.fence import Fenced, probe, raise_fence
+from meshxl.etcd.fence import Fenced, probe, raise_fence, under_fence
 from meshxl.etcd.moving import Mover
 from meshxl.etcd.shards import fence_value
 from meshxl.statesync.store import Fencing, SessionStore, WriteResult
@@ -72,6 +76,44 @@ async def test_a_move_within_one_cluster_deletes_nothing(etcd: EtcdServer) -> No
         await old.put(KEY, b"state")
         assert await Mover(FENCE).move(old, new, KEY, 1, ("s1", "s9")) is False
         assert (await new.get(KEY)).value == b"state"
+
+
+class _ThenRun:
+    """An etcd client whose first transaction's answer is held until ``hook`` ran: the
+    window between a mover's read of the old shard and its copy."""
+
+    def __init__(self, client: aetcd.Client, hook: Callable[[], Awaitable[None]]) -> None:
+        self._client, self._hook = client, hook
+        self.metadata, self.kvstub = client.metadata, self
+
+    async def Txn(self, request: Any, **options: Any) -> Any:  # noqa: N802
+        answer = await self._client.kvstub.Txn(request, **options)
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            await hook()
+        return answer
+
+    async def Range(self, request: Any, **options: Any) -> Any:  # noqa: N802
+        return await self._client.kvstub.Range(request, **options)
+
+
+async def test_a_move_raced_by_one_that_finished_and_a_write_since_is_no_conflict(
+        harness: Any, etcd: EtcdServer) -> None:
+    other = await start_etcd(harness, "shard-2")
+    async with etcd.client() as old, other.client() as new:
+        await old.put(KEY, b"state")
+        for client in (old, new):  # the map's version 1 stored: its fences raised
+            await raise_fence(client, FENCE, 1)
+
+        async def the_other_mover_first() -> None:
+            assert await Mover(FENCE).move(old, new, KEY, 1) is True
+            await under_fence(new, FENCE, 1, [], [rpc.RequestOp(
+                request_put=rpc.PutRequest(key=KEY, value=b"written since"))], [])
+
+        slow = Mover(FENCE)
+        assert await slow.move(_ThenRun(old, the_other_mover_first), new, KEY, 1) is False
+        assert await old.get(KEY) is None
+        assert (await new.get(KEY)).value == b"written since"
 
 
 async def test_a_move_planned_under_a_replaced_map_is_refused(harness: Any,
