@@ -71,14 +71,15 @@ async def start_etcd_at(harness: Owner, name: str, host: str,
     return await server.start()
 
 
-async def start_two_port_etcd(harness: Owner, name: str) -> tuple[Process, str, str]:
-    """A single-member etcd answering clients at two loopback URLs (one cluster, two
+async def start_two_port_etcd(harness: Owner, name: str,
+                              host: str = "127.0.0.1") -> tuple[Process, str, str]:
+    """A single-member etcd answering clients at two URLs on ``host`` (one cluster, two
     endpoints, as after a member was given a new address): its process and both URLs."""
     name = harness.unique_name(name)
     one, two, peer = free_ports(3)
-    first, second = f"http://127.0.0.1:{one}", f"http://127.0.0.1:{two}"
+    first, second = f"http://{host}:{one}", f"http://{host}:{two}"
     argv = commands.etcd(name=name, data_dir=harness.path(name) / "data", client_url=first,
-                         peer_url=f"http://127.0.0.1:{peer}",
+                         peer_url=f"http://{host}:{peer}",
                          token=f"meshxl-test-{uuid.uuid4().hex[:12]}",
                          extra=["--listen-client-urls", f"{first},{second}"])
     process = harness.spawn(name, argv)
