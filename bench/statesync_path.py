@@ -18,11 +18,14 @@ usually arrive). Building etcd's answers is timed apart and left out; gRPC, the 
 and the other processes of a real run are not here (``docs/performance.md``: a write
 costs the sidecar about twice as much CPU end to end).
 
-Three loads, each a round of 4 connections x 16 pipelined requests:
+Five loads, each a round of 4 connections x 16 pipelined requests:
 
 * ``floor``: the same server with a PUT route that answers at once (HTTP in and out);
 * ``put``: ``PUT /v1/sessions/{id}`` with a ~1 KiB JSON state;
-* ``bulk``: ``POST /v1/sessions:bulkSave`` of 16 sessions (figures per session).
+* ``bulk``: ``POST /v1/sessions:bulkSave`` of 16 sessions (figures per session);
+* ``put fenced``, ``bulk fenced``: the same through a session shard's store, whose
+  every batch compares the shard map version fence (docs/scaling.md, "The map version
+  fence"), side by side with the two above.
 
 Reported: CPU microseconds per request (per session for bulk saves), the least of
 several repetitions of process time; and Python function calls per request, from one
@@ -54,7 +57,7 @@ from meshxl.statesync.cache import SessionCache
 from meshxl.statesync.http import WRITE, Connection, HttpServer, Request, Response, Router
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.sessions import Sessions
-from meshxl.statesync.store import SessionStore
+from meshxl.statesync.store import Fencing, SessionStore
 from meshxl.statesync.writes import Settings
 
 CONNECTIONS = 4
@@ -90,7 +93,7 @@ class _Etcd:
         started = time.process_time()
         self.revision += 1
         ops = rpc.TxnRequest.FromString(request).success
-        answer = rpc.TxnResponse()
+        answer = rpc.TxnResponse(succeeded=True)  # the batch's own compares hold
         answer.header.revision = self.revision
         events = rpc.WatchResponse()
         for op in ops:
@@ -142,11 +145,13 @@ class _Sidecar:
     metrics: StatesyncMetrics = field(default_factory=StatesyncMetrics)
 
 
-def _sessions() -> tuple[Sessions, _Etcd]:
+def _sessions(fenced: bool = False) -> tuple[Sessions, _Etcd]:
     keys = Keys("/meshxl")
     cache = SessionCache(None, keys.sessions_prefix(CLUSTER))  # type: ignore[arg-type]
     etcd = _Etcd(cache)
     store = SessionStore(etcd, ttl=1800.0)  # type: ignore[arg-type]
+    if fenced:  # a session shard's store: every batch compares the map version fence
+        store.fence(Fencing(keys.shard_fence.encode(), lambda: 7, lambda _: None, "s1"))
     bucket = int(time.time() // store.leases.bucket)
     store.leases._leases = {bucket: 7, bucket + 1: 7}  # granted: no lease calls
     return Sessions(store, cache, keys, CLUSTER, MEMBER, Settings(),
@@ -157,7 +162,7 @@ def _requests(load: str, connection: int) -> bytes:
     """One round's pipelined requests on one connection."""
     head = (b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:7070\r\nUser-Agent: meshxl-client\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n")
-    if load == "bulk":
+    if load.startswith("bulk"):
         document = json.loads(STATE)
         body = json.dumps({"items": [{"session": f"s-{connection}-{i:03d}", "data": document}
                                      for i in range(PIPELINED)]}).encode()
@@ -178,7 +183,7 @@ def _server(load: str) -> tuple[HttpServer, _Etcd | None]:
         router.add("PUT", "/v1/sessions/{session_id}", _answer_at_once, max_body=1 << 20,
                    access=WRITE, key="session_id")
         return HttpServer(router), None
-    sessions, etcd = _sessions()
+    sessions, etcd = _sessions(fenced=load.endswith("fenced"))
     routes = SessionRoutes(_Sidecar(sessions))
     return HttpServer(routes.router(sessions.settings.max_bytes)), etcd
 
@@ -231,7 +236,8 @@ async def measure(load: str, rounds: int, repeats: int, profile: bool = False
 
 async def run(quick: bool) -> dict[str, Any]:
     rounds, repeats = (60, 3) if quick else (300, 9)
-    loads = {load: await measure(load, rounds, repeats) for load in ("floor", "put", "bulk")}
+    loads = {load: await measure(load, rounds, repeats)
+             for load in ("floor", "put", "put fenced", "bulk", "bulk fenced")}
     return {"rounds": rounds, "repeats": repeats, "connections": CONNECTIONS,
             "pipelined": PIPELINED, "state_bytes": len(STATE), "loads": loads,
             "bulk_sessions_per_request": PIPELINED}
@@ -246,12 +252,17 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  {'load':<44} {'CPU us':>8} {'x floor':>8} {'calls':>7}  runs")
     labels = {"floor": "floor: HTTP in and out, answered at once",
               "put": "PUT of one session",
-              "bulk": f"bulk save of {res['bulk_sessions_per_request']}, per session"}
+              "put fenced": "PUT, a shard's store (map version fence)",
+              "bulk": f"bulk save of {res['bulk_sessions_per_request']}, per session",
+              "bulk fenced": "bulk save, a shard's store, per session"}
     for load, label in labels.items():
         m = loads[load]
         print(f"  {label:<44} {m['us_per_request']:>8.2f} "
               f"{m['us_per_request'] / floor:>7.2f}x {m['calls_per_request']:>7.1f}  "
               f"{m['runs_us']}")
+    for load in ("put", "bulk"):
+        print(f"  {load} with the fence / without: "
+              f"{loads[load + ' fenced']['us_per_request'] / loads[load]['us_per_request']:.3f}x")
 
 
 def main() -> int:

@@ -183,8 +183,9 @@ async def one_mode(k: int | None, writes: int, writers: int = WRITERS,
                 out["etcd_cpu_us_per_write"] = {
                     name: round(cpu[name] / max(1, per[name]) * 1e6, 1) for name in per}
                 out["per_shard_writes"] = per
-                grown = parse_shard_map({"version": 2, "shards": [
-                    *shard_map.as_dict()["shards"], {"name": f"s{k + 1}", "etcd": "unused"}]})
+                grown = parse_shard_map({"version": 2, "shards": [  # the new one not dialled
+                    *shard_map.as_dict()["shards"],
+                    {"name": f"s{k + 1}", "etcd": "http://127.0.0.1:1"}]})
 
                 def connect(urls: str) -> Any:
                     return meshxl_etcd.client(urls)
