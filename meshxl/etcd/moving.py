@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 
 import aetcd
 from aetcd import rpc
@@ -51,18 +52,23 @@ class Mover:
 
     def __init__(self, fence_key: bytes) -> None:
         self._fence_key = fence_key
-        self._source_leases: dict[tuple[int, int], tuple[float, float]] = {}
-        """(source client, lease) -> (when read: monotonic, seconds it had left)."""
-        self._target_leases: dict[tuple[int, int], int] = {}
-        """(target client, expiry step) -> lease granted there."""
-        self._clusters: dict[int, str] = {}
-        """id(client) -> the etcd cluster it reaches (from an answer's header)."""
+        # By client (weakly: a client closed and collected is forgotten, never mistaken
+        # for another made later).
+        self._source_leases: weakref.WeakKeyDictionary[
+            aetcd.Client, dict[int, tuple[float, float]]] = weakref.WeakKeyDictionary()
+        """Source client -> its lease -> (when read: monotonic, seconds it had left)."""
+        self._target_leases: weakref.WeakKeyDictionary[
+            aetcd.Client, dict[int, int]] = weakref.WeakKeyDictionary()
+        """Target client -> expiry step -> lease granted there."""
+        self._clusters: weakref.WeakKeyDictionary[aetcd.Client, str] = \
+            weakref.WeakKeyDictionary()
+        """Client -> the etcd cluster it reaches (from an answer's header)."""
         self.moved = 0
 
     async def _cluster(self, client: aetcd.Client) -> str:
-        known = self._clusters.get(id(client))
+        known = self._clusters.get(client)
         if known is None:
-            known = self._clusters[id(client)] = (await probe(client, self._fence_key)).cluster_id
+            known = self._clusters[client] = (await probe(client, self._fence_key)).cluster_id
         return known
 
     async def move(self, source: aetcd.Client, target: aetcd.Client, key: bytes,
@@ -74,12 +80,12 @@ class Mover:
         never deleted. :class:`~meshxl.etcd.fence.Fenced` once a newer map was stored."""
         fence = self._fence_key
         read = await under_fence(source, fence, version, [], [_get(key)], [], where=names[0])
-        self._clusters[id(source)] = cluster_hex(read.header.cluster_id)
+        self._clusters[source] = cluster_hex(read.header.cluster_id)
         kvs = read.responses[0].response_range.kvs
         if not kvs:
             return False
         got = kvs[0]
-        if await self._cluster(target) == self._clusters[id(source)]:
+        if await self._cluster(target) == self._clusters[source]:
             return False  # one cluster under two names: nothing to move, nothing to delete
         lease = await self._lease(source, target, got.lease)
         created = await under_fence(
@@ -121,22 +127,24 @@ class Mover:
         if not lease:
             return 0
         now = time.monotonic()
-        seen = self._source_leases.get((id(source), lease))
+        leases = self._source_leases.setdefault(source, {})
+        seen = leases.get(lease)
         if seen is None or now - seen[0] > LEASE_STEP:
             info = await source.get_lease_info(lease, keys=False)
-            seen = self._source_leases[(id(source), lease)] = (now, float(info.TTL))
+            seen = leases[lease] = (now, float(info.TTL))
         left = seen[1] - (now - seen[0])
         if left <= 0:  # expiring now: the copy lives one step (it goes with its lease)
             left = 1.0
         step = math.ceil((time.time() + left) / LEASE_STEP)
-        granted = self._target_leases.get((id(target), step))
+        steps = self._target_leases.setdefault(target, {})
+        granted = steps.get(step)
         if granted is None:
             ttl = max(2, math.ceil(step * LEASE_STEP - time.time()))
             granted = (await target.lease(ttl)).id
-            self._target_leases[(id(target), step)] = granted
+            steps[step] = granted
             past = math.floor(time.time() / LEASE_STEP)
-            for old in [k for k in self._target_leases if k[1] < past]:
-                del self._target_leases[old]
+            for old in [k for k in steps if k < past]:
+                del steps[old]
         return granted
 
 

@@ -357,6 +357,9 @@ async def _raise_fences(shards: Iterable[Shard], version: int, connect: Connect,
         return None
 
     wanted = list({(s.name, s.etcd): s for s in shards}.values())
+    raised = {s.cluster_id for s in wanted if (s.name, s.etcd) in required and s.cluster_id}
+    wanted = [s for s in wanted  # one cluster at its old URLs too: raised at its new ones
+              if (s.name, s.etcd) in required or s.cluster_id not in raised]
     failed = [(s, e) for s, e in zip(wanted, await asyncio.gather(*(one(s) for s in wanted)),
                                      strict=True) if e is not None]
     for shard, error in failed:

@@ -81,11 +81,12 @@ class MapFollower:
         sessions.on_fenced = self._fenced
 
     def _fenced(self, version: int) -> None:
-        self.fence_seen = max(self.fence_seen, version)
         if self.metrics is not None:
             self.metrics.fenced.inc()
-        log.info("a session shard is fenced at map version %d (serving %d): reading the "
-                 "shard map", version, self.sessions.map.version)
+        if version > self.fence_seen:
+            self.fence_seen = version
+            log.info("a session shard is fenced at map version %d (serving %d): reading "
+                     "the shard map", version, self.sessions.map.version)
         self.wake.set()
 
     async def run(self) -> None:

@@ -196,7 +196,17 @@ class ShardedSessions:
             new.engine.ledger.observe(session_id, seen[0] if exact else 0)
 
     def shard_of(self, session_id: str, shard_map: ShardMap | None = None) -> Shard:
-        return self.shards[(shard_map or self.map).of(session_id).name]
+        return self.part(shard_map or self.map, (shard_map or self.map).of(session_id).name)
+
+    def part(self, shard_map: ShardMap, name: str) -> Shard:
+        """Shard ``name`` of ``shard_map`` as this sidecar holds it; 503 when a newer map
+        closed it while a request planned under ``shard_map`` was served."""
+        found = self.shards.get(name)
+        if found is None:
+            raise Unavailable(f"session shard {name} was closed: shard map version "
+                              f"{shard_map.version} was replaced by {self.map.version} "
+                              "while this request was served; send it again")
+        return found
 
     async def settle(self, session_id: str, shard_map: ShardMap | None = None) -> Shard:
         """The shard that serves ``session_id`` now under ``shard_map`` (the one
@@ -211,13 +221,13 @@ class ShardedSessions:
             raise Unavailable(f"session {session_id!r} moves from shard {source.name} to "
                               f"{shard.name}: its writes wait until every sidecar has the "
                               "new shard map (a second or two); send it again")
-        old = self.shards[source.name]
+        old = self.part(m, source.name)
         old.refuse_if_down()
         try:
             await self.mover.move(old.client, shard.client, old.engine.ledger.key(session_id),
                                   m.version, (old.name, shard.name))
-        except Fenced:
-            self._fence_found(m.version)
+        except Fenced as exc:
+            self._fence_found(exc.fence)
             raise
         except MeshxlError:
             raise
@@ -298,7 +308,7 @@ class ShardedSessions:
     async def _get(self, session_id: str, m: ShardMap) -> Stored:
         source = m.source_of(session_id) if m.stage == PREPARE else None
         if source is not None:  # not moved yet: where it is, its old shard or its new
-            old = self.shards[source.name]
+            old = self.part(m, source.name)
             old.refuse_if_down()
             try:
                 return _tagged(old.name, await old.engine.get(session_id))  # type: ignore[no-any-return]
@@ -400,7 +410,7 @@ class ShardedSessions:
                 f"{len(shards)} ({spread}): give sessions that change together one hash "
                 "tag, e.g. {user42}:cart and {user42}:prefs")
         (name,) = shards
-        shard = self.shards[name]
+        shard = self.part(m, name)
         shard.refuse_if_down()
         transacted = await shard.engine.write([self._in_shard(w, shard, m) for w in writes],
                                               atomic=True, traceparent=traceparent)
