@@ -351,7 +351,7 @@ def next_map(current: ShardMap | None, new: Sequence[Shard], floor: int = 0) -> 
     """The step from ``current`` to the list ``new`` (shards with their cluster ids, as
     found: :func:`check_identity` passed). A new version is above ``current``'s and
     ``floor`` (the highest fence of the shards involved). Conflict when the list cannot
-    be reached from the stage ``current`` is at. Pure; ``tests/unit/test_shards.py``."""
+    be reached from the stage ``current`` is at. Pure; ``tests/unit/test_reshard_steps.py``."""
     new = tuple(new)
     check_distinct(new)
     version = max(current.version if current is not None else 0, floor) + 1

@@ -124,6 +124,11 @@ def test_sync_shows_each_shard_and_warns_of_one_unreachable(name: str, error: st
     junk = sync_report(read_of(RuntimeState(), sync={("web", "m1"): {
         **stats, "shards": {"shards": "x"}}}), now=1000.0)
     assert junk["sidecars"][0]["shards"] is None
+    # A stored map the sidecar cannot use: it says so, and which version it serves.
+    stuck = sync_report(read_of(RuntimeState(), sync={("web", "m1"): {
+        **stats, "shards": {**shards, "map_error": error or "x"}}}), now=1000.0)
+    assert any("(serving shard map version 4)" in w and (error or "x")[:300] in w
+               for w in stuck["warnings"])
 
 
 @settings(max_examples=40, deadline=None)

@@ -72,6 +72,9 @@ def sync_report(read: MeshRead, cluster: str | None = None,
                  + (f": {str(s['last_error'])[:200]}" if s.get("last_error") else "")
                  for r in rows if r["shards"] for s in r["shards"]["shards"]
                  if not s.get("reachable", True)]
+    warnings += [f"{r['cluster']}/{r['member']}: {str(r['shards']['map_error'])[:300]} "
+                 f"(serving shard map version {r['shards']['version']})"
+                 for r in rows if r["shards"] and r["shards"].get("map_error")]
     return {"revision": read.revision, "sidecars": rows, "without_statistics": missing,
             "unregistered": unregistered,
             "warnings": warnings + model_warnings(read)}
@@ -83,4 +86,5 @@ def _shards(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("shards"), list):
         return None
     shards = [s for s in value["shards"] if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    return {"version": value.get("version"), "shards": shards}
+    return {"version": value.get("version"), "shards": shards,
+            "map_error": value.get("map_error") or None}
