@@ -13,8 +13,9 @@ Each test is a fault an operator or the network brings to ``meshxl shards set``:
   they could (and say so), a new sidecar comes up on it without sessions, and both
   serve once a usable map is stored;
 * going back to the previous list, from the stage ``prepare`` (nothing moved: the old
-  map again) and from the stage ``move`` (a reverse reshard, blocked with a precise
-  reason while a shard sessions may have moved into does not answer, and resumed);
+  map again, also while the new shard does not answer) and from the stage ``move`` (a
+  reverse reshard, blocked with a precise reason while a shard sessions may have moved
+  into does not answer, and resumed);
 * a sidecar cut off from the main etcd only (a partition in network namespaces)
   while the map changes: its writes are refused (503) at the shard by the map
   version fence, never acknowledged in the old shard, and it serves again on the new
@@ -254,8 +255,15 @@ async def test_going_back_from_the_stage_prepare(harness: Any, etcd: EtcdServer,
     shown = await _show(etcd.url)
     assert shown["stage"] == "prepare" and [s["name"] for s in shown["previous"]] == ["s1"]
 
-    # Back to the list before: nothing moved, so it is the old map again.
-    done = await _set(etcd.url, f"s1={a.url}")
+    # Back to the list before, with the new shard's etcd not answering (paused): nothing
+    # moved into it, so it does not stand in the way; it is the old map again.
+    pid = b.process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = await _set(etcd.url, f"s1={a.url}", probe_timeout="2")
+    finally:
+        os.kill(pid, signal.SIGCONT)
     assert "previous" not in done["map"] and done["plan"]["moved"] == 0, done
     assert done["map"]["version"] > shown["version"], done
     await wait_until(lambda: _serves(m1, done["map"]["version"]), timeout=15,
