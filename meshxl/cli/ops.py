@@ -270,10 +270,11 @@ def shards_set(shard_items: tuple[str, ...], dry_run: bool, ack_timeout: float,
     Checked first, nothing written otherwise: every shard answers, each is its own
     etcd cluster (one cluster under two names is refused), a name already in the map
     still reaches its cluster. New URLs of the same clusters are updated in place;
-    any other change moves sessions in stages (prepare, move). During a reshard the
-    same list again goes on, and the list it started from goes back. The first map
-    of an installation is refused (exit 1, nothing written) while sidecars run or
-    sessions are stored unsharded."""
+    any other change moves sessions in stages (prepare, move). Each version stored
+    raises the map version fence in every shard: a sidecar still on an older map is
+    refused there (503). During a reshard the same list again goes on, and the list
+    it started from goes back. The first map of an installation is refused (exit 1,
+    nothing written) while sidecars run or sessions are stored unsharded."""
     from meshxl.operator.shards import set_map
 
     new = _shard_option(shard_items)
