@@ -163,7 +163,8 @@ class Sidecar:
             with contextlib.suppress(TimeoutError):  # see _follow_sync
                 async with asyncio.timeout(5.0):
                     await self.mesh.synced.wait()
-            await self.membership.set_ready(True)
+            # Without a usable shard map, not before one (_announce).
+            await self.membership.set_ready(self.shard_map is None or bool(self.shard_map.shards))
         else:
             self._watches = {part.name: loop.create_task(part.cache.run())
                              for part in self.parts}
@@ -178,10 +179,17 @@ class Sidecar:
                 self.client, self.keys, self.sessions, self.parts,
                 lambda name, client: self._part(name, client, settings),
                 self.config.etcd_security, lambda: self._watches,
-                self.membership.set_shard_map, self.metrics)
+                self._announce, self.metrics)
             self._tasks.append(loop.create_task(follower.run()))
         self._tasks.append(loop.create_task(follow_failovers(
             self.client, self.keys.failovers_prefix(self.config.cluster), self.takeovers)))
+
+    async def _announce(self, version: int) -> None:
+        """A shard map served from now on: in the registration (and, holding only what
+        it uses, ready: a sidecar that started without a usable map was not)."""
+        await self.membership.set_shard_map(version)
+        if self.narrow:
+            await self.membership.set_ready(True)
 
     async def stop(self) -> None:
         tasks = {*self._tasks, *(self._watches or {}).values()}
@@ -309,7 +317,8 @@ class Sidecar:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self.mesh.synced.wait()
-            await self.membership.set_ready(True)
+            # Without a usable shard map, not before one (_announce).
+            await self.membership.set_ready(self.shard_map is None or bool(self.shard_map.shards))
             log.info("cache caught up (%d sessions): member %s is ready", self.cached_sessions,
                      self.config.member)
             await self._resync_needed()

@@ -390,3 +390,46 @@ async def test_a_sidecar_cut_off_from_the_main_etcd_is_fenced(
         assert value_of(stored[holders[0]][session]) == {"n": n}
     assert not any(s.startswith("new") for keys in stored.values() for s in keys), stored
 
+
+
+async def test_a_narrow_sidecar_is_not_advertised_without_a_usable_map(
+        harness: Any, etcd: EtcdServer, etcd_client: aetcd.Client,
+        start_sidecar: Any) -> None:
+    """A sidecar holding only what it uses (``replication: narrow``) is ready at once
+    as a rule; starting on a stored map it cannot use, its registration says not ready
+    (Envoy sends it nothing) until a usable map is stored."""
+    from meshxl.operator.actions import apply_model
+
+    a = await start_etcd(harness, "shard-a")
+    await apply_model(etcd_client, KEYS, f"""\
+clusters:
+- name: {CLUSTER}
+  mode: load-sharing
+  membership: registered
+  sessions: {{replication: narrow}}
+  members:
+  - {{name: m1, address: 127.0.0.1, port: 1}}
+""", "test")
+    await etcd_client.put(KEYS.shards.encode(), json.dumps(
+        {"version": 3, "shards": [{"name": "s1", "etcd": "http://127.0.0.1:2379x"}]}).encode())
+    m1: SidecarProcess = await start_sidecar(cluster=CLUSTER, member="m1", etcd=etcd.url,
+                                             app_port=free_port(), wait_ready=False)
+
+    async def registered_ready() -> bool | None:
+        got = await etcd_client.get(KEYS.member(CLUSTER, "m1").encode())
+        return None if got is None else bool(json.loads(got.value)["ready"])
+
+    await wait_until(lambda: _is(registered_ready(), False), timeout=20,
+                     what="m1 registered, not ready", process=m1.process)
+    assert (await m1.status())["settings"]["replication"] == "narrow"
+    assert (await m1.put("u1", {"n": 1})).status == 503
+
+    await etcd_client.put(KEYS.shards.encode(), json.dumps(
+        {"version": 4, "shards": [{"name": "s1", "etcd": a.url}]}).encode())
+    await wait_until(lambda: _is(registered_ready(), True), timeout=20,
+                     what="m1 registered ready on the usable map", process=m1.process)
+    assert (await m1.put("u1", {"n": 1})).status == 201
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
