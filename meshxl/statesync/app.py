@@ -9,11 +9,12 @@ serve it.
 
 With ``sessions.replication: narrow`` the cache holds only what this member wrote or
 read, and the member is ready at once (any other session is read from etcd on first
-use); the sidecar follows the mesh in etcd (model and registrations) for its member's
-role, and while that role is ``standby`` (high-availability mode) it watches and holds
-every session of the cluster, as in ``all`` mode, so the failover it exists for finds
-the active's sessions local. Leaving the standby role it stops the watch and keeps
-what it holds (the sessions it now serves); expired sessions are pruned.
+use; an idle probe asks each etcd cluster its revision, so a restore is found without a
+watch: history.py); the sidecar follows the mesh (model, registrations) for its role,
+and while it is ``standby`` (high availability) it watches and holds every session, as
+in ``all`` mode, so the failover it exists for finds the active's sessions local.
+Leaving the standby role it stops the watch and keeps what it holds; expired sessions
+are pruned.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class Sidecar:
         cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
                              on_lag=metrics.replication_lag.observe,
                              on_undecodable=metrics.undecodable.labels("watch").inc,
-                             on_rewind=lambda: engine[0].ledger.observed.clear())
+                             on_rewind=lambda: engine[0].ledger.observed.clear(),
+                             history=store.history)
         engine.append(Sessions(store, cache, self.keys, config.cluster, config.member,
                                settings, metrics))
         return Shard(name, client, store, cache, engine[0])
@@ -332,6 +334,8 @@ class Sidecar:
         last_prune = time.monotonic()
         while True:
             await asyncio.sleep(period)
+            for part in self.parts:  # without a watch, an idle probe finds a restore
+                part.cache.ask_if_quiet()
             if settings.sync_delay > 0:
                 await self.sessions.flush_due()
             if time.monotonic() - last_prune > settings.ttl / 10:

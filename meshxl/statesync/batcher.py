@@ -29,6 +29,7 @@ from meshxl.etcd.shards import parse_fence
 
 from . import wire
 from .errors import LeaseLost, StoreUnavailable
+from .history import History
 
 log = logging.getLogger("meshxl.statesync.store")
 
@@ -177,9 +178,11 @@ class Batcher:
     def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
                  max_inflight: int, timeout: float,
                  on_batch: Callable[[str, int, float], None] | None = None,
-                 on_lease_lost: Callable[[], None] | None = None):
+                 on_lease_lost: Callable[[], None] | None = None,
+                 history: History | None = None):
         self._client = client
         self._on_lease_lost = on_lease_lost
+        self._history = history or History()
         self.name = name
         self._max_ops = min(max_ops, MAX_TXN_OPS)
         self._max_bytes = min(max_bytes, MAX_REQUEST_BYTES)
@@ -305,6 +308,7 @@ class Batcher:
             request = wire.txn_request([op.request for op in pending], fence)
             # One member and nowhere else to go: one attempt, the whole deadline.
             timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if balancer.probing else remaining
+            floor = self._history.floor()
             try:
                 response = await balancer.attempt(ep, _txn(ep.client)(
                     request, timeout=timeout, metadata=ep.client.metadata), timeout)
@@ -338,6 +342,7 @@ class Batcher:
                             "applied"))
                 pending = again
                 continue
+            self._history.answered(response.header, floor)  # a rewind: told before the ops
             if fencing is not None and not response.succeeded:
                 now = _fence_of(response)
                 if now > version:

@@ -3,9 +3,12 @@
 A full read (paged, all pages at one revision) then a watch from the next revision.
 After a lost connection or etcd member the watch resumes from the last applied
 revision; after a compaction (the revision is gone) everything is read again, and so
-after etcd's revision went back below the last one applied (etcd restored from a
-backup, or replaced): then nothing cached is kept, since revisions now name other
-writes (:class:`Rewound`). An
+after etcd's history was replaced (restored from a backup, or another cluster): then
+nothing cached is kept, since revisions now name other writes. Whether it was replaced
+is :class:`~.history.History`'s to say, from every answer etcd gives this sidecar about
+its sessions, watch or not (the session store's too): :meth:`SessionCache.forget` is
+what any of them then does to the cache, and a watch under way reads everything again.
+An
 update is applied only if it is newer than what the cache holds for that key, so
 nothing is applied twice or out of order, whatever mix of watch events, resyncs and
 the sidecar's own acknowledged writes arrives first.
@@ -19,6 +22,7 @@ it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +33,8 @@ from aetcd import rpc
 from aetcd.exceptions import RevisionCompactedError
 
 from meshxl import etcd
-from meshxl.errors import Unavailable
 
+from .history import History, Rewound
 from .record import SessionRecord, valid_session_id
 
 log = logging.getLogger(__name__)
@@ -40,17 +44,6 @@ log = logging.getLogger(__name__)
 class Entry:
     revision: int
     record: SessionRecord
-
-
-class Rewound(Unavailable):
-    """etcd's revision is below one this cache applied, or its cluster id changed: its
-    history was replaced (the cache reads everything again)."""
-
-    def __init__(self, applied: int, now: int, cluster: tuple[int, int] | None = None):
-        super().__init__(f"etcd's cluster id changed from {cluster[0]:x} to {cluster[1]:x}"
-                         if cluster is not None else
-                         f"etcd's revision went back from {applied} to {now}")
-        self.applied, self.now, self.cluster = applied, now, cluster
 
 
 QUIET_PROBE = 1.0
@@ -65,8 +58,12 @@ class SessionCache:
     def __init__(self, client: aetcd.Client, prefix: str, *, page_size: int = 2000,
                  on_lag: Callable[[float], None] | None = None,
                  on_undecodable: Callable[[], None] | None = None,
-                 on_rewind: Callable[[], None] | None = None):
+                 on_rewind: Callable[[], None] | None = None,
+                 history: History | None = None):
         self._client = client
+        self.history = history if history is not None else History()
+        """etcd's history as this sidecar saw it (shared with the session store)."""
+        self.history.listen(self.forget)
         self._prefix = prefix.encode()
         self._page_size = page_size
         self._on_lag = on_lag
@@ -76,8 +73,6 @@ class SessionCache:
         self.replaced: tuple[int, int] | None = None
         """(low, high): revisions handed out from a history etcd no longer has (it went
         back to ``low``, or its cluster was replaced), which an ETag must not name."""
-        self.cluster_id = 0
-        """etcd's cluster id at the last full read (0: none yet)."""
         self.entries: dict[str, Entry] = {}
         self.applied = 0
         self.synced = asyncio.Event()
@@ -100,6 +95,13 @@ class SessionCache:
         self.last_lag: float | None = None
         self._expected: dict[bytes, tuple[bytes, SessionRecord, str]] = {}
         """Writes of this member under way: key -> (stored bytes, record, session)."""
+        self._running = False
+        """:meth:`run` follows etcd (a watch-fed cache)."""
+        self._need_full = True
+        self._asking: asyncio.Task[None] | None = None
+        """:meth:`ask_if_quiet`'s question under way."""
+        self._following: asyncio.Task[None] | None = None
+        """The attempt of :meth:`run` under way, which a rewind found elsewhere ends."""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -148,41 +150,70 @@ class SessionCache:
         else:
             self.entries[session_id] = Entry(revision, record)
 
+    # -- a replaced history -----------------------------------------------------------
+
+    def forget(self, exc: Rewound) -> None:
+        """etcd's history was replaced (:class:`~.history.History` found it, on any
+        path): nothing kept from it is served, no ETag naming one of its revisions is
+        compared (:meth:`replaced_revision`), what the member observed of each session
+        is void (``on_rewind``), and a watch under way reads everything again."""
+        self.rewinds += 1
+        log.error("session cache: %s (etcd restored from a backup, or replaced): "
+                  "dropping every cached session%s", exc,
+                  " and reading everything" if self._running else "")
+        self.entries = {}  # revisions of the old history name other writes now
+        self.undecodable = {}
+        low = 0 if exc.cluster else exc.now
+        high = max(exc.applied, self.replaced[1] if self.replaced else 0)
+        self.replaced = (min(low, self.replaced[0]) if self.replaced else low, high)
+        self.applied = 0
+        if self._on_rewind is not None:
+            self._on_rewind()
+        if self._running:
+            self._need_full = True
+            self.synced.clear()
+            self.resync_needed.set()
+            following = self._following
+            if following is not None and following is not asyncio.current_task():
+                following.cancel()  # :meth:`run` takes it up: a full read
+
     # -- the watch loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        need_full = True
+        """Read everything, then follow the watch, for good (cancel to stop): each
+        attempt in a task of its own, which a rewind found elsewhere cancels
+        (:meth:`forget`) to read everything again."""
         backoff = 0.05
-        while True:
-            try:
-                if need_full:
-                    await self._full_sync()
-                    need_full = False
-                await self._watch()
-            except asyncio.CancelledError:
-                raise
-            except Rewound as exc:
-                self.rewinds += 1
-                log.error("session cache: %s (etcd restored from a backup, or replaced): "
-                          "dropping every cached session and reading everything",
-                          exc)
-                self.entries = {}  # revisions of the old history name other writes now
-                low = 0 if exc.cluster else exc.now
-                high = max(exc.applied, self.replaced[1] if self.replaced else 0)
-                self.replaced = (min(low, self.replaced[0]) if self.replaced else low, high)
-                self.applied = 0
-                if self._on_rewind is not None:
-                    self._on_rewind()
-                need_full = True
-                self.synced.clear()
-                self.resync_needed.set()
-            except RevisionCompactedError as exc:
-                log.warning("session watch: revision %d compacted (%s); reading everything",
-                            self.applied + 1, exc)
-                need_full = True
-                self.synced.clear()
-                self.resync_needed.set()
-            except Exception as exc:  # connection lost, etcd member gone: resume
+        self._need_full = True
+        self._running = True
+        try:
+            while True:
+                attempt = asyncio.get_running_loop().create_task(self._follow())
+                self._following = attempt
+                try:
+                    await asyncio.wait([attempt])
+                finally:
+                    self._following = None
+                    if not attempt.done():
+                        attempt.cancel()
+                        with contextlib.suppress(BaseException):
+                            await attempt
+                if attempt.cancelled():  # :meth:`forget`'s: everything again, at once
+                    continue
+                exc = attempt.exception()
+                if isinstance(exc, Rewound):  # :meth:`forget` was told
+                    continue
+                if isinstance(exc, RevisionCompactedError):
+                    log.warning("session watch: revision %d compacted (%s); reading "
+                                "everything", self.applied + 1, exc)
+                    self._need_full = True
+                    self.synced.clear()
+                    self.resync_needed.set()
+                    backoff = 0.05
+                    continue
+                if exc is None or not isinstance(exc, Exception):
+                    raise exc or ConnectionError("session watch ended")
+                # connection lost, etcd member gone: resume
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if self.down_since is None:
@@ -191,8 +222,15 @@ class SessionCache:
                             self.last_error, self.applied + 1)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
-            else:
-                backoff = 0.05
+        finally:
+            self._running = False
+
+    async def _follow(self) -> None:
+        """One attempt: a full read if one is due, then the watch (until it fails)."""
+        if self._need_full:
+            await self._full_sync()
+            self._need_full = False
+        await self._watch()
 
     async def _full_sync(self) -> None:
         """Read every session at one revision, page by page.
@@ -204,8 +242,10 @@ class SessionCache:
         entries: dict[str, Entry] = {}
         self.undecodable = {}  # a full read finds them all again
         key, revision, page = self._prefix, 0, self._page_size
+        history = self.history
         while True:
             request = rpc.RangeRequest(key=key, range_end=end, limit=page, revision=revision)
+            floor = history.floor()
             try:
                 response = await self._client.kvstub.Range(
                     request, timeout=30, metadata=self._client.metadata)
@@ -218,11 +258,11 @@ class SessionCache:
                              page)
                     continue
                 raise
+            rewound = history.answered(response.header, floor)
+            if rewound is not None:
+                raise rewound
             if revision == 0:
                 revision = response.header.revision
-                if revision < self.applied:
-                    raise Rewound(self.applied, revision)
-                self.cluster_id = response.header.cluster_id
             for kv in response.kvs:
                 session_id = self._session_id(kv.key)
                 record = self._decode(session_id, kv.key, kv.value, kv.mod_revision)
@@ -250,14 +290,13 @@ class SessionCache:
         if self.watch_starts > self.full_syncs:
             # etcd watches a future revision without complaint: a cluster restored below
             # it would never send what it writes until it got there.
-            now, cluster_id = await self._revision()
+            rewound = await self.ask_revision()
             self.down_since = None  # etcd answers (the watch may bring no event for long)
-            if now < self.applied:
-                raise Rewound(self.applied, now)
-            if self.cluster_id and cluster_id != self.cluster_id:
-                raise Rewound(self.applied, now, (self.cluster_id, cluster_id))
+            if rewound is not None:
+                raise rewound
             log.info("session watch resumed from revision %d", start)
         apply = self._apply
+        watched = self.history.watched
         prober = asyncio.get_running_loop().create_task(self._probe_while_quiet())
         try:
             async for response in etcd.watch_responses(self._client, self._prefix,
@@ -265,6 +304,7 @@ class SessionCache:
                 self.down_since = None  # etcd answers this watch
                 for event in response.events:
                     apply(event)
+                watched(response.header.revision)
         finally:
             prober.cancel()
         raise ConnectionError("session watch ended")
@@ -285,9 +325,10 @@ class SessionCache:
                 seen = self.applied
                 continue
             asked = time.monotonic()
+            floor = self.history.floor()
             try:
-                await self._client.kvstub.Range(request, timeout=PROBE_TIMEOUT,
-                                                metadata=self._client.metadata)
+                answer = await self._client.kvstub.Range(request, timeout=PROBE_TIMEOUT,
+                                                         metadata=self._client.metadata)
             except Exception as exc:
                 if self.down_since is None:
                     self.down_since = asked
@@ -298,6 +339,8 @@ class SessionCache:
                 if self.down_since is not None:
                     log.info("session watch: etcd answers again")
                 self.down_since = None
+                if self.history.answered(answer.header, floor) is not None:
+                    return  # :meth:`forget` ends the watch
 
     def replaced_revision(self, revision: int) -> bool:
         """Whether ``revision`` was handed out from a history etcd no longer has: an
@@ -306,12 +349,37 @@ class SessionCache:
         replaced = self.replaced
         return replaced is not None and replaced[0] < revision <= replaced[1]
 
-    async def _revision(self) -> tuple[int, int]:
-        """etcd's revision now and its cluster id (a count-only range: no data moves)."""
+    async def ask_revision(self, timeout: float = 5.0) -> Rewound | None:
+        """Ask etcd for its revision (a count-only range: no data moves), for
+        :class:`~.history.History` to compare with what was seen: the rewind it shows
+        (:meth:`forget` done), or None."""
         request = rpc.RangeRequest(key=self._prefix, count_only=True)
-        response = await self._client.kvstub.Range(request, timeout=5,
+        floor = self.history.floor()
+        response = await self._client.kvstub.Range(request, timeout=timeout,
                                                    metadata=self._client.metadata)
-        return int(response.header.revision), int(response.header.cluster_id)
+        return self.history.answered(response.header, floor)
+
+    def ask_if_quiet(self) -> None:
+        """Without a watch (a cache that holds only what the member uses): ask etcd
+        for its revision when nothing has answered for :data:`QUIET_PROBE` seconds, so
+        a restore is found within about that long of etcd answering again, as a watch
+        finds it when it resumes, not at the next request, by when other writers may
+        have moved the revision past everything seen. Its failures are the requests'
+        to find (it says nothing)."""
+        if self._running or self._asking is not None:
+            return
+        if time.monotonic() - self.history.answered_at < QUIET_PROBE:
+            return
+
+        async def ask() -> None:
+            try:
+                await self.ask_revision(PROBE_TIMEOUT)
+            except Exception as exc:
+                log.debug("etcd's revision not read: %s", exc)
+            finally:
+                self._asking = None
+
+        self._asking = asyncio.get_running_loop().create_task(ask())
 
     def _apply(self, event: rpc.Event) -> None:
         """One event of the watch (etcd's ``mvccpb.Event``: type 0 put, 1 delete)."""

@@ -76,10 +76,12 @@ def cache_status(cache: SessionCache | None) -> dict[str, Any]:
     the sidecar holds no usable shard map, so no cache)."""
     c = cache
     if c is None:
-        return {"revision": 0, "lag_seconds": None, "full_syncs": 0, "last_full_sync": None,
+        return {"revision": 0, "etcd_revision": 0,
+                "lag_seconds": None, "full_syncs": 0, "last_full_sync": None,
                 "watch_starts": 0, "rewinds": 0, "errors": 0, "last_error": None,
                 "bad_records": 0, "undecodable_sessions": 0}
-    return {"revision": c.applied, "lag_seconds": c.last_lag, "full_syncs": c.full_syncs,
+    return {"revision": c.applied, "etcd_revision": c.history.highest,
+            "lag_seconds": c.last_lag, "full_syncs": c.full_syncs,
             "last_full_sync": c.last_full_sync, "watch_starts": c.watch_starts,
             "rewinds": c.rewinds, "errors": c.errors,
             "last_error": c.last_error and c.last_error[:500], "bad_records": c.bad_records,

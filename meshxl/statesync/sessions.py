@@ -134,14 +134,21 @@ class Sessions:
         """The current state, proven current against etcd (linearizable); while etcd
         does not answer, the cached state marked ``cache-unverified`` (else 503)."""
         key = self.ledger.key(session_id)
-        entry = self.cache.get(session_id)
+        cache = self.cache
+        entry = cache.get(session_id)
         try:
             if entry is not None:
+                generation = cache.history.generation
                 revision = await self.store.check(key)
-                if revision == entry.revision:
+                if cache.history.generation != generation:  # etcd's history was replaced
+                    entry = None                             # meanwhile: the entry is void
+                elif revision == entry.revision:
                     self.metrics.read("cache", "ok").inc()
                     return Stored(session_id=session_id, record=entry.record, etag=str(revision),
                                   source="cache")
+                elif 0 < revision < entry.revision:  # a restore whose revision was bumped
+                    cache.history.went_back(session_id, entry.revision, revision)
+                    entry = None
                 if revision == 0:
                     self.metrics.read("cache", "not_found").inc()
                     raise no_session(session_id)

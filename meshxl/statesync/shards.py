@@ -97,6 +97,7 @@ class Shard:
                 "unreachable_for": None if down is None else round(time.monotonic() - down, 1),
                 "revision": cache.applied, "cached_sessions": len(cache),
                 "last_error": cache.last_error, "rewinds": cache.rewinds,
+                "etcd_revision": cache.history.highest,
                 "takeovers": self.engine.takeovers, "conflicts": self.engine.conflicts}
 
 

@@ -77,6 +77,7 @@ from .batcher import (
     take_batch,
 )
 from .errors import LeaseLost, StoreUnavailable
+from .history import History
 from .leases import Leases
 
 __all__ = ["FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_TXN_OPS", "MAX_TXN_WRITES", "Fencing",
@@ -148,12 +149,14 @@ class SessionStore:
                  on_batch: Callable[[str, int, float], None] | None = None):
         self._client = client
         self.leases = Leases(client, ttl)
+        self.history = History()  # of this etcd cluster, as every answer shows it
         self._writes = Batcher(client, "write", max_ops=max_batch_ops,
                                 max_bytes=max_batch_bytes, max_inflight=max_inflight,
                                 timeout=timeout, on_batch=on_batch,
-                                on_lease_lost=self.leases.forget)
+                                on_lease_lost=self.leases.forget, history=self.history)
         self._reads = Batcher(client, "read", max_ops=MAX_TXN_OPS, max_bytes=MAX_REQUEST_BYTES,
-                               max_inflight=max_inflight, timeout=timeout, on_batch=on_batch)
+                               max_inflight=max_inflight, timeout=timeout, on_batch=on_batch,
+                               history=self.history)
 
     async def close(self) -> None:
         await self._writes.close()
