@@ -124,7 +124,25 @@ def restore() -> None:
     (docs/kubernetes.md, "Restore")."""
 
 
-_PAST = click.option("--past", type=click.IntRange(0), required=True, metavar="REVISION",
+class _Revision(click.ParamType):
+    """An etcd revision a cluster can pass: 0 up to (not including) 2^63-1."""
+
+    name = "revision"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from meshxl.operator.restore import MAX_REVISION, bump_refusal
+
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{str(value)[:40]!r} is not a revision (a whole number)", param, ctx)
+        if not 0 <= number < MAX_REVISION:
+            self.fail(bump_refusal(0, number) or str(number), param, ctx)
+        return number
+
+
+_PAST = click.option("--past", type=_Revision(), required=True, metavar="REVISION",
                      help="The highest etcd revision meshxl handed out before the restore "
                           "(docs/kubernetes.md says where to find it).")
 
@@ -144,7 +162,8 @@ def restore_check(past: int, output: str, etcd_urls: str) -> None:
 
     checked = run(go)
     verdict = {"revision": checked.revision, "past": past, "compacted": checked.compacted,
-               "safe": checked.safe}
+               "safe": checked.safe, "writes": checked.writes, "bump": checked.bumpable,
+               "advice": None if checked.safe else checked.advice}
     if output == "json":
         print_json(verdict)
     elif checked.safe:
@@ -155,20 +174,24 @@ def restore_check(past: int, output: str, etcd_urls: str) -> None:
             f"not safe: etcd is at revision {checked.revision}"
             + ("" if checked.revision > past else f", not past {past}")
             + ("" if checked.compacted else ", its history not compacted")
-            + f": run `meshxl restore bump --past {past}` before traffic returns"))
+            + f": {checked.advice}"))
     if not checked.safe:
         sys.exit(1)
 
 
 @restore.command("bump")
 @_PAST
+@click.option("--max-writes", type=click.IntRange(1), default=None,
+              help="Refuse (writing nothing) a bump of more revisions, each one write "
+                   "[default: 10,000,000].")
 @output_option
 @etcd_option
 @root_option
-def restore_bump(past: int, output: str, etcd_urls: str, etcd_root: str) -> None:
+def restore_bump(past: int, max_writes: int | None, output: str, etcd_urls: str,
+                 etcd_root: str) -> None:
     """Write one key until etcd's revision is past REVISION, then compact there (etcd 3.4's
     equivalent of `etcdutl snapshot restore --bump-revision --mark-compacted`)."""
-    from meshxl.operator.restore import bump
+    from meshxl.operator.restore import MAX_WRITES, bump
 
     def progress(revision: int, target: int) -> None:
         if output != "json":
@@ -176,7 +199,8 @@ def restore_bump(past: int, output: str, etcd_urls: str, etcd_root: str) -> None
 
     async def go() -> Any:
         async with etcd_client(etcd_urls) as client:
-            return await bump(client, Keys(etcd_root), past, progress)
+            return await bump(client, Keys(etcd_root), past, progress,
+                              max_writes=max_writes or MAX_WRITES)
 
     done = run(go)
     if output == "json":
