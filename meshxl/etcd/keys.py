@@ -13,6 +13,10 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
+    {root}/v1/deleted/{cluster}/{session}/{revision}      a session deleted through the
+                                                          API: the version deleted, put
+                                                          in the delete's transaction
+                                                          (leased like a session)
     {root}/v1/failovers/{cluster}/{member}                the latest failover of a member:
                                                           its trace context and timeline
                                                           (leased)
@@ -137,6 +141,29 @@ class Keys:
 
     def session(self, cluster: str, session: str) -> str:
         return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
+
+    def deletions_prefix(self, cluster: str) -> str:
+        """One cluster's deletion records (sessions deleted through the API)."""
+        return f"{self.base}/deleted/{_segment(cluster, 'cluster')}/"
+
+    def deletion(self, cluster: str, session: str, revision: int) -> str:
+        """The record of ``session``'s version ``revision`` deleted through the API
+        (unique: a version is deleted once)."""
+        if revision <= 0:
+            raise ValueError(f"invalid revision for a deletion record: {revision}")
+        return f"{self.deletions_prefix(cluster)}{_segment(session, 'session id')}/{revision}"
+
+    def parse_deletion(self, cluster: str, key: str) -> tuple[str, int] | None:
+        """``(session, revision)`` of a key under :meth:`deletions_prefix` (None: not
+        one)."""
+        prefix = self.deletions_prefix(cluster)
+        if not key.startswith(prefix):
+            return None
+        session, _, number = key[len(prefix):].rpartition("/")
+        if (not session or "/" in session or not (number.isascii() and number.isdigit())
+                or number.startswith("0")):
+            return None
+        return session, int(number)
 
     # -- failover trace context and timeline --------------------------------------------
     @property

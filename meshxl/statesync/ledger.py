@@ -21,10 +21,11 @@ from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed,
 
 from .cache import SessionCache
 from .conditions import BLIND, IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, parse_etag, revision
+from .deletions import DeletionRecord
 from .errors import StoreUnavailable, Undecodable, no_session
 from .metrics import StatesyncMetrics
 from .record import SessionRecord, valid_session_id
-from .store import KeyState, SessionStore, WriteResult
+from .store import KeyState, KeyWrite, SessionStore, WriteResult
 from .writes import DELETE, Settings, Stored, Takeover, Write
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Ledger:
     """One member's bookkeeping of its cluster's sessions (see the module docstring)."""
 
     def __init__(self, store: SessionStore, cache: SessionCache, prefix: str, member: str,
-                 settings: Settings, metrics: StatesyncMetrics):
+                 settings: Settings, metrics: StatesyncMetrics, deletions: str = ""):
         self.store = store
         self.cache = cache
         self.member = member
@@ -47,6 +48,8 @@ class Ledger:
         self.metrics = metrics
         self._prefix = prefix.encode()
         """Every session key starts with it (``Keys.session``), encoded once."""
+        self._deletions = deletions
+        """Every deletion record's key starts with it (``Keys.deletion``)."""
         self.observed: dict[str, tuple[int, float]] = {}
         """Session -> (the revision this member last observed, when: monotonic)."""
         self.first_access: dict[str, int] = {}
@@ -60,6 +63,12 @@ class Ledger:
         if not valid_session_id(session_id):  # one etcd key segment, bounded
             raise InputError(f"invalid session id {session_id[:80]!r}", field="session_id")
         return self._prefix + session_id.encode()
+
+    def deletion(self, session_id: str, revision: int) -> KeyWrite:
+        """The record a delete of ``session_id``'s version ``revision`` puts in its own
+        transaction (:mod:`.deletions`): a new key, so its compare expects it absent."""
+        key = f"{self._deletions}{session_id}/{revision}".encode()
+        return key, DeletionRecord(self.member, time.time()).encode(), 0
 
     # -- observations -----------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ class Sessions:
         self.metrics = metrics
         self.locks = SessionLocks()
         self.ledger = Ledger(store, cache, keys.sessions_prefix(cluster), member, settings,
-                             metrics)
+                             metrics, keys.deletions_prefix(cluster))
         self.local = LocalSessions(member, settings.sync_delay, metrics)
         self.transactions = Transactions(self.ledger, self.local, self.locks, store,
                                          metrics, settings.max_bytes)
@@ -499,6 +499,8 @@ class Sessions:
     async def _send(self, key: bytes, session_id: str, record: SessionRecord | None,
                     expected: int) -> WriteResult | BaseException:
         """One guarded write (``record`` None: a delete): etcd's answer, or the error."""
+        if record is None and expected:
+            return await self._delete(key, session_id, expected)
         value = record.encode() if record is not None else None
         cache = self.cache
         if value is not None:
@@ -515,6 +517,30 @@ class Sessions:
             if value is not None:
                 cache.settled(key)
         return answer
+
+    async def _delete(self, key: bytes, session_id: str,
+                      expected: int) -> WriteResult | BaseException:
+        """A guarded delete of version ``expected`` with its deletion record, one
+        transaction (:mod:`.deletions`): etcd's answer as a single write's, or the
+        error. A refused one reads the session (the failure branch of a transaction
+        reads revisions only), whose record tells 409 from "send it again"."""
+        mark, value, recorded = self.ledger.deletion(session_id, expected)
+        store = self.store
+        try:
+            for _ in range(2):
+                result = await store.transact([(key, None, expected), (mark, value, recorded)])
+                if result.ok:
+                    return WriteResult(True, result.revision)
+                now, there = result.current
+                if now.revision != expected or not there.revision:
+                    break
+                recorded = there.revision  # a record of this very version (an etcd
+                # restored from an older backup gave the number again): replaced
+            if now.revision == 0:
+                return WriteResult(False, 0, now)
+            return WriteResult(False, 0, await store.fetch(key))
+        except (StoreUnavailable, LeaseLost) as exc:
+            return detached(exc)
 
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
         if not is_json(record.content_type):

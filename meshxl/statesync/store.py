@@ -32,9 +32,10 @@ Transactions
     once; the whole under etcd's 1.5 MiB request limit). A batch holding it holds at
     most 128 minus its width ops (:func:`take_batch`). Its failure branch reads every
     key's revision, keys only, so the caller can tell which compare failed without an
-    answer that could exceed gRPC's message limit. An unanswered attempt is settled as
-    a single write is: every key it puts holds its exact bytes at one revision (read
-    back one by one) and every key it deletes is gone, or 503.
+    answer that could exceed gRPC's message limit. It is sent again after an unanswered
+    attempt if one compare expects an existing key (that compare holds once at most),
+    and settled as a single write is: every key it puts holds its exact bytes at one
+    revision (read back one by one) and every key it deletes is gone, or 503.
 
 The map version fence
     With session shards, every batch (writes and reads alike) carries, at its outer
@@ -239,10 +240,10 @@ class SessionStore:
             try:
                 result: TxnResult = await self._writes.submit(
                     request, _txn_result, size,
-                    # A creation is never sent twice (see the module docstring): a
-                    # transaction is sent again only if every compare expects an
-                    # existing key.
-                    resend=all(expected != 0 for _, _, expected in writes),
+                    # Sent again only if a compare expects an existing key, which it
+                    # puts or deletes: once applied, that compare never holds again
+                    # (a revision never comes back), whatever it creates beside it.
+                    resend=any(expected != 0 for _, _, expected in writes),
                     width=len(writes))
             except LeaseLost:
                 if attempt == 1:

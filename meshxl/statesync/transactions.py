@@ -8,7 +8,9 @@ compare failed only because the session moved under a write that may replace it 
 takeover, an expired session) is compared again, as a single write is, and the
 transaction sent again. A session kept only on this member (delayed sync) is checked
 against its version here and replicated by the transaction (a delete forgets it). The
-sessions' locks are held throughout.
+sessions' locks are held throughout. Each delete puts its deletion record in the same
+transaction (:mod:`.deletions`), one more key: N operations of which D deletes write
+N + D keys, which etcd takes up to 127.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class Transactions:
                              f"not {len(writes)}")
         if len(set(ids)) != len(ids):
             raise InputError("a transaction names each session once")
+        deletes = sum(1 for w in writes if w.op == DELETE)
+        if len(writes) + deletes > MAX_TXN_WRITES:
+            raise InputError(f"a transaction of {len(writes)} operations with {deletes} "
+                             f"deletes writes {len(writes) + deletes} keys in etcd (each "
+                             f"delete also its deletion record); etcd takes at most "
+                             f"{MAX_TXN_WRITES}")
         keys = [self.ledger.key(session_id) for session_id in ids]
         for write in writes:
             if write.op not in (PUT, DELETE):
@@ -102,6 +110,9 @@ class Transactions:
         index = {id(p): i for i, p in enumerate(plans)}
         failed: list[int] = []
         member = self.ledger.member
+        recorded: dict[tuple[int, int], int] = {}
+        """Deletion records found there already (an etcd restored from an older backup
+        gave the number again), by plan: replaced."""
         for _ in range(BLIND_RETRIES):
             now = time.time()
             records = [None if p.write.op == DELETE else SessionRecord(
@@ -112,25 +123,38 @@ class Transactions:
             revision = 0
             if sent:
                 record_of = {id(p): r for p, r in zip(plans, records, strict=True)}
+                marks = [(i, p) for i, p in enumerate(sent)
+                         if p.write.op == DELETE and p.expected]
+                marked = [self.ledger.deletion(p.write.session_id, p.expected)
+                          for _, p in marks]
                 try:
                     result = await self.store.transact([
                         (p.key, None if (r := record_of[id(p)]) is None else r.encode(),
-                         p.expected) for p in sent])
+                         p.expected) for p in sent] + [
+                        (key, value, recorded.get((i, p.expected), 0))
+                        for (i, p), (key, value, _) in zip(marks, marked, strict=True)])
                 except StoreUnavailable as exc:
                     self.metrics.transactions.labels("unavailable").inc()
                     raise Unavailable("etcd unavailable, transaction not acknowledged: "
                                       f"{exc}") from None
                 if not result.ok:
-                    failed = [i for i, (p, now_at) in enumerate(zip(sent, result.current,
+                    current = result.current[:len(sent)]
+                    failed = [i for i, (p, now_at) in enumerate(zip(sent, current,
                                                                      strict=True))
                               if now_at.revision != p.expected]
-                    refused = await self._judge(sent, failed, result.current)
+                    for (i, p), now_at in zip(marks, result.current[len(sent):],
+                                              strict=True):
+                        recorded[i, p.expected] = now_at.revision
+                    refused = await self._judge(sent, failed, current)
                     if refused:
                         return self._aborted({index[id(sent[i])]: e
                                               for i, e in refused.items()})
                     continue
                 revision = result.revision
             return self._committed(plans, records, revision)
+        if not failed:  # only deletion records moved, again and again
+            raise Conflict("the deletion records of this transaction's deletes kept "
+                           "changing under concurrent writers; try again")
         for i in failed:
             self.metrics.write(sent[i].write.op, "conflict").inc()
         return self._aborted({index[id(sent[i])]: Conflict(

@@ -274,6 +274,34 @@ async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creatio
     await store.close()
 
 
+async def test_a_transaction_is_sent_again_when_one_compare_holds_once_at_most() -> None:
+    """A delete and its deletion record (a new key, compared absent) in one transaction:
+    once applied, the delete's compare never holds again, so sending it again is safe
+    (and its record settles whether the first attempt applied). A transaction that
+    only creates is never sent twice."""
+    lost, good = _Member(), _Member()
+    client: Any = type("C", (), {})()
+    client.balancer = _balancer(2)
+    client.balancer.endpoints[0].client = lost
+    client.balancer.endpoints[1].client = good
+    for i, ep in enumerate(client.balancer.endpoints):
+        _answer(ep, i + 1, 2)
+    client.balancer._evaluate()
+    store = SessionStore(client, ttl=60, max_inflight=1, timeout=5)
+    lost.hang = True
+    delete = asyncio.create_task(store.transact([(b"s", None, 3), (b"d", None, 0)]))
+    create = asyncio.create_task(store.transact([(b"n", None, 0), (b"m", None, 0)]))
+    await asyncio.sleep(0.4)
+    _silent(client.balancer.endpoints[0])
+    client.balancer._evaluate()
+    done = await asyncio.wait_for(delete, 2)
+    assert done.ok and done.revision == 7, done
+    with pytest.raises(StoreUnavailable, match="may or may not have applied"):
+        await asyncio.wait_for(create, 2)
+    assert good.sent == [1], "only the transaction with a delete is sent again"
+    await store.close()
+
+
 # -- every etcd meshxl starts runs with pre-vote ----------------------------------------------
 
 
