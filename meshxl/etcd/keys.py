@@ -13,6 +13,9 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
     {root}/v1/sessions/{cluster}/{session}                session state (shared TTL leases)
+    {root}/v1/sessions/{cluster}0                         written and deleted by the
+                                                          drill's data check (a mark in
+                                                          etcd's history)
     {root}/v1/deleted/{cluster}/{session}/{revision}      a session deleted through the
                                                           API: the version deleted, put
                                                           in the delete's transaction
@@ -141,6 +144,14 @@ class Keys:
 
     def session(self, cluster: str, session: str) -> str:
         return f"{self.sessions_prefix(cluster)}{_segment(session, 'session id')}"
+
+    def sessions_mark(self, cluster: str) -> str:
+        """The key right after a cluster's sessions (the end of their prefix's range:
+        ``sessions/{cluster}0``), which is no key of any cluster's sessions: the drill's
+        data check writes it, then deletes it, to know that its replay of etcd's
+        history has come that far (``meshxl.operator.changes``)."""
+        prefix = self.sessions_prefix(cluster)
+        return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
     def deletions_prefix(self, cluster: str) -> str:
         """One cluster's deletion records (sessions deleted through the API)."""

@@ -82,7 +82,7 @@ async def test_the_data_check_reads_each_session_in_its_own_shard(
                    say=print, connect=etcd_lib.client)
     try:
         await drill.data_baseline()
-        assert set(drill.baseline[CLUSTER]) == set(in_one + in_two[:4])
+        assert set(drill.baseline[CLUSTER].sessions) == set(in_one + in_two[:4])
         assert drill.steps[-1]["detail"] == f"{CLUSTER}: 8 sessions (s1 4, s2 4)"
 
         # During the drill: one session new in s2, one rewritten in s1. "Written during"

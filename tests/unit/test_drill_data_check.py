@@ -1,16 +1,25 @@
 """The drill's data check (``meshxl.operator.consistency``) judging what a sidecar
-answered against etcd at the revision it answered from, without processes: etcd's
-history and the sidecar's answers are what each test says.
+served against what etcd acknowledged, without processes: etcd's history (every
+write, delete and deletion record, with its revision) and the sidecar's answers are
+what each test says.
 
-The real thing (a drill over a WAN with traffic on both sites) is
-``tests/integration/test_dualsite.py``; with sessions sharded over real etcd clusters,
+Before: the check compared an answer only with etcd at the revision the sidecar said it
+had applied, so a sidecar serving a value older than etcd's latest passed, and a session
+deleted behind the API (``etcdctl del``) was "deleted since": clean. Now each answer is
+compared with etcd's latest acknowledged version, read before the sidecar is asked
+(``stale`` when older), and a session whose acknowledged version etcd no longer has,
+with no deletion record and not expired, is ``lost``.
+
+The real thing: ``tests/integration/test_drill_data.py`` (a real sidecar and etcd),
+``tests/integration/test_dualsite.py`` (a drill over a WAN with traffic on both sites)
+and, with sessions sharded over real etcd clusters,
 ``tests/integration/test_drill_shards.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -18,131 +27,278 @@ import pytest
 from meshxl.client.errors import NotFound, SidecarError
 from meshxl.client.plans import Session
 from meshxl.etcd.shards import PREPARE, Shard, ShardMap
-from meshxl.operator import consistency
-from meshxl.operator.consistency import Sharded, Sidecar, compare_sessions, data_check_refusals
+from meshxl.operator import changes, consistency
+from meshxl.operator.changes import HistoryCompacted, Known
+from meshxl.operator.consistency import (
+    Baseline,
+    Sharded,
+    Sidecar,
+    compare_sessions,
+    data_check_refusals,
+    lost,
+)
 from meshxl.operator.drill import markdown
 from meshxl.statesync.record import SessionRecord
 
-
-def stored(state: bytes, owner: str = "w1") -> bytes:
-    return SessionRecord(owner=owner, content_type="application/json", created=1.0,
-                         updated=2.0, data=state).encode()
+NOW = 10_000.0  # the check's clock
+TTL = 1800.0
 
 
-def answer(session: str, revision: int, state: Any) -> Session:
-    return Session(id=session, state=state, etag=f'"{revision}"', owner="w1",
+def stored(state: bytes, updated: float = NOW - 60) -> bytes:
+    return SessionRecord(owner="w1", content_type="application/json", created=1.0,
+                         updated=updated, data=state).encode()
+
+
+def answer(session: str, revision: int, state: Any, shard: str | None = None) -> Session:
+    tag = f"{shard}:{revision}" if shard else str(revision)
+    return Session(id=session, state=state, etag=f'"{tag}"', owner="w1",
                    content_type="application/json", source="cache")
 
 
-# etcd's history of three sessions: id -> [(revision, record)], oldest first.
-HISTORY = {
-    "a": [(10, stored(b'{"n": 1}')), (30, stored(b'{"n": 2}'))],
-    "b": [(12, stored(b'{"n": 5}'))],
-    "c": [(14, stored(b'{"n": 7}'))],
-}
-APPLIED = 20  # what the sidecar says it has applied before it is read
+@dataclass
+class Etcd:
+    """One etcd cluster's history of one cluster's sessions: (revision, session,
+    stored record; None: deleted, through the API when ``api``)."""
+
+    events: list[tuple[int, str, bytes | None, bool]] = field(default_factory=list)
+    compacted: bool = False
+
+    def put(self, revision: int, session: str, value: bytes) -> None:
+        self.events.append((revision, session, value, False))
+
+    def delete(self, revision: int, session: str, *, api: bool) -> None:
+        self.events.append((revision, session, None, api))
+
+    @property
+    def revision(self) -> int:
+        return max((e[0] for e in self.events), default=1)
+
+    def at(self, revision: int = 0) -> dict[str, tuple[int, bytes]]:
+        state: dict[str, tuple[int, bytes]] = {}
+        for number, session, value, _ in sorted(self.events, key=lambda e: e[0]):
+            if revision and number > revision:
+                break
+            if value is None:
+                state.pop(session, None)
+            else:
+                state[session] = (number, value)
+        return state
+
+    def records(self) -> dict[str, int]:
+        """Deletion records: the version each API delete removed."""
+        found: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for number, session, value, api in sorted(self.events, key=lambda e: e[0]):
+            if value is not None:
+                last[session] = number
+            elif api:
+                found[session] = last[session]
+        return found
 
 
-def _as_of(revision: int, history: dict[str, list[tuple[int, bytes]]] | None = None
-           ) -> dict[str, tuple[int, bytes]]:
-    """Each session of ``history`` (default: HISTORY) as etcd had it at ``revision``."""
-    out = {}
-    for session, versions in (HISTORY if history is None else history).items():
-        older = [v for v in versions if revision == 0 or v[0] <= revision]
-        if older:
-            out[session] = older[-1]
-    return out
+class Fake:
+    """etcd clusters by client (the client *is* the cluster's name), the sidecar's
+    answers and its status."""
+
+    def __init__(self) -> None:
+        self.etcd: dict[Any, Etcd] = {}
+        self.answers: dict[str, Any] = {}
+        self.sidecar = Sidecar(url="http://192.0.2.1:7070", cluster="orders", member="w1",
+                               site="west", ready=True, ttl=TTL)
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    answers: dict[str, Any] = {}
+def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
+    f = Fake()
 
     async def identity(url: str, token: str | None, timeout: float = 5.0) -> Sidecar:
-        return Sidecar(url=url, cluster="orders", member="w1", site="west", ready=True,
-                       revision=APPLIED)
-
-    _patch(monkeypatch, identity, lambda client, revision: _as_of(revision), answers)
-    return answers
-
-
-def _patch(monkeypatch: pytest.MonkeyPatch, identity: Any,
-           as_of: Callable[[Any, int], dict[str, tuple[int, bytes]]],
-           answers: dict[str, Any]) -> None:
-    """The check's reads replaced: the sidecar's status by ``identity``, etcd by
-    ``as_of(client, revision)``, the sidecar's bulk reads by ``answers``."""
+        return f.sidecar
 
     async def committed(client: Any, keys: Any, cluster: str,
-                        revision: int = 0) -> dict[str, tuple[int, bytes]]:
-        return as_of(client, revision)
+                        revision: int = 0) -> tuple[int, dict[str, tuple[int, bytes]]]:
+        return revision or f.etcd[client].revision, f.etcd[client].at(revision)
+
+    async def written_since(client: Any, keys: Any, cluster: str, after: int,
+                            until: int) -> dict[str, Known]:
+        etcd = f.etcd[client]
+        if etcd.compacted:
+            raise HistoryCompacted(f"etcd compacted its history through revision {until}")
+        return {s: changes.known(n, v) for n, s, v, _ in sorted(etcd.events)
+                if after < n <= until and v is not None}
+
+    async def deletion_records(client: Any, keys: Any, cluster: str) -> dict[str, int]:
+        return f.etcd[client].records()
 
     async def at(client: Any, keys: Any, cluster: str, session: str,
                  revision: int) -> tuple[int, bytes] | None:
-        return as_of(client, revision).get(session)
+        return f.etcd[client].at(revision).get(session)
 
     async def read(api: Any, ids: list[str]) -> dict[str, Any]:
-        return {i: answers[i] for i in ids}
+        return {i: f.answers.get(i, NotFound("no such session")) for i in ids}
 
     monkeypatch.setattr(consistency, "sidecar_identity", identity)
-    monkeypatch.setattr(consistency, "committed", committed)
+    monkeypatch.setattr(changes, "committed", committed)
+    monkeypatch.setattr(changes, "written_since", written_since)
+    monkeypatch.setattr(changes, "deletion_records", deletion_records)
     monkeypatch.setattr(consistency, "_at", at)
     monkeypatch.setattr(consistency, "_read", read)
+    return f
 
 
-async def check(baseline: dict[str, int] | None = None) -> dict[str, Any]:
-    sidecar = Sidecar(url="http://192.0.2.1:7070", cluster="orders", member="w1")
-    return await compare_sessions(None, None, sidecar, None,  # type: ignore[arg-type]
-                                  baseline if baseline is not None else {"a": 10, "b": 12})
+async def base(f: Fake, sharded: Sharded | None = None) -> Baseline:
+    return await consistency.baseline(None if sharded else "main",  # type: ignore[arg-type]
+                                      None, "orders", sharded)  # type: ignore[arg-type]
 
 
-async def test_answers_at_or_after_the_applied_revision_match(fake: dict[str, Any]) -> None:
-    # "a" was written again after the sidecar's revision and it already serves that:
-    # compared with etcd at revision 30, not with the snapshot at 20.
-    fake.update(a=answer("a", 30, {"n": 2}), b=answer("b", 12, {"n": 5}),
-                c=answer("c", 14, {"n": 7}))
-    report = await check()
+async def check(f: Fake, before: Baseline, sharded: Sharded | None = None) -> dict[str, Any]:
+    return await compare_sessions("main", None, f.sidecar, None,  # type: ignore[arg-type]
+                                  before, sharded, clock=lambda: NOW)
+
+
+@pytest.fixture
+def drill(fake: Fake) -> Fake:
+    """Three sessions before the drill (a, b, c), a written again and d created during
+    it; a sidecar serving each at etcd's latest."""
+    etcd = fake.etcd["main"] = Etcd()
+    etcd.put(10, "a", stored(b'{"n": 1}'))
+    etcd.put(12, "b", stored(b'{"n": 5}'))
+    etcd.put(14, "c", stored(b'{"n": 7}'))
+    fake.answers.update(a=answer("a", 30, {"n": 2}), b=answer("b", 12, {"n": 5}),
+                        c=answer("c", 14, {"n": 7}), d=answer("d", 31, {"n": 0}))
+    return fake
+
+
+async def during(f: Fake) -> None:
+    f.etcd["main"].put(30, "a", stored(b'{"n": 2}'))
+    f.etcd["main"].put(31, "d", stored(b'{"n": 0}'))
+
+
+async def test_what_etcd_acknowledged_served_as_it_is_matches(drill: Fake) -> None:
+    before = await base(drill)
+    assert before.revisions == {None: 14} and set(before.sessions) == {"a", "b", "c"}
+    await during(drill)
+    report = await check(drill, before)
     assert report["ok"], report
-    assert (report["sessions"], report["matched"], report["at_revision"]) == (3, 3, APPLIED)
-    assert report["written_during"] == 1  # "c" is new since the baseline
+    assert (report["sessions"], report["matched"], report["at_revision"]) == (4, 4, 31)
+    assert report["written_during"] == 2 and report["history"] == {}
+
+
+async def test_an_answer_older_than_etcd_s_latest_is_stale(drill: Fake) -> None:
+    before = await base(drill)
+    await during(drill)
+    # The sidecar claims nothing here: what it serves is compared with etcd's latest,
+    # revision 30, read before it was asked (it used to pass against a low revision the
+    # sidecar said it had applied).
+    drill.answers["a"] = answer("a", 10, {"n": 1})
+    report = await check(drill, before)
+    assert not report["ok"] and report["problems"] == {"stale": 1}, report
+    [named] = report["named"]["stale"]
+    assert named.startswith("a: sidecar revision 10, etcd had acknowledged 30"), named
+
+
+async def test_a_session_deleted_behind_the_api_is_lost(drill: Fake) -> None:
+    before = await base(drill)
+    await during(drill)
+    drill.etcd["main"].delete(40, "b", api=False)  # etcdctl del
+    drill.etcd["main"].delete(41, "d", api=False)  # written during the drill, then gone
+    drill.answers.pop("b")
+    drill.answers.pop("d")
+    report = await check(drill, before)
+    assert report["problems"] == {"lost": 2}, report
+    named = dict(n.split(": ", 1) for n in report["named"]["lost"])
+    assert named["b"].startswith("revision 12 acknowledged, gone from etcd without a "
+                                 "deletion record, 60 s after its last write"), named
+    assert named["d"].startswith("revision 31 acknowledged"), named
+    assert "1 lost" not in markdown_of(report) and "2 lost" in markdown_of(report)
+
+
+async def test_a_session_deleted_through_the_api_or_expired_is_not_lost(drill: Fake) -> None:
+    before = await base(drill)
+    await during(drill)
+    drill.etcd["main"].delete(40, "b", api=True)   # its deletion record names 12
+    drill.etcd["main"].put(42, "e", stored(b"{}", updated=NOW - TTL - 1))
+    drill.etcd["main"].delete(43, "e", api=False)  # its lease ended
+    drill.etcd["main"].delete(44, "d", api=True)   # created during the drill, deleted
+    for s in ("b", "d"):
+        drill.answers.pop(s)
+    report = await check(drill, before)
+    assert report["ok"] and report["sessions"] == 5 and report["matched"] == 5, report
+
+
+def test_a_deletion_record_of_an_older_version_excuses_nothing() -> None:
+    acknowledged = Known(20, NOW - 5)
+    assert lost(acknowledged, None, deleted=20, ttl=TTL, clock=NOW) is None
+    assert lost(acknowledged, None, deleted=25, ttl=TTL, clock=NOW) is None
+    assert lost(acknowledged, None, deleted=12, ttl=TTL, clock=NOW) is not None
+    assert lost(acknowledged, None, deleted=0, ttl=TTL, clock=NOW + TTL) is None  # expired
+    assert lost(acknowledged, (25, b""), deleted=0, ttl=TTL, clock=NOW) is None
+    went_back = lost(acknowledged, (15, b""), deleted=0, ttl=TTL, clock=NOW)
+    assert went_back == "etcd has revision 15, older than revision 20 it acknowledged"
+    assert lost(Known(20, None), None, deleted=0, ttl=TTL, clock=NOW + 10 * TTL) is not None
+
+
+async def test_an_etcd_restored_from_an_older_backup_lost_what_came_after(
+        drill: Fake) -> None:
+    before = await base(drill)
+    drill.etcd["main"].put(20, "b", stored(b'{"n": 6}'))  # acknowledged before the drill
+    before = await base(drill)
+    drill.etcd["main"].events = [e for e in drill.etcd["main"].events if e[0] < 13]
+    drill.answers.update(a=answer("a", 10, {"n": 1}), b=answer("b", 12, {"n": 5}))
+    drill.answers.pop("c")
+    report = await check(drill, before)
+    assert report["problems"] == {"lost": 2}, report
+    assert "b: etcd has revision 12, older than revision 20" in report["named"]["lost"][0]
+    assert report["history"] == {"main": "etcd's revision went back from 20 at the baseline "
+                                         "to 12: restored from a backup?"}
+
+
+async def test_a_compacted_history_is_said_and_the_baseline_still_checked(
+        drill: Fake) -> None:
+    before = await base(drill)
+    await during(drill)
+    drill.etcd["main"].compacted = True
+    drill.etcd["main"].delete(45, "d", api=False)
+    drill.etcd["main"].delete(46, "c", api=False)
+    drill.answers.pop("d")
+    drill.answers.pop("c")
+    report = await check(drill, before)
+    # d, written and lost during the drill, is not seen without the history; c is.
+    assert report["problems"] == {"lost": 1} and report["sessions"] == 3, report
+    assert "compacted" in report["history"]["main"], report
 
 
 @pytest.mark.parametrize(("served", "kind"), [
     (answer("b", 12, {"n": 6}), "different"),      # other bytes at the same revision
-    (answer("b", 11, {"n": 5}), "stale"),          # older than etcd had at its revision
+    (answer("b", 11, {"n": 5}), "stale"),          # older than etcd's
+    (answer("b", 99, {"n": 5}), "different"),      # a revision etcd never gave it
     (NotFound("no such session"), "missing"),
     (SidecarError("502 from the sidecar"), "unreadable"),
 ])
 async def test_what_a_surviving_member_would_serve_wrong_fails(
-        fake: dict[str, Any], served: Any, kind: str) -> None:
-    fake.update(a=answer("a", 10, {"n": 1}), b=served, c=answer("c", 14, {"n": 7}))
-    report = await check()
+        drill: Fake, served: Any, kind: str) -> None:
+    before = await base(drill)
+    await during(drill)
+    drill.answers["b"] = served
+    report = await check(drill, before)
     assert not report["ok"] and report["problems"] == {kind: 1}, report
     assert report["named"][kind][0].startswith("b")
 
 
-async def test_a_session_served_older_than_the_sidecar_claims_is_stale(
-        fake: dict[str, Any]) -> None:
-    HISTORY["b"].append((18, stored(b'{"n": 6}')))
-    try:
-        fake.update(a=answer("a", 10, {"n": 1}), b=answer("b", 12, {"n": 5}),
-                    c=answer("c", 14, {"n": 7}))
-        report = await check()
-    finally:
-        HISTORY["b"].pop()
+async def test_a_session_served_after_etcd_deleted_it_through_the_api_is_stale(
+        drill: Fake) -> None:
+    before = await base(drill)
+    await during(drill)
+    drill.etcd["main"].delete(40, "c", api=True)
+    report = await check(drill, before)
     assert report["problems"] == {"stale": 1}, report
-
-
-async def test_a_session_deleted_everywhere_is_not_a_problem(fake: dict[str, Any]) -> None:
-    fake.update(a=answer("a", 10, {"n": 1}), b=answer("b", 12, {"n": 5}),
-                c=answer("c", 14, {"n": 7}), gone=NotFound("no such session"))
-    report = await check({"a": 10, "b": 12, "gone": 5})
-    assert report["ok"] and report["sessions"] == 4 and report["matched"] == 4, report
+    assert "etcd had acknowledged its deletion" in report["named"]["stale"][0]
 
 
 # -- sessions sharded over two etcd clusters, each counting its own revisions -------------
 
 SHARDS = ShardMap(3, (Shard("s1", "http://192.0.2.11:2379"),
                       Shard("s2", "http://192.0.2.12:2379")))
+SHARDED = Sharded(SHARDS, {"s1": "s1", "s2": "s2"})  # type: ignore[dict-item]
 
 
 def ids_in(name: str, count: int) -> list[str]:
@@ -152,87 +308,56 @@ def ids_in(name: str, count: int) -> list[str]:
 
 A, B = ids_in("s1", 2)
 C, D = ids_in("s2", 2)
-# Each shard's history: s1's revisions run far ahead of s2's, so a session compared at
-# another shard's revision, or in another shard, is found stale or missing.
-SHARD_HISTORY: dict[str, dict[str, list[tuple[int, bytes]]]] = {
-    "s1": {A: [(100, stored(b'{"n": 1}')), (130, stored(b'{"n": 2}'))],
-           B: [(110, stored(b'{"n": 5}'))]},
-    "s2": {C: [(10, stored(b'{"n": 7}'))],
-           D: [(12, stored(b'{"n": 8}')), (25, stored(b'{"n": 9}'))]},
-}
-SHARD_APPLIED = {"s1": 120, "s2": 20}
-
-
-def sharded_answer(session: str, shard: str, revision: int, state: Any) -> Session:
-    return Session(id=session, state=state, etag=f'"{shard}:{revision}"', owner="w1",
-                   content_type="application/json", source="cache")
-
-
-def _shard_as_of(shard: str, revision: int) -> dict[str, tuple[int, bytes]]:
-    return _as_of(revision, SHARD_HISTORY[shard])
 
 
 @pytest.fixture
-def sharded_fake(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The sidecar's answers (by session) and its status (``served``: the map version
-    it serves); etcd's clients are the shards' names."""
-    answers: dict[str, Any] = {}
-    state: dict[str, Any] = {"answers": answers, "served": SHARDS.version}
-
-    async def identity(url: str, token: str | None, timeout: float = 5.0) -> Sidecar:
-        return Sidecar(url=url, cluster="orders", member="w1", site="west", ready=True,
-                       revision=7, shard_map=state["served"], shards=dict(SHARD_APPLIED))
-
-    _patch(monkeypatch, identity, _shard_as_of, answers)
-    return state
-
-
-def serve_all(fake: dict[str, Any]) -> None:
-    """What a correct sidecar serves: each session from its shard, at or after that
-    shard's applied revision."""
-    fake["answers"].update({A: sharded_answer(A, "s1", 130, {"n": 2}),
-                            B: sharded_answer(B, "s1", 110, {"n": 5}),
-                            C: sharded_answer(C, "s2", 10, {"n": 7}),
-                            D: sharded_answer(D, "s2", 12, {"n": 8})})
+def shards(fake: Fake) -> Fake:
+    """s1's revisions run far ahead of s2's, so a session compared at another shard's
+    revision, or in another shard, is found stale or missing."""
+    one, two = fake.etcd["s1"], fake.etcd["s2"] = Etcd(), Etcd()
+    one.put(100, A, stored(b'{"n": 1}'))
+    one.put(110, B, stored(b'{"n": 5}'))
+    two.put(10, C, stored(b'{"n": 7}'))
+    two.put(12, D, stored(b'{"n": 8}'))
+    fake.sidecar = dataclasses.replace(fake.sidecar, shard_map=SHARDS.version,
+                                       shards={"s1": 120, "s2": 20})
+    fake.answers.update({A: answer(A, 130, {"n": 2}, "s1"), B: answer(B, 110, {"n": 5}, "s1"),
+                         C: answer(C, 10, {"n": 7}, "s2"), D: answer(D, 25, {"n": 9}, "s2")})
+    return fake
 
 
-async def sharded_check(baseline: dict[str, int] | None = None) -> dict[str, Any]:
-    sidecar = Sidecar(url="http://192.0.2.1:7070", cluster="orders", member="w1")
-    sharded = Sharded(SHARDS, {"s1": "s1", "s2": "s2"})  # type: ignore[dict-item]
-    return await compare_sessions(None, None, sidecar, None,  # type: ignore[arg-type]
-                                  baseline if baseline is not None else {A: 100, C: 10},
-                                  sharded)
+async def shards_during(f: Fake) -> None:
+    f.etcd["s1"].put(130, A, stored(b'{"n": 2}'))
+    f.etcd["s2"].put(25, D, stored(b'{"n": 9}'))
 
 
-async def test_each_session_is_compared_in_its_shard_at_that_shards_revision(
-        sharded_fake: dict[str, Any]) -> None:
-    # D was written again in s2 after the sidecar's s2 revision (20): serving 12 is
-    # right there, though 12 is far below s1's revision.
-    serve_all(sharded_fake)
-    report = await sharded_check()
+async def test_each_session_is_compared_in_its_shard_with_that_shards_history(
+        shards: Fake) -> None:
+    before = await base(shards, SHARDED)
+    assert before.revisions == {"s1": 110, "s2": 12}
+    await shards_during(shards)
+    report = await check(shards, before, SHARDED)
     assert report["ok"], report
-    # Written since the baseline, as of the revisions the sidecar had applied: B and D.
     assert (report["sessions"], report["matched"], report["written_during"]) == (4, 4, 2)
     assert report["at_revision"] is None
     assert report["shards"] == [
-        {"shard": "s1", "at_revision": 120, "sessions": 2, "matched": 2, "problems": {}},
-        {"shard": "s2", "at_revision": 20, "sessions": 2, "matched": 2, "problems": {}}]
+        {"shard": "s1", "at_revision": 130, "sessions": 2, "matched": 2, "problems": {}},
+        {"shard": "s2", "at_revision": 25, "sessions": 2, "matched": 2, "problems": {}}]
 
 
 @pytest.mark.parametrize(("served", "kind", "text"), [
-    (sharded_answer(D, "s2", 9, {"n": 8}), "stale", "sidecar revision 9, etcd 12"),
-    (sharded_answer(D, "s2", 12, {"n": 0}), "different", "other bytes at revision 12"),
-    (sharded_answer(D, "s1", 12, {"n": 8}), "different", "served from shard s1"),
-    (Session(id=D, state={"n": 8}, etag='"12"', owner="w1",
-             content_type="application/json", source="cache"),
-     "different", "served from no shard"),
+    (answer(D, 12, {"n": 8}, "s2"), "stale", "sidecar revision 12, etcd had acknowledged 25"),
+    (answer(D, 25, {"n": 0}, "s2"), "different", "other bytes at revision 25"),
+    (answer(D, 25, {"n": 9}, "s1"), "different", "served from shard s1"),
+    (answer(D, 25, {"n": 9}), "different", "served from no shard"),
     (NotFound("no such session"), "missing", ""),
 ])
 async def test_a_wrong_answer_is_named_with_its_shard(
-        sharded_fake: dict[str, Any], served: Any, kind: str, text: str) -> None:
-    serve_all(sharded_fake)
-    sharded_fake["answers"][D] = served
-    report = await sharded_check()
+        shards: Fake, served: Any, kind: str, text: str) -> None:
+    before = await base(shards, SHARDED)
+    await shards_during(shards)
+    shards.answers[D] = served
+    report = await check(shards, before, SHARDED)
     assert not report["ok"] and report["problems"] == {kind: 1}, report
     [named] = report["named"][kind]
     assert named.startswith(f"{D} (shard s2)") and text in named, named
@@ -240,25 +365,33 @@ async def test_a_wrong_answer_is_named_with_its_shard(
     assert "shard s2" in markdown_of(report) and f"1 {kind}" in markdown_of(report)
 
 
-async def test_a_session_stored_outside_its_shard_is_misplaced(
-        sharded_fake: dict[str, Any]) -> None:
-    serve_all(sharded_fake)
+async def test_a_session_lost_in_one_shard_is_named_with_it(shards: Fake) -> None:
+    before = await base(shards, SHARDED)
+    await shards_during(shards)
+    shards.etcd["s1"].delete(140, B, api=False)
+    shards.etcd["s2"].delete(30, C, api=True)  # another shard's record excuses no other
+    shards.answers.pop(B)
+    shards.answers.pop(C)
+    report = await check(shards, before, SHARDED)
+    assert report["problems"] == {"lost": 1}, report
+    assert report["named"]["lost"][0].startswith(f"{B} (shard s1): revision 110")
+    assert [s["problems"] for s in report["shards"]] == [{"lost": 1}, {}]
+
+
+async def test_a_session_stored_outside_its_shard_is_misplaced(shards: Fake) -> None:
+    before = await base(shards, SHARDED)
     stray = ids_in("s1", 3)[2]  # s1's, but stored in s2, where no sidecar looks for it
-    SHARD_HISTORY["s2"][stray] = [(15, stored(b'{"n": 3}'))]
-    try:
-        sharded_fake["answers"][stray] = NotFound("no such session")
-        report = await sharded_check()
-    finally:
-        del SHARD_HISTORY["s2"][stray]
+    await shards_during(shards)
+    shards.etcd["s2"].put(15, stray, stored(b'{"n": 3}'))
+    report = await check(shards, before, SHARDED)
     assert report["problems"] == {"misplaced": 1}, report
     assert report["named"]["misplaced"] == [f"{stray} (shard s2): the map puts it in shard s1"]
 
 
-async def test_a_sidecar_on_another_shard_map_is_not_compared(
-        sharded_fake: dict[str, Any]) -> None:
-    serve_all(sharded_fake)
-    sharded_fake["served"] = SHARDS.version + 1  # the map changed during the drill
-    report = await sharded_check()
+async def test_a_sidecar_on_another_shard_map_is_not_compared(shards: Fake) -> None:
+    before = await base(shards, SHARDED)
+    shards.sidecar = dataclasses.replace(shards.sidecar, shard_map=SHARDS.version + 1)
+    report = await check(shards, before, SHARDED)
     assert not report["ok"] and report["problems"] == {"shard map": 1}, report
     assert "serves shard map version 4" in report["named"]["shard map"][0]
 
