@@ -25,6 +25,7 @@ from aetcd.exceptions import RevisionCompactedError
 from aetcd.utils import prefix_range_end
 
 from meshxl import etcd
+from meshxl.errors import Conflict
 from meshxl.etcd.keys import Keys
 from meshxl.statesync.record import SessionRecord
 
@@ -35,7 +36,7 @@ REPLAY_TIMEOUT = 60.0
 """Seconds a replay of the history since the baseline may take."""
 
 
-class HistoryCompacted(Exception):
+class HistoryCompacted(Conflict):
     """etcd compacted the history since the baseline: it cannot be replayed."""
 
 
