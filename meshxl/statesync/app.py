@@ -515,10 +515,13 @@ def _serve_api(server: HttpServer, sidecar: Sidecar) -> None:
     spans land in the request's trace; off otherwise, as it costs a good part of a
     write's CPU)."""
     from meshxl.telemetry import tracing
-    from meshxl.telemetry.http import server_spans
 
     server.site.router = routes(sidecar)
-    server.site.wrap = server_spans() if tracing.enabled() else None
+    server.site.wrap = None
+    if tracing.enabled():  # OpenTelemetry is loaded only then
+        from meshxl.telemetry.spans import server_spans
+
+        server.site.wrap = server_spans()
 
 
 async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = None,

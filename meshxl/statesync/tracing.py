@@ -18,22 +18,23 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import aetcd
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanContext
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshxl import etcd
-from meshxl.telemetry import names
+from meshxl.telemetry import names, tracing
 
 from .record import valid_traceparent
 from .writes import Takeover
 
+if TYPE_CHECKING:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace import SpanContext
+
 log = logging.getLogger(__name__)
 
-_PROPAGATOR = TraceContextTextMapPropagator()
 KEEP_SECONDS = 300.0
 """How long a takeover waits for its failover, and a failover for late takeovers."""
 SUMMARY_FAILOVERS = 16
@@ -57,11 +58,16 @@ class _Joined:
 def _context(traceparent: str | None) -> Context | None:
     if not traceparent:
         return None
-    ctx = _PROPAGATOR.extract({"traceparent": traceparent})
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    ctx = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
 def _span_context(traceparent: str | None) -> SpanContext | None:
+    from opentelemetry import trace
+
     ctx = _context(traceparent)
     return trace.get_current_span(ctx).get_span_context() if ctx is not None else None
 
@@ -69,37 +75,59 @@ def _span_context(traceparent: str | None) -> SpanContext | None:
 @dataclass
 class _Recent:
     takeover: Takeover
-    span: SpanContext
+    span: SpanContext | None
+    """Its span in the request's trace (None: no spans are made)."""
     joined: set[str] = field(default_factory=set)
     """Failovers (their ids) this takeover already joined."""
 
 
 class TakeoverTracer:
-    """Records takeovers and joins them to the failovers the control plane publishes."""
+    """Records takeovers and joins them to the failovers the control plane publishes.
+
+    Spans are made with ``tracer_provider``, or while the process exports spans
+    (:func:`meshxl.telemetry.tracing.enabled`); otherwise OpenTelemetry is not even
+    imported, and only the summary is kept."""
 
     def __init__(self, cluster: str, member: str,
                  tracer_provider: trace.TracerProvider | None = None):
         self.cluster = cluster
         self.member = member
-        self._tracer = trace.get_tracer("meshxl.statesync", tracer_provider=tracer_provider)
+        self._provider = tracer_provider
+        self._tracer: trace.Tracer | None = None
         self._recent: deque[_Recent] = deque()
         # lost member -> (its latest failover's traceparent, the failover's id, seen at)
         self._failovers: dict[str, tuple[str | None, str, float]] = {}
         self._joined: dict[str, _Joined] = {}  # failover id -> its takeovers here
         self.joined = 0
 
+    def _spans(self) -> trace.Tracer | None:
+        """The tracer, while spans go somewhere (bound on first use)."""
+        if self._tracer is None and (self._provider is not None or tracing.enabled()):
+            from opentelemetry import trace
+
+            self._tracer = trace.get_tracer("meshxl.statesync",
+                                            tracer_provider=self._provider)
+        return self._tracer
+
     def record(self, t: Takeover) -> None:
         """Called in the request's context right after the takeover write."""
-        links = []
-        previous = _span_context(t.previous_traceparent)
-        if previous is not None:
-            links.append(Link(previous, {"meshxl.link": "previous_owner_write"}))
-        span = self._tracer.start_span(
-            names.SESSION_TAKEOVER, start_time=t.start_ns, links=links,
-            attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
-                        names.SESSION: t.session_id, names.PREVIOUS_OWNER: t.previous_owner})
-        span.end(end_time=t.end_ns)
-        recent = _Recent(t, span.get_span_context())
+        tracer = self._spans()
+        span_context = None
+        if tracer is not None:
+            from opentelemetry.trace import Link
+
+            links = []
+            previous = _span_context(t.previous_traceparent)
+            if previous is not None:
+                links.append(Link(previous, {"meshxl.link": "previous_owner_write"}))
+            span = tracer.start_span(
+                names.SESSION_TAKEOVER, start_time=t.start_ns, links=links,
+                attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
+                            names.SESSION: t.session_id,
+                            names.PREVIOUS_OWNER: t.previous_owner})
+            span.end(end_time=t.end_ns)
+            span_context = span.get_span_context()
+        recent = _Recent(t, span_context)
         self._recent.append(recent)
         self._prune()
         failover = self._failovers.get(t.previous_owner)
@@ -127,11 +155,16 @@ class TakeoverTracer:
             return
         recent.joined.add(key)
         t = recent.takeover
-        parent = _context(traceparent)
-        if parent is not None:
-            span = self._tracer.start_span(
+        tracer = self._spans()
+        parent = _context(traceparent) if tracer is not None else None
+        if tracer is not None and parent is not None:
+            from opentelemetry.trace import Link
+
+            links: list[Any] = [] if recent.span is None else [
+                Link(recent.span, {"meshxl.link": "request_trace"})]
+            span = tracer.start_span(
                 names.FAILOVER_TAKEOVER, context=parent, start_time=t.start_ns,
-                links=[Link(recent.span, {"meshxl.link": "request_trace"})],
+                links=links,
                 attributes={names.CLUSTER: self.cluster, names.MEMBER: t.owner,
                             names.SESSION: t.session_id,
                             names.PREVIOUS_OWNER: t.previous_owner})

@@ -3,7 +3,8 @@
 The OpenTelemetry aiohttp instrumentations do the work for aiohttp: the server
 middleware continues an incoming ``traceparent`` in a SERVER span, the client trace
 config makes a CLIENT span per request and injects its ``traceparent``.
-:func:`server_spans` does the same for the statesync sidecar's own HTTP server. So a
+:func:`server_spans` (:mod:`.spans`, re-exported here) does the same for the statesync
+sidecar's own HTTP server. So a
 request from a client through Envoy, the app and its statesync sidecar is one trace.
 
 Without an explicit ``tracer_provider`` the spans go to the global provider that
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
 
 import aiohttp
 from aiohttp.typedefs import Middleware
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from opentelemetry.instrumentation.aiohttp_server import (
     AioHttpServerInstrumentor,
     create_aiohttp_middleware,
 )
+
+from .spans import server_spans
+
+__all__ = ["client_trace_configs", "server_middleware", "server_spans"]
 
 _init_lock = threading.Lock()
 _server_state_ready = False
@@ -78,46 +81,3 @@ def client_trace_configs(
 ) -> list[aiohttp.TraceConfig]:
     """``trace_configs`` for ``aiohttp.ClientSession``: CLIENT spans and ``traceparent``."""
     return [create_trace_config(tracer_provider=tracer_provider)]
-
-
-class _Route(Protocol):
-    pattern: str
-
-
-class _Request(Protocol):
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    """By lower-case name."""
-    route: _Route | None
-
-
-class _Response(Protocol):
-    status: int
-
-
-def server_spans(
-    tracer_provider: trace.TracerProvider | None = None,
-) -> Callable[[Any, Callable[[Any], Awaitable[Any]]], Awaitable[Any]]:
-    """For a server that is not aiohttp's (the sidecar's): ``wrap(request, answer)``
-    runs ``answer(request)`` in a SERVER span named ``METHOD route``, continuing the
-    request's ``traceparent``, with HTTP semantic-convention attributes; an answer of
-    500 or more marks the span an error."""
-    provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
-    tracer = provider.get_tracer("meshxl.http.server")
-
-    async def wrap(request: _Request,
-                   answer: Callable[[_Request], Awaitable[_Response]]) -> _Response:
-        route = request.route.pattern if request.route is not None else request.path
-        attributes = {"http.request.method": request.method, "url.path": request.path,
-                      "http.route": route, "url.scheme": "http"}
-        with tracer.start_as_current_span(
-                f"{request.method} {route}", kind=trace.SpanKind.SERVER,
-                context=propagate.extract(request.headers), attributes=attributes) as span:
-            response = await answer(request)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(trace.Status(trace.StatusCode.ERROR))
-            return response
-
-    return wrap
