@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,59 @@ def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
         return fn
 
     return deco
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported when one of them is asked for (to run
+    it, or to list them in ``--help``): ``meshxl serve statesync`` loads the serve
+    commands and nothing of the other areas (their models, renderers, tables).
+
+    ``lazy`` maps a command's name to ``"MODULE"`` (a module of this package listing it
+    in ``COMMANDS``) or ``"MODULE:ATTRIBUTE"``. ``commands`` is every command, loaded.
+    """
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str], **kwargs: Any) -> None:
+        self._loaded: dict[str, click.Command] = {}
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy)
+
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        for name in self.lazy:
+            self._load(name)
+        return self._loaded
+
+    @commands.setter
+    def commands(self, value: Mapping[str, click.Command]) -> None:
+        self._loaded = dict(value)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name
+        if name is None:
+            raise TypeError("Command has no name.")
+        self._loaded[name] = cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self._loaded, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self._loaded or cmd_name in self.lazy:
+            return self._load(cmd_name)
+        return None
+
+    def _load(self, name: str) -> click.Command:
+        command = self._loaded.get(name)
+        if command is None:
+            where, _, attribute = self.lazy[name].partition(":")
+            module = import_module(f"{__package__}.{where}")
+            if attribute:
+                command = getattr(module, attribute)
+            else:
+                command = next((c for c in module.COMMANDS if c.name == name), None)
+            if not isinstance(command, click.Command) or command.name != name:
+                raise LookupError(f"{self.lazy[name]} does not define command {name!r}")
+            self._loaded[name] = command
+        return command
 
 
 def setup_logging(level: str) -> None:

@@ -1,5 +1,8 @@
 """Servers: ``meshxl serve xds``, ``serve statesync``, ``serve otlp-receiver`` and
-``serve webhook`` (defined with the other Kubernetes commands in :mod:`.kube`)."""
+``serve webhook`` (defined with the other Kubernetes commands in :mod:`.kube`).
+
+``meshxl serve statesync`` runs in every pod: it imports the sidecar and nothing else
+(``tests/unit/test_sidecar_imports.py``)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,9 @@ from typing import Any, TypeVar
 import click
 
 from .errors import checked, run
-from .kube import serve_webhook
 from .options import (
     FILE,
+    LazyGroup,
     etcd_security,
     etcd_security_options,
     root_option,
@@ -43,7 +46,7 @@ def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
         shutdown_tracing()
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={"webhook": "kube:serve_webhook"})
 def serve() -> None:
     """Run a meshxl server process."""
 
@@ -254,7 +257,9 @@ def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
     run(lambda: serve_receiver(listen, str(path)))
 
 
-SERVERS: list[click.Command] = [serve_xds, serve_statesync, serve_otlp_receiver, serve_webhook]
+SERVERS: list[click.Command] = [serve_xds, serve_statesync, serve_otlp_receiver]
+"""Defined here; ``serve webhook`` is with the other Kubernetes commands (:mod:`.kube`),
+imported only when it runs."""
 for _server in SERVERS:
     serve.add_command(_server)
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import meshxl
 from meshxl import errors, httpbase
 from meshxl import web as mweb
-from meshxl.cli import AREAS, main
+from meshxl.cli import AREAS, areas, main
 from meshxl.cli.errors import EXIT_CODES, checked, exit_code
 from meshxl.model import ModelError
 from meshxl.model.load import Problem
@@ -159,8 +159,11 @@ def test_a_failure_is_one_line_and_a_model_one_line_per_problem() -> None:
 
 
 def test_the_command_is_built_from_one_list_of_areas() -> None:
-    registered = {name for area in AREAS for name in (c.name for c in area.COMMANDS)}
+    for name, area in zip(AREAS, areas(), strict=True):
+        assert tuple(c.name for c in area.COMMANDS) == AREAS[name], name
+    registered = {name for area in areas() for name in (c.name for c in area.COMMANDS)}
     assert registered == set(main.commands)
+    assert main.list_commands(click.Context(main)) == sorted(registered)
     assert sorted(main.commands) == [
         "apply", "bootstrap", "demo", "drill", "envoy", "inject", "istio", "member",
         "quickstart", "restore", "serve", "shards", "site", "slo", "status", "sync", "validate",
