@@ -13,8 +13,6 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from meshxl import headers as hdr
 from meshxl import httpbase
 from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed
@@ -23,6 +21,7 @@ from meshxl.model.spec import parse_duration
 from . import bulk
 from .http import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
 from .membership import MAX_PROBLEMS
+from .metrics import CONTENT_TYPE
 from .problems import check_ttl
 from .record import (
     SESSION_ID_RULE,
@@ -383,8 +382,8 @@ class SessionRoutes:
 
     async def metrics(self, request: Request) -> Response:
         self.sidecar.refresh_gauges()
-        body = generate_latest(self.sidecar.metrics.registry)
-        return Response(200, body, [("Content-Type", CONTENT_TYPE_LATEST)])
+        body = self.sidecar.metrics.render()
+        return Response(200, body, [("Content-Type", CONTENT_TYPE)])
 
     async def status(self, request: Request) -> Response:
         return _json(self.sidecar.status())

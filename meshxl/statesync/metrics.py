@@ -1,26 +1,245 @@
 """The sidecar's Prometheus metrics, on a registry of its own (several sidecars may
-share a process in tests and benchmarks)."""
+share a process in tests and benchmarks), and their text exposition.
+
+Counters, gauges and histograms are this module's own, written for one event loop:
+prometheus-client (which the control plane uses) costs every sidecar about 4 MiB of
+imports (its HTTP servers, push gateway and multiprocess support come with it) and a
+lock on every increment. What :meth:`StatesyncMetrics.render` writes is the Prometheus
+text format exactly as prometheus-client's ``generate_latest`` writes it, less its
+``_created`` series; ``tests/unit/test_statesync_metrics.py`` checks that line by line
+against prometheus-client itself, with generated names, label values and numbers.
+"""
 
 from __future__ import annotations
 
+import bisect
 import functools
+import math
+from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Registry", "StatesyncMetrics",
+           "go_float"]
+
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+"""The Content-Type of :meth:`Registry.render` (Prometheus' text format)."""
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5)
 
 
+def go_float(value: float) -> str:
+    """A sample value or bucket bound as Prometheus writes it: ``repr``, ``+Inf``,
+    ``-Inf``, ``NaN``, and an exponent from 1e+06 on, as Go prints floats."""
+    value = float(value)
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if value != value:
+        return "NaN"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    """``{a="x",b="y"}`` by label name (``""`` without labels)."""
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(pairs)) + "}"
+
+
+class _Family:
+    """A metric and its children, one per label set (created on first use)."""
+
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 registry: Registry | None = None):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], _Child] = {}
+        if registry is not None:
+            registry.register(self)
+        if not self.labelnames:
+            self._unlabelled = self._child(())
+
+    def _new(self) -> _Child:
+        raise NotImplementedError
+
+    def _child(self, values: tuple[str, ...]) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._new()
+        return child
+
+    def labels(self, *values: object) -> _Child:
+        """The child of these label values (in ``labelnames`` order)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} has labels {self.labelnames}, got {values!r}")
+        return self._child(tuple(str(v) for v in values))
+
+    def lines(self) -> list[str]:
+        """Its HELP and TYPE lines, then its samples."""
+        name = self.name + ("_total" if self.kind == "counter" else "")
+        doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out = [f"# HELP {name} {doc}\n", f"# TYPE {name} {self.kind}\n"]
+        for values, child in self._children.items():
+            child.lines(name, tuple(zip(self.labelnames, values, strict=True)), out)
+        return out
+
+
+class _Child:
+    __slots__ = ()
+
+    def lines(self, name: str, labels: tuple[tuple[str, str], ...], out: list[str]) -> None:
+        raise NotImplementedError
+
+
+class _Value(_Child):
+    __slots__ = ("value", "function")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.function: Callable[[], float] | None = None
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def lines(self, name: str, labels: tuple[tuple[str, str], ...], out: list[str]) -> None:
+        value = self.function() if self.function is not None else self.value
+        out.append(f"{name}{_labels(labels)} {go_float(value)}\n")
+
+
+class _Buckets(_Child):
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        i = bisect.bisect_left(self.bounds, amount)
+        if i < len(self.counts) and amount == amount:  # NaN: in no bucket
+            self.counts[i] += 1
+
+    def lines(self, name: str, labels: tuple[tuple[str, str], ...], out: list[str]) -> None:
+        total = 0
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            total += count
+            out.append(f"{name}_bucket{_labels((*labels, ('le', go_float(bound))))} "
+                       f"{go_float(total)}\n")
+        out.append(f"{name}_count{_labels(labels)} {go_float(total)}\n")
+        if self.bounds[0] >= 0:  # a sum of negative observations is no counter: left out
+            out.append(f"{name}_sum{_labels(labels)} {go_float(self.sum)}\n")
+
+
+class Counter(_Family):
+    """Counts up (``inc``); exposed as ``NAME_total``."""
+
+    kind = "counter"
+
+    def _new(self) -> _Child:
+        return _Value()
+
+    def labels(self, *values: object) -> _Value:
+        return super().labels(*values)  # type: ignore[return-value]
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._unlabelled.inc(amount)  # type: ignore[attr-defined]
+
+
+class Gauge(_Family):
+    """A value that is set (``set``), or read from a function when exposed."""
+
+    kind = "gauge"
+
+    def _new(self) -> _Child:
+        return _Value()
+
+    def labels(self, *values: object) -> _Value:
+        return super().labels(*values)  # type: ignore[return-value]
+
+    def set(self, value: float) -> None:
+        self._unlabelled.set(value)  # type: ignore[attr-defined]
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        self._unlabelled.function = function  # type: ignore[attr-defined]
+
+
+class Histogram(_Family):
+    """Observations counted in buckets (sorted bounds; each bucket's count is
+    cumulative when exposed, with ``+Inf`` last), their count and their sum (left out
+    when a bucket is negative, as OpenMetrics asks)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 buckets: Sequence[float], registry: Registry | None = None):
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        if len(bounds) < 2:
+            raise ValueError("Must have at least two buckets")
+        self.bounds = tuple(bounds)
+        super().__init__(name, documentation, labelnames, registry=registry)
+
+    def _new(self) -> _Child:
+        return _Buckets(self.bounds)
+
+    def labels(self, *values: object) -> _Buckets:
+        return super().labels(*values)  # type: ignore[return-value]
+
+    def observe(self, amount: float) -> None:
+        self._unlabelled.observe(amount)  # type: ignore[attr-defined]
+
+
+class Registry:
+    """The metrics one sidecar exposes, in the order they were made."""
+
+    def __init__(self) -> None:
+        self.families: list[_Family] = []
+
+    def register(self, family: _Family) -> None:
+        if any(f.name == family.name for f in self.families):
+            raise ValueError(f"metric {family.name} registered twice")
+        self.families.append(family)
+
+    def render(self) -> bytes:
+        """The text exposition of every metric (``GET /metrics``)."""
+        out: list[str] = []
+        for family in self.families:
+            out += family.lines()
+        return "".join(out).encode()
+
+
 class StatesyncMetrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = Registry()
         r = self.registry
         self.writes = Counter("meshxl_statesync_writes", "Session writes by operation and "
                               "result.", ["op", "result"], registry=r)
         self.reads = Counter("meshxl_statesync_reads", "Session reads by where the state "
                              "came from (cache, etcd, local, cache-unverified) and result.",
                              ["source", "result"], registry=r)
-        # Each label set's counter looked up once (labels() takes a lock every call).
+        # Each label set's counter looked up once.
         self.write = functools.cache(self.writes.labels)
         self.read = functools.cache(self.reads.labels)
         self.conflicts = Counter("meshxl_statesync_write_conflicts", "Writes refused because "
@@ -96,7 +315,7 @@ class StatesyncMetrics:
         self.connections = Gauge("meshxl_statesync_http_connections", "Client connections "
                                  "of the API open.", registry=r)
 
-        # Children looked up once each (labels() takes a lock on every call).
+        # Children looked up once each.
         self.bulk_request = functools.cache(self.bulk_requests.labels)
         self.bulk_item = functools.cache(self.bulk_items.labels)
         self._batch_size = functools.cache(self.batch_size.labels)
@@ -108,3 +327,7 @@ class StatesyncMetrics:
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
         self._batch_size(kind).observe(size)
         self._batch_seconds(kind).observe(seconds)
+
+    def render(self) -> bytes:
+        """``GET /metrics``: every metric in Prometheus' text format."""
+        return self.registry.render()

@@ -26,13 +26,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from meshxl.errors import InputError
 from meshxl.etcd.auth import EtcdAuthError
 
 from .http import Request, Response, Router, error, json_response
-from .metrics import StatesyncMetrics
+from .metrics import CONTENT_TYPE, StatesyncMetrics
 
 __all__ = ["FIRST_DELAY", "MAX_DELAY", "Waiting", "start_when_etcd_answers"]
 
@@ -76,8 +74,8 @@ class Waiting:
 
         async def metrics(request: Request) -> Response:
             self.metrics.etcd_unreachable.set(time.monotonic() - self.since)
-            body = generate_latest(self.metrics.registry)
-            return Response(200, body, [("Content-Type", CONTENT_TYPE_LATEST)])
+            body = self.metrics.render()
+            return Response(200, body, [("Content-Type", CONTENT_TYPE)])
 
         async def starting(request: Request) -> Response:
             return error(503, f"the sidecar is starting: {self.reason()}",
