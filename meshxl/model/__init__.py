@@ -1,41 +1,60 @@
 """The cluster model: pure data, loading and validation, and the runtime view.
 
 Nothing here does I/O beyond reading a file on request, and nothing imports the
-rest of meshxl.
+rest of meshxl. The package's names are loaded on first use: the runtime view and
+:mod:`.light` (what a sidecar reads of a model) import neither pydantic nor the spec.
 """
 
-from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
-from .runtime import (
-    AdminAction,
-    ClusterView,
-    MemberState,
-    MemberView,
-    Registration,
-    Role,
-    RuntimeState,
-    cluster_view,
-)
-from .spec import (
-    DEFAULT_SITE,
-    ClusterSpec,
-    Cookie,
-    Failover,
-    HealthCheck,
-    Listener,
-    Member,
-    ModelSpec,
-    OutlierDetection,
-    Overrides,
-    Pin,
-    Retries,
-    Route,
-    SessionSync,
-    Site,
-    Stickiness,
-    Telemetry,
-    check_member_address,
-    is_ip_literal,
-)
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
+    from .runtime import (
+        AdminAction,
+        ClusterView,
+        MemberState,
+        MemberView,
+        Registration,
+        Role,
+        RuntimeState,
+        cluster_view,
+    )
+    from .spec import (
+        DEFAULT_SITE,
+        ClusterSpec,
+        Cookie,
+        Failover,
+        HealthCheck,
+        Listener,
+        Member,
+        ModelSpec,
+        OutlierDetection,
+        Overrides,
+        Pin,
+        Retries,
+        Route,
+        SessionSync,
+        Site,
+        Stickiness,
+        Telemetry,
+        check_member_address,
+        is_ip_literal,
+    )
+
+_HOMES = {
+    "basics": ("DEFAULT_SITE", "ModelError", "Problem", "check_member_address",
+               "is_ip_literal"),
+    "load": ("check_model", "load_model", "model_warnings", "parse_model"),
+    "runtime": ("AdminAction", "ClusterView", "MemberState", "MemberView", "Registration",
+                "Role", "RuntimeState", "cluster_view"),
+    "spec": ("ClusterSpec", "Cookie", "Failover", "HealthCheck", "Listener", "Member",
+             "ModelSpec", "OutlierDetection", "Overrides", "Pin", "Retries", "Route",
+             "SessionSync", "Site", "Stickiness", "Telemetry"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "Failover",
@@ -46,3 +65,16 @@ __all__ = [
     "check_model", "is_ip_literal",
     "cluster_view", "load_model", "model_warnings", "parse_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})

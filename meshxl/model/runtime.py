@@ -9,13 +9,13 @@ agree on every decision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from .spec import DEFAULT_SITE, ClusterSpec, Member, check_member_address
+from .basics import DEFAULT_SITE, check_member_address
 
 
 @dataclass(frozen=True)
@@ -212,9 +212,65 @@ class MemberView(NamedTuple):
         return self.state in DRAINING
 
 
+class SiteShape(Protocol):
+    """What :func:`cluster_view` reads of a site."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def failover_rank(self) -> int | None: ...
+
+
+class MemberShape(Protocol):
+    """What :func:`cluster_view` reads of a listed member."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def site(self) -> str | None: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def priority(self) -> int | None: ...
+
+
+class FailoverShape(Protocol):
+    @property
+    def all_withdrawn(self) -> str: ...
+
+
+class ClusterShape(Protocol):
+    """What :func:`cluster_view` reads of a cluster: the model's
+    :class:`~.spec.ClusterSpec`, or a sidecar's :class:`~.light.LightCluster`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def sites(self) -> Sequence[SiteShape]: ...
+    @property
+    def members(self) -> Sequence[MemberShape]: ...
+    @property
+    def site_affinity(self) -> str: ...
+    @property
+    def failover(self) -> FailoverShape: ...
+    @property
+    def high_availability(self) -> bool: ...
+    @property
+    def registered(self) -> bool: ...
+
+
+Spec = TypeVar("Spec", bound=ClusterShape)
+
+
 @dataclass(frozen=True)
-class ClusterView:
-    spec: ClusterSpec
+class ClusterView(Generic[Spec]):
+    spec: Spec
     members: tuple[MemberView, ...]
 
     @property
@@ -233,8 +289,8 @@ _WEIGHT_SCALE = 1000
 _new_view = tuple.__new__
 
 
-def cluster_view(spec: ClusterSpec, state: RuntimeState,
-                 local_site: str | None = None) -> ClusterView:
+def cluster_view(spec: Spec, state: RuntimeState,
+                 local_site: str | None = None) -> ClusterView[Spec]:
     """Decide every member's state, tier, weight and role for one cluster.
 
     ``local_site``: the view of an Envoy in that site when the cluster's
@@ -265,7 +321,7 @@ def cluster_view(spec: ClusterSpec, state: RuntimeState,
     trouble: list[bool] = []  # one entry once a member is in trouble (problem, overload)
     index_in_site: dict[str, int] = {}
 
-    def draft(member: Member | None, name: str, reg: Registration | None) -> None:
+    def draft(member: MemberShape | None, name: str, reg: Registration | None) -> None:
         if reg is not None:
             site = reg.site or (member.site if member else None) or default_site
             address, port, problems = reg.address, reg.port, reg.problems
@@ -375,7 +431,7 @@ def _hold(drafts: list[_Draft], held: list[int],
             drafts[i] = (*d[:6], _READY, d[7])
 
 
-def _fall_back(spec: ClusterSpec, drafts: list[_Draft],
+def _fall_back(spec: ClusterShape, drafts: list[_Draft],
                registered: Mapping[str, Registration]) -> None:
     """``failover.all_withdrawn``: members that reported trouble serve all the same
     (``active-attention``) where nobody else would (in place, on ``drafts``).
@@ -409,7 +465,7 @@ def _fall_back(spec: ClusterSpec, drafts: list[_Draft],
         drafts[i] = (*d[:6], _ATTENTION, d[7])
 
 
-def _role(spec: ClusterSpec, rank: int) -> Role:
+def _role(spec: ClusterShape, rank: int) -> Role:
     if not spec.high_availability:
         return Role.LOAD_SHARING if rank == 0 else Role.BACKUP
     return (Role.ACTIVE, Role.STANDBY)[rank] if rank < 2 else Role.BACKUP

@@ -16,11 +16,7 @@ These classes only describe and validate; they do no I/O. Durations are written 
 
 from __future__ import annotations
 
-import functools
-import ipaddress
-import re
-from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -31,127 +27,47 @@ from pydantic import (
     model_validator,
 )
 
-from meshxl.errors import InputError
+# The vocabulary (enumerations, dispatch, names, durations, addresses) lives in
+# .basics, which imports no pydantic; it is re-exported here for the model's users.
+from .basics import ALGORITHMS as ALGORITHMS
+from .basics import ALL_WITHDRAWN as ALL_WITHDRAWN
+from .basics import DEFAULT_SITE as DEFAULT_SITE
+from .basics import FAILBACKS as FAILBACKS
+from .basics import HASH_KEYS as HASH_KEYS
+from .basics import HEALTH_CHECK_TYPES as HEALTH_CHECK_TYPES
+from .basics import HIGH_AVAILABILITY, REGISTERED
+from .basics import MAX_DURATION as MAX_DURATION
+from .basics import MEMBERSHIPS as MEMBERSHIPS
+from .basics import MIN_DURATION as MIN_DURATION
+from .basics import MODES as MODES
+from .basics import NAME_PATTERN as NAME_PATTERN
+from .basics import PIN_CARRIERS as PIN_CARRIERS
+from .basics import PROTOCOLS as PROTOCOLS
+from .basics import REPLICATIONS as REPLICATIONS
+from .basics import SITE_AFFINITIES as SITE_AFFINITIES
+from .basics import Algorithm as Algorithm
+from .basics import AllWithdrawn as AllWithdrawn
+from .basics import Failback as Failback
+from .basics import HashKey as HashKey
+from .basics import HealthCheckType as HealthCheckType
+from .basics import Membership as Membership
+from .basics import Mode as Mode
+from .basics import PinCarrier as PinCarrier
+from .basics import Protocol as Protocol
+from .basics import Replication as Replication
+from .basics import SiteAffinity as SiteAffinity
+from .basics import UnknownChoice as UnknownChoice
+from .basics import check_duration as check_duration
+from .basics import check_member_address as check_member_address
+from .basics import choose as choose
+from .basics import is_ip_literal as is_ip_literal
+from .basics import parse_duration as parse_duration
+from .basics import read_duration as read_duration
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
 _DOMAIN_CHARS = r"[A-Za-z0-9._\-\[\]:]"
 _DOMAIN = (rf"^(\*|\*{_DOMAIN_CHARS}+|{_DOMAIN_CHARS}+\*|{_DOMAIN_CHARS}+)$")
-
-
-MAX_DURATION = 31_536_000.0
-
-# The enumerations of the model. Code that acts on one dispatches through a table keyed
-# by every value and looks values up with :func:`choose`, so a value without an entry
-# raises instead of falling into some default branch (tests/unit/test_dispatch.py checks
-# every table covers every value).
-Algorithm = Literal["maglev", "ring_hash"]
-ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
-PinCarrier = Literal["cookie", "header"]
-PIN_CARRIERS: tuple[PinCarrier, ...] = get_args(PinCarrier)
-HashKey = Literal["header", "cookie", "source_ip"]
-HASH_KEYS: tuple[HashKey, ...] = get_args(HashKey)
-Mode = Literal["high-availability", "load-sharing"]
-MODES: tuple[Mode, ...] = get_args(Mode)
-Membership = Literal["static", "registered"]
-MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
-Replication = Literal["all", "narrow"]
-REPLICATIONS: tuple[Replication, ...] = get_args(Replication)
-AllWithdrawn = Literal["keep-best", "keep-all", "withdraw"]
-ALL_WITHDRAWN: tuple[AllWithdrawn, ...] = get_args(AllWithdrawn)
-Failback = Literal["automatic", "manual"]
-FAILBACKS: tuple[Failback, ...] = get_args(Failback)
-Protocol = Literal["http", "http2", "grpc", "tcp"]
-#: Which members an Envoy prefers (``site_affinity``): the same everywhere, or its own site's.
-SiteAffinity = Literal["global", "local"]
-"""What a cluster's members speak, named as Istio names Service ports."""
-PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
-HealthCheckType = Literal["http", "grpc", "tcp"]
-HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = get_args(HealthCheckType)
-
-_K = TypeVar("_K")
-_V = TypeVar("_V")
-
-
-class UnknownChoice(InputError):
-    """A dispatch met a value its table has no entry for."""
-
-
-def choose(table: Mapping[_K, _V], value: _K, what: str) -> _V:
-    """``table[value]``; :class:`UnknownChoice` naming ``what`` when there is none."""
-    try:
-        return table[value]
-    except KeyError:
-        known = ", ".join(map(str, table))
-        raise UnknownChoice(f"unknown {what} {value!r} (known: {known})") from None
-"""Longest duration (365 days). Envoy's own bound is 10,000 years, but its timers work
-in milliseconds: a year is far beyond any sensible timeout and far inside every limit."""
-MIN_DURATION = 0.001
-"""Shortest non-zero duration: Envoy's timers count milliseconds, so anything shorter
-would become 0 (which Envoy refuses where it needs a positive value, or reads as
-"disabled")."""
 UINT32_MAX = 2**32 - 1
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
-def _parse_duration(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 250ms, 1s or 2m")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError("expected a duration such as 250ms, 1s or 2m")
-        return float(match.group(1)) * _UNITS[match.group(2)]
-    return value
-
-
-def parse_duration(value: Any) -> float:
-    """A duration as the model writes it (``250ms``, ``30s``, ``2m``, or a number of
-    seconds) in seconds; ValueError on anything else (the API's inputs use it too)."""
-    seconds = _parse_duration(value)
-    if not isinstance(seconds, float):
-        raise ValueError("expected a duration such as 250ms, 1s or 2m")
-    return seconds
-
-
-def _check_duration(value: float) -> float:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError("expected a finite duration")
-    if value > MAX_DURATION:
-        raise ValueError(f"at most {MAX_DURATION:g}s (365 days)")
-    if 0 < value < MIN_DURATION:
-        raise ValueError("0 or at least 1ms (Envoy counts milliseconds)")
-    return value
-
-
-@functools.lru_cache(maxsize=65_536)
-def is_ip_literal(address: str) -> bool:
-    """An address Envoy takes as is (IPv4 dotted quad or IPv6, no zone index)."""
-    if "%" in address:
-        return False
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
-
-
-def check_member_address(address: str) -> str:
-    """An IP address, or a DNS host name the control plane resolves (RFC 1123); raises
-    ValueError. The one rule for the model's members and for registrations."""
-    if is_ip_literal(address):
-        return address
-    name = address[:-1] if address.endswith(".") else address
-    labels = name.split(".")
-    if (not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels)
-            or labels[-1].isdigit()):
-        raise ValueError("expected an IP address or a DNS host name (letters, digits and "
-                         "'-' in dot-separated labels)")
-    return address
 
 
 def _check_listen_address(address: str) -> str:
@@ -161,10 +77,10 @@ def _check_listen_address(address: str) -> str:
     return address
 
 
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0),
-                     AfterValidator(_check_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0),
-                             AfterValidator(_check_duration)]
+Duration = Annotated[float, BeforeValidator(read_duration), Field(ge=0),
+                     AfterValidator(check_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(read_duration), Field(gt=0),
+                             AfterValidator(check_duration)]
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
                           AfterValidator(check_member_address)]
@@ -172,8 +88,6 @@ ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Weight = Annotated[int, Field(ge=1, le=10_000)]
 Port = Annotated[int, Field(ge=1, le=65_535)]
-
-DEFAULT_SITE = "default"
 
 
 class _Spec(BaseModel):
@@ -439,7 +353,6 @@ class Overrides(_Spec):
     route: dict[str, Any] | None = None
 
 
-_HIGH_AVAILABILITY: dict[Mode, bool] = {"high-availability": True, "load-sharing": False}
 #: Protocol -> the health check it gets unless the model names one.
 _HEALTH_CHECK_OF: dict[Protocol, HealthCheckType] = {
     "http": "http", "http2": "http", "grpc": "grpc", "tcp": "tcp"}
@@ -452,7 +365,6 @@ def _replaced(model: _M, **values: Any) -> _M:
     copy = model.model_copy(update=values)
     object.__setattr__(copy, "__pydantic_fields_set__", set(model.model_fields_set))
     return copy
-_REGISTERED: dict[Membership, bool] = {"registered": True, "static": False}
 
 
 class ClusterSpec(_Spec):
@@ -538,12 +450,12 @@ class ClusterSpec(_Spec):
     @property
     def high_availability(self) -> bool:
         """One active member (True) or load sharing among the first tier (False)."""
-        return choose(_HIGH_AVAILABILITY, self.mode, "mode")
+        return choose(HIGH_AVAILABILITY, self.mode, "mode")
 
     @property
     def registered(self) -> bool:
         """Only members with a live registration are advertised (membership registered)."""
-        return choose(_REGISTERED, self.membership, "membership")
+        return choose(REGISTERED, self.membership, "membership")
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites] or [DEFAULT_SITE]

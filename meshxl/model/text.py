@@ -1,0 +1,77 @@
+"""A model's text as plain data: YAML (or JSON), bounded in size, nesting and expansion,
+every failure a :class:`~.basics.ModelError`. No pydantic: :mod:`.load` validates the
+data into the model, :mod:`.light` reads the parts a sidecar needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from meshxl.bounded import check_depth, measure
+from meshxl.errors import InputError
+
+from .basics import ModelError, Problem
+
+__all__ = ["EMPTY_MODEL", "MAX_DEPTH", "MAX_MODEL_BYTES", "MAX_VALUES", "model_data"]
+
+MAX_MODEL_BYTES = 4 * 1024 * 1024
+"""Largest model text (a model stored in etcd must stay under etcd's 1.5 MiB anyway)."""
+MAX_DEPTH = 64
+"""Deepest nesting of mappings and lists (the model itself needs about six levels)."""
+MAX_VALUES = 1_000_000
+"""Most values a model may expand to, YAML aliases counted at every use (a "billion
+laughs" document is a few lines of text that expand to more than memory holds)."""
+_MODEL = "the model"
+EMPTY_MODEL = ("the model is empty (an empty file or input, or a file caught mid-write): "
+               "serving it would withdraw every listener from every Envoy")
+
+
+_CLoader = getattr(yaml, "CSafeLoader", None)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, with libyaml when PyYAML has it: several times faster, which
+    every model change pays on every control-plane replica (docs/performance.md).
+
+    libyaml's composer recurses in C and crashes the process on deep nesting, so its
+    (iterative) parser first checks the nesting depth from the event stream.
+    """
+    if _CLoader is None:
+        return yaml.safe_load(text)
+    check_depth(text, max_depth=MAX_DEPTH, name=_MODEL, loader=_CLoader)
+    return yaml.load(text, Loader=_CLoader)  # noqa: S506 - CSafeLoader is the safe loader
+
+
+def model_data(text: str, source: str = "<model>") -> dict[Any, Any]:
+    """The mapping a model's YAML (or JSON) text holds, or ModelError: too large,
+    not YAML, nested too deep, expanding to too many values, empty, or not a mapping."""
+    if len(text) > MAX_MODEL_BYTES:
+        raise ModelError([Problem(source, f"the model is larger than {MAX_MODEL_BYTES} "
+                                          "characters")])
+    try:
+        data = _load_yaml(text)
+    except InputError as exc:
+        raise ModelError([Problem(source, str(exc))]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ModelError([Problem(where, f"YAML syntax error: {reason}")]) from None
+    except RecursionError:
+        raise ModelError([Problem(source, "YAML nested too deep")]) from None
+    except Exception as exc:
+        # PyYAML's constructors let other errors through for values they cannot build
+        # (an impossible date, an empty !!timestamp): still bad input, nothing else.
+        raise ModelError([Problem(source, f"YAML value error: {type(exc).__name__}: "
+                                          f"{str(exc)[:200]}")]) from None
+    try:
+        measure(data, max_depth=MAX_DEPTH, max_values=MAX_VALUES, name=_MODEL)
+    except InputError as exc:
+        raise ModelError([Problem(source, str(exc))]) from None
+    if data is None or (isinstance(data, str) and not data.strip()):
+        raise ModelError([Problem(source, EMPTY_MODEL)])
+    if not isinstance(data, dict):
+        raise ModelError([Problem("", "the model must be a mapping with a 'clusters' list",
+                                  type(data).__name__)])
+    return data
