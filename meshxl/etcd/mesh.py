@@ -15,22 +15,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
 from meshxl.etcd.keys import ADMIN, MEMBERS, Keys
 from meshxl.etcd.watch import cancel_watch
-from meshxl.model import (
-    AdminAction,
-    ModelError,
-    ModelSpec,
-    Problem,
-    Registration,
-    RuntimeState,
-    parse_model,
-)
-from meshxl.model.spec import UnknownChoice
+from meshxl.model.basics import ModelError, Problem, UnknownChoice
+from meshxl.model.runtime import AdminAction, Registration, RuntimeState
+
+if TYPE_CHECKING:
+    from meshxl.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +38,36 @@ def one_line(text: str, limit: int = 2000) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-class EtcdMeshSource:
+Model = TypeVar("Model")
+
+
+class EtcdMeshSource(Generic[Model]):
     """Mirror of etcd's ``mesh/`` prefix: model, member registrations, admin state.
 
     A full read at one revision, then a watch from the next revision; any failure
     (connection lost, revision compacted) ends in a fresh full read, so nothing is
     missed and nothing is applied twice.
+
+    ``parse`` reads the stored model's text (``parse(text, source)``, raising
+    ModelError): the whole model by default (:func:`meshxl.model.parse_model`), or only
+    what a sidecar needs (:func:`meshxl.model.light.parse_light`).
     """
 
-    def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None]):
+    @overload
+    def __init__(self: EtcdMeshSource[ModelSpec], client: aetcd.Client, keys: Keys,
+                 on_change: Callable[[], None]) -> None: ...
+
+    @overload
+    def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None],
+                 parse: Callable[[str, str], Model]) -> None: ...
+
+    def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None],
+                 parse: Callable[[str, str], Any] | None = None) -> None:
+        if parse is None:
+            from meshxl.model.load import parse_model
+
+            parse = parse_model
+        self._parse: Callable[[str, str], Any] = parse
         self._client = client
         self._keys = keys
         self._on_change = on_change
@@ -61,7 +77,7 @@ class EtcdMeshSource:
         self.resyncs = 0
         self.last_error: str | None = None
         self._failing_since: float | None = None  # monotonic; None: the watch works
-        self.model: ModelSpec | None = None
+        self.model: Model | None = None
         self.model_error: str | None = None
         self._model_text: bytes | None = None
         self._runtime = RuntimeState()
@@ -143,7 +159,7 @@ class EtcdMeshSource:
                     except UnicodeDecodeError as exc:
                         raise ModelError([Problem(keys.model, "the stored model is not "
                                                   f"UTF-8 text (byte {exc.start})")]) from None
-                    model = parse_model(decoded, source=keys.model)
+                    model = self._parse(decoded, keys.model)
                 except ModelError as exc:
                     self.model_error = str(exc)
                     log.error("model in etcd rejected, still serving the last good model: %s",

@@ -16,7 +16,7 @@ from typing import Any
 from meshxl import headers as hdr
 from meshxl import httpbase
 from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed
-from meshxl.model.spec import parse_duration
+from meshxl.model.basics import parse_duration
 
 from . import bulk
 from .http import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error

@@ -44,15 +44,9 @@ from meshxl.addr import (
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.etcd.shards import ShardMap
-from meshxl.model import (
-    MemberState,
-    ModelError,
-    Role,
-    cluster_view,
-    parse_model,
-)
-from meshxl.model.runtime import SERVING
-from meshxl.model.spec import Replication, choose
+from meshxl.model.basics import ModelError, Replication, choose
+from meshxl.model.light import parse_light
+from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
 
 from .api import SessionRoutes
 from .auth import token_check
@@ -126,7 +120,7 @@ class Sidecar:
         """Set while the model lacks this member's cluster or site."""
         self.narrow = choose(_HOLDS_ONLY_WHAT_IT_USES, settings.replication,
                              "sessions replication")
-        self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed)
+        self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed, parse_light)
         self.role = Role.NONE
         """This member's role in the cluster, as the control plane computes it."""
         self.view_state: MemberState | None = None
@@ -227,7 +221,7 @@ class Sidecar:
             return
         if model is not None:
             with contextlib.suppress(ModelError, UnicodeDecodeError):
-                spec = parse_model(model.value.decode(), source="model in etcd").cluster(
+                spec = parse_light(model.value.decode(), source="model in etcd").cluster(
                     self.config.cluster)
                 rejoin.configure(spec.failover if spec is not None else None)
         if history is not None:

@@ -12,8 +12,7 @@ from meshxl import etcd
 from meshxl.addr import parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcd.keys import DEFAULT_ROOT
-from meshxl.model import check_member_address
-from meshxl.model.spec import NAME_PATTERN
+from meshxl.model.basics import NAME_PATTERN, check_member_address
 
 from .auth import check_exposure, valid_token
 from .store import MAX_TXN_WRITES

@@ -30,13 +30,23 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from meshxl.model.spec import Failback, Failover
+from meshxl.model.basics import Failback
 
 __all__ = ["Rejoin"]
 
 log = logging.getLogger(__name__)
+
+
+class Failover(Protocol):
+    """What the hold reads of a cluster's ``failover`` settings (the model's, or what a
+    sidecar reads of them: :class:`meshxl.model.light.LightFailover`)."""
+
+    @property
+    def failback(self) -> Failback: ...
+    @property
+    def failback_delay(self) -> float: ...
 
 
 def _now() -> str:

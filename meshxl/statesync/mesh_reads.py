@@ -13,8 +13,9 @@ import aetcd
 from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.shards import ShardMap, parse_shard_map
-from meshxl.model import ModelError, parse_model
-from meshxl.model import SessionSync as SessionDefaults
+from meshxl.model.basics import ModelError
+from meshxl.model.light import LightSessions as SessionDefaults
+from meshxl.model.light import parse_light
 
 from .cache import SessionCache
 from .config import StatesyncConfig
@@ -37,7 +38,7 @@ def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
     if raw is None:
         return f"no model in etcd at {where}: no Envoy is told about member registrations"
     try:
-        model = parse_model(raw.decode("utf-8", "replace"), source="model in etcd")
+        model = parse_light(raw.decode("utf-8", "replace"), source="model in etcd")
     except ModelError:
         return None  # the control plane keeps its last good model and reports this one
     spec = model.cluster(cluster)
@@ -94,7 +95,7 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
     got = await client.get(Keys(config.etcd_root).model.encode())
     if got is not None:
         try:
-            spec = parse_model(got.value.decode(), source="model in etcd").cluster(config.cluster)
+            spec = parse_light(got.value.decode(), source="model in etcd").cluster(config.cluster)
         except ModelError as exc:
             log.warning("model in etcd is invalid (%s); using session defaults", exc)
         else:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshxl.errors import MeshxlError
-from meshxl.model.spec import Replication
+from meshxl.model.basics import Replication
 
 from .record import JSON_TYPE, SessionRecord
 
