@@ -8,7 +8,6 @@ environment variable.
 
 from __future__ import annotations
 
-import hmac
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,4 +66,6 @@ def bearer_matches(value: str | None, token: str) -> bool:
     scheme, _, given = value.strip().partition(" ")
     if scheme.lower() != "bearer":
         return False
+    import hmac  # only where tokens are used (it loads OpenSSL's hashes)
+
     return hmac.compare_digest(given.strip().encode(), token.encode())

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -87,6 +86,8 @@ def hash_tag(session_id: str) -> str:
 
 
 def _score(name: str, tag: str) -> int:
+    import hashlib  # only with shards (it loads OpenSSL's hashes)
+
     digest = hashlib.blake2b(f"{name}\0{tag}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 from meshxl import headers as hdr
@@ -49,7 +48,10 @@ _TRACEPARENT = hdr.TRACEPARENT.lower()
 
 
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of this API (shipped as package data)."""
+    """The OpenAPI 3.1 description of this API (shipped as package data; read on
+    request, so importlib.resources and what it loads stay out of the idle sidecar)."""
+    from importlib import resources
+
     text = resources.files("meshxl.statesync").joinpath("openapi.json").read_text("utf-8")
     document: dict[str, Any] = json.loads(text)
     return document

@@ -62,10 +62,9 @@ from .mesh_reads import (
     sync_stats_value,
 )
 from .metrics import StatesyncMetrics
-from .resharding import MapFollower, caches_synced
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
-from .starting import Waiting, start_when_etcd_answers
+from .starting import Waiting, caches_synced, start_when_etcd_answers
 from .store import SessionStore
 from .tracing import TakeoverTracer, follow_failovers
 from .writes import Settings
@@ -170,6 +169,8 @@ class Sidecar:
         if not self.narrow:
             self._tasks.append(loop.create_task(self.mesh.run()))
         if isinstance(self.sessions, ShardedSessions):
+            from .resharding import MapFollower  # only with shards
+
             settings = self.sessions.settings
             follower = MapFollower(
                 self.client, self.keys, self.sessions, self.parts,

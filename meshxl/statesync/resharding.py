@@ -39,15 +39,12 @@ from .shards import Shard, ShardedSessions
 
 log = logging.getLogger("meshxl.statesync.app")
 
-__all__ = ["POLL", "SHARD_GRACE", "MapFollower", "caches_synced"]
+__all__ = ["POLL", "MapFollower"]
 
 POLL = 1.0
 """Seconds between the sidecar's reads of the shard map whatever its watch says."""
 WATCH_RETRY = 1.0
 """Seconds before a failed watch of the map is started again."""
-SHARD_GRACE = 10.0
-"""Seconds a starting member waits for a session shard that does not answer before it
-turns ready without it (docs/scaling.md, "Readiness with shards")."""
 
 
 class MapFollower:
@@ -220,31 +217,3 @@ class MapFollower:
                 await self._close(part)
                 log.info("session shard %s closed: no longer in the shard map", name)
 
-
-async def caches_synced(parts: list[Shard], usable: asyncio.Event | None) -> None:
-    """Until every cache of ``parts`` has read its sessions. With shards (``usable``
-    set once a usable map is served): first until then, and a shard that does not
-    answer is not waited for beyond :data:`SHARD_GRACE` (its sessions answer 503 until
-    it does; the member serves the other shards' meanwhile)."""
-    sharded = usable is not None
-    if usable is not None:
-        await usable.wait()
-
-    async def one(part: Shard) -> None:
-        if not sharded:
-            await part.cache.synced.wait()
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SHARD_GRACE):
-                await part.cache.synced.wait()
-            return
-        while part.reachable:  # slow, but answering: wait on
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await part.cache.synced.wait()
-                    return
-        if not part.cache.synced.is_set():
-            log.warning("session shard %s does not answer (%s): ready without it",
-                        part.name, part.cache.last_error)
-
-    await asyncio.gather(*(one(part) for part in list(parts)))

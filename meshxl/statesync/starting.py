@@ -20,11 +20,12 @@ as the control plane does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from meshxl.errors import InputError
 from meshxl.etcd.auth import EtcdAuthError
@@ -32,7 +33,11 @@ from meshxl.etcd.auth import EtcdAuthError
 from .http import Request, Response, Router, error, json_response
 from .metrics import CONTENT_TYPE, StatesyncMetrics
 
-__all__ = ["FIRST_DELAY", "MAX_DELAY", "Waiting", "start_when_etcd_answers"]
+if TYPE_CHECKING:
+    from .shards import Shard
+
+__all__ = ["FIRST_DELAY", "MAX_DELAY", "SHARD_GRACE", "Waiting", "caches_synced",
+           "start_when_etcd_answers"]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +125,35 @@ async def start_when_etcd_answers(start: Callable[[], Awaitable[T]], waiting: Wa
             return started
     finally:
         metrics.etcd_unreachable.set(0)
+
+
+SHARD_GRACE = 10.0
+"""Seconds a starting member waits for a session shard that does not answer before it
+turns ready without it (docs/scaling.md, "Readiness with shards")."""
+async def caches_synced(parts: list[Shard], usable: asyncio.Event | None) -> None:
+    """Until every cache of ``parts`` has read its sessions. With shards (``usable``
+    set once a usable map is served): first until then, and a shard that does not
+    answer is not waited for beyond :data:`SHARD_GRACE` (its sessions answer 503 until
+    it does; the member serves the other shards' meanwhile)."""
+    sharded = usable is not None
+    if usable is not None:
+        await usable.wait()
+
+    async def one(part: Shard) -> None:
+        if not sharded:
+            await part.cache.synced.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SHARD_GRACE):
+                await part.cache.synced.wait()
+            return
+        while part.reachable:  # slow, but answering: wait on
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await part.cache.synced.wait()
+                    return
+        if not part.cache.synced.is_set():
+            log.warning("session shard %s does not answer (%s): ready without it",
+                        part.name, part.cache.last_error)
+
+    await asyncio.gather(*(one(part) for part in list(parts)))

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import resource
 import socket
+import time
 from collections.abc import Callable
-from email.utils import formatdate
 
 from meshxl.httpbase import BODY_TIMEOUT, HEADER_TIMEOUT, WRITE_TIMEOUT
 
@@ -36,6 +36,19 @@ def default_max_connections() -> int:
     if soft == resource.RLIM_INFINITY:
         return MAX_CONNECTIONS
     return max(16, min(MAX_CONNECTIONS, soft - FD_RESERVE))
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(seconds: float) -> bytes:
+    """A Date header's value (RFC 9110's IMF-fixdate, ``Sun, 06 Nov 1994 08:49:37 GMT``),
+    as ``email.utils.formatdate(usegmt=True)`` writes it, without loading the email
+    package into every sidecar."""
+    t = time.gmtime(seconds)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT").encode()
 
 
 class HttpServer:
@@ -92,7 +105,7 @@ class HttpServer:
                 await server.wait_closed()
 
     def _stamp(self) -> None:
-        self.site.date = formatdate(usegmt=True).encode()
+        self.site.date = http_date(time.time())
 
     async def _sweep(self) -> None:
         """Once a second: the Date header, and connections past their deadline (one

@@ -1,0 +1,82 @@
+"""What the statesync sidecar's entry loads: ``meshxl serve statesync`` runs in every pod,
+so nothing it does not use may come with it (``docs/performance.md``, "Sidecar
+footprint"). A fresh interpreter goes the sidecar's way (the ``meshxl`` command, the
+sidecar's modules, its metrics, its model reader, tracing set up without anywhere to
+send spans) and lists what it imported. The running process is checked the same way in
+``tests/integration/test_sidecar_footprint.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from meshxl.statesync.http.server import http_date
+
+# Never on the sidecar's path: the other HTTP stack, the CLI's tables, the model's
+# validators, the metrics and tracing libraries (tracing off), and other parts.
+FORBIDDEN = (
+    "aiohttp", "multidict", "yarl", "rich", "pydantic", "pydantic_core", "jsonpatch",
+    "prometheus_client", "opentelemetry", "email", "importlib.metadata", "hmac",
+    "meshxl.model.spec", "meshxl.model.load", "meshxl.xds", "meshxl.kube", "meshxl.istio",
+    "meshxl.operator", "meshxl.local", "meshxl.demo", "meshxl.ui", "meshxl.client",
+    "meshxl.proxy", "meshxl.web", "meshxl.telemetry.http", "meshxl.telemetry.spans",
+    "meshxl.cli.kube", "meshxl.cli.views", "meshxl.cli.model", "meshxl.statesync.resharding",
+)
+
+ENTRY = """
+import json, sys
+from meshxl.cli import main
+try:
+    main(["serve", "statesync", "--help"], prog_name="meshxl", standalone_mode=True)
+except SystemExit:
+    pass
+from meshxl.loops import loop_factory
+from meshxl.model.light import parse_light
+from meshxl.statesync import app
+from meshxl.statesync.metrics import StatesyncMetrics
+from meshxl.statesync.starting import Waiting
+from meshxl.telemetry.tracing import enabled, setup_tracing
+
+loop_factory()
+assert setup_tracing("statesync") is None and not enabled()
+metrics = StatesyncMetrics()
+Waiting("http://127.0.0.1:2379", metrics).router()
+metrics.render()
+parse_light("clusters: [{name: c, membership: registered}]")
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def loaded(script: str) -> set[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True, env=env)
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def forbidden_in(modules: set[str]) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
+
+
+def test_the_sidecars_entry_imports_nothing_it_does_not_use() -> None:
+    modules = loaded(ENTRY)
+    assert "meshxl.statesync.app" in modules and "click" in modules  # it did go that way
+    assert forbidden_in(modules) == []
+
+
+def test_the_check_sees_an_import_coming_back() -> None:
+    """The same check on an entry that imports the model's validators fails."""
+    modules = loaded(ENTRY.replace("print(", "import meshxl.model.spec\nprint("))
+    assert "meshxl.model.spec" in forbidden_in(modules)
+    assert "pydantic" in forbidden_in(modules)
+
+
+def test_the_date_header_is_imf_fixdate() -> None:
+    from email.utils import formatdate
+
+    now = time.time()
+    for t in (0.0, 784111777.0, 951782400.0, 4102444799.0, now, now + 86400 * 45.5):
+        assert http_date(t) == formatdate(t, usegmt=True).encode()
