@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,9 @@ def _content_type(request: Request, default: str) -> str:
         raise InputError("Content-Type must be a media type of at most 255 printable ASCII "
                          f"characters, such as application/json; got {value[:80]!r}",
                          field="Content-Type")
-    return value
+    # Kept with every session written: one string per media type, not one per write (as
+    # the records read from etcd share theirs).
+    return sys.intern(value)
 
 
 def _traceparent(request: Request) -> str | None:

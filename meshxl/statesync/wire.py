@@ -37,11 +37,14 @@ def _lease_field(lease: int) -> bytes:
     return b"\x18" + varint(lease) if lease else b""
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1024)
 def _key_parts(key: bytes) -> tuple[bytes, bytes, bytes]:
     """What a guarded put of ``key`` holds whatever it writes: the key's field
     (PutRequest/RangeRequest.key), the compare up to its revision, the failure branch
-    (a session is written many times: built once while it is written)."""
+    (a session is written many times: built once while it is written). For the
+    sessions written now: at 8,192 entries it held about 3.9 MiB (the keys with their
+    parts) once that many sessions had been written, for no gain over 1,024 (the
+    sessions a member writes at once are far fewer)."""
     key_field = b"\x0a" + varint(len(key)) + key
     # Compare: target MOD, key, mod_revision (a oneof member: written even when 0).
     compare = b"\x10\x02\x1a" + key_field[1:] + b"\x30"
