@@ -1,6 +1,13 @@
-"""statesync sidecar memory with 100,000 cached sessions, against the payload's size.
+"""statesync sidecar memory: its footprint beside its floors, and 100,000 cached sessions
+against the payload's size.
 
-Run: ``.venv/bin/python bench/sidecar_memory.py [--quick] [--sessions N]``
+Run: ``.venv/bin/python bench/sidecar_memory.py [--quick] [--sessions N] [--footprint-only]``
+
+First the footprint (``bench/footprint.py``): a bare interpreter, a bare aetcd (grpcio)
+client connected to etcd, and the sidecar side by side: idle RSS and threads, RSS per
+owned session (10,000 sessions of ~1 KiB written through its API, with ``all`` and with
+``narrow`` replication), and RSS and threads under load. Targets: idle RSS <= 45 MiB,
+<= 2 KiB per owned session beyond the session's own bytes.
 
 A local etcd and one ``meshxl serve statesync`` process. 100,000 sessions of one
 cluster are written to etcd in the sidecar's record format (owner header + the
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import footprint
 from benchlib import (
     Verdict,
     print_verdicts,
@@ -57,6 +65,10 @@ from meshxl.statesync.record import SessionRecord
 from meshxl.stats import rss_bytes
 
 NAME = "sidecar_memory"
+TARGET_IDLE_MB = 45.0
+TARGET_OVERHEAD = 2048
+"""Bytes of RSS per owned session beyond the session's own (id + state)."""
+OWNED = 10_000
 TARGET_RATIO = 3.0
 TARGET_REFUSED = 0.05
 """RSS growth after the refused writes / the bytes they sent."""
@@ -225,8 +237,8 @@ async def refused_writes(stack: Owner, url: str, keys: Keys, requests: int) -> d
             "ratio_growth_to_sent": round(max(0, rss1 - rss0) / sent, 4)}
 
 
-async def run(work: Path, sessions: int, sizes: tuple[int, ...],
-              refused: int) -> dict[str, Any]:
+async def run(work: Path, sessions: int, sizes: tuple[int, ...], refused: int,
+              quick: bool, footprint_only: bool) -> dict[str, Any]:
     stack = Owner(work, grace=3.0)
     keys = Keys("/meshxl-bench-memory")
     res: dict[str, Any] = {"sizes": []}
@@ -234,6 +246,11 @@ async def run(work: Path, sessions: int, sizes: tuple[int, ...],
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
             url = (await start_etcd(stack))[0]
+        step = "measuring the footprint"
+        res["footprint"] = await footprint.measure(
+            stack, url, OWNED, 3.0 if quick else 8.0, 20_000 if quick else 100_000)
+        if footprint_only:
+            return res
         for size in sizes:
             step = f"measuring {sessions} sessions of ~{size} B"
             res["sizes"].append(await one_size(stack, url, keys, sessions, size))
@@ -250,6 +267,22 @@ async def run(work: Path, sessions: int, sizes: tuple[int, ...],
 
 def verdicts(res: dict[str, Any]) -> list[Verdict]:
     out = []
+    fp = res.get("footprint")
+    if fp is not None:
+        floor = fp["bare_etcd_client"]
+        for o in fp["owned"]:
+            idle = o["idle"]
+            out.append(Verdict(
+                f"statesync: sidecar idle RSS ({o['replication']} replication)",
+                idle["rss_mb"], TARGET_IDLE_MB, "MiB",
+                reference=f"{idle['threads']} threads; bare aetcd client "
+                          f"{floor['rss_mb']} MiB, {floor['threads']} threads; bare "
+                          f"interpreter {fp['bare_python']['rss_mb']} MiB"))
+            out.append(Verdict(
+                f"statesync: RSS per owned session beyond its bytes, {o['sessions']:,} x "
+                f"~{o['document_bytes']} B ({o['replication']} replication)",
+                o["overhead_per_session_bytes"], TARGET_OVERHEAD, "B",
+                reference=f"{o['growth_per_session_bytes']} B growth per session"))
     for s in res["sizes"]:
         worst = max(s["ratio_watch_fed"], s["ratio_full_sync"])
         out.append(Verdict(
@@ -269,6 +302,8 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
 
 
 def print_report(res: dict[str, Any], verdict_list: list[Verdict]) -> None:
+    if res.get("footprint") is not None:
+        print("\n".join(footprint.report(res["footprint"])))
     print("\n== sidecar memory: sessions cached, RSS growth over payload (ids + documents)")
     print(f"  {'doc B':>6} {'sessions':>9} {'payload MB':>10} {'empty':>6} {'watch':>6} "
           f"{'sync':>6} {'B/sess':>7} {'watch x':>8} {'sync x':>7} {'dict x':>7} "
@@ -291,6 +326,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20,000 sessions, ~1 KiB only")
     parser.add_argument("--sessions", type=int, help="sessions (default 100000; quick 20000)")
+    parser.add_argument("--footprint-only", action="store_true",
+                        help="only the footprint (floors, idle, owned sessions, load)")
     args = parser.parse_args()
     quick = quick_requested(args.quick)
     sessions = args.sessions or (20_000 if quick else 100_000)
@@ -299,7 +336,8 @@ def main() -> int:
     sizes = SIZES[:1] if quick else SIZES
     refused = 50 if quick else 200
     return run_benchmark(
-        NAME, quick, "meshxl-bench-memory-", lambda work: run(work, sessions, sizes, refused),
+        NAME, quick, "meshxl-bench-memory-",
+        lambda work: run(work, sessions, sizes, refused, quick, args.footprint_only),
         verdicts, print_report)
 
 

@@ -16,8 +16,10 @@ from typing import Any
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import ab  # noqa: E402
 import benchlib  # noqa: E402
 import flap  # noqa: E402
+import footprint  # noqa: E402
 import rebalance  # noqa: E402
 import statesync  # noqa: E402
 import statesync_gc  # noqa: E402
@@ -372,3 +374,21 @@ def test_shard_verdicts_compare_like_with_like() -> None:
         "one of 3 shards down: the others' p99 latency / all up",
         "one of 3 shards down, failing writes off 1/3 by",
         "one of 3 shards down, other shards' writes failing"], found
+
+
+def test_the_footprints_model_has_a_cluster_per_replication() -> None:
+    from meshxl.model import parse_model
+
+    model = parse_model(footprint.model())
+    assert {c.name: c.sessions.replication for c in model.clusters} == {
+        cluster: replication for replication, cluster in footprint.CLUSTERS.items()}
+    assert len(footprint.document("all-0000001", 1024)) == 1024
+
+
+def test_ab_compares_the_figures_asked_for() -> None:
+    result = {"loads": {"put": {"us_per_request": 90.5, "runs_us": [1.0]},
+                        "floor": {"us_per_request": 40}}, "quick": True, "seconds": 3.2}
+    assert ab.figures(result, ("us_per_request",)) == {
+        "loads.put.us_per_request": 90.5, "loads.floor.us_per_request": 40.0}
+    assert ab.figures(result, ("seconds", "quick")) == {"seconds": 3.2}
+
