@@ -151,12 +151,22 @@ def bind_grpc(server: Any, listen: str, credentials: Any = None,
     return int(bound)
 
 
+def _ascii(host: str) -> str | bytes:
+    """``host`` as bytes when it is ASCII (an address, or a plain host name): a str
+    would go through Python's IDNA codec, which loads ``stringprep`` and
+    ``unicodedata`` into the process for nothing."""
+    try:
+        return host.encode("ascii")
+    except UnicodeEncodeError:
+        return host
+
+
 def bind_tcp(listen: str, what: str = "--listen") -> socket.socket:
     """A listening TCP socket on ``listen`` for an HTTP server (aiohttp's ``SockSite``),
     or ListenError: bound now, so the port is known and held before anything else."""
     host, port = parse_listen(listen, what)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(_ascii(host), port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ListenError(f"{what}: cannot listen on {listen}: cannot resolve "

@@ -20,6 +20,7 @@ from meshxl.statesync.http.server import http_date
 FORBIDDEN = (
     "aiohttp", "multidict", "yarl", "rich", "pydantic", "pydantic_core", "jsonpatch",
     "prometheus_client", "opentelemetry", "email", "importlib.metadata", "hmac",
+    "importlib.resources", "hashlib", "encodings.idna",
     "meshxl.model.spec", "meshxl.model.load", "meshxl.xds", "meshxl.kube", "meshxl.istio",
     "meshxl.operator", "meshxl.local", "meshxl.demo", "meshxl.ui", "meshxl.client",
     "meshxl.proxy", "meshxl.web", "meshxl.telemetry.http", "meshxl.telemetry.spans",
