@@ -571,6 +571,12 @@ async def serve(config: StatesyncConfig) -> None:
         await server.listen(sock)
         if unix is not None:
             await server.listen(unix)
+        from meshxl.telemetry import tracing as otel
+
+        if otel.enabled():
+            # Loaded before the member registers: seconds of imports on a busy host
+            # would otherwise hold the loop while its lease's keepalives are due.
+            import meshxl.telemetry.spans  # noqa: F401
         started = await start_when_etcd_answers(lambda: _start(config, metrics), waiting)
         _serve_api(server, started[1])
         log.info("statesync API on http://%s%s", config.listen,
