@@ -16,6 +16,7 @@ import pytest
 
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
+from meshxl.local.wait import wait_until
 from meshxl.statesync.deletions import DeletionRecord
 
 pytestmark = pytest.mark.integration
@@ -69,5 +70,11 @@ async def test_a_delete_through_the_api_leaves_its_record(
 
     # A session kept only on this member (delayed sync) never reached etcd: nothing to
     # record. And no sidecar takes a record for a session.
+    # (The watcher's cache follows etcd's watch: wait for t2's delete to reach it.)
+    async def followed() -> bool:
+        return (await watcher.status())["cached_sessions"] == 1
+
+    await wait_until(followed, timeout=10, what="the watcher's cache to hold only t2",
+                     explain=watcher.status)
     status = await watcher.status()
     assert status["bad_records"] == 0 and status["cached_sessions"] == 1, status
