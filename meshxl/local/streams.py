@@ -181,7 +181,9 @@ class StreamTraffic:
                     self.reconnects.append(Reconnect(
                         session, broken_at, record.ended, last.member if last else None,
                         member, last.seq if last else None, seq, attempts, why))
-                    broken_at, attempts = None, 0
+                    broken_at = None
+                # Dials count from the last answer: a reconnect's are its own.
+                attempts = 0
                 self._add(record)
                 last = record
                 if self.kind != "grpc-stream":
