@@ -262,6 +262,12 @@ GRPC_RETRY_ON = ("connect-failure", "refused-stream", "reset", "unavailable")
 """A gRPC cluster's default: what never ran (no connection, a refused or reset stream)
 and UNAVAILABLE, the status that says another member may serve the call. Not
 DEADLINE_EXCEEDED, INTERNAL or CANCELLED: the call may have run."""
+TCP_CONNECT_RETRIES = 6
+"""A TCP cluster's default ``retries.attempts`` (its connect retries). Envoy's TCP proxy
+places every attempt by the consistent hash again, on the dead member until the
+member's ejection has reached Envoy's workers (2-20 ms here, under load). At the
+jittered backoff (5 ms doubling to 50 ms) six retries span less than 40 ms once in
+3,000 connections; three span less than 20 ms in 3 of 10."""
 
 
 class Retries(_Spec):
@@ -407,7 +413,8 @@ class ClusterSpec(_Spec):
     @model_validator(mode="after")
     def _protocol_defaults(self) -> ClusterSpec:
         """Fill what depends on the protocol and was not written: the health check's
-        type, a gRPC cluster's retry conditions and its route timeout."""
+        type, a gRPC cluster's retry conditions and its route timeout, a TCP cluster's
+        connect retries."""
         hc = self.health_check
         if hc.type is None:
             kind = choose(_HEALTH_CHECK_OF, self.protocol, "protocol")
@@ -418,6 +425,9 @@ class ClusterSpec(_Spec):
                     self.retries, retry_on=list(GRPC_RETRY_ON)))
             if "timeout" not in self.route.model_fields_set:
                 object.__setattr__(self, "route", _replaced(self.route, timeout=0.0))
+        if self.protocol == "tcp" and "attempts" not in self.retries.model_fields_set:
+            object.__setattr__(self, "retries", _replaced(
+                self.retries, attempts=TCP_CONNECT_RETRIES))
         return self
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@
 * ``http``: WebSocket upgrades on the listener's HTTP connection manager (and refused on
   the routes of clusters that do not allow them);
 * ``tcp``: a listener of its own with Envoy's TCP proxy, hashing on the source address
-  for a consistent-hash cluster, connect retries, and TCP health checks.
+  for a consistent-hash cluster, connect retries spread by the retry backoff, and TCP
+  health checks.
 
 Clusters with long-lived connections also close them when Envoy finds their member
 dead (``close_connections_on_host_health_failure``), and their listeners carry a drain
@@ -118,15 +119,23 @@ def route_protocol(route: route_components_pb2.Route, spec: ClusterSpec) -> None
                                         enabled=wrappers_pb2.BoolValue(value=False))
 
 
-WEBSOCKET_CLOSE_GRACE = 0.1
-"""Envoy's ``delayed_close_timeout`` on listeners that carry WebSockets (its default is
-1 s): when a member's side of a WebSocket closes, Envoy waits this long for the client
-to close before it closes the client's connection itself. The client sees the close,
-and reconnects, only then."""
+WEBSOCKET_CLOSE_GRACE = 0.0
+"""Envoy's ``delayed_close_timeout`` on listeners that carry WebSockets: 0, Envoy closes
+the client's connection as soon as what it wrote is flushed.
+
+When a member's side of a WebSocket breaks, Envoy ends the client's connection with a
+*delayed* close: it stops, waits up to this long for the client to close first, and
+sends nothing (no FIN) meanwhile, so the client learns that its member died only when
+the grace runs out (Envoy's default 1 s; measured: 1.0 s, 110 ms with 100 ms, 5 ms with
+0). The grace exists for a response Envoy ends with a close while the client is still
+sending; a broken WebSocket has nothing left to deliver. 0 disables the timer
+altogether: the connection closes once its writes are flushed, never cutting a slow
+reader's last bytes (a positive grace shorter than a client's round trip could)."""
 
 
 def websocket_upgrades(hcm: hcm_pb2.HttpConnectionManager) -> None:
     hcm.upgrade_configs.add(upgrade_type=WEBSOCKET)
+    # Set explicitly: an unset field is Envoy's 1 s.
     hcm.delayed_close_timeout.FromNanoseconds(round(WEBSOCKET_CLOSE_GRACE * 1e9))
 
 
@@ -151,9 +160,21 @@ def build_tcp_listener(name: str, address: str, port: int, spec: ClusterSpec,
                        generation: str = "") -> listener_pb2.Listener:
     """A listener whose every connection goes to ``spec``'s cluster through Envoy's TCP
     proxy: hashed on the client's address for a consistent-hash cluster, retried on
-    another member when the connection cannot be made."""
+    another member when the connection cannot be made.
+
+    Each connect attempt is placed by the load balancer again, and a consistent hash
+    places it on the same member until Envoy has ejected that member (outlier detection,
+    on its first refusal; the ejection reaches Envoy's workers milliseconds later). Made
+    back to back, every attempt of a connection that arrives in that window meets the
+    dead member and the connection is closed while the standby is up; spaced by the
+    retry backoff (jittered, ``backoff_base`` doubling up to ``backoff_max``) they
+    outlast the ejection."""
+    r = spec.retries
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=spec.name)
-    proxy.max_connect_attempts.value = spec.retries.attempts + 1
+    proxy.max_connect_attempts.value = r.attempts + 1
+    if r.attempts:
+        proxy.backoff_options.base_interval.FromNanoseconds(round(r.backoff_base * 1e9))
+        proxy.backoff_options.max_interval.FromNanoseconds(round(r.backoff_max * 1e9))
     st = spec.stickiness
     if st is not None and st.source_ip:
         proxy.hash_policy.add().source_ip.SetInParent()

@@ -122,3 +122,39 @@ async def test_kill_9_of_a_member_clients_reconnect_with_their_state(
               f"{sorted(round((r.answered - kill) * 1000) for r in moved)}")
     finally:
         await restart(d, victim)
+
+
+async def test_no_connection_runs_out_of_connect_attempts_while_a_member_is_up(
+        tcp_deployment: DemoDeployment) -> None:
+    """Many clients of the killed member reconnect at once. Envoy hashes each new
+    connection to the dead member until its ejection reaches the workers: no connection
+    may spend all its connect attempts there and be closed (Envoy's
+    ``upstream_cx_connect_attempts_exceeded``) while the other members are up, and
+    every client is answered on its first new connection."""
+    d = tcp_deployment
+    killed: dict[str, str] = {}
+    exceeded = "cluster.demo.upstream_cx_connect_attempts_exceeded"
+    async with EnvoyAdmin(d.admin_url) as admin:
+        before = await admin.stat(exceeded) or 0
+
+    async def kill_busiest(t: StreamTraffic) -> float:
+        killed["member"] = busiest_member(t.records) or "a"
+        return await d.kill_member(killed["member"])
+
+    # A request every 20 ms: the clients see the break and reconnect together.
+    traffic, _, _ = await traffic_around(
+        d, "tcp", 48, before=1.5, after=20, action=kill_busiest, interval=0.02,
+        prefix="race", done=lambda t: {r.session for r in t.records if r.ok and r.member
+                                       == killed["member"]}
+        <= {r.session for r in t.reconnects})
+    victim = killed["member"]
+    try:
+        async with EnvoyAdmin(d.admin_url) as admin:
+            after = await admin.stat(exceeded) or 0
+        moved = [r for r in traffic.reconnects if r.member_before == victim]
+        assert len(moved) >= 8, traffic.reconnects
+        assert after - before == 0, f"{after - before} connections closed by Envoy"
+        assert [r for r in moved if r.attempts > 1] == []
+        assert traffic.failures == 0
+    finally:
+        await restart(d, victim)

@@ -9,6 +9,9 @@ reconnects land on other members with the state intact. One deployment for the m
 
 from __future__ import annotations
 
+import asyncio
+import statistics
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -122,6 +125,46 @@ async def test_kill_9_of_a_member_websockets_reconnect_to_the_new_owner(
         await no_loss(d, "websocket", traffic)
         print(f"WebSocket: kill -> first answer on the new connection, ms: "
               f"{sorted(round((r.answered - kill) * 1000) for r in moved)}")
+    finally:
+        await restart(d, victim)
+
+
+async def test_a_websocket_client_hears_of_its_members_death_at_once(
+        ws_deployment: DemoDeployment) -> None:
+    """When the member dies, Envoy closes the client's side as soon as it sees the
+    member's side go: no grace waited out in silence (Envoy's delayed close: at least
+    100 ms before, whatever the load) before the client can reconnect."""
+    d = ws_deployment
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        sockets: dict[str, list[aiohttp.ClientWebSocketResponse]] = {}
+        try:
+            for i in range(24):
+                ws = await http.ws_connect(f"{d.url}/counter/ws",
+                                           headers={hdr.SESSION: f"notice-{i}"})
+                await ws.send_str("inc")
+                sockets.setdefault((await ws.receive_json())["member"], []).append(ws)
+            victim = max(sockets, key=lambda m: len(sockets[m]))
+            mine = sockets[victim]
+
+            async def closed(ws: aiohttp.ClientWebSocketResponse) -> float:
+                message = await ws.receive()
+                assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                        aiohttp.WSMsgType.ERROR), message
+                return time.time()
+
+            waiting = [asyncio.create_task(closed(ws)) for ws in mine]
+            await asyncio.sleep(0.2)  # every receive is pending
+            kill = await d.kill_member(victim)
+            seen = [(t - kill) * 1000 for t in await asyncio.wait_for(
+                asyncio.gather(*waiting), 10)]
+        finally:
+            for group in sockets.values():
+                for ws in group:
+                    await ws.close()
+    try:
+        print(f"WebSocket: kill -> close seen by the client, ms: {sorted(round(x) for x in seen)}")
+        assert len(seen) >= 4, sockets
+        assert statistics.median(seen) < 50, sorted(seen)
     finally:
         await restart(d, victim)
 

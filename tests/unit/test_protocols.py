@@ -17,7 +17,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import http_pb2
 
 from meshxl.model import AdminAction, ModelError, RuntimeState, parse_model
-from meshxl.model.spec import GRPC_RETRY_ON
+from meshxl.model.spec import GRPC_RETRY_ON, TCP_CONNECT_RETRIES, ClusterSpec
 from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.drains import drain_started, expired_drains
 from meshxl.xds.protocols import HTTP_PROTOCOL_OPTIONS, drain_generation
@@ -136,7 +136,10 @@ def test_http_listeners_pass_websocket_upgrades_and_close_them_quickly() -> None
     hcm = hcm_pb2.HttpConnectionManager()
     out.listeners["meshxl_127.0.0.1_8080"].filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert [u.upgrade_type for u in hcm.upgrade_configs] == ["websocket"]
-    assert hcm.delayed_close_timeout.ToMilliseconds() == 100
+    # Written as 0 (an unset field is Envoy's 1 s): a broken WebSocket's client hears of
+    # it as soon as Envoy closes, not after a grace it waits out in silence.
+    assert hcm.HasField("delayed_close_timeout")
+    assert hcm.delayed_close_timeout.ToNanoseconds() == 0
     c = out.clusters["c"]
     assert HTTP_PROTOCOL_OPTIONS not in c.typed_extension_protocol_options  # HTTP/1.1
     assert c.health_checks[0].http_health_check.path == "/healthz"
@@ -159,6 +162,9 @@ def test_tcp_compiles_to_a_tcp_proxy_hashing_on_the_source_address() -> None:
     chain.filters[0].typed_config.Unpack(proxy)
     assert proxy.cluster == "c" and proxy.max_connect_attempts.value == 3
     assert proxy.hash_policy[0].HasField("source_ip")
+    # The attempts are spaced by the retries' backoff (5 ms doubling up to 50 ms).
+    assert proxy.backoff_options.base_interval.ToMilliseconds() == 5
+    assert proxy.backoff_options.max_interval.ToMilliseconds() == 50
     c = out.clusters["c"]
     assert c.health_checks[0].HasField("tcp_health_check")
     assert c.lb_policy == c.MAGLEV
@@ -240,3 +246,33 @@ def test_the_reconnect_report_says_where_connections_went_and_whether_state_held
     assert not lost["state_intact"]
     assert [source_address(k) for k in (0, 245, 246)] == [
         "127.0.0.10", "127.0.0.255", "127.0.1.0"]
+
+
+def _tcp_proxy(**fields: Any) -> tcp_proxy_pb2.TcpProxy:
+    out = compile_resources(model(cluster(protocol="tcp", stickiness={"source_ip": True},
+                                          **fields)))
+    proxy = tcp_proxy_pb2.TcpProxy()
+    out.listeners["meshxl_127.0.0.1_8080"].filter_chains[0].filters[0].typed_config.Unpack(
+        proxy)
+    return proxy
+
+
+def test_tcp_connect_attempts_outlast_the_dead_members_ejection() -> None:
+    """Every attempt is hashed to the dead member until its ejection reaches Envoy's
+    workers: by default six retries, spaced by the jittered backoff, not four back to
+    back (with which a connection arriving in that window was closed while the standby
+    was up)."""
+    proxy = _tcp_proxy()
+    assert proxy.max_connect_attempts.value == TCP_CONNECT_RETRIES + 1 == 7
+    assert proxy.backoff_options.base_interval.ToMilliseconds() == 5
+    assert proxy.backoff_options.max_interval.ToMilliseconds() == 50
+    # What the model writes wins: its own retries and backoff, or none at all.
+    proxy = _tcp_proxy(retries={"attempts": 4, "backoff_base": "20ms",
+                                "backoff_max": "200ms"})
+    assert proxy.max_connect_attempts.value == 5
+    assert proxy.backoff_options.base_interval.ToMilliseconds() == 20
+    assert proxy.backoff_options.max_interval.ToMilliseconds() == 200
+    proxy = _tcp_proxy(retries={"attempts": 0})
+    assert proxy.max_connect_attempts.value == 1 and not proxy.HasField("backoff_options")
+    # Only TCP clusters change: an HTTP cluster keeps 3 retries.
+    assert ClusterSpec.model_validate({"name": "h"}).retries.attempts == 3
