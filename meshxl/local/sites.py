@@ -174,6 +174,11 @@ class DualSite:
         assert self.net is not None
         return functools.partial(self.net.wrap, _HOST[site])
 
+    def spawn(self, site: str, name: str, argv: list[str]) -> Process:
+        """A process of the caller's in ``site``'s namespace, owned by the bed (a peer
+        measured beside meshxl: its cross-site connections take the same link)."""
+        return self.owner.spawn(name, self._wrap(site)(argv))
+
     # -- start ----------------------------------------------------------------------
 
     async def start(self) -> None:
