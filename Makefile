@@ -36,7 +36,7 @@ quickstart: $(DEMO_STAMP)
 	$(VENV)/bin/meshxl quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
@@ -45,12 +45,13 @@ integration: $(STAMP)
 	$(PY) -m pytest -q -ra tests/integration
 
 # Every benchmark beside its reference, then bench/results/summary.png (how long it
-# takes, and BENCH_QUICK=1's smoke run: docs/performance.md).
+# takes, and BENCH_QUICK=1's smoke run: docs/performance.md); bench/tables.py then
+# rewrites the docs' tables from the results files.
 BENCHMARKS := xds_compile peers statesync statesync_path statesync_gc statesync_scale statesync_shards xds_envoys ads_load sidecar_memory failover rebalance flap coldstart
 bench: $(STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \
-	$(PY) bench/summary.py; exit $$status
+	$(PY) bench/summary.py; $(PY) bench/tables.py; exit $$status
 
 # 10 minutes under load with a kill -9 failover every 30 s: exits 1 on a lost write or
 # a process whose memory grew (report in out/soak/report.json). Not part of `make test`.
