@@ -59,7 +59,8 @@ async def stretched(rtt: float, sessions: int, window: float) -> dict[str, Any]:
           f"{len(loss['unrecovered'])} of {len(loss['unrecovered']) + loss['rto']['count']} "
           f"east sessions never served again in {window:g} s, west failed "
           f"{loss['surviving_failed']} of {loss['surviving_requests']}, "
-          f"{len(loss['unreadable'])} sessions could not be read back")
+          f"{len(loss['unreadable'])} sessions ({loss['unverified_writes']} acknowledged "
+          f"writes) could not be read back")
     return {"rtt_ms": rtt, "window_s": window, "loss": loss}
 
 
@@ -100,6 +101,7 @@ def _print(r: dict[str, Any]) -> None:
         print(f"  east lost (leader was in {loss['leader_before']}): RTO p50 {rto['p50']} / "
               f"p99 {rto['p99']} / max {rto['max']} ms over {rto['count']} sessions, "
               f"election {loss['election_s'] or 0:.2f} s, lost writes {loss['lost_writes']} "
+              f"and {loss.get('unverified_writes', 0)} not read back "
               f"of {loss['acknowledged']}, west failed {loss['surviving_failed']} of "
               f"{loss['surviving_requests']}, unrecovered {len(loss['unrecovered'])}")
 
@@ -116,6 +118,9 @@ def verdicts(result: dict[str, Any]) -> list[Verdict]:
         out += [
             Verdict(f"{rtt}: acknowledged writes lost in a site loss",
                     sum(loss["lost_writes"] for loss in losses), 0, "writes"),
+            Verdict(f"{rtt}: acknowledged writes not read back after it",
+                    sum(loss.get("unverified_writes", 0) for loss in losses), 0, "writes",
+                    reference="sessions the surviving site could not read"),
             Verdict(f"{rtt}: failed requests on the surviving site",
                     sum(loss["surviving_failed"] for loss in losses), 0, "requests"),
             Verdict(f"{rtt}: sessions never served again", unrecovered, 0, "sessions"),

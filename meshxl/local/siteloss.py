@@ -72,6 +72,11 @@ class SiteLoss:
     rto_ms: list[float] = field(default_factory=list)
     unrecovered: list[str] = field(default_factory=list)
     lost_writes: dict[str, int] = field(default_factory=dict)
+    """Per session read back after the loss with a count short of its last
+    acknowledged one: the writes missing."""
+    unverified_writes: dict[str, int] = field(default_factory=dict)
+    """Per session that could not be read back at all: its acknowledged writes,
+    which nothing shows survived (nor lost: the store may have them and not answer)."""
     acknowledged: int = 0
     surviving_failed: int = 0
     surviving_requests: int = 0
@@ -81,7 +86,9 @@ class SiteLoss:
         return {"lost_site": self.lost, "leader_before": self.leader_before,
                 "election_s": self.elected_after_s, "rto": distribution(self.rto_ms),
                 "unrecovered": self.unrecovered, "lost_writes": sum(self.lost_writes.values()),
-                "lost_sessions": sorted(self.lost_writes), "acknowledged": self.acknowledged,
+                "lost_sessions": sorted(self.lost_writes),
+                "unverified_writes": sum(self.unverified_writes.values()),
+                "acknowledged": self.acknowledged,
                 "surviving_failed": self.surviving_failed,
                 "surviving_requests": self.surviving_requests,
                 "unreadable": self.unreadable}
@@ -141,10 +148,13 @@ async def site_loss(bed: DualSite, lost: str = "east", sessions: int = 8,
                                                         *traffic[surviving].sessions])
     rto, missing = _rto(traffic[lost].records, at, members)
     window_records = [r for r in traffic[surviving].records if r.sent >= at]
+    unreadable = sorted(r.session for r in reads if not r.ok)
+    short = lost_writes(records, final)
     return SiteLoss(
         lost=lost, leader_before=leader_before, blackholed_at=at, elected_after_s=elected,
-        rto_ms=rto, unrecovered=missing, lost_writes=lost_writes(records, final),
+        rto_ms=rto, unrecovered=missing,
+        lost_writes={s: n for s, n in short.items() if s not in unreadable},
+        unverified_writes={s: n for s, n in short.items() if s in unreadable},
         acknowledged=sum(last_acknowledged(records).values()),
         surviving_failed=sum(not r.ok for r in window_records),
-        surviving_requests=len(window_records),
-        unreadable=sorted(r.session for r in reads if not r.ok))
+        surviving_requests=len(window_records), unreadable=unreadable)

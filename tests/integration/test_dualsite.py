@@ -122,7 +122,8 @@ async def test_two_sites_over_a_wan(harness: Owner, tmp_path: Path) -> None:
         loss = await site_loss(bed, "east", sessions=6, window=30)
         result = loss.as_dict()
         assert loss.leader_before == "east" and loss.elected_after_s, result
-        assert loss.lost_writes == {} and loss.acknowledged > 0, result
+        assert loss.lost_writes == {} and loss.unverified_writes == {}, result
+        assert loss.acknowledged > 0, result
         assert loss.unrecovered == [] and len(loss.rto_ms) == 6, result
         assert loss.surviving_failed == 0 and not loss.unreadable, result
 
