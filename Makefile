@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup lock demo quickstart test unit integration bench soak lint clean
 
 DEMO_STAMP := $(VENV)/.installed-demo
+BENCH_STAMP := $(VENV)/.installed-bench
 
 # Each installs exactly its lock (hashes checked) and only what it needs: the test
 # set-up requirements/dev.lock with etcd, kubectl, chromium and promtool; the demo's
@@ -21,6 +22,12 @@ $(STAMP): pyproject.toml requirements/dev.lock
 $(DEMO_STAMP): pyproject.toml requirements/demo.lock
 	@scripts/setup.sh "$(VENV)" demo
 	@touch $(DEMO_STAMP)
+
+# The benchmarks: the test set-up, and the peers bench/peers.py runs beside (HAProxy,
+# Redis), from Debian when missing.
+$(BENCH_STAMP): $(STAMP)
+	@scripts/setup.sh "$(VENV)" bench
+	@touch $(BENCH_STAMP)
 
 setup: $(STAMP)
 
@@ -48,7 +55,7 @@ integration: $(STAMP)
 # takes, and BENCH_QUICK=1's smoke run: docs/performance.md); bench/tables.py then
 # rewrites the docs' tables from the results files.
 BENCHMARKS := xds_compile peers statesync statesync_path statesync_gc statesync_scale statesync_shards xds_envoys ads_load sidecar_memory failover rebalance flap coldstart
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \
 	$(PY) bench/summary.py; $(PY) bench/tables.py; exit $$status

@@ -6,14 +6,17 @@
 #   setup.sh VENV test   the test suite (the default): the test and dev extras
 #                        (requirements/dev.lock), etcd with etcdctl, kubectl, chromium
 #                        (the browser tests), prometheus (promtool) and iptables
+#   setup.sh VENV bench  the benchmarks (`make bench`): the test set-up, and Debian's
+#                        haproxy and redis-server (the peers bench/peers.py measures
+#                        meshxl beside) when they are not on PATH
 set -euo pipefail
 venv="${1:-.venv}"
 purpose="${2:-test}"
 py="${PYTHON:-python3}"
 case "$purpose" in
   demo) lock=requirements/demo.lock ;;
-  test) lock=requirements/dev.lock ;;
-  *) echo "setup.sh: unknown purpose '$purpose' (demo or test)" >&2; exit 2 ;;
+  test|bench) lock=requirements/dev.lock ;;
+  *) echo "setup.sh: unknown purpose '$purpose' (demo, test or bench)" >&2; exit 2 ;;
 esac
 
 if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -95,6 +98,14 @@ if ! command -v promtool >/dev/null 2>&1; then
   echo "promtool not found on PATH: installing Debian's prometheus (for promtool)"
   packages+=(prometheus)
 fi
+if [ "$purpose" = bench ]; then
+  for tool in haproxy:haproxy redis-server:redis-server; do
+    if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+      echo "${tool%%:*} not found on PATH: installing Debian's ${tool#*:} (for bench/peers.py)"
+      packages+=("${tool#*:}")
+    fi
+  done
+fi
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
@@ -112,7 +123,8 @@ if [ "${#packages[@]}" -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
   # Debian's package may start a system etcd on 2379; meshxl starts its own.
   # Debian's prometheus may start a server on 9090: only promtool is needed.
-  for service in etcd prometheus; do
+  # Debian's haproxy and redis-server start system services: the bench starts its own.
+  for service in etcd prometheus haproxy redis-server; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
       $sudo systemctl stop "$service" || true
     fi
@@ -124,6 +136,11 @@ command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after inst
   || { echo "chromium is still not on PATH after installing chromium" >&2; exit 1; }
 command -v promtool >/dev/null \
   || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
+if [ "$purpose" = bench ]; then
+  for tool in haproxy redis-server; do
+    command -v "$tool" >/dev/null || { echo "$tool is still not on PATH after installing it" >&2; exit 1; }
+  done
+fi
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \

@@ -72,7 +72,7 @@ def test_installs_use_the_lock_and_need_no_repair_step() -> None:
     docker = (ROOT / "Dockerfile").read_text()
     assert '--require-hashes -r "$lock"' in setup
     assert "demo) lock=requirements/demo.lock" in setup
-    assert "test) lock=requirements/dev.lock" in setup
+    assert "test|bench) lock=requirements/dev.lock" in setup
     assert "--require-hashes -r requirements/image.lock" in docker
     assert "!requirements/image.lock" in (ROOT / ".dockerignore").read_text().splitlines()
     for text in (setup, docker):
