@@ -192,7 +192,13 @@ async def test_a_bumped_restore_with_older_content_is_seen_without_a_watch(
     finally:
         sidecar.resume()
 
-    got = await sidecar.get("s1")
+    # Just resumed, its etcd connection may still be coming back: until then a read is
+    # served from the cache marked unverified (as whenever etcd does not answer).
+    async def verified() -> Any:
+        reply = await sidecar.get("s1")
+        return reply.source != "cache-unverified" and reply
+
+    got = await wait_until(verified, timeout=15, what="a read verified against etcd")
     assert got.status == 200 and got.json() == {"v": 1}, got
     status = await sidecar.status()
     assert status["rewinds"] == 1, status
