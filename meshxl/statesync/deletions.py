@@ -29,8 +29,13 @@ class DeletionRecord:
     """When (its wall clock, seconds since the epoch)."""
 
     def encode(self) -> bytes:
-        return json.dumps({"member": self.member, "at": self.at}, separators=(",", ":"),
-                          ensure_ascii=True).encode()
+        """ValueError for a record :meth:`decode` would refuse (a member's name is at
+        most 63 characters, far below the bound: see ``NAME_PATTERN``)."""
+        raw = json.dumps({"member": self.member, "at": self.at}, separators=(",", ":"),
+                         ensure_ascii=True).encode()
+        if len(raw) > MAX_RECORD:
+            raise ValueError(f"a deletion record of {len(raw)} bytes (at most {MAX_RECORD})")
+        return raw
 
     @classmethod
     def decode(cls, raw: bytes) -> DeletionRecord:

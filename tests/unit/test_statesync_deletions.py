@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshxl.etcd.keys import Keys
+from meshxl.model.basics import NAME_PATTERN
 from meshxl.statesync.deletions import MAX_RECORD, DeletionRecord
 from meshxl.statesync.record import SESSION_ID
 
@@ -38,10 +39,23 @@ def test_a_deletion_names_a_version() -> None:
         KEYS.deletion("shop", "s1", 0)
 
 
-@given(st.text(max_size=253), st.floats(allow_nan=False, allow_infinity=False))
+@given(st.from_regex(NAME_PATTERN, fullmatch=True) | st.text(max_size=60),
+       st.floats(allow_nan=False, allow_infinity=False))
 def test_a_deletion_record_round_trips(member: str, at: float) -> None:
+    """Every member name (and any text of that size, escaped) fits the bound."""
     record = DeletionRecord(member, at)
     assert DeletionRecord.decode(record.encode()) == record
+
+
+@given(st.text(min_size=1, max_size=400), st.floats(allow_nan=False, allow_infinity=False))
+def test_a_record_is_written_only_if_it_can_be_read(member: str, at: float) -> None:
+    record = DeletionRecord(member, at)
+    try:
+        raw = record.encode()
+    except ValueError as exc:
+        assert f"(at most {MAX_RECORD})" in str(exc)
+        return
+    assert DeletionRecord.decode(raw) == record
 
 
 @given(st.binary(max_size=MAX_RECORD + 8))
