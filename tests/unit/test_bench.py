@@ -317,9 +317,9 @@ def test_dualsite_verdicts_hold_every_site_loss_to_its_targets() -> None:
     import dualsite
 
     def run(lost: int = 0, failed: int = 0, rto_max: float = 1500.0,
-            ratio: float = 1.05) -> dict[str, object]:
+            ratio: float = 1.05, unverified: int = 0) -> dict[str, object]:
         loss = {"lost_writes": lost, "surviving_failed": failed, "unrecovered": [],
-                "rto": {"max": rto_max}}
+                "rto": {"max": rto_max}, "unverified_writes": unverified}
         return {"rtts": [
             {"rtt_ms": 0.0, "writes_leader_near": {"sidecar_ms": {"p50": 3.0}}},
             {"rtt_ms": 20.0, "losses": [loss], "writes_leader_near": {
@@ -327,7 +327,10 @@ def test_dualsite_verdicts_hold_every_site_loss_to_its_targets() -> None:
 
     assert all(v.met for v in dualsite.verdicts(run()))
     assert [v.met for v in dualsite.verdicts(run(lost=1, rto_max=70_000.0, ratio=2.0))] == [
-        False, True, True, False, False]
+        False, True, True, True, False, False]
+    # Writes of sessions that could not be read back are judged on their own.
+    assert [v.met for v in dualsite.verdicts(run(unverified=3))] == [
+        True, False, True, True, True, True]
 
 
 def test_shard_verdicts_compare_like_with_like() -> None:
