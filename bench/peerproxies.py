@@ -125,7 +125,7 @@ def _cluster(kind: str, host: str, members: Sequence[tuple[str, int]]) -> dict[s
                               # Envoy's default, 10 %, ejects none of three hosts.
                               "max_ejection_percent": 50},
         "circuit_breakers": {"thresholds": [{"retry_budget": {
-            "budget_percent": {"value": 50}, "min_retry_concurrency": 64}}]},
+            "budget_percent": {"value": 100}, "min_retry_concurrency": 1024}}]},
         "load_assignment": {"cluster_name": "members", "endpoints": [
             {"priority": i, "lb_endpoints": [{"endpoint": {
                 "hostname": name,

@@ -284,9 +284,16 @@ class Retries(_Spec):
     """Move a retry to the next priority; default: on in high-availability mode."""
     backoff_base: PositiveDuration = 0.005
     backoff_max: PositiveDuration = 0.05
-    budget_percent: float = Field(default=50.0, gt=0, le=100)
-    """Envoy caps outstanding retries at 3 per cluster by default; a budget scales."""
-    min_retry_concurrency: Count = 64
+    budget_percent: float = Field(default=100.0, gt=0, le=100)
+    """Outstanding retries as a share of the requests in flight (Envoy's retry budget;
+    without one Envoy allows 3 outstanding retries per cluster)."""
+    min_retry_concurrency: Count = 1024
+    """Outstanding retries allowed whatever the share. A failover needs a retry for
+    every request in flight on the member that died, all at once (in high availability
+    every request in flight was on it), and the requests a dead connection took with it
+    no longer count as in flight: the share alone allows few. 1024 is Envoy's default
+    cap on a cluster's requests in flight, so each of those may be retried once (with
+    64, 100 gRPC calls in flight at a kill -9 lost 16 to 24 of them)."""
 
 
 class Listener(_Spec):

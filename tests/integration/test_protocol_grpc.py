@@ -92,9 +92,11 @@ async def test_kill_9_of_the_active_member_under_unary_calls_and_streams(
     unary_done: dict[str, Any] = {}
 
     async def kill_under_unary(_: object) -> float:
-        # Unary calls in flight at the kill, beside the streams.
+        # Unary calls in flight at the kill, beside the streams: 100 sessions, more
+        # retries at once than the retry budget's floor (64) allows unless every call in
+        # flight may be retried (every one of them was on the dead member).
         unary, killed, _ = await traffic_around(
-            d, "grpc", 20, before=0.5, after=3.0, action=lambda _: d.kill_member("a"),
+            d, "grpc", 100, before=0.5, after=3.0, action=lambda _: d.kill_member("a"),
             prefix="u")
         unary_done["traffic"] = unary
         return killed

@@ -303,8 +303,8 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
                        "consecutiveGatewayErrors": 3, "interval": "1s",
                        "baseEjectionTime": "5s", "maxEjectionPercent": 50,
                        "minHealthPercent": 0}
-    assert traffic_policy(rendered)["retryBudget"] == {"percent": 50.0,
-                                                       "minRetryConcurrency": 64}
+    assert traffic_policy(rendered)["retryBudget"] == {"percent": 100.0,
+                                                       "minRetryConcurrency": 1024}
     assert traffic_policy(rendered)["connectionPool"] == {"tcp": {"connectTimeout": "250ms"}}
     route = patches(rendered)["HTTP_ROUTE"]
     assert route["match"]["routeConfiguration"] == {

@@ -208,8 +208,9 @@ def test_circuit_breaker_has_retry_budget() -> None:
     assert t.retry_budget.budget_percent.value == 25.0
     assert t.retry_budget.min_retry_concurrency.value == 10
     (default,) = cds().circuit_breakers.thresholds
-    assert default.retry_budget.budget_percent.value == 50.0
-    assert default.retry_budget.min_retry_concurrency.value == 64
+    # Every request in flight may be retried once: a dead active member held all of them.
+    assert default.retry_budget.budget_percent.value == 100.0
+    assert default.retry_budget.min_retry_concurrency.value == 1024  # Envoy's max_requests
 
 
 def test_connect_timeout_from_model() -> None:
