@@ -123,7 +123,7 @@ def peers(results: dict[str, dict[str, Any]]) -> str:
             redialled = num(p["redialled"]) if "redialled" in p else ""
             out.append(f"| {KIND_NAMES.get(kind, kind)} | {PROXY_NAMES.get(proxy, proxy)} | "
                        f"{num(t.get('p50'))} | {num(t.get('p99'))} | {num(t.get('max'))} | "
-                       f"{num(round(ratio, 3)) if ratio is not None else '-'} | "
+                       f"{f'{ratio:.2f}' if ratio is not None else '-'} | "
                        f"{num(p.get('requests'))} | {num(p.get('failed'))} | "
                        f"{num(p.get('lost_writes'))} | {redialled} |")
     stores = data.get("stores") or {}
