@@ -19,6 +19,7 @@ The blocks:
   its start and mode (``quick`` marks a smoke run);
 * ``peers``: ``bench/peers.py``'s failover through meshxl, HAProxy and a static Envoy
   per protocol, and its session writes beside Redis;
+* ``protocols``: ``bench/failover.py``'s kill -9 per protocol;
 * ``sites``: the dual-site figures README.md quotes (``bench/dualsite.py``).
 """
 
@@ -181,8 +182,33 @@ def sites(results: dict[str, dict[str, Any]]) -> str:
             "put.")
 
 
+PROTOCOL_NAMES = {"grpc": "gRPC unary", "grpc-stream": "gRPC server streams",
+                  "websocket": "WebSocket", "tcp": "TCP"}
+
+
+def protocols(results: dict[str, dict[str, Any]]) -> str:
+    data = results.get("failover")
+    if not data or not data.get("protocols"):
+        return "No protocol runs in `bench/results/failover.json` yet: run `bench/failover.py`."
+    steady = (data.get("steady_latency_ms") or {}).get("p99")
+    rto = (data.get("rto_ms") or {}).get("p99")
+    failed = num(data.get("failed_requests"))
+    out = [f"Run: {_run(data)}; the HTTP/1.1 row of the same run: {failed} "
+           f"failed of {num(data.get('requests'))}, {num(data.get('lost_writes'))} lost, RTO "
+           f"p99 {num(rto)} ms beside a steady request latency p99 of {num(steady)} ms.", "",
+           "| protocol | answered | failed | lost | RTO / reconnect p50 ms | p99 ms | "
+           "break seen -> answer p99 ms |", "|---|---|---|---|---|---|---|"]
+    for kind, r in data["protocols"].items():
+        t = r.get("rto_ms") or r.get("reconnect_ms") or {}
+        seen = (r.get("break_to_answer_ms") or {}).get("p99")
+        out.append(f"| {PROTOCOL_NAMES.get(kind, kind)} | {num(r.get('requests'))} | "
+                   f"{num(r.get('failed'))} | {num(r.get('lost_writes'))} | {num(t.get('p50'))} | "
+                   f"{num(t.get('p99'))} | {num(seen) if seen is not None else ''} |")
+    return "\n".join(out)
+
+
 BLOCKS: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
-    "targets": targets, "peers": peers, "sites": sites}
+    "targets": targets, "peers": peers, "sites": sites, "protocols": protocols}
 
 
 def render(text: str, results: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
