@@ -32,10 +32,12 @@ ProcessError        a process meshxl started (a local deployment's      1     50
 The command's exit codes are :data:`meshxl.cli.errors.EXIT_CODES`, the servers'
 statuses :data:`meshxl.httpbase.HTTP_STATUS`.
 
-Each concept is defined here once. A project exception that adds a context keeps its
-own name and module (``ModelError`` in ``meshxl.model``, ``OpsError`` in
-``meshxl.operator.actions``, the session client's ``meshxl.client.Conflict`` carrying
-the sidecar's answer...) and subclasses its family member;
+Each concept is defined here once, and a name means one thing across the package
+(``tests/unit/test_error_family.py`` checks both). A project exception that adds a
+context keeps its own name and module (``ModelError`` in ``meshxl.model``, ``OpsError``
+in ``meshxl.operator.actions``, the session client's ``SidecarConflict`` carrying the
+sidecar's answer...) and subclasses its family member; a module that speaks of a
+member itself re-exports it (``meshxl.client.Conflict`` *is* this ``Conflict``);
 ``InputError`` is also a ``ValueError``, ``MissingBinary`` and ``ProcessError`` are
 also ``RuntimeError`` (as callers caught them before).
 Exceptions private to a module (leading underscore) carry control flow inside it and

@@ -28,7 +28,13 @@ from .errors import (
     Contended,
     NotFound,
     PreconditionFailed,
+    SidecarConflict,
     SidecarError,
+    SidecarNotFound,
+    SidecarPreconditionFailed,
+    SidecarTooLarge,
+    SidecarUnavailable,
+    SidecarUndecodable,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -43,6 +49,7 @@ from .sync import Client
 __all__ = [
     "DEFAULT_URL", "AsyncClient", "Backoff", "BadRequest", "Client", "ClientSettings",
     "Conflict", "Contended", "Delete", "NotFound", "PreconditionFailed", "Readiness", "Session",
-    "SidecarError", "TooLarge", "Unauthorized", "Unavailable", "Undecodable", "Unreachable",
-    "Upsert", "Written", "WriteUncertain",
+    "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
+    "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge", "Unauthorized",
+    "Unavailable", "Undecodable", "Unreachable", "Upsert", "Written", "WriteUncertain",
 ]

@@ -7,36 +7,39 @@ status, keeping the server's message (``exc.message``) and its other fields
 
 Each concept is the family's (:mod:`meshxl.errors`); the client adds one context,
 :class:`SidecarError` (the answer: ``status``, ``message``, ``method``, ``path``), so
-each class here is the family member it names *as the sidecar answered it*, catchable
-as either (``except meshxl.client.Conflict`` or ``except meshxl.errors.Conflict``).
-Only four are the client's own: :class:`Unauthorized`, :class:`Contended`,
+each class here is a family member *as the sidecar answered it*, with a name of its own
+(``SidecarConflict`` is a ``SidecarError`` and a :class:`meshxl.errors.Conflict`). This
+module re-exports the family's members under their own names (``meshxl.client.Conflict``
+*is* ``meshxl.errors.Conflict``), so ``except meshxl.client.Conflict`` catches what the
+sidecar answered with 409, as ``except meshxl.errors.Conflict`` does.
+Four are the client's own concepts: :class:`Unauthorized`, :class:`Contended`,
 :class:`Unreachable` and :class:`WriteUncertain`.
 
-=====================  ===========================  ==============================
-exception              family member                when
-=====================  ===========================  ==============================
-BadRequest             InputError                   400, 408, 415, another 4xx; an
-                                                    invalid session id or state
-                                                    refused before sending
-Unauthorized           Unavailable                  401/403: no or wrong token
-NotFound               NotFound                     404
-Conflict               Conflict                     409: ownership lost (another
-                                                    member wrote the session), a
-                                                    merge patch of a non-JSON state
-Undecodable            Undecodable (a Conflict)     409 with ``"undecodable": true``
-Contended              Conflict                     ``update`` gave up: the session
-                                                    kept changing
-PreconditionFailed     PreconditionFailed           412: ``If-Match`` /
-                       (a Conflict)                 ``If-None-Match: *`` failed
-TooLarge               TooLarge                     413
-Unavailable            Unavailable                  503 (etcd unavailable), another
-                                                    5xx, an answer not as documented
-Unreachable            Unavailable                  no answer (refused, reset, timed
-                                                    out)
-WriteUncertain         Unavailable                  a write retried after an attempt
-                                                    that may have applied, whose
-                                                    retry cannot tell
-=====================  ===========================  ==============================
+==========================  ===========================  ==============================
+exception                   family member                when
+==========================  ===========================  ==============================
+BadRequest                  InputError                   400, 408, 415, another 4xx; an
+                                                         invalid session id or state
+                                                         refused before sending
+Unauthorized                Unavailable                  401/403: no or wrong token
+SidecarNotFound             NotFound                     404
+SidecarConflict             Conflict                     409: ownership lost (another
+                                                         member wrote the session), a
+                                                         merge patch of a non-JSON state
+SidecarUndecodable          Undecodable (a Conflict)     409 with ``"undecodable": true``
+Contended                   Conflict                     ``update`` gave up: the session
+                                                         kept changing
+SidecarPreconditionFailed   PreconditionFailed           412: ``If-Match`` /
+                            (a Conflict)                 ``If-None-Match: *`` failed
+SidecarTooLarge             TooLarge                     413
+SidecarUnavailable          Unavailable                  503 (etcd unavailable), another
+                                                         5xx, an answer not as documented
+Unreachable                 Unavailable                  no answer (refused, reset, timed
+                                                         out)
+WriteUncertain              Unavailable                  a write retried after an attempt
+                                                         that may have applied, whose
+                                                         retry cannot tell
+==========================  ===========================  ==============================
 
 A 401 is an ``Unavailable``, not an ``InputError``: the sidecar refuses this process
 (its token is missing or wrong), which is no fault of whoever asked the application,
@@ -53,10 +56,20 @@ import json
 from typing import Any
 
 from meshxl import errors
+from meshxl.errors import (
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    TooLarge,
+    Unavailable,
+    Undecodable,
+)
 
 __all__ = ["BadRequest", "Conflict", "Contended", "NotFound", "PreconditionFailed",
-           "SidecarError", "TooLarge", "Unauthorized", "Unavailable", "Undecodable",
-           "Unreachable", "WriteUncertain", "describe", "error_from_answer"]
+           "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
+           "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge",
+           "Unauthorized", "Unavailable", "Undecodable", "Unreachable", "WriteUncertain",
+           "describe", "error_from_answer"]
 
 
 class SidecarError(errors.MeshxlError):
@@ -90,31 +103,31 @@ class BadRequest(SidecarError, errors.InputError):
     was not sent)."""
 
 
-class NotFound(SidecarError, errors.NotFound):
+class SidecarNotFound(SidecarError, NotFound):
     """A :class:`~meshxl.errors.NotFound`: no such session."""
 
 
-class Conflict(SidecarError, errors.Conflict):
+class SidecarConflict(SidecarError, Conflict):
     """A :class:`~meshxl.errors.Conflict`: another member wrote the session since this
     one last saw it (this member was fenced), or its state is not JSON (merge patch)."""
 
 
-class Undecodable(Conflict, errors.Undecodable):
+class SidecarUndecodable(SidecarConflict, Undecodable):
     """An :class:`~meshxl.errors.Undecodable`: a ``put`` without ``if_match`` replaces
     the record, ``delete`` removes it."""
 
 
-class PreconditionFailed(Conflict, errors.PreconditionFailed):
+class SidecarPreconditionFailed(SidecarConflict, PreconditionFailed):
     """A :class:`~meshxl.errors.PreconditionFailed`: ``If-Match`` named another ETag,
     or ``If-None-Match: *`` found the session."""
 
 
-class TooLarge(SidecarError, errors.TooLarge):
+class SidecarTooLarge(SidecarError, TooLarge):
     """A :class:`~meshxl.errors.TooLarge`: the state is beyond the sidecar's limit
     (``--max-session-bytes``)."""
 
 
-class Unavailable(SidecarError, errors.Unavailable):
+class SidecarUnavailable(SidecarError, Unavailable):
     """An :class:`~meshxl.errors.Unavailable`: etcd does not answer the sidecar (503; a
     write was not acknowledged, and may or may not have applied)."""
 
@@ -122,19 +135,19 @@ class Unavailable(SidecarError, errors.Unavailable):
 # The client's own.
 
 
-class Unauthorized(SidecarError, errors.Unavailable):
+class Unauthorized(SidecarError, Unavailable):
     """The sidecar requires a token (``--token-file``) and this one is missing or wrong."""
 
 
-class Contended(Conflict):
+class Contended(SidecarConflict):
     """``update`` read and wrote as many times as allowed and lost every time."""
 
 
-class Unreachable(Unavailable):
+class Unreachable(SidecarUnavailable):
     """No answer from the sidecar: connection refused or reset, or timed out."""
 
 
-class WriteUncertain(Unavailable):
+class WriteUncertain(SidecarUnavailable):
     """A write was sent again after an attempt without an acknowledgement (a 503, or
     no answer), and the retry was refused by its own condition (412): the earlier
     attempt may have applied, or another writer came first; the client cannot tell
@@ -142,18 +155,19 @@ class WriteUncertain(Unavailable):
 
 
 _BY_STATUS: dict[int, type[SidecarError]] = {
-    400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: NotFound, 408: BadRequest,
-    409: Conflict, 412: PreconditionFailed, 413: TooLarge, 415: BadRequest,
+    400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: SidecarNotFound,
+    408: BadRequest, 409: SidecarConflict, 412: SidecarPreconditionFailed,
+    413: SidecarTooLarge, 415: BadRequest,
 }
 
 
 def error_class(status: int, details: dict[str, Any]) -> type[SidecarError]:
     """The exception an error answer of ``status`` (with these fields) raises."""
     if status == 409 and details.get("undecodable") is True:
-        return Undecodable
+        return SidecarUndecodable
     if status in _BY_STATUS:
         return _BY_STATUS[status]
-    return BadRequest if 400 <= status < 500 else Unavailable
+    return BadRequest if 400 <= status < 500 else SidecarUnavailable
 
 
 def error_from_answer(status: int, body: bytes, *, method: str, path: str,

@@ -56,7 +56,7 @@ from meshxl import headers as hdr
 from meshxl.errors import detached
 
 from .aio import AsyncClient
-from .errors import BadRequest, Conflict, SidecarError
+from .errors import BadRequest, SidecarConflict, SidecarError
 from .middleware import RequestSession, load, load_sync, save, save_sync
 from .plans import check_session_id
 from .sync import Client
@@ -87,7 +87,7 @@ def current_session() -> RequestSession:
 
 async def commit() -> bool:
     """Save the call's session now if it changed (asyncio server); whether it wrote.
-    Raises the sidecar's error (:class:`~meshxl.client.Conflict`...)."""
+    Raises the sidecar's error (:class:`~meshxl.client.SidecarConflict`...)."""
     call = _CALL.get()
     if call is None:
         raise LookupError("no meshxl session in this call")
@@ -106,7 +106,7 @@ def status_of(exc: SidecarError) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a call ends with when its session cannot be loaded or saved."""
     if isinstance(exc, BadRequest) and exc.status is None:
         return grpc.StatusCode.INVALID_ARGUMENT, f"{hdr.SESSION}: {exc.message}"
-    if isinstance(exc, Conflict):
+    if isinstance(exc, SidecarConflict):
         return (grpc.StatusCode.ABORTED, f"the session changed while this call ran "
                 f"({exc.message}); send the call again")
     return grpc.StatusCode.UNAVAILABLE, f"session state unavailable: {exc}"
@@ -192,7 +192,7 @@ class AsyncSessionInterceptor(aio.ServerInterceptor):
                 failure = await self._save(call, context)
                 if failure is None:
                     return reply
-                if isinstance(failure, Conflict) and attempt < self.retries and retry:
+                if isinstance(failure, SidecarConflict) and attempt < self.retries and retry:
                     continue
                 await context.abort(*status_of(failure))
             raise AssertionError("unreachable")
@@ -263,7 +263,7 @@ class SessionInterceptor(grpc.ServerInterceptor):
                     _CALL.reset(token)
                 try:
                     save_sync(self.client, call.session)
-                except Conflict as exc:
+                except SidecarConflict as exc:
                     if attempt < self.retries and retry:
                         continue
                     context.abort(*status_of(exc))

@@ -46,7 +46,7 @@ from meshxl import headers as hdr
 from meshxl.errors import detached
 
 from .aio import AsyncClient
-from .errors import BadRequest, Conflict, NotFound, SidecarError
+from .errors import BadRequest, SidecarConflict, SidecarError, SidecarNotFound
 from .plans import JSON, check_session_id, encode_state
 from .sync import Client
 
@@ -97,7 +97,7 @@ async def load(client: AsyncClient, session_id: str,
     """The session from the sidecar; ``default()`` as the state of a missing one."""
     try:
         found = await client.get(session_id)
-    except NotFound:
+    except SidecarNotFound:
         session = RequestSession(session_id, default(), None)
     else:
         session = RequestSession(session_id, found.state, found.etag, found.owner,
@@ -108,8 +108,8 @@ async def load(client: AsyncClient, session_id: str,
 
 async def save(client: AsyncClient, session: RequestSession) -> bool:
     """Write the state back if it changed, conditional on the ETag it was read at;
-    whether it wrote. :class:`~meshxl.client.errors.Conflict` (or its
-    ``PreconditionFailed``) when the session changed meanwhile."""
+    whether it wrote. :class:`~meshxl.client.errors.SidecarConflict` (or its
+    ``SidecarPreconditionFailed``) when the session changed meanwhile."""
     data = session._encoded()
     if data == session._saved:
         return False
@@ -125,7 +125,7 @@ def load_sync(client: Client, session_id: str,
     gRPC server)."""
     try:
         found = client.get(session_id)
-    except NotFound:
+    except SidecarNotFound:
         session = RequestSession(session_id, default(), None)
     else:
         session = RequestSession(session_id, found.state, found.etag, found.owner,
@@ -149,7 +149,7 @@ def _failure(exc: SidecarError, session_id: str) -> tuple[int, dict[str, Any]]:
     """What the application's client gets when its session cannot be loaded or saved."""
     if isinstance(exc, BadRequest) and exc.status is None:  # the request's session id
         return 400, {"error": exc.message, "status": 400}
-    if isinstance(exc, Conflict):
+    if isinstance(exc, SidecarConflict):
         return 409, {"error": f"session {session_id!r} changed while this request ran "
                               f"({exc.message}); send the request again",
                      "status": 409, "session": session_id}
@@ -203,7 +203,7 @@ def aiohttp_middleware(client: AsyncClient, *, header: str | None = hdr.SESSION,
                 raise
             try:
                 await save(client, session)
-            except Conflict as exc:
+            except SidecarConflict as exc:
                 if response.prepared:
                     raise
                 if attempt < retries:
@@ -265,7 +265,7 @@ class SessionMiddleware:
                 if held.started:  # changed while the body was streaming
                     await save(self.client, session)
                 return
-            if isinstance(held.failure, Conflict) and attempt < self.retries:
+            if isinstance(held.failure, SidecarConflict) and attempt < self.retries:
                 continue
             await _send_json(send, *_failure(held.failure, session_id))
             return

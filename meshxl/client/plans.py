@@ -47,7 +47,7 @@ from .errors import (
     BadRequest,
     Contended,
     SidecarError,
-    Unavailable,
+    SidecarUnavailable,
     Undecodable,
     Unreachable,
     WriteUncertain,
@@ -214,8 +214,8 @@ def decode_state(data: bytes, content_type: str, session: str | None = None) -> 
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Unavailable(f"the sidecar sent session {session!r} as {content_type} that "
-                          f"is not JSON: {exc}", session=session) from None
+        raise SidecarUnavailable(f"the sidecar sent session {session!r} as {content_type} "
+                                 f"that is not JSON: {exc}", session=session) from None
 
 
 def _json_body(answer: Answer, request: Request, *, states: bool = True) -> dict[str, Any]:
@@ -228,8 +228,9 @@ def _json_body(answer: Answer, request: Request, *, states: bool = True) -> dict
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):
-        raise Unavailable(f"the sidecar answered {request.method} {request.path} with "
-                          f"{answer.status} and no JSON object: {answer.body[:120]!r}")
+        raise SidecarUnavailable(f"the sidecar answered {request.method} {request.path} "
+                                 f"with {answer.status} and no JSON object: "
+                                 f"{answer.body[:120]!r}")
     return body
 
 
@@ -248,8 +249,8 @@ def written_from(answer: Answer, request: Request) -> Written:
                        created=bool(body["created"]), takeover=bool(body["takeover"]),
                        replicated=bool(body["replicated"]))
     except KeyError as exc:
-        raise Unavailable(f"the sidecar's answer to {request.method} {request.path} lacks "
-                          f"{exc}") from None
+        raise SidecarUnavailable(f"the sidecar's answer to {request.method} "
+                                 f"{request.path} lacks {exc}") from None
 
 
 def _error(request: Request, answer: Answer) -> SidecarError:
@@ -526,8 +527,8 @@ def _items(answer: Answer, request: Request, count: int, *,
     items = _json_body(answer, request, states=states).get("items")
     if not isinstance(items, list) or len(items) != count or not all(
             isinstance(i, dict) for i in items):
-        raise Unavailable(f"the sidecar's answer to {request.path} does not carry "
-                          f"{count} items")
+        raise SidecarUnavailable(f"the sidecar's answer to {request.path} does not carry "
+                                 f"{count} items")
     return items
 
 

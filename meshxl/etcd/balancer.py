@@ -67,7 +67,9 @@ UP, NO_LEADER, DOWN, UNKNOWN = "up", "no-leader", "down", "unknown"
 
 
 class EtcdUnavailable(aetcd.exceptions.ConnectionFailedError, Unavailable):  # type: ignore[misc]
-    """No etcd member could take the request (none answers, or no leader in time)."""
+    """etcd did not take the request: no member answers, none has a leader in time, or
+    the request went unanswered (in time). A write it carried was not acknowledged: it
+    may or may not have applied."""
 
 
 class Endpoint:

@@ -1,7 +1,6 @@
 """statesync: the session-state sidecar that replicates through etcd."""
 
 from .app import Sidecar, StatesyncConfig, http_server, routes, serve
-from .errors import StoreUnavailable, Undecodable
 from .membership import Membership
 from .record import SessionRecord
 from .sessions import Sessions
@@ -10,6 +9,6 @@ from .writes import Settings, Stored, Write
 
 __all__ = [
     "Membership", "SessionRecord", "SessionStore", "Sessions", "Settings", "Sidecar",
-    "StatesyncConfig", "Stored", "StoreUnavailable", "Undecodable", "Write", "http_server",
+    "StatesyncConfig", "Stored", "Write", "http_server",
     "routes", "serve",
 ]

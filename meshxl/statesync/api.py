@@ -19,7 +19,7 @@ from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed
 from meshxl.model.basics import parse_duration
 
 from . import bulk
-from .http import ALONE, JSON, READ, WRITE, Refused, Request, Response, Router, error
+from .http import ALONE, JSON, READ, WRITE, Request, RequestRefused, Response, Router, error
 from .membership import MAX_PROBLEMS
 from .metrics import CONTENT_TYPE
 from .problems import check_ttl
@@ -259,7 +259,7 @@ class SessionRoutes:
         session_id = _session_id(request)
         content_type = _content_type(request, "").split(";")[0].strip().lower()
         if content_type not in (MERGE_PATCH, "application/json"):
-            raise Refused(415, f"PATCH takes {MERGE_PATCH} (RFC 7386), not "
+            raise RequestRefused(415, f"PATCH takes {MERGE_PATCH} (RFC 7386), not "
                                f"{content_type or 'nothing'}", path=request.path)
         try:
             patch = httpbase.loads(request.body, what="merge patch")

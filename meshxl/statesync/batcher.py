@@ -28,7 +28,7 @@ from meshxl.etcd.fence import Fenced, raise_fence
 from meshxl.etcd.shards import parse_fence
 
 from . import wire
-from .errors import LeaseLost, StoreUnavailable
+from .errors import LeaseLost
 from .history import History
 
 log = logging.getLogger("meshxl.statesync.store")
@@ -298,12 +298,12 @@ class Batcher:
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                fail(pending, StoreUnavailable(f"etcd did not answer in time ({last})"))
+                fail(pending, EtcdUnavailable(f"etcd did not answer in time ({last})"))
                 return
             try:
                 ep = await balancer.choose(deadline)
             except EtcdUnavailable as exc:
-                fail(pending, StoreUnavailable(str(exc)))
+                fail(pending, EtcdUnavailable(str(exc)))
                 return
             request = wire.txn_request([op.request for op in pending], fence)
             # One member and nowhere else to go: one attempt, the whole deadline.
@@ -322,12 +322,12 @@ class Batcher:
                         fail(pending, LeaseLost(last))
                         return
                     if not retryable(exc) or not balancer.probing:
-                        fail(pending, StoreUnavailable(last))
+                        fail(pending, EtcdUnavailable(last))
                         return
                 else:
                     last = f"{type(exc).__name__}: {exc}"
                     if not balancer.probing:
-                        fail(pending, StoreUnavailable(f"etcd did not answer: {last}"))
+                        fail(pending, EtcdUnavailable(f"etcd did not answer: {last}"))
                         return
                 if not isinstance(exc, MemberChanged):
                     balancer.failed(ep, exc)
@@ -337,7 +337,7 @@ class Batcher:
                     if op.resend:
                         again.append(op)
                     else:
-                        fail([op], StoreUnavailable(
+                        fail([op], EtcdUnavailable(
                             f"etcd did not answer ({last}); the write may or may not have "
                             "applied"))
                 pending = again
@@ -357,7 +357,7 @@ class Batcher:
                     await raise_fence(self._client, fencing.key, version,
                                       max(deadline - time.monotonic(), 0.01))
                 except Exception as exc:  # nothing of the batch applied
-                    fail(pending, StoreUnavailable(
+                    fail(pending, EtcdUnavailable(
                         f"the shard map fence could not be raised to {version}: "
                         f"{type(exc).__name__}: {str(exc)[:200]}"))
                     return
@@ -369,7 +369,7 @@ class Batcher:
                     try:
                         op.settle(op.parse(result, revision, op.uncertain))
                     except Exception as exc:  # a parse bug must not strand the others
-                        if not isinstance(exc, StoreUnavailable):
+                        if not isinstance(exc, EtcdUnavailable):
                             log.exception("etcd's answer to a write could not be taken up")
                         op.settle(detached(exc))
             return
@@ -379,7 +379,7 @@ class Batcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue:
-            self._queue.popleft().settle(StoreUnavailable("the store is closing"))
+            self._queue.popleft().settle(EtcdUnavailable("the store is closing"))
 
 
 def _txn(client: aetcd.Client) -> Any:

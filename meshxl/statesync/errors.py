@@ -1,9 +1,11 @@
 """The session layer's failures. Each is a member of :mod:`meshxl.errors`' family, which
 gives its HTTP status (:func:`meshxl.httpbase.http_status`): a bad request is an
 ``InputError`` (400), a missing session ``NotFound`` (404), a lost compare ``Conflict``
-(409), a failed If-Match or If-None-Match ``PreconditionFailed`` (412), a state over
-the limit ``TooLarge`` (413), etcd not answering ``Unavailable`` (503). Defined here are
-only the subclasses that say more than their family member.
+(409), a record that cannot be decoded ``Undecodable`` (409), a failed If-Match or
+If-None-Match ``PreconditionFailed`` (412), a state over the limit ``TooLarge`` (413),
+etcd not answering :class:`meshxl.etcd.EtcdUnavailable` (an ``Unavailable``, 503). The
+layer raises the family's classes themselves; defined here is only :class:`LeaseLost`,
+which says more than its family member.
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ from meshxl.errors import (
     TooLarge,
     Unavailable,
 )
+from meshxl.etcd.balancer import EtcdUnavailable
 
-__all__ = ["LeaseLost", "StoreUnavailable", "Undecodable", "no_session", "result_name"]
-
-
-class Undecodable(Conflict):
-    """The session's stored record cannot be decoded (a foreign or broken writer put it
-    in etcd): reads and merge patches fail with this; PUT and DELETE replace it."""
+__all__ = ["LeaseLost", "no_session", "result_name"]
 
 
-class StoreUnavailable(Unavailable):
-    """etcd did not answer: the write was not acknowledged (it may or may not apply)."""
-
-
-class LeaseLost(StoreUnavailable):
+class LeaseLost(EtcdUnavailable):
     """etcd refused a batch for a session lease it no longer has: nothing in the batch
     applied, so its writes may be sent again, with a new lease."""
 
@@ -51,4 +45,3 @@ def result_name(exc: MeshxlError) -> str:
         if isinstance(exc, cls):
             return name
     return "failed"
-

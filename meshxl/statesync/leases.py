@@ -20,8 +20,6 @@ from aetcd.exceptions import ClientError
 from meshxl import etcd
 from meshxl.etcd import EtcdUnavailable, MemberChanged
 
-from .errors import StoreUnavailable
-
 log = logging.getLogger(__name__)
 
 __all__ = ["Leases"]
@@ -42,7 +40,7 @@ class Leases:
         return self._leases.get(int(time.time() // self.bucket))
 
     async def current(self) -> int:
-        """The current bucket's lease, granted if need be (StoreUnavailable without
+        """The current bucket's lease, granted if need be (EtcdUnavailable without
         etcd: no session is written without its lease)."""
         bucket = int(time.time() // self.bucket)
         lease = self._leases.get(bucket)
@@ -58,7 +56,7 @@ class Leases:
                 return lease
         except (ClientError, rpc.AioRpcError, TimeoutError, EtcdUnavailable,
                 MemberChanged) as exc:
-            raise StoreUnavailable(f"etcd {type(exc).__name__} granting a session "
+            raise EtcdUnavailable(f"etcd {type(exc).__name__} granting a session "
                                    f"lease: {exc}") from exc
 
     async def _grant(self) -> int:

@@ -17,12 +17,20 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from meshxl.errors import Conflict, InputError, MeshxlError, PreconditionFailed, Unavailable
+from meshxl.errors import (
+    Conflict,
+    InputError,
+    MeshxlError,
+    PreconditionFailed,
+    Unavailable,
+    Undecodable,
+)
+from meshxl.etcd import EtcdUnavailable
 
 from .cache import SessionCache
 from .conditions import BLIND, IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, parse_etag, revision
 from .deletions import DeletionRecord
-from .errors import StoreUnavailable, Undecodable, no_session
+from .errors import no_session
 from .metrics import StatesyncMetrics
 from .record import SessionRecord, valid_session_id
 from .store import KeyState, KeyWrite, SessionStore, WriteResult
@@ -112,7 +120,7 @@ class Ledger:
         """The key's revision in etcd now (0: absent)."""
         try:
             return await self.store.check(key)
-        except StoreUnavailable as exc:
+        except EtcdUnavailable as exc:
             raise Unavailable(f"etcd unavailable: {exc}") from None
 
     async def expectation(self, write: Write, key: bytes, cached: int) -> tuple[str, int]:

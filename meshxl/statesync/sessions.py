@@ -40,6 +40,7 @@ from meshxl.errors import (
     Unavailable,
     detached,
 )
+from meshxl.etcd import EtcdUnavailable
 from meshxl.etcd.keys import Keys
 
 from . import mergepatch
@@ -54,7 +55,7 @@ from .conditions import (
     local_precondition,
 )
 from .delayed import Local, LocalSessions
-from .errors import LeaseLost, StoreUnavailable, no_session
+from .errors import LeaseLost, no_session
 from .ledger import Ledger
 from .locks import SessionLocks
 from .metrics import StatesyncMetrics
@@ -153,7 +154,7 @@ class Sessions:
                     self.metrics.read("cache", "not_found").inc()
                     raise no_session(session_id)
             state = await self.store.fetch(key)
-        except StoreUnavailable as exc:
+        except EtcdUnavailable as exc:
             entry = self.cache.get(session_id) or entry
             if entry is None:
                 raise Unavailable(f"etcd unavailable: {exc}") from None
@@ -288,7 +289,7 @@ class Sessions:
         if lease is None:
             try:
                 lease = await store.lease()
-            except StoreUnavailable as exc:
+            except EtcdUnavailable as exc:
                 self.metrics.write(PUT, "unavailable").inc(len(ready))
                 error = Unavailable(f"etcd unavailable, write not acknowledged: {exc}")
                 for i, *_ in ready:
@@ -451,7 +452,7 @@ class Sessions:
                 lease_lost = True  # refused whole, nothing applied: again, a new lease
                 continue
             if isinstance(answer, BaseException):
-                if isinstance(answer, StoreUnavailable):
+                if isinstance(answer, EtcdUnavailable):
                     self.metrics.write(op, "unavailable").inc()
                     raise Unavailable(f"etcd unavailable, write not acknowledged: "
                                       f"{answer}") from None
@@ -511,7 +512,7 @@ class Sessions:
             if value is not None:
                 lease = self.store.lease_now() or await self.store.lease()
             [answer] = await self.store.write([(key, value, expected)], lease)
-        except StoreUnavailable as exc:
+        except EtcdUnavailable as exc:
             answer = detached(exc)
         finally:
             if value is not None:
@@ -539,7 +540,7 @@ class Sessions:
             if now.revision == 0:
                 return WriteResult(False, 0, now)
             return WriteResult(False, 0, await store.fetch(key))
-        except (StoreUnavailable, LeaseLost) as exc:
+        except (EtcdUnavailable, LeaseLost) as exc:
             return detached(exc)
 
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:

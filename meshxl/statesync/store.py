@@ -67,6 +67,8 @@ from typing import Any
 import aetcd
 from aetcd import rpc
 
+from meshxl.etcd import EtcdUnavailable
+
 from . import wire
 from .batcher import (
     FULL_EXTRA,
@@ -77,7 +79,7 @@ from .batcher import (
     may_send,
     take_batch,
 )
-from .errors import LeaseLost, StoreUnavailable
+from .errors import LeaseLost
 from .history import History
 from .leases import Leases
 
@@ -135,9 +137,9 @@ def _key_state(response: Any) -> KeyState:
     return KeyState(kvs[0].mod_revision, kvs[0].value or None)
 
 
-def _unknown() -> StoreUnavailable:
+def _unknown() -> EtcdUnavailable:
     """A transaction of :meth:`SessionStore._settle` that may or may not have applied."""
-    return StoreUnavailable("etcd did not answer an earlier attempt of this transaction, "
+    return EtcdUnavailable("etcd did not answer an earlier attempt of this transaction, "
                             "and whether it applied cannot be told now: not acknowledged")
 
 
@@ -185,7 +187,7 @@ class SessionStore:
 
     async def lease(self) -> int:
         """The session lease of the current TTL bucket, granted if need be
-        (StoreUnavailable without etcd); :meth:`lease_now` when it was granted already."""
+        (EtcdUnavailable without etcd); :meth:`lease_now` when it was granted already."""
         return self.leases.cached() or await self.leases.current()
 
     def lease_now(self) -> int | None:
@@ -304,6 +306,6 @@ def _write_result(response: Any, revision: int, uncertain: bool,
     if uncertain:
         if value is not None and current.revision and current.value == value:
             return WriteResult(True, current.revision)
-        raise StoreUnavailable("etcd did not answer an earlier attempt of this write, and "
+        raise EtcdUnavailable("etcd did not answer an earlier attempt of this write, and "
                                "whether it applied cannot be told now: not acknowledged")
     return WriteResult(False, 0, current)

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from meshxl.errors import Conflict, InputError, MeshxlError, Unavailable
+from meshxl.etcd import EtcdUnavailable
 
 from .conditions import BLIND, BLIND_RETRIES, OWNER, check_write, local_precondition
 from .delayed import LocalSessions
-from .errors import StoreUnavailable, result_name
+from .errors import result_name
 from .ledger import Ledger
 from .locks import SessionLocks
 from .metrics import StatesyncMetrics
@@ -133,7 +134,7 @@ class Transactions:
                          p.expected) for p in sent] + [
                         (key, value, recorded.get((i, p.expected), 0))
                         for (i, p), (key, value, _) in zip(marks, marked, strict=True)])
-                except StoreUnavailable as exc:
+                except EtcdUnavailable as exc:
                     self.metrics.transactions.labels("unavailable").inc()
                     raise Unavailable("etcd unavailable, transaction not acknowledged: "
                                       f"{exc}") from None
@@ -171,7 +172,7 @@ class Transactions:
         try:
             fetched = dict(zip(wanted, await asyncio.gather(
                 *(self.store.fetch(sent[i].key) for i in wanted)), strict=True))
-        except StoreUnavailable as exc:
+        except EtcdUnavailable as exc:
             self.metrics.transactions.labels("unavailable").inc()
             raise Unavailable(f"etcd unavailable, transaction not acknowledged: {exc}") \
                 from None

@@ -46,10 +46,10 @@ from typing import Literal
 from meshxl.addr import is_loopback
 from meshxl.bearer import bearer_matches, valid_token
 from meshxl.xds.credentials import ANONYMOUS, SHARED, Credential, CredentialsFile
-from meshxl.xds.nodes import BadRequest, Peer
+from meshxl.xds.nodes import BadDiscoveryRequest, Peer
 
 __all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "Binding", "Grant",
-           "InvalidNodeId", "Peer", "PermissionDenied", "Refused", "TooManyNodes",
+           "InvalidNodeId", "Peer", "PermissionDenied", "StreamRefused", "TooManyNodes",
            "Unauthenticated", "ads_auth", "peer_names", "spiffe_namespace"]
 
 Binding = Literal["san", "none"]
@@ -62,31 +62,31 @@ _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 _SPIFFE = re.compile(r"^spiffe://([a-z0-9._-]+)/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])?)(/.*)?$")
 
 
-class Refused(BadRequest):
+class StreamRefused(BadDiscoveryRequest):
     """A stream the control plane will not serve; ``reason`` labels the metric."""
 
     reason = "invalid_argument"
 
 
-class InvalidNodeId(Refused):
+class InvalidNodeId(StreamRefused):
     """The stream's node id cannot name a node (see :mod:`meshxl.nodeid`)."""
 
     reason = "invalid_node_id"
 
 
-class Unauthenticated(Refused):
+class Unauthenticated(StreamRefused):
     """No credentials, or wrong ones: the stream ends with ``UNAUTHENTICATED``."""
 
     reason = "unauthenticated"
 
 
-class PermissionDenied(Refused):
+class PermissionDenied(StreamRefused):
     """Authenticated, but not as the node (or zone) it claims: ``PERMISSION_DENIED``."""
 
     reason = "permission_denied"
 
 
-class TooManyNodes(Refused):
+class TooManyNodes(StreamRefused):
     """A new node id past a credential's bound, or past the bound on all nodes:
     ``RESOURCE_EXHAUSTED``. Logged once a minute per credential, whatever the node ids
     (someone inventing them would otherwise write a line for each)."""

@@ -19,8 +19,8 @@ from meshxl.errors import InputError
 from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.types import TYPE_ORDER
 
-__all__ = ["NACK_TEXT_MAX", "BadRequest", "LogLimiter", "Nack", "NodeStatus", "Peer", "Stream",
-           "StreamState", "Streams", "TypeStatus", "bound_text"]
+__all__ = ["NACK_TEXT_MAX", "BadDiscoveryRequest", "LogLimiter", "Nack", "NodeStatus", "Peer",
+           "Stream", "StreamState", "Streams", "TypeStatus", "bound_text"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
@@ -45,7 +45,7 @@ _SHOWN_NAMES = 4
 _NAME_SHOWN_MAX = 128
 
 
-class BadRequest(InputError):
+class BadDiscoveryRequest(InputError):
     """A request the stream cannot serve: it ends with INVALID_ARGUMENT and this text."""
 
 

@@ -38,7 +38,7 @@ from meshxl.xds.auth import (
     InvalidNodeId,
     Peer,
     PermissionDenied,
-    Refused,
+    StreamRefused,
     TooManyNodes,
     Unauthenticated,
     peer_names,
@@ -49,7 +49,7 @@ from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
     NODE_CLUSTER_MAX,
-    BadRequest,
+    BadDiscoveryRequest,
     LogLimiter,
     Nack,
     NodeStatus,
@@ -81,7 +81,7 @@ DISCONNECTED_NODES_MAX = 1024
 RETAINED_VERSIONS_MAX = 16
 
 #: The gRPC status a refused stream ends with, by the refusal's class.
-_REFUSAL_CODES: dict[type[Refused], grpc.StatusCode] = {
+_REFUSAL_CODES: dict[type[StreamRefused], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TooManyNodes: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -291,7 +291,7 @@ class AdsServer:
     def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
         """The stream's first request names its node (and zone): check that the
         stream may speak for them and that a new node id is within the bounds
-        (:class:`~meshxl.xds.auth.Refused` otherwise), then count the stream. The zone
+        (:class:`~meshxl.xds.auth.StreamRefused` otherwise), then count the stream. The zone
         is the stream's own: what it is served follows it, and no other stream's."""
         node_id = node_proto.id
         problem = node_id_problem(node_id)
@@ -319,7 +319,7 @@ class AdsServer:
         self._changed(node)
         return node
 
-    def refuse(self, refusal: Refused, peer: Peer) -> grpc.StatusCode:
+    def refuse(self, refusal: StreamRefused, peer: Peer) -> grpc.StatusCode:
         """Count and log a refused stream; the status it ends with."""
         reason = refusal.reason
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -471,7 +471,7 @@ class AdsServer:
         stream.peer = peer_names(context.auth_context() or {}, context.peer() or "")
         try:
             stream.grant = self.auth.admit(context.invocation_metadata() or (), stream.peer)
-        except Refused as refusal:
+        except StreamRefused as refusal:
             await context.abort(self.refuse(refusal, stream.peer), str(refusal))
         if self._metrics is not None:
             self._metrics.stream_opened(stream.protocol)
@@ -501,9 +501,9 @@ class AdsServer:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 try:
                     error = stream.handle(stream.inbox.popleft())
-                except Refused as refusal:
+                except StreamRefused as refusal:
                     error, code = str(refusal), self.refuse(refusal, stream.peer)
-                except BadRequest as exc:
+                except BadDiscoveryRequest as exc:
                     error = str(exc)
                 if error is not None:
                     await context.abort(code, error)

@@ -32,6 +32,7 @@ from meshxl.client import (
     Conflict,
     NotFound,
     PreconditionFailed,
+    SidecarUnavailable,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -292,7 +293,7 @@ async def test_503_while_etcd_is_down_then_recovery(
 
         with pytest.raises(Unavailable) as down:
             await quick.put("fresh", {"x": 1})
-        assert type(down.value) is Unavailable and down.value.status == 503
+        assert type(down.value) is SidecarUnavailable and down.value.status == 503
         assert "etcd unavailable" in down.value.message
         assert await write_counts(a, "unavailable") - before == 3, "three tries, no more"
         with pytest.raises(Unavailable, match="etcd unavailable"):

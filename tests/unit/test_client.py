@@ -91,14 +91,14 @@ class Sidecar:
 @pytest.mark.parametrize(("status", "cls", "member", "edge"), [
     (400, cerrors.BadRequest, errors.InputError, 400),
     (401, cerrors.Unauthorized, errors.Unavailable, 503),
-    (404, cerrors.NotFound, errors.NotFound, 404),
+    (404, cerrors.SidecarNotFound, errors.NotFound, 404),
     (408, cerrors.BadRequest, errors.InputError, 400),
-    (409, cerrors.Conflict, errors.Conflict, 409),
-    (412, cerrors.PreconditionFailed, errors.PreconditionFailed, 412),
-    (413, cerrors.TooLarge, errors.TooLarge, 413),
+    (409, cerrors.SidecarConflict, errors.Conflict, 409),
+    (412, cerrors.SidecarPreconditionFailed, errors.PreconditionFailed, 412),
+    (413, cerrors.SidecarTooLarge, errors.TooLarge, 413),
     (415, cerrors.BadRequest, errors.InputError, 400),
-    (500, cerrors.Unavailable, errors.Unavailable, 503),
-    (503, cerrors.Unavailable, errors.Unavailable, 503),
+    (500, cerrors.SidecarUnavailable, errors.Unavailable, 503),
+    (503, cerrors.SidecarUnavailable, errors.Unavailable, 503),
 ])
 def test_error_answers_map_onto_the_family(status: int, cls: type, member: type,
                                            edge: int) -> None:
@@ -119,16 +119,22 @@ def test_fencing_and_undecodable_conflicts_keep_the_sidecars_fields() -> None:
     fenced = cerrors.error_from_answer(
         409, error_body(409, "session 's1' was written by member 'b' ...: ownership lost",
                         owner="b", revision=42), method="PUT", path="/v1/sessions/s1")
-    assert type(fenced) is cerrors.Conflict
+    assert type(fenced) is cerrors.SidecarConflict
     assert fenced.details == {"owner": "b", "revision": 42}
     undecodable = cerrors.error_from_answer(
         409, error_body(409, "cannot be decoded", undecodable=True, revision=7),
         method="GET", path="/v1/sessions/s1")
-    assert type(undecodable) is cerrors.Undecodable
+    assert type(undecodable) is cerrors.SidecarUndecodable
     assert isinstance(undecodable, errors.Conflict)
     # As in the family: a failed precondition is a conflict (one except clause for both).
-    assert issubclass(cerrors.PreconditionFailed, cerrors.Conflict)
-    assert issubclass(cerrors.Contended, cerrors.Conflict)
+    assert issubclass(cerrors.SidecarPreconditionFailed, cerrors.SidecarConflict)
+    assert issubclass(cerrors.Contended, cerrors.SidecarConflict)
+    # The family's members are re-exported, not defined again: one class per concept,
+    # and `except meshxl.client.Conflict` catches what the sidecar answered with 409.
+    for name in ("NotFound", "Conflict", "Undecodable", "PreconditionFailed", "TooLarge",
+                 "Unavailable"):
+        assert getattr(cerrors, name) is getattr(errors, name)
+    assert isinstance(undecodable, cerrors.Undecodable) and isinstance(fenced, cerrors.Conflict)
 
 
 @pytest.mark.parametrize("body", [b"", b"<html>Bad Gateway</html>", b"[1, 2]", b"\xff\xfe",

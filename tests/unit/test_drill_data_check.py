@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from meshxl.client.errors import NotFound, SidecarError
+from meshxl.client.errors import SidecarError, SidecarNotFound
 from meshxl.client.plans import Session
 from meshxl.etcd.shards import PREPARE, Shard, ShardMap
 from meshxl.operator import changes, consistency
@@ -134,7 +134,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Fake:
         return f.etcd[client].at(revision).get(session)
 
     async def read(api: Any, ids: list[str]) -> dict[str, Any]:
-        return {i: f.answers.get(i, NotFound("no such session")) for i in ids}
+        return {i: f.answers.get(i, SidecarNotFound("no such session", status=404)) for i in ids}
 
     monkeypatch.setattr(consistency, "sidecar_identity", identity)
     monkeypatch.setattr(changes, "committed", committed)
@@ -271,7 +271,7 @@ async def test_a_compacted_history_is_said_and_the_baseline_still_checked(
     (answer("b", 12, {"n": 6}), "different"),      # other bytes at the same revision
     (answer("b", 11, {"n": 5}), "stale"),          # older than etcd's
     (answer("b", 99, {"n": 5}), "different"),      # a revision etcd never gave it
-    (NotFound("no such session"), "missing"),
+    (SidecarNotFound("no such session", status=404), "missing"),
     (SidecarError("502 from the sidecar"), "unreadable"),
 ])
 async def test_what_a_surviving_member_would_serve_wrong_fails(
@@ -350,7 +350,7 @@ async def test_each_session_is_compared_in_its_shard_with_that_shards_history(
     (answer(D, 25, {"n": 0}, "s2"), "different", "other bytes at revision 25"),
     (answer(D, 25, {"n": 9}, "s1"), "different", "served from shard s1"),
     (answer(D, 25, {"n": 9}), "different", "served from no shard"),
-    (NotFound("no such session"), "missing", ""),
+    (SidecarNotFound("no such session", status=404), "missing", ""),
 ])
 async def test_a_wrong_answer_is_named_with_its_shard(
         shards: Fake, served: Any, kind: str, text: str) -> None:

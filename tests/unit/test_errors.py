@@ -19,9 +19,10 @@ from meshxl import errors, httpbase
 from meshxl import web as mweb
 from meshxl.cli import AREAS, areas, main
 from meshxl.cli.errors import EXIT_CODES, checked, exit_code
+from meshxl.errors import Undecodable
+from meshxl.etcd import EtcdUnavailable
 from meshxl.model import ModelError
 from meshxl.model.load import Problem
-from meshxl.statesync.errors import StoreUnavailable, Undecodable
 
 FAMILY = (errors.InputError, errors.NotFound, errors.Conflict, errors.Unavailable,
           errors.MissingBinary, errors.ProcessError)
@@ -104,7 +105,7 @@ def test_callers_that_catch_value_error_still_do() -> None:
     (httpbase.BadJson("x"), 400),
     (httpbase.BodyTimeout("x"), 408),
     (httpbase.BodyTooLarge("x"), 413),
-    (StoreUnavailable("x"), 503),
+    (EtcdUnavailable("x"), 503),
     (errors.MissingBinary("envoy", "x"), 500),
     (errors.MeshxlError("x"), 500),
 ])
@@ -131,7 +132,7 @@ def test_every_family_member_exits_1_from_the_one_table() -> None:
     for member in FAMILY:
         assert EXIT_CODES[member] == 1
     assert exit_code(errors.MissingBinary("etcd", "x")) == 1
-    assert exit_code(StoreUnavailable("x"), {errors.Unavailable: 3}) == 3
+    assert exit_code(EtcdUnavailable("x"), {errors.Unavailable: 3}) == 3
 
 
 def _command(fn: object) -> click.Command:

@@ -18,7 +18,6 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.etcd import DOWN, NO_LEADER, UP, Balancer, Endpoint, EtcdUnavailable
-from meshxl.statesync.errors import StoreUnavailable
 from meshxl.statesync.store import SessionStore, WriteResult, _write_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +55,7 @@ def test_a_retried_write_finding_its_own_bytes_was_applied_by_the_earlier_attemp
 ])
 def test_a_retried_write_that_cannot_tell_is_never_a_2xx_nor_a_conflict(
         revision: int, value: bytes | None, ours: bytes | None) -> None:
-    with pytest.raises(StoreUnavailable, match="cannot be told"):
+    with pytest.raises(EtcdUnavailable, match="cannot be told"):
         _write_result(_failed_compare(revision, value), 42, True, ours)
 
 
@@ -268,7 +267,7 @@ async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creatio
     _silent(client.balancer.endpoints[0])   # its probes stop answering
     client.balancer._evaluate()
     assert (await asyncio.wait_for(update, 2)) == WriteResult(True, 7)
-    with pytest.raises(StoreUnavailable, match="may or may not have applied"):
+    with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
         await asyncio.wait_for(create, 2)
     assert good.sent == [1], "only the update is sent again"
     await store.close()
@@ -296,7 +295,7 @@ async def test_a_transaction_is_sent_again_when_one_compare_holds_once_at_most()
     client.balancer._evaluate()
     done = await asyncio.wait_for(delete, 2)
     assert done.ok and done.revision == 7, done
-    with pytest.raises(StoreUnavailable, match="may or may not have applied"):
+    with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
         await asyncio.wait_for(create, 2)
     assert good.sent == [1], "only the transaction with a delete is sent again"
     await store.close()

@@ -18,7 +18,7 @@ import uvloop
 
 from meshxl.errors import Conflict
 from meshxl.statesync import http as srv
-from meshxl.statesync.http import HttpServer, Refused, Request, Response, Router
+from meshxl.statesync.http import HttpServer, Request, RequestRefused, Response, Router
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -39,7 +39,7 @@ def _router(calls: list[Request] | None = None) -> Router:
         raise Conflict("taken", owner="b")
 
     async def teapot(request: Request) -> Response:
-        raise Refused(418, "short and stout", [("X-Why", "tea")], spout=True)
+        raise RequestRefused(418, "short and stout", [("X-Why", "tea")], spout=True)
 
     async def broken(request: Request) -> Response:
         raise KeyError("secret detail")

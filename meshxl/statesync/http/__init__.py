@@ -37,7 +37,8 @@ JSON API on loopback, so it does what that needs and refuses the rest clearly:
 * every error answer is JSON, ``{"error": ..., "status": ...}`` (:mod:`meshxl.httpbase`'s
   shape and its :func:`~meshxl.httpbase.http_status` mapping): the parser's 400, 404 with
   the path, 405 with the allowed methods, a handler's :class:`~meshxl.errors.MeshxlError`
-  or :class:`.messages.Refused`, and anything unexpected as a 500 (its traceback to the log only).
+  or :class:`.messages.RequestRefused`, and anything unexpected as a 500 (its traceback to
+  the log only).
 
 Handlers are ``async def handler(request: Request) -> Response``; a group handler,
 ``async def group(requests, answer)``, calls ``answer(index, response_or_error)`` once
@@ -46,7 +47,7 @@ etcd is not cut in half); its answer is dropped.
 """
 
 from .connection import Connection
-from .messages import JSON, Refused, Response, error, json_response
+from .messages import JSON, RequestRefused, Response, error, json_response
 from .routing import (
     ALONE,
     IGNORED_BODY,
@@ -64,5 +65,5 @@ from .site import LIMITS, Authorize, Site, Wrap
 
 __all__ = ["ALONE", "IGNORED_BODY", "JSON", "LIMITS", "MAX_CONNECTIONS", "READ", "WRITE",
            "Answer", "Authorize", "Connection", "GroupHandler", "Handler", "HttpServer",
-           "Refused", "Request", "Response", "Route", "Router", "Site", "Wrap",
+           "RequestRefused", "Request", "Response", "Route", "Router", "Site", "Wrap",
            "default_max_connections", "error", "json_response"]

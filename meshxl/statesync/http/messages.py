@@ -11,13 +11,13 @@ from typing import Any
 from meshxl.errors import InputError
 from meshxl.httpbase import REASONS, error_body
 
-__all__ = ["JSON", "Refused", "Response", "encode_head", "error", "json_response"]
+__all__ = ["JSON", "RequestRefused", "Response", "encode_head", "error", "json_response"]
 
 JSON = "application/json"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-class Refused(InputError):
+class RequestRefused(InputError):
     """A request refused with a status the error family does not name (415, 418...):
     ``status`` with a JSON error body and ``headers``."""
 

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 from meshxl.errors import MeshxlError, detached
 from meshxl.httpbase import error_answer
 
-from .messages import Refused, Response, error, json_response
+from .messages import RequestRefused, Response, error, json_response
 
 __all__ = ["ALONE", "IGNORED_BODY", "READ", "WRITE", "Answer", "GroupHandler", "Handler",
            "Request", "Route", "Router", "failure", "handled", "framing_refusal", "must_wait"]
@@ -209,7 +209,7 @@ async def handled(request: Request) -> Response:
 def failure(request: Request, exc: Exception) -> Response:
     """The JSON answer to a handler's error (logged with its traceback if unexpected)."""
     try:
-        if isinstance(exc, Refused):
+        if isinstance(exc, RequestRefused):
             return error(exc.status, str(exc), exc.headers, **exc.details)
         if not isinstance(exc, MeshxlError):
             log.error("%s %s failed", request.method, request.path[:200], exc_info=exc)
