@@ -4,10 +4,10 @@ label on drained members of pinned clusters, kept current.
 Under Istio, istiod computes every endpoint's EDS priority from the DestinationRule's
 ``failoverPriority`` and the pod's labels. meshxl decides who is active (its tiers,
 registrations, readiness, ``member down``, ``site offline``); this loop writes that
-decision onto the pods as labels (:func:`meshxl.istio.render.role_labels`), so
+decision onto the pods as labels (:func:`meshxl.istio.labels.role_labels`), so
 istiod's priorities follow meshxl's view, as Patroni labels its leader pod. In a
 cluster with pinned sessions, the members meshxl drains (``member down``, ``site
-offline``) also get istiod's draining label (:func:`meshxl.istio.render.drain_labels`):
+offline``) also get istiod's draining label (:func:`meshxl.istio.labels.drain_labels`):
 istiod leaves them out of EDS and their pins move. A change
 in etcd is applied at once; a full reconcile every ``resync`` seconds repairs pods
 that were recreated or relabelled by someone else.

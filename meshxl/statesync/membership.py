@@ -13,7 +13,7 @@ the control plane's debounce and the xDS push. A graceful :meth:`Membership.stop
 revokes the lease and the key goes at once.
 
 The keepalive refreshes every ``ttl / 3``. Every lease grant, keepalive and
-registration write goes to an etcd member that answers (``meshxl/etcd.py``), with a
+registration write goes to an etcd member that answers (``meshxl/etcd/balancer.py``), with a
 short deadline per attempt, and is sent again to another member (or to the same one
 once it has a new leader) when its member goes: a fault of one etcd member, the
 leader included, costs a healthy member neither its lease nor its registration. The

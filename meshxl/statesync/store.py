@@ -9,7 +9,7 @@ Writes
     acknowledged only from etcd's answer, so an acknowledged write is committed.
 
 Faults
-    A batch is sent to an etcd member that answers (``meshxl/etcd.py``), with a short
+    A batch is sent to an etcd member that answers (``meshxl/etcd/balancer.py``), with a short
     deadline per attempt. An attempt whose member stops answering or changes leader is
     cancelled and the batch sent again elsewhere, as soon as a member has a leader.
     Sending a write twice is safe because of its compare: once one attempt applied,
