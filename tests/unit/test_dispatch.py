@@ -29,14 +29,14 @@ from meshxl.model.spec import (
     UnknownChoice,
     choose,
 )
-from meshxl.statesync import app as statesync_app
+from meshxl.statesync import sidecar as statesync_sidecar
 from meshxl.xds import protocols, resources
 
 TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("xds _LB_POLICIES", resources._LB_POLICIES, ALGORITHMS),
     ("xds _HASH_POLICIES", resources._HASH_POLICIES, HASH_KEYS),
     ("xds _PIN_STATES", resources._PIN_STATES, PIN_CARRIERS),
-    ("statesync _HOLDS_ONLY_WHAT_IT_USES", statesync_app._HOLDS_ONLY_WHAT_IT_USES,
+    ("statesync _HOLDS_ONLY_WHAT_IT_USES", statesync_sidecar._HOLDS_ONLY_WHAT_IT_USES,
      REPLICATIONS),
     ("istio _ISTIO_ALGORITHMS", render._ISTIO_ALGORITHMS, ALGORITHMS),
     ("istio _ALGORITHM_PATCHES", render._ALGORITHM_PATCHES, ALGORITHMS),

@@ -1,0 +1,134 @@
+"""The mesh as one sidecar follows it: this member's role and state in its cluster, the
+model's warnings, and what failback needs (failback.py).
+
+:class:`MeshFollower` mirrors the mesh (model, registrations, admin state) through a
+watch and, on each change, works out this member's role and state as the control plane
+does (:func:`meshxl.model.runtime.cluster_view`). A narrow sidecar (``sessions.
+replication: narrow``) is told when to hold every session (the standby of a
+high-availability cluster) and when to go back to what it uses (the sidecar's watches,
+sidecar.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+
+import aetcd
+
+from meshxl.etcd.keys import Keys
+from meshxl.etcd.mesh import EtcdMeshSource
+from meshxl.model.basics import ModelError
+from meshxl.model.light import parse_light
+from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
+
+from .config import StatesyncConfig
+from .membership import Membership
+from .mesh_reads import model_mismatch
+
+# The sidecar's log, whichever of its modules speaks (as mesh_reads.py, resharding.py).
+log = logging.getLogger("meshxl.statesync.app")
+
+
+class MeshFollower:
+    """This member's place in the mesh, followed from etcd."""
+
+    def __init__(self, config: StatesyncConfig, client: aetcd.Client, keys: Keys,
+                 membership: Membership, scope: Callable[[bool], None] | None):
+        self.config = config
+        self.client = client
+        self.keys = keys
+        self.membership = membership
+        self.scope = scope
+        """Told whether to hold every session (a narrow sidecar only; None: always)."""
+        self.mesh = EtcdMeshSource(client, keys, self._changed, parse_light)
+        self.role = Role.NONE
+        """This member's role in the cluster, as the control plane computes it."""
+        self.view_state: MemberState | None = None
+        """This member's state in the cluster's view (None: not in the model)."""
+        self.model_warning: str | None = None
+        """Set while the model lacks this member's cluster or site."""
+        membership.rejoin.serving = self.serving_now
+
+    async def recall(self) -> None:
+        """Before the first registration: the cluster's failback policy, and whether
+        this member served before its sidecar (re)started (the control plane counted a
+        failover of it): then it comes back held (failback.py)."""
+        rejoin = self.membership.rejoin
+        try:
+            model, history = await asyncio.gather(
+                self.client.get(self.keys.model.encode()),
+                self.client.get(self.keys.member_state(self.config.cluster,
+                                                       self.config.member).encode()))
+        except Exception as exc:  # the mesh watch configures it as soon as etcd answers
+            log.warning("failback policy and member history not read: %s", exc)
+            return
+        if model is not None:
+            with contextlib.suppress(ModelError, UnicodeDecodeError):
+                spec = parse_light(model.value.decode(), source="model in etcd").cluster(
+                    self.config.cluster)
+                rejoin.configure(spec.failover if spec is not None else None)
+        if history is not None:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                rejoin.served = int(json.loads(history.value).get("failovers") or 0) > 0
+
+    def _changed(self) -> None:
+        self._check_model(self.mesh.model_text)
+        model = self.mesh.model
+        spec = model.cluster(self.config.cluster) if model is not None else None
+        role = Role.NONE
+        state = None
+        self.membership.rejoin.configure(spec.failover if spec is not None else None)
+        if spec is not None:
+            me = cluster_view(spec, self.mesh.runtime).member(
+                self.config.member)
+            role = me.role if me is not None else Role.NONE
+            state = me.state if me is not None else None
+            registration = self.mesh.runtime.registrations_of(spec.name).get(
+                self.config.member)
+            # The view did not hold it (none of the members it stood behind serves):
+            # returning, it would be shown returning; ready, it took its place.
+            if (registration is not None and registration.returning is not None
+                    and state == MemberState.READY):
+                self.membership.rejoin.unheld()
+        if state != self.view_state:
+            if state == MemberState.ATTENTION:
+                log.warning("member %s is active with problems: no other member can "
+                            "serve, so it serves in spite of what it reported",
+                            self.config.member)
+            self.view_state = state
+        if role != self.role:
+            log.info("member %s is now %s", self.config.member, role)
+            self.role = role
+        if self.scope is not None:
+            self.scope(spec is not None and spec.high_availability and role == Role.STANDBY)
+
+    def serving_now(self) -> tuple[str, ...]:
+        """The first tier of members that serve now, in this sidecar's view (a member
+        that comes back stands behind them: failback.py)."""
+        model = self.mesh.model
+        spec = model.cluster(self.config.cluster) if model is not None else None
+        if spec is None:
+            return ()
+        serving = [m for m in cluster_view(spec, self.mesh.runtime).members
+                   if m.state in SERVING and m.state != MemberState.RETURNING
+                   and m.name != self.config.member]
+        if not serving:
+            return ()
+        top = min(m.priority for m in serving)
+        return tuple(m.name for m in serving if m.priority == top)
+
+    def _check_model(self, raw: bytes | None) -> None:
+        warning = model_mismatch(raw, self.config.cluster, self.config.site, self.keys.model)
+        if warning is not None and warning != self.model_warning:
+            log.warning("%s", warning)
+        elif warning is None and self.model_warning is not None:
+            log.info("the model now has cluster %s%s", self.config.cluster,
+                     f" and site {self.config.site}" if self.config.site else "")
+        self.model_warning = warning
+
+
+__all__ = ["MeshFollower"]
