@@ -11,7 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from meshxl import headers as hdr
 from meshxl import httpbase
@@ -20,8 +20,8 @@ from meshxl.model.basics import parse_duration
 
 from . import bulk
 from .http import ALONE, JSON, READ, WRITE, Request, RequestRefused, Response, Router, error
-from .membership import MAX_PROBLEMS
-from .metrics import CONTENT_TYPE
+from .membership import MAX_PROBLEMS, Membership
+from .metrics import CONTENT_TYPE, StatesyncMetrics
 from .problems import check_ttl
 from .record import (
     SESSION_ID_RULE,
@@ -32,7 +32,7 @@ from .record import (
     valid_session_id,
     valid_traceparent,
 )
-from .writes import DELETE, PATCH, Outcome, Stored, Transacted, Write
+from .writes import DELETE, PATCH, Outcome, SessionEngine, Stored, Transacted, Write
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_PROBLEM_DETAIL = 1024
@@ -167,10 +167,34 @@ def _transaction_response(items: list[bulk.Item], outcome: Transacted) -> Respon
     return _json_bytes(bulk.dumps(body), status)
 
 
+class SidecarParts(Protocol):
+    """What the API uses of the sidecar (:class:`.sidecar.Sidecar`, a layer above this
+    one): its session engine, its registration, its metrics and what it reports."""
+
+    @property
+    def sessions(self) -> SessionEngine: ...
+
+    @property
+    def membership(self) -> Membership: ...
+
+    @property
+    def metrics(self) -> StatesyncMetrics: ...
+
+    def liveness_problems(self) -> list[str]: ...
+
+    def not_ready_reasons(self) -> list[str]: ...
+
+    def warnings(self) -> list[str]: ...
+
+    def refresh_gauges(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class SessionRoutes:
     """Handlers bound to the sidecar (its sessions, membership, metrics, status)."""
 
-    def __init__(self, sidecar: Any):
+    def __init__(self, sidecar: SidecarParts):
         self.sidecar = sidecar
 
     def router(self, max_bytes: int, *, delayed_sync: bool = False) -> Router:
@@ -453,4 +477,4 @@ def _problem_detail(raw: bytes, content_type: str, what: str = "problem report")
     return detail
 
 
-__all__ = ["SessionRoutes", "openapi_document"]
+__all__ = ["SessionRoutes", "SidecarParts", "openapi_document"]

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 from aetcd import rpc
@@ -74,6 +74,10 @@ class Fencing:
     shard: str = ""
 
 
+_Answer = TypeVar("_Answer")
+"""What an op's ``parse`` makes of its answer: the op's result."""
+
+
 class Group:
     """The answers of several ops queued together (a bulk save), delivered at once: one
     future for all, rather than a future, a callback and a wake-up each."""
@@ -85,7 +89,7 @@ class Group:
         self.results: list[Any] = [_PENDING] * size
         self.pending = size
 
-    def settle(self, index: int, value: Any) -> None:
+    def settle(self, index: int, value: object) -> None:
         if self.results[index] is not _PENDING:
             return
         self.results[index] = value
@@ -120,7 +124,7 @@ class Op:
         assert self.future is not None
         return self.future.done()
 
-    def settle(self, value: Any) -> None:
+    def settle(self, value: object) -> None:
         """Deliver the answer (an exception: as the op's failure)."""
         if self.group is not None:
             self.group.settle(self.index, value)
@@ -196,21 +200,22 @@ class Batcher:
         self.fencing: Fencing | None = None
 
     async def submit(self, request: bytes | rpc.RequestOp,
-                     parse: Callable[[Any, int, bool], Any], size: int = 64, *,
-                     resend: bool = True, width: int = 1) -> Any:
+                     parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
+                     resend: bool = True, width: int = 1) -> _Answer:
         future = self.enqueue(request, parse, size, resend=resend, width=width)
         self._kick()
         return await future
 
-    def enqueue(self, request: bytes | rpc.RequestOp, parse: Callable[[Any, int, bool], Any],
-                size: int = 64, *, resend: bool = True, width: int = 1) -> asyncio.Future[Any]:
+    def enqueue(self, request: bytes | rpc.RequestOp,
+                parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
+                resend: bool = True, width: int = 1) -> asyncio.Future[_Answer]:
         """Queue an op (serialized, or a message serialized here) without sending:
         :meth:`kick` after the last of several, so they leave together. ``width``: the
         operations of the op's nested transaction (1: a guarded single-key write; 0:
         a plain read)."""
         if not isinstance(request, bytes):
             request = request.SerializeToString()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
         fencing = self.fencing
         self._queue.append(Op(request, size, parse, future, resend, width=width,
                                fence=fencing.version() if fencing is not None else UNFENCED))

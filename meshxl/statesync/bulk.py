@@ -48,7 +48,7 @@ from .record import (
 from .store import MAX_TXN_OPS, MAX_TXN_WRITES
 from .writes import DELETE, PUT, Stored, Write
 
-_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_string = json.encoder.encode_basestring_ascii
 
 # One encoder each, made once (json.dumps with options makes one per call).
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)

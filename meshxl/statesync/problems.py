@@ -66,9 +66,11 @@ class Restored:
 
 def _time_to_live(lease: int) -> Callable[[etcd.Endpoint, float], Awaitable[Any]]:
     def ask(ep: etcd.Endpoint, timeout: float) -> Awaitable[Any]:
-        return ep.client.leasestub.LeaseTimeToLive(
+        # aetcd's gRPC stubs are untyped: the call is typed here, where it is made.
+        call: Awaitable[Any] = ep.client.leasestub.LeaseTimeToLive(
             rpc.LeaseTimeToLiveRequest(ID=lease), timeout=timeout,
             metadata=ep.client.metadata)
+        return call
     return ask
 
 

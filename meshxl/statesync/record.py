@@ -14,7 +14,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_string = json.encoder.encode_basestring_ascii
 
 _NUMBERS = (int, float)
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
 from meshxl.errors import (
@@ -62,7 +62,7 @@ from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json
 from .store import KeyState, SessionStore, WriteResult
 from .transactions import Transactions
-from .writes import DELETE, PATCH, PUT, Outcome, Settings, Stored, Transacted, Write
+from .writes import DELETE, PATCH, PUT, Outcome, Settings, Stored, Takeover, Transacted, Write
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ class Sessions:
     # -- what the sidecar shows -------------------------------------------------------------
 
     @property
-    def on_takeover(self) -> Any:
+    def on_takeover(self) -> Callable[[Takeover], None] | None:
         return self.ledger.on_takeover
 
     @on_takeover.setter
-    def on_takeover(self, hook: Any) -> None:
+    def on_takeover(self, hook: Callable[[Takeover], None] | None) -> None:
         self.ledger.on_takeover = hook
 
     @property
@@ -189,7 +189,8 @@ class Sessions:
                     traceparent: str | None = None) -> list[Outcome]: ...
 
     async def write(self, writes: Sequence[Write], *, atomic: bool = False,
-                    early: bool = False, traceparent: str | None = None) -> Any:
+                    early: bool = False, traceparent: str | None = None
+                    ) -> Transacted | list[Outcome] | list[Outcome | asyncio.Task[Outcome]]:
         """Write sessions (the module docstring): each write's outcome, in order, a
         :class:`Stored` or the error that refused it. ``atomic``: all or none, in one
         etcd transaction (:mod:`.transactions`). ``early``: a write that waits for its

@@ -37,7 +37,7 @@ import contextvars
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import aetcd
 
@@ -50,7 +50,7 @@ from .cache import SessionCache
 from .conditions import parse_etag
 from .sessions import Sessions
 from .store import Fencing, SessionStore
-from .writes import Outcome, Settings, Stored, Transacted, Write
+from .writes import Outcome, Settings, Stored, Takeover, Transacted, Write
 
 __all__ = ["DOWN_GRACE", "PLANNED", "Shard", "ShardedSessions"]
 
@@ -101,7 +101,10 @@ class Shard:
                 "takeovers": self.engine.takeovers, "conflicts": self.engine.conflicts}
 
 
-def _tagged(shard: str, outcome: Any) -> Any:
+_Told = TypeVar("_Told", bound=Stored | Exception)
+
+
+def _tagged(shard: str, outcome: _Told) -> _Told:
     """``outcome`` with its ETag naming ``shard`` (a session kept on this member only,
     ``L<n>``, has no shard yet)."""
     if isinstance(outcome, Stored) and not outcome.etag.startswith("L"):
@@ -110,11 +113,11 @@ def _tagged(shard: str, outcome: Any) -> Any:
 
 
 async def _tagged_later(shard: str, task: asyncio.Task[Outcome]) -> Outcome:
-    return _tagged(shard, await task)  # type: ignore[no-any-return]
+    return _tagged(shard, await task)
 
 
 async def _send(engine: Sessions, writes: list[Write], early: bool,
-                traceparent: str | None) -> list[Any]:
+                traceparent: str | None) -> Sequence[Outcome | asyncio.Task[Outcome]]:
     if early:
         return await engine.write(writes, early=True, traceparent=traceparent)
     return await engine.write(writes, traceparent=traceparent)
@@ -145,7 +148,7 @@ class ShardedSessions:
         """Told when a shard's fence names a newer map than a request's."""
         self.fenced = 0
         """Batches and moves refused by a shard's fence."""
-        self._on_takeover: Any = None
+        self._on_takeover: Callable[[Takeover], None] | None = None
         self.shards: dict[str, Shard] = {}
         self._install(shards)
 
@@ -263,11 +266,11 @@ class ShardedSessions:
     # -- what the sidecar shows: sums over the shards ---------------------------------
 
     @property
-    def on_takeover(self) -> Any:
+    def on_takeover(self) -> Callable[[Takeover], None] | None:
         return self._on_takeover
 
     @on_takeover.setter
-    def on_takeover(self, hook: Any) -> None:
+    def on_takeover(self, hook: Callable[[Takeover], None] | None) -> None:
         self._on_takeover = hook
         for shard in self.shards.values():
             shard.engine.on_takeover = hook
@@ -312,15 +315,14 @@ class ShardedSessions:
             old = self.part(m, source.name)
             old.refuse_if_down()
             try:
-                return _tagged(old.name, await old.engine.get(session_id))  # type: ignore[no-any-return]
+                return _tagged(old.name, await old.engine.get(session_id))
             except NotFound:
                 pass
             shard = self.shard_of(session_id, m)
         else:
             shard = await self.settle(session_id, m)
         shard.refuse_if_down()
-        stored: Stored = _tagged(shard.name, await shard.engine.get(session_id))
-        return stored
+        return _tagged(shard.name, await shard.engine.get(session_id))
 
     def _in_shard(self, write: Write, shard: Shard, m: ShardMap) -> Write:
         """``write`` as its shard's engine takes it: an If-Match naming this shard (or
@@ -342,8 +344,22 @@ class ShardedSessions:
                 f"lives in shard {shard.name}: read it again for its ETag")
         return dataclasses.replace(write, if_match=revision)
 
+    @overload
+    async def write(self, writes: Sequence[Write], *, atomic: Literal[True],
+                    traceparent: str | None = None) -> Transacted: ...
+
+    @overload
+    async def write(self, writes: Sequence[Write], *, early: Literal[True],
+                    traceparent: str | None = None
+                    ) -> list[Outcome | asyncio.Task[Outcome]]: ...
+
+    @overload
+    async def write(self, writes: Sequence[Write], *,
+                    traceparent: str | None = None) -> list[Outcome]: ...
+
     async def write(self, writes: Sequence[Write], *, atomic: bool = False,
-                    early: bool = False, traceparent: str | None = None) -> Any:
+                    early: bool = False, traceparent: str | None = None
+                    ) -> Transacted | list[Outcome] | list[Outcome | asyncio.Task[Outcome]]:
         """:meth:`.sessions.Sessions.write`, each write in its session's shard."""
         m = self.map
         token = PLANNED.set(m.version)
@@ -355,7 +371,7 @@ class ShardedSessions:
             PLANNED.reset(token)
 
     async def _write(self, writes: Sequence[Write], early: bool, traceparent: str | None,
-                     m: ShardMap) -> list[Any]:
+                     m: ShardMap) -> list[Outcome | asyncio.Task[Outcome]]:
         outcomes: list[Any] = [None] * len(writes)
         groups: dict[str, list[int]] = {}
         batches: dict[str, list[Write]] = {}
@@ -416,5 +432,6 @@ class ShardedSessions:
         transacted = await shard.engine.write([self._in_shard(w, shard, m) for w in writes],
                                               atomic=True, traceparent=traceparent)
         for stored in transacted.stored:
-            _tagged(name, stored)
+            if stored is not None:  # None: a delete's
+                _tagged(name, stored)
         return transacted

@@ -1,6 +1,7 @@
 """What the session layer is asked to write and what it answers: a :class:`Write` of one
 session, a :class:`Stored` session, a :class:`Transacted` transaction, a
-:class:`Takeover`, and the layer's :class:`Settings`. Pure data.
+:class:`Takeover`, and the layer's :class:`Settings`. Pure data; and the layer's one
+way in as the API sees it, :class:`SessionEngine`.
 
 One vocabulary for what a write does to its session: :data:`PUT` (store a state),
 :data:`PATCH` (merge a JSON patch into it) and :data:`DELETE`; the metrics' ``op`` label
@@ -10,19 +11,24 @@ says the same. The multi-session API's wire format names a put ``upsert``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, Protocol, TypeAlias, overload
 
 from meshxl.errors import MeshxlError
 from meshxl.model.basics import Replication
 
 from .record import JSON_TYPE, SessionRecord
 
-__all__ = ["DELETE", "PATCH", "PUT", "Outcome", "Settings", "Stored", "Takeover",
-           "Transacted", "Write"]
+__all__ = ["DELETE", "PATCH", "PUT", "JsonValue", "Outcome", "SessionEngine", "Settings",
+           "Stored", "Takeover", "Transacted", "Write"]
 
 PUT, PATCH, DELETE = "put", "patch", "delete"
+
+JsonValue: TypeAlias = (
+    "dict[str, JsonValue] | list[JsonValue] | str | int | float | bool | None")
+"""A JSON document as :func:`json.loads` makes it."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class Write:
     op: str = PUT
     data: bytes = b""
     """A put's state."""
-    patch: Any = None
+    patch: JsonValue = None
     """A patch's RFC 7386 merge patch (a JSON value)."""
     content_type: str = JSON_TYPE
     if_match: str | None = None
@@ -108,3 +114,47 @@ class Takeover:
     @property
     def duration_ms(self) -> float:
         return (self.end_ns - self.start_ns) / 1e6
+
+
+class SessionEngine(Protocol):
+    """The session layer as the API (and the sidecar) use it: :class:`.sessions.Sessions`
+    over one etcd cluster, or :class:`.shards.ShardedSessions`, each session in its
+    shard's ``Sessions``. A write crosses this seam typed: each overload of
+    :meth:`write` says what it answers."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def takeovers(self) -> int: ...
+
+    @property
+    def conflicts(self) -> int: ...
+
+    @property
+    def local_sessions(self) -> int: ...
+
+    @property
+    def on_takeover(self) -> Callable[[Takeover], None] | None: ...
+
+    @on_takeover.setter
+    def on_takeover(self, hook: Callable[[Takeover], None] | None) -> None: ...
+
+    def prune_observed(self) -> int: ...
+
+    async def flush_due(self) -> int: ...
+
+    async def get(self, session_id: str) -> Stored: ...
+
+    @overload
+    async def write(self, writes: Sequence[Write], *, atomic: Literal[True],
+                    traceparent: str | None = None) -> Transacted: ...
+
+    @overload
+    async def write(self, writes: Sequence[Write], *, early: Literal[True],
+                    traceparent: str | None = None
+                    ) -> list[Outcome | asyncio.Task[Outcome]]: ...
+
+    @overload
+    async def write(self, writes: Sequence[Write], *,
+                    traceparent: str | None = None) -> list[Outcome]: ...

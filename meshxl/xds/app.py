@@ -85,7 +85,7 @@ class ControlPlane:
         self._built_runtime: RuntimeState | None = None
         self._built_model: ModelSpec | None = None
         self.file: ModelFileSource | None = None
-        self.mesh: EtcdMeshSource | None = None
+        self.mesh: EtcdMeshSource[ModelSpec] | None = None
         self.client: aetcd.Client | None = None
         self.compiler = Compiler()
         self.resolver = Resolver(self._changed, interval=config.dns_interval)

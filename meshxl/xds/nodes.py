@@ -15,6 +15,8 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from envoy.config.core.v3.base_pb2 import Node
+
 from meshxl.errors import InputError
 from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.types import TYPE_ORDER
@@ -294,7 +296,7 @@ class StreamState(abc.ABC):
 class Streams(Protocol):
     """What a :class:`Stream` reports to the server running it."""
 
-    def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
+    def connect(self, stream: Stream, node_proto: Node) -> NodeStatus:
         """The stream's first request names its node: count the stream on it."""
 
     def delivered(self, stream: Stream, type_url: str, version: str) -> float:

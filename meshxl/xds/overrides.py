@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -15,6 +15,8 @@ from google.protobuf.message import Message
 from meshxl.errors import InputError
 
 __all__ = ["OverrideError", "merge_override"]
+
+_Resource = TypeVar("_Resource", bound=Message)
 
 _MAX_PROTO_SECONDS = 315_576_000_000  # google.protobuf.Duration's range (10,000 years)
 
@@ -32,12 +34,12 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
     return base
 
 
-def merge_override(message: Any, override: Mapping[str, Any]) -> Any:
-    """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource; a result
-    Envoy would refuse raises :class:`OverrideError`."""
+def merge_override(message: _Resource, override: Mapping[str, Any]) -> _Resource:
+    """Overlay raw Envoy JSON (proto3 JSON names) on a generated resource (a message of
+    the same type); a result Envoy would refuse raises :class:`OverrideError`."""
     merged = _deep_merge(json_format.MessageToDict(message), override)
     try:
-        result = json_format.ParseDict(merged, type(message)())
+        result: _Resource = json_format.ParseDict(merged, type(message)())
     except json_format.ParseError as exc:
         raise OverrideError(f"not valid {type(message).DESCRIPTOR.full_name}: {exc}") from None
     problem = _out_of_range(result)
@@ -52,14 +54,14 @@ def _out_of_range(message: Message, where: str = "") -> str | None:
     protobuf types let through)."""
     name = message.DESCRIPTOR.full_name
     if name == "google.protobuf.Duration":
-        seconds, nanos = message.seconds, message.nanos  # type: ignore[attr-defined]
+        seconds, nanos = message.seconds, message.nanos
         if seconds < 0 or nanos < 0:
             return f"{where or 'duration'}: a duration must not be negative"
         if seconds > _MAX_PROTO_SECONDS:
             return f"{where or 'duration'}: duration out of range"
         return None
     if name == "envoy.type.v3.Percent":
-        value = message.value  # type: ignore[attr-defined]
+        value = message.value
         if not 0 <= value <= 100:
             return f"{where or 'percent'}: a percentage must be within 0..100, got {value}"
         return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2
@@ -204,13 +204,16 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
 _PIN_TARGETS = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)
 
 
+_Resource = TypeVar("_Resource", bound=Message)
+
+
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
 
 
-def _merge(message: Any, override: Mapping[str, Any], path: str) -> Any:
+def _merge(message: _Resource, override: Mapping[str, Any], path: str) -> _Resource:
     """Overlay raw Envoy JSON on a generated resource (:mod:`meshxl.xds.overrides`)."""
     try:
         return merge_override(message, override)
@@ -229,7 +232,7 @@ _STATUS: dict[Any, int] = {
 }
 
 
-def build_load_assignment(view: ClusterView,
+def build_load_assignment(view: ClusterView[ClusterSpec],
                           resolved: Mapping[str, tuple[str, ...]] | None = None,
                           ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints by (priority, site). The member is the endpoint's hostname and its site

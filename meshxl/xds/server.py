@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
@@ -288,7 +289,7 @@ class AdsServer:
                 self._bounds.pop(name, None)
         stream.counted = []
 
-    def connect(self, stream: Stream, node_proto: Any) -> NodeStatus:
+    def connect(self, stream: Stream, node_proto: Node) -> NodeStatus:
         """The stream's first request names its node (and zone): check that the
         stream may speak for them and that a new node id is within the bounds
         (:class:`~meshxl.xds.auth.StreamRefused` otherwise), then count the stream. The zone
