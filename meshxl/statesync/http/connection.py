@@ -306,7 +306,7 @@ class Connection(asyncio.Protocol):
         request.route = route
         request.params = params
         if route.key is not None:
-            request.session = params.get(route.key)
+            request.session_id = params.get(route.key)
         self._limit = route.max_body
         length = request.headers.get("content-length")
         if route.max_body and length is not None and length.isdigit() and \
@@ -393,16 +393,16 @@ class Connection(asyncio.Protocol):
         none refused from its head or waiting for a request under way (taken up here)."""
         queue, slots, active = self.queue, self.slots, self.active
         requests, group = [first], [slot]
-        sessions = {first.session}
+        sessions = {first.session_id}
         while queue and len(slots) < MAX_PIPELINED:
             item = queue[0]
             if not isinstance(item, Request) or item.refusal is not None \
-                    or item.route is not first.route or item.session in sessions:
+                    or item.route is not first.route or item.session_id in sessions:
                 break
             if self.others and any(must_wait(item, other) for other in active):
                 break  # a read of its session under way: it waits, and what follows it
             queue.popleft()
-            sessions.add(item.session)
+            sessions.add(item.session_id)
             taken = _Slot(item, None)
             slots.append(taken)
             active.append(item)

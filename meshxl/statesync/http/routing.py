@@ -38,7 +38,7 @@ class Request:
     ``", "``), ``params`` the route's path parameters (percent-decoded)."""
 
     __slots__ = ("body", "headers", "keep_alive", "method", "params", "path", "query",
-                 "refusal", "route", "session", "version")
+                 "refusal", "route", "session_id", "version")
 
     def __init__(self, method: str, path: str, query: str, version: str,
                  headers: dict[str, str], keep_alive: bool):
@@ -53,7 +53,7 @@ class Request:
         self.route: Route | None = None
         self.refusal: Response | None = None
         """Decided from the head (401, 404, 405, 413...): answered instead of the route."""
-        self.session: str | None = None
+        self.session_id: str | None = None
         """The one session it touches (the route's ``key`` parameter), None: any."""
 
     @property
@@ -163,7 +163,8 @@ def must_wait(new: Request, running: Request) -> bool:
         return True
     if a.access == WRITE and b.access == WRITE:
         return False  # ordered by the sessions' locks
-    return new.session is None or running.session is None or new.session == running.session
+    return (new.session_id is None or running.session_id is None
+            or new.session_id == running.session_id)
 
 
 def framing_refusal(request: Request) -> Response | None:
