@@ -170,6 +170,10 @@ def error_class(status: int, details: dict[str, Any]) -> type[SidecarError]:
     return BadRequest if 400 <= status < 500 else SidecarUnavailable
 
 
+_OWN_FIELDS = frozenset({"error", "status", "path", "message", "method"})
+"""The answer's fields that are the error's own (:class:`SidecarError`'s arguments)."""
+
+
 def error_from_answer(status: int, body: bytes, *, method: str, path: str,
                       session: str | None = None) -> SidecarError:
     """The exception for an error answer: its class from ``status``, its message the
@@ -182,8 +186,10 @@ def error_from_answer(status: int, body: bytes, *, method: str, path: str,
     details: dict[str, Any] = {}
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         message = parsed["error"] or f"HTTP {status}"
+        # What the error itself carries (the message, the request) is not a detail,
+        # whatever the answer holds under those names.
         details = {k: v for k, v in parsed.items()
-                   if k not in ("error", "status", "path") and isinstance(k, str)}
+                   if k not in _OWN_FIELDS and isinstance(k, str)}
     else:
         text = body[:200].decode("utf-8", "replace").strip()
         message = f"{text} (not the JSON error the API documents)" if text else f"HTTP {status}"

@@ -159,6 +159,18 @@ def test_every_error_status_maps_to_one_family_member(status: int, message: str,
     assert httpbase.http_status(exc) in (400, 404, 409, 412, 413, 503)
 
 
+def test_an_answer_whose_fields_share_the_errors_own_names() -> None:
+    """A field of the answer named like the error's own attributes (``message``,
+    ``method``) is no argument of it: the sidecar's message and the request stay."""
+    body = json.dumps({"error": "lost", "status": 409, "message": "m", "method": "x",
+                       "path": "/q", "field": "if_match"}).encode()
+    exc = cerrors.error_from_answer(409, body, method="PUT", path="/v1/sessions/s1")
+    assert isinstance(exc, cerrors.SidecarConflict)
+    assert (exc.message, exc.method, exc.path, exc.status) == ("lost", "PUT",
+                                                               "/v1/sessions/s1", 409)
+    assert exc.details.get("field") == "if_match"
+
+
 # -- backoff ---------------------------------------------------------------------------------
 
 
