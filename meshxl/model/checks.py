@@ -5,49 +5,15 @@ so both refuse exactly the same."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Iterator
 
 from .basics import DEFAULT_SITE, Problem
+from .runtime import ClusterShape
 
 __all__ = ["NO_CLUSTERS", "duplicates", "membership_problems"]
 
 NO_CLUSTERS = ("the model has no clusters: serving it would withdraw every listener from "
                "every Envoy (to do that on purpose, set 'allow_empty: true' in the model)")
-
-
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-class _Member(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def address(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def site(self) -> str | None: ...
-
-
-class _Failover(Protocol):
-    @property
-    def failback(self) -> str: ...
-
-
-class _Cluster(Protocol):
-    @property
-    def sites(self) -> Sequence[_Named]: ...
-    @property
-    def members(self) -> Sequence[_Member]: ...
-    @property
-    def failover(self) -> _Failover: ...
-    @property
-    def high_availability(self) -> bool: ...
-    @property
-    def registered(self) -> bool: ...
 
 
 def duplicates(path: str, names: list[str], what: str) -> Iterator[Problem]:
@@ -58,7 +24,7 @@ def duplicates(path: str, names: list[str], what: str) -> Iterator[Problem]:
             yield Problem(f"{path}[{idx}].name", f"duplicate {what}", name)
 
 
-def membership_problems(base: str, c: _Cluster) -> Iterator[Problem]:
+def membership_problems(base: str, c: ClusterShape) -> Iterator[Problem]:
     """Sites and members named once each, members on declared sites and on endpoints
     of their own, a static cluster with members, manual failback only with an active
     member to keep."""

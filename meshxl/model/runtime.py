@@ -243,10 +243,12 @@ class MemberShape(Protocol):
 class FailoverShape(Protocol):
     @property
     def all_withdrawn(self) -> str: ...
+    @property
+    def failback(self) -> str: ...
 
 
 class ClusterShape(Protocol):
-    """What :func:`cluster_view` reads of a cluster: the model's
+    """What :func:`cluster_view` (and :mod:`.checks`) reads of a cluster: the model's
     :class:`~.spec.ClusterSpec`, or a sidecar's :class:`~.light.LightCluster`."""
 
     @property
