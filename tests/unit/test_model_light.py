@@ -7,6 +7,7 @@ same members' roles, tiers and states for generated registrations."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import pytest
@@ -27,7 +28,9 @@ from meshxl.model.light import CLUSTER_FIELDS, MODEL_FIELDS, LightCluster, parse
 from meshxl.model.spec import Failover, Member, SessionSync, Site
 from tests.unit.test_security_fuzz_model import mutated_models
 
-SETTINGS = settings(max_examples=400, deadline=None, database=None,
+# Examples per property (MESHXL_FUZZ_EXAMPLES=2000 for a campaign).
+SETTINGS = settings(max_examples=int(os.environ.get("MESHXL_FUZZ_EXAMPLES", "150")),
+                    deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 def maybe(key: str, values: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
