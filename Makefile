@@ -66,10 +66,12 @@ soak: $(STAMP)
 	$(PY) bench/soak.py --duration 600 --interval 30 --output out/soak/report.json
 
 # ruff, mypy, and the import contract (pyproject.toml, [tool.importlinter]: the layers
-# of docs/design.md, no cycles), which tests/unit/test_architecture.py also runs.
+# of docs/design.md, no cycles), which tests/unit/test_architecture.py also runs. The
+# sidecar and the control plane pass `mypy --strict` with every module they import.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check meshxl tests bench
 	$(VENV)/bin/mypy meshxl
+	$(VENV)/bin/mypy --strict meshxl/statesync meshxl/xds
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:

@@ -92,8 +92,9 @@ exception's hierarchy counts)."""
 def http_status(exc: MeshxlError) -> int:
     """The HTTP status ``exc`` is answered with (:data:`HTTP_STATUS`)."""
     for cls in type(exc).__mro__:
-        if cls in HTTP_STATUS:
-            return HTTP_STATUS[cls]  # type: ignore[index]
+        status = HTTP_STATUS.get(cls)
+        if status is not None:
+            return status
     return 500
 
 

@@ -145,7 +145,7 @@ def _with_token(details: grpc.aio.ClientCallDetails,
                                       details.credentials, details.wait_for_ready)
 
 
-class _UnaryAuth(grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryAuth(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     """Unary calls carry the token; one rejected for its token is retried once."""
 
     def __init__(self, auth: TokenAuth):
@@ -200,21 +200,21 @@ class _StreamAuth:
             self._auth.invalidate(token)
 
 
-class _UnaryStreamAuth(_StreamAuth, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStreamAuth(_StreamAuth, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Callable[..., Any],
                                      client_call_details: grpc.aio.ClientCallDetails,
                                      request: Any) -> Any:
         return await self._intercept(continuation, client_call_details, request)
 
 
-class _StreamUnaryAuth(_StreamAuth, grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnaryAuth(_StreamAuth, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_unary(self, continuation: Callable[..., Any],
                                      client_call_details: grpc.aio.ClientCallDetails,
                                      request_iterator: Any) -> Any:
         return await self._intercept(continuation, client_call_details, request_iterator)
 
 
-class _StreamStreamAuth(_StreamAuth, grpc.aio.StreamStreamClientInterceptor):
+class _StreamStreamAuth(_StreamAuth, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_stream(self, continuation: Callable[..., Any],
                                       client_call_details: grpc.aio.ClientCallDetails,
                                       request_iterator: Any) -> Any:
@@ -225,7 +225,7 @@ async def _finished_status(call: Any) -> tuple[grpc.StatusCode, str]:
     return await call.code(), await call.details()
 
 
-class SecureClient(aetcd.Client):
+class SecureClient(aetcd.Client):  # type: ignore[misc]
     """aetcd's client dialing with TLS credentials and/or sending an auth token.
 
     Only :meth:`connect` differs from aetcd's: the channel is secure when
@@ -236,7 +236,7 @@ class SecureClient(aetcd.Client):
     def __init__(self, *, host: str, port: int, timeout: float | None,
                  options: dict[str, Any], credentials: grpc.ChannelCredentials | None,
                  auth: TokenAuth | None):
-        super().__init__(host=host, port=port, timeout=timeout,  # type: ignore[arg-type]
+        super().__init__(host=host, port=port, timeout=timeout,
                          options=options)
         self._credentials = credentials
         self._auth = auth

@@ -44,7 +44,7 @@ class BalancedClient(aetcd.Client):  # type: ignore[misc]
     """
 
     def __init__(self, endpoints: list[Endpoint], *, timeout: float | None):
-        super().__init__(host=endpoints[0].name, port=0,  # type: ignore[arg-type]
+        super().__init__(host=endpoints[0].name, port=0,
                          timeout=timeout)
         self.balancer = Balancer(endpoints, timeout=timeout)
 
@@ -113,8 +113,10 @@ class _Stub:
         def invoke(request: Any, timeout: float | None = None, metadata: Any = None,
                    **kwargs: Any) -> Awaitable[Any]:
             def send(ep: Endpoint, attempt_timeout: float) -> Awaitable[Any]:
-                return getattr(getattr(ep.client, attr), method)(
+                # aetcd's stubs are untyped: the call's awaitable is named as such here.
+                call: Awaitable[Any] = getattr(getattr(ep.client, attr), method)(
                     request, timeout=attempt_timeout, metadata=ep.client.metadata, **kwargs)
+                return call
 
             if method == "Txn":
                 return _once(balancer, send, timeout)

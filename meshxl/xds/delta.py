@@ -55,11 +55,10 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 from meshxl.protowire import len_field
 from meshxl.xds.cache import EncodedResources, Snapshot
-from meshxl.xds.nodes import NodeStatus, Streams, StreamState
+from meshxl.xds.nodes import DeltaRequest, NodeStatus, Streams, StreamState
 from meshxl.xds.types import CLUSTER, ENDPOINT, WILDCARD_TYPES
 
 __all__ = ["PROTOCOL", "DeltaResources", "DeltaStream", "Rejected", "delta_resources",
@@ -257,7 +256,7 @@ def _eds_name(clusters: DeltaResources, cluster: str) -> str:
     return str(getattr(config, "service_name", "")) or cluster
 
 
-class DeltaStream(StreamState):
+class DeltaStream(StreamState[DeltaRequest]):
     """The delta protocol on one ADS stream; ``server`` keeps node status and hooks."""
 
     protocol = PROTOCOL
@@ -271,7 +270,7 @@ class DeltaStream(StreamState):
 
     # -- requests ---------------------------------------------------------------------
 
-    def handle(self, request: Any) -> str | None:
+    def handle(self, request: DeltaRequest) -> str | None:
         server = self._server
         node = self.node or server.connect(self, request.node)
         type_url = request.type_url

@@ -11,18 +11,17 @@ from __future__ import annotations
 import abc
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from envoy.config.core.v3.base_pb2 import Node
+from typing import Any, Generic, Protocol, TypeVar
 
 from meshxl.errors import InputError
 from meshxl.xds.cache import EncodedResources, Snapshot
 from meshxl.xds.types import TYPE_ORDER
 
-__all__ = ["NACK_TEXT_MAX", "BadDiscoveryRequest", "LogLimiter", "Nack", "NodeStatus", "Peer",
-           "Stream", "StreamState", "Streams", "TypeStatus", "bound_text"]
+__all__ = ["NACK_TEXT_MAX", "AdsRequest", "BadDiscoveryRequest", "DeltaRequest", "EnvoyNode",
+           "LogLimiter", "Nack", "NodeStatus", "Peer", "RequestStream", "SotwRequest", "Stream",
+           "StreamState", "Streams", "TypeStatus", "bound_text"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
@@ -223,12 +222,62 @@ class NodeStatus:
             self.zone = next(iter(self.stream_zones.values()))
 
 
+# -- what an ADS request carries, as the streams read it ---------------------------------
+# gRPC hands each stream the protobuf messages of envoy.service.discovery.v3
+# (DiscoveryRequest, DeltaDiscoveryRequest); these protocols name the fields read of
+# them, so the hop from gRPC to a stream's protocol state is typed.
+
+
+class Locality(Protocol):
+    zone: str
+
+
+class EnvoyNode(Protocol):
+    """An Envoy's ``Node`` (envoy.config.core.v3): who is asking."""
+
+    id: str
+    cluster: str
+    locality: Locality
+
+
+class ErrorDetail(Protocol):
+    message: str  # google.rpc.Status: why Envoy rejected the last response
+
+
+class AdsRequest(Protocol):
+    """What both protocols' requests carry."""
+
+    node: EnvoyNode
+    type_url: str
+    response_nonce: str
+    error_detail: ErrorDetail
+
+    def HasField(self, field_name: str) -> bool: ...  # noqa: N802 (protobuf's name)
+
+
+class SotwRequest(AdsRequest, Protocol):
+    """A state-of-the-world ``DiscoveryRequest``."""
+
+    version_info: str
+    resource_names: Sequence[str]
+
+
+class DeltaRequest(AdsRequest, Protocol):
+    """A ``DeltaDiscoveryRequest``."""
+
+    resource_names_subscribe: Sequence[str]
+    resource_names_unsubscribe: Sequence[str]
+    initial_resource_versions: Mapping[str, str]
+
+
+RequestT = TypeVar("RequestT", bound=AdsRequest)
+
+
 class Stream(Protocol):
-    """One ADS stream's protocol state, as the shared stream loop drives it."""
+    """One ADS stream's protocol state, as the server counts and serves it."""
 
     protocol: str  # the metrics label: "sotw" or "delta"
     opened_at: float  # time.monotonic() when the stream was accepted
-    inbox: deque[Any]
     closed: bool
     node: NodeStatus | None
     peer: Peer  # what the transport proved about the client (its certificate's names)
@@ -236,16 +285,22 @@ class Stream(Protocol):
     zone: str  # its node's locality zone, as its first request declared it
     counted: list[str]  # the credentials its node id counts against
 
-    def handle(self, request: Any) -> str | None:
-        """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
-
     def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
         """What to write now, in push order; each response is recorded as it is made."""
 
 
+class RequestStream(Stream, Protocol[RequestT]):
+    """A stream as the shared stream loop drives it: the requests of its protocol."""
+
+    inbox: deque[RequestT]
+
+    def handle(self, request: RequestT) -> str | None:
+        """Apply one request; a returned message ends the stream (INVALID_ARGUMENT)."""
 
 
-class StreamState(abc.ABC):
+
+
+class StreamState(abc.ABC, Generic[RequestT]):
     """What every protocol's per-stream state starts with (the :class:`Stream` fields)."""
 
     protocol = ""
@@ -253,7 +308,7 @@ class StreamState(abc.ABC):
     def __init__(self, server: Streams) -> None:
         self._server = server
         self.opened_at = time.monotonic()
-        self.inbox: deque[Any] = deque()
+        self.inbox: deque[RequestT] = deque()
         self.closed = False
         self.node: NodeStatus | None = None
         self.peer = Peer()
@@ -296,7 +351,7 @@ class StreamState(abc.ABC):
 class Streams(Protocol):
     """What a :class:`Stream` reports to the server running it."""
 
-    def connect(self, stream: Stream, node_proto: Node) -> NodeStatus:
+    def connect(self, stream: Stream, node_proto: EnvoyNode) -> NodeStatus:
         """The stream's first request names its node: count the stream on it."""
 
     def delivered(self, stream: Stream, type_url: str, version: str) -> float:

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
 
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
@@ -51,9 +50,14 @@ from meshxl.xds.nodes import (
     NACK_TEXT_MAX,
     NODE_CLUSTER_MAX,
     BadDiscoveryRequest,
+    DeltaRequest,
+    EnvoyNode,
     LogLimiter,
     Nack,
     NodeStatus,
+    RequestStream,
+    RequestT,
+    SotwRequest,
     Stream,
     bound_text,
 )
@@ -289,7 +293,7 @@ class AdsServer:
                 self._bounds.pop(name, None)
         stream.counted = []
 
-    def connect(self, stream: Stream, node_proto: Node) -> NodeStatus:
+    def connect(self, stream: Stream, node_proto: EnvoyNode) -> NodeStatus:
         """The stream's first request names its node (and zone): check that the
         stream may speak for them and that a new node id is within the bounds
         (:class:`~meshxl.xds.auth.StreamRefused` otherwise), then count the stream. The zone
@@ -458,17 +462,18 @@ class AdsServer:
     # -- the streams ----------------------------------------------------------------
 
     async def _sotw_stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[SotwRequest], context: grpc.aio.ServicerContext
     ) -> None:
         await self._run(requests, context, sotw.SotwStream(self))
 
     async def _delta_stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[DeltaRequest], context: grpc.aio.ServicerContext
     ) -> None:
         await self._run(requests, context, delta.DeltaStream(self))
 
-    async def _run(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
-                   stream: Stream) -> None:
+    async def _run(self, requests: AsyncIterator[RequestT],
+                   context: grpc.aio.ServicerContext,
+                   stream: RequestStream[RequestT]) -> None:
         stream.peer = peer_names(context.auth_context() or {}, context.peer() or "")
         try:
             stream.grant = self.auth.admit(context.invocation_metadata() or (), stream.peer)
@@ -493,8 +498,8 @@ class AdsServer:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
 
-    async def _loop(self, context: grpc.aio.ServicerContext, stream: Stream,
-                    wake: asyncio.Event) -> None:
+    async def _loop(self, context: grpc.aio.ServicerContext,
+                    stream: RequestStream[RequestT], wake: asyncio.Event) -> None:
         while True:
             await wake.wait()
             wake.clear()
@@ -517,7 +522,8 @@ class AdsServer:
                 await context.write(response)
 
     async def _read(
-        self, requests: AsyncIterator[Any], stream: Stream, wake: asyncio.Event
+        self, requests: AsyncIterator[RequestT], stream: RequestStream[RequestT],
+        wake: asyncio.Event,
     ) -> None:
         try:
             async for request in requests:

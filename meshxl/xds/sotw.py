@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from meshxl.xds.cache import EncodedResources, Snapshot
-from meshxl.xds.nodes import NodeStatus, Streams, StreamState
+from meshxl.xds.nodes import NodeStatus, SotwRequest, Streams, StreamState
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE, WILDCARD_TYPES
 
 __all__ = ["PROTOCOL", "SotwStream"]
@@ -70,7 +69,7 @@ def _is_wildcard(type_url: str, names: frozenset[str]) -> bool:
     return "*" in names or (type_url in WILDCARD_TYPES and not names)
 
 
-class SotwStream(StreamState):
+class SotwStream(StreamState[SotwRequest]):
     """State of the world on one stream: one outstanding response per type."""
 
     protocol = PROTOCOL
@@ -80,7 +79,7 @@ class SotwStream(StreamState):
         self._server: Streams = server
         self.subscriptions: dict[str, _Subscription] = {}
 
-    def handle(self, request: Any) -> str | None:
+    def handle(self, request: SotwRequest) -> str | None:
         server = self._server
         node = self.node or server.connect(self, request.node)
         type_url = request.type_url
