@@ -119,7 +119,8 @@ async def test_kill_9_of_the_active_member_under_unary_calls_and_streams(
             assert r.seq_before is not None and r.seq_after is not None
             assert r.seq_after > r.seq_before  # the new owner already holds the state
         await no_loss(d, "grpc-stream", streams)
-        assert unary.failures == 0, [r.error for r in unary.records if not r.ok][:5]
+        assert unary.failures == 0, [(round(r.sent - kill, 3), r.error)
+                                     for r in unary.records if not r.ok][:5]
         assert {r.member for r in unary.records if r.ok and r.sent > kill + 1.0} == {"b"}
         await no_loss(d, "grpc", unary)
         first_message_ms = sorted((r.answered - kill) * 1000 for r in streams.reconnects)
