@@ -302,8 +302,8 @@ class Sessions:
                                  created=prior.created if prior else now, updated=now,
                                  data=write.data, traceparent=write.traceparent or traceparent)
                    for i, _, _, _, prior in ready]
-        puts = [(key, record.encode(), expected)
-                for (_, key, _, expected, _), record in zip(ready, records, strict=True)]
+        puts = [(key, record.encode(), expected_revision)
+                for (_, key, _, expected_revision, _), record in zip(ready, records, strict=True)]
         expect = cache.expect
         for (i, key, *_), (_, value, _), record in zip(ready, puts, records, strict=True):
             expect(key, writes[i].session_id, value, record)
@@ -316,17 +316,17 @@ class Sessions:
         acknowledged = 0
         again = []
         for plan, record, answer in zip(ready, records, answers, strict=True):
-            i, _, _, expected, prior = plan
+            i, _, _, expected_revision, prior = plan
             if isinstance(answer, WriteResult) and answer.ok:  # most: no second attempt
                 outcomes[i] = ledger.acknowledged(PUT, writes[i].session_id, answer, record,
-                                                  expected == 0, prior, counted=False)
+                                                  expected_revision == 0, prior, counted=False)
                 acknowledged += 1
             else:
                 again.append((plan, record, answer))
         self.metrics.write(PUT, "ok").inc(acknowledged)
-        for (i, key, mode, expected, prior), record, answer in again:
+        for (i, key, mode, expected_revision, prior), record, answer in again:
             try:
-                outcomes[i] = await self._attempts(writes[i], key, mode, expected, prior,
+                outcomes[i] = await self._attempts(writes[i], key, mode, expected_revision, prior,
                                                    traceparent, first=(record, answer))
             except MeshxlError as exc:
                 outcomes[i] = detached(exc)
@@ -373,9 +373,9 @@ class Sessions:
             prior, cached = current.record, int(current.etag)
         ledger = self.ledger
         known = known_expectation(write, ledger.observed_revision(session_id), cached)
-        mode, expected = known if known is not None else await ledger.expectation(
+        mode, expected_revision = known if known is not None else await ledger.expectation(
             write, key, cached)
-        return await self._attempts(write, key, mode, expected, prior, traceparent)
+        return await self._attempts(write, key, mode, expected_revision, prior, traceparent)
 
     # -- delayed sync -----------------------------------------------------------------------
 
@@ -431,7 +431,7 @@ class Sessions:
 
     # -- to etcd, and again -----------------------------------------------------------------
 
-    async def _attempts(self, write: Write, key: bytes, mode: str, expected: int,
+    async def _attempts(self, write: Write, key: bytes, mode: str, expected_revision: int,
                         prior: SessionRecord | None, traceparent: str | None, *,
                         first: tuple[SessionRecord | None, Any] | None = None,
                         replicating: bool = False) -> Stored:
@@ -448,7 +448,7 @@ class Sessions:
                 first = None
             else:
                 record = self._record(write, prior, traceparent)
-                answer = await self._send(key, session_id, record, expected)
+                answer = await self._send(key, session_id, record, expected_revision)
             if isinstance(answer, LeaseLost) and not lease_lost:
                 lease_lost = True  # refused whole, nothing applied: again, a new lease
                 continue
@@ -460,19 +460,19 @@ class Sessions:
                 raise answer
             if answer.ok:
                 return ledger.acknowledged(op, session_id, answer, record,
-                                           expected == 0 and not replicating, prior)
+                                           expected_revision == 0 and not replicating, prior)
             current = answer.current or KeyState(0)
             current_record = (ledger.decode(session_id, current.revision, current.value, op)
                               if current.value else None)
-            refusal = ledger.refusal(op, session_id, mode, write.if_match, expected, current,
-                                     current_record)
+            refusal = ledger.refusal(op, session_id, mode, write.if_match, expected_revision,
+                                     current, current_record)
             if refusal is not None:
                 raise refusal
             if op == PATCH and current_record is None:
                 if current.revision:
                     raise ledger.undecodable(session_id, current.revision)
                 raise no_session(session_id)
-            expected, prior = current.revision, current_record
+            expected_revision, prior = current.revision, current_record
             failed += 1
         self.metrics.write(op, "conflict").inc()
         raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
@@ -499,10 +499,10 @@ class Sessions:
                              data=write.data, traceparent=trace)
 
     async def _send(self, key: bytes, session_id: str, record: SessionRecord | None,
-                    expected: int) -> WriteResult | BaseException:
+                    expected_revision: int) -> WriteResult | BaseException:
         """One guarded write (``record`` None: a delete): etcd's answer, or the error."""
-        if record is None and expected:
-            return await self._delete(key, session_id, expected)
+        if record is None and expected_revision:
+            return await self._delete(key, session_id, expected_revision)
         value = record.encode() if record is not None else None
         cache = self.cache
         if value is not None:
@@ -512,7 +512,7 @@ class Sessions:
             lease = 0
             if value is not None:
                 lease = self.store.lease_now() or await self.store.lease()
-            [answer] = await self.store.write([(key, value, expected)], lease)
+            [answer] = await self.store.write([(key, value, expected_revision)], lease)
         except EtcdUnavailable as exc:
             answer = detached(exc)
         finally:
@@ -521,20 +521,21 @@ class Sessions:
         return answer
 
     async def _delete(self, key: bytes, session_id: str,
-                      expected: int) -> WriteResult | BaseException:
-        """A guarded delete of version ``expected`` with its deletion record, one
+                      expected_revision: int) -> WriteResult | BaseException:
+        """A guarded delete of version ``expected_revision`` with its deletion record, one
         transaction (:mod:`.deletions`): etcd's answer as a single write's, or the
         error. A refused one reads the session (the failure branch of a transaction
         reads revisions only), whose record tells 409 from "send it again"."""
-        mark, value, recorded = self.ledger.deletion(session_id, expected)
+        mark, value, recorded = self.ledger.deletion(session_id, expected_revision)
         store = self.store
         try:
             for _ in range(2):
-                result = await store.transact([(key, None, expected), (mark, value, recorded)])
+                result = await store.transact([(key, None, expected_revision),
+                                               (mark, value, recorded)])
                 if result.ok:
                     return WriteResult(True, result.revision)
                 now, there = result.current
-                if now.revision != expected or not there.revision:
+                if now.revision != expected_revision or not there.revision:
                     break
                 recorded = there.revision  # a record of this very version (an etcd
                 # restored from an older backup gave the number again): replaced
