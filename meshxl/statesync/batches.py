@@ -11,13 +11,15 @@ and returning at once: what the ops are and why sending them again is safe is th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["FENCE_RAISES", "FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_STALLED", "MAX_TXN_OPS",
-           "STALLED_AFTER", "UNFENCED", "Fencing", "Group", "Op", "may_send", "take_batch"]
+           "PLANNED", "STALLED_AFTER", "UNFENCED", "Fencing", "Group", "Op", "may_send",
+           "take_batch"]
 
 # etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
 # requests above 1.5 MiB (--max-request-bytes). A nested level's limit is what the levels
@@ -37,6 +39,14 @@ unchanged)."""
 
 
 _PENDING: Any = object()
+
+PLANNED: contextvars.ContextVar[int | None] = contextvars.ContextVar("planned_map_version",
+                                                                     default=None)
+"""The shard map version the request being served was planned under: what its reads
+and writes compare at the shard (:class:`Fencing`); unset: the one served now. Set for
+each request by :class:`.shards.ShardedSessions` (or by the shard's
+:meth:`.sessions.Sessions.write` it hands a request to); the tasks a request starts
+inherit it."""
 
 UNFENCED = -1
 """An op's map version where the store has no fence (sessions not sharded)."""

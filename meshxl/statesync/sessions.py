@@ -42,8 +42,10 @@ from meshxl.errors import (
 )
 from meshxl.etcd import EtcdUnavailable
 from meshxl.etcd.keys import Keys
+from meshxl.etcd.shards import shard_etag
 
 from . import mergepatch
+from .batches import PLANNED
 from .cache import SessionCache
 from .conditions import (
     BLIND,
@@ -79,8 +81,11 @@ class Sessions:
     """One member's view of its cluster's sessions."""
 
     def __init__(self, store: SessionStore, cache: SessionCache, keys: Keys, cluster: str,
-                 member: str, settings: Settings, metrics: StatesyncMetrics):
+                 member: str, settings: Settings, metrics: StatesyncMetrics,
+                 shard: str = ""):
         self.store = store
+        self.shard = shard
+        """The session shard it writes in (its ETags name it); "": not sharded."""
         self.cache = cache
         self.member = member
         self.settings = settings
@@ -177,54 +182,73 @@ class Sessions:
 
     @overload
     async def write(self, writes: Sequence[Write], *, atomic: Literal[True],
-                    traceparent: str | None = None) -> Transacted: ...
+                    traceparent: str | None = None, planned: int | None = None
+                    ) -> Transacted: ...
 
     @overload
     async def write(self, writes: Sequence[Write], *, early: Literal[True],
-                    traceparent: str | None = None
+                    traceparent: str | None = None, planned: int | None = None
                     ) -> list[Outcome | asyncio.Task[Outcome]]: ...
 
     @overload
     async def write(self, writes: Sequence[Write], *,
-                    traceparent: str | None = None) -> list[Outcome]: ...
+                    traceparent: str | None = None, planned: int | None = None
+                    ) -> list[Outcome]: ...
 
     async def write(self, writes: Sequence[Write], *, atomic: bool = False,
-                    early: bool = False, traceparent: str | None = None
+                    early: bool = False, traceparent: str | None = None,
+                    planned: int | None = None
                     ) -> Transacted | list[Outcome] | list[Outcome | asyncio.Task[Outcome]]:
         """Write sessions (the module docstring): each write's outcome, in order, a
         :class:`Stored` or the error that refused it. ``atomic``: all or none, in one
         etcd transaction (:mod:`.transactions`). ``early``: a write that waits for its
         session is returned as the task it runs in, so the outcomes before it need not
         wait (PUTs pipelined on a connection, answered in order). ``traceparent``: the
-        W3C trace context of the request, for writes without their own."""
-        if atomic:
-            return await self.transactions.commit(writes, traceparent)
-        outcomes: list[Any] = [None] * len(writes)
-        ready, waiting = self._admit(writes, outcomes)
-        loop = asyncio.get_running_loop()
-        # Made before this coroutine first waits, each task takes charge of its place
-        # (its try/finally) in its first step, before this one can be cancelled.
-        tasks = [(i, loop.create_task(self._alone(writes[i], place, traceparent)))
-                 for i, place in waiting] if len(writes) > 1 else []
+        W3C trace context of the request, for writes without their own. ``planned``:
+        the shard map version the request was planned under (:data:`.batches.PLANNED`),
+        when :class:`.shards.ShardedSessions` hands it to this shard's engine as it is."""
+        token = PLANNED.set(planned) if planned is not None else None
         try:
-            if ready:
-                await self._together(writes, ready, traceparent, outcomes)
-            if waiting and not tasks:  # the one write of this call: no task
-                i, place = waiting[0]
-                outcomes[i] = await self._alone(writes[i], place, traceparent)
-            if early:
-                for i, task in tasks:
-                    outcomes[i] = task.result() if task.done() else task
-            elif tasks:
-                await asyncio.wait([task for _, task in tasks])
-                for i, task in tasks:
-                    outcomes[i] = task.result()
-        except BaseException:
-            for _, task in tasks:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
-            raise
-        return outcomes
+            if atomic:
+                transacted = await self.transactions.commit(writes, traceparent)
+                for stored in transacted.stored:
+                    self._tag(stored)
+                return transacted
+            outcomes: list[Any] = [None] * len(writes)
+            ready, waiting = self._admit(writes, outcomes)
+            loop = asyncio.get_running_loop()
+            # Made before this coroutine first waits, each task takes charge of its place
+            # (its try/finally) in its first step, before this one can be cancelled.
+            tasks = [(i, loop.create_task(self._alone(writes[i], place, traceparent)))
+                     for i, place in waiting] if len(writes) > 1 else []
+            try:
+                if ready:
+                    await self._together(writes, ready, traceparent, outcomes)
+                if waiting and not tasks:  # the one write of this call: no task
+                    i, place = waiting[0]
+                    outcomes[i] = await self._alone(writes[i], place, traceparent)
+                if early:
+                    for i, task in tasks:
+                        outcomes[i] = task.result() if task.done() else task
+                elif tasks:
+                    await asyncio.wait([task for _, task in tasks])
+                    for i, task in tasks:
+                        outcomes[i] = task.result()
+            except BaseException:
+                for _, task in tasks:
+                    task.cancel()
+                await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+                raise
+            return outcomes
+        finally:
+            if token is not None:
+                PLANNED.reset(token)
+
+    def _tag(self, outcome: object) -> None:
+        """A stored session's ETag naming this engine's shard (none for a session kept
+        on this member only, ``L<n>``: it has no shard yet)."""
+        if self.shard and isinstance(outcome, Stored) and not outcome.etag.startswith("L"):
+            outcome.etag = shard_etag(self.shard, outcome.etag)
 
     def _admit(self, writes: Sequence[Write], outcomes: list[Any]
                ) -> tuple[list[_Ready], list[tuple[int, asyncio.Future[None] | None]]]:
@@ -282,6 +306,9 @@ class Sessions:
             release = self.locks.release
             for session_id in ids:
                 release(session_id)
+        if self.shard:
+            for i, *_ in ready:
+                self._tag(outcomes[i])
 
     async def _send_together(self, writes: Sequence[Write], ready: list[_Ready],
                              traceparent: str | None, outcomes: list[Any]) -> None:
@@ -343,7 +370,9 @@ class Sessions:
                 await place  # the lock, handed over in line
                 held = True
             with self.ledger.writing((session_id,)):
-                return await self._write_one(write, traceparent)
+                stored = await self._write_one(write, traceparent)
+            self._tag(stored)
+            return stored
         except Exception as exc:
             return detached(exc)
         finally:

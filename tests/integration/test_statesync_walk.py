@@ -14,6 +14,8 @@ housekeeping). Three things are held:
   most :data:`MAX_SPINE`, and equal to the doc's spine list. Every other module the PUT
   runs in is a *leaf*: its functions are called and return while no transaction of
   the PUT is under way from them;
+* with session shards (one shard, its own etcd), the same spine: the shard is chosen
+  on the way, in no module of its own;
 * the returns to a module already left: following each of the PUT's tasks call by
   call (a coroutine's suspensions and resumptions are not calls), its *stays* are the
   runs of consecutive frames in one module, and each stay in a module the task was in
@@ -36,7 +38,10 @@ from typing import Any
 import pytest
 
 import meshxl
+from meshxl.statesync.shards import ShardedSessions
 from tests.harness import EtcdServer, inproc
+from tests.harness.cli import meshxl_json
+from tests.harness.etcd import start_etcd
 from tests.harness.inproc import RawHttp
 
 pytestmark = pytest.mark.integration
@@ -243,3 +248,19 @@ async def test_the_walk_names_every_module_a_put_runs_in_and_its_spine(
     spine_returns = max(first.spine_returns(spine), second.spine_returns(spine))
     assert spine_returns <= MAX_SPINE_RETURNS, (
         f"{spine_returns} returns to a spine module already left: {_report(first)}")
+
+
+async def test_a_sharded_put_has_the_same_spine(harness: Any, etcd: EtcdServer) -> None:
+    shard = await start_etcd(harness, "shard-1")
+    done = await meshxl_json("shards", "set", "--shard", f"s1={shard.url}", "--etcd",
+                             etcd.url)
+    assert done["map"]["version"] == 1, done
+    async with inproc.sidecar(etcd.url) as (port, side):
+        assert isinstance(side.sessions, ShardedSessions)  # each session in its shard
+        first, second = await _walk(port)
+    spine = first.spine | second.spine
+    assert first.sent >= 1 and first.spine == second.spine
+    assert spine == _listed("The spine"), (
+        f"a sharded PUT's spine is {sorted(spine)}; docs/statesync.md names "
+        f"{sorted(_listed('The spine'))}")
+    assert max(first.spine_returns(spine), second.spine_returns(spine)) <= MAX_SPINE_RETURNS
