@@ -12,7 +12,7 @@ every old one (``--bump-revision``, ``meshxl restore bump``) goes back nowhere e
 
 :class:`History` is that check, one per etcd cluster (with session shards, one per
 shard: each cluster counts its own revisions). Everything that asks etcd about sessions
-reports the answer here, watch or not (``batcher.py``'s batches, ``cache.py``'s reads),
+reports the answer here, watch or not (``store.py``'s batches, ``cache.py``'s reads),
 and whoever keeps state from before (the session cache and what the member observed of
 each session) hears of a rewind from here, once, whichever path saw it first
 (:meth:`History.listen`). A watch's events are no answers to a question sent after

@@ -131,26 +131,26 @@ class Ledger:
         session_id = write.session_id
         observed = self.observed_revision(session_id)
         if write.create_only:
-            mode, expected = IF_ABSENT, 0
+            mode, expected_revision = IF_ABSENT, 0
         elif write.if_match is not None:
             tag = parse_etag(write.if_match)
             if tag == "*":
-                mode, expected = IF_EXISTS, await self.check(key)
-                if expected == 0:
+                mode, expected_revision = IF_EXISTS, await self.check(key)
+                if expected_revision == 0:
                     raise PreconditionFailed(f"session {session_id!r} does not exist",
                                              current=None)
             else:
-                mode, expected = IF_MATCH, revision(tag)
+                mode, expected_revision = IF_MATCH, revision(tag)
                 self.check_not_replaced(write)
         elif observed is not None:
-            mode, expected = OWNER, observed
+            mode, expected_revision = OWNER, observed
         else:
-            mode, expected = BLIND, cached
-        if write.op == DELETE and expected == 0 and mode != IF_MATCH:
-            expected = await self.check(key)
-            if expected == 0:
+            mode, expected_revision = BLIND, cached
+        if write.op == DELETE and expected_revision == 0 and mode != IF_MATCH:
+            expected_revision = await self.check(key)
+            if expected_revision == 0:
                 raise no_session(session_id)
-        return mode, expected
+        return mode, expected_revision
 
     def check_not_replaced(self, write: Write) -> None:
         """PreconditionFailed when the write's If-Match names a revision of a history
@@ -162,7 +162,7 @@ class Ledger:
                 f"from a backup: read session {write.session_id!r} again", current=None)
 
     def refusal(self, op: str, session_id: str, mode: str, if_match: str | None,
-                expected: int, current: KeyState,
+                expected_revision: int, current: KeyState,
                 current_record: SessionRecord | None) -> MeshxlError | None:
         """The answer to a write whose compare failed (counted), or None when it may be
         sent again against the key as it is now: new to this member, expired meanwhile,
@@ -188,7 +188,7 @@ class Ledger:
             return Conflict(
                 f"session {session_id!r} was written by member {current_record.owner!r} "
                 f"(revision {current.revision}) after this member last saw it "
-                f"(revision {expected}): ownership lost",
+                f"(revision {expected_revision}): ownership lost",
                 owner=current_record.owner, revision=current.revision)
         return None
 

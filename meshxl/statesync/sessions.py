@@ -42,8 +42,10 @@ from meshxl.errors import (
 )
 from meshxl.etcd import EtcdUnavailable
 from meshxl.etcd.keys import Keys
+from meshxl.etcd.shards import shard_etag
 
 from . import mergepatch
+from .batches import PLANNED
 from .cache import SessionCache
 from .conditions import (
     BLIND,
@@ -79,8 +81,11 @@ class Sessions:
     """One member's view of its cluster's sessions."""
 
     def __init__(self, store: SessionStore, cache: SessionCache, keys: Keys, cluster: str,
-                 member: str, settings: Settings, metrics: StatesyncMetrics):
+                 member: str, settings: Settings, metrics: StatesyncMetrics,
+                 shard: str = ""):
         self.store = store
+        self.shard = shard
+        """The session shard it writes in (its ETags name it); "": not sharded."""
         self.cache = cache
         self.member = member
         self.settings = settings
@@ -177,54 +182,73 @@ class Sessions:
 
     @overload
     async def write(self, writes: Sequence[Write], *, atomic: Literal[True],
-                    traceparent: str | None = None) -> Transacted: ...
+                    traceparent: str | None = None, planned: int | None = None
+                    ) -> Transacted: ...
 
     @overload
     async def write(self, writes: Sequence[Write], *, early: Literal[True],
-                    traceparent: str | None = None
+                    traceparent: str | None = None, planned: int | None = None
                     ) -> list[Outcome | asyncio.Task[Outcome]]: ...
 
     @overload
     async def write(self, writes: Sequence[Write], *,
-                    traceparent: str | None = None) -> list[Outcome]: ...
+                    traceparent: str | None = None, planned: int | None = None
+                    ) -> list[Outcome]: ...
 
     async def write(self, writes: Sequence[Write], *, atomic: bool = False,
-                    early: bool = False, traceparent: str | None = None
+                    early: bool = False, traceparent: str | None = None,
+                    planned: int | None = None
                     ) -> Transacted | list[Outcome] | list[Outcome | asyncio.Task[Outcome]]:
         """Write sessions (the module docstring): each write's outcome, in order, a
         :class:`Stored` or the error that refused it. ``atomic``: all or none, in one
         etcd transaction (:mod:`.transactions`). ``early``: a write that waits for its
         session is returned as the task it runs in, so the outcomes before it need not
         wait (PUTs pipelined on a connection, answered in order). ``traceparent``: the
-        W3C trace context of the request, for writes without their own."""
-        if atomic:
-            return await self.transactions.commit(writes, traceparent)
-        outcomes: list[Any] = [None] * len(writes)
-        ready, waiting = self._admit(writes, outcomes)
-        loop = asyncio.get_running_loop()
-        # Made before this coroutine first waits, each task takes charge of its place
-        # (its try/finally) in its first step, before this one can be cancelled.
-        tasks = [(i, loop.create_task(self._alone(writes[i], place, traceparent)))
-                 for i, place in waiting] if len(writes) > 1 else []
+        W3C trace context of the request, for writes without their own. ``planned``:
+        the shard map version the request was planned under (:data:`.batches.PLANNED`),
+        when :class:`.shards.ShardedSessions` hands it to this shard's engine as it is."""
+        token = PLANNED.set(planned) if planned is not None else None
         try:
-            if ready:
-                await self._together(writes, ready, traceparent, outcomes)
-            if waiting and not tasks:  # the one write of this call: no task
-                i, place = waiting[0]
-                outcomes[i] = await self._alone(writes[i], place, traceparent)
-            if early:
-                for i, task in tasks:
-                    outcomes[i] = task.result() if task.done() else task
-            elif tasks:
-                await asyncio.wait([task for _, task in tasks])
-                for i, task in tasks:
-                    outcomes[i] = task.result()
-        except BaseException:
-            for _, task in tasks:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
-            raise
-        return outcomes
+            if atomic:
+                transacted = await self.transactions.commit(writes, traceparent)
+                for stored in transacted.stored:
+                    self._tag(stored)
+                return transacted
+            outcomes: list[Any] = [None] * len(writes)
+            ready, waiting = self._admit(writes, outcomes)
+            loop = asyncio.get_running_loop()
+            # Made before this coroutine first waits, each task takes charge of its place
+            # (its try/finally) in its first step, before this one can be cancelled.
+            tasks = [(i, loop.create_task(self._alone(writes[i], place, traceparent)))
+                     for i, place in waiting] if len(writes) > 1 else []
+            try:
+                if ready:
+                    await self._together(writes, ready, traceparent, outcomes)
+                if waiting and not tasks:  # the one write of this call: no task
+                    i, place = waiting[0]
+                    outcomes[i] = await self._alone(writes[i], place, traceparent)
+                if early:
+                    for i, task in tasks:
+                        outcomes[i] = task.result() if task.done() else task
+                elif tasks:
+                    await asyncio.wait([task for _, task in tasks])
+                    for i, task in tasks:
+                        outcomes[i] = task.result()
+            except BaseException:
+                for _, task in tasks:
+                    task.cancel()
+                await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
+                raise
+            return outcomes
+        finally:
+            if token is not None:
+                PLANNED.reset(token)
+
+    def _tag(self, outcome: object) -> None:
+        """A stored session's ETag naming this engine's shard (none for a session kept
+        on this member only, ``L<n>``: it has no shard yet)."""
+        if self.shard and isinstance(outcome, Stored) and not outcome.etag.startswith("L"):
+            outcome.etag = shard_etag(self.shard, outcome.etag)
 
     def _admit(self, writes: Sequence[Write], outcomes: list[Any]
                ) -> tuple[list[_Ready], list[tuple[int, asyncio.Future[None] | None]]]:
@@ -282,6 +306,9 @@ class Sessions:
             release = self.locks.release
             for session_id in ids:
                 release(session_id)
+        if self.shard:
+            for i, *_ in ready:
+                self._tag(outcomes[i])
 
     async def _send_together(self, writes: Sequence[Write], ready: list[_Ready],
                              traceparent: str | None, outcomes: list[Any]) -> None:
@@ -302,8 +329,8 @@ class Sessions:
                                  created=prior.created if prior else now, updated=now,
                                  data=write.data, traceparent=write.traceparent or traceparent)
                    for i, _, _, _, prior in ready]
-        puts = [(key, record.encode(), expected)
-                for (_, key, _, expected, _), record in zip(ready, records, strict=True)]
+        puts = [(key, record.encode(), expected_revision)
+                for (_, key, _, expected_revision, _), record in zip(ready, records, strict=True)]
         expect = cache.expect
         for (i, key, *_), (_, value, _), record in zip(ready, puts, records, strict=True):
             expect(key, writes[i].session_id, value, record)
@@ -316,17 +343,17 @@ class Sessions:
         acknowledged = 0
         again = []
         for plan, record, answer in zip(ready, records, answers, strict=True):
-            i, _, _, expected, prior = plan
+            i, _, _, expected_revision, prior = plan
             if isinstance(answer, WriteResult) and answer.ok:  # most: no second attempt
                 outcomes[i] = ledger.acknowledged(PUT, writes[i].session_id, answer, record,
-                                                  expected == 0, prior, counted=False)
+                                                  expected_revision == 0, prior, counted=False)
                 acknowledged += 1
             else:
                 again.append((plan, record, answer))
         self.metrics.write(PUT, "ok").inc(acknowledged)
-        for (i, key, mode, expected, prior), record, answer in again:
+        for (i, key, mode, expected_revision, prior), record, answer in again:
             try:
-                outcomes[i] = await self._attempts(writes[i], key, mode, expected, prior,
+                outcomes[i] = await self._attempts(writes[i], key, mode, expected_revision, prior,
                                                    traceparent, first=(record, answer))
             except MeshxlError as exc:
                 outcomes[i] = detached(exc)
@@ -343,7 +370,9 @@ class Sessions:
                 await place  # the lock, handed over in line
                 held = True
             with self.ledger.writing((session_id,)):
-                return await self._write_one(write, traceparent)
+                stored = await self._write_one(write, traceparent)
+            self._tag(stored)
+            return stored
         except Exception as exc:
             return detached(exc)
         finally:
@@ -373,9 +402,9 @@ class Sessions:
             prior, cached = current.record, int(current.etag)
         ledger = self.ledger
         known = known_expectation(write, ledger.observed_revision(session_id), cached)
-        mode, expected = known if known is not None else await ledger.expectation(
+        mode, expected_revision = known if known is not None else await ledger.expectation(
             write, key, cached)
-        return await self._attempts(write, key, mode, expected, prior, traceparent)
+        return await self._attempts(write, key, mode, expected_revision, prior, traceparent)
 
     # -- delayed sync -----------------------------------------------------------------------
 
@@ -431,7 +460,7 @@ class Sessions:
 
     # -- to etcd, and again -----------------------------------------------------------------
 
-    async def _attempts(self, write: Write, key: bytes, mode: str, expected: int,
+    async def _attempts(self, write: Write, key: bytes, mode: str, expected_revision: int,
                         prior: SessionRecord | None, traceparent: str | None, *,
                         first: tuple[SessionRecord | None, Any] | None = None,
                         replicating: bool = False) -> Stored:
@@ -448,7 +477,7 @@ class Sessions:
                 first = None
             else:
                 record = self._record(write, prior, traceparent)
-                answer = await self._send(key, session_id, record, expected)
+                answer = await self._send(key, session_id, record, expected_revision)
             if isinstance(answer, LeaseLost) and not lease_lost:
                 lease_lost = True  # refused whole, nothing applied: again, a new lease
                 continue
@@ -460,19 +489,19 @@ class Sessions:
                 raise answer
             if answer.ok:
                 return ledger.acknowledged(op, session_id, answer, record,
-                                           expected == 0 and not replicating, prior)
+                                           expected_revision == 0 and not replicating, prior)
             current = answer.current or KeyState(0)
             current_record = (ledger.decode(session_id, current.revision, current.value, op)
                               if current.value else None)
-            refusal = ledger.refusal(op, session_id, mode, write.if_match, expected, current,
-                                     current_record)
+            refusal = ledger.refusal(op, session_id, mode, write.if_match, expected_revision,
+                                     current, current_record)
             if refusal is not None:
                 raise refusal
             if op == PATCH and current_record is None:
                 if current.revision:
                     raise ledger.undecodable(session_id, current.revision)
                 raise no_session(session_id)
-            expected, prior = current.revision, current_record
+            expected_revision, prior = current.revision, current_record
             failed += 1
         self.metrics.write(op, "conflict").inc()
         raise Conflict(f"session {session_id!r} kept changing under concurrent writers; "
@@ -499,10 +528,10 @@ class Sessions:
                              data=write.data, traceparent=trace)
 
     async def _send(self, key: bytes, session_id: str, record: SessionRecord | None,
-                    expected: int) -> WriteResult | BaseException:
+                    expected_revision: int) -> WriteResult | BaseException:
         """One guarded write (``record`` None: a delete): etcd's answer, or the error."""
-        if record is None and expected:
-            return await self._delete(key, session_id, expected)
+        if record is None and expected_revision:
+            return await self._delete(key, session_id, expected_revision)
         value = record.encode() if record is not None else None
         cache = self.cache
         if value is not None:
@@ -512,7 +541,7 @@ class Sessions:
             lease = 0
             if value is not None:
                 lease = self.store.lease_now() or await self.store.lease()
-            [answer] = await self.store.write([(key, value, expected)], lease)
+            [answer] = await self.store.write([(key, value, expected_revision)], lease)
         except EtcdUnavailable as exc:
             answer = detached(exc)
         finally:
@@ -521,20 +550,21 @@ class Sessions:
         return answer
 
     async def _delete(self, key: bytes, session_id: str,
-                      expected: int) -> WriteResult | BaseException:
-        """A guarded delete of version ``expected`` with its deletion record, one
+                      expected_revision: int) -> WriteResult | BaseException:
+        """A guarded delete of version ``expected_revision`` with its deletion record, one
         transaction (:mod:`.deletions`): etcd's answer as a single write's, or the
         error. A refused one reads the session (the failure branch of a transaction
         reads revisions only), whose record tells 409 from "send it again"."""
-        mark, value, recorded = self.ledger.deletion(session_id, expected)
+        mark, value, recorded = self.ledger.deletion(session_id, expected_revision)
         store = self.store
         try:
             for _ in range(2):
-                result = await store.transact([(key, None, expected), (mark, value, recorded)])
+                result = await store.transact([(key, None, expected_revision),
+                                               (mark, value, recorded)])
                 if result.ok:
                     return WriteResult(True, result.revision)
                 now, there = result.current
-                if now.revision != expected or not there.revision:
+                if now.revision != expected_revision or not there.revision:
                     break
                 recorded = there.revision  # a record of this very version (an etcd
                 # restored from an older backup gave the number again): replaced

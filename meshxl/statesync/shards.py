@@ -33,10 +33,9 @@ no other's writes. :class:`ShardedSessions` is the engine's face the API uses:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import aetcd
@@ -46,6 +45,7 @@ from meshxl.etcd.fence import Fenced
 from meshxl.etcd.moving import Mover
 from meshxl.etcd.shards import PREPARE, ShardMap, same_cluster, shard_etag, split_etag
 
+from .batches import PLANNED
 from .cache import SessionCache
 from .conditions import parse_etag
 from .sessions import Sessions
@@ -53,12 +53,6 @@ from .store import Fencing, SessionStore
 from .writes import Outcome, Settings, Stored, Takeover, Transacted, Write
 
 __all__ = ["DOWN_GRACE", "PLANNED", "Shard", "ShardedSessions"]
-
-PLANNED: contextvars.ContextVar[int | None] = contextvars.ContextVar("planned_map_version",
-                                                                     default=None)
-"""The shard map version the request being served was planned under: what its reads
-and writes compare at the shard (:class:`.store.Fencing`); unset: the one served now.
-Set for each request by :class:`ShardedSessions`; the tasks a request starts inherit it."""
 
 DOWN_GRACE = 1.0
 """Seconds a shard's watch may fail (a member switch, an election) before its sessions
@@ -110,10 +104,6 @@ def _tagged(shard: str, outcome: _Told) -> _Told:
     if isinstance(outcome, Stored) and not outcome.etag.startswith("L"):
         outcome.etag = shard_etag(shard, outcome.etag)
     return outcome
-
-
-async def _tagged_later(shard: str, task: asyncio.Task[Outcome]) -> Outcome:
-    return _tagged(shard, await task)
 
 
 async def _send(engine: Sessions, writes: list[Write], early: bool,
@@ -345,23 +335,59 @@ class ShardedSessions:
         return dataclasses.replace(write, if_match=revision)
 
     @overload
-    async def write(self, writes: Sequence[Write], *, atomic: Literal[True],
-                    traceparent: str | None = None) -> Transacted: ...
+    def write(self, writes: Sequence[Write], *, atomic: Literal[True],
+              traceparent: str | None = None) -> Coroutine[Any, Any, Transacted]: ...
 
     @overload
-    async def write(self, writes: Sequence[Write], *, early: Literal[True],
-                    traceparent: str | None = None
-                    ) -> list[Outcome | asyncio.Task[Outcome]]: ...
+    def write(self, writes: Sequence[Write], *, early: Literal[True],
+              traceparent: str | None = None
+              ) -> Coroutine[Any, Any, list[Outcome | asyncio.Task[Outcome]]]: ...
 
     @overload
-    async def write(self, writes: Sequence[Write], *,
-                    traceparent: str | None = None) -> list[Outcome]: ...
+    def write(self, writes: Sequence[Write], *,
+              traceparent: str | None = None) -> Coroutine[Any, Any, list[Outcome]]: ...
 
-    async def write(self, writes: Sequence[Write], *, atomic: bool = False,
-                    early: bool = False, traceparent: str | None = None
-                    ) -> Transacted | list[Outcome] | list[Outcome | asyncio.Task[Outcome]]:
-        """:meth:`.sessions.Sessions.write`, each write in its session's shard."""
+    def write(self, writes: Sequence[Write], *, atomic: bool = False,
+              early: bool = False, traceparent: str | None = None
+              ) -> Coroutine[Any, Any, Any]:
+        """:meth:`.sessions.Sessions.write`, each write in its session's shard. Writes
+        that all go to one shard, while the map is not moving (most: one session), are
+        that shard's engine's own coroutine, given the map version they were planned
+        under: the shard is chosen here, and nothing of this module stays on their way
+        to etcd (docs/statesync.md, "Following one PUT")."""
         m = self.map
+        if not atomic and not m.moving:
+            routed = self._routed(writes, m)
+            if routed is not None:
+                engine, translated = routed
+                if early:
+                    return engine.write(translated, early=True, traceparent=traceparent,
+                                        planned=m.version)
+                return engine.write(translated, traceparent=traceparent, planned=m.version)
+        return self._write_planned(writes, atomic, early, traceparent, m)
+
+    def _routed(self, writes: Sequence[Write],
+                m: ShardMap) -> tuple[Sessions, list[Write]] | None:
+        """The one shard's engine every write goes to, and the writes as it takes them;
+        None when they go to several, or one is refused here (:meth:`_write` answers
+        each)."""
+        if not writes:
+            return None
+        try:
+            shard = self.shard_of(writes[0].session_id, m)
+            shard.refuse_if_down()
+            translated = []
+            for write in writes:
+                if self.shard_of(write.session_id, m) is not shard:
+                    return None
+                translated.append(self._in_shard(write, shard, m))
+        except (InputError, PreconditionFailed, Unavailable):
+            return None
+        return shard.engine, translated
+
+    async def _write_planned(self, writes: Sequence[Write], atomic: bool, early: bool,
+                             traceparent: str | None, m: ShardMap
+                             ) -> Transacted | list[Outcome | asyncio.Task[Outcome]]:
         token = PLANNED.set(m.version)
         try:
             if atomic:
@@ -398,12 +424,9 @@ class ShardedSessions:
             answers = await asyncio.gather(*(
                 _send(self.shards[name].engine, batches[name], early, traceparent)
                 for name in names))
-        loop = asyncio.get_running_loop()
-        for name, answer in zip(names, answers, strict=True):
+        for name, answer in zip(names, answers, strict=True):  # ETags: tagged by each shard
             for i, outcome in zip(groups[name], answer, strict=True):
-                outcomes[i] = (loop.create_task(_tagged_later(name, outcome))
-                               if isinstance(outcome, asyncio.Task)
-                               else _tagged(name, outcome))
+                outcomes[i] = outcome
         return outcomes
 
     async def _transaction(self, writes: Sequence[Write], traceparent: str | None,
@@ -429,9 +452,5 @@ class ShardedSessions:
         (name,) = shards
         shard = self.part(m, name)
         shard.refuse_if_down()
-        transacted = await shard.engine.write([self._in_shard(w, shard, m) for w in writes],
-                                              atomic=True, traceparent=traceparent)
-        for stored in transacted.stored:
-            if stored is not None:  # None: a delete's
-                _tagged(name, stored)
-        return transacted
+        return await shard.engine.write([self._in_shard(w, shard, m) for w in writes],
+                                        atomic=True, traceparent=traceparent)

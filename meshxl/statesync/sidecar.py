@@ -107,7 +107,7 @@ class Sidecar:
                              on_rewind=lambda: engine[0].ledger.observed.clear(),
                              history=store.history)
         engine.append(Sessions(store, cache, self.keys, config.cluster, config.member,
-                               settings, metrics))
+                               settings, metrics, shard=name))
         return Shard(name, client, store, cache, engine[0])
 
     async def start(self) -> None:

@@ -60,22 +60,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 from aetcd import rpc
 
-from meshxl.etcd import EtcdUnavailable
+from meshxl import etcd
+from meshxl.errors import detached
+from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
+from meshxl.etcd.fence import Fenced, raise_fence
+from meshxl.etcd.shards import parse_fence
 
 from . import wire
-from .batcher import (
+from .batches import (
+    FENCE_RAISES,
     FULL_EXTRA,
     MAX_REQUEST_BYTES,
+    MAX_STALLED,
     MAX_TXN_OPS,
-    Batcher,
+    STALLED_AFTER,
+    UNFENCED,
     Fencing,
+    Group,
+    Op,
     may_send,
     take_batch,
 )
@@ -83,9 +95,11 @@ from .errors import LeaseLost
 from .history import History
 from .leases import Leases
 
-__all__ = ["FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_TXN_OPS", "MAX_TXN_WRITES", "Fencing",
-           "KeyState", "KeyWrite", "SessionStore", "TxnResult", "WriteResult", "may_send",
-           "take_batch"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_TXN_OPS", "MAX_TXN_WRITES", "Batcher",
+           "Fencing", "KeyState", "KeyWrite", "SessionStore", "TxnResult", "WriteResult",
+           "may_send", "take_batch"]
 
 MAX_TXN_WRITES = MAX_TXN_OPS - 1
 """Keys of one :meth:`SessionStore.transact`: it travels nested in a batch of at least
@@ -110,9 +124,9 @@ class WriteResult:
 
 
 KeyWrite = tuple[bytes, bytes | None, int]
-"""``(key, value, expected)``: put ``value`` at ``key`` (None: delete the key) if the
-key's mod_revision is ``expected`` (0: the key must not exist). A plain tuple: one is made
-for every session written."""
+"""``(key, value, expected_revision)``: put ``value`` at ``key`` (None: delete the key)
+if the key's mod_revision is ``expected_revision`` (0: the key must not exist). A plain
+tuple: one is made for every session written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,10 +217,12 @@ class SessionStore:
         nothing applied, send it again)."""
         batcher = self._writes
         future = batcher.enqueue_group([
-            (wire.guarded_put(key, value, expected, lease), functools.partial(_put_result, value),
-             len(key) + len(value) + 64, expected != 0) if value is not None else
-            (wire.guarded_delete(key, expected), _delete_result, len(key) + 64, expected != 0)
-            for key, value, expected in writes])
+            (wire.guarded_put(key, value, expected_revision, lease),
+             functools.partial(_put_result, value), len(key) + len(value) + 64,
+             expected_revision != 0) if value is not None else
+            (wire.guarded_delete(key, expected_revision), _delete_result, len(key) + 64,
+             expected_revision != 0)
+            for key, value, expected_revision in writes])
         batcher.kick()
         return future
 
@@ -232,8 +248,8 @@ class SessionStore:
             lease = await self.lease() if leased else 0
             request = rpc.RequestOp(request_txn={
                 "compare": [{"key": key, "target": rpc.Compare.MOD,
-                             "result": rpc.Compare.EQUAL, "mod_revision": expected}
-                            for key, _, expected in writes],
+                             "result": rpc.Compare.EQUAL, "mod_revision": expected_revision}
+                            for key, _, expected_revision in writes],
                 "success": [{"request_put": {"key": key, "value": value, "lease": lease}}
                             if value is not None else
                             {"request_delete_range": {"key": key}} for key, value, _ in writes],
@@ -245,7 +261,7 @@ class SessionStore:
                     # Sent again only if a compare expects an existing key, which it
                     # puts or deletes: once applied, that compare never holds again
                     # (a revision never comes back), whatever it creates beside it.
-                    resend=any(expected != 0 for _, _, expected in writes),
+                    resend=any(expected_revision != 0 for _, _, expected_revision in writes),
                     width=len(writes))
             except LeaseLost:
                 if attempt == 1:
@@ -273,6 +289,245 @@ class SessionStore:
             if state.value != value:
                 raise _unknown()
         return TxnResult(True, revisions.pop())
+
+
+_Answer = TypeVar("_Answer")
+"""What an op's ``parse`` makes of its answer: the op's result."""
+
+
+class Batcher:
+    """Queue of transaction ops sent as few etcd transactions as the load allows.
+
+    An op waits only while ``max_inflight`` transactions are already out; whatever
+    queued meanwhile (up to the op and byte bounds) leaves in the next one, so the
+    delay a batch adds is bounded by one etcd round trip. A full batch does not wait
+    (:func:`may_send`): under a load that fills batches, etcd gets the next one while
+    it commits the last.
+    """
+
+    def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
+                 max_inflight: int, timeout: float,
+                 on_batch: Callable[[str, int, float], None] | None = None,
+                 on_lease_lost: Callable[[], None] | None = None,
+                 history: History | None = None):
+        self._client = client
+        self._on_lease_lost = on_lease_lost
+        self._history = history or History()
+        self.name = name
+        self._max_ops = min(max_ops, MAX_TXN_OPS)
+        self._max_bytes = min(max_bytes, MAX_REQUEST_BYTES)
+        self._max_inflight = max_inflight
+        self._timeout = timeout
+        self._queue: deque[Op] = deque()
+        self._inflight = 0
+        self._stalled = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_batch = on_batch
+        self.fencing: Fencing | None = None
+
+    async def submit(self, request: bytes | rpc.RequestOp,
+                     parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
+                     resend: bool = True, width: int = 1) -> _Answer:
+        future = self.enqueue(request, parse, size, resend=resend, width=width)
+        self._kick()
+        return await future
+
+    def enqueue(self, request: bytes | rpc.RequestOp,
+                parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
+                resend: bool = True, width: int = 1) -> asyncio.Future[_Answer]:
+        """Queue an op (serialized, or a message serialized here) without sending:
+        :meth:`kick` after the last of several, so they leave together. ``width``: the
+        operations of the op's nested transaction (1: a guarded single-key write; 0:
+        a plain read)."""
+        if not isinstance(request, bytes):
+            request = request.SerializeToString()
+        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        fencing = self.fencing
+        self._queue.append(Op(request, size, parse, future, resend, width=width,
+                               fence=fencing.version() if fencing is not None else UNFENCED))
+        return future
+
+    def enqueue_group(self, ops: Sequence[tuple[bytes, Callable[[Any, int, bool], Any], int,
+                                                bool]]) -> asyncio.Future[list[Any]]:
+        """Queue ``(request, parse, size, resend)`` ops together (no send: :meth:`kick`):
+        one future for their answers, in order, each a result or an exception."""
+        group = Group(len(ops))
+        append = self._queue.append
+        fencing = self.fencing
+        fence = fencing.version() if fencing is not None else UNFENCED
+        for index, (request, parse, size, resend) in enumerate(ops):
+            append(Op(request, size, parse, None, resend, group=group, index=index,
+                       fence=fence))
+        if not ops:
+            group.future.set_result([])
+        return group.future
+
+    def kick(self) -> None:
+        self._kick()
+
+    def _kick(self) -> None:
+        queue = self._queue
+        while queue and may_send(len(queue), self._inflight, self._max_inflight,
+                                 self._max_ops):
+            batch = take_batch(queue, self._max_ops, self._max_bytes)
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[Op]) -> None:
+        started = time.perf_counter()
+        holding = True  # a place among the batches in flight (stalled: beyond them)
+        stalled = False
+
+        def stall() -> None:
+            # Slow (its member may be gone): let the queue move on without it.
+            nonlocal stalled
+            if holding and not stalled and self._stalled < MAX_STALLED:
+                stalled = True
+                self._stalled += 1
+                self._inflight -= 1
+                self._kick()
+
+        def leave() -> None:
+            # Answered: the next batch goes while this one's answers are taken up.
+            nonlocal holding
+            if holding:
+                holding = False
+                if stalled:
+                    self._stalled -= 1
+                else:
+                    self._inflight -= 1
+                self._kick()
+
+        timer = asyncio.get_running_loop().call_later(STALLED_AFTER, stall)
+        try:
+            await self._attempts(batch, leave)
+            if self._on_batch is not None:
+                self._on_batch(self.name, len(batch), time.perf_counter() - started)
+        finally:
+            timer.cancel()
+            leave()
+
+    async def _attempts(self, batch: list[Op], answered: Callable[[], None]) -> None:
+        """Send the batch until every op has its answer: again (the ops that may be sent
+        twice) after an attempt without one, to a member that answers. ``answered`` is
+        called when etcd's answer is in, before the ops take it up."""
+        balancer = etcd.balancer_of(self._client)
+        deadline = time.monotonic() + self._timeout
+        pending = batch
+        last = "no attempt"
+        version = batch[0].fence
+        fencing = self.fencing if version != UNFENCED else None
+        fence = wire.fence_parts(fencing.key, version) if fencing is not None else None
+        raises = 0
+
+        def fail(ops: list[Op], error: Exception) -> None:
+            for op in ops:
+                op.settle(error)
+
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                fail(pending, EtcdUnavailable(f"etcd did not answer in time ({last})"))
+                return
+            try:
+                ep = await balancer.choose(deadline)
+            except EtcdUnavailable as exc:
+                fail(pending, EtcdUnavailable(str(exc)))
+                return
+            request = wire.txn_request([op.request for op in pending], fence)
+            # One member and nowhere else to go: one attempt, the whole deadline.
+            timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if balancer.probing else remaining
+            floor = self._history.floor()
+            try:
+                response = await balancer.attempt(ep, _txn(ep.client)(
+                    request, timeout=timeout, metadata=ep.client.metadata), timeout)
+            except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
+                if isinstance(exc, rpc.AioRpcError):
+                    last = f"etcd {exc.code().name}: {exc.details()}"
+                    if "lease not found" in last:
+                        # Refused whole (nothing applied) for a lease etcd lost.
+                        if self._on_lease_lost is not None:
+                            self._on_lease_lost()
+                        fail(pending, LeaseLost(last))
+                        return
+                    if not retryable(exc) or not balancer.probing:
+                        fail(pending, EtcdUnavailable(last))
+                        return
+                else:
+                    last = f"{type(exc).__name__}: {exc}"
+                    if not balancer.probing:
+                        fail(pending, EtcdUnavailable(f"etcd did not answer: {last}"))
+                        return
+                if not isinstance(exc, MemberChanged):
+                    balancer.failed(ep, exc)
+                again = []
+                for op in pending:
+                    op.uncertain = True
+                    if op.resend:
+                        again.append(op)
+                    else:
+                        fail([op], EtcdUnavailable(
+                            f"etcd did not answer ({last}); the write may or may not have "
+                            "applied"))
+                pending = again
+                continue
+            self._history.answered(response.header, floor)  # a rewind: told before the ops
+            if fencing is not None and not response.succeeded:
+                now = _fence_of(response)
+                if now > version:
+                    answered()
+                    fencing.fenced(now)
+                    fail(pending, Fenced(version, now, fencing.shard))
+                    return
+                raises += 1
+                try:
+                    if raises > FENCE_RAISES:
+                        raise RuntimeError(f"raised {FENCE_RAISES} times, still {now}")
+                    await raise_fence(self._client, fencing.key, version,
+                                      max(deadline - time.monotonic(), 0.01))
+                except Exception as exc:  # nothing of the batch applied
+                    fail(pending, EtcdUnavailable(
+                        f"the shard map fence could not be raised to {version}: "
+                        f"{type(exc).__name__}: {str(exc)[:200]}"))
+                    return
+                continue  # nothing applied: the same ops again, under the raised fence
+            answered()
+            revision = response.header.revision
+            for op, result in zip(pending, response.responses, strict=True):
+                if not op.answered():
+                    try:
+                        op.settle(op.parse(result, revision, op.uncertain))
+                    except Exception as exc:  # a parse bug must not strand the others
+                        if not isinstance(exc, EtcdUnavailable):
+                            log.exception("etcd's answer to a write could not be taken up")
+                        op.settle(detached(exc))
+            return
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue:
+            self._queue.popleft().settle(EtcdUnavailable("the store is closing"))
+
+
+def _txn(client: aetcd.Client) -> Any:
+    """``KV.Txn`` on the client's channel taking a serialized request (:mod:`.wire`),
+    made once per channel."""
+    made = client.__dict__.get("_meshxl_txn")
+    if made is None or made[0] is not client.channel:
+        call = client.channel.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
+                                          response_deserializer=rpc.TxnResponse.FromString)
+        made = client.__dict__["_meshxl_txn"] = (client.channel, call)
+    return made[1]
+
+
+def _fence_of(response: Any) -> int:
+    """The fence a fenced batch's failure branch read (0: none)."""
+    kvs = response.responses[0].response_range.kvs
+    return parse_fence(kvs[0].value if kvs else None)
 
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:

@@ -43,7 +43,7 @@ class _Planned:
     write: Write
     key: bytes
     mode: str
-    expected: int
+    expected_revision: int
     prior: SessionRecord | None
     local: bool = False
     """The session was kept on this member only (delayed sync)."""
@@ -86,9 +86,9 @@ class Transactions:
             local_precondition(write, local.version)
             return _Planned(write, key, BLIND, 0, local.record, local=True)
         entry = self.ledger.cache.get(write.session_id)
-        mode, expected = await self.ledger.expectation(write, key,
+        mode, expected_revision = await self.ledger.expectation(write, key,
                                                        entry.revision if entry else 0)
-        return _Planned(write, key, mode, expected, entry.record if entry else None)
+        return _Planned(write, key, mode, expected_revision, entry.record if entry else None)
 
     async def _commit(self, writes: Sequence[Write], keys: list[bytes],
                       traceparent: str | None) -> Transacted:
@@ -125,14 +125,14 @@ class Transactions:
             if sent:
                 record_of = {id(p): r for p, r in zip(plans, records, strict=True)}
                 marks = [(i, p) for i, p in enumerate(sent)
-                         if p.write.op == DELETE and p.expected]
-                marked = [self.ledger.deletion(p.write.session_id, p.expected)
+                         if p.write.op == DELETE and p.expected_revision]
+                marked = [self.ledger.deletion(p.write.session_id, p.expected_revision)
                           for _, p in marks]
                 try:
                     result = await self.store.transact([
                         (p.key, None if (r := record_of[id(p)]) is None else r.encode(),
-                         p.expected) for p in sent] + [
-                        (key, value, recorded.get((i, p.expected), 0))
+                         p.expected_revision) for p in sent] + [
+                        (key, value, recorded.get((i, p.expected_revision), 0))
                         for (i, p), (key, value, _) in zip(marks, marked, strict=True)])
                 except EtcdUnavailable as exc:
                     self.metrics.transactions.labels("unavailable").inc()
@@ -142,10 +142,10 @@ class Transactions:
                     current = result.current[:len(sent)]
                     failed = [i for i, (p, now_at) in enumerate(zip(sent, current,
                                                                      strict=True))
-                              if now_at.revision != p.expected]
+                              if now_at.revision != p.expected_revision]
                     for (i, p), now_at in zip(marks, result.current[len(sent):],
                                               strict=True):
-                        recorded[i, p.expected] = now_at.revision
+                        recorded[i, p.expected_revision] = now_at.revision
                     refused = await self._judge(sent, failed, current)
                     if refused:
                         return self._aborted({index[id(sent[i])]: e
@@ -185,11 +185,11 @@ class Transactions:
             record = (ledger.decode(session_id, state.revision, state.value, "transaction")
                       if state.value else None)
             refusal = ledger.refusal(plan.write.op, session_id, plan.mode,
-                                     plan.write.if_match, plan.expected, state, record)
+                                     plan.write.if_match, plan.expected_revision, state, record)
             if refusal is not None:
                 refused[i] = refusal
             else:
-                plan.expected, plan.prior = state.revision, record
+                plan.expected_revision, plan.prior = state.revision, record
         return refused
 
     def _aborted(self, refused: dict[int, MeshxlError]) -> Transacted:
@@ -214,6 +214,6 @@ class Transactions:
             else:
                 stored.append(ledger.acknowledged(
                     PUT, session_id, WriteResult(True, revision), record,
-                    plan.prior is None if plan.local else plan.expected == 0, plan.prior))
+                    plan.prior is None if plan.local else plan.expected_revision == 0, plan.prior))
         self.metrics.transactions.labels("committed").inc()
         return Transacted(committed=True, revision=revision, stored=tuple(stored))

@@ -1,6 +1,6 @@
 """etcd's ``Txn`` request for the session store's hot path, in protobuf's wire format.
 
-Every session write is one guarded put or delete (``if mod_revision(key) == expected:
+Every session write is one guarded put or delete (``if mod_revision(key) == mod_revision:
 put (delete), else read the key``), nested in the batch's transaction. Built as upb
 messages, an op cost several times more Python (the nested dicts converted field by
 field) and the batch request copied every op again; written here as bytes, the batch is
@@ -53,16 +53,16 @@ def _key_parts(key: bytes) -> tuple[bytes, bytes, bytes]:
     return key_field, compare, failure
 
 
-def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
+def guarded_put(key: bytes, value: bytes, mod_revision: int, lease: int) -> bytes:
     """A serialized ``RequestOp``: a transaction putting ``value`` at ``key`` (with
-    ``lease``; 0: none) if the key's mod_revision is ``expected`` (0: absent), else
+    ``lease``; 0: none) if the key's mod_revision is ``mod_revision`` (0: absent), else
     reading the key. Lengths are computed first, so the value is copied once: this runs
     for every session written."""
-    if not (0 <= expected <= _INT64_MAX and 0 <= lease <= _INT64_MAX):
-        raise ValueError(f"revision {expected} or lease {lease} out of etcd's range")
+    if not (0 <= mod_revision <= _INT64_MAX and 0 <= lease <= _INT64_MAX):
+        raise ValueError(f"revision {mod_revision} or lease {lease} out of etcd's range")
     v = varint
     key_field, compare, failure = _key_parts(key)
-    compare += v(expected)
+    compare += v(mod_revision)
     value_head = b"\x12" + v(len(value)) if value else b""
     lease_field = _lease_field(lease)
     put_size = len(key_field) + len(value_head) + len(value) + len(lease_field)
@@ -75,14 +75,14 @@ def guarded_put(key: bytes, value: bytes, expected: int, lease: int) -> bytes:
                      key_field, value_head, value, lease_field, failure))
 
 
-def guarded_delete(key: bytes, expected: int) -> bytes:
+def guarded_delete(key: bytes, mod_revision: int) -> bytes:
     """A serialized ``RequestOp``: a transaction deleting ``key`` if its mod_revision is
-    ``expected``, else reading the key."""
-    if not 0 <= expected <= _INT64_MAX:
-        raise ValueError(f"revision {expected} out of etcd's range")
+    ``mod_revision``, else reading the key."""
+    if not 0 <= mod_revision <= _INT64_MAX:
+        raise ValueError(f"revision {mod_revision} out of etcd's range")
     v = varint
     key_field, compare, failure = _key_parts(key)
-    compare += v(expected)
+    compare += v(mod_revision)
     delete = b"\x1a" + v(len(key_field)) + key_field              # RequestOp.request_delete_range
     success = b"\x12" + v(len(delete)) + delete                   # TxnRequest.success
     compare_head = b"\x0a" + v(len(compare))                      # TxnRequest.compare

@@ -240,7 +240,7 @@ async def test_several_sessions_take_their_places_at_once_and_keep_arrival_order
 
 
 def _op(size: int, width: int, fence: int = -1) -> Any:
-    from meshxl.statesync.batcher import Op
+    from meshxl.statesync.batches import Op
     return Op(b"", size, lambda *_: None, None, width=width, fence=fence)
 
 

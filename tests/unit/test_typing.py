@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from meshxl.statesync import api, batcher, sessions, shards, store, writes
+from meshxl.statesync import api, batches, sessions, shards, store, writes
 from meshxl.statesync.http import connection, routing
 from meshxl.xds import app, cache, compiler, delta, nodes, overrides, resources, server, sotw
 from meshxl.xds import sources as xds_sources
@@ -51,7 +51,7 @@ def test_the_sidecar_and_the_control_plane_are_checked_strictly() -> None:
 # and the seam between the API and the sidecar above it; and those a model change
 # crosses, from the model's source to the bytes an ADS stream writes.
 HOPS: tuple[ModuleType, ...] = (connection, routing, api, writes, sessions, shards, store,
-                                batcher, xds_sources, app, compiler, resources, overrides,
+                                batches, xds_sources, app, compiler, resources, overrides,
                                 cache, server, nodes, sotw, delta)
 def _public_callables(module: ModuleType) -> list[tuple[str, Any]]:
     found = []
