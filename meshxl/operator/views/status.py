@@ -16,6 +16,7 @@ from meshxl.operator.views.read import MeshRead, clusters_of, count, model_warni
 from meshxl.operator.views.sync import sync_report
 from meshxl.xds.history import reason
 from meshxl.xds.types import short_type
+from meshxl.xds.warmup import WARMS, fraction, ramps, warmed_view
 
 __all__ = ["DEPARTED_SECONDS", "live_report", "status_report"]
 
@@ -54,6 +55,25 @@ def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> li
     return out
 
 
+def _warming(read: MeshRead, spec: Any, view: Any, now: float) -> dict[str, dict[str, Any]]:
+    """Members still in their warm-up ramp, by the member history: they take new
+    sessions since a change (its time) from a state in which they took none."""
+    if not ramps(spec):
+        return {}
+    out = {}
+    for m in view.members:
+        history = read.states.get((spec.name, m.name), {})
+        if (m.state not in WARMS or history.get("state") != str(m.state)
+                or history.get("from") in {str(s) for s in WARMS}):
+            continue
+        at = _epoch(history.get("at"))
+        share = 1.0 if at is None else fraction(spec.warmup, at, now)
+        if share < 1.0:
+            out[m.name] = {"fraction": round(share, 4), "since": history.get("at"),
+                           "window": spec.warmup}
+    return out
+
+
 def status_report(read: MeshRead, cluster: str | None = None,
                   now: float | None = None) -> dict[str, Any]:
     """``meshxl status``: clusters with their members (and those that left in the last
@@ -62,7 +82,9 @@ def status_report(read: MeshRead, cluster: str | None = None,
     clusters = []
     for spec in clusters_of(read, cluster):
         view = cluster_view(spec, read.runtime)
-        shares = _shares(view.members)
+        warming = _warming(read, spec, view, now)
+        shares = _shares(warmed_view(view, {name: w["fraction"]
+                                            for name, w in warming.items()}).members)
         members = []
         for m in view.members:
             key = (spec.name, m.name)
@@ -79,6 +101,7 @@ def status_report(read: MeshRead, cluster: str | None = None,
                 "priority": m.priority if m.advertised else None,
                 "role": str(m.role), "share": round(shares.get(m.name, 0.0), 4),
                 "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
+                "warmup": warming.get(m.name),
                 "problem_details": registration.get("problem_details", {}),
                 "admin": None if admin is None else vars(admin),
                 "site_admin": None if site_admin is None else vars(site_admin),
