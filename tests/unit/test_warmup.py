@@ -3,10 +3,16 @@ ends ramps, and what the compiler and the operator's status make of them."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 import pytest
 
 from meshxl.model import ModelError, Registration, RuntimeState, parse_model
 from meshxl.model.runtime import AdminAction
+from meshxl.operator.views.read import MeshRead, warming_of
+from meshxl.operator.views.status import status_report
+from meshxl.operator.views.verify import expected_endpoints
 from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.warmup import (
     MAX_STEPS,
@@ -18,7 +24,7 @@ from meshxl.xds.warmup import (
     steps,
 )
 
-T0 = 1_800_000_000.0  # a multiple of every step length used below
+T0 = 1_700_000_040.0  # in the past; a multiple of every step length used below
 
 
 def model(warmup: str = "5s", stickiness: str = "{header: x-session-id}",
@@ -245,3 +251,56 @@ def test_clusters_without_stickiness_use_envoys_slow_start_with_the_same_window(
     assert not hashed.clusters["web"].HasField("least_request_lb_config")
     off = compile_resources(parse_model(model("0", stickiness="null")))
     assert not off.clusters["web"].HasField("least_request_lb_config")
+
+
+# -- what the operator sees ----------------------------------------------------------------
+
+
+def history(to: str, since: str, at: float) -> dict[str, object]:
+    return {"state": to, "from": since, "at": datetime.fromtimestamp(at, UTC).isoformat()}
+
+
+def test_status_shows_a_member_warming_up_with_its_ramped_share() -> None:
+    spec = parse_model(model())
+    read = MeshRead(revision=7, model=spec, model_error=None, model_source="etcd",
+                    runtime=registered("m0", "m1", "m2"),
+                    states={("web", "m2"): history("ready", "lost", T0),
+                            ("web", "m1"): history("ready", "admin-down", T0 - 60)})
+    report = status_report(read, now=T0 + 2.5)
+    members = {m["name"]: m for m in report["clusters"][0]["members"]}
+    assert members["m2"]["warmup"]["fraction"] == pytest.approx(0.4)
+    assert members["m2"]["share"] == pytest.approx(0.4 / 2.4, abs=1e-3)
+    assert members["m0"]["warmup"] is None and members["m1"]["warmup"] is None
+    assert members["m0"]["share"] == pytest.approx(1 / 2.4, abs=1e-3)
+    after = status_report(read, now=T0 + 5.0)["clusters"][0]["members"]
+    assert all(m["warmup"] is None for m in after)
+    assert {m["name"]: m["share"] for m in after}["m2"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_verify_expects_the_ramped_weight_envoy_is_given() -> None:
+
+    spec = parse_model(model())
+    state = registered("m0", "m1", "m2")
+    full = weights(compile_resources(spec, state))["m2"]
+    for _ in range(5):  # a step may pass during one check: try again
+        started = time.time() - 2.5
+        read = MeshRead(revision=7, model=spec, model_error=None, model_source="etcd",
+                        runtime=state, states={("web", "m2"): history("ready", "lost",
+                                                                      started)})
+        share = fraction(5.0, started, time.time())
+        hosts = {h["member"]: h["weight"] for h in expected_endpoints(read)["web"]}
+        if share == fraction(5.0, started, time.time()):
+            break
+    assert 0.2 <= share <= 0.6
+    assert hosts["m2"] == ramped(full, share) < full
+    assert hosts["m0"] == weights(compile_resources(spec, state))["m0"]
+
+
+def test_a_member_that_only_changed_between_serving_states_does_not_warm() -> None:
+
+    read = MeshRead(revision=7, model=parse_model(model()), model_error=None,
+                    model_source="etcd", runtime=registered("m0", "m1", "m2"),
+                    states={("web", "m2"): history("ready", "active-attention", T0)})
+    assert warming_of(read, T0 + 1) == {}
+    read.states[("web", "m2")] = history("ready", "returning", T0)
+    assert warming_of(read, T0 + 1)["web"]["m2"]["fraction"] == pytest.approx(0.2)

@@ -6,34 +6,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from meshxl.model import MemberState, cluster_view
 from meshxl.model.runtime import PLACES_NEW, MemberView
 from meshxl.operator.views.failovers import failover_report
-from meshxl.operator.views.read import MeshRead, clusters_of, count, model_warnings, number
+from meshxl.operator.views.read import (
+    MeshRead,
+    clusters_of,
+    count,
+    epoch,
+    model_warnings,
+    warming_of,
+)
 from meshxl.operator.views.sync import sync_report
 from meshxl.xds.history import reason
 from meshxl.xds.types import short_type
-from meshxl.xds.warmup import WARMS, fraction, ramps, warmed_view
+from meshxl.xds.warmup import warmed_view
 
 __all__ = ["DEPARTED_SECONDS", "live_report", "status_report"]
 
 
 DEPARTED_SECONDS = 300.0
 """How long a member whose registration ended stays listed as lost (``departed``)."""
-
-
-def _epoch(value: Any) -> float | None:
-    """Epoch seconds of a history time (ISO text) or number."""
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    return number(value)
 
 
 def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> list[dict[str, Any]]:
@@ -44,7 +39,7 @@ def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> li
     for (c, member), history in sorted(read.states.items()):
         if c != cluster or member in present or history.get("state") != str(MemberState.LOST):
             continue
-        at = _epoch(history.get("at"))
+        at = epoch(history.get("at"))
         if at is None or now - at > DEPARTED_SECONDS:
             continue
         out.append({"name": member, "state": str(MemberState.LOST),
@@ -52,25 +47,6 @@ def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> li
                                     "reason": history.get("reason"), "at": history.get("at")},
                     "failovers": count(history.get("failovers")),
                     "last_failover": history.get("last_failover")})
-    return out
-
-
-def _warming(read: MeshRead, spec: Any, view: Any, now: float) -> dict[str, dict[str, Any]]:
-    """Members still in their warm-up ramp, by the member history: they take new
-    sessions since a change (its time) from a state in which they took none."""
-    if not ramps(spec):
-        return {}
-    out = {}
-    for m in view.members:
-        history = read.states.get((spec.name, m.name), {})
-        if (m.state not in WARMS or history.get("state") != str(m.state)
-                or history.get("from") in {str(s) for s in WARMS}):
-            continue
-        at = _epoch(history.get("at"))
-        share = 1.0 if at is None else fraction(spec.warmup, at, now)
-        if share < 1.0:
-            out[m.name] = {"fraction": round(share, 4), "since": history.get("at"),
-                           "window": spec.warmup}
     return out
 
 
@@ -82,7 +58,7 @@ def status_report(read: MeshRead, cluster: str | None = None,
     clusters = []
     for spec in clusters_of(read, cluster):
         view = cluster_view(spec, read.runtime)
-        warming = _warming(read, spec, view, now)
+        warming = warming_of(read, now).get(spec.name, {})
         shares = _shares(warmed_view(view, {name: w["fraction"]
                                             for name, w in warming.items()}).members)
         members = []
@@ -101,7 +77,8 @@ def status_report(read: MeshRead, cluster: str | None = None,
                 "priority": m.priority if m.advertised else None,
                 "role": str(m.role), "share": round(shares.get(m.name, 0.0), 4),
                 "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
-                "warmup": warming.get(m.name),
+                "warmup": None if m.name not in warming else {
+                    **warming[m.name], "fraction": round(warming[m.name]["fraction"], 4)},
                 "problem_details": registration.get("problem_details", {}),
                 "admin": None if admin is None else vars(admin),
                 "site_admin": None if site_admin is None else vars(site_admin),
