@@ -9,6 +9,7 @@ is dropped), and compared with the share its ramped EDS weight should give it.""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from typing import Any
@@ -16,11 +17,15 @@ from typing import Any
 import aetcd
 import aiohttp
 import pytest
+from rich.console import Console
 
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
+from meshxl.operator.tables import render_status
+from meshxl.operator.views.read import read_mesh
+from meshxl.operator.views.status import status_report
 from meshxl.xds.app import ControlPlane
 from meshxl.xds.warmup import fraction
 from tests.harness import Backend, EnvoyFixture
@@ -221,6 +226,18 @@ async def test_pinned_sessions_stay_put_while_a_member_warms_up(
     on_member = {s for s, m in placed.items() if m == member}
     assert on_member and on_member <= set(new), placed  # new sessions only, a few
     assert len(on_member) < len(new) * 0.3, len(on_member)
+    # meshxl status (and its table) shows the member warming up, with its ramped share.
+    async def warming_in_status() -> dict[str, Any] | None:
+        report = status_report(await read_mesh(etcd_client, KEYS))
+        row = {m["name"]: m for m in report["clusters"][0]["members"]}[member]
+        return report if row["warmup"] is not None else None
+
+    report = await wait_until(warming_in_status, timeout=3, what="status shows the ramp")
+    row = {m["name"]: m for m in report["clusters"][0]["members"]}[member]
+    assert 0.1 <= row["warmup"]["fraction"] < 1 and row["share"] < 1 / 3, row
+    console = Console(width=200, file=io.StringIO())
+    render_status(report, console)
+    assert "warming up:" in console.file.getvalue()
     deadline = time.monotonic() + WINDOW + 10
     rounds = 0
     while plane.warming.fractions and time.monotonic() < deadline:
@@ -228,6 +245,8 @@ async def test_pinned_sessions_stay_put_while_a_member_warms_up(
         assert await browser.visit(old + new) == placed  # no pinned session moved
         await asyncio.sleep(0.3)
     assert not plane.warming.fractions and rounds >= 3, rounds
+    after = status_report(await read_mesh(etcd_client, KEYS))["clusters"][0]["members"]
+    assert all(m["warmup"] is None for m in after), after
     assert await browser.visit(old + new) == placed
     # Without pins the same hash now sends a third of fresh keys to the member.
     fresh = Browser(f"http://{LOOPBACK}:{port}/")
