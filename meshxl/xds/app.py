@@ -241,6 +241,7 @@ class ControlPlane:
             return
         runtime = self.runtime
         seen, self._changed_at = self._changed_at or time.time_ns(), None
+        now = time.time()
         revision = self.mesh.revision if self.mesh else None
         if self._built_model is not model:
             self.metrics.know_clusters(c.name for c in model.clusters)
@@ -251,7 +252,7 @@ class ControlPlane:
                 self.metrics.failovers.labels(loss.cluster, loss.cause).inc()
             self.failovers.detected(found, seen, revision)
             if self.history is not None and revision is not None:
-                self.history.record(member_transitions, revision)
+                self.history.record(member_transitions, revision, now)
         self.failovers.rebuilding()
         started = time.perf_counter()
         if self._dns_inputs is None or self._dns_inputs[0] is not model:
@@ -259,7 +260,6 @@ class ControlPlane:
             self._dns_inputs = (model, frozenset(hostnames(model)))
         self.resolver.want(self._dns_inputs[1].union(
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
-        now = time.time()
         drains = expired_drains(model, runtime, now)
         warming = self.warmup.update(model, runtime, now)
         self._wake_for_drain(min((t for t in (drains.next_expiry, warming.next_change)
