@@ -27,7 +27,7 @@ from meshxl.operator.tables import render_status
 from meshxl.operator.views.read import read_mesh
 from meshxl.operator.views.status import status_report
 from meshxl.xds.app import ControlPlane
-from meshxl.xds.warmup import fraction
+from meshxl.xds.warmup import fraction, steps
 from tests.harness import Backend, EnvoyFixture
 from tests.integration.test_pinned_sessions import Browser
 
@@ -83,6 +83,11 @@ async def shares(http: aiohttp.ClientSession, port: int, keys: list[str]) -> dic
     return counts
 
 
+def published(plane: ControlPlane) -> float:
+    return plane.metrics.registry.get_sample_value(
+        "meshxl_xds_rebuilds_total", {"result": "published"}) or 0.0
+
+
 async def weights(envoy: EnvoyFixture, cluster: str) -> dict[str, int]:
     return {h.hostname: h.weight for h in await envoy.hosts(cluster) if h.healthy}
 
@@ -124,9 +129,10 @@ async def measure_ramp(plane: ControlPlane, envoy: EnvoyFixture, http: aiohttp.C
 async def bring_back(algorithm: str, start_control_plane: Any, start_envoy: Any,
                      start_backends: Any, etcd: Any, etcd_client: aetcd.Client,
                      pin: bool = False, before: Any = None,
-                     ) -> tuple[ControlPlane, EnvoyFixture, int, list[Backend]]:
+                     ) -> tuple[ControlPlane, EnvoyFixture, int, list[Backend], float]:
     """Three members serving one cluster; the third is lost and registers again (its
-    ramp has started when this returns). ``before(port)`` runs while it is away."""
+    ramp has started when this returns), and the snapshots published before it came
+back. ``before(port)`` runs while it is away."""
     backends = await start_backends(3)
     (port,) = free_ports(1)
     text = model(backends, {algorithm: port})
@@ -150,42 +156,48 @@ async def bring_back(algorithm: str, start_control_plane: Any, start_envoy: Any,
     await envoy.wait_hosts(algorithm, lambda hs: len(hs) == 2, what="the member gone")
     if before is not None:
         await before(port)
+    before_return = published(plane)
     await register(etcd_client, algorithm, backends[2])  # ... and comes back
     await wait_until(lambda: member in plane.warming.fractions.get(algorithm, {}),
                      timeout=5, what="the member's ramp started")
-    return plane, envoy, port, backends
+    return plane, envoy, port, backends, before_return
 
 
 @pytest.mark.parametrize("algorithm", ["ring_hash", "maglev"])
 async def test_a_returning_members_share_follows_the_ramp(
         algorithm: str, start_control_plane: Any, start_envoy: Any, start_backends: Any,
         etcd: Any, etcd_client: aetcd.Client) -> None:
-    plane, envoy, port, backends = await bring_back(
+    plane, envoy, port, backends, before_return = await bring_back(
         algorithm, start_control_plane, start_envoy, start_backends, etcd, etcd_client)
     member, others = backends[2].name, [b.name for b in backends[:2]]
     async with aiohttp.ClientSession() as http:
         samples = await measure_ramp(plane, envoy, http, algorithm, port, member, others)
         # Full weight again: a third of the keys.
         settled = await shares(http, port, [f"after-{i}" for i in range(SETTLED_KEYS)])
-    steps = per_step(samples)
+    by_step = per_step(samples)
     print(f"\n{algorithm}: ramp keys expected measured error")
-    for ramp, (keys, expected, measured) in steps.items():
+    for ramp, (keys, expected, measured) in by_step.items():
         print(f"{algorithm}: {ramp:.2f} {keys} {expected:.4f} {measured:.4f} "
               f"{(measured - expected) / expected:+.1%}")
-    assert sum(keys >= STEP_KEYS for keys, _, _ in steps.values()) >= 3, steps
-    assert min(steps) <= 0.34, samples  # from a small weight up
+    assert sum(keys >= STEP_KEYS for keys, _, _ in by_step.values()) >= 3, by_step
+    assert min(by_step) <= 0.34, samples  # from a small weight up
     full = 1 / 3  # the member's share at full weight
-    for ramp, (keys, expected, measured) in steps.items():
+    for ramp, (keys, expected, measured) in by_step.items():
         if keys >= STEP_KEYS:  # each step within 10 % of the member's share
-            assert abs(measured - expected) <= TOLERANCE * full, (ramp, steps)
+            assert abs(measured - expected) <= TOLERANCE * full, (ramp, by_step)
     # Over the whole ramp: the sessions it got within 10 % of what the ramp gives it.
-    got = sum(keys * measured for keys, _, measured in steps.values())
-    due = sum(keys * expected for keys, expected, _ in steps.values())
+    got = sum(keys * measured for keys, _, measured in by_step.values())
+    due = sum(keys * expected for keys, expected, _ in by_step.values())
     print(f"{algorithm}: over the ramp {got:.0f} keys, the ramp's {due:.0f} "
           f"({(got - due) / due:+.1%})")
-    assert abs(got - due) <= TOLERANCE * due, steps
+    assert abs(got - due) <= TOLERANCE * due, by_step
     assert abs(settled.get(member, 0) / SETTLED_KEYS - full) <= TOLERANCE * full, settled
     assert plane.warming.fractions == {}  # the ramp is over, its state forgotten
+    # xDS cost: the return itself, then one EDS snapshot per step, no more.
+    pushes = published(plane) - before_return
+    print(f"{algorithm}: snapshots published from the return to the end of the ramp: "
+          f"{pushes:.0f}")
+    assert pushes <= steps(WINDOW) + 1, pushes
 
 
 def per_step(samples: list[dict[str, float]]) -> dict[float, tuple[int, float, float]]:
@@ -212,7 +224,7 @@ async def test_pinned_sessions_stay_put_while_a_member_warms_up(
         browser = Browser(f"http://{LOOPBACK}:{port}/")
         await browser.visit(old)
 
-    plane, envoy, port, backends = await bring_back(
+    plane, envoy, port, backends, _ = await bring_back(
         "maglev", start_control_plane, start_envoy, start_backends, etcd, etcd_client,
         pin=True, before=pin_while_away)
     assert browser is not None
