@@ -159,7 +159,7 @@ class Compiler:
                 inputs += (_resolved_for(spec, registrations, resolved),)
             ramp = warming.get(spec.name)
             if ramp:
-                inputs += (tuple(sorted(ramp.items())),)
+                inputs += (("warmup", tuple(sorted(ramp.items()))),)
             local = spec.site_names() if spec.site_affinity == "local" else ()
             for site in (None, *local):
                 cached = self._endpoints.get((spec.name, site))
