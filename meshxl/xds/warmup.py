@@ -116,7 +116,8 @@ def _warm_members(spec: ClusterSpec, state: RuntimeState) -> frozenset[str]:
 class WarmUp:
     """Which members ramp, and since when: a member starts a ramp when it takes new
     sessions and did not at the last rebuild (it joined, or came back after being lost,
-    withdrawn by a problem, syncing, overloaded, drained or held behind).
+    withdrawn by a problem, syncing, overloaded, drained or held behind), while another
+    member of its cluster did (with nobody serving, there is no one to spare).
 
     The first rebuild starts none: after a restart of the control plane, every member
     already serving keeps its full weight (a ramp under way at the restart ends then).
@@ -147,8 +148,8 @@ class WarmUp:
                 continue
             now_warm = warm[name] = _warm_members(spec, state)
             inputs[name] = key
-            if first or old is None:
-                continue  # a restart, or a cluster new to the ramp: nobody to spare
+            if first or not old:
+                continue  # a restart, a cluster new to the ramp, or nobody serving yet
             for member in now_warm - (old or frozenset()):
                 self._starts[(name, member)] = now
             for member in (old or frozenset()) - now_warm:

@@ -149,6 +149,15 @@ def test_a_member_that_joins_ramps_and_the_others_keep_their_weight() -> None:
     assert warm.at(spec, now + 1).fractions == {}
 
 
+def test_members_joining_a_cluster_where_nobody_serves_take_their_share_at_once() -> None:
+    spec = parse_model(model())
+    warm = WarmUp()
+    warm.update(spec, RuntimeState(), T0 - 10)
+    assert warm.update(spec, registered("m0", "m1"), T0).fractions == {}
+    assert warm.update(spec, registered("m0", "m1", "m2"), T0 + 1).fractions == {
+        "web": {"m2": 0.1}}
+
+
 def test_a_member_that_comes_back_ramps_again_from_the_start() -> None:
     spec = parse_model(model())
     warm = WarmUp()
@@ -304,3 +313,19 @@ def test_a_member_that_only_changed_between_serving_states_does_not_warm() -> No
     assert warming_of(read, T0 + 1) == {}
     read.states[("web", "m2")] = history("ready", "returning", T0)
     assert warming_of(read, T0 + 1)["web"]["m2"]["fraction"] == pytest.approx(0.2)
+
+
+def test_status_ramps_nobody_who_joined_where_nobody_served() -> None:
+    """As the control plane: members that came into an empty cluster together, or a
+    first one, take their share at once; one that came after them ramps."""
+    spec = parse_model(model())
+    states = {("web", "m0"): history("ready", "lost", T0),
+              ("web", "m1"): history("ready", "lost", T0)}
+    read = MeshRead(revision=7, model=spec, model_error=None, model_source="etcd",
+                    runtime=registered("m0", "m1"), states=dict(states))
+    assert warming_of(read, T0 + 1) == {}
+    states[("web", "m2")] = history("ready", "syncing", T0 + 0.5)
+    read = MeshRead(revision=8, model=spec, model_error=None, model_source="etcd",
+                    runtime=registered("m0", "m1", "m2"), states=states)
+    assert {m: w["fraction"] for m, w in warming_of(read, T0 + 1)["web"].items()} == {
+        "m2": pytest.approx(0.2)}

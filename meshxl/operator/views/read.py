@@ -175,22 +175,38 @@ _WARM_STATES = frozenset(str(s) for s in WARMS)
 def warming_of(read: MeshRead, now: float) -> dict[str, dict[str, dict[str, Any]]]:
     """Per cluster, the members still in their warm-up ramp at ``now``, as the control
     plane ramps them (:mod:`meshxl.xds.warmup`): the member history says since when
-    they take new sessions again (the change from a state in which they took none)."""
+    they take new sessions again (the change from a state in which they took none),
+    and another member took them before (with nobody serving, nobody ramps)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     if read.model is None:
         return out
     for spec in read.model.clusters:
         if not ramps(spec):
             continue
-        for m in cluster_view(spec, read.runtime).members:
-            history = read.states.get((spec.name, m.name), {})
-            if (m.state not in WARMS or history.get("state") != str(m.state)
-                    or history.get("from") in _WARM_STATES):
+        since = {m.name: _serving_since(read, spec.name, m)
+                 for m in cluster_view(spec, read.runtime).members if m.state in WARMS}
+        for name, started in since.items():
+            if started in (-math.inf, math.inf):
                 continue
-            at = epoch(history.get("at"))
-            share = 1.0 if at is None else fraction(spec.warmup, at, now)
+            if not any(other < started for n, other in since.items() if n != name):
+                continue  # it joined where nobody served: no ramp
+            share = fraction(spec.warmup, started, now)
             if share < 1.0:
-                out.setdefault(spec.name, {})[m.name] = {
-                    "fraction": share, "since": history.get("at"),
+                out.setdefault(spec.name, {})[name] = {
+                    "fraction": share, "since": read.states[(spec.name, name)].get("at"),
                     "window": spec.warmup}
     return out
+
+
+def _serving_since(read: MeshRead, cluster: str, member: Any) -> float:
+    """When a member that takes new sessions started to (its history's change from a
+    state in which it took none); -inf: long ago, +inf: a change not recorded yet."""
+    history = read.states.get((cluster, member.name))
+    if not history:
+        return -math.inf
+    if history.get("state") != str(member.state):
+        return math.inf
+    if history.get("from") in _WARM_STATES:
+        return -math.inf
+    at = epoch(history.get("at"))
+    return -math.inf if at is None else at
