@@ -181,6 +181,9 @@ def _labels(spec: ClusterSpec) -> dict[str, str]:
 def _load_balancer(spec: ClusterSpec) -> dict[str, Any]:
     st = spec.stickiness
     if st is None:
+        if spec.warmup > 0:  # Envoy's slow start; istiod's EDS cannot ramp a hash
+            return {"simple": "LEAST_REQUEST",
+                    "warmup": {"duration": _duration(spec.warmup), "minimumPercent": 10}}
         return {"simple": "LEAST_REQUEST"}
     hashing: dict[str, Any] = {}
     hashing.update(choose(_ISTIO_HASH_KEYS, st.key, "stickiness key")(st))

@@ -56,10 +56,10 @@ __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "Li
            "LightSessions", "LightSite", "parse_light"]
 
 CLUSTER_FIELDS = frozenset({
-    "name", "protocol", "websocket", "drain_window", "mode", "membership", "stickiness",
-    "sites", "site_affinity", "members", "health_check", "outlier_detection", "retries",
-    "listener", "route", "connect_timeout", "priority_spillover", "sessions", "failover",
-    "overrides"})
+    "name", "protocol", "websocket", "drain_window", "warmup", "mode", "membership",
+    "stickiness", "sites", "site_affinity", "members", "health_check", "outlier_detection",
+    "retries", "listener", "route", "connect_timeout", "priority_spillover", "sessions",
+    "failover", "overrides"})
 """Every field a cluster may have (``ClusterSpec``'s; a test keeps them equal)."""
 MODEL_FIELDS = frozenset({"clusters", "telemetry", "allow_empty"})
 

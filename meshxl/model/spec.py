@@ -81,6 +81,20 @@ Duration = Annotated[float, BeforeValidator(read_duration), Field(ge=0),
                      AfterValidator(check_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(read_duration), Field(gt=0),
                              AfterValidator(check_duration)]
+MAX_WARMUP = 600.0
+"""The longest warm-up window (10 minutes)."""
+
+
+def _check_warmup(value: float) -> float:
+    if value > MAX_WARMUP:
+        raise ValueError(f"warm-up window at most {MAX_WARMUP:g}s (10 minutes): a longer "
+                         "ramp keeps a member that came back below its share for longer "
+                         "than a failback should take; 0 turns warm-up off")
+    return value
+
+
+WarmUp = Annotated[float, BeforeValidator(read_duration), Field(ge=0),
+                   AfterValidator(check_duration), AfterValidator(_check_warmup)]
 Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
                           AfterValidator(check_member_address)]
@@ -392,6 +406,11 @@ class ClusterSpec(_Spec):
     """How long long-lived connections (gRPC streams, WebSockets, TCP) may stay after
     their member was drained (member down, site offline); then Envoy closes them and
     their clients reconnect to the new owner (docs/model.md, "Drains")."""
+    warmup: WarmUp = 5.0
+    """Warm-up (slow start): a member that joins or comes back gets its share over this
+    window, from a tenth of its weight up, in at most 10 steps; 0 turns it off. Hashed
+    clusters ramp through EDS weights (maglev and ring hash alike, pins stay where they
+    are), others use Envoy's slow start (docs/model.md, "Warm-up")."""
     mode: Mode = "high-availability"
     membership: Membership = "static"
     """static: listed members are always advertised (health checks decide);

@@ -119,6 +119,8 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
             state = str(m["state"])
             if m["problems"]:
                 state += f" ({', '.join(str(p) for p in m['problems'])})"
+            if m.get("warmup"):
+                state += f" (warming up: {m['warmup']['fraction'] * 100:.0f}% of its weight)"
             last = m["last_change"] or {}
             change = f"{_when(last.get('at'))} {last.get('reason') or ''}".strip()
             table.add_row(

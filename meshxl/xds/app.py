@@ -40,6 +40,7 @@ from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
 from .types import ENDPOINT
+from .warmup import Warming, WarmUp, report
 from .warnings import ModelWarnings
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,10 @@ class ControlPlane:
         self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
         self._failover_records: dict[tuple[str, str], bytes] = {}  # waiting to be written
         self._failover_pending = asyncio.Event()
-        self._drain_timer: asyncio.TimerHandle | None = None  # the next drain window's end
+        self._drain_timer: asyncio.TimerHandle | None = None  # next drain end or ramp step
+        self.warmup = WarmUp()
+        self.warming = Warming()
+        """The warm-up ramps under way (:mod:`meshxl.xds.warmup`)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -237,6 +241,7 @@ class ControlPlane:
             return
         runtime = self.runtime
         seen, self._changed_at = self._changed_at or time.time_ns(), None
+        now = time.time()
         revision = self.mesh.revision if self.mesh else None
         if self._built_model is not model:
             self.metrics.know_clusters(c.name for c in model.clusters)
@@ -247,7 +252,7 @@ class ControlPlane:
                 self.metrics.failovers.labels(loss.cluster, loss.cause).inc()
             self.failovers.detected(found, seen, revision)
             if self.history is not None and revision is not None:
-                self.history.record(member_transitions, revision)
+                self.history.record(member_transitions, revision, now)
         self.failovers.rebuilding()
         started = time.perf_counter()
         if self._dns_inputs is None or self._dns_inputs[0] is not model:
@@ -255,17 +260,21 @@ class ControlPlane:
             self._dns_inputs = (model, frozenset(hostnames(model)))
         self.resolver.want(self._dns_inputs[1].union(
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
-        drains = expired_drains(model, runtime, time.time())
-        self._wake_for_drain(drains.next_expiry)
+        drains = expired_drains(model, runtime, now)
+        warming = self.warmup.update(model, runtime, now)
+        self._wake_for_drain(min((t for t in (drains.next_expiry, warming.next_change)
+                                  if t is not None), default=None))
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,
-                                              drains.expired)
+                                              drains.expired, warming.fractions)
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
             log.error("model cannot be compiled, still serving the last good snapshot: %s", exc)
             return
         self._built_runtime, self._built_model = runtime, model
+        self.warming = warming
+        self.metrics.set_warming(warming.fractions)
         self.model_warnings.update(model, runtime)
         previous = self.cache.snapshot
         snapshot = Snapshot.build(resources.by_type(), previous=previous,
@@ -295,7 +304,8 @@ class ControlPlane:
                                          for t, v in snapshot.versions.items()))
 
     def _wake_for_drain(self, at: float | None) -> None:
-        """Rebuild when the next drain window ends (its long-lived connections close)."""
+        """Rebuild when the next drain window ends (its long-lived connections close) or
+        the next warm-up step is due."""
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
@@ -465,6 +475,7 @@ class ControlPlane:
             or (self.mesh.model_error if self.mesh else None),
             "compile_error": self.compile_error,
             "model_warnings": self.model_warnings.all(),
+            "warming": report(self.warming),
             "etcd": None if self.mesh is None else {
                 "revision": self.mesh.revision, "resyncs": self.mesh.resyncs,
                 "last_error": self.mesh.last_error,

@@ -29,6 +29,7 @@ from meshxl.xds.resources import (
     build_route_config,
     listener_name,
 )
+from meshxl.xds.warmup import warmed_view
 
 __all__ = ["Compiler", "Resources", "compile_resources"]
 
@@ -61,12 +62,14 @@ class Resources:
 
 def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
                       resolved: Mapping[str, tuple[str, ...]] | None = None,
-                      drained: frozenset[tuple[str, str]] = frozenset()) -> Resources:
+                      drained: frozenset[tuple[str, str]] = frozenset(),
+                      warming: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
     """The whole Envoy configuration for a model and the runtime state; ``resolved``
     maps member addresses that are host names to their IP addresses
     (:mod:`meshxl.xds.dns`); ``drained``: the (cluster, member) pairs whose drain
-    window has passed (:mod:`meshxl.xds.drains`)."""
-    return Compiler().compile(model, state, resolved, drained)
+    window has passed (:mod:`meshxl.xds.drains`); ``warming``: per cluster, the
+    fraction of their weight the members that ramp get now (:mod:`meshxl.xds.warmup`)."""
+    return Compiler().compile(model, state, resolved, drained, warming)
 
 
 def _listeners_of(model: ModelSpec) -> dict[tuple[str, int], list[ClusterSpec]]:
@@ -131,8 +134,10 @@ class Compiler:
 
     def compile(self, model: ModelSpec, state: RuntimeState | None = None,
                 resolved: Mapping[str, tuple[str, ...]] | None = None,
-                drained: frozenset[tuple[str, str]] = frozenset()) -> Resources:
+                drained: frozenset[tuple[str, str]] = frozenset(),
+                warming: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
         state = state or RuntimeState()
+        warming = warming or {}
         resolved = resolved or {}
         if model is not self._model:
             static = _compile_static(model)  # CompileError: the memo stays as it was
@@ -152,12 +157,16 @@ class Compiler:
                                        offline)
             if resolved:
                 inputs += (_resolved_for(spec, registrations, resolved),)
+            ramp = warming.get(spec.name)
+            if ramp:
+                inputs += (("warmup", tuple(sorted(ramp.items()))),)
             local = spec.site_names() if spec.site_affinity == "local" else ()
             for site in (None, *local):
                 cached = self._endpoints.get((spec.name, site))
                 if cached is None or cached[0] != inputs:
+                    view = cluster_view(spec, state, local_site=site)
                     cached = (inputs, build_load_assignment(
-                        cluster_view(spec, state, local_site=site), resolved))
+                        warmed_view(view, ramp) if ramp else view, resolved))
                 memo[(spec.name, site)] = cached
                 if site is None:
                     endpoints[spec.name] = cached[1]
@@ -185,6 +194,7 @@ def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],
 _SHAPE: dict[str, Any] = {"protocol": True, "websocket": True,
                           "mode": True, "stickiness": True, "health_check": True,
                           "outlier_detection": True, "retries": True, "connect_timeout": True,
+                          "warmup": True,
                           "route": {"prefix", "timeout"}}
 
 

@@ -152,8 +152,9 @@ def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> 
     return found
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def _now(at: float | None = None) -> str:
+    when = datetime.now(UTC) if at is None else datetime.fromtimestamp(at, UTC)
+    return when.isoformat(timespec="milliseconds")
 
 
 class MemberHistory:
@@ -163,7 +164,8 @@ class MemberHistory:
         self._client = client
         self._keys = keys
         self._replica = replica
-        self._queue: asyncio.Queue[tuple[int, list[Transition]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[int, list[Transition], float | None]] = (
+            asyncio.Queue())
         self._task: asyncio.Task[None] | None = None
         self.written = 0
         """Records this replica wrote (the others' were there first)."""
@@ -178,18 +180,21 @@ class MemberHistory:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def record(self, seen: Iterable[Transition], revision: int) -> None:
-        """Queue the transitions seen at etcd ``revision`` (no I/O here)."""
+    def record(self, seen: Iterable[Transition], revision: int,
+               at: float | None = None) -> None:
+        """Queue the transitions seen at etcd ``revision`` (no I/O here); ``at``: when
+        the rebuild saw them (Unix seconds; default: when they are written), the time a
+        warm-up ramp counts from (:mod:`meshxl.xds.warmup`)."""
         batch = list(seen)
         if batch:
-            self._queue.put_nowait((revision, batch))
+            self._queue.put_nowait((revision, batch, at))
 
     async def _run(self) -> None:
         while True:
-            revision, batch = await self._queue.get()
+            revision, batch, at = await self._queue.get()
             for attempt in range(3):
                 try:
-                    await self._write(revision, batch)
+                    await self._write(revision, batch, at)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -199,16 +204,16 @@ class MemberHistory:
                                 self.last_error, "; retrying" if attempt < 2 else "")
                     await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _write(self, revision: int, batch: list[Transition]) -> None:
+    async def _write(self, revision: int, batch: list[Transition], at: float | None) -> None:
         for start in range(0, len(batch), _TXN_OPS):
             chunk = batch[start:start + _TXN_OPS]
             # Compare-and-swap against what we read; a lost race re-reads and drops what
             # the winner already wrote (its records carry this revision).
             for _ in range(5):
-                if await self._swap(revision, chunk):
+                if await self._swap(revision, chunk, at):
                     break
 
-    async def _swap(self, revision: int, batch: list[Transition]) -> bool:
+    async def _swap(self, revision: int, batch: list[Transition], at: float | None) -> bool:
         tx = self._client.transactions
         compare, success = [], []
         keys = [self._keys.member_state(c.cluster, c.member).encode() for c in batch]
@@ -224,7 +229,7 @@ class MemberHistory:
                 compare.append(tx.mod(key) == got.mod_revision)
             else:
                 compare.append(tx.version(key) == 0)
-            record = self._record(transition, revision, old)
+            record = self._record(transition, revision, old, at)
             success.append(tx.put(key, json.dumps(record).encode()))
         if not success:
             return True
@@ -233,8 +238,9 @@ class MemberHistory:
             self.written += len(success)
         return bool(ok)
 
-    def _record(self, transition: Transition, revision: int, old: dict[str, Any]) -> dict[str, Any]:
-        now = _now()
+    def _record(self, transition: Transition, revision: int, old: dict[str, Any],
+                at: float | None = None) -> dict[str, Any]:
+        now = _now(at)
         record = {
             "state": transition.to_state, "from": transition.from_state,
             "reason": transition.reason,

@@ -73,6 +73,11 @@ class XdsMetrics:
                                     "cluster's model judged against its live members "
                                     "(Maglev table too small, high availability on one "
                                     "site).", ["cluster"], registry=r)
+        self.warmup = Gauge("meshxl_xds_member_warmup_fraction", "Fraction of its weight "
+                            "a member that joined or came back gets now, while its warm-up "
+                            "ramp lasts (no series once it is over).", ["cluster", "member"],
+                            registry=r)
+        self._warming: set[tuple[str, str]] = set()
         self._warning_counts: dict[str, int] = {}
         self._member_counts: dict[tuple[str, str], int] = {}
         self._clusters: set[str] = set()
@@ -107,6 +112,15 @@ class XdsMetrics:
         for (cluster, state), n in counts.items():
             self.members.labels(cluster, state).set(n)
         self._member_counts = dict(counts)
+
+    def set_warming(self, fractions: Mapping[str, Mapping[str, float]]) -> None:
+        """Set ``meshxl_xds_member_warmup_fraction``; a finished ramp loses its series."""
+        now = {(c, m): share for c, members in fractions.items() for m, share in members.items()}
+        for key in self._warming - now.keys():
+            self.warmup.remove(*key)
+        for (cluster, member), share in now.items():
+            self.warmup.labels(cluster, member).set(share)
+        self._warming = set(now)
 
     def set_model_warnings(self, counts: dict[str, int]) -> None:
         """Set ``meshxl_xds_model_warnings`` to ``counts``; a cluster gone loses its series."""

@@ -64,6 +64,7 @@ from meshxl.xds.protocols import (
     route_protocol,
     websocket_upgrades,
 )
+from meshxl.xds.warmup import MIN_FRACTION
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
@@ -130,6 +131,12 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     st = spec.stickiness
     if st is None:
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+        if spec.warmup > 0:
+            # Envoy's own slow start (least request and round robin only; hashed
+            # clusters ramp through EDS weights instead: meshxl.xds.warmup).
+            slow = c.least_request_lb_config.slow_start_config
+            slow.slow_start_window.CopyFrom(_dur(spec.warmup))
+            slow.min_weight_percent.value = 100 * MIN_FRACTION
     else:
         choose(_LB_POLICIES, st.algorithm, "stickiness algorithm")(c, st)
     if st is not None and st.balance_factor is not None:

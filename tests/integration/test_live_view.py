@@ -27,6 +27,7 @@ from meshxl.local.deployment import DemoDeployment
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
+from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.ui import SECURITY_HEADERS, install
 from meshxl.xds.app import ControlPlane
@@ -308,3 +309,46 @@ async def test_no_ui_serves_only_the_status_endpoints(control_plane_process: Any
         code, _ = await plane.get(path)
         assert code == 404, path
     assert (await plane.get("/v1/status"))[0] == 200
+
+
+WARMING_MODEL = """\
+clusters:
+- name: w
+  mode: load-sharing
+  membership: registered
+  warmup: 4s
+  stickiness: {header: x-session-id}
+"""
+
+
+async def test_the_page_shows_a_member_warming_up(
+    chromium: str, plane: ControlPlane, etcd_client: aetcd.Client, tmp_path: Path,
+) -> None:
+    """A member that joins a hashed cluster ramps (docs/model.md, "Warm-up"): the page
+    says so, with its ramped share below the others', until the ramp ends."""
+    keys = Keys()
+    await apply_model(etcd_client, keys, WARMING_MODEL, "test")
+    registration = {"address": "127.0.0.1", "port": 9000, "ready": True, "problems": []}
+    await etcd_client.put(keys.member("w", "m1").encode(), json.dumps(registration).encode())
+    # m1 joins a cluster where nobody serves: it takes its share at once.
+    await wait_until(lambda: etcd_client.get(keys.member_state("w", "m1").encode()),
+                     timeout=10, what="m1 in the member history")
+    assert plane.warming.fractions == {}
+    await etcd_client.put(keys.member("w", "m2").encode(), json.dumps(
+        {**registration, "port": 9001}).encode())
+    async with open_page(tmp_path / "profile") as (page, console):
+        await page.goto(f"http://127.0.0.1:{plane.admin_port}/ui/?interval={POLL}")
+        row = 'tr.member[data-member="m2"]'
+        await wait_for_js(page, f"""(document.querySelector('{row}') || {{}})
+            .textContent?.includes('warming up') === true""", timeout=5,
+                          what="m2 shown warming up")
+        rows = await page.eval_on_selector_all(
+            "tr.member", "rows => rows.map(r => [r.dataset.member, r.textContent, "
+            "r.querySelector('meter').value])")
+        shares = {name: value for name, _, value in rows}
+        assert shares["m2"] < shares["m1"], rows
+        await wait_for_js(page, f"""(document.querySelector('{row}') || {{}})
+            .textContent?.includes('warming up') === false""", timeout=10,
+                          what="m2's ramp over")
+        assert_clean(console)
+

@@ -136,7 +136,10 @@ async def test_pinned_sessions_stay_when_members_join_and_others_leave(
     write_model(model, pinned_cluster(backends, port))
     await wait_members(envoy, "web", 5)
     assert not moved(placed, await browser.visit(sessions)), "a join moved pinned sessions"
-    # ... and the new members take their share of new sessions (the hash places them).
+    # ... and the new members take their share of new sessions (the hash places them)
+    # once their warm-up has brought them to their full weight (docs/model.md).
+    await envoy.wait_hosts("web", lambda hs: len({h.weight for h in hs}) == 1, timeout=15,
+                           what="the joined members warmed up")
     fresh = await browser.visit([f"new{i}" for i in range(200)])
     share = Counter(fresh.values())
     for b in extra:

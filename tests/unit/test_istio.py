@@ -452,8 +452,10 @@ def test_local_site_affinity_prefers_the_clients_own_site() -> None:
 def test_shared_rank_sites_without_stickiness_or_retries() -> None:
     rendered = render("LS_SHARED_RANK")
     policy = traffic_policy(rendered)
+    # Without stickiness the warm-up is Envoy's slow start, which Istio configures.
     assert policy["loadBalancer"] == {"simple": "LEAST_REQUEST",
-                                      "localityLbSetting": {"enabled": False}}
+                                      "localityLbSetting": {"enabled": False},
+                                      "warmup": {"duration": "5s", "minimumPercent": 10}}
     assert "retryBudget" not in policy
     assert list(patches(rendered)) == ["CLUSTER"]
 

@@ -13,18 +13,20 @@ import asyncio
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aetcd
 
 from meshxl.etcd.keys import MEMBERS, Keys
 from meshxl.etcd.mesh import runtime_from_values
-from meshxl.model import ModelError, ModelSpec, RuntimeState, parse_model
+from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.load import model_warnings as judged
 from meshxl.xds.dns import hostnames, resolve_names
+from meshxl.xds.warmup import WARMS, fraction, ramps
 
-__all__ = ["MeshRead", "clusters_of", "count", "load_record", "model_warnings", "number",
-           "read_mesh", "text"]
+__all__ = ["MeshRead", "clusters_of", "count", "epoch", "load_record", "model_warnings",
+           "number", "read_mesh", "text", "warming_of"]
 
 
 @dataclass
@@ -154,3 +156,57 @@ def count(value: Any) -> int:
     """A non-negative whole number from a record (0 when it is not one)."""
     found = number(value)
     return int(found) if found is not None and found >= 0 else 0
+
+
+def epoch(value: Any) -> float | None:
+    """Epoch seconds of a history time (ISO text) or number."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return number(value)
+
+
+_WARM_STATES = frozenset(str(s) for s in WARMS)
+
+
+def warming_of(read: MeshRead, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per cluster, the members still in their warm-up ramp at ``now``, as the control
+    plane ramps them (:mod:`meshxl.xds.warmup`): the member history says since when
+    they take new sessions again (the change from a state in which they took none),
+    and another member took them before (with nobody serving, nobody ramps)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if read.model is None:
+        return out
+    for spec in read.model.clusters:
+        if not ramps(spec):
+            continue
+        since = {m.name: _serving_since(read, spec.name, m)
+                 for m in cluster_view(spec, read.runtime).members if m.state in WARMS}
+        for name, started in since.items():
+            if started in (-math.inf, math.inf):
+                continue
+            if not any(other < started for n, other in since.items() if n != name):
+                continue  # it joined where nobody served: no ramp
+            share = fraction(spec.warmup, started, now)
+            if share < 1.0:
+                out.setdefault(spec.name, {})[name] = {
+                    "fraction": share, "since": read.states[(spec.name, name)].get("at"),
+                    "window": spec.warmup}
+    return out
+
+
+def _serving_since(read: MeshRead, cluster: str, member: Any) -> float:
+    """When a member that takes new sessions started to (its history's change from a
+    state in which it took none); -inf: long ago, +inf: a change not recorded yet."""
+    history = read.states.get((cluster, member.name))
+    if not history:
+        return -math.inf
+    if history.get("state") != str(member.state):
+        return math.inf
+    if history.get("from") in _WARM_STATES:
+        return -math.inf
+    at = epoch(history.get("at"))
+    return -math.inf if at is None else at

@@ -6,33 +6,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from meshxl.model import MemberState, cluster_view
 from meshxl.model.runtime import PLACES_NEW, MemberView
 from meshxl.operator.views.failovers import failover_report
-from meshxl.operator.views.read import MeshRead, clusters_of, count, model_warnings, number
+from meshxl.operator.views.read import (
+    MeshRead,
+    clusters_of,
+    count,
+    epoch,
+    model_warnings,
+    warming_of,
+)
 from meshxl.operator.views.sync import sync_report
 from meshxl.xds.history import reason
 from meshxl.xds.types import short_type
+from meshxl.xds.warmup import warmed_view
 
 __all__ = ["DEPARTED_SECONDS", "live_report", "status_report"]
 
 
 DEPARTED_SECONDS = 300.0
 """How long a member whose registration ended stays listed as lost (``departed``)."""
-
-
-def _epoch(value: Any) -> float | None:
-    """Epoch seconds of a history time (ISO text) or number."""
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    return number(value)
 
 
 def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> list[dict[str, Any]]:
@@ -43,7 +39,7 @@ def _departed(read: MeshRead, cluster: str, present: set[str], now: float) -> li
     for (c, member), history in sorted(read.states.items()):
         if c != cluster or member in present or history.get("state") != str(MemberState.LOST):
             continue
-        at = _epoch(history.get("at"))
+        at = epoch(history.get("at"))
         if at is None or now - at > DEPARTED_SECONDS:
             continue
         out.append({"name": member, "state": str(MemberState.LOST),
@@ -62,7 +58,9 @@ def status_report(read: MeshRead, cluster: str | None = None,
     clusters = []
     for spec in clusters_of(read, cluster):
         view = cluster_view(spec, read.runtime)
-        shares = _shares(view.members)
+        warming = warming_of(read, now).get(spec.name, {})
+        shares = _shares(warmed_view(view, {name: w["fraction"]
+                                            for name, w in warming.items()}).members)
         members = []
         for m in view.members:
             key = (spec.name, m.name)
@@ -79,6 +77,8 @@ def status_report(read: MeshRead, cluster: str | None = None,
                 "priority": m.priority if m.advertised else None,
                 "role": str(m.role), "share": round(shares.get(m.name, 0.0), 4),
                 "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
+                "warmup": None if m.name not in warming else {
+                    **warming[m.name], "fraction": round(warming[m.name]["fraction"], 4)},
                 "problem_details": registration.get("problem_details", {}),
                 "admin": None if admin is None else vars(admin),
                 "site_admin": None if site_admin is None else vars(site_admin),

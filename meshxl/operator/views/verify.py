@@ -17,7 +17,7 @@ import aetcd
 import aiohttp
 
 from meshxl.etcd.keys import Keys
-from meshxl.operator.views.read import MeshRead, model_warnings, read_mesh
+from meshxl.operator.views.read import MeshRead, model_warnings, read_mesh, warming_of
 from meshxl.proxy.admin import EnvoyAdmin
 from meshxl.xds.cache import Snapshot
 from meshxl.xds.compiler import compile_resources
@@ -72,9 +72,17 @@ def expected_snapshot(read: MeshRead) -> Snapshot | None:
     if read.model is None:
         return None
     # The listeners depend on which drain windows have passed, as in the control plane.
-    drained = expired_drains(read.model, read.runtime, time.time()).expired
-    resources = compile_resources(read.model, read.runtime, read.resolved, drained)
+    now = time.time()
+    drained = expired_drains(read.model, read.runtime, now).expired
+    resources = compile_resources(read.model, read.runtime, read.resolved, drained,
+                                  _ramps(read, now))
     return Snapshot.build(resources.by_type(), zones=resources.by_zone())
+
+
+def _ramps(read: MeshRead, now: float) -> dict[str, dict[str, float]]:
+    """The warm-up ramps under way, as the control plane applies them to EDS weights."""
+    return {cluster: {m: w["fraction"] for m, w in members.items()}
+            for cluster, members in warming_of(read, now).items()}
 
 
 def expected_versions(read: MeshRead, zone: str = "") -> dict[str, str]:
@@ -89,7 +97,8 @@ def expected_endpoints(read: MeshRead, zone: str = "") -> dict[str, list[dict[st
     out: dict[str, list[dict[str, Any]]] = {}
     if read.model is None:
         return out
-    resources = compile_resources(read.model, read.runtime, read.resolved)
+    resources = compile_resources(read.model, read.runtime, read.resolved,
+                                  warming=_ramps(read, time.time()))
     for name, cla in {**resources.endpoints, **resources.zones.get(zone, {})}.items():
         hosts = []
         for group in cla.endpoints:

@@ -158,6 +158,9 @@
     const last = m.last_change || {};
     let state = m.state;
     if (m.problems && m.problems.length) state += ` (${m.problems.join(", ")})`;
+    if (m.warmup && isNumber(m.warmup.fraction)) {
+      state += ` (warming up: ${(m.warmup.fraction * 100).toFixed(0)}% of its weight)`;
+    }
     const share = isNumber(m.share) ? m.share : 0;
     const meter = el("meter", { title: `${(share * 100).toFixed(1)}% of new sessions` });
     meter.min = 0;
