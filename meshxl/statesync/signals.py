@@ -52,6 +52,10 @@ class Window:
         self.span = span
         self._clock = clock
         self._samples: deque[tuple[float, float]] = deque(maxlen=limit)
+        self._summarized: tuple[int, tuple[float, float] | None, dict[str, Any]] = (
+            0, None, {"samples": 0})
+        """The last summary, with the count and newest sample it was made of: the
+        figures of one scrape are read one by one, the samples sorted once."""
 
     def add(self, value: float) -> None:
         self._samples.append((self._clock(), value))
@@ -70,11 +74,18 @@ class Window:
         """``{"samples": n, "last": ..., "p99": ..., "max": ...}`` in seconds; with no
         sample in the window only ``{"samples": 0}``: nothing measured, not zero."""
         self._prune()
-        values = [v for _, v in self._samples]
-        if not values:
-            return {"samples": 0}
-        return {"samples": len(values), "last": values[-1],
-                "p99": nearest_rank(values, QUANTILE), "max": max(values)}
+        samples = self._samples
+        newest = samples[-1] if samples else None
+        count, made_of, summary = self._summarized
+        if count == len(samples) and made_of is newest:
+            return dict(summary)
+        values = [v for _, v in samples]
+        summary = {"samples": len(values)}
+        if values:
+            summary.update(last=values[-1], p99=nearest_rank(values, QUANTILE),
+                           max=max(values))
+        self._summarized = (len(values), newest, summary)
+        return dict(summary)
 
     def stat(self, name: str) -> float:
         """One figure of :meth:`summary` (``last``, ``p99``, ``max``); NaN without

@@ -73,6 +73,9 @@ def test_a_window_is_bounded_in_count() -> None:
     for i in range(10_000):
         window.add(float(i))
     assert window.summary() == {"samples": 16, "last": 9999.0, "p99": 9999.0, "max": 9999.0}
+    window.add(0.5)  # a full window moves on: the summary is made again
+    assert window.summary() == {"samples": 16, "last": 0.5, "p99": 9999.0, "max": 9999.0}
+    assert window.stat("last") == 0.5
 
 
 async def test_the_loop_lag_rises_when_the_loop_is_blocked() -> None:
