@@ -58,10 +58,14 @@ class Window:
         figures of one scrape are read one by one, the samples sorted once."""
 
     def add(self, value: float) -> None:
-        self._samples.append((self._clock(), value))
+        """One sample, now; what is older than the window goes (an unread window
+        holds no more than a read one)."""
+        now = self._clock()
+        self._samples.append((now, value))
+        self._prune(now)
 
-    def _prune(self) -> None:
-        oldest = self._clock() - self.span
+    def _prune(self, now: float | None = None) -> None:
+        oldest = (self._clock() if now is None else now) - self.span
         samples = self._samples
         while samples and samples[0][0] < oldest:
             samples.popleft()

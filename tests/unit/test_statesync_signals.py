@@ -68,6 +68,15 @@ def test_a_window_keeps_only_its_last_seconds() -> None:
     assert math.isnan(window.stat("last"))
 
 
+def test_an_unread_window_holds_no_more_than_its_seconds() -> None:
+    clock = Clock()
+    window = Window(span=1.0, clock=clock)
+    for _ in range(100):
+        window.add(0.001)
+        clock.now += 0.25
+    assert len(window._samples) == 5  # the last second, both ends: trimmed, read or not
+
+
 def test_a_window_is_bounded_in_count() -> None:
     window = Window(span=1e9, limit=16, clock=Clock())
     for i in range(10_000):
