@@ -17,6 +17,8 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
+from .signals import Signals
+
 __all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Registry", "StatesyncMetrics",
            "go_float"]
 
@@ -315,11 +317,34 @@ class StatesyncMetrics:
         self.connections = Gauge("meshxl_statesync_http_connections", "Client connections "
                                  "of the API open.", registry=r)
 
+        self.signals = Signals()
+        self._signal_gauges(r)
+
         # Children looked up once each.
         self.bulk_request = functools.cache(self.bulk_requests.labels)
         self.bulk_item = functools.cache(self.bulk_items.labels)
         self._batch_size = functools.cache(self.batch_size.labels)
         self._batch_seconds = functools.cache(self.batch_seconds.labels)
+
+    def _signal_gauges(self, r: Registry) -> None:
+        """The signals of a sick member (signals.py), read when exposed: NaN for a
+        window without samples, no pressure series without PSI."""
+        signals = self.signals
+        lag = Gauge("meshxl_statesync_event_loop_lag_seconds", "How late the sidecar's "
+                    "event loop ran a timer due every 0.25 s, over the last 10 s (stat: "
+                    "last, p99, max; NaN without samples).", ["stat"], registry=r)
+        commit = Gauge("meshxl_statesync_etcd_commit_seconds", "Time of this sidecar's "
+                       "write transactions to etcd, sent to answered, over the last 10 s "
+                       "(stat: last, p99, max; NaN without samples).", ["stat"], registry=r)
+        for stat in ("last", "p99", "max"):
+            lag.labels(stat).function = functools.partial(signals.loop_lag.window.stat, stat)
+            commit.labels(stat).function = functools.partial(signals.commits.stat, stat)
+        pressure = Gauge("meshxl_statesync_cpu_pressure_ratio", "CPU pressure (PSI some "
+                         "avg10, 0-1): the share of the last 10 s in which a runnable task "
+                         "waited for a CPU, of this process's cgroup or, without one, of "
+                         "the machine (source).", ["source"], registry=r)
+        if signals.pressure.source is not None:
+            pressure.labels(signals.pressure.source[0]).function = signals.pressure.ratio
 
     def http_limit(self, limit: str) -> None:
         self.http_limits.labels(limit).inc()
@@ -327,6 +352,7 @@ class StatesyncMetrics:
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
         self._batch_size(kind).observe(size)
         self._batch_seconds(kind).observe(seconds)
+        self.signals.on_batch(kind, seconds)
 
     def render(self) -> bytes:
         """``GET /metrics``: every metric in Prometheus' text format."""

@@ -129,6 +129,7 @@ class Sidecar:
                              for part in self.parts}
             self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        self.metrics.signals.loop_lag.start()
         self._tasks.append(loop.create_task(self._publish_sync()))
         if not self.narrow:
             self._tasks.append(loop.create_task(self.following.mesh.run()))
@@ -153,6 +154,7 @@ class Sidecar:
             await self.membership.set_ready(True)
 
     async def stop(self) -> None:
+        self.metrics.signals.loop_lag.stop()
         tasks = {*self._tasks, *(self._watches or {}).values()}
         for task in tasks:
             task.cancel()
@@ -246,7 +248,9 @@ class Sidecar:
             lease = self.membership.lease_id
             if lease is None:
                 continue
-            value = sync_stats_value({**self.status(), "publish_interval": interval},
+            # Without the signals: the CPU pressure is read on demand, not on a timer.
+            value = sync_stats_value({**self.status(signals=False),
+                                      "publish_interval": interval},
                                      time.time())
             try:
                 async with asyncio.timeout(max(interval, 1.0)):
@@ -334,9 +338,10 @@ class Sidecar:
         self.metrics.undecodable_sessions.set(sum(len(p.cache.undecodable) for p in self.parts))
         self.metrics.etcd_unreachable.set(self.membership.unreachable_for or 0.0)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, signals: bool = True) -> dict[str, Any]:
         """The sidecar as ``/v1/status`` and ``meshxl sync`` show it. With shards, the
-        cache's figures are the first shard's and ``shards`` has each one's."""
+        cache's figures are the first shard's and ``shards`` has each one's.
+        ``signals``: with those of a sick member (signals.py; ``/v1/status`` only)."""
         s, following = self.sessions, self.following
         shards = s.status() if isinstance(s, ShardedSessions) else None
         return {
@@ -361,6 +366,7 @@ class Sidecar:
                          "replication": s.settings.replication},
             "role": str(following.role), "holds_all_sessions": self.holds_all,
             "started": self.started, "shards": shards,
+            **({"signals": self.metrics.signals.status()} if signals else {}),
         }
 
 
