@@ -107,6 +107,13 @@ async def one_failover(d: DemoDeployment, kind: str, target: str, sessions: int,
     load = asyncio.create_task(traffic.run())
     try:
         await asyncio.sleep(STEADY)
+        # How many sessions the killed member serves at the kill: only those can break,
+        # and a run whose sessions sit elsewhere measures nothing of a failover.
+        last: dict[str, str | None] = {}
+        for r in traffic.records:
+            if r.ok:
+                last[r.session] = r.member
+        on_killed = sum(1 for m in last.values() if m == KILLED)
         kill = await d.kill_member(KILLED)
 
         def back() -> bool:
@@ -130,7 +137,7 @@ async def one_failover(d: DemoDeployment, kind: str, target: str, sessions: int,
     out: dict[str, Any] = {
         "requests": len(records), "failed": sum(1 for r in records if not r.ok),
         "lost_writes": lost + sum(regressions(records).values()),
-        "unreadable_sessions": unreadable}
+        "unreadable_sessions": unreadable, "on_killed_member": on_killed}
     if admin is not None:
         out["envoy_counters"] = {k: after[k] - counted.get(k, 0) for k in after}
     if kind in ("http", "grpc"):
@@ -192,6 +199,7 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
                 result["order"] = order.index(proxy)
                 per_proxy[proxy].append(result)
                 print(f"  {kind:<9} run {run + 1} {proxy:<12} "
+                      f"on {KILLED} at the kill {result['on_killed_member']}, "
                       f"p99 {summary_ms(result['times_ms']).get('p99')} ms, failed "
                       f"{result['failed']}, lost {result['lost_writes']} "
                       f"{result.get('envoy_counters', '')}", flush=True)
