@@ -12,6 +12,7 @@ against prometheus-client itself, with generated names, label values and numbers
 
 from __future__ import annotations
 
+import abc
 import bisect
 import functools
 import math
@@ -58,7 +59,7 @@ def _labels(pairs: Sequence[tuple[str, str]]) -> str:
     return "{" + ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(pairs)) + "}"
 
 
-class _Family:
+class _Family(abc.ABC):
     """A metric and its children, one per label set (created on first use)."""
 
     kind = ""
@@ -74,8 +75,9 @@ class _Family:
         if not self.labelnames:
             self._unlabelled = self._child(())
 
+    @abc.abstractmethod
     def _new(self) -> _Child:
-        raise NotImplementedError
+        """A child of this kind (a counter's or gauge's value, a histogram's buckets)."""
 
     def _child(self, values: tuple[str, ...]) -> _Child:
         child = self._children.get(values)
@@ -99,11 +101,12 @@ class _Family:
         return out
 
 
-class _Child:
+class _Child(abc.ABC):
     __slots__ = ()
 
+    @abc.abstractmethod
     def lines(self, name: str, labels: tuple[tuple[str, str], ...], out: list[str]) -> None:
-        raise NotImplementedError
+        """Append the child's sample lines to ``out``."""
 
 
 class _Value(_Child):

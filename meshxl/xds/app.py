@@ -108,7 +108,7 @@ class ControlPlane:
         self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
         self._failover_records: dict[tuple[str, str], bytes] = {}  # waiting to be written
         self._failover_pending = asyncio.Event()
-        self._drain_timer: asyncio.TimerHandle | None = None  # next drain end or ramp step
+        self._wake_timer: asyncio.TimerHandle | None = None  # next drain end or ramp step
         self.warmup = WarmUp()
         self.warming = Warming()
         """The warm-up ramps under way (:mod:`meshxl.xds.warmup`)."""
@@ -165,7 +165,7 @@ class ControlPlane:
                 "TLS" if self.tls.client_ca is None else "mutual TLS", self.ads.auth.describe())
 
     async def stop(self) -> None:
-        self._wake_for_drain(None)
+        self._wake_at(None)
         if self._grpc is not None:
             await self._grpc.stop(grace=0.5 if self._serving else None)
         for task in self._tasks:
@@ -262,7 +262,7 @@ class ControlPlane:
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
         drains = expired_drains(model, runtime, now)
         warming = self.warmup.update(model, runtime, now)
-        self._wake_for_drain(min((t for t in (drains.next_expiry, warming.next_change)
+        self._wake_at(min((t for t in (drains.next_expiry, warming.next_change)
                                   if t is not None), default=None))
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,
@@ -303,15 +303,15 @@ class ControlPlane:
         log.info("snapshot %s", " ".join(f"{t.rsplit('.', 1)[-1]}={v}"
                                          for t, v in snapshot.versions.items()))
 
-    def _wake_for_drain(self, at: float | None) -> None:
+    def _wake_at(self, at: float | None) -> None:
         """Rebuild when the next drain window ends (its long-lived connections close) or
         the next warm-up step is due."""
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
         if at is not None:
             delay = max(0.0, at - time.time()) + 0.001
-            self._drain_timer = asyncio.get_running_loop().call_later(delay, self._changed)
+            self._wake_timer = asyncio.get_running_loop().call_later(delay, self._changed)
 
     # -- failovers ----------------------------------------------------------------------
 

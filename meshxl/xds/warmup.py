@@ -150,16 +150,17 @@ class WarmUp:
             inputs[name] = key
             if first or not old:
                 continue  # a restart, a cluster new to the ramp, or nobody serving yet
-            for member in now_warm - (old or frozenset()):
+            for member in now_warm - old:
                 self._starts[(name, member)] = now
-            for member in (old or frozenset()) - now_warm:
+            for member in old - now_warm:
                 self._starts.pop((name, member), None)
         self._warm, self._inputs = warm, inputs
         return self.at(model, now)
 
     def at(self, model: ModelSpec, now: float) -> Warming:
         """The ramps under way at ``now``; finished ones are forgotten."""
-        out = Warming()
+        fractions: dict[str, dict[str, float]] = {}
+        starts: dict[str, dict[str, float]] = {}
         due: list[float] = []
         specs = {s.name: s for s in model.clusters if ramps(s)}
         for (cluster, member), started in list(self._starts.items()):
@@ -171,12 +172,12 @@ class WarmUp:
             if share >= 1.0:
                 del self._starts[(cluster, member)]
                 continue
-            out.fractions.setdefault(cluster, {})[member] = share
-            out.starts.setdefault(cluster, {})[member] = started
+            fractions.setdefault(cluster, {})[member] = share
+            starts.setdefault(cluster, {})[member] = started
             change = next_change(spec.warmup, started, now)
             if change is not None:
                 due.append(change)
-        return Warming(out.fractions, out.starts, min(due) if due else None)
+        return Warming(fractions, starts, min(due) if due else None)
 
 
 def report(warming: Warming, clusters: Iterable[str] | None = None) -> dict[str, object]:
