@@ -19,12 +19,13 @@ from meshxl.errors import InputError
 
 __all__ = [
     "ALGORITHMS", "ALL_WITHDRAWN", "DEFAULT_SITE", "FAILBACKS", "HASH_KEYS",
-    "HEALTH_CHECK_TYPES", "HIGH_AVAILABILITY", "MAX_DURATION", "MEMBERSHIPS", "MIN_DURATION",
-    "MODES", "NAME_PATTERN", "PIN_CARRIERS", "PROTOCOLS", "REGISTERED", "REPLICATIONS",
-    "SITE_AFFINITIES", "Algorithm", "AllWithdrawn", "Failback", "HashKey", "HealthCheckType",
-    "Membership", "Mode", "ModelError", "PinCarrier", "Problem", "Protocol", "Replication",
-    "SiteAffinity", "UnknownChoice", "check_duration", "check_member_address", "choose",
-    "is_ip_literal", "parse_duration", "read_duration",
+    "HEALTH_CHECK_TYPES", "HIGH_AVAILABILITY", "MAX_DURATION", "MEMBERSHIPS",
+    "MIN_DURATION", "MODES", "NAME_PATTERN", "PIN_CARRIERS", "PROTOCOLS", "REGISTERED",
+    "REPLICATIONS", "SITE_AFFINITIES", "Algorithm", "AllWithdrawn", "DegradeAction",
+    "Failback", "HashKey", "HealthCheckType", "Membership", "Mode", "ModelError",
+    "PinCarrier", "Problem", "Protocol", "Replication", "Shares", "SiteAffinity",
+    "UnknownChoice", "check_duration", "check_member_address", "choose", "is_ip_literal",
+    "parse_duration", "read_duration",
 ]
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
@@ -45,6 +46,8 @@ HASH_KEYS: tuple[HashKey, ...] = get_args(HashKey)
 Mode = Literal["high-availability", "load-sharing"]
 MODES: tuple[Mode, ...] = get_args(Mode)
 Membership = Literal["static", "registered"]
+DegradeAction = Literal["move", "report", "off"]
+Shares = Literal["static", "load"]
 MEMBERSHIPS: tuple[Membership, ...] = get_args(Membership)
 Replication = Literal["all", "narrow"]
 REPLICATIONS: tuple[Replication, ...] = get_args(Replication)

@@ -59,7 +59,7 @@ CLUSTER_FIELDS = frozenset({
     "name", "protocol", "websocket", "drain_window", "warmup", "mode", "membership",
     "stickiness", "sites", "site_affinity", "members", "health_check", "outlier_detection",
     "retries", "listener", "route", "connect_timeout", "priority_spillover", "sessions",
-    "failover", "overrides"})
+    "failover", "overrides", "degradation", "shares"})
 """Every field a cluster may have (``ClusterSpec``'s; a test keeps them equal)."""
 MODEL_FIELDS = frozenset({"clusters", "telemetry", "allow_empty"})
 

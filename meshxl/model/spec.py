@@ -47,6 +47,7 @@ from .basics import REPLICATIONS as REPLICATIONS
 from .basics import SITE_AFFINITIES as SITE_AFFINITIES
 from .basics import Algorithm as Algorithm
 from .basics import AllWithdrawn as AllWithdrawn
+from .basics import DegradeAction as DegradeAction
 from .basics import Failback as Failback
 from .basics import HashKey as HashKey
 from .basics import HealthCheckType as HealthCheckType
@@ -55,6 +56,7 @@ from .basics import Mode as Mode
 from .basics import PinCarrier as PinCarrier
 from .basics import Protocol as Protocol
 from .basics import Replication as Replication
+from .basics import Shares as Shares
 from .basics import SiteAffinity as SiteAffinity
 from .basics import UnknownChoice as UnknownChoice
 from .basics import check_duration as check_duration
@@ -263,6 +265,43 @@ class OutlierDetection(_Spec):
     beyond the bound are still removed by active health checks."""
 
 
+class Degradation(_Spec):
+    """A sick member: slower, or failing more, than its peers while its health check
+    passes (docs/faults.md). The control plane compares each member's requests, as
+    the Envoys see them, with its peers'; a member worse by the margins below for
+    ``detect`` is DEGRADED, until it has been within them for ``recover``."""
+
+    action: DegradeAction = "move"
+    """``move``: a degraded load-sharing member's share of new sessions is halved every
+    ``step`` down to ``min_share``; a degraded active hands its role to the standby
+    (predictive failover) once a probe shows the standby serves better. ``report``:
+    shown and counted, nothing moves. ``off``: not measured (no access log)."""
+    latency_factor: float = Field(default=3.0, ge=1.2, le=100.0)
+    """Slower: its p90 latency at least this many times its peers' (their median)."""
+    latency_margin: Duration = 0.025
+    """and at least this much slower, so fast services are not judged on microseconds."""
+    error_margin: float = Field(default=0.05, gt=0.0, le=1.0)
+    """Failing more: its share of failed requests above its peers' by at least this."""
+    detect: PositiveDuration = 1.5
+    """How long a member must be worse before it is degraded (a GC pause, a burst or
+    one slow request never lasts this long at every sample)."""
+    recover: PositiveDuration = 30.0
+    """How long a degraded member must be within the margins before it gets its share
+    back (over the cluster's ``warmup`` ramp)."""
+    min_requests: Count = 20
+    """The fewest requests a member (and its peers) must have served over ``detect``
+    to be judged at all."""
+    min_share: float = Field(default=0.1, ge=0.0, le=1.0)
+    """The lowest fraction of its weight a degraded load-sharing member keeps (0: none,
+    it serves only the sessions pinned to it)."""
+    step: PositiveDuration = 1.0
+    """Time between two weight steps of a degraded member (each moves at most half of
+    the sessions it still has)."""
+    probe_share: float = Field(default=0.05, gt=0.0, le=0.5)
+    """High availability: the share of the active's sessions sent to the standby to
+    compare the two before a predictive failover (their state is replicated there)."""
+
+
 GRPC_RETRY_CONDITIONS = (
     "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
 )
@@ -435,6 +474,13 @@ class ClusterSpec(_Spec):
     sessions: SessionSync = SessionSync()
     failover: Failover = Failover()
     overrides: Overrides = Overrides()
+    degradation: Degradation = Degradation()
+    """Sick members: detected relative to their peers, moved from step by step
+    (docs/faults.md)."""
+    shares: Shares = "static"
+    """Load sharing: ``static`` shares follow the weights; ``load`` shares follow the
+    members' capacity too (a member whose requests take twice its peers' gets about
+    half the share), in bounded steps (docs/faults.md)."""
 
     @model_validator(mode="after")
     def _protocol_defaults(self) -> ClusterSpec:
