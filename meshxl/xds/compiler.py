@@ -154,7 +154,7 @@ class Compiler:
         for spec in model.clusters:
             registrations = state.registrations_of(spec.name)
             inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
-                                       offline)
+                                       offline, state.health_of(spec.name))
             if resolved:
                 inputs += (_resolved_for(spec, registrations, resolved),)
             ramp = warming.get(spec.name)
