@@ -28,6 +28,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
 
+from .accesslog import AccessLogReceiver
 from .cache import Snapshot, SnapshotCache
 from .compiler import Compiler
 from .config import ControlPlaneConfig
@@ -40,6 +41,8 @@ from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
 from .types import ENDPOINT
+from .upstream import UpstreamSignals
+from .upstream import status as upstream_status
 from .warmup import Warming, WarmUp, report
 from .warnings import ModelWarnings
 
@@ -79,6 +82,10 @@ class ControlPlane:
                              metrics=self.metrics, auth=config.auth(),
                              max_nodes=config.max_nodes,
                              max_nodes_per_credential=config.max_nodes_per_credential)
+        self.upstream = UpstreamSignals()
+        """Per upstream host requests, errors and latency, from the Envoys' access logs."""
+        self.access_log = AccessLogReceiver(self.upstream, self.ads.auth, self.metrics,
+                                            connected_from=self.ads.connected_from)
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -129,6 +136,7 @@ class ControlPlane:
 
         self._grpc = grpc.aio.server(options=ADS_GRPC_OPTIONS)  # no SO_REUSEPORT
         self.ads.register(self._grpc)
+        self.access_log.register(self._grpc)
         self.port = bind_grpc(self._grpc, cfg.listen,
                               None if self.tls is None else self.tls.credentials())
         if cfg.admin:
@@ -489,6 +497,7 @@ class ControlPlane:
             "refused": self.ads.refused,
             "credentials": self.ads.credential_counts(),
             "nodes": self.ads.node_status(),
+            "upstream": upstream_status(self.upstream, time.time()),
         }
 
     def refresh_gauges(self) -> None:

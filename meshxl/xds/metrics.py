@@ -93,6 +93,13 @@ class XdsMetrics:
             "certificate does not name the node id).", ["reason"], registry=r)
         for reason in REFUSAL_REASONS:
             self.streams_refused.labels(reason)  # at zero: the first refusal is an increase
+        self.access_log_entries = Counter(
+            "meshxl_xds_access_log_entries", "Access log entries from Envoys (the sick-member "
+            "signal, docs/faults.md), by result: recorded, dropped (past a bound: entries "
+            "per message or per second of a stream, names too long), refused (a stream "
+            "that may not speak for its node).", ["result"], registry=r)
+        for result in ("recorded", "dropped", "refused"):
+            self.access_log_entries.labels(result)
 
     def know_clusters(self, names: Iterable[str]) -> None:
         """Start each new cluster's failover counters at zero, so that a rule sees its
