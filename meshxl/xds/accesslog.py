@@ -2,10 +2,12 @@
 sample of :class:`meshxl.xds.upstream.UpstreamSignals`.
 
 The Envoys stream their access logs to the control plane over the xDS cluster of their
-bootstrap (``envoy.access_loggers.http_grpc`` on every HTTP connection manager that
-routes to a cluster measured for degradation, ``envoy.access_loggers.tcp_grpc`` on
-such a TCP proxy; :mod:`meshxl.xds.resources`), on the ADS port's gRPC server. Each
-entry becomes one request against ``(common_properties.upstream_cluster,
+bootstrap (``envoy.access_loggers.http_grpc`` as the router's upstream log of every
+listener that routes to a cluster measured for degradation: one entry per upstream
+attempt, so a failure Envoy retried elsewhere still counts against the member that
+failed; ``envoy.access_loggers.tcp_grpc`` on such a TCP proxy;
+:mod:`meshxl.xds.alsconfig`), on the ADS port's gRPC server. Each entry becomes one
+request against ``(common_properties.upstream_cluster,
 common_properties.upstream_remote_address)``:
 
 * latency: ``time_to_first_upstream_rx_byte``, Envoy's view of the member's time to
@@ -16,11 +18,14 @@ common_properties.upstream_remote_address)``:
   DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE or DATA_LOSS;
 * entries without an upstream host (local replies: no route, no healthy upstream) are
   skipped and counted nowhere;
-* a WebSocket is counted by the entry written when its tunnel is established
-  (``flush_log_on_tunnel_successfully_established``); its end entry (code 101) is not
-  counted again. A TCP connection is counted once, by the entry written when its
-  upstream connected (``flush_access_log_on_connected``, latency None), or by its end
-  entry when it never connected (failed on an upstream connection failure).
+* an upstream log's WebSocket is counted when it closes (its time to the 101 is its
+  latency). A connection manager's access log (Istio's ALS: docs/faults.md) counts a
+  WebSocket by the entry written when its tunnel is established
+  (``flush_log_on_tunnel_successfully_established``) and not again at its end, and
+  sees only the attempt that answered;
+* a TCP connection is counted once, by the entry written when its upstream connected
+  (``flush_access_log_on_connected``, latency None), or by its end entry when it never
+  connected (failed on an upstream connection failure).
 
 Samples are timed by their arrival here (the control plane's clock), not Envoy's
 ``start_time``: clocks of other machines never shift a window, and arrival is at
@@ -85,6 +90,13 @@ _HOST_MAX = 64  # "[ipv6]:port"
 _GRPC_FAILED = frozenset({"2", "4", "13", "14", "15"})
 """UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS."""
 
+_COUNTED = frozenset({
+    AccessLogType.UpstreamEnd,  # the router's upstream log: one per attempt (meshxl's)
+    AccessLogType.DownstreamEnd,  # a connection manager's access log (e.g. Istio's)
+    AccessLogType.DownstreamTunnelSuccessfullyEstablished,
+    AccessLogType.NotSet,  # an Envoy older than access log types
+})
+
 ConnectedFrom = Callable[[str, str], bool]
 """``(node id, host)``: whether the node has an admitted ADS stream from that IP."""
 
@@ -120,9 +132,8 @@ def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
     response = entry.response
     code = response.response_code.value
     kind = common.access_log_type
-    if kind not in (AccessLogType.NotSet, AccessLogType.DownstreamEnd,
-                    AccessLogType.DownstreamTunnelSuccessfullyEstablished):
-        return None  # periodic or upstream-side entries: the request is counted once
+    if kind not in _COUNTED:
+        return None  # periodic entries, or when an upstream stream starts: counted at end
     if code == 101 and kind == AccessLogType.DownstreamEnd:
         return None  # counted when its tunnel was established
     seconds = None

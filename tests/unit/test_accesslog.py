@@ -48,6 +48,10 @@ def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
     assert http_sample(http(address="::1", port=8080))[1] == "[::1]:8080"  # type: ignore[index]
     assert http_sample(http(rx=None)) == ("web", "10.0.0.1:80", None, False)
     assert http_sample(http(kind=AccessLogType.NotSet)) is not None
+    # The router's upstream log: one entry per attempt, a WebSocket's at its close.
+    assert http_sample(http(kind=AccessLogType.UpstreamEnd)) is not None
+    assert http_sample(http(101, rx=0.003, kind=AccessLogType.UpstreamEnd)) == (
+        "web", "10.0.0.1:80", pytest.approx(0.003), False)
 
 
 @pytest.mark.parametrize("entry", [
@@ -85,10 +89,11 @@ def test_entries_without_an_upstream_host_are_skipped() -> None:
     assert http_sample(http(503, address="", flags=("no_healthy_upstream",))) is None
     assert http_sample(http(404, cluster="", address="")) is None
     assert http_sample(http(kind=AccessLogType.DownstreamPeriodic)) is None
-    assert http_sample(http(kind=AccessLogType.UpstreamEnd)) is None
+    assert http_sample(http(kind=AccessLogType.UpstreamPoolReady)) is None
+    assert http_sample(http(kind=AccessLogType.UpstreamPeriodic)) is None
 
 
-def test_a_websocket_counts_once_with_its_time_to_101() -> None:
+def test_a_connection_managers_websocket_counts_once_with_its_time_to_101() -> None:
     opened = http(101, rx=0.004, kind=AccessLogType.DownstreamTunnelSuccessfullyEstablished)
     assert http_sample(opened) == ("web", "10.0.0.1:80", pytest.approx(0.004), False)
     assert http_sample(http(101, kind=AccessLogType.DownstreamEnd)) is None
