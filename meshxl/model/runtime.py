@@ -111,7 +111,10 @@ DEGRADED_KIND = "degraded"
 PROBE_KIND = "probe"
 """A high-availability member sent a small share of the active's sessions so the two
 can be compared before (or after) a predictive failover."""
-HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND)
+HELD_KIND = "held"
+"""High availability, manual failback: a member well again after a predictive failover,
+held behind the active that took over (shown ``returning``)."""
+HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND, HELD_KIND)
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,9 @@ class Health:
     """The control-plane replica that judged it."""
     moves: bool = True
     """False: shown and counted only (``degradation.action: report``)."""
+    behind: str = ""
+    """High availability: the member that took the active role from it (a held member
+    is held only while that one serves)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Health:
@@ -144,11 +150,12 @@ class Health:
         if not math.isfinite(since):
             raise ValueError("health since is not a finite number")
         return cls(kind=str(kind), reason=str(data.get("reason", ""))[:512], since=since,
-                   by=str(data.get("by", ""))[:253], moves=data.get("moves", True) is not False)
+                   by=str(data.get("by", ""))[:253], moves=data.get("moves", True) is not False,
+                   behind=str(data.get("behind", ""))[:253])
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "reason": self.reason, "since": self.since, "by": self.by,
-                "moves": self.moves}
+                "moves": self.moves, "behind": self.behind}
 
 
 @dataclass(frozen=True)
@@ -420,8 +427,11 @@ def cluster_view(spec: Spec, state: RuntimeState,
                 if member_state is _READY:
                     member_state = _RETURNING
         if health and member_state is _READY and name in health:
-            if health[name].kind == DEGRADED_KIND:
+            kind = health[name].kind
+            if kind == DEGRADED_KIND:
                 member_state = _SICK
+            elif kind == HELD_KIND:
+                member_state = _RETURNING
             if high_availability and health[name].moves:
                 judged.append(len(drafts))
         drafts.append((key, name, address, port, site, weight, member_state, problems))
@@ -510,22 +520,27 @@ def _hold(drafts: list[_Draft], held: list[int],
 
 
 def _judge(drafts: list[_Draft], judged: list[int], health: Mapping[str, Health]) -> None:
-    """High availability (in place, on ``drafts``): a degraded member goes right behind
-    the best member that serves and is not degraded (a predictive failover: its role
-    goes to that member; with nobody else serving it keeps its place), and a probed
-    member joins the best serving tier, where the control plane gives it a small share
-    (``degradation.probe_share``) so the two can be compared."""
+    """High availability (in place, on ``drafts``): a degraded (or held) member goes
+    right behind the best member that serves and is not judged (a predictive failover:
+    its role goes to that member; with nobody else serving it keeps its place), and a
+    probed member joins the best serving tier, where the control plane gives it a small
+    share (``degradation.probe_share``) so the two can be compared."""
     marked = set(judged)
-    others = [d[0] for i, d in enumerate(drafts) if d[6] in SERVING and i not in marked]
-    if not others:
+    serving = {d[1]: d[0] for i, d in enumerate(drafts) if d[6] in SERVING and i not in marked}
+    if not serving:
         return
-    best = min(others)
+    best = min(serving.values())
     for i in judged:
         d = drafts[i]
-        if health[d[1]].kind == DEGRADED_KIND:
-            drafts[i] = ((*best, 1, *d[0]), *d[1:])
-        elif d[0] > best:
+        record = health[d[1]]
+        if record.kind == PROBE_KIND:
             drafts[i] = (best, *d[1:])
+        elif record.behind in serving:
+            drafts[i] = ((*serving[record.behind], 1, *d[0]), *d[1:])
+        elif record.kind == DEGRADED_KIND:
+            drafts[i] = ((*best, 1, *d[0]), *d[1:])
+        elif d[6] is _RETURNING:
+            drafts[i] = (*d[:6], _READY, d[7])  # held behind a member that left: its place
 
 
 def _fall_back(spec: ClusterShape, drafts: list[_Draft],

@@ -51,6 +51,7 @@ from typing import Protocol, TypeVar
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import (
     DEGRADED_KIND,
+    HELD_KIND,
     PROBE_KIND,
     SERVING,
     ClusterView,
@@ -72,6 +73,9 @@ availability its own p90)."""
 PROBE_SECONDS = 2.0
 """How long a probe runs before the active and the standby are compared (longer when
 the standby has seen too few requests, at most three times this)."""
+_JUDGED = frozenset({MemberState.DEGRADED, MemberState.READY, MemberState.RETURNING})
+"""States in which a judged high-availability member keeps its record: degraded, probed
+(ready) or held (returning)."""
 _MIN_BASELINE_WINDOWS = 6
 """Windows with requests a high-availability active needs in its baseline to be judged."""
 
@@ -180,8 +184,10 @@ def shares(model: ModelSpec, state: RuntimeState,
 class _Probe:
     active: str
     standby: str
+    """The member probed: the standby, or (``recovery``) a degraded member held behind."""
     since: float
     why: str
+    recovery: bool = False
 
 
 @dataclass(frozen=True)
@@ -253,9 +259,10 @@ class Judge:
     # -- signals per member ---------------------------------------------------------
 
 
-    def _record(self, spec: ClusterSpec, kind: str, reason: str, since: float) -> Health:
+    def _record(self, spec: ClusterSpec, kind: str, reason: str, since: float,
+                behind: str = "") -> Health:
         return Health(kind=kind, reason=reason, since=since, by=self.replica,
-                      moves=spec.degradation.action == "move")
+                      moves=spec.degradation.action == "move", behind=behind)
 
     # -- load sharing ---------------------------------------------------------------
 
@@ -360,54 +367,56 @@ class Judge:
                   out: Judgement) -> None:
         d = spec.degradation
         name = spec.name
-        judged = state.health_of(name)
-        # A degraded active held behind: failback decides when it returns.
-        for member, record in judged.items():
-            if record.by != self.replica or record.kind != DEGRADED_KIND:
-                continue
-            m = view.member(member)
-            if m is None or m.state is not MemberState.DEGRADED:
-                continue  # gone, down or no longer serving: the record goes
-            held = d.recover + (spec.failover.failback_delay
-                                if spec.failover.failback == "automatic" else math.inf)
-            if not record.moves:
-                held = d.recover
-            if now - record.since < held:
-                out.records[(name, member)] = record
         active = next((m for m in view.members if m.role is Role.ACTIVE
                        and m.state is MemberState.READY), None)
-        standby = next((m for m in view.members if m.role is Role.STANDBY
-                        and m.state is MemberState.READY), None)
         probe = self._probes.get(name)
+        for member, record in state.health_of(name).items():
+            m = view.member(member)
+            if record.by != self.replica or m is None or m.state not in _JUDGED:
+                continue  # another replica's, or gone, down, not serving: the record goes
+            if record.kind == DEGRADED_KIND:
+                hold = d.recover + (spec.failover.failback_delay
+                                    if spec.failover.failback == "automatic" else 0.0)
+                if now - record.since < (hold if record.moves else d.recover):
+                    out.records[(name, member)] = record
+                elif record.moves and probe is None and active is not None:
+                    # Held long enough: is it well again? Probed beside the active.
+                    probe = self._probes[name] = _Probe(active.name, member, now,
+                                                        record.reason, recovery=True)
+            elif record.kind == HELD_KIND and m.state is MemberState.RETURNING:
+                out.records[(name, member)] = record  # manual failback: behind the active
         if probe is not None:
             self._run_probe(spec, view, probe, samples, now, hosts, out)
             return
+        standby = next((m for m in view.members if m.role is Role.STANDBY
+                        and m.state is MemberState.READY), None)
         if active is None or now < self._quiet_until.get(name, 0.0):
             return
-        why = self._active_worse(spec, active, samples, now, hosts)
+        why = self._active_worse(spec, view, active, samples, now, hosts)
         if why is None:
             return
-        if standby is None or d.action != "move":
-            out.suspects[name] = why
-            if d.action == "report":
-                out.records[(name, active.name)] = self._record(
-                    spec, DEGRADED_KIND, f"{why} (reported, not moved)", now)
-            return
-        self._probes[name] = _Probe(active.name, standby.name, now, why)
-        out.records[(name, standby.name)] = self._record(
-            spec, PROBE_KIND, f"probed: the active's {why}", now)
         out.suspects[name] = why
+        if d.action == "report":
+            out.records[(name, active.name)] = self._record(
+                spec, DEGRADED_KIND, f"{why} (reported, not moved)", now)
+        elif standby is not None:
+            probe = self._probes[name] = _Probe(active.name, standby.name, now, why)
+            self._run_probe(spec, view, probe, samples, now, hosts, out)
 
-    def _active_worse(self, spec: ClusterSpec, active: MemberView, samples: Samples,
-                      now: float, hosts: Mapping[str, Iterable[str]]) -> str | None:
-        """Why the active is worse than its own normal throughout ``detect``."""
+    def _active_worse(self, spec: ClusterSpec, view: ClusterView[ClusterSpec],
+                      active: MemberView, samples: Samples, now: float,
+                      hosts: Mapping[str, Iterable[str]]) -> str | None:
+        """Why the active is worse than the cluster's normal throughout ``detect`` (the
+        median p90 of every member's windows over the last :data:`BASELINE` seconds: a
+        member that served slowly before a failover is judged by the cluster's normal,
+        not by its own slow past)."""
         d = spec.degradation
         since, until = _span(now, d.detect)
         own = list(member_samples([active], samples.windows(spec.name, since, until),
-                                   hosts).get(active.name, ()))
-        history = [w for w in member_samples(
-            [active], samples.windows(spec.name, until - BASELINE, since), hosts).get(
-                active.name, ()) if w.requests > 0]
+                                  hosts).get(active.name, ()))
+        history = [w for ws in member_samples(
+            view.members, samples.windows(spec.name, until - BASELINE, since), hosts).values()
+            for w in ws if w.requests > 0]
         if len(history) < _MIN_BASELINE_WINDOWS or not own:
             return None
         if sum(w.requests for w in own) < d.min_requests:
@@ -427,37 +436,56 @@ class Judge:
     def _run_probe(self, spec: ClusterSpec, view: ClusterView[ClusterSpec], probe: _Probe,
                    samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
                    out: Judgement) -> None:
+        """A probe under way: the probed member (a standby, or a degraded member held
+        behind) has ``probe_share`` of the active's sessions. After :data:`PROBE_SECONDS`
+        (up to three times that while it has seen too few requests) the two are
+        compared: a standby that serves better takes the active role; a degraded member
+        no worse than the active is well again (failback decides its place), a worse
+        one stays degraded for another ``recover``."""
         d = spec.degradation
         name = spec.name
-        active, standby = view.member(probe.active), view.member(probe.standby)
-        if (active is None or standby is None or active.state is not MemberState.READY
-                or standby.state is not MemberState.READY):
+        active, probed = view.member(probe.active), view.member(probe.standby)
+        if (active is None or active.state is not MemberState.READY or probed is None
+                or probed.state not in (MemberState.READY, MemberState.DEGRADED)):
             del self._probes[name]  # something else moved: the probe is moot
             return
-        out.suspects[name] = probe.why
+        what = (f"probed beside {probe.active}: well again? (was {probe.why})"
+                if probe.recovery else f"probed: the active's {probe.why}")
         elapsed = now - probe.since
+        keep = self._record(spec, PROBE_KIND, what, probe.since)
         if elapsed < PROBE_SECONDS:
-            out.records[(name, probe.standby)] = self._record(
-                spec, PROBE_KIND, f"probed: the active's {probe.why}", probe.since)
+            out.records[(name, probe.standby)] = keep
             return
         # Skip the first second: the probe's EDS push and the sessions' first moves.
         since, until = _span(now, elapsed - 1.0)
-        merged = member_samples([active, standby], samples.summary(name, since, until), hosts)
-        a, s = merged.get(active.name), merged.get(standby.name)
+        merged = member_samples([active, probed], samples.summary(name, since, until), hosts)
+        a, s = merged.get(active.name), merged.get(probed.name)
         enough = s is not None and s.requests >= max(3, d.min_requests // 4)
         if not enough and elapsed < 3 * PROBE_SECONDS:
-            out.records[(name, probe.standby)] = self._record(
-                spec, PROBE_KIND, f"probed: the active's {probe.why}", probe.since)
+            out.records[(name, probe.standby)] = keep
             return
         del self._probes[name]
         margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
+        if probe.recovery:
+            still = worse(s, [a], margins) if a is not None and s is not None and enough \
+                else "too few requests to judge"
+            if still is not None:
+                out.records[(name, probe.standby)] = self._record(
+                    spec, DEGRADED_KIND, f"still {still.replace('its peers', 'the active')}",
+                    now, behind=probe.active)
+            elif spec.failover.failback == "manual":
+                out.records[(name, probe.standby)] = self._record(
+                    spec, HELD_KIND, f"well again, held behind {probe.active} "
+                    "(failover.failback: manual)", now, behind=probe.active)
+            return
         verdict = worse(a, [s], margins) if a is not None and s is not None and enough else None
         if verdict is None:
             self._quiet_until[name] = now + d.recover
+            out.suspects.pop(name, None)
             return
         out.records[(name, active.name)] = self._record(
             spec, DEGRADED_KIND, f"{verdict.replace('its peers', 'the standby')} "
-            f"(predictive failover to {standby.name})", now)
+            f"(predictive failover to {probed.name})", now, behind=probed.name)
         out.suspects.pop(name, None)
 
 

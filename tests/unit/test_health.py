@@ -287,3 +287,88 @@ def test_a_bad_health_record_is_refused_with_its_reason(data: dict[str, object],
 def test_a_health_record_round_trips() -> None:
     h = Health("degraded", reason="p90 x", since=NOW, by="r1", moves=False)
     assert Health.from_dict(h.to_dict()) == h
+
+
+def _ha_model(failback: str = "automatic") -> object:
+    return parse_model(_yaml_with("action: move, recover: 4s", "high-availability").replace(
+        "  members:", f"  failover: {{failback: {failback}, failback_delay: 2s}}\n  members:"))
+
+
+def _moved(judge: Judge, model: object, slow_active: Samples) -> Health:
+    """Drive a predictive failover from a to b; the degraded record of a."""
+    found = judge.judge(model, RuntimeState(), slow_active, NOW)  # type: ignore[arg-type]
+    probe = _state(b=found.records[("web", "b")])
+    moved = judge.judge(model, probe, slow_active, NOW + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
+    record = moved.records[("web", "a")]
+    assert record.kind == "degraded" and record.behind == "b"
+    return record
+
+
+def _hosts(p90: dict[str, float], slow_since: float = NOW - 3.0) -> Samples:
+    """Every listed port serves (20 requests a window); 8001 at 10 ms before slow_since."""
+    def sample(host: str, at: float) -> S | None:
+        port = host.rsplit(":", 1)[1]
+        if port not in p90:
+            return None
+        return S(20, 0, p90[port] if at >= slow_since or port != "8001" else 0.01)
+    return Samples(sample)
+
+
+@pytest.mark.parametrize("failback, after", [("automatic", {}), ("manual", {"a": "held"})])
+def test_a_degraded_active_well_again_is_probed_then_failback_decides(
+        failback: str, after: dict[str, str]) -> None:
+    model, judge = _ha_model(failback), Judge("r1")
+    record = _moved(judge, model, _hosts({"8001": 0.2, "8002": 0.01}))
+    state = _state(a=record)
+    view = cluster_view(model.clusters[0], state)  # type: ignore[attr-defined]
+    assert view.member("b").role is Role.ACTIVE  # type: ignore[union-attr]
+    hold = record.since + 4 + (2 if failback == "automatic" else 0)
+    well = _hosts({"8001": 0.01, "8002": 0.01})
+    kept = judge.judge(model, state, well, hold - 0.5)  # type: ignore[arg-type]
+    assert kept.records == {("web", "a"): record}
+    probing = judge.judge(model, state, well, hold + 0.5)  # type: ignore[arg-type]
+    assert {m: h.kind for (_, m), h in probing.records.items()} == {"a": "probe"}
+    probed = _state(a=probing.records[("web", "a")])
+    view = cluster_view(model.clusters[0], probed)  # type: ignore[attr-defined]
+    assert view.member("b").role is Role.ACTIVE and view.member("a").priority == 0  # type: ignore[union-attr]
+    done = judge.judge(model, probed, well, hold + 0.5 + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
+    assert {m: h.kind for (_, m), h in done.records.items()} == after
+    if after:
+        held = _state(a=done.records[("web", "a")])
+        view = cluster_view(model.clusters[0], held)  # type: ignore[attr-defined]
+        a, b = view.member("a"), view.member("b")
+        assert a is not None and b is not None
+        assert (b.role, a.role, a.state) == (Role.ACTIVE, Role.STANDBY, MemberState.RETURNING)
+        # while b serves, a stays held; when b leaves, a takes its place back
+        assert judge.judge(model, held, well, hold + 10).records == done.records  # type: ignore[arg-type]
+        gone = RuntimeState(health=held.health, members_down={("web", "b"): None})  # type: ignore[dict-item]
+        view = cluster_view(model.clusters[0], gone)  # type: ignore[attr-defined]
+        assert view.member("a").role is Role.ACTIVE  # type: ignore[union-attr]
+
+
+def test_a_degraded_active_still_slow_stays_degraded() -> None:
+    model, judge = _ha_model(), Judge("r1")
+    record = _moved(judge, model, _hosts({"8001": 0.2, "8002": 0.01}))
+    state = _state(a=record)
+    hold = record.since + 6
+    probing = judge.judge(model, state, _hosts({"8001": 0.2, "8002": 0.01}), hold + 0.5)  # type: ignore[arg-type]
+    probed = _state(a=probing.records[("web", "a")])
+    done = judge.judge(model, probed, _hosts({"8001": 0.2, "8002": 0.01}),  # type: ignore[arg-type]
+                       hold + 0.5 + PROBE_SECONDS + 0.5)
+    again = done.records[("web", "a")]
+    assert again.kind == "degraded" and again.reason.startswith("still") and again.behind == "b"
+
+
+def test_high_availability_normal_is_the_clusters_not_the_members_slow_past() -> None:
+    """A member that was slow before a failover, active again, is judged by what the
+    cluster normally answers in (its peers' windows count), not by its own slow past."""
+    model, judge = _ha(), Judge("r1")
+    def sample(host: str, at: float) -> S | None:
+        port = host.rsplit(":", 1)[1]
+        if port == "8001":  # slow throughout, including its baseline
+            return S(20, 0, 0.2) if at >= NOW - 10 else None
+        if port == "8002":  # served well before
+            return S(20, 0, 0.01) if at < NOW - 10 else None
+        return None
+    found = judge.judge(model, RuntimeState(), Samples(sample), NOW)  # type: ignore[arg-type]
+    assert {m: h.kind for (_, m), h in found.records.items()} == {"b": "probe"}
