@@ -117,8 +117,10 @@ class _Window:
             self.counts = array("I", bytes(4 * _BUCKETS))
         self.counts[_bucket(seconds)] += 1
         self.measured += 1
-        self.low = min(self.low, seconds)
-        self.high = max(self.high, seconds)
+        if seconds < self.low:
+            self.low = seconds
+        if seconds > self.high:
+            self.high = seconds
 
 
 def _merge(windows: Iterable[_Window]) -> HostSample:

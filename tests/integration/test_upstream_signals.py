@@ -65,29 +65,78 @@ class Member:
             self.server.close()
 
 
-def model(members: dict[str, Member], port: int) -> dict[str, Any]:
+class TcpMember:
+    """A TCP member that echoes a line and closes."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> TcpMember:
+        self.server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if line:  # a health check connects and closes: not a connection of a client
+                self.connections += 1
+                writer.write(line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def model(members: dict[str, Member], tcp: list[TcpMember], ports: list[int]
+          ) -> dict[str, Any]:
     return {"clusters": [{
         "name": "web", "mode": "load-sharing",
         "members": [{"name": n, "address": LOOPBACK, "port": m.port}
                     for n, m in members.items()],
         "outlier_detection": {"enabled": False},  # the sick members stay in, as they would
-        "listener": {"address": LOOPBACK, "port": port},
+        "listener": {"address": LOOPBACK, "port": ports[0]},
+    }, {
+        "name": "db", "mode": "load-sharing", "protocol": "tcp",
+        "members": [{"name": f"t{i}", "address": LOOPBACK, "port": m.port}
+                    for i, m in enumerate(tcp)],
+        "listener": {"address": LOOPBACK, "port": ports[1]},
     }]}
+
+
+async def tcp_connections(port: int, count: int) -> None:
+    for i in range(count):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), 5)
+        writer.write(f"hello {i}\n".encode())
+        assert await asyncio.wait_for(reader.readline(), 5) == f"hello {i}\n".encode()
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_a_slow_and_a_failing_member_are_seen_per_host(
         tmp_path: Path, start_control_plane: Any, start_envoy: Any) -> None:
     members = {"fast": await Member().start(), "slow": await Member(delay=SLOWER).start(),
                "failing": await Member(fail_every=5).start()}
+    tcp = [await TcpMember().start(), await TcpMember().start()]
     try:
-        (port,) = free_ports(1)
+        port, tcp_port = free_ports(2)
         path = tmp_path / "model.yaml"
-        path.write_text(yaml.safe_dump(model(members, port), sort_keys=False))
+        path.write_text(yaml.safe_dump(model(members, tcp, [port, tcp_port]),
+                                       sort_keys=False))
         plane = await start_control_plane(config_path=path, admin=f"{LOOPBACK}:0")
         envoy = await start_envoy("edge", plane.port)
         await envoy.wait_ready()
         await envoy.wait_hosts("web", lambda hs: len(hs) == 3 and all(h.healthy for h in hs),
                                timeout=20, what="three healthy members")
+        await envoy.wait_hosts("db", lambda hs: len(hs) == 2 and all(h.healthy for h in hs),
+                               timeout=20, what="two healthy TCP members")
         started = time.time()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             async def one(i: int) -> int:
@@ -134,6 +183,23 @@ async def test_a_slow_and_a_failing_member_are_seen_per_host(
         assert metrics is not None and metrics >= REQUESTS
         # Envoy's clients saw the failing member's answers retried on another member.
         assert statuses.count(200) == REQUESTS
+
+        # TCP: one request per connection, at its member, without a latency.
+        since = time.time()
+        await tcp_connections(tcp_port, 20)
+        tcp_hosts = {f"{LOOPBACK}:{m.port}": m for m in tcp}
+        seen: dict[str, HostSample] = {}
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            seen = plane.upstream.summary("db", since - 1.0, time.time())
+            if sum(s.requests for s in seen.values()) >= 20:
+                break
+            await asyncio.sleep(0.1)
+        assert set(seen) <= set(tcp_hosts) and sum(s.requests for s in seen.values()) == 20
+        for host_name, sample in seen.items():
+            assert sample == HostSample(tcp_hosts[host_name].connections, 0, None, None, None)
     finally:
         for m in members.values():
             await m.stop()
+        for t in tcp:
+            await t.stop()
