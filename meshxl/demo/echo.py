@@ -4,7 +4,8 @@ Every response names the member that served it (JSON body and ``x-meshxl-member`
 header) and echoes the session the client presented, so stickiness and failover are
 visible from the client side. Health can be failed and restored over HTTP
 (``POST /admin/health`` with body ``fail`` or ``ok``), so a test can make Envoy's health
-checks eject a member without killing it.
+checks eject a member without killing it. ``GET /ws`` upgrades to a WebSocket that
+answers every text message with the member and the session.
 
 Run: ``python -m meshxl.demo.echo --name a --listen 127.0.0.1:8081``
 """
@@ -53,7 +54,8 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         exc.headers[hdr.MEMBER] = request.app[_NAME]
         raise
-    response.headers[hdr.MEMBER] = request.app[_NAME]
+    if not response.prepared:  # a WebSocket's headers left with its upgrade
+        response.headers[hdr.MEMBER] = request.app[_NAME]
     return response
 
 
@@ -74,6 +76,18 @@ async def _echo(request: web.Request) -> web.Response:
     return web.json_response(
         {"member": request.app[_NAME], "path": request.path, "session": _session_of(request)}
     )
+
+
+async def _websocket(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket: each text message is answered with the member and the session."""
+    ws = web.WebSocketResponse()
+    ws.headers[hdr.MEMBER] = request.app[_NAME]
+    await ws.prepare(request)
+    answer = {"member": request.app[_NAME], "session": _session_of(request)}
+    async for message in ws:
+        if message.type == web.WSMsgType.TEXT:
+            await ws.send_json(answer)
+    return ws
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -100,6 +114,7 @@ def make_app(
     app[_COOKIES] = tuple(session_cookies)
     app.router.add_get("/healthz", _healthz)
     app.router.add_post("/admin/health", _set_health)
+    app.router.add_get("/ws", _websocket)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 
