@@ -180,15 +180,8 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             split_external_local_origin_errors=True,
             consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_local_origin_failure),
-            # Counted, not enforced where WebSockets pass: Envoy's router reports every
-            # upstream reset as a local-origin failure, and the end of a WebSocket whose
-            # member closes first (a graceful close included) is one (envoyproxy/envoy
-            # #24690). Enforced, each such end would eject the member and, through
-            # close_connections_on_host_health_failure, close all its other WebSockets.
-            # A dead member's requests are retried on another member or tier anyway
-            # (previous_hosts; previous_priorities: placed_by_tier).
             enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
-                value=0 if spec.websocket_upgrades else 100),
+                value=100 if ejects_on_local_origin_failures(spec) else 0),
             consecutive_5xx=wrappers_pb2.UInt32Value(value=od.consecutive_5xx),
             consecutive_gateway_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_gateway_failure),
@@ -217,6 +210,20 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     if spec.overrides.cluster:
         c = _merge(c, spec.overrides.cluster, f"{path}.overrides.cluster")
     return c
+
+
+def ejects_on_local_origin_failures(spec: ClusterSpec) -> bool:
+    """Whether outlier detection ejects on local-origin failures, or only counts them:
+    not where WebSockets pass and a health check removes dead members.
+
+    Envoy's router reports every upstream reset as a local-origin failure, and the end
+    of a WebSocket whose member closes first (a graceful close included) is one
+    (envoyproxy/envoy#24690). Enforced, each such end ejects the member and, through
+    ``close_connections_on_host_health_failure``, closes all its other WebSockets. A
+    dead member's requests are retried on another member or tier all the same
+    (``previous_hosts``; ``previous_priorities``, see :func:`placed_by_tier`), and its
+    health check removes it. Without a health check, ejection is the only way out."""
+    return not (spec.websocket_upgrades and spec.health_check.enabled)
 
 
 def placed_by_tier(spec: ClusterSpec) -> bool:
@@ -521,5 +528,5 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 __all__ = [
     "STATEFUL_SESSION", "CompileError", "build_cluster", "build_listener",
     "build_load_assignment", "build_route", "build_route_config", "listener_name", "pin_config",
-    "placed_by_tier",
+    "ejects_on_local_origin_failures", "placed_by_tier",
 ]

@@ -226,6 +226,7 @@ def test_outlier_detection_splits_local_origin_errors() -> None:
 @pytest.mark.parametrize("extra, enforced", [
     ("", 0), ("websocket: true", 0), ("websocket: false", 100),
     ("protocol: grpc", 100), ("protocol: tcp\nlistener: {port: 9000}", 100),
+    ("health_check: {enabled: false}", 100),  # then ejection is the only way out
 ])
 def test_local_origin_failures_do_not_eject_where_websockets_pass(extra: str,
                                                                  enforced: int) -> None:
