@@ -222,8 +222,21 @@ def ejects_on_local_origin_failures(spec: ClusterSpec) -> bool:
     ``close_connections_on_host_health_failure``, closes all its other WebSockets. A
     dead member's requests are retried on another member or tier all the same
     (``previous_hosts``; ``previous_priorities``, see :func:`placed_by_tier`), and its
-    health check removes it. Without a health check, ejection is the only way out."""
-    return not (spec.websocket_upgrades and spec.health_check.enabled)
+    health check removes it. Without a health check, or without retries that leave
+    the member, ejection is the only way out."""
+    return not (spec.websocket_upgrades and spec.health_check.enabled
+                and _retries_leave_the_member(spec))
+
+
+def _retries_leave_the_member(spec: ClusterSpec) -> bool:
+    """A retry goes to another member: to the next tier where the tier places sessions,
+    to another member of the tier elsewhere."""
+    r = spec.retries
+    if r.attempts == 0:
+        return False
+    if placed_by_tier(spec):
+        return r.previous_priorities is not False  # unset: on in high availability
+    return r.previous_hosts
 
 
 def placed_by_tier(spec: ClusterSpec) -> bool:

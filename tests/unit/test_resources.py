@@ -226,7 +226,11 @@ def test_outlier_detection_splits_local_origin_errors() -> None:
 @pytest.mark.parametrize("extra, enforced", [
     ("", 0), ("websocket: true", 0), ("websocket: false", 100),
     ("protocol: grpc", 100), ("protocol: tcp\nlistener: {port: 9000}", 100),
-    ("health_check: {enabled: false}", 100),  # then ejection is the only way out
+    # Ejection is then the only way out: no health check, no retry that leaves.
+    ("health_check: {enabled: false}", 100), ("retries: {attempts: 0}", 100),
+    ("retries: {previous_priorities: false}", 100),
+    ("mode: load-sharing\nstickiness: {header: x}\nretries: {previous_hosts: false}", 100),
+    ("mode: load-sharing\nstickiness: {header: x}", 0),
 ])
 def test_local_origin_failures_do_not_eject_where_websockets_pass(extra: str,
                                                                  enforced: int) -> None:
