@@ -250,7 +250,9 @@ class HealthCheck(_Spec):
 
 
 class OutlierDetection(_Spec):
-    """Passive ejection, faster than health checks: one failed connect ejects."""
+    """Passive ejection, faster than health checks: one failed connect ejects (where
+    WebSockets pass, local-origin failures are counted, not ejected on: every
+    WebSocket's end is one; docs/model.md, "WebSocket")."""
 
     enabled: bool = True
     consecutive_local_origin_failure: Count = 1
