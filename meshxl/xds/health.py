@@ -315,7 +315,13 @@ class Judge:
                           windows: Mapping[str, Sequence[Sample]], merged: Mapping[str, Sample],
                           base: Mapping[str, Sequence[Sample]], margins: Margins,
                           min_requests: int, key: tuple[str, str]) -> str | None:
-        """Why ``m`` was worse than its peers in every window of the span (None: not)."""
+        """Why ``m`` was worse than its peers in every window of the span in which it
+        answered (None: not).
+
+        A member that answers ten times slower answers less often (a session waits for
+        its answer before it asks again), so the member needs only a quarter of
+        ``min_requests`` over the span (its peers all of it) and windows in which it
+        completed nothing are passed over, as long as at least two had answers."""
         own_windows = list(windows.get(m.name, ()))
         peers = [p for p in tier if p.name != m.name]
         peer_windows = [list(windows.get(p.name, ())) for p in peers]
@@ -323,16 +329,21 @@ class Judge:
             return None
         own_total = merged.get(m.name)
         peer_total = sum(s.requests for p in peers if (s := merged.get(p.name)) is not None)
-        if own_total is None or own_total.requests < min_requests or peer_total < min_requests:
+        if (own_total is None or own_total.requests < max(3, min_requests // 4)
+                or peer_total < min_requests):
             return None
         normal, normal_errors = self._normal_of(m, peers, base, margins, min_requests, key)
         reason: str | None = None
+        judged = 0
         for i, own in enumerate(own_windows):
+            if not own.requests:
+                continue
             theirs = [w[i] for w in peer_windows if len(w) > i]
             reason = worse(own, theirs, margins, normal, normal_errors)
             if reason is None:
                 return None
-        return reason
+            judged += 1
+        return reason if judged >= 2 else None
 
     def _normal_of(self, m: MemberView, peers: Sequence[MemberView],
                    base: Mapping[str, Sequence[Sample]], margins: Margins, min_requests: int,

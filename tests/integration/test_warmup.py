@@ -56,6 +56,7 @@ def model(backends: list[Backend], ports: dict[str, int]) -> str:
   warmup: {WINDOW}s
   stickiness: {{header: {HEADER}, algorithm: {name}, ring_minimum_size: {RING}}}
   outlier_detection: {{enabled: false}}
+  degradation: {{action: "off"}}
   members:{members}
   listener: {{address: {LOOPBACK}, port: {port}}}""" for name, port in ports.items())
 

@@ -108,6 +108,23 @@ def test_too_few_requests_are_not_judged() -> None:
     assert _judge(_model(min_requests=5), steady(slow={"8003": 0.1}, requests=3)) != {}
 
 
+def test_a_member_too_slow_to_answer_often_is_judged_on_the_answers_it_gives() -> None:
+    """A member ten times slower completes a few requests where its peers complete
+    many, some windows none at all: judged on the windows it answered in."""
+    def sample(host: str, at: float) -> S:
+        if host.endswith("8003") and at >= NOW - 3.0:
+            window = round((at - NOW) / WINDOW)
+            return S(3, 0, 0.5) if window % 3 else S(0, 0, None)
+        return S(20, 0, 0.01)
+    assert list(_judge(_model(), Samples(sample))) == ["c"]
+    # but one window with answers is not a span
+    def once(host: str, at: float) -> S:
+        if host.endswith("8003") and at >= NOW - 3.0:
+            return S(6, 0, 0.5) if round((at - NOW) / WINDOW) == -1 else S(0, 0, None)
+        return S(20, 0, 0.01)
+    assert _judge(_model(), Samples(once)) == {}
+
+
 def test_a_member_is_judged_against_its_own_normal_too() -> None:
     # c always served the heaviest sessions at 4x its peers: that is its normal
     heavy = steady(slow={"8003": 0.040}, since=0.0)
