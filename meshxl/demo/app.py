@@ -20,7 +20,7 @@ follows the sidecar's ``/readyz``, so a member whose sidecar is gone or still sy
 fails Envoy's health check.
 
 Faults on purpose (``--faults FILE``, :mod:`meshxl.demo.faults`): a JSON file the app
-re-reads once a second, ``{"delay_ms": 30, "fail_fraction": 0.2}`` say, makes every
+re-reads within 0.1 s of a change, ``{"delay_ms": 30, "fail_fraction": 0.2}`` say, makes every
 ``/counter`` request wait 30 ms and one in five fail with 503 before touching the
 session; jitter and process-wide pauses are knobs there too. It is a local file, so no
 client reaches it through Envoy, and ``/healthz`` is never affected: the member stays
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-file", help="write this process's spans as OTLP JSON lines")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--faults", type=Path, metavar="FILE",
-                        help="inject faults from this JSON file, re-read every second "
+                        help="inject faults from this JSON file, re-read when it changes "
                              "(module docstring; for tests and benchmarks)")
     args = parser.parse_args(argv)
     from meshxl.statesync.auth import TokenError, read_token

@@ -1,8 +1,9 @@
 """Injected faults for the sample app: a sick member on demand (``bench/grayfailure.py``).
 
-The app's ``--faults FILE`` names a small JSON file it re-reads once a second (when its
-modification time changed). The knob is a local file, not an HTTP route, so no client
-can reach it through Envoy; a missing file means no fault. Every field is optional::
+The app's ``--faults FILE`` names a small JSON file it re-reads when it changed (its
+modification time is looked at ten times a second, so a fault starts within 0.1 s).
+The knob is a local file, not an HTTP route, so no client can reach it through Envoy;
+a missing file means no fault. Every field is optional::
 
     {"delay_ms": 30,         # every /counter request answered this much later
      "fail_fraction": 0.2,   # this fraction of /counter requests answered 503 at once
@@ -33,7 +34,7 @@ __all__ = ["FaultError", "FaultFile", "Faults", "parse_faults"]
 log = logging.getLogger("meshxl.demo.faults")
 
 MAX_DELAY_MS = 60_000.0
-RELOAD_INTERVAL = 1.0
+RELOAD_INTERVAL = 0.1
 """How often the file's modification time is looked at."""
 
 _LIMITS: dict[str, tuple[float, float]] = {

@@ -287,7 +287,7 @@ class DemoDeployment:
 
     def set_faults(self, name: str, **faults: float) -> None:
         """Inject faults into member ``name``'s app (none given: heal it); the app
-        picks them up within a second (:mod:`meshxl.demo.faults`)."""
+        picks them up within 0.1 s (:mod:`meshxl.demo.faults`)."""
         if not self.faults:
             raise ValueError("the deployment was started without faults=True")
         self.member(name)  # a known member

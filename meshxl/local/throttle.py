@@ -28,7 +28,7 @@ from pathlib import Path
 from meshxl.errors import ProcessError
 
 __all__ = ["CGROUP_CPU", "PERIOD_US", "CpuThrottle", "ThrottleError", "cgroup_unavailable",
-           "duty_cycle", "quota_us"]
+           "duty_cycle", "quota_us", "remove_stale"]
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
@@ -89,6 +89,22 @@ def _descendants(pid: int) -> list[int]:
         found.append(current)
         todo += children.get(current, [])
     return found
+
+
+def remove_stale(prefix: str, root: Path = CGROUP_CPU) -> list[str]:
+    """Remove the empty child groups named ``prefix...`` a killed run left behind
+    (the kernel refuses to remove one that still holds a process); their names."""
+    if not prefix or "/" in prefix:
+        raise ThrottleError(f"a plain cgroup name prefix is expected, got {prefix!r}")
+    removed = []
+    with contextlib.suppress(OSError):
+        for child in root.iterdir():
+            if child.is_dir() and child.name.startswith(prefix) and \
+                    str(child) not in _LIVE:
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+                    removed.append(child.name)
+    return removed
 
 
 _LIVE: dict[str, CpuThrottle] = {}

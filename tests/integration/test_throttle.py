@@ -20,6 +20,7 @@ from meshxl.local.throttle import (
     cgroup_unavailable,
     duty_cycle,
     quota_us,
+    remove_stale,
 )
 
 pytestmark = pytest.mark.integration
@@ -107,3 +108,16 @@ async def test_throttling_is_undone_when_the_block_raises(harness: Owner) -> Non
     assert not (CGROUP_CPU / name).exists()
     with pytest.raises(ThrottleError, match="plain cgroup name"):
         CpuThrottle("../escape", pids, share=0.05)
+
+
+async def test_stale_groups_left_by_a_killed_run_are_removed(harness: Owner) -> None:
+    if cgroup_unavailable() is not None:
+        pytest.skip(f"cgroup v1 cpu controller: {cgroup_unavailable()}")
+    prefix = f"meshxl-test-{os.getpid()}-stale"
+    (CGROUP_CPU / f"{prefix}-1").mkdir()
+    pids = await busy_pair(harness)
+    async with CpuThrottle(f"{prefix}-2", pids[:1], share=0.5):
+        # the empty leftover goes, the group in use stays
+        assert remove_stale(prefix) == [f"{prefix}-1"]
+        assert (CGROUP_CPU / f"{prefix}-2").exists()
+    assert not (CGROUP_CPU / f"{prefix}-2").exists()

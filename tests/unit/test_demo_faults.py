@@ -56,7 +56,7 @@ def test_fails_about_the_fraction_asked() -> None:
     assert all(Faults(fail_fraction=1.0).fails(rng) for _ in range(100))
 
 
-def test_the_file_is_read_again_once_a_second_when_it_changed(tmp_path: Path) -> None:
+def test_the_file_is_read_again_when_it_changed_once_per_interval(tmp_path: Path) -> None:
     now = [100.0]
     path = tmp_path / "faults.json"
     source = FaultFile(path, clock=lambda: now[0])
