@@ -4,7 +4,9 @@ Every response names the member that served it (JSON body and ``x-meshxl-member`
 header) and echoes the session the client presented, so stickiness and failover are
 visible from the client side. Health can be failed and restored over HTTP
 (``POST /admin/health`` with body ``fail`` or ``ok``), so a test can make Envoy's health
-checks eject a member without killing it.
+checks eject a member without killing it. A member can be made sick while its health
+check passes (``POST /admin/fault`` with ``{"delay": SECONDS, "fail": FRACTION}``: every
+answer that much later, that fraction of them 503; ``{}`` makes it well again).
 
 Run: ``python -m meshxl.demo.echo --name a --listen 127.0.0.1:8081``
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Sequence
 
@@ -33,6 +36,7 @@ DEFAULT_SESSION_COOKIES = (hdr.SESSION, "session", "meshxl-session")
 _NAME = web.AppKey("name", str)
 _HEALTHY = web.AppKey("healthy", list)
 _COOKIES = web.AppKey("cookies", tuple)
+_FAULT = web.AppKey("fault", dict)
 
 
 def _session_of(request: web.Request) -> str | None:
@@ -69,8 +73,16 @@ async def _echo(request: web.Request) -> web.Response:
         return web.json_response({"error": "delay must be a number of seconds"}, status=400)
     if not 0 <= delay <= MAX_DELAY:
         return web.json_response({"error": f"delay must be 0..{MAX_DELAY:g} s"}, status=400)
+    fault = request.app[_FAULT]
+    delay += fault.get("delay", 0.0)
     if delay:
         await asyncio.sleep(delay)
+    failing = fault.get("fail", 0.0)
+    if failing:
+        fault["count"] = count = fault.get("count", 0) + 1
+        if math.floor(count * failing) != math.floor((count - 1) * failing):
+            return web.json_response({"error": "failing on purpose (/admin/fault)"},
+                                     status=503)
     return web.json_response(
         {"member": request.app[_NAME], "path": request.path, "session": _session_of(request)}
     )
@@ -90,6 +102,22 @@ async def _set_health(request: web.Request) -> web.Response:
     return web.Response(text=body)
 
 
+async def _set_fault(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        delay = float(body.get("delay", 0.0))
+        fail = float(body.get("fail", 0.0))
+    except (ValueError, TypeError, AttributeError):
+        return web.json_response({"error": 'body must be {"delay": SECONDS, "fail": '
+                                           'FRACTION}'}, status=400)
+    if not (0 <= delay <= MAX_DELAY and 0 <= fail <= 1):
+        return web.json_response({"error": f"delay must be 0..{MAX_DELAY:g} s and fail "
+                                           "0..1"}, status=400)
+    request.app[_FAULT].clear()
+    request.app[_FAULT].update({"delay": delay, "fail": fail})
+    return web.json_response({"delay": delay, "fail": fail})
+
+
 def make_app(
     name: str, session_cookies: Sequence[str] = DEFAULT_SESSION_COOKIES
 ) -> web.Application:
@@ -98,8 +126,10 @@ def make_app(
     app[_NAME] = name
     app[_HEALTHY] = [True]  # a one-item list so handlers can flip it in place
     app[_COOKIES] = tuple(session_cookies)
+    app[_FAULT] = {}
     app.router.add_get("/healthz", _healthz)
     app.router.add_post("/admin/health", _set_health)
+    app.router.add_post("/admin/fault", _set_fault)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 

@@ -9,6 +9,9 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/model                                  cluster model (YAML text)
     {root}/v1/mesh/clusters/{cluster}/members/{member}    member registration (leased)
     {root}/v1/mesh/clusters/{cluster}/admin/{member}      admin state: member down
+    {root}/v1/mesh/clusters/{cluster}/health/{member}     a sick member's judgement
+                                                          (degraded, probed; leased by
+                                                          the control plane that judged)
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
@@ -52,12 +55,14 @@ from urllib.parse import quote, unquote
 
 DEFAULT_ROOT = "/meshxl"
 
-#: The two kinds of key under ``clusters/CLUSTER/`` (what :meth:`Keys.parse_cluster_key`
-#: returns as ``kind``): member registrations, and the administrative state
-#: ("member down"; a site's "offline" is ``sites/SITE/admin``).
+#: The kinds of key under ``clusters/CLUSTER/`` (what :meth:`Keys.parse_cluster_key`
+#: returns as ``kind``): member registrations, the administrative state ("member
+#: down"; a site's "offline" is ``sites/SITE/admin``) and the control plane's judgement
+#: of a sick member (``meshxl.xds.health``).
 MEMBERS = "members"
 ADMIN = "admin"
-CLUSTER_KEY_KINDS = (MEMBERS, ADMIN)
+HEALTH = "health"
+CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH)
 
 
 def _segment(value: str, what: str) -> str:
@@ -105,6 +110,10 @@ class Keys:
     def member_admin(self, cluster: str, member: str) -> str:
         cluster_part = _segment(cluster, "cluster")
         return f"{self.clusters_prefix}{cluster_part}/{ADMIN}/{_segment(member, 'member')}"
+
+    def member_health(self, cluster: str, member: str) -> str:
+        cluster_part = _segment(cluster, "cluster")
+        return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
 
     @property
     def sites_prefix(self) -> str:
@@ -225,7 +234,7 @@ class Keys:
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:
         """Split a key under ``clusters/`` into (cluster, kind, member).
 
-        ``kind`` is ``members`` or ``admin``; anything else (for example session keys
+        ``kind`` is ``members``, ``admin`` or ``health``; anything else (for example session keys
         added by later parts) returns None so watchers can ignore it.
         """
         if not key.startswith(self.clusters_prefix):

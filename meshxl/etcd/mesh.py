@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
-from meshxl.etcd.keys import ADMIN, MEMBERS, Keys
+from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
-from meshxl.model.runtime import AdminAction, Registration, RuntimeState
+from meshxl.model.runtime import AdminAction, Health, Registration, RuntimeState
 
 if TYPE_CHECKING:
     from meshxl.model import ModelSpec
@@ -180,6 +180,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
     registrations: dict[tuple[str, str], Registration] = {}
     members_down: dict[tuple[str, str], AdminAction] = {}
     sites_offline: dict[str, AdminAction] = {}
+    health: dict[tuple[str, str], Health] = {}
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
@@ -192,6 +193,8 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
                     registrations[(cluster, member)] = Registration.from_dict(data)
                 elif kind == ADMIN:
                     members_down[(cluster, member)] = AdminAction.from_dict(data)
+                elif kind == HEALTH:
+                    health[(cluster, member)] = Health.from_dict(data)
                 else:
                     raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
             except ValueError as exc:
@@ -203,7 +206,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
             if data is not None:
                 sites_offline[site] = AdminAction.from_dict(data)
     return RuntimeState(registrations=registrations, members_down=members_down,
-                        sites_offline=sites_offline)
+                        sites_offline=sites_offline, health=health)
 
 
 def _json(key: str, raw: bytes) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ agree on every decision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -105,6 +106,58 @@ class AdminAction:
                    at=str(data.get("at", "")))
 
 
+DEGRADED_KIND = "degraded"
+"""A member judged sick: slower, or failing more, than its peers (docs/faults.md)."""
+PROBE_KIND = "probe"
+"""A high-availability member sent a small share of the active's sessions so the two
+can be compared before (or after) a predictive failover."""
+HELD_KIND = "held"
+"""High availability, manual failback: a member well again after a predictive failover,
+held behind the active that took over (shown ``returning``)."""
+HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND, HELD_KIND)
+
+
+@dataclass(frozen=True)
+class Health:
+    """The control plane's judgement of a member that is not an outright failure
+    (written by the replica that judged it, under its lease: ``meshxl.xds.health``)."""
+
+    kind: str
+    """:data:`DEGRADED_KIND` or :data:`PROBE_KIND`."""
+    reason: str = ""
+    since: float = 0.0
+    """When the judgement was made (Unix seconds, the judging replica's clock): a
+    degraded member's share steps down from there."""
+    by: str = ""
+    """The control-plane replica that judged it."""
+    moves: bool = True
+    """False: shown and counted only (``degradation.action: report``)."""
+    behind: str = ""
+    """High availability: the member that took the active role from it (a held member
+    is held only while that one serves)."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Health:
+        """Build from the JSON stored in etcd; raises ValueError naming a bad field."""
+        kind = data.get("kind")
+        if kind not in HEALTH_KINDS:
+            raise ValueError(f"health kind must be one of {', '.join(HEALTH_KINDS)}: "
+                             f"{str(kind)[:40]!r}")
+        try:
+            since = float(data.get("since", 0.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"health since is not a number: {data.get('since')!r}") from None
+        if not math.isfinite(since):
+            raise ValueError("health since is not a finite number")
+        return cls(kind=str(kind), reason=str(data.get("reason", ""))[:512], since=since,
+                   by=str(data.get("by", ""))[:253], moves=data.get("moves", True) is not False,
+                   behind=str(data.get("behind", ""))[:253])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "reason": self.reason, "since": self.since, "by": self.by,
+                "moves": self.moves, "behind": self.behind}
+
+
 @dataclass(frozen=True)
 class RuntimeState:
     """Everything besides the spec that decides what Envoy is told."""
@@ -112,6 +165,8 @@ class RuntimeState:
     registrations: Mapping[tuple[str, str], Registration] = field(default_factory=dict)
     members_down: Mapping[tuple[str, str], AdminAction] = field(default_factory=dict)
     sites_offline: Mapping[str, AdminAction] = field(default_factory=dict)
+    health: Mapping[tuple[str, str], Health] = field(default_factory=dict)
+    """Members judged sick (degraded) or probed, by the control plane."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""
@@ -121,6 +176,12 @@ class RuntimeState:
     def members_down_of(self, cluster: str) -> Mapping[str, AdminAction]:
         """One cluster's admin-down members (indexed once per state)."""
         return _index(self, "_down_by_cluster", self.members_down).get(cluster, _EMPTY)
+
+    def health_of(self, cluster: str) -> Mapping[str, Health]:
+        """One cluster's health judgements (indexed once per state)."""
+        if not self.health:
+            return _EMPTY
+        return _index(self, "_health_by_cluster", self.health).get(cluster, _EMPTY)
 
 
 def _index(state: RuntimeState, attr: str,
@@ -146,6 +207,8 @@ class MemberState(StrEnum):
     ATTENTION = "active-attention"  # reported a problem or overload, serves all the
     #                               same: no other member can (ClusterXL Active Attention)
     RETURNING = "returning"      # back after trouble, held behind the serving members
+    DEGRADED = "degraded"        # sick (slower or failing more than its peers): a
+    #                              smaller share, or (high availability) behind the standby
     ADMIN_DOWN = "admin-down"    # meshxl member down
     SITE_OFFLINE = "site-offline"  # meshxl site offline
     LOST = "lost"                # registered membership, no live registration
@@ -155,7 +218,7 @@ class MemberState(StrEnum):
 # cluster_view runs once per member of the whole mesh on every compile.
 _READY, _SYNCING, _PROBLEM = MemberState.READY, MemberState.SYNCING, MemberState.PROBLEM
 _OVERLOADED, _ATTENTION = MemberState.OVERLOADED, MemberState.ATTENTION
-_RETURNING = MemberState.RETURNING
+_RETURNING, _SICK = MemberState.RETURNING, MemberState.DEGRADED
 _ADMIN_DOWN, _SITE_OFFLINE, _LOST = (MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE,
                                      MemberState.LOST)
 
@@ -163,15 +226,18 @@ _ADMIN_DOWN, _SITE_OFFLINE, _LOST = (MemberState.ADMIN_DOWN, MemberState.SITE_OF
 #: DEGRADED ones marked DEGRADED (they serve the sessions pinned to them, and the load
 #: balancer gives them new ones only when no member of their priority is healthy).
 ADVERTISED = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ATTENTION,
-                        MemberState.RETURNING, MemberState.ADMIN_DOWN,
+                        MemberState.RETURNING, MemberState.DEGRADED, MemberState.ADMIN_DOWN,
                         MemberState.SITE_OFFLINE})
 DRAINING = frozenset({MemberState.ADMIN_DOWN, MemberState.SITE_OFFLINE})
 DEGRADED = frozenset({MemberState.OVERLOADED})
 #: States that serve: they have a role and a share of their site's weight.
 SERVING = frozenset({MemberState.READY, MemberState.OVERLOADED, MemberState.ATTENTION,
-                     MemberState.RETURNING})
+                     MemberState.RETURNING, MemberState.DEGRADED})
 #: Serving states sent to Envoy as healthy: the hash places new sessions on them.
-PLACES_NEW = frozenset({MemberState.READY, MemberState.ATTENTION, MemberState.RETURNING})
+PLACES_NEW = frozenset({MemberState.READY, MemberState.ATTENTION, MemberState.RETURNING,
+                        MemberState.DEGRADED})
+"""A degraded member keeps taking new sessions at its (stepped-down) share: the control
+plane scales its EDS weight (``meshxl.xds.health``)."""
 
 
 
@@ -313,6 +379,7 @@ def cluster_view(spec: Spec, state: RuntimeState,
     down = state.members_down_of(spec.name)
     offline = state.sites_offline
     absent = _LOST if spec.registered else _READY
+    health = state.health_of(spec.name)
     prefer = local_site if spec.site_affinity == "local" else None
 
     # (tier key, name, address, port, site, weight, state, problems); the tier key is
@@ -320,6 +387,7 @@ def cluster_view(spec: Spec, state: RuntimeState,
     # sorted: one EDS priority per distinct key.
     drafts: list[_Draft] = []
     held: list[int] = []  # drafts of returning members
+    judged: list[int] = []  # high availability: drafts of degraded or probed members
     trouble: list[bool] = []  # one entry once a member is in trouble (problem, overload)
     index_in_site: dict[str, int] = {}
 
@@ -358,6 +426,14 @@ def cluster_view(spec: Spec, state: RuntimeState,
                 held.append(len(drafts))
                 if member_state is _READY:
                     member_state = _RETURNING
+        if health and member_state is _READY and name in health:
+            kind = health[name].kind
+            if kind == DEGRADED_KIND:
+                member_state = _SICK
+            elif kind == HELD_KIND:
+                member_state = _RETURNING
+            if high_availability and health[name].moves:
+                judged.append(len(drafts))
         drafts.append((key, name, address, port, site, weight, member_state, problems))
 
     # Spec members first (their order is the operator's preference), then members
@@ -375,6 +451,8 @@ def cluster_view(spec: Spec, state: RuntimeState,
 
     if held:
         _hold(drafts, held, registered)
+    if judged:
+        _judge(drafts, judged, health)
     if trouble:
         _fall_back(spec, drafts, registered)
 
@@ -394,6 +472,12 @@ def cluster_view(spec: Spec, state: RuntimeState,
     factor = {(key, site): site_weight.get(site, 100) * _WEIGHT_SCALE / total
               for (key, site), total in totals.items()}
 
+    probed = {drafts[i][1] for i in judged if health[drafts[i][1]].kind == PROBE_KIND}
+    if probed:
+        # The probed member left its tier for the active's; the tiers behind keep their
+        # roles (a backup does not become the standby for a probe).
+        role_of = {key: role if rank == 0 else _role(spec, rank + 1)
+                   for rank, (key, role) in enumerate(sorted(role_of.items()))}
     members: list[MemberView] = []
     append = members.append
     for key, name, address, port, site, weight, member_state, problems in drafts:
@@ -404,10 +488,12 @@ def cluster_view(spec: Spec, state: RuntimeState,
         scale = factor.get((key, site))
         if scale is None:
             scale = site_weight.get(site, 100) * _WEIGHT_SCALE / weight
+        role = role_of[key] if member_state in serving else _NO_ROLE
+        if probed and name in probed:
+            role = Role.STANDBY
         append(_new_view(MemberView, (
             name, address, port, site, weight, member_state, priority_of[key],
-            max(1, round(weight * scale)),
-            role_of[key] if member_state in serving else _NO_ROLE, problems)))
+            max(1, round(weight * scale)), role, problems)))
     return ClusterView(spec=spec, members=tuple(members))
 
 
@@ -431,6 +517,30 @@ def _hold(drafts: list[_Draft], held: list[int],
             drafts[i] = ((*min(ahead), 1, *d[0]), *d[1:])
         elif d[6] is _RETURNING:
             drafts[i] = (*d[:6], _READY, d[7])
+
+
+def _judge(drafts: list[_Draft], judged: list[int], health: Mapping[str, Health]) -> None:
+    """High availability (in place, on ``drafts``): a degraded (or held) member goes
+    right behind the best member that serves and is not judged (a predictive failover:
+    its role goes to that member; with nobody else serving it keeps its place), and a
+    probed member joins the best serving tier, where the control plane gives it a small
+    share (``degradation.probe_share``) so the two can be compared."""
+    marked = set(judged)
+    serving = {d[1]: d[0] for i, d in enumerate(drafts) if d[6] in SERVING and i not in marked}
+    if not serving:
+        return
+    best = min(serving.values())
+    for i in judged:
+        d = drafts[i]
+        record = health[d[1]]
+        if record.kind == PROBE_KIND:
+            drafts[i] = (best, *d[1:])
+        elif record.behind in serving:
+            drafts[i] = ((*serving[record.behind], 1, *d[0]), *d[1:])
+        elif record.kind == DEGRADED_KIND:
+            drafts[i] = ((*best, 1, *d[0]), *d[1:])
+        elif d[6] is _RETURNING:
+            drafts[i] = (*d[:6], _READY, d[7])  # held behind a member that left: its place
 
 
 def _fall_back(spec: ClusterShape, drafts: list[_Draft],

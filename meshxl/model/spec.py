@@ -265,13 +265,18 @@ class OutlierDetection(_Spec):
     beyond the bound are still removed by active health checks."""
 
 
+def _off(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off`` as false: take it as the word it was."""
+    return "off" if value is False else value
+
+
 class Degradation(_Spec):
     """A sick member: slower, or failing more, than its peers while its health check
     passes (docs/faults.md). The control plane compares each member's requests, as
     the Envoys see them, with its peers'; a member worse by the margins below for
     ``detect`` is DEGRADED, until it has been within them for ``recover``."""
 
-    action: DegradeAction = "move"
+    action: Annotated[DegradeAction, BeforeValidator(_off)] = "move"
     """``move``: a degraded load-sharing member's share of new sessions is halved every
     ``step`` down to ``min_share``; a degraded active hands its role to the standby
     (predictive failover) once a probe shows the standby serves better. ``report``:

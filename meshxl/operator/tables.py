@@ -31,7 +31,8 @@ _STATE_STYLE: dict[str, str] = {
     MemberState.READY: "green", MemberState.SYNCING: "yellow", MemberState.PROBLEM: "red",
     MemberState.LOST: "red", MemberState.ADMIN_DOWN: "magenta",
     MemberState.SITE_OFFLINE: "magenta", MemberState.OVERLOADED: "yellow",
-    MemberState.ATTENTION: "bold red", MemberState.RETURNING: "cyan"}
+    MemberState.ATTENTION: "bold red", MemberState.RETURNING: "cyan",
+    MemberState.DEGRADED: "yellow"}
 
 
 def _printable(text: str) -> str:

@@ -32,7 +32,8 @@ MEMBER = "meshxl.member"
 """The member the span is about: the lost member on failover spans, the new owner on
 takeover spans."""
 CAUSE = "meshxl.failover.cause"
-"""lease_expired | not_ready | problem | admin_down | site_offline (meshxl.xds.failover)"""
+"""lease_expired | not_ready | problem | admin_down | site_offline | degraded
+(meshxl.xds.failover)"""
 FROM_STATE = "meshxl.failover.from_state"
 TO_STATE = "meshxl.failover.to_state"
 ETCD_REVISION = "meshxl.etcd.revision"

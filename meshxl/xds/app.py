@@ -27,19 +27,26 @@ from meshxl.addr import bind_grpc, bind_tcp, bound_port
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
+from meshxl.model.runtime import DEGRADED_KIND
 
+from .accesslog import AccessLogReceiver
 from .cache import Snapshot, SnapshotCache
 from .compiler import Compiler
 from .config import ControlPlaneConfig
 from .dns import Resolver, hostnames, is_ip_literal
 from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
+from .health import shares
 from .history import MemberHistory, transitions
+from .judging import Judging, cut
+from .judging import report as health_report
 from .metrics import Convergence, XdsMetrics, member_state_counts
 from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
 from .types import ENDPOINT
+from .upstream import UpstreamSignals
+from .upstream import status as upstream_status
 from .warmup import Warming, WarmUp, report
 from .warnings import ModelWarnings
 
@@ -79,6 +86,10 @@ class ControlPlane:
                              metrics=self.metrics, auth=config.auth(),
                              max_nodes=config.max_nodes,
                              max_nodes_per_credential=config.max_nodes_per_credential)
+        self.upstream = UpstreamSignals()
+        """Per upstream host requests, errors and latency, from the Envoys' access logs."""
+        self.access_log = AccessLogReceiver(self.upstream, self.ads.auth, self.metrics,
+                                            connected_from=self.ads.connected_from)
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -112,6 +123,9 @@ class ControlPlane:
         self.warmup = WarmUp()
         self.warming = Warming()
         """The warm-up ramps under way (:mod:`meshxl.xds.warmup`)."""
+        self.judging = Judging(config.replica, self.keys, self.upstream, self._changed)
+        """Sick members (:mod:`meshxl.xds.health`), judged from the Envoys' access logs."""
+        self._local_runtime: tuple[Any, RuntimeState] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -129,6 +143,7 @@ class ControlPlane:
 
         self._grpc = grpc.aio.server(options=ADS_GRPC_OPTIONS)  # no SO_REUSEPORT
         self.ads.register(self._grpc)
+        self.access_log.register(self._grpc)
         self.port = bind_grpc(self._grpc, cfg.listen,
                               None if self.tls is None else self.tls.credentials())
         if cfg.admin:
@@ -157,6 +172,9 @@ class ControlPlane:
         self._spawn(self.resolver.run())
         self._spawn(self.rebuilder.run())
         self._spawn(self._tick_failovers())
+        self._spawn(self.judging.run(lambda: self.model, lambda: self.runtime,
+                                     lambda: self.resolver.addresses, self.client,
+                                     lambda: self._lease))
         await self._grpc.start()
         self._serving = True
         log.log(logging.WARNING if self.ads.auth.unbound else logging.INFO,
@@ -226,7 +244,13 @@ class ControlPlane:
 
     @property
     def runtime(self) -> RuntimeState:
-        return self.mesh.runtime if self.mesh is not None else RuntimeState()
+        """The runtime state in etcd; without etcd, this replica's own judgements."""
+        if self.mesh is not None:
+            return self.mesh.runtime
+        local = dict(self.judging.local)
+        if self._local_runtime is None or self._local_runtime[0] != local:
+            self._local_runtime = (local, RuntimeState(health=local))
+        return self._local_runtime[1]
 
     def _changed(self) -> None:
         """A source saw a change: remember when (a failover's detection starts there)."""
@@ -262,11 +286,13 @@ class ControlPlane:
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
         drains = expired_drains(model, runtime, now)
         warming = self.warmup.update(model, runtime, now)
-        self._wake_at(min((t for t in (drains.next_expiry, warming.next_change)
-                                  if t is not None), default=None))
+        sick, step = shares(model, runtime, now)
+        self._wake_at(min((t for t in (drains.next_expiry, warming.next_change, step)
+                           if t is not None), default=None))
+        fractions = cut(warming.fractions, sick, self.judging.loads)
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,
-                                              drains.expired, warming.fractions)
+                                              drains.expired, fractions)
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
@@ -275,6 +301,8 @@ class ControlPlane:
         self._built_runtime, self._built_model = runtime, model
         self.warming = warming
         self.metrics.set_warming(warming.fractions)
+        self.metrics.set_degraded((k for k, h in runtime.health.items()
+                                   if h.kind == DEGRADED_KIND), sick)
         self.model_warnings.update(model, runtime)
         previous = self.cache.snapshot
         snapshot = Snapshot.build(resources.by_type(), previous=previous,
@@ -304,8 +332,8 @@ class ControlPlane:
                                          for t, v in snapshot.versions.items()))
 
     def _wake_at(self, at: float | None) -> None:
-        """Rebuild when the next drain window ends (its long-lived connections close) or
-        the next warm-up step is due."""
+        """Rebuild when the next drain window ends (its long-lived connections close),
+        the next warm-up step or the next step of a degraded member is due."""
         if self._wake_timer is not None:
             self._wake_timer.cancel()
             self._wake_timer = None
@@ -476,6 +504,9 @@ class ControlPlane:
             "compile_error": self.compile_error,
             "model_warnings": self.model_warnings.all(),
             "warming": report(self.warming),
+            "degraded": health_report(self.runtime, self.model, time.time()),
+            "suspects": dict(self.judging.last.suspects),
+            "load_shares": self.judging.loads,
             "etcd": None if self.mesh is None else {
                 "revision": self.mesh.revision, "resyncs": self.mesh.resyncs,
                 "last_error": self.mesh.last_error,
@@ -489,6 +520,7 @@ class ControlPlane:
             "refused": self.ads.refused,
             "credentials": self.ads.credential_counts(),
             "nodes": self.ads.node_status(),
+            "upstream": upstream_status(self.upstream, time.time()),
         }
 
     def refresh_gauges(self) -> None:

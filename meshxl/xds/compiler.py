@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.xds import types
+from meshxl.xds.alsconfig import http_access_log, measured, tcp_access_log
 from meshxl.xds.protocols import build_tcp_listener, drain_generation
 from meshxl.xds.resources import (
     build_cluster,
@@ -100,18 +101,21 @@ def _compile_listeners(model: ModelSpec, drained: frozenset[tuple[str, str]],
     """LDS: from the model, and from the drains whose window has passed (a listener
     with long-lived connections to a drained member changes its drain generation)."""
     out: dict[str, listener_pb2.Listener] = {}
+    http_log, tcp_log = http_access_log(), tcp_access_log()  # once per model, shared
     for (address, port), specs in _listeners_of(model).items():
         name = listener_name(address, port)
         generation = drain_generation(
             (cluster, member) for cluster, member in drained
             if any(s.name == cluster and s.long_lived for s in specs))
         if specs[0].protocol == "tcp":
-            out[name] = build_tcp_listener(name, address, port, specs[0], generation)
+            out[name] = build_tcp_listener(name, address, port, specs[0], generation,
+                                           tcp_log if measured(specs) else None)
             continue
         pinned = any(s.stickiness is not None and s.stickiness.pin is not None for s in specs)
         out[name] = build_listener(name, address, port, model.telemetry, pinned=pinned,
                                    websocket=any(s.websocket_upgrades for s in specs),
-                                   generation=generation)
+                                   generation=generation,
+                                   access_log=http_log if measured(specs) else None)
     return out
 
 
@@ -154,7 +158,7 @@ class Compiler:
         for spec in model.clusters:
             registrations = state.registrations_of(spec.name)
             inputs: tuple[Any, ...] = (registrations, state.members_down_of(spec.name),
-                                       offline)
+                                       offline, state.health_of(spec.name))
             if resolved:
                 inputs += (_resolved_for(spec, registrations, resolved),)
             ramp = warming.get(spec.name)

@@ -41,6 +41,7 @@ _CAUSES = {
     MemberState.PROBLEM: "problem",
     MemberState.ADMIN_DOWN: "admin_down",
     MemberState.SITE_OFFLINE: "site_offline",
+    MemberState.DEGRADED: "degraded",
 }
 #: Every cause a failover is counted under (``meshxl_xds_failovers_total``).
 FAILOVER_CAUSES: tuple[str, ...] = tuple(_CAUSES.values())

@@ -47,8 +47,10 @@ class Transition:
 
     @property
     def failover(self) -> bool:
-        """The member served before and does not now: its sessions moved."""
-        return self.from_state in SERVING and self.to_state not in SERVING
+        """The member served before and does not now, or was judged sick (degraded): its
+        sessions moved (all of them, or in load sharing a share stepping down)."""
+        return self.from_state in SERVING and (self.to_state not in SERVING
+                                               or self.to_state == MemberState.DEGRADED)
 
 
 def reason(view: MemberView | None, cluster: str, state: RuntimeState) -> str:
@@ -82,7 +84,14 @@ _REASONS: dict[MemberState, Callable[[MemberView, str, RuntimeState], str]] = {
         f"problem reported: {', '.join(view.problems)}",
     MemberState.SYNCING: lambda view, cluster, state: "registered, session cache still syncing",
     MemberState.LOST: lambda view, cluster, state: reason_lost(),
+    MemberState.DEGRADED: lambda view, cluster, state: degraded_reason(view, cluster, state),
 }
+
+
+def degraded_reason(view: MemberView, cluster: str, state: RuntimeState) -> str:
+    health = state.health_of(cluster).get(view.name)
+    why = health.reason if health is not None else "judged sick"
+    return f"degraded: {why}" + ("" if health is None or health.moves else " (report only)")
 
 
 def attention_reason(view: MemberView) -> str:
@@ -133,7 +142,8 @@ def transitions(model: ModelSpec, before: RuntimeState, after: RuntimeState) -> 
         name = spec.name
         if (not offline_changed
                 and before.registrations_of(name) == after.registrations_of(name)
-                and before.members_down_of(name) == after.members_down_of(name)):
+                and before.members_down_of(name) == after.members_down_of(name)
+                and before.health_of(name) == after.health_of(name)):
             continue
         old, new = _views(model, before, name), _views(model, after, name)
         for member in sorted(old.keys() | new.keys()):

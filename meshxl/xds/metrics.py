@@ -7,6 +7,7 @@ control plane reports rebuilds, convergence and the debounce queue.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,6 +79,15 @@ class XdsMetrics:
                             "ramp lasts (no series once it is over).", ["cluster", "member"],
                             registry=r)
         self._warming: set[tuple[str, str]] = set()
+        self.degraded = Gauge("meshxl_xds_member_degraded", "1 while a member is judged "
+                              "sick (degraded: slower or failing more than its peers; "
+                              "docs/faults.md), no series otherwise.", ["cluster", "member"],
+                              registry=r)
+        self.degraded_share = Gauge("meshxl_xds_member_degraded_share", "Fraction of its "
+                                    "weight a degraded load-sharing member (or a probed "
+                                    "standby) gets now.", ["cluster", "member"], registry=r)
+        self._degraded: set[tuple[str, str]] = set()
+        self._degraded_shares: set[tuple[str, str]] = set()
         self._warning_counts: dict[str, int] = {}
         self._member_counts: dict[tuple[str, str], int] = {}
         self._clusters: set[str] = set()
@@ -93,6 +103,13 @@ class XdsMetrics:
             "certificate does not name the node id).", ["reason"], registry=r)
         for reason in REFUSAL_REASONS:
             self.streams_refused.labels(reason)  # at zero: the first refusal is an increase
+        self.access_log_entries = Counter(
+            "meshxl_xds_access_log_entries", "Access log entries from Envoys (the sick-member "
+            "signal, docs/faults.md), by result: recorded, dropped (past a bound: entries "
+            "per message or per second of a stream, names too long), refused (a stream "
+            "that may not speak for its node).", ["result"], registry=r)
+        for result in ("recorded", "dropped", "refused"):
+            self.access_log_entries.labels(result)
 
     def know_clusters(self, names: Iterable[str]) -> None:
         """Start each new cluster's failover counters at zero, so that a rule sees its
@@ -121,6 +138,24 @@ class XdsMetrics:
         for (cluster, member), share in now.items():
             self.warmup.labels(cluster, member).set(share)
         self._warming = set(now)
+
+    def set_degraded(self, degraded: Iterable[tuple[str, str]],
+                     shares: Mapping[str, Mapping[str, float]]) -> None:
+        """Set ``meshxl_xds_member_degraded`` and ``..._degraded_share``; a member judged
+        well again (or no longer probed) loses its series."""
+        sick = set(degraded)
+        parts = {(c, m): share for c, members in shares.items() for m, share in members.items()}
+        for key in self._degraded - sick:
+            with contextlib.suppress(KeyError):
+                self.degraded.remove(*key)
+        for key in self._degraded_shares - parts.keys():
+            with contextlib.suppress(KeyError):
+                self.degraded_share.remove(*key)
+        for key in sick:
+            self.degraded.labels(*key).set(1)
+        for key, share in parts.items():
+            self.degraded_share.labels(*key).set(share)
+        self._degraded, self._degraded_shares = sick, set(parts)
 
     def set_model_warnings(self, counts: dict[str, int]) -> None:
         """Set ``meshxl_xds_model_warnings`` to ``counts``; a cluster gone loses its series."""

@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2, protocol_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -37,6 +38,7 @@ from google.protobuf import wrappers_pb2
 
 from meshxl.model import ClusterSpec, HealthCheck
 from meshxl.model.spec import HealthCheckType, Protocol, choose
+from meshxl.xds.alsconfig import log_tcp
 
 __all__ = [
     "HTTP_PROTOCOL_OPTIONS", "TCP_PROXY", "WEBSOCKET", "apply_protocol", "build_tcp_listener",
@@ -157,7 +159,8 @@ def mark_generation(chain: listener_components_pb2.FilterChain, generation: str)
 
 
 def build_tcp_listener(name: str, address: str, port: int, spec: ClusterSpec,
-                       generation: str = "") -> listener_pb2.Listener:
+                       generation: str = "", access_log: AccessLog | None = None,
+                       ) -> listener_pb2.Listener:
     """A listener whose every connection goes to ``spec``'s cluster through Envoy's TCP
     proxy: hashed on the client's address for a consistent-hash cluster, retried on
     another member when the connection cannot be made.
@@ -168,7 +171,8 @@ def build_tcp_listener(name: str, address: str, port: int, spec: ClusterSpec,
     back to back, every attempt of a connection that arrives in that window meets the
     dead member and the connection is closed while the standby is up; spaced by the
     retry backoff (jittered, ``backoff_base`` doubling up to ``backoff_max``) they
-    outlast the ejection."""
+    outlast the ejection. ``access_log``: streamed to the control plane
+    (:mod:`meshxl.xds.alsconfig`)."""
     r = spec.retries
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=name, cluster=spec.name)
     proxy.max_connect_attempts.value = r.attempts + 1
@@ -178,6 +182,8 @@ def build_tcp_listener(name: str, address: str, port: int, spec: ClusterSpec,
     st = spec.stickiness
     if st is not None and st.source_ip:
         proxy.hash_policy.add().source_ip.SetInParent()
+    if access_log is not None:
+        log_tcp(proxy, access_log)
     listener = listener_pb2.Listener(name=name)
     listener.address.socket_address.address = address
     listener.address.socket_address.port_value = port

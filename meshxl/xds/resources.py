@@ -24,13 +24,13 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.stateful_session.v3 import stateful_session_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -55,6 +55,7 @@ from meshxl.model.runtime import ADVERTISED as _ADVERTISED
 from meshxl.model.runtime import DEGRADED as _DEGRADED
 from meshxl.model.runtime import DRAINING as _DRAINING
 from meshxl.model.spec import Algorithm, HashKey, Pin, PinCarrier, Stickiness, choose
+from meshxl.xds.alsconfig import upstream_router
 from meshxl.xds.dns import is_ip_literal
 from meshxl.xds.overrides import OverrideError, merge_override
 from meshxl.xds.protocols import (
@@ -321,13 +322,16 @@ STATEFUL_SESSION = "envoy.filters.http.stateful_session"
 
 def build_listener(name: str, address: str, port: int, telemetry: Telemetry | None = None,
                    *, pinned: bool = False, websocket: bool = False,
-                   generation: str = "") -> listener_pb2.Listener:
+                   generation: str = "", access_log: AccessLog | None = None,
+                   ) -> listener_pb2.Listener:
     """``pinned``: some route of the listener pins sessions, so the HCM runs Envoy's
     stateful session filter (inactive by itself: each pinned route configures it).
     ``websocket``: some cluster of the listener allows WebSocket upgrades.
-    ``generation``: the drain generation (:func:`meshxl.xds.protocols.drain_generation`)."""
+    ``generation``: the drain generation (:func:`meshxl.xds.protocols.drain_generation`).
+    ``access_log``: every upstream attempt's entry, streamed to the control plane
+    (:mod:`meshxl.xds.alsconfig`)."""
     filters = [hcm_pb2.HttpFilter(name="envoy.filters.http.router",
-                                  typed_config=_any(router_pb2.Router()))]
+                                  typed_config=_any(upstream_router(access_log)))]
     if pinned:
         filters.insert(0, hcm_pb2.HttpFilter(
             name=STATEFUL_SESSION,

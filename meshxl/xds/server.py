@@ -62,7 +62,8 @@ from meshxl.xds.nodes import (
     bound_text,
 )
 
-__all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange"]
+__all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange",
+           "peer_host"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,17 @@ ADS_GRPC_OPTIONS = (
     *GRPC_SERVER_OPTIONS,  # no SO_REUSEPORT: a second server on a busy port fails
 )
 
+def peer_host(address: str) -> str:
+    """The IP address of gRPC's ``context.peer()`` (``ipv4:10.0.0.1:5000``,
+    ``ipv6:[::1]:5000``): ``10.0.0.1``, ``::1``; the text itself for other forms
+    (``unix:...``)."""
+    family, _, rest = address.partition(":")
+    if family not in ("ipv4", "ipv6") or ":" not in rest:
+        return address
+    host = rest.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -133,6 +145,10 @@ class AdsServer:
         self._spoken: dict[str, dict[str, int]] = {}
         self._bounds: dict[str, int | None] = {}  # per credential counted, its bound
         self._connected = 0  # node ids with a stream
+        # Per connected node id, the hosts (IP addresses) its streams come from and how
+        # many: the access log service admits a node's log stream from these
+        # (meshxl.xds.accesslog).
+        self._hosts: dict[str, dict[str, int]] = {}
         self._on_status_change = on_status_change
         self._on_sent = on_sent
         self._on_answer = on_answer
@@ -214,6 +230,11 @@ class AdsServer:
         several zones: its oldest stream's)."""
         return {node_id: node.zone for node_id, node in self._nodes.items()
                 if node.streams > 0 and node.zone}
+
+    def connected_from(self, node_id: str, host: str) -> bool:
+        """Whether ``node_id`` has an open (hence admitted) ADS stream from ``host``
+        (an IP address, as :func:`peer_host` gives it)."""
+        return host in self._hosts.get(node_id, ())
 
     def forget(self, node_id: str) -> None:
         """Drop a disconnected node's status and quarantine (e.g. its pod is gone)."""
@@ -317,6 +338,9 @@ class AdsServer:
         node.streams += 1
         node.connected_at = time.time()
         stream.node = node
+        hosts = self._hosts.setdefault(node_id, {})
+        host = peer_host(stream.peer.address)
+        hosts[host] = hosts.get(host, 0) + 1
         allowed, held = self._log_limit.allow((node_id, "connected"))
         if allowed:
             log.info("node %s connected (%d streams)%s", node_id, node.streams,
@@ -344,6 +368,14 @@ class AdsServer:
             return
         stream.node = None
         node.streams -= 1
+        hosts = self._hosts.get(node.node_id, {})
+        host = peer_host(stream.peer.address)
+        if hosts.get(host, 0) > 1:
+            hosts[host] -= 1
+        else:
+            hosts.pop(host, None)
+            if not hosts:
+                self._hosts.pop(node.node_id, None)
         node.stream_zone(stream, None)
         self._uncount(stream, node.node_id)
         if node.streams == 0:

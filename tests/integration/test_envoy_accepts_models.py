@@ -231,7 +231,10 @@ def clusters(draw: st.DrawFn, index: int) -> dict[str, Any]:
         **draw(st.fixed_dictionaries({}, optional={
             "protocol": st.sampled_from(["http", "http2", "grpc", "tcp"]),
             "websocket": st.booleans(),
-            "drain_window": durations(positive=False)})),
+            "drain_window": durations(positive=False),
+            # off: no access log on the listener; move, report: one to the control plane
+            "degradation": st.builds(lambda a: {"action": a},
+                                     st.sampled_from(["move", "report", "off"]))})),
         "mode": draw(st.sampled_from(["high-availability", "load-sharing"])),
         "members": listed,
         "health_check": draw(health_checks()),

@@ -97,8 +97,9 @@ def test_member_state_tables_cover_every_state() -> None:
     from meshxl.model.runtime import SERVING
 
     # Every state a member can fail over to has a cause; a serving state is no failover
-    # (an overloaded member keeps its sessions).
-    assert set(failover._CAUSES) == set(MemberState) - SERVING
+    # (an overloaded member keeps its sessions), but for a degraded one (sessions move
+    # from it, all of them or a share).
+    assert set(failover._CAUSES) == set(MemberState) - SERVING | {MemberState.DEGRADED}
     with pytest.raises(UnknownChoice, match="member state"):
         choose(failover._CAUSES, MemberState.READY, "member state")
 

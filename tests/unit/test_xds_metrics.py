@@ -88,7 +88,8 @@ def test_nack_and_failover_counters_start_at_zero() -> None:
     metrics.failovers.labels("shop", "problem").inc()
     metrics.know_clusters(["shop"])  # known already: nothing reset
     failovers = samples(metrics, "meshxl_xds_failovers_total")
-    causes = {"lease_expired", "not_ready", "problem", "admin_down", "site_offline"}
+    causes = {"lease_expired", "not_ready", "problem", "admin_down", "site_offline",
+              "degraded"}
     assert {dict(k)["cause"] for k in failovers} == causes
     assert {dict(k)["cluster"] for k in failovers} == {"shop", "cart"}
     assert failovers[(("cause", "problem"), ("cluster", "shop"))] == 1

@@ -1,0 +1,498 @@
+"""Sick members: who is DEGRADED, judged from the requests the Envoys saw (pure, but
+for the judge's memory of the probes under way; the clock is passed in).
+
+A member is sick *relative to its peers*: in every window of the cluster's
+``degradation.detect`` span its p90 latency is at least ``latency_factor`` times its
+peers' (their median) and ``latency_margin`` above it, or its share of failed requests
+is ``error_margin`` above theirs. Two things keep noise out. The whole span must be
+worse, window by window (a GC pause, a burst or one slow request spoils one window,
+not three in a row), with at least ``min_requests`` of the member's and its peers'
+requests in it. And a member is judged against *its own normal* beside its peers (the
+ratio over the last :data:`BASELINE` seconds before the span): a member that always
+served the heaviest sessions at twice its peers' latency must become
+``latency_factor`` times worse than that. When every member is equally slow (a shared
+dependency) none is worse than its peers, so nothing moves.
+
+What a degraded member gets, with ``action: move``:
+
+* load sharing: its EDS weight is halved every ``step`` from the judgement on, down to
+  ``min_share`` of its weight (:func:`share`), so each step moves at most half of the
+  sessions it still had (their state follows as in a takeover). At most a minority of a
+  tier is degraded at once (like outlier detection's ``max_ejection_percent``). After
+  ``recover`` seconds with no worse window it is judged well again, and the warm-up
+  ramp (:mod:`meshxl.xds.warmup`) gives its share back.
+* high availability: only the active serves, so it has no peers to compare with. It
+  is judged against its own normal first (its p90 over the last :data:`BASELINE`
+  seconds); when it is worse for ``detect``, the standby is *probed*: it joins the
+  active's tier with ``probe_share`` of the weight (those sessions take over on the
+  standby, whose copy of their state is current), and after :data:`PROBE_SECONDS` the
+  two are compared like peers. A standby that serves better takes the active role
+  (predictive failover: the active goes behind it, DEGRADED); one that serves no better
+  ends the probe, and the cluster is not probed again for ``recover`` seconds (a slow
+  dependency that both share). A degraded active stays behind for ``recover``
+  seconds, then failback (``failover.failback``: ``automatic`` after
+  ``failback_delay`` more; ``manual`` keeps it behind) returns it.
+
+Judgements are records in etcd (``clusters/C/health/M``, :class:`~meshxl.model.runtime.Health`),
+written under the judging replica's lease, so every replica, sidecar and
+``meshxl status`` sees the same states, and :func:`meshxl.model.cluster_view` applies
+them (the member's state, its place in high availability). Each replica judges from the
+requests of the Envoys connected to it and removes only its own records.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.runtime import (
+    DEGRADED_KIND,
+    HELD_KIND,
+    PROBE_KIND,
+    SERVING,
+    ClusterView,
+    Health,
+    MemberState,
+    MemberView,
+    Role,
+)
+
+__all__ = ["BASELINE", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement", "Samples",
+           "member_samples", "share", "shares", "worse"]
+
+WINDOW = 0.5
+"""The signals' window (seconds): :mod:`meshxl.xds.upstream` keeps per-host samples in
+windows of this length on the Unix clock."""
+BASELINE = 60.0
+"""How far back a member's normal is read (its ratio to its peers, or in high
+availability its own p90)."""
+PROBE_SECONDS = 2.0
+"""How long a probe runs before the active and the standby are compared (longer when
+the standby has seen too few requests, at most three times this)."""
+_JUDGED = frozenset({MemberState.DEGRADED, MemberState.READY, MemberState.RETURNING})
+"""States in which a judged high-availability member keeps its record: degraded, probed
+(ready) or held (returning)."""
+_MIN_BASELINE_WINDOWS = 6
+"""Windows with requests a high-availability active needs in its baseline to be judged."""
+
+
+T = TypeVar("T")
+
+
+class Sample(Protocol):
+    """One host's requests over a window or a span (``meshxl.xds.upstream.HostSample``)."""
+
+    @property
+    def requests(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def p90(self) -> float | None: ...
+
+
+class Samples(Protocol):
+    """What the judge reads of the signals (``meshxl.xds.upstream.UpstreamSignals``)."""
+
+    def windows(self, cluster: str, since: float, until: float) -> Mapping[str, Sequence[Sample]]:
+        ...
+
+    def summary(self, cluster: str, since: float, until: float) -> Mapping[str, Sample]: ...
+
+
+@dataclass(frozen=True)
+class Margins:
+    """A cluster's ``degradation`` margins, with a member's normal ratio folded in."""
+
+    factor: float
+    margin: float
+    errors: float
+
+
+def _error_rate(s: Sample) -> float:
+    return s.errors / s.requests if s.requests else 0.0
+
+
+def worse(member: Sample, peers: Sequence[Sample], margins: Margins,
+          normal: float = 1.0, normal_errors: float = 0.0) -> str | None:
+    """Why ``member`` is worse than ``peers`` by the margins (None: it is not, or there is
+    nothing to compare). ``normal``: the member's usual latency ratio to its peers
+    (at least 1); ``normal_errors``: its usual error excess over theirs (at least 0)."""
+    live = [p for p in peers if p.requests > 0]
+    if member.requests == 0 or not live:
+        return None
+    if member.p90 is not None:
+        latencies = [p.p90 for p in live if p.p90 is not None]
+        if latencies:
+            theirs = statistics.median(latencies)
+            if (member.p90 >= margins.factor * max(1.0, normal) * theirs
+                    and member.p90 - theirs >= margins.margin):
+                return (f"p90 {member.p90 * 1000:.0f} ms against its peers' "
+                        f"{theirs * 1000:.0f} ms")
+    excess = _error_rate(member) - statistics.median(_error_rate(p) for p in live)
+    if excess - max(0.0, normal_errors) >= margins.errors:
+        return (f"{_error_rate(member):.0%} of requests failed, "
+                f"{excess:.0%} more than its peers")
+    return None
+
+
+def share(spec: ClusterSpec, since: float, now: float) -> float:
+    """The fraction of its weight a degraded load-sharing member gets at ``now``: half
+    at the judgement, halved again every ``step``, never below ``min_share``."""
+    d = spec.degradation
+    steps = 1 + max(0, math.floor((now - since) / d.step))
+    return max(d.min_share, 0.5 ** min(steps, 60))
+
+
+def _next_step(spec: ClusterSpec, since: float, now: float) -> float | None:
+    d = spec.degradation
+    if share(spec, since, now) <= d.min_share:
+        return None
+    return since + (math.floor((now - since) / d.step) + 1) * d.step
+
+
+def shares(model: ModelSpec, state: RuntimeState,
+           now: float) -> tuple[dict[str, dict[str, float]], float | None]:
+    """Per cluster, the fraction of their weight judged members get now (degraded
+    load-sharing members, probed high-availability ones), and when the next step is
+    due (None: no step to come)."""
+    out: dict[str, dict[str, float]] = {}
+    due: list[float] = []
+    if not state.health:
+        return out, None
+    for spec in model.clusters:
+        judged = state.health_of(spec.name)
+        if not judged:
+            continue
+        for member, health in judged.items():
+            if not health.moves:
+                continue
+            if health.kind == PROBE_KIND:
+                out.setdefault(spec.name, {})[member] = spec.degradation.probe_share
+            elif not spec.high_availability:
+                out.setdefault(spec.name, {})[member] = share(spec, health.since, now)
+                step = _next_step(spec, health.since, now)
+                if step is not None:
+                    due.append(step)
+    return out, min(due) if due else None
+
+
+@dataclass
+class _Probe:
+    active: str
+    standby: str
+    """The member probed: the standby, or (``recovery``) a degraded member held behind."""
+    since: float
+    why: str
+    recovery: bool = False
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What one replica judges at one instant."""
+
+    records: dict[tuple[str, str], Health] = field(default_factory=dict)
+    """Every record this replica wants in etcd (the others of its own are removed)."""
+    suspects: dict[str, str] = field(default_factory=dict)
+    """cluster -> why its active is under suspicion (high availability, not moved)."""
+
+
+def _span(now: float, seconds: float) -> tuple[float, float]:
+    """The closed windows that cover the last ``seconds`` before ``now``."""
+    end = math.floor(now / WINDOW) * WINDOW
+    return end - math.ceil(seconds / WINDOW - 1e-9) * WINDOW, end
+
+
+def _host(view: MemberView) -> str:
+    return f"[{view.address}]:{view.port}" if ":" in view.address else \
+        f"{view.address}:{view.port}"
+
+
+def member_samples(members: Iterable[MemberView], per_host: Mapping[str, T],
+                   hosts: Mapping[str, Iterable[str]]) -> dict[str, T]:
+    """Each member's entry of ``per_host`` (keyed by ``ip:port``, as Envoy logs its
+    upstream): the first of its addresses (its own, or those its host name resolved
+    to) that has one."""
+    found: dict[str, T] = {}
+    for m in members:
+        names = [_host(m)] + [f"{ip}:{m.port}" if ":" not in ip else f"[{ip}]:{m.port}"
+                              for ip in hosts.get(m.address, ())]
+        for h in names:
+            if h in per_host:
+                found[m.name] = per_host[h]
+                break
+    return found
+
+
+class Judge:
+    """One replica's judge: call :meth:`judge` every :data:`WINDOW` seconds.
+
+    ``hosts``: the addresses a member named by host name resolves to (the DNS
+    resolver's answers), so its requests (logged by address) are found."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self._normal: dict[tuple[str, str], tuple[float, float]] = {}
+        self._probes: dict[str, _Probe] = {}
+        self._quiet_until: dict[str, float] = {}
+
+    def judge(self, model: ModelSpec, state: RuntimeState, samples: Samples, now: float,
+              hosts: Mapping[str, Iterable[str]] | None = None) -> Judgement:
+        out = Judgement()
+        for spec in model.clusters:
+            if spec.degradation.action == "off":
+                self._probes.pop(spec.name, None)
+                continue
+            view = cluster_view(spec, state)
+            if spec.high_availability:
+                self._judge_ha(spec, view, state, samples, now, hosts or {}, out)
+            else:
+                self._judge_ls(spec, view, state, samples, now, hosts or {}, out)
+        live = {c.name for c in model.clusters}
+        for cluster in [c for c in self._probes if c not in live]:
+            del self._probes[cluster]
+        return out
+
+    # -- signals per member ---------------------------------------------------------
+
+
+    def _record(self, spec: ClusterSpec, kind: str, reason: str, since: float,
+                behind: str = "") -> Health:
+        return Health(kind=kind, reason=reason, since=since, by=self.replica,
+                      moves=spec.degradation.action == "move", behind=behind)
+
+    # -- load sharing ---------------------------------------------------------------
+
+    def _judge_ls(self, spec: ClusterSpec, view: ClusterView[ClusterSpec], state: RuntimeState,
+                  samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
+                  out: Judgement) -> None:
+        d = spec.degradation
+        name = spec.name
+        tier = [m for m in view.members if m.priority == 0 and m.state in SERVING]
+        margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
+        since, until = _span(now, d.detect)
+        windows = member_samples(tier, samples.windows(name, since, until), hosts)
+        merged = member_samples(tier, samples.summary(name, since, until), hosts)
+        base = member_samples(tier, samples.summary(name, until - BASELINE, since), hosts)
+        candidates: list[tuple[float, str, str]] = []
+        for m in tier:
+            if m.state is MemberState.DEGRADED:
+                record = state.health_of(name).get(m.name)
+                if record is not None and record.by == self.replica:
+                    kept = self._still_degraded(spec, m, tier, record, samples, now, hosts)
+                    if kept:
+                        out.records[(name, m.name)] = record
+                    else:
+                        self._normal.pop((name, m.name), None)
+                continue
+            if len(tier) < 2:
+                continue
+            reason = self._worse_throughout(m, tier, windows, merged, base, margins, d.min_requests,
+                                            (name, m.name))
+            if reason is not None:
+                own = merged.get(m.name)
+                ratio = (own.p90 or 0.0) if own is not None else 0.0
+                candidates.append((ratio, m.name, reason))
+        degraded = sum(1 for m in tier if m.state is MemberState.DEGRADED)
+        room = max(1, (len(tier) - 1) // 2) - degraded
+        for _, member, reason in sorted(candidates, reverse=True)[:max(0, room)]:
+            out.records[(name, member)] = self._record(
+                spec, DEGRADED_KIND, f"{reason} for {d.detect:g}s", now)
+
+    def _worse_throughout(self, m: MemberView, tier: Sequence[MemberView],
+                          windows: Mapping[str, Sequence[Sample]], merged: Mapping[str, Sample],
+                          base: Mapping[str, Sample], margins: Margins, min_requests: int,
+                          key: tuple[str, str]) -> str | None:
+        """Why ``m`` was worse than its peers in every window of the span (None: not)."""
+        own_windows = list(windows.get(m.name, ()))
+        peers = [p for p in tier if p.name != m.name]
+        peer_windows = [list(windows.get(p.name, ())) for p in peers]
+        if not own_windows or not any(peer_windows):
+            return None
+        own_total = merged.get(m.name)
+        peer_total = sum(s.requests for p in peers if (s := merged.get(p.name)) is not None)
+        if own_total is None or own_total.requests < min_requests or peer_total < min_requests:
+            return None
+        normal, normal_errors = self._normal_of(m, peers, base, margins, min_requests, key)
+        reason: str | None = None
+        for i, own in enumerate(own_windows):
+            theirs = [w[i] for w in peer_windows if len(w) > i]
+            reason = worse(own, theirs, margins, normal, normal_errors)
+            if reason is None:
+                return None
+        return reason
+
+    def _normal_of(self, m: MemberView, peers: Sequence[MemberView],
+                   base: Mapping[str, Sample], margins: Margins, min_requests: int,
+                   key: tuple[str, str]) -> tuple[float, float]:
+        """The member's usual latency ratio and error excess against its peers (1, 0
+        without enough history); remembered while it is degraded."""
+        own = base.get(m.name)
+        theirs = [s for p in peers if (s := base.get(p.name)) is not None and s.requests]
+        normal = (1.0, 0.0)
+        if own is not None and own.requests >= min_requests and theirs:
+            latencies = [s.p90 for s in theirs if s.p90]
+            ratio = own.p90 / statistics.median(latencies) if own.p90 and latencies else 1.0
+            excess = _error_rate(own) - statistics.median(_error_rate(s) for s in theirs)
+            normal = (max(1.0, ratio), max(0.0, excess))
+        self._normal[key] = normal
+        return normal
+
+    def _still_degraded(self, spec: ClusterSpec, m: MemberView, tier: Sequence[MemberView],
+                        record: Health, samples: Samples, now: float,
+                        hosts: Mapping[str, Iterable[str]]) -> bool:
+        """A degraded load-sharing member stays so until it has been no worse than its
+        peers (against the normal it had when judged) in every window of ``recover``."""
+        d = spec.degradation
+        if now - record.since < d.recover:
+            return True
+        since, until = _span(now, d.recover)
+        windows = member_samples(tier, samples.windows(spec.name, since, until), hosts)
+        own = list(windows.get(m.name, ()))
+        peers = [list(windows.get(p.name, ())) for p in tier if p.name != m.name]
+        normal, errors = self._normal.get((spec.name, m.name), (1.0, 0.0))
+        margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
+        for i, sample in enumerate(own):
+            if worse(sample, [w[i] for w in peers if len(w) > i], margins, normal, errors):
+                return True
+        return False
+
+    # -- high availability ----------------------------------------------------------
+
+    def _judge_ha(self, spec: ClusterSpec, view: ClusterView[ClusterSpec], state: RuntimeState,
+                  samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
+                  out: Judgement) -> None:
+        d = spec.degradation
+        name = spec.name
+        active = next((m for m in view.members if m.role is Role.ACTIVE
+                       and m.state is MemberState.READY), None)
+        probe = self._probes.get(name)
+        for member, record in state.health_of(name).items():
+            m = view.member(member)
+            if record.by != self.replica or m is None or m.state not in _JUDGED:
+                continue  # another replica's, or gone, down, not serving: the record goes
+            if record.kind == DEGRADED_KIND:
+                hold = d.recover + (spec.failover.failback_delay
+                                    if spec.failover.failback == "automatic" else 0.0)
+                if now - record.since < (hold if record.moves else d.recover):
+                    out.records[(name, member)] = record
+                elif record.moves and probe is None and active is not None:
+                    # Held long enough: is it well again? Probed beside the active.
+                    probe = self._probes[name] = _Probe(active.name, member, now,
+                                                        record.reason, recovery=True)
+            elif record.kind == HELD_KIND and m.state is MemberState.RETURNING:
+                out.records[(name, member)] = record  # manual failback: behind the active
+        if probe is not None:
+            self._run_probe(spec, view, probe, samples, now, hosts, out)
+            return
+        standby = next((m for m in view.members if m.role is Role.STANDBY
+                        and m.state is MemberState.READY), None)
+        if active is None or now < self._quiet_until.get(name, 0.0):
+            return
+        why = self._active_worse(spec, view, active, samples, now, hosts)
+        if why is None:
+            return
+        out.suspects[name] = why
+        if d.action == "report":
+            out.records[(name, active.name)] = self._record(
+                spec, DEGRADED_KIND, f"{why} (reported, not moved)", now)
+        elif standby is not None:
+            probe = self._probes[name] = _Probe(active.name, standby.name, now, why)
+            self._run_probe(spec, view, probe, samples, now, hosts, out)
+
+    def _active_worse(self, spec: ClusterSpec, view: ClusterView[ClusterSpec],
+                      active: MemberView, samples: Samples, now: float,
+                      hosts: Mapping[str, Iterable[str]]) -> str | None:
+        """Why the active is worse than the cluster's normal throughout ``detect`` (the
+        median p90 of every member's windows over the last :data:`BASELINE` seconds: a
+        member that served slowly before a failover is judged by the cluster's normal,
+        not by its own slow past)."""
+        d = spec.degradation
+        since, until = _span(now, d.detect)
+        own = list(member_samples([active], samples.windows(spec.name, since, until),
+                                  hosts).get(active.name, ()))
+        history = [w for ws in member_samples(
+            view.members, samples.windows(spec.name, until - BASELINE, since), hosts).values()
+            for w in ws if w.requests > 0]
+        if len(history) < _MIN_BASELINE_WINDOWS or not own:
+            return None
+        if sum(w.requests for w in own) < d.min_requests:
+            return None
+        latencies = [w.p90 for w in history if w.p90 is not None]
+        normal = _Fixed(requests=sum(w.requests for w in history),
+                        errors=sum(w.errors for w in history),
+                        p90=statistics.median(latencies) if latencies else None)
+        margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
+        reason: str | None = None
+        for w in own:
+            reason = worse(w, [normal], margins)
+            if reason is None:
+                return None
+        return reason.replace("its peers'", "its normal") if reason else None
+
+    def _run_probe(self, spec: ClusterSpec, view: ClusterView[ClusterSpec], probe: _Probe,
+                   samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
+                   out: Judgement) -> None:
+        """A probe under way: the probed member (a standby, or a degraded member held
+        behind) has ``probe_share`` of the active's sessions. After :data:`PROBE_SECONDS`
+        (up to three times that while it has seen too few requests) the two are
+        compared: a standby that serves better takes the active role; a degraded member
+        no worse than the active is well again (failback decides its place), a worse
+        one stays degraded for another ``recover``."""
+        d = spec.degradation
+        name = spec.name
+        active, probed = view.member(probe.active), view.member(probe.standby)
+        if (active is None or active.state is not MemberState.READY or probed is None
+                or probed.state not in (MemberState.READY, MemberState.DEGRADED)):
+            del self._probes[name]  # something else moved: the probe is moot
+            return
+        what = (f"probed beside {probe.active}: well again? (was {probe.why})"
+                if probe.recovery else f"probed: the active's {probe.why}")
+        elapsed = now - probe.since
+        keep = self._record(spec, PROBE_KIND, what, probe.since)
+        if elapsed < PROBE_SECONDS:
+            out.records[(name, probe.standby)] = keep
+            return
+        # Skip the first second: the probe's EDS push and the sessions' first moves.
+        since, until = _span(now, elapsed - 1.0)
+        merged = member_samples([active, probed], samples.summary(name, since, until), hosts)
+        a, s = merged.get(active.name), merged.get(probed.name)
+        enough = s is not None and s.requests >= max(3, d.min_requests // 4)
+        if not enough and elapsed < 3 * PROBE_SECONDS:
+            out.records[(name, probe.standby)] = keep
+            return
+        del self._probes[name]
+        margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
+        if probe.recovery:
+            still = worse(s, [a], margins) if a is not None and s is not None and enough \
+                else "too few requests to judge"
+            if still is not None:
+                out.records[(name, probe.standby)] = self._record(
+                    spec, DEGRADED_KIND, f"still {still.replace('its peers', 'the active')}",
+                    now, behind=probe.active)
+            elif spec.failover.failback == "manual":
+                out.records[(name, probe.standby)] = self._record(
+                    spec, HELD_KIND, f"well again, held behind {probe.active} "
+                    "(failover.failback: manual)", now, behind=probe.active)
+            return
+        verdict = worse(a, [s], margins) if a is not None and s is not None and enough else None
+        if verdict is None:
+            self._quiet_until[name] = now + d.recover
+            out.suspects.pop(name, None)
+            return
+        out.records[(name, active.name)] = self._record(
+            spec, DEGRADED_KIND, f"{verdict.replace('its peers', 'the standby')} "
+            f"(predictive failover to {probed.name})", now, behind=probed.name)
+        out.suspects.pop(name, None)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    requests: int
+    errors: int
+    p90: float | None
+
+

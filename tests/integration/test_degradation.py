@@ -1,0 +1,205 @@
+"""Sick members through a real Envoy and a real etcd: a member whose answers become ten
+times slower (its health check still passing) is judged DEGRADED from the requests the
+Envoy logged, and sessions move from it: in load sharing its share steps down, in high
+availability the standby is probed and takes the active role (predictive failover).
+Everyone equally slow moves nothing; a member well again gets its share back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aetcd
+import aiohttp
+import pytest
+
+from meshxl import headers as hdr
+from meshxl.etcd.keys import Keys
+from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
+from meshxl.operator.actions import apply_model
+from meshxl.operator.views.read import read_mesh
+from meshxl.operator.views.status import status_report
+from meshxl.xds.app import ControlPlane
+from tests.harness import Backend, EnvoyFixture
+
+pytestmark = pytest.mark.integration
+
+KEYS = Keys()
+LOOPBACK = "127.0.0.1"
+SESSIONS = 60
+CONCURRENCY = 6
+SLOW = 0.1  # seconds: ten times and more the loopback echo's few milliseconds
+
+
+def model(mode: str, backends: list[Backend], port: int) -> str:
+    members = "".join(f"\n  - {{name: {b.name}, address: {LOOPBACK}, port: {b.port}}}"
+                      for b in backends)
+    return f"""
+clusters:
+- name: web
+  mode: {mode}
+  stickiness: {{header: {hdr.SESSION}}}
+  warmup: 2s
+  outlier_detection: {{enabled: false}}
+  degradation: {{detect: 1s, recover: 4s, min_requests: 10}}
+  listener: {{address: {LOOPBACK}, port: {port}}}
+  members:{members}
+"""
+
+
+@dataclass
+class Load:
+    """Sticky sessions, one request at a time each, round robin over CONCURRENCY workers."""
+
+    port: int
+    answers: list[tuple[float, str, int]] = field(default_factory=list)
+    """(send time, member, status) of every request."""
+
+    def since(self, t: float) -> list[tuple[float, str, int]]:
+        return [a for a in self.answers if a[0] >= t]
+
+    def share(self, member: str, since: float) -> float:
+        got = self.since(since)
+        return sum(1 for a in got if a[1] == member) / max(1, len(got))
+
+
+@contextlib.asynccontextmanager
+async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
+    state = Load(port)
+    stop = asyncio.Event()
+    deadline = time.monotonic() + seconds
+
+    async def worker(http: aiohttp.ClientSession, n: int) -> None:
+        i = n
+        while not stop.is_set() and time.monotonic() < deadline and len(state.answers) < 200_000:
+            session = f"s{i % SESSIONS}"
+            i += CONCURRENCY
+            sent = time.time()
+            try:
+                async with http.get(f"http://{LOOPBACK}:{port}/",
+                                    headers={hdr.SESSION: session}) as resp:
+                    await resp.read()
+                    state.answers.append((sent, resp.headers.get(hdr.MEMBER, "?"), resp.status))
+            except aiohttp.ClientError:
+                state.answers.append((sent, "?", 0))
+
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.create_task(worker(http, n)) for n in range(CONCURRENCY)]
+        try:
+            yield state
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def fault(backend: Backend, **fault: float) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{backend.url}/admin/fault", json=fault) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def setup(mode: str, start_control_plane: Any, start_envoy: Any, start_backends: Any,
+                etcd: Any, etcd_client: aetcd.Client
+                ) -> tuple[ControlPlane, EnvoyFixture, list[Backend], int]:
+    backends = await start_backends(3)
+    (port,) = free_ports(1)
+    await apply_model(etcd_client, KEYS, model(mode, backends, port), "test")
+    plane: ControlPlane = await start_control_plane(etcd=etcd.url)
+    envoy = await start_envoy("edge", plane.port)
+    await envoy.wait_ready()
+    await envoy.wait_hosts("web", lambda hs: len(hs) == 3 and all(h.healthy for h in hs),
+                           what="three healthy members")
+    return plane, envoy, backends, port
+
+
+def degraded(plane: ControlPlane) -> dict[str, Any]:
+    return dict(plane.status()["degraded"].get("web", {}))
+
+
+async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
+        start_control_plane: Any, start_envoy: Any, start_backends: Any, etcd: Any,
+        etcd_client: aetcd.Client) -> None:
+    plane, envoy, backends, port = await setup("load-sharing", start_control_plane,
+                                               start_envoy, start_backends, etcd, etcd_client)
+    sick = backends[2].name
+    async with load(port) as traffic:
+        await asyncio.sleep(2.5)  # every member's normal
+        # Everyone equally slow (a shared dependency): nothing moves.
+        for b in backends:
+            await fault(b, delay=SLOW)
+        await asyncio.sleep(3.0)
+        assert degraded(plane) == {}
+        for b in backends:
+            await fault(b)
+        await asyncio.sleep(2.5)
+        # One member ten times slower: degraded within seconds, its share steps down.
+        started = time.time()
+        await fault(backends[2], delay=SLOW)
+        await wait_until(lambda: sick in degraded(plane), timeout=8,
+                         what="the slow member degraded")
+        detected = time.time() - started
+        record = degraded(plane)[sick]
+        assert record["kind"] == "degraded" and "against its peers'" in record["reason"]
+        stored = (await etcd_client.get(KEYS.member_health("web", sick).encode()))
+        assert stored is not None and b'"degraded"' in stored.value
+        await wait_until(lambda: degraded(plane)[sick].get("share", 1) <= 0.125, timeout=6,
+                         what="its share stepped down")
+        weights = {h.hostname: h.weight for h in await envoy.hosts("web")}
+        assert weights[sick] * 4 < min(w for m, w in weights.items() if m != sick), weights
+        stepped = time.time()
+        await asyncio.sleep(2.0)
+        share = traffic.share(sick, stepped)
+        assert share < 0.15, share  # a third before
+        report = status_report(await read_mesh(etcd_client, KEYS))
+        row = {m["name"]: m for m in report["clusters"][0]["members"]}[sick]
+        assert row["state"] == "degraded", row
+        # Well again: after `recover` the judgement ends and the warm-up ramp gives its
+        # share back.
+        await fault(backends[2])
+        await wait_until(lambda: sick not in degraded(plane), timeout=15,
+                         what="the member judged well again")
+        gone = await etcd_client.get(KEYS.member_health("web", sick).encode())
+        assert gone is None or not gone.value
+    failed = [a for a in traffic.answers if a[2] != 200]
+    print(f"\ndetected in {detected:.2f} s; {len(traffic.answers)} requests, "
+          f"{len(failed)} failed; share after the steps {share:.3f}")
+    assert detected < 3.5, detected
+    assert not failed, failed[:5]
+    assert plane.metrics.registry.get_sample_value(
+        "meshxl_xds_failovers_total", {"cluster": "web", "cause": "degraded"}) == 1
+
+
+async def test_high_availability_a_slow_active_hands_its_role_to_the_standby(
+        start_control_plane: Any, start_envoy: Any, start_backends: Any, etcd: Any,
+        etcd_client: aetcd.Client) -> None:
+    plane, envoy, backends, port = await setup("high-availability", start_control_plane,
+                                               start_envoy, start_backends, etcd, etcd_client)
+    active, standby = backends[0].name, backends[1].name
+    async with load(port) as traffic:
+        await asyncio.sleep(4.0)  # the active's normal (at least 3 s of it)
+        assert traffic.share(active, time.time() - 3.0) == 1.0
+        started = time.time()
+        await fault(backends[0], delay=SLOW)
+        await wait_until(lambda: degraded(plane).get(active, {}).get("kind") == "degraded",
+                         timeout=10, what="the slow active degraded")
+        moved = time.time()
+        record = degraded(plane)[active]
+        assert f"predictive failover to {standby}" in record["reason"], record
+        # The probe sent the standby some of the active's sessions before the move.
+        assert any(a[1] == standby for a in traffic.since(started) if a[0] < moved - 0.5)
+        hosts = {h.hostname: h.priority for h in await envoy.hosts("web")}
+        assert hosts[standby] == 0 and hosts[active] == 1, hosts
+        await asyncio.sleep(1.5)
+        assert traffic.share(standby, time.time() - 1.0) == 1.0
+    failed = [a for a in traffic.answers if a[2] != 200]
+    print(f"\npredictive failover {moved - started:.2f} s after the slowdown; "
+          f"{len(traffic.answers)} requests, {len(failed)} failed")
+    assert not failed, failed[:5]
+    assert moved - started < 6.0
+    assert plane.metrics.registry.get_sample_value(
+        "meshxl_xds_failovers_total", {"cluster": "web", "cause": "degraded"}) == 1

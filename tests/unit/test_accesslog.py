@@ -1,0 +1,163 @@
+"""meshxl.xds.accesslog: Envoy's access log entries to upstream samples, and the bounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.data.accesslog.v3.accesslog_pb2 import (
+    AccessLogType,
+    HTTPAccessLogEntry,
+    TCPAccessLogEntry,
+)
+from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
+
+from meshxl.xds import accesslog
+from meshxl.xds.accesslog import AccessLogReceiver, http_sample, tcp_sample
+from meshxl.xds.metrics import XdsMetrics
+from meshxl.xds.server import peer_host
+from meshxl.xds.upstream import HostSample, UpstreamSignals
+
+T0 = 1_700_000_000.0
+
+
+def http(code: int = 200, *, cluster: str = "web", address: str = "10.0.0.1", port: int = 80,
+         rx: float | None = 0.012, flags: tuple[str, ...] = (), trailers: dict[str, str] | None
+         = None, headers: dict[str, str] | None = None,
+         kind: Any = AccessLogType.DownstreamEnd) -> HTTPAccessLogEntry:
+    e = HTTPAccessLogEntry()
+    c = e.common_properties
+    c.upstream_cluster = cluster
+    if address:
+        c.upstream_remote_address.socket_address.address = address
+        c.upstream_remote_address.socket_address.port_value = port
+    if rx is not None:
+        c.time_to_first_upstream_rx_byte.FromNanoseconds(round(rx * 1e9))
+    for flag in flags:
+        setattr(c.response_flags, flag, True)
+    c.access_log_type = kind
+    if code:
+        e.response.response_code.value = code
+    e.response.response_trailers.update(trailers or {})
+    e.response.response_headers.update(headers or {})
+    return e
+
+
+def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
+    assert http_sample(http()) == ("web", "10.0.0.1:80", pytest.approx(0.012), False)
+    assert http_sample(http(address="::1", port=8080))[1] == "[::1]:8080"  # type: ignore[index]
+    assert http_sample(http(rx=None)) == ("web", "10.0.0.1:80", None, False)
+    assert http_sample(http(kind=AccessLogType.NotSet)) is not None
+    # The router's upstream log: one entry per attempt, a WebSocket's at its close.
+    assert http_sample(http(kind=AccessLogType.UpstreamEnd)) is not None
+    assert http_sample(http(101, rx=0.003, kind=AccessLogType.UpstreamEnd)) == (
+        "web", "10.0.0.1:80", pytest.approx(0.003), False)
+
+
+@pytest.mark.parametrize("entry", [
+    http(500), http(503), http(599),
+    http(0, flags=("upstream_connection_failure",), rx=None),
+    http(0, flags=("upstream_remote_reset",)),
+    http(504, flags=("upstream_request_timeout",)),
+    http(0, flags=("upstream_connection_termination",)),
+    http(503, flags=("upstream_overflow",)),
+    http(200, trailers={"grpc-status": "14"}),  # UNAVAILABLE
+    http(200, trailers={"grpc-status": "2"}),
+    http(200, trailers={"grpc-status": "4"}),
+    http(200, trailers={"grpc-status": "13"}),
+    http(200, trailers={"grpc-status": "15"}),
+    http(200, headers={"grpc-status": "13"}),  # a trailers-only answer
+])
+def test_failures(entry: HTTPAccessLogEntry) -> None:
+    sample = http_sample(entry)
+    assert sample is not None and sample[3] is True
+
+
+@pytest.mark.parametrize("entry", [
+    http(404), http(499), http(302),
+    http(200, trailers={"grpc-status": "0"}),
+    http(200, trailers={"grpc-status": "5"}),  # NOT_FOUND: the caller's, not the member's
+    http(200, headers={"grpc-status": "16"}),
+    http(200, flags=("downstream_connection_termination",)),
+])
+def test_not_failures(entry: HTTPAccessLogEntry) -> None:
+    sample = http_sample(entry)
+    assert sample is not None and sample[3] is False
+
+
+def test_entries_without_an_upstream_host_are_skipped() -> None:
+    assert http_sample(http(503, address="", flags=("no_healthy_upstream",))) is None
+    assert http_sample(http(404, cluster="", address="")) is None
+    assert http_sample(http(kind=AccessLogType.DownstreamPeriodic)) is None
+    assert http_sample(http(kind=AccessLogType.UpstreamPoolReady)) is None
+    assert http_sample(http(kind=AccessLogType.UpstreamPeriodic)) is None
+
+
+def test_a_connection_managers_websocket_counts_once_with_its_time_to_101() -> None:
+    opened = http(101, rx=0.004, kind=AccessLogType.DownstreamTunnelSuccessfullyEstablished)
+    assert http_sample(opened) == ("web", "10.0.0.1:80", pytest.approx(0.004), False)
+    assert http_sample(http(101, kind=AccessLogType.DownstreamEnd)) is None
+
+
+def tcp(kind: Any, *, failed: bool = False, address: str = "10.0.0.2") -> TCPAccessLogEntry:
+    e = TCPAccessLogEntry()
+    c = e.common_properties
+    c.upstream_cluster = "db"
+    if address:
+        c.upstream_remote_address.socket_address.address = address
+        c.upstream_remote_address.socket_address.port_value = 5432
+    c.access_log_type = kind
+    c.response_flags.upstream_connection_failure = failed
+    return e
+
+
+def test_a_tcp_connection_counts_once() -> None:
+    assert tcp_sample(tcp(AccessLogType.TcpUpstreamConnected)) == ("db", "10.0.0.2:5432", None,
+                                                                  False)
+    assert tcp_sample(tcp(AccessLogType.TcpConnectionEnd)) is None  # counted when connected
+    assert tcp_sample(tcp(AccessLogType.TcpPeriodic)) is None
+    assert tcp_sample(tcp(AccessLogType.TcpConnectionEnd, failed=True)) == (
+        "db", "10.0.0.2:5432", None, True)
+    assert tcp_sample(tcp(AccessLogType.TcpConnectionEnd, address="")) is None
+
+
+def message(*entries: HTTPAccessLogEntry, tcp_entries: tuple[TCPAccessLogEntry, ...] = ()
+            ) -> StreamAccessLogsMessage:
+    """A message holds HTTP entries or TCP entries (a oneof), never both."""
+    m = StreamAccessLogsMessage()
+    if tcp_entries:
+        m.tcp_logs.log_entry.extend(tcp_entries)
+    else:
+        m.http_logs.log_entry.extend(entries)
+    return m
+
+
+def test_receiver_records_counts_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    signals = UpstreamSignals()
+    metrics = XdsMetrics()
+    receiver = AccessLogReceiver(signals, metrics=metrics, clock=lambda: T0 + 0.1)
+    stream = accesslog._Stream(0.0)  # noqa: SLF001
+    receiver.receive(stream, message(http(), http(503), http(address=""),
+                                     http(cluster="x" * 300)))
+    receiver.receive(stream, message(tcp_entries=(tcp(AccessLogType.TcpUpstreamConnected),)))
+    assert receiver.counts == {"recorded": 3, "dropped": 1, "refused": 0}
+    assert signals.summary("web", T0, T0 + 0.5)["10.0.0.1:80"].errors == 1
+    assert signals.summary("db", T0, T0 + 0.5) == {"10.0.0.2:5432": HostSample(1, 0, None, None,
+                                                                             None)}
+    # Past the entries of one message, and past a stream's budget, entries are dropped.
+    monkeypatch.setattr(accesslog, "MAX_ENTRIES_PER_MESSAGE", 10)
+    receiver.receive(stream, message(*[http() for _ in range(25)]))
+    assert receiver.counts["recorded"] == 13 and receiver.counts["dropped"] == 16
+    monkeypatch.setattr(accesslog, "ENTRIES_PER_SECOND", 4)
+    starved = accesslog._Stream(0.0)  # noqa: SLF001
+    receiver.receive(starved, message(*[http() for _ in range(10)]))  # a burst of 8
+    assert receiver.counts["recorded"] == 21 and receiver.counts["dropped"] == 18
+    value = metrics.registry.get_sample_value("meshxl_xds_access_log_entries_total",
+                                              {"result": "dropped"})
+    assert value == 18
+
+
+def test_peer_host() -> None:
+    assert peer_host("ipv4:10.0.0.1:5000") == "10.0.0.1"
+    assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("unix:/tmp/x") == "unix:/tmp/x"
