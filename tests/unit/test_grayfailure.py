@@ -42,6 +42,13 @@ def test_per_second_p99_counts_requests_still_waiting_with_their_age() -> None:
     assert one == [pytest.approx(0.005)] * 3
 
 
+def test_the_healthy_p99_is_the_median_half_seconds_not_one_burst() -> None:
+    steady = [rec(10.0 + i / 100, 0.010, f"s{i}") for i in range(400)]  # 4 s of 10 ms
+    burst = [rec(11.0 + i / 100, 0.300, f"b{i}") for i in range(20)]  # one bad half-second
+    assert g.typical_p99([*steady, *burst], 10.0, 14.0) == pytest.approx(0.010)
+    assert g.typical_p99([], 10.0, 14.0) is None
+
+
 def test_a_failed_request_is_infinitely_slow_and_an_empty_second_is_none() -> None:
     p99s = g.per_second_p99([rec(10.1, 0.01, status=503), rec(12.2, 0.01)], 10.0, 13.0)
     assert p99s[0] == float("inf") and p99s[1] is None
