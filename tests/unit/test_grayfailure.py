@@ -112,7 +112,10 @@ def test_verdicts_judge_the_issues_targets() -> None:
     assert got["soak: DEGRADED verdicts (false moves)"].met is False
     undetected = g.verdicts({"scenarios": {"latency": {"arms": {
         "outlier": arm(20), "meshxl": arm(20)}}}})
-    assert undetected[0].met is None  # never degraded: not measured, not met
+    assert undetected[0].met is None  # no degraded members reported: not measured
+    missed = g.verdicts({"scenarios": {"latency": {"arms": {"outlier": arm(20), "meshxl": {
+        **arm(20), "control_plane_reports_degraded": True, "seconds": 30}}}}})
+    assert missed[0].measured == 30.0 and missed[0].met is False  # never within the fault
 
 
 def test_fault_values_follow_the_calibration() -> None:
