@@ -120,6 +120,11 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
             state = str(m["state"])
             if m["problems"]:
                 state += f" ({', '.join(str(p) for p in m['problems'])})"
+            judged = m.get("degraded")
+            if judged and judged.get("kind") == "probe":
+                state += " (probed beside the active)"
+            elif judged and judged.get("share") is not None:
+                state += f" ({judged['share'] * 100:.0f}% of its weight)"
             if m.get("warmup"):
                 state += f" (warming up: {m['warmup']['fraction'] * 100:.0f}% of its weight)"
             last = m["last_change"] or {}

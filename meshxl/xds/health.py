@@ -70,7 +70,7 @@ windows of this length on the Unix clock."""
 BASELINE = 60.0
 """How far back a member's normal is read (its ratio to its peers, or in high
 availability its own p90)."""
-PROBE_SECONDS = 2.0
+PROBE_SECONDS = 1.0
 """How long a probe runs before the active and the standby are compared (longer when
 the standby has seen too few requests, at most three times this)."""
 _JUDGED = frozenset({MemberState.DEGRADED, MemberState.READY, MemberState.RETURNING})
@@ -456,8 +456,8 @@ class Judge:
         if elapsed < PROBE_SECONDS:
             out.records[(name, probe.standby)] = keep
             return
-        # Skip the first second: the probe's EDS push and the sessions' first moves.
-        since, until = _span(now, elapsed - 1.0)
+        # Skip the first window: the probe's EDS push and the sessions' first moves.
+        since, until = _span(now, elapsed - WINDOW)
         merged = member_samples([active, probed], samples.summary(name, since, until), hosts)
         a, s = merged.get(active.name), merged.get(probed.name)
         enough = s is not None and s.requests >= max(3, d.min_requests // 4)

@@ -3,14 +3,16 @@ follow their capacity, not only their weights (pure, but for the controller's me
 the clock is passed in).
 
 Every ``degradation.step`` the controller compares each first-tier member's p90 latency
-over the last :data:`SPAN` seconds, as the Envoys saw it, with the median of its tier:
-a member slower than the median loses share, a faster one gains, by the square root of
-the ratio and at most :data:`MAX_CHANGE` per step either way (bounded movement: a step
-moves at most a fifth of a member's sessions), never below ``degradation.min_share``
-of its weight. Within :data:`DEADBAND` of the median nothing changes, so jitter moves
-nothing. At the fixed point every member answers in about the same time: with requests
-that cost the same CPU, a member on half the CPU of its peers ends with about half
-their share. Shares are relative: the largest is 1 (its full weight).
+over the last :data:`SPAN` seconds, as the Envoys saw it, with the fastest of its tier,
+and moves its share toward that ratio (the fastest p90 over its own, never below
+``degradation.min_share``), by at most :data:`MAX_CHANGE` per step either way (bounded
+movement: a step moves at most a fifth of a member's sessions). A member whose target
+is within :data:`DEADBAND` of its share keeps it, so jitter moves nothing. The fixed
+point is the share proportional to capacity: with every member equally utilized, a
+member with half the CPU answers in twice the time (a queue's latency is its service
+time over its idle fraction), so its target is half, and half is what keeps it equally
+utilized (a test holds this on simulated queues). Shares are relative: the largest is
+1 (its full weight).
 
 Degraded members are left to :mod:`meshxl.xds.health` (their share steps down there);
 a member that leaves the tier forgets its share, and one that joins starts at 1 (the
@@ -21,7 +23,6 @@ replica steers the Envoys connected to it by what they saw.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Mapping
 
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
@@ -35,8 +36,9 @@ SPAN = 2.0
 """Seconds of requests each step reads (four windows)."""
 MAX_CHANGE = 1.25
 """The most a share changes in one step (times or divided by)."""
-DEADBAND = 1.15
-"""A member within this ratio of its tier's median p90 keeps its share."""
+DEADBAND = 1.25
+"""A member whose target is within this ratio of its share keeps it (a 2 s p90 varies by
+a tenth or so between spans of a steady member)."""
 
 
 class LoadShares:
@@ -67,15 +69,16 @@ class LoadShares:
             latencies = {m: s.p90 for m, s in seen.items()
                          if s.p90 is not None and s.requests >= fewest}
             if len(latencies) >= 2:
-                middle = statistics.median(latencies.values())
-                for member, p90 in latencies.items():
-                    ratio = middle / p90 if p90 > 0 else 1.0
-                    if 1 / DEADBAND <= ratio <= DEADBAND:
-                        continue
-                    change = min(MAX_CHANGE, max(1 / MAX_CHANGE, math.sqrt(ratio)))
-                    current[member] *= change
-                top = max(current.values(), default=1.0)
+                fastest = min(latencies.values())
                 floor = spec.degradation.min_share
+                for member, p90 in latencies.items():
+                    # The target relative to the fastest member's, so the fastest is 1.
+                    target = max(floor, min(1.0, fastest / p90)) if p90 > 0 else 1.0
+                    now_at = current[member]
+                    if now_at / DEADBAND <= target <= now_at * DEADBAND:
+                        continue
+                    current[member] = min(now_at * MAX_CHANGE, max(now_at / MAX_CHANGE, target))
+                top = max(current.values(), default=1.0)
                 current = {m: max(floor, min(1.0, f / top)) for m, f in current.items()}
             self._shares[name] = current
         for gone in [c for c in self._shares if c not in live]:

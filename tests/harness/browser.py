@@ -79,8 +79,27 @@ async def open_page(profile: Path) -> AsyncIterator[tuple[Any, Console]]:
             page = context.pages[0] if context.pages else await context.new_page()
             page.on("console", lambda m: console.messages.append((m.type, m.text)))
             page.on("pageerror", lambda e: console.errors.append(str(e)))
-            page.on("requestfailed", lambda r: console.failed_requests.append(
-                f"{r.url}: {r.failure}"))
+            # A request still in flight when the test navigates the page away is
+            # aborted by the navigation (net::ERR_ABORTED): that is the test's doing,
+            # not a failure of the page. Any other failure, or an abort with no
+            # navigation after the request started, is recorded.
+            started: dict[Any, int] = {}
+            navigations: list[int] = []
+            order = iter(range(1 << 62))
+
+            def on_request(r: Any) -> None:
+                started[r] = next(order)
+                if r.is_navigation_request():
+                    navigations.append(started[r])
+
+            def on_failed(r: Any) -> None:
+                aborted = r.failure == "net::ERR_ABORTED" and any(
+                    n > started.get(r, -1) for n in navigations)
+                if not aborted:
+                    console.failed_requests.append(f"{r.url}: {r.failure}")
+
+            page.on("request", on_request)
+            page.on("requestfailed", on_failed)
             yield page, console
         finally:
             await context.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,12 +17,14 @@ from typing import Any
 import aetcd
 import aiohttp
 import pytest
+from rich.console import Console
 
 from meshxl import headers as hdr
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
+from meshxl.operator.tables import render_status
 from meshxl.operator.views.read import read_mesh
 from meshxl.operator.views.status import status_report
 from meshxl.xds.app import ControlPlane
@@ -158,6 +161,11 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         report = status_report(await read_mesh(etcd_client, KEYS))
         row = {m["name"]: m for m in report["clusters"][0]["members"]}[sick]
         assert row["state"] == "degraded", row
+        assert row["degraded"]["share"] <= 0.125 and row["share"] < 0.1, row
+        assert row["last_change"]["reason"].startswith("degraded: p90"), row
+        console = Console(width=200, file=io.StringIO())
+        render_status(report, console)
+        assert "degraded (" in console.file.getvalue()  # type: ignore[attr-defined]
         # Well again: after `recover` the judgement ends and the warm-up ramp gives its
         # share back.
         await fault(backends[2])

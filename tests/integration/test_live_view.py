@@ -352,3 +352,39 @@ async def test_the_page_shows_a_member_warming_up(
                           what="m2's ramp over")
         assert_clean(console)
 
+
+
+async def test_the_browser_harness_records_failures_not_a_navigations_aborts(
+    chromium: str, tmp_path: Path,
+) -> None:
+    """A request the page's own navigation aborts is not a failure of the page; a
+    request to a closed port is."""
+    from aiohttp import web
+
+    async def slow(_: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.Response(text="late")
+
+    async def page_html(_: web.Request) -> web.Response:
+        return web.Response(text="<p>x</p>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/", page_html)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port, closed = free_ports(2)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with open_page(tmp_path / "profile") as (page, console):
+            await page.goto(f"http://127.0.0.1:{port}/")
+            await page.evaluate("() => { fetch('/slow').catch(() => {}); }")
+            await asyncio.sleep(0.3)
+            await page.goto(f"http://127.0.0.1:{port}/?again")  # aborts /slow
+            assert console.failed_requests == [], console.failed_requests
+            await page.evaluate(f"() => fetch('http://127.0.0.1:{closed}/').catch(() => {{}})")
+            await wait_until(lambda: console.failed_requests, timeout=5,
+                             what="the closed port's request recorded")
+            assert f"127.0.0.1:{closed}" in console.failed_requests[0]
+    finally:
+        await runner.cleanup()

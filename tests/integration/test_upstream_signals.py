@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration
 LOOPBACK = "127.0.0.1"
 SLOWER = 0.050  # seconds the slow member adds to every answer
 REQUESTS = 300
+TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 class Member:
@@ -120,8 +121,11 @@ async def tcp_connections(port: int, count: int) -> None:
         await writer.wait_closed()
 
 
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "token"])
 async def test_a_slow_and_a_failing_member_are_seen_per_host(
-        tmp_path: Path, start_control_plane: Any, start_envoy: Any) -> None:
+        tmp_path: Path, start_control_plane: Any, start_envoy: Any, token: str | None) -> None:
+    """With a token on the ADS port, Envoy's log streams carry none: they are admitted
+    because the node's ADS stream comes from the same address (meshxl.xds.accesslog)."""
     members = {"fast": await Member().start(), "slow": await Member(delay=SLOWER).start(),
                "failing": await Member(fail_every=5).start()}
     tcp = [await TcpMember().start(), await TcpMember().start()]
@@ -130,8 +134,10 @@ async def test_a_slow_and_a_failing_member_are_seen_per_host(
         path = tmp_path / "model.yaml"
         path.write_text(yaml.safe_dump(model(members, tcp, [port, tcp_port]),
                                        sort_keys=False))
-        plane = await start_control_plane(config_path=path, admin=f"{LOOPBACK}:0")
-        envoy = await start_envoy("edge", plane.port)
+        auth: dict[str, Any] = {} if token is None else {"token": token}
+        plane = await start_control_plane(config_path=path, admin=f"{LOOPBACK}:0", **auth)
+        envoy = await start_envoy("edge", plane.port,
+                                  **({} if token is None else {"xds_token": token}))
         await envoy.wait_ready()
         await envoy.wait_hosts("web", lambda hs: len(hs) == 3 and all(h.healthy for h in hs),
                                timeout=20, what="three healthy members")
@@ -178,9 +184,10 @@ async def test_a_slow_and_a_failing_member_are_seen_per_host(
         shown = status["upstream"]["web"]
         assert shown[host["failing"]]["errors"] == failing.errors
         assert shown[host["slow"]]["p90"] >= shown[host["fast"]]["p90"] + 0.040
-        metrics = plane.metrics.registry.get_sample_value(
-            "meshxl_xds_access_log_entries_total", {"result": "recorded"})
-        assert metrics is not None and metrics >= REQUESTS
+        sample = plane.metrics.registry.get_sample_value
+        recorded = sample("meshxl_xds_access_log_entries_total", {"result": "recorded"})
+        assert recorded is not None and recorded >= REQUESTS
+        assert sample("meshxl_xds_access_log_entries_total", {"result": "refused"}) == 0
         # Envoy's clients saw the failing member's answers retried on another member.
         assert statuses.count(200) == REQUESTS
 

@@ -1,13 +1,15 @@
 """Who may stream access logs for a node, over a real grpc.aio server on loopback: with
 a bearer token on the ADS port, a log stream carries none (Envoy's LDS cannot hold a
 node's token), so it is admitted only while its node has an admitted ADS stream from
-the same address; a wrong token, or a node without one, is refused."""
+the same address; a wrong token, or a node without one, is refused. With mutual TLS,
+the certificate must name the node, as for ADS."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +18,8 @@ from envoy.service.accesslog.v3.als_pb2_grpc import AccessLogServiceStub
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
+from meshxl.addr import bind_grpc
+from meshxl.tls import ServerTls
 from meshxl.xds.accesslog import AccessLogReceiver
 from meshxl.xds.auth import AdsAuth
 from meshxl.xds.cache import SnapshotCache
@@ -24,6 +28,7 @@ from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER
 from meshxl.xds.upstream import UpstreamSignals
 from tests.unit.test_accesslog import http
+from tests.unit.test_xds_auth import Pki, credentials
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -140,5 +145,31 @@ async def test_bad_node_ids_are_refused(node_id: str) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             assert await send_logs(channel, node_id) == grpc.StatusCode.INVALID_ARGUMENT
         assert receiver.counts["recorded"] == 0
+    finally:
+        await server.stop(None)
+
+
+async def test_with_mutual_tls_the_certificate_must_name_the_node(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    ads = AdsServer(SnapshotCache(), auth=AdsAuth(binding="san"))
+    receiver = AccessLogReceiver(UpstreamSignals(), ads.auth,
+                                 connected_from=ads.connected_from)
+    server = grpc.aio.server()
+    receiver.register(server)
+    tls = ServerTls(pki.server.cert, pki.server.key, pki.ca.cert)
+    port = bind_grpc(server, "127.0.0.1:0", tls.credentials())
+    await server.start()
+    try:
+        async with grpc.aio.secure_channel(f"localhost:{port}",
+                                           credentials(pki.ca.cert, pki.edge)) as channel:
+            assert await send_logs(channel, "edge-1") == grpc.StatusCode.OK
+            # Not its node, though nothing else (no ADS stream) is asked of a certificate.
+            assert await send_logs(channel, "edge-2") == grpc.StatusCode.PERMISSION_DENIED
+        async with grpc.aio.secure_channel(f"localhost:{port}",
+                                           credentials(pki.ca.cert, pki.shop)) as channel:
+            assert await send_logs(channel, "cart-0.shop") == grpc.StatusCode.OK
+            assert await send_logs(channel, "cart-0.other") == \
+                grpc.StatusCode.PERMISSION_DENIED
+        assert receiver.counts == {"recorded": 12, "dropped": 0, "refused": 6}
     finally:
         await server.stop(None)

@@ -240,7 +240,7 @@ def test_high_availability_probe_then_predictive_failover() -> None:
     # the probe runs for PROBE_SECONDS; then the two are compared
     fast_standby = Samples(lambda host, at: S(20, 0, 0.2) if host.endswith("8001")
                            else S(10, 0, 0.01) if host.endswith("8002") else None)
-    held = judge.judge(model, probe, fast_standby, NOW + 1.0)  # type: ignore[arg-type]
+    held = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS - 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}
     moved = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in moved.records.items()} == {"a": "degraded"}

@@ -20,6 +20,7 @@ from meshxl.operator.views.read import (
     warming_of,
 )
 from meshxl.operator.views.sync import sync_report
+from meshxl.xds.health import shares as degraded_shares
 from meshxl.xds.history import reason
 from meshxl.xds.types import short_type
 from meshxl.xds.warmup import warmed_view
@@ -56,11 +57,15 @@ def status_report(read: MeshRead, cluster: str | None = None,
     minutes), the Envoy nodes and the recent failovers."""
     now = time.time() if now is None else now
     clusters = []
+    sick = degraded_shares(read.model, read.runtime, now)[0] if read.model else {}
     for spec in clusters_of(read, cluster):
         view = cluster_view(spec, read.runtime)
         warming = warming_of(read, now).get(spec.name, {})
-        shares = _shares(warmed_view(view, {name: w["fraction"]
-                                            for name, w in warming.items()}).members)
+        judged = read.runtime.health_of(spec.name)
+        fractions = {name: w["fraction"] for name, w in warming.items()}
+        for name, part in sick.get(spec.name, {}).items():
+            fractions[name] = fractions.get(name, 1.0) * part
+        shares = _shares(warmed_view(view, fractions).members)
         members = []
         for m in view.members:
             key = (spec.name, m.name)
@@ -79,6 +84,9 @@ def status_report(read: MeshRead, cluster: str | None = None,
                 "weight": m.weight, "state": str(m.state), "problems": list(m.problems),
                 "warmup": None if m.name not in warming else {
                     **warming[m.name], "fraction": round(warming[m.name]["fraction"], 4)},
+                "degraded": None if m.name not in judged else {
+                    **judged[m.name].to_dict(),
+                    "share": sick.get(spec.name, {}).get(m.name)},
                 "problem_details": registration.get("problem_details", {}),
                 "admin": None if admin is None else vars(admin),
                 "site_admin": None if site_admin is None else vars(site_admin),

@@ -158,6 +158,11 @@
     const last = m.last_change || {};
     let state = m.state;
     if (m.problems && m.problems.length) state += ` (${m.problems.join(", ")})`;
+    const judged = m.degraded;
+    if (judged && judged.kind === "probe") state += " (probed beside the active)";
+    else if (judged && isNumber(judged.share)) {
+      state += ` (${(judged.share * 100).toFixed(0)}% of its weight)`;
+    }
     if (m.warmup && isNumber(m.warmup.fraction)) {
       state += ` (warming up: ${(m.warmup.fraction * 100).toFixed(0)}% of its weight)`;
     }
