@@ -131,7 +131,7 @@ class Plan:
 
 FULL = Plan(sessions=30, interval=0.2, baseline=8.0, fault=30.0, tail=3.0, soak=600.0,
             cpu_share=0.05)
-QUICK = Plan(sessions=18, interval=0.2, baseline=2.0, fault=4.0, tail=0.5, soak=8.0,
+QUICK = Plan(sessions=30, interval=0.2, baseline=2.0, fault=4.0, tail=0.5, soak=8.0,
              cpu_share=0.02)
 
 
