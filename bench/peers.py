@@ -9,8 +9,9 @@ HAProxy and Redis are Debian's ``haproxy`` and ``redis-server``.
 WebSocket, TCP) one local meshxl deployment (high availability: a active, b standby,
 c backup; the sample counter app and its statesync sidecar each) with, in front of the
 same members, its own Envoy (meshxl's control plane), HAProxy and a static Envoy
-configured by hand. ``--runs`` times, the proxies in alternating order: ``--sessions``
-sticky sessions (connections for WebSocket and TCP) through one proxy, kill -9 of the
+configured by hand. ``--runs`` times, the proxies in rotating order (over three runs each
+proxy goes first, second and last once; alternating, HAProxy was always second):
+``--sessions`` sticky sessions (connections for WebSocket and TCP) through one proxy, kill -9 of the
 active member a, every session served again by the standby, a restarted. Per proxy:
 failed requests, acknowledged writes lost, and the time from the kill to each session's
 next answer (HTTP and gRPC: the RTO, from when the session next needed the service;
@@ -191,7 +192,7 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
         await wait_until(lambda: _all_on_a(kind, targets), timeout=PHASE_TIMEOUT,
                          interval=0.2, what="every proxy serving from member a")
         for run in range(runs):
-            order = PROXIES if run % 2 == 0 else tuple(reversed(PROXIES))
+            order = PROXIES[run % len(PROXIES):] + PROXIES[:run % len(PROXIES)]
             for proxy in order:
                 result = await one_failover(d, kind, targets[proxy], sessions, interval,
                                             prefix=f"{proxy[0]}{run}-",
@@ -277,7 +278,7 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
     import peerstores
 
     print(f"\n== the same kill -9 through three proxies ({res.get('runs')} runs each, "
-          "alternating order; pooled over the runs)")
+          "rotating order; pooled over the runs)")
     print(f"  {'protocol':<11} {'proxy':<13} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'failed':>6} {'lost':>5} {'closed':>6}")
     for kind, r in res.get("failover", {}).items():

@@ -7,6 +7,8 @@ visible from the client side. Health can be failed and restored over HTTP
 checks eject a member without killing it. A member can be made sick while its health
 check passes (``POST /admin/fault`` with ``{"delay": SECONDS, "fail": FRACTION}``: every
 answer that much later, that fraction of them 503; ``{}`` makes it well again).
+``GET /ws`` upgrades to a WebSocket that answers every text message with the member and
+the session.
 
 Run: ``python -m meshxl.demo.echo --name a --listen 127.0.0.1:8081``
 """
@@ -57,7 +59,8 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         exc.headers[hdr.MEMBER] = request.app[_NAME]
         raise
-    response.headers[hdr.MEMBER] = request.app[_NAME]
+    if not response.prepared:  # a WebSocket's headers left with its upgrade
+        response.headers[hdr.MEMBER] = request.app[_NAME]
     return response
 
 
@@ -86,6 +89,18 @@ async def _echo(request: web.Request) -> web.Response:
     return web.json_response(
         {"member": request.app[_NAME], "path": request.path, "session": _session_of(request)}
     )
+
+
+async def _websocket(request: web.Request) -> web.WebSocketResponse:
+    """A WebSocket: each text message is answered with the member and the session."""
+    ws = web.WebSocketResponse()
+    ws.headers[hdr.MEMBER] = request.app[_NAME]
+    await ws.prepare(request)
+    answer = {"member": request.app[_NAME], "session": _session_of(request)}
+    async for message in ws:
+        if message.type == web.WSMsgType.TEXT:
+            await ws.send_json(answer)
+    return ws
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -130,6 +145,7 @@ def make_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_post("/admin/health", _set_health)
     app.router.add_post("/admin/fault", _set_fault)
+    app.router.add_get("/ws", _websocket)
     app.router.add_route("*", "/{tail:.*}", _echo)
     return app
 

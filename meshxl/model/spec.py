@@ -250,7 +250,9 @@ class HealthCheck(_Spec):
 
 
 class OutlierDetection(_Spec):
-    """Passive ejection, faster than health checks: one failed connect ejects."""
+    """Passive ejection, faster than health checks: one failed connect ejects (where
+    WebSockets pass, local-origin failures are counted, not ejected on: every
+    WebSocket's end is one; docs/model.md, "WebSocket")."""
 
     enabled: bool = True
     consecutive_local_origin_failure: Count = 1
@@ -296,9 +298,10 @@ class Degradation(_Spec):
     min_requests: Count = 20
     """The fewest requests a member (and its peers) must have served over ``detect``
     to be judged at all."""
-    min_share: float = Field(default=0.1, ge=0.0, le=1.0)
-    """The lowest fraction of its weight a degraded load-sharing member keeps (0: none,
-    it serves only the sessions pinned to it)."""
+    min_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    """The lowest fraction of its weight a degraded load-sharing member keeps (0, the
+    default: none, it serves only the sessions pinned to it; every new or hashed
+    session goes to its peers, so their p99 is theirs)."""
     step: PositiveDuration = 1.0
     """Time between two weight steps of a degraded member (each moves at most half of
     the sessions it still has)."""

@@ -60,6 +60,7 @@ from meshxl.model.runtime import (
     MemberView,
     Role,
 )
+from meshxl.stats import quantile
 
 __all__ = ["BASELINE", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement", "Samples",
            "member_samples", "share", "shares", "worse"]
@@ -139,12 +140,20 @@ def worse(member: Sample, peers: Sequence[Sample], margins: Margins,
     return None
 
 
+HALVINGS = 4
+"""Steps of halving before a degraded member's share drops to ``min_share`` (1/2, 1/4,
+1/8, 1/16, then the floor): each step moves at most half of what it still has."""
+
+
 def share(spec: ClusterSpec, since: float, now: float) -> float:
     """The fraction of its weight a degraded load-sharing member gets at ``now``: half
-    at the judgement, halved again every ``step``, never below ``min_share``."""
+    at the judgement, halved again every ``step`` :data:`HALVINGS` times, then
+    ``min_share`` (a floor above a halving stops the halving there)."""
     d = spec.degradation
     steps = 1 + max(0, math.floor((now - since) / d.step))
-    return max(d.min_share, 0.5 ** min(steps, 60))
+    if steps > HALVINGS:
+        return d.min_share
+    return max(d.min_share, 0.5 ** steps)
 
 
 def _next_step(spec: ClusterSpec, since: float, now: float) -> float | None:
@@ -276,7 +285,7 @@ class Judge:
         since, until = _span(now, d.detect)
         windows = member_samples(tier, samples.windows(name, since, until), hosts)
         merged = member_samples(tier, samples.summary(name, since, until), hosts)
-        base = member_samples(tier, samples.summary(name, until - BASELINE, since), hosts)
+        base = member_samples(tier, samples.windows(name, until - BASELINE, since), hosts)
         candidates: list[tuple[float, str, str]] = []
         for m in tier:
             if m.state is MemberState.DEGRADED:
@@ -304,8 +313,8 @@ class Judge:
 
     def _worse_throughout(self, m: MemberView, tier: Sequence[MemberView],
                           windows: Mapping[str, Sequence[Sample]], merged: Mapping[str, Sample],
-                          base: Mapping[str, Sample], margins: Margins, min_requests: int,
-                          key: tuple[str, str]) -> str | None:
+                          base: Mapping[str, Sequence[Sample]], margins: Margins,
+                          min_requests: int, key: tuple[str, str]) -> str | None:
         """Why ``m`` was worse than its peers in every window of the span (None: not)."""
         own_windows = list(windows.get(m.name, ()))
         peers = [p for p in tier if p.name != m.name]
@@ -326,18 +335,30 @@ class Judge:
         return reason
 
     def _normal_of(self, m: MemberView, peers: Sequence[MemberView],
-                   base: Mapping[str, Sample], margins: Margins, min_requests: int,
+                   base: Mapping[str, Sequence[Sample]], margins: Margins, min_requests: int,
                    key: tuple[str, str]) -> tuple[float, float]:
-        """The member's usual latency ratio and error excess against its peers (1, 0
-        without enough history); remembered while it is degraded."""
-        own = base.get(m.name)
-        theirs = [s for p in peers if (s := base.get(p.name)) is not None and s.requests]
+        """The member's usual latency ratio and error excess against its peers: the
+        lower quartile of its windows over the last :data:`BASELINE` seconds (1 and 0
+        with fewer than :data:`_MIN_BASELINE_WINDOWS` windows to read). The lower
+        quartile, so a sickness of up to three quarters of that minute (judged or not:
+        ``action: off``, a member sick before the control plane restarted) does not
+        become its normal; remembered while it is degraded."""
+        own = list(base.get(m.name, ()))
+        theirs = [list(base.get(p.name, ())) for p in peers]
+        ratios: list[float] = []
+        excesses: list[float] = []
+        for i, w in enumerate(own):
+            others = [t[i] for t in theirs if len(t) > i and t[i].requests]
+            if not w.requests or not others:
+                continue
+            latencies = [o.p90 for o in others if o.p90]
+            if w.p90 and latencies:
+                ratios.append(w.p90 / statistics.median(latencies))
+            excesses.append(_error_rate(w) - statistics.median(_error_rate(o) for o in others))
         normal = (1.0, 0.0)
-        if own is not None and own.requests >= min_requests and theirs:
-            latencies = [s.p90 for s in theirs if s.p90]
-            ratio = own.p90 / statistics.median(latencies) if own.p90 and latencies else 1.0
-            excess = _error_rate(own) - statistics.median(_error_rate(s) for s in theirs)
-            normal = (max(1.0, ratio), max(0.0, excess))
+        if len(ratios) >= _MIN_BASELINE_WINDOWS:
+            normal = (max(1.0, quantile(ratios, 0.25) or 1.0),
+                      max(0.0, quantile(excesses, 0.25) or 0.0))
         self._normal[key] = normal
         return normal
 

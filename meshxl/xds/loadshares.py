@@ -4,10 +4,11 @@ the clock is passed in).
 
 Every ``degradation.step`` the controller compares each first-tier member's p90 latency
 over the last :data:`SPAN` seconds, as the Envoys saw it, with the fastest of its tier,
-and moves its share toward that ratio (the fastest p90 over its own, never below
-``degradation.min_share``), by at most :data:`MAX_CHANGE` per step either way (bounded
-movement: a step moves at most a fifth of a member's sessions). A member whose target
-is within :data:`DEADBAND` of its share keeps it, so jitter moves nothing. The fixed
+and moves its share toward that ratio (the fastest p90 over its own, never below a
+tenth, or ``degradation.min_share`` when higher), by at most :data:`MAX_CHANGE` per
+step either way (bounded movement: a step moves at most a fifth of a member's
+sessions). A member whose target is within :data:`DEADBAND` of its share keeps it, so
+jitter moves nothing. The fixed
 point is the share proportional to capacity: with every member equally utilized, a
 member with half the CPU answers in twice the time (a queue's latency is its service
 time over its idle fraction), so its target is half, and half is what keeps it equally
@@ -36,6 +37,9 @@ SPAN = 2.0
 """Seconds of requests each step reads (four windows)."""
 MAX_CHANGE = 1.25
 """The most a share changes in one step (times or divided by)."""
+FLOOR = 0.1
+"""The least share a member keeps (or ``degradation.min_share`` when higher): a member at
+no share would send no samples to judge it by again."""
 DEADBAND = 1.25
 """A member whose target is within this ratio of its share keeps it (a 2 s p90 varies by
 a tenth or so between spans of a steady member)."""
@@ -70,7 +74,7 @@ class LoadShares:
                          if s.p90 is not None and s.requests >= fewest}
             if len(latencies) >= 2:
                 fastest = min(latencies.values())
-                floor = spec.degradation.min_share
+                floor = max(FLOOR, spec.degradation.min_share)
                 for member, p90 in latencies.items():
                     # The target relative to the fastest member's, so the fastest is 1.
                     target = max(floor, min(1.0, fastest / p90)) if p90 > 0 else 1.0

@@ -130,16 +130,19 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
         ignore_health_on_host_removal=True,
     )
     st = spec.stickiness
-    if st is None:
+    hashing = None if st is None else choose(_LB_POLICIES, st.algorithm,
+                                             "stickiness algorithm")
+    if hashing is None or placed_by_tier(spec):
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
-        if spec.warmup > 0:
+        if st is None and spec.warmup > 0:
             # Envoy's own slow start (least request and round robin only; hashed
             # clusters ramp through EDS weights instead: meshxl.xds.warmup).
             slow = c.least_request_lb_config.slow_start_config
             slow.slow_start_window.CopyFrom(_dur(spec.warmup))
             slow.min_weight_percent.value = 100 * MIN_FRACTION
     else:
-        choose(_LB_POLICIES, st.algorithm, "stickiness algorithm")(c, st)
+        assert st is not None
+        hashing(c, st)
     if st is not None and st.balance_factor is not None:
         # Consistent hashing with bounded loads: a member above factor x the mean load
         # (requests in flight) passes new requests on along the hash ring/table.
@@ -178,7 +181,8 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             split_external_local_origin_errors=True,
             consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_local_origin_failure),
-            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(value=100),
+            enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
+                value=100 if ejects_on_local_origin_failures(spec) else 0),
             consecutive_5xx=wrappers_pb2.UInt32Value(value=od.consecutive_5xx),
             consecutive_gateway_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_gateway_failure),
@@ -207,6 +211,51 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     if spec.overrides.cluster:
         c = _merge(c, spec.overrides.cluster, f"{path}.overrides.cluster")
     return c
+
+
+def ejects_on_local_origin_failures(spec: ClusterSpec) -> bool:
+    """Whether outlier detection ejects on local-origin failures, or only counts them:
+    not where WebSockets pass and a health check removes dead members.
+
+    Envoy's router reports every upstream reset as a local-origin failure, and the end
+    of a WebSocket whose member closes first (a graceful close included) is one
+    (envoyproxy/envoy#24690). Enforced, each such end ejects the member and, through
+    ``close_connections_on_host_health_failure``, closes all its other WebSockets. A
+    dead member's requests are retried on another member or tier all the same
+    (``previous_hosts``; ``previous_priorities``, see :func:`placed_by_tier`), and its
+    health check removes it. Without a health check, or without retries that leave
+    the member, ejection is the only way out."""
+    return not (spec.websocket_upgrades and spec.health_check.enabled
+                and _retries_leave_the_member(spec))
+
+
+def _retries_leave_the_member(spec: ClusterSpec) -> bool:
+    """A retry goes to another member: to the next tier where the tier places sessions,
+    to another member of the tier elsewhere."""
+    r = spec.retries
+    if r.attempts == 0:
+        return False
+    if placed_by_tier(spec):
+        return r.previous_priorities is not False  # unset: on in high availability
+    return r.previous_hosts
+
+
+def placed_by_tier(spec: ClusterSpec) -> bool:
+    """A high-availability cluster whose every tier holds one member (no ``priority``
+    shared by hand, no host name that may resolve to several addresses): the tier alone
+    places a session, so it is balanced by least request, whatever its stickiness.
+
+    A hash would decide nothing there and gets in the way of failover: Envoy's Maglev
+    and ring-hash balancers choose the priority from the members' health alone and never
+    ask the route's ``retry_priority`` (``ThreadAwareLoadBalancerBase::LoadBalancerImpl
+    ::chooseHost``), so a retry after a refused connect goes back to the dead active
+    until it is ejected or fails its health check. Least request honours
+    ``previous_priorities``: the retry goes to the standby's tier at once. TCP keeps its
+    hash (the TCP proxy uses no retry priority) and so does a bounded-load hash
+    (``balance_factor``)."""
+    return (spec.high_availability and spec.protocol != "tcp"
+            and (spec.stickiness is None or spec.stickiness.balance_factor is None)
+            and all(m.priority is None and is_ip_literal(m.address) for m in spec.members))
 
 
 _PIN_TARGETS = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)
@@ -496,4 +545,5 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 __all__ = [
     "STATEFUL_SESSION", "CompileError", "build_cluster", "build_listener",
     "build_load_assignment", "build_route", "build_route_config", "listener_name", "pin_config",
+    "ejects_on_local_origin_failures", "placed_by_tier",
 ]

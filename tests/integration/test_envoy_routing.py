@@ -180,8 +180,9 @@ async def test_config_dump_carries_the_model(
     assert seconds(od["base_ejection_time"]) == pytest.approx(4.0)
     (threshold,) = sc["circuit_breakers"]["thresholds"]
     assert threshold["retry_budget"]["budget_percent"]["value"] == pytest.approx(40)
-    assert clusters["ha"]["lb_policy"] == "RING_HASH"
-    assert "ring_hash_lb_config" in clusters["ha"]
+    # One member per tier: placed by tier, so retries can move to the next one.
+    assert clusters["ha"]["lb_policy"] == "LEAST_REQUEST"
+    assert "ring_hash_lb_config" not in clusters["ha"]
 
     full = await envoy.config_dump(include_eds=True)
     routes = {

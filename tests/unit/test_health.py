@@ -161,12 +161,15 @@ def _state(**health: Health) -> RuntimeState:
 def test_the_share_halves_every_step_down_to_the_floor() -> None:
     spec = _model().clusters[0]  # type: ignore[attr-defined]
     assert [share(spec, NOW, NOW + t) for t in (0, 0.99, 1, 2, 3, 4, 60)] == [
-        0.5, 0.5, 0.25, 0.125, 0.1, 0.1, 0.1]
+        0.5, 0.5, 0.25, 0.125, 0.0625, 0.0, 0.0]
+    floor = _model(min_share=0.1).clusters[0]  # type: ignore[attr-defined]
+    assert [share(floor, NOW, NOW + t) for t in (0, 1, 2, 3, 4, 60)] == [
+        0.5, 0.25, 0.125, 0.1, 0.1, 0.1]
     model = _model()
     found, due = shares(model, _state(c=Health("degraded", since=NOW)), NOW + 1.5)  # type: ignore[arg-type]
     assert found == {"web": {"c": 0.25}} and due == NOW + 2.0
     found, due = shares(model, _state(c=Health("degraded", since=NOW)), NOW + 9)  # type: ignore[arg-type]
-    assert found == {"web": {"c": 0.1}} and due is None
+    assert found == {"web": {"c": 0.0}} and due is None
     assert shares(model, _state(c=Health("degraded", since=NOW, moves=False)), NOW) == ({}, None)  # type: ignore[arg-type]
 
 
@@ -372,3 +375,14 @@ def test_high_availability_normal_is_the_clusters_not_the_members_slow_past() ->
         return None
     found = judge.judge(model, RuntimeState(), Samples(sample), NOW)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in found.records.items()} == {"b": "probe"}
+
+
+def test_a_past_sickness_does_not_become_the_members_normal() -> None:
+    """c was sick for half of the last minute (undetected: action off, or before this
+    replica started), then well; sick again now, it is judged by its healthy ratio."""
+    def sample(host: str, at: float) -> S:
+        port = host.rsplit(":", 1)[1]
+        if port == "8003" and (NOW - 40 <= at < NOW - 10 or at >= NOW - 3.0):
+            return S(20, 0, 0.2)
+        return S(20, 0, 0.01)
+    assert list(_judge(_model(), Samples(sample))) == ["c"]

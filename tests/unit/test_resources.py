@@ -86,8 +86,8 @@ def test_helper_builds_the_model_it_says() -> None:
 # -- CDS ------------------------------------------------------------------------------------
 
 
-def test_ha_cluster_uses_maglev_over_ads_eds() -> None:
-    c = cds("stickiness: {header: x-session, maglev_table_size: 5003}")
+def test_a_hashed_cluster_uses_maglev_over_ads_eds() -> None:
+    c = cds("mode: load-sharing\nstickiness: {header: x-session, maglev_table_size: 5003}")
     assert c.name == "c"
     assert c.type == cluster_pb2.Cluster.EDS
     assert c.eds_cluster_config.eds_config.HasField("ads")
@@ -104,11 +104,37 @@ def test_ha_cluster_uses_maglev_over_ads_eds() -> None:
     assert c.common_lb_config.HasField("update_merge_window")
     assert c.common_lb_config.update_merge_window.ToNanoseconds() == 0
     assert dict(c.metadata.filter_metadata["meshxl"]) == {
-        "cluster": "c", "mode": "high-availability", "stickiness": "header"}
+        "cluster": "c", "mode": "load-sharing", "stickiness": "header"}
+
+
+def test_an_ha_cluster_of_one_member_per_tier_is_placed_by_tier() -> None:
+    """The hash would decide nothing, and Envoy's hash balancers ignore the route's
+    retry priority: least request lets a retry reach the standby's tier at once."""
+    c = cds("stickiness: {header: x-session}")
+    assert c.lb_policy == cluster_pb2.Cluster.LEAST_REQUEST
+    assert not c.HasField("maglev_lb_config")
+    assert not c.least_request_lb_config.HasField("slow_start_config")
+    r = route("stickiness: {header: x-session}")
+    assert r.route.hash_policy[0].header.header_name == "x-session"  # a load-sharing view
+    assert r.route.retry_policy.retry_priority.name.endswith("previous_priorities")
+
+
+@pytest.mark.parametrize("extra, members", [
+    ("mode: load-sharing", MEMBERS),
+    ("stickiness: {header: x, balance_factor: 1.5}", MEMBERS),
+    ("protocol: tcp\nlistener: {port: 9000}", MEMBERS),
+    ("", MEMBERS.replace("port: 8081}", "port: 8081, priority: 0}")),
+    ("", MEMBERS.replace("address: 127.0.0.1", "address: members.example")),
+])
+def test_a_tier_that_may_hold_several_members_keeps_its_hash(extra: str, members: str) -> None:
+    if "stickiness" not in extra:
+        extra += "\nstickiness: {source_ip: true}"
+    assert cds(extra, members).lb_policy == cluster_pb2.Cluster.MAGLEV
 
 
 def test_ring_hash_config() -> None:
     c = cds("""
+        mode: load-sharing
         stickiness:
           algorithm: ring_hash
           source_ip: true
@@ -184,7 +210,8 @@ def test_health_check_disabled() -> None:
 
 
 def test_outlier_detection_splits_local_origin_errors() -> None:
-    od = cds("outlier_detection: {consecutive_5xx: 7, base_ejection_time: 30s}").outlier_detection
+    od = cds("outlier_detection: {consecutive_5xx: 7, base_ejection_time: 30s}\n"
+             "websocket: false").outlier_detection
     assert od.split_external_local_origin_errors
     assert od.consecutive_local_origin_failure.value == 1
     assert od.enforcing_consecutive_local_origin_failure.value == 100
@@ -194,6 +221,23 @@ def test_outlier_detection_splits_local_origin_errors() -> None:
     assert od.interval.seconds == 1
     assert od.base_ejection_time.seconds == 30
     assert od.max_ejection_percent.value == 50  # never every member for a shared cause
+
+
+@pytest.mark.parametrize("extra, enforced", [
+    ("", 0), ("websocket: true", 0), ("websocket: false", 100),
+    ("protocol: grpc", 100), ("protocol: tcp\nlistener: {port: 9000}", 100),
+    # Ejection is then the only way out: no health check, no retry that leaves.
+    ("health_check: {enabled: false}", 100), ("retries: {attempts: 0}", 100),
+    ("retries: {previous_priorities: false}", 100),
+    ("mode: load-sharing\nstickiness: {header: x}\nretries: {previous_hosts: false}", 100),
+    ("mode: load-sharing\nstickiness: {header: x}", 0),
+])
+def test_local_origin_failures_do_not_eject_where_websockets_pass(extra: str,
+                                                                 enforced: int) -> None:
+    """Envoy reports the end of a WebSocket as a local-origin failure of its member."""
+    od = cds(extra).outlier_detection
+    assert od.consecutive_local_origin_failure.value == 1
+    assert od.enforcing_consecutive_local_origin_failure.value == enforced
 
 
 def test_outlier_detection_disabled() -> None:
@@ -222,6 +266,7 @@ def test_connect_timeout_from_model() -> None:
 
 def test_cluster_override_replaces_a_field_and_keeps_the_rest() -> None:
     c = cds("""
+        mode: load-sharing
         stickiness: {header: x-id}
         overrides: {cluster: {connectTimeout: 2s, perConnectionBufferLimitBytes: 1024}}
         """)
