@@ -19,6 +19,13 @@ the session since) -> 409, not retried; an invalid session id -> 400. ``GET /hea
 follows the sidecar's ``/readyz``, so a member whose sidecar is gone or still syncing
 fails Envoy's health check.
 
+Faults on purpose (``--faults FILE``, :mod:`meshxl.demo.faults`): a JSON file the app
+re-reads within 0.1 s of a change, ``{"delay_ms": 30, "fail_fraction": 0.2}`` say, makes every
+``/counter`` request wait 30 ms and one in five fail with 503 before touching the
+session; jitter and process-wide pauses are knobs there too. It is a local file, so no
+client reaches it through Envoy, and ``/healthz`` is never affected: the member stays
+healthy while it is sick (``bench/grayfailure.py``).
+
 When the sidecar requires a token (``meshxl serve statesync --token-file``), the app
 sends it from ``MESHXL_STATESYNC_TOKEN_FILE`` (the injected pods' Secret volume) or
 ``MESHXL_STATESYNC_TOKEN``.
@@ -31,7 +38,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,7 @@ from meshxl.client import (
     NotFound,
 )
 from meshxl.client.plans import check_session_id
+from meshxl.demo.faults import FaultFile, Faults
 from meshxl.demo.signals import until_stopped
 from meshxl.errors import MeshxlError
 from meshxl.telemetry import tracing
@@ -67,6 +77,8 @@ _token = web.AppKey("token", str)
 _client = web.AppKey("client", AsyncClient)
 _probe = web.AppKey("probe", AsyncClient)
 _ready = web.AppKey("ready", dict)
+_faults = web.AppKey("faults", FaultFile)
+_rng = web.AppKey("rng", random.Random)
 
 SETTINGS = ClientSettings(
     timeout=SIDECAR_TIMEOUT,
@@ -106,10 +118,23 @@ def _session_of(request: web.Request) -> str | None:
     return session or None
 
 
+def _faults_now(app: web.Application) -> Faults:
+    """The injected faults in force (none without ``--faults``)."""
+    if _faults not in app:
+        return Faults()
+    return app[_faults].current()
+
+
 async def _counter(request: web.Request, *, increment: bool) -> web.Response:
     """Read the session's counter from the sidecar and, for POST, write it back + 1
     (``update``: If-Match the read's ETag, read again if the session changed)."""
     member, client = request.app[_member], request.app[_client]
+    faults, rng = _faults_now(request.app), request.app[_rng]
+    if faults.fails(rng):  # before the session is read: nothing was written
+        return _error(503, "injected fault (--faults)", member)
+    delay = faults.delay(rng)
+    if delay > 0:
+        await asyncio.sleep(delay)
     session = _session_of(request)
     if session is None:
         return _error(400, f"the {hdr.SESSION} header is required", member)
@@ -204,6 +229,21 @@ async def _watch_ready(app: web.Application) -> None:
         await asyncio.sleep(READY_POLL)
 
 
+async def _pauses(app: web.Application) -> None:
+    """Stall the whole process now and then when the faults ask for it (a GC pause:
+    the event loop blocked on purpose)."""
+    rng = app[_rng]
+    while True:
+        faults = _faults_now(app)
+        if faults.pause_ms <= 0:
+            await asyncio.sleep(1.0)
+            continue
+        await asyncio.sleep(faults.next_pause(rng))
+        if _faults_now(app).pause_ms > 0:
+            # Blocking on purpose: the whole process stalls, as in a GC pause.
+            time.sleep(faults.pause_ms / 1000.0)  # noqa: ASYNC251
+
+
 async def _resources(app: web.Application) -> Any:
     configs = client_trace_configs() if tracing.enabled() else None
     app[_client] = AsyncClient(app[_sidecar], token=app[_token] or None, settings=SETTINGS,
@@ -211,16 +251,21 @@ async def _resources(app: web.Application) -> Any:
     # Readiness is polled outside of any request: an untraced client, no span noise.
     app[_probe] = AsyncClient(app[_sidecar], settings=ClientSettings(
         timeout=READY_POLL * 2, connect_timeout=READY_POLL * 2, unavailable=Backoff(attempts=1)))
-    watcher = asyncio.create_task(_watch_ready(app))
+    tasks = [asyncio.create_task(_watch_ready(app))]
+    if _faults in app:
+        tasks.append(asyncio.create_task(_pauses(app)))
     yield
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await app[_client].close()
     await app[_probe].close()
 
 
-def make_app(member: str, sidecar: str, token: str | None = None) -> web.Application:
+def make_app(member: str, sidecar: str, token: str | None = None,
+             faults: Path | None = None) -> web.Application:
+    """``faults``: the file of injected faults (module docstring), None for none."""
     # W3C trace context through the app, when its spans go somewhere.
     middlewares = [server_middleware()] if tracing.enabled() else []
     app = mweb.application(middlewares=middlewares)
@@ -228,6 +273,9 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
     app[_sidecar] = sidecar.rstrip("/")
     app[_token] = token or ""
     app[_ready] = {"ready": False, "reason": "not polled yet"}
+    app[_rng] = random.Random()
+    if faults is not None:
+        app[_faults] = FaultFile(faults)
     app.cleanup_ctx.append(_resources)
     app.router.add_post("/counter", increment)
     app.router.add_get("/counter/ws", counter_ws)
@@ -236,10 +284,11 @@ def make_app(member: str, sidecar: str, token: str | None = None) -> web.Applica
     return app
 
 
-async def serve(member: str, listen: str, sidecar: str, token: str | None = None) -> None:
+async def serve(member: str, listen: str, sidecar: str, token: str | None = None,
+                faults: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     host, port = parse_hostport(listen)
-    runner = mweb.Runner(make_app(member, sidecar, token))
+    runner = mweb.Runner(make_app(member, sidecar, token, faults))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)
@@ -259,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="demo")
     parser.add_argument("--trace-file", help="write this process's spans as OTLP JSON lines")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--faults", type=Path, metavar="FILE",
+                        help="inject faults from this JSON file, re-read when it changes "
+                             "(module docstring; for tests and benchmarks)")
     args = parser.parse_args(argv)
     from meshxl.statesync.auth import TokenError, read_token
 
@@ -277,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "meshxl.member": args.name},
                   trace_file=args.trace_file)
     try:
-        asyncio.run(serve(args.name, args.listen, args.sidecar, token))
+        asyncio.run(serve(args.name, args.listen, args.sidecar, token, args.faults))
     finally:
         shutdown_tracing()
     return 0

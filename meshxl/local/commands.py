@@ -187,11 +187,15 @@ APP_MODULES = {"http": "meshxl.demo.app", "websocket": "meshxl.demo.app",
 
 def app(name: str, *, cluster: str | None, listen: str, sidecar: str,
         trace_file: Path | None = None, python: Sequence[str] = PYTHON,
-        protocol: str = "http") -> list[str]:
+        protocol: str = "http", faults: Path | None = None) -> list[str]:
     """The demo's counter app beside its statesync sidecar: ``meshxl.demo.app`` (HTTP and
-    WebSocket), ``meshxl.demo.grpc_app`` or ``meshxl.demo.tcp_app``."""
+    WebSocket), ``meshxl.demo.grpc_app`` or ``meshxl.demo.tcp_app``. ``faults``: the
+    HTTP app's injected-faults file (:mod:`meshxl.demo.faults`)."""
     module = APP_MODULES[protocol]
     if module != "meshxl.demo.app":
         trace_file = None  # only the HTTP app traces (Envoy traces every protocol's requests)
+        if faults is not None:
+            raise ValueError("only the HTTP sample app takes --faults")
     return [*python, "-m", module, *options(
-        name=name, cluster=cluster, listen=listen, sidecar=sidecar, trace_file=trace_file)]
+        name=name, cluster=cluster, listen=listen, sidecar=sidecar, trace_file=trace_file,
+        faults=faults)]

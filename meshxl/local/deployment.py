@@ -14,10 +14,11 @@ on exit; ``d.owner.log_sections()`` has their log tails for a report.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,14 @@ PROTOCOLS = {"http": "http", "websocket": "http", "grpc": "grpc", "tcp": "tcp"}
 
 def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
                algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
-               drain_window: float | None = None, failover: str = "") -> str:
+               drain_window: float | None = None, failover: str = "",
+               fields: Mapping[str, str] | None = None) -> str:
     """The demo cluster; ``pin``: sessions are pinned to the member that served them
     (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones.
     ``protocol``: what the members speak (:data:`PROTOCOLS`): gRPC and HTTP hash on the
     session header, TCP on the client's source address; ``failover``: the cluster's
-    ``failover`` settings (YAML flow mapping)."""
+    ``failover`` settings (YAML flow mapping); ``fields``: further cluster fields, each
+    a YAML flow value (``{"degradation": "{action: off}"}``)."""
     sites = sorted({site for _, site in members})
     pinned = f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else ""
     spoken = PROTOCOLS[protocol]
@@ -76,6 +79,7 @@ def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
         lines.append("    health_check: {path: /healthz}")
     if drain_window is not None:
         lines.append(f"    drain_window: {drain_window:g}s")
+    lines += [f"    {name}: {value}" for name, value in (fields or {}).items()]
     extra = "".join(f"{line}\n" for line in lines)
     return f"""\
 clusters:
@@ -134,7 +138,9 @@ class DemoDeployment:
 
     ``trace_dir``: every process writes its spans there (and Envoy's go to an OTLP
     receiver writing ``envoy.jsonl``); None runs without tracing. ``pin``: pinned
-    sessions (see :func:`demo_model`).
+    sessions (see :func:`demo_model`); ``fields``: further cluster fields (ditto).
+    ``faults``: every app reads injected faults from a file of its own
+    (:meth:`set_faults`, :mod:`meshxl.demo.faults`).
     """
 
     def __init__(self, work_dir: Path, *, mode: str = "high-availability", replicas: int = 1,
@@ -142,7 +148,8 @@ class DemoDeployment:
                  delta: bool = False, lease_ttl: float = 2.0,
                  members: Sequence[tuple[str, str]] | None = None,
                  algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
-                 drain_window: float | None = None, failover: str = "") -> None:
+                 drain_window: float | None = None, failover: str = "",
+                 fields: Mapping[str, str] | None = None, faults: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if protocol not in PROTOCOLS:
@@ -166,6 +173,8 @@ class DemoDeployment:
         self.algorithm = algorithm
         self.pin = pin
         self.failover = failover
+        self.fields = dict(fields or {})
+        self.faults = faults
         layout = list(members) if members is not None else (
             HA_MEMBERS if mode == "high-availability" else LS_MEMBERS)
         if not layout:
@@ -219,7 +228,8 @@ class DemoDeployment:
         async with etcd.client(self.etcd_url) as client:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
-                self.algorithm, self.pin, self.protocol, self.drain_window, self.failover),
+                self.algorithm, self.pin, self.protocol, self.drain_window, self.failover,
+                self.fields),
                 "demo model")
         otlp_port = None
         if self.trace_dir is not None:
@@ -264,11 +274,27 @@ class DemoDeployment:
             m.app = self.owner.process(f"app-{m.name}", commands.app(
                 m.name, cluster=CLUSTER, listen=f"{HOST}:{m.app_port}",
                 sidecar=m.sidecar_url, trace_file=self._trace_file(f"app-{m.name}"),
-                protocol=self.protocol))
+                protocol=self.protocol,
+                faults=self.faults_file(m.name) if self.faults else None))
         m.sidecar.start()
         m.app.start()
         if wait:
             await self.wait_member(m)
+
+    def faults_file(self, name: str) -> Path:
+        """Where member ``name``'s app reads its injected faults (``faults=True``)."""
+        return self.work_dir / f"faults-{name}.json"
+
+    def set_faults(self, name: str, **faults: float) -> None:
+        """Inject faults into member ``name``'s app (none given: heal it); the app
+        picks them up within 0.1 s (:mod:`meshxl.demo.faults`)."""
+        if not self.faults:
+            raise ValueError("the deployment was started without faults=True")
+        self.member(name)  # a known member
+        path = self.faults_file(name)
+        scratch = path.with_suffix(".tmp")
+        scratch.write_text(json.dumps(faults))
+        os.replace(scratch, path)  # the app never reads half a file
 
     async def wait_member(self, m: DemoMember) -> None:
         """Until the member's sidecar is ready and its app answers."""

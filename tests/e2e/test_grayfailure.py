@@ -1,0 +1,73 @@
+"""``bench/grayfailure.py --quick`` end to end, as a user runs it (the smoke run of the
+sick-member measurement): real etcd, control plane, sidecars, sample apps and Envoy on
+loopback, each fault injected into one member of three under sticky session load.
+
+What must hold whatever the control plane does about sick members: every scenario ran
+both arms under load and no acknowledged write was lost; each fault was felt (the CPU
+and latency faults breach the SLO under outlier detection alone, which cannot see
+latency; Envoy ejects the member failing 20 % of its requests); the soak killed a member
+and lost nothing. Once the control plane reports degraded members, the member failing
+a fifth of its requests must be among them within the issue's 3 s and the soak must show
+no verdict. (The latency scenario's detection is reported, not asserted here: a member
+slowed so much that its sessions send it fewer than ``min_requests`` per ``detect`` is
+not judged yet, docs/faults.md, "Sick members: measured".)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "grayfailure.py"
+RUN_TIMEOUT = 240.0
+"""A sanity bound on the quick run (about a minute and a half on two busy cores)."""
+
+
+def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
+    out = tmp_path / "grayfailure.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--output", str(out)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text
+    res = json.loads(out.read_text())
+    assert res["quick"] is True and "SLO-breach seconds" in done.stdout
+
+    assert set(res["scenarios"]) == {"cpu", "latency", "errors"}
+    orders = [sc["order"] for sc in res["scenarios"].values()]
+    assert orders[0] == orders[2] == list(reversed(orders[1])), orders
+    for name, sc in res["scenarios"].items():
+        for arm in ("outlier", "meshxl"):
+            a = sc["arms"][arm]
+            assert a["requests"] > 50, (name, arm, a)
+            assert a["lost"] == 0, (name, arm, a)
+            assert a["seconds"] >= 3, (name, arm, a)
+    outlier = {name: sc["arms"]["outlier"] for name, sc in res["scenarios"].items()}
+    healthy = res["calibration"]["healthy_p50_ms"]
+    # The starved member answers much slower (its sessions' p99 breaches the SLO
+    # whenever maglev gave it enough of them); the delayed one always breaches it.
+    assert outlier["cpu"]["sick_latency_ms"]["p50"] > 3 * healthy, outlier["cpu"]
+    assert outlier["latency"]["breach_seconds"] >= 1, outlier["latency"]
+    assert outlier["errors"]["ejected_s"] is not None, outlier["errors"]
+    # Envoy retries the injected 503s on another member: clients see few failures.
+    assert outlier["errors"]["failed"] <= 0.05 * outlier["errors"]["requests"]
+
+    soak = res["soak"]
+    assert soak["kills"] and soak["lost"] == 0 and soak["requests"] > 100, soak
+    verdicts = {v["name"]: v for v in res["verdicts"]}
+    assert verdicts["acknowledged writes lost (every run)"]["met"] is True
+
+    errors = res["scenarios"]["errors"]["arms"]["meshxl"]
+    if errors["control_plane_reports_degraded"]:
+        assert errors["detect_s"] is not None and errors["detect_s"] <= 3.0, errors
+        assert soak["degraded_verdicts"] == 0, soak["verdicts"]
+    else:  # no degradation in the control plane yet: nothing may show as degraded
+        assert errors["detect_s"] is None and soak["degraded_verdicts"] == 0
+    # outlier detection alone never reports a member degraded
+    assert all(sc["arms"]["outlier"]["detect_s"] is None for sc in res["scenarios"].values())
+    assert not list(Path("/sys/fs/cgroup/cpu").glob("meshxl-grayfailure-*"))
