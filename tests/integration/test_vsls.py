@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from meshxl.operator.actions import apply_model, set_member_admin
 from meshxl.operator.tables import render_vs
 from meshxl.operator.views import read_mesh, vs_report
 from tests.harness import Backend
+from tests.harness.cli import meshxl
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +146,57 @@ async def test_a_lost_member_moves_only_its_own_virtual_systems_to_their_standby
         render_vs(report, console)
         table = console.file.getvalue()
         assert "lost" in table and "pool web" in table and "t07" in table
+
+
+async def test_meshxl_vs_as_an_operator_runs_it(etcd: Any, etcd_client: aetcd.Client) -> None:
+    """``meshxl vs list`` / ``show`` over etcd: tables, JSON, the pool's member taken out
+    with ``member down POOL MEMBER``, and one-line errors."""
+    ports = free_ports(4)
+    members = "".join(f"\n      - {{name: w{i}, address: {LOOPBACK}, port: {p}, "
+                      f"site: {'ab'[i % 2]}}}" for i, p in enumerate(ports))
+    text = f"""
+pools:
+  - name: web
+    listener: {{address: {LOOPBACK}, port: {free_ports(1)[0]}}}
+    sites: [{{name: a}}, {{name: b}}]
+    members:{members}
+virtual_systems:
+  - names: [{", ".join(f"v{i:02d}" for i in range(60))}]
+    pool: web
+"""
+    await apply_model(etcd_client, KEYS, text, "test")
+    code, out, err = await meshxl("vs", "list", "--output", "json", "--etcd", etcd.url)
+    assert code == 0, err
+    report = json.loads(out)
+    pool = {m["name"]: m for m in report["pools"][0]["members"]}
+    assert [m["active"] for m in pool.values()] == [15, 15, 15, 15]  # 60 on 4: even
+    assert len(report["virtual_systems"]) == 60
+    for vs in report["virtual_systems"]:
+        assert vs["active"] != vs["standby"]
+        assert int(vs["active"][1]) % 2 != int(vs["standby"][1]) % 2  # another site
+
+    code, _, err = await meshxl("member", "down", "web", "w1", "--etcd", etcd.url)
+    assert code == 0, err
+    code, out, err = await meshxl("vs", "list", "--output", "json", "--etcd", etcd.url)
+    after = json.loads(out)
+    rows = {v["name"]: v for v in after["virtual_systems"]}
+    for vs in report["virtual_systems"]:
+        row = rows[vs["name"]]
+        assert row["active"] == (vs["standby"] if vs["active"] == "w1" else vs["active"])
+        assert "w1" not in (row["standby"], *row["backups"], *row["spares"])
+    lost = {m["name"]: m for m in after["pools"][0]["members"]}["w1"]
+    assert lost["lost"] and lost["active"] == 0
+
+    code, out, err = await meshxl("vs", "show", "v07", "--etcd", etcd.url)
+    assert code == 0, err
+    assert "v07" in out and "v08" not in out and "pool web" in out and "lost" in out
+    code, _, err = await meshxl("vs", "show", "nope", "--etcd", etcd.url)
+    assert code == 1 and one_line(err) == "meshxl: unknown virtual system 'nope'"
+    code, _, err = await meshxl("member", "down", "pool-x", "w1", "--etcd", etcd.url)
+    assert code != 0 and "unknown cluster or pool 'pool-x'" in one_line(err)
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
