@@ -10,7 +10,9 @@ VSs on 4 members): the busiest member's active weight as a multiple of its fair 
 (60 on 4, and any pool of at least 40 VSs); standbys on the active's site while another
 site has a member; after a member is lost, how
 many active roles moved beyond the ones it held; after a member joins (appended to the
-pool), the active and standby roles moved as a multiple of its ideal share.
+pool), the active and standby roles moved as a multiple of its ideal share (standbys
+also on one-site pools, where no site rule forces a move); the busiest standby holder
+on one-site pools of 60 VSs on 4 members.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
     rnd = random.Random(seed)
     out = {"busiest_60_on_4": 0.0, "busiest_40_plus": 0.0, "lost_extra_moves": 0.0,
            "lost_not_to_standby": 0.0, "join_actives_x_ideal": 0.0,
-           "join_standbys_x_ideal": 0.0, "standby_same_site": 0.0}
+           "join_standbys_x_ideal": 0.0, "join_standbys_x_ideal_one_site": 0.0,
+           "standby_busiest_60_on_4_one_site": 0.0, "standby_same_site": 0.0}
     for trial in range(pools):
         if trial % 4 == 0:
             count, systems = 4, 60
@@ -81,6 +84,16 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
             standbys = sum(1 for v in base if grown[v].standby != base[v].standby)
             out["join_actives_x_ideal"] = max(out["join_actives_x_ideal"], actives / ideal)
             out["join_standbys_x_ideal"] = max(out["join_standbys_x_ideal"], standbys / ideal)
+            if sites == 1:
+                out["join_standbys_x_ideal_one_site"] = max(
+                    out["join_standbys_x_ideal_one_site"], standbys / ideal)
+        if sites == 1 and count == 4 and systems == 60:
+            total = sum(weight.values())
+            capacity = sum(m.capacity for m in members)
+            standby = max(sum(weight[v] for v, r in base.items() if r.standby == m.name)
+                          / (total * m.capacity / capacity) for m in members)
+            key = "standby_busiest_60_on_4_one_site"
+            out[key] = max(out[key], standby)
     return out
 
 
