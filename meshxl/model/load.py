@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .basics import DEFAULT_SITE
 from .basics import ModelError as ModelError
 from .basics import Problem as Problem
 from .checks import NO_CLUSTERS, duplicates, membership_problems
@@ -175,8 +176,23 @@ def model_warnings(model: ModelSpec, runtime: RuntimeState | None = None) -> lis
     their sites); without it, only the members the model lists are judged.
     """
     found = []
+    virtual = model.virtual_names
     for i, spec in enumerate(model.clusters):
-        found.extend(cluster_warnings(i, spec, runtime))
+        judged = cluster_warnings(i, spec, runtime)
+        if spec.name in virtual:  # the site warning comes once per pool, below
+            judged = [w for w in judged if w.path.endswith("maglev_table_size")]
+        found.extend(judged)
+    # Virtual systems: judged once per pool, not once per VS.
+    used = {vs.pool for vs in model.virtual_systems if vs.mode == "high-availability"}
+    for i, pool in enumerate(model.pools):
+        default = pool.sites[0].name if pool.sites else DEFAULT_SITE
+        sites = {m.site or default for m in pool.members}
+        if pool.name in used and len(pool.members) >= 2 and len(sites) == 1:
+            found.append(Problem(
+                f"pools[{i}] ({pool.name})",
+                f"every member is on site {sites.pop()}: each virtual system's active and "
+                "standby share it, and one site failure takes them all down (put a member "
+                "on a second site)"))
     return found
 
 

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshxl.model import AdminAction, ModelError, RuntimeState, cluster_view, parse_model
+from meshxl.model import (
+    AdminAction,
+    ModelError,
+    RuntimeState,
+    cluster_view,
+    model_warnings,
+    parse_model,
+)
 from meshxl.model.placement import (
     BALANCE,
     PoolMember,
@@ -136,6 +143,16 @@ def test_a_pool_member_on_an_undeclared_site_is_refused() -> None:
     text = POOL.replace("site: b}", "site: c}", 1)
     assert any(p.startswith("pools[0].members[1].site: unknown site")
                for p in problems(text + "virtual_systems: [{name: x, pool: web}]"))
+
+
+def test_a_one_site_pool_is_warned_about_once_not_once_per_virtual_system() -> None:
+    text = POOL.replace("    sites: [{name: a}, {name: b}]\n", "")
+    text = text.replace(", site: a}", "}").replace(", site: b}", "}")
+    model = parse_model(text + "virtual_systems: [{names: [a1, a2, a3], pool: web}]")
+    found = model_warnings(model)
+    assert [w.path for w in found] == ["pools[0] (web)"]
+    assert "every member is on site default" in found[0].message
+    assert model_warnings(parse_model(MODEL)) == []
 
 
 # -- placement under runtime state ---------------------------------------------------------
