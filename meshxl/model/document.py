@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from .spec import (
     ClusterSpec,
@@ -91,6 +91,13 @@ class Telemetry(SpecModel):
     sampling_percent: float = Field(default=100.0, ge=0, le=100)
 
 
+MAX_VIRTUAL_SYSTEMS = 5_000
+"""The most virtual systems a model may have: each is a cluster of its own."""
+MAX_VIRTUAL_ENDPOINTS = 200_000
+"""The most (virtual system, pool member) pairs: each is an endpoint in every Envoy.
+A short model (``names:`` times a big pool) could otherwise ask for millions."""
+
+
 class ModelSpec(SpecModel):
     clusters: list[ClusterSpec] = []
     pools: list[Pool] = []
@@ -107,6 +114,20 @@ class ModelSpec(SpecModel):
 
     def cluster(self, name: str) -> ClusterSpec | None:
         return next((c for c in self.clusters if c.name == name), None)
+
+    @field_validator("virtual_systems")
+    @classmethod
+    def _bounded(cls, value: list[VirtualSystem],
+                 info: ValidationInfo) -> list[VirtualSystem]:
+        count = sum(len(vs.all_names) for vs in value)
+        if count > MAX_VIRTUAL_SYSTEMS:
+            raise ValueError(f"at most {MAX_VIRTUAL_SYSTEMS} virtual systems (got {count})")
+        size = {p.name: len(p.members) for p in info.data.get("pools", [])}
+        pairs = sum(len(vs.all_names) * size.get(vs.pool, 0) for vs in value)
+        if pairs > MAX_VIRTUAL_ENDPOINTS:
+            raise ValueError(f"at most {MAX_VIRTUAL_ENDPOINTS} virtual system members "
+                             f"(virtual systems x their pool's members; got {pairs})")
+        return value
 
     def pool(self, name: str) -> Pool | None:
         return next((p for p in self.pools if p.name == name), None)

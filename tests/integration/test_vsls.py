@@ -190,6 +190,15 @@ virtual_systems:
     code, out, err = await meshxl("vs", "show", "v07", "--etcd", etcd.url)
     assert code == 0, err
     assert "v07" in out and "v08" not in out and "pool web" in out and "lost" in out
+    # meshxl status sees each VS as a cluster: its active at priority 0.
+    code, out, err = await meshxl("status", "--cluster", "v07", "--output", "json",
+                                  "--etcd", etcd.url)
+    assert code == 0, err
+    (cluster,) = json.loads(out)["clusters"]
+    roles = {m["name"]: (m["role"], m["priority"]) for m in cluster["members"]}
+    assert roles[rows["v07"]["active"]] == ("active", 0)
+    assert roles[rows["v07"]["standby"]] == ("standby", 1)
+    assert "w1" not in roles
     code, _, err = await meshxl("vs", "show", "nope", "--etcd", etcd.url)
     assert code == 1 and one_line(err) == "meshxl: unknown virtual system 'nope'"
     code, _, err = await meshxl("member", "down", "pool-x", "w1", "--etcd", etcd.url)

@@ -132,6 +132,20 @@ def test_bad_virtual_systems_are_named_on_one_line(extra: str, expected: str) ->
     assert all("\n" not in p for p in found)
 
 
+def test_the_number_of_virtual_systems_is_bounded() -> None:
+    """A short model must not ask for millions of endpoints (names x pool members)."""
+    names = ", ".join(f"v{i}" for i in range(60_000))
+    assert problems(POOL + f"virtual_systems: [{{names: [{names}], pool: web}}]") == [
+        "virtual_systems: at most 5000 virtual systems (got 60000)"]
+    many = ", ".join(f"v{i}" for i in range(4000))
+    big = POOL + "".join(
+        f"      - {{name: x{i}, address: 127.0.0.1, port: {20000 + i}, site: a}}\n"
+        for i in range(60))
+    found = problems(big + f"virtual_systems: [{{names: [{many}], pool: web}}]")
+    assert found == ["virtual_systems: at most 200000 virtual system members (virtual "
+                     "systems x their pool's members; got 256000)"]
+
+
 def test_a_pool_without_a_listener_is_refused_when_it_has_virtual_systems() -> None:
     text = POOL.replace("    listener: {address: 127.0.0.1, port: 10000}\n", "")
     assert problems(text + "virtual_systems: [{name: x, pool: web}]") == [
