@@ -14,6 +14,7 @@ model      validate, apply
 envoy      bootstrap, envoy
 ops        member down/up, site offline/online
 views      status, sync, verify (read-only operator views)
+vs         vs list / show (virtual systems over a pool)
 drill      drill
 serve      serve xds / statesync / otlp-receiver / webhook
 telemetry  slo review
@@ -41,6 +42,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "envoy": ("bootstrap", "envoy"),
     "ops": ("member", "site", "restore", "shards"),
     "views": ("status", "sync", "verify"),
+    "vs": ("vs",),
     "drill": ("drill",),
     "serve": ("serve",),
     "telemetry": ("slo",),

@@ -34,7 +34,7 @@ async def _no_model(client: Any, keys: Keys) -> str:
     return await no_model_message(client, keys)
 
 
-def _mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
+def mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
                etcd_urls: str, etcd_root: str, *, require_model: bool) -> dict[str, Any]:
     """Read everything meshxl keeps in etcd once and build a report from it.
 
@@ -81,7 +81,7 @@ def status(cluster: str | None, watch: bool, interval: float, model_file: Path |
             raise click.UsageError("--watch shows tables: leave out --output json")
         _watch_status(cluster, interval, model_file, etcd_urls, etcd_root)
         return
-    report = _mesh_view(lambda read: status_report(read, cluster), model_file, etcd_urls,
+    report = mesh_view(lambda read: status_report(read, cluster), model_file, etcd_urls,
                         etcd_root, require_model=True)
     if cluster is not None and not report["clusters"] and not report["model_error"]:
         fail(f"unknown cluster {cluster!r}")
@@ -169,7 +169,7 @@ def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: s
     from meshxl.operator.tables import render_sync
     from meshxl.operator.views import sync_report
 
-    show(_mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
+    show(mesh_view(lambda read: sync_report(read, cluster), model_file, etcd_urls,
                     etcd_root, require_model=False), output, render_sync)
 
 

@@ -11,6 +11,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .document import ModelSpec, Pool, Telemetry, VirtualSystem
     from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
     from .runtime import (
         AdminAction,
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
         HealthCheck,
         Listener,
         Member,
-        ModelSpec,
         OutlierDetection,
         Overrides,
         Pin,
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
         SessionSync,
         Site,
         Stickiness,
-        Telemetry,
         check_member_address,
         is_ip_literal,
     )
@@ -51,17 +50,19 @@ _HOMES = {
     "runtime": ("AdminAction", "ClusterView", "MemberState", "MemberView", "Registration",
                 "Role", "RuntimeState", "cluster_view"),
     "spec": ("ClusterSpec", "Cookie", "Failover", "HealthCheck", "Listener", "Member",
-             "ModelSpec", "OutlierDetection", "Overrides", "Pin", "Retries", "Route",
-             "SessionSync", "Site", "Stickiness", "Telemetry"),
+             "OutlierDetection", "Overrides", "Pin", "Retries", "Route",
+             "SessionSync", "Site", "Stickiness"),
+    "document": ("ModelSpec", "Pool", "Telemetry", "VirtualSystem"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "Failover",
     "HealthCheck",
-    "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec",
+    "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec", "Pool",
     "OutlierDetection", "Overrides", "Pin", "Problem", "Registration", "Retries", "Role", "Route",
-    "RuntimeState", "SessionSync", "Site", "Stickiness", "Telemetry", "check_member_address",
+    "RuntimeState", "SessionSync", "Site", "Stickiness", "Telemetry", "VirtualSystem",
+    "check_member_address",
     "check_model", "is_ip_literal",
     "cluster_view", "load_model", "model_warnings", "parse_model",
 ]

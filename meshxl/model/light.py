@@ -61,7 +61,10 @@ CLUSTER_FIELDS = frozenset({
     "retries", "listener", "route", "connect_timeout", "priority_spillover", "sessions",
     "failover", "overrides", "degradation", "shares"})
 """Every field a cluster may have (``ClusterSpec``'s; a test keeps them equal)."""
-MODEL_FIELDS = frozenset({"clusters", "telemetry", "allow_empty"})
+MODEL_FIELDS = frozenset({"clusters", "pools", "virtual_systems", "telemetry", "allow_empty"})
+"""Every field of a model (``ModelSpec``'s). A sidecar reads ``clusters`` only: pools and
+virtual systems are the control plane's (one sidecar per virtual system is not built
+yet, docs/vsls.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +310,7 @@ class _Reader:
         model = LightModel(tuple(c for c in read if c is not None))
         if self.problems:
             return model
-        if not model.clusters and not allow_empty:
+        if not model.clusters and not allow_empty and not data.get("virtual_systems"):
             self.problems.append(Problem("clusters", NO_CLUSTERS))
         self.problems.extend(duplicates("clusters", [c.name for c in model.clusters],
                                         "cluster name"))

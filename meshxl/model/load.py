@@ -8,16 +8,19 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .basics import DEFAULT_SITE
 from .basics import ModelError as ModelError
 from .basics import Problem as Problem
 from .checks import NO_CLUSTERS, duplicates, membership_problems
+from .document import ModelSpec
 from .listeners import check_listeners
 from .protocols import check_protocols
 from .runtime import RuntimeState
-from .spec import ClusterSpec, ModelSpec
+from .spec import ClusterSpec
 from .text import EMPTY_MODEL as EMPTY_MODEL
 from .text import MAX_MODEL_BYTES as MAX_MODEL_BYTES
 from .text import model_data
+from .vsls import expand_model
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -49,6 +52,7 @@ def parse_model(text: str, source: str = "<model>") -> ModelSpec:
                 value = None
             problems.append(Problem(_path(err["loc"]), msg, value))
         raise ModelError(problems) from None
+    spec = expand_model(spec)  # virtual systems become clusters
     problems = list(check_model(spec))
     if problems:
         raise ModelError(problems)
@@ -78,7 +82,10 @@ def check_model(spec: ModelSpec) -> Iterator[Problem]:
     """Cross-field checks pydantic cannot express (references, uniqueness)."""
     if not spec.clusters and not spec.allow_empty:
         yield Problem("clusters", NO_CLUSTERS)
-    yield from duplicates("clusters", [c.name for c in spec.clusters], "cluster name")
+    yield from _check_virtual(spec)
+    virtual = spec.virtual_names
+    yield from duplicates("clusters", [c.name for c in spec.clusters if c.name not in virtual],
+                          "cluster name")
     routes: dict[tuple[str, int, str, str], str] = {}
     for i, cluster in enumerate(spec.clusters):
         base = f"clusters[{i}]"
@@ -94,6 +101,45 @@ def check_model(spec: ModelSpec) -> Iterator[Problem]:
                 routes.setdefault(key, cluster.name)
     yield from (Problem(*found) for found in check_protocols(spec.clusters))
     yield from (Problem(*found) for found in check_listeners(spec.clusters))
+
+
+def _check_virtual(spec: ModelSpec) -> Iterator[Problem]:
+    """Pools and virtual systems: names, references, enough members for the roles."""
+    yield from duplicates("pools", [p.name for p in spec.pools], "pool name")
+    for i, each in enumerate(spec.pools):
+        base = f"pools[{i}]"
+        yield from duplicates(f"{base}.sites", [s.name for s in each.sites], "site name")
+        yield from duplicates(f"{base}.members", [m.name for m in each.members], "member name")
+        sites = {s.name for s in each.sites}
+        for j, m in enumerate(each.members):
+            if m.site is not None and m.site not in sites:
+                yield Problem(f"{base}.members[{j}].site", "unknown site (sites: "
+                              f"{', '.join(sorted(sites)) or 'none declared'})", m.site)
+    clusters = {c.name for c in spec.clusters if c.name not in spec.virtual_names}
+    seen: set[str] = set()
+    for i, vs in enumerate(spec.virtual_systems):
+        base = f"virtual_systems[{i}]"
+        pool = spec.pool(vs.pool)
+        if pool is None:
+            known = ", ".join(p.name for p in spec.pools) or "none declared"
+            yield Problem(f"{base}.pool", f"unknown pool (pools: {known})", vs.pool)
+        elif vs.mode == "high-availability" and len(pool.members) < 2 + vs.backups:
+            yield Problem(f"{base}.backups", f"an active, a standby and {vs.backups} "
+                          f"backup(s) need {2 + vs.backups} members; pool {pool.name!r} "
+                          f"has {len(pool.members)}", vs.backups)
+        elif pool.listener is None:
+            yield Problem(f"pools[{spec.pools.index(pool)}].listener",
+                          "a pool with virtual systems needs a listener (their domains "
+                          "are routes of it)")
+        field = "name" if vs.name is not None else "names"
+        for j, name in enumerate(vs.all_names):
+            where = f"{base}.{field}" + ("" if vs.name is not None else f"[{j}]")
+            if name in clusters:
+                yield Problem(where, "a cluster already has this name (a virtual system "
+                              "is compiled as a cluster of its own)", name)
+            elif name in seen:
+                yield Problem(where, "duplicate virtual system name", name)
+            seen.add(name)
 
 
 def _check_cluster(base: str, c: ClusterSpec) -> Iterator[Problem]:
@@ -130,8 +176,23 @@ def model_warnings(model: ModelSpec, runtime: RuntimeState | None = None) -> lis
     their sites); without it, only the members the model lists are judged.
     """
     found = []
+    virtual = model.virtual_names
     for i, spec in enumerate(model.clusters):
-        found.extend(cluster_warnings(i, spec, runtime))
+        judged = cluster_warnings(i, spec, runtime)
+        if spec.name in virtual:  # the site warning comes once per pool, below
+            judged = [w for w in judged if w.path.endswith("maglev_table_size")]
+        found.extend(judged)
+    # Virtual systems: judged once per pool, not once per VS.
+    used = {vs.pool for vs in model.virtual_systems if vs.mode == "high-availability"}
+    for i, pool in enumerate(model.pools):
+        default = pool.sites[0].name if pool.sites else DEFAULT_SITE
+        sites = {m.site or default for m in pool.members}
+        if pool.name in used and len(pool.members) >= 2 and len(sites) == 1:
+            found.append(Problem(
+                f"pools[{i}] ({pool.name})",
+                f"every member is on site {sites.pop()}: each virtual system's active and "
+                "standby share it, and one site failure takes them all down (put a member "
+                "on a second site)"))
     return found
 
 

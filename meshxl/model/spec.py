@@ -110,6 +110,12 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SpecModel = _Spec
+"""The base of every model class: frozen, unknown fields refused."""
+Domain = Annotated[str, Field(pattern=_DOMAIN, max_length=253)]
+"""A route's host name (see :attr:`Route.domains`)."""
+
+
 class Site(_Spec):
     """A failure domain (a data center, zone or Maestro site)."""
 
@@ -549,26 +555,3 @@ class ClusterSpec(_Spec):
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites] or [DEFAULT_SITE]
-
-
-class Telemetry(_Spec):
-    """Envoy's request tracing (OpenTelemetry, W3C trace context)."""
-
-    tracing: bool = False
-    collector_cluster: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=253)] = (
-        "meshxl_otlp")
-    """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
-    service_name: str = Field(default="envoy", pattern=r"^[\x20-\x7e]+$", max_length=256)
-    sampling_percent: float = Field(default=100.0, ge=0, le=100)
-
-
-class ModelSpec(_Spec):
-    clusters: list[ClusterSpec] = []
-    telemetry: Telemetry = Telemetry()
-    allow_empty: bool = False
-    """A model without clusters withdraws every listener and cluster from every Envoy.
-    It is refused (an empty file or input, a file caught mid-write) unless it says
-    ``allow_empty: true``: the one way to serve nothing on purpose."""
-
-    def cluster(self, name: str) -> ClusterSpec | None:
-        return next((c for c in self.clusters if c.name == name), None)

@@ -89,10 +89,11 @@ async def set_member_admin(client: aetcd.Client, keys: Keys, cluster: str, membe
                            down: bool, reason: str = "") -> int:
     """``meshxl member down|up``: record (or clear) an administrative member down."""
     model = await stored_model(client, keys)
-    spec = model.cluster(cluster)
+    spec = model.cluster(cluster) or model.pool(cluster)  # a pool: its VSs' placement
     if spec is None:
-        names = ", ".join(c.name for c in model.clusters) or "none"
-        raise OpsError(f"unknown cluster {cluster!r} (clusters: {names})")
+        names = ", ".join([*(c.name for c in model.clusters),
+                           *(p.name for p in model.pools)]) or "none"
+        raise OpsError(f"unknown cluster or pool {cluster!r} (clusters: {names})")
     registered = await client.get(keys.member(cluster, member).encode())
     if all(m.name != member for m in spec.members) and registered is None:
         names = ", ".join(m.name for m in spec.members) or "none listed"

@@ -278,3 +278,39 @@ def render_verify(report: dict[str, Any], console: Console) -> None:
         print_line(console, plain("mismatch", "red"), " ", plain(p["message"]))
     for warning in report.get("warnings", []):
         print_line(console, plain("warning:", "yellow"), " ", plain(warning))
+
+
+def render_vs(report: dict[str, Any], console: Console) -> None:
+    """``meshxl vs list`` / ``vs show``: each pool's members and its virtual systems."""
+    if report.get("model_error"):
+        print_line(console, plain("model error:", "red"), " ", plain(report["model_error"]))
+    for pool in report["pools"]:
+        table = _table(f"pool {pool['name']}  listener {_dash(pool['listener'])}",
+                       ("member", "site", "capacity", "active", "standby", "active weight",
+                        "fair share", "x fair", "state"),
+                       right=("capacity", "active", "standby", "active weight", "fair share",
+                              "x fair"))
+        for m in pool["members"]:
+            ratio = m["share_ratio"]
+            table.add_row(
+                plain(m["name"]), plain(m["site"]), plain(m["capacity"]), plain(m["active"]),
+                plain(m["standby"]), plain(m["active_weight"]), plain(f"{m['fair_share']:g}"),
+                plain("-" if ratio is None else f"{ratio:.2f}"),
+                plain("lost", "red") if m["lost"] else plain("live", "green"))
+        console.print(table)
+    table = _table("virtual systems", ("vs", "pool", "mode", "weight", "active", "standby",
+                                       "backups", "domains"), right=("weight",))
+    for vs in report["virtual_systems"]:
+        states = vs["states"]
+
+        def who(member: str | None, states: dict[str, str] = states) -> Text:
+            if member is None:
+                return plain("-")
+            state = states.get(member, "")
+            return plain(member if state in ("", "ready") else f"{member} ({state})",
+                         _STATE_STYLE.get(state, ""))
+
+        table.add_row(plain(vs["name"]), plain(vs["pool"]), plain(vs["mode"]),
+                      plain(vs["weight"]), who(vs["active"]), who(vs["standby"]),
+                      plain(", ".join(vs["backups"]) or "-"), plain(" ".join(vs["domains"])))
+    console.print(table)

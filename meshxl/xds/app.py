@@ -28,6 +28,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
 from meshxl.model.runtime import DEGRADED_KIND
+from meshxl.model.vsls import placed
 
 from .accesslog import AccessLogReceiver
 from .cache import Snapshot, SnapshotCache
@@ -237,10 +238,14 @@ class ControlPlane:
 
     @property
     def model(self) -> ModelSpec | None:
-        """The model file wins when given; otherwise the model stored in etcd."""
+        """The model file wins when given; otherwise the model stored in etcd. Its
+        virtual systems are placed for the runtime state (:func:`placed`), so the
+        compiler, the metrics and the live view see the same roles."""
         if self.file is not None:
-            return self.file.model
-        return self.mesh.model if self.mesh is not None else None
+            model = self.file.model
+        else:
+            model = self.mesh.model if self.mesh is not None else None
+        return placed(model, self.runtime) if model is not None else None
 
     @property
     def runtime(self) -> RuntimeState:

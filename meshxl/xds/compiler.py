@@ -19,6 +19,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf.message import Message
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.vsls import placed
 from meshxl.xds import types
 from meshxl.xds.alsconfig import http_access_log, measured, tcp_access_log
 from meshxl.xds.protocols import build_tcp_listener, drain_generation
@@ -141,6 +142,7 @@ class Compiler:
                 drained: frozenset[tuple[str, str]] = frozenset(),
                 warming: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
         state = state or RuntimeState()
+        model = placed(model, state)  # virtual systems: their roles for this state
         warming = warming or {}
         resolved = resolved or {}
         if model is not self._model:

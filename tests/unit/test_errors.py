@@ -168,8 +168,7 @@ def test_the_command_is_built_from_one_list_of_areas() -> None:
     assert sorted(main.commands) == [
         "apply", "bootstrap", "demo", "drill", "envoy", "inject", "istio", "member",
         "quickstart", "restore", "serve", "shards", "site", "slo", "status", "sync", "validate",
-        "verify",
-        "version"]
+        "verify", "version", "vs"]
     serve = main.commands["serve"]
     assert isinstance(serve, click.Group)
     assert sorted(serve.commands) == ["otlp-receiver", "statesync", "webhook", "xds"]

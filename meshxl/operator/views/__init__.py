@@ -17,9 +17,10 @@ from meshxl.operator.views.verify import (
     verify,
     verify_report,
 )
+from meshxl.operator.views.vsls import vs_report
 
 __all__ = [
     "DEPARTED_SECONDS", "EnvoyLive", "MeshRead", "expected_endpoints", "expected_versions",
     "failover_report", "fetch_envoy", "live_report", "model_warnings", "read_mesh",
-    "status_report", "sync_report", "verify", "verify_report",
+    "status_report", "sync_report", "verify", "verify_report", "vs_report",
 ]

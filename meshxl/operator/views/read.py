@@ -22,6 +22,7 @@ from meshxl.etcd.keys import MEMBERS, Keys
 from meshxl.etcd.mesh import runtime_from_values
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.load import model_warnings as judged
+from meshxl.model.vsls import placed
 from meshxl.xds.dns import hostnames, resolve_names
 from meshxl.xds.warmup import WARMS, fraction, ramps
 
@@ -80,6 +81,8 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
         except ModelError as exc:
             error = str(exc)
     runtime = runtime_from_values(keys, values)
+    if model is not None:
+        model = placed(model, runtime)  # virtual systems: roles for the runtime state
     resolved = await resolve_names(hostnames(model, runtime)) if model is not None else {}
     read = MeshRead(revision=max(r.header.revision
                                  for r in (mesh, nodes, states, sync, failovers)),

@@ -1,0 +1,139 @@
+"""The model file as a whole: clusters, pools of members shared by virtual systems
+(VSX VSLS, docs/vsls.md), and telemetry. Pure data, as :mod:`.spec`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from .spec import (
+    ClusterSpec,
+    Degradation,
+    Domain,
+    Listener,
+    Member,
+    Mode,
+    Name,
+    SessionSync,
+    Site,
+    SpecModel,
+    Stickiness,
+    Weight,
+)
+
+__all__ = ["ModelSpec", "Pool", "Telemetry", "VirtualSystem"]
+
+
+class Pool(SpecModel):
+    """Members shared by many virtual systems (VSX VSLS): each VS gets its active,
+    standby and backup roles on them (docs/vsls.md)."""
+
+    name: Name
+    members: list[Member] = Field(min_length=1)
+    """As a cluster's; ``weight`` is the member's capacity: its share of active roles."""
+    sites: list[Site] = []
+    listener: Listener | None = None
+    """The one listener of the pool's virtual systems: each VS's ``domains`` are a route
+    of it."""
+
+
+class VirtualSystem(SpecModel):
+    """One tenant on a pool, or many with the same settings (``names``): each becomes a
+    cluster of its own, named after it, whose members are the pool's with EDS
+    priorities from the placement (docs/vsls.md)."""
+
+    name: Name | None = None
+    names: list[Name] = []
+    """Many virtual systems with these settings (instead of ``name``)."""
+    pool: Name
+    weight: Weight = 1
+    """Its share of active roles, relative to the other virtual systems of the pool."""
+    mode: Mode = "high-availability"
+    """``high-availability``: active, standby and backups placed over the pool;
+    ``load-sharing``: every member of the pool serves it, by capacity."""
+    backups: int = Field(default=0, ge=0, le=20)
+    """Backup roles after the standby (EDS priorities 2, 3, ...)."""
+    domains: list[Domain] | None = None
+    """Host names routed to it on the pool's listener; default: its name, alone
+    (``t01``), with any port (``t01:*``) or as the first label of a domain (``t01.*``)."""
+    stickiness: Stickiness | None = None
+    sessions: SessionSync = SessionSync()
+    degradation: Degradation = Degradation()
+
+    @model_validator(mode="after")
+    def _one_way_to_name(self) -> VirtualSystem:
+        if (self.name is None) == (not self.names):
+            raise ValueError("set name (one virtual system) or names (many), not both"
+                             if self.name is not None else "set name or names")
+        if self.domains is not None and len(self.all_names) > 1:
+            raise ValueError("domains name one virtual system's hosts: with names, leave "
+                             "them out (each gets its own name as its host)")
+        return self
+
+    @property
+    def all_names(self) -> list[str]:
+        return [self.name] if self.name is not None else list(self.names)
+
+    def domains_of(self, name: str) -> list[str]:
+        return list(self.domains) if self.domains is not None else [
+            name, f"{name}:*", f"{name}.*"]
+
+
+class Telemetry(SpecModel):
+    """Envoy's request tracing (OpenTelemetry, W3C trace context)."""
+
+    tracing: bool = False
+    collector_cluster: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=253)] = (
+        "meshxl_otlp")
+    """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
+    service_name: str = Field(default="envoy", pattern=r"^[\x20-\x7e]+$", max_length=256)
+    sampling_percent: float = Field(default=100.0, ge=0, le=100)
+
+
+MAX_VIRTUAL_SYSTEMS = 5_000
+"""The most virtual systems a model may have: each is a cluster of its own."""
+MAX_VIRTUAL_ENDPOINTS = 200_000
+"""The most (virtual system, pool member) pairs: each is an endpoint in every Envoy.
+A short model (``names:`` times a big pool) could otherwise ask for millions."""
+
+
+class ModelSpec(SpecModel):
+    clusters: list[ClusterSpec] = []
+    pools: list[Pool] = []
+    """Members shared by virtual systems (docs/vsls.md)."""
+    virtual_systems: list[VirtualSystem] = []
+    """Tenants placed over a pool; each is compiled as a cluster of its own."""
+    telemetry: Telemetry = Telemetry()
+    _vsls: dict[str, Any] = PrivateAttr(default_factory=dict)
+    """Virtual systems: the expanded names, the base placement, placed copies (vsls.py)."""
+    allow_empty: bool = False
+    """A model without clusters withdraws every listener and cluster from every Envoy.
+    It is refused (an empty file or input, a file caught mid-write) unless it says
+    ``allow_empty: true``: the one way to serve nothing on purpose."""
+
+    def cluster(self, name: str) -> ClusterSpec | None:
+        return next((c for c in self.clusters if c.name == name), None)
+
+    @field_validator("virtual_systems")
+    @classmethod
+    def _bounded(cls, value: list[VirtualSystem],
+                 info: ValidationInfo) -> list[VirtualSystem]:
+        count = sum(len(vs.all_names) for vs in value)
+        if count > MAX_VIRTUAL_SYSTEMS:
+            raise ValueError(f"at most {MAX_VIRTUAL_SYSTEMS} virtual systems (got {count})")
+        size = {p.name: len(p.members) for p in info.data.get("pools", [])}
+        pairs = sum(len(vs.all_names) * size.get(vs.pool, 0) for vs in value)
+        if pairs > MAX_VIRTUAL_ENDPOINTS:
+            raise ValueError(f"at most {MAX_VIRTUAL_ENDPOINTS} virtual system members "
+                             f"(virtual systems x their pool's members; got {pairs})")
+        return value
+
+    def pool(self, name: str) -> Pool | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    @property
+    def virtual_names(self) -> frozenset[str]:
+        """The clusters that are virtual systems."""
+        names: frozenset[str] = self._vsls.get("names", frozenset())
+        return names

@@ -1,0 +1,170 @@
+"""Virtual systems compiled as clusters (VSX VSLS), pure.
+
+Each virtual system of the model becomes an ordinary :class:`~.spec.ClusterSpec`, so
+everything per cluster (priorities, failover, degradation, warm-up, statistics, the
+operator views) applies per VS: its members are its pool's, each with an explicit EDS
+priority from the placement (:mod:`.placement`): active 0, standby 1, backups 2, 3, ...,
+then the rest of the pool on one last priority (they serve only when the VS's active,
+standby and backups are all down, before the control plane has re-placed it). The
+pool's sites are kept with one failover rank, so the placement, not the site order,
+decides the tiers.
+
+:func:`expand` runs when the model is validated (every pool member live);
+:func:`placed` re-places for the runtime state (members admin down, sites offline):
+the xDS compiler and the operator views both call it, so they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from .basics import DEFAULT_SITE
+from .document import ModelSpec, Pool, VirtualSystem
+from .placement import PoolMember, VirtualRoles, base_placement, live_placement
+from .runtime import RuntimeState
+from .spec import ClusterSpec, Route
+
+__all__ = ["PoolPlacement", "expand", "expand_model", "placed", "placement_of", "pool_members",
+           "virtual_systems"]
+
+
+def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
+    """(name, entry, pool) of every virtual system that is compiled: its pool exists and
+    its name is not already a cluster's or an earlier VS's (check_model names those)."""
+    taken = {c.name for c in model.clusters if c.name not in _expanded(model)}
+    for vs in model.virtual_systems:
+        pool = model.pool(vs.pool)
+        if pool is None:
+            continue
+        for name in vs.all_names:
+            if name in taken:
+                continue
+            taken.add(name)
+            yield name, vs, pool
+
+
+def _expanded(model: ModelSpec) -> frozenset[str]:
+    names: frozenset[str] | None = model._vsls.get("names")
+    return names if names is not None else frozenset()
+
+
+def pool_members(pool: Pool) -> list[PoolMember]:
+    default = pool.sites[0].name if pool.sites else DEFAULT_SITE
+    return [PoolMember(m.name, m.site or default, m.weight) for m in pool.members]
+
+
+@dataclass(frozen=True)
+class PoolPlacement:
+    """One pool's placement under a runtime state."""
+
+    pool: str
+    members: tuple[PoolMember, ...]
+    lost: frozenset[str]
+    roles: Mapping[str, VirtualRoles]
+    """High-availability VSs only (a load-sharing VS is served by every member)."""
+    weights: Mapping[str, int]
+
+
+def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
+    cached: dict[str, dict[str, VirtualRoles]] | None = model._vsls.get("base")
+    if cached is not None:
+        return cached
+    systems: dict[str, list[tuple[str, int, int]]] = {}
+    for name, vs, pool in virtual_systems(model):
+        if vs.mode == "high-availability":
+            systems.setdefault(pool.name, []).append((name, vs.weight, vs.backups))
+    base = {pool.name: base_placement(pool.name, pool_members(pool),
+                                      systems.get(pool.name, []))
+            for pool in model.pools}
+    model._vsls["base"] = base
+    return base
+
+
+def _lost(pool: Pool, state: RuntimeState | None) -> frozenset[str]:
+    """Pool members out of the placement: admin down on the pool (``meshxl member down
+    POOL MEMBER``) or on an offline site."""
+    if state is None:
+        return frozenset()
+    down = state.members_down_of(pool.name)
+    offline = state.sites_offline
+    default = pool.sites[0].name if pool.sites else DEFAULT_SITE
+    return frozenset(m.name for m in pool.members
+                     if m.name in down or (m.site or default) in offline)
+
+
+def placement_of(model: ModelSpec, pool: Pool,
+                 state: RuntimeState | None = None) -> PoolPlacement:
+    members = pool_members(pool)
+    lost = _lost(pool, state)
+    base = _base(model).get(pool.name, {})
+    roles = live_placement(base, members, lost)
+    weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
+    return PoolPlacement(pool.name, tuple(members), lost, roles, weights)
+
+
+def _cluster(name: str, vs: VirtualSystem, pool: Pool,
+             roles: VirtualRoles | None, lost: frozenset[str]) -> ClusterSpec:
+    if roles is not None:
+        last = 2 + roles.backups
+        priority = {m: min(i, last) for i, m in enumerate(roles.order)}
+    else:
+        priority = {}
+    members = [m.model_copy(update={"priority": priority.get(m.name, 0)})
+               for m in pool.members if m.name not in lost]
+    members.sort(key=lambda m: (m.priority or 0, roles.order.index(m.name) if roles else 0))
+    sites = [s.model_copy(update={"failover_rank": 0}) for s in pool.sites]
+    return ClusterSpec(
+        name=name, mode=vs.mode, members=members, sites=sites,
+        stickiness=vs.stickiness, sessions=vs.sessions, degradation=vs.degradation,
+        listener=pool.listener, route=Route(domains=vs.domains_of(name)))
+
+
+def expand(model: ModelSpec, state: RuntimeState | None = None) -> list[ClusterSpec]:
+    """The clusters of the model's virtual systems (placed for ``state``)."""
+    placements = {p.name: placement_of(model, p, state) for p in model.pools}
+    out = []
+    for name, vs, pool in virtual_systems(model):
+        placement = placements[pool.name]
+        if len(placement.lost) == len(pool.members):
+            placement = placement_of(model, pool)  # nothing live: keep them all listed
+        out.append(_cluster(name, vs, pool, placement.roles.get(name), placement.lost))
+    if state is None:
+        model._vsls["names"] = frozenset(c.name for c in out)
+    return out
+
+
+def expand_model(model: ModelSpec) -> ModelSpec:
+    """Append the virtual systems' clusters to the model's (in place, once, when the
+    model is loaded: :func:`meshxl.model.load.parse_model`). Virtual systems with an
+    unknown pool or a taken name are left out: check_model names them."""
+    if model.virtual_systems and "names" not in model._vsls:
+        object.__setattr__(model, "clusters", [*model.clusters, *expand(model)])
+    return model
+
+
+def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
+    """The model with its virtual systems placed for ``state``: the same object when
+    no pool member is lost, else one copy per distinct set of lost members (cached on
+    the model, so a recompilation with the same losses reuses it)."""
+    if not model.virtual_systems or state is None:
+        return model
+    lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(p, state)))
+    if model._vsls.get("lost", ()) == lost:
+        return model
+    model = model._vsls.get("origin", model)
+    if not lost:
+        return model
+    cache: dict[tuple[tuple[str, str], ...], ModelSpec] = model._vsls.setdefault(
+        "placed", {})
+    found = cache.get(lost)
+    if found is None:
+        virtual = _expanded(model)
+        clusters = [c for c in model.clusters if c.name not in virtual]
+        found = model.model_copy(update={"clusters": [*clusters, *expand(model, state)]})
+        found._vsls = {"names": virtual, "base": _base(model), "lost": lost,
+                       "origin": model}
+        if len(cache) > 64:
+            cache.clear()
+        cache[lost] = found
+    return found

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Measure the virtual-system placement's worst cases over generated pools (pure, no
+processes): the numbers docs/vsls.md quotes.
+
+    .venv/bin/python scripts/vsls_placement.py [--pools 2000] [--seed 1]
+
+Per case, over ``--pools`` random pools (2-8 members, capacities 50-200, one to three
+sites, 1-120 virtual systems of weight 1, then of weights 1-4; every fourth pool is 60
+VSs on 4 members): the busiest member's active weight as a multiple of its fair share
+(60 on 4, and any pool of at least 40 VSs); standbys on the active's site while another
+site has a member; after a member is lost, how
+many active roles moved beyond the ones it held; after a member joins (appended to the
+pool), the active and standby roles moved as a multiple of its ideal share (standbys
+also on one-site pools, where no site rule forces a move); the busiest standby holder
+on one-site pools of 60 VSs on 4 members.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshxl.model.placement import (  # noqa: E402
+    PoolMember,
+    VirtualRoles,
+    base_placement,
+    live_placement,
+)
+
+
+def busiest(placement: dict[str, VirtualRoles], members: list[PoolMember],
+            weight: dict[str, int]) -> float:
+    total = sum(weight.values())
+    capacity = sum(m.capacity for m in members)
+    return max(sum(weight[v] for v, r in placement.items() if r.active == m.name)
+               / (total * m.capacity / capacity) for m in members)
+
+
+def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
+    rnd = random.Random(seed)
+    out = {"busiest_60_on_4": 0.0, "busiest_40_plus": 0.0, "lost_extra_moves": 0.0,
+           "lost_not_to_standby": 0.0, "join_actives_x_ideal": 0.0,
+           "join_standbys_x_ideal": 0.0, "join_standbys_x_ideal_one_site": 0.0,
+           "standby_busiest_60_on_4_one_site": 0.0, "standby_same_site": 0.0}
+    for trial in range(pools):
+        if trial % 4 == 0:
+            count, systems = 4, 60
+        else:
+            count, systems = rnd.randint(2, 8), rnd.randint(1, 120)
+        sites = rnd.randint(1, 3)
+        members = [PoolMember(f"m{i}", f"s{rnd.randrange(sites)}",
+                              rnd.choice([50, 100, 100, 150, 200])) for i in range(count)]
+        vss = [(f"p{trial}-v{i}", rnd.randint(1, 4) if weighted else 1, 0)
+               for i in range(systems)]
+        weight = {name: w for name, w, _ in vss}
+        base = base_placement(f"pool{trial}", members, vss)
+        ratio = busiest(base, members, weight)
+        if systems >= 40:  # fewer: one whole VS is already a large part of a share
+            out["busiest_40_plus"] = max(out["busiest_40_plus"], ratio)
+        if count == 4 and systems == 60:
+            out["busiest_60_on_4"] = max(out["busiest_60_on_4"], ratio)
+        site = {m.name: m.site for m in members}
+        for roles in base.values():
+            if len({site[m] for m in roles.order}) > 1 and site[roles.active] == site[
+                    roles.standby]:
+                out["standby_same_site"] += 1
+        lost = rnd.choice(members).name
+        after = live_placement(base, members, [lost])
+        extra = sum(1 for v, r in base.items()
+                    if r.active != lost and after[v].active != r.active)
+        wrong = sum(1 for v, r in base.items()
+                    if r.active == lost and after[v].active != r.standby)
+        out["lost_extra_moves"] = max(out["lost_extra_moves"], extra)
+        out["lost_not_to_standby"] = max(out["lost_not_to_standby"], wrong)
+        new = PoolMember("joined", f"s{rnd.randrange(sites)}", rnd.choice([50, 100, 200]))
+        grown = base_placement(f"pool{trial}", [*members, new], vss)
+        ideal = systems * new.capacity / (sum(m.capacity for m in members) + new.capacity)
+        if ideal >= 5:  # below, one whole VS is already 20 % of the ideal
+            actives = sum(1 for v in base if grown[v].active != base[v].active)
+            standbys = sum(1 for v in base if grown[v].standby != base[v].standby)
+            out["join_actives_x_ideal"] = max(out["join_actives_x_ideal"], actives / ideal)
+            out["join_standbys_x_ideal"] = max(out["join_standbys_x_ideal"], standbys / ideal)
+            if sites == 1:
+                out["join_standbys_x_ideal_one_site"] = max(
+                    out["join_standbys_x_ideal_one_site"], standbys / ideal)
+        if sites == 1 and count == 4 and systems == 60:
+            total = sum(weight.values())
+            capacity = sum(m.capacity for m in members)
+            standby = max(sum(weight[v] for v, r in base.items() if r.standby == m.name)
+                          / (total * m.capacity / capacity) for m in members)
+            key = "standby_busiest_60_on_4_one_site"
+            out[key] = max(out[key], standby)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pools", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    for weighted in (False, True):
+        found = measure(args.pools, args.seed, weighted)
+        label = "VS weights 1-4" if weighted else "VS weight 1"
+        print(f"{label} ({args.pools} pools, seed {args.seed}):")
+        for key, value in found.items():
+            print(f"  {key:24} {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
