@@ -113,6 +113,12 @@ class Margins:
     errors: float
 
 
+def _answered(s: Sample) -> bool:
+    """The member answered in this window: some request, not all of them failures
+    without a byte back (no latency was measured then)."""
+    return s.requests > 0 and not (s.p90 is None and s.errors >= s.requests)
+
+
 def _error_rate(s: Sample) -> float:
     return s.errors / s.requests if s.requests else 0.0
 
@@ -321,7 +327,11 @@ class Judge:
         A member that answers ten times slower answers less often (a session waits for
         its answer before it asks again), so the member needs only a quarter of
         ``min_requests`` over the span (its peers all of it) and windows in which it
-        completed nothing are passed over, as long as at least two had answers."""
+        answered nothing are passed over, as long as at least two had answers. A
+        window of failures without a byte from the member (connections refused, reset
+        before an answer: a member killed) is such a window: a member that does not
+        answer at all is down, which its health check, outlier detection and lease
+        handle, not sick."""
         own_windows = list(windows.get(m.name, ()))
         peers = [p for p in tier if p.name != m.name]
         peer_windows = [list(windows.get(p.name, ())) for p in peers]
@@ -336,7 +346,7 @@ class Judge:
         reason: str | None = None
         judged = 0
         for i, own in enumerate(own_windows):
-            if not own.requests:
+            if not _answered(own):
                 continue
             theirs = [w[i] for w in peer_windows if len(w) > i]
             reason = worse(own, theirs, margins, normal, normal_errors)

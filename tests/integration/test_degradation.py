@@ -152,8 +152,10 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         assert stored is not None and b'"degraded"' in stored.value
         await wait_until(lambda: degraded(plane)[sick].get("share", 1) <= 0.125, timeout=6,
                          what="its share stepped down")
-        weights = {h.hostname: h.weight for h in await envoy.hosts("web")}
-        assert weights[sick] * 4 < min(w for m, w in weights.items() if m != sick), weights
+        def stepped(hosts: list[Any]) -> bool:
+            weights = {h.hostname: h.weight for h in hosts}
+            return weights[sick] * 4 < min(w for m, w in weights.items() if m != sick)
+        await envoy.wait_hosts("web", stepped, what="its EDS weight a quarter of its peers'")
         stepped = time.time()
         await asyncio.sleep(2.0)
         share = traffic.share(sick, stepped)
@@ -200,8 +202,11 @@ async def test_high_availability_a_slow_active_hands_its_role_to_the_standby(
         assert f"predictive failover to {standby}" in record["reason"], record
         # The probe sent the standby some of the active's sessions before the move.
         assert any(a[1] == standby for a in traffic.since(started) if a[0] < moved - 0.5)
-        hosts = {h.hostname: h.priority for h in await envoy.hosts("web")}
-        assert hosts[standby] == 0 and hosts[active] == 1, hosts
+        # The judgement is in etcd; Envoy has it once the push is ACKed.
+        await envoy.wait_hosts(
+            "web", lambda hs: {h.hostname: h.priority for h in hs}.get(standby) == 0
+            and {h.hostname: h.priority for h in hs}.get(active) == 1,
+            what="the standby at priority 0, the degraded active behind it")
         await asyncio.sleep(1.5)
         assert traffic.share(standby, time.time() - 1.0) == 1.0
     failed = [a for a in traffic.answers if a[2] != 200]

@@ -403,3 +403,19 @@ def test_a_past_sickness_does_not_become_the_members_normal() -> None:
             return S(20, 0, 0.2)
         return S(20, 0, 0.01)
     assert list(_judge(_model(), Samples(sample))) == ["c"]
+
+
+def test_a_member_killed_is_down_not_sick() -> None:
+    """Killed: its last answers, then resets and refused connections (failures with no
+    byte back, so no latency): not judged; its lease and health check take it out."""
+    def sample(host: str, at: float) -> S:
+        if host.endswith("8003"):
+            if at >= NOW - 1.0:
+                return S(10, 10, None)   # refused, reset: no answer
+            if at >= NOW - 1.5:
+                return S(20, 8, 0.011)   # answers, then the in-flight ones reset
+        return S(20, 0, 0.01)
+    assert _judge(_model(), Samples(sample)) == {}
+    # answered failures (503s with a latency) are sickness
+    answered = steady(errors={"8003": 0.5})
+    assert list(_judge(_model(), answered)) == ["c"]
