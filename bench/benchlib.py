@@ -10,6 +10,8 @@ per target: measured, target, the reference measured beside it, met or not);
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -175,6 +177,18 @@ async def convergence_histogram(http: Any, admin: str) -> tuple[float, float]:
             return (values.get("meshxl_xds_convergence_seconds_count", 0.0),
                     values.get("meshxl_xds_convergence_seconds_sum", 0.0))
     return 0.0, 0.0
+
+
+async def stop_load(load: asyncio.Task[Any] | None, traffic: Any) -> None:
+    """End a benchmark's load task, also on failure: its traffic stops at once
+    (``traffic.until = 0``), the task is cancelled and awaited, whatever it raised."""
+    if load is None or load.done():
+        return
+    if traffic is not None:
+        traffic.until = 0.0
+    load.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await load
 
 
 def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: Any,

@@ -59,6 +59,7 @@ from benchlib import (
     print_verdicts,
     quick_requested,
     run_benchmark,
+    stop_load,
     summary_ms,
 )
 
@@ -302,12 +303,7 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
         logs = d.owner.report()
         raise SystemExit(f"failed {step}: {exc!r}\n{logs}") from None
     finally:
-        if load is not None and not load.done():
-            if traffic is not None:
-                traffic.until = 0.0
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await load
+        await stop_load(load, traffic)
         if watch is not None:
             await watch.close()
         if client is not None:

@@ -23,13 +23,12 @@ short of the last acknowledged value), and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import Verdict, summary_ms
+from benchlib import Verdict, stop_load, summary_ms
 
 from meshxl.local.deployment import DemoDeployment
 from meshxl.local.report import lost_writes
@@ -102,12 +101,7 @@ async def run_kind(work: Path, kind: str, repeats: int, sessions: int, interval:
         await asyncio.wait_for(load, 30)
         final, readback = await read_back_kind(kind, d.target, traffic.sessions)
     finally:
-        if load is not None and not load.done():
-            if traffic is not None:
-                traffic.until = 0.0
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await load
+        await stop_load(load, traffic)
         await d.close()
     assert traffic is not None
     posts = traffic.records

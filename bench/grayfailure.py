@@ -57,7 +57,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from benchlib import Verdict, env_info, print_verdicts, quick_requested, write_results
+from benchlib import (
+    Verdict,
+    env_info,
+    print_verdicts,
+    quick_requested,
+    stop_load,
+    write_results,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -377,12 +384,7 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
         raise SystemExit(f"{scenario}/{arm}: failed {step}: {exc!r}\n{d.owner.report()}") \
             from None
     finally:
-        if load is not None and not load.done():
-            if traffic is not None:
-                traffic.until = 0.0
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await load
+        await stop_load(load, traffic)
         await watcher.stop()
         await d.close()
     records = traffic.records
@@ -466,12 +468,7 @@ async def soak(top: Owner, etcd_url: str, plan: Plan, calibration: dict[str, flo
         traceback.print_exc()
         raise SystemExit(f"soak: failed {step}: {exc!r}\n{d.owner.report()}") from None
     finally:
-        if load is not None and not load.done():
-            if traffic is not None:
-                traffic.until = 0.0
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await load
+        await stop_load(load, traffic)
         await watcher.stop()
         await d.close()
     records = traffic.records

@@ -292,7 +292,7 @@ class Judge:
         windows = member_samples(tier, samples.windows(name, since, until), hosts)
         merged = member_samples(tier, samples.summary(name, since, until), hosts)
         base = member_samples(tier, samples.windows(name, until - BASELINE, since), hosts)
-        candidates: list[tuple[float, str, str]] = []
+        candidates: list[tuple[float, str, str, tuple[float, float]]] = []
         for m in tier:
             if m.state is MemberState.DEGRADED:
                 record = state.health_of(name).get(m.name)
@@ -305,22 +305,23 @@ class Judge:
                 continue
             if len(tier) < 2:
                 continue
-            reason = self._worse_throughout(m, tier, windows, merged, base, margins, d.min_requests,
-                                            (name, m.name))
-            if reason is not None:
+            found = self._worse_throughout(m, tier, windows, merged, base, margins,
+                                           d.min_requests)
+            if found is not None:
                 own = merged.get(m.name)
                 ratio = (own.p90 or 0.0) if own is not None else 0.0
-                candidates.append((ratio, m.name, reason))
+                candidates.append((ratio, m.name, *found))
         degraded = sum(1 for m in tier if m.state is MemberState.DEGRADED)
         room = max(1, (len(tier) - 1) // 2) - degraded
-        for _, member, reason in sorted(candidates, reverse=True)[:max(0, room)]:
+        for _, member, reason, normal in sorted(candidates, reverse=True)[:max(0, room)]:
+            self._normal[(name, member)] = normal  # judged by it until it recovers
             out.records[(name, member)] = self._record(
                 spec, DEGRADED_KIND, f"{reason} for {d.detect:g}s", now)
 
     def _worse_throughout(self, m: MemberView, tier: Sequence[MemberView],
                           windows: Mapping[str, Sequence[Sample]], merged: Mapping[str, Sample],
                           base: Mapping[str, Sequence[Sample]], margins: Margins,
-                          min_requests: int, key: tuple[str, str]) -> str | None:
+                          min_requests: int) -> tuple[str, tuple[float, float]] | None:
         """Why ``m`` was worse than its peers in every window of the span in which it
         answered (None: not).
 
@@ -342,7 +343,7 @@ class Judge:
         if (own_total is None or own_total.requests < max(3, min_requests // 4)
                 or peer_total < min_requests):
             return None
-        normal, normal_errors = self._normal_of(m, peers, base, margins, min_requests, key)
+        normal, normal_errors = _normal_of(m, peers, base)
         reason: str | None = None
         judged = 0
         for i, own in enumerate(own_windows):
@@ -353,35 +354,7 @@ class Judge:
             if reason is None:
                 return None
             judged += 1
-        return reason if judged >= 2 else None
-
-    def _normal_of(self, m: MemberView, peers: Sequence[MemberView],
-                   base: Mapping[str, Sequence[Sample]], margins: Margins, min_requests: int,
-                   key: tuple[str, str]) -> tuple[float, float]:
-        """The member's usual latency ratio and error excess against its peers: the
-        lower quartile of its windows over the last :data:`BASELINE` seconds (1 and 0
-        with fewer than :data:`_MIN_BASELINE_WINDOWS` windows to read). The lower
-        quartile, so a sickness of up to three quarters of that minute (judged or not:
-        ``action: off``, a member sick before the control plane restarted) does not
-        become its normal; remembered while it is degraded."""
-        own = list(base.get(m.name, ()))
-        theirs = [list(base.get(p.name, ())) for p in peers]
-        ratios: list[float] = []
-        excesses: list[float] = []
-        for i, w in enumerate(own):
-            others = [t[i] for t in theirs if len(t) > i and t[i].requests]
-            if not w.requests or not others:
-                continue
-            latencies = [o.p90 for o in others if o.p90]
-            if w.p90 and latencies:
-                ratios.append(w.p90 / statistics.median(latencies))
-            excesses.append(_error_rate(w) - statistics.median(_error_rate(o) for o in others))
-        normal = (1.0, 0.0)
-        if len(ratios) >= _MIN_BASELINE_WINDOWS:
-            normal = (max(1.0, quantile(ratios, 0.25) or 1.0),
-                      max(0.0, quantile(excesses, 0.25) or 0.0))
-        self._normal[key] = normal
-        return normal
+        return (reason, (normal, normal_errors)) if reason and judged >= 2 else None
 
     def _still_degraded(self, spec: ClusterSpec, m: MemberView, tier: Sequence[MemberView],
                         record: Health, samples: Samples, now: float,
@@ -529,6 +502,33 @@ class Judge:
             spec, DEGRADED_KIND, f"{verdict.replace('its peers', 'the standby')} "
             f"(predictive failover to {probed.name})", now, behind=probed.name)
         out.suspects.pop(name, None)
+
+
+def _normal_of(m: MemberView, peers: Sequence[MemberView],
+           base: Mapping[str, Sequence[Sample]]) -> tuple[float, float]:
+    """The member's usual latency ratio and error excess against its peers: the
+    lower quartile of its windows over the last :data:`BASELINE` seconds (1 and 0
+    with fewer than :data:`_MIN_BASELINE_WINDOWS` windows to read). The lower
+    quartile, so a sickness of up to three quarters of that minute (judged or not:
+    ``action: off``, a member sick before the control plane restarted) does not
+    become its normal."""
+    own = list(base.get(m.name, ()))
+    theirs = [list(base.get(p.name, ())) for p in peers]
+    ratios: list[float] = []
+    excesses: list[float] = []
+    for i, w in enumerate(own):
+        others = [t[i] for t in theirs if len(t) > i and t[i].requests]
+        if not w.requests or not others:
+            continue
+        latencies = [o.p90 for o in others if o.p90]
+        if w.p90 and latencies:
+            ratios.append(w.p90 / statistics.median(latencies))
+        excesses.append(_error_rate(w) - statistics.median(_error_rate(o) for o in others))
+    normal = (1.0, 0.0)
+    if len(ratios) >= _MIN_BASELINE_WINDOWS:
+        normal = (max(1.0, quantile(ratios, 0.25) or 1.0),
+                  max(0.0, quantile(excesses, 0.25) or 0.0))
+    return normal
 
 
 @dataclass(frozen=True)

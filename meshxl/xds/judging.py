@@ -16,7 +16,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.model import ModelSpec, RuntimeState
 from meshxl.model.runtime import Health
 
-from .health import WINDOW, Judge, Judgement, Samples
+from .health import WINDOW, Judge, Judgement, Samples, share
 from .loadshares import LoadShares
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ class Judging:
         self.load_shares = LoadShares()
         self.loads: dict[str, dict[str, float]] = {}
         """``shares: load`` clusters: the members' shares below 1 (:mod:`.loadshares`)."""
-        self._written: dict[tuple[str, str], bytes] = {}
 
     def step(self, model: ModelSpec, runtime: RuntimeState, now: float,
              hosts: Mapping[str, tuple[str, ...]]) -> tuple[
@@ -92,18 +91,16 @@ class Judging:
     async def _write(self, client: Any, lease: Any, puts: Mapping[tuple[str, str], Health],
                      deletes: list[tuple[str, str]]) -> None:
         """One transaction: the records put under the lease, this replica's old ones
-        removed where they still hold what it wrote."""
+        removed."""
         if lease is None and puts:
             return  # no lease yet: the next window tries again
         tx = client.transactions
         ops: list[Any] = []
         for (cluster, member), health in puts.items():
             value = json.dumps(health.to_dict()).encode()
-            self._written[(cluster, member)] = value
             ops.append(tx.put(self.keys.member_health(cluster, member).encode(), value,
                               lease=lease))
         for cluster, member in deletes:
-            self._written.pop((cluster, member), None)
             ops.append(tx.delete(self.keys.member_health(cluster, member).encode()))
         await client.transaction(compare=[], success=ops, failure=[])
 
@@ -125,8 +122,6 @@ def cut(*parts: Mapping[str, Mapping[str, float]]) -> Mapping[str, Mapping[str, 
 
 def report(runtime: RuntimeState, model: ModelSpec | None, now: float) -> dict[str, Any]:
     """The judgements as ``/v1/status`` shows them (``degraded``)."""
-    from .health import share
-
     out: dict[str, Any] = {}
     specs = {c.name: c for c in model.clusters} if model is not None else {}
     for (cluster, member), health in sorted(runtime.health.items()):
