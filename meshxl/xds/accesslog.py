@@ -123,8 +123,9 @@ def _upstream_failed(common: AccessLogCommon) -> bool:
 
 
 def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
-    """What one HTTP entry says about its upstream host; None when it names none, or
-    is a WebSocket's end already counted when its tunnel was established."""
+    """What one HTTP entry says about its upstream host; None when it names none, is a
+    WebSocket's end already counted when its tunnel was established, or never
+    connected to it."""
     common = entry.common_properties
     host = _host(common)
     if host is None or not common.upstream_cluster:
@@ -136,6 +137,11 @@ def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
         return None  # periodic entries, or when an upstream stream starts: counted at end
     if code == 101 and kind == AccessLogType.DownstreamEnd:
         return None  # counted when its tunnel was established
+    if common.response_flags.upstream_connection_failure:
+        # Not connected at all: the member is down or cut off for this Envoy (its health
+        # check, outlier detection and lease handle that), not sick. Counted, a member
+        # one proxy cannot reach looked sick to the replica that proxy reports to.
+        return None
     seconds = None
     if common.HasField("time_to_first_upstream_rx_byte"):
         d = common.time_to_first_upstream_rx_byte

@@ -43,6 +43,11 @@ def http(code: int = 200, *, cluster: str = "web", address: str = "10.0.0.1", po
     return e
 
 
+def test_a_connection_never_made_says_nothing_of_the_member() -> None:
+    """Refused or unreachable: down or cut off for this Envoy, not sick."""
+    assert http_sample(http(503, flags=("upstream_connection_failure",), rx=None)) is None
+
+
 def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
     assert http_sample(http()) == ("web", "10.0.0.1:80", pytest.approx(0.012), False)
     assert http_sample(http(address="::1", port=8080))[1] == "[::1]:8080"  # type: ignore[index]
@@ -56,7 +61,6 @@ def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
 
 @pytest.mark.parametrize("entry", [
     http(500), http(503), http(599),
-    http(0, flags=("upstream_connection_failure",), rx=None),
     http(0, flags=("upstream_remote_reset",)),
     http(504, flags=("upstream_request_timeout",)),
     http(0, flags=("upstream_connection_termination",)),
