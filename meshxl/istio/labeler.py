@@ -115,7 +115,11 @@ def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLab
     (:func:`meshxl.istio.labels.vs_role_labels`), from the placement for ``runtime``
     (members down on the pool, sites offline) and the VS's cluster as meshxl's xDS
     serves it (per-VS drains, degraded members). A pod of the pool that is not a member
-    carries no VS label: the last priority of every VS."""
+    carries no VS label: the last priority of every VS. When a VS of the pool pins
+    sessions, the members out of the placement (down on the pool, site offline) get
+    istiod's draining label, as the drained members of a pinned cluster: they leave
+    every VS's EDS, and their pins move (the label is the pod's: a drain in one VS
+    alone cannot move that VS's pins)."""
     out: dict[str, ClusterLabels] = {}
     model = placed(model, runtime)
     systems_of = {pool.name: specs for pool, specs in pools_with_systems(model)}
@@ -131,7 +135,12 @@ def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLab
             for name, labels in vs_role_labels(cluster_view(spec, runtime),
                                                placed_members).items():
                 members.setdefault(name, dict.fromkeys(keys)).update(labels)
-        out[pool.name] = ClusterLabels(members, dict.fromkeys(keys), VS_PREFIXES)
+        unknown = dict.fromkeys(keys)
+        if any(s.stickiness is not None and s.stickiness.pin is not None for s in specs):
+            for name, labels in members.items():
+                labels[DRAINING_LABEL] = DRAINING_VALUE if name in placement.lost else None
+            unknown[DRAINING_LABEL] = None
+        out[pool.name] = ClusterLabels(members, unknown, VS_PREFIXES)
     return out
 
 

@@ -322,3 +322,17 @@ def test_the_labeler_demotes_before_it_promotes_and_clears_labels_of_gone_vss() 
                        for labels in by_name.values()) <= 1
     assert changes("shop", desired_labels(MODEL, state), [
         {"metadata": {"name": n, "labels": labels}} for n, labels in by_name.items()]) == []
+
+
+def test_a_pool_with_pinned_sessions_marks_its_drained_members_draining() -> None:
+    text = (EXAMPLES / "vsls.yaml").read_text().replace(
+        "{name: big, pool: web, weight: 3, backups: 1, stickiness: {header: x-session-id}}",
+        "{name: big, pool: web, weight: 3, backups: 1,\n"
+        "     stickiness: {header: x-session-id, pin: {}}}")
+    model = parse_model(text)
+    state = RuntimeState(members_down={("web", "web-dc2-1"): AdminAction(),
+                                       ("big", "web-dc1-0"): AdminAction()})
+    want = desired_labels(model, state)["web"]
+    assert {n: labels["istio.io/draining"] for n, labels in want.members.items()} == {
+        "web-dc1-0": None, "web-dc2-0": None, "web-dc1-1": None, "web-dc2-1": "meshxl"}
+    assert "istio.io/draining" not in desired_labels(MODEL, state)["web"].members["web-dc2-1"]
