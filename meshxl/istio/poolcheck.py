@@ -7,10 +7,11 @@ The placement names members; under Kubernetes a member is the pod of that name
 * a StatefulSet of the pool whose pods are not the pool's members;
 * pool pods that are not members (they serve every VS only at its last priority), and
   members without a pod (their VSs run on their standbys);
-* a member pod whose site label is not the member's site (the standby placed on another
-  site may share the active's);
-* a VS's host held by something else: a Service of its name that does not select the
-  pool's pods, a ServiceEntry with its host;
+* a member pod, or a StatefulSet's template, whose site label is not the member's site
+  (the standby placed on another site may share the active's); a StatefulSet whose
+  ``serviceName`` is not the pool's;
+* a VS's host held by something else: a Service of its name (or of the pool's) that
+  does not select the pool's pods, a ServiceEntry with its host;
 * a VS's DestinationRule whose failover order is not the VS's role labels;
 * a VS with no pod labelled active, or several (``meshxl istio label`` not running, or
   running with another model), and an active that is not the placement's.
@@ -86,6 +87,25 @@ def check_pools(model: ModelSpec, by_kind: Mapping[str, list[dict[str, Any]]],
                     f"its pods ({w['metadata']['name']}-0, ...) are not members of pool "
                     f"{name} (members: {', '.join(members)}): name the members after "
                     "the StatefulSet's pods")
+            else:
+                site, _ = expected[w["metadata"]["name"]]
+                labelled = _template_labels(w).get(site_label)
+                if pool.sites and labelled != site:
+                    add("error", name, _ref(w),
+                        f"its pods are members on site {site} in the model, its template's "
+                        f"{site_label} label says {labelled!r}: label them with their site")
+                if _map(w.get("spec")).get("serviceName") != name:
+                    add("warning", name, _ref(w),
+                        f"serviceName is not {name}: its pods' DNS names are not "
+                        f"POD.{name}.{namespace}.svc (the addresses meshxl's own xDS "
+                        "would use)")
+        for svc in by_kind.get("Service", []):
+            if svc["metadata"]["name"] == name and here(svc) and \
+                    _map(_map(svc.get("spec")).get("selector")).get(POOL_LABEL) != name:
+                add("error", name, _ref(svc),
+                    f"the Service of pool {name} selects other pods than its members "
+                    f"({POOL_LABEL}={name}): the pods' DNS names (serviceName {name}) "
+                    "are another workload's; rename one of them")
         owners = {str(_map(o).get("kind")) for p in pods.values()
                   for o in p["metadata"].get("ownerReferences") or []}
         if owners & _GENERATED and not any(w["kind"] in _GENERATED for w in workloads):

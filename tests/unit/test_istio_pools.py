@@ -237,6 +237,13 @@ def test_a_deployment_pool_is_an_error_its_generated_names_are_no_members() -> N
      "warning", "Pod shop/web-dc2-1", "has no pod"),
     (lambda o: _pod(o, "web-dc1-0")["metadata"]["labels"].update({"meshxl.io/site": "dc2"}),
      "error", "Pod shop/web-dc1-0", "on site dc1 in the model"),
+    (lambda o: _by(o, "StatefulSet", "web-dc2")["spec"]["template"]["metadata"][
+        "labels"].update({"meshxl.io/site": "dc1"}),
+     "error", "StatefulSet shop/web-dc2", "members on site dc2 in the model"),
+    (lambda o: _by(o, "StatefulSet", "web-dc2")["spec"].update(serviceName="other"),
+     "warning", "StatefulSet shop/web-dc2", "serviceName is not web"),
+    (lambda o: _by(o, "Service", "web")["spec"].update(selector={"app": "legacy"}),
+     "error", "Service shop/web", "the Service of pool web selects other pods"),
     (lambda o: _by(o, "Service", "t03")["spec"].update(selector={"app": "legacy"}),
      "error", "Service shop/t03", "selects other pods"),
     (lambda o: o.append({"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
