@@ -134,7 +134,7 @@ def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLab
             placed_members = roles.order[:2 + roles.backups]
             for name, labels in vs_role_labels(cluster_view(spec, runtime),
                                                placed_members).items():
-                members.setdefault(name, dict.fromkeys(keys)).update(labels)
+                members[name].update(labels)  # the VS's members are the pool's
         unknown = dict.fromkeys(keys)
         if any(s.stickiness is not None and s.stickiness.pin is not None for s in specs):
             for name, labels in members.items():
