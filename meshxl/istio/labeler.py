@@ -134,7 +134,8 @@ def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLab
             placed_members = roles.order[:2 + roles.backups]
             for name, labels in vs_role_labels(cluster_view(spec, runtime),
                                                placed_members).items():
-                members[name].update(labels)  # the VS's members are the pool's
+                if name in members:  # not a sidecar registered under the VS's name
+                    members[name].update(labels)
         unknown = dict.fromkeys(keys)
         if any(s.stickiness is not None and s.stickiness.pin is not None for s in specs):
             for name, labels in members.items():

@@ -21,7 +21,7 @@ from meshxl.istio.labels import istio_priority, vs_failover_priority
 from meshxl.istio.pools import statefulsets
 from meshxl.kube import InjectConfig, inject_yaml
 from meshxl.model import RuntimeState, cluster_view, load_model, parse_model
-from meshxl.model.runtime import AdminAction
+from meshxl.model.runtime import AdminAction, Registration
 from meshxl.model.vsls import placed, placement_of
 from tests.unit.test_istio import check_crd
 
@@ -343,3 +343,9 @@ def test_a_pool_with_pinned_sessions_marks_its_drained_members_draining() -> Non
     assert {n: labels["istio.io/draining"] for n, labels in want.members.items()} == {
         "web-dc1-0": None, "web-dc2-0": None, "web-dc1-1": None, "web-dc2-1": "meshxl"}
     assert "istio.io/draining" not in desired_labels(MODEL, state)["web"].members["web-dc2-1"]
+
+
+def test_a_sidecar_registered_under_a_vs_name_is_no_pool_member() -> None:
+    state = RuntimeState(registrations={("t01", "stray"): Registration("10.9.9.9", 8080)})
+    assert sorted(desired_labels(MODEL, state)["web"].members) == sorted(
+        m.name for m in MODEL.pool("web").members)
