@@ -77,6 +77,14 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
                                       "-o", "json", *root)
         assert code == 0, err
         assert json.loads(out)["user_created"] is True
+    # A tenant's user may not grant itself more: etcd refuses, in one line.
+    code, out, err = await meshxl("etcd", "grant", "t02", "--user", "tenant-t01",
+                                  "--etcd", auth_etcd.url, "--etcd-user", "tenant-t01",
+                                  "--etcd-password-file", str(passwords["t01"]))
+    assert code == 1, (out, err)
+    assert err.strip().splitlines() == [
+        "meshxl: etcd refused the grant: permission denied (run it with the root user's "
+        "credentials, --etcd-user root)"], err
     # Again: nothing to change.
     code, out, err = await meshxl("etcd", "grant", "t01", "--user", "tenant-t01", *root)
     assert code == 0, err
