@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "base_placement",
-           "eligible", "live_placement", "score", "standby_shares"]
+           "eligible", "live_placement", "preferred_placement", "score", "standby_shares"]
 
 BALANCE = 1.1
 """A member holds at most this times its fair share of active roles (when whole VSs
@@ -306,6 +306,30 @@ def live_placement(base: Mapping[str, VirtualRoles], members: Sequence[PoolMembe
             order.remove(pick)
             order.insert(1, pick)
         out[name] = VirtualRoles(name, tuple(order), roles.backups)
+    return out
+
+
+def preferred_placement(placement: Mapping[str, VirtualRoles],
+                        members: Sequence[PoolMember],
+                        chosen: Mapping[str, str]) -> dict[str, VirtualRoles]:
+    """Each VS in ``chosen`` with its active moved to the member the operator chose
+    (``meshxl vs move``): its former active becomes its standby when the site rule
+    allows it (another site than the chosen member's, or no live member elsewhere),
+    else the first member in its order on another site. No other VS changes."""
+    site = {m.name: m.site for m in members}
+    out = dict(placement)
+    for vs, member in chosen.items():
+        roles = out.get(vs)
+        if roles is None or member not in roles.order or roles.active == member:
+            continue
+        rest = [m for m in roles.order if m != member]
+        away = [m for m in rest if site.get(m) != site.get(member)]
+        former = roles.active
+        pick = (former if former is not None and (site.get(former) != site.get(member)
+                                                  or not away)
+                else (away or rest)[0])
+        rest.remove(pick)
+        out[vs] = VirtualRoles(vs, (member, pick, *rest), roles.backups)
     return out
 
 

@@ -345,3 +345,53 @@ def test_standbys_are_balanced_with_equal_capacities_on_one_site(
     for held, fair in shares.values():
         assert held <= max(math.ceil(fair - 1e-9), math.floor(BALANCE * fair + 1e-9)) + 2, \
             shares
+
+
+# -- the operator's choice of one VS's active (meshxl vs move) ------------------------------
+
+
+def test_a_moved_virtual_system_changes_alone_its_former_active_its_standby() -> None:
+    model = parse_model(MODEL)
+    before = placement_of(model, model.pools[0]).roles
+    vs = "t05"
+    site = {"m1": "a", "m2": "b", "m3": "a", "m4": "b"}
+    # A member on another site than the active: the former active becomes the standby.
+    other = next(m for m in before[vs].order[1:] if site[m] != site[before[vs].active])
+    state = RuntimeState(preferred={(vs, other): AdminAction(reason="maintenance")})
+    placement = placement_of(model, model.pools[0], state)
+    assert placement.preferred == {vs: other}
+    after = placement.roles
+    assert after[vs].active == other and after[vs].standby == before[vs].active
+    assert sorted(after[vs].order) == sorted(before[vs].order)
+    assert all(after[v] == before[v] for v in before if v != vs)
+    # Compiled: the chosen member at priority 0 in that VS's cluster only.
+    resources = Compiler().compile(model, state)
+    active = [e for e in resources.endpoints[vs].endpoints if e.priority == 0]
+    port = active[0].lb_endpoints[0].endpoint.address.socket_address.port_value
+    assert port == 9000 + int(other[1:])
+    now = placed(model, state)
+    assert now is placed(model, state) and placed(now, RuntimeState()) is model
+    # The same site as the former active: the standby is the first member elsewhere.
+    same = next(m for m in before[vs].order[1:] if site[m] == site[before[vs].active])
+    after = placement_of(model, model.pools[0], RuntimeState(
+        preferred={(vs, same): AdminAction()})).roles
+    assert after[vs].active == same and site[after[vs].standby] != site[same]
+    # A chosen member that is down on the pool: the choice waits, the placement serves.
+    down = RuntimeState(preferred={(vs, other): AdminAction()},
+                        members_down={("web", other): AdminAction()})
+    lost = placement_of(model, model.pools[0], down)
+    assert lost.preferred == {} and lost.roles[vs].active != other
+
+
+def test_the_preferred_key_is_one_of_a_clusters_keys() -> None:
+    from meshxl.etcd.keys import PREFERRED, Keys
+    from meshxl.etcd.mesh import runtime_from_values
+
+    keys = Keys("/x")
+    key = keys.preferred("t05", "m2")
+    assert key == "/x/v1/mesh/clusters/t05/preferred/m2"
+    assert key.startswith(keys.mesh_prefix) and key.startswith(keys.preferred_prefix("t05"))
+    assert keys.parse_cluster_key(key) == ("t05", PREFERRED, "m2")
+    state = runtime_from_values(keys, {key: b'{"reason": "r", "by": "u@h", "at": "t"}'})
+    assert state.preferred == {("t05", "m2"): AdminAction(reason="r", by="u@h", at="t")}
+

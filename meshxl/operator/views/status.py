@@ -98,7 +98,7 @@ def status_report(read: MeshRead, cluster: str | None = None,
         clusters.append({
             "name": spec.name, "mode": spec.mode, "membership": spec.membership,
             "stickiness": _stickiness(spec), "sites": spec.site_names(),
-            "members": members,
+            "members": members, "moved": moved_by_operator(read, spec.name, members),
             "departed": _departed(read, spec.name, {m["name"] for m in members}, now),
         })
     nodes = []
@@ -123,6 +123,18 @@ def status_report(read: MeshRead, cluster: str | None = None,
             "model_error": read.model_error, "clusters": clusters,
             "sites_offline": offline, "nodes": nodes,
             "failovers": failover_report(read, cluster), "warnings": model_warnings(read)}
+
+
+def moved_by_operator(read: MeshRead, vs: str,
+                      members: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """A virtual system's active chosen by the operator (``meshxl vs move``): the
+    member, who, why, when, and whether it is the active now (not while it is lost)."""
+    chosen = sorted(m for v, m in read.runtime.preferred if v == vs)
+    if not chosen:
+        return None
+    action = read.runtime.preferred[(vs, chosen[0])]
+    active = [m["name"] for m in members if m["role"] == "active"]
+    return {"member": chosen[0], **vars(action), "applied": chosen[0] in active}
 
 
 def live_report(read: MeshRead, now: float | None = None) -> dict[str, Any]:
