@@ -32,7 +32,7 @@ from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
 __all__ = ["PoolPlacement", "expand", "expand_model", "placed", "placement_of", "pool_members",
-           "virtual_systems"]
+           "pool_shares", "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -126,6 +126,27 @@ def placement_of(model: ModelSpec, pool: Pool,
         roles = preferred_placement(roles, [m for m in members if m.name not in lost], chosen)
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
     return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen)
+
+
+def pool_shares(placement: PoolPlacement) -> dict[str, tuple[int, int, int, float]]:
+    """Per pool member: the active roles it holds, its standby roles, the active VS
+    weight it holds, and its fair share of that weight (total x its capacity / the
+    live members' capacity; 0 while it is out of the placement)."""
+    live = [m for m in placement.members if m.name not in placement.lost]
+    capacity = sum(m.capacity for m in live) or 1
+    total = sum(placement.weights[vs] for vs, r in placement.roles.items()
+                if r.active is not None)
+    active: dict[str, list[str]] = {}
+    standby: dict[str, int] = {}
+    for vs, roles in placement.roles.items():
+        if roles.active is not None:
+            active.setdefault(roles.active, []).append(vs)
+        if roles.standby is not None:
+            standby[roles.standby] = standby.get(roles.standby, 0) + 1
+    return {m.name: (len(active.get(m.name, ())), standby.get(m.name, 0),
+                     sum(placement.weights[vs] for vs in active.get(m.name, ())),
+                     0.0 if m.name in placement.lost else total * m.capacity / capacity)
+            for m in placement.members}
 
 
 def _cluster(name: str, vs: VirtualSystem, pool: Pool,

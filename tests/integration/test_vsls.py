@@ -19,6 +19,7 @@ from typing import Any
 import aetcd
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from rich.console import Console
 
 from meshxl.etcd.keys import Keys
@@ -172,6 +173,12 @@ async def test_a_lost_member_moves_only_its_own_virtual_systems_to_their_standby
             for i in range(3):
                 assert await ask(http, port, vs, i) == (
                     200, chosen if vs == target_vs else now[vs][0]), vs
+        plane.refresh_gauges()  # the placement in the control plane's metrics, per VS
+        metrics = generate_latest(plane.metrics.registry).decode()
+        actives = [line for line in metrics.splitlines() if line.startswith(
+            "meshxl_xds_vs_role{") and f'role="active",vs="{target_vs}"}}' in line]
+        assert actives == [f'meshxl_xds_vs_role{{member="{chosen}",pool="web",role="active",'
+                           f'vs="{target_vs}"}} 1.0'], actives
         report = vs_report(await read_mesh(etcd_client, KEYS))
         rows = {v["name"]: v for v in report["virtual_systems"]}
         assert rows[target_vs]["active"] == chosen and rows[target_vs]["standby"] == former

@@ -395,3 +395,32 @@ def test_the_preferred_key_is_one_of_a_clusters_keys() -> None:
     state = runtime_from_values(keys, {key: b'{"reason": "r", "by": "u@h", "at": "t"}'})
     assert state.preferred == {("t05", "m2"): AdminAction(reason="r", by="u@h", at="t")}
 
+
+def test_the_placement_as_metrics_per_vs_and_per_pool_member() -> None:
+    from prometheus_client import generate_latest
+
+    from meshxl.xds.metrics import XdsMetrics, placement_series
+
+    model = parse_model(MODEL)
+    roles = placement_of(model, model.pools[0]).roles
+    series = placement_series(model, RuntimeState())
+    big = roles["big"]
+    assert series["vs_role"][("web", "big", big.order[0], "active")] == 1
+    assert series["vs_role"][("web", "big", big.order[1], "standby")] == 1
+    assert series["vs_role"][("web", "big", big.order[2], "backup")] == 1
+    assert not any(key[1] == "shared" for key in series["vs_role"])  # load sharing
+    assert sum(v for k, v in series["roles"].items() if k[2] == "active") == 13
+    assert sum(series["weight"].values()) == 15  # twelve of weight 1, big of weight 3
+    assert sum(series["fair"].values()) == pytest.approx(15, abs=0.01)
+    metrics = XdsMetrics()
+    metrics.set_placement(series)
+    # m1 down on the pool: its roles move, its old series go.
+    state = RuntimeState(members_down={("web", "m1"): AdminAction()})
+    after = placement_series(placed(model, state), state)
+    metrics.set_placement(after)
+    text = generate_latest(metrics.registry).decode()
+    assert 'meshxl_xds_vs_role{member="m1"' not in text
+    assert 'meshxl_xds_pool_member_fair_share{member="m1",pool="web"} 0.0' in text
+    held = [line for line in text.splitlines()
+            if line.startswith("meshxl_xds_vs_role{") and 'vs="big"' in line]
+    assert len(held) == 3 and all(line.endswith(" 1.0") for line in held)

@@ -138,10 +138,13 @@ def moved_by_operator(read: MeshRead, vs: str,
 
 
 def live_report(read: MeshRead, now: float | None = None) -> dict[str, Any]:
-    """What the control plane's live view shows: ``meshxl status`` and ``meshxl sync``
-    of one read."""
+    """What the control plane's live view shows: ``meshxl status``, ``meshxl sync``
+    and ``meshxl vs list`` of one read."""
+    from meshxl.operator.views.vsls import vs_report
+
     now = time.time() if now is None else now
-    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now)}
+    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now),
+            "virtual": vs_report(read)}
 
 
 def _shares(members: Iterable[MemberView]) -> dict[str, float]:
