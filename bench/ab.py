@@ -38,11 +38,15 @@ def export(rev: str, into: Path) -> Path:
 
 
 def figures(value: Any, wanted: tuple[str, ...], path: str = "") -> dict[str, float]:
-    """Numeric leaves of a results document whose path ends in one of ``wanted``."""
+    """Numeric leaves of a results document whose path ends in one of ``wanted`` (list
+    items by their position)."""
     out: dict[str, float] = {}
     if isinstance(value, dict):
         for key, inner in value.items():
             out.update(figures(inner, wanted, f"{path}.{key}" if path else str(key)))
+    elif isinstance(value, list):  # by position: owned.0.idle.rss_mb
+        for i, inner in enumerate(value):
+            out.update(figures(inner, wanted, f"{path}.{i}" if path else str(i)))
     elif isinstance(value, int | float) and not isinstance(value, bool):
         if path.endswith(wanted):
             out[path] = float(value)

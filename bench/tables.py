@@ -20,7 +20,8 @@ The blocks:
 * ``peers``: ``bench/peers.py``'s failover through meshxl, HAProxy and a static Envoy
   per protocol, and its session writes beside Redis;
 * ``protocols``: ``bench/failover.py``'s kill -9 per protocol;
-* ``sites``: the dual-site figures README.md quotes (``bench/dualsite.py``).
+* ``sites``: the dual-site figures README.md quotes (``bench/dualsite.py``);
+* ``footprint``: ``bench/sidecar_memory.py``'s sidecar beside its floors.
 """
 
 from __future__ import annotations
@@ -207,8 +208,45 @@ def protocols(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def footprint(results: dict[str, dict[str, Any]]) -> str:
+    data = results.get("sidecar_memory") or {}
+    fp = data.get("footprint")
+    if not fp:
+        return ("No footprint in `bench/results/sidecar_memory.json` yet: run "
+                "`bench/sidecar_memory.py`.")
+    bare, client = fp["bare_python"], fp["bare_etcd_client"]
+    owned = {o["replication"]: o for o in fp["owned"]}
+    names = " / ".join(f"`{r}`" for r in owned)
+
+    def each(get: Callable[[dict[str, Any]], Any], unit: str) -> str:
+        return " / ".join(num(get(o)) for o in owned.values()) + unit
+
+    load = fp.get("load") or {}
+    floors = (f"bare aetcd client {num(client['rss_mb'])} MiB; bare interpreter "
+              f"{num(bare['rss_mb'])} MiB")
+    rows = [f"Run: {_run(data)}.", "",
+            "| | sidecar | beside it, same run |", "|---|---|---|",
+            f"| idle RSS, {names} | {each(lambda o: o['idle']['rss_mb'], ' MiB')} | "
+            f"{floors} |",
+            f"| threads, idle {names} / under load | {each(lambda o: o['idle']['threads'], '')} / "
+            f"{num(load.get('threads_peak'))} | bare aetcd client {num(client['threads'])}; "
+            f"bare interpreter {num(bare['threads'])} |",
+            f"| RSS per owned session beyond its bytes, {names} | "
+            f"{each(lambda o: o['overhead_per_session_bytes'], ' B')} | growth per session "
+            f"{each(lambda o: o['growth_per_session_bytes'], ' B')} |"]
+    if load:
+        rows += [f"| under load, with the sessions (RSS before -> peak) | "
+                 f"{num(load['rss_before_mb'])} -> {num(load['rss_peak_mb'])} MiB | "
+                 f"{num(load['writes'])} writes, {num(load['writes_per_s'])} a second, "
+                 f"{load['writers']} writers |",
+                 f"| sidecar CPU per write under load | "
+                 f"{num(load['sidecar_cpu_us_per_write'])} us | |"]
+    return "\n".join(rows)
+
+
 BLOCKS: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
-    "targets": targets, "peers": peers, "sites": sites, "protocols": protocols}
+    "targets": targets, "peers": peers, "sites": sites, "protocols": protocols,
+    "footprint": footprint}
 
 
 def render(text: str, results: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:

@@ -20,6 +20,7 @@ __all__ = [
     "APP_MODULES",
     "EtcdTls",
     "PYTHON",
+    "SIDECAR_PYTHON_FLAGS",
     "app",
     "echo",
     "envoy",
@@ -31,6 +32,11 @@ __all__ = [
 
 #: How Python children are started: unbuffered, so their logs are current.
 PYTHON: tuple[str, ...] = (sys.executable, "-u")
+#: The statesync sidecar's interpreter flags: ``-OO`` drops docstrings (and asserts) from
+#: the code it loads, about 1.4 MiB of its idle RSS with the bytecode compiled ahead
+#: (``.opt-2.pyc``; docs/performance.md, "Sidecar footprint"). An injected sidecar gets
+#: the same through ``PYTHONOPTIMIZE`` (:mod:`meshxl.kube.containers`).
+SIDECAR_PYTHON_FLAGS: tuple[str, ...] = ("-OO",)
 
 
 def options(**values: Any) -> list[str]:
@@ -142,7 +148,9 @@ def statesync(
     ``log_level=``, ``trace_file=``, ``batch_max_ops=``...)."""
     if isinstance(more.get("lease_ttl"), float):
         more["lease_ttl"] = f"{more['lease_ttl']:g}"
-    return [*python, "-m", "meshxl.cli", "serve", "statesync", *options(
+    # The interpreter's flags right after it, before a ``python`` that runs a module.
+    return [python[0], *SIDECAR_PYTHON_FLAGS, *python[1:], "-m", "meshxl.cli", "serve",
+            "statesync", *options(
         cluster=cluster, member=member, app=app, listen=listen, etcd=etcd, **more)]
 
 

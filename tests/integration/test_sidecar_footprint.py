@@ -1,7 +1,8 @@
 """The running sidecar loads what it uses and runs no thread of its own: a real
 ``meshxl serve statesync`` on a real etcd, with Python's ``-X importtime`` listing every
 module the process imports (on its log), serves sessions, metrics and status; then what
-it imported is checked, and its threads (gRPC's and the main one only). With a trace
+it imported is checked, and its threads (gRPC's and the main one only), and that it runs
+without docstrings (``-OO``, as an injected sidecar does). With a trace
 file the OpenTelemetry SDK comes in, and still nothing of aiohttp. Memory figures are
 ``bench/sidecar_memory.py``'s."""
 
@@ -41,6 +42,10 @@ def threads(pid: int) -> list[str]:
     return names
 
 
+def cmdline(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
 async def serve_some(sidecar: Any) -> None:
     assert (await sidecar.put("cart", {"n": 1})).status == 201
     assert (await sidecar.get("cart")).status == 200
@@ -66,6 +71,8 @@ async def test_the_running_sidecar_loads_only_what_it_uses(
     # (no executor, no span processor); every other one is grpcio's.
     assert names.count("python") <= 2, names
     assert set(names) <= GRPC_THREADS | {"python"}, names
+    # Docstrings dropped (-OO, docs/performance.md), and it serves as well without them.
+    assert b"-OO" in cmdline(pid)
 
 
 async def test_with_a_trace_file_spans_come_and_aiohttp_does_not(

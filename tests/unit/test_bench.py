@@ -394,4 +394,8 @@ def test_ab_compares_the_figures_asked_for() -> None:
     assert ab.figures(result, ("us_per_request",)) == {
         "loads.put.us_per_request": 90.5, "loads.floor.us_per_request": 40.0}
     assert ab.figures(result, ("seconds", "quick")) == {"seconds": 3.2}
+    # List items by position (bench/sidecar_memory.py's sidecars, one per replication).
+    owned = {"owned": [{"idle": {"rss_mb": 47.5}}, {"idle": {"rss_mb": 47.4}}]}
+    assert ab.figures(owned, ("rss_mb",)) == {"owned.0.idle.rss_mb": 47.5,
+                                              "owned.1.idle.rss_mb": 47.4}
 

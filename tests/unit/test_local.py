@@ -63,8 +63,10 @@ def test_serve_statesync_command_line_takes_any_option_by_keyword() -> None:
     argv = commands.statesync(cluster="c", member="m", app="h:1", listen="h:2", etcd="u",
                               lease_ttl=2.0, batch_max_ops=64, site=None, fail_fast=True,
                               python=["py", "-m", "cProfile", "-o", "x.prof"])
-    assert argv[:7] == ["py", "-m", "cProfile", "-o", "x.prof", "-m", "meshxl.cli"]
-    assert argv[7:9] == ["serve", "statesync"]
+    # Docstrings and asserts dropped (-OO), as in an injected sidecar: the flag right
+    # after the interpreter, before the module it runs.
+    assert argv[:8] == ["py", "-OO", "-m", "cProfile", "-o", "x.prof", "-m", "meshxl.cli"]
+    assert argv[8:10] == ["serve", "statesync"]
     assert _value(argv, "--lease-ttl") == "2"
     assert _value(argv, "--batch-max-ops") == "64"
     assert "--site" not in argv and "--fail-fast" in argv

@@ -95,3 +95,17 @@ def test_a_changed_dependency_makes_the_lock_stale(tmp_path: Path) -> None:
     assert changed.read_text() != text
     assert lockfile.fingerprint(changed) != lockfile.fingerprint()
     assert lockfile.stamped(ROOT / "requirements" / "dev.lock") == lockfile.fingerprint()
+
+
+def test_the_image_holds_the_bytecode_the_sidecar_runs() -> None:
+    """An injected sidecar runs with PYTHONOPTIMIZE=2 and the image writes no bytecode
+    at run time: its packages and the standard library are compiled at build, plain and
+    -OO, or every start compiles them again (docs/performance.md, "Sidecar footprint")."""
+    from meshxl.kube.containers import SIDECAR_OPTIMIZE
+
+    docker = (ROOT / "Dockerfile").read_text()
+    assert SIDECAR_OPTIMIZE == {"name": "PYTHONOPTIMIZE", "value": "2"}
+    assert "PYTHONDONTWRITEBYTECODE=1" in docker
+    assert "python -m compileall -q -o 0 -o 2 /opt/meshxl/lib" in docker
+    assert re.search(r'compileall -q -o 0 -o 2 .*\\\n\s+"\$\(python -c .*get_path\("stdlib"\)',
+                     docker)
