@@ -37,7 +37,7 @@ from .config import ControlPlaneConfig
 from .dns import Resolver, hostnames, is_ip_literal
 from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
-from .health import shares
+from .health import released, shares
 from .history import MemberHistory, transitions
 from .judging import Judging, cut
 from .judging import report as health_report
@@ -297,7 +297,8 @@ class ControlPlane:
         fractions = cut(warming.fractions, sick, self.judging.loads)
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,
-                                              drains.expired, fractions)
+                                              drains.expired, fractions,
+                                              released(model, runtime, now))
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()
