@@ -11,7 +11,12 @@ request against ``(common_properties.upstream_cluster,
 common_properties.upstream_remote_address)``:
 
 * latency: ``time_to_first_upstream_rx_byte``, Envoy's view of the member's time to
-  answer (None when absent; a WebSocket's time to its ``101``);
+  answer (a WebSocket's time to its ``101``); an attempt sent that ended without a
+  byte back and without the member closing or resetting it (a route or per-try
+  timeout: Envoy 1.40 logs it with no response code and no flag; or a client that gave
+  up) counts the time it waited (its ``duration``), a lower bound of the member's time
+  to answer: a member that accepts requests and never answers them is slow, and sick,
+  not down; None otherwise;
 * failed: a response code of 500 or more; an upstream failure response flag
   (connection failure, remote reset, request timeout, connection termination,
   overflow); a gRPC status (trailer, or header of a trailers-only answer) of UNKNOWN,
@@ -122,6 +127,18 @@ def _upstream_failed(common: AccessLogCommon) -> bool:
                 or f.upstream_overflow)
 
 
+def _waited(common: AccessLogCommon, code: int) -> bool:
+    """The attempt was sent to the member and ended with no byte back, not by the
+    member closing or resetting it: a route or per-try timeout (Envoy 1.40's upstream
+    log then has no response code and no flag, only the ``duration`` it waited), or a
+    client that gave up. Its duration is a lower bound of the member's time to answer."""
+    f = common.response_flags
+    return ((code == 0 or f.upstream_request_timeout)
+            and common.HasField("time_to_first_upstream_tx_byte")
+            and common.HasField("duration")
+            and not (f.upstream_remote_reset or f.upstream_connection_termination))
+
+
 def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
     """What one HTTP entry says about its upstream host; None when it names none, is a
     WebSocket's end already counted when its tunnel was established, or never
@@ -145,6 +162,9 @@ def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
     seconds = None
     if common.HasField("time_to_first_upstream_rx_byte"):
         d = common.time_to_first_upstream_rx_byte
+        seconds = d.seconds + d.nanos / 1e9
+    elif _waited(common, code):
+        d = common.duration
         seconds = d.seconds + d.nanos / 1e9
     status = response.response_trailers.get("grpc-status") or \
         response.response_headers.get("grpc-status")

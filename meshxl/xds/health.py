@@ -117,7 +117,8 @@ class Margins:
 
 def _answered(s: Sample) -> bool:
     """The member answered in this window: some request, not all of them failures
-    without a byte back (no latency was measured then)."""
+    without a byte back (no latency was measured then: reset or closed by the member;
+    one that timed out waiting has its wait as its latency, meshxl.xds.accesslog)."""
     return s.requests > 0 and not (s.p90 is None and s.errors >= s.requests)
 
 
@@ -285,7 +286,8 @@ class Judge:
         window of failures without a byte from the member (connections refused, reset
         before an answer: a member killed) is such a window: a member that does not
         answer at all is down, which its health check, outlier detection and lease
-        handle, not sick."""
+        handle, not sick. One that takes requests and never answers them is not: its
+        requests that timed out waiting are answers as slow as the wait."""
         own_windows = list(windows.get(m.name, ()))
         peers = [p for p in tier if p.name != m.name]
         peer_windows = [list(windows.get(p.name, ())) for p in peers]

@@ -48,6 +48,32 @@ def test_a_connection_never_made_says_nothing_of_the_member() -> None:
     assert http_sample(http(503, flags=("upstream_connection_failure",), rx=None)) is None
 
 
+def test_a_timeout_without_an_answer_counts_the_time_it_waited() -> None:
+    """Connected and never answered (a hanging member): a failure as slow as the wait,
+    so the member is judged sick, not passed over as down."""
+    # As Envoy 1.40's router logs an attempt its route timeout ended: sent, no response
+    # code, no flag, its duration.
+    hung = http(0, rx=None, kind=AccessLogType.UpstreamEnd)
+    hung.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    hung.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(hung) == ("web", "10.0.0.1:80", pytest.approx(0.5), False)
+    timed_out = http(504, flags=("upstream_request_timeout",), rx=None)
+    timed_out.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    timed_out.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(timed_out) == ("web", "10.0.0.1:80", pytest.approx(0.5), True)
+    # Without a duration (an older Envoy), or never sent: no latency, as before.
+    hung.common_properties.ClearField("duration")
+    assert http_sample(hung) == ("web", "10.0.0.1:80", None, False)
+    unsent = http(0, rx=None, kind=AccessLogType.UpstreamEnd)
+    unsent.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(unsent) == ("web", "10.0.0.1:80", None, False)
+    # The member reset it (killed): its duration is no latency.
+    reset = http(0, flags=("upstream_remote_reset",), rx=None)
+    reset.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    reset.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(reset) == ("web", "10.0.0.1:80", None, True)
+
+
 def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
     assert http_sample(http()) == ("web", "10.0.0.1:80", pytest.approx(0.012), False)
     assert http_sample(http(address="::1", port=8080))[1] == "[::1]:8080"  # type: ignore[index]
