@@ -32,6 +32,16 @@ common_properties.upstream_remote_address)``:
   (``flush_access_log_on_connected``, latency None), or by its end entry when it never
   connected (failed on an upstream connection failure).
 
+**Istio's cluster names.** Under Istio the entries name Istio's outbound clusters,
+``outbound|PORT|SUBSET|HOST``; ``meshxl istio render`` makes each model cluster a
+Kubernetes Service of the same name, whose host is ``NAME.NAMESPACE.svc.DOMAIN``. An
+entry whose cluster is no model cluster is recorded against the model cluster its
+Istio name stands for (:func:`istio_cluster`: the Service's name, the host's first
+label, when that names a model cluster), so its members are judged as under meshxl's
+own xDS. The port and namespace are not compared: members are found by their
+addresses (``ip:port``), so another namespace's Service of the same name adds hosts no
+member has.
+
 Samples are timed by their arrival here (the control plane's clock), not Envoy's
 ``start_time``: clocks of other machines never shift a window, and arrival is at
 most a flush interval (0.2 s) after the answer.
@@ -59,7 +69,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 
 import grpc
 from envoy.data.accesslog.v3.accesslog_pb2 import (
@@ -70,6 +80,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 )
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 
+from meshxl.model import ModelSpec
 from meshxl.nodeid import node_id_problem
 from meshxl.xds.auth import AdsAuth, StreamRefused, Unauthenticated, peer_names
 from meshxl.xds.metrics import XdsMetrics
@@ -78,7 +89,8 @@ from meshxl.xds.server import peer_host
 from meshxl.xds.upstream import UpstreamSignals
 
 __all__ = ["ACCESS_LOG_SERVICE", "ENTRIES_PER_SECOND", "MAX_ENTRIES_PER_MESSAGE",
-           "MAX_STREAMS", "AccessLogReceiver", "ConnectedFrom", "http_sample", "tcp_sample"]
+           "MAX_STREAMS", "AccessLogReceiver", "ConnectedFrom", "http_sample", "istio_cluster",
+           "tcp_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +119,20 @@ ConnectedFrom = Callable[[str, str], bool]
 
 Sample = tuple[str, str, float | None, bool]
 """(cluster, host, latency seconds or None, failed)."""
+
+
+def istio_cluster(name: str, clusters: Container[str]) -> str | None:
+    """The model cluster an Istio outbound cluster name (``outbound|PORT|SUBSET|HOST``,
+    HOST ``SERVICE.NAMESPACE.svc...``) stands for: SERVICE when it is one of
+    ``clusters`` (what ``meshxl istio render`` names each model cluster's Service);
+    None for any other name."""
+    parts = name.split("|")
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
+        return None
+    labels = parts[3].split(".")
+    if len(labels) < 3 or labels[2] != "svc":
+        return None
+    return labels[0] if labels[0] in clusters else None
 
 
 def _host(common: AccessLogCommon) -> str | None:
@@ -215,20 +241,27 @@ class AccessLogReceiver:
 
     ``auth``: the ADS port's checks; ``connected_from``: the ADS server's view of which
     node has a stream from which address (:meth:`meshxl.xds.server.AdsServer.connected_from`),
-    for streams without a token; ``clock``: the Unix time samples are recorded at.
+    for streams without a token; ``clock``: the Unix time samples are recorded at;
+    ``model``: the model now, to whose clusters Istio's cluster names are mapped
+    (:func:`istio_cluster`; None: recorded as they come).
     """
 
     def __init__(self, signals: UpstreamSignals, auth: AdsAuth | None = None,
                  metrics: XdsMetrics | None = None, *,
                  connected_from: ConnectedFrom | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 model: Callable[[], ModelSpec | None] | None = None) -> None:
         self.signals = signals
+        self.model = model
+        self._names_of: ModelSpec | None = None
         self.auth = auth or AdsAuth()
         self.metrics = metrics
         self.connected_from = connected_from
         self.clock = clock
         self.streams = 0
         self.counts = {"recorded": 0, "dropped": 0, "refused": 0}
+        self._known: Container[str] | None = None
+        self._known_names: frozenset[str] = frozenset()
         self._log_limit = LogLimiter()
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -322,6 +355,7 @@ class AccessLogReceiver:
         self._count("dropped", total - allowed)
         at = self.clock()
         recorded = 0
+        self._known = self._cluster_names()
         record = self.signals.record
         for i, entry in enumerate(http):
             if i >= allowed:
@@ -336,11 +370,22 @@ class AccessLogReceiver:
                 recorded += self._record(record, sample, at)
         self._count("recorded", recorded)
 
+    def _cluster_names(self) -> frozenset[str] | None:
+        model = self.model() if self.model is not None else None
+        if model is None:
+            return None
+        if model is not self._names_of:
+            self._names_of, self._known_names = model, frozenset(c.name for c in model.clusters)
+        return self._known_names
+
     def _record(self, record: Callable[[str, str, float | None, bool, float], None],
                 sample: Sample, at: float) -> int:
         cluster, host, seconds, failed = sample
         if len(cluster) > _NAME_MAX or len(host) > _HOST_MAX:
             self._count("dropped", 1)
             return 0
+        known = self._known
+        if known is not None and cluster not in known and cluster.startswith("outbound|"):
+            cluster = istio_cluster(cluster, known) or cluster
         record(cluster, host, seconds, failed, at)
         return 1

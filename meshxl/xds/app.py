@@ -90,7 +90,8 @@ class ControlPlane:
         self.upstream = UpstreamSignals()
         """Per upstream host requests, errors and latency, from the Envoys' access logs."""
         self.access_log = AccessLogReceiver(self.upstream, self.ads.auth, self.metrics,
-                                            connected_from=self.ads.connected_from)
+                                            connected_from=self.ads.connected_from,
+                                            model=lambda: self.model)
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
