@@ -72,7 +72,8 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
+async def load(port: int, seconds: float = 60.0,
+               concurrency: int = CONCURRENCY) -> AsyncIterator[Load]:
     state = Load(port)
     stop = asyncio.Event()
     deadline = time.monotonic() + seconds
@@ -81,7 +82,7 @@ async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
         i = n
         while not stop.is_set() and time.monotonic() < deadline and len(state.answers) < 200_000:
             session = f"s{i % SESSIONS}"
-            i += CONCURRENCY
+            i += concurrency
             sent = time.time()
             try:
                 async with http.get(f"http://{LOOPBACK}:{port}/",
@@ -92,7 +93,7 @@ async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
                 state.answers.append((sent, "?", 0))
 
     async with aiohttp.ClientSession() as http:
-        tasks = [asyncio.create_task(worker(http, n)) for n in range(CONCURRENCY)]
+        tasks = [asyncio.create_task(worker(http, n)) for n in range(concurrency)]
         try:
             yield state
         finally:
