@@ -6,7 +6,10 @@ visible from the client side. Health can be failed and restored over HTTP
 (``POST /admin/health`` with body ``fail`` or ``ok``), so a test can make Envoy's health
 checks eject a member without killing it. A member can be made sick while its health
 check passes (``POST /admin/fault`` with ``{"delay": SECONDS, "fail": FRACTION}``: every
-answer that much later, that fraction of them 503; ``{}`` makes it well again).
+answer that much later, that fraction of them 503; ``{"hang": true}``: every request
+accepted and never answered (dropped after :data:`HANG_SECONDS`); ``{"service":
+SECONDS}``: requests served one at a time, each taking that long, as a member of that
+capacity; ``{}`` makes it well again).
 ``GET /ws`` upgrades to a WebSocket that answers every text message with the member and
 the session.
 
@@ -39,6 +42,7 @@ _NAME = web.AppKey("name", str)
 _HEALTHY = web.AppKey("healthy", list)
 _COOKIES = web.AppKey("cookies", tuple)
 _FAULT = web.AppKey("fault", dict)
+_SERVER = web.AppKey("server", asyncio.Lock)
 
 
 def _session_of(request: web.Request) -> str | None:
@@ -65,6 +69,8 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 MAX_DELAY = 5.0
+HANG_SECONDS = 60.0
+"""How long a hanging member (``{"hang": true}``) holds a request before it drops it."""
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -77,9 +83,16 @@ async def _echo(request: web.Request) -> web.Response:
     if not 0 <= delay <= MAX_DELAY:
         return web.json_response({"error": f"delay must be 0..{MAX_DELAY:g} s"}, status=400)
     fault = request.app[_FAULT]
+    if fault.get("hang"):
+        await asyncio.sleep(HANG_SECONDS)  # the client (Envoy) gives up first
+        raise web.HTTPServiceUnavailable(text="hung on purpose (/admin/fault)")
     delay += fault.get("delay", 0.0)
     if delay:
         await asyncio.sleep(delay)
+    service = fault.get("service", 0.0)
+    if service:
+        async with request.app[_SERVER]:  # one at a time: a queue of that capacity
+            await asyncio.sleep(service)
     failing = fault.get("fail", 0.0)
     if failing:
         fault["count"] = count = fault.get("count", 0) + 1
@@ -122,15 +135,21 @@ async def _set_fault(request: web.Request) -> web.Response:
         body = await request.json()
         delay = float(body.get("delay", 0.0))
         fail = float(body.get("fail", 0.0))
+        service = float(body.get("service", 0.0))
+        hang = body.get("hang", False)
+        if not isinstance(hang, bool):
+            raise TypeError("hang")
     except (ValueError, TypeError, AttributeError):
         return web.json_response({"error": 'body must be {"delay": SECONDS, "fail": '
-                                           'FRACTION}'}, status=400)
-    if not (0 <= delay <= MAX_DELAY and 0 <= fail <= 1):
-        return web.json_response({"error": f"delay must be 0..{MAX_DELAY:g} s and fail "
-                                           "0..1"}, status=400)
+                                           'FRACTION, "service": SECONDS, "hang": '
+                                           'true|false}'}, status=400)
+    if not (0 <= delay <= MAX_DELAY and 0 <= fail <= 1 and 0 <= service <= MAX_DELAY):
+        return web.json_response({"error": f"delay and service must be 0..{MAX_DELAY:g} s "
+                                           "and fail 0..1"}, status=400)
     request.app[_FAULT].clear()
-    request.app[_FAULT].update({"delay": delay, "fail": fail})
-    return web.json_response({"delay": delay, "fail": fail})
+    done = {"delay": delay, "fail": fail, "service": service, "hang": hang}
+    request.app[_FAULT].update(done)
+    return web.json_response(done)
 
 
 def make_app(
@@ -142,6 +161,7 @@ def make_app(
     app[_HEALTHY] = [True]  # a one-item list so handlers can flip it in place
     app[_COOKIES] = tuple(session_cookies)
     app[_FAULT] = {}
+    app[_SERVER] = asyncio.Lock()
     app.router.add_get("/healthz", _healthz)
     app.router.add_post("/admin/health", _set_health)
     app.router.add_post("/admin/fault", _set_fault)

@@ -73,9 +73,11 @@ _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
 _STATEFUL_SESSION = "envoy.extensions.filters.http.stateful_session.v3."
-#: EDS statuses a pin may target (as meshxl's xDS sets them): healthy, unknown (no health
-#: check yet) and degraded (overloaded: keeps its sessions). Not DRAINING, which Istio's
-#: own persistent sessions add: a drained or terminating member's sessions move.
+#: EDS statuses a pin may target: healthy (istiod sends its ready endpoints so), unknown
+#: and degraded (overloaded: keeps its sessions). Not DRAINING, which Istio's own
+#: persistent sessions add: a drained or terminating member's sessions move. (meshxl's
+#: own xDS targets only unknown and degraded: it lets a sick member's pins go by sending
+#: it HEALTHY, meshxl.xds.stepdown; istiod's EDS is not meshxl's to set.)
 PIN_TARGETS = ("HEALTHY", "UNKNOWN", "DEGRADED")
 
 

@@ -11,7 +11,12 @@ request against ``(common_properties.upstream_cluster,
 common_properties.upstream_remote_address)``:
 
 * latency: ``time_to_first_upstream_rx_byte``, Envoy's view of the member's time to
-  answer (None when absent; a WebSocket's time to its ``101``);
+  answer (a WebSocket's time to its ``101``); an attempt sent that ended without a
+  byte back and without the member closing or resetting it (a route or per-try
+  timeout: Envoy 1.40 logs it with no response code and no flag; or a client that gave
+  up) counts the time it waited (its ``duration``), a lower bound of the member's time
+  to answer: a member that accepts requests and never answers them is slow, and sick,
+  not down; None otherwise;
 * failed: a response code of 500 or more; an upstream failure response flag
   (connection failure, remote reset, request timeout, connection termination,
   overflow); a gRPC status (trailer, or header of a trailers-only answer) of UNKNOWN,
@@ -26,6 +31,16 @@ common_properties.upstream_remote_address)``:
 * a TCP connection is counted once, by the entry written when its upstream connected
   (``flush_access_log_on_connected``, latency None), or by its end entry when it never
   connected (failed on an upstream connection failure).
+
+**Istio's cluster names.** Under Istio the entries name Istio's outbound clusters,
+``outbound|PORT|SUBSET|HOST``; ``meshxl istio render`` makes each model cluster a
+Kubernetes Service of the same name, whose host is ``NAME.NAMESPACE.svc.DOMAIN``. An
+entry whose cluster is no model cluster is recorded against the model cluster its
+Istio name stands for (:func:`istio_cluster`: the Service's name, the host's first
+label, when that names a model cluster), so its members are judged as under meshxl's
+own xDS. The port and namespace are not compared: members are found by their
+addresses (``ip:port``), so another namespace's Service of the same name adds hosts no
+member has.
 
 Samples are timed by their arrival here (the control plane's clock), not Envoy's
 ``start_time``: clocks of other machines never shift a window, and arrival is at
@@ -54,7 +69,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 
 import grpc
 from envoy.data.accesslog.v3.accesslog_pb2 import (
@@ -65,6 +80,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 )
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 
+from meshxl.model import ModelSpec
 from meshxl.nodeid import node_id_problem
 from meshxl.xds.auth import AdsAuth, StreamRefused, Unauthenticated, peer_names
 from meshxl.xds.metrics import XdsMetrics
@@ -73,7 +89,8 @@ from meshxl.xds.server import peer_host
 from meshxl.xds.upstream import UpstreamSignals
 
 __all__ = ["ACCESS_LOG_SERVICE", "ENTRIES_PER_SECOND", "MAX_ENTRIES_PER_MESSAGE",
-           "MAX_STREAMS", "AccessLogReceiver", "ConnectedFrom", "http_sample", "tcp_sample"]
+           "MAX_STREAMS", "AccessLogReceiver", "ConnectedFrom", "http_sample", "istio_cluster",
+           "tcp_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +121,20 @@ Sample = tuple[str, str, float | None, bool]
 """(cluster, host, latency seconds or None, failed)."""
 
 
+def istio_cluster(name: str, clusters: Container[str]) -> str | None:
+    """The model cluster an Istio outbound cluster name (``outbound|PORT|SUBSET|HOST``,
+    HOST ``SERVICE.NAMESPACE.svc...``) stands for: SERVICE when it is one of
+    ``clusters`` (what ``meshxl istio render`` names each model cluster's Service);
+    None for any other name."""
+    parts = name.split("|")
+    if len(parts) != 4 or parts[0] != "outbound" or not parts[1].isdigit():
+        return None
+    labels = parts[3].split(".")
+    if len(labels) < 3 or labels[2] != "svc":
+        return None
+    return labels[0] if labels[0] in clusters else None
+
+
 def _host(common: AccessLogCommon) -> str | None:
     if not common.HasField("upstream_remote_address"):
         return None
@@ -120,6 +151,18 @@ def _upstream_failed(common: AccessLogCommon) -> bool:
     return bool(f.upstream_connection_failure or f.upstream_remote_reset
                 or f.upstream_request_timeout or f.upstream_connection_termination
                 or f.upstream_overflow)
+
+
+def _waited(common: AccessLogCommon, code: int) -> bool:
+    """The attempt was sent to the member and ended with no byte back, not by the
+    member closing or resetting it: a route or per-try timeout (Envoy 1.40's upstream
+    log then has no response code and no flag, only the ``duration`` it waited), or a
+    client that gave up. Its duration is a lower bound of the member's time to answer."""
+    f = common.response_flags
+    return ((code == 0 or f.upstream_request_timeout)
+            and common.HasField("time_to_first_upstream_tx_byte")
+            and common.HasField("duration")
+            and not (f.upstream_remote_reset or f.upstream_connection_termination))
 
 
 def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
@@ -145,6 +188,9 @@ def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
     seconds = None
     if common.HasField("time_to_first_upstream_rx_byte"):
         d = common.time_to_first_upstream_rx_byte
+        seconds = d.seconds + d.nanos / 1e9
+    elif _waited(common, code):
+        d = common.duration
         seconds = d.seconds + d.nanos / 1e9
     status = response.response_trailers.get("grpc-status") or \
         response.response_headers.get("grpc-status")
@@ -195,20 +241,27 @@ class AccessLogReceiver:
 
     ``auth``: the ADS port's checks; ``connected_from``: the ADS server's view of which
     node has a stream from which address (:meth:`meshxl.xds.server.AdsServer.connected_from`),
-    for streams without a token; ``clock``: the Unix time samples are recorded at.
+    for streams without a token; ``clock``: the Unix time samples are recorded at;
+    ``model``: the model now, to whose clusters Istio's cluster names are mapped
+    (:func:`istio_cluster`; None: recorded as they come).
     """
 
     def __init__(self, signals: UpstreamSignals, auth: AdsAuth | None = None,
                  metrics: XdsMetrics | None = None, *,
                  connected_from: ConnectedFrom | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 model: Callable[[], ModelSpec | None] | None = None) -> None:
         self.signals = signals
+        self.model = model
+        self._names_of: ModelSpec | None = None
         self.auth = auth or AdsAuth()
         self.metrics = metrics
         self.connected_from = connected_from
         self.clock = clock
         self.streams = 0
         self.counts = {"recorded": 0, "dropped": 0, "refused": 0}
+        self._known: Container[str] | None = None
+        self._known_names: frozenset[str] = frozenset()
         self._log_limit = LogLimiter()
 
     def register(self, server: grpc.aio.Server) -> None:
@@ -302,6 +355,7 @@ class AccessLogReceiver:
         self._count("dropped", total - allowed)
         at = self.clock()
         recorded = 0
+        self._known = self._cluster_names()
         record = self.signals.record
         for i, entry in enumerate(http):
             if i >= allowed:
@@ -316,11 +370,22 @@ class AccessLogReceiver:
                 recorded += self._record(record, sample, at)
         self._count("recorded", recorded)
 
+    def _cluster_names(self) -> frozenset[str] | None:
+        model = self.model() if self.model is not None else None
+        if model is None:
+            return None
+        if model is not self._names_of:
+            self._names_of, self._known_names = model, frozenset(c.name for c in model.clusters)
+        return self._known_names
+
     def _record(self, record: Callable[[str, str, float | None, bool, float], None],
                 sample: Sample, at: float) -> int:
         cluster, host, seconds, failed = sample
         if len(cluster) > _NAME_MAX or len(host) > _HOST_MAX:
             self._count("dropped", 1)
             return 0
+        known = self._known
+        if known is not None and cluster not in known and cluster.startswith("outbound|"):
+            cluster = istio_cluster(cluster, known) or cluster
         record(cluster, host, seconds, failed, at)
         return 1

@@ -37,7 +37,7 @@ from .config import ControlPlaneConfig
 from .dns import Resolver, hostnames, is_ip_literal
 from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
-from .health import shares
+from .health import released, shares
 from .history import MemberHistory, transitions
 from .judging import Judging, cut
 from .judging import report as health_report
@@ -90,7 +90,8 @@ class ControlPlane:
         self.upstream = UpstreamSignals()
         """Per upstream host requests, errors and latency, from the Envoys' access logs."""
         self.access_log = AccessLogReceiver(self.upstream, self.ads.auth, self.metrics,
-                                            connected_from=self.ads.connected_from)
+                                            connected_from=self.ads.connected_from,
+                                            model=lambda: self.model)
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -297,7 +298,8 @@ class ControlPlane:
         fractions = cut(warming.fractions, sick, self.judging.loads)
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,
-                                              drains.expired, fractions)
+                                              drains.expired, fractions,
+                                              released(model, runtime, now))
         except CompileError as exc:
             self.compile_error = str(exc)
             self.metrics.rebuilds.labels("error").inc()

@@ -65,7 +65,8 @@ class Resources:
 def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
                       resolved: Mapping[str, tuple[str, ...]] | None = None,
                       drained: frozenset[tuple[str, str]] = frozenset(),
-                      warming: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
+                      warming: Mapping[str, Mapping[str, float]] | None = None,
+                released: Mapping[str, frozenset[str]] | None = None) -> Resources:
     """The whole Envoy configuration for a model and the runtime state; ``resolved``
     maps member addresses that are host names to their IP addresses
     (:mod:`meshxl.xds.dns`); ``drained``: the (cluster, member) pairs whose drain
@@ -140,7 +141,8 @@ class Compiler:
     def compile(self, model: ModelSpec, state: RuntimeState | None = None,
                 resolved: Mapping[str, tuple[str, ...]] | None = None,
                 drained: frozenset[tuple[str, str]] = frozenset(),
-                warming: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
+                warming: Mapping[str, Mapping[str, float]] | None = None,
+                released: Mapping[str, frozenset[str]] | None = None) -> Resources:
         state = state or RuntimeState()
         model = placed(model, state)  # virtual systems: their roles for this state
         warming = warming or {}
@@ -166,13 +168,16 @@ class Compiler:
             ramp = warming.get(spec.name)
             if ramp:
                 inputs += (("warmup", tuple(sorted(ramp.items()))),)
+            gone = released.get(spec.name, frozenset()) if released else frozenset()
+            if gone:
+                inputs += (("released", gone),)
             local = spec.site_names() if spec.site_affinity == "local" else ()
             for site in (None, *local):
                 cached = self._endpoints.get((spec.name, site))
                 if cached is None or cached[0] != inputs:
                     view = cluster_view(spec, state, local_site=site)
                     cached = (inputs, build_load_assignment(
-                        warmed_view(view, ramp) if ramp else view, resolved))
+                        warmed_view(view, ramp) if ramp else view, resolved, gone))
                 memo[(spec.name, site)] = cached
                 if site is None:
                     endpoints[spec.name] = cached[1]

@@ -62,8 +62,10 @@ from meshxl.model.runtime import (
 )
 from meshxl.stats import quantile
 
-__all__ = ["BASELINE", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement", "Samples",
-           "member_samples", "share", "shares", "worse"]
+from .stepdown import HALVINGS, released, share, shares
+
+__all__ = ["BASELINE", "HALVINGS", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement",
+           "Samples", "member_samples", "released", "share", "shares", "worse"]
 
 WINDOW = 0.5
 """The signals' window (seconds): :mod:`meshxl.xds.upstream` keeps per-host samples in
@@ -115,7 +117,8 @@ class Margins:
 
 def _answered(s: Sample) -> bool:
     """The member answered in this window: some request, not all of them failures
-    without a byte back (no latency was measured then)."""
+    without a byte back (no latency was measured then: reset or closed by the member;
+    one that timed out waiting has its wait as its latency, meshxl.xds.accesslog)."""
     return s.requests > 0 and not (s.p90 is None and s.errors >= s.requests)
 
 
@@ -144,55 +147,6 @@ def worse(member: Sample, peers: Sequence[Sample], margins: Margins,
         return (f"{_error_rate(member):.0%} of requests failed, "
                 f"{excess:.0%} more than its peers")
     return None
-
-
-HALVINGS = 4
-"""Steps of halving before a degraded member's share drops to ``min_share`` (1/2, 1/4,
-1/8, 1/16, then the floor): each step moves at most half of what it still has."""
-
-
-def share(spec: ClusterSpec, since: float, now: float) -> float:
-    """The fraction of its weight a degraded load-sharing member gets at ``now``: half
-    at the judgement, halved again every ``step`` :data:`HALVINGS` times, then
-    ``min_share`` (a floor above a halving stops the halving there)."""
-    d = spec.degradation
-    steps = 1 + max(0, math.floor((now - since) / d.step))
-    if steps > HALVINGS:
-        return d.min_share
-    return max(d.min_share, 0.5 ** steps)
-
-
-def _next_step(spec: ClusterSpec, since: float, now: float) -> float | None:
-    d = spec.degradation
-    if share(spec, since, now) <= d.min_share:
-        return None
-    return since + (math.floor((now - since) / d.step) + 1) * d.step
-
-
-def shares(model: ModelSpec, state: RuntimeState,
-           now: float) -> tuple[dict[str, dict[str, float]], float | None]:
-    """Per cluster, the fraction of their weight judged members get now (degraded
-    load-sharing members, probed high-availability ones), and when the next step is
-    due (None: no step to come)."""
-    out: dict[str, dict[str, float]] = {}
-    due: list[float] = []
-    if not state.health:
-        return out, None
-    for spec in model.clusters:
-        judged = state.health_of(spec.name)
-        if not judged:
-            continue
-        for member, health in judged.items():
-            if not health.moves:
-                continue
-            if health.kind == PROBE_KIND:
-                out.setdefault(spec.name, {})[member] = spec.degradation.probe_share
-            elif not spec.high_availability:
-                out.setdefault(spec.name, {})[member] = share(spec, health.since, now)
-                step = _next_step(spec, health.since, now)
-                if step is not None:
-                    due.append(step)
-    return out, min(due) if due else None
 
 
 @dataclass
@@ -332,7 +286,8 @@ class Judge:
         window of failures without a byte from the member (connections refused, reset
         before an answer: a member killed) is such a window: a member that does not
         answer at all is down, which its health check, outlier detection and lease
-        handle, not sick."""
+        handle, not sick. One that takes requests and never answers them is not: its
+        requests that timed out waiting are answers as slow as the wait."""
         own_windows = list(windows.get(m.name, ()))
         peers = [p for p in tier if p.name != m.name]
         peer_windows = [list(windows.get(p.name, ())) for p in peers]

@@ -149,9 +149,11 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
         c.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value = round(
             st.balance_factor * 100)
     if st is not None and st.pin is not None:
-        # A pinned session stays on its member while Envoy sees it healthy (or unknown:
-        # no health check yet) or degraded (overloaded: it keeps its sessions). A
-        # draining, failing or ejected member is no override target: its sessions move.
+        # A pinned session stays on its member while Envoy sees it UNKNOWN (members are
+        # sent without a status) or DEGRADED (overloaded: it keeps its sessions). A
+        # draining, failing or ejected member is no override target: its sessions move;
+        # nor is one sent HEALTHY: a sick member whose pins are let go
+        # (meshxl.xds.stepdown), still a healthy target of the hash.
         c.common_lb_config.override_host_status.statuses.extend(_PIN_TARGETS)
     # Panic routing would send traffic to members known to be down: never for HA.
     c.common_lb_config.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
@@ -258,7 +260,11 @@ def placed_by_tier(spec: ClusterSpec) -> bool:
             and all(m.priority is None and is_ip_literal(m.address) for m in spec.members))
 
 
-_PIN_TARGETS = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)
+_PIN_TARGETS = (health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)
+#: The status a member whose pins are let go is sent with: healthy to the load
+#: balancer, no override target (Envoy's ``HostImpl::healthStatus`` is the EDS status
+#: when no health check or outlier detection failed it).
+_RELEASED = health_check_pb2.HEALTHY
 
 
 _Resource = TypeVar("_Resource", bound=Message)
@@ -291,13 +297,15 @@ _STATUS: dict[Any, int] = {
 
 def build_load_assignment(view: ClusterView[ClusterSpec],
                           resolved: Mapping[str, tuple[str, ...]] | None = None,
+                          released: frozenset[str] = frozenset(),
                           ) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints by (priority, site). The member is the endpoint's hostname and its site
     the locality zone, so Envoy's /clusters and config_dump name both.
 
     A member whose address is a host name gets one endpoint per address in
     ``resolved`` (same priority, weight and state; the name in the endpoint's
-    ``meshxl`` metadata), and none while it has not resolved."""
+    ``meshxl`` metadata), and none while it has not resolved. ``released``: members
+    sent ``HEALTHY``, so Envoy honours no pin to them (:mod:`meshxl.xds.stepdown`)."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=view.name)
     if not view.spec.priority_spillover:
         cla.policy.overprovisioning_factor.value = _NO_SPILLOVER_FACTOR
@@ -318,6 +326,8 @@ def build_load_assignment(view: ClusterView[ClusterSpec],
             group.locality.zone = site
             add = group.lb_endpoints.add
         status = _STATUS.get(state)
+        if status is None and name in released:
+            status = _RELEASED
         if is_ip_literal(address):
             ep = add(health_status=status) if status is not None else add()
             endpoint = ep.endpoint

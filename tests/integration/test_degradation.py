@@ -39,7 +39,7 @@ CONCURRENCY = 6
 SLOW = 0.1  # seconds: ten times and more the loopback echo's few milliseconds
 
 
-def model(mode: str, backends: list[Backend], port: int) -> str:
+def model(mode: str, backends: list[Backend], port: int, route: str = "") -> str:
     members = "".join(f"\n  - {{name: {b.name}, address: {LOOPBACK}, port: {b.port}}}"
                       for b in backends)
     return f"""
@@ -50,7 +50,7 @@ clusters:
   warmup: 2s
   outlier_detection: {{enabled: false}}
   degradation: {{detect: 1s, recover: 4s, min_requests: 10}}
-  listener: {{address: {LOOPBACK}, port: {port}}}
+  listener: {{address: {LOOPBACK}, port: {port}}}{route}
   members:{members}
 """
 
@@ -72,7 +72,8 @@ class Load:
 
 
 @contextlib.asynccontextmanager
-async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
+async def load(port: int, seconds: float = 60.0,
+               concurrency: int = CONCURRENCY) -> AsyncIterator[Load]:
     state = Load(port)
     stop = asyncio.Event()
     deadline = time.monotonic() + seconds
@@ -81,7 +82,7 @@ async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
         i = n
         while not stop.is_set() and time.monotonic() < deadline and len(state.answers) < 200_000:
             session = f"s{i % SESSIONS}"
-            i += CONCURRENCY
+            i += concurrency
             sent = time.time()
             try:
                 async with http.get(f"http://{LOOPBACK}:{port}/",
@@ -92,7 +93,7 @@ async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
                 state.answers.append((sent, "?", 0))
 
     async with aiohttp.ClientSession() as http:
-        tasks = [asyncio.create_task(worker(http, n)) for n in range(CONCURRENCY)]
+        tasks = [asyncio.create_task(worker(http, n)) for n in range(concurrency)]
         try:
             yield state
         finally:
@@ -100,18 +101,18 @@ async def load(port: int, seconds: float = 60.0) -> AsyncIterator[Load]:
             await asyncio.gather(*tasks)
 
 
-async def fault(backend: Backend, **fault: float) -> None:
+async def fault(backend: Backend, **fault: float | bool) -> None:
     async with aiohttp.ClientSession() as http, http.post(
             f"{backend.url}/admin/fault", json=fault) as resp:
         assert resp.status == 200, await resp.text()
 
 
 async def setup(mode: str, start_control_plane: Any, start_envoy: Any, start_backends: Any,
-                etcd: Any, etcd_client: aetcd.Client
+                etcd: Any, etcd_client: aetcd.Client, route: str = ""
                 ) -> tuple[ControlPlane, EnvoyFixture, list[Backend], int]:
     backends = await start_backends(3)
     (port,) = free_ports(1)
-    await apply_model(etcd_client, KEYS, model(mode, backends, port), "test")
+    await apply_model(etcd_client, KEYS, model(mode, backends, port, route), "test")
     plane: ControlPlane = await start_control_plane(etcd=etcd.url)
     envoy = await start_envoy("edge", plane.port)
     await envoy.wait_ready()
@@ -216,3 +217,38 @@ async def test_high_availability_a_slow_active_hands_its_role_to_the_standby(
     assert moved - started < 6.0
     assert plane.metrics.registry.get_sample_value(
         "meshxl_xds_failovers_total", {"cluster": "web", "cause": "degraded"}) == 1
+
+
+async def test_a_member_that_accepts_requests_and_never_answers_is_sick(
+        start_control_plane: Any, start_envoy: Any, start_backends: Any, etcd: Any,
+        etcd_client: aetcd.Client) -> None:
+    """Its health check passes and it takes connections, but no request gets an answer
+    before the route's timeout: Envoy's upstream log has each such attempt sent, with no
+    response and the time it waited, which counts as that slow an answer, so the member
+    is judged sick (a member that answers nothing, refused or reset, is down and passed
+    over instead), and its sessions move off it."""
+    plane, envoy, backends, port = await setup(
+        "load-sharing", start_control_plane, start_envoy, start_backends, etcd,
+        etcd_client, route="\n  route: {timeout: 500ms}")
+    sick = backends[2].name
+    async with load(port) as traffic:
+        await asyncio.sleep(2.5)  # every member's normal
+        started = time.time()
+        await fault(backends[2], hang=True)
+        await wait_until(lambda: sick in degraded(plane), timeout=8,
+                         what="the hanging member degraded")
+        detected = time.time() - started
+        assert "p90" in degraded(plane)[sick]["reason"], degraded(plane)
+        await wait_until(lambda: degraded(plane)[sick].get("share") == 0.0, timeout=8,
+                         what="its share at its last step")
+        settled = time.time() + 1.0  # the push, and the last requests there time out
+        await asyncio.sleep(2.0)
+        late = [a for a in traffic.since(settled) if a[2] != 200]
+        assert not late, late[:5]
+        assert traffic.share(sick, settled) == 0.0
+    hosts = await envoy.hosts("web")
+    assert all(h.healthy for h in hosts), hosts  # its health check passed throughout
+    timed_out = [a for a in traffic.answers if a[2] == 504]
+    print(f"\nhanging member judged in {detected:.2f} s; {len(timed_out)} requests timed "
+          f"out on it before its sessions moved")
+    assert detected < 4.0, detected

@@ -13,7 +13,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 
 from meshxl.xds import accesslog
-from meshxl.xds.accesslog import AccessLogReceiver, http_sample, tcp_sample
+from meshxl.xds.accesslog import AccessLogReceiver, http_sample, istio_cluster, tcp_sample
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.server import peer_host
 from meshxl.xds.upstream import HostSample, UpstreamSignals
@@ -46,6 +46,32 @@ def http(code: int = 200, *, cluster: str = "web", address: str = "10.0.0.1", po
 def test_a_connection_never_made_says_nothing_of_the_member() -> None:
     """Refused or unreachable: down or cut off for this Envoy, not sick."""
     assert http_sample(http(503, flags=("upstream_connection_failure",), rx=None)) is None
+
+
+def test_a_timeout_without_an_answer_counts_the_time_it_waited() -> None:
+    """Connected and never answered (a hanging member): a failure as slow as the wait,
+    so the member is judged sick, not passed over as down."""
+    # As Envoy 1.40's router logs an attempt its route timeout ended: sent, no response
+    # code, no flag, its duration.
+    hung = http(0, rx=None, kind=AccessLogType.UpstreamEnd)
+    hung.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    hung.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(hung) == ("web", "10.0.0.1:80", pytest.approx(0.5), False)
+    timed_out = http(504, flags=("upstream_request_timeout",), rx=None)
+    timed_out.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    timed_out.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(timed_out) == ("web", "10.0.0.1:80", pytest.approx(0.5), True)
+    # Without a duration (an older Envoy), or never sent: no latency, as before.
+    hung.common_properties.ClearField("duration")
+    assert http_sample(hung) == ("web", "10.0.0.1:80", None, False)
+    unsent = http(0, rx=None, kind=AccessLogType.UpstreamEnd)
+    unsent.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(unsent) == ("web", "10.0.0.1:80", None, False)
+    # The member reset it (killed): its duration is no latency.
+    reset = http(0, flags=("upstream_remote_reset",), rx=None)
+    reset.common_properties.time_to_first_upstream_tx_byte.FromNanoseconds(15_000)
+    reset.common_properties.duration.FromNanoseconds(500_000_000)
+    assert http_sample(reset) == ("web", "10.0.0.1:80", None, True)
 
 
 def test_a_plain_answer_is_its_host_and_its_time_to_first_byte() -> None:
@@ -165,3 +191,66 @@ def test_peer_host() -> None:
     assert peer_host("ipv4:10.0.0.1:5000") == "10.0.0.1"
     assert peer_host("ipv6:[::1]:5000") == "::1"
     assert peer_host("unix:/tmp/x") == "unix:/tmp/x"
+
+
+ISTIO_MODEL = """
+clusters:
+- name: web
+  mode: load-sharing
+  stickiness: {header: x-session}
+  listener: {port: 8080}
+  members:
+  - {name: a, address: 10.1.0.1, port: 9000}
+  - {name: b, address: 10.1.0.2, port: 9000}
+  - {name: c, address: 10.1.0.3, port: 9000}
+"""
+
+
+def test_istio_cluster_names_map_to_the_model_cluster_of_their_service() -> None:
+    known = {"web", "db"}
+    assert istio_cluster("outbound|8080||web.shop.svc.cluster.local", known) == "web"
+    assert istio_cluster("outbound|5432|v1|db.other.svc.example.org", known) == "db"
+    for name in ("outbound|8080||api.shop.svc.cluster.local",  # no such model cluster
+                 "inbound|8080||web.shop.svc.cluster.local",
+                 "outbound|x||web.shop.svc.cluster.local",
+                 "outbound|8080||web.example.com",  # not a Kubernetes Service's host
+                 "outbound|8080|web.shop.svc.cluster.local", "web", ""):
+        assert istio_cluster(name, known) is None, name
+
+
+def test_istio_shaped_entries_are_judged_as_the_model_cluster() -> None:
+    """Entries as Istio's sidecars send them (a connection manager's log, the cluster
+    named as ``meshxl istio render``'s EnvoyFilter matches it) are recorded against
+    the model's cluster, so its slow member is judged."""
+    from meshxl.istio.render import IstioOptions, render_model
+    from meshxl.model import RuntimeState, parse_model
+    from meshxl.xds.health import Judge
+
+    model = parse_model(ISTIO_MODEL)
+    rendered = render_model(model, IstioOptions(namespace="shop"))
+    [match] = [p["match"]["cluster"] for o in rendered.objects if o["kind"] == "EnvoyFilter"
+               for p in o["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"]
+    istio_name = f"outbound|{match['portNumber']}||{match['service']}"
+    assert istio_name == "outbound|8080||web.shop.svc.cluster.local"
+
+    now = T0 + 10.0
+    signals = UpstreamSignals()
+    clock = [0.0]
+    receiver = AccessLogReceiver(signals, clock=lambda: clock[0], model=lambda: model)
+    stream = accesslog._Stream(0.0)  # noqa: SLF001
+    for k in range(16):  # 8 s of 0.5 s windows, 20 requests per member each
+        clock[0] = now - 8.0 + k * 0.5 + 0.1
+        slow = clock[0] >= now - 3.0
+        entries = [http(cluster=istio_name, address=f"10.1.0.{i}", port=9000,
+                        rx=0.2 if (slow and i == 3) else 0.01)
+                   for i in (1, 2, 3) for _ in range(20)]
+        stream.tokens = 1e9
+        receiver.receive(stream, message(*entries))
+    assert signals.clusters() == ["web"]
+    found = Judge("r1").judge(model, RuntimeState(), signals, now)
+    assert list(found.records) == [("web", "c")], found
+    # Without the model, the names are recorded as they come (and nothing is judged).
+    raw = UpstreamSignals()
+    AccessLogReceiver(raw, clock=lambda: now).receive(accesslog._Stream(0.0),  # noqa: SLF001
+                                                      message(http(cluster=istio_name)))
+    assert raw.clusters() == [istio_name]

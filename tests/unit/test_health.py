@@ -58,8 +58,9 @@ class Samples:
         for host, windows in self.windows(cluster, since, until).items():
             live = [w for w in windows if w.requests]
             if live:
+                p90s = [w.p90 for w in live if w.p90 is not None]
                 out[host] = S(sum(w.requests for w in live), sum(w.errors for w in live),
-                              statistics.median(w.p90 for w in live if w.p90 is not None))
+                              statistics.median(p90s) if p90s else None)
         return out
 
 
@@ -123,6 +124,22 @@ def test_a_member_too_slow_to_answer_often_is_judged_on_the_answers_it_gives() -
             return S(6, 0, 0.5) if round((at - NOW) / WINDOW) == -1 else S(0, 0, None)
         return S(20, 0, 0.01)
     assert _judge(_model(), Samples(once)) == {}
+
+
+def test_a_hanging_member_is_sick_a_member_that_answers_nothing_is_down() -> None:
+    """Every request to c timed out after 0.5 s (its access log counts the wait as its
+    latency): sick. Every request to c reset without a byte (killed): passed over."""
+    def hanging(host: str, at: float) -> S:
+        if host.endswith("8003") and at >= NOW - 3.0:
+            return S(4, 4, 0.5)
+        return S(20, 0, 0.01)
+    records = _judge(_model(), Samples(hanging))
+    assert list(records) == ["c"] and "p90 500 ms" in records["c"].reason
+    def killed(host: str, at: float) -> S:
+        if host.endswith("8003") and at >= NOW - 3.0:
+            return S(4, 4, None)
+        return S(20, 0, 0.01)
+    assert _judge(_model(), Samples(killed)) == {}
 
 
 def test_a_member_is_judged_against_its_own_normal_too() -> None:

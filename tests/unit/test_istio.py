@@ -17,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.stateful_session.v3 import stateful_session_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -714,8 +715,12 @@ def test_a_pin_renders_what_meshxls_own_xds_sends(name: str) -> None:
 
     cluster = json_format.ParseDict(by_kind["CLUSTER"]["patch"]["value"],
                                     cluster_pb2.Cluster())
-    assert list(cluster.common_lb_config.override_host_status.statuses) == list(
-        build_cluster(spec).common_lb_config.override_host_status.statuses)
+    # Istio's targets are meshxl's own plus HEALTHY: istiod sends its ready endpoints
+    # HEALTHY, where meshxl sends them without a status (HEALTHY marks a member whose
+    # pins are let go, meshxl.xds.stepdown).
+    assert list(cluster.common_lb_config.override_host_status.statuses) == [
+        health_check_pb2.HEALTHY,
+        *build_cluster(spec).common_lb_config.override_host_status.statuses]
 
     insert = by_kind["HTTP_FILTER"]
     assert insert["patch"]["operation"] == "INSERT_BEFORE"

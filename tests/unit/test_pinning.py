@@ -102,9 +102,10 @@ def test_a_pinned_route_configures_the_stateful_session_filter() -> None:
     # The hash still places new sessions.
     assert out.routes[listener_name("0.0.0.0", 10000)].virtual_hosts[0].routes[0] \
         .route.hash_policy[0].header.header_name == "x-session-id"
-    # Pinned sessions move off draining or failing members, stay on degraded ones.
+    # Pinned sessions move off draining or failing members, stay on overloaded ones
+    # (DEGRADED), and move off a sick member sent HEALTHY (meshxl.xds.stepdown).
     assert list(out.clusters["web"].common_lb_config.override_host_status.statuses) == [
-        health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED]
+        health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED]
 
 
 def test_a_header_pin_and_strict_mode() -> None:
