@@ -56,6 +56,7 @@ from meshxl.statesync.api import SessionRoutes
 from meshxl.statesync.cache import SessionCache
 from meshxl.statesync.http import WRITE, Connection, HttpServer, Request, Response, Router
 from meshxl.statesync.metrics import StatesyncMetrics
+from meshxl.statesync.quota import QuotaGuard
 from meshxl.statesync.sessions import Sessions
 from meshxl.statesync.store import Fencing, SessionStore
 from meshxl.statesync.writes import Settings
@@ -143,6 +144,7 @@ class _Sidecar:
 
     sessions: Sessions
     metrics: StatesyncMetrics = field(default_factory=StatesyncMetrics)
+    quota: QuotaGuard = field(default_factory=QuotaGuard.unlimited)
 
 
 def _sessions(fenced: bool = False) -> tuple[Sessions, _Etcd]:

@@ -15,6 +15,7 @@ envoy      bootstrap, envoy
 ops        member down/up, site offline/online
 views      status, sync, verify (read-only operator views)
 vs         vs list / show (virtual systems over a pool)
+etcdroles  etcd grant (a role per cluster)
 drill      drill
 serve      serve xds / statesync / otlp-receiver / webhook
 telemetry  slo review
@@ -43,6 +44,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "ops": ("member", "site", "restore", "shards"),
     "views": ("status", "sync", "verify"),
     "vs": ("vs",),
+    "etcdroles": ("etcd",),
     "drill": ("drill",),
     "serve": ("serve",),
     "telemetry": ("slo",),

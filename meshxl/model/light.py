@@ -53,7 +53,7 @@ from .checks import NO_CLUSTERS, duplicates, membership_problems
 from .text import model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
-           "LightSessions", "LightSite", "parse_light"]
+           "LightQuota", "LightSessions", "LightSite", "parse_light"]
 
 CLUSTER_FIELDS = frozenset({
     "name", "protocol", "websocket", "drain_window", "warmup", "mode", "membership",
@@ -62,9 +62,9 @@ CLUSTER_FIELDS = frozenset({
     "failover", "overrides", "degradation", "shares"})
 """Every field a cluster may have (``ClusterSpec``'s; a test keeps them equal)."""
 MODEL_FIELDS = frozenset({"clusters", "pools", "virtual_systems", "telemetry", "allow_empty"})
-"""Every field of a model (``ModelSpec``'s). A sidecar reads ``clusters`` only: pools and
-virtual systems are the control plane's (one sidecar per virtual system is not built
-yet, docs/vsls.md)."""
+"""Every field of a model (``ModelSpec``'s). A sidecar reads ``clusters``, and of each
+virtual system only its ``sessions`` (a VS's sidecar serves it as its cluster); pools
+and the rest of the virtual systems are the control plane's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +85,19 @@ class LightMember:
 
 
 @dataclass(frozen=True, slots=True)
+class LightQuota:
+    sessions: int | None = None
+    bytes: int | None = None
+    writes_per_second: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LightSessions:
     ttl: float = 1800.0
     sync_delay: float = 0.0
     max_bytes: int = 1_048_576
     replication: Replication = "all"
+    quota: LightQuota = LightQuota()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +134,20 @@ class LightCluster:
 @dataclass(frozen=True, slots=True)
 class LightModel:
     clusters: tuple[LightCluster, ...] = ()
+    vs_sessions: tuple[tuple[str, LightSessions], ...] = ()
+    """Each virtual system's ``sessions`` settings (the only part of a virtual system
+    a sidecar reads), by name."""
 
     def cluster(self, name: str) -> LightCluster | None:
         return next((c for c in self.clusters if c.name == name), None)
+
+    def sessions_of(self, name: str) -> LightSessions | None:
+        """The ``sessions`` settings of cluster or virtual system ``name`` (None:
+        neither is in the model)."""
+        cluster = self.cluster(name)
+        if cluster is not None:
+            return cluster.sessions
+        return next((s for n, s in self.vs_sessions if n == name), None)
 
 
 def parse_light(text: str, source: str = "<model>") -> LightModel:
@@ -189,6 +208,19 @@ def _ranged(low: int, high: int) -> Callable[[Any], int]:
             raise _Bad(f"expected an integer from {low} to {high}")
         return number
     return read
+
+
+def _rate(value: Any) -> float:
+    """A number greater than 0, at most 1,000,000 (writes per second)."""
+    if isinstance(value, bool):
+        raise _Bad("expected a number")
+    try:
+        number = float(_text(value) if isinstance(value, str | bytes) else value)
+    except (TypeError, ValueError, _Bad):
+        raise _Bad("expected a number") from None
+    if not 0 < number <= 1_000_000:
+        raise _Bad("expected a number greater than 0, at most 1000000")
+    return number
 
 
 def _optional(read: Callable[[Any], _T]) -> Callable[[Any], _T | None]:
@@ -307,7 +339,8 @@ class _Reader:
             self.problems.append(Problem("clusters", "expected a list", clusters))
             return LightModel()
         read = [self.cluster(c, f"clusters[{i}]") for i, c in enumerate(clusters)]
-        model = LightModel(tuple(c for c in read if c is not None))
+        model = LightModel(tuple(c for c in read if c is not None),
+                           self.vs_sessions(data.get("virtual_systems", [])))
         if self.problems:
             return model
         if not model.clusters and not allow_empty and not data.get("virtual_systems"):
@@ -364,7 +397,7 @@ class _Reader:
 
     def sessions(self, data: Any, path: str) -> LightSessions:
         found = self._object(data, path, frozenset({"ttl", "sync_delay", "max_bytes",
-                                                    "replication"}))
+                                                    "replication", "quota"}))
         if found is None:
             return LightSessions()
         f, default = self._field, LightSessions()
@@ -372,7 +405,35 @@ class _Reader:
             f(found, path, "ttl", _duration(positive=True), default.ttl),
             f(found, path, "sync_delay", _duration(positive=False), default.sync_delay),
             f(found, path, "max_bytes", _ranged(1, 1_048_576), default.max_bytes),
-            f(found, path, "replication", _one_of(REPLICATIONS), default.replication))
+            f(found, path, "replication", _one_of(REPLICATIONS), default.replication),
+            self.quota(found.get("quota", {}), f"{path}.quota"))
+
+    def quota(self, data: Any, path: str) -> LightQuota:
+        found = self._object(data, path, frozenset({"sessions", "bytes",
+                                                    "writes_per_second"}))
+        if found is None:
+            return LightQuota()
+        f = self._field
+        return LightQuota(
+            f(found, path, "sessions", _optional(_ranged(1, 1_000_000_000)), None),
+            f(found, path, "bytes", _optional(_ranged(1, 1 << 50)), None),
+            f(found, path, "writes_per_second", _optional(_rate), None))
+
+    def vs_sessions(self, data: Any) -> tuple[tuple[str, LightSessions], ...]:
+        """``(name, sessions)`` of every virtual system (``name`` or ``names``); the
+        rest of a virtual system is the control plane's to check."""
+        if not isinstance(data, list | tuple):
+            return ()
+        found: list[tuple[str, LightSessions]] = []
+        for i, entry in enumerate(data):
+            if not isinstance(entry, dict):
+                continue
+            path = f"virtual_systems[{i}]"
+            sessions = self.sessions(entry.get("sessions", {}), f"{path}.sessions")
+            names = entry.get("names") or [entry.get("name")]
+            if isinstance(names, list | tuple):
+                found.extend((n, sessions) for n in names if isinstance(n, str))
+        return tuple(found)
 
     def failover(self, data: Any, path: str) -> LightFailover:
         found = self._object(data, path, frozenset({"all_withdrawn", "failback",

@@ -381,6 +381,20 @@ class Route(_Spec):
     bounded by its own deadline (``grpc-timeout``), so a stream is never cut at 15 s."""
 
 
+class SessionQuota(_Spec):
+    """Limits on one cluster's sessions, enforced by its statesync sidecars: a write
+    beyond one is answered 429 (docs/statesync.md, "Quotas"). Each is off (None) unless
+    set."""
+
+    sessions: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    """Sessions the cluster may hold: a write that would create one more is refused."""
+    bytes: int | None = Field(default=None, ge=1, le=1 << 50)
+    """Bytes of session state the cluster may hold (the states' sizes added up)."""
+    writes_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
+    """Session writes per second per sidecar (a token bucket holding one second's
+    worth); a bulk save or transaction counts each session it writes."""
+
+
 class SessionSync(_Spec):
     """How the cluster's statesync sidecars keep and replicate session state (the
     cluster's ``sessions:`` settings)."""
@@ -398,6 +412,9 @@ class SessionSync(_Spec):
     sessions the member wrote or read, plus, in high-availability mode, the standby
     keeps everything (it takes the active's sessions over); any other session is read
     from etcd on first use. Read by each sidecar when it starts (docs/scaling.md)."""
+    quota: SessionQuota = SessionQuota()
+    """Sessions, bytes and writes per second the cluster may use (each unlimited by
+    default); read by each sidecar when it starts."""
 
 
 class Failover(_Spec):

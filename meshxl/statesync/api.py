@@ -23,6 +23,7 @@ from .http import ALONE, JSON, READ, WRITE, Request, RequestRefused, Response, R
 from .membership import MAX_PROBLEMS, Membership
 from .metrics import CONTENT_TYPE, StatesyncMetrics
 from .problems import check_ttl
+from .quota import QuotaGuard
 from .record import (
     SESSION_ID_RULE,
     is_json,
@@ -180,6 +181,9 @@ class SidecarParts(Protocol):
     @property
     def metrics(self) -> StatesyncMetrics: ...
 
+    @property
+    def quota(self) -> QuotaGuard: ...
+
     def liveness_problems(self) -> list[str]: ...
 
     def not_ready_reasons(self) -> list[str]: ...
@@ -253,9 +257,12 @@ class SessionRoutes:
         waiting for its session holds back only the answers after it."""
         writes: list[Write] = []
         where: list[int] = []
+        quota = self.sidecar.quota
         for i, request in enumerate(requests):
             try:
-                writes.append(_put_write(request))
+                write = _put_write(request)
+                quota.admit((write,))
+                writes.append(write)
             except Exception as exc:  # answered as put() raising it would be
                 answer(i, exc)
                 continue
@@ -300,6 +307,7 @@ class SessionRoutes:
 
     async def _one(self, write: Write) -> Response:
         """One write's answer (its error raised, for the server to answer)."""
+        self.sidecar.quota.admit((write,))
         [outcome] = await self.sidecar.sessions.write([write])
         if isinstance(outcome, Exception):
             raise outcome
@@ -330,6 +338,7 @@ class SessionRoutes:
         sessions = self.sidecar.sessions
         items = bulk.parse_save(request.body, sessions.settings.max_bytes)
         self._count("save", len(items))
+        self.sidecar.quota.admit(items)
         outcomes = await sessions.write(items, traceparent=_traceparent(request))
         parts = []
         for item, outcome in zip(items, outcomes, strict=True):
@@ -346,6 +355,7 @@ class SessionRoutes:
         sessions = self.sidecar.sessions
         items = bulk.parse_transaction(request.body, sessions.settings.max_bytes)
         self._count("transaction", len(items))
+        self.sidecar.quota.admit(items)
         transacted = await sessions.write(items, atomic=True,
                                           traceparent=_traceparent(request))
         return _transaction_response(items, transacted)

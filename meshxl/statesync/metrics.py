@@ -313,6 +313,10 @@ class StatesyncMetrics:
                             "and site this sidecar serves (to join its other series on).",
                             ["cluster", "member", "site"], registry=r)
 
+        self.quota_refused = Counter("meshxl_statesync_quota_refused", "Write requests "
+                                     "refused (429) for the cluster's quota, by quota "
+                                     "(sessions, bytes, writes_per_second).", ["quota"],
+                                     registry=r)
         self.http_limits = Counter("meshxl_statesync_http_limits", "Connection-level limits "
                                    "of the API hit, by limit (connections, idle_timeout, "
                                    "header_timeout, body_timeout, write_timeout, head_size, "

@@ -39,6 +39,7 @@ from .following import MeshFollower
 from .membership import Membership
 from .mesh_reads import cache_status, sync_stats_value
 from .metrics import StatesyncMetrics
+from .quota import QuotaGuard, Usage
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
 from .starting import caches_synced
@@ -82,6 +83,7 @@ class Sidecar:
         self.membership.shard_map = shard_map.version if shard_map is not None else None
         self.metrics.shard_map_version.set(shard_map.version if shard_map is not None else 0)
         self.metrics.shard_map_unusable.set(1 if shard_map and not shard_map.shards else 0)
+        self.quota = QuotaGuard(settings.quota, self._usage, self._session_size, self.metrics)
         self.takeovers = TakeoverTracer(config.cluster, config.member)
         self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
@@ -322,6 +324,18 @@ class Sidecar:
         sessions = self.sessions
         return sessions.map if isinstance(sessions, ShardedSessions) else None
 
+    def _usage(self) -> Usage:
+        """The cluster's sessions and their bytes, as the caches hold them (quota.py)."""
+        entries = [e for part in self.parts for e in part.cache.entries.values()]
+        return Usage(len(entries), sum(len(e.record.data) for e in entries))
+
+    def _session_size(self, session_id: str) -> int | None:
+        for part in self.parts:
+            entry = part.cache.get(session_id)
+            if entry is not None:
+                return len(entry.record.data)
+        return None
+
     @property
     def cached_sessions(self) -> int:
         return sum(len(part.cache) for part in self.parts)
@@ -365,7 +379,7 @@ class Sidecar:
                          "max_bytes": s.settings.max_bytes,
                          "replication": s.settings.replication},
             "role": str(following.role), "holds_all_sessions": self.holds_all,
-            "started": self.started, "shards": shards,
+            "started": self.started, "shards": shards, "quota": self.quota.status(),
             **({"signals": self.metrics.signals.status()} if signals else {}),
         }
 

@@ -18,6 +18,7 @@ from typing import Literal, Protocol, TypeAlias, overload
 
 from meshxl.errors import MeshxlError
 from meshxl.model.basics import Replication
+from meshxl.model.light import LightQuota
 
 from .record import JSON_TYPE, SessionRecord
 
@@ -38,6 +39,8 @@ class Settings:
     max_bytes: int = 1_048_576
     replication: Replication = "all"
     """``all`` or ``narrow`` (the model's ``sessions.replication``)."""
+    quota: LightQuota = LightQuota()
+    """The cluster's ``sessions.quota`` (:mod:`.quota` enforces it)."""
 
 
 @dataclass(slots=True, kw_only=True)

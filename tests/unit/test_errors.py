@@ -166,7 +166,7 @@ def test_the_command_is_built_from_one_list_of_areas() -> None:
     assert registered == set(main.commands)
     assert main.list_commands(click.Context(main)) == sorted(registered)
     assert sorted(main.commands) == [
-        "apply", "bootstrap", "demo", "drill", "envoy", "inject", "istio", "member",
+        "apply", "bootstrap", "demo", "drill", "envoy", "etcd", "inject", "istio", "member",
         "quickstart", "restore", "serve", "shards", "site", "slo", "status", "sync", "validate",
         "verify", "version", "vs"]
     serve = main.commands["serve"]

@@ -1,0 +1,95 @@
+"""``meshxl etcd grant``: a per-cluster etcd role for each cluster named (and a user
+holding them), so that etcd itself keeps one cluster's sidecars out of another's
+sessions (docs/security.md, "etcd: a role per cluster")."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import fail, run
+from .options import etcd_client, etcd_option, output_option, print_json, root_option
+
+
+@click.group()
+def etcd() -> None:
+    """etcd administration for meshxl (roles per cluster)."""
+
+
+def _user_password(password_file: Path | None) -> str | None:
+    from meshxl.etcd import read_secret_file
+
+    from_env = os.environ.get("MESHXL_ETCD_USER_PASSWORD") or None
+    if password_file is not None:
+        if from_env is not None:
+            fail("give the user's password once: --user-password-file or "
+                 "MESHXL_ETCD_USER_PASSWORD, not both")
+        return str(read_secret_file(password_file, "user password file"))
+    return from_env
+
+
+@etcd.command("grant")
+@click.argument("clusters", nargs=-1, required=True)
+@click.option("--user", metavar="NAME", default=None,
+              help="The etcd user the sidecars of these clusters connect as: created if "
+                   "missing (its password from --user-password-file or "
+                   "MESHXL_ETCD_USER_PASSWORD) and given each cluster's role.")
+@click.option("--user-password-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="MESHXL_ETCD_USER_PASSWORD_FILE", default=None, metavar="FILE",
+              help="File whose first line is --user's password (to create the user, or "
+                   "to change its password).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the same grant as etcdctl commands; change nothing.")
+@output_option
+@etcd_option
+@root_option
+def etcd_grant(clusters: tuple[str, ...], user: str | None, user_password_file: Path | None,
+               dry_run: bool, output: str, etcd_urls: str, etcd_root: str) -> None:
+    """Create the role meshxl-cluster-CLUSTER for each CLUSTER (a cluster or a virtual
+    system): read-write on that cluster's sessions, deletion records, registrations,
+    sync statistics and problems, read-only on the mesh (model, registrations), its
+    failover records and member history, and nothing else; then grant the roles to
+    --user. Run it with the root user's credentials (--etcd-user root)."""
+    from meshxl.errors import InputError
+    from meshxl.etcd.roles import Grant, apply_grant, etcdctl_commands
+
+    password = _user_password(user_password_file) if user is not None else None
+    if user is None and user_password_file is not None:
+        fail("--user-password-file needs --user")
+    try:
+        grant = Grant(tuple(clusters), user=user, password=password, root=etcd_root)
+    except InputError as exc:
+        fail(str(exc))
+    if dry_run:
+        lines = etcdctl_commands(grant)
+        if output == "json":
+            print_json({"commands": lines, "roles": {
+                role: [{"key": r.key, "prefix": r.prefix, "access": r.access, "why": r.why}
+                       for r in ranges] for role, ranges in grant.roles().items()}})
+        else:
+            click.echo("\n".join(lines))
+        return
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            return await apply_grant(client.channel, grant)
+
+    result = run(go)
+    if output == "json":
+        print_json(result.as_dict())
+        return
+    for role in grant.roles():
+        click.echo(f"role {role}: " + ("created" if role in result.roles_created
+                                       else "up to date"))
+    click.echo(f"permissions granted {result.permissions_granted}, revoked "
+               f"{result.permissions_revoked}")
+    if user is not None:
+        click.echo(f"user {user}: " + ("created, " if result.user_created else
+                                       "password changed, " if result.password_changed
+                                       else "") + f"given {len(grant.roles())} role(s)")
+
+
+COMMANDS: list[click.Command] = [etcd]

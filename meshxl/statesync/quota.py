@@ -1,0 +1,242 @@
+"""A cluster's quotas (the model's ``sessions.quota``), enforced at the API's write path:
+sessions the cluster holds, bytes of session state it holds, and session writes per
+second. A write request beyond one is refused whole, before anything of it is written,
+with 429, a ``Retry-After`` header and a JSON body naming the quota, its limit and the
+current value (:class:`QuotaRefused`); reads and deletes are never refused, nor is a
+write that keeps or shrinks what the cluster holds.
+
+* **writes_per_second**: a token bucket per sidecar (:class:`TokenBucket`), holding one
+  second's worth (at least one write). A request writing ``n`` sessions (a bulk save, a
+  transaction) takes ``n`` tokens; it is admitted once the bucket holds ``min(n,
+  burst)``, so a request larger than the burst passes when the bucket is full and
+  leaves it in debt. Each sidecar of the cluster has its own bucket: the cluster's
+  limit is the per-sidecar rate times its sidecars taking writes.
+* **sessions** and **bytes**: counted from the sidecar's session cache (every session
+  of the cluster with ``replication: all``; with ``narrow``, only those the member
+  holds, so the limit then applies per member), recounted when a second old, plus what
+  this sidecar admitted since. Writes other members admitted in that second are seen
+  at the next recount: the cluster can pass a limit by at most about one second of the
+  other members' new sessions and bytes.
+
+:class:`QuotaGuard` is per cluster: a process hosting several clusters keeps one each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meshxl.model.light import LightQuota
+
+from .http import RequestRefused
+from .metrics import StatesyncMetrics
+from .writes import DELETE, PATCH, Write
+
+__all__ = ["RECOUNT_AFTER", "SPACE_RETRY_AFTER", "QuotaGuard", "QuotaRefused", "TokenBucket",
+           "Usage"]
+
+RECOUNT_AFTER = 1.0
+"""Seconds a count of the cluster's sessions and bytes is used before it is made anew."""
+SPACE_RETRY_AFTER = 5
+"""``Retry-After`` (seconds) of a refusal for sessions or bytes: room is made only as
+sessions are deleted or expire."""
+
+
+class QuotaRefused(RequestRefused):
+    """A write beyond a quota: 429 with ``Retry-After``."""
+
+    def __init__(self, quota: str, limit: float, current: float, retry_after: float):
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(429, f"over the cluster's {quota} quota: the limit is {limit:g}, "
+                              f"now {current:g}; retry in {seconds} s",
+                         [("Retry-After", str(seconds))], quota=quota, limit=limit,
+                         current=current, retry_after=seconds)
+        self.quota = quota
+
+
+class TokenBucket:
+    """``rate`` tokens a second, holding at most ``burst`` (default: one second's worth,
+    at least 1)."""
+
+    def __init__(self, rate: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if rate <= 0:
+            raise ValueError(f"a token bucket's rate must be above 0, got {rate}")
+        self.rate = rate
+        self.burst = max(1.0, rate if burst is None else burst)
+        self.tokens = self.burst
+        self._clock = clock
+        self._at = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, n: int = 1) -> float:
+        """Take ``n`` tokens: 0.0 when taken, else the seconds until they can be (and
+        nothing is taken)."""
+        self._refill()
+        need = min(float(n), self.burst)
+        if self.tokens >= need:
+            self.tokens -= n
+            return 0.0
+        return (need - self.tokens) / self.rate
+
+    def level(self) -> float:
+        self._refill()
+        return self.tokens
+
+
+@dataclass
+class Usage:
+    """What the cluster holds, as a sidecar counts it."""
+
+    sessions: int = 0
+    bytes: int = 0
+
+
+class _Rate:
+    """Writes admitted per second, over the last whole second (for the status and the
+    refusal's ``current``)."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self._clock = clock
+        self._second = math.floor(clock())
+        self._now = 0
+        self._last = 0
+
+    def add(self, n: int) -> None:
+        self._roll()
+        self._now += n
+
+    def value(self) -> int:
+        self._roll()
+        return self._last
+
+    def _roll(self) -> None:
+        second = math.floor(self._clock())
+        if second != self._second:
+            self._last = self._now if second == self._second + 1 else 0
+            self._now = 0
+            self._second = second
+
+
+class QuotaGuard:
+    """One cluster's quotas. ``count``: the cluster's sessions and bytes as the sidecar
+    holds them (an O(sessions) walk, made at most once per :data:`RECOUNT_AFTER`);
+    ``size_of``: the stored size of a session, None if the sidecar knows of none."""
+
+    def __init__(self, limits: LightQuota, count: Callable[[], Usage],
+                 size_of: Callable[[str], int | None], metrics: StatesyncMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.limits = limits
+        self._count = count
+        self._size_of = size_of
+        self._metrics = metrics
+        self._clock = clock
+        rate = limits.writes_per_second
+        self.bucket = TokenBucket(rate, clock=clock) if rate is not None else None
+        self._rate = _Rate(clock)
+        self._usage: Usage | None = None
+        self._counted_at = -math.inf
+        self._admitted: dict[str, int] = {}
+        """Sessions this sidecar admitted since the last count, with their new size."""
+        self.refused: dict[str, int] = {}
+        self.enabled = (limits.sessions is not None or limits.bytes is not None
+                        or rate is not None)
+
+    @classmethod
+    def unlimited(cls) -> QuotaGuard:
+        """A guard without any quota (admits everything, counts nothing)."""
+        return cls(LightQuota(), Usage, lambda _: None)
+
+
+    def usage(self) -> Usage:
+        """The cluster's sessions and bytes: the last count (made anew when older than
+        :data:`RECOUNT_AFTER`) with what this sidecar admitted since."""
+        now = self._clock()
+        if self._usage is None or now - self._counted_at >= RECOUNT_AFTER:
+            self._usage = self._count()
+            self._counted_at = now
+            self._admitted.clear()
+        return self._usage
+
+    def _known_size(self, session_id: str) -> int | None:
+        size = self._admitted.get(session_id)
+        return size if size is not None else self._size_of(session_id)
+
+    def admit(self, writes: Sequence[Write]) -> None:
+        """Admit ``writes`` (one request's) or raise :class:`QuotaRefused`, counting the
+        refusal. Deletes take nothing."""
+        if not self.enabled:
+            return
+        puts = [w for w in writes if w.op != DELETE]
+        if not puts:
+            return
+        limits = self.limits
+        grown: dict[str, int] = {}
+        new_sessions = 0
+        growth = 0
+        if limits.sessions is not None or limits.bytes is not None:
+            usage = self.usage()
+            for write in puts:
+                sid = write.session_id
+                before = grown.get(sid, self._known_size(sid))
+                if before is None and sid not in grown:
+                    new_sessions += 1
+                size = (before or 0) + len(_patch_bytes(write)) if write.op == PATCH \
+                    else len(write.data)
+                growth += size - (before or 0)
+                grown[sid] = size
+            if (limits.sessions is not None and new_sessions
+                    and usage.sessions + new_sessions > limits.sessions):
+                self._refuse("sessions", limits.sessions, usage.sessions, SPACE_RETRY_AFTER)
+            if limits.bytes is not None and growth > 0 and usage.bytes + growth > limits.bytes:
+                self._refuse("bytes", limits.bytes, usage.bytes, SPACE_RETRY_AFTER)
+        if self.bucket is not None:
+            wait = self.bucket.take(len(puts))
+            if wait > 0:
+                assert limits.writes_per_second is not None
+                self._refuse("writes_per_second", limits.writes_per_second,
+                             self._rate.value(), wait)
+        self._rate.add(len(puts))
+        if grown:
+            usage = self.usage()
+            usage.sessions += new_sessions
+            usage.bytes += growth
+            self._admitted.update(grown)
+
+    def _refuse(self, quota: str, limit: float, current: float, retry_after: float) -> None:
+        self.refused[quota] = self.refused.get(quota, 0) + 1
+        if self._metrics is not None:
+            self._metrics.quota_refused.labels(quota).inc()
+        raise QuotaRefused(quota, limit, current, retry_after)
+
+    def status(self) -> dict[str, Any] | None:
+        """``/v1/status``' ``quota``: each limit and its use (None: no quota set)."""
+        if not self.enabled:
+            return None
+        limits = self.limits
+        usage = self.usage() if limits.sessions is not None or limits.bytes is not None \
+            else None
+        return {
+            "sessions": None if limits.sessions is None else {
+                "limit": limits.sessions, "used": usage.sessions if usage else None},
+            "bytes": None if limits.bytes is None else {
+                "limit": limits.bytes, "used": usage.bytes if usage else None},
+            "writes_per_second": None if limits.writes_per_second is None else {
+                "limit": limits.writes_per_second, "last_second": self._rate.value(),
+                "tokens": round(self.bucket.level(), 3) if self.bucket else None},
+            "refused": dict(self.refused),
+        }
+
+
+def _patch_bytes(write: Write) -> bytes:
+    """A merge patch's size as an upper bound of what it adds (its JSON text)."""
+    import json
+
+    return json.dumps(write.patch, separators=(",", ":")).encode()

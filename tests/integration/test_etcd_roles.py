@@ -1,0 +1,132 @@
+"""A role per cluster, refused by etcd itself: ``meshxl etcd grant`` against a real etcd
+with authentication on. A sidecar of virtual system t01 running as its own user works
+(writes, reads, bulk saves, transactions, deletes, registration, leases, statistics)
+and etcd refuses t01's credentials t02's sessions, and t010's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+
+from meshxl import etcd
+from meshxl.etcd.keys import Keys
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
+from meshxl.local.wait import wait_until
+from tests.harness.cli import meshxl
+from tests.harness.secure_etcd import ROOT_PASSWORD, enable_auth_on
+from tests.harness.sidecar import SidecarProcess
+
+pytestmark = pytest.mark.integration
+
+KEYS = Keys()
+MODEL = """\
+pools:
+  - name: web
+    listener: {address: 127.0.0.1, port: 10000}
+    members:
+      - {name: w1, address: 127.0.0.1, port: 18081}
+      - {name: w2, address: 127.0.0.1, port: 18082}
+virtual_systems:
+  - names: [t01, t02, t010]
+    pool: web
+"""
+
+
+def _secret(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+async def auth_etcd(harness: Owner) -> Any:
+    from tests.harness.etcd import start_etcd
+
+    server = await start_etcd(harness, "etcd-roles")
+    await enable_auth_on(server.url)
+    return server
+
+
+async def test_a_role_per_cluster_is_enforced_by_etcd(
+        harness: Owner, auth_etcd: Any, tmp_path: Path) -> None:
+    root = ["--etcd", auth_etcd.url, "--etcd-user", "root", "--etcd-password-file",
+            str(_secret(tmp_path / "root", ROOT_PASSWORD))]
+    model = tmp_path / "model.yaml"
+    model.write_text(MODEL)
+    code, out, err = await meshxl("apply", str(model), *root)
+    assert code == 0, err
+
+    # The dry run prints etcdctl's commands and changes nothing.
+    code, out, err = await meshxl("etcd", "grant", "t01", "--user", "tenant-t01",
+                                  "--dry-run", *root)
+    assert code == 0, err
+    assert ("etcdctl role grant-permission meshxl-cluster-t01 readwrite "
+            "/meshxl/v1/sessions/t01/ --prefix") in out
+    assert "etcdctl user grant-role tenant-t01 meshxl-cluster-t01" in out
+
+    passwords = {t: _secret(tmp_path / f"pw-{t}", f"password of {t}!")
+                 for t in ("t01", "t02")}
+    for tenant in ("t01", "t02"):
+        code, out, err = await meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
+                                      "--user-password-file", str(passwords[tenant]),
+                                      "-o", "json", *root)
+        assert code == 0, err
+        assert json.loads(out)["user_created"] is True
+    # Again: nothing to change.
+    code, out, err = await meshxl("etcd", "grant", "t01", "--user", "tenant-t01", *root)
+    assert code == 0, err
+    assert "role meshxl-cluster-t01: up to date" in out
+    assert "permissions granted 0, revoked 0" in out
+
+    sidecar = SidecarProcess(harness, cluster="t01", member="w1", etcd=auth_etcd.url,
+                             app_port=free_port(), etcd_user="tenant-t01",
+                             etcd_password_file=passwords["t01"])
+    await sidecar.start()
+    assert (await sidecar.put("cart-1", {"items": 1})).status == 201
+    assert (await sidecar.patch("cart-1", {"more": True})).status == 200
+    assert (await sidecar.get("cart-1")).json() == {"items": 1, "more": True}
+    saved = await sidecar.bulk_save([{"session": "cart-2", "data": {"n": 2}},
+                                     {"session": "cart-3", "data": {"n": 3}}])
+    assert saved.status == 200 and all(i["status"] in (200, 201)
+                                       for i in saved.json()["items"]), saved.json()
+    done = await sidecar.transaction([
+        {"operation": "upsert", "session": "cart-4", "data": {"n": 4}},
+        {"operation": "delete", "session": "cart-3"}])
+    assert done.status == 200, done.json()
+    assert (await sidecar.delete("cart-2")).status == 204
+
+    # Its registration and statistics are in etcd (seen with root's credentials).
+    root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        async def published() -> bool:
+            return (await client.get(KEYS.sync_stats("t01", "w1").encode())) is not None
+
+        await wait_until(published, timeout=10.0, what="the sidecar's sync statistics")
+        assert (await client.get(KEYS.member("t01", "w1").encode())) is not None
+        await client.put(KEYS.session("t02", "theirs").encode(), b"{}")
+        await client.put(KEYS.session("t010", "theirs").encode(), b"{}")
+    status = await sidecar.status()
+    assert status["registered"] and status["ready"], status
+    assert "permission denied" not in sidecar.logs()
+
+    # t01's credentials: etcd itself refuses t02's and t010's sessions.
+    t01 = etcd.EtcdSecurity(user="tenant-t01", password=f"password of {'t01'}!")
+    async with etcd.client(auth_etcd.url, security=t01) as client:
+        assert (await client.get(KEYS.session("t01", "cart-1").encode())) is not None
+        for key in (KEYS.session("t02", "theirs"), KEYS.session("t010", "theirs"),
+                    KEYS.sessions_mark("t01")):
+            with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+                await client.get(key.encode())
+            with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+                await client.put(key.encode(), b"{}")
+        with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+            await client.get_prefix(KEYS.sessions_prefix("t02").encode())
+        with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+            await client.put(KEYS.model.encode(), b"clusters: []")
+        with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+            await client.put(KEYS.member("t02", "w1").encode(), b"{}")

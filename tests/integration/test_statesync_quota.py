@@ -1,0 +1,106 @@
+"""Quotas per virtual system through real sidecars and etcd: t01 flooding writes beyond
+its ``writes_per_second`` gets 429s (with Retry-After and a body naming the quota)
+while t02's sidecar keeps writing; a new session beyond ``sessions`` is refused; every
+write acknowledged reads back; the refusals are counted in the metrics and shown in
+``/v1/status``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aetcd
+import pytest
+
+from meshxl.etcd.keys import Keys
+from meshxl.local.ports import free_port
+from meshxl.local.procs import Owner
+from meshxl.operator.actions import apply_model
+from tests.harness.sidecar import SidecarProcess
+
+pytestmark = pytest.mark.integration
+
+KEYS = Keys()
+RATE = 20
+MODEL = f"""\
+pools:
+  - name: web
+    listener: {{address: 127.0.0.1, port: 10000}}
+    members:
+      - {{name: w1, address: 127.0.0.1, port: 18081}}
+      - {{name: w2, address: 127.0.0.1, port: 18082}}
+virtual_systems:
+  - name: t01
+    pool: web
+    sessions: {{quota: {{writes_per_second: {RATE}, sessions: 12}}}}
+  - name: t02
+    pool: web
+"""
+FLOOD = 150  # t01's writes, 30 at a time (bounded)
+
+
+async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes(
+        harness: Owner, etcd: Any, etcd_client: aetcd.Client) -> None:
+    await apply_model(etcd_client, KEYS, MODEL, "test")
+    t01, t02 = (SidecarProcess(harness, cluster=vs, member="w1", etcd=etcd.url,
+                               app_port=free_port(), log_level="info")
+                for vs in ("t01", "t02"))
+    await asyncio.gather(t01.start(), t02.start())
+
+    acked: dict[str, set[int]] = {}
+    refused: list[Any] = []
+
+    async def flood(i: int) -> None:
+        reply = await t01.put(f"f{i % 10}", {"i": i})
+        if reply.status in (200, 201):
+            acked.setdefault(f"f{i % 10}", set()).add(i)
+        else:
+            assert reply.status == 429, reply
+            refused.append(reply)
+
+    async def other() -> list[int]:
+        return [(await t02.put(f"o{i}", {"i": i})).status for i in range(40)]
+
+    started = time.monotonic()
+    semaphore = asyncio.Semaphore(30)
+
+    async def bounded(i: int) -> None:
+        async with semaphore:
+            await flood(i)
+
+    _, statuses = await asyncio.gather(asyncio.gather(*(bounded(i) for i in range(FLOOD))),
+                                       other())
+    elapsed = time.monotonic() - started
+    assert statuses == [201] * 40  # t02 has no quota: every write taken
+    # A burst of one second's worth, then RATE a second.
+    assert acked and FLOOD - len(refused) <= RATE * (1 + elapsed) + 1, (
+        FLOOD - len(refused), elapsed)
+    assert len(refused) >= FLOOD - RATE * (1 + elapsed) - 1
+    body = refused[0].json()
+    assert body["status"] == 429 and body["quota"] == "writes_per_second"
+    assert body["limit"] == RATE and body["retry_after"] >= 1
+    assert refused[0].headers["Retry-After"] == str(body["retry_after"])
+    for session, written in acked.items():  # nothing acknowledged is lost
+        got = await t01.get(session)
+        assert got.status == 200 and got.json()["i"] in written, (session, got)
+
+    # Sessions: ten exist; a bulk save of three new ones would make 13 > 12: refused
+    # whole; two fit; deletes and reads are never refused.
+    await asyncio.sleep(1.1)  # the bucket refills; the count is made anew
+    over = await t01.bulk_save([{"session": f"n{i}", "data": {"n": i}} for i in range(3)])
+    assert over.status == 429 and over.json()["quota"] == "sessions", over.json()
+    assert over.json()["limit"] == 12 and over.json()["current"] == 10
+    assert (await t01.get("n0")).status == 404
+    assert [(await t01.put(f"n{i}", {"n": i})).status for i in range(3)] == [201, 201, 429]
+    assert (await t01.put("n0", {"n": "again"})).status == 200  # not a new session
+    assert (await t01.delete("n1")).status == 204
+
+    metrics = (await t01.request("GET", "/metrics")).body.decode()
+    assert f'meshxl_statesync_quota_refused_total{{quota="writes_per_second"}} ' \
+           f'{float(len(refused))}' in metrics
+    assert 'meshxl_statesync_quota_refused_total{quota="sessions"} 2.0' in metrics
+    quota = (await t01.status())["quota"]
+    assert quota["sessions"]["limit"] == 12 and quota["writes_per_second"]["limit"] == RATE
+    assert quota["refused"] == {"writes_per_second": len(refused), "sessions": 2}
+    assert (await t02.status())["quota"] is None

@@ -1,0 +1,74 @@
+"""A role per cluster (meshxl/etcd/roles.py): the ranges cover the cluster's own keys
+and no other cluster's, whatever their names, and the etcdctl rendering says the same."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshxl.errors import InputError
+from meshxl.etcd.keys import Keys
+from meshxl.etcd.roles import Grant, Range, cluster_permissions, etcdctl_commands, prefix_end
+
+KEYS = Keys()
+NAMES = st.from_regex(r"[a-z0-9]([a-z0-9._-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+def covers(r: Range, key: str) -> bool:
+    raw = key.encode()
+    if not r.prefix:
+        return raw == r.key.encode()
+    return r.key.encode() <= raw < r.range_end
+
+
+def own_writes(cluster: str) -> list[str]:
+    return [KEYS.session(cluster, "s1"), KEYS.deletion(cluster, "s1", 7),
+            KEYS.member(cluster, "m1"), KEYS.sync_stats(cluster, "m1"),
+            KEYS.problem(cluster, "m1", "disk")]
+
+
+@given(NAMES, NAMES)
+def test_a_role_covers_its_cluster_and_no_other(mine: str, theirs: str) -> None:
+    ranges = cluster_permissions(KEYS, mine)
+    writable = [r for r in ranges if r.access == "readwrite"]
+    for key in own_writes(mine):
+        assert any(covers(r, key) for r in writable), key
+    if theirs != mine:
+        for key in own_writes(theirs):
+            assert not any(covers(r, key) for r in writable), key
+        for key in (KEYS.session(theirs, "s1"), KEYS.deletion(theirs, "s1", 7)):
+            assert not any(covers(r, key) for r in ranges), key
+    assert not any(covers(r, KEYS.sessions_mark(mine)) for r in ranges)
+    for key in (KEYS.model, KEYS.member(theirs, "m"), KEYS.failover(mine, "m1"),
+                KEYS.member_state(mine, "m1"), KEYS.shards, KEYS.shard_fence):
+        assert any(covers(r, key) for r in ranges), key
+    for key in (KEYS.model, KEYS.member_admin(mine, "m1"), KEYS.failover(mine, "m1")):
+        assert not any(covers(r, key) for r in writable), key
+
+
+def test_t01_never_covers_t010() -> None:
+    (sessions, *_) = cluster_permissions(KEYS, "t01")
+    assert sessions.key == "/meshxl/v1/sessions/t01/"
+    assert sessions.range_end == b"/meshxl/v1/sessions/t010"  # exclusive: the mark key
+    assert prefix_end(b"/a/") == b"/a0"
+
+
+def test_etcdctl_rendering() -> None:
+    lines = etcdctl_commands(Grant(("t01", "t02"), user="tenant"))
+    assert lines[0] == "etcdctl role add meshxl-cluster-t01"
+    assert ("etcdctl role grant-permission meshxl-cluster-t01 readwrite "
+            "/meshxl/v1/sessions/t01/ --prefix") in lines
+    assert "etcdctl role grant-permission meshxl-cluster-t01 read /meshxl/v1/shards" in lines
+    assert lines[-2:] == ["etcdctl user grant-role tenant meshxl-cluster-t01",
+                          "etcdctl user grant-role tenant meshxl-cluster-t02"]
+    assert etcdctl_commands(Grant(("a",), root="/other"))[1].endswith(
+        "readwrite /other/v1/sessions/a/ --prefix")
+
+
+@pytest.mark.parametrize("grant", [
+    lambda: Grant(()), lambda: Grant(("a/b",)), lambda: Grant(("",)),
+    lambda: Grant(("a",), user="two words")])
+def test_bad_grants_are_input_errors(grant: object) -> None:
+    with pytest.raises(InputError):
+        grant()  # type: ignore[operator]

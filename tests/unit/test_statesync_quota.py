@@ -1,0 +1,222 @@
+"""The sidecar's quotas (quota.py): the token bucket, the accounting of sessions and
+bytes, the 429 answer, and the model's ``sessions.quota`` as the sidecar reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshxl.model import parse_model
+from meshxl.model.basics import ModelError
+from meshxl.model.light import LightQuota, parse_light
+from meshxl.statesync.http import Request
+from meshxl.statesync.http.routing import failure
+from meshxl.statesync.metrics import StatesyncMetrics
+from meshxl.statesync.quota import (
+    RECOUNT_AFTER,
+    QuotaGuard,
+    QuotaRefused,
+    TokenBucket,
+    Usage,
+)
+from meshxl.statesync.writes import DELETE, PATCH, Write
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bucket_holds_one_second_and_refills_at_its_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(10, clock=clock)
+    assert [bucket.take() for _ in range(10)] == [0.0] * 10  # a burst of one second's worth
+    assert bucket.take() == pytest.approx(0.1)  # the next token in 1/rate
+    clock.now += 0.25
+    assert [bucket.take() for _ in range(2)] == [0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.05)
+    clock.now += 100
+    assert bucket.level() == 10  # never more than the burst
+
+
+def test_a_request_larger_than_the_burst_passes_on_a_full_bucket_and_leaves_a_debt() -> None:
+    clock = Clock()
+    bucket = TokenBucket(5, clock=clock)
+    assert bucket.take(12) == 0.0
+    assert bucket.level() == -7
+    assert bucket.take() == pytest.approx(8 / 5)  # back to 1 token in 1.6 s
+    clock.now += 1.6
+    assert bucket.take() == 0.0
+    slow = TokenBucket(0.5, clock=clock)  # below one write a second: a burst of one
+    assert slow.burst == 1 and slow.take() == 0.0 and slow.take() == pytest.approx(2.0)
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="above 0"):
+        TokenBucket(0)
+
+
+class Cluster:
+    """A cache's worth of sessions: id -> size."""
+
+    def __init__(self, **sizes: int) -> None:
+        self.sizes = dict(sizes)
+        self.counts = 0
+
+    def count(self) -> Usage:
+        self.counts += 1
+        return Usage(len(self.sizes), sum(self.sizes.values()))
+
+
+def guard(cluster: Cluster, clock: Clock, metrics: StatesyncMetrics | None = None,
+          **limits: float) -> QuotaGuard:
+    return QuotaGuard(LightQuota(**limits), cluster.count,  # type: ignore[arg-type]
+                      cluster.sizes.get, metrics, clock=clock)
+
+
+def put(session: str, size: int) -> Write:
+    return Write(session_id=session, data=b"x" * size)
+
+
+def test_no_quota_admits_everything_and_counts_nothing() -> None:
+    cluster = Cluster(a=5)
+    g = guard(cluster, Clock())
+    for _ in range(1000):
+        g.admit([put("new", 10**6)])
+    assert cluster.counts == 0 and g.status() is None
+
+
+def test_sessions_quota_refuses_only_a_new_session_beyond_it() -> None:
+    clock, metrics = Clock(), StatesyncMetrics()
+    cluster = Cluster(a=1, b=1)
+    g = guard(cluster, clock, metrics, sessions=3)
+    g.admit([put("a", 100)])  # an existing session: never refused for the count
+    g.admit([put("c", 1)])  # the third
+    g.admit([put("c", 2)])  # admitted already: not new again
+    with pytest.raises(QuotaRefused) as refused:
+        g.admit([put("d", 1)])
+    assert refused.value.status == 429
+    assert refused.value.details == {"quota": "sessions", "limit": 3, "current": 3,
+                                     "retry_after": 5}
+    # A bulk save of two new sessions where one fits: refused whole.
+    cluster.sizes.pop("b")  # the cache now: b deleted, c written
+    cluster.sizes["c"] = 2
+    clock.now += RECOUNT_AFTER  # recounted
+    with pytest.raises(QuotaRefused):
+        g.admit([put("e", 1), put("f", 1)])
+    g.admit([put("e", 1), put("e", 2)])  # one session written twice: one new
+    g.admit([Write(session_id="z", op=DELETE)])  # deletes are never refused
+    assert 'meshxl_statesync_quota_refused_total{quota="sessions"} 2.0' in \
+        metrics.render().decode()
+    assert g.status()["sessions"] == {"limit": 3, "used": 3}  # type: ignore[index]
+
+
+def test_bytes_quota_counts_growth_only() -> None:
+    clock = Clock()
+    cluster = Cluster(a=600)
+    g = guard(cluster, clock, bytes=1000)
+    g.admit([put("b", 400)])  # 1000: at the limit, not beyond
+    with pytest.raises(QuotaRefused) as refused:
+        g.admit([put("c", 1)])
+    assert refused.value.details["quota"] == "bytes"
+    assert refused.value.details["current"] == 1000
+    g.admit([put("a", 100)])  # shrinks: 500 freed
+    g.admit([put("c", 500)])
+    with pytest.raises(QuotaRefused):  # a merge patch counts its own size as growth
+        g.admit([Write(session_id="a", op=PATCH, patch={"k": "v"})])
+    g.admit([Write(session_id="a", op=DELETE)])
+    status = g.status()
+    assert status is not None and status["bytes"] == {"limit": 1000, "used": 1000}
+    assert status["refused"] == {"bytes": 2}
+
+
+def test_writes_per_second_refuses_with_the_time_to_the_next_token() -> None:
+    clock = Clock()
+    g = guard(Cluster(), clock, writes_per_second=4)
+    for i in range(4):
+        g.admit([put(f"s{i}", 1)])
+    with pytest.raises(QuotaRefused) as refused:
+        g.admit([put("s5", 1)])
+    assert refused.value.details["quota"] == "writes_per_second"
+    assert refused.value.details["retry_after"] == 1  # 0.25 s, rounded up to whole seconds
+    assert ("Retry-After", "1") in refused.value.headers
+    clock.now += 0.25
+    g.admit([put("s5", 1)])
+    g.admit([Write(session_id="s5", op=DELETE)])  # takes no token
+    clock.now += 1.0
+    status = g.status()
+    assert status is not None
+    assert status["writes_per_second"]["limit"] == 4
+    assert status["writes_per_second"]["last_second"] == 5  # in the second before
+
+
+def test_a_refused_request_takes_no_token_and_counts_no_space() -> None:
+    clock = Clock()
+    cluster = Cluster()
+    g = guard(cluster, clock, sessions=1, writes_per_second=1)
+    with pytest.raises(QuotaRefused):
+        g.admit([put("a", 1), put("b", 1)])  # two new sessions: over the count
+    assert g.bucket is not None and g.bucket.level() == 1
+    g.admit([put("a", 1)])
+
+
+def test_the_refusal_is_a_429_json_answer_with_retry_after() -> None:
+    exc = QuotaRefused("writes_per_second", 50, 50, 0.02)
+    answer = failure(Request("PUT", "/v1/sessions/x", "", "1.1", {}, True), exc)
+    assert answer.status == 429
+    assert answer.header("Retry-After") == "1"
+    body = json.loads(answer.body)
+    assert body["status"] == 429 and body["quota"] == "writes_per_second"
+    assert body["limit"] == 50 and body["current"] == 50
+    assert "writes_per_second quota" in body["error"]
+
+
+QUOTA_MODEL = """\
+clusters:
+  - name: orders
+    members: [{name: a, address: 127.0.0.1, port: 8080}]
+    sessions: {quota: {sessions: 100, bytes: 1000000, writes_per_second: 2.5}}
+pools:
+  - name: web
+    listener: {address: 127.0.0.1, port: 10000}
+    members:
+      - {name: w1, address: 127.0.0.1, port: 8081}
+      - {name: w2, address: 127.0.0.1, port: 8082}
+virtual_systems:
+  - names: [t01, t02]
+    pool: web
+    sessions: {ttl: 10m, quota: {writes_per_second: 50}}
+  - {name: big, pool: web}
+"""
+
+
+def test_the_model_and_the_sidecar_read_the_same_quota() -> None:
+    model = parse_model(QUOTA_MODEL)
+    quota = model.cluster("orders").sessions.quota  # type: ignore[union-attr]
+    assert (quota.sessions, quota.bytes, quota.writes_per_second) == (100, 1_000_000, 2.5)
+    light = parse_light(QUOTA_MODEL)
+    assert light.sessions_of("orders").quota == LightQuota(100, 1_000_000, 2.5)  # type: ignore[union-attr]
+    t02 = light.sessions_of("t02")
+    assert t02 is not None and t02.ttl == 600 and t02.quota == LightQuota(None, None, 50)
+    assert light.sessions_of("big").quota == LightQuota()  # type: ignore[union-attr]
+    assert light.sessions_of("nobody") is None
+    assert model.virtual_systems[0].sessions.quota.writes_per_second == 50
+
+
+@pytest.mark.parametrize("quota", ["{sessions: 0}", "{bytes: -1}", "{writes_per_second: 0}",
+                                   "{writes_per_second: fast}", "{burst: 3}"])
+def test_a_wrong_quota_is_refused_by_both_readers(quota: str) -> None:
+    text = f"""\
+clusters:
+  - name: orders
+    members: [{{name: a, address: 127.0.0.1, port: 8080}}]
+    sessions: {{quota: {quota}}}
+"""
+    with pytest.raises(ModelError, match=r"clusters\[0\]\.sessions\.quota"):
+        parse_light(text)
+    with pytest.raises(ModelError, match=r"sessions\.quota"):
+        parse_model(text)
