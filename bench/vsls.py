@@ -204,8 +204,9 @@ async def kill_part(bed: Bed, traffic: Load, roles: Mapping[str, tuple[str, str]
              (r.sent < killed <= r.ended)]
     others = [r for r in after if r.vs not in own]
     changed = sorted({r.vs for r in after if r.ok and r.member != roles[r.vs][0]})
+    # an answer of the victim's own, on its way as it died, is neither
     not_standby = sorted({r.vs for r in after if r.vs in own and r.ok and
-                          r.member != roles[r.vs][1]})
+                          r.member not in (roles[r.vs][1], victim.name)})
     rto: dict[str, float | None] = {}
     for vs in own:
         firsts = [r.ended for r in after if r.vs == vs and r.ok and r.member == roles[vs][1]]
