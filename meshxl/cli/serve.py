@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,7 +151,13 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 
 
 @click.command("statesync")
-@click.option("--cluster", required=True, help="The meshxl cluster this member belongs to.")
+@click.option("--cluster", "clusters", multiple=True,
+              help="The meshxl cluster this member belongs to. Give it more than once "
+                   "for one process serving several clusters (each under "
+                   "/v1/clusters/CLUSTER of the API).")
+@click.option("--pool", help="Serve every virtual system of this pool of the model "
+                             "(docs/vsls.md), following the model as they are added or "
+                             "removed: one process, each VS under /v1/clusters/VS.")
 @click.option("--member", required=True, help="This member's name (unique in the cluster).")
 @click.option("--app", "app_address", required=True, metavar="HOST:PORT",
               help="The application's address: registered for Envoy to send traffic to.")
@@ -198,7 +205,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                    "a new one (default: 4096, or the open-file limit less 128).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
-def serve_statesync(cluster: str, member: str, app_address: str, site: str | None,
+def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
+                    app_address: str, site: str | None,
                     weight: int | None, listens: tuple[str, ...], socket_mode: str,
                     token_file: Path | None, etcd_urls: str,
                     etcd_root: str,
@@ -215,6 +223,9 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
     from meshxl.statesync.auth import read_token
 
     setup_logging(log_level)
+    checked(lambda: _check_hosted(clusters, pool))
+    # Hosting several: the process's settings name the pool (or the first cluster).
+    cluster = pool if pool is not None else clusters[0]
     listen, unix_socket = checked(lambda: statesync_listens(listens))
     config = checked(lambda: StatesyncConfig(
         cluster=cluster, member=member, app=app_address, etcd=etcd_urls, listen=listen,
@@ -224,8 +235,25 @@ def serve_statesync(cluster: str, member: str, app_address: str, site: str | Non
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
         max_connections=max_connections, etcd_security=etcd_security(),
         token=read_token(token_file, dict(os.environ))))
+    for name in clusters[1:]:  # each name checked as the process's is
+        checked(functools.partial(dataclasses.replace, config, cluster=name))
     traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
-           lambda: serve_sidecar(config), loop_factory=checked(loop_factory))
+           lambda: serve_sidecar(config, clusters, pool), loop_factory=checked(loop_factory))
+
+
+def _check_hosted(clusters: tuple[str, ...], pool: str | None) -> None:
+    """What the sidecar serves is given: a cluster or more, a pool or both."""
+    import re
+
+    from meshxl.errors import InputError
+    from meshxl.model.basics import NAME_PATTERN
+
+    if not clusters and pool is None:
+        raise InputError("give --cluster (one or more) or --pool: the clusters this sidecar "
+                         "serves")
+    if pool is not None and not re.fullmatch(NAME_PATTERN, pool):
+        raise InputError(f"invalid pool name {pool[:80]!r}: 1-63 lowercase letters, digits, "
+                         "'.', '_' or '-', starting and ending with a letter or digit")
 
 
 def statesync_listens(values: tuple[str, ...]) -> tuple[str, str | None]:

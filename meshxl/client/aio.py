@@ -17,6 +17,7 @@ with``).
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import ssl
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from .plans import (
 )
 from .settings import DEFAULT_URL, ClientSettings
 from .transport import Pool
-from .url import base_url, split_url, unix_path
+from .url import base_url, check_cluster, cluster_path, split_url, unix_path
 
 __all__ = ["AsyncClient"]
 
@@ -63,14 +64,20 @@ class AsyncClient:
     are aiohttp features: with either, requests go through aiohttp rather than the
     client's own transport. ``http`` cannot reach a ``unix:`` URL (its connector
     decides where it connects).
+
+    ``cluster``: the cluster (or virtual system) whose sessions it reads and writes, on a
+    sidecar hosting several (``meshxl serve statesync --pool``): its requests go under
+    ``/v1/clusters/{cluster}``. None (the default): the sidecar's one cluster.
+    :meth:`for_cluster` gives a client of another cluster sharing this one's connections.
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
                  settings: ClientSettings | None = None,
                  http: aiohttp.ClientSession | None = None,
                  trace_configs: list[aiohttp.TraceConfig] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, cluster: str | None = None) -> None:
         self.url = base_url(url)
+        self.cluster = check_cluster(cluster)
         self.settings = settings or ClientSettings()
         self._unix = unix_path(url)
         if self._unix is not None and http is not None:
@@ -85,6 +92,8 @@ class AsyncClient:
         self._owns_http = http is None
         self._trace_configs = trace_configs
         self._pool: Pool | None = None
+        self._parent: AsyncClient | None = None
+        """The client whose connections it shares (:meth:`for_cluster`)."""
         if http is None and not trace_configs:
             self._pool = Pool(settings=self.settings, host=host, port=port, unix=self._unix,
                               tls=ssl.create_default_context() if scheme == "https" else None,
@@ -92,6 +101,15 @@ class AsyncClient:
         # sock_connect, not connect: waiting for a pooled connection is not connecting.
         self._timeout = aiohttp.ClientTimeout(total=self.settings.timeout,
                                               sock_connect=self.settings.connect_timeout)
+
+    def for_cluster(self, cluster: str) -> AsyncClient:
+        """A client of ``cluster``'s sessions on the same sidecar, sharing this client's
+        connections, settings and token (closing it closes nothing: close this one)."""
+        other = copy.copy(self)
+        other.cluster = check_cluster(cluster)
+        other._owns_http = False
+        other._parent = self
+        return other
 
     # -- session API ------------------------------------------------------------------------
 
@@ -162,11 +180,14 @@ class AsyncClient:
 
     async def _send(self, request: Request) -> Answer | Unanswered:
         if self._pool is not None:
-            return await self._pool.request(request.method, self._prefix + request.path,
+            return await self._pool.request(request.method, self._prefix + cluster_path(
+                                                self.cluster, request.path),
                                             request.headers, request.body)
         return await self._send_aiohttp(request)
 
     def _session(self) -> aiohttp.ClientSession:
+        if self._parent is not None:
+            return self._parent._session()
         if self._http is None or (self._owns_http and self._http.closed):
             limit, keepalive = self.settings.max_connections, self.settings.keepalive
             connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
@@ -181,7 +202,8 @@ class AsyncClient:
     async def _send_aiohttp(self, request: Request) -> Answer | Unanswered:
         http = self._session()
         try:
-            async with http.request(request.method, self._origin + request.path,
+            async with http.request(request.method,
+                                    self._origin + cluster_path(self.cluster, request.path),
                                     data=request.body,
                                     headers={**self._headers, **request.headers},
                                     timeout=self._timeout, allow_redirects=False) as resp:
@@ -206,6 +228,8 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the client's connections (not an HTTP session it was given); it opens
         new ones if used again."""
+        if self._parent is not None:
+            return
         if self._pool is not None:
             await self._pool.close()
         if self._owns_http and self._http is not None:
@@ -219,7 +243,8 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"AsyncClient({self.url!r})"
+        cluster = f", cluster={self.cluster!r}" if self.cluster is not None else ""
+        return f"AsyncClient({self.url!r}{cluster})"
 
 
 def _unframed(status: int, headers: dict[str, str], limit: int) -> str | None:

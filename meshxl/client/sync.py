@@ -52,7 +52,7 @@ from .plans import (
     Written,
 )
 from .settings import DEFAULT_URL, ClientSettings
-from .url import base_url, split_url, unix_path
+from .url import base_url, check_cluster, cluster_path, split_url, unix_path
 
 __all__ = ["Client"]
 
@@ -105,8 +105,10 @@ class Client:
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None,
                  settings: ClientSettings | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, cluster: str | None = None) -> None:
         self.settings = settings or ClientSettings()
+        self.cluster = check_cluster(cluster)
+        """The cluster addressed on a sidecar hosting several (as AsyncClient's)."""
         self._unix = unix_path(url)
         scheme, self._host, self._port, self._prefix = ("http", "localhost", 80, "") \
             if self._unix is not None else split_url(url)
@@ -182,7 +184,8 @@ class Client:
             return random.Random(self._rng.getrandbits(64))
 
     def _send(self, request: Request) -> Answer | Unanswered:
-        data = self._writer.encode(request.method, self._prefix + request.path,
+        data = self._writer.encode(request.method,
+                                   self._prefix + cluster_path(self.cluster, request.path),
                                    request.headers, request.body)
         deadline = time.monotonic() + self.settings.timeout
         head_only = request.method == "HEAD"

@@ -4,11 +4,13 @@ sidecar's ``--listen unix:PATH``)."""
 from __future__ import annotations
 
 import os
+import re
 from urllib.parse import urlsplit
 
 from meshxl.errors import InputError
 
-__all__ = ["MAX_UNIX_PATH", "base_url", "split_url", "unix_path"]
+__all__ = ["MAX_UNIX_PATH", "base_url", "check_cluster", "cluster_path", "split_url",
+           "unix_path"]
 
 MAX_UNIX_PATH = 107
 """Bytes of a Unix socket's path at most: ``sun_path`` is 108 bytes with its NUL (Linux)."""
@@ -68,3 +70,27 @@ def base_url(url: str) -> str:
     scheme, host, port, prefix = split_url(url)
     shown = f"[{host}]" if ":" in host else host
     return f"{scheme}://{shown}:{port}{prefix}"
+
+
+_CLUSTER = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
+"""A cluster's (or virtual system's) name, as the model spells it."""
+
+
+def check_cluster(cluster: str | None) -> str | None:
+    """``cluster`` if it is a cluster's name (or None), else InputError naming it."""
+    if cluster is not None and not _CLUSTER.fullmatch(cluster):
+        raise InputError(f"invalid cluster name {cluster[:80]!r}: 1-63 lowercase letters, "
+                         "digits, '.', '_' or '-', starting and ending with a letter or digit")
+    return cluster
+
+
+def cluster_path(cluster: str | None, path: str) -> str:
+    """A request's path on a sidecar hosting several clusters: the cluster's API is the
+    single-cluster API under ``/v1/clusters/{cluster}`` (``/v1/sessions/s1`` ->
+    ``/v1/clusters/web/sessions/s1``, ``/readyz`` -> ``/v1/clusters/web/readyz``). Without
+    a cluster, ``path`` as it is."""
+    if cluster is None:
+        return path
+    if path.startswith("/v1/"):
+        return f"/v1/clusters/{cluster}/{path[4:]}"
+    return f"/v1/clusters/{cluster}{path}"

@@ -26,6 +26,12 @@ session; jitter and process-wide pauses are knobs there too. It is a local file,
 client reaches it through Envoy, and ``/healthz`` is never affected: the member stays
 healthy while it is sick (``bench/grayfailure.py``).
 
+Beside a sidecar serving several clusters (``meshxl serve statesync --pool``, the
+virtual systems of a pool: docs/vsls.md), ``--clusters-by-host`` takes each request's
+cluster from its Host header's first label (``t07.tenants.example`` -> ``t07``: how a
+pool's listener routes a virtual system by default), and reads and writes the session
+in that cluster (``AsyncClient.for_cluster``).
+
 When the sidecar requires a token (``meshxl serve statesync --token-file``), the app
 sends it from ``MESHXL_STATESYNC_TOKEN_FILE`` (the injected pods' Secret volume) or
 ``MESHXL_STATESYNC_TOKEN``.
@@ -79,6 +85,10 @@ _probe = web.AppKey("probe", AsyncClient)
 _ready = web.AppKey("ready", dict)
 _faults = web.AppKey("faults", FaultFile)
 _rng = web.AppKey("rng", random.Random)
+_by_host = web.AppKey("by_host", dict)
+"""With --clusters-by-host: each cluster's client by its name (sharing connections)."""
+MAX_HOSTED = 1024
+"""Clients of clusters kept (a Host header names any: past this, one per request)."""
 
 SETTINGS = ClientSettings(
     timeout=SIDECAR_TIMEOUT,
@@ -125,10 +135,30 @@ def _faults_now(app: web.Application) -> Faults:
     return app[_faults].current()
 
 
+def _client_of(request: web.Request) -> AsyncClient:
+    """The client of the request's cluster: the sidecar's one cluster, or with
+    ``--clusters-by-host`` the Host header's first label (InputError if that is no
+    cluster's name)."""
+    client, clients = request.app[_client], request.app.get(_by_host)
+    if clients is None:
+        return client
+    name = request.headers.get("Host", "").split(":", 1)[0].split(".", 1)[0].lower()
+    found: AsyncClient | None = clients.get(name)
+    if found is None:
+        found = client.for_cluster(name)
+        if len(clients) < MAX_HOSTED:
+            clients[name] = found
+    return found
+
+
 async def _counter(request: web.Request, *, increment: bool) -> web.Response:
     """Read the session's counter from the sidecar and, for POST, write it back + 1
     (``update``: If-Match the read's ETag, read again if the session changed)."""
-    member, client = request.app[_member], request.app[_client]
+    member = request.app[_member]
+    try:
+        client = _client_of(request)
+    except MeshxlError as exc:
+        return _error(400, f"Host: {exc}", member)
     faults, rng = _faults_now(request.app), request.app[_rng]
     if faults.fails(rng):  # before the session is read: nothing was written
         return _error(503, "injected fault (--faults)", member)
@@ -175,7 +205,11 @@ async def counter_ws(request: web.Request) -> web.StreamResponse:
     ``inc`` (or ``get``) is answered like ``POST`` (``GET``) ``/counter``, as JSON. When
     the session cannot be served here the socket closes (1013, try again later), so the
     client reconnects through Envoy to a member that can."""
-    member, client = request.app[_member], request.app[_client]
+    member = request.app[_member]
+    try:
+        client = _client_of(request)
+    except MeshxlError as exc:
+        return _error(400, f"Host: {exc}", member)
     session = _session_of(request)
     if session is None:
         return _error(400, f"the {hdr.SESSION} header is required", member)
@@ -264,8 +298,9 @@ async def _resources(app: web.Application) -> Any:
 
 
 def make_app(member: str, sidecar: str, token: str | None = None,
-             faults: Path | None = None) -> web.Application:
-    """``faults``: the file of injected faults (module docstring), None for none."""
+             faults: Path | None = None, clusters_by_host: bool = False) -> web.Application:
+    """``faults``: the file of injected faults (module docstring), None for none;
+    ``clusters_by_host``: each request's cluster from its Host (module docstring)."""
     # W3C trace context through the app, when its spans go somewhere.
     middlewares = [server_middleware()] if tracing.enabled() else []
     app = mweb.application(middlewares=middlewares)
@@ -274,6 +309,8 @@ def make_app(member: str, sidecar: str, token: str | None = None,
     app[_token] = token or ""
     app[_ready] = {"ready": False, "reason": "not polled yet"}
     app[_rng] = random.Random()
+    if clusters_by_host:
+        app[_by_host] = {}
     if faults is not None:
         app[_faults] = FaultFile(faults)
     app.cleanup_ctx.append(_resources)
@@ -285,10 +322,10 @@ def make_app(member: str, sidecar: str, token: str | None = None,
 
 
 async def serve(member: str, listen: str, sidecar: str, token: str | None = None,
-                faults: Path | None = None) -> None:
+                faults: Path | None = None, clusters_by_host: bool = False) -> None:
     """Serve until SIGTERM or SIGINT."""
     host, port = parse_hostport(listen)
-    runner = mweb.Runner(make_app(member, sidecar, token, faults))
+    runner = mweb.Runner(make_app(member, sidecar, token, faults, clusters_by_host))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)
@@ -306,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecar", required=True, metavar="URL",
                         help="the member's statesync sidecar, e.g. http://127.0.0.1:7070")
     parser.add_argument("--cluster", default="demo")
+    parser.add_argument("--clusters-by-host", action="store_true",
+                        help="the sidecar serves several clusters (--pool): each request's "
+                             "cluster is its Host header's first label")
     parser.add_argument("--trace-file", help="write this process's spans as OTLP JSON lines")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--faults", type=Path, metavar="FILE",
@@ -329,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "meshxl.member": args.name},
                   trace_file=args.trace_file)
     try:
-        asyncio.run(serve(args.name, args.listen, args.sidecar, token, args.faults))
+        asyncio.run(serve(args.name, args.listen, args.sidecar, token, args.faults,
+                          args.clusters_by_host))
     finally:
         shutdown_tracing()
     return 0

@@ -129,7 +129,7 @@ def xds(
 
 def statesync(
     *,
-    cluster: str,
+    cluster: str | list[str] | None,
     member: str,
     app: str,
     listen: str,
@@ -187,10 +187,12 @@ APP_MODULES = {"http": "meshxl.demo.app", "websocket": "meshxl.demo.app",
 
 def app(name: str, *, cluster: str | None, listen: str, sidecar: str,
         trace_file: Path | None = None, python: Sequence[str] = PYTHON,
-        protocol: str = "http", faults: Path | None = None) -> list[str]:
+        protocol: str = "http", faults: Path | None = None,
+        clusters_by_host: bool = False) -> list[str]:
     """The demo's counter app beside its statesync sidecar: ``meshxl.demo.app`` (HTTP and
     WebSocket), ``meshxl.demo.grpc_app`` or ``meshxl.demo.tcp_app``. ``faults``: the
-    HTTP app's injected-faults file (:mod:`meshxl.demo.faults`)."""
+    HTTP app's injected-faults file (:mod:`meshxl.demo.faults`); ``clusters_by_host``:
+    the HTTP app beside a sidecar serving a pool's virtual systems."""
     module = APP_MODULES[protocol]
     if module != "meshxl.demo.app":
         trace_file = None  # only the HTTP app traces (Envoy traces every protocol's requests)
@@ -198,4 +200,4 @@ def app(name: str, *, cluster: str | None, listen: str, sidecar: str,
             raise ValueError("only the HTTP sample app takes --faults")
     return [*python, "-m", module, *options(
         name=name, cluster=cluster, listen=listen, sidecar=sidecar, trace_file=trace_file,
-        faults=faults)]
+        faults=faults, clusters_by_host=clusters_by_host)]

@@ -53,7 +53,7 @@ from .checks import NO_CLUSTERS, duplicates, membership_problems
 from .text import model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
-           "LightQuota", "LightSessions", "LightSite", "parse_light"]
+           "LightQuota", "LightSessions", "LightSite", "LightVirtualSystem", "parse_light"]
 
 CLUSTER_FIELDS = frozenset({
     "name", "protocol", "websocket", "drain_window", "warmup", "mode", "membership",
@@ -62,9 +62,9 @@ CLUSTER_FIELDS = frozenset({
     "failover", "overrides", "degradation", "shares"})
 """Every field a cluster may have (``ClusterSpec``'s; a test keeps them equal)."""
 MODEL_FIELDS = frozenset({"clusters", "pools", "virtual_systems", "telemetry", "allow_empty"})
-"""Every field of a model (``ModelSpec``'s). A sidecar reads ``clusters``, and of each
-virtual system only its ``sessions`` (a VS's sidecar serves it as its cluster); pools
-and the rest of the virtual systems are the control plane's."""
+"""Every field of a model (``ModelSpec``'s). A sidecar reads ``clusters``, and of pools
+and virtual systems their names, members and session settings (a sidecar hosting a
+pool's virtual systems, docs/vsls.md); the rest is the control plane's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +132,21 @@ class LightCluster:
 
 
 @dataclass(frozen=True, slots=True)
+class LightVirtualSystem:
+    """A virtual system as a sidecar reads it: it is a cluster of its pool's members."""
+
+    name: str
+    pool: str
+    sessions: LightSessions = LightSessions()
+
+
+@dataclass(frozen=True, slots=True)
 class LightModel:
     clusters: tuple[LightCluster, ...] = ()
-    vs_sessions: tuple[tuple[str, LightSessions], ...] = ()
-    """Each virtual system's ``sessions`` settings (the only part of a virtual system
-    a sidecar reads), by name."""
+    virtual_systems: tuple[LightVirtualSystem, ...] = ()
+    """Those compiled: named once, not a cluster's name, on a pool of the model."""
+    pools: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Each pool's name and its members' names."""
 
     def cluster(self, name: str) -> LightCluster | None:
         return next((c for c in self.clusters if c.name == name), None)
@@ -144,10 +154,19 @@ class LightModel:
     def sessions_of(self, name: str) -> LightSessions | None:
         """The ``sessions`` settings of cluster or virtual system ``name`` (None:
         neither is in the model)."""
-        cluster = self.cluster(name)
-        if cluster is not None:
-            return cluster.sessions
-        return next((s for n, s in self.vs_sessions if n == name), None)
+        spec = self.cluster(name) or self.virtual_system(name)
+        return spec.sessions if spec is not None else None
+
+    def virtual_system(self, name: str) -> LightVirtualSystem | None:
+        return next((v for v in self.virtual_systems if v.name == name), None)
+
+    def pool_members(self, pool: str) -> tuple[str, ...] | None:
+        """The pool's members' names (None: no such pool)."""
+        return next((members for name, members in self.pools if name == pool), None)
+
+    def pool_systems(self, pool: str) -> list[str]:
+        """The names of the pool's virtual systems, in the model's order."""
+        return [v.name for v in self.virtual_systems if v.pool == pool]
 
 
 def parse_light(text: str, source: str = "<model>") -> LightModel:
@@ -339,8 +358,13 @@ class _Reader:
             self.problems.append(Problem("clusters", "expected a list", clusters))
             return LightModel()
         read = [self.cluster(c, f"clusters[{i}]") for i, c in enumerate(clusters)]
-        model = LightModel(tuple(c for c in read if c is not None),
-                           self.vs_sessions(data.get("virtual_systems", [])))
+        model = LightModel(tuple(c for c in read if c is not None))
+        if self.problems:
+            return model
+        pools = _light_pools(data.get("pools"))
+        model = LightModel(model.clusters, self.virtual_systems(
+            data.get("virtual_systems"), {c.name for c in model.clusters},
+            {name for name, _ in pools}), pools)
         if self.problems:
             return model
         if not model.clusters and not allow_empty and not data.get("virtual_systems"):
@@ -373,6 +397,25 @@ class _Reader:
             return None
         self.problems.extend(_local_sites(path, cluster, found.get("stickiness")))
         return cluster
+
+    def virtual_systems(self, data: Any, clusters: set[str],
+                        pools: set[str]) -> tuple[LightVirtualSystem, ...]:
+        """The virtual systems that are compiled (the control plane validates the rest:
+        an entry it would refuse is left out here, never an error of the sidecar's), each
+        with its ``sessions`` block read as a cluster's."""
+        found: list[LightVirtualSystem] = []
+        taken = set(clusters)
+        for i, entry in enumerate(data if isinstance(data, list) else []):
+            if not isinstance(entry, dict) or entry.get("pool") not in pools:
+                continue
+            names = entry.get("names") or [entry.get("name")]
+            sessions = self.sessions(entry.get("sessions", {}),
+                                     f"virtual_systems[{i}].sessions")
+            for name in names if isinstance(names, list) else []:
+                if isinstance(name, str) and _NAME.fullmatch(name) and name not in taken:
+                    taken.add(name)
+                    found.append(LightVirtualSystem(name, entry["pool"], sessions))
+        return tuple(found)
 
     def site(self, data: Any, path: str) -> LightSite | None:
         found = self._object(data, path, frozenset({"name", "weight", "failover_rank"}))
@@ -419,22 +462,6 @@ class _Reader:
             f(found, path, "bytes", _optional(_ranged(1, 1 << 50)), None),
             f(found, path, "writes_per_second", _optional(_rate), None))
 
-    def vs_sessions(self, data: Any) -> tuple[tuple[str, LightSessions], ...]:
-        """``(name, sessions)`` of every virtual system (``name`` or ``names``); the
-        rest of a virtual system is the control plane's to check."""
-        if not isinstance(data, list | tuple):
-            return ()
-        found: list[tuple[str, LightSessions]] = []
-        for i, entry in enumerate(data):
-            if not isinstance(entry, dict):
-                continue
-            path = f"virtual_systems[{i}]"
-            sessions = self.sessions(entry.get("sessions", {}), f"{path}.sessions")
-            names = entry.get("names") or [entry.get("name")]
-            if isinstance(names, list | tuple):
-                found.extend((n, sessions) for n in names if isinstance(n, str))
-        return tuple(found)
-
     def failover(self, data: Any, path: str) -> LightFailover:
         found = self._object(data, path, frozenset({"all_withdrawn", "failback",
                                                     "failback_delay"}))
@@ -446,6 +473,19 @@ class _Reader:
             f(found, path, "failback", _one_of(FAILBACKS), default.failback),
             f(found, path, "failback_delay", _duration(positive=False),
               default.failback_delay))
+
+
+def _light_pools(data: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each pool's name and members' names (entries the control plane would refuse: out)."""
+    pools = []
+    for pool in data if isinstance(data, list) else []:
+        members = pool.get("members") if isinstance(pool, dict) else None
+        if isinstance(pool, dict) and isinstance(pool.get("name"), str) \
+                and isinstance(members, list):
+            pools.append((pool["name"], tuple(m["name"] for m in members
+                                              if isinstance(m, dict)
+                                              and isinstance(m.get("name"), str))))
+    return tuple(pools)
 
 
 def _local_sites(path: str, cluster: LightCluster, stickiness: Any) -> Iterator[Problem]:

@@ -31,7 +31,9 @@ from meshxl.addr import (
 
 from .api import SessionRoutes
 from .auth import token_check
+from .cluster_routes import add_cluster_routes
 from .config import StatesyncConfig
+from .hosting import Hosting
 from .http import HttpServer, Router
 from .mesh_reads import session_settings, shard_map
 from .metrics import StatesyncMetrics
@@ -49,10 +51,15 @@ docs/performance.md)."""
 
 
 def routes(sidecar: Sidecar) -> Router:
-    """The API's routes, bound to ``sidecar``."""
+    """The API's routes, bound to ``sidecar``; under ``/v1/clusters/{its cluster}`` too
+    (cluster_routes.py), as a sidecar hosting several clusters serves each."""
     settings = sidecar.sessions.settings
-    return SessionRoutes(sidecar).router(settings.max_bytes,
-                                         delayed_sync=settings.sync_delay > 0)
+    own = SessionRoutes(sidecar)
+    router = own.router(settings.max_bytes, delayed_sync=settings.sync_delay > 0)
+    cluster = sidecar.config.cluster
+    add_cluster_routes(router, lambda name: own if name == cluster else None,
+                       lambda: [cluster])
+    return router
 
 
 def http_server(sidecar: Sidecar) -> HttpServer:
@@ -72,14 +79,14 @@ def _server(config: StatesyncConfig, metrics: StatesyncMetrics, router: Router) 
     return server
 
 
-def _serve_api(server: HttpServer, sidecar: Sidecar) -> None:
-    """``server`` serves ``sidecar``'s API from now on, with a SERVER span per request
-    while spans go somewhere (it continues the request's ``traceparent``, so takeover
-    spans land in the request's trace; off otherwise, as it costs a good part of a
-    write's CPU)."""
+def _serve_api(server: HttpServer, sidecar: Sidecar | Hosting) -> None:
+    """``server`` serves ``sidecar``'s API (or a hosting's: every cluster's) from now
+    on, with a SERVER span per request while spans go somewhere (it continues the
+    request's ``traceparent``, so takeover spans land in the request's trace; off
+    otherwise, as it costs a good part of a write's CPU)."""
     from meshxl.telemetry import tracing
 
-    server.site.router = routes(sidecar)
+    server.site.router = sidecar.router() if isinstance(sidecar, Hosting) else routes(sidecar)
     server.site.wrap = None
     if tracing.enabled():  # OpenTelemetry is loaded only then
         from meshxl.telemetry.spans import server_spans
@@ -106,10 +113,29 @@ async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = Non
     return client, sidecar
 
 
-async def serve(config: StatesyncConfig) -> None:
+async def _start_hosting(config: StatesyncConfig, metrics: StatesyncMetrics,
+                         clusters: tuple[str, ...], pool: str | None) -> Hosting:
+    """Start a sidecar hosting several clusters (hosting.py)."""
+    hosting = Hosting(config, metrics, clusters, pool)
+    try:
+        await hosting.start()
+    except BaseException:
+        await hosting.stop()
+        raise
+    log.info("statesync member %s on %s: hosting %d clusters%s", config.member,
+             config.listen, len(hosting.sidecars), f" (pool {pool})" if pool else "")
+    return hosting
+
+
+async def serve(config: StatesyncConfig, clusters: tuple[str, ...] = (),
+                pool: str | None = None) -> None:
     """Bind the API port (and socket) and serve on it: first the waiting answers of
     :mod:`.starting` while the sidecar starts (etcd, registration; retried until etcd
     answers), then the API.
+
+    ``pool`` (its virtual systems) or more than one of ``clusters``: one process
+    hosting each of them (hosting.py), ``config.cluster`` naming it in logs only;
+    otherwise ``config.cluster`` alone, as a single-cluster sidecar.
 
     The port is bound before the member registers: a busy port or a bad address fails
     the start (ListenError) with nothing registered, and the registration names the
@@ -135,6 +161,8 @@ async def serve(config: StatesyncConfig) -> None:
     waiting = Waiting(config.etcd, metrics)
     server = _server(config, metrics, waiting.router())
     started: tuple[aetcd.Client, Sidecar] | None = None
+    hosting: Hosting | None = None
+    hosted = pool is not None or len(set(clusters)) > 1
     try:
         await server.listen(sock)
         if unix is not None:
@@ -145,8 +173,13 @@ async def serve(config: StatesyncConfig) -> None:
             # Loaded before the member registers: seconds of imports on a busy host
             # would otherwise hold the loop while its lease's keepalives are due.
             import meshxl.telemetry.spans  # noqa: F401
-        started = await start_when_etcd_answers(lambda: _start(config, metrics), waiting)
-        _serve_api(server, started[1])
+        if hosted:
+            hosting = await start_when_etcd_answers(
+                lambda: _start_hosting(config, metrics, clusters, pool), waiting)
+            _serve_api(server, hosting)
+        else:
+            started = await start_when_etcd_answers(lambda: _start(config, metrics), waiting)
+            _serve_api(server, started[1])
         log.info("statesync API on http://%s%s", config.listen,
                  f" and unix:{config.unix_socket}" if unix is not None else "")
         # What exists now (modules, the model, the protobuf descriptors) lives as long
@@ -157,6 +190,8 @@ async def serve(config: StatesyncConfig) -> None:
         await asyncio.Event().wait()
     finally:
         await server.close()
+        if hosting is not None:
+            await hosting.stop()
         if started is not None:
             await started[1].stop()
             with contextlib.suppress(Exception):

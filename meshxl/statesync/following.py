@@ -22,7 +22,7 @@ import aetcd
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model.basics import ModelError
-from meshxl.model.light import parse_light
+from meshxl.model.light import LightModel, parse_light
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
 
 from .config import StatesyncConfig
@@ -37,14 +37,22 @@ class MeshFollower:
     """This member's place in the mesh, followed from etcd."""
 
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, keys: Keys,
-                 membership: Membership, scope: Callable[[bool], None] | None):
+                 membership: Membership, scope: Callable[[bool], None] | None,
+                 mesh: EtcdMeshSource[LightModel] | None = None):
         self.config = config
         self.client = client
         self.keys = keys
         self.membership = membership
         self.scope = scope
         """Told whether to hold every session (a narrow sidecar only; None: always)."""
-        self.mesh = EtcdMeshSource(client, keys, self._changed, parse_light)
+        self.owns_mesh = mesh is None
+        """False: ``mesh`` is shared by the clusters one process hosts (hosting.py), run
+        there, which calls :meth:`changed` of each."""
+        self.mesh = EtcdMeshSource(client, keys, self.changed, parse_light) \
+            if mesh is None else mesh
+        self._checked: bytes | None = None
+        """The model text last checked (each text once: the mesh changes with every
+        registration, the model seldom)."""
         self.role = Role.NONE
         """This member's role in the cluster, as the control plane computes it."""
         self.view_state: MemberState | None = None
@@ -75,8 +83,11 @@ class MeshFollower:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 rejoin.served = int(json.loads(history.value).get("failovers") or 0) > 0
 
-    def _changed(self) -> None:
-        self._check_model(self.mesh.model_text)
+    def changed(self) -> None:
+        """The mesh changed: this member's role and state again."""
+        if self.mesh.model_text is not self._checked or self._checked is None:
+            self._checked = self.mesh.model_text
+            self._check_model(self.mesh.model_text)
         model = self.mesh.model
         spec = model.cluster(self.config.cluster) if model is not None else None
         role = Role.NONE

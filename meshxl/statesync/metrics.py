@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 from .signals import Signals
 
-__all__ = ["CONTENT_TYPE", "Counter", "Gauge", "Histogram", "Registry", "StatesyncMetrics",
-           "go_float"]
+__all__ = ["CONTENT_TYPE", "PROCESS_WIDE", "Counter", "Gauge", "Histogram", "Registry",
+           "StatesyncMetrics", "go_float", "render_hosted"]
 
 CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 """The Content-Type of :meth:`Registry.render` (Prometheus' text format)."""
@@ -236,7 +236,10 @@ class Registry:
 
 
 class StatesyncMetrics:
-    def __init__(self) -> None:
+    """One sidecar's metrics. ``signals``: those of the process, shared by the clusters
+    one process hosts (:func:`render_hosted`); None: its own."""
+
+    def __init__(self, signals: Signals | None = None) -> None:
         self.registry = Registry()
         r = self.registry
         self.writes = Counter("meshxl_statesync_writes", "Session writes by operation and "
@@ -324,7 +327,7 @@ class StatesyncMetrics:
         self.connections = Gauge("meshxl_statesync_http_connections", "Client connections "
                                  "of the API open.", registry=r)
 
-        self.signals = Signals()
+        self.signals = signals or Signals()
         self._signal_gauges(r)
 
         # Children looked up once each.
@@ -364,3 +367,32 @@ class StatesyncMetrics:
     def render(self) -> bytes:
         """``GET /metrics``: every metric in Prometheus' text format."""
         return self.registry.render()
+
+
+PROCESS_WIDE = frozenset({
+    "meshxl_statesync_http_limits", "meshxl_statesync_http_connections",
+    "meshxl_statesync_event_loop_lag_seconds", "meshxl_statesync_etcd_commit_seconds",
+    "meshxl_statesync_cpu_pressure_ratio"})
+"""The metrics of the process rather than of a cluster: its HTTP server and its signals."""
+
+
+def render_hosted(process: StatesyncMetrics, clusters: dict[str, StatesyncMetrics]) -> bytes:
+    """``GET /metrics`` of a sidecar hosting several clusters: each metric once (its HELP
+    and TYPE lines), with every cluster's series labelled ``cluster`` (the metrics of
+    :data:`PROCESS_WIDE` from ``process``, unlabelled), as if one registry held them."""
+    out: list[str] = []
+    by_cluster = [(name, m.registry.families) for name, m in sorted(clusters.items())]
+    for i, family in enumerate(process.registry.families):
+        if family.name in PROCESS_WIDE:
+            out += family.lines()
+            continue
+        head = family.lines()[:2]  # HELP and TYPE (the process's own series: none)
+        out += head
+        name = head[1].split(" ")[2]
+        own = "cluster" in family.labelnames
+        for cluster, families in by_cluster:
+            each = families[i]
+            for values, child in each._children.items():
+                labels = tuple(zip(each.labelnames, values, strict=True))
+                child.lines(name, labels if own else (("cluster", cluster), *labels), out)
+    return "".join(out).encode()

@@ -29,8 +29,10 @@ import aetcd
 from meshxl import etcd
 from meshxl.addr import parse_hostport
 from meshxl.etcd.keys import Keys
+from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.etcd.shards import ShardMap
 from meshxl.model.basics import Replication, choose
+from meshxl.model.light import LightModel
 from meshxl.model.runtime import MemberState
 
 from .cache import SessionCache
@@ -61,7 +63,10 @@ class Sidecar:
 
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings,
                  metrics: StatesyncMetrics | None = None,
-                 shard_map: ShardMap | None = None):
+                 shard_map: ShardMap | None = None,
+                 mesh: EtcdMeshSource[LightModel] | None = None):
+        """``mesh``: the mesh followed, when the process follows it for several clusters
+        (hosting.py, which runs it); None: its own."""
         self.config = config
         self.keys = Keys(config.etcd_root)
         self.client = client
@@ -90,7 +95,7 @@ class Sidecar:
         self.narrow = choose(_HOLDS_ONLY_WHAT_IT_USES, settings.replication,
                              "sessions replication")
         self.following = MeshFollower(config, client, self.keys, self.membership,
-                                      self._scope if self.narrow else None)
+                                      self._scope if self.narrow else None, mesh)
         self._watches: dict[str, asyncio.Task[None]] | None = None
         """The caches' watches while they hold every session (always, unless narrow)."""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -120,7 +125,8 @@ class Sidecar:
         await self.membership.start()
         loop = asyncio.get_running_loop()
         if self.narrow:
-            self._tasks.append(loop.create_task(self.following.mesh.run()))
+            if self.following.owns_mesh:
+                self._tasks.append(loop.create_task(self.following.mesh.run()))
             with contextlib.suppress(TimeoutError):  # see _follow_sync
                 async with asyncio.timeout(5.0):
                     await self.following.mesh.synced.wait()
@@ -133,7 +139,7 @@ class Sidecar:
         self._tasks.append(loop.create_task(self._housekeeping()))
         self.metrics.signals.loop_lag.start()
         self._tasks.append(loop.create_task(self._publish_sync()))
-        if not self.narrow:
+        if not self.narrow and self.following.owns_mesh:
             self._tasks.append(loop.create_task(self.following.mesh.run()))
         if isinstance(self.sessions, ShardedSessions):
             from .resharding import MapFollower  # only with shards

@@ -11,14 +11,21 @@ from pathlib import Path
 import schemathesis
 
 from meshxl.statesync.api import SessionRoutes, openapi_document
+from meshxl.statesync.cluster_routes import add_cluster_routes, hosted_router
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"get", "put", "patch", "delete", "post", "head", "options"}
 
 
 def test_document_routes_are_the_app_routes() -> None:
-    router = SessionRoutes(sidecar=None).router(max_bytes=1024)
+    """A single-cluster sidecar's routes (its cluster's under /v1/clusters/{cluster}
+    too), which are the paths a sidecar hosting several clusters serves."""
+    own = SessionRoutes(sidecar=None)
+    router = own.router(max_bytes=1024)
+    add_cluster_routes(router, lambda name: own, lambda: ["shop"])
     served = {(route.method.lower(), route.pattern) for route in router.routes()}
+    hosted = hosted_router(None, lambda name: None)
+    assert {(r.method.lower(), r.pattern) for r in hosted.routes()} == served
     document = openapi_document()
     described = {(method, path) for path, item in document["paths"].items()
                  for method in item if method in METHODS}
