@@ -27,6 +27,7 @@ from .errors import (
     Conflict,
     Contended,
     NotFound,
+    OverQuota,
     PreconditionFailed,
     SidecarConflict,
     SidecarError,
@@ -48,7 +49,8 @@ from .sync import Client
 
 __all__ = [
     "DEFAULT_URL", "AsyncClient", "Backoff", "BadRequest", "Client", "ClientSettings",
-    "Conflict", "Contended", "Delete", "NotFound", "PreconditionFailed", "Readiness", "Session",
+    "Conflict", "Contended", "Delete", "NotFound", "OverQuota", "PreconditionFailed",
+    "Readiness", "Session",
     "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
     "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge", "Unauthorized",
     "Unavailable", "Undecodable", "Unreachable", "Upsert", "Written", "WriteUncertain",

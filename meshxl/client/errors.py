@@ -32,6 +32,8 @@ Contended                   Conflict                     ``update`` gave up: the
 SidecarPreconditionFailed   PreconditionFailed           412: ``If-Match`` /
                             (a Conflict)                 ``If-None-Match: *`` failed
 SidecarTooLarge             TooLarge                     413
+OverQuota                   Unavailable                  429: over the cluster's quota
+                                                         (not retried)
 SidecarUnavailable          Unavailable                  503 (etcd unavailable), another
                                                          5xx, an answer not as documented
 Unreachable                 Unavailable                  no answer (refused, reset, timed
@@ -65,7 +67,7 @@ from meshxl.errors import (
     Undecodable,
 )
 
-__all__ = ["BadRequest", "Conflict", "Contended", "NotFound", "PreconditionFailed",
+__all__ = ["BadRequest", "Conflict", "Contended", "NotFound", "OverQuota", "PreconditionFailed",
            "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
            "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge",
            "Unauthorized", "Unavailable", "Undecodable", "Unreachable", "WriteUncertain",
@@ -147,6 +149,13 @@ class Unreachable(SidecarUnavailable):
     """No answer from the sidecar: connection refused or reset, or timed out."""
 
 
+class OverQuota(SidecarUnavailable):
+    """429: the write would take the cluster beyond its ``sessions.quota`` (sessions,
+    bytes or writes per second); nothing of it was written. ``details`` has ``quota``,
+    ``limit``, ``current`` and ``retry_after`` (seconds). Not retried by the client: the
+    caller decides whether to wait ``retry_after`` or give up."""
+
+
 class WriteUncertain(SidecarUnavailable):
     """A write was sent again after an attempt without an acknowledgement (a 503, or
     no answer), and the retry was refused by its own condition (412): the earlier
@@ -157,7 +166,7 @@ class WriteUncertain(SidecarUnavailable):
 _BY_STATUS: dict[int, type[SidecarError]] = {
     400: BadRequest, 401: Unauthorized, 403: Unauthorized, 404: SidecarNotFound,
     408: BadRequest, 409: SidecarConflict, 412: SidecarPreconditionFailed,
-    413: SidecarTooLarge, 415: BadRequest,
+    413: SidecarTooLarge, 415: BadRequest, 429: OverQuota,
 }
 
 

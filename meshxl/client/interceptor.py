@@ -33,6 +33,8 @@ the sidecar answered                      status                  why that statu
                                                                   the whole call
 503, unreachable, token refused           ``UNAVAILABLE``         Envoy retries it on
                                                                   another member
+429: over the cluster's quota             ``RESOURCE_EXHAUSTED``  the tenant's own
+                                                                  limit: not retried
 an invalid session id                     ``INVALID_ARGUMENT``    the caller's mistake
 ========================================  ======================  ====================
 
@@ -56,7 +58,7 @@ from meshxl import headers as hdr
 from meshxl.errors import detached
 
 from .aio import AsyncClient
-from .errors import BadRequest, SidecarConflict, SidecarError
+from .errors import BadRequest, OverQuota, SidecarConflict, SidecarError
 from .middleware import RequestSession, load, load_sync, save, save_sync
 from .plans import check_session_id
 from .sync import Client
@@ -109,6 +111,8 @@ def status_of(exc: SidecarError) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SidecarConflict):
         return (grpc.StatusCode.ABORTED, f"the session changed while this call ran "
                 f"({exc.message}); send the call again")
+    if isinstance(exc, OverQuota):  # the tenant's own limit: no other member helps
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"session state over quota: {exc.message}"
     return grpc.StatusCode.UNAVAILABLE, f"session state unavailable: {exc}"
 
 

@@ -46,7 +46,7 @@ from meshxl import headers as hdr
 from meshxl.errors import detached
 
 from .aio import AsyncClient
-from .errors import BadRequest, SidecarConflict, SidecarError, SidecarNotFound
+from .errors import BadRequest, OverQuota, SidecarConflict, SidecarError, SidecarNotFound
 from .plans import JSON, check_session_id, encode_state
 from .sync import Client
 
@@ -153,6 +153,10 @@ def _failure(exc: SidecarError, session_id: str) -> tuple[int, dict[str, Any]]:
         return 409, {"error": f"session {session_id!r} changed while this request ran "
                               f"({exc.message}); send the request again",
                      "status": 409, "session": session_id}
+    if isinstance(exc, OverQuota):  # the tenant's own limit: no other member helps
+        return 429, {"error": f"session state over quota: {exc.message}", "status": 429,
+                     "session": session_id, **{k: v for k, v in exc.details.items()
+                                               if k in ("quota", "limit", "retry_after")}}
     return 503, {"error": f"session state unavailable: {exc}", "status": 503,
                  "session": session_id}
 

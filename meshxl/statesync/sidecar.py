@@ -332,8 +332,9 @@ class Sidecar:
 
     def _usage(self) -> Usage:
         """The cluster's sessions and their bytes, as the caches hold them (quota.py)."""
-        entries = [e for part in self.parts for e in part.cache.entries.values()]
-        return Usage(len(entries), sum(len(e.record.data) for e in entries))
+        return Usage(sum(len(part.cache) for part in self.parts),
+                     sum(len(e.record.data) for part in self.parts
+                         for e in part.cache.entries.values()))
 
     def _session_size(self, session_id: str) -> int | None:
         for part in self.parts:

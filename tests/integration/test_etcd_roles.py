@@ -5,6 +5,7 @@ and etcd refuses t01's credentials t02's sessions, and t010's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
+from meshxl.operator.actions import apply_model
 from tests.harness.cli import meshxl
 from tests.harness.secure_etcd import ROOT_PASSWORD, enable_auth_on
 from tests.harness.sidecar import SidecarProcess
@@ -32,8 +34,11 @@ pools:
       - {name: w1, address: 127.0.0.1, port: 18081}
       - {name: w2, address: 127.0.0.1, port: 18082}
 virtual_systems:
-  - names: [t01, t02, t010]
+  - names: [t01, t010]
     pool: web
+  - name: t02
+    pool: web
+    sessions: {replication: narrow}    # reads sessions on demand, probes etcd's revision
 """
 
 
@@ -56,32 +61,37 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
         harness: Owner, auth_etcd: Any, tmp_path: Path) -> None:
     root = ["--etcd", auth_etcd.url, "--etcd-user", "root", "--etcd-password-file",
             str(_secret(tmp_path / "root", ROOT_PASSWORD))]
-    model = tmp_path / "model.yaml"
-    model.write_text(MODEL)
-    code, out, err = await meshxl("apply", str(model), *root)
-    assert code == 0, err
+    root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        await apply_model(client, KEYS, MODEL, "test")
 
-    # The dry run prints etcdctl's commands and changes nothing.
-    code, out, err = await meshxl("etcd", "grant", "t01", "--user", "tenant-t01",
-                                  "--dry-run", *root)
+    passwords = {t: _secret(tmp_path / f"pw-{t}", f"password of {t}!")
+                 for t in ("t01", "t02")}
+    # The dry run prints etcdctl's commands and changes nothing; each tenant's grant.
+    (code, out, err), *granted = await asyncio.gather(
+        meshxl("etcd", "grant", "t01", "--user", "tenant-t01", "--dry-run", *root),
+        *(meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
+                 "--user-password-file", str(passwords[tenant]), "-o", "json", *root)
+          for tenant in ("t01", "t02")))
     assert code == 0, err
     assert ("etcdctl role grant-permission meshxl-cluster-t01 readwrite "
             "/meshxl/v1/sessions/t01/ --prefix") in out
     assert "etcdctl user grant-role tenant-t01 meshxl-cluster-t01" in out
-
-    passwords = {t: _secret(tmp_path / f"pw-{t}", f"password of {t}!")
-                 for t in ("t01", "t02")}
-    for tenant in ("t01", "t02"):
-        code, out, err = await meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
-                                      "--user-password-file", str(passwords[tenant]),
-                                      "-o", "json", *root)
+    for code, out, err in granted:
         assert code == 0, err
         assert json.loads(out)["user_created"] is True
-    # Again: nothing to change.
-    code, out, err = await meshxl("etcd", "grant", "t01", "--user", "tenant-t01", *root)
+    # Again: nothing to change; and a tenant's user may not grant itself more: etcd
+    # refuses, in one line.
+    (code, out, err), (refused, _, why) = await asyncio.gather(
+        meshxl("etcd", "grant", "t01", "--user", "tenant-t01", *root),
+        meshxl("etcd", "grant", "t02", "--user", "tenant-t01", "--etcd", auth_etcd.url,
+               "--etcd-user", "tenant-t01", "--etcd-password-file", str(passwords["t01"])))
     assert code == 0, err
     assert "role meshxl-cluster-t01: up to date" in out
     assert "permissions granted 0, revoked 0" in out
+    assert refused == 1 and why.strip().splitlines() == [
+        "meshxl: etcd refused the grant: permission denied (run it with the root user's "
+        "credentials, --etcd-user root)"], why
 
     sidecar = SidecarProcess(harness, cluster="t01", member="w1", etcd=auth_etcd.url,
                              app_port=free_port(), etcd_user="tenant-t01",
@@ -101,7 +111,6 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
     assert (await sidecar.delete("cart-2")).status == 204
 
     # Its registration and statistics are in etcd (seen with root's credentials).
-    root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         async def published() -> bool:
             return (await client.get(KEYS.sync_stats("t01", "w1").encode())) is not None
@@ -113,6 +122,9 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
     status = await sidecar.status()
     assert status["registered"] and status["ready"], status
     assert "permission denied" not in sidecar.logs()
+    # Nothing it does was refused or half-done (a read refused is logged as a warning).
+    assert not [line for line in sidecar.logs().splitlines()
+                if " WARNING " in line or " ERROR " in line], sidecar.logs()
 
     # t01's credentials: etcd itself refuses t02's and t010's sessions.
     t01 = etcd.EtcdSecurity(user="tenant-t01", password=f"password of {'t01'}!")
@@ -130,3 +142,22 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
             await client.put(KEYS.model.encode(), b"clusters: []")
         with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
             await client.put(KEYS.member("t02", "w1").encode(), b"{}")
+
+    # A sidecar holding only what it uses (t02: narrow) works under its role too.
+    narrow = SidecarProcess(harness, cluster="t02", member="w2", etcd=auth_etcd.url,
+                            app_port=free_port(), etcd_user="tenant-t02",
+                            etcd_password_file=passwords["t02"])
+    await narrow.start()
+    assert (await narrow.get("nothing")).status == 404  # asked of etcd: not held here
+    assert (await narrow.put("mine", {"n": 1})).status == 201
+    assert (await narrow.get("mine")).json() == {"n": 1}
+    assert (await narrow.delete("theirs")).status == 204  # read from etcd, then deleted
+    assert not [line for line in narrow.logs().splitlines()
+                if " WARNING " in line or " ERROR " in line], narrow.logs()
+
+    # A graceful stop revokes the registration's lease (etcd checks write permission on
+    # every key under it): the registration goes at once.
+    await sidecar.stop()
+    assert "lease not revoked" not in sidecar.logs()
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        assert (await client.get(KEYS.member("t01", "w1").encode())) is None

@@ -13,6 +13,7 @@ from typing import Any
 import aetcd
 import pytest
 
+from meshxl.client import AsyncClient, OverQuota
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
@@ -94,13 +95,17 @@ async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes
     assert (await t01.get("n0")).status == 404
     assert [(await t01.put(f"n{i}", {"n": i})).status for i in range(3)] == [201, 201, 429]
     assert (await t01.put("n0", {"n": "again"})).status == 200  # not a new session
+    async with AsyncClient(t01.url) as client:  # the session client: OverQuota, once
+        with pytest.raises(OverQuota) as over_quota:
+            await client.put("n9", {"n": 9})
+    assert over_quota.value.details["quota"] == "sessions"
     assert (await t01.delete("n1")).status == 204
 
     metrics = (await t01.request("GET", "/metrics")).body.decode()
     assert f'meshxl_statesync_quota_refused_total{{quota="writes_per_second"}} ' \
            f'{float(len(refused))}' in metrics
-    assert 'meshxl_statesync_quota_refused_total{quota="sessions"} 2.0' in metrics
+    assert 'meshxl_statesync_quota_refused_total{quota="sessions"} 3.0' in metrics
     quota = (await t01.status())["quota"]
     assert quota["sessions"]["limit"] == 12 and quota["writes_per_second"]["limit"] == RATE
-    assert quota["refused"] == {"writes_per_second": len(refused), "sessions": 2}
+    assert quota["refused"] == {"writes_per_second": len(refused), "sessions": 3}
     assert (await t02.status())["quota"] is None

@@ -97,6 +97,7 @@ class Sidecar:
     (412, cerrors.SidecarPreconditionFailed, errors.PreconditionFailed, 412),
     (413, cerrors.SidecarTooLarge, errors.TooLarge, 413),
     (415, cerrors.BadRequest, errors.InputError, 400),
+    (429, cerrors.OverQuota, errors.Unavailable, 503),
     (500, cerrors.SidecarUnavailable, errors.Unavailable, 503),
     (503, cerrors.SidecarUnavailable, errors.Unavailable, 503),
 ])
@@ -113,6 +114,23 @@ def test_error_answers_map_onto_the_family(status: int, cls: type, member: type,
     assert httpbase.http_status(exc) == edge
     response = mweb.error_response(httpbase.http_status(exc), str(exc), **exc.details)
     assert json.loads(response.body)["field"] == "If-Match"
+
+
+def test_over_quota_is_the_tenants_own_limit_not_retried_elsewhere() -> None:
+    import grpc
+
+    from meshxl.client.interceptor import status_of
+    from meshxl.client.middleware import _failure
+
+    exc = cerrors.error_from_answer(429, error_body(
+        429, "over the cluster's writes_per_second quota", quota="writes_per_second",
+        limit=50, current=50, retry_after=1), method="PUT", path="/v1/sessions/s1")
+    assert type(exc) is cerrors.OverQuota and isinstance(exc, errors.Unavailable)
+    assert exc.details["retry_after"] == 1
+    status, body = _failure(exc, "s1")
+    assert status == 429 and body["quota"] == "writes_per_second"
+    assert body["limit"] == 50 and body["retry_after"] == 1 and body["session"] == "s1"
+    assert status_of(exc)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_fencing_and_undecodable_conflicts_keep_the_sidecars_fields() -> None:
