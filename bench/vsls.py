@@ -91,8 +91,8 @@ class Plan:
 
 FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
             join=10.0, flood=6.0, quota_wps=40)
-QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=2.0, after_kill=4.0,
-             join=3.0, flood=1.5, quota_wps=40)
+QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
+             join=2.0, flood=1.5, quota_wps=40)
 
 
 def p(values: Sequence[float], q: float) -> float | None:
@@ -301,6 +301,11 @@ def verdicts(res: Mapping[str, Any]) -> list[Verdict]:
     out.append(Verdict("flood at quota: other tenants' write p99 ratio", fl.get("ratio"),
                        TARGET_FLOOD, "x", reference=fl.get("reference", ""),
                        note=fl.get("skipped", "")))
+    same = fl.get("same_member_ratio")
+    out.append(Verdict("flood at quota: write p99 ratio, tenants on its member", same,
+                       TARGET_FLOOD, "x", reference=fl.get("same_member_reference", ""),
+                       note=fl.get("skipped", "") or "the tenants whose active shares the "
+                       "flooder's sidecar process"))
     au = res.get("auth") or {}
     out.append(Verdict("cross-tenant session reads not refused by etcd",
                        au.get("not_refused"), 0, "reads", reference=au.get("reference", ""),

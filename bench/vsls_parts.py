@@ -123,6 +123,10 @@ async def flood_part(bed: Bed, traffic: Load, window: float, quota: int) -> dict
                                     "n_flood": len(flood)},
             "same_member_write_p99_ms": {"quiet": near_q, "flood": near_f},
             "ratio": ratio,
+            "same_member_ratio": round(near_f / near_q, 3) if near_q and near_f else None,
+            "same_member_reference": f"p99 {near_q} -> {near_f} ms (n "
+                                     f"{len(latencies('quiet', True))} / "
+                                     f"{len(latencies('flood', True))})",
             "reference": f"p99 {q99} ms quiet, {f99} ms flooded; on the flooder's member "
                          f"{near_q} -> {near_f} ms; flooder {accepted} accepted "
                          f"({round(accepted / flood_s, 1) if flood_s else '-'}/s, quota "
