@@ -47,7 +47,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib import Verdict, env_info, print_verdicts, quick_requested, stop_load, write_results
+from benchlib import (
+    Verdict,
+    env_info,
+    print_verdicts,
+    quick_requested,
+    stop_load,
+    summary_ms,
+    write_results,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -87,12 +95,15 @@ class Plan:
     flood: float
     """Each of the flood part's four windows."""
     quota_wps: int
+    flood_interval: float
+    """The other tenants' pause between requests in the flood part: a load the machine
+    carries, so that the flood, not the load itself, is what the p99 shows."""
 
 
 FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
-            join=10.0, flood=6.0, quota_wps=40)
+            join=10.0, flood=6.0, quota_wps=40, flood_interval=1.0)
 QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
-             join=2.0, flood=1.5, quota_wps=40)
+             join=2.0, flood=1.5, quota_wps=40, flood_interval=0.5)
 
 
 def p(values: Sequence[float], q: float) -> float | None:
@@ -139,9 +150,12 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
         roles = roles_of(report)
         weights = {v["name"]: v["weight"] for v in report["virtual_systems"]}
         members = [m["name"] for m in report["pools"][0]["members"]]
-        start = time.time()
+        start, checks = time.time(), await bed.health_checks()
         await asyncio.sleep(plan.steady)
+        checks = (await bed.health_checks() - checks) / (time.time() - start)
         served = served_by(traffic.records, start + plan.interval * 2, time.time())
+        steady = [(r.ended - r.sent) * 1000 for r in traffic.records
+                  if r.ok and r.write and start <= r.sent < start + plan.steady]
         as_served = share_of_served(served, members, weights)
         mismatched = sorted(vs for vs, per in served.items()
                             if max(per.items(), key=lambda kv: kv[1])[0] != roles[vs][0])
@@ -149,7 +163,9 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
             "members": report["pools"][0]["members"],
             "busiest_ratio": max(m["share_ratio"] for m in report["pools"][0]["members"]),
             "served": as_served, "served_not_by_active": mismatched,
-            "unanswered_vss": sorted(set(vss) - set(served))}
+            "unanswered_vss": sorted(set(vss) - set(served)),
+            "write_ms": summary_ms(steady), "writes_per_s": round(len(steady) / plan.steady, 1),
+            "health_checks_per_s": round(checks, 1)}
         print(f"  placement: {res['placement']['busiest_ratio']} (vs list), "
               f"{as_served['ratio']} (as served) {as_served['held']}", flush=True)
 
@@ -165,7 +181,8 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
               flush=True)
 
         step = "flood"
-        res["flood"] = (await flood_part(bed, traffic, plan.flood, plan.quota_wps)
+        res["flood"] = (await flood_part(bed, traffic, plan.flood, plan.quota_wps,
+                                         plan.flood_interval)
                         if stateful and quotas else
                         {"skipped": "no per-VS quotas in this checkout" if stateful
                          else "no state (echo members)"})
@@ -323,6 +340,8 @@ def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> Non
     print("  members (vs list): " + ", ".join(
         f"{m['name']} {m['active']}a/{m['standby']}s ({m['share_ratio']}x)"
         for m in pl["members"]))
+    print(f"  steady: {pl['writes_per_s']} writes/s, write p50 {pl['write_ms']['p50']} ms "
+          f"p99 {pl['write_ms']['p99']} ms; Envoy health checks {pl['health_checks_per_s']}/s")
     print(f"  kill -9 {k['victim']}: own {len(k['own'])} VSs, moved {len(k['moved_vss'])}, "
           f"RTO p50 {k['rto_s']['p50']} s p99 {k['rto_s']['p99']} s max {k['rto_s']['max']} s;"
           f" back in {k['back_s']} s")

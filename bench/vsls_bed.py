@@ -181,6 +181,12 @@ class Bed:
         async with EnvoyAdmin(self.envoy_admin_url, timeout=5.0) as admin:
             return await admin.clusters()
 
+    async def health_checks(self) -> int:
+        """Envoy's health-check attempts so far, every VS's cluster summed."""
+        async with EnvoyAdmin(self.envoy_admin_url, timeout=5.0) as admin:
+            stats = await admin.stats(r"health_check\.attempt$")
+        return sum(stats.values())
+
     async def wait_hosts(self, ok: Any, what: str, timeout: float = 60.0) -> None:
         async def check() -> bool:
             seen = await self.clusters()

@@ -59,7 +59,8 @@ async def _quota_refused(url: str) -> float | None:
     return sum(found) if found else 0.0
 
 
-async def flood_part(bed: Bed, traffic: Load, window: float, quota: int) -> dict[str, Any]:
+async def flood_part(bed: Bed, traffic: Load, window: float, quota: int,
+                     interval: float) -> dict[str, Any]:
     """The first VS floods writes at its active's sidecar (the tenant's own app's path:
     :data:`FLOOD_WRITERS` writers, no pause) in two of four windows (quiet, flood,
     quiet, flood); the other tenants' acknowledged writes through Envoy are compared
@@ -71,6 +72,8 @@ async def flood_part(bed: Bed, traffic: Load, window: float, quota: int) -> dict
     statuses: dict[int, int] = {}
     windows: list[tuple[str, float, float]] = []
     refused_before = await _quota_refused(sidecar)
+    steady_interval, traffic.interval = traffic.interval, interval
+    await asyncio.sleep(interval + 1.0)  # every session at its new pace
 
     async def writer(http: aiohttp.ClientSession, k: int, until: float) -> None:
         n = 0
@@ -93,6 +96,7 @@ async def flood_part(bed: Bed, traffic: Load, window: float, quota: int) -> dict
             else:
                 await asyncio.sleep(window)
             windows.append((kind, start, time.time()))
+    traffic.interval = steady_interval
     refused_after = await _quota_refused(sidecar)
 
     def latencies(kind: str, same_member: bool | None = None) -> list[float]:
@@ -116,6 +120,7 @@ async def flood_part(bed: Bed, traffic: Load, window: float, quota: int) -> dict
     refused = (None if refused_after is None or refused_before is None
                else refused_after - refused_before)
     return {"flooder": flooder, "flooder_active": active, "quota_wps": quota,
+            "others_interval_s": interval,
             "writers": FLOOD_WRITERS, "statuses": statuses,
             "accepted_per_s": round(accepted / flood_s, 1) if flood_s else None,
             "quota_refused_metric": refused,
