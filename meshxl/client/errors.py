@@ -35,7 +35,10 @@ SidecarTooLarge             TooLarge                     413
 OverQuota                   Unavailable                  429: over the cluster's quota
                                                          (not retried)
 SidecarUnavailable          Unavailable                  503 (etcd unavailable), another
-                                                         5xx, an answer not as documented
+                                                         5xx, an answer not as documented;
+                                                         a 404 naming the cluster (one
+                                                         the sidecar does not serve, or
+                                                         not yet: a VS just added)
 Unreachable                 Unavailable                  no answer (refused, reset, timed
                                                          out)
 WriteUncertain              Unavailable                  a write retried after an attempt
@@ -174,6 +177,12 @@ def error_class(status: int, details: dict[str, Any]) -> type[SidecarError]:
     """The exception an error answer of ``status`` (with these fields) raises."""
     if status == 409 and details.get("undecodable") is True:
         return SidecarUndecodable
+    if status == 404 and details.get("field") == "cluster":
+        # The cluster, not the session, is missing here: never "no such session" (a
+        # load would start the session anew). Unavailable, as the member is for that
+        # cluster: the app answers 503, and a VS just added to a pool is served by
+        # its members' sidecars a moment later.
+        return SidecarUnavailable
     if status in _BY_STATUS:
         return _BY_STATUS[status]
     return BadRequest if 400 <= status < 500 else SidecarUnavailable

@@ -11,6 +11,10 @@ session that does not exist yet) and changes ``state`` in place or replaces it:
 * ASGI: ``app = SessionMiddleware(app, client)``, then
   ``scope["state"]["meshxl_session"]`` (Starlette: ``request.state.meshxl_session``).
 
+Beside a sidecar serving several clusters (a pool's virtual systems), the aiohttp
+middleware's ``cluster=`` names each request's cluster (``cluster_from_host``: the Host's
+first label); an invalid name answers 400.
+
 The state is written back only if it changed (its JSON differs from what was read),
 with the ETag of the read (``If-Match``; ``If-None-Match: *`` for a new session), so a
 concurrent change is never overwritten. When the write loses (another request or
@@ -43,7 +47,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from meshxl import headers as hdr
-from meshxl.errors import detached
+from meshxl.errors import InputError, detached
 
 from .aio import AsyncClient
 from .errors import BadRequest, OverQuota, SidecarConflict, SidecarError, SidecarNotFound
@@ -51,8 +55,11 @@ from .plans import JSON, check_session_id, encode_state
 from .sync import Client
 
 __all__ = ["SCOPE_KEY", "SESSION", "RequestSession", "SessionMiddleware",
-           "aiohttp_middleware", "load", "load_sync", "save", "save_sync"]
+           "aiohttp_middleware", "cluster_from_host", "load", "load_sync", "save",
+           "save_sync"]
 
+MAX_CLUSTER_CLIENTS = 1024
+"""Clients of clusters kept by a middleware given ``cluster`` (a request may name any)."""
 SCOPE_KEY = "meshxl_session"
 """Where the ASGI middleware puts the session: ``scope["state"][SCOPE_KEY]``."""
 
@@ -182,9 +189,25 @@ SESSION = web.RequestKey("meshxl_session", RequestSession)
 
 def aiohttp_middleware(client: AsyncClient, *, header: str | None = hdr.SESSION,
                        cookie: str | None = None, retries: int = 0,
-                       default: Callable[[], Any] = dict) -> Middleware:
-    """An aiohttp middleware loading and saving ``request[SESSION]`` (module docstring)."""
+                       default: Callable[[], Any] = dict,
+                       cluster: Callable[[web.Request], str] | None = None) -> Middleware:
+    """An aiohttp middleware loading and saving ``request[SESSION]`` (module docstring).
+    ``cluster``: each request's cluster on a sidecar serving several (its session is
+    that cluster's: ``client.for_cluster``), e.g. :func:`cluster_from_host`; None: the
+    client's own."""
     _check_retries(retries)
+    clients: dict[str, AsyncClient] = {}
+
+    def client_of(request: web.Request) -> AsyncClient:
+        if cluster is None:
+            return client
+        name = cluster(request)
+        found = clients.get(name)
+        if found is None:
+            found = client.for_cluster(name)  # InputError: not a cluster's name
+            if len(clients) < MAX_CLUSTER_CLIENTS:
+                clients[name] = found
+        return found
 
     @web.middleware
     async def meshxl_session(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -192,6 +215,10 @@ def aiohttp_middleware(client: AsyncClient, *, header: str | None = hdr.SESSION,
                                  request.cookies.get(cookie) if cookie else None)
         if session_id is None:
             return await handler(request)
+        try:
+            client = client_of(request)
+        except InputError as exc:
+            return _json(400, {"error": str(exc), "status": 400, "field": "cluster"})
         for attempt in range(retries + 1):
             try:
                 session = await load(client, check_session_id(session_id), default)
@@ -221,6 +248,12 @@ def aiohttp_middleware(client: AsyncClient, *, header: str | None = hdr.SESSION,
         raise AssertionError("unreachable")
 
     return meshxl_session
+
+
+def cluster_from_host(request: web.Request) -> str:
+    """A request's cluster as a pool's listener routes a virtual system by default: its
+    Host's first label (``t07.tenants.example:10000`` -> ``t07``)."""
+    return request.headers.get("Host", "").split(":", 1)[0].split(".", 1)[0].lower()
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:

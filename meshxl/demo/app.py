@@ -64,6 +64,7 @@ from meshxl.client import (
     Contended,
     NotFound,
 )
+from meshxl.client.middleware import cluster_from_host
 from meshxl.client.plans import check_session_id
 from meshxl.demo.faults import FaultFile, Faults
 from meshxl.demo.signals import until_stopped
@@ -142,7 +143,7 @@ def _client_of(request: web.Request) -> AsyncClient:
     client, clients = request.app[_client], request.app.get(_by_host)
     if clients is None:
         return client
-    name = request.headers.get("Host", "").split(":", 1)[0].split(".", 1)[0].lower()
+    name = cluster_from_host(request)
     found: AsyncClient | None = clients.get(name)
     if found is None:
         found = client.for_cluster(name)

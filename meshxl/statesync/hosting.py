@@ -94,7 +94,9 @@ class Hosting:
         return client
 
     def config_of(self, cluster: str) -> StatesyncConfig:
-        """A hosted cluster's settings: the process's, for that cluster."""
+        """A hosted cluster's settings: the process's, for that cluster. Where a
+        cluster's own settings would come from (its etcd credentials: another client
+        then, :meth:`client_for`)."""
         return dataclasses.replace(self.config, cluster=cluster,
                                    sync_publish_interval=max(
                                        self.config.sync_publish_interval,

@@ -38,7 +38,13 @@ from meshxl.client import (
     Unavailable,
     Unreachable,
 )
-from meshxl.client.middleware import SCOPE_KEY, SESSION, SessionMiddleware, aiohttp_middleware
+from meshxl.client.middleware import (
+    SCOPE_KEY,
+    SESSION,
+    SessionMiddleware,
+    aiohttp_middleware,
+    cluster_from_host,
+)
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
@@ -569,6 +575,44 @@ async def test_demo_app_counts_through_the_client(harness: Owner, etcd: EtcdServ
             return not await healthy()
 
         await wait_until(unhealthy, timeout=10, what="the app unhealthy without its sidecar")
+
+
+async def test_middleware_and_clients_address_a_cluster_by_name(
+        harness: Owner, etcd: EtcdServer, start_sidecar: Any) -> None:
+    """``cluster=``: the clients' requests under /v1/clusters/{cluster} (which a
+    single-cluster sidecar answers for its own), the middleware's per request from the
+    Host; a cluster the sidecar does not serve is no missing session."""
+    a = await start_member(start_sidecar, etcd.url, "a")
+    client = AsyncClient(a.url, cluster=CLUSTER)
+    harness.on_close(client.close)
+    await client.put("c1", {"n": 1})
+    async with AsyncClient(a.url) as plain:  # the same cluster's sessions
+        assert (await plain.get("c1")).state == {"n": 1}
+    assert Client(a.url, cluster=CLUSTER).get("c1").state == {"n": 1}
+    with pytest.raises(SidecarUnavailable, match="'nope' is not served"):
+        await client.for_cluster("nope").get("c1")
+
+    async def count(request: web.Request) -> web.Response:
+        session = request[SESSION]
+        session.state["n"] = session.state.get("n", 0) + 1
+        return web.json_response(session.state)
+
+    app = mweb.application(middlewares=[aiohttp_middleware(client,
+                                                           cluster=cluster_from_host)])
+    app.router.add_post("/count", count)
+    url = await serve(harness, app)
+    async with aiohttp.ClientSession() as http:
+        async def call(host: str) -> tuple[int, Any]:
+            async with http.post(f"{url}/count", headers={
+                    "Host": host, "x-session-id": "c1"}) as resp:
+                return resp.status, await resp.json()
+
+        assert await call(f"{CLUSTER}.tenants.example:80") == (200, {"n": 2})
+        status, body = await call("nope.tenants.example")
+        assert status == 503 and "'nope' is not served" in body["error"], body
+        status, body = await call("-bad.example")
+        assert status == 400 and body["field"] == "cluster", body
+    assert (await client.get("c1")).state == {"n": 2}
 
 
 async def test_bulk_operations_of_both_clients(etcd: EtcdServer, start_sidecar: Any) -> None:

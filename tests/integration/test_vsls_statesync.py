@@ -155,6 +155,15 @@ async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_activ
 
     status = (await sidecars[1].request("GET", f"/v1/clusters/{a}/status")).json()
     assert status["takeovers"] >= len(SESSIONS), status
+    # The process's status and metrics hold every cluster's, by name.
+    whole = (await sidecars[1].request("GET", "/v1/status")).json()
+    assert sorted(whole["clusters"]) == sorted(TENANTS) and whole["pool"] == "web"
+    assert whole["clusters"][a]["takeovers"] == status["takeovers"]
+    metrics = (await sidecars[1].request("GET", "/metrics")).body.decode()
+    for vs in (a, b):
+        assert f'meshxl_statesync_writes_total{{cluster="{vs}",op="put",result="ok"}}' \
+            in metrics, vs
+    assert metrics.count("# TYPE meshxl_statesync_writes_total counter") == 1
     print(f"\nkill -9 of w0 (app and sidecar): VS {a} on its standby w1, every session "
           f"from its last value ({failed_a} of {rounds * len(SESSIONS)} requests "
           f"failed, {status['takeovers']} takeovers); VS {b}: 0 of {len(answers_b)} failed")

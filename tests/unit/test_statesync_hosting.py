@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from meshxl.client import AsyncClient, Client
+from meshxl.client import AsyncClient, Client, NotFound, SidecarNotFound, SidecarUnavailable
+from meshxl.client.errors import error_from_answer
 from meshxl.client.url import check_cluster, cluster_path
 from meshxl.errors import InputError
 from meshxl.model.light import parse_light
@@ -174,6 +175,16 @@ def test_the_clients_address_a_cluster_under_v1_clusters() -> None:
     other = client.for_cluster("t08")
     assert (client.cluster, other.cluster) == ("t07", "t08")
     assert repr(other) == "AsyncClient('http://127.0.0.1:7070', cluster='t08')"
+
+
+def test_an_unknown_cluster_is_no_missing_session_to_the_client() -> None:
+    body = json.dumps({"error": "cluster 't9' is not served by this sidecar", "status": 404,
+                       "field": "cluster"}).encode()
+    exc = error_from_answer(404, body, method="GET", path="/v1/clusters/t9/sessions/s1")
+    assert isinstance(exc, SidecarUnavailable) and not isinstance(exc, NotFound)
+    missing = error_from_answer(404, b'{"error": "no session", "status": 404}',
+                                method="GET", path="/v1/clusters/t1/sessions/s1")
+    assert isinstance(missing, SidecarNotFound)
 
 
 def test_the_sidecar_reads_each_pools_virtual_systems_of_the_model() -> None:
