@@ -45,10 +45,12 @@ from .sidecar import Sidecar
 
 log = logging.getLogger("meshxl.statesync.app")
 
-__all__ = ["HOSTED_PUBLISH_INTERVAL", "START_CONCURRENCY", "Hosting"]
+__all__ = ["CLOSE_GRACE", "HOSTED_PUBLISH_INTERVAL", "START_CONCURRENCY", "Hosting"]
 
 START_CONCURRENCY = 8
 """Hosted clusters started at once (each: a lease, reads, a registration)."""
+CLOSE_GRACE = 2.0
+"""Seconds an etcd client's close may take at the end (then: left to the exit)."""
 HOSTED_PUBLISH_INTERVAL = 10.0
 """Seconds between publications of each hosted cluster's statistics (``meshxl sync``;
 2 s for a single-cluster sidecar): sixty clusters would otherwise write thirty keys a
@@ -126,8 +128,12 @@ class Hosting:
         self.sidecars.clear()
         self.routes.clear()
         for client in self.clients.values():
+            # Bounded: with a hundred watches cancelled at once, aetcd's close can wait
+            # for ever on its watcher's full request queue, and the process would never
+            # end (the leases are revoked by now).
             with contextlib.suppress(Exception):
-                await client.close()
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await client.close()
         self.metrics.signals.loop_lag.stop()
 
     # -- which clusters ---------------------------------------------------------------

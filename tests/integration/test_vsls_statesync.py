@@ -11,6 +11,7 @@ answers every request. The shared sidecar's API addresses each VS by its path.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ TENANTS = ["t1", "t2", "t3", "t4"]
 SESSIONS = [f"s{i}" for i in range(4)]
 STREAK = 5  # rounds in a row every session of A must be served in, after the kill
 MAX_ROUNDS = 200
+STOP_WITHIN = 5.0  # seconds a SIGTERM'd sidecar of five VSs takes to end, at most
 
 
 def model_text(apps: dict[str, int], port: int) -> str:
@@ -186,6 +188,13 @@ async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_activ
     assert await served() == ["t2", "t3", "t4"]
     gone = await w1.request("GET", "/v1/clusters/t1/sessions/s0")
     assert gone.status == 404 and "'t1' is not served" in gone.json()["error"]
+
+    # SIGTERM: it ends at once, every VS's registration withdrawn.
+    assert await etcd_client.get(KEYS.member("t2", "w1").encode()) is not None
+    w1.process.signal(signal.SIGTERM)
+    assert await w1.process.wait_exit(STOP_WITHIN) is not None
+    for vs in ("t2", "t3", "t4", "t5"):
+        assert await etcd_client.get(KEYS.member(vs, "w1").encode()) is None, vs
 
 
 async def _has(names: Any, name: str, present: bool = True) -> bool:
