@@ -117,6 +117,8 @@ def _load(file: Path) -> Any:
 @click.option("--root-namespace", default="istio-system", show_default=True)
 @click.option("--filter-namespace", default=None)
 @click.option("--port", "ports", multiple=True, metavar="[CLUSTER=]PORT")
+@click.option("--site-label", default=DEFAULT_SITE_LABEL, show_default=True,
+              help="Pod label holding the member's site (pool members are checked).")
 @click.option("--istio-version", default=None, metavar="X.Y",
               help="Istio's version (default: the istiod Deployment's image tag among "
                    "the objects).")
@@ -124,7 +126,8 @@ def _load(file: Path) -> Any:
               show_default=True)
 def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
                   cluster_domain: str, root_namespace: str, filter_namespace: str | None,
-                  ports: tuple[str, ...], istio_version: str | None, output: str) -> None:
+                  ports: tuple[str, ...], site_label: str, istio_version: str | None,
+                  output: str) -> None:
     """Report what would make meshxl's Istio objects ineffective in a namespace.
 
     OBJECTS are YAML files (or '-') with the namespace's Services, DestinationRules,
@@ -144,7 +147,7 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
     loaded = checked(lambda: load_objects(objects))
     options = IstioOptions(namespace=namespace, cluster_domain=cluster_domain,
                            root_namespace=root_namespace, ports=_ports(ports),
-                           filter_namespace=filter_namespace)
+                           filter_namespace=filter_namespace, site_label=site_label)
     findings = check(model, loaded, options, istio_version=version)
     if output == "json":
         click.echo(json.dumps({"findings": [f.as_dict() for f in findings],
@@ -179,7 +182,8 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                   resync: float, health_listen: str | None, once: bool, etcd_urls: str,
                   etcd_root: str) -> None:
     """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
-    high-availability clusters in step with meshxl's view, for failoverPriority."""
+    high-availability clusters, and each virtual system's (vs.meshxl.io/VS...) on its
+    pool's pods, in step with meshxl's view, for failoverPriority."""
     import asyncio
 
     from meshxl.addr import ListenError, bind_tcp

@@ -12,6 +12,9 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/clusters/{cluster}/health/{member}     a sick member's judgement
                                                           (degraded, probed; leased by
                                                           the control plane that judged)
+    {root}/v1/mesh/clusters/{vs}/preferred/{member}       a virtual system's active
+                                                          chosen by the operator
+                                                          (``meshxl vs move``; one a VS)
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
@@ -57,12 +60,14 @@ DEFAULT_ROOT = "/meshxl"
 
 #: The kinds of key under ``clusters/CLUSTER/`` (what :meth:`Keys.parse_cluster_key`
 #: returns as ``kind``): member registrations, the administrative state ("member
-#: down"; a site's "offline" is ``sites/SITE/admin``) and the control plane's judgement
-#: of a sick member (``meshxl.xds.health``).
+#: down"; a site's "offline" is ``sites/SITE/admin``), the control plane's judgement
+#: of a sick member (``meshxl.xds.health``) and a virtual system's active chosen by the
+#: operator (``meshxl vs move``).
 MEMBERS = "members"
 ADMIN = "admin"
 HEALTH = "health"
-CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH)
+PREFERRED = "preferred"
+CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH, PREFERRED)
 
 
 def _segment(value: str, what: str) -> str:
@@ -114,6 +119,13 @@ class Keys:
     def member_health(self, cluster: str, member: str) -> str:
         cluster_part = _segment(cluster, "cluster")
         return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
+
+    def preferred_prefix(self, vs: str) -> str:
+        """A virtual system's operator-chosen active (at most one key under it)."""
+        return f"{self.clusters_prefix}{_segment(vs, 'virtual system')}/{PREFERRED}/"
+
+    def preferred(self, vs: str, member: str) -> str:
+        return f"{self.preferred_prefix(vs)}{_segment(member, 'member')}"
 
     @property
     def sites_prefix(self) -> str:
@@ -234,8 +246,9 @@ class Keys:
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:
         """Split a key under ``clusters/`` into (cluster, kind, member).
 
-        ``kind`` is ``members``, ``admin`` or ``health``; anything else (for example session keys
-        added by later parts) returns None so watchers can ignore it.
+        ``kind`` is ``members``, ``admin``, ``health`` or ``preferred``; anything else
+        (for example session keys added by later parts) returns None so watchers can
+        ignore it.
         """
         if not key.startswith(self.clusters_prefix):
             return None

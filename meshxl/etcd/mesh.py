@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
-from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, Keys
+from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
 from meshxl.model.runtime import AdminAction, Health, Registration, RuntimeState
@@ -181,6 +181,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
     members_down: dict[tuple[str, str], AdminAction] = {}
     sites_offline: dict[str, AdminAction] = {}
     health: dict[tuple[str, str], Health] = {}
+    preferred: dict[tuple[str, str], AdminAction] = {}
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
@@ -195,6 +196,8 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
                     members_down[(cluster, member)] = AdminAction.from_dict(data)
                 elif kind == HEALTH:
                     health[(cluster, member)] = Health.from_dict(data)
+                elif kind == PREFERRED:
+                    preferred[(cluster, member)] = AdminAction.from_dict(data)
                 else:
                     raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
             except ValueError as exc:
@@ -206,7 +209,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
             if data is not None:
                 sites_offline[site] = AdminAction.from_dict(data)
     return RuntimeState(registrations=registrations, members_down=members_down,
-                        sites_offline=sites_offline, health=health)
+                        sites_offline=sites_offline, health=health, preferred=preferred)
 
 
 def _json(key: str, raw: bytes) -> dict[str, Any] | None:

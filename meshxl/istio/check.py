@@ -22,7 +22,8 @@ model, renders what ``meshxl istio render`` would, and reports:
   cluster's Service (or on a Service of a cluster without a pin), an applied EnvoyFilter
   that does not pin (rendered before the model had a pin), an istiod whose draining
   label is not the one ``meshxl istio label`` writes, and VirtualService routes that
-  send a strictly pinned host's traffic to another destination.
+  send a strictly pinned host's traffic to another destination;
+* pools and virtual systems: what breaks their placement (:mod:`.poolcheck`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .labels import (
     istio_session_labels,
     session_label_problem,
 )
+from .poolcheck import check_pools
 from .protocols import port_problem, service_port
 from .render import (
     IstioOptions,
@@ -371,6 +373,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                         "retryIgnorePreviousHosts: true, the model says previous_hosts: "
                         "false")
 
+    check_pools(model, by_kind, ns, options.cluster_domain, options.site_label, add)
     if version is None:
         add("warning", "", "istiod", "Istio version unknown (give --istio-version or "
             "include the istiod Deployment): needs >= 1.22, >= 1.27 for retryBudget")

@@ -33,6 +33,7 @@ import aiohttp
 from meshxl.errors import Unavailable
 from meshxl.headers import bearer
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
+from meshxl.model.vsls import placed, placement_of
 
 from .labels import (
     DRAINING_LABEL,
@@ -40,16 +41,21 @@ from .labels import (
     PREFERRED_LABEL,
     ROLE_LABEL,
     SERVING_LABEL,
+    VS_PREFIXES,
     drain_labels,
     role_labels,
+    vs_label_keys,
+    vs_role_labels,
 )
+from .pools import pools_with_systems
 
 __all__ = ["ClusterLabels", "KubeApi", "KubeApiError", "LabelChange", "PodLabeler",
-           "desired_labels"]
+           "desired_labels", "pool_labels"]
 
 log = logging.getLogger("meshxl.istio.labeler")
 
 CLUSTER_LABEL = "meshxl.io/cluster"
+_VS_ROLE = VS_PREFIXES[2]
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 class KubeApiError(Unavailable, RuntimeError):
     """The Kubernetes API refused a request or could not be reached."""
@@ -71,13 +77,19 @@ class ClusterLabels:
     """member (pod name) -> labels (``None``: remove the label)."""
     unknown: dict[str, str | None]
     """For a member pod meshxl does not know at all: role ``none``, no draining mark."""
+    prefixes: tuple[str, ...] = ()
+    """Labels with these prefixes that are not in a pod's labels above are removed (the
+    labels of virtual systems no longer in the model)."""
 
 
 def desired_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLabels]:
     """cluster -> its labels, for every high-availability cluster (role labels) and
-    every cluster with pinned sessions (the draining label)."""
+    every cluster with pinned sessions (the draining label); and pool -> the labels of
+    its high-availability virtual systems (:func:`pool_labels`)."""
     out: dict[str, ClusterLabels] = {}
     for spec in model.clusters:
+        if spec.name in model.virtual_names:
+            continue
         pinned = spec.stickiness is not None and spec.stickiness.pin is not None
         if not (spec.high_availability or pinned):
             continue
@@ -93,6 +105,43 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, Cluster
                 members[name].update(labels)
             unknown[DRAINING_LABEL] = None
         out[spec.name] = ClusterLabels(members, unknown)
+    out.update(pool_labels(model, runtime))
+    return out
+
+
+def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLabels]:
+    """pool -> the labels of its high-availability virtual systems on its members' pods
+    (pod name = member name): per VS, its serving, preferred and role labels
+    (:func:`meshxl.istio.labels.vs_role_labels`), from the placement for ``runtime``
+    (members down on the pool, sites offline) and the VS's cluster as meshxl's xDS
+    serves it (per-VS drains, degraded members). A pod of the pool that is not a member
+    carries no VS label: the last priority of every VS. When a VS of the pool pins
+    sessions, the members out of the placement (down on the pool, site offline) get
+    istiod's draining label, as the drained members of a pinned cluster: they leave
+    every VS's EDS, and their pins move (the label is the pod's: a drain in one VS
+    alone cannot move that VS's pins)."""
+    out: dict[str, ClusterLabels] = {}
+    model = placed(model, runtime)
+    systems_of = {pool.name: specs for pool, specs in pools_with_systems(model)}
+    for pool in model.pools:  # a pool whose last VS went still loses the VS labels
+        specs = systems_of.get(pool.name, [])
+        placement = placement_of(model, pool, runtime)
+        systems = [s for s in specs if s.high_availability and s.name in placement.roles]
+        keys = [key for spec in systems for key in vs_label_keys(spec.name)]
+        members = {m.name: dict.fromkeys(keys) for m in pool.members}
+        for spec in systems:
+            roles = placement.roles[spec.name]
+            placed_members = roles.order[:2 + roles.backups]
+            for name, labels in vs_role_labels(cluster_view(spec, runtime),
+                                               placed_members).items():
+                if name in members:  # not a sidecar registered under the VS's name
+                    members[name].update(labels)
+        unknown = dict.fromkeys(keys)
+        if any(s.stickiness is not None and s.stickiness.pin is not None for s in specs):
+            for name, labels in members.items():
+                labels[DRAINING_LABEL] = DRAINING_VALUE if name in placement.lost else None
+            unknown[DRAINING_LABEL] = None
+        out[pool.name] = ClusterLabels(members, unknown, VS_PREFIXES)
     return out
 
 
@@ -121,11 +170,23 @@ def changes(namespace: str | None, desired: Mapping[str, ClusterLabels],
         cluster = labels.get(CLUSTER_LABEL)
         if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
             continue
-        want = desired[cluster].members.get(name, desired[cluster].unknown)
+        wanted = desired[cluster]
+        want = wanted.members.get(name, wanted.unknown)
+        if wanted.prefixes:
+            gone = [k for k in labels if k.startswith(wanted.prefixes) and k not in want]
+            want = {**want, **dict.fromkeys(gone)}
         patch = {k: v for k, v in want.items() if _differs(k, labels.get(k), v)}
-        if patch:
-            out.append(LabelChange(pod_namespace, name, patch))
+        # A pod may take a VS's active role while it leaves another's: the promotions go
+        # in a patch of their own, sent after every demotion (reconcile).
+        promote = {k: v for k, v in patch.items() if v == "active" and k.startswith(_VS_ROLE)}
+        rest = {k: v for k, v in patch.items() if k not in promote}
+        out += [LabelChange(pod_namespace, name, part) for part in (rest, promote) if part]
     return out
+
+
+def _promotes(change: LabelChange) -> bool:
+    return any(v == "active" and (k == ROLE_LABEL or k.startswith(_VS_ROLE))
+               for k, v in change.labels.items())
 
 
 class KubeApi:
@@ -213,7 +274,7 @@ class PodLabeler:
         pods = await self.api.member_pods(self.namespace)
         todo = changes(self.namespace, desired, pods)
         # Demote before promoting: never two pods labelled active at once.
-        todo.sort(key=lambda c: c.labels.get(ROLE_LABEL) == "active")
+        todo.sort(key=_promotes)
         for change in todo:
             await self.api.patch_labels(change.namespace, change.pod, change.labels)
             log.info("pod %s/%s: %s", change.namespace, change.pod, dict(change.labels))

@@ -14,8 +14,9 @@ from meshxl.model.runtime import ClusterView, Role
 
 __all__ = [
     "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
-    "ISTIO_SESSION_LABELS", "PREFERRED_LABEL", "ROLE_LABEL", "SERVING_LABEL", "drain_labels",
-    "istio_priority", "istio_session_labels", "role_labels", "session_label_problem",
+    "ISTIO_SESSION_LABELS", "PREFERRED_LABEL", "ROLE_LABEL", "SERVING_LABEL", "VS_PREFIXES",
+    "drain_labels", "istio_priority", "istio_session_labels", "role_labels",
+    "session_label_problem", "vs_failover_priority", "vs_label_keys", "vs_role_labels",
 ]
 
 DEFAULT_SITE_LABEL = "meshxl.io/site"
@@ -30,6 +31,11 @@ PREFERRED_LABEL = "meshxl.io/preferred"
 #: row lowers its priority by one, so active 0, standby 1, backup 2, the rest 3.
 HA_FAILOVER_PRIORITY = (f"{SERVING_LABEL}=true", f"{PREFERRED_LABEL}=true",
                         f"{ROLE_LABEL}=active")
+#: The same three labels per virtual system, on the pods of its pool (one pod holds roles
+#: in many VSs): ``serving.vs.meshxl.io/VS``, ``preferred.vs.meshxl.io/VS`` and the role
+#: ``vs.meshxl.io/VS`` (active, standby, backup). A pool member with no role in a VS (the
+#: rest of the pool, or drained in it) carries none of the VS's labels: the last priority.
+VS_PREFIXES = ("serving.vs.meshxl.io/", "preferred.vs.meshxl.io/", "vs.meshxl.io/")
 #: istiod's pod label for draining endpoints (its PILOT_DRAINING_LABEL default): a
 #: labelled endpoint is sent as DRAINING to Services with Istio's persistent-session
 #: cookie label and left out of every other Service's EDS.
@@ -104,3 +110,35 @@ def drain_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
     overrides the load balancer's choice whatever the priority."""
     return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining else None}
             for m in view.members}
+
+
+def vs_label_keys(vs: str) -> tuple[str, str, str]:
+    """The (serving, preferred, role) labels of virtual system ``vs`` on its pool's pods."""
+    serving, preferred, role = (f"{prefix}{vs}" for prefix in VS_PREFIXES)
+    return serving, preferred, role
+
+
+def vs_failover_priority(vs: str) -> list[str]:
+    """A high-availability VS's failoverPriority: :data:`HA_FAILOVER_PRIORITY` on its own
+    labels (active 0, standby 1, backups 2, the rest of the pool 3)."""
+    serving, preferred, role = vs_label_keys(vs)
+    return [f"{serving}=true", f"{preferred}=true", f"{role}=active"]
+
+
+def vs_role_labels(view: ClusterView, placed: Sequence[str]) -> dict[str, dict[str, str | None]]:
+    """The labels of one high-availability VS on each pool member (``None``: remove).
+
+    ``view`` is the VS's cluster as meshxl's xDS serves it (per-VS drains, degraded
+    members) and ``placed`` its active, standby and backups from the placement: the rest
+    of the pool, which meshxl's xDS puts on one last priority, carries no label of the VS
+    (unless the view made it the active or the standby: every placed member is out)."""
+    keys = vs_label_keys(view.spec.name)
+    out: dict[str, dict[str, str | None]] = {}
+    for name, labels in role_labels(view).items():
+        role = labels[ROLE_LABEL]
+        if role == "none" or (role == "backup" and name not in placed):
+            out[name] = dict.fromkeys(keys)
+        else:
+            out[name] = {keys[0]: labels[SERVING_LABEL], keys[1]: labels[PREFERRED_LABEL],
+                         keys[2]: role}
+    return out

@@ -18,22 +18,21 @@ sidecar. For each one this renders:
   ``istio.io/persistent-session`` Service labels cannot say strict mode, the cookie's
   TTL or a path, and keep draining members' pins: docs/istio.md).
 
-Failover order. Istio computes EDS priorities itself. With
-``failoverPriority: ["label=value", ...]`` the priority of an endpoint depends only on
-its own labels, so every proxy sees the same priorities and consistent hashing sends a
-session to the same member from every client. (Region-based ``failover`` and Istio's
-default locality preference are relative to each client's locality: two clients in
-different sites then hash the same session to different members; ``site_failover=
-"region"`` renders that form anyway, with a warning.) A label chain stops at its first
-mismatch. Load sharing over sites orders by the site label (``meshxl.io/site=SITE``).
-High availability orders by the role labels that ``meshxl istio label`` keeps on the
-member pods from meshxl's own view (registrations, readiness, ``member down``,
-``site offline``): ``meshxl.io/serving=true``, ``meshxl.io/preferred=true``,
-``meshxl.io/role=active`` put the active member at priority 0, the standby at 1, the
-other serving members at 2 and drained or unready members last (3). In a pinned
-cluster the labeler also marks drained members with istiod's draining label
-(``istio.io/draining``): istiod then leaves them out of EDS, so their pinned sessions
-move as they do under meshxl's own xDS (a pin outlives a mere change of priority).
+Failover order. Istio computes EDS priorities itself. With ``failoverPriority:
+["label=value", ...]`` the priority of an endpoint depends only on its own labels, so
+every proxy sees the same priorities and consistent hashing sends a session to the same
+member from every client (region ``failover`` is relative to each client:
+docs/istio.md). A label chain stops at its first mismatch. Load sharing over sites
+orders by the site label (``meshxl.io/site=SITE``). High availability orders by the role
+labels that ``meshxl istio label`` keeps on the member pods from meshxl's own view
+(registrations, readiness, ``member down``, ``site offline``):
+``meshxl.io/serving=true``, ``meshxl.io/preferred=true``, ``meshxl.io/role=active`` put
+the active member at priority 0, the standby at 1, the other serving members at 2 and
+drained or unready members last (3). In a pinned cluster the labeler also marks drained
+members with istiod's draining label (``istio.io/draining``): istiod then leaves them
+out of EDS, so their pinned sessions move as they do under meshxl's own xDS (a pin
+outlives a mere change of priority). Virtual systems: the same, per VS, on the pods of
+its pool (:mod:`.pools`).
 """
 
 from __future__ import annotations
@@ -61,7 +60,9 @@ from .labels import (
     HA_FAILOVER_PRIORITY,
     istio_session_labels,
     session_label_problem,
+    vs_failover_priority,
 )
+from .pools import pool_problems, pool_service, pools_with_systems, vs_service
 from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
 
 __all__ = ["PIN_TARGETS", "IstioOptions", "IstioRenderError", "Rendered", "pin_filter_name",
@@ -312,8 +313,10 @@ def _region_failover(spec: ClusterSpec, warnings: list[str]) -> list[dict[str, s
             for i, site in enumerate(order)]
 
 
-def _locality(spec: ClusterSpec, options: IstioOptions,
-              warnings: list[str]) -> dict[str, Any]:
+def _locality(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
+              chain: list[str] | None = None) -> dict[str, Any]:
+    if chain is not None:  # a virtual system: its own role labels (pools.py)
+        return {"enabled": True, "failoverPriority": chain}
     if spec.site_affinity == "local":
         if spec.high_availability:
             raise IstioRenderError(
@@ -358,10 +361,10 @@ def _outlier(spec: ClusterSpec) -> dict[str, Any]:
     }
 
 
-def destination_rule(spec: ClusterSpec, options: IstioOptions,
-                     warnings: list[str]) -> dict[str, Any]:
+def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
+                     chain: list[str] | None = None) -> dict[str, Any]:
     load_balancer = _load_balancer(spec)
-    locality = _locality(spec, options, warnings)
+    locality = _locality(spec, options, warnings, chain)
     load_balancer["localityLbSetting"] = locality
     policy: dict[str, Any] = {
         "loadBalancer": load_balancer,
@@ -531,9 +534,11 @@ def _dropped_weights(spec: ClusterSpec) -> list[str]:
     return notes
 
 
-def render_cluster(spec: ClusterSpec, options: IstioOptions) -> Rendered:
+def render_cluster(spec: ClusterSpec, options: IstioOptions,
+                   chain: list[str] | None = None) -> Rendered:
+    """``chain``: the failoverPriority of a high-availability virtual system."""
     warnings: list[str] = []
-    objects = [destination_rule(spec, options, warnings),
+    objects = [destination_rule(spec, options, warnings, chain),
                envoy_filter(spec, options, warnings)]
     dropped = _dropped_weights(spec)
     if dropped:
@@ -548,24 +553,45 @@ def render_cluster(spec: ClusterSpec, options: IstioOptions) -> Rendered:
     return Rendered(objects, warnings)
 
 
+def _render_pools(model: ModelSpec, options: IstioOptions, warnings: list[str]
+                  ) -> list[dict[str, Any]]:
+    """Per pool with virtual systems its headless Service, then per VS a Service over
+    the pool's pods and its cluster's objects, failing over on the VS's role labels."""
+    objects: list[dict[str, Any]] = []
+    for pool, specs in pools_with_systems(model):
+        problems, notes = pool_problems(model, pool, specs)
+        if problems:
+            raise IstioRenderError("; ".join(problems))
+        warnings += notes
+        objects.append(pool_service(pool, options))
+        for spec in specs:
+            chain = vs_failover_priority(spec.name) if spec.high_availability else None
+            rendered = render_cluster(spec, options, chain)
+            service = vs_service(spec.name, pool, _port(spec, options), spec.protocol, options)
+            objects += [service, *rendered.objects]
+            warnings += [w for w in rendered.warnings if chain is None or "weights" not in w]
+    return objects
+
+
 def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rendered:
-    """A DestinationRule and an EnvoyFilter per cluster, in model order."""
+    """A DestinationRule and an EnvoyFilter per cluster, in model order; for virtual
+    systems their Services too (docs/vsls.md, "Istio and Kubernetes")."""
     options = options or IstioOptions()
     unknown = sorted(set(options.ports) - {c.name for c in model.clusters} - {"*"})
     if unknown:
         raise IstioRenderError(f"--port names clusters not in the model: {', '.join(unknown)}")
+    warnings: list[str] = []
     if options.filter_namespace == options.root_namespace and not options.client_selector:
-        warning = [f"EnvoyFilters in the root namespace {options.root_namespace} without a "
-                   "client selector patch every sidecar of the mesh: each one that has a "
-                   "cluster's route health-checks its members"]
-    else:
-        warning = []
+        warnings.append(f"EnvoyFilters in the root namespace {options.root_namespace} "
+                        "without a client selector patch every sidecar of the mesh: each "
+                        "one that has a cluster's route health-checks its members")
     objects: list[dict[str, Any]] = []
-    warnings: list[str] = warning
     for spec in model.clusters:
-        rendered = render_cluster(spec, options)
-        objects += rendered.objects
-        warnings += rendered.warnings
+        if spec.name not in model.virtual_names:
+            rendered = render_cluster(spec, options)
+            objects += rendered.objects
+            warnings += rendered.warnings
+    objects += _render_pools(model, options, warnings)
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"

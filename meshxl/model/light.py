@@ -53,7 +53,8 @@ from .checks import NO_CLUSTERS, duplicates, membership_problems
 from .text import model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
-           "LightQuota", "LightSessions", "LightSite", "LightVirtualSystem", "parse_light"]
+           "LightQuota", "LightSessions", "LightSite", "LightVirtualSystem",
+           "parse_light"]
 
 CLUSTER_FIELDS = frozenset({
     "name", "protocol", "websocket", "drain_window", "warmup", "mode", "membership",
@@ -155,7 +156,7 @@ class LightModel:
         """The ``sessions`` settings of cluster or virtual system ``name`` (None:
         neither is in the model)."""
         spec = self.cluster(name) or self.virtual_system(name)
-        return spec.sessions if spec is not None else None
+        return None if spec is None else spec.sessions
 
     def virtual_system(self, name: str) -> LightVirtualSystem | None:
         return next((v for v in self.virtual_systems if v.name == name), None)

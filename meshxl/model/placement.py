@@ -8,12 +8,16 @@ Two steps, both functions of the model and the set of live members only, so ever
 control-plane replica computes the same placement and a recompilation never moves a
 role:
 
-1. :func:`base_placement`: the pool as listed, every member live. Active roles go by
-   weighted rendezvous hashing (HRW, a score per (VS, member) from a stable hash and the
-   member's capacity) with bounded loads: all (VS, member) pairs are taken best score
-   first, and a member takes active roles up to ``max(ceil(s), floor(1.1 s))`` of VS
-   weight, ``s`` its fair share (total VS weight x its capacity / pool capacity).
-   Standby roles are spread the same way over the members that are not the VS's active.
+1. :func:`base_placement`: the pool as listed, every member live, built member by
+   member in the pool's order. The first member holds every active role; each next
+   one takes its fair share of active roles (VS weight x its capacity / the capacity
+   so far) from the members furthest above theirs, choosing the VSs whose rendezvous
+   (HRW) score on it is highest; then its fair share of each active holder's standbys
+   (standbys go to members on another site than their active's when there are any,
+   else to any other member, in proportion to capacity), and what is left of the join's
+   budget (``BALANCE`` x its ideal share of roles) moves single standbys towards the
+   balance. So a member appended to the pool moves at most about its ideal share of
+   roles.
 2. :func:`live_placement`: members lost (admin down, site offline) are taken out of
    each VS's order. A VS whose active was lost gets its standby as active; a VS whose
    standby was lost or promoted gets a new standby (another site first, then its HRW
@@ -28,8 +32,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["BALANCE", "PoolMember", "VirtualRoles", "base_placement", "live_placement",
-           "active_shares", "score"]
+__all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "base_placement",
+           "eligible", "live_placement", "preferred_placement", "score", "standby_shares"]
 
 BALANCE = 1.1
 """A member holds at most this times its fair share of active roles (when whole VSs
@@ -77,86 +81,193 @@ def score(pool: str, vs: str, member: PoolMember) -> float:
     return -member.capacity / math.log(unit)
 
 
-def _caps(members: Sequence[PoolMember], total: int) -> dict[str, int]:
-    capacity = sum(m.capacity for m in members)
-    caps = {}
-    for m in members:
-        fair = total * m.capacity / capacity
-        caps[m.name] = max(math.ceil(fair - 1e-9), math.floor(BALANCE * fair + 1e-9))
-    return caps
+def _take(new: str, held: dict[str, list[str]], load: dict[str, float],
+          fair: Mapping[str, float], weight: Mapping[str, int],
+          carry: float = 0.0) -> list[tuple[str, str]]:
+    """The new member takes from the members furthest above their fair share, last VS
+    of each list first (``held``: sorted best-for-``new`` last), while that brings it
+    nearer its own share (plus ``carry``, what it took beyond its share elsewhere) than
+    leaving it. Returns (VS, donor) taken."""
+    taken = []
+    while True:
+        donors = sorted((m for m in held if m != new and held[m]
+                         and load[m] > fair[m] + 1e-9),
+                        key=lambda m: (-load[m] / fair[m], m))
+        for donor in donors:
+            vs = held[donor][-1]
+            w = weight[vs]
+            if abs(load[new] + w - fair[new] + carry) >= abs(load[new] - fair[new] + carry):
+                continue
+            held[donor].pop()
+            load[donor] -= w
+            load[new] += w
+            taken.append((vs, donor))
+            break
+        else:
+            return taken
 
 
-def _bounded(pairs: list[tuple[float, str, str]], weight: Mapping[str, int],
-             caps: Mapping[str, int], exclude: Mapping[str, set[str]],
-             prefer: Mapping[str, set[str]]) -> dict[str, str]:
-    """Best score first, each VS to a member with room (``caps`` in VS weight); a VS
-    with a ``prefer`` set (members on another site) takes one of those whenever it has
-    any, with room or not. A VS that finds no member with room goes where it overloads
-    least."""
-    load = dict.fromkeys(caps, 0)
-    chosen: dict[str, str] = {}
-    ranked = sorted(pairs, key=lambda p: (-p[0], p[1], p[2]))
-    for _, vs, member in ranked:
-        if vs in chosen or member in exclude.get(vs, ()):
-            continue
-        if prefer.get(vs) and member not in prefer[vs]:
-            continue
-        if load[member] + weight[vs] <= caps[member]:
-            chosen[vs] = member
-            load[member] += weight[vs]
-    for vs in sorted(weight, key=lambda v: (-weight[v], v)):
-        if vs in chosen:
-            continue
-        allowed = [m for m in caps if m not in exclude.get(vs, ())]
-        if prefer.get(vs):
-            allowed = [m for m in allowed if m in prefer[vs]] or allowed
-        if not allowed:
-            continue
-        best = min(allowed, key=lambda m: ((load[m] + weight[vs]) / max(caps[m], 1), m))
-        chosen[vs] = best
-        load[best] += weight[vs]
-    return chosen
+def eligible(holder: str, seen: Sequence[PoolMember]) -> list[str]:
+    """Where the standby of an active on ``holder`` may go: the other members on
+    another site than its, or every other member when no other site has one."""
+    site = next(m.site for m in seen if m.name == holder)
+    others = [m for m in seen if m.name != holder]
+    return [m.name for m in ([m for m in others if m.site != site] or others)]
 
 
-def _actives(pool: str, members: Sequence[PoolMember], weight: Mapping[str, int],
-             scores: Mapping[tuple[str, str], float]) -> dict[str, str]:
-    """Active roles built member by member in the pool's order: the first member holds
-    every VS, and each next member takes its fair share from the members furthest above
-    theirs (the VSs that score best on it). So a member appended to the pool moves only
-    the roles it takes, about its fair share, and the result depends on the model alone."""
-    active = dict.fromkeys(weight, members[0].name)
-    load = {members[0].name: sum(weight.values())}
+def _active_step(seen: Sequence[PoolMember], active: dict[str, str],
+                 weight: Mapping[str, int], scores: Mapping[tuple[str, str], float]) -> None:
+    """The last member of ``seen`` takes its fair share of active roles."""
+    new = seen[-1].name
     total = sum(weight.values())
-    for k in range(1, len(members)):
-        new = members[k]
-        seen = members[:k + 1]
-        capacity = sum(m.capacity for m in seen)
-        fair = {m.name: total * m.capacity / capacity for m in seen}
-        load[new.name] = 0
-        held: dict[str, list[str]] = {}
-        for vs, member in active.items():
-            held.setdefault(member, []).append(vs)
-        for vss in held.values():
-            vss.sort(key=lambda v: (scores[(v, new.name)], v))  # best for `new` last
+    capacity = sum(m.capacity for m in seen)
+    fair = {m.name: total * m.capacity / capacity for m in seen}
+    load: dict[str, float] = dict.fromkeys(fair, 0)
+    held: dict[str, list[str]] = {}
+    for vs, member in active.items():
+        held.setdefault(member, []).append(vs)
+        load[member] += weight[vs]
+    for vss in held.values():
+        vss.sort(key=lambda v: (scores[(v, new)], v))  # best for `new` last
+    for vs, _ in _take(new, held, load, fair, weight):
+        active[vs] = new
+
+
+def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
+                  standby: dict[str, str], weight: Mapping[str, int],
+                  scores: Mapping[tuple[str, str], float]) -> None:
+    """Standbys after the last member of ``seen`` joined, group by group (the VSs of
+    one active holder): a standby no longer allowed (on its new active's site, or the
+    joiner opened a site the group must use) goes to the allowed member furthest below
+    its fair share of standbys; then the joiner, where allowed, takes its share of the
+    group's standbys from the members furthest above theirs. Nothing else moves."""
+    new = seen[-1].name
+    capacity = {m.name: m.capacity for m in seen}
+    groups: dict[str, list[str]] = {}
+    for vs in sorted(active):
+        groups.setdefault(active[vs], []).append(vs)
+    allowed = {m.name: eligible(m.name, seen) for m in seen}
+    share = dict.fromkeys(capacity, 0.0)  # each member's fair share of standbys
+    for holder, vss in groups.items():
+        room = sum(capacity[m] for m in allowed[holder])
+        for m in allowed[holder]:
+            share[m] += sum(weight[v] for v in vss) * capacity[m] / room
+    held = dict.fromkeys(capacity, 0.0)
+    repair = []
+    for vs, holder in active.items():
+        if standby.get(vs) in allowed[holder]:
+            held[standby[vs]] += weight[vs]
+        else:
+            repair.append(vs)
+
+    def ratio(m: str, extra: float = 0) -> float:
+        return (held[m] + extra) / share[m] if share[m] else math.inf
+
+    for vs in sorted(repair, key=lambda v: (-weight[v], v)):
+        if allowed[active[vs]]:
+            best = min(allowed[active[vs]], key=lambda m: (ratio(m, weight[vs]), m))
+            standby[vs] = best
+            held[best] += weight[vs]
+    carry = 0.0
+    for holder in (m.name for m in seen):
+        group = groups.get(holder)
+        if not group or new not in allowed[holder]:
+            continue
+        fair = sum(weight[v] for v in group) * capacity[new] / sum(
+            capacity[m] for m in allowed[holder])
+        load = 0.0
+        lists: dict[str, list[str]] = {}
+        for vs in group:
+            if standby[vs] == new:
+                load += weight[vs]
+            else:
+                lists.setdefault(standby[vs], []).append(vs)
+        for lst in lists.values():
+            lst.sort(key=lambda v: (scores[(v, new)], v))  # best for `new` last
         while True:
-            donors = sorted((m for m in held if held[m] and load[m] > fair[m] + 1e-9),
-                            key=lambda m: (-load[m] / fair[m], m))
-            moved = False
-            for donor in donors:
-                vs = held[donor][-1]
+            for donor in sorted((m for m in lists if lists[m] and held[m] > share[m] + 1e-9),
+                                key=lambda m: (-ratio(m), m)):
+                vs = lists[donor][-1]
                 w = weight[vs]
-                # Take it when that brings the new member nearer its share than leaving it.
-                if abs(load[new.name] + w - fair[new.name]) >= abs(load[new.name] - fair[new.name]):
+                if abs(load + w - fair + carry) >= abs(load - fair + carry):
                     continue
-                held[donor].pop()
-                active[vs] = new.name
-                load[donor] -= w
-                load[new.name] += w
-                moved = True
+                lists[donor].pop()
+                standby[vs] = new
+                held[donor] -= w
+                held[new] += w
+                load += w
                 break
-            if not moved:
+            else:
                 break
-    return active
+        carry += load - fair
+
+
+def _build(members: Sequence[PoolMember], weight: Mapping[str, int],
+           scores: Mapping[tuple[str, str], float]) -> tuple[dict[str, str], dict[str, str]]:
+    """Active and standby roles built member by member in the pool's order: the first
+    member holds every active; each next one takes its fair share of active roles (the
+    VSs that score best on it) from the members furthest above theirs, then its share of
+    each group's standbys. So a member appended to the pool moves only the roles it
+    takes (and the standbys the site rule sends across), and the result depends on the
+    model alone."""
+    active = dict.fromkeys(weight, members[0].name)
+    standby: dict[str, str] = {}
+    for k in range(1, len(members)):
+        seen = members[:k + 1]
+        before = dict(active), dict(standby)
+        _active_step(seen, active, weight, scores)
+        _standby_step(seen, active, standby, weight, scores)
+        moved = (sum(1 for v in active if active[v] != before[0][v])
+                 + sum(1 for v in standby if standby[v] != before[1].get(v, standby[v])))
+        _rebalance(seen, active, standby, weight, join_budget(seen, active) - moved)
+    return active, standby
+
+
+def join_budget(seen: Sequence[PoolMember], active: Mapping[str, str]) -> int:
+    """The roles a join may move: ``BALANCE`` x the joiner's ideal share of active
+    roles and of standbys (where the actives are), each in whole VSs."""
+    new = seen[-1]
+    fair = len(active) * new.capacity / sum(m.capacity for m in seen)
+    placement = {v: VirtualRoles(v, (a,)) for v, a in active.items()}
+    standbys = standby_shares(placement, seen, dict.fromkeys(active, 1))[new.name][1]
+    return sum(max(math.ceil(s - 1e-9), math.floor(BALANCE * s + 1e-9))
+               for s in (fair, standbys))
+
+
+def _rebalance(seen: Sequence[PoolMember], active: Mapping[str, str],
+               standby: dict[str, str], weight: Mapping[str, int], budget: int) -> None:
+    """Spend what is left of a join's budget on the standby balance: move one standby
+    at a time from the member furthest above its fair share to the allowed member it
+    overloads least, while that lowers the higher of the two ratios."""
+    allowed = {m.name: eligible(m.name, seen) for m in seen}
+
+    def ratio(held: float, fair: float) -> float:
+        return held / fair if fair else math.inf * held
+
+    for _ in range(max(budget, 0)):
+        placement = {v: VirtualRoles(v, (a, standby[v])) for v, a in active.items()
+                     if v in standby}
+        shares = standby_shares(placement, seen, weight)
+        held = {m: h for m, (h, _) in shares.items()}
+        fair = {m: f for m, (_, f) in shares.items()}
+        best: tuple[float, str, str] | None = None
+        for over in sorted(held, key=lambda m: (-ratio(held[m], fair[m]), m)):
+            if held[over] <= fair[over] + 1e-9:
+                break
+            for vs in sorted(v for v in placement if standby[v] == over):
+                w = weight[vs]
+                for to in allowed[active[vs]]:
+                    if to == over or not fair[to]:
+                        continue
+                    after = max(ratio(held[over] - w, fair[over]), ratio(held[to] + w, fair[to]))
+                    if after < ratio(held[over], fair[over]) - 1e-9 and (
+                            best is None or (after, vs, to) < best):
+                        best = (after, vs, to)
+            if best is not None:
+                break
+        if best is None:
+            return
+        standby[best[1]] = best[2]
 
 
 def base_placement(pool: str, members: Sequence[PoolMember],
@@ -164,18 +275,9 @@ def base_placement(pool: str, members: Sequence[PoolMember],
     """Every VS's order on the whole pool. ``systems``: (name, weight, backups)."""
     if not members or not systems:
         return {name: VirtualRoles(name, (), backups) for name, _, backups in systems}
-    by_name = {m.name: m for m in members}
-    sites = {m.site for m in members}
     weight = {name: w for name, w, _ in systems}
-    total = sum(weight.values())
     scores = {(vs, m.name): score(pool, vs, m) for vs in weight for m in members}
-    pairs = [(s, vs, m) for (vs, m), s in scores.items()]
-    active = _actives(pool, members, weight, scores)
-    exclude = {vs: {member} for vs, member in active.items()}
-    prefer = {vs: {m.name for m in members if m.site != by_name[member].site}
-              for vs, member in active.items()} if len(sites) > 1 else {}
-    standby = _bounded([p for p in pairs if p[2] != active[p[1]]], weight,
-                       _caps(members, total), exclude, prefer) if len(members) > 1 else {}
+    active, standby = _build(members, weight, scores)
     out = {}
     for name, _, backups in systems:
         first = [m for m in (active.get(name), standby.get(name)) if m is not None]
@@ -207,6 +309,30 @@ def live_placement(base: Mapping[str, VirtualRoles], members: Sequence[PoolMembe
     return out
 
 
+def preferred_placement(placement: Mapping[str, VirtualRoles],
+                        members: Sequence[PoolMember],
+                        chosen: Mapping[str, str]) -> dict[str, VirtualRoles]:
+    """Each VS in ``chosen`` with its active moved to the member the operator chose
+    (``meshxl vs move``): its former active becomes its standby when the site rule
+    allows it (another site than the chosen member's, or no live member elsewhere),
+    else the first member in its order on another site. No other VS changes."""
+    site = {m.name: m.site for m in members}
+    out = dict(placement)
+    for vs, member in chosen.items():
+        roles = out.get(vs)
+        if roles is None or member not in roles.order or roles.active == member:
+            continue
+        rest = [m for m in roles.order if m != member]
+        away = [m for m in rest if site.get(m) != site.get(member)]
+        former = roles.active
+        pick = (former if former is not None and (site.get(former) != site.get(member)
+                                                  or not away)
+                else (away or rest)[0])
+        rest.remove(pick)
+        out[vs] = VirtualRoles(vs, (member, pick, *rest), roles.backups)
+    return out
+
+
 def active_shares(placement: Mapping[str, VirtualRoles], members: Sequence[PoolMember],
                   weight: Mapping[str, int]) -> dict[str, tuple[int, float]]:
     """Per member: (active VS weight it holds, that as a multiple of its fair share)."""
@@ -219,3 +345,27 @@ def active_shares(placement: Mapping[str, VirtualRoles], members: Sequence[PoolM
             held[roles.active] += weight[vs]
     return {m.name: (held[m.name], held[m.name] / (total * m.capacity / capacity)
                      if total else 0.0) for m in live}
+
+
+def standby_shares(placement: Mapping[str, VirtualRoles], members: Sequence[PoolMember],
+                   weight: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+    """Per member: (standby VS weight it holds, its fair share of standbys). The fair
+    share is what a member can hold given where the actives are: each active holder's
+    VSs' standbys spread over the members allowed to take them (another site first, see
+    :func:`eligible`) in proportion to capacity; with one site and equal capacities it
+    is total weight / members."""
+    held = dict.fromkeys((m.name for m in members), 0)
+    fair = dict.fromkeys(held, 0.0)
+    by_holder: dict[str, int] = {}
+    for vs, roles in placement.items():
+        if roles.standby in held:
+            held[roles.standby] += weight[vs]
+        if roles.active in held:
+            by_holder[roles.active] = by_holder.get(roles.active, 0) + weight[vs]
+    capacity = {m.name: m.capacity for m in members}
+    for holder, w in by_holder.items():
+        allowed = eligible(holder, members)
+        room = sum(capacity[m] for m in allowed)
+        for m in allowed:
+            fair[m] += w * capacity[m] / room
+    return {m: (held[m], fair[m]) for m in held}

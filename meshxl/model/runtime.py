@@ -167,6 +167,8 @@ class RuntimeState:
     sites_offline: Mapping[str, AdminAction] = field(default_factory=dict)
     health: Mapping[tuple[str, str], Health] = field(default_factory=dict)
     """Members judged sick (degraded) or probed, by the control plane."""
+    preferred: Mapping[tuple[str, str], AdminAction] = field(default_factory=dict)
+    """(virtual system, member): its active chosen by the operator (``meshxl vs move``)."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""

@@ -17,16 +17,22 @@ the xDS compiler and the operator views both call it, so they agree.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
-from .placement import PoolMember, VirtualRoles, base_placement, live_placement
+from .placement import (
+    PoolMember,
+    VirtualRoles,
+    base_placement,
+    live_placement,
+    preferred_placement,
+)
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
 __all__ = ["PoolPlacement", "expand", "expand_model", "placed", "placement_of", "pool_members",
-           "virtual_systems"]
+           "pool_shares", "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -64,6 +70,8 @@ class PoolPlacement:
     roles: Mapping[str, VirtualRoles]
     """High-availability VSs only (a load-sharing VS is served by every member)."""
     weights: Mapping[str, int]
+    preferred: Mapping[str, str] = field(default_factory=dict)
+    """VS -> the active the operator chose (``meshxl vs move``), where it applies."""
 
 
 def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
@@ -93,14 +101,52 @@ def _lost(pool: Pool, state: RuntimeState | None) -> frozenset[str]:
                      if m.name in down or (m.site or default) in offline)
 
 
+def _preferred(pool: Pool, state: RuntimeState | None, lost: frozenset[str],
+               roles: Mapping[str, VirtualRoles]) -> dict[str, str]:
+    """The operator's chosen actives that apply: a high-availability VS of this pool,
+    a live member of it (one a VS: the first by name if etcd holds more)."""
+    if state is None or not state.preferred:
+        return {}
+    names = {m.name for m in pool.members} - lost
+    out: dict[str, str] = {}
+    for vs, member in sorted(state.preferred):
+        if vs in roles and member in names and vs not in out:
+            out[vs] = member
+    return out
+
+
 def placement_of(model: ModelSpec, pool: Pool,
                  state: RuntimeState | None = None) -> PoolPlacement:
     members = pool_members(pool)
     lost = _lost(pool, state)
     base = _base(model).get(pool.name, {})
     roles = live_placement(base, members, lost)
+    chosen = _preferred(pool, state, lost, roles)
+    if chosen:
+        roles = preferred_placement(roles, [m for m in members if m.name not in lost], chosen)
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
-    return PoolPlacement(pool.name, tuple(members), lost, roles, weights)
+    return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen)
+
+
+def pool_shares(placement: PoolPlacement) -> dict[str, tuple[int, int, int, float]]:
+    """Per pool member: the active roles it holds, its standby roles, the active VS
+    weight it holds, and its fair share of that weight (total x its capacity / the
+    live members' capacity; 0 while it is out of the placement)."""
+    live = [m for m in placement.members if m.name not in placement.lost]
+    capacity = sum(m.capacity for m in live) or 1
+    total = sum(placement.weights[vs] for vs, r in placement.roles.items()
+                if r.active is not None)
+    active: dict[str, list[str]] = {}
+    standby: dict[str, int] = {}
+    for vs, roles in placement.roles.items():
+        if roles.active is not None:
+            active.setdefault(roles.active, []).append(vs)
+        if roles.standby is not None:
+            standby[roles.standby] = standby.get(roles.standby, 0) + 1
+    return {m.name: (len(active.get(m.name, ())), standby.get(m.name, 0),
+                     sum(placement.weights[vs] for vs in active.get(m.name, ())),
+                     0.0 if m.name in placement.lost else total * m.capacity / capacity)
+            for m in placement.members}
 
 
 def _cluster(name: str, vs: VirtualSystem, pool: Pool,
@@ -145,26 +191,28 @@ def expand_model(model: ModelSpec) -> ModelSpec:
 
 def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     """The model with its virtual systems placed for ``state``: the same object when
-    no pool member is lost, else one copy per distinct set of lost members (cached on
-    the model, so a recompilation with the same losses reuses it)."""
+    no pool member is lost and no active chosen by the operator, else one copy per
+    distinct set of lost members and chosen actives (cached on the model, so a
+    recompilation with the same state reuses it)."""
     if not model.virtual_systems or state is None:
         return model
     lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(p, state)))
-    if model._vsls.get("lost", ()) == lost:
+    key = (lost, tuple(sorted(state.preferred)))
+    if model._vsls.get("key", ((), ())) == key:
         return model
     model = model._vsls.get("origin", model)
-    if not lost:
+    if key == ((), ()):
         return model
-    cache: dict[tuple[tuple[str, str], ...], ModelSpec] = model._vsls.setdefault(
+    cache: dict[tuple[tuple[tuple[str, str], ...], ...], ModelSpec] = model._vsls.setdefault(
         "placed", {})
-    found = cache.get(lost)
+    found = cache.get(key)
     if found is None:
         virtual = _expanded(model)
         clusters = [c for c in model.clusters if c.name not in virtual]
         found = model.model_copy(update={"clusters": [*clusters, *expand(model, state)]})
-        found._vsls = {"names": virtual, "base": _base(model), "lost": lost,
+        found._vsls = {"names": virtual, "base": _base(model), "key": key,
                        "origin": model}
         if len(cache) > 64:
             cache.clear()
-        cache[lost] = found
+        cache[key] = found
     return found

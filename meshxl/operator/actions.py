@@ -11,8 +11,10 @@ import json
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aetcd
+from aetcd.utils import prefix_range_end
 
 from meshxl.errors import NotFound
 from meshxl.etcd.keys import DEFAULT_ROOT, Keys
@@ -117,3 +119,59 @@ async def set_site_admin(client: aetcd.Client, keys: Keys, site: str, offline: b
         return (await client.put(key, _admin_record(reason))).header.revision
     deleted = await client.delete(key)
     return deleted.header.revision if deleted is not None else 0
+
+
+async def set_vs_preferred(client: aetcd.Client, keys: Keys, vs: str, member: str | None,
+                           reason: str = "") -> int:
+    """``meshxl vs move VS MEMBER``: make ``member`` the virtual system's active (its
+    former active becomes its standby where the site rule allows); ``member`` None
+    (``--clear``): back to the placement's own choice. Refused, with nothing written,
+    for an unknown VS or member, a load-sharing VS, or a member that cannot serve
+    (admin down on the pool or the VS, its site offline)."""
+    from meshxl.model.vsls import virtual_systems
+
+    model = await stored_model(client, keys)
+    found = {name: (spec, pool) for name, spec, pool in virtual_systems(model)}
+    if vs not in found:
+        names = sorted(found)
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)"
+                                          if len(names) > 10 else "")
+        raise OpsError(f"unknown virtual system {vs!r} (virtual systems: {shown or 'none'})")
+    spec, pool = found[vs]
+    prefix = keys.preferred_prefix(vs).encode()
+    tx = client.transactions
+    clear = tx.delete(prefix, range_end=prefix_range_end(prefix))
+    if member is None:
+        _, responses = await client.transaction(compare=[], success=[clear], failure=[])
+        return _revision(responses)
+    if spec.mode != "high-availability":
+        raise OpsError(f"virtual system {vs!r} is {spec.mode}: every member serves it, "
+                       "it has no active to move")
+    listed = {m.name: m for m in pool.members}
+    if member not in listed:
+        raise OpsError(f"unknown member {member!r} in pool {pool.name!r} of virtual system "
+                       f"{vs!r} (members: {', '.join(listed)})")
+    for cluster in (pool.name, vs):
+        if await client.get(keys.member_admin(cluster, member).encode()) is not None:
+            raise OpsError(f"member {member!r} is admin down on {cluster!r}: bring it up "
+                           f"first (meshxl member up {cluster} {member})")
+    site = listed[member].site or (pool.sites[0].name if pool.sites else None)
+    if site is not None and await client.get(keys.site_admin(site).encode()) is not None:
+        raise OpsError(f"member {member!r} is on site {site!r}, which is offline")
+    key = keys.preferred(vs, member).encode()
+    # One transaction: the other members' keys deleted (etcd refuses a range delete
+    # over the key put in the same transaction), this one put.
+    stale = [tx.delete(kv.key) for kv in await client.get_prefix(prefix, keys_only=True)
+             if kv.key != key]
+    put = tx.put(key, _admin_record(reason))
+    _, responses = await client.transaction(compare=[], success=[*stale, put], failure=[])
+    return _revision(responses)
+
+
+def _revision(responses: list[Any]) -> int:
+    """The revision a transaction left etcd at (from its operations' headers)."""
+    revision = 0
+    for response in responses:
+        kind = response.WhichOneof("response")
+        revision = max(revision, int(getattr(response, kind).header.revision))
+    return revision

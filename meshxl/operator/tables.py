@@ -113,7 +113,11 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
     for c in report["clusters"]:
         sticky = c["stickiness"]
         hashing = f"{sticky['algorithm']} on {sticky['key']} {sticky['on']}" if sticky else "none"
-        table = _table(f"cluster {c['name']}  mode {c['mode']}  sticky {hashing}",
+        moved = c.get("moved")
+        note = "" if not moved else (
+            f"  active moved to {moved['member']} by operator"
+            + ("" if moved["applied"] else " (not live: placement's choice)"))
+        table = _table(f"cluster {c['name']}  mode {c['mode']}  sticky {hashing}{note}",
                        ("member", "site", "prio", "role", "share", "state", "last change",
                         "failovers"), right=("prio", "share", "failovers"))
         for m in c["members"]:
@@ -310,7 +314,11 @@ def render_vs(report: dict[str, Any], console: Console) -> None:
             return plain(member if state in ("", "ready") else f"{member} ({state})",
                          _STATE_STYLE.get(state, ""))
 
+        active = who(vs["active"])
+        if vs.get("moved"):
+            active.append(" (moved by operator)" if vs["moved"]["applied"]
+                          else f" (moved to {vs['moved']['member']}: not live)", "cyan")
         table.add_row(plain(vs["name"]), plain(vs["pool"]), plain(vs["mode"]),
-                      plain(vs["weight"]), who(vs["active"]), who(vs["standby"]),
+                      plain(vs["weight"]), active, who(vs["standby"]),
                       plain(", ".join(vs["backups"]) or "-"), plain(" ".join(vs["domains"])))
     console.print(table)

@@ -42,8 +42,8 @@ def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
     except ModelError:
         return None  # the control plane keeps its last good model and reports this one
     spec = model.cluster(cluster)
-    if spec is None and model.virtual_system(cluster) is not None:
-        return None  # a virtual system: a cluster of its pool's members
+    if spec is None and model.sessions_of(cluster) is not None:
+        return None  # a virtual system: the control plane places its members
     if spec is None:
         names = ", ".join(c.name for c in model.clusters) or "none"
         return (f"cluster {cluster!r} is not in the model (clusters: {names}): no Envoy "
@@ -97,13 +97,13 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
     got = await client.get(Keys(config.etcd_root).model.encode())
     if got is not None:
         try:
-            model = parse_light(got.value.decode(), source="model in etcd")
+            found = parse_light(got.value.decode(), source="model in etcd").sessions_of(
+                config.cluster)
         except ModelError as exc:
             log.warning("model in etcd is invalid (%s); using session defaults", exc)
         else:
-            spec = model.cluster(config.cluster) or model.virtual_system(config.cluster)
-            if spec is not None:
-                defaults = spec.sessions
+            if found is not None:  # a cluster's, or a virtual system's
+                defaults = found
             else:
                 log.info("cluster %r is not in the model in etcd; using session defaults",
                          config.cluster)

@@ -41,7 +41,7 @@ from .health import shares
 from .history import MemberHistory, transitions
 from .judging import Judging, cut
 from .judging import report as health_report
-from .metrics import Convergence, XdsMetrics, member_state_counts
+from .metrics import Convergence, XdsMetrics, member_state_counts, placement_series
 from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
@@ -542,6 +542,7 @@ class ControlPlane:
         if counted is None or counted[0] is not model or counted[1] is not runtime:
             # Model and runtime are immutable: recounted only after a change.
             m.set_members(member_state_counts(model, runtime))
+            m.set_placement(placement_series(model, runtime))
             self._counted = (model, runtime)
         m.set_model_warnings({c: len(w) for c, w in self.model_warnings.current.items()})
 

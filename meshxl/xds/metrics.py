@@ -15,12 +15,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshxl.model import MemberState, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.vsls import placement_of, pool_shares
 
 from .auth import REFUSAL_REASONS
 from .failover import FAILOVER_CAUSES
 from .types import TYPE_ORDER, type_label
 
-__all__ = ["Convergence", "XdsMetrics", "member_state_counts"]
+__all__ = ["Convergence", "XdsMetrics", "member_state_counts", "placement_series"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
@@ -86,6 +87,21 @@ class XdsMetrics:
         self.degraded_share = Gauge("meshxl_xds_member_degraded_share", "Fraction of its "
                                     "weight a degraded load-sharing member (or a probed "
                                     "standby) gets now.", ["cluster", "member"], registry=r)
+        self.vs_role = Gauge("meshxl_xds_vs_role", "1 for each role of each "
+                             "high-availability virtual system (active, standby, backup) on "
+                             "the pool member that holds it, as this replica places them.",
+                             ["pool", "vs", "member", "role"], registry=r)
+        self.pool_roles = Gauge("meshxl_xds_pool_member_roles", "Virtual systems whose "
+                                "role (active, standby) a pool member holds.",
+                                ["pool", "member", "role"], registry=r)
+        self.pool_weight = Gauge("meshxl_xds_pool_member_active_weight", "Active virtual "
+                                 "system weight a pool member holds.", ["pool", "member"],
+                                 registry=r)
+        self.pool_fair = Gauge("meshxl_xds_pool_member_fair_share", "A pool member's fair "
+                               "share of the active weight (total x its capacity / the live "
+                               "members' capacity; 0 while out of the placement).",
+                               ["pool", "member"], registry=r)
+        self._placement: dict[str, dict[tuple[str, ...], float]] = {}
         self._degraded: set[tuple[str, str]] = set()
         self._degraded_shares: set[tuple[str, str]] = set()
         self._warning_counts: dict[str, int] = {}
@@ -157,6 +173,23 @@ class XdsMetrics:
             self.degraded_share.labels(*key).set(share)
         self._degraded, self._degraded_shares = sick, set(parts)
 
+    def set_placement(self, series: Mapping[str, Mapping[tuple[str, ...], float]]) -> None:
+        """Set the virtual systems' placement gauges (:func:`placement_series`); a role
+        that moved, or a pool gone, loses its series."""
+        gauges = {"vs_role": self.vs_role, "roles": self.pool_roles,
+                  "weight": self.pool_weight, "fair": self.pool_fair}
+        for name, gauge in gauges.items():
+            now = dict(series.get(name, {}))
+            before = self._placement.get(name, {})
+            if now == before:
+                continue
+            for key in before.keys() - now.keys():
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*key)
+            for key, value in now.items():
+                gauge.labels(*key).set(value)
+            self._placement[name] = now
+
     def set_model_warnings(self, counts: dict[str, int]) -> None:
         """Set ``meshxl_xds_model_warnings`` to ``counts``; a cluster gone loses its series."""
         if counts == self._warning_counts:
@@ -217,6 +250,32 @@ def member_state_counts(model: ModelSpec | None,
             found[member.state] += 1
         counts.update(((spec.name, str(state)), n) for state, n in found.items())
     return counts
+
+
+def placement_series(model: ModelSpec | None,
+                     runtime: RuntimeState) -> dict[str, dict[tuple[str, ...], float]]:
+    """The virtual systems' placement as gauge series: ``vs_role`` (pool, vs, member,
+    role) -> 1; per pool member ``roles`` (pool, member, active|standby) -> VSs,
+    ``weight`` (pool, member) -> active weight held and ``fair`` -> its fair share."""
+    out: dict[str, dict[tuple[str, ...], float]] = {
+        "vs_role": {}, "roles": {}, "weight": {}, "fair": {}}
+    if model is None:
+        return out
+    for pool in model.pools:
+        placement = placement_of(model, pool, runtime)
+        for vs, roles in placement.roles.items():
+            held = (("active", (roles.active,)), ("standby", (roles.standby,)),
+                    ("backup", roles.backup))
+            for role, members in held:
+                for member in members:
+                    if member is not None:
+                        out["vs_role"][(pool.name, vs, member, role)] = 1
+        for member, (active, standby, weight, fair) in pool_shares(placement).items():
+            out["roles"][(pool.name, member, "active")] = active
+            out["roles"][(pool.name, member, "standby")] = standby
+            out["weight"][(pool.name, member)] = weight
+            out["fair"][(pool.name, member)] = round(fair, 3)
+    return out
 
 
 class Convergence:

@@ -354,6 +354,47 @@ async def test_the_page_shows_a_member_warming_up(
 
 
 
+POOL_MODEL = """
+pools:
+  - name: web
+    listener: {address: 127.0.0.1, port: 10000}
+    sites: [{name: a}, {name: b}]
+    members:
+      - {name: w1, address: 127.0.0.1, port: 9001, site: a}
+      - {name: w2, address: 127.0.0.1, port: 9002, site: b}
+      - {name: w3, address: 127.0.0.1, port: 9003, site: a}
+virtual_systems:
+  - {names: [t1, t2, t3, t4, t5, t6], pool: web}
+"""
+
+
+async def test_the_page_shows_pools_and_moves_a_virtual_systems_active(
+    chromium: str, plane: ControlPlane, etcd_client: aetcd.Client, tmp_path: Path,
+) -> None:
+    """Virtual systems: each pool's members with their roles, each VS's active and
+    standby; ``vs move`` shows on the page as the VS's new active."""
+    from meshxl.operator.actions import set_vs_preferred
+
+    keys = Keys()
+    await apply_model(etcd_client, keys, POOL_MODEL, "test")
+    async with open_page(tmp_path / "profile") as (page, console):
+        await page.goto(f"http://127.0.0.1:{plane.admin_port}/ui/?interval={POLL}")
+        await wait_for_js(page, "document.querySelectorAll('tr.vs').length === 6",
+                          timeout=5, what="six virtual systems shown")
+        rows = dict(await page.eval_on_selector_all(
+            "tr.vs", "rows => rows.map(r => [r.dataset.vs, r.dataset.active])"))
+        members = await page.eval_on_selector_all(
+            "tr.pool-member", "rows => rows.map(r => r.dataset.member)")
+        assert members == ["w1", "w2", "w3"] and set(rows) == {f"t{i}" for i in range(1, 7)}
+        target = "w2" if rows["t1"] != "w2" else "w1"
+        await set_vs_preferred(etcd_client, keys, "t1", target, "test")
+        await wait_for_js(page, f"""(document.querySelector('tr.vs[data-vs="t1"]') || {{}})
+            .dataset?.active === '{target}'""", timeout=5, what="t1 moved")
+        text = await page.eval_on_selector('tr.vs[data-vs="t1"]', "r => r.textContent")
+        assert "moved by operator" in text
+        assert_clean(console)
+
+
 async def test_the_browser_harness_records_failures_not_a_navigations_aborts(
     chromium: str, tmp_path: Path,
 ) -> None:

@@ -5,7 +5,8 @@ VS is served by its active; kill -9 of one member moves only the VSs whose activ
 was, each to its standby, while every other VS keeps serving from the same member with
 no failed request. Then ``meshxl member down`` on the pool re-places: the lost
 member leaves every VS and each VS that lost its standby gets a new one, and
-``meshxl vs`` shows it."""
+``meshxl vs`` shows it; ``meshxl vs move`` puts one VS's active on the member the
+operator chose and moves no other VS."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import aetcd
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from rich.console import Console
 
 from meshxl.etcd.keys import Keys
@@ -146,6 +148,52 @@ async def test_a_lost_member_moves_only_its_own_virtual_systems_to_their_standby
         render_vs(report, console)
         table = console.file.getvalue()
         assert "lost" in table and "pool web" in table and "t07" in table
+
+        # meshxl vs move: one VS's active to a member the operator chooses.
+        now = {vs: (rows[vs]["active"], rows[vs]["standby"]) for vs in TENANTS}
+        target_vs = stayed[0]
+        site = {b.name: "ab"[i % 2] for i, b in enumerate(backends)}
+        former = now[target_vs][0]
+        chosen = next(b.name for b in backends if b.name not in (victim.name, former)
+                      and site[b.name] != site[former])
+        for args, expected in (
+                (("nope", chosen), "unknown virtual system 'nope'"),
+                ((target_vs, "zz"), "unknown member 'zz' in pool 'web'"),
+                ((target_vs, victim.name), f"member '{victim.name}' is admin down on 'web'"),
+                ((target_vs,), "give a MEMBER to move the active to, or --clear")):
+            code, _, err = await meshxl("vs", "move", *args, "--etcd", etcd.url)
+            assert code != 0 and expected in one_line(err), (args, err)
+        code, out, err = await meshxl("vs", "move", target_vs, chosen, "--reason", "drill",
+                                      "--etcd", etcd.url)
+        assert code == 0 and f"{target_vs}: active moved to {chosen}" in out, err
+        chosen_port = next(b.endpoint[1] for b in backends if b.name == chosen)
+        await envoy.wait_hosts(target_vs, lambda hs: {h.port for h in hs if h.priority == 0}
+                               == {chosen_port}, what=f"{chosen} active in {target_vs}")
+        for vs in TENANTS:  # the moved VS on its chosen member, every other untouched
+            for i in range(3):
+                assert await ask(http, port, vs, i) == (
+                    200, chosen if vs == target_vs else now[vs][0]), vs
+        plane.refresh_gauges()  # the placement in the control plane's metrics, per VS
+        metrics = generate_latest(plane.metrics.registry).decode()
+        actives = [line for line in metrics.splitlines() if line.startswith(
+            "meshxl_xds_vs_role{") and f'role="active",vs="{target_vs}"}}' in line]
+        assert actives == [f'meshxl_xds_vs_role{{member="{chosen}",pool="web",role="active",'
+                           f'vs="{target_vs}"}} 1.0'], actives
+        report = vs_report(await read_mesh(etcd_client, KEYS))
+        rows = {v["name"]: v for v in report["virtual_systems"]}
+        assert rows[target_vs]["active"] == chosen and rows[target_vs]["standby"] == former
+        assert rows[target_vs]["moved"]["applied"] and rows[target_vs]["moved"]["reason"] == "drill"
+        assert all((rows[v]["active"], rows[v]["standby"]) == now[v]
+                   for v in TENANTS if v != target_vs)
+        code, out, err = await meshxl("vs", "show", target_vs, "--etcd", etcd.url)
+        assert code == 0 and "moved by operator" in out, err
+        code, out, err = await meshxl("status", "--cluster", target_vs, "--etcd", etcd.url)
+        assert code == 0 and f"active moved to {chosen} by operator" in out, err
+        code, out, err = await meshxl("vs", "move", target_vs, "--clear", "--etcd", etcd.url)
+        assert code == 0 and "chosen by the placement again" in out, err
+        await envoy.wait_hosts(target_vs, lambda hs: chosen_port not in {
+            h.port for h in hs if h.priority == 0}, what=f"{target_vs} back to its placement")
+        assert await ask(http, port, target_vs, 0) == (200, former)
 
 
 async def test_meshxl_vs_as_an_operator_runs_it(etcd: Any, etcd_client: aetcd.Client) -> None:

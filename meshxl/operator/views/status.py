@@ -98,7 +98,7 @@ def status_report(read: MeshRead, cluster: str | None = None,
         clusters.append({
             "name": spec.name, "mode": spec.mode, "membership": spec.membership,
             "stickiness": _stickiness(spec), "sites": spec.site_names(),
-            "members": members,
+            "members": members, "moved": moved_by_operator(read, spec.name, members),
             "departed": _departed(read, spec.name, {m["name"] for m in members}, now),
         })
     nodes = []
@@ -125,11 +125,26 @@ def status_report(read: MeshRead, cluster: str | None = None,
             "failovers": failover_report(read, cluster), "warnings": model_warnings(read)}
 
 
+def moved_by_operator(read: MeshRead, vs: str,
+                      members: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """A virtual system's active chosen by the operator (``meshxl vs move``): the
+    member, who, why, when, and whether it is the active now (not while it is lost)."""
+    chosen = sorted(m for v, m in read.runtime.preferred if v == vs)
+    if not chosen:
+        return None
+    action = read.runtime.preferred[(vs, chosen[0])]
+    active = [m["name"] for m in members if m["role"] == "active"]
+    return {"member": chosen[0], **vars(action), "applied": chosen[0] in active}
+
+
 def live_report(read: MeshRead, now: float | None = None) -> dict[str, Any]:
-    """What the control plane's live view shows: ``meshxl status`` and ``meshxl sync``
-    of one read."""
+    """What the control plane's live view shows: ``meshxl status``, ``meshxl sync``
+    and ``meshxl vs list`` of one read."""
+    from meshxl.operator.views.vsls import vs_report
+
     now = time.time() if now is None else now
-    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now)}
+    return {"status": status_report(read, now=now), "sync": sync_report(read, now=now),
+            "virtual": vs_report(read)}
 
 
 def _shares(members: Iterable[MemberView]) -> dict[str, float]:

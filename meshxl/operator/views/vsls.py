@@ -62,5 +62,16 @@ def vs_report(read: MeshRead, name: str | None = None) -> dict[str, Any]:
                 "backups": list(roles.backup) if roles else [],
                 "spares": list(roles.spare) if roles else sorted(states),
                 "states": states,
+                "moved": _moved(read, vs_name, placement.preferred.get(vs_name)),
             })
     return out
+
+
+def _moved(read: MeshRead, vs: str, applied: str | None) -> dict[str, Any] | None:
+    """The active the operator chose for ``vs`` (``meshxl vs move``), if any: who,
+    why, when, and whether it applies now (its member live in the pool)."""
+    chosen = sorted(m for v, m in read.runtime.preferred if v == vs)
+    if not chosen:
+        return None
+    return {"member": chosen[0], **vars(read.runtime.preferred[(vs, chosen[0])]),
+            "applied": applied == chosen[0]}

@@ -193,6 +193,48 @@
       numCell(m.failovers), cell(null));
   }
 
+  /** Pools: each member's roles and share; each virtual system's active and standby. */
+  function drawVirtual(input) {
+    const { pools, systems } = input;
+    document.getElementById("virtual-section").hidden = !pools.length;
+    const parts = [];
+    for (const p of pools) {
+      parts.push(el("h3", null, `pool ${p.name}`,
+        el("span", { cls: "muted" }, ` \u00b7 listener ${p.listener || "-"}`)));
+      const head = el("tr", null, ...["member", "site", "capacity", "active", "standby",
+        "active weight", "fair share", "x fair", "state"].map((h) => el("th", null, h)));
+      const rows = p.members.map((m) => el("tr", { cls: "pool-member",
+        data: { pool: p.name, member: m.name } },
+      cell(m.name), cell(m.site), numCell(m.capacity), numCell(m.active), numCell(m.standby),
+      numCell(m.active_weight), numCell(m.fair_share),
+      numCell(m.share_ratio === null ? null : m.share_ratio.toFixed(2)),
+      cell(m.lost ? "lost" : "live", { cls: m.lost ? "state-lost" : "state-ready" })));
+      parts.push(el("table", { cls: "pool", data: { pool: p.name } },
+        el("thead", null, head), el("tbody", null, ...rows)));
+      const head2 = el("tr", null, ...["virtual system", "mode", "weight", "active", "standby",
+        "backups"].map((h) => el("th", null, h)));
+      const who = (vs, member) => {
+        if (!member) return cell(null);
+        const state = (vs.states || {})[member] || "";
+        const text = state && state !== "ready" ? `${member} (${state})` : member;
+        return cell(text, { cls: state ? `state-${state}` : "" });
+      };
+      const vsRows = systems.filter((vs) => vs.pool === p.name).map((vs) => {
+        const active = who(vs, vs.active);
+        if (vs.moved) {
+          active.appendChild(el("span", { cls: "muted" }, vs.moved.applied
+            ? " (moved by operator)" : ` (moved to ${vs.moved.member}: not live)`));
+        }
+        return el("tr", { cls: "vs", data: { vs: vs.name, active: vs.active || "" } },
+          cell(vs.name), cell(vs.mode), numCell(vs.weight), active, who(vs, vs.standby),
+          cell((vs.backups || []).join(", ")));
+      });
+      parts.push(el("table", { cls: "vs-roles", data: { pool: p.name } },
+        el("thead", null, head2), el("tbody", null, ...vsRows)));
+    }
+    replace("virtual", ...parts);
+  }
+
   function drawSitesOffline(sites) {
     replace("sites-offline", ...Object.keys(sites).sort().map((site) => {
       const a = sites[site] || {};
@@ -390,6 +432,9 @@
     section("clusters", { clusters: status.clusters || [], modelError: status.model_error || null,
       modelFound: status.model_found !== false }, drawClusters);
     section("sites", status.sites_offline || {}, drawSitesOffline);
+    const virtual = data.virtual || {};
+    section("virtual", { pools: virtual.pools || [], systems: virtual.virtual_systems || [] },
+      drawVirtual);
     section("failovers", status.failovers || [], drawFailovers);
     section("nodes", { nodes: status.nodes || [], served: (data.replica || {}).versions || {} }, drawNodes);
     section("sidecars", {
