@@ -1,0 +1,396 @@
+"""Virtual systems (VSX VSLS): 60 VSs on one pool of 4 members, through real etcd, the
+control plane and Envoy, under sticky load with state.
+
+Run: ``.venv/bin/python bench/vsls.py [--quick] [--output FILE]`` (``BENCH_QUICK=1``:
+quick, 12 VSs and short windows, no results file). docs/vsls.md, "Measured", reads it.
+
+The bed (``bench/vsls_bed.py``): etcd, ``meshxl serve xds``, one Envoy, four pool
+members on two sites; each member is the sample counter app beside ONE statesync
+sidecar serving every VS of the pool (``meshxl serve statesync --pool web``; the app
+takes each request's VS from its Host), so every acknowledged ``POST /counter`` is an
+acknowledged write in statesync (without pool hosting in the checkout, echo members:
+no state, and the write targets read NOT MEASURED). Each VS has a few sessions, each
+sending one request at a time to ``VS.tenants.example`` through the pool's one listener,
+for the whole run. The parts, in order, each its own window of that load:
+
+* ``placement``: the busiest member's active weight over its fair share, from the live
+  ``meshxl vs list --output json``, and as served (the member answering each VS);
+* ``kill``: kill -9 of the busiest member (its app and sidecar): the VSs whose answering
+  member changed must be exactly its own, each now on its standby; the other VSs
+  answered by the same member with no failure; RTO per moved VS (kill -> first answer
+  from its standby); then the member is started again and takes its roles back;
+* ``join``: a fifth member started, then appended to the pool in the model
+  (``apply_model``): active and standby roles moved over the ideal number (the new
+  member's fair share of each), from ``meshxl vs list`` before and after, and as served;
+* ``flood`` (with quotas in the checkout): one tenant writes as fast as it can against
+  its ``sessions.quota.writes_per_second``; the other tenants' write p99 in that window
+  over the same window without the flood (alternating, twice each);
+* ``auth`` (with ``meshxl etcd grant`` in the checkout): an etcd with authentication on,
+  per-VS users; one tenant's credentials reading another tenant's session: refused by
+  etcd.
+
+Acknowledged writes lost are counted over the whole run (a counter going back, and the
+final read-back of every session). Loopback only; every load bounded in time and count;
+every process killed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    Verdict,
+    env_info,
+    print_verdicts,
+    quick_requested,
+    stop_load,
+    summary_ms,
+    write_results,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vsls_bed import (  # noqa: E402
+    Bed,
+    Load,
+    lost_writes,
+    pool_hosting_available,
+    read_back,
+    served_by,
+    vs_names,
+)
+from vsls_parts import auth_part, flood_part, quotas_available, roles_of  # noqa: E402
+
+from meshxl.local.procs import Owner  # noqa: E402
+from meshxl.local.wait import LocalError  # noqa: E402
+from meshxl.stats import quantile  # noqa: E402
+
+NAME = "vsls"
+TARGET_SHARE = 1.1
+TARGET_JOIN = 1.1
+TARGET_FLOOD = 1.2
+TARGET_RTO_S = 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    vss: int
+    members: int
+    sessions_per_vs: int
+    interval: float
+    """Seconds between one session's requests."""
+    steady: float
+    """The placement window (seconds of load before the kill)."""
+    after_kill: float
+    join: float
+    flood: float
+    """Each of the flood part's four windows."""
+    quota_wps: int
+    flood_interval: float
+    """The other tenants' pause between requests in the flood part: a load the machine
+    carries, so that the flood, not the load itself, is what the p99 shows."""
+
+
+FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
+            join=10.0, flood=6.0, quota_wps=40, flood_interval=1.0)
+QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
+             join=2.0, flood=1.5, quota_wps=40, flood_interval=0.5)
+
+
+def p(values: Sequence[float], q: float) -> float | None:
+    v = quantile(list(values), q)
+    return None if v is None else round(v, 3)
+
+
+def share_of_served(served: Mapping[str, Mapping[str, int]], members: Sequence[str],
+                    weights: Mapping[str, int]) -> dict[str, Any]:
+    """Each VS's answering member (the one answering most), each member's weight of
+    VSs so served, and the busiest over the mean (equal capacities)."""
+    held = dict.fromkeys(members, 0)
+    for vs, per in served.items():
+        top = max(per.items(), key=lambda kv: kv[1])[0]
+        held[top] = held.get(top, 0) + weights.get(vs, 1)
+    mean = sum(held.values()) / len(members)
+    return {"held": held, "ratio": round(max(held.values()) / mean, 3) if mean else None}
+
+
+async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str, Any]:
+    owner = Owner(work, grace=2.0)
+    vss = vs_names(plan.vss)
+    bed = Bed(owner, vss, plan.members, stateful=stateful,
+              quota_wps=plan.quota_wps if quotas and stateful else None)
+    sessions = [(vs, f"s{k}") for vs in vss for k in range(plan.sessions_per_vs)]
+    res: dict[str, Any] = {"plan": plan.__dict__, "stateful": stateful, "quotas": quotas}
+    load: asyncio.Task[None] | None = None
+    traffic: Load | None = None
+    step = "starting the bed"
+    try:
+        t0 = time.perf_counter()
+        await bed.start()
+        res["start_s"] = round(time.perf_counter() - t0, 1)
+        print(f"  bed up in {res['start_s']} s ({len(vss)} VSs, {plan.members} members, "
+              f"{'app + pool sidecar' if stateful else 'echo'})", flush=True)
+        budget = (plan.steady + plan.after_kill + plan.join + 4 * plan.flood + 300)
+        traffic = Load(bed.url, sessions, plan.interval, time.time() + budget,
+                       max_requests=int(len(sessions) * budget / plan.interval),
+                       stateful=stateful)
+        load = asyncio.create_task(traffic.run())
+
+        step = "placement"
+        report = await bed.vs_list()
+        roles = roles_of(report)
+        weights = {v["name"]: v["weight"] for v in report["virtual_systems"]}
+        members = [m["name"] for m in report["pools"][0]["members"]]
+        start, checks = time.time(), await bed.health_checks()
+        await asyncio.sleep(plan.steady)
+        checks = (await bed.health_checks() - checks) / (time.time() - start)
+        served = served_by(traffic.records, start + plan.interval * 2, time.time())
+        steady = [(r.ended - r.sent) * 1000 for r in traffic.records
+                  if r.ok and r.write and start <= r.sent < start + plan.steady]
+        as_served = share_of_served(served, members, weights)
+        mismatched = sorted(vs for vs, per in served.items()
+                            if max(per.items(), key=lambda kv: kv[1])[0] != roles[vs][0])
+        res["placement"] = {
+            "members": report["pools"][0]["members"],
+            "busiest_ratio": max(m["share_ratio"] for m in report["pools"][0]["members"]),
+            "served": as_served, "served_not_by_active": mismatched,
+            "unanswered_vss": sorted(set(vss) - set(served)),
+            "write_ms": summary_ms(steady), "writes_per_s": round(len(steady) / plan.steady, 1),
+            "health_checks_per_s": round(checks, 1)}
+        print(f"  placement: {res['placement']['busiest_ratio']} (vs list), "
+              f"{as_served['ratio']} (as served) {as_served['held']}", flush=True)
+
+        step = "kill -9"
+        res["kill"] = await kill_part(bed, traffic, roles, plan)
+        print(f"  kill -9 {res['kill']['victim']}: {len(res['kill']['own'])} own VSs, "
+              f"RTO {res['kill']['rto_s']}", flush=True)
+
+        step = "join"
+        res["join"] = await join_part(bed, traffic, report, plan)
+        print(f"  join {res['join']['member']}: active {res['join']['active_moved']}, "
+              f"standby {res['join']['standby_moved']} (ideal {res['join']['ideal']})",
+              flush=True)
+
+        step = "flood"
+        res["flood"] = (await flood_part(bed, traffic, plan.flood, plan.quota_wps,
+                                         plan.flood_interval)
+                        if stateful and quotas else
+                        {"skipped": "no per-VS quotas in this checkout" if stateful
+                         else "no state (echo members)"})
+        traffic.until = time.time()
+        await asyncio.wait_for(load, 30.0)
+        step = "reading every session back"
+        if stateful:
+            final = await read_back(bed.url, sessions)
+            res["lost"] = lost_writes(traffic.records, final)
+            res["writes_acknowledged"] = sum(1 for r in traffic.records
+                                             if r.write and r.ok)
+        res["requests"] = len(traffic.records)
+        res["failed"] = sum(1 for r in traffic.records if not r.ok)
+        step = "auth"
+        res["auth"] = await auth_part(owner, vss)
+    except (LocalError, TimeoutError, OSError, KeyError, ValueError) as exc:
+        traceback.print_exc()
+        raise SystemExit(f"vsls: failed at {step}: {exc!r}\n{owner.report()}") from None
+    finally:
+        await stop_load(load, traffic)
+        await owner.aclose()
+    return res
+
+
+async def kill_part(bed: Bed, traffic: Load, roles: Mapping[str, tuple[str, str]],
+                    plan: Plan) -> dict[str, Any]:
+    held: dict[str, list[str]] = {}
+    for vs, (active, _) in roles.items():
+        held.setdefault(active, []).append(vs)
+    victim = bed.member(max(held, key=lambda m: (len(held[m]), m)))
+    own = sorted(held[victim.name])
+    killed = bed.kill9(victim)
+    await asyncio.sleep(plan.after_kill)
+    ended = time.time()
+    after = [r for r in traffic.records if killed <= r.sent < ended or
+             (r.sent < killed <= r.ended)]
+    others = [r for r in after if r.vs not in own]
+    changed = sorted({r.vs for r in after if r.ok and r.member != roles[r.vs][0]})
+    # an answer of the victim's own, on its way as it died, is neither
+    not_standby = sorted({r.vs for r in after if r.vs in own and r.ok and
+                          r.member not in (roles[r.vs][1], victim.name)})
+    rto: dict[str, float | None] = {}
+    for vs in own:
+        firsts = [r.ended for r in after if r.vs == vs and r.ok and r.member == roles[vs][1]]
+        rto[vs] = round(min(firsts) - killed, 3) if firsts else None
+    # a VS never answered by its standby in the window counts as the whole window
+    measured = [plan.after_kill if v is None else v for v in rto.values()]
+    out = {"victim": victim.name, "own": own, "requests_other_vss": len(others),
+           "failed_other_vss": sum(1 for r in others if not r.ok),
+           "moved_vss": changed, "moved_not_own": sorted(set(changed) - set(own)),
+           "own_not_on_standby": not_standby,
+           "failed_own_vss": sum(1 for r in after if r.vs in own and not r.ok),
+           "rto_per_vs_s": rto, "rto_unmeasured": sorted(v for v, t in rto.items() if t is None),
+           "rto_s": {"p50": p(measured, 0.5), "p99": p(measured, 0.99),
+                     "max": max(measured) if measured else None}}
+    await bed.reap(victim)
+    t0 = time.time()
+    await bed.start_member(victim)
+    await bed.wait_hosts(lambda hs: sum(1 for h in hs if h.healthy) == len(bed.members),
+                         f"{victim.name} healthy again in every VS")
+    out["back_s"] = round(time.time() - t0, 2)
+    return out
+
+
+async def join_part(bed: Bed, traffic: Load, before: Mapping[str, Any],
+                    plan: Plan) -> dict[str, Any]:
+    new = await bed.add_member()  # started; then appended to the pool in the model
+    applied = time.time()
+    await bed.apply(bed.model())
+    await bed.wait_hosts(lambda hs: len(hs) == len(bed.members) and
+                         all(h.healthy for h in hs), f"{new.name} in every VS")
+    after = await bed.vs_list()
+    await asyncio.sleep(plan.join)
+    ended = time.time()
+    b, a = roles_of(before), roles_of(after)
+    active_moved = sorted(vs for vs in b if a[vs][0] != b[vs][0])
+    standby_moved = sorted(vs for vs in b if a[vs][1] != b[vs][1])
+    member = next(m for m in after["pools"][0]["members"] if m["name"] == new.name)
+    ideal = member["fair_share"]
+    window = [r for r in traffic.records if applied <= r.sent < ended]
+    settled = served_by(traffic.records, ended - plan.join / 2, ended)
+    on_new = sorted(vs for vs, per in settled.items()
+                    if max(per.items(), key=lambda kv: kv[1])[0] == new.name)
+    return {"member": new.name, "ideal": ideal,
+            "active_moved": len(active_moved), "standby_moved": len(standby_moved),
+            "active_to_new": sum(1 for vs in active_moved if a[vs][0] == new.name),
+            "standby_to_new": sum(1 for vs in standby_moved if a[vs][1] == new.name),
+            "active_ratio": round(len(active_moved) / ideal, 3) if ideal else None,
+            "standby_ratio": round(len(standby_moved) / ideal, 3) if ideal else None,
+            "roles_ratio": (round((len(active_moved) + len(standby_moved)) / (2 * ideal), 3)
+                            if ideal else None),
+            "served_by_new": on_new, "served_by_new_as_placed": on_new == sorted(
+                vs for vs in active_moved if a[vs][0] == new.name),
+            "requests": len(window), "failed": sum(1 for r in window if not r.ok)}
+
+
+# -- verdicts and the report ----------------------------------------------------------------
+
+
+def verdicts(res: Mapping[str, Any]) -> list[Verdict]:
+    out: list[Verdict] = []
+    pl, k, j = res["placement"], res["kill"], res["join"]
+    out.append(Verdict("busiest member's active share / fair share (vs list)",
+                       pl["busiest_ratio"], TARGET_SHARE, "x",
+                       reference=f"as served {pl['served']['ratio']}x"))
+    out.append(Verdict("busiest member's active share / mean (as served)",
+                       pl["served"]["ratio"], TARGET_SHARE, "x",
+                       reference=f"held {pl['served']['held']}"))
+    out.append(Verdict("kill -9: VSs moved that were not its own", len(k["moved_not_own"]),
+                       0, "VSs", reference=f"{len(k['own'])} own, "
+                       f"{len(k['own_not_on_standby'])} of them not on their standby"))
+    out.append(Verdict("kill -9: failed requests on the other VSs", k["failed_other_vss"], 0,
+                       "requests", reference=f"of {k['requests_other_vss']}; own VSs "
+                       f"{k['failed_own_vss']} failed"))
+    rto = k["rto_s"]
+    out.append(Verdict("kill -9: RTO per moved VS (kill -> standby answers), p99",
+                       rto["p99"], TARGET_RTO_S, "s",
+                       reference=f"p50 {rto['p50']} s, max {rto['max']} s over "
+                       f"{len(k['own'])} VSs, {len(k['rto_unmeasured'])} never answered",
+                       note="issue 41 asks for it reported; the bound is docs/vsls.md's "
+                            "'within a second'"))
+    lost = res.get("lost")
+    out.append(Verdict("acknowledged writes lost (whole run)", lost, 0, "writes",
+                       reference=f"{res.get('writes_acknowledged', 0)} acknowledged",
+                       note="" if lost is not None else "no state: echo members"))
+    out.append(Verdict("join: active roles moved / ideal", j["active_ratio"], TARGET_JOIN,
+                       "x", reference=f"{j['active_moved']} moved, ideal {j['ideal']}"))
+    out.append(Verdict("join: standby roles moved / ideal", j["standby_ratio"], TARGET_JOIN,
+                       "x", reference=f"{j['standby_moved']} moved, ideal {j['ideal']}"))
+    out.append(Verdict("join: roles moved (active + standby) / ideal", j["roles_ratio"],
+                       TARGET_JOIN, "x"))
+    fl = res.get("flood") or {}
+    out.append(Verdict("flood at quota: other tenants' write p99 ratio", fl.get("ratio"),
+                       TARGET_FLOOD, "x", reference=fl.get("reference", ""),
+                       note=fl.get("skipped", "")))
+    same = fl.get("same_member_ratio")
+    out.append(Verdict("flood at quota: write p99 ratio, tenants on its member", same,
+                       TARGET_FLOOD, "x", reference=fl.get("same_member_reference", ""),
+                       note=fl.get("skipped", "") or "the tenants whose active shares the "
+                       "flooder's sidecar process"))
+    au = res.get("auth") or {}
+    out.append(Verdict("cross-tenant session reads not refused by etcd",
+                       au.get("not_refused"), 0, "reads", reference=au.get("reference", ""),
+                       note=au.get("skipped", "")))
+    return out
+
+
+def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> None:
+    pl, k, j = res["placement"], res["kill"], res["join"]
+    plan = res["plan"]
+    print(f"\n== {plan['vss']} VSs on {plan['members']} members "
+          f"({'app + one pool sidecar each' if res['stateful'] else 'echo members'}), "
+          f"{plan['sessions_per_vs']} sessions per VS; {res['requests']} requests, "
+          f"{res['failed']} failed")
+    print("  members (vs list): " + ", ".join(
+        f"{m['name']} {m['active']}a/{m['standby']}s ({m['share_ratio']}x)"
+        for m in pl["members"]))
+    print(f"  steady: {pl['writes_per_s']} writes/s, write p50 {pl['write_ms']['p50']} ms "
+          f"p99 {pl['write_ms']['p99']} ms; Envoy health checks {pl['health_checks_per_s']}/s")
+    print(f"  kill -9 {k['victim']}: own {len(k['own'])} VSs, moved {len(k['moved_vss'])}, "
+          f"RTO p50 {k['rto_s']['p50']} s p99 {k['rto_s']['p99']} s max {k['rto_s']['max']} s;"
+          f" back in {k['back_s']} s")
+    print(f"  join {j['member']}: {j['active_moved']} active, {j['standby_moved']} standby "
+          f"roles moved, ideal {j['ideal']} each; {j['failed']} of {j['requests']} failed")
+    fl = res.get("flood") or {}
+    if "ratio" in fl:
+        print(f"  flood: {fl['reference']}")
+    au = res.get("auth") or {}
+    if "reference" in au:
+        print(f"  auth: {au['reference']}")
+    print_verdicts("virtual systems", verdict_list)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="12 VSs, short windows (about 40 s); writes no results file")
+    parser.add_argument("--output", type=Path,
+                        help="also write the results here (JSON; the quick run's only file)")
+    args = parser.parse_args(argv)
+    quick = quick_requested(args.quick)
+    plan = QUICK if quick else FULL
+    stateful = pool_hosting_available()
+    import tempfile
+
+    from meshxl.binaries import MissingBinary
+
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
+    with tempfile.TemporaryDirectory(prefix="meshxl-bench-vsls-") as work:
+        try:
+            res.update(asyncio.run(run(Path(work), plan, stateful, quotas_available())))
+        except MissingBinary as exc:
+            print(f"{NAME}: {exc}", file=sys.stderr)
+            return 1
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    verdict_list = verdicts(res)
+    if not quick:
+        path = write_results(NAME, res, verdict_list)
+        print(f"  results: {path}")
+    if args.output is not None:
+        args.output.write_text(json.dumps({**res, "verdicts": [v.as_dict() for v in
+                                                                verdict_list]},
+                                          indent=2, default=str) + "\n")
+    print_report(res, verdict_list)
+    print(f"  ran in {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
