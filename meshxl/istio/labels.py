@@ -130,8 +130,9 @@ def vs_role_labels(view: ClusterView, placed: Sequence[str]) -> dict[str, dict[s
 
     ``view`` is the VS's cluster as meshxl's xDS serves it (per-VS drains, degraded
     members) and ``placed`` its active, standby and backups from the placement: the rest
-    of the pool, which meshxl's xDS puts on one last priority, carries no label of the VS
-    (unless the view made it the active or the standby: every placed member is out)."""
+    of the pool, which meshxl's xDS puts behind them (one priority each), carries no
+    label of the VS (unless the view made it the active or the standby: every placed
+    member is out)."""
     keys = vs_label_keys(view.spec.name)
     out: dict[str, dict[str, str | None]] = {}
     for name, labels in role_labels(view).items():

@@ -4,10 +4,10 @@ Each virtual system of the model becomes an ordinary :class:`~.spec.ClusterSpec`
 everything per cluster (priorities, failover, degradation, warm-up, statistics, the
 operator views) applies per VS: its members are its pool's, each with an explicit EDS
 priority from the placement (:mod:`.placement`): active 0, standby 1, backups 2, 3, ...,
-then the rest of the pool on one last priority (they serve only when the VS's active,
-standby and backups are all down, before the control plane has re-placed it). The
-pool's sites are kept with one failover rank, so the placement, not the site order,
-decides the tiers.
+then the rest of the pool by score, each on its own priority (they serve only when the
+VS's active, standby and backups are all down, before the control plane has re-placed
+it). The pool's sites are kept with one failover rank, so the placement, not the site
+order, decides the tiers.
 
 :func:`expand` runs when the model is validated (every pool member live);
 :func:`placed` re-places for the runtime state (members admin down, sites offline):
@@ -152,8 +152,10 @@ def pool_shares(placement: PoolPlacement) -> dict[str, tuple[int, int, int, floa
 def _cluster(name: str, vs: VirtualSystem, pool: Pool,
              roles: VirtualRoles | None, lost: frozenset[str]) -> ClusterSpec:
     if roles is not None:
-        last = 2 + roles.backups
-        priority = {m: min(i, last) for i, m in enumerate(roles.order)}
+        # One member per priority, the rest of the pool too (by score): every tier
+        # holds one member, so the cluster is placed by tier and a retry moves on to
+        # the next tier (meshxl.xds.resources.placed_by_tier).
+        priority = {m: i for i, m in enumerate(roles.order)}
     else:
         priority = {}
     members = [m.model_copy(update={"priority": priority.get(m.name, 0)})

@@ -244,7 +244,8 @@ def _retries_leave_the_member(spec: ClusterSpec) -> bool:
 
 def placed_by_tier(spec: ClusterSpec) -> bool:
     """A high-availability cluster whose every tier holds one member (no ``priority``
-    shared by hand, no host name that may resolve to several addresses): the tier alone
+    shared, none given beside members without one, no host name that may resolve to
+    several addresses; a virtual system's members each have their own): the tier alone
     places a session, so it is balanced by least request, whatever its stickiness.
 
     A hash would decide nothing there and gets in the way of failover: Envoy's Maglev
@@ -257,7 +258,18 @@ def placed_by_tier(spec: ClusterSpec) -> bool:
     (``balance_factor``)."""
     return (spec.high_availability and spec.protocol != "tcp"
             and (spec.stickiness is None or spec.stickiness.balance_factor is None)
-            and all(m.priority is None and is_ip_literal(m.address) for m in spec.members))
+            and all(is_ip_literal(m.address) for m in spec.members)
+            and _one_member_per_tier([m.priority for m in spec.members]))
+
+
+def _one_member_per_tier(priorities: list[int | None]) -> bool:
+    """Members' tiers are one each: none given (each member its own tier, by its place
+    in its site), or every one given and no two alike (a virtual system's, from the
+    placement). Mixed, a given priority may meet a member's place in its site."""
+    given = [p for p in priorities if p is not None]
+    if not given:
+        return True
+    return len(given) == len(priorities) and len(set(given)) == len(given)
 
 
 _PIN_TARGETS = (health_check_pb2.UNKNOWN, health_check_pb2.DEGRADED)

@@ -2,11 +2,11 @@
 
 Four echo members, twelve virtual systems routed by Host name on one listener. Each
 VS is served by its active; kill -9 of one member moves only the VSs whose active it
-was, each to its standby, while every other VS keeps serving from the same member with
-no failed request. Then ``meshxl member down`` on the pool re-places: the lost
-member leaves every VS and each VS that lost its standby gets a new one, and
-``meshxl vs`` shows it; ``meshxl vs move`` puts one VS's active on the member the
-operator chose and moves no other VS."""
+was, each to its standby with no failed request (a refused connect is retried on the
+standby's tier), while every other VS keeps serving from the same member. Then
+``meshxl member down`` on the pool re-places: the lost member leaves every VS and each
+VS that lost its standby gets a new one, and ``meshxl vs`` shows it; ``meshxl vs move``
+puts one VS's active on the member the operator chose and moves no other VS."""
 
 from __future__ import annotations
 
@@ -114,14 +114,14 @@ async def test_a_lost_member_moves_only_its_own_virtual_systems_to_their_standby
         for vs in stayed:  # the other VSs: the same member, no failure
             assert {(s, m) for _, s, m in answers[vs]} == {(200, roles[vs].active)}, vs
         failed = 0
-        for vs in moved:  # its own VSs: on their standby once Envoy saw the loss
+        for vs in moved:  # its own VSs: on their standby at once, retries included
             after = [(s, m) for t, s, m in answers[vs] if t > killed_at]
             failed += sum(1 for s, _ in after if s != 200)
-            assert after[-10:] == [(200, roles[vs].standby)] * 10, (vs, after)
             assert {m for s, m in after if s == 200} <= {roles[vs].standby}, (vs, after)
         print(f"kill -9 {victim.name}: {len(moved)} VSs moved to their standbys "
               f"({failed} of {len(moved) * ROUNDS_AFTER_KILL} requests to them failed), "
               f"{len(stayed)} others kept their member with 0 failed requests")
+        assert failed == 0
 
         # The operator takes the member out of the pool: it is re-placed.
         await set_member_admin(etcd_client, KEYS, "web", victim.name, down=True,

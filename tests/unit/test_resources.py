@@ -119,11 +119,19 @@ def test_an_ha_cluster_of_one_member_per_tier_is_placed_by_tier() -> None:
     assert r.route.retry_policy.retry_priority.name.endswith("previous_priorities")
 
 
+def test_priorities_given_one_member_each_are_placed_by_tier() -> None:
+    """A virtual system's members each carry their own priority from the placement."""
+    members = MEMBERS.replace("8081}", "8081, priority: 1}").replace("8082}", "8082, priority: 0}")
+    assert cds("stickiness: {header: x-session}", members).lb_policy == \
+        cluster_pb2.Cluster.LEAST_REQUEST
+
+
 @pytest.mark.parametrize("extra, members", [
     ("mode: load-sharing", MEMBERS),
     ("stickiness: {header: x, balance_factor: 1.5}", MEMBERS),
     ("protocol: tcp\nlistener: {port: 9000}", MEMBERS),
     ("", MEMBERS.replace("port: 8081}", "port: 8081, priority: 0}")),
+    ("", MEMBERS.replace("}", ", priority: 1}")),
     ("", MEMBERS.replace("address: 127.0.0.1", "address: members.example")),
 ])
 def test_a_tier_that_may_hold_several_members_keeps_its_hash(extra: str, members: str) -> None:

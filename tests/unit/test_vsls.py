@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ from meshxl.model.placement import (
 )
 from meshxl.model.vsls import placed, placement_of
 from meshxl.xds.compiler import Compiler, compile_resources
-from meshxl.xds.resources import listener_name
+from meshxl.xds.resources import listener_name, placed_by_tier
 
 POOL = """
 pools:
@@ -107,7 +108,31 @@ def test_the_listener_routes_each_domain_to_its_virtual_system() -> None:
     assert by_domain["big.example.com"] == "big"
     assert set(resources.clusters) == {f"t{i:02d}" for i in range(1, 13)} | {"big", "shared"}
     cla = resources.endpoints["t03"]
-    assert sorted(e.priority for e in cla.endpoints) == [0, 1, 2, 2]
+    assert sorted(e.priority for e in cla.endpoints) == [0, 1, 2, 3]
+
+
+def test_a_virtual_system_is_placed_by_tier_so_a_retry_moves_to_the_standby() -> None:
+    # Every tier holds one member, the rest of the pool included (by score): the
+    # cluster is balanced by least request, which honours the route's retry priority,
+    # not by Maglev, which would send a refused connect's retry back to a dead active.
+    model = parse_model(MODEL)
+    resources = compile_resources(model)
+    roles = placement_of(model, model.pools[0]).roles
+    for vs in ("t03", "big"):
+        spec = model.cluster(vs)
+        assert spec is not None and placed_by_tier(spec)
+        assert resources.clusters[vs].lb_policy == Cluster.LEAST_REQUEST
+        cla = resources.endpoints[vs]
+        assert [(g.priority, [e.endpoint.hostname for e in g.lb_endpoints])
+                for g in sorted(cla.endpoints, key=lambda g: g.priority)] == \
+            [(i, [m]) for i, m in enumerate(roles[vs].order)]
+        route = next(vh.routes[0] for vh in
+                     resources.routes[listener_name("127.0.0.1", 10000)].virtual_hosts
+                     if vh.routes[0].route.cluster == vs)
+        assert route.route.retry_policy.retry_priority.name == \
+            "envoy.retry_priorities.previous_priorities"
+    shared = model.cluster("shared")
+    assert shared is not None and not placed_by_tier(shared)
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
