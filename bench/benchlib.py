@@ -192,10 +192,12 @@ async def stop_load(load: asyncio.Task[Any] | None, traffic: Any) -> None:
 
 
 def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: Any,
-                  print_report: Any) -> int:
+                  print_report: Any, *, write: bool = True,
+                  output: Path | None = None) -> int:
     """The common tail of every benchmark's ``main``: ``run(work_dir)`` (a coroutine
     function returning the results) in a temporary directory, then verdicts, the
-    results file and the report. Returns the exit code (0: the run completed)."""
+    results file (``write``: ``bench/results/NAME.json``; ``output``: also this file)
+    and the report. Returns the exit code (0: the run completed)."""
     import asyncio
     import tempfile
 
@@ -211,7 +213,10 @@ def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: 
             return 1
     res["seconds"] = round(time.perf_counter() - t0, 1)
     verdict_list = verdicts(res)
-    path = write_results(name, res, verdict_list)
+    if output is not None:
+        output.write_text(json.dumps({**res, "verdicts": [v.as_dict() for v in verdict_list]},
+                                     indent=2, default=str) + "\n")
+    path = write_results(name, res, verdict_list) if write else output
     print_report(res, verdict_list)
     print(f"  results: {path}; ran in {res['seconds']} s")
     return 0

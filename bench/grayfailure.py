@@ -59,11 +59,10 @@ from typing import Any
 import aiohttp
 from benchlib import (
     Verdict,
-    env_info,
     print_verdicts,
     quick_requested,
+    run_benchmark,
     stop_load,
-    write_results,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -613,31 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 3 <= args.sessions <= 500:
             parser.error("--sessions must be within 3..500")
         plan = Plan(**{**plan.__dict__, "sessions": args.sessions})
-    import json
-    import tempfile
-
-    from meshxl.binaries import MissingBinary
-
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-grayfailure-") as work:
-        try:
-            res.update(asyncio.run(run(Path(work), plan, quick)))
-        except MissingBinary as exc:
-            print(f"{NAME}: {exc}", file=sys.stderr)
-            return 1
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    if not quick:
-        path = write_results(NAME, res, verdict_list)
-        print(f"  results: {path}")
-    if args.output is not None:
-        args.output.write_text(json.dumps({**res, "verdicts": [v.as_dict() for v in
-                                                                verdict_list]},
-                                          indent=2, default=str) + "\n")
-    print_report(res, verdict_list)
-    print(f"  ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(NAME, quick, "meshxl-bench-grayfailure-",
+                         lambda work: run(work, plan, quick), verdicts, print_report,
+                         write=not quick, output=args.output)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 import traceback
@@ -49,12 +48,11 @@ from typing import Any
 
 from benchlib import (
     Verdict,
-    env_info,
     print_verdicts,
     quick_requested,
+    run_benchmark,
     stop_load,
     summary_ms,
-    write_results,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -366,30 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = quick_requested(args.quick)
     plan = QUICK if quick else FULL
     stateful = pool_hosting_available()
-    import tempfile
-
-    from meshxl.binaries import MissingBinary
-
-    t0 = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": NAME, "quick": quick, "env": env_info()}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-vsls-") as work:
-        try:
-            res.update(asyncio.run(run(Path(work), plan, stateful, quotas_available())))
-        except MissingBinary as exc:
-            print(f"{NAME}: {exc}", file=sys.stderr)
-            return 1
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    if not quick:
-        path = write_results(NAME, res, verdict_list)
-        print(f"  results: {path}")
-    if args.output is not None:
-        args.output.write_text(json.dumps({**res, "verdicts": [v.as_dict() for v in
-                                                                verdict_list]},
-                                          indent=2, default=str) + "\n")
-    print_report(res, verdict_list)
-    print(f"  ran in {res['seconds']} s")
-    return 0
+    return run_benchmark(NAME, quick, "meshxl-bench-vsls-",
+                         lambda work: run(work, plan, stateful, quotas_available()),
+                         verdicts, print_report, write=not quick, output=args.output)
 
 
 if __name__ == "__main__":
