@@ -180,6 +180,13 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               default="http://127.0.0.1:2379", show_default=True,
               help="etcd endpoints, http:// or https://.")
 @etcd_security_options
+@click.option("--etcd-credentials-dir", type=click.Path(path_type=Path), metavar="DIR",
+              envvar="MESHXL_ETCD_CREDENTIALS_DIR",
+              help="Each cluster's own etcd user: DIR/CLUSTER/username and "
+                   "DIR/CLUSTER/password (a basic-auth Secret mounted per cluster). A "
+                   "cluster with an entry talks to etcd as that user; one without uses "
+                   "--etcd-user. The process's own user then needs only read on the mesh "
+                   "(docs/security.md).")
 @root_option
 @click.option("--session-ttl", type=click.FloatRange(min=1), metavar="SECONDS",
               help="Sessions expire this long after their last write "
@@ -209,7 +216,7 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     app_address: str, site: str | None,
                     weight: int | None, listens: tuple[str, ...], socket_mode: str,
                     token_file: Path | None, etcd_urls: str,
-                    etcd_root: str,
+                    etcd_credentials_dir: Path | None, etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
                     max_inflight: int, max_connections: int | None, trace_file: Path | None,
@@ -221,6 +228,7 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
     from meshxl.statesync.auth import read_token
+    from meshxl.statesync.credentials import cluster_security
 
     setup_logging(log_level)
     checked(lambda: _check_hosted(clusters, pool))
@@ -234,7 +242,11 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
         sync_delay=sync_delay, max_bytes=max_session_bytes, lease_ttl=lease_ttl,
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
         max_connections=max_connections, etcd_security=etcd_security(),
+        etcd_credentials_dir=etcd_credentials_dir,
         token=read_token(token_file, dict(os.environ))))
+    if pool is None and len(set(clusters)) == 1:  # one cluster: its own entry, if any
+        config = checked(lambda: dataclasses.replace(config, etcd_security=cluster_security(
+            etcd_credentials_dir, cluster, config.etcd_security)))
     for name in clusters[1:]:  # each name checked as the process's is
         checked(functools.partial(dataclasses.replace, config, cluster=name))
     traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},

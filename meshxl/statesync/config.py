@@ -7,6 +7,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from meshxl import etcd
 from meshxl.addr import parse_hostport
@@ -15,6 +16,7 @@ from meshxl.etcd.keys import DEFAULT_ROOT
 from meshxl.model.basics import NAME_PATTERN, check_member_address
 
 from .auth import check_exposure, valid_token
+from .credentials import check_credentials_dir
 from .store import MAX_TXN_WRITES
 
 __all__ = ["StatesyncConfig"]
@@ -56,6 +58,9 @@ class StatesyncConfig:
     sidecar_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     etcd_security: EtcdSecurity | None = None
     """TLS and credentials for etcd (``--etcd-ca``, ``--etcd-user``...)."""
+    etcd_credentials_dir: Path | None = None
+    """``DIR/<cluster>/username`` and ``password``: a hosted cluster's own etcd user
+    (credentials.py); clusters without an entry use :attr:`etcd_security`'s."""
     token: str | None = field(default=None, repr=False)
     """Bearer token every API request but the health checks must carry (auth.py)."""
 
@@ -75,6 +80,8 @@ class StatesyncConfig:
             raise ValueError(f"invalid app address {app_host[:80]!r}: {exc}") from None
         host, _ = parse_hostport(self.listen, allow_zero=True)
         etcd.check_settings(self.etcd, self.etcd_security)
+        if self.etcd_credentials_dir is not None:
+            check_credentials_dir(self.etcd_credentials_dir)
         if self.token is not None:
             valid_token(self.token, "the configuration")
         check_exposure(host, self.token)

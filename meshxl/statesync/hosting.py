@@ -9,9 +9,11 @@ metrics. The process shares between them one event loop, one HTTP server
 (cluster_routes.py routes each request by the cluster its path names), the signals of
 a sick member (the loop's lag, etcd's commit time, CPU pressure), one watch of the mesh
 (model, registrations, admin state: each cluster's follower is told of every change)
-and one etcd client per set of etcd settings: every cluster's settings are the
-process's today, and a cluster given settings of its own (credentials of its own, say)
-would get a client of its own (:meth:`Hosting.client_for`).
+and one etcd client per set of etcd settings (:meth:`Hosting.client_for`): a cluster
+with credentials of its own (``--etcd-credentials-dir``, credentials.py) gets a client
+of its own, talking to etcd as its own user, so etcd itself refuses it every other
+cluster's keys; the others share the process's. The process-wide parts (the watch of
+the mesh) use the process's credentials: they need only read on the mesh's keys.
 
 With a pool, the hosted clusters follow the model: a virtual system added to the pool
 is started within a moment of the model's change, one removed is stopped (its member
@@ -29,6 +31,7 @@ import time
 from typing import Any
 
 import aetcd
+import grpc
 
 from meshxl import etcd
 from meshxl.etcd.keys import Keys
@@ -38,7 +41,8 @@ from meshxl.model.light import LightModel, parse_light
 from .api import SessionRoutes, SidecarParts
 from .cluster_routes import hosted_router
 from .config import StatesyncConfig
-from .http import Router
+from .credentials import cluster_security
+from .http import RequestRefused, Router
 from .mesh_reads import session_settings, shard_map
 from .metrics import StatesyncMetrics, render_hosted
 from .sidecar import Sidecar
@@ -77,6 +81,8 @@ class Hosting:
         """Why the pool's clusters are not known (no model, no such pool), or None."""
         self._failed: dict[str, str] = {}
         """Clusters that did not start, and why (tried again on the next change)."""
+        self._users: dict[str, str | None] = {}
+        """The etcd user each cluster last started as (None: none)."""
         self._tasks: list[asyncio.Task[Any]] = []
         self._changed = asyncio.Event()
         self._settle: asyncio.Task[None] | None = None
@@ -91,15 +97,25 @@ class Hosting:
         client = self.clients.get(key)
         if client is None:
             client = etcd.client(config.etcd, security=config.etcd_security)
-            await client.connect()
+            try:
+                await client.connect()
+                # Credentials etcd refuses: a one-line reason now (the cluster's
+                # readiness shows it), not a failure on its first read.
+                await etcd.check_credentials(client)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.close()
+                raise
             self.clients[key] = client
         return client
 
     def config_of(self, cluster: str) -> StatesyncConfig:
-        """A hosted cluster's settings: the process's, for that cluster. Where a
-        cluster's own settings would come from (its etcd credentials: another client
-        then, :meth:`client_for`)."""
-        return dataclasses.replace(self.config, cluster=cluster,
+        """A hosted cluster's settings: the process's, for that cluster, with its own
+        etcd credentials if ``--etcd-credentials-dir`` has an entry for it (read now:
+        a cluster started later picks up its entry then)."""
+        security = cluster_security(self.config.etcd_credentials_dir, cluster,
+                                    self.config.etcd_security)
+        return dataclasses.replace(self.config, cluster=cluster, etcd_security=security,
                                    sync_publish_interval=max(
                                        self.config.sync_publish_interval,
                                        HOSTED_PUBLISH_INTERVAL))
@@ -193,7 +209,7 @@ class Hosting:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    self._failed[name] = f"{type(exc).__name__}: {exc}"
+                    self._failed[name] = self._why(name, exc)
                     log.error("cluster %s did not start: %s", name, self._failed[name])
                     self._changed.set()  # tried again
 
@@ -201,8 +217,21 @@ class Hosting:
         log.info("hosting %d clusters%s", len(self.sidecars),
                  f" (pool {self.pool})" if self.pool else "")
 
+    def _why(self, name: str, exc: Exception) -> str:
+        """One line: why cluster ``name`` did not start."""
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            return f"{type(exc).__name__}: {exc}"
+        if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+            user = self._users.get(name) or "(none)"
+            return (f"etcd refused user {user} cluster {name}'s keys: {exc.details()} "
+                    f"(grant them: meshxl etcd grant {name} --user {user}; or give the "
+                    f"cluster its own user in --etcd-credentials-dir)")
+        return f"etcd: {exc.code().name}: {exc.details()}"
+
     async def _start_one(self, name: str) -> None:
         config = self.config_of(name)
+        security = config.etcd_security
+        self._users[name] = security.user if security is not None else None
         client = await self.client_for(config)
         settings = await session_settings(client, config)
         metrics = StatesyncMetrics(signals=self.metrics.signals)
@@ -217,7 +246,16 @@ class Hosting:
     # -- what the process-wide routes report ------------------------------------------
 
     def router(self) -> Router:
-        return hosted_router(self, self.routes.get)
+        return hosted_router(self, self._routes_of)
+
+    def _routes_of(self, cluster: str) -> SessionRoutes | None:
+        """A hosted cluster's routes; a cluster wanted but not started: a 503 naming
+        why (its etcd credentials refused, say), nothing written."""
+        routes = self.routes.get(cluster)
+        if routes is None and cluster in self._failed:
+            raise RequestRefused(503, f"cluster {cluster!r} is not started: "
+                                      f"{self._failed[cluster]}", field="cluster")
+        return routes
 
     def clusters(self) -> dict[str, SidecarParts]:
         return dict(self.sidecars)

@@ -16,7 +16,7 @@ import pytest
 from meshxl import etcd
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
-from meshxl.local.procs import Owner
+from meshxl.local.procs import Owner, run
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from tests.harness.cli import meshxl
@@ -161,3 +161,87 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
     assert "lease not revoked" not in sidecar.logs()
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         assert (await client.get(KEYS.member("t01", "w1").encode())) is None
+
+
+POOL_MODEL = """\
+pools:
+  - name: web
+    listener: {address: 127.0.0.1, port: 10000}
+    members:
+      - {name: w1, address: 127.0.0.1, port: 18081}
+      - {name: w2, address: 127.0.0.1, port: 18082}
+virtual_systems:
+  - names: [ta, tb]
+    pool: web
+"""
+
+
+async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
+        harness: Owner, auth_etcd: Any, tmp_path: Path) -> None:
+    """``--etcd-credentials-dir``: one sidecar process serves two VSs, each as its own
+    etcd user, the process itself as a user that may only read the mesh. With VS ta's
+    entry holding tb's user, etcd refuses ta's writes (503, nothing stored) while tb
+    keeps working: the isolation is etcd's."""
+    root = ["--etcd", auth_etcd.url, "--etcd-user", "root", "--etcd-password-file",
+            str(_secret(tmp_path / "root", ROOT_PASSWORD))]
+    root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        await apply_model(client, KEYS, POOL_MODEL, "test")
+    ctl = ["etcdctl", "--endpoints", auth_etcd.url, "--user", f"root:{ROOT_PASSWORD}"]
+    creds = tmp_path / "creds"
+    for tenant in ("ta", "tb"):
+        (creds / tenant).mkdir(parents=True)
+        _secret(creds / tenant / "username", f"tenant-{tenant}")
+        _secret(creds / tenant / "password", f"password of {tenant}")
+    results = await asyncio.gather(
+        *(meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
+                 "--user-password-file", str(creds / tenant / "password"), *root)
+          for tenant in ("ta", "tb")),
+        run([*ctl, "role", "add", "mesh-reader"]),
+        run([*ctl, "user", "add", "pool-w1", "--new-user-password", "password of w1"]))
+    for code, _, err in results:
+        assert code == 0, err
+    for argv in (["role", "grant-permission", "mesh-reader", "read", KEYS.mesh_prefix,
+                  "--prefix"], ["user", "grant-role", "pool-w1", "mesh-reader"]):
+        code, _, err = await run([*ctl, *argv])
+        assert code == 0, err
+
+    sidecar = SidecarProcess(harness, cluster=None, pool="web", member="w1",  # type: ignore[arg-type]
+                             etcd=auth_etcd.url, app_port=free_port(), etcd_user="pool-w1",
+                             etcd_password_file=_secret(tmp_path / "pw-w1", "password of w1"),
+                             etcd_credentials_dir=creds)
+    await sidecar.start()
+    for tenant in ("ta", "tb"):
+        put = await sidecar.request("PUT", f"/v1/clusters/{tenant}/sessions/s1",
+                                    data=json.dumps({"of": tenant}).encode(),
+                                    headers={"Content-Type": "application/json"})
+        assert put.status == 201, put.json()
+        got = await sidecar.request("GET", f"/v1/clusters/{tenant}/sessions/s1")
+        assert got.json() == {"of": tenant}
+    assert not [line for line in sidecar.logs().splitlines()
+                if " WARNING " in line or " ERROR " in line], sidecar.logs()
+
+    # ta's entry swapped for tb's user: etcd refuses ta everything of its own.
+    _secret(creds / "ta" / "username", "tenant-tb")
+    _secret(creds / "ta" / "password", "password of tb")
+    await sidecar.stop()
+    await sidecar.start(wait_ready=False)
+
+    async def tb_served() -> bool:
+        return (await sidecar.request("GET", "/v1/clusters/tb/sessions/s1")).status == 200
+
+    await wait_until(tb_served, timeout=15.0, what="tb served again")
+    refused = await sidecar.request("PUT", "/v1/clusters/ta/sessions/s2",
+                                    data=b'{"n": 2}',
+                                    headers={"Content-Type": "application/json"})
+    assert refused.status == 503, refused.json()
+    assert refused.json()["error"].startswith(
+        "cluster 'ta' is not started: etcd refused user tenant-tb cluster ta's keys: "
+        "etcdserver: permission denied"), refused.json()
+    assert (await sidecar.request("PUT", "/v1/clusters/tb/sessions/s2", data=b'{"n": 2}',
+                                  headers={"Content-Type": "application/json"})).status == 201
+    ready = await sidecar.readyz()
+    assert ready.status == 503 and b"ta: not started" in ready.body, ready.body
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        assert (await client.get(KEYS.session("ta", "s2").encode())) is None
+        assert (await client.get(KEYS.session("tb", "s2").encode())) is not None
