@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
+from .basics import Membership
 from .spec import (
     ClusterSpec,
     Degradation,
@@ -36,6 +37,10 @@ class Pool(SpecModel):
     listener: Listener | None = None
     """The one listener of the pool's virtual systems: each VS's ``domains`` are a route
     of it."""
+    membership: Membership = "static"
+    """``static``: every listed member is in the placement unless admin down on the pool
+    or its site offline; ``registered``: a listed member is in it only while its sidecar
+    holds a registration in at least one VS of the pool (docs/vsls.md, "Live members")."""
 
 
 class VirtualSystem(SpecModel):

@@ -10,13 +10,14 @@ it). The pool's sites are kept with one failover rank, so the placement, not the
 order, decides the tiers.
 
 :func:`expand` runs when the model is validated (every pool member live);
-:func:`placed` re-places for the runtime state (members admin down, sites offline):
+:func:`placed` re-places for the runtime state (members admin down, sites offline,
+unregistered in a ``membership: registered`` pool):
 the xDS compiler and the operator views both call it, so they agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .basics import DEFAULT_SITE
@@ -31,8 +32,8 @@ from .placement import (
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
-__all__ = ["PoolPlacement", "expand", "expand_model", "placed", "placement_of", "pool_members",
-           "pool_shares", "virtual_systems"]
+__all__ = ["PoolPlacement", "expand", "expand_model", "lost_reasons", "placed", "placement_of",
+           "pool_members", "pool_shares", "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -72,6 +73,8 @@ class PoolPlacement:
     weights: Mapping[str, int]
     preferred: Mapping[str, str] = field(default_factory=dict)
     """VS -> the active the operator chose (``meshxl vs move``), where it applies."""
+    why: Mapping[str, str] = field(default_factory=dict)
+    """Lost member -> why (:func:`lost_reasons`)."""
 
 
 def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
@@ -89,16 +92,51 @@ def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
     return base
 
 
-def _lost(pool: Pool, state: RuntimeState | None) -> frozenset[str]:
-    """Pool members out of the placement: admin down on the pool (``meshxl member down
-    POOL MEMBER``) or on an offline site."""
+def lost_reasons(pool: Pool, state: RuntimeState | None,
+                 clusters: Iterable[str] = ()) -> dict[str, str]:
+    """Pool members out of the placement, each with why: ``admin-down`` on the pool
+    (``meshxl member down POOL MEMBER``), ``site-offline``, or, in a pool with
+    ``membership: registered``, ``unregistered``: no registration of it (live lease,
+    ready or not) in any of ``clusters``, the pool's virtual systems."""
     if state is None:
-        return frozenset()
+        return {}
     down = state.members_down_of(pool.name)
     offline = state.sites_offline
     default = pool.sites[0].name if pool.sites else DEFAULT_SITE
-    return frozenset(m.name for m in pool.members
-                     if m.name in down or (m.site or default) in offline)
+    registered: set[str] = set()
+    if pool.membership == "registered":
+        for cluster in clusters:
+            registered.update(state.registrations_of(cluster))
+    out = {}
+    for m in pool.members:
+        if m.name in down:
+            out[m.name] = "admin-down"
+        elif (m.site or default) in offline:
+            out[m.name] = "site-offline"
+        elif pool.membership == "registered" and m.name not in registered:
+            out[m.name] = "unregistered"
+    return out
+
+
+def _lost(model: ModelSpec, pool: Pool, state: RuntimeState | None) -> frozenset[str]:
+    """Pool members out of the placement (:func:`lost_reasons`)."""
+    if state is None:
+        return frozenset()
+    names = _systems_of(model, pool) if pool.membership == "registered" else ()
+    return frozenset(lost_reasons(pool, state, names))
+
+
+def _systems_of(model: ModelSpec, pool: Pool) -> tuple[str, ...]:
+    """The names of the pool's virtual systems (cached on the model as loaded)."""
+    origin: ModelSpec = model._vsls.get("origin", model)
+    cache: dict[str, tuple[str, ...]] | None = origin._vsls.get("systems")
+    if cache is None:
+        cache = {}
+        for name, _, p in virtual_systems(origin):
+            cache.setdefault(p.name, ())
+            cache[p.name] += (name,)
+        origin._vsls["systems"] = cache
+    return cache.get(pool.name, ())
 
 
 def _preferred(pool: Pool, state: RuntimeState | None, lost: frozenset[str],
@@ -118,14 +156,15 @@ def _preferred(pool: Pool, state: RuntimeState | None, lost: frozenset[str],
 def placement_of(model: ModelSpec, pool: Pool,
                  state: RuntimeState | None = None) -> PoolPlacement:
     members = pool_members(pool)
-    lost = _lost(pool, state)
+    why = lost_reasons(pool, state, _systems_of(model, pool))
+    lost = frozenset(why)
     base = _base(model).get(pool.name, {})
     roles = live_placement(base, members, lost)
     chosen = _preferred(pool, state, lost, roles)
     if chosen:
         roles = preferred_placement(roles, [m for m in members if m.name not in lost], chosen)
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
-    return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen)
+    return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen, why)
 
 
 def pool_shares(placement: PoolPlacement) -> dict[str, tuple[int, int, int, float]]:
@@ -198,7 +237,7 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     recompilation with the same state reuses it)."""
     if not model.virtual_systems or state is None:
         return model
-    lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(p, state)))
+    lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(model, p, state)))
     key = (lost, tuple(sorted(state.preferred)))
     if model._vsls.get("key", ((), ())) == key:
         return model

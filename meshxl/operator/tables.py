@@ -300,7 +300,8 @@ def render_vs(report: dict[str, Any], console: Console) -> None:
                 plain(m["name"]), plain(m["site"]), plain(m["capacity"]), plain(m["active"]),
                 plain(m["standby"]), plain(m["active_weight"]), plain(f"{m['fair_share']:g}"),
                 plain("-" if ratio is None else f"{ratio:.2f}"),
-                plain("lost", "red") if m["lost"] else plain("live", "green"))
+                plain(f"lost ({m['why']})" if m.get("why") else "lost", "red") if m["lost"]
+                else plain("live", "green"))
         console.print(table)
     table = _table("virtual systems", ("vs", "pool", "mode", "weight", "active", "standby",
                                        "backups", "domains"), right=("weight",))

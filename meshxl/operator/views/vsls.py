@@ -37,7 +37,8 @@ def vs_report(read: MeshRead, name: str | None = None) -> dict[str, Any]:
             fair = total * m.capacity / capacity if m.name not in placement.lost else 0
             members.append({
                 "name": m.name, "site": m.site, "capacity": m.capacity,
-                "lost": m.name in placement.lost, "active": len(held),
+                "lost": m.name in placement.lost, "why": placement.why.get(m.name),
+                "active": len(held),
                 "active_weight": weight,
                 "standby": sum(1 for r in placement.roles.values() if r.standby == m.name),
                 "fair_share": round(fair, 3),

@@ -208,7 +208,8 @@
       cell(m.name), cell(m.site), numCell(m.capacity), numCell(m.active), numCell(m.standby),
       numCell(m.active_weight), numCell(m.fair_share),
       numCell(m.share_ratio === null ? null : m.share_ratio.toFixed(2)),
-      cell(m.lost ? "lost" : "live", { cls: m.lost ? "state-lost" : "state-ready" })));
+      cell(m.lost ? (m.why ? `lost (${m.why})` : "lost") : "live",
+        { cls: m.lost ? "state-lost" : "state-ready" })));
       parts.push(el("table", { cls: "pool", data: { pool: p.name } },
         el("thead", null, head), el("tbody", null, ...rows)));
       const head2 = el("tr", null, ...["virtual system", "mode", "weight", "active", "standby",
