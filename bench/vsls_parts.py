@@ -19,6 +19,7 @@ from vsls_bed import Bed, Load
 from meshxl.etcd.keys import Keys
 from meshxl.local.procs import Owner, run
 from meshxl.local.servers import HOST, start_etcd
+from meshxl.model.placement import PoolMember, VirtualRoles, eligible, standby_shares
 from meshxl.stats import quantile
 
 FLOOD_WRITERS = 8
@@ -29,6 +30,37 @@ ROOT_PASSWORD = "vsls-bench-root"
 def roles_of(report: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """VS -> (active, standby) of a ``meshxl vs list --output json``."""
     return {v["name"]: (v["active"], v["standby"]) for v in report["virtual_systems"]}
+
+
+def join_moves(before: Mapping[str, Any], after: Mapping[str, Any], new: str) -> dict[str, Any]:
+    """The roles a join moved, counted as ``scripts/vsls_placement.py`` counts them: a
+    role moved is a VS's active or standby on another member than before; the ideal
+    is the joiner's fair share of active roles (from ``meshxl vs list``) and its fair
+    share of standbys where the actives now are; the standbys the site rule sends
+    across (a VS whose active moved to the joiner's site had its standby there) are
+    counted apart."""
+    b, a = roles_of(before), roles_of(after)
+    listed = after["pools"][0]["members"]
+    members = [PoolMember(m["name"], m["site"] or "", m["capacity"]) for m in listed]
+    actives = [vs for vs in b if a[vs][0] != b[vs][0]]
+    standbys = [vs for vs in b if a[vs][1] != b[vs][1]]
+    allowed = set(eligible(new, members))
+    forced = [vs for vs in actives if a[vs][0] == new and b[vs][1] not in allowed]
+    placement = {vs: VirtualRoles(vs, (act,)) for vs, (act, _) in a.items()}
+    share = round(standby_shares(placement, members, dict.fromkeys(a, 1))[new][1], 3)
+    ideal = next(m["fair_share"] for m in listed if m["name"] == new)
+    free = len(standbys) - len(forced)
+    return {"ideal": ideal, "standby_ideal": share,
+            "active_moved": len(actives), "standby_moved": len(standbys),
+            "standby_site_forced": len(forced),
+            "active_to_new": sum(1 for vs in actives if a[vs][0] == new),
+            "standby_to_new": sum(1 for vs in standbys if a[vs][1] == new),
+            "active_ratio": round(len(actives) / ideal, 3) if ideal else None,
+            "standby_ratio": round(free / share, 3) if share else None,
+            "roles_ratio": (round((len(actives) + free) / (ideal + share), 3)
+                            if ideal + share else None),
+            "site_forced_ratio": round(len(forced) / ideal, 3) if ideal else None,
+            "active_moved_vss": sorted(actives)}
 
 
 def quotas_available() -> bool:

@@ -12,7 +12,9 @@ site has a member; after a member is lost, how
 many active roles moved beyond the ones it held; after a member joins (appended to the
 pool), the roles moved as a multiple of its ideal share (its fair share of active roles
 plus its fair share of standbys where the actives are; the standbys the site rule sends
-across when their VS's active moves to the joiner's site counted apart); the busiest
+across when their VS's active moves to the joiner's site counted apart), and the
+standbys moved the same way against its fair share of standbys (a role moved: a VS's
+active or standby on another member than before, as ``bench/vsls.py`` counts); the busiest
 standby holder against its fair share (where the actives are) and against its share of
 the pool's capacity.
 """
@@ -49,7 +51,8 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
     rnd = random.Random(seed)
     out = {"busiest_60_on_4": 0.0, "busiest_40_plus": 0.0, "lost_extra_moves": 0.0,
            "lost_not_to_standby": 0.0, "standby_same_site": 0.0,
-           "join_actives_x_ideal": 0.0, "join_standbys_to_new_x_share": 0.0,
+           "join_actives_x_ideal": 0.0, "join_standbys_x_share": 0.0,
+           "join_standbys_to_new_x_share": 0.0,
            "join_roles_x_ideal": 0.0, "join_roles_x_ideal_one_site": 0.0,
            "join_site_forced_x_ideal": 0.0,
            "standby_busiest_x_share_40_plus": 0.0,
@@ -107,6 +110,8 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
             out["join_actives_x_ideal"] = max(out["join_actives_x_ideal"],
                                               len(actives) / ideal)
             if share >= 5:
+                out["join_standbys_x_share"] = max(
+                    out["join_standbys_x_share"], (len(standbys) - len(forced)) / share)
                 out["join_standbys_to_new_x_share"] = max(
                     out["join_standbys_to_new_x_share"], to_new / share)
             out["join_roles_x_ideal"] = max(out["join_roles_x_ideal"], roles)

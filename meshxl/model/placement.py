@@ -15,9 +15,10 @@ role:
    (HRW) score on it is highest; then its fair share of each active holder's standbys
    (standbys go to members on another site than their active's when there are any,
    else to any other member, in proportion to capacity), and what is left of the join's
-   budget (``BALANCE`` x its ideal share of roles) moves single standbys towards the
-   balance. So a member appended to the pool moves at most about its ideal share of
-   roles.
+   budget (:func:`join_budget`: at most ``BALANCE`` x its share of standbys, and with
+   its active moves ``BALANCE`` x its ideal share of roles) moves single standbys
+   towards the balance. So a member appended to the pool moves at most about its ideal
+   share of roles, beyond the standbys the site rule sends across.
 2. :func:`live_placement`: members lost (admin down, site offline) are taken out of
    each VS's order. A VS whose active was lost gets its standby as active; a VS whose
    standby was lost or promoted gets a new standby (another site first, then its HRW
@@ -135,12 +136,13 @@ def _active_step(seen: Sequence[PoolMember], active: dict[str, str],
 
 def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
                   standby: dict[str, str], weight: Mapping[str, int],
-                  scores: Mapping[tuple[str, str], float]) -> None:
+                  scores: Mapping[tuple[str, str], float], budget: int) -> int:
     """Standbys after the last member of ``seen`` joined, group by group (the VSs of
     one active holder): a standby no longer allowed (on its new active's site, or the
     joiner opened a site the group must use) goes to the allowed member furthest below
     its fair share of standbys; then the joiner, where allowed, takes its share of the
-    group's standbys from the members furthest above theirs. Nothing else moves."""
+    group's standbys from the members furthest above theirs, at most ``budget`` with the
+    repairs of VSs whose active stayed. Nothing else moves. Returns those moves."""
     new = seen[-1].name
     capacity = {m.name: m.capacity for m in seen}
     groups: dict[str, list[str]] = {}
@@ -163,8 +165,11 @@ def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
     def ratio(m: str, extra: float = 0) -> float:
         return (held[m] + extra) / share[m] if share[m] else math.inf
 
+    took: list[str] = []  # repairs of VSs whose active stayed count as taken
     for vs in sorted(repair, key=lambda v: (-weight[v], v)):
         if allowed[active[vs]]:
+            if active[vs] != new and vs in standby:
+                took.append(vs)
             best = min(allowed[active[vs]], key=lambda m: (ratio(m, weight[vs]), m))
             standby[vs] = best
             held[best] += weight[vs]
@@ -184,7 +189,7 @@ def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
                 lists.setdefault(standby[vs], []).append(vs)
         for lst in lists.values():
             lst.sort(key=lambda v: (scores[(v, new)], v))  # best for `new` last
-        while True:
+        while len(took) < budget:
             for donor in sorted((m for m in lists if lists[m] and held[m] > share[m] + 1e-9),
                                 key=lambda m: (-ratio(m), m)):
                 vs = lists[donor][-1]
@@ -193,6 +198,7 @@ def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
                     continue
                 lists[donor].pop()
                 standby[vs] = new
+                took.append(vs)
                 held[donor] -= w
                 held[new] += w
                 load += w
@@ -200,6 +206,7 @@ def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
             else:
                 break
         carry += load - fair
+    return len(took)
 
 
 def _build(members: Sequence[PoolMember], weight: Mapping[str, int],
@@ -216,22 +223,28 @@ def _build(members: Sequence[PoolMember], weight: Mapping[str, int],
         seen = members[:k + 1]
         before = dict(active), dict(standby)
         _active_step(seen, active, weight, scores)
-        _standby_step(seen, active, standby, weight, scores)
-        moved = (sum(1 for v in active if active[v] != before[0][v])
-                 + sum(1 for v in standby if standby[v] != before[1].get(v, standby[v])))
-        _rebalance(seen, active, standby, weight, join_budget(seen, active) - moved)
+        actives = sum(1 for v in active if active[v] != before[0][v])
+        budget = join_budget(seen, active, actives)
+        # What the site rule forces (the standby of a VS whose active moved to the
+        # joiner's site) is not the join's to spend; the other standby moves are.
+        spent = _standby_step(seen, active, standby, weight, scores, budget)
+        _rebalance(seen, active, standby, weight, budget - spent)
     return active, standby
 
 
-def join_budget(seen: Sequence[PoolMember], active: Mapping[str, str]) -> int:
-    """The roles a join may move: ``BALANCE`` x the joiner's ideal share of active
-    roles and of standbys (where the actives are), each in whole VSs."""
+def join_budget(seen: Sequence[PoolMember], active: Mapping[str, str],
+                actives: int = 0) -> int:
+    """The standbys a join may move, beyond those the site rule sends across, after it
+    moved ``actives`` active roles: ``BALANCE`` x the joiner's ideal share of roles (its
+    fair share of active roles plus its fair share of standbys where the actives are),
+    less the actives, and at most ``BALANCE`` x its fair share of standbys, in whole
+    VSs (at least that share rounded, where the whole-roles total allows)."""
     new = seen[-1]
     fair = len(active) * new.capacity / sum(m.capacity for m in seen)
     placement = {v: VirtualRoles(v, (a,)) for v, a in active.items()}
     standbys = standby_shares(placement, seen, dict.fromkeys(active, 1))[new.name][1]
-    return sum(max(math.ceil(s - 1e-9), math.floor(BALANCE * s + 1e-9))
-               for s in (fair, standbys))
+    alone = max(math.floor(standbys + 0.5 - 1e-9), math.floor(BALANCE * standbys + 1e-9))
+    return max(0, min(alone, math.floor(BALANCE * (fair + standbys) + 1e-9) - actives))
 
 
 def _rebalance(seen: Sequence[PoolMember], active: Mapping[str, str],

@@ -333,8 +333,9 @@ def test_a_joining_member_moves_at_most_its_ideal_share_of_roles(
         pool: tuple[list[PoolMember], list[tuple[str, int, int]]], capacity: int,
         site: str) -> None:
     """The issue's bound: a join moves at most 1.1x the joiner's ideal share of roles
-    (active roles, and standbys where the actives are), apart from the standbys the
-    site rule sends across (their VS's active moved to the joiner's site)."""
+    (active roles, and standbys where the actives are), and at most 1.1x its share of
+    standbys, apart from the standbys the site rule sends across (their VS's active
+    moved to the joiner's site); in whole VSs (a share rounded is allowed)."""
     members, systems = pool
     base = base_placement("p", members, systems)
     new = PoolMember("joined", site, capacity)
@@ -349,8 +350,17 @@ def test_a_joining_member_moves_at_most_its_ideal_share_of_roles(
     standbys = [vs for vs in base if grown[vs].standby != base[vs].standby
                 and vs not in forced]
     actives = {vs: r.active for vs, r in grown.items() if r.active is not None}
-    budget = join_budget(grown_members, actives)
-    assert len(moved) + len(standbys) <= budget, (moved, standbys)
+    share = standby_shares({vs: VirtualRoles(vs, (a,)) for vs, a in actives.items()},
+                           grown_members, dict.fromkeys(actives, 1))["joined"][1]
+    # A joiner that opens a site must take the standbys it is then the only choice for.
+    required = [vs for vs in standbys
+                if base[vs].standby not in eligible(actives[vs], grown_members)]
+    assert len(standbys) <= max(len(required), math.floor(share + 0.5 - 1e-9),
+                                math.floor(BALANCE * share + 1e-9)), (standbys, share)
+    assert len(moved) + len(standbys) <= max(
+        len(moved) + len(required), math.floor(BALANCE * (ideal + share) + 1e-9)), (
+        moved, standbys, share)
+    assert len(standbys) <= max(len(required), join_budget(grown_members, actives, len(moved)))
     if len({m.site for m in grown_members}) == 1:
         assert not forced
 

@@ -45,3 +45,30 @@ def test_the_bed_model_is_a_pool_of_sites_a_and_b_with_every_vs() -> None:
     assert [m.name for m in pool.members] == ["w0", "w1", "w2", "w3"]
     assert len([c for c in model.clusters if c.name.startswith("v")]) == 60
     assert model.cluster("v07") is not None
+
+
+def test_the_join_counts_moves_as_the_placement_script_does() -> None:
+    """60 VSs on four members, sites a and b in turn, then a fifth on a: 12 actives and
+    8 standbys to it (its share where the actives are), and the 6 standbys the site rule
+    sends from a to b (a's actives grew from 30 to 36) counted apart."""
+    import vsls_parts
+
+    from meshxl.model.placement import PoolMember, base_placement
+
+    systems = [(vs, 1, 0) for vs in bed.vs_names(60)]
+
+    def report(count: int) -> dict[str, object]:
+        members = [PoolMember(f"w{i + 1}", "ab"[i % 2], 100) for i in range(count)]
+        roles = base_placement(bed.POOL, members, systems)
+        return {"pools": [{"members": [
+                    {"name": m.name, "site": m.site, "capacity": m.capacity,
+                     "fair_share": 60 / count} for m in members]}],
+                "virtual_systems": [{"name": vs, "active": r.active, "standby": r.standby}
+                                    for vs, r in roles.items()]}
+
+    moves = vsls_parts.join_moves(report(4), report(5), "w5")
+    assert (moves["ideal"], moves["standby_ideal"]) == (12, 8)
+    assert moves["active_moved"] == moves["active_to_new"] == 12
+    assert (moves["standby_moved"], moves["standby_site_forced"],
+            moves["standby_to_new"]) == (14, 6, 8)
+    assert moves["standby_ratio"] == moves["roles_ratio"] == 1.0
