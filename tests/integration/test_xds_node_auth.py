@@ -133,12 +133,14 @@ async def test_forged_nack_does_not_cut_off_a_restarting_envoy(
     forger = Forger(f"127.0.0.1:{plane.port}", "edge", delta=delta)
     try:
         rejected = await forger.reject(CLUSTER, LISTENER)
+        # Recorded before the channel closes: closing it cancels the stream, which the
+        # server may take up before the NACK written just ahead of it.
+        await nacks_reach(plane, 2)
     finally:
         await forger.close()
     snapshot = plane.cache.snapshot
     assert snapshot is not None
     assert rejected == [snapshot.version(CLUSTER), snapshot.version(LISTENER)]
-    await nacks_reach(plane, 2)
 
     await restart(envoy)
     assert await envoy.wait_until(lambda: configured(envoy, listener_port), timeout=10.0,
@@ -216,9 +218,9 @@ async def test_envoy_with_a_node_bound_certificate_and_forgers_refused(
     node = Forger(target, "edge-1", channel_credentials=credentials(pki.ca.cert, pki.edge))
     try:
         await node.reject(CLUSTER)
+        await nacks_reach(plane, 1)  # before the close cancels the stream (above)
     finally:
         await node.close()
-    await nacks_reach(plane, 1)
     await envoy.process.start()
     await envoy.wait_ready()
     cluster = await envoy.wait_until(lambda: configured(envoy, listener_port), timeout=10.0,
