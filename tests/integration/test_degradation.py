@@ -37,6 +37,9 @@ LOOPBACK = "127.0.0.1"
 SESSIONS = 60
 CONCURRENCY = 6
 SLOW = 0.1  # seconds: ten times and more the loopback echo's few milliseconds
+PAUSE = 0.003
+"""Each worker's pause between requests: ~1,000 requests/s in all, plenty for the judge,
+and the test's own loop (which also runs the control plane) is not saturated."""
 
 
 def model(mode: str, backends: list[Backend], port: int, route: str = "") -> str:
@@ -91,6 +94,7 @@ async def load(port: int, seconds: float = 60.0,
                     state.answers.append((sent, resp.headers.get(hdr.MEMBER, "?"), resp.status))
             except aiohttp.ClientError:
                 state.answers.append((sent, "?", 0))
+            await asyncio.sleep(PAUSE)
 
     async with aiohttp.ClientSession() as http:
         tasks = [asyncio.create_task(worker(http, n)) for n in range(concurrency)]
@@ -125,6 +129,18 @@ def degraded(plane: ControlPlane) -> dict[str, Any]:
     return dict(plane.status()["degraded"].get("web", {}))
 
 
+def judged_from(plane: ControlPlane, backends: list[Backend]) -> str:
+    """What the judge reads, for a failure's message: each member's last windows
+    (requests, failed, p90 ms)."""
+    now = time.time()
+    windows = plane.upstream.windows("web", now - 4.0, now)
+    names = {f"{LOOPBACK}:{b.port}": b.name for b in backends}
+    return "; ".join(
+        f"{names.get(host, host)}: " + " ".join(
+            f"{w.requests}/{w.errors}/{'-' if w.p90 is None else round(w.p90 * 1000)}"
+            for w in ws) for host, ws in sorted(windows.items()))
+
+
 async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         start_control_plane: Any, start_envoy: Any, start_backends: Any, etcd: Any,
         etcd_client: aetcd.Client) -> None:
@@ -145,7 +161,8 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         started = time.time()
         await fault(backends[2], delay=SLOW)
         await wait_until(lambda: sick in degraded(plane), timeout=8,
-                         what="the slow member degraded")
+                         what="the slow member degraded",
+                         explain=lambda: judged_from(plane, backends))
         detected = time.time() - started
         record = degraded(plane)[sick]
         assert record["kind"] == "degraded" and "against its peers'" in record["reason"]
@@ -197,7 +214,8 @@ async def test_high_availability_a_slow_active_hands_its_role_to_the_standby(
         started = time.time()
         await fault(backends[0], delay=SLOW)
         await wait_until(lambda: degraded(plane).get(active, {}).get("kind") == "degraded",
-                         timeout=10, what="the slow active degraded")
+                         timeout=10, what="the slow active degraded",
+                         explain=lambda: judged_from(plane, backends))
         moved = time.time()
         record = degraded(plane)[active]
         assert f"predictive failover to {standby}" in record["reason"], record
@@ -236,12 +254,15 @@ async def test_a_member_that_accepts_requests_and_never_answers_is_sick(
         started = time.time()
         await fault(backends[2], hang=True)
         await wait_until(lambda: sick in degraded(plane), timeout=8,
-                         what="the hanging member degraded")
+                         what="the hanging member degraded",
+                         explain=lambda: judged_from(plane, backends))
         detected = time.time() - started
         assert "p90" in degraded(plane)[sick]["reason"], degraded(plane)
         await wait_until(lambda: degraded(plane)[sick].get("share") == 0.0, timeout=8,
                          what="its share at its last step")
-        settled = time.time() + 1.0  # the push, and the last requests there time out
+        await envoy.wait_hosts("web", lambda hs: {h.hostname: h.weight for h in hs}[sick] == 1,
+                               what="Envoy at its last step (weight 1)")
+        settled = time.time() + 0.7  # the last requests sent there time out
         await asyncio.sleep(2.0)
         late = [a for a in traffic.since(settled) if a[2] != 200]
         assert not late, late[:5]
