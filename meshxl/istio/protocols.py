@@ -29,6 +29,8 @@ from typing import Any, Literal
 from meshxl.model import ClusterSpec
 from meshxl.model.spec import Protocol, choose
 
+from .durations import proto_duration
+
 __all__ = ["ISTIO_PORT_PROTOCOLS", "declared_protocol", "health_check_patch",
            "port_problem", "protocol_warnings", "route_protocol_patch", "service_port"]
 
@@ -97,11 +99,6 @@ _WRONG = {
 }
 
 
-def _proto_duration(seconds: float) -> str:
-    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
-    return f"{text or '0'}s"
-
-
 def health_check_patch(spec: ClusterSpec) -> dict[str, Any]:
     """The health check's kind in proto JSON (``http_health_check``, ...)."""
     hc = spec.health_check
@@ -120,7 +117,7 @@ def route_protocol_patch(spec: ClusterSpec) -> dict[str, Any]:
     """What the protocol adds to the route action patch."""
     out: dict[str, Any] = {}
     if spec.protocol == "grpc":
-        out["timeout"] = _proto_duration(spec.route.timeout)
+        out["timeout"] = proto_duration(spec.route.timeout)
         out["max_stream_duration"] = {"grpc_timeout_header_max": "0s"}
     if not spec.websocket_upgrades:
         out["upgrade_configs"] = [{"upgrade_type": "websocket", "enabled": False}]

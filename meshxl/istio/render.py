@@ -48,13 +48,12 @@ from meshxl.model.spec import (
     DEFAULT_SITE,
     Algorithm,
     HashKey,
-    Pin,
-    PinCarrier,
     Stickiness,
     choose,
 )
 from meshxl.protowire import type_url
 
+from .durations import duration, proto_duration
 from .labels import (
     DEFAULT_SITE_LABEL,
     HA_FAILOVER_PRIORITY,
@@ -62,6 +61,7 @@ from .labels import (
     session_label_problem,
     vs_failover_priority,
 )
+from .pins import PIN_TARGETS, STATEFUL_SESSION, pin_of, pin_per_route
 from .pools import pool_problems, pool_service, pools_with_systems, vs_service
 from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
 
@@ -72,13 +72,6 @@ _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
-_STATEFUL_SESSION = "envoy.extensions.filters.http.stateful_session.v3."
-#: EDS statuses a pin may target: healthy (istiod sends its ready endpoints so), unknown
-#: and degraded (overloaded: keeps its sessions). Not DRAINING, which Istio's own
-#: persistent sessions add: a drained or terminating member's sessions move. (meshxl's
-#: own xDS targets only unknown and degraded: it lets a sick member's pins go by sending
-#: it HEALTHY, meshxl.xds.stepdown; istiod's EDS is not meshxl's to set.)
-PIN_TARGETS = ("HEALTHY", "UNKNOWN", "DEGRADED")
 
 
 class IstioRenderError(InputError):
@@ -113,23 +106,6 @@ class IstioOptions:
 class Rendered:
     objects: list[dict[str, Any]]
     warnings: list[str]
-
-
-def _duration(seconds: float) -> str:
-    """A duration Istio (Go's time.ParseDuration and the CRD's CEL rules) accepts."""
-    ms = round(seconds * 1000)
-    if seconds > 0 and ms == 0:
-        ms = 1  # Istio's CRD rejects durations under 1 ms
-    if ms % 1000 == 0:
-        return f"{ms // 1000}s"
-    return f"{ms}ms"
-
-
-def _proto_duration(seconds: float) -> str:
-    """A ``google.protobuf.Duration`` in proto JSON form (EnvoyFilter patch values are
-    parsed as Envoy protos, and proto JSON accepts only decimal seconds)."""
-    text = f"{seconds:.9f}".rstrip("0").rstrip(".")
-    return f"{text or '0'}s"
 
 
 def _host(name: str, options: IstioOptions) -> str:
@@ -186,7 +162,7 @@ def _load_balancer(spec: ClusterSpec) -> dict[str, Any]:
     if st is None:
         if spec.warmup > 0:  # Envoy's slow start; istiod's EDS cannot ramp a hash
             return {"simple": "LEAST_REQUEST",
-                    "warmup": {"duration": _duration(spec.warmup), "minimumPercent": 10}}
+                    "warmup": {"duration": duration(spec.warmup), "minimumPercent": 10}}
         return {"simple": "LEAST_REQUEST"}
     hashing: dict[str, Any] = {}
     hashing.update(choose(_ISTIO_HASH_KEYS, st.key, "stickiness key")(st))
@@ -197,7 +173,7 @@ def _load_balancer(spec: ClusterSpec) -> dict[str, Any]:
 def _cookie(st: Stickiness) -> dict[str, Any]:
     assert st.cookie is not None
     return {"httpCookie": {"name": st.cookie.name, "path": st.cookie.path,
-                           "ttl": _duration(st.cookie.ttl)}}
+                           "ttl": duration(st.cookie.ttl)}}
 
 
 #: Stickiness key -> DestinationRule ``consistentHash`` key.
@@ -227,42 +203,6 @@ def pin_filter_name(spec: ClusterSpec, options: IstioOptions) -> str:
     name), and istiod's own empty filter (PILOT_ENABLE_PERSISTENT_SESSION_FILTER) carries
     the default name."""
     return f"meshxl.pin.{options.namespace}.{spec.name}"
-
-
-def _pin_cookie(pin: Pin) -> tuple[str, dict[str, Any]]:
-    assert pin.cookie is not None
-    return "envoy.http.stateful_session.cookie", {
-        "@type": type_url("envoy.extensions.http.stateful_session.cookie.v3."
-                          "CookieBasedSessionState"),
-        "cookie": {"name": pin.cookie.name, "path": pin.cookie.path,
-                   "ttl": _proto_duration(pin.cookie.ttl)}}
-
-
-def _pin_header(pin: Pin) -> tuple[str, dict[str, Any]]:
-    return "envoy.http.stateful_session.header", {
-        "@type": type_url("envoy.extensions.http.stateful_session.header.v3."
-                          "HeaderBasedSessionState"),
-        "name": pin.header}
-
-
-#: Where a pin travels -> Envoy's session state extension (name, proto JSON config).
-_PIN_STATES: dict[PinCarrier, Callable[[Pin], tuple[str, dict[str, Any]]]] = {
-    "cookie": _pin_cookie,
-    "header": _pin_header,
-}
-
-
-def _pin_per_route(pin: Pin) -> dict[str, Any]:
-    """The stateful session filter's per-route configuration (meshxl's xDS:
-    ``resources.pin_config``)."""
-    name, state = choose(_PIN_STATES, pin.carrier, "pin carrier")(pin)
-    return {"@type": type_url(f"{_STATEFUL_SESSION}StatefulSessionPerRoute"),
-            "stateful_session": {"session_state": {"name": name, "typed_config": state},
-                                 "strict": pin.strict}}
-
-
-def _pin(spec: ClusterSpec) -> Pin | None:
-    return spec.stickiness.pin if spec.stickiness is not None else None
 
 
 def _site_ranks(spec: ClusterSpec) -> dict[str, int]:
@@ -355,8 +295,8 @@ def _outlier(spec: ClusterSpec) -> dict[str, Any]:
         "consecutiveLocalOriginFailures": od.consecutive_local_origin_failure,
         "consecutive5xxErrors": od.consecutive_5xx,
         "consecutiveGatewayErrors": od.consecutive_gateway_failure,
-        "interval": _duration(od.interval),
-        "baseEjectionTime": _duration(od.base_ejection_time),
+        "interval": duration(od.interval),
+        "baseEjectionTime": duration(od.base_ejection_time),
         "maxEjectionPercent": od.max_ejection_percent,
         # Istio's panic threshold: never send traffic to members known to be down.
         "minHealthPercent": 0,
@@ -370,7 +310,7 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[st
     load_balancer["localityLbSetting"] = locality
     policy: dict[str, Any] = {
         "loadBalancer": load_balancer,
-        "connectionPool": {"tcp": {"connectTimeout": _duration(spec.connect_timeout)}},
+        "connectionPool": {"tcp": {"connectTimeout": duration(spec.connect_timeout)}},
     }
     if spec.outlier_detection.enabled:
         policy["outlierDetection"] = _outlier(spec)
@@ -410,13 +350,13 @@ def _retry_policy(spec: ClusterSpec, warnings: list[str]) -> dict[str, Any] | No
     policy: dict[str, Any] = {
         "retry_on": ",".join(r.retry_on),
         "num_retries": r.attempts,
-        "retry_back_off": {"base_interval": _proto_duration(r.backoff_base),
-                           "max_interval": _proto_duration(r.backoff_max)},
+        "retry_back_off": {"base_interval": proto_duration(r.backoff_base),
+                           "max_interval": proto_duration(r.backoff_max)},
         # A consistent hash re-picks the failed member unless Envoy may pick again.
         "host_selection_retry_max_attempts": r.host_selection_max_attempts,
     }
     if r.per_try_timeout > 0:
-        policy["per_try_timeout"] = _proto_duration(r.per_try_timeout)
+        policy["per_try_timeout"] = proto_duration(r.per_try_timeout)
     previous_priorities = r.previous_priorities
     if previous_priorities is None:
         previous_priorities = spec.high_availability
@@ -433,7 +373,7 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
     value: dict[str, Any] = {
         "common_lb_config": {"healthy_panic_threshold": {"value": 0},
                              # Envoy batches health changes for 1 s by default.
-                             "update_merge_window": _proto_duration(0)},
+                             "update_merge_window": proto_duration(0)},
     }
     st = spec.stickiness
     if st is not None:
@@ -450,14 +390,14 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
         # as long as its active health check passes, and the pod keeps its traffic.
         value["ignore_health_on_host_removal"] = True
         value["health_checks"] = [{
-            "timeout": _proto_duration(hc.timeout),
-            "interval": _proto_duration(hc.interval),
+            "timeout": proto_duration(hc.timeout),
+            "interval": proto_duration(hc.interval),
             "healthy_threshold": hc.healthy_threshold,
             "unhealthy_threshold": hc.unhealthy_threshold,
-            "no_traffic_interval": _proto_duration(hc.no_traffic_interval),
-            "unhealthy_interval": _proto_duration(hc.unhealthy_interval),
-            "unhealthy_edge_interval": _proto_duration(hc.unhealthy_edge_interval),
-            "healthy_edge_interval": _proto_duration(hc.healthy_edge_interval),
+            "no_traffic_interval": proto_duration(hc.no_traffic_interval),
+            "unhealthy_interval": proto_duration(hc.unhealthy_interval),
+            "unhealthy_edge_interval": proto_duration(hc.unhealthy_edge_interval),
+            "healthy_edge_interval": proto_duration(hc.healthy_edge_interval),
             **health_check_patch(spec),  # HTTP GET, grpc.health.v1 or a TCP connect
         }]
     if spec.long_lived:
@@ -476,10 +416,10 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
         route["route"] = {"retry_policy": retry}
     if spec.protocol != "tcp" and route_protocol_patch(spec):
         route.setdefault("route", {}).update(route_protocol_patch(spec))
-    pin = _pin(spec)
+    pin = pin_of(spec)
     if pin is not None:
         route["typed_per_filter_config"] = {pin_filter_name(spec, options):
-                                            _pin_per_route(pin)}
+                                            pin_per_route(pin)}
     if route:
         patches.append({
             "applyTo": "HTTP_ROUTE",
@@ -509,7 +449,7 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
                     "subFilter": {"name": "envoy.filters.http.router"}}}}},
             "patch": {"operation": "INSERT_BEFORE", "value": {
                 "name": pin_filter_name(spec, options),
-                "typed_config": {"@type": type_url(f"{_STATEFUL_SESSION}StatefulSession")}}},
+                "typed_config": {"@type": type_url(f"{STATEFUL_SESSION}StatefulSession")}}},
         })
     filter_spec: dict[str, Any] = {}
     if options.client_selector:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meshxl.istio import render
+from meshxl.istio import pins, render
 from meshxl.model import spec as model_spec
 from meshxl.model.spec import (
     ALGORITHMS,
@@ -41,7 +41,7 @@ TABLES: list[tuple[str, Mapping[Any, Any], tuple[str, ...]]] = [
     ("istio _ISTIO_ALGORITHMS", render._ISTIO_ALGORITHMS, ALGORITHMS),
     ("istio _ALGORITHM_PATCHES", render._ALGORITHM_PATCHES, ALGORITHMS),
     ("istio _ISTIO_HASH_KEYS", render._ISTIO_HASH_KEYS, HASH_KEYS),
-    ("istio _PIN_STATES", render._PIN_STATES, PIN_CARRIERS),
+    ("istio _PIN_STATES", pins._PIN_STATES, PIN_CARRIERS),
     ("model _HEALTH_CHECK_OF", model_spec._HEALTH_CHECK_OF, PROTOCOLS),
     ("xds protocols _UPSTREAM", protocols._UPSTREAM, PROTOCOLS),
     ("xds protocols _HEALTH_CHECKS", protocols._HEALTH_CHECKS, HEALTH_CHECK_TYPES),
