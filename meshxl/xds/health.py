@@ -441,7 +441,7 @@ class Judge:
                 else "too few requests to judge"
             if still is not None:
                 out.records[(name, probe.standby)] = self._record(
-                    spec, DEGRADED_KIND, f"still {still.replace('its peers', 'the active')}",
+                    spec, DEGRADED_KIND, f"still {_against(still, 'the active')}",
                     now, behind=probe.active)
             elif spec.failover.failback == "manual":
                 out.records[(name, probe.standby)] = self._record(
@@ -454,9 +454,14 @@ class Judge:
             out.suspects.pop(name, None)
             return
         out.records[(name, active.name)] = self._record(
-            spec, DEGRADED_KIND, f"{verdict.replace('its peers', 'the standby')} "
+            spec, DEGRADED_KIND, f"{_against(verdict, 'the standby')} "
             f"(predictive failover to {probed.name})", now, behind=probed.name)
         out.suspects.pop(name, None)
+
+
+def _against(reason: str, whom: str) -> str:
+    """A reason of :func:`worse` against one member (``the standby``) for its peers."""
+    return reason.replace("its peers'", f"{whom}'s").replace("its peers", whom)
 
 
 def _normal_of(m: MemberView, peers: Sequence[MemberView],

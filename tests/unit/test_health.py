@@ -281,7 +281,8 @@ def test_high_availability_probe_then_predictive_failover() -> None:
     assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}
     moved = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in moved.records.items()} == {"a": "degraded"}
-    assert "predictive failover to b" in moved.records[("web", "a")].reason
+    assert moved.records[("web", "a")].reason == (
+        "p90 200 ms against the standby's 10 ms (predictive failover to b)")
 
 
 def test_high_availability_a_standby_no_better_ends_the_probe() -> None:
