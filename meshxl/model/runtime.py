@@ -114,7 +114,10 @@ can be compared before (or after) a predictive failover."""
 HELD_KIND = "held"
 """High availability, manual failback: a member well again after a predictive failover,
 held behind the active that took over (shown ``returning``)."""
-HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND, HELD_KIND)
+HANDBACK_KIND = "handback"
+"""High availability with pinned sessions: a standby whose probe moved nothing, handing
+the sessions the probe gave it back to the active (its pins let go; it keeps its tier)."""
+HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND, HELD_KIND, HANDBACK_KIND)
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class Health:
     (written by the replica that judged it, under its lease: ``meshxl.xds.health``)."""
 
     kind: str
-    """:data:`DEGRADED_KIND` or :data:`PROBE_KIND`."""
+    """One of :data:`HEALTH_KINDS`."""
     reason: str = ""
     since: float = 0.0
     """When the judgement was made (Unix seconds, the judging replica's clock): a
@@ -134,7 +137,7 @@ class Health:
     """False: shown and counted only (``degradation.action: report``)."""
     behind: str = ""
     """High availability: the member that took the active role from it (a held member
-    is held only while that one serves)."""
+    is held only while that one serves); for a probe, the active it is probed beside."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Health:
@@ -434,7 +437,7 @@ def cluster_view(spec: Spec, state: RuntimeState,
                 member_state = _SICK
             elif kind == HELD_KIND:
                 member_state = _RETURNING
-            if high_availability and health[name].moves:
+            if high_availability and health[name].moves and kind != HANDBACK_KIND:
                 judged.append(len(drafts))
         drafts.append((key, name, address, port, site, weight, member_state, problems))
 

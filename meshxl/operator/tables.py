@@ -127,6 +127,8 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
             judged = m.get("degraded")
             if judged and judged.get("kind") == "probe":
                 state += " (probed beside the active)"
+            elif judged and judged.get("kind") == "handback":
+                state += " (handing the probe's sessions back)"
             elif judged and judged.get("share") is not None:
                 state += f" ({judged['share'] * 100:.0f}% of its weight)"
             if m.get("warmup"):

@@ -26,7 +26,9 @@ What a degraded member gets, with ``action: move``:
   seconds); when it is worse for ``detect``, the standby is *probed*: it joins the
   active's tier with ``probe_share`` of the weight (those sessions take over on the
   standby, whose copy of their state is current), and after :data:`PROBE_SECONDS` the
-  two are compared like peers. A standby that serves better takes the active role
+  two are compared like peers (with pinned sessions the active's pins are let go
+  meanwhile, and a probe that moves nothing hands the standby's back:
+  :mod:`meshxl.xds.stepdown`). A standby that serves better takes the active role
   (predictive failover: the active goes behind it, DEGRADED); one that serves no better
   ends the probe, and the cluster is not probed again for ``recover`` seconds (a slow
   dependency that both share). A degraded active stays behind for ``recover``
@@ -51,6 +53,7 @@ from typing import Protocol, TypeVar
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
 from meshxl.model.runtime import (
     DEGRADED_KIND,
+    HANDBACK_KIND,
     HELD_KIND,
     PROBE_KIND,
     SERVING,
@@ -355,6 +358,9 @@ class Judge:
                                                         record.reason, recovery=True)
             elif record.kind == HELD_KIND and m.state is MemberState.RETURNING:
                 out.records[(name, member)] = record  # manual failback: behind the active
+            elif (record.kind == HANDBACK_KIND and m.role is Role.STANDBY
+                  and now - record.since < d.recover):
+                out.records[(name, member)] = record  # the probe's sessions going back
         if probe is not None:
             self._run_probe(spec, view, probe, samples, now, hosts, out)
             return
@@ -422,7 +428,7 @@ class Judge:
         what = (f"probed beside {probe.active}: well again? (was {probe.why})"
                 if probe.recovery else f"probed: the active's {probe.why}")
         elapsed = now - probe.since
-        keep = self._record(spec, PROBE_KIND, what, probe.since)
+        keep = self._record(spec, PROBE_KIND, what, probe.since, behind=probe.active)
         if elapsed < PROBE_SECONDS:
             out.records[(name, probe.standby)] = keep
             return
@@ -441,7 +447,7 @@ class Judge:
                 else "too few requests to judge"
             if still is not None:
                 out.records[(name, probe.standby)] = self._record(
-                    spec, DEGRADED_KIND, f"still {still.replace('its peers', 'the active')}",
+                    spec, DEGRADED_KIND, f"still {_against(still, 'the active')}",
                     now, behind=probe.active)
             elif spec.failover.failback == "manual":
                 out.records[(name, probe.standby)] = self._record(
@@ -452,11 +458,21 @@ class Judge:
         if verdict is None:
             self._quiet_until[name] = now + d.recover
             out.suspects.pop(name, None)
+            if spec.stickiness is not None and spec.stickiness.pin is not None:
+                # The sessions the probe gave it go back to the active (stepdown.py).
+                out.records[(name, probe.standby)] = self._record(
+                    spec, HANDBACK_KIND, f"probed beside {probe.active}, no better: "
+                    "its sessions go back", now, behind=probe.active)
             return
         out.records[(name, active.name)] = self._record(
-            spec, DEGRADED_KIND, f"{verdict.replace('its peers', 'the standby')} "
+            spec, DEGRADED_KIND, f"{_against(verdict, 'the standby')} "
             f"(predictive failover to {probed.name})", now, behind=probed.name)
         out.suspects.pop(name, None)
+
+
+def _against(reason: str, whom: str) -> str:
+    """A reason of :func:`worse` against one member (``the standby``) for its peers."""
+    return reason.replace("its peers'", f"{whom}'s").replace("its peers", whom)
 
 
 def _normal_of(m: MemberView, peers: Sequence[MemberView],

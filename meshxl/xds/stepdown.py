@@ -18,6 +18,20 @@ step (``min_share``: its hashed sessions have left, so the pinned ones go too, a
 once: a pin is one Envoy cannot move by halves), and a degraded high-availability
 member once the active role has moved from it. A warming member keeps its pins (the
 ramp only gives it new sessions slowly).
+
+**Pins in high availability.** Only the active serves, so every session is pinned to
+it, and a probed standby would get new sessions only (none, where the sessions are
+long-lived). While a probe runs the *active* is let go: each of its sessions'
+requests is placed between the two by the load balancer (least request: the
+standby's ``probe_share`` of the weight against the active's, each divided by its
+requests in flight), and a session the standby answered stays there, pinned (one
+takeover; its state is replicated there). The comparison then sees both serve the
+same sessions. A probe that moves the role needs nothing more (the sick member,
+degraded, is let go as above). One that moves nothing leaves the standby a
+*handback* record for ``recover``: it keeps its place and its pins are let go, so
+the sessions the probe gave it return to the active at their next request (a second
+takeover). A member held behind after a predictive failover (manual failback) is let
+go too: in high availability only the active keeps pins, outside a probe.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import math
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState
-from meshxl.model.runtime import DEGRADED_KIND, PROBE_KIND
+from meshxl.model.runtime import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND
 
 __all__ = ["HALVINGS", "released", "share", "shares"]
 
@@ -79,19 +93,28 @@ def shares(model: ModelSpec, state: RuntimeState,
 
 
 def released(model: ModelSpec, state: RuntimeState, now: float) -> dict[str, frozenset[str]]:
-    """Per cluster with pinned sessions (``stickiness.pin``), the degraded members whose
-    pins Envoy no longer honours now (see the module's docstring); the time they are
-    due is :func:`shares`' last step."""
+    """Per cluster with pinned sessions (``stickiness.pin``), the members whose pins Envoy
+    no longer honours now (see the module's docstring); for a degraded load-sharing
+    member the time that is due is :func:`shares`' last step."""
     out: dict[str, frozenset[str]] = {}
     if not state.health:
         return out
     for spec in model.clusters:
         if spec.stickiness is None or spec.stickiness.pin is None:
             continue
-        gone = frozenset(
-            member for member, health in state.health_of(spec.name).items()
-            if health.kind == DEGRADED_KIND and health.moves
-            and (spec.high_availability or _next_step(spec, health.since, now) is None))
+        gone: set[str] = set()
+        for member, health in state.health_of(spec.name).items():
+            if not health.moves:
+                continue
+            if health.kind == DEGRADED_KIND and (
+                    spec.high_availability or _next_step(spec, health.since, now) is None):
+                gone.add(member)
+            elif not spec.high_availability:
+                continue
+            elif health.kind in (HELD_KIND, HANDBACK_KIND):
+                gone.add(member)
+            elif health.kind == PROBE_KIND and health.behind:
+                gone.add(health.behind)  # the active a probe runs beside
         if gone:
-            out[spec.name] = gone
+            out[spec.name] = frozenset(gone)
     return out

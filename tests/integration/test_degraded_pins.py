@@ -7,13 +7,19 @@ it is judged DEGRADED, its hashed share steps down, and once its share is at its
 step its pins are let go (it is sent ``HEALTHY``, no override target:
 ``meshxl.xds.stepdown``). Every session pinned to it moves to another member with no
 failed request, and its counter goes on from where it was (its state read on the new
-member, as in a takeover)."""
+member, as in a takeover).
+
+In high availability every session is pinned to the active: while the standby is
+probed the active's pins are let go, so the standby serves some of the same sessions,
+is judged better, and takes the active role with no new session at all."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 SESSIONS = 24
 ROUNDS = 400  # bound: rounds of one POST per session
+HA_SESSIONS = 12
 
 
 @pytest.fixture
@@ -48,71 +55,148 @@ async def degraded(d: DemoDeployment) -> dict[str, Any]:
     return dict(body.get("degraded", {}).get(CLUSTER, {}))
 
 
-async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
-        pinned: DemoDeployment) -> None:
-    d = pinned
-    browser = Browser(f"{d.url}/counter")
-    sessions = [f"p{i:02d}" for i in range(SESSIONS)]
-    # (session, member, seq) of every answer, in order; failures counted apart.
-    answers: list[tuple[float, str, str, int]] = []
-    failed: list[str] = []
+@dataclass
+class Sessions:
+    """Pinned sessions (cookies kept like a browser), one POST at a time each, every
+    answer recorded as (time, session, member, seq) in order, failures apart."""
+
+    browser: Browser
+    answers: list[tuple[float, str, str, int]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    waits: list[tuple[float, float]] = field(default_factory=list)
+    """(time, seconds) each answer took."""
+
+    def p90(self, since: float) -> float:
+        took = sorted(w for t, w in self.waits if t >= since)
+        return took[int(0.9 * (len(took) - 1))]
+
+    def last_member(self) -> dict[str, str]:
+        on: dict[str, str] = {}
+        for _, s, m, _ in self.answers:
+            on[s] = m
+        return on
+
+    def of(self, session: str) -> list[tuple[str, int]]:
+        return [(m, seq) for _, sess, m, seq in self.answers if sess == session]
+
+    def assert_state_kept(self, session: str) -> None:
+        """Its counter went on from where it was, wherever it was served."""
+        seqs = [seq for _, seq in self.of(session)]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (session, self.of(session))
+
+
+@contextlib.asynccontextmanager
+async def sessions_on(d: DemoDeployment, names: list[str]) -> AsyncIterator[Sessions]:
+    """Run ``names`` as pinned sessions against the deployment until the block ends
+    (at most :data:`ROUNDS` requests each)."""
+    got = Sessions(Browser(f"{d.url}/counter"))
     stop = asyncio.Event()
 
-    async def session_loop(http: aiohttp.ClientSession, session: str) -> None:
+    async def loop(http: aiohttp.ClientSession, session: str) -> None:
         for _ in range(ROUNDS):
             if stop.is_set():
                 return
-            async with http.post(browser.url, headers=browser.headers(session)) as resp:
+            sent = time.monotonic()
+            async with http.post(got.browser.url,
+                                 headers=got.browser.headers(session)) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status != 200:
-                    failed.append(f"{session}: HTTP {resp.status} {body}")
+                    got.failed.append(f"{session}: HTTP {resp.status} {body}")
                     continue
-                browser.keep(session, resp)
-                answers.append((time.time(), session, resp.headers["x-meshxl-member"],
-                                int(body["seq"])))
+                got.browser.keep(session, resp)
+                got.answers.append((time.time(), session, resp.headers["x-meshxl-member"],
+                                    int(body["seq"])))
+                got.waits.append((time.time(), time.monotonic() - sent))
             await asyncio.sleep(0.02)
 
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
                                      timeout=aiohttp.ClientTimeout(total=10)) as http:
-        tasks = [asyncio.create_task(session_loop(http, s)) for s in sessions]
+        tasks = [asyncio.create_task(loop(http, s)) for s in names]
         try:
-            await asyncio.sleep(3.0)  # every member's normal, every session pinned
-            on: dict[str, str] = {}
-            for _, s, m, _ in answers:
-                on[s] = m
-            sick = "b"
-            pinned_there = sorted(s for s, m in on.items() if m == sick)
-            assert pinned_there, on  # the hash gave b some of the sessions
-            started = time.time()
-            d.set_faults(sick, delay_ms=100)
-
-            async def judged() -> bool:
-                return sick in await degraded(d)
-
-            await wait_until(judged, timeout=10, what="b degraded")
-
-            async def last_step() -> bool:
-                return (await degraded(d)).get(sick, {}).get("share") == 0.0
-
-            # Envoy's admin shows every host without an EDS status as HEALTHY, so the
-            # control plane's report tells when the pins are let go.
-            await wait_until(last_step, timeout=10, what="b at its last step")
-            let_go = time.time()
-            # The push, then requests in flight finish on b (up to its 100 ms); after
-            # that nothing goes there.
-            await asyncio.sleep(2.5)
-            quiet = let_go + 1.0
-            late = [a for a in answers if a[0] >= quiet and a[2] == sick]
-            assert not late, late[:5]
+            yield got
         finally:
             stop.set()
             await asyncio.gather(*tasks)
-    assert not failed, failed[:5]
+
+
+async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
+        pinned: DemoDeployment) -> None:
+    d = pinned
+    async with sessions_on(d, [f"p{i:02d}" for i in range(SESSIONS)]) as run:
+        await asyncio.sleep(3.0)  # every member's normal, every session pinned
+        sick = "b"
+        pinned_there = sorted(s for s, m in run.last_member().items() if m == sick)
+        assert pinned_there, run.last_member()  # the hash gave b some of the sessions
+        # Ten times slower than it was (a loaded machine answers slower already).
+        slow_ms = max(100.0, 10_000 * run.p90(time.time() - 2.0))
+        started = time.time()
+        d.set_faults(sick, delay_ms=slow_ms)
+
+        async def judged() -> bool:
+            return sick in await degraded(d)
+
+        await wait_until(judged, timeout=10, what="b degraded")
+
+        async def last_step() -> bool:
+            return (await degraded(d)).get(sick, {}).get("share") == 0.0
+
+        # Envoy's admin shows every host without an EDS status as HEALTHY, so the
+        # control plane's report tells when the pins are let go.
+        await wait_until(last_step, timeout=10, what="b at its last step")
+        let_go = time.time()
+        # The push, then requests in flight finish on b (up to its delay); after
+        # that nothing goes there.
+        await asyncio.sleep(1.5 + slow_ms / 1000)
+        quiet = let_go + 0.5 + slow_ms / 1000
+        late = [a for a in run.answers if a[0] >= quiet and a[2] == sick]
+        assert not late, late[:5]
+    assert not run.failed, run.failed[:5]
     # Every session pinned to b moved, and its counter went on from where it was.
     for s in pinned_there:
-        mine = [(m, seq) for _, sess, m, seq in answers if sess == s]
-        assert mine[-1][0] != sick, (s, mine[-3:])
-        seqs = [seq for _, seq in mine]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (s, mine)
+        assert run.of(s)[-1][0] != sick, (s, run.of(s)[-3:])
+        run.assert_state_kept(s)
     print(f"\n{len(pinned_there)} sessions pinned to {sick} let go "
-          f"{let_go - started:.2f} s after the slowdown; {len(answers)} answers, 0 failed")
+          f"{let_go - started:.2f} s after the slowdown; {len(run.answers)} answers, 0 failed")
+
+
+async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
+        harness: Owner, tmp_path: Path) -> None:
+    """Every session is pinned to the active and none is new once the active turns
+    sick: the probe lets the active's pins go, so the standby serves some of the same
+    sessions, is judged better and takes the role; the rest follow it."""
+    async with DemoDeployment(
+            tmp_path / "work", mode="high-availability", pin=True, faults=True,
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}"}) as d:
+        harness.own(d.owner)
+        names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
+        async with sessions_on(d, names) as run:
+            await asyncio.sleep(4.0)  # the active's normal; every session pinned to a
+            assert set(run.last_member().values()) == {"a"}, run.last_member()
+            # Ten times slower than it was (a loaded machine answers slower already).
+            normal = run.p90(time.time() - 2.0)
+            slow_ms = max(100.0, 10_000 * normal)
+            started = time.time()
+            d.set_faults("a", delay_ms=slow_ms)
+
+            async def moved() -> bool:
+                return (await degraded(d)).get("a", {}).get("kind") == "degraded"
+
+            await wait_until(moved, timeout=15, what="the role moved from the slow active")
+            took = time.time() - started
+            reason = (await degraded(d))["a"]["reason"]
+            assert "predictive failover to b" in reason, reason
+            # The push, then requests in flight on a finish; after that b serves all.
+            await asyncio.sleep(1.0 + slow_ms / 1000)
+            settled = time.time() - 1.0
+        # Answered on b before the role moved (the judgement is seen within 0.5 s).
+        probed = {s for t, s, m, _ in run.answers if m == "b" and t < started + took - 0.5}
+    assert not run.failed, run.failed[:5]
+    assert probed, "the probe gave b none of the pinned sessions"
+    late = [a for a in run.answers if a[0] >= settled and a[2] != "b"]
+    assert not late, late[:5]
+    for s in names:
+        assert run.of(s)[-1][0] == "b", (s, run.of(s)[-3:])
+        run.assert_state_kept(s)
+    print(f"\na's p90 {normal * 1000:.0f} ms, then {slow_ms:.0f} ms more: predictive "
+          f"failover {took:.2f} s after the slowdown; {len(probed)} of "
+          f"{len(names)} sessions probed on b; {len(run.answers)} answers, 0 failed")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from meshxl.model import RuntimeState, cluster_view, parse_model
-from meshxl.model.runtime import Health, MemberState, Registration, Role
+from meshxl.model.runtime import AdminAction, Health, MemberState, Registration, Role
 from meshxl.xds.health import PROBE_SECONDS, WINDOW, Judge, share, shares
 
 NOW = 1_000_000.0  # a window boundary
@@ -281,7 +281,8 @@ def test_high_availability_probe_then_predictive_failover() -> None:
     assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}
     moved = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in moved.records.items()} == {"a": "degraded"}
-    assert "predictive failover to b" in moved.records[("web", "a")].reason
+    assert moved.records[("web", "a")].reason == (
+        "p90 200 ms against the standby's 10 ms (predictive failover to b)")
 
 
 def test_high_availability_a_standby_no_better_ends_the_probe() -> None:
@@ -298,6 +299,37 @@ def test_high_availability_a_standby_no_better_ends_the_probe() -> None:
     # and the cluster is left alone for `recover` seconds
     again = judge.judge(model, RuntimeState(), both_slow, NOW + PROBE_SECONDS + 1.0)  # type: ignore[arg-type]
     assert again.records == {}
+
+
+def test_high_availability_pinned_a_probe_that_moves_nothing_hands_back() -> None:
+    """With pins the probe names the active it runs beside (its pins are let go
+    meanwhile), and a standby no better keeps a handback record for ``recover``: its
+    place, its pins let go (meshxl.xds.stepdown), while it is the standby."""
+    model = parse_model(_yaml_with("action: move, recover: 4s", "high-availability").replace(
+        "mode: high-availability\n",
+        "mode: high-availability\n  stickiness: {header: x-session, pin: {cookie: {name: p}}}\n"))
+    judge = Judge("r1")
+    first = judge.judge(model, RuntimeState(), Samples(  # type: ignore[arg-type]
+        lambda host, at: S(20, 0, 0.2 if at >= NOW - 3 else 0.01) if host.endswith("8001")
+        else None), NOW)
+    assert first.records[("web", "b")].behind == "a"
+    both_slow = Samples(lambda host, at: S(20, 0, 0.2) if host.endswith(("8001", "8002"))
+                        else None)
+    ended = NOW + PROBE_SECONDS + 0.5
+    after = judge.judge(model, _state(b=first.records[("web", "b")]), both_slow, ended)  # type: ignore[arg-type]
+    handback = after.records[("web", "b")]
+    assert (handback.kind, handback.behind, handback.since) == ("handback", "a", ended)
+    view = cluster_view(model.clusters[0], _state(b=handback))  # type: ignore[attr-defined]
+    roles = {m.name: (m.role, m.priority, m.state) for m in view.members}
+    assert roles["a"] == (Role.ACTIVE, 0, MemberState.READY)
+    assert roles["b"] == (Role.STANDBY, 1, MemberState.READY)
+    kept = judge.judge(model, _state(b=handback), both_slow, ended + 3.9)  # type: ignore[arg-type]
+    assert set(kept.records) == {("web", "b")}
+    assert judge.judge(model, _state(b=handback), both_slow, ended + 4).records == {}  # type: ignore[arg-type]
+    # the standby became the active meanwhile (the active went down): nothing to hand back
+    down = RuntimeState(health={("web", "b"): handback},
+                        members_down={("web", "a"): AdminAction(reason="x")})
+    assert judge.judge(model, down, both_slow, ended + 1).records == {}  # type: ignore[arg-type]
 
 
 def test_a_registered_member_that_is_gone_loses_its_judgement() -> None:

@@ -1,5 +1,6 @@
 """A degraded member's pins let go (meshxl.xds.stepdown): at its last step in load
-sharing, once the active role moved from it in high availability; sent HEALTHY, which
+sharing, once the active role moved from it in high availability (and the active's
+while a probe runs, a standby's after a probe that moved nothing); sent HEALTHY, which
 is no override target of a pinned cluster."""
 
 from __future__ import annotations
@@ -60,8 +61,18 @@ def test_high_availability_pins_go_when_the_active_role_moves() -> None:
     model = _model("high-availability")
     moved = _state(a=Health("degraded", since=NOW, behind="b"))
     assert released(model, moved, NOW) == {"web": frozenset({"a"})}  # type: ignore[arg-type]
-    probing = _state(b=Health("probe", since=NOW))
-    assert released(model, probing, NOW) == {}  # type: ignore[arg-type]
+    # a probe (which names the active it runs beside) lets the active's pins go, so
+    # its sessions' requests are balanced between the two; a record without it, none
+    probing = _state(b=Health("probe", since=NOW, behind="a"))
+    assert released(model, probing, NOW) == {"web": frozenset({"a"})}  # type: ignore[arg-type]
+    assert released(model, _state(b=Health("probe", since=NOW)), NOW) == {}  # type: ignore[arg-type]
+    # a probe that moved nothing hands the standby's sessions back; a member held behind
+    # (manual failback) keeps no pins either
+    for kind in ("handback", "held"):
+        got = released(model, _state(b=Health(kind, since=NOW, behind="a")), NOW)  # type: ignore[arg-type]
+        assert got == {"web": frozenset({"b"})}, kind
+        assert released(_model(), _state(b=Health(kind, since=NOW)), NOW) == {}  # type: ignore[arg-type]
+    assert released(_model(), probing, NOW) == {}  # type: ignore[arg-type]
 
 
 def _statuses(cla: object) -> dict[str, int]:

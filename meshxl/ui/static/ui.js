@@ -160,6 +160,7 @@
     if (m.problems && m.problems.length) state += ` (${m.problems.join(", ")})`;
     const judged = m.degraded;
     if (judged && judged.kind === "probe") state += " (probed beside the active)";
+    else if (judged && judged.kind === "handback") state += " (handing the probe's sessions back)";
     else if (judged && isNumber(judged.share)) {
       state += ` (${(judged.share * 100).toFixed(0)}% of its weight)`;
     }
