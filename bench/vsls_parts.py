@@ -196,9 +196,13 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
             for status, n in next(seen).items():
                 statuses[kind][int(status)] = statuses[kind].get(int(status), 0) + n
 
+    on_member = {vs for vs, a in actives.items() if a == active}
     every = window_p99s(traffic.records, windows, flooder)
-    near = window_p99s(traffic.records, windows, flooder,
-                       {vs for vs, a in actives.items() if a == active})
+    near = window_p99s(traffic.records, windows, flooder, on_member)
+    per_window = [{"kind": kind, **{name: window_p99s(traffic.records, [(kind, s, e)],
+                                                      flooder, only)[kind]
+                                    for name, only in (("all", None), ("member", on_member))}}
+                  for kind, s, e in windows]
     seconds = rounds * window
     accepted = {kind: sum(n for st, n in statuses[kind].items() if 200 <= st < 300)
                 for kind in statuses}
@@ -216,6 +220,7 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
             "quota_refused_metric": refused,
             "cpu_cores": {k: {n: round(v, 3) for n, v in c.items()} for k, c in cores.items()},
             "others_write_p99_ms": every, "same_member_write_p99_ms": near,
+            "per_window_p99_ms": per_window,
             "ratio": ratio, "same_member_ratio": same,
             "at_quota_ratio": _ratio(every, "at_quota"),
             "at_quota_same_member_ratio": _ratio(near, "at_quota"),
