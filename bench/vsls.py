@@ -26,7 +26,8 @@ for the whole run. The parts, in order, each its own window of that load:
   (``bench/vsls_flooder.py``), writes as fast as it can against its
   ``sessions.quota.writes_per_second`` (no pause, ``Retry-After`` ignored); the other
   tenants' write p99 in those windows over windows without it; windows alternate, a
-  few seconds each, with windows of the tenant paced at its quota (reported beside);
+  few seconds each, with windows of the tenant paced at its quota (reported beside),
+  and each kind's p99 is the median of its windows' (the pooled p99s are reported);
 * ``auth`` (with ``meshxl etcd grant`` in the checkout): an etcd with authentication on,
   per-VS users; one tenant's credentials reading another tenant's session: refused by
   etcd.
