@@ -29,6 +29,8 @@ FLOOD_WRITERS = 8
 """The flooding tenant's concurrent writers (one request at a time each, no pause)."""
 FLOODER_START = 3.0
 """Seconds the flooder's process is given to start before the first window."""
+TAIL = 3.0
+"""Seconds after the last window before anything else is asked of the flooder's sidecar."""
 ROOT_PASSWORD = "vsls-bench-root"
 
 
@@ -202,6 +204,9 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
     code = await proc.wait_exit(30.0)
     if code != 0:
         raise OSError(f"the flooder exited {code}: {proc.tail(10)}")
+    # The last window's writes still under way: reading the sidecar's metrics (every
+    # VS's) would weigh on them.
+    await asyncio.sleep(TAIL)
     traffic.interval = steady_interval
     refused_after = await _quota_refused(sidecar)
     seen = iter(json.loads(out.read_text())["statuses"])
