@@ -22,9 +22,12 @@ for the whole run. The parts, in order, each its own window of that load:
 * ``join``: a fifth member started, then appended to the pool in the model
   (``apply_model``): active and standby roles moved over the ideal number (the new
   member's fair share of each), from ``meshxl vs list`` before and after, and as served;
-* ``flood`` (with quotas in the checkout): one tenant writes as fast as it can against
-  its ``sessions.quota.writes_per_second``; the other tenants' write p99 in that window
-  over the same window without the flood (alternating, twice each);
+* ``flood`` (with quotas in the checkout): one tenant, from a process of its own
+  (``bench/vsls_flooder.py``), writes as fast as it can against its
+  ``sessions.quota.writes_per_second`` (no pause, ``Retry-After`` ignored); the other
+  tenants' write p99 in those windows over windows without it; windows alternate, a
+  few seconds each, with windows of the tenant paced at its quota (reported beside),
+  and each kind's p99 is the median of its windows' (the pooled p99s are reported);
 * ``auth`` (with ``meshxl etcd grant`` in the checkout): an etcd with authentication on,
   per-VS users; one tenant's credentials reading another tenant's session: refused by
   etcd.
@@ -97,7 +100,9 @@ class Plan:
     after_kill: float
     join: float
     flood: float
-    """Each of the flood part's four windows."""
+    """Each of the flood part's windows (seconds)."""
+    flood_rounds: int
+    """Rounds of the flood part's windows: quiet, flood, at quota (vsls_parts.KINDS)."""
     quota_wps: int
     flood_interval: float
     """The other tenants' pause between requests in the flood part: a load the machine
@@ -105,9 +110,11 @@ class Plan:
 
 
 FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
-            join=10.0, flood=6.0, quota_wps=40, flood_interval=1.0)
+            join=10.0, flood=2.0, flood_rounds=6, quota_wps=40,
+            flood_interval=1.0)
 QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
-             join=2.0, flood=1.5, quota_wps=40, flood_interval=0.5)
+             join=2.0, flood=1.0, flood_rounds=2, quota_wps=40,
+             flood_interval=0.5)
 
 
 def p(values: Sequence[float], q: float) -> float | None:
@@ -143,7 +150,8 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
         res["start_s"] = round(time.perf_counter() - t0, 1)
         print(f"  bed up in {res['start_s']} s ({len(vss)} VSs, {plan.members} members, "
               f"{'app + pool sidecar' if stateful else 'echo'})", flush=True)
-        budget = (plan.steady + plan.after_kill + plan.join + 4 * plan.flood + 300)
+        budget = (plan.steady + plan.after_kill + plan.join + 3 * plan.flood_rounds * plan.flood
+                  + 300)
         traffic = Load(bed.url, sessions, plan.interval, time.time() + budget,
                        max_requests=int(len(sessions) * budget / plan.interval),
                        stateful=stateful)
@@ -185,8 +193,8 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
               flush=True)
 
         step = "flood"
-        res["flood"] = (await flood_part(bed, traffic, plan.flood, plan.quota_wps,
-                                         plan.flood_interval)
+        res["flood"] = (await flood_part(bed, traffic, plan.flood, plan.flood_rounds,
+                                         plan.quota_wps, plan.flood_interval)
                         if stateful and quotas else
                         {"skipped": "no per-VS quotas in this checkout" if stateful
                          else "no state (echo members)"})
@@ -352,6 +360,9 @@ def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> Non
     fl = res.get("flood") or {}
     if "ratio" in fl:
         print(f"  flood: {fl['reference']}")
+        print("  flood, CPU cores by window: " + "; ".join(
+            f"{kind} " + ", ".join(f"{n} {v}" for n, v in used.items())
+            for kind, used in fl["cpu_cores"].items()))
     au = res.get("auth") or {}
     if "reference" in au:
         print(f"  auth: {au['reference']}")

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +27,10 @@ from meshxl.stats import quantile
 
 FLOOD_WRITERS = 8
 """The flooding tenant's concurrent writers (one request at a time each, no pause)."""
+FLOODER_START = 3.0
+"""Seconds the flooder's process is given to start before the first window."""
+TAIL = 3.0
+"""Seconds after the last window before anything else is asked of the flooder's sidecar."""
 ROOT_PASSWORD = "vsls-bench-root"
 
 
@@ -91,83 +98,167 @@ async def _quota_refused(url: str) -> float | None:
     return sum(found) if found else 0.0
 
 
-async def flood_part(bed: Bed, traffic: Load, window: float, quota: int,
+def cpu_seconds(pid: int | None) -> float | None:
+    """A process's CPU seconds so far (user + system, from ``/proc``), None if gone."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cores(after: float | None, before: float | None, seconds: float) -> float | None:
+    return None if after is None or before is None else round((after - before) / seconds, 3)
+
+
+KINDS = ("quiet", "flood", "at_quota")
+"""The flood part's windows: nobody flooding; the flooder with no pause; the flooder
+paced at its quota (every write within it: what the quota lets any tenant write)."""
+
+
+def flood_schedule(start: float, window: float, rounds: int) -> list[tuple[str, float, float]]:
+    """The flood part's windows from ``start``: ``rounds`` of each of :data:`KINDS`,
+    each round's order turned by one, so that no kind always follows another."""
+    kinds = [KINDS[(r + i) % len(KINDS)] for r in range(rounds) for i in range(len(KINDS))]
+    return [(kind, start + i * window, start + (i + 1) * window)
+            for i, kind in enumerate(kinds)]
+
+
+def window_p99s(records: Sequence[Any], windows: Sequence[tuple[str, float, float]],
+                skip_vs: str, on_member: set[str] | None = None) -> dict[str, Any]:
+    """Per window kind: the p99 (ms) and count of the acknowledged writes sent in it,
+    the VS ``skip_vs`` left out (and, given ``on_member``, only those VSs)."""
+    per: dict[str, list[float]] = {kind: [] for kind, _, _ in windows}
+    for r in records:
+        if r.vs == skip_vs or not (r.write and r.ok) or (
+                on_member is not None and r.vs not in on_member):
+            continue
+        for kind, s, e in windows:
+            if s <= r.sent < e:
+                per[kind].append(r.ended - r.sent)
+                break
+    return {kind: {"p99": _p99(v), "n": len(v)} for kind, v in per.items()}
+
+
+def _ratio(p99s: Mapping[str, Any], kind: str) -> float | None:
+    q, k = p99s["quiet"]["p99"], p99s[kind]["p99"]
+    return round(k / q, 3) if q and k else None
+
+
+def median_p99s(per_window: Sequence[Mapping[str, Any]], who: str) -> dict[str, Any]:
+    """Per window kind, the median of its windows' p99s (``who``: ``all`` or
+    ``member``): one window stalled by the machine's other work moves it little, where
+    it makes the p99 of the kind's writes pooled."""
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        values = [w[who]["p99"] for w in per_window if w["kind"] == kind
+                  and w[who]["p99"] is not None]
+        out[kind] = {"p99": round(statistics.median(values), 2) if values else None,
+                     "n": len(values)}
+    return out
+
+
+async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota: int,
                      interval: float) -> dict[str, Any]:
-    """The first VS floods writes at its active's sidecar (the tenant's own app's path:
-    :data:`FLOOD_WRITERS` writers, no pause) in two of four windows (quiet, flood,
-    quiet, flood); the other tenants' acknowledged writes through Envoy are compared
-    between the flood and the quiet windows."""
+    """The first VS writes at its active's sidecar from a process of its own
+    (``bench/vsls_flooder.py``, as a tenant's app does: :data:`FLOOD_WRITERS` writers)
+    in ``rounds`` x :data:`KINDS` windows: not at all, flooding (no pause,
+    ``Retry-After`` ignored) and paced at its quota. The other tenants' acknowledged
+    writes through Envoy in the flood (and at-quota) windows are compared with the
+    quiet ones, all of them and those whose active is the flooder's member: the median
+    of the kind's windows' p99s (:func:`median_p99s`; the pooled p99s beside). Per
+    window kind, CPU (cores) of the flooder's sidecar, of the flooder and of this
+    process (the load and its measurement)."""
     flooder = bed.vss[0]
     report = await bed.vs_list()
-    active = next(v["active"] for v in report["virtual_systems"] if v["name"] == flooder)
-    sidecar = f"http://{HOST}:{bed.member(active).sidecar_port}"
-    statuses: dict[int, int] = {}
-    windows: list[tuple[str, float, float]] = []
+    actives = {v["name"]: v["active"] for v in report["virtual_systems"]}
+    active = actives[flooder]
+    member = bed.member(active)
+    sidecar = f"http://{HOST}:{member.sidecar_port}"
     refused_before = await _quota_refused(sidecar)
     steady_interval, traffic.interval = traffic.interval, interval
     await asyncio.sleep(interval + 1.0)  # every session at its new pace
-
-    async def writer(http: aiohttp.ClientSession, k: int, until: float) -> None:
-        n = 0
-        while time.time() < until and n < 100_000:
-            n += 1
-            try:
-                async with http.put(f"{sidecar}/v1/clusters/{flooder}/sessions/flood-{k}",
-                                    json={"n": n, "pad": "x" * 200}) as resp:
-                    await resp.read()
-                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
-            except (aiohttp.ClientError, TimeoutError):
-                statuses[0] = statuses.get(0, 0) + 1
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        for kind in ("quiet", "flood", "quiet", "flood"):
-            start = time.time()
-            if kind == "flood":
-                await asyncio.gather(*(writer(http, k, start + window)
-                                       for k in range(FLOOD_WRITERS)))
-            else:
-                await asyncio.sleep(window)
-            windows.append((kind, start, time.time()))
+    # The flooder starts (Python, aiohttp) before the first window, then waits for its own.
+    windows = flood_schedule(time.time() + FLOODER_START, window, rounds)
+    out = bed.owner.path("flood") / "statuses.json"
+    argv = [sys.executable, str(Path(__file__).with_name("vsls_flooder.py")),
+            "--url", sidecar, "--vs", flooder, "--writers", str(FLOOD_WRITERS),
+            "--rate", str(quota), "--output", str(out)]
+    for kind, s, e in windows:
+        if kind != "quiet":
+            argv += ["--window" if kind == "flood" else "--paced", repr(s), repr(e)]
+    proc = bed.owner.spawn(bed.owner.unique_name("flooder"), argv)
+    procs = {"sidecar": member.procs[-1].pid, "flooder": proc.pid}
+    cores: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+    for kind, s, e in windows:
+        await asyncio.sleep(max(0.0, s - time.time()))
+        before = {n: cpu_seconds(pid) for n, pid in procs.items()}
+        bench_before = time.process_time()
+        await asyncio.sleep(max(0.0, e - time.time()))
+        used = {n: (cpu_seconds(pid) or 0.0) - (before[n] or 0.0) for n, pid in procs.items()}
+        used["bench"] = time.process_time() - bench_before
+        for n, v in used.items():
+            cores[kind][n] = cores[kind].get(n, 0.0) + v / (rounds * window)
+    code = await proc.wait_exit(30.0)
+    if code != 0:
+        raise OSError(f"the flooder exited {code}: {proc.tail(10)}")
+    # The last window's writes still under way: reading the sidecar's metrics (every
+    # VS's) would weigh on them.
+    await asyncio.sleep(TAIL)
     traffic.interval = steady_interval
     refused_after = await _quota_refused(sidecar)
+    seen = iter(json.loads(out.read_text())["statuses"])
+    statuses: dict[str, dict[int, int]] = {"flood": {}, "at_quota": {}}
+    for kind, _, _ in windows:
+        if kind != "quiet":
+            for status, n in next(seen).items():
+                statuses[kind][int(status)] = statuses[kind].get(int(status), 0) + n
 
-    def latencies(kind: str, same_member: bool | None = None) -> list[float]:
-        out = []
-        actives = {v["name"]: v["active"] for v in report["virtual_systems"]}
-        for r in traffic.records:
-            if r.vs == flooder or not (r.write and r.ok):
-                continue
-            if same_member is not None and (actives[r.vs] == active) != same_member:
-                continue
-            if any(k == kind and s <= r.sent < e for k, s, e in windows):
-                out.append(r.ended - r.sent)
-        return out
-
-    quiet, flood = latencies("quiet"), latencies("flood")
-    q99, f99 = _p99(quiet), _p99(flood)
-    near_q, near_f = _p99(latencies("quiet", True)), _p99(latencies("flood", True))
-    flood_s = sum(e - s for k, s, e in windows if k == "flood")
-    accepted = sum(n for s, n in statuses.items() if 200 <= s < 300)
-    ratio = round(f99 / q99, 3) if q99 and f99 else None
+    on_member = {vs for vs, a in actives.items() if a == active}
+    every = window_p99s(traffic.records, windows, flooder)
+    near = window_p99s(traffic.records, windows, flooder, on_member)
+    per_window = [{"kind": kind, **{name: window_p99s(traffic.records, [(kind, s, e)],
+                                                      flooder, only)[kind]
+                                    for name, only in (("all", None), ("member", on_member))}}
+                  for kind, s, e in windows]
+    seconds = rounds * window
+    accepted = {kind: sum(n for st, n in statuses[kind].items() if 200 <= st < 300)
+                for kind in statuses}
     refused = (None if refused_after is None or refused_before is None
                else refused_after - refused_before)
+    mid, mid_near = median_p99s(per_window, "all"), median_p99s(per_window, "member")
+    ratio, same = _ratio(mid, "flood"), _ratio(mid_near, "flood")
+    flood = statuses["flood"]
     return {"flooder": flooder, "flooder_active": active, "quota_wps": quota,
-            "others_interval_s": interval,
-            "writers": FLOOD_WRITERS, "statuses": statuses,
-            "accepted_per_s": round(accepted / flood_s, 1) if flood_s else None,
+            "others_interval_s": interval, "writers": FLOOD_WRITERS,
+            "flooder_process": "its own; flood: no pause, Retry-After ignored",
+            "windows": {"rounds": rounds, "seconds": window, "kinds": list(KINDS)},
+            "statuses": statuses,
+            "accepted_per_s": {k: round(n / seconds, 1) for k, n in accepted.items()},
+            "refused_per_s": round(flood.get(429, 0) / seconds, 1),
             "quota_refused_metric": refused,
-            "others_write_p99_ms": {"quiet": q99, "flood": f99, "n_quiet": len(quiet),
-                                    "n_flood": len(flood)},
-            "same_member_write_p99_ms": {"quiet": near_q, "flood": near_f},
-            "ratio": ratio,
-            "same_member_ratio": round(near_f / near_q, 3) if near_q and near_f else None,
-            "same_member_reference": f"p99 {near_q} -> {near_f} ms (n "
-                                     f"{len(latencies('quiet', True))} / "
-                                     f"{len(latencies('flood', True))})",
-            "reference": f"p99 {q99} ms quiet, {f99} ms flooded; on the flooder's member "
-                         f"{near_q} -> {near_f} ms; flooder {accepted} accepted "
-                         f"({round(accepted / flood_s, 1) if flood_s else '-'}/s, quota "
-                         f"{quota}/s), {statuses.get(429, 0)} refused 429"}
+            "cpu_cores": {k: {n: round(v, 3) for n, v in c.items()} for k, c in cores.items()},
+            "others_write_p99_ms": mid, "same_member_write_p99_ms": mid_near,
+            "pooled_write_p99_ms": {"all": every, "member": near},
+            "per_window_p99_ms": per_window,
+            "ratio": ratio, "same_member_ratio": same,
+            "pooled_ratio": _ratio(every, "flood"),
+            "pooled_same_member_ratio": _ratio(near, "flood"),
+            "at_quota_ratio": _ratio(mid, "at_quota"),
+            "at_quota_same_member_ratio": _ratio(mid_near, "at_quota"),
+            "same_member_reference": f"median window p99 {mid_near['quiet']['p99']} -> "
+                                     f"{mid_near['flood']['p99']} ms; at quota "
+                                     f"{_ratio(mid_near, 'at_quota')}x; pooled "
+                                     f"{_ratio(near, 'flood')}x",
+            "reference": f"median window p99 {mid['quiet']['p99']} ms quiet, "
+                         f"{mid['flood']['p99']} ms flooded, {mid['at_quota']['p99']} ms at "
+                         f"quota ({_ratio(mid, 'at_quota')}x); pooled {_ratio(every, 'flood')}x;"
+                         f" flooder {accepted['flood']} accepted "
+                         f"({round(accepted['flood'] / seconds, 1)}/s, quota "
+                         f"{quota}/s), {flood.get(429, 0)} refused 429 "
+                         f"({round(flood.get(429, 0) / seconds)}/s)"}
 
 
 async def auth_part(owner: Owner, vss: Sequence[str]) -> dict[str, Any]:

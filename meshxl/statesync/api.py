@@ -213,12 +213,13 @@ class SessionRoutes:
         one = "session_id"
         # PUTs pipelined together on a connection are taken up together (put_group):
         # not with delayed sync, where each may stay local and put() decides one by one.
+        # A write past the rate quota is refused from its head (refuse_write).
         r.add("PUT", "/v1/sessions/{session_id}", self.put, max_body=max_bytes,
               what="session state", access=WRITE, key=one,
-              group=None if delayed_sync else self.put_group)
+              group=None if delayed_sync else self.put_group, refuse=self.refuse_write)
         r.add("GET", "/v1/sessions/{session_id}", self.get, access=READ, key=one)
         r.add("PATCH", "/v1/sessions/{session_id}", self.patch, max_body=max_bytes,
-              what="session state", access=WRITE, key=one)
+              what="session state", access=WRITE, key=one, refuse=self.refuse_write)
         r.add("DELETE", "/v1/sessions/{session_id}", self.delete, access=WRITE, key=one)
         r.add("POST", "/v1/sessions:bulkGet", self.bulk_get, max_body=bulk.MAX_GET_BODY,
               what="bulk get request", access=READ)
@@ -245,6 +246,16 @@ class SessionRoutes:
         return r
 
     # -- sessions -------------------------------------------------------------------------
+
+    def refuse_write(self, request: Request) -> Response | None:
+        """A PUT's or PATCH's 429 from its head when the cluster's rate quota has no
+        token for it now (:meth:`.quota.QuotaGuard.rate_refusal`): its body is then
+        neither kept nor parsed, and no handler runs. None: it goes on (to
+        :meth:`~.quota.QuotaGuard.admit`, which takes the token)."""
+        refused = self.sidecar.quota.rate_refusal()
+        if refused is None:
+            return None
+        return error(refused.status, str(refused), refused.headers, **refused.details)
 
     async def put(self, request: Request) -> Response:
         return await self._one(_put_write(request))

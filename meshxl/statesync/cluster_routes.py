@@ -88,6 +88,13 @@ class _Dispatch:
 
         return handle
 
+    def refuse(self, request: Request) -> Response | None:
+        """The cluster's refusal from the request's head (a write past its rate
+        quota: :meth:`~.api.SessionRoutes.refuse_write`); an unknown cluster is its
+        handler's 404."""
+        routes = self.lookup(request.params["cluster"])
+        return None if routes is None else routes.refuse_write(request)
+
     async def put_group(self, requests: list[Request],
                         answer: Callable[[int, Response | Exception], None]) -> None:
         """PUTs pipelined together, each to its cluster's :meth:`~.api.SessionRoutes.
@@ -140,7 +147,8 @@ def add_cluster_routes(router: Router, lookup: Lookup, names: Callable[[], list[
                    # A bulk save with a sync delay writes in tasks of its own (api.py):
                    # not known before the cluster is, so always alone on its connection.
                    access=ALONE if name == "bulk_save" else route.access,
-                   key=route.key, group=group)
+                   key=route.key, group=group,
+                   refuse=dispatch.refuse if route.refuse is not None else None)
 
     async def clusters(request: Request) -> Response:
         listed = []

@@ -76,15 +76,19 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
         self._at = now
 
+    def wait(self, n: int = 1) -> float:
+        """The seconds until ``n`` tokens can be taken (0.0: now); nothing is taken."""
+        self._refill()
+        need = min(float(n), self.burst)
+        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
+
     def take(self, n: int = 1) -> float:
         """Take ``n`` tokens: 0.0 when taken, else the seconds until they can be (and
         nothing is taken)."""
-        self._refill()
-        need = min(float(n), self.burst)
-        if self.tokens >= need:
+        wait = self.wait(n)
+        if wait == 0.0:
             self.tokens -= n
-            return 0.0
-        return (need - self.tokens) / self.rate
+        return wait
 
     def level(self) -> float:
         self._refill()
@@ -210,11 +214,31 @@ class QuotaGuard:
             usage.bytes += growth
             self._admitted.update(grown)
 
-    def _refuse(self, quota: str, limit: float, current: float, retry_after: float) -> None:
+    def rate_refusal(self) -> QuotaRefused | None:
+        """The refusal of a one-session write when the rate quota has no token for it
+        now (counted as :meth:`admit` counts one), or None; nothing is taken. Decided
+        from the request's head, before its body is read: a tenant writing past its
+        rate costs its sidecar as little as a request can."""
+        bucket = self.bucket
+        if bucket is None:
+            return None
+        wait = bucket.wait(1)
+        if wait == 0.0:
+            return None
+        assert self.limits.writes_per_second is not None
+        return self._refusal("writes_per_second", self.limits.writes_per_second,
+                             self._rate.value(), wait)
+
+    def _refusal(self, quota: str, limit: float, current: float,
+                 retry_after: float) -> QuotaRefused:
+        """A refusal, counted (``refused`` and the metric)."""
         self.refused[quota] = self.refused.get(quota, 0) + 1
         if self._metrics is not None:
             self._metrics.quota_refused.labels(quota).inc()
-        raise QuotaRefused(quota, limit, current, retry_after)
+        return QuotaRefused(quota, limit, current, retry_after)
+
+    def _refuse(self, quota: str, limit: float, current: float, retry_after: float) -> None:
+        raise self._refusal(quota, limit, current, retry_after)
 
     def status(self) -> dict[str, Any] | None:
         """``/v1/status``' ``quota``: each limit and its use (None: no quota set)."""

@@ -10,7 +10,9 @@ import pytest
 from meshxl.model import parse_model
 from meshxl.model.basics import ModelError
 from meshxl.model.light import LightQuota, parse_light
-from meshxl.statesync.http import Request
+from meshxl.statesync.api import SessionRoutes
+from meshxl.statesync.cluster_routes import add_cluster_routes
+from meshxl.statesync.http import WRITE, Request, Response, Router, error
 from meshxl.statesync.http.routing import failure
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.quota import (
@@ -21,6 +23,8 @@ from meshxl.statesync.quota import (
     Usage,
 )
 from meshxl.statesync.writes import DELETE, PATCH, Write
+from tests.unit.test_sidecar_http import answers, exchange, run, serving
+from tests.unit.test_sidecar_http import put as put_bytes
 
 
 class Clock:
@@ -220,3 +224,101 @@ clusters:
         parse_light(text)
     with pytest.raises(ModelError, match=r"sessions\.quota"):
         parse_model(text)
+
+
+# -- the refusal from the head: before the body is read ----------------------------------
+
+
+def test_waiting_for_a_token_takes_none() -> None:
+    clock = Clock()
+    bucket = TokenBucket(2, clock=clock)
+    assert bucket.take(2) == 0.0
+    assert bucket.wait() == pytest.approx(0.5) and bucket.wait() == pytest.approx(0.5)
+    clock.now += 0.5
+    assert bucket.wait() == 0.0 and bucket.level() == 1
+
+
+def test_the_rate_refusal_is_decided_from_the_bucket_alone_and_counted() -> None:
+    clock, metrics = Clock(), StatesyncMetrics()
+    g = guard(Cluster(), clock, metrics, writes_per_second=1, sessions=5)
+    assert g.rate_refusal() is None  # a token: the write goes on to admit()
+    assert g.bucket is not None and g.bucket.level() == 1  # which takes it
+    g.admit([put("a", 1)])
+    refused = g.rate_refusal()
+    assert refused is not None and refused.status == 429
+    assert refused.details["quota"] == "writes_per_second" and g.refused == {
+        "writes_per_second": 1}
+    assert ("Retry-After", "1") in refused.headers
+    assert 'meshxl_statesync_quota_refused_total{quota="writes_per_second"} 1' in \
+        metrics.render().decode()
+    assert guard(Cluster(), clock, sessions=1).rate_refusal() is None  # no rate quota
+
+
+def test_a_hosted_cluster_refuses_a_write_over_its_rate_from_the_head() -> None:
+    """The pool sidecar's route asks the request's cluster; an unknown cluster is left
+    to its handler (404); the answer is the 429 a refused admit() gives."""
+    clock = Clock()
+
+    class Parts:
+        quota = guard(Cluster(), clock, writes_per_second=1)
+
+    parts = Parts()
+    parts.quota.admit([put("a", 1)])
+    routes = SessionRoutes(parts)  # type: ignore[arg-type]
+    router = Router()
+    add_cluster_routes(router, {"t01": routes}.get, lambda: ["t01"])
+    found = router.resolve("/v1/clusters/t01/sessions/s")
+    assert found is not None
+    methods, params = found
+    assert methods["DELETE"].refuse is None and methods["GET"].refuse is None
+    for method in ("PUT", "PATCH"):
+        refuse = methods[method].refuse
+        assert refuse is not None
+        request = Request(method, "/v1/clusters/t01/sessions/s", "", "1.1", {}, True)
+        request.params = params
+        answer = refuse(request)
+        assert answer is not None and answer.status == 429
+        assert answer.header("Retry-After") == "1"
+        assert json.loads(answer.body)["quota"] == "writes_per_second"
+        request.params = {**params, "cluster": "nope"}
+        assert refuse(request) is None
+    clock.now += 1.0
+    request.params = params
+    assert methods["PUT"].refuse(request) is None  # type: ignore[misc]
+
+
+def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:
+    """The body of a write refused from its head is read and dropped, its handler never
+    runs, and the connection goes on with the next request."""
+    calls: list[Request] = []
+    over = [True]
+
+    def refuse(request: Request) -> Response | None:
+        return error(429, "over", [("Retry-After", "1")], quota="x") if over[0] else None
+
+    async def handler(request: Request) -> Response:
+        calls.append(request)
+        return Response(200, request.body)
+
+    router = Router()
+    router.add("PUT", "/v1/sessions/{session_id}", handler, max_body=1 << 20,
+               what="session state", access=WRITE, key="session_id", refuse=refuse)
+
+    async def main() -> None:
+        async with serving(router) as (_, port):
+            big = b"x" * 300_000
+            raw = await exchange(port, put_bytes("/v1/sessions/a", big) +
+                                 put_bytes("/v1/sessions/b", b"{not json")
+                                 + b"GET /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+            got = answers(raw)
+            assert [status for status, _, _ in got] == [429, 429, 405]
+            assert got[0][1]["retry-after"] == "1"
+            assert json.loads(got[0][2])["quota"] == "x"
+            over[0] = False
+            got = answers(await exchange(port, put_bytes("/v1/sessions/a", b"{}", "Connection:"
+                                                        " close\r\n")))
+            assert got[0][0] == 200 and got[0][2] == b"{}"
+        assert [r.path for r in calls] == ["/v1/sessions/a"]
+
+    run("uvloop", main)

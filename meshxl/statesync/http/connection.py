@@ -282,8 +282,9 @@ class Connection(asyncio.Protocol):
     # -- admission: what is known from the head ---------------------------------------------
 
     def _admit(self, request: Request) -> Response | None:
-        """A refusal decided from the head (token, route, method, declared size), or
-        None: the request goes on, its body bounded by the route's ``max_body``."""
+        """A refusal decided from the head (token, route, method, declared size, the
+        route's ``refuse``), or None: the request goes on, its body bounded by the
+        route's ``max_body``."""
         site = self.site
         if site.authorize is not None:
             refusal = site.authorize(request)
@@ -314,7 +315,7 @@ class Connection(asyncio.Protocol):
             self.site.hit("body_size")
             return error(413, f"{route.what} is {int(length)} bytes; the limit is "
                               f"{route.max_body}", limit=route.max_body)
-        return None
+        return None if route.refuse is None else route.refuse(request)
 
     # -- answering ----------------------------------------------------------------------------
 

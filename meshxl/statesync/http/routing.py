@@ -15,7 +15,8 @@ from meshxl.httpbase import error_answer
 from .messages import RequestRefused, Response, error, json_response
 
 __all__ = ["ALONE", "IGNORED_BODY", "READ", "WRITE", "Answer", "GroupHandler", "Handler",
-           "Request", "Route", "Router", "failure", "handled", "framing_refusal", "must_wait"]
+           "Refuse", "Request", "Route", "Router", "failure", "framing_refusal", "handled",
+           "must_wait"]
 
 log = logging.getLogger("meshxl.statesync.http")
 
@@ -25,6 +26,9 @@ READ, WRITE, ALONE = "read", "write", "alone"
 """A route's :attr:`Route.access`."""
 
 Handler = Callable[["Request"], Awaitable[Response]]
+Refuse = Callable[["Request"], "Response | None"]
+"""A refusal decided from a request's head (its route and path parameters known, its
+body not read), or None: the request goes on to its handler."""
 Answer = Callable[[int, "Response | Exception"], None]
 """``answer(index, outcome)``: the answer to a group's request ``index``, a response or
 the error its handler would have raised."""
@@ -88,6 +92,10 @@ class Route:
     connection, each touching another session (a ``write`` route with a ``key``):
     what a request costs besides its HTTP is then shared (no task each). Not while
     ``wrap`` is set: each request then runs inside its own wrap (its span)."""
+    refuse: Refuse | None = None
+    """Called once the head is read: a refusal that needs no body (a write over its
+    cluster's rate quota), answered as a 404 or 413 from the head is, the body read and
+    dropped, no handler run."""
 
 
 class Router:
@@ -109,13 +117,13 @@ class Router:
     def add(self, method: str, pattern: str, handler: Handler, *,
             max_body: int = IGNORED_BODY, what: str = "request body",
             access: str = ALONE, key: str | None = None,
-            group: GroupHandler | None = None) -> None:
+            group: GroupHandler | None = None, refuse: Refuse | None = None) -> None:
         if access not in (READ, WRITE, ALONE):
             raise ValueError(f"access is {READ!r}, {WRITE!r} or {ALONE!r}, not {access!r}")
         if group is not None and (access != WRITE or key is None):
             raise ValueError("a group handler takes writes of one session each "
                              "(access write, with a key)")
-        route = Route(method, pattern, handler, max_body, what, access, key, group)
+        route = Route(method, pattern, handler, max_body, what, access, key, group, refuse)
         self._routes.append(route)
         segments = pattern.split("/")
         if not any(s.startswith("{") for s in segments):
