@@ -1,81 +1,24 @@
-"""The ``meshxl`` command: one module per area, one way to register a command.
+"""The ``meshxl`` command (:mod:`.root`: its click group, one module per area).
 
-Each area module defines its click commands and groups and lists them in ``COMMANDS``;
-:data:`AREAS` below is the one list the root group is built from (nothing registers
-itself on import), each area imported only when one of its commands is asked for.
-Shared options live in :mod:`.options`; :mod:`.errors` is the one
-place failures become a one-line message and an exit code.
-
-=========  ===========================================================================
-module     commands
-=========  ===========================================================================
-version    version (and ``--version``)
-model      validate, apply
-envoy      bootstrap, envoy
-ops        member down/up, site offline/online
-views      status, sync, verify (read-only operator views)
-vs         vs list / show (virtual systems over a pool)
-etcdroles  etcd grant (a role per cluster)
-drill      drill
-serve      serve xds / statesync / otlp-receiver / webhook
-telemetry  slo review
-demo       demo, quickstart
-kube       inject (and the webhook server, in the serve group)
-istio      istio render / check / label
-=========  ===========================================================================
+Importing this package imports nothing of click: ``meshxl serve statesync`` runs in
+every pod and reads its options without it (:mod:`.entry`; docs/performance.md,
+"Sidecar footprint"). :data:`main` (the click group), :data:`AREAS` and :func:`areas`
+are :mod:`.root`'s, imported when first asked for.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import click
-
-from . import version
-from .options import LazyGroup
+if TYPE_CHECKING:
+    from .root import AREAS, areas, main
 
 __all__ = ["AREAS", "areas", "main"]
 
-AREAS: dict[str, tuple[str, ...]] = {
-    "version": ("version",),
-    "model": ("validate", "apply"),
-    "envoy": ("bootstrap", "envoy"),
-    "ops": ("member", "site", "restore", "shards"),
-    "views": ("status", "sync", "verify"),
-    "vs": ("vs",),
-    "etcdroles": ("etcd",),
-    "drill": ("drill",),
-    "serve": ("serve",),
-    "telemetry": ("slo",),
-    "demo": ("demo", "quickstart"),
-    "kube": ("inject",),
-    "istio": ("istio",),
-}
-"""The area modules and the commands each lists in its ``COMMANDS``: what ``meshxl``
-is built from. An area is imported when one of its commands is asked for, so a command
-loads only what it uses (``tests/unit/test_errors.py`` checks this list against the
-modules)."""
 
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import root
 
-def areas() -> tuple[ModuleType, ...]:
-    """The area modules, imported."""
-    return tuple(import_module(f"{__name__}.{area}") for area in AREAS)
-
-
-@click.group(cls=LazyGroup, lazy={command: area for area, commands in AREAS.items()
-                                  for command in commands},
-             context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
-              callback=version.print_versions,
-              help="Show the versions of meshxl, Envoy, etcd and key libraries, and exit.")
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """meshxl: ClusterXL-style high availability for Envoy service meshes."""
-    if ctx.invoked_subcommand != "serve":
-        import os
-
-        # gRPC core logs a refused TLS handshake itself, in lines of its own: a command
-        # reports its one-line error instead (GRPC_VERBOSITY=ERROR shows them again).
-        # Read when grpc initializes, which no command has done yet.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        return getattr(root, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import run
-from .options import setup_logging
+from .serving import setup_logging
 
 
 @click.command()

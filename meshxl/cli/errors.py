@@ -14,8 +14,6 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn, TypeVar
 
-import click
-
 from meshxl.errors import (
     Conflict,
     InputError,
@@ -52,6 +50,8 @@ def one_line(text: object) -> str:
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``meshxl: MESSAGE`` on stderr and exit ``code``."""
+    import click  # not before a failure: the sidecar runs without click (.entry)
+
     click.echo(f"meshxl: {one_line(message)}", err=True)
     sys.exit(code)
 
@@ -71,6 +71,8 @@ def exit_code(exc: MeshxlError, overrides: Overrides | None = None) -> int:
 
 def report(exc: MeshxlError, overrides: Overrides | None = None) -> NoReturn:
     """Print ``exc`` (one line, or one per problem) and exit with its code."""
+    import click
+
     if exc.problems:
         for problem in exc.problems:
             click.echo(str(problem), err=True)

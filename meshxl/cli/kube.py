@@ -13,7 +13,8 @@ import click
 from meshxl.kube.inject import DEFAULT_IMAGE, InjectConfig
 
 from .errors import checked, fail
-from .options import setup_logging, with_options
+from .options import with_options
+from .serving import setup_logging
 
 _inject_options: list[Callable[..., Any]] = [
     click.option("--image", envvar="MESHXL_SIDECAR_IMAGE", default=DEFAULT_IMAGE,

@@ -3,7 +3,6 @@ credentials), key prefix, output format, model file, trace file, logging."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Mapping
 from importlib import import_module
@@ -15,6 +14,7 @@ import click
 from meshxl.etcd.keys import DEFAULT_ROOT
 
 from .errors import fail
+from .serving import etcd_security_from
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 """A file option's type (a Path, not a directory)."""
@@ -83,15 +83,6 @@ class LazyGroup(click.Group):
         return command
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # grpc's own debug lines (one per event loop lookup) would drown meshxl's.
-    logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
-
-
 # -- etcd ---------------------------------------------------------------------------------
 
 _ETCD_META = "meshxl.etcd_security"
@@ -137,24 +128,11 @@ def etcd_security() -> Any:
     """The etcd TLS and credential settings of the running command (checked), or an
     :class:`~meshxl.etcd.EtcdSecurityError`. The password is never a command-line value:
     it comes from a file or the MESHXL_ETCD_PASSWORD variable."""
-    import os
-
-    from meshxl.etcd import EtcdSecurity, EtcdSecurityError, read_secret_file
-
     meta = click.get_current_context().meta
     cached = meta.get(_ETCD_META + ".built")
     if cached is not None:
         return cached
-    given = meta.get(_ETCD_META, {})
-    password = os.environ.get("MESHXL_ETCD_PASSWORD") or None
-    if given.get("password_file") is not None:
-        if password is not None:
-            raise EtcdSecurityError("give the etcd password once: --etcd-password-file or "
-                                    "MESHXL_ETCD_PASSWORD, not both")
-        password = read_secret_file(given["password_file"], "etcd password file")
-    security = EtcdSecurity(ca=given.get("ca"), cert=given.get("cert"), key=given.get("key"),
-                            user=given.get("user") or None, password=password)
-    security.check()
+    security = etcd_security_from(meta.get(_ETCD_META, {}))
     meta[_ETCD_META + ".built"] = security
     return security
 

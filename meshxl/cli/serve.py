@@ -6,15 +6,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
+from . import serving
 from .errors import checked, run
 from .options import (
     FILE,
@@ -22,29 +19,11 @@ from .options import (
     etcd_security,
     etcd_security_options,
     root_option,
-    setup_logging,
     trace_file_option,
 )
+from .serving import setup_logging, statesync_listens, traced
 
-T = TypeVar("T")
-
-
-def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
-           coro_fn: Callable[[], Awaitable[T]],
-           loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
-    """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit, on
-    the event loop ``loop_factory`` makes (asyncio's by default)."""
-    import signal
-
-    from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
-
-    checked(lambda: setup_tracing(component, attributes=attributes, trace_file=trace_file))
-    # SIGTERM ends the server like Ctrl-C: cleanup runs and the spans are flushed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        return run(coro_fn, loop_factory=loop_factory)
-    finally:
-        shutdown_tracing()
+__all__ = ["COMMANDS", "SERVERS", "serve_statesync", "serve_xds", "statesync_listens", "traced"]
 
 
 @click.group(cls=LazyGroup, lazy={"webhook": "kube:serve_webhook"})
@@ -222,63 +201,11 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     max_inflight: int, max_connections: int | None, trace_file: Path | None,
                     log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
-    import os
-
-    from meshxl.loops import loop_factory
-    from meshxl.statesync.app import StatesyncConfig
-    from meshxl.statesync.app import serve as serve_sidecar
-    from meshxl.statesync.auth import read_token
-    from meshxl.statesync.credentials import cluster_security
-
-    setup_logging(log_level)
-    checked(lambda: _check_hosted(clusters, pool))
-    # Hosting several: the process's settings name the pool (or the first cluster).
-    cluster = pool if pool is not None else clusters[0]
-    listen, unix_socket = checked(lambda: statesync_listens(listens))
-    config = checked(lambda: StatesyncConfig(
-        cluster=cluster, member=member, app=app_address, etcd=etcd_urls, listen=listen,
-        unix_socket=unix_socket, socket_mode=int(socket_mode, 8),
-        site=site, weight=weight, etcd_root=etcd_root, session_ttl=session_ttl,
-        sync_delay=sync_delay, max_bytes=max_session_bytes, lease_ttl=lease_ttl,
-        batch_max_ops=batch_max_ops, max_inflight=max_inflight,
-        max_connections=max_connections, etcd_security=etcd_security(),
-        etcd_credentials_dir=etcd_credentials_dir,
-        token=read_token(token_file, dict(os.environ))))
-    if pool is None and len(set(clusters)) == 1:  # one cluster: its own entry, if any
-        config = checked(lambda: dataclasses.replace(config, etcd_security=cluster_security(
-            etcd_credentials_dir, cluster, config.etcd_security)))
-    for name in clusters[1:]:  # each name checked as the process's is
-        checked(functools.partial(dataclasses.replace, config, cluster=name))
-    traced("statesync", trace_file, {"meshxl.cluster": cluster, "meshxl.member": member},
-           lambda: serve_sidecar(config, clusters, pool), loop_factory=checked(loop_factory))
-
-
-def _check_hosted(clusters: tuple[str, ...], pool: str | None) -> None:
-    """What the sidecar serves is given: a cluster or more, a pool or both."""
-    import re
-
-    from meshxl.errors import InputError
-    from meshxl.model.basics import NAME_PATTERN
-
-    if not clusters and pool is None:
-        raise InputError("give --cluster (one or more) or --pool: the clusters this sidecar "
-                         "serves")
-    if pool is not None and not re.fullmatch(NAME_PATTERN, pool):
-        raise InputError(f"invalid pool name {pool[:80]!r}: 1-63 lowercase letters, digits, "
-                         "'.', '_' or '-', starting and ending with a letter or digit")
-
-
-def statesync_listens(values: tuple[str, ...]) -> tuple[str, str | None]:
-    """``--listen`` values -> (HOST:PORT, Unix socket path or None): one of each at
-    most, HOST:PORT by default."""
-    from meshxl.addr import ListenError, unix_path
-
-    tcp = [v for v in values if unix_path(v) is None]
-    unix = [p for v in values if (p := unix_path(v)) is not None]
-    if len(tcp) > 1 or len(unix) > 1:
-        raise ListenError("--listen: give one HOST:PORT and one unix:PATH at most, got "
-                          + ", ".join(values))
-    return (tcp[0] if tcp else "127.0.0.1:7070"), (unix[0] if unix else None)
+    serving.serve_statesync(
+        clusters, pool, member, app_address, site, weight, listens, socket_mode, token_file,
+        etcd_urls, etcd_credentials_dir, etcd_root, session_ttl, sync_delay,
+        max_session_bytes, lease_ttl, batch_max_ops, max_inflight, max_connections,
+        trace_file, log_level, etcd_security=etcd_security)
 
 
 @click.command("otlp-receiver")

@@ -25,7 +25,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
+from meshxl import spread
 from meshxl.errors import Unavailable, detached
 
 log = logging.getLogger("meshxl.etcd")
@@ -157,7 +157,7 @@ class Balancer:
         self.timeout = timeout if timeout is not None else 5.0
         self.probing = probing and len(endpoints) > 1
         # Spread clients over the members: each starts with one at random.
-        self._preferred = random.randrange(len(endpoints))
+        self._preferred = spread.below(len(endpoints))
         self._trouble_until = 0.0
         self._wake = asyncio.Event()
         self._any_change = asyncio.Event()

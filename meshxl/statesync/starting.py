@@ -22,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from meshxl import spread
 from meshxl.errors import InputError
 from meshxl.etcd.auth import EtcdAuthError
 
@@ -116,7 +116,7 @@ async def start_when_etcd_answers(start: Callable[[], Awaitable[T]], waiting: Wa
                     log.warning("etcd at %s did not answer (%s); retrying every %.1f-%.0f s, "
                                 "not ready meanwhile", waiting.etcd, text, delay, max_delay)
                 waiting.last_error = text
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                await asyncio.sleep(delay * spread.uniform(0.8, 1.2))
                 delay = min(delay * 2, max_delay)
                 continue
             if waiting.attempts > 1:
