@@ -10,8 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import yaml
-
 from meshxl.errors import InputError
 
 __all__ = ["InputError", "check_depth", "load_yaml_all", "measure", "read_text"]
@@ -36,7 +34,12 @@ def read_text(path: str, limit: int, what: str = "input") -> str:
         raise InputError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+def _loader() -> Any:
+    """libyaml's safe loader when PyYAML has it (imported here, when YAML is read: a
+    statesync sidecar reading its model's stored JSON form never loads PyYAML)."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def measure(data: Any, *, max_depth: int, max_values: int, name: str) -> int:
@@ -78,8 +81,10 @@ def check_depth(text: str, *, max_depth: int, name: str, loader: Any = None) -> 
     """Refuse YAML nested deeper than ``max_depth``, from the parser's event stream
     (iterative): libyaml's composer recurses in C and crashes the process on deep
     nesting, so this runs before anything builds the document."""
+    import yaml
+
     depth = 0
-    for event in yaml.parse(text, Loader=loader or _Loader):
+    for event in yaml.parse(text, Loader=loader or _loader()):
         if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             depth += 1
             if depth > max_depth:
@@ -90,9 +95,11 @@ def check_depth(text: str, *, max_depth: int, name: str, loader: Any = None) -> 
 
 def load_yaml_all(text: str, name: str, *, max_depth: int, max_values: int) -> list[Any]:
     """Every document of a YAML stream (``None`` for empty ones), within the bounds."""
+    import yaml
+
     try:
         check_depth(text, max_depth=max_depth, name=name)
-        documents = list(yaml.load_all(text, Loader=_Loader))  # noqa: S506 - a safe loader
+        documents = list(yaml.load_all(text, Loader=_loader()))  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name

@@ -101,6 +101,12 @@ class Keys:
     def model(self) -> str:
         return f"{self.mesh_prefix}model"
 
+    @property
+    def model_form(self) -> str:
+        """The model's data as JSON, written with :attr:`model` in one transaction
+        (:mod:`meshxl.model.text`, "The stored JSON form")."""
+        return f"{self.mesh_prefix}model.json"
+
     # -- clusters: member registrations and admin state --------------------------
     @property
     def clusters_prefix(self) -> str:

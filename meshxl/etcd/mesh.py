@@ -23,13 +23,14 @@ from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
 from meshxl.model.runtime import AdminAction, Health, Registration, RuntimeState
+from meshxl.model.text import ModelForm, read_form
 
 if TYPE_CHECKING:
     from meshxl.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EtcdMeshSource", "one_line", "runtime_from_values"]
+__all__ = ["EtcdMeshSource", "model_input", "one_line", "read_model", "runtime_from_values"]
 
 
 def one_line(text: str, limit: int = 2000) -> str:
@@ -59,19 +60,21 @@ class EtcdMeshSource(Generic[Model]):
 
     @overload
     def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None],
-                 parse: Callable[[str, str], Model]) -> None: ...
+                 parse: Callable[[str | ModelForm, str], Model]) -> None: ...
 
     def __init__(self, client: aetcd.Client, keys: Keys, on_change: Callable[[], None],
-                 parse: Callable[[str, str], Any] | None = None) -> None:
+                 parse: Callable[[str | ModelForm, str], Any] | None = None) -> None:
         if parse is None:
             from meshxl.model.load import parse_model
 
             parse = parse_model
-        self._parse: Callable[[str, str], Any] = parse
+        self._parse: Callable[[str | ModelForm, str], Any] = parse
         self._client = client
         self._keys = keys
         self._on_change = on_change
         self._values: dict[str, bytes] = {}
+        self._revisions: dict[str, int] = {}
+        """mod_revision of the model's keys (its text, its stored JSON form)."""
         self.revision = 0
         self.synced = asyncio.Event()
         self.resyncs = 0
@@ -119,6 +122,9 @@ class EtcdMeshSource(Generic[Model]):
         prefix = self._keys.mesh_prefix.encode()
         result = await self._client.get_prefix(prefix)
         self._values = {kv.key.decode(): kv.value for kv in result}
+        models = (self._keys.model, self._keys.model_form)
+        self._revisions = {key: kv.mod_revision for kv in result
+                           if (key := kv.key.decode()) in models}
         self.revision = result.header.revision
         self.resyncs += 1
         self._rebuild()
@@ -131,8 +137,11 @@ class EtcdMeshSource(Generic[Model]):
                 key = event.kv.key.decode()
                 if event.kind == "PUT":
                     self._values[key] = event.kv.value
+                    if key in models:
+                        self._revisions[key] = event.kv.mod_revision
                 else:
                     self._values.pop(key, None)
+                    self._revisions.pop(key, None)
                 self.revision = max(self.revision, event.kv.mod_revision)
                 self._rebuild()
         finally:
@@ -159,7 +168,10 @@ class EtcdMeshSource(Generic[Model]):
                     except UnicodeDecodeError as exc:
                         raise ModelError([Problem(keys.model, "the stored model is not "
                                                   f"UTF-8 text (byte {exc.start})")]) from None
-                    model = self._parse(decoded, keys.model)
+                    model = self._parse(model_input(
+                        decoded, self._values.get(keys.model_form),
+                        self._revisions.get(keys.model), self._revisions.get(keys.model_form)),
+                        keys.model)
                 except ModelError as exc:
                     self.model_error = str(exc)
                     log.error("model in etcd rejected, still serving the last good model: %s",
@@ -173,6 +185,29 @@ class EtcdMeshSource(Generic[Model]):
             changed = True
         if changed:
             self._on_change()
+
+def model_input(text: str, form: bytes | None, text_revision: int | None,
+                form_revision: int | None) -> str | ModelForm:
+    """What to parse of a stored model: its JSON form when it was written with the text
+    (one transaction, one ``mod_revision``: :mod:`meshxl.model.text`), else the text."""
+    if form is not None and text_revision is not None and text_revision == form_revision:
+        found = read_form(form)
+        if found is not None:
+            return found
+    return text
+
+
+async def read_model(client: aetcd.Client, keys: Keys) -> str | ModelForm | None:
+    """The stored model to parse (:func:`model_input`; None: none stored). Two reads: a
+    model applied between them leaves the form of another revision, and the text is
+    read instead. Raises UnicodeDecodeError on text that is not UTF-8."""
+    text, form = await asyncio.gather(client.get(keys.model.encode()),
+                                      client.get(keys.model_form.encode()))
+    if text is None:
+        return None
+    return model_input(text.value.decode(), form.value if form is not None else None,
+                       text.mod_revision, form.mod_revision if form is not None else None)
+
 
 def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState:
     """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are

@@ -50,7 +50,7 @@ from .basics import (
     read_duration,
 )
 from .checks import NO_CLUSTERS, duplicates, membership_problems
-from .text import model_data
+from .text import ModelForm, model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
            "LightQuota", "LightSessions", "LightSite", "LightVirtualSystem",
@@ -170,7 +170,7 @@ class LightModel:
         return [v.name for v in self.virtual_systems if v.pool == pool]
 
 
-def parse_light(text: str, source: str = "<model>") -> LightModel:
+def parse_light(text: str | ModelForm, source: str = "<model>") -> LightModel:
     """The parts of a model a sidecar reads (YAML or JSON text), or ModelError naming
     every problem in them."""
     reader = _Reader()

@@ -19,7 +19,7 @@ from .runtime import RuntimeState
 from .spec import ClusterSpec
 from .text import EMPTY_MODEL as EMPTY_MODEL
 from .text import MAX_MODEL_BYTES as MAX_MODEL_BYTES
-from .text import model_data
+from .text import ModelForm, model_data
 from .vsls import expand_model
 
 
@@ -35,8 +35,9 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_model(text: str, source: str = "<model>") -> ModelSpec:
-    """Parse YAML (or JSON) text into a validated model, or raise ModelError."""
+def parse_model(text: str | ModelForm, source: str = "<model>") -> ModelSpec:
+    """Parse YAML (or JSON) text, or a stored :class:`~.text.ModelForm`, into a validated
+    model, or raise ModelError."""
     data = model_data(text, source)
     try:
         spec = ModelSpec.model_validate(data)

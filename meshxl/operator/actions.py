@@ -19,6 +19,7 @@ from aetcd.utils import prefix_range_end
 from meshxl.errors import NotFound
 from meshxl.etcd.keys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, parse_model
+from meshxl.model.text import json_form, model_data
 
 
 class OpsError(NotFound):
@@ -50,13 +51,26 @@ def _admin_record(reason: str) -> bytes:
 
 
 async def apply_model(client: aetcd.Client, keys: Keys, text: str, source: str) -> Applied:
-    """Validate a model and store it as the text the operator wrote."""
+    """Validate a model and store it as the text the operator wrote, with its data as
+    JSON beside it in the same transaction (:mod:`meshxl.model.text`, "The stored JSON
+    form"; none when JSON cannot hold it exactly)."""
     model = parse_model(text, source=source)  # raises ModelError: nothing is written
+    form = json_form(model_data(text, source))
     current = await client.get(keys.model.encode())
-    if current is not None and current.value == text.encode():
+    stored = await client.get(keys.model_form.encode())
+    if current is not None and current.value == text.encode() and (
+            (form is None and stored is None)
+            or (form is not None and stored is not None and stored.value == form
+                and stored.mod_revision == current.mod_revision)):
         return Applied(current.mod_revision, len(model.clusters), unchanged=True)
-    put = await client.put(keys.model.encode(), text.encode())
-    return Applied(put.header.revision, len(model.clusters), unchanged=False)
+    tx = client.transactions
+    beside = (tx.put(keys.model_form.encode(), form) if form is not None
+              else tx.delete(keys.model_form.encode()))
+    # The form first: a watcher sees it before the text it belongs to (a transaction's
+    # events come in its operations' order), so it never parses the text as YAML first.
+    _, responses = await client.transaction(
+        compare=[], success=[beside, tx.put(keys.model.encode(), text.encode())], failure=[])
+    return Applied(_revision(responses), len(model.clusters), unchanged=False)
 
 
 async def no_model_message(client: aetcd.Client, keys: Keys) -> str:

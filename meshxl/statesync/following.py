@@ -20,7 +20,7 @@ from collections.abc import Callable
 import aetcd
 
 from meshxl.etcd.keys import Keys
-from meshxl.etcd.mesh import EtcdMeshSource
+from meshxl.etcd.mesh import EtcdMeshSource, read_model
 from meshxl.model.basics import ModelError
 from meshxl.model.light import LightModel, parse_light
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
@@ -68,7 +68,7 @@ class MeshFollower:
         rejoin = self.membership.rejoin
         try:
             model, history = await asyncio.gather(
-                self.client.get(self.keys.model.encode()),
+                read_model(self.client, self.keys),
                 self.client.get(self.keys.member_state(self.config.cluster,
                                                        self.config.member).encode()))
         except Exception as exc:  # the mesh watch configures it as soon as etcd answers
@@ -76,7 +76,7 @@ class MeshFollower:
             return
         if model is not None:
             with contextlib.suppress(ModelError, UnicodeDecodeError):
-                spec = parse_light(model.value.decode(), source="model in etcd").cluster(
+                spec = parse_light(model, source="model in etcd").cluster(
                     self.config.cluster)
                 rejoin.configure(spec.failover if spec is not None else None)
         if history is not None:
@@ -133,7 +133,10 @@ class MeshFollower:
         return tuple(m.name for m in serving if m.priority == top)
 
     def _check_model(self, raw: bytes | None) -> None:
-        warning = model_mismatch(raw, self.config.cluster, self.config.site, self.keys.model)
+        mesh = self.mesh
+        warning = model_mismatch(raw is not None,
+                                 mesh.model if mesh.model_error is None else None,
+                                 self.config.cluster, self.config.site, self.keys.model)
         if warning is not None and warning != self.model_warning:
             log.warning("%s", warning)
         elif warning is None and self.model_warning is not None:

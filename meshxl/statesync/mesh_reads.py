@@ -12,10 +12,11 @@ import aetcd
 
 from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
+from meshxl.etcd.mesh import read_model
 from meshxl.etcd.shards import ShardMap, parse_shard_map
 from meshxl.model.basics import ModelError
+from meshxl.model.light import LightModel, parse_light
 from meshxl.model.light import LightSessions as SessionDefaults
-from meshxl.model.light import parse_light
 
 from .cache import SessionCache
 from .config import StatesyncConfig
@@ -32,15 +33,15 @@ def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
     return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
 
 
-def model_mismatch(raw: bytes | None, cluster: str, site: str | None,
+def model_mismatch(stored: bool, model: LightModel | None, cluster: str, site: str | None,
                    where: str) -> str | None:
-    """Why the model does not place this member as configured, or None."""
-    if raw is None:
+    """Why the model does not place this member as configured, or None. ``stored``: a
+    model is stored; ``model``: it as the mesh watch read it (None: it is invalid, and
+    the control plane keeps its last good model and reports this one)."""
+    if not stored:
         return f"no model in etcd at {where}: no Envoy is told about member registrations"
-    try:
-        model = parse_light(raw.decode("utf-8", "replace"), source="model in etcd")
-    except ModelError:
-        return None  # the control plane keeps its last good model and reports this one
+    if model is None:
+        return None
     spec = model.cluster(cluster)
     if spec is None and model.sessions_of(cluster) is not None:
         return None  # a virtual system: the control plane places its members
@@ -94,11 +95,10 @@ def cache_status(cache: SessionCache | None) -> dict[str, Any]:
 async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:
     """CLI values win; otherwise the cluster's ``sessions`` block of the model in etcd."""
     defaults = SessionDefaults()
-    got = await client.get(Keys(config.etcd_root).model.encode())
+    got = await read_model(client, Keys(config.etcd_root))
     if got is not None:
         try:
-            found = parse_light(got.value.decode(), source="model in etcd").sessions_of(
-                config.cluster)
+            found = parse_light(got, source="model in etcd").sessions_of(config.cluster)
         except ModelError as exc:
             log.warning("model in etcd is invalid (%s); using session defaults", exc)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import aetcd
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from meshxl.cli import main
@@ -91,9 +93,21 @@ async def test_apply_stores_the_model_and_a_bad_file_writes_nothing(
     assert "model stored: 2 clusters" in out
     stored = await etcd_client.get(KEYS.model.encode())
     assert stored is not None and stored.value == QUICKSTART.read_bytes()
+    # Its data as JSON beside it, written in the same transaction.
+    form = await etcd_client.get(KEYS.model_form.encode())
+    assert form is not None and form.mod_revision == stored.mod_revision
+    assert json.loads(form.value) == yaml.safe_load(QUICKSTART.read_text())
 
     code, out, err = await meshxl("apply", str(QUICKSTART), "--etcd", etcd.url)
     assert code == 0 and "model unchanged" in out, (out, err)
+    # The same text put by hand leaves the form behind: applied again, both are written.
+    await etcd_client.put(KEYS.model.encode(), QUICKSTART.read_bytes())
+    code, out, err = await meshxl("apply", str(QUICKSTART), "--etcd", etcd.url)
+    assert code == 0 and "model stored" in out, (out, err)
+    stored = await etcd_client.get(KEYS.model.encode())
+    form = await etcd_client.get(KEYS.model_form.encode())
+    assert stored is not None and form is not None
+    assert form.mod_revision == stored.mod_revision
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_MODEL)

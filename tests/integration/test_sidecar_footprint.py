@@ -14,9 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import pytest
 
+from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
+from meshxl.operator.actions import apply_model
 from tests.harness import EtcdServer
 from tests.unit.test_sidecar_imports import forbidden_in
 
@@ -54,11 +57,20 @@ async def serve_some(sidecar: Any) -> None:
 
 
 async def test_the_running_sidecar_loads_only_what_it_uses(
-        etcd: EtcdServer, start_sidecar: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        etcd: EtcdServer, etcd_client: aetcd.Client, start_sidecar: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [k for k in os.environ if k.startswith("OTEL_")]:  # tracing off
         monkeypatch.delenv(name)
+    app_port = free_port()
+    # Its cluster in the model: read from the stored JSON form, so no YAML parser loads.
+    await apply_model(etcd_client, Keys(), f"""
+clusters:
+- name: lean
+  members:
+  - {{name: a, address: 127.0.0.1, port: {app_port}}}
+""", "test")
     sidecar = await start_sidecar(cluster="lean", member="a", etcd=etcd.url,
-                                  app_port=free_port(), log_level="info",
+                                  app_port=app_port, log_level="info",
                                   python=[sys.executable, "-X", "importtime"])
     await serve_some(sidecar)
     pid = sidecar.process.pid

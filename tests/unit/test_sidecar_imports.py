@@ -20,7 +20,7 @@ from meshxl.statesync.http.server import http_date
 FORBIDDEN = (
     "aiohttp", "multidict", "yarl", "click", "rich", "pydantic", "pydantic_core", "jsonpatch",
     "prometheus_client", "opentelemetry", "email", "importlib.metadata", "hmac",
-    "importlib.resources", "hashlib", "encodings.idna", "random", "statistics",
+    "importlib.resources", "hashlib", "encodings.idna", "random", "statistics", "yaml",
     "meshxl.model.spec", "meshxl.model.load", "meshxl.xds", "meshxl.kube", "meshxl.istio",
     "meshxl.operator", "meshxl.local", "meshxl.demo", "meshxl.ui", "meshxl.client",
     "meshxl.proxy", "meshxl.web", "meshxl.telemetry.http", "meshxl.telemetry.spans",
@@ -36,6 +36,7 @@ assert values is not None
 serving.etcd_security_from(values["etcd_security"])
 from meshxl.loops import loop_factory
 from meshxl.model.light import parse_light
+from meshxl.model.text import ModelForm
 from meshxl.statesync import app
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.starting import Waiting
@@ -46,7 +47,7 @@ assert setup_tracing("statesync") is None and not enabled()
 metrics = StatesyncMetrics()
 Waiting("http://127.0.0.1:2379", metrics).router()
 metrics.render()
-parse_light("clusters: [{name: c, membership: registered}]")
+parse_light(ModelForm({"clusters": [{"name": "c", "membership": "registered"}]}))
 print(json.dumps(sorted(sys.modules)))
 """
 
