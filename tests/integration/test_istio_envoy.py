@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ from meshxl.local.ports import free_port
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
 from meshxl.model import load_model, parse_model
+from meshxl.model.runtime import Health
 from meshxl.operator import actions as ops
 from tests.integration.test_pinned_sessions import PIN, Browser, moved
 
@@ -488,15 +490,16 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
                                                 ports={"orders": SERVICE_PORT}))
     assert rendered.warnings == []
     dr, ef = rendered.objects
-    assert dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"] == {
-        "enabled": False}
+    # One tier; a degraded member goes behind its peers (degradation.action: move).
+    locality = dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"]
+    assert locality == {"enabled": True, "failoverPriority": ["meshxl.io/serving=true"]}
     patch_of = {p["applyTo"]: p for p in ef["spec"]["configPatches"]}
 
     names = ["orders-0", "orders-1", "orders-2"]
     backends = await start_backends(names)
     eds_dir = tmp_path / "eds"
     eds_dir.mkdir()
-    istiod = FakeIstiod(eds_dir, [])
+    istiod = FakeIstiod(eds_dir, locality["failoverPriority"])
     for backend in backends:
         istiod.add_pod(backend.name, "dc1", backend.port)
     istiod.write_eds()
@@ -594,6 +597,28 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
         await serving(names)
         assert not moved(drained_after, await browser.visit(sessions))
 
+        # The control plane judges a member degraded (its etcd record): the labeler
+        # takes its serving label (behind its peers) and marks it draining (a pin
+        # outlives a priority): its pinned sessions move at once, no new session goes
+        # to it; when the judgement ends both come back.
+        sick = "orders-2"
+        before = await browser.visit(sessions)
+        mine = sorted(s for s, m in before.items() if m == sick)
+        record = Health("degraded", "p90 400 ms against its peers' 10 ms", time.time(), "t")
+        await etcd_client.put(keys.member_health("orders", sick).encode(),
+                              json.dumps(record.to_dict()).encode())
+        await wait_until(lambda: "meshxl.io/serving" not in istiod.labels(sick)
+                         and istiod.draining(sick), timeout=20, what=f"{sick} put behind")
+        await serving(["orders-0", "orders-1"])
+        sick_after = await browser.visit(sessions)
+        assert mine and sorted(moved(before, sick_after)) == mine
+        fresh = await Browser(url).visit([f"n{i}" for i in range(30)])
+        assert sick not in fresh.values(), fresh
+        await etcd_client.delete(keys.member_health("orders", sick).encode())
+        await wait_until(lambda: istiod.labels(sick).get("meshxl.io/serving") == "true"
+                         and not istiod.draining(sick), timeout=20, what=f"{sick} back")
+        await serving(names)
+
         # istiod's own empty filter beside meshxl's: one pin per answer, and a pin set
         # by one client holds on the other.
         other, other_url = envoys["istiod-filter"]
@@ -605,7 +630,7 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
                     assert resp.status == 200
                     assert _pins_set(resp.headers) == 1, resp.headers.getall("Set-Cookie")
         shared = Browser(other_url, pins=dict(browser.pins))
-        assert not moved(drained_after, await shared.visit(sessions))
+        assert not moved(sick_after, await shared.visit(sessions))
     finally:
         for task in tasks:
             task.cancel()
