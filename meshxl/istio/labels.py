@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshxl.model import ClusterSpec
-from meshxl.model.runtime import SERVING, ClusterView, Health, MemberState, Role
+from meshxl.model.runtime import SERVING, ClusterView, Health, MemberState, MemberView, Role
 
 __all__ = [
     "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
@@ -112,7 +112,7 @@ def sick_entry(spec: ClusterSpec, key: str = SERVING_LABEL) -> list[str]:
     return [f"{key}=true"]
 
 
-def _sick(m: Any, health: Mapping[str, Health]) -> bool:
+def _sick(m: MemberView, health: Mapping[str, Health]) -> bool:
     """Judged degraded with ``action: move`` (a ``report`` judgement moves nothing)."""
     record = health.get(m.name)
     return m.state is MemberState.DEGRADED and record is not None and record.moves
