@@ -182,7 +182,8 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                   resync: float, health_listen: str | None, once: bool, etcd_urls: str,
                   etcd_root: str) -> None:
     """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
-    high-availability clusters, and each virtual system's (vs.meshxl.io/VS...) on its
+    high-availability clusters, meshxl.io/serving on those of load-sharing clusters
+    (off a degraded member), and each virtual system's (vs.meshxl.io/VS...) on its
     pool's pods, in step with meshxl's view, for failoverPriority."""
     import asyncio
 

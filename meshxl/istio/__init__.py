@@ -1,5 +1,6 @@
 """Istio mode: DestinationRules and EnvoyFilters rendered from the meshxl model (pure),
-the role labels of high-availability members (``meshxl istio label``) and ``check``.
+the labels of member pods (``meshxl istio label``: roles in high availability, serving
+in load sharing) and ``check``.
 
 istiod stays the control plane; the statesync sidecar works the same under Istio.
 """

@@ -44,8 +44,10 @@ from .labels import (
     DRAINING_LABEL,
     ISTIO_SESSION_LABELS,
     ROLE_LABEL,
+    SERVING_LABEL,
     istio_session_labels,
     session_label_problem,
+    sick_entry,
 )
 from .poolcheck import check_pools
 from .protocols import port_problem, service_port
@@ -285,6 +287,14 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                 add("error", name, _ref(ours),
                     "no outlierDetection: Istio ignores failoverPriority and failover "
                     "without it, so every tier shares the traffic")
+            chain = _map(_map(policy.get("loadBalancer")).get("localityLbSetting")).get(
+                "failoverPriority")
+            sick = sick_entry(spec) if name not in model.virtual_names else []
+            if sick and (not isinstance(chain, list) or chain[:1] != sick):
+                add("warning", name, _ref(ours),
+                    f"failoverPriority does not start with {sick[0]}: a degraded member "
+                    "keeps its sessions (rendered before degradation.action: move?); "
+                    "apply meshxl istio render's output again")
 
         # EnvoyFilters: ours matches the Service port; none is mesh-wide unselected.
         ef_name = ef["metadata"]["name"]
@@ -334,6 +344,15 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                     f"no member pod is labelled {ROLE_LABEL}=active: is meshxl istio "
                     "label running? Without the role labels every member shares one "
                     "priority (load sharing)")
+
+        elif sick_entry(spec) and name not in model.virtual_names:
+            pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
+                    and labels_of(p).get("meshxl.io/cluster") == name]
+            if pods and not any(labels_of(p).get(SERVING_LABEL) == "true" for p in pods):
+                add("warning", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
+                    f"no member pod is labelled {SERVING_LABEL}=true: is meshxl istio "
+                    "label running? Without the label every member shares one priority "
+                    "and a degraded member keeps its sessions")
 
         # VirtualService retries against the model's previous_hosts.
         for vs in by_kind.get("VirtualService", []):

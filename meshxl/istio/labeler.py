@@ -44,6 +44,9 @@ from .labels import (
     VS_PREFIXES,
     drain_labels,
     role_labels,
+    serving_labels,
+    sick_aside,
+    sick_entry,
     vs_label_keys,
     vs_role_labels,
 )
@@ -83,25 +86,33 @@ class ClusterLabels:
 
 
 def desired_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLabels]:
-    """cluster -> its labels, for every high-availability cluster (role labels) and
-    every cluster with pinned sessions (the draining label); and pool -> the labels of
-    its high-availability virtual systems (:func:`pool_labels`)."""
+    """cluster -> its labels, for every high-availability cluster (role labels), every
+    load-sharing cluster whose degraded members move (the serving label,
+    :func:`~.labels.sick_entry`) and every cluster with pinned sessions (the draining
+    label); and pool -> the labels of its virtual systems (:func:`pool_labels`)."""
     out: dict[str, ClusterLabels] = {}
     for spec in model.clusters:
         if spec.name in model.virtual_names:
             continue
         pinned = spec.stickiness is not None and spec.stickiness.pin is not None
-        if not (spec.high_availability or pinned):
+        sick = bool(sick_entry(spec))
+        if not (spec.high_availability or pinned or sick):
             continue
         view = cluster_view(spec, runtime)
+        health = runtime.health_of(spec.name)
         members: dict[str, dict[str, str | None]] = {m.name: {} for m in view.members}
         unknown: dict[str, str | None] = {}
         if spec.high_availability:
             for name, labels in role_labels(view).items():
                 members[name].update(labels)
             unknown.update({ROLE_LABEL: "none", SERVING_LABEL: None, PREFERRED_LABEL: None})
+        elif sick:
+            for name, labels in serving_labels(view, health).items():
+                members[name].update(labels)
+            unknown[SERVING_LABEL] = None
         if pinned:
-            for name, labels in drain_labels(view).items():
+            aside = sick_aside(view, health) if spec.degradation.action == "move" else set()
+            for name, labels in drain_labels(view, aside).items():
                 members[name].update(labels)
             unknown[DRAINING_LABEL] = None
         out[spec.name] = ClusterLabels(members, unknown)
@@ -110,8 +121,10 @@ def desired_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, Cluster
 
 
 def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLabels]:
-    """pool -> the labels of its high-availability virtual systems on its members' pods
-    (pod name = member name): per VS, its serving, preferred and role labels
+    """pool -> the labels of its virtual systems on its members' pods (pod name =
+    member name): per load-sharing VS whose degraded members move, its serving label
+    (none on a degraded member: :func:`~.labels.serving_labels`); per high-availability
+    VS, its serving, preferred and role labels
     (:func:`meshxl.istio.labels.vs_role_labels`), from the placement for ``runtime``
     (members down on the pool, sites offline) and the VS's cluster as meshxl's xDS
     serves it (per-VS drains, degraded members). A pod of the pool that is not a member
@@ -127,8 +140,17 @@ def pool_labels(model: ModelSpec, runtime: RuntimeState) -> dict[str, ClusterLab
         specs = systems_of.get(pool.name, [])
         placement = placement_of(model, pool, runtime)
         systems = [s for s in specs if s.high_availability and s.name in placement.roles]
+        shared = [s for s in specs if not s.high_availability and sick_entry(s)]
         keys = [key for spec in systems for key in vs_label_keys(spec.name)]
+        keys += [vs_label_keys(spec.name)[0] for spec in shared]
         members = {m.name: dict.fromkeys(keys) for m in pool.members}
+        for spec in shared:  # load sharing: degraded members behind their peers
+            key = vs_label_keys(spec.name)[0]
+            view = cluster_view(spec, runtime)
+            for name, labels in serving_labels(view, runtime.health_of(spec.name),
+                                               key).items():
+                if name in members:
+                    members[name].update(labels)
         for spec in systems:
             roles = placement.roles[spec.name]
             placed_members = roles.order[:2 + roles.backups]

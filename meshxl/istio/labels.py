@@ -10,13 +10,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshxl.model import ClusterSpec
-from meshxl.model.runtime import ClusterView, Role
+from meshxl.model.runtime import SERVING, ClusterView, Health, MemberState, MemberView, Role
 
 __all__ = [
     "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",
     "ISTIO_SESSION_LABELS", "PREFERRED_LABEL", "ROLE_LABEL", "SERVING_LABEL", "VS_PREFIXES",
     "drain_labels", "istio_priority", "istio_session_labels", "role_labels",
-    "session_label_problem", "vs_failover_priority", "vs_label_keys", "vs_role_labels",
+    "serving_labels", "session_label_problem", "sick_aside", "sick_entry",
+    "vs_failover_priority", "vs_label_keys", "vs_role_labels",
 ]
 
 DEFAULT_SITE_LABEL = "meshxl.io/site"
@@ -100,15 +101,57 @@ def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
     return out
 
 
-def drain_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
+def sick_entry(spec: ClusterSpec, key: str = SERVING_LABEL) -> list[str]:
+    """The failoverPriority entry that puts a load-sharing cluster's degraded members
+    behind their peers (``[key=true]``), or none: high availability (its role labels
+    do it), ``degradation.action`` other than ``move``, or no outlier detection
+    (Istio then ignores failoverPriority)."""
+    if (spec.high_availability or spec.degradation.action != "move"
+            or not spec.outlier_detection.enabled):
+        return []
+    return [f"{key}=true"]
+
+
+def _sick(m: MemberView, health: Mapping[str, Health]) -> bool:
+    """Judged degraded with ``action: move`` (a ``report`` judgement moves nothing)."""
+    record = health.get(m.name)
+    return m.state is MemberState.DEGRADED and record is not None and record.moves
+
+
+def serving_labels(view: ClusterView, health: Mapping[str, Health],
+                   key: str = SERVING_LABEL) -> dict[str, dict[str, str | None]]:
+    """The serving label of each member pod of a load-sharing cluster (``None``: remove
+    it), for :func:`sick_entry`: ``true`` on every member meshxl sends new sessions to,
+    none on a member judged degraded (``health``), drained, unready or lost, which Istio
+    then puts behind its peers at once (it has no weight to step down: every hashed
+    session of the member moves at the first EDS push, as in a failover)."""
+    return {m.name: {key: "true" if m.state in SERVING and not _sick(m, health) else None}
+            for m in view.members}
+
+
+def sick_aside(view: ClusterView, health: Mapping[str, Health]) -> set[str]:
+    """Members judged degraded whose pinned sessions must move (a pin outlives a change
+    of priority): load sharing, at once (meshxl's xDS lets them go at the last step);
+    high availability, once the active role has left the member. Only while another
+    member serves and is not degraded: a sick member beats no member."""
+    sick = {m.name for m in view.members if _sick(m, health)}
+    if not sick or not any(m.state in SERVING and m.name not in sick for m in view.members):
+        return set()
+    return {m.name for m in view.members if m.name in sick and m.role is not Role.ACTIVE}
+
+
+def drain_labels(view: ClusterView, aside: frozenset[str] | set[str] = frozenset()
+                 ) -> dict[str, dict[str, str | None]]:
     """The draining label of each member pod of a pinned cluster (``None``: remove it).
 
     The members meshxl's own xDS sends as EDS DRAINING (``member down``, ``site
     offline``) get istiod's draining label: istiod then leaves them out of the EDS of a
     Service without Istio's persistent-session cookie label, and their pinned sessions
     move. A priority change alone (the role labels) would not move them: a pin
-    overrides the load balancer's choice whatever the priority."""
-    return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining else None}
+    overrides the load balancer's choice whatever the priority. So do the degraded
+    members in ``aside`` (:func:`sick_aside`)."""
+    return {m.name: {DRAINING_LABEL: DRAINING_VALUE if m.draining or m.name in aside
+                     else None}
             for m in view.members}
 
 

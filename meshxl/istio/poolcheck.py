@@ -25,7 +25,7 @@ from typing import Any, Literal
 from meshxl.model import ModelSpec
 from meshxl.model.vsls import placement_of
 
-from .labels import vs_failover_priority, vs_label_keys
+from .labels import sick_entry, vs_failover_priority, vs_label_keys
 from .pools import POOL_LABEL, pool_problems, pool_sites, pools_with_systems, statefulsets
 
 __all__ = ["check_pools"]
@@ -47,6 +47,10 @@ def _ref(obj: Mapping[str, Any]) -> str:
 
 def _template_labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return _map(_map(_map(_map(obj.get("spec")).get("template")).get("metadata")).get("labels"))
+
+
+def _list_of(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def check_pools(model: ModelSpec, by_kind: Mapping[str, list[dict[str, Any]]],
@@ -151,19 +155,25 @@ def check_pools(model: ModelSpec, by_kind: Mapping[str, list[dict[str, Any]]],
                     add("error", vs, _ref(entry),
                         f"declares host {fqdn if fqdn in hosts else vs}, the host of "
                         f"virtual system {vs}: Istio then has two services for it")
-            if not spec.high_availability:
-                continue
-            chain = vs_failover_priority(vs)
+            ha = spec.high_availability
+            chain = vs_failover_priority(vs) if ha else sick_entry(spec, vs_label_keys(vs)[0])
             for dr in by_kind.get("DestinationRule", []):
-                if dr["metadata"]["name"] != f"meshxl-{vs}" or not here(dr):
+                if not chain or dr["metadata"]["name"] != f"meshxl-{vs}" or not here(dr):
                     continue
                 locality = _map(_map(_map(_map(dr.get("spec")).get("trafficPolicy"))
                                      .get("loadBalancer")).get("localityLbSetting"))
-                if locality.get("failoverPriority") != chain:
+                if ha and locality.get("failoverPriority") != chain:
                     add("error", vs, _ref(dr),
                         f"failoverPriority {locality.get('failoverPriority')} does not "
                         f"follow virtual system {vs}'s placement ({', '.join(chain)}): "
                         "apply meshxl istio render's output again")
+                elif not ha and _list_of(locality.get("failoverPriority"))[:1] != chain:
+                    add("warning", vs, _ref(dr),
+                        f"failoverPriority {locality.get('failoverPriority')} is not "
+                        f"{chain}: a degraded member of load-sharing virtual system {vs} "
+                        "keeps its sessions; apply meshxl istio render's output again")
+            if not ha:
+                continue
             role = vs_label_keys(vs)[2]
             active = sorted(p for p, pod in pods.items() if labels_of(pod).get(role) == "active")
             roles = placement.roles.get(vs)

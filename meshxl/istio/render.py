@@ -31,8 +31,11 @@ the active member at priority 0, the standby at 1, the other serving members at 
 drained or unready members last (3). In a pinned cluster the labeler also marks drained
 members with istiod's draining label (``istio.io/draining``): istiod then leaves them
 out of EDS, so their pinned sessions move as they do under meshxl's own xDS (a pin
-outlives a mere change of priority). Virtual systems: the same, per VS, on the pods of
-its pool (:mod:`.pools`).
+outlives a mere change of priority). A load-sharing cluster whose degraded members move
+(``degradation.action: move``) puts ``meshxl.io/serving=true`` first: the labeler takes
+it off a member judged degraded (or drained), which goes behind its peers at once, and
+marks it draining too when the cluster pins sessions (:func:`.labels.sick_entry`).
+Virtual systems: the same, per VS, on the pods of its pool (:mod:`.pools`).
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ from .durations import duration, proto_duration
 from .labels import (
     DEFAULT_SITE_LABEL,
     HA_FAILOVER_PRIORITY,
+    SERVING_LABEL,
     istio_session_labels,
     session_label_problem,
+    sick_entry,
     vs_failover_priority,
+    vs_label_keys,
 )
 from .pins import PIN_TARGETS, STATEFUL_SESSION, pin_of, pin_per_route
 from .pools import pool_problems, pool_service, pools_with_systems, vs_service
@@ -256,9 +262,11 @@ def _region_failover(spec: ClusterSpec, warnings: list[str]) -> list[dict[str, s
 
 
 def _locality(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
-              chain: list[str] | None = None) -> dict[str, Any]:
+              chain: list[str] | None = None, serving: str = SERVING_LABEL) -> dict[str, Any]:
     if chain is not None:  # a virtual system: its own role labels (pools.py)
         return {"enabled": True, "failoverPriority": chain}
+    # Load sharing: degraded members behind their peers (meshxl istio label).
+    sick = sick_entry(spec, serving)
     if spec.site_affinity == "local":
         if spec.high_availability:
             raise IstioRenderError(
@@ -268,7 +276,7 @@ def _locality(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
                 "site_affinity global")
         # A label without a value matches the client's own: each client proxy prefers
         # endpoints whose site label equals its own, then the others.
-        return {"enabled": True, "failoverPriority": [options.site_label]}
+        return {"enabled": True, "failoverPriority": [*sick, options.site_label]}
     region = options.site_failover == "region" and len(spec.sites) > 1
     if spec.high_availability:
         # The member tier comes first; with region failover Istio orders each
@@ -279,8 +287,9 @@ def _locality(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
             setting["failover"] = _region_failover(spec, warnings)
         return setting
     if region:
-        return {"enabled": True, "failover": _region_failover(spec, warnings)}
-    chain = _site_chain(spec, options, warnings)
+        return {"enabled": True, "failover": _region_failover(spec, warnings),
+                **({"failoverPriority": sick} if sick else {})}
+    chain = [*sick, *_site_chain(spec, options, warnings)]
     if not chain:
         # One tier: turn Istio's locality preference off, or each client would prefer
         # members of its own zone and hash sessions differently from the others.
@@ -304,9 +313,10 @@ def _outlier(spec: ClusterSpec) -> dict[str, Any]:
 
 
 def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[str],
-                     chain: list[str] | None = None) -> dict[str, Any]:
+                     chain: list[str] | None = None,
+                     serving: str = SERVING_LABEL) -> dict[str, Any]:
     load_balancer = _load_balancer(spec)
-    locality = _locality(spec, options, warnings, chain)
+    locality = _locality(spec, options, warnings, chain, serving)
     load_balancer["localityLbSetting"] = locality
     policy: dict[str, Any] = {
         "loadBalancer": load_balancer,
@@ -477,11 +487,17 @@ def _dropped_weights(spec: ClusterSpec) -> list[str]:
 
 
 def render_cluster(spec: ClusterSpec, options: IstioOptions,
-                   chain: list[str] | None = None) -> Rendered:
-    """``chain``: the failoverPriority of a high-availability virtual system."""
+                   chain: list[str] | None = None, serving: str = SERVING_LABEL) -> Rendered:
+    """``chain``: the failoverPriority of a high-availability virtual system;
+    ``serving``: the serving label of a load-sharing one (:func:`.labels.sick_entry`)."""
     warnings: list[str] = []
-    objects = [destination_rule(spec, options, warnings, chain),
+    objects = [destination_rule(spec, options, warnings, chain, serving),
                envoy_filter(spec, options, warnings)]
+    if not spec.high_availability and spec.degradation.action == "move" \
+            and not spec.outlier_detection.enabled:
+        warnings.append(f"cluster {spec.name}: without outlier detection Istio ignores "
+                        "failoverPriority, so a degraded member is not put behind its "
+                        "peers (degradation.action: move)")
     dropped = _dropped_weights(spec)
     if dropped:
         warnings.append(f"cluster {spec.name}: {' and '.join(dropped)} are not rendered: "
@@ -508,7 +524,7 @@ def _render_pools(model: ModelSpec, options: IstioOptions, warnings: list[str]
         objects.append(pool_service(pool, options))
         for spec in specs:
             chain = vs_failover_priority(spec.name) if spec.high_availability else None
-            rendered = render_cluster(spec, options, chain)
+            rendered = render_cluster(spec, options, chain, vs_label_keys(spec.name)[0])
             service = vs_service(spec.name, pool, _port(spec, options), spec.protocol, options)
             objects += [service, *rendered.objects]
             warnings += [w for w in rendered.warnings if chain is None or "weights" not in w]

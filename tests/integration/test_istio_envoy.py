@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ from meshxl.local.ports import free_port
 from meshxl.local.procs import run
 from meshxl.local.wait import wait_until
 from meshxl.model import load_model, parse_model
+from meshxl.model.runtime import Health
 from meshxl.operator import actions as ops
 from tests.integration.test_pinned_sessions import PIN, Browser, moved
 
@@ -488,15 +490,16 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
                                                 ports={"orders": SERVICE_PORT}))
     assert rendered.warnings == []
     dr, ef = rendered.objects
-    assert dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"] == {
-        "enabled": False}
+    # One tier; a degraded member goes behind its peers (degradation.action: move).
+    locality = dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"]
+    assert locality == {"enabled": True, "failoverPriority": ["meshxl.io/serving=true"]}
     patch_of = {p["applyTo"]: p for p in ef["spec"]["configPatches"]}
 
     names = ["orders-0", "orders-1", "orders-2"]
     backends = await start_backends(names)
     eds_dir = tmp_path / "eds"
     eds_dir.mkdir()
-    istiod = FakeIstiod(eds_dir, [])
+    istiod = FakeIstiod(eds_dir, locality["failoverPriority"])
     for backend in backends:
         istiod.add_pod(backend.name, "dc1", backend.port)
     istiod.write_eds()
@@ -594,6 +597,28 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
         await serving(names)
         assert not moved(drained_after, await browser.visit(sessions))
 
+        # The control plane judges a member degraded (its etcd record): the labeler
+        # takes its serving label (behind its peers) and marks it draining (a pin
+        # outlives a priority): its pinned sessions move at once, no new session goes
+        # to it; when the judgement ends both come back.
+        sick = "orders-2"
+        before = await browser.visit(sessions)
+        mine = sorted(s for s, m in before.items() if m == sick)
+        record = Health("degraded", "p90 400 ms against its peers' 10 ms", time.time(), "t")
+        await etcd_client.put(keys.member_health("orders", sick).encode(),
+                              json.dumps(record.to_dict()).encode())
+        await wait_until(lambda: "meshxl.io/serving" not in istiod.labels(sick)
+                         and istiod.draining(sick), timeout=20, what=f"{sick} put behind")
+        await serving(["orders-0", "orders-1"])
+        sick_after = await browser.visit(sessions)
+        assert mine and sorted(moved(before, sick_after)) == mine
+        fresh = await Browser(url).visit([f"n{i}" for i in range(30)])
+        assert sick not in fresh.values(), fresh
+        await etcd_client.delete(keys.member_health("orders", sick).encode())
+        await wait_until(lambda: istiod.labels(sick).get("meshxl.io/serving") == "true"
+                         and not istiod.draining(sick), timeout=20, what=f"{sick} back")
+        await serving(names)
+
         # istiod's own empty filter beside meshxl's: one pin per answer, and a pin set
         # by one client holds on the other.
         other, other_url = envoys["istiod-filter"]
@@ -605,8 +630,99 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
                     assert resp.status == 200
                     assert _pins_set(resp.headers) == 1, resp.headers.getall("Set-Cookie")
         shared = Browser(other_url, pins=dict(browser.pins))
-        assert not moved(drained_after, await shared.visit(sessions))
+        assert not moved(sick_after, await shared.visit(sessions))
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await api.close()
+        await runner.cleanup()
+
+
+async def _placement(http: aiohttp.ClientSession, url: str,
+                     sessions: list[str]) -> dict[str, str]:
+    out = {}
+    for session in sessions:
+        async with http.get(url, headers={"x-session-id": session}) as resp:
+            assert resp.status == 200
+            out[session] = (await resp.json())["member"]
+    return out
+
+
+async def test_a_degraded_load_sharing_member_goes_behind_its_peers(
+        harness: Any, etcd: Any, etcd_client: Any, start_backends: Any, start_sidecar: Any,
+        start_envoy: Any, tmp_path: Path) -> None:
+    """No pin: the serving label alone. Judged degraded, the member is one priority
+    behind its peers: its hashed sessions move, no new one goes to it; the judgement
+    ends and the hash sends its sessions back."""
+    spec = {**PINNED_MODEL["clusters"][0], "stickiness": {"header": "x-session-id"}}
+    model = parse_model(yaml.safe_dump({"clusters": [spec]}))
+    dr, ef = render_model(model, IstioOptions(namespace=NAMESPACE,
+                                              ports={"orders": SERVICE_PORT})).objects
+    chain = dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"]["failoverPriority"]
+    patch_of = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
+    names = ["orders-0", "orders-1", "orders-2"]
+    backends = await start_backends(names)
+    eds_dir = tmp_path / "eds"
+    eds_dir.mkdir()
+    istiod = FakeIstiod(eds_dir, chain)
+    for backend in backends:
+        istiod.add_pod(backend.name, "dc1", backend.port)
+    istiod.write_eds()
+    runner = web.AppRunner(istiod.app())
+    await runner.setup()
+    api_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    keys = Keys()
+    await etcd_client.put(keys.model.encode(), yaml.safe_dump({"clusters": [spec]}).encode())
+    for backend in backends:
+        await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
+                            app_port=backend.port)
+    api = KubeApi(f"http://127.0.0.1:{api_port}")
+    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
+    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
+    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    try:
+        await wait_until(lambda: all(istiod.labels(n).get("meshxl.io/serving") == "true"
+                                     for n in names), timeout=20, what="serving labels")
+        cluster = patched(cluster_pb2.Cluster, istio_cluster(dr, eds_dir), patch_of["CLUSTER"])
+        route = patched(route_components_pb2.Route, istio_default_route("x-session-id"),
+                        patch_of["HTTP_ROUTE"])
+        admin_port, listen_port = free_port(), free_port()
+        config = bootstrap(admin_port, listen_port, cluster, route)
+
+        def customize(boot: dict[str, Any]) -> None:
+            boot.clear()
+            boot.update(config)
+
+        envoy = await start_envoy("istio-ls", 1, admin_port=admin_port, customize=customize)
+        await envoy.wait_ready()
+        url = f"http://127.0.0.1:{listen_port}/"
+        port_of = {b.name: b.port for b in backends}
+
+        async def priorities(want: dict[str, int]) -> None:
+            ports = {port_of[n]: p for n, p in want.items()}
+            await envoy.wait_hosts(CLUSTER, lambda hs: {h.port: h.priority for h in hs}
+                                   == ports and all(h.healthy for h in hs),
+                                   timeout=20, what=f"priorities {want}")
+
+        await priorities(dict.fromkeys(names, 0))
+        before = await _placement(http, url, SESSIONS)
+        sick = Counter(before.values()).most_common(1)[0][0]
+        record = Health("degraded", "p90 400 ms against its peers' 10 ms", time.time(), "t")
+        await etcd_client.put(keys.member_health("orders", sick).encode(),
+                              json.dumps(record.to_dict()).encode())
+        await priorities({n: int(n == sick) for n in names})
+        after = await _placement(http, url, SESSIONS)
+        assert sick not in after.values(), after
+        fresh = await _placement(http, url, [f"n{i}" for i in range(24)])
+        assert sick not in fresh.values(), fresh
+        await etcd_client.delete(keys.member_health("orders", sick).encode())
+        await priorities(dict.fromkeys(names, 0))
+        assert await _placement(http, url, SESSIONS) == before
+    finally:
+        await http.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -332,6 +332,21 @@ def test_high_availability_pinned_a_probe_that_moves_nothing_hands_back() -> Non
     assert judge.judge(model, down, both_slow, ended + 1).records == {}  # type: ignore[arg-type]
 
 
+def test_a_probe_that_gets_no_requests_fails_nothing_over() -> None:
+    """Under Istio the probed standby keeps its labels (behind the active): it sees no
+    requests, the probe ends unjudged, and the sick active keeps its role."""
+    model = _ha()
+    judge = Judge("r1")
+    active_only = Samples(lambda host, at: S(20, 0, 0.2 if at >= NOW - 3 else 0.01)
+                          if host.endswith("8001") else None)
+    first = judge.judge(model, RuntimeState(), active_only, NOW)  # type: ignore[arg-type]
+    probe = _state(b=first.records[("web", "b")])
+    waiting = judge.judge(model, probe, active_only, NOW + 2 * PROBE_SECONDS)  # type: ignore[arg-type]
+    assert {m: h.kind for (_, m), h in waiting.records.items()} == {"b": "probe"}
+    done = judge.judge(model, probe, active_only, NOW + 3 * PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
+    assert done.records == {} and done.suspects == {}
+
+
 def test_a_registered_member_that_is_gone_loses_its_judgement() -> None:
     model = parse_model(_yaml_with("action: move").replace(
         "members:", "membership: registered\n  members:"))

@@ -401,9 +401,10 @@ def test_load_sharing_cookie_ring_hash_one_tier() -> None:
     assert lb["consistentHash"] == {
         "httpCookie": {"name": "cart-session", "path": "/cart", "ttl": "5400s"},
         "ringHash": {"minimumRingSize": 2048}}
-    # One tier: Istio's per-client locality preference is off, so every proxy hashes a
-    # session to the same member.
-    assert lb["localityLbSetting"] == {"enabled": False}
+    # One tier: only the serving label (degraded members behind their peers), so every
+    # proxy hashes a session to the same member (no per-client locality preference).
+    assert lb["localityLbSetting"] == {"enabled": True,
+                                       "failoverPriority": ["meshxl.io/serving=true"]}
     retry = patches(rendered)["HTTP_ROUTE"]["patch"]["value"]["route"]["retry_policy"]
     assert "retry_priority" not in retry, "load sharing: no move to a lower tier"
     assert "retry_host_predicate" not in retry, "Istio's default route has it already"
@@ -413,13 +414,34 @@ def test_load_sharing_cookie_ring_hash_one_tier() -> None:
     assert "consistent_hashing_lb_config" not in value["common_lb_config"]
 
 
+@pytest.mark.parametrize("degradation", ["{action: off}", "{action: report}"])
+def test_without_moves_load_sharing_renders_as_before(degradation: str) -> None:
+    """Only degraded members that move need the serving label first."""
+    for name, before in [("LS_COOKIE", {"enabled": False}),
+                         ("LS_TWO_SITES_SOURCE_IP", {"enabled": True, "failoverPriority":
+                                                     ["meshxl.io/site=dc1"]})]:
+        text = MODELS[name].replace("mode: load-sharing",
+                                    f"mode: load-sharing\n    degradation: {degradation}")
+        rendered = render_model(parse_model(text), OPTIONS_FOR.get(name, OPTIONS))
+        assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"] == before
+
+
+def test_without_outlier_detection_degraded_members_are_not_put_behind() -> None:
+    text = MODELS["LS_SHARED_RANK"].replace("retries: {attempts: 0}", "retries: {attempts: 0}\n"
+                                            "    outlier_detection: {enabled: false}")
+    rendered = render_model(parse_model(text), OPTIONS)
+    assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"] == {"enabled": False}
+    assert any("a degraded member is not put behind its peers" in w
+               for w in rendered.warnings)
+
+
 def test_load_sharing_two_sites_source_ip() -> None:
     rendered = render("LS_TWO_SITES_SOURCE_IP")
     policy = traffic_policy(rendered)
     lb = policy["loadBalancer"]
     assert lb["consistentHash"] == {"useSourceIp": True, "maglev": {"tableSize": 4099}}
-    assert lb["localityLbSetting"] == {"enabled": True,
-                                       "failoverPriority": ["meshxl.io/site=dc1"]}
+    assert lb["localityLbSetting"] == {
+        "enabled": True, "failoverPriority": ["meshxl.io/serving=true", "meshxl.io/site=dc1"]}
     assert policy["outlierDetection"]["consecutive5xxErrors"] == 7
     assert policy["outlierDetection"]["interval"] == "2s"
     assert policy["outlierDetection"]["baseEjectionTime"] == "30s"
@@ -444,7 +466,8 @@ def test_local_site_affinity_prefers_the_clients_own_site() -> None:
         check_crd(obj)
     lb = traffic_policy(rendered)["loadBalancer"]
     # A label without a value: each client proxy matches its own site label.
-    assert lb["localityLbSetting"] == {"enabled": True, "failoverPriority": ["meshxl.io/site"]}
+    assert lb["localityLbSetting"] == {
+        "enabled": True, "failoverPriority": ["meshxl.io/serving=true", "meshxl.io/site"]}
     ha = text.replace("mode: load-sharing", "mode: high-availability")
     with pytest.raises(IstioRenderError, match="site_affinity local in high-availability"):
         render_model(parse_model(ha), OPTIONS)
@@ -455,7 +478,9 @@ def test_shared_rank_sites_without_stickiness_or_retries() -> None:
     policy = traffic_policy(rendered)
     # Without stickiness the warm-up is Envoy's slow start, which Istio configures.
     assert policy["loadBalancer"] == {"simple": "LEAST_REQUEST",
-                                      "localityLbSetting": {"enabled": False},
+                                      "localityLbSetting": {
+                                          "enabled": True,
+                                          "failoverPriority": ["meshxl.io/serving=true"]},
                                       "warmup": {"duration": "5s", "minimumPercent": 10}}
     assert "retryBudget" not in policy
     assert list(patches(rendered)) == ["CLUSTER"]
@@ -464,7 +489,8 @@ def test_shared_rank_sites_without_stickiness_or_retries() -> None:
 def test_three_sites_merge_the_later_ones_with_a_warning() -> None:
     rendered = render("THREE_SITES")
     lb = traffic_policy(rendered)["loadBalancer"]
-    assert lb["localityLbSetting"]["failoverPriority"] == ["meshxl.io/site=dc1"]
+    assert lb["localityLbSetting"]["failoverPriority"] == ["meshxl.io/serving=true",
+                                                           "meshxl.io/site=dc1"]
     assert rendered.warnings == ["cluster ledger: sites dc2, dc3 share Istio priority 1 "
                                  "(a failoverPriority chain puts every site after the "
                                  "first in one tier)"]
@@ -484,7 +510,8 @@ def test_region_failover_is_offered_with_its_hashing_caveat() -> None:
                                                        site_failover="region"))
     assert traffic_policy(ls)["loadBalancer"]["localityLbSetting"] == {
         "enabled": True, "failover": [{"from": "dc1", "to": "dc2"},
-                                      {"from": "dc2", "to": "dc1"}]}
+                                      {"from": "dc2", "to": "dc1"}],
+        "failoverPriority": ["meshxl.io/serving=true"]}
 
 
 def test_options_change_hosts_labels_and_namespaces() -> None:
@@ -497,7 +524,7 @@ def test_options_change_hosts_labels_and_namespaces() -> None:
     assert dr["spec"]["host"] == "ledger.prod.svc.corp.local"
     assert ef["metadata"]["namespace"] == "mesh-root"
     assert ef["spec"]["workloadSelector"] == {"labels": {"app": "web"}}
-    assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"]["failoverPriority"][0] \
+    assert traffic_policy(rendered)["loadBalancer"]["localityLbSetting"]["failoverPriority"][-1] \
         == "topology.example/site=dc1"
     assert patches(rendered)["CLUSTER"]["match"]["cluster"]["portNumber"] == 80
     mesh_wide = render_model(parse_model(MODELS["THREE_SITES"]),

@@ -95,6 +95,30 @@ def test_missing_outlier_detection_and_role_labels() -> None:
     assert any("is meshxl istio label running?" in m for m in msgs)
 
 
+def test_a_load_sharing_cluster_needs_the_serving_entry_and_label() -> None:
+    """Degraded members go behind their peers through meshxl.io/serving (docs/istio.md)."""
+    model = parse_model("""
+clusters:
+  - name: orders
+    mode: load-sharing
+    membership: registered
+    stickiness: {header: x-session-id}
+    listener: {port: 8080}
+""")
+    pods = [_pod("orders-0", None), _pod("orders-1", None)]
+    pods[0]["metadata"]["labels"]["meshxl.io/serving"] = "true"
+    objects = [_service(), *render_model(model, OPTIONS).objects, *pods, _istiod("1.27.1")]
+    assert check(model, objects, OPTIONS) == []
+    pods[0]["metadata"]["labels"].pop("meshxl.io/serving")
+    objects[1]["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"] = {
+        "enabled": False}
+    found = [(f.level, f.object, f.message) for f in check(model, objects, OPTIONS)]
+    assert [(level, obj) for level, obj, _ in found] == [
+        ("warning", "DestinationRule shop/meshxl-orders"), ("warning", "Pod shop/orders-0")]
+    assert "does not start with meshxl.io/serving=true" in found[0][2]
+    assert "is meshxl istio label running?" in found[1][2]
+
+
 @pytest.mark.parametrize(("tag", "expected"), [
     ("1.21.6", "DestinationRule networking.istio.io/v1 needs 1.22"),
     ("1.26.0", "does not know trafficPolicy.retryBudget (1.27)"),

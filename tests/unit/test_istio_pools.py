@@ -21,7 +21,7 @@ from meshxl.istio.labels import istio_priority, vs_failover_priority
 from meshxl.istio.pools import statefulsets
 from meshxl.kube import InjectConfig, inject_yaml
 from meshxl.model import RuntimeState, cluster_view, load_model, parse_model
-from meshxl.model.runtime import AdminAction, Registration
+from meshxl.model.runtime import AdminAction, Health, Registration
 from meshxl.model.vsls import placed, placement_of
 from tests.unit.test_istio import check_crd
 
@@ -80,8 +80,9 @@ def test_every_virtual_system_is_a_service_over_the_pool_with_its_own_failover()
         dr = _by(objects, "DestinationRule", f"meshxl-{vs}")
         assert dr["spec"]["host"] == f"{vs}.shop.svc.cluster.local"
         locality = dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"]
-        if vs == "shared":  # load sharing: every member one tier
-            assert locality == {"enabled": False}
+        if vs == "shared":  # load sharing: one tier, its degraded members behind it
+            assert locality == {"enabled": True,
+                                "failoverPriority": ["serving.vs.meshxl.io/shared=true"]}
         else:
             assert locality == {"enabled": True, "failoverPriority": [
                 f"serving.vs.meshxl.io/{vs}=true", f"preferred.vs.meshxl.io/{vs}=true",
@@ -254,6 +255,9 @@ def test_a_deployment_pool_is_an_error_its_generated_names_are_no_members() -> N
         "loadBalancer"]["localityLbSetting"].update(failoverPriority=[
             "meshxl.io/serving=true", "meshxl.io/preferred=true", "meshxl.io/role=active"]),
      "error", "DestinationRule shop/meshxl-t05", "does not follow virtual system t05"),
+    (lambda o: _by(o, "DestinationRule", "meshxl-shared")["spec"]["trafficPolicy"][
+        "loadBalancer"].update(localityLbSetting={"enabled": False}),
+     "warning", "DestinationRule shop/meshxl-shared", "a degraded member of load-sharing"),
 ])
 def test_each_broken_mapping_is_reported(change: Any, level: str, obj: str,
                                          message: str) -> None:
@@ -349,3 +353,23 @@ def test_a_sidecar_registered_under_a_vs_name_is_no_pool_member() -> None:
     state = RuntimeState(registrations={("t01", "stray"): Registration("10.9.9.9", 8080)})
     assert sorted(desired_labels(MODEL, state)["web"].members) == sorted(
         m.name for m in MODEL.pool("web").members)
+
+
+def test_a_degraded_member_of_a_load_sharing_vs_goes_behind_in_that_vs_only() -> None:
+    """Per VS: its serving label leaves the degraded member's pod; the pod keeps its
+    roles in the other virtual systems."""
+    sick = RuntimeState(health={("shared", "web-dc1-0"): Health("degraded", "slow", 1.0)})
+    well, judged = (desired_labels(MODEL, s)["web"].members for s in (RuntimeState(), sick))
+    key = "serving.vs.meshxl.io/shared"
+    assert {n: labels[key] for n, labels in judged.items()} == {
+        "web-dc1-0": None, "web-dc1-1": "true", "web-dc2-0": "true", "web-dc2-1": "true"}
+    assert all(labels[key] == "true" for labels in well.values())
+    assert {n: {k: v for k, v in labels.items() if k != key} for n, labels in judged.items()} \
+        == {n: {k: v for k, v in labels.items() if k != key} for n, labels in well.items()}
+    chain = render_model(MODEL, OPTIONS).objects
+    dr = _by(chain, "DestinationRule", "meshxl-shared")
+    priority = dr["spec"]["trafficPolicy"]["loadBalancer"]["localityLbSetting"][
+        "failoverPriority"]
+    assert {n: istio_priority({k: v for k, v in labels.items() if v}, priority)
+            for n, labels in judged.items()} == {"web-dc1-0": 1, "web-dc1-1": 0,
+                                                "web-dc2-0": 0, "web-dc2-1": 0}
