@@ -23,7 +23,7 @@ from .http import ALONE, JSON, READ, WRITE, Request, RequestRefused, Response, R
 from .membership import MAX_PROBLEMS, Membership
 from .metrics import CONTENT_TYPE, StatesyncMetrics
 from .problems import check_ttl
-from .quota import QuotaGuard
+from .quota import HeadRefusal, QuotaGuard
 from .record import (
     SESSION_ID_RULE,
     is_json,
@@ -200,6 +200,9 @@ class SessionRoutes:
 
     def __init__(self, sidecar: SidecarParts):
         self.sidecar = sidecar
+        self.refuse_write = HeadRefusal(self)
+        """A write past the rate quota refused from its head (quota.py: a leaf, so a
+        PUT's walk enters this module once)."""
 
     def router(self, max_bytes: int, *, delayed_sync: bool = False) -> Router:
         """Every route, with the body each takes (``max_bytes``: a session state's).
@@ -246,16 +249,6 @@ class SessionRoutes:
         return r
 
     # -- sessions -------------------------------------------------------------------------
-
-    def refuse_write(self, request: Request) -> Response | None:
-        """A PUT's or PATCH's 429 from its head when the cluster's rate quota has no
-        token for it now (:meth:`.quota.QuotaGuard.rate_refusal`): its body is then
-        neither kept nor parsed, and no handler runs. None: it goes on (to
-        :meth:`~.quota.QuotaGuard.admit`, which takes the token)."""
-        refused = self.sidecar.quota.rate_refusal()
-        if refused is None:
-            return None
-        return error(refused.status, str(refused), refused.headers, **refused.details)
 
     async def put(self, request: Request) -> Response:
         return await self._one(_put_write(request))

@@ -90,8 +90,8 @@ class _Dispatch:
 
     def refuse(self, request: Request) -> Response | None:
         """The cluster's refusal from the request's head (a write past its rate
-        quota: :meth:`~.api.SessionRoutes.refuse_write`); an unknown cluster is its
-        handler's 404."""
+        quota: :class:`~.quota.HeadRefusal`); an unknown cluster is its handler's 404,
+        one not started its 503 (raised here, answered from the head)."""
         routes = self.lookup(request.params["cluster"])
         return None if routes is None else routes.refuse_write(request)
 

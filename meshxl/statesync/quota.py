@@ -31,7 +31,7 @@ from typing import Any
 
 from meshxl.model.light import LightQuota
 
-from .http import RequestRefused
+from .http import RequestRefused, Response, error
 from .metrics import StatesyncMetrics
 from .writes import DELETE, PATCH, Write
 
@@ -264,3 +264,22 @@ def _patch_bytes(write: Write) -> bytes:
     import json
 
     return json.dumps(write.patch, separators=(",", ":")).encode()
+
+
+class HeadRefusal:
+    """A PUT's or PATCH's 429 from its head when its cluster's rate quota has no token
+    for it now (:meth:`QuotaGuard.rate_refusal`): the body is then neither kept nor
+    parsed, and no handler runs; None: it goes on (to :meth:`QuotaGuard.admit`, which
+    takes the token). A route's ``refuse`` (http/routing.py); ``owner``: what holds the
+    cluster's sidecar (``owner.sidecar.quota``), read when a request comes."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def __call__(self, request: Any) -> Response | None:
+        refused = self.owner.sidecar.quota.rate_refusal()
+        if refused is None:
+            return None
+        return error(refused.status, str(refused), refused.headers, **refused.details)

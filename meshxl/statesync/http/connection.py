@@ -315,7 +315,12 @@ class Connection(asyncio.Protocol):
             self.site.hit("body_size")
             return error(413, f"{route.what} is {int(length)} bytes; the limit is "
                               f"{route.max_body}", limit=route.max_body)
-        return None if route.refuse is None else route.refuse(request)
+        if route.refuse is None:
+            return None
+        try:
+            return route.refuse(request)
+        except Exception as exc:  # noqa: BLE001 - a refusal (its 4xx/503) or a defect (500)
+            return failure(request, exc)
 
     # -- answering ----------------------------------------------------------------------------
 
