@@ -68,20 +68,28 @@ def read_form(value: bytes) -> ModelForm | None:
     return ModelForm(data) if isinstance(data, dict) else None
 
 
-def _load_yaml(text: str) -> Any:
+def _load_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load``, with libyaml when PyYAML has it: several times faster, which
-    every model change pays on every control-plane replica (docs/performance.md).
+    every model change pays on every control-plane replica (docs/performance.md); its
+    syntax errors as a ModelError naming the line and column. PyYAML is imported here
+    only: a reader of the stored JSON form never loads it.
 
     libyaml's composer recurses in C and crashes the process on deep nesting, so its
     (iterative) parser first checks the nesting depth from the event stream.
     """
     import yaml
 
-    loader = getattr(yaml, "CSafeLoader", None)
-    if loader is None:
-        return yaml.safe_load(text)
-    check_depth(text, max_depth=MAX_DEPTH, name=_MODEL, loader=loader)
-    return yaml.load(text, Loader=loader)  # noqa: S506 - CSafeLoader is the safe loader
+    try:
+        loader = getattr(yaml, "CSafeLoader", None)
+        if loader is None:
+            return yaml.safe_load(text)
+        check_depth(text, max_depth=MAX_DEPTH, name=_MODEL, loader=loader)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - CSafeLoader is the safe loader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ModelError([Problem(where, f"YAML syntax error: {reason}")]) from None
 
 
 def model_data(text: str | ModelForm, source: str = "<model>") -> dict[Any, Any]:
@@ -94,14 +102,11 @@ def model_data(text: str | ModelForm, source: str = "<model>") -> dict[Any, Any]
         raise ModelError([Problem(source, f"the model is larger than {MAX_MODEL_BYTES} "
                                           "characters")])
     try:
-        data = _load_yaml(text)
+        data = _load_yaml(text, source)
+    except ModelError:
+        raise
     except InputError as exc:
         raise ModelError([Problem(source, str(exc))]) from None
-    except _yaml_error() as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise ModelError([Problem(where, f"YAML syntax error: {reason}")]) from None
     except RecursionError:
         raise ModelError([Problem(source, "YAML nested too deep")]) from None
     except Exception as exc:
@@ -110,12 +115,6 @@ def model_data(text: str | ModelForm, source: str = "<model>") -> dict[Any, Any]
         raise ModelError([Problem(source, f"YAML value error: {type(exc).__name__}: "
                                           f"{str(exc)[:200]}")]) from None
     return _checked(data, source)
-
-
-def _yaml_error() -> type[Exception]:
-    import yaml
-
-    return yaml.YAMLError
 
 
 def _checked(data: Any, source: str) -> dict[Any, Any]:

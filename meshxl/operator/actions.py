@@ -6,6 +6,7 @@ etcd half-changed; admin records carry who, why and when for ``meshxl status``.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import socket
@@ -19,7 +20,7 @@ from aetcd.utils import prefix_range_end
 from meshxl.errors import NotFound
 from meshxl.etcd.keys import DEFAULT_ROOT, Keys
 from meshxl.model import ModelSpec, parse_model
-from meshxl.model.text import json_form, model_data
+from meshxl.model.text import ModelForm, json_form, model_data
 
 
 class OpsError(NotFound):
@@ -54,10 +55,11 @@ async def apply_model(client: aetcd.Client, keys: Keys, text: str, source: str) 
     """Validate a model and store it as the text the operator wrote, with its data as
     JSON beside it in the same transaction (:mod:`meshxl.model.text`, "The stored JSON
     form"; none when JSON cannot hold it exactly)."""
-    model = parse_model(text, source=source)  # raises ModelError: nothing is written
-    form = json_form(model_data(text, source))
-    current = await client.get(keys.model.encode())
-    stored = await client.get(keys.model_form.encode())
+    data = model_data(text, source)  # parsed once: the model and its form are both of it
+    model = parse_model(ModelForm(data), source=source)  # ModelError: nothing is written
+    form = json_form(data)
+    current, stored = await asyncio.gather(client.get(keys.model.encode()),
+                                           client.get(keys.model_form.encode()))
     if current is not None and current.value == text.encode() and (
             (form is None and stored is None)
             or (form is not None and stored is not None and stored.value == form
