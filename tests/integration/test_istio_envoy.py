@@ -34,11 +34,13 @@ istiod's own filter beside meshxl's sets no second pin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +330,32 @@ class FakeIstiod:
         return app
 
 
+@contextlib.asynccontextmanager
+async def serving_istiod(istiod: FakeIstiod, etcd_client: Any, keys: Keys,
+                         model_text: bytes) -> AsyncIterator[None]:
+    """The fake istiod's pods written to Envoy's EDS file and served as the Kubernetes
+    API on loopback, the model stored in etcd, and meshxl's pod labeler following etcd
+    into that API; all of it stopped on leaving."""
+    istiod.write_eds()
+    runner = web.AppRunner(istiod.app())
+    await runner.setup()
+    api_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    await etcd_client.put(keys.model.encode(), model_text)
+    api = KubeApi(f"http://127.0.0.1:{api_port}")
+    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
+    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
+    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await api.close()
+        await runner.cleanup()
+
+
 async def _members(http: aiohttp.ClientSession, url: str) -> Counter[str]:
     seen: Counter[str] = Counter()
     for session in SESSIONS:
@@ -357,24 +385,12 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
     istiod = FakeIstiod(eds_dir, chain)
     for backend in backends:
         istiod.add_pod(backend.name, sites[backend.name], backend.port)
-    istiod.write_eds()  # before labelling: no roles yet, everyone at the lowest priority
-
-    runner = web.AppRunner(istiod.app())
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
-    keys = Keys()
-    await etcd_client.put(keys.model.encode(), yaml_text(model))
-    for backend in backends:
-        await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
-                            app_port=backend.port, site=sites[backend.name])
-
-    api = KubeApi(f"http://127.0.0.1:{api_port}")
-    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
-    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
-    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-    try:
+    keys = Keys()  # the EDS written before labelling: everyone at the lowest priority
+    async with serving_istiod(istiod, etcd_client, keys, yaml_text(model)), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for backend in backends:
+            await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
+                                app_port=backend.port, site=sites[backend.name])
         roles = {"orders-0": "active", "orders-1": "standby", "orders-2": "backup"}
         await wait_until(lambda: istiod.priorities() == {"orders-0": 0, "orders-1": 1,
                                                        "orders-2": 2}
@@ -454,13 +470,6 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
         await envoy.wait_until(expect({"orders-1": 0, "orders-2": 1}), timeout=20,
                                what="the unready pod out of Envoy")
         assert await _members(http, url) == Counter({"orders-1": len(SESSIONS)})
-    finally:
-        await http.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await api.close()
-        await runner.cleanup()
 
 
 async def _members_is(http: aiohttp.ClientSession, url: str, member: str) -> bool:
@@ -502,22 +511,12 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
     istiod = FakeIstiod(eds_dir, locality["failoverPriority"])
     for backend in backends:
         istiod.add_pod(backend.name, "dc1", backend.port)
-    istiod.write_eds()
-
-    runner = web.AppRunner(istiod.app())
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
     keys = Keys()
-    await etcd_client.put(keys.model.encode(), yaml.safe_dump(PINNED_MODEL).encode())
-    for backend in backends:
-        await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
-                            app_port=backend.port)
-    api = KubeApi(f"http://127.0.0.1:{api_port}")
-    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
-    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
-    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
-    try:
+    async with serving_istiod(istiod, etcd_client, keys,
+                              yaml.safe_dump(PINNED_MODEL).encode()):
+        for backend in backends:
+            await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
+                                app_port=backend.port)
         cluster = patched(cluster_pb2.Cluster, istio_cluster(dr, eds_dir),
                           patch_of["CLUSTER"]["patch"]["value"])
         assert cluster["common_lb_config"]["override_host_status"]["statuses"] == [
@@ -631,12 +630,6 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
                     assert _pins_set(resp.headers) == 1, resp.headers.getall("Set-Cookie")
         shared = Browser(other_url, pins=dict(browser.pins))
         assert not moved(sick_after, await shared.visit(sessions))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await api.close()
-        await runner.cleanup()
 
 
 async def _placement(http: aiohttp.ClientSession, url: str,
@@ -668,22 +661,13 @@ async def test_a_degraded_load_sharing_member_goes_behind_its_peers(
     istiod = FakeIstiod(eds_dir, chain)
     for backend in backends:
         istiod.add_pod(backend.name, "dc1", backend.port)
-    istiod.write_eds()
-    runner = web.AppRunner(istiod.app())
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
     keys = Keys()
-    await etcd_client.put(keys.model.encode(), yaml.safe_dump({"clusters": [spec]}).encode())
-    for backend in backends:
-        await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
-                            app_port=backend.port)
-    api = KubeApi(f"http://127.0.0.1:{api_port}")
-    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
-    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
-    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-    try:
+    async with serving_istiod(istiod, etcd_client, keys,
+                              yaml.safe_dump({"clusters": [spec]}).encode()), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for backend in backends:
+            await start_sidecar(cluster="orders", member=backend.name, etcd=etcd.url,
+                                app_port=backend.port)
         await wait_until(lambda: all(istiod.labels(n).get("meshxl.io/serving") == "true"
                                      for n in names), timeout=20, what="serving labels")
         cluster = patched(cluster_pb2.Cluster, istio_cluster(dr, eds_dir), patch_of["CLUSTER"])
@@ -721,13 +705,6 @@ async def test_a_degraded_load_sharing_member_goes_behind_its_peers(
         await etcd_client.delete(keys.member_health("orders", sick).encode())
         await priorities(dict.fromkeys(names, 0))
         assert await _placement(http, url, SESSIONS) == before
-    finally:
-        await http.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await api.close()
-        await runner.cleanup()
 
 
 async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: Any,

@@ -8,7 +8,6 @@ on the pool moving exactly the VSs whose active the member was."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections import Counter
@@ -17,14 +16,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.route.v3 import route_components_pb2
 
 from meshxl.etcd.keys import Keys
-from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.istio import IstioOptions, render_model
-from meshxl.istio.labeler import KubeApi, PodLabeler
 from meshxl.istio.labels import istio_priority
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
@@ -39,6 +35,7 @@ from tests.integration.test_istio_envoy import (
     istio_cluster,
     istio_default_route,
     patched,
+    serving_istiod,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -126,19 +123,9 @@ async def test_each_virtual_system_on_its_active_through_istio_shaped_envoy(
         (tmp_path / vs).mkdir()
     for backend in backends:
         istiod.add_pod(backend.name, "dc1", backend.port)
-    istiod.write_eds()
-    runner = web.AppRunner(istiod.app())
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
     keys = Keys()
-    await etcd_client.put(keys.model.encode(), MODEL_TEXT.encode())
-    api = KubeApi(f"http://127.0.0.1:{api_port}")
-    labeler = PodLabeler(api, NAMESPACE, resync=1.0)
-    source = EtcdMeshSource(etcd_client, keys, labeler.poke)
-    tasks = [asyncio.create_task(source.run()), asyncio.create_task(labeler.run(source))]
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-    try:
+    async with serving_istiod(istiod, etcd_client, keys, MODEL_TEXT.encode()), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         await wait_until(lambda: all(istiod.priorities_of(vs)[roles[vs].active] == 0
                                      for vs in VSS), timeout=30, what="VS role labels")
 
@@ -206,10 +193,3 @@ async def test_each_virtual_system_on_its_active_through_istio_shaped_envoy(
             after[vs].active: 0, after[vs].standby: 1, victim: 2} for vs in VSS),
             timeout=20, what="labels of the placement without the drained member")
         await wait_until(lambda: on(moved), timeout=20, what="drained to the standbys")
-    finally:
-        await http.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await api.close()
-        await runner.cleanup()
