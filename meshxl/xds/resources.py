@@ -317,12 +317,20 @@ def build_load_assignment(view: ClusterView[ClusterSpec],
     A member whose address is a host name gets one endpoint per address in
     ``resolved`` (same priority, weight and state; the name in the endpoint's
     ``meshxl`` metadata), and none while it has not resolved. ``released``: members
-    sent ``HEALTHY``, so Envoy honours no pin to them (:mod:`meshxl.xds.stepdown`)."""
+    sent ``HEALTHY``, so Envoy honours no pin to them (:mod:`meshxl.xds.stepdown`);
+    in a pinned high-availability cluster also every member behind the first tier."""
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=view.name)
     if not view.spec.priority_spillover:
         cla.policy.overprovisioning_factor.value = _NO_SPILLOVER_FACTOR
     advertised = [m for m in view.members if m.state in _ADVERTISED]
     advertised.sort(key=_PRIORITY_SITE)
+    spec = view.spec
+    if advertised and spec.high_availability and spec.stickiness is not None \
+            and spec.stickiness.pin is not None:
+        # High availability: outside a probe (its standby shares the active's tier) only
+        # the active's tier keeps pins (meshxl.xds.stepdown, "Pins in high availability").
+        first = advertised[0].priority
+        released = released | {m.name for m in advertised if m.priority > first}
     add: Any = None
     last_priority, last_site = -1, None
     # Unpacking the view tuple is several times cheaper than attribute access, and this

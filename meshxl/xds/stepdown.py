@@ -30,8 +30,12 @@ same sessions. A probe that moves the role needs nothing more (the sick member,
 degraded, is let go as above). One that moves nothing leaves the standby a
 *handback* record for ``recover``: it keeps its place and its pins are let go, so
 the sessions the probe gave it return to the active at their next request (a second
-takeover). A member held behind after a predictive failover (manual failback) is let
-go too: in high availability only the active keeps pins, outside a probe.
+takeover). Outside a probe only the active's tier keeps pins:
+:func:`meshxl.xds.resources.build_load_assignment` sends every member behind it
+``HEALTHY`` (the standby, the backups, a member held behind after a predictive failover
+with manual failback), so a session that was idle through a handback, or that moved to
+a member that took over and then handed the role back, follows the role at its next
+request.
 """
 
 from __future__ import annotations

@@ -384,3 +384,33 @@ async def test_overload_without_a_pin_moves_the_hashed_sessions_of_the_member(
     finally:
         for m in registered:
             await m.stop()
+
+
+async def test_high_availability_pins_follow_the_active_both_ways(
+        tmp_path, start_control_plane, start_envoy, start_backends):
+    """In high availability only the active serves: a pin to a member that is no longer
+    the active (the role moved to the standby, then back, as a failback does) is not
+    honoured, so every session follows the role at its next request and is pinned anew."""
+    a, b = await start_backends(2)
+    (port,) = free_ports(1)
+
+    def ha(first: Backend, second: Backend) -> dict[str, Any]:
+        return cluster("web", "high-availability", [member(first), member(second)], port,
+                       stickiness={"header": SESSION, "pin": {"cookie": {"name": PIN}}})
+
+    model, envoy = await start(tmp_path, start_control_plane, start_envoy, ha(a, b))
+    browser = Browser(f"http://{LOOPBACK}:{port}/")
+    sessions = [f"s{i}" for i in range(24)]
+    assert set((await browser.visit(sessions)).values()) == {a.name}
+    assert len(browser.pins) == len(sessions)
+    for active, standby in ((b, a), (a, b)):
+        write_model(model, ha(active, standby))
+        await envoy.wait_hosts("web", lambda hs, active=active, standby=standby: {
+            (h.hostname, h.priority) for h in hs} == {(active.name, 0), (standby.name, 1)},
+            timeout=20, what=f"{active.name} the active")
+        await wait_until(lambda active=active: _all_on(browser, sessions, active.name),
+                         timeout=10, what=f"every pinned session on {active.name}")
+
+
+async def _all_on(browser: Browser, sessions: Sequence[str], member: str) -> bool:
+    return set((await browser.visit(sessions)).values()) == {member}

@@ -99,3 +99,19 @@ def test_a_released_member_is_sent_healthy_which_no_pin_targets() -> None:
                              ).endpoints["web"]
     assert _statuses(before)["c"] == health_check_pb2.UNKNOWN
     assert _statuses(after)["c"] == health_check_pb2.HEALTHY
+
+
+def test_high_availability_pins_only_to_the_active_tier() -> None:
+    """Outside a probe only the active keeps pins: the standby and the backup are sent
+    HEALTHY whatever brought a session to them (a takeover handed back, a failback);
+    a probed standby shares the active's tier and keeps the pins it takes."""
+    ok, released_ = health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY
+    spec = _model("high-availability").clusters[0]  # type: ignore[attr-defined]
+    assert _statuses(build_load_assignment(cluster_view(spec, RuntimeState()))) == {
+        "a": ok, "b": released_, "c": released_}
+    probing = cluster_view(spec, _state(b=Health("probe", since=NOW, behind="a")))
+    assert _statuses(build_load_assignment(probing, released=frozenset({"a"}))) == {
+        "a": released_, "b": ok, "c": released_}
+    unpinned = _model("high-availability", pin=False).clusters[0]  # type: ignore[attr-defined]
+    assert set(_statuses(build_load_assignment(cluster_view(unpinned, RuntimeState())))
+               .values()) == {ok}
