@@ -88,11 +88,26 @@ def istio_priority(labels: Mapping[str, str], chain: Sequence[str]) -> int:
 
 def role_labels(view: ClusterView) -> dict[str, dict[str, str | None]]:
     """The role labels of each member pod of a high-availability cluster (``None``:
-    remove the label). Drained, unready and lost members carry role ``none``."""
+    remove the label). Drained, unready and lost members carry role ``none``.
+
+    A standby probed beside a degraded active (docs/faults.md, "Predictive failover")
+    shares the active's tier in the view; Istio has no weight to give it a small share,
+    so it is labelled ``active`` too while the probe runs: istiod puts both at priority
+    0 and the hash splits the sessions between them (about half go to the standby,
+    whose sidecar holds their state), so the judge can compare the two. Not in a
+    pinned cluster: Istio honours a pin to any healthy endpoint, so the sessions the
+    probe pinned to the standby would stay there after it (meshxl's own xDS lets such
+    pins go; istiod's draining label would take the standby out of the load balancer)."""
     out: dict[str, dict[str, str | None]] = {}
+    spec = view.spec
+    pinned = spec.stickiness is not None and spec.stickiness.pin is not None
+    first = None if pinned else min(
+        (m.priority for m in view.members if m.role is Role.ACTIVE), default=None)
     for m in view.members:
         role = m.role.value if m.role in (Role.ACTIVE, Role.STANDBY, Role.BACKUP) \
             else "none"
+        if m.role is Role.STANDBY and m.priority == first:
+            role = Role.ACTIVE.value  # probed: in the active's tier
         out[m.name] = {
             ROLE_LABEL: role,
             SERVING_LABEL: "true" if role != "none" else None,

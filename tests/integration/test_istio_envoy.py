@@ -442,6 +442,22 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
         # Every session goes to the active member, from this client as from any other.
         assert await _members(http, url) == Counter({"orders-0": len(SESSIONS)})
 
+        # A probe of the standby beside a sick active (predictive failover): labelled
+        # active too, it shares the active's priority and the hash gives it sessions to
+        # be compared on; when the probe ends they come back to the active.
+        probe = Health("probe", "p90 400 ms against its peers' 10 ms", time.time(), "t",
+                       behind="orders-0")
+        standby_health = keys.member_health("orders", "orders-1").encode()
+        await etcd_client.put(standby_health, json.dumps(probe.to_dict()).encode())
+        await envoy.wait_until(expect({"orders-0": 0, "orders-1": 0, "orders-2": 1}),
+                               timeout=20, what="EDS: the probed standby beside the active")
+        split = await _members(http, url)
+        assert set(split) == {"orders-0", "orders-1"}, split
+        await etcd_client.delete(standby_health)
+        await envoy.wait_until(expect({"orders-0": 0, "orders-1": 1, "orders-2": 2}),
+                               timeout=20, what="EDS: the probe over")
+        assert await _members(http, url) == Counter({"orders-0": len(SESSIONS)})
+
         # The active fails: only the standby takes over, never the backup.
         await backends[0].kill()
 

@@ -333,8 +333,8 @@ def test_high_availability_pinned_a_probe_that_moves_nothing_hands_back() -> Non
 
 
 def test_a_probe_that_gets_no_requests_fails_nothing_over() -> None:
-    """Under Istio the probed standby keeps its labels (behind the active): it sees no
-    requests, the probe ends unjudged, and the sick active keeps its role."""
+    """A probed standby that sees no requests (under Istio, a pinned cluster's: its
+    labels stay behind the active) ends the probe unjudged; the active keeps its role."""
     model = _ha()
     judge = Judge("r1")
     active_only = Samples(lambda host, at: S(20, 0, 0.2 if at >= NOW - 3 else 0.01)

@@ -9,6 +9,7 @@ EnvoyFilter patch values are parsed as the Envoy protos Istio merges them into.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from meshxl.cli import main
 from meshxl.istio import IstioOptions, IstioRenderError, render_model
 from meshxl.istio.labels import HA_FAILOVER_PRIORITY, istio_priority, role_labels
 from meshxl.model import RuntimeState, cluster_view, load_model, parse_model
-from meshxl.model.runtime import AdminAction, Registration
+from meshxl.model.runtime import AdminAction, Health, Registration
 
 CRDS = Path(__file__).parent / "fixtures" / "istio" / "istio-networking-crds.yaml"
 REPO = Path(__file__).resolve().parents[2]
@@ -358,6 +359,15 @@ def test_ha_two_sites_istio_priorities_equal_meshxl_tiers() -> None:
     assert _pod_priorities(spec, RuntimeState(), chain) == \
         {m.name: m.priority for m in view.members} == \
         {"orders-0": 0, "orders-1": 1, "orders-2": 2}
+    # A probe (predictive failover): the standby joins the active's tier, in Istio too
+    # (istiod cannot give it a small share: both at priority 0, the hash splits).
+    probing = RuntimeState(health={("orders", "orders-1"): Health(
+        "probe", "p90 400 ms", time.time(), "t", behind="orders-0")})
+    probed = cluster_view(spec, probing)
+    assert {m.name: m.priority for m in probed.members}["orders-1"] == 0
+    got = _pod_priorities(spec, probing, chain)
+    assert (got["orders-0"], got["orders-1"]) == (0, 0) and got["orders-2"] > 0
+    assert _pod_priorities(spec, RuntimeState(), chain)["orders-1"] == 1  # probe over
 
 
 def _registered(*members: tuple[str, str, bool]) -> dict[tuple[str, str], Registration]:

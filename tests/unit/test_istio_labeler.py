@@ -137,10 +137,11 @@ def _priorities(labels: dict[str, dict[str, Any]], chain: Any) -> dict[str, int]
             for n, pod in labels.items()}
 
 
-def test_a_predictive_failover_moves_the_role_labels_a_probe_does_not() -> None:
+def test_a_predictive_failover_moves_the_role_labels_a_probe_shares_the_tier() -> None:
     """High availability: the labels follow cluster_view, so a degraded active's role
-    goes to the member it went behind. The probe before it is not expressed: Istio has
-    no share to give the probed standby, which stays at priority 1 (no requests)."""
+    goes to the member it went behind. The probe before it puts the standby in the
+    active's tier: Istio has no small share to give it, so both are labelled active
+    (priority 0) while it runs and the hash splits the sessions between them."""
     before = desired_labels(MODEL, _state())["orders"].members
     moved = desired_labels(MODEL, _judged(_state(), "orders", "orders-0",
                                           behind="orders-1"))["orders"].members
@@ -149,7 +150,13 @@ def test_a_predictive_failover_moves_the_role_labels_a_probe_does_not() -> None:
     assert _priorities(moved, HA_FAILOVER_PRIORITY) == {"orders-0": 1, "orders-1": 0,
                                                         "orders-2": 2}
     probed = desired_labels(MODEL, _judged(_state(), "orders", "orders-1", kind="probe"))
-    assert probed["orders"].members == before
+    assert {n: labels["meshxl.io/role"] for n, labels in probed["orders"].members.items()} \
+        == {"orders-0": "active", "orders-1": "active", "orders-2": "backup"}
+    assert _priorities(probed["orders"].members, HA_FAILOVER_PRIORITY) == {
+        "orders-0": 0, "orders-1": 0, "orders-2": 2}
+    # Pinned: not expressed (Istio would keep honouring the probe's pins to the standby).
+    pinned = desired_labels(PINNED, _judged(_state(), "orders", "orders-1", kind="probe"))
+    assert pinned["orders"].members["orders-1"]["meshxl.io/role"] == "standby"
     reported = _judged(_state(), "orders", "orders-0", moves=False)
     assert desired_labels(MODEL, reported)["orders"].members == before
     # No standby serves: the degraded active keeps its role (a sick member beats none).
