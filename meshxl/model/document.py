@@ -12,6 +12,7 @@ from .spec import (
     ClusterSpec,
     Degradation,
     Domain,
+    HealthCheck,
     Listener,
     Member,
     Mode,
@@ -41,6 +42,10 @@ class Pool(SpecModel):
     """``static``: every listed member is in the placement unless admin down on the pool
     or its site offline; ``registered``: a listed member is in it only while its sidecar
     holds a registration in at least one VS of the pool (docs/vsls.md, "Live members")."""
+    health_check: HealthCheck = HealthCheck()
+    """Envoy's active health check of the pool's members, as a cluster's: each virtual
+    system's cluster checks every member of the pool with it (docs/vsls.md, "What it
+    costs": a longer ``interval`` for many VSs)."""
 
 
 class VirtualSystem(SpecModel):

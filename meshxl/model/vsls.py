@@ -204,7 +204,8 @@ def _cluster(name: str, vs: VirtualSystem, pool: Pool,
     return ClusterSpec(
         name=name, mode=vs.mode, members=members, sites=sites,
         stickiness=vs.stickiness, sessions=vs.sessions, degradation=vs.degradation,
-        listener=pool.listener, route=Route(domains=vs.domains_of(name)))
+        health_check=pool.health_check, listener=pool.listener,
+        route=Route(domains=vs.domains_of(name)))
 
 
 def expand(model: ModelSpec, state: RuntimeState | None = None) -> list[ClusterSpec]:

@@ -83,6 +83,25 @@ def test_every_virtual_system_is_a_cluster_on_its_pools_listener() -> None:
     assert sorted(m.name for m in t01.members) == ["m1", "m2", "m3", "m4"]
 
 
+def test_a_pools_health_check_is_every_virtual_systems() -> None:
+    """Each VS's cluster checks every pool member: the pool's health_check sets how
+    often for all of them (the checks of many VSs are VSs x members / interval)."""
+    assert parse_model(MODEL).cluster("t01").health_check.interval == 0.25  # type: ignore[union-attr]
+    slower = parse_model(MODEL.replace(
+        "    sites: [{name: a}, {name: b}]",
+        "    sites: [{name: a}, {name: b}]\n    health_check: {interval: 1s, path: /ready}"))
+    for name in ("t01", "big", "shared"):
+        spec = slower.cluster(name)
+        assert spec is not None and (spec.health_check.interval, spec.health_check.path) \
+            == (1.0, "/ready")
+    check = compile_resources(slower).clusters["t01"].health_checks[0]
+    assert check.interval.ToTimedelta().total_seconds() == 1.0
+    assert check.http_health_check.path == "/ready"
+    assert problems(MODEL.replace(
+        "    sites: [{name: a}, {name: b}]",
+        "    sites: [{name: a}, {name: b}]\n    health_check: {interval: 0s}"))
+
+
 def test_roles_become_eds_priorities_active_standby_backups_then_the_rest() -> None:
     model = parse_model(MODEL)
     placement = placement_of(model, model.pools[0])
