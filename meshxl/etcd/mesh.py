@@ -22,7 +22,8 @@ import aetcd
 from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
-from meshxl.model.runtime import AdminAction, Health, Registration, RuntimeState
+from meshxl.model.records import AdminAction, Health, Registration
+from meshxl.model.runtime import RuntimeState
 from meshxl.model.text import ModelForm, read_form
 
 if TYPE_CHECKING:
