@@ -15,7 +15,8 @@ from typing import Any
 from .basics import check_member_address
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
-           "AdminAction", "Health", "Registration"]
+           "MAX_PRIORITY_LIST", "AdminAction", "Health", "PriorityList",
+           "Registration"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,40 @@ class AdminAction:
     def from_dict(cls, data: Mapping[str, Any]) -> AdminAction:
         return cls(reason=str(data.get("reason", "")), by=str(data.get("by", "")),
                    at=str(data.get("at", "")))
+
+
+MAX_PRIORITY_LIST = 256
+"""The most members a VS's priority list names (a pool holds fewer: the bound keeps a
+hand-written record from costing the placement more than a pool would)."""
+
+
+@dataclass(frozen=True)
+class PriorityList(AdminAction):
+    """A virtual system's members in the operator's order (``meshxl vs priority``; ``vs
+    move`` stores the one-member list): the first live one is its active, the next its
+    standby, then backups, the pool's other members following in the placement's order.
+    Stored under the key of its first member, one a VS."""
+
+    order: tuple[str, ...] = ()
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any], member: str) -> PriorityList:
+        """Build from the JSON stored under ``.../preferred/MEMBER``; a record without
+        ``order`` (written by ``vs move`` before lists) is the one-member list. Raises
+        ValueError naming a bad field."""
+        raw = data.get("order", [member])
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, str) and m
+                                                           for m in raw):
+            raise ValueError("priority order must be a non-empty list of member names")
+        if len(raw) > MAX_PRIORITY_LIST:
+            raise ValueError(f"priority order names more than {MAX_PRIORITY_LIST} members")
+        if len(set(raw)) != len(raw):
+            raise ValueError("priority order names a member twice")
+        if raw[0] != member:
+            raise ValueError(f"priority order starts with {raw[0][:80]!r}, not its key's "
+                             f"member {member[:80]!r}")
+        action = AdminAction.from_dict(data)
+        return cls(reason=action.reason, by=action.by, at=action.at, order=tuple(raw))
 
 
 DEGRADED_KIND = "degraded"

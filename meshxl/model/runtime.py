@@ -37,7 +37,9 @@ class RuntimeState:
     health: Mapping[tuple[str, str], Health] = field(default_factory=dict)
     """Members judged sick (degraded) or probed, by the control plane."""
     preferred: Mapping[tuple[str, str], AdminAction] = field(default_factory=dict)
-    """(virtual system, member): its active chosen by the operator (``meshxl vs move``)."""
+    """(virtual system, first member): its priority list set by the operator (``meshxl
+    vs priority``, ``vs move``), a :class:`~.records.PriorityList` (a bare AdminAction:
+    the one-member list)."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""
