@@ -12,9 +12,10 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/clusters/{cluster}/health/{member}     a sick member's judgement
                                                           (degraded, probed; leased by
                                                           the control plane that judged)
-    {root}/v1/mesh/clusters/{vs}/preferred/{member}       a virtual system's active
-                                                          chosen by the operator
-                                                          (``meshxl vs move``; one a VS)
+    {root}/v1/mesh/clusters/{vs}/preferred/{member}       a virtual system's priority
+                                                          list set by the operator, under
+                                                          its first member (``meshxl vs
+                                                          priority``, ``vs move``; one a VS)
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
@@ -127,7 +128,7 @@ class Keys:
         return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
 
     def preferred_prefix(self, vs: str) -> str:
-        """A virtual system's operator-chosen active (at most one key under it)."""
+        """A virtual system's priority list set by the operator (one key under it)."""
         return f"{self.clusters_prefix}{_segment(vs, 'virtual system')}/{PREFERRED}/"
 
     def preferred(self, vs: str, member: str) -> str:

@@ -22,7 +22,8 @@ import aetcd
 from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
-from meshxl.model.runtime import AdminAction, Health, Registration, RuntimeState
+from meshxl.model.records import AdminAction, Health, PriorityList, Registration
+from meshxl.model.runtime import RuntimeState
 from meshxl.model.text import ModelForm, read_form
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
     members_down: dict[tuple[str, str], AdminAction] = {}
     sites_offline: dict[str, AdminAction] = {}
     health: dict[tuple[str, str], Health] = {}
-    preferred: dict[tuple[str, str], AdminAction] = {}
+    preferred: dict[tuple[str, str], PriorityList] = {}
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
@@ -232,7 +233,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
                 elif kind == HEALTH:
                     health[(cluster, member)] = Health.from_dict(data)
                 elif kind == PREFERRED:
-                    preferred[(cluster, member)] = AdminAction.from_dict(data)
+                    preferred[(cluster, member)] = PriorityList.from_record(data, member)
                 else:
                     raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
             except ValueError as exc:

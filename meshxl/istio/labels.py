@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshxl.model import ClusterSpec
-from meshxl.model.runtime import SERVING, ClusterView, Health, MemberState, MemberView, Role
+from meshxl.model.records import Health
+from meshxl.model.runtime import SERVING, ClusterView, MemberState, MemberView, Role
 
 __all__ = [
     "DEFAULT_SITE_LABEL", "DRAINING_LABEL", "DRAINING_VALUE", "HA_FAILOVER_PRIORITY",

@@ -13,16 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .document import ModelSpec, Pool, Telemetry, VirtualSystem
     from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
-    from .runtime import (
-        AdminAction,
-        ClusterView,
-        MemberState,
-        MemberView,
-        Registration,
-        Role,
-        RuntimeState,
-        cluster_view,
-    )
+    from .records import AdminAction, Registration
+    from .runtime import ClusterView, MemberState, MemberView, Role, RuntimeState, cluster_view
     from .spec import (
         DEFAULT_SITE,
         ClusterSpec,
@@ -47,8 +39,8 @@ _HOMES = {
     "basics": ("DEFAULT_SITE", "ModelError", "Problem", "check_member_address",
                "is_ip_literal"),
     "load": ("check_model", "load_model", "model_warnings", "parse_model"),
-    "runtime": ("AdminAction", "ClusterView", "MemberState", "MemberView", "Registration",
-                "Role", "RuntimeState", "cluster_view"),
+    "records": ("AdminAction", "Registration"),
+    "runtime": ("ClusterView", "MemberState", "MemberView", "Role", "RuntimeState", "cluster_view"),
     "spec": ("ClusterSpec", "Cookie", "Failover", "HealthCheck", "Listener", "Member",
              "OutlierDetection", "Overrides", "Pin", "Retries", "Route",
              "SessionSync", "Site", "Stickiness"),

@@ -24,6 +24,8 @@ role:
    standby was lost or promoted gets a new standby (another site first, then its HRW
    order). No other VS changes, and a member that comes back takes back exactly the
    roles it had.
+3. :func:`priority_placement`: a VS the operator ordered (``meshxl vs priority``, ``vs
+   move``) has its listed live members first, in the operator's order.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "base_placement",
-           "eligible", "live_placement", "preferred_placement", "score", "standby_shares"]
+           "eligible", "live_placement", "priority_placement", "score", "site_rule_broken",
+           "standby_shares"]
 
 BALANCE = 1.1
 """A member holds at most this times its fair share of active roles (when whole VSs
@@ -322,28 +325,51 @@ def live_placement(base: Mapping[str, VirtualRoles], members: Sequence[PoolMembe
     return out
 
 
-def preferred_placement(placement: Mapping[str, VirtualRoles],
-                        members: Sequence[PoolMember],
-                        chosen: Mapping[str, str]) -> dict[str, VirtualRoles]:
-    """Each VS in ``chosen`` with its active moved to the member the operator chose
-    (``meshxl vs move``): its former active becomes its standby when the site rule
-    allows it (another site than the chosen member's, or no live member elsewhere),
-    else the first member in its order on another site. No other VS changes."""
+def priority_placement(placement: Mapping[str, VirtualRoles],
+                       members: Sequence[PoolMember],
+                       lists: Mapping[str, Sequence[str]]) -> dict[str, VirtualRoles]:
+    """Each VS in ``lists`` ordered by the operator's priority list (``meshxl vs
+    priority``; ``vs move`` is the one-member list): its listed live members first, in
+    the list's order (the first is the active, the next the standby, then backups),
+    then its other members in the placement's order. ``members``: the live ones; a VS's
+    order in ``placement`` holds only live members.
+
+    The operator's order is honoured as written, the site rule too (a standby on the
+    active's site while another site has a live member: :func:`site_rule_broken` names
+    it). When only one listed member is live, the list names the active alone and the
+    placement picks the standby as it always does: the first other member in its order
+    on another site than the active's, else the first (its former active, when that one
+    is elsewhere). A VS none of whose listed members is live keeps the placement's
+    order; one whose active is already the list's only live member is not changed."""
     site = {m.name: m.site for m in members}
     out = dict(placement)
-    for vs, member in chosen.items():
+    for vs, listed in lists.items():
         roles = out.get(vs)
-        if roles is None or member not in roles.order or roles.active == member:
+        if roles is None:
             continue
-        rest = [m for m in roles.order if m != member]
-        away = [m for m in rest if site.get(m) != site.get(member)]
-        former = roles.active
-        pick = (former if former is not None and (site.get(former) != site.get(member)
-                                                  or not away)
-                else (away or rest)[0])
-        rest.remove(pick)
-        out[vs] = VirtualRoles(vs, (member, pick, *rest), roles.backups)
+        head = [m for m in dict.fromkeys(listed) if m in roles.order]
+        if not head or (len(head) == 1 and roles.active == head[0]):
+            continue
+        rest = [m for m in roles.order if m not in head]
+        if len(head) == 1 and rest:
+            away = [m for m in rest if site.get(m) != site.get(head[0])]
+            pick = (away or rest)[0]
+            rest.remove(pick)
+            head.append(pick)
+        out[vs] = VirtualRoles(vs, (*head, *rest), roles.backups)
     return out
+
+
+def site_rule_broken(roles: VirtualRoles, members: Sequence[PoolMember]) -> bool:
+    """Whether the VS's standby is on its active's site while another site has a live
+    member (``members``: the live ones): what the placement never does, and what an
+    operator's priority list may ask for."""
+    if roles.active is None or roles.standby is None:
+        return False
+    site = {m.name: m.site for m in members}
+    here = site.get(roles.active)
+    return site.get(roles.standby) == here and any(
+        m.site != here for m in members if m.name in roles.order)
 
 
 def active_shares(placement: Mapping[str, VirtualRoles], members: Sequence[PoolMember],

@@ -9,156 +9,22 @@ agree on every decision.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
-from .basics import DEFAULT_SITE, check_member_address
-
-
-@dataclass(frozen=True)
-class Registration:
-    """A member's live registration (written by its sidecar under an etcd lease)."""
-
-    address: str
-    port: int
-    site: str | None = None
-    weight: int | None = None
-    ready: bool = True
-    problems: tuple[str, ...] = ()
-    overloaded: bool = False
-    """The application says it is overloaded: it keeps its pinned sessions, new sessions
-    go to the other ready members of its tier (EDS ``DEGRADED``)."""
-    returning: str | None = None
-    """Since when (its sidecar's clock, ISO 8601) the member is back after a problem, a
-    lost sync or a restart after a failover, and held behind the members that took
-    over from it (``behind``) until failback (None: not held). Its sidecar sets and
-    clears it (``statesync/failback.py``)."""
-    behind: tuple[str, ...] = ()
-    """The members that served when it came back: it stays behind them while one of
-    them serves."""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Registration:
-        """Build from the JSON stored in etcd; raises ValueError naming a bad field."""
-        try:
-            address = str(data["address"])
-            port = int(data["port"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"registration needs address and port: {exc}") from None
-        if not 1 <= port <= 65535:
-            raise ValueError(f"registration port out of range: {port}")
-        try:
-            check_member_address(address)
-        except ValueError as exc:
-            raise ValueError(f"registration address {address[:80]!r}: {exc}") from None
-        weight = data.get("weight")
-        if weight is not None:
-            try:
-                weight = int(weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"registration weight is not a number: {weight!r}") from None
-            if not 1 <= weight <= 10_000:
-                raise ValueError(f"registration weight out of range 1..10000: {weight}")
-        return cls(
-            address=address,
-            port=port,
-            site=data.get("site") or None,
-            weight=weight,
-            ready=bool(data.get("ready", True)),
-            problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
-            overloaded=data.get("overload") is not None,
-            returning=_since(data.get("returning")),
-            behind=_names(data.get("returning")),
-        )
-
-
-def _since(value: Any) -> str | None:
-    """The ``since`` of a ``{"since": ...}`` record, None when absent (read, not trusted)."""
-    if not isinstance(value, Mapping):
-        return None
-    since = value.get("since")
-    return str(since)[:64] if since else "unknown"
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    """The ``behind`` names of a ``returning`` record (at most 64 of them, as text)."""
-    names = value.get("behind") if isinstance(value, Mapping) else None
-    if not isinstance(names, list):
-        return ()
-    return tuple(str(n)[:253] for n in names[:64])
-
-
-@dataclass(frozen=True)
-class AdminAction:
-    """An operator's decision (member down, site offline): who, why, when."""
-
-    reason: str = ""
-    by: str = ""
-    at: str = ""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AdminAction:
-        return cls(reason=str(data.get("reason", "")), by=str(data.get("by", "")),
-                   at=str(data.get("at", "")))
-
-
-DEGRADED_KIND = "degraded"
-"""A member judged sick: slower, or failing more, than its peers (docs/faults.md)."""
-PROBE_KIND = "probe"
-"""A high-availability member sent a small share of the active's sessions so the two
-can be compared before (or after) a predictive failover."""
-HELD_KIND = "held"
-"""High availability, manual failback: a member well again after a predictive failover,
-held behind the active that took over (shown ``returning``)."""
-HANDBACK_KIND = "handback"
-"""High availability with pinned sessions: a standby whose probe moved nothing, handing
-the sessions the probe gave it back to the active (its pins let go; it keeps its tier)."""
-HEALTH_KINDS = (DEGRADED_KIND, PROBE_KIND, HELD_KIND, HANDBACK_KIND)
-
-
-@dataclass(frozen=True)
-class Health:
-    """The control plane's judgement of a member that is not an outright failure
-    (written by the replica that judged it, under its lease: ``meshxl.xds.health``)."""
-
-    kind: str
-    """One of :data:`HEALTH_KINDS`."""
-    reason: str = ""
-    since: float = 0.0
-    """When the judgement was made (Unix seconds, the judging replica's clock): a
-    degraded member's share steps down from there."""
-    by: str = ""
-    """The control-plane replica that judged it."""
-    moves: bool = True
-    """False: shown and counted only (``degradation.action: report``)."""
-    behind: str = ""
-    """High availability: the member that took the active role from it (a held member
-    is held only while that one serves); for a probe, the active it is probed beside."""
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Health:
-        """Build from the JSON stored in etcd; raises ValueError naming a bad field."""
-        kind = data.get("kind")
-        if kind not in HEALTH_KINDS:
-            raise ValueError(f"health kind must be one of {', '.join(HEALTH_KINDS)}: "
-                             f"{str(kind)[:40]!r}")
-        try:
-            since = float(data.get("since", 0.0))
-        except (TypeError, ValueError):
-            raise ValueError(f"health since is not a number: {data.get('since')!r}") from None
-        if not math.isfinite(since):
-            raise ValueError("health since is not a finite number")
-        return cls(kind=str(kind), reason=str(data.get("reason", ""))[:512], since=since,
-                   by=str(data.get("by", ""))[:253], moves=data.get("moves", True) is not False,
-                   behind=str(data.get("behind", ""))[:253])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "reason": self.reason, "since": self.since, "by": self.by,
-                "moves": self.moves, "behind": self.behind}
+from .basics import DEFAULT_SITE
+from .records import (
+    DEGRADED_KIND,
+    HANDBACK_KIND,
+    HELD_KIND,
+    PROBE_KIND,
+    AdminAction,
+    Health,
+    Registration,
+)
 
 
 @dataclass(frozen=True)
@@ -171,7 +37,9 @@ class RuntimeState:
     health: Mapping[tuple[str, str], Health] = field(default_factory=dict)
     """Members judged sick (degraded) or probed, by the control plane."""
     preferred: Mapping[tuple[str, str], AdminAction] = field(default_factory=dict)
-    """(virtual system, member): its active chosen by the operator (``meshxl vs move``)."""
+    """(virtual system, first member): its priority list set by the operator (``meshxl
+    vs priority``, ``vs move``), a :class:`~.records.PriorityList` (a bare AdminAction:
+    the one-member list)."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""

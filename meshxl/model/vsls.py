@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
@@ -27,13 +28,15 @@ from .placement import (
     VirtualRoles,
     base_placement,
     live_placement,
-    preferred_placement,
+    priority_placement,
+    site_rule_broken,
 )
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
-__all__ = ["PoolPlacement", "expand", "expand_model", "lost_reasons", "placed", "placement_of",
-           "pool_members", "pool_shares", "virtual_systems"]
+__all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
+           "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",
+           "priority_lists", "site_rule_warnings", "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -72,7 +75,10 @@ class PoolPlacement:
     """High-availability VSs only (a load-sharing VS is served by every member)."""
     weights: Mapping[str, int]
     preferred: Mapping[str, str] = field(default_factory=dict)
-    """VS -> the active the operator chose (``meshxl vs move``), where it applies."""
+    """VS -> the active its operator's priority list gives it (``meshxl vs priority``,
+    ``vs move``): the list's first live member, where one is live."""
+    listed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """VS -> its operator's priority list, as stored (applied or not)."""
     why: Mapping[str, str] = field(default_factory=dict)
     """Lost member -> why (:func:`lost_reasons`)."""
 
@@ -139,18 +145,62 @@ def _systems_of(model: ModelSpec, pool: Pool) -> tuple[str, ...]:
     return cache.get(pool.name, ())
 
 
-def _preferred(pool: Pool, state: RuntimeState | None, lost: frozenset[str],
-               roles: Mapping[str, VirtualRoles]) -> dict[str, str]:
-    """The operator's chosen actives that apply: a high-availability VS of this pool,
-    a live member of it (one a VS: the first by name if etcd holds more)."""
+def priority_lists(state: RuntimeState | None) -> dict[str, tuple[str, ...]]:
+    """VS -> the operator's priority list (``meshxl vs priority``, ``vs move``): its
+    :class:`~.records.PriorityList`'s order, or the key's member alone for a bare
+    record. One a VS: etcd holds one key under a VS's ``preferred/``; should it hold
+    more, the first by member name counts, on every replica alike."""
     if state is None or not state.preferred:
         return {}
-    names = {m.name for m in pool.members} - lost
-    out: dict[str, str] = {}
-    for vs, member in sorted(state.preferred):
-        if vs in roles and member in names and vs not in out:
-            out[vs] = member
+    out: dict[str, tuple[str, ...]] = {}
+    for (vs, member), action in sorted(state.preferred.items()):
+        if vs not in out:
+            out[vs] = getattr(action, "order", ()) or (member,)
     return out
+
+
+def _lists(pool: Pool, state: RuntimeState | None,
+           roles: Mapping[str, VirtualRoles]) -> dict[str, tuple[str, ...]]:
+    """The priority lists of this pool's high-availability VSs."""
+    return {vs: order for vs, order in priority_lists(state).items() if vs in roles}
+
+
+def check_order(order: Iterable[str]) -> tuple[str, ...]:
+    """A priority list as given: at least one member, none twice (ValueError, one line)."""
+    names = tuple(order)
+    if not names:
+        raise ValueError("give at least one MEMBER, the virtual system's active first")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"member {twice[0]!r} is listed twice (each member once, in order)")
+    return names
+
+
+def check_priority(model: ModelSpec, vs: str, order: Iterable[str] | None
+                   ) -> tuple[VirtualSystem, Pool, tuple[str, ...]]:
+    """A VS's priority list against the model (``meshxl vs priority``, ``vs move``): the
+    VS, its pool and the list; ValueError with a one-line message for an unknown VS, a
+    load-sharing one, an empty list, a member listed twice or not in the VS's pool.
+    ``order`` None (``--clear``): the VS alone is checked."""
+    found = {name: (spec, pool) for name, spec, pool in virtual_systems(model)}
+    if vs not in found:
+        known = sorted(found)
+        shown = ", ".join(known[:10]) + (f", ... ({len(known)} in all)"
+                                          if len(known) > 10 else "")
+        raise ValueError(f"unknown virtual system {vs!r} (virtual systems: {shown or 'none'})")
+    spec, pool = found[vs]
+    if order is None:
+        return spec, pool, ()
+    names = check_order(order)
+    if spec.mode != "high-availability":
+        raise ValueError(f"virtual system {vs!r} is {spec.mode}: every member serves it, "
+                         "it has no active or priority list")
+    members = [m.name for m in pool.members]
+    unknown = [m for m in names if m not in members]
+    if unknown:
+        raise ValueError(f"unknown member {unknown[0]!r} in pool {pool.name!r} of virtual "
+                         f"system {vs!r} (members: {', '.join(members)})")
+    return spec, pool, names
 
 
 def placement_of(model: ModelSpec, pool: Pool,
@@ -160,11 +210,17 @@ def placement_of(model: ModelSpec, pool: Pool,
     lost = frozenset(why)
     base = _base(model).get(pool.name, {})
     roles = live_placement(base, members, lost)
-    chosen = _preferred(pool, state, lost, roles)
-    if chosen:
-        roles = preferred_placement(roles, [m for m in members if m.name not in lost], chosen)
+    lists = _lists(pool, state, roles)
+    chosen: dict[str, str] = {}
+    if lists:
+        roles = priority_placement(roles, [m for m in members if m.name not in lost], lists)
+        for vs, order in lists.items():
+            head = next((m for m in order if m in roles[vs].order), None)
+            if head is not None:
+                chosen[vs] = head
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
-    return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen, why)
+    return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen,
+                         listed=lists, why=why)
 
 
 def pool_shares(placement: PoolPlacement) -> dict[str, tuple[int, int, int, float]]:
@@ -233,20 +289,19 @@ def expand_model(model: ModelSpec) -> ModelSpec:
 
 def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     """The model with its virtual systems placed for ``state``: the same object when
-    no pool member is lost and no active chosen by the operator, else one copy per
-    distinct set of lost members and chosen actives (cached on the model, so a
+    no pool member is lost and no priority list set by the operator, else one copy per
+    distinct set of lost members and priority lists (cached on the model, so a
     recompilation with the same state reuses it)."""
     if not model.virtual_systems or state is None:
         return model
     lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(model, p, state)))
-    key = (lost, tuple(sorted(state.preferred)))
+    key = (lost, tuple(sorted(priority_lists(state).items())))
     if model._vsls.get("key", ((), ())) == key:
         return model
     model = model._vsls.get("origin", model)
     if key == ((), ()):
         return model
-    cache: dict[tuple[tuple[tuple[str, str], ...], ...], ModelSpec] = model._vsls.setdefault(
-        "placed", {})
+    cache: dict[tuple[Any, ...], ModelSpec] = model._vsls.setdefault("placed", {})
     found = cache.get(key)
     if found is None:
         virtual = _expanded(model)
@@ -258,3 +313,22 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
             cache.clear()
         cache[key] = found
     return found
+
+
+def site_rule_warnings(model: ModelSpec, state: RuntimeState | None) -> list[str]:
+    """Virtual systems whose operator's priority list puts the standby on the active's
+    site while another site has a live member (the list is honoured; the placement
+    never does this of its own), one line each."""
+    out = []
+    for pool in model.pools:
+        placement = placement_of(model, pool, state)
+        live = [m for m in placement.members if m.name not in placement.lost]
+        site = {m.name: m.site for m in live}
+        for vs in sorted(placement.listed):
+            roles = placement.roles[vs]
+            if roles.standby is not None and site_rule_broken(roles, live):
+                out.append(f"virtual system {vs}: its priority list puts the standby "
+                           f"{roles.standby} on site {site[roles.standby]} with its active "
+                           f"{roles.active}, while another site has a live member (meshxl "
+                           f"vs priority {vs} ... to change it)")
+    return out

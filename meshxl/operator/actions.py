@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,8 @@ from aetcd.utils import prefix_range_end
 
 from meshxl.errors import NotFound
 from meshxl.etcd.keys import DEFAULT_ROOT, Keys
-from meshxl.model import ModelSpec, parse_model
+from meshxl.etcd.mesh import runtime_from_values
+from meshxl.model import ModelSpec, Pool, parse_model
 from meshxl.model.text import ModelForm, json_form, model_data
 
 
@@ -137,51 +139,88 @@ async def set_site_admin(client: aetcd.Client, keys: Keys, site: str, offline: b
     return deleted.header.revision if deleted is not None else 0
 
 
-async def set_vs_preferred(client: aetcd.Client, keys: Keys, vs: str, member: str | None,
-                           reason: str = "") -> int:
-    """``meshxl vs move VS MEMBER``: make ``member`` the virtual system's active (its
-    former active becomes its standby where the site rule allows); ``member`` None
-    (``--clear``): back to the placement's own choice. Refused, with nothing written,
-    for an unknown VS or member, a load-sharing VS, or a member that cannot serve
-    (admin down on the pool or the VS, its site offline)."""
-    from meshxl.model.vsls import virtual_systems
+@dataclass(frozen=True)
+class PriorityStored:
+    """What ``meshxl vs priority`` / ``vs move`` stored: the etcd revision, the list
+    it replaced (None: none), and the listed members that cannot serve now, each with
+    why (they take their place in the list when they can)."""
 
-    model = await stored_model(client, keys)
-    found = {name: (spec, pool) for name, spec, pool in virtual_systems(model)}
-    if vs not in found:
-        names = sorted(found)
-        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)"
-                                          if len(names) > 10 else "")
-        raise OpsError(f"unknown virtual system {vs!r} (virtual systems: {shown or 'none'})")
-    spec, pool = found[vs]
+    revision: int
+    replaced: tuple[str, ...] | None
+    not_live: dict[str, str]
+
+
+async def set_vs_priority(client: aetcd.Client, keys: Keys, vs: str,
+                          order: Sequence[str] | None, reason: str = "", *,
+                          move: bool = False) -> PriorityStored:
+    """``meshxl vs priority VS MEMBER...``: store the virtual system's priority list
+    (its first live member the active, the next the standby, then backups; the pool's
+    other members after them in the placement's order). ``order`` None (``--clear``):
+    back to the placement. ``move`` (``meshxl vs move VS MEMBER``, the one-member
+    list): the member must be able to serve now. One record a VS, under the key of
+    the list's first member: a new list replaces the old one in one transaction.
+    Refused, with nothing written, for an unknown VS, a load-sharing one, an empty
+    list, a member listed twice or not in the VS's pool."""
+    from meshxl.model.vsls import check_order, check_priority, priority_lists
+
     prefix = keys.preferred_prefix(vs).encode()
     tx = client.transactions
-    clear = tx.delete(prefix, range_end=prefix_range_end(prefix))
-    if member is None:
+    if order is not None:
+        try:
+            check_order(order)  # before any read: a typo costs no round trip
+        except ValueError as exc:
+            raise OpsError(str(exc)) from None
+    model = await stored_model(client, keys)
+    try:
+        _, pool, names = check_priority(model, vs, order)
+    except ValueError as exc:
+        raise OpsError(str(exc)) from None
+    stored = await client.get_prefix(prefix)
+    replaced = priority_lists(runtime_from_values(keys, {
+        kv.key.decode(): kv.value for kv in stored})).get(vs)
+    if order is None:
+        clear = tx.delete(prefix, range_end=prefix_range_end(prefix))
         _, responses = await client.transaction(compare=[], success=[clear], failure=[])
-        return _revision(responses)
-    if spec.mode != "high-availability":
-        raise OpsError(f"virtual system {vs!r} is {spec.mode}: every member serves it, "
-                       "it has no active to move")
-    listed = {m.name: m for m in pool.members}
-    if member not in listed:
-        raise OpsError(f"unknown member {member!r} in pool {pool.name!r} of virtual system "
-                       f"{vs!r} (members: {', '.join(listed)})")
-    for cluster in (pool.name, vs):
-        if await client.get(keys.member_admin(cluster, member).encode()) is not None:
-            raise OpsError(f"member {member!r} is admin down on {cluster!r}: bring it up "
-                           f"first (meshxl member up {cluster} {member})")
-    site = listed[member].site or (pool.sites[0].name if pool.sites else None)
-    if site is not None and await client.get(keys.site_admin(site).encode()) is not None:
-        raise OpsError(f"member {member!r} is on site {site!r}, which is offline")
-    key = keys.preferred(vs, member).encode()
+        return PriorityStored(_revision(responses), replaced, {})
+    not_live = await _not_live(client, keys, vs, pool, names)
+    if move and names[0] in not_live:
+        raise OpsError(f"member {names[0]!r} {not_live[names[0]]}")
+    key = keys.preferred(vs, names[0]).encode()
+    record = json.loads(_admin_record(reason))
     # One transaction: the other members' keys deleted (etcd refuses a range delete
     # over the key put in the same transaction), this one put.
-    stale = [tx.delete(kv.key) for kv in await client.get_prefix(prefix, keys_only=True)
-             if kv.key != key]
-    put = tx.put(key, _admin_record(reason))
+    stale = [tx.delete(kv.key) for kv in stored if kv.key != key]
+    put = tx.put(key, json.dumps({**record, "order": list(names)}).encode())
     _, responses = await client.transaction(compare=[], success=[*stale, put], failure=[])
-    return _revision(responses)
+    return PriorityStored(_revision(responses), replaced, not_live)
+
+
+async def _not_live(client: aetcd.Client, keys: Keys, vs: str, pool: Pool,
+                    names: Sequence[str]) -> dict[str, str]:
+    """The listed members that cannot serve the VS now, each with why (admin down on
+    the pool or the VS, their site offline)."""
+    site = {m.name: m.site or (pool.sites[0].name if pool.sites else None)
+            for m in pool.members}
+    out: dict[str, str] = {}
+    for member in names:
+        for cluster in (pool.name, vs):
+            if await client.get(keys.member_admin(cluster, member).encode()) is not None:
+                out.setdefault(member, f"is admin down on {cluster!r}: bring it up first "
+                                       f"(meshxl member up {cluster} {member})")
+        where = site[member]
+        if (member not in out and where is not None
+                and await client.get(keys.site_admin(where).encode()) is not None):
+            out[member] = f"is on site {where!r}, which is offline"
+    return out
+
+
+async def set_vs_preferred(client: aetcd.Client, keys: Keys, vs: str, member: str | None,
+                           reason: str = "") -> int:
+    """``meshxl vs move VS MEMBER``: the one-member priority list (:func:`set_vs_priority`);
+    ``member`` None (``--clear``): back to the placement. The etcd revision."""
+    stored = await set_vs_priority(client, keys, vs, None if member is None else [member],
+                                   reason, move=True)
+    return stored.revision
 
 
 def _revision(responses: list[Any]) -> int:

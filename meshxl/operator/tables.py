@@ -113,10 +113,7 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
     for c in report["clusters"]:
         sticky = c["stickiness"]
         hashing = f"{sticky['algorithm']} on {sticky['key']} {sticky['on']}" if sticky else "none"
-        moved = c.get("moved")
-        note = "" if not moved else (
-            f"  active moved to {moved['member']} by operator"
-            + ("" if moved["applied"] else " (not live: placement's choice)"))
+        note = _priority_note(c.get("priority"))
         table = _table(f"cluster {c['name']}  mode {c['mode']}  sticky {hashing}{note}",
                        ("member", "site", "prio", "role", "share", "state", "last change",
                         "failovers"), right=("prio", "share", "failovers"))
@@ -175,6 +172,18 @@ def status_view(report: dict[str, Any]) -> list[RenderableType]:
     for warning in report.get("warnings", []):
         out.append(line_of(plain("warning:", "yellow"), " ", plain(warning)))
     return out
+
+
+def _priority_note(priority: dict[str, Any] | None) -> str:
+    """A VS's priority list set by the operator, for ``meshxl status``'s cluster title."""
+    if not priority:
+        return ""
+    order = priority["order"]
+    if len(order) == 1:
+        return (f"  active moved to {order[0]} by operator"
+                + ("" if priority["applied"] else " (not live: placement's choice)"))
+    return (f"  priority {', '.join(order)} set by operator"
+            + ("" if priority["applied"] else " (none live: placement's order)"))
 
 
 def _failovers_table(failovers: list[dict[str, Any]]) -> Table:
@@ -306,7 +315,8 @@ def render_vs(report: dict[str, Any], console: Console) -> None:
                 else plain("live", "green"))
         console.print(table)
     table = _table("virtual systems", ("vs", "pool", "mode", "weight", "active", "standby",
-                                       "backups", "domains"), right=("weight",))
+                                       "backups", "operator's order", "domains"),
+                   right=("weight",))
     for vs in report["virtual_systems"]:
         states = vs["states"]
 
@@ -317,11 +327,23 @@ def render_vs(report: dict[str, Any], console: Console) -> None:
             return plain(member if state in ("", "ready") else f"{member} ({state})",
                          _STATE_STYLE.get(state, ""))
 
-        active = who(vs["active"])
-        if vs.get("moved"):
-            active.append(" (moved by operator)" if vs["moved"]["applied"]
-                          else f" (moved to {vs['moved']['member']}: not live)", "cyan")
+        active, standby = who(vs["active"]), who(vs["standby"])
+        priority = vs.get("priority")
+        order = plain("-")
+        if priority:
+            if len(priority["order"]) == 1:
+                active.append(" (moved by operator)" if priority["applied"]
+                              else f" (moved to {priority['order'][0]}: not live)", "cyan")
+            elif priority["applied"]:
+                active.append(" (operator's order)", "cyan")
+            if priority.get("standby_on_its_site"):
+                standby.append(" (active's site)", "yellow")
+            order = plain(", ".join(priority["order"])
+                          + ("" if priority["applied"] else " (none live)"), "cyan")
         table.add_row(plain(vs["name"]), plain(vs["pool"]), plain(vs["mode"]),
-                      plain(vs["weight"]), active, who(vs["standby"]),
-                      plain(", ".join(vs["backups"]) or "-"), plain(" ".join(vs["domains"])))
+                      plain(vs["weight"]), active, standby,
+                      plain(", ".join(vs["backups"]) or "-"), order,
+                      plain(" ".join(vs["domains"])))
     console.print(table)
+    for warning in report.get("warnings", []):
+        print_line(console, plain("warning:", "yellow"), " ", plain(warning))

@@ -27,7 +27,7 @@ from meshxl.addr import bind_grpc, bind_tcp, bound_port
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.model import ModelSpec, RuntimeState
-from meshxl.model.runtime import DEGRADED_KIND
+from meshxl.model.records import DEGRADED_KIND
 from meshxl.model.vsls import placed
 
 from .accesslog import AccessLogReceiver

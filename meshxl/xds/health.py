@@ -51,18 +51,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
-from meshxl.model.runtime import (
-    DEGRADED_KIND,
-    HANDBACK_KIND,
-    HELD_KIND,
-    PROBE_KIND,
-    SERVING,
-    ClusterView,
-    Health,
-    MemberState,
-    MemberView,
-    Role,
-)
+from meshxl.model.records import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND, Health
+from meshxl.model.runtime import SERVING, ClusterView, MemberState, MemberView, Role
 from meshxl.stats import quantile
 
 from .stepdown import HALVINGS, released, share, shares

@@ -14,7 +14,7 @@ from typing import Any
 
 from meshxl.etcd.keys import Keys
 from meshxl.model import ModelSpec, RuntimeState
-from meshxl.model.runtime import Health
+from meshxl.model.records import Health
 
 from .health import WINDOW, Judge, Judgement, Samples, share
 from .loadshares import LoadShares

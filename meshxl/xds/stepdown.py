@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState
-from meshxl.model.runtime import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND
+from meshxl.model.records import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND
 
 __all__ = ["HALVINGS", "released", "share", "shares"]
 

@@ -392,6 +392,9 @@ async def test_the_page_shows_pools_and_moves_a_virtual_systems_active(
             .dataset?.active === '{target}'""", timeout=5, what="t1 moved")
         text = await page.eval_on_selector('tr.vs[data-vs="t1"]', "r => r.textContent")
         assert "moved by operator" in text
+        order = await page.eval_on_selector('tr.vs[data-vs="t1"] td.priority',
+                                            "c => c.textContent")
+        assert order == target  # the one-member priority list, in its own column
         assert_clean(console)
 
 

@@ -6,7 +6,8 @@ was, each to its standby with no failed request (a refused connect is retried on
 standby's tier), while every other VS keeps serving from the same member. Then
 ``meshxl member down`` on the pool re-places: the lost member leaves every VS and each
 VS that lost its standby gets a new one, and ``meshxl vs`` shows it; ``meshxl vs move``
-puts one VS's active on the member the operator chose and moves no other VS."""
+puts one VS's active on the member the operator chose and moves no other VS, and ``meshxl
+vs priority`` orders one VS by the operator's list (its first live member active)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from meshxl.local.ports import free_ports
 from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model, set_member_admin
-from meshxl.operator.tables import render_vs
-from meshxl.operator.views import read_mesh, vs_report
+from meshxl.operator.tables import render_vs, status_view
+from meshxl.operator.views import read_mesh, status_report, vs_report
 from tests.harness import Backend
 from tests.harness.cli import meshxl
 
@@ -194,6 +195,54 @@ async def test_a_lost_member_moves_only_its_own_virtual_systems_to_their_standby
         await envoy.wait_hosts(target_vs, lambda hs: chosen_port not in {
             h.port for h in hs if h.priority == 0}, what=f"{target_vs} back to its placement")
         assert await ask(http, port, target_vs, 0) == (200, former)
+
+        # meshxl vs priority: the operator's list. Its head (the victim, down on the pool)
+        # is not live: the next listed member is the active, the one after it the standby.
+        # (Its refusals are vs move's above, one code path: set_vs_priority.)
+        first, second = (b.name for b in backends if b.name not in (victim.name, former))
+        code, out, err = await meshxl("vs", "priority", target_vs, victim.name, first, second,
+                                      "--reason", "drill", "--etcd", etcd.url)
+        assert code == 0, err
+        assert one_line(out) == (
+            f"{target_vs}: priority {victim.name}, {first}, {second} (etcd revision "
+            f"{out.split('revision ')[1].split(')')[0]}); {victim.name} is admin down on "
+            f"'web': not live now"), out
+        port_of = {b.name: b.endpoint[1] for b in backends}
+        await envoy.wait_hosts(target_vs, lambda hs: sorted((h.priority, h.port) for h in hs)
+                               == [(0, port_of[first]), (1, port_of[second]), (2, port_of[former])],
+                               what=f"{target_vs} in the operator's order")
+        for vs in TENANTS:  # the listed VS on its first live member, every other untouched
+            assert await ask(http, port, vs, 0) == (
+                200, first if vs == target_vs else now[vs][0]), vs
+        read = await read_mesh(etcd_client, KEYS)
+        rows = {v["name"]: v for v in vs_report(read)["virtual_systems"]}
+        same_site = site[first] == site[second]
+        assert rows[target_vs]["priority"] == {
+            "order": [victim.name, first, second], "reason": "drill", "applied": True,
+            "standby_on_its_site": same_site, "by": rows[target_vs]["priority"]["by"],
+            "at": rows[target_vs]["priority"]["at"]}
+        assert (rows[target_vs]["active"], rows[target_vs]["standby"]) == (first, second)
+        assert all((rows[v]["active"], rows[v]["standby"]) == now[v]
+                   for v in TENANTS if v != target_vs)
+        console = Console(width=240, file=io.StringIO())
+        render_vs(vs_report(read, target_vs), console)
+        for renderable in status_view(status_report(read, target_vs)):
+            console.print(renderable)
+        shown = console.file.getvalue()
+        assert f"{victim.name}, {first}, {second}" in shown and "(operator's order)" in shown
+        assert f"priority {victim.name}, {first}, {second} set by operator" in shown
+        assert ("warning: virtual system " + target_vs in shown) == same_site, shown
+        # vs move is the one-member list: it replaces the list (one record a VS).
+        code, out, err = await meshxl("vs", "move", target_vs, former, "--etcd", etcd.url)
+        assert code == 0 and (f"replaces the operator's list {victim.name}, {first}, "
+                              f"{second}") in out, err
+        await envoy.wait_hosts(target_vs, lambda hs: {h.port for h in hs if h.priority == 0}
+                               == {port_of[former]}, what=f"{former} active in {target_vs}")
+        stored = await etcd_client.get_prefix(KEYS.preferred_prefix(target_vs).encode())
+        assert [kv.key.decode() for kv in stored] == [KEYS.preferred(target_vs, former)]
+        code, out, err = await meshxl("vs", "priority", target_vs, "--clear", "--etcd", etcd.url)
+        assert code == 0 and "ordered by the placement again" in out, err
+        assert not await etcd_client.get_prefix(KEYS.preferred_prefix(target_vs).encode())
 
 
 async def test_meshxl_vs_as_an_operator_runs_it(etcd: Any, etcd_client: aetcd.Client) -> None:

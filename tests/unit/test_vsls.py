@@ -28,6 +28,7 @@ from meshxl.model.placement import (
     live_placement,
     standby_shares,
 )
+from meshxl.model.records import PriorityList
 from meshxl.model.vsls import placed, placement_of
 from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.resources import listener_name, placed_by_tier
@@ -447,7 +448,9 @@ def test_the_preferred_key_is_one_of_a_clusters_keys() -> None:
     assert key.startswith(keys.mesh_prefix) and key.startswith(keys.preferred_prefix("t05"))
     assert keys.parse_cluster_key(key) == ("t05", PREFERRED, "m2")
     state = runtime_from_values(keys, {key: b'{"reason": "r", "by": "u@h", "at": "t"}'})
-    assert state.preferred == {("t05", "m2"): AdminAction(reason="r", by="u@h", at="t")}
+    # A record written before priority lists (no "order"): the one-member list.
+    assert state.preferred == {("t05", "m2"): PriorityList(reason="r", by="u@h", at="t",
+                                                            order=("m2",))}
 
 
 def test_the_placement_as_metrics_per_vs_and_per_pool_member() -> None:

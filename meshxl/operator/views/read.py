@@ -22,7 +22,7 @@ from meshxl.etcd.keys import MEMBERS, Keys
 from meshxl.etcd.mesh import runtime_from_values
 from meshxl.model import ModelError, ModelSpec, RuntimeState, cluster_view, parse_model
 from meshxl.model.load import model_warnings as judged
-from meshxl.model.vsls import placed
+from meshxl.model.vsls import placed, site_rule_warnings
 from meshxl.xds.dns import hostnames, resolve_names
 from meshxl.xds.warmup import WARMS, fraction, ramps
 
@@ -129,6 +129,7 @@ def model_warnings(read: MeshRead) -> list[str]:
         return []
     specs = {c.name: c for c in read.model.clusters}
     out = [str(p) for p in judged(read.model, read.runtime)]
+    out += site_rule_warnings(read.model, read.runtime)  # operators' VS priority lists
     for (cluster, member), registration in sorted(read.registrations.items()):
         spec = specs.get(cluster)
         if spec is None:

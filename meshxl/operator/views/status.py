@@ -20,6 +20,7 @@ from meshxl.operator.views.read import (
     warming_of,
 )
 from meshxl.operator.views.sync import sync_report
+from meshxl.operator.views.vsls import operator_priority
 from meshxl.xds.health import shares as degraded_shares
 from meshxl.xds.history import reason
 from meshxl.xds.types import short_type
@@ -99,6 +100,8 @@ def status_report(read: MeshRead, cluster: str | None = None,
             "name": spec.name, "mode": spec.mode, "membership": spec.membership,
             "stickiness": _stickiness(spec), "sites": spec.site_names(),
             "members": members, "moved": moved_by_operator(read, spec.name, members),
+            "priority": operator_priority(read, spec.name, next(
+                (m["name"] for m in members if m["role"] == "active"), None)),
             "departed": _departed(read, spec.name, {m["name"] for m in members}, now),
         })
     nodes = []

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from meshxl.model import cluster_view
-from meshxl.model.vsls import placement_of, virtual_systems
+from meshxl.model.placement import site_rule_broken
+from meshxl.model.vsls import placement_of, priority_lists, site_rule_warnings, virtual_systems
 from meshxl.operator.views.read import MeshRead
 
-__all__ = ["vs_report"]
+__all__ = ["operator_priority", "vs_report"]
 
 
 def vs_report(read: MeshRead, name: str | None = None) -> dict[str, Any]:
@@ -18,7 +19,7 @@ def vs_report(read: MeshRead, name: str | None = None) -> dict[str, Any]:
     standby, backups, spares, each member's state in the VS's cluster)."""
     model = read.model
     out: dict[str, Any] = {"revision": read.revision, "model_error": read.model_error,
-                           "pools": [], "virtual_systems": []}
+                           "pools": [], "virtual_systems": [], "warnings": []}
     if model is None:
         return out
     chosen = {n for n, _, _ in virtual_systems(model)}
@@ -64,8 +65,28 @@ def vs_report(read: MeshRead, name: str | None = None) -> dict[str, Any]:
                 "spares": list(roles.spare) if roles else sorted(states),
                 "states": states,
                 "moved": _moved(read, vs_name, placement.preferred.get(vs_name)),
+                "priority": operator_priority(
+                    read, vs_name, roles.active if roles else None,
+                    site_rule_broken(roles, live) if roles else False),
             })
+    out["warnings"] = [w for w in site_rule_warnings(model, read.runtime)
+                       if name is None or w.startswith(f"virtual system {name}:")]
     return out
+
+
+def operator_priority(read: MeshRead, vs: str, active: str | None,
+                      standby_on_its_site: bool = False) -> dict[str, Any] | None:
+    """The VS's priority list set by the operator (``meshxl vs priority``; ``vs move``:
+    one member), if any: the list, who, why, when; ``applied``: a listed member is its
+    active now (else none of them is live: the placement's order serves);
+    ``standby_on_its_site``: the list puts the standby on the active's site while
+    another site has a live member."""
+    order = priority_lists(read.runtime).get(vs)
+    if order is None:
+        return None
+    action = read.runtime.preferred[(vs, order[0])]  # a list is stored under its head
+    return {"order": list(order), "reason": action.reason, "by": action.by, "at": action.at,
+            "applied": active in order, "standby_on_its_site": standby_on_its_site}
 
 
 def _moved(read: MeshRead, vs: str, applied: str | None) -> dict[str, Any] | None:

@@ -214,7 +214,7 @@
       parts.push(el("table", { cls: "pool", data: { pool: p.name } },
         el("thead", null, head), el("tbody", null, ...rows)));
       const head2 = el("tr", null, ...["virtual system", "mode", "weight", "active", "standby",
-        "backups"].map((h) => el("th", null, h)));
+        "backups", "operator's order"].map((h) => el("th", null, h)));
       const who = (vs, member) => {
         if (!member) return cell(null);
         const state = (vs.states || {})[member] || "";
@@ -223,13 +223,26 @@
       };
       const vsRows = systems.filter((vs) => vs.pool === p.name).map((vs) => {
         const active = who(vs, vs.active);
-        if (vs.moved) {
-          active.appendChild(el("span", { cls: "muted" }, vs.moved.applied
-            ? " (moved by operator)" : ` (moved to ${vs.moved.member}: not live)`));
+        const standby = who(vs, vs.standby);
+        const prio = vs.priority;
+        let order = cell(null);
+        if (prio) {
+          const list = prio.order || [];
+          if (list.length === 1) {
+            active.appendChild(el("span", { cls: "muted" }, prio.applied
+              ? " (moved by operator)" : ` (moved to ${list[0]}: not live)`));
+          } else if (prio.applied) {
+            active.appendChild(el("span", { cls: "muted" }, " (operator's order)"));
+          }
+          if (prio.standby_on_its_site) {
+            standby.appendChild(el("span", { cls: "muted" }, " (active's site)"));
+          }
+          order = cell(list.join(", ") + (prio.applied ? "" : " (none live)"),
+            { cls: "priority", title: `set by ${prio.by || "?"}: ${prio.reason || "-"}` });
         }
         return el("tr", { cls: "vs", data: { vs: vs.name, active: vs.active || "" } },
-          cell(vs.name), cell(vs.mode), numCell(vs.weight), active, who(vs, vs.standby),
-          cell((vs.backups || []).join(", ")));
+          cell(vs.name), cell(vs.mode), numCell(vs.weight), active, standby,
+          cell((vs.backups || []).join(", ")), order);
       });
       parts.push(el("table", { cls: "vs-roles", data: { pool: p.name } },
         el("thead", null, head2), el("tbody", null, ...vsRows)));
