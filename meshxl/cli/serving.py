@@ -50,7 +50,8 @@ def etcd_security_from(given: Mapping[str, Any]) -> Any:
                                     "MESHXL_ETCD_PASSWORD, not both")
         password = read_secret_file(given["password_file"], "etcd password file")
     security = EtcdSecurity(ca=given.get("ca"), cert=given.get("cert"), key=given.get("key"),
-                            user=given.get("user") or None, password=password)
+                            user=given.get("user") or None, password=password,
+                            password_file=given.get("password_file"))
     security.check()
     return security
 

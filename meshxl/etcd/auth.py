@@ -58,10 +58,14 @@ class TokenAuth:
 
     WATCH_TOKEN_AGE = 1.0
 
-    def __init__(self, user: str, password: str, timeout: float | None):
+    def __init__(self, user: str, password: str, timeout: float | None,
+                 reread: Callable[[], tuple[str, str]] | None = None):
         self._user = user
         self._password = password
         self._timeout = timeout
+        self._reread = reread
+        """The user and password as their files hold them now (a rotated password),
+        asked each time a token is fetched; None: always the ones given."""
         self._token: str | None = None
         self._confirmed = 0.0
         self._disabled = False
@@ -109,6 +113,16 @@ class TokenAuth:
 
     async def _authenticate(self) -> None:
         assert self.channel is not None
+        if self._reread is not None:
+            try:
+                user, password = self._reread()
+            except Exception as exc:  # a file being replaced: the last good ones
+                log.warning("etcd credentials not read again (%s); using the last ones", exc)
+            else:
+                if (user, password) != (self._user, self._password):
+                    log.info("etcd credentials read again from their files: %s",
+                             "password changed" if user == self._user else f"user {user!r}")
+                self._user, self._password = user, password
         stub = rpc.AuthStub(self.channel)
         request = rpc.AuthenticateRequest(name=self._user, password=self._password)
         try:

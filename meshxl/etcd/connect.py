@@ -64,6 +64,9 @@ class EtcdSecurity:
     ``key`` are this client's certificate for etcd's ``--client-cert-auth``; ``user`` and
     ``password`` authenticate to etcd's RBAC (``etcdctl auth enable``). Files are read
     when a client is made; :meth:`check` reads them once up front for a clear error.
+    ``user_file`` and ``password_file``: where ``user`` and ``password`` were read from,
+    read again each time the client authenticates anew (:meth:`credentials`), so a
+    password rotated in its file and then in etcd needs no restart.
     """
 
     ca: Path | None = None
@@ -71,6 +74,22 @@ class EtcdSecurity:
     key: Path | None = None
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    user_file: Path | None = None
+    password_file: Path | None = None
+
+    @property
+    def rereads(self) -> bool:
+        return self.user_file is not None or self.password_file is not None
+
+    def credentials(self) -> tuple[str, str]:
+        """The user and password as their files hold them now (those not from a file:
+        as given); a one-line :class:`EtcdSecurityError` naming a file that cannot be
+        read or is empty."""
+        user = (read_secret_file(self.user_file, "etcd user name file")
+                if self.user_file is not None else self.user or "")
+        password = (read_secret_file(self.password_file, "etcd password file")
+                    if self.password_file is not None else self.password or "")
+        return user, password
 
     @property
     def tls_files(self) -> bool:
@@ -163,7 +182,9 @@ def _one_client(host: str, port: int, tls: bool, security: EtcdSecurity,
         return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
     return SecureClient(host=host, port=port, timeout=timeout, options=options,
                          credentials=security.channel_credentials() if tls else None,
-                         auth=TokenAuth(security.user, security.password or "", timeout)
+                         auth=TokenAuth(security.user, security.password or "", timeout,
+                                        reread=security.credentials if security.rereads
+                                        else None)
                          if security.user else None)
 
 

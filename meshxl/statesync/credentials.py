@@ -6,8 +6,10 @@ layout of a Kubernetes Secret of type ``kubernetes.io/basic-auth`` mounted at
 that user (its own etcd client, :meth:`~.hosting.Hosting.client_for`), so etcd itself
 refuses it every other cluster's keys (``meshxl etcd grant CLUSTER --user NAME``); a
 cluster without one uses the process's ``--etcd-user`` (or none). The entry is read
-when the cluster starts: a virtual system added to a pool later picks up its own.
-TLS settings stay the process's.
+when the cluster starts: a virtual system added to a pool later picks up its own. Its
+files are read again whenever the cluster's client authenticates anew (etcd refused its
+token: after a password change, etcd drops the user's tokens), so a rotated password
+takes effect without a restart. TLS settings stay the process's.
 """
 
 from __future__ import annotations
@@ -48,4 +50,5 @@ def cluster_security(directory: Path | None, cluster: str,
     user = read_secret_file(entry / "username", f"the etcd user name file of cluster {cluster}")
     password = read_secret_file(entry / "password",
                                 f"the etcd password file of cluster {cluster}")
-    return dataclasses.replace(base or EtcdSecurity(), user=user, password=password)
+    return dataclasses.replace(base or EtcdSecurity(), user=user, password=password,
+                               user_file=entry / "username", password_file=entry / "password")

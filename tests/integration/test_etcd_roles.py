@@ -221,9 +221,20 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     assert not [line for line in sidecar.logs().splitlines()
                 if " WARNING " in line or " ERROR " in line], sidecar.logs()
 
+    # tb's password rotated, its file first (a Secret updated), then in etcd, which
+    # drops tb's tokens: the sidecar reads the file again, no restart, nothing refused.
+    _secret(creds / "tb" / "password", "rotated-password-of-tb")
+    code, _, err = await run([*ctl, "user", "passwd", "tenant-tb", "--interactive=false"],
+                             stdin=b"rotated-password-of-tb\n")  # etcdctl: no spaces
+    assert code == 0, err
+    rotated = await sidecar.request("PUT", "/v1/clusters/tb/sessions/s1", data=b'{"n": 1}',
+                                    headers={"Content-Type": "application/json"})
+    assert rotated.status == 200, rotated.json()
+    assert "etcd credentials read again from their files: password changed" in sidecar.logs()
+
     # ta's entry swapped for tb's user: etcd refuses ta everything of its own.
     _secret(creds / "ta" / "username", "tenant-tb")
-    _secret(creds / "ta" / "password", "password of tb")
+    _secret(creds / "ta" / "password", "rotated-password-of-tb")
     await sidecar.stop()
     await sidecar.start(wait_ready=False)
 

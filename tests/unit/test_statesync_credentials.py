@@ -23,9 +23,26 @@ def _entry(root: Path, cluster: str, **files: str) -> Path:
 def test_an_entry_gives_the_cluster_its_own_user_and_keeps_tls(tmp_path: Path) -> None:
     _entry(tmp_path, "ta", username="tenant-ta\n", password="secret of ta\n")
     got = cluster_security(tmp_path, "ta", BASE)
-    assert got == EtcdSecurity(ca=Path("/ca.pem"), user="tenant-ta", password="secret of ta")
-    assert cluster_security(tmp_path, "ta", None) == EtcdSecurity(user="tenant-ta",
-                                                                  password="secret of ta")
+    files = {"user_file": tmp_path / "ta" / "username",
+             "password_file": tmp_path / "ta" / "password"}
+    assert got == EtcdSecurity(ca=Path("/ca.pem"), user="tenant-ta", password="secret of ta",
+                               **files)
+    assert cluster_security(tmp_path, "ta", None) == EtcdSecurity(
+        user="tenant-ta", password="secret of ta", **files)
+
+
+def test_the_entry_is_read_again_for_each_authentication(tmp_path: Path) -> None:
+    """A rotated password: the client reads the files again when it authenticates anew."""
+    _entry(tmp_path, "ta", username="tenant-ta\n", password="old\n")
+    got = cluster_security(tmp_path, "ta", None)
+    assert got is not None and got.rereads and got.credentials() == ("tenant-ta", "old")
+    (tmp_path / "ta" / "password").write_text("new\n")
+    assert got.credentials() == ("tenant-ta", "new")
+    (tmp_path / "ta" / "password").write_text("")
+    with pytest.raises(EtcdSecurityError, match="etcd password file .* is empty"):
+        got.credentials()
+    assert not EtcdSecurity(user="u", password="p").rereads
+    assert EtcdSecurity(user="u", password="p").credentials() == ("u", "p")
 
 
 def test_no_entry_or_no_directory_keeps_the_process_settings(tmp_path: Path) -> None:
