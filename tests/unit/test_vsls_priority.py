@@ -24,18 +24,9 @@ from meshxl.model.placement import (
 from meshxl.model.records import PriorityList
 from meshxl.model.vsls import check_priority, placed, placement_of, site_rule_warnings
 from meshxl.xds.compiler import Compiler
+from tests.unit.test_vsls import POOL
 
-MODEL = """
-pools:
-  - name: web
-    listener: {address: 127.0.0.1, port: 10000}
-    sites: [{name: a}, {name: b}]
-    members:
-      - {name: m1, address: 127.0.0.1, port: 9001, site: a}
-      - {name: m2, address: 127.0.0.1, port: 9002, site: b}
-      - {name: m3, address: 127.0.0.1, port: 9003, site: a}
-      - {name: m4, address: 127.0.0.1, port: 9004, site: b}
-virtual_systems:
+MODEL = POOL + """virtual_systems:
   - names: [t01, t02, t03, t04, t05, t06, t07, t08]
     pool: web
   - {name: big, pool: web, backups: 1}
