@@ -55,6 +55,8 @@ class QuotaRefused(RequestRefused):
                          [("Retry-After", str(seconds))], quota=quota, limit=limit,
                          current=current, retry_after=seconds)
         self.quota = quota
+        self.wait = retry_after
+        """Seconds until the write could be admitted (``Retry-After`` rounds it up)."""
 
 
 class TokenBucket:
@@ -270,8 +272,12 @@ class HeadRefusal:
     """A PUT's or PATCH's 429 from its head when its cluster's rate quota has no token
     for it now (:meth:`QuotaGuard.rate_refusal`): the body is then neither kept nor
     parsed, and no handler runs; None: it goes on (to :meth:`QuotaGuard.admit`, which
-    takes the token). A route's ``refuse`` (http/routing.py); ``owner``: what holds the
-    cluster's sidecar (``owner.sidecar.quota``), read when a request comes."""
+    takes the token). With the quota's ``hold_refused`` (the default), the answer may be
+    held until the bucket would hold a token (``request.hold``: http/admission.py), so
+    a client that ignores ``Retry-After`` but waits for its answers sends no more
+    refused writes on a connection than the rate mints tokens. A route's ``refuse``
+    (http/routing.py); ``owner``: what holds the cluster's sidecar
+    (``owner.sidecar.quota``), read when a request comes."""
 
     __slots__ = ("owner",)
 
@@ -279,7 +285,10 @@ class HeadRefusal:
         self.owner = owner
 
     def __call__(self, request: Any) -> Response | None:
-        refused = self.owner.sidecar.quota.rate_refusal()
+        quota = self.owner.sidecar.quota
+        refused = quota.rate_refusal()
         if refused is None:
             return None
+        if quota.limits.hold_refused:
+            request.hold = refused.wait
         return error(refused.status, str(refused), refused.headers, **refused.details)
