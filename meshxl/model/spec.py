@@ -395,8 +395,8 @@ class SessionQuota(_Spec):
     worth); a bulk save or transaction counts each session it writes."""
     hold_refused: bool = True
     """A PUT or PATCH refused from its head for ``writes_per_second`` is answered when
-    the bucket would hold a token for it (at most 1 s later), unless another request
-    follows it on its connection; False: at once."""
+    the bucket would hold a token for it after those held before it (at most 1 s
+    later), unless another request follows it on its connection; False: at once."""
 
 
 class SessionSync(_Spec):

@@ -290,6 +290,8 @@ def test_a_hosted_cluster_refuses_a_write_over_its_rate_from_the_head() -> None:
         assert json.loads(answer.body)["quota"] == "writes_per_second"
         request.params = {**params, "cluster": "nope"}
         assert refuse(request) is None
+    clock.now += 2.0  # the holds above are over: the next waits for the token alone
+    parts.quota.admit([put("a", 1)])
     clock.now += 0.75
     request.params = params
     request.hold = 0.0
@@ -301,6 +303,23 @@ def test_a_hosted_cluster_refuses_a_write_over_its_rate_from_the_head() -> None:
     assert request.hold == 0.0  # answered at once
     clock.now += 0.25
     assert methods["PUT"].refuse(request) is None  # type: ignore[misc]
+
+
+def test_refusals_held_together_are_answered_a_token_apart_at_most_a_second() -> None:
+    clock = Clock()
+    g = guard(Cluster(), clock, writes_per_second=4)
+    g.admit([put("a", 1)] * 4)  # the bucket empty: a token in 0.25 s
+    holds = []
+    for _ in range(6):
+        refused = g.rate_refusal()
+        assert refused is not None and refused.wait == pytest.approx(0.25)
+        holds.append(g.hold(refused))
+    assert holds == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # MAX_HOLD
+    clock.now += 3.0
+    g.admit([put("a", 1)] * 4)
+    clock.now += 0.1
+    refused = g.rate_refusal()
+    assert refused is not None and g.hold(refused) == pytest.approx(0.15)
 
 
 def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:
