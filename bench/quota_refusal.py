@@ -2,8 +2,10 @@
 and per second of a flood, with the refusals answered at once and held.
 
 Run: ``.venv/bin/python bench/quota_refusal.py [--requests N] [--seconds S] [--rounds R]``;
-another version's code with ``PYTHONPATH=/path/to/other/checkout`` (the sidecar inherits
-it; a checkout without ``hold_refused`` takes ``--at-once-only``).
+another version's code with ``PYTHONPATH=/path/to/other/checkout``, run from that
+checkout's directory (the sidecar, ``python -m meshxl``, inherits both and puts its
+working directory first on its path; a checkout without ``hold_refused`` takes
+``--at-once-only``).
 
 One etcd and one sidecar of a pool (``meshxl serve statesync --pool web``) hosting
 three VSs: ``t01`` with ``writes_per_second: 5`` (its refusals held, the default),
