@@ -4,7 +4,8 @@ per session write, so it is lean. Its modules, each below the next: :mod:`.messa
 how pipelined requests may run beside each other), :mod:`.site` (what the connections
 share), :mod:`.admission` (what is decided from a request's head, and when a refusal
 so decided is answered), :mod:`.connection` (parsing, the queue of pipelined requests,
-answers in order), :mod:`.server` (listening, timeouts, shutdown). What it shares with meshxl's aiohttp servers is :mod:`meshxl.httpbase`.
+answers in order), :mod:`.server` (listening, timeouts, shutdown). What it shares with
+meshxl's aiohttp servers is :mod:`meshxl.httpbase`.
 
 Why not aiohttp's server, which the other meshxl servers run on: on the same machine,
 aiohttp's request handling costs several times this server's CPU per request (llhttp
