@@ -85,6 +85,11 @@ NAME = "vsls"
 TARGET_SHARE = 1.1
 TARGET_JOIN = 1.1
 TARGET_FLOOD = 1.2
+TARGET_REFUSALS = 2.0
+"""The flood's refused writes a second over its quota, at most: its 8 writers each wait
+for their answers, and a refusal's answer is held until a token would be there for it
+(``hold_refused``), so they come back about as often as the quota mints tokens (the
+window's edges and one per writer a second at most once each is held the longest)."""
 TARGET_RTO_S = 1.0
 
 
@@ -327,6 +332,13 @@ def verdicts(res: Mapping[str, Any]) -> list[Verdict]:
     out.append(Verdict("flood at quota: other tenants' write p99 ratio", fl.get("ratio"),
                        TARGET_FLOOD, "x", reference=fl.get("reference", ""),
                        note=fl.get("skipped", "")))
+    refusals = fl.get("refused_per_s")
+    out.append(Verdict("flood past quota: refused writes a second / quota",
+                       None if refusals is None or not fl.get("quota_wps")
+                       else round(refusals / fl["quota_wps"], 2), TARGET_REFUSALS, "x",
+                       reference=f"{refusals}/s refused, quota {fl.get('quota_wps')}/s",
+                       note=fl.get("skipped", "") or "held answers: refusals come back "
+                       "about as often as the quota mints tokens"))
     same = fl.get("same_member_ratio")
     out.append(Verdict("flood at quota: write p99 ratio, tenants on its member", same,
                        TARGET_FLOOD, "x", reference=fl.get("same_member_reference", ""),

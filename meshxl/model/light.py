@@ -90,6 +90,7 @@ class LightQuota:
     sessions: int | None = None
     bytes: int | None = None
     writes_per_second: float | None = None
+    hold_refused: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,14 +455,15 @@ class _Reader:
 
     def quota(self, data: Any, path: str) -> LightQuota:
         found = self._object(data, path, frozenset({"sessions", "bytes",
-                                                    "writes_per_second"}))
+                                                    "writes_per_second", "hold_refused"}))
         if found is None:
             return LightQuota()
         f = self._field
         return LightQuota(
             f(found, path, "sessions", _optional(_ranged(1, 1_000_000_000)), None),
             f(found, path, "bytes", _optional(_ranged(1, 1 << 50)), None),
-            f(found, path, "writes_per_second", _optional(_rate), None))
+            f(found, path, "writes_per_second", _optional(_rate), None),
+            f(found, path, "hold_refused", _boolean, True))
 
     def failover(self, data: Any, path: str) -> LightFailover:
         found = self._object(data, path, frozenset({"all_withdrawn", "failback",

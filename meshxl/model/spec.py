@@ -393,6 +393,10 @@ class SessionQuota(_Spec):
     writes_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
     """Session writes per second per sidecar (a token bucket holding one second's
     worth); a bulk save or transaction counts each session it writes."""
+    hold_refused: bool = True
+    """A PUT or PATCH refused from its head for ``writes_per_second`` is answered when
+    the bucket would hold a token for it after those held before it (at most 1 s
+    later), unless another request follows it on its connection; False: at once."""
 
 
 class SessionSync(_Spec):

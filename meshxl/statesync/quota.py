@@ -32,6 +32,7 @@ from typing import Any
 from meshxl.model.light import LightQuota
 
 from .http import RequestRefused, Response, error
+from .http.admission import MAX_HOLD
 from .metrics import StatesyncMetrics
 from .writes import DELETE, PATCH, Write
 
@@ -55,6 +56,8 @@ class QuotaRefused(RequestRefused):
                          [("Retry-After", str(seconds))], quota=quota, limit=limit,
                          current=current, retry_after=seconds)
         self.quota = quota
+        self.wait = retry_after
+        """Seconds until the write could be admitted (``Retry-After`` rounds it up)."""
 
 
 class TokenBucket:
@@ -150,6 +153,8 @@ class QuotaGuard:
         self._admitted: dict[str, int] = {}
         """Sessions this sidecar admitted since the last count, with their new size."""
         self.refused: dict[str, int] = {}
+        self._held_until = -math.inf
+        """When the last refusal held (:meth:`hold`) is answered."""
         self.enabled = (limits.sessions is not None or limits.bytes is not None
                         or rate is not None)
 
@@ -229,6 +234,20 @@ class QuotaGuard:
         return self._refusal("writes_per_second", self.limits.writes_per_second,
                              self._rate.value(), wait)
 
+    def hold(self, refused: QuotaRefused) -> float:
+        """Seconds the answer to a write ``refused`` for the rate is held: until the
+        bucket would hold a token for it after one for each refusal held before it
+        (1/rate apart, as a rate limit that delays would let them through), at most
+        :data:`~.http.admission.MAX_HOLD`. So the refused writes of clients that wait
+        for their answers come back about as often as the rate mints tokens, however
+        many connections they use (until each is held the most)."""
+        assert self.bucket is not None
+        now = self._clock()
+        end = min(max(now + refused.wait, self._held_until + 1.0 / self.bucket.rate),
+                  now + MAX_HOLD)
+        self._held_until = end
+        return end - now
+
     def _refusal(self, quota: str, limit: float, current: float,
                  retry_after: float) -> QuotaRefused:
         """A refusal, counted (``refused`` and the metric)."""
@@ -270,8 +289,13 @@ class HeadRefusal:
     """A PUT's or PATCH's 429 from its head when its cluster's rate quota has no token
     for it now (:meth:`QuotaGuard.rate_refusal`): the body is then neither kept nor
     parsed, and no handler runs; None: it goes on (to :meth:`QuotaGuard.admit`, which
-    takes the token). A route's ``refuse`` (http/routing.py); ``owner``: what holds the
-    cluster's sidecar (``owner.sidecar.quota``), read when a request comes."""
+    takes the token). With the quota's ``hold_refused`` (the default), the answer may be
+    held until the bucket would hold a token for it (``request.hold``:
+    :meth:`QuotaGuard.hold`, http/admission.py), so clients that ignore
+    ``Retry-After`` but wait for their answers send refused writes about as often as
+    the rate mints tokens. A route's ``refuse``
+    (http/routing.py); ``owner``: what holds the cluster's sidecar
+    (``owner.sidecar.quota``), read when a request comes."""
 
     __slots__ = ("owner",)
 
@@ -279,7 +303,10 @@ class HeadRefusal:
         self.owner = owner
 
     def __call__(self, request: Any) -> Response | None:
-        refused = self.owner.sidecar.quota.rate_refusal()
+        quota = self.owner.sidecar.quota
+        refused = quota.rate_refusal()
         if refused is None:
             return None
+        if quota.limits.hold_refused:
+            request.hold = quota.hold(refused)
         return error(refused.status, str(refused), refused.headers, **refused.details)

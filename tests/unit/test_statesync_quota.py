@@ -195,6 +195,9 @@ virtual_systems:
     pool: web
     sessions: {ttl: 10m, quota: {writes_per_second: 50}}
   - {name: big, pool: web}
+  - name: t09
+    pool: web
+    sessions: {quota: {writes_per_second: 5, hold_refused: false}}
 """
 
 
@@ -209,10 +212,14 @@ def test_the_model_and_the_sidecar_read_the_same_quota() -> None:
     assert light.sessions_of("big").quota == LightQuota()  # type: ignore[union-attr]
     assert light.sessions_of("nobody") is None
     assert model.virtual_systems[0].sessions.quota.writes_per_second == 50
+    assert model.virtual_systems[0].sessions.quota.hold_refused  # the default
+    assert not model.virtual_systems[2].sessions.quota.hold_refused
+    assert light.sessions_of("t09").quota == LightQuota(None, None, 5, False)  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("quota", ["{sessions: 0}", "{bytes: -1}", "{writes_per_second: 0}",
-                                   "{writes_per_second: fast}", "{burst: 3}"])
+                                   "{writes_per_second: fast}", "{burst: 3}",
+                                   "{hold_refused: maybe}"])
 def test_a_wrong_quota_is_refused_by_both_readers(quota: str) -> None:
     text = f"""\
 clusters:
@@ -279,12 +286,40 @@ def test_a_hosted_cluster_refuses_a_write_over_its_rate_from_the_head() -> None:
         answer = refuse(request)
         assert answer is not None and answer.status == 429
         assert answer.header("Retry-After") == "1"
+        assert request.hold == pytest.approx(1.0)  # answered when a token would be there
         assert json.loads(answer.body)["quota"] == "writes_per_second"
         request.params = {**params, "cluster": "nope"}
         assert refuse(request) is None
-    clock.now += 1.0
+    clock.now += 2.0  # the holds above are over: the next waits for the token alone
+    parts.quota.admit([put("a", 1)])
+    clock.now += 0.75
     request.params = params
+    request.hold = 0.0
+    assert methods["PUT"].refuse(request) is not None  # type: ignore[misc]
+    assert request.hold == pytest.approx(0.25)  # the token's wait, not Retry-After's 1 s
+    parts.quota.limits = LightQuota(writes_per_second=1, hold_refused=False)
+    request.hold = 0.0
+    assert methods["PUT"].refuse(request) is not None  # type: ignore[misc]
+    assert request.hold == 0.0  # answered at once
+    clock.now += 0.25
     assert methods["PUT"].refuse(request) is None  # type: ignore[misc]
+
+
+def test_refusals_held_together_are_answered_a_token_apart_at_most_a_second() -> None:
+    clock = Clock()
+    g = guard(Cluster(), clock, writes_per_second=4)
+    g.admit([put("a", 1)] * 4)  # the bucket empty: a token in 0.25 s
+    holds = []
+    for _ in range(6):
+        refused = g.rate_refusal()
+        assert refused is not None and refused.wait == pytest.approx(0.25)
+        holds.append(g.hold(refused))
+    assert holds == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])  # MAX_HOLD
+    clock.now += 3.0
+    g.admit([put("a", 1)] * 4)
+    clock.now += 0.1
+    refused = g.rate_refusal()
+    assert refused is not None and g.hold(refused) == pytest.approx(0.15)
 
 
 def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:

@@ -1,9 +1,11 @@
 """The sidecar's HTTP/1.1 server: its API's cost per request is the application's cost
-per session write, so it is lean. Four modules, each below the next: :mod:`.messages`
+per session write, so it is lean. Its modules, each below the next: :mod:`.messages`
 (responses, error answers, the answer's head), :mod:`.routing` (requests, routes and
-how pipelined requests may run beside each other), :mod:`.connection` (parsing, the
-queue of pipelined requests, answers in order), :mod:`.server` (listening, timeouts,
-shutdown). What it shares with meshxl's aiohttp servers is :mod:`meshxl.httpbase`.
+how pipelined requests may run beside each other), :mod:`.site` (what the connections
+share), :mod:`.admission` (what is decided from a request's head, and when a refusal
+so decided is answered), :mod:`.connection` (parsing, the queue of pipelined requests,
+answers in order), :mod:`.server` (listening, timeouts, shutdown). What it shares with
+meshxl's aiohttp servers is :mod:`meshxl.httpbase`.
 
 Why not aiohttp's server, which the other meshxl servers run on: on the same machine,
 aiohttp's request handling costs several times this server's CPU per request (llhttp
@@ -32,6 +34,10 @@ JSON API on loopback, so it does what that needs and refuses the rest clearly:
 * request heads bounded: a request line or header field of at most
   :data:`~meshxl.httpbase.MAX_FIELD_SIZE` bytes (414, 431), at most
   :data:`~meshxl.httpbase.MAX_HEADERS` fields (431);
+* a refusal decided from the head that may wait (:attr:`.routing.Request.hold`, set by
+  a route's ``refuse``) is answered up to that long later, at most
+  :data:`.admission.MAX_HOLD`, while nothing follows it on its connection: a request
+  behind it, a half-close or a shutdown sends it at once, in order;
 * timeouts: a complete head within ``header_timeout`` seconds of the connection's last
   answer (idle connections close then), a body within ``body_timeout`` (408);
 * every error answer is JSON, ``{"error": ..., "status": ...}`` (:mod:`meshxl.httpbase`'s

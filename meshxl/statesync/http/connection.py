@@ -1,8 +1,9 @@
 """One client connection of the sidecar's server: parse (llhttp through ``httptools``),
-admit from the head (token, route, method, declared size), queue pipelined requests and
-take each up as soon as none before it conflicts (:func:`.routing.must_wait`), answer
-in order, the answers ready in one turn of the event loop in one write. What the
-connections of one server share is its :class:`~.site.Site`."""
+admit from the head (:mod:`.admission`), queue pipelined requests and take each up as
+soon as none before it conflicts (:func:`.routing.must_wait`), answer in order, the
+answers ready in one turn of the event loop in one write; a refusal that may wait is
+held while nothing follows it (:class:`.admission.Hold`). What the connections of one
+server share is its :class:`~.site.Site`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httptools
 from meshxl.headers import lower_name
 from meshxl.httpbase import MAX_FIELD_SIZE, MAX_HEADERS
 
+from .admission import Hold, admit
 from .messages import JSON, Response, encode_head, error
 from .routing import IGNORED_BODY, WRITE, Request, failure, framing_refusal, handled, must_wait
 from .site import BODY, DONE, HEAD, IDLE, Site
@@ -42,14 +44,10 @@ class _Stop(Exception):
         self.response = response
 
 
-_HEAD_ONLY = {"HEAD": "GET"}
-"""A method answered by another's route, its answer without the body (RFC 9110 9.3.2)."""
-
-
-class _Slot:
+class Slot:
     """A request taken up, in arrival order: its answer, once there is one (a request
-    refused from its head has its answer at once; ``request`` None: the answer to bytes
-    that could not be parsed, the connection's last)."""
+    refused from its head has its answer at once, unless it is held; ``request`` None:
+    the answer to bytes that could not be parsed, the connection's last)."""
 
     __slots__ = ("request", "response")
 
@@ -69,8 +67,10 @@ class Connection(asyncio.Protocol):
         self.queue: deque[Request | Response] = deque()
         """Complete requests not taken up yet, in arrival order; last, the answer to one
         that could not be parsed (then the connection closes)."""
-        self.slots: deque[_Slot] = deque()
+        self.slots: deque[Slot] = deque()
         """Requests taken up and not answered yet, in arrival order."""
+        self.holding: Hold | None = None
+        """The refusal held in the last slot, if any (:mod:`.admission`)."""
         self.active: list[Request] = []
         """Requests whose handlers run."""
         self.others = 0
@@ -127,6 +127,9 @@ class Connection(asyncio.Protocol):
             self.site.drained.set()
         self.transport = None
         self.queue.clear()
+        if self.holding is not None:
+            self.holding.timer.cancel()
+            self.holding = None
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -169,6 +172,9 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.slots or self.queue:
             self.closing = True  # answer what came (half-closed clients read it)
+            if self.holding is not None:
+                self._unhold()
+                self.loop.call_soon(self._flush_then_next)
             return True
         return None
 
@@ -176,6 +182,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.state = HEAD
+        self._unhold()  # another request follows: the held answer goes before its own
         # A head has header_timeout from its first byte, whatever came before it on the
         # connection (a request under way, an answer not yet sent).
         self.started = self.loop.time()
@@ -224,7 +231,6 @@ class Connection(asyncio.Protocol):
                           parser.get_http_version(), self._headers,
                           parser.should_keep_alive())
         self._request = request
-        self._limit = 0
         headers = self._headers
         if request.version != "1.1" or "host" not in headers \
                 or "transfer-encoding" in headers or ", " in headers["host"]:
@@ -232,7 +238,8 @@ class Connection(asyncio.Protocol):
             if refusal is not None:
                 raise _Stop(refusal)
         expects = headers.get("expect", "").lower() == "100-continue"
-        request.refusal = self._admit(request)
+        request.refusal = admit(self.site, request)
+        self._limit = request.route.max_body if request.route is not None else 0
         if request.refusal is not None:
             if expects:  # the client waits before sending the body: answer now
                 raise _Stop(request.refusal)
@@ -279,49 +286,6 @@ class Connection(asyncio.Protocol):
             self.paused_reading = True
             self.transport.pause_reading()
 
-    # -- admission: what is known from the head ---------------------------------------------
-
-    def _admit(self, request: Request) -> Response | None:
-        """A refusal decided from the head (token, route, method, declared size, the
-        route's ``refuse``), or None: the request goes on, its body bounded by the
-        route's ``max_body``."""
-        site = self.site
-        if site.authorize is not None:
-            refusal = site.authorize(request)
-            if refusal is not None:
-                return refusal
-        found = site.router.resolve(request.path)
-        if found is None:
-            fallback = site.router.fallback
-            if fallback is None:
-                return error(404, "Not Found", path=request.path)
-            found = {request.method: fallback}, {}
-        methods, params = found
-        route = methods.get(request.method)
-        if route is None and request.method in _HEAD_ONLY:
-            route = methods.get(_HEAD_ONLY[request.method])
-        if route is None:
-            allowed = sorted({*methods, *(h for h, m in _HEAD_ONLY.items() if m in methods)})
-            return error(405, "Method Not Allowed", [("Allow", ",".join(allowed))],
-                         path=request.path, allowed=allowed)
-        request.route = route
-        request.params = params
-        if route.key is not None:
-            request.session_id = params.get(route.key)
-        self._limit = route.max_body
-        length = request.headers.get("content-length")
-        if route.max_body and length is not None and length.isdigit() and \
-                int(length) > route.max_body:
-            self.site.hit("body_size")
-            return error(413, f"{route.what} is {int(length)} bytes; the limit is "
-                              f"{route.max_body}", limit=route.max_body)
-        if route.refuse is None:
-            return None
-        try:
-            return route.refuse(request)
-        except Exception as exc:  # noqa: BLE001 - a refusal (its 4xx/503) or a defect (500)
-            return failure(request, exc)
-
     # -- answering ----------------------------------------------------------------------------
 
     def _next(self) -> None:
@@ -367,13 +331,18 @@ class Connection(asyncio.Protocol):
             item = queue[0]
             if isinstance(item, Response):  # bytes that could not be parsed: the end
                 queue.popleft()
-                slots.append(_Slot(None, item))
+                slots.append(Slot(None, item))
                 self.held += len(item.body)
                 continue
             if item.refusal is not None:
                 queue.popleft()
-                slots.append(_Slot(item, item.refusal))
-                self.held += len(item.refusal.body)
+                if item.hold and not queue and self._may_hold():
+                    slot = Slot(item, None)
+                    self.holding = Hold(self.loop, slot, item.hold, self._hold_expired)
+                else:
+                    slot = Slot(item, item.refusal)
+                    self.held += len(item.refusal.body)
+                slots.append(slot)
                 continue
             assert item.route is not None
             write = item.route.access == WRITE
@@ -381,7 +350,7 @@ class Connection(asyncio.Protocol):
                     must_wait(item, other) for other in self.active):
                 break
             queue.popleft()
-            slot = _Slot(item, None)
+            slot = Slot(item, None)
             slots.append(slot)
             self.active.append(item)
             if not write:
@@ -393,7 +362,7 @@ class Connection(asyncio.Protocol):
                     continue
             self.loop.create_task(self._handle(slot))
 
-    def _group(self, first: Request, slot: _Slot) -> tuple[list[Request], list[_Slot]]:
+    def _group(self, first: Request, slot: Slot) -> tuple[list[Request], list[Slot]]:
         """``first`` (taken up in ``slot``) and the requests queued right behind it that
         its route's group handler takes with it: the same route, each another session,
         none refused from its head or waiting for a request under way (taken up here)."""
@@ -409,14 +378,14 @@ class Connection(asyncio.Protocol):
                 break  # a read of its session under way: it waits, and what follows it
             queue.popleft()
             sessions.add(item.session_id)
-            taken = _Slot(item, None)
+            taken = Slot(item, None)
             slots.append(taken)
             active.append(item)
             requests.append(item)
             group.append(taken)
         return requests, group
 
-    async def _handle(self, slot: _Slot) -> None:
+    async def _handle(self, slot: Slot) -> None:
         request = slot.request
         assert request is not None and request.route is not None
         if self.site.wrap is not None:
@@ -430,7 +399,7 @@ class Connection(asyncio.Protocol):
         self.held += len(response.body)
         self._answered(request)
 
-    async def _handle_group(self, requests: list[Request], group: list[_Slot]) -> None:
+    async def _handle_group(self, requests: list[Request], group: list[Slot]) -> None:
         """Requests taken up together (:attr:`Route.group`), ``group`` their slots,
         each answered when its own answer comes: a slow one holds back only the
         answers after it."""
@@ -475,6 +444,23 @@ class Connection(asyncio.Protocol):
 
     def _flush_then_next(self) -> None:
         self.flush_soon = False
+        if self.transport is not None:
+            self._next()
+
+    def _may_hold(self) -> bool:
+        """Whether a refusal taken up now, with nothing queued behind it, may be held:
+        no part of another request has come, and the connection goes on."""
+        return self.state == IDLE and not self.closing and self.transport is not None \
+            and not self.site.closing
+
+    def _unhold(self) -> None:
+        """The held refusal, if any, answered now (sent with what is ready)."""
+        if self.holding is not None:
+            self.held += len(self.holding.answer().body)
+            self.holding = None
+
+    def _hold_expired(self) -> None:
+        self._unhold()
         if self.transport is not None:
             self._next()
 
@@ -582,7 +568,10 @@ class Connection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         self.closing = True
-        if not self.slots and not self.queue:
+        if self.holding is not None:  # a held answer goes now: no drain waits for it
+            self._unhold()
+            self._next()
+        elif not self.slots and not self.queue:
             self._close()
 
     def abort(self) -> None:

@@ -41,8 +41,8 @@ class Request:
     """One request: ``headers`` by lower-case name (repeated fields joined with
     ``", "``), ``params`` the route's path parameters (percent-decoded)."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "params", "path", "query",
-                 "refusal", "route", "session_id", "version")
+    __slots__ = ("body", "headers", "hold", "keep_alive", "method", "params", "path",
+                 "query", "refusal", "route", "session_id", "version")
 
     def __init__(self, method: str, path: str, query: str, version: str,
                  headers: dict[str, str], keep_alive: bool):
@@ -57,6 +57,9 @@ class Request:
         self.route: Route | None = None
         self.refusal: Response | None = None
         """Decided from the head (401, 404, 405, 413...): answered instead of the route."""
+        self.hold = 0.0
+        """Seconds the refusal's answer may wait before it is sent, while nothing follows
+        it on its connection (set by a route's ``refuse``: .admission.Hold)."""
         self.session_id: str | None = None
         """The one session it touches (the route's ``key`` parameter), None: any."""
 
@@ -95,7 +98,7 @@ class Route:
     refuse: Refuse | None = None
     """Called once the head is read: a refusal that needs no body (a write over its
     cluster's rate quota), answered as a 404 or 413 from the head is, the body read and
-    dropped, no handler run."""
+    dropped, no handler run; it may set the request's :attr:`Request.hold`."""
 
 
 class Router:
