@@ -172,6 +172,9 @@ class RuntimeState:
     """Members judged sick (degraded) or probed, by the control plane."""
     preferred: Mapping[tuple[str, str], AdminAction] = field(default_factory=dict)
     """(virtual system, member): its active chosen by the operator (``meshxl vs move``)."""
+    flushed: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
+    """(cluster, member): the planned moves away from it (:mod:`.moves`) for which its
+    sidecar replicated every young session, each with when (the sidecar's clock)."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""
