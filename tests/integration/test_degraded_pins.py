@@ -163,10 +163,14 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
         harness: Owner, tmp_path: Path) -> None:
     """Every session is pinned to the active and none is new once the active turns
     sick: the probe lets the active's pins go, so the standby serves some of the same
-    sessions, is judged better and takes the role; the rest follow it."""
+    sessions, is judged better and takes the role; the rest follow it. With delayed
+    sync, every session is younger than ``sync_delay`` and on the active only: the
+    probe and the move replicate them first (meshxl.model.moves), so none loses its
+    count."""
     async with DemoDeployment(
             tmp_path / "work", mode="high-availability", pin=True, faults=True,
-            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}"}) as d:
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
+                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
         async with sessions_on(d, names) as run:
