@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from .runtime import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, Health, RuntimeState
@@ -56,14 +56,17 @@ def record_time(at: str) -> float:
     return found if math.isfinite(found) else -math.inf
 
 
-def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState) -> list[Move]:
+def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
+          pool: str | None = None) -> list[Move]:
     """The planned moves in ``state`` away from members of ``cluster``; ``sites``: the
-    members that could flush (registered), each with its site."""
+    members that could flush (registered), each with its site; ``pool``: a virtual
+    system's pool (``meshxl member down POOL MEMBER`` re-places its virtual systems)."""
     found: list[Move] = []
-    for member, action in state.members_down_of(cluster).items():
-        if member in sites:
-            found.append(Move(f"down@{action.at}", "admin", (cluster, member), (member,),
-                              record_time(action.at)))
+    for where in (cluster, pool) if pool else (cluster,):
+        for member, action in state.members_down_of(where).items():
+            if member in sites:
+                found.append(Move(f"down@{action.at}", "admin", (where, member), (member,),
+                                  record_time(action.at)))
     for site, action in state.sites_offline.items():
         members = tuple(sorted(m for m, s in sites.items() if s == site))
         if members:
@@ -94,10 +97,10 @@ def _away(member: str, health: Health) -> str | None:
     return None  # held: it serves nothing already
 
 
-def moves_away_from(cluster: str, member: str, site: str | None,
-                    state: RuntimeState) -> tuple[str, ...]:
+def moves_away_from(cluster: str, member: str, site: str | None, state: RuntimeState,
+                    pool: str | None = None) -> tuple[str, ...]:
     """The tokens of the planned moves away from ``member`` (its sidecar's view)."""
-    return tuple(sorted(m.token for m in moves(cluster, {member: site or ""}, state)))
+    return tuple(sorted(m.token for m in moves(cluster, {member: site or ""}, state, pool)))
 
 
 @dataclass(frozen=True)
@@ -111,30 +114,38 @@ class Held:
     """When the first waiting move goes ahead unacknowledged (Unix seconds)."""
     unacknowledged: frozenset[str] = frozenset()
     """The tokens of the moves that went ahead after the wait, unacknowledged."""
+    started: Mapping[str, float] = field(default_factory=dict)
+    """When each move that went ahead did (by token): its caller keeps them, so a
+    sidecar that restarts (its acknowledgement gone with its lease) moves no step."""
 
 
-def held_back(clusters: Iterable[tuple[str, float, Mapping[str, str]]], state: RuntimeState,
-              now: float, first_seen: Mapping[str, float] | None = None) -> Held:
+def held_back(clusters: Iterable[tuple[str, float, Mapping[str, str], str | None]],
+              state: RuntimeState, now: float,
+              first_seen: Mapping[str, float] | None = None,
+              started: Mapping[str, float] | None = None) -> Held:
     """``state`` with the planned moves left out whose members have not all
     acknowledged them, for ``clusters`` (name, ``sync_delay`` above 0, registered
-    members and their sites). A move waits at most ``sync_delay`` + :data:`GRACE` from
-    its record's time, or from when this replica first saw it (``first_seen`` by
-    token: a record written with a clock ahead of this one's). A degraded member's
-    step-down starts when the move goes ahead: its acknowledgement's time, or the end
-    of the wait."""
+    members and their sites, a virtual system's pool). A move waits at most
+    ``sync_delay`` + :data:`GRACE` from its record's time, or from when this replica
+    first saw it (``first_seen`` by token: a record written with a clock ahead of this
+    one's). A degraded member's step-down starts when the move goes ahead: its
+    acknowledgement's time, or the end of the wait (or as ``started`` remembers)."""
     if not (state.members_down or state.sites_offline or state.health or state.preferred):
         return Held(state, (), None)
-    seen = first_seen or {}
+    seen, went = first_seen or {}, started or {}
     waiting: list[Move] = []
     starts: dict[tuple[str, str], float] = {}
+    begun: dict[str, float] = {}
     deadlines: list[float] = []
     late: set[str] = set()
-    for cluster, delay, sites in clusters:
-        for move in moves(cluster, sites, state):
+    for cluster, delay, sites, pool in clusters:
+        for move in moves(cluster, sites, state, pool):
             bound = min(move.at, seen.get(move.token, move.at)) + delay + GRACE
             acks = [state.flushed.get((cluster, m), {}).get(move.token) for m in move.members]
-            if all(a is not None for a in acks):
-                start = max([move.at, *(a for a in acks if a is not None)])
+            if move.token in went:
+                start = went[move.token]
+            elif all(a is not None for a in acks):
+                start = min(bound, max([move.at, *(a for a in acks if a is not None)]))
             elif now >= bound:
                 start = bound
                 late.add(move.token)
@@ -142,10 +153,11 @@ def held_back(clusters: Iterable[tuple[str, float, Mapping[str, str]]], state: R
                 waiting.append(move)
                 deadlines.append(bound)
                 continue
+            begun[move.token] = start
             if move.kind == "health" and move.token.startswith(DEGRADED_KIND):
-                starts[move.key] = min(start, bound)
+                starts[move.key] = start
     if not waiting and not starts:
-        return Held(state, (), None, frozenset(late))
+        return Held(state, (), None, frozenset(late), begun)
     drop = {(m.kind, m.key) for m in waiting}
     health = {k: replace(h, since=max(h.since, starts[k])) if k in starts else h
               for k, h in state.health.items() if ("health", k) not in drop}
@@ -157,4 +169,4 @@ def held_back(clusters: Iterable[tuple[str, float, Mapping[str, str]]], state: R
         health=health,
         preferred={k: v for k, v in state.preferred.items() if ("preferred", k) not in drop})
     return Held(gated, tuple(waiting), min(deadlines) if deadlines else None,
-                frozenset(late))
+                frozenset(late), begun)

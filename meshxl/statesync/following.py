@@ -123,8 +123,9 @@ class MeshFollower:
         if self.scope is not None:
             self.scope(spec is not None and spec.high_availability and role == Role.STANDBY)
         if self.on_moves is not None:
+            vs = model.virtual_system(self.config.cluster) if model is not None else None
             self.on_moves(moves_away_from(self.config.cluster, self.config.member, site,
-                                          self.mesh.runtime))
+                                          self.mesh.runtime, vs.pool if vs else None))
 
     def serving_now(self) -> tuple[str, ...]:
         """The first tier of members that serve now, in this sidecar's view (a member

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 from meshxl.model.moves import Held, held_back
+from meshxl.model.vsls import virtual_systems
 
 from .metrics import XdsMetrics
 
@@ -28,6 +29,8 @@ class MoveGate:
     def __init__(self, metrics: XdsMetrics | None = None) -> None:
         self.metrics = metrics
         self.first_seen: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+        """When each planned move present went ahead (its steps count from there)."""
         self.waiting: tuple[str, ...] = ()
         """The tokens of the moves held back at the last compile."""
 
@@ -35,12 +38,13 @@ class MoveGate:
         """``state`` to compile at ``now``: the unacknowledged planned moves left out."""
         if not (state.members_down or state.sites_offline or state.health
                 or state.preferred):
-            if self.waiting or self.first_seen:
-                self.waiting, self.first_seen = (), {}
+            if self.waiting or self.first_seen or self.started:
+                self.waiting, self.first_seen, self.started = (), {}, {}
                 if self.metrics is not None:
                     self.metrics.planned_waiting.set(0)
             return Held(state, (), None)
-        held = held_back(_delayed(model, state), state, now, self.first_seen)
+        held = held_back(_delayed(model, state), state, now, self.first_seen, self.started)
+        self.started = dict(held.started)  # the moves present only
         tokens = tuple(m.token for m in held.waiting)
         for token in tokens:
             self.first_seen.setdefault(token, now)
@@ -67,9 +71,11 @@ class MoveGate:
 
 
 def _delayed(model: ModelSpec, state: RuntimeState
-             ) -> Iterator[tuple[str, float, Mapping[str, str]]]:
-    """Each cluster with delayed sync: its name, ``sync_delay`` and registered members
-    with their sites."""
+             ) -> Iterator[tuple[str, float, Mapping[str, str], str | None]]:
+    """Each cluster with delayed sync: its name, ``sync_delay``, registered members
+    with their sites, and its pool (a virtual system)."""
+    pools = {name: pool.name for name, _, pool in virtual_systems(model)} \
+        if model.virtual_systems else {}
     for spec in model.clusters:
         delay = spec.sessions.sync_delay
         if delay <= 0:
@@ -78,4 +84,4 @@ def _delayed(model: ModelSpec, state: RuntimeState
         if not registered:
             continue
         yield spec.name, delay, {m.name: m.site for m in cluster_view(spec, state).members
-                                 if m.name in registered}
+                                 if m.name in registered}, pools.get(spec.name)

@@ -54,6 +54,12 @@ def test_each_planned_move_names_the_members_it_moves_sessions_away_from() -> No
     chosen = RuntimeState(preferred={("web", "c"): AdminAction(at=AT)})
     assert _tokens(chosen) == {"a": (f"preferred:c@{AT}",), "b": (f"preferred:c@{AT}",),
                                "c": ()}
+    # A pool member down re-places the pool's virtual systems: their members flush.
+    pooled = RuntimeState(members_down={("pool1", "a"): AdminAction(at=AT)})
+    assert moves_away_from("vs1", "a", "dc1", pooled) == ()
+    assert moves_away_from("vs1", "a", "dc1", pooled, "pool1") == (f"down@{AT}",)
+    [move] = moves("vs1", {"a": "dc1"}, pooled, "pool1")
+    assert move.key == ("pool1", "a")
     # Only members that could flush (registered) are named.
     assert moves("web", {"b": "dc1"}, state)[0].members == ("b",)
 
@@ -66,7 +72,7 @@ def _acked(*pairs: tuple[str, str, float]) -> dict[tuple[str, str], dict[str, fl
 
 
 def test_a_move_waits_for_its_acknowledgement_at_most_sync_delay_and_a_second() -> None:
-    clusters = [("web", DELAY, SITES)]
+    clusters = [("web", DELAY, SITES, None)]
     state = RuntimeState(members_down={("web", "a"): AdminAction(at=AT)},
                          health={("web", "b"): Health("degraded", since=NOW)})
     held = held_back(clusters, state, NOW + 0.1)
@@ -96,13 +102,13 @@ def test_a_move_waits_for_its_acknowledgement_at_most_sync_delay_and_a_second() 
 def test_a_record_dated_ahead_waits_no_longer_than_from_when_it_was_first_seen() -> None:
     state = RuntimeState(health={("web", "b"): Health("degraded", since=NOW + 3600)})
     token = f"degraded:b@{NOW + 3600!r}"
-    held = held_back([("web", DELAY, SITES)], state, NOW + DELAY + GRACE, {token: NOW})
+    held = held_back([("web", DELAY, SITES, None)], state, NOW + DELAY + GRACE, {token: NOW})
     assert held.waiting == () and ("web", "b") in held.state.health
 
 
 def test_without_delayed_sync_or_planned_moves_the_state_is_compiled_as_it_is() -> None:
     state = RuntimeState(registrations={("web", "a"): REG})
-    assert held_back([("web", DELAY, SITES)], state, NOW).state is state
+    assert held_back([("web", DELAY, SITES, None)], state, NOW).state is state
     down = RuntimeState(registrations={("web", "a"): REG},
                         members_down={("web", "a"): AdminAction(at=AT)})
     gate = MoveGate()
@@ -207,3 +213,46 @@ async def test_the_sidecar_acknowledges_once_nothing_is_kept_and_withdraws_after
     assert not local.writing_through
     assert await planned.settle() is True and client.calls[-1] == ("delete", "k")
     await asyncio.sleep(0)
+
+
+VS_MODEL = """
+pools:
+  - name: web
+    listener: {address: 127.0.0.1, port: 10000}
+    members:
+      - {name: m1, address: 127.0.0.1, port: 9001}
+      - {name: m2, address: 127.0.0.1, port: 9002}
+virtual_systems:
+  - {name: t1, pool: web, sessions: {sync_delay: 5s}}
+"""
+
+
+def test_a_pool_member_down_waits_for_its_virtual_systems_sidecars() -> None:
+    from meshxl.model.vsls import placed
+
+    model = parse_model(VS_MODEL)
+    registered = {("t1", m): REG for m in ("m1", "m2")}
+    down = RuntimeState(registrations=registered,
+                        members_down={("web", "m1"): AdminAction(at=AT)})
+    held = MoveGate().gate(placed(model, down), down, NOW)
+    assert held.state.members_down == {}  # t1 stays where it is meanwhile
+    acked = RuntimeState(registrations=registered, members_down=down.members_down,
+                         flushed={("t1", "m1"): {f"down@{AT}": NOW}})
+    assert MoveGate().gate(placed(model, acked), acked, NOW).state.members_down == \
+        down.members_down
+
+
+def test_a_step_down_keeps_its_start_when_the_acknowledgement_goes_with_a_lease() -> None:
+    gate = MoveGate()
+    model = parse_model(MODEL.format(delay="5s"))
+    judged = {("web", "a"): Health("degraded", since=NOW)}
+    registered = {("web", "a"): REG}
+    acked = RuntimeState(registrations=registered, health=judged,
+                         flushed=_acked(("a", f"degraded:a@{NOW!r}", NOW + 0.2)))
+    assert gate.gate(model, acked, NOW + 0.3).state.health[("web", "a")].since == NOW + 0.2
+    # The member's sidecar restarted: its acknowledgement went with its lease, and the
+    # new one acknowledges again later; the steps still count from the first.
+    again = RuntimeState(registrations=registered, health=judged,
+                         flushed=_acked(("a", f"degraded:a@{NOW!r}", NOW + 30)))
+    for state in (RuntimeState(registrations=registered, health=judged), again):
+        assert gate.gate(model, state, NOW + 31).state.health[("web", "a")].since == NOW + 0.2
