@@ -7,7 +7,9 @@ it is judged DEGRADED, its hashed share steps down, and once its share is at its
 step its pins are let go (it is sent ``HEALTHY``, no override target:
 ``meshxl.xds.stepdown``). Every session pinned to it moves to another member with no
 failed request, and its counter goes on from where it was (its state read on the new
-member, as in a takeover).
+member, as in a takeover). Every session is younger than ``sync_delay`` throughout,
+so its state is on its member only until the judgement replicates it
+(meshxl.model.moves): a step-down that moved them first would restart their counts.
 
 In high availability every session is pinned to the active: while the standby is
 probed the active's pins are let go, so the standby serves some of the same sessions,
@@ -43,7 +45,7 @@ async def pinned(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment
     async with DemoDeployment(
             tmp_path / "work", mode="load-sharing", pin=True, faults=True,
             fields={"degradation": "{detect: 1s, step: 0.5s, recover: 60s, min_requests: 10}",
-                    "warmup": "0s"}) as d:
+                    "warmup": "0s", "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         yield d
 
