@@ -133,9 +133,12 @@ class Keys:
         cluster_part = _segment(cluster, "cluster")
         return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
 
+    def flushed_prefix(self, cluster: str) -> str:
+        """One cluster's acknowledgements of planned moves (its sidecars write them)."""
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/{FLUSHED}/"
+
     def member_flushed(self, cluster: str, member: str) -> str:
-        cluster_part = _segment(cluster, "cluster")
-        return f"{self.clusters_prefix}{cluster_part}/{FLUSHED}/{_segment(member, 'member')}"
+        return f"{self.flushed_prefix(cluster)}{_segment(member, 'member')}"
 
     def preferred_prefix(self, vs: str) -> str:
         """A virtual system's operator-chosen active (at most one key under it)."""

@@ -68,8 +68,8 @@ class PlannedFlush:
         if moves == self.moves:
             return
         if moves and not self.moves:
-            log.warning("planned move away from this member (%s): replicating its young "
-                        "sessions and writing through", ", ".join(moves))
+            log.info("planned move away from this member (%s): replicating its young "
+                     "sessions and writing through", ", ".join(moves))
         elif not moves:
             log.info("no planned move away from this member any longer: delayed sync again")
         self.moves = moves
