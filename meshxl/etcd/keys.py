@@ -12,6 +12,11 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
     {root}/v1/mesh/clusters/{cluster}/health/{member}     a sick member's judgement
                                                           (degraded, probed; leased by
                                                           the control plane that judged)
+    {root}/v1/mesh/clusters/{cluster}/flushed/{member}    the planned moves away from
+                                                          the member for which its
+                                                          sidecar replicated its young
+                                                          sessions (delayed sync; under
+                                                          its registration lease)
     {root}/v1/mesh/clusters/{vs}/preferred/{member}       a virtual system's priority
                                                           list set by the operator, under
                                                           its first member (``meshxl vs
@@ -68,7 +73,9 @@ MEMBERS = "members"
 ADMIN = "admin"
 HEALTH = "health"
 PREFERRED = "preferred"
-CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH, PREFERRED)
+FLUSHED = "flushed"
+"""A sidecar's acknowledgement of planned moves (:mod:`meshxl.model.moves`)."""
+CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH, PREFERRED, FLUSHED)
 
 
 def _segment(value: str, what: str) -> str:
@@ -126,6 +133,13 @@ class Keys:
     def member_health(self, cluster: str, member: str) -> str:
         cluster_part = _segment(cluster, "cluster")
         return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
+
+    def flushed_prefix(self, cluster: str) -> str:
+        """One cluster's acknowledgements of planned moves (its sidecars write them)."""
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/{FLUSHED}/"
+
+    def member_flushed(self, cluster: str, member: str) -> str:
+        return f"{self.flushed_prefix(cluster)}{_segment(member, 'member')}"
 
     def preferred_prefix(self, vs: str) -> str:
         """A virtual system's priority list set by the operator (one key under it)."""
@@ -253,7 +267,8 @@ class Keys:
     def parse_cluster_key(self, key: str) -> tuple[str, str, str] | None:
         """Split a key under ``clusters/`` into (cluster, kind, member).
 
-        ``kind`` is ``members``, ``admin``, ``health`` or ``preferred``; anything else
+        ``kind`` is ``members``, ``admin``, ``health``, ``preferred`` or ``flushed``;
+        anything else
         (for example session keys added by later parts) returns None so watchers can
         ignore it.
         """

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
-from meshxl.etcd.keys import ADMIN, HEALTH, MEMBERS, PREFERRED, Keys
+from meshxl.etcd.keys import ADMIN, FLUSHED, HEALTH, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
 from meshxl.model.records import AdminAction, Health, PriorityList, Registration
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EtcdMeshSource", "model_input", "one_line", "read_model", "runtime_from_values"]
+__all__ = ["EtcdMeshSource", "flushed_moves", "model_input", "one_line", "read_model",
+           "runtime_from_values"]
 
 
 def one_line(text: str, limit: int = 2000) -> str:
@@ -218,6 +220,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
     sites_offline: dict[str, AdminAction] = {}
     health: dict[tuple[str, str], Health] = {}
     preferred: dict[tuple[str, str], PriorityList] = {}
+    flushed: dict[tuple[str, str], dict[str, float]] = {}
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
@@ -234,6 +237,8 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
                     health[(cluster, member)] = Health.from_dict(data)
                 elif kind == PREFERRED:
                     preferred[(cluster, member)] = PriorityList.from_record(data, member)
+                elif kind == FLUSHED:
+                    flushed[(cluster, member)] = flushed_moves(data)
                 else:
                     raise UnknownChoice(f"unknown key kind {kind!r} in {key}")
             except ValueError as exc:
@@ -245,7 +250,23 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
             if data is not None:
                 sites_offline[site] = AdminAction.from_dict(data)
     return RuntimeState(registrations=registrations, members_down=members_down,
-                        sites_offline=sites_offline, health=health, preferred=preferred)
+                        sites_offline=sites_offline, health=health, preferred=preferred,
+                        flushed=flushed)
+
+
+def flushed_moves(data: Mapping[str, Any]) -> dict[str, float]:
+    """A sidecar's acknowledgements (``{"moves": {token: unix time}}``, at most 64);
+    raises ValueError on another shape."""
+    found = data.get("moves")
+    if not isinstance(found, Mapping) or len(found) > 64:
+        raise ValueError("flushed moves must be an object of at most 64 entries")
+    try:
+        moves = {str(token)[:600]: float(at) for token, at in found.items()}
+    except (TypeError, ValueError):
+        raise ValueError("a flushed move's time is not a number") from None
+    if not all(math.isfinite(at) for at in moves.values()):
+        raise ValueError("a flushed move's time is not a finite number")
+    return moves
 
 
 def _json(key: str, raw: bytes) -> dict[str, Any] | None:

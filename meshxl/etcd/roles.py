@@ -76,6 +76,8 @@ def cluster_permissions(keys: Keys, cluster: str) -> list[Range]:
               why="its members' registrations (leased)"),
         Range(f"{keys.sync_prefix}{cluster}/", "readwrite",
               why="its sidecars' sync statistics"),
+        Range(keys.flushed_prefix(cluster), "readwrite",
+              why="its members' acknowledgements of planned moves (delayed sync; leased)"),
         Range(f"{keys.base}/problems/{cluster}/", "readwrite",
               why="problems its members report with a TTL"),
         Range(keys.mesh_prefix, "read",

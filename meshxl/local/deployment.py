@@ -79,7 +79,8 @@ def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
         lines.append("    health_check: {path: /healthz}")
     if drain_window is not None:
         lines.append(f"    drain_window: {drain_window:g}s")
-    lines += [f"    {name}: {value}" for name, value in (fields or {}).items()]
+    fields = {"sessions": "{ttl: 5m}", **(fields or {})}  # fields may set sessions too
+    lines += [f"    {name}: {value}" for name, value in fields.items()]
     extra = "".join(f"{line}\n" for line in lines)
     return f"""\
 clusters:
@@ -89,7 +90,6 @@ clusters:
     stickiness: {{algorithm: {algorithm}, {key}{pinned}}}
     sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
 {extra}    listener: {{address: {HOST}, port: {listen_port}}}
-    sessions: {{ttl: 5m}}
 {f"    failover: {failover}{chr(10)}" if failover else ""}telemetry: {{tracing: true}}
 """
 

@@ -40,6 +40,9 @@ class RuntimeState:
     """(virtual system, first member): its priority list set by the operator (``meshxl
     vs priority``, ``vs move``), a :class:`~.records.PriorityList` (a bare AdminAction:
     the one-member list)."""
+    flushed: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
+    """(cluster, member): the planned moves away from it (:mod:`.moves`) for which its
+    sidecar replicated every young session, each with when (the sidecar's clock)."""
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""

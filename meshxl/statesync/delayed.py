@@ -5,6 +5,10 @@ A session is kept here only while etcd has never had it: its first write finds i
 neither the cache nor etcd. Each write of it while it is young makes a new version here
 (ETag ``L<n>``); the first write once it is due, or the periodic flush, replicates it
 to etcd (its creation time kept) and it is kept here no longer. A delete forgets it.
+
+While a planned move away from this member is under way (planned.py) it keeps nothing:
+every session is due (the flush replicates them all), a write of a kept one replicates
+it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class LocalSessions:
         self.metrics = metrics
         self._kept: dict[str, Local] = {}
         self._versions = 0
+        self.writing_through = False
+        """A planned move away from this member is under way: nothing is young."""
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -46,8 +52,13 @@ class LocalSessions:
     def get(self, session_id: str) -> Local | None:
         return self._kept.get(session_id)
 
+    @property
+    def keeps_new(self) -> bool:
+        """A new session's first write may stay here."""
+        return self.enabled and not self.writing_through
+
     def young(self, local: Local, now: float) -> bool:
-        return now - local.record.created < self.sync_delay
+        return not self.writing_through and now - local.record.created < self.sync_delay
 
     def due(self, now: float) -> list[tuple[str, Local]]:
         """The sessions whose delay is over (the flush replicates them)."""

@@ -23,6 +23,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource, read_model
 from meshxl.model.basics import ModelError
 from meshxl.model.light import LightModel, parse_light
+from meshxl.model.moves import moves_away_from
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
 
 from .config import StatesyncConfig
@@ -59,6 +60,9 @@ class MeshFollower:
         """This member's state in the cluster's view (None: not in the model)."""
         self.model_warning: str | None = None
         """Set while the model lacks this member's cluster or site."""
+        self.on_moves: Callable[[tuple[str, ...]], None] | None = None
+        """Told the planned moves away from this member on every change (planned.py;
+        None: delayed sync is off, nothing to replicate first)."""
         membership.rejoin.serving = self.serving_now
 
     async def recall(self) -> None:
@@ -92,12 +96,14 @@ class MeshFollower:
         spec = model.cluster(self.config.cluster) if model is not None else None
         role = Role.NONE
         state = None
+        site = self.config.site
         self.membership.rejoin.configure(spec.failover if spec is not None else None)
         if spec is not None:
             me = cluster_view(spec, self.mesh.runtime).member(
                 self.config.member)
             role = me.role if me is not None else Role.NONE
             state = me.state if me is not None else None
+            site = me.site if me is not None else site
             registration = self.mesh.runtime.registrations_of(spec.name).get(
                 self.config.member)
             # The view did not hold it (none of the members it stood behind serves):
@@ -116,6 +122,10 @@ class MeshFollower:
             self.role = role
         if self.scope is not None:
             self.scope(spec is not None and spec.high_availability and role == Role.STANDBY)
+        if self.on_moves is not None:
+            vs = model.virtual_system(self.config.cluster) if model is not None else None
+            self.on_moves(moves_away_from(self.config.cluster, self.config.member, site,
+                                          self.mesh.runtime, vs.pool if vs else None))
 
     def serving_now(self) -> tuple[str, ...]:
         """The first tier of members that serve now, in this sidecar's view (a member

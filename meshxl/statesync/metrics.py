@@ -279,6 +279,10 @@ class StatesyncMetrics:
                             registry=r)
         self.local = Gauge("meshxl_statesync_local_sessions", "Sessions younger than "
                            "sync_delay, kept on this member only.", registry=r)
+        self.planned_flushed = Counter("meshxl_statesync_planned_flushed_sessions", "Young "
+                                       "sessions replicated before their sync_delay because "
+                                       "a planned move away from this member began.",
+                                       registry=r)
         self.revision = Gauge("meshxl_statesync_etcd_revision", "Last etcd revision "
                               "applied to the cache.", registry=r)
         self.undecodable = Counter("meshxl_statesync_undecodable_records", "Stored session "

@@ -391,7 +391,8 @@ class Sessions:
                                      "longer")  # a flush of a session written meanwhile
         if local is not None:
             return await self._write_kept(write, key, local, traceparent)
-        if write.op == PUT and self.local.enabled and await self._new_here(session_id, key):
+        if (write.op == PUT and self.local.keeps_new and await self._new_here(session_id, key)
+                and self.local.keeps_new):  # a planned move may have begun meanwhile
             local_precondition(write, None)
             return self.local.keep(session_id, write.data, write.content_type,
                                    write.traceparent or traceparent, time.time())

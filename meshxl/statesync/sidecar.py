@@ -41,6 +41,7 @@ from .following import MeshFollower
 from .membership import Membership
 from .mesh_reads import cache_status, sync_stats_value
 from .metrics import StatesyncMetrics
+from .planned import PlannedFlush
 from .quota import QuotaGuard, Usage
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
@@ -98,6 +99,14 @@ class Sidecar:
                                       self._scope if self.narrow else None, mesh)
         self._watches: dict[str, asyncio.Task[None]] | None = None
         """The caches' watches while they hold every session (always, unless narrow)."""
+        self.planned = PlannedFlush(
+            client, self.keys.member_flushed(config.cluster, config.member),
+            lambda: (part.engine.local for part in self.parts), self.sessions.flush_due,
+            lambda: self.sessions.local_sessions, lambda: self.membership.lease_id,
+            self.metrics) if settings.sync_delay > 0 else None
+        """Young sessions replicated before a planned move (None: no delayed sync)."""
+        if self.planned is not None:
+            self.following.on_moves = self.planned.update
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _part(self, name: str, client: aetcd.Client, settings: Settings) -> Shard:
@@ -137,6 +146,8 @@ class Sidecar:
                              for part in self.parts}
             self._tasks.append(loop.create_task(self._follow_sync()))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        if self.planned is not None:
+            self._tasks.append(loop.create_task(self.planned.run()))
         self.metrics.signals.loop_lag.start()
         self._tasks.append(loop.create_task(self._publish_sync()))
         if not self.narrow and self.following.owns_mesh:

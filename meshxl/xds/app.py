@@ -42,6 +42,7 @@ from .history import MemberHistory, transitions
 from .judging import Judging, cut
 from .judging import report as health_report
 from .metrics import Convergence, XdsMetrics, member_state_counts, placement_series
+from .planned import MoveGate
 from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
@@ -128,6 +129,7 @@ class ControlPlane:
         self.judging = Judging(config.replica, self.keys, self.upstream, self._changed)
         """Sick members (:mod:`meshxl.xds.health`), judged from the Envoys' access logs."""
         self._local_runtime: tuple[Any, RuntimeState] | None = None
+        self.moves = MoveGate(self.metrics)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -269,9 +271,11 @@ class ControlPlane:
         model = self.model
         if model is None:
             return
-        runtime = self.runtime
         seen, self._changed_at = self._changed_at or time.time_ns(), None
         now = time.time()
+        held = self.moves.gate(model, self.runtime, now)  # delayed sync: planned.py
+        if (runtime := held.state) is not self.runtime:
+            model = placed(model, runtime)
         revision = self.mesh.revision if self.mesh else None
         if self._built_model is not model:
             self.metrics.know_clusters(c.name for c in model.clusters)
@@ -293,8 +297,8 @@ class ControlPlane:
         drains = expired_drains(model, runtime, now)
         warming = self.warmup.update(model, runtime, now)
         sick, step = shares(model, runtime, now)
-        self._wake_at(min((t for t in (drains.next_expiry, warming.next_change, step)
-                           if t is not None), default=None))
+        self._wake_at(min((t for t in (drains.next_expiry, warming.next_change, step,
+                                       held.next_release) if t is not None), default=None))
         fractions = cut(warming.fractions, sick, self.judging.loads)
         try:
             resources = self.compiler.compile(model, runtime, self.resolver.addresses,

@@ -62,6 +62,13 @@ class XdsMetrics:
                                    registry=r)
         self.failovers = Counter("meshxl_xds_failovers", "Members that stopped serving, by "
                                  "cluster and cause.", ["cluster", "cause"], registry=r)
+        self.planned_waiting = Gauge("meshxl_xds_planned_moves_waiting", "Planned moves "
+                                     "held back until their members replicated their young "
+                                     "sessions (delayed sync).", registry=r)
+        self.planned_unacknowledged = Counter("meshxl_xds_planned_moves_unacknowledged",
+                                              "Planned moves that went ahead after "
+                                              "sync_delay + 1 s without every member's "
+                                              "acknowledgement.", registry=r)
         self.etcd_revision = Gauge("meshxl_xds_etcd_revision", "Last etcd revision of the "
                                    "mesh read by this replica.", registry=r)
         self.etcd_unreachable = Gauge("meshxl_xds_etcd_unreachable_seconds", "Seconds since "

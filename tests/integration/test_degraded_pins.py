@@ -7,7 +7,9 @@ it is judged DEGRADED, its hashed share steps down, and once its share is at its
 step its pins are let go (it is sent ``HEALTHY``, no override target:
 ``meshxl.xds.stepdown``). Every session pinned to it moves to another member with no
 failed request, and its counter goes on from where it was (its state read on the new
-member, as in a takeover).
+member, as in a takeover). Every session is younger than ``sync_delay`` throughout,
+so its state is on its member only until the judgement replicates it
+(meshxl.model.moves): a step-down that moved them first would restart their counts.
 
 In high availability every session is pinned to the active: while the standby is
 probed the active's pins are let go, so the standby serves some of the same sessions,
@@ -43,7 +45,7 @@ async def pinned(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment
     async with DemoDeployment(
             tmp_path / "work", mode="load-sharing", pin=True, faults=True,
             fields={"degradation": "{detect: 1s, step: 0.5s, recover: 60s, min_requests: 10}",
-                    "warmup": "0s"}) as d:
+                    "warmup": "0s", "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         yield d
 
@@ -163,10 +165,14 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
         harness: Owner, tmp_path: Path) -> None:
     """Every session is pinned to the active and none is new once the active turns
     sick: the probe lets the active's pins go, so the standby serves some of the same
-    sessions, is judged better and takes the role; the rest follow it."""
+    sessions, is judged better and takes the role; the rest follow it. With delayed
+    sync, every session is younger than ``sync_delay`` and on the active only: the
+    probe and the move replicate them first (meshxl.model.moves), so none loses its
+    count."""
     async with DemoDeployment(
             tmp_path / "work", mode="high-availability", pin=True, faults=True,
-            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}"}) as d:
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
+                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
         async with sessions_on(d, names) as run:

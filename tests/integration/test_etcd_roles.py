@@ -143,15 +143,26 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
         with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
             await client.put(KEYS.member("t02", "w1").encode(), b"{}")
 
-    # A sidecar holding only what it uses (t02: narrow) works under its role too.
+    # A sidecar holding only what it uses (t02: narrow) works under its role too; with
+    # delayed sync, it replicates its young sessions for a member down and says so.
     narrow = SidecarProcess(harness, cluster="t02", member="w2", etcd=auth_etcd.url,
                             app_port=free_port(), etcd_user="tenant-t02",
-                            etcd_password_file=passwords["t02"])
+                            etcd_password_file=passwords["t02"], sync_delay=30)
     await narrow.start()
     assert (await narrow.get("nothing")).status == 404  # asked of etcd: not held here
     assert (await narrow.put("mine", {"n": 1})).status == 201
     assert (await narrow.get("mine")).json() == {"n": 1}
     assert (await narrow.delete("theirs")).status == 204  # read from etcd, then deleted
+    assert (await narrow.put("young", {"n": 1})).json()["replicated"] is False
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        await client.put(KEYS.member_admin("t02", "w2").encode(),
+                         b'{"at": "2026-01-01T00:00:00+00:00"}')
+
+        async def acknowledged() -> bool:
+            return await client.get(KEYS.member_flushed("t02", "w2").encode()) is not None
+
+        await wait_until(acknowledged, timeout=10.0, what="the planned move acknowledged")
+        assert await client.get(KEYS.session("t02", "young").encode()) is not None
     assert not [line for line in narrow.logs().splitlines()
                 if " WARNING " in line or " ERROR " in line], narrow.logs()
 

@@ -159,6 +159,39 @@ async def test_member_down_drains_under_load_and_status_and_sync_show_it(
     assert b["meshxl_statesync_replication_lag_seconds_count"] > 0
 
 
+async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_state(
+        harness: Owner, tmp_path: Path) -> None:
+    """With ``sync_delay`` the sessions a member wrote in its last seconds live on it
+    only: a drain replicates them before Envoy moves them (meshxl.model.moves), so every
+    one is read on the standby with its count, long before the delay would have."""
+    import aiohttp
+
+    from meshxl.local.traffic import request
+
+    async with DemoDeployment(tmp_path / "work",
+                              fields={"sessions": "{ttl: 5m, sync_delay: 30s}"}) as d:
+        harness.own(d.owner)
+        sessions = [f"young{i}" for i in range(12)]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+            for _ in range(2):
+                wrote = await asyncio.gather(*(request(http, f"{d.url}/counter", s, "POST")
+                                               for s in sessions))
+                assert all(r.ok and r.member == "a" for r in wrote), wrote
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{d.member('a').sidecar_url}/v1/status") as resp:
+            assert (await resp.json())["local_sessions"] == len(sessions)  # young, on a only
+
+        done = await meshxl_json("member", "down", CLUSTER, "a", "--wait", "10",
+                                 *etcd_args(d))
+        assert done["converged"] is True
+        final, readback = await read_back(f"{d.url}/counter", sessions)
+        assert {r.member for r in readback} == {"b"}, readback
+        assert final == dict.fromkeys(sessions, 2), final  # GET reads the count: none lost
+        flushed = await scrape(f"{d.member('a').sidecar_url}/metrics")
+        # Replicated by the drain, not by the periodic flush 30 s on.
+        assert flushed["meshxl_statesync_planned_flushed_sessions_total"] == len(sessions)
+
+
 async def test_member_down_is_shown_with_who_why_and_when(
         deployment: DemoDeployment) -> None:
     d = deployment

@@ -25,7 +25,7 @@ def covers(r: Range, key: str) -> bool:
 def own_writes(cluster: str) -> list[str]:
     return [KEYS.session(cluster, "s1"), KEYS.deletion(cluster, "s1", 7),
             KEYS.member(cluster, "m1"), KEYS.sync_stats(cluster, "m1"),
-            KEYS.problem(cluster, "m1", "disk")]
+            KEYS.problem(cluster, "m1", "disk"), KEYS.member_flushed(cluster, "m1")]
 
 
 @given(NAMES, NAMES)
