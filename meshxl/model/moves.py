@@ -23,7 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .runtime import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, Health, RuntimeState
+from .records import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, Health
+from .runtime import RuntimeState
 
 __all__ = ["GRACE", "Held", "Move", "held_back", "moves", "moves_away_from", "record_time"]
 
