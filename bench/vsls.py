@@ -115,7 +115,7 @@ class Plan:
 
 
 FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
-            join=10.0, flood=2.0, flood_rounds=6, quota_wps=40,
+            join=10.0, flood=1.5, flood_rounds=24, quota_wps=40,
             flood_interval=1.0)
 QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
              join=2.0, flood=1.0, flood_rounds=2, quota_wps=40,
