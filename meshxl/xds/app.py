@@ -42,6 +42,7 @@ from .history import MemberHistory, transitions
 from .judging import Judging, cut
 from .judging import report as health_report
 from .metrics import Convergence, XdsMetrics, member_state_counts, placement_series
+from .nodestatus import NodeStatuses
 from .planned import MoveGate
 from .resources import CompileError
 from .server import AdsServer
@@ -54,12 +55,6 @@ from .warnings import ModelWarnings
 
 log = logging.getLogger(__name__)
 
-_NODE_TXN_OPS = 64
-"""Node statuses per etcd transaction (etcd's default --max-txn-ops is 128)."""
-
-_NODE_VALUE_MAX = 64 * 1024
-"""Largest node-status record written (they are a few hundred bytes: node ids and NACK
-texts are bounded at the ADS edge)."""
 
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
@@ -115,10 +110,8 @@ class ControlPlane:
         self._serving = False
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._lease: Any = None
-        self._lease_lock = asyncio.Lock()
-        self._node_values: dict[str, bytes] = {}
-        self._undeleted: dict[str, bytes] = {}  # records whose removal failed
+        self.nodes = NodeStatuses(self.keys, config.replica, config.status_ttl)
+        """This replica's lease and the Envoy node statuses written under it."""
         self._counted: tuple[ModelSpec | None, RuntimeState] | None = None
         self._failover_records: dict[tuple[str, str], bytes] = {}  # waiting to be written
         self._failover_pending = asyncio.Event()
@@ -160,10 +153,11 @@ class ControlPlane:
             self.client = etcd.client(cfg.etcd, security=cfg.etcd_security)
             await self.client.connect()
             await etcd.check_credentials(self.client)  # a wrong password: fail now
+            self.nodes.client = self.client
             self.mesh = EtcdMeshSource(self.client, self.keys, self._changed)
             self._spawn(self.mesh.run())
             await self.mesh.synced.wait()
-            self._spawn(self._keep_lease())
+            self._spawn(self.nodes.keep_lease())
             self._spawn(self._write_failovers())
             self.history = MemberHistory(self.client, self.keys, cfg.replica)
             self.history.start()
@@ -178,7 +172,7 @@ class ControlPlane:
         self._spawn(self._tick_failovers())
         self._spawn(self.judging.run(lambda: self.model, lambda: self.runtime,
                                      lambda: self.resolver.addresses, self.client,
-                                     lambda: self._lease))
+                                     lambda: self.nodes.lease))
         await self._grpc.start()
         self._serving = True
         log.log(logging.WARNING if self.ads.auth.unbound else logging.INFO,
@@ -200,9 +194,7 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.client is not None:
-            if self._lease is not None:
-                with contextlib.suppress(Exception):
-                    await self._lease.revoke()
+            await self.nodes.revoke()
             with contextlib.suppress(Exception):
                 await self.client.close()
 
@@ -399,106 +391,10 @@ class ControlPlane:
             await asyncio.sleep(1.0)
             self.failovers.tick()
 
-    # -- node status in etcd ----------------------------------------------------------------
-
-    async def _take_lease(self) -> None:
-        """Take this replica's status lease unless it has one (one at a time, so the
-        lease keeper and an early status write never make two)."""
-        assert self.client is not None
-        async with self._lease_lock:
-            if self._lease is None:
-                self._lease = await self.client.lease(self.config.status_ttl)
-
-    async def _keep_lease(self) -> None:
-        """Keep this replica's lease alive; node-status keys die with the replica."""
-        assert self.client is not None
-        while True:
-            try:
-                await self._take_lease()
-                await asyncio.sleep(self.config.status_ttl / 3)
-                await self._lease.refresh()
-                await self._retry_node_deletes()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("status lease refresh failed (%s); taking a new lease", exc)
-                self._lease = None
-                await asyncio.sleep(0.5)
-
     async def _nodes_changed(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         for node_id, status in batch:
             self.convergence.node_changed(node_id, status)
-        await self._publish_nodes(batch)
-
-    async def _publish_nodes(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        """Write node statuses to etcd, many per transaction (a push to 1,000 Envoys
-        brings 1,000 ACKs); etcd trouble costs status updates, nothing more."""
-        if self.client is None:
-            return
-        if self._lease is None:
-            # The first ACKs may come before the lease keeper's first lease: take one
-            # now rather than drop their statuses.
-            try:
-                await self._take_lease()
-            except Exception as exc:
-                log.warning("%d node status(es) not written to etcd: no lease: %s",
-                            len(batch), exc)
-                return
-        tx = self.client.transactions
-        puts = []
-        for node_id, status in batch:
-            # One entry that cannot be stored costs that entry only, never the batch.
-            try:
-                key = self.keys.node(node_id).encode()
-                value = json.dumps({**status, "replica": self.config.replica}).encode()
-            except (ValueError, TypeError) as exc:
-                log.warning("node status not written to etcd: %s", exc)
-                continue
-            if status.get("streams", 0) > 0:
-                if len(value) > _NODE_VALUE_MAX:
-                    log.warning("node status not written to etcd: %d bytes (at most %d)",
-                                len(value), _NODE_VALUE_MAX)
-                    continue
-                self._node_values[node_id] = value
-                self._undeleted.pop(node_id, None)
-                puts.append(tx.put(key, value, lease=self._lease))
-                continue
-            # Disconnected: remove the record only if no other replica rewrote it since.
-            # (Records are bounded, so the compare always fits in an etcd request.)
-            last = self._node_values.pop(node_id, None) or self._undeleted.pop(node_id, None)
-            if last is not None and not await self._etcd_quietly(
-                    "node status not removed from etcd (retried later)",
-                    compare=[tx.value(key) == last], success=[tx.delete(key)]):
-                self._undeleted[node_id] = last
-        for start in range(0, len(puts), _NODE_TXN_OPS):
-            await self._etcd_quietly(f"{len(puts[start:start + _NODE_TXN_OPS])} node "
-                                     "status(es) not written to etcd", compare=[],
-                                     success=puts[start:start + _NODE_TXN_OPS])
-
-    async def _retry_node_deletes(self) -> None:
-        """Remove the records of disconnected nodes whose removal failed (etcd trouble):
-        a record left behind would count as a connected Envoy until this replica dies."""
-        if self.client is None or not self._undeleted:
-            return
-        tx = self.client.transactions
-        for node_id, last in list(self._undeleted.items()):
-            if node_id in self._node_values:
-                del self._undeleted[node_id]  # connected again: its record is current
-                continue
-            key = self.keys.node(node_id).encode()
-            if await self._etcd_quietly("node status not removed from etcd (retried later)",
-                                        compare=[tx.value(key) == last],
-                                        success=[tx.delete(key)]):
-                self._undeleted.pop(node_id, None)
-
-    async def _etcd_quietly(self, what: str, **txn: Any) -> bool:
-        assert self.client is not None
-        try:
-            await self.client.transaction(failure=[], **txn)
-        except Exception as exc:
-            log.warning("%s: %s: %s", what, type(exc).__name__, exc)
-            return False
-        return True
+        await self.nodes.publish(batch)
 
     # -- HTTP status -----------------------------------------------------------------------
 
