@@ -336,9 +336,9 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                     "the mesh health-checks the cluster's members")
 
         # HA: the role labels must be on the member pods.
+        pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
+                and labels_of(p).get("meshxl.io/cluster") == name]
         if spec.high_availability:
-            pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
-                    and labels_of(p).get("meshxl.io/cluster") == name]
             if pods and not any(labels_of(p).get(ROLE_LABEL) == "active" for p in pods):
                 add("error", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
                     f"no member pod is labelled {ROLE_LABEL}=active: is meshxl istio "
@@ -346,8 +346,6 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                     "priority (load sharing)")
 
         elif sick_entry(spec) and name not in model.virtual_names:
-            pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
-                    and labels_of(p).get("meshxl.io/cluster") == name]
             if pods and not any(labels_of(p).get(SERVING_LABEL) == "true" for p in pods):
                 add("warning", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
                     f"no member pod is labelled {SERVING_LABEL}=true: is meshxl istio "
