@@ -25,7 +25,9 @@ no other's writes. :class:`ShardedSessions` is the engine's face the API uses:
 * every read and write carries the map version it was planned under to its shard,
   which applies it only while its fence is that version (:mod:`meshxl.etcd.fence`): a
   request planned under a map that was replaced is refused with 503 there, never
-  acknowledged, and the sidecar reads the map again at once;
+  acknowledged, and the sidecar reads the map again at once; one that meets a shard
+  the newer map closed before anything of it was sent is planned again under that map
+  (:class:`ShardClosed`), not refused;
 * while the sidecar holds no usable map (none stored could be used), every session
   answers 503 saying why.
 """
@@ -52,7 +54,7 @@ from .sessions import Sessions
 from .store import Fencing, SessionStore
 from .writes import Outcome, Settings, Stored, Takeover, Transacted, Write
 
-__all__ = ["DOWN_GRACE", "PLANNED", "Shard", "ShardedSessions"]
+__all__ = ["DOWN_GRACE", "PLANNED", "REPLANS", "Shard", "ShardClosed", "ShardedSessions"]
 
 DOWN_GRACE = 1.0
 """Seconds a shard's watch may fail (a member switch, an election) before its sessions
@@ -96,6 +98,16 @@ class Shard:
 
 
 _Told = TypeVar("_Told", bound=Stored | Exception)
+_T = TypeVar("_T")
+
+REPLANS = 3
+"""Times a request is planned again under a newer map that closed a shard it named
+before anything of it was sent (:class:`ShardClosed`), before it is answered 503."""
+
+
+class ShardClosed(Unavailable):
+    """A shard the request's map named was closed by a newer map before anything of the
+    request was sent there: the request is planned again under the newer map."""
 
 
 def _tagged(shard: str, outcome: _Told) -> _Told:
@@ -197,7 +209,7 @@ class ShardedSessions:
         closed it while a request planned under ``shard_map`` was served."""
         found = self.shards.get(name)
         if found is None:
-            raise Unavailable(f"session shard {name} was closed: shard map version "
+            raise ShardClosed(f"session shard {name} was closed: shard map version "
                               f"{shard_map.version} was replaced by {self.map.version} "
                               "while this request was served; send it again")
         return found
@@ -291,13 +303,26 @@ class ShardedSessions:
 
     # -- reads and writes -----------------------------------------------------------
 
+    async def _replanned(self, call: Callable[[ShardMap], Coroutine[Any, Any, _T]],
+                         m: ShardMap) -> _T:
+        """``call(m)`` with ``m``'s version carried to the shards; again under the map
+        served when a newer one closed a shard ``m`` named before anything was sent
+        there (at most :data:`REPLANS` times): a request that comes in as the map is
+        replaced is served under the new one, not refused."""
+        for attempt in range(REPLANS + 1):
+            token = PLANNED.set(m.version)
+            try:
+                return await call(m)
+            except ShardClosed:
+                if attempt == REPLANS or self.map is m:
+                    raise
+            finally:
+                PLANNED.reset(token)
+            m = self.map
+        raise AssertionError("unreachable")
+
     async def get(self, session_id: str) -> Stored:
-        m = self.map
-        token = PLANNED.set(m.version)
-        try:
-            return await self._get(session_id, m)
-        finally:
-            PLANNED.reset(token)
+        return await self._replanned(lambda m: self._get(session_id, m), self.map)
 
     async def _get(self, session_id: str, m: ShardMap) -> Stored:
         source = m.source_of(session_id) if m.stage == PREPARE else None
@@ -388,13 +413,24 @@ class ShardedSessions:
     async def _write_planned(self, writes: Sequence[Write], atomic: bool, early: bool,
                              traceparent: str | None, m: ShardMap
                              ) -> Transacted | list[Outcome | asyncio.Task[Outcome]]:
-        token = PLANNED.set(m.version)
-        try:
-            if atomic:
-                return await self._transaction(writes, traceparent, m)
-            return await self._write(writes, early, traceparent, m)
-        finally:
-            PLANNED.reset(token)
+        if atomic:
+            return await self._replanned(
+                lambda m: self._transaction(writes, traceparent, m), m)
+        outcomes: list[Any] = [None] * len(writes)
+        todo = list(range(len(writes)))
+        for _ in range(REPLANS + 1):  # again, the writes a newer map's closed shard refused
+            token = PLANNED.set(m.version)
+            try:
+                answers = await self._write([writes[i] for i in todo], early, traceparent, m)
+            finally:
+                PLANNED.reset(token)
+            for i, outcome in zip(todo, answers, strict=True):
+                outcomes[i] = outcome
+            todo = [i for i in todo if isinstance(outcomes[i], ShardClosed)]
+            if not todo or self.map is m:
+                break
+            m = self.map
+        return outcomes
 
     async def _write(self, writes: Sequence[Write], early: bool, traceparent: str | None,
                      m: ShardMap) -> list[Outcome | asyncio.Task[Outcome]]:

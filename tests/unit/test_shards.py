@@ -5,6 +5,8 @@ in one shard. Real etcd clusters: ``tests/integration/test_shards.py``."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -114,6 +116,8 @@ class _Engine:
 
     def __init__(self) -> None:
         self.asked: list[Any] = []
+        self.ledger = SimpleNamespace(observed={})
+        self.local = SimpleNamespace(ids=list)
 
     async def write(self, writes: Any, **options: Any) -> Any:
         self.asked.append((list(writes), options))
@@ -168,6 +172,21 @@ async def test_a_transaction_over_two_shards_is_refused_whole() -> None:
         await router.write([Write(session_id=one), Write(session_id=two)], atomic=True)
     assert not router.shards["s1"].engine.asked  # type: ignore[attr-defined]
     assert not router.shards["s2"].engine.asked  # type: ignore[attr-defined]
+
+
+async def test_a_request_whose_shard_the_next_map_closed_is_planned_under_it() -> None:
+    """A write planned under a moving map (s2 leaving) that runs only after the stable
+    map without s2 closed it goes to the session's new shard under the new map, where a
+    503 ("send it again") was answered before."""
+    moving = _map(["s1"], previous=["s1", "s2"], version=6)
+    session = next(s for s in IDS if moving.source_of(s) is not None)
+    one, two = _Part("s1"), _Part("s2")
+    router = ShardedSessions(moving, [one, two], Settings(), b"/fence")  # type: ignore[list-item]
+    write = asyncio.ensure_future(router.write([Write(session_id=session)]))
+    router.apply(_map(["s1"], version=7), [one])  # type: ignore[list-item]
+    outcomes = await write
+    assert isinstance(outcomes[0], PreconditionFailed), outcomes  # s1's engine answered
+    assert [w.session_id for w in one.engine.asked[0][0]] == [session]
 
 
 def _map(names: list[str], previous: list[str] | None = None, version: int = 1) -> ShardMap:
