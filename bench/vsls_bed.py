@@ -58,10 +58,11 @@ class Member:
 
 
 def model_text(members: Sequence[Member], listener_port: int, vss: Sequence[str],
-               quota_wps: int | None = None) -> str:
+               quota_wps: int | None = None, quota_burst: int | None = None) -> str:
     listed = "".join(f"\n      - {{name: {m.name}, address: {HOST}, port: {m.port}, "
                      f"site: {m.site}}}" for m in members)
-    quota = (f"\n    sessions: {{quota: {{writes_per_second: {quota_wps}}}}}"
+    burst = f", writes_burst: {quota_burst}" if quota_burst else ""
+    quota = (f"\n    sessions: {{quota: {{writes_per_second: {quota_wps}{burst}}}}}"
              if quota_wps else "")
     return f"""pools:
   - name: {POOL}
@@ -79,11 +80,12 @@ class Bed:
     """etcd, ``members`` pool members, one control plane and one Envoy."""
 
     def __init__(self, owner: Owner, vss: Sequence[str], members: int, *, stateful: bool,
-                 quota_wps: int | None = None) -> None:
+                 quota_wps: int | None = None, quota_burst: int | None = None) -> None:
         self.owner = owner
         self.vss = list(vss)
         self.stateful = stateful
         self.quota_wps = quota_wps
+        self.quota_burst = quota_burst
         self.keys = Keys(f"/meshxl-bench-vsls-{os.getpid()}")
         self.members = [self._new_member(i) for i in range(members)]
         self.listener_port, self.xds_port, self.xds_admin, self.envoy_admin = free_ports(4)
@@ -105,7 +107,7 @@ class Bed:
 
     def model(self, members: Sequence[Member] | None = None) -> str:
         return model_text(members or self.members, self.listener_port, self.vss,
-                          self.quota_wps)
+                          self.quota_wps, self.quota_burst)
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)

@@ -257,7 +257,8 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
                          f"quota ({_ratio(mid, 'at_quota')}x); pooled {_ratio(every, 'flood')}x;"
                          f" flooder {accepted['flood']} accepted "
                          f"({round(accepted['flood'] / seconds, 1)}/s, quota "
-                         f"{quota}/s), {flood.get(429, 0)} refused 429 "
+                         f"{quota}/s, burst {bed.quota_burst or quota}), "
+                         f"{flood.get(429, 0)} refused 429 "
                          f"({round(flood.get(429, 0) / seconds)}/s)"}
 
 

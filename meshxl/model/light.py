@@ -91,6 +91,7 @@ class LightQuota:
     bytes: int | None = None
     writes_per_second: float | None = None
     hold_refused: bool = True
+    writes_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,16 +455,22 @@ class _Reader:
             self.quota(found.get("quota", {}), f"{path}.quota"))
 
     def quota(self, data: Any, path: str) -> LightQuota:
-        found = self._object(data, path, frozenset({"sessions", "bytes",
-                                                    "writes_per_second", "hold_refused"}))
+        found = self._object(data, path, frozenset({"sessions", "bytes", "writes_per_second",
+                                                    "hold_refused", "writes_burst"}))
         if found is None:
             return LightQuota()
         f = self._field
-        return LightQuota(
+        quota = LightQuota(
             f(found, path, "sessions", _optional(_ranged(1, 1_000_000_000)), None),
             f(found, path, "bytes", _optional(_ranged(1, 1 << 50)), None),
             f(found, path, "writes_per_second", _optional(_rate), None),
-            f(found, path, "hold_refused", _boolean, True))
+            f(found, path, "hold_refused", _boolean, True),
+            f(found, path, "writes_burst", _optional(_ranged(1, 1_000_000)), None))
+        if quota.writes_burst is not None and "writes_per_second" not in found:
+            self.problems.append(Problem(
+                path, "writes_burst is the size of the writes_per_second bucket: set "
+                "writes_per_second too"))
+        return quota
 
     def failover(self, data: Any, path: str) -> LightFailover:
         found = self._object(data, path, frozenset({"all_withdrawn", "failback",

@@ -391,12 +391,22 @@ class SessionQuota(_Spec):
     bytes: int | None = Field(default=None, ge=1, le=1 << 50)
     """Bytes of session state the cluster may hold (the states' sizes added up)."""
     writes_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
-    """Session writes per second per sidecar (a token bucket holding one second's
-    worth); a bulk save or transaction counts each session it writes."""
+    """Session writes per second per sidecar (a token bucket holding ``writes_burst``);
+    a bulk save or transaction counts each session it writes."""
+    writes_burst: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Writes a sidecar admits at once beyond the rate (the bucket's size); None: one
+    second's worth of ``writes_per_second`` (at least 1)."""
     hold_refused: bool = True
     """A PUT or PATCH refused from its head for ``writes_per_second`` is answered when
     the bucket would hold a token for it after those held before it (at most 1 s
     later), unless another request follows it on its connection; False: at once."""
+
+    @model_validator(mode="after")
+    def _burst_of_a_rate(self) -> SessionQuota:
+        if self.writes_burst is not None and self.writes_per_second is None:
+            raise ValueError("writes_burst is the size of the writes_per_second bucket: "
+                             "set writes_per_second too")
+        return self
 
 
 class SessionSync(_Spec):

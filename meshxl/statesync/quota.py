@@ -5,12 +5,12 @@ with 429, a ``Retry-After`` header and a JSON body naming the quota, its limit a
 current value (:class:`QuotaRefused`); reads and deletes are never refused, nor is a
 write that keeps or shrinks what the cluster holds.
 
-* **writes_per_second**: a token bucket per sidecar (:class:`TokenBucket`), holding one
-  second's worth (at least one write). A request writing ``n`` sessions (a bulk save, a
-  transaction) takes ``n`` tokens; it is admitted once the bucket holds ``min(n,
-  burst)``, so a request larger than the burst passes when the bucket is full and
-  leaves it in debt. Each sidecar of the cluster has its own bucket: the cluster's
-  limit is the per-sidecar rate times its sidecars taking writes.
+* **writes_per_second**: a token bucket per sidecar (:class:`TokenBucket`), holding
+  ``writes_burst`` (default one second's worth, at least one write). A request writing
+  ``n`` sessions (a bulk save, a transaction) takes ``n`` tokens; it is admitted once
+  the bucket holds ``min(n, burst)``, so a request larger than the burst passes when
+  the bucket is full and leaves it in debt. Each sidecar of the cluster has its own
+  bucket: the cluster's limit is the per-sidecar rate times its sidecars taking writes.
 * **sessions** and **bytes**: counted from the sidecar's session cache (every session
   of the cluster with ``replication: all``; with ``narrow``, only those the member
   holds, so the limit then applies per member), recounted when a second old, plus what
@@ -146,7 +146,8 @@ class QuotaGuard:
         self._metrics = metrics
         self._clock = clock
         rate = limits.writes_per_second
-        self.bucket = TokenBucket(rate, clock=clock) if rate is not None else None
+        self.bucket = (TokenBucket(rate, limits.writes_burst, clock=clock)
+                       if rate is not None else None)
         self._rate = _Rate(clock)
         self._usage: Usage | None = None
         self._counted_at = -math.inf
@@ -273,7 +274,8 @@ class QuotaGuard:
                 "limit": limits.bytes, "used": usage.bytes if usage else None},
             "writes_per_second": None if limits.writes_per_second is None else {
                 "limit": limits.writes_per_second, "last_second": self._rate.value(),
-                "tokens": round(self.bucket.level(), 3) if self.bucket else None},
+                "tokens": round(self.bucket.level(), 3) if self.bucket else None,
+                "burst": self.bucket.burst if self.bucket else None},
             "refused": dict(self.refused),
         }
 

@@ -156,6 +156,20 @@ def test_writes_per_second_refuses_with_the_time_to_the_next_token() -> None:
     assert status is not None
     assert status["writes_per_second"]["limit"] == 4
     assert status["writes_per_second"]["last_second"] == 5  # in the second before
+    assert status["writes_per_second"]["burst"] == 4  # one second's worth, by default
+
+
+def test_writes_burst_sizes_the_bucket() -> None:
+    """A tenant whose bucket holds 2 writes gets 2 at once, then one per 1/rate."""
+    clock = Clock()
+    g = guard(Cluster(), clock, writes_per_second=40, writes_burst=2)
+    g.admit([put("s1", 1)])
+    g.admit([put("s2", 1)])
+    with pytest.raises(QuotaRefused):
+        g.admit([put("s3", 1)])
+    assert g.bucket is not None and g.bucket.wait() == pytest.approx(1 / 40)
+    clock.now += 10
+    assert g.bucket.level() == 2
 
 
 def test_a_refused_request_takes_no_token_and_counts_no_space() -> None:
@@ -197,7 +211,7 @@ virtual_systems:
   - {name: big, pool: web}
   - name: t09
     pool: web
-    sessions: {quota: {writes_per_second: 5, hold_refused: false}}
+    sessions: {quota: {writes_per_second: 5, hold_refused: false, writes_burst: 2}}
 """
 
 
@@ -214,12 +228,16 @@ def test_the_model_and_the_sidecar_read_the_same_quota() -> None:
     assert model.virtual_systems[0].sessions.quota.writes_per_second == 50
     assert model.virtual_systems[0].sessions.quota.hold_refused  # the default
     assert not model.virtual_systems[2].sessions.quota.hold_refused
-    assert light.sessions_of("t09").quota == LightQuota(None, None, 5, False)  # type: ignore[union-attr]
+    assert light.sessions_of("t09").quota == LightQuota(None, None, 5, False, 2)  # type: ignore[union-attr]
+    assert model.virtual_systems[2].sessions.quota.writes_burst == 2
+    assert model.virtual_systems[0].sessions.quota.writes_burst is None
 
 
 @pytest.mark.parametrize("quota", ["{sessions: 0}", "{bytes: -1}", "{writes_per_second: 0}",
                                    "{writes_per_second: fast}", "{burst: 3}",
-                                   "{hold_refused: maybe}"])
+                                   "{hold_refused: maybe}", "{writes_burst: 3}",
+                                   "{writes_per_second: 5, writes_burst: 0}",
+                                   "{writes_per_second: 5, writes_burst: 1.5}"])
 def test_a_wrong_quota_is_refused_by_both_readers(quota: str) -> None:
     text = f"""\
 clusters:
