@@ -40,6 +40,10 @@ class Registration:
     behind: tuple[str, ...] = ()
     """The members that served when it came back: it stays behind them while one of
     them serves."""
+    sync_delay: float = 0.0
+    """Its sidecar's ``sync_delay`` when above 0 (``--sync-delay`` or the model's): a
+    planned move away from it waits for its acknowledgement (:mod:`.moves`) even when
+    the model's cluster has none."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Registration:
@@ -73,6 +77,7 @@ class Registration:
             overloaded=data.get("overload") is not None,
             returning=_since(data.get("returning")),
             behind=_names(data.get("returning")),
+            sync_delay=_delay(data.get("sync_delay")),
         )
 
 
@@ -82,6 +87,18 @@ def _since(value: Any) -> str | None:
         return None
     since = value.get("since")
     return str(since)[:64] if since else "unknown"
+
+
+MAX_SYNC_DELAY = 86_400.0
+"""The longest ``sync_delay`` a registration is believed for (a day): beyond it, or not
+a number, it counts as 0, so that no record holds planned moves back for longer."""
+
+
+def _delay(value: Any) -> float:
+    """A registration's ``sync_delay`` (0.0 when absent, not a number or out of range)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if 0 < value <= MAX_SYNC_DELAY else 0.0
 
 
 def _names(value: Any) -> tuple[str, ...]:

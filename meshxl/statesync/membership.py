@@ -97,7 +97,7 @@ def registration_document(
     *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
     problems: dict[str, dict[str, Any]], sidecar: str, pid: int, since: str, updated: str,
     overload: dict[str, str] | None = None, returning: dict[str, str] | None = None,
-    shard_map: int | None = None,
+    shard_map: int | None = None, sync_delay: float = 0.0,
 ) -> dict[str, Any]:
     """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
     doc: dict[str, Any] = {"address": address, "port": port}
@@ -117,6 +117,8 @@ def registration_document(
         doc["returning"] = dict(returning)
     if shard_map is not None:
         doc["shard_map"] = shard_map  # the version served: an online reshard waits for it
+    if sync_delay > 0:
+        doc["sync_delay"] = sync_delay  # planned moves away from it wait for its flush
     return doc
 
 
@@ -152,6 +154,8 @@ class Membership:
         self.lease_id: int | None = None
         self.shard_map: int | None = None
         """The session shard map version this sidecar serves (None: not sharded)."""
+        self.sync_delay = 0.0
+        """The sidecar's ``sync_delay`` (delayed sync), told to the control plane."""
         self.lease_losses = 0
         self.registrations = 0
         """Registrations written (the first at start, then one after each lease loss)."""
@@ -226,7 +230,8 @@ class Membership:
             address=self.address, port=self.port, site=self.site, weight=self.weight,
             ready=self._ready, problems=self._problems, sidecar=self.sidecar,
             pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload,
-            returning=self.rejoin.returning, shard_map=self.shard_map)
+            returning=self.rejoin.returning, shard_map=self.shard_map,
+            sync_delay=self.sync_delay)
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ class PlannedFlush:
         self.write_through()
         self._wake.set()
 
+    def status(self) -> dict[str, object]:
+        """``/v1/status``' ``planned_moves``: the moves away from this member now and
+        those acknowledged (with when)."""
+        return {"moves": list(self.moves), "acknowledged": dict(self.acked)}
+
     def write_through(self) -> None:
         """Every engine writes through exactly while a move is under way."""
         for local in self.engines():

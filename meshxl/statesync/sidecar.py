@@ -87,6 +87,7 @@ class Sidecar:
                                      weight=config.weight, ttl=config.lease_ttl,
                                      sidecar=config.listen)
         self.membership.shard_map = shard_map.version if shard_map is not None else None
+        self.membership.sync_delay = settings.sync_delay
         self.metrics.shard_map_version.set(shard_map.version if shard_map is not None else 0)
         self.metrics.shard_map_unusable.set(1 if shard_map and not shard_map.shards else 0)
         self.quota = QuotaGuard(settings.quota, self._usage, self._session_size, self.metrics)
@@ -384,6 +385,7 @@ class Sidecar:
             "overload": self.membership.overload,
             "state": None if following.view_state is None else str(following.view_state),
             "returning": self.membership.rejoin.returning,
+            "planned_moves": None if self.planned is None else self.planned.status(),
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             **cache_status(self.parts[0].cache if self.parts else None),
             "cached_sessions": self.cached_sessions,

@@ -72,16 +72,18 @@ class MoveGate:
 
 def _delayed(model: ModelSpec, state: RuntimeState
              ) -> Iterator[tuple[str, float, Mapping[str, str], str | None]]:
-    """Each cluster with delayed sync: its name, ``sync_delay``, registered members
-    with their sites, and its pool (a virtual system)."""
+    """Each cluster with delayed sync, the model's or a registered sidecar's: its name,
+    the longest ``sync_delay``, registered members with their sites, and its pool (a
+    virtual system)."""
     pools = {name: pool.name for name, _, pool in virtual_systems(model)} \
         if model.virtual_systems else {}
     for spec in model.clusters:
-        delay = spec.sessions.sync_delay
-        if delay <= 0:
-            continue
         registered = state.registrations_of(spec.name)
         if not registered:
+            continue
+        # A sidecar started with --sync-delay keeps young sessions whatever the model says.
+        delay = max([spec.sessions.sync_delay, *(r.sync_delay for r in registered.values())])
+        if delay <= 0:
             continue
         yield spec.name, delay, {m.name: m.site for m in cluster_view(spec, state).members
                                  if m.name in registered}, pools.get(spec.name)

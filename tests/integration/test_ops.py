@@ -179,7 +179,9 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
                 assert all(r.ok and r.member == "a" for r in wrote), wrote
         async with aiohttp.ClientSession() as http, \
                 http.get(f"{d.member('a').sidecar_url}/v1/status") as resp:
-            assert (await resp.json())["local_sessions"] == len(sessions)  # young, on a only
+            before = await resp.json()
+        assert before["local_sessions"] == len(sessions)  # young, on a only
+        assert before["planned_moves"] == {"moves": [], "acknowledged": {}}
 
         done = await meshxl_json("member", "down", CLUSTER, "a", "--wait", "10",
                                  *etcd_args(d))
@@ -190,6 +192,11 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
         flushed = await scrape(f"{d.member('a').sidecar_url}/metrics")
         # Replicated by the drain, not by the periodic flush 30 s on.
         assert flushed["meshxl_statesync_planned_flushed_sessions_total"] == len(sessions)
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{d.member('a').sidecar_url}/v1/status") as resp:
+            planned = (await resp.json())["planned_moves"]
+        assert len(planned["moves"]) == 1 and planned["moves"][0].startswith("down@"), planned
+        assert list(planned["acknowledged"]) == planned["moves"], planned
 
 
 async def test_member_down_is_shown_with_who_why_and_when(

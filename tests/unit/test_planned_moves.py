@@ -136,6 +136,22 @@ def test_the_gate_counts_the_moves_that_wait_and_those_that_went_ahead_unacknowl
     assert metrics.planned_unacknowledged._value.get() == 1
 
 
+def test_a_sidecar_with_its_own_sync_delay_is_waited_for_whatever_the_model_says() -> None:
+    """``--sync-delay`` on a sidecar, none in the model: its registration says so, and
+    the move away from it waits; a registration's delay that is not a number, or longer
+    than a day, is not believed."""
+    plain = parse_model(MODEL.format(delay="0s"))
+    records: dict[str, Any] = {"address": "127.0.0.1", "port": 8001}
+    for told, waits in ((30, True), (0, False), ("30", False), (True, False),
+                        (86_401, False), (float("nan"), False)):
+        reg = Registration.from_dict({**records, "sync_delay": told})
+        down = RuntimeState(registrations={("web", "a"): reg},
+                            members_down={("web", "a"): AdminAction(at=AT)})
+        held = MoveGate().gate(plain, down, NOW)
+        assert bool(held.waiting) is waits, told
+        assert (held.state.members_down == {}) is waits, told
+
+
 MODEL = """
 clusters:
 - name: web

@@ -170,14 +170,16 @@ def test_registration_refuses_what_the_control_plane_refuses(address: str) -> No
        weight=st.none() | st.integers(1, 10_000), ready=st.booleans(), problems=problems,
        overload=st.none() | st.fixed_dictionaries({
            "detail": st.text(max_size=MAX_PROBLEM_DETAIL).filter(str.isprintable),
-           "since": st.just("2026-01-01T00:00:00.000+00:00")}))
+           "since": st.just("2026-01-01T00:00:00.000+00:00")}),
+       sync_delay=st.just(0.0) | st.floats(0.001, 86_400.0))
 def test_registration_round_trips(address: str, port: int, site: str | None,
                                   weight: int | None, ready: bool,
                                   problems: dict[str, dict[str, str]],
-                                  overload: dict[str, str] | None) -> None:
+                                  overload: dict[str, str] | None, sync_delay: float) -> None:
     doc = registration_document(address=address, port=port, site=site, weight=weight,
                                 ready=ready, problems=problems, sidecar="127.0.0.1:7070",
-                                pid=1, since="s", updated="u", overload=overload)
+                                pid=1, since="s", updated="u", overload=overload,
+                                sync_delay=sync_delay)
     raw = json.dumps(doc, sort_keys=True).encode()
     back = json.loads(raw)
     assert back == doc and back["problem_details"] == problems
@@ -186,6 +188,7 @@ def test_registration_round_trips(address: str, port: int, site: str | None,
         address, port, site, weight, ready)
     assert reg.problems == tuple(sorted(problems))
     assert reg.overloaded is (overload is not None)
+    assert reg.sync_delay == sync_delay and ("sync_delay" in doc) is (sync_delay > 0)
     assert len(raw) < 200_000  # far below etcd's request limit, even at the bounds
 
 
