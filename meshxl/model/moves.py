@@ -23,10 +23,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from .records import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, Health
+from .records import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, AdminAction, Health
 from .runtime import RuntimeState
 
-__all__ = ["GRACE", "Held", "Move", "held_back", "moves", "moves_away_from", "record_time"]
+__all__ = ["GRACE", "Held", "Move", "down_token", "held_back", "moves", "moves_away_from",
+           "offline_token", "record_time"]
 
 GRACE = 1.0
 """Seconds past ``sync_delay`` after which a move goes ahead unacknowledged (the
@@ -57,6 +58,16 @@ def record_time(at: str) -> float:
     return found if math.isfinite(found) else -math.inf
 
 
+def down_token(action: AdminAction) -> str:
+    """The token of a ``member down`` record (what its member's sidecar acknowledges)."""
+    return f"down@{action.at}"
+
+
+def offline_token(site: str, action: AdminAction) -> str:
+    """The token of a ``site offline`` record."""
+    return f"offline:{site}@{action.at}"
+
+
 def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
           pool: str | None = None) -> list[Move]:
     """The planned moves in ``state`` away from members of ``cluster``; ``sites``: the
@@ -66,12 +77,12 @@ def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
     for where in (cluster, pool) if pool else (cluster,):
         for member, action in state.members_down_of(where).items():
             if member in sites:
-                found.append(Move(f"down@{action.at}", "admin", (where, member), (member,),
+                found.append(Move(down_token(action), "admin", (where, member), (member,),
                                   record_time(action.at)))
     for site, action in state.sites_offline.items():
         members = tuple(sorted(m for m, s in sites.items() if s == site))
         if members:
-            found.append(Move(f"offline:{site}@{action.at}", "site", (site, ""), members,
+            found.append(Move(offline_token(site, action), "site", (site, ""), members,
                               record_time(action.at)))
     for member, health in state.health_of(cluster).items():
         away = _away(member, health)

@@ -286,7 +286,7 @@ class ControlPlane:
             self._dns_inputs = (model, frozenset(hostnames(model)))
         self.resolver.want(self._dns_inputs[1].union(
             r.address for r in runtime.registrations.values() if not is_ip_literal(r.address)))
-        drains = expired_drains(model, runtime, now)
+        drains = expired_drains(model, runtime, now, held.started)
         warming = self.warmup.update(model, runtime, now)
         sick, step = shares(model, runtime, now)
         self._wake_at(min((t for t in (drains.next_expiry, warming.next_change, step,

@@ -199,6 +199,13 @@ def test_drains_expire_after_the_clusters_window_for_long_lived_clusters_only() 
     assert drains.expired == {("g", "a"), ("t", "x")}
     assert drains.next_expiry == pytest.approx(now + 3, abs=0.01)
     assert drain_started(AdminAction(at="not a time")) == float("-inf")
+    # Under delayed sync a drain goes ahead once its member replicated its young
+    # sessions: its window counts from then (the went-ahead times by token).
+    a, s2 = state.members_down[("g", "a")], state.sites_offline["s2"]
+    later = expired_drains(spec, state, now, {f"down@{a.at}": now - 4,
+                                              f"offline:s2@{s2.at}": now + 1})
+    assert later.expired == set()  # a's 5 s from 4 s ago; t's window of 0 from 1 s on
+    assert later.next_expiry == pytest.approx(now + 1, abs=0.01)
 
 
 def test_the_drain_generation_changes_only_the_listeners_of_drained_clusters() -> None:
