@@ -27,6 +27,7 @@ from meshxl.local.wait import wait_until
 from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model
+from tests.harness.cli import meshxl
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +39,7 @@ ROUNDS_AFTER_KILL = 5  # every session of A and B asked this many times after th
 STOP_WITHIN = 5.0  # seconds a SIGTERM'd sidecar of five VSs takes to end, at most
 
 
-def model_text(apps: dict[str, int], port: int) -> str:
+def model_text(apps: dict[str, int], port: int, sessions: str = "") -> str:
     members = "".join(f"\n      - {{name: {name}, address: {LOOPBACK}, port: {app}, "
                       f"site: {'ab'[i % 2]}}}" for i, (name, app) in enumerate(apps.items()))
     return f"""
@@ -52,7 +53,7 @@ virtual_systems:
     pool: web
     stickiness: {{header: x-session-id}}
     health_check: {{}}
-""".replace("    health_check: {}\n", "")
+""".replace("    health_check: {}\n", sessions and f"    sessions: {sessions}\n")
 
 
 async def count(http: aiohttp.ClientSession, port: int, vs: str,
@@ -65,17 +66,17 @@ async def count(http: aiohttp.ClientSession, port: int, vs: str,
         return resp.status, await resp.json()
 
 
-async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_actives_over(
-        harness: Owner, start_control_plane: Any, start_envoy: Any, start_sidecar: Any,
-        etcd: Any, etcd_client: aetcd.Client) -> None:
+async def _bed(harness: Owner, start_control_plane: Any, start_envoy: Any,
+               start_sidecar: Any, etcd: Any, etcd_client: aetcd.Client,
+               sessions: str = "") -> tuple[str, int, Any, list[Any], list[Any]]:
+    """Two pool members (a sidecar serving every VS and the demo app each), the control
+    plane and Envoy, every VS's members healthy in it: the model's text, the pool's
+    port, the placement's roles, the sidecars and the apps."""
     names = ["w0", "w1"]
     app_ports = dict(zip(names, free_ports(2), strict=True))
     (port,) = free_ports(1)
-    text = model_text(app_ports, port)
+    text = model_text(app_ports, port, sessions)
     roles = placement_of(parse_model(text), parse_model(text).pools[0]).roles
-    a = next(vs for vs in TENANTS if roles[vs].active == "w0")
-    b = next(vs for vs in TENANTS if roles[vs].active == "w1")
-    assert roles[a].standby == "w1"
     await apply_model(etcd_client, KEYS, text, "test")
 
     sidecars = await asyncio.gather(*(
@@ -99,9 +100,20 @@ async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_activ
     plane = await start_control_plane(etcd=etcd.url)
     envoy = await start_envoy("edge", plane.port)
     await envoy.wait_ready()
-    for vs in (a, b):
+    for vs in TENANTS:
         await envoy.wait_hosts(vs, lambda hs: len(hs) == 2 and all(h.healthy for h in hs),
                                what=f"{vs}: both members healthy", timeout=20)
+    return text, port, roles, sidecars, apps
+
+
+async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_actives_over(
+        harness: Owner, start_control_plane: Any, start_envoy: Any, start_sidecar: Any,
+        etcd: Any, etcd_client: aetcd.Client) -> None:
+    text, port, roles, sidecars, apps = await _bed(
+        harness, start_control_plane, start_envoy, start_sidecar, etcd, etcd_client)
+    a = next(vs for vs in TENANTS if roles[vs].active == "w0")
+    b = next(vs for vs in TENANTS if roles[vs].active == "w1")
+    assert roles[a].standby == "w1"
 
     # One sidecar per member serves every VS of the pool, each under its own path.
     w0 = sidecars[0]
@@ -189,6 +201,46 @@ async def test_a_pool_sidecar_serves_every_vs_and_the_standby_takes_a_lost_activ
     assert await w1.process.wait_exit(STOP_WITHIN) is not None
     for vs in ("t2", "t3", "t4", "t5"):
         assert await etcd_client.get(KEYS.member(vs, "w1").encode()) is None, vs
+
+
+async def test_vs_move_under_delayed_sync_takes_young_sessions_with_their_state(
+        harness: Owner, start_control_plane: Any, start_envoy: Any, start_sidecar: Any,
+        etcd: Any, etcd_client: aetcd.Client) -> None:
+    """With ``sync_delay`` a VS's young sessions live on its active's pool sidecar only;
+    ``meshxl vs move`` to the standby waits until that sidecar replicated them, so each
+    counter goes on from its last value on the new member, long before the delay."""
+    _, port, roles, sidecars, _ = await _bed(
+        harness, start_control_plane, start_envoy, start_sidecar, etcd, etcd_client,
+        sessions="{ttl: 5m, sync_delay: 30s}")
+    a = next(vs for vs in TENANTS if roles[vs].active == "w0")
+    w0 = sidecars[0]
+    async with aiohttp.ClientSession() as http:
+        seq = {}
+        for _ in range(2):
+            for session in SESSIONS:
+                status, body = await count(http, port, a, session)
+                assert status == 200 and body["member"] == "w0", body
+                seq[session] = body["seq"]
+        kept = (await w0.request("GET", f"/v1/clusters/{a}/status")).json()
+        assert kept["local_sessions"] == len(SESSIONS), kept  # young: on w0 only
+
+        code, _, err = await meshxl("vs", "move", a, "w1", "--etcd", etcd.url)
+        assert code == 0, err
+        # Until Envoy has the move, w0 answers (writing through); every answer, on
+        # either member, is the next value after the last one.
+        on_w1: set[str] = set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(on_w1) < len(SESSIONS) and asyncio.get_running_loop().time() < deadline:
+            for session in SESSIONS:
+                status, body = await count(http, port, a, session)
+                assert status == 200 and body["seq"] == seq[session] + 1, (session, body)
+                seq[session] = body["seq"]
+                if body["member"] == "w1":
+                    on_w1.add(session)
+            await asyncio.sleep(0.05)
+        assert on_w1 == set(SESSIONS), on_w1
+    planned = (await w0.request("GET", f"/v1/clusters/{a}/status")).json()["planned_moves"]
+    assert planned["moves"] and list(planned["acknowledged"]) == planned["moves"], planned
 
 
 async def _has(names: Any, name: str, present: bool = True) -> bool:
