@@ -158,9 +158,11 @@ async def set_vs_priority(client: aetcd.Client, keys: Keys, vs: str,
     other members after them in the placement's order). ``order`` None (``--clear``):
     back to the placement. ``move`` (``meshxl vs move VS MEMBER``, the one-member
     list): the member must be able to serve now. One record a VS, under the key of
-    the list's first member: a new list replaces the old one in one transaction.
-    Refused, with nothing written, for an unknown VS, a load-sharing one, an empty
-    list, a member listed twice or not in the VS's pool."""
+    the list's first member: a new list replaces the old one in one transaction, which
+    applies only if no record of the VS changed since it was read (else read and
+    written again: of two set at once, the later stays, never both). Refused, with
+    nothing written, for an unknown VS, a load-sharing one, an empty list, a member
+    listed twice or not in the VS's pool."""
     from meshxl.model.vsls import check_order, check_priority, priority_lists
 
     prefix = keys.preferred_prefix(vs).encode()
@@ -186,13 +188,25 @@ async def set_vs_priority(client: aetcd.Client, keys: Keys, vs: str,
     if move and names[0] in not_live:
         raise OpsError(f"member {names[0]!r} {not_live[names[0]]}")
     key = keys.preferred(vs, names[0]).encode()
-    record = json.loads(_admin_record(reason))
-    # One transaction: the other members' keys deleted (etcd refuses a range delete
-    # over the key put in the same transaction), this one put.
-    stale = [tx.delete(kv.key) for kv in stored if kv.key != key]
-    put = tx.put(key, json.dumps({**record, "order": list(names)}).encode())
-    _, responses = await client.transaction(compare=[], success=[*stale, put], failure=[])
-    return PriorityStored(_revision(responses), replaced, not_live)
+    value = json.dumps({**json.loads(_admin_record(reason)), "order": list(names)}).encode()
+    for _ in range(PRIORITY_TRIES):
+        # One transaction: the other members' keys deleted (etcd refuses a range delete
+        # over the key put in the same transaction), this one put; only if no key of
+        # the VS was written since the read (a key range's compare: all of them).
+        newest = max((kv.mod_revision for kv in stored), default=0)
+        unchanged = tx.mod(prefix, range_end=prefix_range_end(prefix)) < newest + 1
+        stale = [tx.delete(kv.key) for kv in stored if kv.key != key]
+        done, responses = await client.transaction(
+            compare=[unchanged], success=[*stale, tx.put(key, value)], failure=[])
+        if done:
+            return PriorityStored(_revision(responses), replaced, not_live)
+        stored = await client.get_prefix(prefix)
+    raise OpsError(f"the priority list of {vs!r} kept changing while it was written "
+                   f"({PRIORITY_TRIES} tries): run it again")
+
+
+PRIORITY_TRIES = 5
+"""Times ``vs priority`` writes its record again after another was written at once."""
 
 
 async def _not_live(client: aetcd.Client, keys: Keys, vs: str, pool: Pool,

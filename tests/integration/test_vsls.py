@@ -27,7 +27,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
-from meshxl.operator.actions import apply_model, set_member_admin
+from meshxl.operator.actions import apply_model, set_member_admin, set_vs_priority
 from meshxl.operator.tables import render_vs, status_view
 from meshxl.operator.views import read_mesh, status_report, vs_report
 from tests.harness import Backend
@@ -300,6 +300,14 @@ virtual_systems:
     assert code == 1 and one_line(err) == "meshxl: unknown virtual system 'nope'"
     code, _, err = await meshxl("member", "down", "pool-x", "w1", "--etcd", etcd.url)
     assert code != 0 and "unknown cluster or pool 'pool-x'" in one_line(err)
+
+    # Two operators setting one VS's order at once: one record stays, the later one's,
+    # never one for each (which of two records counts would be nobody's choice).
+    for _ in range(3):
+        await asyncio.gather(*(set_vs_priority(etcd_client, KEYS, "v09", order)
+                               for order in (["w0", "w2"], ["w2", "w3"], ["w3"])))
+        stored = await etcd_client.get_prefix(KEYS.preferred_prefix("v09").encode())
+        assert len(stored) == 1, [kv.key for kv in stored]
 
 
 def one_line(err: str) -> str:
