@@ -163,7 +163,8 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
         harness: Owner, tmp_path: Path) -> None:
     """With ``sync_delay`` the sessions a member wrote in its last seconds live on it
     only: a drain replicates them before Envoy moves them (meshxl.model.moves), so every
-    one is read on the standby with its count, long before the delay would have."""
+    one is read on the standby with its count, long before the delay would have; so
+    does a site taken offline, its sessions read on the other site's member."""
     import aiohttp
 
     from meshxl.local.traffic import request
@@ -197,6 +198,22 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
             planned = (await resp.json())["planned_moves"]
         assert len(planned["moves"]) == 1 and planned["moves"][0].startswith("down@"), planned
         assert list(planned["acknowledged"]) == planned["moves"], planned
+
+        # The site offline (b's, dc1): sessions b began since, young on b, go to c with
+        # it, every count whole.
+        fresh = [f"fresh{i}" for i in range(8)]
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+            for _ in range(2):
+                wrote = await asyncio.gather(*(request(http, f"{d.url}/counter", s, "POST")
+                                               for s in fresh))
+                assert all(r.ok and r.member == "b" for r in wrote), wrote
+        done = await meshxl_json("site", "offline", "dc1", "--wait", "10", *etcd_args(d))
+        assert done["converged"] is True
+        final, readback = await read_back(f"{d.url}/counter", fresh)
+        assert {r.member for r in readback} == {"c"}, readback
+        assert final == dict.fromkeys(fresh, 2), final
+        flushed = await scrape(f"{d.member('b').sidecar_url}/metrics")
+        assert flushed["meshxl_statesync_planned_flushed_sessions_total"] == len(fresh)
 
 
 async def test_member_down_is_shown_with_who_why_and_when(
