@@ -165,22 +165,12 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
     only: a drain replicates them before Envoy moves them (meshxl.model.moves), so every
     one is read on the standby with its count, long before the delay would have; so
     does a site taken offline, its sessions read on the other site's member."""
-    import aiohttp
-
-    from meshxl.local.traffic import request
-
     async with DemoDeployment(tmp_path / "work",
                               fields={"sessions": "{ttl: 5m, sync_delay: 30s}"}) as d:
         harness.own(d.owner)
         sessions = [f"young{i}" for i in range(12)]
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
-            for _ in range(2):
-                wrote = await asyncio.gather(*(request(http, f"{d.url}/counter", s, "POST")
-                                               for s in sessions))
-                assert all(r.ok and r.member == "a" for r in wrote), wrote
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"{d.member('a').sidecar_url}/v1/status") as resp:
-            before = await resp.json()
+        await _count_twice(d, sessions, "a")
+        before = await _sidecar_status(d, "a")
         assert before["local_sessions"] == len(sessions)  # young, on a only
         assert before["planned_moves"] == {"moves": [], "acknowledged": {}}
 
@@ -193,20 +183,14 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
         flushed = await scrape(f"{d.member('a').sidecar_url}/metrics")
         # Replicated by the drain, not by the periodic flush 30 s on.
         assert flushed["meshxl_statesync_planned_flushed_sessions_total"] == len(sessions)
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"{d.member('a').sidecar_url}/v1/status") as resp:
-            planned = (await resp.json())["planned_moves"]
+        planned = (await _sidecar_status(d, "a"))["planned_moves"]
         assert len(planned["moves"]) == 1 and planned["moves"][0].startswith("down@"), planned
         assert list(planned["acknowledged"]) == planned["moves"], planned
 
         # The site offline (b's, dc1): sessions b began since, young on b, go to c with
         # it, every count whole.
         fresh = [f"fresh{i}" for i in range(8)]
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
-            for _ in range(2):
-                wrote = await asyncio.gather(*(request(http, f"{d.url}/counter", s, "POST")
-                                               for s in fresh))
-                assert all(r.ok and r.member == "b" for r in wrote), wrote
+        await _count_twice(d, fresh, "b")
         done = await meshxl_json("site", "offline", "dc1", "--wait", "10", *etcd_args(d))
         assert done["converged"] is True
         final, readback = await read_back(f"{d.url}/counter", fresh)
@@ -214,6 +198,27 @@ async def test_member_down_with_delayed_sync_moves_young_sessions_with_their_sta
         assert final == dict.fromkeys(fresh, 2), final
         flushed = await scrape(f"{d.member('b').sidecar_url}/metrics")
         assert flushed["meshxl_statesync_planned_flushed_sessions_total"] == len(fresh)
+
+
+async def _count_twice(d: DemoDeployment, sessions: list[str], member: str) -> None:
+    """Two counts of every session through Envoy, each answered by ``member``."""
+    import aiohttp
+
+    from meshxl.local.traffic import request
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+        for _ in range(2):
+            wrote = await asyncio.gather(*(request(http, f"{d.url}/counter", s, "POST")
+                                           for s in sessions))
+            assert all(r.ok and r.member == member for r in wrote), wrote
+
+
+async def _sidecar_status(d: DemoDeployment, member: str) -> Any:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{d.member(member).sidecar_url}/v1/status") as resp:
+        return await resp.json()
 
 
 async def test_member_down_is_shown_with_who_why_and_when(
