@@ -11,8 +11,10 @@ aiohttp session per sidecar, closed by the harness at teardown.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -207,8 +209,17 @@ class SidecarProcess:
     async def transaction(self, operations: list[dict[str, Any]]) -> Reply:
         return await self.post_json("/v1/sessions:transaction", {"operations": operations})
 
-    async def status(self) -> dict[str, Any]:
-        reply = await self.request("GET", "/v1/status")
+    async def status(self, starting_for: float = 10.0) -> dict[str, Any]:
+        """``/v1/status``; asked again while the sidecar's start is still under way (503,
+        "the sidecar is starting": it registers before its start is done, so a test that
+        waited for its registration can ask in between), for up to ``starting_for`` s."""
+        deadline = time.monotonic() + starting_for
+        while True:
+            reply = await self.request("GET", "/v1/status")
+            if reply.status != 503 or b"the sidecar is starting" not in reply.body \
+                    or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
         assert reply.status == 200, reply
         return dict(reply.json())
 
