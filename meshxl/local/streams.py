@@ -317,9 +317,10 @@ class _Line:
 
 
 def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if callable(code):
-        return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    # A gRPC error's code() is a method; aiohttp's ClientResponseError.code a property,
+    # deprecated (read on the class, its getter does not run and warn).
+    if callable(getattr(type(exc), "code", None)):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
     return f"{type(exc).__name__}: {exc}".strip().rstrip(":")
 
 

@@ -283,3 +283,26 @@ def test_tcp_connect_attempts_outlast_the_dead_members_ejection() -> None:
     assert proxy.max_connect_attempts.value == 1 and not proxy.HasField("backoff_options")
     # Only TCP clusters change: an HTTP cluster keeps 3 retries.
     assert ClusterSpec.model_validate({"name": "h"}).retries.attempts == 3
+
+
+def test_a_failed_request_is_described_by_its_grpc_code_or_its_type() -> None:
+    """A gRPC error by its code and details; an HTTP one (aiohttp's, whose ``code``
+    property is deprecated) by its type and text, with no warning."""
+    import warnings
+
+    import grpc
+    from aiohttp import ClientResponseError, RequestInfo
+    from grpc.aio import AioRpcError, Metadata
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    from meshxl.local.streams import _describe
+
+    url = URL("http://127.0.0.1:1/counter")
+    info = RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _describe(ClientResponseError(info, (), status=503, message="no")) == \
+            "ClientResponseError: 503, message='no', url='http://127.0.0.1:1/counter'"
+        assert _describe(AioRpcError(grpc.StatusCode.UNAVAILABLE, Metadata(), Metadata(),
+                                     details="down")) == "UNAVAILABLE: down"
