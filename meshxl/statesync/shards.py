@@ -35,9 +35,10 @@ no other's writes. :class:`ShardedSessions` is the engine's face the API uses:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import aetcd
@@ -103,6 +104,16 @@ _T = TypeVar("_T")
 REPLANS = 3
 """Times a request is planned again under a newer map that closed a shard it named
 before anything of it was sent (:class:`ShardClosed`), before it is answered 503."""
+
+
+@contextlib.contextmanager
+def _planned_under(m: ShardMap) -> Iterator[None]:
+    """Reads and writes made inside carry ``m``'s version to their shards."""
+    token = PLANNED.set(m.version)
+    try:
+        yield
+    finally:
+        PLANNED.reset(token)
 
 
 class ShardClosed(Unavailable):
@@ -293,12 +304,9 @@ class ShardedSessions:
         return sum(s.engine.prune_observed() for s in self.shards.values())
 
     async def flush_due(self) -> int:
-        token = PLANNED.set(self.map.version)
-        try:
+        with _planned_under(self.map):
             counts = await asyncio.gather(*(s.engine.flush_due()
                                             for s in self.shards.values()))
-        finally:
-            PLANNED.reset(token)
         return sum(counts)
 
     # -- reads and writes -----------------------------------------------------------
@@ -310,14 +318,12 @@ class ShardedSessions:
         there (at most :data:`REPLANS` times): a request that comes in as the map is
         replaced is served under the new one, not refused."""
         for attempt in range(REPLANS + 1):
-            token = PLANNED.set(m.version)
             try:
-                return await call(m)
+                with _planned_under(m):
+                    return await call(m)
             except ShardClosed:
                 if attempt == REPLANS or self.map is m:
                     raise
-            finally:
-                PLANNED.reset(token)
             m = self.map
         raise AssertionError("unreachable")
 
@@ -419,11 +425,8 @@ class ShardedSessions:
         outcomes: list[Any] = [None] * len(writes)
         todo = list(range(len(writes)))
         for _ in range(REPLANS + 1):  # again, the writes a newer map's closed shard refused
-            token = PLANNED.set(m.version)
-            try:
+            with _planned_under(m):
                 answers = await self._write([writes[i] for i in todo], early, traceparent, m)
-            finally:
-                PLANNED.reset(token)
             for i, outcome in zip(todo, answers, strict=True):
                 outcomes[i] = outcome
             todo = [i for i in todo if isinstance(outcomes[i], ShardClosed)]
