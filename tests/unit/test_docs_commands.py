@@ -30,7 +30,11 @@ def commands(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, command line) of every meshxl command shown in ``path``."""
     fenced = False
     pending: tuple[int, str] | None = None
+    paragraph: list[tuple[int, str]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.lstrip().startswith("```") or not line.strip():
+            yield from _inline(paragraph)
+            paragraph = []
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
@@ -49,9 +53,20 @@ def commands(path: Path) -> Iterator[tuple[int, str]]:
                 pending = (number, text[:-1].strip())
                 continue
             yield number, text
-        else:
-            for match in _INLINE.finditer(line):
-                yield number, match.group(1)
+        elif line.strip():
+            paragraph.append((number, line.strip()))
+    yield from _inline(paragraph)
+
+
+def _inline(paragraph: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """The inline commands of a paragraph's lines, read as Markdown reads them: joined,
+    so a command that rewrapping split over two lines is still found (at its first)."""
+    text, starts = "", []
+    for number, line in paragraph:
+        starts.append((len(text), number))
+        text += line + " "
+    for match in _INLINE.finditer(text):
+        yield max(n for at, n in starts if at <= match.start()), match.group(1).strip()
 
 
 def words(command: str) -> list[str]:
@@ -147,3 +162,11 @@ def test_the_check_catches_a_wrong_command() -> None:
     found, rest, _ = resolve(words("meshxl member down|up C M [--reason TEXT]"))
     assert [c.name for c in found] == ["down", "up"] and rest[0] == "C"
     assert "--nope" not in options_of(found[0])
+
+
+def test_a_command_that_rewrapping_split_is_still_read(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("Grant it with `meshxl etcd\ngrant --tenant t1` first.\n\n"
+                   "Then `meshxl status`.\n```sh\nmeshxl apply \\\n  m.yaml\n```\n")
+    assert list(commands(doc)) == [(1, "meshxl etcd grant --tenant t1"),
+                                   (4, "meshxl status"), (6, "meshxl apply m.yaml")]
