@@ -62,10 +62,15 @@ class Waiting:
         self.last_error: str | None = None
 
     def reason(self) -> str:
-        """As the control plane says it: ``etcd unreachable: ...``."""
-        return (f"etcd unreachable: {self.last_error or 'no answer yet'} (waiting for "
-                f"{self.etcd}: {self.attempts} attempts in "
-                f"{time.monotonic() - self.since:.0f} s)")
+        """As the control plane says it: ``etcd unreachable: ...`` once an attempt
+        failed; before that, the first attempt is under way (etcd may well have
+        answered it: the registration is written before the start is done)."""
+        took = time.monotonic() - self.since
+        if self.last_error is None:
+            return (f"starting: connecting to etcd at {self.etcd}, reading the session "
+                    f"settings and registering ({took:.0f} s so far)")
+        return (f"etcd unreachable: {self.last_error} (waiting for {self.etcd}: "
+                f"{self.attempts} attempts in {took:.0f} s)")
 
     def router(self) -> Router:
         """The routes served until the sidecar has started."""

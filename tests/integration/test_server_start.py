@@ -266,7 +266,15 @@ async def test_statesync_waits_for_etcd_and_serves_once_it_answers(harness: Any)
     ready = await sidecar.request("GET", "/readyz")
     assert ready.status == 503
     [reason] = ready.json()["reasons"]
-    assert reason.startswith("etcd unreachable: ") and url in reason, reason
+    assert reason.startswith(("starting: connecting to etcd at ", "etcd unreachable: ")), reason
+
+    async def unreachable() -> Any:
+        ready = await sidecar.request("GET", "/readyz")
+        [reason] = ready.json()["reasons"]
+        return ready.status == 503 and reason.startswith("etcd unreachable: ") and reason
+
+    reason = await wait_until(unreachable, timeout=10, what="the first attempt's failure")
+    assert url in reason, reason
     put = await sidecar.put("s1", {"n": 1})
     assert put.status == 503 and "starting" in put.json()["error"], put
     metrics = (await sidecar.request("GET", "/metrics")).body.decode()
