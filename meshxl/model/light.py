@@ -50,6 +50,7 @@ from .basics import (
     read_duration,
 )
 from .checks import NO_CLUSTERS, duplicates, membership_problems
+from .light_pools import LightPool, read_pools, vs_settings
 from .text import ModelForm, model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
@@ -141,6 +142,9 @@ class LightVirtualSystem:
     name: str
     pool: str
     sessions: LightSessions = LightSessions()
+    mode: Mode = "high-availability"
+    weight: int = 1
+    backups: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,8 @@ class LightModel:
     """Those compiled: named once, not a cluster's name, on a pool of the model."""
     pools: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """Each pool's name and its members' names."""
+    placed_pools: tuple[LightPool, ...] = ()
+    """The pools read whole: their virtual systems' roles can be placed (light_pools.py)."""
 
     def cluster(self, name: str) -> LightCluster | None:
         return next((c for c in self.clusters if c.name == name), None)
@@ -364,10 +370,10 @@ class _Reader:
         model = LightModel(tuple(c for c in read if c is not None))
         if self.problems:
             return model
-        pools = _light_pools(data.get("pools"))
+        pools, placed = read_pools(data.get("pools"))
         model = LightModel(model.clusters, self.virtual_systems(
             data.get("virtual_systems"), {c.name for c in model.clusters},
-            {name for name, _ in pools}), pools)
+            {name for name, _ in pools}), pools, placed)
         if self.problems:
             return model
         if not model.clusters and not allow_empty and not data.get("virtual_systems"):
@@ -414,10 +420,12 @@ class _Reader:
             names = entry.get("names") or [entry.get("name")]
             sessions = self.sessions(entry.get("sessions", {}),
                                      f"virtual_systems[{i}].sessions")
+            mode, weight, backups = vs_settings(entry) or ("high-availability", 1, 0)
             for name in names if isinstance(names, list) else []:
                 if isinstance(name, str) and _NAME.fullmatch(name) and name not in taken:
                     taken.add(name)
-                    found.append(LightVirtualSystem(name, entry["pool"], sessions))
+                    found.append(LightVirtualSystem(name, entry["pool"], sessions, mode,
+                                                    weight, backups))
         return tuple(found)
 
     def site(self, data: Any, path: str) -> LightSite | None:
@@ -483,19 +491,6 @@ class _Reader:
             f(found, path, "failback", _one_of(FAILBACKS), default.failback),
             f(found, path, "failback_delay", _duration(positive=False),
               default.failback_delay))
-
-
-def _light_pools(data: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Each pool's name and members' names (entries the control plane would refuse: out)."""
-    pools = []
-    for pool in data if isinstance(data, list) else []:
-        members = pool.get("members") if isinstance(pool, dict) else None
-        if isinstance(pool, dict) and isinstance(pool.get("name"), str) \
-                and isinstance(members, list):
-            pools.append((pool["name"], tuple(m["name"] for m in members
-                                              if isinstance(m, dict)
-                                              and isinstance(m.get("name"), str))))
-    return tuple(pools)
 
 
 def _local_sites(path: str, cluster: LightCluster, stickiness: Any) -> Iterator[Problem]:

@@ -30,10 +30,14 @@ role:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+try:  # hashlib's blake2b itself, without hashlib's OpenSSL (the sidecar places too)
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - an interpreter built without it
+    from hashlib import blake2b
 
 __all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "base_placement",
            "eligible", "live_placement", "priority_placement", "score", "site_rule_broken",
@@ -80,7 +84,7 @@ class VirtualRoles:
 def score(pool: str, vs: str, member: PoolMember) -> float:
     """Weighted rendezvous score: higher wins; a member of twice the capacity wins
     twice as many VSs. A stable hash (not Python's per-process ``hash``)."""
-    digest = hashlib.blake2b(f"{pool}\0{vs}\0{member.name}".encode(), digest_size=8).digest()
+    digest = blake2b(f"{pool}\0{vs}\0{member.name}".encode(), digest_size=8).digest()
     unit = (int.from_bytes(digest, "big") + 0.5) / 2**64  # in (0, 1)
     return -member.capacity / math.log(unit)
 

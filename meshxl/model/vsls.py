@@ -23,14 +23,8 @@ from typing import Any
 
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
-from .placement import (
-    PoolMember,
-    VirtualRoles,
-    base_placement,
-    live_placement,
-    priority_placement,
-    site_rule_broken,
-)
+from .placement import PoolMember, VirtualRoles, base_placement, site_rule_broken
+from .pool_roles import live_roles, lost_members, priority_lists
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
@@ -100,28 +94,12 @@ def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
 
 def lost_reasons(pool: Pool, state: RuntimeState | None,
                  clusters: Iterable[str] = ()) -> dict[str, str]:
-    """Pool members out of the placement, each with why: ``admin-down`` on the pool
-    (``meshxl member down POOL MEMBER``), ``site-offline``, or, in a pool with
-    ``membership: registered``, ``unregistered``: no registration of it (live lease,
-    ready or not) in any of ``clusters``, the pool's virtual systems."""
-    if state is None:
-        return {}
-    down = state.members_down_of(pool.name)
-    offline = state.sites_offline
-    default = pool.sites[0].name if pool.sites else DEFAULT_SITE
-    registered: set[str] = set()
-    if pool.membership == "registered":
-        for cluster in clusters:
-            registered.update(state.registrations_of(cluster))
-    out = {}
-    for m in pool.members:
-        if m.name in down:
-            out[m.name] = "admin-down"
-        elif (m.site or default) in offline:
-            out[m.name] = "site-offline"
-        elif pool.membership == "registered" and m.name not in registered:
-            out[m.name] = "unregistered"
-    return out
+    """Pool members out of the placement, each with why (:func:`.pool_roles.
+    lost_members`): ``admin-down``, ``site-offline`` or ``unregistered``, this last in
+    a pool with ``membership: registered`` whose member holds no registration in any of
+    ``clusters``, the pool's virtual systems."""
+    return lost_members(pool.name, pool_members(pool), pool.membership == "registered",
+                        state, clusters)
 
 
 def _lost(model: ModelSpec, pool: Pool, state: RuntimeState | None) -> frozenset[str]:
@@ -143,26 +121,6 @@ def _systems_of(model: ModelSpec, pool: Pool) -> tuple[str, ...]:
             cache[p.name] += (name,)
         origin._vsls["systems"] = cache
     return cache.get(pool.name, ())
-
-
-def priority_lists(state: RuntimeState | None) -> dict[str, tuple[str, ...]]:
-    """VS -> the operator's priority list (``meshxl vs priority``, ``vs move``): its
-    :class:`~.records.PriorityList`'s order, or the key's member alone for a bare
-    record. One a VS: etcd holds one key under a VS's ``preferred/``; should it hold
-    more, the first by member name counts, on every replica alike."""
-    if state is None or not state.preferred:
-        return {}
-    out: dict[str, tuple[str, ...]] = {}
-    for (vs, member), action in sorted(state.preferred.items()):
-        if vs not in out:
-            out[vs] = getattr(action, "order", ()) or (member,)
-    return out
-
-
-def _lists(pool: Pool, state: RuntimeState | None,
-           roles: Mapping[str, VirtualRoles]) -> dict[str, tuple[str, ...]]:
-    """The priority lists of this pool's high-availability VSs."""
-    return {vs: order for vs, order in priority_lists(state).items() if vs in roles}
 
 
 def check_order(order: Iterable[str]) -> tuple[str, ...]:
@@ -209,15 +167,7 @@ def placement_of(model: ModelSpec, pool: Pool,
     why = lost_reasons(pool, state, _systems_of(model, pool))
     lost = frozenset(why)
     base = _base(model).get(pool.name, {})
-    roles = live_placement(base, members, lost)
-    lists = _lists(pool, state, roles)
-    chosen: dict[str, str] = {}
-    if lists:
-        roles = priority_placement(roles, [m for m in members if m.name not in lost], lists)
-        for vs, order in lists.items():
-            head = next((m for m in order if m in roles[vs].order), None)
-            if head is not None:
-                chosen[vs] = head
+    roles, lists, chosen = live_roles(base, members, lost, state)
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
     return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen,
                          listed=lists, why=why)

@@ -23,6 +23,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource, read_model
 from meshxl.model.basics import ModelError
 from meshxl.model.light import LightModel, parse_light
+from meshxl.model.light_roles import vs_roles
 from meshxl.model.moves import moves_away_from
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
 
@@ -111,6 +112,8 @@ class MeshFollower:
             if (registration is not None and registration.returning is not None
                     and state == MemberState.READY):
                 self.membership.rejoin.unheld()
+        elif model is not None:
+            role = self._vs_role(model)
         if state != self.view_state:
             if state == MemberState.ATTENTION:
                 log.warning("member %s is active with problems: no other member can "
@@ -118,14 +121,27 @@ class MeshFollower:
                             self.config.member)
             self.view_state = state
         if role != self.role:
-            log.info("member %s is now %s", self.config.member, role)
+            log.info("member %s is now %s in %s", self.config.member, role,
+                     self.config.cluster)
             self.role = role
         if self.scope is not None:
-            self.scope(spec is not None and spec.high_availability and role == Role.STANDBY)
+            self.scope(role == Role.STANDBY and (spec is None or spec.high_availability))
         if self.on_moves is not None:
             vs = model.virtual_system(self.config.cluster) if model is not None else None
             self.on_moves(moves_away_from(self.config.cluster, self.config.member, site,
                                           self.mesh.runtime, vs.pool if vs else None))
+
+    def _vs_role(self, model: LightModel) -> Role:
+        """This member's role in its virtual system, as the control plane places it
+        (light_pools.py; NONE: not a high-availability VS, or not placed here)."""
+        roles = vs_roles(model, self.mesh.runtime, self.config.cluster)
+        me = self.config.member
+        if roles is None or me not in roles.order:
+            return Role.NONE
+        if me == roles.active:
+            return Role.ACTIVE
+        return Role.STANDBY if me == roles.standby else (
+            Role.BACKUP if me in roles.backup else Role.NONE)
 
     def serving_now(self) -> tuple[str, ...]:
         """The first tier of members that serve now, in this sidecar's view (a member

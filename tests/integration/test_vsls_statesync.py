@@ -243,5 +243,72 @@ async def test_vs_move_under_delayed_sync_takes_young_sessions_with_their_state(
     assert planned["moves"] and list(planned["acknowledged"]) == planned["moves"], planned
 
 
+async def test_narrow_replication_each_vs_standby_holds_its_sessions_and_no_other(
+        harness: Owner, start_control_plane: Any, start_envoy: Any, start_sidecar: Any,
+        etcd: Any, etcd_client: aetcd.Client) -> None:
+    """With ``replication: narrow`` a pool sidecar holds every session of the VSs it is
+    the standby of, placed as the control plane places them, and only what it uses of
+    the others: a VS's writes reach its active and its standby, not the whole pool.
+    kill -9 of an active: its VSs go on on their standbys from the last value."""
+    _, port, roles, sidecars, apps = await _bed(
+        harness, start_control_plane, start_envoy, start_sidecar, etcd, etcd_client,
+        sessions="{replication: narrow}")
+    a = next(vs for vs in TENANTS if roles[vs].active == "w0")
+    b = next(vs for vs in TENANTS if roles[vs].active == "w1")
+    w0, w1 = sidecars
+
+    async def status(sidecar: Any, vs: str) -> dict[str, Any]:
+        return (await sidecar.request("GET", f"/v1/clusters/{vs}/status")).json()
+
+    async def placed() -> bool:
+        seen = [await status(w, vs) for w in sidecars for vs in TENANTS]
+        return all(s["role"] in ("active", "standby") for s in seen)
+
+    await wait_until(placed, timeout=10, what="every VS's role known to its sidecars")
+    for vs in TENANTS:
+        for name, sidecar in (("w0", w0), ("w1", w1)):
+            got = await status(sidecar, vs)
+            standby = roles[vs].standby == name
+            assert got["role"] == ("standby" if standby else "active"), (vs, name, got)
+            assert got["holds_all_sessions"] is standby, (vs, name, got)
+
+    async with aiohttp.ClientSession() as http:
+        seq: dict[str, int] = {}
+        for _ in range(2):
+            for session in SESSIONS:
+                status_code, body = await count(http, port, a, session)
+                assert status_code == 200 and body["member"] == "w0", body
+                seq[session] = body["seq"]
+
+        async def replicated() -> bool:
+            return (await status(w1, a))["cached_sessions"] == len(SESSIONS)
+
+        await wait_until(replicated, timeout=10, what=f"{a}'s sessions on its standby")
+        assert (await status(w0, b))["cached_sessions"] == 0  # w0 serves nothing of b
+
+        # The roles follow the placement: b moved to w0 makes w1 its standby.
+        code, _, err = await meshxl("vs", "move", b, "w0", "--etcd", etcd.url)
+        assert code == 0, err
+
+        async def moved() -> bool:
+            theirs, ours = await status(w0, b), await status(w1, b)
+            return (theirs["role"], theirs["holds_all_sessions"], ours["role"],
+                    ours["holds_all_sessions"]) == ("active", False, "standby", True)
+
+        await wait_until(moved, timeout=10, what=f"{b}'s roles swapped in its sidecars")
+
+        await apps[0].kill()
+        await w0.kill9()
+        for session in SESSIONS:
+            status_code, body = await count(http, port, a, session)
+            assert status_code == 200 and body["member"] == "w1", body
+            assert body["seq"] == seq[session] + 1, (session, body, seq[session])
+    after = await status(w1, a)
+    assert after["takeovers"] >= len(SESSIONS), after
+    # A static pool: Envoy's health checks moved the VS, its placement stays (w0 is
+    # not admin down), so w1 is still its standby and goes on holding all of it.
+    assert after["role"] == "standby" and after["holds_all_sessions"], after
+
+
 async def _has(names: Any, name: str, present: bool = True) -> bool:
     return (name in await names()) == present
