@@ -1,7 +1,8 @@
 """Virtual systems (VSX VSLS): 60 VSs on one pool of 4 members, through real etcd, the
 control plane and Envoy, under sticky load with state.
 
-Run: ``.venv/bin/python bench/vsls.py [--quick] [--writes-burst N] [--output FILE]``
+Run: ``.venv/bin/python bench/vsls.py [--quick] [--replication all] [--writes-burst N]
+[--output FILE]``
 (``BENCH_QUICK=1``: quick, 12 VSs and short windows, no results file; ``--writes-burst``:
 every VS's ``sessions.quota.writes_burst``, else the model's default). docs/vsls.md,
 "Measured", reads it.
@@ -114,6 +115,9 @@ class Plan:
     quota_wps: int
     quota_burst: int | None
     """Every VS's ``writes_burst`` (None: the model's default, one second's worth)."""
+    replication: str
+    """Every VS's ``sessions.replication``: ``narrow``, as docs/vsls.md advises for a pool
+    (each VS's writes reach its active and its standby), or ``all``."""
     flood_interval: float
     """The other tenants' pause between requests in the flood part: a load the machine
     carries, so that the flood, not the load itself, is what the p99 shows."""
@@ -121,10 +125,10 @@ class Plan:
 
 FULL = Plan(vss=60, members=4, sessions_per_vs=2, interval=0.25, steady=8.0, after_kill=10.0,
             join=10.0, flood=1.5, flood_rounds=24, quota_wps=40,
-            quota_burst=None, flood_interval=1.0)
+            quota_burst=None, flood_interval=1.0, replication="narrow")
 QUICK = Plan(vss=12, members=4, sessions_per_vs=1, interval=0.2, steady=1.5, after_kill=3.0,
              join=2.0, flood=1.0, flood_rounds=2, quota_wps=40,
-             quota_burst=None, flood_interval=0.5)
+             quota_burst=None, flood_interval=0.5, replication="narrow")
 
 
 def p(values: Sequence[float], q: float) -> float | None:
@@ -149,7 +153,7 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
     vss = vs_names(plan.vss)
     bed = Bed(owner, vss, plan.members, stateful=stateful,
               quota_wps=plan.quota_wps if quotas and stateful else None,
-              quota_burst=plan.quota_burst)
+              quota_burst=plan.quota_burst, replication=plan.replication)
     sessions = [(vs, f"s{k}") for vs in vss for k in range(plan.sessions_per_vs)]
     res: dict[str, Any] = {"plan": plan.__dict__, "stateful": stateful, "quotas": quotas}
     load: asyncio.Task[None] | None = None
@@ -393,12 +397,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="12 VSs, short windows (about 40 s); writes no results file")
     parser.add_argument("--output", type=Path,
                         help="also write the results here (JSON; the quick run's only file)")
+    parser.add_argument("--replication", choices=("narrow", "all"), default="narrow",
+                        help="every VS's sessions.replication (default: narrow, as "
+                             "docs/vsls.md advises for a pool)")
     parser.add_argument("--writes-burst", type=int, metavar="N",
                         help="every VS's sessions.quota.writes_burst (default: the model's, "
                              "one second's worth of its writes_per_second)")
     args = parser.parse_args(argv)
     quick = quick_requested(args.quick)
-    plan = dataclasses.replace(QUICK if quick else FULL, quota_burst=args.writes_burst)
+    plan = dataclasses.replace(QUICK if quick else FULL, quota_burst=args.writes_burst,
+                               replication=args.replication)
     stateful = pool_hosting_available()
     return run_benchmark(NAME, quick, "meshxl-bench-vsls-",
                          lambda work: run(work, plan, stateful, quotas_available()),

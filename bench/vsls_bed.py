@@ -58,12 +58,15 @@ class Member:
 
 
 def model_text(members: Sequence[Member], listener_port: int, vss: Sequence[str],
-               quota_wps: int | None = None, quota_burst: int | None = None) -> str:
+               quota_wps: int | None = None, quota_burst: int | None = None,
+               replication: str = "all") -> str:
     listed = "".join(f"\n      - {{name: {m.name}, address: {HOST}, port: {m.port}, "
                      f"site: {m.site}}}" for m in members)
     burst = f", writes_burst: {quota_burst}" if quota_burst else ""
-    quota = (f"\n    sessions: {{quota: {{writes_per_second: {quota_wps}{burst}}}}}"
-             if quota_wps else "")
+    parts = [f"replication: {replication}"] if replication != "all" else []
+    if quota_wps:
+        parts.append(f"quota: {{writes_per_second: {quota_wps}{burst}}}")
+    quota = f"\n    sessions: {{{', '.join(parts)}}}" if parts else ""
     return f"""pools:
   - name: {POOL}
     listener: {{address: {HOST}, port: {listener_port}}}
@@ -80,12 +83,14 @@ class Bed:
     """etcd, ``members`` pool members, one control plane and one Envoy."""
 
     def __init__(self, owner: Owner, vss: Sequence[str], members: int, *, stateful: bool,
-                 quota_wps: int | None = None, quota_burst: int | None = None) -> None:
+                 quota_wps: int | None = None, quota_burst: int | None = None,
+                 replication: str = "all") -> None:
         self.owner = owner
         self.vss = list(vss)
         self.stateful = stateful
         self.quota_wps = quota_wps
         self.quota_burst = quota_burst
+        self.replication = replication
         self.keys = Keys(f"/meshxl-bench-vsls-{os.getpid()}")
         self.members = [self._new_member(i) for i in range(members)]
         self.listener_port, self.xds_port, self.xds_admin, self.envoy_admin = free_ports(4)
@@ -107,7 +112,7 @@ class Bed:
 
     def model(self, members: Sequence[Member] | None = None) -> str:
         return model_text(members or self.members, self.listener_port, self.vss,
-                          self.quota_wps, self.quota_burst)
+                          self.quota_wps, self.quota_burst, self.replication)
 
     def member(self, name: str) -> Member:
         return next(m for m in self.members if m.name == name)
