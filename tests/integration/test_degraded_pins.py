@@ -88,10 +88,11 @@ class Sessions:
 
 
 @contextlib.asynccontextmanager
-async def sessions_on(d: DemoDeployment, names: list[str]) -> AsyncIterator[Sessions]:
+async def sessions_on(d: DemoDeployment, names: list[str],
+                      pins: dict[str, str] | None = None) -> AsyncIterator[Sessions]:
     """Run ``names`` as pinned sessions against the deployment until the block ends
-    (at most :data:`ROUNDS` requests each)."""
-    got = Sessions(Browser(f"{d.url}/counter"))
+    (at most :data:`ROUNDS` requests each), each starting with its pin in ``pins``."""
+    got = Sessions(Browser(f"{d.url}/counter", dict(pins or {})))
     stop = asyncio.Event()
 
     async def loop(http: aiohttp.ClientSession, session: str) -> None:
@@ -207,3 +208,62 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
     print(f"\na's p90 {normal * 1000:.0f} ms, then {slow_ms:.0f} ms more: predictive "
           f"failover {took:.2f} s after the slowdown; {len(probed)} of "
           f"{len(names)} sessions probed on b; {len(run.answers)} answers, 0 failed")
+
+
+async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_back(
+        harness: Owner, tmp_path: Path) -> None:
+    """The standby as slow as the active: the probe gives it some of the pinned
+    sessions and some that begin meanwhile, it serves no better, and a handback sends
+    them all to the active. With delayed sync a session that began on the standby was
+    written there only (younger than ``sync_delay``): the handback waits for the
+    standby's sidecar to replicate it (meshxl.model.moves), so none starts afresh on
+    the active."""
+    async with DemoDeployment(
+            tmp_path / "work", mode="high-availability", pin=True, faults=True,
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
+                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
+        harness.own(d.owner)
+        names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
+        fresh = [f"n{i:02d}" for i in range(HA_SESSIONS)]
+        async with sessions_on(d, names) as run:
+            await asyncio.sleep(4.0)  # the active's normal; every session pinned to a
+            assert set(run.last_member().values()) == {"a"}, run.last_member()
+            normal = run.p90(time.time() - 2.0)
+            slow_ms = max(100.0, 10_000 * normal)
+            started = time.time()
+            for member in ("a", "b"):  # something both share turned slow
+                d.set_faults(member, delay_ms=slow_ms)
+
+            async def state_of_b(kind: str) -> bool:
+                return (await degraded(d)).get("b", {}).get("kind") == kind
+
+            await wait_until(lambda: state_of_b("probe"), timeout=15, what="b probed")
+
+            async def one_on_b() -> str | None:
+                return next((s for _, s, m, _ in run.answers if m == "b"), None)
+
+            # Sessions that begin on b while it is probed (pinned there as a session
+            # the probe moved is): new, so younger than sync_delay, on b only.
+            moved = await wait_until(one_on_b, timeout=15, what="a session probed on b")
+            async with sessions_on(d, fresh, dict.fromkeys(
+                    fresh, run.browser.pins[moved])) as new:
+                await wait_until(lambda: state_of_b("handback"), timeout=15,
+                                 what="the probe's sessions handed back")
+                took = time.time() - started
+                await asyncio.sleep(2.0 + 2 * slow_ms / 1000)
+                settled = time.time() - 1.0
+            assert "a" not in await degraded(d)  # no predictive failover
+    began_on_b = {s for s in fresh if new.of(s) and new.of(s)[0][0] == "b"}
+    probed = {s for _, s, m, _ in run.answers if m == "b"}
+    assert not run.failed and not new.failed, (run.failed + new.failed)[:5]
+    assert probed and began_on_b, (probed, [new.of(s)[:1] for s in fresh])
+    late = [a for a in run.answers + new.answers if a[0] >= settled and a[2] != "a"]
+    assert not late, late[:5]
+    for got, listed in ((run, names), (new, fresh)):
+        for s in listed:
+            assert got.of(s)[-1][0] == "a", (s, got.of(s)[-3:])
+            got.assert_state_kept(s)
+    print(f"\nboth {slow_ms:.0f} ms slower: handback {took:.2f} s after the slowdown; "
+          f"{len(probed)} of {len(names)} pinned sessions and {len(began_on_b)} of "
+          f"{len(fresh)} new ones served by b, all back on a with their counts; "
+          f"{len(run.answers) + len(new.answers)} answers, 0 failed")
