@@ -18,6 +18,8 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, run
 from meshxl.local.wait import wait_until
+from meshxl.model import parse_model
+from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model
 from tests.harness.cli import meshxl
 from tests.harness.secure_etcd import ROOT_PASSWORD, enable_auth_on
@@ -143,9 +145,14 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
         with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
             await client.put(KEYS.member("t02", "w1").encode(), b"{}")
 
-    # A sidecar holding only what it uses (t02: narrow) works under its role too; with
-    # delayed sync, it replicates its young sessions for a member down and says so.
-    narrow = SidecarProcess(harness, cluster="t02", member="w2", etcd=auth_etcd.url,
+    # A sidecar holding only what it uses (t02: narrow; t02's active, so it holds
+    # nothing it does not use: its standby would hold every session) works under its
+    # role too; with delayed sync, it replicates its young sessions for a member down
+    # and says so.
+    model = parse_model(MODEL)
+    member = placement_of(model, model.pools[0]).roles["t02"].active
+    assert member is not None
+    narrow = SidecarProcess(harness, cluster="t02", member=member, etcd=auth_etcd.url,
                             app_port=free_port(), etcd_user="tenant-t02",
                             etcd_password_file=passwords["t02"], sync_delay=30)
     await narrow.start()
@@ -155,11 +162,11 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
     assert (await narrow.delete("theirs")).status == 204  # read from etcd, then deleted
     assert (await narrow.put("young", {"n": 1})).json()["replicated"] is False
     async with etcd.client(auth_etcd.url, security=root_security) as client:
-        await client.put(KEYS.member_admin("t02", "w2").encode(),
+        await client.put(KEYS.member_admin("t02", member).encode(),
                          b'{"at": "2026-01-01T00:00:00+00:00"}')
 
         async def acknowledged() -> bool:
-            return await client.get(KEYS.member_flushed("t02", "w2").encode()) is not None
+            return await client.get(KEYS.member_flushed("t02", member).encode()) is not None
 
         await wait_until(acknowledged, timeout=10.0, what="the planned move acknowledged")
         assert await client.get(KEYS.session("t02", "young").encode()) is not None
