@@ -162,6 +162,26 @@ async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
           f"{let_go - started:.2f} s after the slowdown; {len(run.answers)} answers, 0 failed")
 
 
+@contextlib.asynccontextmanager
+async def high_availability(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
+    """Active a, standby b, pinned sessions, delayed sync, quick judgements."""
+    async with DemoDeployment(
+            tmp_path / "work", mode="high-availability", pin=True, faults=True,
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
+                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
+        harness.own(d.owner)
+        yield d
+
+
+async def pinned_to_a(run: Sessions) -> tuple[float, float]:
+    """After the active's normal is seen (every session pinned to a): its p90 and a
+    delay ten times that (a loaded machine answers slower already), in ms."""
+    await asyncio.sleep(4.0)
+    assert set(run.last_member().values()) == {"a"}, run.last_member()
+    normal = run.p90(time.time() - 2.0)
+    return normal, max(100.0, 10_000 * normal)
+
+
 async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
         harness: Owner, tmp_path: Path) -> None:
     """Every session is pinned to the active and none is new once the active turns
@@ -170,18 +190,10 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
     sync, every session is younger than ``sync_delay`` and on the active only: the
     probe and the move replicate them first (meshxl.model.moves), so none loses its
     count."""
-    async with DemoDeployment(
-            tmp_path / "work", mode="high-availability", pin=True, faults=True,
-            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
-                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
-        harness.own(d.owner)
+    async with high_availability(harness, tmp_path) as d:
         names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
         async with sessions_on(d, names) as run:
-            await asyncio.sleep(4.0)  # the active's normal; every session pinned to a
-            assert set(run.last_member().values()) == {"a"}, run.last_member()
-            # Ten times slower than it was (a loaded machine answers slower already).
-            normal = run.p90(time.time() - 2.0)
-            slow_ms = max(100.0, 10_000 * normal)
+            normal, slow_ms = await pinned_to_a(run)
             started = time.time()
             d.set_faults("a", delay_ms=slow_ms)
 
@@ -218,18 +230,11 @@ async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_b
     written there only (younger than ``sync_delay``): the handback waits for the
     standby's sidecar to replicate it (meshxl.model.moves), so none starts afresh on
     the active."""
-    async with DemoDeployment(
-            tmp_path / "work", mode="high-availability", pin=True, faults=True,
-            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
-                    "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
-        harness.own(d.owner)
+    async with high_availability(harness, tmp_path) as d:
         names = [f"h{i:02d}" for i in range(HA_SESSIONS)]
         fresh = [f"n{i:02d}" for i in range(HA_SESSIONS)]
         async with sessions_on(d, names) as run:
-            await asyncio.sleep(4.0)  # the active's normal; every session pinned to a
-            assert set(run.last_member().values()) == {"a"}, run.last_member()
-            normal = run.p90(time.time() - 2.0)
-            slow_ms = max(100.0, 10_000 * normal)
+            _, slow_ms = await pinned_to_a(run)
             started = time.time()
             for member in ("a", "b"):  # something both share turned slow
                 d.set_faults(member, delay_ms=slow_ms)
