@@ -1,8 +1,8 @@
 """Virtual systems (VSX VSLS): 60 VSs on one pool of 4 members, through real etcd, the
 control plane and Envoy, under sticky load with state.
 
-Run: ``.venv/bin/python bench/vsls.py [--quick] [--replication all] [--writes-burst N]
-[--output FILE]``
+Run: ``.venv/bin/python bench/vsls.py [--quick] [--replication all] [--flood-rounds N]
+[--writes-burst N] [--output FILE]``
 (``BENCH_QUICK=1``: quick, 12 VSs and short windows, no results file; ``--writes-burst``:
 every VS's ``sessions.quota.writes_burst``, else the model's default). docs/vsls.md,
 "Measured", reads it.
@@ -391,6 +391,16 @@ def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> Non
     print_verdicts("virtual systems", verdict_list)
 
 
+def _rounds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rounds from 1 to 200")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -400,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replication", choices=("narrow", "all"), default="narrow",
                         help="every VS's sessions.replication (default: narrow, as "
                              "docs/vsls.md advises for a pool)")
+    parser.add_argument("--flood-rounds", type=_rounds, metavar="N",
+                        help="rounds of the flood part's three windows, 1 to 200 "
+                             "(default: 24; quick: 2)")
     parser.add_argument("--writes-burst", type=int, metavar="N",
                         help="every VS's sessions.quota.writes_burst (default: the model's, "
                              "one second's worth of its writes_per_second)")
@@ -407,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = quick_requested(args.quick)
     plan = dataclasses.replace(QUICK if quick else FULL, quota_burst=args.writes_burst,
                                replication=args.replication)
+    if args.flood_rounds is not None:
+        plan = dataclasses.replace(plan, flood_rounds=args.flood_rounds)
     stateful = pool_hosting_available()
     return run_benchmark(NAME, quick, "meshxl-bench-vsls-",
                          lambda work: run(work, plan, stateful, quotas_available()),
