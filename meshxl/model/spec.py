@@ -16,13 +16,10 @@ These classes only describe and validate; they do no I/O. Durations are written 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     model_validator,
 )
@@ -65,58 +62,31 @@ from .basics import choose as choose
 from .basics import is_ip_literal as is_ip_literal
 from .basics import parse_duration as parse_duration
 from .basics import read_duration as read_duration
-
-HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
-_DOMAIN_CHARS = r"[A-Za-z0-9._\-\[\]:]"
-_DOMAIN = (rf"^(\*|\*{_DOMAIN_CHARS}+|{_DOMAIN_CHARS}+\*|{_DOMAIN_CHARS}+)$")
-UINT32_MAX = 2**32 - 1
-
-
-def _check_listen_address(address: str) -> str:
-    if not is_ip_literal(address):
-        raise ValueError("Envoy listens on an IP address (e.g. 0.0.0.0, 127.0.0.1 or ::), "
-                         "not a host name")
-    return address
-
-
-Duration = Annotated[float, BeforeValidator(read_duration), Field(ge=0),
-                     AfterValidator(check_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(read_duration), Field(gt=0),
-                             AfterValidator(check_duration)]
-MAX_WARMUP = 600.0
-"""The longest warm-up window (10 minutes)."""
-
-
-def _check_warmup(value: float) -> float:
-    if value > MAX_WARMUP:
-        raise ValueError(f"warm-up window at most {MAX_WARMUP:g}s (10 minutes): a longer "
-                         "ramp keeps a member that came back below its share for longer "
-                         "than a failback should take; 0 turns warm-up off")
-    return value
+from .fields import HEADER_PATTERN as HEADER_PATTERN
+from .fields import MAX_WARMUP as MAX_WARMUP
+from .fields import UINT32_MAX as UINT32_MAX
+from .fields import Count as Count
+from .fields import Domain as Domain
+from .fields import Duration as Duration
+from .fields import ListenAddress as ListenAddress
+from .fields import MemberAddress as MemberAddress
+from .fields import Name as Name
+from .fields import Port as Port
+from .fields import PositiveDuration as PositiveDuration
+from .fields import SpecModel as SpecModel
+from .fields import WarmUp as WarmUp
+from .fields import Weight as Weight
+from .traffic import GRPC_RETRY_CONDITIONS as GRPC_RETRY_CONDITIONS
+from .traffic import GRPC_RETRY_ON as GRPC_RETRY_ON
+from .traffic import RETRY_CONDITIONS as RETRY_CONDITIONS
+from .traffic import TCP_CONNECT_RETRIES as TCP_CONNECT_RETRIES
+from .traffic import Degradation as Degradation
+from .traffic import HealthCheck as HealthCheck
+from .traffic import OutlierDetection as OutlierDetection
+from .traffic import Retries as Retries
 
 
-WarmUp = Annotated[float, BeforeValidator(read_duration), Field(ge=0),
-                   AfterValidator(check_duration), AfterValidator(_check_warmup)]
-Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
-MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
-                          AfterValidator(check_member_address)]
-ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Weight = Annotated[int, Field(ge=1, le=10_000)]
-Port = Annotated[int, Field(ge=1, le=65_535)]
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-SpecModel = _Spec
-"""The base of every model class: frozen, unknown fields refused."""
-Domain = Annotated[str, Field(pattern=_DOMAIN, max_length=253)]
-"""A route's host name (see :attr:`Route.domains`)."""
-
-
-class Site(_Spec):
+class Site(SpecModel):
     """A failure domain (a data center, zone or Maestro site)."""
 
     name: Name
@@ -126,7 +96,7 @@ class Site(_Spec):
     """Lower ranks take traffic first; by default the order in the list."""
 
 
-class Member(_Spec):
+class Member(SpecModel):
     """One service instance of a cluster."""
 
     name: Name
@@ -139,7 +109,7 @@ class Member(_Spec):
     """Explicit tier inside the member's site: equal priorities share traffic."""
 
 
-class Cookie(_Spec):
+class Cookie(SpecModel):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
                                max_length=256)] = "meshxl-session"
     ttl: Duration = 3600.0
@@ -155,7 +125,7 @@ class PinCookie(Cookie):
     Envoy writes the expiry into the cookie's value and ignores an expired pin."""
 
 
-class Pin(_Spec):
+class Pin(SpecModel):
     """Pinned sessions (Envoy's stateful session filter, on top of the hash).
 
     Envoy remembers in a cookie (or a response header the client sends back) the member
@@ -184,7 +154,7 @@ class Pin(_Spec):
         return "header" if self.header is not None else "cookie"
 
 
-class Stickiness(_Spec):
+class Stickiness(SpecModel):
     """Session affinity: consistent hashing on one request property."""
 
     algorithm: Algorithm = "maglev"
@@ -229,149 +199,15 @@ class Stickiness(_Spec):
         return "header" if self.header else "cookie" if self.cookie else "source_ip"
 
 
-class HealthCheck(_Spec):
-    """Envoy active health checking; defaults detect a dead member in < 1 s."""
-
-    enabled: bool = True
-    type: HealthCheckType | None = None
-    """``http`` (GET ``path``), ``grpc`` (grpc.health.v1.Health/Check) or ``tcp``
-    (connect only); by default what the cluster's protocol speaks: grpc for gRPC, tcp
-    for TCP, http otherwise."""
-    grpc_service: str = Field(default="", pattern=r"^[\x21-\x7e]*$", max_length=1024)
-    """The service name a gRPC health check asks about ("": the server as a whole)."""
-    port: Port | None = None
-    """Check every member on this port instead of its serving port (a side port, e.g.
-    an HTTP health endpoint beside a TCP service)."""
-    path: str = Field(default="/healthz", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
-    interval: PositiveDuration = 0.25
-    timeout: PositiveDuration = 0.2
-    healthy_threshold: int = Field(default=1, ge=1, le=100)
-    unhealthy_threshold: int = Field(default=2, ge=1, le=100)
-    no_traffic_interval: PositiveDuration = 0.5
-    """Envoy's default is 60 s: a member without traffic would be checked once a minute."""
-    unhealthy_interval: PositiveDuration = 0.5
-    unhealthy_edge_interval: PositiveDuration = 0.1
-    healthy_edge_interval: PositiveDuration = 0.1
-    expected_statuses: list[Annotated[int, Field(ge=100, le=599)]] = [200]
-
-
-class OutlierDetection(_Spec):
-    """Passive ejection, faster than health checks: one failed connect ejects (where
-    WebSockets pass, local-origin failures are counted, not ejected on: every
-    WebSocket's end is one; docs/model.md, "WebSocket")."""
-
-    enabled: bool = True
-    consecutive_local_origin_failure: Count = 1
-    consecutive_5xx: Count = 5
-    consecutive_gateway_failure: Count = 3
-    interval: PositiveDuration = 1.0
-    base_ejection_time: PositiveDuration = 5.0
-    max_ejection_percent: int = Field(default=50, ge=0, le=100)
-    """Outlier detection finds one bad member; when most fail at once (their shared
-    state store is down, say) the cause is not the members, and ejecting them all would
-    turn a write outage into a total one. Envoy always allows one ejection; dead members
-    beyond the bound are still removed by active health checks."""
-
-
-def _off(value: Any) -> Any:
-    """YAML 1.1 reads an unquoted ``off`` as false: take it as the word it was."""
-    return "off" if value is False else value
-
-
-class Degradation(_Spec):
-    """A sick member: slower, or failing more, than its peers while its health check
-    passes (docs/faults.md). The control plane compares each member's requests, as
-    the Envoys see them, with its peers'; a member worse by the margins below for
-    ``detect`` is DEGRADED, until it has been within them for ``recover``."""
-
-    action: Annotated[DegradeAction, BeforeValidator(_off)] = "move"
-    """``move``: a degraded load-sharing member's share of new sessions is halved every
-    ``step`` down to ``min_share``; a degraded active hands its role to the standby
-    (predictive failover) once a probe shows the standby serves better. ``report``:
-    shown and counted, nothing moves. ``off``: not measured (no access log)."""
-    latency_factor: float = Field(default=3.0, ge=1.2, le=100.0)
-    """Slower: its p90 latency at least this many times its peers' (their median)."""
-    latency_margin: Duration = 0.025
-    """and at least this much slower, so fast services are not judged on microseconds."""
-    error_margin: float = Field(default=0.05, gt=0.0, le=1.0)
-    """Failing more: its share of failed requests above its peers' by at least this."""
-    detect: PositiveDuration = 1.5
-    """How long a member must be worse before it is degraded (a GC pause, a burst or
-    one slow request never lasts this long at every sample)."""
-    recover: PositiveDuration = 30.0
-    """How long a degraded member must be within the margins before it gets its share
-    back (over the cluster's ``warmup`` ramp)."""
-    min_requests: Count = 20
-    """The fewest requests a member (and its peers) must have served over ``detect``
-    to be judged at all."""
-    min_share: float = Field(default=0.0, ge=0.0, le=1.0)
-    """The lowest fraction of its weight a degraded load-sharing member keeps (0, the
-    default: none, it serves only the sessions pinned to it; every new or hashed
-    session goes to its peers, so their p99 is theirs)."""
-    step: PositiveDuration = 1.0
-    """Time between two weight steps of a degraded member (each moves at most half of
-    the sessions it still has)."""
-    probe_share: float = Field(default=0.05, gt=0.0, le=0.5)
-    """High availability: the share of the active's sessions sent to the standby to
-    compare the two before a predictive failover (their state is replicated there)."""
-
-
-GRPC_RETRY_CONDITIONS = (
-    "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable",
-)
-"""Envoy's retry conditions on a gRPC status (the ``grpc-status`` of the answer)."""
-RETRY_CONDITIONS = (
-    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure",
-    "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
-    "retriable-headers", "http3-post-connect-failure", *GRPC_RETRY_CONDITIONS,
-)
-GRPC_RETRY_ON = ("connect-failure", "refused-stream", "reset", "unavailable")
-"""A gRPC cluster's default: what never ran (no connection, a refused or reset stream)
-and UNAVAILABLE, the status that says another member may serve the call. Not
-DEADLINE_EXCEEDED, INTERNAL or CANCELLED: the call may have run."""
-TCP_CONNECT_RETRIES = 6
-"""A TCP cluster's default ``retries.attempts`` (its connect retries). Envoy's TCP proxy
-places every attempt by the consistent hash again, on the dead member until the
-member's ejection has reached Envoy's workers (2-20 ms here, under load). At the
-jittered backoff (5 ms doubling to 50 ms) six retries span less than 40 ms once in
-3,000 connections; three span less than 20 ms in 3 of 10."""
-
-
-class Retries(_Spec):
-    """Retry a failed request on a different member and, if needed, priority."""
-
-    attempts: int = Field(default=3, ge=0, le=20)
-    retry_on: list[Literal[RETRY_CONDITIONS]] = [  # type: ignore[valid-type]
-        "connect-failure", "refused-stream", "reset", "gateway-error",
-    ]
-    per_try_timeout: Duration = 2.0
-    previous_hosts: bool = True
-    host_selection_max_attempts: int = Field(default=5, ge=1, le=100)
-    previous_priorities: bool | None = None
-    """Move a retry to the next priority; default: on in high-availability mode."""
-    backoff_base: PositiveDuration = 0.005
-    backoff_max: PositiveDuration = 0.05
-    budget_percent: float = Field(default=100.0, gt=0, le=100)
-    """Outstanding retries as a share of the requests in flight (Envoy's retry budget;
-    without one Envoy allows 3 outstanding retries per cluster)."""
-    min_retry_concurrency: Count = 1024
-    """Outstanding retries allowed whatever the share. A failover needs a retry for
-    every request in flight on the member that died, all at once (in high availability
-    every request in flight was on it), and the requests a dead connection took with it
-    no longer count as in flight: the share alone allows few. 1024 is Envoy's default
-    cap on a cluster's requests in flight, so each of those may be retried once (with
-    64, 100 gRPC calls in flight at a kill -9 lost 16 to 24 of them)."""
-
-
-class Listener(_Spec):
+class Listener(SpecModel):
     """Where Envoy exposes the cluster."""
 
     address: ListenAddress = "0.0.0.0"
     port: Port
 
 
-class Route(_Spec):
-    domains: list[Annotated[str, Field(pattern=_DOMAIN, max_length=253)]] = Field(
+class Route(SpecModel):
+    domains: list[Domain] = Field(
         default_factory=lambda: ["*"], min_length=1)
     """Host names (optionally ``:port``) with at most one wildcard, leading (``*.a.com``,
     ``*-b.a.com``) or trailing (``a.*``), or ``*`` alone: what Envoy accepts."""
@@ -381,7 +217,7 @@ class Route(_Spec):
     bounded by its own deadline (``grpc-timeout``), so a stream is never cut at 15 s."""
 
 
-class SessionQuota(_Spec):
+class SessionQuota(SpecModel):
     """Limits on one cluster's sessions, enforced by its statesync sidecars: a write
     beyond one is answered 429 (docs/statesync.md, "Quotas"). Each is off (None) unless
     set."""
@@ -409,7 +245,7 @@ class SessionQuota(_Spec):
         return self
 
 
-class SessionSync(_Spec):
+class SessionSync(SpecModel):
     """How the cluster's statesync sidecars keep and replicate session state (the
     cluster's ``sessions:`` settings)."""
 
@@ -431,7 +267,7 @@ class SessionSync(_Spec):
     default); read by each sidecar when it starts."""
 
 
-class Failover(_Spec):
+class Failover(SpecModel):
     """What the cluster does when its members report trouble, and when one comes back
     (ClusterXL's "Active Attention" and its cluster member recovery setting)."""
 
@@ -457,7 +293,7 @@ class Failover(_Spec):
     until it stops flapping. 0 gives the place back at once."""
 
 
-class Overrides(_Spec):
+class Overrides(SpecModel):
     """Raw Envoy JSON merged over the generated resources (expert escape hatch)."""
 
     cluster: dict[str, Any] | None = None
@@ -478,7 +314,7 @@ def _replaced(model: _M, **values: Any) -> _M:
     return copy
 
 
-class ClusterSpec(_Spec):
+class ClusterSpec(SpecModel):
     name: Name
     protocol: Protocol = "http"
     """What the members speak (``http``: HTTP/1.1, ``http2``, ``grpc``, ``tcp``):
