@@ -31,10 +31,6 @@ class LightPool:
     registered: bool = False
     """``membership: registered``: a member is live only while registered in a VS."""
 
-    @property
-    def member_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.members)
-
 
 def _whole(value: Any, low: int, high: int, default: int) -> int | None:
     """``value`` as the model's integer in ``low..high`` (pydantic's lax reading of a
