@@ -50,6 +50,7 @@ from .basics import (
     read_duration,
 )
 from .checks import NO_CLUSTERS, duplicates, membership_problems
+from .lax import Unfit, as_text, in_range
 from .light_pools import LightPool, read_pools, vs_settings
 from .text import ModelForm, model_data
 
@@ -191,63 +192,21 @@ def parse_light(text: str | ModelForm, source: str = "<model>") -> LightModel:
 # -- coercions as pydantic's lax mode makes them --------------------------------------------
 
 _NAME = re.compile(NAME_PATTERN)
-_INT_TEXT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?")
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 _T = TypeVar("_T")
 
 
-class _Bad(ValueError):
-    """A value its field cannot take (the message says what it needs)."""
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode()
-        except UnicodeDecodeError:
-            raise _Bad("expected a string (UTF-8)") from None
-    raise _Bad("expected a string")
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool | int):
-        return int(value)
-    if isinstance(value, float):
-        if value.is_integer():
-            return int(value)
-        raise _Bad("expected an integer")
-    if isinstance(value, str | bytes):
-        try:
-            text = _text(value).strip()
-        except _Bad:
-            raise _Bad("expected an integer") from None
-        if _INT_TEXT.fullmatch(text):
-            return int(text.split(".", 1)[0])
-    raise _Bad("expected an integer")
-
-
-def _ranged(low: int, high: int) -> Callable[[Any], int]:
-    def read(value: Any) -> int:
-        number = _integer(value)
-        if not low <= number <= high:
-            raise _Bad(f"expected an integer from {low} to {high}")
-        return number
-    return read
-
-
 def _rate(value: Any) -> float:
     """A number greater than 0, at most 1,000,000 (writes per second)."""
     if isinstance(value, bool):
-        raise _Bad("expected a number")
+        raise Unfit("expected a number")
     try:
-        number = float(_text(value) if isinstance(value, str | bytes) else value)
-    except (TypeError, ValueError, _Bad):
-        raise _Bad("expected a number") from None
+        number = float(as_text(value) if isinstance(value, str | bytes) else value)
+    except (TypeError, ValueError, Unfit):
+        raise Unfit("expected a number") from None
     if not 0 < number <= 1_000_000:
-        raise _Bad("expected a number greater than 0, at most 1000000")
+        raise Unfit("expected a number greater than 0, at most 1000000")
     return number
 
 
@@ -262,38 +221,38 @@ def _boolean(value: Any) -> bool:
         return bool(value)
     if isinstance(value, str | bytes):
         try:
-            text = _text(value).lower()
-        except _Bad:
+            text = as_text(value).lower()
+        except Unfit:
             text = ""
         if text in _TRUE or text in _FALSE:
             return text in _TRUE
-    raise _Bad("expected a boolean")
+    raise Unfit("expected a boolean")
 
 
 def _one_of(values: tuple[str, ...]) -> Callable[[Any], Any]:
     def read(value: Any) -> str:
         if isinstance(value, str) and value in values:
             return value
-        raise _Bad("expected one of " + ", ".join(values))
+        raise Unfit("expected one of " + ", ".join(values))
     return read
 
 
 def _name(value: Any) -> str:
-    text = _text(value)
+    text = as_text(value)
     if not _NAME.fullmatch(text):
-        raise _Bad("expected a name: lower-case letters, digits, '.', '_' and '-', "
+        raise Unfit("expected a name: lower-case letters, digits, '.', '_' and '-', "
                    "at most 63, starting and ending with a letter or digit")
     return text
 
 
 def _address(value: Any) -> str:
-    text = _text(value)
+    text = as_text(value)
     if not 1 <= len(text) <= 253:
-        raise _Bad("expected 1 to 253 characters")
+        raise Unfit("expected 1 to 253 characters")
     try:
         return check_member_address(text)
     except ValueError as exc:
-        raise _Bad(str(exc)) from None
+        raise Unfit(str(exc)) from None
 
 
 def _duration(*, positive: bool) -> Callable[[Any], float]:
@@ -301,18 +260,18 @@ def _duration(*, positive: bool) -> Callable[[Any], float]:
         try:
             seconds = read_duration(value)
             if isinstance(seconds, bytes | bytearray):
-                seconds = float(_text(seconds))
+                seconds = float(as_text(seconds))
         except ValueError as exc:
-            raise _Bad(str(exc)) from None
+            raise Unfit(str(exc)) from None
         if not isinstance(seconds, float):
-            raise _Bad("expected a duration such as 250ms, 1s or 2m")
+            raise Unfit("expected a duration such as 250ms, 1s or 2m")
         if not (seconds > 0 if positive else seconds >= 0):
-            raise _Bad("expected a duration greater than 0" if positive
+            raise Unfit("expected a duration greater than 0" if positive
                        else "expected a duration of 0 or more")
         try:
             return check_duration(seconds)
         except ValueError as exc:
-            raise _Bad(str(exc)) from None
+            raise Unfit(str(exc)) from None
     return read
 
 
@@ -345,7 +304,7 @@ class _Reader:
             return default
         try:
             return read(data[key])
-        except _Bad as exc:
+        except Unfit as exc:
             self.problems.append(Problem(where, str(exc), data[key]))
             return default
 
@@ -433,9 +392,9 @@ class _Reader:
         if found is None:
             return None
         return LightSite(self._field(found, path, "name", _name),
-                         self._field(found, path, "weight", _ranged(1, 10_000), 100),
+                         self._field(found, path, "weight", in_range(1, 10_000), 100),
                          self._field(found, path, "failover_rank",
-                                     _optional(_ranged(0, 100)), None))
+                                     _optional(in_range(0, 100)), None))
 
     def member(self, data: Any, path: str) -> LightMember | None:
         found = self._object(data, path, frozenset({"name", "address", "port", "site",
@@ -444,10 +403,10 @@ class _Reader:
             return None
         f = self._field
         return LightMember(f(found, path, "name", _name), f(found, path, "address", _address),
-                           f(found, path, "port", _ranged(1, 65_535)),
+                           f(found, path, "port", in_range(1, 65_535)),
                            f(found, path, "site", _optional(_name), None),
-                           f(found, path, "weight", _ranged(1, 10_000), 100),
-                           f(found, path, "priority", _optional(_ranged(0, 100)), None))
+                           f(found, path, "weight", in_range(1, 10_000), 100),
+                           f(found, path, "priority", _optional(in_range(0, 100)), None))
 
     def sessions(self, data: Any, path: str) -> LightSessions:
         found = self._object(data, path, frozenset({"ttl", "sync_delay", "max_bytes",
@@ -458,7 +417,7 @@ class _Reader:
         return LightSessions(
             f(found, path, "ttl", _duration(positive=True), default.ttl),
             f(found, path, "sync_delay", _duration(positive=False), default.sync_delay),
-            f(found, path, "max_bytes", _ranged(1, 1_048_576), default.max_bytes),
+            f(found, path, "max_bytes", in_range(1, 1_048_576), default.max_bytes),
             f(found, path, "replication", _one_of(REPLICATIONS), default.replication),
             self.quota(found.get("quota", {}), f"{path}.quota"))
 
@@ -469,11 +428,11 @@ class _Reader:
             return LightQuota()
         f = self._field
         quota = LightQuota(
-            f(found, path, "sessions", _optional(_ranged(1, 1_000_000_000)), None),
-            f(found, path, "bytes", _optional(_ranged(1, 1 << 50)), None),
+            f(found, path, "sessions", _optional(in_range(1, 1_000_000_000)), None),
+            f(found, path, "bytes", _optional(in_range(1, 1 << 50)), None),
             f(found, path, "writes_per_second", _optional(_rate), None),
             f(found, path, "hold_refused", _boolean, True),
-            f(found, path, "writes_burst", _optional(_ranged(1, 1_000_000)), None))
+            f(found, path, "writes_burst", _optional(in_range(1, 1_000_000)), None))
         if quota.writes_burst is not None and "writes_per_second" not in found:
             self.problems.append(Problem(
                 path, "writes_burst is the size of the writes_per_second bucket: set "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basics import DEFAULT_SITE, MODES, Mode
+from .lax import Unfit, in_range
 from .placement import PoolMember
 
 __all__ = ["LightPool", "read_pools", "vs_settings"]
@@ -32,22 +33,15 @@ class LightPool:
     """``membership: registered``: a member is live only while registered in a VS."""
 
 
-def _whole(value: Any, low: int, high: int, default: int) -> int | None:
-    """``value`` as the model's integer in ``low..high`` (pydantic's lax reading of a
-    whole number; ``default`` when absent), None when the control plane would refuse
-    it."""
-    if value is None:
+def _whole(data: Mapping[str, Any], key: str, low: int, high: int, default: int) -> int | None:
+    """``data[key]`` read as the model reads an integer in ``low..high`` (``default``
+    when absent), None when the control plane would refuse it."""
+    if key not in data:
         return default
-    if isinstance(value, bool):
+    try:
+        return in_range(low, high)(data[key])
+    except Unfit:
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip().replace("_", ""))
-        except ValueError:
-            return None
-    return value if isinstance(value, int) and low <= value <= high else None
 
 
 def _pool(data: Any) -> tuple[str, tuple[str, ...], LightPool | None] | None:
@@ -62,7 +56,7 @@ def _pool(data: Any) -> tuple[str, tuple[str, ...], LightPool | None] | None:
         and isinstance(sites[0], dict) else DEFAULT_SITE
     members = []
     for m in listed:
-        weight = _whole(m.get("weight"), 1, MAX_WEIGHT, 100)
+        weight = _whole(m, "weight", 1, MAX_WEIGHT, 100)
         site = m.get("site") or first
         if weight is None or not isinstance(site, str):
             return data["name"], names, None
@@ -90,8 +84,8 @@ def read_pools(data: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...],
 def vs_settings(entry: Mapping[str, Any]) -> tuple[Mode, int, int] | None:
     """A virtual systems entry's mode, weight and backups (None: refused by the model)."""
     mode = next((m for m in MODES if m == entry.get("mode", MODES[0])), None)
-    weight = _whole(entry.get("weight"), 1, MAX_WEIGHT, 1)
-    backups = _whole(entry.get("backups"), 0, MAX_BACKUPS, 0)
+    weight = _whole(entry, "weight", 1, MAX_WEIGHT, 1)
+    backups = _whole(entry, "backups", 0, MAX_BACKUPS, 0)
     if mode is None or weight is None or backups is None:
         return None
     return mode, weight, backups
