@@ -58,6 +58,7 @@ Envoy elsewhere), as :mod:`meshxl.httpbase` does with the family.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from meshxl import errors
@@ -74,7 +75,7 @@ __all__ = ["BadRequest", "Conflict", "Contended", "NotFound", "OverQuota", "Prec
            "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
            "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge",
            "Unauthorized", "Unavailable", "Undecodable", "Unreachable", "WriteUncertain",
-           "describe", "error_from_answer"]
+           "describe", "error_from_answer", "retry_after_header"]
 
 
 class SidecarError(errors.MeshxlError):
@@ -156,7 +157,24 @@ class OverQuota(SidecarUnavailable):
     """429: the write would take the cluster beyond its ``sessions.quota`` (sessions,
     bytes or writes per second); nothing of it was written. ``details`` has ``quota``,
     ``limit``, ``current`` and ``retry_after`` (seconds). Not retried by the client: the
-    caller decides whether to wait ``retry_after`` or give up."""
+    caller decides whether to wait ``retry_after`` or give up. Answer it as a 429 of
+    its own (:attr:`retry_after_header`), never as a 5xx: a proxy retries a 5xx on
+    another member, whose sidecar's bucket admits the write, so the session leaves
+    its member and the quota is passed."""
+
+    @property
+    def retry_after_header(self) -> str:
+        """``Retry-After`` for an answer passing this refusal on
+        (:func:`retry_after_header`)."""
+        return retry_after_header(self.details.get("retry_after"))
+
+
+def retry_after_header(seconds: Any) -> str:
+    """A ``Retry-After`` value from a refusal's ``retry_after`` (seconds): whole
+    seconds, rounded up, at least 1 (and 1 when it is missing or not a number)."""
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds > 0:
+        return str(max(1, math.ceil(min(seconds, 86_400))))
+    return "1"
 
 
 class WriteUncertain(SidecarUnavailable):

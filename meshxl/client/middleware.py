@@ -50,7 +50,14 @@ from meshxl import headers as hdr
 from meshxl.errors import InputError, detached
 
 from .aio import AsyncClient
-from .errors import BadRequest, OverQuota, SidecarConflict, SidecarError, SidecarNotFound
+from .errors import (
+    BadRequest,
+    OverQuota,
+    SidecarConflict,
+    SidecarError,
+    SidecarNotFound,
+    retry_after_header,
+)
 from .plans import JSON, check_session_id, encode_state
 from .sync import Client
 
@@ -153,7 +160,8 @@ def save_sync(client: Client, session: RequestSession) -> bool:
 
 
 def _failure(exc: SidecarError, session_id: str) -> tuple[int, dict[str, Any]]:
-    """What the application's client gets when its session cannot be loaded or saved."""
+    """What the application's client gets when its session cannot be loaded or saved
+    (a 429's ``Retry-After`` header: :func:`_headers`)."""
     if isinstance(exc, BadRequest) and exc.status is None:  # the request's session id
         return 400, {"error": exc.message, "status": 400}
     if isinstance(exc, SidecarConflict):
@@ -256,8 +264,15 @@ def cluster_from_host(request: web.Request) -> str:
     return request.headers.get("Host", "").split(":", 1)[0].split(".", 1)[0].lower()
 
 
+def _headers(status: int, body: dict[str, Any]) -> list[tuple[str, str]]:
+    """A 429's ``Retry-After`` (the sidecar's wait, rounded up; :func:`_failure`)."""
+    if status != 429:
+        return []
+    return [("Retry-After", retry_after_header(body.get("retry_after")))]
+
+
 def _json(status: int, body: dict[str, Any]) -> web.Response:
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=status, headers=_headers(status, body))
 
 
 # -- ASGI -----------------------------------------------------------------------------------
@@ -371,7 +386,8 @@ class _Held:
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(data)).encode())]})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(data)).encode()),
+               *((k.lower().encode(), v.encode()) for k, v in _headers(status, body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})

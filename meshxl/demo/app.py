@@ -15,7 +15,10 @@ retries them on another member, rather than the request waiting for a dead sidec
 
 Errors map onto what Envoy's retry policy understands: sidecar 5xx or unreachable ->
 503 (retried as ``gateway-error``); sidecar 409 (ownership lost: another member wrote
-the session since) -> 409, not retried; an invalid session id -> 400. ``GET /healthz``
+the session since) -> 409, not retried; over the cluster's quota (the sidecar's 429)
+-> 429 with ``Retry-After``, not retried (another member's sidecar has a bucket of its
+own: a retry there would pass the quota and take the session off its member); an
+invalid session id -> 400. ``GET /healthz``
 follows the sidecar's ``/readyz``, so a member whose sidecar is gone or still syncing
 fails Envoy's health check.
 
@@ -63,6 +66,7 @@ from meshxl.client import (
     Conflict,
     Contended,
     NotFound,
+    OverQuota,
 )
 from meshxl.client.middleware import cluster_from_host
 from meshxl.client.plans import check_session_id
@@ -104,13 +108,21 @@ class _NoCounter(Exception):
     """The session holds something else than a counter."""
 
 
-def _answer(status: int, body: dict[str, Any], member: str) -> web.Response:
-    return web.json_response(body, status=status, headers={hdr.MEMBER: member})
+def _answer(status: int, body: dict[str, Any], member: str,
+            headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status,
+                             headers={hdr.MEMBER: member, **(headers or {})})
 
 
 def _error(status: int, message: str, member: str, **extra: Any) -> web.Response:
     return _answer(status, {"error": message, "status": status, "member": member, **extra},
                    member)
+
+
+def _over_quota(exc: OverQuota) -> dict[str, Any]:
+    """The sidecar's refusal passed on: its message, quota, limit and wait."""
+    return {"error": f"session state over quota: {exc.message}", "status": 429,
+            **{k: v for k, v in exc.details.items() if k in ("quota", "limit", "retry_after")}}
 
 
 def _seq(session: str, state: Any) -> int:
@@ -188,6 +200,9 @@ async def _counter(request: web.Request, *, increment: bool) -> web.Response:
                            f"({CAS_ATTEMPTS} attempts)", member, session=session)
     except Conflict as exc:  # ownership lost: another member wrote the session since
         return _error(409, str(exc), member, session=session)
+    except OverQuota as exc:  # the tenant's own limit: no other member helps
+        return _answer(429, {**_over_quota(exc), "member": member, "session": session},
+                       member, {"Retry-After": exc.retry_after_header})
     except (MeshxlError, _NoCounter) as exc:  # sidecar 5xx, unreachable, refused
         return _error(503, str(exc), member, session=session)
     return _answer(200, {"member": member, "session": session, "seq": seq}, member)
@@ -234,6 +249,9 @@ async def counter_ws(request: web.Request) -> web.StreamResponse:
                     seq = _seq(session, (await client.get(session)).state)
                 except NotFound:
                     seq = 0
+        except OverQuota as exc:  # the socket stays: the next message may be in quota
+            await ws.send_json({**_over_quota(exc), "member": member, "session": session})
+            continue
         except (MeshxlError, _NoCounter) as exc:
             await ws.send_json({"error": str(exc), "member": member, "session": session})
             await ws.close(code=1013, message=b"session unavailable here")

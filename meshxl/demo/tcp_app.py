@@ -6,7 +6,9 @@ A client keeps one connection and sends ``INC SESSION`` (or ``GET SESSION``) lin
 each is answered ``OK MEMBER SESSION SEQ`` once the write is acknowledged. When the
 session cannot be served here (the sidecar failed, the session belongs to a fenced
 owner) the member answers ``ERR ...`` and closes the connection: the client reconnects
-through Envoy, whose TCP proxy hashes its source address to a member that can.
+through Envoy, whose TCP proxy hashes its source address to a member that can. Over
+the cluster's quota it answers ``ERR over quota ...`` and keeps the connection: no
+other member would help (each sidecar has its own bucket).
 Readiness is the sidecar's registration (``membership: registered``); Envoy's TCP
 health check connects.
 """
@@ -20,7 +22,14 @@ import sys
 from typing import Any
 
 from meshxl.addr import parse_hostport
-from meshxl.client import AsyncClient, Backoff, BadRequest, ClientSettings, NotFound
+from meshxl.client import (
+    AsyncClient,
+    Backoff,
+    BadRequest,
+    ClientSettings,
+    NotFound,
+    OverQuota,
+)
 from meshxl.client.plans import check_session_id
 from meshxl.demo.signals import until_stopped
 from meshxl.errors import MeshxlError
@@ -63,6 +72,9 @@ class CounterServer:
                     seq = 0
         except BadRequest as exc:
             return f"ERR {exc}\n".encode(), True
+        except OverQuota as exc:  # the tenant's own limit: reconnecting would not help
+            return (f"ERR over quota: {exc.details.get('quota')}; retry in "
+                    f"{exc.retry_after_header} s\n").encode(), True
         except MeshxlError as exc:
             return f"ERR {' '.join(str(exc).split())[:300]}\n".encode(), False
         return f"OK {self.member} {session} {seq}\n".encode(), True

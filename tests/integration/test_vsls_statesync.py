@@ -310,5 +310,32 @@ async def test_narrow_replication_each_vs_standby_holds_its_sessions_and_no_othe
     assert after["role"] == "standby" and after["holds_all_sessions"], after
 
 
+async def test_a_write_over_its_quota_is_its_actives_429_not_a_retry_elsewhere(
+        harness: Owner, start_control_plane: Any, start_envoy: Any, start_sidecar: Any,
+        etcd: Any, etcd_client: aetcd.Client) -> None:
+    """A VS's write past its ``writes_per_second`` reaches the client as the active's
+    429 with ``Retry-After``. Answered as a 503, Envoy would retry it on the VS's
+    standby, whose sidecar has a bucket of its own: the write would pass the quota and
+    the session would leave its active."""
+    _, port, roles, _, _ = await _bed(
+        harness, start_control_plane, start_envoy, start_sidecar, etcd, etcd_client,
+        sessions="{quota: {writes_per_second: 1, writes_burst: 1}}")
+    vs = TENANTS[0]
+    active = roles[vs].active
+    async with aiohttp.ClientSession() as http:
+        code, body = await count(http, port, vs, "q1")
+        assert (code, body["member"], body["seq"]) == (200, active, 1), body
+        async with http.post(f"http://{LOOPBACK}:{port}/counter", headers={
+                "Host": f"{vs}.tenants.example", "x-session-id": "q1"}) as resp:
+            refused, retry_after = await resp.json(), resp.headers.get("Retry-After")
+            assert resp.status == 429, (resp.status, refused)
+        assert refused["member"] == active and refused["quota"] == "writes_per_second"
+        assert retry_after is not None and int(retry_after) >= 1, retry_after
+        async with http.get(f"http://{LOOPBACK}:{port}/counter", headers={
+                "Host": f"{vs}.tenants.example", "x-session-id": "q1"}) as resp:
+            current = await resp.json()
+        assert (resp.status, current["seq"], current["member"]) == (200, 1, active), current
+
+
 async def _has(names: Any, name: str, present: bool = True) -> bool:
     return (name in await names()) == present

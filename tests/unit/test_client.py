@@ -133,6 +133,37 @@ def test_over_quota_is_the_tenants_own_limit_not_retried_elsewhere() -> None:
     assert status_of(exc)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.parametrize(("retry_after", "header"), [
+    (1, "1"), (0.2, "1"), (1.01, "2"), (5, "5"), (None, "1"), ("soon", "1"), (True, "1"),
+    (-3, "1"), (float("nan"), "1"), (10**9, "86400"),
+])
+def test_over_quota_passed_on_says_when_to_come_back(retry_after: Any, header: str) -> None:
+    """The 429 an app passes on carries ``Retry-After`` in whole seconds, rounded up."""
+    from aiohttp import web
+
+    from meshxl.client.middleware import _json
+
+    exc = cerrors.OverQuota("over the rate", status=429, retry_after=retry_after)
+    assert exc.retry_after_header == header == cerrors.retry_after_header(retry_after)
+    response = _json(429, {"error": "over", "retry_after": retry_after})
+    assert isinstance(response, web.Response) and response.headers["Retry-After"] == header
+    assert "Retry-After" not in _json(503, {"error": "down"}).headers
+
+
+async def test_the_asgi_middlewares_429_says_when_to_come_back() -> None:
+    from meshxl.client.middleware import _send_json
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await _send_json(send, 429, {"error": "over", "retry_after": 2.5})
+    await _send_json(send, 503, {"error": "down"})
+    assert (b"retry-after", b"3") in sent[0]["headers"]
+    assert not any(k == b"retry-after" for k, _ in sent[2]["headers"])
+
+
 def test_fencing_and_undecodable_conflicts_keep_the_sidecars_fields() -> None:
     fenced = cerrors.error_from_answer(
         409, error_body(409, "session 's1' was written by member 'b' ...: ownership lost",
