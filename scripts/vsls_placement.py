@@ -10,7 +10,8 @@ VSs on 4 members): the busiest member's active weight as a multiple of its fair 
 (60 on 4, and any pool of at least 40 VSs); standbys on the active's site while another
 site has a member; after a member is lost, how
 many active roles moved beyond the ones it held; after a member joins (appended to the
-pool), the roles moved as a multiple of its ideal share (its fair share of active roles
+pool), the active roles moved, and their weight, as a multiple of its ideal share; the
+roles moved as a multiple of its ideal share (its fair share of active roles
 plus its fair share of standbys where the actives are; the standbys the site rule sends
 across when their VS's active moves to the joiner's site counted apart), and the
 standbys moved the same way against its fair share of standbys (a role moved: a VS's
@@ -51,7 +52,8 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
     rnd = random.Random(seed)
     out = {"busiest_60_on_4": 0.0, "busiest_40_plus": 0.0, "lost_extra_moves": 0.0,
            "lost_not_to_standby": 0.0, "standby_same_site": 0.0,
-           "join_actives_x_ideal": 0.0, "join_standbys_x_share": 0.0,
+           "join_actives_x_ideal": 0.0, "join_active_weight_x_ideal": 0.0,
+           "join_standbys_x_share": 0.0,
            "join_standbys_to_new_x_share": 0.0,
            "join_roles_x_ideal": 0.0, "join_roles_x_ideal_one_site": 0.0,
            "join_site_forced_x_ideal": 0.0,
@@ -109,6 +111,10 @@ def measure(pools: int, seed: int, weighted: bool) -> dict[str, float]:
             roles = (len(actives) + len(standbys) - len(forced)) / (ideal + share)
             out["join_actives_x_ideal"] = max(out["join_actives_x_ideal"],
                                               len(actives) / ideal)
+            # The load a join moves: the weight of those VSs over its fair share of it.
+            fair = sum(weight.values()) * new.capacity / sum(m.capacity for m in grown_members)
+            out["join_active_weight_x_ideal"] = max(out["join_active_weight_x_ideal"],
+                                                    sum(weight[v] for v in actives) / fair)
             if share >= 5:
                 out["join_standbys_x_share"] = max(
                     out["join_standbys_x_share"], (len(standbys) - len(forced)) / share)
