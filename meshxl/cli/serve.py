@@ -85,6 +85,10 @@ def serve() -> None:
 @click.option("--dns-interval", type=click.FloatRange(0.1, 3600), default=5.0,
               show_default=True,
               help="Seconds between resolutions of member addresses that are host names.")
+@click.option("--istio-mtls", is_flag=True,
+              help="Mark every endpoint for Istio's mutual TLS (tlsMode: istio), for "
+                   "Istio sidecars taking their endpoints from meshxl (meshxl istio render "
+                   "--endpoints meshxl) when every member pod has an Istio sidecar.")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
@@ -92,8 +96,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               node_binding: str | None, trust_domain: str, token_file: Path | None,
               credentials_file: Path | None, max_nodes: int, max_nodes_per_credential: int,
               admin: str | None, ui: bool, replica: str | None, debounce: float,
-              max_delay: float, dns_interval: float, trace_file: Path | None,
-              log_level: str) -> None:
+              max_delay: float, dns_interval: float, istio_mtls: bool,
+              trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
     import os
 
@@ -113,7 +117,7 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                                     trust_domain=trust_domain, token=token,
                                     credentials=credentials_file, max_nodes=max_nodes,
                                     max_nodes_per_credential=max_nodes_per_credential,
-                                    dns_interval=dns_interval)
+                                    dns_interval=dns_interval, istio_mtls=istio_mtls)
         if replica:
             config = dataclasses.replace(config, replica=replica)
         config.server_tls()  # the TLS files are usable: fail now, in one line

@@ -97,7 +97,7 @@ class ControlPlane:
         self.file: ModelFileSource | None = None
         self.mesh: EtcdMeshSource[ModelSpec] | None = None
         self.client: aetcd.Client | None = None
-        self.compiler = Compiler()
+        self.compiler = Compiler(istio_mtls=config.istio_mtls)
         self.resolver = Resolver(self._changed, interval=config.dns_interval)
         self._dns_inputs: tuple[ModelSpec, frozenset[str]] | None = None
         self.compile_error: str | None = None

@@ -33,7 +33,11 @@ from meshxl.xds.resources import (
 )
 from meshxl.xds.warmup import warmed_view
 
-__all__ = ["Compiler", "Resources", "compile_resources"]
+__all__ = ["ISTIO_TLS_MATCH", "Compiler", "Resources", "compile_resources", "istio_mtls"]
+
+#: The endpoint metadata key of Istio's transport socket matches (istiod sets
+#: ``tlsMode: istio`` under it for pods with a sidecar).
+ISTIO_TLS_MATCH = "envoy.transport_socket_match"
 
 
 @dataclass
@@ -124,14 +128,16 @@ def _compile_listeners(model: ModelSpec, drained: frozenset[tuple[str, str]],
 class Compiler:
     """:func:`compile_resources` that remembers its last output.
 
-    The result is always what ``compile_resources(model, state)`` returns. While the
+    The result is always what ``compile_resources(model, state)`` returns (marked for
+    Istio's mutual TLS with ``istio_mtls``: :func:`istio_mtls`). While the
     model is the same object, CDS, LDS and RDS are reused, and a cluster's EDS is
     rebuilt only when its slice of the runtime state changed; reused resources are the
     same message objects, so ``Snapshot.build(..., previous=...)`` does not encode
     them again. A one-member change thus costs one cluster, not the whole mesh.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, istio_mtls: bool = False) -> None:
+        self._istio_mtls = istio_mtls
         self._model: ModelSpec | None = None
         self._static = Resources()
         self._endpoints: dict[tuple[str, str | None],
@@ -176,8 +182,9 @@ class Compiler:
                 cached = self._endpoints.get((spec.name, site))
                 if cached is None or cached[0] != inputs:
                     view = cluster_view(spec, state, local_site=site)
-                    cached = (inputs, build_load_assignment(
-                        warmed_view(view, ramp) if ramp else view, resolved, gone))
+                    cla = build_load_assignment(warmed_view(view, ramp) if ramp else view,
+                                                resolved, gone)
+                    cached = (inputs, istio_mtls(cla) if self._istio_mtls else cla)
                 memo[(spec.name, site)] = cached
                 if site is None:
                     endpoints[spec.name] = cached[1]
@@ -187,6 +194,18 @@ class Compiler:
         return Resources(clusters=dict(self._static.clusters), endpoints=endpoints,
                          listeners=dict(self._static.listeners),
                          routes=dict(self._static.routes), zones=zones)
+
+
+def istio_mtls(cla: endpoint_pb2.ClusterLoadAssignment) -> endpoint_pb2.ClusterLoadAssignment:
+    """``cla`` with every endpoint marked as Istio marks a pod with a sidecar: an Istio
+    outbound cluster picks its ``tlsMode-istio`` transport socket (mutual TLS) for an
+    endpoint with this metadata, plain text for one without. Envoys whose clusters have
+    no such match (meshxl's own) ignore it."""
+    for group in cla.endpoints:
+        for endpoint in group.lb_endpoints:
+            match = endpoint.metadata.filter_metadata[ISTIO_TLS_MATCH]
+            match.fields["tlsMode"].string_value = "istio"
+    return cla
 
 
 def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],

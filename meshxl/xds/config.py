@@ -59,6 +59,9 @@ class ControlPlaneConfig:
     """Node ids one credential speaks for at once, unless its entry says otherwise."""
     dns_interval: float = DNS_INTERVAL
     """Seconds between resolutions of member addresses that are host names."""
+    istio_mtls: bool = False
+    """Mark every endpoint for Istio's mutual TLS (``--istio-mtls``): client sidecars
+    taking their endpoints from meshxl (docs/istio.md, "Endpoints from meshxl")."""
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "--listen")

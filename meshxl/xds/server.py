@@ -3,7 +3,9 @@
 Resources and versions live in :mod:`meshxl.xds.cache`; this module only runs the
 protocol (go-control-plane keeps the same split). Both ADS methods are served on one
 gRPC service: ``StreamAggregatedResources`` (state of the world, :mod:`meshxl.xds.sotw`)
-and ``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`). They share what an
+and ``DeltaAggregatedResources`` (incremental, :mod:`meshxl.xds.delta`); the same two
+handlers serve the per-resource EDS service (``StreamEndpoints``, ``DeltaEndpoints``)
+for clusters whose EDS alone comes from meshxl (Istio sidecars). They share what an
 operator sees and what keeps a NACK from looping: the per-node status, the quarantine
 of rejected responses with the last accepted version a quarantined one gives way to,
 the ``on_sent``/``on_answer`` hooks and the metrics. Who may speak for a node (a bearer
@@ -62,12 +64,16 @@ from meshxl.xds.nodes import (
     bound_text,
 )
 
-__all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "AdsServer", "OnDelivery", "OnStatusChange",
-           "peer_host"]
+__all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "EDS_SERVICE", "AdsServer", "OnDelivery",
+           "OnStatusChange", "peer_host"]
 
 log = logging.getLogger(__name__)
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+#: The per-resource EDS service: an Envoy cluster whose ``eds_config`` is an
+#: ``api_config_source`` of type GRPC (or DELTA_GRPC) on this server streams its endpoints
+#: here (Istio sidecars: docs/istio.md, "Endpoints from meshxl"). Same messages as ADS.
+EDS_SERVICE = "envoy.service.endpoint.v3.EndpointDiscoveryService"
 
 #: ``await on_status_change(node_id, status)``: called after a node connects,
 #: disconnects, ACKs or NACKs. Calls for one node are serialized and coalesced.
@@ -190,9 +196,13 @@ class AdsServer:
         }
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Add the ADS service to ``server`` (before it starts)."""
+        """Add the ADS service and the EDS service to ``server`` (before it starts)."""
+        ads = self.method_handlers()
+        eds = {"StreamEndpoints": ads["StreamAggregatedResources"],
+               "DeltaEndpoints": ads["DeltaAggregatedResources"]}
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(ADS_SERVICE, self.method_handlers()),)
+            (grpc.method_handlers_generic_handler(ADS_SERVICE, ads),
+             grpc.method_handlers_generic_handler(EDS_SERVICE, eds))
         )
 
     async def serve(self, listen: str, *, tls: ServerTls | None = None
