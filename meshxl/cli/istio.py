@@ -69,16 +69,26 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
               default="priority", show_default=True,
               help="priority: failoverPriority on the site label, the same for every "
                    "client; region: sites are regions, Istio's region failover.")
+@click.option("--endpoints", type=click.Choice(["istiod", "meshxl"]), default="istiod",
+              show_default=True,
+              help="Where client sidecars take the clusters' endpoints: istiod (pod labels "
+                   "set priorities), or meshxl's xDS server at --xds-address (weights, "
+                   "shares and priorities as meshxl's own Envoys get them).")
+@click.option("--xds-address", metavar="HOST:PORT",
+              help="meshxl's xDS Service, as client sidecars reach it (--endpoints meshxl).")
 def render_command(file: Path, namespace: str, cluster_domain: str, root_namespace: str,
                    ports: tuple[str, ...], services_file: Path | None,
                    filter_namespace: str | None, client_selector: tuple[str, ...],
-                   site_label: str, site_failover: str) -> None:
+                   site_label: str, site_failover: str, endpoints: str,
+                   xds_address: str | None) -> None:
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
     from meshxl.istio.check import load_objects
     from meshxl.istio.render import IstioOptions, render_model
 
+    if xds_address is not None and endpoints != "meshxl":
+        fail("--xds-address goes with --endpoints meshxl")
     model = _load(file)
     services: dict[str, Any] = {}
     if services_file is not None:
@@ -91,7 +101,9 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
                            services=services, filter_namespace=filter_namespace,
                            client_selector=_selector(client_selector),
                            site_label=site_label,
-                           site_failover=site_failover)  # type: ignore[arg-type]
+                           site_failover=site_failover,  # type: ignore[arg-type]
+                           endpoints=endpoints,  # type: ignore[arg-type]
+                           xds_address=xds_address)
     rendered = checked(lambda: render_model(model, options))
     for warning in rendered.warnings:
         click.echo(f"meshxl: warning: {warning}", err=True)

@@ -57,6 +57,7 @@ from meshxl.model.spec import (
 from meshxl.protowire import type_url
 
 from .durations import duration, proto_duration
+from .endpoints import EndpointSource, eds_patch, xds_target
 from .labels import (
     DEFAULT_SITE_LABEL,
     HA_FAILOVER_PRIORITY,
@@ -106,6 +107,10 @@ class IstioOptions:
     site_failover: Literal["priority", "region"] = "priority"
     """priority: failoverPriority on the site label (the same for every client);
     region: sites are Kubernetes regions and Istio's region ``failover`` is used."""
+    endpoints: EndpointSource = "istiod"
+    """meshxl: the client sidecars take the clusters' endpoints (weights, priorities)
+    from meshxl's xDS server at ``xds_address`` (:mod:`.endpoints`)."""
+    xds_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -316,7 +321,10 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[st
                      chain: list[str] | None = None,
                      serving: str = SERVING_LABEL) -> dict[str, Any]:
     load_balancer = _load_balancer(spec)
-    locality = _locality(spec, options, warnings, chain, serving)
+    # Endpoints from meshxl: its priorities and weights; Istio's locality settings
+    # would weigh its localities (a locality without a weight gets no traffic).
+    locality = {"enabled": False} if options.endpoints == "meshxl" else \
+        _locality(spec, options, warnings, chain, serving)
     load_balancer["localityLbSetting"] = locality
     policy: dict[str, Any] = {
         "loadBalancer": load_balancer,
@@ -379,7 +387,7 @@ def _retry_policy(spec: ClusterSpec, warnings: list[str]) -> dict[str, Any] | No
     return policy
 
 
-def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
+def _cluster_patch(spec: ClusterSpec, options: IstioOptions) -> dict[str, Any]:
     value: dict[str, Any] = {
         "common_lb_config": {"healthy_panic_threshold": {"value": 0},
                              # Envoy batches health changes for 1 s by default.
@@ -412,6 +420,8 @@ def _cluster_patch(spec: ClusterSpec) -> dict[str, Any]:
         }]
     if spec.long_lived:
         value["close_connections_on_host_health_failure"] = True
+    if options.endpoints == "meshxl":
+        value.update(eds_patch(spec, xds_target(options.xds_address)))
     return value
 
 
@@ -445,7 +455,7 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
         "applyTo": "CLUSTER",
         "match": {"context": "SIDECAR_OUTBOUND",
                   "cluster": {"service": host, "portNumber": port}},
-        "patch": {"operation": "MERGE", "value": _cluster_patch(spec)},
+        "patch": {"operation": "MERGE", "value": _cluster_patch(spec, options)},
     })
     if pin is not None:
         # The filter in the outbound HTTP connection manager of the Service port (shared
@@ -494,11 +504,11 @@ def render_cluster(spec: ClusterSpec, options: IstioOptions,
     objects = [destination_rule(spec, options, warnings, chain, serving),
                envoy_filter(spec, options, warnings)]
     if not spec.high_availability and spec.degradation.action == "move" \
-            and not spec.outlier_detection.enabled:
+            and not spec.outlier_detection.enabled and options.endpoints == "istiod":
         warnings.append(f"cluster {spec.name}: without outlier detection Istio ignores "
                         "failoverPriority, so a degraded member is not put behind its "
                         "peers (degradation.action: move)")
-    dropped = _dropped_weights(spec)
+    dropped = _dropped_weights(spec) if options.endpoints == "istiod" else []
     if dropped:
         warnings.append(f"cluster {spec.name}: {' and '.join(dropped)} are not rendered: "
                         "Istio weighs endpoints itself")
