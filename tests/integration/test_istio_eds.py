@@ -1,0 +1,235 @@
+"""Endpoints from meshxl under Istio (``meshxl istio render --endpoints meshxl``), through
+a real Envoy given the outbound cluster the way istiod builds it.
+
+istiod's part is played as in :mod:`tests.integration.test_istio_envoy` (its cluster
+for the rendered DestinationRule, with istiod's own ADS ``eds_config``, and the
+EnvoyFilter's patch merged in with Istio's merge semantics), and the cluster reaches
+Envoy over CDS (a watched file) as istiod's pushes do. The endpoints come from a real
+meshxl control plane over its EDS service; the Envoy's node id is an Istio sidecar's.
+
+Asserted: Istio's merge leaves ``ads`` for meshxl's config source; every endpoint takes
+Istio's mutual TLS match (``--istio-mtls``); traffic follows the member weights of the
+model, which istiod cannot express, and a weight changed in the model; a new version
+of the cluster (istiod pushing) warms from meshxl and keeps its weights, the same
+version pushed again changes nothing; an ``envoy_grpc`` config source on a cluster
+added over CDS (what an EnvoyFilter CLUSTER ADD would give) is refused by Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.route.v3 import route_components_pb2
+
+from meshxl.etcd.keys import Keys
+from meshxl.istio import IstioOptions, render_model
+from meshxl.local.ports import free_port
+from meshxl.model import parse_model
+from meshxl.operator.actions import apply_model
+from meshxl.xds import types
+from tests.integration.test_istio_envoy import (
+    CLUSTER,
+    NAMESPACE,
+    SERVICE_PORT,
+    bootstrap,
+    istio_cluster,
+    istio_default_route,
+    patched,
+)
+
+pytestmark = pytest.mark.asyncio
+
+KEYS = Keys()
+NODE = f"sidecar~127.0.0.1~client-7d9f.{NAMESPACE}~{NAMESPACE}.svc.cluster.local"
+#: pilot/pkg/networking/core/cluster_builder.go, maybeApplyEdsConfig.
+ISTIOD_EDS_CONFIG = {"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"}
+SESSIONS = [f"s{i}" for i in range(120)]
+CDS_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+RAW_BUFFER = {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}
+
+
+def model_text(ports: dict[str, int], weights: dict[str, int]) -> str:
+    members = "".join(f"\n  - {{name: {name}, address: 127.0.0.1, port: {port}, "
+                      f"weight: {weights[name]}}}" for name, port in ports.items())
+    return f"""
+clusters:
+- name: orders
+  mode: load-sharing
+  stickiness: {{header: x-session-id}}
+  warmup: 0s
+  listener: {{port: {SERVICE_PORT}}}
+  members:{members}
+"""
+
+
+class Cds:
+    """istiod's CDS pushes, as a watched file."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self.version = 0
+
+    def config(self) -> dict[str, Any]:
+        return {"path_config_source": {"path": str(self.directory / "cds.json"),
+                                       "watched_directory": {"path": str(self.directory)}},
+                "resource_api_version": "V3"}
+
+    def push(self, *clusters: dict[str, Any]) -> None:
+        self.version += 1
+        tmp = self.directory / f".cds-{self.version}.json"
+        tmp.write_text(json.dumps({"version_info": str(self.version), "resources": [
+            {"@type": CDS_TYPE, **c} for c in clusters]}))
+        os.replace(tmp, self.directory / "cds.json")
+
+
+async def _placement(http: aiohttp.ClientSession, url: str) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for session in SESSIONS:
+        async with http.get(url, headers={"x-session-id": session}) as resp:
+            assert resp.status == 200, resp.status
+            seen[(await resp.json())["member"]] += 1
+    return seen
+
+
+async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
+        harness: Any, etcd: Any, etcd_client: Any, start_backends: Any,
+        start_control_plane: Any, start_envoy: Any, tmp_path: Path) -> None:
+    names = ["orders-0", "orders-1", "orders-2"]
+    backends = await start_backends(names)
+    ports = {b.name: b.port for b in backends}
+    text = model_text(ports, {"orders-0": 100, "orders-1": 100, "orders-2": 600})
+    await apply_model(etcd_client, KEYS, text, "test")
+    plane = await start_control_plane(etcd=etcd.url, istio_mtls=True)
+    rendered = render_model(parse_model(text), IstioOptions(
+        namespace=NAMESPACE, ports={"orders": SERVICE_PORT}, endpoints="meshxl",
+        xds_address=f"127.0.0.1:{plane.port}"))
+    assert rendered.warnings == []
+    dr, ef = rendered.objects
+    patch_of = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
+    istiod_cluster = istio_cluster(dr, tmp_path)
+    istiod_cluster["eds_cluster_config"]["eds_config"] = dict(ISTIOD_EDS_CONFIG)
+    # The echo backends have no sidecar to end mutual TLS: the tlsMode-istio match keeps
+    # its name (what is asserted: Envoy picks it for meshxl's endpoints), in plain text.
+    istio_match, _ = istiod_cluster["transport_socket_matches"]
+    istio_match["transport_socket"] = RAW_BUFFER
+    cluster = patched(cluster_pb2.Cluster, istiod_cluster, patch_of["CLUSTER"])
+    eds = cluster["eds_cluster_config"]
+    # The oneof: meshxl's api_config_source replaced istiod's ads.
+    assert eds["service_name"] == "orders" and "ads" not in eds["eds_config"]
+    assert eds["eds_config"]["api_config_source"]["grpc_services"][0]["google_grpc"][
+        "target_uri"] == f"127.0.0.1:{plane.port}"
+    assert "locality_weighted_lb_config" not in cluster["common_lb_config"]
+    route = patched(route_components_pb2.Route, istio_default_route("x-session-id"),
+                    patch_of["HTTP_ROUTE"])
+    admin_port, listen_port = free_port(), free_port()
+    config = bootstrap(admin_port, listen_port, cluster, route)
+    config["node"]["id"] = NODE
+    config["static_resources"].pop("clusters")
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager["typed_config"]["route_config"]["validate_clusters"] = False  # as over RDS
+    cds = Cds(tmp_path / "cds")
+    config["dynamic_resources"] = {"cds_config": cds.config()}
+    cds.push(cluster)
+
+    def customize(boot: dict[str, Any]) -> None:
+        boot.clear()
+        boot.update(config)
+
+    envoy = await start_envoy("istio-eds", 1, admin_port=admin_port, customize=customize)
+    await envoy.wait_ready()
+    url = f"http://127.0.0.1:{listen_port}/"
+
+    async def weights(want: dict[str, int]) -> None:
+        """The model's weights (meshxl scales them: compared as ratios)."""
+        low = min(want.values())
+        by_port = {ports[n]: w / low for n, w in want.items()}
+
+        def ratios(hosts: list[Any]) -> dict[int, float]:
+            least = min(h.weight for h in hosts)
+            return {h.port: h.weight / least for h in hosts}
+        await envoy.wait_hosts(CLUSTER, lambda hs: ratios(hs) == by_port
+                               and all(h.healthy for h in hs), timeout=20,
+                               what=f"weights {want}")
+
+    await weights({"orders-0": 100, "orders-1": 100, "orders-2": 600})
+    assert NODE in plane.ads.node_status()
+    # --istio-mtls: every endpoint takes Istio's mutual TLS match, none plain text.
+    prefix = f"cluster.{CLUSTER}"
+    assert await envoy.stat(f"{prefix}.tlsMode-istio.total_match_count") == 3
+    assert await envoy.stat(f"{prefix}.tlsMode-disabled.total_match_count") == 0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        seen = await _placement(http, url)
+        print(f"\nweights 100/100/600: {dict(seen)}")
+        assert seen.most_common(1)[0][0] == "orders-2" and seen["orders-2"] >= 60, seen
+
+        # A weight changed in the model: meshxl's EDS moves the sessions.
+        await apply_model(etcd_client, KEYS, model_text(
+            ports, {"orders-0": 600, "orders-1": 100, "orders-2": 100}), "test")
+        await weights({"orders-0": 600, "orders-1": 100, "orders-2": 100})
+        seen = await _placement(http, url)
+        print(f"weights 600/100/100: {dict(seen)}")
+        assert seen.most_common(1)[0][0] == "orders-0" and seen["orders-0"] >= 60, seen
+
+        # istiod pushes a new version of the cluster (a DestinationRule edit): Envoy
+        # builds it anew, and it warms from meshxl again, weights and all.
+        sent = plane.ads.responses_sent.get(types.ENDPOINT, 0)
+        changed = {**cluster, "connect_timeout": "0.5s"}
+        cds.push(changed)
+        await envoy.wait_until(
+            lambda: plane.ads.responses_sent.get(types.ENDPOINT, 0) > sent,
+            timeout=10, what="the new cluster's EDS request answered")
+        await envoy.wait_until(_active_timeout(envoy, "0.500s"), timeout=10,
+                               what="the pushed cluster active")
+        await weights({"orders-0": 600, "orders-1": 100, "orders-2": 100})
+        assert (await _placement(http, url)) == seen
+        # The same cluster pushed again (istiod pushes on unrelated changes): Envoy
+        # keeps the cluster and its subscription as they are.
+        sent = plane.ads.responses_sent.get(types.ENDPOINT, 0)
+        pushes = await envoy.stat("cluster_manager.cds.update_success")
+        cds.push(changed)
+        await envoy.wait_until(lambda: _stat_above(envoy, "cluster_manager.cds.update_success",
+                                                   pushes), timeout=10, what="the push")
+        assert plane.ads.responses_sent.get(types.ENDPOINT, 0) == sent
+
+        # What an EnvoyFilter CLUSTER ADD of a cluster for meshxl's server, named by an
+        # envoy_grpc config source, would give: Envoy refuses the cluster.
+        rejected = await envoy.stat("cluster_manager.cds.update_rejected")
+        via_cds = {"name": "meshxl-xds", "type": "STRICT_DNS", "connect_timeout": "1s",
+                   "typed_extension_protocol_options": {
+                       "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                           "@type": "type.googleapis.com/envoy.extensions.upstreams.http."
+                                    "v3.HttpProtocolOptions",
+                           "explicit_http_config": {"http2_protocol_options": {}}}},
+                   "load_assignment": {"cluster_name": "meshxl-xds", "endpoints": [
+                       {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                           "address": "127.0.0.1", "port_value": plane.port}}}}]}]}}
+        api = changed["eds_cluster_config"]["eds_config"]["api_config_source"]
+        envoy_grpc = {**changed, "connect_timeout": "0.75s", "eds_cluster_config": {
+            **changed["eds_cluster_config"], "eds_config": {
+                **changed["eds_cluster_config"]["eds_config"], "api_config_source": {
+                    **api, "grpc_services": [{"envoy_grpc": {"cluster_name": "meshxl-xds"}}]}}}}
+        cds.push(envoy_grpc, via_cds)
+        await envoy.wait_until(
+            lambda: _stat_above(envoy, "cluster_manager.cds.update_rejected", rejected),
+            timeout=10, what="the envoy_grpc config source refused")
+        assert (await _placement(http, url)) == seen  # the last good cluster serves
+
+
+def _active_timeout(envoy: Any, timeout: str) -> Any:
+    async def check() -> bool:
+        active = await envoy.dynamic_clusters()
+        return bool(active.get(CLUSTER, {}).get("connect_timeout") == timeout)
+    return check
+
+
+async def _stat_above(envoy: Any, name: str, before: int) -> bool:
+    return bool(await envoy.stat(name) > before)
