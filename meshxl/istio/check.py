@@ -12,7 +12,9 @@ model, renders what ``meshxl istio render`` would, and reports:
 * an Istio too old for the objects (DestinationRule v1 needs 1.22, ``retryBudget``
   1.27), from ``--istio-version`` or the istiod Deployment's image tag;
 * high-availability member pods without role labels (``meshxl istio label`` not
-  running: every member would share one priority);
+  running: every member would share one priority), unless the applied EnvoyFilter takes
+  the endpoints from meshxl (``render --endpoints meshxl``: no label, no outlier
+  detection needed for the failover order);
 * VirtualService retries that disagree with ``retries.previous_hosts``;
 * EnvoyFilters in the root namespace without a workload selector;
 * a Service port that does not declare the cluster's protocol (``protocol: grpc`` needs
@@ -198,6 +200,20 @@ def _host_matches(host: str, name: str, options: IstioOptions,
     return False
 
 
+def eds_from_meshxl(filters: Iterable[Mapping[str, Any]], name: str) -> bool:
+    """Whether the applied EnvoyFilter ``name`` takes its cluster's endpoints from
+    meshxl's xDS server (``render --endpoints meshxl``: its CLUSTER patch sets
+    ``eds_cluster_config``)."""
+    for obj in filters:
+        if obj["metadata"].get("name") != name:
+            continue
+        for patch in _list(_map(obj.get("spec")).get("configPatches")):
+            value = _map(_map(_map(patch).get("patch")).get("value"))
+            if _map(patch).get("applyTo") == "CLUSTER" and "eds_cluster_config" in value:
+                return True
+    return False
+
+
 def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions, *,
           istio_version: tuple[int, int] | None = None) -> list[Finding]:
     findings: list[Finding] = []
@@ -236,6 +252,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             add("error", name, f"Service {ns}/{name}", str(exc))
             continue
         dr, ef = rendered.objects
+        from_meshxl = eds_from_meshxl(by_kind.get("EnvoyFilter", []), ef["metadata"]["name"])
         uses_budget |= "retryBudget" in dr["spec"]["trafficPolicy"]
         pin = spec.stickiness.pin if spec.stickiness is not None else None
         if not services:
@@ -281,7 +298,7 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         if ours is None:
             add("warning", name, f"DestinationRule {ns}/{ours_name}",
                 "not applied (meshxl istio render | kubectl apply -f -)")
-        else:
+        elif not from_meshxl:
             policy = _map(_map(ours.get("spec")).get("trafficPolicy"))
             if "outlierDetection" not in policy:
                 add("error", name, _ref(ours),
@@ -338,14 +355,15 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
         # HA: the role labels must be on the member pods.
         pods = [p for p in by_kind.get("Pod", []) if in_ns(p)
                 and labels_of(p).get("meshxl.io/cluster") == name]
-        if spec.high_availability:
+        # (Endpoints from meshxl: its EDS carries the failover order, not the labels.)
+        if spec.high_availability and not from_meshxl:
             if pods and not any(labels_of(p).get(ROLE_LABEL) == "active" for p in pods):
                 add("error", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
                     f"no member pod is labelled {ROLE_LABEL}=active: is meshxl istio "
                     "label running? Without the role labels every member shares one "
                     "priority (load sharing)")
 
-        elif sick_entry(spec) and name not in model.virtual_names:
+        elif sick_entry(spec) and name not in model.virtual_names and not from_meshxl:
             if pods and not any(labels_of(p).get(SERVING_LABEL) == "true" for p in pods):
                 add("warning", name, f"Pod {ns}/{pods[0]['metadata']['name']}",
                     f"no member pod is labelled {SERVING_LABEL}=true: is meshxl istio "

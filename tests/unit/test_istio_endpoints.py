@@ -15,7 +15,8 @@ from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import json_format
 
 from meshxl.cli import main
-from meshxl.istio import IstioOptions, render_model
+from meshxl.istio import IstioOptions, IstioRenderError, render_model
+from meshxl.istio.check import check
 from meshxl.istio.endpoints import INITIAL_FETCH_TIMEOUT, STAT_PREFIX
 from meshxl.model import load_model, parse_model
 from tests.unit.test_istio import MODELS, check_crd
@@ -131,3 +132,24 @@ def test_render_command_with_endpoints_from_meshxl(tmp_path: Path) -> None:
     eds = _cluster_patch(docs)["patch"]["value"]["eds_cluster_config"]
     assert eds["eds_config"]["api_config_source"]["grpc_services"][0]["google_grpc"][
         "target_uri"] == "[fd00::9]:18000"
+
+
+def test_check_asks_no_role_labels_of_a_cluster_whose_endpoints_are_meshxls() -> None:
+    """The failover order is meshxl's EDS: no pod label, no outlier detection needed."""
+    model = parse_model(MODELS["HA_ONE_SITE"].replace(
+        "    members:", "    outlier_detection: {enabled: false}\n    listener: {port: 8080}\n"
+                       "    members:"))
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "orders", "namespace": "shop"},
+               "spec": {"ports": [{"name": "http", "port": 8080}]}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "orders-0", "namespace": "shop", "labels": {"meshxl.io/cluster": "orders"}}}
+    objects = [*render_model(model, OPTIONS).objects, service, pod]
+    assert check(model, objects, OPTIONS, istio_version=(1, 27)) == []
+    # The same cluster with istiod's endpoints: the labels and outlier detection matter.
+    istiod = IstioOptions(namespace="shop")
+    with pytest.raises(IstioRenderError, match="outlier detection"):
+        render_model(model, istiod)
+    objects = [*render_model(parse_model(MODELS["HA_ONE_SITE"]), istiod).objects, service, pod]
+    assert [f.level for f in check(parse_model(MODELS["HA_ONE_SITE"]), objects, istiod,
+                                   istio_version=(1, 27))] == ["error"]
