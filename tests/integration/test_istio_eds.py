@@ -12,13 +12,15 @@ Istio's mutual TLS match (``--istio-mtls``); traffic follows the member weights 
 model, which istiod cannot express, and a weight changed in the model; a new version
 of the cluster (istiod pushing) warms from meshxl and keeps its weights, the same
 version pushed again changes nothing; an ``envoy_grpc`` config source on a cluster
-added over CDS (what an EnvoyFilter CLUSTER ADD would give) is refused by Envoy.
+added over CDS (what an EnvoyFilter CLUSTER ADD would give) is refused by Envoy; a
+member judged degraded has its weight halved step by step.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.istio import IstioOptions, render_model
 from meshxl.local.ports import free_port
 from meshxl.model import parse_model
+from meshxl.model.runtime import Health
 from meshxl.operator.actions import apply_model
 from meshxl.xds import types
 from tests.integration.test_istio_envoy import (
@@ -65,6 +68,7 @@ clusters:
   mode: load-sharing
   stickiness: {{header: x-session-id}}
   warmup: 0s
+  degradation: {{step: 0.4s, min_share: 0.05}}
   listener: {{port: {SERVICE_PORT}}}
   members:{members}
 """
@@ -222,6 +226,27 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
             lambda: _stat_above(envoy, "cluster_manager.cds.update_rejected", rejected),
             timeout=10, what="the envoy_grpc config source refused")
         assert (await _placement(http, url)) == seen  # the last good cluster serves
+
+        # The control plane judges orders-0 degraded (its etcd record, as a replica
+        # writes it): its weight is halved every step, down to min_share, and its
+        # sessions move to its peers bit by bit (istiod could only move them at once).
+        ratios: list[float] = []
+
+        async def stepped_down() -> bool:
+            hosts = {h.port: h.weight for h in await envoy.hosts(CLUSTER)}
+            ratio = hosts[ports["orders-0"]] / hosts[ports["orders-1"]]
+            if not ratios or ratio != ratios[-1]:
+                ratios.append(ratio)
+            return ratio <= 6 * 0.05
+        record = Health("degraded", "p90 400 ms against its peers' 10 ms", time.time(), "t")
+        await etcd_client.put(KEYS.member_health("orders", "orders-0").encode(),
+                              json.dumps(record.to_dict()).encode())
+        await envoy.wait_until(stepped_down, timeout=10, what="orders-0 stepped down")
+        print(f"orders-0's weight against a peer's: {ratios}")
+        assert ratios == sorted(ratios, reverse=True) and len(ratios) >= 3, ratios
+        sick = await _placement(http, url)
+        print(f"placement at min_share: {dict(sick)}")
+        assert sick["orders-0"] <= seen["orders-0"] // 4, (seen, sick)
 
 
 def _active_timeout(envoy: Any, timeout: str) -> Any:
