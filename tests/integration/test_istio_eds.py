@@ -13,7 +13,8 @@ model, which istiod cannot express, and a weight changed in the model; a new ver
 of the cluster (istiod pushing) warms from meshxl and keeps its weights, the same
 version pushed again changes nothing; an ``envoy_grpc`` config source on a cluster
 added over CDS (what an EnvoyFilter CLUSTER ADD would give) is refused by Envoy; a
-member judged degraded has its weight halved step by step.
+member judged degraded has its weight halved step by step; a member joining ramps up
+(warm-up of a hashed cluster).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ clusters:
 - name: orders
   mode: load-sharing
   stickiness: {{header: x-session-id}}
-  warmup: 0s
+  warmup: 3s
   degradation: {{step: 0.4s, min_share: 0.05}}
   listener: {{port: {SERVICE_PORT}}}
   members:{members}
@@ -108,8 +109,9 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
         harness: Any, etcd: Any, etcd_client: Any, start_backends: Any,
         start_control_plane: Any, start_envoy: Any, tmp_path: Path) -> None:
     names = ["orders-0", "orders-1", "orders-2"]
-    backends = await start_backends(names)
-    ports = {b.name: b.port for b in backends}
+    backends = await start_backends([*names, "orders-3"])  # orders-3 joins at the end
+    every = {b.name: b.port for b in backends}
+    ports = {name: every[name] for name in names}
     text = model_text(ports, {"orders-0": 100, "orders-1": 100, "orders-2": 600})
     await apply_model(etcd_client, KEYS, text, "test")
     plane = await start_control_plane(etcd=etcd.url, istio_mtls=True)
@@ -247,6 +249,25 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
         sick = await _placement(http, url)
         print(f"placement at min_share: {dict(sick)}")
         assert sick["orders-0"] <= seen["orders-0"] // 4, (seen, sick)
+
+        # A member joining a hashed cluster ramps up (warm-up) through meshxl's EDS
+        # weights, step by step; istiod has no weight to ramp.
+        await apply_model(etcd_client, KEYS, model_text(
+            every, {"orders-0": 600, "orders-1": 100, "orders-2": 100, "orders-3": 100}),
+            "test")
+        ramp: list[float] = []
+
+        async def ramped() -> bool:
+            hosts = {h.port: h.weight for h in await envoy.hosts(CLUSTER)}
+            if every["orders-3"] not in hosts:
+                return False
+            ratio = hosts[every["orders-3"]] / hosts[every["orders-1"]]
+            if not ramp or ratio != ramp[-1]:
+                ramp.append(ratio)
+            return ratio >= 1.0
+        await envoy.wait_until(ramped, timeout=15, what="orders-3 ramped up")
+        print(f"orders-3's weight against a peer's, ramping: {ramp}")
+        assert ramp == sorted(ramp) and ramp[0] <= 0.5 and len(ramp) >= 3, ramp
 
 
 def _active_timeout(envoy: Any, timeout: str) -> Any:
