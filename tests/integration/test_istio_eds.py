@@ -46,6 +46,7 @@ from tests.integration.test_istio_envoy import (
     istio_cluster,
     istio_default_route,
     patched,
+    start_istio_envoy,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -146,12 +147,7 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
     config["dynamic_resources"] = {"cds_config": cds.config()}
     cds.push(cluster)
 
-    def customize(boot: dict[str, Any]) -> None:
-        boot.clear()
-        boot.update(config)
-
-    envoy = await start_envoy("istio-eds", 1, admin_port=admin_port, customize=customize)
-    await envoy.wait_ready()
+    envoy = await start_istio_envoy(start_envoy, "istio-eds", admin_port, config)
     url = f"http://127.0.0.1:{listen_port}/"
 
     async def weights(want: dict[str, int]) -> None:

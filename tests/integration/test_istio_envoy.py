@@ -209,6 +209,20 @@ def insert_before(filters: list[dict[str, Any]], patch: dict[str, Any]) -> list[
     return [*filters[:at], patch["patch"]["value"], *filters[at:]]
 
 
+async def start_istio_envoy(start_envoy: Any, name: str, admin_port: int,
+                            config: dict[str, Any]) -> Any:
+    """An Envoy on ``config`` as given (the whole bootstrap: istiod's cluster and
+    route, :func:`bootstrap`), ready."""
+
+    def customize(boot: dict[str, Any]) -> None:
+        boot.clear()
+        boot.update(config)
+
+    envoy = await start_envoy(name, 1, admin_port=admin_port, customize=customize)
+    await envoy.wait_ready()
+    return envoy
+
+
 def bootstrap(admin_port: int, listen_port: int, cluster: dict[str, Any],
               route: dict[str, Any],
               http_filters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -410,13 +424,7 @@ async def test_active_standby_drain_and_readiness_through_istio_shaped_envoy(
         admin_port, listen_port = free_port(), free_port()
         config = bootstrap(admin_port, listen_port, cluster, route)
 
-        def customize(boot: dict[str, Any]) -> None:
-            boot.clear()
-            boot.update(config)
-
-        envoy = await start_envoy("istio-client", 1, admin_port=admin_port,
-                                  customize=customize)
-        await envoy.wait_ready()
+        envoy = await start_istio_envoy(start_envoy, "istio-client", admin_port, config)
         url = f"http://127.0.0.1:{listen_port}/"
         port_of = {b.name: b.port for b in backends}
 
@@ -551,13 +559,8 @@ async def test_pinned_sessions_through_istio_shaped_envoy(
             admin_port, listen_port = free_port(), free_port()
             config = bootstrap(admin_port, listen_port, cluster, route, filters)
 
-            def customize(boot: dict[str, Any], config: dict[str, Any] = config) -> None:
-                boot.clear()
-                boot.update(config)
-
-            envoy = await start_envoy(f"istio-{label}", 1, admin_port=admin_port,
-                                      customize=customize)
-            await envoy.wait_ready()
+            envoy = await start_istio_envoy(start_envoy, f"istio-{label}", admin_port,
+                                            config)
             envoys[label] = (envoy, f"http://127.0.0.1:{listen_port}/")
         envoy, url = envoys["default"]
         port_of = {b.name: b.port for b in backends}
@@ -692,12 +695,7 @@ async def test_a_degraded_load_sharing_member_goes_behind_its_peers(
         admin_port, listen_port = free_port(), free_port()
         config = bootstrap(admin_port, listen_port, cluster, route)
 
-        def customize(boot: dict[str, Any]) -> None:
-            boot.clear()
-            boot.update(config)
-
-        envoy = await start_envoy("istio-ls", 1, admin_port=admin_port, customize=customize)
-        await envoy.wait_ready()
+        envoy = await start_istio_envoy(start_envoy, "istio-ls", admin_port, config)
         url = f"http://127.0.0.1:{listen_port}/"
         port_of = {b.name: b.port for b in backends}
 

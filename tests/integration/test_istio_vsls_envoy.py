@@ -36,6 +36,7 @@ from tests.integration.test_istio_envoy import (
     istio_default_route,
     patched,
     serving_istiod,
+    start_istio_envoy,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -148,13 +149,7 @@ async def test_each_virtual_system_on_its_active_through_istio_shaped_envoy(
         manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         manager["typed_config"]["route_config"]["virtual_hosts"] = hosts
 
-        def customize(boot: dict[str, Any]) -> None:
-            boot.clear()
-            boot.update(config)
-
-        envoy = await start_envoy("istio-client", 1, admin_port=admin_port,
-                                  customize=customize)
-        await envoy.wait_ready()
+        await start_istio_envoy(start_envoy, "istio-client", admin_port, config)
         url = f"http://127.0.0.1:{listen_port}/"
 
         async def members(vs: str) -> Counter[str]:
