@@ -42,7 +42,8 @@ def xds_target(address: str | None) -> str:
     """``HOST:PORT`` of meshxl's xDS Service, checked (InputError naming the flag)."""
     if not address:
         raise InputError("--endpoints meshxl needs --xds-address HOST:PORT (the Service of "
-                         "meshxl's xDS server, e.g. meshxl-xds.meshxl.svc.cluster.local:18000)")
+                         "meshxl's xDS server, e.g. "
+                         "meshxl-xds.meshxl-system.svc.cluster.local:18000)")
     try:
         host, port = parse_hostport(address)
     except ValueError as exc:

@@ -23,7 +23,7 @@ from tests.unit.test_istio import MODELS, check_crd
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIONS = IstioOptions(namespace="shop", endpoints="meshxl",
-                       xds_address="meshxl-xds.meshxl.svc.cluster.local:18000")
+                       xds_address="meshxl-xds.meshxl-system.svc.cluster.local:18000")
 #: pilot/pkg/networking/core/cluster_builder.go, maybeApplyEdsConfig.
 ISTIOD_EDS = {"service_name": "outbound|9090||cart.shop.svc.cluster.local",
               "eds_config": {"ads": {}, "initial_fetch_timeout": "0s",
@@ -57,7 +57,7 @@ def test_the_cluster_patch_takes_the_endpoints_from_meshxl() -> None:
             "api_config_source": {
                 "api_type": "GRPC", "transport_api_version": "V3",
                 "grpc_services": [{"google_grpc": {
-                    "target_uri": "meshxl-xds.meshxl.svc.cluster.local:18000",
+                    "target_uri": "meshxl-xds.meshxl-system.svc.cluster.local:18000",
                     "stat_prefix": STAT_PREFIX}}],
                 "set_node_on_first_message_only": True},
             "initial_fetch_timeout": INITIAL_FETCH_TIMEOUT,
@@ -86,7 +86,7 @@ def test_the_merge_replaces_istiods_ads_config_source() -> None:
     assert config.eds_config.initial_fetch_timeout.seconds == 10
     grpc_service = config.eds_config.api_config_source.grpc_services
     assert [g.google_grpc.target_uri for g in grpc_service] == [
-        "meshxl-xds.meshxl.svc.cluster.local:18000"]
+        "meshxl-xds.meshxl-system.svc.cluster.local:18000"]
 
 
 def test_each_virtual_system_takes_its_own_assignment() -> None:

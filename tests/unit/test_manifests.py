@@ -35,8 +35,11 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 #: The session shards make-certs.sh issues certificates for in the fixture's tree
 #: (MESHXL_ETCD_SHARDS; overlays/session-shards-self-signed needs them).
 SHARDS = ("s1", "s2")
-#: The only workload that calls the Kubernetes API (istio overlay): pod labels.
+#: The only workload that calls the Kubernetes API (Istio overlays): pod labels.
 API_CLIENTS = {"meshxl-istio-label"}
+#: The overlays for clusters on Istio: istiod serves the Envoys (istio-endpoints: meshxl's
+#: control plane serves their endpoints).
+ISTIO = ("istio", "istio-endpoints")
 
 
 def _kubectl() -> str:
@@ -209,7 +212,7 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
 
 
 def test_every_overlay_is_covered() -> None:
-    assert set(OVERLAYS) == {"default", "self-signed", "external-etcd", "istio",
+    assert set(OVERLAYS) == {"default", "self-signed", "external-etcd", *ISTIO,
                              "two-sites", "session-shards", "session-shards-self-signed"}, \
         "a new overlay needs its checks below"
 
@@ -417,7 +420,7 @@ def test_no_kubernetes_api_permissions(overlay: str, render: Render) -> None:
             if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
     for account in (d for d in docs if d["kind"] == "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
-    if overlay != "istio":
+    if overlay not in ISTIO:
         assert rbac == []
         return
     role = _find(docs, "ClusterRole", "meshxl-istio-label")
@@ -458,7 +461,7 @@ def test_control_plane(overlay: str, render: Render) -> None:
         "app.kubernetes.io/name": "meshxl-xds"}}}
 
 
-@pytest.mark.parametrize("overlay", ["default", "self-signed", "istio", "session-shards",
+@pytest.mark.parametrize("overlay", ["default", "self-signed", *ISTIO, "session-shards",
                                      "session-shards-self-signed"])
 def test_etcd_is_a_three_member_statefulset(overlay: str, render: Render) -> None:
     docs = render(overlay)
@@ -512,7 +515,8 @@ def test_every_meshxl_process_gets_every_etcd_member(overlay: str, render: Rende
     containers = _meshxl_containers(docs)
     names = {w["metadata"]["name"] for w, _ in containers}
     assert names == ({"meshxl-istio-label", "meshxl-webhook"} if overlay == "istio"
-                     else {"meshxl-xds", "meshxl-webhook"})
+                     else {"meshxl-xds", "meshxl-istio-label", "meshxl-webhook"}
+                     if overlay == "istio-endpoints" else {"meshxl-xds", "meshxl-webhook"})
     if overlay == "external-etcd":
         service = _find(docs, "Service", "meshxl-etcd")
         (port,) = service["spec"]["ports"]
@@ -581,7 +585,7 @@ def test_webhook_configuration(overlay: str, render: Render) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     # The injected containers run the image the webhook runs.
     assert env["MESHXL_SIDECAR_IMAGE"] == container["image"]
-    assert env["MESHXL_PROXY"] == ("none" if overlay == "istio" else "envoy")
+    assert env["MESHXL_PROXY"] == ("none" if overlay in ISTIO else "envoy")
     assert _etcd_of(docs, container) == (
         _etcd_member_urls(docs) if overlay != "external-etcd"
         else [f"https://meshxl-etcd.{NAMESPACE}.svc:2379"])
@@ -612,7 +616,7 @@ def test_webhook_configuration(overlay: str, render: Render) -> None:
     assert namespace["metadata"]["labels"]["meshxl-injection"] == "disabled"
 
 
-@pytest.mark.parametrize("overlay", ["default", "external-etcd", "istio", "session-shards"])
+@pytest.mark.parametrize("overlay", ["default", "external-etcd", *ISTIO, "session-shards"])
 def test_cert_manager_certificate_reaches_the_webhook(overlay: str,
                                                        render: Render) -> None:
     docs = render(overlay)
@@ -680,6 +684,32 @@ def test_istio_overlay_leaves_the_envoys_to_istiod(render: Render) -> None:
     assert config.parent == Path(mount["mountPath"])
     port = _arg(container, "--health-listen").rpartition(":")[2]
     assert {p["containerPort"] for p in container["ports"]} == {int(port)}
+
+
+def test_istio_endpoints_overlay_serves_the_sidecars_endpoints(render: Render) -> None:
+    """What istio adds (the labeler, the namespace out of the mesh, statesync-only
+    injection) with meshxl's control plane kept: its ADS port in plain text for the
+    Istio sidecars' Google gRPC (no client certificate, no token) and every endpoint
+    marked for Istio's mutual TLS; no xDS certificate left behind."""
+    docs = render("istio-endpoints")
+    namespace = _find(docs, "Namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
+    _find(docs, "Deployment", "meshxl-istio-label")
+    xds = _find(docs, "Deployment", "meshxl-xds")
+    pod = xds["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert "--istio-mtls" in args and _arg(container, "--listen") == "0.0.0.0:18000"
+    assert not [a for a in args if a.startswith(("--tls-", "--client-ca", "--token"))]
+    assert "xds-tls" not in {v["name"] for v in pod["volumes"]} | {
+        m["name"] for m in container["volumeMounts"]}
+    assert not [d for d in docs if d["kind"] in {"Certificate", "Issuer"}
+                and d["metadata"]["name"].startswith("meshxl-xds")]
+    service = _find(docs, "Service", "meshxl-xds")
+    grpc = next(p for p in service["spec"]["ports"] if p["port"] == 18000)
+    assert grpc["targetPort"] in {p["name"] for p in container["ports"]}
+    webhook = _find(docs, "Deployment", "meshxl-webhook")["spec"]["template"]["spec"]
+    assert "MESHXL_XDS" not in {e["name"] for e in webhook["containers"][0]["env"]}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
