@@ -73,7 +73,10 @@ from vsls_bed import (  # noqa: E402
     served_by,
     vs_names,
 )
+from vsls_flooder import MAX_SPAN  # noqa: E402
 from vsls_parts import (  # noqa: E402
+    FLOODER_START,
+    KINDS,
     auth_part,
     flood_part,
     join_moves,
@@ -422,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                replication=args.replication)
     if args.flood_rounds is not None:
         plan = dataclasses.replace(plan, flood_rounds=args.flood_rounds)
+    span = FLOODER_START + plan.flood_rounds * len(KINDS) * plan.flood
+    if span > MAX_SPAN:
+        parser.error(f"--flood-rounds {plan.flood_rounds}: the flood part would last "
+                     f"{span:.0f} s, past the flooder's {MAX_SPAN:g} s")
     stateful = pool_hosting_available()
     return run_benchmark(NAME, quick, "meshxl-bench-vsls-",
                          lambda work: run(work, plan, stateful, quotas_available()),

@@ -194,6 +194,8 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
     cores: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
     for kind, s, e in windows:
         await asyncio.sleep(max(0.0, s - time.time()))
+        if proc.returncode not in (None, 0):  # it refused the windows, or died: say so now
+            raise OSError(f"the flooder exited {proc.returncode}: {proc.tail(10)}")
         before = {n: cpu_seconds(pid) for n, pid in procs.items()}
         bench_before = time.process_time()
         await asyncio.sleep(max(0.0, e - time.time()))
