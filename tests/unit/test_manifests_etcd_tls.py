@@ -38,9 +38,10 @@ from tests.unit.test_manifests import (
 tree = manifests.tree
 render = manifests.render
 
-IN_CLUSTER = ["default", "self-signed", "istio", "two-sites", "session-shards",
-              "session-shards-self-signed"]
-CERT_MANAGER = ["default", "external-etcd", "istio", "two-sites", "session-shards"]
+IN_CLUSTER = ["default", "self-signed", "istio", "istio-endpoints", "two-sites",
+              "session-shards", "session-shards-self-signed"]
+CERT_MANAGER = ["default", "external-etcd", "istio", "istio-endpoints", "two-sites",
+                "session-shards"]
 FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 ETCD_CLIENT_LABEL = "meshxl.io/etcd-client"
 
@@ -228,7 +229,9 @@ def test_every_meshxl_pod_talking_to_etcd_mounts_a_client_certificate(
         assert volume["secret"]["defaultMode"] == 0o440, name
         assert workload["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == \
             workload["spec"]["template"]["spec"]["securityContext"]["runAsGroup"], name
-    expected = {"meshxl-xds"} if overlay != "istio" else {"meshxl-istio-label"}
+    expected = {"istio": {"meshxl-istio-label"},
+                "istio-endpoints": {"meshxl-xds", "meshxl-istio-label"}}.get(overlay,
+                                                                             {"meshxl-xds"})
     assert set(talking) == expected
 
 

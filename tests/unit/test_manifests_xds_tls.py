@@ -1,5 +1,6 @@
 """deploy/kubernetes: the control plane serves ADS over mutual TLS with the node id
-bound to the Envoy's certificate in every overlay that runs it, and the injected
+bound to the Envoy's certificate in every overlay that runs it for meshxl's Envoys
+(istio-endpoints serves Istio's sidecars in plain text: test_manifests), and the injected
 Envoys get a certificate it accepts for their own namespace only. Rendered with
 `kubectl kustomize` (as test_manifests), the self-signed certificates made by the
 documented `make-certs.sh shop payments`; the cert-manager Certificate and the copy
@@ -141,8 +142,9 @@ def test_injected_envoy_mounts_its_namespace_certificate(overlay: str, render: A
     assert volume["secret"]["secretName"] == "meshxl-envoy-xds"
 
 
-def test_istio_overlay_has_no_xds_certificates(render: Any) -> None:
-    docs = render("istio")
+@pytest.mark.parametrize("overlay", ["istio", "istio-endpoints"])
+def test_istio_overlay_has_no_xds_certificates(overlay: str, render: Any) -> None:
+    docs = render(overlay)
     names = {d["metadata"]["name"] for d in docs
              if d["kind"] in ("Certificate", "Issuer", "Secret")}
     assert not {n for n in names if n.startswith("meshxl-xds")}, names
@@ -243,4 +245,4 @@ def test_documented_copy_of_the_envoy_secret(tree: Path, tmp_path: Path) -> None
 
 
 def test_every_overlay_is_considered() -> None:
-    assert set(SERVING) | {"istio"} == set(OVERLAYS)
+    assert set(SERVING) | {"istio", "istio-endpoints"} == set(OVERLAYS)
