@@ -62,8 +62,8 @@ from .plans import JSON, check_session_id, encode_state
 from .sync import Client
 
 __all__ = ["SCOPE_KEY", "SESSION", "RequestSession", "SessionMiddleware",
-           "aiohttp_middleware", "cluster_from_host", "load", "load_sync", "save",
-           "save_sync"]
+           "aiohttp_middleware", "cluster_from_host", "load", "load_sync",
+           "over_quota_body", "save", "save_sync"]
 
 MAX_CLUSTER_CLIENTS = 1024
 """Clients of clusters kept by a middleware given ``cluster`` (a request may name any)."""
@@ -169,11 +169,16 @@ def _failure(exc: SidecarError, session_id: str) -> tuple[int, dict[str, Any]]:
                               f"({exc.message}); send the request again",
                      "status": 409, "session": session_id}
     if isinstance(exc, OverQuota):  # the tenant's own limit: no other member helps
-        return 429, {"error": f"session state over quota: {exc.message}", "status": 429,
-                     "session": session_id, **{k: v for k, v in exc.details.items()
-                                               if k in ("quota", "limit", "retry_after")}}
+        return 429, {**over_quota_body(exc), "session": session_id}
     return 503, {"error": f"session state unavailable: {exc}", "status": 503,
                  "session": session_id}
+
+
+def over_quota_body(exc: OverQuota) -> dict[str, Any]:
+    """The JSON body of an application's 429 passing the sidecar's quota refusal on:
+    its message, and the sidecar's ``quota``, ``limit`` and ``retry_after``."""
+    return {"error": f"session state over quota: {exc.message}", "status": 429,
+            **{k: v for k, v in exc.details.items() if k in ("quota", "limit", "retry_after")}}
 
 
 def _session_id(header_value: str | None, cookie_value: str | None) -> str | None:

@@ -68,7 +68,7 @@ from meshxl.client import (
     NotFound,
     OverQuota,
 )
-from meshxl.client.middleware import cluster_from_host
+from meshxl.client.middleware import cluster_from_host, over_quota_body
 from meshxl.client.plans import check_session_id
 from meshxl.demo.faults import FaultFile, Faults
 from meshxl.demo.signals import until_stopped
@@ -117,12 +117,6 @@ def _answer(status: int, body: dict[str, Any], member: str,
 def _error(status: int, message: str, member: str, **extra: Any) -> web.Response:
     return _answer(status, {"error": message, "status": status, "member": member, **extra},
                    member)
-
-
-def _over_quota(exc: OverQuota) -> dict[str, Any]:
-    """The sidecar's refusal passed on: its message, quota, limit and wait."""
-    return {"error": f"session state over quota: {exc.message}", "status": 429,
-            **{k: v for k, v in exc.details.items() if k in ("quota", "limit", "retry_after")}}
 
 
 def _seq(session: str, state: Any) -> int:
@@ -201,7 +195,7 @@ async def _counter(request: web.Request, *, increment: bool) -> web.Response:
     except Conflict as exc:  # ownership lost: another member wrote the session since
         return _error(409, str(exc), member, session=session)
     except OverQuota as exc:  # the tenant's own limit: no other member helps
-        return _answer(429, {**_over_quota(exc), "member": member, "session": session},
+        return _answer(429, {**over_quota_body(exc), "member": member, "session": session},
                        member, {"Retry-After": exc.retry_after_header})
     except (MeshxlError, _NoCounter) as exc:  # sidecar 5xx, unreachable, refused
         return _error(503, str(exc), member, session=session)
@@ -250,7 +244,7 @@ async def counter_ws(request: web.Request) -> web.StreamResponse:
                 except NotFound:
                     seq = 0
         except OverQuota as exc:  # the socket stays: the next message may be in quota
-            await ws.send_json({**_over_quota(exc), "member": member, "session": session})
+            await ws.send_json({**over_quota_body(exc), "member": member, "session": session})
             continue
         except (MeshxlError, _NoCounter) as exc:
             await ws.send_json({"error": str(exc), "member": member, "session": session})
