@@ -130,6 +130,16 @@ def failure_kinds(records: Iterable[Record]) -> dict[str, int]:
     return dict(kinds)
 
 
+def failure_examples(failed: Sequence[Record], started: float,
+                     limit: int = 10) -> list[dict[str, Any]]:
+    """The first ``limit`` failed requests as they were answered: when (seconds into
+    the run), which session, the status, the member that answered if it said so, and
+    the answer's first bytes or the client's error (who refused: Envoy or a member)."""
+    return [{"at_s": round(r.sent - started, 3), "took_ms": round((r.ended - r.sent) * 1e3, 1),
+             "session": r.session, "status": r.status, "member": r.member, "answer": r.error}
+            for r in sorted(failed, key=lambda r: r.sent)[:limit]]
+
+
 def _root(span: Any) -> bool:
     return not span.parent_span_id
 
@@ -257,6 +267,7 @@ def build_report(records: Sequence[Record], final: Mapping[str, int | None],
         "duration_s": duration, "started_unix": started,
         "requests": len(posts), "failed_requests": len(failed),
         "failures": failure_kinds(posts),
+        "failure_examples": failure_examples(failed, started),
         "acknowledged_writes": sum(1 for r in posts if r.ok),
         "lost_writes": sum(lost.values()), "lost_sessions": lost,
         "sessions_read_back": sum(1 for v in final.values() if v is not None),
@@ -344,5 +355,5 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
 
 __all__ = ["FailoverTimes", "Record", "build_report", "busiest_member", "causal_violations",
            "distribution", "envoy_retry_traces", "failover_roots", "failover_times",
-           "failure_kinds", "last_acknowledged", "lost_writes", "member_counts",
+           "failure_examples", "failure_kinds", "last_acknowledged", "lost_writes", "member_counts",
            "print_summary", "recovery_times_ms"]

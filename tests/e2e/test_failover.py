@@ -51,7 +51,7 @@ def test_kill_the_active_member_under_traffic(mode: str, tmp_path: Path) -> None
     # What clients saw.
     for key in FIELDS:
         assert key in report, key
-    assert report["failed_requests"] == 0, (report["failures"], text)
+    assert report["failed_requests"] == 0, (report["failure_examples"], text)
     assert report["lost_writes"] == 0, report["lost_sessions"]
     assert report["sessions_read_back"] == SESSIONS and report["readback_failed"] == 0
     assert report["acknowledged_writes"] == report["requests"] > 100

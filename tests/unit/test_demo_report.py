@@ -116,6 +116,19 @@ def test_busiest_member_and_member_counts() -> None:
     assert demo.failure_kinds(records) == {"HTTP 409": 1}
 
 
+def test_failure_examples_say_who_answered_what_and_when() -> None:
+    refused = Record(T0 + 2, T0 + 2.25, "s2", 503, None, None, "POST", "no healthy upstream")
+    dropped = Record(T0 + 1, T0 + 6, "s1", 0, None, None, "POST", "TimeoutError")
+    conflict = post(3, "s3", "b", None, status=409)
+    examples = demo.failure_examples([refused, conflict, dropped], T0, limit=2)
+    assert examples == [
+        {"at_s": 1.0, "took_ms": 5000.0, "session": "s1", "status": 0, "member": None,
+         "answer": "TimeoutError"},
+        {"at_s": 2.0, "took_ms": 250.0, "session": "s2", "status": 503, "member": None,
+         "answer": "no healthy upstream"},
+    ]
+
+
 def test_failover_times_from_the_killed_members_trace() -> None:
     spans = failover_trace("a") + failover_trace("z", trace_id="e" * 32)
     fo = demo.failover_times(spans, "a")
