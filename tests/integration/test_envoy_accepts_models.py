@@ -205,7 +205,7 @@ def retries(draw: st.DrawFn) -> dict[str, Any]:
                                   unique=True)),
         "per_try_timeout": draw(durations(positive=False)),
         "previous_hosts": draw(st.booleans()),
-        "host_selection_max_attempts": draw(ints(1, 100)),
+        "host_selection_max_attempts": draw(ints(1, 1000)),
         "previous_priorities": draw(st.sampled_from([None, True, False])),
         "backoff_base": base,
         "backoff_max": draw(st.one_of(st.just(base), st.just(MAX_DURATION))),

@@ -354,6 +354,45 @@ async def test_load_sharing_follows_member_weights(
         assert abs(share - expected) <= 0.15 * expected, (name, share, expected, counts)
 
 
+@pytest.mark.parametrize("algorithm", ["maglev", "ring_hash"])
+async def test_retries_leave_a_dead_member_whatever_the_sessions_hash(
+    algorithm, tmp_path, start_control_plane, start_envoy, start_backends
+):
+    # A member dies and, until its health check or an ejection removes it, stays among
+    # Envoy's hosts (here neither comes within the test). Every request hashed to it
+    # must be retried on another member. Envoy's re-picks on a consistent hash are
+    # fixed by the session's hash (maglev: the hash's low bits flipped, ring hash: the
+    # next ring entries), so a session whose re-picks all land on the dead member fails
+    # every retry. The heavy member (6:1:1) holds 75 % of the table: with 5 re-picks,
+    # 0.75^5 = 24 % of its sessions failed (and 0.4 % at 1:1:1, one demo kill in 25).
+    heavy, b, c = await start_backends(["heavy", "b", "c"])
+    weights = {heavy.name: 600, b.name: 100, c.name: 100}
+    (lport,) = free_ports(1)
+    spec = cluster(
+        "shop",
+        "load-sharing",
+        [member(x, weight=weights[x.name]) for x in (heavy, b, c)],
+        lport,
+        stickiness={"header": "x-session-id", "algorithm": algorithm},
+        health_check={"path": "/healthz", "interval": "60s", "no_traffic_interval": "60s"},
+        outlier_detection={"enabled": False},
+    )
+    _, envoy = await start_stack(tmp_path, start_control_plane, start_envoy, spec)
+    url = f"http://{LOOPBACK}:{lport}/"
+    before = await drive(url, 400, 1, concurrency=16, max_seconds=20)
+    assert not failures(before) and served(before)[heavy.name] > 200, served(before)
+
+    await heavy.kill9()
+    res = await drive(url, 2000, 1, concurrency=16, max_seconds=30)
+    assert len(res) == 2000
+    bad = failures(res)
+    assert not bad, f"{len(bad)} of {len(res)} sessions failed, e.g. {bad[:3]}"
+    assert set(served(res)) == {b.name, c.name}, served(res)
+    # The retries did it: Envoy still takes the dead member for healthy.
+    (dead,) = [h for h in await envoy.hosts("shop") if h.port == heavy.port]
+    assert dead.healthy
+
+
 # -- 4. high availability ----------------------------------------------------------------------
 
 

@@ -318,7 +318,7 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
         "num_retries": 3,
         "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
         "per_try_timeout": "2s",
-        "host_selection_retry_max_attempts": 5,
+        "host_selection_retry_max_attempts": 100,
         "retry_priority": {
             "name": "envoy.retry_priorities.previous_priorities",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority."

@@ -491,7 +491,7 @@ def test_retry_policy_defaults_in_ha() -> None:
     assert pred.name == "envoy.retry_host_predicates.previous_hosts"
     assert pred.typed_config.type_url.endswith("PreviousHostsPredicate")
     # A consistent hash would pick the same dead member again without re-picks.
-    assert rp.host_selection_retry_max_attempts == 5
+    assert rp.host_selection_retry_max_attempts == 100
     assert rp.retry_priority.name == "envoy.retry_priorities.previous_priorities"
     cfg = previous_priorities_config_pb2.PreviousPrioritiesConfig()
     assert rp.retry_priority.typed_config.Unpack(cfg)
