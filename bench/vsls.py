@@ -2,9 +2,10 @@
 control plane and Envoy, under sticky load with state.
 
 Run: ``.venv/bin/python bench/vsls.py [--quick] [--replication all] [--flood-rounds N]
-[--writes-burst N] [--output FILE]``
+[--writes-burst N] [--quota-wps N] [--output FILE]``
 (``BENCH_QUICK=1``: quick, 12 VSs and short windows, no results file; ``--writes-burst``:
-every VS's ``sessions.quota.writes_burst``, else the model's default). docs/vsls.md,
+every VS's ``sessions.quota.writes_burst``, else the model's default; ``--quota-wps``:
+every VS's ``sessions.quota.writes_per_second``, default 40). docs/vsls.md,
 "Measured", reads it.
 
 The bed (``bench/vsls_bed.py``): etcd, ``meshxl serve xds``, one Envoy, four pool
@@ -180,9 +181,9 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
         roles = roles_of(report)
         weights = {v["name"]: v["weight"] for v in report["virtual_systems"]}
         members = [m["name"] for m in report["pools"][0]["members"]]
-        start, checks = time.time(), await bed.health_checks()
+        start, checked = time.time(), await bed.health_checks()
         await asyncio.sleep(plan.steady)
-        checks = (await bed.health_checks() - checks) / (time.time() - start)
+        checks = (await bed.health_checks() - checked) / (time.time() - start)
         served = served_by(traffic.records, start + plan.interval * 2, time.time())
         steady = [(r.ended - r.sent) * 1000 for r in traffic.records
                   if r.ok and r.write and start <= r.sent < start + plan.steady]
@@ -404,6 +405,16 @@ def _rounds(text: str) -> int:
     return value
 
 
+def _quota(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate from 1 to 1000 writes a second")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -416,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flood-rounds", type=_rounds, metavar="N",
                         help="rounds of the flood part's three windows, 1 to 200 "
                              "(default: 24; quick: 2)")
+    parser.add_argument("--quota-wps", type=_quota, metavar="N",
+                        help="every VS's sessions.quota.writes_per_second, the rate the "
+                             "flooding tenant is held to, 1 to 1000 (default: 40)")
     parser.add_argument("--writes-burst", type=int, metavar="N",
                         help="every VS's sessions.quota.writes_burst (default: the model's, "
                              "one second's worth of its writes_per_second)")
@@ -425,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                replication=args.replication)
     if args.flood_rounds is not None:
         plan = dataclasses.replace(plan, flood_rounds=args.flood_rounds)
+    if args.quota_wps is not None:
+        plan = dataclasses.replace(plan, quota_wps=args.quota_wps)
     span = FLOODER_START + plan.flood_rounds * len(KINDS) * plan.flood
     if span > MAX_SPAN:
         parser.error(f"--flood-rounds {plan.flood_rounds}: the flood part would last "

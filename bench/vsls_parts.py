@@ -226,6 +226,9 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
                                     for name, only in (("all", None), ("member", on_member))}}
                   for kind, s, e in windows]
     seconds = rounds * window
+    # The other tenants' acknowledged writes a second in the quiet windows: the pool's
+    # write load the flooder's quota is a share of.
+    others_wps = round(every["quiet"]["n"] / seconds, 1)
     accepted = {kind: sum(n for st, n in statuses[kind].items() if 200 <= st < 300)
                 for kind in statuses}
     refused = (None if refused_after is None or refused_before is None
@@ -234,7 +237,9 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
     ratio, same = _ratio(mid, "flood"), _ratio(mid_near, "flood")
     flood = statuses["flood"]
     return {"flooder": flooder, "flooder_active": active, "quota_wps": quota,
-            "others_interval_s": interval, "writers": FLOOD_WRITERS,
+            "others_interval_s": interval, "others_writes_per_s": others_wps,
+            "quota_share_of_others": round(quota / others_wps, 3) if others_wps else None,
+            "writers": FLOOD_WRITERS,
             "flooder_process": "its own; flood: no pause, Retry-After ignored",
             "windows": {"rounds": rounds, "seconds": window, "kinds": list(KINDS)},
             "statuses": statuses,
@@ -261,7 +266,8 @@ async def flood_part(bed: Bed, traffic: Load, window: float, rounds: int, quota:
                          f"({round(accepted['flood'] / seconds, 1)}/s, quota "
                          f"{quota}/s, burst {bed.quota_burst or quota}), "
                          f"{flood.get(429, 0)} refused 429 "
-                         f"({round(flood.get(429, 0) / seconds)}/s)"}
+                         f"({round(flood.get(429, 0) / seconds)}/s); the other tenants "
+                         f"{others_wps} writes/s"}
 
 
 async def auth_part(owner: Owner, vss: Sequence[str]) -> dict[str, Any]:
