@@ -224,6 +224,8 @@ class Rec:
     member: str | None
     seq: int | None
     write: bool
+    error: str = ""
+    """A failed request's answer (its first bytes) or the client's error."""
 
     @property
     def ok(self) -> bool:
@@ -246,9 +248,11 @@ async def ask(http: aiohttp.ClientSession, url: str, vs: str, session: str, *,
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     seq = int(json.loads(body)["seq"])
             return Rec(vs, session, sent, time.time(), resp.status,
-                       resp.headers.get(hdr.MEMBER), seq, method == "POST")
-    except (aiohttp.ClientError, TimeoutError):
-        return Rec(vs, session, sent, time.time(), 0, None, None, method == "POST")
+                       resp.headers.get(hdr.MEMBER), seq, method == "POST",
+                       "" if resp.status == 200 else body[:160].decode(errors="replace"))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Rec(vs, session, sent, time.time(), 0, None, None, method == "POST",
+                   f"{type(exc).__name__}: {exc}"[:160])
 
 
 class Load:

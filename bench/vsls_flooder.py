@@ -41,10 +41,13 @@ async def flood(url: str, vs: str, writers: int,
             await asyncio.sleep(max(0.0, start - time.time()))
             statuses: dict[str, int] = {}
 
-            async def writer(k: int, end: float = end, rate: float | None = rate,
+            async def writer(k: int, start: float = start, end: float = end,
+                             rate: float | None = rate,
                              statuses: dict[str, int] = statuses) -> None:
                 n = 0
-                at = time.time() + (k / rate if rate else 0.0)
+                # Paced from the window's start, not from this writer's first turn: a
+                # writer that starts late catches up, so the window carries its rate.
+                at = start + (k / rate if rate else 0.0)
                 while time.time() < end and n < MAX_PER_WRITER:
                     n += 1
                     if rate:  # the writers together at ``rate``, each its turn
