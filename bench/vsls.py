@@ -49,7 +49,7 @@ import dataclasses
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -413,24 +413,22 @@ def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> Non
     print_verdicts("virtual systems", verdict_list)
 
 
-def _rounds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 200:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rounds from 1 to 200")
-    return value
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else an error naming
+    ``what`` it should be."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} from {low} to {high}")
+        return value
+    return parse
 
 
-def _quota(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate from 1 to 1000 writes a second")
-    return value
+_rounds = _whole(1, 200, "a number of rounds")
+_quota = _whole(1, 1000, "a rate in writes a second")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
