@@ -328,19 +328,25 @@ async def test_sticky_sessions_by_header_and_by_envoy_cookie(
 # -- 3. weights ------------------------------------------------------------------------------
 
 
+def weighted_shop(
+    backends: Sequence[Backend], weights: dict[str, int], port: int, **fields: Any
+) -> dict[str, Any]:
+    """A load-sharing cluster ``shop`` of ``backends`` at ``weights`` (by name), sticky
+    on ``x-session-id`` unless ``fields`` say otherwise."""
+    fields.setdefault("stickiness", {"header": "x-session-id"})
+    return cluster(
+        "shop", "load-sharing", [member(x, weight=weights[x.name]) for x in backends],
+        port, **fields,
+    )
+
+
 async def test_load_sharing_follows_member_weights(
     tmp_path, start_control_plane, start_envoy, start_backends
 ):
     a, b, c = await start_backends(3)
     weights = {a.name: 100, b.name: 100, c.name: 200}
     (lport,) = free_ports(1)
-    spec = cluster(
-        "shop",
-        "load-sharing",
-        [member(x, weight=weights[x.name]) for x in (a, b, c)],
-        lport,
-        stickiness={"header": "x-session-id"},
-    )
+    spec = weighted_shop((a, b, c), weights, lport)
     await start_stack(tmp_path, start_control_plane, start_envoy, spec)
 
     res = await drive(f"http://{LOOPBACK}:{lport}/", 3000, 1, concurrency=16, max_seconds=30)
@@ -368,11 +374,8 @@ async def test_retries_leave_a_dead_member_whatever_the_sessions_hash(
     heavy, b, c = await start_backends(["heavy", "b", "c"])
     weights = {heavy.name: 600, b.name: 100, c.name: 100}
     (lport,) = free_ports(1)
-    spec = cluster(
-        "shop",
-        "load-sharing",
-        [member(x, weight=weights[x.name]) for x in (heavy, b, c)],
-        lport,
+    spec = weighted_shop(
+        (heavy, b, c), weights, lport,
         stickiness={"header": "x-session-id", "algorithm": algorithm},
         health_check={"path": "/healthz", "interval": "60s", "no_traffic_interval": "60s"},
         outlier_detection={"enabled": False},
