@@ -8,17 +8,18 @@ Two steps, both functions of the model and the set of live members only, so ever
 control-plane replica computes the same placement and a recompilation never moves a
 role:
 
-1. :func:`base_placement`: the pool as listed, every member live, built member by
-   member in the pool's order. The first member holds every active role; each next
-   one takes its fair share of active roles (VS weight x its capacity / the capacity
-   so far) from the members furthest above theirs, choosing the VSs whose rendezvous
-   (HRW) score on it is highest; then its fair share of each active holder's standbys
-   (standbys go to members on another site than their active's when there are any,
-   else to any other member, in proportion to capacity), and what is left of the join's
-   budget (:func:`join_budget`: at most ``BALANCE`` x its share of standbys, and with
-   its active moves ``BALANCE`` x its ideal share of roles) moves single standbys
-   towards the balance. So a member appended to the pool moves at most about its ideal
-   share of roles, beyond the standbys the site rule sends across.
+1. :func:`base_placement`: the pool as listed, every member live, built member by member
+   in the pool's order. The first member holds every active role; each next one takes
+   its fair share of active roles (VS weight x its capacity / the capacity so far) from
+   the members furthest above theirs, choosing the VSs whose rendezvous (HRW) score on
+   it is highest, and at most ``BALANCE`` x that share; then its fair share of each
+   active holder's standbys (standbys go to members on another site than their active's
+   when there are any, else to any other member, in proportion to capacity), and what is
+   left of the join's budget (:func:`join_budget`: at most ``BALANCE`` x its share of
+   standbys, and with its active moves ``BALANCE`` x its ideal share of roles) moves
+   single standbys towards the balance. So a member appended to the pool moves at most
+   about its ideal share of roles (of the pool's weight), beyond the standbys the site
+   rule sends across.
 2. :func:`live_placement`: members lost (admin down, site offline) are taken out of
    each VS's order. A VS whose active was lost gets its standby as active; a VS whose
    standby was lost or promoted gets a new standby (another site first, then its HRW
@@ -90,29 +91,35 @@ def score(pool: str, vs: str, member: PoolMember) -> float:
 
 
 def _take(new: str, held: dict[str, list[str]], load: dict[str, float],
-          fair: Mapping[str, float], weight: Mapping[str, int],
-          carry: float = 0.0) -> list[tuple[str, str]]:
-    """The new member takes from the members furthest above their fair share, last VS
-    of each list first (``held``: sorted best-for-``new`` last), while that brings it
-    nearer its own share (plus ``carry``, what it took beyond its share elsewhere) than
-    leaving it. Returns (VS, donor) taken."""
-    taken = []
+          fair: Mapping[str, float], weight: Mapping[str, int]) -> list[tuple[str, str]]:
+    """The new member takes from the members furthest above their fair share (``held``:
+    each one's VSs sorted best-for-``new`` last) while that brings it nearer its own
+    share than leaving it, and at most to ``BALANCE`` x its share (or half the lightest
+    VS beyond it, what whole VSs need): a join moves at most that share of the pool's
+    weight, the load it takes. Each donor's best VS first; when none of those fits (a
+    heavy VS would take it past that bound), the next best ones. Returns (VS, donor)
+    taken."""
+    bound = max(BALANCE * fair[new], fair[new] + min(weight.values()) / 2) + 1e-9
+
+    def fits(w: int) -> bool:
+        after = load[new] + w
+        return abs(after - fair[new]) < abs(load[new] - fair[new]) and after <= bound
+
+    taken: list[tuple[str, str]] = []
     while True:
         donors = sorted((m for m in held if m != new and held[m]
                          and load[m] > fair[m] + 1e-9),
                         key=lambda m: (-load[m] / fair[m], m))
-        for donor in donors:
-            vs = held[donor][-1]
-            w = weight[vs]
-            if abs(load[new] + w - fair[new] + carry) >= abs(load[new] - fair[new] + carry):
-                continue
-            held[donor].pop()
-            load[donor] -= w
-            load[new] += w
-            taken.append((vs, donor))
-            break
-        else:
+        picks = ((donor, vs) for deep in (False, True) for donor in donors
+                 for vs in (reversed(held[donor]) if deep else held[donor][-1:]))
+        pick = next(((donor, vs) for donor, vs in picks if fits(weight[vs])), None)
+        if pick is None:
             return taken
+        donor, vs = pick
+        held[donor].remove(vs)
+        load[donor] -= weight[vs]
+        load[new] += weight[vs]
+        taken.append((vs, donor))
 
 
 def eligible(holder: str, seen: Sequence[PoolMember]) -> list[str]:
