@@ -73,6 +73,8 @@ def _options() -> dict[str, _Opt]:
         "--max-inflight": _Opt("max_inflight", _INT, default=1, low=1, high=256),
         "--max-connections": _Opt("max_connections", _INT, low=16, high=1_000_000,
                                   envvar="MESHXL_STATESYNC_MAX_CONNECTIONS"),
+        "--istio-workload": _Opt("istio_workload", envvar="MESHXL_ISTIO_WORKLOAD"),
+        "--istio-tls-mode": _Opt("istio_tls_mode", envvar="MESHXL_ISTIO_TLS_MODE", default=""),
         "--trace-file": _Opt("trace_file", _FILE),
         "--log-level": _Opt("log_level", default="info"),
     }

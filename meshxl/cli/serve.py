@@ -86,9 +86,13 @@ def serve() -> None:
               show_default=True,
               help="Seconds between resolutions of member addresses that are host names.")
 @click.option("--istio-mtls", is_flag=True,
-              help="Mark every endpoint for Istio's mutual TLS (tlsMode: istio), for "
-                   "Istio sidecars taking their endpoints from meshxl (meshxl istio render "
-                   "--endpoints meshxl) when every member pod has an Istio sidecar.")
+              help="Mark the endpoints as istiod marks pods, for Istio sidecars taking "
+                   "their endpoints from meshxl (meshxl istio render --endpoints meshxl): "
+                   "a member's pod's tls mode and workload, as its sidecar registered "
+                   "them; a member without them gets Istio's mutual TLS (tlsMode: istio).")
+@click.option("--istio-cluster-id", default="Kubernetes", show_default=True,
+              metavar="ID", help="istiod's cluster id (its CLUSTER_ID), in the endpoints' "
+                                 "telemetry metadata (with --istio-mtls).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd_root: str,
@@ -97,7 +101,7 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               credentials_file: Path | None, max_nodes: int, max_nodes_per_credential: int,
               admin: str | None, ui: bool, replica: str | None, debounce: float,
               max_delay: float, dns_interval: float, istio_mtls: bool,
-              trace_file: Path | None, log_level: str) -> None:
+              istio_cluster_id: str, trace_file: Path | None, log_level: str) -> None:
     """The xDS control server (gRPC ADS) for Envoy."""
     import os
 
@@ -117,7 +121,8 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                                     trust_domain=trust_domain, token=token,
                                     credentials=credentials_file, max_nodes=max_nodes,
                                     max_nodes_per_credential=max_nodes_per_credential,
-                                    dns_interval=dns_interval, istio_mtls=istio_mtls)
+                                    dns_interval=dns_interval, istio_mtls=istio_mtls,
+                                    istio_cluster_id=istio_cluster_id)
         if replica:
             config = dataclasses.replace(config, replica=replica)
         config.server_tls()  # the TLS files are usable: fail now, in one line
@@ -193,6 +198,14 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="Client connections of the API at most; at the cap the one stuck "
                    "longest in a slow head or body (else the longest idle) is closed for "
                    "a new one (default: 4096, or the open-file limit less 128).")
+@click.option("--istio-workload", envvar="MESHXL_ISTIO_WORKLOAD",
+              metavar="NAME;NAMESPACE;CANONICAL_NAME;CANONICAL_REVISION",
+              help="Under Istio: the pod's workload as istiod names it, registered for "
+                   "the control plane's EDS (serve xds --istio-mtls; set by the injector).")
+@click.option("--istio-tls-mode", envvar="MESHXL_ISTIO_TLS_MODE", default="",
+              help="Under Istio: the pod's security.istio.io/tlsMode label ('istio': its "
+                   "endpoint takes Istio's mutual TLS; empty: plain text; set by the "
+                   "injector).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
@@ -202,14 +215,16 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     etcd_credentials_dir: Path | None, etcd_root: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
-                    max_inflight: int, max_connections: int | None, trace_file: Path | None,
+                    max_inflight: int, max_connections: int | None,
+                    istio_workload: str | None, istio_tls_mode: str, trace_file: Path | None,
                     log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     serving.serve_statesync(
         clusters, pool, member, app_address, site, weight, listens, socket_mode, token_file,
         etcd_urls, etcd_credentials_dir, etcd_root, session_ttl, sync_delay,
         max_session_bytes, lease_ttl, batch_max_ops, max_inflight, max_connections,
-        trace_file, log_level, etcd_security=etcd_security)
+        trace_file, log_level, etcd_security=etcd_security,
+        istio_workload=istio_workload, istio_tls_mode=istio_tls_mode)
 
 
 @click.command("otlp-receiver")

@@ -82,9 +82,11 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
                     max_inflight: int, max_connections: int | None, trace_file: Path | None,
-                    log_level: str, etcd_security: Callable[[], Any]) -> None:
+                    log_level: str, etcd_security: Callable[[], Any],
+                    istio_workload: str | None = None, istio_tls_mode: str = "") -> None:
     """The session-state sidecar, from ``meshxl serve statesync``'s option values;
-    ``etcd_security``: the etcd TLS and credential settings, built when called."""
+    ``etcd_security``: the etcd TLS and credential settings, built when called;
+    ``istio_workload``, ``istio_tls_mode``: its pod's, under Istio."""
     import os
 
     from meshxl.loops import loop_factory
@@ -106,7 +108,8 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
         batch_max_ops=batch_max_ops, max_inflight=max_inflight,
         max_connections=max_connections, etcd_security=etcd_security(),
         etcd_credentials_dir=etcd_credentials_dir,
-        token=read_token(token_file, dict(os.environ))))
+        token=read_token(token_file, dict(os.environ)),
+        istio_workload=istio_workload or None, istio_tls_mode=istio_tls_mode or ""))
     if pool is None and len(set(clusters)) == 1:  # one cluster: its own entry, if any
         config = checked(lambda: dataclasses.replace(config, etcd_security=cluster_security(
             etcd_credentials_dir, cluster, config.etcd_security)))

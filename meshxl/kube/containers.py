@@ -11,6 +11,7 @@ from typing import Any
 
 from meshxl.addr import parse_hostport
 from meshxl.kube.config import InjectConfig
+from meshxl.kube.istio_pod import istio_env
 
 STATESYNC_CONTAINER = "meshxl-statesync"
 ENVOY_CONTAINER = "meshxl-envoy"
@@ -89,7 +90,10 @@ def _downward_env() -> list[dict[str, Any]]:
 
 
 def statesync_container(config: InjectConfig, cluster: str, site: str | None, weight: int | None,
-               app_port: int, ipv6: bool) -> dict[str, Any]:
+               app_port: int, ipv6: bool,
+               istio_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The statesync sidecar of a pod; ``istio_meta``: the pod's metadata, under Istio
+    (its Istio endpoint metadata goes into its registration: :mod:`.istio_pod`)."""
     pod_ip = f"[$({_ENV_POD_IP})]" if ipv6 else f"$({_ENV_POD_IP})"
     args = ["serve", "statesync", "--cluster", cluster, "--member", f"$({_ENV_MEMBER})",
             "--app", f"{pod_ip}:{app_port}", "--listen", config.statesync_listen,
@@ -112,7 +116,9 @@ def statesync_container(config: InjectConfig, cluster: str, site: str | None, we
         "imagePullPolicy": config.image_pull_policy,
         "command": ["meshxl"],
         "args": args,
-        "env": [*_downward_env(), dict(SIDECAR_OPTIMIZE)],
+        "env": [*_downward_env(), dict(SIDECAR_OPTIMIZE), *(
+            istio_env(istio_meta, pod_name=f"$({_ENV_MEMBER})", namespace=f"$({_ENV_NAMESPACE})")
+            if istio_meta is not None else ())],
         # Native sidecar: started before the app containers, stopped after them.
         "restartPolicy": "Always",
         # /healthz needs no token.

@@ -412,7 +412,8 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
     # Appended after the pod's own init containers: they run first (they may need the
     # network, which under Istio the istio-proxy sidecar provides), then the sidecars
     # start, then the application.
-    init.append(statesync_container(config, cluster, site, weight, app_port, family == "ipv6"))
+    init.append(statesync_container(config, cluster, site, weight, app_port, family == "ipv6",
+                                    istio_meta=meta if proxy == "none" else None))
     volumes: list[str] = []
     if proxy == "envoy":
         init.append(envoy_container(config, cluster))

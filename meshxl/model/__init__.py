@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .document import ModelSpec, Pool, Telemetry, VirtualSystem
     from .load import ModelError, Problem, check_model, load_model, model_warnings, parse_model
-    from .records import AdminAction, Registration
+    from .records import AdminAction, IstioEndpoint, Registration
     from .runtime import ClusterView, MemberState, MemberView, Role, RuntimeState, cluster_view
     from .spec import (
         DEFAULT_SITE,
@@ -39,7 +39,7 @@ _HOMES = {
     "basics": ("DEFAULT_SITE", "ModelError", "Problem", "check_member_address",
                "is_ip_literal"),
     "load": ("check_model", "load_model", "model_warnings", "parse_model"),
-    "records": ("AdminAction", "Registration"),
+    "records": ("AdminAction", "IstioEndpoint", "Registration"),
     "runtime": ("ClusterView", "MemberState", "MemberView", "Role", "RuntimeState", "cluster_view"),
     "spec": ("ClusterSpec", "Cookie", "Failover", "HealthCheck", "Listener", "Member",
              "OutlierDetection", "Overrides", "Pin", "Retries", "Route",
@@ -50,7 +50,7 @@ _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "DEFAULT_SITE", "AdminAction", "ClusterSpec", "ClusterView", "Cookie", "Failover",
-    "HealthCheck",
+    "HealthCheck", "IstioEndpoint",
     "Listener", "Member", "MemberState", "MemberView", "ModelError", "ModelSpec", "Pool",
     "OutlierDetection", "Overrides", "Pin", "Problem", "Registration", "Retries", "Role", "Route",
     "RuntimeState", "SessionSync", "Site", "Stickiness", "Telemetry", "VirtualSystem",

@@ -8,6 +8,7 @@ the spec.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,42 @@ from typing import Any
 from .basics import check_member_address
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
-           "MAX_PRIORITY_LIST", "AdminAction", "Health", "PriorityList",
+           "MAX_PRIORITY_LIST", "AdminAction", "Health", "IstioEndpoint", "PriorityList",
            "Registration"]
+
+
+@dataclass(frozen=True)
+class IstioEndpoint:
+    """What istiod would put on a pod's endpoint, as the member's sidecar read it from
+    its pod (``meshxl serve statesync --istio-workload``, ``--istio-tls-mode``).
+
+    ``tls_mode``: the pod's ``security.istio.io/tlsMode`` label (``istio`` when Istio
+    injected its proxy; empty or ``disabled``: no proxy, plain text). ``workload``:
+    ``NAME;NAMESPACE;CANONICAL_NAME;CANONICAL_REVISION``, istiod's telemetry metadata
+    without the cluster id (the control plane adds its own)."""
+
+    tls_mode: str
+    workload: str
+
+    @classmethod
+    def from_dict(cls, data: Any) -> IstioEndpoint:
+        """Raises ValueError naming a bad field."""
+        if not isinstance(data, Mapping):
+            raise ValueError("registration istio must be an object")
+        tls_mode, workload = data.get("tls_mode", ""), data.get("workload")
+        if not isinstance(tls_mode, str) or not _LABEL_VALUE.fullmatch(tls_mode):
+            raise ValueError(f"registration istio.tls_mode is not a label value: "
+                             f"{str(tls_mode)[:80]!r}")
+        if not isinstance(workload, str) or len(workload) > 1024 \
+                or workload.count(";") != 3 or not workload.split(";", 1)[0] \
+                or any(c in workload for c in "\n\r\0"):
+            raise ValueError("registration istio.workload must be NAME;NAMESPACE;"
+                             f"CANONICAL_NAME;CANONICAL_REVISION, got {str(workload)[:80]!r}")
+        return cls(tls_mode=tls_mode, workload=workload)
+
+
+#: A Kubernetes label value: empty, or up to 63 of [A-Za-z0-9._-], alphanumeric at both ends.
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 
 
 @dataclass(frozen=True)
@@ -40,6 +75,8 @@ class Registration:
     behind: tuple[str, ...] = ()
     """The members that served when it came back: it stays behind them while one of
     them serves."""
+    istio: IstioEndpoint | None = None
+    """Its pod's Istio endpoint metadata, when its sidecar runs under Istio."""
     sync_delay: float = 0.0
     """Its sidecar's ``sync_delay`` when above 0 (``--sync-delay`` or the model's): a
     planned move away from it waits for its acknowledgement (:mod:`.moves`) even when
@@ -78,6 +115,8 @@ class Registration:
             returning=_since(data.get("returning")),
             behind=_names(data.get("returning")),
             sync_delay=_delay(data.get("sync_delay")),
+            istio=IstioEndpoint.from_dict(data["istio"]) if data.get("istio") is not None
+            else None,
         )
 
 

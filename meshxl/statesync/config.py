@@ -14,6 +14,7 @@ from meshxl.addr import parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcd.keys import DEFAULT_ROOT
 from meshxl.model.basics import NAME_PATTERN, check_member_address
+from meshxl.model.records import IstioEndpoint
 
 from .auth import check_exposure, valid_token
 from .credentials import check_credentials_dir
@@ -63,6 +64,19 @@ class StatesyncConfig:
     (credentials.py); clusters without an entry use :attr:`etcd_security`'s."""
     token: str | None = field(default=None, repr=False)
     """Bearer token every API request but the health checks must carry (auth.py)."""
+    istio_workload: str | None = None
+    """``NAME;NAMESPACE;CANONICAL_NAME;CANONICAL_REVISION`` of its pod, under Istio: it
+    and :attr:`istio_tls_mode` go into the registration for the control plane's EDS
+    (``--endpoints meshxl``; :class:`meshxl.model.IstioEndpoint`)."""
+    istio_tls_mode: str = ""
+    """Its pod's ``security.istio.io/tlsMode`` label (empty: no Istio proxy)."""
+
+    @property
+    def istio(self) -> dict[str, str] | None:
+        """The registration's ``istio`` object, None when not under Istio."""
+        if self.istio_workload is None:
+            return None
+        return {"tls_mode": self.istio_tls_mode, "workload": self.istio_workload}
 
     def __post_init__(self) -> None:
         # The names go into etcd keys, every stored record (the owner) and the
@@ -89,5 +103,9 @@ class StatesyncConfig:
             raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
         if self.sync_delay is not None and self.sync_delay < 0:
             raise ValueError(f"sync delay must not be negative, got {self.sync_delay}")
+        if self.istio is not None:
+            IstioEndpoint.from_dict(self.istio)
+        elif self.istio_tls_mode:
+            raise ValueError("an Istio tls mode needs the Istio workload (--istio-workload)")
         if self.max_bytes is not None and not 1 <= self.max_bytes <= 1_048_576:
             raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")

@@ -50,7 +50,7 @@ import logging
 import math
 import os
 import time
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 import aetcd
@@ -63,6 +63,8 @@ from meshxl.model import Registration
 
 from .failback import Rejoin
 from .problems import ProblemLeases, check_ttl
+from .registration import now as _now
+from .registration import registration_document
 
 __all__ = ["MIN_TTL", "Membership", "no_answer", "registration_document"]
 
@@ -89,39 +91,6 @@ def no_answer(exc: BaseException) -> bool:
         rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def registration_document(
-    *, address: str, port: int, site: str | None, weight: int | None, ready: bool,
-    problems: dict[str, dict[str, Any]], sidecar: str, pid: int, since: str, updated: str,
-    overload: dict[str, str] | None = None, returning: dict[str, str] | None = None,
-    shard_map: int | None = None, sync_delay: float = 0.0,
-) -> dict[str, Any]:
-    """The JSON object stored at the member key (read by ``Registration.from_dict``)."""
-    doc: dict[str, Any] = {"address": address, "port": port}
-    if site is not None:
-        doc["site"] = site
-    if weight is not None:
-        doc["weight"] = weight
-    doc.update(
-        ready=ready,
-        problems=sorted(problems),
-        problem_details={name: dict(problems[name]) for name in sorted(problems)},
-        sidecar=sidecar, pid=pid, since=since, updated=updated,
-    )
-    if overload is not None:
-        doc["overload"] = dict(overload)
-    if returning is not None:
-        doc["returning"] = dict(returning)
-    if shard_map is not None:
-        doc["shard_map"] = shard_map  # the version served: an online reshard waits for it
-    if sync_delay > 0:
-        doc["sync_delay"] = sync_delay  # planned moves away from it wait for its flush
-    return doc
-
-
 class Membership:
     """A member's registration in etcd under its own lease: it disappears from Envoy
     when the sidecar dies (lease ends), appears only when ready, and is withdrawn while
@@ -135,7 +104,8 @@ class Membership:
 
     def __init__(self, client: aetcd.Client, keys: Keys, cluster: str, member: str, *,
                  address: str, port: int, site: str | None = None, weight: int | None = None,
-                 ttl: float = 3.0, sidecar: str = "") -> None:
+                 ttl: float = 3.0, sidecar: str = "",
+                 istio: Mapping[str, str] | None = None) -> None:
         if not ttl >= MIN_TTL:  # also rejects NaN
             raise ValueError(
                 f"membership lease ttl must be >= {MIN_TTL:g} s, got {ttl!r}: etcd leases "
@@ -151,6 +121,8 @@ class Membership:
         self.site = site
         self.weight = weight
         self.sidecar = sidecar
+        self.istio = dict(istio) if istio is not None else None
+        """Its pod's Istio endpoint metadata (``tls_mode``, ``workload``), under Istio."""
         self.lease_id: int | None = None
         self.shard_map: int | None = None
         """The session shard map version this sidecar serves (None: not sharded)."""
@@ -231,7 +203,7 @@ class Membership:
             ready=self._ready, problems=self._problems, sidecar=self.sidecar,
             pid=os.getpid(), since=self._since, updated=_now(), overload=self._overload,
             returning=self.rejoin.returning, shard_map=self.shard_map,
-            sync_delay=self.sync_delay)
+            sync_delay=self.sync_delay, istio=self.istio)
 
     # -- lifecycle ---------------------------------------------------------------------
 

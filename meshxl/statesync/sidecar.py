@@ -85,7 +85,7 @@ class Sidecar:
         self.membership = Membership(client, self.keys, config.cluster, config.member,
                                      address=host, port=port, site=config.site,
                                      weight=config.weight, ttl=config.lease_ttl,
-                                     sidecar=config.listen)
+                                     sidecar=config.listen, istio=config.istio)
         self.membership.shard_map = shard_map.version if shard_map is not None else None
         self.membership.sync_delay = settings.sync_delay
         self.metrics.shard_map_version.set(shard_map.version if shard_map is not None else 0)

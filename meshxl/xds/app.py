@@ -97,7 +97,8 @@ class ControlPlane:
         self.file: ModelFileSource | None = None
         self.mesh: EtcdMeshSource[ModelSpec] | None = None
         self.client: aetcd.Client | None = None
-        self.compiler = Compiler(istio_mtls=config.istio_mtls)
+        self.compiler = Compiler(istio_mtls=config.istio_mtls,
+                                 istio_cluster_id=config.istio_cluster_id)
         self.resolver = Resolver(self._changed, interval=config.dns_interval)
         self._dns_inputs: tuple[ModelSpec, frozenset[str]] | None = None
         self.compile_error: str | None = None

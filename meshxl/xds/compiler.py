@@ -18,7 +18,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from google.protobuf.message import Message
 
-from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.model import ClusterSpec, ModelSpec, Registration, RuntimeState, cluster_view
 from meshxl.model.vsls import placed
 from meshxl.xds import types
 from meshxl.xds.alsconfig import http_access_log, measured, tcp_access_log
@@ -33,11 +33,15 @@ from meshxl.xds.resources import (
 )
 from meshxl.xds.warmup import warmed_view
 
-__all__ = ["ISTIO_TLS_MATCH", "Compiler", "Resources", "compile_resources", "istio_mtls"]
+__all__ = ["ISTIO_CLUSTER_ID", "ISTIO_TLS_MATCH", "Compiler", "Resources", "compile_resources",
+           "istio_mtls"]
 
 #: The endpoint metadata key of Istio's transport socket matches (istiod sets
 #: ``tlsMode: istio`` under it for pods with a sidecar).
 ISTIO_TLS_MATCH = "envoy.transport_socket_match"
+#: istiod's cluster id when not configured (``CLUSTER_ID``), the last part of the
+#: endpoints' telemetry metadata (``serve xds --istio-cluster-id``).
+ISTIO_CLUSTER_ID = "Kubernetes"
 
 
 @dataclass
@@ -136,8 +140,10 @@ class Compiler:
     them again. A one-member change thus costs one cluster, not the whole mesh.
     """
 
-    def __init__(self, *, istio_mtls: bool = False) -> None:
+    def __init__(self, *, istio_mtls: bool = False,
+                 istio_cluster_id: str = ISTIO_CLUSTER_ID) -> None:
         self._istio_mtls = istio_mtls
+        self._istio_cluster_id = istio_cluster_id
         self._model: ModelSpec | None = None
         self._static = Resources()
         self._endpoints: dict[tuple[str, str | None],
@@ -184,7 +190,8 @@ class Compiler:
                     view = cluster_view(spec, state, local_site=site)
                     cla = build_load_assignment(warmed_view(view, ramp) if ramp else view,
                                                 resolved, gone)
-                    cached = (inputs, istio_mtls(cla) if self._istio_mtls else cla)
+                    cached = (inputs, istio_mtls(cla, registrations, self._istio_cluster_id)
+                              if self._istio_mtls else cla)
                 memo[(spec.name, site)] = cached
                 if site is None:
                     endpoints[spec.name] = cached[1]
@@ -196,15 +203,30 @@ class Compiler:
                          routes=dict(self._static.routes), zones=zones)
 
 
-def istio_mtls(cla: endpoint_pb2.ClusterLoadAssignment) -> endpoint_pb2.ClusterLoadAssignment:
-    """``cla`` with every endpoint marked as Istio marks a pod with a sidecar: an Istio
-    outbound cluster picks its ``tlsMode-istio`` transport socket (mutual TLS) for an
-    endpoint with this metadata, plain text for one without. Envoys whose clusters have
-    no such match (meshxl's own) ignore it."""
+def istio_mtls(cla: endpoint_pb2.ClusterLoadAssignment,
+               registrations: Mapping[str, Registration] | None = None,
+               cluster_id: str = ISTIO_CLUSTER_ID) -> endpoint_pb2.ClusterLoadAssignment:
+    """``cla`` with its endpoints marked as istiod marks pods: an Istio outbound cluster
+    picks its ``tlsMode-istio`` transport socket (mutual TLS) for an endpoint with the
+    ``tlsMode`` metadata, plain text for one without. A member whose registration says
+    what its pod is (:class:`~meshxl.model.IstioEndpoint`, from its sidecar under Istio)
+    gets its pod's tls mode (none for a pod without an Istio proxy) and istiod's
+    telemetry metadata, ``istio.workload: NAME;NAMESPACE;CANONICAL_NAME;REVISION;CLUSTER``
+    (pilot/pkg/networking/util, ``AppendLbEndpointMetadata``); any other endpoint is
+    marked for mutual TLS. Envoys whose clusters have no such match (meshxl's own)
+    ignore it."""
+    registrations = registrations or {}
     for group in cla.endpoints:
         for endpoint in group.lb_endpoints:
-            match = endpoint.metadata.filter_metadata[ISTIO_TLS_MATCH]
-            match.fields["tlsMode"].string_value = "istio"
+            registration = registrations.get(endpoint.endpoint.hostname)
+            pod = registration.istio if registration is not None else None
+            mode = "istio" if pod is None else pod.tls_mode
+            if mode and mode != "disabled":
+                match = endpoint.metadata.filter_metadata[ISTIO_TLS_MATCH]
+                match.fields["tlsMode"].string_value = mode
+            if pod is not None:
+                istio = endpoint.metadata.filter_metadata["istio"]
+                istio.fields["workload"].string_value = f"{pod.workload};{cluster_id}"
     return cla
 
 

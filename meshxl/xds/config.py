@@ -60,8 +60,10 @@ class ControlPlaneConfig:
     dns_interval: float = DNS_INTERVAL
     """Seconds between resolutions of member addresses that are host names."""
     istio_mtls: bool = False
-    """Mark every endpoint for Istio's mutual TLS (``--istio-mtls``): client sidecars
+    """Mark the endpoints as istiod marks pods (``--istio-mtls``): client sidecars
     taking their endpoints from meshxl (docs/istio.md, "Endpoints from meshxl")."""
+    istio_cluster_id: str = "Kubernetes"
+    """istiod's cluster id, in the endpoints' telemetry metadata (``--istio-cluster-id``)."""
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "--listen")

@@ -115,6 +115,13 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
     ports = {name: every[name] for name in names}
     text = model_text(ports, {"orders-0": 100, "orders-1": 100, "orders-2": 600})
     await apply_model(etcd_client, KEYS, text, "test")
+    # What the members' sidecars register under Istio (serve statesync --istio-workload,
+    # --istio-tls-mode): orders-0's pod has an Istio proxy, orders-1's none; orders-2
+    # registers nothing of Istio (an older sidecar).
+    for name, tls_mode in (("orders-0", "istio"), ("orders-1", "")):
+        value = {"address": "127.0.0.1", "port": ports[name], "ready": True, "problems": [],
+                 "istio": {"tls_mode": tls_mode, "workload": f"{name};shop;orders;v1"}}
+        await etcd_client.put(KEYS.member("orders", name).encode(), json.dumps(value).encode())
     plane = await start_control_plane(etcd=etcd.url, istio_mtls=True)
     rendered = render_model(parse_model(text), IstioOptions(
         namespace=NAMESPACE, ports={"orders": SERVICE_PORT}, endpoints="meshxl",
@@ -164,10 +171,22 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
 
     await weights({"orders-0": 100, "orders-1": 100, "orders-2": 600})
     assert NODE in plane.ads.node_status()
-    # --istio-mtls: every endpoint takes Istio's mutual TLS match, none plain text.
+    # --istio-mtls: each endpoint marked as its pod is: Istio's mutual TLS for the pod
+    # with a proxy and for the member that did not say, plain text for the other; and
+    # istiod's telemetry metadata for those that said.
     prefix = f"cluster.{CLUSTER}"
-    assert await envoy.stat(f"{prefix}.tlsMode-istio.total_match_count") == 3
-    assert await envoy.stat(f"{prefix}.tlsMode-disabled.total_match_count") == 0
+    assert await envoy.stat(f"{prefix}.tlsMode-istio.total_match_count") == 2
+    assert await envoy.stat(f"{prefix}.tlsMode-disabled.total_match_count") == 1
+    dump = await envoy.config_dump(include_eds=True)
+    workloads = {
+        e["endpoint"]["hostname"]: e.get("metadata", {}).get("filter_metadata", {}).get(
+            "istio", {}).get("workload")
+        for section in dump["configs"] if section["@type"].endswith(".EndpointsConfigDump")
+        for c in section.get("dynamic_endpoint_configs", [])
+        for g in c["endpoint_config"].get("endpoints", []) for e in g["lb_endpoints"]}
+    assert workloads == {"orders-0": "orders-0;shop;orders;v1;Kubernetes",
+                         "orders-1": "orders-1;shop;orders;v1;Kubernetes",
+                         "orders-2": None}, workloads
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         seen = await _placement(http, url)
         print(f"\nweights 100/100/600: {dict(seen)}")

@@ -61,8 +61,9 @@ def through_click(args: list[str], env: dict[str, str],
     """What the click command passes on for ``meshxl serve statesync ARGS``."""
     got: dict[str, Any] = {}
 
-    def record(*values: Any, etcd_security: Any) -> None:
+    def record(*values: Any, etcd_security: Any, **istio: Any) -> None:
         got.update(zip(NAMES, values, strict=True))
+        got.update(istio)  # the Istio options, by name
         got["security"] = etcd_security()
 
     monkeypatch.setattr(serving, "serve_statesync", record)
@@ -101,6 +102,11 @@ def test_the_values_are_clicks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
           "MESHXL_ETCD_CREDENTIALS_DIR": str(tmp_path / "absent")}),
         (["--cluster", "web", "--member", "a", "--app", "h:1", "--etcd", "http://e:1"],
          {"MESHXL_ETCD": "http://ignored:2"}),
+        # Under Istio, as the injector runs it (the tls mode label may be absent).
+        (["--cluster", "web", "--member", "a", "--app", "h:1"],
+         {"MESHXL_ISTIO_WORKLOAD": "web;shop;web;v1", "MESHXL_ISTIO_TLS_MODE": "istio"}),
+        (["--cluster", "web", "--member", "a", "--app", "h:1", "--istio-workload",
+          "web;shop;web;"], {"MESHXL_ISTIO_TLS_MODE": ""}),
     ]
     for args, env in cases:
         for name in [k for k in os.environ if k.startswith("MESHXL_")]:

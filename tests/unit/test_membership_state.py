@@ -6,7 +6,7 @@ import aetcd
 import pytest
 
 from meshxl.etcd.keys import Keys
-from meshxl.model import Registration
+from meshxl.model import IstioEndpoint, Registration
 from meshxl.statesync.membership import Membership, registration_document
 
 
@@ -58,6 +58,16 @@ def test_what_the_control_plane_would_refuse_is_refused_at_construction() -> Non
         membership(weight=0)
     with pytest.raises(ValueError, match="member"):
         Membership(aetcd.Client(), Keys(), "c", "a/b", address="127.0.0.1", port=1)
+    with pytest.raises(ValueError, match="istio.workload"):
+        membership(istio={"tls_mode": "istio", "workload": "web"})
+
+
+def test_the_pods_istio_metadata_is_registered() -> None:
+    istio = {"tls_mode": "istio", "workload": "web;shop;web;v1"}
+    document = membership(istio=istio)._document()
+    assert document["istio"] == istio
+    assert Registration.from_dict(document).istio == IstioEndpoint("istio", "web;shop;web;v1")
+    assert "istio" not in membership()._document()
 
 
 async def test_problems_and_readiness_are_kept_before_registration() -> None:

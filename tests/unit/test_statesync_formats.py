@@ -171,15 +171,20 @@ def test_registration_refuses_what_the_control_plane_refuses(address: str) -> No
        overload=st.none() | st.fixed_dictionaries({
            "detail": st.text(max_size=MAX_PROBLEM_DETAIL).filter(str.isprintable),
            "since": st.just("2026-01-01T00:00:00.000+00:00")}),
-       sync_delay=st.just(0.0) | st.floats(0.001, 86_400.0))
+       sync_delay=st.just(0.0) | st.floats(0.001, 86_400.0),
+       istio=st.none() | st.fixed_dictionaries({
+           "tls_mode": st.sampled_from(["", "istio", "disabled"]),
+           "workload": st.builds(";".join, st.tuples(names, names, names,
+                                                     st.just("") | names))}))
 def test_registration_round_trips(address: str, port: int, site: str | None,
                                   weight: int | None, ready: bool,
                                   problems: dict[str, dict[str, str]],
-                                  overload: dict[str, str] | None, sync_delay: float) -> None:
+                                  overload: dict[str, str] | None, sync_delay: float,
+                                  istio: dict[str, str] | None) -> None:
     doc = registration_document(address=address, port=port, site=site, weight=weight,
                                 ready=ready, problems=problems, sidecar="127.0.0.1:7070",
                                 pid=1, since="s", updated="u", overload=overload,
-                                sync_delay=sync_delay)
+                                sync_delay=sync_delay, istio=istio)
     raw = json.dumps(doc, sort_keys=True).encode()
     back = json.loads(raw)
     assert back == doc and back["problem_details"] == problems
@@ -189,6 +194,7 @@ def test_registration_round_trips(address: str, port: int, site: str | None,
     assert reg.problems == tuple(sorted(problems))
     assert reg.overloaded is (overload is not None)
     assert reg.sync_delay == sync_delay and ("sync_delay" in doc) is (sync_delay > 0)
+    assert (None if reg.istio is None else vars(reg.istio)) == istio
     assert len(raw) < 200_000  # far below etcd's request limit, even at the bounds
 
 
