@@ -34,13 +34,13 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshxl.addr import grpc_target, parse_hostport
+from meshxl.addr import grpc_target, is_ip, parse_hostport
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec
 
 __all__ = ["CA_CONFIG_MAP", "ENDPOINT_SOURCES", "EndpointSource", "ISTIO_OUTPUT_CERTS",
            "SERVER_CA", "SERVER_NAMES", "STAT_PREFIX", "XdsClientTls", "eds_patch",
-           "source_warnings", "xds_target"]
+           "source_warnings", "xds_destination_rule", "xds_target"]
 
 EndpointSource = Literal["istiod", "meshxl"]
 ENDPOINT_SOURCES: tuple[EndpointSource, ...] = ("istiod", "meshxl")
@@ -149,6 +149,33 @@ def source_warnings(target: str, tls: XdsClientTls | None, filter_namespace: str
                         "they patch needs the client pod annotations (printed at the top), "
                         "or its clusters of meshxl stay empty")
     return warnings
+
+
+def xds_destination_rule(target: str, tls: XdsClientTls, namespace: str,
+                         cluster_domain: str, root_namespace: str) -> dict[str, Any] | None:
+    """The DestinationRule that gives the sidecars' other traffic to meshxl's server,
+    their access logs (Istio's ``envoyHttpAls`` provider, docs/faults.md), the same
+    mutual TLS: istiod builds that cluster, and takes client certificate files in a
+    DestinationRule (istio-agent serves them over SDS, read again when they change).
+    None for an IP address, which names no Service."""
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if is_ip(host):
+        return None
+    if host.endswith(".svc"):
+        host = f"{host}.{cluster_domain}"  # a DestinationRule's dotted host is taken whole
+    spec: dict[str, Any] = {"host": host, "trafficPolicy": {"portLevelSettings": [{
+        "port": {"number": int(port)},
+        "tls": {"mode": "MUTUAL",
+                "clientCertificate": posixpath.join(tls.certs_dir, CERT_CHAIN),
+                "privateKey": posixpath.join(tls.certs_dir, PRIVATE_KEY),
+                "caCertificates": tls.server_ca, "sni": host}}]}}
+    if namespace != root_namespace:
+        spec["exportTo"] = ["."]  # this namespace's sidecars only: those patched
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "meshxl-xds-tls", "namespace": namespace,
+                         "labels": {"app.kubernetes.io/managed-by": "meshxl"}},
+            "spec": spec}
 
 
 def eds_patch(spec: ClusterSpec, target: str,

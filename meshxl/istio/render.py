@@ -57,7 +57,14 @@ from meshxl.model.spec import (
 from meshxl.protowire import type_url
 
 from .durations import duration, proto_duration
-from .endpoints import EndpointSource, XdsClientTls, eds_patch, source_warnings, xds_target
+from .endpoints import (
+    EndpointSource,
+    XdsClientTls,
+    eds_patch,
+    source_warnings,
+    xds_destination_rule,
+    xds_target,
+)
 from .labels import (
     DEFAULT_SITE_LABEL,
     HA_FAILOVER_PRIORITY,
@@ -566,6 +573,11 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
             objects += rendered.objects
             warnings += rendered.warnings
     objects += _render_pools(model, options, warnings)
+    if options.endpoints == "meshxl" and options.xds_tls is not None:
+        objects += filter(None, [xds_destination_rule(
+            xds_target(options.xds_address), options.xds_tls,
+            options.filter_namespace or options.namespace, options.cluster_domain,
+            options.root_namespace)])
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"

@@ -148,6 +148,17 @@ def test_xds_tls_presents_the_istio_certificate_and_checks_meshxls_server() -> N
     assert rendered.warnings == []
     for obj in rendered.objects:
         check_crd(obj)
+    # The sidecars' other traffic to the server (Istio's access log provider) in the
+    # same mutual TLS, through istiod's cluster: a DestinationRule of file certificates.
+    xds_rule = rendered.objects[-1]
+    assert xds_rule["metadata"]["name"] == "meshxl-xds-tls"
+    assert xds_rule["metadata"]["namespace"] == "shop"
+    host = "meshxl-xds.meshxl-system.svc.cluster.local"  # the FQDN: dotted hosts are whole
+    assert xds_rule["spec"] == {"host": host, "exportTo": ["."], "trafficPolicy": {
+        "portLevelSettings": [{"port": {"number": 18000}, "tls": {
+            "mode": "MUTUAL", "clientCertificate": "/etc/istio-output-certs/cert-chain.pem",
+            "privateKey": "/etc/istio-output-certs/key.pem",
+            "caCertificates": "/etc/meshxl-xds-ca/ca.crt", "sni": host}}]}}
     value = _cluster_patch(rendered.objects)["patch"]["value"]
     (grpc_service,) = value["eds_cluster_config"]["eds_config"]["api_config_source"][
         "grpc_services"]
@@ -166,7 +177,10 @@ def test_xds_tls_presents_the_istio_certificate_and_checks_meshxls_server() -> N
     wide = IstioOptions(namespace="shop", endpoints="meshxl", xds_address="10.0.0.9:18000",
                         filter_namespace="istio-system", client_selector={"app": "web"},
                         xds_tls=XdsClientTls())
-    warnings = render_model(parse_model(MODELS["LS_COOKIE"]), wide).warnings
+    wide_rendered = render_model(parse_model(MODELS["LS_COOKIE"]), wide)
+    warnings = wide_rendered.warnings
+    # No DestinationRule names an IP address.
+    assert [o["kind"] for o in wide_rendered.objects] == ["DestinationRule", "EnvoyFilter"]
     assert len(warnings) == 2
     assert "checks the server's certificate against '10.0.0.9'" in warnings[0]
     assert "root namespace" in warnings[1]
