@@ -268,3 +268,11 @@ def test_check_asks_no_role_labels_of_a_cluster_whose_endpoints_are_meshxls() ->
     objects = [*render_model(parse_model(MODELS["HA_ONE_SITE"]), istiod).objects, service, pod]
     assert [f.level for f in check(parse_model(MODELS["HA_ONE_SITE"]), objects, istiod,
                                    istio_version=(1, 27))] == ["error"]
+
+
+def test_documented_client_pod_annotations_are_the_rendered_ones() -> None:
+    """docs/istio.md, "Authentication": the annotations users copy are render's."""
+    text = (REPO / "docs" / "istio.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml")[1:]]
+    (block,) = [b for b in blocks if "OUTPUT_CERTS" in b]
+    assert yaml.safe_load(block) == XdsClientTls().pod_annotations()
