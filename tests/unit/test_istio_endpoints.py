@@ -276,3 +276,40 @@ def test_documented_client_pod_annotations_are_the_rendered_ones() -> None:
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml")[1:]]
     (block,) = [b for b in blocks if "OUTPUT_CERTS" in b]
     assert yaml.safe_load(block) == XdsClientTls().pod_annotations()
+
+
+def test_check_finds_client_pods_without_the_certificate_files() -> None:
+    """A pod the --xds-tls EnvoyFilter patches needs OUTPUT_CERTS and the mounts, or its
+    Envoy refuses the cluster: meshxl istio check says which."""
+    model = parse_model(MODELS["LS_COOKIE"])
+    options = IstioOptions(namespace="shop", endpoints="meshxl",
+                           xds_address="meshxl-xds.meshxl-system.svc:18000",
+                           xds_tls=XdsClientTls())
+    service = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "cart", "namespace": "shop"},
+               "spec": {"ports": [{"name": "http", "port": 9090}]}}
+
+    def pod(name: str, annotations: dict[str, str], **labels: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": name, "namespace": "shop", "labels": labels,
+            "annotations": annotations}}
+    ready = XdsClientTls().pod_annotations()
+    no_ca = {**ready, "sidecar.istio.io/userVolumeMount":
+             '[{"name":"istio-output-certs","mountPath":"/etc/istio-output-certs"}]'}
+    no_output = {k: v for k, v in ready.items() if k != "proxy.istio.io/config"}
+    objects = [*render_model(model, options).objects, service, pod("web-1", ready),
+               pod("web-2", no_ca), pod("web-3", no_output),
+               pod("batch", {}, **{"sidecar.istio.io/inject": "false"})]
+    findings = check(model, objects, options, istio_version=(1, 27))
+    assert [(f.level, f.object) for f in findings] == [
+        ("error", "EnvoyFilter shop/meshxl-shop-cart")]
+    message = findings[0].message
+    assert "pod web-2, web-3 lacks" in message and "web-1" not in message
+    assert "mounts nothing at /etc/meshxl-xds-ca" in message
+    # Every pod ready, or the EnvoyFilter without TLS files: nothing to say.
+    objects = [*render_model(model, options).objects, service, pod("web-1", ready)]
+    assert check(model, objects, options, istio_version=(1, 27)) == []
+    plain = IstioOptions(namespace="shop", endpoints="meshxl",
+                         xds_address="meshxl-xds.meshxl-system.svc:18000")
+    objects = [*render_model(model, plain).objects, service, pod("web-2", {})]
+    assert check(model, objects, plain, istio_version=(1, 27)) == []
