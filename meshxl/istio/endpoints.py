@@ -156,7 +156,7 @@ def xds_destination_rule(target: str, tls: XdsClientTls, namespace: str,
     """The DestinationRule that gives the sidecars' other traffic to meshxl's server,
     their access logs (Istio's ``envoyHttpAls`` provider, docs/faults.md), the same
     mutual TLS: istiod builds that cluster, and takes client certificate files in a
-    DestinationRule (istio-agent serves them over SDS, read again when they change).
+    DestinationRule (istio-agent serves them over SDS).
     None for an IP address, which names no Service."""
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
