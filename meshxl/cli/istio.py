@@ -76,19 +76,38 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
                    "shares and priorities as meshxl's own Envoys get them).")
 @click.option("--xds-address", metavar="HOST:PORT",
               help="meshxl's xDS Service, as client sidecars reach it (--endpoints meshxl).")
+@click.option("--xds-tls", is_flag=True,
+              help="The sidecars' EDS streams over mutual TLS: they present their Istio "
+                   "certificate (files istio-agent writes, OUTPUT_CERTS) and verify "
+                   "meshxl's server; the client pods' annotations are printed at the top.")
+@click.option("--xds-certs-dir", metavar="DIR",
+              help="Where istio-agent writes the workload certificate in the istio-proxy "
+                   "container (--xds-tls) [default: /etc/istio-output-certs]")
+@click.option("--xds-ca", metavar="FILE",
+              help="The CA of meshxl's server certificate in the istio-proxy container "
+                   "(--xds-tls), from the ConfigMap meshxl-xds-ca [default: "
+                   "/etc/meshxl-xds-ca/ca.crt]; DIR/root-cert.pem: Istio's root signed it.")
 def render_command(file: Path, namespace: str, cluster_domain: str, root_namespace: str,
                    ports: tuple[str, ...], services_file: Path | None,
                    filter_namespace: str | None, client_selector: tuple[str, ...],
                    site_label: str, site_failover: str, endpoints: str,
-                   xds_address: str | None) -> None:
+                   xds_address: str | None, xds_tls: bool, xds_certs_dir: str | None,
+                   xds_ca: str | None) -> None:
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
     from meshxl.istio.check import load_objects
+    from meshxl.istio.endpoints import ISTIO_OUTPUT_CERTS, SERVER_CA, XdsClientTls
     from meshxl.istio.render import IstioOptions, render_model
 
     if xds_address is not None and endpoints != "meshxl":
         fail("--xds-address goes with --endpoints meshxl")
+    if xds_tls and endpoints != "meshxl":
+        fail("--xds-tls goes with --endpoints meshxl (istiod's own EDS needs no meshxl TLS)")
+    if (xds_certs_dir is not None or xds_ca is not None) and not xds_tls:
+        fail("--xds-certs-dir and --xds-ca go with --xds-tls")
+    tls = checked(lambda: XdsClientTls(certs_dir=xds_certs_dir or ISTIO_OUTPUT_CERTS,
+                                       server_ca=xds_ca or SERVER_CA)) if xds_tls else None
     model = _load(file)
     services: dict[str, Any] = {}
     if services_file is not None:
@@ -103,13 +122,31 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
                            site_label=site_label,
                            site_failover=site_failover,  # type: ignore[arg-type]
                            endpoints=endpoints,  # type: ignore[arg-type]
-                           xds_address=xds_address)
+                           xds_address=xds_address, xds_tls=tls)
     rendered = checked(lambda: render_model(model, options))
     for warning in rendered.warnings:
         click.echo(f"meshxl: warning: {warning}", err=True)
     header = f"# Istio objects for {file} (meshxl istio render)\n"
+    if tls is not None:
+        header += _client_pods(tls)
     body = yaml.safe_dump_all(rendered.objects, sort_keys=False, default_flow_style=False)
     click.echo(header + body if rendered.objects else header, nl=False)
+
+
+def _client_pods(tls: Any) -> str:
+    """The header's note of the annotations client pods need for ``--xds-tls``."""
+    lines = ["Client pods (their template's metadata.annotations) need, so that the",
+             "istio-proxy container has the workload certificate as files (merge",
+             "proxyMetadata into a proxy.istio.io/config the pods already have):"]
+    for key, value in tls.pod_annotations().items():
+        if "\n" in value:
+            lines += [f"{key}: |", *(f"  {line}" for line in value.splitlines())]
+        else:
+            lines.append(f"{key}: '{value}'")
+    if not tls.trusts_istio_root:
+        lines += ["and their namespace the ConfigMap meshxl-xds-ca (key ca.crt: the CA of",
+                  "meshxl's server certificate; docs/istio.md, \"Authentication\")."]
+    return "".join(f"#   {line}\n" for line in lines)
 
 
 def _load(file: Path) -> Any:

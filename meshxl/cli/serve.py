@@ -50,7 +50,8 @@ def serve() -> None:
 @click.option("--node-binding", type=click.Choice(["san", "none"]),
               help="How the client certificate binds the node id: 'san' (the default with "
                    "--client-ca): it must name the node as a DNS name, or a node id "
-                   "NAME.NAMESPACE by a SPIFFE ID spiffe://TRUST-DOMAIN/ns/NAMESPACE/...; "
+                   "NAME.NAMESPACE (or Istio's TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN) "
+                   "by a SPIFFE ID spiffe://TRUST-DOMAIN/ns/NAMESPACE/...; "
                    "'none': any node id.")
 @click.option("--trust-domain", default="cluster.local", show_default=True,
               help="SPIFFE trust domain of the client certificates' IDs (--node-binding san).")

@@ -17,6 +17,8 @@ model, renders what ``meshxl istio render`` would, and reports:
   detection needed for the failover order);
 * VirtualService retries that disagree with ``retries.previous_hosts``;
 * EnvoyFilters in the root namespace without a workload selector;
+* client pods an EnvoyFilter of ``render --xds-tls`` patches whose annotations do not
+  give their sidecar the certificate files (:mod:`.tlscheck`);
 * a Service port that does not declare the cluster's protocol (``protocol: grpc`` needs
   a ``grpc-...`` port name or ``appProtocol: grpc``; a TCP cluster ``tcp``): declaring
   another one is an error, declaring none a warning (:mod:`meshxl.istio.protocols`);
@@ -60,6 +62,7 @@ from .render import (
     render_cluster,
     service_ports,
 )
+from .tlscheck import unready_client_pods
 
 __all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
            "istiod_env", "load_objects"]
@@ -351,6 +354,18 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                 add("warning", name, _ref(other),
                     "in the root namespace without a workloadSelector: every sidecar of "
                     "the mesh health-checks the cluster's members")
+            # --xds-tls: the sidecars it patches must have the certificate files.
+            patched_ns = other["metadata"].get("namespace") or ns
+            unready = unready_client_pods(other, [
+                p for p in by_kind.get("Pod", []) if patched_ns == options.root_namespace
+                or (p["metadata"].get("namespace") or ns) == patched_ns])
+            if unready:
+                more = f" and {len(unready) - 3} more" if len(unready) > 3 else ""
+                add("error", name, _ref(other),
+                    "its EDS source reads the sidecar's Istio certificate as files, which "
+                    f"pod {', '.join(n for n, _ in unready[:3])}{more} lacks "
+                    f"({unready[0][1]}): Envoy refuses the cluster there; give the pods "
+                    "the annotations meshxl istio render --xds-tls prints")
 
         # HA: the role labels must be on the member pods.
         pods = [p for p in by_kind.get("Pod", []) if in_ns(p)

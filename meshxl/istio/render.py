@@ -57,7 +57,14 @@ from meshxl.model.spec import (
 from meshxl.protowire import type_url
 
 from .durations import duration, proto_duration
-from .endpoints import EndpointSource, eds_patch, xds_target
+from .endpoints import (
+    EndpointSource,
+    XdsClientTls,
+    eds_patch,
+    source_warnings,
+    xds_destination_rule,
+    xds_target,
+)
 from .labels import (
     DEFAULT_SITE_LABEL,
     HA_FAILOVER_PRIORITY,
@@ -111,6 +118,8 @@ class IstioOptions:
     """meshxl: the client sidecars take the clusters' endpoints (weights, priorities)
     from meshxl's xDS server at ``xds_address`` (:mod:`.endpoints`)."""
     xds_address: str | None = None
+    xds_tls: XdsClientTls | None = None
+    """The EDS streams over mutual TLS with the sidecar's Istio certificate (``--xds-tls``)."""
 
 
 @dataclass(frozen=True)
@@ -421,7 +430,7 @@ def _cluster_patch(spec: ClusterSpec, options: IstioOptions) -> dict[str, Any]:
     if spec.long_lived:
         value["close_connections_on_host_health_failure"] = True
     if options.endpoints == "meshxl":
-        value.update(eds_patch(spec, xds_target(options.xds_address)))
+        value.update(eds_patch(spec, xds_target(options.xds_address), options.xds_tls))
     return value
 
 
@@ -553,6 +562,10 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
         warnings.append(f"EnvoyFilters in the root namespace {options.root_namespace} "
                         "without a client selector patch every sidecar of the mesh: each "
                         "one that has a cluster's route health-checks its members")
+    if options.endpoints == "meshxl":
+        warnings += source_warnings(xds_target(options.xds_address), options.xds_tls,
+                                    options.filter_namespace or options.namespace,
+                                    options.root_namespace)
     objects: list[dict[str, Any]] = []
     for spec in model.clusters:
         if spec.name not in model.virtual_names:
@@ -560,6 +573,11 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
             objects += rendered.objects
             warnings += rendered.warnings
     objects += _render_pools(model, options, warnings)
+    if options.endpoints == "meshxl" and options.xds_tls is not None:
+        objects += filter(None, [xds_destination_rule(
+            xds_target(options.xds_address), options.xds_tls,
+            options.filter_namespace or options.namespace, options.cluster_domain,
+            options.root_namespace)])
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"

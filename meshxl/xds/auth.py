@@ -23,7 +23,11 @@ both are configured:
   - a SPIFFE ID ``spiffe://TRUST_DOMAIN/ns/NAMESPACE[/...]`` of the control plane's
     trust domain, for a node id ``NAME.NAMESPACE`` (the injected Envoy's id is
     ``POD.NAMESPACE``; Istio's workload certificates,
-    ``spiffe://cluster.local/ns/NS/sa/ACCOUNT``, name a namespace the same way).
+    ``spiffe://cluster.local/ns/NS/sa/ACCOUNT``, name a namespace the same way), or
+    for an Istio proxy's node id ``TYPE~IP~POD.NS~NS.svc.DOMAIN`` (its sidecars' EDS
+    streams, ``meshxl istio render --endpoints meshxl --xds-tls``): both of its
+    namespace fields must name the certificate's namespace, and a node id whose two
+    fields disagree is refused whatever the certificate.
 
   Anything else: ``PERMISSION_DENIED`` naming the node id and what the certificate
   names.
@@ -50,7 +54,8 @@ from meshxl.xds.nodes import BadDiscoveryRequest, Peer
 
 __all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "Binding", "Grant",
            "InvalidNodeId", "Peer", "PermissionDenied", "StreamRefused", "TooManyNodes",
-           "Unauthenticated", "ads_auth", "peer_names", "spiffe_namespace"]
+           "Unauthenticated", "ads_auth", "istio_node_namespace", "node_namespace",
+           "peer_names", "spiffe_namespace"]
 
 Binding = Literal["san", "none"]
 BINDINGS: tuple[Binding, ...] = ("san", "none")
@@ -60,6 +65,7 @@ DEFAULT_TRUST_DOMAIN = "cluster.local"
 # segment of ``ns/NAMESPACE`` is a Kubernetes namespace (a DNS label).
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
 _SPIFFE = re.compile(r"^spiffe://([a-z0-9._-]+)/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])?)(/.*)?$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class StreamRefused(BadDiscoveryRequest):
@@ -146,6 +152,43 @@ def spiffe_namespace(uri: str, trust_domain: str) -> str | None:
     if found is None or found.group(1) != trust_domain:
         return None
     return found.group(2)
+
+
+def istio_node_namespace(node_id: str) -> tuple[str, str] | None:
+    """The two namespaces an Istio proxy's node id ``TYPE~IP~POD.NS~NS.svc.DOMAIN``
+    names (pilot/pkg/model/context.go, ``ServiceNode``): the one after the pod's name
+    and the first label of the DNS domain; None when ``node_id`` is not of that form
+    (four ``~``-separated fields, a pod name, namespaces that are DNS labels, a domain
+    ``NS.svc[.DOMAIN]``)."""
+    fields = node_id.split("~")
+    if len(fields) != 4 or not all(fields[:2]):
+        return None
+    pod, _, pod_ns = fields[2].rpartition(".")
+    domain_ns, _, rest = fields[3].partition(".")
+    if not pod or rest.partition(".")[0] != "svc":
+        return None
+    if not (_NAMESPACE.match(pod_ns) and _NAMESPACE.match(domain_ns)):
+        return None
+    return pod_ns, domain_ns
+
+
+def node_namespace(node_id: str) -> str | None:
+    """The namespace a SPIFFE ID must name to speak for ``node_id``: ``NS`` of an Istio
+    proxy's ``TYPE~IP~POD.NS~NS.svc.DOMAIN``, else the last label of ``NAME.NAMESPACE``;
+    None for any other form. :class:`PermissionDenied` for an Istio node id whose two
+    namespace fields disagree (no certificate may speak for it)."""
+    if "~" in node_id:
+        found = istio_node_namespace(node_id)
+        if found is None:
+            return None
+        pod_ns, domain_ns = found
+        if pod_ns != domain_ns:
+            raise PermissionDenied(
+                f"node id {node_id!r} names namespace {pod_ns!r} after the pod's name and "
+                f"{domain_ns!r} in its DNS domain: an Istio node id "
+                "TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN names one namespace twice")
+        return pod_ns
+    return node_id.rpartition(".")[2] or None if "." in node_id else None
 
 
 REFUSAL_REASONS = tuple(c.reason for c in (InvalidNodeId, Unauthenticated, PermissionDenied,
@@ -266,13 +309,14 @@ class AdsAuth:
                 f"node id {node_id!r} must be named by a client certificate, and this "
                 "client presented none with a DNS or URI name (mutual TLS: --client-ca; "
                 "Envoy: --xds-cert/--xds-key)")
+        namespace = node_namespace(node_id)
         if node_id in peer.dns:
             return f"DNS:{node_id}"
-        namespace = node_id.rpartition(".")[2] if "." in node_id else None
         for uri in peer.uris:
             if namespace and spiffe_namespace(uri, self.trust_domain) == namespace:
                 return f"URI:{uri}"
         raise PermissionDenied(
             f"the client certificate does not name node id {node_id!r} (it names "
             f"{peer.names()}): give the certificate DNS:{node_id}, or a SPIFFE ID "
-            f"spiffe://{self.trust_domain}/ns/NAMESPACE/... for a node id NAME.NAMESPACE")
+            f"spiffe://{self.trust_domain}/ns/NAMESPACE/... for a node id NAME.NAMESPACE "
+            "or an Istio proxy's TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN")

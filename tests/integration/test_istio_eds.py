@@ -14,7 +14,10 @@ of the cluster (istiod pushing) warms from meshxl and keeps its weights, the sam
 version pushed again changes nothing; an ``envoy_grpc`` config source on a cluster
 added over CDS (what an EnvoyFilter CLUSTER ADD would give) is refused by Envoy; a
 member judged degraded has its weight halved step by step; a member joining ramps up
-(warm-up of a hashed cluster).
+(warm-up of a hashed cluster). With ``--xds-tls``, against a server asking for Istio's
+certificates (``--client-ca`` Istio's root): the sidecar's Istio certificate of its
+own namespace gets the endpoints; one of another namespace gets none, refused with
+PERMISSION_DENIED, as is a node id of another namespace or with two namespaces.
 """
 
 from __future__ import annotations
@@ -27,17 +30,23 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3.base_pb2 import Node
 from envoy.config.route.v3 import route_components_pb2
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+from envoy.service.endpoint.v3.eds_pb2_grpc import EndpointDiscoveryServiceStub
 
 from meshxl.etcd.keys import Keys
 from meshxl.istio import IstioOptions, render_model
+from meshxl.istio.endpoints import XdsClientTls
 from meshxl.local.ports import free_port
 from meshxl.model import parse_model
 from meshxl.model.runtime import Health
 from meshxl.operator.actions import apply_model
 from meshxl.xds import types
+from tests.harness.certs import CA, Leaf
 from tests.integration.test_istio_envoy import (
     CLUSTER,
     NAMESPACE,
@@ -126,7 +135,8 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
     rendered = render_model(parse_model(text), IstioOptions(
         namespace=NAMESPACE, ports={"orders": SERVICE_PORT}, endpoints="meshxl",
         xds_address=f"127.0.0.1:{plane.port}"))
-    assert rendered.warnings == []
+    assert [w.split(":")[0] for w in rendered.warnings] == [
+        "--endpoints meshxl without --xds-tls"]  # this server asks for no credentials
     dr, ef = rendered.objects
     patch_of = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
     istiod_cluster = istio_cluster(dr, tmp_path)
@@ -294,3 +304,112 @@ def _active_timeout(envoy: Any, timeout: str) -> Any:
 
 async def _stat_above(envoy: Any, name: str, before: int) -> bool:
     return bool(await envoy.stat(name) > before)
+
+
+def _output_certs(directory: Path, leaf: Leaf, istio_root: CA) -> Path:
+    """What istio-agent writes with OUTPUT_CERTS: the workload's certificate, its key and
+    Istio's root."""
+    directory.mkdir(parents=True)
+    (directory / "cert-chain.pem").write_bytes(leaf.cert.read_bytes())
+    (directory / "key.pem").write_bytes(leaf.key.read_bytes())
+    (directory / "root-cert.pem").write_bytes(istio_root.cert.read_bytes())
+    return directory
+
+
+async def _eds_refusal(target: str, server_ca: CA, leaf: Leaf, node_id: str) -> Any:
+    """An EDS stream as ``node_id`` with ``leaf``: the error it ends with."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=server_ca.cert.read_bytes(),
+        private_key=leaf.key.read_bytes(), certificate_chain=leaf.cert.read_bytes())
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        call = EndpointDiscoveryServiceStub(channel).StreamEndpoints(
+            iter([DiscoveryRequest(node=Node(id=node_id), type_url=types.ENDPOINT,
+                                   resource_names=["orders"])]), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+    return info.value
+
+
+async def test_istio_sidecars_authenticate_with_their_istio_certificate(
+        harness: Any, etcd: Any, etcd_client: Any, start_backends: Any,
+        start_control_plane: Any, start_envoy: Any, tmp_path: Path) -> None:
+    """``--xds-tls``: the sidecar's Google gRPC presents its Istio certificate (the
+    OUTPUT_CERTS files) and checks meshxl's server against meshxl's CA; the server
+    (``--client-ca`` Istio's root) binds the Istio node id to the certificate's
+    namespace."""
+    istio_ca, meshxl_ca = CA(tmp_path / "istio", "istio-root"), CA(tmp_path / "xds", "xds-ca")
+    server = meshxl_ca.issue("xds-server", client=False)
+    web = istio_ca.issue("web", names=("spiffe://cluster.local/ns/shop/sa/web",), server=False)
+    other = istio_ca.issue("other", names=("spiffe://cluster.local/ns/payments/sa/web",),
+                           server=False)
+    backends = await start_backends(["orders-0", "orders-1"])
+    ports = {b.name: b.port for b in backends}
+    text = model_text(ports, {"orders-0": 100, "orders-1": 300})
+    await apply_model(etcd_client, KEYS, text, "test")
+    plane = await start_control_plane(etcd=etcd.url, istio_mtls=True, tls_cert=server.cert,
+                                      tls_key=server.key, client_ca=istio_ca.cert)
+
+    def rendered_cluster(certs: Path, name: str) -> dict[str, Any]:
+        rendered = render_model(parse_model(text), IstioOptions(
+            namespace=NAMESPACE, ports={"orders": SERVICE_PORT}, endpoints="meshxl",
+            xds_address=f"127.0.0.1:{plane.port}",
+            xds_tls=XdsClientTls(certs_dir=str(certs), server_ca=str(meshxl_ca.cert))))
+        # The test's server certificate names 127.0.0.1, not the overlay's Service.
+        assert [w.split(":")[0] for w in rendered.warnings] == ["--xds-tls"]
+        dr, ef = rendered.objects
+        patch_of = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
+        istiod_cluster = istio_cluster(dr, tmp_path / name)
+        istiod_cluster["eds_cluster_config"]["eds_config"] = dict(ISTIOD_EDS_CONFIG)
+        istio_match, _ = istiod_cluster["transport_socket_matches"]
+        istio_match["transport_socket"] = RAW_BUFFER
+        return patched(cluster_pb2.Cluster, istiod_cluster, patch_of["CLUSTER"])
+
+    cluster = rendered_cluster(_output_certs(tmp_path / "web-certs", web, istio_ca), "a")
+    route = istio_default_route("x-session-id")
+    admin_port, listen_port = free_port(), free_port()
+    config = bootstrap(admin_port, listen_port, cluster, route)
+    config["node"]["id"] = NODE
+    config["static_resources"].pop("clusters")
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager["typed_config"]["route_config"]["validate_clusters"] = False
+    cds = Cds(tmp_path / "cds")
+    config["dynamic_resources"] = {"cds_config": cds.config()}
+    cds.push(cluster)
+    envoy = await start_istio_envoy(start_envoy, "istio-eds-tls", admin_port, config)
+    await envoy.wait_hosts(CLUSTER, lambda hs: sorted(h.port for h in hs) == sorted(
+        ports.values()), timeout=20, what="the endpoints over mutual TLS")
+    assert NODE in plane.ads.node_status()
+    assert plane.ads.refused.get("permission_denied", 0) == 0
+
+    # The same Envoy, the cluster pushed again with a certificate of another namespace
+    # (and a short initial fetch): the server refuses it, the cluster starts empty.
+    prefix = f"cluster.{CLUSTER}"
+    failures = await envoy.stat(f"{prefix}.update_failure")
+    foreign = rendered_cluster(_output_certs(tmp_path / "other-certs", other, istio_ca), "b")
+    foreign["eds_cluster_config"]["eds_config"]["initial_fetch_timeout"] = "1s"
+    foreign["connect_timeout"] = "0.5s"
+    cds.push(foreign)
+    await envoy.wait_until(lambda: plane.ads.refused.get("permission_denied", 0) >= 1,
+                           timeout=10, what="the foreign certificate refused")
+    await envoy.wait_until(_active_timeout(envoy, "0.500s"), timeout=10,
+                           what="the pushed cluster active")
+    assert await envoy.hosts(CLUSTER) == []
+    await envoy.wait_until(lambda: _stat_above(envoy, f"{prefix}.update_failure", failures),
+                           timeout=10, what="the EDS stream's failure counted")
+    log = harness.root.glob("control-plane-*.log")
+    refusals = [line for path in log for line in path.read_text().splitlines()
+                if "refused (permission_denied)" in line]
+    assert any("spiffe://cluster.local/ns/payments/sa/web" in line for line in refusals), \
+        refusals
+
+    # A node id of another namespace, or naming two, with the shop certificate.
+    target = f"127.0.0.1:{plane.port}"
+    payments = NODE.replace(NAMESPACE, "payments")
+    mixed = f"sidecar~127.0.0.1~client.{NAMESPACE}~payments.svc.cluster.local"
+    for node_id, words in ((payments, "does not name node id"),
+                           (mixed, "names namespace 'shop' after the pod's name")):
+        error = await _eds_refusal(target, meshxl_ca, web, node_id)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+        assert words in (error.details() or ""), error.details()
+    assert payments not in plane.ads.node_status() and mixed not in plane.ads.node_status()

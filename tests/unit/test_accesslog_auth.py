@@ -2,7 +2,7 @@
 a bearer token on the ADS port, a log stream carries none (Envoy's LDS cannot hold a
 node's token), so it is admitted only while its node has an admitted ADS stream from
 the same address; a wrong token, or a node without one, is refused. With mutual TLS,
-the certificate must name the node, as for ADS."""
+the certificate must name the node, as for ADS (Istio's node ids included)."""
 
 from __future__ import annotations
 
@@ -170,6 +170,12 @@ async def test_with_mutual_tls_the_certificate_must_name_the_node(tmp_path: Path
             assert await send_logs(channel, "cart-0.shop") == grpc.StatusCode.OK
             assert await send_logs(channel, "cart-0.other") == \
                 grpc.StatusCode.PERMISSION_DENIED
-        assert receiver.counts == {"recorded": 12, "dropped": 0, "refused": 6}
+            # An Istio sidecar's node id (Istio's access log provider) by its namespace.
+            istio = "sidecar~10.4.0.7~web-5d8f7c.{}~{}.svc.cluster.local"
+            assert await send_logs(channel, istio.format("shop", "shop")) == \
+                grpc.StatusCode.OK
+            assert await send_logs(channel, istio.format("other", "other")) == \
+                grpc.StatusCode.PERMISSION_DENIED
+        assert receiver.counts == {"recorded": 18, "dropped": 0, "refused": 9}
     finally:
         await server.stop(None)

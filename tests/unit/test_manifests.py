@@ -688,9 +688,9 @@ def test_istio_overlay_leaves_the_envoys_to_istiod(render: Render) -> None:
 
 def test_istio_endpoints_overlay_serves_the_sidecars_endpoints(render: Render) -> None:
     """What istio adds (the labeler, the namespace out of the mesh, statesync-only
-    injection) with meshxl's control plane kept: its ADS port in plain text for the
-    Istio sidecars' Google gRPC (no client certificate, no token) and every endpoint
-    marked for Istio's mutual TLS; no xDS certificate left behind."""
+    injection) with meshxl's control plane kept: every endpoint marked for Istio's
+    mutual TLS, its ADS port over mutual TLS with Istio's certificates
+    (test_manifests_xds_tls), no token."""
     docs = render("istio-endpoints")
     namespace = _find(docs, "Namespace", NAMESPACE)
     assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
@@ -700,11 +700,7 @@ def test_istio_endpoints_overlay_serves_the_sidecars_endpoints(render: Render) -
     container = pod["containers"][0]
     args = container["args"]
     assert "--istio-mtls" in args and _arg(container, "--listen") == "0.0.0.0:18000"
-    assert not [a for a in args if a.startswith(("--tls-", "--client-ca", "--token"))]
-    assert "xds-tls" not in {v["name"] for v in pod["volumes"]} | {
-        m["name"] for m in container["volumeMounts"]}
-    assert not [d for d in docs if d["kind"] in {"Certificate", "Issuer"}
-                and d["metadata"]["name"].startswith("meshxl-xds")]
+    assert not [a for a in args if a.startswith(("--token", "--node-binding"))]
     service = _find(docs, "Service", "meshxl-xds")
     grpc = next(p for p in service["spec"]["ports"] if p["port"] == 18000)
     assert grpc["targetPort"] in {p["name"] for p in container["ports"]}

@@ -1,7 +1,7 @@
 """deploy/kubernetes: the control plane serves ADS over mutual TLS with the node id
 bound to the Envoy's certificate in every overlay that runs it for meshxl's Envoys
-(istio-endpoints serves Istio's sidecars in plain text: test_manifests), and the injected
-Envoys get a certificate it accepts for their own namespace only. Rendered with
+(istio-endpoints: for Istio's sidecars, their Istio certificates against Istio's root),
+and the injected Envoys get a certificate it accepts for their own namespace only. Rendered with
 `kubectl kustomize` (as test_manifests), the self-signed certificates made by the
 documented `make-certs.sh shop payments`; the cert-manager Certificate and the copy
 template are taken from docs/kubernetes.md."""
@@ -23,10 +23,11 @@ import pytest
 import yaml
 from cryptography import x509
 
+from meshxl.istio.endpoints import SERVER_NAMES
 from meshxl.kube import InjectConfig, mutate_pod
 from meshxl.kube.containers import ENVOY_CONTAINER, XDS_CLIENT_DIR, XDS_CLIENT_VOLUME
 from meshxl.proxy.bootstrap import parse_hostport
-from meshxl.xds.auth import AdsAuth, Peer, PermissionDenied
+from meshxl.xds.auth import AdsAuth, Peer, PermissionDenied, ads_auth
 from tests.unit import test_manifests as manifests
 from tests.unit.test_manifests import (
     CERT_MANAGER_SCHEMAS,
@@ -142,12 +143,40 @@ def test_injected_envoy_mounts_its_namespace_certificate(overlay: str, render: A
     assert volume["secret"]["secretName"] == "meshxl-envoy-xds"
 
 
-@pytest.mark.parametrize("overlay", ["istio", "istio-endpoints"])
-def test_istio_overlay_has_no_xds_certificates(overlay: str, render: Any) -> None:
-    docs = render(overlay)
+def test_istio_overlay_has_no_xds_certificates(render: Any) -> None:
+    docs = render("istio")
     names = {d["metadata"]["name"] for d in docs
              if d["kind"] in ("Certificate", "Issuer", "Secret")}
     assert not {n for n in names if n.startswith("meshxl-xds")}, names
+
+
+def test_istio_endpoints_serves_sidecars_with_their_istio_certificates(render: Any) -> None:
+    """istio-endpoints: the server's own certificate (what `istio render --xds-tls`'s
+    sidecars check), Istio's root as the client CA (the ConfigMap Istio writes into
+    every namespace), Istio's trust domain, and an Istio sidecar's node id bound to
+    its certificate's namespace."""
+    docs = render("istio-endpoints")
+    issued = Issued(docs)
+    xds = _find(docs, "Deployment", "meshxl-xds")
+    container = _container(xds)
+    secret = _secret_of(xds, container, _arg(container, "--tls-cert"))
+    assert secret == "meshxl-xds-tls" == _secret_of(xds, container, _arg(container, "--tls-key"))
+    assert issued.usages(secret) == {"server auth"}
+    assert set(SERVER_NAMES) <= set(issued.dns_names(secret))
+    client_ca = Path(_arg(container, "--client-ca"))
+    mount = next(m for m in container["volumeMounts"]
+                 if Path(m["mountPath"]) == client_ca.parent)
+    assert mount.get("readOnly") is True
+    volume = next(v for v in xds["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "istio-ca-root-cert"
+    assert client_ca.name == "root-cert.pem"  # the ConfigMap's key
+    auth = ads_auth(host="0.0.0.0", tls=True, client_ca=True, binding=None,
+                    trust_domain=_arg(container, "--trust-domain"), token=None)
+    node = "sidecar~10.4.0.7~web-5d8f7c-x2x9q.shop~shop.svc.cluster.local"
+    auth.check_node(Peer(uris=("spiffe://cluster.local/ns/shop/sa/web",)), node)
+    with pytest.raises(PermissionDenied):
+        auth.check_node(Peer(uris=("spiffe://cluster.local/ns/payments/sa/web",)), node)
 
 
 def test_make_certs_issues_namespace_bound_envoy_certificates(tree: Path,

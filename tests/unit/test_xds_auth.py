@@ -14,6 +14,8 @@ import pytest
 from envoy.config.core.v3.base_pb2 import Node
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DiscoveryRequest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshxl.tls import ServerTls
 from meshxl.xds.auth import (
@@ -21,6 +23,8 @@ from meshxl.xds.auth import (
     Peer,
     PermissionDenied,
     Unauthenticated,
+    istio_node_namespace,
+    node_namespace,
     peer_names,
     spiffe_namespace,
 )
@@ -94,6 +98,62 @@ def test_spiffe_namespace() -> None:
                 "spiffe://cluster.local/ns/", "spiffe://cluster.local/sa/x/ns/shop",
                 "spiffe://cluster.localx/ns/shop"):
         assert spiffe_namespace(uri, "cluster.local") is None, uri
+
+
+ISTIO_NODE = "sidecar~10.4.0.7~web-5d8f7c-x2x9q.shop~shop.svc.cluster.local"
+WEB = Peer(uris=("spiffe://cluster.local/ns/shop/sa/web",))
+
+
+def test_istio_node_ids_bind_their_namespace() -> None:
+    """An Istio proxy's node id names its namespace twice: the SPIFFE ID must name it,
+    and the two fields must agree."""
+    auth = AdsAuth(binding="san")
+    assert auth.check_node(WEB, ISTIO_NODE) == f"URI:{WEB.uris[0]}"
+    auth.check_node(WEB, "router~10.4.0.8~gw-1.a.b.shop~shop.svc.example.org")
+    auth.check_node(WEB, "sidecar~::1~web.shop~shop.svc")
+    for node_id in ("sidecar~10.4.0.7~web.payments~payments.svc.cluster.local",
+                    "sidecar~10.4.0.7~web.shop~shop.cluster.local",  # no .svc: not Istio's
+                    "sidecar~10.4.0.7~shop~shop.svc.cluster.local",  # no pod name
+                    "sidecar~~web.shop~shop.svc.cluster.local",
+                    "sidecar~10.4.0.7~web.shop~shop.svc.cluster.local~x",
+                    "sidecar~10.4.0.7~web.Shop~Shop.svc.cluster.local"):
+        with pytest.raises(PermissionDenied, match="does not name node id"):
+            auth.check_node(WEB, node_id)
+    # The fields disagree: refused whatever the certificate names, and said so.
+    forged = "sidecar~10.4.0.7~web.shop~payments.svc.cluster.local"
+    for peer in (WEB, Peer(uris=("spiffe://cluster.local/ns/payments/sa/web",)),
+                 Peer(dns=(forged,))):
+        with pytest.raises(PermissionDenied,
+                           match="names namespace 'shop' after the pod's name and "
+                                 "'payments' in its DNS domain"):
+            auth.check_node(peer, forged)
+    # The meshxl forms are unchanged by the Istio one.
+    assert node_namespace("cart-0.shop") == "shop" and node_namespace("edge-1") is None
+    assert node_namespace("a.") is None and node_namespace(ISTIO_NODE) == "shop"
+
+
+_LABEL = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+
+
+@given(kind=st.sampled_from(["sidecar", "router"]), pod=_LABEL,
+       ip=st.ip_addresses().map(str), namespace=_LABEL, other=_LABEL,
+       domain=st.sampled_from(["", ".cluster.local", ".mesh.example"]))
+def test_istio_node_ids_generated(kind: str, pod: str, ip: str, namespace: str,
+                                  other: str, domain: str) -> None:
+    node_id = f"{kind}~{ip}~{pod}.{namespace}~{namespace}.svc{domain}"
+    assert istio_node_namespace(node_id) == (namespace, namespace)
+    auth = AdsAuth(binding="san")
+    own = Peer(uris=(f"spiffe://cluster.local/ns/{namespace}/sa/{pod}",))
+    foreign = Peer(uris=(f"spiffe://cluster.local/ns/{other}/sa/{pod}",))
+    assert auth.check_node(own, node_id) == f"URI:{own.uris[0]}"
+    if other != namespace:
+        with pytest.raises(PermissionDenied, match="does not name node id"):
+            auth.check_node(foreign, node_id)
+        mixed = f"{kind}~{ip}~{pod}.{namespace}~{other}.svc{domain}"
+        assert istio_node_namespace(mixed) == (namespace, other)
+        for peer in (own, foreign):
+            with pytest.raises(PermissionDenied, match="names namespace"):
+                auth.check_node(peer, mixed)
 
 
 def test_peer_names_from_grpc_auth_context() -> None:
