@@ -146,6 +146,9 @@ def _client_pods(tls: Any) -> str:
     if not tls.trusts_istio_root:
         lines += ["and their namespace the ConfigMap meshxl-xds-ca (key ca.crt: the CA of",
                   "meshxl's server certificate; docs/istio.md, \"Authentication\")."]
+    lines += ["Run meshxl istio label --credentials-refresh 6 (the istio-endpoints overlay",
+              "does), so that the sidecars read their renewed certificates",
+              "(docs/istio.md, \"Renewed certificates\")."]
     return "".join(f"#   {line}\n" for line in lines)
 
 
@@ -225,11 +228,18 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
 @click.option("--health-listen", default=None, metavar="HOST:PORT",
               help="Serve /healthz and /readyz (the last reconcile succeeded) here.")
 @click.option("--once", is_flag=True, help="One reconcile, then exit.")
+@click.option("--credentials-refresh", type=click.FloatRange(min=0), default=0.0,
+              metavar="HOURS",
+              help="Move the credentials epoch of meshxl's EnvoyFilters rendered with "
+                   "--xds-tls this often (6 with Istio's 24 h certificates; below their "
+                   "lifetime less their renewal age), so that their clients read their "
+                   "renewed Istio certificates (default 0: never; needs list and patch "
+                   "on envoyfilters).")
 @etcd_option
 @root_option
 def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
-                  resync: float, health_listen: str | None, once: bool, etcd_urls: str,
-                  etcd_root: str) -> None:
+                  resync: float, health_listen: str | None, once: bool,
+                  credentials_refresh: float, etcd_urls: str, etcd_root: str) -> None:
     """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
     high-availability clusters, meshxl.io/serving on those of load-sharing clusters
     (off a degraded member), and each virtual system's (vs.meshxl.io/VS...) on its
@@ -239,6 +249,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     from meshxl.addr import ListenError, bind_tcp
     from meshxl.etcd.keys import Keys
     from meshxl.etcd.mesh import EtcdMeshSource
+    from meshxl.istio.credentials import CredentialsRefresher
     from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
     from meshxl.xds.sources import ModelFileSource
 
@@ -255,6 +266,9 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
         except (KubeApiError, OSError) as exc:
             fail(str(exc))
         labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces or [None]]
+        refreshers = [CredentialsRefresher(api, ns, credentials_refresh * 3600,
+                                           api_errors=(KubeApiError,))
+                      for ns in namespaces or [None]] if credentials_refresh > 0 else []
 
         def poke() -> None:
             for labeler in labelers:
@@ -277,8 +291,11 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                 if once:
                     for labeler in labelers:
                         await labeler.reconcile(view.model, view.runtime)
+                    for refresher in refreshers:
+                        await refresher.refresh()
                     return
-                await asyncio.gather(*(labeler.run(view) for labeler in labelers))
+                await asyncio.gather(*(labeler.run(view) for labeler in labelers),
+                                     *(refresher.run() for refresher in refreshers))
             except (TimeoutError, KubeApiError) as exc:
                 fail(str(exc) or "etcd did not answer in 30 s")
             finally:

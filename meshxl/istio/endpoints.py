@@ -38,6 +38,8 @@ from meshxl.addr import grpc_target, is_ip, parse_hostport
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec
 
+from .credentials import initial_metadata
+
 __all__ = ["CA_CONFIG_MAP", "ENDPOINT_SOURCES", "EndpointSource", "ISTIO_OUTPUT_CERTS",
            "SERVER_CA", "SERVER_NAMES", "STAT_PREFIX", "XdsClientTls", "eds_patch",
            "source_warnings", "xds_destination_rule", "xds_target"]
@@ -182,7 +184,7 @@ def eds_patch(spec: ClusterSpec, target: str,
               tls: XdsClientTls | None = None) -> dict[str, Any]:
     """What the cluster's MERGE patch adds: EDS of meshxl cluster ``spec.name`` from
     the xDS server at ``target`` (state of the world over gRPC), over mutual TLS with
-    ``tls``."""
+    ``tls``, whose credentials epoch ``meshxl istio label`` moves on (credentials.py)."""
     google_grpc: dict[str, Any] = {"target_uri": target, "stat_prefix": STAT_PREFIX}
     if tls is not None:
         google_grpc["channel_credentials"] = tls.channel_credentials()
@@ -192,7 +194,8 @@ def eds_patch(spec: ClusterSpec, target: str,
             "api_config_source": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"google_grpc": google_grpc}],
+                "grpc_services": [{"google_grpc": google_grpc, **(
+                    {"initial_metadata": initial_metadata()} if tls is not None else {})}],
                 "set_node_on_first_message_only": True,
             },
             "initial_fetch_timeout": INITIAL_FETCH_TIMEOUT,

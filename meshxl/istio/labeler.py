@@ -20,6 +20,7 @@ merge patch of ``metadata.labels``. In a pod it uses the service account; ``api_
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -265,6 +266,24 @@ class KubeApi:
         await self._call("PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}",
                          json={"metadata": {"labels": dict(labels)}},
                          headers={"Content-Type": "application/merge-patch+json"})
+
+    async def envoy_filters(self, namespace: str | None) -> list[dict[str, Any]]:
+        """meshxl's EnvoyFilters (``render`` labels them), in ``namespace`` or every one."""
+        base = "/apis/networking.istio.io/v1alpha3"
+        path = f"{base}/namespaces/{namespace}/envoyfilters" if namespace else \
+            f"{base}/envoyfilters"
+        data = await self._call("GET", path,
+                                params={"labelSelector": "app.kubernetes.io/managed-by=meshxl"})
+        items = data.get("items") if isinstance(data, dict) else None
+        return [i for i in items or [] if isinstance(i, dict)]
+
+    async def patch_envoy_filter(self, namespace: str, name: str,
+                                 ops: list[dict[str, Any]]) -> None:
+        """A JSON patch (RFC 6902): its ``test`` operations make it all or nothing."""
+        await self._call(
+            "PATCH", f"/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/envoyfilters/"
+            f"{name}", data=json.dumps(ops),
+            headers={"Content-Type": "application/json-patch+json"})
 
 
 @dataclass

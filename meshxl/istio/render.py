@@ -56,6 +56,7 @@ from meshxl.model.spec import (
 )
 from meshxl.protowire import type_url
 
+from .credentials import ANNOTATION as CREDENTIALS_EPOCH
 from .durations import duration, proto_duration
 from .endpoints import (
     EndpointSource,
@@ -485,13 +486,13 @@ def envoy_filter(spec: ClusterSpec, options: IstioOptions,
         filter_spec["workloadSelector"] = {"labels": dict(options.client_selector)}
     filter_spec["configPatches"] = patches
     namespace = options.filter_namespace or options.namespace
-    return {
-        "apiVersion": _EF_API,
-        "kind": "EnvoyFilter",
-        "metadata": {"name": f"meshxl-{options.namespace}-{spec.name}",
-                     "namespace": namespace, "labels": _labels(spec)},
-        "spec": filter_spec,
-    }
+    metadata: dict[str, Any] = {"name": f"meshxl-{options.namespace}-{spec.name}",
+                                "namespace": namespace, "labels": _labels(spec)}
+    if options.endpoints == "meshxl" and options.xds_tls is not None:
+        # meshxl istio label moves it on, and the source's epoch with it (credentials.py).
+        metadata["annotations"] = {CREDENTIALS_EPOCH: "0"}
+    return {"apiVersion": _EF_API, "kind": "EnvoyFilter", "metadata": metadata,
+            "spec": filter_spec}
 
 
 def _dropped_weights(spec: ClusterSpec) -> list[str]:

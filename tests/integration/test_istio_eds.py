@@ -22,6 +22,7 @@ PERMISSION_DENIED, as is a node id of another namespace or with two namespaces.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import jsonpatch
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3.base_pb2 import Node
@@ -40,6 +42,7 @@ from envoy.service.endpoint.v3.eds_pb2_grpc import EndpointDiscoveryServiceStub
 
 from meshxl.etcd.keys import Keys
 from meshxl.istio import IstioOptions, render_model
+from meshxl.istio.credentials import epoch_patch
 from meshxl.istio.endpoints import XdsClientTls
 from meshxl.local.ports import free_port
 from meshxl.model import parse_model
@@ -309,7 +312,7 @@ async def _stat_above(envoy: Any, name: str, before: int) -> bool:
 def _output_certs(directory: Path, leaf: Leaf, istio_root: CA) -> Path:
     """What istio-agent writes with OUTPUT_CERTS: the workload's certificate, its key and
     Istio's root."""
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)  # a renewal rewrites them in place
     (directory / "cert-chain.pem").write_bytes(leaf.cert.read_bytes())
     (directory / "key.pem").write_bytes(leaf.key.read_bytes())
     (directory / "root-cert.pem").write_bytes(istio_root.cert.read_bytes())
@@ -350,7 +353,7 @@ async def test_istio_sidecars_authenticate_with_their_istio_certificate(
     plane = await start_control_plane(etcd=etcd.url, istio_mtls=True, tls_cert=server.cert,
                                       tls_key=server.key, client_ca=istio_ca.cert)
 
-    def rendered_cluster(certs: Path, name: str) -> dict[str, Any]:
+    def rendered_cluster(certs: Path, name: str, epoch: str | None = None) -> dict[str, Any]:
         rendered = render_model(parse_model(text), IstioOptions(
             namespace=NAMESPACE, ports={"orders": SERVICE_PORT}, endpoints="meshxl",
             xds_address=f"127.0.0.1:{plane.port}",
@@ -358,6 +361,8 @@ async def test_istio_sidecars_authenticate_with_their_istio_certificate(
         # The test's server certificate names 127.0.0.1, not the overlay's Service.
         assert [w.split(":")[0] for w in rendered.warnings] == ["--xds-tls"]
         dr, ef = rendered.objects
+        if epoch is not None:  # as meshxl istio label --credentials-refresh patches it
+            ef = jsonpatch.apply_patch(ef, epoch_patch(ef, epoch))
         patch_of = {p["applyTo"]: p["patch"]["value"] for p in ef["spec"]["configPatches"]}
         istiod_cluster = istio_cluster(dr, tmp_path / name)
         istiod_cluster["eds_cluster_config"]["eds_config"] = dict(ISTIOD_EDS_CONFIG)
@@ -402,6 +407,22 @@ async def test_istio_sidecars_authenticate_with_their_istio_certificate(
                 if "refused (permission_denied)" in line]
     assert any("spiffe://cluster.local/ns/payments/sa/web" in line for line in refusals), \
         refusals
+
+    # The certificate renewed in place (istio-agent rewrites the files): Envoy read the
+    # files when it built the cluster, so its reconnects still present the old one,
+    # even with the cluster pushed again unchanged; a new credentials epoch (meshxl
+    # istio label --credentials-refresh) is a new version of the cluster, built anew
+    # with the renewed certificate.
+    _output_certs(tmp_path / "other-certs", web, istio_ca)
+    cds.push(foreign)
+    await asyncio.sleep(2)
+    assert await envoy.hosts(CLUSTER) == []
+    renewed = rendered_cluster(tmp_path / "other-certs", "c", epoch="1")
+    renewed["eds_cluster_config"]["eds_config"]["initial_fetch_timeout"] = "1s"
+    renewed["connect_timeout"] = "0.5s"
+    cds.push(renewed)
+    await envoy.wait_hosts(CLUSTER, lambda hs: sorted(h.port for h in hs) == sorted(
+        ports.values()), timeout=20, what="the endpoints with the renewed certificate")
 
     # A node id of another namespace, or naming two, with the shop certificate.
     target = f"127.0.0.1:{plane.port}"

@@ -113,6 +113,17 @@ def test_each_virtual_system_takes_its_own_assignment() -> None:
      "meshxl: --xds-address: bad HOST:PORT 'meshxl-xds'"),
     (["--xds-address", "meshxl-xds:18000"],
      "meshxl: --xds-address goes with --endpoints meshxl"),
+    # --xds-tls
+    (["--xds-tls"], "meshxl: --xds-tls goes with --endpoints meshxl"),
+    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-ca", "/x/ca.crt"],
+     "meshxl: --xds-certs-dir and --xds-ca go with --xds-tls"),
+    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-ca", "ca.crt"],
+     "meshxl: --xds-ca: 'ca.crt' must be an absolute, normalized path"),
+    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-certs-dir",
+      "/etc/certs/"], "meshxl: --xds-certs-dir: '/etc/certs/' must be an absolute"),
+    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-ca",
+      "/etc/istio-output-certs/key.pem"],
+     "meshxl: --xds-ca /etc/istio-output-certs/key.pem is in --xds-certs-dir"),
 ])
 def test_render_command_endpoint_errors(tmp_path: Path, args: list[str], message: str) -> None:
     path = tmp_path / "model.yaml"
@@ -205,27 +216,6 @@ def test_xds_tls_client_pod_annotations() -> None:
     assert istio_root.trusts_istio_root
     assert [m["mountPath"] for m in yaml.safe_load(
         istio_root.pod_annotations()["sidecar.istio.io/userVolumeMount"])] == ["/certs"]
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--xds-tls"], "meshxl: --xds-tls goes with --endpoints meshxl"),
-    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-ca", "/x/ca.crt"],
-     "meshxl: --xds-certs-dir and --xds-ca go with --xds-tls"),
-    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-ca", "ca.crt"],
-     "meshxl: --xds-ca: 'ca.crt' must be an absolute, normalized path"),
-    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-certs-dir",
-      "/etc/certs/"], "meshxl: --xds-certs-dir: '/etc/certs/' must be an absolute"),
-    (["--endpoints", "meshxl", "--xds-address", "a:1", "--xds-tls", "--xds-ca",
-      "/etc/istio-output-certs/key.pem"],
-     "meshxl: --xds-ca /etc/istio-output-certs/key.pem is in --xds-certs-dir"),
-])
-def test_render_command_xds_tls_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    path = tmp_path / "model.yaml"
-    path.write_text(MODELS["LS_COOKIE"])
-    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), *args])
-    assert result.exit_code == 1
-    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
-    assert result.stdout == ""
 
 
 def test_render_command_prints_the_client_pod_annotations(tmp_path: Path) -> None:

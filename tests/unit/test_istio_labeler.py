@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -251,12 +253,9 @@ async def test_a_promotion_is_patched_after_the_demotion() -> None:
     assert dict(api.calls)["orders-1"]["meshxl.io/role"] == "active"
 
 
-async def test_kube_api_errors_name_the_request() -> None:
-    app = web.Application()
-
-    async def forbidden(request: web.Request) -> web.Response:
-        return web.json_response({"reason": "Forbidden"}, status=403)
-    app.router.add_get("/api/v1/namespaces/shop/pods", forbidden)
+@contextlib.asynccontextmanager
+async def kube_api(app: web.Application) -> AsyncIterator[KubeApi]:
+    """A :class:`KubeApi` of an HTTP server on loopback speaking the calls ``app`` routes."""
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -264,11 +263,21 @@ async def test_kube_api_errors_name_the_request() -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     api = KubeApi(f"http://127.0.0.1:{port}", token="t")
     try:
-        with pytest.raises(KubeApiError, match=r"GET /api/v1/namespaces/shop/pods: HTTP 403"):
-            await api.member_pods("shop")
+        yield api
     finally:
         await api.close()
         await runner.cleanup()
+
+
+async def test_kube_api_errors_name_the_request() -> None:
+    app = web.Application()
+
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.json_response({"reason": "Forbidden"}, status=403)
+    app.router.add_get("/api/v1/namespaces/shop/pods", forbidden)
+    async with kube_api(app) as api:
+        with pytest.raises(KubeApiError, match=r"GET /api/v1/namespaces/shop/pods: HTTP 403"):
+            await api.member_pods("shop")
 
 
 def test_outside_a_pod_without_an_api_url_is_a_clear_error(monkeypatch: Any) -> None:

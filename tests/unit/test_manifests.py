@@ -414,7 +414,9 @@ def test_services_select_pods_and_ports(overlay: str, render: Render) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_kubernetes_api_permissions(overlay: str, render: Render) -> None:
     """Least privilege: meshxl calls the Kubernetes API only in Istio mode, to label
-    member pods: list and patch pods, nothing else, for its own account."""
+    member pods: list and patch pods, nothing else, for its own account; with the
+    endpoints from meshxl also list and patch EnvoyFilters, to move their credentials
+    epoch."""
     docs = render(overlay)
     rbac = [d for d in docs
             if d["kind"] in {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}]
@@ -424,8 +426,10 @@ def test_no_kubernetes_api_permissions(overlay: str, render: Render) -> None:
         assert rbac == []
         return
     role = _find(docs, "ClusterRole", "meshxl-istio-label")
+    epochs = [{"apiGroups": ["networking.istio.io"], "resources": ["envoyfilters"],
+               "verbs": ["list", "patch"]}] if overlay == "istio-endpoints" else []
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"],
-                              "verbs": ["list", "patch"]}]
+                              "verbs": ["list", "patch"]}, *epochs]
     binding = _find(docs, "ClusterRoleBinding", "meshxl-istio-label")
     assert binding["roleRef"]["name"] == "meshxl-istio-label"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "meshxl-istio-label",
@@ -694,7 +698,8 @@ def test_istio_endpoints_overlay_serves_the_sidecars_endpoints(render: Render) -
     docs = render("istio-endpoints")
     namespace = _find(docs, "Namespace", NAMESPACE)
     assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
-    _find(docs, "Deployment", "meshxl-istio-label")
+    label = _find(docs, "Deployment", "meshxl-istio-label")["spec"]["template"]["spec"]
+    assert "--credentials-refresh=6" in label["containers"][0]["args"]
     xds = _find(docs, "Deployment", "meshxl-xds")
     pod = xds["spec"]["template"]["spec"]
     container = pod["containers"][0]
