@@ -164,10 +164,15 @@ async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
 
 @contextlib.asynccontextmanager
 async def high_availability(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
-    """Active a, standby b, pinned sessions, delayed sync, quick judgements."""
+    """Active a, standby b, pinned sessions, delayed sync, quick judgements on latency:
+    these scenarios slow members down. A starved test machine (CI on two cores) also
+    fails some of the loaded active's requests, more than the lightly loaded standby's
+    (measured: 14% against 0, with four CPU hogs), which the default error margin (5%)
+    would judge; the margin here keeps the judgement on what the scenario does."""
     async with DemoDeployment(
             tmp_path / "work", mode="high-availability", pin=True, faults=True,
-            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10}",
+            fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10, "
+                                   "error_margin: 0.5}",
                     "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         yield d
@@ -253,7 +258,8 @@ async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_b
             async with sessions_on(d, fresh, dict.fromkeys(
                     fresh, run.browser.pins[moved])) as new:
                 await wait_until(lambda: state_of_b("handback"), timeout=15,
-                                 what="the probe's sessions handed back")
+                                 what="the probe's sessions handed back",
+                                 explain=lambda: degraded(d))
                 took = time.time() - started
                 await asyncio.sleep(2.0 + 2 * slow_ms / 1000)
                 settled = time.time() - 1.0
