@@ -233,8 +233,8 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
               help="Move the credentials epoch of meshxl's EnvoyFilters rendered with "
                    "--xds-tls this often (6 with Istio's 24 h certificates; below their "
                    "lifetime less their renewal age), so that their clients read their "
-                   "renewed Istio certificates (default 0: never; needs list and patch "
-                   "on envoyfilters).")
+                   "renewed Istio certificates, in the --namespace ones or every one "
+                   "(default 0: never; needs list and patch on envoyfilters).")
 @etcd_option
 @root_option
 def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
