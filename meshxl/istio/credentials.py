@@ -5,10 +5,11 @@ Envoy's Google gRPC client reads the ``ssl_credentials`` files (istio-agent's
 then: a cluster istiod leaves unchanged past the workload certificate's lifetime (24 h
 by default, renewed at about half of it) would reconnect with an expired certificate,
 which meshxl's server refuses. So the rendered EDS source carries a credentials epoch
-in its gRPC ``initial_metadata`` (``x-meshxl-credentials-epoch``), and ``meshxl istio
-label`` moves it forward every ``--credentials-refresh`` (6 h by default) on meshxl's
-EnvoyFilters. Each change is a new version of the cluster: Envoy builds it anew (it
-warms from meshxl again before it replaces the old one) and reads the files then.
+in its gRPC ``initial_metadata`` (:data:`~.endpoints.EPOCH_KEY`), and ``meshxl istio
+label`` moves it forward every ``--credentials-refresh`` hours (the istio-endpoints
+overlay: 6) on meshxl's EnvoyFilters. Each change is a new version of the cluster:
+Envoy builds it anew (it warms from meshxl again before it replaces the old one) and
+reads the files then.
 
 The epoch is the wall clock divided by the period, so every labeler replica writes the
 same value, and a JSON patch that tests the annotation first lets only one of them.
@@ -24,21 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ANNOTATION", "DEFAULT_REFRESH", "METADATA_KEY", "CredentialsRefresher", "epoch_of",
-           "epoch_patch", "initial_metadata"]
+from .endpoints import EPOCH_KEY, eds_sources
+
+__all__ = ["ANNOTATION", "DEFAULT_REFRESH", "CredentialsRefresher", "epoch_of", "epoch_patch"]
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = "x-meshxl-credentials-epoch"
 ANNOTATION = "meshxl.io/credentials-epoch"
 DEFAULT_REFRESH = 6 * 3600.0
 """Seconds between epochs: a certificate in use is then at most this plus its renewal
 age (12 h of Istio's default 24 h) old."""
-
-
-def initial_metadata(epoch: str = "0") -> list[dict[str, str]]:
-    """The gRPC service's ``initial_metadata`` that carries the epoch."""
-    return [{"key": METADATA_KEY, "value": epoch}]
 
 
 def epoch_of(now: float, period: float) -> str:
@@ -60,25 +56,13 @@ def epoch_patch(envoy_filter: Mapping[str, Any], epoch: str) -> list[dict[str, A
          "value": current},
         {"op": "replace", "path": "/metadata/annotations/" + _escape(ANNOTATION),
          "value": epoch}]
-    patches = (envoy_filter.get("spec") or {}).get("configPatches") or []
-    for i, patch in enumerate(patches):
-        source = _get(patch, "patch", "value", "eds_cluster_config", "eds_config",
-                      "api_config_source")
-        for j, service in enumerate(_get(source, "grpc_services") or []):
-            for k, entry in enumerate(_get(service, "initial_metadata") or []):
-                if isinstance(entry, Mapping) and entry.get("key") == METADATA_KEY:
-                    ops.append({"op": "replace", "value": epoch, "path": (
-                        f"/spec/configPatches/{i}/patch/value/eds_cluster_config/eds_config"
-                        f"/api_config_source/grpc_services/{j}/initial_metadata/{k}/value")})
+    for path, service in eds_sources(envoy_filter):
+        entries = service.get("initial_metadata")
+        for k, entry in enumerate(entries if isinstance(entries, list) else []):
+            if isinstance(entry, Mapping) and entry.get("key") == EPOCH_KEY:
+                ops.append({"op": "replace", "path": f"{path}/initial_metadata/{k}/value",
+                            "value": epoch})
     return ops
-
-
-def _get(obj: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(obj, Mapping):
-            return None
-        obj = obj.get(key)
-    return obj
 
 
 def _escape(key: str) -> str:

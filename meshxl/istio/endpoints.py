@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,15 +39,17 @@ from meshxl.addr import grpc_target, is_ip, parse_hostport
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec
 
-from .credentials import initial_metadata
-
-__all__ = ["CA_CONFIG_MAP", "ENDPOINT_SOURCES", "EndpointSource", "ISTIO_OUTPUT_CERTS",
-           "SERVER_CA", "SERVER_NAMES", "STAT_PREFIX", "XdsClientTls", "eds_patch",
-           "source_warnings", "xds_destination_rule", "xds_target"]
+__all__ = ["CA_CONFIG_MAP", "ENDPOINT_SOURCES", "EPOCH_KEY", "EndpointSource",
+           "ISTIO_OUTPUT_CERTS", "SERVER_CA", "SERVER_NAMES", "STAT_PREFIX", "XdsClientTls",
+           "eds_patch", "eds_sources", "source_warnings", "xds_destination_rule",
+           "xds_target"]
 
 EndpointSource = Literal["istiod", "meshxl"]
 ENDPOINT_SOURCES: tuple[EndpointSource, ...] = ("istiod", "meshxl")
 STAT_PREFIX = "meshxl_xds"
+EPOCH_KEY = "x-meshxl-credentials-epoch"
+"""The ``initial_metadata`` entry of an ``--xds-tls`` source: its credentials epoch,
+which ``meshxl istio label`` moves on (:mod:`.credentials`)."""
 """The Google gRPC client's stats (``cluster.<outbound>.grpc.meshxl_xds.*``)."""
 #: How long a new cluster waits for its first assignment before it starts empty. Istio's
 #: own ``0s`` (wait for ever) would keep every client sidecar from becoming ready while
@@ -195,10 +198,32 @@ def eds_patch(spec: ClusterSpec, target: str,
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [{"google_grpc": google_grpc, **(
-                    {"initial_metadata": initial_metadata()} if tls is not None else {})}],
+                    {"initial_metadata": [{"key": EPOCH_KEY, "value": "0"}]}
+                    if tls is not None else {})}],
                 "set_node_on_first_message_only": True,
             },
             "initial_fetch_timeout": INITIAL_FETCH_TIMEOUT,
             "resource_api_version": "V3",
         },
     }}
+
+
+def eds_sources(envoy_filter: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Each gRPC service of the EDS sources an applied EnvoyFilter's CLUSTER patches
+    name (as :func:`eds_patch` renders them), with its JSON pointer in the object; a
+    hand-edited object is read, not trusted (what is not a mapping is skipped)."""
+    def get(obj: Any, *keys: str) -> Any:
+        for key in keys:
+            obj = obj.get(key) if isinstance(obj, Mapping) else None
+        return obj
+
+    patches = get(envoy_filter, "spec", "configPatches")
+    for i, patch in enumerate(patches if isinstance(patches, list) else []):
+        if get(patch, "applyTo") != "CLUSTER":
+            continue
+        services = get(patch, "patch", "value", "eds_cluster_config", "eds_config",
+                       "api_config_source", "grpc_services")
+        for j, service in enumerate(services if isinstance(services, list) else []):
+            if isinstance(service, Mapping):
+                yield (f"/spec/configPatches/{i}/patch/value/eds_cluster_config/eds_config"
+                       f"/api_config_source/grpc_services/{j}"), service

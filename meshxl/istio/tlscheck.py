@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from .endpoints import eds_sources
+
 __all__ = ["client_tls_files", "pod_tls_problem", "unready_client_pods"]
 
 
@@ -28,18 +30,13 @@ def _list(value: Any) -> list[Any]:
 def client_tls_files(envoy_filter: Mapping[str, Any]) -> tuple[str, str] | None:
     """(the certificate files' directory, the server CA file) the EnvoyFilter's CLUSTER
     patch reads in the sidecar, or None when its EDS source has no TLS files."""
-    for patch in _list(_map(envoy_filter.get("spec")).get("configPatches")):
-        if _map(patch).get("applyTo") != "CLUSTER":
-            continue
-        source = _map(_map(_map(_map(_map(_map(patch).get("patch")).get("value")).get(
-            "eds_cluster_config")).get("eds_config")).get("api_config_source"))
-        for service in _list(source.get("grpc_services")):
-            ssl = _map(_map(_map(_map(service).get("google_grpc")).get(
-                "channel_credentials")).get("ssl_credentials"))
-            chain = _map(ssl.get("cert_chain")).get("filename")
-            root = _map(ssl.get("root_certs")).get("filename")
-            if isinstance(chain, str) and isinstance(root, str):
-                return posixpath.dirname(chain), root
+    for _, service in eds_sources(envoy_filter):
+        ssl = _map(_map(_map(service.get("google_grpc")).get(
+            "channel_credentials")).get("ssl_credentials"))
+        chain = _map(ssl.get("cert_chain")).get("filename")
+        root = _map(ssl.get("root_certs")).get("filename")
+        if isinstance(chain, str) and isinstance(root, str):
+            return posixpath.dirname(chain), root
     return None
 
 

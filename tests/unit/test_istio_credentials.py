@@ -13,12 +13,11 @@ from aiohttp import web
 from meshxl.istio import IstioOptions, render_model
 from meshxl.istio.credentials import (
     ANNOTATION,
-    METADATA_KEY,
     CredentialsRefresher,
     epoch_of,
     epoch_patch,
 )
-from meshxl.istio.endpoints import XdsClientTls
+from meshxl.istio.endpoints import EPOCH_KEY, XdsClientTls
 from meshxl.istio.labeler import KubeApiError
 from meshxl.model import parse_model
 from tests.unit.test_istio import MODELS, check_crd
@@ -40,7 +39,7 @@ def epoch_in(ef: dict[str, Any]) -> tuple[str | None, list[str]]:
     values = [entry["value"] for p in ef["spec"]["configPatches"]
               for s in p["patch"]["value"].get("eds_cluster_config", {}).get(
                   "eds_config", {}).get("api_config_source", {}).get("grpc_services", [])
-              for entry in s.get("initial_metadata", []) if entry["key"] == METADATA_KEY]
+              for entry in s.get("initial_metadata", []) if entry["key"] == EPOCH_KEY]
     return ef["metadata"].get("annotations", {}).get(ANNOTATION), values
 
 
