@@ -223,6 +223,11 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
                    "every namespace.")
 @click.option("--kube-api", default=None, metavar="URL",
               help="Kubernetes API URL (default: in-cluster service account).")
+@click.option("--installation", envvar="MESHXL_INSTALLATION", default="meshxl",
+              show_default=True, metavar="NAME",
+              help="Label only the pods of this installation: those the injector labelled "
+                   "meshxl.io/installation=NAME (its --installation; also "
+                   "MESHXL_INSTALLATION). The overlays give meshxl's namespace.")
 @click.option("--resync", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
               metavar="SECONDS", help="Full reconcile at least this often.")
 @click.option("--health-listen", default=None, metavar="HOST:PORT",
@@ -238,7 +243,7 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
 @etcd_option
 @root_option
 def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str | None,
-                  resync: float, health_listen: str | None, once: bool,
+                  installation: str, resync: float, health_listen: str | None, once: bool,
                   credentials_refresh: float, etcd_urls: str, etcd_root: str) -> None:
     """Keep role labels (meshxl.io/role, serving, preferred) on the member pods of
     high-availability clusters, meshxl.io/serving on those of load-sharing clusters
@@ -251,8 +256,10 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
     from meshxl.etcd.mesh import EtcdMeshSource
     from meshxl.istio.credentials import CredentialsRefresher
     from meshxl.istio.labeler import KubeApi, KubeApiError, PodLabeler
+    from meshxl.kube.config import check_installation
     from meshxl.xds.sources import ModelFileSource
 
+    checked(lambda: check_installation(installation))
     health: Any = None  # the bound socket: a busy port or a bad address fails the start
     if health_listen is not None:
         try:
@@ -265,7 +272,8 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
             api = KubeApi(kube_api)
         except (KubeApiError, OSError) as exc:
             fail(str(exc))
-        labelers = [PodLabeler(api, ns, resync=resync) for ns in namespaces or [None]]
+        labelers = [PodLabeler(api, ns, resync=resync, installation=installation)
+                    for ns in namespaces or [None]]
         refreshers = [CredentialsRefresher(api, ns, credentials_refresh * 3600,
                                            api_errors=(KubeApiError,))
                       for ns in namespaces or [None]] if credentials_refresh > 0 else []

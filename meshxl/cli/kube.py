@@ -26,6 +26,12 @@ _inject_options: list[Callable[..., Any]] = [
                  help="etcd endpoints the statesync sidecars use (also MESHXL_ETCD)."),
     click.option("--etcd-prefix", "etcd_root", default="/meshxl", show_default=True,
                  envvar="MESHXL_ETCD_PREFIX", help="Key prefix of this installation."),
+    click.option("--installation", envvar="MESHXL_INSTALLATION",
+                 default=InjectConfig.installation, show_default=True,
+                 help="Name of this installation, written on every member pod as the "
+                      "label meshxl.io/installation (also MESHXL_INSTALLATION): meshxl "
+                      "istio label patches only its installation's pods. The overlays "
+                      "give meshxl's namespace."),
     click.option("--xds", multiple=True, metavar="HOST:PORT", envvar="MESHXL_XDS",
                  help="Control-plane address for the injected Envoy; repeat for "
                       f"replicas (default {InjectConfig.xds[0]}; also MESHXL_XDS, "
@@ -72,14 +78,16 @@ _inject_options: list[Callable[..., Any]] = [
 ]
 
 
-def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
+def _config(image: str, etcd_urls: str, etcd_root: str, installation: str,
+            xds: tuple[str, ...], proxy: str,
             image_pull_policy: str, anti_affinity: str,
             site_topology_key: str | None,
             statesync_token_secret: str | None = None,
             etcd_client_secret: str | None = None,
             xds_client_secret: str | None = None) -> InjectConfig:
     return checked(lambda: InjectConfig(
-        image=image, etcd=etcd_urls, etcd_prefix=etcd_root, xds=tuple(xds) or InjectConfig.xds,
+        image=image, etcd=etcd_urls, etcd_prefix=etcd_root, installation=installation,
+        xds=tuple(xds) or InjectConfig.xds,
         proxy=proxy,  # type: ignore[arg-type]
         image_pull_policy=image_pull_policy,  # type: ignore[arg-type]
         anti_affinity=anti_affinity,  # type: ignore[arg-type]
@@ -100,7 +108,8 @@ def _config(image: str, etcd_urls: str, etcd_root: str, xds: tuple[str, ...], pr
 @with_options(_inject_options)
 @click.option("--log-level", default="info", show_default=True)
 def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
-                          etcd_urls: str, etcd_root: str, xds: tuple[str, ...], proxy: str,
+                          etcd_urls: str, etcd_root: str, installation: str,
+                          xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
                           site_topology_key: str | None, statesync_token_secret: str | None,
                           etcd_client_secret: str | None, xds_client_secret: str | None,
@@ -113,7 +122,7 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
     from meshxl.kube.webhook import WebhookConfig, serve, tls_context
 
     setup_logging(log_level)
-    inject = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
+    inject = _config(image, etcd_urls, etcd_root, installation, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
                      etcd_client_secret, xds_client_secret)
     try:
@@ -140,7 +149,7 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
               help="Kubernetes YAML (multi-document; '-' reads stdin).")
 @with_options(_inject_options)
 @click.option("-q", "--quiet", is_flag=True, help="No per-workload summary on stderr.")
-def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
+def inject(filename: str, image: str, etcd_urls: str, etcd_root: str, installation: str,
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
                    anti_affinity: str, site_topology_key: str | None,
                    statesync_token_secret: str | None, etcd_client_secret: str | None,
@@ -160,7 +169,7 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str,
         inject_documents,
     )
 
-    config = _config(image, etcd_urls, etcd_root, xds, proxy, image_pull_policy,
+    config = _config(image, etcd_urls, etcd_root, installation, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
                      etcd_client_secret, xds_client_secret)
     source = "<stdin>" if filename == "-" else filename

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
@@ -76,6 +76,8 @@ class EtcdMeshSource(Generic[Model]):
         self._keys = keys
         self._on_change = on_change
         self._values: dict[str, bytes] = {}
+        self._unleased: set[str] = set()
+        """Registration keys etcd holds under no lease (:func:`runtime_from_values`)."""
         self._revisions: dict[str, int] = {}
         """mod_revision of the model's keys (its text, its stored JSON form)."""
         self.revision = 0
@@ -125,6 +127,9 @@ class EtcdMeshSource(Generic[Model]):
         prefix = self._keys.mesh_prefix.encode()
         result = await self._client.get_prefix(prefix)
         self._values = {kv.key.decode(): kv.value for kv in result}
+        self._unleased = set()
+        for kv in result:
+            self._note_lease(kv.key.decode(), kv.lease)
         models = (self._keys.model, self._keys.model_form)
         self._revisions = {key: kv.mod_revision for kv in result
                            if (key := kv.key.decode()) in models}
@@ -140,16 +145,32 @@ class EtcdMeshSource(Generic[Model]):
                 key = event.kv.key.decode()
                 if event.kind == "PUT":
                     self._values[key] = event.kv.value
+                    self._note_lease(key, event.kv.lease)
                     if key in models:
                         self._revisions[key] = event.kv.mod_revision
                 else:
                     self._values.pop(key, None)
                     self._revisions.pop(key, None)
+                    self._unleased.discard(key)
                 self.revision = max(self.revision, event.kv.mod_revision)
                 self._rebuild()
         finally:
             await cancel_watch(watch)
         raise ConnectionError("etcd watch ended")
+
+    def _note_lease(self, key: str, lease: int) -> None:
+        """Remember a registration written under no lease, and say so: no sidecar wrote
+        it (each registers under its own lease), so it keeps no pool member live."""
+        parsed = self._keys.parse_cluster_key(key)
+        if parsed is None or parsed[1] != MEMBERS:
+            return
+        if lease:
+            self._unleased.discard(key)
+        else:
+            self._unleased.add(key)
+            log.warning("registration %s has no lease: no sidecar wrote it (a sidecar "
+                        "registers under its own lease), so it keeps no pool member "
+                        "live", one_line(key, 200))
 
     def _rebuild(self) -> None:
         """Recompute model and runtime from the mirrored keys; poke on any change."""
@@ -182,7 +203,7 @@ class EtcdMeshSource(Generic[Model]):
                 else:
                     self.model, self.model_error = model, None
             changed = True
-        runtime = runtime_from_values(keys, self._values)
+        runtime = runtime_from_values(keys, self._values, self._unleased)
         if runtime != self._runtime:
             self._runtime = runtime
             changed = True
@@ -212,15 +233,18 @@ async def read_model(client: aetcd.Client, keys: Keys) -> str | ModelForm | None
                        text.mod_revision, form.mod_revision if form is not None else None)
 
 
-def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState:
+def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
+                        unleased: Collection[str] = ()) -> RuntimeState:
     """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are
-    logged and skipped, as the control plane skips them."""
+    logged and skipped, as the control plane skips them. ``unleased``: the registration
+    keys etcd holds under no lease (:attr:`RuntimeState.unleased`)."""
     registrations: dict[tuple[str, str], Registration] = {}
     members_down: dict[tuple[str, str], AdminAction] = {}
     sites_offline: dict[str, AdminAction] = {}
     health: dict[tuple[str, str], Health] = {}
     preferred: dict[tuple[str, str], PriorityList] = {}
     flushed: dict[tuple[str, str], dict[str, float]] = {}
+    bare: set[tuple[str, str]] = set()
     for key, raw in values.items():
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
@@ -231,6 +255,8 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
             try:
                 if kind == MEMBERS:
                     registrations[(cluster, member)] = Registration.from_dict(data)
+                    if key in unleased:
+                        bare.add((cluster, member))
                 elif kind == ADMIN:
                     members_down[(cluster, member)] = AdminAction.from_dict(data)
                 elif kind == HEALTH:
@@ -251,7 +277,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes]) -> RuntimeState
                 sites_offline[site] = AdminAction.from_dict(data)
     return RuntimeState(registrations=registrations, members_down=members_down,
                         sites_offline=sites_offline, health=health, preferred=preferred,
-                        flushed=flushed)
+                        flushed=flushed, unleased=frozenset(bare))
 
 
 def flushed_moves(data: Mapping[str, Any]) -> dict[str, float]:

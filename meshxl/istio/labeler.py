@@ -13,8 +13,12 @@ in etcd is applied at once; a full reconcile every ``resync`` seconds repairs po
 that were recreated or relabelled by someone else.
 
 The Kubernetes API is spoken directly (aiohttp): list pods by label selector, JSON
-merge patch of ``metadata.labels``. In a pod it uses the service account; ``api_url``
-(e.g. ``kubectl proxy``) overrides that.
+merge patch of ``metadata.labels``. A pod is the installation's by its labels, never
+by its name: the labeler lists and patches only pods labelled with a meshxl cluster
+*and* its installation (``meshxl.io/installation``, which the injector writes on every
+member pod), so run over every namespace it never touches the same-named pods of
+another installation, or of a namespace whose pods merely claim a cluster's name. In a
+pod it uses the service account; ``api_url`` (e.g. ``kubectl proxy``) overrides that.
 """
 
 from __future__ import annotations
@@ -53,12 +57,15 @@ from .labels import (
 )
 from .pools import pools_with_systems
 
-__all__ = ["ClusterLabels", "KubeApi", "KubeApiError", "LabelChange", "PodLabeler",
-           "desired_labels", "pool_labels"]
+__all__ = ["DEFAULT_INSTALLATION", "INSTALLATION_LABEL", "ClusterLabels", "KubeApi",
+           "KubeApiError", "LabelChange", "PodLabeler", "desired_labels", "pool_labels"]
 
 log = logging.getLogger("meshxl.istio.labeler")
 
 CLUSTER_LABEL = "meshxl.io/cluster"
+INSTALLATION_LABEL = "meshxl.io/installation"
+"""The installation that injected the pod (the injector's ``--installation``)."""
+DEFAULT_INSTALLATION = "meshxl"
 _VS_ROLE = VS_PREFIXES[2]
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 class KubeApiError(Unavailable, RuntimeError):
@@ -177,18 +184,21 @@ def _differs(key: str, have: Any, want: str | None) -> bool:
 
 
 def changes(namespace: str | None, desired: Mapping[str, ClusterLabels],
-            pods: Sequence[Mapping[str, Any]]) -> list[LabelChange]:
+            pods: Sequence[Mapping[str, Any]],
+            installation: str = DEFAULT_INSTALLATION) -> list[LabelChange]:
     """The patches that bring ``pods`` (meshxl member pods, of ``namespace`` or of any
     namespace when None) to ``desired``. A member pod meshxl does not know at all gets
-    role ``none``."""
+    role ``none``. Only the pods of ``installation`` (their ``meshxl.io/installation``
+    label) and of ``namespace`` are patched, whatever else the API answered."""
     out: list[LabelChange] = []
     for pod in pods:
         meta = pod.get("metadata")
         meta = meta if isinstance(meta, Mapping) else {}
         name, labels = meta.get("name"), meta.get("labels")
         labels = labels if isinstance(labels, Mapping) else {}
-        pod_namespace = namespace or meta.get("namespace")
-        if not isinstance(pod_namespace, str):
+        pod_namespace = meta.get("namespace", namespace)
+        if not isinstance(pod_namespace, str) or namespace not in (None, pod_namespace) \
+                or labels.get(INSTALLATION_LABEL) != installation:
             continue
         cluster = labels.get(CLUSTER_LABEL)
         if not isinstance(name, str) or not isinstance(cluster, str) or cluster not in desired:
@@ -254,10 +264,13 @@ class KubeApi:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise KubeApiError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
 
-    async def member_pods(self, namespace: str | None) -> list[dict[str, Any]]:
-        """Pods labelled with a meshxl cluster, in ``namespace`` or in every one."""
+    async def member_pods(self, namespace: str | None,
+                          installation: str = DEFAULT_INSTALLATION) -> list[dict[str, Any]]:
+        """Pods labelled with a meshxl cluster and ``installation``, in ``namespace`` or
+        in every one."""
         path = f"/api/v1/namespaces/{namespace}/pods" if namespace else "/api/v1/pods"
-        data = await self._call("GET", path, params={"labelSelector": CLUSTER_LABEL})
+        selector = f"{CLUSTER_LABEL},{INSTALLATION_LABEL}={installation}"
+        data = await self._call("GET", path, params={"labelSelector": selector})
         items = data.get("items") if isinstance(data, dict) else None
         return [i for i in items or [] if isinstance(i, dict)]
 
@@ -289,11 +302,13 @@ class KubeApi:
 @dataclass
 class PodLabeler:
     """Reconciles the role and draining labels of member pods (one namespace, or all
-    when None) with meshxl's view."""
+    when None) of one installation with meshxl's view."""
 
     api: KubeApi
     namespace: str | None
     resync: float = 5.0
+    installation: str = DEFAULT_INSTALLATION
+    """Only pods labelled ``meshxl.io/installation`` with it are listed and patched."""
     patched: int = 0
     errors: int = 0
     last_error: str | None = None
@@ -312,8 +327,8 @@ class PodLabeler:
         desired = desired_labels(model, runtime)
         if not desired:
             return 0
-        pods = await self.api.member_pods(self.namespace)
-        todo = changes(self.namespace, desired, pods)
+        pods = await self.api.member_pods(self.namespace, self.installation)
+        todo = changes(self.namespace, desired, pods, self.installation)
         # Demote before promoting: never two pods labelled active at once.
         todo.sort(key=_promotes)
         for change in todo:

@@ -16,6 +16,7 @@ from .inject import (
     HOSTNAME_KEY,
     LABEL_CLUSTER,
     LABEL_INJECT,
+    LABEL_INSTALLATION,
     LABEL_SITE,
     LABEL_WEIGHT,
     NAMESPACE_LABEL,
@@ -35,8 +36,8 @@ from .workloads import InjectReport, inject_documents, inject_object, inject_yam
 __all__ = [
     "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
     "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
-    "ENVOY_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER", "LABEL_INJECT", "LABEL_SITE",
-    "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "ZONE_KEY", "AntiAffinity",
-    "Decision", "InjectConfig", "InjectError", "InjectReport", "PatchResult", "decide",
-    "inject_documents", "inject_object", "inject_yaml", "mutate_pod", "pod_patch",
+    "ENVOY_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER", "LABEL_INJECT", "LABEL_INSTALLATION",
+    "LABEL_SITE", "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "ZONE_KEY",
+    "AntiAffinity", "Decision", "InjectConfig", "InjectError", "InjectReport", "PatchResult",
+    "decide", "inject_documents", "inject_object", "inject_yaml", "mutate_pod", "pod_patch",
 ]

@@ -14,14 +14,19 @@ from typing import Literal
 from meshxl import __version__
 from meshxl.addr import parse_hostport
 
-__all__ = ["ANTI_AFFINITIES", "DEFAULT_IMAGE", "AntiAffinity", "InjectConfig"]
+__all__ = ["ANTI_AFFINITIES", "DEFAULT_IMAGE", "DEFAULT_INSTALLATION", "AntiAffinity",
+           "InjectConfig", "check_installation"]
 
 AntiAffinity = Literal["preferred", "required", "none"]
 ANTI_AFFINITIES: tuple[AntiAffinity, ...] = ("preferred", "required", "none")
 DEFAULT_IMAGE = f"meshxl/meshxl:{__version__}"
+DEFAULT_INSTALLATION = "meshxl"
+"""The installation's name when none is given; the shipped overlays give the namespace
+meshxl's own workloads run in."""
 
 # A label key: an optional DNS-subdomain prefix and '/', then a name of <= 63 characters.
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -41,6 +46,11 @@ class InjectConfig:
         "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
     envoy_resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: {
         "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    installation: str = DEFAULT_INSTALLATION
+    """The name of this meshxl installation, written on every member pod
+    (``meshxl.io/installation``): ``meshxl istio label`` patches only the pods of its own
+    installation, never same-named pods another installation (or a pod of another
+    namespace claiming a cluster) carries."""
     anti_affinity: AntiAffinity = "preferred"
     """How members of one cluster are kept apart: ``preferred`` (the scheduler tries),
     ``required`` (never two members on one node), ``none``; a pod's
@@ -71,6 +81,7 @@ class InjectConfig:
         if self.proxy not in ("envoy", "none"):
             raise ValueError(f"proxy must be 'envoy' or 'none', got {self.proxy!r}")
         _check_etcd(self.etcd, self.etcd_client_secret)
+        check_installation(self.installation)
         if not self.etcd_prefix.startswith("/"):
             raise ValueError(f"etcd prefix must start with '/', got {self.etcd_prefix!r}")
         if self.proxy == "envoy" and not self.xds:
@@ -102,6 +113,16 @@ class InjectConfig:
         if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
             raise ValueError("the xDS client Secret must be a Secret name (lowercase "
                              f"letters, digits, '-' and '.'), got {secret!r}")
+
+
+def check_installation(name: str) -> str:
+    """An installation's name as the label ``meshxl.io/installation`` holds it (a
+    Kubernetes label value, not empty); ValueError naming the option otherwise."""
+    if not isinstance(name, str) or not _LABEL_VALUE.match(name):
+        raise ValueError("the installation (--installation, MESHXL_INSTALLATION) must be a "
+                         "Kubernetes label value (1-63 letters, digits, '-', '_' or '.', "
+                         f"alphanumeric at both ends), got {str(name)[:80]!r}")
+    return name
 
 
 def _is_label_key(key: str) -> bool:

@@ -64,7 +64,7 @@ __all__ = [
     "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
     "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
     "ENVOY_VOLUME", "ETCD_CLIENT_DIR", "ETCD_CLIENT_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER",
-    "LABEL_INJECT", "LABEL_SITE",
+    "LABEL_INJECT", "LABEL_INSTALLATION", "LABEL_SITE",
     "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "TOKEN_FILE_ENV", "TOKEN_VOLUME",
     "XDS_CLIENT_DIR", "XDS_CLIENT_VOLUME", "ZONE_KEY", "AntiAffinity",
     "Decision", "InjectConfig", "InjectError", "PatchResult", "decide", "mutate_pod",
@@ -76,6 +76,9 @@ LABEL_INJECT = "meshxl.io/inject"
 #: Namespace label that turns injection on for every pod of the namespace.
 NAMESPACE_LABEL = "meshxl-injection"
 LABEL_CLUSTER = "meshxl.io/cluster"
+#: The installation that injected the pod (:attr:`InjectConfig.installation`), always
+#: set by the injector: what ``meshxl istio label`` selects its pods by.
+LABEL_INSTALLATION = "meshxl.io/installation"
 LABEL_SITE = "meshxl.io/site"
 LABEL_WEIGHT = "meshxl.io/weight"
 ANNOTATION_APP_PORT = "meshxl.io/app-port"
@@ -456,6 +459,7 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
     # cluster or site becomes a label too).
     labels = dict(out_meta.get("labels") or {})
     labels[LABEL_CLUSTER] = cluster
+    labels[LABEL_INSTALLATION] = config.installation
     if site:
         labels[LABEL_SITE] = site
     out_meta["labels"] = labels

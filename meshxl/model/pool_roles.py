@@ -35,9 +35,11 @@ def lost_members(pool: str, members: Sequence[PoolMember], registered: bool,
                  state: RuntimeState | None, systems: Iterable[str] = ()) -> dict[str, str]:
     """Pool members out of the placement, each with why: ``admin-down`` on the pool
     (``meshxl member down POOL MEMBER``), ``site-offline``, or, in a pool with
-    ``membership: registered``, ``unregistered``: no registration of it (live lease,
-    ready or not) in any of ``systems``, the pool's virtual systems. ``members`` carry
-    their sites with the pool's default applied."""
+    ``membership: registered``, ``unregistered``: no registration of it under a live
+    lease (ready or not) in any of ``systems``, the pool's virtual systems. A
+    registration etcd holds under no lease (written by a tenant's role, not by the
+    member's sidecar) keeps no member live. ``members`` carry their sites with the
+    pool's default applied."""
     if state is None:
         return {}
     down = state.members_down_of(pool)
@@ -45,7 +47,7 @@ def lost_members(pool: str, members: Sequence[PoolMember], registered: bool,
     present: set[str] = set()
     if registered:
         for system in systems:
-            present.update(state.registrations_of(system))
+            present.update(state.leased_registrations_of(system))
     out = {}
     for m in members:
         if m.name in down:

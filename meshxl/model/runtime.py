@@ -43,6 +43,18 @@ class RuntimeState:
     flushed: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
     """(cluster, member): the planned moves away from it (:mod:`.moves`) for which its
     sidecar replicated every young session, each with when (the sidecar's clock)."""
+    unleased: frozenset[tuple[str, str]] = frozenset()
+    """(cluster, member) of the registrations etcd holds under no lease: no sidecar
+    wrote them (a sidecar always registers under its own lease, which ends with it), so
+    they keep no pool member live (:func:`.pool_roles.lost_members`)."""
+
+    def leased_registrations_of(self, cluster: str) -> frozenset[str]:
+        """The members of ``cluster`` registered under a live lease: what a member's own
+        sidecar proves (a key exists under a lease only while the lease lives)."""
+        found = self.registrations_of(cluster)
+        if not self.unleased:
+            return frozenset(found)
+        return frozenset(m for m in found if (cluster, m) not in self.unleased)
 
     def registrations_of(self, cluster: str) -> Mapping[str, Registration]:
         """One cluster's registrations by member (indexed once per state)."""

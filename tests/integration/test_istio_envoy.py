@@ -269,6 +269,7 @@ class FakeIstiod:
     def add_pod(self, name: str, site: str, port: int) -> None:
         self.pods[name] = {"metadata": {"name": name, "namespace": NAMESPACE, "labels": {
             "app": "orders", "meshxl.io/cluster": "orders", "meshxl.io/site": site,
+            "meshxl.io/installation": "meshxl",  # as the injector writes it
             "statefulset.kubernetes.io/pod-name": name}},
             "status": {"podIP": "127.0.0.1", "ready": True}, "port": port}
 
@@ -317,9 +318,9 @@ class FakeIstiod:
     def app(self) -> web.Application:
         async def list_pods(request: web.Request) -> web.Response:
             assert request.match_info["ns"] == NAMESPACE
-            key = request.query.get("labelSelector", "")
+            selector = request.query.get("labelSelector", "")
             items = [{k: v for k, v in p.items() if k != "port"} for p in self.pods.values()
-                     if key in p["metadata"]["labels"]]
+                     if selected(p["metadata"]["labels"], selector)]
             return web.json_response({"kind": "PodList", "items": items})
 
         async def patch_pod(request: web.Request) -> web.Response:
@@ -342,6 +343,16 @@ class FakeIstiod:
         app.router.add_get("/api/v1/namespaces/{ns}/pods", list_pods)
         app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch_pod)
         return app
+
+
+def selected(labels: dict[str, str], selector: str) -> bool:
+    """The API server's equality-based label selector (``key``, ``key=value``, all of
+    the comma-separated terms)."""
+    for term in filter(None, selector.split(",")):
+        key, eq, value = term.partition("=")
+        if key not in labels or (eq and labels[key] != value):
+            return False
+    return True
 
 
 @contextlib.asynccontextmanager
@@ -734,7 +745,7 @@ async def test_label_command_once_over_every_namespace(etcd: Any, etcd_client: A
     app = web.Application()
 
     async def list_all(request: web.Request) -> web.Response:
-        assert request.query["labelSelector"] == "meshxl.io/cluster"
+        assert request.query["labelSelector"] == "meshxl.io/cluster,meshxl.io/installation=meshxl"
         return web.json_response({"items": [
             {k: v for k, v in p.items() if k != "port"} for p in istiod.pods.values()]})
 

@@ -137,3 +137,46 @@ async def test_a_member_whose_registration_lapses_leaves_the_placement_and_comes
             for part in parts:
                 with contextlib.suppress(Exception):
                     await part.stop()
+
+
+async def test_a_tenants_unleased_registration_keeps_no_dead_member_live(
+        start_control_plane: Any, etcd: Any, etcd_client: aetcd.Client) -> None:
+    """A tenant's etcd role may write under its own VS: an unleased registration of a
+    pool member there (no sidecar's lease behind it) must keep that member live for no
+    VS. The member stays lost on both replicas and no active role moves onto it;
+    the operator's view agrees."""
+    text = MODEL
+    await apply_model(etcd_client, KEYS, text, "test")
+    dead = "w2"
+    running = [Membership(etcd_client, KEYS, vs, m, address=LOOPBACK,
+                          port=MEMBERS[m][1], site=MEMBERS[m][0], ttl=TTL)
+               for m in MEMBERS if m != dead for vs in TENANTS]
+    try:
+        for part in running:
+            await part.start()
+        planes = [await start_control_plane(etcd=etcd.url, replica=f"cp{i}")
+                  for i in range(2)]
+        await until("the dead member lost", lambda: all(
+            roles_of(p)[0] == {dead} for p in planes))
+        before = roles_of(planes[0])[1]
+        assert all(before[vs].active != dead for vs in TENANTS)
+
+        # The tenant t1 writes a registration of the dead member under its own VS.
+        site, port = MEMBERS[dead]
+        await etcd_client.put(KEYS.member("t1", dead).encode(), (
+            f'{{"address": "{LOOPBACK}", "port": {port}, "site": "{site}", '
+            '"ready": true}').encode())
+        await until("both replicas read the forged registration", lambda: all(
+            ("t1", dead) in p.runtime.registrations for p in planes))
+        for plane in planes:
+            lost, roles = roles_of(plane)
+            assert lost == {dead}, "an unleased registration made a dead member live"
+            assert roles == before, "a role moved onto the dead member"
+        report = vs_report(await read_mesh(etcd_client, KEYS))
+        pool = {m["name"]: m for m in report["pools"][0]["members"]}
+        assert pool[dead]["lost"] and pool[dead]["why"] == "unregistered"
+        assert all(v["active"] != dead for v in report["virtual_systems"])
+    finally:
+        for part in running:
+            with contextlib.suppress(Exception):
+                await part.stop()

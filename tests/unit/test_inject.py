@@ -698,3 +698,26 @@ def test_junk_admission_reviews_are_answered_or_refused_cleanly(review: Any) -> 
         return
     assert answer["response"]["allowed"] is True
     json.dumps(answer)
+
+
+def test_every_member_pod_is_labelled_with_its_installation() -> None:
+    """The label ``meshxl istio label`` selects its installation's pods by: always the
+    injector's own value, never one the pod claims."""
+    from meshxl.istio.labeler import DEFAULT_INSTALLATION, INSTALLATION_LABEL
+    from meshxl.kube import LABEL_INSTALLATION
+    from meshxl.kube.config import DEFAULT_INSTALLATION as KUBE_DEFAULT
+
+    assert (LABEL_INSTALLATION, KUBE_DEFAULT) == (INSTALLATION_LABEL, DEFAULT_INSTALLATION)
+    pod = load("pod.yaml")
+    assert mutate_pod(pod, CONFIG)["metadata"]["labels"][LABEL_INSTALLATION] == "meshxl"
+    pod["metadata"].setdefault("labels", {})[LABEL_INSTALLATION] = "meshxl-system"
+    ours = dataclasses.replace(CONFIG, installation="shop-meshxl")
+    assert mutate_pod(pod, ours)["metadata"]["labels"][LABEL_INSTALLATION] == "shop-meshxl"
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "x" * 64, "a b"])
+def test_an_installation_that_is_no_label_value_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"--installation, MESHXL_INSTALLATION"):
+        dataclasses.replace(CONFIG, installation=name)
+    result = CliRunner().invoke(main, ["inject", "-f", "-", "--installation", name], input="")
+    assert result.exit_code == 1 and "--installation" in result.output, result.output

@@ -28,7 +28,9 @@ clusters:
 
 
 def _pod(name: str, cluster: str = "orders", **labels: str) -> dict[str, Any]:
-    return {"metadata": {"name": name, "labels": {"meshxl.io/cluster": cluster, **labels}}}
+    return {"metadata": {"name": name, "labels": {"meshxl.io/cluster": cluster,
+                                                  "meshxl.io/installation": "meshxl",
+                                                  **labels}}}
 
 
 def _state(down: tuple[str, ...] = ()) -> RuntimeState:
@@ -235,7 +237,7 @@ class _Api:
         self.pods = pods
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    async def member_pods(self, namespace: str) -> list[dict[str, Any]]:
+    async def member_pods(self, namespace: str, installation: str) -> list[dict[str, Any]]:
         return self.pods
 
     async def patch_labels(self, namespace: str, pod: str, labels: Any) -> None:
@@ -284,3 +286,68 @@ def test_outside_a_pod_without_an_api_url_is_a_clear_error(monkeypatch: Any) -> 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeApiError, match="give --kube-api URL"):
         KubeApi()
+
+
+def _selected(labels: dict[str, str], selector: str) -> bool:
+    """The API server's equality-based label selector: ``key``, ``key=value``,
+    ``key!=value``, comma-separated (all must hold)."""
+    for term in filter(None, selector.split(",")):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+async def test_only_its_own_installations_pods_are_patched() -> None:
+    """Run over every namespace (the shipped overlay), the labeler leaves alone the
+    same-named pods of another installation's cluster of the same name, and pods of
+    its cluster's name no installation injected: a pod is its installation's by the
+    label the injector writes, never by its name."""
+    def pod(ns: str, name: str, installation: str | None, role: str) -> dict[str, Any]:
+        labels = {"meshxl.io/cluster": "orders", "meshxl.io/role": role}
+        if installation is not None:
+            labels["meshxl.io/installation"] = installation
+        return {"metadata": {"name": name, "namespace": ns, "labels": labels}}
+
+    pods = [pod("shop", "orders-0", "meshxl", "active"),
+            pod("shop", "orders-1", "meshxl", "standby"),
+            pod("shop", "orders-2", "meshxl", "backup"),
+            pod("other", "orders-0", "other", "standby"),
+            pod("other", "orders-1", "other", "active"),
+            pod("other", "orders-2", "other", "backup"),
+            pod("stray", "orders-1", None, "none")]
+    patched: list[tuple[str, str, dict[str, Any]]] = []
+    app = web.Application()
+
+    async def listing(request: web.Request) -> web.Response:
+        selector = request.query.get("labelSelector", "")
+        namespace = request.match_info.get("ns")
+        return web.json_response({"items": [
+            p for p in pods if _selected(p["metadata"]["labels"], selector)
+            and namespace in (None, p["metadata"]["namespace"])]})
+
+    async def patch(request: web.Request) -> web.Response:
+        body = await request.json()
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        patched.append((ns, name, body["metadata"]["labels"]))
+        for p in pods:
+            if (p["metadata"]["namespace"], p["metadata"]["name"]) == (ns, name):
+                p["metadata"]["labels"].update(body["metadata"]["labels"])
+        return web.json_response({})
+
+    app.router.add_get("/api/v1/pods", listing)
+    app.router.add_get("/api/v1/namespaces/{ns}/pods", listing)
+    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch)
+    async with kube_api(app) as api:
+        labeler = PodLabeler(api, None)  # every namespace, as the overlay runs it
+        assert await labeler.reconcile(MODEL, _state(down=("orders-0",))) > 0
+    assert {ns for ns, _, _ in patched} == {"shop"}, patched
+    assert [p["metadata"]["labels"]["meshxl.io/role"] for p in pods] == [
+        "none", "active", "standby", "standby", "active", "backup", "none"]

@@ -48,6 +48,7 @@ def _pods(state: RuntimeState | None = None, model: Any = MODEL) -> list[dict[st
                           "ownerReferences": [{"kind": "StatefulSet",
                                                "name": name.rsplit("-", 1)[0]}],
                           "labels": {"meshxl.io/cluster": "web", "meshxl.io/site": sites[name],
+                                     "meshxl.io/installation": "meshxl",
                                      **{k: v for k, v in labels.items() if v is not None}}}}
             for name, labels in want.members.items()]
 

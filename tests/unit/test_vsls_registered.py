@@ -95,3 +95,32 @@ def test_with_no_member_registered_every_member_stays_listed() -> None:
     assert placement_of(model, model.pools[0], state).lost == {"m1", "m2", "m3", "m4"}
     spec = placed(model, state).cluster("t01")
     assert spec is not None and len(spec.members) == 4
+
+
+def test_an_unleased_registration_keeps_no_member_live_here_or_on_the_sidecar() -> None:
+    """Only what a member's own lease proves makes it live: a registration etcd holds
+    under no lease (a tenant's role wrote it under its VS) counts for no VS, on the
+    control plane and in the sidecar's mirror (the same runtime, the same roles)."""
+    from meshxl.etcd.keys import Keys
+    from meshxl.etcd.mesh import runtime_from_values
+    from meshxl.model.light import parse_light
+    from meshxl.model.light_roles import pool_roles
+
+    model = parse_model(MODEL)
+    pool = model.pools[0]
+    keys = Keys()
+    values = {keys.member(vs, m): b'{"address": "127.0.0.1", "port": 9001}'
+              for m in ("m1", "m2", "m3") for vs in ("t01", "t02")}
+    values[keys.member("t03", "m4")] = b'{"address": "127.0.0.1", "port": 9004}'
+    forged = runtime_from_values(keys, values, {keys.member("t03", "m4")})
+    assert forged.unleased == {("t03", "m4")}
+    assert ("t03", "m4") in forged.registrations  # still shown, never counted live
+    assert lost_reasons(pool, forged, VSS) == {"m4": "unregistered"}
+    honest = runtime_from_values(keys, values)
+    assert lost_reasons(pool, honest, VSS) == {}
+    absent = runtime_from_values(keys, {k: v for k, v in values.items() if "m4" not in k})
+    roles = placement_of(model, pool, forged).roles
+    assert roles == placement_of(model, pool, absent).roles
+    assert all(r.active != "m4" and r.standby != "m4" for r in roles.values())
+    light = parse_light(MODEL, "model")
+    assert dict(pool_roles(light, forged, light.placed_pools[0])) == roles

@@ -80,7 +80,7 @@ async def read_mesh(client: aetcd.Client, keys: Keys, model_text: str | None = N
             model = parse_model(model_text, source=source)
         except ModelError as exc:
             error = str(exc)
-    runtime = runtime_from_values(keys, values)
+    runtime = runtime_from_values(keys, values, {kv.key.decode() for kv in mesh if not kv.lease})
     if model is not None:
         model = placed(model, runtime)  # virtual systems: roles for the runtime state
     resolved = await resolve_names(hostnames(model, runtime)) if model is not None else {}
