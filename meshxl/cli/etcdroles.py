@@ -148,7 +148,8 @@ def etcd_setup(model: Path, control_plane_users: tuple[str, ...], enable_auth: b
     if output == "json":
         print_json(result.as_dict())
         return
-    click.echo(f"roles: {len(setup.users()) - 1}, created {len(result.roles.roles_created)}; "
+    click.echo(f"roles: {len(setup.grant().roles()) + 1}, created "
+               f"{len(result.roles.roles_created)}; "
                f"permissions granted {result.roles.permissions_granted}, revoked "
                f"{result.roles.permissions_revoked}")
     click.echo(f"users: {len(setup.users())}, created {len(result.users_created)}; roles "
