@@ -416,9 +416,17 @@ def test_the_installation_gives_each_cluster_its_own_etcd_user(
     assert _secret_of(job, container, _arg(container, "--etcd-key")) == root
     assert issued.common_name(root) == "root"
     assert issued.trust_anchor(root) == issued.trust_anchor("meshxl-etcd-server-tls")
-    # The root certificate is mounted by this Job alone.
+    # The root certificate is mounted by the setup Jobs alone (the main cluster's, and
+    # with session shards each shard's).
+    setups = [d for d in docs if d["kind"] == "Job"
+              and d["metadata"]["name"].startswith("meshxl-etcd-setup")]
+    shards = [d for d in docs if d["kind"] == "StatefulSet"
+              and d["metadata"]["name"] != "meshxl-etcd" and "etcd" in d["metadata"]["name"]]
+    assert len(setups) == 1 + len(shards)
+    for setup in setups:
+        assert _container(setup)["args"] == args
     for workload in docs:
-        if workload["kind"] not in ("Deployment", "StatefulSet", "Job") or workload is job:
+        if workload["kind"] not in ("Deployment", "StatefulSet", "Job") or workload in setups:
             continue
         spec = workload["spec"].get("template", {}).get("spec", {})
         assert root not in {v.get("secret", {}).get("secretName")

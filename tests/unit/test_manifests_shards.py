@@ -581,3 +581,24 @@ async def test_the_job_run_again_writes_nothing(job_map: ShardMap) -> None:
     with pytest.raises(Conflict, match="sidecars are registered"):
         await set_map(unsharded, keys, job_map, connect)
     assert keys.shards.encode() not in unsharded.data
+
+
+@pytest.mark.parametrize("overlay", sorted(SHARD_OVERLAYS))
+def test_each_shard_gets_the_etcd_users_of_the_main_cluster(overlay: str,
+                                                            render: Render) -> None:
+    """Sessions live in the shards: each shard's etcd gets the same users and roles as
+    the main cluster's (a setup Job per shard, dialling exactly the members the map
+    names for it), so a cluster's certificate reaches no other cluster's sessions there
+    either."""
+    docs = render(overlay)
+    shard_map = _job_container(docs)
+    named = dict(a.removeprefix("--shard=").split("=", 1) for a in shard_map["args"]
+                 if a.startswith("--shard="))
+    assert sorted(f"meshxl-etcd-{s}" for s in named) == sorted(_shard_statefulsets(docs))
+    for shard, urls in named.items():
+        job = _find(docs, "Job", f"meshxl-etcd-setup-{shard}")
+        container = _container(job)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MESHXL_ETCD"] == urls
+        assert "--enable-auth" in container["args"]
+        assert job["spec"]["template"]["metadata"]["labels"]["meshxl.io/etcd-client"] == "true"
