@@ -1,4 +1,6 @@
-"""``meshxl etcd grant``: a per-cluster etcd role for each cluster named (and a user
+"""``meshxl etcd setup`` and ``meshxl etcd grant``: the installation's etcd users and
+roles from the model, a role and a user per cluster (docs/security.md, "etcd: least
+privilege by default"), and a per-cluster etcd role for each cluster named (and a user
 holding them), so that etcd itself keeps one cluster's sidecars out of another's
 sessions (docs/security.md, "etcd: a role per cluster")."""
 
@@ -16,7 +18,7 @@ from .options import etcd_client, etcd_option, output_option, print_json, root_o
 
 @click.group()
 def etcd() -> None:
-    """etcd administration for meshxl (roles per cluster)."""
+    """etcd administration for meshxl (users and roles per cluster)."""
 
 
 def _user_password(password_file: Path | None) -> str | None:
@@ -90,6 +92,70 @@ def etcd_grant(clusters: tuple[str, ...], user: str | None, user_password_file: 
         click.echo(f"user {user}: " + ("created, " if result.user_created else
                                        "password changed, " if result.password_changed
                                        else "") + f"given {len(grant.roles())} role(s)")
+
+
+@etcd.command("setup")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--control-plane-user", "control_plane_users", metavar="NAME", multiple=True,
+              help="A user of the control plane or an operator, given read-write on the "
+                   "whole prefix (the role meshxl); repeatable. Default: meshxl-system, "
+                   "the common name of the overlays' certificate for meshxl's own pods.")
+@click.option("--enable-auth", is_flag=True,
+              help="Turn etcd's authentication on once the users exist: from then on a "
+                   "certificate (or user) that is none of them gets nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the same setup as etcdctl commands; change nothing.")
+@output_option
+@etcd_option
+@root_option
+def etcd_setup(model: Path, control_plane_users: tuple[str, ...], enable_auth: bool,
+               dry_run: bool, output: str, etcd_urls: str, etcd_root: str) -> None:
+    """The etcd users and roles of an installation, from MODEL (a model file): for each
+    cluster, pool and virtual system, the role meshxl-cluster-NAME (as `meshxl etcd
+    grant`) and a user of that name holding it and no other role; the role meshxl
+    (read-write on the prefix) for each --control-plane-user; root. The users have no
+    password: etcd takes them from client certificates' common names. Idempotent;
+    run it again after adding a cluster. Run it as etcd's root user."""
+    from meshxl.errors import InputError
+    from meshxl.etcd.setup import DEFAULT_CONTROL_PLANE_USERS, Setup, apply_setup, setup_commands
+    from meshxl.model import load_model
+
+    from .errors import checked
+
+    spec = checked(lambda: load_model(model))
+    names = [c.name for c in spec.clusters] + [p.name for p in spec.pools] + [
+        name for vs in spec.virtual_systems for name in vs.all_names]
+    if not names:
+        fail(f"{model}: the model has no cluster, pool or virtual system")
+    try:
+        setup = Setup(tuple(names), control_plane_users or DEFAULT_CONTROL_PLANE_USERS,
+                      root=etcd_root, enable_auth=enable_auth)
+    except InputError as exc:
+        fail(str(exc))
+    if dry_run:
+        lines = setup_commands(setup)
+        if output == "json":
+            print_json({"commands": lines, "users": setup.users()})
+        else:
+            click.echo("\n".join(lines))
+        return
+
+    async def go() -> Any:
+        async with etcd_client(etcd_urls) as client:
+            return await apply_setup(client.channel, setup)
+
+    result = run(go)
+    if output == "json":
+        print_json(result.as_dict())
+        return
+    click.echo(f"roles: {len(setup.grant().roles()) + 1}, created "
+               f"{len(result.roles.roles_created)}; "
+               f"permissions granted {result.roles.permissions_granted}, revoked "
+               f"{result.roles.permissions_revoked}")
+    click.echo(f"users: {len(setup.users())}, created {len(result.users_created)}; roles "
+               f"given {result.roles_given}, taken {result.roles_taken}")
+    click.echo("authentication: " + ("enabled" if result.auth_enabled else
+                                     "unchanged (--enable-auth to turn it on)"))
 
 
 COMMANDS: list[click.Command] = [etcd]

@@ -28,8 +28,8 @@ from meshxl.errors import InputError, Unavailable
 
 from .keys import Keys
 
-__all__ = ["Grant", "GrantResult", "Range", "apply_grant", "cluster_permissions",
-           "etcdctl_commands", "role_name"]
+__all__ = ["Grant", "GrantResult", "Range", "apply_grant", "apply_roles",
+           "cluster_permissions", "etcdctl_commands", "role_name"]
 
 ROLE_PREFIX = "meshxl-cluster-"
 
@@ -158,10 +158,23 @@ async def apply_grant(channel: grpc.aio.Channel, grant: Grant,
     permissions set to exactly :func:`cluster_permissions` (others revoked), the user
     added (or its password changed) and given the roles. Needs an etcd user allowed to
     manage authentication (``root``)."""
+    result = await apply_roles(channel, grant.roles(), timeout)
+    if grant.user is not None:
+        try:
+            await _user(rpc.AuthStub(channel), grant, result, timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _refused(exc) from None
+    return result
+
+
+async def apply_roles(channel: grpc.aio.Channel, roles: dict[str, list[Range]],
+                      timeout: float = 10.0) -> GrantResult:
+    """Each role of ``roles`` added if missing and given exactly its ranges (any other
+    permission revoked)."""
     auth = rpc.AuthStub(channel)
     result = GrantResult([], 0, 0, False, False)
     try:
-        for role, ranges in grant.roles().items():
+        for role, ranges in roles.items():
             try:
                 got = await auth.RoleGet(rpc.AuthRoleGetRequest(role=role), timeout=timeout)
                 have = {(p.permType, p.key, p.range_end) for p in got.perm}
@@ -182,16 +195,18 @@ async def apply_grant(channel: grpc.aio.Channel, grant: Grant,
                     name=role, perm=rpc.Permission(permType=kind, key=key, range_end=end)),
                     timeout=timeout)
                 result.permissions_granted += 1
-        if grant.user is not None:
-            await _user(auth, grant, result, timeout)
     except grpc.aio.AioRpcError as exc:
-        details = _details(exc)
-        if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
-                          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-            raise InputError(f"etcd refused the grant: {details} (run it with the root "
-                             "user's credentials, --etcd-user root)") from None
-        raise Unavailable(f"etcd request failed: {details}") from None
+        raise _refused(exc) from None
     return result
+
+
+def _refused(exc: grpc.aio.AioRpcError) -> Exception:
+    details = _details(exc)
+    if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
+                      grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return InputError(f"etcd refused the grant: {details} (run it with the root "
+                          "user's credentials, --etcd-user root)")
+    return Unavailable(f"etcd request failed: {details}")
 
 
 async def _user(auth: Any, grant: Grant, result: GrantResult, timeout: float) -> None:

@@ -27,6 +27,8 @@ meshxl's own workloads run in."""
 # A label key: an optional DNS-subdomain prefix and '/', then a name of <= 63 characters.
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+CLUSTER_PLACEHOLDER = "{cluster}"
+"""In the etcd client Secret's name: the pod's cluster."""
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -68,7 +70,10 @@ class InjectConfig:
     """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
     the client certificate the statesync sidecar presents to an etcd running with
     ``--client-cert-auth`` and the CA that signed etcd's certificate. Needed with
-    ``https://`` etcd endpoints, meaningless without (docs/kubernetes.md, "etcd TLS")."""
+    ``https://`` etcd endpoints, meaningless without (docs/kubernetes.md, "etcd TLS").
+    ``{cluster}`` in the name stands for the pod's cluster (the overlays'
+    ``meshxl-etcd-{cluster}``): each cluster's sidecars get their cluster's own
+    certificate, whose common name is their etcd user (:meth:`etcd_secret_for`)."""
     xds_client_secret: str | None = None
     """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
     the injected Envoy's client certificate for the control plane (mutual TLS, the node
@@ -106,13 +111,33 @@ class InjectConfig:
             raise ValueError("the statesync token Secret must be a Secret name (lowercase "
                              f"letters, digits, '-' and '.'), got {secret!r}")
         secret = self.etcd_client_secret
-        if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
+        if secret is not None and (secret.count(CLUSTER_PLACEHOLDER) > 1 or not _secret_name(
+                secret.replace(CLUSTER_PLACEHOLDER, "c"))):
             raise ValueError("the etcd client Secret must be a Secret name (lowercase "
-                             f"letters, digits, '-' and '.'), got {secret!r}")
+                             "letters, digits, '-' and '.'), with {cluster} at most once "
+                             f"for the pod's cluster, got {secret!r}")
         secret = self.xds_client_secret
         if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
             raise ValueError("the xDS client Secret must be a Secret name (lowercase "
                              f"letters, digits, '-' and '.'), got {secret!r}")
+
+    def etcd_secret_for(self, cluster: str) -> str | None:
+        """The etcd client Secret of a pod of ``cluster``: ``etcd_client_secret`` with
+        ``{cluster}`` replaced; a ValueError if that is no Secret name (a cluster name
+        with ``_`` or upper-case letters)."""
+        secret = self.etcd_client_secret
+        if secret is None or CLUSTER_PLACEHOLDER not in secret:
+            return secret
+        name = secret.replace(CLUSTER_PLACEHOLDER, cluster)
+        if not _secret_name(name):
+            raise ValueError(f"cluster {cluster!r} makes no Secret name of the etcd client "
+                             f"Secret {secret!r} ({name!r}: lowercase letters, digits, '-' "
+                             "and '.' only); rename the cluster or give its own Secret name")
+        return name
+
+
+def _secret_name(name: str) -> bool:
+    return len(name) <= 253 and bool(_DNS_SUBDOMAIN.match(name))
 
 
 def check_installation(name: str) -> str:

@@ -450,8 +450,14 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
                  if isinstance(v, Mapping)}
         if ETCD_CLIENT_VOLUME in taken:
             raise InjectError(f"the pod already has a volume named {ETCD_CLIENT_VOLUME!r}")
+        try:
+            # Its cluster's own certificate: its etcd user (docs/security.md).
+            secret = config.etcd_secret_for(cluster)
+        except ValueError as exc:
+            raise InjectError(str(exc)) from None
+        assert secret is not None
         new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
-                               etcd_client_volume(config.etcd_client_secret)]
+                               etcd_client_volume(secret)]
         volumes.append(ETCD_CLIENT_VOLUME)
     scheduling = _place(new_spec, cluster, site, strength, config.site_topology_key)
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import pytest
 
 from meshxl import etcd
@@ -130,28 +131,43 @@ async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
         (system_dir / name).write_bytes(base64.b64decode("".join(value.split())))
     await _etcd_answers(url, system_dir)
 
+    # The Job meshxl-etcd-setup, with its own arguments and Secret: a user per cluster of
+    # the model, authentication on.
+    job = _find(docs, "Job", "meshxl-etcd-setup")
+    (job_container,) = job["spec"]["template"]["spec"]["containers"]
+    job_mounted = _project(job, job_container, secrets, harness.root / "volumes")
+    model = tree / "base" / "model.yaml"
+    job_args = [model.as_posix() if a == "/etc/meshxl/model/model.yaml" else a
+                for a in _local_args(job_container, job_mounted, {})]
+    code, out, err = await meshxl(*job_args, "--etcd", url)
+    assert code == 0, err
+    assert "authentication: enabled" in out, out
+
     # The control plane's own flags and Secret.
     xds = _find(docs, "Deployment", "meshxl-xds")
     (xds_container,) = xds["spec"]["template"]["spec"]["containers"]
     xds_mounted = _project(xds, xds_container, secrets, harness.root / "volumes")
     options = _tls_options(xds_mounted, xds_container)
-    model = tree / "base" / "model.yaml"
     code, _, err = await meshxl("apply", str(model), "--etcd", url, *options)
     assert code == 0, err
     code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
     assert code == 0, err
     assert [c["name"] for c in json.loads(out)["clusters"]] == ["orders"]
 
-    # A sidecar with the sidecars' Secret (what the webhook mounts) registers.
-    files = harness.root / "statesync"
-    files.mkdir()
-    for name, value in secrets["meshxl-statesync-etcd"]["data"].items():
-        (files / name).write_bytes(base64.b64decode("".join(value.split())))
+    # A sidecar of orders with its cluster's certificate (make-certs.sh's, the Secret
+    # meshxl-etcd-orders the webhook mounts) registers and writes; that certificate
+    # may not rewrite the model (etcd refuses its user).
+    files = tree / "components" / "self-signed" / "certs" / "etcd"
+    orders = etcd.EtcdSecurity(ca=files / "ca.crt", cert=files / "cluster-orders.crt",
+                               key=files / "cluster-orders.key")
     sidecar = SidecarProcess(harness, cluster="orders", member="orders-0", etcd=url,
-                             app_port=free_port(), etcd_ca=files / "ca.crt",
-                             etcd_cert=files / "tls.crt", etcd_key=files / "tls.key")
+                             app_port=free_port(), etcd_ca=orders.ca, etcd_cert=orders.cert,
+                             etcd_key=orders.key)
     await sidecar.start(timeout=30.0)
     assert (await sidecar.put("cart-1", {"items": 1})).status == 201
+    async with etcd.client(url, security=orders) as client:
+        with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+            await client.put(b"/meshxl/v1/mesh/model", b"clusters: []")
 
     # Refused: no client certificate, and one from the webhook's CA (not etcd's).
     webhook = secrets["meshxl-webhook-tls"]["data"]

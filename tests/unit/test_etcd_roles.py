@@ -72,3 +72,33 @@ def test_etcdctl_rendering() -> None:
 def test_bad_grants_are_input_errors(grant: object) -> None:
     with pytest.raises(InputError):
         grant()  # type: ignore[operator]
+
+
+def test_setup_gives_each_cluster_a_user_of_its_own_role_only() -> None:
+    from meshxl.etcd.setup import Setup, setup_commands
+
+    setup = Setup(("orders", "t01"), enable_auth=True)
+    assert setup.users() == {"meshxl-cluster-orders": "meshxl-cluster-orders",
+                             "meshxl-cluster-t01": "meshxl-cluster-t01",
+                             "meshxl-system": "meshxl", "root": "root"}
+    (broad,) = setup.control_plane_permissions()
+    assert (broad.key, broad.access, broad.prefix) == ("/meshxl/", "readwrite", True)
+    lines = setup_commands(setup)
+    assert lines[-1] == "etcdctl auth enable"
+    assert "etcdctl user add meshxl-cluster-t01 --no-password" in lines
+    # No cluster's role reaches the model, another cluster's keys or the shard map.
+    for cluster, ranges in setup.grant().roles().items():
+        name = cluster.removeprefix("meshxl-cluster-")
+        other = "t01" if name == "orders" else "orders"
+        for key in (KEYS.model, KEYS.shards, KEYS.shard_fence, KEYS.session(other, "s"),
+                    KEYS.member(other, "m")):
+            assert not [r for r in ranges if covers(r, key) and r.access == "readwrite"]
+
+
+@pytest.mark.parametrize("users", [("root",), ("meshxl-cluster-t01",), ("a b",), ("",)])
+def test_setup_refuses_a_control_plane_user_it_manages_otherwise(
+        users: tuple[str, ...]) -> None:
+    from meshxl.etcd.setup import Setup
+
+    with pytest.raises(InputError):
+        Setup(("t01",), users)

@@ -194,3 +194,36 @@ def test_any_secret_name_and_https_endpoints_give_a_valid_pod(secret: str, hosts
 def test_a_secret_that_is_not_a_secret_name_is_refused(secret: str) -> None:
     with pytest.raises(ValueError, match="the etcd client Secret must be a Secret name"):
         InjectConfig(etcd=ETCD, etcd_client_secret=secret)
+
+
+PER_CLUSTER = InjectConfig(image=TLS.image, etcd=ETCD,
+                           etcd_client_secret="meshxl-etcd-{cluster}")
+
+
+@pytest.mark.parametrize("cluster", ["orders", "cart", "t01.eu"])
+def test_each_cluster_mounts_its_own_etcd_certificate(cluster: str) -> None:
+    """``{cluster}`` in the Secret's name: the sidecar presents its cluster's certificate
+    (its etcd user, docs/security.md), never another cluster's or a shared one."""
+    pod = _pod()
+    pod["metadata"].setdefault("labels", {})["meshxl.io/cluster"] = cluster
+    pod = admitted(pod, PER_CLUSTER)
+    _validate(pod)
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == ETCD_CLIENT_VOLUME]
+    assert volume["secret"]["secretName"] == f"meshxl-etcd-{cluster}"
+    assert _flag(_sidecar(pod)["args"], "--cluster") == cluster
+
+
+def test_a_cluster_that_makes_no_secret_name_is_not_injected_and_says_why() -> None:
+    pod = _pod()
+    pod["metadata"].setdefault("labels", {})["meshxl.io/cluster"] = "my_cluster"
+    response = admission_response(_review(pod), PER_CLUSTER)["response"]
+    assert response["allowed"] is True and "patch" not in response, response
+    (warning,) = response["warnings"]
+    assert "cluster 'my_cluster' makes no Secret name of the etcd client Secret" in warning
+
+
+@pytest.mark.parametrize("secret", ["meshxl-{cluster}-{cluster}", "meshxl-{Cluster}",
+                                    "{cluster}_etcd"])
+def test_a_bad_per_cluster_secret_name_is_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match="the etcd client Secret must be a Secret name"):
+        InjectConfig(etcd=ETCD, etcd_client_secret=secret)

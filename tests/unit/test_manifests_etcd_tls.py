@@ -235,20 +235,40 @@ def test_every_meshxl_pod_talking_to_etcd_mounts_a_client_certificate(
     assert set(talking) == expected
 
 
+def _with_cluster_secrets(issued: Issued, overlay: str, tree: Path) -> Issued:
+    """Self-signed overlays: the clusters' certificates are files of make-certs.sh
+    (certs/etcd/cluster-CLUSTER.*), turned into each namespace's Secret by hand; seen
+    here as the Secret ``meshxl-etcd-CLUSTER`` they become."""
+    if "self-signed" not in overlay:
+        return issued
+    etcd = tree / "components" / "self-signed" / "certs" / "etcd"
+    for crt in etcd.glob("cluster-*.crt"):
+        files = {"tls.crt": crt, "tls.key": crt.with_suffix(".key"), "ca.crt": etcd / "ca.crt"}
+        issued.secrets[f"meshxl-etcd-{crt.stem.removeprefix('cluster-')}"] = {
+            "kind": "Secret", "data": {k: base64.b64encode(p.read_bytes()).decode()
+                                       for k, p in files.items()}}
+    return issued
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str,
-                                                         render: Render) -> None:
+def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str, render: Render,
+                                                         tree: Path) -> None:
     docs = render(overlay)
-    issued = Issued(docs)
+    issued = _with_cluster_secrets(Issued(docs), overlay, tree)
     webhook = _find(docs, "Deployment", "meshxl-webhook")
     container = _container(webhook)
     env = {e["name"]: e.get("value") for e in container["env"]}
     etcd_urls = ",".join(_etcd_of(docs, container))
     assert etcd_urls.startswith("https://")
-    secret = env["MESHXL_ETCD_CLIENT_SECRET"]
-    # The template every injected namespace copies is issued here, by etcd's CA, for
-    # client authentication only.
+    # Each cluster's own Secret, never one shared by every cluster: the fixture pod's
+    # cluster orders (base/model.yaml's) gets meshxl-etcd-orders, whose common name is
+    # the etcd user `meshxl etcd setup` makes for orders alone.
+    assert env["MESHXL_ETCD_CLIENT_SECRET"] == "meshxl-etcd-{cluster}"
+    secret = "meshxl-etcd-orders"
+    # The template the namespaces of orders copy is issued by etcd's CA, for client
+    # authentication only.
     assert secret in issued
+    assert issued.common_name(secret) == "meshxl-cluster-orders"
     assert issued.usages(secret) == {"client auth"}
     assert issued.trust_anchor(secret) == issued.trust_anchor("meshxl-etcd-server-tls")
     # The webhook never connects to etcd: it holds no etcd credentials.
@@ -257,7 +277,8 @@ def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str,
     assert mounted == {"meshxl-webhook-tls"}
     # What the webhook is configured with injects a sidecar that mounts that Secret.
     config = InjectConfig(image=container["image"], etcd=etcd_urls,
-                          etcd_client_secret=secret, proxy=env["MESHXL_PROXY"])
+                          etcd_client_secret=env["MESHXL_ETCD_CLIENT_SECRET"],
+                          proxy=env["MESHXL_PROXY"])
     pod = mutate_pod(yaml.safe_load((FIXTURES / "pod.yaml").read_text()), config)
     (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == STATESYNC_CONTAINER]
     assert "--etcd-cert" in sidecar["args"]
@@ -312,14 +333,14 @@ def test_make_certs_renews_etcd_certificates_under_the_same_ca(tree: Path,
     shutil.copytree(tree, copy_, ignore=shutil.ignore_patterns("single-node-*", "derived-*"))
     etcd = copy_ / "components" / "self-signed" / "certs" / "etcd"
     ca_before = (etcd / "ca.crt").read_bytes()
-    leaf_before = (etcd / "statesync.crt").read_bytes()
+    leaf_before = (etcd / "cluster-orders.crt").read_bytes()
     proc = subprocess.run(["bash", str(copy_ / "components" / "self-signed" / "make-certs.sh")],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (etcd / "ca.crt").read_bytes() == ca_before
-    assert (etcd / "statesync.crt").read_bytes() != leaf_before
+    assert (etcd / "cluster-orders.crt").read_bytes() != leaf_before
     ca = x509.load_pem_x509_certificate(ca_before)
-    for stem in ("server", "peer", "system", "statesync"):
+    for stem in ("server", "peer", "system", "root", "cluster-orders"):
         x509.load_pem_x509_certificate((etcd / f"{stem}.crt").read_bytes()
                                        ).verify_directly_issued_by(ca)
     assert (etcd / "ca.key").stat().st_mode & 0o077 == 0
@@ -327,7 +348,7 @@ def test_make_certs_renews_etcd_certificates_under_the_same_ca(tree: Path,
                if d["kind"] == "Secret"]
     assert {s["metadata"]["name"] for s in secrets} >= {
         "meshxl-etcd-server-tls", "meshxl-etcd-peer-tls", "meshxl-etcd-system-tls",
-        "meshxl-statesync-etcd"}
+        "meshxl-etcd-root-tls"}
     ca_key = (etcd / "ca.key").read_bytes()
     for secret in secrets:
         for value in secret["data"].values():
@@ -348,9 +369,9 @@ def test_documented_copy_of_the_sidecars_secret(tree: Path, tmp_path: Path) -> N
     etcd = tree / "components" / "self-signed" / "certs" / "etcd"
     proc = subprocess.run(
         [manifests._kubectl(), "-n", NAMESPACE,
-         "create", "secret", "generic", "meshxl-statesync-etcd", "--type=kubernetes.io/tls",
-         f"--from-file=tls.crt={etcd / 'statesync.crt'}",
-         f"--from-file=tls.key={etcd / 'statesync.key'}",
+         "create", "secret", "generic", "meshxl-etcd-orders", "--type=kubernetes.io/tls",
+         f"--from-file=tls.crt={etcd / 'cluster-orders.crt'}",
+         f"--from-file=tls.key={etcd / 'cluster-orders.key'}",
          f"--from-file=ca.crt={etcd / 'ca.crt'}",
          "--dry-run=client", "-o", f"go-template={template}"],
         capture_output=True, text=True, timeout=60, check=False,
@@ -358,9 +379,74 @@ def test_documented_copy_of_the_sidecars_secret(tree: Path, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     copied = json.loads(proc.stdout)
     kubernetes_validate.validate(copied, kubernetes_validate.latest_version(), strict=True)
-    assert copied["metadata"] == {"name": "meshxl-statesync-etcd"}
+    assert copied["metadata"] == {"name": "meshxl-etcd-orders"}
     assert copied["type"] == "kubernetes.io/tls"
     assert {k: base64.b64decode(v) for k, v in copied["data"].items()} == {
-        "tls.crt": (etcd / "statesync.crt").read_bytes(),
-        "tls.key": (etcd / "statesync.key").read_bytes(),
+        "tls.crt": (etcd / "cluster-orders.crt").read_bytes(),
+        "tls.key": (etcd / "cluster-orders.key").read_bytes(),
         "ca.crt": (etcd / "ca.crt").read_bytes()}
+
+
+@pytest.mark.parametrize("overlay", IN_CLUSTER)
+def test_the_installation_gives_each_cluster_its_own_etcd_user(
+        overlay: str, render: Render) -> None:
+    """The Job meshxl-etcd-setup runs `meshxl etcd setup` on the model as etcd's root
+    user (a certificate of etcd's CA with the common name root, mounted by nothing
+    else) and turns authentication on; the control plane's certificate is the user it
+    gives the whole prefix."""
+    from click.testing import CliRunner
+
+    from meshxl.cli import main
+    from meshxl.etcd.setup import DEFAULT_CONTROL_PLANE_USERS
+
+    docs = render(overlay)
+    issued = Issued(docs)
+    job = _find(docs, "Job", "meshxl-etcd-setup")
+    container = _container(job)
+    args = container["args"]
+    assert args[:3] == ["etcd", "setup", "/etc/meshxl/model/model.yaml"]
+    assert "--enable-auth" in args
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (model,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/meshxl/model"]
+    assert volumes[model["name"]]["configMap"]["name"] == "meshxl-model"
+    assert pod["automountServiceAccountToken"] is False
+    assert job["spec"]["template"]["metadata"]["labels"][ETCD_CLIENT_LABEL] == "true"
+    root = _secret_of(job, container, _arg(container, "--etcd-cert"))
+    assert _secret_of(job, container, _arg(container, "--etcd-key")) == root
+    assert issued.common_name(root) == "root"
+    assert issued.trust_anchor(root) == issued.trust_anchor("meshxl-etcd-server-tls")
+    # The root certificate is mounted by the setup Jobs alone (the main cluster's, and
+    # with session shards each shard's).
+    setups = [d for d in docs if d["kind"] == "Job"
+              and d["metadata"]["name"].startswith("meshxl-etcd-setup")]
+    shards = [d for d in docs if d["kind"] == "StatefulSet"
+              and d["metadata"]["name"] != "meshxl-etcd" and "etcd" in d["metadata"]["name"]]
+    assert len(setups) == 1 + len(shards)
+    for setup in setups:
+        assert _container(setup)["args"] == args
+    for workload in docs:
+        if workload["kind"] not in ("Deployment", "StatefulSet", "Job") or workload in setups:
+            continue
+        spec = workload["spec"].get("template", {}).get("spec", {})
+        assert root not in {v.get("secret", {}).get("secretName")
+                            for v in spec.get("volumes", [])}, workload["metadata"]["name"]
+    # meshxl's own pods (the control plane, the labeler) are the setup's default
+    # control-plane user.
+    assert issued.common_name("meshxl-etcd-system-tls") in DEFAULT_CONTROL_PLANE_USERS
+    # The command parses these arguments (its dry run needs no etcd).
+    model_file = manifests.KUBE / "base" / "model.yaml"
+    result = CliRunner().invoke(main, ["etcd", "setup", str(model_file), *args[3:],
+                                       "--dry-run"], env={"MESHXL_ETCD": "https://e:2379"})
+    assert result.exit_code == 0, result.output
+    assert "etcdctl user grant-role meshxl-cluster-orders meshxl-cluster-orders" in \
+        result.output.splitlines()
+
+
+def test_no_etcd_setup_behind_the_external_etcd_proxy(render: Render) -> None:
+    """Your etcd sees the proxy's certificate for every client: a setup there would turn
+    authentication on for users no client can be, so it is left out, with root's
+    certificate."""
+    docs = render("external-etcd")
+    assert not [d for d in docs if d["metadata"]["name"] in (
+        "meshxl-etcd-setup", "meshxl-etcd-root", "meshxl-etcd-root-tls")]

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,7 +50,13 @@ from tests.unit.test_manifests import (
     _meshxl_containers,
     _workloads,
 )
-from tests.unit.test_manifests_etcd_tls import Issued, _container, _host_matches, _secret_of
+from tests.unit.test_manifests_etcd_tls import (
+    Issued,
+    _container,
+    _host_matches,
+    _secret_of,
+    _with_cluster_secrets,
+)
 
 # The overlays rendered once per module, from a copy with the self-signed certificates.
 tree = manifests.tree
@@ -359,13 +366,13 @@ def test_the_shard_statefulsets_are_well_formed(overlay: str, render: Render) ->
         assert "server auth" in issued.usages(server)
 
 
-def test_every_client_of_a_shard_gets_in(overlay: str, render: Render,
+def test_every_client_of_a_shard_gets_in(overlay: str, render: Render, tree: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The Job and the injected sidecars reach the main cluster and every shard: the
     NetworkPolicies admit them, and their client certificates come from the CA every
     cluster trusts."""
     docs = render(overlay)
-    issued = Issued(docs)
+    issued = _with_cluster_secrets(Issued(docs), overlay, tree)
     job = _find(docs, "Job", JOB)
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels["meshxl.io/inject"] == "false"
@@ -385,7 +392,7 @@ def test_every_client_of_a_shard_gets_in(overlay: str, render: Render,
         container = _container(etcd)
         trusted = _secret_of(etcd, container, _arg(container, "--trusted-ca-file"))
         anchor = issued.trust_anchor(trusted)
-        for client in ("meshxl-etcd-system-tls", "meshxl-statesync-etcd"):
+        for client in ("meshxl-etcd-system-tls", "meshxl-etcd-orders"):
             assert issued.trust_anchor(client) == anchor, (name, client)
     # The Job's certificate: meshxl's own client certificate, read-only, 0440.
     command = _job_command(docs, monkeypatch)
@@ -574,3 +581,24 @@ async def test_the_job_run_again_writes_nothing(job_map: ShardMap) -> None:
     with pytest.raises(Conflict, match="sidecars are registered"):
         await set_map(unsharded, keys, job_map, connect)
     assert keys.shards.encode() not in unsharded.data
+
+
+@pytest.mark.parametrize("overlay", sorted(SHARD_OVERLAYS))
+def test_each_shard_gets_the_etcd_users_of_the_main_cluster(overlay: str,
+                                                            render: Render) -> None:
+    """Sessions live in the shards: each shard's etcd gets the same users and roles as
+    the main cluster's (a setup Job per shard, dialling exactly the members the map
+    names for it), so a cluster's certificate reaches no other cluster's sessions there
+    either."""
+    docs = render(overlay)
+    shard_map = _job_container(docs)
+    named = dict(a.removeprefix("--shard=").split("=", 1) for a in shard_map["args"]
+                 if a.startswith("--shard="))
+    assert sorted(f"meshxl-etcd-{s}" for s in named) == sorted(_shard_statefulsets(docs))
+    for shard, urls in named.items():
+        job = _find(docs, "Job", f"meshxl-etcd-setup-{shard}")
+        container = _container(job)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MESHXL_ETCD"] == urls
+        assert "--enable-auth" in container["args"]
+        assert job["spec"]["template"]["metadata"]["labels"]["meshxl.io/etcd-client"] == "true"

@@ -196,7 +196,7 @@ def test_each_shard_gets_etcds_certificates_under_its_names(tree: Path,
 
 def test_shard_members_and_clients_handshake(tree: Path, render: Render) -> None:
     """What a shard's members and clients do, done with the files: a client with meshxl's
-    or a sidecar's certificate dials each member by its name and the client Service;
+    or a sidecar's (its cluster's) certificate dials each member by its name and the client Service;
     members dial each other with the shard's peer certificate, whose common name is the
     one the shard admits (--peer-cert-allowed-cn)."""
     etcd, sharded = tree / ETCD, tree / SHARDED
@@ -208,10 +208,11 @@ def test_shard_members_and_clients_handshake(tree: Path, render: Render) -> None
     for shard, statefulset in statefulsets.items():
         assert len(hosts[shard]) == statefulset["spec"]["replicas"] == 3
         serving = _server(sharded, f"{shard}-server", ca)
-        for client in ("system", "statesync"):
+        for client, user in (("system", "meshxl-system"),
+                             ("cluster-orders", "meshxl-cluster-orders")):
             for host in [*hosts[shard], f"meshxl-etcd-{shard}.{NAMESPACE}.svc"]:
                 common_name = _handshake(serving, _client(etcd, client, ca), host)
-                assert common_name == f"meshxl-{client}", (shard, host)
+                assert common_name == user, (shard, host)
         peer = _server(sharded, f"{shard}-peer", ca)
         allowed = _arg(_container(statefulset), "--peer-cert-allowed-cn")
         for host in hosts[shard]:
@@ -304,8 +305,8 @@ def test_without_shards_the_script_writes_what_it_always_did(tree: Path,
         assert len(proc.stdout.splitlines()) == 3 and "session-shards" not in proc.stdout
     certs = copy_ / "components" / "self-signed" / "certs"
     assert sorted(str(p.relative_to(certs)) for p in certs.rglob("*.crt")) == [
-        "ca.crt", "etcd/ca.crt", "etcd/peer.crt", "etcd/server.crt", "etcd/statesync.crt",
-        "etcd/system.crt", "tls.crt", "xds/ca.crt", "xds/server.crt"]
+        "ca.crt", "etcd/ca.crt", "etcd/cluster-orders.crt", "etcd/peer.crt", "etcd/root.crt",
+        "etcd/server.crt", "etcd/system.crt", "tls.crt", "xds/ca.crt", "xds/server.crt"]
     proc = subprocess.run([manifests._kubectl(), "kustomize", str(copy_ / "overlays" / OVERLAY)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0 and "s1-server.crt" in proc.stderr

@@ -3,13 +3,19 @@
 #
 # Write a private CA and the meshxl webhook's serving certificate into certs/ (next to
 # this script) for the self-signed overlay, etcd's certificates into certs/etcd/: a CA
-# of its own, etcd's serving and peer certificates, the client certificate of meshxl's
-# pods and the statesync sidecars' one (docs/kubernetes.md, "etcd TLS"), and the
+# of its own, etcd's serving and peer certificates, the client certificates of meshxl's
+# pods and of etcd's root user (the Job meshxl-etcd-setup), and each cluster's statesync
+# sidecars' one (certs/etcd/cluster-CLUSTER.crt, common name meshxl-cluster-CLUSTER: that
+# cluster's etcd user; docs/kubernetes.md, "etcd TLS"), and the
 # control plane's into certs/xds/: a third CA, the control plane's serving certificate
 # and, for each NAMESPACE given, the client certificate of the Envoys injected there
 # (certs/xds/envoy-NAMESPACE.crt: the SPIFFE ID
 # spiffe://$MESHXL_TRUST_DOMAIN/ns/NAMESPACE/meshxl-envoy, which lets it speak for the
 # node ids POD.NAMESPACE; docs/kubernetes.md, "xDS mutual TLS").
+#
+# MESHXL_ETCD_CLUSTERS="orders cart" (names separated by spaces or commas; default
+# orders, the cluster of base/model.yaml): the clusters, pools and virtual systems of
+# your model, each of which gets its sidecars' certificate.
 #
 # MESHXL_ETCD_SHARDS="s1 s2" (names separated by spaces or commas; none by default)
 # also issues, from etcd's CA, the serving and peer certificates of the session shards'
@@ -34,6 +40,13 @@ trust_domain="${MESHXL_TRUST_DOMAIN:-cluster.local}"
 for ns in "$@"; do
   [[ "$ns" =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]] || {
     echo "make-certs.sh: '$ns' is not a Kubernetes namespace name" >&2; exit 2; }
+done
+clusters_list="${MESHXL_ETCD_CLUSTERS:-orders}"
+read -r -a clusters <<< "${clusters_list//,/ }"
+for cluster in "${clusters[@]}"; do
+  # A Secret name once prefixed (meshxl-etcd-CLUSTER): a cluster name without '_'.
+  [[ "$cluster" =~ ^[a-z0-9]([-.a-z0-9]{0,200}[a-z0-9])?$ ]] || {
+    echo "make-certs.sh: '$cluster' is not a cluster name that names a Secret (MESHXL_ETCD_CLUSTERS: lowercase letters, digits, '.' and '-')" >&2; exit 2; }
 done
 shards_list="${MESHXL_ETCD_SHARDS:-}"
 read -r -a shards <<< "${shards_list//,/ }"
@@ -121,8 +134,11 @@ cluster() {
 ca "$etcd" meshxl-etcd-ca
 cluster meshxl-etcd "$etcd" ""
 issue system meshxl-system clientAuth
-issue statesync meshxl-statesync clientAuth
-echo "wrote $etcd/{ca,server,peer,system,statesync}.crt and keys (valid $days days; CA kept)"
+issue root root clientAuth
+for cluster in "${clusters[@]}"; do
+  issue "cluster-$cluster" "meshxl-cluster-$cluster" clientAuth
+done
+echo "wrote $etcd/{ca,server,peer,system,root}.crt, cluster-{${clusters[*]}}.crt and keys (valid $days days; CA kept)"
 
 # -- the session shards' etcd clusters (MESHXL_ETCD_SHARDS) --------------------------------
 if (( ${#shards[@]} )); then

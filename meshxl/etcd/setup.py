@@ -1,0 +1,150 @@
+"""An installation's etcd users and roles, least privilege by default (``meshxl etcd
+setup``, docs/security.md, "etcd: least privilege by default").
+
+From the model: every cluster, pool and virtual system gets the role
+``meshxl-cluster-{cluster}`` (:func:`.roles.cluster_permissions`: its own sessions and
+registrations, read of the mesh) and a user of the same name holding that role and no
+other; the control plane's and the operators' users get the role ``meshxl``
+(read-write on the whole prefix: the model, admin state, the shard map); ``root``
+holds etcd's ``root`` role. The users have no password: with ``--client-cert-auth``
+etcd takes the user from a client certificate's common name, so a sidecar proves
+its cluster with the certificate ``meshxl-etcd-{cluster}`` (CN
+``meshxl-cluster-{cluster}``) the injector mounts, and a certificate whose common name
+is no user (the shared ``meshxl-statesync`` of older installations) gets nothing.
+Idempotent; authentication is turned on last (``enable_auth``), once every user that
+must keep working exists.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aetcd import rpc
+
+from meshxl.errors import InputError, Unavailable
+
+from .roles import Grant, GrantResult, Range, apply_roles, etcdctl_commands, role_name
+
+__all__ = ["CONTROL_PLANE_ROLE", "DEFAULT_CONTROL_PLANE_USERS", "Setup", "SetupResult",
+           "apply_setup", "cluster_user", "setup_commands"]
+
+CONTROL_PLANE_ROLE = "meshxl"
+"""Read-write on the whole prefix: the control plane and the operator commands."""
+DEFAULT_CONTROL_PLANE_USERS = ("meshxl-system",)
+"""The common name of the overlays' certificate for meshxl's own pods."""
+
+
+def cluster_user(cluster: str) -> str:
+    """The etcd user (and client certificate common name) of a cluster's sidecars."""
+    return role_name(cluster)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The users and roles of an installation: one per cluster, the control plane's."""
+
+    clusters: tuple[str, ...]
+    control_plane_users: tuple[str, ...] = DEFAULT_CONTROL_PLANE_USERS
+    root: str = "/meshxl"
+    enable_auth: bool = False
+
+    def __post_init__(self) -> None:
+        Grant(self.clusters, root=self.root)  # the clusters' names checked
+        for user in self.control_plane_users:
+            if not user or not user.isprintable() or " " in user:
+                raise InputError(f"invalid etcd user name {user!r}")
+            if user == "root" or user in {cluster_user(c) for c in self.clusters}:
+                raise InputError(f"--control-plane-user {user!r} is a user meshxl etcd "
+                                 "setup manages otherwise")
+
+    def grant(self) -> Grant:
+        return Grant(self.clusters, root=self.root)
+
+    def control_plane_permissions(self) -> list[Range]:
+        return [Range(self.root.rstrip("/") + "/", "readwrite",
+                      why="everything of meshxl: the model, admin state, the shard map")]
+
+    def users(self) -> dict[str, str]:
+        """Each user this setup manages and the one role it holds."""
+        users = {cluster_user(c): role_name(c) for c in self.clusters}
+        users.update({u: CONTROL_PLANE_ROLE for u in self.control_plane_users})
+        users["root"] = "root"
+        return users
+
+
+@dataclass
+class SetupResult:
+    roles: GrantResult
+    users_created: list[str] = field(default_factory=list)
+    roles_given: int = 0
+    roles_taken: int = 0
+    auth_enabled: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"roles_created": self.roles.roles_created,
+                "permissions_granted": self.roles.permissions_granted,
+                "permissions_revoked": self.roles.permissions_revoked,
+                "users_created": self.users_created, "roles_given": self.roles_given,
+                "roles_taken": self.roles_taken, "auth_enabled": self.auth_enabled}
+
+
+def setup_commands(setup: Setup) -> list[str]:
+    """The same setup as ``etcdctl`` commands (``--dry-run``)."""
+    lines = etcdctl_commands(setup.grant())
+    lines.append(f"etcdctl role add {CONTROL_PLANE_ROLE}")
+    for r in setup.control_plane_permissions():
+        lines.append(f"etcdctl role grant-permission {CONTROL_PLANE_ROLE} {r.access} "
+                     f"{shlex.quote(r.key)} --prefix")
+    for user, role in setup.users().items():
+        lines.append(f"etcdctl user add {shlex.quote(user)} --no-password")
+        lines.append(f"etcdctl user grant-role {shlex.quote(user)} {shlex.quote(role)}")
+    if setup.enable_auth:
+        lines.append("etcdctl auth enable")
+    return lines
+
+
+async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
+                      timeout: float = 10.0) -> SetupResult:
+    """Make the setup true in etcd: the roles exactly as listed, each user present and
+    holding its role and no other, then (``enable_auth``) authentication on. Needs
+    etcd's root user once authentication is on."""
+    roles = {**setup.grant().roles(), CONTROL_PLANE_ROLE: setup.control_plane_permissions()}
+    result = SetupResult(await apply_roles(channel, roles, timeout))
+    auth = rpc.AuthStub(channel)
+    sidecars = {cluster_user(c) for c in setup.clusters}
+    try:
+        for user, role in setup.users().items():
+            try:
+                got = await auth.UserGet(rpc.AuthUserGetRequest(name=user), timeout=timeout)
+                held = set(got.roles)
+            except grpc.aio.AioRpcError as exc:
+                if "user name not found" not in (exc.details() or ""):
+                    raise
+                await auth.UserAdd(rpc.AuthUserAddRequest(
+                    name=user, options=rpc.UserAddOptions(no_password=True)),
+                    timeout=timeout)
+                result.users_created.append(user)
+                held = set()
+            if role not in held:
+                await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role),
+                                         timeout=timeout)
+                result.roles_given += 1
+            # A cluster's user holds its own role only (an older broad grant revoked).
+            for other in sorted(held - {role}) if user in sidecars else ():
+                await auth.UserRevokeRole(rpc.AuthUserRevokeRoleRequest(
+                    name=user, role=other), timeout=timeout)
+                result.roles_taken += 1
+        if setup.enable_auth:
+            await auth.AuthEnable(rpc.AuthEnableRequest(), timeout=timeout)
+            result.auth_enabled = True
+    except grpc.aio.AioRpcError as exc:
+        details = (exc.details() or str(exc.code())).removeprefix("etcdserver: ")
+        if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
+                          grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            raise InputError(f"etcd refused the setup: {details} (run it as etcd's root "
+                             "user)") from None
+        raise Unavailable(f"etcd request failed: {details}") from None
+    return result
