@@ -11,7 +11,13 @@ why (its *mode*), is one of:
   session): a member that lost the session to another one gets 409, however fresh its
   cache has become since;
 * :data:`BLIND` the newest revision this member knows of a session it never touched (a
-  takeover, or a new session): it takes ownership.
+  takeover, or a new session): it takes ownership;
+* :data:`REPLICATE` 0: a session kept only on this member (delayed sync) replicated to
+  etcd. It creates the key and never replaces another member's record: a session
+  another member wrote in etcd meanwhile (while this one kept it, or was paused) is
+  theirs, and the copy here is given up (409, :class:`~.errors.Superseded`). Only this
+  member's own record, an earlier replication whose answer was lost, is compared
+  again and replaced.
 
 A session kept only on this member (delayed sync) has the ETag ``L<n>``, its n-th
 version here, and its conditions are checked against that.
@@ -25,11 +31,11 @@ from meshxl.etcd.shards import split_etag
 from .writes import DELETE, PUT, Write
 
 __all__ = ["BLIND", "BLIND_RETRIES", "IF_ABSENT", "IF_EXISTS", "IF_MATCH", "OWNER",
-           "check_if_match", "check_size", "check_write", "known_expectation",
+           "REPLICATE", "check_if_match", "check_size", "check_write", "known_expectation",
            "local_precondition", "parse_etag", "revision"]
 
-IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, BLIND = (
-    "if-absent", "if-exists", "if-match", "owner", "blind")
+IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, BLIND, REPLICATE = (
+    "if-absent", "if-exists", "if-match", "owner", "blind", "replicate")
 BLIND_RETRIES = 3
 """Attempts of a write whose compare keeps failing only because the session moves under
 it (each against the key as it is then) before it is refused as contended (409)."""

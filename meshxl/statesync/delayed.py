@@ -6,6 +6,11 @@ neither the cache nor etcd. Each write of it while it is young makes a new versi
 (ETag ``L<n>``); the first write once it is due, or the periodic flush, replicates it
 to etcd (its creation time kept) and it is kept here no longer. A delete forgets it.
 
+Replication creates the key only (:data:`~.conditions.REPLICATE`): a session another
+member wrote in etcd meanwhile (this one paused, or slower) is theirs, never replaced
+by the older copy here, which is given up (:meth:`LocalSessions.give_up`), as soon as
+the cache sees that record or when the replication finds it.
+
 While a planned move away from this member is under way (planned.py) it keeps nothing:
 every session is due (the flush replicates them all), a write of a kept one replicates
 it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
@@ -13,11 +18,14 @@ it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from .metrics import StatesyncMetrics
 from .record import SessionRecord
 from .writes import PUT, Stored
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Local", "LocalSessions"]
 
@@ -95,3 +103,21 @@ class LocalSessions:
         if local is not None:
             self.metrics.local.set(len(self._kept))
         return local
+
+    def give_up(self, session_id: str, why: str) -> None:
+        """Keep ``session_id`` here no longer: another member wrote it in etcd meanwhile
+        (``why``), and that record is the session's state (counted, logged)."""
+        if self.drop(session_id) is not None:
+            self.metrics.superseded.inc()
+            log.warning("delayed sync: %s", why)
+
+    def seen(self, session_id: str, owner: str, revision: int) -> bool:
+        """etcd holds ``owner``'s record of ``session_id`` at ``revision`` (the cache saw
+        it): a copy kept here of a session another member wrote is given up, so reads
+        here stop serving it; whether one was."""
+        if owner == self.member or session_id not in self._kept:
+            return False
+        self.give_up(session_id, f"session {session_id!r} was written by member {owner!r} "
+                     f"(revision {revision}) while this member kept it: its copy here is "
+                     "given up")
+        return True

@@ -28,9 +28,18 @@ from meshxl.errors import (
 from meshxl.etcd import EtcdUnavailable
 
 from .cache import SessionCache
-from .conditions import BLIND, IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, parse_etag, revision
+from .conditions import (
+    BLIND,
+    IF_ABSENT,
+    IF_EXISTS,
+    IF_MATCH,
+    OWNER,
+    REPLICATE,
+    parse_etag,
+    revision,
+)
 from .deletions import DeletionRecord
-from .errors import no_session
+from .errors import Superseded, no_session
 from .metrics import StatesyncMetrics
 from .record import SessionRecord, valid_session_id
 from .store import KeyState, KeyWrite, SessionStore, WriteResult
@@ -176,6 +185,8 @@ class Ledger:
             return PreconditionFailed(
                 f"session {session_id!r} is at revision {current.revision or 'none'}, "
                 f"not {if_match}", current=current.revision or None)
+        if mode == REPLICATE:
+            return self.superseded(op, session_id, current, current_record)
         if current.revision == 0 and op == DELETE:
             self.metrics.write(op, "not_found").inc()
             return no_session(session_id)
@@ -191,6 +202,34 @@ class Ledger:
                 f"(revision {expected_revision}): ownership lost",
                 owner=current_record.owner, revision=current.revision)
         return None
+
+    def superseded(self, op: str, session_id: str, current: KeyState,
+                   current_record: SessionRecord | None) -> Superseded | None:
+        """The verdict on a replication of a session kept here (mode :data:`REPLICATE`)
+        that found the key in etcd: None (compare again) when it is gone meanwhile or is
+        this member's own record (an earlier replication whose answer was lost);
+        otherwise another member wrote the session since: its record stands, this
+        member is fenced from it as a former owner is (the revision it observed is
+        "none", so its next write without a read is refused, 409), and the caller gives
+        up the copy kept here."""
+        if current.revision == 0 or (current_record is not None
+                                     and current_record.owner == self.member):
+            return None
+        self.conflicts += 1
+        self.metrics.conflicts.inc()
+        self.metrics.write(op, "conflict").inc()
+        self.observe(session_id, 0)
+        if current_record is None:
+            return Superseded(
+                f"session {session_id!r} was written in etcd by another writer (revision "
+                f"{current.revision}, a record that cannot be decoded) while this member "
+                "kept it (delayed sync): its copy here is given up", revision=current.revision)
+        self.cache.write_through(session_id, current.revision, current_record)
+        return Superseded(
+            f"session {session_id!r} was written by member {current_record.owner!r} "
+            f"(revision {current.revision}) while this member kept it (delayed sync): "
+            "its copy here is given up, ownership lost",
+            owner=current_record.owner, revision=current.revision)
 
     # -- committed --------------------------------------------------------------------------
 
