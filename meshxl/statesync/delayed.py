@@ -19,7 +19,9 @@ it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .metrics import StatesyncMetrics
 from .record import SessionRecord
@@ -56,6 +58,10 @@ class LocalSessions:
 
     def ids(self) -> list[str]:
         return list(self._kept)
+
+    def kept(self) -> Mapping[str, Local]:
+        """The sessions kept here, by id (a read-only view: quotas count them)."""
+        return MappingProxyType(self._kept)
 
     def get(self, session_id: str) -> Local | None:
         return self._kept.get(session_id)
