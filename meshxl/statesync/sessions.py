@@ -454,7 +454,7 @@ class Sessions:
     def _seen_in_etcd(self, session_id: str, entry: Entry) -> None:
         """A copy kept here of a session another member wrote is given up, and this
         member fenced from it (:meth:`.delayed.LocalSessions.seen`)."""
-        if self.local.seen(session_id, entry.record.owner, entry.revision):
+        if self.local.seen(session_id, entry.record, entry.revision):
             self.ledger.observe(session_id, 0)
 
     async def flush_due(self) -> int:
@@ -508,7 +508,7 @@ class Sessions:
             current_record = (ledger.decode(session_id, current.revision, current.value, op)
                               if current.value else None)
             refusal = ledger.refusal(op, session_id, mode, write.if_match, expected_revision,
-                                     current, current_record)
+                                     current, current_record, write.record)
             if refusal is not None:
                 raise refusal
             if op == PATCH and current_record is None:

@@ -195,11 +195,14 @@ class Transactions:
             record = (ledger.decode(session_id, state.revision, state.value, "transaction")
                       if state.value else None)
             refusal = ledger.refusal(plan.write.op, session_id, plan.mode,
-                                     plan.write.if_match, plan.expected_revision, state, record)
+                                     plan.write.if_match, plan.expected_revision, state, record,
+                                     plan.prior if plan.local else None)
             if refusal is not None:
                 refused[i] = refusal
                 if isinstance(refusal, Superseded):
                     self.local.give_up(session_id, str(refusal))
+            elif plan.local:  # its copy, replicated over the record: created here
+                plan.expected_revision = state.revision
             else:
                 plan.expected_revision, plan.prior = state.revision, record
         return refused

@@ -154,6 +154,29 @@ async def test_its_own_record_from_a_replication_whose_answer_was_lost_is_replac
     assert m.a.local.get("own") is None and superseded(m.a) == 0
 
 
+async def test_a_kept_copy_replaces_a_record_older_than_itself(
+        members: Members, etcd_client: aetcd.Client) -> None:
+    """The session moved from b to a while young on b: a started it afresh (etcd had
+    nothing), then b replicated its older copy. a's copy, newer than all of it,
+    replaces that record when a replicates, and b, which read its record, is fenced."""
+    m = members
+    older = SessionRecord(owner="b", content_type="application/json", created=time.time(),
+                          updated=time.time(), data=b'{"by":"b"}')
+    kept = await put(m.a, "moved", {"by": "a"})
+    assert kept.record.created > older.updated
+    await etcd_client.put(KEYS.session(CLUSTER, "moved").encode(), older.encode())
+    assert json.loads((await m.b.get("moved")).record.data) == {"by": "b"}
+    await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                     what="a's copy due")
+    assert await m.a.flush_due() == 1 and superseded(m.a) == 0
+    there = await m.in_etcd("moved")
+    assert there is not None and there[1].owner == "a"
+    assert json.loads(there[1].data) == {"by": "a"}
+    with pytest.raises(Conflict) as fenced:
+        await put(m.b, "moved", {"by": "b", "late": True})
+    assert fenced.value.details["owner"] == "a"
+
+
 async def test_the_cache_gives_up_a_kept_copy_as_soon_as_another_member_writes_it(
         members: Members) -> None:
     m = members
@@ -212,6 +235,7 @@ async def test_a_paused_member_resuming_never_rolls_back_anothers_writes(
     assert json.loads(SessionRecord.decode(there.value).data) == {"by": "b", "n": 2}
     served = await b.get("cart")
     assert served.json() == {"by": "b", "n": 2} and served.etag == second.etag, served
+    await a.wait_ready()  # its registration may have lapsed while it was stopped
     late = await a.put("cart", {"by": "a", "late": True})
     assert late.status == 409 and late.json()["owner"] == "b", late
     third = await b.put("cart", {"by": "b", "n": 3}, if_match=second.etag)

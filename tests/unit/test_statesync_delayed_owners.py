@@ -10,7 +10,7 @@ from aetcd import rpc
 
 from meshxl.etcd.keys import Keys
 from meshxl.statesync.cache import SessionCache
-from meshxl.statesync.conditions import OWNER, REPLICATE, known_expectation
+from meshxl.statesync.conditions import OWNER, REPLICATE, known_expectation, written_since
 from meshxl.statesync.errors import Superseded
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.record import SessionRecord
@@ -71,6 +71,22 @@ def test_a_replication_is_sent_again_only_over_nothing_or_its_own_record(
     assert s.ledger.observed_revision("s") is None and s.ledger.conflicts == 0
 
 
+def test_only_a_record_older_than_the_copy_is_replaced_by_it() -> None:
+    """A record whose last write came before the copy was created holds a state the
+    client had left behind (the session moved here and started afresh): replaced. One
+    written since (a paused member's copy, the session moved on) is not."""
+    s = engine()
+    theirs = record("b")  # last written at 2.0
+    for created, replaced in ((2.5, True), (2.0, False), (1.0, False)):
+        kept = SessionRecord(owner="a", content_type="application/json", created=created,
+                             updated=created + 1, data=b"{}")
+        assert written_since(theirs, kept) is not replaced
+        verdict = s.ledger.refusal(PUT, "s", REPLICATE, None, 0,
+                                   KeyState(7, theirs.encode()), theirs, kept)
+        assert (verdict is None) is replaced, (created, verdict)
+    assert written_since(theirs, None)  # nothing kept: written since, always
+
+
 def test_an_undecodable_record_is_not_replaced_by_a_kept_copy_either() -> None:
     s = engine()
     refusal = s.ledger.refusal(PUT, "s", REPLICATE, None, 0, KeyState(4, b"junk"), None)
@@ -90,6 +106,12 @@ def test_the_cache_seeing_another_members_record_gives_up_the_kept_copy() -> Non
     assert entry is not None and entry.record.owner == "b"
     s.cache._apply(put_event("s", 6, record("b", b'{"n":2}').encode()))
     assert superseded(s) == 1  # nothing kept any more: nothing to give up
+    # A record older than the copy (written at 2.0, the copy created at 3.0) is one the
+    # copy replaces when it replicates: the copy stays, and is served here.
+    s.local.keep("young", b'{"by":"a"}', "application/json", None, 3.0)
+    s.cache._apply(put_event("young", 7, record("b").encode()))
+    assert s.local.get("young") is not None and superseded(s) == 1
+    assert s.ledger.observed_revision("young") is None
 
 
 def test_without_delayed_sync_the_cache_calls_nothing() -> None:
