@@ -105,7 +105,7 @@ class SessionCache:
         self.on_seen: Callable[[str, Entry], None] | None = None
         """Called with each record of another writer the cache applies from etcd (a
         watch event, or a full read): delayed sync gives up a session kept on this
-        member that another member wrote (:meth:`.sessions.Sessions.give_up`)."""
+        member that another member wrote since (:meth:`.delayed.LocalSessions.seen`)."""
 
     # -- reading ---------------------------------------------------------------------------
 

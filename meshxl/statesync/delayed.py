@@ -7,11 +7,12 @@ neither the cache nor etcd. Each write of it while it is young makes a new versi
 to etcd (its creation time kept) and it is kept here no longer. A delete forgets it.
 
 Replication never replaces a record another member wrote while the copy was kept here
-(:data:`~.conditions.REPLICATE`, :func:`~.conditions.written_since`): a session another member wrote
-meanwhile (this one paused, or slower) is theirs, and the copy here is given up
-(:meth:`LocalSessions.give_up`) as soon as the cache sees that record or when the
-replication finds it. Only a record whose last write came before the copy was created
-here (the session's client moved here from there, and it started afresh) is replaced.
+(:data:`~.conditions.REPLICATE`, :func:`~.conditions.written_since`): a session
+another member wrote meanwhile (this one paused, or slower) is theirs, and the copy
+here is given up (:meth:`LocalSessions.give_up`) as soon as the cache sees that record
+or when the replication finds it. Only a record whose last write came before the copy
+was created here (the session's client moved here from there, and it started afresh)
+is replaced.
 
 While a planned move away from this member is under way (planned.py) it keeps nothing:
 every session is due (the flush replicates them all), a write of a kept one replicates
