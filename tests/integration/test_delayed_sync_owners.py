@@ -243,6 +243,41 @@ async def test_a_paused_member_resuming_never_rolls_back_anothers_writes(
     assert (await a.status())["local_sessions"] == 0
 
 
+async def test_sessions_moved_while_young_keep_their_newest_state_without_a_pause(
+        etcd: EtcdServer, start_sidecar: Any) -> None:
+    """The race without a pause: sessions written on one member, then (moved while
+    young) started afresh on the other, both kept; a (1 s delay) replicates before b
+    (2.5 s). Each session ends in etcd with the state its client wrote last, whichever
+    member replicates first: the older copy never replaces the newer, the newer
+    replaces the older."""
+    a, b = await asyncio.gather(*(
+        start_sidecar(cluster=CLUSTER, member=name, etcd=etcd.url, app_port=free_port(),
+                      sync_delay=delay, log_level="info")
+        for name, delay in (("a", 1.0), ("b", 2.5))))
+    last: dict[str, Any] = {}
+    for i in range(8):  # bounded: 16 sessions, 2 writes each
+        for session, first, then in ((f"ab{i}", a, b), (f"ba{i}", b, a)):
+            for member in (first, then):
+                state = {"by": member.member, "i": i}
+                reply = await member.put(session, state)
+                assert reply.status == 201 and reply.etag and reply.etag.startswith('"L')
+                last[session] = state
+
+    async def replicated() -> bool:
+        counts = await asyncio.gather(a.status(), b.status())
+        return all(c["local_sessions"] == 0 for c in counts)
+
+    await wait_until(replicated, timeout=15, what="every kept copy replicated or given up")
+    async with etcd.client() as client:
+        for session, state in last.items():
+            there = await client.get(KEYS.session(CLUSTER, session).encode())
+            assert there is not None, session
+            assert json.loads(SessionRecord.decode(there.value).data) == state, session
+    for session, state in last.items():
+        got = await (a if state["by"] == "b" else b).get(session)
+        assert got.status == 200 and got.json() == state, (session, got)
+
+
 async def test_a_sessions_quota_counts_the_sessions_kept_by_delayed_sync(
         harness: Owner, etcd: EtcdServer, etcd_client: aetcd.Client) -> None:
     """The replay of issue 51's sixth scenario: ``quota: {sessions: 5}`` with an 8 s
