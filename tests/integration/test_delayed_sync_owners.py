@@ -91,26 +91,31 @@ async def put(sessions: Sessions, session_id: str, data: Any) -> Stored:
     return outcome
 
 
-async def _kept_then_written_by_b(m: Members, session: str) -> tuple[int, SessionRecord]:
+async def _kept_then_written_by_b(m: Members, session: str, *,
+                                  due: bool = True) -> tuple[int, SessionRecord]:
     """a keeps ``session``; b writes it twice in etcd (both acknowledged); a's copy is
-    due by the end. What etcd holds then."""
+    due by the end (``due``). What etcd holds then."""
     kept = await put(m.a, session, {"by": "a"})
     assert kept.etag == "L1" and m.a.local.get(session) is not None
     await put(m.b, session, {"by": "b", "n": 1})
     await put(m.b, session, {"by": "b", "n": 2})
-    await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
-                     what="a's copy due")
+    if due:
+        await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                         what="a's copy due")
     there = await m.in_etcd(session)
     assert there is not None and there[1].owner == "b"
     return there
 
 
-@pytest.mark.parametrize("path", ["write", "flush", "transaction", "several"])
+@pytest.mark.parametrize("path", ["write", "flush", "transaction", "several",
+                                  "write-through"])
 async def test_a_kept_copy_never_replaces_what_another_member_wrote(
         members: Members, path: str) -> None:
     m = members
-    before = await _kept_then_written_by_b(m, "s")
-    if path == "write":  # the write that makes it replicate is fenced: 409, b named
+    before = await _kept_then_written_by_b(m, "s", due=path != "write-through")
+    if path == "write-through":  # a planned move away from a: young copies replicate
+        m.a.local.writing_through = True
+    if path in ("write", "write-through"):  # the write that replicates it: 409, b named
         with pytest.raises(Conflict) as refused:
             await put(m.a, "s", {"by": "a", "late": True})
         assert refused.value.details["owner"] == "b"
