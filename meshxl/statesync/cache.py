@@ -102,6 +102,10 @@ class SessionCache:
         """:meth:`ask_if_quiet`'s question under way."""
         self._following: asyncio.Task[None] | None = None
         """The attempt of :meth:`run` under way, which a rewind found elsewhere ends."""
+        self.on_seen: Callable[[str, Entry], None] | None = None
+        """Called with each record of another writer the cache applies from etcd (a
+        watch event, or a full read): delayed sync gives up a session kept on this
+        member that another member wrote since (:meth:`.delayed.LocalSessions.seen`)."""
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -279,6 +283,10 @@ class SessionCache:
         self.entries = entries
         self.applied = revision
         self.full_syncs += 1
+        seen = self.on_seen
+        if seen is not None:
+            for session_id, entry in list(entries.items()):
+                seen(session_id, entry)
         self.last_full_sync = time.time()
         self.down_since = None
         self.synced.set()
@@ -411,7 +419,9 @@ class SessionCache:
                 if record is None:  # what was cached is not the session any more
                     self.entries.pop(session_id, None)
                 else:
-                    self.entries[session_id] = Entry(revision, record)
+                    self.entries[session_id] = added = Entry(revision, record)
+                    if self.on_seen is not None:
+                        self.on_seen(session_id, added)
                     lag = time.time() - record.updated
                     self.last_lag = lag
                     if self._on_lag is not None:

@@ -11,7 +11,14 @@ why (its *mode*), is one of:
   session): a member that lost the session to another one gets 409, however fresh its
   cache has become since;
 * :data:`BLIND` the newest revision this member knows of a session it never touched (a
-  takeover, or a new session): it takes ownership.
+  takeover, or a new session): it takes ownership;
+* :data:`REPLICATE` 0: a session kept only on this member (delayed sync) replicated to
+  etcd. It creates the key and never replaces a record another member wrote while the
+  copy was kept here (:func:`written_since`; this one paused, or slower): that record
+  stands, and the copy here is given up (409, :class:`~.errors.Superseded`). Only
+  this member's own record (an earlier replication whose answer was lost) and another
+  member's older than the copy (the client moved here, where the session started
+  afresh) are compared again and replaced.
 
 A session kept only on this member (delayed sync) has the ETag ``L<n>``, its n-th
 version here, and its conditions are checked against that.
@@ -22,14 +29,15 @@ from __future__ import annotations
 from meshxl.errors import InputError, PreconditionFailed, TooLarge
 from meshxl.etcd.shards import split_etag
 
+from .record import SessionRecord
 from .writes import DELETE, PUT, Write
 
 __all__ = ["BLIND", "BLIND_RETRIES", "IF_ABSENT", "IF_EXISTS", "IF_MATCH", "OWNER",
-           "check_if_match", "check_size", "check_write", "known_expectation",
-           "local_precondition", "parse_etag", "revision"]
+           "REPLICATE", "check_if_match", "check_size", "check_write", "known_expectation",
+           "local_precondition", "parse_etag", "revision", "written_since"]
 
-IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, BLIND = (
-    "if-absent", "if-exists", "if-match", "owner", "blind")
+IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, BLIND, REPLICATE = (
+    "if-absent", "if-exists", "if-match", "owner", "blind", "replicate")
 BLIND_RETRIES = 3
 """Attempts of a write whose compare keeps failing only because the session moves under
 it (each against the key as it is then) before it is refused as contended (409)."""
@@ -127,3 +135,16 @@ def local_precondition(write: Write, version: int | None) -> None:
         if not (tag == "*" and current is not None) and tag != current:
             raise PreconditionFailed(f"session {write.session_id!r} is at "
                                      f"{current or 'nothing'}, not {write.if_match}")
+
+
+def written_since(record: SessionRecord, kept: SessionRecord | None) -> bool:
+    """Whether another member's ``record`` of a session was written while ``kept``, this
+    member's copy, existed: its last write (``updated``) not before the copy was created
+    (``created``), by the two writers' clocks; without a copy, always. Such a record
+    is never replaced by the copy. One written before holds a state this member's
+    client had left behind (the session moved here, where etcd had nothing, and started
+    afresh), which the copy replaces. Clocks that disagree decide wrongly only for
+    writes closer together than their difference: a clock behind keeps the record (the
+    copy is given up), one ahead replaces a record written that little after the copy
+    was created."""
+    return kept is None or record.updated >= kept.created

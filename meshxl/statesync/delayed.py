@@ -6,6 +6,14 @@ neither the cache nor etcd. Each write of it while it is young makes a new versi
 (ETag ``L<n>``); the first write once it is due, or the periodic flush, replicates it
 to etcd (its creation time kept) and it is kept here no longer. A delete forgets it.
 
+Replication never replaces a record another member wrote while the copy was kept here
+(:data:`~.conditions.REPLICATE`, :func:`~.conditions.written_since`): a session
+another member wrote meanwhile (this one paused, or slower) is theirs, and the copy
+here is given up (:meth:`LocalSessions.give_up`) as soon as the cache sees that record
+or when the replication finds it. Only a record whose last write came before the copy
+was created here (the session's client moved here from there, and it started afresh)
+is replaced.
+
 While a planned move away from this member is under way (planned.py) it keeps nothing:
 every session is due (the flush replicates them all), a write of a kept one replicates
 it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
@@ -13,11 +21,17 @@ it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
+from .conditions import written_since
 from .metrics import StatesyncMetrics
 from .record import SessionRecord
 from .writes import PUT, Stored
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Local", "LocalSessions"]
 
@@ -48,6 +62,10 @@ class LocalSessions:
 
     def ids(self) -> list[str]:
         return list(self._kept)
+
+    def kept(self) -> Mapping[str, Local]:
+        """The sessions kept here, by id (a read-only view: quotas count them)."""
+        return MappingProxyType(self._kept)
 
     def get(self, session_id: str) -> Local | None:
         return self._kept.get(session_id)
@@ -95,3 +113,23 @@ class LocalSessions:
         if local is not None:
             self.metrics.local.set(len(self._kept))
         return local
+
+    def give_up(self, session_id: str, why: str) -> None:
+        """Keep ``session_id`` here no longer: another member wrote it in etcd meanwhile
+        (``why``), and that record is the session's state (counted, logged)."""
+        if self.drop(session_id) is not None:
+            self.metrics.superseded.inc()
+            log.warning("delayed sync: %s", why)
+
+    def seen(self, session_id: str, record: SessionRecord, revision: int) -> bool:
+        """etcd holds ``record`` of ``session_id`` at ``revision`` (the cache saw it): a
+        copy kept here of a session another member wrote since it was created here is
+        given up, so reads here stop serving it; whether one was."""
+        local = self._kept.get(session_id)
+        if (record.owner == self.member or local is None
+                or not written_since(record, local.record)):
+            return False
+        self.give_up(session_id, f"session {session_id!r} was written by member "
+                     f"{record.owner!r} (revision {revision}) while this member kept it: "
+                     "its copy here is given up")
+        return True

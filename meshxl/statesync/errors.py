@@ -4,8 +4,8 @@ gives its HTTP status (:func:`meshxl.httpbase.http_status`): a bad request is an
 (409), a record that cannot be decoded ``Undecodable`` (409), a failed If-Match or
 If-None-Match ``PreconditionFailed`` (412), a state over the limit ``TooLarge`` (413),
 etcd not answering :class:`meshxl.etcd.EtcdUnavailable` (an ``Unavailable``, 503). The
-layer raises the family's classes themselves; defined here is only :class:`LeaseLost`,
-which says more than its family member.
+layer raises the family's classes themselves; defined here are only :class:`LeaseLost`
+and :class:`Superseded`, which say more than their family members.
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ from meshxl.errors import (
 )
 from meshxl.etcd.balancer import EtcdUnavailable
 
-__all__ = ["LeaseLost", "no_session", "result_name"]
+__all__ = ["LeaseLost", "Superseded", "no_session", "result_name"]
 
 
 class LeaseLost(EtcdUnavailable):
     """etcd refused a batch for a session lease it no longer has: nothing in the batch
     applied, so its writes may be sent again, with a new lease."""
+
+
+class Superseded(Conflict):
+    """A session kept only on this member (delayed sync) that another member wrote in
+    etcd meanwhile: its replication never replaces that record, and the copy here is
+    given up (409, the other member named, as for a fenced former owner)."""
 
 
 def no_session(session_id: str) -> NotFound:

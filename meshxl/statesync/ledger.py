@@ -28,9 +28,19 @@ from meshxl.errors import (
 from meshxl.etcd import EtcdUnavailable
 
 from .cache import SessionCache
-from .conditions import BLIND, IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, parse_etag, revision
+from .conditions import (
+    BLIND,
+    IF_ABSENT,
+    IF_EXISTS,
+    IF_MATCH,
+    OWNER,
+    REPLICATE,
+    parse_etag,
+    revision,
+    written_since,
+)
 from .deletions import DeletionRecord
-from .errors import no_session
+from .errors import Superseded, no_session
 from .metrics import StatesyncMetrics
 from .record import SessionRecord, valid_session_id
 from .store import KeyState, KeyWrite, SessionStore, WriteResult
@@ -163,10 +173,12 @@ class Ledger:
 
     def refusal(self, op: str, session_id: str, mode: str, if_match: str | None,
                 expected_revision: int, current: KeyState,
-                current_record: SessionRecord | None) -> MeshxlError | None:
+                current_record: SessionRecord | None,
+                kept: SessionRecord | None = None) -> MeshxlError | None:
         """The answer to a write whose compare failed (counted), or None when it may be
         sent again against the key as it is now: new to this member, expired meanwhile,
-        its own unconfirmed write, or an undecodable record (replaced)."""
+        its own unconfirmed write, or an undecodable record (replaced). ``kept``: the
+        copy a :data:`REPLICATE` write replicates."""
         if mode == IF_ABSENT:
             self.metrics.write(op, "precondition_failed").inc()
             return PreconditionFailed(f"session {session_id!r} exists (revision "
@@ -176,6 +188,8 @@ class Ledger:
             return PreconditionFailed(
                 f"session {session_id!r} is at revision {current.revision or 'none'}, "
                 f"not {if_match}", current=current.revision or None)
+        if mode == REPLICATE:
+            return self.superseded(op, session_id, current, current_record, kept)
         if current.revision == 0 and op == DELETE:
             self.metrics.write(op, "not_found").inc()
             return no_session(session_id)
@@ -191,6 +205,38 @@ class Ledger:
                 f"(revision {expected_revision}): ownership lost",
                 owner=current_record.owner, revision=current.revision)
         return None
+
+    def superseded(self, op: str, session_id: str, current: KeyState,
+                   current_record: SessionRecord | None,
+                   kept: SessionRecord | None) -> Superseded | None:
+        """The verdict on a replication of ``kept``, a session kept here (mode
+        :data:`REPLICATE`), that found the key in etcd. None (compare again) when it is
+        gone meanwhile, is this member's own record (an earlier replication whose answer
+        was lost), or is another member's whose last write came before this copy was
+        created (:func:`~.conditions.written_since`: its client had moved here, where the
+        session started afresh). Otherwise another member wrote the session while this
+        one kept it: its record stands, this member is fenced from it as a former owner
+        is (it observed "none": its next write without a read is 409), and the caller
+        gives up the copy kept here."""
+        if current.revision == 0 or (current_record is not None and (
+                current_record.owner == self.member
+                or not written_since(current_record, kept))):
+            return None
+        self.conflicts += 1
+        self.metrics.conflicts.inc()
+        self.metrics.write(op, "conflict").inc()
+        self.observe(session_id, 0)
+        if current_record is None:
+            return Superseded(
+                f"session {session_id!r} was written in etcd by another writer (revision "
+                f"{current.revision}, a record that cannot be decoded) while this member "
+                "kept it (delayed sync): its copy here is given up", revision=current.revision)
+        self.cache.write_through(session_id, current.revision, current_record)
+        return Superseded(
+            f"session {session_id!r} was written by member {current_record.owner!r} "
+            f"(revision {current.revision}) while this member kept it (delayed sync): "
+            "its copy here is given up, ownership lost",
+            owner=current_record.owner, revision=current.revision)
 
     # -- committed --------------------------------------------------------------------------
 

@@ -252,6 +252,9 @@ class StatesyncMetrics:
         self.read = functools.cache(self.reads.labels)
         self.conflicts = Counter("meshxl_statesync_write_conflicts", "Writes refused because "
                                  "another member wrote the session since (409).", registry=r)
+        self.superseded = Counter("meshxl_statesync_superseded", "Sessions kept on this "
+                                  "member (delayed sync) given up because another member "
+                                  "wrote them in etcd meanwhile.", registry=r)
         self.takeovers = Counter("meshxl_statesync_takeovers", "Sessions this member took "
                                  "over from another member.", registry=r)
         self.bulk_requests = Counter("meshxl_statesync_bulk_requests", "Multi-session "

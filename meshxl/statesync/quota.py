@@ -11,12 +11,17 @@ write that keeps or shrinks what the cluster holds.
   the bucket holds ``min(n, burst)``, so a request larger than the burst passes when
   the bucket is full and leaves it in debt. Each sidecar of the cluster has its own
   bucket: the cluster's limit is the per-sidecar rate times its sidecars taking writes.
-* **sessions** and **bytes**: counted from the sidecar's session cache (every session
-  of the cluster with ``replication: all``; with ``narrow``, only those the member
-  holds, so the limit then applies per member), recounted when a second old, plus what
-  this sidecar admitted since. Writes other members admitted in that second are seen
-  at the next recount: the cluster can pass a limit by at most about one second of the
-  other members' new sessions and bytes.
+* **sessions** and **bytes**: counted from what the sidecar holds (:func:`held`): its
+  session cache (every session of the cluster with ``replication: all``; with
+  ``narrow``, only those the member holds, so the limit then applies per member) and
+  the sessions delayed sync keeps on this member only, not yet in etcd (each session
+  once: one both kept and cached counts as cached), recounted when a second old, plus
+  what this sidecar admitted since. Writes other members admitted in that second are
+  seen at the next recount, and sessions other members keep by delayed sync once they
+  are replicated: the cluster can pass a limit by at most about one second of the
+  other members' new sessions and bytes, plus what they keep (at most ``sync_delay``
+  of their new sessions); what one member acknowledged, replicated or not, never
+  passes it.
 
 :class:`QuotaGuard` is per cluster: a process hosting several clusters keeps one each.
 """
@@ -25,19 +30,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from meshxl.model.light import LightQuota
 
 from .http import RequestRefused, Response, error
 from .http.admission import MAX_HOLD
 from .metrics import StatesyncMetrics
+from .record import SessionRecord
 from .writes import DELETE, PATCH, Write
 
 __all__ = ["RECOUNT_AFTER", "SPACE_RETRY_AFTER", "QuotaGuard", "QuotaRefused", "TokenBucket",
-           "Usage"]
+           "Usage", "held", "held_size"]
 
 RECOUNT_AFTER = 1.0
 """Seconds a count of the cluster's sessions and bytes is used before it is made anew."""
@@ -104,6 +110,39 @@ class Usage:
 
     sessions: int = 0
     bytes: int = 0
+
+
+class Held(Protocol):
+    """A session as a sidecar holds it: a cache entry, or a copy kept by delayed sync."""
+
+    @property
+    def record(self) -> SessionRecord: ...
+
+
+def held(cached: Sequence[Mapping[str, Held]], kept: Sequence[Mapping[str, Held]]) -> Usage:
+    """The sessions and bytes a sidecar holds: those of its caches (one per etcd
+    cluster: the main one, or each shard's) and those delayed sync keeps on this member
+    only, each session once (one kept and already cached, replicated but its copy not
+    yet let go, counts as cached)."""
+    usage = Usage(sum(len(c) for c in cached),
+                  sum(len(e.record.data) for c in cached for e in c.values()))
+    for copies in kept:
+        for session_id, local in copies.items():
+            if not any(session_id in c for c in cached):
+                usage.sessions += 1
+                usage.bytes += len(local.record.data)
+    return usage
+
+
+def held_size(session_id: str, cached: Sequence[Mapping[str, Held]],
+              kept: Sequence[Mapping[str, Held]]) -> int | None:
+    """The size of ``session_id``'s state as the sidecar holds it (its copy kept here
+    first: the newest this member has), None if it holds none."""
+    for holding in (*kept, *cached):
+        found = holding.get(session_id)
+        if found is not None:
+            return len(found.record.data)
+    return None
 
 
 class _Rate:

@@ -46,18 +46,18 @@ from meshxl.etcd.shards import shard_etag
 
 from . import mergepatch
 from .batches import PLANNED
-from .cache import SessionCache
+from .cache import Entry, SessionCache
 from .conditions import (
-    BLIND,
     BLIND_RETRIES,
     IF_MATCH,
+    REPLICATE,
     check_size,
     check_write,
     known_expectation,
     local_precondition,
 )
 from .delayed import Local, LocalSessions
-from .errors import LeaseLost, no_session
+from .errors import LeaseLost, Superseded, no_session
 from .ledger import Ledger
 from .locks import SessionLocks
 from .metrics import StatesyncMetrics
@@ -96,6 +96,8 @@ class Sessions:
         self.local = LocalSessions(member, settings.sync_delay, metrics)
         self.transactions = Transactions(self.ledger, self.local, self.locks, store,
                                          metrics, settings.max_bytes)
+        if self.local.enabled:
+            cache.on_seen = self._seen_in_etcd
 
     # -- what the sidecar shows -------------------------------------------------------------
 
@@ -421,7 +423,8 @@ class Sessions:
                           traceparent: str | None) -> Stored:
         """A write of a session kept on this member: a new version here while it is
         young; once its delay is over, it replicates the session to etcd (created when
-        it was created here) and the session is kept here no longer."""
+        it was created here; never over another member's record, :data:`REPLICATE`) and
+        the session is kept here no longer."""
         session_id = write.session_id
         if write.op == DELETE:
             self.local.drop(session_id)
@@ -439,10 +442,20 @@ class Sessions:
             owner=self.member, content_type=content_type, created=local.record.created,
             updated=now, data=data, traceparent=trace)
         replica = Write(session_id=session_id, record=record)
-        stored = await self._attempts(replica, key, BLIND, 0, local.record, traceparent,
-                                      replicating=True)
+        try:
+            stored = await self._attempts(replica, key, REPLICATE, 0, local.record,
+                                          traceparent, replicating=True)
+        except Superseded as exc:  # another member's record stands; the ledger fenced
+            self.local.give_up(session_id, str(exc))  # this member from it
+            raise
         self.local.drop(session_id)
         return stored
+
+    def _seen_in_etcd(self, session_id: str, entry: Entry) -> None:
+        """A copy kept here of a session another member wrote is given up, and this
+        member fenced from it (:meth:`.delayed.LocalSessions.seen`)."""
+        if self.local.seen(session_id, entry.record, entry.revision):
+            self.ledger.observe(session_id, 0)
 
     async def flush_due(self) -> int:
         """Replicate the sessions kept here whose ``sync_delay`` is over; how many."""
@@ -455,7 +468,7 @@ class Sessions:
         for (session_id, _), outcome in zip(due, outcomes, strict=True):
             if isinstance(outcome, Stored):
                 flushed += 1
-            elif not isinstance(outcome, PreconditionFailed):  # else: written meanwhile
+            elif not isinstance(outcome, PreconditionFailed | Superseded):  # written meanwhile
                 log.warning("delayed sync of session %s failed: %s", session_id, outcome)
         return flushed
 
@@ -495,7 +508,7 @@ class Sessions:
             current_record = (ledger.decode(session_id, current.revision, current.value, op)
                               if current.value else None)
             refusal = ledger.refusal(op, session_id, mode, write.if_match, expected_revision,
-                                     current, current_record)
+                                     current, current_record, write.record)
             if refusal is not None:
                 raise refusal
             if op == PATCH and current_record is None:

@@ -42,7 +42,7 @@ from .membership import Membership
 from .mesh_reads import cache_status, sync_stats_value
 from .metrics import StatesyncMetrics
 from .planned import PlannedFlush
-from .quota import QuotaGuard, Usage
+from .quota import QuotaGuard, Usage, held, held_size
 from .sessions import Sessions
 from .shards import Shard, ShardedSessions
 from .starting import caches_synced
@@ -343,17 +343,14 @@ class Sidecar:
         return sessions.map if isinstance(sessions, ShardedSessions) else None
 
     def _usage(self) -> Usage:
-        """The cluster's sessions and their bytes, as the caches hold them (quota.py)."""
-        return Usage(sum(len(part.cache) for part in self.parts),
-                     sum(len(e.record.data) for part in self.parts
-                         for e in part.cache.entries.values()))
+        """The cluster's sessions and their bytes as this sidecar holds them: its caches
+        and the sessions delayed sync keeps here, each once (quota.py)."""
+        return held([part.cache.entries for part in self.parts],
+                    [part.engine.local.kept() for part in self.parts])
 
     def _session_size(self, session_id: str) -> int | None:
-        for part in self.parts:
-            entry = part.cache.get(session_id)
-            if entry is not None:
-                return len(entry.record.data)
-        return None
+        return held_size(session_id, [part.cache.entries for part in self.parts],
+                         [part.engine.local.kept() for part in self.parts])
 
     @property
     def cached_sessions(self) -> int:

@@ -7,7 +7,9 @@ new to it), and fails the way a single write would (412, 409, 404); an operation
 compare failed only because the session moved under a write that may replace it (a
 takeover, an expired session) is compared again, as a single write is, and the
 transaction sent again. A session kept only on this member (delayed sync) is checked
-against its version here and replicated by the transaction (a delete forgets it). The
+against its version here and replicated by the transaction, never over a record
+another member wrote meanwhile (:data:`~.conditions.REPLICATE`: 409 and the copy here
+given up, :class:`~.errors.Superseded`); a delete forgets it. The
 sessions' locks are held throughout. Each delete puts its deletion record in the same
 transaction (:mod:`.deletions`), one more key: N operations of which D deletes write
 N + D keys, which etcd takes up to 127.
@@ -23,9 +25,16 @@ from dataclasses import dataclass
 from meshxl.errors import Conflict, InputError, MeshxlError, Unavailable
 from meshxl.etcd import EtcdUnavailable
 
-from .conditions import BLIND, BLIND_RETRIES, OWNER, check_write, local_precondition
+from .conditions import (
+    BLIND,
+    BLIND_RETRIES,
+    OWNER,
+    REPLICATE,
+    check_write,
+    local_precondition,
+)
 from .delayed import LocalSessions
-from .errors import result_name
+from .errors import Superseded, result_name
 from .ledger import Ledger
 from .locks import SessionLocks
 from .metrics import StatesyncMetrics
@@ -84,7 +93,7 @@ class Transactions:
         local = self.local.get(write.session_id)
         if local is not None:
             local_precondition(write, local.version)
-            return _Planned(write, key, BLIND, 0, local.record, local=True)
+            return _Planned(write, key, REPLICATE, 0, local.record, local=True)
         entry = self.ledger.cache.get(write.session_id)
         mode, expected_revision = await self.ledger.expectation(write, key,
                                                        entry.revision if entry else 0)
@@ -168,7 +177,8 @@ class Transactions:
         the others get the revision to compare next time (the transaction is sent
         again). Whether a session moved to another member takes its record, read now
         (the failure branch reads revisions only)."""
-        wanted = [i for i in failed if current[i].revision and sent[i].mode in (OWNER, BLIND)]
+        wanted = [i for i in failed
+                  if current[i].revision and sent[i].mode in (OWNER, BLIND, REPLICATE)]
         try:
             fetched = dict(zip(wanted, await asyncio.gather(
                 *(self.store.fetch(sent[i].key) for i in wanted)), strict=True))
@@ -185,9 +195,14 @@ class Transactions:
             record = (ledger.decode(session_id, state.revision, state.value, "transaction")
                       if state.value else None)
             refusal = ledger.refusal(plan.write.op, session_id, plan.mode,
-                                     plan.write.if_match, plan.expected_revision, state, record)
+                                     plan.write.if_match, plan.expected_revision, state, record,
+                                     plan.prior if plan.local else None)
             if refusal is not None:
                 refused[i] = refusal
+                if isinstance(refusal, Superseded):
+                    self.local.give_up(session_id, str(refusal))
+            elif plan.local:  # its copy, replicated over the record: created here
+                plan.expected_revision = state.revision
             else:
                 plan.expected_revision, plan.prior = state.revision, record
         return refused

@@ -11,7 +11,9 @@ from meshxl.model import parse_model
 from meshxl.model.basics import ModelError
 from meshxl.model.light import LightQuota, parse_light
 from meshxl.statesync.api import SessionRoutes
+from meshxl.statesync.cache import Entry
 from meshxl.statesync.cluster_routes import add_cluster_routes
+from meshxl.statesync.delayed import LocalSessions
 from meshxl.statesync.http import WRITE, Request, Response, Router, error
 from meshxl.statesync.http.routing import failure
 from meshxl.statesync.metrics import StatesyncMetrics
@@ -21,7 +23,10 @@ from meshxl.statesync.quota import (
     QuotaRefused,
     TokenBucket,
     Usage,
+    held,
+    held_size,
 )
+from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.writes import DELETE, PATCH, Write
 from tests.unit.test_sidecar_http import answers, exchange, run, serving
 from tests.unit.test_sidecar_http import put as put_bytes
@@ -117,6 +122,58 @@ def test_sessions_quota_refuses_only_a_new_session_beyond_it() -> None:
     assert 'meshxl_statesync_quota_refused_total{quota="sessions"} 2.0' in \
         metrics.render().decode()
     assert g.status()["sessions"] == {"limit": 3, "used": 3}  # type: ignore[index]
+
+
+def cached(**sizes: int) -> dict[str, Entry]:
+    return {session: Entry(7, SessionRecord(owner="b", content_type="application/json",
+                                            created=1.0, updated=1.0, data=b"x" * size))
+            for session, size in sizes.items()}
+
+
+def test_what_a_sidecar_holds_counts_its_kept_sessions_once() -> None:
+    local = LocalSessions("a", 8.0, StatesyncMetrics())
+    for session, size in (("k1", 10), ("k2", 20), ("both", 5)):
+        local.keep(session, b"y" * size, "application/json", None, 1.0)
+    caches = [cached(c1=100, both=50), cached(c2=1)]  # two shards' caches
+    assert held(caches, [local.kept()]) == Usage(5, 100 + 50 + 1 + 10 + 20)
+    assert held(caches, []) == Usage(3, 151)  # what counting the caches alone saw
+    assert held_size("k2", caches, [local.kept()]) == 20
+    assert held_size("both", caches, [local.kept()]) == 5  # its newest copy: kept here
+    assert held_size("c2", caches, [local.kept()]) == 1
+    assert held_size("none", caches, [local.kept()]) is None
+
+
+def test_kept_sessions_count_against_the_quota_across_recounts() -> None:
+    """Issue 51, item 6: ``quota: {sessions: 5}`` with delayed sync admitted 30 new
+    sessions in 6 s, all kept on the member (its cache empty), because each recount
+    found none of them."""
+    clock = Clock()
+    local = LocalSessions("a", 8.0, StatesyncMetrics())
+    caches: list[dict[str, Entry]] = [{}]
+    g = QuotaGuard(LightQuota(sessions=5, bytes=64),
+                   lambda: held(caches, [local.kept()]),
+                   lambda session: held_size(session, caches, [local.kept()]), clock=clock)
+    admitted = 0
+    for i in range(30):
+        clock.now += 0.2  # 30 new sessions over 6 s: a recount every 5
+        try:
+            g.admit([put(f"s{i}", 8)])
+        except QuotaRefused as exc:
+            assert exc.details["quota"] == "sessions" and exc.details["current"] == 5
+            continue
+        local.keep(f"s{i}", b"x" * 8, "application/json", None, clock.now)
+        admitted += 1
+    assert admitted == 5 and len(local) == 5
+    g.admit([put("s0", 8)])  # a kept session is not a new one
+    with pytest.raises(QuotaRefused) as grown:  # and its bytes count: 40 + 60 > 64
+        g.admit([put("s1", 68)])
+    assert grown.value.details["quota"] == "bytes"
+    # Replicated (cached, its copy here let go): counted once, through the cache.
+    for i in range(5):
+        caches[0][f"s{i}"] = cached(**{f"s{i}": 8})[f"s{i}"]
+        local.drop(f"s{i}")
+    clock.now += RECOUNT_AFTER
+    assert g.usage() == Usage(5, 40)
 
 
 def test_bytes_quota_counts_growth_only() -> None:
