@@ -52,6 +52,7 @@ from .basics import (
 from .checks import NO_CLUSTERS, duplicates, membership_problems
 from .lax import Unfit, as_text, in_range
 from .light_pools import LightPool, read_pools, vs_settings
+from .limits import SYNC_DELAY
 from .text import ModelForm, model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
@@ -255,7 +256,7 @@ def _address(value: Any) -> str:
         raise Unfit(str(exc)) from None
 
 
-def _duration(*, positive: bool) -> Callable[[Any], float]:
+def _duration(*, positive: bool, high: float | None = None) -> Callable[[Any], float]:
     def read(value: Any) -> float:
         try:
             seconds = read_duration(value)
@@ -269,9 +270,12 @@ def _duration(*, positive: bool) -> Callable[[Any], float]:
             raise Unfit("expected a duration greater than 0" if positive
                        else "expected a duration of 0 or more")
         try:
-            return check_duration(seconds)
+            check_duration(seconds)
         except ValueError as exc:
             raise Unfit(str(exc)) from None
+        if high is not None and seconds > high:
+            raise Unfit(f"expected a duration of at most {high:g} s")
+        return seconds
     return read
 
 
@@ -416,7 +420,8 @@ class _Reader:
         f, default = self._field, LightSessions()
         return LightSessions(
             f(found, path, "ttl", _duration(positive=True), default.ttl),
-            f(found, path, "sync_delay", _duration(positive=False), default.sync_delay),
+            f(found, path, "sync_delay", _duration(positive=False, high=SYNC_DELAY.high),
+              default.sync_delay),
             f(found, path, "max_bytes", in_range(1, 1_048_576), default.max_bytes),
             f(found, path, "replication", _one_of(REPLICATIONS), default.replication),
             self.quota(found.get("quota", {}), f"{path}.quota"))

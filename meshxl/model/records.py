@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basics import check_member_address
+from .limits import SYNC_DELAY
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
            "MAX_PRIORITY_LIST", "AdminAction", "Health", "IstioEndpoint", "PriorityList",
@@ -128,9 +129,10 @@ def _since(value: Any) -> str | None:
     return str(since)[:64] if since else "unknown"
 
 
-MAX_SYNC_DELAY = 86_400.0
-"""The longest ``sync_delay`` a registration is believed for (a day): beyond it, or not
-a number, it counts as 0, so that no record holds planned moves back for longer."""
+MAX_SYNC_DELAY = SYNC_DELAY.high
+"""The longest ``sync_delay`` a registration is believed for (a day, the longest the
+model and ``--sync-delay`` take): beyond it, or not a number, it counts as 0, so that
+no record holds planned moves back for longer."""
 
 
 def _delay(value: Any) -> float:

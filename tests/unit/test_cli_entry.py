@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshxl.cli import entry, serving
+from meshxl.cli.options import BoundedFloat, BoundedInt
 from meshxl.cli.root import main
 from meshxl.cli.serve import serve_statesync
 
@@ -41,7 +42,10 @@ def test_every_option_of_the_click_command_is_read_alike() -> None:
             assert opt.default == (None if unset else param.default), flag
         kind = param.type
         if isinstance(kind, click.IntRange | click.FloatRange):
-            assert (opt.low, opt.high) == (kind.min, kind.max), flag
+            # One bound read by both (meshxl.model.limits), finite at both ends.
+            assert isinstance(kind, BoundedInt | BoundedFloat), flag
+            assert opt.bound is kind.bound, flag
+            assert (kind.min, kind.max) == (kind.bound.low, kind.bound.high), flag
             assert not kind.min_open and not kind.max_open and not kind.clamp
             assert opt.kind == (entry._INT if isinstance(kind, click.IntRange)
                                 else entry._FLOAT), flag
