@@ -24,7 +24,8 @@ __all__ = [
     "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "Bound", "CONVERGE_TIMEOUT",
     "CREDENTIALS_REFRESH", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS", "DNS_INTERVAL",
     "DRILL_DURATION", "LEASE_TTL", "MAX_CONNECTIONS", "MAX_DELAY", "MAX_INFLIGHT",
-    "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PROBE_TIMEOUT", "PUBLISH_INTERVAL",
+    "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PROBE_TIMEOUT", "PROBLEM_TTL",
+    "PUBLISH_INTERVAL",
     "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE", "STATUS_INTERVAL", "STATUS_TTL",
     "SYNC_DELAY", "WAIT", "count", "seconds", "size",
 ]
@@ -60,7 +61,7 @@ class Bound:
     def check(self, value: object, name: str | None = None) -> float:
         """``value`` if it is a number of this kind within range, else a ValueError
         naming ``name`` (an option or a field) and saying what it takes."""
-        if not self._fits(value):
+        if not self.fits(value):
             text = str(value) if isinstance(value, int) else repr(value)
             raise self._refusal(text, name)
         return value if self.integer else float(value)  # type: ignore[arg-type,return-value]
@@ -78,11 +79,12 @@ class Bound:
             value: float = int(text) if self.integer else float(text)
         except ValueError:
             raise self._refusal(repr(text), name) from None
-        if not self._fits(value):
+        if not self.fits(value):
             raise self._refusal(repr(text), name)
         return value
 
-    def _fits(self, value: object) -> bool:
+    def fits(self, value: object) -> bool:
+        """``value`` is a number of this kind within range (never NaN or infinite)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         if self.integer and not isinstance(value, int):
@@ -142,6 +144,9 @@ MEMBER_WEIGHT = count(1, 10_000)
 """``--weight``, as the model's member weights."""
 PUBLISH_INTERVAL = seconds(0.1, 3_600)
 """Seconds between publications of a sidecar's statistics."""
+PROBLEM_TTL = seconds(1, 86_400)
+"""A problem report's ``ttl`` (the session API): faster heartbeats than a second are a
+busy loop; beyond a day, report it without one."""
 
 # -- the control plane (``meshxl serve xds``) ---------------------------------------------
 

@@ -254,3 +254,39 @@ def test_a_sync_delay_the_control_plane_would_not_believe_is_refused() -> None:
         parse_model(text)
     with pytest.raises(Exception, match="sync_delay"):
         parse_light(text)
+
+
+# -- the session API ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ttl", ['"nan"', '"inf"', '"-inf"', '"Infinity"', "-1", "0.5",
+                                 "86401", "1" + "0" * 30, '"1e400"', '"400d"', "true"])
+def test_a_problem_reports_ttl_is_finite_and_in_range(ttl: str) -> None:
+    from meshxl.errors import InputError
+    from meshxl.statesync import api
+
+    body = f'{{"detail": "disk", "ttl": {ttl}}}'.encode()
+    with pytest.raises(InputError) as refused:
+        api._problem_report(body, "application/json")
+    assert refused.value.details["field"] == "ttl" and str(refused.value).startswith("ttl: ")
+
+
+@pytest.mark.parametrize("ttl", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_a_problem_reports_ttl_that_is_no_json_number_is_refused(ttl: str) -> None:
+    from meshxl.errors import InputError
+    from meshxl.statesync import api
+
+    with pytest.raises(InputError):  # a 400 with a JSON body (httpbase)
+        api._problem_report(f'{{"ttl": {ttl}}}'.encode(), "application/json")
+
+
+def test_the_api_documents_the_range_it_checks() -> None:
+    import json
+
+    from meshxl.model.limits import PROBLEM_TTL
+    from meshxl.statesync import api
+
+    document = json.loads((Path(api.__file__).parent / "openapi.json").read_text())
+    for path in ("/v1/problems/{name}", "/v1/clusters/{cluster}/problems/{name}"):
+        body = document["paths"][path]["put"]["requestBody"]["content"]["application/json"]
+        number = body["schema"]["properties"]["ttl"]["oneOf"][0]
+        assert (number["minimum"], number["maximum"]) == (PROBLEM_TTL.low, PROBLEM_TTL.high)
