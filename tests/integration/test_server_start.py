@@ -147,6 +147,33 @@ async def test_statesync_refuses_a_busy_port_before_registering(
         assert code == 1 and message in one_line_error(err), err
 
 
+async def test_statesync_refuses_numbers_that_are_not_finite_at_once() -> None:
+    """The sidecar as pods run it: a NaN or infinite duration (a careless flag or
+    variable) is refused before anything starts, naming the option, never a sidecar
+    that answers 500 to every write, never becomes ready or never replicates. Nothing
+    listens at its etcd address: a sidecar that started would wait, and time out."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    argv = statesync_argv("127.0.0.1:0", nowhere)
+    cases: list[tuple[list[str], dict[str, str | None], str]] = [
+        (["--session-ttl", "nan"], {}, "--session-ttl"),
+        (["--session-ttl=inf"], {}, "--session-ttl"),
+        (["--lease-ttl", "inf"], {}, "--lease-ttl"),
+        (["--lease-ttl", "-nan"], {}, "--lease-ttl"),
+        (["--sync-delay", "inf"], {}, "--sync-delay"),
+        (["--sync-delay", "nan"], {}, "--sync-delay"),
+        ([], {"MESHXL_STATESYNC_MAX_CONNECTIONS": "1e400"}, "--max-connections"),
+    ]
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(meshxl(*argv, *extra, env=env, timeout=30)
+                                     for extra, env, _ in cases))
+    for (extra, env, option), (code, out, err) in zip(cases, results, strict=True):
+        assert code == 2, (extra, env, out, err)
+        assert "Traceback" not in err
+        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert f"Invalid value for '{option}'" in line and "expected a" in line, line
+    assert asyncio.get_running_loop().time() - started < 30  # sanity: none waited
+
+
 async def test_statesync_registers_the_port_it_bound(
     harness: Any, etcd: Any, etcd_client: aetcd.Client,
 ) -> None:
