@@ -51,8 +51,9 @@ Port = Annotated[int, Field(ge=1, le=65_535)]
 
 
 class SpecModel(BaseModel):
-    """The base of every model class: frozen, unknown fields refused."""
+    """The base of every model class: frozen, unknown fields refused, and no number NaN
+    or infinite, whatever range a field declares (a range alone lets NaN through)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 Domain = Annotated[str, Field(pattern=_DOMAIN, max_length=253)]
 """A route's host name (see :attr:`Route.domains`)."""

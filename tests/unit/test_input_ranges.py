@@ -205,6 +205,22 @@ def test_every_numeric_model_field_refuses_non_finite_and_out_of_range(
         assert mine and all(e["type"] != "missing" for e in mine), (name, value)
 
 
+def test_a_model_number_without_a_range_is_still_finite() -> None:
+    """The model's base refuses NaN and infinities in any number field, so a field added
+    without a range (or with only one bound) cannot take them."""
+    from meshxl.model.fields import SpecModel
+
+    class Future(SpecModel):
+        share: float = 0.0
+        at_least: float | None = pydantic.Field(default=None, ge=0)
+
+    for name in ("share", "at_least"):
+        for value in (math.nan, math.inf, -math.inf, "nan", "-inf"):
+            with pytest.raises(pydantic.ValidationError) as refused:
+                Future.model_validate({name: value})
+            assert refused.value.errors()[0]["loc"] == (name,), (name, value)
+
+
 LIGHT = """\
 clusters:
 - name: c
