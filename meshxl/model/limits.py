@@ -24,7 +24,7 @@ __all__ = [
     "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "Bound", "CONVERGE_TIMEOUT",
     "CREDENTIALS_REFRESH", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS", "DNS_INTERVAL",
     "DRILL_DURATION", "LEASE_TTL", "MAX_CONNECTIONS", "MAX_DELAY", "MAX_INFLIGHT",
-    "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PROBE_TIMEOUT", "PROBLEM_TTL",
+    "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PORT", "PROBE_TIMEOUT", "PROBLEM_TTL",
     "PUBLISH_INTERVAL",
     "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE", "STATUS_INTERVAL", "STATUS_TTL",
     "SYNC_DELAY", "WAIT", "count", "seconds", "size",
@@ -187,5 +187,7 @@ DEMO_SESSIONS = count(1, 2_000)
 """``meshxl demo --sessions``."""
 DEMO_DURATION = seconds(3, 600)
 """``meshxl demo --duration``."""
-ADMIN_PORT = count(1, 65_535)
+PORT = count(1, 65_535)
+"""A TCP port (a member's registered port)."""
+ADMIN_PORT = PORT
 """``meshxl bootstrap --admin-port``: a TCP port."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basics import check_member_address
-from .limits import SYNC_DELAY
+from .lax import Unfit, as_integer
+from .limits import MEMBER_WEIGHT, PORT, SYNC_DELAY, Bound
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
            "MAX_PRIORITY_LIST", "AdminAction", "Health", "IstioEndpoint", "PriorityList",
@@ -86,25 +87,17 @@ class Registration:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Registration:
         """Build from the JSON stored in etcd; raises ValueError naming a bad field."""
-        try:
-            address = str(data["address"])
-            port = int(data["port"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"registration needs address and port: {exc}") from None
-        if not 1 <= port <= 65535:
-            raise ValueError(f"registration port out of range: {port}")
+        if "address" not in data or "port" not in data:
+            raise ValueError("registration needs address and port")
+        address = str(data["address"])
+        port = _whole(data["port"], PORT, "port")
         try:
             check_member_address(address)
         except ValueError as exc:
             raise ValueError(f"registration address {address[:80]!r}: {exc}") from None
         weight = data.get("weight")
         if weight is not None:
-            try:
-                weight = int(weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"registration weight is not a number: {weight!r}") from None
-            if not 1 <= weight <= 10_000:
-                raise ValueError(f"registration weight out of range 1..10000: {weight}")
+            weight = _whole(weight, MEMBER_WEIGHT, "weight")
         return cls(
             address=address,
             port=port,
@@ -119,6 +112,24 @@ class Registration:
             istio=IstioEndpoint.from_dict(data["istio"]) if data.get("istio") is not None
             else None,
         )
+
+
+def _whole(value: Any, bound: Bound, what: str) -> int:
+    """A registration's whole number (as pydantic reads one laxly: ``8080``, ``8080.0``,
+    ``"8080"``) within ``bound``; ValueError naming it otherwise. Written by whoever may
+    write the key, so never trusted to be finite: ``1e400`` reads as infinity."""
+    try:
+        if isinstance(value, bool):
+            raise Unfit("a bool")
+        number = as_integer(value)
+    except (Unfit, ValueError):  # ValueError: more digits than int() reads
+        raise ValueError(f"registration {what} out of range: expected {bound.describe()}, "
+                         f"got {str(value)[:40]!r}") from None
+    try:
+        bound.check(number)
+    except ValueError as exc:
+        raise ValueError(f"registration {what} out of range: {exc}") from None
+    return number
 
 
 def _since(value: Any) -> str | None:

@@ -306,3 +306,25 @@ def test_the_api_documents_the_range_it_checks() -> None:
         body = document["paths"][path]["put"]["requestBody"]["content"]["application/json"]
         number = body["schema"]["properties"]["ttl"]["oneOf"][0]
         assert (number["minimum"], number["maximum"]) == (PROBLEM_TTL.low, PROBLEM_TTL.high)
+
+
+# -- numbers stored in etcd by whoever may write the key ----------------------------------
+
+@pytest.mark.parametrize("field", ["port", "weight"])
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "Infinity", "NaN", "true", "80.5",
+                                    "0", "-1", "70000", "1" + "0" * 30, '"1e400"'])
+def test_a_registrations_number_out_of_range_skips_it_and_nothing_else(
+        field: str, number: str) -> None:
+    """A registration is written by its member's sidecar, i.e. by anyone holding that
+    cluster's etcd credential: ``"port": 1e400`` (JSON for infinity) must cost that
+    registration, never the reading of every cluster's runtime state."""
+    from meshxl.etcd.keys import Keys
+    from meshxl.etcd.mesh import runtime_from_values
+
+    keys = Keys()
+    fields = {"address": '"127.0.0.1"', "port": "8080", "weight": "5", field: number}
+    bad = "{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}"
+    values = {keys.member("c", "bad"): bad.encode(),
+              keys.member("d", "good"): b'{"address": "127.0.0.2", "port": 80}'}
+    runtime = runtime_from_values(keys, values)
+    assert set(runtime.registrations) == {("d", "good")}
