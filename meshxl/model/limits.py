@@ -41,6 +41,8 @@ class Bound:
     kind: Kind
     low: float
     high: float
+    unit: str = ""
+    """What the number counts, where not its kind's own (seconds, bytes)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high)
@@ -55,8 +57,8 @@ class Bound:
     def describe(self) -> str:
         """What it takes, in words (``a duration from 1 to 86400 seconds``)."""
         article = {"duration": "a duration", "size": "a size", "count": "a whole number"}
-        return (f"{article[self.kind]} from {_number(self.low)} to {_number(self.high)}"
-                f"{_UNITS[self.kind]}")
+        unit = f" {self.unit}" if self.unit else _UNITS[self.kind]
+        return f"{article[self.kind]} from {_number(self.low)} to {_number(self.high)}{unit}"
 
     def check(self, value: object, name: str | None = None) -> float:
         """``value`` if it is a number of this kind within range, else a ValueError
@@ -181,8 +183,8 @@ CONVERGE_TIMEOUT = seconds(1, 3_600)
 """``meshxl drill --converge-timeout``."""
 RESYNC = seconds(0.5, 3_600)
 """``meshxl istio label --resync``."""
-CREDENTIALS_REFRESH = seconds(0, 86_400)
-"""``meshxl istio label --credentials-refresh`` (0: never)."""
+CREDENTIALS_REFRESH = Bound("duration", 0, 8_760, unit="hours")
+"""``meshxl istio label --credentials-refresh``, in hours (0: never; at most a year)."""
 DEMO_SESSIONS = count(1, 2_000)
 """``meshxl demo --sessions``."""
 DEMO_DURATION = seconds(3, 600)
