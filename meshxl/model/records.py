@@ -98,13 +98,19 @@ class Registration:
         weight = data.get("weight")
         if weight is not None:
             weight = _whole(weight, MEMBER_WEIGHT, "weight")
+        site = data.get("site") or None
+        if site is not None and not isinstance(site, str):
+            raise ValueError(f"registration site is not a name: {str(site)[:40]!r}")
+        problems = data.get("problems", ()) or ()
+        if not isinstance(problems, list | tuple):
+            raise ValueError(f"registration problems is not a list: {str(problems)[:40]!r}")
         return cls(
             address=address,
             port=port,
-            site=data.get("site") or None,
+            site=site,
             weight=weight,
             ready=bool(data.get("ready", True)),
-            problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
+            problems=tuple(sorted(str(p) for p in problems)),
             overloaded=data.get("overload") is not None,
             returning=_since(data.get("returning")),
             behind=_names(data.get("returning")),

@@ -328,3 +328,18 @@ def test_a_registrations_number_out_of_range_skips_it_and_nothing_else(
               keys.member("d", "good"): b'{"address": "127.0.0.2", "port": 80}'}
     runtime = runtime_from_values(keys, values)
     assert set(runtime.registrations) == {("d", "good")}
+
+
+@pytest.mark.parametrize("extra", ['"problems": 5', '"problems": {"a": 1}', '"site": 5',
+                                   '"site": ["a"]', '"istio": 5'])
+def test_a_registration_of_the_wrong_shape_skips_it_and_nothing_else(extra: str) -> None:
+    """As with numbers: a field of the wrong type is that registration's problem only
+    (``"problems": 5`` raised TypeError past the per-key guard)."""
+    from meshxl.etcd.keys import Keys
+    from meshxl.etcd.mesh import runtime_from_values
+
+    keys = Keys()
+    bad = '{"address": "127.0.0.1", "port": 8080, ' + extra + "}"
+    values = {keys.member("c", "bad"): bad.encode(),
+              keys.member("d", "good"): b'{"address": "127.0.0.2", "port": 80}'}
+    assert set(runtime_from_values(keys, values).registrations) == {("d", "good")}
