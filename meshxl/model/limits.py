@@ -54,6 +54,13 @@ class Bound:
         """A size or a count is a whole number; a duration any finite number."""
         return self.kind != "duration"
 
+    @property
+    def whole(self) -> tuple[int, int]:
+        """(low, high) of a size or a count, as whole numbers."""
+        if not self.integer:
+            raise TypeError(f"a {self.kind} is not a whole number")
+        return int(self.low), int(self.high)
+
     def describe(self) -> str:
         """What it takes, in words (``a duration from 1 to 86400 seconds``)."""
         article = {"duration": "a duration", "size": "a size", "count": "a whole number"}
