@@ -7,9 +7,11 @@ bare range check lets NaN through, and ``inf`` passes every lower bound). Each i
 range is a :class:`Bound` here; the click options (:func:`meshxl.cli.options.bounded`),
 the sidecar's own reader of its command line (:mod:`meshxl.cli.entry`) and the
 configuration objects (:class:`~meshxl.statesync.config.StatesyncConfig`,
-:class:`~meshxl.xds.config.ControlPlaneConfig`) all check through
-:meth:`Bound.parse` and :meth:`Bound.check`, so they cannot disagree. Like the rest of
-the model's vocabulary it imports neither click nor pydantic.
+:class:`~meshxl.xds.config.ControlPlaneConfig`, the sidecar's membership and problem
+reports) all check through :meth:`Bound.parse` and :meth:`Bound.check`, so they cannot
+disagree. Where the model and the registrations in etcd take the same number (a member's
+weight and port, a session's size, the sync delay) they read the same bound. Like the
+rest of the model's vocabulary it imports neither click nor pydantic.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from typing import Literal
 from .basics import MAX_DURATION
 
 __all__ = [
-    "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "Bound", "CONVERGE_TIMEOUT",
+    "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "CONVERGE_TIMEOUT",
     "CREDENTIALS_REFRESH", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS", "DNS_INTERVAL",
     "DRILL_DURATION", "LEASE_TTL", "MAX_CONNECTIONS", "MAX_DELAY", "MAX_INFLIGHT",
     "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PORT", "PROBE_TIMEOUT", "PROBLEM_TTL",
-    "PUBLISH_INTERVAL",
-    "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE", "STATUS_INTERVAL", "STATUS_TTL",
-    "SYNC_DELAY", "WAIT", "count", "seconds", "size",
+    "PUBLISH_INTERVAL", "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE",
+    "STATUS_INTERVAL", "STATUS_TTL", "SYNC_DELAY", "WAIT", "Bound", "Kind", "count",
+    "seconds", "size",
 ]
 
 Kind = Literal["duration", "size", "count"]
