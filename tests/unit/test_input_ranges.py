@@ -241,6 +241,16 @@ LIGHT_NUMERIC = ["sites[0].weight", "sites[0].failover_rank", "members[0].port",
                  "sessions.quota.writes_burst", "failover.failback_delay"]
 
 
+def test_the_light_readers_numbers_are_all_tried() -> None:
+    from meshxl.model import light
+
+    read = [(light.LightSite, "sites[0]"), (light.LightMember, "members[0]"),
+            (light.LightSessions, "sessions"), (light.LightQuota, "sessions.quota"),
+            (light.LightFailover, "failover")]
+    numbers = {f"{where}.{name}" for cls, where in read for name in _numeric_fields(cls)}
+    assert numbers == set(LIGHT_NUMERIC)
+
+
 @pytest.mark.parametrize("where", LIGHT_NUMERIC)
 def test_the_sidecars_light_reader_refuses_the_same(where: str) -> None:
     import yaml
