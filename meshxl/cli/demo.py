@@ -7,16 +7,19 @@ from pathlib import Path
 
 import click
 
+from meshxl.model import limits
+
 from .errors import run
+from .options import bounded
 from .serving import setup_logging
 
 
 @click.command()
 @click.option("--mode", type=click.Choice(["high-availability", "load-sharing"]),
               default="high-availability", show_default=True)
-@click.option("--sessions", type=click.IntRange(1, 2000), default=40, show_default=True,
+@click.option("--sessions", type=bounded(limits.DEMO_SESSIONS), default=40, show_default=True,
               help="Concurrent sessions driven through Envoy.")
-@click.option("--duration", type=click.FloatRange(3, 600), default=20.0, show_default=True,
+@click.option("--duration", type=bounded(limits.DEMO_DURATION), default=20.0, show_default=True,
               metavar="SECONDS", help="How long to drive traffic (the kill comes at 40 %).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where report.json, traces.jsonl and timeline.png go (default: a "

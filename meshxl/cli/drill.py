@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from meshxl.etcd.keys import Keys
+from meshxl.model import limits
 
 from .errors import fail, one_line, run
 from .options import (
+    bounded,
     check_admin_urls,
     etcd_client,
     etcd_option,
@@ -23,7 +25,7 @@ from .options import (
 
 @click.command()
 @click.option("--site", required=True, help="The site to take offline and bring back.")
-@click.option("--duration", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--duration", type=bounded(limits.DRILL_DURATION), default=30.0, show_default=True,
               metavar="SECONDS", help="How long the site stays offline.")
 @click.option("--slo", "slo", multiple=True, type=click.Path(dir_okay=False),
               help="OpenSLO file(s) to judge the drill's failovers (needs --traces).")
@@ -35,7 +37,7 @@ from .options import (
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("drill"), show_default=True,
               help="Where drill.json, drill.md and timeline.png go.")
-@click.option("--converge-timeout", type=click.FloatRange(min=1), default=30.0,
+@click.option("--converge-timeout", type=bounded(limits.CONVERGE_TIMEOUT), default=30.0,
               show_default=True, metavar="SECONDS",
               help="Longest wait for every Envoy to acknowledge a step.")
 @click.option("--reason", default="DR drill", show_default=True,

@@ -19,7 +19,10 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshxl.model.limits import Bound
 
 __all__ = ["main", "statesync_values"]
 
@@ -29,20 +32,23 @@ _STR, _FILE, _PATH, _INT, _FLOAT, _CHOICE = range(6)
 class _Opt:
     """One option of ``serve statesync``, as its click declaration has it."""
 
-    __slots__ = ("dest", "kind", "envvar", "default", "low", "high", "multiple", "security",
+    __slots__ = ("dest", "kind", "envvar", "default", "bound", "multiple", "security",
                  "choices")
 
     def __init__(self, dest: str, kind: int = _STR, *, envvar: str | None = None,
-                 default: Any = None, low: float | None = None, high: float | None = None,
+                 default: Any = None, bound: Bound | None = None,
                  multiple: bool = False, security: bool = False,
                  choices: tuple[str, ...] = ()):
+        if bound is not None:
+            kind = _INT if bound.integer else _FLOAT
         self.dest, self.kind, self.envvar, self.default = dest, kind, envvar, default
-        self.low, self.high, self.multiple, self.security = low, high, multiple, security
+        self.bound, self.multiple, self.security = bound, multiple, security
         self.choices = choices
 
 
 def _options() -> dict[str, _Opt]:
     from meshxl.etcd.keys import DEFAULT_ROOT
+    from meshxl.model import limits
 
     return {
         "--cluster": _Opt("clusters", multiple=True),
@@ -50,7 +56,7 @@ def _options() -> dict[str, _Opt]:
         "--member": _Opt("member"),
         "--app": _Opt("app_address"),
         "--site": _Opt("site"),
-        "--weight": _Opt("weight", _INT, low=1, high=10_000),
+        "--weight": _Opt("weight", bound=limits.MEMBER_WEIGHT),
         "--listen": _Opt("listens", multiple=True),
         "--socket-mode": _Opt("socket_mode", _CHOICE, default="0600",
                               choices=("0600", "0660")),
@@ -65,13 +71,13 @@ def _options() -> dict[str, _Opt]:
         "--etcd-credentials-dir": _Opt("etcd_credentials_dir", _PATH,
                                        envvar="MESHXL_ETCD_CREDENTIALS_DIR"),
         "--etcd-prefix": _Opt("etcd_root", envvar="MESHXL_ETCD_PREFIX", default=DEFAULT_ROOT),
-        "--session-ttl": _Opt("session_ttl", _FLOAT, low=1),
-        "--sync-delay": _Opt("sync_delay", _FLOAT, low=0),
-        "--max-session-bytes": _Opt("max_session_bytes", _INT, low=1, high=1_048_576),
-        "--lease-ttl": _Opt("lease_ttl", _FLOAT, default=3.0, low=1),
-        "--batch-max-ops": _Opt("batch_max_ops", _INT, default=127, low=1, high=128),
-        "--max-inflight": _Opt("max_inflight", _INT, default=1, low=1, high=256),
-        "--max-connections": _Opt("max_connections", _INT, low=16, high=1_000_000,
+        "--session-ttl": _Opt("session_ttl", bound=limits.SESSION_TTL),
+        "--sync-delay": _Opt("sync_delay", bound=limits.SYNC_DELAY),
+        "--max-session-bytes": _Opt("max_session_bytes", bound=limits.SESSION_BYTES),
+        "--lease-ttl": _Opt("lease_ttl", default=3.0, bound=limits.LEASE_TTL),
+        "--batch-max-ops": _Opt("batch_max_ops", default=127, bound=limits.BATCH_MAX_OPS),
+        "--max-inflight": _Opt("max_inflight", default=1, bound=limits.MAX_INFLIGHT),
+        "--max-connections": _Opt("max_connections", bound=limits.MAX_CONNECTIONS,
                                   envvar="MESHXL_STATESYNC_MAX_CONNECTIONS"),
         "--istio-workload": _Opt("istio_workload", envvar="MESHXL_ISTIO_WORKLOAD"),
         "--istio-tls-mode": _Opt("istio_tls_mode", envvar="MESHXL_ISTIO_TLS_MODE", default=""),
@@ -89,15 +95,11 @@ def _convert(opt: _Opt, value: str) -> Any:
     would refuse it (or might)."""
     if value == "" or value.startswith("-"):
         raise _Refer
-    if opt.kind in (_INT, _FLOAT):
+    if opt.bound is not None:  # as click's type reads it (meshxl.cli.options.bounded)
         try:
-            number = int(value) if opt.kind == _INT else float(value)
+            return opt.bound.parse(value)
         except ValueError:
             raise _Refer from None
-        if (opt.low is not None and number < opt.low) or \
-                (opt.high is not None and number > opt.high):
-            raise _Refer
-        return number
     if opt.kind == _CHOICE:
         if value not in opt.choices:
             raise _Refer

@@ -7,8 +7,10 @@ from typing import Any
 
 import click
 
+from meshxl.model import limits
+
 from .errors import checked, fail
-from .options import FILE, with_options
+from .options import FILE, bounded, with_options
 
 
 def _xds_tls(xds_ca: Path | None, xds_cert: Path | None, xds_key: Path | None,
@@ -64,7 +66,7 @@ BOOTSTRAP_OPTIONS = [
     click.option("--node-id", required=True, help="Envoy node id (one per Envoy)."),
     click.option("--xds", multiple=True, required=True, metavar="HOST:PORT",
                  help="Control-plane address; repeat for replicas."),
-    click.option("--admin-port", type=click.IntRange(1, 65535), default=9901, show_default=True),
+    click.option("--admin-port", type=bounded(limits.ADMIN_PORT), default=9901, show_default=True),
     click.option("--delta", is_flag=True, help="Use incremental (delta) ADS."),
     click.option("--node-cluster", default="meshxl", show_default=True),
     click.option("--site", envvar="MESHXL_SITE", metavar="NAME",

@@ -11,9 +11,10 @@ from typing import Any
 import click
 
 from meshxl.istio.labels import DEFAULT_SITE_LABEL
+from meshxl.model import limits
 
 from .errors import checked, fail, run
-from .options import etcd_client, etcd_option, root_option
+from .options import bounded, etcd_client, etcd_option, root_option
 
 
 @click.group("istio")
@@ -228,12 +229,12 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
               help="Label only the pods of this installation: those the injector labelled "
                    "meshxl.io/installation=NAME (its --installation; also "
                    "MESHXL_INSTALLATION). The overlays give meshxl's namespace.")
-@click.option("--resync", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+@click.option("--resync", type=bounded(limits.RESYNC), default=5.0, show_default=True,
               metavar="SECONDS", help="Full reconcile at least this often.")
 @click.option("--health-listen", default=None, metavar="HOST:PORT",
               help="Serve /healthz and /readyz (the last reconcile succeeded) here.")
 @click.option("--once", is_flag=True, help="One reconcile, then exit.")
-@click.option("--credentials-refresh", type=click.FloatRange(min=0), default=0.0,
+@click.option("--credentials-refresh", type=bounded(limits.CREDENTIALS_REFRESH), default=0.0,
               metavar="HOURS",
               help="Move the credentials epoch of meshxl's EnvoyFilters rendered with "
                    "--xds-tls this often (6 with Istio's 24 h certificates; below their "

@@ -11,9 +11,18 @@ from typing import Any
 import click
 
 from meshxl.etcd.keys import Keys
+from meshxl.model import limits
 
 from .errors import checked, fail, one_line, run
-from .options import etcd_client, etcd_option, output_option, print_json, root_option, wait_option
+from .options import (
+    bounded,
+    etcd_client,
+    etcd_option,
+    output_option,
+    print_json,
+    root_option,
+    wait_option,
+)
 
 
 async def wait_verified(client: Any, keys: Keys, wait: float) -> dict[str, Any] | None:
@@ -181,7 +190,7 @@ def restore_check(past: int, output: str, etcd_urls: str) -> None:
 
 @restore.command("bump")
 @_PAST
-@click.option("--max-writes", type=click.IntRange(1), default=None,
+@click.option("--max-writes", type=bounded(limits.MAX_WRITES), default=None,
               help="Refuse (writing nothing) a bump of more revisions, each one write "
                    "[default: 10,000,000].")
 @output_option
@@ -274,11 +283,11 @@ def _shard_option(value: tuple[str, ...]) -> Any:
                    "credential options as --etcd.")
 @click.option("--dry-run", is_flag=True,
               help="Only check the list and count where every stored session would go.")
-@click.option("--ack-timeout", type=click.FloatRange(min=1), default=60.0,
+@click.option("--ack-timeout", type=bounded(limits.ACK_TIMEOUT), default=60.0,
               show_default=True,
               help="Seconds to wait for every registered sidecar to take each new map "
                    "version before going on.")
-@click.option("--probe-timeout", type=click.FloatRange(min=0.1), default=5.0,
+@click.option("--probe-timeout", type=bounded(limits.PROBE_TIMEOUT), default=5.0,
               show_default=True,
               help="Seconds each shard has to answer (with its etcd cluster id) before "
                    "anything is written.")

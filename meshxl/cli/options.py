@@ -12,12 +12,51 @@ from typing import Any
 import click
 
 from meshxl.etcd.keys import DEFAULT_ROOT
+from meshxl.model import limits
+from meshxl.model.limits import Bound
 
 from .errors import fail
 from .serving import etcd_security_from
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 """A file option's type (a Path, not a directory)."""
+
+
+class _Bounded:
+    """A number option's type read through its :class:`~meshxl.model.limits.Bound`:
+    finite and in range, or click's usage error naming the option and the value."""
+
+    bound: Bound
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        try:
+            return self.bound.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)  # type: ignore[attr-defined]
+
+
+class BoundedInt(_Bounded, click.IntRange):
+    """An integer option within its bound (click shows the range in the help)."""
+
+    def __init__(self, bound: Bound) -> None:
+        super().__init__(int(bound.low), int(bound.high))
+        self.bound = bound
+
+
+class BoundedFloat(_Bounded, click.FloatRange):
+    """A finite number option within its bound (click's FloatRange lets NaN through and
+    infinity past a lower bound alone)."""
+
+    def __init__(self, bound: Bound) -> None:
+        super().__init__(bound.low, bound.high)
+        self.bound = bound
+
+
+def bounded(bound: Bound) -> click.ParamType:
+    """The click type of a number option whose range is ``bound`` (every number option
+    of every command is one: ``tests/unit/test_input_ranges.py``)."""
+    return BoundedInt(bound) if bound.integer else BoundedFloat(bound)
 
 
 def with_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
@@ -172,7 +211,7 @@ output_option = click.option(
     "--output", "-o", type=click.Choice(["table", "json"]), default="table",
     show_default=True, help="Rich tables for people, JSON for scripts.")
 wait_option = click.option(
-    "--wait", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+    "--wait", type=bounded(limits.WAIT), default=0, metavar="SECONDS",
     help="Wait up to SECONDS until every connected Envoy acknowledged the change "
          "(exit 1 if not).")
 model_option = click.option(

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import click
 
+from meshxl.model import limits
+
 from . import serving
 from .errors import checked, run
 from .options import (
     FILE,
     LazyGroup,
+    bounded,
     etcd_security,
     etcd_security_options,
     root_option,
@@ -64,11 +67,11 @@ def serve() -> None:
               help="Per-node or per-site credentials (YAML): each token (by its SHA-256) or "
                    "client certificate name, the node ids and zones it may speak for "
                    "(docs/security.md); read again when it changes.")
-@click.option("--max-nodes", type=click.IntRange(1, 1_000_000), default=10_000,
+@click.option("--max-nodes", type=bounded(limits.MAX_NODES), default=10_000,
               show_default=True, envvar="MESHXL_XDS_MAX_NODES",
               help="Node ids connected at once, at most; a new one past it is refused "
                    "(RESOURCE_EXHAUSTED).")
-@click.option("--max-nodes-per-credential", type=click.IntRange(1, 1_000_000), default=1_024,
+@click.option("--max-nodes-per-credential", type=bounded(limits.MAX_NODES), default=1_024,
               show_default=True, envvar="MESHXL_XDS_MAX_NODES_PER_CREDENTIAL",
               help="Node ids one credential (a token or certificate of --credentials, or a "
                    "certificate bound by --node-binding san) speaks for at once, unless "
@@ -79,11 +82,11 @@ def serve() -> None:
               help="Serve the live view (/ui/ and /v1/view: what 'meshxl status' shows) "
                    "on the --admin port.")
 @click.option("--replica", help="This replica's name (default: host-pid).")
-@click.option("--debounce", type=click.FloatRange(0, 5), default=0.01, show_default=True,
+@click.option("--debounce", type=bounded(limits.DEBOUNCE), default=0.01, show_default=True,
               help="Quiet period (s) that ends a burst of changes.")
-@click.option("--max-delay", type=click.FloatRange(0, 30), default=0.1, show_default=True,
+@click.option("--max-delay", type=bounded(limits.MAX_DELAY), default=0.1, show_default=True,
               help="Longest delay (s) from a change to its push.")
-@click.option("--dns-interval", type=click.FloatRange(0.1, 3600), default=5.0,
+@click.option("--dns-interval", type=bounded(limits.DNS_INTERVAL), default=5.0,
               show_default=True,
               help="Seconds between resolutions of member addresses that are host names.")
 @click.option("--istio-mtls", is_flag=True,
@@ -151,7 +154,7 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
 @click.option("--app", "app_address", required=True, metavar="HOST:PORT",
               help="The application's address: registered for Envoy to send traffic to.")
 @click.option("--site", help="The member's site (failover order comes from the model).")
-@click.option("--weight", type=click.IntRange(1, 10_000), help="Load-sharing weight.")
+@click.option("--weight", type=bounded(limits.MEMBER_WEIGHT), help="Load-sharing weight.")
 @click.option("--listen", "listens", multiple=True, metavar="HOST:PORT|unix:PATH",
               help="The sidecar's HTTP API (default 127.0.0.1:7070; keep it on loopback, "
                    "any other address needs a token). Give it twice to serve the API on "
@@ -177,24 +180,24 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
                    "--etcd-user. The process's own user then needs only read on the mesh "
                    "(docs/security.md).")
 @root_option
-@click.option("--session-ttl", type=click.FloatRange(min=1), metavar="SECONDS",
+@click.option("--session-ttl", type=bounded(limits.SESSION_TTL), metavar="SECONDS",
               help="Sessions expire this long after their last write "
                    "(default: the cluster's sessions.ttl in the model, else 1800).")
-@click.option("--sync-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+@click.option("--sync-delay", type=bounded(limits.SYNC_DELAY), metavar="SECONDS",
               help="Keep sessions younger than this on this member only (default: model, "
                    "else 0).")
-@click.option("--max-session-bytes", type=click.IntRange(1, 1_048_576),
+@click.option("--max-session-bytes", type=bounded(limits.SESSION_BYTES),
               help="Largest session state (default: model, else 1 MiB).")
-@click.option("--lease-ttl", type=click.FloatRange(min=1), default=3.0, show_default=True,
+@click.option("--lease-ttl", type=bounded(limits.LEASE_TTL), default=3.0, show_default=True,
               metavar="SECONDS", help="Registration lease: a dead sidecar leaves Envoy "
                                       "within about this long.")
 # 127: etcd's 128 operations per transaction level, less the batch's own level
 # (meshxl.statesync.store.MAX_TXN_WRITES; tests/unit/test_statesync_pure.py checks).
-@click.option("--batch-max-ops", type=click.IntRange(1, 128), default=127, show_default=True,
+@click.option("--batch-max-ops", type=bounded(limits.BATCH_MAX_OPS), default=127, show_default=True,
               help="Writes per etcd transaction at most (1: no batching).")
-@click.option("--max-inflight", type=click.IntRange(1, 256), default=1, show_default=True,
+@click.option("--max-inflight", type=bounded(limits.MAX_INFLIGHT), default=1, show_default=True,
               help="etcd transactions in flight at once; writes arriving meanwhile batch.")
-@click.option("--max-connections", type=click.IntRange(16, 1_000_000),
+@click.option("--max-connections", type=bounded(limits.MAX_CONNECTIONS),
               envvar="MESHXL_STATESYNC_MAX_CONNECTIONS",
               help="Client connections of the API at most; at the cap the one stuck "
                    "longest in a slow head or body (else the longest idle) is closed for "

@@ -14,9 +14,11 @@ from typing import Any
 import click
 
 from meshxl.etcd.keys import Keys
+from meshxl.model import limits
 
 from .errors import fail, run
 from .options import (
+    bounded,
     check_admin_urls,
     etcd_client,
     etcd_option,
@@ -64,7 +66,7 @@ def mesh_view(build: Callable[[Any], dict[str, Any]], model_file: Path | None,
 @click.option("--watch", "-w", is_flag=True,
               help="Keep the view on screen, refreshed in place every --interval seconds, "
                    "until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.1, max=3600), default=1.0,
+@click.option("--interval", type=bounded(limits.STATUS_INTERVAL), default=1.0,
               show_default=True, metavar="SECONDS", help="Refresh period of --watch.")
 @model_option
 @output_option
@@ -176,7 +178,7 @@ def sync(cluster: str | None, model_file: Path | None, output: str, etcd_urls: s
 @click.command()
 @click.option("--envoy-admin", "envoy_admin", multiple=True, metavar="URL",
               help="Also compare this Envoy's live /clusters (repeat for several).")
-@click.option("--settle", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@click.option("--settle", type=bounded(limits.SETTLE), default=2.0, show_default=True,
               metavar="SECONDS", help="Re-check mismatches this long (a push in flight "
               "is not a mismatch).")
 @model_option

@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from .basics import NAME_PATTERN, check_duration, check_member_address, is_ip_literal, read_duration
+from .limits import MEMBER_WEIGHT, PORT
 
 HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
 _DOMAIN_CHARS = r"[A-Za-z0-9._\-\[\]:]"
@@ -46,13 +47,14 @@ MemberAddress = Annotated[str, Field(min_length=1, max_length=253),
                           AfterValidator(check_member_address)]
 ListenAddress = Annotated[str, AfterValidator(_check_listen_address)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Weight = Annotated[int, Field(ge=1, le=10_000)]
-Port = Annotated[int, Field(ge=1, le=65_535)]
+Weight = Annotated[int, Field(ge=MEMBER_WEIGHT.whole[0], le=MEMBER_WEIGHT.whole[1])]
+Port = Annotated[int, Field(ge=PORT.whole[0], le=PORT.whole[1])]
 
 
 class SpecModel(BaseModel):
-    """The base of every model class: frozen, unknown fields refused."""
+    """The base of every model class: frozen, unknown fields refused, and no number NaN
+    or infinite, whatever range a field declares (a range alone lets NaN through)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 Domain = Annotated[str, Field(pattern=_DOMAIN, max_length=253)]
 """A route's host name (see :attr:`Route.domains`)."""

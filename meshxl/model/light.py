@@ -52,6 +52,7 @@ from .basics import (
 from .checks import NO_CLUSTERS, duplicates, membership_problems
 from .lax import Unfit, as_text, in_range
 from .light_pools import LightPool, read_pools, vs_settings
+from .limits import MEMBER_WEIGHT, PORT, SESSION_BYTES, SYNC_DELAY
 from .text import ModelForm, model_data
 
 __all__ = ["CLUSTER_FIELDS", "LightCluster", "LightFailover", "LightMember", "LightModel",
@@ -255,7 +256,7 @@ def _address(value: Any) -> str:
         raise Unfit(str(exc)) from None
 
 
-def _duration(*, positive: bool) -> Callable[[Any], float]:
+def _duration(*, positive: bool, high: float | None = None) -> Callable[[Any], float]:
     def read(value: Any) -> float:
         try:
             seconds = read_duration(value)
@@ -269,9 +270,12 @@ def _duration(*, positive: bool) -> Callable[[Any], float]:
             raise Unfit("expected a duration greater than 0" if positive
                        else "expected a duration of 0 or more")
         try:
-            return check_duration(seconds)
+            check_duration(seconds)
         except ValueError as exc:
             raise Unfit(str(exc)) from None
+        if high is not None and seconds > high:
+            raise Unfit(f"expected a duration of at most {high:g} s")
+        return seconds
     return read
 
 
@@ -392,7 +396,7 @@ class _Reader:
         if found is None:
             return None
         return LightSite(self._field(found, path, "name", _name),
-                         self._field(found, path, "weight", in_range(1, 10_000), 100),
+                         self._field(found, path, "weight", in_range(*MEMBER_WEIGHT.whole), 100),
                          self._field(found, path, "failover_rank",
                                      _optional(in_range(0, 100)), None))
 
@@ -403,9 +407,9 @@ class _Reader:
             return None
         f = self._field
         return LightMember(f(found, path, "name", _name), f(found, path, "address", _address),
-                           f(found, path, "port", in_range(1, 65_535)),
+                           f(found, path, "port", in_range(*PORT.whole)),
                            f(found, path, "site", _optional(_name), None),
-                           f(found, path, "weight", in_range(1, 10_000), 100),
+                           f(found, path, "weight", in_range(*MEMBER_WEIGHT.whole), 100),
                            f(found, path, "priority", _optional(in_range(0, 100)), None))
 
     def sessions(self, data: Any, path: str) -> LightSessions:
@@ -416,8 +420,9 @@ class _Reader:
         f, default = self._field, LightSessions()
         return LightSessions(
             f(found, path, "ttl", _duration(positive=True), default.ttl),
-            f(found, path, "sync_delay", _duration(positive=False), default.sync_delay),
-            f(found, path, "max_bytes", in_range(1, 1_048_576), default.max_bytes),
+            f(found, path, "sync_delay", _duration(positive=False, high=SYNC_DELAY.high),
+              default.sync_delay),
+            f(found, path, "max_bytes", in_range(*SESSION_BYTES.whole), default.max_bytes),
             f(found, path, "replication", _one_of(REPLICATIONS), default.replication),
             self.quota(found.get("quota", {}), f"{path}.quota"))
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basics import check_member_address
+from .lax import Unfit, as_integer
+from .limits import MEMBER_WEIGHT, PORT, SYNC_DELAY, Bound
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
            "MAX_PRIORITY_LIST", "AdminAction", "Health", "IstioEndpoint", "PriorityList",
@@ -85,32 +87,30 @@ class Registration:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Registration:
         """Build from the JSON stored in etcd; raises ValueError naming a bad field."""
-        try:
-            address = str(data["address"])
-            port = int(data["port"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"registration needs address and port: {exc}") from None
-        if not 1 <= port <= 65535:
-            raise ValueError(f"registration port out of range: {port}")
+        if "address" not in data or "port" not in data:
+            raise ValueError("registration needs address and port")
+        address = str(data["address"])
+        port = _whole(data["port"], PORT, "port")
         try:
             check_member_address(address)
         except ValueError as exc:
             raise ValueError(f"registration address {address[:80]!r}: {exc}") from None
         weight = data.get("weight")
         if weight is not None:
-            try:
-                weight = int(weight)
-            except (TypeError, ValueError):
-                raise ValueError(f"registration weight is not a number: {weight!r}") from None
-            if not 1 <= weight <= 10_000:
-                raise ValueError(f"registration weight out of range 1..10000: {weight}")
+            weight = _whole(weight, MEMBER_WEIGHT, "weight")
+        site = data.get("site") or None
+        if site is not None and not isinstance(site, str):
+            raise ValueError(f"registration site is not a name: {str(site)[:40]!r}")
+        problems = data.get("problems", ()) or ()
+        if not isinstance(problems, list | tuple):
+            raise ValueError(f"registration problems is not a list: {str(problems)[:40]!r}")
         return cls(
             address=address,
             port=port,
-            site=data.get("site") or None,
+            site=site,
             weight=weight,
             ready=bool(data.get("ready", True)),
-            problems=tuple(sorted(str(p) for p in data.get("problems", ()) or ())),
+            problems=tuple(sorted(str(p) for p in problems)),
             overloaded=data.get("overload") is not None,
             returning=_since(data.get("returning")),
             behind=_names(data.get("returning")),
@@ -118,6 +118,24 @@ class Registration:
             istio=IstioEndpoint.from_dict(data["istio"]) if data.get("istio") is not None
             else None,
         )
+
+
+def _whole(value: Any, bound: Bound, what: str) -> int:
+    """A registration's whole number (as pydantic reads one laxly: ``8080``, ``8080.0``,
+    ``"8080"``) within ``bound``; ValueError naming it otherwise. Written by whoever may
+    write the key, so never trusted to be finite: ``1e400`` reads as infinity."""
+    try:
+        if isinstance(value, bool):
+            raise Unfit("a bool")
+        number = as_integer(value)
+    except (Unfit, ValueError):  # ValueError: more digits than int() reads
+        raise ValueError(f"registration {what} out of range: expected {bound.describe()}, "
+                         f"got {str(value)[:40]!r}") from None
+    try:
+        bound.check(number)
+    except ValueError as exc:
+        raise ValueError(f"registration {what} out of range: {exc}") from None
+    return number
 
 
 def _since(value: Any) -> str | None:
@@ -128,9 +146,10 @@ def _since(value: Any) -> str | None:
     return str(since)[:64] if since else "unknown"
 
 
-MAX_SYNC_DELAY = 86_400.0
-"""The longest ``sync_delay`` a registration is believed for (a day): beyond it, or not
-a number, it counts as 0, so that no record holds planned moves back for longer."""
+MAX_SYNC_DELAY = SYNC_DELAY.high
+"""The longest ``sync_delay`` a registration is believed for (a day, the longest the
+model and ``--sync-delay`` take): beyond it, or not a number, it counts as 0, so that
+no record holds planned moves back for longer."""
 
 
 def _delay(value: Any) -> float:

@@ -76,6 +76,7 @@ from .fields import PositiveDuration as PositiveDuration
 from .fields import SpecModel as SpecModel
 from .fields import WarmUp as WarmUp
 from .fields import Weight as Weight
+from .limits import SESSION_BYTES, SYNC_DELAY
 from .traffic import GRPC_RETRY_CONDITIONS as GRPC_RETRY_CONDITIONS
 from .traffic import GRPC_RETRY_ON as GRPC_RETRY_ON
 from .traffic import RETRY_CONDITIONS as RETRY_CONDITIONS
@@ -251,10 +252,13 @@ class SessionSync(SpecModel):
 
     ttl: PositiveDuration = 1800.0
     """A session expires this long after its last write (shared etcd leases)."""
-    sync_delay: Duration = 0.0
+    sync_delay: Annotated[Duration, Field(le=SYNC_DELAY.high)] = 0.0
     """Sessions younger than this stay on their member only (ClusterXL delayed sync):
-    less etcd traffic for short sessions, but they are lost if their member dies."""
-    max_bytes: int = Field(default=1_048_576, ge=1, le=1_048_576)
+    less etcd traffic for short sessions, but they are lost if their member dies. At
+    most a day (:data:`~.limits.SYNC_DELAY`): the control plane believes no longer a
+    registration's delay when it holds planned moves back."""
+    max_bytes: int = Field(default=SESSION_BYTES.whole[1], ge=SESSION_BYTES.whole[0],
+                           le=SESSION_BYTES.whole[1])
     """Largest session state; etcd refuses requests above 1.5 MiB."""
     replication: Replication = "all"
     """Which sessions each member keeps a copy of. ``all``: every session of the

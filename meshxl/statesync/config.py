@@ -13,6 +13,7 @@ from meshxl import etcd
 from meshxl.addr import parse_hostport
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcd.keys import DEFAULT_ROOT
+from meshxl.model import limits
 from meshxl.model.basics import NAME_PATTERN, check_member_address
 from meshxl.model.records import IstioEndpoint
 
@@ -99,13 +100,27 @@ class StatesyncConfig:
         if self.token is not None:
             valid_token(self.token, "the configuration")
         check_exposure(host, self.token)
-        if self.session_ttl is not None and self.session_ttl <= 0:
-            raise ValueError(f"session TTL must be positive, got {self.session_ttl}")
-        if self.sync_delay is not None and self.sync_delay < 0:
-            raise ValueError(f"sync delay must not be negative, got {self.sync_delay}")
+        for name, bound, value in self._numbers():
+            if value is not None:
+                bound.check(value, name)
+        if self.socket_mode not in (0o600, 0o660):
+            raise ValueError(f"--socket-mode: expected 0600 or 0660, got {self.socket_mode!r}")
         if self.istio is not None:
             IstioEndpoint.from_dict(self.istio)
         elif self.istio_tls_mode:
             raise ValueError("an Istio tls mode needs the Istio workload (--istio-workload)")
-        if self.max_bytes is not None and not 1 <= self.max_bytes <= 1_048_576:
-            raise ValueError(f"max session size must be 1..1048576 bytes, got {self.max_bytes}")
+
+    def _numbers(self) -> tuple[tuple[str, limits.Bound, float | None], ...]:
+        """Each number of the configuration: the option (or field) naming it, its range
+        (:mod:`meshxl.model.limits`, the command line's own), its value."""
+        return (("--weight", limits.MEMBER_WEIGHT, self.weight),
+                ("--session-ttl", limits.SESSION_TTL, self.session_ttl),
+                ("--sync-delay", limits.SYNC_DELAY, self.sync_delay),
+                ("--max-session-bytes", limits.SESSION_BYTES, self.max_bytes),
+                ("--lease-ttl", limits.LEASE_TTL, self.lease_ttl),
+                ("--batch-max-ops", limits.BATCH_MAX_OPS, self.batch_max_ops),
+                ("batch_max_bytes", limits.BATCH_MAX_BYTES, self.batch_max_bytes),
+                ("--max-inflight", limits.MAX_INFLIGHT, self.max_inflight),
+                ("--max-connections", limits.MAX_CONNECTIONS, self.max_connections),
+                ("sync_publish_interval", limits.PUBLISH_INTERVAL,
+                 self.sync_publish_interval))

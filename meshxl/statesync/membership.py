@@ -60,6 +60,7 @@ from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 from meshxl import etcd
 from meshxl.etcd.keys import Keys
 from meshxl.model import Registration
+from meshxl.model.limits import LEASE_TTL
 
 from .failback import Rejoin
 from .problems import ProblemLeases, check_ttl
@@ -70,9 +71,10 @@ __all__ = ["MIN_TTL", "Membership", "no_answer", "registration_document"]
 
 log = logging.getLogger(__name__)
 
-MIN_TTL = 1.0
-"""Smallest accepted lease TTL (seconds). etcd rounds TTLs up to whole seconds and to
-its own minimum (about 1.5x the election timeout: 2 s with etcd's defaults)."""
+MIN_TTL = LEASE_TTL.low
+"""Smallest accepted lease TTL (seconds; ``--lease-ttl``'s range,
+:data:`meshxl.model.limits.LEASE_TTL`). etcd rounds TTLs up to whole seconds and to its
+own minimum (about 1.5x the election timeout: 2 s with etcd's defaults)."""
 
 _BACKOFF_MIN = 0.1
 _BACKOFF_MAX = 2.0
@@ -106,11 +108,13 @@ class Membership:
                  address: str, port: int, site: str | None = None, weight: int | None = None,
                  ttl: float = 3.0, sidecar: str = "",
                  istio: Mapping[str, str] | None = None) -> None:
-        if not ttl >= MIN_TTL:  # also rejects NaN
+        try:
+            LEASE_TTL.check(ttl, "membership lease ttl")
+        except ValueError as exc:
             raise ValueError(
-                f"membership lease ttl must be >= {MIN_TTL:g} s, got {ttl!r}: etcd leases "
-                "shorter than about 2 s expire spuriously (use 2-10 s; the member leaves "
-                "Envoy at most about ttl seconds after its sidecar dies)")
+                f"{exc}: etcd leases shorter than about 2 s expire spuriously (use 2-10 s; "
+                "the member leaves Envoy at most about ttl seconds after its sidecar "
+                "dies)") from None
         self.client = client
         self.cluster = cluster
         self.member = member

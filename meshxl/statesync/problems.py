@@ -32,14 +32,15 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.etcd.keys import Keys
+from meshxl.model.limits import PROBLEM_TTL
 
 __all__ = ["MAX_TTL", "MIN_TTL", "ProblemLeases", "Restored", "check_ttl"]
 
 log = logging.getLogger(__name__)
 
-MIN_TTL = 1.0
+MIN_TTL = PROBLEM_TTL.low
 """Shortest problem TTL (seconds): a heartbeat faster than this is a busy loop."""
-MAX_TTL = 86_400.0
+MAX_TTL = PROBLEM_TTL.high
 """Longest problem TTL (a day): longer than that, report it without one."""
 
 Call = Callable[[Callable[[etcd.Endpoint, float], Awaitable[Any]], str], Awaitable[Any]]
@@ -47,7 +48,7 @@ Call = Callable[[Callable[[etcd.Endpoint, float], Awaitable[Any]], str], Awaitab
 
 def check_ttl(ttl: float) -> float:
     """``ttl`` if it is a usable problem TTL, else ValueError saying what is."""
-    if not MIN_TTL <= ttl <= MAX_TTL:  # also refuses NaN
+    if not PROBLEM_TTL.fits(ttl):  # finite, in range
         raise ValueError(f"a problem's ttl is {MIN_TTL:g} s to {MAX_TTL:g} s (a day), "
                          f"got {ttl!r}")
     return ttl

@@ -12,6 +12,7 @@ from meshxl import etcd
 from meshxl.addr import parse_listen
 from meshxl.etcd import EtcdSecurity
 from meshxl.etcd.keys import DEFAULT_ROOT
+from meshxl.model import limits
 from meshxl.tls import ServerTls
 
 from .auth import DEFAULT_TRUST_DOMAIN, AdsAuth, Binding, ads_auth
@@ -79,10 +80,14 @@ class ControlPlaneConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.client_ca is not None and self.tls_cert is None:
             raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for option, value in (("--max-nodes", self.max_nodes),
-                              ("--max-nodes-per-credential", self.max_nodes_per_credential)):
-            if not 1 <= value <= 1_000_000:
-                raise ValueError(f"{option} must be from 1 to 1,000,000 (got {value})")
+        for option, bound, value in (
+                ("--debounce", limits.DEBOUNCE, self.debounce),
+                ("--max-delay", limits.MAX_DELAY, self.max_delay),
+                ("status_ttl", limits.STATUS_TTL, self.status_ttl),
+                ("--max-nodes", limits.MAX_NODES, self.max_nodes),
+                ("--max-nodes-per-credential", limits.MAX_NODES, self.max_nodes_per_credential),
+                ("--dns-interval", limits.DNS_INTERVAL, self.dns_interval)):
+            bound.check(value, option)  # the command line's own ranges
         self.auth()  # a bad binding, trust domain, token or credentials file fails here
 
     def auth(self) -> AdsAuth:

@@ -40,6 +40,7 @@ from typing import Any
 
 from meshxl.bounded import load_yaml_all, read_text
 from meshxl.errors import InputError
+from meshxl.model import limits
 from meshxl.nodeid import NODE_ID_MAX
 
 from .nodes import NODE_CLUSTER_MAX, Peer
@@ -62,7 +63,6 @@ CREDENTIALS_MAX_BYTES = 4 * 1024 * 1024
 """Largest credentials file read (a line per node id for 10,000 nodes fits easily)."""
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_NODES_LIMIT = 1_000_000
 _FIELDS = ("name", "token_sha256", "san_dns", "san_uri", "nodes", "zones", "max_nodes")
 _PROOFS = ("token_sha256", "san_dns", "san_uri")
 
@@ -186,9 +186,8 @@ def _entry(raw: Any) -> Credential:
     zones = None if raw.get("zones") is None else _strings(
         raw["zones"], "zones", longest=NODE_CLUSTER_MAX, empty=True)
     max_nodes = raw.get("max_nodes")
-    if max_nodes is not None and (type(max_nodes) is not int
-                                  or not 1 <= max_nodes <= _MAX_NODES_LIMIT):
-        raise ValueError(f"max_nodes must be a whole number from 1 to {_MAX_NODES_LIMIT:,}")
+    if max_nodes is not None:  # the range of --max-nodes-per-credential
+        limits.MAX_NODES.check(max_nodes, "max_nodes")
     return Credential(name=name, nodes=nodes, zones=zones, max_nodes=max_nodes,
                       **{proofs[0]: proof})
 

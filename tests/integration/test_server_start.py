@@ -147,6 +147,33 @@ async def test_statesync_refuses_a_busy_port_before_registering(
         assert code == 1 and message in one_line_error(err), err
 
 
+async def test_statesync_refuses_numbers_that_are_not_finite_at_once() -> None:
+    """The sidecar as pods run it: a NaN or infinite duration (a careless flag or
+    variable) is refused before anything starts, naming the option, never a sidecar
+    that answers 500 to every write, never becomes ready or never replicates. Nothing
+    listens at its etcd address: a sidecar that started would wait, and time out."""
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    argv = statesync_argv("127.0.0.1:0", nowhere)
+    cases: list[tuple[list[str], dict[str, str | None], str]] = [
+        (["--session-ttl", "nan"], {}, "--session-ttl"),
+        (["--session-ttl=inf"], {}, "--session-ttl"),
+        (["--lease-ttl", "inf"], {}, "--lease-ttl"),
+        (["--lease-ttl", "-nan"], {}, "--lease-ttl"),
+        (["--sync-delay", "inf"], {}, "--sync-delay"),
+        (["--sync-delay", "nan"], {}, "--sync-delay"),
+        ([], {"MESHXL_STATESYNC_MAX_CONNECTIONS": "1e400"}, "--max-connections"),
+    ]
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(meshxl(*argv, *extra, env=env, timeout=30)
+                                     for extra, env, _ in cases))
+    for (extra, env, option), (code, out, err) in zip(cases, results, strict=True):
+        assert code == 2, (extra, env, out, err)
+        assert "Traceback" not in err
+        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert f"Invalid value for '{option}'" in line and "expected a" in line, line
+    assert asyncio.get_running_loop().time() - started < 30  # sanity: none waited
+
+
 async def test_statesync_registers_the_port_it_bound(
     harness: Any, etcd: Any, etcd_client: aetcd.Client,
 ) -> None:
@@ -293,3 +320,43 @@ async def test_statesync_waits_for_etcd_and_serves_once_it_answers(harness: Any)
     assert (await sidecar.put("s1", {"n": 1})).status == 201
     assert (await sidecar.get("s1")).json() == {"n": 1}
     assert "answered after" in sidecar.logs()
+
+
+REGISTERED = """\
+clusters:
+- name: c
+  membership: registered
+- name: d
+  membership: registered
+"""
+
+
+async def test_a_registration_with_an_infinite_port_stops_no_other_cluster(
+    harness: Any, etcd: Any, etcd_client: aetcd.Client,
+) -> None:
+    """A registration is written by whoever holds its cluster's etcd credential. One
+    whose port is JSON's 1e400 (infinity once read) is skipped with a warning; the
+    control plane goes on serving every other registration, and ``meshxl status``
+    reads the rest."""
+    from meshxl.operator.actions import apply_model
+
+    keys = Keys()
+    await apply_model(etcd_client, keys, REGISTERED, "test")
+    plane = await ControlPlaneProcess(harness, etcd=etcd.url).start()
+    before = (await plane.status())["versions"]
+    await etcd_client.put(keys.member("c", "bad").encode(),
+                          b'{"address": "127.0.0.1", "port": 1e400, "ready": true}')
+    await etcd_client.put(keys.member("d", "good").encode(),
+                          json.dumps({"address": "127.0.0.1", "port": 9000,
+                                      "ready": True}).encode())
+
+    async def served() -> Any:
+        status = await plane.status()
+        return status["versions"] != before and status["ready"] and status
+
+    await wait_until(served, timeout=20, what="d/good served", process=plane.process)
+    assert "ignoring" in plane.logs() and "registration port out of range" in plane.logs()
+    code, out, err = await meshxl("status", "--etcd", etcd.url, "--output", "json",
+                                  timeout=30)
+    assert code == 0 and "Traceback" not in err, err
+    assert '"good"' in out and '"bad"' not in out, out

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from meshxl.cli import entry, serving
+from meshxl.cli.options import BoundedFloat, BoundedInt
 from meshxl.cli.root import main
 from meshxl.cli.serve import serve_statesync
 
@@ -41,7 +42,10 @@ def test_every_option_of_the_click_command_is_read_alike() -> None:
             assert opt.default == (None if unset else param.default), flag
         kind = param.type
         if isinstance(kind, click.IntRange | click.FloatRange):
-            assert (opt.low, opt.high) == (kind.min, kind.max), flag
+            # One bound read by both (meshxl.model.limits), finite at both ends.
+            assert isinstance(kind, BoundedInt | BoundedFloat), flag
+            assert opt.bound is kind.bound, flag
+            assert (kind.min, kind.max) == (kind.bound.low, kind.bound.high), flag
             assert not kind.min_open and not kind.max_open and not kind.clamp
             assert opt.kind == (entry._INT if isinstance(kind, click.IntRange)
                                 else entry._FLOAT), flag
@@ -102,6 +106,14 @@ def test_the_values_are_clicks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
           "MESHXL_ETCD_CREDENTIALS_DIR": str(tmp_path / "absent")}),
         (["--cluster", "web", "--member", "a", "--app", "h:1", "--etcd", "http://e:1"],
          {"MESHXL_ETCD": "http://ignored:2"}),
+        # The ends of each range, and numbers as int() and float() read them.
+        (["--cluster", "web", "--member", "a", "--app", "h:1", "--session-ttl", "31536000",
+          "--sync-delay", "86400", "--lease-ttl", "3600.0", "--weight", "1_0",
+          "--max-session-bytes", " 1 ", "--batch-max-ops", "128", "--max-inflight", "+1",
+          "--max-connections", "1000000"], {}),
+        (["--cluster", "web", "--member", "a", "--app", "h:1", "--session-ttl", "1e3",
+          "--sync-delay", "0.0", "--lease-ttl", "1"],
+         {"MESHXL_STATESYNC_MAX_CONNECTIONS": "16"}),
         # Under Istio, as the injector runs it (the tls mode label may be absent).
         (["--cluster", "web", "--member", "a", "--app", "h:1"],
          {"MESHXL_ISTIO_WORKLOAD": "web;shop;web;v1", "MESHXL_ISTIO_TLS_MODE": "istio"}),
@@ -125,6 +137,13 @@ def test_the_values_are_clicks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     ["--cluster", "c", "--member", "a", "--app", "h:1", "--socket-mode", "0644"],
     ["--cluster", "c", "--member", "a", "--app", "h:1", "--site", "x", "--site", "y"],
     ["--cluster", "c", "--member", "a", "--app", "h:1", "--sync-delay", "-1"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--session-ttl", "nan"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--session-ttl", "inf"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--lease-ttl", "inf"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--lease-ttl", "3601"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--sync-delay", "inf"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--sync-delay", "nan"],
+    ["--cluster", "c", "--member", "a", "--app", "h:1", "--sync-delay", "86401"],
     ["--cluster", "c", "--member", "a", "--app", "h:1", "--unknown", "x"],
     ["--cluster", "c", "--member", "a", "--app", "h:1", "extra"],
     ["--cluster", "c", "--member", "a", "--app"],

@@ -78,7 +78,7 @@ def test_parse_etag_rejects(value: str) -> None:
 
 @pytest.mark.parametrize("change,message", [
     ({"app": "nohost"}, "HOST:PORT"), ({"listen": "127.0.0.1:99999"}, "port"),
-    ({"etcd": "ftp://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "TTL"),
+    ({"etcd": "ftp://127.0.0.1:2379"}, "scheme"), ({"session_ttl": 0}, "--session-ttl"),
     ({"sync_delay": -1}, "delay"), ({"max_bytes": 2_000_000}, "size"),
     ({"member": "m" * 5000}, "invalid member name"), ({"cluster": "a/b"}, "cluster name"),
     ({"site": "DC 1"}, "site name"), ({"member": ""}, "member name"),

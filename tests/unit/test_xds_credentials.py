@@ -94,6 +94,12 @@ def test_a_token_is_named_by_its_sha256() -> None:
     ([{"name": "a", "san_dns": "x", "nodes": ["x"]},
       {"name": "b", "san_dns": "x", "nodes": ["x"]}], "the same certificate name as 'a'"),
     ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x"], "max_nodes": 0}], "max_nodes"),
+    ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x"], "max_nodes": float("nan")}],
+     "max_nodes: expected a whole number"),
+    ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x"], "max_nodes": float("inf")}],
+     "max_nodes: expected a whole number"),
+    ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x"], "max_nodes": 10**30}],
+     "max_nodes: expected a whole number"),
     ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x" * 300]}], "nodes"),
     ([{"name": "a", "token_sha256": "0" * 64, "nodes": ["x"], "zones": ["e\nw"]}], "zones"),
 ])
