@@ -45,7 +45,9 @@ Judgements are records in etcd (``clusters/C/health/M``, :class:`~meshxl.model.r
 written under the judging replica's lease, so every replica, sidecar and
 ``meshxl status`` sees the same states, and :func:`meshxl.model.cluster_view` applies
 them (the member's state, its place in high availability). Each replica judges from the
-requests of the Envoys connected to it and removes only its own records.
+requests of the Envoys connected to it and removes only its own records; what holds
+across members (a minority degraded, one replica's probe at a time: :class:`Bound`) is
+checked against every replica's records in etcd when one is written.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ from meshxl.stats import quantile
 
 from .stepdown import HALVINGS, released, share, shares
 
-__all__ = ["BASELINE", "HALVINGS", "LOAD_BAND", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement",
+__all__ = ["BASELINE", "HALVINGS", "LOAD_BAND", "PROBE_SECONDS", "WINDOW", "Bound", "Judge",
+           "Judgement",
            "Samples", "member_samples", "released", "share", "shares", "worse"]
 
 WINDOW = 0.5
@@ -159,6 +162,18 @@ class _Probe:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """What a cluster's judgements must respect over *every* replica's records, checked
+    in etcd when a record is written (:mod:`meshxl.xds.judging`): in load sharing at
+    most ``degraded`` members of ``tier`` degraded at once; in high availability
+    (``exclusive``) one replica's judgements at a time (a probe, a failover)."""
+
+    tier: frozenset[str] = frozenset()
+    degraded: int = 0
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
 class Judgement:
     """What one replica judges at one instant."""
 
@@ -166,6 +181,8 @@ class Judgement:
     """Every record this replica wants in etcd (the others of its own are removed)."""
     suspects: dict[str, str] = field(default_factory=dict)
     """cluster -> why its active is under suspicion (high availability, not moved)."""
+    bounds: dict[str, Bound] = field(default_factory=dict)
+    """cluster -> what its records must respect across replicas."""
 
 
 def _span(now: float, seconds: float) -> tuple[float, float]:
@@ -265,7 +282,9 @@ class Judge:
                 ratio = (own.p90 or 0.0) if own is not None else 0.0
                 candidates.append((ratio, m.name, *found))
         degraded = sum(1 for m in tier if m.state is MemberState.DEGRADED)
-        room = max(1, (len(tier) - 1) // 2) - degraded
+        bound = max(1, (len(tier) - 1) // 2)
+        out.bounds[name] = Bound(tier=frozenset(m.name for m in tier), degraded=bound)
+        room = bound - degraded
         for _, member, reason, normal in sorted(candidates, reverse=True)[:max(0, room)]:
             self._normal[(name, member)] = normal  # judged by it until it recovers
             out.records[(name, member)] = self._record(
@@ -357,6 +376,10 @@ class Judge:
             elif (record.kind == HANDBACK_KIND and m.role is Role.STANDBY
                   and now - record.since < d.recover):
                 out.records[(name, member)] = record  # the probe's sessions going back
+        out.bounds[name] = Bound(exclusive=True)
+        if any(r.by != self.replica for r in state.health_of(name).values()):
+            self._probes.pop(name, None)  # another replica judges this cluster now
+            return
         if probe is not None:
             self._run_probe(spec, view, probe, samples, now, hosts, out)
             return
