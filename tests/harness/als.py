@@ -7,15 +7,44 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogType, HTTPAccessLogEntry
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
+from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
-__all__ = ["AlsFeed", "entry"]
+from meshxl.xds.types import ENDPOINT
+
+__all__ = ["AlsFeed", "entry", "subscribe"]
 
 _METHOD = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+@asynccontextmanager
+async def subscribe(target: str, node_id: str, clusters: Sequence[str]) -> AsyncIterator[None]:
+    """An ADS stream of ``node_id`` subscribed to the endpoints of ``clusters``, as an
+    Envoy routing to them keeps one, open until the block ends (what its access log may
+    report on: meshxl.xds.accesslog)."""
+    requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
+
+    async def stream() -> AsyncIterator[DiscoveryRequest]:
+        while (r := await requests.get()) is not None:
+            yield r
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(stream())
+        request = DiscoveryRequest(type_url=ENDPOINT, resource_names=list(clusters))
+        request.node.id = node_id
+        await requests.put(request)
+        try:
+            await asyncio.wait_for(call.read(), 10)  # the endpoints: the stream is served
+            yield
+        finally:
+            await requests.put(None)
+            call.cancel()
 
 
 def entry(cluster: str, host: str, seconds: float, code: int = 200) -> HTTPAccessLogEntry:

@@ -7,6 +7,7 @@ one of a tier of two, never more."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
-from tests.harness.als import AlsFeed
+from tests.harness.als import AlsFeed, subscribe
 from tests.harness.controlplane import ControlPlaneProcess
 
 pytestmark = pytest.mark.integration
@@ -67,6 +68,13 @@ async def test_two_replicas_degrade_no_more_than_a_minority(
         **{("web", host(p)): SLOW if j == i + 1 else FAST for j, p in enumerate(web)},
         **{("api", host(p)): SLOW if j == i else FAST for j, p in enumerate(api)},
     }, seconds=12.0) for i, r in enumerate(replicas)]
+    async with contextlib.AsyncExitStack() as stack:
+        for i, r in enumerate(replicas):  # each Envoy routes to both clusters
+            await stack.enter_async_context(subscribe(r.address, f"edge-{i}", ["web", "api"]))
+        await judged_at_once(feeds, etcd_client)
+
+
+async def judged_at_once(feeds: list[AlsFeed], etcd_client: aetcd.Client) -> None:
     started = time.monotonic()
     for f in feeds:
         f.start()
