@@ -66,7 +66,9 @@ host that is one of that cluster's members now (its address, or one its host nam
 resolved to: :func:`member_hosts`). Any other entry, e.g. from a sidecar of an
 unrelated namespace admitted by its certificate, or naming a host no member has, is
 dropped and counted ``unrouted``: an admitted node cannot steer the judgement of a
-cluster it does not route to.
+cluster it does not route to. Each node's entries are kept as its own view of a host
+(:mod:`meshxl.xds.upstream`), so one that does route there weighs no more than any
+other reporting node.
 
 **Bounds.** Envoy paces its messages, but nothing it sends is trusted: at most
 :data:`MAX_ENTRIES_PER_MESSAGE` entries of a message are read, and a stream gets
@@ -292,6 +294,7 @@ class AccessLogReceiver:
         self.routes = routes
         self.members = members
         self._routed: Container[str] | None = None
+        self._node = ""
         self._hosts: Mapping[str, Container[str]] = {}
         self._names_of: ModelSpec | None = None
         self.auth = auth or AdsAuth()
@@ -396,6 +399,7 @@ class AccessLogReceiver:
         at = self.clock()
         recorded = 0
         self._known = self._cluster_names()
+        self._node = stream.node_id
         self._routed = self.routes(stream.node_id) if self.routes is not None else None
         self._hosts = self.members() if self.members is not None else {}
         record = self.signals.record
@@ -420,7 +424,7 @@ class AccessLogReceiver:
             self._names_of, self._known_names = model, frozenset(c.name for c in model.clusters)
         return self._known_names
 
-    def _record(self, record: Callable[[str, str, float | None, bool, float], None],
+    def _record(self, record: Callable[[str, str, float | None, bool, float, str], None],
                 sample: Sample, at: float) -> int:
         cluster, host, seconds, failed = sample
         if len(cluster) > _NAME_MAX or len(host) > _HOST_MAX:
@@ -437,5 +441,5 @@ class AccessLogReceiver:
             if hosts is None or host not in hosts:
                 self._count("unrouted", 1)  # no member of the cluster has this host
                 return 0
-        record(cluster, host, seconds, failed, at)
+        record(cluster, host, seconds, failed, at, self._node)
         return 1

@@ -1,10 +1,12 @@
 """Who may steer a judgement (meshxl.xds.accesslog): an admitted node counts only for
 the clusters it routes to (the endpoints it subscribes to over ADS) and for their
 members' hosts. A real ``meshxl serve xds`` on a real etcd; gRPC clients speak Envoy's
-ADS and access log protocols: an honest Envoy of ``web`` and ``pay``, and an intruder
+ADS and access log protocols: two honest Envoys of ``web`` and ``pay``, an intruder
 (another namespace's sidecar, admitted, subscribed to ``api`` only) that reports a
 healthy load-sharing member slow, floods a really slow member with fast answers, and
-reports the high-availability active slow. Only the honest view counts."""
+reports the high-availability active slow, and a liar that does route to ``web`` and
+floods it the same way. Only the honest view counts: the intruder's entries count
+nowhere, the liar's as one node's view among three."""
 
 from __future__ import annotations
 
@@ -63,11 +65,18 @@ async def test_a_node_reports_only_on_what_it_routes_to(
         return f"{LOOPBACK}:{port}"
 
     async with subscribe(plane.address, "edge-1", ["web", "pay"]), \
+            subscribe(plane.address, "edge-2", ["web", "pay"]), \
+            subscribe(plane.address, "liar", ["web"]), \
             subscribe(plane.address, INTRUDER, ["api"]):
-        # The honest Envoy: w0, w1 fast, w2 really slow; pay's active p0 fast.
-        honest = AlsFeed(plane.address, "edge-1", {
+        # The honest Envoys: w0, w1 fast, w2 really slow; pay's active p0 fast.
+        honest, honest_2 = (AlsFeed(plane.address, node, {
             ("web", host(web[0])): FAST, ("web", host(web[1])): FAST,
             ("web", host(web[2])): SLOW, ("pay", host(pay[0])): FAST}, seconds=10.0)
+            for node in ("edge-1", "edge-2"))
+        # A client of web that lies: w0 slow, w2 fast, ten times as often as the others.
+        liar = AlsFeed(plane.address, "liar", {
+            ("web", host(web[0])): SLOW, ("web", host(web[2])): FAST}, per_host=50,
+            seconds=10.0)
         # The intruder: w1 slow, w2 fast ten times as often, p0 slow, and a host no
         # member has.
         intruder = AlsFeed(plane.address, INTRUDER, {
@@ -75,8 +84,9 @@ async def test_a_node_reports_only_on_what_it_routes_to(
             ("pay", host(pay[0])): SLOW, ("web", "127.0.0.1:1"): SLOW}, per_host=50,
             seconds=10.0)
         started = time.monotonic()
-        honest.start()
-        intruder.start()
+        feeds = (honest, honest_2, liar, intruder)
+        for f in feeds:
+            f.start()
         try:
             async def judged() -> dict[str, str]:
                 return await records(etcd_client, "web")
@@ -95,7 +105,8 @@ async def test_a_node_reports_only_on_what_it_routes_to(
             status = await plane.status()
             seen = status["upstream"]["web"]
             assert set(seen) == {host(p) for p in web}, seen  # not the intruder's host
-            assert seen[host(web[1])]["p90"] < SLOW / 2  # only the honest view
+            assert seen[host(web[1])]["p90"] < SLOW / 2  # only the honest views
+            assert seen[host(web[0])]["p90"] < SLOW / 2  # the liar is one voice of three
             async with aiohttp.ClientSession() as http, http.get(
                     f"http://{LOOPBACK}:{plane.admin_port}/metrics") as resp:
                 metrics = await resp.text()
@@ -104,8 +115,8 @@ async def test_a_node_reports_only_on_what_it_routes_to(
                             and 'result="unrouted"' in line)
             assert unrouted >= intruder.sent * 4 * 50 * 0.9, (unrouted, intruder.sent)
             print(f"\nw2 judged {took:.1f} s after the logs began; the intruder's entries "
-                  "counted nowhere")
-            assert honest.error is None and intruder.error is None
+                  "counted nowhere, the liar's as one view of three")
+            assert all(f.error is None for f in feeds), [f.error for f in feeds]
         finally:
-            await honest.stop()
-            await intruder.stop()
+            for f in feeds:
+                await f.stop()
