@@ -123,7 +123,7 @@ class Judging:
                 prefix = self.keys.health_prefix(cluster).encode()
                 got = await client.get_prefix(prefix)
                 for kv in got.kvs:
-                    member = kv.key.decode()[len(prefix):]
+                    member = kv.key[len(prefix):].decode()
                     try:
                         stored[(cluster, member)] = Health.from_dict(json.loads(kv.value))
                     except ValueError:
