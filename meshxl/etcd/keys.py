@@ -131,8 +131,11 @@ class Keys:
         return f"{self.clusters_prefix}{cluster_part}/{ADMIN}/{_segment(member, 'member')}"
 
     def member_health(self, cluster: str, member: str) -> str:
-        cluster_part = _segment(cluster, "cluster")
-        return f"{self.clusters_prefix}{cluster_part}/{HEALTH}/{_segment(member, 'member')}"
+        return f"{self.health_prefix(cluster)}{_segment(member, 'member')}"
+
+    def health_prefix(self, cluster: str) -> str:
+        """One cluster's judgements (every replica's), ``clusters/C/health/``."""
+        return f"{self.clusters_prefix}{_segment(cluster, 'cluster')}/{HEALTH}/"
 
     def flushed_prefix(self, cluster: str) -> str:
         """One cluster's acknowledgements of planned moves (its sidecars write them)."""

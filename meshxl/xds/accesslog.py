@@ -57,11 +57,25 @@ message (one pod, one address: another pod cannot speak for it; on one host, e.g
 loopback, every Envoy shares the address, which only a certificate tells apart). A
 stream with a wrong token, or a certificate that does not name its node: refused.
 
+**What a node may report on.** An entry counts only for a cluster the sending node
+routes to as this control plane serves it (the endpoint names its ADS or EDS streams
+here subscribe to: :meth:`meshxl.xds.server.AdsServer.routes`; meshxl's own Envoys
+subscribe to every cluster of their model, Istio's sidecars with ``meshxl istio render
+--endpoints meshxl`` to the clusters whose endpoints they take from meshxl), and for a
+host that is one of that cluster's members now (its address, or one its host name
+resolved to: :func:`member_hosts`). Any other entry, e.g. from a sidecar of an
+unrelated namespace admitted by its certificate, or naming a host no member has, is
+dropped and counted ``unrouted``: an admitted node cannot steer the judgement of a
+cluster it does not route to. Each node's entries are kept as its own view of a host
+(:mod:`meshxl.xds.upstream`), so one that does route there weighs no more than any
+other reporting node.
+
 **Bounds.** Envoy paces its messages, but nothing it sends is trusted: at most
 :data:`MAX_ENTRIES_PER_MESSAGE` entries of a message are read, and a stream gets
 :data:`ENTRIES_PER_SECOND` (a burst of twice that) before its entries are dropped; names
 longer than the model allows are dropped; at most :data:`MAX_STREAMS` log streams
-are open. Every entry is counted in ``meshxl_xds_access_log_entries_total{result}``.
+are open. Every entry is counted in ``meshxl_xds_access_log_entries_total{result}`` (recorded,
+dropped, unrouted, refused).
 Cost: docs/performance.md ("Access log entries").
 """
 
@@ -69,7 +83,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Container, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Iterable, Mapping, Sequence
 
 import grpc
 from envoy.data.accesslog.v3.accesslog_pb2 import (
@@ -80,7 +94,7 @@ from envoy.data.accesslog.v3.accesslog_pb2 import (
 )
 from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 
-from meshxl.model import ModelSpec
+from meshxl.model import ModelSpec, RuntimeState, cluster_view
 from meshxl.nodeid import node_id_problem
 from meshxl.xds.auth import AdsAuth, StreamRefused, Unauthenticated, peer_names
 from meshxl.xds.metrics import XdsMetrics
@@ -90,7 +104,7 @@ from meshxl.xds.upstream import UpstreamSignals
 
 __all__ = ["ACCESS_LOG_SERVICE", "ENTRIES_PER_SECOND", "MAX_ENTRIES_PER_MESSAGE",
            "MAX_STREAMS", "AccessLogReceiver", "ConnectedFrom", "http_sample", "istio_cluster",
-           "tcp_sample"]
+           "member_hosts", "tcp_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +130,10 @@ _COUNTED = frozenset({
 
 ConnectedFrom = Callable[[str, str], bool]
 """``(node id, host)``: whether the node has an admitted ADS stream from that IP."""
+Routes = Callable[[str], "Container[str] | None"]
+"""node id -> the clusters it routes to (None: every cluster)."""
+Members = Callable[[], "Mapping[str, Container[str]]"]
+"""Per cluster, its members' hosts (``ip:port``) now."""
 
 Sample = tuple[str, str, float | None, bool]
 """(cluster, host, latency seconds or None, failed)."""
@@ -135,15 +153,32 @@ def istio_cluster(name: str, clusters: Container[str]) -> str | None:
     return labels[0] if labels[0] in clusters else None
 
 
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def member_hosts(model: ModelSpec, state: RuntimeState,
+                 resolved: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+    """Per cluster, its members' upstream hosts as Envoy logs them (``ip:port``): each
+    member's address (registered members' too), and the addresses a host name resolved
+    to (``resolved``: the DNS resolver's answers)."""
+    out: dict[str, frozenset[str]] = {}
+    for spec in model.clusters:
+        hosts: set[str] = set()
+        for m in cluster_view(spec, state).members:
+            hosts.add(_hostport(m.address, m.port))
+            hosts.update(_hostport(ip, m.port) for ip in resolved.get(m.address, ()))
+        out[spec.name] = frozenset(hosts)
+    return out
+
+
 def _host(common: AccessLogCommon) -> str | None:
     if not common.HasField("upstream_remote_address"):
         return None
     sa = common.upstream_remote_address.socket_address
     if not sa.address:
         return None
-    if ":" in sa.address:
-        return f"[{sa.address}]:{sa.port_value}"
-    return f"{sa.address}:{sa.port_value}"
+    return _hostport(sa.address, sa.port_value)
 
 
 def _upstream_failed(common: AccessLogCommon) -> bool:
@@ -243,23 +278,31 @@ class AccessLogReceiver:
     node has a stream from which address (:meth:`meshxl.xds.server.AdsServer.connected_from`),
     for streams without a token; ``clock``: the Unix time samples are recorded at;
     ``model``: the model now, to whose clusters Istio's cluster names are mapped
-    (:func:`istio_cluster`; None: recorded as they come).
+    (:func:`istio_cluster`; None: recorded as they come); ``routes``: the clusters a
+    node routes to, and ``members``: a cluster's hosts now (what a node may report on;
+    None: not checked).
     """
 
     def __init__(self, signals: UpstreamSignals, auth: AdsAuth | None = None,
                  metrics: XdsMetrics | None = None, *,
                  connected_from: ConnectedFrom | None = None,
                  clock: Callable[[], float] = time.time,
-                 model: Callable[[], ModelSpec | None] | None = None) -> None:
+                 model: Callable[[], ModelSpec | None] | None = None,
+                 routes: Routes | None = None, members: Members | None = None) -> None:
         self.signals = signals
         self.model = model
+        self.routes = routes
+        self.members = members
+        self._routed: Container[str] | None = None
+        self._node = ""
+        self._hosts: Mapping[str, Container[str]] = {}
         self._names_of: ModelSpec | None = None
         self.auth = auth or AdsAuth()
         self.metrics = metrics
         self.connected_from = connected_from
         self.clock = clock
         self.streams = 0
-        self.counts = {"recorded": 0, "dropped": 0, "refused": 0}
+        self.counts = {"recorded": 0, "dropped": 0, "unrouted": 0, "refused": 0}
         self._known: Container[str] | None = None
         self._known_names: frozenset[str] = frozenset()
         self._log_limit = LogLimiter()
@@ -356,6 +399,9 @@ class AccessLogReceiver:
         at = self.clock()
         recorded = 0
         self._known = self._cluster_names()
+        self._node = stream.node_id
+        self._routed = self.routes(stream.node_id) if self.routes is not None else None
+        self._hosts = self.members() if self.members is not None else {}
         record = self.signals.record
         for i, entry in enumerate(http):
             if i >= allowed:
@@ -378,7 +424,7 @@ class AccessLogReceiver:
             self._names_of, self._known_names = model, frozenset(c.name for c in model.clusters)
         return self._known_names
 
-    def _record(self, record: Callable[[str, str, float | None, bool, float], None],
+    def _record(self, record: Callable[[str, str, float | None, bool, float, str], None],
                 sample: Sample, at: float) -> int:
         cluster, host, seconds, failed = sample
         if len(cluster) > _NAME_MAX or len(host) > _HOST_MAX:
@@ -387,5 +433,13 @@ class AccessLogReceiver:
         known = self._known
         if known is not None and cluster not in known and cluster.startswith("outbound|"):
             cluster = istio_cluster(cluster, known) or cluster
-        record(cluster, host, seconds, failed, at)
+        if self.routes is not None and self._routed is not None and cluster not in self._routed:
+            self._count("unrouted", 1)  # a cluster this node does not route to
+            return 0
+        if self.members is not None:
+            hosts = self._hosts.get(cluster)
+            if hosts is None or host not in hosts:
+                self._count("unrouted", 1)  # no member of the cluster has this host
+                return 0
+        record(cluster, host, seconds, failed, at, self._node)
         return 1

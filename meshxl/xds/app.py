@@ -30,7 +30,7 @@ from meshxl.model import ModelSpec, RuntimeState
 from meshxl.model.records import DEGRADED_KIND
 from meshxl.model.vsls import placed
 
-from .accesslog import AccessLogReceiver
+from .accesslog import AccessLogReceiver, member_hosts
 from .cache import Snapshot, SnapshotCache
 from .compiler import Compiler
 from .config import ControlPlaneConfig
@@ -87,7 +87,9 @@ class ControlPlane:
         """Per upstream host requests, errors and latency, from the Envoys' access logs."""
         self.access_log = AccessLogReceiver(self.upstream, self.ads.auth, self.metrics,
                                             connected_from=self.ads.connected_from,
-                                            model=lambda: self.model)
+                                            model=lambda: self.model,
+                                            routes=self.ads.routes, members=self._member_hosts)
+        self._hosts_of: tuple[Any, dict[str, frozenset[str]]] = ((), {})
         self.history: MemberHistory | None = None
         self.rebuilder = Debouncer(self.rebuild, quiet=config.debounce,
                                    max_delay=config.max_delay)
@@ -252,6 +254,16 @@ class ControlPlane:
         if self._local_runtime is None or self._local_runtime[0] != local:
             self._local_runtime = (local, RuntimeState(health=local))
         return self._local_runtime[1]
+
+    def _member_hosts(self) -> dict[str, frozenset[str]]:
+        """Per cluster, its members' hosts now (what a node may report on), made again
+        when the model, the runtime state or the DNS answers change (new objects)."""
+        model, runtime, resolved = self.model, self.runtime, self.resolver.addresses
+        key = (model, runtime, resolved)
+        if len(self._hosts_of[0]) != 3 or any(
+                a is not b for a, b in zip(self._hosts_of[0], key, strict=True)):
+            self._hosts_of = (key, member_hosts(model, runtime, resolved) if model else {})
+        return self._hosts_of[1]
 
     def _changed(self) -> None:
         """A source saw a change: remember when (a failover's detection starts there)."""

@@ -22,24 +22,32 @@ What a degraded member gets, with ``action: move``:
   ``recover`` seconds with no worse window it is judged well again, and the warm-up
   ramp (:mod:`meshxl.xds.warmup`) gives its share back.
 * high availability: only the active serves, so it has no peers to compare with. It
-  is judged against its own normal first (its p90 over the last :data:`BASELINE`
-  seconds); when it is worse for ``detect``, the standby is *probed*: it joins the
+  is judged against the cluster's normal at its load first (the p90 of the windows of
+  the last :data:`BASELINE` seconds that carried about as many requests:
+  :data:`LOAD_BAND`; latency grows with load, so a busier minute is no sickness);
+  when it is worse for ``detect``, the standby is *probed*: it joins the
   active's tier with ``probe_share`` of the weight (those sessions take over on the
   standby, whose copy of their state is current), and after :data:`PROBE_SECONDS` the
   two are compared like peers (with pinned sessions the active's pins are let go
   meanwhile, and a probe that moves nothing hands the standby's back:
   :mod:`meshxl.xds.stepdown`). A standby that serves better takes the active role
-  (predictive failover: the active goes behind it, DEGRADED); one that serves no better
-  ends the probe, and the cluster is not probed again for ``recover`` seconds (a slow
-  dependency that both share). A degraded active stays behind for ``recover``
-  seconds, then failback (``failover.failback``: ``automatic`` after
-  ``failback_delay`` more; ``manual`` keeps it behind) returns it.
+  (predictive failover: the active goes behind it, DEGRADED), as long as the active is
+  also worse than the cluster was at the active's load (the standby carries only the
+  probe's share: its advantage alone may be load's); one that serves no better ends
+  the probe, and the cluster is not probed again for ``recover`` seconds (a slow
+  dependency that both share), nor after a predictive failover (hold-down). A
+  degraded active stays behind for ``recover`` seconds, then failback
+  (``failover.failback``: ``automatic`` after ``failback_delay`` more; ``manual``
+  keeps it behind) returns it, once a probe shows it no worse than the active and
+  than the other members were at its load.
 
 Judgements are records in etcd (``clusters/C/health/M``, :class:`~meshxl.model.runtime.Health`),
 written under the judging replica's lease, so every replica, sidecar and
 ``meshxl status`` sees the same states, and :func:`meshxl.model.cluster_view` applies
 them (the member's state, its place in high availability). Each replica judges from the
-requests of the Envoys connected to it and removes only its own records.
+requests of the Envoys connected to it and removes only its own records; what holds
+across members (a minority degraded, one replica's probe at a time: :class:`Bound`) is
+checked against every replica's records in etcd when one is written.
 """
 
 from __future__ import annotations
@@ -57,7 +65,8 @@ from meshxl.stats import quantile
 
 from .stepdown import HALVINGS, released, share, shares
 
-__all__ = ["BASELINE", "HALVINGS", "PROBE_SECONDS", "WINDOW", "Judge", "Judgement",
+__all__ = ["BASELINE", "HALVINGS", "LOAD_BAND", "PROBE_SECONDS", "WINDOW", "Bound", "Judge",
+           "Judgement",
            "Samples", "member_samples", "released", "share", "shares", "worse"]
 
 WINDOW = 0.5
@@ -153,6 +162,18 @@ class _Probe:
 
 
 @dataclass(frozen=True)
+class Bound:
+    """What a cluster's judgements must respect over *every* replica's records, checked
+    in etcd when a record is written (:mod:`meshxl.xds.judging`): in load sharing at
+    most ``degraded`` members of ``tier`` degraded at once; in high availability
+    (``exclusive``) one replica's judgements at a time (a probe, a failover)."""
+
+    tier: frozenset[str] = frozenset()
+    degraded: int = 0
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
 class Judgement:
     """What one replica judges at one instant."""
 
@@ -160,6 +181,8 @@ class Judgement:
     """Every record this replica wants in etcd (the others of its own are removed)."""
     suspects: dict[str, str] = field(default_factory=dict)
     """cluster -> why its active is under suspicion (high availability, not moved)."""
+    bounds: dict[str, Bound] = field(default_factory=dict)
+    """cluster -> what its records must respect across replicas."""
 
 
 def _span(now: float, seconds: float) -> tuple[float, float]:
@@ -259,7 +282,9 @@ class Judge:
                 ratio = (own.p90 or 0.0) if own is not None else 0.0
                 candidates.append((ratio, m.name, *found))
         degraded = sum(1 for m in tier if m.state is MemberState.DEGRADED)
-        room = max(1, (len(tier) - 1) // 2) - degraded
+        bound = max(1, (len(tier) - 1) // 2)
+        out.bounds[name] = Bound(tier=frozenset(m.name for m in tier), degraded=bound)
+        room = bound - degraded
         for _, member, reason, normal in sorted(candidates, reverse=True)[:max(0, room)]:
             self._normal[(name, member)] = normal  # judged by it until it recovers
             out.records[(name, member)] = self._record(
@@ -351,6 +376,10 @@ class Judge:
             elif (record.kind == HANDBACK_KIND and m.role is Role.STANDBY
                   and now - record.since < d.recover):
                 out.records[(name, member)] = record  # the probe's sessions going back
+        out.bounds[name] = Bound(exclusive=True)
+        if any(r.by != self.replica for r in state.health_of(name).values()):
+            self._probes.pop(name, None)  # another replica judges this cluster now
+            return
         if probe is not None:
             self._run_probe(spec, view, probe, samples, now, hosts, out)
             return
@@ -372,25 +401,22 @@ class Judge:
     def _active_worse(self, spec: ClusterSpec, view: ClusterView[ClusterSpec],
                       active: MemberView, samples: Samples, now: float,
                       hosts: Mapping[str, Iterable[str]]) -> str | None:
-        """Why the active is worse than the cluster's normal throughout ``detect`` (the
-        median p90 of every member's windows over the last :data:`BASELINE` seconds: a
+        """Why the active is worse than the cluster's normal *at its load* throughout
+        ``detect``: the median p90 of every member's windows over the last
+        :data:`BASELINE` seconds that carried a comparable load (:func:`_at_load`; a
         member that served slowly before a failover is judged by the cluster's normal,
-        not by its own slow past)."""
+        not by its own slow past). A load the cluster has not carried in that minute
+        has no normal: the active is then judged on its errors only."""
         d = spec.degradation
         since, until = _span(now, d.detect)
         own = list(member_samples([active], samples.windows(spec.name, since, until),
                                   hosts).get(active.name, ()))
-        history = [w for ws in member_samples(
-            view.members, samples.windows(spec.name, until - BASELINE, since), hosts).values()
-            for w in ws if w.requests > 0]
+        history = self._history(spec, view.members, samples, until - BASELINE, since, hosts)
         if len(history) < _MIN_BASELINE_WINDOWS or not own:
             return None
         if sum(w.requests for w in own) < d.min_requests:
             return None
-        latencies = [w.p90 for w in history if w.p90 is not None]
-        normal = _Fixed(requests=sum(w.requests for w in history),
-                        errors=sum(w.errors for w in history),
-                        p90=statistics.median(latencies) if latencies else None)
+        normal = _at_load(history, _load(own))
         margins = Margins(d.latency_factor, d.latency_margin, d.error_margin)
         reason: str | None = None
         for w in own:
@@ -398,6 +424,15 @@ class Judge:
             if reason is None:
                 return None
         return reason.replace("its peers'", "its normal") if reason else None
+
+    @staticmethod
+    def _history(spec: ClusterSpec, members: Sequence[MemberView], samples: Samples,
+                 since: float, until: float, hosts: Mapping[str, Iterable[str]]
+                 ) -> list[Sample]:
+        """The windows with requests of ``members`` in ``[since, until)``."""
+        return [w for ws in member_samples(
+            members, samples.windows(spec.name, since, until), hosts).values()
+            for w in ws if w.requests > 0]
 
     def _run_probe(self, spec: ClusterSpec, view: ClusterView[ClusterSpec], probe: _Probe,
                    samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
@@ -424,6 +459,7 @@ class Judge:
             return
         # Skip the first window: the probe's EDS push and the sessions' first moves.
         since, until = _span(now, elapsed - WINDOW)
+        windows = round((until - since) / WINDOW)
         merged = member_samples([active, probed], samples.summary(name, since, until), hosts)
         a, s = merged.get(active.name), merged.get(probed.name)
         enough = s is not None and s.requests >= max(3, d.min_requests // 4)
@@ -435,6 +471,15 @@ class Judge:
         if probe.recovery:
             still = worse(s, [a], margins) if a is not None and s is not None and enough \
                 else "too few requests to judge"
+            if still is None and s is not None:
+                # The held member carried the probe's small share, the active the rest:
+                # well again only if it is also no worse than the other members were at
+                # its load or a heavier one (its own sick windows are no normal).
+                others = [m for m in view.members if m.name != probed.name]
+                normal = _at_load(self._history(spec, others, samples,
+                                                probe.since - BASELINE, probe.since, hosts),
+                                  s.requests, windows)
+                still = worse(s, [normal], margins)
             if still is not None:
                 out.records[(name, probe.standby)] = self._record(
                     spec, DEGRADED_KIND, f"still {_against(still, 'the active')}",
@@ -445,6 +490,15 @@ class Judge:
                     "(failover.failback: manual)", now, behind=probe.active)
             return
         verdict = worse(a, [s], margins) if a is not None and s is not None and enough else None
+        if verdict is not None and a is not None:
+            # The standby carried the probe's small share, the active the rest: its
+            # advantage counts only while the active is also worse than the cluster
+            # was at the active's own load (a load-correlated slowdown is not).
+            normal = _at_load(self._history(spec, view.members, samples,
+                                            probe.since - BASELINE, probe.since, hosts),
+                              a.requests, windows)
+            if worse(a, [normal], margins) is None:
+                verdict = None
         if verdict is None:
             self._quiet_until[name] = now + d.recover
             out.suspects.pop(name, None)
@@ -458,6 +512,10 @@ class Judge:
             spec, DEGRADED_KIND, f"{_against(verdict, 'the standby')} "
             f"(predictive failover to {probed.name})", now, behind=probed.name)
         out.suspects.pop(name, None)
+        # Hold-down: the member that took the role is not probed for `recover` (its
+        # health check, outlier detection and lease still act), so the role cannot
+        # swing on between members within that time.
+        self._quiet_until[name] = now + d.recover
 
 
 def _against(reason: str, whom: str) -> str:
@@ -497,5 +555,31 @@ class _Fixed:
     requests: int
     errors: int
     p90: float | None
+
+
+LOAD_BAND = 1.5
+"""Windows of comparable load: their requests at least the load judged divided by this.
+A member's latency grows with its load, so it is compared only with what the cluster
+answered at the same or a heavier load (a member slower than that is sick; a sick one
+in a closed loop answers fewer requests, so such windows exist)."""
+
+
+def _load(windows: Sequence[Sample]) -> float:
+    """Requests per window over a span (its windows with requests: their median)."""
+    live = [w.requests for w in windows if w.requests > 0]
+    return float(statistics.median(live)) if live else 0.0
+
+
+def _at_load(history: Sequence[Sample], load: float, windows: int = 1) -> _Fixed:
+    """The cluster's normal at ``load`` requests per window (a span of ``windows``
+    windows is divided first): the median p90 of the ``history`` windows that carried
+    as much or more (:data:`LOAD_BAND`; None without :data:`_MIN_BASELINE_WINDOWS` of
+    them: nothing to compare latency with), and the error share of every window."""
+    per_window = load / max(1, windows)
+    near = [w.p90 for w in history if w.p90 is not None
+            and w.requests >= per_window / LOAD_BAND]
+    return _Fixed(requests=sum(w.requests for w in history),
+                  errors=sum(w.errors for w in history),
+                  p90=statistics.median(near) if len(near) >= _MIN_BASELINE_WINDOWS else None)
 
 

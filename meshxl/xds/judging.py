@@ -1,6 +1,16 @@
 """The judge at work: every :data:`~meshxl.xds.health.WINDOW` it judges the members from
 the requests the Envoys logged, and keeps this replica's judgements in etcd (under the
 replica's lease, so they end with it) or, without etcd, in memory.
+
+**Across replicas.** Each replica judges from the Envoys connected to it, so two of
+them may each find another member sick at the same instant. What must hold across
+members is therefore decided in etcd, not in one replica's memory: a write that adds
+or changes a record reads the cluster's judgements (``clusters/C/health/``, every
+replica's), keeps only what the cluster's :class:`~meshxl.xds.health.Bound` still
+allows (:func:`within_bounds`: at most a minority of a load-sharing tier degraded, the
+worst first; in high availability no record beside another replica's), and commits
+only if no judgement of that cluster changed since that read (a transaction comparing
+the range's revisions), else reads and decides again.
 """
 
 from __future__ import annotations
@@ -9,19 +19,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from aetcd.utils import prefix_range_end
 
 from meshxl.etcd.keys import Keys
 from meshxl.model import ModelSpec, RuntimeState
-from meshxl.model.records import Health
+from meshxl.model.records import DEGRADED_KIND, Health
 
-from .health import WINDOW, Judge, Judgement, Samples, share
+from .health import WINDOW, Bound, Judge, Judgement, Samples, share
 from .loadshares import LoadShares
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Judging", "cut", "report"]
+__all__ = ["WRITE_ATTEMPTS", "Judging", "cut", "report", "within_bounds"]
+
+WRITE_ATTEMPTS = 3
+"""Reads and transactions a write tries while other replicas' judgements change under it
+(then the next window judges again)."""
 
 
 class Judging:
@@ -72,37 +88,99 @@ class Judging:
                 puts, deletes = self.step(current, runtime(), time.time(), hosts())
                 if not puts and not deletes:
                     continue
-                for (cluster, member), health in puts.items():
-                    log.warning("%s/%s: %s (%s)", cluster, member, health.kind, health.reason)
-                for cluster, member in deletes:
-                    log.info("%s/%s: judgement ended", cluster, member)
                 if client is None:
                     for key in deletes:
                         self.local.pop(key, None)
                     self.local.update(puts)
                     self.on_change()
+                    written = dict(puts)
                 else:
-                    await self._write(client, lease() if lease else None, puts, deletes)
+                    written = await self._write(client, lease() if lease else None, puts,
+                                                deletes, self.last.bounds)
+                for (cluster, member), health in written.items():
+                    log.warning("%s/%s: %s (%s)", cluster, member, health.kind, health.reason)
+                for cluster, member in deletes:
+                    log.info("%s/%s: judgement ended", cluster, member)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("judging the members failed (tried again next window)")
 
     async def _write(self, client: Any, lease: Any, puts: Mapping[tuple[str, str], Health],
-                     deletes: list[tuple[str, str]]) -> None:
-        """One transaction: the records put under the lease, this replica's old ones
-        removed."""
+                     deletes: list[tuple[str, str]],
+                     bounds: Mapping[str, Bound] | None = None) -> dict[tuple[str, str], Health]:
+        """One transaction: the records put under the lease (those the clusters' bounds
+        allow over every replica's records), this replica's old ones removed; the
+        records written."""
         if lease is None and puts:
-            return  # no lease yet: the next window tries again
+            return {}  # no lease yet: the next window tries again
         tx = client.transactions
-        ops: list[Any] = []
-        for (cluster, member), health in puts.items():
-            value = json.dumps(health.to_dict()).encode()
-            ops.append(tx.put(self.keys.member_health(cluster, member).encode(), value,
-                              lease=lease))
-        for cluster, member in deletes:
-            ops.append(tx.delete(self.keys.member_health(cluster, member).encode()))
-        await client.transaction(compare=[], success=ops, failure=[])
+        clusters = sorted({cluster for cluster, _ in puts})
+        for _ in range(WRITE_ATTEMPTS):
+            compare: list[Any] = []
+            stored: dict[tuple[str, str], Health] = {}
+            for cluster in clusters:
+                prefix = self.keys.health_prefix(cluster).encode()
+                got = await client.get_prefix(prefix)
+                for kv in got.kvs:
+                    member = kv.key[len(prefix):].decode()
+                    try:
+                        stored[(cluster, member)] = Health.from_dict(json.loads(kv.value))
+                    except ValueError:
+                        continue  # unreadable: counts for no bound (the watch logs it)
+                end = prefix_range_end(prefix)
+                compare.append(tx.mod(prefix, range_end=end) < got.header.revision + 1)
+            allowed = within_bounds(self.replica, puts, deletes, stored, bounds or {})
+            ops: list[Any] = []
+            for (cluster, member), health in allowed.items():
+                value = json.dumps(health.to_dict()).encode()
+                ops.append(tx.put(self.keys.member_health(cluster, member).encode(), value,
+                                  lease=lease))
+            for cluster, member in deletes:
+                ops.append(tx.delete(self.keys.member_health(cluster, member).encode()))
+            if not ops:
+                return {}
+            succeeded, _ = await client.transaction(compare=compare, success=ops, failure=[])
+            if succeeded:
+                for key in puts.keys() - allowed.keys():
+                    log.debug("%s/%s: not recorded: another replica's judgements leave no "
+                              "room", *key)
+                return allowed
+        log.info("judgements of %s changed under every write; judged again next window",
+                 ", ".join(clusters))
+        return {}
+
+
+def within_bounds(replica: str, puts: Mapping[tuple[str, str], Health],
+                  deletes: Sequence[tuple[str, str]],
+                  stored: Mapping[tuple[str, str], Health],
+                  bounds: Mapping[str, Bound]) -> dict[tuple[str, str], Health]:
+    """The ``puts`` of ``replica`` that keep every cluster's :class:`Bound` with the
+    judgements ``stored`` in etcd now (every replica's) once ``deletes`` are removed.
+    A record this replica already holds unchanged in kind is always kept; new ones go in
+    the order given (the judge lists the worst first) while there is room."""
+    after = {k: h for k, h in stored.items() if k not in deletes}
+    allowed: dict[tuple[str, str], Health] = {}
+    for key, health in puts.items():
+        cluster, member = key
+        bound = bounds.get(cluster)
+        held = after.get(key)
+        if bound is None or (held is not None and held.by == replica
+                             and held.kind == health.kind):
+            allowed[key] = after[key] = health
+            continue
+        others = [k for k, h in after.items() if k[0] == cluster and h.by != replica]
+        if bound.exclusive and others:
+            continue
+        if not bound.exclusive and health.kind == DEGRADED_KIND and member in bound.tier:
+            degraded = sum(1 for (c, m), h in after.items() if c == cluster and m != member
+                           and m in bound.tier and h.kind == DEGRADED_KIND)
+            if degraded + 1 > bound.degraded:
+                continue
+        if held is not None and held.by != replica:
+            continue  # another replica's record of this member stays theirs
+        allowed[key] = after[key] = health
+    return allowed
 
 
 def cut(*parts: Mapping[str, Mapping[str, float]]) -> Mapping[str, Mapping[str, float]]:

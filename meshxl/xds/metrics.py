@@ -129,9 +129,10 @@ class XdsMetrics:
         self.access_log_entries = Counter(
             "meshxl_xds_access_log_entries", "Access log entries from Envoys (the sick-member "
             "signal, docs/faults.md), by result: recorded, dropped (past a bound: entries "
-            "per message or per second of a stream, names too long), refused (a stream "
-            "that may not speak for its node).", ["result"], registry=r)
-        for result in ("recorded", "dropped", "refused"):
+            "per message or per second of a stream, names too long), unrouted (a cluster "
+            "the node does not route to, or a host that is no member of it), refused (a "
+            "stream that may not speak for its node).", ["result"], registry=r)
+        for result in ("recorded", "dropped", "unrouted", "refused"):
             self.access_log_entries.labels(result)
 
     def know_clusters(self, names: Iterable[str]) -> None:

@@ -11,17 +11,17 @@ from __future__ import annotations
 import abc
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from meshxl.errors import InputError
 from meshxl.xds.cache import EncodedResources, Snapshot
-from meshxl.xds.types import TYPE_ORDER
+from meshxl.xds.types import ENDPOINT, TYPE_ORDER
 
 __all__ = ["NACK_TEXT_MAX", "AdsRequest", "BadDiscoveryRequest", "DeltaRequest", "EnvoyNode",
            "LogLimiter", "Nack", "NodeStatus", "Peer", "RequestStream", "SotwRequest", "Stream",
-           "StreamState", "Streams", "TypeStatus", "bound_text"]
+           "StreamState", "Streams", "TypeStatus", "bound_text", "routed"]
 
 # Rejected responses remembered per node; old entries fall out first.
 QUARANTINE_MAX = 64
@@ -284,9 +284,23 @@ class Stream(Protocol):
     grant: Any  # the credentials it presented (meshxl.xds.auth.Grant)
     zone: str  # its node's locality zone, as its first request declared it
     counted: list[str]  # the credentials its node id counts against
+    subscriptions: dict[str, Any]  # per type URL: its names and whether it is a wildcard
 
     def responses(self, snapshot: Snapshot) -> Iterator[bytes]:
         """What to write now, in push order; each response is recorded as it is made."""
+
+
+def routed(streams: Iterable[Stream]) -> frozenset[str] | None:
+    """The clusters a node routes to as these, its open streams, are served: the
+    endpoint (EDS) names they subscribe to; None for a wildcard (every cluster)."""
+    names: set[str] = set()
+    for stream in streams:
+        sub = stream.subscriptions.get(ENDPOINT)
+        if sub is not None:
+            if sub.wildcard:
+                return None
+            names.update(sub.names)
+    return frozenset(names)
 
 
 class RequestStream(Stream, Protocol[RequestT]):

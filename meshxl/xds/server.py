@@ -62,6 +62,7 @@ from meshxl.xds.nodes import (
     SotwRequest,
     Stream,
     bound_text,
+    routed,
 )
 
 __all__ = ["ADS_GRPC_OPTIONS", "ADS_SERVICE", "EDS_SERVICE", "AdsServer", "OnDelivery",
@@ -155,6 +156,7 @@ class AdsServer:
         # many: the access log service admits a node's log stream from these
         # (meshxl.xds.accesslog).
         self._hosts: dict[str, dict[str, int]] = {}
+        self._open: dict[str, set[Stream]] = {}  # per node id, its open streams
         self._on_status_change = on_status_change
         self._on_sent = on_sent
         self._on_answer = on_answer
@@ -240,6 +242,11 @@ class AdsServer:
         several zones: its oldest stream's)."""
         return {node_id: node.zone for node_id, node in self._nodes.items()
                 if node.streams > 0 and node.zone}
+
+    def routes(self, node_id: str) -> frozenset[str] | None:
+        """The clusters ``node_id`` routes to as this control plane serves it
+        (:func:`~meshxl.xds.nodes.routed`): the access log counts entries for these."""
+        return routed(self._open.get(node_id, ()))
 
     def connected_from(self, node_id: str, host: str) -> bool:
         """Whether ``node_id`` has an open (hence admitted) ADS stream from ``host``
@@ -351,6 +358,7 @@ class AdsServer:
         hosts = self._hosts.setdefault(node_id, {})
         host = peer_host(stream.peer.address)
         hosts[host] = hosts.get(host, 0) + 1
+        self._open.setdefault(node_id, set()).add(stream)
         allowed, held = self._log_limit.allow((node_id, "connected"))
         if allowed:
             log.info("node %s connected (%d streams)%s", node_id, node.streams,
@@ -386,6 +394,10 @@ class AdsServer:
             hosts.pop(host, None)
             if not hosts:
                 self._hosts.pop(node.node_id, None)
+        streams = self._open.get(node.node_id, set())
+        streams.discard(stream)
+        if not streams:
+            self._open.pop(node.node_id, None)
         node.stream_zone(stream, None)
         self._uncount(stream, node.node_id)
         if node.streams == 0:

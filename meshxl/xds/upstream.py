@@ -23,20 +23,30 @@ exact: between 100 µs and 60 s the reported value is within ``sqrt(1.1) - 1`` =
 of the exact nearest-rank percentile; below 100 µs within 50 µs; above 60 s it is the
 largest latency seen (a lower bound at 60 s or more, where only "too slow" matters).
 
-Memory: a window with requests holds 143 four-byte counts (about 0.6 KB), a window
-without none: at most 72 KB per host busy in every window of the last 60 s.
+**One node, one view.** Each window keeps every reporting node's requests apart (its
+*view*; at most :data:`MAX_VIEWS` nodes a window, any further ones pooled in one more
+view), and a window's sample combines the views so that no node outweighs the others:
+each percentile is the median of the views' percentiles, the error share the median
+of their shares, and a view counts at most as many requests as the busiest other view
+(a node flooding a host with answers, fast or slow, is one voice). With one reporting
+node (meshxl's own Envoy in front of a cluster, say) it is that node's view unchanged.
+
+Memory: a view with requests holds 143 four-byte counts (about 0.6 KB), a window
+without requests none: at most 72 KB per host and reporting node busy in every window of
+the last 60 s (five times that with :data:`MAX_VIEWS` nodes or more).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["GROWTH", "HIGHEST", "KEEP", "LOWEST", "MAX_HOSTS", "STATUS_SPAN", "WINDOW",
-           "HostSample", "UpstreamSignals", "bucket_bounds", "status"]
+__all__ = ["GROWTH", "HIGHEST", "KEEP", "LOWEST", "MAX_HOSTS", "MAX_VIEWS", "STATUS_SPAN",
+           "WINDOW", "HostSample", "UpstreamSignals", "bucket_bounds", "status"]
 
 WINDOW = 0.5
 """Seconds per window; windows are ``floor(at / WINDOW)`` on the Unix clock."""
@@ -44,6 +54,9 @@ KEEP = 120
 """Windows kept per host (60 s)."""
 MAX_HOSTS = 10_000
 """(cluster, host) pairs remembered at most; the least recently recorded go first."""
+
+MAX_VIEWS = 4
+"""Reporting nodes kept apart per host and window; further ones share one more view."""
 
 LOWEST = 1e-4
 """Seconds: the lower edge of the first log bucket (below it: one bucket)."""
@@ -91,9 +104,10 @@ class HostSample:
 _EMPTY = HostSample(0, 0, None, None, None)
 
 
-class _Window:
-    """One host's requests in one window: counts, errors, the latency histogram (made
-    on the first measured latency) and the exact smallest and largest latency."""
+class _View:
+    """One node's requests to one host in one window: counts, errors, the latency
+    histogram (made on the first measured latency) and the exact smallest and largest
+    latency."""
 
     __slots__ = ("counts", "errors", "high", "low", "measured", "requests")
 
@@ -123,25 +137,70 @@ class _Window:
             self.high = seconds
 
 
-def _merge(windows: Iterable[_Window]) -> HostSample:
+class _Window:
+    """One host's requests in one window, per reporting node (None: the pooled view of
+    the nodes past :data:`MAX_VIEWS`)."""
+
+    __slots__ = ("views",)
+
+    def __init__(self) -> None:
+        self.views: dict[str | None, _View] = {}
+
+    def add(self, node: str, seconds: float | None, failed: bool) -> None:
+        view = self.views.get(node)
+        if view is None:
+            key: str | None = node if len(self.views) < MAX_VIEWS else None
+            view = self.views.get(key)
+            if view is None:
+                view = self.views[key] = _View()
+        view.add(seconds, failed)
+
+
+def _view_sample(views: Iterable[_View]) -> HostSample:
+    """One node's views (of several windows) merged: percentiles over the merged
+    histogram."""
     requests = errors = measured = 0
     counts = [0] * _BUCKETS
     low, high = math.inf, -math.inf
-    for w in windows:
-        requests += w.requests
-        errors += w.errors
-        if w.counts is not None:
-            measured += w.measured
-            for i, n in enumerate(w.counts):
+    for v in views:
+        requests += v.requests
+        errors += v.errors
+        if v.counts is not None:
+            measured += v.measured
+            for i, n in enumerate(v.counts):
                 if n:
                     counts[i] += n
-            low, high = min(low, w.low), max(high, w.high)
+            low, high = min(low, v.low), max(high, v.high)
     if requests == 0:
         return _EMPTY
     if measured == 0:
         return HostSample(requests, errors, None, None, None)
     p50, p90, p99 = (_percentile(counts, measured, q, low, high) for q in _PERCENTILES)
     return HostSample(requests, errors, p50, p90, p99)
+
+
+def _merge(windows: Iterable[_Window]) -> HostSample:
+    """Windows merged per reporting node, then the nodes' views combined so that none
+    outweighs the others (the module's docstring)."""
+    by_node: dict[str | None, list[_View]] = {}
+    for w in windows:
+        for node, view in w.views.items():
+            by_node.setdefault(node, []).append(view)
+    samples = [s for s in (_view_sample(vs) for vs in by_node.values()) if s.requests]
+    if len(samples) <= 1:
+        return samples[0] if samples else _EMPTY
+    counts = sorted(s.requests for s in samples)
+    busiest, second = counts[-1], counts[-2]
+    requests = sum(min(s.requests, second if s.requests == busiest else busiest)
+                   for s in samples)
+    share = statistics.median(s.errors / s.requests for s in samples)
+
+    def middle(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    return HostSample(requests, round(share * requests), middle([s.p50 for s in samples]),
+                      middle([s.p90 for s in samples]), middle([s.p99 for s in samples]))
 
 
 def _percentile(counts: list[int], n: int, q: float, low: float, high: float) -> float:
@@ -186,10 +245,10 @@ class UpstreamSignals:
         """Hosts forgotten to stay within ``max_hosts``."""
 
     def record(self, cluster: str, host: str, seconds: float | None, failed: bool,
-               at: float) -> None:
-        """One request to ``host`` of ``cluster`` at Unix time ``at``: its latency in
-        seconds (None: not measured) and whether it failed. A request older than the
-        host's kept windows is ignored."""
+               at: float, node: str = "") -> None:
+        """One request to ``host`` of ``cluster`` at Unix time ``at``, as ``node`` saw
+        it: its latency in seconds (None: not measured) and whether it failed. A request
+        older than the host's kept windows is ignored."""
         index = math.floor(at / WINDOW)
         key = (cluster, host)
         state = self._hosts.get(key)
@@ -207,7 +266,7 @@ class UpstreamSignals:
                 oldest = state.newest - KEEP
                 for k in [k for k in state.windows if k <= oldest]:
                     del state.windows[k]
-        window.add(seconds, failed)
+        window.add(node, seconds, failed)
 
     def _remember(self, key: tuple[str, str]) -> _Host:
         while len(self._hosts) >= self.max_hosts:

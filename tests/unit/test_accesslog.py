@@ -170,7 +170,7 @@ def test_receiver_records_counts_and_bounds(monkeypatch: pytest.MonkeyPatch) -> 
     receiver.receive(stream, message(http(), http(503), http(address=""),
                                      http(cluster="x" * 300)))
     receiver.receive(stream, message(tcp_entries=(tcp(AccessLogType.TcpUpstreamConnected),)))
-    assert receiver.counts == {"recorded": 3, "dropped": 1, "refused": 0}
+    assert receiver.counts == {"recorded": 3, "dropped": 1, "unrouted": 0, "refused": 0}
     assert signals.summary("web", T0, T0 + 0.5)["10.0.0.1:80"].errors == 1
     assert signals.summary("db", T0, T0 + 0.5) == {"10.0.0.2:5432": HostSample(1, 0, None, None,
                                                                              None)}

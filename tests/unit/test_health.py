@@ -275,7 +275,7 @@ def test_high_availability_probe_then_predictive_failover() -> None:
     assert "its normal" in found.suspects["web"]
     probe = _state(b=found.records[("web", "b")])
     # the probe runs for PROBE_SECONDS; then the two are compared
-    fast_standby = Samples(lambda host, at: S(20, 0, 0.2) if host.endswith("8001")
+    fast_standby = Samples(lambda host, at: S(20, 0, active_slow(at)) if host.endswith("8001")
                            else S(10, 0, 0.01) if host.endswith("8002") else None)
     held = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS - 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}
