@@ -15,9 +15,11 @@ of its own, talking to etcd as its own user, so etcd itself refuses it every oth
 cluster's keys; the others share the process's. The process-wide parts (the watch of
 the mesh) use the process's credentials: they need only read on the mesh's keys.
 
-With a pool, the hosted clusters follow the model: a virtual system added to the pool
-is started within a moment of the model's change, one removed is stopped (its member
-deregistered). The pool's clusters are started a few at a time
+With a pool, the process also proves its member live in the pool: the pool-level key
+only the pool's credential may write (pool_liveness.py), written before the virtual
+systems start and withdrawn after they stop. The hosted clusters follow the model: a
+virtual system added to the pool is started within a moment of the model's change, one
+removed is stopped (its member deregistered). The pool's clusters are started a few at a time
 (:data:`START_CONCURRENCY`).
 """
 
@@ -45,6 +47,7 @@ from .credentials import cluster_security
 from .http import RequestRefused, Router
 from .mesh_reads import session_settings, shard_map
 from .metrics import StatesyncMetrics, render_hosted
+from .pool_liveness import PoolLiveness
 from .sidecar import Sidecar
 
 log = logging.getLogger("meshxl.statesync.app")
@@ -77,6 +80,8 @@ class Hosting:
         self.routes: dict[str, SessionRoutes] = {}
         self.clients: dict[tuple[str, Any], aetcd.Client] = {}
         self.mesh: EtcdMeshSource[LightModel] | None = None
+        self.liveness: PoolLiveness | None = None
+        """The member's liveness key in the pool (None: no pool)."""
         self.pool_problem: str | None = None
         """Why the pool's clusters are not known (no model, no such pool), or None."""
         self._failed: dict[str, str] = {}
@@ -130,6 +135,12 @@ class Hosting:
             async with asyncio.timeout(5.0):
                 await self.mesh.synced.wait()
         self.metrics.signals.loop_lag.start()
+        if self.pool is not None:
+            # The pool's own credential (its entry in --etcd-credentials-dir, else the
+            # process's): no virtual system's may write the pool's keys.
+            pool_client = await self.client_for(self.config_of(self.pool))
+            self.liveness = PoolLiveness(pool_client, self.keys, self.pool, self.config)
+            await self.liveness.start()
         await self._settle_once()
         self._tasks.append(loop.create_task(self._follow()))
 
@@ -143,6 +154,9 @@ class Hosting:
                              return_exceptions=True)
         self.sidecars.clear()
         self.routes.clear()
+        if self.liveness is not None:
+            with contextlib.suppress(Exception):
+                await self.liveness.stop()
         for client in self.clients.values():
             # Bounded: with a hundred watches cancelled at once, aetcd's close can wait
             # for ever on its watcher's full request queue, and the process would never
@@ -174,6 +188,11 @@ class Hosting:
     def _mesh_changed(self) -> None:
         for sidecar in self.sidecars.values():
             sidecar.following.changed()
+        if self.liveness is not None and self.mesh is not None and self.pool is not None:
+            model = self.mesh.model
+            members = model.pool_members(self.pool) if model is not None else None
+            self.liveness.seen(self.mesh.runtime,
+                               tuple(members) if members is not None else None)
         self._changed.set()
 
     async def _follow(self) -> None:
@@ -281,6 +300,8 @@ class Hosting:
 
     def warnings(self) -> list[str]:
         warnings = [f"{name}: {w}" for name, s in self.sidecars.items() for w in s.warnings()]
+        if self.liveness is not None:
+            warnings += self.liveness.warnings()
         model = self.mesh.model if self.mesh is not None else None
         members = model.pool_members(self.pool) if model is not None and self.pool else None
         if members is not None and self.config.member not in members:

@@ -105,7 +105,9 @@ class Membership:
     def __init__(self, client: aetcd.Client, keys: Keys, cluster: str, member: str, *,
                  address: str, port: int, site: str | None = None, weight: int | None = None,
                  ttl: float = 3.0, sidecar: str = "",
-                 istio: Mapping[str, str] | None = None) -> None:
+                 istio: Mapping[str, str] | None = None, key: str | None = None) -> None:
+        """``key``: the key kept under the lease (default: the member's registration
+        in ``cluster``; a pool member's liveness key, :mod:`.pool_liveness`)."""
         if not ttl >= MIN_TTL:  # also rejects NaN
             raise ValueError(
                 f"membership lease ttl must be >= {MIN_TTL:g} s, got {ttl!r}: etcd leases "
@@ -114,7 +116,8 @@ class Membership:
         self.client = client
         self.cluster = cluster
         self.member = member
-        self.key = keys.member(cluster, member)  # ValueError on a bad cluster/member name
+        # ValueError on a bad cluster/member name
+        self.key = keys.member(cluster, member) if key is None else key
         self.ttl = float(ttl)
         self.address = address
         self.port = port
