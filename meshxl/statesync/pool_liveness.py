@@ -57,6 +57,7 @@ class PoolLiveness:
         """Why the key is not written (etcd refused it, say), None once it is."""
         self._task: asyncio.Task[None] | None = None
         self._marking = False
+        self._marker: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()
         """Set once the first write succeeded or failed."""
 
@@ -123,16 +124,17 @@ class PoolLiveness:
                 or not set(listed) <= state.pool_keyed_of(self.pool)):
             return
         self._marking = True
-        task = asyncio.get_running_loop().create_task(
+        self._marker = asyncio.get_running_loop().create_task(
             self._mark(self.keys.pool_liveness(self.pool), "liveness"))
-        task.add_done_callback(lambda _: setattr(self, "_marking", False))
+        self._marker.add_done_callback(lambda _: setattr(self, "_marking", False))
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._task, self._marker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._marker = None
         await self.membership.stop()
 
     def warnings(self) -> list[str]:

@@ -127,8 +127,6 @@ async def test_a_role_per_cluster_is_enforced_by_etcd(
     # Nothing it does was refused or half-done (a read refused is logged as a warning).
     assert not [line for line in sidecar.logs().splitlines()
                 if " WARNING " in line or " ERROR " in line], sidecar.logs()
-    async with etcd.client(auth_etcd.url, security=root_security) as client:
-        assert (await client.get(KEYS.pool_member("web", "w1").encode())) is not None
 
     # t01's credentials: etcd itself refuses t02's and t010's sessions.
     t01 = etcd.EtcdSecurity(user="tenant-t01", password=f"password of {'t01'}!")
@@ -200,9 +198,9 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
         harness: Owner, auth_etcd: Any, tmp_path: Path) -> None:
     """``--etcd-credentials-dir``: one sidecar process serves two VSs, each as its own
     etcd user, the pool's liveness key as the pool's user, the process itself as a user
-    that may only read the mesh. With VS ta's
-    entry holding tb's user, etcd refuses ta's writes (503, nothing stored) while tb
-    keeps working: the isolation is etcd's."""
+    that may only read the mesh. With VS ta's entry holding tb's user, etcd refuses
+    ta's writes (503, nothing stored) while tb keeps working: the isolation is
+    etcd's."""
     root = ["--etcd", auth_etcd.url, "--etcd-user", "root", "--etcd-password-file",
             str(_secret(tmp_path / "root", ROOT_PASSWORD))]
     root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
@@ -212,14 +210,15 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     creds = tmp_path / "creds"
     for tenant in ("ta", "tb", "web"):
         (creds / tenant).mkdir(parents=True)
-        _secret(creds / tenant / "username", f"tenant-{tenant}")
+        _secret(creds / tenant / "username",
+                "pool-web" if tenant == "web" else f"tenant-{tenant}")
         _secret(creds / tenant / "password", f"password of {tenant}")
     results = await asyncio.gather(
         *(meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
                  "--user-password-file", str(creds / tenant / "password"), *root)
           for tenant in ("ta", "tb")),
         # The pool's own user writes its member's liveness key (docs/vsls.md).
-        meshxl("etcd", "grant", "--pool", "web", "--user", "tenant-web",
+        meshxl("etcd", "grant", "--pool", "web", "--user", "pool-web",
                "--user-password-file", str(creds / "web" / "password"), *root),
         run([*ctl, "role", "add", "mesh-reader"]),
         run([*ctl, "user", "add", "pool-w1", "--new-user-password", "password of w1"]))
@@ -244,6 +243,8 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
         assert got.json() == {"of": tenant}
     assert not [line for line in sidecar.logs().splitlines()
                 if " WARNING " in line or " ERROR " in line], sidecar.logs()
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        assert (await client.get(KEYS.pool_member("web", "w1").encode())) is not None
 
     # tb's password rotated, its file first (a Secret updated), then in etcd, which
     # drops tb's tokens: the sidecar reads the file again, no restart, nothing refused.

@@ -205,3 +205,26 @@ def test_a_member_that_never_wrote_a_pool_key_is_live_from_its_registrations() -
     closed = runtime_from_values(keys, {**mixed, keys.pool_liveness("web"): b"{}"})
     assert closed.pools_by_key == {"web"}
     assert lost_reasons(pool, closed, VSS) == {m: "unregistered" for m in ("m2", "m3", "m4")}
+
+
+def test_the_control_plane_warns_of_members_live_only_by_registrations() -> None:
+    """Until a pool's upgrade is over, a member live only by its VS registrations (which
+    a tenant's credential can write too) is a model warning of the pool, logged once and
+    cleared once the pool is marked."""
+    from meshxl.etcd.keys import Keys
+    from meshxl.etcd.mesh import runtime_from_values
+    from meshxl.xds.warnings import ModelWarnings
+
+    model = parse_model(MODEL)
+    keys = Keys()
+    values = {k: v for k, v in _pool_values(keys, ("m1", "m2")).items()
+              if "/pools/" not in k}
+    values[keys.pool_member("web", "m1")] = b"{}"
+    values[keys.pool_keyed("web", "m1")] = b"{}"
+    warnings = ModelWarnings()
+    warnings.update(model, runtime_from_values(keys, values))
+    (found,) = [w for w in warnings.all() if w.startswith("pool web:")]
+    assert "member(s) m2 live only by their virtual systems' registrations" in found
+    values[keys.pool_liveness("web")] = b"{}"
+    warnings.update(model, runtime_from_values(keys, values))
+    assert not [w for w in warnings.all() if w.startswith("pool web:")]
