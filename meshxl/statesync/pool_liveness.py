@@ -118,14 +118,19 @@ class PoolLiveness:
             log.info("pool %s: %s marked (%s)", self.pool, what, key)
 
     def seen(self, state: RuntimeState, listed: tuple[str, ...] | None) -> None:
-        """The mesh changed: mark the pool once every member it lists is keyed."""
-        if (listed is None or not self.written or self._marking
-                or self.pool in state.pools_by_key
-                or not set(listed) <= state.pool_keyed_of(self.pool)):
+        """The mesh changed: mark this member keyed if its mark is missing (a write that
+        failed), and the pool once every member it lists is keyed."""
+        if not self.written or self._marking:
+            return
+        if (self.pool, self.member) not in state.pool_keyed:
+            key, what = self.keys.pool_keyed(self.pool, self.member), "keyed"
+        elif (listed is not None and self.pool not in state.pools_by_key
+              and set(listed) <= state.pool_keyed_of(self.pool)):
+            key, what = self.keys.pool_liveness(self.pool), "liveness"
+        else:
             return
         self._marking = True
-        self._marker = asyncio.get_running_loop().create_task(
-            self._mark(self.keys.pool_liveness(self.pool), "liveness"))
+        self._marker = asyncio.get_running_loop().create_task(self._mark(key, what))
         self._marker.add_done_callback(lambda _: setattr(self, "_marking", False))
 
     async def stop(self) -> None:

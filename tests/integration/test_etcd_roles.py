@@ -260,6 +260,8 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     # ta's entry swapped for tb's user: etcd refuses ta everything of its own.
     _secret(creds / "ta" / "username", "tenant-tb")
     _secret(creds / "ta" / "password", "rotated-password-of-tb")
+    # The pool's user refused too: a warning, its VSs served all the same.
+    _secret(creds / "web" / "password", "not the pool's password")
     await sidecar.stop()
     await sidecar.start(wait_ready=False)
 
@@ -278,6 +280,9 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
                                   headers={"Content-Type": "application/json"})).status == 201
     ready = await sidecar.readyz()
     assert ready.status == 503 and b"ta: not started" in ready.body, ready.body
+    warnings = (await sidecar.request("GET", "/v1/status")).json()["warnings"]
+    assert [w for w in warnings if w.startswith("pool web: member w1's liveness key is "
+                                                 "not written")], warnings
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         assert (await client.get(KEYS.session("ta", "s2").encode())) is None
         assert (await client.get(KEYS.session("tb", "s2").encode())) is not None

@@ -1,7 +1,7 @@
 """Pool liveness only from what a member itself proves, against a real etcd with
 authentication on (``meshxl etcd grant``: a role for the pool, one for each tenant),
 real hosting sidecars (``meshxl serve statesync --pool web``) and a control plane
-(issue #51, item 5; docs/vsls.md, "Registered membership").
+(issue #51, item 5; docs/vsls.md, "Pools with `membership: registered`").
 
 Each hosting sidecar writes its member's pool-level liveness key with the pool's
 credential, and the pool is marked once every member did. A member then stopped is
@@ -79,20 +79,18 @@ async def test_a_tenants_leased_registration_keeps_no_dead_member_live(
             str(_secret(tmp_path / "root", ROOT_PASSWORD))]
     async with etcd.client(url, security=ROOT) as client:
         await apply_model(client, KEYS, MODEL, "test")
-    # The pool's user (the hosting processes' own credential) and one user per tenant,
-    # each in the credentials directory the hosting processes read.
+    # The pool's user (the hosting processes' own credential, which also serves the
+    # other VSs here), and tenant t1's own user, in the credentials directory the
+    # hosting processes read.
     creds = tmp_path / "creds"
     pool_password = _secret(tmp_path / "pool-web", "password of the pool")
-    for tenant in TENANTS:
-        _secret(creds / tenant / "username", f"tenant-{tenant}")
-        _secret(creds / tenant / "password", f"password of {tenant}")
-    results = await asyncio.gather(
-        meshxl("etcd", "grant", "--pool", "web", "--user", "pool-web",
-               "--user-password-file", str(pool_password), *root),
-        *(meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
-                 "--user-password-file", str(creds / tenant / "password"), *root)
-          for tenant in TENANTS))
-    for code, _, err in results:
+    _secret(creds / "t1" / "username", "tenant-t1")
+    _secret(creds / "t1" / "password", "password of t1")
+    for argv in (["--pool", "web", *TENANTS[1:], "--user", "pool-web",
+                  "--user-password-file", str(pool_password)],
+                 ["t1", "--user", "tenant-t1", "--user-password-file",
+                  str(creds / "t1" / "password")]):
+        code, _, err = await meshxl("etcd", "grant", *argv, *root)
         assert code == 0, err
 
     sidecars = {m: SidecarProcess(harness, cluster=None, pool="web",  # type: ignore[arg-type]
