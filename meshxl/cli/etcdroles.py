@@ -34,7 +34,11 @@ def _user_password(password_file: Path | None) -> str | None:
 
 
 @etcd.command("grant")
-@click.argument("clusters", nargs=-1, required=True)
+@click.argument("clusters", nargs=-1)
+@click.option("--pool", "pools", metavar="NAME", multiple=True,
+              help="A pool whose role to make (repeatable): a cluster's, and read-write "
+                   "on the pool's keys where its members prove themselves live, which no "
+                   "virtual system's role may write. For the pool's own sidecars only.")
 @click.option("--user", metavar="NAME", default=None,
               help="The etcd user the sidecars of these clusters connect as: created if "
                    "missing (its password from --user-password-file or "
@@ -48,13 +52,15 @@ def _user_password(password_file: Path | None) -> str | None:
 @output_option
 @etcd_option
 @root_option
-def etcd_grant(clusters: tuple[str, ...], user: str | None, user_password_file: Path | None,
-               dry_run: bool, output: str, etcd_urls: str, etcd_root: str) -> None:
+def etcd_grant(clusters: tuple[str, ...], pools: tuple[str, ...], user: str | None,
+               user_password_file: Path | None, dry_run: bool, output: str, etcd_urls: str,
+               etcd_root: str) -> None:
     """Create the role meshxl-cluster-CLUSTER for each CLUSTER (a cluster or a virtual
     system): read-write on that cluster's sessions, deletion records, registrations,
     sync statistics and problems, read-only on the mesh (model, registrations), its
-    failover records and member history, and nothing else; then grant the roles to
-    --user. Run it with the root user's credentials (--etcd-user root)."""
+    failover records and member history, and nothing else; the same for each --pool,
+    with its members' liveness keys besides; then grant the roles to --user. Run it
+    with the root user's credentials (--etcd-user root)."""
     from meshxl.errors import InputError
     from meshxl.etcd.roles import Grant, apply_grant, etcdctl_commands
 
@@ -62,7 +68,8 @@ def etcd_grant(clusters: tuple[str, ...], user: str | None, user_password_file: 
     if user is None and user_password_file is not None:
         fail("--user-password-file needs --user")
     try:
-        grant = Grant(tuple(clusters), user=user, password=password, root=etcd_root)
+        grant = Grant(tuple(clusters), user=user, password=password, root=etcd_root,
+                      pools=tuple(pools))
     except InputError as exc:
         fail(str(exc))
     if dry_run:
@@ -112,8 +119,9 @@ def etcd_setup(model: Path, control_plane_users: tuple[str, ...], enable_auth: b
                dry_run: bool, output: str, etcd_urls: str, etcd_root: str) -> None:
     """The etcd users and roles of an installation, from MODEL (a model file): for each
     cluster, pool and virtual system, the role meshxl-cluster-NAME (as `meshxl etcd
-    grant`) and a user of that name holding it and no other role; the role meshxl
-    (read-write on the prefix) for each --control-plane-user; root. The users have no
+    grant`, a pool's with --pool) and a user of that name holding it and no other
+    role; the role meshxl (read-write on the prefix) for each --control-plane-user;
+    root. The users have no
     password: etcd takes them from client certificates' common names. Idempotent;
     run it again after adding a cluster. Run it as etcd's root user."""
     from meshxl.errors import InputError
@@ -123,13 +131,15 @@ def etcd_setup(model: Path, control_plane_users: tuple[str, ...], enable_auth: b
     from .errors import checked
 
     spec = checked(lambda: load_model(model))
-    names = [c.name for c in spec.clusters] + [p.name for p in spec.pools] + [
+    virtual = spec.virtual_names
+    names = [c.name for c in spec.clusters if c.name not in virtual] + [
         name for vs in spec.virtual_systems for name in vs.all_names]
-    if not names:
+    pools = [p.name for p in spec.pools]
+    if not names and not pools:
         fail(f"{model}: the model has no cluster, pool or virtual system")
     try:
         setup = Setup(tuple(names), control_plane_users or DEFAULT_CONTROL_PLANE_USERS,
-                      root=etcd_root, enable_auth=enable_auth)
+                      root=etcd_root, enable_auth=enable_auth, pools=tuple(pools))
     except InputError as exc:
         fail(str(exc))
     if dry_run:

@@ -21,6 +21,20 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
                                                           list set by the operator, under
                                                           its first member (``meshxl vs
                                                           priority``, ``vs move``; one a VS)
+    {root}/v1/mesh/pools/{pool}/members/{member}          a pool member's liveness: written
+                                                          by its own (hosting) sidecar with
+                                                          the pool's credential, under its
+                                                          lease; no tenant may write it
+    {root}/v1/mesh/pools/{pool}/keyed/{member}            the member proves its liveness
+                                                          with the key above (no lease;
+                                                          written once, by its first sidecar
+                                                          that writes it): its VS
+                                                          registrations prove nothing then
+    {root}/v1/mesh/pools/{pool}/liveness                  every member of the pool proves
+                                                          its liveness with its pool key
+                                                          (no lease; written by a member's
+                                                          sidecar once every listed member
+                                                          is ``keyed``: the upgrade is over)
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
@@ -76,6 +90,12 @@ PREFERRED = "preferred"
 FLUSHED = "flushed"
 """A sidecar's acknowledgement of planned moves (:mod:`meshxl.model.moves`)."""
 CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH, PREFERRED, FLUSHED)
+#: The kinds of key under ``pools/POOL/`` (:meth:`Keys.parse_pool_key`): a member's
+#: liveness in the pool, proved under its own lease with the pool's credential
+#: (``members``), and the mark that the member proves it so (``keyed``).
+KEYED = "keyed"
+LIVENESS = "liveness"
+POOL_KEY_KINDS = (MEMBERS, KEYED)
 
 
 def _segment(value: str, what: str) -> str:
@@ -150,6 +170,43 @@ class Keys:
 
     def preferred(self, vs: str, member: str) -> str:
         return f"{self.preferred_prefix(vs)}{_segment(member, 'member')}"
+
+    # -- pools: members' liveness, proved by the members themselves ----------------------
+    @property
+    def pools_prefix(self) -> str:
+        return f"{self.mesh_prefix}pools/"
+
+    def pool_members_prefix(self, pool: str) -> str:
+        """A pool's liveness keys: only the pool's etcd role may write them (a virtual
+        system's, a tenant's, may not), so a tenant cannot keep a dead member live."""
+        return f"{self.pools_prefix}{_segment(pool, 'pool')}/{MEMBERS}/"
+
+    def pool_member(self, pool: str, member: str) -> str:
+        return f"{self.pool_members_prefix(pool)}{_segment(member, 'member')}"
+
+    def pool_keyed_prefix(self, pool: str) -> str:
+        return f"{self.pools_prefix}{_segment(pool, 'pool')}/{KEYED}/"
+
+    def pool_keyed(self, pool: str, member: str) -> str:
+        """The mark that ``member`` proves its liveness with :meth:`pool_member`."""
+        return f"{self.pool_keyed_prefix(pool)}{_segment(member, 'member')}"
+
+    def pool_liveness(self, pool: str) -> str:
+        """The mark that every member of ``pool`` proves its liveness with its pool key
+        (the pool's upgrade to them is over: no VS registration proves anything)."""
+        return f"{self.pools_prefix}{_segment(pool, 'pool')}/{LIVENESS}"
+
+    def parse_pool_key(self, key: str) -> tuple[str, str, str] | None:
+        """Split a key under ``pools/`` into (pool, kind, member), the member ``""`` for
+        :meth:`pool_liveness`; None for any other key."""
+        if not key.startswith(self.pools_prefix):
+            return None
+        parts = key[len(self.pools_prefix):].split("/")
+        if len(parts) == 2 and parts[0] and parts[1] == LIVENESS:
+            return parts[0], LIVENESS, ""
+        if len(parts) != 3 or parts[1] not in POOL_KEY_KINDS or not all(parts):
+            return None
+        return parts[0], parts[1], parts[2]
 
     @property
     def sites_prefix(self) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
-from meshxl.etcd.keys import ADMIN, FLUSHED, HEALTH, MEMBERS, PREFERRED, Keys
+from meshxl.etcd.keys import ADMIN, FLUSHED, HEALTH, KEYED, LIVENESS, MEMBERS, PREFERRED, Keys
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
 from meshxl.model.records import AdminAction, Health, PriorityList, Registration
@@ -159,9 +159,10 @@ class EtcdMeshSource(Generic[Model]):
         raise ConnectionError("etcd watch ended")
 
     def _note_lease(self, key: str, lease: int) -> None:
-        """Remember a registration written under no lease, and say so: no sidecar wrote
-        it (each registers under its own lease), so it keeps no pool member live."""
-        parsed = self._keys.parse_cluster_key(key)
+        """Remember a registration (or a pool member's liveness key) written under no
+        lease, and say so: no sidecar wrote it (each writes them under its own lease),
+        so it keeps no pool member live."""
+        parsed = self._keys.parse_cluster_key(key) or self._keys.parse_pool_key(key)
         if parsed is None or parsed[1] != MEMBERS:
             return
         if lease:
@@ -237,7 +238,8 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
                         unleased: Collection[str] = ()) -> RuntimeState:
     """The runtime state in etcd's ``mesh/`` keys (key -> raw value); bad values are
     logged and skipped, as the control plane skips them. ``unleased``: the registration
-    keys etcd holds under no lease (:attr:`RuntimeState.unleased`)."""
+    keys and pool-level liveness keys etcd holds under no lease
+    (:attr:`RuntimeState.unleased`; such a pool key proves nothing)."""
     registrations: dict[tuple[str, str], Registration] = {}
     members_down: dict[tuple[str, str], AdminAction] = {}
     sites_offline: dict[str, AdminAction] = {}
@@ -245,7 +247,20 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
     preferred: dict[tuple[str, str], PriorityList] = {}
     flushed: dict[tuple[str, str], dict[str, float]] = {}
     bare: set[tuple[str, str]] = set()
+    pool_live: set[tuple[str, str]] = set()
+    pool_keyed: set[tuple[str, str]] = set()
+    pools_by_key: set[str] = set()
     for key, raw in values.items():
+        in_pool = keys.parse_pool_key(key)
+        if in_pool is not None:
+            pool, kind, member = in_pool
+            if kind == KEYED:
+                pool_keyed.add((pool, member))
+            elif kind == LIVENESS:
+                pools_by_key.add(pool)
+            elif key not in unleased and _json(key, raw) is not None:
+                pool_live.add((pool, member))
+            continue
         parsed = keys.parse_cluster_key(key)
         if parsed is not None:
             cluster, kind, member = parsed
@@ -277,7 +292,9 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
                 sites_offline[site] = AdminAction.from_dict(data)
     return RuntimeState(registrations=registrations, members_down=members_down,
                         sites_offline=sites_offline, health=health, preferred=preferred,
-                        flushed=flushed, unleased=frozenset(bare))
+                        flushed=flushed, unleased=frozenset(bare),
+                        pool_live=frozenset(pool_live), pool_keyed=frozenset(pool_keyed),
+                        pools_by_key=frozenset(pools_by_key))
 
 
 def flushed_moves(data: Mapping[str, Any]) -> dict[str, float]:

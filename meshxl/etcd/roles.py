@@ -3,7 +3,8 @@ so that etcd itself refuses a sidecar of one cluster (one virtual system, one te
 the sessions of another (``meshxl etcd grant``, docs/security.md).
 
 The role ``meshxl-cluster-{cluster}`` grants exactly the key ranges a sidecar of that
-cluster uses (:func:`cluster_permissions`; found by running a sidecar under the role
+cluster uses (:func:`cluster_permissions`; a pool's, :func:`pool_permissions`, its
+members' liveness keys besides; found by running a sidecar under the role
 against an etcd with authentication on, ``tests/integration/test_etcd_roles.py``).
 Every range of the cluster's own ends in ``/`` (its prefix's range ends at the next
 character), so ``t01``'s never covers ``t010``'s keys; nor does it cover the drill's
@@ -29,7 +30,7 @@ from meshxl.errors import InputError, Unavailable
 from .keys import Keys
 
 __all__ = ["Grant", "GrantResult", "Range", "apply_grant", "apply_roles",
-           "cluster_permissions", "etcdctl_commands", "role_name"]
+           "cluster_permissions", "etcdctl_commands", "pool_permissions", "role_name"]
 
 ROLE_PREFIX = "meshxl-cluster-"
 
@@ -92,32 +93,56 @@ def cluster_permissions(keys: Keys, cluster: str) -> list[Range]:
     ]
 
 
+def pool_permissions(keys: Keys, pool: str) -> list[Range]:
+    """What a pool's own sidecars (the processes hosting its virtual systems) read and
+    write: a cluster's, and the pool's keys, where each member proves itself live
+    (``pools/POOL/``: its liveness key, leased, and the upgrade's marks). No other role
+    covers them: a virtual system's (a tenant's) cannot keep a pool member live."""
+    return [*cluster_permissions(keys, pool),
+            Range(f"{keys.pools_prefix}{pool}/", "readwrite",
+                  why="its members' liveness in the pool (leased), proved by them alone")]
+
+
 @dataclass(frozen=True)
 class Grant:
-    """Roles for ``clusters``, granted to ``user`` (None: only the roles)."""
+    """Roles for ``clusters`` and ``pools``, granted to ``user`` (None: only the
+    roles)."""
 
     clusters: tuple[str, ...]
     user: str | None = None
     password: str | None = None
     """Needed only to create the user (or to change its password)."""
     root: str = "/meshxl"
+    pools: tuple[str, ...] = ()
+    """Names whose role is a pool's (:func:`pool_permissions`)."""
 
     def __post_init__(self) -> None:
-        if not self.clusters:
-            raise InputError("name at least one cluster")
+        if not self.clusters and not self.pools:
+            raise InputError("name at least one cluster or pool")
         keys = Keys(self.root)
         for cluster in self.clusters:
             try:
                 keys.sessions_prefix(cluster)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
+        for pool in self.pools:
+            try:
+                keys.pool_members_prefix(pool)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        both = sorted(set(self.clusters) & set(self.pools))
+        if both:
+            raise InputError(f"{both[0]!r} is named both as a cluster and as a pool: a pool's "
+                             "role writes its members' liveness, which no cluster's may")
         if self.user is not None and (not self.user or not self.user.isprintable()
                                       or " " in self.user):
             raise InputError(f"invalid etcd user name {self.user!r}")
 
     def roles(self) -> dict[str, list[Range]]:
         keys = Keys(self.root)
-        return {role_name(c): cluster_permissions(keys, c) for c in self.clusters}
+        roles = {role_name(c): cluster_permissions(keys, c) for c in self.clusters}
+        roles.update({role_name(p): pool_permissions(keys, p) for p in self.pools})
+        return roles
 
 
 def etcdctl_commands(grant: Grant) -> list[str]:

@@ -3,7 +3,8 @@ setup``, docs/security.md, "etcd: least privilege by default").
 
 From the model: every cluster, pool and virtual system gets the role
 ``meshxl-cluster-{cluster}`` (:func:`.roles.cluster_permissions`: its own sessions and
-registrations, read of the mesh) and a user of the same name holding that role and no
+registrations, read of the mesh; a pool's also its members' liveness keys,
+:func:`.roles.pool_permissions`) and a user of the same name holding that role and no
 other; the control plane's and the operators' users get the role ``meshxl``
 (read-write on the whole prefix: the model, admin state, the shard map); ``root``
 holds etcd's ``root`` role. The users have no password: with ``--client-cert-auth``
@@ -50,18 +51,26 @@ class Setup:
     control_plane_users: tuple[str, ...] = DEFAULT_CONTROL_PLANE_USERS
     root: str = "/meshxl"
     enable_auth: bool = False
+    pools: tuple[str, ...] = ()
+    """The pools among them: their roles also write their members' liveness keys
+    (:func:`.roles.pool_permissions`), which no virtual system's role may."""
 
     def __post_init__(self) -> None:
-        Grant(self.clusters, root=self.root)  # the clusters' names checked
+        self.grant()  # the clusters' and pools' names checked
         for user in self.control_plane_users:
             if not user or not user.isprintable() or " " in user:
                 raise InputError(f"invalid etcd user name {user!r}")
-            if user == "root" or user in {cluster_user(c) for c in self.clusters}:
+            if user == "root" or user in {cluster_user(c) for c in self.names}:
                 raise InputError(f"--control-plane-user {user!r} is a user meshxl etcd "
                                  "setup manages otherwise")
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every cluster, virtual system and pool: each has a user of its own."""
+        return (*self.clusters, *self.pools)
+
     def grant(self) -> Grant:
-        return Grant(self.clusters, root=self.root)
+        return Grant(self.clusters, root=self.root, pools=self.pools)
 
     def control_plane_permissions(self) -> list[Range]:
         return [Range(self.root.rstrip("/") + "/", "readwrite",
@@ -69,7 +78,7 @@ class Setup:
 
     def users(self) -> dict[str, str]:
         """Each user this setup manages and the one role it holds."""
-        users = {cluster_user(c): role_name(c) for c in self.clusters}
+        users = {cluster_user(c): role_name(c) for c in self.names}
         users.update({u: CONTROL_PLANE_ROLE for u in self.control_plane_users})
         users["root"] = "root"
         return users
@@ -114,7 +123,7 @@ async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
     roles = {**setup.grant().roles(), CONTROL_PLANE_ROLE: setup.control_plane_permissions()}
     result = SetupResult(await apply_roles(channel, roles, timeout))
     auth = rpc.AuthStub(channel)
-    sidecars = {cluster_user(c) for c in setup.clusters}
+    sidecars = {cluster_user(c) for c in setup.names}
     try:
         for user, role in setup.users().items():
             try:

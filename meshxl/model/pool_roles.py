@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from .placement import PoolMember, VirtualRoles, live_placement, priority_placement
 from .runtime import RuntimeState
 
-__all__ = ["live_roles", "lost_members", "priority_lists"]
+__all__ = ["live_roles", "lost_members", "priority_lists", "unproven_members"]
 
 
 def priority_lists(state: RuntimeState | None) -> dict[str, tuple[str, ...]]:
@@ -35,19 +35,29 @@ def lost_members(pool: str, members: Sequence[PoolMember], registered: bool,
                  state: RuntimeState | None, systems: Iterable[str] = ()) -> dict[str, str]:
     """Pool members out of the placement, each with why: ``admin-down`` on the pool
     (``meshxl member down POOL MEMBER``), ``site-offline``, or, in a pool with
-    ``membership: registered``, ``unregistered``: no registration of it under a live
-    lease (ready or not) in any of ``systems``, the pool's virtual systems. A
-    registration etcd holds under no lease (written by a tenant's role, not by the
-    member's sidecar) keeps no member live. ``members`` carry their sites with the
-    pool's default applied."""
+    ``membership: registered``, ``unregistered``: not proved live by the member itself.
+
+    A member proves it with its pool-level key (``pools/POOL/members/MEMBER``) under a
+    live lease: its own sidecar writes it with the pool's etcd credential, which no
+    tenant holds (a tenant's role may write registrations under its own VS, leased by a
+    lease it keeps alive itself). A member whose sidecar never wrote a pool key (no
+    ``keyed`` mark: a sidecar older than the key, during an upgrade) is live while it
+    has a registration under a live lease (ready or not) in any of ``systems``, the
+    pool's virtual systems, until the pool is marked ``liveness`` (every listed member
+    was keyed once: the upgrade is over). A registration etcd holds under no lease
+    keeps no member live. ``members`` carry their sites with the pool's default
+    applied."""
     if state is None:
         return {}
     down = state.members_down_of(pool)
     offline = state.sites_offline
     present: set[str] = set()
     if registered:
-        for system in systems:
-            present.update(state.leased_registrations_of(system))
+        present.update(state.pool_live_of(pool))
+        keyed = state.pool_keyed_of(pool)
+        for system in systems if pool not in state.pools_by_key else ():
+            present.update(m for m in state.leased_registrations_of(system)
+                           if m not in keyed)
     out = {}
     for m in members:
         if m.name in down:
@@ -57,6 +67,20 @@ def lost_members(pool: str, members: Sequence[PoolMember], registered: bool,
         elif registered and m.name not in present:
             out[m.name] = "unregistered"
     return out
+
+
+def unproven_members(pool: str, state: RuntimeState | None,
+                     systems: Iterable[str] = ()) -> frozenset[str]:
+    """The members of ``pool`` live only by their VS registrations (:func:`lost_members`:
+    sidecars older than the pool-level liveness key, during an upgrade), which a
+    tenant's etcd credential can write too: what the control plane warns about."""
+    if state is None or pool in state.pools_by_key:
+        return frozenset()
+    keyed = state.pool_keyed_of(pool)
+    found: set[str] = set()
+    for system in systems:
+        found.update(m for m in state.leased_registrations_of(system) if m not in keyed)
+    return frozenset(found)
 
 
 def live_roles(base: Mapping[str, VirtualRoles], members: Sequence[PoolMember],

@@ -48,6 +48,26 @@ class RuntimeState:
     wrote them (a sidecar always registers under its own lease, which ends with it), so
     they keep no pool member live (:func:`.pool_roles.lost_members`)."""
 
+    pool_live: frozenset[tuple[str, str]] = frozenset()
+    """(pool, member) of the pool-level liveness keys etcd holds under a lease: written by
+    the member's own sidecar with the pool's credential, which no tenant holds."""
+    pool_keyed: frozenset[tuple[str, str]] = frozenset()
+    """(pool, member) of the members that prove their liveness with a pool-level key
+    (its sidecar marked it so once): their VS registrations prove nothing."""
+
+    pools_by_key: frozenset[str] = frozenset()
+    """Pools every member of which proves its liveness with its pool-level key (the
+    upgrade to them is over): no VS registration proves any member live there."""
+
+    def pool_live_of(self, pool: str) -> frozenset[str]:
+        """The members of ``pool`` whose pool-level liveness key is under a live lease."""
+        return frozenset(m for p, m in self.pool_live if p == pool)
+
+    def pool_keyed_of(self, pool: str) -> frozenset[str]:
+        """The members of ``pool`` live only by their pool-level key (marked, or holding
+        one now)."""
+        return frozenset(m for p, m in self.pool_keyed | self.pool_live if p == pool)
+
     def leased_registrations_of(self, cluster: str) -> frozenset[str]:
         """The members of ``cluster`` registered under a live lease: what a member's own
         sidecar proves (a key exists under a lease only while the lease lives)."""

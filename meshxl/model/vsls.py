@@ -24,13 +24,13 @@ from typing import Any
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
 from .placement import PoolMember, VirtualRoles, base_placement, site_rule_broken
-from .pool_roles import live_roles, lost_members, priority_lists
+from .pool_roles import live_roles, lost_members, priority_lists, unproven_members
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
 
 __all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
            "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",
-           "priority_lists", "site_rule_warnings", "virtual_systems"]
+           "priority_lists", "site_rule_warnings", "unproven_warnings", "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -100,6 +100,23 @@ def lost_reasons(pool: Pool, state: RuntimeState | None,
     ``clusters``, the pool's virtual systems."""
     return lost_members(pool.name, pool_members(pool), pool.membership == "registered",
                         state, clusters)
+
+
+def unproven_warnings(model: ModelSpec, state: RuntimeState | None) -> dict[str, str]:
+    """Pool -> a warning for each ``membership: registered`` pool with members live only
+    by their VS registrations (:func:`.pool_roles.unproven_members`)."""
+    out = {}
+    for pool in model.pools:
+        if pool.membership != "registered":
+            continue
+        found = unproven_members(pool.name, state, _systems_of(model, pool))
+        if found:
+            out[pool.name] = (
+                f"pool {pool.name}: member(s) {', '.join(sorted(found))} live only by "
+                "their virtual systems' registrations (sidecars older than the pool "
+                "liveness key), which a tenant's etcd credential can write too: upgrade "
+                "their sidecars (docs/vsls.md, \"Registered membership\")")
+    return out
 
 
 def _lost(model: ModelSpec, pool: Pool, state: RuntimeState | None) -> frozenset[str]:

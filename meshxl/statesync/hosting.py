@@ -15,9 +15,11 @@ of its own, talking to etcd as its own user, so etcd itself refuses it every oth
 cluster's keys; the others share the process's. The process-wide parts (the watch of
 the mesh) use the process's credentials: they need only read on the mesh's keys.
 
-With a pool, the hosted clusters follow the model: a virtual system added to the pool
-is started within a moment of the model's change, one removed is stopped (its member
-deregistered). The pool's clusters are started a few at a time
+With a pool, the process also proves its member live in the pool: the pool-level key
+only the pool's credential may write (pool_liveness.py), written before the virtual
+systems start and withdrawn after they stop. The hosted clusters follow the model: a
+virtual system added to the pool is started within a moment of the model's change, one
+removed is stopped (its member deregistered). The pool's clusters are started a few at a time
 (:data:`START_CONCURRENCY`).
 """
 
@@ -45,6 +47,7 @@ from .credentials import cluster_security
 from .http import RequestRefused, Router
 from .mesh_reads import session_settings, shard_map
 from .metrics import StatesyncMetrics, render_hosted
+from .pool_liveness import PoolLiveness
 from .sidecar import Sidecar
 
 log = logging.getLogger("meshxl.statesync.app")
@@ -77,6 +80,10 @@ class Hosting:
         self.routes: dict[str, SessionRoutes] = {}
         self.clients: dict[tuple[str, Any], aetcd.Client] = {}
         self.mesh: EtcdMeshSource[LightModel] | None = None
+        self.liveness: PoolLiveness | None = None
+        """The member's liveness key in the pool (None: no pool, or not started)."""
+        self._liveness_error: str | None = None
+        """Why the pool's credential could not be used (None: it could)."""
         self.pool_problem: str | None = None
         """Why the pool's clusters are not known (no model, no such pool), or None."""
         self._failed: dict[str, str] = {}
@@ -130,8 +137,30 @@ class Hosting:
             async with asyncio.timeout(5.0):
                 await self.mesh.synced.wait()
         self.metrics.signals.loop_lag.start()
+        await self._start_liveness()
         await self._settle_once()
         self._tasks.append(loop.create_task(self._follow()))
+
+    async def _start_liveness(self) -> None:
+        """Keep the member's liveness key in the pool, with the pool's own credential
+        (its entry in --etcd-credentials-dir, else the process's): no virtual system's
+        may write the pool's keys. A credential etcd refuses is a warning, tried again
+        after a pause."""
+        if self.pool is None or self.liveness is not None:
+            return
+        try:
+            client = await self.client_for(self.config_of(self.pool))
+        except Exception as exc:
+            why = self._why(self.pool, exc)
+            if why != self._liveness_error:
+                log.error("pool %s: member %s's liveness key not written: %s", self.pool,
+                          self.config.member, why)
+            self._liveness_error = why
+            self._changed.set()  # tried again
+            return
+        self._liveness_error = None
+        self.liveness = PoolLiveness(client, self.keys, self.pool, self.config)
+        await self.liveness.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -143,6 +172,9 @@ class Hosting:
                              return_exceptions=True)
         self.sidecars.clear()
         self.routes.clear()
+        if self.liveness is not None:
+            with contextlib.suppress(Exception):
+                await self.liveness.stop()
         for client in self.clients.values():
             # Bounded: with a hundred watches cancelled at once, aetcd's close can wait
             # for ever on its watcher's full request queue, and the process would never
@@ -174,6 +206,11 @@ class Hosting:
     def _mesh_changed(self) -> None:
         for sidecar in self.sidecars.values():
             sidecar.following.changed()
+        if self.liveness is not None and self.mesh is not None and self.pool is not None:
+            model = self.mesh.model
+            members = model.pool_members(self.pool) if model is not None else None
+            self.liveness.seen(self.mesh.runtime,
+                               tuple(members) if members is not None else None)
         self._changed.set()
 
     async def _follow(self) -> None:
@@ -183,10 +220,11 @@ class Hosting:
             self._changed.clear()
             # A burst of changes settled once; a cluster that failed to start, retried
             # after a pause.
-            await asyncio.sleep(1.0 if self._failed else 0.1)
+            await asyncio.sleep(1.0 if self._failed or self._liveness_error else 0.1)
             await self._settle_once()
 
     async def _settle_once(self) -> None:
+        await self._start_liveness()
         wanted = self.wanted()
         gone = [name for name in self.sidecars if name not in wanted]
         for name in gone:
@@ -281,6 +319,11 @@ class Hosting:
 
     def warnings(self) -> list[str]:
         warnings = [f"{name}: {w}" for name, s in self.sidecars.items() for w in s.warnings()]
+        if self.liveness is not None:
+            warnings += self.liveness.warnings()
+        elif self._liveness_error is not None:
+            warnings.append(f"pool {self.pool}: member {self.config.member}'s liveness "
+                            f"key is not written ({self._liveness_error})")
         model = self.mesh.model if self.mesh is not None else None
         members = model.pool_members(self.pool) if model is not None and self.pool else None
         if members is not None and self.config.member not in members:

@@ -107,7 +107,9 @@ class Membership:
     def __init__(self, client: aetcd.Client, keys: Keys, cluster: str, member: str, *,
                  address: str, port: int, site: str | None = None, weight: int | None = None,
                  ttl: float = 3.0, sidecar: str = "",
-                 istio: Mapping[str, str] | None = None) -> None:
+                 istio: Mapping[str, str] | None = None, key: str | None = None) -> None:
+        """``key``: the key kept under the lease (default: the member's registration
+        in ``cluster``; a pool member's liveness key, :mod:`.pool_liveness`)."""
         try:
             LEASE_TTL.check(ttl, "membership lease ttl")
         except ValueError as exc:
@@ -118,7 +120,8 @@ class Membership:
         self.client = client
         self.cluster = cluster
         self.member = member
-        self.key = keys.member(cluster, member)  # ValueError on a bad cluster/member name
+        # ValueError on a bad cluster/member name
+        self.key = keys.member(cluster, member) if key is None else key
         self.ttl = float(ttl)
         self.address = address
         self.port = port

@@ -7,7 +7,9 @@ so only the control plane can judge it, each time they change. :class:`ModelWarn
 does that on every rebuild, recomputing a cluster only when its spec or its
 registrations changed, logs each warning once when it appears (and once when it
 clears), and keeps the current ones for ``/v1/status`` and the
-``meshxl_xds_model_warnings`` gauge.
+``meshxl_xds_model_warnings`` gauge. A ``membership: registered`` pool whose members
+are live only by their virtual systems' registrations (sidecars older than the pool
+liveness key, docs/vsls.md) is warned about the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 
 from meshxl.model import ClusterSpec, ModelSpec, Registration, RuntimeState
 from meshxl.model.load import cluster_warnings
+from meshxl.model.vsls import unproven_warnings
 
 __all__ = ["ModelWarnings"]
 
@@ -40,6 +43,12 @@ class ModelWarnings:
                 continue
             self._inputs[spec.name] = (spec, dict(regs))
             self._set(spec.name, [str(p) for p in cluster_warnings(index, spec, runtime)])
+        unproven = unproven_warnings(model, runtime)
+        for pool in model.pools:
+            key = f"pool:{pool.name}"
+            names.add(key)
+            found = unproven.get(pool.name)
+            self._set(key, [found] if found is not None else [])
         for gone in set(self.current) - names:
             self._set(gone, [])
             del self.current[gone]

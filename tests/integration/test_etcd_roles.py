@@ -197,9 +197,10 @@ virtual_systems:
 async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
         harness: Owner, auth_etcd: Any, tmp_path: Path) -> None:
     """``--etcd-credentials-dir``: one sidecar process serves two VSs, each as its own
-    etcd user, the process itself as a user that may only read the mesh. With VS ta's
-    entry holding tb's user, etcd refuses ta's writes (503, nothing stored) while tb
-    keeps working: the isolation is etcd's."""
+    etcd user, the pool's liveness key as the pool's user, the process itself as a user
+    that may only read the mesh. With VS ta's entry holding tb's user, etcd refuses
+    ta's writes (503, nothing stored) while tb keeps working: the isolation is
+    etcd's."""
     root = ["--etcd", auth_etcd.url, "--etcd-user", "root", "--etcd-password-file",
             str(_secret(tmp_path / "root", ROOT_PASSWORD))]
     root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
@@ -207,14 +208,18 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
         await apply_model(client, KEYS, POOL_MODEL, "test")
     ctl = ["etcdctl", "--endpoints", auth_etcd.url, "--user", f"root:{ROOT_PASSWORD}"]
     creds = tmp_path / "creds"
-    for tenant in ("ta", "tb"):
+    for tenant in ("ta", "tb", "web"):
         (creds / tenant).mkdir(parents=True)
-        _secret(creds / tenant / "username", f"tenant-{tenant}")
+        _secret(creds / tenant / "username",
+                "pool-web" if tenant == "web" else f"tenant-{tenant}")
         _secret(creds / tenant / "password", f"password of {tenant}")
     results = await asyncio.gather(
         *(meshxl("etcd", "grant", tenant, "--user", f"tenant-{tenant}",
                  "--user-password-file", str(creds / tenant / "password"), *root)
           for tenant in ("ta", "tb")),
+        # The pool's own user writes its member's liveness key (docs/vsls.md).
+        meshxl("etcd", "grant", "--pool", "web", "--user", "pool-web",
+               "--user-password-file", str(creds / "web" / "password"), *root),
         run([*ctl, "role", "add", "mesh-reader"]),
         run([*ctl, "user", "add", "pool-w1", "--new-user-password", "password of w1"]))
     for code, _, err in results:
@@ -238,6 +243,8 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
         assert got.json() == {"of": tenant}
     assert not [line for line in sidecar.logs().splitlines()
                 if " WARNING " in line or " ERROR " in line], sidecar.logs()
+    async with etcd.client(auth_etcd.url, security=root_security) as client:
+        assert (await client.get(KEYS.pool_member("web", "w1").encode())) is not None
 
     # tb's password rotated, its file first (a Secret updated), then in etcd, which
     # drops tb's tokens: the sidecar reads the file again, no restart, nothing refused.
@@ -253,6 +260,8 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     # ta's entry swapped for tb's user: etcd refuses ta everything of its own.
     _secret(creds / "ta" / "username", "tenant-tb")
     _secret(creds / "ta" / "password", "rotated-password-of-tb")
+    # The pool's user refused too: a warning, its VSs served all the same.
+    _secret(creds / "web" / "password", "not the pool's password")
     await sidecar.stop()
     await sidecar.start(wait_ready=False)
 
@@ -271,6 +280,9 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
                                   headers={"Content-Type": "application/json"})).status == 201
     ready = await sidecar.readyz()
     assert ready.status == 503 and b"ta: not started" in ready.body, ready.body
+    warnings = (await sidecar.request("GET", "/v1/status")).json()["warnings"]
+    assert [w for w in warnings if w.startswith("pool web: member w1's liveness key is "
+                                                 "not written")], warnings
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         assert (await client.get(KEYS.session("ta", "s2").encode())) is None
         assert (await client.get(KEYS.session("tb", "s2").encode())) is not None

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
-from meshxl.etcd.roles import Grant, Range, cluster_permissions, etcdctl_commands, prefix_end
+from meshxl.etcd.roles import (
+    Grant,
+    Range,
+    cluster_permissions,
+    etcdctl_commands,
+    pool_permissions,
+    prefix_end,
+)
 
 KEYS = Keys()
 NAMES = st.from_regex(r"[a-z0-9]([a-z0-9._-]{0,10}[a-z0-9])?", fullmatch=True)
@@ -68,7 +75,8 @@ def test_etcdctl_rendering() -> None:
 
 @pytest.mark.parametrize("grant", [
     lambda: Grant(()), lambda: Grant(("a/b",)), lambda: Grant(("",)),
-    lambda: Grant(("a",), user="two words")])
+    lambda: Grant(("a",), user="two words"), lambda: Grant((), pools=("a/b",)),
+    lambda: Grant(("web",), pools=("web",))])
 def test_bad_grants_are_input_errors(grant: object) -> None:
     with pytest.raises(InputError):
         grant()  # type: ignore[operator]
@@ -102,3 +110,41 @@ def test_setup_refuses_a_control_plane_user_it_manages_otherwise(
 
     with pytest.raises(InputError):
         Setup(("t01",), users)
+
+
+def pool_writes(pool: str) -> list[str]:
+    return [KEYS.pool_member(pool, "m1"), KEYS.pool_keyed(pool, "m1"),
+            KEYS.pool_liveness(pool)]
+
+
+@given(NAMES, NAMES)
+def test_only_a_pools_role_writes_its_members_liveness(pool: str, other: str) -> None:
+    """A pool member's liveness key is the pool's role's alone: no cluster's or
+    virtual system's role (a tenant's) writes any pool's, and a pool's writes no other
+    pool's (docs/vsls.md, "Registered membership")."""
+    mine = [r for r in pool_permissions(KEYS, pool) if r.access == "readwrite"]
+    for key in pool_writes(pool):
+        assert any(covers(r, key) for r in mine), key
+        for name in (pool, other):
+            assert not [r for r in cluster_permissions(KEYS, name)
+                        if covers(r, key) and r.access == "readwrite"], (name, key)
+    if other != pool:
+        for key in pool_writes(other):
+            assert not any(covers(r, key) for r in mine), key
+    grant = Grant(("t01",), pools=(pool,) if pool != "t01" else ("web",))
+    assert set(grant.roles()) == {"meshxl-cluster-t01", f"meshxl-cluster-{grant.pools[0]}"}
+
+
+def test_setup_gives_a_pool_its_own_user_with_the_pools_role() -> None:
+    from meshxl.etcd.setup import Setup, setup_commands
+
+    setup = Setup(("t01", "t02"), pools=("web",))
+    assert setup.users()["meshxl-cluster-web"] == "meshxl-cluster-web"
+    roles = setup.grant().roles()
+    for key in pool_writes("web"):
+        assert [r for r in roles["meshxl-cluster-web"] if covers(r, key)
+                and r.access == "readwrite"]
+        assert not [r for r in roles["meshxl-cluster-t01"] if covers(r, key)
+                    and r.access == "readwrite"]
+    assert ("etcdctl role grant-permission meshxl-cluster-web readwrite "
+            "/meshxl/v1/mesh/pools/web/ --prefix") in setup_commands(setup)
