@@ -135,11 +135,14 @@ def etcd_setup(model: Path, control_plane_users: tuple[str, ...], enable_auth: b
     names = [c.name for c in spec.clusters if c.name not in virtual] + [
         name for vs in spec.virtual_systems for name in vs.all_names]
     pools = [p.name for p in spec.pools]
+    hosted = tuple((p, tuple(name for vs in spec.virtual_systems if vs.pool == p
+                             for name in vs.all_names)) for p in pools)
     if not names and not pools:
         fail(f"{model}: the model has no cluster, pool or virtual system")
     try:
         setup = Setup(tuple(names), control_plane_users or DEFAULT_CONTROL_PLANE_USERS,
-                      root=etcd_root, enable_auth=enable_auth, pools=tuple(pools))
+                      root=etcd_root, enable_auth=enable_auth, pools=tuple(pools),
+                      hosted=hosted)
     except InputError as exc:
         fail(str(exc))
     if dry_run:

@@ -5,7 +5,7 @@ From the model: every cluster, pool and virtual system gets the role
 ``meshxl-cluster-{cluster}`` (:func:`.roles.cluster_permissions`: its own sessions and
 registrations, read of the mesh; a pool's also its members' liveness keys,
 :func:`.roles.pool_permissions`) and a user of the same name holding that role and no
-other; the control plane's and the operators' users get the role ``meshxl``
+other (a pool's user also its virtual systems' roles: the pool's sidecars host them); the control plane's and the operators' users get the role ``meshxl``
 (read-write on the whole prefix: the model, admin state, the shard map); ``root``
 holds etcd's ``root`` role. The users have no password: with ``--client-cert-auth``
 etcd takes the user from a client certificate's common name, so a sidecar proves
@@ -54,6 +54,11 @@ class Setup:
     pools: tuple[str, ...] = ()
     """The pools among them: their roles also write their members' liveness keys
     (:func:`.roles.pool_permissions`), which no virtual system's role may."""
+    hosted: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(pool, its virtual systems' names): a pool's user also holds the role of each
+    virtual system it hosts, so a pool sidecar that talks to etcd with its own
+    certificate alone serves them all (``--etcd-credentials-dir`` narrows each virtual
+    system to its own user instead). A virtual system's user never holds the pool's."""
 
     def __post_init__(self) -> None:
         self.grant()  # the clusters' and pools' names checked
@@ -76,11 +81,17 @@ class Setup:
         return [Range(self.root.rstrip("/") + "/", "readwrite",
                       why="everything of meshxl: the model, admin state, the shard map")]
 
-    def users(self) -> dict[str, str]:
-        """Each user this setup manages and the one role it holds."""
-        users = {cluster_user(c): role_name(c) for c in self.names}
-        users.update({u: CONTROL_PLANE_ROLE for u in self.control_plane_users})
-        users["root"] = "root"
+    def users(self) -> dict[str, tuple[str, ...]]:
+        """Each user this setup manages and the roles it holds: its own (a pool's user
+        also its virtual systems')."""
+        users: dict[str, tuple[str, ...]] = {cluster_user(c): (role_name(c),)
+                                             for c in self.names}
+        for pool, systems in self.hosted:
+            if pool in self.pools:
+                users[cluster_user(pool)] = (role_name(pool), *(
+                    role_name(vs) for vs in systems if vs in self.clusters))
+        users.update({u: (CONTROL_PLANE_ROLE,) for u in self.control_plane_users})
+        users["root"] = ("root",)
         return users
 
 
@@ -107,9 +118,10 @@ def setup_commands(setup: Setup) -> list[str]:
     for r in setup.control_plane_permissions():
         lines.append(f"etcdctl role grant-permission {CONTROL_PLANE_ROLE} {r.access} "
                      f"{shlex.quote(r.key)} --prefix")
-    for user, role in setup.users().items():
+    for user, roles in setup.users().items():
         lines.append(f"etcdctl user add {shlex.quote(user)} --no-password")
-        lines.append(f"etcdctl user grant-role {shlex.quote(user)} {shlex.quote(role)}")
+        for role in roles:
+            lines.append(f"etcdctl user grant-role {shlex.quote(user)} {shlex.quote(role)}")
     if setup.enable_auth:
         lines.append("etcdctl auth enable")
     return lines
@@ -118,14 +130,14 @@ def setup_commands(setup: Setup) -> list[str]:
 async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
                       timeout: float = 10.0) -> SetupResult:
     """Make the setup true in etcd: the roles exactly as listed, each user present and
-    holding its role and no other, then (``enable_auth``) authentication on. Needs
+    holding its roles and no other, then (``enable_auth``) authentication on. Needs
     etcd's root user once authentication is on."""
     roles = {**setup.grant().roles(), CONTROL_PLANE_ROLE: setup.control_plane_permissions()}
     result = SetupResult(await apply_roles(channel, roles, timeout))
     auth = rpc.AuthStub(channel)
     sidecars = {cluster_user(c) for c in setup.names}
     try:
-        for user, role in setup.users().items():
+        for user, roles in setup.users().items():
             try:
                 got = await auth.UserGet(rpc.AuthUserGetRequest(name=user), timeout=timeout)
                 held = set(got.roles)
@@ -137,12 +149,13 @@ async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
                     timeout=timeout)
                 result.users_created.append(user)
                 held = set()
-            if role not in held:
-                await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user=user, role=role),
-                                         timeout=timeout)
-                result.roles_given += 1
-            # A cluster's user holds its own role only (an older broad grant revoked).
-            for other in sorted(held - {role}) if user in sidecars else ():
+            for role in roles:
+                if role not in held:
+                    await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(
+                        user=user, role=role), timeout=timeout)
+                    result.roles_given += 1
+            # A cluster's user holds its own roles only (an older broad grant revoked).
+            for other in sorted(held - set(roles)) if user in sidecars else ():
                 await auth.UserRevokeRole(rpc.AuthUserRevokeRoleRequest(
                     name=user, role=other), timeout=timeout)
                 result.roles_taken += 1

@@ -59,7 +59,8 @@ async def test_setup_gives_each_cluster_only_its_own_keys(harness: Owner,
     ca = CA(harness.path("pki"))
     server = await start_secure_etcd(harness, ca, name="etcd-setup")
     leaf = {cn: ca.issue(cn, server=False) for cn in (
-        "root", "meshxl-system", "meshxl-cluster-t01", "meshxl-statesync")}
+        "root", "meshxl-system", "meshxl-cluster-t01", "meshxl-cluster-web",
+        "meshxl-statesync")}
     model = tmp_path / "model.yaml"
     model.write_text(MODEL)
     url = server.url
@@ -129,6 +130,19 @@ async def test_setup_gives_each_cluster_only_its_own_keys(harness: Owner,
             await client.get(KEYS.session("t02", "theirs").encode())
         with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
             await client.get_prefix(KEYS.sessions_prefix("orders").encode())
+        # Nor may a virtual system's certificate prove a pool member live.
+        with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+            await client.put(KEYS.pool_member("web", "w2").encode(), b"{}")
+    # The pool's certificate: its sidecars host t01 and t02 (their sessions and
+    # registrations) and prove its members live; not the model, nor another cluster's.
+    async with etcd.client(url, security=_security(ca, leaf["meshxl-cluster-web"])) as client:
+        for key in (KEYS.session("t01", "by-pool"), KEYS.session("t02", "by-pool"),
+                    KEYS.member("t02", "w1"), KEYS.pool_member("web", "w1")):
+            await client.put(key.encode(), b"{}")
+        for key in (KEYS.model, KEYS.session("orders", "by-pool"),
+                    KEYS.member("orders", "w1"), KEYS.shards):
+            with pytest.raises(aetcd.exceptions.ClientError, match="permission denied"):
+                await client.put(key.encode(), b"{}")
     # The shared certificate of older installations names no user: nothing at all.
     async with etcd.client(url, security=_security(ca, leaf["meshxl-statesync"])) as client:
         for key in (KEYS.model, KEYS.session("t01", "cart-1")):

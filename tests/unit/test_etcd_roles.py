@@ -86,9 +86,9 @@ def test_setup_gives_each_cluster_a_user_of_its_own_role_only() -> None:
     from meshxl.etcd.setup import Setup, setup_commands
 
     setup = Setup(("orders", "t01"), enable_auth=True)
-    assert setup.users() == {"meshxl-cluster-orders": "meshxl-cluster-orders",
-                             "meshxl-cluster-t01": "meshxl-cluster-t01",
-                             "meshxl-system": "meshxl", "root": "root"}
+    assert setup.users() == {"meshxl-cluster-orders": ("meshxl-cluster-orders",),
+                             "meshxl-cluster-t01": ("meshxl-cluster-t01",),
+                             "meshxl-system": ("meshxl",), "root": ("root",)}
     (broad,) = setup.control_plane_permissions()
     assert (broad.key, broad.access, broad.prefix) == ("/meshxl/", "readwrite", True)
     lines = setup_commands(setup)
@@ -138,8 +138,15 @@ def test_only_a_pools_role_writes_its_members_liveness(pool: str, other: str) ->
 def test_setup_gives_a_pool_its_own_user_with_the_pools_role() -> None:
     from meshxl.etcd.setup import Setup, setup_commands
 
-    setup = Setup(("t01", "t02"), pools=("web",))
-    assert setup.users()["meshxl-cluster-web"] == "meshxl-cluster-web"
+    setup = Setup(("t01", "t02"), pools=("web",), hosted=(("web", ("t01", "t02")),))
+    users = setup.users()
+    # The pool's sidecars host its virtual systems: its user holds their roles too;
+    # a virtual system's user holds its own alone.
+    assert users["meshxl-cluster-web"] == ("meshxl-cluster-web", "meshxl-cluster-t01",
+                                           "meshxl-cluster-t02")
+    assert users["meshxl-cluster-t01"] == ("meshxl-cluster-t01",)
+    assert "etcdctl user grant-role meshxl-cluster-web meshxl-cluster-t02" in (
+        setup_commands(setup))
     roles = setup.grant().roles()
     for key in pool_writes("web"):
         assert [r for r in roles["meshxl-cluster-web"] if covers(r, key)
