@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -82,11 +83,16 @@ async def envoy_counters(admin: tuple[str, str] | None) -> dict[str, int]:
     if admin is None:
         return {}
     from meshxl.proxy.admin import EnvoyAdmin
+    from meshxl.xds.upgrades import upgrade_cluster
 
     url, cluster = admin
+    # meshxl's WebSockets go through the cluster's upgrades twin: counted with it.
+    names = (cluster, upgrade_cluster(cluster))
     async with EnvoyAdmin(url) as envoy:
-        found = await envoy.stats(filter=f"^cluster\\.{cluster}\\.")
-    return {name: int(found.get(f"cluster.{cluster}.{name}") or 0) for name in ENVOY_COUNTERS}
+        found = await envoy.stats(filter="^cluster\\.(" + "|".join(map(re.escape, names))
+                                  + ")\\.")
+    return {name: sum(int(found.get(f"cluster.{c}.{name}") or 0) for c in names)
+            for name in ENVOY_COUNTERS}
 
 
 async def one_failover(d: DemoDeployment, kind: str, target: str, sessions: int,

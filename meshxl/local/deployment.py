@@ -31,6 +31,7 @@ from meshxl.local.procs import Owner, Process
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.local.wait import wait_http, wait_port, wait_until
 from meshxl.proxy.admin import EnvoyAdmin, Host
+from meshxl.xds.upgrades import model_cluster
 
 __all__ = [
     "CLUSTER",
@@ -331,8 +332,14 @@ class DemoDeployment:
         await self.wait_all_healthy()
 
     async def all_healthy(self) -> bool:
-        hosts = await envoy_hosts(self.admin_url)
-        return len(hosts) == len(self.members) and all(healthy_host(h) for h in hosts)
+        """Every member healthy in each Envoy cluster of the demo's (its upgrades twin
+        carries the WebSockets: :mod:`meshxl.xds.upgrades`)."""
+        async with EnvoyAdmin(self.admin_url, timeout=1.0) as admin:
+            clusters = await admin.clusters()
+        served = [hosts for name, hosts in clusters.items() if model_cluster(name) == CLUSTER]
+        return bool(served) and all(
+            len(hosts) == len(self.members) and all(healthy_host(h) for h in hosts)
+            for hosts in served)
 
     async def wait_all_healthy(self, timeout: float = 20) -> None:
         await wait_until(self.all_healthy, timeout=timeout,

@@ -39,9 +39,10 @@ class HealthCheck(SpecModel):
 
 
 class OutlierDetection(SpecModel):
-    """Passive ejection, faster than health checks: one failed connect ejects (where
-    WebSockets pass, local-origin failures are counted, not ejected on: every
-    WebSocket's end is one; docs/model.md, "WebSocket")."""
+    """Passive ejection, faster than health checks: one failed connect ejects (a
+    cluster's WebSockets go to an Envoy cluster of their own that counts local-origin
+    failures without ejecting on them: every WebSocket's end is one; docs/model.md,
+    "WebSocket")."""
 
     enabled: bool = True
     consecutive_local_origin_failure: Count = 1

@@ -32,7 +32,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +56,8 @@ from meshxl.operator.consistency import (
 from meshxl.operator.drillreport import markdown, plot
 from meshxl.operator.shards import read_map, shard_clients
 from meshxl.operator.views import read_mesh, status_report, sync_report, verify
-from meshxl.proxy.admin import EnvoyAdmin
+from meshxl.proxy.admin import EnvoyAdmin, Host
+from meshxl.xds.upgrades import model_cluster
 
 __all__ = ["DrillConfig", "DrillRefused", "DrillSettingsError", "run_drill"]
 
@@ -145,9 +146,21 @@ def preflight_problems(site: str, status: dict[str, Any], sync: dict[str, Any],
 
 
 async def _host_counters(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
-    """``cluster/address`` -> rq_total, from one Envoy's ``/clusters?format=json``."""
+    """``cluster/address`` -> rq_total, from one Envoy's ``/clusters?format=json`` (a
+    model cluster's WebSockets, on its upgrades twin, counted with it)."""
     clusters = await EnvoyAdmin(url, session=http).clusters()
-    return {f"{name}/{h.endpoint}": h.rq_total for name, hosts in clusters.items() for h in hosts}
+    return host_counters(clusters)
+
+
+def host_counters(clusters: Mapping[str, list[Host]]) -> dict[str, int]:
+    """``model cluster/address`` -> requests, summed over the Envoy clusters that serve
+    the model cluster (:func:`meshxl.xds.upgrades.model_cluster`)."""
+    out: dict[str, int] = {}
+    for name, hosts in clusters.items():
+        for h in hosts:
+            key = f"{model_cluster(name)}/{h.endpoint}"
+            out[key] = out.get(key, 0) + h.rq_total
+    return out
 
 
 #: The HTTP connection managers of meshxl's listeners (``stat_prefix`` is the listener

@@ -100,6 +100,7 @@ from meshxl.xds.auth import AdsAuth, StreamRefused, Unauthenticated, peer_names
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import LogLimiter
 from meshxl.xds.server import peer_host
+from meshxl.xds.upgrades import model_cluster
 from meshxl.xds.upstream import UpstreamSignals
 
 __all__ = ["ACCESS_LOG_SERVICE", "ENTRIES_PER_SECOND", "MAX_ENTRIES_PER_MESSAGE",
@@ -230,7 +231,8 @@ def http_sample(entry: HTTPAccessLogEntry) -> Sample | None:
     status = response.response_trailers.get("grpc-status") or \
         response.response_headers.get("grpc-status")
     failed = code >= 500 or _upstream_failed(common) or status in _GRPC_FAILED
-    return common.upstream_cluster, host, seconds, failed
+    # A WebSocket's entry names its cluster's upgrades twin (meshxl.xds.upgrades).
+    return model_cluster(common.upstream_cluster), host, seconds, failed
 
 
 def tcp_sample(entry: TCPAccessLogEntry) -> Sample | None:

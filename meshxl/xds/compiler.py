@@ -30,7 +30,9 @@ from meshxl.xds.resources import (
     build_route,
     build_route_config,
     listener_name,
+    upgrades_eject_on_local_origin,
 )
+from meshxl.xds.upgrades import build_upgrade_cluster, has_upgrade_cluster
 from meshxl.xds.warmup import warmed_view
 
 __all__ = ["ISTIO_CLUSTER_ID", "ISTIO_TLS_MATCH", "Compiler", "Resources", "compile_resources",
@@ -96,7 +98,10 @@ def _compile_static(model: ModelSpec) -> Resources:
     out = Resources()
     shapes = _Shapes()
     for i, spec in enumerate(model.clusters):
-        out.clusters[spec.name] = shapes.cluster(spec, f"clusters[{i}]")
+        plain = out.clusters[spec.name] = shapes.cluster(spec, f"clusters[{i}]")
+        if has_upgrade_cluster(spec):  # its WebSockets' own cluster (meshxl.xds.upgrades)
+            twin = build_upgrade_cluster(plain, upgrades_eject_on_local_origin(spec))
+            out.clusters[twin.name] = twin
     paths = {spec.name: f"clusters[{i}]" for i, spec in enumerate(model.clusters)}
     for (address, port), specs in _listeners_of(model).items():
         if specs[0].protocol == "tcp":
@@ -278,7 +283,10 @@ class _Shapes:
         """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
         key = self._keys.get(id(spec))
         if key is None:
-            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE)
+            # Whether its WebSockets have a cluster of their own depends on its having a
+            # listener, not on which: that alone enters the key.
+            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE) + (
+                " upgrades apart" if has_upgrade_cluster(spec) else "")
         template = memo.get(key)
         if template is None:
             template = memo[key] = build(spec, path)

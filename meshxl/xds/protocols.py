@@ -39,6 +39,7 @@ from google.protobuf import wrappers_pb2
 from meshxl.model import ClusterSpec, HealthCheck
 from meshxl.model.spec import HealthCheckType, Protocol, choose
 from meshxl.xds.alsconfig import log_tcp
+from meshxl.xds.upgrades import WEBSOCKET, has_upgrade_cluster
 
 __all__ = [
     "HTTP_PROTOCOL_OPTIONS", "TCP_PROXY", "WEBSOCKET", "apply_protocol", "build_tcp_listener",
@@ -47,7 +48,6 @@ __all__ = [
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
-WEBSOCKET = "websocket"
 _DRAIN_KEY = "meshxl.drain"
 
 
@@ -68,9 +68,11 @@ _UPSTREAM: dict[Protocol, Any] = {"http": _http11, "http2": _http2, "grpc": _htt
 
 
 def apply_protocol(c: cluster_pb2.Cluster, spec: ClusterSpec) -> None:
-    """The upstream protocol, and closing a dead member's long-lived connections."""
+    """The upstream protocol, and closing a dead member's long-lived connections (an
+    HTTP/1.1 cluster's are its WebSockets, on its upgrades twin where it has one:
+    :mod:`meshxl.xds.upgrades`)."""
     choose(_UPSTREAM, spec.protocol, "protocol")(c)
-    if spec.long_lived:
+    if spec.long_lived and not has_upgrade_cluster(spec):
         # A member that fails its health check (or is ejected) keeps its open streams,
         # WebSockets and TCP connections unless Envoy closes them: their clients then
         # reconnect, to the member that took the sessions over.

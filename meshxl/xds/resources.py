@@ -65,6 +65,7 @@ from meshxl.xds.protocols import (
     route_protocol,
     websocket_upgrades,
 )
+from meshxl.xds.upgrades import build_upgrade_route, has_upgrade_cluster
 from meshxl.xds.warmup import MIN_FRACTION
 
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
@@ -183,8 +184,11 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
             split_external_local_origin_errors=True,
             consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_local_origin_failure),
+            # The first refused connect ejects; WebSockets, whose ends Envoy counts as
+            # local-origin failures, go to the upgrades twin (meshxl.xds.upgrades).
             enforcing_consecutive_local_origin_failure=wrappers_pb2.UInt32Value(
-                value=100 if ejects_on_local_origin_failures(spec) else 0),
+                value=100 if _plain_requests_only(spec)
+                or upgrades_eject_on_local_origin(spec) else 0),
             consecutive_5xx=wrappers_pb2.UInt32Value(value=od.consecutive_5xx),
             consecutive_gateway_failure=wrappers_pb2.UInt32Value(
                 value=od.consecutive_gateway_failure),
@@ -215,20 +219,26 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
     return c
 
 
-def ejects_on_local_origin_failures(spec: ClusterSpec) -> bool:
-    """Whether outlier detection ejects on local-origin failures, or only counts them:
-    not where WebSockets pass and a health check removes dead members.
+def _plain_requests_only(spec: ClusterSpec) -> bool:
+    """The cluster carries no WebSocket: none allowed, or they have their own cluster."""
+    return not spec.websocket_upgrades or has_upgrade_cluster(spec)
+
+
+def upgrades_eject_on_local_origin(spec: ClusterSpec) -> bool:
+    """Whether the upgrades twin ejects on local-origin failures, or only counts them:
+    not where a health check removes dead members and retries leave them.
 
     Envoy's router reports every upstream reset as a local-origin failure, and the end
     of a WebSocket whose member closes first (a graceful close included) is one
     (envoyproxy/envoy#24690). Enforced, each such end ejects the member and, through
     ``close_connections_on_host_health_failure``, closes all its other WebSockets. A
-    dead member's requests are retried on another member or tier all the same
+    dead member's upgrade requests are retried on another member or tier all the same
     (``previous_hosts``; ``previous_priorities``, see :func:`placed_by_tier`), and its
     health check removes it. Without a health check, or without retries that leave
-    the member, ejection is the only way out."""
-    return not (spec.websocket_upgrades and spec.health_check.enabled
-                and _retries_leave_the_member(spec))
+    the member, ejection is the only way out. Plain requests, on the plain cluster,
+    always eject on the first failure (a cluster without a listener, which has no
+    twin, follows this rule: its routes, not meshxl's, may send it WebSockets)."""
+    return not (spec.health_check.enabled and _retries_leave_the_member(spec))
 
 
 def _retries_leave_the_member(spec: ClusterSpec) -> bool:
@@ -470,7 +480,10 @@ def build_route_config(name: str, specs: list[ClusterSpec],
         for cluster_name in cluster_names:
             spec = by_name[cluster_name]
             path = (paths or {}).get(cluster_name, "cluster")
-            vhost.routes.append(route(spec, path))
+            plain = route(spec, path)
+            if has_upgrade_cluster(spec):
+                vhost.routes.append(build_upgrade_route(plain))
+            vhost.routes.append(plain)
     return rc
 
 
@@ -574,6 +587,6 @@ def build_route(spec: ClusterSpec, path: str = "cluster") -> route_components_pb
 
 __all__ = [
     "STATEFUL_SESSION", "CompileError", "build_cluster", "build_listener",
-    "build_load_assignment", "build_route", "build_route_config", "listener_name", "pin_config",
-    "ejects_on_local_origin_failures", "placed_by_tier",
+    "build_load_assignment", "build_route", "build_route_config", "listener_name",
+    "pin_config", "placed_by_tier", "upgrades_eject_on_local_origin",
 ]

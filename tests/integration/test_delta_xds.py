@@ -330,7 +330,9 @@ async def test_sotw_and_delta_envoys_end_with_identical_configuration(
                                        start_envoy("delta", plane.port, delta=True))
     await asyncio.gather(sotw.wait_ready(), delta.wait_ready())
     resources, hosts = await _agree(plane, sotw, delta)
-    assert set(resources["clusters"]) == {"shared", "cart", "ha"}
+    # Each cluster (WebSockets allowed by default) and its WebSockets' twin.
+    assert set(resources["clusters"]) == {"shared", "cart", "ha", "shared~ws", "cart~ws",
+                                          "ha~ws"}
     assert set(resources["endpoints"]) == {"shared", "cart", "ha"}
     tiers = {port: (p, zone) for _, port, p, _, zone, _, _ in hosts["ha"]}
     assert tiers == {a.port: (0, "dc1"), b.port: (1, "dc1"), c.port: (2, "dc2")}
@@ -348,7 +350,8 @@ async def test_sotw_and_delta_envoys_end_with_identical_configuration(
     write_model(model, shared, ha, extra)
     await wait_until(lambda: versions(plane) != before, timeout=10, what="the new snapshot")
     resources, hosts = await _agree(plane, sotw, delta)
-    assert set(resources["clusters"]) == {"shared", "ha", "extra"}
+    assert set(resources["clusters"]) == {"shared", "ha", "extra", "shared~ws", "ha~ws",
+                                          "extra~ws"}
     assert set(resources["endpoints"]) == {"shared", "ha", "extra"}
     assert "cart" not in hosts
     assert {port: p for _, port, p, _, _, _, _ in hosts["ha"]} == {b.port: 0, c.port: 1}

@@ -262,8 +262,8 @@ async def test_two_proxies_that_disagree_keep_one_exact_session_and_agree_again(
     assert by_a and by_others, (Counter(w.status for w in via1), Counter(w.status for w in via2))
     assert any(by_a[0] < s < by_a[-1] for s in by_others), "the members did not interleave"
 
-    # Health is per proxy: proxy 1 dropped a (its health check: where WebSockets pass,
-    # refused connects are retried elsewhere, not ejected), proxy 2 saw nothing wrong.
+    # Health is per proxy: proxy 1 dropped a (its first refused connect ejected it, its
+    # health check failed), proxy 2 saw nothing wrong.
     await mesh.ejected(1, HASHED, "a")
     port_a = mesh.app_ports["a"]
     assert [h.healthy for h in await mesh.proxies[1].hosts(HASHED) if h.port == port_a] \

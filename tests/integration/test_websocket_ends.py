@@ -6,7 +6,9 @@ asks of a server, a graceful close included) as a local-origin failure of the me
 (envoyproxy/envoy#24690). Such an end must neither eject the member nor, through the
 ejection and ``close_connections_on_host_health_failure``, close its other WebSockets.
 And after a kill -9 a reconnect must reach the standby on its first dial, without
-waiting for a health check or an ejection (docs/model.md, "WebSocket").
+waiting for a health check or an ejection (docs/model.md, "WebSocket"). Plain requests
+keep one-failure ejection all the same: WebSockets go to the cluster's upgrades twin
+(:mod:`meshxl.xds.upgrades`), requests to the cluster itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import yaml
 
 from meshxl import headers as hdr
 from meshxl.local.ports import free_ports
+from meshxl.xds.upgrades import upgrade_cluster
 from tests.harness import Backend, EnvoyFixture
 
 pytestmark = pytest.mark.integration
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 LOOPBACK = "127.0.0.1"
 CHAT = "chat"
+CHAT_WS = upgrade_cluster(CHAT)
 
 
 async def _active_and_standby(tmp_path: Any, start_control_plane: Any, start_envoy: Any,
@@ -53,8 +57,9 @@ async def _active_and_standby(tmp_path: Any, start_control_plane: Any, start_env
     plane = await start_control_plane(config_path=path)
     envoy = await start_envoy("edge", plane.port)
     await envoy.wait_ready()
-    await envoy.wait_hosts(CHAT, lambda hs: len(hs) == 2 and all(h.healthy for h in hs),
-                           timeout=20, what="both members healthy")
+    for cluster in (CHAT, CHAT_WS):
+        await envoy.wait_hosts(cluster, lambda hs: len(hs) == 2 and all(h.healthy for h in hs),
+                               timeout=20, what=f"both members healthy in {cluster}")
     return a, b, envoy, f"http://{LOOPBACK}:{port}/ws"
 
 
@@ -104,12 +109,13 @@ async def test_a_websocket_that_ends_leaves_its_member_and_its_other_websockets(
             await _end_as_rfc_client(url, f"leaving-{i}", a.name)
         # Envoy counted each end as a failure of the member ...
         await envoy.wait_until(
-            lambda: envoy.stat(f"cluster.{CHAT}.outlier_detection."
+            lambda: envoy.stat(f"cluster.{CHAT_WS}.outlier_detection."
                                "ejections_detected_consecutive_local_origin_failure"),
             timeout=5, what="Envoy to count a WebSocket's end as a local-origin failure")
         # ... and keeps it: no ejection, its other WebSocket open, new ones placed on it.
-        assert await envoy.stat(f"cluster.{CHAT}.outlier_detection.ejections_enforced_total") \
-            == 0
+        for cluster in (CHAT, CHAT_WS):
+            assert await envoy.stat(
+                f"cluster.{cluster}.outlier_detection.ejections_enforced_total") == 0
         await staying.send_str("still there?")
         assert (await staying.receive_json(timeout=5))["member"] == a.name
         fresh, on = await _open(http, url, "fresh")
@@ -143,5 +149,46 @@ async def test_after_kill_9_a_reconnect_reaches_the_standby_on_its_first_dial(
     # Every reconnect met the dead member (Envoy still held it healthy) and was retried
     # on the standby, well inside the health check's 3 s.
     assert took < 1.5, took
-    assert await envoy.stat(f"cluster.{CHAT}.upstream_cx_connect_fail") >= 1
-    assert await envoy.stat(f"cluster.{CHAT}.upstream_rq_retry") >= 1
+    assert await envoy.stat(f"cluster.{CHAT_WS}.upstream_cx_connect_fail") >= 1
+    assert await envoy.stat(f"cluster.{CHAT_WS}.upstream_rq_retry") >= 1
+
+
+async def test_websocket_ends_keep_their_member_and_a_dead_one_is_ejected_on_its_first_refusal(
+        tmp_path: Any, start_control_plane: Any, start_envoy: Any, start_backends: Any,
+) -> None:
+    """Both at once on one cluster: WebSockets that end gracefully eject nothing, and a
+    member killed -9 is ejected for plain requests by the first refused connect (as a
+    hand-written Envoy with one-failure local-origin ejection does), not left to be
+    retried until its health check fails (3 s here)."""
+    a, b, envoy, url = await _active_and_standby(tmp_path, start_control_plane,
+                                                 start_envoy, start_backends)
+    plain = url.removesuffix("/ws") + "/hello"
+    enforced = f"cluster.{CHAT}.outlier_detection.ejections_enforced_total"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for i in range(3):
+            await _end_as_rfc_client(url, f"leaving-{i}", a.name)
+        await envoy.wait_until(
+            lambda: envoy.stat(f"cluster.{CHAT_WS}.outlier_detection."
+                               "ejections_detected_consecutive_local_origin_failure"),
+            timeout=5, what="Envoy to count a WebSocket's end as a local-origin failure")
+        async with http.get(plain, headers={hdr.SESSION: "s"}) as response:
+            assert response.status == 200
+            assert response.headers[hdr.MEMBER] == a.name
+        assert await envoy.stat(enforced) == 0
+        assert await envoy.stat(f"cluster.{CHAT_WS}.outlier_detection."
+                                "ejections_enforced_total") == 0
+
+        await a.kill9()
+        started = time.monotonic()
+        async with http.get(plain, headers={hdr.SESSION: "s"}) as response:
+            assert response.status == 200
+            assert response.headers[hdr.MEMBER] == b.name  # retried on the standby
+        await envoy.wait_until(lambda: envoy.stat(enforced), timeout=2,
+                               what="the dead member ejected after one refused connect")
+        took = time.monotonic() - started
+    assert await envoy.stat(f"cluster.{CHAT}.outlier_detection."
+                            "ejections_enforced_consecutive_local_origin_failure") == 1
+    assert await envoy.stat(f"cluster.{CHAT}.upstream_cx_connect_fail") == 1
+    (dead,) = [h for h in await envoy.hosts(CHAT) if h.endpoint == f"{LOOPBACK}:{a.port}"]
+    assert not dead.healthy
+    assert took < 2.5, took  # well inside the health check's 3 s

@@ -129,6 +129,14 @@ def test_a_connection_managers_websocket_counts_once_with_its_time_to_101() -> N
     assert http_sample(http(101, kind=AccessLogType.DownstreamEnd)) is None
 
 
+def test_a_websockets_entry_counts_for_its_model_cluster() -> None:
+    """WebSockets go to the cluster's upgrades twin: their entries count for the model
+    cluster, with its plain requests, so its members are judged on both."""
+    ended = http(101, rx=0.004, cluster="web~ws", kind=AccessLogType.UpstreamEnd)
+    assert http_sample(ended) == ("web", "10.0.0.1:80", pytest.approx(0.004), False)
+    assert http_sample(http(502, cluster="web~ws"))[:2] == ("web", "10.0.0.1:80")
+
+
 def tcp(kind: Any, *, failed: bool = False, address: str = "10.0.0.2") -> TCPAccessLogEntry:
     e = TCPAccessLogEntry()
     c = e.common_properties

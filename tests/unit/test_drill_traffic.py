@@ -32,3 +32,17 @@ def test_samples_without_answer_counts_count_nothing() -> None:
     s = _Sampler(["http://envoy:9901"], {}, 1.0)
     s.samples = [{"t": 1.0, "sites": {"dc1": 1}}]
     assert _traffic(s, "dc1", {})["failed_requests"] == 0
+
+
+def test_a_clusters_websockets_count_with_its_requests() -> None:
+    """WebSockets go through the cluster's upgrades twin: their requests are the model
+    cluster's, per member address, so a site's traffic includes them."""
+    from meshxl.operator.drill import host_counters
+    from meshxl.proxy.admin import Host
+
+    def host(port: int, rq: int) -> Host:
+        return Host(address="127.0.0.1", port=port, stats={"rq_total": rq})
+
+    counts = host_counters({"web": [host(1, 5), host(2, 1)], "web~ws": [host(1, 3)],
+                            "api": [host(3, 7)]})
+    assert counts == {"web/127.0.0.1:1": 8, "web/127.0.0.1:2": 1, "api/127.0.0.1:3": 7}

@@ -327,6 +327,21 @@ def test_verify_compares_live_envoy_endpoints() -> None:
     assert m["kind"] == "disconnected" and "connected_state 0" in m["message"]
 
 
+def test_verify_checks_the_clusters_that_carry_websockets_too() -> None:
+    """A cluster's upgrades twin reads its EDS resource: an Envoy whose twin lacks a
+    member, or the twin itself, sends that cluster's WebSockets elsewhere."""
+    state = runtime()
+    read = read_of(state, nodes={"e1": acked_node(expected_versions(read_of(state)))})
+    wanted = expected_endpoints(read)
+    assert wanted["web~ws"] == wanted["web"] and wanted["api~ws"] == wanted["api"]
+    live = live_from_model(read)
+    live.clusters["web~ws"] = live.clusters["web~ws"][1:]
+    del live.clusters["api~ws"]
+    problems = verify_report(read, [live])["mismatches"]
+    assert sorted((m["kind"], m["cluster"]) for m in problems) == [
+        ("cluster", "api~ws"), ("endpoint", "web~ws")], problems
+
+
 # -- convergence ---------------------------------------------------------------------------
 
 

@@ -61,10 +61,17 @@ def eds(text: str, state: RuntimeState | None = None) -> endpoint_pb2.ClusterLoa
     return compile_yaml(text, state).endpoints["c"]
 
 
-def route(extra: str = "") -> route_components_pb2.Route:
+def routes(extra: str = "") -> list[route_components_pb2.Route]:
+    """The routes of the one-cluster model's listener, in Envoy's order."""
     res = compile_yaml(one_cluster("listener: {port: 10000}\n" + dedent(extra)))
     (vhost,) = res.routes[listener_name("0.0.0.0", 10000)].virtual_hosts
-    (r,) = vhost.routes
+    return list(vhost.routes)
+
+
+def route(extra: str = "") -> route_components_pb2.Route:
+    """The cluster's own route (the last: an upgrades route, if any, comes first)."""
+    r = routes(extra)[-1]
+    assert r.name == "c"
     return r
 
 
@@ -231,21 +238,142 @@ def test_outlier_detection_splits_local_origin_errors() -> None:
     assert od.max_ejection_percent.value == 50  # never every member for a shared cause
 
 
+ROUTED = "listener: {port: 10000}\n"
+
+
+@pytest.mark.parametrize("extra", [
+    "", "websocket: true", "websocket: false", "protocol: grpc", "protocol: tcp",
+    "health_check: {enabled: false}", "mode: load-sharing\nstickiness: {header: x}",
+])
+def test_plain_requests_eject_on_the_first_local_origin_failure(extra: str) -> None:
+    """WebSockets or not: a cluster's requests leave a member that refused one connect,
+    as a hand-written Envoy with one-failure local-origin ejection does."""
+    od = cds(ROUTED + extra).outlier_detection
+    assert od.consecutive_local_origin_failure.value == 1
+    assert od.enforcing_consecutive_local_origin_failure.value == 100
+
+
 @pytest.mark.parametrize("extra, enforced", [
-    ("", 0), ("websocket: true", 0), ("websocket: false", 100),
-    ("protocol: grpc", 100), ("protocol: tcp\nlistener: {port: 9000}", 100),
+    ("", 0), ("websocket: true", 0),
     # Ejection is then the only way out: no health check, no retry that leaves.
     ("health_check: {enabled: false}", 100), ("retries: {attempts: 0}", 100),
     ("retries: {previous_priorities: false}", 100),
     ("mode: load-sharing\nstickiness: {header: x}\nretries: {previous_hosts: false}", 100),
     ("mode: load-sharing\nstickiness: {header: x}", 0),
 ])
-def test_local_origin_failures_do_not_eject_where_websockets_pass(extra: str,
-                                                                 enforced: int) -> None:
-    """Envoy reports the end of a WebSocket as a local-origin failure of its member."""
-    od = cds(extra).outlier_detection
-    assert od.consecutive_local_origin_failure.value == 1
-    assert od.enforcing_consecutive_local_origin_failure.value == enforced
+def test_websocket_ends_do_not_eject_on_the_upgrades_cluster(extra: str,
+                                                            enforced: int) -> None:
+    """Envoy reports the end of a WebSocket as a local-origin failure of its member:
+    the cluster of upgrades counts such failures without ejecting on them. A cluster
+    without a listener has no meshxl route and no twin: it follows the same rule, since
+    what routes to it may send it WebSockets."""
+    res = compile_yaml(one_cluster(ROUTED + extra))
+    for od in (res.clusters["c~ws"].outlier_detection, cds(extra).outlier_detection):
+        assert od.consecutive_local_origin_failure.value == 1
+        assert od.enforcing_consecutive_local_origin_failure.value == enforced
+    assert res.clusters["c"].outlier_detection.enforcing_consecutive_local_origin_failure \
+        .value == 100
+    assert cds(extra).close_connections_on_host_health_failure
+
+
+@pytest.mark.parametrize("extra", [
+    "", "stickiness: {header: x-s, pin: {header: x-pin}}",
+    "mode: load-sharing\nstickiness: {cookie: {name: sid, ttl: 1h}}\nwarmup: 10s",
+    "health_check: {enabled: false}\noverrides: {cluster: {connectTimeout: 2s}}",
+])
+def test_the_upgrades_cluster_is_the_plain_one_but_for_ejection(extra: str) -> None:
+    """Same endpoints (one EDS resource), balancer, health checks, circuit breakers and
+    retries budget: only its name, EDS service name, local-origin enforcement and the
+    closing of a failed member's connections (WebSockets live there) differ."""
+    res = compile_yaml(one_cluster(ROUTED + extra))
+    assert set(res.clusters) == {"c", "c~ws"} and set(res.endpoints) == {"c"}
+    plain, twin = res.clusters["c"], res.clusters["c~ws"]
+    assert twin.name == "c~ws"
+    assert twin.eds_cluster_config.service_name == "c"  # the plain cluster's resource
+    assert not plain.eds_cluster_config.service_name  # its own name
+    assert twin.close_connections_on_host_health_failure
+    assert not plain.close_connections_on_host_health_failure  # requests only
+    assert twin.metadata == plain.metadata  # names the model cluster, c
+    expected = cluster_pb2.Cluster()
+    expected.CopyFrom(plain)
+    expected.name = twin.name
+    expected.eds_cluster_config.service_name = "c"
+    expected.close_connections_on_host_health_failure = True
+    expected.outlier_detection.enforcing_consecutive_local_origin_failure.CopyFrom(
+        twin.outlier_detection.enforcing_consecutive_local_origin_failure)
+    assert twin == expected
+
+
+@pytest.mark.parametrize("extra", [
+    ROUTED + "websocket: false", ROUTED + "protocol: grpc", ROUTED + "protocol: http2",
+    ROUTED + "protocol: tcp", "",  # no listener: no route of meshxl's to send it any
+])
+def test_no_upgrades_cluster_where_no_websocket_passes(extra: str) -> None:
+    res = compile_yaml(one_cluster(extra))
+    assert set(res.clusters) == {"c"}
+
+
+def test_clusters_alike_but_for_a_listener_do_not_share_their_ejection() -> None:
+    """Built once per shape and copied: having a listener (an upgrades twin) is part of
+    the shape."""
+    res = compile_yaml("""
+        clusters:
+          - name: routed
+            listener: {port: 10000}
+            members: [{name: a, address: 127.0.0.1, port: 8081}]
+          - name: unrouted
+            members: [{name: a, address: 127.0.0.1, port: 8081}]
+        """)
+    assert set(res.clusters) == {"routed", "routed~ws", "unrouted"}
+    enforced = {name: c.outlier_detection.enforcing_consecutive_local_origin_failure.value
+                for name, c in res.clusters.items()}
+    assert enforced == {"routed": 100, "routed~ws": 0, "unrouted": 0}
+
+
+def test_upgrade_requests_are_routed_to_the_upgrades_cluster_first() -> None:
+    """Envoy takes the first route that matches: the upgrades route, matching the upgrade
+    header as the connection manager does (any case), comes just before the cluster's
+    own and is the same route in all else: same hash (same member), pins, retries."""
+    extra = "stickiness: {header: x-s, pin: {header: x-pin}}\nroute: {prefix: /chat}"
+    upgrades, plain = routes(extra)
+    assert (upgrades.name, upgrades.route.cluster) == ("c~ws", "c~ws")
+    assert (plain.name, plain.route.cluster) == ("c", "c")
+    (header,) = upgrades.match.headers
+    assert header.name == "upgrade"
+    assert header.string_match.exact == "websocket" and header.string_match.ignore_case
+    assert not plain.match.headers
+    expected = route_components_pb2.Route()
+    expected.CopyFrom(plain)
+    expected.name = expected.route.cluster = "c~ws"
+    expected.match.headers.add().CopyFrom(header)
+    assert upgrades == expected
+    assert upgrades.match.prefix == "/chat"
+    assert upgrades.route.hash_policy[0].header.header_name == "x-s"
+    assert upgrades.typed_per_filter_config.keys() == plain.typed_per_filter_config.keys() != set()
+
+
+def test_each_upgrades_route_stays_beside_its_clusters_route() -> None:
+    """Longest prefix first still: a WebSocket to /api/x goes to api's upgrades cluster,
+    not to the shorter prefix's."""
+    res = compile_yaml(dedent("""
+        clusters:
+          - name: web
+            listener: {port: 10000}
+            route: {prefix: /}
+            members: [{name: a, address: 127.0.0.1, port: 8081}]
+          - name: api
+            listener: {port: 10000}
+            route: {prefix: /api}
+            members: [{name: b, address: 127.0.0.1, port: 8082}]
+          - name: plain
+            listener: {port: 10000}
+            route: {prefix: /plain}
+            websocket: false
+            members: [{name: c, address: 127.0.0.1, port: 8083}]
+        """))
+    (vhost,) = res.routes[listener_name("0.0.0.0", 10000)].virtual_hosts
+    assert [r.route.cluster for r in vhost.routes] == [
+        "plain", "api~ws", "api", "web~ws", "web"]
 
 
 def test_outlier_detection_disabled() -> None:
@@ -542,7 +670,8 @@ def test_quickstart_shares_one_listener_between_two_clusters() -> None:
     name = listener_name("127.0.0.1", 10000)
     assert name == "meshxl_127.0.0.1_10000"
     assert list(res.listeners) == [name] and list(res.routes) == [name]
-    assert set(res.clusters) == set(res.endpoints) == {"orders", "cart"}
+    assert set(res.endpoints) == {"orders", "cart"}
+    assert set(res.clusters) == {"orders", "orders~ws", "cart", "cart~ws"}  # WebSockets'
 
     lst = res.listeners[name]
     assert lst.name == name
@@ -560,7 +689,7 @@ def test_quickstart_shares_one_listener_between_two_clusters() -> None:
     rc = res.routes[name]
     assert rc.name == name
     hosts = {tuple(vh.domains): [r.route.cluster for r in vh.routes] for vh in rc.virtual_hosts}
-    assert hosts == {("orders.local",): ["orders"], ("*",): ["cart"]}
+    assert hosts == {("orders.local",): ["orders~ws", "orders"], ("*",): ["cart~ws", "cart"]}
     assert len({vh.name for vh in rc.virtual_hosts}) == 2
 
 
@@ -582,7 +711,7 @@ def test_clusters_with_same_domains_share_a_virtual_host_longest_prefix_first() 
     (vh,) = res.routes["meshxl_0.0.0.0_8080"].virtual_hosts
     assert list(vh.domains) == ["*"]
     assert [(r.match.prefix, r.route.cluster) for r in vh.routes] == [
-        ("/api", "api"), ("/", "web")]
+        ("/api", "api~ws"), ("/api", "api"), ("/", "web~ws"), ("/", "web")]
 
 
 def test_cluster_without_listener_has_no_lds_or_rds() -> None:

@@ -122,11 +122,12 @@ def test_roles_become_eds_priorities_active_standby_backups_then_the_rest() -> N
 def test_the_listener_routes_each_domain_to_its_virtual_system() -> None:
     resources = compile_resources(parse_model(MODEL))
     routes = resources.routes[listener_name("127.0.0.1", 10000)]
-    by_domain = {d: vh.routes[0].route.cluster for vh in routes.virtual_hosts
+    by_domain = {d: vh.routes[-1].route.cluster for vh in routes.virtual_hosts
                  for d in vh.domains}
     assert by_domain["t07"] == "t07" and by_domain["t07.*"] == "t07"
     assert by_domain["big.example.com"] == "big"
-    assert set(resources.clusters) == {f"t{i:02d}" for i in range(1, 13)} | {"big", "shared"}
+    names = {f"t{i:02d}" for i in range(1, 13)} | {"big", "shared"}
+    assert set(resources.clusters) == names | {f"{n}~ws" for n in names}  # WebSockets' too
     cla = resources.endpoints["t03"]
     assert sorted(e.priority for e in cla.endpoints) == [0, 1, 2, 3]
 
@@ -146,9 +147,9 @@ def test_a_virtual_system_is_placed_by_tier_so_a_retry_moves_to_the_standby() ->
         assert [(g.priority, [e.endpoint.hostname for e in g.lb_endpoints])
                 for g in sorted(cla.endpoints, key=lambda g: g.priority)] == \
             [(i, [m]) for i, m in enumerate(roles[vs].order)]
-        route = next(vh.routes[0] for vh in
+        route = next(vh.routes[-1] for vh in
                      resources.routes[listener_name("127.0.0.1", 10000)].virtual_hosts
-                     if vh.routes[0].route.cluster == vs)
+                     if vh.routes[-1].route.cluster == vs)
         assert route.route.retry_policy.retry_priority.name == \
             "envoy.retry_priorities.previous_priorities"
     shared = model.cluster("shared")

@@ -92,8 +92,8 @@ def expected_versions(read: MeshRead, zone: str = "") -> dict[str, str]:
 
 
 def expected_endpoints(read: MeshRead, zone: str = "") -> dict[str, list[dict[str, Any]]]:
-    """Per cluster, the hosts its compiled EDS resource lists for an Envoy in ``zone``
-    (a member named by host name has one per resolved address)."""
+    """Per Envoy cluster, the hosts its compiled EDS resource lists for an Envoy in
+    ``zone`` (a member named by host name has one per resolved address)."""
     out: dict[str, list[dict[str, Any]]] = {}
     if read.model is None:
         return out
@@ -110,6 +110,12 @@ def expected_endpoints(read: MeshRead, zone: str = "") -> dict[str, list[dict[st
                               "draining": ep.health_status == _DRAINING,
                               "member": ep.endpoint.hostname})
         out[name] = sorted(hosts, key=lambda x: x["address"])
+    # An Envoy cluster that reads another's EDS resource (a cluster's upgrades twin,
+    # meshxl.xds.upgrades) must run the same hosts.
+    for name, cluster in resources.clusters.items():
+        service = cluster.eds_cluster_config.service_name
+        if service and service != name and service in out:
+            out[name] = out[service]
     return out
 
 
