@@ -5,7 +5,8 @@ From the model: every cluster, pool and virtual system gets the role
 ``meshxl-cluster-{cluster}`` (:func:`.roles.cluster_permissions`: its own sessions and
 registrations, read of the mesh; a pool's also its members' liveness keys,
 :func:`.roles.pool_permissions`) and a user of the same name holding that role and no
-other (a pool's user also its virtual systems' roles: the pool's sidecars host them); the control plane's and the operators' users get the role ``meshxl``
+other (a pool's user also its virtual systems' roles: the pool's sidecars host
+them); the control plane's and the operators' users get the role ``meshxl``
 (read-write on the whole prefix: the model, admin state, the shard map); ``root``
 holds etcd's ``root`` role. The users have no password: with ``--client-cert-auth``
 etcd takes the user from a client certificate's common name, so a sidecar proves
