@@ -138,7 +138,7 @@ async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
     auth = rpc.AuthStub(channel)
     sidecars = {cluster_user(c) for c in setup.names}
     try:
-        for user, roles in setup.users().items():
+        for user, wanted in setup.users().items():
             try:
                 got = await auth.UserGet(rpc.AuthUserGetRequest(name=user), timeout=timeout)
                 held = set(got.roles)
@@ -150,13 +150,13 @@ async def apply_setup(channel: grpc.aio.Channel, setup: Setup,
                     timeout=timeout)
                 result.users_created.append(user)
                 held = set()
-            for role in roles:
+            for role in wanted:
                 if role not in held:
                     await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(
                         user=user, role=role), timeout=timeout)
                     result.roles_given += 1
             # A cluster's user holds its own roles only (an older broad grant revoked).
-            for other in sorted(held - set(roles)) if user in sidecars else ():
+            for other in sorted(held - set(wanted)) if user in sidecars else ():
                 await auth.UserRevokeRole(rpc.AuthUserRevokeRoleRequest(
                     name=user, role=other), timeout=timeout)
                 result.roles_taken += 1
