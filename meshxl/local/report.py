@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from meshxl import stats
+from meshxl.binaries import install_hint
 from meshxl.telemetry import names, slo
 
 from .traffic import Record
@@ -361,7 +362,8 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
     console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",
                   markup=False, highlight=False)
     console.print(f"timeline {report['files']['timeline']}" if "timeline" in report["files"]
-                  else "timeline not drawn: it needs matplotlib (pip install 'meshxl[demo]')",
+                  else "timeline not drawn: it needs matplotlib "
+                       f"({install_hint('demo', 'matplotlib')})",
                   markup=False)
     if lost:
         console.print(f"[red]{lost} acknowledged writes were lost[/]")
