@@ -80,13 +80,30 @@ from .pins import PIN_TARGETS, STATEFUL_SESSION, pin_of, pin_per_route
 from .pools import pool_problems, pool_service, pools_with_systems, vs_service
 from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
 
-__all__ = ["PIN_TARGETS", "IstioOptions", "IstioRenderError", "Rendered", "pin_filter_name",
-           "render_cluster", "render_model", "service_ports"]
+__all__ = ["DEFAULT_ISTIO", "MIN_ISTIO", "PIN_TARGETS", "RETRY_BUDGET_ISTIO", "IstioOptions",
+           "IstioRenderError", "Rendered", "pin_filter_name", "render_cluster",
+           "render_model", "service_ports"]
+
+#: Oldest Istio for DestinationRule networking.istio.io/v1 and failoverPriority
+#: label=value entries.
+MIN_ISTIO = (1, 22)
+#: The first Istio with trafficPolicy.retryBudget; for an older one the render bounds
+#: retries with connectionPool.http.maxRetries instead.
+RETRY_BUDGET_ISTIO = (1, 27)
+#: The Istio the objects are rendered for unless told (``--istio-version``): the oldest
+#: that takes everything meshxl renders.
+DEFAULT_ISTIO = RETRY_BUDGET_ISTIO
+#: connectionPool.http.maxRetries is an int32 in Istio's CRD.
+_INT32_MAX = 2**31 - 1
 
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
 
 
 class IstioRenderError(InputError):
@@ -121,6 +138,9 @@ class IstioOptions:
     xds_address: str | None = None
     xds_tls: XdsClientTls | None = None
     """The EDS streams over mutual TLS with the sidecar's Istio certificate (``--xds-tls``)."""
+    istio_version: tuple[int, int] = DEFAULT_ISTIO
+    """The (major, minor) Istio the objects are for: what it lacks is left out, and
+    what it has instead is used, with a warning (``--istio-version``)."""
 
 
 @dataclass(frozen=True)
@@ -347,8 +367,14 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[st
             f"cluster {spec.name}: Istio fails over between sites or members only with "
             "outlier detection; enable outlier_detection or use a single tier")
     if spec.retries.attempts > 0:
-        policy["retryBudget"] = {"percent": spec.retries.budget_percent,
-                                 "minRetryConcurrency": spec.retries.min_retry_concurrency}
+        if options.istio_version >= RETRY_BUDGET_ISTIO:
+            policy["retryBudget"] = {"percent": spec.retries.budget_percent,
+                                     "minRetryConcurrency": spec.retries.min_retry_concurrency}
+        else:
+            # No budget before 1.27: a fixed cap on outstanding retries, at the budget's
+            # floor (render_model warns once for every cluster that gets it).
+            policy["connectionPool"]["http"] = {
+                "maxRetries": min(spec.retries.min_retry_concurrency, _INT32_MAX)}
     return {
         "apiVersion": _DR_API,
         "kind": "DestinationRule",
@@ -555,6 +581,10 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
     """A DestinationRule and an EnvoyFilter per cluster, in model order; for virtual
     systems their Services too (docs/vsls.md, "Istio and Kubernetes")."""
     options = options or IstioOptions()
+    if options.istio_version < MIN_ISTIO:
+        major, minor = options.istio_version
+        raise IstioRenderError(f"Istio {major}.{minor} is too old: DestinationRule "
+                               f"networking.istio.io/v1 needs {_dotted(MIN_ISTIO)}")
     unknown = sorted(set(options.ports) - {c.name for c in model.clusters} - {"*"})
     if unknown:
         raise IstioRenderError(f"--port names clusters not in the model: {', '.join(unknown)}")
@@ -579,6 +609,14 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
             xds_target(options.xds_address), options.xds_tls,
             options.filter_namespace or options.namespace, options.cluster_domain,
             options.root_namespace)])
+    capped = [o["metadata"]["name"] for o in objects if o["kind"] == "DestinationRule"
+              and "http" in o["spec"].get("trafficPolicy", {}).get("connectionPool", {})]
+    if capped:
+        warnings.append(
+            f"Istio {_dotted(options.istio_version)} has no DestinationRule retryBudget "
+            f"({_dotted(RETRY_BUDGET_ISTIO)}): {', '.join(capped)} cap outstanding retries "
+            "with connectionPool.http.maxRetries at retries.min_retry_concurrency instead "
+            "of retries.budget_percent of the active requests")
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"
