@@ -116,7 +116,8 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
 
     from meshxl.istio.check import load_objects
     from meshxl.istio.endpoints import ISTIO_OUTPUT_CERTS, SERVER_CA, XdsClientTls
-    from meshxl.istio.render import DEFAULT_ISTIO, IstioOptions, render_model
+    from meshxl.istio.render import IstioOptions, render_model
+    from meshxl.istio.versions import DEFAULT_ISTIO
 
     if xds_address is not None and endpoints != "meshxl":
         fail("--xds-address goes with --endpoints meshxl")

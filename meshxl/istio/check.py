@@ -57,8 +57,6 @@ from .labels import (
 from .poolcheck import check_pools
 from .protocols import port_problem, service_port
 from .render import (
-    MIN_ISTIO,
-    RETRY_BUDGET_ISTIO,
     IstioOptions,
     IstioRenderError,
     pin_filter_name,
@@ -66,6 +64,7 @@ from .render import (
     service_ports,
 )
 from .tlscheck import unready_client_pods
+from .versions import MIN_ISTIO, RETRY_BUDGET_ISTIO
 
 __all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
            "istiod_env", "load_objects"]

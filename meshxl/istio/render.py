@@ -79,31 +79,15 @@ from .labels import (
 from .pins import PIN_TARGETS, STATEFUL_SESSION, pin_of, pin_per_route
 from .pools import pool_problems, pool_service, pools_with_systems, vs_service
 from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
+from .versions import DEFAULT_ISTIO, limit_retries, retry_cap_warning, too_old
 
-__all__ = ["DEFAULT_ISTIO", "MIN_ISTIO", "PIN_TARGETS", "RETRY_BUDGET_ISTIO", "IstioOptions",
-           "IstioRenderError", "Rendered", "pin_filter_name", "render_cluster",
-           "render_model", "service_ports"]
-
-#: Oldest Istio for DestinationRule networking.istio.io/v1 and failoverPriority
-#: label=value entries.
-MIN_ISTIO = (1, 22)
-#: The first Istio with trafficPolicy.retryBudget; for an older one the render bounds
-#: retries with connectionPool.http.maxRetries instead.
-RETRY_BUDGET_ISTIO = (1, 27)
-#: The Istio the objects are rendered for unless told (``--istio-version``): the oldest
-#: that takes everything meshxl renders.
-DEFAULT_ISTIO = RETRY_BUDGET_ISTIO
-#: connectionPool.http.maxRetries is an int32 in Istio's CRD.
-_INT32_MAX = 2**31 - 1
+__all__ = ["PIN_TARGETS", "IstioOptions", "IstioRenderError", "Rendered", "pin_filter_name",
+           "render_cluster", "render_model", "service_ports"]
 
 _DR_API = "networking.istio.io/v1"
 _EF_API = "networking.istio.io/v1alpha3"
 _PREVIOUS_PRIORITIES = ("envoy.extensions.retry.priority.previous_priorities.v3."
                         "PreviousPrioritiesConfig")
-
-
-def _dotted(version: tuple[int, int]) -> str:
-    return f"{version[0]}.{version[1]}"
 
 
 class IstioRenderError(InputError):
@@ -367,14 +351,7 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[st
             f"cluster {spec.name}: Istio fails over between sites or members only with "
             "outlier detection; enable outlier_detection or use a single tier")
     if spec.retries.attempts > 0:
-        if options.istio_version >= RETRY_BUDGET_ISTIO:
-            policy["retryBudget"] = {"percent": spec.retries.budget_percent,
-                                     "minRetryConcurrency": spec.retries.min_retry_concurrency}
-        else:
-            # No budget before 1.27: a fixed cap on outstanding retries, at the budget's
-            # floor (render_model warns once for every cluster that gets it).
-            policy["connectionPool"]["http"] = {
-                "maxRetries": min(spec.retries.min_retry_concurrency, _INT32_MAX)}
+        limit_retries(policy, spec.retries, options.istio_version)
     return {
         "apiVersion": _DR_API,
         "kind": "DestinationRule",
@@ -581,10 +558,9 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
     """A DestinationRule and an EnvoyFilter per cluster, in model order; for virtual
     systems their Services too (docs/vsls.md, "Istio and Kubernetes")."""
     options = options or IstioOptions()
-    if options.istio_version < MIN_ISTIO:
-        major, minor = options.istio_version
-        raise IstioRenderError(f"Istio {major}.{minor} is too old: DestinationRule "
-                               f"networking.istio.io/v1 needs {_dotted(MIN_ISTIO)}")
+    old = too_old(options.istio_version)
+    if old is not None:
+        raise IstioRenderError(old)
     unknown = sorted(set(options.ports) - {c.name for c in model.clusters} - {"*"})
     if unknown:
         raise IstioRenderError(f"--port names clusters not in the model: {', '.join(unknown)}")
@@ -609,14 +585,10 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
             xds_target(options.xds_address), options.xds_tls,
             options.filter_namespace or options.namespace, options.cluster_domain,
             options.root_namespace)])
-    capped = [o["metadata"]["name"] for o in objects if o["kind"] == "DestinationRule"
-              and "http" in o["spec"].get("trafficPolicy", {}).get("connectionPool", {})]
-    if capped:
-        warnings.append(
-            f"Istio {_dotted(options.istio_version)} has no DestinationRule retryBudget "
-            f"({_dotted(RETRY_BUDGET_ISTIO)}): {', '.join(capped)} cap outstanding retries "
-            "with connectionPool.http.maxRetries at retries.min_retry_concurrency instead "
-            "of retries.budget_percent of the active requests")
+    capped = retry_cap_warning(options.istio_version, [
+        o["metadata"]["name"] for o in objects if o["kind"] == "DestinationRule"
+        and "http" in o["spec"].get("trafficPolicy", {}).get("connectionPool", {})])
+    warnings += [capped] if capped else []
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"
