@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lock demo quickstart test unit integration bench soak lint clean
+.PHONY: setup lock demo quickstart test unit integration bench soak lint image clean
 
 DEMO_STAMP := $(VENV)/.installed-demo
 BENCH_STAMP := $(VENV)/.installed-bench
@@ -73,6 +73,16 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy meshxl
 	$(VENV)/bin/mypy --strict meshxl/statesync meshxl/xds
 	$(VENV)/bin/lint-imports --no-cache --no-logo
+
+# The container image the Kubernetes overlays run (deploy/kubernetes: meshxl/meshxl:0.1.0,
+# the package's version). IMAGE=registry.example.com/meshxl:0.1.0 tags it for your
+# registry; DOCKER=podman builds with Podman. Loading it where no registry is reachable
+# (kind, minikube): docs/kubernetes.md, "The image".
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' meshxl/__init__.py)
+IMAGE ?= meshxl/meshxl:$(VERSION)
+DOCKER ?= docker
+image:
+	$(DOCKER) build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

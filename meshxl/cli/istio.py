@@ -44,6 +44,19 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _istio_version(ctx: click.Context, param: click.Parameter,
+                   value: str | None) -> tuple[int, int] | None:
+    """``X.Y`` (or ``X.Y.Z``, ``vX.Y.Z``: the patch level does not matter) as (X, Y)."""
+    import re
+
+    if value is None:
+        return None
+    found = re.fullmatch(r"v?(\d{1,4})\.(\d{1,4})(?:\.\d{1,6})?", value.strip())
+    if found is None:
+        fail(f"bad --istio-version {value!r}: expected X.Y")
+    return int(found[1]), int(found[2])
+
+
 @istio.command("render")
 @click.option("-f", "--filename", "file", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The meshxl model.")
@@ -88,18 +101,23 @@ def _selector(values: tuple[str, ...]) -> dict[str, str]:
               help="The CA of meshxl's server certificate in the istio-proxy container "
                    "(--xds-tls), from the ConfigMap meshxl-xds-ca [default: "
                    "/etc/meshxl-xds-ca/ca.crt]; DIR/root-cert.pem: Istio's root signed it.")
+@click.option("--istio-version", default=None, metavar="X.Y", callback=_istio_version,
+              help="The Istio the objects are for [default: 1.27, which takes them all]; "
+                   "for 1.22 to 1.26 retries are capped by connectionPool.http.maxRetries "
+                   "instead of a retryBudget (with a warning).")
 def render_command(file: Path, namespace: str, cluster_domain: str, root_namespace: str,
                    ports: tuple[str, ...], services_file: Path | None,
                    filter_namespace: str | None, client_selector: tuple[str, ...],
                    site_label: str, site_failover: str, endpoints: str,
                    xds_address: str | None, xds_tls: bool, xds_certs_dir: str | None,
-                   xds_ca: str | None) -> None:
+                   xds_ca: str | None, istio_version: tuple[int, int] | None) -> None:
     """Print a DestinationRule and an EnvoyFilter per meshxl cluster (YAML)."""
     import yaml
 
     from meshxl.istio.check import load_objects
     from meshxl.istio.endpoints import ISTIO_OUTPUT_CERTS, SERVER_CA, XdsClientTls
     from meshxl.istio.render import IstioOptions, render_model
+    from meshxl.istio.versions import DEFAULT_ISTIO
 
     if xds_address is not None and endpoints != "meshxl":
         fail("--xds-address goes with --endpoints meshxl")
@@ -123,11 +141,13 @@ def render_command(file: Path, namespace: str, cluster_domain: str, root_namespa
                            site_label=site_label,
                            site_failover=site_failover,  # type: ignore[arg-type]
                            endpoints=endpoints,  # type: ignore[arg-type]
-                           xds_address=xds_address, xds_tls=tls)
+                           xds_address=xds_address, xds_tls=tls,
+                           istio_version=istio_version or DEFAULT_ISTIO)
     rendered = checked(lambda: render_model(model, options))
     for warning in rendered.warnings:
         click.echo(f"meshxl: warning: {warning}", err=True)
-    header = f"# Istio objects for {file} (meshxl istio render)\n"
+    major, minor = options.istio_version
+    header = f"# Istio objects for {file}, Istio {major}.{minor} (meshxl istio render)\n"
     if tls is not None:
         header += _client_pods(tls)
     body = yaml.safe_dump_all(rendered.objects, sort_keys=False, default_flow_style=False)
@@ -172,14 +192,15 @@ def _load(file: Path) -> Any:
 @click.option("--port", "ports", multiple=True, metavar="[CLUSTER=]PORT")
 @click.option("--site-label", default=DEFAULT_SITE_LABEL, show_default=True,
               help="Pod label holding the member's site (pool members are checked).")
-@click.option("--istio-version", default=None, metavar="X.Y",
+@click.option("--istio-version", default=None, metavar="X.Y", callback=_istio_version,
               help="Istio's version (default: the istiod Deployment's image tag among "
                    "the objects).")
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
                   cluster_domain: str, root_namespace: str, filter_namespace: str | None,
-                  ports: tuple[str, ...], site_label: str, istio_version: str | None,
+                  ports: tuple[str, ...], site_label: str,
+                  istio_version: tuple[int, int] | None,
                   output: str) -> None:
     """Report what would make meshxl's Istio objects ineffective in a namespace.
 
@@ -188,20 +209,15 @@ def check_command(file: Path, objects: tuple[Path, ...], namespace: str,
     -n shop -o yaml` (and the istiod Deployment). Exit 1 when an error is found."""
     import json
 
-    from meshxl.istio.check import check, load_objects, parse_version
+    from meshxl.istio.check import check, load_objects
     from meshxl.istio.render import IstioOptions
 
     model = _load(file)
-    version = None
-    if istio_version is not None:
-        version = parse_version(istio_version)
-        if version is None:
-            fail(f"bad --istio-version {istio_version!r}: expected X.Y")
     loaded = checked(lambda: load_objects(objects))
     options = IstioOptions(namespace=namespace, cluster_domain=cluster_domain,
                            root_namespace=root_namespace, ports=_ports(ports),
                            filter_namespace=filter_namespace, site_label=site_label)
-    findings = check(model, loaded, options, istio_version=version)
+    findings = check(model, loaded, options, istio_version=istio_version)
     if output == "json":
         click.echo(json.dumps({"findings": [f.as_dict() for f in findings],
                                "errors": sum(f.level == "error" for f in findings)},

@@ -28,6 +28,7 @@ import grpc
 from grpc import aio
 
 from meshxl.addr import GRPC_SERVER_OPTIONS, bind_grpc
+from meshxl.binaries import install_hint
 from meshxl.client import AsyncClient, Backoff, ClientSettings
 from meshxl.client.interceptor import AsyncSessionInterceptor, commit, current_session
 from meshxl.demo.signals import until_stopped
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         import grpc_health  # noqa: F401
     except ImportError:
         parser.exit(1, "meshxl.demo.grpc_app: the gRPC demo needs grpcio-health-checking "
-                       "(pip install 'meshxl[demo]')\n")
+                       f"({install_hint('demo', 'grpcio-health-checking')})\n")
     asyncio.run(serve(args.name, args.listen, args.sidecar))
     return 0
 

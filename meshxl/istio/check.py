@@ -10,7 +10,8 @@ model, renders what ``meshxl istio render`` would, and reports:
 * a meshxl DestinationRule without outlier detection (Istio ignores the failover
   order without it);
 * an Istio too old for the objects (DestinationRule v1 needs 1.22, ``retryBudget``
-  1.27), from ``--istio-version`` or the istiod Deployment's image tag;
+  1.27: render for an older one with ``--istio-version``), from ``--istio-version`` or
+  the istiod Deployment's image tag;
 * high-availability member pods without role labels (``meshxl istio label`` not
   running: every member would share one priority), unless the applied EnvoyFilter takes
   the endpoints from meshxl (``render --endpoints meshxl``: no label, no outlier
@@ -63,14 +64,11 @@ from .render import (
     service_ports,
 )
 from .tlscheck import unready_client_pods
+from .versions import MIN_ISTIO, RETRY_BUDGET_ISTIO
 
 __all__ = ["CheckInputError", "Finding", "MIN_ISTIO", "check", "istio_version_of",
            "istiod_env", "load_objects"]
 
-#: Oldest Istio for DestinationRule networking.istio.io/v1 and failoverPriority
-#: label=value entries; retryBudget needs 1.27.
-MIN_ISTIO = (1, 22)
-RETRY_BUDGET_ISTIO = (1, 27)
 _MAX_INPUT = 32 * 1024 * 1024
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?")
 
@@ -235,7 +233,10 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
     for obj in objects:
         by_kind.setdefault(obj["kind"], []).append(obj)
     version = istio_version or istio_version_of(objects)
-    uses_budget = False
+    # What meshxl renders for that Istio (meshxl istio render --istio-version).
+    render_for = version if version is not None and version >= MIN_ISTIO \
+        else options.istio_version
+    uses_budget = False  # a DestinationRule of ours in the namespace has a retryBudget
     env = istiod_env(objects)
     # istiod's own persistent-session Service labels (its env can rename or disable them).
     session_labels = tuple(
@@ -250,13 +251,13 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                     if s["metadata"]["name"] == name and in_ns(s)]
         try:
             rendered = render_cluster(spec, IstioOptions(**{
-                **options.__dict__, "services": {name: services[0]} if services else {}}))
+                **options.__dict__, "services": {name: services[0]} if services else {},
+                "istio_version": render_for}))
         except IstioRenderError as exc:
             add("error", name, f"Service {ns}/{name}", str(exc))
             continue
         dr, ef = rendered.objects
         from_meshxl = eds_from_meshxl(by_kind.get("EnvoyFilter", []), ef["metadata"]["name"])
-        uses_budget |= "retryBudget" in dr["spec"]["trafficPolicy"]
         pin = spec.stickiness.pin if spec.stickiness is not None else None
         if not services:
             add("error", name, f"Service {ns}/{name}",
@@ -298,6 +299,8 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
                 "per host (the oldest rule wins; rules in one namespace are merged "
                 f"without overriding), so {ours_name}'s load balancing and failover may "
                 "be dropped; delete it or move its settings into the model")
+        if ours is not None:
+            uses_budget |= "retryBudget" in _map(_map(ours.get("spec")).get("trafficPolicy"))
         if ours is None:
             add("warning", name, f"DestinationRule {ns}/{ours_name}",
                 "not applied (meshxl istio render | kubectl apply -f -)")
@@ -432,5 +435,6 @@ def check(model: ModelSpec, objects: list[dict[str, Any]], options: IstioOptions
             "DestinationRule networking.istio.io/v1 needs 1.22")
     elif uses_budget and version < RETRY_BUDGET_ISTIO:
         add("error", "", "istiod", f"Istio {version[0]}.{version[1]} does not know "
-            "trafficPolicy.retryBudget (1.27): the API server rejects the DestinationRule")
+            "trafficPolicy.retryBudget (1.27): the API server rejects the DestinationRule; "
+            f"render it with meshxl istio render --istio-version {version[0]}.{version[1]}")
     return findings

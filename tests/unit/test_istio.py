@@ -836,3 +836,53 @@ def test_istio_persistent_session_labels_on_the_service_are_warned_about() -> No
     rendered = render_model(parse_model(MODELS["HA_ONE_SITE"]),
                             IstioOptions(namespace="shop", services={"orders": labelled}))
     assert any("but the model has no stickiness.pin" in w for w in rendered.warnings)
+
+
+# -- the Istio version the objects are for ------------------------------------------------------
+
+
+def test_render_for_an_istio_without_retry_budget_caps_retries_instead() -> None:
+    """trafficPolicy.retryBudget is Istio 1.27's: for an older Istio the render leaves
+    it out (the API server would reject the DestinationRule) and bounds retries with
+    what that Istio has, connectionPool.http.maxRetries, at the budget's floor."""
+    newest = render("HA_ONE_SITE")
+    assert newest.warnings == []
+    assert "retryBudget" in traffic_policy(newest)
+    for version in ((1, 22), (1, 26)):
+        rendered = render("HA_ONE_SITE", IstioOptions(namespace="shop", istio_version=version))
+        policy = traffic_policy(rendered)
+        assert "retryBudget" not in policy
+        assert policy["connectionPool"] == {"tcp": {"connectTimeout": "250ms"},
+                                            "http": {"maxRetries": 1024}}
+        assert rendered.objects[1:] == newest.objects[1:]  # the EnvoyFilter is the same
+        [warning] = rendered.warnings
+        assert f"Istio 1.{version[1]}" in warning and "retryBudget" in warning \
+            and "1.27" in warning and "orders" in warning and "maxRetries" in warning
+    later = render("HA_ONE_SITE", IstioOptions(namespace="shop", istio_version=(1, 30)))
+    assert later.objects == newest.objects and later.warnings == []
+
+
+def test_render_refuses_an_istio_older_than_the_destination_rule_api() -> None:
+    with pytest.raises(IstioRenderError, match=r"Istio 1\.21 .*networking\.istio\.io/v1.*1\.22"):
+        render_model(parse_model(MODELS["HA_ONE_SITE"]),
+                     IstioOptions(namespace="shop", istio_version=(1, 21)))
+
+
+def test_render_command_takes_the_istio_version(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODELS["HA_ONE_SITE"])
+    result = CliRunner().invoke(main, ["istio", "render", "-f", str(path), "-n", "shop",
+                                       "--istio-version", "1.26"])
+    assert result.exit_code == 0, result.output
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in docs:
+        check_crd(doc)
+    assert "retryBudget" not in docs[0]["spec"]["trafficPolicy"]
+    assert "Istio 1.26" in result.stdout.splitlines()[0]  # the header says what it is for
+    assert result.stderr.startswith("meshxl: warning: Istio 1.26 has no") \
+        and len(result.stderr.splitlines()) == 1, result.stderr
+    for bad in ("1", "one.two", "1.26.x.y"):
+        bad_run = CliRunner().invoke(main, ["istio", "render", "-f", str(path),
+                                            "--istio-version", bad])
+        assert bad_run.exit_code == 1 and bad_run.stdout == ""
+        assert bad_run.stderr == f"meshxl: bad --istio-version {bad!r}: expected X.Y\n"

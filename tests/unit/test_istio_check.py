@@ -319,3 +319,20 @@ def test_strict_pins_and_virtual_service_routes_to_other_destinations() -> None:
     assert "in strict mode a pin naming a member that destination lacks" in findings[0].message
     vs["spec"]["http"][0]["route"].pop()
     assert check(PINNED, [*_pinned(), vs], OPTIONS) == []
+
+
+def test_objects_rendered_for_the_istio_in_use_pass_and_others_say_how_to_render() -> None:
+    """An Istio before 1.27: what `istio render --istio-version 1.26` makes has no
+    retryBudget and passes; the default render's objects are refused, saying so."""
+    from dataclasses import replace
+
+    old = [o for o in _healthy() if o["kind"] != "Deployment"]
+    for_126 = render_model(MODEL, replace(OPTIONS, istio_version=(1, 26))).objects
+    assert not any("retryBudget" in o["spec"].get("trafficPolicy", {}) for o in for_126)
+    rendered_for_126 = [o for o in old if o["kind"] not in ("DestinationRule", "EnvoyFilter")]
+    assert check(MODEL, [*rendered_for_126, *for_126, _istiod("1.26.3")], OPTIONS) == []
+    assert check(MODEL, [*rendered_for_126, *for_126], OPTIONS,
+                 istio_version=(1, 26)) == []
+    [(level, message)] = _messages([*old, _istiod("1.26.3")])
+    assert level == "error" and "retryBudget" in message \
+        and "meshxl istio render --istio-version 1.26" in message

@@ -208,3 +208,25 @@ def test_demo_summary_shows_failure_texts_literally(tmp_path: Any) -> None:
     text = out.getvalue()
     assert "ServerDisconnectedError: [/] closed" in text and "member [/red]" in text
     assert "[x]/report.json" in text
+
+
+def test_demo_summary_says_whose_figure_each_is(tmp_path: Any) -> None:
+    """The clients' recovery (Envoy retried elsewhere at once) and the control plane's
+    detection (the member's lease expiring) are different clocks: the summary names
+    them, so a 2 s detection beside a 100 ms RTO reads as both true."""
+    from meshxl.local.report import print_summary
+
+    report = {"mode": "high-availability", "killed_member": "a", "kill_at_s": 8.0,
+              "requests": 10, "per_member_requests": {"a": 4, "b": 6}, "failed_requests": 0,
+              "lost_writes": 0, "acknowledged_writes": 10, "detection_ms": 2092.0,
+              "convergence_ms": 13.0, "rto_ms": {"p50": 60, "p99": 100, "max": 100, "count": 3},
+              "takeover_ms": {"p50": 18, "p99": 23, "count": 3}, "files": {}}
+    out = io.StringIO()
+    print_summary(Console(file=out, width=300, color_system=None), report, tmp_path)
+    lines = out.getvalue().splitlines()
+    rto = next(line for line in lines if "RTO" in line)
+    detection = next(line for line in lines if "detection" in line)
+    assert "clients" in rto and "100 ms" in rto, rto
+    assert "control plane" in detection and "2092 ms" in detection, detection
+    note = " ".join(lines)
+    assert "retr" in note and "lease" in note, lines

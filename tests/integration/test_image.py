@@ -1,0 +1,32 @@
+"""`make image` (the container image the Kubernetes overlays run), as make expands it.
+
+No Docker engine is needed: `make -n` prints the command it would run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from meshxl.kube.config import DEFAULT_IMAGE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _make_n(*args: str) -> str:
+    make = shutil.which("make")
+    assert make, "make is not installed"
+    done = subprocess.run([make, "-n", "image", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_make_image_tags_what_the_overlays_run() -> None:
+    assert _make_n() == f"docker build -t {DEFAULT_IMAGE} ."
+
+
+def test_make_image_takes_another_tag_and_builder() -> None:
+    assert _make_n("IMAGE=registry.example.com/meshxl:9.9", "DOCKER=podman") == \
+        "podman build -t registry.example.com/meshxl:9.9 ."
