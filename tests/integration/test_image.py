@@ -5,6 +5,7 @@ No Docker engine is needed: `make -n` prints the command it would run.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,8 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def _make_n(*args: str) -> str:
     make = shutil.which("make")
     assert make, "make is not installed"
-    done = subprocess.run([make, "-n", "image", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=30, check=False)
+    # Run by `make test`, this make is a sub-make: without the outer one's variables it
+    # prints no "Entering directory" lines and takes no IMAGE or DOCKER from outside.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "IMAGE", "DOCKER")}
+    done = subprocess.run([make, "--no-print-directory", "-n", "image", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30, check=False, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
