@@ -340,6 +340,13 @@ def test_verify_checks_the_clusters_that_carry_websockets_too() -> None:
     problems = verify_report(read, [live])["mismatches"]
     assert sorted((m["kind"], m["cluster"]) for m in problems) == [
         ("cluster", "api~ws"), ("endpoint", "web~ws")], problems
+    # Both lacking the same member (an Envoy whose control plane stopped): said once,
+    # of the cluster itself.
+    both = live_from_model(read)
+    both.clusters["web"] = both.clusters["web"][1:]
+    both.clusters["web~ws"] = both.clusters["web~ws"][1:]
+    problems = verify_report(read, [both])["mismatches"]
+    assert [(m["kind"], m["cluster"]) for m in problems] == [("endpoint", "web")], problems
 
 
 # -- convergence ---------------------------------------------------------------------------
