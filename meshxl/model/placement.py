@@ -4,9 +4,13 @@ Many virtual systems (tenants) share one pool of members. Each high-availability
 has an active member, a standby on another member (on another site when the pool has
 sites and a live member there), and ``backups`` more; the rest of the pool follows.
 
-Two steps, both functions of the model and the set of live members only, so every
-control-plane replica computes the same placement and a recompilation never moves a
-role:
+The steps are functions of the model, the pool's stored placement and the set of live
+members only, so every control-plane replica and sidecar computes the same placement
+and a recompilation never moves a role:
+
+0. :func:`sticky_placement`: the pool's stored base placement (``pools/POOL/placement``
+   in etcd, written by the control plane) kept where the model allows it: adding or
+   removing a VS moves no other VS's active; without a stored one, step 1.
 
 1. :func:`base_placement`: the pool as listed, every member live, built member by member
    in the pool's order. The first member holds every active role; each next one takes
