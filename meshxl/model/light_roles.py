@@ -19,9 +19,10 @@ from typing import Any
 
 from .light import LightModel
 from .light_pools import LightPool
-from .placement import StoredPlacement, VirtualRoles, sticky_placement
+from .placement import VirtualRoles
 from .pool_roles import live_roles, lost_members
 from .runtime import RuntimeState
+from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["pool_roles", "vs_roles"]
 

@@ -16,7 +16,6 @@ from types import MappingProxyType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .basics import DEFAULT_SITE
-from .placement import StoredPlacement
 from .records import (
     DEGRADED_KIND,
     HANDBACK_KIND,
@@ -26,6 +25,7 @@ from .records import (
     Health,
     Registration,
 )
+from .sticky import StoredPlacement
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,11 @@ from typing import Any
 
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
-from .placement import (
-    PoolMember,
-    StoredPlacement,
-    VirtualRoles,
-    site_rule_broken,
-    sticky_placement,
-)
+from .placement import PoolMember, VirtualRoles, site_rule_broken
 from .pool_roles import live_roles, lost_members, priority_lists, unproven_members
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
+from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
            "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",

@@ -1,7 +1,7 @@
 """The pools' stored base placements, kept in etcd by the control plane.
 
 A virtual system keeps its active and standby while the model allows it
-(:func:`meshxl.model.placement.sticky_placement`): the placement each replica and each
+(:func:`meshxl.model.sticky.sticky_placement`): the placement each replica and each
 sidecar computes takes the pool's stored one (``pools/POOL/placement``) as an input.
 Whenever the model or the runtime state changes, the replica computes each pool's base
 placement from the stored record as it reads it now, and writes it where it differs,
@@ -23,7 +23,7 @@ from typing import Any
 
 from meshxl.etcd.keys import Keys
 from meshxl.model import ModelSpec, RuntimeState
-from meshxl.model.placement import StoredPlacement
+from meshxl.model.sticky import StoredPlacement
 from meshxl.model.vsls import stored_placements
 
 log = logging.getLogger(__name__)

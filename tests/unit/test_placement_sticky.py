@@ -9,14 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshxl.model.placement import (
-    BALANCE,
-    PoolMember,
-    StoredPlacement,
-    VirtualRoles,
-    base_placement,
-    sticky_placement,
-)
+from meshxl.model.placement import BALANCE, PoolMember, VirtualRoles, base_placement
+from meshxl.model.sticky import StoredPlacement, sticky_placement
 
 Systems = list[tuple[str, int, int]]
 
