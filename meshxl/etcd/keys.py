@@ -35,6 +35,12 @@ Values are JSON documents (the model is stored as YAML text, as the operator wro
                                                           (no lease; written by a member's
                                                           sidecar once every listed member
                                                           is ``keyed``: the upgrade is over)
+    {root}/v1/mesh/pools/{pool}/placement                 the pool's stored base placement
+                                                          (VS -> active, standby, weight;
+                                                          written by the control plane
+                                                          alone, compared by revision): the
+                                                          next placement keeps it
+                                                          (``sticky_placement``)
     {root}/v1/mesh/sites/{site}/admin                     admin state: site offline
     {root}/v1/xds/nodes/{node_id}                         Envoy node status (leased; the
                                                           id percent-encoded)
@@ -95,6 +101,8 @@ CLUSTER_KEY_KINDS = (MEMBERS, ADMIN, HEALTH, PREFERRED, FLUSHED)
 #: (``members``), and the mark that the member proves it so (``keyed``).
 KEYED = "keyed"
 LIVENESS = "liveness"
+PLACEMENT = "placement"
+"""``pools/POOL/placement``: the stored base placement (the control plane's alone)."""
 POOL_KEY_KINDS = (MEMBERS, KEYED)
 
 
@@ -196,14 +204,18 @@ class Keys:
         (the pool's upgrade to them is over: no VS registration proves anything)."""
         return f"{self.pools_prefix}{_segment(pool, 'pool')}/{LIVENESS}"
 
+    def pool_placement(self, pool: str) -> str:
+        """The pool's stored base placement: only the control plane's role writes it."""
+        return f"{self.pools_prefix}{_segment(pool, 'pool')}/{PLACEMENT}"
+
     def parse_pool_key(self, key: str) -> tuple[str, str, str] | None:
         """Split a key under ``pools/`` into (pool, kind, member), the member ``""`` for
-        :meth:`pool_liveness`; None for any other key."""
+        :meth:`pool_liveness` and :meth:`pool_placement`; None for any other key."""
         if not key.startswith(self.pools_prefix):
             return None
         parts = key[len(self.pools_prefix):].split("/")
-        if len(parts) == 2 and parts[0] and parts[1] == LIVENESS:
-            return parts[0], LIVENESS, ""
+        if len(parts) == 2 and parts[0] and parts[1] in (LIVENESS, PLACEMENT):
+            return parts[0], parts[1], ""
         if len(parts) != 3 or parts[1] not in POOL_KEY_KINDS or not all(parts):
             return None
         return parts[0], parts[1], parts[2]

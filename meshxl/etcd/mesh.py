@@ -20,11 +20,22 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import aetcd
 
-from meshxl.etcd.keys import ADMIN, FLUSHED, HEALTH, KEYED, LIVENESS, MEMBERS, PREFERRED, Keys
+from meshxl.etcd.keys import (
+    ADMIN,
+    FLUSHED,
+    HEALTH,
+    KEYED,
+    LIVENESS,
+    MEMBERS,
+    PLACEMENT,
+    PREFERRED,
+    Keys,
+)
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
 from meshxl.model.records import AdminAction, Health, PriorityList, Registration
 from meshxl.model.runtime import RuntimeState
+from meshxl.model.sticky import StoredPlacement
 from meshxl.model.text import ModelForm, read_form
 
 if TYPE_CHECKING:
@@ -250,6 +261,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
     pool_live: set[tuple[str, str]] = set()
     pool_keyed: set[tuple[str, str]] = set()
     pools_by_key: set[str] = set()
+    placements: dict[str, StoredPlacement] = {}
     for key, raw in values.items():
         in_pool = keys.parse_pool_key(key)
         if in_pool is not None:
@@ -258,6 +270,13 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
                 pool_keyed.add((pool, member))
             elif kind == LIVENESS:
                 pools_by_key.add(pool)
+            elif kind == PLACEMENT:
+                stored = _json(key, raw)
+                if stored is not None:
+                    try:
+                        placements[pool] = StoredPlacement.from_record(stored)
+                    except ValueError as exc:
+                        log.warning("ignoring %s: %s", key, exc)
             elif key not in unleased and _json(key, raw) is not None:
                 pool_live.add((pool, member))
             continue
@@ -294,7 +313,7 @@ def runtime_from_values(keys: Keys, values: Mapping[str, bytes],
                         sites_offline=sites_offline, health=health, preferred=preferred,
                         flushed=flushed, unleased=frozenset(bare),
                         pool_live=frozenset(pool_live), pool_keyed=frozenset(pool_keyed),
-                        pools_by_key=frozenset(pools_by_key))
+                        pools_by_key=frozenset(pools_by_key), placements=placements)
 
 
 def flushed_moves(data: Mapping[str, Any]) -> dict[str, float]:

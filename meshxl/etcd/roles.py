@@ -97,10 +97,16 @@ def pool_permissions(keys: Keys, pool: str) -> list[Range]:
     """What a pool's own sidecars (the processes hosting its virtual systems) read and
     write: a cluster's, and the pool's keys, where each member proves itself live
     (``pools/POOL/``: its liveness key, leased, and the upgrade's marks). No other role
-    covers them: a virtual system's (a tenant's) cannot keep a pool member live."""
+    covers them: a virtual system's (a tenant's) cannot keep a pool member live. The
+    pool's stored placement (``pools/POOL/placement``) it only reads: the control
+    plane alone writes it."""
     return [*cluster_permissions(keys, pool),
-            Range(f"{keys.pools_prefix}{pool}/", "readwrite",
-                  why="its members' liveness in the pool (leased), proved by them alone")]
+            Range(keys.pool_members_prefix(pool), "readwrite",
+                  why="its members' liveness in the pool (leased), proved by them alone"),
+            Range(keys.pool_keyed_prefix(pool), "readwrite",
+                  why="the marks that its members prove their liveness so"),
+            Range(keys.pool_liveness(pool), "readwrite", prefix=False,
+                  why="the mark that every member proves it so (the upgrade is over)")]
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 from .light import LightModel
 from .light_pools import LightPool
-from .placement import VirtualRoles, base_placement
+from .placement import VirtualRoles
 from .pool_roles import live_roles, lost_members
 from .runtime import RuntimeState
+from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["pool_roles", "vs_roles"]
 
 
 @lru_cache(maxsize=32)
-def _base(pool: LightPool, systems: tuple[tuple[str, int, int], ...]
-          ) -> Mapping[str, VirtualRoles]:
-    return base_placement(pool.name, pool.members, list(systems))
+def _base(pool: LightPool, systems: tuple[tuple[str, int, int], ...],
+          stored: tuple[Any, ...] | None) -> Mapping[str, VirtualRoles]:
+    previous = StoredPlacement(stored[0], dict(stored[1])) if stored else None
+    return sticky_placement(pool.name, pool.members, list(systems), previous)
+
+
+def _stored(state: RuntimeState | None, pool: str) -> tuple[Any, ...] | None:
+    """The pool's stored placement (:attr:`RuntimeState.placements`) as a cache key."""
+    found = state.placements.get(pool) if state is not None else None
+    return (found.members, tuple(sorted(found.roles.items()))) if found else None
 
 
 _LAST: list[tuple[LightModel, RuntimeState | None, str, Mapping[str, VirtualRoles]]] = []
@@ -58,7 +67,7 @@ def pool_roles(model: LightModel, state: RuntimeState | None,
     """Every high-availability VS of ``pool`` placed under ``state`` (vsls.expand's)."""
     systems = tuple((v.name, v.weight, v.backups) for v in model.virtual_systems
                     if v.pool == pool.name and v.mode == "high-availability")
-    base = _base(pool, systems)
+    base = _base(pool, systems, _stored(state, pool.name))
     names = [v.name for v in model.virtual_systems if v.pool == pool.name]
     lost = frozenset(lost_members(pool.name, pool.members, pool.registered, state, names))
     if len(lost) == len(pool.members):

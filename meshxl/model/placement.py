@@ -4,9 +4,13 @@ Many virtual systems (tenants) share one pool of members. Each high-availability
 has an active member, a standby on another member (on another site when the pool has
 sites and a live member there), and ``backups`` more; the rest of the pool follows.
 
-Two steps, both functions of the model and the set of live members only, so every
-control-plane replica computes the same placement and a recompilation never moves a
-role:
+The steps are functions of the model, the pool's stored placement and the set of live
+members only, so every control-plane replica and sidecar computes the same placement
+and a recompilation never moves a role:
+
+0. :func:`.sticky.sticky_placement`: the pool's stored base placement (``pools/POOL/placement``
+   in etcd, written by the control plane) kept where the model allows it: adding or
+   removing a VS moves no other VS's active; without a stored one, step 1.
 
 1. :func:`base_placement`: the pool as listed, every member live, built member by member
    in the pool's order. The first member holds every active role; each next one takes
@@ -40,9 +44,9 @@ try:  # hashlib's blake2b itself, without hashlib's OpenSSL (the sidecar places 
 except ImportError:  # pragma: no cover - an interpreter built without it
     from hashlib import blake2b
 
-__all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "base_placement",
-           "eligible", "live_placement", "priority_placement", "score", "site_rule_broken",
-           "standby_shares"]
+__all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "active_step",
+           "base_placement", "eligible", "join_budget", "live_placement", "priority_placement",
+           "rebalance_standbys", "score", "site_rule_broken", "standby_shares", "standby_step"]
 
 BALANCE = 1.1
 """A member holds at most this times its fair share of active roles (when whole VSs
@@ -130,7 +134,7 @@ def eligible(holder: str, seen: Sequence[PoolMember]) -> list[str]:
     return [m.name for m in ([m for m in others if m.site != site] or others)]
 
 
-def _active_step(seen: Sequence[PoolMember], active: dict[str, str],
+def active_step(seen: Sequence[PoolMember], active: dict[str, str],
                  weight: Mapping[str, int], scores: Mapping[tuple[str, str], float]) -> None:
     """The last member of ``seen`` takes its fair share of active roles."""
     new = seen[-1].name
@@ -148,7 +152,7 @@ def _active_step(seen: Sequence[PoolMember], active: dict[str, str],
         active[vs] = new
 
 
-def _standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
+def standby_step(seen: Sequence[PoolMember], active: Mapping[str, str],
                   standby: dict[str, str], weight: Mapping[str, int],
                   scores: Mapping[tuple[str, str], float], budget: int) -> int:
     """Standbys after the last member of ``seen`` joined, group by group (the VSs of
@@ -236,13 +240,13 @@ def _build(members: Sequence[PoolMember], weight: Mapping[str, int],
     for k in range(1, len(members)):
         seen = members[:k + 1]
         before = dict(active), dict(standby)
-        _active_step(seen, active, weight, scores)
+        active_step(seen, active, weight, scores)
         actives = sum(1 for v in active if active[v] != before[0][v])
         budget = join_budget(seen, active, actives)
         # What the site rule forces (the standby of a VS whose active moved to the
         # joiner's site) is not the join's to spend; the other standby moves are.
-        spent = _standby_step(seen, active, standby, weight, scores, budget)
-        _rebalance(seen, active, standby, weight, budget - spent)
+        spent = standby_step(seen, active, standby, weight, scores, budget)
+        rebalance_standbys(seen, active, standby, weight, budget - spent)
     return active, standby
 
 
@@ -261,7 +265,7 @@ def join_budget(seen: Sequence[PoolMember], active: Mapping[str, str],
     return max(0, min(alone, math.floor(BALANCE * (fair + standbys) + 1e-9) - actives))
 
 
-def _rebalance(seen: Sequence[PoolMember], active: Mapping[str, str],
+def rebalance_standbys(seen: Sequence[PoolMember], active: Mapping[str, str],
                standby: dict[str, str], weight: Mapping[str, int], budget: int) -> None:
     """Spend what is left of a join's budget on the standby balance: move one standby
     at a time from the member furthest above its fair share to the allowed member it

@@ -25,6 +25,7 @@ from .records import (
     Health,
     Registration,
 )
+from .sticky import StoredPlacement
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class RuntimeState:
     pool_keyed: frozenset[tuple[str, str]] = frozenset()
     """(pool, member) of the members that prove their liveness with a pool-level key
     (its sidecar marked it so once): their VS registrations prove nothing."""
+
+    placements: Mapping[str, StoredPlacement] = field(default_factory=dict)
+    """Pool -> its stored base placement (``pools/POOL/placement``, written by the
+    control plane): the next placement keeps it (:func:`.placement.sticky_placement`)."""
 
     pools_by_key: frozenset[str] = frozenset()
     """Pools every member of which proves its liveness with its pool-level key (the

@@ -23,14 +23,16 @@ from typing import Any
 
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
-from .placement import PoolMember, VirtualRoles, base_placement, site_rule_broken
+from .placement import PoolMember, VirtualRoles, site_rule_broken
 from .pool_roles import live_roles, lost_members, priority_lists, unproven_members
 from .runtime import RuntimeState
 from .spec import ClusterSpec, Route
+from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
            "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",
-           "priority_lists", "site_rule_warnings", "unproven_warnings", "virtual_systems"]
+           "priority_lists", "site_rule_warnings", "stored_placements", "unproven_warnings",
+           "virtual_systems"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -77,19 +79,59 @@ class PoolPlacement:
     """Lost member -> why (:func:`lost_reasons`)."""
 
 
-def _base(model: ModelSpec) -> dict[str, dict[str, VirtualRoles]]:
-    cached: dict[str, dict[str, VirtualRoles]] | None = model._vsls.get("base")
+def _stored_key(model: ModelSpec, state: RuntimeState | None) -> tuple[Any, ...]:
+    """The stored placements (:attr:`RuntimeState.placements`) of the model's pools, as
+    a key: () when there are none."""
+    if state is None or not state.placements:
+        return ()
+    return tuple((name, stored.members, tuple(sorted(stored.roles.items())))
+                 for name, stored in sorted(state.placements.items())
+                 if model.pool(name) is not None)
+
+
+def _base(model: ModelSpec, state: RuntimeState | None = None
+          ) -> dict[str, dict[str, VirtualRoles]]:
+    """Every pool's base placement: the stored one kept where the model allows it
+    (:func:`.placement.sticky_placement`), the stateless one where none is stored."""
+    origin: ModelSpec = model._vsls.get("origin", model)
+    key = _stored_key(origin, state)
+    cache: dict[tuple[Any, ...], dict[str, dict[str, VirtualRoles]]] = origin._vsls.setdefault(
+        "bases", {})
+    cached = cache.get(key)
     if cached is not None:
         return cached
     systems: dict[str, list[tuple[str, int, int]]] = {}
-    for name, vs, pool in virtual_systems(model):
+    for name, vs, pool in virtual_systems(origin):
         if vs.mode == "high-availability":
             systems.setdefault(pool.name, []).append((name, vs.weight, vs.backups))
-    base = {pool.name: base_placement(pool.name, pool_members(pool),
-                                      systems.get(pool.name, []))
-            for pool in model.pools}
-    model._vsls["base"] = base
+    stored = state.placements if state is not None and key else {}
+    base = {pool.name: sticky_placement(pool.name, pool_members(pool),
+                                        systems.get(pool.name, []), stored.get(pool.name))
+            for pool in origin.pools}
+    if len(cache) > 8:
+        cache.clear()
+    cache[key] = base
     return base
+
+
+def stored_placements(model: ModelSpec, state: RuntimeState | None
+                      ) -> dict[str, StoredPlacement]:
+    """Pool -> its base placement under ``state`` in the form stored in etcd, for the
+    pools whose stored placement (if any) differs from it: what the control plane
+    writes (``pools/POOL/placement``) so that the next placement keeps it."""
+    origin: ModelSpec = model._vsls.get("origin", model)
+    base = _base(origin, state)
+    have = state.placements if state is not None else {}
+    out = {}
+    for pool in origin.pools:
+        systems = [(name, vs.weight, vs.backups) for name, vs, p in virtual_systems(origin)
+                   if p is pool and vs.mode == "high-availability"]
+        if not systems:
+            continue
+        record = StoredPlacement.of(base.get(pool.name, {}), pool_members(pool), systems)
+        if have.get(pool.name) != record:
+            out[pool.name] = record
+    return out
 
 
 def lost_reasons(pool: Pool, state: RuntimeState | None,
@@ -179,12 +221,14 @@ def check_priority(model: ModelSpec, vs: str, order: Iterable[str] | None
 
 
 def placement_of(model: ModelSpec, pool: Pool,
-                 state: RuntimeState | None = None) -> PoolPlacement:
+                 state: RuntimeState | None = None, whole: bool = False) -> PoolPlacement:
+    """The pool placed under ``state``; ``whole``: its base placement alone (every
+    member listed, no priority list), the one kept when nothing is live."""
     members = pool_members(pool)
-    why = lost_reasons(pool, state, _systems_of(model, pool))
+    why = {} if whole else lost_reasons(pool, state, _systems_of(model, pool))
     lost = frozenset(why)
-    base = _base(model).get(pool.name, {})
-    roles, lists, chosen = live_roles(base, members, lost, state)
+    base = _base(model, state).get(pool.name, {})
+    roles, lists, chosen = live_roles(base, members, lost, None if whole else state)
     weights = {name: vs.weight for name, vs, p in virtual_systems(model) if p is pool}
     return PoolPlacement(pool.name, tuple(members), lost, roles, weights, chosen,
                          listed=lists, why=why)
@@ -238,7 +282,8 @@ def expand(model: ModelSpec, state: RuntimeState | None = None) -> list[ClusterS
     for name, vs, pool in virtual_systems(model):
         placement = placements[pool.name]
         if len(placement.lost) == len(pool.members):
-            placement = placement_of(model, pool)  # nothing live: keep them all listed
+            placement = placement_of(model, pool, state, whole=True)  # nothing live:
+            # keep them all listed
         out.append(_cluster(name, vs, pool, placement.roles.get(name), placement.lost))
     if state is None:
         model._vsls["names"] = frozenset(c.name for c in out)
@@ -262,11 +307,14 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     if not model.virtual_systems or state is None:
         return model
     lost = tuple(sorted((p.name, m) for p in model.pools for m in _lost(model, p, state)))
-    key = (lost, tuple(sorted(priority_lists(state).items())))
-    if model._vsls.get("key", ((), ())) == key:
+    origin: ModelSpec = model._vsls.get("origin", model)
+    # The stored placement counts where it places otherwise than the stateless one.
+    stored = _stored_key(origin, state) if _base(origin, state) != _base(origin) else ()
+    key = (lost, tuple(sorted(priority_lists(state).items())), stored)
+    if model._vsls.get("key", ((), (), ())) == key:
         return model
-    model = model._vsls.get("origin", model)
-    if key == ((), ()):
+    model = origin
+    if key == ((), (), ()):
         return model
     cache: dict[tuple[Any, ...], ModelSpec] = model._vsls.setdefault("placed", {})
     found = cache.get(key)
@@ -274,8 +322,7 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
         virtual = _expanded(model)
         clusters = [c for c in model.clusters if c.name not in virtual]
         found = model.model_copy(update={"clusters": [*clusters, *expand(model, state)]})
-        found._vsls = {"names": virtual, "base": _base(model), "key": key,
-                       "origin": model}
+        found._vsls = {"names": virtual, "key": key, "origin": model}
         if len(cache) > 64:
             cache.clear()
         cache[key] = found

@@ -43,6 +43,7 @@ from .judging import Judging, cut
 from .judging import report as health_report
 from .metrics import Convergence, XdsMetrics, member_state_counts, placement_series
 from .nodestatus import NodeStatuses
+from .placements import PlacementWriter
 from .planned import MoveGate
 from .resources import CompileError
 from .server import AdsServer
@@ -126,6 +127,8 @@ class ControlPlane:
         """Sick members (:mod:`meshxl.xds.health`), judged from the Envoys' access logs."""
         self._local_runtime: tuple[Any, RuntimeState] | None = None
         self.moves = MoveGate(self.metrics)
+        self.placements: PlacementWriter | None = None
+        """The pools' stored placements (:mod:`.placements`; with etcd only)."""
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -164,6 +167,10 @@ class ControlPlane:
             self._spawn(self._write_failovers())
             self.history = MemberHistory(self.client, self.keys, cfg.replica)
             self.history.start()
+            self.placements = PlacementWriter(self.client, self.keys, self._unplaced,
+                                              lambda: self.runtime)
+            self._spawn(self.placements.run())
+            self.placements.poke()
         model = self.model
         if model is not None:
             # The first snapshot already has the endpoints of members named by host name.
@@ -234,15 +241,18 @@ class ControlPlane:
 
     # -- rebuild ------------------------------------------------------------------------
 
+    def _unplaced(self) -> ModelSpec | None:
+        """The model as loaded (its virtual systems not yet placed for the state)."""
+        if self.file is not None:
+            return self.file.model
+        return self.mesh.model if self.mesh is not None else None
+
     @property
     def model(self) -> ModelSpec | None:
         """The model file wins when given; otherwise the model stored in etcd. Its
         virtual systems are placed for the runtime state (:func:`placed`), so the
         compiler, the metrics and the live view see the same roles."""
-        if self.file is not None:
-            model = self.file.model
-        else:
-            model = self.mesh.model if self.mesh is not None else None
+        model = self._unplaced()
         return placed(model, self.runtime) if model is not None else None
 
     @property
@@ -270,6 +280,8 @@ class ControlPlane:
         if self._changed_at is None:
             self._changed_at = time.time_ns()
         self.rebuilder.poke()
+        if self.placements is not None:
+            self.placements.poke()
 
     async def rebuild(self) -> None:
         """Compile and publish a snapshot. A model that fails keeps the last good one."""

@@ -135,6 +135,17 @@ def test_only_a_pools_role_writes_its_members_liveness(pool: str, other: str) ->
     assert set(grant.roles()) == {"meshxl-cluster-t01", f"meshxl-cluster-{grant.pools[0]}"}
 
 
+@given(NAMES)
+def test_no_sidecar_role_writes_a_pools_stored_placement(pool: str) -> None:
+    """The stored placement (``pools/POOL/placement``) is the control plane's alone:
+    neither the pool's role (its hosting sidecars) nor a tenant's writes it, so no
+    sidecar's credential moves a virtual system's roles (docs/vsls.md)."""
+    key = KEYS.pool_placement(pool)
+    for role in (pool_permissions(KEYS, pool), cluster_permissions(KEYS, pool)):
+        assert not [r for r in role if covers(r, key) and r.access == "readwrite"]
+        assert [r for r in role if covers(r, key)]  # read: the sidecar places too
+
+
 def test_setup_gives_a_pool_its_own_user_with_the_pools_role() -> None:
     from meshxl.etcd.setup import Setup, setup_commands
 
@@ -154,4 +165,4 @@ def test_setup_gives_a_pool_its_own_user_with_the_pools_role() -> None:
         assert not [r for r in roles["meshxl-cluster-t01"] if covers(r, key)
                     and r.access == "readwrite"]
     assert ("etcdctl role grant-permission meshxl-cluster-web readwrite "
-            "/meshxl/v1/mesh/pools/web/ --prefix") in setup_commands(setup)
+            "/meshxl/v1/mesh/pools/web/members/ --prefix") in setup_commands(setup)
