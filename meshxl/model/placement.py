@@ -45,8 +45,9 @@ except ImportError:  # pragma: no cover - an interpreter built without it
     from hashlib import blake2b
 
 __all__ = ["BALANCE", "PoolMember", "VirtualRoles", "active_shares", "active_step",
-           "base_placement", "eligible", "join_budget", "live_placement", "priority_placement",
-           "rebalance_standbys", "score", "site_rule_broken", "standby_shares", "standby_step"]
+           "base_placement", "eligible", "in_order", "join_budget", "live_placement",
+           "priority_placement", "rebalance_standbys", "score", "site_rule_broken",
+           "standby_shares", "standby_step"]
 
 BALANCE = 1.1
 """A member holds at most this times its fair share of active roles (when whole VSs
@@ -309,6 +310,14 @@ def base_placement(pool: str, members: Sequence[PoolMember],
     weight = {name: w for name, w, _ in systems}
     scores = {(vs, m.name): score(pool, vs, m) for vs in weight for m in members}
     active, standby = _build(members, weight, scores)
+    return in_order(members, systems, active, standby, scores)
+
+
+def in_order(members: Sequence[PoolMember], systems: Sequence[tuple[str, int, int]],
+             active: Mapping[str, str], standby: Mapping[str, str],
+             scores: Mapping[tuple[str, str], float]) -> dict[str, VirtualRoles]:
+    """Each VS's order from its active and standby: the rest of the pool after them, by
+    its rendezvous score."""
     out = {}
     for name, _, backups in systems:
         first = [m for m in (active.get(name), standby.get(name)) if m is not None]

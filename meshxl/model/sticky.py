@@ -21,6 +21,7 @@ from .placement import (
     active_step,
     base_placement,
     eligible,
+    in_order,
     join_budget,
     rebalance_standbys,
     score,
@@ -236,10 +237,4 @@ def sticky_placement(pool: str, members: Sequence[PoolMember],
         budget = join_budget(seen, active, taken[joiner.name])
         spent = standby_step(seen, active, standby, weight, scores, budget)
         rebalance_standbys(seen, active, standby, weight, budget - spent)
-    out = {}
-    for name, _, backups in systems:
-        first = [m for m in (active.get(name), standby.get(name)) if m is not None]
-        rest = sorted((m.name for m in members if m.name not in first),
-                      key=lambda m: (-scores[(name, m)], m))
-        out[name] = VirtualRoles(name, (*first, *rest), backups)
-    return out
+    return in_order(members, systems, active, standby, scores)
