@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from meshxl.model.placement import BALANCE, PoolMember, VirtualRoles, base_placement
 from meshxl.model.sticky import StoredPlacement, sticky_placement
+from tests.unit.test_vsls import POOL
 
 Systems = list[tuple[str, int, int]]
 
@@ -177,16 +178,7 @@ def test_a_member_removed_hands_its_actives_to_their_standbys(
     assert sticky_placement("p", rest, systems, _prev(after, rest, systems)) == after
 
 
-STORED_MODEL = """
-pools:
-  - name: web
-    listener: {address: 127.0.0.1, port: 10000}
-    sites: [{name: a}, {name: b}]
-    members:
-      - {name: m1, address: 127.0.0.1, port: 9001, site: a}
-      - {name: m2, address: 127.0.0.1, port: 9002, site: b}
-      - {name: m3, address: 127.0.0.1, port: 9003, site: a}
-      - {name: m4, address: 127.0.0.1, port: 9004, site: b}
+STORED_MODEL = POOL + """
 virtual_systems:
   - names: [%s]
     pool: web
