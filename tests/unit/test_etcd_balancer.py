@@ -310,6 +310,17 @@ ETCD_COMMAND_LINES = ["meshxl/local/commands.py"]
 # etcds started with the args of a rendered Kubernetes manifest, whose --pre-vote
 # test_the_kubernetes_etcd_runs_with_pre_vote checks.
 ETCD_FROM_MANIFESTS = ["tests/integration/test_etcd_tls_overlay.py"]
+# etcd's gRPC proxy (`etcd grpc-proxy start`), no member: it takes no --pre-vote.
+ETCD_GRPC_PROXIES = ["tests/integration/test_etcd_external_lp.py"]
+
+
+@pytest.mark.parametrize("path", ETCD_GRPC_PROXIES)
+def test_an_etcd_binary_started_as_a_proxy_starts_only_that(path: str) -> None:
+    text = (ROOT / path).read_text()
+    starts = [m.end() for m in re.finditer(r"find_etcd\(\),", text)]
+    assert starts, f"{path} starts no etcd any more: update this list"
+    for start in starts:
+        assert text[start:start + 40].lstrip().startswith('"grpc-proxy", "start"'), path
 
 
 @pytest.mark.parametrize("path", ETCD_COMMAND_LINES)
@@ -326,7 +337,7 @@ def test_every_etcd_started_in_the_source_tree_is_listed_here() -> None:
     found = {str(p.relative_to(ROOT)) for top in ("meshxl", "bench", "tests")
              for p in (ROOT / top).rglob("*.py")
              if re.search(r"find_etcd\(\),", p.read_text())}
-    assert found == set(ETCD_COMMAND_LINES) | set(ETCD_FROM_MANIFESTS)
+    assert found == set(ETCD_COMMAND_LINES) | set(ETCD_FROM_MANIFESTS) | set(ETCD_GRPC_PROXIES)
 
 
 def test_the_kubernetes_etcd_runs_with_pre_vote() -> None:
