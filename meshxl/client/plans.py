@@ -310,6 +310,10 @@ def get(session_id: str, settings: ClientSettings, rng: random.Random) -> Plan[S
     return session_from(session_id, answer)
 
 
+_SYNC_NOW: dict[bool, dict[str, str]] = {True: {hdr.SYNC: "now"}, False: {}}
+"""The header of a write committed before it is answered, whatever ``sync_delay``."""
+
+
 def _conditions(if_match: str | None, create_only: bool) -> dict[str, str]:
     if if_match is not None and create_only:
         raise BadRequest("give if_match or create_only, not both")
@@ -323,11 +327,11 @@ def _conditions(if_match: str | None, create_only: bool) -> dict[str, str]:
 
 def put(session_id: str, state: Any, settings: ClientSettings, rng: random.Random, *,
         content_type: str | None = None, if_match: str | None = None,
-        create_only: bool = False) -> Plan[Written]:
+        create_only: bool = False, sync_now: bool = False) -> Plan[Written]:
     path = session_path(session_id)
     body, ctype = encode_state(state, content_type)
-    request = Request("PUT", path, {"Content-Type": ctype, **_conditions(if_match, create_only)},
-                      body, session_id)
+    request = Request("PUT", path, {"Content-Type": ctype, **_conditions(if_match, create_only),
+                                    **_SYNC_NOW[sync_now]}, body, session_id)
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status in (200, 201):
         return written_from(answer, request)
@@ -452,6 +456,9 @@ class Upsert:
     content_type: str | None = None
     if_match: str | None = None
     create_only: bool = False
+    sync_now: bool = False
+    """Committed in etcd before it is answered, whatever the cluster's ``sync_delay``
+    (a bulk save's ``"sync": "now"``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -485,6 +492,8 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
             body["if_match"] = conditions[hdr.IF_MATCH]
         elif conditions:
             body["if_none_match"] = "*"
+        if item.sync_now:
+            body["sync"] = "now"
     elif item.if_match is not None:
         body["if_match"] = _conditions(item.if_match, False)[hdr.IF_MATCH]
     return json.dumps(body, separators=(",", ":")).encode()[:-1] + data + b"}"
