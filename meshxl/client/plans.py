@@ -54,17 +54,15 @@ from .errors import (
     error_from_answer,
 )
 from .settings import ClientSettings
+from .states import JSON, MERGE_PATCH, OCTETS, JsonText, decode_state, encode_state, is_json
 
-__all__ = ["JSON", "MERGE_PATCH", "OCTETS", "SESSION_ID", "Answer", "Pause", "Plan",
+__all__ = ["JSON", "MERGE_PATCH", "OCTETS", "SESSION_ID", "Answer", "JsonText", "Pause", "Plan",
            "Readiness", "Request", "Session", "Unanswered", "Written", "check_session_id",
            "decode_state", "delete", "encode_state", "exchange", "get", "is_json", "patch",
            "put", "ready", "update"]
 
 T = TypeVar("T")
 
-JSON = "application/json"
-MERGE_PATCH = "application/merge-patch+json"
-OCTETS = "application/octet-stream"
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")
 """A session id, as the API's OpenAPI document says (``SessionId``); not ``.`` or
 ``..``. Checked before sending: such an id is one path segment, never a path."""
@@ -183,39 +181,6 @@ def session_path(session_id: str) -> str:
     if "{" in path or "}" in path:
         path = path.replace("{", "%7B").replace("}", "%7D")
     return f"/v1/sessions/{path}"
-
-
-def is_json(content_type: str) -> bool:
-    base = content_type.split(";", 1)[0].strip().lower()
-    return base == JSON or base.endswith("+json")
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-"""Made once: ``json.dumps`` with options makes an encoder on every call."""
-
-
-def encode_state(state: Any, content_type: str | None = None) -> tuple[bytes, str]:
-    """Bytes are stored verbatim (``content_type``, else octet-stream); anything else
-    as JSON."""
-    if isinstance(state, bytes | bytearray | memoryview):
-        return bytes(state), content_type or OCTETS
-    try:
-        text = _COMPACT.encode(state)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"the session state is neither bytes nor JSON: {exc}",
-                         field="state") from None
-    return text.encode(), JSON if content_type is None or not is_json(content_type) \
-        else content_type
-
-
-def decode_state(data: bytes, content_type: str, session: str | None = None) -> Any:
-    if not is_json(content_type):
-        return data
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SidecarUnavailable(f"the sidecar sent session {session!r} as {content_type} "
-                                 f"that is not JSON: {exc}", session=session) from None
 
 
 def _json_body(answer: Answer, request: Request, *, states: bool = True) -> dict[str, Any]:
@@ -481,7 +446,8 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
     data = b""
     if isinstance(item, Upsert):
         state, ctype = encode_state(item.state, item.content_type)
-        if is_json(ctype) and not isinstance(item.state, bytes | bytearray | memoryview):
+        if is_json(ctype) and (isinstance(item.state, JsonText) or not isinstance(
+                item.state, bytes | bytearray | memoryview)):
             body["encoding"] = "json"
             data = b',"data":' + state
         else:

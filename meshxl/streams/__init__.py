@@ -1,0 +1,19 @@
+"""Streams that outlive their member: WebSocket, Server-Sent Events and gRPC streams
+resumed on the member that takes their session over, every message exactly once and in
+order (docs/streams.md).
+
+Server side: a :class:`StreamHost` per process (over the statesync sidecar's client),
+and a route per stream kind: :func:`websocket` (aiohttp); a handler is a coroutine of a
+:class:`ServerStream`. Client side: :func:`connect_websocket` gives a
+:class:`ClientStream`. The protocol: :mod:`meshxl.streams.protocol`.
+"""
+
+from .client import ClientStream, StreamLost, StreamRefused, connect_websocket
+from .host import Refused, StreamHost
+from .protocol import SUBPROTOCOL, Limits, Refusal
+from .server import ServerStream, StreamClosed
+from .websocket import websocket
+
+__all__ = ["SUBPROTOCOL", "ClientStream", "Limits", "Refusal", "Refused", "ServerStream",
+           "StreamClosed", "StreamHost", "StreamLost", "StreamRefused", "connect_websocket",
+           "websocket"]
