@@ -10,6 +10,9 @@ it: a message applied twice (or lost) would show in the totals, which the client
 check against what it sent. A client without the stream protocol gets an ordinary
 WebSocket of the same tally, kept in the process only (it starts again from 0 when it
 reconnects).
+
+``/streams/sse``: the same tally as Server-Sent Events (``GET``: the answers as events;
+``POST``: the messages, :mod:`meshxl.streams.sse`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from meshxl.streams import ServerStream, StreamHost, websocket
+from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
 __all__ = ["add_routes", "tally"]
 
@@ -73,3 +76,4 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
         return await _plain(request, member)
 
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
+    app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))

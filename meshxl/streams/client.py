@@ -117,6 +117,9 @@ class ClientStream:
         self._acked = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         self._conn: Connection | None = None
+        self._sent = 0
+        """The highest message of ours sent on the current connection."""
+        self._sending = asyncio.Lock()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._failure: BaseException | None = None
@@ -173,11 +176,21 @@ class ClientStream:
         self._unacked_bytes += size
         conn = self._conn
         if conn is not None and self._ready.is_set():
-            try:
-                await conn.send_message(seq, payload)
-            except Exception:  # the connection broke: resent on the next one
-                self._broken(conn)
+            await self._send_unsent(conn)
         return seq
+
+    async def _send_unsent(self, conn: Connection) -> None:
+        """Send on ``conn``, in order, every message not sent on it yet (one sender at a
+        time: a message never overtakes another)."""
+        async with self._sending:
+            try:
+                while self._unacked and self._unacked[-1][0] > self._sent:
+                    for seq, payload, _ in list(self._unacked):
+                        if seq > self._sent:
+                            await conn.send_message(seq, payload)
+                            self._sent = seq
+            except Exception:  # the connection broke: sent again on the next one
+                self._broken(conn)
 
     async def flush(self) -> None:
         """Until the server's handler consumed every message sent so far."""
@@ -297,8 +310,11 @@ class ClientStream:
         self._changed.set()
 
     def _broken(self, conn: Connection) -> None:
+        """A send on ``conn`` failed: it is closed, so the stream resumes on a new one
+        (which sends again what was not consumed)."""
         if self._conn is conn:
             self._ready.clear()
+            asyncio.get_running_loop().create_task(_close_quietly(conn))
 
     async def _on_ready(self, frame: Frame, conn: Connection) -> None:
         assert frame.token is not None and frame.consumed is not None
@@ -306,12 +322,13 @@ class ClientStream:
             raise ProtocolError("the server resumed another stream")
         self.token = frame.token
         self._on_consumed(frame.consumed)
-        for seq, payload, _ in list(self._unacked):
-            await conn.send_message(seq, payload)
+        self._sent = frame.consumed
+        await self._send_unsent(conn)
         if self._ended_sent:
             await conn.send_end(self._next - 1)
         self._ready.set()
         self._changed.set()
+        await self._send_unsent(conn)  # what was queued while this one said hello
 
     def _on_message(self, frame: Frame, conn: Connection) -> None:
         assert frame.seq is not None
@@ -430,3 +447,8 @@ def connect_websocket(url: str, *, headers: Mapping[str, str] | None = None,
 
     stream.aclose = aclose  # type: ignore[method-assign]
     return stream
+
+
+async def _close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
