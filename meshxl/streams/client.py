@@ -204,8 +204,10 @@ class ClientStream:
             self._ended_sent = True
             conn = self._conn
             if conn is not None and self._ready.is_set():
-                with contextlib.suppress(Exception):
-                    await conn.send_end(self._next - 1)
+                await self._send_unsent(conn)
+                async with self._sending:
+                    with contextlib.suppress(Exception):
+                        await conn.send_end(self._next - 1)
 
     def __aiter__(self) -> ClientStream:
         return self
