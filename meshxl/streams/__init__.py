@@ -5,7 +5,8 @@ order (docs/streams.md).
 Server side: a :class:`StreamHost` per process (over the statesync sidecar's client),
 and a route per stream kind: :func:`websocket` (aiohttp); a handler is a coroutine of a
 :class:`ServerStream`; :func:`server_sent_events` (aiohttp). Client side:
-:func:`connect_websocket` and :func:`connect_sse` give a :class:`ClientStream`. The protocol: :mod:`meshxl.streams.protocol`.
+:func:`connect_websocket` and :func:`connect_sse` give a :class:`ClientStream`. The
+protocol: :mod:`meshxl.streams.protocol`.
 """
 
 from .client import ClientStream, StreamLost, StreamRefused, connect_websocket
