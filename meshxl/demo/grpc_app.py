@@ -105,13 +105,16 @@ class Counter:
         })
 
 
-async def _follow_sidecar(probe: AsyncClient, health: Any) -> None:
-    """SERVING while the sidecar is ready (Envoy's grpc.health.v1 check asks this)."""
+async def _follow_sidecar(probe: AsyncClient, health: Any, streams: StreamHost) -> None:
+    """SERVING while the sidecar is ready (Envoy's grpc.health.v1 check asks this); the
+    streams handed on when it says a planned move is under way."""
     from grpc_health.v1 import health_pb2
 
     while True:
         try:
-            ready = (await probe.ready()).ready
+            readiness = await probe.ready()
+            ready = readiness.ready
+            streams.note_moving(readiness.moving)
         except MeshxlError:
             ready = False
         status = (health_pb2.HealthCheckResponse.SERVING if ready
@@ -141,7 +144,7 @@ async def serve(member: str, listen: str, sidecar: str) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bind_grpc(server, listen)
     await server.start()
-    follower = asyncio.create_task(_follow_sidecar(probe, health))
+    follower = asyncio.create_task(_follow_sidecar(probe, health, streams))
     log.info("gRPC member %s serving on %s, state in %s", member, listen, sidecar)
     try:
         await until_stopped()

@@ -34,7 +34,7 @@ from meshxl.streams import (
     connect_websocket,
 )
 from meshxl.streams.protocol import FORBIDDEN, MALFORMED, UNKNOWN, new_token
-from tests.harness.protocols import deployment, restart
+from tests.harness.protocols import deployment, member_down, restart
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -42,8 +42,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def streams_deployment(tmp_path_factory: pytest.TempPathFactory,
                              ) -> AsyncIterator[DemoDeployment]:
-    async with deployment(tmp_path_factory.mktemp("streams"), "websocket") as d:
+    async with deployment(tmp_path_factory.mktemp("streams"), "websocket",
+                          drain_window=DRAIN_WINDOW) as d:
         yield d
+
+
+DRAIN_WINDOW = 60.0
+"""Long: a planned move hands streams on long before Envoy would close them."""
 
 
 @dataclass
@@ -124,6 +129,40 @@ async def test_streams_survive_a_kill_9_of_their_member_exactly_once(
             await t.stream.aclose()
         if "victim" in locals():
             await restart(d, victim)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_drained_members_streams_resume_on_the_new_owner_at_once(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """``meshxl member down``: the member's app sees the planned move in its sidecar's
+    ``/readyz`` and hands its streams on (close code 4000, "moved"), without waiting for
+    the drain window (60 s here) after which Envoy would close them; every message once,
+    in order, the later ones answered by the new owner."""
+    d = streams_deployment
+    rng = random.Random(3)
+    tallies = [Tally(f"drain-{kind}-{i}", await _open(d, f"drain-{kind}-{i}", kind))
+               for i in range(6)]
+    drained = ""
+    try:
+        talks = [asyncio.create_task(t.talk(60, 0.03, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        drained = served.pop()
+        await member_down(d, drained)
+        await wait_until(lambda: all(t.answers and t.answers[-1]["member"] != drained
+                                     for t in tallies), timeout=DRAIN_WINDOW / 3,
+                         what="every stream answered by another member")
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+            assert t.stream.connections >= 2
+    finally:
+        for t in tallies:
+            await t.stream.aclose()
+        if drained:
+            await member_down(d, drained, down=False)
 
 
 async def test_resuming_another_sessions_stream_is_refused(
