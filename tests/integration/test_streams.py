@@ -165,6 +165,50 @@ async def test_a_drained_members_streams_resume_on_the_new_owner_at_once(
             await member_down(d, drained, down=False)
 
 
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_streams_of_a_member_cut_off_resume_and_it_is_fenced_when_it_returns(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """The serving member freezes (SIGSTOP on its app and sidecar: a paused VM, or a
+    member nobody can reach): no connection breaks, nothing answers. The clients'
+    heartbeat finds the silence, they resume through Envoy on the member that takes the
+    session over; when the frozen one comes back, its next commit is refused and it
+    stops, so nothing it had is ever delivered: every message once, in order."""
+    import signal
+
+    d = streams_deployment
+    rng = random.Random(5)
+    tallies = [Tally(f"freeze-{kind}-{i}", await _open(d, f"freeze-{kind}-{i}", kind))
+               for i in range(4)]
+    frozen = ""
+    try:
+        talks = [asyncio.create_task(t.talk(50, 0.05, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        frozen = served.pop()
+        member = d.member(frozen)
+        for proc in (member.app, member.sidecar):
+            assert proc is not None
+            proc.signal(signal.SIGSTOP)
+        await wait_until(lambda: all(t.answers[-1]["member"] != frozen for t in tallies),
+                         timeout=40, what="every stream answered by another member")
+        for proc in (member.app, member.sidecar):
+            proc.signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+    finally:
+        if frozen:
+            for proc in (d.member(frozen).app, d.member(frozen).sidecar):
+                if proc is not None:
+                    proc.signal(signal.SIGCONT)
+        for t in tallies:
+            await t.stream.aclose()
+        if frozen:
+            await restart(d, frozen)
+
+
 async def test_resuming_another_sessions_stream_is_refused(
         streams_deployment: DemoDeployment) -> None:
     d = streams_deployment
