@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import peersteady
 from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark, summary_ms
 from failover import disruption_ms, regressions
 from peerproxies import KINDS, PROXIES, Sessions, haproxy_config, static_envoy_config
@@ -65,7 +66,7 @@ STEADY = 3.0
 WARM_UP = 0.5
 """The first of them, while the sessions open their connections, is not the steady path."""
 PHASE_TIMEOUT = 20.0
-PIN_HEADER = "x-meshxl-pin"
+PIN_HEADER = peersteady.PIN_HEADER
 """HTTP sessions are pinned (``stickiness.pin``), the pin carried in this header."""
 LABEL = {"http": "HTTP/1.1", "grpc": "gRPC unary", "websocket": "WebSocket", "tcp": "TCP"}
 
@@ -349,10 +350,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- verdicts and report -------------------------------------------------------------------
 
 
-TARGET_STEADY = 1.05
-"""The steady path through meshxl's Envoy, every feature on, against the static one's."""
-
-
 def failover_verdicts(failover: dict[str, Any]) -> list[Verdict]:
     out: list[Verdict] = []
     for kind, res in failover.items():
@@ -383,13 +380,6 @@ def failover_verdicts(failover: dict[str, Any]) -> list[Verdict]:
             reference=f"on the active, per run: meshxl {mine.get('on_killed_member')}, "
                       f"static Envoy {static.get('on_killed_member')}, HAProxy "
                       f"{peer.get('on_killed_member')} of {res['sessions']}"))
-        for q in ("p50", "p99"):
-            out.append(Verdict(
-                f"{LABEL[kind]} steady path: request {q} / static Envoy's",
-                ratio(mine["steady_ms"].get(q), static["steady_ms"].get(q)), TARGET_STEADY,
-                "x", reference=f"meshxl {mine['steady_ms'].get(q)} ms, static Envoy "
-                               f"{static['steady_ms'].get(q)} ms, HAProxy "
-                               f"{peer['steady_ms'].get(q)} ms"))
         if kind in ("websocket", "tcp"):
             out.append(Verdict(
                 f"{LABEL[kind]} failover: connections redialled (more than one dial)",
@@ -403,14 +393,13 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
     import peerstores
 
     out = failover_verdicts(res.get("failover", {}))
+    out += peersteady.verdicts(res.get("steady", {}))
     if "stores" in res:
         out += peerstores.verdicts(res["stores"])
     return out
 
 
-def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
-    import peerstores
-
+def print_failover(res: dict[str, Any]) -> None:
     print(f"\n== the same kill -9 through three proxies ({res.get('runs')} runs each, "
           "rotating order; pooled over the runs)")
     print(f"  {'protocol':<11} {'proxy':<13} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
@@ -423,6 +412,15 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
                   f"{s.get('p99', '-'):>8} {s.get('max', '-'):>8} {p['failed']:>6} "
                   f"{p['lost_writes']:>5} {p.get('redialled', ''):>6}   "
                   f"{steady.get('p50', '-')} / {steady.get('p99', '-')}")
+
+
+def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
+    import peerstores
+
+    if res.get("failover"):
+        print_failover(res)
+    if res.get("steady"):
+        peersteady.print_rows(res["steady"])
     if "stores" in res:
         peerstores.print_rows(res["stores"])
     print_verdicts("meshxl beside its peers", found)
@@ -430,7 +428,8 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
 
 async def run(work: Path, kinds: list[str], runs: int, sessions: int, interval: float,
               writers: int, seconds: float, wan: bool, quick: bool,
-              stores: bool = True) -> dict[str, Any]:
+              stores: bool = True, steady_kinds: list[str] | None = None,
+              steady_rounds: int = 6) -> dict[str, Any]:
     import peerstores
 
     failover: dict[str, Any] = {}
@@ -439,6 +438,9 @@ async def run(work: Path, kinds: list[str], runs: int, sessions: int, interval: 
               flush=True)
         failover[kind] = await run_kind(work / kind, kind, runs, sessions, interval)
     out: dict[str, Any] = {"runs": runs, "failover": failover}
+    if steady_kinds:
+        out["steady"] = await peersteady.run(work, steady_kinds, steady_rounds, sessions,
+                                             interval, STEADY)
     if stores:
         out["stores"] = await peerstores.run(work / "stores", writers, seconds, wan=wan,
                                              quick=quick)
@@ -455,8 +457,11 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=0.1,
                         help="seconds between a session's requests (default 0.1)")
     parser.add_argument("--writers", type=int, default=16, help="session writers (16)")
-    parser.add_argument("--parts", default="failover,stores",
-                        help="failover, stores or both (default)")
+    parser.add_argument("--parts", default="failover,steady,stores",
+                        help="among failover, steady (the steady path beside the static "
+                             "Envoy, each filter's cost) and stores (default: all)")
+    parser.add_argument("--steady-rounds", type=int,
+                        help="rounds of the steady part (default 6; quick 2)")
     parser.add_argument("--no-wan", action="store_true",
                         help="skip the primary loss over the WAN (needs root)")
     parser.add_argument("--output", type=Path,
@@ -472,14 +477,18 @@ def main() -> int:
         parser.error(f"runs, sessions, writers >= 1, interval > 0, kinds among "
                      f"{','.join(KINDS)}")
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts or parts - {"failover", "stores"}:
-        parser.error("parts among failover, stores")
+    if not parts or parts - {"failover", "steady", "stores"}:
+        parser.error("parts among failover, steady, stores")
+    steady_rounds = args.steady_rounds or (2 if quick else 6)
+    if steady_rounds < 1:
+        parser.error("steady rounds >= 1")
     seconds = 1.5 if quick else 4.0
     return run_benchmark(
         NAME, quick, "meshxl-peers-",
         lambda work: run(work, kinds if "failover" in parts else [], runs, sessions,
                          args.interval, args.writers, seconds, not args.no_wan, quick,
-                         "stores" in parts),
+                         "stores" in parts, kinds if "steady" in parts else [],
+                         steady_rounds),
         verdicts, print_report, write=args.output is None, output=args.output)
 
 
