@@ -125,8 +125,11 @@ async def envoy_hosts(admin: tuple[str, str] | None) -> dict[str, list[str]]:
     from meshxl.xds.upgrades import model_cluster
 
     url, cluster = admin
-    async with EnvoyAdmin(url, timeout=1.0) as envoy:
-        clusters = await envoy.clusters()
+    try:
+        async with EnvoyAdmin(url, timeout=1.0) as envoy:
+            clusters = await envoy.clusters()
+    except Exception as exc:  # noqa: BLE001 - a diagnosis, not the measurement
+        return {"error": [f"{type(exc).__name__}: {exc}"[:200]]}
     return {name: [" ".join([h.hostname or h.endpoint, f"p{h.priority}", *sorted(h.flags)])
                    for h in sorted(hosts, key=lambda h: h.priority)]
             for name, hosts in sorted(clusters.items()) if model_cluster(name) == cluster}

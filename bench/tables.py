@@ -129,7 +129,8 @@ def peers(results: dict[str, dict[str, Any]]) -> str:
             ratios = [f"{t['p99'] / ref:.2f}" if t.get("p99") is not None and ref else "-"
                       for ref in (static_p99, peer_p99)]
             redialled = num(p["redialled"]) if "redialled" in p else ""
-            on = p.get("on_killed_member")
+            on = p.get("on_killed_member") or [r["on_killed_member"] for r in p.get("runs", [])
+                                                if "on_killed_member" in r]
             on_active = (f"{min(on)}-{max(on)} of {res.get('sessions')}" if on else "-")
             out.append(f"| {KIND_NAMES.get(kind, kind)} | {PROXY_NAMES.get(proxy, proxy)} | "
                        f"{num(t.get('p50'))} | {num(t.get('p99'))} | {num(t.get('max'))} | "
