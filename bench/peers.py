@@ -6,23 +6,25 @@ Run: ``.venv/bin/python bench/peers.py [--quick] [--runs N] [--sessions N]
 HAProxy and Redis are Debian's ``haproxy`` and ``redis-server``.
 
 **Failover** (``bench/peerproxies.py``). Per protocol (HTTP/1.1 requests, unary gRPC,
-WebSocket, TCP) one local meshxl deployment (high availability: a active, b standby,
-c backup; the sample counter app and its statesync sidecar each) with, in front of the
+WebSocket, TCP) one local meshxl deployment (high availability: a active, b standby, c
+backup; the sample counter app and its statesync sidecar each) with, in front of the
 same members, its own Envoy (meshxl's control plane), HAProxy and a static Envoy
-configured by hand. meshxl runs with its features on: stickiness, pins (HTTP: carried
-in a header), the access logs the sick-member judge reads, tracing. ``--runs`` times,
-the proxies in rotating order (over three runs each proxy goes first, second and last
-once; alternating, HAProxy was always second): ``--sessions`` sticky sessions
-(connections for WebSocket and TCP) through one proxy, :data:`STEADY` seconds of steady
-load (the steady path's latency, after :data:`WARM_UP`), kill -9 of the active member a,
-every session served again by the standby, a restarted until every proxy sends a fresh
-session to it. Per proxy: failed requests, acknowledged writes lost, the sessions on a
-at the kill (when some are not: who served them since when, and the Envoy's hosts), and
-the time from the kill to each session's next answer (HTTP and gRPC: the RTO, from when
-the session next needed the service; WebSocket and TCP: to the first answer on the new
+configured by hand. meshxl runs with its features on: stickiness, pins (HTTP: carried in
+a header), the access logs the sick-member judge reads, tracing. Sessions are first
+written straight to each member in turn (the standby's takeover path warm before the
+first kill, which went through whichever proxy came first). ``--runs`` times, the
+proxies in rotating order (over three runs each proxy goes first, second and last once;
+alternating, HAProxy was always second): ``--sessions`` sticky sessions (connections for
+WebSocket and TCP) through one proxy, :data:`STEADY` seconds of steady load (the steady
+path's latency, after :data:`WARM_UP`), kill -9 of the active member a, every session
+served again by the standby, a restarted until every proxy sends a fresh session to it.
+Per proxy: failed requests, acknowledged writes lost, the sessions on a at the kill
+(when some are not: who served them since when, and the Envoy's hosts), and the time
+from the kill to each session's next answer (HTTP and gRPC: the RTO, from when the
+session next needed the service; WebSocket and TCP: to the first answer on the new
 connection, and connections the proxy closed on a client while the standby was up). A
-member that does not come back, or sessions that are not served again, are reported
-with the run; the runs go on.
+member that does not come back, or sessions that are not served again, are reported with
+the run; the runs go on.
 
 **Session writes** (``bench/peerstores.py``). ``--writers`` writers overwrite their
 sessions' ~1 KiB values through a statesync sidecar (etcd) and through Redis 7 (a
@@ -47,7 +49,14 @@ from typing import Any
 import peersteady
 from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark, summary_ms
 from failover import disruption_ms, regressions
-from peerproxies import KINDS, PROXIES, Sessions, haproxy_config, static_envoy_config
+from peerproxies import (
+    KINDS,
+    PROXIES,
+    Sessions,
+    haproxy_config,
+    static_envoy_config,
+    warm_members,
+)
 
 from meshxl.local.deployment import DemoDeployment
 from meshxl.local.envoy import EnvoyProcess
@@ -296,6 +305,7 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
                   "envoy-static": (f"http://{HOST}:{envoy_admin}", "members")}
         await wait_until(lambda: _all_on_a(kind, targets), timeout=PHASE_TIMEOUT,
                          interval=0.2, what="every proxy serving from member a")
+        await warm_members(d, kind, sessions)
         for run in range(runs):
             order = PROXIES[run % len(PROXIES):] + PROXIES[:run % len(PROXIES)]
             for proxy in order:

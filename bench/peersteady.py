@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import Verdict, summary_ms
-from peerproxies import Sessions, static_envoy_config
+from peerproxies import Sessions, static_envoy_config, warm_members
 
 from meshxl.local.deployment import DemoDeployment, demo_model
 from meshxl.local.envoy import EnvoyProcess
@@ -164,6 +164,7 @@ async def run_kind(work: Path, kind: str, rounds: int, sessions: int, interval: 
         d.owner.own(static)
         await static.start()
         await static.wait_ready(30)
+        await warm_members(d, kind, sessions)
         serving = set(FEATURES)
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
