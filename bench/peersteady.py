@@ -103,7 +103,9 @@ async def _serve(d: DemoDeployment, features: set[str]) -> None:
     from meshxl.operator.actions import apply_model
     from meshxl.proxy.admin import EnvoyAdmin
 
-    wanted = features if d.protocol == "http" else features - {"pins"}
+    # Pins are HTTP's here; a TCP listener has no tracing.
+    wanted = features - ({"pins"} if d.protocol != "http" else set()) \
+        - ({"tracing"} if d.protocol == "tcp" else set())
     async with etcd.client(d.etcd_url) as client:
         await apply_model(client, d.keys, model_text(d, features), "bench peers steady")
 
