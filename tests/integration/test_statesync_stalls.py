@@ -24,7 +24,7 @@ async def test_an_unanswered_batch_stops_holding_the_queue(etcd: EtcdServer) -> 
     # Batches of up to 2: a batch of one is not full, so it waits its turn (a full one
     # would leave beside the one in flight).
     store = SessionStore(client, ttl=60.0, max_batch_ops=2, max_inflight=1, timeout=30.0)
-    batcher = store._writes
+    batcher = store.writer
     pid = etcd.process.pid
     assert pid is not None
     try:
