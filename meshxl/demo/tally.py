@@ -13,6 +13,8 @@ reconnects).
 
 ``/streams/sse``: the same tally as Server-Sent Events (``GET``: the answers as events;
 ``POST``: the messages, :mod:`meshxl.streams.sse`).
+
+``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshxl.demo import tally_page
 from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
 __all__ = ["add_routes", "tally"]
@@ -77,3 +80,4 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
 
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
     app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
+    tally_page.add_routes(app)
