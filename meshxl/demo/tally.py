@@ -14,6 +14,12 @@ reconnects).
 ``/streams/sse``: the same tally as Server-Sent Events (``GET``: the answers as events;
 ``POST``: the messages, :mod:`meshxl.streams.sse`).
 
+gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
+:mod:`meshxl.local.counter`): ``Talk``, the same tally over a bidirectional stream, and
+``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
+counts them (the count is the stream's committed state: it goes on from there on the
+member that takes the stream over).
+
 ``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
 
@@ -26,7 +32,7 @@ from aiohttp import web
 from meshxl.demo import tally_page
 from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
-__all__ = ["add_routes", "tally"]
+__all__ = ["add_routes", "grpc_handlers", "tally"]
 
 
 def _amount(message: Any) -> int:
@@ -81,3 +87,36 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
     app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
     tally_page.add_routes(app)
+
+
+def grpc_handlers(host: StreamHost, member: str) -> Any:
+    """The gRPC tally service's method handlers (``Talk``, ``Ticks``)."""
+    import asyncio
+
+    import grpc
+
+    from meshxl.local import counter
+    from meshxl.streams.grpcio import GrpcStream, stream_stream, unary_stream
+
+    async def talk(stream: GrpcStream) -> None:
+        total = int((stream.state or {}).get("total", 0))
+        async for message in stream:
+            total += message.n
+            stream.state = {"total": total}
+            await stream.send(counter.TallyReply(seq=stream.seq, n=message.n, total=total,
+                                                 member=member))
+
+    async def ticks(stream: GrpcStream) -> None:
+        interval = max(stream.request.interval_ms, 1) / 1000
+        tick = int((stream.state or {}).get("tick", 0))
+        while stream.request.count == 0 or tick < stream.request.count:
+            tick += 1
+            await stream.send(counter.TallyReply(seq=tick, member=member),
+                              state={"tick": tick})
+            await asyncio.sleep(interval)
+
+    return grpc.method_handlers_generic_handler(counter.TALLY, {
+        "Talk": stream_stream(host, talk, request_type=counter.TallyRequest,
+                              response_type=counter.TallyReply),
+        "Ticks": unary_stream(host, ticks, request_type=counter.WatchRequest,
+                              response_type=counter.TallyReply)})

@@ -98,8 +98,10 @@ class ClientStream:
     routes it as the session)."""
 
     def __init__(self, connect: Connect, *, limits: Limits | None = None,
-                 resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0)):
+                 resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
+                 measure: Callable[[Payload], int] = encoded_size):
         self._connect = connect
+        self._measure = measure
         self.limits = limits or Limits()
         self.resume_timeout = resume_timeout
         self._backoff = backoff
@@ -164,7 +166,7 @@ class ClientStream:
         self._raise_failure()
         if self._ended_sent:
             raise RuntimeError("the stream's sending side was closed (close)")
-        size = encoded_size(payload)
+        size = self._measure(payload)
         if size > self.limits.max_message_bytes:
             raise ProtocolError(f"a message of {size} bytes; the limit is "
                                 f"{self.limits.max_message_bytes}")
