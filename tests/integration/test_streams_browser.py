@@ -223,7 +223,10 @@ async def test_a_browser_keeps_its_streams_across_a_kill_9_exactly_once(
             members = [a["member"] for a in answers]
             moved = next(i for i, m in enumerate(members) if m != victim)
             assert moved >= 10 and victim not in members[moved:], (kind, members)
-            assert len(record["resumes"]) >= 1, (kind, record["events"])
+            # Once for the kill; a second move is allowed (Envoy's retry after the
+            # refused connect and its table without the dead member may choose two
+            # members), not a stream that keeps resuming.
+            assert 1 <= len(record["resumes"]) <= 3, (kind, record["events"])
             print(f"\n{kind}: {COUNT} answers, {members[:moved].count(victim)} from {victim} "
                   f"then {sorted(set(members[moved:]))}; resumed after "
                   f"{[round(s * 1000) for s in record['resumes']]} ms")
