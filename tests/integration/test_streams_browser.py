@@ -143,10 +143,10 @@ def node() -> str:
 def test_the_browser_client_logic_under_node(node: str, tmp_path: Path) -> None:
     fixture, out = tmp_path / "fixture.json", tmp_path / "out.json"
     fixture.write_text(json.dumps(asyncio.run(_fixture())))
-    run = subprocess.run([node, "--test", str(JS_TESTS)], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT, env={**os.environ,
-                                                     "MESHXL_STREAMS_FIXTURE": str(fixture),
-                                                     "MESHXL_STREAMS_OUT": str(out)})
+    run = subprocess.run([node, "--test", "--test-reporter=tap", str(JS_TESTS)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "MESHXL_STREAMS_FIXTURE": str(fixture),
+                              "MESHXL_STREAMS_OUT": str(out)})
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     counts = dict(line[2:].split(" ", 1) for line in run.stdout.splitlines()

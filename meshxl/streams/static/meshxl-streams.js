@@ -328,6 +328,11 @@ export function sseFrame({ event, data, id }, token) {
 
 // -- the stream ----------------------------------------------------------------------------
 
+// Every browser has CustomEvent; Node has it from 19 (its tests run this module there too).
+const StreamEvent = globalThis.CustomEvent ?? class extends Event {
+  constructor(type, init = {}) { super(type); this.detail = init.detail ?? null; }
+};
+
 const now = () => performance.now();
 
 function pauseOf(attempt, [first, most], random = Math.random) {
@@ -520,7 +525,7 @@ export class ClientStream extends EventTarget {
   _setState(state, detail = null) {
     if (this.state === state || this.state === "disconnected" || this.state === "failed") return;
     this.state = state;
-    if (detail !== null) this.dispatchEvent(new CustomEvent(state === "open" ? "open" : state, { detail }));
+    if (detail !== null) this.dispatchEvent(new StreamEvent(state === "open" ? "open" : state, { detail }));
   }
 
   _fail(error) {
@@ -566,7 +571,7 @@ export class ClientStream extends EventTarget {
               const seconds = broken === null ? 0 : (now() - broken) / 1000;
               this.resumes.push(seconds);
               this.state = "open";
-              this.dispatchEvent(new CustomEvent("resumed", { detail: {
+              this.dispatchEvent(new StreamEvent("resumed", { detail: {
                 seconds, connections: this.connections, token: this.token } }));
             }
             this._changed();
