@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from meshxl.errors import Conflict, Unavailable
+
 from .protocol import (
     ACK,
     END,
@@ -59,16 +61,18 @@ log = logging.getLogger(__name__)
 __all__ = ["ClientStream", "Connection", "StreamLost", "StreamRefused", "connect_websocket"]
 
 
-class StreamRefused(Exception):
-    """The server refused the stream for good (:class:`~.protocol.Refusal`)."""
+class StreamRefused(Conflict):
+    """The server refused the stream for good (:class:`~.protocol.Refusal`): a
+    :class:`~meshxl.errors.Conflict`, the stream's state forbids it going on."""
 
     def __init__(self, refusal: Refusal, message: str = ""):
         super().__init__(f"{refusal.name}: {message or refusal.meaning}")
         self.refusal = refusal
 
 
-class StreamLost(Exception):
-    """No connection could carry the stream on for ``resume_timeout`` seconds."""
+class StreamLost(Unavailable):
+    """No connection could carry the stream on for ``resume_timeout`` seconds (an
+    :class:`~meshxl.errors.Unavailable`)."""
 
 
 class Connection(Protocol):
