@@ -27,7 +27,11 @@ class HealthCheck(SpecModel):
     an HTTP health endpoint beside a TCP service)."""
     path: str = Field(default="/healthz", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
     interval: PositiveDuration = 0.25
-    timeout: PositiveDuration = 0.2
+    timeout: PositiveDuration = 1.0
+    """A dead member's checks fail at once (refused), whatever this is; it bounds only a
+    member that answers nothing (hung, frozen). At 200 ms, a member merely busy (a loaded
+    node, a GC pause) failed two checks in a row and its sessions moved to the standby
+    and back, each a takeover."""
     healthy_threshold: int = Field(default=1, ge=1, le=100)
     unhealthy_threshold: int = Field(default=2, ge=1, le=100)
     no_traffic_interval: PositiveDuration = 0.5

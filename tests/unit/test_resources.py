@@ -187,7 +187,7 @@ def test_no_stickiness_is_least_request() -> None:
 def test_health_check_defaults() -> None:
     (hc,) = cds().health_checks
     assert hc.interval.ToMilliseconds() == 250
-    assert hc.timeout.ToMilliseconds() == 200
+    assert hc.timeout.ToMilliseconds() == 1000
     # Envoy's default would be 60 s: an idle standby would be checked once a minute.
     assert hc.no_traffic_interval.ToMilliseconds() == 500
     assert hc.unhealthy_interval.ToMilliseconds() == 500
