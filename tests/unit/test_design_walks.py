@@ -1,4 +1,4 @@
-"""docs/design.md's table of the house stays equal to the import contract.
+"""docs/design.md's table of the house and its main paths stay true.
 
 The table (``## The house``) has one row per package of the contract's layers
 (pyproject.toml, ``[tool.importlinter]``), the shared leaves as one row, in the layers'
@@ -8,11 +8,22 @@ less what a forbidden contract on the package takes away; its "Never:" names exa
 those taken away (the layers below only) and the outside libraries forbidden to it.
 A row for part of a package (the operator's actions) names no more than that.
 
-Pure: it reads pyproject.toml and docs/design.md, and starts nothing.
+The walks (``## Main paths``): each step, a numbered item, names the modules it runs
+in by path (``meshxl/xds/app.py``, or ``xds/app.py``), each a file, and every dotted
+name it gives in backticks (``Class.method``, ``module.function``,
+``module.Class.method``) is found with getattr: in a module the step names, in a
+sibling module of one (``sources.Debouncer`` beside ``meshxl/xds/app.py``), from
+``meshxl`` (``model.vsls.placed``), or in the one module of meshxl of that name
+(``runtime.cluster_view``). A step names at least one module or name of meshxl, but
+a step that Envoy or etcd does alone.
+
+Pure: it reads pyproject.toml and docs/design.md, imports meshxl's modules, and starts
+nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -20,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "meshxl"
 DESIGN = ROOT / "docs" / "design.md"
 CONTRACTS: list[dict[str, Any]] = tomllib.loads(
     (ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
@@ -148,3 +160,123 @@ def test_the_table_checks_can_fail() -> None:
     assert "statesync" not in _below("xds") and "etcd" in _below("xds")
     assert {"web", "errors"} <= _below("bounded")
     assert _forbidden({"xds"}) == (set(), set())
+
+
+# -- the walks ----------------------------------------------------------------------------
+
+WALKS = ("A session PUT", "A model change reaching Envoy", "A failover",
+         "A degraded member stepping down")
+SUBPACKAGES = sorted(path.name for path in PACKAGE.iterdir()
+                     if (path / "__init__.py").is_file())
+MODULE_PATH = re.compile(
+    rf"(?<![\w/.-])(?:meshxl/)?(?:{'|'.join(SUBPACKAGES)})/[\w/]+\.py\b")
+DOTTED = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$")
+ALONE = re.compile(r"^\d+\. \*\*(Envoy|etcd)\*\*(?!\s*(?:→|->))")
+STEMS: dict[str, list[str]] = {}
+for _path in PACKAGE.rglob("*.py"):
+    _parts = _path.relative_to(ROOT).with_suffix("").parts
+    STEMS.setdefault(_parts[-1], []).append(".".join(_parts))
+
+
+def _walks() -> dict[str, list[str]]:
+    """Each walk's title -> its steps (a numbered item, its lines joined), and the
+    paragraphs around them as steps too (what they name must hold as well)."""
+    section = DESIGN.read_text().split("## Main paths", 1)[1].split("\n## ", 1)[0]
+    walks: dict[str, list[str]] = {}
+    for part in section.split("\n### ")[1:]:
+        title, _, body = part.partition("\n")
+        steps: list[str] = []
+        for paragraph in body.split("\n\n"):
+            items = re.split(r"\n(?=\d+\. )", paragraph.strip())
+            steps.extend(" ".join(line.strip() for line in item.splitlines())
+                         for item in items if item)
+        walks[title.strip()] = steps
+    return walks
+
+
+def _module_of(path: str) -> str:
+    return "meshxl." + path.removeprefix("meshxl/").removesuffix(".py").replace("/", ".")
+
+
+def _attribute(found: object, names: list[str]) -> bool:
+    for name in names:
+        if not hasattr(found, name):
+            return False
+        found = getattr(found, name)
+    return True
+
+
+def _import(dotted: str) -> object | None:
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError:
+        return None
+
+
+def _resolves(name: str, modules: list[str]) -> bool:
+    """``name`` found from the step's ``modules``, their siblings, meshxl, or the one
+    module of meshxl of its first part's name."""
+    parts = name.split(".")
+    for module in modules:
+        found = _import(module)  # a module that is not there: the path test says so
+        if found is not None and _attribute(found, parts):
+            return True
+        sibling = _import(module.rsplit(".", 1)[0] + "." + parts[0])
+        if sibling is not None and _attribute(sibling, parts[1:]):
+            return True
+    for cut in range(len(parts), 0, -1):
+        found = _import("meshxl." + ".".join(parts[:cut]))
+        if found is not None:
+            return _attribute(found, parts[cut:])
+    only = STEMS.get(parts[0], [])
+    return len(only) == 1 and _attribute(importlib.import_module(only[0]), parts[1:])
+
+
+def test_the_four_walks_are_there_with_their_steps() -> None:
+    walks = _walks()
+    assert tuple(walks) == WALKS
+    for title, steps in walks.items():
+        numbered = [step for step in steps if re.match(r"\d+\. ", step)]
+        assert len(numbered) >= 4, f"{title}: {len(numbered)} steps"
+        assert [int(step.split(".", 1)[0]) for step in numbered] == list(
+            range(1, len(numbered) + 1)), f"{title}: steps numbered 1, 2, ..."
+
+
+def test_every_module_a_walk_names_is_a_file() -> None:
+    wrong = [f"{title}: {match.group()}" for title, steps in _walks().items()
+             for step in steps for match in MODULE_PATH.finditer(step)
+             if not (ROOT / match.group()).is_file() and not (PACKAGE / match.group()).is_file()]
+    assert not wrong, f"docs/design.md's walks name modules that do not exist: {wrong}"
+
+
+def test_every_name_a_walk_gives_is_found() -> None:
+    wrong, bare = [], []
+    for title, steps in _walks().items():
+        for step in steps:
+            modules = [_module_of(match.group()) for match in MODULE_PATH.finditer(step)]
+            names = [code.removesuffix("()") for code in CODE.findall(step)
+                     if DOTTED.match(code.removesuffix("()"))]
+            for name in names:
+                if not _resolves(name, modules):
+                    wrong.append(f"{title}: {name} (modules named: {modules})")
+            if re.match(r"\d+\. ", step) and not modules and not names \
+                    and not ALONE.match(step):
+                bare.append(f"{title}: {step[:60]}")
+    assert not wrong, f"docs/design.md's walks name what is not there: {wrong}"
+    assert not bare, f"steps of docs/design.md's walks that name no module: {bare}"
+
+
+def test_the_walk_checks_can_fail() -> None:
+    """A renamed method, a module gone and a name only a sibling has are told apart."""
+    app = ["meshxl.xds.app"]
+    assert _resolves("ControlPlane.rebuild", app)
+    assert not _resolves("ControlPlane.rebuilt", app)
+    assert _resolves("sources.Debouncer.poke", app)
+    assert not _resolves("Debouncer.poke", ["meshxl.xds.compiler"])
+    assert _resolves("model.vsls.placed", [])
+    assert _resolves("runtime.cluster_view", [])
+    assert not _resolves("cache.Snapshot", [])  # two modules named cache: which?
+    assert _resolves("cache.Snapshot", ["meshxl.xds.server"])
+    assert MODULE_PATH.search("`meshxl/xds/app.py`") and MODULE_PATH.search("`xds/app.py`")
+    assert not MODULE_PATH.search("tests/unit/test_design_walks.py")
+    assert ALONE.match("7. **Envoy** applies") and not ALONE.match("2. **etcd → control")
