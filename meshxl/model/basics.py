@@ -194,6 +194,8 @@ class Problem:
 class ModelError(InputError):
     """A model that cannot be served. ``problems`` lists every reason."""
 
+    problems: list[Problem]
+
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         super().__init__("; ".join(str(p) for p in problems))

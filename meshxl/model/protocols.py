@@ -68,13 +68,7 @@ def _health_check(base: str, c: ClusterSpec) -> Iterator[Problem]:
 
 def _retries(base: str, c: ClusterSpec) -> Iterator[Problem]:
     r = c.retries
-    if c.protocol == "tcp":
-        if "retry_on" in r.model_fields_set:
-            yield Problem(f"{base}.retries.retry_on", "a TCP connection is retried only when "
-                          "it cannot connect (retries.attempts); there are no requests to "
-                          "retry on a condition")
-        return
-    if c.protocol != "grpc":
+    if c.protocol not in ("tcp", "grpc"):  # tcp: ClusterSpec.prepared refuses retry_on
         grpc = [x for x in r.retry_on if x in GRPC_RETRY_CONDITIONS]
         if grpc:
             yield Problem(f"{base}.retries.retry_on", f"{', '.join(grpc)}: gRPC statuses, "
@@ -86,9 +80,6 @@ def _http_only(base: str, c: ClusterSpec) -> Iterator[Problem]:
     if c.websocket and c.protocol != "http":
         yield Problem(f"{base}.websocket", "WebSocket upgrades are HTTP/1.1 requests: only "
                       f"protocol: http carries them (this cluster: {c.protocol})", c.websocket)
-    if c.protocol == "tcp" and "route" in c.model_fields_set:
-        yield Problem(f"{base}.route", "a TCP cluster has no HTTP routes (its listener "
-                      "forwards every connection)")
 
 
 _SPOKEN = {"http": "HTTP/1.1", "http2": "HTTP/2", "grpc": "gRPC", "tcp": "plain TCP"}

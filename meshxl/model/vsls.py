@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec.structs import force_setattr, replace
+
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
 from .placement import PoolMember, VirtualRoles, site_rule_broken
@@ -264,10 +266,10 @@ def _cluster(name: str, vs: VirtualSystem, pool: Pool,
         priority = {m: i for i, m in enumerate(roles.order)}
     else:
         priority = {}
-    members = [m.model_copy(update={"priority": priority.get(m.name, 0)})
+    members = [replace(m, priority=priority.get(m.name, 0))
                for m in pool.members if m.name not in lost]
     members.sort(key=lambda m: (m.priority or 0, roles.order.index(m.name) if roles else 0))
-    sites = [s.model_copy(update={"failover_rank": 0}) for s in pool.sites]
+    sites = [replace(s, failover_rank=0) for s in pool.sites]
     return ClusterSpec(
         name=name, mode=vs.mode, members=members, sites=sites,
         stickiness=vs.stickiness, sessions=vs.sessions, degradation=vs.degradation,
@@ -295,7 +297,7 @@ def expand_model(model: ModelSpec) -> ModelSpec:
     model is loaded: :func:`meshxl.model.load.parse_model`). Virtual systems with an
     unknown pool or a taken name are left out: check_model names them."""
     if model.virtual_systems and "names" not in model._vsls:
-        object.__setattr__(model, "clusters", [*model.clusters, *expand(model)])
+        force_setattr(model, "clusters", [*model.clusters, *expand(model)])
     return model
 
 
@@ -321,8 +323,8 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     if found is None:
         virtual = _expanded(model)
         clusters = [c for c in model.clusters if c.name not in virtual]
-        found = model.model_copy(update={"clusters": [*clusters, *expand(model, state)]})
-        found._vsls = {"names": virtual, "key": key, "origin": model}
+        found = replace(model, clusters=[*clusters, *expand(model, state)])
+        force_setattr(found, "_vsls", {"names": virtual, "key": key, "origin": model})
         if len(cache) > 64:
             cache.clear()
         cache[key] = found

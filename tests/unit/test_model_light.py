@@ -221,8 +221,8 @@ def test_roles_are_the_same_from_either_reading(data: Any, registered: dict[str,
 
 
 def test_the_fields_are_the_models() -> None:
-    assert CLUSTER_FIELDS == set(ClusterSpec.model_fields)
-    assert MODEL_FIELDS == set(ModelSpec.model_fields)
+    assert CLUSTER_FIELDS == set(ClusterSpec.__struct_fields__)
+    assert MODEL_FIELDS == set(ModelSpec.__struct_fields__)
     plain = parse_light("clusters: [{name: a, members: [{name: m, address: '::1', port: 1}], "
                         "sites: [{name: s}]}]").clusters[0]
     spec = parse_model("clusters: [{name: a, members: [{name: m, address: '::1', port: 1}], "
@@ -232,7 +232,7 @@ def test_the_fields_are_the_models() -> None:
                                    (type(plain.failover), Failover),
                                    (type(plain.sites[0]), Site),
                                    (type(plain.members[0]), Member)):
-        assert set(light_type.__dataclass_fields__) == set(model_type.model_fields)
+        assert set(light_type.__dataclass_fields__) == set(model_type.__struct_fields__)
 
 
 @pytest.mark.parametrize("text", [
