@@ -38,6 +38,13 @@ def parse_model(text: str | ModelForm, source: str = "<model>", *,
     return spec
 
 
+def parse_unexpanded(text: str | ModelForm, source: str = "<model>") -> ModelSpec:
+    """:func:`parse_model` as a statesync sidecar reads the model: the one declaration
+    and its checks, the virtual systems left as entries (:mod:`.vsls` answers a
+    sidecar's questions about them: :func:`~.vsls.sessions_of`, :func:`~.vsls.vs_roles`)."""
+    return parse_model(text, source, expand=False)
+
+
 def load_model(path: str | Path) -> ModelSpec:
     """Read and validate a model file."""
     p = Path(path)
@@ -58,9 +65,10 @@ def _is_prime(n: int) -> bool:
 
 
 def check_model(spec: ModelSpec) -> Iterator[Problem]:
-    """Cross-field checks pydantic cannot express (references, uniqueness)."""
-    if not spec.clusters and not spec.allow_empty:
-        yield Problem("clusters", NO_CLUSTERS)
+    """Checks across the model that no one class can make (references, uniqueness,
+    protocols, listeners)."""
+    if not spec.clusters and not spec.virtual_systems and not spec.allow_empty:
+        yield Problem("clusters", NO_CLUSTERS)  # (a VS that compiles to none is named)
     yield from _check_virtual(spec)
     virtual = spec.virtual_names
     yield from duplicates("clusters", [c.name for c in spec.clusters if c.name not in virtual],

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from .spec import GRPC_RETRY_CONDITIONS, ClusterSpec
+from .spec import GRPC_RETRY_CONDITIONS, ClusterSpec, Route
+from .traffic import RETRY_ON
 
 __all__ = ["check_protocols", "grpc_health_ready"]
 
@@ -68,7 +69,13 @@ def _health_check(base: str, c: ClusterSpec) -> Iterator[Problem]:
 
 def _retries(base: str, c: ClusterSpec) -> Iterator[Problem]:
     r = c.retries
-    if c.protocol not in ("tcp", "grpc"):  # tcp: ClusterSpec.prepared refuses retry_on
+    if c.protocol == "tcp":
+        if list(r.retry_on) != list(RETRY_ON):
+            yield Problem(f"{base}.retries.retry_on", "a TCP connection is retried only when "
+                          "it cannot connect (retries.attempts); there are no requests to "
+                          "retry on a condition")
+        return
+    if c.protocol != "grpc":
         grpc = [x for x in r.retry_on if x in GRPC_RETRY_CONDITIONS]
         if grpc:
             yield Problem(f"{base}.retries.retry_on", f"{', '.join(grpc)}: gRPC statuses, "
@@ -80,6 +87,9 @@ def _http_only(base: str, c: ClusterSpec) -> Iterator[Problem]:
     if c.websocket and c.protocol != "http":
         yield Problem(f"{base}.websocket", "WebSocket upgrades are HTTP/1.1 requests: only "
                       f"protocol: http carries them (this cluster: {c.protocol})", c.websocket)
+    if c.protocol == "tcp" and c.route != Route():
+        yield Problem(f"{base}.route", "a TCP cluster has no HTTP routes (its listener "
+                      "forwards every connection)")
 
 
 _SPOKEN = {"http": "HTTP/1.1", "http2": "HTTP/2", "grpc": "gRPC", "tcp": "plain TCP"}

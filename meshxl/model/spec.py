@@ -29,7 +29,7 @@ from .basics import DEFAULT_SITE as DEFAULT_SITE
 from .basics import FAILBACKS as FAILBACKS
 from .basics import HASH_KEYS as HASH_KEYS
 from .basics import HEALTH_CHECK_TYPES as HEALTH_CHECK_TYPES
-from .basics import HIGH_AVAILABILITY, REGISTERED, ModelError, Problem
+from .basics import HIGH_AVAILABILITY, REGISTERED
 from .basics import MAX_DURATION as MAX_DURATION
 from .basics import MEMBERSHIPS as MEMBERSHIPS
 from .basics import MIN_DURATION as MIN_DURATION
@@ -320,14 +320,6 @@ _WRITTEN_DEFAULTS: dict[Protocol, tuple[tuple[str, str, Any], ...]] = {
     "grpc": (("retries", "retry_on", GRPC_RETRY_ON), ("route", "timeout", 0.0)),
     "tcp": (("retries", "attempts", TCP_CONNECT_RETRIES),),
 }
-#: Protocol -> the sections (or section.field) its cluster may not write, and why.
-_NOT_WRITTEN: dict[Protocol, tuple[tuple[str, str], ...]] = {
-    "http": (), "http2": (), "grpc": (),
-    "tcp": (("retries.retry_on", "a TCP connection is retried only when it cannot connect "
-             "(retries.attempts); there are no requests to retry on a condition"),
-            ("route", "a TCP cluster has no HTTP routes (its listener forwards every "
-             "connection)")),
-}
 
 
 class ClusterSpec(SpecModel, frozen=True, kw_only=True):
@@ -383,15 +375,11 @@ class ClusterSpec(SpecModel, frozen=True, kw_only=True):
     def prepared(cls, data: dict[str, Any]) -> dict[str, Any]:
         """A cluster's data with what its protocol changes of the defaults (a gRPC
         cluster's retry conditions and route timeout, a TCP cluster's connect retries)
-        where the model file does not write it; ModelError for what its protocol has no
-        use for (read by :func:`.decode.decode`, which knows what was written)."""
+        where the model file does not write it (:func:`.decode.decode` calls it: only the
+        data says what was written)."""
         protocol = data.get("protocol", "http")
         if protocol not in _WRITTEN_DEFAULTS:
             return data  # refused as a protocol
-        problems = [Problem(where, why) for where, why in _NOT_WRITTEN[protocol]
-                    if _written(data, where)]
-        if problems:
-            raise ModelError(problems)
         out = dict(data)
         for section, name, value in _WRITTEN_DEFAULTS[protocol]:
             written = out.get(section, {})
@@ -442,10 +430,3 @@ class ClusterSpec(SpecModel, frozen=True, kw_only=True):
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites] or [DEFAULT_SITE]
-
-
-def _written(data: dict[str, Any], where: str) -> bool:
-    """``where`` (``section`` or ``section.field``) is in a cluster's data."""
-    section, _, name = where.partition(".")
-    found = data.get(section)
-    return section in data and (not name or (isinstance(found, dict) and name in found))

@@ -124,6 +124,8 @@ RETRY_CONDITIONS = (
     "envoy-ratelimited", "retriable-4xx", "refused-stream", "retriable-status-codes",
     "retriable-headers", "http3-post-connect-failure", *GRPC_RETRY_CONDITIONS,
 )
+RETRY_ON = ("connect-failure", "refused-stream", "reset", "gateway-error")
+"""The default ``retries.retry_on``: what never reached the member, and a gateway error."""
 GRPC_RETRY_ON = ("connect-failure", "refused-stream", "reset", "unavailable")
 """A gRPC cluster's default: what never ran (no connection, a refused or reset stream)
 and UNAVAILABLE, the status that says another member may serve the call. Not
@@ -144,9 +146,7 @@ class Retries(SpecModel, frozen=True, kw_only=True):
 
     attempts: Annotated[int, within(RETRY_ATTEMPTS)] = 3
     """A TCP cluster's default is 6 (its connect retries: :data:`TCP_CONNECT_RETRIES`)."""
-    retry_on: list[RetryCondition] = field(default_factory=lambda: [
-        "connect-failure", "refused-stream", "reset", "gateway-error",
-    ])
+    retry_on: list[RetryCondition] = field(default_factory=lambda: list(RETRY_ON))
     """A gRPC cluster's default is :data:`GRPC_RETRY_ON`."""
     per_try_timeout: Duration = 2.0
     previous_hosts: bool = True

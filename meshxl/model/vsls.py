@@ -28,13 +28,14 @@ from .document import ModelSpec, Pool, VirtualSystem
 from .placement import PoolMember, VirtualRoles, site_rule_broken
 from .pool_roles import live_roles, lost_members, priority_lists, unproven_members
 from .runtime import RuntimeState
-from .spec import ClusterSpec, Route
+from .spec import ClusterSpec, Route, SessionSync
 from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
            "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",
-           "priority_lists", "site_rule_warnings", "stored_placements", "unproven_warnings",
-           "virtual_systems"]
+           "pool_systems", "priority_lists", "sessions_of", "site_rule_warnings",
+           "stored_placements", "system_named", "unproven_warnings", "virtual_systems",
+           "vs_roles"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -50,6 +51,31 @@ def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool
                 continue
             taken.add(name)
             yield name, vs, pool
+
+
+def system_named(model: ModelSpec, name: str) -> tuple[VirtualSystem, Pool] | None:
+    """The entry and pool of the virtual system compiled as ``name`` (None: none is)."""
+    by_name: dict[str, tuple[VirtualSystem, Pool]] | None = model._vsls.get("by_name")
+    if by_name is None:
+        by_name = {n: (vs, pool) for n, vs, pool in virtual_systems(model)}
+        model._vsls["by_name"] = by_name
+    return by_name.get(name)
+
+
+def sessions_of(model: ModelSpec, name: str) -> SessionSync | None:
+    """The ``sessions`` settings of cluster or virtual system ``name`` (None: neither is
+    in the model), expanded or not (a statesync sidecar reads the model unexpanded)."""
+    spec = model.cluster(name)
+    if spec is not None:
+        return spec.sessions
+    found = system_named(model, name)
+    return found[0].sessions if found is not None else None
+
+
+def pool_systems(model: ModelSpec, pool: str) -> tuple[str, ...]:
+    """The names of the virtual systems compiled on ``pool``, in the model's order."""
+    found = model.pool(pool)
+    return _systems_of(model, found) if found is not None else ()
 
 
 def _expanded(model: ModelSpec) -> frozenset[str]:
@@ -277,15 +303,43 @@ def _cluster(name: str, vs: VirtualSystem, pool: Pool,
         route=Route(domains=vs.domains_of(name)))
 
 
+def _placement(model: ModelSpec, pool: Pool, state: RuntimeState | None) -> PoolPlacement:
+    """The pool's placement as its virtual systems' clusters get it: with nothing live,
+    every member stays listed (the base placement)."""
+    placement = placement_of(model, pool, state)
+    if len(placement.lost) == len(pool.members):
+        placement = placement_of(model, pool, state, whole=True)
+    return placement
+
+
+_LAST: list[tuple[ModelSpec, RuntimeState | None, str, PoolPlacement]] = []
+"""The last pool placed by :func:`vs_roles`, with the model and state it was placed for
+(held, so compared by identity): a sidecar of a pool asks once per VS on every change of
+the mesh."""
+
+
+def vs_roles(model: ModelSpec, state: RuntimeState | None, vs: str) -> VirtualRoles | None:
+    """The roles of high-availability virtual system ``vs`` under ``state``, as its
+    cluster's EDS priorities place them (None: not such a VS). What a statesync sidecar
+    asks: a narrow one holds every session of the VSs it stands by for."""
+    found = system_named(model, vs)
+    if found is None or found[0].mode != "high-availability":
+        return None
+    pool = found[1]
+    for last_model, last_state, name, placement in _LAST:
+        if last_model is model and last_state is state and name == pool.name:
+            return placement.roles.get(vs)
+    placement = _placement(model, pool, state)
+    _LAST[:] = [(model, state, pool.name, placement)]
+    return placement.roles.get(vs)
+
+
 def expand(model: ModelSpec, state: RuntimeState | None = None) -> list[ClusterSpec]:
     """The clusters of the model's virtual systems (placed for ``state``)."""
-    placements = {p.name: placement_of(model, p, state) for p in model.pools}
+    placements = {p.name: _placement(model, p, state) for p in model.pools}
     out = []
     for name, vs, pool in virtual_systems(model):
         placement = placements[pool.name]
-        if len(placement.lost) == len(pool.members):
-            placement = placement_of(model, pool, state, whole=True)  # nothing live:
-            # keep them all listed
         out.append(_cluster(name, vs, pool, placement.roles.get(name), placement.lost))
     if state is None:
         model._vsls["names"] = frozenset(c.name for c in out)
