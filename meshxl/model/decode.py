@@ -27,7 +27,6 @@ field by field, so that every problem is named, not only the first.
 
 from __future__ import annotations
 
-import math
 import re
 import types
 from collections.abc import Callable, Iterable
@@ -180,60 +179,117 @@ def _join(path: str, key: Any) -> str:
     return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
 
 
+Path = tuple[Any, Any] | None
+"""Where a value is, as (parent path, key): made into text only for a problem."""
+Reader = Callable[[Any, Path, list[Problem]], Any]
+"""(value, where, problems) -> the value as its declared type takes it."""
+
+
+def _text(path: Path) -> str:
+    keys = []
+    while path is not None:
+        path, key = path
+        keys.append(key)
+    out = ""
+    for key in reversed(keys):
+        out = _join(out, key)
+    return out
+
+
 def _read(value: Any, tp: Any, path: str, problems: list[Problem]) -> Any:
     """``value`` read as the declared type ``tp`` takes it (problems of the hooks added)."""
-    tp, reads, checks = _unwrapped(tp)
-    for read in reads:
-        try:
-            value = read(value)
-        except ValueError as exc:
-            problems.append(Problem(path, str(exc), value))
-            return value
-    options = _options(tp)
+    return _reader(tp)(value, (None, path) if path else None, problems)
+
+
+@cache
+def _reader(tp: Any) -> Reader:
+    """The reader of one declared type, built once: the walk costs about a microsecond a
+    value (a model change reads every one of them; docs/performance.md)."""
+    base, reads, checks = _unwrapped(tp)
+    options = _options(base)
     if options is not None:
-        if value is None and type(None) in options:
-            return None
         rest = [t for t in options if t is not type(None)]
-        return _read(value, rest[0], path, problems) if len(rest) == 1 else value
-    origin = get_origin(tp)
-    if origin in (list, tuple) and isinstance(value, list | tuple):
-        item = get_args(tp)[0]
-        return [_read(v, item, _join(path, i), problems) for i, v in enumerate(value)]
-    cls = _struct(tp)
+        inner = _reader(rest[0]) if len(rest) == 1 else _as_is
+        none = type(None) in options
+
+        def union(value: Any, path: Path, problems: list[Problem]) -> Any:
+            return None if value is None and none else inner(value, path, problems)
+        return _hooked(union, reads)
+    if get_origin(base) in (list, tuple):
+        item = _reader(get_args(base)[0])
+
+        def items(value: Any, path: Path, problems: list[Problem]) -> Any:
+            if not isinstance(value, list | tuple):
+                return value
+            return [item(v, (path, i), problems) for i, v in enumerate(value)]
+        return _hooked(items, reads)
+    cls = _struct(base)
     if cls is not None:
-        return _read_struct(value, cls, path, problems)
-    plain = _PLAIN.get(tp)
-    if plain is not None:
-        value = plain(value)
-        if tp is float and isinstance(value, float) and not math.isfinite(value):
-            problems.append(Problem(path, "expected a finite number", value))
+        return _hooked(_struct_reader(cls), reads)
+    plain = _PLAIN.get(base)
+    if plain is None:
+        return _hooked(_as_is, reads)
+    return _hooked(_plain_reader(base, plain, checks), reads)
+
+
+def _as_is(value: Any, path: Path, problems: list[Problem]) -> Any:
+    return value
+
+
+def _hooked(read: Reader, hooks: tuple[Callable[[Any], Any], ...]) -> Reader:
+    """``read`` after the field's ``read`` hooks (a ValueError: its problem)."""
+    if not hooks:
+        return read
+
+    def hooked(value: Any, path: Path, problems: list[Problem]) -> Any:
+        for hook in hooks:
+            try:
+                value = hook(value)
+            except ValueError as exc:
+                problems.append(Problem(_text(path), str(exc), value))
+                return value
+        return read(value, path, problems)
+    return hooked
+
+
+def _plain_reader(tp: type, plain: Callable[[Any], Any],
+                  checks: tuple[Callable[[Any], Any], ...]) -> Reader:
+    def read(value: Any, path: Path, problems: list[Problem]) -> Any:
+        if type(value) is not tp:
+            value = plain(value)
+            if tp is float and isinstance(value, int) and not isinstance(value, bool):
+                return value  # msgspec takes an int for a float
+        if tp is float and isinstance(value, float) and value - value != 0:
+            problems.append(Problem(_text(path), "expected a finite number", value))
             return value
-        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        if checks and type(value) is tp:
             for check in checks:
                 try:
                     check(value)
                 except ValueError as exc:
-                    problems.append(Problem(path, str(exc), value))
+                    problems.append(Problem(_text(path), str(exc), value))
                     break
-    return value
-
-
-def _read_struct(value: Any, cls: type[Struct], path: str, problems: list[Problem]) -> Any:
-    if not isinstance(value, dict):
         return value
+    return read
+
+
+def _struct_reader(cls: type[Struct]) -> Reader:
+    fields: dict[str, Reader] = {}
     prepared = getattr(cls, "prepared", None)
-    if prepared is not None:
-        try:
+
+    def read(value: Any, path: Path, problems: list[Problem]) -> Any:
+        if type(value) is not dict:
+            return value
+        if not fields:  # built on first use: a class may refer to itself
+            fields.update((name, _reader(f.type)) for name, f in _fields(cls).items())
+        if prepared is not None:
             value = prepared(value)
-        except ModelError as exc:
-            problems.extend(Problem(_join(path, p.path) if p.path else path, p.message, p.value)
-                            for p in exc.problems)
-    fields = _fields(cls)
-    out = {}
-    for key, item in value.items():
-        field = fields.get(key)
-        out[key] = item if field is None else _read(item, field.type, _join(path, key), problems)
-    return out
+        out = {}
+        for key, item in value.items():
+            field = fields.get(key)
+            out[key] = item if field is None else field(item, (path, key), problems)
+        return out
+    return read
 
 
 # -- every problem, field by field ----------------------------------------------------------
