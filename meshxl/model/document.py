@@ -110,10 +110,8 @@ A short model (``names:`` times a big pool) could otherwise ask for millions."""
 
 
 class ModelSpec(SpecModel, frozen=True, kw_only=True, dict=True):
-    """A model file: its clusters, pools, virtual systems and telemetry. Besides its
-    fields it keeps ``_vsls`` (not a field: no model file writes it), what the virtual
-    systems expanded to: their names, the base placement, placed copies
-    (:mod:`.vsls`)."""
+    """A meshxl model file: clusters, pools of members shared by virtual systems, and
+    Envoy's tracing (docs/model.md)."""
 
     clusters: list[ClusterSpec] = []
     pools: list[Pool] = []
@@ -121,8 +119,9 @@ class ModelSpec(SpecModel, frozen=True, kw_only=True, dict=True):
     virtual_systems: list[VirtualSystem] = []
     """Tenants placed over a pool; each is compiled as a cluster of its own."""
     telemetry: Telemetry = Telemetry()
+    # Not a field (no model file writes it): set on each model when it is made, what its
+    # virtual systems expanded to (their names, the base placement, placed copies: vsls.py).
     _vsls: ClassVar[dict[str, Any]]
-    """Set on each model when it is made (an attribute of its own, not of the class)."""
     allow_empty: bool = False
     """A model without clusters withdraws every listener and cluster from every Envoy.
     It is refused (an empty file or input, a file caught mid-write) unless it says
