@@ -13,13 +13,17 @@ the model's lax reading of plain values, the same for every field of a type:
 * a bool from ``true/false``, ``yes/no``, ``on/off``, ``y/n``, ``t/f``, ``1/0`` (any
   case), or the numbers 0 and 1 (YAML 1.1 already reads unquoted ``yes``/``off`` as
   bools);
-* text from UTF-8 bytes (YAML's ``!!binary``).
+* text from UTF-8 bytes (YAML's ``!!binary``); a pattern matches the whole text (Python's
+  ``$`` would also match before a final newline).
 
-These are the forms the model took when it was declared with pydantic (its lax mode),
-kept so that no model that loaded before stops loading; ``tests/unit/test_model_lax.py``
-holds each. A class may also prepare its data before the walk goes into it
-(``prepared``, a classmethod: :meth:`~.spec.ClusterSpec.prepared` fills the defaults
-that depend on a cluster's protocol).
+``msgspec.convert`` then runs in its strict mode (its own lax mode takes other forms:
+``"1e3"`` for an integer, ``"nan"`` for a number, no ``yes``), so which forms a value
+may be written in is said here alone. These are the forms the model took when it was
+declared with pydantic (its lax mode), kept so that no model that loaded before stops
+loading; ``tests/unit/test_model_lax.py`` holds each. A class may also prepare its data
+before the walk goes into it (``prepared``, a classmethod:
+:meth:`~.spec.ClusterSpec.prepared` fills the defaults that depend on a cluster's
+protocol).
 
 A valid model costs one walk and one ``msgspec.convert``; an invalid one is then read
 field by field, so that every problem is named, not only the first.
@@ -46,8 +50,6 @@ _NUMBER_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:_[0-9]+)*(?:\.[0-9]*)?|\.[0-9]+)"
                           r"(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
 _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
-_BAD = object()
-"""A value the lax reading could not take: left as it was for msgspec to name."""
 
 
 def decode(data: Any, cls: type[_T]) -> _T:

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import aetcd
+from msgspec.structs import replace
 
 from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
@@ -109,10 +110,8 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
             else:
                 log.info("cluster %r is not in the model in etcd; using session defaults",
                          config.cluster)
-    return Settings(
-        ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
-        sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
-        max_bytes=config.max_bytes if config.max_bytes is not None else defaults.max_bytes,
-        replication=defaults.replication,
-        quota=defaults.quota,
-    )
+    given = {"ttl": config.session_ttl, "sync_delay": config.sync_delay,
+             "max_bytes": config.max_bytes}
+    # The model's block whole (a setting added to it needs no line here), the command
+    # line's values over it.
+    return replace(defaults, **{k: v for k, v in given.items() if v is not None})
