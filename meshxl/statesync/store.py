@@ -25,17 +25,11 @@ Faults
     A batch whose attempt is slow stops holding its place in the queue: the writes
     behind it leave in the next batch rather than wait for its deadline.
 
-Transactions
-    ``transact`` writes several keys all or none: one guarded op like a single write,
-    with a compare per key (at most 127: it joins a batch as one nested transaction,
-    and etcd's ``--max-txn-ops``, 128, counts the batch's level against it; each key
-    once; the whole under etcd's 1.5 MiB request limit). A batch holding it holds at
-    most 128 minus its width ops (:func:`take_batch`). Its failure branch reads every
-    key's revision, keys only, so the caller can tell which compare failed without an
-    answer that could exceed gRPC's message limit. It is sent again after an unanswered
-    attempt if one compare expects an existing key (that compare holds once at most),
-    and settled as a single write is: every key it puts holds its exact bytes at one
-    revision (read back one by one) and every key it deletes is gone, or 503.
+Transactions and replication guards (:mod:`.txns`)
+    Writes of several keys all or none, and a kept session's replication guarded
+    against undoing a delete, travel in the same batches, each as one nested
+    transaction; a batch holding one holds at most 128 minus its width ops
+    (:func:`take_batch`).
 
 The map version fence
     With session shards, every batch (writes and reads alike) carries, at its outer
@@ -81,14 +75,15 @@ from .batches import (
     FENCE_RAISES,
     FULL_EXTRA,
     MAX_REQUEST_BYTES,
-    MAX_STALLED,
     MAX_TXN_OPS,
     STALLED_AFTER,
     UNFENCED,
     Fencing,
+    Flight,
     Group,
     Op,
     may_send,
+    stall_due,
     take_batch,
 )
 from .errors import LeaseLost
@@ -98,11 +93,11 @@ from .leases import Leases
 log = logging.getLogger(__name__)
 
 __all__ = ["FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_TXN_OPS", "MAX_TXN_WRITES", "Batcher",
-           "Fencing", "KeyState", "KeyWrite", "SessionStore", "TxnResult", "WriteResult",
-           "may_send", "take_batch"]
+           "Fencing", "KeyState", "KeyWrite", "SessionStore", "WriteResult", "key_state",
+           "may_send", "take_batch", "write_result"]
 
 MAX_TXN_WRITES = MAX_TXN_OPS - 1
-"""Keys of one :meth:`SessionStore.transact`: it travels nested in a batch of at least
+"""Keys of one transaction (:func:`.txns.transact`): it travels nested in a batch of at least
 itself, so etcd leaves it 127 of its 128 operations."""
 
 
@@ -121,6 +116,9 @@ class WriteResult:
     """Commit revision (the key's new mod_revision) when ok."""
     current: KeyState | None = None
     """When not ok: the key as it is, so the caller can tell 409 from 412."""
+    deleted: KeyState | None = None
+    """When a replication's guard failed: the newest deletion record of the session
+    above its floor (``revision`` is the record's create revision)."""
 
 
 KeyWrite = tuple[bytes, bytes | None, int]
@@ -129,32 +127,16 @@ if the key's mod_revision is ``expected_revision`` (0: the key must not exist). 
 tuple: one is made for every session written."""
 
 
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    ok: bool
-    revision: int
-    """Commit revision when ok (every key put has it as its mod_revision)."""
-    current: tuple[KeyState, ...] = ()
-    """When not ok: every key's revision now (values not read), in the writes' order."""
-    uncertain: bool = False
-    """Not ok after an unanswered attempt: that attempt may be what moved the keys."""
-
-
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, keys_only=keys_only))
 
 
-def _key_state(response: Any) -> KeyState:
+def key_state(response: rpc.ResponseOp) -> KeyState:
+    """A range answer's first key as a :class:`KeyState` (absent: revision 0)."""
     kvs = response.response_range.kvs
     if not kvs:
         return KeyState(0)
     return KeyState(kvs[0].mod_revision, kvs[0].value or None)
-
-
-def _unknown() -> EtcdUnavailable:
-    """A transaction of :meth:`SessionStore._settle` that may or may not have applied."""
-    return EtcdUnavailable("etcd did not answer an earlier attempt of this transaction, "
-                            "and whether it applied cannot be told now: not acknowledged")
 
 
 class SessionStore:
@@ -167,7 +149,7 @@ class SessionStore:
         self._client = client
         self.leases = Leases(client, ttl)
         self.history = History()  # of this etcd cluster, as every answer shows it
-        self._writes = Batcher(client, "write", max_ops=max_batch_ops,
+        self.writer = Batcher(client, "write", max_ops=max_batch_ops,
                                 max_bytes=max_batch_bytes, max_inflight=max_inflight,
                                 timeout=timeout, on_batch=on_batch,
                                 on_lease_lost=self.leases.forget, history=self.history)
@@ -176,12 +158,12 @@ class SessionStore:
                                history=self.history)
 
     async def close(self) -> None:
-        await self._writes.close()
+        await self.writer.close()
         await self._reads.close()
 
     def fence(self, fencing: Fencing | None) -> None:
         """Compare ``fencing`` in every batch from now on (the module docstring)."""
-        self._writes.fencing = self._reads.fencing = fencing
+        self.writer.fencing = self._reads.fencing = fencing
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -190,6 +172,13 @@ class SessionStore:
         state: KeyState = await self._reads.submit(
             _range(key, keys_only=True), _read_result, len(key) + 16, width=0)
         return state.revision
+
+    async def check_at(self, key: bytes) -> tuple[int, int]:
+        """The key's current mod_revision (0: absent) and etcd's revision when it was
+        read (a replication guard's floor), linearizable."""
+        found: tuple[int, int] = await self._reads.submit(
+            _range(key, keys_only=True), _read_at, len(key) + 16, width=0)
+        return found
 
     async def fetch(self, key: bytes) -> KeyState:
         """The key with its value, linearizable."""
@@ -215,7 +204,7 @@ class SessionStore:
         between the caller and etcd's answer. One future for every answer, in order,
         each a :class:`WriteResult` or the exception it failed with (:class:`LeaseLost`:
         nothing applied, send it again)."""
-        batcher = self._writes
+        batcher = self.writer
         future = batcher.enqueue_group([
             (wire.guarded_put(key, value, expected_revision, lease),
              functools.partial(_put_result, value), len(key) + len(value) + 64,
@@ -225,71 +214,6 @@ class SessionStore:
             for key, value, expected_revision in writes])
         batcher.kick()
         return future
-
-    async def transact(self, writes: Sequence[KeyWrite]) -> TxnResult:
-        """All of ``writes`` or none: one guarded op whose compares cover every key.
-
-        Success puts (with the session lease) and deletes every key; failure reads every
-        key's revision (keys only: the values of up to 128 sessions could exceed what
-        one answer may carry), so the caller can tell which compare failed. It travels
-        in a batch like any single write, as one nested transaction.
-        """
-        if not 0 < len(writes) <= MAX_TXN_WRITES:
-            raise ValueError(f"a transaction holds 1 to {MAX_TXN_WRITES} writes, "
-                             f"not {len(writes)}")
-        if len({key for key, _, _ in writes}) != len(writes):
-            raise ValueError("a transaction names each key once (etcd refuses duplicates)")
-        size = sum(len(key) + len(value or b"") + 96 for key, value, _ in writes)
-        if size > MAX_REQUEST_BYTES:
-            raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
-                             f"{MAX_REQUEST_BYTES} in one request")
-        leased = any(value is not None for _, value, _ in writes)
-        for attempt in (1, 2):
-            lease = await self.lease() if leased else 0
-            request = rpc.RequestOp(request_txn={
-                "compare": [{"key": key, "target": rpc.Compare.MOD,
-                             "result": rpc.Compare.EQUAL, "mod_revision": expected_revision}
-                            for key, _, expected_revision in writes],
-                "success": [{"request_put": {"key": key, "value": value, "lease": lease}}
-                            if value is not None else
-                            {"request_delete_range": {"key": key}} for key, value, _ in writes],
-                "failure": [{"request_range": {"key": key, "keys_only": True}}
-                            for key, _, _ in writes]})
-            try:
-                result: TxnResult = await self._writes.submit(
-                    request, _txn_result, size,
-                    # Sent again only if a compare expects an existing key, which it
-                    # puts or deletes: once applied, that compare never holds again
-                    # (a revision never comes back), whatever it creates beside it.
-                    resend=any(expected_revision != 0 for _, _, expected_revision in writes),
-                    width=len(writes))
-            except LeaseLost:
-                if attempt == 1:
-                    continue  # nothing applied: again, with a new lease
-                raise
-            if result.uncertain:
-                return await self._settle(writes, result)
-            return result
-        raise AssertionError("unreachable")
-
-    async def _settle(self, writes: Sequence[KeyWrite], result: TxnResult) -> TxnResult:
-        """A transaction whose earlier attempt went unanswered and whose compares then
-        failed: acknowledged if every key it puts holds exactly its bytes at one
-        revision and every key it deletes is gone; anything else is not known."""
-        puts = [(key, value) for key, value, _ in writes if value is not None]
-        if not puts or any(now.revision != 0 for (_, value, _), now
-                           in zip(writes, result.current, strict=True) if value is None):
-            raise _unknown()
-        revisions = {now.revision for (_, value, _), now
-                     in zip(writes, result.current, strict=True) if value is not None}
-        if len(revisions) != 1 or 0 in revisions:
-            raise _unknown()
-        for key, value in puts:
-            state = await self.fetch(key)
-            if state.value != value:
-                raise _unknown()
-        return TxnResult(True, revisions.pop())
-
 
 _Answer = TypeVar("_Answer")
 """What an op's ``parse`` makes of its answer: the op's result."""
@@ -321,6 +245,10 @@ class Batcher:
         self._queue: deque[Op] = deque()
         self._inflight = 0
         self._stalled = 0
+        self._flights: deque[Flight] = deque()
+        """The batches sent, oldest first, each until it is answered and older ones
+        are: what the stall check (:meth:`_check_stalls`) looks at."""
+        self._stall_check: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
         self.fencing: Fencing | None = None
@@ -365,6 +293,12 @@ class Batcher:
     def kick(self) -> None:
         self._kick()
 
+    @property
+    def in_flight(self) -> tuple[int, int, int]:
+        """(batches in flight counting against ``max_inflight``, stalled ones beyond them,
+        ops queued): what :meth:`_kick` decides from, for ``/v1/status`` and tests."""
+        return self._inflight, self._stalled, len(self._queue)
+
     def _kick(self) -> None:
         queue = self._queue
         while queue and may_send(len(queue), self._inflight, self._max_inflight,
@@ -377,42 +311,55 @@ class Batcher:
 
     async def _send(self, batch: list[Op]) -> None:
         started = time.perf_counter()
-        holding = True  # a place among the batches in flight (stalled: beyond them)
-        stalled = False
-
-        def stall() -> None:
-            # Slow (its member may be gone): let the queue move on without it.
-            nonlocal stalled
-            if holding and not stalled and self._stalled < MAX_STALLED:
-                stalled = True
-                self._stalled += 1
-                self._inflight -= 1
-                self._kick()
-
-        def leave() -> None:
-            # Answered: the next batch goes while this one's answers are taken up.
-            nonlocal holding
-            if holding:
-                holding = False
-                if stalled:
-                    self._stalled -= 1
-                else:
-                    self._inflight -= 1
-                self._kick()
-
-        timer = asyncio.get_running_loop().call_later(STALLED_AFTER, stall)
+        loop = asyncio.get_running_loop()
+        flight = Flight(loop.time())
+        self._flights.append(flight)
+        if self._stall_check is None:
+            self._stall_check = loop.call_at(flight.sent + STALLED_AFTER, self._check_stalls)
         try:
-            await self._attempts(batch, leave)
+            await self._attempts(batch, flight)
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), time.perf_counter() - started)
         finally:
-            timer.cancel()
-            leave()
+            self._leave(flight)
 
-    async def _attempts(self, batch: list[Op], answered: Callable[[], None]) -> None:
+    def _leave(self, flight: Flight) -> None:
+        """``flight`` answered (or given up): the next batch goes while its answers are
+        taken up."""
+        if not flight.holding:
+            return
+        flight.holding = False
+        if flight.stalled:
+            self._stalled -= 1
+        else:
+            self._inflight -= 1
+        flights = self._flights
+        while flights and not flights[0].holding:
+            flights.popleft()
+        self._kick()
+
+    def _check_stalls(self) -> None:
+        """Stall the batches unanswered for :data:`STALLED_AFTER` (:func:`stall_due`):
+        one timer for all the batches in flight, at the oldest one's time (a timer per
+        batch cost about a tenth of a write's CPU when each was a transaction)."""
+        loop = asyncio.get_running_loop()
+        due, later = stall_due(self._flights, loop.time(), self._stalled)
+        self._stall_check = None if later is None else loop.call_at(later, self._check_stalls)
+        for flight in due:
+            flight.stalled = True
+            self._stalled += 1
+            self._inflight -= 1
+        if due:
+            self._kick()
+
+    async def _attempts(self, batch: list[Op], flight: Flight) -> None:
         """Send the batch until every op has its answer: again (the ops that may be sent
-        twice) after an attempt without one, to a member that answers. ``answered`` is
-        called when etcd's answer is in, before the ops take it up."""
+        twice) after an attempt without one, to a member that answers. ``flight`` leaves
+        its place when etcd's answer is in, before the ops take it up.
+
+        With one etcd member (nowhere else to go) an attempt is the gRPC call alone,
+        bounded by its own deadline: no member to watch, and an asyncio timeout around
+        it cost about a tenth of a single write's CPU."""
         balancer = etcd.balancer_of(self._client)
         deadline = time.monotonic() + self._timeout
         pending = batch
@@ -431,19 +378,23 @@ class Batcher:
             if remaining <= 0:
                 fail(pending, EtcdUnavailable(f"etcd did not answer in time ({last})"))
                 return
+            probing = balancer.probing
             try:
-                ep = await balancer.choose(deadline)
+                ep = await balancer.choose(deadline) if probing else balancer.current
             except EtcdUnavailable as exc:
                 fail(pending, EtcdUnavailable(str(exc)))
                 return
             request = wire.txn_request([op.request for op in pending], fence)
             # One member and nowhere else to go: one attempt, the whole deadline.
-            timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if balancer.probing else remaining
+            timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if probing else remaining
             floor = self._history.floor()
+            call = _txn(ep.client)(request, timeout=timeout, metadata=ep.client.metadata)
             try:
-                response = await balancer.attempt(ep, _txn(ep.client)(
-                    request, timeout=timeout, metadata=ep.client.metadata), timeout)
+                response = await (balancer.attempt(ep, call, timeout) if probing else call)
             except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
+                if not probing and isinstance(exc, rpc.AioRpcError) and \
+                        exc.code() == rpc.StatusCode.DEADLINE_EXCEEDED:
+                    exc = TimeoutError(f"{ep.name}: no answer within {timeout:.2f} s")
                 if isinstance(exc, rpc.AioRpcError):
                     last = f"etcd {exc.code().name}: {exc.details()}"
                     if "lease not found" in last:
@@ -477,7 +428,7 @@ class Batcher:
             if fencing is not None and not response.succeeded:
                 now = _fence_of(response)
                 if now > version:
-                    answered()
+                    self._leave(flight)
                     fencing.fenced(now)
                     fail(pending, Fenced(version, now, fencing.shard))
                     return
@@ -493,7 +444,7 @@ class Batcher:
                         f"{type(exc).__name__}: {str(exc)[:200]}"))
                     return
                 continue  # nothing applied: the same ops again, under the raised fence
-            answered()
+            self._leave(flight)
             revision = response.header.revision
             for op, result in zip(pending, response.responses, strict=True):
                 if not op.answered():
@@ -506,6 +457,9 @@ class Batcher:
             return
 
     async def close(self) -> None:
+        if self._stall_check is not None:
+            self._stall_check.cancel()
+            self._stall_check = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -531,25 +485,22 @@ def _fence_of(response: Any) -> int:
 
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
-    return _key_state(response)
+    return key_state(response)
 
 
-def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
-    txn = response.response_txn
-    if txn.succeeded:
-        return TxnResult(True, revision)
-    return TxnResult(False, 0, tuple(_key_state(r) for r in txn.responses), uncertain)
+def _read_at(response: Any, revision: int, _uncertain: bool) -> tuple[int, int]:
+    return key_state(response).revision, revision
 
 
 def _put_result(value: bytes, response: Any, revision: int, uncertain: bool) -> WriteResult:
-    return _write_result(response, revision, uncertain, value)
+    return write_result(response, revision, uncertain, value)
 
 
 def _delete_result(response: Any, revision: int, uncertain: bool) -> WriteResult:
-    return _write_result(response, revision, uncertain, None)
+    return write_result(response, revision, uncertain, None)
 
 
-def _write_result(response: Any, revision: int, uncertain: bool,
+def write_result(response: rpc.ResponseOp, revision: int, uncertain: bool,
                   value: bytes | None) -> WriteResult:
     """The answer to one guarded write. ``uncertain``: an earlier attempt went
     unanswered, so a failed compare may be that attempt's own success (see the module
@@ -557,7 +508,7 @@ def _write_result(response: Any, revision: int, uncertain: bool,
     txn = response.response_txn
     if txn.succeeded:
         return WriteResult(True, revision)
-    current = _key_state(txn.responses[0])
+    current = key_state(txn.responses[0])
     if uncertain:
         if value is not None and current.revision and current.value == value:
             return WriteResult(True, current.revision)
