@@ -61,6 +61,7 @@ from meshxl.kube.containers import (
     token_volume,
     xds_client_volume,
 )
+from meshxl.model.limits import MEMBER_WEIGHT, PORT
 from meshxl.model.spec import NAME_PATTERN
 
 __all__ = [
@@ -252,15 +253,16 @@ def _weight_of(meta: Mapping[str, Any]) -> int | None:
     raw = _lookup(meta, LABEL_WEIGHT)
     if raw is None:
         return None
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= 10_000:
-        raise InjectError(f"{LABEL_WEIGHT} must be an integer in 1..10000, got {raw!r}")
+    low, high = MEMBER_WEIGHT.whole
+    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+        raise InjectError(f"{LABEL_WEIGHT} must be an integer in {low}..{high}, got {raw!r}")
     return int(raw)
 
 
 def _app_port(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> int:
     raw = _lookup(meta, ANNOTATION_APP_PORT)
     if raw is not None:
-        if not raw.strip().isdigit() or not 1 <= int(raw) <= 65535:
+        if not raw.strip().isdigit() or not PORT.fits(int(raw)):
             raise InjectError(f"{ANNOTATION_APP_PORT} must be a port number, got {raw!r}")
         return int(raw)
     for container in _containers(spec, "containers"):

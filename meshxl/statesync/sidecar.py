@@ -32,7 +32,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.etcd.shards import ShardMap
 from meshxl.model.basics import Replication, choose
-from meshxl.model.light import LightModel
+from meshxl.model.document import ModelSpec
 from meshxl.model.runtime import MemberState
 
 from .cache import SessionCache
@@ -65,7 +65,7 @@ class Sidecar:
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings,
                  metrics: StatesyncMetrics | None = None,
                  shard_map: ShardMap | None = None,
-                 mesh: EtcdMeshSource[LightModel] | None = None):
+                 mesh: EtcdMeshSource[ModelSpec] | None = None):
         """``mesh``: the mesh followed, when the process follows it for several clusters
         (hosting.py, which runs it); None: its own."""
         self.config = config
