@@ -42,10 +42,10 @@ class HealthCheck(SpecModel, frozen=True, kw_only=True):
     path: _PATH = "/healthz"
     interval: PositiveDuration = 0.25
     timeout: PositiveDuration = 1.0
-    """A dead member's checks fail at once (refused), whatever this is; it bounds only a
-    member that answers nothing (hung, frozen). At 200 ms, a member merely busy (a loaded
-    node, a GC pause) failed two checks in a row and its sessions moved to the standby
-    and back, each a takeover."""
+    """How long a check waits for its answer. A dead member's checks fail at once
+    (refused) whatever this is: it bounds only a member that answers nothing (hung,
+    frozen). Long enough that a member merely busy (a loaded node, a GC pause) is not
+    taken for dead, its sessions moved to the standby and back."""
     healthy_threshold: Annotated[int, within(THRESHOLD)] = 1
     unhealthy_threshold: Annotated[int, within(THRESHOLD)] = 2
     no_traffic_interval: PositiveDuration = 0.5
