@@ -141,6 +141,27 @@ if [ "$purpose" = bench ]; then
     command -v "$tool" >/dev/null || { echo "$tool is still not on PATH after installing it" >&2; exit 1; }
   done
 fi
+# Dapr's JavaScript SDK (npm @dapr/dapr, the version and hashes of
+# tests/integration/dapr_js/package-lock.json), which tests/integration/test_dapr_js.py
+# drives with Node: Debian's nodejs and npm when missing, then `npm ci` there.
+if [ "$purpose" = test ] || [ "$purpose" = bench ]; then
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "node or npm not found: installing Debian's nodejs and npm (for the Dapr JS SDK tests)"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    else
+      echo "node and npm are needed for the Dapr JavaScript SDK tests: install Node.js 20 or later" >&2
+      exit 1
+    fi
+  fi
+  lock_js=tests/integration/dapr_js/package-lock.json
+  stamp_js=tests/integration/dapr_js/node_modules/.package-lock.json
+  if [ ! -f "$stamp_js" ] || ! cmp -s <(node -e 'const l=require("./'"$lock_js"'");console.log(JSON.stringify(l.packages["node_modules/@dapr/dapr"]))') \
+      <(node -e 'const l=require("./'"$stamp_js"'");console.log(JSON.stringify(l.packages["node_modules/@dapr/dapr"]))'); then
+    npm ci --prefix tests/integration/dapr_js --no-audit --no-fund --loglevel=error >/dev/null
+  fi
+fi
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).
 if [ "$(id -u)" -eq 0 ] && ! command -v iptables >/dev/null 2>&1 \
