@@ -1,7 +1,8 @@
 """Dapr's gRPC API (``dapr.proto.runtime.v1.Dapr``) on grpcio's asyncio server, its
 messages read and written by :mod:`.wire`: GetState, GetBulkState, SaveState,
 DeleteState, DeleteBulkState, ExecuteStateTransaction, GetMetadata and SetMetadata,
-with daprd's status codes (:mod:`.errors`). Every other method of the service answers at
+with daprd's status codes (:mod:`.errors`); and grpc.health.v1's Check, which Envoy's
+gRPC health check of the member calls. Every other method of the service answers at
 once, without reading a message, as daprd answers for a building block without a
 component (a stream too: never a hang); another service is UNIMPLEMENTED.
 
@@ -43,6 +44,7 @@ __all__ = ["SERVICE", "DaprService"]
 SERVICE = "dapr.proto.runtime.v1.Dapr"
 _PREFIX = f"/{SERVICE}/"
 TOKEN_HEADER = "dapr-api-token"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 Unary = Callable[[bytes], Awaitable[bytes]]
 
@@ -79,6 +81,8 @@ class DaprService(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
         method: str = handler_call_details.method
+        if method == HEALTH_CHECK:
+            return grpc.unary_unary_rpc_method_handler(self.health, _identity, _identity)
         if not method.startswith(_PREFIX):
             return None
         name = method[len(_PREFIX):]
@@ -110,6 +114,12 @@ class DaprService(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise AssertionError("abort raises")
 
         return call
+
+    async def health(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """grpc.health.v1's Check (Envoy's gRPC health check of the member):
+        ``HealthCheckResponse.status`` SERVING (1) once the API serves, else
+        NOT_SERVING (2)."""
+        return b"\x08\x01" if self.ops is not None else b"\x08\x02"
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         assert self.token is not None
