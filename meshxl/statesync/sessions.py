@@ -397,7 +397,7 @@ class Sessions:
                                      "longer")  # a flush of a session written meanwhile
         if local is not None:
             return await self._write_kept(write, key, local, traceparent)
-        if write.op == PUT and self.local.keeps_new and write.ttl is None:
+        if write.op == PUT and self.local.keeps_new and not write.sync_now:
             floor = await self._new_here(session_id, key)
             if floor is not None and self.local.keeps_new:  # a planned move may have begun
                 local_precondition(write, None)
@@ -442,7 +442,7 @@ class Sessions:
             data, content_type = self._merged(session_id, local.record, write.patch), JSON_TYPE
         now = time.time()
         trace = write.traceparent or traceparent
-        if write.record is None and write.ttl is None and self.local.young(local, now):
+        if write.record is None and not write.sync_now and self.local.young(local, now):
             return self.local.keep(session_id, data, content_type, trace, now)
         record = write.record or SessionRecord(
             owner=self.member, content_type=content_type, created=local.record.created,

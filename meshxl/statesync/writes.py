@@ -59,6 +59,10 @@ class Write:
     if_match: str | None = None
     create_only: bool = False
     """``If-None-Match: *``: only if the session does not exist."""
+    sync_now: bool = False
+    """``X-Meshxl-Sync: now``: committed in etcd before it is acknowledged, never kept
+    on this member only, whatever ``sync_delay`` says (a session kept here is
+    replicated by it)."""
     traceparent: str | None = None
     """The W3C trace context of its own request (a PUT's); None: the request's as a
     whole (a bulk save's)."""
@@ -68,8 +72,8 @@ class Write:
     ttl: int | None = None
     """A put's TTL of its own, in seconds (Dapr's ``ttlInSeconds``; ``-1``: never
     expires), kept in its record (:attr:`.record.SessionRecord.ttl`) with a lease of that
-    TTL; None: the cluster's ``sessions.ttl``. Such a write is sent alone, written
-    through to etcd (delayed sync keeps none)."""
+    TTL; None: the cluster's ``sessions.ttl``. Such a write is sent alone, and is
+    ``sync_now`` (delayed sync keeps no TTL of its own)."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -381,6 +381,36 @@ async def test_a_paused_member_resuming_never_brings_back_a_deleted_session(
     assert (await a.get("cart")).status == 404
 
 
+async def test_a_write_asked_to_sync_now_is_committed_whatever_the_delay(
+        etcd: EtcdServer, start_sidecar: Any) -> None:
+    """``X-Meshxl-Sync: now`` (and a bulk item's ``"sync": "now"``): committed in etcd
+    before the answer, on a member whose sessions are otherwise kept for 30 s; a session
+    kept there is replicated by it. Anything but ``now`` is a 400 naming the header."""
+    a = await start_sidecar(cluster=CLUSTER, member="a", etcd=etcd.url, app_port=free_port(),
+                            sync_delay=30.0)
+    kept = await a.put("kept", {"v": 1})
+    assert kept.etag == '"L1"', kept
+    now = {"X-Meshxl-Sync": "now"}
+    for session in ("new", "kept"):
+        done = await a.put(session, {"v": 2}, headers=now)
+        assert done.status in (200, 201) and done.etag.strip('"').isdigit(), done
+    bulk = await a.post_json("/v1/sessions:bulkSave", {"items": [
+        {"session": "bulk", "data": {"v": 3}, "sync": "now"},
+        {"session": "young", "data": {"v": 4}}]})
+    assert bulk.status == 200, bulk
+    assert [i.get("etag", "").startswith("L") for i in bulk.json()["items"]] == [False, True]
+    async with etcd.client() as client:
+        for session in ("new", "kept", "bulk"):
+            assert await client.get(KEYS.session(CLUSTER, session).encode()) is not None
+        assert await client.get(KEYS.session(CLUSTER, "young").encode()) is None
+    assert (await a.status())["local_sessions"] == 1
+    bad = await a.put("x", {}, headers={"X-Meshxl-Sync": "later"})
+    assert bad.status == 400 and bad.json()["field"] == "X-Meshxl-Sync", bad
+    bad = await a.post_json("/v1/sessions:bulkSave", {"items": [
+        {"session": "y", "data": {}, "sync": "soon"}]})
+    assert bad.status == 400 and bad.json()["field"] == "items[0].sync", bad
+
+
 async def test_sessions_moved_while_young_keep_their_newest_state_without_a_pause(
         etcd: EtcdServer, start_sidecar: Any) -> None:
     """The race without a pause: sessions written on one member, then (moved while

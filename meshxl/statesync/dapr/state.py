@@ -183,7 +183,7 @@ class StateOps:
             writes = [Write(session_id=self._session(keys, s.key), op=PUT, data=s.value,
                             content_type=s.content_type, if_match=_if_match(s.etag),
                             create_only=s.concurrency == FIRST_WRITE and not s.etag,
-                            ttl=s.ttl) for s in saves]
+                            ttl=s.ttl, sync_now=s.ttl is not None) for s in saves]
             parts.quota.admit(writes)
         except MeshxlError as exc:
             raise from_meshxl(exc, "ERR_STATE_SAVE", context) from None
@@ -240,7 +240,8 @@ class StateOps:
                               else op.concurrency == FIRST_WRITE and not op.etag)
                     write = Write(session_id=session_id, op=PUT, data=op.value,
                                   content_type=op.content_type, if_match=if_match,
-                                  create_only=create, ttl=op.ttl)
+                                  create_only=create, ttl=op.ttl,
+                                  sync_now=op.ttl is not None)
                 else:
                     write = Write(session_id=session_id, op=DELETE, if_match=if_match)
                 plan.pop(session_id, None)  # in the order of each key's last operation
