@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -225,6 +226,21 @@ async def test_errors_are_daprds(client: Any) -> None:
     with pytest.raises(grpc.RpcError) as secret:
         await call(client.get_secret, "vault", "db")
     assert code_of(secret.value) == grpc.StatusCode.FAILED_PRECONDITION
+    # A stream (pub/sub's subscription) whose requests never end is answered at once.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{os.environ['DAPR_GRPC_PORT']}") as ch:
+        subscribe = ch.stream_stream(
+            "/dapr.proto.runtime.v1.Dapr/SubscribeTopicEventsAlpha1")
+        never = asyncio.Event()
+
+        async def requests() -> Any:
+            yield b""
+            await never.wait()  # the client never ends its side
+            yield b""
+
+        with pytest.raises(grpc.aio.AioRpcError) as stream:
+            async for _ in subscribe(requests(), timeout=10):
+                pass
+        assert stream.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     metadata = await call(client.get_metadata)
     assert metadata.application_id == "orders"
     assert {c.name for c in metadata.registered_components} == {STORE, "orders"}

@@ -1,23 +1,16 @@
-"""Dapr's gRPC API (``dapr.proto.runtime.v1.Dapr``) on grpcio's asyncio server, its
-messages read and written by :mod:`.wire`: GetState, GetBulkState, SaveState,
-DeleteState, DeleteBulkState, ExecuteStateTransaction, GetMetadata and SetMetadata,
-with daprd's status codes (:mod:`.errors`); and grpc.health.v1's Check, which Envoy's
-gRPC health check of the member calls. Every other method of the service answers at
-once, without reading a message, as daprd answers for a building block without a
-component (a stream too: never a hang); another service is UNIMPLEMENTED.
-
-Loaded only when the Dapr API is on: grpcio's server, and this, stay out of the idle
-sidecar otherwise.
+"""Dapr's gRPC API (``dapr.proto.runtime.v1.Dapr``) over :mod:`.h2`, its messages read
+and written by :mod:`.wire`: GetState, GetBulkState, SaveState, DeleteState,
+DeleteBulkState, ExecuteStateTransaction, GetMetadata and SetMetadata, with daprd's
+status codes (:mod:`.errors`); and grpc.health.v1's Check, which Envoy's gRPC health
+check of the member calls. Every other method of the service answers at once as daprd
+answers for a building block without a component (a stream too: never a hang);
+another service is UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
-
-import grpc
 
 from .errors import INVALID_ARGUMENT, UNAVAILABLE, DaprError, malformed, not_served_method
 from .metadata import Metadata
@@ -37,20 +30,15 @@ from .wire import (
     read_transaction,
 )
 
-log = logging.getLogger(__name__)
-
-__all__ = ["SERVICE", "DaprService"]
+__all__ = ["HEALTH_CHECK", "SERVICE", "TOKEN_HEADER", "DaprService"]
 
 SERVICE = "dapr.proto.runtime.v1.Dapr"
 _PREFIX = f"/{SERVICE}/"
 TOKEN_HEADER = "dapr-api-token"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+UNAUTHENTICATED, UNIMPLEMENTED = 16, 12
 
 Unary = Callable[[bytes], Awaitable[bytes]]
-
-
-def _identity(data: bytes) -> bytes:
-    return data
 
 
 def _save(item: StateItem) -> Save:
@@ -63,14 +51,14 @@ def _ttl_metadata(item: Item) -> dict[str, str]:
     return {"ttlExpireTime": rfc3339(item.expires)} if item.expires is not None else {}
 
 
-class DaprService(grpc.GenericRpcHandler):  # type: ignore[misc]
+class DaprService:
     """The service's methods over :class:`.state.StateOps` (None while the sidecar
     starts: every call then UNAVAILABLE, ``reason`` saying why)."""
 
     def __init__(self, token: str | None, reason: Callable[[], str]):
         self.ops: StateOps | None = None
         self.metadata: Metadata | None = None
-        self.token = token
+        self.token = token.encode() if token is not None else None
         self.reason = reason
         self._methods: dict[str, Unary] = {
             "GetState": self.get_state, "GetBulkState": self.get_bulk_state,
@@ -79,55 +67,38 @@ class DaprService(grpc.GenericRpcHandler):  # type: ignore[misc]
             "ExecuteStateTransaction": self.transaction, "GetMetadata": self.get_metadata,
             "SetMetadata": self.set_metadata}
 
-    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method
-        if method == HEALTH_CHECK:
-            return grpc.unary_unary_rpc_method_handler(self.health, _identity, _identity)
-        if not method.startswith(_PREFIX):
+    def early(self, path: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        """A call refused from its headers (:data:`.h2.Early`): another service, a
+        method not served (a stream too, at once), no or a wrong token."""
+        if path == HEALTH_CHECK:
             return None
-        name = method[len(_PREFIX):]
-        unary = self._methods.get(name)
-        if unary is None:
+        if not path.startswith(_PREFIX):
+            return UNIMPLEMENTED, f"unknown service of {path[:200]!r}"
+        name = path[len(_PREFIX):]
+        if name not in self._methods:
             refusal = not_served_method(name)
+            return refusal.grpc_code, refusal.message
+        if self.token is not None and not hmac.compare_digest(
+                headers.get(TOKEN_HEADER, "").encode(), self.token):
+            return UNAUTHENTICATED, "missing or wrong dapr-api-token"
+        return None
 
-            async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
-                await context.abort(_code(refusal.grpc_code), refusal.message)
-
-            return grpc.stream_stream_rpc_method_handler(refuse, _identity, _identity)
-        return grpc.unary_unary_rpc_method_handler(self._call(unary), _identity, _identity)
-
-    def _call(self, unary: Unary) -> Callable[[bytes, grpc.aio.ServicerContext],
-                                              Awaitable[bytes]]:
-        async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            error: DaprError
-            if self.token is not None and not self._authorized(context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    "missing or wrong dapr-api-token")
-            try:
-                return await unary(request)
-            except DaprError as exc:
-                error = exc
-            except BadMessage as exc:
-                error = DaprError("ERR_MALFORMED_REQUEST", f"the request is not the "
-                                  f"method's message: {exc}", 400, INVALID_ARGUMENT)
-            await context.abort(_code(error.grpc_code), error.message)
-            raise AssertionError("abort raises")
-
-        return call
-
-    async def health(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """grpc.health.v1's Check (Envoy's gRPC health check of the member):
-        ``HealthCheckResponse.status`` SERVING (1) once the API serves, else
-        NOT_SERVING (2)."""
-        return b"\x08\x01" if self.ops is not None else b"\x08\x02"
-
-    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        assert self.token is not None
-        for key, value in context.invocation_metadata() or ():
-            if key == TOKEN_HEADER:
-                given = value if isinstance(value, str) else value.decode("latin-1")
-                return hmac.compare_digest(given.encode(), self.token.encode())
-        return False
+    async def handle(self, path: str, message: bytes,
+                     headers: dict[str, str]) -> tuple[int, str, bytes]:
+        """One call (:data:`.h2.Handler`), :meth:`early` passed: (gRPC status, its
+        message, the answer)."""
+        if path == HEALTH_CHECK:  # SERVING (1) once the API serves, else NOT_SERVING (2)
+            return 0, "", b"\x08\x01" if self.ops is not None else b"\x08\x02"
+        refusal = self.early(path, headers)
+        if refusal is not None:
+            return refusal[0], refusal[1], b""
+        unary = self._methods[path[len(_PREFIX):]]
+        try:
+            return 0, "", await unary(message)
+        except DaprError as exc:
+            return exc.grpc_code, exc.message, b""
+        except BadMessage as exc:
+            return INVALID_ARGUMENT, f"the request is not the method's message: {exc}", b""
 
     def _ops(self) -> StateOps:
         if self.ops is None:
@@ -204,9 +175,3 @@ class DaprService(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise malformed(str(exc)) from None
         return b""
 
-
-def _code(value: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == value:
-            return code
-    return grpc.StatusCode.UNKNOWN

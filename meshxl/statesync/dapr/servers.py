@@ -1,21 +1,23 @@
 """Dapr's two ports of one sidecar process: HTTP (its own server, :mod:`.http`) and
-gRPC (grpcio's asyncio server, :mod:`.grpc`), bound before the member registers (a port
-in use stops the start, as ``--listen``'s does), answering "starting" until the sidecar
-has started, then the state API over its clusters.
+gRPC (its own HTTP/2 server, :mod:`.h2`, under :mod:`.grpc`), bound before the member
+registers (a port in use stops the start, as ``--listen``'s does), answering "starting"
+until the sidecar has started, then the state API over its clusters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
 
-from meshxl.addr import ListenError, bind_tcp, bound_port, grpc_target
+from meshxl.addr import bind_tcp, bound_port, grpc_target
 from meshxl.statesync.config import DaprConfig
 from meshxl.statesync.http import HttpServer, Request, Response
 
 from .errors import DaprError
 from .grpc import TOKEN_HEADER, DaprService
+from .h2 import Connections, serve_on
 from .http import DaprRoutes, error_response, waiting_router
 from .keys import KeyMapping
 from .metadata import Metadata
@@ -66,29 +68,25 @@ class DaprServers:
                                max_connections=max_connections)
         self.service = DaprService(token, reason)
         self._sock: socket.socket | None = None
-        self._grpc: object | None = None
+        self._grpc: asyncio.AbstractServer | None = None
+        self._grpc_connections = Connections()
         self.http_port = 0
         self.grpc_port = 0
 
     async def start(self) -> None:
         """Bind both ports (ListenError: in use, or a bad address) and serve."""
-        import grpc
-
         self._sock = bind_tcp(grpc_target(self.host, self.config.http_port),
                               "--dapr-http-port")
-        self.http_port = bound_port(self._sock)
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((self.service,))
         try:
-            self.grpc_port = server.add_insecure_port(
-                grpc_target(self.host, self.config.grpc_port))
-        except RuntimeError as exc:
+            grpc_sock = bind_tcp(grpc_target(self.host, self.config.grpc_port),
+                                 "--dapr-grpc-port")
+        except BaseException:
             self._sock.close()
-            raise ListenError(f"--dapr-grpc-port: cannot listen on "
-                              f"{grpc_target(self.host, self.config.grpc_port)}: {exc}") from None
-        self._grpc = server
+            raise
+        self.http_port, self.grpc_port = bound_port(self._sock), bound_port(grpc_sock)
         await self.http.listen(self._sock)
-        await server.start()
+        factory, self._grpc_connections = serve_on(self.service.handle, self.service.early)
+        self._grpc = await asyncio.get_running_loop().create_server(factory, sock=grpc_sock)
 
     def serve(self, lookup: Callable[[str], StoreParts | None],
               names: Callable[[], list[str]], app_id: str, version: str) -> None:
@@ -99,12 +97,16 @@ class DaprServers:
         self.service.metadata = metadata
         self.service.ops = ops
 
-    async def close(self) -> None:
-        await self.http.close()
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting; the calls under way are answered (at most ``grace``)."""
+        await self.http.close(grace)
         if self._grpc is not None:
-            import grpc
-
-            server = self._grpc
-            assert isinstance(server, grpc.aio.Server)
-            with contextlib.suppress(Exception):
-                await server.stop(1.0)
+            self._grpc.close()
+            for connection in list(self._grpc_connections.live):
+                connection.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._grpc_connections.none.wait()
+            for connection in list(self._grpc_connections.live):
+                if connection.transport is not None:
+                    connection.transport.abort()
