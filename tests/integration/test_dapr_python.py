@@ -244,3 +244,90 @@ async def test_errors_are_daprds(client: Any) -> None:
     metadata = await call(client.get_metadata)
     assert metadata.application_id == "orders"
     assert {c.name for c in metadata.registered_components} == {STORE, "orders"}
+
+
+async def test_a_token_is_daprs_api_token(etcd: EtcdServer, start_sidecar: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``--token-file`` every Dapr call but health and metadata needs
+    ``dapr-api-token`` (what the SDKs send from DAPR_API_TOKEN); without it the call is
+    refused, UNAUTHENTICATED over gRPC, 401 over HTTP."""
+    import aiohttp
+
+    http_port, grpc_port = free_port(), free_port()
+    await start_sidecar(cluster="orders", member="a", etcd=etcd.url, app_port=free_port(),
+                        token="s3cret-token-of-32-characters-ok", dapr="on",
+                        dapr_http_port=http_port, dapr_grpc_port=grpc_port)
+    monkeypatch.setenv("DAPR_HTTP_PORT", str(http_port))
+    monkeypatch.setenv("DAPR_GRPC_PORT", str(grpc_port))
+    sdk = await call(dapr_clients.DaprClient)  # its health wait needs no token
+    with pytest.raises(grpc.RpcError) as refused:
+        await call(sdk.save_state, STORE, "k", b"v")
+    assert code_of(refused.value) == grpc.StatusCode.UNAUTHENTICATED
+    await call(sdk.close)
+    monkeypatch.setenv("DAPR_API_TOKEN", "s3cret-token-of-32-characters-ok")
+    sdk = await call(dapr_clients.DaprClient)
+    try:
+        await call(sdk.save_state, STORE, "k", b"v")
+        assert (await call(sdk.get_state, STORE, "k")).data == b"v"
+    finally:
+        await call(sdk.close)
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{http_port}/v1.0/state/{STORE}/k"
+        async with http.get(url) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["errorCode"] == "ERR_UNAUTHORIZED"
+        async with http.get(url, headers={"dapr-api-token":
+                                          "s3cret-token-of-32-characters-ok"}) as resp:
+            assert resp.status == 200 and await resp.read() == b"v"
+
+
+async def test_before_etcd_answers_dapr_says_not_ready(start_sidecar: Any) -> None:
+    """Until the sidecar has started (etcd not answering yet), Dapr's health is 500
+    (daprd's ERR_HEALTH_NOT_READY, what the SDKs wait on) and calls UNAVAILABLE, never a
+    hang or a refused connection."""
+    import aiohttp
+
+    http_port, grpc_port = free_port(), free_port()
+    sidecar = await start_sidecar(cluster="orders", member="a",
+                                  etcd=f"http://127.0.0.1:{free_port()}", app_port=free_port(),
+                                  wait_ready=False, dapr="on", dapr_http_port=http_port,
+                                  dapr_grpc_port=grpc_port)
+    await sidecar.wait_listening()
+
+    async def health() -> int:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{http_port}/v1.0/healthz/outbound") as resp:
+            assert resp.status == 500
+            return (await resp.json())["errorCode"] == "ERR_OUTBOUND_HEALTH_NOT_READY"
+
+    await wait_until(health, timeout=15, what="Dapr's health answers not ready")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        get = channel.unary_unary("/dapr.proto.runtime.v1.Dapr/GetState")
+        with pytest.raises(grpc.aio.AioRpcError) as starting:
+            await get(b"\x0a\x0astatestore\x12\x01k", timeout=10)
+    assert starting.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_sidecar_of_several_clusters_serves_each_as_a_store(
+        etcd: EtcdServer, start_sidecar: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cluster t1 --cluster t2`` (or ``--pool``): each cluster is a state store by its
+    name, their keys apart; no store is the default there."""
+    http_port, grpc_port = free_port(), free_port()
+    await start_sidecar(cluster=["t1", "t2"], member="a", etcd=etcd.url,
+                        app_port=free_port(), dapr="on", dapr_http_port=http_port,
+                        dapr_grpc_port=grpc_port)
+    monkeypatch.setenv("DAPR_HTTP_PORT", str(http_port))
+    monkeypatch.setenv("DAPR_GRPC_PORT", str(grpc_port))
+    sdk = await call(dapr_clients.DaprClient)
+    try:
+        await call(sdk.save_state, "t1", "cart", b"in t1")
+        await call(sdk.save_state, "t2", "cart", b"in t2")
+        assert (await call(sdk.get_state, "t1", "cart")).data == b"in t1"
+        assert (await call(sdk.get_state, "t2", "cart")).data == b"in t2"
+        with pytest.raises(grpc.RpcError) as unknown:
+            await call(sdk.get_state, STORE, "cart")
+        assert code_of(unknown.value) == grpc.StatusCode.INVALID_ARGUMENT
+        names = {c.name for c in (await call(sdk.get_metadata)).registered_components}
+        assert names == {"t1", "t2"}
+    finally:
+        await call(sdk.close)
