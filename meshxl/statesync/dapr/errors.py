@@ -73,7 +73,10 @@ def from_meshxl(exc: MeshxlError, code: str, context: str) -> DaprError:
     if isinstance(exc, TooLarge):
         return DaprError("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
     if isinstance(exc, InputError):
-        return DaprError(code, f"{context}: invalid etag value: {exc}", 400, INVALID_ARGUMENT)
+        if exc.details.get("field") == "If-Match" or str(exc).startswith("If-Match"):
+            return DaprError(code, f"{context}: invalid etag value: {exc}", 400,
+                             INVALID_ARGUMENT)
+        return DaprError("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
     if isinstance(exc, Unavailable):
         return DaprError(code, message, 503, UNAVAILABLE)
     return DaprError(code, message, 500, INTERNAL)

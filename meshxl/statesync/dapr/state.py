@@ -21,6 +21,7 @@ from typing import Protocol
 from meshxl.errors import InputError, MeshxlError, NotFound
 from meshxl.statesync.quota import QuotaGuard
 from meshxl.statesync.record import MAX_TTL, NO_EXPIRY
+from meshxl.statesync.store import MAX_TXN_WRITES
 from meshxl.statesync.writes import DELETE, PUT, SessionEngine, Stored, Write
 
 from .errors import INTERNAL, DaprError, from_meshxl, malformed, store_not_found
@@ -30,6 +31,14 @@ __all__ = ["FIRST_WRITE", "LAST_WRITE", "Delete", "Item", "Save", "StateOps", "S
            "Stores", "parse_ttl", "rfc3339"]
 
 FIRST_WRITE, LAST_WRITE = "first-write", "last-write"
+MAX_BULK = 1024
+"""Keys of one bulk get, save or delete at most (each is a session read or written
+concurrently)."""
+
+
+def _bounded(count: int, what: str) -> None:
+    if count > MAX_BULK:
+        raise malformed(f"{count} keys in one {what}; at most {MAX_BULK}")
 
 
 class StoreParts(Protocol):
@@ -103,7 +112,7 @@ def _if_match(etag: str | None) -> str | None:
     if not etag:
         return None
     if etag.strip() == "*":
-        raise InputError("'*' is not an ETag")
+        raise InputError("If-Match: '*' is not an ETag", field="If-Match")
     return f'"{etag}"'
 
 
@@ -159,6 +168,7 @@ class StateOps:
                        ) -> list[Item | DaprError | None]:
         """Each key as :meth:`get` answers it (an error per key, not for the request)."""
         parts, keys = self._store(store)
+        _bounded(len(keys_asked), "bulk get")
         ids = [self._session(keys, key) for key in keys_asked]
         results = await asyncio.gather(
             *(self._get(parts, store, key, i) for key, i in zip(keys_asked, ids, strict=True)),
@@ -178,6 +188,7 @@ class StateOps:
         if not saves:
             return
         parts, keys = self._store(store)
+        _bounded(len(saves), "save")
         context = f"failed saving state in state store {store[:100]}"
         try:
             writes = [Write(session_id=self._session(keys, s.key), op=PUT, data=s.value,
@@ -199,6 +210,7 @@ class StateOps:
         if not deletes:
             return
         parts, keys = self._store(store)
+        _bounded(len(deletes), "bulk delete")
         context = "failed deleting state with key " + deletes[0].key[:100]
         try:
             writes = [Write(session_id=self._session(keys, d.key), op=DELETE,
@@ -247,6 +259,10 @@ class StateOps:
                 plan.pop(session_id, None)  # in the order of each key's last operation
                 plan[session_id] = write
             writes = list(plan.values())
+            if len(writes) > MAX_TXN_WRITES:  # etcd's operations per transaction
+                raise DaprError("ERR_STATE_STORE_TOO_MANY_TRANSACTIONS", f"the transaction "
+                                f"contains {len(writes)} operations, which is more than "
+                                f"what the state store supports: {MAX_TXN_WRITES}", 400, 3)
             parts.quota.admit(writes)
         except MeshxlError as exc:
             raise _transaction_error(
@@ -254,7 +270,13 @@ class StateOps:
         for _ in range(3):
             if not writes:
                 return
-            outcome = await parts.sessions.write(writes, atomic=True)
+            try:
+                outcome = await parts.sessions.write(writes, atomic=True)
+            except MeshxlError as exc:  # refused whole (too many keys with the deletes)
+                raise _transaction_error(from_meshxl(exc, "ERR_STATE_TRANSACTION",
+                                                     context)) from None
+            except ValueError as exc:  # more bytes than one etcd request takes
+                raise malformed(f"{context}: {exc}") from None
             if outcome.committed:
                 return
             gone = {i for i, e in outcome.errors.items()
