@@ -5,7 +5,7 @@
 #                        matplotlib), and Debian's etcd-server when no `etcd` is on PATH
 #   setup.sh VENV test   the test suite (the default): the test and dev extras
 #                        (requirements/dev.lock), etcd with etcdctl, kubectl, chromium
-#                        (the browser tests), prometheus (promtool) and iptables
+#                        (the browser tests), prometheus (promtool), nodejs and iptables
 #   setup.sh VENV bench  the benchmarks (`make bench`): the test set-up, and Debian's
 #                        haproxy and redis-server (the peers bench/peers.py measures
 #                        meshxl beside) when they are not on PATH
@@ -84,7 +84,8 @@ fi
 # * chromium: the live view's browser tests (tests/integration/test_live_view.py) drive
 #   it headless with Playwright (the PyPI package, which never downloads its own browser);
 # * prometheus, for promtool: the tests check deploy/prometheus's rules and the Grafana
-#   dashboard's queries with Prometheus's own parser and rule unit tests.
+#   dashboard's queries with Prometheus's own parser and rule unit tests;
+# * nodejs: the browser's stream client runs its tests under `node --test` (tests/js).
 packages=()
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
@@ -97,6 +98,10 @@ fi
 if ! command -v promtool >/dev/null 2>&1; then
   echo "promtool not found on PATH: installing Debian's prometheus (for promtool)"
   packages+=(prometheus)
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "node not found on PATH: installing Debian's nodejs (for tests/js)"
+  packages+=(nodejs)
 fi
 if [ "$purpose" = bench ]; then
   for tool in haproxy:haproxy redis-server:redis-server; do
@@ -136,6 +141,8 @@ command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after inst
   || { echo "chromium is still not on PATH after installing chromium" >&2; exit 1; }
 command -v promtool >/dev/null \
   || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
+command -v node >/dev/null \
+  || { echo "node is still not on PATH after installing nodejs" >&2; exit 1; }
 if [ "$purpose" = bench ]; then
   for tool in haproxy redis-server; do
     command -v "$tool" >/dev/null || { echo "$tool is still not on PATH after installing it" >&2; exit 1; }

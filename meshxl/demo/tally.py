@@ -19,6 +19,8 @@ gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
 ``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
 counts them (the count is the stream's committed state: it goes on from there on the
 member that takes the stream over).
+
+``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meshxl.demo import tally_page
 from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
 __all__ = ["add_routes", "grpc_handlers", "tally"]
@@ -83,6 +86,7 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
 
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
     app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
+    tally_page.add_routes(app)
 
 
 def grpc_handlers(host: StreamHost, member: str) -> Any:

@@ -7,10 +7,12 @@ and a route per stream kind: :func:`websocket` (aiohttp); a handler is a corouti
 :class:`ServerStream`; :func:`server_sent_events` (aiohttp); gRPC in
 :mod:`meshxl.streams.grpcio` (``unary_stream``, ``stream_stream``, ``connect_grpc``,
 imported on demand: it needs grpcio). Client side:
-:func:`connect_websocket` and :func:`connect_sse` give a :class:`ClientStream`. The
+:func:`connect_websocket` and :func:`connect_sse` give a :class:`ClientStream`; in a
+browser, the ES module :func:`static_route` serves (:mod:`meshxl.streams.browser`). The
 protocol: :mod:`meshxl.streams.protocol`.
 """
 
+from .browser import static_route
 from .client import ClientStream, StreamLost, StreamRefused, connect_websocket
 from .host import Refused, StreamHost
 from .protocol import SUBPROTOCOL, Limits, Refusal
@@ -20,4 +22,4 @@ from .websocket import websocket
 
 __all__ = ["SUBPROTOCOL", "ClientStream", "Limits", "Refusal", "Refused", "ServerStream",
            "StreamClosed", "StreamHost", "StreamLost", "StreamRefused", "connect_sse",
-           "connect_websocket", "server_sent_events", "websocket"]
+           "connect_websocket", "server_sent_events", "static_route", "websocket"]

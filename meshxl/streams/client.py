@@ -35,6 +35,7 @@ from .protocol import (
     ACK,
     END,
     ERROR,
+    FAILED,
     MESSAGE,
     OPEN,
     READY,
@@ -115,6 +116,9 @@ class ClientStream:
         """The highest message of ours the server's handler consumed (committed)."""
         self._inbox: collections.deque[Payload] = collections.deque()
         self._server_end: int | None = None
+        self._end_failure: Refusal | None = None
+        """The stream ended because the server's handler failed (``failed``): raised once
+        every message before it was received."""
         self._ended_sent = False
         self._acked = 0
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -222,10 +226,13 @@ class ClientStream:
 
     async def receive(self) -> Payload:
         """The next server message; EOFError once the server's handler finished and
-        everything it sent was received."""
+        everything it sent was received (:class:`StreamRefused` with ``failed`` when it
+        ended by raising)."""
         await self._wait(lambda: bool(self._inbox) or self._finished)
         if self._inbox:
             return self._inbox.popleft()
+        if self._end_failure is not None:
+            raise StreamRefused(self._end_failure)
         raise EOFError("the server ended the stream")
 
     @property
@@ -275,6 +282,8 @@ class ClientStream:
                         self._changed.set()
                     elif frame.type == ERROR:
                         refusal = frame.refusal
+                        if refusal is FAILED:  # the handler failed: said after its last
+                            self._end_failure = refusal  # message, before its end
                     if self._finished:
                         await self._ack_now(conn)
                         self._changed.set()

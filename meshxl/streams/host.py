@@ -231,12 +231,15 @@ class StreamHost:
             if not batch:
                 return
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._commit(batch))
+            # Taken now, not when the task runs: a stream marked again meanwhile is
+            # then committing, and waits for this write (one write in flight each).
+            plans = [(stream, *stream.take()) for stream in batch]
+            task = asyncio.get_running_loop().create_task(self._commit(plans))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _commit(self, batch: list[ServerStream]) -> None:
-        plans = [(stream, *stream.take()) for stream in batch]
+    async def _commit(self, plans: list[tuple[ServerStream, StreamRecord,
+                                              list[tuple[int, Payload]]]]) -> None:
         try:
             answers: Sequence[Written | SidecarError] = await self.sessions.bulk_save([
                 Upsert(session=record_id(stream.token), state=_state_of(record),

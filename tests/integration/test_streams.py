@@ -43,8 +43,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 async def streams_deployment(tmp_path_factory: pytest.TempPathFactory,
                              ) -> AsyncIterator[DemoDeployment]:
     async with deployment(tmp_path_factory.mktemp("streams"), "websocket",
-                          drain_window=DRAIN_WINDOW) as d:
+                          drain_window=DRAIN_WINDOW,
+                          fields={"route": f"{{timeout: {ROUTE_TIMEOUT:g}s}}"}) as d:
         yield d
+
+
+ROUTE_TIMEOUT = 2.0
+"""Short: a stream outlives the cluster's route timeout (Envoy's limit on a response)."""
 
 
 DRAIN_WINDOW = 60.0
@@ -207,6 +212,27 @@ async def test_streams_of_a_member_cut_off_resume_and_it_is_fenced_when_it_retur
             await t.stream.aclose()
         if frozen:
             await restart(d, frozen)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_stream_outlives_the_routes_timeout_on_one_connection(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """The cluster's route timeout (2 s here) bounds a response; an event stream and a
+    WebSocket are not cut by it (meshxl's routes for them have none): one connection
+    carries the stream well past it."""
+    d = streams_deployment
+    stream = await _open(d, f"long-{kind}", kind)
+    try:
+        started = asyncio.get_running_loop().time()
+        sent = 0
+        while asyncio.get_running_loop().time() - started < ROUTE_TIMEOUT * 2:
+            sent += 1
+            await stream.send({"n": 1})
+            assert (await asyncio.wait_for(stream.receive(), 10))["total"] == sent
+            await asyncio.sleep(0.1)
+        assert stream.connections == 1 and not stream.resumes
+    finally:
+        await stream.aclose()
 
 
 async def test_resuming_another_sessions_stream_is_refused(
