@@ -13,7 +13,8 @@ of the same name) and from the downward API at run time:
 * member: the pod name (``metadata.name`` through the downward API, because a pod
   created from a template has no name yet when it is admitted);
 * site, weight: ``meshxl.io/site``, ``meshxl.io/weight`` (optional: the model decides);
-* the application port: ``meshxl.io/app-port``, else the first container's first port.
+* the application port: ``meshxl.io/app-port``, else the first container's first port;
+* Dapr's state API on the sidecar: ``meshxl.io/dapr: "on"`` (docs/dapr.md).
 
 Where the pod may run is part of high availability: members of one cluster repel each
 other across nodes (pod anti-affinity on ``kubernetes.io/hostname``) and spread over
@@ -96,6 +97,11 @@ ANNOTATION_IP_FAMILY = "meshxl.io/ip-family"
 ANNOTATION_STATUS = "meshxl.io/status"
 #: ``preferred``, ``required`` or ``none``: how members of one cluster are kept apart
 #: (anti-affinity across nodes, spread over zones). Overrides the injector's default.
+ANNOTATION_DAPR = "meshxl.io/dapr"
+"""``on``: the sidecar serves Dapr's state API on the pod's loopback, where the Dapr SDKs
+look (3500 and 50001; docs/dapr.md)."""
+DAPRD_ENABLED = "dapr.io/enabled"
+"""Dapr's own injector's annotation: its daprd takes the same ports."""
 ANNOTATION_ANTI_AFFINITY = "meshxl.io/anti-affinity"
 #: Node labels every node has (its name) and cloud providers set (its zone).
 HOSTNAME_KEY = "kubernetes.io/hostname"
@@ -283,6 +289,19 @@ def _proxy_of(meta: Mapping[str, Any], default: str) -> str:
     return proxy
 
 
+def _dapr_of(meta: Mapping[str, Any]) -> bool:
+    value = _lookup(meta, ANNOTATION_DAPR)
+    if value is None or value == "off":
+        return False
+    if value != "on":
+        raise InjectError(f"{ANNOTATION_DAPR} must be 'on' or 'off', got {value[:40]!r}")
+    if (_lookup(meta, DAPRD_ENABLED) or "").lower() == "true":
+        raise InjectError(f"{ANNOTATION_DAPR}: on and {DAPRD_ENABLED}: true both serve "
+                          "Dapr's API on ports 3500 and 50001: turn one off (with daprd "
+                          "for other building blocks, see docs/dapr.md)")
+    return True
+
+
 def _anti_affinity_of(meta: Mapping[str, Any], default: str) -> str:
     value = _lookup(meta, ANNOTATION_ANTI_AFFINITY)
     if value is None:
@@ -422,7 +441,8 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
     # network, which under Istio the istio-proxy sidecar provides), then the sidecars
     # start, then the application.
     init.append(statesync_container(config, cluster, site, weight, app_port, family == "ipv6",
-                                    istio_meta=meta if proxy == "none" else None))
+                                    istio_meta=meta if proxy == "none" else None,
+                                    dapr=_dapr_of(meta)))
     volumes: list[str] = []
     if proxy == "envoy":
         init.append(envoy_container(config, cluster))

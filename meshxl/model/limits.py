@@ -27,7 +27,8 @@ from .basics import MAX_DURATION
 
 __all__ = [
     "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "CONVERGE_TIMEOUT",
-    "CREDENTIALS_REFRESH", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS", "DNS_INTERVAL",
+    "CREDENTIALS_REFRESH", "DAPR_PORT", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS",
+    "DNS_INTERVAL",
     "DRILL_DURATION", "LEASE_TTL", "MAX_CONNECTIONS", "MAX_DELAY", "MAX_INFLIGHT",
     "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PORT", "PROBE_TIMEOUT", "PROBLEM_TTL",
     "PUBLISH_INTERVAL", "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE",
@@ -224,6 +225,8 @@ DEMO_DURATION = seconds(3, 600)
 PORT = count(1, 65_535)
 """A TCP port (a member's port in the model and in its registration, a listener's)."""
 ADMIN_PORT = PORT
+DAPR_PORT = count(0, 65_535)
+"""Dapr's HTTP and gRPC ports on the sidecar (0: any free port, for tests)."""
 """``meshxl bootstrap --admin-port``: a TCP port."""
 
 # -- the model's other numbers (each field of meshxl.model.spec, .traffic, .document) ------

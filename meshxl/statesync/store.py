@@ -47,7 +47,8 @@ Reads
     per key).
 
 TTL
-    Every put carries the session lease of its time bucket (:mod:`.leases`).
+    Every put carries the session lease of its time bucket (:mod:`.leases`), or, for a
+    record with a TTL of its own, that TTL's lease (:meth:`SessionStore.lease_of`).
 """
 
 from __future__ import annotations
@@ -192,6 +193,13 @@ class SessionStore:
         """The session lease of the current TTL bucket, granted if need be
         (EtcdUnavailable without etcd); :meth:`lease_now` when it was granted already."""
         return self.leases.cached() or await self.leases.current()
+
+    async def lease_of(self, ttl: int | None) -> int:
+        """The lease of a put whose record has ``ttl`` (None: the cluster's, :meth:`lease`;
+        a TTL of its own: :meth:`.leases.Leases.for_ttl`)."""
+        if ttl is None:
+            return self.leases.cached() or await self.leases.current()
+        return await self.leases.for_ttl(ttl)
 
     def lease_now(self) -> int | None:
         """The current TTL bucket's session lease, if granted already (no await)."""

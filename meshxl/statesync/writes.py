@@ -64,6 +64,11 @@ class Write:
     record: SessionRecord | None = None
     """A record to store as it is: a session kept on this member (delayed sync),
     replicated when its delay is over."""
+    ttl: int | None = None
+    """A put's TTL of its own, in seconds (Dapr's ``ttlInSeconds``; ``-1``: never
+    expires), kept in its record (:attr:`.record.SessionRecord.ttl`) with a lease of that
+    TTL; None: the cluster's ``sessions.ttl``. Such a write is sent alone, and is
+    ``sync_now`` (delayed sync keeps no TTL of its own)."""
 
 
 @dataclass(slots=True, kw_only=True)
