@@ -37,7 +37,7 @@ from meshxl.client.errors import (
     SidecarPreconditionFailed,
     WriteUncertain,
 )
-from meshxl.errors import MeshxlError
+from meshxl.errors import Conflict
 
 from .protocol import (
     FORBIDDEN,
@@ -65,7 +65,7 @@ MAX_INFLIGHT = 2
 """Bulk saves in flight at once (the next one fills while one commits)."""
 
 
-class Refused(MeshxlError):
+class Refused(Conflict):
     """A stream cannot be opened or resumed here: ``refusal`` says why, as the
     transport will (close code, status)."""
 

@@ -14,6 +14,7 @@ from meshxl.errors import (
     Conflict,
     InputError,
     MeshxlError,
+    NotFound,
     PreconditionFailed,
     TooLarge,
     Unavailable,
@@ -21,17 +22,21 @@ from meshxl.errors import (
 )
 
 __all__ = ["ABORTED", "FAILED_PRECONDITION", "INTERNAL", "INVALID_ARGUMENT", "NOT_FOUND",
-           "RESOURCE_EXHAUSTED", "UNAVAILABLE", "UNIMPLEMENTED", "DaprError", "from_meshxl",
-           "not_served", "not_served_method", "store_not_found"]
+           "RESOURCE_EXHAUSTED", "UNAVAILABLE", "UNIMPLEMENTED", "DaprConflict", "DaprError",
+           "DaprInputError", "DaprNotFound", "DaprUnavailable", "dapr_error", "from_meshxl",
+           "malformed", "not_served", "not_served_method", "store_not_found"]
 
 # gRPC status codes (grpc.StatusCode's values, without importing grpc).
 INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, ABORTED = 3, 5, 9, 10
 RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
 
 
-class DaprError(Exception):
+class DaprError(MeshxlError):
     """An error as Dapr's API answers it: ``{"errorCode", "message"}`` with ``status``
-    over HTTP, the gRPC status ``grpc_code`` with the message over gRPC."""
+    over HTTP, the gRPC status ``grpc_code`` with the message over gRPC. A grouping
+    base: made through :func:`dapr_error`, each is the family member its status says
+    (:class:`DaprInputError`, :class:`DaprNotFound`, :class:`DaprConflict`,
+    :class:`DaprUnavailable`)."""
 
     def __init__(self, code: str, message: str, status: int, grpc_code: int,
                  reason: str | None = None):
@@ -48,13 +53,41 @@ class DaprError(Exception):
         return body
 
 
+class DaprInputError(DaprError, InputError):
+    """A request Dapr's API refuses as given (400), or asks for what is not served."""
+
+
+class DaprNotFound(DaprError, NotFound):
+    """404: no such route (the state API's own missing keys answer 204, not this)."""
+
+
+class DaprConflict(DaprError, Conflict):
+    """409: an ETag mismatch (another write came first, or this member was fenced)."""
+
+
+class DaprUnavailable(DaprError, Unavailable):
+    """503 or 429: etcd unavailable, the sidecar starting, over the cluster's quota."""
+
+
+_BY_STATUS: Final[dict[int, type[DaprError]]] = {404: DaprNotFound, 409: DaprConflict,
+                                                 429: DaprUnavailable, 503: DaprUnavailable}
+
+
+def dapr_error(code: str, message: str, status: int, grpc_code: int,
+               reason: str | None = None) -> DaprError:
+    """The error Dapr's API answers, as the family member its status says (anything
+    else, a 400, a 500 or a 501, is an :class:`DaprInputError`: a request for what this
+    sidecar does not do)."""
+    return _BY_STATUS.get(status, DaprInputError)(code, message, status, grpc_code, reason)
+
+
 def store_not_found(name: str) -> DaprError:
-    return DaprError("ERR_STATE_STORE_NOT_FOUND", f"state store {name[:100]} is not found",
+    return dapr_error("ERR_STATE_STORE_NOT_FOUND", f"state store {name[:100]} is not found",
                      400, INVALID_ARGUMENT, "DAPR_STATE_NOT_FOUND")
 
 
 def malformed(message: str) -> DaprError:
-    return DaprError("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
+    return dapr_error("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
 
 
 def from_meshxl(exc: MeshxlError, code: str, context: str) -> DaprError:
@@ -67,19 +100,19 @@ def from_meshxl(exc: MeshxlError, code: str, context: str) -> DaprError:
     (``ERR_STATE_SAVE``...), ``context`` what its message starts with."""
     message = f"{context}: {exc}"
     if getattr(exc, "status", None) == 429:  # over the cluster's quota (quota.QuotaRefused)
-        return DaprError(code, message, 429, RESOURCE_EXHAUSTED)
+        return dapr_error(code, message, 429, RESOURCE_EXHAUSTED)
     if isinstance(exc, PreconditionFailed | Conflict) and not isinstance(exc, Undecodable):
-        return DaprError(code, f"{context}: possible etag mismatch. {exc}", 409, ABORTED)
+        return dapr_error(code, f"{context}: possible etag mismatch. {exc}", 409, ABORTED)
     if isinstance(exc, TooLarge):
-        return DaprError("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
+        return dapr_error("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
     if isinstance(exc, InputError):
         if exc.details.get("field") == "If-Match" or str(exc).startswith("If-Match"):
-            return DaprError(code, f"{context}: invalid etag value: {exc}", 400,
+            return dapr_error(code, f"{context}: invalid etag value: {exc}", 400,
                              INVALID_ARGUMENT)
-        return DaprError("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
+        return dapr_error("ERR_MALFORMED_REQUEST", message, 400, INVALID_ARGUMENT)
     if isinstance(exc, Unavailable):
-        return DaprError(code, message, 503, UNAVAILABLE)
-    return DaprError(code, message, 500, INTERNAL)
+        return dapr_error(code, message, 503, UNAVAILABLE)
+    return dapr_error(code, message, 500, INTERNAL)
 
 
 _ACTORS = ('the state store is not configured to use the actor runtime. Have you set the '
@@ -117,7 +150,7 @@ def not_served(block: str) -> DaprError:
     """The answer to a building block meshxl does not serve (daprd's for one without a
     component; this API's ``ERR_API_UNIMPLEMENTED`` for the rest)."""
     code, message, status, grpc_code = _NOT_SERVED.get(block, _UNIMPLEMENTED)
-    return DaprError(code, message, status, grpc_code)
+    return dapr_error(code, message, status, grpc_code)
 
 
 _METHOD_BLOCKS: Final = (

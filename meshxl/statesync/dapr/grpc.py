@@ -12,7 +12,14 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 
-from .errors import INVALID_ARGUMENT, UNAVAILABLE, DaprError, malformed, not_served_method
+from .errors import (
+    INVALID_ARGUMENT,
+    UNAVAILABLE,
+    DaprError,
+    dapr_error,
+    malformed,
+    not_served_method,
+)
 from .metadata import Metadata
 from .state import Delete, Item, Save, StateOps, parse_ttl, rfc3339
 from .wire import (
@@ -102,7 +109,7 @@ class DaprService:
 
     def _ops(self) -> StateOps:
         if self.ops is None:
-            raise DaprError("ERR_NOT_READY", f"the sidecar is starting: {self.reason()}",
+            raise dapr_error("ERR_NOT_READY", f"the sidecar is starting: {self.reason()}",
                             503, UNAVAILABLE)
         return self.ops
 
@@ -154,7 +161,7 @@ class DaprService:
             elif kind == "delete":
                 operations.append(Delete(item.key, item.etag, item.concurrency))
             else:
-                raise DaprError("ERR_NOT_SUPPORTED_STATE_OPERATION", f"operation type "
+                raise dapr_error("ERR_NOT_SUPPORTED_STATE_OPERATION", f"operation type "
                                 f"{kind[:40]} not supported", 501, 12)
         await self._ops().transact(request.store, operations)
         return b""

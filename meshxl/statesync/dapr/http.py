@@ -18,7 +18,7 @@ from meshxl import httpbase
 from meshxl.statesync.http import READ, WRITE, Request, Response, Router
 from meshxl.statesync.record import JSON_TYPE, served_content_type, valid_content_type
 
-from .errors import DaprError, malformed, not_served
+from .errors import DaprError, dapr_error, malformed, not_served
 from .metadata import Metadata
 from .state import FIRST_WRITE, LAST_WRITE, Delete, Item, Save, StateOps, parse_ttl, rfc3339
 
@@ -279,7 +279,7 @@ class DaprRoutes:
                 elif kind == "delete":
                     ops.append(_delete(raw.get("request"), f"{where}.request"))
                 else:
-                    raise DaprError("ERR_NOT_SUPPORTED_STATE_OPERATION",
+                    raise dapr_error("ERR_NOT_SUPPORTED_STATE_OPERATION",
                                     f"operation type {str(kind)[:40]} not supported", 400, 3)
             await self.ops.transact(request.params["store"], ops)
         except DaprError as exc:
@@ -296,7 +296,7 @@ async def not_served_answer(request: Request) -> Response:
             return error_response(not_served(block))
     if path in ("/v1.0/shutdown",):
         return error_response(not_served(""))
-    return error_response(DaprError("ERR_NOT_FOUND", f"{request.method} {path[:200]} is "
+    return error_response(dapr_error("ERR_NOT_FOUND", f"{request.method} {path[:200]} is "
                                     "not part of Dapr's API served here", 404, 5))
 
 
@@ -307,8 +307,8 @@ def waiting_router(reason: Callable[[], str]) -> Router:
         if request.path.startswith("/v1.0/healthz"):
             code = "ERR_OUTBOUND_HEALTH_NOT_READY" if request.path.endswith("outbound") \
                 else "ERR_HEALTH_NOT_READY"
-            return error_response(DaprError(code, f"dapr is not ready: {reason()}", 500, 13))
-        return error_response(DaprError("ERR_NOT_READY", f"the sidecar is starting: "
+            return error_response(dapr_error(code, f"dapr is not ready: {reason()}", 500, 13))
+        return error_response(dapr_error("ERR_NOT_READY", f"the sidecar is starting: "
                                         f"{reason()}", 503, 14))
 
     r = Router()

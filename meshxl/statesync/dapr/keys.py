@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from meshxl.errors import InputError
 from meshxl.statesync.record import MAX_STORED_ID, storable_session_id
 
 __all__ = ["MAX_KEY_BYTES", "PREFIX_STRATEGIES", "SEPARATOR", "KeyMapping", "KeyRefused",
@@ -37,7 +38,7 @@ PREFIX = re.compile(r"^[A-Za-z0-9._~:{}-]{1,128}$")
 """What a literal prefix (and an application id used as one) may be."""
 
 
-class KeyRefused(ValueError):
+class KeyRefused(InputError):
     """A key Dapr's API cannot store (empty, with ``||``, too long)."""
 
 

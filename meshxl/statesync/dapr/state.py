@@ -24,7 +24,14 @@ from meshxl.statesync.record import MAX_TTL, NO_EXPIRY
 from meshxl.statesync.store import MAX_TXN_WRITES
 from meshxl.statesync.writes import DELETE, PUT, SessionEngine, Stored, Write
 
-from .errors import INTERNAL, DaprError, from_meshxl, malformed, store_not_found
+from .errors import (
+    INTERNAL,
+    DaprError,
+    dapr_error,
+    from_meshxl,
+    malformed,
+    store_not_found,
+)
 from .keys import KeyMapping, KeyRefused
 
 __all__ = ["FIRST_WRITE", "LAST_WRITE", "Delete", "Item", "Save", "StateOps", "StoreParts",
@@ -221,7 +228,7 @@ class StateOps:
             if isinstance(outcome, NotFound):
                 if not d.etag:
                     continue
-                raise DaprError("ERR_STATE_DELETE", f"failed deleting state with key "
+                raise dapr_error("ERR_STATE_DELETE", f"failed deleting state with key "
                                 f"{d.key[:100]}: possible etag mismatch. the key does not "
                                 "exist", 409, 10)
             if isinstance(outcome, MeshxlError):
@@ -243,7 +250,7 @@ class StateOps:
                 first = plan.get(session_id)
                 if first is not None and (op.etag or (isinstance(op, Save) and first.op == PUT
                                                       and op.concurrency == FIRST_WRITE)):
-                    raise DaprError("ERR_STATE_TRANSACTION", f"{context}: possible etag "
+                    raise dapr_error("ERR_STATE_TRANSACTION", f"{context}: possible etag "
                                     f"mismatch: key {op.key[:100]} was written earlier in "
                                     "this transaction", 500, INTERNAL)
                 if_match = first.if_match if first is not None else _if_match(op.etag)
@@ -260,7 +267,7 @@ class StateOps:
                 plan[session_id] = write
             writes = list(plan.values())
             if len(writes) > MAX_TXN_WRITES:  # etcd's operations per transaction
-                raise DaprError("ERR_STATE_STORE_TOO_MANY_TRANSACTIONS", f"the transaction "
+                raise dapr_error("ERR_STATE_STORE_TOO_MANY_TRANSACTIONS", f"the transaction "
                                 f"contains {len(writes)} operations, which is more than "
                                 f"what the state store supports: {MAX_TXN_WRITES}", 400, 3)
             parts.quota.admit(writes)
@@ -287,7 +294,7 @@ class StateOps:
                 raise _transaction_error(from_meshxl(failure, "ERR_STATE_TRANSACTION",
                                                      context))
             writes = [w for i, w in enumerate(writes) if i not in gone]  # deleted already
-        raise DaprError("ERR_STATE_TRANSACTION", f"{context}: its keys kept changing; try "
+        raise dapr_error("ERR_STATE_TRANSACTION", f"{context}: its keys kept changing; try "
                         "again", 500, INTERNAL)
 
 

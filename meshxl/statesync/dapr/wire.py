@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from meshxl.errors import InputError
 from meshxl.protowire import len_field
 
 __all__ = ["CONCURRENCY", "BadMessage", "GetBulk", "GetOne", "ItemAnswer", "StateItem",
@@ -34,7 +35,7 @@ CONCURRENCY = {0: "", 1: "first-write", 2: "last-write"}
 """``StateOptions.StateConcurrency`` as the HTTP API's words."""
 
 
-class BadMessage(ValueError):
+class BadMessage(InputError):
     """Bytes that are not the message (truncated, a wrong wire type, not UTF-8)."""
 
 
