@@ -9,11 +9,14 @@ process log is attached to the failure report.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # grpc-core prints connection-level INFO lines (GOAWAY on a killed etcd member) otherwise.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aetcd
@@ -21,12 +24,25 @@ import pytest
 
 from meshxl.local.procs import Owner
 from meshxl.xds.app import ControlPlane
+from tests.harness import ads as _ads
 from tests.harness import backends as _backends
+from tests.harness import clock as _clock
 from tests.harness import controlplane as _controlplane
 from tests.harness import envoy as _envoy
 from tests.harness import etcd as _etcd
 
 HARNESS_KEY = pytest.StashKey[Owner]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest-timeout's limit of a test (pyproject.toml) follows the suite's clock too."""
+    if _clock.SCALE == 1.0:
+        return
+    limit = _clock.scaled(float(config.getini("timeout") or 300))
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        item.add_marker(pytest.mark.timeout(
+            _clock.scaled(float(marker.args[0])) if marker and marker.args else limit))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -139,3 +155,37 @@ def start_sidecar(harness: Owner) -> Any:
         return await sidecar.start(wait_ready=wait_ready)
 
     return start
+
+
+@pytest.fixture
+async def xds() -> AsyncIterator[_ads.AdsHarness]:
+    """An ADS server in this process on a free port; ``xds.envoy()`` is a SotW client."""
+    async with _ads.ads_server("sotw") as served:
+        yield served
+
+
+@pytest.fixture
+async def delta_xds() -> AsyncIterator[_ads.AdsHarness]:
+    """As ``xds``, with ``envoy()`` a delta client."""
+    async with _ads.ads_server("delta") as served:
+        yield served
+
+
+@pytest.fixture
+async def ads_server() -> AsyncIterator[Callable[..., Awaitable[_ads.AdsHarness]]]:
+    """``await ads_server(protocol="sotw", **AdsServer_options)``: more ADS servers, or
+    one with options (auth, bounds, callbacks); all closed at teardown."""
+    async with AsyncExitStack() as stack:
+        async def start(protocol: str = "sotw", **options: Any) -> _ads.AdsHarness:
+            return await stack.enter_async_context(_ads.ads_server(protocol, **options))
+
+        yield start
+
+
+@pytest.fixture
+def nothing_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No envoy beside the interpreter, an empty PATH, no MESHXL_ETCD_BINARY."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("MESHXL_ETCD_BINARY", raising=False)
+    return tmp_path

@@ -27,8 +27,8 @@ from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER
 from meshxl.xds.upstream import UpstreamSignals
+from tests.integration.test_xds_auth import Pki, credentials
 from tests.unit.test_accesslog import http
-from tests.unit.test_xds_auth import Pki, credentials
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

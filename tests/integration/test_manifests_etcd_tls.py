@@ -19,8 +19,8 @@ import yaml
 
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig, mutate_pod
 from meshxl.kube.inject import ETCD_CLIENT_VOLUME
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import (
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import (
     NAMESPACE,
     OVERLAYS,
     Docs,

@@ -15,8 +15,8 @@ from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
 from meshxl.statesync.http.admission import MAX_HOLD, Hold
 from meshxl.statesync.http.connection import Slot
-from tests.unit.test_sidecar_http import _router, answers, exchange, put, run, serving
-from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
+from tests.integration.test_sidecar_http import _router, answers, exchange, put, run, serving
+from tests.integration.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
 HOLD = 0.4
 """Seconds the refused route's answer is held."""

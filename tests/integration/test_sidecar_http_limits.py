@@ -20,8 +20,8 @@ from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
 from meshxl.statesync.http import site as srv_site
 from meshxl.statesync.http.connection import MAX_PIPELINED
-from tests.unit.test_sidecar_http import _router, exchange, run, serving
-from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
+from tests.integration.test_sidecar_http import _router, exchange, run, serving
+from tests.integration.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
 
 def _big_router() -> Router:
