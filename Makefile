@@ -42,8 +42,12 @@ demo: $(DEMO_STAMP)
 quickstart: $(DEMO_STAMP)
 	$(VENV)/bin/meshxl quickstart
 
+# The suite in WORKERS parallel processes (pytest-xdist; WORKERS=0: one process, no
+# xdist). Every deadline in it is multiplied by MESHXL_TEST_TIME_SCALE (default 1): a
+# slower machine sets a larger one (docs/design.md, "Testing").
+WORKERS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 tests
+	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist worksteal tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

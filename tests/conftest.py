@@ -22,6 +22,7 @@ from typing import Any
 import aetcd
 import pytest
 
+from meshxl.local import ports as _ports
 from meshxl.local.procs import Owner
 from meshxl.xds.app import ControlPlane
 from tests.harness import ads as _ads
@@ -32,6 +33,23 @@ from tests.harness import envoy as _envoy
 from tests.harness import etcd as _etcd
 
 HARNESS_KEY = pytest.StashKey[Owner]()
+
+
+def _own_port_slice() -> None:
+    """A parallel worker (pytest-xdist) draws ports from its own slice of the range, so
+    no other worker can take a port it holds or is restarting a server on. Network
+    namespaces, cgroups and temporary directories are named by process id already."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get(_ports.ENV):
+        return
+    index, count = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    whole = _ports.port_range() or range(_ports.LOWEST, 32768)
+    size = len(whole) // max(count, index + 1)
+    low = whole.start + index * size
+    os.environ[_ports.ENV] = f"{low}-{low + size - 1}"
+
+
+_own_port_slice()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
