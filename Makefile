@@ -47,7 +47,7 @@ quickstart: $(DEMO_STAMP)
 # slower machine sets a larger one (docs/design.md, "Testing").
 WORKERS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadgroup tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -19,6 +19,7 @@ from meshxl.local.deployment import CLUSTER, DemoDeployment
 from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
 from tests.harness.cli import REPO, meshxl, meshxl_json
+from tests.harness.load import under_way
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,7 @@ async def test_the_drill_moves_traffic_off_the_site_and_back(
     traffic = Traffic(f"{d.url}/counter", 10, time.time() + 90.0, max_requests=9000,
                       trace_file=d.trace_dir / "client.jsonl")
     load = asyncio.create_task(traffic.run())
-    await asyncio.sleep(1.0)
+    await under_way(lambda: traffic.records, 30)
     traces = [a for t in sorted(d.trace_dir.glob("*.jsonl")) for a in ("--traces", str(t))]
     out = tmp_path / "drill"
     code, stdout, stderr = await meshxl(

@@ -4,6 +4,10 @@
 sessions (so every session's requests spread over the whole run, which is what a
 failover test needs), with at most ``concurrency`` in flight, and stops at
 ``max_seconds``. It refuses non-loopback targets and more than ``MAX_REQUESTS``.
+
+``under_way(answered, count)`` waits until a running load has had ``count`` answers
+(a fault injected "under load" comes once the load is under way, not after a fixed
+time that a busy machine may spend starting it).
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import asyncio
 import ipaddress
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from urllib.parse import urlsplit
 
 import aiohttp
 
-__all__ = ["MAX_REQUESTS", "Outcome", "by_session", "drive", "failures", "members_seen"]
+from meshxl.local.wait import wait_until
+
+__all__ = ["MAX_REQUESTS", "Outcome", "by_session", "drive", "failures", "members_seen",
+           "under_way"]
 
 MAX_REQUESTS = 20_000
 
@@ -184,3 +191,12 @@ def members_seen(outcomes: Iterable[Outcome]) -> dict[str, list[str | None]]:
 
 def failures(outcomes: Iterable[Outcome]) -> list[Outcome]:
     return [o for o in outcomes if not o.ok]
+
+
+async def under_way(answered: Callable[[], Sized | int], count: int = 50, *,
+                    timeout: float = 30.0, what: str = "the load") -> None:
+    """Until ``answered()`` (a running load's records, or their number) reaches ``count``."""
+    def enough() -> bool:
+        got = answered()
+        return (got if isinstance(got, int) else len(got)) >= count
+    await wait_until(enough, timeout=timeout, what=f"{what} under way ({count} answers)")

@@ -47,6 +47,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "kube"
 DOCS = manifests.ROOT / "docs" / "kubernetes.md"
 
 
+# One xdist worker runs the module: the overlays render once.
+pytestmark = pytest.mark.xdist_group("test_manifests_xds_tls")
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """deploy/kubernetes copied, `make-certs.sh shop payments` run in it (with the

@@ -32,6 +32,7 @@ from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_http, wait_until
 from tests.harness import EtcdServer
 from tests.harness.cli import meshxl_json
+from tests.harness.clock import scaled, window
 from tests.harness.etcd import start_etcd
 from tests.harness.sidecar import SidecarProcess
 
@@ -206,7 +207,7 @@ async def test_a_partitioned_shard_costs_only_its_sessions(
         for session in in_one:
             started = time.monotonic()
             reply = await sidecar.put(session, {"n": 2 + round_})
-            assert reply.status == 200 and time.monotonic() - started < 2.0, reply
+            assert reply.status == 200 and time.monotonic() - started < scaled(4.0), reply
     reply = await sidecar.put(in_two[0], {"n": 99})
     # The reason: etcd did not answer it, or (the shard's watch down past the grace)
     # the shard is refused at once, named.
@@ -241,12 +242,12 @@ async def test_a_silent_shard_is_seen_and_costs_only_its_sessions(
         await wait_until(lambda: _shard_down(sidecar, "s2"), timeout=15,
                          what="the sidecar to see the paused shard s2")
         seen = time.monotonic() - paused
-        assert seen < 8.0, f"a silent shard seen after {seen:.1f} s"
-        await asyncio.sleep(1.2)  # past DOWN_GRACE: refused at once from now on
+        assert seen < scaled(8.0), f"a silent shard seen after {seen:.1f} s"
+        await window(1.2, "past DOWN_GRACE: refused at once from now on")
         started = time.monotonic()
         reply = await sidecar.put(in_two[0], {"n": 99})
         assert reply.status == 503 and b"shard s2" in reply.body, reply
-        assert time.monotonic() - started < 1.0, "a write to a silent shard was held"
+        assert time.monotonic() - started < scaled(3.0), "a write to a silent shard was held"
         for i, session in enumerate(in_one):
             reply = await sidecar.put(session, {"n": 10 + i})
             assert reply.status == 200, reply

@@ -19,6 +19,7 @@ import uvloop
 from meshxl.errors import Conflict
 from meshxl.statesync import http as srv
 from meshxl.statesync.http import HttpServer, Request, RequestRefused, Response, Router
+from tests.harness.clock import scaled
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -324,7 +325,7 @@ def test_slow_heads_and_bodies_time_out(loop: str) -> None:
             assert "did not arrive" in json.loads(slow_body.partition(b"\r\n\r\n")[2])["error"]
             idle = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert idle.startswith(b"HTTP/1.1 200 ")  # then closed as idle
-            assert asyncio.get_running_loop().time() - started < 10
+            assert asyncio.get_running_loop().time() - started < scaled(10)
 
     run(loop, main)
 

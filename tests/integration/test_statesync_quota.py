@@ -21,6 +21,7 @@ from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.operator.actions import apply_model
 from meshxl.statesync.http import WRITE, Request, Response, Router, error
+from tests.harness.clock import window
 from tests.harness.sidecar import SidecarProcess
 from tests.integration.test_sidecar_http import answers, exchange, run, serving
 from tests.integration.test_sidecar_http import put as put_bytes
@@ -104,7 +105,7 @@ async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes
 
     # Sessions: ten exist; a bulk save of three new ones would make 13 > 12: refused
     # whole; two fit; deletes and reads are never refused.
-    await asyncio.sleep(1.1)  # the bucket refills; the count is made anew
+    await window(1.1, "the bucket refills; the count is made anew")
     over = await t01.bulk_save([{"session": f"n{i}", "data": {"n": i}} for i in range(3)])
     assert over.status == 429 and over.json()["quota"] == "sessions", over.json()
     assert over.json()["limit"] == 12 and over.json()["current"] == 10

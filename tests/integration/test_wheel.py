@@ -23,7 +23,8 @@ import pytest
 
 import meshxl
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the module: the wheel builds once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_wheel")]
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT = 480.0
