@@ -50,10 +50,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadgroup tests
 
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests/unit
 
 integration: $(STAMP)
-	$(PY) -m pytest -q -ra tests/integration
+	$(PY) -m pytest -q -ra -n $(WORKERS) --dist loadgroup tests/integration
 
 # Every benchmark beside its reference, then bench/results/summary.png (how long it
 # takes, and BENCH_QUICK=1's smoke run: docs/performance.md); bench/tables.py then

@@ -25,6 +25,7 @@ from meshxl.local import commands
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, Process
 from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled
 
 __all__ = ["Reply", "SidecarProcess"]
 
@@ -213,7 +214,7 @@ class SidecarProcess:
         """``/v1/status``; asked again while the sidecar's start is still under way (503,
         "the sidecar is starting": it registers before its start is done, so a test that
         waited for its registration can ask in between), for up to ``starting_for`` s."""
-        deadline = time.monotonic() + starting_for
+        deadline = time.monotonic() + scaled(starting_for)
         while True:
             reply = await self.request("GET", "/v1/status")
             if reply.status != 503 or b"the sidecar is starting" not in reply.body \

@@ -22,6 +22,7 @@ from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture, Host, drive, failures, members_seen
+from tests.harness.clock import window
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +135,7 @@ async def test_active_member_killed_traffic_moves_to_standby(
     started = time.monotonic()  # the outcomes' times count from here too (origin)
     load = asyncio.create_task(drive(url, 30, 200, concurrency=6, max_seconds=2.0,
                                      origin=started))
-    await asyncio.sleep(0.5)
+    await window(0.5, "the load before the kill")
     await active.kill9()
     killed_at = time.monotonic() - started
     outcomes = await load

@@ -327,10 +327,10 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
         stop = asyncio.Event()
         writer, reader = (asyncio.ensure_future(write_all(stop)),
                           asyncio.ensure_future(read_all(stop)))
-        await asyncio.sleep(0.5)
+        await window(0.5, "the load before the change")
         try:
             done = await meshxl_json("shards", "set", *args, "--etcd", etcd.url, timeout=60)
-            await asyncio.sleep(0.5)
+            await window(0.5, "the load after the change")
         finally:
             stop.set()
         return done, await writer, await reader

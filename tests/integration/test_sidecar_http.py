@@ -17,6 +17,7 @@ import pytest
 import uvloop
 
 from meshxl.errors import Conflict
+from meshxl.local.wait import wait_until
 from meshxl.statesync import http as srv
 from meshxl.statesync.http import HttpServer, Request, RequestRefused, Response, Router
 from tests.harness.clock import scaled
@@ -336,9 +337,10 @@ def test_close_finishes_answers_under_way(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /slow/0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: [c for c in server.connections if c.active],
+                             what="the slow request under way")
             idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: len(server.connections) == 2, what="the idle connection")
             await server.close(grace=3.0)
             raw = await asyncio.wait_for(reader.read(), 5)
             assert raw.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in raw

@@ -72,7 +72,7 @@ def test_a_held_refusal_is_answered_later_and_the_same(loop: str) -> None:
 
 def test_a_request_behind_a_held_refusal_sends_it_at_once_in_order(loop: str) -> None:
     async def main() -> None:
-        async with serving(_held_router(5.0)) as (_, port):
+        async with serving(_held_router(5.0)) as (server, port):
             clock = asyncio.get_running_loop().time
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             # Pipelined behind it: neither answer waits.
@@ -83,7 +83,9 @@ def test_a_request_behind_a_held_refusal_sends_it_at_once_in_order(loop: str) ->
             assert clock() - started < SOON
             # Arriving while it is held: the held answer goes, then the new one's.
             writer.write(put("/held/b", b"{}"))
-            await asyncio.sleep(0.15)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             started = clock()
             writer.write(put("/v1/sessions/a", b"one"))
             got = answers(await _read(reader, 2, 3.0))
@@ -102,7 +104,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             # The client closes while it is held: nothing is left behind.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             (conn,) = server.connections
             assert conn.holding is not None  # type: ignore[attr-defined]
             timer = conn.holding.timer  # type: ignore[attr-defined]
@@ -114,7 +118,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             started = clock()
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             writer.write_eof()
             raw = await asyncio.wait_for(reader.read(), 2.0)
             assert answers(raw)[0][0] == 429 and clock() - started < SOON
@@ -122,7 +128,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             # The server shuts down: the held answer goes, then the connection closes.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             started = clock()
             await server.close(grace=3.0)
             assert clock() - started < SOON

@@ -22,6 +22,7 @@ from meshxl.local.throttle import (
     quota_us,
     remove_stale,
 )
+from tests.harness.clock import window
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +90,7 @@ async def test_a_throttled_process_and_its_child_get_their_share(
         if mode == "cgroup":
             assert sorted(throttle.members()) == sorted(pids)
             assert (CGROUP_CPU / name / "cpu.cfs_quota_us").read_text().strip() == "10000"
-        await asyncio.sleep(0.3)
+        await window(0.3, "the throttle takes hold")
         share = await used(pids, 2.0)
         assert share < 0.25, share  # 0.1 of a core asked, two processes sharing it
     assert not (CGROUP_CPU / name).exists()

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
 from meshxl.xds.upstream import HostSample
 from tests.harness.clock import scaled
 
@@ -195,12 +196,13 @@ async def test_a_slow_and_a_failing_member_are_seen_per_host(
         await tcp_connections(tcp_port, 20)
         tcp_hosts = {f"{LOOPBACK}:{m.port}": m for m in tcp}
         seen: dict[str, HostSample] = {}
-        deadline = time.monotonic() + 2.5
-        while time.monotonic() < deadline:
+
+        def reported() -> bool:
+            nonlocal seen
             seen = plane.upstream.summary("db", since - 1.0, time.time())
-            if sum(s.requests for s in seen.values()) >= 20:
-                break
-            await asyncio.sleep(0.1)
+            return sum(s.requests for s in seen.values()) >= 20
+
+        await wait_until(reported, timeout=10, interval=0.1, what="20 TCP requests reported")
         assert set(seen) <= set(tcp_hosts) and sum(s.requests for s in seen.values()) == 20
         for host_name, sample in seen.items():
             assert sample == HostSample(tcp_hosts[host_name].connections, 0, None, None, None)

@@ -24,6 +24,7 @@ from meshxl.xds.server import AdsServer
 from meshxl.xds.sotw import SotwStream
 from meshxl.xds.types import CLUSTER
 from tests.harness.ads import AdsHarness, eventually, snap, snapshot
+from tests.harness.clock import window
 
 # -- (a) ACK and NACK as the xDS protocol defines them -------------------------------------
 
@@ -93,7 +94,7 @@ async def test_delta_request_after_nack_with_same_nonce_is_not_an_ack(
     await eventually(lambda: delta_xds.ads.nacks == 1)
     envoy.request(CLUSTER, ["extra"], nonce=rejected.nonce)  # a subscription change
     await envoy.recv()  # "extra" does not exist: answered as removed
-    await asyncio.sleep(0.1)
+    await window(0.1, "an ACK would be counted by now")
     assert delta_xds.acked(CLUSTER) == first.system_version_info
     assert delta_xds.ads.nacks == 1
 
@@ -144,7 +145,7 @@ async def test_stream_cancelled_twice_leaves_no_ghost_node() -> None:
     task = asyncio.create_task(ads._run(requests(), _Context(), SotwStream(ads)))  # type: ignore[arg-type]
     await eventually(lambda: ads.node_status().get("ghost", {}).get("streams") == 1)
     task.cancel()
-    await asyncio.sleep(0.05)  # the handler now waits for its reader
+    await window(0.05, "the handler now waits for its reader")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     release.set()

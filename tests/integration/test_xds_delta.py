@@ -6,7 +6,6 @@ The client is scripted like Envoy's delta client: node on the first request only
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import weakref
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from tests.harness.ads import (
     snap,
     versions,
 )
+from tests.harness.clock import window
 
 
 @pytest.fixture
@@ -321,7 +321,7 @@ async def test_ack_of_a_response_that_left_a_rejected_resource_out(xds: AdsHarne
     assert list(sent(response)) == ["b"]
     envoy.ack(response)
     await eventually(lambda: xds.status()["types"][CLUSTER]["ack_time"] is not None)
-    await asyncio.sleep(0.05)
+    await window(0.05, "no other ACK is recorded")
     assert xds.acked(CLUSTER) == acked != later.version(CLUSTER)
 
 
