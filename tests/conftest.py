@@ -35,6 +35,19 @@ from tests.harness import etcd as _etcd
 HARNESS_KEY = pytest.StashKey[Owner]()
 
 
+def _group_node_ids(items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` sends the tests whose node id ends in ``@GROUP`` to one worker;
+    pytest-xdist 3.8 writes that suffix to ``item._nodeid``, which pytest 9 no longer
+    reads (a node id is ``item._id`` now), so without this every test went anywhere."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 def _own_port_slice() -> None:
     """A parallel worker (pytest-xdist) draws ports from its own slice of the range, so
     no other worker can take a port it holds or is restarting a server on. Network
@@ -52,8 +65,17 @@ def _own_port_slice() -> None:
 _own_port_slice()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """pytest-timeout's limit of a test (pyproject.toml) follows the suite's clock too."""
+    """Heavy tests (``@pytest.mark.heavy``: a whole installation under load, its timing
+    judged) run in one xdist worker, one at a time: two of them side by side on two
+    cores would starve each other's leases and judges. pytest-timeout's limit of a test
+    (pyproject.toml) follows the suite's clock."""
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+    if getattr(config.option, "loadgroup", False):
+        _group_node_ids(items)
     if _clock.SCALE == 1.0:
         return
     limit = _clock.scaled(float(config.getini("timeout") or 300))

@@ -21,7 +21,7 @@ from meshxl.local.traffic import Traffic
 from tests.harness.cli import REPO, meshxl, meshxl_json
 from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SLO = REPO / "deploy" / "slo" / "failover.yaml"
 

@@ -23,7 +23,7 @@ from meshxl.telemetry import names
 from meshxl.telemetry.otlpjson import read_spans
 from tests.harness.clock import scaled
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 SESSIONS = 30

@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness.clock import scaled
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "grayfailure.py"
 RUN_TIMEOUT = 240.0

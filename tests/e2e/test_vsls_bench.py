@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "vsls.py"
 RUN_TIMEOUT = 180.0

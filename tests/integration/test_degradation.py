@@ -31,7 +31,7 @@ from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture
 from tests.harness.clock import window
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 LOOPBACK = "127.0.0.1"

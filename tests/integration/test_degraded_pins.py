@@ -34,7 +34,7 @@ from meshxl.local.wait import wait_until
 from tests.harness.clock import window
 from tests.integration.test_pinned_sessions import Browser
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SESSIONS = 24
 ROUNDS = 400  # bound: rounds of one POST per session

@@ -38,7 +38,7 @@ import dualsite  # noqa: E402
 
 from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 RTT_MS = 20.0
 

@@ -50,7 +50,7 @@ from tests.harness import EtcdCluster
 from tests.harness.clock import scaled, window
 from tests.harness.netns import Network, unavailable
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SLACK = float(os.environ.get("MESHXL_FAULT_SLACK", "0.3"))
 MEMBER_TARGET = 0.5

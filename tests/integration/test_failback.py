@@ -25,7 +25,7 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model, set_member_admin
 from tests.integration.test_problems_fallback import member_states
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 FLAPS = 3
 DELAY = 2.0

@@ -55,7 +55,7 @@ from tests.harness import EtcdCluster, EtcdServer
 from tests.harness.clock import scaled
 from tests.harness.sidecar import Reply, SidecarProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SESSIONS = 16
 LEASE_TTL = 2.0

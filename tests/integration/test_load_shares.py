@@ -22,7 +22,7 @@ from tests.harness import Backend
 from tests.harness.clock import window
 from tests.integration.test_degradation import LOOPBACK, fault, load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 SERVICE = 0.010  # seconds per request of a full-capacity member

@@ -17,7 +17,8 @@ members, each with its statesync sidecar), one deployment per protocol.
   through Envoy to a member that already holds their state, none failing, no
   acknowledged write lost (one test, parametrised).
 
-Each deployment's tests run in one xdist worker (``xdist_group``), so it starts once.
+A heavy module: its tests run in the one worker that runs heavy tests, one after the
+other, so each deployment starts once.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from tests.harness.protocols import (
     traffic_around,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
 
 DRAIN_WINDOW = 1.5
 ENVOY_DRAIN = 1.0  # the local Envoy's --drain-time-s
@@ -66,9 +67,7 @@ STREAMS = {"grpc": "grpc-stream", "websocket": "websocket", "tcp": "tcp"}
 
 def on(*protocols: str) -> pytest.MarkDecorator:
     """The test runs against the deployment of each of ``protocols``."""
-    return pytest.mark.parametrize("d", [
-        pytest.param(p, id=p, marks=pytest.mark.xdist_group(f"protocols-{p}"))
-        for p in protocols], indirect=True)
+    return pytest.mark.parametrize("d", list(protocols), indirect=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

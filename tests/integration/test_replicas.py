@@ -23,7 +23,7 @@ from meshxl.proxy.admin import EnvoyAdmin
 from tests.harness.cli import meshxl_json
 from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 # Envoy counters that move only when it re-applies configuration.
 FLAP_STATS = ("cluster_manager.cluster_added", "cluster_manager.cluster_modified",

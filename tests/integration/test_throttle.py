@@ -24,7 +24,7 @@ from meshxl.local.throttle import (
 )
 from tests.harness.clock import window
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 # A busy parent with a busy child: a member's app and what it started.
 BUSY = ("import os, time\n"

@@ -18,7 +18,7 @@ from meshxl.local.wait import wait_until
 from meshxl.xds.upstream import HostSample
 from tests.harness.clock import scaled
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 LOOPBACK = "127.0.0.1"
 SLOWER = 0.050  # seconds the slow member adds to every answer
