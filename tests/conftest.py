@@ -21,6 +21,7 @@ from typing import Any
 
 import aetcd
 import pytest
+from hypothesis import HealthCheck, settings
 
 from meshxl.local import ports as _ports
 from meshxl.local.procs import Owner
@@ -33,6 +34,13 @@ from tests.harness import envoy as _envoy
 from tests.harness import etcd as _etcd
 
 HARNESS_KEY = pytest.StashKey[Owner]()
+
+# Hypothesis judges time too: a 200 ms deadline per example and a "too slow" health
+# check fail a generated test on a busy machine though nothing is wrong. The suite's
+# tests bound their waits themselves (tests/harness/clock.py); speed is bench/'s.
+settings.register_profile("meshxl", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("meshxl")
 
 
 def _group_node_ids(items: list[pytest.Item]) -> None:

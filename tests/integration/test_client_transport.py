@@ -31,7 +31,8 @@ from meshxl.client.plans import Answer, Unanswered
 from meshxl.client.transport import Pool
 from meshxl.errors import InputError
 from meshxl.local.ports import free_port
-from tests.harness.clock import scaled
+from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled, window
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 QUICK = ClientSettings(timeout=2.0, connect_timeout=1.0)
@@ -174,11 +175,8 @@ class Server:
         await self.server.wait_closed()
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.002)
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    await wait_until(predicate, timeout=timeout, interval=0.002, what=what)
 
 
 # -- reuse, limits, expiry -------------------------------------------------------------------
@@ -213,10 +211,10 @@ def test_connections_at_most_max_connections(run: Any) -> None:
     async def main() -> None:
         held: list[Peer] = []
         server = await Server(handler=lambda peer, seen: held.append(peer)).start()
-        pool = server.pool(ClientSettings(max_connections=2, timeout=5, pipeline=1))
+        pool = server.pool(ClientSettings(max_connections=2, timeout=scaled(15), pipeline=1))
         tasks = [asyncio.create_task(pool.request("GET", f"/{n}", {}, None)) for n in range(6)]
         await until(lambda: len(held) == 2, "two requests at the server")
-        await asyncio.sleep(0.05)
+        await window(0.05, "a third connection would be open by now")
         assert len(server.peers) == 2 and len(held) == 2, "a third connection was opened"
         while any(not t.done() for t in tasks):  # answer whatever is held, one at a time
             await until(lambda: bool(held) or all(t.done() for t in tasks), "a request")

@@ -161,7 +161,7 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         # One member ten times slower: degraded within seconds, its share steps down.
         started = time.time()
         await fault(backends[2], delay=SLOW)
-        await wait_until(lambda: sick in degraded(plane), timeout=8,
+        await wait_until(lambda: sick in degraded(plane), timeout=30,
                          what="the slow member degraded",
                          explain=lambda: judged_from(plane, backends))
         detected = time.time() - started
@@ -169,7 +169,7 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         assert record["kind"] == "degraded" and "against its peers'" in record["reason"]
         stored = (await etcd_client.get(KEYS.member_health("web", sick).encode()))
         assert stored is not None and b'"degraded"' in stored.value
-        await wait_until(lambda: degraded(plane)[sick].get("share", 1) <= 0.125, timeout=6,
+        await wait_until(lambda: degraded(plane)[sick].get("share", 1) <= 0.125, timeout=30,
                          what="its share stepped down")
         def stepped(hosts: list[Any]) -> bool:
             weights = {h.hostname: h.weight for h in hosts}
@@ -190,7 +190,7 @@ async def test_load_sharing_a_slow_member_is_degraded_and_gets_its_share_back(
         # Well again: after `recover` the judgement ends and the warm-up ramp gives its
         # share back.
         await fault(backends[2])
-        await wait_until(lambda: sick not in degraded(plane), timeout=15,
+        await wait_until(lambda: sick not in degraded(plane), timeout=30,
                          what="the member judged well again")
         gone = await etcd_client.get(KEYS.member_health("web", sick).encode())
         assert gone is None or not gone.value
@@ -215,7 +215,7 @@ async def test_high_availability_a_slow_active_hands_its_role_to_the_standby(
         started = time.time()
         await fault(backends[0], delay=SLOW)
         await wait_until(lambda: degraded(plane).get(active, {}).get("kind") == "degraded",
-                         timeout=10, what="the slow active degraded",
+                         timeout=30, what="the slow active degraded",
                          explain=lambda: judged_from(plane, backends))
         moved = time.time()
         record = degraded(plane)[active]
@@ -253,12 +253,12 @@ async def test_a_member_that_accepts_requests_and_never_answers_is_sick(
         await window(2.5, "every member's normal (the judge's history)")
         started = time.time()
         await fault(backends[2], hang=True)
-        await wait_until(lambda: sick in degraded(plane), timeout=8,
+        await wait_until(lambda: sick in degraded(plane), timeout=30,
                          what="the hanging member degraded",
                          explain=lambda: judged_from(plane, backends))
         detected = time.time() - started
         assert "p90" in degraded(plane)[sick]["reason"], degraded(plane)
-        await wait_until(lambda: degraded(plane)[sick].get("share") == 0.0, timeout=8,
+        await wait_until(lambda: degraded(plane)[sick].get("share") == 0.0, timeout=30,
                          what="its share at its last step")
         await envoy.wait_hosts("web", lambda hs: {h.hostname: h.weight for h in hs}[sick] == 1,
                                what="Envoy at its last step (weight 1)")

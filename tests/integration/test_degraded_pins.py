@@ -139,19 +139,19 @@ async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
         async def judged() -> bool:
             return sick in await degraded(d)
 
-        await wait_until(judged, timeout=10, what="b degraded")
+        await wait_until(judged, timeout=30, what="b degraded")
 
         async def last_step() -> bool:
             return (await degraded(d)).get(sick, {}).get("share") == 0.0
 
         # Envoy's admin shows every host without an EDS status as HEALTHY, so the
         # control plane's report tells when the pins are let go.
-        await wait_until(last_step, timeout=10, what="b at its last step")
+        await wait_until(last_step, timeout=30, what="b at its last step")
         let_go = time.time()
         # Once every session pinned to b is answered elsewhere, Envoy has the push, and
         # after the requests in flight on b (up to its delay) nothing goes there.
         await wait_until(lambda: all(run.last_member()[s] != sick for s in pinned_there),
-                         timeout=20, what="every session pinned to b answered elsewhere")
+                         timeout=30, what="every session pinned to b answered elsewhere")
         quiet = time.time() + slow_ms / 1000
         await window(1.0 + slow_ms / 1000, "nothing may go to b any more")
         late = [a for a in run.answers if a[0] >= quiet and a[2] == sick]
@@ -208,13 +208,13 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
             async def moved() -> bool:
                 return (await degraded(d)).get("a", {}).get("kind") == "degraded"
 
-            await wait_until(moved, timeout=15, what="the role moved from the slow active")
+            await wait_until(moved, timeout=30, what="the role moved from the slow active")
             took = time.time() - started
             reason = (await degraded(d))["a"]["reason"]
             assert "predictive failover to b" in reason, reason
             # Once every session is answered on b, Envoy has the push; after the
             # requests in flight on a (up to its delay), b serves all.
-            await wait_until(lambda: set(run.last_member().values()) == {"b"}, timeout=20,
+            await wait_until(lambda: set(run.last_member().values()) == {"b"}, timeout=30,
                              what="every session answered on b")
             settled = time.time() + slow_ms / 1000
             await window(1.0 + slow_ms / 1000, "nothing may go to a any more")
@@ -252,17 +252,17 @@ async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_b
             async def state_of_b(kind: str) -> bool:
                 return (await degraded(d)).get("b", {}).get("kind") == kind
 
-            await wait_until(lambda: state_of_b("probe"), timeout=15, what="b probed")
+            await wait_until(lambda: state_of_b("probe"), timeout=30, what="b probed")
 
             async def one_on_b() -> str | None:
                 return next((s for _, s, m, _ in run.answers if m == "b"), None)
 
             # Sessions that begin on b while it is probed (pinned there as a session
             # the probe moved is): new, so younger than sync_delay, on b only.
-            moved = await wait_until(one_on_b, timeout=15, what="a session probed on b")
+            moved = await wait_until(one_on_b, timeout=30, what="a session probed on b")
             async with sessions_on(d, fresh, dict.fromkeys(
                     fresh, run.browser.pins[moved])) as new:
-                await wait_until(lambda: state_of_b("handback"), timeout=15,
+                await wait_until(lambda: state_of_b("handback"), timeout=30,
                                  what="the probe's sessions handed back",
                                  explain=lambda: degraded(d))
                 took = time.time() - started

@@ -42,7 +42,7 @@ IN_CLUSTER = ["default", "self-signed", "istio", "istio-endpoints", "two-sites",
               "session-shards", "session-shards-self-signed"]
 CERT_MANAGER = ["default", "external-etcd", "istio", "istio-endpoints", "two-sites",
                 "session-shards"]
-FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "kube"
 ETCD_CLIENT_LABEL = "meshxl.io/etcd-client"
 
 

@@ -43,7 +43,7 @@ from tests.integration.test_manifests_etcd_tls import Issued, _container, _host_
 NAMESPACES = ("shop", "payments")
 SERVING = ("default", "self-signed", "external-etcd", "two-sites",  # running meshxl-xds
            "session-shards", "session-shards-self-signed")
-FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "kube"
 DOCS = manifests.ROOT / "docs" / "kubernetes.md"
 
 

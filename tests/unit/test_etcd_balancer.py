@@ -18,6 +18,7 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.etcd import DOWN, NO_LEADER, UP, Balancer, Endpoint, EtcdUnavailable
+from meshxl.local.wait import wait_until
 from meshxl.statesync.store import SessionStore, WriteResult, _write_result
 from tests.harness.clock import scaled
 
@@ -263,13 +264,14 @@ async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creatio
     lost.hang = True
     update = asyncio.create_task(_write(store, b"a", 3))
     create = asyncio.create_task(_write(store, b"b", 0))
-    await asyncio.sleep(0.4)  # the second batch went too, past the stalled first one
+    await wait_until(lambda: len(lost.sent) == 2,  # past the stalled first one
+                     what="the second batch sent too")
     assert lost.sent == [1, 1] and not good.sent
     _silent(client.balancer.endpoints[0])   # its probes stop answering
     client.balancer._evaluate()
-    assert (await asyncio.wait_for(update, 2)) == WriteResult(True, 7)
+    assert (await asyncio.wait_for(update, scaled(10))) == WriteResult(True, 7)
     with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
-        await asyncio.wait_for(create, 2)
+        await asyncio.wait_for(create, scaled(10))
     assert good.sent == [1], "only the update is sent again"
     await store.close()
 
@@ -291,13 +293,13 @@ async def test_a_transaction_is_sent_again_when_one_compare_holds_once_at_most()
     lost.hang = True
     delete = asyncio.create_task(store.transact([(b"s", None, 3), (b"d", None, 0)]))
     create = asyncio.create_task(store.transact([(b"n", None, 0), (b"m", None, 0)]))
-    await asyncio.sleep(0.4)
+    await wait_until(lambda: len(lost.sent) == 2, what="the second batch sent too")
     _silent(client.balancer.endpoints[0])
     client.balancer._evaluate()
-    done = await asyncio.wait_for(delete, 2)
+    done = await asyncio.wait_for(delete, scaled(10))
     assert done.ok and done.revision == 7, done
     with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
-        await asyncio.wait_for(create, 2)
+        await asyncio.wait_for(create, scaled(10))
     assert good.sent == [1], "only the transaction with a delete is sent again"
     await store.close()
 
