@@ -32,7 +32,7 @@ FIELDS = ("mode", "members", "sessions", "duration_s", "kill_at_s", "killed_memb
           "requests", "failed_requests", "acknowledged_writes", "lost_writes", "rto_ms",
           "convergence_ms", "takeover_ms", "detection_ms", "per_member_requests")
 TOLERANCE_NS = 1_000_000
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = scaled(240.0)
 """A sanity bound on one shortened run (8 s of traffic plus start and stop)."""
 
 

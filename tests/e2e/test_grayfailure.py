@@ -27,7 +27,7 @@ from tests.harness.clock import scaled
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "grayfailure.py"
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = scaled(240.0)
 """A sanity bound on the quick run (about a minute and a half on two busy cores)."""
 
 
