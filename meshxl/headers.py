@@ -17,6 +17,7 @@ __all__ = [
     "OWNER",
     "SESSION",
     "SOURCE",
+    "SYNC",
     "TRACEPARENT",
     "WWW_AUTHENTICATE",
     "bearer",
@@ -31,6 +32,9 @@ MEMBER: Final = "x-meshxl-member"
 #: ("etcd", or "cache" while etcd does not answer).
 OWNER: Final = "X-Meshxl-Owner"
 SOURCE: Final = "X-Meshxl-Source"
+#: A write replicated to etcd before it is acknowledged, whatever the cluster's
+#: ``sessions.sync_delay`` (its only value: ``now``).
+SYNC: Final = "X-Meshxl-Sync"
 #: Conditional writes of the session API (RFC 9110).
 ETAG: Final = "ETag"
 IF_MATCH: Final = "If-Match"

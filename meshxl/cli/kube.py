@@ -68,6 +68,15 @@ _inject_options: list[Callable[..., Any]] = [
                       "mounted read-only into the statesync sidecar for https:// etcd: its "
                       "client certificate and the CA of etcd's certificate. Required with "
                       "https:// --etcd (also MESHXL_ETCD_CLIENT_SECRET)."),
+    click.option("--etcd-credentials-secret", metavar="SECRET",
+                 envvar="MESHXL_ETCD_CREDENTIALS_SECRET", default=None,
+                 help="basic-auth Secret (keys username, password, in each pod's "
+                      "namespace; {cluster} stands for the pod's cluster) with the etcd "
+                      "user the statesync sidecar logs in as, mounted read-only into it "
+                      "alone: for an etcd behind a bridge that presents one certificate "
+                      "for every client (the external-etcd overlay's "
+                      "meshxl-cluster-{cluster}). Needs https:// --etcd (also "
+                      "MESHXL_ETCD_CREDENTIALS_SECRET)."),
     click.option("--xds-client-secret", metavar="SECRET",
                  envvar="MESHXL_XDS_CLIENT_SECRET", default=None,
                  help="Secret (keys tls.crt, tls.key, ca.crt, in each pod's namespace) "
@@ -84,6 +93,7 @@ def _config(image: str, etcd_urls: str, etcd_root: str, installation: str,
             site_topology_key: str | None,
             statesync_token_secret: str | None = None,
             etcd_client_secret: str | None = None,
+            etcd_credentials_secret: str | None = None,
             xds_client_secret: str | None = None) -> InjectConfig:
     return checked(lambda: InjectConfig(
         image=image, etcd=etcd_urls, etcd_prefix=etcd_root, installation=installation,
@@ -94,6 +104,7 @@ def _config(image: str, etcd_urls: str, etcd_root: str, installation: str,
         site_topology_key=site_topology_key or None,
         statesync_token_secret=statesync_token_secret or None,
         etcd_client_secret=etcd_client_secret or None,
+        etcd_credentials_secret=etcd_credentials_secret or None,
         xds_client_secret=xds_client_secret or None))
 
 
@@ -112,7 +123,8 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
                           xds: tuple[str, ...], proxy: str,
                           image_pull_policy: str, anti_affinity: str,
                           site_topology_key: str | None, statesync_token_secret: str | None,
-                          etcd_client_secret: str | None, xds_client_secret: str | None,
+                          etcd_client_secret: str | None,
+                          etcd_credentials_secret: str | None, xds_client_secret: str | None,
                           log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
     import asyncio
@@ -124,7 +136,7 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
     setup_logging(log_level)
     inject = _config(image, etcd_urls, etcd_root, installation, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
-                     etcd_client_secret, xds_client_secret)
+                     etcd_client_secret, etcd_credentials_secret, xds_client_secret)
     try:
         config = WebhookConfig(tls_cert=tls_cert, tls_key=tls_key, inject=inject,
                                listen=listen)
@@ -153,7 +165,8 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str, installati
                    xds: tuple[str, ...], proxy: str, image_pull_policy: str,
                    anti_affinity: str, site_topology_key: str | None,
                    statesync_token_secret: str | None, etcd_client_secret: str | None,
-                   xds_client_secret: str | None, quiet: bool) -> None:
+                   etcd_credentials_secret: str | None, xds_client_secret: str | None,
+                   quiet: bool) -> None:
     """Add the meshxl sidecars to the Pods, Deployments and StatefulSets of a YAML file.
 
     Writes the result to stdout (like istioctl kube-inject); workloads that opted out
@@ -171,7 +184,7 @@ def inject(filename: str, image: str, etcd_urls: str, etcd_root: str, installati
 
     config = _config(image, etcd_urls, etcd_root, installation, xds, proxy, image_pull_policy,
                      anti_affinity, site_topology_key, statesync_token_secret,
-                     etcd_client_secret, xds_client_secret)
+                     etcd_client_secret, etcd_credentials_secret, xds_client_secret)
     source = "<stdin>" if filename == "-" else filename
     text = checked(lambda: read_text(filename, MAX_INJECT_BYTES, "Kubernetes YAML"))
     docs = [d for d in checked(lambda: load_yaml_all(text, source, max_depth=MAX_INJECT_DEPTH,

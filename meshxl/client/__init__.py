@@ -43,13 +43,13 @@ from .errors import (
     Unreachable,
     WriteUncertain,
 )
-from .plans import Delete, Readiness, Session, Upsert, Written
+from .plans import Delete, JsonText, Readiness, Session, Upsert, Written
 from .settings import DEFAULT_URL, Backoff, ClientSettings
 from .sync import Client
 
 __all__ = [
     "DEFAULT_URL", "AsyncClient", "Backoff", "BadRequest", "Client", "ClientSettings",
-    "Conflict", "Contended", "Delete", "NotFound", "OverQuota", "PreconditionFailed",
+    "Conflict", "Contended", "Delete", "JsonText", "NotFound", "OverQuota", "PreconditionFailed",
     "Readiness", "Session",
     "SidecarConflict", "SidecarError", "SidecarNotFound", "SidecarPreconditionFailed",
     "SidecarTooLarge", "SidecarUnavailable", "SidecarUndecodable", "TooLarge", "Unauthorized",

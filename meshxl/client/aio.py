@@ -118,13 +118,15 @@ class AsyncClient:
         return await self.run(plans.get(session_id, self.settings, self._rng))
 
     async def put(self, session_id: str, state: Any, *, content_type: str | None = None,
-                  if_match: str | None = None, create_only: bool = False) -> Written:
+                  if_match: str | None = None, create_only: bool = False,
+                  sync_now: bool = False) -> Written:
         """Create or replace: bytes verbatim, anything else as JSON. ``if_match``: only
         if the session is at that ETag (else :class:`PreconditionFailed`);
-        ``create_only``: only if it does not exist."""
+        ``create_only``: only if it does not exist; ``sync_now``: committed in etcd
+        before it is answered, whatever the cluster's ``sync_delay``."""
         return await self.run(plans.put(session_id, state, self.settings, self._rng,
                                         content_type=content_type, if_match=if_match,
-                                        create_only=create_only))
+                                        create_only=create_only, sync_now=sync_now))
 
     async def patch(self, session_id: str, merge_patch: Any, *,
                     if_match: str | None = None) -> Written:

@@ -54,17 +54,15 @@ from .errors import (
     error_from_answer,
 )
 from .settings import ClientSettings
+from .states import JSON, MERGE_PATCH, OCTETS, JsonText, decode_state, encode_state, is_json
 
-__all__ = ["JSON", "MERGE_PATCH", "OCTETS", "SESSION_ID", "Answer", "Pause", "Plan",
+__all__ = ["JSON", "MERGE_PATCH", "OCTETS", "SESSION_ID", "Answer", "JsonText", "Pause", "Plan",
            "Readiness", "Request", "Session", "Unanswered", "Written", "check_session_id",
            "decode_state", "delete", "encode_state", "exchange", "get", "is_json", "patch",
            "put", "ready", "update"]
 
 T = TypeVar("T")
 
-JSON = "application/json"
-MERGE_PATCH = "application/merge-patch+json"
-OCTETS = "application/octet-stream"
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")
 """A session id, as the API's OpenAPI document says (``SessionId``); not ``.`` or
 ``..``. Checked before sending: such an id is one path segment, never a path."""
@@ -163,6 +161,9 @@ class Readiness:
     ready: bool
     reasons: list[str]
     warnings: list[str]
+    moving: bool = False
+    """A planned move away from the member is under way (member down, site offline, a
+    degraded judgement...): hand long-lived connections on (:mod:`meshxl.streams`)."""
 
 
 # -- pure helpers ---------------------------------------------------------------------------
@@ -183,39 +184,6 @@ def session_path(session_id: str) -> str:
     if "{" in path or "}" in path:
         path = path.replace("{", "%7B").replace("}", "%7D")
     return f"/v1/sessions/{path}"
-
-
-def is_json(content_type: str) -> bool:
-    base = content_type.split(";", 1)[0].strip().lower()
-    return base == JSON or base.endswith("+json")
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-"""Made once: ``json.dumps`` with options makes an encoder on every call."""
-
-
-def encode_state(state: Any, content_type: str | None = None) -> tuple[bytes, str]:
-    """Bytes are stored verbatim (``content_type``, else octet-stream); anything else
-    as JSON."""
-    if isinstance(state, bytes | bytearray | memoryview):
-        return bytes(state), content_type or OCTETS
-    try:
-        text = _COMPACT.encode(state)
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"the session state is neither bytes nor JSON: {exc}",
-                         field="state") from None
-    return text.encode(), JSON if content_type is None or not is_json(content_type) \
-        else content_type
-
-
-def decode_state(data: bytes, content_type: str, session: str | None = None) -> Any:
-    if not is_json(content_type):
-        return data
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SidecarUnavailable(f"the sidecar sent session {session!r} as {content_type} "
-                                 f"that is not JSON: {exc}", session=session) from None
 
 
 def _json_body(answer: Answer, request: Request, *, states: bool = True) -> dict[str, Any]:
@@ -310,6 +278,10 @@ def get(session_id: str, settings: ClientSettings, rng: random.Random) -> Plan[S
     return session_from(session_id, answer)
 
 
+_SYNC_NOW: dict[bool, dict[str, str]] = {True: {hdr.SYNC: "now"}, False: {}}
+"""The header of a write committed before it is answered, whatever ``sync_delay``."""
+
+
 def _conditions(if_match: str | None, create_only: bool) -> dict[str, str]:
     if if_match is not None and create_only:
         raise BadRequest("give if_match or create_only, not both")
@@ -323,11 +295,11 @@ def _conditions(if_match: str | None, create_only: bool) -> dict[str, str]:
 
 def put(session_id: str, state: Any, settings: ClientSettings, rng: random.Random, *,
         content_type: str | None = None, if_match: str | None = None,
-        create_only: bool = False) -> Plan[Written]:
+        create_only: bool = False, sync_now: bool = False) -> Plan[Written]:
     path = session_path(session_id)
     body, ctype = encode_state(state, content_type)
-    request = Request("PUT", path, {"Content-Type": ctype, **_conditions(if_match, create_only)},
-                      body, session_id)
+    request = Request("PUT", path, {"Content-Type": ctype, **_conditions(if_match, create_only),
+                                    **_SYNC_NOW[sync_now]}, body, session_id)
     answer, uncertain = yield from exchange(request, settings, rng)
     if answer.status in (200, 201):
         return written_from(answer, request)
@@ -430,7 +402,8 @@ def ready(settings: ClientSettings, rng: random.Random) -> Plan[Readiness]:
     body = _json_body(outcome, request)
     return Readiness(ready=outcome.status == 200 and body.get("ready") is True,
                      reasons=[str(r) for r in body.get("reasons") or []],
-                     warnings=[str(w) for w in body.get("warnings") or []])
+                     warnings=[str(w) for w in body.get("warnings") or []],
+                     moving=body.get("moving") is True)
 
 
 # -- several sessions at once (POST /v1/sessions:bulkGet, :bulkSave, :transaction) -------
@@ -452,6 +425,9 @@ class Upsert:
     content_type: str | None = None
     if_match: str | None = None
     create_only: bool = False
+    sync_now: bool = False
+    """Committed in etcd before it is answered, whatever the cluster's ``sync_delay``
+    (a bulk save's ``"sync": "now"``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,7 +450,8 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
     data = b""
     if isinstance(item, Upsert):
         state, ctype = encode_state(item.state, item.content_type)
-        if is_json(ctype) and not isinstance(item.state, bytes | bytearray | memoryview):
+        if is_json(ctype) and (isinstance(item.state, JsonText) or not isinstance(
+                item.state, bytes | bytearray | memoryview)):
             body["encoding"] = "json"
             data = b',"data":' + state
         else:
@@ -485,6 +462,8 @@ def _item_body(item: Upsert | Delete, **extra: str) -> bytes:
             body["if_match"] = conditions[hdr.IF_MATCH]
         elif conditions:
             body["if_none_match"] = "*"
+        if item.sync_now:
+            body["sync"] = "now"
     elif item.if_match is not None:
         body["if_match"] = _conditions(item.if_match, False)[hdr.IF_MATCH]
     return json.dumps(body, separators=(",", ":")).encode()[:-1] + data + b"}"

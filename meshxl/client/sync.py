@@ -131,10 +131,11 @@ class Client:
         return self.run(plans.get(session_id, self.settings, self._fork_rng()))
 
     def put(self, session_id: str, state: Any, *, content_type: str | None = None,
-            if_match: str | None = None, create_only: bool = False) -> Written:
+            if_match: str | None = None, create_only: bool = False,
+            sync_now: bool = False) -> Written:
         return self.run(plans.put(session_id, state, self.settings, self._fork_rng(),
                                   content_type=content_type, if_match=if_match,
-                                  create_only=create_only))
+                                  create_only=create_only, sync_now=sync_now))
 
     def patch(self, session_id: str, merge_patch: Any, *,
               if_match: str | None = None) -> Written:

@@ -29,6 +29,8 @@ session; jitter and process-wide pauses are knobs there too. It is a local file,
 client reaches it through Envoy, and ``/healthz`` is never affected: the member stays
 healthy while it is sick (``bench/grayfailure.py``).
 
+``/streams/ws``: a running tally over a resumable stream (:mod:`meshxl.demo.tally`).
+
 Beside a sidecar serving several clusters (``meshxl serve statesync --pool``, the
 virtual systems of a pool: docs/vsls.md), ``--clusters-by-host`` takes each request's
 cluster from its Host header's first label (``t07.tenants.example`` -> ``t07``: how a
@@ -72,7 +74,9 @@ from meshxl.client.middleware import cluster_from_host, over_quota_body
 from meshxl.client.plans import check_session_id
 from meshxl.demo.faults import FaultFile, Faults
 from meshxl.demo.signals import until_stopped
+from meshxl.demo.tally import add_routes as add_tally_routes
 from meshxl.errors import MeshxlError
+from meshxl.streams import StreamHost
 from meshxl.telemetry import tracing
 from meshxl.telemetry.http import client_trace_configs, server_middleware
 
@@ -91,6 +95,8 @@ _ready = web.AppKey("ready", dict)
 _faults = web.AppKey("faults", FaultFile)
 _rng = web.AppKey("rng", random.Random)
 _by_host = web.AppKey("by_host", dict)
+_streams = web.AppKey("streams", StreamHost)
+"""The process's resumable streams (:mod:`meshxl.demo.tally`)."""
 """With --clusters-by-host: each cluster's client by its name (sharing connections)."""
 MAX_HOSTED = 1024
 """Clients of clusters kept (a Host header names any: past this, one per request)."""
@@ -102,6 +108,11 @@ SETTINGS = ClientSettings(
     unavailable=Backoff(attempts=1),
     conflicts=Backoff(attempts=CAS_ATTEMPTS, first=0.0),
 )
+
+
+STREAM_SETTINGS = ClientSettings(timeout=SIDECAR_TIMEOUT,
+                                 unavailable=Backoff(attempts=2, first=0.02))
+"""The streams' client: a stream's commits are tried again by its host."""
 
 
 class _NoCounter(Exception):
@@ -268,6 +279,7 @@ async def _watch_ready(app: web.Application) -> None:
     while True:
         try:
             readiness = await probe.ready()
+            app[_streams].note_moving(readiness.moving)
             state["ready"] = readiness.ready
             state["reason"] = "" if readiness.ready else \
                 f"/readyz: {'; '.join(readiness.reasons) or 'not ready'}"
@@ -308,6 +320,8 @@ async def _resources(app: web.Application) -> Any:
             await task
     await app[_client].close()
     await app[_probe].close()
+    await app[_streams].aclose()
+    await app[_streams].sessions.close()
 
 
 def make_app(member: str, sidecar: str, token: str | None = None,
@@ -331,6 +345,9 @@ def make_app(member: str, sidecar: str, token: str | None = None,
     app.router.add_get("/counter/ws", counter_ws)
     app.router.add_get("/counter", current)
     app.router.add_get("/healthz", healthz)
+    app[_streams] = StreamHost(AsyncClient(app[_sidecar], token=app[_token] or None,
+                                           settings=STREAM_SETTINGS))
+    add_tally_routes(app, app[_streams], member)
     return app
 
 

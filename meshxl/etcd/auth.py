@@ -33,9 +33,13 @@ class EtcdAuthError(aetcd.exceptions.ClientError, Unavailable):  # type: ignore[
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
 _WATCH = "/etcdserverpb.Watch/Watch"
-# etcd answers these when a request's token is unknown (expired, or etcd restarted and
-# forgot its simple tokens) or missing (auth was enabled after the client connected).
-_TOKEN_ERRORS = ("invalid auth token", "user name is empty")
+# etcd answers these when a request's token is unknown (expired after an idle
+# --auth-token-ttl, dropped by a password change, or forgotten by a restart), missing
+# (auth was enabled after the client connected), or was checked against users and roles
+# that changed before the request applied ("revision of auth store is old": refused at
+# apply, so nothing of it applied, as for the other two, refused before it is proposed).
+# A call refused so is sent once more with a new token: never applied twice.
+TOKEN_ERRORS = ("invalid auth token", "user name is empty", "revision of auth store is old")
 
 
 def _method(details: grpc.aio.ClientCallDetails) -> str:
@@ -43,9 +47,11 @@ def _method(details: grpc.aio.ClientCallDetails) -> str:
     return method.decode() if isinstance(method, bytes) else str(method)
 
 
-def _stale_token(code: grpc.StatusCode | None, message: str | None) -> bool:
+def stale_token(code: grpc.StatusCode | None, message: str | None) -> bool:
+    """etcd refused a call for its token (:data:`TOKEN_ERRORS`), before applying it: the
+    call may be sent again with a new one."""
     return code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT) \
-        and any(e in (message or "") for e in _TOKEN_ERRORS)
+        and any(e in (message or "") for e in TOKEN_ERRORS)
 
 
 class TokenAuth:
@@ -101,6 +107,19 @@ class TokenAuth:
             self._token = None
             self._disabled = False
 
+    @staticmethod
+    def stale(token: str | None, code: grpc.StatusCode | None, message: str | None) -> bool:
+        """Whether etcd refused a call sent with ``token`` for want of a valid one, so
+        that it may be sent again with a new one: a token etcd no longer knows
+        (:func:`stale_token`), or none at all while authentication was off, refused for
+        its permissions since authentication came on (etcd then checks the call as the
+        client certificate's user, which a bridge's certificate does not name). Either
+        way etcd applied nothing of it."""
+        if stale_token(code, message):
+            return True
+        return token is None and code == grpc.StatusCode.PERMISSION_DENIED \
+            and "permission denied" in (message or "")
+
     def refused(self) -> None:
         """etcd cancelled a watch with a reason (a token it no longer knows, after a
         restart or the token's TTL: etcd 3.4 says so this way, with no gRPC error for
@@ -112,21 +131,51 @@ class TokenAuth:
         return self._token
 
     async def _authenticate(self) -> None:
+        """Log in with the credentials as their files hold them now; while etcd refuses
+        a password the files changed to, with the last one that worked (a password is
+        rotated file first, then in etcd: in between, a token etcd dropped or let
+        expire is renewed with the old one)."""
         assert self.channel is not None
+        last = (self._user, self._password)
+        candidates = [last]
         if self._reread is not None:
             try:
-                user, password = self._reread()
+                now = self._reread()
             except Exception as exc:  # a file being replaced: the last good ones
                 log.warning("etcd credentials not read again (%s); using the last ones", exc)
             else:
-                if (user, password) != (self._user, self._password):
-                    log.info("etcd credentials read again from their files: %s",
-                             "password changed" if user == self._user else f"user {user!r}")
+                if now != last:
+                    candidates = [now, last] if self.authentications else [now]
+        for user, password in candidates:
+            try:
+                response = await self._login(user, password)
+            except EtcdAuthError:
+                if (user, password) == candidates[-1]:
+                    raise
+                continue
+            if response is None:
+                return
+            if (user, password) != last:
+                log.info("etcd credentials read again from their files: %s",
+                         "password changed" if user == last[0] else f"user {user!r}")
                 self._user, self._password = user, password
+            elif len(candidates) > 1:
+                log.info("etcd refused the password now in its file for user %r; the "
+                         "previous one still works (until etcd is given the new one)", user)
+            self._token = response.token
+            self._confirmed = time.monotonic()
+            self._disabled = False
+            self.authentications += 1
+            return
+
+    async def _login(self, user: str, password: str) -> Any:
+        """etcd's answer to Authenticate; None when authentication is off (sending no
+        token then); :class:`EtcdAuthError` when etcd refuses the password."""
+        assert self.channel is not None
         stub = rpc.AuthStub(self.channel)
-        request = rpc.AuthenticateRequest(name=self._user, password=self._password)
+        request = rpc.AuthenticateRequest(name=user, password=password)
         try:
-            response = await stub.Authenticate(request, timeout=self._timeout)
+            return await stub.Authenticate(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
             if "authentication is not enabled" in details:
@@ -134,15 +183,14 @@ class TokenAuth:
                 # harmless, and auth can be enabled later (the next call authenticates).
                 log.info("etcd authentication is not enabled; sending no token")
                 self._disabled = True
-                return
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise EtcdAuthError(f"etcd refused user {self._user!r}: "
+                return None
+            # A wrong password is INVALID_ARGUMENT; a password for a user made without
+            # one (--no-password: a certificate's user), an UNKNOWN with the same words.
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT \
+                    or "authentication failed" in details:
+                raise EtcdAuthError(f"etcd refused user {user!r}: "
                                     f"{details.removeprefix('etcdserver: ')}") from None
             raise
-        self._token = response.token
-        self._confirmed = time.monotonic()
-        self._disabled = False
-        self.authentications += 1
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         return [_UnaryAuth(self), _UnaryStreamAuth(self), _StreamUnaryAuth(self),
@@ -175,7 +223,7 @@ class _UnaryAuth(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         try:
             await call
         except grpc.aio.AioRpcError as exc:
-            if not _stale_token(exc.code(), exc.details()):
+            if not self._auth.stale(token, exc.code(), exc.details()):
                 raise
             self._auth.invalidate(token)
             token = await self._auth.token()
@@ -210,7 +258,8 @@ class _StreamAuth:
 
     def _check(self, task: asyncio.Future[tuple[grpc.StatusCode, str]],
                token: str | None) -> None:
-        if not task.cancelled() and task.exception() is None and _stale_token(*task.result()):
+        if not task.cancelled() and task.exception() is None \
+                and self._auth.stale(token, *task.result()):
             self._auth.invalidate(token)
 
 

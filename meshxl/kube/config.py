@@ -74,6 +74,15 @@ class InjectConfig:
     ``{cluster}`` in the name stands for the pod's cluster (the overlays'
     ``meshxl-etcd-{cluster}``): each cluster's sidecars get their cluster's own
     certificate, whose common name is their etcd user (:meth:`etcd_secret_for`)."""
+    etcd_credentials_secret: str | None = None
+    """A ``kubernetes.io/basic-auth`` Secret (in the pod's namespace; keys ``username``,
+    ``password``) with the etcd user and password the statesync sidecar logs in with,
+    for an etcd that cannot take the user from the client certificate: one behind a
+    bridge presenting one certificate for every client (the external-etcd overlay's
+    ``meshxl-cluster-{cluster}``, docs/security.md). ``{cluster}`` stands for the pod's
+    cluster, as in ``etcd_client_secret``: each cluster's sidecars get their own
+    (:meth:`credentials_secret_for`). Needs ``https://`` endpoints (a password is not
+    sent in clear). None: no password (the certificate names the user)."""
     xds_client_secret: str | None = None
     """A Secret (in the pod's namespace; keys ``tls.crt``, ``tls.key``, ``ca.crt``) with
     the injected Envoy's client certificate for the control plane (mutual TLS, the node
@@ -110,12 +119,11 @@ class InjectConfig:
         if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
             raise ValueError("the statesync token Secret must be a Secret name (lowercase "
                              f"letters, digits, '-' and '.'), got {secret!r}")
-        secret = self.etcd_client_secret
-        if secret is not None and (secret.count(CLUSTER_PLACEHOLDER) > 1 or not _secret_name(
-                secret.replace(CLUSTER_PLACEHOLDER, "c"))):
-            raise ValueError("the etcd client Secret must be a Secret name (lowercase "
-                             "letters, digits, '-' and '.'), with {cluster} at most once "
-                             f"for the pod's cluster, got {secret!r}")
+        _check_template(self.etcd_client_secret, "etcd client Secret")
+        _check_template(self.etcd_credentials_secret, "etcd credentials Secret")
+        if self.etcd_credentials_secret is not None and not _tls(self.etcd):
+            raise ValueError("an etcd credentials Secret needs https:// etcd endpoints (a "
+                             f"password would cross the network in clear), got {self.etcd!r}")
         secret = self.xds_client_secret
         if secret is not None and (len(secret) > 253 or not _DNS_SUBDOMAIN.match(secret)):
             raise ValueError("the xDS client Secret must be a Secret name (lowercase "
@@ -125,15 +133,30 @@ class InjectConfig:
         """The etcd client Secret of a pod of ``cluster``: ``etcd_client_secret`` with
         ``{cluster}`` replaced; a ValueError if that is no Secret name (a cluster name
         with ``_`` or upper-case letters)."""
-        secret = self.etcd_client_secret
-        if secret is None or CLUSTER_PLACEHOLDER not in secret:
-            return secret
-        name = secret.replace(CLUSTER_PLACEHOLDER, cluster)
-        if not _secret_name(name):
-            raise ValueError(f"cluster {cluster!r} makes no Secret name of the etcd client "
-                             f"Secret {secret!r} ({name!r}: lowercase letters, digits, '-' "
-                             "and '.' only); rename the cluster or give its own Secret name")
-        return name
+        return _for_cluster(self.etcd_client_secret, cluster, "etcd client Secret")
+
+    def credentials_secret_for(self, cluster: str) -> str | None:
+        """The etcd credentials Secret of a pod of ``cluster``, as :meth:`etcd_secret_for`."""
+        return _for_cluster(self.etcd_credentials_secret, cluster, "etcd credentials Secret")
+
+
+def _check_template(secret: str | None, what: str) -> None:
+    if secret is not None and (secret.count(CLUSTER_PLACEHOLDER) > 1 or not _secret_name(
+            secret.replace(CLUSTER_PLACEHOLDER, "c"))):
+        raise ValueError(f"the {what} must be a Secret name (lowercase letters, digits, "
+                         "'-' and '.'), with {cluster} at most once for the pod's cluster, "
+                         f"got {secret!r}")
+
+
+def _for_cluster(secret: str | None, cluster: str, what: str) -> str | None:
+    if secret is None or CLUSTER_PLACEHOLDER not in secret:
+        return secret
+    name = secret.replace(CLUSTER_PLACEHOLDER, cluster)
+    if not _secret_name(name):
+        raise ValueError(f"cluster {cluster!r} makes no Secret name of the {what} "
+                         f"{secret!r} ({name!r}: lowercase letters, digits, '-' and '.' "
+                         "only); rename the cluster or give its own Secret name")
+    return name
 
 
 def _secret_name(name: str) -> bool:
@@ -156,6 +179,12 @@ def _is_label_key(key: str) -> bool:
     if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
         return False
     return bool(_LABEL_NAME.match(name))
+
+
+def _tls(urls: str) -> bool:
+    from meshxl.etcd import parse_urls
+
+    return bool(parse_urls(urls)[0])
 
 
 def _check_etcd(urls: str, client_secret: str | None = None) -> None:

@@ -1,6 +1,6 @@
 """The containers, probes and volumes a meshxl member pod gets (pure builders behind
 :func:`meshxl.kube.inject.mutate_pod`): the statesync sidecar, the plain-Envoy sidecar,
-the API token and the etcd client certificate volumes.
+the API token, the etcd client certificate and etcd credentials volumes.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
 ETCD_CLIENT_VOLUME = "meshxl-etcd-client"
 ETCD_CLIENT_DIR = "/var/run/meshxl/etcd-client"
 ETCD_CLIENT_KEYS = ("tls.crt", "tls.key", "ca.crt")
+#: The etcd user and password of the pod's cluster (an etcd behind a bridge): a
+#: basic-auth Secret mounted into the statesync sidecar only, at CREDENTIALS_DIR/CLUSTER,
+#: the layout --etcd-credentials-dir reads (statesync/credentials.py).
+ETCD_CREDENTIALS_VOLUME = "meshxl-etcd-credentials"
+ETCD_CREDENTIALS_DIR = "/var/run/meshxl/etcd-credentials"
+ETCD_CREDENTIALS_KEYS = ("username", "password")
 #: The injected Envoy's client certificate for the control plane (mutual TLS): a Secret
 #: volume with the same keys, mounted into the Envoy container only.
 XDS_CLIENT_VOLUME = "meshxl-xds-client"
@@ -108,6 +114,10 @@ def statesync_container(config: InjectConfig, cluster: str, site: str | None, we
         args += ["--etcd-ca", f"{ETCD_CLIENT_DIR}/ca.crt",
                  "--etcd-cert", f"{ETCD_CLIENT_DIR}/tls.crt",
                  "--etcd-key", f"{ETCD_CLIENT_DIR}/tls.key"]
+    if config.etcd_credentials_secret:
+        # The file names only, never the password itself (it is read from the file,
+        # and again when etcd drops the token: a rotated password needs no restart).
+        args += ["--etcd-credentials-dir", ETCD_CREDENTIALS_DIR]
     host, port = parse_hostport(config.statesync_listen)
     shown = f"[{host}]" if ":" in host else host
     container: dict[str, Any] = {
@@ -132,6 +142,10 @@ def statesync_container(config: InjectConfig, cluster: str, site: str | None, we
     if config.etcd_client_secret:
         container["volumeMounts"] = [*container.get("volumeMounts", []), {
             "name": ETCD_CLIENT_VOLUME, "mountPath": ETCD_CLIENT_DIR, "readOnly": True}]
+    if config.etcd_credentials_secret:
+        container["volumeMounts"] = [*container.get("volumeMounts", []), {
+            "name": ETCD_CREDENTIALS_VOLUME, "mountPath": f"{ETCD_CREDENTIALS_DIR}/{cluster}",
+            "readOnly": True}]
     return container
 
 
@@ -154,6 +168,15 @@ def etcd_client_volume(secret: str) -> dict[str, Any]:
     return {"name": ETCD_CLIENT_VOLUME, "secret": {
         "secretName": secret, "defaultMode": 0o444,
         "items": [{"key": key, "path": key} for key in ETCD_CLIENT_KEYS]}}
+
+
+def etcd_credentials_volume(secret: str) -> dict[str, Any]:
+    # Mode 0444 and this container only, as the certificate. Not optional: without it
+    # the pod waits (its events name the missing Secret), rather than start a sidecar
+    # that etcd refuses.
+    return {"name": ETCD_CREDENTIALS_VOLUME, "secret": {
+        "secretName": secret, "defaultMode": 0o444,
+        "items": [{"key": key, "path": key} for key in ETCD_CREDENTIALS_KEYS]}}
 
 
 def xds_client_volume(secret: str) -> dict[str, Any]:

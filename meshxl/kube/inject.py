@@ -46,6 +46,8 @@ from meshxl.kube.containers import (
     ENVOY_VOLUME,
     ETCD_CLIENT_DIR,
     ETCD_CLIENT_VOLUME,
+    ETCD_CREDENTIALS_DIR,
+    ETCD_CREDENTIALS_VOLUME,
     STATESYNC_CONTAINER,
     TOKEN_FILE_ENV,
     TOKEN_VOLUME,
@@ -53,6 +55,7 @@ from meshxl.kube.containers import (
     XDS_CLIENT_VOLUME,
     envoy_container,
     etcd_client_volume,
+    etcd_credentials_volume,
     give_token,
     statesync_container,
     token_volume,
@@ -63,7 +66,8 @@ from meshxl.model.spec import NAME_PATTERN
 __all__ = [
     "ANNOTATION_ANTI_AFFINITY", "ANNOTATION_APP_PORT", "ANNOTATION_IP_FAMILY",
     "ANNOTATION_PROXY", "ANNOTATION_STATUS", "DEFAULT_IMAGE", "ENVOY_CONTAINER",
-    "ENVOY_VOLUME", "ETCD_CLIENT_DIR", "ETCD_CLIENT_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER",
+    "ENVOY_VOLUME", "ETCD_CLIENT_DIR", "ETCD_CLIENT_VOLUME", "ETCD_CREDENTIALS_DIR",
+    "ETCD_CREDENTIALS_VOLUME", "HOSTNAME_KEY", "LABEL_CLUSTER",
     "LABEL_INJECT", "LABEL_INSTALLATION", "LABEL_SITE",
     "LABEL_WEIGHT", "NAMESPACE_LABEL", "STATESYNC_CONTAINER", "TOKEN_FILE_ENV", "TOKEN_VOLUME",
     "XDS_CLIENT_DIR", "XDS_CLIENT_VOLUME", "ZONE_KEY", "AntiAffinity",
@@ -459,6 +463,21 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
         new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
                                etcd_client_volume(secret)]
         volumes.append(ETCD_CLIENT_VOLUME)
+    if config.etcd_credentials_secret:
+        taken = {v.get("name") for v in new_spec.get("volumes") or []
+                 if isinstance(v, Mapping)}
+        if ETCD_CREDENTIALS_VOLUME in taken:
+            raise InjectError("the pod already has a volume named "
+                              f"{ETCD_CREDENTIALS_VOLUME!r}")
+        try:
+            # Its cluster's own user and password, and no other cluster's.
+            secret = config.credentials_secret_for(cluster)
+        except ValueError as exc:
+            raise InjectError(str(exc)) from None
+        assert secret is not None
+        new_spec["volumes"] = [*list(new_spec.get("volumes") or []),
+                               etcd_credentials_volume(secret)]
+        volumes.append(ETCD_CREDENTIALS_VOLUME)
     scheduling = _place(new_spec, cluster, site, strength, config.site_topology_key)
 
     # Labels Istio's failoverPriority and selectors match on (an annotation-only

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from meshxl import headers as hdr
@@ -46,6 +46,7 @@ PROBLEM_NAME_MAX = 63
 _CONTENT_TYPE = "content-type"
 _IF_MATCH = hdr.IF_MATCH.lower()
 _IF_NONE_MATCH = hdr.IF_NONE_MATCH.lower()
+_SYNC = hdr.SYNC.lower()
 _TRACEPARENT = hdr.TRACEPARENT.lower()
 
 
@@ -104,7 +105,19 @@ def _put_write(request: Request) -> Write:
         raise InputError('If-None-Match takes only "*" (create, never replace)')
     return Write(session_id=session_id, data=data, content_type=content_type,
                  if_match=headers.get(_IF_MATCH), create_only=if_none_match is not None,
-                 traceparent=_traceparent(request))
+                 traceparent=_traceparent(request), sync_now=_sync_now(headers))
+
+
+def _sync_now(headers: Mapping[str, str]) -> bool:
+    """``X-Meshxl-Sync: now`` (a write committed before it is answered); anything else
+    is a 400."""
+    value = headers.get(_SYNC)
+    if value is None:
+        return False
+    if value.strip().lower() != "now":
+        raise InputError(f"{hdr.SYNC} takes only \"now\", not {value.strip()[:40]!r}",
+                         field=hdr.SYNC)
+    return True
 
 
 def _stored_headers(stored: Stored, content_type: str) -> list[tuple[str, str]]:
@@ -189,6 +202,8 @@ class SidecarParts(Protocol):
     def not_ready_reasons(self) -> list[str]: ...
 
     def warnings(self) -> list[str]: ...
+
+    def moving(self) -> bool: ...
 
     def refresh_gauges(self) -> None: ...
 
@@ -302,7 +317,8 @@ class SessionRoutes:
             raise InputError(str(exc), field="body") from None
         return await self._one(Write(session_id=session_id, op=PATCH, patch=patch,
                                      if_match=request.headers.get(_IF_MATCH),
-                                     traceparent=_traceparent(request)))
+                                     traceparent=_traceparent(request),
+                                     sync_now=_sync_now(request.headers)))
 
     async def delete(self, request: Request) -> Response:
         await self._one(Write(session_id=_session_id(request), op=DELETE,
@@ -418,10 +434,12 @@ class SessionRoutes:
 
     async def readyz(self, request: Request) -> Response:
         reasons = self.sidecar.not_ready_reasons()
+        moving = {"moving": True} if self.sidecar.moving() else {}
         if reasons:
-            return _json({"ready": False, "reasons": reasons}, status=503)
+            return _json({"ready": False, "reasons": reasons, **moving}, status=503)
         warnings = self.sidecar.warnings()
-        return _json({"ready": True, **({"warnings": warnings} if warnings else {})})
+        return _json({"ready": True, **({"warnings": warnings} if warnings else {}),
+                      **moving})
 
     async def metrics(self, request: Request) -> Response:
         self.sidecar.refresh_gauges()

@@ -54,7 +54,8 @@ _string = json.encoder.encode_basestring_ascii
 _COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
-SAVE_FIELDS = ("session", "data", "encoding", "content_type", "if_match", "if_none_match")
+SAVE_FIELDS = ("session", "data", "encoding", "content_type", "if_match", "if_none_match",
+               "sync")
 UPSERT_FIELDS = ("operation", *SAVE_FIELDS)
 
 MAX_ITEMS = MAX_TXN_OPS
@@ -269,9 +270,12 @@ def _item(where: _Where, raw: Any, max_bytes: int, allowed: tuple[str, ...],
         raise where.bad("if_none_match", 'takes only "*" (create, never replace)')
     if if_none_match is not None and if_match is not None:
         raise where.bad("if_none_match", "send if_match or if_none_match, not both")
+    sync = raw.get("sync")
+    if sync is not None and sync != "now":
+        raise where.bad("sync", 'takes only "now" (committed before it is answered)')
     return Item(index=where.index, session_id=session_id, data=data,
                 content_type=content_type, if_match=if_match,
-                create_only=if_none_match is not None)
+                create_only=if_none_match is not None, sync_now=sync is not None)
 
 
 def encode_json(where: _Where, value: Any, plain: bool = False) -> bytes:

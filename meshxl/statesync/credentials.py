@@ -9,7 +9,10 @@ cluster without one uses the process's ``--etcd-user`` (or none). The entry is r
 when the cluster starts: a virtual system added to a pool later picks up its own. Its
 files are read again whenever the cluster's client authenticates anew (etcd refused its
 token: after a password change, etcd drops the user's tokens), so a rotated password
-takes effect without a restart. TLS settings stay the process's.
+takes effect without a restart; while etcd refuses the files' new password, the last
+one that worked is used (:class:`~meshxl.etcd.auth.TokenAuth`). TLS settings stay the
+process's. The injector mounts a pod's cluster's Secret at ``DIR/CLUSTER`` (the
+external-etcd overlay, docs/kubernetes.md), so one sidecar's entry is its own.
 """
 
 from __future__ import annotations

@@ -12,7 +12,16 @@ another member wrote meanwhile (this one paused, or slower) is theirs, and the c
 here is given up (:meth:`LocalSessions.give_up`) as soon as the cache sees that record
 or when the replication finds it. Only a record whose last write came before the copy
 was created here (the session's client moved here from there, and it started afresh)
-is replaced.
+is replaced. Nor does it undo a delete: each copy remembers etcd's revision when etcd
+was found not to hold the session (:attr:`Local.floor`), and its replication applies
+only while no deletion record of the session was created after it
+(:meth:`.store.SessionStore.replicate`); a session another member wrote and deleted
+meanwhile stays deleted, and the copy here is given up.
+
+A copy is kept no longer than the session would have lived in etcd: one whose last
+write is ``ttl`` old expires here (a member paused that long), never replicated, as
+etcd would have expired it, and a deletion record, which lives at least ``ttl`` after
+its delete, is still there for every copy that may be replicated.
 
 While a planned move away from this member is under way (planned.py) it keeps nothing:
 every session is due (the flush replicates them all), a write of a kept one replicates
@@ -22,6 +31,8 @@ it, and a new one is written to etcd at once (:attr:`LocalSessions.keeps_new`).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -42,14 +53,22 @@ class Local:
 
     record: SessionRecord
     version: int
+    floor: int | None = None
+    """etcd's revision when etcd was found not to hold the session, before the copy was
+    first kept here: a deletion record created after it is a delete this copy must not
+    undo. None: not known in this etcd cluster (a copy adopted from another shard's
+    engine); a deletion record then stands if its delete came after the copy was
+    created, by the two members' clocks."""
 
 
 class LocalSessions:
     """The sessions kept on this member (delayed sync)."""
 
-    def __init__(self, member: str, sync_delay: float, metrics: StatesyncMetrics):
+    def __init__(self, member: str, sync_delay: float, metrics: StatesyncMetrics,
+                 ttl: float = math.inf):
         self.member = member
         self.sync_delay = sync_delay
+        self.ttl = ttl
         self.enabled = sync_delay > 0
         self.metrics = metrics
         self._kept: dict[str, Local] = {}
@@ -67,8 +86,23 @@ class LocalSessions:
         """The sessions kept here, by id (a read-only view: quotas count them)."""
         return MappingProxyType(self._kept)
 
-    def get(self, session_id: str) -> Local | None:
-        return self._kept.get(session_id)
+    def get(self, session_id: str, now: float | None = None) -> Local | None:
+        """The copy kept here (None: none, or it expired: :meth:`expired`)."""
+        local = self._kept.get(session_id)
+        if local is not None and self.expired(session_id, local, now or time.time()):
+            return None
+        return local
+
+    def expired(self, session_id: str, local: Local, now: float) -> bool:
+        """Whether ``local`` outlived its session's ``ttl`` since its last write (its
+        member was paused that long): then it is dropped, never replicated."""
+        if now - local.record.updated < self.ttl:
+            return False
+        if self.drop(session_id) is not None:
+            log.warning("delayed sync: session %r expired on this member before it was "
+                        "replicated (last written %.0f s ago, ttl %.0f s)", session_id,
+                        now - local.record.updated, self.ttl)
+        return True
 
     @property
     def keeps_new(self) -> bool:
@@ -79,7 +113,10 @@ class LocalSessions:
         return not self.writing_through and now - local.record.created < self.sync_delay
 
     def due(self, now: float) -> list[tuple[str, Local]]:
-        """The sessions whose delay is over (the flush replicates them)."""
+        """The sessions whose delay is over (the flush replicates them); those that
+        expired are dropped."""
+        for session_id, local in list(self._kept.items()):
+            self.expired(session_id, local, now)
         return [(session_id, local) for session_id, local in self._kept.items()
                 if not self.young(local, now)]
 
@@ -88,22 +125,26 @@ class LocalSessions:
                       new_session=new_session, source="local")
 
     def keep(self, session_id: str, data: bytes, content_type: str,
-             traceparent: str | None, now: float) -> Stored:
-        """A new version of a session kept here (its conditions checked already)."""
+             traceparent: str | None, now: float, floor: int | None = None) -> Stored:
+        """A new version of a session kept here (its conditions checked already).
+        ``floor``: for a session not kept here yet, etcd's revision when etcd was found
+        not to hold it (:attr:`Local.floor`)."""
         local = self._kept.get(session_id)
         self._versions += 1
         record = SessionRecord(owner=self.member, content_type=content_type,
                                created=local.record.created if local else now, updated=now,
                                data=data, traceparent=traceparent)
-        kept = self._kept[session_id] = Local(record, self._versions)
+        kept = self._kept[session_id] = Local(record, self._versions,
+                                              local.floor if local else floor)
         self.metrics.write(PUT, "local").inc()
         self.metrics.local.set(len(self._kept))
         return self.stored(session_id, kept, new_session=local is None)
 
     def adopt(self, session_id: str, local: Local) -> None:
         """Keep ``local``, kept until now by another shard's engine (a reshard); later
-        versions here number above it, so an ``L<n>`` ETag never names two states."""
-        self._kept[session_id] = local
+        versions here number above it, so an ``L<n>`` ETag never names two states. Its
+        floor was a revision of the other shard's etcd: not known here."""
+        self._kept[session_id] = Local(local.record, local.version)
         self._versions = max(self._versions, local.version)
         self.metrics.local.set(len(self._kept))
 

@@ -61,6 +61,10 @@ class MeshFollower:
         """This member's state in the cluster's view (None: not in the model)."""
         self.model_warning: str | None = None
         """Set while the model lacks this member's cluster or site."""
+        self.moves_away: tuple[str, ...] = ()
+        """The planned moves away from this member now (member down, site offline, a
+        degraded judgement, a probe, a handback, a VS move): ``/readyz`` says so
+        (``moving``), so an application can hand its resumable streams on."""
         self.on_moves: Callable[[tuple[str, ...]], None] | None = None
         """Told the planned moves away from this member on every change (planned.py;
         None: delayed sync is off, nothing to replicate first)."""
@@ -126,10 +130,11 @@ class MeshFollower:
             self.role = role
         if self.scope is not None:
             self.scope(role == Role.STANDBY and (spec is None or spec.high_availability))
+        vs = model.virtual_system(self.config.cluster) if model is not None else None
+        self.moves_away = moves_away_from(self.config.cluster, self.config.member, site,
+                                          self.mesh.runtime, vs.pool if vs else None)
         if self.on_moves is not None:
-            vs = model.virtual_system(self.config.cluster) if model is not None else None
-            self.on_moves(moves_away_from(self.config.cluster, self.config.member, site,
-                                          self.mesh.runtime, vs.pool if vs else None))
+            self.on_moves(self.moves_away)
 
     def _vs_role(self, model: LightModel) -> Role:
         """This member's role in its virtual system, as the control plane places it

@@ -317,6 +317,9 @@ class Hosting:
                 f" (pool {self.pool!r} has no virtual system)" if self.pool else ""))
         return reasons
 
+    def moving(self) -> bool:
+        return any(s.moving() for s in self.sidecars.values())
+
     def warnings(self) -> list[str]:
         warnings = [f"{name}: {w}" for name, s in self.sidecars.items() for w in s.warnings()]
         if self.liveness is not None:

@@ -24,6 +24,7 @@ from meshxl.errors import (
     PreconditionFailed,
     Unavailable,
     Undecodable,
+    detached,
 )
 from meshxl.etcd import EtcdUnavailable
 
@@ -40,10 +41,11 @@ from .conditions import (
     written_since,
 )
 from .deletions import DeletionRecord
-from .errors import Superseded, no_session
+from .errors import LeaseLost, Superseded, no_session
 from .metrics import StatesyncMetrics
 from .record import SessionRecord, valid_session_id
 from .store import KeyState, KeyWrite, SessionStore, WriteResult
+from .txns import Guard, transact
 from .writes import DELETE, Settings, Stored, Takeover, Write
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,11 @@ class Ledger:
         transaction (:mod:`.deletions`): a new key, so its compare expects it absent."""
         key = f"{self._deletions}{session_id}/{revision}".encode()
         return key, DeletionRecord(self.member, time.time()).encode(), 0
+
+    def guard(self, session_id: str, floor: int | None) -> Guard:
+        """A replication's guard (:meth:`.store.SessionStore.replicate`): no deletion
+        record of ``session_id`` created after ``floor`` (None: after none)."""
+        return f"{self._deletions}{session_id}/".encode(), floor or 0
 
     # -- observations -----------------------------------------------------------------------
 
@@ -132,6 +139,15 @@ class Ledger:
             return await self.store.check(key)
         except EtcdUnavailable as exc:
             raise Unavailable(f"etcd unavailable: {exc}") from None
+
+    async def absent_at(self, key: bytes) -> int | None:
+        """etcd's revision now if it does not hold ``key`` (a kept copy's floor), else
+        None."""
+        try:
+            revision, now = await self.store.check_at(key)
+        except EtcdUnavailable as exc:
+            raise Unavailable(f"etcd unavailable: {exc}") from None
+        return now if revision == 0 else None
 
     async def expectation(self, write: Write, key: bytes, cached: int) -> tuple[str, int]:
         """The mode and revision a write compares (:mod:`.conditions`), reading etcd
@@ -237,6 +253,58 @@ class Ledger:
             f"(revision {current.revision}) while this member kept it (delayed sync): "
             "its copy here is given up, ownership lost",
             owner=current_record.owner, revision=current.revision)
+
+    def undone_delete(self, op: str, session_id: str, deleted: KeyState,
+                      kept: SessionRecord, exact: bool) -> Superseded | None:
+        """The verdict on a replication of ``kept``, a session kept here, whose guard
+        found ``deleted``: the newest deletion record of the session above the copy's
+        floor. ``exact``: the floor is this etcd's revision from before the copy was
+        first kept here, so that delete came after it: it stands. Otherwise (a copy
+        adopted from another shard) it stands if it came after the copy was created, by
+        the two members' clocks (:func:`~.conditions.written_since`'s rule); None: it
+        came before (the guard may be raised past it). A delete that stands is another
+        member's acknowledged write: the caller gives up the copy, and this member,
+        having observed the session gone, writes it next as a new session."""
+        try:
+            record: DeletionRecord | None = DeletionRecord.decode(deleted.value or b"")
+        except ValueError:
+            record = None
+        if not exact and record is not None and record.at < kept.created:
+            return None
+        self.conflicts += 1
+        self.metrics.conflicts.inc()
+        self.metrics.write(op, "conflict").inc()
+        self.observe(session_id, 0)
+        by = record.member if record is not None else "another writer"
+        return Superseded(
+            f"session {session_id!r} was deleted by member {by!r} (its deletion record "
+            f"at revision {deleted.revision}) while this member kept it (delayed sync): "
+            "its copy here is given up", deleted_by=by, revision=deleted.revision)
+
+    async def delete(self, key: bytes, session_id: str,
+                     expected_revision: int) -> WriteResult | BaseException:
+        """A guarded delete of version ``expected_revision`` with its deletion record, one
+        transaction (:mod:`.deletions`): etcd's answer as a single write's, or the
+        error. A refused one reads the session (the failure branch of a transaction
+        reads revisions only), whose record tells 409 from "send it again"."""
+        mark, value, recorded = self.deletion(session_id, expected_revision)
+        store = self.store
+        try:
+            for _ in range(2):
+                result = await transact(store, [(key, None, expected_revision),
+                                                (mark, value, recorded)])
+                if result.ok:
+                    return WriteResult(True, result.revision)
+                now, there = result.current
+                if now.revision != expected_revision or not there.revision:
+                    break
+                recorded = there.revision  # a record of this very version (an etcd
+                # restored from an older backup gave the number again): replaced
+            if now.revision == 0:
+                return WriteResult(False, 0, now)
+            return WriteResult(False, 0, await store.fetch(key))
+        except (EtcdUnavailable, LeaseLost) as exc:
+            return detached(exc)
 
     # -- committed --------------------------------------------------------------------------
 

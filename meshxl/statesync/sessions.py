@@ -64,6 +64,7 @@ from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json
 from .store import KeyState, SessionStore, WriteResult
 from .transactions import Transactions
+from .txns import Guard, replicate
 from .writes import DELETE, PATCH, PUT, Outcome, Settings, Stored, Takeover, Transacted, Write
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Sessions:
         self.locks = SessionLocks()
         self.ledger = Ledger(store, cache, keys.sessions_prefix(cluster), member, settings,
                              metrics, keys.deletions_prefix(cluster))
-        self.local = LocalSessions(member, settings.sync_delay, metrics)
+        self.local = LocalSessions(member, settings.sync_delay, metrics, settings.ttl)
         self.transactions = Transactions(self.ledger, self.local, self.locks, store,
                                          metrics, settings.max_bytes)
         if self.local.enabled:
@@ -393,11 +394,12 @@ class Sessions:
                                      "longer")  # a flush of a session written meanwhile
         if local is not None:
             return await self._write_kept(write, key, local, traceparent)
-        if (write.op == PUT and self.local.keeps_new and await self._new_here(session_id, key)
-                and self.local.keeps_new):  # a planned move may have begun meanwhile
-            local_precondition(write, None)
-            return self.local.keep(session_id, write.data, write.content_type,
-                                   write.traceparent or traceparent, time.time())
+        if write.op == PUT and self.local.keeps_new and not write.sync_now:
+            floor = await self._new_here(session_id, key)
+            if floor is not None and self.local.keeps_new:  # a planned move may have begun
+                local_precondition(write, None)
+                return self.local.keep(session_id, write.data, write.content_type,
+                                       write.traceparent or traceparent, time.time(), floor)
         entry = self.cache.get(session_id)
         prior, cached = (entry.record, entry.revision) if entry is not None else (None, 0)
         if write.op == PATCH:
@@ -411,13 +413,14 @@ class Sessions:
 
     # -- delayed sync -----------------------------------------------------------------------
 
-    async def _new_here(self, session_id: str, key: bytes) -> bool:
-        """Whether a put of a session not kept here starts keeping it here: etcd never
-        had it (asked of etcd: the cache may not have seen a brand-new session). A
-        session etcd has is never demoted."""
+    async def _new_here(self, session_id: str, key: bytes) -> int | None:
+        """Whether a put of a session not kept here starts keeping it here: etcd does
+        not have it (asked of etcd: the cache may not have seen a brand-new session);
+        then etcd's revision when it was asked (the copy's floor), else None. A session
+        etcd has is never demoted."""
         if self.cache.get(session_id) is not None or session_id in self.ledger.observed:
-            return False
-        return await self.ledger.check(key) == 0
+            return None
+        return await self.ledger.absent_at(key)
 
     async def _write_kept(self, write: Write, key: bytes, local: Local,
                           traceparent: str | None) -> Stored:
@@ -436,7 +439,7 @@ class Sessions:
             data, content_type = self._merged(session_id, local.record, write.patch), JSON_TYPE
         now = time.time()
         trace = write.traceparent or traceparent
-        if write.record is None and self.local.young(local, now):
+        if write.record is None and not write.sync_now and self.local.young(local, now):
             return self.local.keep(session_id, data, content_type, trace, now)
         record = write.record or SessionRecord(
             owner=self.member, content_type=content_type, created=local.record.created,
@@ -444,7 +447,7 @@ class Sessions:
         replica = Write(session_id=session_id, record=record)
         try:
             stored = await self._attempts(replica, key, REPLICATE, 0, local.record,
-                                          traceparent, replicating=True)
+                                          traceparent, kept=local)
         except Superseded as exc:  # another member's record stands; the ledger fenced
             self.local.give_up(session_id, str(exc))  # this member from it
             raise
@@ -477,21 +480,23 @@ class Sessions:
     async def _attempts(self, write: Write, key: bytes, mode: str, expected_revision: int,
                         prior: SessionRecord | None, traceparent: str | None, *,
                         first: tuple[SessionRecord | None, Any] | None = None,
-                        replicating: bool = False) -> Stored:
+                        kept: Local | None = None) -> Stored:
         """Write, and again against the key as it is now while the rules allow
         (:meth:`.ledger.Ledger.refusal`). ``first``: the record of a first attempt
-        already sent (with others) and its answer. ``replicating``: a session kept on
-        this member, which this write does not create."""
+        already sent (with others) and its answer. ``kept``: the copy of a session kept
+        on this member that this write replicates (it does not create the session),
+        guarded against undoing a delete (:meth:`.ledger.Ledger.undone_delete`)."""
         op, session_id, ledger = write.op, write.session_id, self.ledger
         failed = 0
         lease_lost = False
+        guard = ledger.guard(session_id, kept.floor) if kept is not None else None
         while failed < BLIND_RETRIES:
             if first is not None:
                 record, answer = first
                 first = None
             else:
                 record = self._record(write, prior, traceparent)
-                answer = await self._send(key, session_id, record, expected_revision)
+                answer = await self._send(key, session_id, record, expected_revision, guard)
             if isinstance(answer, LeaseLost) and not lease_lost:
                 lease_lost = True  # refused whole, nothing applied: again, a new lease
                 continue
@@ -503,7 +508,15 @@ class Sessions:
                 raise answer
             if answer.ok:
                 return ledger.acknowledged(op, session_id, answer, record,
-                                           expected_revision == 0 and not replicating, prior)
+                                           expected_revision == 0 and kept is None, prior)
+            if answer.deleted is not None and kept is not None and guard is not None:
+                undone = ledger.undone_delete(op, session_id, answer.deleted, kept.record,
+                                              kept.floor is not None)
+                if undone is not None:
+                    raise undone
+                guard = (guard[0], answer.deleted.revision)  # deleted before the copy
+                failed += 1
+                continue
             current = answer.current or KeyState(0)
             current_record = (ledger.decode(session_id, current.revision, current.value, op)
                               if current.value else None)
@@ -542,51 +555,33 @@ class Sessions:
                              data=write.data, traceparent=trace)
 
     async def _send(self, key: bytes, session_id: str, record: SessionRecord | None,
-                    expected_revision: int) -> WriteResult | BaseException:
-        """One guarded write (``record`` None: a delete): etcd's answer, or the error."""
+                    expected_revision: int,
+                    guard: Guard | None = None) -> WriteResult | BaseException:
+        """One guarded write (``record`` None: a delete; ``guard``: a replication's,
+        :meth:`.store.SessionStore.replicate`): etcd's answer, or the error."""
         if record is None and expected_revision:
-            return await self._delete(key, session_id, expected_revision)
+            return await self.ledger.delete(key, session_id, expected_revision)
         value = record.encode() if record is not None else None
         cache = self.cache
         if value is not None:
             assert record is not None
             cache.expect(key, session_id, value, record)
+        answer: WriteResult | BaseException
         try:
             lease = 0
             if value is not None:
                 lease = self.store.lease_now() or await self.store.lease()
-            [answer] = await self.store.write([(key, value, expected_revision)], lease)
+            if guard is not None and value is not None:
+                answer = await replicate(self.store, key, value, expected_revision, lease,
+                                         guard)
+            else:
+                [answer] = await self.store.write([(key, value, expected_revision)], lease)
         except EtcdUnavailable as exc:
             answer = detached(exc)
         finally:
             if value is not None:
                 cache.settled(key)
         return answer
-
-    async def _delete(self, key: bytes, session_id: str,
-                      expected_revision: int) -> WriteResult | BaseException:
-        """A guarded delete of version ``expected_revision`` with its deletion record, one
-        transaction (:mod:`.deletions`): etcd's answer as a single write's, or the
-        error. A refused one reads the session (the failure branch of a transaction
-        reads revisions only), whose record tells 409 from "send it again"."""
-        mark, value, recorded = self.ledger.deletion(session_id, expected_revision)
-        store = self.store
-        try:
-            for _ in range(2):
-                result = await store.transact([(key, None, expected_revision),
-                                               (mark, value, recorded)])
-                if result.ok:
-                    return WriteResult(True, result.revision)
-                now, there = result.current
-                if now.revision != expected_revision or not there.revision:
-                    break
-                recorded = there.revision  # a record of this very version (an etcd
-                # restored from an older backup gave the number again): replaced
-            if now.revision == 0:
-                return WriteResult(False, 0, now)
-            return WriteResult(False, 0, await store.fetch(key))
-        except (EtcdUnavailable, LeaseLost) as exc:
-            return detached(exc)
 
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
         if not is_json(record.content_type):

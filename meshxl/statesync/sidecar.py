@@ -313,6 +313,10 @@ class Sidecar:
                 problems.append(f"{name} stopped" + (f": {error!r}" if error else ""))
         return problems
 
+    def moving(self) -> bool:
+        """A planned move away from this member is under way (following.py)."""
+        return bool(self.following.moves_away)
+
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         warnings = [] if self.following.model_warning is None else [self.following.model_warning]
@@ -383,6 +387,7 @@ class Sidecar:
             "state": None if following.view_state is None else str(following.view_state),
             "returning": self.membership.rejoin.returning,
             "planned_moves": None if self.planned is None else self.planned.status(),
+            "moves_away": list(following.moves_away),
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             **cache_status(self.parts[0].cache if self.parts else None),
             "cached_sessions": self.cached_sessions,

@@ -25,17 +25,11 @@ Faults
     A batch whose attempt is slow stops holding its place in the queue: the writes
     behind it leave in the next batch rather than wait for its deadline.
 
-Transactions
-    ``transact`` writes several keys all or none: one guarded op like a single write,
-    with a compare per key (at most 127: it joins a batch as one nested transaction,
-    and etcd's ``--max-txn-ops``, 128, counts the batch's level against it; each key
-    once; the whole under etcd's 1.5 MiB request limit). A batch holding it holds at
-    most 128 minus its width ops (:func:`take_batch`). Its failure branch reads every
-    key's revision, keys only, so the caller can tell which compare failed without an
-    answer that could exceed gRPC's message limit. It is sent again after an unanswered
-    attempt if one compare expects an existing key (that compare holds once at most),
-    and settled as a single write is: every key it puts holds its exact bytes at one
-    revision (read back one by one) and every key it deletes is gone, or 503.
+Transactions and replication guards (:mod:`.txns`)
+    Writes of several keys all or none, and a kept session's replication guarded
+    against undoing a delete, travel in the same batches, each as one nested
+    transaction; a batch holding one holds at most 128 minus its width ops
+    (:func:`take_batch`).
 
 The map version fence
     With session shards, every batch (writes and reads alike) carries, at its outer
@@ -98,11 +92,11 @@ from .leases import Leases
 log = logging.getLogger(__name__)
 
 __all__ = ["FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_TXN_OPS", "MAX_TXN_WRITES", "Batcher",
-           "Fencing", "KeyState", "KeyWrite", "SessionStore", "TxnResult", "WriteResult",
-           "may_send", "take_batch"]
+           "Fencing", "KeyState", "KeyWrite", "SessionStore", "WriteResult", "key_state",
+           "may_send", "take_batch", "write_result"]
 
 MAX_TXN_WRITES = MAX_TXN_OPS - 1
-"""Keys of one :meth:`SessionStore.transact`: it travels nested in a batch of at least
+"""Keys of one transaction (:func:`.txns.transact`): it travels nested in a batch of at least
 itself, so etcd leaves it 127 of its 128 operations."""
 
 
@@ -121,6 +115,9 @@ class WriteResult:
     """Commit revision (the key's new mod_revision) when ok."""
     current: KeyState | None = None
     """When not ok: the key as it is, so the caller can tell 409 from 412."""
+    deleted: KeyState | None = None
+    """When a replication's guard failed: the newest deletion record of the session
+    above its floor (``revision`` is the record's create revision)."""
 
 
 KeyWrite = tuple[bytes, bytes | None, int]
@@ -129,32 +126,16 @@ if the key's mod_revision is ``expected_revision`` (0: the key must not exist). 
 tuple: one is made for every session written."""
 
 
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    ok: bool
-    revision: int
-    """Commit revision when ok (every key put has it as its mod_revision)."""
-    current: tuple[KeyState, ...] = ()
-    """When not ok: every key's revision now (values not read), in the writes' order."""
-    uncertain: bool = False
-    """Not ok after an unanswered attempt: that attempt may be what moved the keys."""
-
-
 def _range(key: bytes, keys_only: bool) -> rpc.RequestOp:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key, keys_only=keys_only))
 
 
-def _key_state(response: Any) -> KeyState:
+def key_state(response: rpc.ResponseOp) -> KeyState:
+    """A range answer's first key as a :class:`KeyState` (absent: revision 0)."""
     kvs = response.response_range.kvs
     if not kvs:
         return KeyState(0)
     return KeyState(kvs[0].mod_revision, kvs[0].value or None)
-
-
-def _unknown() -> EtcdUnavailable:
-    """A transaction of :meth:`SessionStore._settle` that may or may not have applied."""
-    return EtcdUnavailable("etcd did not answer an earlier attempt of this transaction, "
-                            "and whether it applied cannot be told now: not acknowledged")
 
 
 class SessionStore:
@@ -167,7 +148,7 @@ class SessionStore:
         self._client = client
         self.leases = Leases(client, ttl)
         self.history = History()  # of this etcd cluster, as every answer shows it
-        self._writes = Batcher(client, "write", max_ops=max_batch_ops,
+        self.writer = Batcher(client, "write", max_ops=max_batch_ops,
                                 max_bytes=max_batch_bytes, max_inflight=max_inflight,
                                 timeout=timeout, on_batch=on_batch,
                                 on_lease_lost=self.leases.forget, history=self.history)
@@ -176,12 +157,12 @@ class SessionStore:
                                history=self.history)
 
     async def close(self) -> None:
-        await self._writes.close()
+        await self.writer.close()
         await self._reads.close()
 
     def fence(self, fencing: Fencing | None) -> None:
         """Compare ``fencing`` in every batch from now on (the module docstring)."""
-        self._writes.fencing = self._reads.fencing = fencing
+        self.writer.fencing = self._reads.fencing = fencing
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -190,6 +171,13 @@ class SessionStore:
         state: KeyState = await self._reads.submit(
             _range(key, keys_only=True), _read_result, len(key) + 16, width=0)
         return state.revision
+
+    async def check_at(self, key: bytes) -> tuple[int, int]:
+        """The key's current mod_revision (0: absent) and etcd's revision when it was
+        read (a replication guard's floor), linearizable."""
+        found: tuple[int, int] = await self._reads.submit(
+            _range(key, keys_only=True), _read_at, len(key) + 16, width=0)
+        return found
 
     async def fetch(self, key: bytes) -> KeyState:
         """The key with its value, linearizable."""
@@ -215,7 +203,7 @@ class SessionStore:
         between the caller and etcd's answer. One future for every answer, in order,
         each a :class:`WriteResult` or the exception it failed with (:class:`LeaseLost`:
         nothing applied, send it again)."""
-        batcher = self._writes
+        batcher = self.writer
         future = batcher.enqueue_group([
             (wire.guarded_put(key, value, expected_revision, lease),
              functools.partial(_put_result, value), len(key) + len(value) + 64,
@@ -225,71 +213,6 @@ class SessionStore:
             for key, value, expected_revision in writes])
         batcher.kick()
         return future
-
-    async def transact(self, writes: Sequence[KeyWrite]) -> TxnResult:
-        """All of ``writes`` or none: one guarded op whose compares cover every key.
-
-        Success puts (with the session lease) and deletes every key; failure reads every
-        key's revision (keys only: the values of up to 128 sessions could exceed what
-        one answer may carry), so the caller can tell which compare failed. It travels
-        in a batch like any single write, as one nested transaction.
-        """
-        if not 0 < len(writes) <= MAX_TXN_WRITES:
-            raise ValueError(f"a transaction holds 1 to {MAX_TXN_WRITES} writes, "
-                             f"not {len(writes)}")
-        if len({key for key, _, _ in writes}) != len(writes):
-            raise ValueError("a transaction names each key once (etcd refuses duplicates)")
-        size = sum(len(key) + len(value or b"") + 96 for key, value, _ in writes)
-        if size > MAX_REQUEST_BYTES:
-            raise ValueError(f"the transaction is {size} bytes; etcd takes at most "
-                             f"{MAX_REQUEST_BYTES} in one request")
-        leased = any(value is not None for _, value, _ in writes)
-        for attempt in (1, 2):
-            lease = await self.lease() if leased else 0
-            request = rpc.RequestOp(request_txn={
-                "compare": [{"key": key, "target": rpc.Compare.MOD,
-                             "result": rpc.Compare.EQUAL, "mod_revision": expected_revision}
-                            for key, _, expected_revision in writes],
-                "success": [{"request_put": {"key": key, "value": value, "lease": lease}}
-                            if value is not None else
-                            {"request_delete_range": {"key": key}} for key, value, _ in writes],
-                "failure": [{"request_range": {"key": key, "keys_only": True}}
-                            for key, _, _ in writes]})
-            try:
-                result: TxnResult = await self._writes.submit(
-                    request, _txn_result, size,
-                    # Sent again only if a compare expects an existing key, which it
-                    # puts or deletes: once applied, that compare never holds again
-                    # (a revision never comes back), whatever it creates beside it.
-                    resend=any(expected_revision != 0 for _, _, expected_revision in writes),
-                    width=len(writes))
-            except LeaseLost:
-                if attempt == 1:
-                    continue  # nothing applied: again, with a new lease
-                raise
-            if result.uncertain:
-                return await self._settle(writes, result)
-            return result
-        raise AssertionError("unreachable")
-
-    async def _settle(self, writes: Sequence[KeyWrite], result: TxnResult) -> TxnResult:
-        """A transaction whose earlier attempt went unanswered and whose compares then
-        failed: acknowledged if every key it puts holds exactly its bytes at one
-        revision and every key it deletes is gone; anything else is not known."""
-        puts = [(key, value) for key, value, _ in writes if value is not None]
-        if not puts or any(now.revision != 0 for (_, value, _), now
-                           in zip(writes, result.current, strict=True) if value is None):
-            raise _unknown()
-        revisions = {now.revision for (_, value, _), now
-                     in zip(writes, result.current, strict=True) if value is not None}
-        if len(revisions) != 1 or 0 in revisions:
-            raise _unknown()
-        for key, value in puts:
-            state = await self.fetch(key)
-            if state.value != value:
-                raise _unknown()
-        return TxnResult(True, revisions.pop())
-
 
 _Answer = TypeVar("_Answer")
 """What an op's ``parse`` makes of its answer: the op's result."""
@@ -531,25 +454,22 @@ def _fence_of(response: Any) -> int:
 
 
 def _read_result(response: Any, _revision: int, _uncertain: bool) -> KeyState:
-    return _key_state(response)
+    return key_state(response)
 
 
-def _txn_result(response: Any, revision: int, uncertain: bool) -> TxnResult:
-    txn = response.response_txn
-    if txn.succeeded:
-        return TxnResult(True, revision)
-    return TxnResult(False, 0, tuple(_key_state(r) for r in txn.responses), uncertain)
+def _read_at(response: Any, revision: int, _uncertain: bool) -> tuple[int, int]:
+    return key_state(response).revision, revision
 
 
 def _put_result(value: bytes, response: Any, revision: int, uncertain: bool) -> WriteResult:
-    return _write_result(response, revision, uncertain, value)
+    return write_result(response, revision, uncertain, value)
 
 
 def _delete_result(response: Any, revision: int, uncertain: bool) -> WriteResult:
-    return _write_result(response, revision, uncertain, None)
+    return write_result(response, revision, uncertain, None)
 
 
-def _write_result(response: Any, revision: int, uncertain: bool,
+def write_result(response: rpc.ResponseOp, revision: int, uncertain: bool,
                   value: bytes | None) -> WriteResult:
     """The answer to one guarded write. ``uncertain``: an earlier attempt went
     unanswered, so a failed compare may be that attempt's own success (see the module
@@ -557,7 +477,7 @@ def _write_result(response: Any, revision: int, uncertain: bool,
     txn = response.response_txn
     if txn.succeeded:
         return WriteResult(True, revision)
-    current = _key_state(txn.responses[0])
+    current = key_state(txn.responses[0])
     if uncertain:
         if value is not None and current.revision and current.value == value:
             return WriteResult(True, current.revision)

@@ -40,6 +40,7 @@ from .locks import SessionLocks
 from .metrics import StatesyncMetrics
 from .record import SessionRecord
 from .store import MAX_TXN_WRITES, KeyState, SessionStore, WriteResult
+from .txns import transact
 from .writes import DELETE, PUT, Stored, Transacted, Write
 
 __all__ = ["Transactions"]
@@ -56,6 +57,10 @@ class _Planned:
     prior: SessionRecord | None
     local: bool = False
     """The session was kept on this member only (delayed sync)."""
+    floor: int | None = None
+    """A kept session's floor (:attr:`.delayed.Local.floor`)."""
+    guard_floor: int | None = None
+    """The floor its guard compares: raised past a delete that came before the copy."""
 
 
 class Transactions:
@@ -93,7 +98,8 @@ class Transactions:
         local = self.local.get(write.session_id)
         if local is not None:
             local_precondition(write, local.version)
-            return _Planned(write, key, REPLICATE, 0, local.record, local=True)
+            return _Planned(write, key, REPLICATE, 0, local.record, local=True,
+                            floor=local.floor, guard_floor=local.floor)
         entry = self.ledger.cache.get(write.session_id)
         mode, expected_revision = await self.ledger.expectation(write, key,
                                                        entry.revision if entry else 0)
@@ -137,17 +143,23 @@ class Transactions:
                          if p.write.op == DELETE and p.expected_revision]
                 marked = [self.ledger.deletion(p.write.session_id, p.expected_revision)
                           for _, p in marks]
+                guarded = [p for p in sent if p.local]
                 try:
-                    result = await self.store.transact([
+                    result = await transact(self.store, [
                         (p.key, None if (r := record_of[id(p)]) is None else r.encode(),
                          p.expected_revision) for p in sent] + [
                         (key, value, recorded.get((i, p.expected_revision), 0))
-                        for (i, p), (key, value, _) in zip(marks, marked, strict=True)])
+                        for (i, p), (key, value, _) in zip(marks, marked, strict=True)],
+                        [self.ledger.guard(p.write.session_id, p.guard_floor)
+                         for p in guarded])
                 except EtcdUnavailable as exc:
                     self.metrics.transactions.labels("unavailable").inc()
                     raise Unavailable("etcd unavailable, transaction not acknowledged: "
                                       f"{exc}") from None
                 if not result.ok:
+                    undone = self._undone(guarded, result.deleted)
+                    if undone:
+                        return self._aborted({index[id(p)]: e for p, e in undone})
                     current = result.current[:len(sent)]
                     failed = [i for i, (p, now_at) in enumerate(zip(sent, current,
                                                                      strict=True))
@@ -170,6 +182,26 @@ class Transactions:
         return self._aborted({index[id(sent[i])]: Conflict(
             f"session {sent[i].write.session_id!r} kept changing under concurrent "
             "writers; read it and try again") for i in failed})
+
+    def _undone(self, guarded: list[_Planned], deleted: Sequence[KeyState | None]
+                ) -> list[tuple[_Planned, MeshxlError]]:
+        """Kept sessions whose replication would undo a delete another member made
+        meanwhile (:meth:`.ledger.Ledger.undone_delete`): refused, their copies given
+        up; a guard that found a delete from before its copy is raised past it."""
+        undone: list[tuple[_Planned, MeshxlError]] = []
+        for plan, found in zip(guarded, deleted, strict=True):
+            if found is None:
+                continue
+            assert plan.prior is not None
+            session_id = plan.write.session_id
+            verdict = self.ledger.undone_delete(plan.write.op, session_id, found, plan.prior,
+                                                plan.floor is not None)
+            if verdict is None:
+                plan.guard_floor = found.revision
+            else:
+                self.local.give_up(session_id, str(verdict))
+                undone.append((plan, verdict))
+        return undone
 
     async def _judge(self, sent: list[_Planned], failed: list[int],
                      current: Sequence[KeyState]) -> dict[int, MeshxlError]:

@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from meshxl.etcd.shards import fence_value
 from meshxl.protowire import varint
 
-__all__ = ["fence_parts", "guarded_delete", "guarded_put", "txn_request"]
+__all__ = ["INT64_MAX", "fence_parts", "guarded_delete", "guarded_put", "txn_request"]
 
-_INT64_MAX = (1 << 63) - 1
+INT64_MAX = (1 << 63) - 1
+"""The highest revision, lease id or count etcd's int64 fields hold."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,7 +59,7 @@ def guarded_put(key: bytes, value: bytes, mod_revision: int, lease: int) -> byte
     ``lease``; 0: none) if the key's mod_revision is ``mod_revision`` (0: absent), else
     reading the key. Lengths are computed first, so the value is copied once: this runs
     for every session written."""
-    if not (0 <= mod_revision <= _INT64_MAX and 0 <= lease <= _INT64_MAX):
+    if not (0 <= mod_revision <= INT64_MAX and 0 <= lease <= INT64_MAX):
         raise ValueError(f"revision {mod_revision} or lease {lease} out of etcd's range")
     v = varint
     key_field, compare, failure = _key_parts(key)
@@ -78,7 +79,7 @@ def guarded_put(key: bytes, value: bytes, mod_revision: int, lease: int) -> byte
 def guarded_delete(key: bytes, mod_revision: int) -> bytes:
     """A serialized ``RequestOp``: a transaction deleting ``key`` if its mod_revision is
     ``mod_revision``, else reading the key."""
-    if not 0 <= mod_revision <= _INT64_MAX:
+    if not 0 <= mod_revision <= INT64_MAX:
         raise ValueError(f"revision {mod_revision} out of etcd's range")
     v = varint
     key_field, compare, failure = _key_parts(key)

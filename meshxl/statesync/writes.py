@@ -59,6 +59,10 @@ class Write:
     if_match: str | None = None
     create_only: bool = False
     """``If-None-Match: *``: only if the session does not exist."""
+    sync_now: bool = False
+    """``X-Meshxl-Sync: now``: committed in etcd before it is acknowledged, never kept
+    on this member only, whatever ``sync_delay`` says (a session kept here is
+    replicated by it)."""
     traceparent: str | None = None
     """The W3C trace context of its own request (a PUT's); None: the request's as a
     whole (a bulk save's)."""

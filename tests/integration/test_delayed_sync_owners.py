@@ -35,7 +35,7 @@ from meshxl.statesync.quota import RECOUNT_AFTER
 from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.sessions import Sessions
 from meshxl.statesync.store import SessionStore
-from meshxl.statesync.writes import Settings, Stored, Transacted, Write
+from meshxl.statesync.writes import DELETE, Settings, Stored, Transacted, Write
 from tests.harness import EtcdServer
 from tests.harness.sidecar import SidecarProcess
 
@@ -201,6 +201,103 @@ async def test_the_cache_gives_up_a_kept_copy_as_soon_as_another_member_writes_i
         await asyncio.gather(watch, return_exceptions=True)
 
 
+async def _kept_then_written_and_deleted_by_b(m: Members, session: str, *,
+                                              due: bool = True) -> None:
+    """a keeps ``session``; b writes it in etcd and deletes it (both acknowledged); a's
+    copy is due by the end (``due``)."""
+    kept = await put(m.a, session, {"by": "a"})
+    assert kept.etag == "L1" and m.a.local.get(session) is not None
+    await put(m.b, session, {"by": "b"})
+    [deleted] = await m.b.write([Write(session_id=session, op=DELETE)])
+    assert isinstance(deleted, Stored), deleted
+    if due:
+        await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                         what="a's copy due")
+    assert await m.in_etcd(session) is None
+
+
+@pytest.mark.parametrize("path", ["write", "flush", "transaction", "several",
+                                  "write-through"])
+async def test_a_kept_copy_never_undoes_a_delete_another_member_made(
+        members: Members, path: str) -> None:
+    """b's acknowledged delete stands: a's late replication, whichever way it goes, finds
+    b's deletion record created after a's copy began, and gives the copy up (409 naming
+    b) instead of bringing the session back."""
+    m = members
+    await _kept_then_written_and_deleted_by_b(m, "s", due=path != "write-through")
+    if path == "write-through":
+        m.a.local.writing_through = True
+    if path in ("write", "write-through"):
+        with pytest.raises(Conflict) as refused:
+            await put(m.a, "s", {"by": "a", "late": True})
+        assert refused.value.details["deleted_by"] == "b"
+    elif path == "flush":
+        assert await m.a.flush_due() == 0
+    elif path == "transaction":
+        done = await m.a.write([Write(session_id="s", data=b'{"by":"a"}'),
+                                Write(session_id="t", data=b"{}")], atomic=True)
+        assert isinstance(done, Transacted) and not done.committed
+        assert isinstance(done.errors[0], Conflict)
+        assert done.errors[0].details["deleted_by"] == "b"
+    else:
+        first, second = await m.a.write([Write(session_id="s", data=b'{"late":1}'),
+                                         Write(session_id="new", data=b"{}")])
+        assert isinstance(first, Conflict) and isinstance(second, Stored)
+    assert await m.in_etcd("s") is None  # b's delete stands
+    assert m.a.local.get("s") is None and superseded(m.a) == 1
+    # a saw it deleted: its next write is a new session, written to etcd at once.
+    fresh = await put(m.a, "s", {"new": True})
+    assert fresh.etag.isdigit()
+    there = await m.in_etcd("s")
+    assert there is not None and json.loads(there[1].data) == {"new": True}
+
+
+async def test_a_delete_from_before_the_copy_does_not_hold_it_back(
+        members: Members) -> None:
+    """A session b wrote and deleted before a started it afresh: a's copy replicates."""
+    m = members
+    await put(m.b, "old", {"by": "b"})
+    [deleted] = await m.b.write([Write(session_id="old", op=DELETE)])
+    assert isinstance(deleted, Stored)
+    kept = await put(m.a, "old", {"by": "a"})
+    assert kept.etag == "L1"
+    await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                     what="a's copy due")
+    assert await m.a.flush_due() == 1 and superseded(m.a) == 0
+    there = await m.in_etcd("old")
+    assert there is not None and json.loads(there[1].data) == {"by": "a"}
+
+
+@pytest.mark.parametrize("deleted_after_copy", [True, False])
+async def test_a_copy_adopted_from_another_shard_weighs_deletes_by_their_time(
+        members: Members, deleted_after_copy: bool) -> None:
+    """A copy adopted in a reshard has no floor in this etcd: a deletion record stands
+    when its delete came after the copy was created, and is passed over when before."""
+    m = members
+    if not deleted_after_copy:
+        await put(m.b, "moved", {"by": "b"})
+        [gone] = await m.b.write([Write(session_id="moved", op=DELETE)])
+        assert isinstance(gone, Stored)
+    kept = await put(m.a, "moved", {"by": "a"})
+    if deleted_after_copy:
+        await put(m.b, "moved", {"by": "b"})
+        [gone] = await m.b.write([Write(session_id="moved", op=DELETE)])
+        assert isinstance(gone, Stored)
+    local = m.a.local.drop("moved")
+    assert local is not None and local.floor is not None
+    m.a.local.adopt("moved", local)  # as a reshard hands it over
+    adopted = m.a.local.get("moved")
+    assert adopted is not None and adopted.floor is None
+    await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                     what="a's copy due")
+    flushed = await m.a.flush_due()
+    there = await m.in_etcd("moved")
+    if deleted_after_copy:
+        assert flushed == 0 and there is None and superseded(m.a) == 1
+    else:
+        assert flushed == 1 and there is not None and there[1].owner == "a"
+
+
 # -- real sidecars ----------------------------------------------------------------------
 
 
@@ -246,6 +343,72 @@ async def test_a_paused_member_resuming_never_rolls_back_anothers_writes(
     third = await b.put("cart", {"by": "b", "n": 3}, if_match=second.etag)
     assert third.status == 200, third
     assert (await a.status())["local_sessions"] == 0
+
+
+async def test_a_paused_member_resuming_never_brings_back_a_deleted_session(
+        etcd: EtcdServer, start_sidecar: Any) -> None:
+    """a keeps a session and stalls (SIGSTOP); b writes it, replicated, then deletes it
+    (acknowledged); a resumes: whichever comes first, its watch or its flush, the
+    session stays deleted."""
+    delay = 1.0
+    a, b = await asyncio.gather(*(
+        start_sidecar(cluster=CLUSTER, member=name, etcd=etcd.url, app_port=free_port(),
+                      sync_delay=delay, log_level="info")
+        for name in ("a", "b")))
+    kept = await a.put("cart", {"by": "a"})
+    assert kept.status == 201 and kept.etag == '"L1"', kept
+    a.pause()
+    try:
+        assert (await b.put("cart", {"by": "b"})).status == 201
+
+        async def replicated() -> bool:
+            return (await b.get("cart")).source in ("cache", "etcd")
+
+        await wait_until(replicated, timeout=delay + 10, what="b's copy replicated")
+        gone = await b.delete("cart")
+        assert gone.status in (200, 204), gone
+    finally:
+        a.resume()
+
+    async def settled() -> bool:
+        return (await a.status())["local_sessions"] == 0
+
+    await wait_until(settled, timeout=10, what="a's kept copy given up")
+    async with etcd.client() as client:
+        assert await client.get(KEYS.session(CLUSTER, "cart").encode()) is None
+    assert (await b.get("cart")).status == 404
+    await a.wait_ready()
+    assert (await a.get("cart")).status == 404
+
+
+async def test_a_write_asked_to_sync_now_is_committed_whatever_the_delay(
+        etcd: EtcdServer, start_sidecar: Any) -> None:
+    """``X-Meshxl-Sync: now`` (and a bulk item's ``"sync": "now"``): committed in etcd
+    before the answer, on a member whose sessions are otherwise kept for 30 s; a session
+    kept there is replicated by it. Anything but ``now`` is a 400 naming the header."""
+    a = await start_sidecar(cluster=CLUSTER, member="a", etcd=etcd.url, app_port=free_port(),
+                            sync_delay=30.0)
+    kept = await a.put("kept", {"v": 1})
+    assert kept.etag == '"L1"', kept
+    now = {"X-Meshxl-Sync": "now"}
+    for session in ("new", "kept"):
+        done = await a.put(session, {"v": 2}, headers=now)
+        assert done.status in (200, 201) and done.etag.strip('"').isdigit(), done
+    bulk = await a.post_json("/v1/sessions:bulkSave", {"items": [
+        {"session": "bulk", "data": {"v": 3}, "sync": "now"},
+        {"session": "young", "data": {"v": 4}}]})
+    assert bulk.status == 200, bulk
+    assert [i.get("etag", "").startswith("L") for i in bulk.json()["items"]] == [False, True]
+    async with etcd.client() as client:
+        for session in ("new", "kept", "bulk"):
+            assert await client.get(KEYS.session(CLUSTER, session).encode()) is not None
+        assert await client.get(KEYS.session(CLUSTER, "young").encode()) is None
+    assert (await a.status())["local_sessions"] == 1
+    bad = await a.put("x", {}, headers={"X-Meshxl-Sync": "later"})
+    assert bad.status == 400 and bad.json()["field"] == "X-Meshxl-Sync", bad
+    bad = await a.post_json("/v1/sessions:bulkSave", {"items": [
+        {"session": "y", "data": {}, "sync": "soon"}]})
+    assert bad.status == 400 and bad.json()["field"] == "items[0].sync", bad
 
 
 async def test_sessions_moved_while_young_keep_their_newest_state_without_a_pause(

@@ -1,7 +1,7 @@
 """The overlays' etcd TLS against real processes: etcd started with the rendered
 StatefulSet's own flags and the self-signed overlay's own Secrets, meshxl with the
-control plane's flags and the sidecars' Secret, and the external-etcd overlay's gRPC
-proxy with its rendered flags in front of it.
+control plane's flags and the sidecars' Secret (the external-etcd overlay's bridge:
+test_etcd_external_lp).
 
 Only what cannot run here is replaced: names, data directory and URLs (loopback ports,
 ``localhost``, which etcd's certificate names); Secret volumes are projected into
@@ -35,7 +35,7 @@ tree = manifests.tree  # deploy/kubernetes copied, make-certs.sh run (a fixture)
 #: Flags that name this member, its data or its network addresses: replaced.
 LOCAL = {"--name", "--data-dir", "--listen-client-urls", "--advertise-client-urls",
          "--listen-peer-urls", "--initial-advertise-peer-urls", "--listen-metrics-urls",
-         "--initial-cluster", "--endpoints", "--listen-addr"}
+         "--initial-cluster"}
 
 
 def _secrets(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
@@ -182,51 +182,3 @@ async def test_self_signed_overlay_runs_etcd_with_tls_and_client_certificates(
                                     timeout=60)
         assert code != 0, refused
         assert "certificate" in err, err
-
-
-async def test_external_etcd_proxy_serves_meshxl_with_client_certificates(
-        harness: Owner, tree: Path) -> None:
-    """The external-etcd overlay's proxy, with its rendered flags, in front of an etcd
-    with client TLS; meshxl reaches etcd through it with its client certificate only."""
-    from tests.harness.certs import CA
-    from tests.harness.secure_etcd import start_secure_etcd
-
-    backend = await start_secure_etcd(harness, CA(harness.path("external-pki")))
-    # etcd's gRPC proxy refuses a client certificate with a Common Name ("cert has non
-    # empty Common Name"): docs/kubernetes.md says so.
-    leaf = backend.ca.issue("proxy-client", names=(), server=False, empty_subject=True)
-    self_signed = _secrets(tuple(_kustomize(tree / "overlays" / "self-signed")))
-    docs = tuple(_kustomize(tree / "overlays" / "external-etcd"))
-    proxy = _find(docs, "Deployment", "meshxl-etcd-proxy")
-    (container,) = proxy["spec"]["template"]["spec"]["containers"]
-    # meshxl-etcd-server-tls as cert-manager would write it (the self-signed one here);
-    # meshxl-etcd-client-tls: your etcd's client certificate.
-    client = {"tls.crt": leaf.cert, "tls.key": leaf.key, "ca.crt": backend.ca.cert}
-    secrets = {**self_signed, "meshxl-etcd-client-tls": {"data": {
-        k: base64.b64encode(p.read_bytes()).decode() for k, p in client.items()}}}
-    mounted = _project(proxy, container, secrets, harness.root / "volumes")
-    port = free_port()
-    args = _local_args(container, mounted, {
-        "--endpoints": backend.url.removeprefix("https://"),
-        "--listen-addr": f"127.0.0.1:{port}"})
-    process = Process("etcd-proxy", [find_etcd(), *args],
-                             harness.root / "etcd-proxy.log")
-    harness.own(process)
-    process.start()
-    url = f"https://localhost:{port}"
-    system = harness.root / "system"
-    system.mkdir()
-    for name, value in self_signed["meshxl-etcd-system-tls"]["data"].items():
-        (system / name).write_bytes(base64.b64decode("".join(value.split())))
-    await _etcd_answers(url, system)
-    options = ["--etcd-ca", str(system / "ca.crt"), "--etcd-cert", str(system / "tls.crt"),
-               "--etcd-key", str(system / "tls.key")]
-    code, _, err = await meshxl("apply", str(tree / "base" / "model.yaml"), "--etcd", url,
-                                *options)
-    assert code == 0, err
-    code, out, err = await meshxl("status", "-o", "json", "--etcd", url, *options)
-    assert code == 0, err
-    assert [c["name"] for c in json.loads(out)["clusters"]] == ["orders"]
-    code, _, err = await meshxl("status", "-o", "json", "--etcd", url, *options[:2],
-                                timeout=60)
-    assert code != 0 and "certificate" in err, err

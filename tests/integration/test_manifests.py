@@ -128,10 +128,12 @@ def _env(docs: Docs, container: dict[str, Any], name: str) -> str | None:
 
 
 def _meshxl_containers(docs: Docs) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(workload, container) of every container running the meshxl image."""
+    """(workload, container) of every container running the meshxl command: the meshxl
+    image with its entrypoint (the external-etcd bridge runs the image's Envoy)."""
     return [(w, c) for w in _workloads(docs)
             for c in w["spec"]["template"]["spec"]["containers"]
-            if c["image"].rsplit(":", 1)[0].endswith("meshxl/meshxl")]
+            if c["image"].rsplit(":", 1)[0].endswith("meshxl/meshxl")
+            and c.get("command") in (None, ["meshxl"])]
 
 
 def _etcd_of(docs: Docs, container: dict[str, Any]) -> list[str]:
@@ -494,17 +496,22 @@ def test_etcd_is_a_three_member_statefulset(overlay: str, render: Render) -> Non
     assert _find(docs, "PodDisruptionBudget", "meshxl-etcd")["spec"]["maxUnavailable"] == 1
 
 
-def test_external_etcd_goes_through_a_tls_proxy(render: Render) -> None:
+def test_external_etcd_goes_through_a_tls_bridge(render: Render) -> None:
+    """Envoy from meshxl's image, configured from a ConfigMap (test_manifests_external_etcd
+    checks what it does), not etcd's gRPC proxy, whose cache answers one user's reads to
+    another."""
     docs = render("external-etcd")
     assert not [d for d in docs if d["kind"] == "StatefulSet"]
     proxy = _find(docs, "Deployment", "meshxl-etcd-proxy")
-    container = proxy["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][:2] == ["grpc-proxy", "start"]
-    endpoints = _arg(container, "--endpoints").split(",")
-    assert endpoints and all(e.startswith("https://") for e in endpoints)
-    mount = container["volumeMounts"][0]["mountPath"]
-    for flag, key in (("--cert", "tls.crt"), ("--key", "tls.key"), ("--cacert", "ca.crt")):
-        assert _arg(container, flag) == f"{mount}/{key}"
+    pod = proxy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["envoy"] and "grpc-proxy" not in container["args"]
+    webhook = _find(docs, "Deployment", "meshxl-webhook")
+    assert container["image"] == webhook["spec"]["template"]["spec"]["containers"][0]["image"]
+    config = Path(container["args"][container["args"].index("--config-path") + 1])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(config.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert config.name in _find(docs, "ConfigMap", volume["configMap"]["name"])["data"]
     # The Service name meshxl uses is unchanged and now selects the proxies.
     service = _find(docs, "Service", "meshxl-etcd")
     assert service["spec"]["selector"] == {"app.kubernetes.io/name": "meshxl-etcd-proxy"}

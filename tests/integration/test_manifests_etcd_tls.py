@@ -291,28 +291,6 @@ def test_webhook_injects_the_sidecars_etcd_client_secret(overlay: str, render: R
     assert volume["secret"]["secretName"] == secret
 
 
-def test_external_etcd_proxy_serves_meshxl_like_the_members(render: Render) -> None:
-    docs = render("external-etcd")
-    issued = Issued(docs)
-    proxy = _find(docs, "Deployment", "meshxl-etcd-proxy")
-    container = _container(proxy)
-    serving = _secret_of(proxy, container, _arg(container, "--cert-file"))
-    assert serving == "meshxl-etcd-server-tls"
-    assert _secret_of(proxy, container, _arg(container, "--key-file")) == serving
-    # etcd's gRPC proxy requires client certificates once it is given a trusted CA.
-    assert _secret_of(proxy, container, _arg(container, "--trusted-ca-file")) == serving
-    # Your etcd's client certificate stays a Secret you create (not issued here).
-    assert _secret_of(proxy, container, _arg(container, "--cert")) == "meshxl-etcd-client-tls"
-    assert "meshxl-etcd-client-tls" not in issued
-    # What meshxl dials (the proxies' Service) is a name of the proxies' certificate.
-    urls = _etcd_urls(docs)
-    assert urls
-    for url in urls:
-        assert _host_matches(str(urlsplit(url).hostname), issued.dns_names(serving)), url
-    assert not [d for d in docs if d["kind"] == "Certificate"
-                and d["metadata"]["name"] == "meshxl-etcd-peer"]
-
-
 @pytest.mark.parametrize("overlay", CERT_MANAGER)
 def test_etcd_ca_is_not_the_webhooks(overlay: str, render: Render) -> None:
     """Anything etcd's CA signs may use etcd: the webhook's CA must not be it."""
@@ -441,12 +419,3 @@ def test_the_installation_gives_each_cluster_its_own_etcd_user(
     assert result.exit_code == 0, result.output
     assert "etcdctl user grant-role meshxl-cluster-orders meshxl-cluster-orders" in \
         result.output.splitlines()
-
-
-def test_no_etcd_setup_behind_the_external_etcd_proxy(render: Render) -> None:
-    """Your etcd sees the proxy's certificate for every client: a setup there would turn
-    authentication on for users no client can be, so it is left out, with root's
-    certificate."""
-    docs = render("external-etcd")
-    assert not [d for d in docs if d["metadata"]["name"] in (
-        "meshxl-etcd-setup", "meshxl-etcd-root", "meshxl-etcd-root-tls")]

@@ -23,6 +23,7 @@ from meshxl.etcd.fence import Fenced, probe, raise_fence, under_fence
 from meshxl.etcd.moving import Mover
 from meshxl.etcd.shards import fence_value
 from meshxl.statesync.store import Fencing, SessionStore, WriteResult
+from meshxl.statesync.txns import transact
 from tests.harness import EtcdServer
 from tests.harness.etcd import start_etcd
 
@@ -54,7 +55,7 @@ async def test_a_batch_carries_its_map_version_to_the_shard(etcd: EtcdServer,
         with pytest.raises(Fenced):
             await store.check(KEY)
         with pytest.raises(Fenced):
-            await store.transact([(KEY, b"two", done.revision)])
+            await transact(store, [(KEY, b"two", done.revision)])
 
         # The sidecar on a newer map than the fence: raised first, then applied.
         planned[0] = 5

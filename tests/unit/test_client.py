@@ -381,6 +381,17 @@ def test_conditional_writes_send_their_condition() -> None:
         Sidecar().run(plans.put("s1", {}, FAST, RNG, if_match='"1"', create_only=True))
 
 
+def test_a_write_asked_to_sync_now_says_so() -> None:
+    from meshxl.client.plans import Upsert, _item_body
+
+    sidecar = Sidecar(written(5), written(6))
+    sidecar.run(plans.put("s1", {"n": 1}, FAST, RNG, sync_now=True))
+    sidecar.run(plans.put("s1", {"n": 2}, FAST, RNG))
+    assert [r.headers.get("X-Meshxl-Sync") for r in sidecar.requests] == ["now", None]
+    assert json.loads(_item_body(Upsert(session="a", state={}, sync_now=True)))["sync"] == "now"
+    assert "sync" not in json.loads(_item_body(Upsert(session="a", state={})))
+
+
 def test_a_conditional_write_retried_after_a_503_never_reports_a_plain_412() -> None:
     """The 503'd attempt may have applied: the retry's 412 may be its own success."""
     sidecar = Sidecar(failed(503, "write not acknowledged"), failed(412, "at revision 9"))
@@ -495,6 +506,9 @@ def test_update_keeps_a_bytes_states_content_type() -> None:
 def test_readiness() -> None:
     ready = Sidecar(answer(200, {"ready": True})).run(plans.ready(FAST, RNG))
     assert ready.ready and ready.reasons == []
+    assert not ready.moving
+    moving = Sidecar(answer(200, {"ready": True, "moving": True})).run(plans.ready(FAST, RNG))
+    assert moving.ready and moving.moving
     not_ready = Sidecar(answer(503, {"ready": False, "reasons": ["syncing"]})).run(
         plans.ready(FAST, RNG))
     assert not not_ready.ready and not_ready.reasons == ["syncing"]

@@ -19,7 +19,8 @@ from aetcd import rpc
 from meshxl import etcd
 from meshxl.etcd import DOWN, NO_LEADER, UP, Balancer, Endpoint, EtcdUnavailable
 from meshxl.local.wait import wait_until
-from meshxl.statesync.store import SessionStore, WriteResult, _write_result
+from meshxl.statesync.store import SessionStore, WriteResult, write_result
+from meshxl.statesync.txns import transact
 from tests.harness.clock import scaled
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,15 +38,15 @@ def _failed_compare(revision: int, value: bytes | None) -> Any:
 
 def test_a_write_answered_the_first_time_means_what_etcd_says() -> None:
     ok = rpc.ResponseOp(response_txn=rpc.TxnResponse(succeeded=True))
-    assert _write_result(ok, 42, False, b"v") == WriteResult(True, 42)
-    assert _write_result(ok, 42, True, b"v") == WriteResult(True, 42)
-    refused = _write_result(_failed_compare(40, b"theirs"), 42, False, b"mine")
+    assert write_result(ok, 42, False, b"v") == WriteResult(True, 42)
+    assert write_result(ok, 42, True, b"v") == WriteResult(True, 42)
+    refused = write_result(_failed_compare(40, b"theirs"), 42, False, b"mine")
     assert not refused.ok and refused.current is not None
     assert refused.current.revision == 40 and refused.current.value == b"theirs"
 
 
 def test_a_retried_write_finding_its_own_bytes_was_applied_by_the_earlier_attempt() -> None:
-    assert _write_result(_failed_compare(41, b"mine"), 42, True, b"mine") == \
+    assert write_result(_failed_compare(41, b"mine"), 42, True, b"mine") == \
         WriteResult(True, 41)
 
 
@@ -58,7 +59,7 @@ def test_a_retried_write_finding_its_own_bytes_was_applied_by_the_earlier_attemp
 def test_a_retried_write_that_cannot_tell_is_never_a_2xx_nor_a_conflict(
         revision: int, value: bytes | None, ours: bytes | None) -> None:
     with pytest.raises(EtcdUnavailable, match="cannot be told"):
-        _write_result(_failed_compare(revision, value), 42, True, ours)
+        write_result(_failed_compare(revision, value), 42, True, ours)
 
 
 # -- judging members ------------------------------------------------------------------------------
@@ -291,8 +292,8 @@ async def test_a_transaction_is_sent_again_when_one_compare_holds_once_at_most()
     client.balancer._evaluate()
     store = SessionStore(client, ttl=60, max_inflight=1, timeout=5)
     lost.hang = True
-    delete = asyncio.create_task(store.transact([(b"s", None, 3), (b"d", None, 0)]))
-    create = asyncio.create_task(store.transact([(b"n", None, 0), (b"m", None, 0)]))
+    delete = asyncio.create_task(transact(store, [(b"s", None, 3), (b"d", None, 0)]))
+    create = asyncio.create_task(transact(store, [(b"n", None, 0), (b"m", None, 0)]))
     await wait_until(lambda: len(lost.sent) == 2, what="the second batch sent too")
     _silent(client.balancer.endpoints[0])
     client.balancer._evaluate()
@@ -312,6 +313,17 @@ ETCD_COMMAND_LINES = ["meshxl/local/commands.py"]
 # etcds started with the args of a rendered Kubernetes manifest, whose --pre-vote
 # test_the_kubernetes_etcd_runs_with_pre_vote checks.
 ETCD_FROM_MANIFESTS = ["tests/integration/test_etcd_tls_overlay.py"]
+# etcd's gRPC proxy (`etcd grpc-proxy start`), no member: it takes no --pre-vote.
+ETCD_GRPC_PROXIES = ["tests/integration/test_etcd_external_lp.py"]
+
+
+@pytest.mark.parametrize("path", ETCD_GRPC_PROXIES)
+def test_an_etcd_binary_started_as_a_proxy_starts_only_that(path: str) -> None:
+    text = (ROOT / path).read_text()
+    starts = [m.end() for m in re.finditer(r"find_etcd\(\),", text)]
+    assert starts, f"{path} starts no etcd any more: update this list"
+    for start in starts:
+        assert text[start:start + 40].lstrip().startswith('"grpc-proxy", "start"'), path
 
 
 @pytest.mark.parametrize("path", ETCD_COMMAND_LINES)
@@ -328,7 +340,7 @@ def test_every_etcd_started_in_the_source_tree_is_listed_here() -> None:
     found = {str(p.relative_to(ROOT)) for top in ("meshxl", "bench", "tests")
              for p in (ROOT / top).rglob("*.py")
              if re.search(r"find_etcd\(\),", p.read_text())}
-    assert found == set(ETCD_COMMAND_LINES) | set(ETCD_FROM_MANIFESTS)
+    assert found == set(ETCD_COMMAND_LINES) | set(ETCD_FROM_MANIFESTS) | set(ETCD_GRPC_PROXIES)
 
 
 def test_the_kubernetes_etcd_runs_with_pre_vote() -> None:

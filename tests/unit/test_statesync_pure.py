@@ -309,6 +309,6 @@ def test_the_default_batch_holds_as_many_writes_as_etcd_takes() -> None:
     assert option.default == MAX_TXN_WRITES == MAX_TXN_OPS - 1
     assert StatesyncConfig.__dataclass_fields__["batch_max_ops"].default == MAX_TXN_WRITES
     store = SessionStore(None, ttl=60.0)  # type: ignore[arg-type]
-    assert store._writes._max_ops == MAX_TXN_WRITES
+    assert store.writer._max_ops == MAX_TXN_WRITES
     singles = deque(_op(10, 1) for _ in range(200))
     assert len(take_batch(singles, MAX_TXN_WRITES, 10**6)) == MAX_TXN_WRITES

@@ -1,0 +1,118 @@
+"""The demo's resumable streams: a running tally each session keeps over a stream that
+outlives its member (docs/streams.md).
+
+``GET /streams/ws`` (a WebSocket of :data:`meshxl.streams.SUBPROTOCOL`, header
+``x-session-id``): each client message ``{"n": N}`` adds N to the stream's tally, and
+is answered ``{"seq": S, "n": N, "total": T, "member": M}``: S the number of the client
+message, T the tally after it, M the member that answered. The tally is the stream's
+committed state, so after a kill -9 of the member the handler goes on elsewhere from
+it: a message applied twice (or lost) would show in the totals, which the client can
+check against what it sent. A client without the stream protocol gets an ordinary
+WebSocket of the same tally, kept in the process only (it starts again from 0 when it
+reconnects).
+
+``/streams/sse``: the same tally as Server-Sent Events (``GET``: the answers as events;
+``POST``: the messages, :mod:`meshxl.streams.sse`).
+
+gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
+:mod:`meshxl.local.counter`): ``Talk``, the same tally over a bidirectional stream, and
+``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
+counts them (the count is the stream's committed state: it goes on from there on the
+member that takes the stream over).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
+
+__all__ = ["add_routes", "grpc_handlers", "tally"]
+
+
+def _amount(message: Any) -> int:
+    if isinstance(message, dict) and isinstance(message.get("n"), int) \
+            and not isinstance(message.get("n"), bool):
+        return int(message["n"])
+    raise ValueError('a tally message is {"n": <integer>}')
+
+
+def tally(member: str) -> Any:
+    """The handler of one member's tally streams."""
+
+    async def run(stream: ServerStream) -> None:
+        total = int((stream.state or {}).get("total", 0))
+        async for message in stream:
+            try:
+                n = _amount(message)
+            except ValueError as exc:
+                await stream.send({"seq": stream.seq, "error": str(exc), "member": member})
+                continue
+            total += n
+            stream.state = {"total": total}
+            await stream.send({"seq": stream.seq, "n": n, "total": total, "member": member})
+
+    return run
+
+
+async def _plain(request: web.Request, member: str) -> web.StreamResponse:
+    ws = web.WebSocketResponse(heartbeat=None)
+    await ws.prepare(request)
+    total = seq = 0
+    async for msg in ws:
+        if msg.type != web.WSMsgType.TEXT:
+            continue
+        try:
+            import json
+
+            n = _amount(json.loads(msg.data))
+        except ValueError as exc:
+            await ws.send_json({"error": str(exc), "member": member})
+            continue
+        seq += 1
+        total += n
+        await ws.send_json({"seq": seq, "n": n, "total": total, "member": member})
+    return ws
+
+
+def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
+    async def plain(request: web.Request) -> web.StreamResponse:
+        return await _plain(request, member)
+
+    app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
+    app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
+
+
+def grpc_handlers(host: StreamHost, member: str) -> Any:
+    """The gRPC tally service's method handlers (``Talk``, ``Ticks``)."""
+    import asyncio
+
+    import grpc
+
+    from meshxl.local import counter
+    from meshxl.streams.grpcio import GrpcStream, stream_stream, unary_stream
+
+    async def talk(stream: GrpcStream) -> None:
+        total = int((stream.state or {}).get("total", 0))
+        async for message in stream:
+            total += message.n
+            stream.state = {"total": total}
+            await stream.send(counter.TallyReply(seq=stream.seq, n=message.n, total=total,
+                                                 member=member))
+
+    async def ticks(stream: GrpcStream) -> None:
+        interval = max(stream.request.interval_ms, 1) / 1000
+        tick = int((stream.state or {}).get("tick", 0))
+        while stream.request.count == 0 or tick < stream.request.count:
+            tick += 1
+            await stream.send(counter.TallyReply(seq=tick, member=member),
+                              state={"tick": tick})
+            await asyncio.sleep(interval)
+
+    return grpc.method_handlers_generic_handler(counter.TALLY, {
+        "Talk": stream_stream(host, talk, request_type=counter.TallyRequest,
+                              response_type=counter.TallyReply),
+        "Ticks": unary_stream(host, ticks, request_type=counter.WatchRequest,
+                              response_type=counter.TallyReply)})

@@ -1,0 +1,458 @@
+"""The client side of a resumable stream: one logical stream over as many connections as
+it takes. Python asyncio; the WebSocket transport here (aiohttp), Server-Sent Events
+and gRPC in :mod:`.sse` and :mod:`.grpcio`.
+
+::
+
+    async with connect_websocket(url, headers={"x-session-id": "s1"}) as stream:
+        await stream.send({"text": "hi"})
+        async for message in stream:          # each server message once, in order
+            ...
+
+When a connection breaks (its member was killed, drained, cut off) the stream connects
+again, to wherever the mesh sends its session now, says what it received, sends again
+what the server had not consumed, and goes on: the application sees no error and no
+gap, no message twice. Only a stream that cannot go on raises: :class:`StreamRefused`
+(unknown or expired, another session's, too far behind, malformed: the server's
+refusal, :mod:`.protocol`) or :class:`StreamLost` (no connection for
+``resume_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+
+from .protocol import (
+    ACK,
+    END,
+    ERROR,
+    MESSAGE,
+    OPEN,
+    READY,
+    RESUME,
+    SUBPROTOCOL,
+    Frame,
+    Limits,
+    Payload,
+    ProtocolError,
+    Refusal,
+    decode_binary,
+    decode_frame,
+    encode_binary,
+    encode_frame,
+    encoded_size,
+    refusal_of_close,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClientStream", "Connection", "StreamLost", "StreamRefused", "connect_websocket"]
+
+
+class StreamRefused(Exception):
+    """The server refused the stream for good (:class:`~.protocol.Refusal`)."""
+
+    def __init__(self, refusal: Refusal, message: str = ""):
+        super().__init__(f"{refusal.name}: {message or refusal.meaning}")
+        self.refusal = refusal
+
+
+class StreamLost(Exception):
+    """No connection could carry the stream on for ``resume_timeout`` seconds."""
+
+
+class Connection(Protocol):
+    """One connection of a stream, as a transport provides it."""
+
+    async def hello(self, frame: Frame) -> None: ...
+
+    async def send_message(self, seq: int, payload: Payload) -> None: ...
+
+    async def send_ack(self, seq: int) -> None: ...
+
+    async def send_end(self, last: int) -> None: ...
+
+    def frames(self) -> AsyncIterator[Frame]: ...
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    async def close(self) -> None: ...
+
+
+Connect = Callable[[], Awaitable[Connection]]
+
+
+class ClientStream:
+    """A resumable stream's client end (the module docstring). ``connect`` makes a new
+    connection to the stream's URL (with the session's header or cookie, so the mesh
+    routes it as the session)."""
+
+    def __init__(self, connect: Connect, *, limits: Limits | None = None,
+                 resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
+                 measure: Callable[[Payload], int] = encoded_size):
+        self._connect = connect
+        self._measure = measure
+        self.limits = limits or Limits()
+        self.resume_timeout = resume_timeout
+        self._backoff = backoff
+        self.token: str | None = None
+        self.recv = 0
+        """The highest server message received (delivered in order)."""
+        self._next = 1
+        self._unacked: collections.deque[tuple[int, Payload, int]] = collections.deque()
+        self._unacked_bytes = 0
+        self.consumed = 0
+        """The highest message of ours the server's handler consumed (committed)."""
+        self._inbox: collections.deque[Payload] = collections.deque()
+        self._server_end: int | None = None
+        self._ended_sent = False
+        self._acked = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._conn: Connection | None = None
+        self._sent = 0
+        """The highest message of ours sent on the current connection."""
+        self._sending = asyncio.Lock()
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.resumes: list[float] = []
+        """Seconds from each break to the next ``ready`` (a statistic)."""
+        self.connections = 0
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    async def start(self) -> ClientStream:
+        """Open the stream (first connection, until the server says ready)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._wait(lambda: self._ready.is_set())
+        return self
+
+    async def __aenter__(self) -> ClientStream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop carrying the stream (the server keeps it until its handler ends or it
+        is left alone for its detached timeout)."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # -- what the application uses -------------------------------------------------------
+
+    async def send(self, payload: Payload) -> int:
+        """Queue a message for the server (a JSON value, or bytes); its number. Waits
+        while the server has not consumed ``max_unacked_bytes`` of what was sent."""
+        self._raise_failure()
+        if self._ended_sent:
+            raise RuntimeError("the stream's sending side was closed (close)")
+        size = self._measure(payload)
+        if size > self.limits.max_message_bytes:
+            raise ProtocolError(f"a message of {size} bytes; the limit is "
+                                f"{self.limits.max_message_bytes}")
+        await self._wait(lambda: self._unacked_bytes + size <= self.limits.max_unacked_bytes
+                         or not self._unacked)
+        seq = self._next
+        self._next += 1
+        self._unacked.append((seq, payload, size))
+        self._unacked_bytes += size
+        conn = self._conn
+        if conn is not None and self._ready.is_set():
+            await self._send_unsent(conn)
+        return seq
+
+    async def _send_unsent(self, conn: Connection) -> None:
+        """Send on ``conn``, in order, every message not sent on it yet (one sender at a
+        time: a message never overtakes another)."""
+        async with self._sending:
+            try:
+                while self._unacked and self._unacked[-1][0] > self._sent:
+                    for seq, payload, _ in list(self._unacked):
+                        if seq > self._sent:
+                            await conn.send_message(seq, payload)
+                            self._sent = seq
+            except Exception:  # the connection broke: sent again on the next one
+                self._broken(conn)
+
+    async def flush(self) -> None:
+        """Until the server's handler consumed every message sent so far."""
+        target = self._next - 1
+        await self._wait(lambda: self.consumed >= target)
+
+    async def close(self) -> None:
+        """Close the sending side: the server's iteration ends after our last message
+        (the server may go on sending)."""
+        if not self._ended_sent:
+            self._ended_sent = True
+            conn = self._conn
+            if conn is not None and self._ready.is_set():
+                await self._send_unsent(conn)
+                async with self._sending:
+                    with contextlib.suppress(Exception):
+                        await conn.send_end(self._next - 1)
+
+    def __aiter__(self) -> ClientStream:
+        return self
+
+    async def __anext__(self) -> Payload:
+        try:
+            return await self.receive()
+        except EOFError:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Payload:
+        """The next server message; EOFError once the server's handler finished and
+        everything it sent was received."""
+        await self._wait(lambda: bool(self._inbox) or self._finished)
+        if self._inbox:
+            return self._inbox.popleft()
+        raise EOFError("the server ended the stream")
+
+    @property
+    def _finished(self) -> bool:
+        return self._server_end is not None and self.recv >= self._server_end
+
+    async def _wait(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self._raise_failure()
+            self._changed.clear()
+            await self._changed.wait()
+        if not self._inbox:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    # -- the connections ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        rng = random.Random()
+        broken: float | None = None
+        attempt = 0
+        while not self._closing:
+            conn: Connection | None = None
+            refusal: Refusal | None = None
+            try:
+                conn = await self._connect()
+                self.connections += 1
+                self._conn = conn
+                await conn.hello(Frame(OPEN) if self.token is None else
+                                 Frame(RESUME, token=self.token, recv=self.recv))
+                async for frame in conn.frames():
+                    if frame.type == READY:
+                        await self._on_ready(frame, conn)
+                        if broken is not None:
+                            self.resumes.append(time.monotonic() - broken)
+                        broken, attempt = None, 0
+                    elif frame.type == MESSAGE:
+                        self._on_message(frame, conn)
+                    elif frame.type == ACK:
+                        assert frame.seq is not None
+                        self._on_consumed(frame.seq)
+                    elif frame.type == END:
+                        self._server_end = frame.seq
+                        self._changed.set()
+                    elif frame.type == ERROR:
+                        refusal = frame.refusal
+                    if self._finished:
+                        await self._ack_now(conn)
+                        self._changed.set()
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                        return
+                refusal = refusal or refusal_of_close(conn.close_code)
+            except (ProtocolError, StreamRefused) as exc:
+                refusal = exc.refusal if isinstance(exc, StreamRefused) else None
+                if refusal is None:
+                    self._fail(exc)
+                    return
+            except (aiohttp.ClientError, ConnectionError, TimeoutError, OSError) as exc:
+                log.debug("stream %s: connection failed: %s", (self.token or "new")[:6], exc)
+            finally:
+                self._ready.clear()
+                self._conn = None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+            if refusal is not None and not refusal.retry:
+                self._fail(StreamRefused(refusal))
+                return
+            now = time.monotonic()
+            broken = broken if broken is not None else now
+            if now - broken > self.resume_timeout:
+                self._fail(StreamLost(f"no connection carried the stream for "
+                                      f"{self.resume_timeout:.0f} s"))
+                return
+            pause = 0.0 if attempt == 0 else min(self._backoff[1],
+                                                 self._backoff[0] * 2 ** (attempt - 1))
+            attempt += 1
+            await asyncio.sleep(pause * (0.5 + rng.random()))
+
+    def _fail(self, error: BaseException) -> None:
+        self._failure = error
+        self._changed.set()
+
+    def _broken(self, conn: Connection) -> None:
+        """A send on ``conn`` failed: it is closed, so the stream resumes on a new one
+        (which sends again what was not consumed)."""
+        if self._conn is conn:
+            self._ready.clear()
+            asyncio.get_running_loop().create_task(_close_quietly(conn))
+
+    async def _on_ready(self, frame: Frame, conn: Connection) -> None:
+        assert frame.token is not None and frame.consumed is not None
+        if self.token is not None and frame.token != self.token:
+            raise ProtocolError("the server resumed another stream")
+        self.token = frame.token
+        self._on_consumed(frame.consumed)
+        self._sent = frame.consumed
+        await self._send_unsent(conn)
+        if self._ended_sent:
+            await conn.send_end(self._next - 1)
+        self._ready.set()
+        self._changed.set()
+        await self._send_unsent(conn)  # what was queued while this one said hello
+
+    def _on_message(self, frame: Frame, conn: Connection) -> None:
+        assert frame.seq is not None
+        if frame.seq <= self.recv:
+            return  # replayed: received before
+        if frame.seq != self.recv + 1:
+            raise ProtocolError(f"server message {frame.seq} after {self.recv}: a gap")
+        self.recv = frame.seq
+        self._inbox.append(frame.payload)
+        self._changed.set()
+        if self.recv - self._acked >= self.limits.ack_every:
+            asyncio.get_running_loop().create_task(self._ack_now(conn))
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                self.limits.ack_delay, self._ack_later)
+
+    def _ack_later(self) -> None:
+        self._ack_timer = None
+        conn = self._conn
+        if conn is not None and self.recv > self._acked:
+            asyncio.get_running_loop().create_task(self._ack_now(conn))
+
+    async def _ack_now(self, conn: Connection) -> None:
+        if self.recv <= self._acked:
+            return
+        seq = self.recv
+        try:
+            await conn.send_ack(seq)
+            self._acked = max(self._acked, seq)
+        except Exception:
+            self._broken(conn)
+
+    def _on_consumed(self, seq: int) -> None:
+        if seq >= self._next:
+            raise ProtocolError(f"the server consumed message {seq} of {self._next - 1}")
+        if seq > self.consumed:
+            self.consumed = seq
+        while self._unacked and self._unacked[0][0] <= seq:
+            self._unacked_bytes -= self._unacked.popleft()[2]
+        self._changed.set()
+
+
+class _WebSocket:
+    """A stream's WebSocket connection (:class:`Connection`)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+
+    async def hello(self, frame: Frame) -> None:
+        await self.ws.send_str(encode_frame(frame))
+
+    async def send_message(self, seq: int, payload: Payload) -> None:
+        if isinstance(payload, bytes | bytearray | memoryview):
+            await self.ws.send_bytes(encode_binary(seq, payload))
+        else:
+            await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload)))
+
+    async def send_ack(self, seq: int) -> None:
+        await self.ws.send_str(encode_frame(Frame(ACK, seq=seq)))
+
+    async def send_end(self, last: int) -> None:
+        await self.ws.send_str(encode_frame(Frame(END, seq=last)))
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                yield decode_frame(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                seq, data = decode_binary(msg.data)
+                yield Frame(MESSAGE, seq=seq, payload=data)
+            else:
+                break
+
+    @property
+    def close_code(self) -> int | None:
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+def connect_websocket(url: str, *, headers: Mapping[str, str] | None = None,
+                      http: aiohttp.ClientSession | None = None,
+                      limits: Limits | None = None, resume_timeout: float = 30.0,
+                      heartbeat: float = 2.0, **options: Any) -> ClientStream:
+    """A resumable stream over WebSockets to ``url`` (``async with`` it, or ``await
+    stream.start()``). ``headers`` go with every connection: the session's (the header
+    or cookie the mesh routes on). ``http``: an aiohttp session to connect with (one is
+    made, and closed with the stream's task, otherwise). ``heartbeat``: seconds between
+    pings, so a connection whose server is gone without a word (a partition) is left
+    within about twice that."""
+    own: list[aiohttp.ClientSession] = []
+
+    async def connect() -> Connection:
+        session = http
+        if session is None:
+            if not own or own[0].closed:
+                own[:] = [aiohttp.ClientSession()]
+            session = own[0]
+        ws = await session.ws_connect(url, protocols=(SUBPROTOCOL,), headers=headers,
+                                      heartbeat=heartbeat, max_msg_size=1 << 20,
+                                      timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                                      **options)
+        if ws.protocol != SUBPROTOCOL:
+            await ws.close()
+            raise ProtocolError(f"{url} does not speak {SUBPROTOCOL}")
+        return _WebSocket(ws)
+
+    stream = ClientStream(connect, limits=limits, resume_timeout=resume_timeout)
+    original = stream.aclose
+
+    async def aclose() -> None:
+        await original()
+        for session in own:
+            await session.close()
+
+    stream.aclose = aclose  # type: ignore[method-assign]
+    return stream
+
+
+async def _close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()

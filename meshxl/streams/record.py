@@ -1,0 +1,143 @@
+"""A stream's record: what a member needs to take a stream over, as the sidecar stores
+it (a session's state, JSON). Pure code.
+
+One record per stream, at the session id ``~stream.<token>`` (:func:`record_id`), written
+only with ``If-Match`` (the revision its writer last saw) and ``X-Meshxl-Sync: now``
+(committed in etcd before it is acknowledged, whatever the cluster's delayed sync): a
+writer whose record another wrote since (a member that took the stream over) is refused
+(412) and stops. It lives as long as a session does: the cluster's session TTL after
+its last write.
+
+Its fields: the session it belongs to, the transport kind, its *epoch* (raised by every
+member or process that takes the stream over), the client messages the handler has
+consumed (``in``), the last server message (``out``), the highest the client
+acknowledged (``acked``), whether the handler finished (``done``, with the refusal it
+ended with, if any), the handler's state (a JSON value), and the journal: the server
+messages ``acked + 1 .. out``, in order, each a JSON value or bytes (base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import Payload, refusal_named
+
+__all__ = ["KINDS", "RECORD_PREFIX", "StreamRecord", "record_id"]
+
+RECORD_PREFIX = "~stream."
+"""Session ids of stream records: ``~stream.`` and the stream's token."""
+KINDS = ("websocket", "sse", "grpc")
+_VERSION = 1
+_MAX_SEQ = (1 << 53) - 1
+
+
+def record_id(token: str) -> str:
+    return RECORD_PREFIX + token
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    session: str
+    kind: str
+    epoch: int = 1
+    consumed: int = 0
+    """``in``: client messages the handler has consumed."""
+    out: int = 0
+    acked: int = 0
+    done: bool = False
+    failure: str | None = None
+    """The refusal's name a finished stream ended with (None: it ended well)."""
+    state: Any = None
+    created: float = 0.0
+    journal: list[tuple[int, Payload]] = field(default_factory=list)
+    """Server messages ``acked + 1 .. out`` in order: ``(seq, payload)``."""
+
+    def encode(self) -> bytes:
+        entries = [[seq, "b", base64.b64encode(bytes(p)).decode("ascii")]
+                   if isinstance(p, bytes | bytearray | memoryview) else [seq, "j", p]
+                   for seq, p in self.journal]
+        doc = {"v": _VERSION, "session": self.session, "kind": self.kind,
+               "epoch": self.epoch, "in": self.consumed, "out": self.out,
+               "acked": self.acked, "done": self.done, "failure": self.failure,
+               "state": self.state, "created": self.created, "journal": entries}
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str | Any) -> StreamRecord:
+        """A record from its stored form (its JSON text, or the value the session client
+        read); ValueError naming what is wrong for anything else."""
+        if isinstance(raw, bytes | str):
+            try:
+                doc = json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                raise ValueError(f"a stream record that is not JSON: {exc}") from None
+        else:
+            doc = raw
+        if not isinstance(doc, dict) or doc.get("v") != _VERSION:
+            raise ValueError(f"not a stream record of version {_VERSION}")
+        session, kind = doc.get("session"), doc.get("kind")
+        if not isinstance(session, str) or not session:
+            raise ValueError("a stream record names its session")
+        if kind not in KINDS:
+            raise ValueError(f"a stream record's kind is one of {KINDS}, not {kind!r:.40}")
+        numbers = {name: doc.get(name) for name in ("epoch", "in", "out", "acked")}
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= _MAX_SEQ:
+                raise ValueError(f"a stream record's {name} is a count, not {value!r:.40}")
+        created = doc.get("created")
+        if isinstance(created, bool) or not isinstance(created, int | float) \
+                or not math.isfinite(created):
+            raise ValueError("a stream record's created is a time")
+        done, failure = doc.get("done"), doc.get("failure")
+        if not isinstance(done, bool) or (failure is not None
+                                          and refusal_named(str(failure)) is None):
+            raise ValueError("a stream record's done is a bool, its failure a refusal name")
+        acked, out = numbers["acked"], numbers["out"]
+        assert isinstance(acked, int) and isinstance(out, int)
+        if acked > out:
+            raise ValueError(f"a stream record acknowledged {acked} of {out} messages")
+        journal = _journal(doc.get("journal"), acked, out)
+        record = cls(session=session, kind=kind, epoch=int(numbers["epoch"] or 0),
+                     consumed=int(numbers["in"] or 0), out=out, acked=acked, done=done,
+                     failure=failure, state=doc.get("state"), created=float(created),
+                     journal=journal)
+        return record
+
+    def acknowledge(self, seq: int) -> None:
+        """The client received every message up to ``seq``: those leave the journal."""
+        seq = min(seq, self.out)
+        if seq > self.acked:
+            self.journal = [(s, p) for s, p in self.journal if s > seq]
+            self.acked = seq
+
+    def after(self, recv: int) -> list[tuple[int, Payload]]:
+        """The messages a client that received up to ``recv`` has not."""
+        return [(s, p) for s, p in self.journal if s > recv]
+
+
+def _journal(entries: object, acked: int, out: int) -> list[tuple[int, Payload]]:
+    if not isinstance(entries, list) or len(entries) != out - acked:
+        raise ValueError(f"a stream record's journal holds messages {acked + 1} to {out}")
+    journal: list[tuple[int, Payload]] = []
+    for expected, entry in enumerate(entries, start=acked + 1):
+        if not isinstance(entry, list) or len(entry) != 3 or entry[0] != expected \
+                or entry[1] not in ("j", "b"):
+            raise ValueError(f"a stream record's journal entry {expected} is "
+                             "[seq, \"j\" or \"b\", payload]")
+        payload = entry[2]
+        if entry[1] == "b":
+            if not isinstance(payload, str):
+                raise ValueError(f"journal entry {expected}: bytes travel as base64")
+            try:
+                payload = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"journal entry {expected}: not base64") from None
+        journal.append((expected, payload))
+    return journal

@@ -1,0 +1,359 @@
+"""Resumable streams through the real Envoy (docs/streams.md): the demo's tally streams
+(WebSocket ``/streams/ws``, Server-Sent Events ``/streams/sse``: :mod:`meshxl.demo.tally`)
+on a high-availability cluster of three members, each with its statesync sidecar, and
+meshxl's stream clients.
+
+A kill -9 of the member serving the streams: no client sees an error, every message is
+answered exactly once and in order (the tallies, the handler's committed state, say
+that no message was applied twice or lost), the answers after the kill come from the
+new owner. Resuming is refused, with its close code, for a stream of another session
+and an unknown one; a malformed frame closes its own stream and no other. One
+deployment for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from meshxl import headers as hdr
+from meshxl.local.deployment import DemoDeployment
+from meshxl.local.wait import wait_until
+from meshxl.streams import (
+    SUBPROTOCOL,
+    ClientStream,
+    StreamRefused,
+    connect_sse,
+    connect_websocket,
+)
+from meshxl.streams.protocol import FORBIDDEN, MALFORMED, UNKNOWN, new_token
+from tests.harness.protocols import deployment, member_down, restart
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def streams_deployment(tmp_path_factory: pytest.TempPathFactory,
+                             ) -> AsyncIterator[DemoDeployment]:
+    async with deployment(tmp_path_factory.mktemp("streams"), "websocket",
+                          drain_window=DRAIN_WINDOW) as d:
+        yield d
+
+
+DRAIN_WINDOW = 60.0
+"""Long: a planned move hands streams on long before Envoy would close them."""
+
+
+@dataclass
+class Tally:
+    """One stream's conversation: what was sent, what came back."""
+
+    session: str
+    stream: ClientStream
+    sent: list[int] = field(default_factory=list)
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+    async def talk(self, count: int, pause: float, rng: random.Random) -> None:
+        reader = asyncio.create_task(self._read(count))
+        try:
+            for _ in range(count):
+                n = rng.randint(1, 9)
+                self.sent.append(n)
+                await self.stream.send({"n": n})
+                await asyncio.sleep(pause)
+            await asyncio.wait_for(reader, 30)
+        finally:
+            reader.cancel()
+
+    async def _read(self, count: int) -> None:
+        while len(self.answers) < count:
+            self.answers.append(await self.stream.receive())
+
+    def check(self) -> None:
+        """Every message answered once, in order, applied once: the tally after each is
+        the sum of what was sent up to it."""
+        assert [a["seq"] for a in self.answers] == list(range(1, len(self.sent) + 1)), \
+            (self.session, [a["seq"] for a in self.answers])
+        running = 0
+        for n, answer in zip(self.sent, self.answers, strict=True):
+            running += n
+            assert (answer["n"], answer["total"]) == (n, running), (self.session, answer)
+
+
+def _url(d: DemoDeployment) -> str:
+    return d.url.replace("http://", "ws://") + "/streams/ws"
+
+
+async def _open(d: DemoDeployment, session: str, kind: str = "websocket") -> ClientStream:
+    if kind == "sse":
+        stream = connect_sse(f"{d.url}/streams/sse", headers={hdr.SESSION: session},
+                             resume_timeout=20)
+    else:
+        stream = connect_websocket(_url(d), headers={hdr.SESSION: session},
+                                   resume_timeout=20)
+    return await asyncio.wait_for(stream.start(), 15)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_streams_survive_a_kill_9_of_their_member_exactly_once(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    d = streams_deployment
+    rng = random.Random(7)
+    tallies = [Tally(f"kill-{kind}-{i}", await _open(d, f"kill-{kind}-{i}", kind))
+               for i in range(12)]
+    try:
+        talks = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in tallies]
+
+        def answered(n: int) -> bool:
+            return all(len(t.answers) >= n for t in tallies)
+
+        await wait_until(lambda: answered(8), timeout=20, what="8 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served  # the active member serves them all
+        victim = served.pop()
+        await d.kill_member(victim)
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+            assert t.answers[-1]["member"] != victim
+            assert t.stream.connections >= 2 and len(t.stream.resumes) >= 1
+    finally:
+        for t in tallies:
+            await t.stream.aclose()
+        if "victim" in locals():
+            await restart(d, victim)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_drained_members_streams_resume_on_the_new_owner_at_once(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """``meshxl member down``: the member's app sees the planned move in its sidecar's
+    ``/readyz`` and hands its streams on (close code 4000, "moved"), without waiting for
+    the drain window (60 s here) after which Envoy would close them; every message once,
+    in order, the later ones answered by the new owner."""
+    d = streams_deployment
+    rng = random.Random(3)
+    tallies = [Tally(f"drain-{kind}-{i}", await _open(d, f"drain-{kind}-{i}", kind))
+               for i in range(6)]
+    drained = ""
+    try:
+        talks = [asyncio.create_task(t.talk(60, 0.03, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        drained = served.pop()
+        await member_down(d, drained)
+        await wait_until(lambda: all(t.answers and t.answers[-1]["member"] != drained
+                                     for t in tallies), timeout=DRAIN_WINDOW / 3,
+                         what="every stream answered by another member")
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+            assert t.stream.connections >= 2
+    finally:
+        for t in tallies:
+            await t.stream.aclose()
+        if drained:
+            await member_down(d, drained, down=False)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_streams_of_a_member_cut_off_resume_and_it_is_fenced_when_it_returns(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """The serving member freezes (SIGSTOP on its app and sidecar: a paused VM, or a
+    member nobody can reach): no connection breaks, nothing answers. The clients'
+    heartbeat finds the silence, they resume through Envoy on the member that takes the
+    session over; when the frozen one comes back, its next commit is refused and it
+    stops, so nothing it had is ever delivered: every message once, in order."""
+    import signal
+
+    d = streams_deployment
+    rng = random.Random(5)
+    tallies = [Tally(f"freeze-{kind}-{i}", await _open(d, f"freeze-{kind}-{i}", kind))
+               for i in range(4)]
+    frozen = ""
+    try:
+        talks = [asyncio.create_task(t.talk(50, 0.05, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        frozen = served.pop()
+        member = d.member(frozen)
+        for proc in (member.app, member.sidecar):
+            assert proc is not None
+            proc.signal(signal.SIGSTOP)
+        await wait_until(lambda: all(t.answers[-1]["member"] != frozen for t in tallies),
+                         timeout=40, what="every stream answered by another member")
+        for proc in (member.app, member.sidecar):
+            proc.signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+    finally:
+        if frozen:
+            for proc in (d.member(frozen).app, d.member(frozen).sidecar):
+                if proc is not None:
+                    proc.signal(signal.SIGCONT)
+        for t in tallies:
+            await t.stream.aclose()
+        if frozen:
+            await restart(d, frozen)
+
+
+async def test_resuming_another_sessions_stream_is_refused(
+        streams_deployment: DemoDeployment) -> None:
+    d = streams_deployment
+    owner = await _open(d, "owner")
+    try:
+        await owner.send({"n": 1})
+        assert (await owner.receive())["total"] == 1
+        assert owner.token is not None
+        async with aiohttp.ClientSession() as http:
+            for session, token, refusal in (("thief", owner.token, FORBIDDEN),
+                                            ("owner", new_token(), UNKNOWN)):
+                async with http.ws_connect(_url(d), protocols=(SUBPROTOCOL,),
+                                           headers={hdr.SESSION: session}) as ws:
+                    await ws.send_json({"t": "resume", "id": token, "recv": 0})
+                    frames = [m async for m in ws]
+                    assert ws.close_code == refusal.close_code, (session, frames)
+                    assert any(refusal.name in str(m.data) for m in frames), frames
+        # The owner's stream goes on, untouched.
+        await owner.send({"n": 2})
+        assert (await owner.receive())["total"] == 3
+    finally:
+        await owner.aclose()
+
+
+async def test_a_malformed_frame_closes_only_its_own_stream(
+        streams_deployment: DemoDeployment) -> None:
+    d = streams_deployment
+    bystander = await _open(d, "bystander")
+    try:
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(_url(d), protocols=(SUBPROTOCOL,),
+                                headers={hdr.SESSION: "bad"}) as ws:
+            await ws.send_json({"t": "open"})
+            ready = await ws.receive_json(timeout=10)
+            assert ready["t"] == "ready"
+            await ws.send_str('{"t": "m", "s": 5, "d": 1}')  # a gap: 5 before 1
+            frames = [m async for m in ws]
+            assert ws.close_code == MALFORMED.close_code, frames
+        await bystander.send({"n": 4})
+        assert (await bystander.receive())["total"] == 4
+    finally:
+        await bystander.aclose()
+
+
+async def test_a_client_without_the_protocol_gets_a_plain_websocket(
+        streams_deployment: DemoDeployment) -> None:
+    d = streams_deployment
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(_url(d), headers={hdr.SESSION: "plain"}) as ws:
+        await ws.send_json({"n": 5})
+        answer = await ws.receive_json(timeout=10)
+        assert (answer["seq"], answer["total"]) == (1, 5)
+
+
+async def test_a_stream_refused_for_good_raises_to_the_application(
+        streams_deployment: DemoDeployment) -> None:
+    d = streams_deployment
+    owner = await _open(d, "victim")
+    stolen = connect_websocket(_url(d), headers={hdr.SESSION: "intruder"}, resume_timeout=5)
+    stolen.token = owner.token  # as if it had learned the token
+    try:
+        with pytest.raises(StreamRefused) as refused:
+            await asyncio.wait_for(stolen.start(), 15)
+        assert refused.value.refusal is FORBIDDEN
+    finally:
+        await stolen.aclose()
+        await owner.aclose()
+
+
+# -- gRPC ------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def grpc_streams_deployment(tmp_path_factory: pytest.TempPathFactory,
+                                  ) -> AsyncIterator[DemoDeployment]:
+    async with deployment(tmp_path_factory.mktemp("grpc-streams"), "grpc") as d:
+        yield d
+
+
+async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
+        grpc_streams_deployment: DemoDeployment) -> None:
+    """Both kinds of gRPC stream: bidirectional (the tally) and server-streaming (ticks
+    whose count is the stream's state): every message once, in order, after the kill."""
+    from grpc import aio
+
+    from meshxl.local import counter
+    from meshxl.streams.grpcio import connect_grpc
+
+    d = grpc_streams_deployment
+    rng = random.Random(11)
+    async with aio.insecure_channel(d.target) as channel:
+        talks: list[Tally] = []
+        ticks: list[ClientStream] = []
+        for i in range(6):
+            session = f"grpc-{i}"
+            talk = connect_grpc(channel, counter.TALK, request_type=counter.TallyRequest,
+                                response_type=counter.TallyReply,
+                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
+            talks.append(Tally(session, await asyncio.wait_for(talk.start(), 15)))
+            tick = connect_grpc(channel, counter.TICKS, response_type=counter.TallyReply,
+                                request=counter.WatchRequest(interval_ms=30, count=80),
+                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
+            ticks.append(await asyncio.wait_for(tick.start(), 15))
+        for t in talks:
+            t.stream = _AsDict(t.stream)  # type: ignore[assignment]
+        victim = ""
+        try:
+            runs = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in talks]
+            await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
+                             what="8 answers on every gRPC stream")
+            served = {t.answers[-1]["member"] for t in talks}
+            assert len(served) == 1, served
+            victim = served.pop()
+            await d.kill_member(victim)
+            await asyncio.wait_for(asyncio.gather(*runs), 60)
+            for t in talks:
+                t.check()
+                assert t.answers[-1]["member"] != victim
+            for stream in ticks:
+                got = [m async for m in stream]
+                assert [m.seq for m in got] == list(range(1, 81)), [m.seq for m in got]
+                assert got[-1].member != victim and stream.connections >= 2
+        finally:
+            for t in talks:
+                await t.stream.aclose()
+            for stream in ticks:
+                await stream.aclose()
+            if victim:
+                await restart(d, victim)
+
+
+class _AsDict:
+    """A gRPC tally stream seen as the JSON tally's (send ``{"n"}``, receive dicts)."""
+
+    def __init__(self, stream: ClientStream):
+        self.stream = stream
+
+    async def send(self, message: dict[str, Any]) -> int:
+        from meshxl.local import counter
+
+        return await self.stream.send(counter.TallyRequest(n=message["n"]))
+
+    async def receive(self) -> dict[str, Any]:
+        reply = await self.stream.receive()
+        return {"seq": reply.seq, "n": reply.n, "total": reply.total, "member": reply.member}
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

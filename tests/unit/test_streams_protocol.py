@@ -1,0 +1,145 @@
+"""The resumable stream protocol's frames and a stream's record: property round trips and
+hostile input (docs/streams.md). Pure: no socket, no process."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshxl.streams.protocol import (
+    ACK,
+    END,
+    ERROR,
+    MESSAGE,
+    OPEN,
+    READY,
+    REFUSALS,
+    RESUME,
+    Frame,
+    Limits,
+    ProtocolError,
+    decode_binary,
+    decode_frame,
+    encode_binary,
+    encode_frame,
+    new_token,
+    refusal_of_close,
+    valid_token,
+)
+from meshxl.streams.record import StreamRecord
+
+SEQ = st.integers(min_value=1, max_value=(1 << 53) - 1)
+COUNT = st.integers(min_value=0, max_value=(1 << 53) - 1)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(1 << 53), max_value=1 << 53)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=4),
+    max_leaves=12)
+TOKENS = st.builds(lambda _: new_token(), st.integers())
+
+
+@given(st.one_of(
+    st.builds(lambda s, d: Frame(MESSAGE, seq=s, payload=d), SEQ, JSON),
+    st.builds(lambda s: Frame(ACK, seq=s), COUNT),
+    st.builds(lambda s: Frame(END, seq=s), COUNT),
+    st.just(Frame(OPEN)),
+    st.builds(lambda t, r: Frame(RESUME, token=t, recv=r), TOKENS, COUNT),
+    st.builds(lambda t, c, o: Frame(READY, token=t, consumed=c, last=o), TOKENS, COUNT, COUNT),
+    st.builds(lambda r: Frame(ERROR, refusal=r, message=r.meaning), st.sampled_from(REFUSALS)),
+))
+def test_every_frame_round_trips(frame: Frame) -> None:
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+@given(SEQ, st.binary(max_size=64))
+def test_binary_messages_round_trip(seq: int, data: bytes) -> None:
+    assert decode_binary(encode_binary(seq, data)) == (seq, data)
+
+
+@pytest.mark.parametrize("text", [
+    "", "[]", "null", '{"t": "x"}', '{"t": "m", "s": 0, "d": 1}', '{"t": "m", "s": 1}',
+    '{"t": "m", "s": true, "d": 1}', '{"t": "m", "s": 9007199254740992, "d": 1}',
+    '{"t": "a", "s": -1}', '{"t": "resume", "id": "short", "recv": 0}',
+    '{"t": "resume", "id": "AAAAAAAAAAAAAAAAAAAAA+", "recv": 0}',
+    '{"t": "error", "code": "nope"}', '{"t": "m", "s": 1, "d": NaN}',
+    "[" * 10_000 + "]" * 10_000, '{"t": "m", "s": 1.5, "d": 1}',
+])
+def test_malformed_frames_are_protocol_errors(text: str) -> None:
+    with pytest.raises(ProtocolError):
+        decode_frame(text)
+
+
+def test_binary_frames_need_their_number_first() -> None:
+    for frame in (b"", b"\x00" * 7, b"\x00" * 8):  # too short; message number 0
+        with pytest.raises(ProtocolError):
+            decode_binary(frame)
+
+
+def test_tokens_are_128_random_bits_in_base64url() -> None:
+    tokens = {new_token() for _ in range(1000)}
+    assert len(tokens) == 1000 and all(valid_token(t) for t in tokens)
+    assert not valid_token(next(iter(tokens))[:-1] + "=")
+    assert not valid_token("A" * 21 + "B")  # 128 bits and a stray: not canonical
+
+
+def test_each_refusal_has_its_own_close_code_in_the_private_range() -> None:
+    codes = [r.close_code for r in REFUSALS]
+    assert len(set(codes)) == len(codes) and all(4000 <= c <= 4999 for c in codes)
+    for refusal in REFUSALS:
+        assert refusal_of_close(refusal.close_code) is refusal
+    assert refusal_of_close(1000) is None and refusal_of_close(None) is None
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_unacked_bytes": 0}, {"max_message_bytes": 10, "max_unacked_bytes": 5},
+    {"lag_timeout": float("inf")}, {"ack_delay": float("nan")}, {"ack_every": True},
+    {"max_unacked_bytes": 2 << 20}, {"detached_timeout": -1},
+])
+def test_limits_refuse_what_cannot_work(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Limits(**bad)
+
+
+RECORDS = st.builds(
+    lambda session, kind, epoch, consumed, acked, payloads, done, state: StreamRecord(
+        session=session, kind=kind, epoch=epoch, consumed=consumed,
+        out=acked + len(payloads), acked=acked, done=done, state=state, created=1.5,
+        journal=[(acked + 1 + i, p) for i, p in enumerate(payloads)]),
+    st.text(min_size=1, max_size=20), st.sampled_from(["websocket", "sse", "grpc"]),
+    st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000),
+    st.lists(JSON | st.binary(max_size=16), max_size=6), st.booleans(), JSON)
+
+
+@settings(max_examples=200)
+@given(RECORDS)
+def test_records_round_trip(record: StreamRecord) -> None:
+    assert StreamRecord.decode(record.encode()) == record
+    assert StreamRecord.decode(json.loads(record.encode())) == record
+
+
+@given(RECORDS, st.integers(0, 2000))
+def test_an_acknowledgement_drops_exactly_what_the_client_has(record: StreamRecord,
+                                                              seq: int) -> None:
+    before = list(record.journal)
+    record.acknowledge(seq)
+    assert record.journal == [(s, p) for s, p in before if s > seq]
+    assert record.acked == max(min(seq, record.out), record.acked)
+    assert StreamRecord.decode(record.encode()) == record
+
+
+@pytest.mark.parametrize("change", [
+    {"v": 2}, {"session": ""}, {"kind": "tcp"}, {"out": 2}, {"acked": 5},
+    {"journal": [[2, "j", 1]]}, {"journal": [[1, "x", 1]]}, {"journal": [[1, "b", "%%"]]},
+    {"epoch": -1}, {"created": "now"}, {"done": "yes"}, {"failure": "oops"},
+])
+def test_a_damaged_record_is_refused(change: dict[str, Any]) -> None:
+    doc = json.loads(StreamRecord(session="s", kind="websocket", out=1,
+                                  journal=[(1, "x")]).encode())
+    doc.update(change)
+    with pytest.raises(ValueError):
+        StreamRecord.decode(json.dumps(doc))
