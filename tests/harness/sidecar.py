@@ -101,21 +101,21 @@ class SidecarProcess:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, *, wait_ready: bool = True, timeout: float = 15.0) -> SidecarProcess:
+    async def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> SidecarProcess:
         """Start (or restart on the same port); by default wait until /readyz is 200."""
         self.process.start()
         if wait_ready:
             await self.wait_ready(timeout)
         return self
 
-    async def wait_ready(self, timeout: float = 15.0) -> None:
+    async def wait_ready(self, timeout: float = 30.0) -> None:
         async def ready() -> bool:
             return (await self.request("GET", "/readyz")).status == 200
 
         await wait_until(ready, timeout=timeout, what=f"{self.name} ready",
                          process=self.process)
 
-    async def wait_listening(self, timeout: float = 15.0) -> None:
+    async def wait_listening(self, timeout: float = 30.0) -> None:
         """Until the API answers at all (ready or not)."""
         async def answers() -> bool:
             return (await self.request("GET", "/healthz")).status == 200
@@ -123,7 +123,7 @@ class SidecarProcess:
         await wait_until(answers, timeout=timeout, what=f"{self.name} listening",
                          interval=0.005, process=self.process)
 
-    async def restart(self, *, wait_ready: bool = True, timeout: float = 15.0) -> SidecarProcess:
+    async def restart(self, *, wait_ready: bool = True, timeout: float = 30.0) -> SidecarProcess:
         """Kill (if alive) and start again: same port, same member, same log."""
         await self.process.kill()
         return await self.start(wait_ready=wait_ready, timeout=timeout)
