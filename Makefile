@@ -42,14 +42,18 @@ demo: $(DEMO_STAMP)
 quickstart: $(DEMO_STAMP)
 	$(VENV)/bin/meshxl quickstart
 
+# The suite in WORKERS parallel processes (pytest-xdist; WORKERS=0: one process, no
+# xdist). Every deadline in it is multiplied by MESHXL_TEST_TIME_SCALE (default 1): a
+# slower machine sets a larger one (docs/design.md, "Testing").
+WORKERS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=25 tests
+	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadgroup tests
 
 unit: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests/unit
 
 integration: $(STAMP)
-	$(PY) -m pytest -q -ra tests/integration
+	$(PY) -m pytest -q -ra -n $(WORKERS) --dist loadgroup tests/integration
 
 # Every benchmark beside its reference, then bench/results/summary.png (how long it
 # takes, and BENCH_QUICK=1's smoke run: docs/performance.md); bench/tables.py then

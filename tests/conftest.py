@@ -9,24 +9,88 @@ process log is attached to the failure report.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 # grpc-core prints connection-level INFO lines (GOAWAY on a killed etcd member) otherwise.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aetcd
 import pytest
+from hypothesis import HealthCheck, settings
 
+from meshxl.local import ports as _ports
 from meshxl.local.procs import Owner
 from meshxl.xds.app import ControlPlane
+from tests.harness import ads as _ads
 from tests.harness import backends as _backends
+from tests.harness import clock as _clock
 from tests.harness import controlplane as _controlplane
 from tests.harness import envoy as _envoy
 from tests.harness import etcd as _etcd
 
 HARNESS_KEY = pytest.StashKey[Owner]()
+
+# Hypothesis judges time too: a 200 ms deadline per example and a "too slow" health
+# check fail a generated test on a busy machine though nothing is wrong. The suite's
+# tests bound their waits themselves (tests/harness/clock.py); speed is bench/'s.
+settings.register_profile("meshxl", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("meshxl")
+
+
+def _group_node_ids(items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` sends the tests whose node id ends in ``@GROUP`` to one worker;
+    pytest-xdist 3.8 writes that suffix to ``item._nodeid``, which pytest 9 no longer
+    reads (a node id is ``item._id`` now), so without this every test went anywhere."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+def _own_port_slice() -> None:
+    """A parallel worker (pytest-xdist) draws ports from its own slice of the range, so
+    no other worker can take a port it holds or is restarting a server on. Network
+    namespaces, cgroups and temporary directories are named by process id already."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or os.environ.get(_ports.ENV):
+        return
+    index, count = int(worker[2:]), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    whole = _ports.port_range() or range(_ports.LOWEST, 32768)
+    size = len(whole) // max(count, index + 1)
+    low = whole.start + index * size
+    os.environ[_ports.ENV] = f"{low}-{low + size - 1}"
+
+
+_own_port_slice()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy tests (``@pytest.mark.heavy``: a whole installation under load, its timing
+    judged) run in one xdist worker, one at a time: two of them side by side on two
+    cores would starve each other's leases and judges. pytest-timeout's limit of a test
+    (pyproject.toml) follows the suite's clock."""
+    for item in items:
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+    if getattr(config.option, "loadgroup", False):
+        _group_node_ids(items)
+    if _clock.SCALE == 1.0:
+        return
+    limit = _clock.scaled(float(config.getini("timeout") or 300))
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        item.add_marker(pytest.mark.timeout(
+            _clock.scaled(float(marker.args[0])) if marker and marker.args else limit))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -139,3 +203,37 @@ def start_sidecar(harness: Owner) -> Any:
         return await sidecar.start(wait_ready=wait_ready)
 
     return start
+
+
+@pytest.fixture
+async def xds() -> AsyncIterator[_ads.AdsHarness]:
+    """An ADS server in this process on a free port; ``xds.envoy()`` is a SotW client."""
+    async with _ads.ads_server("sotw") as served:
+        yield served
+
+
+@pytest.fixture
+async def delta_xds() -> AsyncIterator[_ads.AdsHarness]:
+    """As ``xds``, with ``envoy()`` a delta client."""
+    async with _ads.ads_server("delta") as served:
+        yield served
+
+
+@pytest.fixture
+async def ads_server() -> AsyncIterator[Callable[..., Awaitable[_ads.AdsHarness]]]:
+    """``await ads_server(protocol="sotw", **AdsServer_options)``: more ADS servers, or
+    one with options (auth, bounds, callbacks); all closed at teardown."""
+    async with AsyncExitStack() as stack:
+        async def start(protocol: str = "sotw", **options: Any) -> _ads.AdsHarness:
+            return await stack.enter_async_context(_ads.ads_server(protocol, **options))
+
+        yield start
+
+
+@pytest.fixture
+def nothing_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No envoy beside the interpreter, an empty PATH, no MESHXL_ETCD_BINARY."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("MESHXL_ETCD_BINARY", raising=False)
+    return tmp_path

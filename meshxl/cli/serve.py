@@ -2,7 +2,7 @@
 ``serve webhook`` (defined with the other Kubernetes commands in :mod:`.kube`).
 
 ``meshxl serve statesync`` runs in every pod: it imports the sidecar and nothing else
-(``tests/unit/test_sidecar_imports.py``)."""
+(``tests/integration/test_sidecar_imports.py``)."""
 
 from __future__ import annotations
 

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import fcntl
 import itertools
 import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshxl.local.procs import Owner, run_sync
 from meshxl.local.wait import LocalError
@@ -127,6 +130,17 @@ def netem_unavailable() -> str | None:
                               "1ms"), "the kernel has no netem")
 
 
+def _unused_prefix() -> str:
+    """A ``10.X.Y`` /24 in 10.200-249.x that no interface of this namespace has."""
+    shown = _run("ip", "-o", "-4", "addr", "show", check=False).stdout
+    used = set(re.findall(r"inet (10\.\d+\.\d+)\.\d+/", shown))
+    for _ in range(1000):
+        prefix = f"10.{random.randrange(200, 250)}.{random.randrange(1, 255)}"
+        if prefix not in used:
+            return prefix
+    raise LocalError("no free 10.200-249.x /24 for a test network")
+
+
 class Network:
     """A bridge and ``hosts`` namespaces; ``ip(i)`` is host i's address."""
 
@@ -136,9 +150,9 @@ class Network:
         self.name = f"{label}{os.getpid()}x{next(_counter)}"
         self.bridge_ns = f"{self.name}b"
         self.hosts = [f"{self.name}h{i}" for i in range(hosts)]
-        # A /24 unlikely to meet another test's (or anything routed on the machine).
-        self.prefix = f"10.{random.randrange(200, 250)}.{random.randrange(1, 255)}"
-        self.driver_ip = f"{self.prefix}.1"
+        # A /24 no other Network on the machine has (chosen in _create).
+        self.prefix = ""
+        self.driver_ip = ""
         self._driver_if = f"mxd{os.getpid() % 100000}x{next(_counter)}"[:15]
         self._harness = harness
         self._isolated: set[int] = set()
@@ -165,6 +179,19 @@ class Network:
         return self
 
     def _create(self) -> None:
+        # Processes side by side (parallel test workers) choose their /24 one at a time,
+        # each one not on any interface yet, so two networks never share a subnet.
+        lock = Path(tempfile.gettempdir()) / "meshxl-netns.lock"
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            try:
+                self.prefix = _unused_prefix()
+                self.driver_ip = f"{self.prefix}.1"
+                self._create_locked()
+            finally:
+                fcntl.flock(held, fcntl.LOCK_UN)
+
+    def _create_locked(self) -> None:
         try:
             for ns in (self.bridge_ns, *self.hosts):
                 _run("ip", "netns", "add", ns)

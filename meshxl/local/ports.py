@@ -7,16 +7,22 @@ connection between "found" and "bound", or while its server is down for a restar
 etcd member killed and started again, with clients still reconnecting to it; a client
 can even connect to itself). Outside that range only a listener can take it. The set of
 ports already handed out by this process keeps two callers from getting the same one.
+
+Processes that draw ports side by side (the test suite's parallel workers) are kept
+apart by ``MESHXL_PORTS=LOW-HIGH``: each draws from its own slice only, so a port one
+of them holds, or has let go of for a moment (a server being restarted), is never
+another's.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
 from pathlib import Path
 
-__all__ = ["free_port", "free_ports", "port_range"]
+__all__ = ["ENV", "free_port", "free_ports", "port_range"]
 
 _handed_out: set[int] = set()
 _lock = threading.Lock()
@@ -26,11 +32,27 @@ _random = random.SystemRandom()
 LOWEST = 10000
 #: Fewer candidates than this below the ephemeral range: fall back to the kernel's choice.
 _MINIMUM_RANGE = 2000
+#: ``LOW-HIGH`` (inclusive): draw from these ports only.
+ENV = "MESHXL_PORTS"
+
+
+def _from_env(raw: str) -> range:
+    low, sep, high = raw.partition("-")
+    try:
+        lo, hi = int(low), int(high)
+    except ValueError:
+        lo = hi = 0
+    if not sep or not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"{ENV}={raw!r}: expected LOW-HIGH, two ports from 1024 to 65535")
+    return range(lo, hi + 1)
 
 
 def port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> range | None:
-    """The ports to draw from (``LOWEST`` up to the ephemeral range), or None when the
-    ephemeral range cannot be read or leaves too little room below it."""
+    """The ports to draw from (``MESHXL_PORTS``, else ``LOWEST`` up to the ephemeral
+    range), or None when the ephemeral range cannot be read or leaves too little room
+    below it."""
+    if raw := os.environ.get(ENV, "").strip():
+        return _from_env(raw)
     try:
         low = int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):

@@ -5,6 +5,12 @@ async) until it returns something truthy and returns that value. Everything that
 for a local process (an HTTP endpoint answering, an etcd member healthy, a process
 exiting, Envoy seeing its hosts) goes through it, so every timeout names what was
 awaited and, when a process is being watched, carries that process's log tail.
+
+Every deadline given here is multiplied by one factor, :func:`time_scale` (1 unless
+:func:`set_time_scale` changed it): the test suite sets it from
+``MESHXL_TEST_TIME_SCALE`` (``tests/harness/clock.py``), so a slower machine waits
+longer rather than failing. The factor stretches deadlines only: a condition that
+holds early ends the wait as early.
 """
 
 # ruff: noqa: ASYNC109  (timeouts here produce errors naming what was awaited)
@@ -29,12 +35,29 @@ __all__ = [
     "Watched",
     "http_ok",
     "port_open",
+    "set_time_scale",
+    "time_scale",
     "wait_http",
     "wait_port",
     "wait_until",
 ]
 
 T = TypeVar("T")
+
+_scale = 1.0
+
+
+def time_scale() -> float:
+    """The factor every deadline of this module is multiplied by (1 by default)."""
+    return _scale
+
+
+def set_time_scale(factor: float) -> None:
+    """Multiply every deadline of this module by ``factor`` (>= 1: a slower machine)."""
+    global _scale
+    if not factor >= 1.0:
+        raise ValueError(f"a time scale is a number >= 1, got {factor!r}")
+    _scale = float(factor)
 
 
 class LocalError(ProcessError, RuntimeError):
@@ -98,12 +121,13 @@ async def wait_until(
 
     Exceptions raised by the predicate count as "not yet" (an endpoint that is not up
     yet, an etcd member that is electing); the last value or exception is reported in
-    the :class:`WaitTimeout` raised when ``timeout`` expires, together with ``what`` and
-    ``explain()`` (sync or async, e.g. the state that was wrong). ``process``: raise
-    :class:`ProcessExited` with its log tail as soon as it has exited.
+    the :class:`WaitTimeout` raised when ``timeout`` (times :func:`time_scale`) expires,
+    together with ``what`` and ``explain()`` (sync or async, e.g. the state that was
+    wrong). ``process``: raise :class:`ProcessExited` with its log tail as soon as it
+    has exited.
     """
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = start + timeout * _scale
     last: str = "never evaluated"
     while True:
         if process is not None and (code := process.returncode) is not None:

@@ -41,22 +41,29 @@ class NodeStatuses:
         self._node_values: dict[str, bytes] = {}
         self._undeleted: dict[str, bytes] = {}  # records whose removal failed
 
-    async def take_lease(self) -> None:
+    async def take_lease(self) -> bool:
         """Take this replica's status lease unless it has one (one at a time, so the
-        lease keeper and an early status write never make two)."""
+        lease keeper and an early status write never make two); True if it took one."""
         assert self.client is not None
         async with self._lease_lock:
-            if self.lease is None:
-                self.lease = await self.client.lease(self.ttl)
+            if self.lease is not None:
+                return False
+            self.lease = await self.client.lease(self.ttl)
+            return True
 
     async def keep_lease(self) -> None:
         """Keep this replica's lease alive; node-status keys die with the replica."""
         assert self.client is not None
         while True:
             try:
-                await self.take_lease()
+                if await self.take_lease() and self._node_values:
+                    await self._rewrite()
                 await asyncio.sleep(self.ttl / 3)
-                await self.lease.refresh()
+                reply = await self.lease.refresh()
+                if reply is None or reply.TTL <= 0:
+                    # etcd answers a refresh of an expired lease (this replica paused or
+                    # cut off past its TTL) with TTL 0, not an error: the statuses went.
+                    raise LookupError("the lease expired")
                 await self.retry_deletes()
             except asyncio.CancelledError:
                 raise
@@ -74,7 +81,8 @@ class NodeStatuses:
             # The first ACKs may come before the lease keeper's first lease: take one
             # now rather than drop their statuses.
             try:
-                await self.take_lease()
+                if await self.take_lease() and self._node_values:
+                    await self._rewrite()
             except Exception as exc:
                 log.warning("%d node status(es) not written to etcd: no lease: %s",
                             len(batch), exc)
@@ -109,6 +117,18 @@ class NodeStatuses:
             await self._quietly(f"{len(puts[start:start + _NODE_TXN_OPS])} node "
                                      "status(es) not written to etcd", compare=[],
                                      success=puts[start:start + _NODE_TXN_OPS])
+
+    async def _rewrite(self) -> None:
+        """The connected nodes' statuses again, under a new lease (the old one expired
+        and took them along; without this they would stay gone until a node's next
+        ACK, and `meshxl status` and `verify` would see its Envoy connected to no replica)."""
+        assert self.client is not None
+        tx = self.client.transactions
+        puts = [tx.put(self.keys.node(node_id).encode(), value, lease=self.lease)
+                for node_id, value in self._node_values.items()]
+        for start in range(0, len(puts), _NODE_TXN_OPS):
+            await self._quietly("node statuses not written again under the new lease",
+                                compare=[], success=puts[start:start + _NODE_TXN_OPS])
 
     async def retry_deletes(self) -> None:
         """Remove the records of disconnected nodes whose removal failed (etcd trouble):

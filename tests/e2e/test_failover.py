@@ -21,8 +21,9 @@ import pytest
 from meshxl.local.report import causal_violations, envoy_retry_traces, failover_roots
 from meshxl.telemetry import names
 from meshxl.telemetry.otlpjson import read_spans
+from tests.harness.clock import scaled
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 SESSIONS = 30
@@ -31,7 +32,7 @@ FIELDS = ("mode", "members", "sessions", "duration_s", "kill_at_s", "killed_memb
           "requests", "failed_requests", "acknowledged_writes", "lost_writes", "rto_ms",
           "convergence_ms", "takeover_ms", "detection_ms", "per_member_requests")
 TOLERANCE_NS = 1_000_000
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = scaled(240.0)
 """A sanity bound on one shortened run (8 s of traffic plus start and stop)."""
 
 
@@ -70,10 +71,11 @@ def test_kill_the_active_member_under_traffic(mode: str, tmp_path: Path) -> None
         assert len(report["per_member_requests_before_kill"]) == 3
         assert killed not in report["per_member_requests_after_kill"]
     assert report["rto_ms"]["count"] > 0 and not report["unrecovered_sessions"]
+    # Sanity bounds (how fast is bench/failover.py's to say, side by side).
     for key in ("p50", "p99", "max"):
-        assert 0 < report["rto_ms"][key] < 5000, report["rto_ms"]
-    assert 0 < report["detection_ms"] < 10_000
-    assert 0 < report["convergence_ms"] < 5000
+        assert 0 < report["rto_ms"][key] < scaled(5000), report["rto_ms"]
+    assert 0 < report["detection_ms"] < scaled(10_000)
+    assert 0 < report["convergence_ms"] < scaled(5000)
     assert report["takeover_ms"]["count"] > 0
     # Resumable streams beside the requests: through the same kill, every message once.
     streams = report["streams"]

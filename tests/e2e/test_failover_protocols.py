@@ -2,7 +2,7 @@
 run as a user runs it (shortened). TCP stands for the long-lived kinds: its clients'
 connections break with the member and are re-established through Envoy's TCP proxy;
 the report says where they went, how fast, and that the state went with them. (gRPC,
-WebSocket and TCP under kill -9 are tested in depth in tests/integration/test_protocol_*.)
+WebSocket and TCP under kill -9 are tested in depth in tests/integration/test_protocols.py.)
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.harness.clock import scaled
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SESSIONS = 20
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = scaled(240.0)
 
 
 def test_demo_over_tcp_reports_reconnects_with_the_state_intact(tmp_path: Path) -> None:

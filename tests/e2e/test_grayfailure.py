@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.harness.clock import scaled
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "grayfailure.py"
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = scaled(240.0)
 """A sanity bound on the quick run (about a minute and a half on two busy cores)."""
 
 
@@ -69,7 +71,7 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
         # rate leave a window under that now and then (binomial), and each such window
         # costs up to 1.5 s more (3.21 s seen in a full suite run; 1.48 s in the full
         # bench). The issue's 3 s is a 10x latency's, measured by the full bench.
-        assert errors["detect_s"] is not None and errors["detect_s"] <= 4.5, errors
+        assert errors["detect_s"] is not None and errors["detect_s"] <= scaled(4.5), errors
         assert soak["degraded_verdicts"] == 0, soak["verdicts"]
     else:  # no degradation in the control plane yet: nothing may show as degraded
         assert errors["detect_s"] is None and soak["degraded_verdicts"] == 0

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from tests.harness.clock import scaled
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "vsls.py"
-RUN_TIMEOUT = 180.0
+RUN_TIMEOUT = scaled(180.0)
 """A sanity bound on the quick run (about 25 s alone; two busy cores are slower)."""
 
 

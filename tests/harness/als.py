@@ -17,6 +17,7 @@ from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 
+from meshxl.local.wait import wait_until
 from meshxl.xds.types import ENDPOINT
 
 __all__ = ["AlsFeed", "Endpoints", "entry", "subscribe"]
@@ -80,10 +81,8 @@ async def subscribe(target: str, node_id: str, clusters: Sequence[str]
         await requests.put(request())
         reader = asyncio.get_running_loop().create_task(read())
         try:
-            for _ in range(200):  # the endpoints: the stream is served (at most 10 s)
-                if seen.responses or reader.done():
-                    break
-                await asyncio.sleep(0.05)
+            await wait_until(lambda: seen.responses or reader.done(), timeout=10,
+                             what=f"endpoints for {node_id} from {target}")
             assert seen.responses, f"no endpoints for {node_id} from {target}"
             yield seen
         finally:

@@ -47,13 +47,13 @@ class Backend:
     def running(self) -> bool:
         return self.process.running
 
-    async def start(self, timeout: float = 15.0) -> Backend:
+    async def start(self, timeout: float = 30.0) -> Backend:
         """Spawn (or respawn after a kill, same port) and wait until the port accepts."""
         self.process.start()
         await self.wait_listening(timeout)
         return self
 
-    async def wait_listening(self, timeout: float = 15.0) -> None:
+    async def wait_listening(self, timeout: float = 30.0) -> None:
         async def accepts() -> bool:
             _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
                                                1.0)
@@ -102,7 +102,7 @@ async def start_backends(
     *,
     prefix: str = "m",
     host: str = "127.0.0.1",
-    timeout: float = 15.0,
+    timeout: float = 30.0,
 ) -> list[Backend]:
     """Start echo members: ``3`` -> m0, m1, m2; or a list of names. All start in parallel."""
     names = [f"{prefix}{i}" for i in range(members)] if isinstance(members, int) else list(members)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.harness.clock import scaled
+
 __all__ = ["CHROMIUM_ARGS", "BrowserNotInstalled", "Console", "find_chromium", "open_page",
            "wait_for_js"]
 
@@ -112,7 +114,7 @@ async def wait_for_js(page: Any, expression: str, *, timeout: float = 10.0,
     Playwright's own ``wait_for_function`` evaluates its predicate with ``eval``, which
     a page whose Content-Security-Policy forbids ``unsafe-eval`` refuses; ``evaluate``
     runs through the DevTools protocol, which the policy does not govern."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     value = None
     while True:
         value = await page.evaluate(expression)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshxl.local.procs import run
+from tests.harness.clock import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,8 +23,8 @@ async def meshxl(*args: str, timeout: float = 30,
     if env:
         merged = {**os.environ, **env}
         environ = {k: v for k, v in merged.items() if v is not None}
-    return await run([sys.executable, "-m", "meshxl.cli", *args], timeout=timeout, cwd=REPO,
-                     env=environ)
+    return await run([sys.executable, "-m", "meshxl.cli", *args], timeout=scaled(timeout),
+                     cwd=REPO, env=environ)
 
 
 async def meshxl_json(*args: str, expect: int = 0, timeout: float = 30) -> Any:

@@ -86,7 +86,7 @@ class ControlPlaneProcess:
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
-    async def start(self, timeout: float = 15.0) -> ControlPlaneProcess:
+    async def start(self, timeout: float = 30.0) -> ControlPlaneProcess:
         """Start (or restart on the same ports) and wait until it serves a snapshot."""
         self.process.start()
 

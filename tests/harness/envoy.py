@@ -95,7 +95,7 @@ class EnvoyFixture:
             raise AssertionError(f"{self.name}: GET {path} {params} -> HTTP {status}: {body}")
         return json.loads(body)
 
-    async def wait_admin(self, timeout: float = 15.0) -> None:
+    async def wait_admin(self, timeout: float = 30.0) -> None:
         await self.process.wait_admin(timeout)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:

@@ -135,14 +135,14 @@ class EtcdServer:
     def running(self) -> bool:
         return self.process.running
 
-    async def start(self, *, wait: bool = True, timeout: float = 15.0) -> EtcdServer:
+    async def start(self, *, wait: bool = True, timeout: float = 30.0) -> EtcdServer:
         """Spawn the member (or restart it on its existing data) and, by default, wait."""
         self.process.start()
         if wait:
             await self.wait_healthy(timeout)
         return self
 
-    async def wait_healthy(self, timeout: float = 15.0) -> None:
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
         """Poll ``/health`` until it reports ``true`` (there is a leader, reads work)."""
         context = self.ssl_context()
         connector = aiohttp.TCPConnector(ssl=context) if context is not None else None
@@ -246,7 +246,7 @@ class EtcdCluster:
     def running(self) -> list[EtcdServer]:
         return [m for m in self.members if m.running]
 
-    async def start(self, timeout: float = 20.0) -> EtcdCluster:
+    async def start(self, timeout: float = 40.0) -> EtcdCluster:
         """Start all members together (they must meet to elect) and wait for health."""
         for member in self.members:
             member.process.start()
@@ -296,7 +296,7 @@ class EtcdCluster:
         return "\n".join(f"--- {m.name}\n{m.logs()}" for m in self.members)
 
 
-async def start_etcd(harness: Owner, name: str = "etcd", timeout: float = 15.0) -> EtcdServer:
+async def start_etcd(harness: Owner, name: str = "etcd", timeout: float = 30.0) -> EtcdServer:
     """Start a single-member etcd and wait until it is healthy."""
     name = harness.unique_name(name)
     client_port, peer_port = free_ports(2)
@@ -313,7 +313,7 @@ async def start_etcd(harness: Owner, name: str = "etcd", timeout: float = 15.0) 
 
 
 async def start_etcd_cluster(
-    harness: Owner, size: int = 3, name: str = "etcd", timeout: float = 20.0
+    harness: Owner, size: int = 3, name: str = "etcd", timeout: float = 40.0
 ) -> EtcdCluster:
     """Start a ``size``-member etcd cluster and wait until every member is healthy."""
     return await EtcdCluster(harness, size, name).start(timeout)

@@ -18,6 +18,8 @@ from meshxl.local.streams import StreamTraffic, read_back_kind
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import set_member_admin, set_site_admin
 from meshxl.proxy.admin import EnvoyAdmin
+from tests.harness.clock import scaled, window
+from tests.harness.load import under_way
 
 
 @asynccontextmanager
@@ -30,7 +32,7 @@ async def deployment(work: Path, protocol: str, *, mode: str = "high-availabilit
                        drain_window=drain_window, lease_ttl=2.0, fields=fields,
                        hash_cookie=hash_cookie)
     try:
-        await asyncio.wait_for(d.start(), 90)
+        await asyncio.wait_for(d.start(), scaled(90))
     except BaseException:
         report = d.owner.report()
         await d.close()
@@ -46,24 +48,26 @@ async def traffic_around(d: DemoDeployment, kind: str, sessions: int, *, before:
                          interval: float = 0.1,
                          done: Callable[[StreamTraffic], bool] | None = None,
                          prefix: str = "s") -> tuple[StreamTraffic, Any, float]:
-    """Traffic of ``kind`` for ``before`` seconds, then ``action(traffic)`` (its result
-    and time returned), then until ``done(traffic)`` (at most ``after`` seconds)."""
+    """Traffic of ``kind``, once every session is answered for ``before`` more seconds,
+    then ``action(traffic)`` (its result and time returned), then until
+    ``done(traffic)`` (at most ``after`` seconds)."""
     traffic = StreamTraffic(kind, d.target, sessions, time.time() + before + after + 30,
                             max_requests=sessions * 2000, interval=interval,
                             prefix=prefix)
     load = asyncio.create_task(traffic.run())
     try:
-        await asyncio.sleep(before)
+        await under_way(lambda: traffic.records, sessions, what=f"the {kind} traffic")
+        await window(before, "traffic before the action, for the checks to compare with")
         at = time.time()
         result = await action(traffic)
         if done is not None:
             await wait_until(lambda: done(traffic), timeout=after, interval=0.05,
                              what=f"the {kind} clients to settle after the action")
         else:
-            await asyncio.sleep(after)
+            await window(after, "traffic after the action, for the checks to judge")
     finally:
         traffic.until = time.time()
-        await asyncio.wait_for(load, 30)
+        await asyncio.wait_for(load, scaled(30))
     return traffic, result, at
 
 

@@ -25,6 +25,7 @@ from meshxl.local import commands
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, Process
 from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled
 
 __all__ = ["Reply", "SidecarProcess"]
 
@@ -100,21 +101,21 @@ class SidecarProcess:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, *, wait_ready: bool = True, timeout: float = 15.0) -> SidecarProcess:
+    async def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> SidecarProcess:
         """Start (or restart on the same port); by default wait until /readyz is 200."""
         self.process.start()
         if wait_ready:
             await self.wait_ready(timeout)
         return self
 
-    async def wait_ready(self, timeout: float = 15.0) -> None:
+    async def wait_ready(self, timeout: float = 30.0) -> None:
         async def ready() -> bool:
             return (await self.request("GET", "/readyz")).status == 200
 
         await wait_until(ready, timeout=timeout, what=f"{self.name} ready",
                          process=self.process)
 
-    async def wait_listening(self, timeout: float = 15.0) -> None:
+    async def wait_listening(self, timeout: float = 30.0) -> None:
         """Until the API answers at all (ready or not)."""
         async def answers() -> bool:
             return (await self.request("GET", "/healthz")).status == 200
@@ -122,7 +123,7 @@ class SidecarProcess:
         await wait_until(answers, timeout=timeout, what=f"{self.name} listening",
                          interval=0.005, process=self.process)
 
-    async def restart(self, *, wait_ready: bool = True, timeout: float = 15.0) -> SidecarProcess:
+    async def restart(self, *, wait_ready: bool = True, timeout: float = 30.0) -> SidecarProcess:
         """Kill (if alive) and start again: same port, same member, same log."""
         await self.process.kill()
         return await self.start(wait_ready=wait_ready, timeout=timeout)
@@ -213,7 +214,7 @@ class SidecarProcess:
         """``/v1/status``; asked again while the sidecar's start is still under way (503,
         "the sidecar is starting": it registers before its start is done, so a test that
         waited for its registration can ask in between), for up to ``starting_for`` s."""
-        deadline = time.monotonic() + starting_for
+        deadline = time.monotonic() + scaled(starting_for)
         while True:
             reply = await self.request("GET", "/v1/status")
             if reply.status != 503 or b"the sidecar is starting" not in reply.body \

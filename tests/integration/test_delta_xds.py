@@ -22,6 +22,7 @@ from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture, Host, drive, failures, members_seen
+from tests.harness.clock import scaled, window
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +122,7 @@ async def test_sticky_sessions_over_delta_xds(
 # -- 2. failover ------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 async def test_active_member_killed_traffic_moves_to_standby(
     tmp_path: Path, start_control_plane: Any, start_envoy: Any, start_backends: Any,
 ) -> None:
@@ -132,16 +134,16 @@ async def test_active_member_killed_traffic_moves_to_standby(
     assert await served(lport) == {active.name}
 
     started = time.monotonic()  # the outcomes' times count from here too (origin)
-    load = asyncio.create_task(drive(url, 30, 200, concurrency=6, max_seconds=2.0,
+    load = asyncio.create_task(drive(url, 30, 200, concurrency=6, max_seconds=scaled(3.0),
                                      origin=started))
-    await asyncio.sleep(0.5)
+    await window(0.5, "the load before the kill")
     await active.kill9()
     killed_at = time.monotonic() - started
     outcomes = await load
 
     assert not failures(outcomes), f"{len(failures(outcomes))} failed: {failures(outcomes)[:3]}"
     after = [o for o in outcomes if o.started > killed_at]
-    assert len(after) > 50, f"only {len(after)} requests after the kill"
+    assert len(after) > 20, f"only {len(after)} requests after the kill"
     assert {o.member for o in after} == {standby.name}
     await envoy.wait_hosts("ledger", lambda hs: not by_port(hs, active).healthy,
                            what="the killed member unhealthy")

@@ -36,7 +36,9 @@ from meshxl.operator.drill import PASSED, DrillConfig, run_drill
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import dualsite  # noqa: E402
 
-pytestmark = pytest.mark.integration
+from tests.harness.load import under_way
+
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 RTT_MS = 20.0
 
@@ -94,7 +96,8 @@ async def test_two_sites_over_a_wan(harness: Owner, tmp_path: Path) -> None:
                            pin_header="x-meshxl-pin") for s in ("east", "west")]
         runs = [asyncio.create_task(t.run()) for t in traffic]
         try:
-            await asyncio.sleep(1.0)
+            for t in traffic:
+                await under_way(lambda t=t: t.records, 20)
             cfg = DrillConfig(site="east", output_dir=tmp_path / "drill", duration=2.0,
                               envoy_admin=[bed.envoy_admin(s) for s in ("east", "west")],
                               check_sidecars=west_sidecars, sidecar_token=bed.token,

@@ -106,6 +106,10 @@ class AdsThread:
             self.thread.join(10)
 
 
+# One xdist worker runs the module: one Envoy for the module.
+pytestmark = pytest.mark.xdist_group("test_envoy_accepts_models")
+
+
 @pytest.fixture(scope="module")
 def envoy_ads(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdsThread]:
     work_dir = tmp_path_factory.mktemp("envoy-accepts")

@@ -23,6 +23,7 @@ import yaml
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from tests.harness import Backend, EnvoyFixture, Host, Outcome, drive, failures, members_seen
+from tests.harness.clock import window
 
 pytestmark = pytest.mark.integration
 
@@ -421,7 +422,7 @@ async def test_ha_kill9_active_under_load_fails_no_request(
     started = time.monotonic()  # the outcomes' times count from here too (origin)
     load = asyncio.create_task(drive(url, 50, 300, concurrency=8, max_seconds=3.0,
                                      origin=started))
-    await asyncio.sleep(0.7)  # the fault is injected at a chosen point of the load
+    await window(0.7, "the fault is injected at a chosen point of the load")
     # The signal goes at once; kill9() returns once the process is reaped, which a busy
     # machine can delay by a hundred ms or more while the standby already serves.
     signalled = time.monotonic() - started

@@ -43,9 +43,9 @@ from tests.harness.controlplane import ControlPlaneProcess
 from tests.harness.etcd import find_etcd
 from tests.harness.secure_etcd import SecureEtcd, start_secure_etcd
 from tests.harness.sidecar import SidecarProcess
-from tests.unit import test_manifests as manifests
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import _find, _kustomize
 from tests.unit.test_inject_etcd_tls import _pod, admitted
-from tests.unit.test_manifests import _find, _kustomize
 
 pytestmark = pytest.mark.integration
 

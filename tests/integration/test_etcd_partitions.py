@@ -47,9 +47,10 @@ from meshxl.local.procs import Owner, Process, run
 from meshxl.local.wait import wait_until
 from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdCluster
+from tests.harness.clock import scaled, window
 from tests.harness.netns import Network, unavailable
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SLACK = float(os.environ.get("MESHXL_FAULT_SLACK", "0.3"))
 MEMBER_TARGET = 0.5
@@ -453,7 +454,7 @@ async def run_fault(d: Deployment, fault: str) -> None:
         else:
             await d.net.isolate(ETCD_HOSTS[victim])
         election = await election_time(d, leader_id, fault_at, victim) if elected else 0.0
-        await asyncio.sleep(WINDOW)  # load runs on: the window judged below
+        await window(WINDOW, "load runs on: the window judged below")
         judged_until = time.monotonic()
         outages = {sc.member: load.outage(sc.member, fault_at, judged_until)
                    for sc in d.sidecars}
@@ -464,7 +465,7 @@ async def run_fault(d: Deployment, fault: str) -> None:
         else:
             await d.net.heal(ETCD_HOSTS[victim])
         await d.etcd[victim].wait_healthy(20)
-        await asyncio.sleep(WINDOW)
+        await window(WINDOW, "load runs on through the partition: the window judged below")
         rejoin_until = time.monotonic()
         after_repair = {sc.member: load.outage(sc.member, repaired_at, rejoin_until)
                         for sc in d.sidecars}
@@ -537,7 +538,7 @@ async def test_a_sidecar_cut_off_reads_unverified_and_verified_again_once_healed
     healed = time.monotonic()
     await d.net.heal(SIDECAR_HOSTS[0])
     while (got := await source()) == "cache-unverified":
-        assert time.monotonic() - healed < 10, "reads never verified again"
+        assert time.monotonic() - healed < scaled(20), "reads never verified again"
         await asyncio.sleep(0.01)  # pacing of the reader
     verified_after = time.monotonic() - healed
     report("sidecar-cut-off", {"verified_again_after_s": round(verified_after, 3),

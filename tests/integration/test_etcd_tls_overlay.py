@@ -25,8 +25,8 @@ from meshxl.local.wait import wait_until
 from tests.harness.cli import meshxl
 from tests.harness.etcd import find_etcd
 from tests.harness.sidecar import SidecarProcess
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import _find, _kustomize
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import _find, _kustomize
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from meshxl.operator.actions import apply_model
 from tests.harness.als import AlsFeed, Endpoints, subscribe
 from tests.harness.controlplane import ControlPlaneProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 LOOPBACK = "127.0.0.1"

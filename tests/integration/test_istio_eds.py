@@ -22,7 +22,6 @@ PERMISSION_DENIED, as is a node id of another namespace or with two namespaces.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -50,6 +49,7 @@ from meshxl.model.runtime import Health
 from meshxl.operator.actions import apply_model
 from meshxl.xds import types
 from tests.harness.certs import CA, Leaf
+from tests.harness.clock import window
 from tests.integration.test_istio_envoy import (
     CLUSTER,
     NAMESPACE,
@@ -415,7 +415,8 @@ async def test_istio_sidecars_authenticate_with_their_istio_certificate(
     # with the renewed certificate.
     _output_certs(tmp_path / "other-certs", web, istio_ca)
     cds.push(foreign)
-    await asyncio.sleep(2)
+    await window(2, "Envoy would have fetched endpoints by now, had it taken the foreign "
+                    "certificates")
     assert await envoy.hosts(CLUSTER) == []
     renewed = rendered_cluster(tmp_path / "other-certs", "c", epoch="1")
     renewed["eds_cluster_config"]["eds_config"]["initial_fetch_timeout"] = "1s"

@@ -43,8 +43,9 @@ from tests.harness.browser import (
 )
 from tests.harness.cli import meshxl_json
 from tests.harness.controlplane import InProcessControlPlane
+from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 POLL = 0.25
 """The page's poll period in these tests (seconds; ?interval=)."""
@@ -135,7 +136,7 @@ async def test_the_page_shows_members_and_a_failover_as_it_happens(
         # kill -9 the active member under traffic.
         traffic = Traffic(f"{d.url}/counter", 10, time.time() + 12, max_requests=2000)
         load = asyncio.create_task(traffic.run())
-        await asyncio.sleep(1.5)
+        await under_way(lambda: traffic.records, 30)
         await d.kill_member("a")
         await wait_for_js(page, "window.__seen.failover && window.__seen.state", timeout=20)
         seen = await page.evaluate("window.__seen")

@@ -19,9 +19,10 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend
+from tests.harness.clock import window
 from tests.integration.test_degradation import LOOPBACK, fault, load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 SERVICE = 0.010  # seconds per request of a full-capacity member
@@ -67,7 +68,7 @@ async def test_a_member_at_half_capacity_ends_near_half_the_share(
     async with load(port, seconds=30.0, concurrency=2) as traffic:
         await wait_until(lambda: shares(plane).get(half, 1.0) <= 0.75, timeout=12,
                          what="the half-capacity member's share stepped down")
-        await asyncio.sleep(2.0)  # settled: the target within the dead band
+        await window(2.0, "settled: the target within the dead band, and staying there")
         for _ in range(8):  # then read the shares for 4 s
             now = shares(plane)
             for b in backends:

@@ -22,8 +22,10 @@ from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Record, Traffic, read_back
 from meshxl.local.wait import wait_until
 from tests.harness.cli import meshxl, meshxl_json
+from tests.harness.clock import window
+from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 @pytest.fixture
@@ -60,7 +62,7 @@ def steady_traffic(d: DemoDeployment, sessions: int = 20) -> Traffic:
 
 async def finish(traffic: Traffic, load: asyncio.Task[None], after: float = 1.5) -> None:
     """Let the traffic run ``after`` more seconds, then stop it and wait for it."""
-    await asyncio.sleep(after)
+    await window(after, "traffic after the change, judged by the test")
     traffic.until = time.time()
     await load
 
@@ -103,13 +105,13 @@ async def test_member_down_drains_under_load_and_status_and_sync_show_it(
 
     traffic = steady_traffic(d)
     load = asyncio.create_task(traffic.run())
-    await asyncio.sleep(2.0)
+    await under_way(lambda: traffic.records, 40)
     down_at = time.time()
     done = await meshxl_json("member", "down", CLUSTER, "a", "--reason", "kernel patch",
                              "--wait", "10", *etcd_args(d))
     converged_at = time.time()
     assert done["converged"] is True and done["mismatches"] == []
-    await asyncio.sleep(2.0)
+    await window(2.0, "traffic runs with the member down: none of it may reach it")
     up_at = time.time()
     await meshxl_json("member", "up", CLUSTER, "a", "--wait", "10", *etcd_args(d))
     back_at = time.time()
@@ -253,7 +255,7 @@ async def test_site_offline_moves_traffic_and_online_brings_it_back(
     d = deployment
     traffic = steady_traffic(d, sessions=10)
     load = asyncio.create_task(traffic.run())
-    await asyncio.sleep(1.5)
+    await under_way(lambda: traffic.records, 30)
     done = await meshxl_json("site", "offline", "dc1", "--reason", "dr drill", "--wait", "10",
                              *etcd_args(d))
     moved_at = time.time()
@@ -265,7 +267,7 @@ async def test_site_offline_moves_traffic_and_online_brings_it_back(
     hosts = await envoy_hosts(d.admin_url)
     draining = {h.port for h in hosts if h.eds_health_status == "DRAINING"}
     assert draining == {d.member("a").app_port, d.member("b").app_port}
-    await asyncio.sleep(1.5)
+    await window(1.5, "traffic runs with the site offline: none of it may reach it")
     online_at = time.time()
     await meshxl_json("site", "online", "dc1", "--wait", "10", *etcd_args(d))
     back_at = time.time()

@@ -31,9 +31,10 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.statesync.membership import Membership
 from tests.harness import Backend, EnvoyFixture
+from tests.harness.load import under_way
 from tests.integration.test_envoy_routing import LOOPBACK, cluster, member, write_model
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 SESSION = "x-session-id"
@@ -191,7 +192,7 @@ async def test_kill9_of_a_pinned_member_fails_no_request_and_repins(
                             served[resp.headers["x-meshxl-member"]] += 1
 
     task = asyncio.create_task(load())
-    await asyncio.sleep(0.5)
+    await under_way(lambda: sum(served.values()) + len(failures), 16)
     await victim.kill9()
     await task
     assert not failures, f"{len(failures)} failed, e.g. {failures[:5]}"

@@ -30,10 +30,11 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.operator.views import read_mesh, status_report
 from tests.harness.cli import meshxl
+from tests.harness.clock import window
 from tests.integration.test_ops import scrape
 from tests.integration.test_pinned_sessions import Browser, moved
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ async def test_a_problem_with_a_ttl_ends_unless_renewed_and_outlives_a_restart(
     assert (await sidecar.request("PUT", "/v1/problems/disk")).status == 201
     # Heartbeats keep it: two TTLs' worth of renewals at half the TTL.
     for _ in range(4):
-        await asyncio.sleep(0.5)
+        await window(0.5, "half the TTL between heartbeats")
         assert (await put_problem(sidecar, "flaky", {"ttl": "1s"})).status == 200
         assert "flaky" in await problems()
     # Without them it ends, in the registration too.
@@ -185,7 +186,7 @@ async def test_a_problem_with_a_ttl_ends_unless_renewed_and_outlives_a_restart(
     try:
         await wait_until(lambda: _has(registered, ["db"]), timeout=10,
                          what="db restored in the new registration")
-        await asyncio.sleep(0.3)
+        await window(0.3, "no other registration write follows")
     finally:
         collector.cancel()
         await watch.cancel()

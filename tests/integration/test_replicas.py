@@ -21,8 +21,9 @@ from meshxl.local.traffic import Traffic, read_back
 from meshxl.local.wait import wait_until
 from meshxl.proxy.admin import EnvoyAdmin
 from tests.harness.cli import meshxl_json
+from tests.harness.load import under_way
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 # Envoy counters that move only when it re-applies configuration.
 FLAP_STATS = ("cluster_manager.cluster_added", "cluster_manager.cluster_modified",
@@ -61,7 +62,7 @@ async def test_kill_the_connected_replica_under_load(deployment: DemoDeployment)
     traffic = Traffic(f"{d.url}/counter", sessions, time.time() + 7.0,
                       max_requests=sessions * 100)
     load = asyncio.create_task(traffic.run())
-    await asyncio.sleep(1.5)
+    await under_way(lambda: traffic.records, 40)
     await d.kill_replica(0)
 
     async def moved() -> bool:

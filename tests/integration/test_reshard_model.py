@@ -48,6 +48,7 @@ from meshxl.local.netns import Network, unavailable
 from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_until
 from meshxl.operator.shards import read_map, set_map
+from tests.harness.clock import window
 from tests.harness.shards import (
     KEYS,
     read_stored_map,
@@ -247,7 +248,7 @@ async def _operate(bed: Bed, client: aetcd.Client, rng: random.Random, steps: in
             # Only a sidecar that has not taken a map may hold a step up (it stays
             # resumable); going back in particular is never refused.
             assert outcome.startswith("Conflict") and "have not taken" in outcome, log[-1]
-        await asyncio.sleep(rng.uniform(0.1, 0.8))
+        await window(rng.uniform(0.1, 0.8), "the fault at a random point of the load")
 
 
 def _check(history: list[Event], final: dict[str, int | None], log: list[str]) -> None:

@@ -21,6 +21,7 @@ from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
 from tests.harness.certs import CA
 from tests.harness.cli import meshxl
+from tests.harness.clock import window
 from tests.harness.controlplane import ControlPlaneProcess
 from tests.harness.secure_etcd import (
     PASSWORD,
@@ -203,7 +204,7 @@ async def test_commands_sidecar_and_control_plane_with_a_password(
     await sidecar.start()
     plane = ControlPlaneProcess(harness, etcd=auth_etcd.url, extra_args=tuple(creds[2:]))
     await plane.start()
-    await asyncio.sleep(1.5)  # idle past the token TTL: tokens are renewed on demand
+    await window(1.5, "idle past the token TTL: tokens are renewed on demand")
     assert (await sidecar.put("cart-1", {"items": 1})).status == 201
 
     # etcd restarts and forgets every token: the sidecar and the control plane go on.

@@ -22,6 +22,7 @@ from meshxl.local.procs import Process
 from meshxl.local.wait import wait_until
 from tests.harness.certs import CA
 from tests.harness.cli import meshxl
+from tests.harness.clock import scaled, window
 from tests.harness.controlplane import ControlPlaneProcess
 from tests.harness.etcd import EtcdServer
 from tests.harness.sidecar import SidecarProcess
@@ -171,7 +172,7 @@ async def test_statesync_refuses_numbers_that_are_not_finite_at_once() -> None:
         assert "Traceback" not in err
         [line] = [line for line in err.splitlines() if line.startswith("Error:")]
         assert f"Invalid value for '{option}'" in line and "expected a" in line, line
-    assert asyncio.get_running_loop().time() - started < 30  # sanity: none waited
+    assert asyncio.get_running_loop().time() - started < scaled(30)  # sanity: none waited
 
 
 async def test_statesync_registers_the_port_it_bound(
@@ -255,7 +256,7 @@ async def test_sidecar_publishes_statistics_periodically_and_warns_of_its_model(
     assert later["published"] > first["published"]
     code, out, err = await meshxl("sync", "--etcd", etcd.url, "--output", "json")
     [row] = json.loads(out)["sidecars"]
-    assert row["stale"] is False and row["age_seconds"] < 6, row
+    assert row["stale"] is False and row["age_seconds"] < scaled(6), row
 
     # A model change is noticed: the cluster appears but not the sidecar's site.
     await apply_model(etcd_client, keys, MODEL.replace(
@@ -307,7 +308,7 @@ async def test_statesync_waits_for_etcd_and_serves_once_it_answers(harness: Any)
     metrics = (await sidecar.request("GET", "/metrics")).body.decode()
     assert "meshxl_statesync_ready 0.0" in metrics
     assert "meshxl_statesync_start_attempts_total" in metrics
-    await asyncio.sleep(2.0)  # a few attempts, logged once
+    await window(2.0, "a few attempts, to see them logged once")
     assert sidecar.running
     assert sidecar.logs().count("did not answer") == 1, sidecar.logs()[-2000:]
 

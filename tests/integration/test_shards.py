@@ -32,10 +32,11 @@ from meshxl.local.ports import free_port
 from meshxl.local.wait import wait_http, wait_until
 from tests.harness import EtcdServer
 from tests.harness.cli import meshxl_json
+from tests.harness.clock import scaled, window
 from tests.harness.etcd import start_etcd
 from tests.harness.sidecar import SidecarProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 CLUSTER = "shop"
 KEYS = Keys()
@@ -206,7 +207,7 @@ async def test_a_partitioned_shard_costs_only_its_sessions(
         for session in in_one:
             started = time.monotonic()
             reply = await sidecar.put(session, {"n": 2 + round_})
-            assert reply.status == 200 and time.monotonic() - started < 2.0, reply
+            assert reply.status == 200 and time.monotonic() - started < scaled(4.0), reply
     reply = await sidecar.put(in_two[0], {"n": 99})
     # The reason: etcd did not answer it, or (the shard's watch down past the grace)
     # the shard is refused at once, named.
@@ -241,12 +242,12 @@ async def test_a_silent_shard_is_seen_and_costs_only_its_sessions(
         await wait_until(lambda: _shard_down(sidecar, "s2"), timeout=15,
                          what="the sidecar to see the paused shard s2")
         seen = time.monotonic() - paused
-        assert seen < 8.0, f"a silent shard seen after {seen:.1f} s"
-        await asyncio.sleep(1.2)  # past DOWN_GRACE: refused at once from now on
+        assert seen < scaled(8.0), f"a silent shard seen after {seen:.1f} s"
+        await window(1.2, "past DOWN_GRACE: refused at once from now on")
         started = time.monotonic()
         reply = await sidecar.put(in_two[0], {"n": 99})
         assert reply.status == 503 and b"shard s2" in reply.body, reply
-        assert time.monotonic() - started < 1.0, "a write to a silent shard was held"
+        assert time.monotonic() - started < scaled(3.0), "a write to a silent shard was held"
         for i, session in enumerate(in_one):
             reply = await sidecar.put(session, {"n": 10 + i})
             assert reply.status == 200, reply
@@ -326,10 +327,10 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
         stop = asyncio.Event()
         writer, reader = (asyncio.ensure_future(write_all(stop)),
                           asyncio.ensure_future(read_all(stop)))
-        await asyncio.sleep(0.5)
+        await window(0.5, "the load before the change")
         try:
             done = await meshxl_json("shards", "set", *args, "--etcd", etcd.url, timeout=60)
-            await asyncio.sleep(0.5)
+            await window(0.5, "the load after the change")
         finally:
             stop.set()
         return done, await writer, await reader
@@ -344,7 +345,8 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
     assert not failures and not stale, (failures[:5], stale[:5])
     # Writes of the sessions that move waited (503) only while the sidecars took the
     # map: a second or two, not the whole move.
-    assert not paused or paused[-1] - paused[0] < 4.0, (len(paused), paused[-1] - paused[0])
+    assert not paused or paused[-1] - paused[0] < scaled(10.0), (len(paused),
+                                                                 paused[-1] - paused[0])
     # A write planned under a map just replaced is refused at the shard (503, the client
     # sends it again) only in the moment the sidecar takes the new map: at most one
     # short burst per map version stored (prepare, move, the stable map).
@@ -384,9 +386,10 @@ async def test_online_reshard_under_load(harness: Any, etcd: EtcdServer,
 
 
 def _brief(times: list[float]) -> bool:
-    """At most one burst per map version a reshard stores, each under a second."""
-    bursts = _bursts(times)
-    return len(bursts) <= 3 and all(b[-1] - b[0] < 1.0 for b in bursts)
+    """At most one burst per map version a reshard stores, each short (a moment, not a
+    stage: bounds a busy machine stretches, scaled)."""
+    bursts = _bursts(times, gap=scaled(1.0))
+    return len(bursts) <= 3 and all(b[-1] - b[0] < scaled(3.0) for b in bursts)
 
 
 def _bursts(times: list[float], gap: float = 0.5) -> list[list[float]]:

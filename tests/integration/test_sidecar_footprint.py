@@ -21,7 +21,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.operator.actions import apply_model
 from tests.harness import EtcdServer
-from tests.unit.test_sidecar_imports import forbidden_in
+from tests.integration.test_sidecar_imports import forbidden_in
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,14 @@ import yaml
 from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.operator.views import EnvoyLive
+from meshxl.xds.cache import Snapshot
+from meshxl.xds.compiler import compile_resources
+from meshxl.xds.types import ENDPOINT
 from tests.harness import Backend
+from tests.harness.ads import AdsHarness as Harness
+from tests.harness.ads import names
 from tests.harness.netns import Network, unavailable
+from tests.unit.test_site_affinity import model
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +118,18 @@ async def test_each_site_prefers_its_own_members_and_pins_hold_across_sites(
                                    timeout=20, what="west's members unhealthy")
         fallen = await served(http, west)
         assert {SITE_OF[m] for m in fallen.values()} == {"east"}
+
+
+async def test_each_envoy_gets_its_own_sites_view(xds: Harness) -> None:  # noqa: F811
+    resources = compile_resources(model())
+    snap = Snapshot.build(resources.by_type(), zones=resources.by_zone())
+    xds.cache.set(snap)
+    west, other = xds.envoy("west-1", zone="west"), xds.envoy("other-1")
+    for envoy in (west, other):
+        envoy.request(ENDPOINT, ["shop", "plain"])
+    got_west, got_other = await west.recv(), await other.recv()
+    assert got_west.version_info == snap.version(ENDPOINT, "west")
+    assert got_other.version_info == snap.version(ENDPOINT)
+    assert names(got_west) == ["plain", "shop"]
+    assert xds.ads.zones() == {"west-1": "west"}
+    assert xds.ads.node_status()["west-1"]["zone"] == "west"

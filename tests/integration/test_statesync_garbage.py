@@ -15,7 +15,6 @@ client sends them.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 
 from meshxl.etcd.keys import Keys
+from meshxl.local.wait import wait_until
 from meshxl.statesync.record import SessionRecord
 from tests.harness import EtcdServer, inproc
 from tests.harness.inproc import JSON, RawHttp
@@ -105,11 +105,11 @@ async def test_answered_requests_leave_no_reference_cycles(sidecar: RawHttp,
                                data=b'{"items":1}')
         async with etcd.client() as client:
             await client.put(Keys().session("orders", session).encode(), record.encode())
-        for _ in range(100):  # until the watch brought it (else a blind write, no takeover)
-            status, answer = await sidecar.call("GET", f"/v1/sessions/{session}")
-            if status == 200:
-                break
-            await asyncio.sleep(0.01)
+        async def cached() -> bool:  # the watch brought it (else a blind write, no takeover)
+            status, _ = await sidecar.call("GET", f"/v1/sessions/{session}")
+            return status == 200
+
+        await wait_until(cached, timeout=10, interval=0.01, what="the watch to bring it")
         status, answer = await sidecar.call("PUT", f"/v1/sessions/{session}", b'{"items":2}')
         assert status == 200 and json.loads(answer)["takeover"] is True, answer
 

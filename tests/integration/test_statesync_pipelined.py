@@ -23,6 +23,7 @@ from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.sessions import Sessions
 from meshxl.statesync.writes import Stored, Write
 from tests.harness import EtcdServer, inproc
+from tests.harness.clock import window
 from tests.harness.inproc import RawHttp
 
 pytestmark = pytest.mark.integration
@@ -122,7 +123,7 @@ async def test_a_busy_session_waits_alone_and_keeps_its_place(sidecar: Sidecar) 
     waiting = outcomes[1]
     assert isinstance(waiting, asyncio.Task)
     later = asyncio.get_running_loop().create_task(_put(sessions, "busy", b'{"by": "later"}'))
-    await asyncio.sleep(0.05)  # a while for what must not happen
+    await window(0.05, "a while for what must not happen")
     assert not waiting.done() and not later.done()
     sessions.locks.release("busy")
     async with asyncio.timeout(10):

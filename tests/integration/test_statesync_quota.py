@@ -8,6 +8,7 @@ refusals are counted in the metrics and shown in ``/v1/status``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -19,7 +20,11 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
 from meshxl.operator.actions import apply_model
+from meshxl.statesync.http import WRITE, Request, Response, Router, error
+from tests.harness.clock import window
 from tests.harness.sidecar import SidecarProcess
+from tests.integration.test_sidecar_http import answers, exchange, run, serving
+from tests.integration.test_sidecar_http import put as put_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +105,7 @@ async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes
 
     # Sessions: ten exist; a bulk save of three new ones would make 13 > 12: refused
     # whole; two fit; deletes and reads are never refused.
-    await asyncio.sleep(1.1)  # the bucket refills; the count is made anew
+    await window(1.1, "the bucket refills; the count is made anew")
     over = await t01.bulk_save([{"session": f"n{i}", "data": {"n": i}} for i in range(3)])
     assert over.status == 429 and over.json()["quota"] == "sessions", over.json()
     assert over.json()["limit"] == 12 and over.json()["current"] == 10
@@ -122,3 +127,40 @@ async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes
     assert quota["refused"] == {"writes_per_second": len(refused) + statuses.get(429, 0),
                                 "sessions": 3}
     assert (await t02.status())["quota"] is None
+
+
+def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:
+    """The body of a write refused from its head is read and dropped, its handler never
+    runs, and the connection goes on with the next request."""
+    calls: list[Request] = []
+    over = [True]
+
+    def refuse(request: Request) -> Response | None:
+        return error(429, "over", [("Retry-After", "1")], quota="x") if over[0] else None
+
+    async def handler(request: Request) -> Response:
+        calls.append(request)
+        return Response(200, request.body)
+
+    router = Router()
+    router.add("PUT", "/v1/sessions/{session_id}", handler, max_body=1 << 20,
+               what="session state", access=WRITE, key="session_id", refuse=refuse)
+
+    async def main() -> None:
+        async with serving(router) as (_, port):
+            big = b"x" * 300_000
+            raw = await exchange(port, put_bytes("/v1/sessions/a", big) +
+                                 put_bytes("/v1/sessions/b", b"{not json")
+                                 + b"GET /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+            got = answers(raw)
+            assert [status for status, _, _ in got] == [429, 429, 405]
+            assert got[0][1]["retry-after"] == "1"
+            assert json.loads(got[0][2])["quota"] == "x"
+            over[0] = False
+            got = answers(await exchange(port, put_bytes("/v1/sessions/a", b"{}", "Connection:"
+                                                        " close\r\n")))
+            assert got[0][0] == 200 and got[0][2] == b"{}"
+        assert [r.path for r in calls] == ["/v1/sessions/a"]
+
+    run("uvloop", main)

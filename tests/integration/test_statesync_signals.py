@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshxl.local.wait import wait_until
 from meshxl.statesync.signals import LAG_INTERVAL, pressure_source
 from tests.harness import EtcdServer, inproc
 from tests.harness.inproc import RawHttp
@@ -50,11 +51,8 @@ async def _metrics(http: RawHttp) -> dict[str, dict[str, float]]:
     return out
 
 
-async def _until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+async def _until(check: Any, timeout: float = 10.0) -> None:
+    await wait_until(check, timeout=timeout, what=getattr(check, "__name__", "a signal"))
 
 
 async def test_the_signals_appear_and_the_lag_follows_a_held_loop(etcd: EtcdServer) -> None:

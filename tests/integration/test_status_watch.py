@@ -20,6 +20,7 @@ import pytest
 from meshxl.etcd.keys import Keys
 from meshxl.operator.actions import apply_model
 from tests.harness.cli import REPO, meshxl
+from tests.harness.clock import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ class Watch:
 
     async def wait_for(self, text: str, timeout: float = 15.0, after: int = 0) -> int:
         """Until ``text`` is printed (after position ``after``); its position."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while (at := self.text().find(text, after)) < 0:
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not printed (exit {self.proc.returncode}):\n"

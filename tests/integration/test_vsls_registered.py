@@ -7,7 +7,6 @@ a revoked registration (a sidecar stopped) takes it out at once."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import aetcd
 import pytest
 
 from meshxl.etcd.keys import Keys
+from meshxl.local.wait import wait_until
 from meshxl.model import parse_model
 from meshxl.model.placement import VirtualRoles
 from meshxl.model.vsls import placement_of
@@ -59,9 +59,7 @@ def roles_of(plane: ControlPlane) -> tuple[frozenset[str], dict[str, VirtualRole
 async def until(what: str, check: Callable[[], bool], timeout: float = 15.0) -> float:
     """Wait (bounded) until ``check()``; the seconds it took."""
     start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.05)
+    await wait_until(check, timeout=timeout, what=what)
     return time.monotonic() - start
 
 

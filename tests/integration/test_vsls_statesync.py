@@ -28,6 +28,7 @@ from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model
 from tests.harness.cli import meshxl
+from tests.harness.clock import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +230,7 @@ async def test_vs_move_under_delayed_sync_takes_young_sessions_with_their_state(
         # Until Envoy has the move, w0 answers (writing through); every answer, on
         # either member, is the next value after the last one.
         on_w1: set[str] = set()
-        deadline = asyncio.get_running_loop().time() + 10
+        deadline = asyncio.get_running_loop().time() + scaled(10)
         while len(on_w1) < len(SESSIONS) and asyncio.get_running_loop().time() < deadline:
             for session in SESSIONS:
                 status, body = await count(http, port, a, session)

@@ -7,10 +7,8 @@ stored placement is the stateless one: an upgrade moves nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +16,7 @@ import aetcd
 import pytest
 
 from meshxl.etcd.keys import Keys
+from meshxl.local.wait import wait_until
 from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model
@@ -44,10 +43,7 @@ pools:
 
 
 async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    start = time.monotonic()
-    while not await check():
-        assert time.monotonic() - start < timeout, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.05)
+    await wait_until(check, timeout=timeout, what=what)
 
 
 def plane_actives(plane: ControlPlane) -> dict[str, str | None]:

@@ -31,7 +31,7 @@ from meshxl.xds.warmup import fraction, steps
 from tests.harness import Backend, EnvoyFixture
 from tests.integration.test_pinned_sessions import Browser
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 HEADER = "x-session-id"

@@ -35,6 +35,7 @@ from meshxl.kube.webhook import WebhookConfig, running
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner, Process, run
 from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -271,7 +272,7 @@ async def test_renewed_certificate_is_served_without_restart(webhook: Webhook,
     renewed = make_certs(tmp_path / "renewed", "renewed-ca")
     webhook.certs.cert.write_bytes(renewed.cert.read_bytes())
     webhook.certs.key.write_bytes(renewed.key.read_bytes())
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while True:
         try:
             async with aiohttp.ClientSession() as session, session.get(

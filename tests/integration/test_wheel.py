@@ -22,8 +22,12 @@ from typing import Any
 import pytest
 
 import meshxl
+from tests.harness.clock import scaled
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the module: the wheel builds once (pip's install of it into a
+# fresh virtualenv takes minutes on a busy machine: INSTALL_TIMEOUT, and the test's).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_wheel"),
+              pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT = 480.0
@@ -38,7 +42,7 @@ def _env() -> dict[str, str]:
 
 def _run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=scaled(timeout), check=False)
     assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
 

@@ -16,7 +16,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.xds.types import CLUSTER
-from tests.unit.test_xds_server import Envoy
+from tests.harness.ads import Envoy
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from meshxl.proxy.admin import EnvoyAdmin
 from meshxl.proxy.bootstrap import parse_hostport
 from meshxl.xds.types import CLUSTER
 from tests.harness.controlplane import ControlPlaneProcess
+from tests.integration import test_manifests_xds_tls as xds_manifests
 from tests.integration.test_etcd_tls_overlay import _project, _secrets
-from tests.unit import test_manifests_xds_tls as xds_manifests
-from tests.unit.test_manifests import _find, _kustomize
+from tests.integration.test_manifests import _find, _kustomize
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ from click.testing import CliRunner
 
 import meshxl
 from meshxl import errors, httpbase
-from meshxl import web as mweb
 from meshxl.cli import AREAS, areas, main
 from meshxl.cli.errors import EXIT_CODES, checked, exit_code
 from meshxl.errors import Undecodable
@@ -112,20 +111,6 @@ def test_callers_that_catch_value_error_still_do() -> None:
 def test_http_statuses_come_from_the_one_table(exc: errors.MeshxlError, status: int) -> None:
     assert httpbase.http_status(exc) == status
 
-
-async def test_a_handler_raising_a_family_member_answers_its_status_as_json() -> None:
-    from aiohttp import web
-    from aiohttp.test_utils import TestClient, TestServer
-
-    async def handler(_: web.Request) -> web.Response:
-        raise errors.PreconditionFailed("stale", current="7")
-
-    app = mweb.application()
-    app.router.add_get("/", handler)
-    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-        reply = await client.get("/")
-        assert reply.status == 412
-        assert await reply.json() == {"error": "stale", "status": 412, "current": "7"}
 
 
 def test_every_family_member_exits_1_from_the_one_table() -> None:

@@ -51,18 +51,20 @@ async def test_reload_waits_for_the_file_to_stand_still(tmp_path: Path) -> None:
     path = tmp_path / "model.yaml"
     path.write_text(GOOD)
     changes: list[int] = []
-    source = ModelFileSource(path, lambda: changes.append(1), interval=0.05)
+    # Polls far apart, writes close together: every poll sees the file changed since
+    # the one before, however late a busy machine runs the writer.
+    source = ModelFileSource(path, lambda: changes.append(1), interval=0.25)
     source.load()
     task = asyncio.create_task(source.run())
     try:
         text = GOOD.replace("8081", "8082")
-        for step in range(1, 8):  # a slow writer: a few bytes more at every poll
-            path.write_text(text[: len(text) * step // 8])
+        for step in range(1, 40):  # a slow writer: a few bytes more between polls
+            path.write_text(text[: len(text) * step // 40])
             _touch(path, step)
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.01)
         assert not changes and source.refused == 0
         path.write_text(text)
-        _touch(path, 9)
+        _touch(path, 41)
         await until(lambda: changes)
         assert source.model is not None
         assert source.model.clusters[0].members[0].port == 8082

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from meshxl.model import ModelError, ModelSpec, load_model, parse_model
 from meshxl.model.load import MAX_MODEL_BYTES
+from tests.harness.clock import scaled
 
 EXAMPLES = int(os.environ.get("MESHXL_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=2000, database=None,
@@ -68,7 +69,7 @@ def _parse(text: str) -> ModelSpec | None:
         assert len(str(exc)) < 200_000  # messages stay bounded, whatever the input
         return None
     finally:
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < scaled(2.0)  # no input makes parsing crawl
 
 
 @FUZZ

@@ -28,7 +28,6 @@ from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.failover import FailoverTracer, Loss
 from meshxl.xds.metrics import Convergence, XdsMetrics
 from meshxl.xds.types import CLUSTER, ENDPOINT
-from tests.unit.test_xds_server import Harness, names, xds  # noqa: F401  (fixture)
 
 LS = """
     clusters:
@@ -184,20 +183,6 @@ def test_a_zone_is_served_its_variant_and_shares_the_rest() -> None:
     assert cache.stats.resources_encoded == before
     assert again.zones == snap.zones and again.versions == snap.versions
 
-
-async def test_each_envoy_gets_its_own_sites_view(xds: Harness) -> None:  # noqa: F811
-    resources = compile_resources(model())
-    snap = Snapshot.build(resources.by_type(), zones=resources.by_zone())
-    xds.cache.set(snap)
-    west, other = xds.envoy("west-1", zone="west"), xds.envoy("other-1")
-    for envoy in (west, other):
-        envoy.request(ENDPOINT, ["shop", "plain"])
-    got_west, got_other = await west.recv(), await other.recv()
-    assert got_west.version_info == snap.version(ENDPOINT, "west")
-    assert got_other.version_info == snap.version(ENDPOINT)
-    assert names(got_west) == ["plain", "shop"]
-    assert xds.ads.zones() == {"west-1": "west"}
-    assert xds.ads.node_status()["west-1"]["zone"] == "west"
 
 
 def test_failover_and_convergence_wait_for_each_nodes_own_version() -> None:

@@ -16,7 +16,7 @@ from meshxl.statesync.api import SessionRoutes
 from meshxl.statesync.cache import Entry
 from meshxl.statesync.cluster_routes import add_cluster_routes
 from meshxl.statesync.delayed import LocalSessions
-from meshxl.statesync.http import WRITE, Request, Response, Router, error
+from meshxl.statesync.http import Request, Router
 from meshxl.statesync.http.routing import failure
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.quota import (
@@ -30,8 +30,6 @@ from meshxl.statesync.quota import (
 )
 from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.writes import DELETE, PATCH, Write
-from tests.unit.test_sidecar_http import answers, exchange, run, serving
-from tests.unit.test_sidecar_http import put as put_bytes
 
 
 class Clock:
@@ -403,38 +401,3 @@ def test_refusals_held_together_are_answered_a_token_apart_at_most_a_second() ->
     assert refused is not None and g.hold(refused) == pytest.approx(0.15)
 
 
-def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:
-    """The body of a write refused from its head is read and dropped, its handler never
-    runs, and the connection goes on with the next request."""
-    calls: list[Request] = []
-    over = [True]
-
-    def refuse(request: Request) -> Response | None:
-        return error(429, "over", [("Retry-After", "1")], quota="x") if over[0] else None
-
-    async def handler(request: Request) -> Response:
-        calls.append(request)
-        return Response(200, request.body)
-
-    router = Router()
-    router.add("PUT", "/v1/sessions/{session_id}", handler, max_body=1 << 20,
-               what="session state", access=WRITE, key="session_id", refuse=refuse)
-
-    async def main() -> None:
-        async with serving(router) as (_, port):
-            big = b"x" * 300_000
-            raw = await exchange(port, put_bytes("/v1/sessions/a", big) +
-                                 put_bytes("/v1/sessions/b", b"{not json")
-                                 + b"GET /v1/sessions/a HTTP/1.1\r\nHost: x\r\n"
-                                   b"Connection: close\r\n\r\n")
-            got = answers(raw)
-            assert [status for status, _, _ in got] == [429, 429, 405]
-            assert got[0][1]["retry-after"] == "1"
-            assert json.loads(got[0][2])["quota"] == "x"
-            over[0] = False
-            got = answers(await exchange(port, put_bytes("/v1/sessions/a", b"{}", "Connection:"
-                                                        " close\r\n")))
-            assert got[0][0] == 200 and got[0][2] == b"{}"
-        assert [r.path for r in calls] == ["/v1/sessions/a"]
-
-    run("uvloop", main)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshxl import stats
+from meshxl.local.wait import wait_until
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.signals import (
     LoopLag,
@@ -25,6 +26,7 @@ from meshxl.statesync.signals import (
     parse_psi_some_avg10,
     pressure_source,
 )
+from tests.harness.clock import window
 
 # As Linux 5.x/6.x writes them: /proc/pressure/cpu (with a "full" line since 5.13, all
 # zeros at the system level) and a cgroup v2 cpu.pressure.
@@ -94,16 +96,13 @@ async def test_the_loop_lag_rises_when_the_loop_is_blocked() -> None:
     lag.start()
     lag.start()  # once only
     try:
-        await asyncio.sleep(0.1)
-        quiet = lag.window.summary()
-        assert quiet["samples"] >= 2 and quiet["max"] < 0.1
+        await wait_until(lambda: lag.window.summary()["samples"] >= 2, what="two samples")
         asyncio.get_running_loop().call_soon(time.sleep, 0.15)  # a callback holds the loop
-        await asyncio.sleep(0.05)
-        assert lag.window.summary()["max"] >= 0.12
+        await wait_until(lambda: lag.window.summary()["max"] >= 0.12, what="the lag seen")
     finally:
         lag.stop()
     count = len(lag.window)
-    await asyncio.sleep(0.06)
+    await window(0.06, "three sampling intervals")
     assert len(lag.window) == count  # stopped: no more samples
 
 

@@ -1,30 +1,22 @@
 """Per-node and per-site ADS credentials: the file's format (and every way it is written
 wrong), what each credential allows (node ids, zones), how a stream is admitted (the
 shared token, the file's tokens and certificate names, the node binding), the node-id
-bound per credential and overall, and the zone as a stream's own: over a real grpc.aio
-server on loopback."""
+bound per credential and overall (over a real server:
+tests/integration/test_xds_credentials.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import os
-from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
-from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
-from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshxl.xds.auth import AdsAuth, Peer, PermissionDenied, Unauthenticated
-from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.config import ControlPlaneConfig
 from meshxl.xds.credentials import (
     CredentialsError,
@@ -32,10 +24,6 @@ from meshxl.xds.credentials import (
     parse_credentials,
     token_sha256,
 )
-from meshxl.xds.metrics import XdsMetrics
-from meshxl.xds.server import AdsServer
-from meshxl.xds.types import CLUSTER, ENDPOINT
-from tests.unit.test_xds_server import Envoy, Harness
 
 EAST = "east-token-0123456789abcdef0123"
 WEST = "west-token-0123456789abcdef0123"
@@ -253,216 +241,6 @@ def test_configuration_checks_the_credentials(tmp_path: Path) -> None:
 # -- a real server: zones per stream, bounds per credential ---------------------------------
 
 
-def zoned_snapshot(version: int) -> Snapshot:
-    """One cluster with a global EDS and an east and a west variant (each names its
-    zone in the endpoint's address), all changing with ``version``."""
-    def cla(zone: str) -> ClusterLoadAssignment:
-        out = ClusterLoadAssignment(cluster_name="shop")
-        address = out.endpoints.add().lb_endpoints.add().endpoint.address.socket_address
-        address.address = {"": "127.0.0.1", "east": "127.0.0.2", "west": "127.0.0.3"}[zone]
-        address.port_value = 8000 + version
-        return out
-
-    cluster = Cluster(name="shop", type=Cluster.EDS)
-    cluster.eds_cluster_config.eds_config.ads.SetInParent()
-    resources: dict[str, dict[str, Message]] = {CLUSTER: {"shop": cluster},
-                                               ENDPOINT: {"shop": cla("")}}
-    return Snapshot.build(resources, zones={z: {ENDPOINT: {"shop": cla(z)}}
-                                            for z in ("east", "west")})
-
-
-def zone_of(response: Any) -> str:
-    cla = ClusterLoadAssignment()
-    response.resources[0].Unpack(cla)
-    address = cla.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address
-    return {"127.0.0.1": "", "127.0.0.2": "east", "127.0.0.3": "west"}[address]
-
-
-class Served(Harness):
-    """The server's harness, with its port and metrics."""
-
-    def __init__(self, cache: SnapshotCache, ads: AdsServer, channel: grpc.aio.Channel,
-                 port: int, metrics: XdsMetrics) -> None:
-        super().__init__(cache, ads, channel)
-        self.port, self.metrics = port, metrics
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[Any]:
-    harnesses: list[tuple[Served, Any, grpc.aio.Channel]] = []
-
-    async def start(**options: Any) -> Served:
-        cache = SnapshotCache()
-        metrics = XdsMetrics()
-        ads = AdsServer(cache, metrics=metrics, **options)
-        server, port = await ads.serve("127.0.0.1:0")
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        harness = Served(cache, ads, channel, port, metrics)
-        harnesses.append((harness, server, channel))
-        return harness
-
-    yield start
-    for harness, server, channel in harnesses:
-        for envoy in harness.envoys:
-            await envoy.stop()
-        await channel.close()
-        await server.stop(None)
-        await harness.ads.close()
-
-
-async def eds(envoy: Envoy) -> Any:
-    """Ask for CDS and EDS, ACK both; the EDS response."""
-    envoy.request(CLUSTER)
-    envoy.ack(await envoy.recv())
-    envoy.request(ENDPOINT, ["shop"])
-    response = await envoy.recv()
-    envoy.ack(response, ["shop"])
-    return response
-
-
-async def next_eds(envoy: Envoy) -> Any:
-    """After a push: the CDS response ACKed, the EDS one returned (and ACKed)."""
-    while True:
-        response = await envoy.recv()
-        if response.type_url == ENDPOINT:
-            envoy.ack(response, ["shop"])
-            return response
-        envoy.ack(response)
-        envoy.request(ENDPOINT, ["shop"], version="", nonce=response.nonce)
-
-
-async def test_a_zone_is_its_streams_own_and_leaves_with_it(served: Any) -> None:
-    xds = await served()
-    xds.cache.set(zoned_snapshot(1))
-    east = xds.envoy("edge-1", zone="east")
-    assert zone_of(await eds(east)) == "east"
-    hostile = xds.envoy("edge-1", zone="west")
-    assert zone_of(await eds(hostile)) == "west"  # its own stream: its own zone
-    xds.cache.set(zoned_snapshot(2))
-    assert zone_of(await next_eds(east)) == "east"
-    assert zone_of(await next_eds(hostile)) == "west"
-    status = xds.ads.node_status()["edge-1"]
-    assert (status["zone"], status["zones"], status["streams"]) == ("east", ["east", "west"], 2)
-    await hostile.stop()
-    await wait_for(lambda: xds.ads.node_status()["edge-1"]["streams"] == 1)
-    xds.cache.set(zoned_snapshot(3))
-    assert zone_of(await next_eds(east)) == "east"
-    assert xds.ads.zones() == {"edge-1": "east"}
-
-
-async def test_a_fallback_never_crosses_zones(served: Any) -> None:
-    """The node's east stream ACKs east's view, then a west stream of it west's; another
-    east stream rejects east's version: east falls back to what east accepted (the same
-    version: an ACK outweighs), never to west's view, the node's last ACK."""
-    xds = await served()
-    xds.cache.set(zoned_snapshot(1))
-    east = xds.envoy("edge-1", zone="east")
-    assert zone_of(await eds(east)) == "east"
-    west = xds.envoy("edge-1", zone="west")
-    assert zone_of(await eds(west)) == "west"
-    await wait_for(lambda: xds.ads.node_status()["edge-1"]["types"][ENDPOINT][
-        "acked_version"] == zoned_snapshot(1).version(ENDPOINT, "west"))
-    rejecter = xds.envoy("edge-1", zone="east")
-    rejecter.request(CLUSTER)
-    rejecter.ack(await rejecter.recv())
-    rejecter.request(ENDPOINT, ["shop"])
-    current = await rejecter.recv()
-    assert zone_of(current) == "east"
-    rejecter.nack(current, "forged rejection")
-    await wait_for(lambda: xds.ads.nacks >= 1)
-    east.request(ENDPOINT, ["shop"])  # asks again (a re-subscription)
-    again = await east.recv()
-    assert zone_of(again) == "east"
-    assert again.version_info == zoned_snapshot(1).version(ENDPOINT, "east")
-
-
-async def wait_for(condition: Any, within: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-async def refused_with(envoy: Envoy) -> tuple[grpc.StatusCode, str]:
-    envoy.request(CLUSTER)
-    code = await asyncio.wait_for(envoy.call.code(), 3)
-    return code, await envoy.call.details()
-
-
-async def test_new_node_ids_past_the_bound_are_refused(
-        served: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, "meshxl.xds.server")
-    changes: list[str] = []
-
-    async def record(batch: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        changes.extend(node for node, _ in batch)
-
-    xds = await served(max_nodes=3, max_nodes_per_credential=2, on_status_change=record)
-    xds.cache.set(zoned_snapshot(1))
-    first = [xds.envoy(f"node-{i}") for i in range(3)]
-    for envoy in first:
-        await eds(envoy)
-    code, details = await refused_with(xds.envoy("node-3"))
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "3 node ids" in details and "--max-nodes" in details and "'node-3'" in details
-    await eds(xds.envoy("node-0"))  # another stream of a node already counted
-    await first[0].stop()
-    await wait_for(lambda: xds.ads.node_status()["node-0"]["streams"] == 1)
-    code, _ = await refused_with(xds.envoy("node-4"))  # node-0 still has a stream
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    await first[1].stop()
-    await wait_for(lambda: xds.ads.node_status()["node-1"]["streams"] == 0)
-    await eds(xds.envoy("node-5"))
-    assert xds.ads.refused == {"too_many_nodes": 2}
-    await wait_for(lambda: "node-5" in changes)
-    assert "node-3" not in changes and "node-4" not in changes
-    assert set(xds.ads.node_status()) == {f"node-{i}" for i in (0, 1, 2, 5)}
-    sample = xds.metrics.registry.get_sample_value
-    assert sample("meshxl_xds_streams_refused_total", {"reason": "too_many_nodes"}) == 2
-    # Invented node ids do not each make a log line: one per credential and minute.
-    logged = [r for r in caplog.records if "(too_many_nodes)" in r.getMessage()]
-    assert len(logged) == 1, [r.getMessage() for r in logged]
-
-
-async def test_the_bound_per_credential(served: Any, tmp_path: Path) -> None:
-    path = tmp_path / "credentials.yaml"
-    path.write_text(SITES)
-    auth = AdsAuth(credentials=CredentialsFile(path))
-    xds = await served(auth=auth, max_nodes_per_credential=100)
-    xds.cache.set(zoned_snapshot(1))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{xds.port}")
-    try:
-        west = [Envoy(AuthStub(channel, WEST), f"edge-west-{i}", zone="west")
-                for i in range(3)]
-        xds.envoys.extend(west)
-        for envoy in west[:2]:
-            assert zone_of(await eds(envoy)) == "west"
-        code, details = await refused_with(west[2])
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "credential 'site-west'" in details and "2 node ids" in details
-        # Another credential has its own count.
-        east = Envoy(AuthStub(channel, EAST), "edge-east-1", zone="east")
-        xds.envoys.append(east)
-        assert zone_of(await eds(east)) == "east"
-        assert xds.ads.credential_counts() == {
-            "site-west": {"nodes": 2, "max_nodes": 2},
-            "site-east": {"nodes": 1, "max_nodes": 100}}
-    finally:
-        await channel.close()
-
-
-class AuthStub:
-    """The ADS stub, sending ``token`` on every call (as Envoy's initial_metadata)."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
-
-        self._stub = AggregatedDiscoveryServiceStub(channel)
-        self._metadata = tuple(bearer(token))
-
-    def StreamAggregatedResources(self, requests: Any) -> Any:  # noqa: N802 (gRPC's name)
-        return self._stub.StreamAggregatedResources(requests, metadata=self._metadata)
 
 
 def test_serve_xds_credentials_flag_errors(tmp_path: Path) -> None:

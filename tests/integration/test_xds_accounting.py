@@ -23,56 +23,15 @@ from meshxl.xds.nodes import NACK_TEXT_MAX, Nack, NodeStatus
 from meshxl.xds.server import AdsServer
 from meshxl.xds.sotw import SotwStream
 from meshxl.xds.types import CLUSTER
-from tests.unit.test_xds_delta import Harness as DeltaHarness
-from tests.unit.test_xds_delta import snap
-from tests.unit.test_xds_server import Harness, eventually, snapshot
-
-
-@pytest.fixture
-async def xds() -> AsyncIterator[Harness]:
-    snapshots = SnapshotCache()
-    answers: list[tuple[str, str, str, str | None]] = []
-    ads = AdsServer(snapshots, on_answer=lambda *a: answers.append(a))
-    server, port = await ads.serve("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    harness = Harness(snapshots, ads, channel)
-    harness.answers = answers  # type: ignore[attr-defined]
-    try:
-        yield harness
-    finally:
-        for envoy in harness.envoys:
-            await envoy.stop()
-        await channel.close()
-        await server.stop(None)
-        await ads.close()
-
-
-@pytest.fixture
-async def delta_xds() -> AsyncIterator[DeltaHarness]:
-    from meshxl.xds.metrics import XdsMetrics
-
-    snapshots = SnapshotCache()
-    metrics = XdsMetrics()
-    ads = AdsServer(snapshots, metrics=metrics)
-    server, port = await ads.serve("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    harness = DeltaHarness(snapshots, ads, metrics, channel)
-    try:
-        yield harness
-    finally:
-        for client in harness.clients:
-            await client.stop()
-        await channel.close()
-        await server.stop(None)
-        await ads.close()
-
+from tests.harness.ads import AdsHarness, eventually, snap, snapshot
+from tests.harness.clock import window
 
 # -- (a) ACK and NACK as the xDS protocol defines them -------------------------------------
 
 
 @pytest.mark.parametrize("held", ["", "previous"])
 async def test_sotw_request_after_nack_with_same_nonce_is_not_an_ack(
-        xds: Harness, held: str) -> None:
+        xds: AdsHarness, held: str) -> None:
     good, bad = snapshot(1), snapshot(2)
     xds.cache.set(good)
     envoy = xds.envoy()
@@ -97,7 +56,7 @@ async def test_sotw_request_after_nack_with_same_nonce_is_not_an_ack(
     assert xds.ads.nacks == 1
 
 
-async def test_sotw_ack_needs_the_sent_version(xds: Harness) -> None:
+async def test_sotw_ack_needs_the_sent_version(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -110,7 +69,7 @@ async def test_sotw_ack_needs_the_sent_version(xds: Harness) -> None:
                      == response.version_info)
 
 
-async def test_sotw_repeated_nack_counts_once(xds: Harness) -> None:
+async def test_sotw_repeated_nack_counts_once(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -122,7 +81,7 @@ async def test_sotw_repeated_nack_counts_once(xds: Harness) -> None:
 
 
 async def test_delta_request_after_nack_with_same_nonce_is_not_an_ack(
-        delta_xds: DeltaHarness) -> None:
+        delta_xds: AdsHarness) -> None:
     delta_xds.cache.set(snap({"a": 1}))
     envoy = delta_xds.envoy()
     envoy.request(CLUSTER)
@@ -135,7 +94,7 @@ async def test_delta_request_after_nack_with_same_nonce_is_not_an_ack(
     await eventually(lambda: delta_xds.ads.nacks == 1)
     envoy.request(CLUSTER, ["extra"], nonce=rejected.nonce)  # a subscription change
     await envoy.recv()  # "extra" does not exist: answered as removed
-    await asyncio.sleep(0.1)
+    await window(0.1, "an ACK would be counted by now")
     assert delta_xds.acked(CLUSTER) == first.system_version_info
     assert delta_xds.ads.nacks == 1
 
@@ -186,7 +145,7 @@ async def test_stream_cancelled_twice_leaves_no_ghost_node() -> None:
     task = asyncio.create_task(ads._run(requests(), _Context(), SotwStream(ads)))  # type: ignore[arg-type]
     await eventually(lambda: ads.node_status().get("ghost", {}).get("streams") == 1)
     task.cancel()
-    await asyncio.sleep(0.05)  # the handler now waits for its reader
+    await window(0.05, "the handler now waits for its reader")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     release.set()
@@ -200,7 +159,7 @@ async def test_stream_cancelled_twice_leaves_no_ghost_node() -> None:
 
 
 @pytest.mark.parametrize("node_id", ["", "a/b", "x" * (NODE_ID_MAX + 1), "sp ace", "é"])
-async def test_bad_node_id_is_refused_and_others_are_served(xds: Harness, node_id: str) -> None:
+async def test_bad_node_id_is_refused_and_others_are_served(xds: AdsHarness, node_id: str) -> None:
     xds.cache.set(snapshot(1))
     bad = xds.envoy(node_id)
     bad.request(CLUSTER)
@@ -213,7 +172,7 @@ async def test_bad_node_id_is_refused_and_others_are_served(xds: Harness, node_i
     await eventually(lambda: xds.types(good.node_id)[CLUSTER]["acked_version"] is not None)
 
 
-async def test_oversized_type_url_is_refused(xds: Harness) -> None:
+async def test_oversized_type_url_is_refused(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request("t" * 10_000)
@@ -224,7 +183,7 @@ async def test_oversized_type_url_is_refused(xds: Harness) -> None:
 
 
 async def test_nack_text_is_bounded_and_repeats_are_not_logged(
-        xds: Harness, caplog: pytest.LogCaptureFixture) -> None:
+        xds: AdsHarness, caplog: pytest.LogCaptureFixture) -> None:
     huge = "E" * 200_000
     envoy = xds.envoy()
     caplog.set_level(logging.INFO, logger="meshxl.xds.server")

@@ -17,8 +17,10 @@ import pytest
 import uvloop
 
 from meshxl.errors import Conflict
+from meshxl.local.wait import wait_until
 from meshxl.statesync import http as srv
 from meshxl.statesync.http import HttpServer, Request, RequestRefused, Response, Router
+from tests.harness.clock import scaled
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -324,7 +326,7 @@ def test_slow_heads_and_bodies_time_out(loop: str) -> None:
             assert "did not arrive" in json.loads(slow_body.partition(b"\r\n\r\n")[2])["error"]
             idle = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert idle.startswith(b"HTTP/1.1 200 ")  # then closed as idle
-            assert asyncio.get_running_loop().time() - started < 10
+            assert asyncio.get_running_loop().time() - started < scaled(10)
 
     run(loop, main)
 
@@ -335,9 +337,10 @@ def test_close_finishes_answers_under_way(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET /slow/0.3 HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: [c for c in server.connections if c.active],
+                             what="the slow request under way")
             idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: len(server.connections) == 2, what="the idle connection")
             await server.close(grace=3.0)
             raw = await asyncio.wait_for(reader.read(), 5)
             assert raw.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in raw

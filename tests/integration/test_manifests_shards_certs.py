@@ -30,9 +30,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshxl.errors import InputError
 from meshxl.etcd.shards import parse_shard_map
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import NAMESPACE, SHARDS, Docs, Render, _arg, _find, _workloads
-from tests.unit.test_manifests_etcd_tls import _container, _secret_of
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import (
+    NAMESPACE,
+    SHARDS,
+    Docs,
+    Render,
+    _arg,
+    _find,
+    _workloads,
+)
+from tests.integration.test_manifests_etcd_tls import _container, _secret_of
 
 # The overlays rendered once per module, from a copy where make-certs.sh ran with
 # MESHXL_ETCD_SHARDS="s1 s2".

@@ -28,8 +28,8 @@ from meshxl.kube import InjectConfig, mutate_pod
 from meshxl.kube.containers import ENVOY_CONTAINER, XDS_CLIENT_DIR, XDS_CLIENT_VOLUME
 from meshxl.proxy.bootstrap import parse_hostport
 from meshxl.xds.auth import AdsAuth, Peer, PermissionDenied, ads_auth
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import (
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import (
     CERT_MANAGER_SCHEMAS,
     NAMESPACE,
     OVERLAYS,
@@ -38,13 +38,17 @@ from tests.unit.test_manifests import (
     _find,
     _kustomize,
 )
-from tests.unit.test_manifests_etcd_tls import Issued, _container, _host_matches, _secret_of
+from tests.integration.test_manifests_etcd_tls import Issued, _container, _host_matches, _secret_of
 
 NAMESPACES = ("shop", "payments")
 SERVING = ("default", "self-signed", "external-etcd", "two-sites",  # running meshxl-xds
            "session-shards", "session-shards-self-signed")
-FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "kube"
 DOCS = manifests.ROOT / "docs" / "kubernetes.md"
+
+
+# One xdist worker runs the module: the overlays render once.
+pytestmark = pytest.mark.xdist_group("test_manifests_xds_tls")
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from meshxl.etcd import parse_urls
 from meshxl.etcd.keys import DEFAULT_ROOT, Keys
 from meshxl.etcd.shards import ShardMap
 from meshxl.operator.shards import read_map, set_map
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import (
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import (
     K8S_VERSIONS,
     NAMESPACE,
     OVERLAYS,
@@ -50,7 +50,7 @@ from tests.unit.test_manifests import (
     _meshxl_containers,
     _workloads,
 )
-from tests.unit.test_manifests_etcd_tls import (
+from tests.integration.test_manifests_etcd_tls import (
     Issued,
     _container,
     _host_matches,

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from meshxl.cli import main
 from meshxl.kube import InjectConfig, mutate_pod
 from meshxl.kube.inject import ETCD_CREDENTIALS_DIR, ETCD_CREDENTIALS_VOLUME
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import NAMESPACE, Docs, Render, _etcd_of, _find
-from tests.unit.test_manifests_etcd_tls import FIXTURES, Issued, _container, _host_matches
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import NAMESPACE, Docs, Render, _etcd_of, _find
+from tests.integration.test_manifests_etcd_tls import FIXTURES, Issued, _container, _host_matches
 
 tree = manifests.tree
 render = manifests.render

@@ -19,8 +19,8 @@ import yaml
 
 from meshxl.kube import STATESYNC_CONTAINER, InjectConfig, mutate_pod
 from meshxl.kube.inject import ETCD_CLIENT_VOLUME
-from tests.unit import test_manifests as manifests
-from tests.unit.test_manifests import (
+from tests.integration import test_manifests as manifests
+from tests.integration.test_manifests import (
     NAMESPACE,
     OVERLAYS,
     Docs,
@@ -42,7 +42,7 @@ IN_CLUSTER = ["default", "self-signed", "istio", "istio-endpoints", "two-sites",
               "session-shards", "session-shards-self-signed"]
 CERT_MANAGER = ["default", "external-etcd", "istio", "istio-endpoints", "two-sites",
                 "session-shards"]
-FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+FIXTURES = Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "kube"
 ETCD_CLIENT_LABEL = "meshxl.io/etcd-client"
 
 

@@ -9,41 +9,23 @@ node rejects a new version, then restarts holding nothing).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import grpc
 import pytest
 
-from meshxl.xds.cache import SnapshotCache
-from meshxl.xds.metrics import XdsMetrics
-from meshxl.xds.server import RETAINED_VERSIONS_MAX, AdsServer
+from meshxl.xds.server import RETAINED_VERSIONS_MAX
 from meshxl.xds.types import CLUSTER
-from tests.unit.test_xds_delta import Harness, sent, snap, versions
-from tests.unit.test_xds_server import eventually, names, snapshot
+from tests.harness.ads import AdsHarness, eventually, names, sent, snap, snapshot, versions
 
 
 @pytest.fixture
-async def xds() -> AsyncIterator[Harness]:
-    snapshots = SnapshotCache()
-    metrics = XdsMetrics()
-    ads = AdsServer(snapshots, metrics=metrics)
-    server, port = await ads.serve("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    harness = Harness(snapshots, ads, metrics, channel)
-    try:
-        yield harness
-    finally:
-        for client in harness.clients:
-            await client.stop()
-        await channel.close()
-        await server.stop(None)
-        await ads.close()
+def xds(delta_xds: AdsHarness) -> AdsHarness:
+    """This file's streams are delta ones (SotW clients from ``xds.sotw``)."""
+    return delta_xds
 
 
 # -- state of the world ---------------------------------------------------------------------
 
 
-async def test_sotw_forged_nack_of_the_running_version_changes_nothing(xds: Harness) -> None:
+async def test_sotw_forged_nack_of_the_running_version_changes_nothing(xds: AdsHarness) -> None:
     current = snapshot(1)
     xds.cache.set(current)
     envoy = xds.sotw("edge")
@@ -65,7 +47,7 @@ async def test_sotw_forged_nack_of_the_running_version_changes_nothing(xds: Harn
     assert names(response) == ["a", "b"]
 
 
-async def test_sotw_node_that_never_accepted_is_still_served(xds: Harness) -> None:
+async def test_sotw_node_that_never_accepted_is_still_served(xds: AdsHarness) -> None:
     """A forger who rejects the current version before a node ever connects cannot
     keep it from the node: with no accepted version, the current one is sent."""
     current = snapshot(1)
@@ -82,7 +64,7 @@ async def test_sotw_node_that_never_accepted_is_still_served(xds: Harness) -> No
     assert (await envoy.recv()).version_info == current.version(CLUSTER)
 
 
-async def test_sotw_restart_after_a_rejection_gets_the_accepted_version(xds: Harness) -> None:
+async def test_sotw_restart_after_a_rejection_gets_the_accepted_version(xds: AdsHarness) -> None:
     good, bad = snapshot(1), snapshot(2)
     xds.cache.set(good)
     envoy = xds.sotw("edge")
@@ -109,7 +91,7 @@ async def test_sotw_restart_after_a_rejection_gets_the_accepted_version(xds: Har
     assert (await restarted.recv()).version_info == fixed.version(CLUSTER)
 
 
-async def test_sotw_ack_outweighs_a_later_nack_of_the_same_version(xds: Harness) -> None:
+async def test_sotw_ack_outweighs_a_later_nack_of_the_same_version(xds: AdsHarness) -> None:
     """The node ACKed a version, then (another stream of it) NACKed it: it is a version
     the node ran, so a restart gets it, not nothing."""
     current = snapshot(1)
@@ -134,7 +116,7 @@ async def test_sotw_ack_outweighs_a_later_nack_of_the_same_version(xds: Harness)
 # -- delta ----------------------------------------------------------------------------------
 
 
-async def test_delta_forged_nack_of_the_running_version_changes_nothing(xds: Harness) -> None:
+async def test_delta_forged_nack_of_the_running_version_changes_nothing(xds: AdsHarness) -> None:
     current = snap({"a": 1, "b": 1})
     xds.cache.set(current)
     envoy = xds.envoy("edge")
@@ -156,7 +138,7 @@ async def test_delta_forged_nack_of_the_running_version_changes_nothing(xds: Har
 
 
 async def test_delta_restart_after_a_rejection_gets_the_accepted_versions(
-        xds: Harness) -> None:
+        xds: AdsHarness) -> None:
     good = snap({"a": 1, "b": 1})
     xds.cache.set(good)
     envoy = xds.envoy("edge")
@@ -193,7 +175,7 @@ async def test_delta_restart_after_a_rejection_gets_the_accepted_versions(
 
 
 async def test_delta_reconnect_holding_the_accepted_version_gets_no_resend(
-        xds: Harness) -> None:
+        xds: AdsHarness) -> None:
     """A running Envoy moving to another stream says what it holds: the accepted
     versions it holds are not sent again, the rejected ones not at all."""
     good = snap({"a": 1, "b": 1})
@@ -215,7 +197,7 @@ async def test_delta_reconnect_holding_the_accepted_version_gets_no_resend(
 # -- bounds ---------------------------------------------------------------------------------
 
 
-async def test_accepted_versions_of_disconnected_nodes_are_bounded(xds: Harness) -> None:
+async def test_accepted_versions_of_disconnected_nodes_are_bounded(xds: AdsHarness) -> None:
     """Nodes that each accepted another version and left: only the most recent
     RETAINED_VERSIONS_MAX versions are kept for them to fall back to; a node whose
     version was dropped is served the current version (never nothing)."""

@@ -3,175 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.core.v3.base_pb2 import Node
 from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
 from google.protobuf.message import Message
-from google.rpc.status_pb2 import Status
 
 from meshxl.xds import cache
 from meshxl.xds.cache import Snapshot, SnapshotCache
 from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER
-
-WAIT = 3.0  # generous bound for anything that must happen
-QUIET = 0.3  # bounded window in which nothing may arrive
+from tests.harness.ads import AdsHarness, Envoy, eventually, names, snapshot
 
 
-def snapshot(version: int = 1, clusters: Iterable[str] = ("a", "b")) -> Snapshot:
-    """Clusters and their endpoints; ``version`` changes every resource."""
-    resources: dict[str, dict[str, Message]] = {CLUSTER: {}, ENDPOINT: {}}
-    for name in clusters:
-        c = Cluster(name=name, type=Cluster.EDS)
-        c.connect_timeout.seconds = version
-        c.eds_cluster_config.eds_config.ads.SetInParent()
-        resources[CLUSTER][name] = c
-        cla = ClusterLoadAssignment(cluster_name=name)
-        address = cla.endpoints.add().lb_endpoints.add().endpoint.address.socket_address
-        address.address = "127.0.0.1"
-        address.port_value = 8000 + version
-        resources[ENDPOINT][name] = cla
-    return Snapshot.build(resources)
-
-
-def names(response: DiscoveryResponse) -> list[str]:
-    out = []
-    for packed in response.resources:
-        if packed.type_url == CLUSTER:
-            c = Cluster()
-            packed.Unpack(c)
-            out.append(c.name)
-        else:
-            cla = ClusterLoadAssignment()
-            packed.Unpack(cla)
-            out.append(cla.cluster_name)
-    return out
-
-
-async def eventually(condition: Callable[[], Any], within: float = WAIT) -> None:
-    """Poll a condition on the server's state until it holds (bounded)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-class Envoy:
-    """A scripted ADS client speaking like Envoy (node on the first request only)."""
-
-    def __init__(self, stub: AggregatedDiscoveryServiceStub, node_id: str,
-                 zone: str = "") -> None:
-        self.node_id = node_id
-        self.zone = zone
-        self._requests: asyncio.Queue[DiscoveryRequest | None] = asyncio.Queue()
-        self._sent_node = False
-        self.call = stub.StreamAggregatedResources(self._outgoing())
-        # One reader for the call's life: cancelling a read would cancel the call.
-        self._responses: asyncio.Queue[DiscoveryResponse] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._incoming())
-
-    async def _incoming(self) -> None:
-        async for response in self.call:
-            self._responses.put_nowait(response)
-
-    async def _outgoing(self) -> AsyncIterator[DiscoveryRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    def request(
-        self,
-        type_url: str,
-        resource_names: Iterable[str] = (),
-        *,
-        version: str = "",
-        nonce: str = "",
-        error: str | None = None,
-    ) -> None:
-        request = DiscoveryRequest(
-            type_url=type_url,
-            resource_names=list(resource_names),
-            version_info=version,
-            response_nonce=nonce,
-        )
-        if not self._sent_node:
-            request.node.CopyFrom(Node(id=self.node_id, cluster="test"))
-            request.node.locality.zone = self.zone
-            self._sent_node = True
-        if error is not None:
-            request.error_detail.CopyFrom(Status(code=3, message=error))
-        self._requests.put_nowait(request)
-
-    def ack(self, response: DiscoveryResponse, resource_names: Iterable[str] = ()) -> None:
-        self.request(
-            response.type_url,
-            resource_names,
-            version=response.version_info,
-            nonce=response.nonce,
-        )
-
-    def nack(self, response: DiscoveryResponse, error: str, previous: str = "") -> None:
-        self.request(response.type_url, version=previous, nonce=response.nonce, error=error)
-
-    async def recv(self, within: float = WAIT) -> DiscoveryResponse:
-        return await asyncio.wait_for(self._responses.get(), within)
-
-    async def silent(self, window: float = QUIET) -> None:
-        """Assert that nothing arrives within a short bounded window."""
-        with pytest.raises(asyncio.TimeoutError):
-            response = await asyncio.wait_for(self._responses.get(), window)
-            pytest.fail(f"unexpected response: {response}")
-
-    def close(self) -> None:
-        self._requests.put_nowait(None)
-
-    async def stop(self) -> None:
-        self.call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-
-class Harness:
-    def __init__(self, snapshots: SnapshotCache, ads: AdsServer, channel: grpc.aio.Channel):
-        self.cache = snapshots
-        self.ads = ads
-        self.stub = AggregatedDiscoveryServiceStub(channel)
-        self.envoys: list[Envoy] = []
-
-    def envoy(self, node_id: str = "envoy-1", zone: str = "") -> Envoy:
-        self.envoys.append(Envoy(self.stub, node_id, zone))
-        return self.envoys[-1]
-
-    def types(self, node_id: str) -> dict[str, Any]:
-        status: dict[str, Any] = self.ads.node_status()[node_id]["types"]
-        return status
-
-
-@pytest.fixture
-async def xds() -> AsyncIterator[Harness]:
-    snapshots = SnapshotCache()
-    ads = AdsServer(snapshots)
-    server, port = await ads.serve("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    harness = Harness(snapshots, ads, channel)
-    try:
-        yield harness
-    finally:
-        for envoy in harness.envoys:
-            await envoy.stop()
-        await channel.close()
-        await server.stop(None)
-        await ads.close()
-
-
-async def test_initial_request_gets_clusters_and_ack_is_recorded(xds: Harness) -> None:
+async def test_initial_request_gets_clusters_and_ack_is_recorded(xds: AdsHarness) -> None:
     snap = snapshot()
     xds.cache.set(snap)
     envoy = xds.envoy()
@@ -193,7 +41,7 @@ async def test_initial_request_gets_clusters_and_ack_is_recorded(xds: Harness) -
     await envoy.silent()  # an ACK is not answered
 
 
-async def test_first_request_answered_even_when_version_matches(xds: Harness) -> None:
+async def test_first_request_answered_even_when_version_matches(xds: AdsHarness) -> None:
     snap = snapshot()
     xds.cache.set(snap)
     envoy = xds.envoy()  # e.g. reconnecting from another control-plane replica
@@ -201,7 +49,7 @@ async def test_first_request_answered_even_when_version_matches(xds: Harness) ->
     assert (await envoy.recv()).version_info == snap.version(CLUSTER)
 
 
-async def test_requests_wait_for_the_first_snapshot(xds: Harness) -> None:
+async def test_requests_wait_for_the_first_snapshot(xds: AdsHarness) -> None:
     envoy = xds.envoy()
     envoy.request(CLUSTER)
     await envoy.silent()
@@ -209,7 +57,7 @@ async def test_requests_wait_for_the_first_snapshot(xds: Harness) -> None:
     assert names(await envoy.recv()) == ["a", "b"]
 
 
-async def test_endpoints_by_name(xds: Harness) -> None:
+async def test_endpoints_by_name(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(clusters=("a", "b", "c")))
     envoy = xds.envoy()
     envoy.request(ENDPOINT, ["b"])
@@ -221,7 +69,7 @@ async def test_endpoints_by_name(xds: Harness) -> None:
     assert names(response) == ["b", "c"]
 
 
-async def test_snapshot_change_pushes_clusters_then_endpoints(xds: Harness) -> None:
+async def test_snapshot_change_pushes_clusters_then_endpoints(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -241,7 +89,7 @@ async def test_snapshot_change_pushes_clusters_then_endpoints(xds: Harness) -> N
     assert len({clusters.nonce, endpoints.nonce, first.nonce, second.nonce}) == 4
 
 
-async def test_cluster_only_change_answers_the_rewarming_endpoint_request(xds: Harness) -> None:
+async def test_cluster_only_change_answers_the_rewarming_endpoint_request(xds: AdsHarness) -> None:
     """After a CDS push Envoy re-warms the changed clusters and asks for their EDS again
     with the current nonce (it looks like an ACK): it must get an answer, or the cluster
     stays warming although its endpoints did not change."""
@@ -282,7 +130,7 @@ async def test_cluster_only_change_answers_the_rewarming_endpoint_request(xds: H
     await envoy.silent()  # answered once, not in a loop
 
 
-async def test_unchanged_type_is_not_pushed_again(xds: Harness) -> None:
+async def test_unchanged_type_is_not_pushed_again(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -292,7 +140,7 @@ async def test_unchanged_type_is_not_pushed_again(xds: Harness) -> None:
     await envoy.silent()
 
 
-async def test_nack_is_recorded_and_never_looped(xds: Harness) -> None:
+async def test_nack_is_recorded_and_never_looped(xds: AdsHarness) -> None:
     good, bad = snapshot(1), snapshot(2)
     xds.cache.set(good)
     envoy = xds.envoy()
@@ -340,7 +188,7 @@ async def test_nack_is_recorded_and_never_looped(xds: Harness) -> None:
     )
 
 
-async def test_stale_nonce_is_ignored(xds: Harness) -> None:
+async def test_stale_nonce_is_ignored(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -360,7 +208,7 @@ async def test_stale_nonce_is_ignored(xds: Harness) -> None:
     await envoy.silent()
 
 
-async def test_two_nodes_converge(xds: Harness) -> None:
+async def test_two_nodes_converge(xds: AdsHarness) -> None:
     snap = snapshot()
     xds.cache.set(snap)
     envoys = [xds.envoy("front"), xds.envoy("back")]
@@ -381,7 +229,7 @@ async def test_two_nodes_converge(xds: Harness) -> None:
     await eventually(converged)
 
 
-async def test_encoding_does_not_grow_with_streams(xds: Harness) -> None:
+async def test_encoding_does_not_grow_with_streams(xds: AdsHarness) -> None:
     xds.cache.set(snapshot(1))
     envoys = [xds.envoy(f"envoy-{i}") for i in range(20)]
     for envoy in envoys:
@@ -401,7 +249,7 @@ async def test_encoding_does_not_grow_with_streams(xds: Harness) -> None:
     assert cache.stats.resources_encoded - before == 4
 
 
-async def test_disconnect_cleans_up(xds: Harness) -> None:
+async def test_disconnect_cleans_up(xds: AdsHarness) -> None:
     xds.cache.set(snapshot())
     cancelled, closed = xds.envoy("gone"), xds.envoy("gone")
     for envoy in (cancelled, closed):
@@ -422,14 +270,14 @@ async def test_disconnect_cleans_up(xds: Harness) -> None:
     assert not [t for t in tasks if "_read" in repr(t.get_coro())]
 
 
-async def test_missing_type_url_is_invalid(xds: Harness) -> None:
+async def test_missing_type_url_is_invalid(xds: AdsHarness) -> None:
     xds.cache.set(snapshot())
     envoy = xds.envoy()
     envoy.request("")
     assert await envoy.call.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_unknown_type_is_served_empty(xds: Harness) -> None:
+async def test_unknown_type_is_served_empty(xds: AdsHarness) -> None:
     xds.cache.set(snapshot())
     envoy = xds.envoy()
     envoy.request(LISTENER)
@@ -468,7 +316,7 @@ async def test_status_callback_gets_latest_status() -> None:
 
 
 async def test_disconnected_node_records_are_bounded(
-    xds: Harness, monkeypatch: pytest.MonkeyPatch
+    xds: AdsHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import meshxl.xds.server as server_module
 

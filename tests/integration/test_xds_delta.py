@@ -6,164 +6,43 @@ The client is scripted like Envoy's delta client: node on the first request only
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.core.v3.base_pb2 import Node
-from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import (
-    DeltaDiscoveryRequest,
     DeltaDiscoveryResponse,
     Resource,
 )
-from google.protobuf.message import Message
-from google.rpc.status_pb2 import Status
 
 from meshxl.xds import cache
-from meshxl.xds.cache import Snapshot, SnapshotCache
+from meshxl.xds.cache import SnapshotCache
 from meshxl.xds.delta import _frame, delta_resources, resource_version
-from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.server import AdsServer
 from meshxl.xds.types import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from tests.unit.test_xds_server import QUIET, WAIT, Envoy, eventually
-
-
-def snap(clusters: Mapping[str, int], ports: Mapping[str, int] | None = None) -> Snapshot:
-    """Clusters by name -> connect timeout (s); each has endpoints on ``ports[name]``
-    (default 8000), so a test changes a cluster, its endpoints, or both."""
-    resources: dict[str, dict[str, Message]] = {CLUSTER: {}, ENDPOINT: {}}
-    for name, timeout in clusters.items():
-        c = Cluster(name=name, type=Cluster.EDS)
-        c.connect_timeout.seconds = timeout
-        c.eds_cluster_config.eds_config.ads.SetInParent()
-        resources[CLUSTER][name] = c
-        cla = ClusterLoadAssignment(cluster_name=name)
-        address = cla.endpoints.add().lb_endpoints.add().endpoint.address.socket_address
-        address.address = "127.0.0.1"
-        address.port_value = (ports or {}).get(name, 8000)
-        resources[ENDPOINT][name] = cla
-    return Snapshot.build(resources)
-
-
-def versions(snapshot: Snapshot, type_url: str) -> dict[str, str]:
-    """What a delta client holds after receiving all of ``type_url``."""
-    return dict(delta_resources(snapshot.resources(type_url)).versions)
-
-
-def sent(response: DeltaDiscoveryResponse) -> dict[str, str]:
-    return {r.name: r.version for r in response.resources}
-
-
-class DeltaEnvoy:
-    """A scripted delta ADS client."""
-
-    def __init__(self, stub: AggregatedDiscoveryServiceStub, node_id: str) -> None:
-        self.node_id = node_id
-        self._requests: asyncio.Queue[DeltaDiscoveryRequest | None] = asyncio.Queue()
-        self._sent_node = False
-        self.call = stub.DeltaAggregatedResources(self._outgoing())
-        self._responses: asyncio.Queue[DeltaDiscoveryResponse] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._incoming())
-
-    async def _incoming(self) -> None:
-        async for response in self.call:
-            self._responses.put_nowait(response)
-
-    async def _outgoing(self) -> AsyncIterator[DeltaDiscoveryRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    def request(self, type_url: str, subscribe: Iterable[str] = (),
-                unsubscribe: Iterable[str] = (), *, nonce: str = "",
-                initial: Mapping[str, str] | None = None, error: str | None = None) -> None:
-        request = DeltaDiscoveryRequest(
-            type_url=type_url, resource_names_subscribe=list(subscribe),
-            resource_names_unsubscribe=list(unsubscribe), response_nonce=nonce,
-            initial_resource_versions=dict(initial or {}))
-        if not self._sent_node:
-            request.node.CopyFrom(Node(id=self.node_id, cluster="test"))
-            self._sent_node = True
-        if error is not None:
-            request.error_detail.CopyFrom(Status(code=13, message=error))
-        self._requests.put_nowait(request)
-
-    def ack(self, response: DeltaDiscoveryResponse, subscribe: Iterable[str] = (),
-            unsubscribe: Iterable[str] = ()) -> None:
-        self.request(response.type_url, subscribe, unsubscribe, nonce=response.nonce)
-
-    def nack(self, response: DeltaDiscoveryResponse, error: str) -> None:
-        self.request(response.type_url, nonce=response.nonce, error=error)
-
-    async def recv(self, within: float = WAIT) -> DeltaDiscoveryResponse:
-        return await asyncio.wait_for(self._responses.get(), within)
-
-    async def silent(self, window: float = QUIET) -> None:
-        with pytest.raises(asyncio.TimeoutError):
-            response = await asyncio.wait_for(self._responses.get(), window)
-            pytest.fail(f"unexpected response: {response}")
-
-    async def stop(self) -> None:
-        self.call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-
-class Harness:
-    def __init__(self, snapshots: SnapshotCache, ads: AdsServer, metrics: XdsMetrics,
-                 channel: grpc.aio.Channel) -> None:
-        self.cache = snapshots
-        self.ads = ads
-        self.metrics = metrics
-        self.stub = AggregatedDiscoveryServiceStub(channel)
-        self.clients: list[DeltaEnvoy | Envoy] = []
-
-    def envoy(self, node_id: str = "envoy-1") -> DeltaEnvoy:
-        client = DeltaEnvoy(self.stub, node_id)
-        self.clients.append(client)
-        return client
-
-    def sotw(self, node_id: str) -> Envoy:
-        client = Envoy(self.stub, node_id)
-        self.clients.append(client)
-        return client
-
-    def status(self, node_id: str = "envoy-1") -> dict[str, Any]:
-        status: dict[str, Any] = self.ads.node_status()[node_id]
-        return status
-
-    def acked(self, type_url: str, node_id: str = "envoy-1") -> str | None:
-        return self.status(node_id)["types"].get(type_url, {}).get("acked_version")
-
-    def sample(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+from tests.harness.ads import (
+    AdsHarness,
+    DeltaEnvoy,
+    eventually,
+    sent,
+    snap,
+    versions,
+)
+from tests.harness.clock import window
 
 
 @pytest.fixture
-async def xds() -> AsyncIterator[Harness]:
-    snapshots = SnapshotCache()
-    metrics = XdsMetrics()
-    ads = AdsServer(snapshots, metrics=metrics)
-    server, port = await ads.serve("127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    harness = Harness(snapshots, ads, metrics, channel)
-    try:
-        yield harness
-    finally:
-        for client in harness.clients:
-            await client.stop()
-        await channel.close()
-        await server.stop(None)
-        await ads.close()
+def xds(delta_xds: AdsHarness) -> AdsHarness:
+    """This file's streams are delta ones."""
+    return delta_xds
 
 
-async def connect(xds: Harness, node_id: str = "envoy-1",
+async def connect(xds: AdsHarness, node_id: str = "envoy-1",
                   endpoints: Iterable[str] = ("a", "b")) -> DeltaEnvoy:
     """A client that holds all clusters and ``endpoints``, everything ACKed."""
     envoy = xds.envoy(node_id)
@@ -180,7 +59,7 @@ async def connect(xds: Harness, node_id: str = "envoy-1",
 # -- subscriptions ------------------------------------------------------------------------
 
 
-async def test_wildcard_clusters_carry_per_resource_versions(xds: Harness) -> None:
+async def test_wildcard_clusters_carry_per_resource_versions(xds: AdsHarness) -> None:
     snapshot = snap({"a": 1, "b": 1})
     xds.cache.set(snapshot)
     envoy = xds.envoy()
@@ -204,7 +83,7 @@ async def test_wildcard_clusters_carry_per_resource_versions(xds: Harness) -> No
     await envoy.silent()  # an ACK is not answered
 
 
-async def test_explicit_wildcard_and_names_that_do_not_exist(xds: Harness) -> None:
+async def test_explicit_wildcard_and_names_that_do_not_exist(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1}))
     envoy = xds.envoy()
     envoy.request(LISTENER, ["*"])  # explicit wildcard of an empty type: empty answer
@@ -225,7 +104,7 @@ async def test_explicit_wildcard_and_names_that_do_not_exist(xds: Harness) -> No
     await envoy.silent()
 
 
-async def test_subscribe_and_unsubscribe_endpoints(xds: Harness) -> None:
+async def test_subscribe_and_unsubscribe_endpoints(xds: AdsHarness) -> None:
     base = snap({"a": 1, "b": 1, "c": 1})
     xds.cache.set(base)
     envoy = xds.envoy()
@@ -256,7 +135,7 @@ async def test_subscribe_and_unsubscribe_endpoints(xds: Harness) -> None:
     assert list(sent(await envoy.recv())) == ["a"]
 
 
-async def test_removed_resources(xds: Harness) -> None:
+async def test_removed_resources(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1, "b": 1}))
     envoy = await connect(xds)
 
@@ -271,7 +150,7 @@ async def test_removed_resources(xds: Harness) -> None:
     await envoy.silent()
 
 
-async def test_unsubscribing_a_name_also_under_the_wildcard_resends_it(xds: Harness) -> None:
+async def test_unsubscribing_a_name_also_under_the_wildcard_resends_it(xds: AdsHarness) -> None:
     snapshot = snap({"a": 1, "b": 1})
     xds.cache.set(snapshot)
     envoy = xds.envoy()
@@ -289,7 +168,7 @@ async def test_unsubscribing_a_name_also_under_the_wildcard_resends_it(xds: Harn
 # -- reconnects --------------------------------------------------------------------------
 
 
-async def test_initial_resource_versions_are_not_resent(xds: Harness) -> None:
+async def test_initial_resource_versions_are_not_resent(xds: AdsHarness) -> None:
     """A reconnecting Envoy (to this or another replica) gets only what it lacks."""
     before = snap({"a": 1, "b": 1, "old": 1})
     held_clusters, held_endpoints = versions(before, CLUSTER), versions(before, ENDPOINT)
@@ -329,7 +208,7 @@ async def test_versions_agree_between_replicas() -> None:
 # -- re-warming ----------------------------------------------------------------------------
 
 
-async def test_changed_cluster_gets_its_endpoints_again(xds: Harness) -> None:
+async def test_changed_cluster_gets_its_endpoints_again(xds: AdsHarness) -> None:
     """An updated cluster warms until its endpoints arrive, and Envoy (already subscribed)
     asks for nothing: the unchanged ClusterLoadAssignment is pushed after it."""
     base = snap({"a": 1, "b": 1})
@@ -348,7 +227,7 @@ async def test_changed_cluster_gets_its_endpoints_again(xds: Harness) -> None:
     await envoy.silent()  # once, not in a loop
 
 
-async def test_unchanged_snapshot_is_not_pushed(xds: Harness) -> None:
+async def test_unchanged_snapshot_is_not_pushed(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1, "b": 1}))
     envoy = await connect(xds)
     responses = dict(xds.ads.responses_sent)
@@ -360,7 +239,7 @@ async def test_unchanged_snapshot_is_not_pushed(xds: Harness) -> None:
 # -- NACK and nonces ------------------------------------------------------------------------
 
 
-async def test_nack_is_recorded_quarantined_and_fixed(xds: Harness) -> None:
+async def test_nack_is_recorded_quarantined_and_fixed(xds: AdsHarness) -> None:
     good, bad, fixed = snap({"a": 1, "b": 1}), snap({"a": 2, "b": 1}), snap({"a": 3, "b": 1})
     xds.cache.set(good)
     envoy = await connect(xds)
@@ -397,7 +276,7 @@ async def test_nack_is_recorded_quarantined_and_fixed(xds: Harness) -> None:
     await eventually(lambda: xds.acked(CLUSTER) == fixed.version(CLUSTER))
 
 
-async def test_a_large_rejected_response_stays_quarantined(xds: Harness) -> None:
+async def test_a_large_rejected_response_stays_quarantined(xds: AdsHarness) -> None:
     """One quarantine entry per rejected response: 100 rejected clusters do not push
     each other (or anything else) out of the node's bounded quarantine, so a reconnect
     gets all 100 at the version the node accepted, none at the rejected one."""
@@ -424,7 +303,7 @@ async def test_a_large_rejected_response_stays_quarantined(xds: Harness) -> None
     assert xds.acked(CLUSTER) == accepted.version(CLUSTER)
 
 
-async def test_ack_of_a_response_that_left_a_rejected_resource_out(xds: Harness) -> None:
+async def test_ack_of_a_response_that_left_a_rejected_resource_out(xds: AdsHarness) -> None:
     """b changes while a is still the version Envoy rejected: b is sent, and its ACK does
     not claim the node holds the new snapshot version."""
     xds.cache.set(snap({"a": 1, "b": 1}))
@@ -442,12 +321,12 @@ async def test_ack_of_a_response_that_left_a_rejected_resource_out(xds: Harness)
     assert list(sent(response)) == ["b"]
     envoy.ack(response)
     await eventually(lambda: xds.status()["types"][CLUSTER]["ack_time"] is not None)
-    await asyncio.sleep(0.05)
+    await window(0.05, "no other ACK is recorded")
     assert xds.acked(CLUSTER) == acked != later.version(CLUSTER)
 
 
 async def test_unknown_nonce_acknowledges_nothing_but_subscriptions_apply(
-    xds: Harness,
+    xds: AdsHarness,
 ) -> None:
     xds.cache.set(snap({"a": 1, "b": 1}))
     envoy = xds.envoy()
@@ -462,7 +341,7 @@ async def test_unknown_nonce_acknowledges_nothing_but_subscriptions_apply(
     assert xds.ads.nacks == 0 and xds.status()["last_nack"] is None
 
 
-async def test_nonces_pair_answers_with_responses_in_flight(xds: Harness) -> None:
+async def test_nonces_pair_answers_with_responses_in_flight(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1}))
     envoy = xds.envoy()
     envoy.request(CLUSTER)
@@ -477,14 +356,14 @@ async def test_nonces_pair_answers_with_responses_in_flight(xds: Harness) -> Non
     assert xds.ads.stale_requests == 0
 
 
-async def test_missing_type_url_is_invalid(xds: Harness) -> None:
+async def test_missing_type_url_is_invalid(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1}))
     envoy = xds.envoy()
     envoy.request("")
     assert await envoy.call.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_requests_wait_for_the_first_snapshot(xds: Harness) -> None:
+async def test_requests_wait_for_the_first_snapshot(xds: AdsHarness) -> None:
     envoy = xds.envoy()
     envoy.request(CLUSTER)
     await envoy.silent()
@@ -522,7 +401,7 @@ def test_delta_entries_live_as_long_as_their_snapshot() -> None:
     assert memo() is None
 
 
-async def test_encoding_does_not_grow_with_streams(xds: Harness) -> None:
+async def test_encoding_does_not_grow_with_streams(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1, "b": 1}))
     envoys = [await connect(xds, f"envoy-{i}") for i in range(10)]
     before = cache.stats.resources_encoded
@@ -537,7 +416,7 @@ async def test_encoding_does_not_grow_with_streams(xds: Harness) -> None:
 # -- metrics ----------------------------------------------------------------------------------
 
 
-async def test_metrics_count_streams_pushes_and_answers(xds: Harness) -> None:
+async def test_metrics_count_streams_pushes_and_answers(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1}))
     delta, sotw = xds.envoy("d"), xds.sotw("s")
     delta.request(CLUSTER)
@@ -597,7 +476,7 @@ async def test_delivery_hooks_get_the_snapshot_version() -> None:
                      ("sent", ENDPOINT, v2, None), ("answer", ENDPOINT, v2, "no")]
 
 
-async def test_route_type_is_served_like_any_other(xds: Harness) -> None:
+async def test_route_type_is_served_like_any_other(xds: AdsHarness) -> None:
     xds.cache.set(snap({"a": 1}))
     envoy = xds.envoy()
     envoy.request(ROUTE, ["local"])  # not in the snapshot: it does not exist

@@ -184,7 +184,8 @@ def test_envoy_spans_round_trip_through_the_wire_format() -> None:
 
     from meshxl.telemetry.otlp import request_from_otlp_json
 
-    fixture = Path(__file__).parent / "fixtures" / "traces" / "recorded-demo-ha.jsonl"
+    fixture = (Path(__file__).resolve().parents[1] / "unit" / "fixtures" / "traces"
+               / "recorded-demo-ha.jsonl")
     envoy_lines = [line for line in read_lines(fixture)
                    if any(a["value"].get("stringValue") == "envoy"
                           for rs in line["resourceSpans"]

@@ -15,8 +15,9 @@ from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
 from meshxl.statesync.http.admission import MAX_HOLD, Hold
 from meshxl.statesync.http.connection import Slot
-from tests.unit.test_sidecar_http import _router, answers, exchange, put, run, serving
-from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
+from tests.harness.clock import scaled
+from tests.integration.test_sidecar_http import _router, answers, exchange, put, run, serving
+from tests.integration.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
 HOLD = 0.4
 """Seconds the refused route's answer is held."""
@@ -60,7 +61,7 @@ def test_a_held_refusal_is_answered_later_and_the_same(loop: str) -> None:
             held = await exchange(port, put("/held/a", b"{}"), until_close=False)
             waited = clock() - started
             now = await exchange(at_once, put("/held/a", b"{}"), until_close=False)
-            assert HOLD * 0.9 <= waited < HOLD + 1.0
+            assert HOLD * 0.9 <= waited < HOLD + scaled(1.0)
             (status, headers, body), = answers(held)
             assert (status, headers["retry-after"]) == (429, "1")
             assert json.loads(body) == json.loads(answers(now)[0][2])
@@ -71,7 +72,7 @@ def test_a_held_refusal_is_answered_later_and_the_same(loop: str) -> None:
 
 def test_a_request_behind_a_held_refusal_sends_it_at_once_in_order(loop: str) -> None:
     async def main() -> None:
-        async with serving(_held_router(5.0)) as (_, port):
+        async with serving(_held_router(5.0)) as (server, port):
             clock = asyncio.get_running_loop().time
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             # Pipelined behind it: neither answer waits.
@@ -82,7 +83,9 @@ def test_a_request_behind_a_held_refusal_sends_it_at_once_in_order(loop: str) ->
             assert clock() - started < SOON
             # Arriving while it is held: the held answer goes, then the new one's.
             writer.write(put("/held/b", b"{}"))
-            await asyncio.sleep(0.15)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             started = clock()
             writer.write(put("/v1/sessions/a", b"one"))
             got = answers(await _read(reader, 2, 3.0))
@@ -101,7 +104,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             # The client closes while it is held: nothing is left behind.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             (conn,) = server.connections
             assert conn.holding is not None  # type: ignore[attr-defined]
             timer = conn.holding.timer  # type: ignore[attr-defined]
@@ -113,7 +118,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             started = clock()
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             writer.write_eof()
             raw = await asyncio.wait_for(reader.read(), 2.0)
             assert answers(raw)[0][0] == 429 and clock() - started < SOON
@@ -121,7 +128,9 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             # The server shuts down: the held answer goes, then the connection closes.
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(put("/held/a", b"{}"))
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections
+                                      if c.holding is not None],  # type: ignore[attr-defined]
+                             what="the request held")
             started = clock()
             await server.close(grace=3.0)
             assert clock() - started < SOON

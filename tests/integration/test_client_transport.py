@@ -31,6 +31,8 @@ from meshxl.client.plans import Answer, Unanswered
 from meshxl.client.transport import Pool
 from meshxl.errors import InputError
 from meshxl.local.ports import free_port
+from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled, window
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 QUICK = ClientSettings(timeout=2.0, connect_timeout=1.0)
@@ -173,11 +175,8 @@ class Server:
         await self.server.wait_closed()
 
 
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.002)
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    await wait_until(predicate, timeout=timeout, interval=0.002, what=what)
 
 
 # -- reuse, limits, expiry -------------------------------------------------------------------
@@ -212,10 +211,10 @@ def test_connections_at_most_max_connections(run: Any) -> None:
     async def main() -> None:
         held: list[Peer] = []
         server = await Server(handler=lambda peer, seen: held.append(peer)).start()
-        pool = server.pool(ClientSettings(max_connections=2, timeout=5, pipeline=1))
+        pool = server.pool(ClientSettings(max_connections=2, timeout=scaled(15), pipeline=1))
         tasks = [asyncio.create_task(pool.request("GET", f"/{n}", {}, None)) for n in range(6)]
         await until(lambda: len(held) == 2, "two requests at the server")
-        await asyncio.sleep(0.05)
+        await window(0.05, "a third connection would be open by now")
         assert len(server.peers) == 2 and len(held) == 2, "a third connection was opened"
         while any(not t.done() for t in tasks):  # answer whatever is held, one at a time
             await until(lambda: bool(held) or all(t.done() for t in tasks), "a request")
@@ -242,7 +241,7 @@ def test_waiting_for_a_connection_is_bounded_by_the_timeout(run: Any) -> None:
         await until(lambda: len(server.requests) == 1, "the first request")
         started = time.monotonic()
         second = await pool.request("PUT", "/b", {}, b"y")
-        assert 0.25 <= time.monotonic() - started < 2
+        assert 0.25 <= time.monotonic() - started < scaled(2)
         assert isinstance(second, Unanswered) and not second.sent
         assert "no connection to the sidecar free within 0.3 s" in second.reason
         await pool.close()
@@ -261,7 +260,7 @@ def test_idle_connections_are_closed_after_keepalive(run: Any) -> None:
         assert isinstance(await pool.request("GET", "/a", {}, None), Answer)
         started = time.monotonic()
         await asyncio.wait_for(server.peers[0].closed, 5)  # closed by the client's sweep
-        assert 0.15 <= time.monotonic() - started < 2
+        assert 0.15 <= time.monotonic() - started < scaled(2)
         assert isinstance(await pool.request("GET", "/b", {}, None), Answer)
         assert len(server.peers) == 2 and pool.opened == 2
         # keepalive 0: never reused.
@@ -447,7 +446,7 @@ def test_a_peer_that_never_answers_times_out(run: Any) -> None:
         elapsed = time.monotonic() - started
         assert isinstance(got, Unanswered) and got.sent
         assert got.reason == "TimeoutError: no answer within 0.25 s"
-        assert 0.2 <= elapsed < 2
+        assert 0.2 <= elapsed < scaled(2)
         await asyncio.wait_for(server.peers[0].closed, 5)  # the connection was dropped
         await pool.close()
         await server.stop()
@@ -494,7 +493,7 @@ def test_a_connect_that_hangs_times_out_unsent(run: Any) -> None:
             got = await pool.request("PUT", "/s", {}, b"x")
             assert isinstance(got, Unanswered) and not got.sent
             assert got.reason == "TimeoutError: could not connect within 0.2 s"
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < scaled(2)
 
         run(main)
     finally:

@@ -20,8 +20,10 @@ from meshxl.statesync import http as srv
 from meshxl.statesync.http import Request, Response, Router
 from meshxl.statesync.http import site as srv_site
 from meshxl.statesync.http.connection import MAX_PIPELINED
-from tests.unit.test_sidecar_http import _router, exchange, run, serving
-from tests.unit.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
+from meshxl.statesync.http.site import HEAD
+from tests.harness.clock import scaled, window
+from tests.integration.test_sidecar_http import _router, exchange, run, serving
+from tests.integration.test_sidecar_http import loop as loop  # the fixture: asyncio and uvloop
 
 
 def _big_router() -> Router:
@@ -86,8 +88,8 @@ def test_a_client_that_does_not_read_its_answers_is_cut_off(loop: str) -> None:
             writer.write(b"".join(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i
                                   for i in range(64)))
             await writer.drain()
-            await asyncio.sleep(3.5)  # the write timeout, and the sweep once a second
-            assert not server.connections
+            await wait_until(lambda: not server.connections, timeout=10,
+                             what="the connection closed: the write timeout, swept each second")
             assert "write_timeout" in hits
             writer.close()
 
@@ -154,20 +156,20 @@ def test_at_the_cap_the_longest_idle_connection_makes_room(loop: str) -> None:
         async with serving(_router(), max_connections=16, on_limit=hits.append) as (
                 server, port):
             idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
-            await asyncio.sleep(0.1)
-            assert len(server.connections) == 16
+            await wait_until(lambda: len(server.connections) == 16, what="16 connections")
             # A slow head is the first to go, before any idle connection.
             slow_reader, slow_writer = idle[7]
             slow_writer.write(b"GET /healthz HTTP/1.1\r\nHo")
             await slow_writer.drain()
-            await asyncio.sleep(0.1)
+            await wait_until(lambda: [c for c in server.connections if c.state == HEAD],
+                             what="the slow head read")
             answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
                                           b"Connection: close\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
             assert await _closed(slow_reader, within=2.0) == b""
             # Then the oldest idle one (the cap reached again by a new idle connection).
             idle.append(await asyncio.open_connection("127.0.0.1", port))
-            await asyncio.sleep(0.1)
+            await window(0.1, "the new idle connection is accepted first (accepts are FIFO)")
             assert len(server.connections) == 16
             answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
                                           b"Connection: close\r\n\r\n")
@@ -207,7 +209,7 @@ def test_at_the_cap_full_of_slow_bodies_the_longest_stuck_makes_room(loop: str) 
             answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
                                           b"Connection: close\r\n\r\n", timeout=5.0)
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
-            assert loop_time() - started < 2.0  # not the body timeout (30 s)
+            assert loop_time() - started < scaled(10.0)  # not the body timeout (30 s)
             assert await _closed(slow[0][0], within=2.0) == b""
             assert hits == ["connections"]
             # The others are still there, and one completing its body is answered.
@@ -231,7 +233,7 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(loop: str) -> 
                 r, w = await asyncio.open_connection("127.0.0.1", port)
                 w.write(b"GET /slow/1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
                 busy.append((r, w))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: len(server.connections) == 16, what="16 connections")
             refused = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert refused.startswith(b"HTTP/1.1 503 "), refused[:200]
             assert "too many connections" in json.loads(refused.partition(b"\r\n\r\n")[2])[
