@@ -26,7 +26,7 @@ from meshxl.streams import ClientStream, connect_sse, connect_websocket
 
 from .wait import WaitTimeout, wait_until
 
-__all__ = ["KINDS", "TallyStream", "TallyTraffic"]
+__all__ = ["KINDS", "ProtoTally", "TallyStream", "TallyTraffic"]
 
 KINDS = ("websocket", "sse", "grpc")
 OPEN_TIMEOUT = 15.0
@@ -99,7 +99,7 @@ class TallyTraffic:
         stream = connect_grpc(self._channel, counter.TALK, request_type=counter.TallyRequest,
                               response_type=counter.TallyReply,
                               metadata=[(hdr.SESSION, tally.session)])
-        return _ProtoTally(await stream.start())
+        return ProtoTally(await stream.start())
 
     async def run(self) -> None:
         """Open every stream, talk until ``until``, then wait for what is due (bounded)."""
@@ -186,11 +186,11 @@ class TallyTraffic:
 
 
 def _resumes(stream: Any) -> list[float]:
-    inner = stream.stream if isinstance(stream, _ProtoTally) else stream
+    inner = stream.stream if isinstance(stream, ProtoTally) else stream
     return list(inner.resumes) if isinstance(inner, ClientStream) else []
 
 
-class _ProtoTally:
+class ProtoTally:
     """The gRPC tally stream with the JSON tally's messages (``{"n"}`` out, dicts in)."""
 
     def __init__(self, stream: ClientStream):

@@ -58,7 +58,8 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClientStream", "Connection", "StreamLost", "StreamRefused", "connect_websocket"]
+__all__ = ["ClientStream", "Connection", "HttpSessions", "StreamLost", "StreamRefused",
+           "connect_websocket"]
 
 
 class StreamRefused(Conflict):
@@ -104,8 +105,10 @@ class ClientStream:
 
     def __init__(self, connect: Connect, *, limits: Limits | None = None,
                  resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
-                 measure: Callable[[Payload], int] = encoded_size):
+                 measure: Callable[[Payload], int] = encoded_size,
+                 on_close: Callable[[], Awaitable[None]] | None = None):
         self._connect = connect
+        self._on_close = on_close
         self._measure = measure
         self.limits = limits or Limits()
         self.resume_timeout = resume_timeout
@@ -165,6 +168,8 @@ class ClientStream:
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
+        if self._on_close is not None:
+            await self._on_close()
 
     # -- what the application uses -------------------------------------------------------
 
@@ -437,15 +442,10 @@ def connect_websocket(url: str, *, headers: Mapping[str, str] | None = None,
     made, and closed with the stream's task, otherwise). ``heartbeat``: seconds between
     pings, so a connection whose server is gone without a word (a partition) is left
     within about twice that."""
-    own: list[aiohttp.ClientSession] = []
+    http_of = HttpSessions(http)
 
     async def connect() -> Connection:
-        session = http
-        if session is None:
-            if not own or own[0].closed:
-                own[:] = [aiohttp.ClientSession()]
-            session = own[0]
-        ws = await session.ws_connect(url, protocols=(SUBPROTOCOL,), headers=headers,
+        ws = await http_of().ws_connect(url, protocols=(SUBPROTOCOL,), headers=headers,
                                       heartbeat=heartbeat, max_msg_size=1 << 20,
                                       timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                                       **options)
@@ -454,16 +454,30 @@ def connect_websocket(url: str, *, headers: Mapping[str, str] | None = None,
             raise ProtocolError(f"{url} does not speak {SUBPROTOCOL}")
         return _WebSocket(ws)
 
-    stream = ClientStream(connect, limits=limits, resume_timeout=resume_timeout)
-    original = stream.aclose
+    return ClientStream(connect, limits=limits, resume_timeout=resume_timeout,
+                        on_close=http_of.close)
 
-    async def aclose() -> None:
-        await original()
-        for session in own:
-            await session.close()
 
-    stream.aclose = aclose  # type: ignore[method-assign]
-    return stream
+class HttpSessions:
+    """The aiohttp session a stream's connections are made with: the application's
+    (``http``), or one of the stream's own, made on first use and closed with it."""
+
+    def __init__(self, http: aiohttp.ClientSession | None,
+                 timeout: aiohttp.ClientTimeout | None = None):
+        self.http, self.timeout = http, timeout
+        self._own: aiohttp.ClientSession | None = None
+
+    def __call__(self) -> aiohttp.ClientSession:
+        if self.http is not None:
+            return self.http
+        if self._own is None or self._own.closed:
+            self._own = aiohttp.ClientSession(timeout=self.timeout) \
+                if self.timeout is not None else aiohttp.ClientSession()
+        return self._own
+
+    async def close(self) -> None:
+        if self._own is not None:
+            await self._own.close()
 
 
 async def _close_quietly(conn: Connection) -> None:

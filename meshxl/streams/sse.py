@@ -43,7 +43,7 @@ from aiohttp import web
 
 from meshxl import headers as hdr
 
-from .client import ClientStream, Connection
+from .client import ClientStream, Connection, HttpSessions
 from .host import Refused, StreamHost
 from .protocol import (
     ACK,
@@ -396,24 +396,10 @@ def connect_sse(url: str, *, headers: Mapping[str, str] | None = None,
                 resume_timeout: float = 30.0) -> ClientStream:
     """A resumable stream over Server-Sent Events to ``url`` (as
     :func:`.client.connect_websocket`)."""
-    own: list[aiohttp.ClientSession] = []
+    http_of = HttpSessions(http, aiohttp.ClientTimeout(total=None, sock_connect=5))
 
     async def connect() -> Connection:
-        session = http
-        if session is None:
-            if not own or own[0].closed:
-                own[:] = [aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))]
-            session = own[0]
-        return _Events(session, url, headers or {})
+        return _Events(http_of(), url, headers or {})
 
-    stream = ClientStream(connect, limits=limits, resume_timeout=resume_timeout)
-    original = stream.aclose
-
-    async def aclose() -> None:
-        await original()
-        for session in own:
-            await session.close()
-
-    stream.aclose = aclose  # type: ignore[method-assign]
-    return stream
+    return ClientStream(connect, limits=limits, resume_timeout=resume_timeout,
+                        on_close=http_of.close)

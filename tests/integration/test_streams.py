@@ -25,6 +25,7 @@ import pytest_asyncio
 
 from meshxl import headers as hdr
 from meshxl.local.deployment import DemoDeployment
+from meshxl.local.tallies import ProtoTally
 from meshxl.local.wait import wait_until
 from meshxl.streams import (
     SUBPROTOCOL,
@@ -106,34 +107,68 @@ async def _open(d: DemoDeployment, session: str, kind: str = "websocket") -> Cli
     return await asyncio.wait_for(stream.start(), 15)
 
 
+@dataclass
+class Talking:
+    """Tally streams talking through a test, all served by one member."""
+
+    tallies: list[Tally]
+    talks: list[asyncio.Task[None]]
+    served: str
+    """The member that answered them all so far."""
+
+    async def done(self) -> None:
+        """Every message sent and answered; each stream's checks."""
+        await asyncio.wait_for(asyncio.gather(*self.talks), 60)
+        for t in self.tallies:
+            t.check()
+
+    async def answered_elsewhere(self, timeout: float) -> None:
+        await wait_until(lambda: all(t.answers and t.answers[-1]["member"] != self.served
+                                     for t in self.tallies), timeout=timeout,
+                         what="every stream answered by another member")
+
+    async def aclose(self) -> None:
+        for task in self.talks:
+            task.cancel()
+        for t in self.tallies:
+            await t.stream.aclose()
+
+
+async def _talking(d: DemoDeployment, prefix: str, kind: str, streams: int, messages: int,
+                   pause: float, seed: int) -> Talking:
+    """``streams`` tally streams of ``kind``, each sending ``messages``, until each has
+    five answers, all from one member (the active: it serves every session)."""
+    rng = random.Random(seed)
+    tallies = [Tally(f"{prefix}-{kind}-{i}", await _open(d, f"{prefix}-{kind}-{i}", kind))
+               for i in range(streams)]
+    talks = [asyncio.create_task(t.talk(messages, pause, rng)) for t in tallies]
+    talking = Talking(tallies, talks, "")
+    try:
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+    except BaseException:
+        await talking.aclose()
+        raise
+    served = {t.answers[-1]["member"] for t in tallies}
+    assert len(served) == 1, served
+    talking.served = served.pop()
+    return talking
+
+
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
 async def test_streams_survive_a_kill_9_of_their_member_exactly_once(
         streams_deployment: DemoDeployment, kind: str) -> None:
     d = streams_deployment
-    rng = random.Random(7)
-    tallies = [Tally(f"kill-{kind}-{i}", await _open(d, f"kill-{kind}-{i}", kind))
-               for i in range(12)]
+    talking = await _talking(d, "kill", kind, 12, 40, 0.03, 7)
     try:
-        talks = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in tallies]
-
-        def answered(n: int) -> bool:
-            return all(len(t.answers) >= n for t in tallies)
-
-        await wait_until(lambda: answered(8), timeout=20, what="8 answers on every stream")
-        served = {t.answers[-1]["member"] for t in tallies}
-        assert len(served) == 1, served  # the active member serves them all
-        victim = served.pop()
-        await d.kill_member(victim)
-        await asyncio.wait_for(asyncio.gather(*talks), 60)
-        for t in tallies:
-            t.check()
-            assert t.answers[-1]["member"] != victim
+        await d.kill_member(talking.served)
+        await talking.done()
+        for t in talking.tallies:
+            assert t.answers[-1]["member"] != talking.served
             assert t.stream.connections >= 2 and len(t.stream.resumes) >= 1
     finally:
-        for t in tallies:
-            await t.stream.aclose()
-        if "victim" in locals():
-            await restart(d, victim)
+        await talking.aclose()
+        await restart(d, talking.served)
 
 
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
@@ -144,30 +179,15 @@ async def test_a_drained_members_streams_resume_on_the_new_owner_at_once(
     the drain window (60 s here) after which Envoy would close them; every message once,
     in order, the later ones answered by the new owner."""
     d = streams_deployment
-    rng = random.Random(3)
-    tallies = [Tally(f"drain-{kind}-{i}", await _open(d, f"drain-{kind}-{i}", kind))
-               for i in range(6)]
-    drained = ""
+    talking = await _talking(d, "drain", kind, 6, 60, 0.03, 3)
     try:
-        talks = [asyncio.create_task(t.talk(60, 0.03, rng)) for t in tallies]
-        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
-                         what="5 answers on every stream")
-        served = {t.answers[-1]["member"] for t in tallies}
-        assert len(served) == 1, served
-        drained = served.pop()
-        await member_down(d, drained)
-        await wait_until(lambda: all(t.answers and t.answers[-1]["member"] != drained
-                                     for t in tallies), timeout=DRAIN_WINDOW / 3,
-                         what="every stream answered by another member")
-        await asyncio.wait_for(asyncio.gather(*talks), 60)
-        for t in tallies:
-            t.check()
-            assert t.stream.connections >= 2
+        await member_down(d, talking.served)
+        await talking.answered_elsewhere(DRAIN_WINDOW / 3)
+        await talking.done()
+        assert all(t.stream.connections >= 2 for t in talking.tallies)
     finally:
-        for t in tallies:
-            await t.stream.aclose()
-        if drained:
-            await member_down(d, drained, down=False)
+        await talking.aclose()
+        await member_down(d, talking.served, down=False)
 
 
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
@@ -181,37 +201,21 @@ async def test_streams_of_a_member_cut_off_resume_and_it_is_fenced_when_it_retur
     import signal
 
     d = streams_deployment
-    rng = random.Random(5)
-    tallies = [Tally(f"freeze-{kind}-{i}", await _open(d, f"freeze-{kind}-{i}", kind))
-               for i in range(4)]
-    frozen = ""
+    talking = await _talking(d, "freeze", kind, 4, 50, 0.05, 5)
+    member = d.member(talking.served)
+    processes = [p for p in (member.app, member.sidecar) if p is not None]
     try:
-        talks = [asyncio.create_task(t.talk(50, 0.05, rng)) for t in tallies]
-        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
-                         what="5 answers on every stream")
-        served = {t.answers[-1]["member"] for t in tallies}
-        assert len(served) == 1, served
-        frozen = served.pop()
-        member = d.member(frozen)
-        for proc in (member.app, member.sidecar):
-            assert proc is not None
+        for proc in processes:
             proc.signal(signal.SIGSTOP)
-        await wait_until(lambda: all(t.answers[-1]["member"] != frozen for t in tallies),
-                         timeout=40, what="every stream answered by another member")
-        for proc in (member.app, member.sidecar):
+        await talking.answered_elsewhere(40)
+        for proc in processes:
             proc.signal(signal.SIGCONT)
-        await asyncio.wait_for(asyncio.gather(*talks), 60)
-        for t in tallies:
-            t.check()
+        await talking.done()
     finally:
-        if frozen:
-            for proc in (d.member(frozen).app, d.member(frozen).sidecar):
-                if proc is not None:
-                    proc.signal(signal.SIGCONT)
-        for t in tallies:
-            await t.stream.aclose()
-        if frozen:
-            await restart(d, frozen)
+        for proc in processes:
+            proc.signal(signal.SIGCONT)
+        await talking.aclose()
+        await restart(d, talking.served)
 
 
 @pytest.mark.parametrize("kind", ["websocket", "sse"])
@@ -339,7 +343,7 @@ async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
                                 metadata=[(hdr.SESSION, session)], resume_timeout=20)
             ticks.append(await asyncio.wait_for(tick.start(), 15))
         for t in talks:
-            t.stream = _AsDict(t.stream)  # type: ignore[assignment]
+            t.stream = ProtoTally(t.stream)  # type: ignore[assignment]
         victim = ""
         try:
             runs = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in talks]
@@ -364,22 +368,3 @@ async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
                 await stream.aclose()
             if victim:
                 await restart(d, victim)
-
-
-class _AsDict:
-    """A gRPC tally stream seen as the JSON tally's (send ``{"n"}``, receive dicts)."""
-
-    def __init__(self, stream: ClientStream):
-        self.stream = stream
-
-    async def send(self, message: dict[str, Any]) -> int:
-        from meshxl.local import counter
-
-        return await self.stream.send(counter.TallyRequest(n=message["n"]))
-
-    async def receive(self) -> dict[str, Any]:
-        reply = await self.stream.receive()
-        return {"seq": reply.seq, "n": reply.n, "total": reply.total, "member": reply.member}
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
