@@ -305,7 +305,11 @@ class ClientStream:
                 if refusal is None:
                     self._fail(exc)
                     return
-            except (aiohttp.ClientError, ConnectionError, TimeoutError, OSError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the connection failed, whatever its transport said
+                # (aiohttp's errors, gRPC's AioRpcError, an OSError): connect again, until
+                # resume_timeout says the stream is lost.
                 log.debug("stream %s: connection failed: %s", (self.token or "new")[:6], exc)
             finally:
                 self._ready.clear()

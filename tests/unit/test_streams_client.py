@@ -30,15 +30,19 @@ TOKEN = "A" * 22
 class Scripted:
     """One connection: the frames the server sends, then a close (or a break)."""
 
-    def __init__(self, frames: list[Frame], hold: bool = False):
+    def __init__(self, frames: list[Frame], hold: bool = False,
+                 broken: Exception | None = None):
         self.script = frames
         self.hold = hold
+        self.broken = broken
         self.sent: list[Any] = []
         self.hello_frame: Frame | None = None
         self.closed = asyncio.Event()
 
     async def hello(self, frame: Frame) -> None:
         self.hello_frame = frame
+        if self.broken is not None:
+            raise self.broken
 
     async def send_message(self, seq: int, payload: Any) -> None:
         self.sent.append(("m", seq, payload))
@@ -149,4 +153,15 @@ async def test_a_server_message_that_skips_one_is_a_protocol_error() -> None:
     await stream.start()
     with pytest.raises(Exception, match="gap"):
         await asyncio.wait_for(stream.receive(), 2)
+    await stream.aclose()
+
+
+async def test_a_connection_failing_however_its_transport_says_is_made_again() -> None:
+    """Whatever a transport raises for a connection that failed (aiohttp's errors,
+    gRPC's AioRpcError, an OSError), the stream connects again."""
+    broken = Scripted([], broken=RuntimeError("a transport's own error"))
+    stream = ClientStream(connections(broken, Scripted([ready()], hold=True)),
+                          backoff=(0.001, 0.001))
+    await asyncio.wait_for(stream.start(), 2)
+    assert stream.connections == 2 and stream.token == TOKEN
     await stream.aclose()
