@@ -18,8 +18,9 @@ For each: the sidecar's CPU (``/proc``) per save, less its idle CPU over as long
 the saves a second. Prints each round, then the medians and each Dapr API's ratio to
 native (the median of the rounds' ratios: a round's three loads run back to back, so a
 machine whose load changes moves them alike); the target (docs/dapr.md) is at most
-1.2x. Loopback only; every loop bounded in
-count and time; every process killed at the end, also on failure.
+1.2x. Writes ``bench/results/dapr_state.json`` (``--quick``: a smoke run, not written).
+Loopback only; every loop bounded in count and time; every process killed at the end,
+also on failure.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark
 
 from meshxl.local import commands
 from meshxl.local.ports import free_ports
@@ -123,7 +127,7 @@ async def load(kind: str, pid: int, ports: dict[str, int], saves: int, writers: 
     return cpu / done * 1e6, done / took, len(failures)
 
 
-async def run(saves: int, writers: int, rounds: int, seconds: float) -> int:
+async def measure(saves: int, writers: int, rounds: int, seconds: float) -> dict[str, Any]:
     owner = Owner(label="dapr-state")
     try:
         url, _ = await start_etcd(owner)
@@ -137,29 +141,50 @@ async def run(saves: int, writers: int, rounds: int, seconds: float) -> int:
         assert pid is not None
         ports = {"native": api, "dapr-http": dapr_http, "dapr-grpc": dapr_grpc}
         seen: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        failures = 0
         for kind in KINDS:  # warm up: every key written once, every path run
             await load(kind, pid, ports, writers * 8, writers, seconds)
         for r in range(rounds):
             for kind in KINDS:
                 per_save, rate, failed = await load(kind, pid, ports, saves, writers, seconds)
                 seen[kind].append(per_save)
+                rates[kind].append(rate)
+                failures += failed
                 print(f"round {r + 1} {kind:9s}: {per_save:7.1f} us of sidecar CPU a save, "
                       f"{rate:7.0f} saves/s, {failed} failed", flush=True)
-        medians = {kind: statistics.median(values) for kind, values in seen.items()}
-        print(f"\nmedians over {rounds} rounds ({writers} writers, {saves} saves each; "
-              f"load {os.getloadavg()[0]:.2f}; the ratio: the median of the rounds' "
-              "ratios, each round's loads run back to back):")
-        met = True
-        for kind in KINDS:
-            ratio = statistics.median(a / b for a, b in zip(seen[kind], seen["native"],
-                                                             strict=True))
-            verdict = "" if kind == "native" else (
-                f"  {'met' if ratio <= TARGET else 'NOT MET'} (target <= {TARGET}x)")
-            met &= ratio <= TARGET or kind == "native"
-            print(f"  {kind:9s} {medians[kind]:7.1f} us a save, {ratio:5.2f}x native{verdict}")
-        return 0 if met else 1
+        return {
+            "saves": saves, "writers": writers, "rounds": rounds, "failed": failures,
+            "load_after": round(os.getloadavg()[0], 2),
+            "kinds": {kind: {
+                "cpu_us_per_save": round(statistics.median(seen[kind]), 1),
+                "saves_per_s": round(statistics.median(rates[kind])),
+                "rounds_us": [round(v, 1) for v in seen[kind]],
+                # The median of the rounds' ratios: a round's three loads run back to back,
+                # so a machine whose load changes moves them alike.
+                "ratio_to_native": round(statistics.median(
+                    a / b for a, b in zip(seen[kind], seen["native"], strict=True)), 3),
+            } for kind in KINDS}}
     finally:
         await owner.aclose()
+
+
+def verdicts(res: dict[str, Any]) -> list[Verdict]:
+    native = res["kinds"]["native"]["cpu_us_per_save"]
+    out = [Verdict(f"sidecar CPU a save, {kind} / native", res["kinds"][kind]["ratio_to_native"],
+                   TARGET, "x", reference=f"native {native} us a save")
+           for kind in KINDS if kind != "native"]
+    out.append(Verdict("saves that failed", res["failed"], 0, ""))
+    return out
+
+
+def report(res: dict[str, Any], found: list[Verdict]) -> None:
+    print(f"\nmedians over {res['rounds']} rounds ({res['writers']} writers, {res['saves']} "
+          f"saves each; load {res['load_after']})")
+    for kind, figures in res["kinds"].items():
+        print(f"  {kind:9s} {figures['cpu_us_per_save']:7.1f} us a save, "
+              f"{figures['ratio_to_native']:5.2f}x native, {figures['saves_per_s']} saves/s")
+    print_verdicts("dapr_state", found)
 
 
 def main() -> int:
@@ -169,13 +194,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="each load's time at most")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run (fewer saves and rounds; BENCH_QUICK=1 too)")
     args = parser.parse_args()
+    quick = quick_requested(args.quick)
+    if quick:
+        args.saves, args.rounds = min(args.saves, 800), 1
     if not (1 <= args.writers <= 256 and args.writers <= args.saves <= 1_000_000
             and 1 <= args.rounds <= 50 and 0 < args.seconds <= 600):
         print("dapr_state: --writers 1-256, --saves from --writers to 1e6, --rounds 1-50, "
               "--seconds up to 600", file=sys.stderr)
         return 2
-    return asyncio.run(run(args.saves, args.writers, args.rounds, args.seconds))
+
+    async def run(_work: Path) -> dict[str, Any]:
+        return await measure(args.saves, args.writers, args.rounds, args.seconds)
+
+    return run_benchmark("dapr_state", quick, "meshxl-bench-", run, verdicts, report,
+                         write=not quick)
 
 
 if __name__ == "__main__":

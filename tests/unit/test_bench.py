@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 
 import ab  # noqa: E402
 import benchlib  # noqa: E402
+import dapr_state  # noqa: E402
 import flap  # noqa: E402
 import footprint  # noqa: E402
 import rebalance  # noqa: E402
@@ -399,3 +400,17 @@ def test_ab_compares_the_figures_asked_for() -> None:
     assert ab.figures(owned, ("rss_mb",)) == {"owned.0.idle.rss_mb": 47.5,
                                               "owned.1.idle.rss_mb": 47.4}
 
+
+
+def test_dapr_state_verdicts_take_each_apis_ratio_to_native() -> None:
+    def kind(us: float, ratio: float) -> dict[str, float]:
+        return {"cpu_us_per_save": us, "ratio_to_native": ratio, "saves_per_s": 1000}
+
+    res = {"failed": 0, "kinds": {"native": kind(100, 1.0), "dapr-http": kind(96, 0.96),
+                                  "dapr-grpc": kind(130, 1.3)}}
+    http, grpc, failed = dapr_state.verdicts(res)
+    assert (http.measured, http.met) == (0.96, True)
+    assert (grpc.measured, grpc.met) == (1.3, False) and grpc.target == dapr_state.TARGET
+    assert "native 100 us" in grpc.reference and failed.met is True
+    res["failed"] = 3
+    assert dapr_state.verdicts(res)[-1].met is False
