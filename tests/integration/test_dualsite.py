@@ -133,7 +133,10 @@ async def test_two_sites_over_a_wan(harness: Owner, tmp_path: Path) -> None:
     measured = {"rtt_ms": RTT_MS, "link": link, "writes_leader_near": writes,
                 "losses": [result]}
     verdicts = dualsite.verdicts({"rtts": [measured]})
-    assert all(v.met for v in verdicts), [v.line() for v in verdicts]
+    # What nothing may lose (writes, reads, requests, sessions) holds here; how fast (the
+    # site-loss RTO, a write against a raw etcd put) is bench/dualsite.py's to say.
+    lossless = [v for v in verdicts if v.unit in ("writes", "requests", "sessions")]
+    assert len(lossless) == 4 and all(v.met for v in lossless), [v.line() for v in verdicts]
 
 
 async def test_the_kernels_netem_is_used_only_where_it_exists(harness: Owner) -> None:
