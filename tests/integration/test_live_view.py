@@ -317,7 +317,7 @@ clusters:
 - name: w
   mode: load-sharing
   membership: registered
-  warmup: 4s
+  warmup: 6s
   stickiness: {header: x-session-id}
 """
 
@@ -335,13 +335,17 @@ async def test_the_page_shows_a_member_warming_up(
     await wait_until(lambda: etcd_client.get(keys.member_state("w", "m1").encode()),
                      timeout=10, what="m1 in the member history")
     assert plane.warming.fractions == {}
-    await etcd_client.put(keys.member("w", "m2").encode(), json.dumps(
-        {**registration, "port": 9001}).encode())
     async with open_page(tmp_path / "profile") as (page, console):
+        # The page first, polling, then m2 joins: a browser slow to start on a busy
+        # machine would otherwise come after the ramp.
         await page.goto(f"http://127.0.0.1:{plane.admin_port}/ui/?interval={POLL}")
+        await wait_for_js(page, "document.querySelector('tr.member[data-member=\"m1\"]') "
+                          "!== null", timeout=10, what="the page showing m1")
+        await etcd_client.put(keys.member("w", "m2").encode(), json.dumps(
+            {**registration, "port": 9001}).encode())
         row = 'tr.member[data-member="m2"]'
         await wait_for_js(page, f"""(document.querySelector('{row}') || {{}})
-            .textContent?.includes('warming up') === true""", timeout=5,
+            .textContent?.includes('warming up') === true""", timeout=10,
                           what="m2 shown warming up")
         rows = await page.eval_on_selector_all(
             "tr.member", "rows => rows.map(r => [r.dataset.member, r.textContent, "
@@ -349,7 +353,7 @@ async def test_the_page_shows_a_member_warming_up(
         shares = {name: value for name, _, value in rows}
         assert shares["m2"] < shares["m1"], rows
         await wait_for_js(page, f"""(document.querySelector('{row}') || {{}})
-            .textContent?.includes('warming up') === false""", timeout=10,
+            .textContent?.includes('warming up') === false""", timeout=20,
                           what="m2's ramp over")
         assert_clean(console)
 
