@@ -108,6 +108,9 @@ class ServerStream:
         self._next = record.out + 1
         self._inbox: collections.deque[tuple[int, Payload]] = collections.deque()
         self._received = record.consumed
+        self._early: dict[int, Payload] = {}
+        """Client messages that came before the ones they follow (``received``)."""
+        self._early_bytes = 0
         self._delivered = record.consumed
         self._processing = False
         self._client_done: int | None = None
@@ -292,14 +295,35 @@ class ServerStream:
         if self.conduit is None:
             self.stop(None)
 
-    def received(self, seq: int, payload: Payload) -> None:
+    def received(self, seq: int, payload: Payload, *, ordered: bool = True) -> None:
         """A client message. One already received is ignored (the client sends again
-        what was not consumed when it resumes); one beyond the next is a gap."""
+        what was not consumed when it resumes). ``ordered``: the transport keeps the
+        client's messages in order (one connection), so one beyond the next is a gap;
+        else (each message its own request: SSE's POSTs, which may overtake one another
+        when one sent before a resume is delivered after it) one that comes early waits
+        here for those before it, up to ``max_unacked_bytes`` of them (what the client
+        may have in flight)."""
         if seq <= self._received:
             return
         if seq != self._received + 1:
-            raise ProtocolError(f"client message {seq} after {self._received}: a gap")
-        if self._client_done is not None:
+            if ordered:
+                raise ProtocolError(f"client message {seq} after {self._received}: a gap")
+            size = encoded_size(payload)
+            if seq not in self._early:
+                if self._early_bytes + size > self.limits.max_unacked_bytes:
+                    raise ProtocolError(f"client message {seq} after {self._received}, "
+                                        "with more than max_unacked_bytes early")
+                self._early[seq] = payload
+                self._early_bytes += size
+            return
+        self._accept(seq, payload)
+        while self._received + 1 in self._early:
+            early = self._early.pop(self._received + 1)
+            self._early_bytes -= encoded_size(early)
+            self._accept(self._received + 1, early)
+
+    def _accept(self, seq: int, payload: Payload) -> None:
+        if self._client_done is not None and seq > self._client_done:
             raise ProtocolError(f"client message {seq} after its end ({self._client_done})")
         self._received = seq
         self._inbox.append((seq, payload))

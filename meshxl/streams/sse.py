@@ -260,7 +260,7 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
             if len(body) > host.limits.max_message_bytes:
                 raise ProtocolError(f"a message of {len(body)} bytes; the limit is "
                                     f"{host.limits.max_message_bytes}")
-            stream.received(seq, _payload(body, request.content_type))
+            stream.received(seq, _payload(body, request.content_type), ordered=False)
         if end is not None:
             stream.client_ended(end)
     except ProtocolError as exc:
