@@ -154,7 +154,19 @@ async def plain_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: float
         facts = window.close()
     finally:
         await load.close(10)
-    return {**report(load.logs, steady=(window.t0, window.t1)), **facts}
+    return _per_message({**report(load.logs, steady=(window.t0, window.t1)), **facts})
+
+
+def _per_message(phase: dict[str, Any]) -> dict[str, Any]:
+    """CPU microseconds per answered message, per process, in the steady window: what a
+    message costs, which the machine's other work moves far less than latency."""
+    rate = phase.get("answers_per_s") or 0
+    cores = phase.get("cores_used") or {}
+    phase["cpu_us_per_message"] = {k: round(v * 1e6 / rate) for k, v in cores.items()
+                                   if v is not None and rate} if rate else {}
+    if phase["cpu_us_per_message"]:
+        phase["cpu_us_per_message"]["total"] = sum(phase["cpu_us_per_message"].values())
+    return phase
 
 
 async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: float,
@@ -212,8 +224,9 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
         if http_task is not None:
             await asyncio.wait_for(http_task, 30)
         await load.close(20)
-    out = {**report(load.logs, steady=(window.t0, window.t1), event=at, member=KILLED),
-           **facts, "served_by_before": sorted(s for s in served if s),
+    out = {**_per_message({**report(load.logs, steady=(window.t0, window.t1), event=at,
+                                    member=KILLED), **facts}),
+           "served_by_before": sorted(s for s in served if s),
            "all_back_s": round(all_back, 3),
            "etcd_put_ms": summary_ms(probe.times_ms)}
     if http is not None:

@@ -6,9 +6,11 @@
 //
 // Socket.IO's reliability options as its documentation gives them: connection state
 // recovery on the server (missed packets replayed to a recovered session), and on the
-// client `retries` with `ackTimeout` (every message kept until the server acknowledges
-// it, sent again after a timeout or a reconnection: at-least-once), and a reconnection
-// delay of 20 ms to 1 s (meshxl's stream client's backoff).
+// client `retries` with an `ackTimeout` of 10 s (every message kept until the server
+// acknowledges it, sent again after the timeout or a reconnection: at-least-once; a
+// shorter timeout sends messages again on a busy machine while their first copy is
+// still on its way), and a reconnection delay of 20 ms to 1 s (meshxl's stream
+// client's backoff).
 //
 // STATUS is rewritten every 200 ms ({connected, answers, resumed}: how many sockets
 // received an answer on a later connection than their first); SIGUSR1 stops the
@@ -41,7 +43,7 @@ function open(k) {
     reconnectionDelay: 20,
     reconnectionDelayMax: 1000,
     retries: 1000000,
-    ackTimeout: 2000,
+    ackTimeout: 10000,
   });
   const s = { id, socket, seq: 0, conn: 0, sent: [], answers: [], connects: [],
               disconnects: [], errors: 0, timer: null };
