@@ -48,6 +48,7 @@ from .protocol import (
     Payload,
     ProtocolError,
     Refusal,
+    compact_json,
     encoded_size,
 )
 from .record import StreamRecord
@@ -417,13 +418,16 @@ class ServerStream:
         return self.record.done
 
 
+_copy = json.JSONDecoder().decode
+
+
 def _snapshot(state: Any) -> Any:
     """The state as committed: a copy the handler cannot change afterwards (a JSON
     value: anything else is a ProtocolError at the checkpoint)."""
     if state is None or isinstance(state, bool | int | float | str):
         return state
     try:
-        return json.loads(json.dumps(state, allow_nan=False))
+        return _copy(compact_json(state))
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"a stream's state must be a JSON value: {exc}") from None
 
