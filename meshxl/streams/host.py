@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from meshxl.client import AsyncClient, JsonText, SidecarError, Upsert, Written
+from meshxl.client import AsyncClient, SidecarError, Upsert, Written
 from meshxl.client.errors import (
     SidecarNotFound,
     SidecarPreconditionFailed,
@@ -51,7 +51,7 @@ from .protocol import (
     Refusal,
     new_token,
 )
-from .record import StreamRecord, record_id
+from .record import RECORD_TYPE, StreamRecord, record_id
 from .server import Conduit, Handler, ServerStream
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class StreamHost:
         record = StreamRecord(session=session, kind=kind, created=time.time())
         try:
             written = await self.sessions.put(record_id(token), _state_of(record),
-                                              create_only=True, sync_now=True)
+                                              content_type=RECORD_TYPE, create_only=True,
+                                              sync_now=True)
         except SidecarError as exc:
             raise Refused(TRY_AGAIN, f"the stream's record could not be committed: "
                           f"{exc}") from None
@@ -137,7 +138,8 @@ class StreamHost:
             record.epoch += 1
             try:
                 written = await self.sessions.put(record_id(token), _state_of(record),
-                                                  if_match=etag, sync_now=True)
+                                                  content_type=RECORD_TYPE, if_match=etag,
+                                                  sync_now=True)
             except SidecarPreconditionFailed:
                 continue  # written meanwhile (another server took it): read it again
             except SidecarError as exc:
@@ -179,7 +181,8 @@ class StreamHost:
         record, taken = stream.take()
         try:
             written = await self.sessions.put(record_id(stream.token), _state_of(record),
-                                              if_match=stream.etag, sync_now=True)
+                                              content_type=RECORD_TYPE, if_match=stream.etag,
+                                              sync_now=True)
         except (SidecarPreconditionFailed, WriteUncertain):
             stream.put_back(taken)
             stream.stop(MOVED)
@@ -238,7 +241,7 @@ class StreamHost:
         try:
             answers: Sequence[Written | SidecarError] = await self.sessions.bulk_save([
                 Upsert(session=record_id(stream.token), state=_state_of(record),
-                       if_match=stream.etag, sync_now=True)
+                       content_type=RECORD_TYPE, if_match=stream.etag, sync_now=True)
                 for stream, record, _ in plans])
             self.commits += 1
         except SidecarError as exc:
@@ -342,6 +345,7 @@ def _check_recv(record: StreamRecord, recv: int) -> None:
                       f"acknowledged {record.acked} before: those were dropped")
 
 
-def _state_of(record: StreamRecord) -> JsonText:
-    """The record as the session client writes it: its JSON text, stored as JSON."""
-    return JsonText(record.encode())
+def _state_of(record: StreamRecord) -> bytes:
+    """The record as the session client writes it: its JSON text, stored as the bytes it
+    is (:data:`~.record.RECORD_TYPE`)."""
+    return record.encode()
