@@ -80,12 +80,17 @@ measured here; docs/faults.md)."""
 
 
 def _processes(d: DemoDeployment) -> dict[str, int | None]:
-    a = d.member(KILLED)
-    return {"app-a": a.app.pid if a.app else None,
-            "sidecar-a": a.sidecar.pid if a.sidecar else None,
-            "envoy": d.envoy.pid if d.envoy else None,
-            "etcd": d.etcd_process.pid if d.etcd_process else None,
-            "bench": None}
+    """Every process of the run (the other members' sidecars too: each follows every
+    record written, through its etcd watch)."""
+    out: dict[str, int | None] = {}
+    for m in d.members:
+        out[f"app-{m.name}"] = m.app.pid if m.app else None
+        out[f"sidecar-{m.name}"] = m.sidecar.pid if m.sidecar else None
+    out.update({"envoy": d.envoy.pid if d.envoy else None,
+                "etcd": d.etcd_process.pid if d.etcd_process else None,
+                "control-plane": d.replicas[0].process.pid if d.replicas[0].process
+                else None, "bench": None})
+    return out
 
 
 class Window:
