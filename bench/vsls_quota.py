@@ -41,6 +41,7 @@ from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.local.wait import wait_http
 from meshxl.operator.actions import apply_model
+from meshxl.stats import quantile
 
 QUOTA = 200
 FLOODERS = 8
@@ -66,13 +67,6 @@ virtual_systems:
 """
 STATE = b'{"cart": [1, 2, 3], "user": "someone", "pad": "' + b"x" * 200 + b'"}'
 HEADERS = {"Content-Type": "application/json"}
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def _sidecar(stack: Owner, vs: str, url: str) -> str:
@@ -156,8 +150,8 @@ async def measure(bases: dict[str, str], rounds: int, writes: int) -> dict[str, 
                 counts = await tenant if tenant is not None else {
                     "accepted": 0, "refused": 0, "other": 0}
                 runs[phase].append({
-                    "t02_p50_ms": round(1000 * (_pct(latencies, 0.5) or 0), 3),
-                    "t02_p99_ms": round(1000 * (_pct(latencies, 0.99) or 0), 3),
+                    "t02_p50_ms": round(1000 * (quantile(latencies, 0.5) or 0), 3),
+                    "t02_p99_ms": round(1000 * (quantile(latencies, 0.99) or 0), 3),
                     "t02_seconds": round(elapsed, 2),
                     "other_accepted_per_s": round(counts["accepted"] / seconds, 1),
                     "other_refused_per_s": round(counts["refused"] / seconds, 1),
@@ -167,7 +161,7 @@ async def measure(bases: dict[str, str], rounds: int, writes: int) -> dict[str, 
     for phase, items in runs.items():
         result["phases"][phase] = {
             "runs": items,
-            **{field: _pct([x[field] for x in items], 0.5) for field in (
+            **{field: quantile([x[field] for x in items], 0.5) for field in (
                 "t02_p50_ms", "t02_p99_ms", "other_accepted_per_s",
                 "other_refused_per_s")}}
     idle = result["phases"]["idle"]["t02_p99_ms"]

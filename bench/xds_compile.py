@@ -45,6 +45,7 @@ from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.model import AdminAction, ModelSpec, RuntimeState
+from meshxl.model.decode import decode
 from meshxl.model.load import check_model
 from meshxl.operator.actions import apply_model, set_member_admin
 from meshxl.proxy.bootstrap import build_bootstrap
@@ -116,7 +117,7 @@ def big_model() -> ModelSpec:
             "listener": {"address": HOST, "port": 30000 + i // CLUSTERS_PER_LISTENER},
             "route": {"domains": [f"svc-{i:04d}.local"]},
         })
-    model = ModelSpec.model_validate({"clusters": clusters})
+    model = decode({"clusters": clusters}, ModelSpec)
     problems = list(check_model(model))
     if problems:
         raise SystemExit(f"benchmark model is invalid: {problems[:3]}")

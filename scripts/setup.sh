@@ -5,7 +5,8 @@
 #                        matplotlib), and Debian's etcd-server when no `etcd` is on PATH
 #   setup.sh VENV test   the test suite (the default): the test and dev extras
 #                        (requirements/dev.lock), etcd with etcdctl, kubectl, chromium
-#                        (the browser tests), prometheus (promtool) and iptables
+#                        (the browser tests), prometheus (promtool), nodejs, npm with
+#                        Dapr's JavaScript SDK (tests/integration/dapr_js) and iptables
 #   setup.sh VENV bench  the benchmarks (`make bench`): the test set-up, and Debian's
 #                        haproxy and redis-server (the peers bench/peers.py measures
 #                        meshxl beside) when they are not on PATH
@@ -84,7 +85,8 @@ fi
 # * chromium: the live view's browser tests (tests/integration/test_live_view.py) drive
 #   it headless with Playwright (the PyPI package, which never downloads its own browser);
 # * prometheus, for promtool: the tests check deploy/prometheus's rules and the Grafana
-#   dashboard's queries with Prometheus's own parser and rule unit tests.
+#   dashboard's queries with Prometheus's own parser and rule unit tests;
+# * nodejs: the browser's stream client runs its tests under `node --test` (tests/js).
 packages=()
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   echo "etcd or etcdctl not found on PATH: installing Debian's etcd-server and etcd-client"
@@ -97,6 +99,10 @@ fi
 if ! command -v promtool >/dev/null 2>&1; then
   echo "promtool not found on PATH: installing Debian's prometheus (for promtool)"
   packages+=(prometheus)
+fi
+if ! command -v node >/dev/null 2>&1; then
+  echo "node not found on PATH: installing Debian's nodejs (for tests/js)"
+  packages+=(nodejs)
 fi
 if [ "$purpose" = bench ]; then
   for tool in haproxy:haproxy redis-server:redis-server; do
@@ -136,10 +142,33 @@ command -v etcdctl >/dev/null || { echo "etcdctl is still not on PATH after inst
   || { echo "chromium is still not on PATH after installing chromium" >&2; exit 1; }
 command -v promtool >/dev/null \
   || { echo "promtool is still not on PATH after installing prometheus" >&2; exit 1; }
+command -v node >/dev/null \
+  || { echo "node is still not on PATH after installing nodejs" >&2; exit 1; }
 if [ "$purpose" = bench ]; then
   for tool in haproxy redis-server; do
     command -v "$tool" >/dev/null || { echo "$tool is still not on PATH after installing it" >&2; exit 1; }
   done
+fi
+# Dapr's JavaScript SDK (npm @dapr/dapr, the version and hashes of
+# tests/integration/dapr_js/package-lock.json), which tests/integration/test_dapr_js.py
+# drives with Node (installed above): Debian's npm when missing, then `npm ci` there.
+if [ "$purpose" = test ] || [ "$purpose" = bench ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "npm not found: installing Debian's npm (for the Dapr JS SDK tests)"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+    else
+      echo "npm is needed for the Dapr JavaScript SDK tests: run 'apt-get install npm' as root" >&2
+      exit 1
+    fi
+  fi
+  lock_js=tests/integration/dapr_js/package-lock.json
+  stamp_js=tests/integration/dapr_js/node_modules/.package-lock.json
+  if [ ! -f "$stamp_js" ] || ! cmp -s <(node -e 'const l=require("./'"$lock_js"'");console.log(JSON.stringify(l.packages["node_modules/@dapr/dapr"]))') \
+      <(node -e 'const l=require("./'"$stamp_js"'");console.log(JSON.stringify(l.packages["node_modules/@dapr/dapr"]))'); then
+    npm ci --prefix tests/integration/dapr_js --no-audit --no-fund --loglevel=error >/dev/null
+  fi
 fi
 # The etcd fault tests partition network namespaces with iptables (as root only; they
 # skip, saying why, without it).

@@ -1,15 +1,18 @@
 """The ``meshxl`` command's entry: ``meshxl serve statesync`` without click.
 
 The sidecar runs in every pod, and click (with the modules it brings: ``gettext``,
-``datetime``, ``shutil``...) would stay in its memory for the whole life of the process
-to read its options once: about 1 MiB of RSS (docs/performance.md, "Sidecar
-footprint"). So :func:`main` reads ``serve statesync``'s options itself when they are
-plainly valid, and hands everything else to the click command (:mod:`.root`): any other
-command, ``--help``, an option it does not know, a value click would refuse or that it
-cannot tell click would take. The click command stays the reference: what this reads is
-what click reads (the same names, environment variables, defaults and checks;
-``tests/unit/test_cli_entry.py`` compares the two), and every message about bad input
-is click's own, since click then reads the command line again.
+``shutil``...) would stay in its memory for the whole life of the process to read its
+options once: 0.81 MiB of RSS for click, 1.01 MiB with the ``serve`` command's
+declarations, 2 % of its 45 MiB idle target (``bench/sidecar_libraries.py``: in the
+sidecar's own process, median of 5, 2026-11-27; docs/performance.md, "What the sidecar
+does without"). So :func:`main` reads ``serve
+statesync``'s options itself when they are plainly valid, and hands everything else to
+the click command (:mod:`.root`): any other command, ``--help``, an option it does not
+know, a value click would refuse or that it cannot tell click would take. The click
+command stays the reference: what this reads is what click reads (the same names,
+environment variables, defaults and checks; ``tests/unit/test_cli_entry.py`` compares
+the two), and every message about bad input is click's own, since click then reads the
+command line again.
 """
 
 from __future__ import annotations
@@ -81,6 +84,15 @@ def _options() -> dict[str, _Opt]:
                                   envvar="MESHXL_STATESYNC_MAX_CONNECTIONS"),
         "--istio-workload": _Opt("istio_workload", envvar="MESHXL_ISTIO_WORKLOAD"),
         "--istio-tls-mode": _Opt("istio_tls_mode", envvar="MESHXL_ISTIO_TLS_MODE", default=""),
+        "--dapr": _Opt("dapr", _CHOICE, default="off", choices=("off", "on"),
+                       envvar="MESHXL_DAPR"),
+        "--dapr-http-port": _Opt("dapr_http_port", default=3500, bound=limits.DAPR_PORT,
+                                 envvar="DAPR_HTTP_PORT"),
+        "--dapr-grpc-port": _Opt("dapr_grpc_port", default=50001, bound=limits.DAPR_PORT,
+                                 envvar="DAPR_GRPC_PORT"),
+        "--dapr-app-id": _Opt("dapr_app_id", envvar="MESHXL_DAPR_APP_ID"),
+        "--dapr-key-prefix": _Opt("dapr_key_prefix", default="appid"),
+        "--dapr-store": _Opt("dapr_store", default="statestore"),
         "--trace-file": _Opt("trace_file", _FILE),
         "--log-level": _Opt("log_level", default="info"),
     }

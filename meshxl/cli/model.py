@@ -1,4 +1,4 @@
-"""The model: ``meshxl validate`` and ``meshxl apply``."""
+"""The model: ``meshxl validate``, ``meshxl apply`` and ``meshxl schema``."""
 
 from __future__ import annotations
 
@@ -94,4 +94,14 @@ def apply(file: Path, etcd_urls: str, etcd_root: str) -> None:
     click.echo(f"model {state}: {applied.clusters} clusters at etcd revision {applied.revision}")
 
 
-COMMANDS: list[click.Command] = [validate, apply]
+@click.command()
+def schema() -> None:
+    """Print the model's JSON Schema (2020-12), generated from its one declaration: for
+    editors (yaml-language-server) and validators. docs/model.schema.json is it;
+    docs/model.md, "The JSON Schema", says how to use it."""
+    from meshxl.model.schema import schema_text
+
+    click.echo(schema_text(), nl=False)
+
+
+COMMANDS: list[click.Command] = [validate, apply, schema]

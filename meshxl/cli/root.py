@@ -10,7 +10,7 @@ place failures become a one-line message and an exit code.
 module     commands
 =========  ===========================================================================
 version    version (and ``--version``)
-model      validate, apply
+model      validate, apply, schema
 envoy      bootstrap, envoy
 ops        member down/up, site offline/online
 views      status, sync, verify (read-only operator views)
@@ -39,7 +39,7 @@ __all__ = ["AREAS", "areas", "main"]
 
 AREAS: dict[str, tuple[str, ...]] = {
     "version": ("version",),
-    "model": ("validate", "apply"),
+    "model": ("validate", "apply", "schema"),
     "envoy": ("bootstrap", "envoy"),
     "ops": ("member", "site", "restore", "shards"),
     "views": ("status", "sync", "verify"),

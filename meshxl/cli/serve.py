@@ -210,6 +210,26 @@ def serve_xds(listen: str, config_path: Path | None, etcd_urls: str | None, etcd
               help="Under Istio: the pod's security.istio.io/tlsMode label ('istio': its "
                    "endpoint takes Istio's mutual TLS; empty: plain text; set by the "
                    "injector).")
+@click.option("--dapr", type=click.Choice(["off", "on"]), default="off", show_default=True,
+              envvar="MESHXL_DAPR",
+              help="Serve Dapr's state API (HTTP and gRPC) for the member's cluster, so a "
+                   "Dapr application's SDK keeps its state here unchanged (docs/dapr.md).")
+@click.option("--dapr-http-port", type=bounded(limits.DAPR_PORT), default=3500,
+              show_default=True, envvar="DAPR_HTTP_PORT",
+              help="Dapr's HTTP API, on --listen's host (where the SDKs look: "
+                   "DAPR_HTTP_PORT; 0: any free port).")
+@click.option("--dapr-grpc-port", type=bounded(limits.DAPR_PORT), default=50001,
+              show_default=True, envvar="DAPR_GRPC_PORT",
+              help="Dapr's gRPC API, dapr.proto.runtime.v1.Dapr (DAPR_GRPC_PORT; 0: any "
+                   "free port).")
+@click.option("--dapr-app-id", envvar="MESHXL_DAPR_APP_ID",
+              help="The application's Dapr id, the keys' prefix (default: the cluster).")
+@click.option("--dapr-key-prefix", default="appid", show_default=True,
+              help="As a Dapr state store's keyPrefix: appid (APPID||key), name (the "
+                   "store's), none (the key is the session id), or a literal prefix.")
+@click.option("--dapr-store", default="statestore", show_default=True,
+              help="The state store name that is the member's own cluster (each cluster "
+                   "served is a store by its own name too).")
 @trace_file_option
 @click.option("--log-level", default="info", show_default=True)
 def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
@@ -220,7 +240,9 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     session_ttl: float | None, sync_delay: float | None,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
                     max_inflight: int, max_connections: int | None,
-                    istio_workload: str | None, istio_tls_mode: str, trace_file: Path | None,
+                    istio_workload: str | None, istio_tls_mode: str, dapr: str,
+                    dapr_http_port: int, dapr_grpc_port: int, dapr_app_id: str | None,
+                    dapr_key_prefix: str, dapr_store: str, trace_file: Path | None,
                     log_level: str) -> None:
     """The session-state sidecar: replicates sessions through etcd, registers the member."""
     serving.serve_statesync(
@@ -228,7 +250,9 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
         etcd_urls, etcd_credentials_dir, etcd_root, session_ttl, sync_delay,
         max_session_bytes, lease_ttl, batch_max_ops, max_inflight, max_connections,
         trace_file, log_level, etcd_security=etcd_security,
-        istio_workload=istio_workload, istio_tls_mode=istio_tls_mode)
+        istio_workload=istio_workload, istio_tls_mode=istio_tls_mode, dapr=dapr,
+        dapr_http_port=dapr_http_port, dapr_grpc_port=dapr_grpc_port, dapr_app_id=dapr_app_id,
+        dapr_key_prefix=dapr_key_prefix, dapr_store=dapr_store)
 
 
 @click.command("otlp-receiver")

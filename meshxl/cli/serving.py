@@ -83,7 +83,10 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
                     max_session_bytes: int | None, lease_ttl: float, batch_max_ops: int,
                     max_inflight: int, max_connections: int | None, trace_file: Path | None,
                     log_level: str, etcd_security: Callable[[], Any],
-                    istio_workload: str | None = None, istio_tls_mode: str = "") -> None:
+                    istio_workload: str | None = None, istio_tls_mode: str = "",
+                    dapr: str = "off", dapr_http_port: int = 3500,
+                    dapr_grpc_port: int = 50001, dapr_app_id: str | None = None,
+                    dapr_key_prefix: str = "appid", dapr_store: str = "statestore") -> None:
     """The session-state sidecar, from ``meshxl serve statesync``'s option values;
     ``etcd_security``: the etcd TLS and credential settings, built when called;
     ``istio_workload``, ``istio_tls_mode``: its pod's, under Istio."""
@@ -93,6 +96,7 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
     from meshxl.statesync.app import StatesyncConfig
     from meshxl.statesync.app import serve as serve_sidecar
     from meshxl.statesync.auth import read_token
+    from meshxl.statesync.config import DaprConfig
     from meshxl.statesync.credentials import cluster_security
 
     setup_logging(log_level)
@@ -100,6 +104,9 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
     # Hosting several: the process's settings name the pool (or the first cluster).
     cluster = pool if pool is not None else clusters[0]
     listen, unix_socket = checked(lambda: statesync_listens(listens))
+    dapr_config = checked(lambda: DaprConfig(
+        http_port=dapr_http_port, grpc_port=dapr_grpc_port, app_id=dapr_app_id or None,
+        key_prefix=dapr_key_prefix, store=dapr_store)) if dapr == "on" else None
     config = checked(lambda: StatesyncConfig(
         cluster=cluster, member=member, app=app_address, etcd=etcd_urls, listen=listen,
         unix_socket=unix_socket, socket_mode=int(socket_mode, 8),
@@ -109,7 +116,8 @@ def serve_statesync(clusters: tuple[str, ...], pool: str | None, member: str,
         max_connections=max_connections, etcd_security=etcd_security(),
         etcd_credentials_dir=etcd_credentials_dir,
         token=read_token(token_file, dict(os.environ)),
-        istio_workload=istio_workload or None, istio_tls_mode=istio_tls_mode or ""))
+        istio_workload=istio_workload or None, istio_tls_mode=istio_tls_mode or "",
+        dapr=dapr_config))
     if pool is None and len(set(clusters)) == 1:  # one cluster: its own entry, if any
         config = checked(lambda: dataclasses.replace(config, etcd_security=cluster_security(
             etcd_credentials_dir, cluster, config.etcd_security)))

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,11 +148,14 @@ class AsyncSessionInterceptor(aio.ServerInterceptor):
     """Loads and saves the call's session for a ``grpc.aio`` server (module docstring)."""
 
     def __init__(self, client: AsyncClient, *, metadata: str = hdr.SESSION, retries: int = 0,
-                 default: Callable[[], Any] = dict) -> None:
+                 default: Callable[[], Any] = dict, passthrough: Iterable[str] = ()) -> None:
+        """``passthrough``: services (``package.Service``) whose calls pass untouched:
+        resumable streams (:mod:`meshxl.streams.grpcio`) keep their own state."""
         self.client = client
         self.metadata = metadata.lower()
         self.retries = _check_retries(retries)
         self.default = default
+        self.passthrough = tuple(f"/{service}/" for service in passthrough)
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -160,7 +163,8 @@ class AsyncSessionInterceptor(aio.ServerInterceptor):
             handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         session_id = _session_id(handler_call_details, self.metadata)
-        if handler is None or session_id is None:
+        if handler is None or session_id is None or (
+                self.passthrough and handler_call_details.method.startswith(self.passthrough)):
             return handler
         kind = _kind(handler)
         inner = getattr(handler, kind)

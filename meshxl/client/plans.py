@@ -161,6 +161,9 @@ class Readiness:
     ready: bool
     reasons: list[str]
     warnings: list[str]
+    moving: bool = False
+    """A planned move away from the member is under way (member down, site offline, a
+    degraded judgement...): hand long-lived connections on (:mod:`meshxl.streams`)."""
 
 
 # -- pure helpers ---------------------------------------------------------------------------
@@ -399,7 +402,8 @@ def ready(settings: ClientSettings, rng: random.Random) -> Plan[Readiness]:
     body = _json_body(outcome, request)
     return Readiness(ready=outcome.status == 200 and body.get("ready") is True,
                      reasons=[str(r) for r in body.get("reasons") or []],
-                     warnings=[str(w) for w in body.get("warnings") or []])
+                     warnings=[str(w) for w in body.get("warnings") or []],
+                     moving=body.get("moving") is True)
 
 
 # -- several sessions at once (POST /v1/sessions:bulkGet, :bulkSave, :transaction) -------

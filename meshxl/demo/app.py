@@ -279,6 +279,7 @@ async def _watch_ready(app: web.Application) -> None:
     while True:
         try:
             readiness = await probe.ready()
+            app[_streams].note_moving(readiness.moving)
             state["ready"] = readiness.ready
             state["reason"] = "" if readiness.ready else \
                 f"/readyz: {'; '.join(readiness.reasons) or 'not ready'}"

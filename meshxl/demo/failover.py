@@ -8,6 +8,9 @@ SIGKILL). The run then reads every session back and writes, in the output direct
 
 * ``report.json``: requests, failures, acknowledged and lost writes, recovery time per
   session (RTO), detection, convergence and takeover times from the failover trace;
+  and, beside the requests, resumable streams (:mod:`meshxl.local.tallies`) through the
+  same kill: their messages lost, duplicated, reordered or applied twice, and how soon
+  each answered again from the new owner (``streams``);
 * ``traces.jsonl``: every process's spans (OTLP JSON lines), one failover trace among
   Envoy's, the apps' and the sidecars' request traces;
 * ``timeline.png``: requests per member over time with the failover's events.
@@ -40,6 +43,7 @@ from meshxl.local.report import (
     print_summary,
 )
 from meshxl.local.streams import StreamTraffic, read_back_kind, reconnect_report
+from meshxl.local.tallies import TallyTraffic
 from meshxl.local.traffic import REQUEST_INTERVAL, Traffic, read_back
 from meshxl.telemetry.otlpjson import merge_traces, read_spans
 
@@ -80,6 +84,11 @@ async def _wait_spans_settled(path: Path, quiet: float = 0.6, timeout: float = 5
 #: ``--protocol`` -> the traffic that drives it (:mod:`meshxl.local.streams`'s kinds; HTTP
 #: is :class:`meshxl.local.traffic.Traffic`).
 KINDS = {"http": "http", "grpc": "grpc", "websocket": "websocket", "tcp": "tcp"}
+#: ``--protocol`` -> the resumable streams run beside its traffic (TCP has none: a byte
+#: stream without framing is reconnect-only).
+STREAM_KINDS = {"http": "websocket", "websocket": "websocket", "grpc": "grpc"}
+STREAMS = 10
+"""Resumable streams beside the requests."""
 
 
 def _traffic(protocol: str, deployment: DemoDeployment, sessions: int, until: float,
@@ -102,7 +111,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                    duration: float = 20.0, output_dir: Path | None = None,
                    etcd_url: str | None = None, kill_at: float | None = None,
                    protocol: str = "http") -> int:
-    """Run the failover demo; returns 1 if an acknowledged write was lost, else 0.
+    """Run the failover demo; returns 1 if an acknowledged write was lost (or a stream's
+    message was lost, duplicated, reordered or applied twice), else 0.
     ``protocol``: what the members speak and the clients drive (:data:`KINDS`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -131,6 +141,11 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
 
         started = time.time()
         traffic = _traffic(protocol, deployment, sessions, started + duration, traces)
+        tallies = TallyTraffic(deployment.url if protocol != "grpc" else deployment.target,
+                               STREAM_KINDS[protocol], STREAMS, started + duration,
+                               interval=0.1, prefix="demo") \
+            if protocol in STREAM_KINDS else None
+        streaming = asyncio.create_task(tallies.run()) if tallies is not None else None
         killed: str | None = None
         kill_time: float | None = None
         from rich.live import Live
@@ -146,6 +161,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                 live.update(_progress(traffic, started, duration, killed))
                 await asyncio.wait([load], timeout=0.05)
             await load
+            if streaming is not None:
+                await streaming
             live.update(_progress(traffic, started, duration, killed))
         console.print()
         ended = time.time()
@@ -174,6 +191,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         report["protocol"] = protocol
         if isinstance(traffic, StreamTraffic) and protocol != "grpc":
             report["reconnects"] = reconnect_report(traffic.reconnects, kill_time, killed)
+        if tallies is not None:
+            report["streams"] = tallies.report(kill_time, killed)
         report["traffic_ended_s"] = round(ended - started, 3)
         report["readback_failed"] = sum(1 for r in readback if not r.ok)
         # The picture needs matplotlib (the `demo` extra); without it the run still counts.
@@ -190,7 +209,10 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
             await asyncio.to_thread(plot_timeline, out / "timeline.png", traffic.records,
                                     plot_report, started, max(ended, started + duration))
         print_summary(console, report, out)
-        return 1 if report["lost_writes"] else 0
+        broken = report.get("streams") or {}
+        return 1 if report["lost_writes"] or any(
+            broken.get(k) for k in ("lost", "duplicated", "reordered", "misapplied",
+                                    "errors")) else 0
     finally:
         await deployment.close()
 

@@ -8,7 +8,9 @@ gRPC interceptor (:mod:`meshxl.client.interceptor`): ``Increment`` adds one to `
 again on fresh state, up to three times, then ``ABORTED``), ``Current`` reads it, and
 the server-streaming ``Watch`` adds one every ``interval_ms`` and sends each value after
 its write (``commit``). A sidecar that fails answers ``UNAVAILABLE``, which Envoy
-retries on another member.
+retries on another member. ``meshxl.demo.v1.Tally`` is the resumable streams' tally
+(:mod:`meshxl.demo.tally`): its calls keep their own state, so the interceptor passes
+them untouched.
 
 The member serves the standard health service (grpc.health.v1, the reference
 implementation from grpcio-health-checking), ``SERVING`` while its sidecar is ready:
@@ -32,14 +34,20 @@ from meshxl.binaries import install_hint
 from meshxl.client import AsyncClient, Backoff, ClientSettings
 from meshxl.client.interceptor import AsyncSessionInterceptor, commit, current_session
 from meshxl.demo.signals import until_stopped
+from meshxl.demo.tally import grpc_handlers
 from meshxl.errors import MeshxlError
 from meshxl.local import counter
+from meshxl.streams import StreamHost
+from meshxl.streams import grpcio as streams_service
+from meshxl.streams.grpcio import acknowledgements
 
 log = logging.getLogger("meshxl.demo.grpc_app")
 
 READY_POLL = 0.2
 CONFLICT_RETRIES = 2
 SIDECAR_SETTINGS = ClientSettings(timeout=5.0, unavailable=Backoff(attempts=1))
+STREAM_SETTINGS = ClientSettings(timeout=5.0, unavailable=Backoff(attempts=2, first=0.02))
+"""The streams' client: a stream's commits are tried again by its host."""
 
 
 def _seq(state: Any) -> int:
@@ -97,13 +105,16 @@ class Counter:
         })
 
 
-async def _follow_sidecar(probe: AsyncClient, health: Any) -> None:
-    """SERVING while the sidecar is ready (Envoy's grpc.health.v1 check asks this)."""
+async def _follow_sidecar(probe: AsyncClient, health: Any, streams: StreamHost) -> None:
+    """SERVING while the sidecar is ready (Envoy's grpc.health.v1 check asks this); the
+    streams handed on when it says a planned move is under way."""
     from grpc_health.v1 import health_pb2
 
     while True:
         try:
-            ready = (await probe.ready()).ready
+            readiness = await probe.ready()
+            ready = readiness.ready
+            streams.note_moving(readiness.moving)
         except MeshxlError:
             ready = False
         status = (health_pb2.HealthCheckResponse.SERVING if ready
@@ -121,14 +132,19 @@ async def serve(member: str, listen: str, sidecar: str) -> None:
     probe = AsyncClient(sidecar, settings=ClientSettings(
         timeout=READY_POLL * 2, connect_timeout=READY_POLL * 2,
         unavailable=Backoff(attempts=1)))
+    streams = StreamHost(AsyncClient(sidecar, settings=STREAM_SETTINGS))
     server = aio.server(interceptors=[AsyncSessionInterceptor(
-        client, retries=CONFLICT_RETRIES)], options=GRPC_SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((Counter(member).handlers(),))
+        client, retries=CONFLICT_RETRIES,
+        passthrough=(counter.TALLY, streams_service.SERVICE))],
+        options=GRPC_SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((Counter(member).handlers(),
+                                     grpc_handlers(streams, member),
+                                     acknowledgements(streams)))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     bind_grpc(server, listen)
     await server.start()
-    follower = asyncio.create_task(_follow_sidecar(probe, health))
+    follower = asyncio.create_task(_follow_sidecar(probe, health, streams))
     log.info("gRPC member %s serving on %s, state in %s", member, listen, sidecar)
     try:
         await until_stopped()
@@ -136,7 +152,9 @@ async def serve(member: str, listen: str, sidecar: str) -> None:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
+        await streams.aclose()
         await server.stop(1.0)
+        await streams.sessions.close()
         await client.close()
         await probe.close()
 

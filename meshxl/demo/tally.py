@@ -17,6 +17,14 @@ without the stream protocol (``GET`` opens the session's event stream, each ``PO
 ``{"n": N}`` is answered 202 and its answer sent as an event on it; kept in the process
 only, like the plain WebSocket): what ``bench/streams.py`` measures the resumable one
 beside.
+
+gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
+:mod:`meshxl.local.counter`): ``Talk``, the same tally over a bidirectional stream, and
+``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
+counts them (the count is the stream's committed state: it goes on from there on the
+member that takes the stream over).
+
+``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from typing import Any
 from aiohttp import web
 
 from meshxl import headers as hdr
+from meshxl.demo import tally_page
 from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
-__all__ = ["add_routes", "tally"]
+__all__ = ["add_routes", "grpc_handlers", "tally"]
 
 
 def _amount(message: Any) -> int:
@@ -147,3 +156,37 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
     app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
     app.router.add_route("*", "/streams/sse/plain", _plain_sse(member))
+    tally_page.add_routes(app)
+
+
+def grpc_handlers(host: StreamHost, member: str) -> Any:
+    """The gRPC tally service's method handlers (``Talk``, ``Ticks``)."""
+    import asyncio
+
+    import grpc
+
+    from meshxl.local import counter
+    from meshxl.streams.grpcio import GrpcStream, stream_stream, unary_stream
+
+    async def talk(stream: GrpcStream) -> None:
+        total = int((stream.state or {}).get("total", 0))
+        async for message in stream:
+            total += message.n
+            stream.state = {"total": total}
+            await stream.send(counter.TallyReply(seq=stream.seq, n=message.n, total=total,
+                                                 member=member))
+
+    async def ticks(stream: GrpcStream) -> None:
+        interval = max(stream.request.interval_ms, 1) / 1000
+        tick = int((stream.state or {}).get("tick", 0))
+        while stream.request.count == 0 or tick < stream.request.count:
+            tick += 1
+            await stream.send(counter.TallyReply(seq=tick, member=member),
+                              state={"tick": tick})
+            await asyncio.sleep(interval)
+
+    return grpc.method_handlers_generic_handler(counter.TALLY, {
+        "Talk": stream_stream(host, talk, request_type=counter.TallyRequest,
+                              response_type=counter.TallyReply),
+        "Ticks": unary_stream(host, ticks, request_type=counter.WatchRequest,
+                              response_type=counter.TallyReply)})

@@ -64,8 +64,9 @@ class EtcdMeshSource(Generic[Model]):
     missed and nothing is applied twice.
 
     ``parse`` reads the stored model's text (``parse(text, source)``, raising
-    ModelError): the whole model by default (:func:`meshxl.model.parse_model`), or only
-    what a sidecar needs (:func:`meshxl.model.light.parse_light`).
+    ModelError): the whole model by default (:func:`meshxl.model.parse_model`), or as a
+    sidecar reads it, its virtual systems not compiled into clusters
+    (:func:`meshxl.model.load.parse_unexpanded`).
     """
 
     @overload

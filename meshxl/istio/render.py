@@ -44,6 +44,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from msgspec.structs import replace
+
 from meshxl import __version__
 from meshxl.errors import InputError
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
@@ -260,7 +262,7 @@ def _site_chain(spec: ClusterSpec, options: IstioOptions,
 def _ha_chain(spec: ClusterSpec, warnings: list[str]) -> list[str]:
     """High availability: the role labels ``meshxl istio label`` maintains."""
     if spec.members:
-        view = cluster_view(spec.model_copy(update={"membership": "static"}), RuntimeState())
+        view = cluster_view(replace(spec, membership="static"), RuntimeState())
         tiers = {m.priority for m in view.members}
         if len(tiers) > 3:
             warnings.append(f"cluster {spec.name}: meshxl tiers 2 to {max(tiers)} (backup "

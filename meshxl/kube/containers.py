@@ -97,9 +97,11 @@ def _downward_env() -> list[dict[str, Any]]:
 
 def statesync_container(config: InjectConfig, cluster: str, site: str | None, weight: int | None,
                app_port: int, ipv6: bool,
-               istio_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               istio_meta: Mapping[str, Any] | None = None,
+               dapr: bool = False) -> dict[str, Any]:
     """The statesync sidecar of a pod; ``istio_meta``: the pod's metadata, under Istio
-    (its Istio endpoint metadata goes into its registration: :mod:`.istio_pod`)."""
+    (its Istio endpoint metadata goes into its registration: :mod:`.istio_pod`);
+    ``dapr``: it serves Dapr's state API on the pod's loopback, ports 3500 and 50001."""
     pod_ip = f"[$({_ENV_POD_IP})]" if ipv6 else f"$({_ENV_POD_IP})"
     args = ["serve", "statesync", "--cluster", cluster, "--member", f"$({_ENV_MEMBER})",
             "--app", f"{pod_ip}:{app_port}", "--listen", config.statesync_listen,
@@ -108,6 +110,8 @@ def statesync_container(config: InjectConfig, cluster: str, site: str | None, we
         args += ["--site", site]
     if weight is not None:
         args += ["--weight", str(weight)]
+    if dapr:
+        args += ["--dapr", "on"]
     if config.statesync_token_secret:
         args += ["--token-file", f"{TOKEN_DIR}/{TOKEN_KEY}"]
     if config.etcd_client_secret:

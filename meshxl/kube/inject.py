@@ -13,7 +13,8 @@ of the same name) and from the downward API at run time:
 * member: the pod name (``metadata.name`` through the downward API, because a pod
   created from a template has no name yet when it is admitted);
 * site, weight: ``meshxl.io/site``, ``meshxl.io/weight`` (optional: the model decides);
-* the application port: ``meshxl.io/app-port``, else the first container's first port.
+* the application port: ``meshxl.io/app-port``, else the first container's first port;
+* Dapr's state API on the sidecar: ``meshxl.io/dapr: "on"`` (docs/dapr.md).
 
 Where the pod may run is part of high availability: members of one cluster repel each
 other across nodes (pod anti-affinity on ``kubernetes.io/hostname``) and spread over
@@ -61,6 +62,7 @@ from meshxl.kube.containers import (
     token_volume,
     xds_client_volume,
 )
+from meshxl.model.limits import MEMBER_WEIGHT, PORT
 from meshxl.model.spec import NAME_PATTERN
 
 __all__ = [
@@ -95,6 +97,11 @@ ANNOTATION_IP_FAMILY = "meshxl.io/ip-family"
 ANNOTATION_STATUS = "meshxl.io/status"
 #: ``preferred``, ``required`` or ``none``: how members of one cluster are kept apart
 #: (anti-affinity across nodes, spread over zones). Overrides the injector's default.
+ANNOTATION_DAPR = "meshxl.io/dapr"
+"""``on``: the sidecar serves Dapr's state API on the pod's loopback, where the Dapr SDKs
+look (3500 and 50001; docs/dapr.md)."""
+DAPRD_ENABLED = "dapr.io/enabled"
+"""Dapr's own injector's annotation: its daprd takes the same ports."""
 ANNOTATION_ANTI_AFFINITY = "meshxl.io/anti-affinity"
 #: Node labels every node has (its name) and cloud providers set (its zone).
 HOSTNAME_KEY = "kubernetes.io/hostname"
@@ -252,15 +259,16 @@ def _weight_of(meta: Mapping[str, Any]) -> int | None:
     raw = _lookup(meta, LABEL_WEIGHT)
     if raw is None:
         return None
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= 10_000:
-        raise InjectError(f"{LABEL_WEIGHT} must be an integer in 1..10000, got {raw!r}")
+    low, high = MEMBER_WEIGHT.whole
+    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+        raise InjectError(f"{LABEL_WEIGHT} must be an integer in {low}..{high}, got {raw!r}")
     return int(raw)
 
 
 def _app_port(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> int:
     raw = _lookup(meta, ANNOTATION_APP_PORT)
     if raw is not None:
-        if not raw.strip().isdigit() or not 1 <= int(raw) <= 65535:
+        if not raw.strip().isdigit() or not PORT.fits(int(raw)):
             raise InjectError(f"{ANNOTATION_APP_PORT} must be a port number, got {raw!r}")
         return int(raw)
     for container in _containers(spec, "containers"):
@@ -279,6 +287,19 @@ def _proxy_of(meta: Mapping[str, Any], default: str) -> str:
     if proxy not in ("envoy", "none"):
         raise InjectError(f"{ANNOTATION_PROXY} must be 'envoy' or 'none', got {proxy!r}")
     return proxy
+
+
+def _dapr_of(meta: Mapping[str, Any]) -> bool:
+    value = _lookup(meta, ANNOTATION_DAPR)
+    if value is None or value == "off":
+        return False
+    if value != "on":
+        raise InjectError(f"{ANNOTATION_DAPR} must be 'on' or 'off', got {value[:40]!r}")
+    if (_lookup(meta, DAPRD_ENABLED) or "").lower() == "true":
+        raise InjectError(f"{ANNOTATION_DAPR}: on and {DAPRD_ENABLED}: true both serve "
+                          "Dapr's API on ports 3500 and 50001: turn one off (with daprd "
+                          "for other building blocks, see docs/dapr.md)")
+    return True
 
 
 def _anti_affinity_of(meta: Mapping[str, Any], default: str) -> str:
@@ -420,7 +441,8 @@ def mutate_pod(pod: Mapping[str, Any], config: InjectConfig) -> dict[str, Any]:
     # network, which under Istio the istio-proxy sidecar provides), then the sidecars
     # start, then the application.
     init.append(statesync_container(config, cluster, site, weight, app_port, family == "ipv6",
-                                    istio_meta=meta if proxy == "none" else None))
+                                    istio_meta=meta if proxy == "none" else None,
+                                    dapr=_dapr_of(meta)))
     volumes: list[str] = []
     if proxy == "envoy":
         init.append(envoy_container(config, cluster))

@@ -14,6 +14,16 @@ gRPC: service ``meshxl.demo.v1.Counter``, the session in the ``x-session-id`` me
       rpc Watch(WatchRequest) returns (stream CounterReply); // seq + 1 every interval
     }
 
+And the tally of a resumable stream (:mod:`meshxl.demo.tally`), service
+``meshxl.demo.v1.Tally``::
+
+    message TallyRequest { int64 n = 1; }
+    message TallyReply { int64 seq = 1; int64 n = 2; int64 total = 3; string member = 4; }
+    service Tally {
+      rpc Talk(stream TallyRequest) returns (stream TallyReply);  // each n added, answered
+      rpc Ticks(WatchRequest) returns (stream TallyReply);        // seq counts the ticks
+    }
+
 The messages are built from a descriptor here rather than generated code: one small
 file, no code generator in the build.
 
@@ -27,13 +37,17 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-__all__ = ["CounterReply", "CounterRequest", "INCREMENT", "CURRENT", "SERVICE", "WATCH",
-           "WatchRequest", "parse_tcp_answer", "tcp_request"]
+__all__ = ["CURRENT", "INCREMENT", "SERVICE", "TALK", "TALLY", "TICKS", "WATCH",
+           "CounterReply", "CounterRequest", "TallyReply", "TallyRequest", "WatchRequest",
+           "parse_tcp_answer", "tcp_request"]
 
 SERVICE = "meshxl.demo.v1.Counter"
 INCREMENT = f"/{SERVICE}/Increment"
 CURRENT = f"/{SERVICE}/Current"
 WATCH = f"/{SERVICE}/Watch"
+TALLY = "meshxl.demo.v1.Tally"
+TALK = f"/{TALLY}/Talk"
+TICKS = f"/{TALLY}/Ticks"
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -50,6 +64,19 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     watch = f.message_type.add(name="WatchRequest")
     for number, name in enumerate(("interval_ms", "count"), start=1):
         watch.field.add(name=name, number=number, type=_F.TYPE_UINT32, label=_F.LABEL_OPTIONAL)
+    f.message_type.add(name="TallyRequest").field.add(
+        name="n", number=1, type=_F.TYPE_INT64, label=_F.LABEL_OPTIONAL)
+    tally = f.message_type.add(name="TallyReply")
+    for number, (name, kind) in enumerate((("seq", _F.TYPE_INT64), ("n", _F.TYPE_INT64),
+                                           ("total", _F.TYPE_INT64),
+                                           ("member", _F.TYPE_STRING)), start=1):
+        tally.field.add(name=name, number=number, type=kind, label=_F.LABEL_OPTIONAL)
+    streams = f.service.add(name="Tally")
+    streams.method.add(name="Talk", input_type=".meshxl.demo.v1.TallyRequest",
+                       output_type=".meshxl.demo.v1.TallyReply", client_streaming=True,
+                       server_streaming=True)
+    streams.method.add(name="Ticks", input_type=".meshxl.demo.v1.WatchRequest",
+                       output_type=".meshxl.demo.v1.TallyReply", server_streaming=True)
     service = f.service.add(name="Counter")
     for name, request, streaming in (("Increment", "CounterRequest", False),
                                      ("Current", "CounterRequest", False),
@@ -68,6 +95,10 @@ CounterReply: Any = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName("meshxl.demo.v1.CounterReply"))
 WatchRequest: Any = message_factory.GetMessageClass(
     _POOL.FindMessageTypeByName("meshxl.demo.v1.WatchRequest"))
+TallyRequest: Any = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("meshxl.demo.v1.TallyRequest"))
+TallyReply: Any = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName("meshxl.demo.v1.TallyReply"))
 
 
 def tcp_request(verb: str, session: str) -> bytes:

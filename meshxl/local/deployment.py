@@ -64,17 +64,24 @@ PROTOCOLS = {"http": "http", "websocket": "http", "grpc": "grpc", "tcp": "tcp"}
 def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
                algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
                drain_window: float | None = None, failover: str = "",
-               fields: Mapping[str, str] | None = None) -> str:
+               fields: Mapping[str, str] | None = None, pin_header: str | None = None,
+               hash_cookie: str | None = None) -> str:
     """The demo cluster; ``pin``: sessions are pinned to the member that served them
-    (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones.
+    (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones;
+    ``pin_header``: pinned, the pin carried in this header instead (a client that sends
+    back what it was given, with no cookie jar).
     ``protocol``: what the members speak (:data:`PROTOCOLS`): gRPC and HTTP hash on the
     session header, TCP on the client's source address; ``failover``: the cluster's
     ``failover`` settings (YAML flow mapping); ``fields``: further cluster fields, each
-    a YAML flow value (``{"degradation": "{action: off}"}``)."""
+    a YAML flow value (``{"degradation": "{action: off}"}``); ``hash_cookie``: HTTP
+    sessions hash on this cookie instead of the session header (what a browser's
+    WebSocket carries)."""
     sites = sorted({site for _, site in members})
-    pinned = f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else ""
+    pinned = (f", pin: {{header: {pin_header}}}" if pin_header
+              else f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else "")
     spoken = PROTOCOLS[protocol]
-    key = "source_ip: true" if spoken == "tcp" else f"header: {hdr.SESSION}"
+    key = "source_ip: true" if spoken == "tcp" else \
+        f"cookie: {{name: {hash_cookie}}}" if hash_cookie else f"header: {hdr.SESSION}"
     lines = [f"    protocol: {spoken}"] if spoken != "http" else []
     if spoken == "http":
         lines.append("    health_check: {path: /healthz}")
@@ -139,7 +146,8 @@ class DemoDeployment:
 
     ``trace_dir``: every process writes its spans there (and Envoy's go to an OTLP
     receiver writing ``envoy.jsonl``); None runs without tracing. ``pin``: pinned
-    sessions (see :func:`demo_model`); ``fields``: further cluster fields (ditto).
+    sessions (see :func:`demo_model`; ``pin_header``: pinned by that header); ``fields``:
+    further cluster fields (ditto); ``hash_cookie``: sessions hash on this cookie (ditto).
     ``faults``: every app reads injected faults from a file of its own
     (:meth:`set_faults`, :mod:`meshxl.demo.faults`).
     """
@@ -150,7 +158,8 @@ class DemoDeployment:
                  members: Sequence[tuple[str, str]] | None = None,
                  algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
                  drain_window: float | None = None, failover: str = "",
-                 fields: Mapping[str, str] | None = None, faults: bool = False) -> None:
+                 fields: Mapping[str, str] | None = None, faults: bool = False,
+                 pin_header: str | None = None, hash_cookie: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if protocol not in PROTOCOLS:
@@ -173,9 +182,11 @@ class DemoDeployment:
         self.keys = Keys(f"/meshxl-demo-{os.getpid()}-{time.time_ns()}")
         self.algorithm = algorithm
         self.pin = pin
+        self.pin_header = pin_header
         self.failover = failover
         self.fields = dict(fields or {})
         self.faults = faults
+        self.hash_cookie = hash_cookie
         layout = list(members) if members is not None else (
             HA_MEMBERS if mode == "high-availability" else LS_MEMBERS)
         if not layout:
@@ -230,7 +241,7 @@ class DemoDeployment:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
                 self.algorithm, self.pin, self.protocol, self.drain_window, self.failover,
-                self.fields),
+                self.fields, self.pin_header, self.hash_cookie),
                 "demo model")
         otlp_port = None
         if self.trace_dir is not None:

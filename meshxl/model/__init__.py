@@ -1,8 +1,10 @@
 """The cluster model: pure data, loading and validation, and the runtime view.
 
 Nothing here does I/O beyond reading a file on request, and nothing imports the
-rest of meshxl. The package's names are loaded on first use: the runtime view and
-:mod:`.light` (what a sidecar reads of a model) import neither pydantic nor the spec.
+rest of meshxl. The model is declared once (:mod:`.spec`, :mod:`.traffic`,
+:mod:`.document`: msgspec Structs), read by :mod:`.decode`, and read the same way by the
+control plane, the statesync sidecar, the CLI and the injector. The package's names are
+loaded on first use: the runtime view imports no part of the declaration.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""The model's vocabulary without pydantic: its enumerations and the one way to
+"""The model's vocabulary without msgspec: its enumerations and the one way to
 dispatch on them, names, durations, member addresses, and its problems and error.
 
-:mod:`.spec` (the pydantic model) and :mod:`.light` (what a sidecar reads of a model)
-both build on it, so the two can never disagree on what a value means; importing it
-costs neither pydantic nor YAML.
+:mod:`.spec` (the model's declaration), the runtime records and the command line's
+readers build on it; importing it costs neither msgspec nor YAML.
 """
 
 from __future__ import annotations
@@ -193,6 +192,8 @@ class Problem:
 
 class ModelError(InputError):
     """A model that cannot be served. ``problems`` lists every reason."""
+
+    problems: list[Problem]
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems

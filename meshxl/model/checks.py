@@ -1,6 +1,5 @@
-"""The model's cross-field checks on names, sites and members (pure, no pydantic):
-:mod:`.load` runs them on the validated model, :mod:`.light` on what a sidecar reads,
-so both refuse exactly the same."""
+"""The model's cross-field checks on names, sites and members (pure): :mod:`.load`
+runs them on the model as read, for the control plane and for a sidecar alike."""
 
 from __future__ import annotations
 

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from msgspec import Meta
+from msgspec.structs import force_setattr
 
 from .basics import Membership
+from .fields import within
+from .limits import BACKUPS, SHARE_PERCENT
 from .spec import (
     ClusterSpec,
     Degradation,
@@ -27,12 +30,12 @@ from .spec import (
 __all__ = ["ModelSpec", "Pool", "Telemetry", "VirtualSystem"]
 
 
-class Pool(SpecModel):
+class Pool(SpecModel, frozen=True, kw_only=True):
     """Members shared by many virtual systems (VSX VSLS): each VS gets its active,
     standby and backup roles on them (docs/vsls.md)."""
 
     name: Name
-    members: list[Member] = Field(min_length=1)
+    members: Annotated[list[Member], Meta(min_length=1)]
     """As a cluster's; ``weight`` is the member's capacity: its share of active roles."""
     sites: list[Site] = []
     listener: Listener | None = None
@@ -48,7 +51,7 @@ class Pool(SpecModel):
     costs": a longer ``interval`` for many VSs)."""
 
 
-class VirtualSystem(SpecModel):
+class VirtualSystem(SpecModel, frozen=True, kw_only=True):
     """One tenant on a pool, or many with the same settings (``names``): each becomes a
     cluster of its own, named after it, whose members are the pool's with EDS
     priorities from the placement (docs/vsls.md)."""
@@ -62,7 +65,7 @@ class VirtualSystem(SpecModel):
     mode: Mode = "high-availability"
     """``high-availability``: active, standby and backups placed over the pool;
     ``load-sharing``: every member of the pool serves it, by capacity."""
-    backups: int = Field(default=0, ge=0, le=20)
+    backups: Annotated[int, within(BACKUPS)] = 0
     """Backup roles after the standby (EDS priorities 2, 3, ...)."""
     domains: list[Domain] | None = None
     """Host names routed to it on the pool's listener; default: its name, alone
@@ -71,15 +74,13 @@ class VirtualSystem(SpecModel):
     sessions: SessionSync = SessionSync()
     degradation: Degradation = Degradation()
 
-    @model_validator(mode="after")
-    def _one_way_to_name(self) -> VirtualSystem:
+    def __post_init__(self) -> None:
         if (self.name is None) == (not self.names):
             raise ValueError("set name (one virtual system) or names (many), not both"
                              if self.name is not None else "set name or names")
         if self.domains is not None and len(self.all_names) > 1:
             raise ValueError("domains name one virtual system's hosts: with names, leave "
                              "them out (each gets its own name as its host)")
-        return self
 
     @property
     def all_names(self) -> list[str]:
@@ -90,15 +91,15 @@ class VirtualSystem(SpecModel):
             name, f"{name}:*", f"{name}.*"]
 
 
-class Telemetry(SpecModel):
+class Telemetry(SpecModel, frozen=True, kw_only=True):
     """Envoy's request tracing (OpenTelemetry, W3C trace context)."""
 
     tracing: bool = False
-    collector_cluster: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=253)] = (
+    collector_cluster: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]+$", max_length=253)] = (
         "meshxl_otlp")
     """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
-    service_name: str = Field(default="envoy", pattern=r"^[\x20-\x7e]+$", max_length=256)
-    sampling_percent: float = Field(default=100.0, ge=0, le=100)
+    service_name: Annotated[str, Meta(pattern=r"^[\x20-\x7e]+$", max_length=256)] = "envoy"
+    sampling_percent: Annotated[float, within(SHARE_PERCENT)] = 100.0
 
 
 MAX_VIRTUAL_SYSTEMS = 5_000
@@ -108,36 +109,41 @@ MAX_VIRTUAL_ENDPOINTS = 200_000
 A short model (``names:`` times a big pool) could otherwise ask for millions."""
 
 
-class ModelSpec(SpecModel):
+class ModelSpec(SpecModel, frozen=True, kw_only=True, dict=True):
+    """A meshxl model file: clusters, pools of members shared by virtual systems, and
+    Envoy's tracing (docs/model.md)."""
+
     clusters: list[ClusterSpec] = []
     pools: list[Pool] = []
     """Members shared by virtual systems (docs/vsls.md)."""
     virtual_systems: list[VirtualSystem] = []
     """Tenants placed over a pool; each is compiled as a cluster of its own."""
     telemetry: Telemetry = Telemetry()
-    _vsls: dict[str, Any] = PrivateAttr(default_factory=dict)
-    """Virtual systems: the expanded names, the base placement, placed copies (vsls.py)."""
+    # Not a field (no model file writes it): set on each model when it is made, what its
+    # virtual systems expanded to (their names, the base placement, placed copies: vsls.py).
+    _vsls: ClassVar[dict[str, Any]]
     allow_empty: bool = False
     """A model without clusters withdraws every listener and cluster from every Envoy.
     It is refused (an empty file or input, a file caught mid-write) unless it says
     ``allow_empty: true``: the one way to serve nothing on purpose."""
 
+    def __post_init__(self) -> None:
+        """At most :data:`MAX_VIRTUAL_SYSTEMS` virtual systems and
+        :data:`MAX_VIRTUAL_ENDPOINTS` of their members, before they are expanded."""
+        force_setattr(self, "_vsls", {})
+        count = sum(len(vs.all_names) for vs in self.virtual_systems)
+        if count > MAX_VIRTUAL_SYSTEMS:
+            raise ValueError(f"virtual_systems: at most {MAX_VIRTUAL_SYSTEMS} virtual systems "
+                             f"(got {count})")
+        size = {p.name: len(p.members) for p in self.pools}
+        pairs = sum(len(vs.all_names) * size.get(vs.pool, 0) for vs in self.virtual_systems)
+        if pairs > MAX_VIRTUAL_ENDPOINTS:
+            raise ValueError(f"virtual_systems: at most {MAX_VIRTUAL_ENDPOINTS} virtual system "
+                             "members (virtual systems x their pool's members; got "
+                             f"{pairs})")
+
     def cluster(self, name: str) -> ClusterSpec | None:
         return next((c for c in self.clusters if c.name == name), None)
-
-    @field_validator("virtual_systems")
-    @classmethod
-    def _bounded(cls, value: list[VirtualSystem],
-                 info: ValidationInfo) -> list[VirtualSystem]:
-        count = sum(len(vs.all_names) for vs in value)
-        if count > MAX_VIRTUAL_SYSTEMS:
-            raise ValueError(f"at most {MAX_VIRTUAL_SYSTEMS} virtual systems (got {count})")
-        size = {p.name: len(p.members) for p in info.data.get("pools", [])}
-        pairs = sum(len(vs.all_names) * size.get(vs.pool, 0) for vs in value)
-        if pairs > MAX_VIRTUAL_ENDPOINTS:
-            raise ValueError(f"at most {MAX_VIRTUAL_ENDPOINTS} virtual system members "
-                             f"(virtual systems x their pool's members; got {pairs})")
-        return value
 
     def pool(self, name: str) -> Pool | None:
         return next((p for p in self.pools if p.name == name), None)

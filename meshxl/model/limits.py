@@ -10,8 +10,11 @@ configuration objects (:class:`~meshxl.statesync.config.StatesyncConfig`,
 :class:`~meshxl.xds.config.ControlPlaneConfig`, the sidecar's membership and problem
 reports) all check through :meth:`Bound.parse` and :meth:`Bound.check`, so they cannot
 disagree. Where the model and the registrations in etcd take the same number (a member's
-weight and port, a session's size, the sync delay) they read the same bound. Like the
-rest of the model's vocabulary it imports neither click nor pydantic.
+weight and port, a session's size, the sync delay) they read the same bound, and every
+number field of the model takes its range from a bound here (``meshxl.model.fields.within``
+turns one into the declaration's constraint, which its JSON Schema publishes), so
+``tests/unit/test_input_ranges.py`` can hold each to it. Like the rest of the model's
+vocabulary it imports neither click nor msgspec.
 """
 
 from __future__ import annotations
@@ -24,16 +27,23 @@ from .basics import MAX_DURATION
 
 __all__ = [
     "ACK_TIMEOUT", "ADMIN_PORT", "BATCH_MAX_BYTES", "BATCH_MAX_OPS", "CONVERGE_TIMEOUT",
-    "CREDENTIALS_REFRESH", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS", "DNS_INTERVAL",
+    "CREDENTIALS_REFRESH", "DAPR_PORT", "DEBOUNCE", "DEMO_DURATION", "DEMO_SESSIONS",
+    "DNS_INTERVAL",
     "DRILL_DURATION", "LEASE_TTL", "MAX_CONNECTIONS", "MAX_DELAY", "MAX_INFLIGHT",
     "MAX_NODES", "MAX_WRITES", "MEMBER_WEIGHT", "PORT", "PROBE_TIMEOUT", "PROBLEM_TTL",
     "PUBLISH_INTERVAL", "RESYNC", "SESSION_BYTES", "SESSION_TTL", "SETTLE",
     "STATUS_INTERVAL", "STATUS_TTL", "SYNC_DELAY", "WAIT", "Bound", "Kind", "count",
-    "seconds", "size",
+    "number", "seconds", "size",
+    # the model's
+    "BACKUPS", "BALANCE_FACTOR", "DURATION", "ENVOY_COUNT", "ERROR_MARGIN", "HOST_SELECTION",
+    "HTTP_STATUS", "LATENCY_FACTOR", "MAGLEV_TABLE", "MIN_SHARE", "PERCENT",
+    "POSITIVE_DURATION", "PRIORITY", "PROBE_SHARE", "QUOTA_BURST", "QUOTA_BYTES",
+    "QUOTA_RATE", "QUOTA_SESSIONS", "RETRY_ATTEMPTS", "RETRY_BUDGET", "RING_SIZE",
+    "SHARE_PERCENT", "THRESHOLD", "WARMUP",
 ]
 
-Kind = Literal["duration", "size", "count"]
-_UNITS: dict[Kind, str] = {"duration": " seconds", "size": " bytes", "count": ""}
+Kind = Literal["duration", "size", "count", "number"]
+_UNITS: dict[Kind, str] = {"duration": " seconds", "size": " bytes", "count": "", "number": ""}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +55,8 @@ class Bound:
     high: float
     unit: str = ""
     """What the number counts, where not its kind's own (seconds, bytes)."""
+    above: bool = False
+    """``low`` itself is excluded: the number is greater than it (a rate, a share)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high)
@@ -53,8 +65,8 @@ class Bound:
 
     @property
     def integer(self) -> bool:
-        """A size or a count is a whole number; a duration any finite number."""
-        return self.kind != "duration"
+        """A size or a count is a whole number; a duration or a number any finite one."""
+        return self.kind in ("size", "count")
 
     @property
     def whole(self) -> tuple[int, int]:
@@ -65,8 +77,12 @@ class Bound:
 
     def describe(self) -> str:
         """What it takes, in words (``a duration from 1 to 86400 seconds``)."""
-        article = {"duration": "a duration", "size": "a size", "count": "a whole number"}
+        article = {"duration": "a duration", "size": "a size", "count": "a whole number",
+                   "number": "a number"}
         unit = f" {self.unit}" if self.unit else _UNITS[self.kind]
+        if self.above:
+            return (f"{article[self.kind]} greater than {_number(self.low)}, at most "
+                    f"{_number(self.high)}{unit}")
         return f"{article[self.kind]} from {_number(self.low)} to {_number(self.high)}{unit}"
 
     def check(self, value: object, name: str | None = None) -> float:
@@ -101,7 +117,8 @@ class Bound:
         if self.integer and not isinstance(value, int):
             return False
         try:
-            return math.isfinite(value) and self.low <= value <= self.high
+            low = self.low < value if self.above else self.low <= value
+            return math.isfinite(value) and low and value <= self.high
         except OverflowError:  # an int beyond any float
             return False
 
@@ -115,9 +132,9 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def seconds(low: float, high: float = MAX_DURATION) -> Bound:
+def seconds(low: float, high: float = MAX_DURATION, *, above: bool = False) -> Bound:
     """A duration in seconds (at most a year unless said otherwise)."""
-    return Bound("duration", low, high)
+    return Bound("duration", low, high, above=above)
 
 
 def size(low: int, high: int) -> Bound:
@@ -130,6 +147,11 @@ def count(low: int, high: int) -> Bound:
     return Bound("count", low, high)
 
 
+def number(low: float, high: float, *, above: bool = False) -> Bound:
+    """A number that is neither a duration nor whole (a factor, a share, a rate)."""
+    return Bound("number", low, high, above=above)
+
+
 # -- the sidecar (``meshxl serve statesync``) ---------------------------------------------
 
 SESSION_TTL = seconds(1)
@@ -139,7 +161,8 @@ SYNC_DELAY = seconds(0, 86_400)
 registration's ``sync_delay`` is believed for (:data:`meshxl.model.records.MAX_SYNC_DELAY`):
 beyond it the control plane would move sessions the member still keeps alone."""
 SESSION_BYTES = size(1, 1_048_576)
-"""``--max-session-bytes``: etcd refuses requests over 1.5 MiB."""
+"""``--max-session-bytes`` and the model's ``sessions.max_bytes`` (its default is the
+largest): etcd refuses requests over 1.5 MiB."""
 LEASE_TTL = seconds(1, 3_600)
 """``--lease-ttl``: at least 1 s (etcd's shortest useful lease), at most an hour (a dead
 sidecar stays in Envoy this long)."""
@@ -152,7 +175,8 @@ MAX_INFLIGHT = count(1, 256)
 MAX_CONNECTIONS = count(16, 1_000_000)
 """``--max-connections`` (``MESHXL_STATESYNC_MAX_CONNECTIONS``)."""
 MEMBER_WEIGHT = count(1, 10_000)
-"""``--weight``, as the model's member weights."""
+"""``--weight``, the model's member, site and virtual system weights, a registration's
+weight and the ``meshxl.io/weight`` annotation."""
 PUBLISH_INTERVAL = seconds(0.1, 3_600)
 """Seconds between publications of a sidecar's statistics."""
 PROBLEM_TTL = seconds(1, 86_400)
@@ -199,6 +223,59 @@ DEMO_SESSIONS = count(1, 2_000)
 DEMO_DURATION = seconds(3, 600)
 """``meshxl demo --duration``."""
 PORT = count(1, 65_535)
-"""A TCP port (a member's registered port)."""
+"""A TCP port (a member's port in the model and in its registration, a listener's)."""
 ADMIN_PORT = PORT
+DAPR_PORT = count(0, 65_535)
+"""Dapr's HTTP and gRPC ports on the sidecar (0: any free port, for tests)."""
 """``meshxl bootstrap --admin-port``: a TCP port."""
+
+# -- the model's other numbers (each field of meshxl.model.spec, .traffic, .document) ------
+
+DURATION = seconds(0)
+"""A duration of the model (0 or at least 1 ms: :func:`~.basics.check_duration`)."""
+POSITIVE_DURATION = seconds(0, above=True)
+"""A duration of the model that must not be 0 (an interval, a timeout)."""
+WARMUP = seconds(0, 600)
+"""A cluster's ``warmup``: at most 10 minutes."""
+PRIORITY = count(0, 100)
+"""A member's ``priority`` and a site's ``failover_rank``."""
+ENVOY_COUNT = count(1, 2**32 - 1)
+"""A count Envoy keeps in a uint32 (outlier detection's, a retry concurrency)."""
+PERCENT = count(0, 100)
+"""A whole percentage (``max_ejection_percent``)."""
+SHARE_PERCENT = number(0, 100)
+"""A percentage that need not be whole (``telemetry.sampling_percent``)."""
+RETRY_BUDGET = number(0, 100, above=True)
+"""``retries.budget_percent``: a share of the requests in flight, never none."""
+THRESHOLD = count(1, 100)
+"""A health check's ``healthy_threshold`` and ``unhealthy_threshold``."""
+HTTP_STATUS = count(100, 599)
+"""An HTTP status (``health_check.expected_statuses``)."""
+RETRY_ATTEMPTS = count(0, 20)
+"""``retries.attempts``."""
+HOST_SELECTION = count(1, 1_000)
+"""``retries.host_selection_max_attempts``."""
+MAGLEV_TABLE = count(2, 5_000_011)
+"""``stickiness.maglev_table_size`` (a prime, checked apart)."""
+RING_SIZE = count(1, 8_388_608)
+"""``stickiness.ring_minimum_size`` and ``ring_maximum_size`` (Envoy's largest ring)."""
+BALANCE_FACTOR = number(1, 10)
+"""``stickiness.balance_factor`` (Envoy's ``hash_balance_factor`` / 100)."""
+LATENCY_FACTOR = number(1.2, 100)
+"""``degradation.latency_factor``."""
+ERROR_MARGIN = number(0, 1, above=True)
+"""``degradation.error_margin``: a share of requests."""
+MIN_SHARE = number(0, 1)
+"""``degradation.min_share``: a share of a member's weight."""
+PROBE_SHARE = number(0, 0.5, above=True)
+"""``degradation.probe_share``: a share of the active's sessions."""
+BACKUPS = count(0, 20)
+"""A virtual system's ``backups``."""
+QUOTA_SESSIONS = count(1, 1_000_000_000)
+"""``sessions.quota.sessions``."""
+QUOTA_BYTES = size(1, 1 << 50)
+"""``sessions.quota.bytes``."""
+QUOTA_RATE = number(0, 1_000_000, above=True)
+"""``sessions.quota.writes_per_second`` (per sidecar)."""
+QUOTA_BURST = count(1, 1_000_000)
+"""``sessions.quota.writes_burst``."""

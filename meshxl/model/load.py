@@ -6,12 +6,11 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from .basics import DEFAULT_SITE
 from .basics import ModelError as ModelError
 from .basics import Problem as Problem
 from .checks import NO_CLUSTERS, duplicates, membership_problems
+from .decode import decode
 from .document import ModelSpec
 from .listeners import check_listeners
 from .protocols import check_protocols
@@ -23,41 +22,27 @@ from .text import ModelForm, model_data
 from .vsls import expand_model
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.startswith(("function-", "literal[")):  # pydantic's internal loc parts
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out
-
-
-def parse_model(text: str | ModelForm, source: str = "<model>") -> ModelSpec:
+def parse_model(text: str | ModelForm, source: str = "<model>", *,
+                expand: bool = True) -> ModelSpec:
     """Parse YAML (or JSON) text, or a stored :class:`~.text.ModelForm`, into a validated
-    model, or raise ModelError."""
-    data = model_data(text, source)
-    try:
-        spec = ModelSpec.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            if err["type"] == "missing":
-                value = None
-            elif err["type"] == "extra_forbidden":
-                msg = "unknown field"
-                value = None
-            problems.append(Problem(_path(err["loc"]), msg, value))
-        raise ModelError(problems) from None
-    spec = expand_model(spec)  # virtual systems become clusters
+    model, or raise ModelError. ``expand`` False (a statesync sidecar): the virtual
+    systems are not compiled into clusters, and what only their clusters could break
+    (their routes, listeners and protocols) is left to the control plane, which refuses
+    such a model and keeps serving the last good one."""
+    spec = decode(model_data(text, source), ModelSpec)
+    if expand:
+        spec = expand_model(spec)  # virtual systems become clusters
     problems = list(check_model(spec))
     if problems:
         raise ModelError(problems)
     return spec
+
+
+def parse_unexpanded(text: str | ModelForm, source: str = "<model>") -> ModelSpec:
+    """:func:`parse_model` as a statesync sidecar reads the model: the one declaration
+    and its checks, the virtual systems left as entries (:mod:`.vsls` answers a
+    sidecar's questions about them: :func:`~.vsls.sessions_of`, :func:`~.vsls.vs_roles`)."""
+    return parse_model(text, source, expand=False)
 
 
 def load_model(path: str | Path) -> ModelSpec:
@@ -80,9 +65,10 @@ def _is_prime(n: int) -> bool:
 
 
 def check_model(spec: ModelSpec) -> Iterator[Problem]:
-    """Cross-field checks pydantic cannot express (references, uniqueness)."""
-    if not spec.clusters and not spec.allow_empty:
-        yield Problem("clusters", NO_CLUSTERS)
+    """Checks across the model that no one class can make (references, uniqueness,
+    protocols, listeners)."""
+    if not spec.clusters and not spec.virtual_systems and not spec.allow_empty:
+        yield Problem("clusters", NO_CLUSTERS)  # (a VS that compiles to none is named)
     yield from _check_virtual(spec)
     virtual = spec.virtual_names
     yield from duplicates("clusters", [c.name for c in spec.clusters if c.name not in virtual],

@@ -1,10 +1,9 @@
 """A pool's live roles, from plain data: the members out of the placement and the
 operator's priority lists applied to the base placement (:mod:`.placement`).
 
-Shared by the control plane, which reads the validated model (:mod:`.vsls`), and the
-statesync sidecar, which reads the light one (:mod:`.light_pools`), so that both
-compute the same roles from the same model and runtime state. Nothing here imports
-the model's validators.
+Used by :mod:`.vsls` (the control plane's placement, and a statesync sidecar's roles of
+its virtual systems, :func:`~.vsls.vs_roles`), and by what reads plain data of a pool;
+nothing here imports the model's declaration.
 """
 
 from __future__ import annotations

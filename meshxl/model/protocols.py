@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from .spec import GRPC_RETRY_CONDITIONS, ClusterSpec
+from .spec import GRPC_RETRY_CONDITIONS, ClusterSpec, Route
+from .traffic import RETRY_ON
 
 __all__ = ["check_protocols", "grpc_health_ready"]
 
@@ -69,7 +70,7 @@ def _health_check(base: str, c: ClusterSpec) -> Iterator[Problem]:
 def _retries(base: str, c: ClusterSpec) -> Iterator[Problem]:
     r = c.retries
     if c.protocol == "tcp":
-        if "retry_on" in r.model_fields_set:
+        if list(r.retry_on) != list(RETRY_ON):
             yield Problem(f"{base}.retries.retry_on", "a TCP connection is retried only when "
                           "it cannot connect (retries.attempts); there are no requests to "
                           "retry on a condition")
@@ -86,7 +87,7 @@ def _http_only(base: str, c: ClusterSpec) -> Iterator[Problem]:
     if c.websocket and c.protocol != "http":
         yield Problem(f"{base}.websocket", "WebSocket upgrades are HTTP/1.1 requests: only "
                       f"protocol: http carries them (this cluster: {c.protocol})", c.websocket)
-    if c.protocol == "tcp" and "route" in c.model_fields_set:
+    if c.protocol == "tcp" and c.route != Route():
         yield Problem(f"{base}.route", "a TCP cluster has no HTTP routes (its listener "
                       "forwards every connection)")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .basics import check_member_address
-from .lax import Unfit, as_integer
+from .decode import as_integer
 from .limits import MEMBER_WEIGHT, PORT, SYNC_DELAY, Bound
 
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
@@ -121,14 +121,13 @@ class Registration:
 
 
 def _whole(value: Any, bound: Bound, what: str) -> int:
-    """A registration's whole number (as pydantic reads one laxly: ``8080``, ``8080.0``,
-    ``"8080"``) within ``bound``; ValueError naming it otherwise. Written by whoever may
-    write the key, so never trusted to be finite: ``1e400`` reads as infinity."""
+    """A registration's whole number (as the model reads one, :func:`.decode.as_integer`:
+    ``8080``, ``8080.0``, ``"8080"``; not a bool) within ``bound``; ValueError naming it
+    otherwise. Written by whoever may write the key, so never trusted to be finite:
+    ``1e400`` reads as infinity."""
     try:
-        if isinstance(value, bool):
-            raise Unfit("a bool")
-        number = as_integer(value)
-    except (Unfit, ValueError):  # ValueError: more digits than int() reads
+        number = as_integer(value) if not isinstance(value, bool) else value
+    except ValueError:  # more digits than int() reads
         raise ValueError(f"registration {what} out of range: expected {bound.describe()}, "
                          f"got {str(value)[:40]!r}") from None
     try:

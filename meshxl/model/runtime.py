@@ -227,8 +227,8 @@ class FailoverShape(Protocol):
 
 
 class ClusterShape(Protocol):
-    """What :func:`cluster_view` (and :mod:`.checks`) reads of a cluster: the model's
-    :class:`~.spec.ClusterSpec`, or a sidecar's :class:`~.light.LightCluster`."""
+    """What :func:`cluster_view` (and :mod:`.checks`) reads of a cluster (the model's
+    :class:`~.spec.ClusterSpec`, which this module does not import)."""
 
     @property
     def name(self) -> str: ...

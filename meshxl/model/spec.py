@@ -16,16 +16,13 @@ These classes only describe and validate; they do no I/O. Durations are written 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from pydantic import (
-    BaseModel,
-    Field,
-    model_validator,
-)
+from msgspec import Meta, field
+from msgspec.structs import force_setattr, replace
 
 # The vocabulary (enumerations, dispatch, names, durations, addresses) lives in
-# .basics, which imports no pydantic; it is re-exported here for the model's users.
+# .basics, which imports no msgspec; it is re-exported here for the model's users.
 from .basics import ALGORITHMS as ALGORITHMS
 from .basics import ALL_WITHDRAWN as ALL_WITHDRAWN
 from .basics import DEFAULT_SITE as DEFAULT_SITE
@@ -74,9 +71,20 @@ from .fields import Name as Name
 from .fields import Port as Port
 from .fields import PositiveDuration as PositiveDuration
 from .fields import SpecModel as SpecModel
+from .fields import SyncDelay, within
 from .fields import WarmUp as WarmUp
 from .fields import Weight as Weight
-from .limits import SESSION_BYTES, SYNC_DELAY
+from .limits import (
+    BALANCE_FACTOR,
+    MAGLEV_TABLE,
+    PRIORITY,
+    QUOTA_BURST,
+    QUOTA_BYTES,
+    QUOTA_RATE,
+    QUOTA_SESSIONS,
+    RING_SIZE,
+    SESSION_BYTES,
+)
 from .traffic import GRPC_RETRY_CONDITIONS as GRPC_RETRY_CONDITIONS
 from .traffic import GRPC_RETRY_ON as GRPC_RETRY_ON
 from .traffic import RETRY_CONDITIONS as RETRY_CONDITIONS
@@ -85,19 +93,20 @@ from .traffic import Degradation as Degradation
 from .traffic import HealthCheck as HealthCheck
 from .traffic import OutlierDetection as OutlierDetection
 from .traffic import Retries as Retries
+from .traffic import RetryCondition as RetryCondition
 
 
-class Site(SpecModel):
+class Site(SpecModel, frozen=True, kw_only=True):
     """A failure domain (a data center, zone or Maestro site)."""
 
     name: Name
     weight: Weight = 100
     """Share of the tier's traffic when several sites share a failover rank."""
-    failover_rank: int | None = Field(default=None, ge=0, le=100)
+    failover_rank: Annotated[int, within(PRIORITY)] | None = None
     """Lower ranks take traffic first; by default the order in the list."""
 
 
-class Member(SpecModel):
+class Member(SpecModel, frozen=True, kw_only=True):
     """One service instance of a cluster."""
 
     name: Name
@@ -106,27 +115,31 @@ class Member(SpecModel):
     port: Port
     site: Name | None = None
     weight: Weight = 100
-    priority: int | None = Field(default=None, ge=0, le=100)
+    priority: Annotated[int, within(PRIORITY)] | None = None
     """Explicit tier inside the member's site: equal priorities share traffic."""
 
 
-class Cookie(SpecModel):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
-                               max_length=256)] = "meshxl-session"
+CookieName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$", max_length=256)]
+Path = Annotated[str, Meta(pattern=r"^/[\x21-\x7e]*$", max_length=1024)]
+"""A URL path: ``/`` and printable ASCII."""
+HeaderName = Annotated[str, Meta(pattern=HEADER_PATTERN, max_length=256)]
+
+
+class Cookie(SpecModel, frozen=True, kw_only=True):
+    name: CookieName = "meshxl-session"
     ttl: Duration = 3600.0
     """Envoy sets the cookie when a request has none; 0 makes it a session cookie."""
-    path: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
+    path: Path = "/"
 
 
-class PinCookie(Cookie):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$",
-                               max_length=256)] = "meshxl-pin"
+class PinCookie(Cookie, frozen=True, kw_only=True):
+    name: CookieName = "meshxl-pin"
     ttl: Duration = 3600.0
     """How long the pin holds without a request; 0 keeps it for the browser session.
     Envoy writes the expiry into the cookie's value and ignores an expired pin."""
 
 
-class Pin(SpecModel):
+class Pin(SpecModel, frozen=True, kw_only=True):
     """Pinned sessions (Envoy's stateful session filter, on top of the hash).
 
     Envoy remembers in a cookie (or a response header the client sends back) the member
@@ -136,39 +149,37 @@ class Pin(SpecModel):
     carries the new pin. docs/stickiness.md says what a client can do with a pin."""
 
     cookie: PinCookie | None = None
-    header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
+    header: HeaderName | None = None
     strict: bool = False
     """Envoy's strict mode: a request whose pinned member is not available fails with
     503 instead of moving to the hash's choice (for state that cannot move; meshxl's
     statesync moves it, so the default lets the session move)."""
 
-    @model_validator(mode="after")
-    def _one_carrier(self) -> Pin:
+    def __post_init__(self) -> None:
         if self.cookie is not None and self.header is not None:
             raise ValueError("a pin travels in a cookie or in a header, not both")
         if self.cookie is None and self.header is None:
-            object.__setattr__(self, "cookie", PinCookie())
-        return self
+            force_setattr(self, "cookie", PinCookie())
 
     @property
     def carrier(self) -> PinCarrier:
         return "header" if self.header is not None else "cookie"
 
 
-class Stickiness(SpecModel):
+class Stickiness(SpecModel, frozen=True, kw_only=True):
     """Session affinity: consistent hashing on one request property."""
 
     algorithm: Algorithm = "maglev"
-    header: Annotated[str, Field(pattern=HEADER_PATTERN, max_length=256)] | None = None
+    header: HeaderName | None = None
     cookie: Cookie | None = None
     source_ip: bool = False
-    maglev_table_size: int = Field(default=4099, ge=2, le=5_000_011)
+    maglev_table_size: Annotated[int, within(MAGLEV_TABLE)] = 4099
     """Prime. Every Envoy rebuilds a cluster's table before it ACKs a change of its
     members, so the size is paid on every failover: 4,099 (a sixteenth of Envoy's
     65,537) keeps Maglev's guidance of 100 entries per member up to 40 members."""
-    ring_minimum_size: int = Field(default=1024, ge=1, le=8_388_608)
-    ring_maximum_size: int = Field(default=8_388_608, ge=1, le=8_388_608)
-    balance_factor: float | None = Field(default=None, ge=1.0, le=10.0)
+    ring_minimum_size: Annotated[int, within(RING_SIZE)] = 1024
+    ring_maximum_size: Annotated[int, within(RING_SIZE)] = int(RING_SIZE.high)
+    balance_factor: Annotated[float, within(BALANCE_FACTOR)] | None = None
     """Bounded loads: no member takes more than this times the mean number of requests
     in flight; beyond it, requests of its sessions go to the next member of the ring
     (they lose stickiness, not service). Envoy's ``hash_balance_factor`` / 100."""
@@ -176,8 +187,7 @@ class Stickiness(SpecModel):
     """Keep each session on the member that served it while that member lives
     (the hash places new sessions); see :class:`Pin`."""
 
-    @model_validator(mode="after")
-    def _one_key(self) -> Stickiness:
+    def __post_init__(self) -> None:
         keys = [k for k, on in (("header", self.header is not None),
                                 ("cookie", self.cookie is not None),
                                 ("source_ip", self.source_ip)) if on]
@@ -193,44 +203,42 @@ class Stickiness(SpecModel):
                     and pin.cookie.name == self.cookie.name):
                 raise ValueError(f"pin.cookie.name {pin.cookie.name!r} is the hash cookie: "
                                  "the pin needs a cookie of its own")
-        return self
 
     @property
     def key(self) -> HashKey:
         return "header" if self.header else "cookie" if self.cookie else "source_ip"
 
 
-class Listener(SpecModel):
+class Listener(SpecModel, frozen=True, kw_only=True):
     """Where Envoy exposes the cluster."""
 
     address: ListenAddress = "0.0.0.0"
     port: Port
 
 
-class Route(SpecModel):
-    domains: list[Domain] = Field(
-        default_factory=lambda: ["*"], min_length=1)
+class Route(SpecModel, frozen=True, kw_only=True):
+    domains: Annotated[list[Domain], Meta(min_length=1)] = field(default_factory=lambda: ["*"])
     """Host names (optionally ``:port``) with at most one wildcard, leading (``*.a.com``,
     ``*-b.a.com``) or trailing (``a.*``), or ``*`` alone: what Envoy accepts."""
-    prefix: str = Field(default="/", pattern=r"^/[\x21-\x7e]*$", max_length=1024)
+    prefix: Path = "/"
     timeout: Duration = 15.0
     """The whole request's time (0: none). A gRPC cluster's default is 0: a call is
     bounded by its own deadline (``grpc-timeout``), so a stream is never cut at 15 s."""
 
 
-class SessionQuota(SpecModel):
+class SessionQuota(SpecModel, frozen=True, kw_only=True):
     """Limits on one cluster's sessions, enforced by its statesync sidecars: a write
     beyond one is answered 429 (docs/statesync.md, "Quotas"). Each is off (None) unless
     set."""
 
-    sessions: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    sessions: Annotated[int, within(QUOTA_SESSIONS)] | None = None
     """Sessions the cluster may hold: a write that would create one more is refused."""
-    bytes: int | None = Field(default=None, ge=1, le=1 << 50)
+    bytes: Annotated[int, within(QUOTA_BYTES)] | None = None
     """Bytes of session state the cluster may hold (the states' sizes added up)."""
-    writes_per_second: float | None = Field(default=None, gt=0, le=1_000_000)
+    writes_per_second: Annotated[float, within(QUOTA_RATE)] | None = None
     """Session writes per second per sidecar (a token bucket holding ``writes_burst``);
     a bulk save or transaction counts each session it writes."""
-    writes_burst: int | None = Field(default=None, ge=1, le=1_000_000)
+    writes_burst: Annotated[int, within(QUOTA_BURST)] | None = None
     """Writes a sidecar admits at once beyond the rate (the bucket's size); None: one
     second's worth of ``writes_per_second`` (at least 1)."""
     hold_refused: bool = True
@@ -238,27 +246,24 @@ class SessionQuota(SpecModel):
     the bucket would hold a token for it after those held before it (at most 1 s
     later), unless another request follows it on its connection; False: at once."""
 
-    @model_validator(mode="after")
-    def _burst_of_a_rate(self) -> SessionQuota:
+    def __post_init__(self) -> None:
         if self.writes_burst is not None and self.writes_per_second is None:
             raise ValueError("writes_burst is the size of the writes_per_second bucket: "
                              "set writes_per_second too")
-        return self
 
 
-class SessionSync(SpecModel):
+class SessionSync(SpecModel, frozen=True, kw_only=True):
     """How the cluster's statesync sidecars keep and replicate session state (the
     cluster's ``sessions:`` settings)."""
 
     ttl: PositiveDuration = 1800.0
     """A session expires this long after its last write (shared etcd leases)."""
-    sync_delay: Annotated[Duration, Field(le=SYNC_DELAY.high)] = 0.0
+    sync_delay: SyncDelay = 0.0
     """Sessions younger than this stay on their member only (ClusterXL delayed sync):
     less etcd traffic for short sessions, but they are lost if their member dies. At
     most a day (:data:`~.limits.SYNC_DELAY`): the control plane believes no longer a
     registration's delay when it holds planned moves back."""
-    max_bytes: int = Field(default=SESSION_BYTES.whole[1], ge=SESSION_BYTES.whole[0],
-                           le=SESSION_BYTES.whole[1])
+    max_bytes: Annotated[int, within(SESSION_BYTES)] = SESSION_BYTES.whole[1]
     """Largest session state; etcd refuses requests above 1.5 MiB."""
     replication: Replication = "all"
     """Which sessions each member keeps a copy of. ``all``: every session of the
@@ -271,7 +276,7 @@ class SessionSync(SpecModel):
     default); read by each sidecar when it starts."""
 
 
-class Failover(SpecModel):
+class Failover(SpecModel, frozen=True, kw_only=True):
     """What the cluster does when its members report trouble, and when one comes back
     (ClusterXL's "Active Attention" and its cluster member recovery setting)."""
 
@@ -297,7 +302,7 @@ class Failover(SpecModel):
     until it stops flapping. 0 gives the place back at once."""
 
 
-class Overrides(SpecModel):
+class Overrides(SpecModel, frozen=True, kw_only=True):
     """Raw Envoy JSON merged over the generated resources (expert escape hatch)."""
 
     cluster: dict[str, Any] | None = None
@@ -308,17 +313,16 @@ class Overrides(SpecModel):
 _HEALTH_CHECK_OF: dict[Protocol, HealthCheckType] = {
     "http": "http", "http2": "http", "grpc": "grpc", "tcp": "tcp"}
 
-_M = TypeVar("_M", bound=BaseModel)
+#: Protocol -> what its cluster takes unless the model file writes it (the section, its
+#: field, the value): :meth:`ClusterSpec.prepared` fills them in.
+_WRITTEN_DEFAULTS: dict[Protocol, tuple[tuple[str, str, Any], ...]] = {
+    "http": (), "http2": (),
+    "grpc": (("retries", "retry_on", GRPC_RETRY_ON), ("route", "timeout", 0.0)),
+    "tcp": (("retries", "attempts", TCP_CONNECT_RETRIES),),
+}
 
 
-def _replaced(model: _M, **values: Any) -> _M:
-    """A copy with ``values``, keeping which fields the model file wrote."""
-    copy = model.model_copy(update=values)
-    object.__setattr__(copy, "__pydantic_fields_set__", set(model.model_fields_set))
-    return copy
-
-
-class ClusterSpec(SpecModel):
+class ClusterSpec(SpecModel, frozen=True, kw_only=True):
     name: Name
     protocol: Protocol = "http"
     """What the members speak (``http``: HTTP/1.1, ``http2``, ``grpc``, ``tcp``):
@@ -340,13 +344,13 @@ class ClusterSpec(SpecModel):
     """static: listed members are always advertised (health checks decide);
     registered: only members with a live, ready registration in etcd are."""
     stickiness: Stickiness | None = None
-    sites: list[Site] = []
+    sites: list[Site] = field(default_factory=list)
     site_affinity: SiteAffinity = "global"
     """``global``: every Envoy gets the same endpoints in the same order, so a session
     hashes to the same member from any site. ``local``: an Envoy whose node locality
     zone names one of the sites gets that site's members first and the other sites'
     behind them, as further tiers (docs/sites.md)."""
-    members: list[Member] = []
+    members: list[Member] = field(default_factory=list)
     health_check: HealthCheck = HealthCheck()
     outlier_detection: OutlierDetection = OutlierDetection()
     retries: Retries = Retries()
@@ -367,33 +371,34 @@ class ClusterSpec(SpecModel):
     members' capacity too (a member whose requests take twice its peers' gets about
     half the share), in bounded steps (docs/faults.md)."""
 
-    @model_validator(mode="after")
-    def _protocol_defaults(self) -> ClusterSpec:
-        """Fill what depends on the protocol and was not written: the health check's
-        type, a gRPC cluster's retry conditions and its route timeout, a TCP cluster's
-        connect retries."""
+    @classmethod
+    def prepared(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A cluster's data with what its protocol changes of the defaults (a gRPC
+        cluster's retry conditions and route timeout, a TCP cluster's connect retries)
+        where the model file does not write it (:func:`.decode.decode` calls it: only the
+        data says what was written)."""
+        protocol = data.get("protocol", "http")
+        if protocol not in _WRITTEN_DEFAULTS:
+            return data  # refused as a protocol
+        out = dict(data)
+        for section, name, value in _WRITTEN_DEFAULTS[protocol]:
+            written = out.get(section, {})
+            if isinstance(written, dict) and name not in written:
+                out[section] = {**written, name: list(value) if isinstance(value, tuple)
+                                else value}
+        return out
+
+    def __post_init__(self) -> None:
+        """The health check's type by protocol unless written; ``site_affinity: local``
+        needs sites to prefer, and a pin wherever a session can enter at either site:
+        without one, site A's Envoy and site B's would hash the same session to two
+        members."""
         hc = self.health_check
         if hc.type is None:
             kind = choose(_HEALTH_CHECK_OF, self.protocol, "protocol")
-            object.__setattr__(self, "health_check", _replaced(hc, type=kind))
-        if self.protocol == "grpc":
-            if "retry_on" not in self.retries.model_fields_set:
-                object.__setattr__(self, "retries", _replaced(
-                    self.retries, retry_on=list(GRPC_RETRY_ON)))
-            if "timeout" not in self.route.model_fields_set:
-                object.__setattr__(self, "route", _replaced(self.route, timeout=0.0))
-        if self.protocol == "tcp" and "attempts" not in self.retries.model_fields_set:
-            object.__setattr__(self, "retries", _replaced(
-                self.retries, attempts=TCP_CONNECT_RETRIES))
-        return self
-
-    @model_validator(mode="after")
-    def _local_sites(self) -> ClusterSpec:
-        """``site_affinity: local`` needs sites to prefer, and a pin wherever a session
-        can enter at either site: without one, site A's Envoy and site B's would hash
-        the same session to two members."""
+            force_setattr(self, "health_check", replace(hc, type=kind))
         if self.site_affinity != "local":
-            return self
+            return
         if len(self.sites) < 2:
             raise ValueError("site_affinity: local needs at least two sites under `sites`")
         sticky = self.stickiness
@@ -402,7 +407,6 @@ class ClusterSpec(SpecModel):
                 "site_affinity: local needs stickiness.pin: each site's Envoy hashes over "
                 "its own members first, so only a pin keeps a session on one member when "
                 "it enters at both sites (docs/sites.md)")
-        return self
 
     @property
     def websocket_upgrades(self) -> bool:

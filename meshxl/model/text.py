@@ -1,6 +1,6 @@
 """A model's text as plain data: YAML (or JSON), bounded in size, nesting and expansion,
-every failure a :class:`~.basics.ModelError`. No pydantic: :mod:`.load` validates the
-data into the model, :mod:`.light` reads the parts a sidecar needs.
+every failure a :class:`~.basics.ModelError`. Plain data: :mod:`.load` reads it into the
+model's declaration (:mod:`.decode`).
 
 **The stored JSON form.** ``meshxl apply`` stores the model as the operator wrote it and,
 in the same etcd transaction, its data as JSON (:func:`json_form`, key ``mesh/model.json``):

@@ -21,18 +21,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec.structs import force_setattr, replace
+
 from .basics import DEFAULT_SITE
 from .document import ModelSpec, Pool, VirtualSystem
 from .placement import PoolMember, VirtualRoles, site_rule_broken
 from .pool_roles import live_roles, lost_members, priority_lists, unproven_members
 from .runtime import RuntimeState
-from .spec import ClusterSpec, Route
+from .spec import ClusterSpec, Route, SessionSync
 from .sticky import StoredPlacement, sticky_placement
 
 __all__ = ["PoolPlacement", "check_order", "check_priority", "expand", "expand_model",
            "lost_reasons", "placed", "placement_of", "pool_members", "pool_shares",
-           "priority_lists", "site_rule_warnings", "stored_placements", "unproven_warnings",
-           "virtual_systems"]
+           "pool_systems", "priority_lists", "sessions_of", "site_rule_warnings",
+           "stored_placements", "system_named", "unproven_warnings", "virtual_systems",
+           "vs_roles"]
 
 
 def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool]]:
@@ -48,6 +51,31 @@ def virtual_systems(model: ModelSpec) -> Iterator[tuple[str, VirtualSystem, Pool
                 continue
             taken.add(name)
             yield name, vs, pool
+
+
+def system_named(model: ModelSpec, name: str) -> tuple[VirtualSystem, Pool] | None:
+    """The entry and pool of the virtual system compiled as ``name`` (None: none is)."""
+    by_name: dict[str, tuple[VirtualSystem, Pool]] | None = model._vsls.get("by_name")
+    if by_name is None:
+        by_name = {n: (vs, pool) for n, vs, pool in virtual_systems(model)}
+        model._vsls["by_name"] = by_name
+    return by_name.get(name)
+
+
+def sessions_of(model: ModelSpec, name: str) -> SessionSync | None:
+    """The ``sessions`` settings of cluster or virtual system ``name`` (None: neither is
+    in the model), expanded or not (a statesync sidecar reads the model unexpanded)."""
+    spec = model.cluster(name)
+    if spec is not None:
+        return spec.sessions
+    found = system_named(model, name)
+    return found[0].sessions if found is not None else None
+
+
+def pool_systems(model: ModelSpec, pool: str) -> tuple[str, ...]:
+    """The names of the virtual systems compiled on ``pool``, in the model's order."""
+    found = model.pool(pool)
+    return _systems_of(model, found) if found is not None else ()
 
 
 def _expanded(model: ModelSpec) -> frozenset[str]:
@@ -264,10 +292,10 @@ def _cluster(name: str, vs: VirtualSystem, pool: Pool,
         priority = {m: i for i, m in enumerate(roles.order)}
     else:
         priority = {}
-    members = [m.model_copy(update={"priority": priority.get(m.name, 0)})
+    members = [replace(m, priority=priority.get(m.name, 0))
                for m in pool.members if m.name not in lost]
     members.sort(key=lambda m: (m.priority or 0, roles.order.index(m.name) if roles else 0))
-    sites = [s.model_copy(update={"failover_rank": 0}) for s in pool.sites]
+    sites = [replace(s, failover_rank=0) for s in pool.sites]
     return ClusterSpec(
         name=name, mode=vs.mode, members=members, sites=sites,
         stickiness=vs.stickiness, sessions=vs.sessions, degradation=vs.degradation,
@@ -275,15 +303,43 @@ def _cluster(name: str, vs: VirtualSystem, pool: Pool,
         route=Route(domains=vs.domains_of(name)))
 
 
+def _placement(model: ModelSpec, pool: Pool, state: RuntimeState | None) -> PoolPlacement:
+    """The pool's placement as its virtual systems' clusters get it: with nothing live,
+    every member stays listed (the base placement)."""
+    placement = placement_of(model, pool, state)
+    if len(placement.lost) == len(pool.members):
+        placement = placement_of(model, pool, state, whole=True)
+    return placement
+
+
+_LAST: list[tuple[ModelSpec, RuntimeState | None, str, PoolPlacement]] = []
+"""The last pool placed by :func:`vs_roles`, with the model and state it was placed for
+(held, so compared by identity): a sidecar of a pool asks once per VS on every change of
+the mesh."""
+
+
+def vs_roles(model: ModelSpec, state: RuntimeState | None, vs: str) -> VirtualRoles | None:
+    """The roles of high-availability virtual system ``vs`` under ``state``, as its
+    cluster's EDS priorities place them (None: not such a VS). What a statesync sidecar
+    asks: a narrow one holds every session of the VSs it stands by for."""
+    found = system_named(model, vs)
+    if found is None or found[0].mode != "high-availability":
+        return None
+    pool = found[1]
+    for last_model, last_state, name, placement in _LAST:
+        if last_model is model and last_state is state and name == pool.name:
+            return placement.roles.get(vs)
+    placement = _placement(model, pool, state)
+    _LAST[:] = [(model, state, pool.name, placement)]
+    return placement.roles.get(vs)
+
+
 def expand(model: ModelSpec, state: RuntimeState | None = None) -> list[ClusterSpec]:
     """The clusters of the model's virtual systems (placed for ``state``)."""
-    placements = {p.name: placement_of(model, p, state) for p in model.pools}
+    placements = {p.name: _placement(model, p, state) for p in model.pools}
     out = []
     for name, vs, pool in virtual_systems(model):
         placement = placements[pool.name]
-        if len(placement.lost) == len(pool.members):
-            placement = placement_of(model, pool, state, whole=True)  # nothing live:
-            # keep them all listed
         out.append(_cluster(name, vs, pool, placement.roles.get(name), placement.lost))
     if state is None:
         model._vsls["names"] = frozenset(c.name for c in out)
@@ -295,7 +351,7 @@ def expand_model(model: ModelSpec) -> ModelSpec:
     model is loaded: :func:`meshxl.model.load.parse_model`). Virtual systems with an
     unknown pool or a taken name are left out: check_model names them."""
     if model.virtual_systems and "names" not in model._vsls:
-        object.__setattr__(model, "clusters", [*model.clusters, *expand(model)])
+        force_setattr(model, "clusters", [*model.clusters, *expand(model)])
     return model
 
 
@@ -321,8 +377,8 @@ def placed(model: ModelSpec, state: RuntimeState | None) -> ModelSpec:
     if found is None:
         virtual = _expanded(model)
         clusters = [c for c in model.clusters if c.name not in virtual]
-        found = model.model_copy(update={"clusters": [*clusters, *expand(model, state)]})
-        found._vsls = {"names": virtual, "key": key, "origin": model}
+        found = replace(model, clusters=[*clusters, *expand(model, state)])
+        force_setattr(found, "_vsls", {"names": virtual, "key": key, "origin": model})
         if len(cache) > 64:
             cache.clear()
         cache[key] = found

@@ -203,6 +203,8 @@ class SidecarParts(Protocol):
 
     def warnings(self) -> list[str]: ...
 
+    def moving(self) -> bool: ...
+
     def refresh_gauges(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -432,10 +434,12 @@ class SessionRoutes:
 
     async def readyz(self, request: Request) -> Response:
         reasons = self.sidecar.not_ready_reasons()
+        moving = {"moving": True} if self.sidecar.moving() else {}
         if reasons:
-            return _json({"ready": False, "reasons": reasons}, status=503)
+            return _json({"ready": False, "reasons": reasons, **moving}, status=503)
         warnings = self.sidecar.warnings()
-        return _json({"ready": True, **({"warnings": warnings} if warnings else {})})
+        return _json({"ready": True, **({"warnings": warnings} if warnings else {}),
+                      **moving})
 
     async def metrics(self, request: Request) -> Response:
         self.sidecar.refresh_gauges()

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import socket
+from typing import Any
 
 import aetcd
 
@@ -94,6 +95,30 @@ def _serve_api(server: HttpServer, sidecar: Sidecar | Hosting) -> None:
         server.site.wrap = server_spans()
 
 
+def _serve_dapr(dapr: Any, config: StatesyncConfig, served: Sidecar | Hosting | None) -> None:
+    """Dapr's state API over the clusters served: each by its name as a state store, and
+    a single cluster by ``--dapr-store`` (``statestore``) too."""
+    from meshxl import __version__
+
+    assert config.dapr is not None and served is not None
+    if isinstance(served, Hosting):
+        hosting = served
+        dapr.serve(lambda name: hosting.clusters().get(name),
+                   lambda: sorted(hosting.clusters()), config.dapr.app_id or config.cluster,
+                   __version__)
+        return
+    sidecar = served
+    names = list(dict.fromkeys((config.dapr.store, config.cluster)))
+    dapr.serve(lambda name: sidecar if name in names else None, lambda: names,
+               config.dapr.app_id or config.cluster, __version__)
+    log.info("Dapr's state API on http://%s:%d and gRPC %s:%d (stores %s)", host_of(config),
+             dapr.http_port, host_of(config), dapr.grpc_port, ", ".join(names))
+
+
+def host_of(config: StatesyncConfig) -> str:
+    return parse_hostport(config.listen, allow_zero=True)[0]
+
+
 async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = None,
                  ) -> tuple[aetcd.Client, Sidecar]:
     """Connect to etcd, read the session settings, start the sidecar (registers)."""
@@ -163,10 +188,17 @@ async def serve(config: StatesyncConfig, clusters: tuple[str, ...] = (),
     started: tuple[aetcd.Client, Sidecar] | None = None
     hosting: Hosting | None = None
     hosted = pool is not None or len(set(clusters)) > 1
+    dapr: Any = None
     try:
         await server.listen(sock)
         if unix is not None:
             await server.listen(unix)
+        if config.dapr is not None:  # only then is anything of Dapr's API loaded
+            from .dapr.servers import DaprServers
+
+            dapr = DaprServers(config.dapr, host, config.token, waiting.reason,
+                               config.max_connections)
+            await dapr.start()
         from meshxl.telemetry import tracing as otel
 
         if otel.enabled():
@@ -180,6 +212,9 @@ async def serve(config: StatesyncConfig, clusters: tuple[str, ...] = (),
         else:
             started = await start_when_etcd_answers(lambda: _start(config, metrics), waiting)
             _serve_api(server, started[1])
+        if dapr is not None:
+            _serve_dapr(dapr, config, hosting if hosting is not None
+                        else started[1] if started is not None else None)
         log.info("statesync API on http://%s%s", config.listen,
                  f" and unix:{config.unix_socket}" if unix is not None else "")
         # What exists now (modules, the model, the protobuf descriptors) lives as long
@@ -190,6 +225,8 @@ async def serve(config: StatesyncConfig, clusters: tuple[str, ...] = (),
         await asyncio.Event().wait()
     finally:
         await server.close()
+        if dapr is not None:
+            await dapr.close()
         if hosting is not None:
             await hosting.stop()
         if started is not None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["FENCE_RAISES", "FULL_EXTRA", "MAX_REQUEST_BYTES", "MAX_STALLED", "MAX_TXN_OPS",
-           "PLANNED", "STALLED_AFTER", "UNFENCED", "Fencing", "Group", "Op", "may_send",
-           "take_batch"]
+           "PLANNED", "STALLED_AFTER", "UNFENCED", "Fencing", "Flight", "Group", "Op",
+           "may_send", "stall_due", "take_batch"]
 
 # etcd refuses more than 128 operations per transaction level (--max-txn-ops) and
 # requests above 1.5 MiB (--max-request-bytes). A nested level's limit is what the levels
@@ -156,3 +156,38 @@ def take_batch(queue: deque[Op], max_ops: int, max_bytes: int) -> list[Op]:
         widest = wide
         batch.append(op)
     return batch
+
+
+class Flight:
+    """A batch sent: when (the event loop's clock), and its place among the batches in
+    flight (``holding``: it counts against ``max_inflight``, or beyond them once
+    ``stalled``)."""
+
+    __slots__ = ("checked", "holding", "sent", "stalled")
+
+    def __init__(self, sent: float) -> None:
+        self.sent = sent
+        self.holding = True
+        self.stalled = False
+        self.checked = False
+        """Looked at by :func:`stall_due` once it was old enough (stalled or not)."""
+
+
+def stall_due(flights: deque[Flight], now: float, stalled: int,
+              ) -> tuple[list[Flight], float | None]:
+    """The batches of ``flights`` (oldest first; those answered at its head are dropped)
+    to stall at ``now``: each unanswered for :data:`STALLED_AFTER` (its member may be
+    gone) stops counting against ``max_inflight``, once, while fewer than
+    :data:`MAX_STALLED` are (``stalled`` already), so the queue moves on without it; and
+    when to look again (None: no batch in flight is young enough to stall later). Pure."""
+    while flights and not flights[0].holding:
+        flights.popleft()
+    due: list[Flight] = []
+    for flight in flights:
+        if flight.sent + STALLED_AFTER > now:
+            return due, flight.sent + STALLED_AFTER
+        if flight.holding and not flight.checked:
+            flight.checked = True
+            if stalled + len(due) < MAX_STALLED:
+                due.append(flight)
+    return due, None

@@ -35,7 +35,7 @@ from aetcd.exceptions import RevisionCompactedError
 from meshxl import etcd
 
 from .history import History, Rewound
-from .record import SessionRecord, valid_session_id
+from .record import SessionRecord, storable_session_id
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ class SessionCache:
             session_id = key[len(self._prefix):].decode()
         except UnicodeDecodeError:
             return None
-        return session_id if valid_session_id(session_id) else None
+        return session_id if storable_session_id(session_id) else None
 
     def _decode(self, session_id: str | None, key: bytes, value: bytes,
                 revision: int) -> SessionRecord | None:

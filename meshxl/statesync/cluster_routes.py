@@ -26,6 +26,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
+from meshxl.model.limits import SESSION_BYTES
+
 from .api import SessionRoutes, SidecarParts
 from .http import ALONE, Request, RequestRefused, Response, Router
 from .http.messages import json_response
@@ -35,7 +37,7 @@ __all__ = ["CLUSTER_PREFIX", "HostedParts", "add_cluster_routes", "hosted_router
            "scoped_pattern"]
 
 CLUSTER_PREFIX = "/v1/clusters/{cluster}"
-MAX_STATE = 1_048_576
+MAX_STATE = SESSION_BYTES.whole[1]
 """The largest session state any cluster takes (each cluster's own limit is checked
 when its request comes: a route's body limit is set before the cluster is known)."""
 _PROCESS_ONLY = frozenset({"/metrics", "/openapi.json"})

@@ -100,6 +100,8 @@ def check_write(write: Write, max_bytes: int) -> None:
     limit, If-Match or If-None-Match but not both, create-only for a put only."""
     if write.op == PUT and len(write.data) > max_bytes:
         check_size(write.data, max_bytes)
+    if write.ttl is not None and not write.sync_now:
+        raise InputError("a write with a TTL of its own is written through (sync_now)")
     if write.create_only:
         if write.if_match is not None:
             raise InputError("send If-Match or If-None-Match, not both")

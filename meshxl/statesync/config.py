@@ -21,7 +21,45 @@ from .auth import check_exposure, valid_token
 from .credentials import check_credentials_dir
 from .store import MAX_TXN_WRITES
 
-__all__ = ["StatesyncConfig"]
+__all__ = ["DAPR_STORE", "DaprConfig", "StatesyncConfig"]
+
+DAPR_STORE = "statestore"
+"""The state store name a Dapr application uses unless told otherwise (every Dapr
+quickstart's and SDK example's)."""
+_DAPR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_KEY_PREFIX = re.compile(r"^[A-Za-z0-9._~:{}-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class DaprConfig:
+    """Dapr's state API on this sidecar (``--dapr``, docs/dapr.md)."""
+
+    http_port: int = 3500
+    """``DAPR_HTTP_PORT``: where the SDKs look for Dapr's HTTP API (0: any free port)."""
+    grpc_port: int = 50001
+    """``DAPR_GRPC_PORT``: where they look for its gRPC API (0: any free port)."""
+    app_id: str | None = None
+    """The application's Dapr id (None: the cluster's name)."""
+    key_prefix: str = "appid"
+    """As a Dapr state store's ``keyPrefix``: ``appid``, ``name`` (the store's), ``none``
+    or a literal prefix."""
+    store: str = DAPR_STORE
+    """The state store name that is the member's own cluster (each cluster served is a
+    store by its own name too)."""
+
+    def __post_init__(self) -> None:
+        limits.DAPR_PORT.check(self.http_port, "--dapr-http-port")
+        limits.DAPR_PORT.check(self.grpc_port, "--dapr-grpc-port")
+        if self.http_port and self.http_port == self.grpc_port:
+            raise ValueError("--dapr-http-port and --dapr-grpc-port must differ")
+        for what, name in (("--dapr-app-id", self.app_id), ("--dapr-store", self.store)):
+            if name is not None and not _DAPR_NAME.fullmatch(name):
+                raise ValueError(f"invalid {what} {name[:80]!r}: 1-128 letters, digits, "
+                                 "'.', '_' or '-', starting with a letter or digit")
+        if self.key_prefix not in ("appid", "name", "none") and \
+                not _KEY_PREFIX.fullmatch(self.key_prefix):
+            raise ValueError(f"invalid --dapr-key-prefix {self.key_prefix[:80]!r}: appid, "
+                             "name, none, or 1-128 of A-Z a-z 0-9 . _ ~ - : { }")
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,8 @@ class StatesyncConfig:
     (``--endpoints meshxl``; :class:`meshxl.model.IstioEndpoint`)."""
     istio_tls_mode: str = ""
     """Its pod's ``security.istio.io/tlsMode`` label (empty: no Istio proxy)."""
+    dapr: DaprConfig | None = None
+    """Dapr's state API on its own ports (None: off, nothing of it loaded)."""
 
     @property
     def istio(self) -> dict[str, str] | None:
@@ -105,6 +145,10 @@ class StatesyncConfig:
                 bound.check(value, name)
         if self.socket_mode not in (0o600, 0o660):
             raise ValueError(f"--socket-mode: expected 0600 or 0660, got {self.socket_mode!r}")
+        if self.dapr is not None and self.dapr.key_prefix == "appid":
+            app_id = self.dapr.app_id or self.cluster
+            if not _KEY_PREFIX.fullmatch(app_id):
+                raise ValueError(f"--dapr-app-id {app_id[:80]!r} cannot prefix keys")
         if self.istio is not None:
             IstioEndpoint.from_dict(self.istio)
         elif self.istio_tls_mode:

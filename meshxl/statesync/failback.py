@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class Failover(Protocol):
-    """What the hold reads of a cluster's ``failover`` settings (the model's, or what a
-    sidecar reads of them: :class:`meshxl.model.light.LightFailover`)."""
+    """What the hold reads of a cluster's ``failover`` settings
+    (:class:`meshxl.model.spec.Failover`)."""
 
     @property
     def failback(self) -> Failback: ...

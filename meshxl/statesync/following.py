@@ -22,10 +22,11 @@ import aetcd
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource, read_model
 from meshxl.model.basics import ModelError
-from meshxl.model.light import LightModel, parse_light
-from meshxl.model.light_roles import vs_roles
+from meshxl.model.document import ModelSpec
+from meshxl.model.load import parse_unexpanded
 from meshxl.model.moves import moves_away_from
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
+from meshxl.model.vsls import system_named, vs_roles
 
 from .config import StatesyncConfig
 from .membership import Membership
@@ -40,7 +41,7 @@ class MeshFollower:
 
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, keys: Keys,
                  membership: Membership, scope: Callable[[bool], None] | None,
-                 mesh: EtcdMeshSource[LightModel] | None = None):
+                 mesh: EtcdMeshSource[ModelSpec] | None = None):
         self.config = config
         self.client = client
         self.keys = keys
@@ -50,7 +51,7 @@ class MeshFollower:
         self.owns_mesh = mesh is None
         """False: ``mesh`` is shared by the clusters one process hosts (hosting.py), run
         there, which calls :meth:`changed` of each."""
-        self.mesh = EtcdMeshSource(client, keys, self.changed, parse_light) \
+        self.mesh = EtcdMeshSource(client, keys, self.changed, parse_unexpanded) \
             if mesh is None else mesh
         self._checked: bytes | None = None
         """The model text last checked (each text once: the mesh changes with every
@@ -61,6 +62,10 @@ class MeshFollower:
         """This member's state in the cluster's view (None: not in the model)."""
         self.model_warning: str | None = None
         """Set while the model lacks this member's cluster or site."""
+        self.moves_away: tuple[str, ...] = ()
+        """The planned moves away from this member now (member down, site offline, a
+        degraded judgement, a probe, a handback, a VS move): ``/readyz`` says so
+        (``moving``), so an application can hand its resumable streams on."""
         self.on_moves: Callable[[tuple[str, ...]], None] | None = None
         """Told the planned moves away from this member on every change (planned.py;
         None: delayed sync is off, nothing to replicate first)."""
@@ -81,7 +86,7 @@ class MeshFollower:
             return
         if model is not None:
             with contextlib.suppress(ModelError, UnicodeDecodeError):
-                spec = parse_light(model, source="model in etcd").cluster(
+                spec = parse_unexpanded(model, source="model in etcd").cluster(
                     self.config.cluster)
                 rejoin.configure(spec.failover if spec is not None else None)
         if history is not None:
@@ -126,14 +131,16 @@ class MeshFollower:
             self.role = role
         if self.scope is not None:
             self.scope(role == Role.STANDBY and (spec is None or spec.high_availability))
+        vs = system_named(model, self.config.cluster) if model is not None else None
+        self.moves_away = moves_away_from(self.config.cluster, self.config.member, site,
+                                          self.mesh.runtime, vs[1].name if vs else None)
         if self.on_moves is not None:
-            vs = model.virtual_system(self.config.cluster) if model is not None else None
-            self.on_moves(moves_away_from(self.config.cluster, self.config.member, site,
-                                          self.mesh.runtime, vs.pool if vs else None))
+            self.on_moves(self.moves_away)
 
-    def _vs_role(self, model: LightModel) -> Role:
+    def _vs_role(self, model: ModelSpec) -> Role:
         """This member's role in its virtual system, as the control plane places it
-        (light_pools.py; NONE: not a high-availability VS, or not placed here)."""
+        (:func:`meshxl.model.vsls.vs_roles`; NONE: not a high-availability VS, or not
+        placed here)."""
         roles = vs_roles(model, self.mesh.runtime, self.config.cluster)
         me = self.config.member
         if roles is None or me not in roles.order:

@@ -38,7 +38,9 @@ import grpc
 from meshxl import etcd
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
-from meshxl.model.light import LightModel, parse_light
+from meshxl.model.document import ModelSpec
+from meshxl.model.load import parse_unexpanded
+from meshxl.model.vsls import pool_systems
 
 from .api import SessionRoutes, SidecarParts
 from .cluster_routes import hosted_router
@@ -79,7 +81,7 @@ class Hosting:
         self.sidecars: dict[str, Sidecar] = {}
         self.routes: dict[str, SessionRoutes] = {}
         self.clients: dict[tuple[str, Any], aetcd.Client] = {}
-        self.mesh: EtcdMeshSource[LightModel] | None = None
+        self.mesh: EtcdMeshSource[ModelSpec] | None = None
         self.liveness: PoolLiveness | None = None
         """The member's liveness key in the pool (None: no pool, or not started)."""
         self._liveness_error: str | None = None
@@ -130,7 +132,7 @@ class Hosting:
     async def start(self) -> None:
         """Connect, follow the mesh, start every cluster wanted now."""
         client = await self.client_for(self.config)
-        self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed, parse_light)
+        self.mesh = EtcdMeshSource(client, self.keys, self._mesh_changed, parse_unexpanded)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.mesh.run()))
         with contextlib.suppress(TimeoutError):
@@ -196,11 +198,11 @@ class Hosting:
                 self.pool_problem = (f"pool {self.pool!r}: no valid model in etcd"
                                      + (f" ({self.mesh.model_error})" if self.mesh is not None
                                         and self.mesh.model_error else ""))
-            elif model.pool_members(self.pool) is None:
+            elif model.pool(self.pool) is None:
                 self.pool_problem = f"pool {self.pool!r} is not in the model in etcd"
             else:
                 self.pool_problem = None
-                wanted += [n for n in model.pool_systems(self.pool) if n not in wanted]
+                wanted += [n for n in pool_systems(model, self.pool) if n not in wanted]
         return wanted
 
     def _mesh_changed(self) -> None:
@@ -208,9 +210,10 @@ class Hosting:
             sidecar.following.changed()
         if self.liveness is not None and self.mesh is not None and self.pool is not None:
             model = self.mesh.model
-            members = model.pool_members(self.pool) if model is not None else None
+            pool = model.pool(self.pool) if model is not None else None
             self.liveness.seen(self.mesh.runtime,
-                               tuple(members) if members is not None else None)
+                               tuple(m.name for m in pool.members) if pool is not None
+                               else None)
         self._changed.set()
 
     async def _follow(self) -> None:
@@ -317,6 +320,9 @@ class Hosting:
                 f" (pool {self.pool!r} has no virtual system)" if self.pool else ""))
         return reasons
 
+    def moving(self) -> bool:
+        return any(s.moving() for s in self.sidecars.values())
+
     def warnings(self) -> list[str]:
         warnings = [f"{name}: {w}" for name, s in self.sidecars.items() for w in s.warnings()]
         if self.liveness is not None:
@@ -325,7 +331,8 @@ class Hosting:
             warnings.append(f"pool {self.pool}: member {self.config.member}'s liveness "
                             f"key is not written ({self._liveness_error})")
         model = self.mesh.model if self.mesh is not None else None
-        members = model.pool_members(self.pool) if model is not None and self.pool else None
+        pool = model.pool(self.pool) if model is not None and self.pool else None
+        members = [m.name for m in pool.members] if pool is not None else None
         if members is not None and self.config.member not in members:
             warnings.append(f"member {self.config.member!r} is not a member of pool "
                             f"{self.pool!r} in the model (members: {', '.join(members)}): "

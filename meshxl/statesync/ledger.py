@@ -43,7 +43,7 @@ from .conditions import (
 from .deletions import DeletionRecord
 from .errors import LeaseLost, Superseded, no_session
 from .metrics import StatesyncMetrics
-from .record import SessionRecord, valid_session_id
+from .record import SessionRecord, storable_session_id
 from .store import KeyState, KeyWrite, SessionStore, WriteResult
 from .txns import Guard, transact
 from .writes import DELETE, Settings, Stored, Takeover, Write
@@ -80,7 +80,7 @@ class Ledger:
         """Called (in the request's context) when this member took a session over."""
 
     def key(self, session_id: str) -> bytes:
-        if not valid_session_id(session_id):  # one etcd key segment, bounded
+        if not storable_session_id(session_id):  # one etcd key segment, bounded
             raise InputError(f"invalid session id {session_id[:80]!r}", field="session_id")
         return self._prefix + session_id.encode()
 

@@ -9,14 +9,17 @@ import logging
 from typing import Any
 
 import aetcd
+from msgspec.structs import replace
 
 from meshxl.errors import InputError
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import read_model
 from meshxl.etcd.shards import ShardMap, parse_shard_map
 from meshxl.model.basics import ModelError
-from meshxl.model.light import LightModel, parse_light
-from meshxl.model.light import LightSessions as SessionDefaults
+from meshxl.model.document import ModelSpec
+from meshxl.model.load import parse_unexpanded
+from meshxl.model.spec import SessionSync
+from meshxl.model.vsls import sessions_of
 
 from .cache import SessionCache
 from .config import StatesyncConfig
@@ -33,7 +36,7 @@ def sync_stats_value(stats: dict[str, Any], published: float) -> bytes:
     return json.dumps({**stats, "published": published}, sort_keys=True, default=str).encode()
 
 
-def model_mismatch(stored: bool, model: LightModel | None, cluster: str, site: str | None,
+def model_mismatch(stored: bool, model: ModelSpec | None, cluster: str, site: str | None,
                    where: str) -> str | None:
     """Why the model does not place this member as configured, or None. ``stored``: a
     model is stored; ``model``: it as the mesh watch read it (None: it is invalid, and
@@ -43,7 +46,7 @@ def model_mismatch(stored: bool, model: LightModel | None, cluster: str, site: s
     if model is None:
         return None
     spec = model.cluster(cluster)
-    if spec is None and model.sessions_of(cluster) is not None:
+    if spec is None and sessions_of(model, cluster) is not None:
         return None  # a virtual system: the control plane places its members
     if spec is None:
         names = ", ".join(c.name for c in model.clusters) or "none"
@@ -94,11 +97,11 @@ def cache_status(cache: SessionCache | None) -> dict[str, Any]:
 
 async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Settings:
     """CLI values win; otherwise the cluster's ``sessions`` block of the model in etcd."""
-    defaults = SessionDefaults()
+    defaults = SessionSync()
     got = await read_model(client, Keys(config.etcd_root))
     if got is not None:
         try:
-            found = parse_light(got, source="model in etcd").sessions_of(config.cluster)
+            found = sessions_of(parse_unexpanded(got, source="model in etcd"), config.cluster)
         except ModelError as exc:
             log.warning("model in etcd is invalid (%s); using session defaults", exc)
         else:
@@ -107,10 +110,8 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
             else:
                 log.info("cluster %r is not in the model in etcd; using session defaults",
                          config.cluster)
-    return Settings(
-        ttl=config.session_ttl if config.session_ttl is not None else defaults.ttl,
-        sync_delay=config.sync_delay if config.sync_delay is not None else defaults.sync_delay,
-        max_bytes=config.max_bytes if config.max_bytes is not None else defaults.max_bytes,
-        replication=defaults.replication,
-        quota=defaults.quota,
-    )
+    given = {"ttl": config.session_ttl, "sync_delay": config.sync_delay,
+             "max_bytes": config.max_bytes}
+    # The model's block whole (a setting added to it needs no line here), the command
+    # line's values over it.
+    return replace(defaults, **{k: v for k, v in given.items() if v is not None})

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from meshxl.model.light import LightQuota
+from meshxl.model.spec import SessionQuota
 
 from .http import RequestRefused, Response, error
 from .http.admission import MAX_HOLD
@@ -176,7 +176,7 @@ class QuotaGuard:
     holds them (an O(sessions) walk, made at most once per :data:`RECOUNT_AFTER`);
     ``size_of``: the stored size of a session, None if the sidecar knows of none."""
 
-    def __init__(self, limits: LightQuota, count: Callable[[], Usage],
+    def __init__(self, limits: SessionQuota, count: Callable[[], Usage],
                  size_of: Callable[[str], int | None], metrics: StatesyncMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.limits = limits
@@ -201,7 +201,7 @@ class QuotaGuard:
     @classmethod
     def unlimited(cls) -> QuotaGuard:
         """A guard without any quota (admits everything, counts nothing)."""
-        return cls(LightQuota(), Usage, lambda _: None)
+        return cls(SessionQuota(), Usage, lambda _: None)
 
 
     def usage(self) -> Usage:

@@ -20,6 +20,14 @@ _NUMBERS = (int, float)
 SESSION_ID = re.compile(r"^[A-Za-z0-9._~:{}-]{1,200}$")
 #: What a session id may be, in words (error messages).
 SESSION_ID_RULE = "1-200 characters of A-Z a-z 0-9 . _ ~ - : { } (not . or ..)"
+STORED_ID = re.compile(r"^[A-Za-z0-9._~:{}%|-]{1,1024}$")
+"""What the engine stores as a session id: the API's ids, and Dapr's keys as the Dapr
+API writes them (``app||cart%2F1``: its key's other characters percent-encoded,
+:mod:`.dapr.keys`), which no id of the API can be (it has neither ``|`` nor ``%``)."""
+MAX_STORED_ID = 1024
+NO_EXPIRY = -1
+"""A write's :attr:`SessionRecord.ttl` that keeps it until it is deleted (Dapr's
+``ttlInSeconds: -1``)."""
 NAME = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 """Other names of the API (problems): URL-safe without encoding."""
 JSON_TYPE = "application/json"
@@ -76,6 +84,12 @@ def valid_session_id(session_id: str) -> bool:
     return bool(SESSION_ID.match(session_id)) and session_id not in (".", "..")
 
 
+def storable_session_id(session_id: str) -> bool:
+    """A session id the engine stores (:data:`STORED_ID`): one etcd key segment, bounded;
+    the API's own ids are checked by :func:`valid_session_id` first."""
+    return bool(STORED_ID.match(session_id)) and session_id not in (".", "..")
+
+
 def valid_name(name: str) -> bool:
     """A name of the API other than a session id: URL-safe as it is."""
     return bool(NAME.match(name)) and name not in (".", "..")
@@ -107,6 +121,19 @@ class SessionRecord:
     data: bytes
     traceparent: str | None = None
     """W3C trace context of the write, so a takeover can link to it."""
+    ttl: int | None = None
+    """Seconds it lives after :attr:`updated` (a per-write TTL: Dapr's ``ttlInSeconds``),
+    :data:`NO_EXPIRY` never; None: the cluster's ``sessions.ttl`` (its lease's bucket)."""
+
+    @property
+    def expires(self) -> float | None:
+        """When a per-write TTL ends it (wall clock, seconds); None: no per-write TTL."""
+        ttl = self.ttl
+        return self.updated + ttl if ttl is not None and ttl > 0 else None
+
+    def expired(self, now: float) -> bool:
+        expires = self.expires
+        return expires is not None and now >= expires
 
     def __post_init__(self) -> None:
         # Refuse what would not read back (the API validates first, with 4xx answers).
@@ -114,12 +141,16 @@ class SessionRecord:
             raise ValueError("session record owner or content type too long")
         if self.traceparent is not None and valid_traceparent(self.traceparent) is None:
             raise ValueError(f"invalid traceparent {self.traceparent[:80]!r}")
+        if self.ttl is not None and not _valid_ttl(self.ttl):
+            raise ValueError(f"invalid session ttl {self.ttl!r}")
 
     def encode(self) -> bytes:
         # Built by hand from JSON-encoded parts: on the write path, 5x cheaper than
         # json.dumps of a dict (strings go through the C string encoder, floats through
         # repr, which is valid JSON for finite numbers).
         trace = f',"traceparent":{_string(self.traceparent)}' if self.traceparent else ""
+        if self.ttl is not None:
+            trace += f',"ttl":{self.ttl}'
         return (_header_start(self.owner, self.content_type)
                 + f'{self.created!r},"updated":{self.updated!r}{trace}}}\n'.encode()
                 + self.data)
@@ -142,6 +173,9 @@ class SessionRecord:
                     or not math.isfinite(created) or not math.isfinite(updated)):
                 raise TypeError("created and updated must be finite numbers")
             traceparent = header.get("traceparent")
+            ttl = header.get("ttl")
+            if ttl is not None and (type(ttl) is not int or not _valid_ttl(ttl)):
+                raise TypeError("ttl must be a whole number of seconds, or -1")
             return cls(
                 owner=sys.intern(owner),
                 content_type=sys.intern(content_type),
@@ -150,6 +184,16 @@ class SessionRecord:
                 data=raw[newline + 1:],
                 traceparent=valid_traceparent(traceparent) if isinstance(traceparent, str)
                 else None,
+                ttl=ttl,
             )
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(f"bad session record header: {exc}") from None
+
+
+MAX_TTL = 10 * 365 * 86_400
+"""The longest per-write TTL (seconds): ten years (etcd's lease TTLs are int64 seconds;
+this keeps what a record carries, and its lease, plainly bounded)."""
+
+
+def _valid_ttl(ttl: int) -> bool:
+    return ttl == NO_EXPIRY or 0 < ttl <= MAX_TTL

@@ -134,6 +134,8 @@ class Sessions:
             return self.local.stored(session_id, local)
         started = time.time_ns()
         stored = await self._read(session_id)
+        if stored.record.ttl is not None and stored.record.expired(time.time()):
+            raise no_session(session_id)  # its own TTL is over (etcd removes it soon)
         self.ledger.observe(session_id, int(stored.etag))
         if stored.record.owner != self.member:  # a takeover may follow: it starts here
             self.ledger.first_access.setdefault(session_id, started)
@@ -272,7 +274,8 @@ class Sessions:
                 outcomes[i] = detached(exc)
                 continue
             place = locks.reserve(session_id)
-            if place is None and together and write.op == PUT and write.record is None:
+            if place is None and together and write.op == PUT and write.record is None \
+                    and write.ttl is None:  # a TTL of its own: its own lease, alone
                 entry = cache.get(session_id)
                 seen = observed.get(session_id)
                 try:
@@ -443,7 +446,7 @@ class Sessions:
             return self.local.keep(session_id, data, content_type, trace, now)
         record = write.record or SessionRecord(
             owner=self.member, content_type=content_type, created=local.record.created,
-            updated=now, data=data, traceparent=trace)
+            updated=now, data=data, traceparent=trace, ttl=write.ttl)
         replica = Write(session_id=session_id, record=record)
         try:
             stored = await self._attempts(replica, key, REPLICATE, 0, local.record,
@@ -552,7 +555,7 @@ class Sessions:
                                  traceparent=trace)
         return SessionRecord(owner=self.member, content_type=write.content_type,
                              created=prior.created if prior else now, updated=now,
-                             data=write.data, traceparent=trace)
+                             data=write.data, traceparent=trace, ttl=write.ttl)
 
     async def _send(self, key: bytes, session_id: str, record: SessionRecord | None,
                     expected_revision: int,
@@ -569,8 +572,9 @@ class Sessions:
         answer: WriteResult | BaseException
         try:
             lease = 0
-            if value is not None:
-                lease = self.store.lease_now() or await self.store.lease()
+            if value is not None and record is not None:
+                lease = (self.store.lease_now() if record.ttl is None else None) \
+                    or await self.store.lease_of(record.ttl)
             if guard is not None and value is not None:
                 answer = await replicate(self.store, key, value, expected_revision, lease,
                                          guard)

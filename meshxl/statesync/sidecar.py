@@ -32,7 +32,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
 from meshxl.etcd.shards import ShardMap
 from meshxl.model.basics import Replication, choose
-from meshxl.model.light import LightModel
+from meshxl.model.document import ModelSpec
 from meshxl.model.runtime import MemberState
 
 from .cache import SessionCache
@@ -65,7 +65,7 @@ class Sidecar:
     def __init__(self, config: StatesyncConfig, client: aetcd.Client, settings: Settings,
                  metrics: StatesyncMetrics | None = None,
                  shard_map: ShardMap | None = None,
-                 mesh: EtcdMeshSource[LightModel] | None = None):
+                 mesh: EtcdMeshSource[ModelSpec] | None = None):
         """``mesh``: the mesh followed, when the process follows it for several clusters
         (hosting.py, which runs it); None: its own."""
         self.config = config
@@ -313,6 +313,10 @@ class Sidecar:
                 problems.append(f"{name} stopped" + (f": {error!r}" if error else ""))
         return problems
 
+    def moving(self) -> bool:
+        """A planned move away from this member is under way (following.py)."""
+        return bool(self.following.moves_away)
+
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         warnings = [] if self.following.model_warning is None else [self.following.model_warning]
@@ -383,6 +387,7 @@ class Sidecar:
             "state": None if following.view_state is None else str(following.view_state),
             "returning": self.membership.rejoin.returning,
             "planned_moves": None if self.planned is None else self.planned.status(),
+            "moves_away": list(following.moves_away),
             "warnings": self.warnings(), "etcd_unreachable_for": self.membership.unreachable_for,
             **cache_status(self.parts[0].cache if self.parts else None),
             "cached_sessions": self.cached_sessions,

@@ -15,12 +15,14 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshxl.stats import quantile
+
 __all__ = ["LAG_INTERVAL", "WINDOW", "LoopLag", "Pressure", "Signals", "Window",
-           "cgroup_v2_path", "nearest_rank", "parse_psi_some_avg10", "pressure_source"]
+           "cgroup_v2_path", "parse_psi_some_avg10", "pressure_source"]
 
 WINDOW = 10.0
 """Seconds of samples a window keeps."""
@@ -30,18 +32,6 @@ WINDOW_SAMPLES = 1024
 """Samples a window keeps at most (a busy store commits many batches a second: the
 window is then the last this many of them, less than :data:`WINDOW` seconds)."""
 QUANTILE = 0.99
-
-
-def nearest_rank(values: Sequence[float], q: float) -> float | None:
-    """The nearest-rank ``q``-quantile of ``values`` (None for none): the definition of
-    :func:`meshxl.stats.quantile`, which the sidecar does not import (it brings in
-    ``statistics`` and ``random``); ``tests/unit/test_statesync_signals.py`` holds the two
-    equal."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(round(q * len(ordered), 9)))
-    return ordered[rank - 1]
 
 
 class Window:
@@ -86,7 +76,7 @@ class Window:
         values = [v for _, v in samples]
         summary = {"samples": len(values)}
         if values:
-            summary.update(last=values[-1], p99=nearest_rank(values, QUANTILE),
+            summary.update(last=values[-1], p99=quantile(values, QUANTILE),
                            max=max(values))
         self._summarized = (len(values), newest, summary)
         return dict(summary)

@@ -134,7 +134,8 @@ class Transactions:
             records = [None if p.write.op == DELETE else SessionRecord(
                 owner=member, content_type=p.write.content_type,
                 created=p.prior.created if p.prior else now, updated=now,
-                data=p.write.data, traceparent=p.write.traceparent or traceparent)
+                data=p.write.data, traceparent=p.write.traceparent or traceparent,
+                ttl=p.write.ttl)
                 for p in plans]
             revision = 0
             if sent:
@@ -151,7 +152,8 @@ class Transactions:
                         (key, value, recorded.get((i, p.expected_revision), 0))
                         for (i, p), (key, value, _) in zip(marks, marked, strict=True)],
                         [self.ledger.guard(p.write.session_id, p.guard_floor)
-                         for p in guarded])
+                         for p in guarded],
+                        [None if (r := record_of[id(p)]) is None else r.ttl for p in sent])
                 except EtcdUnavailable as exc:
                     self.metrics.transactions.labels("unavailable").inc()
                     raise Unavailable("etcd unavailable, transaction not acknowledged: "

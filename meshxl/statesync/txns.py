@@ -120,13 +120,15 @@ async def replicate(store: SessionStore, key: bytes, value: bytes, expected_revi
 
 
 async def transact(store: SessionStore, writes: Sequence[KeyWrite],
-                   guards: Sequence[Guard] = ()) -> TxnResult:
+                   guards: Sequence[Guard] = (),
+                   ttls: Sequence[int | None] = ()) -> TxnResult:
     """All of ``writes`` or none: one guarded op whose compares cover every key
     (and ``guards``: the module docstring).
 
-    Success puts (with the session lease) and deletes every key; failure reads every
-    key's revision (keys only: the values of up to 128 sessions could exceed what
-    one answer may carry), so the caller can tell which compare failed. It travels
+    Success puts (with the session lease, or the lease of the put's own TTL in
+    ``ttls``, by index: :meth:`.store.SessionStore.lease_of`) and deletes every key;
+    failure reads every key's revision (keys only: the values of up to 128 sessions
+    could exceed what one answer may carry), so the caller can tell which compare failed. It travels
     in a batch like any single write, as one nested transaction.
     """
     if not 0 < len(writes) <= MAX_TXN_WRITES:
@@ -142,14 +144,18 @@ async def transact(store: SessionStore, writes: Sequence[KeyWrite],
     leased = any(value is not None for _, value, _ in writes)
     for attempt in (1, 2):
         lease = await store.lease() if leased else 0
+        own = {ttl: await store.lease_of(ttl) for ttl in set(ttls) if ttl is not None}
+        leases = [own[ttl] if ttl is not None else lease for ttl in ttls]
+        leases += [lease] * (len(writes) - len(leases))
         request = rpc.RequestOp(request_txn={
             "compare": [{"key": key, "target": rpc.Compare.MOD,
                          "result": rpc.Compare.EQUAL, "mod_revision": expected_revision}
                         for key, _, expected_revision in writes]
                        + [_guard_compare(guard) for guard in guards],
-            "success": [{"request_put": {"key": key, "value": value, "lease": lease}}
+            "success": [{"request_put": {"key": key, "value": value, "lease": put_lease}}
                         if value is not None else
-                        {"request_delete_range": {"key": key}} for key, value, _ in writes],
+                        {"request_delete_range": {"key": key}}
+                        for (key, value, _), put_lease in zip(writes, leases, strict=True)],
             "failure": [{"request_range": {"key": key, "keys_only": True}}
                         for key, _, _ in writes]
                        + [_guard_read(guard) for guard in guards]})

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeAlias, overload
 
 from meshxl.errors import MeshxlError
-from meshxl.model.basics import Replication
-from meshxl.model.light import LightQuota
+from meshxl.model.spec import SessionSync
 
 from .record import JSON_TYPE, SessionRecord
 
@@ -32,15 +31,11 @@ JsonValue: TypeAlias = (
 """A JSON document as :func:`json.loads` makes it."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    ttl: float = 1800.0
-    sync_delay: float = 0.0
-    max_bytes: int = 1_048_576
-    replication: Replication = "all"
-    """``all`` or ``narrow`` (the model's ``sessions.replication``)."""
-    quota: LightQuota = LightQuota()
-    """The cluster's ``sessions.quota`` (:mod:`.quota` enforces it)."""
+Settings = SessionSync
+"""The session layer's settings are the model's ``sessions`` block, one declaration
+(:class:`meshxl.model.spec.SessionSync`: ``ttl``, ``sync_delay``, ``max_bytes``,
+``replication``, ``quota``), with the command line's values over it
+(:func:`.mesh_reads.session_settings`)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -69,6 +64,11 @@ class Write:
     record: SessionRecord | None = None
     """A record to store as it is: a session kept on this member (delayed sync),
     replicated when its delay is over."""
+    ttl: int | None = None
+    """A put's TTL of its own, in seconds (Dapr's ``ttlInSeconds``; ``-1``: never
+    expires), kept in its record (:attr:`.record.SessionRecord.ttl`) with a lease of that
+    TTL; None: the cluster's ``sessions.ttl``. Such a write is sent alone, and is
+    ``sync_now`` (delayed sync keeps no TTL of its own)."""
 
 
 @dataclass(slots=True, kw_only=True)

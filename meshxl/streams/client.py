@@ -31,10 +31,13 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from meshxl.errors import Conflict, Unavailable
+
 from .protocol import (
     ACK,
     END,
     ERROR,
+    FAILED,
     MESSAGE,
     OPEN,
     READY,
@@ -58,16 +61,18 @@ log = logging.getLogger(__name__)
 __all__ = ["ClientStream", "Connection", "StreamLost", "StreamRefused", "connect_websocket"]
 
 
-class StreamRefused(Exception):
-    """The server refused the stream for good (:class:`~.protocol.Refusal`)."""
+class StreamRefused(Conflict):
+    """The server refused the stream for good (:class:`~.protocol.Refusal`): a
+    :class:`~meshxl.errors.Conflict`, the stream's state forbids it going on."""
 
     def __init__(self, refusal: Refusal, message: str = ""):
         super().__init__(f"{refusal.name}: {message or refusal.meaning}")
         self.refusal = refusal
 
 
-class StreamLost(Exception):
-    """No connection could carry the stream on for ``resume_timeout`` seconds."""
+class StreamLost(Unavailable):
+    """No connection could carry the stream on for ``resume_timeout`` seconds (an
+    :class:`~meshxl.errors.Unavailable`)."""
 
 
 class Connection(Protocol):
@@ -98,8 +103,10 @@ class ClientStream:
     routes it as the session)."""
 
     def __init__(self, connect: Connect, *, limits: Limits | None = None,
-                 resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0)):
+                 resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
+                 measure: Callable[[Payload], int] = encoded_size):
         self._connect = connect
+        self._measure = measure
         self.limits = limits or Limits()
         self.resume_timeout = resume_timeout
         self._backoff = backoff
@@ -113,6 +120,9 @@ class ClientStream:
         """The highest message of ours the server's handler consumed (committed)."""
         self._inbox: collections.deque[Payload] = collections.deque()
         self._server_end: int | None = None
+        self._end_failure: Refusal | None = None
+        """The stream ended because the server's handler failed (``failed``): raised once
+        every message before it was received."""
         self._ended_sent = False
         self._acked = 0
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -164,7 +174,7 @@ class ClientStream:
         self._raise_failure()
         if self._ended_sent:
             raise RuntimeError("the stream's sending side was closed (close)")
-        size = encoded_size(payload)
+        size = self._measure(payload)
         if size > self.limits.max_message_bytes:
             raise ProtocolError(f"a message of {size} bytes; the limit is "
                                 f"{self.limits.max_message_bytes}")
@@ -220,10 +230,13 @@ class ClientStream:
 
     async def receive(self) -> Payload:
         """The next server message; EOFError once the server's handler finished and
-        everything it sent was received."""
+        everything it sent was received (:class:`StreamRefused` with ``failed`` when it
+        ended by raising)."""
         await self._wait(lambda: bool(self._inbox) or self._finished)
         if self._inbox:
             return self._inbox.popleft()
+        if self._end_failure is not None:
+            raise StreamRefused(self._end_failure)
         raise EOFError("the server ended the stream")
 
     @property
@@ -273,6 +286,8 @@ class ClientStream:
                         self._changed.set()
                     elif frame.type == ERROR:
                         refusal = frame.refusal
+                        if refusal is FAILED:  # the handler failed: said after its last
+                            self._end_failure = refusal  # message, before its end
                     if self._finished:
                         await self._ack_now(conn)
                         self._changed.set()

@@ -41,6 +41,7 @@ from meshxl.client.errors import (
     SidecarPreconditionFailed,
     WriteUncertain,
 )
+from meshxl.errors import MeshxlError
 
 from .protocol import (
     FORBIDDEN,
@@ -68,7 +69,7 @@ MAX_INFLIGHT = 2
 """Bulk saves in flight at once (the next one fills while one commits)."""
 
 
-class Refused(Exception):
+class Refused(MeshxlError):
     """A stream cannot be opened or resumed here: ``refusal`` says why, as the
     transport will (close code, status)."""
 
@@ -101,6 +102,8 @@ class StreamHost:
         self._taking: asyncio.Task[None] | None = None
         self.commits = 0
         """Bulk saves sent (a statistic)."""
+        self._moving_since: float | None = None
+        self._move: asyncio.TimerHandle | None = None
 
     # -- opening and taking over --------------------------------------------------------
 
@@ -278,12 +281,15 @@ class StreamHost:
             if not batch:
                 return
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._commit(batch))
+            # Taken now, not when the task runs: a stream marked again meanwhile is
+            # then committing, and waits for this write (one write in flight each).
+            plans = [(stream, *stream.take()) for stream in batch]
+            task = asyncio.get_running_loop().create_task(self._commit(plans))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _commit(self, batch: list[ServerStream]) -> None:
-        plans = [(stream, *stream.take()) for stream in batch]
+    async def _commit(self, plans: list[tuple[ServerStream, StreamRecord,
+                                              list[tuple[int, Payload]]]]) -> None:
         try:
             answers: Sequence[Written | SidecarError] = await self.sessions.bulk_save([
                 Upsert(session=record_id(stream.token), state=_state_of(record),
@@ -361,6 +367,47 @@ class StreamHost:
 
     # -- the whole process ---------------------------------------------------------------
 
+    def note_moving(self, moving: bool, settle: float = 1.0) -> None:
+        """What the sidecar's ``/readyz`` says (``moving``): a planned move away from this
+        member (member down, site offline, a degraded judgement, a VS move) hands every
+        stream on ``settle`` seconds after it is first seen (by then Envoy sends the
+        sessions elsewhere), rather than when Envoy closes the connections at the end
+        of the drain window. Once per move: streams resumed here afterwards stay."""
+        if not moving:
+            self._moving_since = None
+            if self._move is not None:
+                self._move.cancel()
+                self._move = None
+            return
+        if self._moving_since is not None:
+            return
+        self._moving_since = time.monotonic()
+
+        def move() -> None:
+            self._move = None
+            task = asyncio.get_running_loop().create_task(self._moved())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._move = asyncio.get_running_loop().call_later(settle, move)
+
+    async def _moved(self) -> None:
+        count = await self.move_all()
+        if count:
+            log.info("a planned move away from this member: %d streams handed on", count)
+
+    async def follow(self, probe: AsyncClient, *, interval: float = 0.25,
+                     settle: float = 1.0) -> None:
+        """Ask the sidecar every ``interval`` whether a planned move is under way
+        (:meth:`note_moving`); runs until cancelled. An application that polls
+        ``/readyz`` already passes what it reads to :meth:`note_moving` instead."""
+        while True:
+            try:
+                self.note_moving((await probe.ready()).moving, settle)
+            except SidecarError:
+                pass
+            await asyncio.sleep(interval)
+
     async def move_all(self, timeout: float = 5.0) -> int:
         """Hand every stream on (a drain, a shutdown): what was checkpointed is
         committed (up to ``timeout``), then each connection is closed with
@@ -375,6 +422,8 @@ class StreamHost:
         return len(streams)
 
     async def aclose(self) -> None:
+        if self._move is not None:
+            self._move.cancel()
         for stream in list(self.live.values()):
             stream.stop(None)
         tasks = [*self._tasks, *([self._taking] if self._taking is not None else [])]

@@ -35,6 +35,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meshxl.errors import InputError
+
 __all__ = [
     "ACK", "END", "ERROR", "FORBIDDEN", "MALFORMED", "MESSAGE", "MOVED", "OPEN", "READY",
     "REFUSALS", "RESUME", "SUBPROTOCOL", "TOO_FAR_BEHIND", "TOO_MANY_STREAMS", "TRY_AGAIN",
@@ -62,9 +64,9 @@ Payload = Any
 (sent as a binary frame, stored as base64). A str is a JSON string."""
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """A frame that breaks the protocol: it closes its own stream (:data:`MALFORMED`),
-    nothing else."""
+    nothing else (an :class:`~meshxl.errors.InputError`, a ValueError)."""
 
 
 @dataclass(frozen=True, slots=True)

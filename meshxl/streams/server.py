@@ -41,6 +41,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from meshxl.errors import Unavailable
+
 from .protocol import (
     FAILED,
     TOO_FAR_BEHIND,
@@ -60,8 +62,9 @@ __all__ = ["Conduit", "Handler", "ServerStream", "StreamClosed"]
 _NO_STATE: Any = object()
 
 
-class StreamClosed(Exception):
-    """The stream stopped on this member: taken over elsewhere, given up, or closed."""
+class StreamClosed(Unavailable):
+    """The stream stopped on this member: taken over elsewhere, given up, or closed (an
+    :class:`~meshxl.errors.Unavailable` here; it goes on where it was taken over)."""
 
 
 class Conduit(Protocol):

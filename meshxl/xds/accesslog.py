@@ -96,7 +96,7 @@ from envoy.service.accesslog.v3.als_pb2 import StreamAccessLogsMessage, StreamAc
 
 from meshxl.model import ModelSpec, RuntimeState, cluster_view
 from meshxl.nodeid import node_id_problem
-from meshxl.xds.auth import AdsAuth, StreamRefused, Unauthenticated, peer_names
+from meshxl.xds.auth import AdsAuth, AdsRefused, Unauthenticated, peer_names
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.nodes import LogLimiter
 from meshxl.xds.server import peer_host
@@ -377,7 +377,7 @@ class AccessLogReceiver:
             if any(k.lower() == "authorization" for k, _ in metadata) or \
                     self.connected_from is None:
                 return grpc.StatusCode.UNAUTHENTICATED, str(refusal)
-        except StreamRefused as refusal:
+        except AdsRefused as refusal:
             return grpc.StatusCode.PERMISSION_DENIED, str(refusal)
         if self.connected_from is None:
             return grpc.StatusCode.UNAUTHENTICATED, "no token"

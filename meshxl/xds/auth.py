@@ -52,8 +52,8 @@ from meshxl.bearer import bearer_matches, valid_token
 from meshxl.xds.credentials import ANONYMOUS, SHARED, Credential, CredentialsFile
 from meshxl.xds.nodes import BadDiscoveryRequest, Peer
 
-__all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "Binding", "Grant",
-           "InvalidNodeId", "Peer", "PermissionDenied", "StreamRefused", "TooManyNodes",
+__all__ = ["BINDINGS", "DEFAULT_TRUST_DOMAIN", "REFUSAL_REASONS", "AdsAuth", "AdsRefused",
+           "Binding", "Grant", "InvalidNodeId", "Peer", "PermissionDenied", "TooManyNodes",
            "Unauthenticated", "ads_auth", "istio_node_namespace", "node_namespace",
            "peer_names", "spiffe_namespace"]
 
@@ -68,31 +68,31 @@ _SPIFFE = re.compile(r"^spiffe://([a-z0-9._-]+)/ns/([a-z0-9]([-a-z0-9]*[a-z0-9])
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-class StreamRefused(BadDiscoveryRequest):
+class AdsRefused(BadDiscoveryRequest):
     """A stream the control plane will not serve; ``reason`` labels the metric."""
 
     reason = "invalid_argument"
 
 
-class InvalidNodeId(StreamRefused):
+class InvalidNodeId(AdsRefused):
     """The stream's node id cannot name a node (see :mod:`meshxl.nodeid`)."""
 
     reason = "invalid_node_id"
 
 
-class Unauthenticated(StreamRefused):
+class Unauthenticated(AdsRefused):
     """No credentials, or wrong ones: the stream ends with ``UNAUTHENTICATED``."""
 
     reason = "unauthenticated"
 
 
-class PermissionDenied(StreamRefused):
+class PermissionDenied(AdsRefused):
     """Authenticated, but not as the node (or zone) it claims: ``PERMISSION_DENIED``."""
 
     reason = "permission_denied"
 
 
-class TooManyNodes(StreamRefused):
+class TooManyNodes(AdsRefused):
     """A new node id past a credential's bound, or past the bound on all nodes:
     ``RESOURCE_EXHAUSTED``. Logged once a minute per credential, whatever the node ids
     (someone inventing them would otherwise write a line for each)."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -248,20 +249,21 @@ def _resolved_for(spec: ClusterSpec, registrations: Mapping[str, Any],
 # mode, stickiness, retries, route prefix and timeout). Many clusters share one policy,
 # so each distinct shape is built once per compile and copied (docs/performance.md). One key
 # covers both (one serialization per cluster): equal keys still mean equal shapes.
-_SHAPE: dict[str, Any] = {"protocol": True, "websocket": True,
-                          "mode": True, "stickiness": True, "health_check": True,
-                          "outlier_detection": True, "retries": True, "connect_timeout": True,
-                          "warmup": True,
-                          "route": {"prefix", "timeout"}}
+def _shape(spec: ClusterSpec) -> bytes:
+    """What a cluster's resources depend on besides its name and members, as bytes."""
+    return msgspec.json.encode((
+        spec.protocol, spec.websocket, spec.mode, spec.stickiness, spec.health_check,
+        spec.outlier_detection, spec.retries, spec.connect_timeout, spec.warmup,
+        spec.route.prefix, spec.route.timeout))
 
 
 class _Shapes:
     """Per-compile memo of built resources by shape (never shared across compiles)."""
 
     def __init__(self) -> None:
-        self._clusters: dict[str, cluster_pb2.Cluster] = {}
-        self._routes: dict[str, route_components_pb2.Route] = {}
-        self._keys: dict[int, str] = {}  # id(spec) -> shape key; specs outlive the compile
+        self._clusters: dict[bytes, cluster_pb2.Cluster] = {}
+        self._routes: dict[bytes, route_components_pb2.Route] = {}
+        self._keys: dict[int, bytes] = {}  # id(spec) -> shape key; specs outlive the compile
 
     def cluster(self, spec: ClusterSpec, path: str) -> cluster_pb2.Cluster:
         if spec.overrides.cluster:
@@ -279,14 +281,14 @@ class _Shapes:
         r.route.cluster = spec.name
         return r
 
-    def _copy(self, memo: dict[str, Any], spec: ClusterSpec, path: str, build: Any) -> Any:
+    def _copy(self, memo: dict[bytes, Any], spec: ClusterSpec, path: str, build: Any) -> Any:
         """A fresh copy of the resource built for ``spec``'s shape (built on first use)."""
         key = self._keys.get(id(spec))
         if key is None:
             # Whether its WebSockets have a cluster of their own depends on its having a
             # listener, not on which: that alone enters the key.
-            key = self._keys[id(spec)] = spec.model_dump_json(include=_SHAPE) + (
-                " upgrades apart" if has_upgrade_cluster(spec) else "")
+            key = self._keys[id(spec)] = _shape(spec) + (
+                b" upgrades apart" if has_upgrade_cluster(spec) else b"")
         template = memo.get(key)
         if template is None:
             template = memo[key] = build(spec, path)

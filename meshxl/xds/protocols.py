@@ -42,8 +42,9 @@ from meshxl.xds.alsconfig import log_tcp
 from meshxl.xds.upgrades import WEBSOCKET, has_upgrade_cluster
 
 __all__ = [
-    "HTTP_PROTOCOL_OPTIONS", "TCP_PROXY", "WEBSOCKET", "apply_protocol", "build_tcp_listener",
-    "drain_generation", "health_check_kind", "route_protocol", "websocket_upgrades",
+    "EVENT_STREAM", "EVENT_STREAMS_SUFFIX", "HTTP_PROTOCOL_OPTIONS", "TCP_PROXY", "WEBSOCKET",
+    "apply_protocol", "build_event_stream_route", "build_tcp_listener", "drain_generation",
+    "has_event_stream_route", "health_check_kind", "route_protocol", "websocket_upgrades",
 ]
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -121,6 +122,36 @@ def route_protocol(route: route_components_pb2.Route, spec: ClusterSpec) -> None
     if not spec.websocket_upgrades:
         route.route.upgrade_configs.add(upgrade_type=WEBSOCKET,
                                         enabled=wrappers_pb2.BoolValue(value=False))
+
+
+EVENT_STREAM = "text/event-stream"
+"""What a request for Server-Sent Events accepts."""
+EVENT_STREAMS_SUFFIX = "~sse"
+
+
+def has_event_stream_route(spec: ClusterSpec) -> bool:
+    """``spec`` serves HTTP through a meshxl listener: its Server-Sent Events get a
+    route of their own (:func:`build_event_stream_route`)."""
+    return spec.protocol in ("http", "http2") and spec.listener is not None
+
+
+def build_event_stream_route(plain: route_components_pb2.Route
+                             ) -> route_components_pb2.Route:
+    """The route of a cluster's Server-Sent Events, just before ``plain``: a request
+    that accepts ``text/event-stream`` goes where ``plain`` sends it (same cluster, hash,
+    pins and retries) without the route's timeout, which counts until the response is
+    complete and so would cut every event stream at 15 s by default. Such a response
+    is bounded by the connection manager's stream idle timeout instead (5 min; the
+    server's heartbeats keep a live one going: docs/streams.md)."""
+    r = route_components_pb2.Route()
+    r.CopyFrom(plain)
+    r.name = plain.name + EVENT_STREAMS_SUFFIX
+    r.route.timeout.Clear()
+    r.route.timeout.seconds = 0
+    header = r.match.headers.add(name="accept")
+    header.string_match.contains = EVENT_STREAM
+    header.string_match.ignore_case = True
+    return r
 
 
 WEBSOCKET_CLOSE_GRACE = 0.0

@@ -60,6 +60,8 @@ from meshxl.xds.dns import is_ip_literal
 from meshxl.xds.overrides import OverrideError, merge_override
 from meshxl.xds.protocols import (
     apply_protocol,
+    build_event_stream_route,
+    has_event_stream_route,
     health_check_kind,
     mark_generation,
     route_protocol,
@@ -483,6 +485,8 @@ def build_route_config(name: str, specs: list[ClusterSpec],
             plain = route(spec, path)
             if has_upgrade_cluster(spec):
                 vhost.routes.append(build_upgrade_route(plain))
+            if has_event_stream_route(spec):
+                vhost.routes.append(build_event_stream_route(plain))
             vhost.routes.append(plain)
     return rc
 

@@ -37,10 +37,10 @@ from meshxl.tls import ServerTls
 from meshxl.xds import delta, sotw
 from meshxl.xds.auth import (
     AdsAuth,
+    AdsRefused,
     InvalidNodeId,
     Peer,
     PermissionDenied,
-    StreamRefused,
     TooManyNodes,
     Unauthenticated,
     peer_names,
@@ -94,7 +94,7 @@ DISCONNECTED_NODES_MAX = 1024
 RETAINED_VERSIONS_MAX = 16
 
 #: The gRPC status a refused stream ends with, by the refusal's class.
-_REFUSAL_CODES: dict[type[StreamRefused], grpc.StatusCode] = {
+_REFUSAL_CODES: dict[type[AdsRefused], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TooManyNodes: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -334,7 +334,7 @@ class AdsServer:
     def connect(self, stream: Stream, node_proto: EnvoyNode) -> NodeStatus:
         """The stream's first request names its node (and zone): check that the
         stream may speak for them and that a new node id is within the bounds
-        (:class:`~meshxl.xds.auth.StreamRefused` otherwise), then count the stream. The zone
+        (:class:`~meshxl.xds.auth.AdsRefused` otherwise), then count the stream. The zone
         is the stream's own: what it is served follows it, and no other stream's."""
         node_id = node_proto.id
         problem = node_id_problem(node_id)
@@ -366,7 +366,7 @@ class AdsServer:
         self._changed(node)
         return node
 
-    def refuse(self, refusal: StreamRefused, peer: Peer) -> grpc.StatusCode:
+    def refuse(self, refusal: AdsRefused, peer: Peer) -> grpc.StatusCode:
         """Count and log a refused stream; the status it ends with."""
         reason = refusal.reason
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -531,7 +531,7 @@ class AdsServer:
         stream.peer = peer_names(context.auth_context() or {}, context.peer() or "")
         try:
             stream.grant = self.auth.admit(context.invocation_metadata() or (), stream.peer)
-        except StreamRefused as refusal:
+        except AdsRefused as refusal:
             await context.abort(self.refuse(refusal, stream.peer), str(refusal))
         if self._metrics is not None:
             self._metrics.stream_opened(stream.protocol)
@@ -561,7 +561,7 @@ class AdsServer:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 try:
                     error = stream.handle(stream.inbox.popleft())
-                except StreamRefused as refusal:
+                except AdsRefused as refusal:
                     error, code = str(refusal), self.refuse(refusal, stream.peer)
                 except BadDiscoveryRequest as exc:
                     error = str(exc)

@@ -13,7 +13,9 @@ over all clusters (the one that recorded least recently forgotten first), so mem
 bounded however many requests or host names arrive.
 
 **Percentiles** come from a fixed log-bucketed histogram per window, never from stored
-samples: one count per bucket, buckets growing by :data:`GROWTH` (10 %) from
+samples (:func:`meshxl.stats.quantile`, the reports' one definition, needs every sample,
+and a busy host sends thousands a second: stored samples would grow with the traffic,
+143 counts do not): one count per bucket, buckets growing by :data:`GROWTH` (10 %) from
 :data:`LOWEST` (100 µs) to :data:`HIGHEST` (60 s), one below and one above: 143
 counts. Recording is O(1) (a logarithm and an increment), merging windows is adding
 counts. A percentile is the nearest rank (:func:`meshxl.stats.quantile`: the value at

@@ -75,6 +75,15 @@ def test_kill_the_active_member_under_traffic(mode: str, tmp_path: Path) -> None
     assert 0 < report["detection_ms"] < 10_000
     assert 0 < report["convergence_ms"] < 5000
     assert report["takeover_ms"]["count"] > 0
+    # Resumable streams beside the requests: through the same kill, every message once.
+    streams = report["streams"]
+    assert streams["streams"] == 10 and streams["sent"] > 0, streams
+    assert streams["answered"] == streams["sent"], streams
+    for key in ("lost", "duplicated", "reordered", "misapplied", "errors"):
+        assert streams[key] == 0, streams
+    if mode == "high-availability":  # all on the active: each resumed on the standby
+        assert streams["of_killed_member"] == 10, streams
+    assert "resumable streams" in text
 
     png = tmp_path / "timeline.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

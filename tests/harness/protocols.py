@@ -23,9 +23,12 @@ from meshxl.proxy.admin import EnvoyAdmin
 @asynccontextmanager
 async def deployment(work: Path, protocol: str, *, mode: str = "high-availability",
                      members: Sequence[tuple[str, str]] | None = None,
-                     drain_window: float | None = None) -> AsyncIterator[DemoDeployment]:
+                     drain_window: float | None = None,
+                     fields: dict[str, str] | None = None,
+                     hash_cookie: str | None = None) -> AsyncIterator[DemoDeployment]:
     d = DemoDeployment(work, protocol=protocol, mode=mode, members=members,
-                       drain_window=drain_window, lease_ttl=2.0)
+                       drain_window=drain_window, lease_ttl=2.0, fields=fields,
+                       hash_cookie=hash_cookie)
     try:
         await asyncio.wait_for(d.start(), 90)
     except BaseException:

@@ -34,7 +34,7 @@ from meshxl.streams import (
     connect_websocket,
 )
 from meshxl.streams.protocol import FORBIDDEN, MALFORMED, UNKNOWN, new_token
-from tests.harness.protocols import deployment, restart
+from tests.harness.protocols import deployment, member_down, restart
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -42,8 +42,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def streams_deployment(tmp_path_factory: pytest.TempPathFactory,
                              ) -> AsyncIterator[DemoDeployment]:
-    async with deployment(tmp_path_factory.mktemp("streams"), "websocket") as d:
+    async with deployment(tmp_path_factory.mktemp("streams"), "websocket",
+                          drain_window=DRAIN_WINDOW,
+                          fields={"route": f"{{timeout: {ROUTE_TIMEOUT:g}s}}"}) as d:
         yield d
+
+
+ROUTE_TIMEOUT = 2.0
+"""Short: a stream outlives the cluster's route timeout (Envoy's limit on a response)."""
+
+
+DRAIN_WINDOW = 60.0
+"""Long: a planned move hands streams on long before Envoy would close them."""
 
 
 @dataclass
@@ -126,6 +136,105 @@ async def test_streams_survive_a_kill_9_of_their_member_exactly_once(
             await restart(d, victim)
 
 
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_drained_members_streams_resume_on_the_new_owner_at_once(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """``meshxl member down``: the member's app sees the planned move in its sidecar's
+    ``/readyz`` and hands its streams on (close code 4000, "moved"), without waiting for
+    the drain window (60 s here) after which Envoy would close them; every message once,
+    in order, the later ones answered by the new owner."""
+    d = streams_deployment
+    rng = random.Random(3)
+    tallies = [Tally(f"drain-{kind}-{i}", await _open(d, f"drain-{kind}-{i}", kind))
+               for i in range(6)]
+    drained = ""
+    try:
+        talks = [asyncio.create_task(t.talk(60, 0.03, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        drained = served.pop()
+        await member_down(d, drained)
+        await wait_until(lambda: all(t.answers and t.answers[-1]["member"] != drained
+                                     for t in tallies), timeout=DRAIN_WINDOW / 3,
+                         what="every stream answered by another member")
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+            assert t.stream.connections >= 2
+    finally:
+        for t in tallies:
+            await t.stream.aclose()
+        if drained:
+            await member_down(d, drained, down=False)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_streams_of_a_member_cut_off_resume_and_it_is_fenced_when_it_returns(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """The serving member freezes (SIGSTOP on its app and sidecar: a paused VM, or a
+    member nobody can reach): no connection breaks, nothing answers. The clients'
+    heartbeat finds the silence, they resume through Envoy on the member that takes the
+    session over; when the frozen one comes back, its next commit is refused and it
+    stops, so nothing it had is ever delivered: every message once, in order."""
+    import signal
+
+    d = streams_deployment
+    rng = random.Random(5)
+    tallies = [Tally(f"freeze-{kind}-{i}", await _open(d, f"freeze-{kind}-{i}", kind))
+               for i in range(4)]
+    frozen = ""
+    try:
+        talks = [asyncio.create_task(t.talk(50, 0.05, rng)) for t in tallies]
+        await wait_until(lambda: all(len(t.answers) >= 5 for t in tallies), timeout=20,
+                         what="5 answers on every stream")
+        served = {t.answers[-1]["member"] for t in tallies}
+        assert len(served) == 1, served
+        frozen = served.pop()
+        member = d.member(frozen)
+        for proc in (member.app, member.sidecar):
+            assert proc is not None
+            proc.signal(signal.SIGSTOP)
+        await wait_until(lambda: all(t.answers[-1]["member"] != frozen for t in tallies),
+                         timeout=40, what="every stream answered by another member")
+        for proc in (member.app, member.sidecar):
+            proc.signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*talks), 60)
+        for t in tallies:
+            t.check()
+    finally:
+        if frozen:
+            for proc in (d.member(frozen).app, d.member(frozen).sidecar):
+                if proc is not None:
+                    proc.signal(signal.SIGCONT)
+        for t in tallies:
+            await t.stream.aclose()
+        if frozen:
+            await restart(d, frozen)
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_stream_outlives_the_routes_timeout_on_one_connection(
+        streams_deployment: DemoDeployment, kind: str) -> None:
+    """The cluster's route timeout (2 s here) bounds a response; an event stream and a
+    WebSocket are not cut by it (meshxl's routes for them have none): one connection
+    carries the stream well past it."""
+    d = streams_deployment
+    stream = await _open(d, f"long-{kind}", kind)
+    try:
+        started = asyncio.get_running_loop().time()
+        sent = 0
+        while asyncio.get_running_loop().time() - started < ROUTE_TIMEOUT * 2:
+            sent += 1
+            await stream.send({"n": 1})
+            assert (await asyncio.wait_for(stream.receive(), 10))["total"] == sent
+            await asyncio.sleep(0.1)
+        assert stream.connections == 1 and not stream.resumes
+    finally:
+        await stream.aclose()
+
+
 async def test_resuming_another_sessions_stream_is_refused(
         streams_deployment: DemoDeployment) -> None:
     d = streams_deployment
@@ -193,3 +302,84 @@ async def test_a_stream_refused_for_good_raises_to_the_application(
     finally:
         await stolen.aclose()
         await owner.aclose()
+
+
+# -- gRPC ------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def grpc_streams_deployment(tmp_path_factory: pytest.TempPathFactory,
+                                  ) -> AsyncIterator[DemoDeployment]:
+    async with deployment(tmp_path_factory.mktemp("grpc-streams"), "grpc") as d:
+        yield d
+
+
+async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
+        grpc_streams_deployment: DemoDeployment) -> None:
+    """Both kinds of gRPC stream: bidirectional (the tally) and server-streaming (ticks
+    whose count is the stream's state): every message once, in order, after the kill."""
+    from grpc import aio
+
+    from meshxl.local import counter
+    from meshxl.streams.grpcio import connect_grpc
+
+    d = grpc_streams_deployment
+    rng = random.Random(11)
+    async with aio.insecure_channel(d.target) as channel:
+        talks: list[Tally] = []
+        ticks: list[ClientStream] = []
+        for i in range(6):
+            session = f"grpc-{i}"
+            talk = connect_grpc(channel, counter.TALK, request_type=counter.TallyRequest,
+                                response_type=counter.TallyReply,
+                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
+            talks.append(Tally(session, await asyncio.wait_for(talk.start(), 15)))
+            tick = connect_grpc(channel, counter.TICKS, response_type=counter.TallyReply,
+                                request=counter.WatchRequest(interval_ms=30, count=80),
+                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
+            ticks.append(await asyncio.wait_for(tick.start(), 15))
+        for t in talks:
+            t.stream = _AsDict(t.stream)  # type: ignore[assignment]
+        victim = ""
+        try:
+            runs = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in talks]
+            await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
+                             what="8 answers on every gRPC stream")
+            served = {t.answers[-1]["member"] for t in talks}
+            assert len(served) == 1, served
+            victim = served.pop()
+            await d.kill_member(victim)
+            await asyncio.wait_for(asyncio.gather(*runs), 60)
+            for t in talks:
+                t.check()
+                assert t.answers[-1]["member"] != victim
+            for stream in ticks:
+                got = [m async for m in stream]
+                assert [m.seq for m in got] == list(range(1, 81)), [m.seq for m in got]
+                assert got[-1].member != victim and stream.connections >= 2
+        finally:
+            for t in talks:
+                await t.stream.aclose()
+            for stream in ticks:
+                await stream.aclose()
+            if victim:
+                await restart(d, victim)
+
+
+class _AsDict:
+    """A gRPC tally stream seen as the JSON tally's (send ``{"n"}``, receive dicts)."""
+
+    def __init__(self, stream: ClientStream):
+        self.stream = stream
+
+    async def send(self, message: dict[str, Any]) -> int:
+        from meshxl.local import counter
+
+        return await self.stream.send(counter.TallyRequest(n=message["n"]))
+
+    async def receive(self) -> dict[str, Any]:
+        reply = await self.stream.receive()
+        return {"seq": reply.seq, "n": reply.n, "total": reply.total, "member": reply.member}
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -506,6 +506,9 @@ def test_update_keeps_a_bytes_states_content_type() -> None:
 def test_readiness() -> None:
     ready = Sidecar(answer(200, {"ready": True})).run(plans.ready(FAST, RNG))
     assert ready.ready and ready.reasons == []
+    assert not ready.moving
+    moving = Sidecar(answer(200, {"ready": True, "moving": True})).run(plans.ready(FAST, RNG))
+    assert moving.ready and moving.moving
     not_ready = Sidecar(answer(503, {"ready": False, "reasons": ["syncing"]})).run(
         plans.ready(FAST, RNG))
     assert not not_ready.ready and not_ready.reasons == ["syncing"]

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from meshxl.istio import pins, render
 from meshxl.model import spec as model_spec
+from meshxl.model.decode import decode
 from meshxl.model.spec import (
     ALGORITHMS,
     HASH_KEYS,
@@ -61,16 +63,16 @@ def test_choose_raises_on_an_unknown_value() -> None:
 
 def unchecked_stickiness(**fields: Any) -> Stickiness:
     """A Stickiness as if validation had let an unknown value through."""
-    return Stickiness.model_construct(**{"header": "x-session-id", **fields})
+    return Stickiness(**{"header": "x-session-id", **fields})
 
 
 def cluster(**fields: Any) -> ClusterSpec:
-    return ClusterSpec.model_validate({"name": "c", "members": [
-        {"name": "a", "address": "127.0.0.1", "port": 8080}], **fields})
+    return decode({"name": "c", "members": [
+        {"name": "a", "address": "127.0.0.1", "port": 8080}], **fields}, ClusterSpec)
 
 
 def test_an_unknown_algorithm_is_not_compiled_as_ring_hash() -> None:
-    spec = cluster().model_copy(update={"stickiness": unchecked_stickiness(algorithm="chord")})
+    spec = replace(cluster(), stickiness=unchecked_stickiness(algorithm="chord"))
     with pytest.raises(UnknownChoice, match="chord"):
         resources.build_cluster(spec)
     with pytest.raises(UnknownChoice, match="chord"):
@@ -83,9 +85,9 @@ def test_an_unknown_mode_or_membership_raises() -> None:
     assert {cluster(membership=m).registered for m in MEMBERSHIPS} == {True, False}
     assert len(MODES) == 2
     with pytest.raises(UnknownChoice, match="unknown mode"):
-        _ = cluster().model_copy(update={"mode": "active-active"}).high_availability
+        _ = replace(cluster(), mode="active-active").high_availability
     with pytest.raises(UnknownChoice, match="unknown membership"):
-        _ = cluster().model_copy(update={"membership": "dynamic"}).registered
+        _ = replace(cluster(), membership="dynamic").registered
 
 
 def test_member_state_tables_cover_every_state() -> None:

@@ -167,8 +167,8 @@ def test_the_command_is_built_from_one_list_of_areas() -> None:
     assert main.list_commands(click.Context(main)) == sorted(registered)
     assert sorted(main.commands) == [
         "apply", "bootstrap", "demo", "drill", "envoy", "etcd", "inject", "istio", "member",
-        "quickstart", "restore", "serve", "shards", "site", "slo", "status", "sync", "validate",
-        "verify", "version", "vs"]
+        "quickstart", "restore", "schema", "serve", "shards", "site", "slo", "status", "sync",
+        "validate", "verify", "version", "vs"]
     serve = main.commands["serve"]
     assert isinstance(serve, click.Group)
     assert sorted(serve.commands) == ["otlp-receiver", "statesync", "webhook", "xds"]

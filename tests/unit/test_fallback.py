@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from envoy.config.core.v3 import health_check_pb2
+from msgspec.structs import replace
 
 from meshxl.model import (
     AdminAction,
@@ -98,9 +99,8 @@ def test_best_is_fewest_problems_then_the_operators_order_then_the_list() -> Non
     # An explicit member priority is the operator's preference too.
     m = model()
     spec = m.clusters[0]
-    first = spec.members[0].model_copy(update={"priority": 5})
-    m = m.model_copy(update={"clusters": [spec.model_copy(update={
-        "members": [first, *spec.members[1:]]})]})
+    first = replace(spec.members[0], priority=5)
+    m = replace(m, clusters=[replace(spec, members=[first, *spec.members[1:]])])
     assert states(view(m, state(**ALL_DB)))["b"] == ATTENTION
     # Stable: the same input always picks the same member.
     assert {tuple(states(view(model(), state(**ALL_DB))).items()) for _ in range(5)} == {

@@ -721,3 +721,21 @@ def test_an_installation_that_is_no_label_value_is_refused(name: str) -> None:
         dataclasses.replace(CONFIG, installation=name)
     result = CliRunner().invoke(main, ["inject", "-f", "-", "--installation", name], input="")
     assert result.exit_code == 1 and "--installation" in result.output, result.output
+
+
+def test_the_dapr_annotation_turns_dapr_s_state_api_on() -> None:
+    """``meshxl.io/dapr: "on"``: the sidecar serves Dapr's state API on the pod's
+    loopback (the app's SDK finds it on 3500 and 50001 unchanged); off by default; a
+    pod daprd is injected into too is refused (both would take those ports)."""
+    pod = load("pod.yaml")
+    assert "--dapr" not in containers(mutate_pod(pod, CONFIG))[STATESYNC_CONTAINER]["args"]
+    pod["metadata"].setdefault("annotations", {})["meshxl.io/dapr"] = "on"
+    args = containers(mutate_pod(pod, CONFIG))[STATESYNC_CONTAINER]["args"]
+    assert flag(args, "--dapr") == "on"
+    assert flag(args, "--listen") == CONFIG.statesync_listen  # loopback: the pod's own
+    pod["metadata"]["annotations"]["meshxl.io/dapr"] = "yes"
+    with pytest.raises(InjectError, match="meshxl.io/dapr must be 'on' or 'off'"):
+        mutate_pod(pod, CONFIG)
+    pod["metadata"]["annotations"].update({"meshxl.io/dapr": "on", "dapr.io/enabled": "true"})
+    with pytest.raises(InjectError, match="3500 and 50001"):
+        mutate_pod(pod, CONFIG)

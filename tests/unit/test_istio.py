@@ -334,7 +334,7 @@ def test_ha_one_site_active_member_then_the_rest() -> None:
                                          "update_merge_window": "0s"}
     check = value["health_checks"][0]
     assert (check["interval"], check["timeout"], check["no_traffic_interval"]) == \
-        ("0.25s", "0.2s", "0.5s")
+        ("0.25s", "1s", "0.5s")
     assert check["http_health_check"] == {"path": "/healthz",
                                           "expected_statuses": [{"start": 200, "end": 201}]}
     assert "ring_hash_lb_config" not in value

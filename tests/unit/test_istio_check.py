@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -165,7 +166,7 @@ def test_load_objects_multi_doc_lists_and_bad_input(tmp_path: Path) -> None:
 
 def test_check_command(tmp_path: Path) -> None:
     model = tmp_path / "model.yaml"
-    model.write_text(yaml.safe_dump(MODEL.model_dump(exclude_defaults=True)))
+    model.write_text(yaml.safe_dump(msgspec.to_builtins(MODEL)))
     objects = tmp_path / "ns.yaml"
     objects.write_text(yaml.safe_dump_all(_healthy()))
     ok = CliRunner().invoke(main, ["istio", "check", "-f", str(model), "-n", "shop",

@@ -15,7 +15,7 @@ from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource, model_input
 from meshxl.model import parse_model
 from meshxl.model.basics import ModelError
-from meshxl.model.light import parse_light
+from meshxl.model.load import parse_unexpanded
 from meshxl.model.text import MAX_DEPTH, ModelForm, json_form, model_data, read_form
 from tests.unit.test_sources import GOOD
 
@@ -58,7 +58,7 @@ def test_a_form_parses_to_the_same_model_as_its_text() -> None:
     form = read_form(json_form(model_data(GOOD)) or b"")
     assert form is not None
     assert parse_model(form) == parse_model(GOOD)
-    assert parse_light(form) == parse_light(GOOD)
+    assert parse_unexpanded(form) == parse_unexpanded(GOOD)
 
 
 def test_a_form_is_checked_as_text_is() -> None:

@@ -193,9 +193,8 @@ def test_the_stored_placement_is_kept_by_the_control_plane_and_the_sidecar() -> 
     from meshxl.etcd.keys import Keys
     from meshxl.etcd.mesh import runtime_from_values
     from meshxl.model import parse_model
-    from meshxl.model.light import parse_light
-    from meshxl.model.light_roles import vs_roles
-    from meshxl.model.vsls import placement_of, stored_placements
+    from meshxl.model.load import parse_unexpanded
+    from meshxl.model.vsls import placement_of, stored_placements, vs_roles
 
     names = [f"t{i:02d}" for i in range(12)]
     before = parse_model(STORED_MODEL % ", ".join(names))
@@ -213,9 +212,9 @@ def test_the_stored_placement_is_kept_by_the_control_plane_and_the_sidecar() -> 
     assert _others_moved(dict(old), dict(new), "t12") == 0
     stateless = placement_of(after, after.pools[0]).roles
     assert _others_moved(dict(old), dict(stateless), "t12") > 0  # what the record avoids
-    light = parse_light(text)
+    sidecar = parse_unexpanded(text)
     for vs in [*names, "t12"]:
-        assert vs_roles(light, state, vs) == new[vs], vs
+        assert vs_roles(sidecar, state, vs) == new[vs], vs
     assert set(stored_placements(after, state)) == {"web"}  # the new VS to store
 
 

@@ -17,6 +17,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.v3 import http_pb2
 
 from meshxl.model import AdminAction, ModelError, RuntimeState, parse_model
+from meshxl.model.decode import decode
 from meshxl.model.spec import GRPC_RETRY_ON, TCP_CONNECT_RETRIES, ClusterSpec
 from meshxl.xds.compiler import Compiler, compile_resources
 from meshxl.xds.drains import drain_started, expired_drains
@@ -282,7 +283,7 @@ def test_tcp_connect_attempts_outlast_the_dead_members_ejection() -> None:
     proxy = _tcp_proxy(retries={"attempts": 0})
     assert proxy.max_connect_attempts.value == 1 and not proxy.HasField("backoff_options")
     # Only TCP clusters change: an HTTP cluster keeps 3 retries.
-    assert ClusterSpec.model_validate({"name": "h"}).retries.attempts == 3
+    assert decode({"name": "h"}, ClusterSpec).retries.attempts == 3
 
 
 def test_a_failed_request_is_described_by_its_grpc_code_or_its_type() -> None:

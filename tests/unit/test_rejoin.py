@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from meshxl.model import Failover
+from meshxl.model.decode import decode
 from meshxl.statesync.failback import Rejoin
 
 
@@ -13,7 +14,7 @@ def rejoin(serving: tuple[str, ...] = ("b",), **failover: object) -> tuple[Rejoi
     ended: list[int] = []
     r = Rejoin(lambda: ended.append(1))
     r.serving = lambda: serving
-    r.configure(Failover.model_validate(failover))
+    r.configure(decode(failover, Failover))
     return r, ended
 
 
@@ -46,7 +47,7 @@ async def test_automatic_failback_ends_the_hold_after_the_delay_of_staying_well(
     r.well(False, "")
     r.well(True, "back")
     for _ in range(10):  # 0.2 s of mesh changes, every 20 ms: the delay runs all the same
-        r.configure(Failover.model_validate({"failback_delay": 0.05}))
+        r.configure(decode({"failback_delay": 0.05}, Failover))
         await asyncio.sleep(0.02)
     assert r.returning is None and ended == [1]
 
@@ -62,5 +63,5 @@ async def test_manual_failback_holds_until_the_members_it_stood_behind_are_gone(
     # A policy that holds nobody ends a running hold.
     r.well(False, "")
     assert r.well(True, "back again")
-    r.configure(Failover.model_validate({"failback_delay": 0}))
+    r.configure(decode({"failback_delay": 0}, Failover))
     assert r.returning is None and ended == [1, 1]

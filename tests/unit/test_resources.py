@@ -187,7 +187,7 @@ def test_no_stickiness_is_least_request() -> None:
 def test_health_check_defaults() -> None:
     (hc,) = cds().health_checks
     assert hc.interval.ToMilliseconds() == 250
-    assert hc.timeout.ToMilliseconds() == 200
+    assert hc.timeout.ToMilliseconds() == 1000
     # Envoy's default would be 60 s: an idle standby would be checked once a minute.
     assert hc.no_traffic_interval.ToMilliseconds() == 500
     assert hc.unhealthy_interval.ToMilliseconds() == 500
@@ -335,7 +335,7 @@ def test_upgrade_requests_are_routed_to_the_upgrades_cluster_first() -> None:
     header as the connection manager does (any case), comes just before the cluster's
     own and is the same route in all else: same hash (same member), pins, retries."""
     extra = "stickiness: {header: x-s, pin: {header: x-pin}}\nroute: {prefix: /chat}"
-    upgrades, plain = routes(extra)
+    upgrades, _events, plain = routes(extra)
     assert (upgrades.name, upgrades.route.cluster) == ("c~ws", "c~ws")
     assert (plain.name, plain.route.cluster) == ("c", "c")
     (header,) = upgrades.match.headers
@@ -373,7 +373,30 @@ def test_each_upgrades_route_stays_beside_its_clusters_route() -> None:
         """))
     (vhost,) = res.routes[listener_name("0.0.0.0", 10000)].virtual_hosts
     assert [r.route.cluster for r in vhost.routes] == [
-        "plain", "api~ws", "api", "web~ws", "web"]
+        "plain", "plain", "api~ws", "api", "api", "web~ws", "web", "web"]
+    assert [r.name for r in vhost.routes][:2] == ["plain~sse", "plain"]
+
+
+def test_event_streams_have_a_route_without_the_routes_timeout() -> None:
+    """A request for Server-Sent Events goes where the cluster's route sends it (same
+    hash, pins, retries) but without its timeout, which would cut every event stream
+    at 15 s (it counts until the response is complete)."""
+    extra = "stickiness: {header: x-s, pin: {header: x-pin}}\nroute: {prefix: /feed}"
+    _upgrades, events, plain = routes(extra)
+    assert plain.route.timeout.seconds == 15
+    (header,) = events.match.headers
+    assert (header.name, header.string_match.contains) == ("accept", "text/event-stream")
+    assert header.string_match.ignore_case
+    expected = route_components_pb2.Route()
+    expected.CopyFrom(plain)
+    expected.name = "c~sse"
+    expected.route.timeout.Clear()
+    expected.match.headers.add().CopyFrom(header)
+    assert events == expected and events.route.HasField("timeout")
+    assert events.route.timeout.seconds == 0 and events.route.timeout.nanos == 0
+    # gRPC and TCP clusters have none.
+    grpc_routes = routes("protocol: grpc")
+    assert not any(r.name.endswith("~sse") for r in grpc_routes)
 
 
 def test_outlier_detection_disabled() -> None:
@@ -689,7 +712,8 @@ def test_quickstart_shares_one_listener_between_two_clusters() -> None:
     rc = res.routes[name]
     assert rc.name == name
     hosts = {tuple(vh.domains): [r.route.cluster for r in vh.routes] for vh in rc.virtual_hosts}
-    assert hosts == {("orders.local",): ["orders~ws", "orders"], ("*",): ["cart~ws", "cart"]}
+    assert hosts == {("orders.local",): ["orders~ws", "orders", "orders"],
+                     ("*",): ["cart~ws", "cart", "cart"]}  # upgrades, event streams, plain
     assert len({vh.name for vh in rc.virtual_hosts}) == 2
 
 
@@ -710,8 +734,9 @@ def test_clusters_with_same_domains_share_a_virtual_host_longest_prefix_first() 
     assert set(res.listeners) == {"meshxl_0.0.0.0_8080", "meshxl_0.0.0.0_9090"}
     (vh,) = res.routes["meshxl_0.0.0.0_8080"].virtual_hosts
     assert list(vh.domains) == ["*"]
-    assert [(r.match.prefix, r.route.cluster) for r in vh.routes] == [
-        ("/api", "api~ws"), ("/api", "api"), ("/", "web~ws"), ("/", "web")]
+    assert [(r.match.prefix, r.name) for r in vh.routes] == [
+        ("/api", "api~ws"), ("/api", "api~sse"), ("/api", "api"),
+        ("/", "web~ws"), ("/", "web~sse"), ("/", "web")]
 
 
 def test_cluster_without_listener_has_no_lds_or_rds() -> None:

@@ -52,7 +52,8 @@ content_types = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_
 times = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 records = st.builds(SessionRecord, owner=names, content_type=content_types, created=times,
                     updated=times, data=st.binary(max_size=2000),
-                    traceparent=st.none() | traceparents)
+                    traceparent=st.none() | traceparents,
+                    ttl=st.none() | st.just(-1) | st.integers(1, 10 * 365 * 86_400))
 
 
 @FAST
@@ -76,7 +77,7 @@ def test_session_record_decode_refuses_junk_with_value_error(raw: bytes) -> None
 
 @FAST
 @given(st.dictionaries(st.sampled_from(["owner", "type", "created", "updated",
-                                        "traceparent", "x"]),
+                                        "traceparent", "ttl", "x"]),
                        st.none() | st.booleans() | st.integers() | st.floats()
                        | st.text(max_size=80) | st.lists(st.integers(), max_size=2)),
        st.binary(max_size=20))
@@ -90,7 +91,28 @@ def test_session_record_decode_checks_every_header_field(header: dict[str, Any],
     assert isinstance(record.owner, str) and isinstance(record.content_type, str)
     assert math.isfinite(record.created) and math.isfinite(record.updated)
     assert record.traceparent is None or valid_traceparent(record.traceparent)
+    assert record.ttl is None or record.ttl == -1 or record.ttl > 0
     SessionRecord.decode(record.encode())
+
+
+def test_a_records_own_ttl_ends_it_exactly_and_minus_one_never() -> None:
+    """A per-write TTL (Dapr's ttlInSeconds) is kept in the record's header and ends it
+    ``ttl`` seconds after the write; -1 keeps it; none: the cluster's TTL decides."""
+    timed = SessionRecord(owner="a", content_type="text/plain", created=5.0, updated=10.0,
+                          data=b"x", ttl=2)
+    assert SessionRecord.decode(timed.encode()) == timed
+    assert timed.expires == 12.0
+    assert not timed.expired(11.999) and timed.expired(12.0)
+    kept = SessionRecord(owner="a", content_type="text/plain", created=5.0, updated=10.0,
+                         data=b"x", ttl=-1)
+    assert kept.expires is None and not kept.expired(1e12)
+    plain = SessionRecord(owner="a", content_type="text/plain", created=5.0,
+                          updated=10.0, data=b"x")
+    assert b"ttl" not in plain.encode()  # the API's own records are unchanged
+    for bad in (0, -2, 10 * 365 * 86_400 + 1):
+        with pytest.raises(ValueError):
+            SessionRecord(owner="a", content_type="t/p", created=1.0, updated=1.0,
+                          data=b"", ttl=bad)
 
 
 @FAST

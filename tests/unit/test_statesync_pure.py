@@ -312,3 +312,25 @@ def test_the_default_batch_holds_as_many_writes_as_etcd_takes() -> None:
     assert store.writer._max_ops == MAX_TXN_WRITES
     singles = deque(_op(10, 1) for _ in range(200))
     assert len(take_batch(singles, MAX_TXN_WRITES, 10**6)) == MAX_TXN_WRITES
+
+
+def test_a_batch_stalls_once_when_old_enough_and_no_more_than_the_bound() -> None:
+    """stall_due: a batch unanswered for STALLED_AFTER stalls, once; answered ones at
+    the head are dropped; a young one says when to look again; past MAX_STALLED an old
+    one is passed over for good (it is not stalled later when room frees up)."""
+    from collections import deque
+
+    from meshxl.statesync.batches import MAX_STALLED, STALLED_AFTER, Flight, stall_due
+    answered, old, young = Flight(0.0), Flight(1.0), Flight(1.2)
+    answered.holding = False
+    flights = deque([answered, old, young])
+    due, later = stall_due(flights, 1.0 + STALLED_AFTER, 0)
+    assert due == [old] and later == 1.2 + STALLED_AFTER
+    assert list(flights) == [old, young]           # the answered head dropped
+    old.stalled = True
+    due, later = stall_due(flights, 10.0, 1)
+    assert due == [young] and later is None       # the stalled one is not stalled again
+    full = deque([Flight(0.0), Flight(0.1)])
+    due, _ = stall_due(full, 5.0, MAX_STALLED - 1)
+    assert due == [full[0]]                       # one more fits, the second does not
+    assert stall_due(full, 6.0, 0) == ([], None)  # passed over once: never stalled later

@@ -9,7 +9,9 @@ import pytest
 
 from meshxl.model import parse_model
 from meshxl.model.basics import ModelError
-from meshxl.model.light import LightQuota, parse_light
+from meshxl.model.load import parse_unexpanded
+from meshxl.model.spec import SessionQuota
+from meshxl.model.vsls import sessions_of
 from meshxl.statesync.api import SessionRoutes
 from meshxl.statesync.cache import Entry
 from meshxl.statesync.cluster_routes import add_cluster_routes
@@ -83,7 +85,7 @@ class Cluster:
 
 def guard(cluster: Cluster, clock: Clock, metrics: StatesyncMetrics | None = None,
           **limits: float) -> QuotaGuard:
-    return QuotaGuard(LightQuota(**limits), cluster.count,  # type: ignore[arg-type]
+    return QuotaGuard(SessionQuota(**limits), cluster.count,  # type: ignore[arg-type]
                       cluster.sizes.get, metrics, clock=clock)
 
 
@@ -150,7 +152,7 @@ def test_kept_sessions_count_against_the_quota_across_recounts() -> None:
     clock = Clock()
     local = LocalSessions("a", 8.0, StatesyncMetrics())
     caches: list[dict[str, Entry]] = [{}]
-    g = QuotaGuard(LightQuota(sessions=5, bytes=64),
+    g = QuotaGuard(SessionQuota(sessions=5, bytes=64),
                    lambda: held(caches, [local.kept()]),
                    lambda session: held_size(session, caches, [local.kept()]), clock=clock)
     admitted = 0
@@ -276,16 +278,20 @@ def test_the_model_and_the_sidecar_read_the_same_quota() -> None:
     model = parse_model(QUOTA_MODEL)
     quota = model.cluster("orders").sessions.quota  # type: ignore[union-attr]
     assert (quota.sessions, quota.bytes, quota.writes_per_second) == (100, 1_000_000, 2.5)
-    light = parse_light(QUOTA_MODEL)
-    assert light.sessions_of("orders").quota == LightQuota(100, 1_000_000, 2.5)  # type: ignore[union-attr]
-    t02 = light.sessions_of("t02")
-    assert t02 is not None and t02.ttl == 600 and t02.quota == LightQuota(None, None, 50)
-    assert light.sessions_of("big").quota == LightQuota()  # type: ignore[union-attr]
-    assert light.sessions_of("nobody") is None
+    sidecar = parse_unexpanded(QUOTA_MODEL)
+    assert sessions_of(sidecar, "orders").quota == SessionQuota(  # type: ignore[union-attr]
+        sessions=100, bytes=1_000_000, writes_per_second=2.5)
+    t02 = sessions_of(sidecar, "t02")
+    assert t02 is not None and t02.ttl == 600 and t02.quota == SessionQuota(
+        writes_per_second=50)
+    assert sessions_of(sidecar, "big").quota == SessionQuota()  # type: ignore[union-attr]
+    assert sessions_of(sidecar, "nobody") is None
+    assert sessions_of(model, "t02") == t02  # the control plane's, expanded
     assert model.virtual_systems[0].sessions.quota.writes_per_second == 50
     assert model.virtual_systems[0].sessions.quota.hold_refused  # the default
     assert not model.virtual_systems[2].sessions.quota.hold_refused
-    assert light.sessions_of("t09").quota == LightQuota(None, None, 5, False, 2)  # type: ignore[union-attr]
+    assert sessions_of(sidecar, "t09").quota == SessionQuota(  # type: ignore[union-attr]
+        writes_per_second=5, hold_refused=False, writes_burst=2)
     assert model.virtual_systems[2].sessions.quota.writes_burst == 2
     assert model.virtual_systems[0].sessions.quota.writes_burst is None
 
@@ -295,7 +301,7 @@ def test_the_model_and_the_sidecar_read_the_same_quota() -> None:
                                    "{hold_refused: maybe}", "{writes_burst: 3}",
                                    "{writes_per_second: 5, writes_burst: 0}",
                                    "{writes_per_second: 5, writes_burst: 1.5}"])
-def test_a_wrong_quota_is_refused_by_both_readers(quota: str) -> None:
+def test_a_wrong_quota_is_refused_by_the_control_plane_and_the_sidecar(quota: str) -> None:
     text = f"""\
 clusters:
   - name: orders
@@ -303,7 +309,7 @@ clusters:
     sessions: {{quota: {quota}}}
 """
     with pytest.raises(ModelError, match=r"clusters\[0\]\.sessions\.quota"):
-        parse_light(text)
+        parse_unexpanded(text)
     with pytest.raises(ModelError, match=r"sessions\.quota"):
         parse_model(text)
 
@@ -372,7 +378,7 @@ def test_a_hosted_cluster_refuses_a_write_over_its_rate_from_the_head() -> None:
     request.hold = 0.0
     assert methods["PUT"].refuse(request) is not None  # type: ignore[misc]
     assert request.hold == pytest.approx(0.25)  # the token's wait, not Retry-After's 1 s
-    parts.quota.limits = LightQuota(writes_per_second=1, hold_refused=False)
+    parts.quota.limits = SessionQuota(writes_per_second=1, hold_refused=False)
     request.hold = 0.0
     assert methods["PUT"].refuse(request) is not None  # type: ignore[misc]
     assert request.hold == 0.0  # answered at once

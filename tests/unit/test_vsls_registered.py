@@ -103,8 +103,8 @@ def test_an_unleased_registration_keeps_no_member_live_here_or_on_the_sidecar() 
     control plane and in the sidecar's mirror (the same runtime, the same roles)."""
     from meshxl.etcd.keys import Keys
     from meshxl.etcd.mesh import runtime_from_values
-    from meshxl.model.light import parse_light
-    from meshxl.model.light_roles import pool_roles
+    from meshxl.model.load import parse_unexpanded
+    from meshxl.model.vsls import vs_roles
 
     model = parse_model(MODEL)
     pool = model.pools[0]
@@ -122,8 +122,8 @@ def test_an_unleased_registration_keeps_no_member_live_here_or_on_the_sidecar() 
     roles = placement_of(model, pool, forged).roles
     assert roles == placement_of(model, pool, absent).roles
     assert all(r.active != "m4" and r.standby != "m4" for r in roles.values())
-    light = parse_light(MODEL, "model")
-    assert dict(pool_roles(light, forged, light.placed_pools[0])) == roles
+    sidecar = parse_unexpanded(MODEL, "model")
+    assert {vs: vs_roles(sidecar, forged, vs) for vs in roles} == roles
 
 
 def _pool_values(keys: object, proven: tuple[str, ...], forged: tuple[str, ...] = ()
@@ -153,8 +153,8 @@ def test_once_a_member_proves_itself_in_the_pool_a_tenants_leased_registration_c
     plane, in the sidecar's mirror and in the operator's view (one runtime)."""
     from meshxl.etcd.keys import Keys
     from meshxl.etcd.mesh import runtime_from_values
-    from meshxl.model.light import parse_light
-    from meshxl.model.light_roles import pool_roles
+    from meshxl.model.load import parse_unexpanded
+    from meshxl.model.vsls import vs_roles
 
     model = parse_model(MODEL)
     pool = model.pools[0]
@@ -167,8 +167,8 @@ def test_once_a_member_proves_itself_in_the_pool_a_tenants_leased_registration_c
     roles = placement_of(model, pool, forged).roles
     assert roles == placement_of(model, pool, absent).roles
     assert all(r.active != "m4" and r.standby != "m4" for r in roles.values())
-    light = parse_light(MODEL, "model")
-    assert dict(pool_roles(light, forged, light.placed_pools[0])) == roles
+    sidecar = parse_unexpanded(MODEL, "model")
+    assert {vs: vs_roles(sidecar, forged, vs) for vs in roles} == roles
     # A pool key held under no lease proves nothing either.
     bare = _pool_values(keys, ("m1", "m2", "m3"))
     bare[keys.pool_member("web", "m4")] = b'{"address": "127.0.0.1", "port": 9004}'

@@ -1,0 +1,152 @@
+"""The client end of a resumable stream over scripted connections (no socket): what it
+sends again after a resume, what it drops, what it raises."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from meshxl.streams.client import ClientStream, StreamRefused
+from meshxl.streams.protocol import (
+    ACK,
+    END,
+    ERROR,
+    FAILED,
+    FORBIDDEN,
+    MESSAGE,
+    OPEN,
+    READY,
+    RESUME,
+    Frame,
+    Limits,
+)
+
+TOKEN = "A" * 22
+
+
+class Scripted:
+    """One connection: the frames the server sends, then a close (or a break)."""
+
+    def __init__(self, frames: list[Frame], hold: bool = False):
+        self.script = frames
+        self.hold = hold
+        self.sent: list[Any] = []
+        self.hello_frame: Frame | None = None
+        self.closed = asyncio.Event()
+
+    async def hello(self, frame: Frame) -> None:
+        self.hello_frame = frame
+
+    async def send_message(self, seq: int, payload: Any) -> None:
+        self.sent.append(("m", seq, payload))
+
+    async def send_ack(self, seq: int) -> None:
+        self.sent.append(("a", seq))
+
+    async def send_end(self, last: int) -> None:
+        self.sent.append(("end", last))
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        for frame in self.script:
+            await asyncio.sleep(0)
+            yield frame
+        if self.hold:
+            await self.closed.wait()
+
+    @property
+    def close_code(self) -> int | None:
+        return None
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+def connections(*conns: Scripted) -> Any:
+    queue = list(conns)
+
+    async def connect() -> Scripted:
+        if not queue:
+            await asyncio.Event().wait()  # no more: as a mesh that never answers
+        return queue.pop(0)
+
+    return connect
+
+
+def ready(consumed: int = 0, out: int = 0) -> Frame:
+    return Frame(READY, token=TOKEN, consumed=consumed, last=out)
+
+
+def message(seq: int, payload: Any) -> Frame:
+    return Frame(MESSAGE, seq=seq, payload=payload)
+
+
+async def test_a_resume_sends_again_only_what_the_server_had_not_consumed() -> None:
+    first = Scripted([ready(), message(1, "r1")])  # then breaks
+    second = Scripted([ready(consumed=1, out=1), message(1, "r1"), message(2, "r2")],
+                      hold=True)
+    stream = ClientStream(connections(first, second), limits=Limits(ack_every=1),
+                          backoff=(0.001, 0.001))
+    await stream.start()
+    for n in (1, 2, 3):
+        await stream.send(n)
+    assert await stream.receive() == "r1"
+    assert await asyncio.wait_for(stream.receive(), 2) == "r2"  # r1 again: dropped
+    assert first.hello_frame == Frame(OPEN)
+    assert second.hello_frame == Frame(RESUME, token=TOKEN, recv=1)
+    resent = [s for s in second.sent if s[0] == "m"]
+    assert resent == [("m", 2, 2), ("m", 3, 3)]  # 1 was consumed: not again
+    assert stream.connections == 2 and len(stream.resumes) == 1
+    await stream.aclose()
+
+
+async def test_acknowledgements_free_what_was_sent() -> None:
+    conn = Scripted([ready(), Frame(ACK, seq=2)], hold=True)
+    stream = ClientStream(connections(conn))
+    await stream.start()
+    await stream.send("a")
+    await stream.send("b")
+    await asyncio.wait_for(stream.flush(), 2)
+    assert stream.consumed == 2
+    await stream.aclose()
+
+
+async def test_the_end_after_every_message_ends_the_iteration() -> None:
+    conn = Scripted([ready(), message(1, "x"), message(2, "y"), Frame(END, seq=2)])
+    stream = ClientStream(connections(conn))
+    await stream.start()
+    assert [m async for m in stream] == ["x", "y"]
+    assert ("a", 2) in conn.sent  # what it received, acknowledged before it closed
+    await stream.aclose()
+
+
+async def test_a_failed_handler_is_raised_after_its_last_message() -> None:
+    conn = Scripted([ready(), message(1, "x"), Frame(ERROR, refusal=FAILED),
+                     Frame(END, seq=1)])
+    stream = ClientStream(connections(conn))
+    await stream.start()
+    assert await stream.receive() == "x"
+    with pytest.raises(StreamRefused) as failed:
+        await stream.receive()
+    assert failed.value.refusal is FAILED
+    await stream.aclose()
+
+
+async def test_a_refusal_for_good_is_raised_and_not_retried() -> None:
+    refused = Scripted([Frame(ERROR, refusal=FORBIDDEN)])
+    stream = ClientStream(connections(refused, Scripted([ready()])))
+    with pytest.raises(StreamRefused) as caught:
+        await asyncio.wait_for(stream.start(), 2)
+    assert caught.value.refusal is FORBIDDEN and stream.connections == 1
+    await stream.aclose()
+
+
+async def test_a_server_message_that_skips_one_is_a_protocol_error() -> None:
+    conn = Scripted([ready(), message(2, "skipped one")], hold=True)
+    stream = ClientStream(connections(conn))
+    await stream.start()
+    with pytest.raises(Exception, match="gap"):
+        await asyncio.wait_for(stream.receive(), 2)
+    await stream.aclose()

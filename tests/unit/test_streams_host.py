@@ -1,0 +1,100 @@
+"""A process's streams and their commits (:mod:`meshxl.streams.host`) without a network:
+the sidecar's compare-and-set is played in memory (a write whose If-Match is not the
+session's ETag is refused with 412, as the sidecar refuses it), so what the host writes,
+and in which order, is seen write by write."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from meshxl.client import Upsert, Written
+from meshxl.client.errors import SidecarPreconditionFailed
+from meshxl.local.wait import wait_until
+from meshxl.streams.host import StreamHost
+from meshxl.streams.protocol import Payload, Refusal
+from meshxl.streams.server import ServerStream
+
+
+class Sessions:
+    """The sidecar's writes, in memory: each answered after a turn of the loop."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, tuple[Any, str]] = {}
+        self.revision = 0
+        self.refused: list[SidecarPreconditionFailed] = []
+
+    def _write(self, session: str, state: bytes, if_match: str | None,
+               create_only: bool) -> Written | SidecarPreconditionFailed:
+        current = self.states.get(session)
+        if (create_only and current is not None) or (
+                if_match is not None and (current is None or current[1] != if_match)):
+            refused = SidecarPreconditionFailed(
+                f"session {session!r} is at {current[1] if current else 'none'}, not "
+                f"{if_match}", status=412)
+            self.refused.append(refused)
+            return refused
+        self.revision += 1
+        etag = f'"{self.revision}"'
+        self.states[session] = (json.loads(bytes(state)), etag)
+        return Written(session=session, etag=etag, owner="m", created=current is None,
+                       takeover=False, replicated=True)
+
+    async def put(self, session: str, state: bytes, *, create_only: bool = False,
+                  if_match: str | None = None, sync_now: bool = False) -> Written:
+        await asyncio.sleep(0)
+        answer = self._write(session, state, if_match, create_only)
+        if isinstance(answer, SidecarPreconditionFailed):
+            raise answer
+        return answer
+
+    async def bulk_save(self, items: Sequence[Upsert]
+                        ) -> list[Written | SidecarPreconditionFailed]:
+        await asyncio.sleep(0)
+        return [self._write(i.session, i.state, i.if_match, i.create_only) for i in items]
+
+
+class Conduit:
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, Payload]] = []
+        self.closed: list[Refusal | None] = []
+
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+        self.messages.extend(messages)
+
+    async def send_ack(self, consumed: int) -> None:
+        pass
+
+    async def send_end(self, last: int, failure: Refusal | None) -> None:
+        pass
+
+    async def close(self, refusal: Refusal | None) -> None:
+        self.closed.append(refusal)
+
+
+async def echo(stream: ServerStream) -> None:
+    async for message in stream:
+        await stream.send({"echo": message})
+
+
+async def test_messages_handled_back_to_back_make_one_write_at_a_time() -> None:
+    """A handler that consumes several messages in one turn of the loop asks for a
+    commit after each: the stream must still have one write in flight at a time. Two
+    writes naming the same If-Match would refuse one of them (412), which the host takes
+    for a takeover elsewhere: it would close the stream's connection (moved) and its
+    client would resume for nothing."""
+    sessions = Sessions()
+    host = StreamHost(sessions)  # type: ignore[arg-type]
+    conduit = Conduit()
+    stream = await host.open("s", "websocket", echo, conduit)
+    for seq in range(1, 6):
+        stream.received(seq, seq)
+    await wait_until(lambda: stream.record.consumed == 5 or stream.stopped is not None,
+                     timeout=5, what="the five messages committed")
+    assert sessions.refused == []
+    assert stream.stopped is None and conduit.closed == []
+    assert conduit.messages == [(seq, {"echo": seq}) for seq in range(1, 6)]
+    assert host.live == {stream.token: stream}
+    await host.aclose()
