@@ -1,7 +1,8 @@
 """A server stream's client messages in order, over transports that keep them in order
 (a WebSocket) and over those that do not (SSE's POSTs, each its own request: one sent
 before a resume may be delivered by Envoy's retry after it, behind the messages sent
-again). Pure: no socket, no process (the stream is driven directly)."""
+again), and gRPC calls, whose reset ends their messages as a half-close does. Pure: no
+socket, no process (the stream is driven directly)."""
 
 from __future__ import annotations
 
@@ -98,3 +99,30 @@ async def test_the_sse_route_takes_posts_in_any_order() -> None:
     assert (await _post(host, post(1), "s")).status == 202  # type: ignore[arg-type]
     assert await _drain(stream, 2) == [{"n": 1}, {"n": 2}]
     await host.sessions.close()
+
+
+async def test_a_grpc_call_reset_is_not_the_clients_end() -> None:
+    # A call reset by Envoy (a drain) or its client ends its messages as a half-close
+    # does, then is cancelled: the stream must go on (elsewhere), not end.
+    import asyncio
+
+    from meshxl.streams import grpcio
+
+    async def messages(count: int):  # type: ignore[no-untyped-def]
+        for n in range(count):
+            yield {"n": n}
+
+    reset = _stream()
+    reader = asyncio.create_task(grpcio._read(reset, messages(2)))
+    await _drain(reset, 2)
+    await asyncio.sleep(0)  # the messages ended; the cancellation comes at once
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    reset.received(3, {"n": 3})  # resumed: it goes on
+    assert await reset.receive() == {"n": 3}
+
+    closed = _stream()  # a half-close that nothing cancels: the client's end
+    await grpcio._read(closed, messages(1))
+    assert await closed.receive() == {"n": 0}
+    with pytest.raises(EOFError):
+        await closed.receive()
