@@ -28,6 +28,7 @@ from streamcheck import StreamLog
 
 from meshxl import etcd
 from meshxl import headers as hdr
+from meshxl.local import counter
 from meshxl.local.wait import LocalError, wait_until
 from meshxl.streams import ClientStream, connect_sse, connect_websocket
 
@@ -131,36 +132,95 @@ class _PlainEvents:
         self.response.close()
 
 
-Opener = Callable[[aiohttp.ClientSession, str, str], Awaitable[Conversation]]
+class _ResumableGrpc(_Resumable):
+    """meshxl's gRPC stream client: the tally's protobuf messages."""
+
+    async def send(self, n: int) -> int:
+        return await self.stream.send(counter.TallyRequest(n=n))
+
+    async def receive(self) -> dict[str, Any]:
+        return _reply(await self.stream.receive())
 
 
-async def _resumable_ws(http: aiohttp.ClientSession, base: str, session: str
-                        ) -> Conversation:
-    stream = connect_websocket(base.replace("http://", "ws://") + "/streams/ws",
-                               headers={hdr.SESSION: session}, http=http)
+class _PlainGrpc:
+    """The tally's plain bidirectional call (``PlainTalk``, no stream protocol)."""
+
+    connections = 1
+
+    def __init__(self, call: Any):
+        self.call = call
+        self.seq = 0
+
+    async def send(self, n: int) -> int:
+        self.seq += 1
+        await self.call.write(counter.TallyRequest(n=n))
+        return self.seq
+
+    async def receive(self) -> dict[str, Any]:
+        from grpc import aio
+
+        reply = await self.call.read()
+        if reply is aio.EOF:
+            raise EOFError("the call ended")
+        return _reply(reply)
+
+    async def close(self) -> None:
+        self.call.cancel()
+
+
+def _reply(reply: Any) -> dict[str, Any]:
+    return {"seq": reply.seq, "n": reply.n, "total": reply.total, "member": reply.member}
+
+
+Opener = Callable[["Load", str], Awaitable[Conversation]]
+"""How a kind opens one stream of ``session`` for a :class:`Load` (its HTTP session,
+its gRPC channel, its target)."""
+
+
+async def _resumable_ws(load: Load, session: str) -> Conversation:
+    stream = connect_websocket(f"ws://{load.target}/streams/ws",
+                               headers={hdr.SESSION: session}, http=load.http)
     return _Resumable(await stream.start())
 
 
-async def _resumable_sse(http: aiohttp.ClientSession, base: str, session: str
-                         ) -> Conversation:
-    stream = connect_sse(f"{base}/streams/sse", headers={hdr.SESSION: session}, http=http)
+async def _resumable_sse(load: Load, session: str) -> Conversation:
+    stream = connect_sse(f"http://{load.target}/streams/sse", headers={hdr.SESSION: session},
+                         http=load.http)
     return _Resumable(await stream.start())
 
 
-async def _plain_ws(http: aiohttp.ClientSession, base: str, session: str) -> Conversation:
-    ws = await http.ws_connect(base.replace("http://", "ws://") + "/streams/ws",
-                               headers={hdr.SESSION: session}, heartbeat=None)
+async def _resumable_grpc(load: Load, session: str) -> Conversation:
+    from meshxl.streams.grpcio import connect_grpc
+
+    stream = connect_grpc(load.channel(), counter.TALK, response_type=counter.TallyReply,
+                          request_type=counter.TallyRequest,
+                          metadata=[(hdr.SESSION, session)])
+    return _ResumableGrpc(await stream.start())
+
+
+async def _plain_ws(load: Load, session: str) -> Conversation:
+    assert load.http is not None
+    ws = await load.http.ws_connect(f"ws://{load.target}/streams/ws",
+                                    headers={hdr.SESSION: session}, heartbeat=None)
     return _PlainWebSocket(ws)
 
 
-async def _plain_sse(http: aiohttp.ClientSession, base: str, session: str) -> Conversation:
-    url = f"{base}/streams/sse/plain"
-    response = await http.get(url, headers={hdr.SESSION: session,
-                                            "Accept": "text/event-stream"})
+async def _plain_sse(load: Load, session: str) -> Conversation:
+    assert load.http is not None
+    url = f"http://{load.target}/streams/sse/plain"
+    response = await load.http.get(url, headers={hdr.SESSION: session,
+                                                 "Accept": "text/event-stream"})
     if response.status != 200:
         response.close()
         raise ConnectionError(f"GET {url} answered {response.status}")
-    return _PlainEvents(http, url, session, response)
+    return _PlainEvents(load.http, url, session, response)
+
+
+async def _plain_grpc(load: Load, session: str) -> Conversation:
+    talk = load.channel().stream_stream(
+        counter.PLAIN_TALK, request_serializer=counter.TallyRequest.SerializeToString,
+        response_deserializer=counter.TallyReply.FromString)
+    return _PlainGrpc(talk(metadata=[(hdr.SESSION, session)]))
 
 
 @dataclass(frozen=True)
@@ -174,13 +234,18 @@ class Kind:
     resumable: Opener
     plain: Opener
     plain_label: str
+    requests: str
+    """The requests whose RTO under the same kill is the resume time's reference: the
+    demo's HTTP counter (``http``), or its unary gRPC calls (``grpc``)."""
 
 
 KINDS: dict[str, Kind] = {
     "websocket": Kind("websocket", "WebSocket", "websocket", _resumable_ws, _plain_ws,
-                      "plain WebSocket of the same tally (no subprotocol)"),
+                      "plain WebSocket of the same tally (no subprotocol)", "http"),
     "sse": Kind("sse", "Server-Sent Events", "websocket", _resumable_sse, _plain_sse,
-                "plain event stream + POSTs of the same tally (/streams/sse/plain)"),
+                "plain event stream + POSTs of the same tally (/streams/sse/plain)", "http"),
+    "grpc": Kind("grpc", "gRPC bidirectional", "grpc", _resumable_grpc, _plain_grpc,
+                 "plain bidirectional call of the same tally (PlainTalk)", "grpc"),
 }
 
 
@@ -192,15 +257,25 @@ class Load:
     """``count`` streams of one kind (resumable or plain) through ``base`` (Envoy's
     listener), each sending every ``interval`` from :meth:`start` to :meth:`stop`."""
 
-    def __init__(self, opener: Opener, base: str, count: int, prefix: str,
+    def __init__(self, opener: Opener, target: str, count: int, prefix: str,
                  interval: float = INTERVAL):
-        self.opener, self.base, self.count, self.interval = opener, base, count, interval
+        self.opener, self.target, self.count, self.interval = opener, target, count, interval
         self.logs = [StreamLog(f"{prefix}{k:04d}") for k in range(count)]
         self.conversations: list[Conversation | None] = [None] * count
         self._tasks: list[asyncio.Task[None]] = []
         self._sending = False
         self._marks: list[int] = []
         self.http: aiohttp.ClientSession | None = None
+        self._channel: Any = None
+
+    def channel(self) -> Any:
+        """One gRPC channel to Envoy for every stream (HTTP/2: one connection, each
+        call routed by its session's metadata), made on first use."""
+        if self._channel is None:
+            from grpc import aio
+
+            self._channel = aio.insecure_channel(self.target)
+        return self._channel
 
     async def open(self, timeout: float) -> None:
         """Open every stream (``OPEN_AT_ONCE`` at a time); raises if one cannot be."""
@@ -211,9 +286,7 @@ class Load:
 
         async def one(k: int) -> None:
             async with gate:
-                assert self.http is not None
-                self.conversations[k] = await self.opener(self.http, self.base,
-                                                          self.logs[k].id)
+                self.conversations[k] = await self.opener(self, self.logs[k].id)
 
         await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(self.count))), timeout)
 
@@ -294,6 +367,8 @@ class Load:
                     self.logs[k].resumes = list(conv.stream.resumes)
         if self.http is not None:
             await self.http.close()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 # -- what is measured beside the streams ---------------------------------------------------

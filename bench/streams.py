@@ -59,6 +59,7 @@ from streamload import (
 
 from meshxl import etcd
 from meshxl.local.deployment import CLUSTER, DemoDeployment
+from meshxl.local.streams import StreamTraffic
 from meshxl.local.traffic import Traffic
 from meshxl.local.wait import LocalError, wait_until
 from meshxl.operator.actions import set_member_admin
@@ -133,9 +134,9 @@ async def _sidecar_delta(url: str, before: dict[str, float]) -> dict[str, Any]:
                                               * 1000, 2) if batches else None}
 
 
-async def _on_a(d: DemoDeployment) -> bool:
-    """A fresh stream of the plain tally is answered by member a."""
-    load = Load(KINDS["websocket"].plain, d.url, 1, f"probe{time.time_ns()}-")
+async def _on_a(d: DemoDeployment, kind: Kind) -> bool:
+    """A fresh stream of the kind's plain tally is answered by member a."""
+    load = Load(kind.plain, d.target, 1, f"probe{time.time_ns()}-")
     try:
         await load.open(5)
         conv = load.conversations[0]
@@ -149,7 +150,7 @@ async def _on_a(d: DemoDeployment) -> bool:
 
 async def plain_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: float,
                       steady: float) -> dict[str, Any]:
-    load = Load(kind.plain, d.url, streams, f"{kind.name}-plain-{time.time_ns()}-")
+    load = Load(kind.plain, d.target, streams, f"{kind.name}-plain-{time.time_ns()}-")
     try:
         await load.open(120)
         load.start()
@@ -178,8 +179,8 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
                           steady: float, after: float, resume_timeout: float,
                           action: str) -> dict[str, Any]:
     """The resumable streams, steady, then ``action`` (``kill`` or ``drain``) of a."""
-    load = Load(kind.resumable, d.url, streams, f"{kind.name}-{action}-{time.time_ns()}-")
-    http: Traffic | None = None
+    load = Load(kind.resumable, d.target, streams, f"{kind.name}-{action}-{time.time_ns()}-")
+    http: Any = None
     http_task: asyncio.Task[None] | None = None
     probe = CommitProbe(d.etcd_url, f"{d.keys.root}/bench-commit-probe")
     sidecar = d.member(KILLED).sidecar_url
@@ -195,9 +196,7 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
         facts = window.close()
         facts["sidecar_a"] = await _sidecar_delta(sidecar, counters)
         if action == "kill":  # after the steady window: its latency is the streams' alone
-            http = Traffic(f"{d.url}/counter", HTTP_SESSIONS, time.time() + 600,
-                           max_requests=HTTP_SESSIONS * 3000, interval=HTTP_INTERVAL,
-                           prefix=f"http-{kind.name}-{time.time_ns()}-")
+            http = _requests(d, kind)
             http_task = asyncio.create_task(http.run())
             await wait_until(lambda: _all_served(http), timeout=30, interval=0.05,
                              what="every HTTP session served by member a")
@@ -236,18 +235,31 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
            "etcd_put_ms": summary_ms(probe.times_ms)}
     if http is not None:
         rto, unrecovered = disruption_ms(http.records, at, KILLED)
-        out["http"] = {"sessions": HTTP_SESSIONS, "requests": len(http.records),
+        out["http"] = {"kind": kind.requests, "sessions": HTTP_SESSIONS,
+                       "requests": len(http.records),
                        "failed": sum(1 for r in http.records if not r.ok),
                        "rto_ms": summary_ms(rto), "unrecovered": len(unrecovered)}
     return out
 
 
-def _all_served(http: Traffic) -> bool:
+def _requests(d: DemoDeployment, kind: Kind) -> Any:
+    """The sessions whose RTO under the kill is the reference: the demo's HTTP counter,
+    or its unary gRPC calls in a gRPC deployment (``Kind.requests``)."""
+    until, prefix = time.time() + 600, f"rto-{kind.name}-{time.time_ns()}-"
+    if kind.requests == "grpc":
+        return StreamTraffic("grpc", d.target, HTTP_SESSIONS, until,
+                             max_requests=HTTP_SESSIONS * 3000, interval=HTTP_INTERVAL,
+                             prefix=prefix)
+    return Traffic(f"{d.url}/counter", HTTP_SESSIONS, until, max_requests=HTTP_SESSIONS * 3000,
+                   interval=HTTP_INTERVAL, prefix=prefix)
+
+
+def _all_served(http: Any) -> bool:
     return {r.session for r in http.records if r.ok and r.member == KILLED} \
         >= set(http.sessions)
 
 
-async def _back_to_a(d: DemoDeployment, killed: bool) -> None:
+async def _back_to_a(d: DemoDeployment, kind: Kind, killed: bool) -> None:
     if killed:
         await d.reap_member(KILLED)
         await d.start_member(d.member(KILLED))
@@ -255,7 +267,7 @@ async def _back_to_a(d: DemoDeployment, killed: bool) -> None:
         async with etcd.client(d.etcd_url) as client:
             await set_member_admin(client, d.keys, CLUSTER, KILLED, False, "bench")
     await d.wait_all_healthy(30)
-    await wait_until(lambda: _on_a(d), timeout=30, interval=0.2,
+    await wait_until(lambda: _on_a(d, kind), timeout=30, interval=0.2,
                      what="new streams served by member a again")
 
 
@@ -269,7 +281,7 @@ async def run_protocol(work: Path, kinds: list[Kind], streams: int, t: dict[str,
     try:
         async with asyncio.timeout(SETUP_TIMEOUT):
             await d.start()
-        await wait_until(lambda: _on_a(d), timeout=30, interval=0.2,
+        await wait_until(lambda: _on_a(d, kinds[0]), timeout=30, interval=0.2,
                          what="new streams served by member a")
         for kind in kinds:
             res: dict[str, Any] = {}
@@ -281,14 +293,14 @@ async def run_protocol(work: Path, kinds: list[Kind], streams: int, t: dict[str,
             res["kill"] = await resumable_phase(d, kind, streams, t["warmup"], t["steady"],
                                                 t["after"], t["resume_timeout"], "kill")
             step = f"{kind.name}: restarting a"
-            await _back_to_a(d, killed=True)
+            await _back_to_a(d, kind, killed=True)
             step = f"{kind.name}: drain"
             print(f"== {kind.label}: {streams} resumable streams, member down", flush=True)
             res["drain"] = await resumable_phase(d, kind, streams, t["warmup"], t["steady"],
                                                  t["after"], t["resume_timeout"]
                                                  + DRAIN_WINDOW, "drain")
             step = f"{kind.name}: member up"
-            await _back_to_a(d, killed=False)
+            await _back_to_a(d, kind, killed=False)
             out[kind.name] = res
     except (LocalError, TimeoutError, OSError) as exc:
         traceback.print_exc()
@@ -342,12 +354,13 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
             "", reference=f"{drain['errors']} / {drain['lost']} / {drain['duplicated']} / "
                           f"{drain['reordered']} of {drain['messages_sent']} messages"))
         http = kill.get("http", {}).get("rto_ms", {})
+        what_rto = "unary gRPC" if kill.get("http", {}).get("kind") == "grpc" else "HTTP"
         resume = kill.get("resume_ms", {})
         rto = http.get("p99")
         out.append(Verdict(
             f"{label} kill -9: resume p99 (kill -> first message)",
             resume.get("p99") if rto else None, round(2 * rto, 1) if rto else 0.0, "ms",
-            reference=f"2 x HTTP RTO p99 {rto} ms of the same kill; resume p50 "
+            reference=f"2 x {what_rto} RTO p99 {rto} ms of the same kill; resume p50 "
                       f"{resume.get('p50')} ms, {kill.get('unresumed')} not resumed; "
                       f"drain (member down -> first message, {res['drain_window_s']:g} s "
                       f"window) p99 {drain.get('resume_ms', {}).get('p99')} ms"))
@@ -397,7 +410,8 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
         for phase in ("plain", "kill", "drain"):
             print(_row(f"{label} {phase}", r[phase]))
         k = r["kill"]
-        print(f"    kill: HTTP RTO {k.get('http', {}).get('rto_ms')}; etcd put "
+        print(f"    kill: {k.get('http', {}).get('kind')} RTO {k.get('http', {}).get('rto_ms')}; "
+              f"etcd put "
               f"{k['etcd_put_ms']}; sidecar a {k['sidecar_a']}; cores {k['cores_used']}; "
               f"load {k['load_at_start']} -> {k['load_at_end']}; served by "
               f"{k['served_by_before']}; errors {k['error_kinds']}")

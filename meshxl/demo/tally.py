@@ -22,7 +22,9 @@ gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
 :mod:`meshxl.local.counter`): ``Talk``, the same tally over a bidirectional stream, and
 ``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
 counts them (the count is the stream's committed state: it goes on from there on the
-member that takes the stream over).
+member that takes the stream over). ``PlainTalk``: ``Talk`` without the stream protocol
+(the tally kept by the call, in the process only), what ``bench/streams.py`` measures
+it beside.
 
 ``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
@@ -160,7 +162,7 @@ def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
 
 
 def grpc_handlers(host: StreamHost, member: str) -> Any:
-    """The gRPC tally service's method handlers (``Talk``, ``Ticks``)."""
+    """The gRPC tally service's method handlers (``Talk``, ``Ticks``, ``PlainTalk``)."""
     import asyncio
 
     import grpc
@@ -185,8 +187,18 @@ def grpc_handlers(host: StreamHost, member: str) -> Any:
                               state={"tick": tick})
             await asyncio.sleep(interval)
 
+    async def plain_talk(requests: Any, context: Any) -> Any:
+        total = seq = 0
+        async for message in requests:
+            seq += 1
+            total += message.n
+            yield counter.TallyReply(seq=seq, n=message.n, total=total, member=member)
+
     return grpc.method_handlers_generic_handler(counter.TALLY, {
         "Talk": stream_stream(host, talk, request_type=counter.TallyRequest,
                               response_type=counter.TallyReply),
+        "PlainTalk": grpc.stream_stream_rpc_method_handler(
+            plain_talk, request_deserializer=counter.TallyRequest.FromString,
+            response_serializer=counter.TallyReply.SerializeToString),
         "Ticks": unary_stream(host, ticks, request_type=counter.WatchRequest,
                               response_type=counter.TallyReply)})
