@@ -1,6 +1,8 @@
-"""The SSE client's acknowledgements ride on its messages' POSTs: one request per
-message a client sends, not two (docs/streams.md). Pure: the POSTs are recorded by a
-stand-in for the HTTP session, no socket is opened."""
+"""The clients' acknowledgements cost no request of their own where they can ride on
+another: the SSE client's on its next message's POST (one request per message it
+sends, not two), the gRPC client's with its question of what the handler consumed, in
+one Ack call (docs/streams.md). Pure: the requests are recorded by stand-ins, no
+socket is opened."""
 
 from __future__ import annotations
 
@@ -63,3 +65,32 @@ async def test_an_acknowledgement_with_no_message_to_carry_it_goes_alone() -> No
     await events.send_message(4, {"n": 1})  # nothing left to carry
     assert sse.ACK_HEADER not in http.posts[1]
     await events.close()
+
+
+async def test_a_grpc_clients_acknowledgements_and_questions_share_one_ack_call() -> None:
+    from meshxl.streams import grpcio
+
+    acks: list[dict[str, Any]] = []
+
+    class _Channel:
+        def unary_unary(self, method: str, **kwargs: Any) -> Any:
+            async def ack(body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+                acks.append(body)
+                return {"in": 0}
+            return ack
+
+    class _Stream:
+        async def write(self, message: Any) -> None:
+            return None
+
+        def cancel(self) -> None:
+            return None
+
+    call = grpcio._Call(_Channel(), "/t.T/Talk", None, None, None, [], 0.05)  # type: ignore[arg-type]
+    call.token, call.call = new_token(), _Stream()
+    await call.send_ack(3)
+    await call.send_message(1, object())  # would ask what the handler consumed
+    await call.send_ack(5)
+    await asyncio.sleep(grpcio.ACK_LINGER * 2)
+    assert [a["recv"] for a in acks] == [5], acks  # one call, the latest acknowledgement
+    await call.close()
