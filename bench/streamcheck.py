@@ -8,7 +8,9 @@ time) and each answer received (the number of the message it answers, ``n``, the
 stream's connections carried it). Times are Unix seconds. Every message is answered
 once by a tally (``meshxl.demo.tally``), so:
 
-* **lost**: messages never answered;
+* **lost**: messages never answered while a later one of the same stream was (a gap);
+  those sent after a stream's last answer are **unanswered** when the run stopped
+  (still in flight: a backlog, or a stream that stalled), counted apart;
 * **duplicated**: answers received more than once, and messages *applied* more than
   once: the tally after a message must be the sum of the amounts sent up to it, so a
   tally that jumps above that sum applied a message again (it stays above: one jump,
@@ -67,6 +69,7 @@ class Checked:
     """One stream's verdict (:func:`check`)."""
 
     lost: int = 0
+    unanswered: int = 0
     answered_twice: int = 0
     applied_twice: int = 0
     effects_lost: int = 0
@@ -92,7 +95,8 @@ def check(log: StreamLog) -> Checked:
         if seq < highest:
             out.reordered += 1
         highest = max(highest, seq)
-    out.lost = sum(1 for seq in amounts if seq not in first)
+    out.lost = sum(1 for seq in amounts if seq not in first and seq < highest)
+    out.unanswered = sum(1 for seq in amounts if seq > highest)
     running = 0
     deviation = 0
     for seq in sorted(amounts):
@@ -181,6 +185,7 @@ def report(logs: Sequence[StreamLog], *, steady: tuple[float, float],
         "errors": sum(len(log.errors) for log in logs),
         "error_kinds": _kinds([e for log in logs for e in log.errors]),
         "lost": sum(c.lost + c.effects_lost for c in checked),
+        "unanswered": sum(c.unanswered for c in checked),
         "duplicated": sum(c.duplicated for c in checked),
         "answered_twice": sum(c.answered_twice for c in checked),
         "applied_twice": sum(c.applied_twice for c in checked),

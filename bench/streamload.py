@@ -351,11 +351,18 @@ class Load:
         self._sending = False
 
     async def close(self, drain: float) -> None:
-        """Stop sending, wait up to ``drain`` seconds for every answer, close."""
+        """Stop sending, wait for every answer while they keep coming (``drain``
+        seconds without one, at most six times that in all), close."""
         self._sending = False
-        with contextlib.suppress(LocalError):
-            await wait_until(self.answered, timeout=drain, interval=0.05,
-                             what="every message answered")
+        deadline = time.monotonic() + 6 * drain
+        while time.monotonic() < deadline and not self.answered():
+            count = sum(len(log.answers) for log in self.logs)
+            with contextlib.suppress(LocalError):
+                await wait_until(lambda count=count: self.answered() or sum(
+                    len(log.answers) for log in self.logs) > count,
+                    timeout=drain, interval=0.2, what="another answer")
+            if sum(len(log.answers) for log in self.logs) == count:
+                break  # none for ``drain`` seconds: what is left is not coming
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

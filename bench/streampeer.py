@@ -98,7 +98,7 @@ async def run_peer(work: Path, streams: int, interval: float, warmup: float, ste
             "node", str(PACKAGE / "client.js"), f"http://{HOST}:{proxy_port}", str(streams),
             str(round(interval * 1000)), str(out), str(status), f"sio{time.time_ns()}-"])
         await wait_until(lambda: _status(status).get("connected") == streams,
-                         timeout=60, interval=0.1, process=clients,
+                         timeout=180, interval=0.1, process=clients,
                          what=f"{streams} Socket.IO clients connected")
         await asyncio.sleep(warmup)
         load_at_steady = load_now()

@@ -344,7 +344,8 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
     for name, r in res["kinds"].items():
         label = KINDS[name].label if name in KINDS else name
         kill, drain, plain = r["kill"], r["drain"], r["plain"]
-        msgs = f"{n} streams, {kill['messages_sent']} messages sent"
+        msgs = f"{n} streams, {kill['messages_sent']} messages sent, " \
+               f"{kill.get('unanswered', 0)} unanswered when the run stopped"
         for what in ("errors", "lost", "duplicated", "reordered"):
             out.append(Verdict(f"{label} kill -9: {what}", kill[what], 0, "msgs"
                                if what != "errors" else "errors", reference=msgs))
@@ -377,7 +378,8 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
         out.append(Verdict(
             f"{label}: messages a second each way, sustained", rate, want_rate, "msg/s",
             at_most=False, reference=f"{n} streams x {1 / res['interval_s']:g}/s; plain "
-                                     f"{min(plain['sent_per_s'], plain['answers_per_s'])}"))
+                                     f"{min(plain['sent_per_s'], plain['answers_per_s'])}; "
+                                     f"CPU per message {_cpu(kill)} us, plain {_cpu(plain)}"))
         if "lost" in sio:
             theirs = sio["lost"] + sio["duplicated"]
             out.append(Verdict(
@@ -389,6 +391,10 @@ def verdicts(res: dict[str, Any]) -> list[Verdict]:
                           f"{sio.get('recovered', 0)} of {sio.get('reconnections', 0)} "
                           "sessions recovered"))
     return out
+
+
+def _cpu(phase: dict[str, Any]) -> Any:
+    return (phase.get("cpu_us_per_message") or {}).get("total")
 
 
 def _row(label: str, r: dict[str, Any]) -> str:

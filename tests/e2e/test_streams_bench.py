@@ -46,8 +46,8 @@ def test_the_quick_streams_run(tmp_path: Path) -> None:
             where = f"{kind} {name}: {json.dumps(phase)[:3000]}"
             assert phase["streams"] == streams, where
             assert phase["messages_sent"] > streams, where  # they talked
-            assert (phase["errors"], phase["lost"], phase["duplicated"],
-                    phase["reordered"]) == (0, 0, 0, 0), where
+            assert (phase["errors"], phase["lost"], phase["unanswered"],
+                    phase["duplicated"], phase["reordered"]) == (0, 0, 0, 0, 0), where
             assert phase["answers"] >= phase["messages_sent"], where
         for name in ("kill", "drain"):
             phase = phases[name]
