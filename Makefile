@@ -58,7 +58,7 @@ integration: $(STAMP)
 # Every benchmark beside its reference, then bench/results/summary.png (how long it
 # takes, and BENCH_QUICK=1's smoke run: docs/performance.md); bench/tables.py then
 # rewrites the docs' tables from the results files.
-BENCHMARKS := xds_compile peers statesync statesync_path statesync_gc statesync_scale statesync_shards xds_envoys ads_load sidecar_memory failover rebalance flap coldstart vsls vsls_quota dapr_state
+BENCHMARKS := xds_compile peers statesync statesync_path statesync_gc statesync_scale statesync_shards xds_envoys ads_load sidecar_memory failover rebalance flap coldstart vsls vsls_quota dapr_state streams
 bench: $(BENCH_STAMP)
 	@status=0; for b in $(BENCHMARKS); do \
 	  echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; \

@@ -53,9 +53,10 @@ CALL_TIMEOUT = 5.0
 
 
 def haproxy_config(kind: str, listen: tuple[str, int], members: Sequence[tuple[str, int]],
-                   ) -> str:
+                   check_timeout: str = "200ms") -> str:
     """The HAProxy configuration for ``kind`` in front of ``members`` ((name, port), the
-    first active, the others backups in order)."""
+    first active, the others backups in order). ``check_timeout``: a health check's
+    answer at most this late (a busy member misses a tight one, and is marked down)."""
     host, port = listen
     http = kind != "tcp"
     h2 = " proto h2" if kind == "grpc" else ""
@@ -70,7 +71,7 @@ def haproxy_config(kind: str, listen: tuple[str, int], members: Sequence[tuple[s
         "    timeout client 1h",
         "    timeout server 1h",
         "    timeout tunnel 1h",
-        "    timeout check 200ms",
+        f"    timeout check {check_timeout}",
         "    retries 3",
         "    option redispatch 1",
         "    default-server inter 250ms fastinter 100ms downinter 500ms rise 1 fall 2 "

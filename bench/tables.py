@@ -21,7 +21,9 @@ The blocks:
   per protocol, and its session writes beside Redis;
 * ``protocols``: ``bench/failover.py``'s kill -9 per protocol;
 * ``sites``: the dual-site figures README.md quotes (``bench/dualsite.py``);
-* ``footprint``: ``bench/sidecar_memory.py``'s sidecar beside its floors.
+* ``footprint``: ``bench/sidecar_memory.py``'s sidecar beside its floors;
+* ``streams``: ``bench/streams.py``'s streams per kind, plain, killed and drained, and
+  Socket.IO beside them.
 """
 
 from __future__ import annotations
@@ -271,9 +273,63 @@ def footprint(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+STREAM_KINDS = {"websocket": "WebSocket", "sse": "Server-Sent Events",
+                "grpc": "gRPC bidirectional"}
+
+
+def streams(results: dict[str, dict[str, Any]]) -> str:
+    """``bench/streams.py``: per kind, the plain streams, the kill -9 and the drain; the
+    references of the same run; Socket.IO beside them."""
+    data = results.get("streams")
+    if not data:
+        return "No `bench/results/streams.json` yet: run `bench/streams.py`."
+    out = [f"Run: {_run(data)}; {num(data.get('streams'))} streams per kind, one message "
+           f"each way every {data.get('interval_s')} s.", "",
+           "| kind | phase | messages sent | errors | lost | unanswered at the end | "
+           "duplicated | reordered | latency p50 ms | p99 ms | answers/s | resume p50 ms | "
+           "p99 ms | CPU us/message |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(kind: str, phase: str, r: dict[str, Any]) -> str:
+        lat, res = r.get("latency_ms") or {}, r.get("resume_ms") or {}
+        cpu = (r.get("cpu_us_per_message") or {}).get("total")
+        return (f"| {kind} | {phase} | {num(r.get('messages_sent'))} | {num(r.get('errors'))} | "
+                f"{num(r.get('lost'))} | {num(r.get('unanswered'))} | "
+                f"{num(r.get('duplicated'))} | "
+                f"{num(r.get('reordered'))} | {num(lat.get('p50'))} | {num(lat.get('p99'))} | "
+                f"{num(r.get('answers_per_s'))} | {num(res.get('p50'))} | "
+                f"{num(res.get('p99'))} | {num(cpu)} |")
+
+    refs = []
+    for name, phases in (data.get("kinds") or {}).items():
+        label = STREAM_KINDS.get(name, name)
+        for phase in ("plain", "kill", "drain"):
+            if phase in phases:
+                out.append(row(label, {"kill": "kill -9", "drain": "member down"}
+                               .get(phase, phase), phases[phase]))
+        kill = phases.get("kill") or {}
+        http = kill.get("http") or {}
+        rto = (http.get("rto_ms") or {}).get("p99")
+        refs.append(f"{label}: {'unary gRPC' if http.get('kind') == 'grpc' else 'HTTP'} "
+                    f"RTO p99 {num(rto)} ms under the same kill, one etcd put p50 "
+                    f"{num((kill.get('etcd_put_ms') or {}).get('p50'))} ms, "
+                    f"{num((kill.get('sidecar_a') or {}).get('sessions_per_bulk_save'))} "
+                    f"records per bulk save, load {kill.get('load_at_start', ['?'])[0]}")
+    sio = data.get("socketio") or {}
+    if "lost" in sio:
+        out.append(row("Socket.IO (recovery, Redis Streams)", "kill -9", sio))
+        refs.append(f"Socket.IO: {num(sio.get('recovered'))} of "
+                    f"{num(sio.get('reconnections'))} reconnections recovered their "
+                    f"session; answered twice {num(sio.get('answered_twice'))}, applied "
+                    f"twice {num(sio.get('applied_twice'))}")
+    elif sio:
+        refs.append(f"Socket.IO: not measured ({_cell(str(sio.get('failed', ''))[:120])})")
+    return "\n".join(out + [""] + [f"* {r}" for r in refs])
+
+
 BLOCKS: dict[str, Callable[[dict[str, dict[str, Any]]], str]] = {
     "targets": targets, "peers": peers, "sites": sites, "protocols": protocols,
-    "footprint": footprint}
+    "footprint": footprint, "streams": streams}
 
 
 def render(text: str, results: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:

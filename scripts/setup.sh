@@ -9,7 +9,9 @@
 #                        Dapr's JavaScript SDK (tests/integration/dapr_js) and iptables
 #   setup.sh VENV bench  the benchmarks (`make bench`): the test set-up, and Debian's
 #                        haproxy and redis-server (the peers bench/peers.py measures
-#                        meshxl beside) when they are not on PATH
+#                        meshxl beside) when they are not on PATH, and Node.js with npm
+#                        (bench/streams.py's Socket.IO peer: its npm packages install
+#                        with `npm ci` when it runs)
 set -euo pipefail
 venv="${1:-.venv}"
 purpose="${2:-test}"
@@ -105,9 +107,9 @@ if ! command -v node >/dev/null 2>&1; then
   packages+=(nodejs)
 fi
 if [ "$purpose" = bench ]; then
-  for tool in haproxy:haproxy redis-server:redis-server; do
+  for tool in haproxy:haproxy redis-server:redis-server node:nodejs npm:npm; do
     if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
-      echo "${tool%%:*} not found on PATH: installing Debian's ${tool#*:} (for bench/peers.py)"
+      echo "${tool%%:*} not found on PATH: installing Debian's ${tool#*:} (for bench/peers.py, bench/streams.py)"
       packages+=("${tool#*:}")
     fi
   done
@@ -145,7 +147,7 @@ command -v promtool >/dev/null \
 command -v node >/dev/null \
   || { echo "node is still not on PATH after installing nodejs" >&2; exit 1; }
 if [ "$purpose" = bench ]; then
-  for tool in haproxy redis-server; do
+  for tool in haproxy redis-server node npm; do
     command -v "$tool" >/dev/null || { echo "$tool is still not on PATH after installing it" >&2; exit 1; }
   done
 fi

@@ -12,23 +12,33 @@ WebSocket of the same tally, kept in the process only (it starts again from 0 wh
 reconnects).
 
 ``/streams/sse``: the same tally as Server-Sent Events (``GET``: the answers as events;
-``POST``: the messages, :mod:`meshxl.streams.sse`).
+``POST``: the messages, :mod:`meshxl.streams.sse`). ``/streams/sse/plain``: the same
+without the stream protocol (``GET`` opens the session's event stream, each ``POST`` of
+``{"n": N}`` is answered 202 and its answer sent as an event on it; kept in the process
+only, like the plain WebSocket): what ``bench/streams.py`` measures the resumable one
+beside.
 
 gRPC (:mod:`meshxl.demo.grpc_app`, service ``meshxl.demo.v1.Tally`` of
 :mod:`meshxl.local.counter`): ``Talk``, the same tally over a bidirectional stream, and
 ``Ticks``, a server stream of ``count`` ticks ``interval_ms`` apart whose ``seq``
 counts them (the count is the stream's committed state: it goes on from there on the
-member that takes the stream over).
+member that takes the stream over). ``PlainTalk``: ``Talk`` without the stream protocol
+(the tally kept by the call, in the process only), what ``bench/streams.py`` measures
+it beside.
 
 ``/streams/``: a page that keeps both in a browser (:mod:`meshxl.demo.tally_page`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from typing import Any
 
 from aiohttp import web
 
+from meshxl import headers as hdr
 from meshxl.demo import tally_page
 from meshxl.streams import ServerStream, StreamHost, server_sent_events, websocket
 
@@ -80,17 +90,79 @@ async def _plain(request: web.Request, member: str) -> web.StreamResponse:
     return ws
 
 
+class _PlainEvents:
+    """One session's plain event stream (``/streams/sse/plain``) and its tally."""
+
+    def __init__(self, response: web.StreamResponse):
+        self.response = response
+        self.lock = asyncio.Lock()
+        self.closed = asyncio.Event()
+        self.seq = self.total = 0
+
+
+def _plain_sse(member: str) -> Any:
+    """The plain (non-resumable) Server-Sent Events of the tally (module docstring)."""
+    streams: dict[str, _PlainEvents] = {}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        session = request.headers.get(hdr.SESSION)
+        if not session:
+            return web.json_response({"error": f"send the {hdr.SESSION} header"}, status=400)
+        if request.method == "POST":
+            events = streams.get(session)
+            if events is None:
+                return web.json_response({"error": "no event stream of this session here: "
+                                                   "GET it first"}, status=409)
+            try:
+                n = _amount(json.loads(await request.read()))
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            async with events.lock:
+                events.seq += 1
+                events.total += n
+                answer = {"seq": events.seq, "n": n, "total": events.total, "member": member}
+                try:
+                    await events.response.write(f"data: {json.dumps(answer)}\n\n".encode())
+                except (ConnectionError, RuntimeError):
+                    events.closed.set()
+                    return web.json_response({"error": "the event stream closed"},
+                                             status=409)
+            return web.json_response({"seq": answer["seq"]}, status=202)
+        if request.method != "GET":
+            return web.json_response({"error": "GET events, POST messages"}, status=405,
+                                     headers={"Allow": "GET, POST"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        events = streams[session] = _PlainEvents(response)
+        try:  # a ping every 2 s finds a client that went away
+            while not events.closed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(events.closed.wait(), 2.0)
+                async with events.lock:
+                    await response.write(b": ping\n\n")
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            if streams.get(session) is events:
+                del streams[session]
+        return response
+
+    return serve
+
+
 def add_routes(app: web.Application, host: StreamHost, member: str) -> None:
     async def plain(request: web.Request) -> web.StreamResponse:
         return await _plain(request, member)
 
     app.router.add_get("/streams/ws", websocket(host, tally(member), plain=plain))
     app.router.add_route("*", "/streams/sse", server_sent_events(host, tally(member)))
+    app.router.add_route("*", "/streams/sse/plain", _plain_sse(member))
     tally_page.add_routes(app)
 
 
 def grpc_handlers(host: StreamHost, member: str) -> Any:
-    """The gRPC tally service's method handlers (``Talk``, ``Ticks``)."""
+    """The gRPC tally service's method handlers (``Talk``, ``Ticks``, ``PlainTalk``)."""
     import asyncio
 
     import grpc
@@ -115,8 +187,18 @@ def grpc_handlers(host: StreamHost, member: str) -> Any:
                               state={"tick": tick})
             await asyncio.sleep(interval)
 
+    async def plain_talk(requests: Any, context: Any) -> Any:
+        total = seq = 0
+        async for message in requests:
+            seq += 1
+            total += message.n
+            yield counter.TallyReply(seq=seq, n=message.n, total=total, member=member)
+
     return grpc.method_handlers_generic_handler(counter.TALLY, {
         "Talk": stream_stream(host, talk, request_type=counter.TallyRequest,
                               response_type=counter.TallyReply),
+        "PlainTalk": grpc.stream_stream_rpc_method_handler(
+            plain_talk, request_deserializer=counter.TallyRequest.FromString,
+            response_serializer=counter.TallyReply.SerializeToString),
         "Ticks": unary_stream(host, ticks, request_type=counter.WatchRequest,
                               response_type=counter.TallyReply)})

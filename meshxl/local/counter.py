@@ -22,6 +22,7 @@ And the tally of a resumable stream (:mod:`meshxl.demo.tally`), service
     service Tally {
       rpc Talk(stream TallyRequest) returns (stream TallyReply);  // each n added, answered
       rpc Ticks(WatchRequest) returns (stream TallyReply);        // seq counts the ticks
+      rpc PlainTalk(stream TallyRequest) returns (stream TallyReply);  // Talk, not resumable
     }
 
 The messages are built from a descriptor here rather than generated code: one small
@@ -37,7 +38,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-__all__ = ["CURRENT", "INCREMENT", "SERVICE", "TALK", "TALLY", "TICKS", "WATCH",
+__all__ = ["CURRENT", "INCREMENT", "PLAIN_TALK", "SERVICE", "TALK", "TALLY", "TICKS", "WATCH",
            "CounterReply", "CounterRequest", "TallyReply", "TallyRequest", "WatchRequest",
            "parse_tcp_answer", "tcp_request"]
 
@@ -48,6 +49,7 @@ WATCH = f"/{SERVICE}/Watch"
 TALLY = "meshxl.demo.v1.Tally"
 TALK = f"/{TALLY}/Talk"
 TICKS = f"/{TALLY}/Ticks"
+PLAIN_TALK = f"/{TALLY}/PlainTalk"
 
 _F = descriptor_pb2.FieldDescriptorProto
 
@@ -77,6 +79,9 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
                        server_streaming=True)
     streams.method.add(name="Ticks", input_type=".meshxl.demo.v1.WatchRequest",
                        output_type=".meshxl.demo.v1.TallyReply", server_streaming=True)
+    streams.method.add(name="PlainTalk", input_type=".meshxl.demo.v1.TallyRequest",
+                       output_type=".meshxl.demo.v1.TallyReply", client_streaming=True,
+                       server_streaming=True)
     service = f.service.add(name="Counter")
     for name, request, streaming in (("Increment", "CounterRequest", False),
                                      ("Current", "CounterRequest", False),

@@ -13,6 +13,9 @@ and writes it (``If-Match``): from then on a write by whoever served T before is
 (412), and that server stops. Then the handler runs again from the committed position
 and the client gets what it has not received. A resume on the process where T is live
 goes through the same write, so a process that lost T to another meanwhile finds out.
+Takeovers asked for while others are under way go together (one bulk read, one bulk
+save of at most ``max_batch``): when a member dies or is drained, its streams all
+resume on another at once, a thousand reads and writes of their own otherwise.
 
 A write refused with 412 means the stream was taken over: it stops here (the client
 was moved to its new server by the mesh, or will be). A sidecar that does not answer
@@ -29,9 +32,10 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from meshxl.client import AsyncClient, JsonText, SidecarError, Upsert, Written
+from meshxl.client import AsyncClient, Session, SidecarError, Upsert, Written
 from meshxl.client.errors import (
     SidecarNotFound,
     SidecarPreconditionFailed,
@@ -52,7 +56,7 @@ from .protocol import (
     Refusal,
     new_token,
 )
-from .record import StreamRecord, record_id
+from .record import RECORD_TYPE, StreamRecord, record_id
 from .server import Conduit, Handler, ServerStream
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,8 @@ class StreamHost:
         self._failing_since: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
+        self._takeovers: list[_Takeover] = []
+        self._taking: asyncio.Task[None] | None = None
         self.commits = 0
         """Bulk saves sent (a statistic)."""
         self._moving_since: float | None = None
@@ -114,7 +120,8 @@ class StreamHost:
         record = StreamRecord(session=session, kind=kind, created=time.time())
         try:
             written = await self.sessions.put(record_id(token), _state_of(record),
-                                              create_only=True, sync_now=True)
+                                              content_type=RECORD_TYPE, create_only=True,
+                                              sync_now=True)
         except SidecarError as exc:
             raise Refused(TRY_AGAIN, f"the stream's record could not be committed: "
                           f"{exc}") from None
@@ -135,44 +142,85 @@ class StreamHost:
             if await self._claim(live):
                 _check_recv(live.record, recv)
                 return live, live.attach(conduit, recv)
-        for _ in range(3):
-            record, etag = await self._read(token, session, kind, recv)
-            record.epoch += 1
-            try:
-                written = await self.sessions.put(record_id(token), _state_of(record),
-                                                  if_match=etag, sync_now=True)
-            except SidecarPreconditionFailed:
-                continue  # written meanwhile (another server took it): read it again
-            except SidecarError as exc:
-                raise Refused(TRY_AGAIN, f"the stream could not be taken over: "
-                              f"{exc}") from None
-            stream = self._live(token, record, written.etag, resumed=True, request=request)
-            replay = stream.attach(conduit, recv)
-            stream.start(handler)
-            return stream, replay
-        raise Refused(TRY_AGAIN, "the stream kept changing while it was taken over")
+        record, etag = await self._take_over(_Takeover(token, session, kind, recv))
+        live = self.live.get(token)
+        if live is not None:  # resumed here twice at once: the later connection carries it
+            live.stop(MOVED)
+        stream = self._live(token, record, etag, resumed=True, request=request)
+        replay = stream.attach(conduit, recv)
+        stream.start(handler)
+        return stream, replay
 
-    async def _read(self, token: str, session: str, kind: str,
-                    recv: int) -> tuple[StreamRecord, str]:
+    # -- takeovers, in batches ------------------------------------------------------------
+
+    async def _take_over(self, wanted: _Takeover) -> tuple[StreamRecord, str]:
+        """The stream's record read and written with a raised epoch (from then on, its
+        former server's writes are refused). The takeovers asked for while others are
+        under way go together, in one bulk read and one bulk save: when a member dies
+        or is drained, all its streams come here at once."""
+        wanted.future = asyncio.get_running_loop().create_future()
+        self._takeovers.append(wanted)
+        if self._taking is None or self._taking.done():
+            self._taking = asyncio.get_running_loop().create_task(self._take_overs())
+        return await wanted.future
+
+    async def _take_overs(self) -> None:
+        while self._takeovers:
+            batch: list[_Takeover] = []
+            later: list[_Takeover] = []
+            for wanted in self._takeovers:  # a stream once per batch (one key per txn)
+                if len(batch) < self.max_batch and all(w.token != wanted.token
+                                                       for w in batch):
+                    batch.append(wanted)
+                else:
+                    later.append(wanted)
+            self._takeovers = later
+            try:
+                await self._take_over_batch(batch)
+            except Exception as exc:  # a bug: every takeover of the batch refused
+                log.exception("stream takeovers failed")
+                for wanted in batch:
+                    _refuse(wanted, Refused(TRY_AGAIN, f"the stream could not be taken "
+                                                       f"over: {exc}"))
+
+    async def _take_over_batch(self, batch: list[_Takeover]) -> None:
         try:
-            found = await self.sessions.get(record_id(token))
-        except SidecarNotFound:
-            raise Refused(UNKNOWN) from None
+            found: Sequence[Session | SidecarError] = await self.sessions.bulk_get(
+                [record_id(w.token) for w in batch])
         except SidecarError as exc:
-            raise Refused(TRY_AGAIN, f"the stream's record could not be read: {exc}") \
-                from None
+            found = [exc] * len(batch)
+        claims: list[tuple[_Takeover, StreamRecord]] = []
+        for wanted, item in zip(batch, found, strict=True):
+            try:
+                record = _readable(wanted, item)
+            except Refused as refused:
+                _refuse(wanted, refused)
+                continue
+            record.epoch += 1
+            wanted.etag = item.etag if isinstance(item, Session) else ""
+            claims.append((wanted, record))
+        if not claims:
+            return
         try:
-            record = StreamRecord.decode(found.state)
-        except ValueError as exc:
-            log.warning("stream %s: its record cannot be read: %s", token[:6], exc)
-            raise Refused(UNKNOWN, "the stream's record is damaged") from None
-        if record.session != session:
-            raise Refused(FORBIDDEN)
-        if record.kind != kind:
-            raise Refused(MALFORMED, f"stream {token[:6]}... is a {record.kind} stream, "
-                          f"not {kind}")
-        _check_recv(record, recv)
-        return record, found.etag
+            answers: Sequence[Written | SidecarError] = await self.sessions.bulk_save([
+                Upsert(session=record_id(w.token), state=_state_of(record),
+                       content_type=RECORD_TYPE, if_match=w.etag, sync_now=True)
+                for w, record in claims])
+        except SidecarError as exc:
+            answers = [exc] * len(claims)
+        for (wanted, record), answer in zip(claims, answers, strict=True):
+            if isinstance(answer, Written):
+                if wanted.future is not None and not wanted.future.done():
+                    wanted.future.set_result((record, answer.etag))
+            elif isinstance(answer, SidecarPreconditionFailed) and wanted.attempts < 3:
+                wanted.attempts += 1  # written meanwhile (its server): read it again
+                self._takeovers.append(wanted)
+            elif isinstance(answer, SidecarPreconditionFailed):
+                _refuse(wanted, Refused(TRY_AGAIN, "the stream kept changing while it "
+                                                   "was taken over"))
+            else:
+                _refuse(wanted, Refused(TRY_AGAIN, f"the stream could not be taken over: "
+                                                   f"{answer}"))
 
     async def _claim(self, stream: ServerStream) -> bool:
         """Write ``stream``'s record with a raised epoch (its pending checkpoints
@@ -182,7 +230,8 @@ class StreamHost:
         record, taken = stream.take()
         try:
             written = await self.sessions.put(record_id(stream.token), _state_of(record),
-                                              if_match=stream.etag, sync_now=True)
+                                              content_type=RECORD_TYPE, if_match=stream.etag,
+                                              sync_now=True)
         except (SidecarPreconditionFailed, WriteUncertain):
             stream.put_back(taken)
             stream.stop(MOVED)
@@ -244,7 +293,7 @@ class StreamHost:
         try:
             answers: Sequence[Written | SidecarError] = await self.sessions.bulk_save([
                 Upsert(session=record_id(stream.token), state=_state_of(record),
-                       if_match=stream.etag, sync_now=True)
+                       content_type=RECORD_TYPE, if_match=stream.etag, sync_now=True)
                 for stream, record, _ in plans])
             self.commits += 1
         except SidecarError as exc:
@@ -377,9 +426,50 @@ class StreamHost:
             self._move.cancel()
         for stream in list(self.live.values()):
             stream.stop(None)
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._taking] if self._taking is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for wanted in self._takeovers:
+            _refuse(wanted, Refused(TRY_AGAIN, "this server is closing"))
+
+
+@dataclass(slots=True)
+class _Takeover:
+    """A stream to take over (:meth:`StreamHost._take_over`)."""
+
+    token: str
+    session: str
+    kind: str
+    recv: int
+    future: asyncio.Future[tuple[StreamRecord, str]] | None = None
+    etag: str = ""
+    attempts: int = 0
+
+
+def _readable(wanted: _Takeover, item: Session | SidecarError) -> StreamRecord:
+    """The record ``wanted`` read, if the connection may carry it on (else Refused)."""
+    if isinstance(item, SidecarNotFound):
+        raise Refused(UNKNOWN)
+    if isinstance(item, SidecarError):
+        raise Refused(TRY_AGAIN, f"the stream's record could not be read: {item}")
+    try:
+        record = StreamRecord.decode(item.state)
+    except ValueError as exc:
+        log.warning("stream %s: its record cannot be read: %s", wanted.token[:6], exc)
+        raise Refused(UNKNOWN, "the stream's record is damaged") from None
+    if record.session != wanted.session:
+        raise Refused(FORBIDDEN)
+    if record.kind != wanted.kind:
+        raise Refused(MALFORMED, f"stream {wanted.token[:6]}... is a {record.kind} stream, "
+                      f"not {wanted.kind}")
+    _check_recv(record, wanted.recv)
+    return record
+
+
+def _refuse(wanted: _Takeover, refused: Refused) -> None:
+    if wanted.future is not None and not wanted.future.done():
+        wanted.future.set_exception(refused)
 
 
 def _check_recv(record: StreamRecord, recv: int) -> None:
@@ -391,6 +481,7 @@ def _check_recv(record: StreamRecord, recv: int) -> None:
                       f"acknowledged {record.acked} before: those were dropped")
 
 
-def _state_of(record: StreamRecord) -> JsonText:
-    """The record as the session client writes it: its JSON text, stored as JSON."""
-    return JsonText(record.encode())
+def _state_of(record: StreamRecord) -> bytes:
+    """The record as the session client writes it: its JSON text, stored as the bytes it
+    is (:data:`~.record.RECORD_TYPE`)."""
+    return record.encode()

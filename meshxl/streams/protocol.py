@@ -41,8 +41,8 @@ __all__ = [
     "ACK", "END", "ERROR", "FORBIDDEN", "MALFORMED", "MESSAGE", "MOVED", "OPEN", "READY",
     "REFUSALS", "RESUME", "SUBPROTOCOL", "TOO_FAR_BEHIND", "TOO_MANY_STREAMS", "TRY_AGAIN",
     "FAILED", "UNKNOWN", "Frame", "Limits", "Payload", "ProtocolError", "Refusal",
-    "decode_binary", "decode_frame", "encode_binary", "encode_frame", "encoded_size",
-    "new_token", "refusal_named", "refusal_of_close", "valid_token",
+    "compact_json", "decode_binary", "decode_frame", "encode_binary", "encode_frame",
+    "encoded_size", "new_token", "refusal_named", "refusal_of_close", "valid_token",
 ]
 
 SUBPROTOCOL: Final = "meshxl.resume.v1"
@@ -222,7 +222,7 @@ def encode_frame(frame: Frame) -> str:
     elif t == ERROR:
         assert frame.refusal is not None
         doc["code"], doc["message"] = frame.refusal.name, frame.message or frame.refusal.meaning
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return compact_json(doc)
 
 
 def decode_frame(text: str | bytes) -> Frame:
@@ -230,7 +230,7 @@ def decode_frame(text: str | bytes) -> Frame:
     if len(text) > MAX_FRAME_BYTES:
         raise ProtocolError(f"a frame of {len(text)} bytes (at most {MAX_FRAME_BYTES})")
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        doc = _decode(text if isinstance(text, str) else bytes(text).decode())
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"a text frame that is not JSON: {str(exc)[:80]}") from None
     if not isinstance(doc, dict) or doc.get("t") not in _TYPES:
@@ -271,6 +271,15 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# One encoder and one decoder, made once: json.dumps and json.loads with options make
+# one per call, which costs more than encoding a small frame (every message pays it).
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                allow_nan=False).encode
+"""A value as compact JSON (``ValueError`` for NaN or infinity, ``TypeError`` for what
+is not JSON)."""
+_decode = json.JSONDecoder(parse_constant=_no_constant).decode
+
+
 def encode_binary(seq: int, payload: bytes | bytearray | memoryview) -> bytes:
     """A binary message's frame: its number (8 bytes, big-endian), then its bytes."""
     return _seq(seq, "seq").to_bytes(8, "big") + bytes(payload)
@@ -290,7 +299,6 @@ def encoded_size(payload: Payload) -> int:
     if isinstance(payload, bytes | bytearray | memoryview):
         return len(payload)
     try:
-        return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False).encode())
+        return len(compact_json(payload).encode())
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"a message must be JSON or bytes: {exc}") from None

@@ -1,5 +1,5 @@
 """A stream's record: what a member needs to take a stream over, as the sidecar stores
-it (a session's state, JSON). Pure code.
+it (a session's state: JSON text, of the media type :data:`RECORD_TYPE`). Pure code.
 
 One record per stream, at the session id ``~stream.<token>`` (:func:`record_id`), written
 only with ``If-Match`` (the revision its writer last saw) and ``X-Meshxl-Sync: now``
@@ -25,10 +25,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import Payload, refusal_named
+from .protocol import Payload, compact_json, refusal_named
 
-__all__ = ["KINDS", "RECORD_PREFIX", "StreamRecord", "record_id"]
+__all__ = ["KINDS", "RECORD_PREFIX", "RECORD_TYPE", "StreamRecord", "record_id"]
 
+RECORD_TYPE = "application/vnd.meshxl.stream-record"
+"""The records' media type: their JSON text, which the sidecar stores as the bytes it is.
+Under a JSON type it would parse and check every record it commits, about a third of
+its work per stream message (``bench/streams.py``, docs/streams.md); a record is only
+ever read back by :meth:`StreamRecord.decode`, which checks it whole."""
 RECORD_PREFIX = "~stream."
 """Session ids of stream records: ``~stream.`` and the stream's token."""
 KINDS = ("websocket", "sse", "grpc")
@@ -65,8 +70,7 @@ class StreamRecord:
                "epoch": self.epoch, "in": self.consumed, "out": self.out,
                "acked": self.acked, "done": self.done, "failure": self.failure,
                "state": self.state, "created": self.created, "journal": entries}
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode()
+        return compact_json(doc).encode()
 
     @classmethod
     def decode(cls, raw: bytes | str | Any) -> StreamRecord:

@@ -50,6 +50,7 @@ from .protocol import (
     Payload,
     ProtocolError,
     Refusal,
+    compact_json,
     encoded_size,
 )
 from .record import StreamRecord
@@ -111,6 +112,9 @@ class ServerStream:
         self._next = record.out + 1
         self._inbox: collections.deque[tuple[int, Payload]] = collections.deque()
         self._received = record.consumed
+        self._early: dict[int, Payload] = {}
+        """Client messages that came before the ones they follow (``received``)."""
+        self._early_bytes = 0
         self._delivered = record.consumed
         self._processing = False
         self._client_done: int | None = None
@@ -295,14 +299,35 @@ class ServerStream:
         if self.conduit is None:
             self.stop(None)
 
-    def received(self, seq: int, payload: Payload) -> None:
+    def received(self, seq: int, payload: Payload, *, ordered: bool = True) -> None:
         """A client message. One already received is ignored (the client sends again
-        what was not consumed when it resumes); one beyond the next is a gap."""
+        what was not consumed when it resumes). ``ordered``: the transport keeps the
+        client's messages in order (one connection), so one beyond the next is a gap;
+        else (each message its own request: SSE's POSTs, which may overtake one another
+        when one sent before a resume is delivered after it) one that comes early waits
+        here for those before it, up to ``max_unacked_bytes`` of them (what the client
+        may have in flight)."""
         if seq <= self._received:
             return
         if seq != self._received + 1:
-            raise ProtocolError(f"client message {seq} after {self._received}: a gap")
-        if self._client_done is not None:
+            if ordered:
+                raise ProtocolError(f"client message {seq} after {self._received}: a gap")
+            size = encoded_size(payload)
+            if seq not in self._early:
+                if self._early_bytes + size > self.limits.max_unacked_bytes:
+                    raise ProtocolError(f"client message {seq} after {self._received}, "
+                                        "with more than max_unacked_bytes early")
+                self._early[seq] = payload
+                self._early_bytes += size
+            return
+        self._accept(seq, payload)
+        while self._received + 1 in self._early:
+            early = self._early.pop(self._received + 1)
+            self._early_bytes -= encoded_size(early)
+            self._accept(self._received + 1, early)
+
+    def _accept(self, seq: int, payload: Payload) -> None:
+        if self._client_done is not None and seq > self._client_done:
             raise ProtocolError(f"client message {seq} after its end ({self._client_done})")
         self._received = seq
         self._inbox.append((seq, payload))
@@ -396,13 +421,16 @@ class ServerStream:
         return self.record.done
 
 
+_copy = json.JSONDecoder().decode
+
+
 def _snapshot(state: Any) -> Any:
     """The state as committed: a copy the handler cannot change afterwards (a JSON
     value: anything else is a ProtocolError at the checkpoint)."""
     if state is None or isinstance(state, bool | int | float | str):
         return state
     try:
-        return json.loads(json.dumps(state, allow_nan=False))
+        return _copy(compact_json(state))
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"a stream's state must be a JSON value: {exc}") from None
 

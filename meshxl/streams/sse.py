@@ -60,6 +60,7 @@ from .protocol import (
     Payload,
     ProtocolError,
     Refusal,
+    compact_json,
     refusal_named,
     valid_token,
 )
@@ -68,7 +69,7 @@ from .websocket import SessionOf, session_reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACK_HEADER", "END_HEADER", "RECV_HEADER", "SEQ_HEADER", "STREAM_HEADER",
+__all__ = ["ACK_HEADER", "ACK_LINGER", "END_HEADER", "RECV_HEADER", "SEQ_HEADER", "STREAM_HEADER",
            "connect_sse", "server_sent_events"]
 
 STREAM_HEADER = "X-Meshxl-Stream"
@@ -90,7 +91,7 @@ def _event(data: str, *, event: str | None = None, id: str | None = None) -> byt
 
 
 def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return compact_json(value)
 
 
 class _Conduit:
@@ -260,7 +261,7 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
             if len(body) > host.limits.max_message_bytes:
                 raise ProtocolError(f"a message of {len(body)} bytes; the limit is "
                                     f"{host.limits.max_message_bytes}")
-            stream.received(seq, _payload(body, request.content_type))
+            stream.received(seq, _payload(body, request.content_type), ordered=False)
         if end is not None:
             stream.client_ended(end)
     except ProtocolError as exc:
@@ -284,6 +285,15 @@ def _payload(body: bytes, content_type: str) -> Payload:
 # -- the client --------------------------------------------------------------------------
 
 
+ACK_LINGER = 0.25
+"""Seconds an acknowledgement waits for a message's POST to carry it (``X-Meshxl-Ack`` on
+that POST) before it is POSTed alone. Each POST is a request through the mesh: a client
+that talks about as often as it listens sends one for each message instead of two
+(measured in ``bench/streams.py``: docs/streams.md). One that lingers when its
+connection closes is dropped with it; the stream says what it received when it
+resumes."""
+
+
 class _Events:
     """A stream's event stream and its POSTs (:class:`.client.Connection`)."""
 
@@ -292,6 +302,8 @@ class _Events:
         self.response: aiohttp.ClientResponse | None = None
         self.token: str | None = None
         self.status: int | None = None
+        self._ack: int | None = None
+        self._ack_alone: asyncio.Task[None] | None = None
 
     async def hello(self, frame: Frame) -> None:
         headers = {**self.headers, "Accept": EVENT_STREAM}
@@ -316,17 +328,33 @@ class _Events:
                                       f"{(await answer.text())[:200]}")
 
     async def send_message(self, seq: int, payload: Payload) -> None:
+        extra = {SEQ_HEADER: str(seq), **self._take_ack()}
         if isinstance(payload, bytes | bytearray | memoryview):
-            await self._post({SEQ_HEADER: str(seq)}, bytes(payload), "application/octet-stream")
+            await self._post(extra, bytes(payload), "application/octet-stream")
         else:
-            await self._post({SEQ_HEADER: str(seq)}, _compact(payload).encode(),
-                             "application/json")
+            await self._post(extra, _compact(payload).encode(), "application/json")
+
+    def _take_ack(self) -> dict[str, str]:
+        ack, self._ack = self._ack, None
+        return {} if ack is None else {ACK_HEADER: str(ack)}
 
     async def send_ack(self, seq: int) -> None:
-        await self._post({ACK_HEADER: str(seq)})
+        """Acknowledge with the next message's POST, or alone after :data:`ACK_LINGER`."""
+        self._ack = max(self._ack or 0, seq)
+        if self._ack_alone is None or self._ack_alone.done():
+            self._ack_alone = asyncio.get_running_loop().create_task(self._linger())
+
+    async def _linger(self) -> None:
+        await asyncio.sleep(ACK_LINGER)
+        extra = self._take_ack()
+        if extra:
+            # A POST that fails is a connection that broke: the stream resumes, and
+            # says there what it received.
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError, TimeoutError):
+                await self._post(extra)
 
     async def send_end(self, last: int) -> None:
-        await self._post({END_HEADER: str(last)})
+        await self._post({END_HEADER: str(last), **self._take_ack()})
 
     async def frames(self) -> AsyncIterator[Frame]:
         response = self.response
@@ -387,6 +415,8 @@ class _Events:
         return None
 
     async def close(self) -> None:
+        if self._ack_alone is not None:
+            self._ack_alone.cancel()
         if self.response is not None:
             self.response.close()
 
