@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         EtcdUnavailable,
         MemberChanged,
         balancer_of,
+        keepalive,
         retryable,
     )
     from meshxl.etcd.connect import (
@@ -62,7 +63,7 @@ _HOMES = {
     "balancer": ("ATTEMPT_TIMEOUT", "DOWN", "LAGGING", "NO_LEADER", "PROBE_INTERVAL",
                  "PROBE_INTERVAL_TROUBLE", "PROBE_TIMEOUT", "SLOW_ATTEMPT", "TROUBLE_HOLD",
                  "UNKNOWN", "UP", "Balancer", "Endpoint", "EtcdUnavailable", "MemberChanged",
-                 "balancer_of", "retryable"),
+                 "balancer_of", "keepalive", "retryable"),
     "connect": ("EtcdEndpointError", "EtcdSecurity", "EtcdSecurityError", "check_credentials",
                 "check_settings", "client", "describe_error", "parse_urls",
                 "read_secret_file"),
@@ -75,7 +76,7 @@ __all__ = [
     "PROBE_TIMEOUT", "SLOW_ATTEMPT", "TROUBLE_HOLD", "UNKNOWN", "UP", "BalancedClient",
     "Balancer", "Endpoint", "EtcdAuthError", "EtcdEndpointError", "EtcdSecurity",
     "EtcdSecurityError", "EtcdUnavailable", "MemberChanged", "balancer_of", "check_credentials",
-    "cancel_watch", "check_settings", "client", "describe_error", "parse_urls",
+    "cancel_watch", "check_settings", "client", "describe_error", "keepalive", "parse_urls",
     "read_secret_file", "retryable", "watch_responses",
 ]
 

@@ -472,6 +472,25 @@ def short_error(exc: BaseException | None) -> str:
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
+async def keepalive(client: aetcd.Client, lease: int, timeout: float | None) -> Any:
+    """One keepalive of ``lease`` on ``client``'s member: etcd's answer, or None when
+    the stream ended without one.
+
+    The answer is read from the stream (``read``), not iterated: leaving an ``async
+    for`` over it at the first answer leaves the call and its suspended response
+    generator in a reference cycle that only the cyclic garbage collector frees, about
+    19 KiB of gRPC's and Python's memory per keepalive (a sidecar's registration takes
+    one a second; docs/performance.md, "Sidecar footprint"). The call is then
+    cancelled, which does nothing once etcd ended it."""
+    call = client.leasestub.LeaseKeepAlive([rpc.LeaseKeepAliveRequest(ID=lease)],
+                                           timeout=timeout, metadata=client.metadata)
+    try:
+        reply = await call.read()
+    finally:
+        call.cancel()
+    return None if reply is grpc.aio.EOF else reply
+
+
 def balancer_of(client: aetcd.Client) -> Balancer:
     """The client's :class:`Balancer`; a plain one-member client gets one that never
     probes (there is nowhere else to send a request)."""

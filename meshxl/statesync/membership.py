@@ -476,16 +476,10 @@ class Membership:
         assert lease_id is not None
         started = time.monotonic()
 
-        async def keepalive(ep: etcd.Endpoint, timeout: float) -> Any:
-            async for reply in ep.client.leasestub.LeaseKeepAlive(
-                    [rpc.LeaseKeepAliveRequest(ID=lease_id)], timeout=timeout,
-                    metadata=ep.client.metadata):
-                return reply
-            return None
-
         # Until the lease would end: a refresh that lands late still keeps it.
         remaining = self._expires - started
-        reply = await self._call(keepalive, "lease keepalive",
+        reply = await self._call(lambda ep, t: etcd.keepalive(ep.client, lease_id, t),
+                                 "lease keepalive",
                                  timeout=max(remaining, self.interval))
         if reply is None or reply.TTL <= 0:
             return False

@@ -145,14 +145,8 @@ class ProblemLeases:
         return restored
 
     async def _renew(self, lease: int) -> bool:
-        async def keepalive(ep: etcd.Endpoint, timeout: float) -> Any:
-            async for reply in ep.client.leasestub.LeaseKeepAlive(
-                    [rpc.LeaseKeepAliveRequest(ID=lease)], timeout=timeout,
-                    metadata=ep.client.metadata):
-                return reply
-            return None
-
-        reply = await self._call(keepalive, "problem lease keepalive")
+        reply = await self._call(lambda ep, t: etcd.keepalive(ep.client, lease, t),
+                                 "problem lease keepalive")
         return reply is not None and reply.TTL > 0
 
     async def _revoke(self, lease: int) -> None:
