@@ -231,3 +231,25 @@ async def test_a_call_refused_from_its_headers_is_answered_before_its_requests_e
     assert got[1]["headers"][0]["grpc-status"] == "9" and got[1]["ended"]
     assert got[1]["reset"] == 0  # RST_STREAM NO_ERROR: send no more
     assert not connection.streams
+
+
+async def test_a_refused_call_waits_a_moment_for_its_first_message(monkeypatch: Any) -> None:
+    """Refused from its headers, a call is answered once its first message arrives (a
+    client still sending it would otherwise see its send fail, not the status), or after
+    REFUSAL_WAIT without one: never a hang."""
+    monkeypatch.setattr(h2, "REFUSAL_WAIT", 0.05)
+    factory, _ = h2.serve_on(echo, lambda path, headers: (
+        (9, "pubsub is not configured") if path.endswith("/Subscribe") else None))
+    connection = factory()
+    transport = Transport()
+    connection.connection_made(transport)
+    block = hpack.Encoder().encode([(":method", "POST"), (":path", "/svc/Subscribe")])
+    connection.data_received(PREFACE + frame(h2.HEADERS, h2.END_HEADERS, 1, block))
+    assert 1 not in answers(bytes(transport.sent))
+    for _ in range(100):  # the timer's answer, within a second
+        await asyncio.sleep(0.01)
+        if 1 in answers(bytes(transport.sent)):
+            break
+    got = answers(bytes(transport.sent))
+    assert got[1]["headers"][0]["grpc-status"] == "9" and got[1]["ended"]
+    assert not connection.streams

@@ -42,8 +42,9 @@ class Sessions:
         return Written(session=session, etag=etag, owner="m", created=current is None,
                        takeover=False, replicated=True)
 
-    async def put(self, session: str, state: bytes, *, create_only: bool = False,
-                  if_match: str | None = None, sync_now: bool = False) -> Written:
+    async def put(self, session: str, state: bytes, *, content_type: str | None = None,
+                  create_only: bool = False, if_match: str | None = None,
+                  sync_now: bool = False) -> Written:
         await asyncio.sleep(0)
         answer = self._write(session, state, if_match, create_only)
         if isinstance(answer, SidecarPreconditionFailed):

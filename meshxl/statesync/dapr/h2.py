@@ -17,6 +17,9 @@ What it does, and refuses clearly (RFC 9113, gRPC's HTTP/2 protocol):
   beyond), then handed to the handler in a task of its own; its answer (a message and
   status 0, or a status and message) sent as HEADERS, DATA and trailers, or trailers
   only, within the peer's flow-control windows and frame size;
+* a call refused from its headers (another service, a method not served, a wrong
+  token) answered with its status at its first message, or :data:`REFUSAL_WAIT` after
+  its headers when none comes, then reset (NO_ERROR) if its requests go on;
 * flow control for what it receives: a large connection window granted at once, and each
   DATA frame's bytes granted back (connection and stream) as it is read;
 * at most :data:`MAX_STREAMS` streams at once (REFUSED_STREAM beyond), header blocks of
@@ -62,6 +65,12 @@ RECEIVE_WINDOW = 1 << 24
 more (each DATA frame's bytes are granted back as they are read)."""
 STREAM_WINDOW = 1 << 20
 _DEFAULT_WINDOW = 65_535
+REFUSAL_WAIT = 0.5
+"""Seconds a call refused from its headers waits for its first message before its
+answer goes anyway. A client (grpcio's among them) whose first message is still being
+sent when the answer and the stream's reset arrive sees its send fail, and reports that
+(INTERNAL) instead of the answer's status; a client that waits for the server before it
+sends still gets its answer, never a hang."""
 
 _OK_HEAD = b"\x88\x0f\x10\x10application/grpc"
 """``:status: 200`` (static index 8) and ``content-type: application/grpc`` (literal
@@ -114,7 +123,8 @@ def trailers(status: int, message: str) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("body", "ended", "headers", "out", "path", "send_window", "trailers")
+    __slots__ = ("body", "ended", "headers", "out", "path", "refusal", "send_window",
+                 "timer", "trailers")
 
     def __init__(self, send_window: int):
         self.headers: dict[str, str] = {}
@@ -125,6 +135,9 @@ class _Stream:
         self.out = b""
         """Answer bytes (DATA payload) not yet sent: they wait for window."""
         self.trailers: bytes | None = None
+        self.refusal: tuple[int, str] | None = None
+        """The status a call refused from its headers gets at its first message."""
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class GrpcConnection(asyncio.Protocol):
@@ -175,6 +188,9 @@ class GrpcConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.transport = None
+        for stream in self.streams.values():
+            if stream.timer is not None:
+                stream.timer.cancel()
         self.streams.clear()
 
     def close(self) -> None:
@@ -271,6 +287,9 @@ class GrpcConnection(asyncio.Protocol):
             return self._fail(PROTOCOL_ERROR, "bad padding")
         if stream is None or stream.ended:
             return  # a stream answered or refused already: its bytes are dropped
+        if stream.refusal is not None:
+            stream.ended = bool(flags & END_STREAM)
+            return self._refuse(stream_id, stream)
         if len(stream.body) + len(body) > MAX_MESSAGE + 5:  # answered, the rest reset
             return self._answer(stream_id, stream, 8, f"the request is larger than "
                                 f"{MAX_MESSAGE} bytes", b"")
@@ -318,6 +337,8 @@ class GrpcConnection(asyncio.Protocol):
         if stream is not None:  # trailers of a request
             if flags & END_STREAM and not stream.ended:
                 stream.ended = True
+                if stream.refusal is not None:
+                    return self._refuse(stream_id, stream)
                 self._start(stream_id, stream)
             return
         if stream_id <= self.last_stream or stream_id % 2 == 0:
@@ -336,7 +357,12 @@ class GrpcConnection(asyncio.Protocol):
         stream.path = headers.get(":path", "")
         refusal = self.early(stream.path, headers) if self.early is not None else None
         if refusal is not None:
-            return self._answer(stream_id, stream, refusal[0], refusal[1], b"")
+            if flags & END_STREAM:
+                return self._answer(stream_id, stream, refusal[0], refusal[1], b"")
+            stream.refusal = refusal  # answered at its first message (REFUSAL_WAIT)
+            stream.timer = asyncio.get_running_loop().call_later(
+                REFUSAL_WAIT, self._refuse, stream_id, stream)
+            return
         if flags & END_STREAM:
             stream.ended = True
             self._start(stream_id, stream)
@@ -376,7 +402,19 @@ class GrpcConnection(asyncio.Protocol):
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
             self.buffered -= len(stream.body)
+            if stream.timer is not None:
+                stream.timer.cancel()
         self.waiting.pop(stream_id, None)
+
+    def _refuse(self, stream_id: int, stream: _Stream) -> None:
+        """A call refused from its headers answered: at its first message or end, or
+        :data:`REFUSAL_WAIT` after its headers."""
+        if self.streams.get(stream_id) is not stream or stream.refusal is None:
+            return
+        if stream.timer is not None:
+            stream.timer.cancel()
+        self._answer(stream_id, stream, *stream.refusal, b"")
+        self._flush()
 
     # -- calls and answers --------------------------------------------------------------
 
