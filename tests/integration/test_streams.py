@@ -119,7 +119,14 @@ class Talking:
 
     async def done(self) -> None:
         """Every message sent and answered; each stream's checks."""
-        await asyncio.wait_for(asyncio.gather(*self.talks), 60)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self.talks), 60)
+        except TimeoutError:
+            raise AssertionError("streams not answered in time: " + "; ".join(
+                f"{t.session}: {len(t.answers)} of {len(t.sent)} answered (last by "
+                f"{t.answers[-1]['member'] if t.answers else None}), "
+                f"{t.stream.connections} connections, resumes {t.stream.resumes}"
+                for t in self.tallies)) from None
         for t in self.tallies:
             t.check()
 
