@@ -101,6 +101,9 @@ async def open_page(profile: Path) -> AsyncIterator[tuple[Any, Console]]:
                     console.failed_requests.append(f"{r.url}: {r.failure}")
 
             page.on("request", on_request)
+            # A request the old document made after the navigation started is aborted
+            # when the new one commits: the commit counts as a navigation too.
+            page.on("framenavigated", lambda frame: navigations.append(next(order)))
             page.on("requestfailed", on_failed)
             yield page, console
         finally:

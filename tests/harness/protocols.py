@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from meshxl import etcd
-from meshxl.local.deployment import CLUSTER, DemoDeployment
+from meshxl.local.deployment import CLUSTER, DemoDeployment, envoy_hosts
 from meshxl.local.report import lost_writes
 from meshxl.local.streams import StreamTraffic, read_back_kind
 from meshxl.local.wait import wait_until
@@ -21,28 +21,60 @@ from meshxl.proxy.admin import EnvoyAdmin
 from tests.harness.clock import scaled, window
 from tests.harness.load import under_way
 
+FAILOVER = "{failback_delay: 2s}"
+"""A member brought back gets its place back 2 s after it is well (10 s by default):
+each test's clean-up (:func:`restart`) waits for it (:func:`settled`)."""
+
 
 @asynccontextmanager
 async def deployment(work: Path, protocol: str, *, mode: str = "high-availability",
                      members: Sequence[tuple[str, str]] | None = None,
                      drain_window: float | None = None,
                      fields: dict[str, str] | None = None,
-                     hash_cookie: str | None = None) -> AsyncIterator[DemoDeployment]:
+                     hash_cookie: str | None = None,
+                     failover: str = FAILOVER) -> AsyncIterator[DemoDeployment]:
     d = DemoDeployment(work, protocol=protocol, mode=mode, members=members,
                        drain_window=drain_window, lease_ttl=2.0, fields=fields,
-                       hash_cookie=hash_cookie)
+                       hash_cookie=hash_cookie, failover=failover)
     try:
         await asyncio.wait_for(d.start(), scaled(90))
     except BaseException:
         report = d.owner.report()
         await d.close()
         raise AssertionError(f"the {protocol} deployment did not start:\n{report}") from None
+    _started_tiers[id(d)] = await tiers(d)
     try:
         yield d
     finally:
+        _started_tiers.pop(id(d), None)
         await d.close()
 
 
+_started_tiers: dict[int, dict[str, int]] = {}
+"""Each deployment's members' priorities in Envoy once it started (:func:`settled`)."""
+
+
+async def tiers(d: DemoDeployment) -> dict[str, int]:
+    """Each member's priority in Envoy (0 takes new sessions first)."""
+    return {h.hostname: h.priority for h in await envoy_hosts(d.admin_url)}
+
+
+async def settled(d: DemoDeployment, timeout: float = 60) -> None:
+    """Until every member is healthy in Envoy at the priority it had when the deployment
+    started: a member that came back has its place back (its failback delay ended) and
+    the planned move that gives it back is over, so the next test starts from the same
+    deployment, not from one whose active role is about to move."""
+    await d.wait_all_healthy(scaled(30))
+    started = _started_tiers.get(id(d))
+    if started is None:
+        return
+
+    async def back() -> bool:
+        return await tiers(d) == started
+
+    await wait_until(back, timeout=scaled(timeout),
+                     what="every member back at its priority of the start",
+                     explain=lambda: tiers(d))
 async def traffic_around(d: DemoDeployment, kind: str, sessions: int, *, before: float,
                          after: float, action: Callable[[StreamTraffic], Awaitable[Any]],
                          interval: float = 0.1,
@@ -90,7 +122,7 @@ async def member_down(d: DemoDeployment, member: str, down: bool = True) -> None
         await set_member_admin(client, d.keys, CLUSTER, member, down, "protocol test")
     if not down:
         await wait_listener_settled(d)
-        await d.wait_all_healthy()
+        await settled(d)
 
 
 async def site_offline(d: DemoDeployment, site: str, offline: bool = True) -> None:
@@ -98,14 +130,14 @@ async def site_offline(d: DemoDeployment, site: str, offline: bool = True) -> No
         await set_site_admin(client, d.keys, site, offline, "protocol test")
     if not offline:
         await wait_listener_settled(d)
-        await d.wait_all_healthy()
+        await settled(d)
 
 
 async def restart(d: DemoDeployment, member: str) -> None:
-    """Bring a killed member back and wait until Envoy sees every member healthy."""
+    """Bring a killed member back and wait until it has its place back (:func:`settled`)."""
     await d.reap_member(member)
     await d.start_member(d.member(member))
-    await d.wait_all_healthy(30)
+    await settled(d)
 
 
 async def drained_generation(d: DemoDeployment) -> str:
