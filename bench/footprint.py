@@ -15,7 +15,13 @@ Measured side by side in one run, each a process of its own on the same machine:
 
 RSS from ``/proc/PID/statm``, threads from ``/proc/PID/task``, each read once the value
 stopped moving. The bytecode is compiled first, as an installed sidecar has it
-(:func:`compile_bytecode`). Loopback only; every loop bounded in count and time.
+(:func:`compile_bytecode`). Before each process starts, the page cache's copies of the
+environment's extension modules are dropped (:func:`drop_cached_extensions`), so each
+process's RSS counts the pages it maps from them, not what the page cache held of a
+freshly installed file. Loopback only; every loop bounded in count and time.
+
+``python``: the interpreter of every process measured (default: this one), e.g. a
+virtualenv with the newest releases the version ranges allow, meshxl installed in it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -60,23 +67,61 @@ LOAD_WRITERS = 16
 START_TIMEOUT = 60.0
 
 
-def compile_bytecode() -> None:
+COMPILE = r"""
+import compileall, re, sys, sysconfig
+from pathlib import Path
+import meshxl
+tests = re.compile(r"[/\\](test|tests|idle_test)[/\\]")
+for where in (Path(meshxl.__file__).parent, sysconfig.get_path("purelib"),
+              sysconfig.get_path("stdlib")):
+    if not compileall.compile_dir(where, quiet=1, optimize=[0, 2], rx=tests):
+        sys.exit(f"compiling the bytecode under {where} failed")
+"""
+SITE = ("import sysconfig; print(sysconfig.get_path('purelib')); "
+        "print(sysconfig.get_path('platlib'))")
+
+
+def compile_bytecode(python: str = sys.executable) -> None:
     """Compile the bytecode a sidecar loads, plain and without docstrings (``-OO``):
     meshxl's, its dependencies' (the environment's site-packages) and the standard
-    library's, as the image holds them (Dockerfile). A module without it is compiled at
-    every start (a tree never compiled, or PYTHONDONTWRITEBYTECODE): about 1 MiB more
-    RSS for meshxl's alone, 3 MiB for all, that no installed sidecar carries."""
-    import compileall
-    import re
-    import sysconfig
+    library's, as the image holds them (Dockerfile), with ``python`` (whose meshxl and
+    paths they are). A module without it is compiled at every start (a tree never
+    compiled, or PYTHONDONTWRITEBYTECODE): about 1 MiB more RSS for meshxl's alone, 3
+    MiB for all, that no installed sidecar carries."""
+    done = subprocess.run([python, "-c", COMPILE], capture_output=True, text=True,
+                          timeout=900)
+    if done.returncode != 0:
+        raise LocalError(f"compiling the bytecode with {python} failed: "
+                         f"{(done.stderr or done.stdout).strip()[-500:]}")
 
-    import meshxl
 
-    tests = re.compile(r"[/\\](test|tests|idle_test)[/\\]")
-    for where in (Path(meshxl.__file__).parent, sysconfig.get_path("purelib"),
-                  sysconfig.get_path("stdlib")):
-        if not compileall.compile_dir(where, quiet=1, optimize=[0, 2], rx=tests):
-            raise LocalError(f"compiling the bytecode under {where} failed")
+def extension_modules(python: str = sys.executable) -> list[Path]:
+    """The extension modules (``*.so``) of ``python``'s site-packages."""
+    out = subprocess.run([python, "-c", SITE], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    found: set[Path] = set()
+    for where in dict.fromkeys(out):
+        found.update(Path(where).rglob("*.so"))
+    return sorted(found)
+
+
+def drop_cached_extensions(files: list[Path]) -> None:
+    """Drop the page cache's copies of ``files`` (``POSIX_FADV_DONTNEED``; pages a
+    running process maps stay). What a process maps of an extension module counts in
+    its RSS, and how much that is follows how the file came into the page cache: one
+    freshly written by pip (large folios, mapped whole) showed grpcio's extension 14.8
+    MiB resident in the bare aetcd client, the same file copied or read back from disk
+    10.3 MiB (2026-11-27, docs/performance.md), in the floor and the sidecar alike. Dropped
+    before each process starts, each maps what it touches, whatever ran before."""
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def model() -> str:
@@ -133,7 +178,9 @@ async def process(pid: int) -> dict[str, Any]:
             "thread_names": thread_names(pid)}
 
 
-async def _bare(stack: Owner, name: str, argv: list[str]) -> dict[str, Any]:
+async def _bare(stack: Owner, name: str, argv: list[str], cached: list[Path]
+                ) -> dict[str, Any]:
+    drop_cached_extensions(cached)
     proc = stack.spawn(name, argv)
 
     async def ready() -> bool:
@@ -147,22 +194,24 @@ async def _bare(stack: Owner, name: str, argv: list[str]) -> dict[str, Any]:
     return out
 
 
-async def bare_python(stack: Owner) -> dict[str, Any]:
-    return await _bare(stack, "bare-python", [sys.executable, "-c", BARE_PYTHON])
+async def bare_python(stack: Owner, python: str, cached: list[Path]) -> dict[str, Any]:
+    return await _bare(stack, "bare-python", [python, "-c", BARE_PYTHON], cached)
 
 
-async def bare_etcd_client(stack: Owner, url: str) -> dict[str, Any]:
+async def bare_etcd_client(stack: Owner, url: str, python: str, cached: list[Path]
+                           ) -> dict[str, Any]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return await _bare(stack, "bare-etcd-client",
-                       [sys.executable, "-c", BARE_ETCD_CLIENT, host, port])
+                       [python, "-c", BARE_ETCD_CLIENT, host, port], cached)
 
 
 async def sidecar(stack: Owner, url: str, keys: Keys, cluster: str,
-                  name: str) -> tuple[str, Process]:
+                  name: str, python: str, cached: list[Path]) -> tuple[str, Process]:
     app_port, port = free_ports(2)
+    drop_cached_extensions(cached)
     proc = stack.spawn(name, commands.statesync(
         cluster=cluster, member="m1", app=f"{HOST}:{app_port}", listen=f"{HOST}:{port}",
-        etcd=url, etcd_prefix=keys.root, log_level="warning"))
+        etcd=url, etcd_prefix=keys.root, log_level="warning", python=(python, "-u")))
     base = f"http://{HOST}:{port}"
     await wait_http(f"{base}/readyz", process=proc, timeout=START_TIMEOUT)
     return base, proc
@@ -196,10 +245,11 @@ async def write_owned(base: str, sessions: int, size: int, prefix: str) -> int:
 
 
 async def owned(stack: Owner, url: str, keys: Keys, replication: str, sessions: int,
-                size: int) -> tuple[dict[str, Any], str, Process]:
+                size: int, python: str, cached: list[Path]
+                ) -> tuple[dict[str, Any], str, Process]:
     """A sidecar of the ``replication`` cluster: idle, then owning ``sessions``."""
     base, proc = await sidecar(stack, url, keys, CLUSTERS[replication],
-                               f"sidecar-{replication}")
+                               f"sidecar-{replication}", python, cached)
     assert proc.pid is not None
     idle = await process(proc.pid)
     t = time.monotonic()
@@ -263,20 +313,25 @@ async def under_load(base: str, pid: int, sessions: int, size: int, prefix: str,
 
 
 async def measure(stack: Owner, url: str, sessions: int, load_seconds: float,
-                  load_writes: int) -> dict[str, Any]:
-    """Everything above, side by side; 1 KiB documents."""
+                  load_writes: int, python: str = sys.executable) -> dict[str, Any]:
+    """Everything above, side by side; 1 KiB documents; every process run by ``python``."""
     keys = Keys("/meshxl-bench-footprint")
     from meshxl import etcd
 
-    compile_bytecode()
+    await asyncio.to_thread(compile_bytecode, python)
+    cached = extension_modules(python)
 
     async with etcd.client(url) as client:
         await apply_model(client, keys, model(), "bench footprint model")
-    res: dict[str, Any] = {"bare_python": await bare_python(stack),
-                           "bare_etcd_client": await bare_etcd_client(stack, url)}
+    res: dict[str, Any] = {"python": python,
+                           "versions": await asyncio.to_thread(versions, python),
+                           "bare_python": await bare_python(stack, python, cached),
+                           "bare_etcd_client": await bare_etcd_client(stack, url, python,
+                                                                      cached)}
     res["owned"] = []
     for replication in CLUSTERS:
-        found, base, proc = await owned(stack, url, keys, replication, sessions, 1024)
+        found, base, proc = await owned(stack, url, keys, replication, sessions, 1024,
+                                        python, cached)
         res["owned"].append(found)
         if replication == "all":
             assert proc.pid is not None
@@ -286,9 +341,27 @@ async def measure(stack: Owner, url: str, sessions: int, load_seconds: float,
     return res
 
 
+VERSIONS = """
+import json
+from importlib.metadata import version
+print(json.dumps({name: version(name) for name in
+                  ("grpcio", "protobuf", "aetcd", "msgspec", "uvloop", "httptools", "orjson")}))
+"""
+
+
+def versions(python: str) -> dict[str, str]:
+    """The versions of the libraries a sidecar loads, in ``python``'s environment."""
+    out = subprocess.run([python, "-c", VERSIONS], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return dict(json.loads(out.splitlines()[-1]))
+
+
 def report(res: dict[str, Any]) -> list[str]:
     """The footprint's lines of the benchmark's report."""
     lines = ["\n== sidecar footprint (RSS MiB, threads), beside its floors"]
+    if "versions" in res:
+        lines.append(f"  {res['python']}: " + ", ".join(
+            f"{name} {v}" for name, v in res["versions"].items()))
     for name in ("bare_python", "bare_etcd_client"):
         p = res[name]
         lines.append(f"  {name:<26} {p['rss_mb']:>6} MiB {p['threads']:>3} threads")

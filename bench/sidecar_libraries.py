@@ -25,7 +25,7 @@ import sys
 import footprint
 
 SIDECAR = ("from meshxl.cli import entry, serving\n"
-           "from meshxl.statesync import app, following, hosting, mesh_reads\n"
+           "from meshxl.statesync import app, following, mesh_reads\n"
            "from meshxl.statesync.metrics import StatesyncMetrics\n"
            "from meshxl.model.load import parse_unexpanded\n"
            "from meshxl.model.text import ModelForm\n"

@@ -1,7 +1,13 @@
 """statesync sidecar memory: its footprint beside its floors, and 100,000 cached sessions
 against the payload's size.
 
-Run: ``.venv/bin/python bench/sidecar_memory.py [--quick] [--sessions N] [--footprint-only]``
+Run: ``.venv/bin/python bench/sidecar_memory.py [--quick] [--sessions N] [--footprint-only]
+[--python PATH]``
+
+``--python PATH``: every measured process (the floors and the sidecars) run by that
+interpreter instead of this one, e.g. a virtualenv holding the newest releases the
+version ranges of pyproject.toml allow (docs/performance.md, "Sidecar footprint"); meshxl
+must be installed in it. The report names its versions of the libraries a sidecar loads.
 
 First the footprint (``bench/footprint.py``): a bare interpreter, a bare aetcd (grpcio)
 client connected to etcd, and the sidecar side by side: idle RSS and threads, RSS per
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -133,11 +140,11 @@ async def fill(url: str, keys: Keys, cluster: str, sessions: int, size: int) -> 
 
 
 async def sidecar(stack: Owner, url: str, keys: Keys, cluster: str,
-                  name: str) -> tuple[str, int]:
+                  name: str, python: str = sys.executable) -> tuple[str, int]:
     app_port, port = free_ports(2)
     proc = stack.spawn(name, commands.statesync(
         cluster=cluster, member=name, app=f"{HOST}:{app_port}", listen=f"{HOST}:{port}",
-        etcd=url, etcd_prefix=keys.root, log_level="warning"))
+        etcd=url, etcd_prefix=keys.root, log_level="warning", python=(python, "-u")))
     base = f"http://{HOST}:{port}"
     await wait_http(f"{base}/readyz", process=proc, timeout=SYNC_TIMEOUT)
     assert proc.pid is not None
@@ -170,18 +177,18 @@ async def settled_rss(pid: int, seconds: float = 1.0) -> int:
     return value
 
 
-def python_floor(sessions: int, size: int) -> int:
+def python_floor(sessions: int, size: int, python: str = sys.executable) -> int:
     """RSS growth of a bare interpreter holding the same ids and documents in a dict."""
-    out = subprocess.run([sys.executable, "-c", FLOOR, str(sessions), str(size),
+    out = subprocess.run([python, "-c", FLOOR, str(sessions), str(size),
                           str(Path(__file__).resolve().parent)],
                          capture_output=True, text=True, timeout=120, check=True)
     return int(out.stdout.strip())
 
 
 async def one_size(stack: Owner, url: str, keys: Keys, sessions: int,
-                   size: int) -> dict[str, Any]:
+                   size: int, python: str = sys.executable) -> dict[str, Any]:
     cluster = f"mem{size}"
-    watch_base, watch_pid = await sidecar(stack, url, keys, cluster, f"watch-{size}")
+    watch_base, watch_pid = await sidecar(stack, url, keys, cluster, f"watch-{size}", python)
     rss0 = await settled_rss(watch_pid)
     t = time.monotonic()
     payload = await fill(url, keys, cluster, sessions, size)
@@ -189,13 +196,13 @@ async def one_size(stack: Owner, url: str, keys: Keys, sessions: int,
     caught_up = await cached(watch_base, sessions, SYNC_TIMEOUT)
     rss1 = await settled_rss(watch_pid, 2.0)
     t = time.monotonic()
-    sync_base, sync_pid = await sidecar(stack, url, keys, cluster, f"sync-{size}")
+    sync_base, sync_pid = await sidecar(stack, url, keys, cluster, f"sync-{size}", python)
     await cached(sync_base, sessions, SYNC_TIMEOUT)
     sync_s = time.monotonic() - t
     rss_sync = await settled_rss(sync_pid, 2.0)
     # The full-sync sidecar's baseline is taken as the watch sidecar's (same program,
     # same empty start): its own was not measurable before it synced.
-    floor = await asyncio.to_thread(python_floor, sessions, size)
+    floor = await asyncio.to_thread(python_floor, sessions, size, python)
     watch_growth, sync_growth = rss1 - rss0, rss_sync - rss0
     return {
         "document_bytes": size, "sessions": sessions, "payload_bytes": payload,
@@ -212,10 +219,11 @@ async def one_size(stack: Owner, url: str, keys: Keys, sessions: int,
     }
 
 
-async def refused_writes(stack: Owner, url: str, keys: Keys, requests: int) -> dict[str, Any]:
+async def refused_writes(stack: Owner, url: str, keys: Keys, requests: int,
+                         python: str = sys.executable) -> dict[str, Any]:
     """RSS of a sidecar before and after ``requests`` bulk saves whose every item is
     refused by its If-Match (none of the sessions exists)."""
-    base, pid = await sidecar(stack, url, keys, "refused", "refused")
+    base, pid = await sidecar(stack, url, keys, "refused", "refused", python)
     body = json.dumps({"items": [
         {"session": f"refused-{i}", "data": "x" * REFUSED_STATE, "if_match": '"1"'}
         for i in range(REFUSED_ITEMS)]}).encode()
@@ -238,7 +246,8 @@ async def refused_writes(stack: Owner, url: str, keys: Keys, requests: int) -> d
 
 
 async def run(work: Path, sessions: int, sizes: tuple[int, ...], refused: int,
-              quick: bool, footprint_only: bool) -> dict[str, Any]:
+              quick: bool, footprint_only: bool, python: str = sys.executable
+              ) -> dict[str, Any]:
     stack = Owner(work, grace=3.0)
     keys = Keys("/meshxl-bench-memory")
     res: dict[str, Any] = {"sizes": []}
@@ -248,14 +257,14 @@ async def run(work: Path, sessions: int, sizes: tuple[int, ...], refused: int,
             url = (await start_etcd(stack))[0]
         step = "measuring the footprint"
         res["footprint"] = await footprint.measure(
-            stack, url, OWNED, 3.0 if quick else 8.0, 20_000 if quick else 100_000)
+            stack, url, OWNED, 3.0 if quick else 8.0, 20_000 if quick else 100_000, python)
         if footprint_only:
             return res
         for size in sizes:
             step = f"measuring {sessions} sessions of ~{size} B"
-            res["sizes"].append(await one_size(stack, url, keys, sessions, size))
+            res["sizes"].append(await one_size(stack, url, keys, sessions, size, python))
         step = f"{refused} refused bulk saves"
-        res["refused"] = await refused_writes(stack, url, keys, refused)
+        res["refused"] = await refused_writes(stack, url, keys, refused, python)
     except (LocalError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
         traceback.print_exc()
         logs = stack.report()
@@ -328,7 +337,13 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, help="sessions (default 100000; quick 20000)")
     parser.add_argument("--footprint-only", action="store_true",
                         help="only the footprint (floors, idle, owned sessions, load)")
+    parser.add_argument("--python", metavar="PATH", default=sys.executable,
+                        help="the interpreter of every process measured (default: this "
+                             "one), e.g. a virtualenv with the newest dependencies")
     args = parser.parse_args()
+    if not os.access(args.python, os.X_OK):
+        parser.error(f"--python {args.python}: not an executable file")
+    args.python = os.path.abspath(args.python)
     quick = quick_requested(args.quick)
     sessions = args.sessions or (20_000 if quick else 100_000)
     if sessions < 1:
@@ -337,7 +352,8 @@ def main() -> int:
     refused = 50 if quick else 200
     return run_benchmark(
         NAME, quick, "meshxl-bench-memory-",
-        lambda work: run(work, sessions, sizes, refused, quick, args.footprint_only),
+        lambda work: run(work, sessions, sizes, refused, quick, args.footprint_only,
+                         args.python),
         verdicts, print_report)
 
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
         check_credentials,
         check_settings,
         client,
+        credentials_refused,
         describe_error,
         parse_urls,
         read_secret_file,
@@ -65,8 +66,8 @@ _HOMES = {
                  "UNKNOWN", "UP", "Balancer", "Endpoint", "EtcdUnavailable", "MemberChanged",
                  "balancer_of", "keepalive", "retryable"),
     "connect": ("EtcdEndpointError", "EtcdSecurity", "EtcdSecurityError", "check_credentials",
-                "check_settings", "client", "describe_error", "parse_urls",
-                "read_secret_file"),
+                "check_settings", "client", "credentials_refused", "describe_error",
+                "parse_urls", "read_secret_file"),
     "watch": ("cancel_watch", "watch_responses"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
@@ -76,8 +77,8 @@ __all__ = [
     "PROBE_TIMEOUT", "SLOW_ATTEMPT", "TROUBLE_HOLD", "UNKNOWN", "UP", "BalancedClient",
     "Balancer", "Endpoint", "EtcdAuthError", "EtcdEndpointError", "EtcdSecurity",
     "EtcdSecurityError", "EtcdUnavailable", "MemberChanged", "balancer_of", "check_credentials",
-    "cancel_watch", "check_settings", "client", "describe_error", "keepalive", "parse_urls",
-    "read_secret_file", "retryable", "watch_responses",
+    "cancel_watch", "check_settings", "client", "credentials_refused", "describe_error",
+    "keepalive", "parse_urls", "read_secret_file", "retryable", "watch_responses",
 ]
 
 

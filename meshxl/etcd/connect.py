@@ -4,12 +4,15 @@ for a list of endpoints that routes every request to a member that answers.
 :func:`client` is the one entry point. Several endpoints give a
 :class:`~meshxl.etcd.balanced.BalancedClient` (one health-checked channel per member:
 :mod:`meshxl.etcd.balancer`); TLS and token authentication, which aetcd 1.0 lacks, are in
-:mod:`meshxl.etcd.auth`. :mod:`meshxl.etcd` re-exports what callers use of them all.
+:mod:`meshxl.etcd.auth`. :mod:`meshxl.etcd` re-exports what callers use of them all. The
+modules of TLS, authentication and several endpoints are loaded only by a client that
+uses them: a sidecar on one plain endpoint carries none of them.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,15 +24,14 @@ import grpc
 from meshxl import tls
 from meshxl.addr import bracketed
 from meshxl.errors import InputError
-from meshxl.etcd.auth import EtcdAuthError, SecureClient, TokenAuth, token_auth
-from meshxl.etcd.balanced import BalancedClient
 from meshxl.etcd.balancer import Endpoint
 from meshxl.etcd.endpoints import EtcdEndpointError, parse_urls
 
 log = logging.getLogger("meshxl.etcd")
 
 __all__ = ["EtcdEndpointError", "EtcdSecurity", "EtcdSecurityError", "check_credentials",
-           "check_settings", "client", "describe_error", "parse_urls", "read_secret_file"]
+           "check_settings", "client", "credentials_refused", "describe_error", "parse_urls",
+           "read_secret_file"]
 
 
 class EtcdSecurityError(InputError):
@@ -169,6 +171,8 @@ def client(urls: str | list[tuple[str, int]], *, timeout: float | None = 5.0,
     members = [_one_client(h, p, tls, security, timeout, options) for h, p in endpoints]
     if len(members) == 1:
         return members[0]
+    from meshxl.etcd.balanced import BalancedClient
+
     return BalancedClient([
         Endpoint(f"{bracketed(h)}:{p}", c, partial(_one_client, h, p, tls, security, timeout,
                                                options))
@@ -180,6 +184,8 @@ def _one_client(host: str, port: int, tls: bool, security: EtcdSecurity,
     host = bracketed(host)
     if not tls and not security.user:
         return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+    from meshxl.etcd.auth import SecureClient, TokenAuth
+
     return SecureClient(host=host, port=port, timeout=timeout, options=options,
                          credentials=security.channel_credentials() if tls else None,
                          auth=TokenAuth(security.user, security.password or "", timeout,
@@ -191,6 +197,8 @@ def _one_client(host: str, port: int, tls: bool, security: EtcdSecurity,
 async def check_credentials(client: aetcd.Client) -> None:
     """Authenticate now if ``client`` has credentials: :class:`EtcdAuthError` if etcd
     refuses them. An unreachable etcd is not an error here (callers retry)."""
+    from meshxl.etcd.auth import token_auth
+
     auth = token_auth(client)
     if auth is None:
         return
@@ -201,9 +209,17 @@ async def check_credentials(client: aetcd.Client) -> None:
         log.warning("etcd authentication not checked yet: %s", exc.details())
 
 
+def credentials_refused(exc: BaseException) -> bool:
+    """``exc`` is etcd refusing the user name and password
+    (:class:`meshxl.etcd.auth.EtcdAuthError`). Only a client with credentials raises it,
+    which loaded that module: none loaded, none raised."""
+    auth = sys.modules.get("meshxl.etcd.auth")
+    return auth is not None and isinstance(exc, auth.EtcdAuthError)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for an etcd failure, with a hint when it looks like a TLS mismatch."""
-    if isinstance(exc, EtcdAuthError):
+    if credentials_refused(exc):
         return str(exc)
     text = str(exc) or type(exc).__name__
     hints = (

@@ -106,6 +106,13 @@ PLACEMENT = "placement"
 POOL_KEY_KINDS = (MEMBERS, KEYED)
 
 
+def prefix_end(prefix: bytes) -> bytes:
+    """The end of ``prefix``'s range (etcd's ``--prefix``): the prefix with its last
+    byte one higher. Here, beside the keys: a sidecar's transactions use it, and roles.py
+    (etcd's users and roles) is not a sidecar's."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
 def _segment(value: str, what: str) -> str:
     if not value or "/" in value:
         raise ValueError(f"invalid {what} for an etcd key: {value!r}")

@@ -33,9 +33,14 @@ from meshxl.etcd.keys import (
 )
 from meshxl.etcd.watch import cancel_watch
 from meshxl.model.basics import ModelError, Problem, UnknownChoice
-from meshxl.model.records import AdminAction, Health, PriorityList, Registration
+from meshxl.model.records import (
+    AdminAction,
+    Health,
+    PriorityList,
+    Registration,
+    StoredPlacement,
+)
 from meshxl.model.runtime import RuntimeState
-from meshxl.model.sticky import StoredPlacement
 from meshxl.model.text import ModelForm, read_form
 
 if TYPE_CHECKING:

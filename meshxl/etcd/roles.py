@@ -27,20 +27,15 @@ from aetcd import rpc
 
 from meshxl.errors import InputError, Unavailable
 
-from .keys import Keys
+from .keys import Keys, prefix_end
 
 __all__ = ["Grant", "GrantResult", "Range", "apply_grant", "apply_roles",
-           "cluster_permissions", "etcdctl_commands", "pool_permissions", "role_name"]
+           "cluster_permissions", "etcdctl_commands", "pool_permissions", "prefix_end",
+           "role_name"]
 
 ROLE_PREFIX = "meshxl-cluster-"
 
 Access = Literal["read", "readwrite"]
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The end of ``prefix``'s range (etcd's ``--prefix``): the prefix with its last
-    byte one higher."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from meshxl.etcd.auth import watch_refused
 from meshxl.etcd.balancer import DOWN, UP, Balancer, Endpoint, balancer_of
 
 __all__ = ["CANCEL_TIMEOUT", "cancel_watch", "member_events", "watch_responses"]
@@ -113,6 +112,8 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
                 raise aetcd.exceptions.RevisionCompactedError(response.compact_revision)
             if response.canceled:
                 if response.cancel_reason:  # refused for its token or its permissions
+                    from meshxl.etcd.auth import watch_refused
+
                     watch_refused(member)
                 raise aetcd.exceptions.ConnectionFailedError(
                     f"etcd canceled the watch: {response.cancel_reason or 'no reason given'}")

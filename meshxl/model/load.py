@@ -19,7 +19,6 @@ from .spec import ClusterSpec
 from .text import EMPTY_MODEL as EMPTY_MODEL
 from .text import MAX_MODEL_BYTES as MAX_MODEL_BYTES
 from .text import ModelForm, model_data
-from .vsls import expand_model
 
 
 def parse_model(text: str | ModelForm, source: str = "<model>", *,
@@ -30,8 +29,10 @@ def parse_model(text: str | ModelForm, source: str = "<model>", *,
     (their routes, listeners and protocols) is left to the control plane, which refuses
     such a model and keeps serving the last good one."""
     spec = decode(model_data(text, source), ModelSpec)
-    if expand:
-        spec = expand_model(spec)  # virtual systems become clusters
+    if expand:  # virtual systems become clusters (vsls.py: never loaded in a sidecar)
+        from .vsls import expand_model
+
+        spec = expand_model(spec)
     problems = list(check_model(spec))
     if problems:
         raise ModelError(problems)

@@ -1,4 +1,6 @@
-"""The runtime records read from etcd: registrations, operator actions, health judgements.
+"""The runtime records read from etcd: registrations, operator actions, health judgements,
+a pool's stored placement (:mod:`.sticky` keeps it; here so that reading it loads no
+placement code).
 
 Each is built from the JSON stored under ``mesh/`` (:mod:`meshxl.etcd.mesh`) and checked
 field by field: the records are read, not trusted. :mod:`.runtime` combines them with
@@ -9,17 +11,20 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .basics import check_member_address
 from .decode import as_integer
 from .limits import MEMBER_WEIGHT, PORT, SYNC_DELAY, Bound
 
+if TYPE_CHECKING:
+    from .placement import PoolMember, VirtualRoles
+
 __all__ = ["DEGRADED_KIND", "HANDBACK_KIND", "HEALTH_KINDS", "HELD_KIND", "PROBE_KIND",
            "MAX_PRIORITY_LIST", "AdminAction", "Health", "IstioEndpoint", "PriorityList",
-           "Registration"]
+           "Registration", "StoredPlacement"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +272,48 @@ class Health:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "reason": self.reason, "since": self.since, "by": self.by,
                 "moves": self.moves, "behind": self.behind}
+
+
+@dataclass(frozen=True)
+class StoredPlacement:
+    """A pool's base placement as stored (:func:`sticky_placement` reads it back)."""
+
+    members: tuple[str, ...]
+    """The pool's members when it was stored, in order."""
+    roles: Mapping[str, tuple[str, str | None, int]]
+    """VS -> (active, standby, the VS's weight when stored)."""
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form stored in etcd."""
+        return {"members": list(self.members),
+                "roles": {vs: list(roles) for vs, roles in sorted(self.roles.items())}}
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> StoredPlacement:
+        """The stored form back (:meth:`to_record`); ValueError on another shape."""
+        members = data.get("members")
+        roles = data.get("roles")
+        if not isinstance(members, list) or not all(isinstance(m, str) and m
+                                                    for m in members):
+            raise ValueError("a stored placement's members must be a list of names")
+        if not isinstance(roles, dict):
+            raise ValueError("a stored placement's roles must be an object")
+        out: dict[str, tuple[str, str | None, int]] = {}
+        for vs, entry in roles.items():
+            if not (isinstance(entry, list) and len(entry) == 3
+                    and isinstance(entry[0], str) and entry[0]
+                    and (entry[1] is None or isinstance(entry[1], str))
+                    and isinstance(entry[2], int) and not isinstance(entry[2], bool)
+                    and entry[2] > 0):
+                raise ValueError(f"a stored placement's roles of {vs!r} must be "
+                                 "[active, standby or null, weight above 0]")
+            out[str(vs)] = (entry[0], entry[1], entry[2])
+        return cls(tuple(members), out)
+
+    @classmethod
+    def of(cls, placed: Mapping[str, VirtualRoles], members: Sequence[PoolMember],
+           systems: Sequence[tuple[str, int, int]]) -> StoredPlacement:
+        weight = {name: w for name, w, _ in systems}
+        return cls(tuple(m.name for m in members),
+                   {vs: (r.active, r.standby, weight[vs]) for vs, r in sorted(placed.items())
+                    if r.active is not None and vs in weight})

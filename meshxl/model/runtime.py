@@ -24,8 +24,8 @@ from .records import (
     AdminAction,
     Health,
     Registration,
+    StoredPlacement,
 )
-from .sticky import StoredPlacement
 
 
 @dataclass(frozen=True)

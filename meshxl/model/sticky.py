@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from .placement import (
     BALANCE,
@@ -28,53 +26,9 @@ from .placement import (
     standby_shares,
     standby_step,
 )
+from .records import StoredPlacement  # beside the other stored records (loaded without this)
 
 __all__ = ["StoredPlacement", "sticky_placement"]
-
-
-@dataclass(frozen=True)
-class StoredPlacement:
-    """A pool's base placement as stored (:func:`sticky_placement` reads it back)."""
-
-    members: tuple[str, ...]
-    """The pool's members when it was stored, in order."""
-    roles: Mapping[str, tuple[str, str | None, int]]
-    """VS -> (active, standby, the VS's weight when stored)."""
-
-    def to_record(self) -> dict[str, Any]:
-        """The JSON form stored in etcd."""
-        return {"members": list(self.members),
-                "roles": {vs: list(roles) for vs, roles in sorted(self.roles.items())}}
-
-    @classmethod
-    def from_record(cls, data: Mapping[str, Any]) -> StoredPlacement:
-        """The stored form back (:meth:`to_record`); ValueError on another shape."""
-        members = data.get("members")
-        roles = data.get("roles")
-        if not isinstance(members, list) or not all(isinstance(m, str) and m
-                                                    for m in members):
-            raise ValueError("a stored placement's members must be a list of names")
-        if not isinstance(roles, dict):
-            raise ValueError("a stored placement's roles must be an object")
-        out: dict[str, tuple[str, str | None, int]] = {}
-        for vs, entry in roles.items():
-            if not (isinstance(entry, list) and len(entry) == 3
-                    and isinstance(entry[0], str) and entry[0]
-                    and (entry[1] is None or isinstance(entry[1], str))
-                    and isinstance(entry[2], int) and not isinstance(entry[2], bool)
-                    and entry[2] > 0):
-                raise ValueError(f"a stored placement's roles of {vs!r} must be "
-                                 "[active, standby or null, weight above 0]")
-            out[str(vs)] = (entry[0], entry[1], entry[2])
-        return cls(tuple(members), out)
-
-    @classmethod
-    def of(cls, placed: Mapping[str, VirtualRoles], members: Sequence[PoolMember],
-           systems: Sequence[tuple[str, int, int]]) -> StoredPlacement:
-        weight = {name: w for name, w, _ in systems}
-        return cls(tuple(m.name for m in members),
-                   {vs: (r.active, r.standby, weight[vs]) for vs, r in sorted(placed.items())
-                    if r.active is not None and vs in weight})
 
 
 def _balance(members: Sequence[PoolMember], active: dict[str, str],

@@ -16,7 +16,7 @@ import gc
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aetcd
 
@@ -34,12 +34,14 @@ from .api import SessionRoutes
 from .auth import token_check
 from .cluster_routes import add_cluster_routes
 from .config import StatesyncConfig
-from .hosting import Hosting
 from .http import HttpServer, Router
 from .mesh_reads import session_settings, shard_map
 from .metrics import StatesyncMetrics
 from .sidecar import Sidecar
 from .starting import Waiting, start_when_etcd_answers
+
+if TYPE_CHECKING:  # hosting.py (and the virtual systems' modules) only when hosting
+    from .hosting import Hosting
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _serve_api(server: HttpServer, sidecar: Sidecar | Hosting) -> None:
     otherwise, as it costs a good part of a write's CPU)."""
     from meshxl.telemetry import tracing
 
-    server.site.router = sidecar.router() if isinstance(sidecar, Hosting) else routes(sidecar)
+    server.site.router = routes(sidecar) if isinstance(sidecar, Sidecar) else sidecar.router()
     server.site.wrap = None
     if tracing.enabled():  # OpenTelemetry is loaded only then
         from meshxl.telemetry.spans import server_spans
@@ -101,7 +103,7 @@ def _serve_dapr(dapr: Any, config: StatesyncConfig, served: Sidecar | Hosting | 
     from meshxl import __version__
 
     assert config.dapr is not None and served is not None
-    if isinstance(served, Hosting):
+    if not isinstance(served, Sidecar):
         hosting = served
         dapr.serve(lambda name: hosting.clusters().get(name),
                    lambda: sorted(hosting.clusters()), config.dapr.app_id or config.cluster,
@@ -140,7 +142,9 @@ async def _start(config: StatesyncConfig, metrics: StatesyncMetrics | None = Non
 
 async def _start_hosting(config: StatesyncConfig, metrics: StatesyncMetrics,
                          clusters: tuple[str, ...], pool: str | None) -> Hosting:
-    """Start a sidecar hosting several clusters (hosting.py)."""
+    """Start a sidecar hosting several clusters (hosting.py, loaded only then)."""
+    from .hosting import Hosting
+
     hosting = Hosting(config, metrics, clusters, pool)
     try:
         await hosting.start()

@@ -22,11 +22,10 @@ import aetcd
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource, read_model
 from meshxl.model.basics import ModelError
-from meshxl.model.document import ModelSpec
+from meshxl.model.document import ModelSpec, Pool, VirtualSystem
 from meshxl.model.load import parse_unexpanded
 from meshxl.model.moves import moves_away_from
 from meshxl.model.runtime import SERVING, MemberState, Role, cluster_view
-from meshxl.model.vsls import system_named, vs_roles
 
 from .config import StatesyncConfig
 from .membership import Membership
@@ -131,7 +130,7 @@ class MeshFollower:
             self.role = role
         if self.scope is not None:
             self.scope(role == Role.STANDBY and (spec is None or spec.high_availability))
-        vs = system_named(model, self.config.cluster) if model is not None else None
+        vs = _system_named(model, self.config.cluster) if model is not None else None
         self.moves_away = moves_away_from(self.config.cluster, self.config.member, site,
                                           self.mesh.runtime, vs[1].name if vs else None)
         if self.on_moves is not None:
@@ -141,6 +140,10 @@ class MeshFollower:
         """This member's role in its virtual system, as the control plane places it
         (:func:`meshxl.model.vsls.vs_roles`; NONE: not a high-availability VS, or not
         placed here)."""
+        if not model.virtual_systems:
+            return Role.NONE
+        from meshxl.model.vsls import vs_roles
+
         roles = vs_roles(model, self.mesh.runtime, self.config.cluster)
         me = self.config.member
         if roles is None or me not in roles.order:
@@ -176,6 +179,16 @@ class MeshFollower:
             log.info("the model now has cluster %s%s", self.config.cluster,
                      f" and site {self.config.site}" if self.config.site else "")
         self.model_warning = warning
+
+
+def _system_named(model: ModelSpec, name: str) -> tuple[VirtualSystem, Pool] | None:
+    """:func:`meshxl.model.vsls.system_named`, that module (and the pools' placement
+    code under it) loaded only when the model has virtual systems."""
+    if not model.virtual_systems:
+        return None
+    from meshxl.model.vsls import system_named
+
+    return system_named(model, name)
 
 
 __all__ = ["MeshFollower"]

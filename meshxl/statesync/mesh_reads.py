@@ -19,7 +19,6 @@ from meshxl.model.basics import ModelError
 from meshxl.model.document import ModelSpec
 from meshxl.model.load import parse_unexpanded
 from meshxl.model.spec import SessionSync
-from meshxl.model.vsls import sessions_of
 
 from .cache import SessionCache
 from .config import StatesyncConfig
@@ -46,7 +45,7 @@ def model_mismatch(stored: bool, model: ModelSpec | None, cluster: str, site: st
     if model is None:
         return None
     spec = model.cluster(cluster)
-    if spec is None and sessions_of(model, cluster) is not None:
+    if spec is None and _sessions_of(model, cluster) is not None:
         return None  # a virtual system: the control plane places its members
     if spec is None:
         names = ", ".join(c.name for c in model.clusters) or "none"
@@ -101,7 +100,7 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
     got = await read_model(client, Keys(config.etcd_root))
     if got is not None:
         try:
-            found = sessions_of(parse_unexpanded(got, source="model in etcd"), config.cluster)
+            found = _sessions_of(parse_unexpanded(got, source="model in etcd"), config.cluster)
         except ModelError as exc:
             log.warning("model in etcd is invalid (%s); using session defaults", exc)
         else:
@@ -115,3 +114,14 @@ async def session_settings(client: aetcd.Client, config: StatesyncConfig) -> Set
     # The model's block whole (a setting added to it needs no line here), the command
     # line's values over it.
     return replace(defaults, **{k: v for k, v in given.items() if v is not None})
+
+
+def _sessions_of(model: ModelSpec, name: str) -> SessionSync | None:
+    """:func:`meshxl.model.vsls.sessions_of`, that module (and the pools' placement code
+    under it) loaded only when the model has virtual systems."""
+    if not model.virtual_systems:
+        spec = model.cluster(name)
+        return spec.sessions if spec is not None else None
+    from meshxl.model.vsls import sessions_of as of_model
+
+    return of_model(model, name)

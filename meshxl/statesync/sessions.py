@@ -31,20 +31,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-from meshxl.errors import (
-    Conflict,
-    MeshxlError,
-    PreconditionFailed,
-    Unavailable,
-    detached,
-)
+from meshxl.errors import Conflict, MeshxlError, PreconditionFailed, Unavailable, detached
 from meshxl.etcd import EtcdUnavailable
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.shards import shard_etag
 
-from . import mergepatch
 from .batches import PLANNED
 from .cache import Entry, SessionCache
 from .conditions import (
@@ -63,9 +56,11 @@ from .locks import SessionLocks
 from .metrics import StatesyncMetrics
 from .record import JSON_TYPE, SessionRecord, is_json
 from .store import KeyState, SessionStore, WriteResult
-from .transactions import Transactions
 from .txns import Guard, replicate
 from .writes import DELETE, PATCH, PUT, Outcome, Settings, Stored, Takeover, Transacted, Write
+
+if TYPE_CHECKING:
+    from .transactions import Transactions
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +90,7 @@ class Sessions:
         self.ledger = Ledger(store, cache, keys.sessions_prefix(cluster), member, settings,
                              metrics, keys.deletions_prefix(cluster))
         self.local = LocalSessions(member, settings.sync_delay, metrics, settings.ttl)
-        self.transactions = Transactions(self.ledger, self.local, self.locks, store,
-                                         metrics, settings.max_bytes)
+        self.transactions: Transactions | None = None
         if self.local.enabled:
             cache.on_seen = self._seen_in_etcd
 
@@ -215,6 +209,11 @@ class Sessions:
         token = PLANNED.set(planned) if planned is not None else None
         try:
             if atomic:
+                if self.transactions is None:  # transactions.py loaded at the first
+                    from .transactions import Transactions
+                    self.transactions = Transactions(self.ledger, self.local, self.locks,
+                                                     self.store, self.metrics,
+                                                     self.settings.max_bytes)
                 transacted = await self.transactions.commit(writes, traceparent)
                 for stored in transacted.stored:
                     self._tag(stored)
@@ -588,6 +587,7 @@ class Sessions:
         return answer
 
     def _merged(self, session_id: str, record: SessionRecord, patch: Any) -> bytes:
+        from . import mergepatch  # a PATCH's only: json_merge_patch loaded at the first
         if not is_json(record.content_type):
             raise Conflict(f"session {session_id!r} holds {record.content_type}, not JSON: "
                            "it cannot be merge-patched")

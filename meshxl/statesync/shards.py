@@ -37,11 +37,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
-
-import aetcd
 
 from meshxl.errors import InputError, MeshxlError, NotFound, PreconditionFailed, Unavailable
 from meshxl.etcd.fence import Fenced
@@ -49,54 +46,13 @@ from meshxl.etcd.moving import Mover
 from meshxl.etcd.shards import PREPARE, ShardMap, same_cluster, shard_etag, split_etag
 
 from .batches import PLANNED
-from .cache import SessionCache
 from .conditions import parse_etag
+from .parts import DOWN_GRACE, Shard
 from .sessions import Sessions
-from .store import Fencing, SessionStore
+from .store import Fencing
 from .writes import Outcome, Settings, Stored, Takeover, Transacted, Write
 
 __all__ = ["DOWN_GRACE", "PLANNED", "REPLANS", "Shard", "ShardClosed", "ShardedSessions"]
-
-DOWN_GRACE = 1.0
-"""Seconds a shard's watch may fail (a member switch, an election) before its sessions
-are refused at once instead of each waiting for its deadline."""
-
-
-@dataclasses.dataclass
-class Shard:
-    """One etcd cluster of sessions, as this sidecar uses it."""
-
-    name: str
-    client: aetcd.Client
-    store: SessionStore
-    cache: SessionCache
-    engine: Sessions
-
-    @property
-    def reachable(self) -> bool:
-        """Its cache's watch is not failing (it reads and follows the shard; a sidecar
-        whose cache holds only what it uses runs no watch, and counts as reachable)."""
-        return self.cache.down_since is None
-
-    def refuse_if_down(self) -> None:
-        """503 at once while the shard has not answered for :data:`DOWN_GRACE`: its
-        sessions' writes and reads would each wait for their deadline, holding the
-        application's requests (and their share of its concurrency) for nothing."""
-        since = self.cache.down_since
-        if since is not None and time.monotonic() - since > DOWN_GRACE:
-            raise Unavailable(f"session shard {self.name} unreachable for "
-                              f"{time.monotonic() - since:.1f} s: {self.cache.last_error}")
-
-    def status(self) -> dict[str, Any]:
-        cache = self.cache
-        down = cache.down_since
-        return {"name": self.name, "reachable": self.reachable, "synced": cache.synced.is_set(),
-                "unreachable_for": None if down is None else round(time.monotonic() - down, 1),
-                "revision": cache.applied, "cached_sessions": len(cache),
-                "last_error": cache.last_error, "rewinds": cache.rewinds,
-                "etcd_revision": cache.history.highest,
-                "takeovers": self.engine.takeovers, "conflicts": self.engine.conflicts}
-
 
 _Told = TypeVar("_Told", bound=Stored | Exception)
 _T = TypeVar("_T")

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aetcd
 
@@ -30,7 +30,6 @@ from meshxl import etcd
 from meshxl.addr import parse_hostport
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import EtcdMeshSource
-from meshxl.etcd.shards import ShardMap
 from meshxl.model.basics import Replication, choose
 from meshxl.model.document import ModelSpec
 from meshxl.model.runtime import MemberState
@@ -41,14 +40,19 @@ from .following import MeshFollower
 from .membership import Membership
 from .mesh_reads import cache_status, sync_stats_value
 from .metrics import StatesyncMetrics
-from .planned import PlannedFlush
+from .parts import Shard
 from .quota import QuotaGuard, Usage, held, held_size
 from .sessions import Sessions
-from .shards import Shard, ShardedSessions
 from .starting import caches_synced
 from .store import SessionStore
 from .tracing import TakeoverTracer, follow_failovers
 from .writes import Settings
+
+if TYPE_CHECKING:  # loaded only with a shard map / with delayed sync (docs/performance.md)
+    from meshxl.etcd.shards import ShardMap
+
+    from .planned import PlannedFlush
+    from .shards import ShardedSessions
 
 # The sidecar's log, whichever of its modules speaks (as mesh_reads.py, resharding.py).
 log = logging.getLogger("meshxl.statesync.app")
@@ -57,6 +61,13 @@ STOP_GRACE = 5.0  # seconds a stop waits for its cancelled tasks (the rest: logg
 
 #: ``sessions.replication`` -> whether the cache holds only what the member uses.
 _HOLDS_ONLY_WHAT_IT_USES: dict[Replication, bool] = {"all": False, "narrow": True}
+
+
+def _planned_flush() -> type[PlannedFlush]:
+    """planned.py, loaded only with delayed sync (``sessions.sync_delay`` above 0)."""
+    from .planned import PlannedFlush
+
+    return PlannedFlush
 
 
 class Sidecar:
@@ -77,6 +88,8 @@ class Sidecar:
             self.parts = [self._part("", client, settings)]
             self.sessions: Sessions | ShardedSessions = self.parts[0].engine
         else:
+            from .shards import ShardedSessions
+
             self.parts = [self._part(s.name, etcd.client(s.etcd, security=config.etcd_security),
                                      settings) for s in shard_map.every]
             self.sessions = ShardedSessions(shard_map, self.parts, settings,
@@ -100,7 +113,7 @@ class Sidecar:
                                       self._scope if self.narrow else None, mesh)
         self._watches: dict[str, asyncio.Task[None]] | None = None
         """The caches' watches while they hold every session (always, unless narrow)."""
-        self.planned = PlannedFlush(
+        self.planned = _planned_flush()(
             client, self.keys.member_flushed(config.cluster, config.member),
             lambda: (part.engine.local for part in self.parts), self.sessions.flush_due,
             lambda: self.sessions.local_sessions, lambda: self.membership.lease_id,
@@ -153,7 +166,7 @@ class Sidecar:
         self._tasks.append(loop.create_task(self._publish_sync()))
         if not self.narrow and self.following.owns_mesh:
             self._tasks.append(loop.create_task(self.following.mesh.run()))
-        if isinstance(self.sessions, ShardedSessions):
+        if not isinstance(self.sessions, Sessions):
             from .resharding import MapFollower  # only with shards
 
             settings = self.sessions.settings
@@ -222,8 +235,8 @@ class Sidecar:
     async def _follow_sync(self) -> None:
         """Advertise the member exactly while its caches are caught up with etcd."""
         while True:
-            await caches_synced(self.parts, self.sessions.usable if isinstance(
-                self.sessions, ShardedSessions) else None)
+            await caches_synced(self.parts, self.sessions.usable if not isinstance(
+                self.sessions, Sessions) else None)
             # The mesh first: a member that comes back stands behind the members that
             # serve, which only the mesh tells (failback.py).
             with contextlib.suppress(TimeoutError):
@@ -320,7 +333,7 @@ class Sidecar:
     def warnings(self) -> list[str]:
         """What works only in part while the member stays ready."""
         warnings = [] if self.following.model_warning is None else [self.following.model_warning]
-        if isinstance(self.sessions, ShardedSessions) and self.sessions.map_problem:
+        if not isinstance(self.sessions, Sessions) and self.sessions.map_problem:
             warnings.append(f"{self.sessions.map_problem} (serving shard map version "
                             f"{self.sessions.map.version})")
         if self.following.view_state == MemberState.ATTENTION:
@@ -344,7 +357,7 @@ class Sidecar:
     def shard_map(self) -> ShardMap | None:
         """The session shards served now (None: sessions live in the main cluster)."""
         sessions = self.sessions
-        return sessions.map if isinstance(sessions, ShardedSessions) else None
+        return None if isinstance(sessions, Sessions) else sessions.map
 
     def _usage(self) -> Usage:
         """The cluster's sessions and their bytes as this sidecar holds them: its caches
@@ -377,7 +390,7 @@ class Sidecar:
         cache's figures are the first shard's and ``shards`` has each one's.
         ``signals``: with those of a sick member (signals.py; ``/v1/status`` only)."""
         s, following = self.sessions, self.following
-        shards = s.status() if isinstance(s, ShardedSessions) else None
+        shards = None if isinstance(s, Sessions) else s.status()
         return {
             "cluster": self.config.cluster, "member": self.config.member,
             "site": self.config.site, "app": self.config.app,

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from meshxl import spread
 from meshxl.errors import InputError
-from meshxl.etcd.auth import EtcdAuthError
+from meshxl.etcd.connect import credentials_refused
 
 from .http import Request, Response, Router, error, json_response
 from .metrics import CONTENT_TYPE, StatesyncMetrics
 
 if TYPE_CHECKING:
-    from .shards import Shard
+    from .parts import Shard
 
 __all__ = ["FIRST_DELAY", "MAX_DELAY", "SHARD_GRACE", "Waiting", "caches_synced",
            "start_when_etcd_answers"]
@@ -113,9 +113,9 @@ async def start_when_etcd_answers(start: Callable[[], Awaitable[T]], waiting: Wa
             metrics.start_attempts.inc()
             try:
                 started = await start()
-            except (InputError, EtcdAuthError):
-                raise  # a setting to fix, not a dependency to wait for
             except Exception as exc:
+                if isinstance(exc, InputError) or credentials_refused(exc):
+                    raise  # a setting to fix, not a dependency to wait for
                 text = f"{type(exc).__name__}: {exc}"[:500]
                 if text != waiting.last_error:
                     log.warning("etcd at %s did not answer (%s); retrying every %.1f-%.0f s, "

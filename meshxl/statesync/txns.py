@@ -34,7 +34,7 @@ from typing import Any
 from aetcd import rpc
 
 from meshxl.etcd import EtcdUnavailable
-from meshxl.etcd.roles import prefix_end
+from meshxl.etcd.keys import prefix_end
 
 from . import wire
 from .batches import MAX_REQUEST_BYTES

@@ -27,6 +27,13 @@ FORBIDDEN = (
     "meshxl.proxy", "meshxl.web", "meshxl.telemetry.http", "meshxl.telemetry.spans",
     "meshxl.cli.kube", "meshxl.cli.views", "meshxl.cli.model", "meshxl.cli.root",
     "meshxl.cli.options", "meshxl.cli.serve", "meshxl.statesync.resharding",
+    # Features, loaded when used (tests/unit/test_sidecar_lean_imports.py reads the source).
+    "meshxl.statesync.hosting", "meshxl.statesync.pool_liveness", "meshxl.statesync.shards",
+    "meshxl.etcd.moving", "meshxl.model.vsls", "meshxl.model.placement",
+    "meshxl.model.sticky", "meshxl.model.pool_roles", "meshxl.statesync.transactions",
+    "meshxl.statesync.mergepatch", "json_merge_patch", "meshxl.statesync.planned",
+    "meshxl.etcd.auth", "meshxl.etcd.balanced", "meshxl.etcd.roles", "shlex",
+    "meshxl.statesync.dapr",
 )
 
 ENTRY = """

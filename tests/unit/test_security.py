@@ -318,3 +318,14 @@ def test_inject_command_takes_the_token_secret(tmp_path: Path) -> None:
     bad = CliRunner().invoke(main, ["inject", "-q", "-f", str(FIXTURES / "pod.yaml"),
                                     "--statesync-token-secret", "Bad_Name"])
     assert "must be a Secret name" in one_line(bad)
+
+
+def test_etcd_refusing_the_credentials_is_told_from_other_failures() -> None:
+    import aetcd
+
+    from meshxl.etcd.auth import EtcdAuthError
+
+    assert etcd.credentials_refused(EtcdAuthError("etcd refused user a: bad password"))
+    assert not etcd.credentials_refused(aetcd.exceptions.ClientError("boom"))
+    assert not etcd.credentials_refused(ValueError("x"))
+    assert etcd.describe_error(EtcdAuthError("refused")) == "refused"

@@ -209,3 +209,27 @@ virtual_systems:
     vs = system_named(model, "t02")
     assert vs is not None and vs[0].sessions.ttl == 60 and vs[1].name == "web"
     assert system_named(model, "lost") is None
+
+
+def test_a_sidecar_asks_vsls_only_of_a_model_with_virtual_systems() -> None:
+    """mesh_reads' and following's answers, which load vsls.py only for a model with
+    virtual systems, are vsls.py's own for models with and without them."""
+    from meshxl.model.vsls import sessions_of
+    from meshxl.statesync.following import _system_named
+    from meshxl.statesync.mesh_reads import _sessions_of
+
+    plain = decode(model_data(
+        "clusters: [{name: shop, sessions: {ttl: 90s}, "
+        "members: [{name: a, address: 127.0.0.1, port: 1}]}]"), ModelSpec)
+    with_vs = decode(model_data("""
+clusters: [{name: shop, members: [{name: a, address: 127.0.0.1, port: 1}]}]
+pools: [{name: web, members: [{name: w1, address: 127.0.0.1, port: 1}]}]
+virtual_systems: [{names: [t01], pool: web, sessions: {ttl: 60s}}]
+"""), ModelSpec)
+    for model in (plain, with_vs):
+        for name in ("shop", "t01", "nowhere"):
+            assert _sessions_of(model, name) == sessions_of(model, name), name
+            assert _system_named(model, name) == system_named(model, name), name
+    assert _sessions_of(plain, "shop") is not None and _sessions_of(plain, "shop").ttl == 90
+    found = _system_named(with_vs, "t01")
+    assert found is not None and found[1].name == "web"
