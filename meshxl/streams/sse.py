@@ -28,8 +28,9 @@ text/event-stream``); the client's as ``POST`` requests to the same URL. The fie
   (which does not know yet that it was taken over) would be taken there and lost, so a
   server whose epoch differs refuses it (:data:`~.protocol.MOVED`);
 * a refusal: the status and JSON body ``{"error", "code"}`` of :data:`~.protocol.REFUSALS`
-  (a POST to a stream this process does not serve is :data:`~.protocol.MOVED`, 503:
-  sent again once the events resume).
+  (a POST to a stream this process does not serve is :data:`~.protocol.MOVED`, 421:
+  sent again once the events resume; not a 5xx, which Envoy would retry on another
+  priority, count towards ejecting the member, and judge it by).
 """
 
 from __future__ import annotations

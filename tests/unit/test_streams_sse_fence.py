@@ -1,10 +1,11 @@
-"""An SSE stream's POSTs go each its own way through the mesh, so one may reach a former
-server of the stream: taken over elsewhere, which it learns only at its next commit.
-Answered 202 there, the message was never committed and never sent again, and the new
-server held every later message for it: the stream stalled after a planned move. The
-POSTs name the epoch their connection's ``ready`` said, and a server of the stream at
-another epoch refuses them as ``moved`` (sent again where the stream is). Pure:
-requests made in memory, no socket."""
+"""An SSE stream's POSTs go each its own way through the mesh, so during a move one may
+reach a former server of the stream: taken over elsewhere, which it learns only at its
+next commit. Answered 202 there, the message was never committed and never sent again,
+and the new server held every later message for it: the stream stalled after a planned
+move. The POSTs name the epoch their connection's ``ready`` said, and a server of the
+stream at another epoch refuses them as ``moved`` (sent again where the stream is); a
+refusal the member's health is not judged by. Pure: requests made in memory, no
+socket."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from unittest import mock
 
 from aiohttp import streams as aiostreams
 from aiohttp.test_utils import make_mocked_request
+from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogType, HTTPAccessLogEntry
 
 from meshxl.client import AsyncClient
 from meshxl.streams import StreamHost, sse
 from meshxl.streams.protocol import MOVED, READY, Limits, new_token
 from meshxl.streams.record import StreamRecord
 from meshxl.streams.server import ServerStream
+from meshxl.xds.accesslog import http_sample
 
 
 def _stream(epoch: int) -> ServerStream:
@@ -65,6 +68,37 @@ async def test_a_post_that_names_no_epoch_is_taken_as_before() -> None:
     assert (await sse._post(host, _post(stream, 1, {"n": 1}, epoch=None), "s")).status == 202
     assert await stream.receive() == {"n": 1}
     await host.sessions.close()
+
+
+async def test_a_post_a_process_cannot_take_is_no_failure_of_its_member() -> None:
+    """During a move many POSTs reach a member that does not hold their stream (not yet,
+    or no more): its refusal is the protocol at work, not the member failing. Answered
+    with a 503, it was Envoy's gateway error: retried on the next priority, counted by
+    outlier detection (three in a row eject the member), and judged: the new active
+    failed every request, and a predictive failover moved the sessions again."""
+    host = StreamHost(AsyncClient("http://127.0.0.1:9"))
+    former = _stream(epoch=2)
+    host.live[former.token] = former
+    answers = [await sse._post(host, _post(_stream(epoch=1), 1, {"n": 1}, 1), "s"),  # none
+               await sse._post(host, _post(former, 1, {"n": 1}, epoch=3), "s")]
+    for answer in answers:
+        assert json.loads(answer.body)["code"] == MOVED.name  # type: ignore[attr-defined]
+        assert 400 <= answer.status < 500, answer.status  # no gateway error, no 5xx
+        assert http_sample(_logged(answer.status)) == ("demo", "127.0.0.2:80", 0.001, False)
+    await host.sessions.close()
+
+
+def _logged(status: int) -> HTTPAccessLogEntry:
+    """Envoy's access log entry of an answer of ``status`` (what the judge reads)."""
+    entry = HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.upstream_cluster = "demo"
+    common.upstream_remote_address.socket_address.address = "127.0.0.2"
+    common.upstream_remote_address.socket_address.port_value = 80
+    common.time_to_first_upstream_rx_byte.FromMilliseconds(1)
+    common.access_log_type = AccessLogType.UpstreamEnd
+    entry.response.response_code.value = status
+    return entry
 
 
 class _Answer:

@@ -36,7 +36,7 @@ function refusal(name, closeCode, httpStatus, retry, meaning) {
 /** Why a stream cannot go on, as each transport says it (protocol.py's REFUSALS). The
  * client tries again on those with `retry`; the others fail the stream. */
 export const REFUSALS = Object.freeze([
-  refusal("moved", 4000, 503, true, "the stream goes on elsewhere (this member was " +
+  refusal("moved", 4000, 421, true, "the stream goes on elsewhere (this member was " +
     "drained, or another took the stream over): resume it"),
   refusal("try-again", 4013, 503, true, "the stream cannot be committed here now (etcd or " +
     "the sidecar does not answer): resume it, here or elsewhere"),
