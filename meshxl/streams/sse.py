@@ -270,8 +270,8 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
     if epoch is not None and epoch != stream.record.epoch:
         # A POST for the connection of another server of the stream: this one was
         # taken over (and does not know it yet), or took it over since. Taken here, the
-        # message would be answered 202 and never committed; refused, it goes where
-        # the stream is (Envoy's retry, or the client once its events resume).
+        # message would be answered 202 and never committed; refused, the client
+        # resumes and sends it again where the stream is.
         return _refused(MOVED, f"the stream is at epoch {stream.record.epoch} here, not "
                                f"{epoch}: send it again once its events resume")
     try:
