@@ -130,8 +130,10 @@ class ClientStream:
         self._acked = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         self._conn: Connection | None = None
-        self._sent = 0
-        """The highest message of ours sent on the current connection."""
+        self._sent: tuple[Connection | None, int] = (None, 0)
+        """The connection the stream was last ready on, and the highest message of ours
+        sent on it: a position of that connection only (a message a former one sent may
+        have reached a server that no longer carries the stream)."""
         self._sending = asyncio.Lock()
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
@@ -196,16 +198,25 @@ class ClientStream:
 
     async def _send_unsent(self, conn: Connection) -> None:
         """Send on ``conn``, in order, every message not sent on it yet (one sender at a
-        time: a message never overtakes another)."""
+        time: a message never overtakes another). A sender whose connection was replaced
+        meanwhile stops, and what it sent counts for nothing: the new connection sends
+        again everything its server had not consumed (``ready``)."""
         async with self._sending:
             try:
-                while self._unacked and self._unacked[-1][0] > self._sent:
+                while self._carries(conn) and self._unacked \
+                        and self._unacked[-1][0] > self._sent[1]:
                     for seq, payload, _ in list(self._unacked):
-                        if seq > self._sent:
+                        if seq > self._sent[1]:
                             await conn.send_message(seq, payload)
-                            self._sent = seq
+                            if not self._carries(conn):
+                                return
+                            self._sent = (conn, seq)
             except Exception:  # the connection broke: sent again on the next one
                 self._broken(conn)
+
+    def _carries(self, conn: Connection) -> bool:
+        """``conn`` is the stream's connection, and the one its sent position counts."""
+        return self._conn is conn and self._sent[0] is conn
 
     async def flush(self) -> None:
         """Until the server's handler consumed every message sent so far."""
@@ -348,7 +359,7 @@ class ClientStream:
             raise ProtocolError("the server resumed another stream")
         self.token = frame.token
         self._on_consumed(frame.consumed)
-        self._sent = frame.consumed
+        self._sent = (conn, frame.consumed)
         await self._send_unsent(conn)
         if self._ended_sent:
             await conn.send_end(self._next - 1)

@@ -85,7 +85,7 @@ class Refusal:
     meaning: str
 
 
-MOVED = Refusal("moved", 4000, 503, "UNAVAILABLE", True,
+MOVED = Refusal("moved", 4000, 421, "UNAVAILABLE", True,
                 "the stream goes on elsewhere (this member was drained, or another took "
                 "the stream over): resume it")
 TRY_AGAIN = Refusal("try-again", 4013, 503, "UNAVAILABLE", True,

@@ -13,7 +13,8 @@ text/event-stream``); the client's as ``POST`` requests to the same URL. The fie
   ``X-Meshxl-Recv: N``, or ``Last-Event-ID: TOKEN:N`` (what a browser's
   ``EventSource`` sends by itself when it reconnects, so even a plain ``EventSource``
   gets the messages it missed, once);
-* events: first ``event: ready`` (data ``{"id": TOKEN, "in": K, "out": N}``), then each
+* events: first ``event: ready`` (data ``{"id": TOKEN, "in": K, "out": N, "epoch": E}``,
+  ``E`` the stream's epoch on this connection's server), then each
   message with ``id: TOKEN:SEQ`` (``data:`` its JSON; ``event: binary`` with base64 for
   bytes), ``event: ack`` (data: the client messages the handler consumed), ``event:
   end`` (data: the last message), ``event: error`` (data ``{"code", "message"}``)
@@ -22,9 +23,14 @@ text/event-stream``); the client's as ``POST`` requests to the same URL. The fie
   its body the message (``application/json``, or ``application/octet-stream`` for
   bytes); answered 202 ``{"in": K}``; an acknowledgement: ``X-Meshxl-Ack: N`` (on a
   message's POST, or alone, 204); the end of the client's side: ``X-Meshxl-End: N``;
+  ``X-Meshxl-Epoch: E``, the epoch its ``ready`` said, names the server the POST is for:
+  each POST is routed on its own, and one that reaches a former server of the stream
+  (which does not know yet that it was taken over) would be taken there and lost, so a
+  server whose epoch differs refuses it (:data:`~.protocol.MOVED`);
 * a refusal: the status and JSON body ``{"error", "code"}`` of :data:`~.protocol.REFUSALS`
-  (a POST to a stream this process does not serve is :data:`~.protocol.MOVED`, 503:
-  sent again once the events resume).
+  (a POST to a stream this process does not serve is :data:`~.protocol.MOVED`, 421:
+  sent again once the events resume; not a 5xx, which Envoy would retry on another
+  priority, count towards ejecting the member, and judge it by).
 """
 
 from __future__ import annotations
@@ -69,14 +75,15 @@ from .websocket import SessionOf, session_reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACK_HEADER", "ACK_LINGER", "END_HEADER", "RECV_HEADER", "SEQ_HEADER", "STREAM_HEADER",
-           "connect_sse", "server_sent_events"]
+__all__ = ["ACK_HEADER", "ACK_LINGER", "END_HEADER", "EPOCH_HEADER", "RECV_HEADER", "SEQ_HEADER",
+           "STREAM_HEADER", "connect_sse", "server_sent_events"]
 
 STREAM_HEADER = "X-Meshxl-Stream"
 RECV_HEADER = "X-Meshxl-Recv"
 SEQ_HEADER = "X-Meshxl-Seq"
 ACK_HEADER = "X-Meshxl-Ack"
 END_HEADER = "X-Meshxl-End"
+EPOCH_HEADER = "X-Meshxl-Epoch"
 EVENT_STREAM = "text/event-stream"
 
 
@@ -92,6 +99,13 @@ def _event(data: str, *, event: str | None = None, id: str | None = None) -> byt
 
 def _compact(value: Any) -> str:
     return compact_json(value)
+
+
+def _ready(token: str, consumed: int, out: int, epoch: int) -> bytes:
+    """The first event of a connection: the stream, where it stands, and its epoch on
+    this server (which the client's POSTs name)."""
+    return _event(_compact({"id": token, "in": consumed, "out": out, "epoch": epoch}),
+                  event="ready")
 
 
 class _Conduit:
@@ -209,9 +223,8 @@ async def _events(host: StreamHost, handler: Handler, request: web.Request, sess
             return _refused(refused.refusal, str(refused))
         try:
             await response.prepare(request)
-            await response.write(_event(_compact({
-                "id": stream.token, "in": stream.record.consumed,
-                "out": stream.record.out}), event="ready"))
+            await response.write(_ready(stream.token, stream.record.consumed,
+                                        stream.record.out, stream.record.epoch))
             await conduit._messages(replay)
             if stream.record.done:
                 failure = refusal_named(stream.record.failure) \
@@ -250,6 +263,17 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
                                "once its events resume")
     if stream.session != session:
         return _refused(FORBIDDEN)
+    try:
+        epoch = _number(request.headers.get(EPOCH_HEADER), EPOCH_HEADER)
+    except ProtocolError as exc:
+        return _refused(MALFORMED, str(exc))
+    if epoch is not None and epoch != stream.record.epoch:
+        # A POST for the connection of another server of the stream: this one was
+        # taken over (and does not know it yet), or took it over since. Taken here, the
+        # message would be answered 202 and never committed; refused, the client
+        # resumes and sends it again where the stream is.
+        return _refused(MOVED, f"the stream is at epoch {stream.record.epoch} here, not "
+                               f"{epoch}: send it again once its events resume")
     try:
         seq = _number(request.headers.get(SEQ_HEADER), SEQ_HEADER)
         ack = _number(request.headers.get(ACK_HEADER), ACK_HEADER)
@@ -301,6 +325,9 @@ class _Events:
         self.http, self.url, self.headers = http, url, dict(headers)
         self.response: aiohttp.ClientResponse | None = None
         self.token: str | None = None
+        self.epoch: int | None = None
+        """The stream's epoch on this connection's server (its ``ready``): the POSTs
+        name it, so that no former server of the stream takes them."""
         self.status: int | None = None
         self._ack: int | None = None
         self._ack_alone: asyncio.Task[None] | None = None
@@ -320,6 +347,8 @@ class _Events:
                     content_type: str | None = None) -> None:
         assert self.token is not None
         headers = {**self.headers, STREAM_HEADER: self.token, **extra}
+        if self.epoch is not None:
+            headers[EPOCH_HEADER] = str(self.epoch)
         if content_type is not None:
             headers["Content-Type"] = content_type
         async with self.http.post(self.url, data=body, headers=headers) as answer:
@@ -391,6 +420,8 @@ class _Events:
             if event == "ready":
                 doc = json.loads(data)
                 self.token = doc["id"]
+                epoch = doc.get("epoch")
+                self.epoch = epoch if type(epoch) is int and epoch >= 0 else None
                 return Frame(READY, token=doc["id"], consumed=int(doc["in"]),
                              last=int(doc["out"]))
             if event in ("message", "binary"):

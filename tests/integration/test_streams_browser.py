@@ -56,7 +56,7 @@ from meshxl.streams.protocol import (
     encoded_size,
     new_token,
 )
-from meshxl.streams.sse import _compact, _Conduit, _event
+from meshxl.streams.sse import _Conduit, _ready
 from tests.harness.browser import BrowserNotInstalled, find_chromium, open_page, wait_for_js
 from tests.harness.protocols import deployment
 
@@ -101,7 +101,7 @@ async def _fixture() -> dict[str, Any]:
             decode_frame(text)
     written = _Written()
     conduit = _Conduit(written, token)  # type: ignore[arg-type]
-    await written.write(_event(_compact({"id": token, "in": 0, "out": 0}), event="ready"))
+    await written.write(_ready(token, 0, 0, 3))
     await conduit.send_messages([(1, {"a": "b\nc"}), (2, b"\x00\x01\xff"), (3, [1, "\u00e9"])])
     await conduit.send_ack(4)
     await written.write(b": ping\n\n")
@@ -121,7 +121,7 @@ async def _fixture() -> dict[str, Any]:
         "binary": [[seq, encode_binary(seq, data).hex(), data.hex()]
                    for seq, data in ((1, b"\x00\xff"), ((1 << 53) - 1, b""), (1 << 40, b"x"))],
         "malformed": malformed,
-        "sse": {"text": written.data.decode(), "token": token,
+        "sse": {"text": written.data.decode(), "token": token, "epoch": 3,
                 "frames": [{"type": READY, "seq": None}, {"type": MESSAGE, "seq": 1},
                            {"type": MESSAGE, "seq": 2}, {"type": MESSAGE, "seq": 3},
                            {"type": ACK, "seq": 4}, {"type": ERROR, "seq": None},

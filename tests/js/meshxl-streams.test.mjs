@@ -13,10 +13,10 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { test } from "node:test";
 
 import {
-  ACK, ClientStream, DEFAULTS, END, ERROR, MESSAGE, OPEN, ProtocolError, READY, REFUSALS,
-  RESUME, SseParser, StreamEnded, StreamLost, StreamRefused, SUBPROTOCOL, backoffPause,
-  decodeBinary, decodeFrame, encodeBinary, encodeFrame, encodedSize, refusalOfClose,
-  sseFrame, validToken,
+  ACK, ClientStream, DEFAULTS, END, EPOCH_HEADER, ERROR, MESSAGE, OPEN, ProtocolError, READY,
+  REFUSALS, RESUME, SseParser, StreamEnded, StreamLost, StreamRefused, SUBPROTOCOL,
+  backoffPause, decodeBinary, decodeFrame, encodeBinary, encodeFrame, encodedSize,
+  eventStreamConnector, refusalOfClose, sseFrame, validToken,
 } from "../../meshxl/streams/static/meshxl-streams.js";
 
 const fixturePath = process.env.MESHXL_STREAMS_FIXTURE;
@@ -85,6 +85,7 @@ test("an event stream as the Python server writes it reads as its frames", cross
   assert.deepEqual(frames.filter((f) => f.type === MESSAGE).map((f) => (f.payload instanceof Uint8Array ? hex(f.payload) : f.payload)),
     fixture.sse.payloads);
   assert.equal(frames[0].token, fixture.sse.token);
+  assert.equal(frames[0].epoch, fixture.sse.epoch);
   assert.equal(frames.at(-2).refusal.name, "failed"); // a handler that failed: error, then end
 });
 
@@ -162,6 +163,33 @@ test("events of another stream, or that the protocol does not know, are protocol
   assert.throws(() => sseFrame({ event: "binary", data: "%%%", id: `${TOKEN}:1` }, TOKEN), ProtocolError);
   assert.deepEqual(sseFrame({ event: "binary", data: "AAH/", id: `${TOKEN}:3` }, TOKEN),
     { type: MESSAGE, seq: 3, payload: new Uint8Array([0, 1, 255]) });
+});
+
+test("an event stream's POSTs name the epoch its ready said", async (t) => {
+  // Each POST is routed on its own: named, one that reaches a former server of the
+  // stream is refused there (moved) instead of taken and lost.
+  const posts = [];
+  const realFetch = globalThis.fetch;
+  t.after(() => { globalThis.fetch = realFetch; });
+  globalThis.fetch = async (url, init) => {
+    if (init.method === "POST") {
+      posts.push(new Headers(init.headers).get(EPOCH_HEADER));
+      return new Response(null, { status: 202 });
+    }
+    return new Response(`event: ready\ndata: {"id":"${TOKEN}","in":0,"out":0,"epoch":5}\n\n`,
+      { status: 200, headers: { "Content-Type": "text/event-stream" } });
+  };
+  const conn = await eventStreamConnector("http://mesh.test/feed")(new AbortController().signal);
+  await conn.hello({ type: OPEN });
+  for await (const frame of conn.frames()) {
+    assert.deepEqual(frame, { type: READY, token: TOKEN, consumed: 0, last: 0, epoch: 5 });
+    break;
+  }
+  await conn.sendMessage(1, { n: 1 });
+  await conn.sendAck(1);
+  await conn.sendEnd(1);
+  assert.deepEqual(posts, ["5", "5", "5"]);
+  conn.close();
 });
 
 // -- the stream, over connections a test drives -------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from meshxl.local.wait import wait_until
 from meshxl.streams.client import ClientStream, StreamRefused
 from meshxl.streams.protocol import (
     ACK,
@@ -164,4 +165,47 @@ async def test_a_connection_failing_however_its_transport_says_is_made_again() -
                           backoff=(0.001, 0.001))
     await asyncio.wait_for(stream.start(), 2)
     assert stream.connections == 2 and stream.token == TOKEN
+    await stream.aclose()
+
+
+class Slow(Scripted):
+    """A connection whose message ``seq`` is answered only once ``answered`` is set (a
+    POST held up while the stream resumes elsewhere), after its server stopped carrying
+    the stream: the message reached a server that will never commit it."""
+
+    def __init__(self, frames: list[Frame], seq: int):
+        super().__init__(frames, hold=True)
+        self.slow_seq = seq
+        self.sending = asyncio.Event()
+        self.answered = asyncio.Event()
+
+    async def send_message(self, seq: int, payload: Any) -> None:
+        if seq == self.slow_seq:
+            self.sending.set()
+            await self.answered.wait()
+        await super().send_message(seq, payload)
+
+
+async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one() -> None:
+    """A send on a connection that broke may end after the stream resumed on another (a
+    POST Envoy retried, answered by the former server): it counts for nothing there. The
+    new connection sends again everything its server had not consumed, the messages the
+    former one sent after the resume included, in order: none is left to a server that
+    no longer carries the stream (the stream stalled, the later messages held back
+    waiting for it, when the former connection's sender moved the new one's position)."""
+    first = Slow([ready()], seq=2)
+    second = Scripted([ready(consumed=1, out=0)], hold=True)
+    stream = ClientStream(connections(first, second), backoff=(0.001, 0.001))
+    await stream.start()
+    await stream.send(1)
+    sending = asyncio.create_task(stream.send(2))  # held up on the first connection
+    await asyncio.wait_for(first.sending.wait(), 2)
+    await first.close()  # its events end: the stream resumes on the second
+    await wait_until(lambda: stream.consumed == 1, timeout=2, interval=0.001,
+                     what="the second connection's ready")
+    first.answered.set()  # the held-up message is answered on the first, too late
+    await asyncio.wait_for(sending, 2)
+    await stream.send(3)
+    assert [s for s in second.sent if s[0] == "m"] == [("m", 2, 2), ("m", 3, 3)]
+    assert [s for s in first.sent if s[0] == "m"] == [("m", 1, 1), ("m", 2, 2)]
     await stream.aclose()

@@ -21,6 +21,7 @@ export const RECV_HEADER = "X-Meshxl-Recv";
 export const SEQ_HEADER = "X-Meshxl-Seq";
 export const ACK_HEADER = "X-Meshxl-Ack";
 export const END_HEADER = "X-Meshxl-End";
+export const EPOCH_HEADER = "X-Meshxl-Epoch";
 
 export const OPEN = "open", RESUME = "resume", READY = "ready", MESSAGE = "m", ACK = "a",
   END = "end", ERROR = "error";
@@ -35,7 +36,7 @@ function refusal(name, closeCode, httpStatus, retry, meaning) {
 /** Why a stream cannot go on, as each transport says it (protocol.py's REFUSALS). The
  * client tries again on those with `retry`; the others fail the stream. */
 export const REFUSALS = Object.freeze([
-  refusal("moved", 4000, 503, true, "the stream goes on elsewhere (this member was " +
+  refusal("moved", 4000, 421, true, "the stream goes on elsewhere (this member was " +
     "drained, or another took the stream over): resume it"),
   refusal("try-again", 4013, 503, true, "the stream cannot be committed here now (etcd or " +
     "the sidecar does not answer): resume it, here or elsewhere"),
@@ -306,7 +307,11 @@ function base64Bytes(text) {
 export function sseFrame({ event, data, id }, token) {
   try {
     switch (event) {
-      case "ready": return frameOf({ ...JSON.parse(data), t: READY });
+      case "ready": { // its epoch: the POSTs name it, so no former server takes them
+        const doc = JSON.parse(data);
+        const frame = frameOf({ ...doc, t: READY });
+        return Number.isSafeInteger(doc?.epoch) && doc.epoch >= 0 ? { ...frame, epoch: doc.epoch } : frame;
+      }
       case "message": case "binary": {
         const cut = (id ?? "").lastIndexOf(":");
         if (cut < 0 || (token !== null && id.slice(0, cut) !== token)) {
@@ -853,6 +858,7 @@ class EventStreamConnection {
     this.closeCode = null;
     this.closeReason = "";
     this.token = null;
+    this.epoch = null; // the stream's epoch on this connection's server (its ready)
     this.response = null;
     this._abort = new AbortController();
     signal.addEventListener("abort", () => this.close(), { once: true });
@@ -873,6 +879,10 @@ class EventStreamConnection {
   async _post(extra, body = null, contentType = null) {
     const headers = new Headers(this.headers);
     headers.set(STREAM_HEADER, this.token);
+    // Each POST is routed on its own: one that reached a former server of the stream
+    // (taken over, which it learns only at its next commit) would be taken there and
+    // lost. Named, it is refused there (moved), and sent again where the stream is.
+    if (this.epoch !== null) headers.set(EPOCH_HEADER, String(this.epoch));
     for (const [name, value] of Object.entries(extra)) headers.set(name, value);
     if (contentType !== null) headers.set("Content-Type", contentType);
     const answer = await fetch(this.url, { method: "POST", headers, body,
@@ -921,7 +931,10 @@ class EventStreamConnection {
         if (chunk.done) return;
         for (const event of parser.feed(decoder.decode(chunk.value, { stream: true }))) {
           const frame = sseFrame(event, this.token);
-          if (frame.type === READY) this.token = frame.token;
+          if (frame.type === READY) {
+            this.token = frame.token;
+            this.epoch = frame.epoch ?? null;
+          }
           yield frame;
         }
       }
