@@ -276,7 +276,10 @@ async def test_an_istio_cluster_takes_its_endpoints_from_meshxl(
         assert ratios == sorted(ratios, reverse=True) and len(ratios) >= 3, ratios
         sick = await _placement(http, url)
         print(f"placement at min_share: {dict(sick)}")
-        assert sick["orders-0"] <= seen["orders-0"] // 4, (seen, sick)
+        # At min_share (a sixth of its peers' weight: 0.3 / 2.3 of the table) maglev
+        # places about 16 of the 120 sessions there (binomial, sd 3.7): far fewer than
+        # the 90 it had, with room for the hash's spread.
+        assert sick["orders-0"] <= seen["orders-0"] // 3, (seen, sick)
 
         # A member joining a hashed cluster ramps up (warm-up) through meshxl's EDS
         # weights, step by step; istiod has no weight to ramp.

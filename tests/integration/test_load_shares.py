@@ -19,7 +19,7 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend
-from tests.harness.clock import window
+from tests.harness.clock import scaled, window
 from tests.integration.test_degradation import LOOPBACK, fault, load
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
@@ -65,9 +65,12 @@ async def test_a_member_at_half_capacity_ends_near_half_the_share(
         await fault(b, service=SERVICE)
     await fault(backends[2], service=2 * SERVICE)
     samples: dict[str, list[float]] = {b.name: [] for b in backends}
-    async with load(port, seconds=30.0, concurrency=2) as traffic:
-        await wait_until(lambda: shares(plane).get(half, 1.0) <= 0.75, timeout=12,
-                         what="the half-capacity member's share stepped down")
+    async with load(port, seconds=scaled(20.0) + 10.0, concurrency=2) as traffic:
+        # Within the load's time, with 6 s of it left for the readings below.
+        await wait_until(lambda: shares(plane).get(half, 1.0) <= 0.75,
+                         timeout=scaled(20.0),
+                         what="the half-capacity member's share stepped down",
+                         explain=lambda: shares(plane))
         await window(2.0, "settled: the target within the dead band, and staying there")
         for _ in range(8):  # then read the shares for 4 s
             now = shares(plane)
