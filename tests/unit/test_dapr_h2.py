@@ -216,15 +216,21 @@ def test_any_frames_never_raise(random_frames: list[tuple[int, int, int, bytes]]
     asyncio.run(run())
 
 
-async def test_a_call_refused_from_its_headers_is_answered_before_its_requests_end() -> None:
-    """A method not served may be a stream whose requests never end: its answer comes
-    from its headers alone, and the stream is reset (never a hang)."""
+def _subscribing() -> tuple[Any, Transport, bytes]:
+    """A connection refusing ``/svc/Subscribe`` from its headers, and those headers."""
     factory, _ = h2.serve_on(echo, lambda path, headers: (
         (9, "pubsub is not configured") if path.endswith("/Subscribe") else None))
     connection = factory()
     transport = Transport()
     connection.connection_made(transport)
     block = hpack.Encoder().encode([(":method", "POST"), (":path", "/svc/Subscribe")])
+    return connection, transport, block
+
+
+async def test_a_call_refused_from_its_headers_is_answered_before_its_requests_end() -> None:
+    """A method not served may be a stream whose requests never end: its answer comes
+    from its headers alone, and the stream is reset (never a hang)."""
+    connection, transport, block = _subscribing()
     connection.data_received(PREFACE + frame(h2.HEADERS, h2.END_HEADERS, 1, block)
                              + frame(h2.DATA, 0, 1, b"\x00\x00\x00\x00\x00"))  # no end
     got = answers(bytes(transport.sent))
@@ -238,12 +244,7 @@ async def test_a_refused_call_waits_a_moment_for_its_first_message(monkeypatch: 
     client still sending it would otherwise see its send fail, not the status), or after
     REFUSAL_WAIT without one: never a hang."""
     monkeypatch.setattr(h2, "REFUSAL_WAIT", 0.05)
-    factory, _ = h2.serve_on(echo, lambda path, headers: (
-        (9, "pubsub is not configured") if path.endswith("/Subscribe") else None))
-    connection = factory()
-    transport = Transport()
-    connection.connection_made(transport)
-    block = hpack.Encoder().encode([(":method", "POST"), (":path", "/svc/Subscribe")])
+    connection, transport, block = _subscribing()
     connection.data_received(PREFACE + frame(h2.HEADERS, h2.END_HEADERS, 1, block))
     assert 1 not in answers(bytes(transport.sent))
     for _ in range(100):  # the timer's answer, within a second
