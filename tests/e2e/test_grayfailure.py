@@ -55,7 +55,12 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
     # whenever maglev gave it enough of them); the delayed one always breaches it.
     assert outlier["cpu"]["sick_latency_ms"]["p50"] > 3 * healthy, outlier["cpu"]
     assert outlier["latency"]["breach_seconds"] >= 1, outlier["latency"]
-    assert outlier["errors"]["ejected_s"] is not None, outlier["errors"]
+    # Envoy's failure-percentage ejection judges a host once it had 20 requests in an
+    # interval (1 s): a slow machine's quick run may give the sick member fewer.
+    errs = outlier["errors"]
+    volume = errs["requests"] * errs["sick_share_served"] / max(1, errs["seconds"])
+    if volume >= 30:
+        assert errs["ejected_s"] is not None, (volume, errs)
     # Envoy retries the injected 503s on another member: clients see few failures.
     assert outlier["errors"]["failed"] <= 0.05 * outlier["errors"]["requests"]
 
