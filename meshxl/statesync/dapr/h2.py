@@ -2,7 +2,8 @@
 the server under Dapr's gRPC API. Why not grpcio's asyncio server, which the sidecar has
 loaded anyway: measured on one machine side by side, it costs 230-380 us of the server's
 CPU per call of a handler doing nothing, this 50-65 us; a Dapr save through it cost
-1.62x a native one, through this 1.14x, the target being 1.2x (docs/dapr.md).
+1.62x a native one, through this 1.14x on that busy machine (1.41x on a quiet
+one: docs/dapr.md; the target, 1.2x, is still missed).
 
 What it does, and refuses clearly (RFC 9113, gRPC's HTTP/2 protocol):
 
