@@ -294,8 +294,10 @@ async def test_keepalives_leave_no_garbage_behind(
         grown = len(gc.get_objects()) - before
     finally:
         gc.enable()
-    # Before: 21 objects per keepalive, 4,200 here.
-    assert grown < calls, f"{grown} objects left by {2 * calls} keepalives"
+    # Before: 21 objects per keepalive, 4,200 here. What else runs in the process
+    # meanwhile (the membership's own loops, the etcd client's) leaves a few: 109 seen
+    # on a busy machine, so the bound sits between that and the defect's.
+    assert grown < 5 * calls, f"{grown} objects left by {2 * calls} keepalives"
     assert m.lease_id == lease and m.lease_losses == 0
 
 
