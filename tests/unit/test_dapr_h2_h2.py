@@ -19,27 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshxl.statesync.dapr import h2 as server_h2
-
-
-class Pipe(asyncio.Transport):
-    """The server's transport: what it writes is kept for the client."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent = bytearray()
-        self.closed = False
-
-    def write(self, data: Any) -> None:
-        self.sent += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
+from tests.unit.test_dapr_h2 import Transport as Pipe  # what the server writes, kept
 
 
 async def reply(path: str, message: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
