@@ -2,7 +2,13 @@
 request at a time each (the echo app's ``service`` fault: a queue of that capacity),
 one of them at half its peers' capacity. Its p90 is about twice theirs at equal
 shares, so the control plane steps its share down toward the ratio, and it ends near
-half (its capacity) while its peers take the rest, with no failed request."""
+half (its capacity) while its peers take the rest, with no failed request.
+
+One client sends one request at a time, so no member ever queues behind another
+client's request (two clients' sticky sessions hash unevenly, and a queued peer looked
+as slow as the half-capacity member), and the service times are long enough (50 and
+100 ms) that a loaded machine's few milliseconds of latency noise cannot hide the ratio.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from tests.integration.test_degradation import LOOPBACK, fault, load
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
-SERVICE = 0.010  # seconds per request of a full-capacity member
+SERVICE = 0.050  # seconds per request of a full-capacity member
 
 
 def model(backends: list[Backend], port: int) -> str:
@@ -65,7 +71,7 @@ async def test_a_member_at_half_capacity_ends_near_half_the_share(
         await fault(b, service=SERVICE)
     await fault(backends[2], service=2 * SERVICE)
     samples: dict[str, list[float]] = {b.name: [] for b in backends}
-    async with load(port, seconds=scaled(20.0) + 10.0, concurrency=2) as traffic:
+    async with load(port, seconds=scaled(20.0) + 10.0, concurrency=1) as traffic:
         # Within the load's time, with 6 s of it left for the readings below.
         await wait_until(lambda: shares(plane).get(half, 1.0) <= 0.75,
                          timeout=scaled(20.0),
@@ -84,8 +90,7 @@ async def test_a_member_at_half_capacity_ends_near_half_the_share(
           f"{len(failed)} failed")
     # The fastest peer keeps its full share, it about half of that (the dead band
     # holds a share within 1.25x of its target: 0.64 for a target of 0.5), and it the
-    # least of all. The other peer may be stepped down too: two clients' sticky
-    # sessions hash unevenly, so one peer can queue more than the other (seen: 0.64).
+    # least of all.
     assert max(peers) >= 0.9, settled
     assert settled[half] < min(peers), settled
     assert 0.25 <= settled[half] / max(peers) <= 0.75, settled
