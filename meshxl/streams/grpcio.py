@@ -34,7 +34,12 @@ On the wire, the stream's fields are metadata, and its messages the call's own:
   the handler consumed. gRPC has no room for either inside a call's messages.
 
 A call that ends with UNAVAILABLE, CANCELLED, INTERNAL, UNKNOWN or DEADLINE_EXCEEDED
-without a refusal (its member died, Envoy reset it) is resumed.
+without a refusal (its member died, Envoy reset it), or with the status of a refusal
+the client resumes after (ABORTED: ``moved``), is resumed. ``moved`` is ABORTED, not
+UNAVAILABLE: an acknowledgement refused as UNAVAILABLE (it reached a member that does
+not serve its stream, as many do during a move) was sent again by Envoy on the other
+members and counted towards ejecting the member that refused it (a 503 to Envoy), and
+the judge of predictive failover counted it a failure of that member.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from .protocol import (
     MESSAGE,
     MOVED,
     READY,
+    REFUSALS,
     RESUME,
     Frame,
     Limits,
@@ -84,7 +90,11 @@ STREAM, RECV, IN, FROM, END_KEY, REFUSAL = (
     "x-meshxl-refusal")
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                         grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                        grpc.StatusCode.DEADLINE_EXCEEDED})
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        *(getattr(grpc.StatusCode, r.grpc_status) for r in REFUSALS
+                          if r.retry)})
+"""What a call may end with and its stream goes on: a member gone (or a call reset),
+or a refusal the client resumes after whose name the trailers lost."""
 
 SessionOf = Callable[[aio.ServicerContext], str | None]
 

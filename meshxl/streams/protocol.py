@@ -85,9 +85,13 @@ class Refusal:
     meaning: str
 
 
-MOVED = Refusal("moved", 4000, 421, "UNAVAILABLE", True,
+MOVED = Refusal("moved", 4000, 421, "ABORTED", True,
                 "the stream goes on elsewhere (this member was drained, or another took "
                 "the stream over): resume it")
+"""Not a 5xx, nor UNAVAILABLE: Envoy would send it again on another member (the backup
+site), count it towards ejecting the member and the judge of predictive failover
+towards degrading it, when it is the protocol at work during every move. 421 and
+ABORTED (409 to Envoy) are the caller's to act on: the client library resumes."""
 TRY_AGAIN = Refusal("try-again", 4013, 503, "UNAVAILABLE", True,
                     "the stream cannot be committed here now (etcd or the sidecar does "
                     "not answer): resume it, here or elsewhere")

@@ -14,6 +14,7 @@ deployment for the module.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ import pytest_asyncio
 
 from meshxl import headers as hdr
 from meshxl.local.deployment import DemoDeployment
-from meshxl.local.tallies import ProtoTally
 from meshxl.local.wait import wait_until
 from meshxl.streams import (
     SUBPROTOCOL,
@@ -323,63 +323,132 @@ async def test_a_stream_refused_for_good_raises_to_the_application(
         await owner.aclose()
 
 
-# -- gRPC ------------------------------------------------------------------------------
+# -- a plain EventSource ---------------------------------------------------------------
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def grpc_streams_deployment(tmp_path_factory: pytest.TempPathFactory,
-                                  ) -> AsyncIterator[DemoDeployment]:
-    async with deployment(tmp_path_factory.mktemp("grpc-streams"), "grpc") as d:
-        yield d
+class PlainEventSource:
+    """What a browser's ``EventSource`` does, and nothing more (no meshxl library): a
+    ``GET`` accepting ``text/event-stream``, its events parsed as the HTML standard
+    says, the last event id remembered and sent back as ``Last-Event-ID`` when it
+    connects again. The page's own code POSTs its messages (docs/streams.md)."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str, session: str):
+        self.http, self.url, self.session = http, url, session
+        self.last_event_id = ""
+        self.response: aiohttp.ClientResponse | None = None
+
+    async def connect(self) -> int:
+        """One connection (its status: EventSource gives up for good on any but 200)."""
+        headers = {hdr.SESSION: self.session, "Accept": "text/event-stream",
+                   "Cache-Control": "no-cache"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        self.response = await self.http.get(self.url, headers=headers)
+        return self.response.status
+
+    async def events(self) -> AsyncIterator[tuple[str, str, str]]:
+        """(type, data, id) of each event dispatched, until the connection ends (or
+        breaks: a member killed)."""
+        assert self.response is not None
+        kind, event_id = "", None
+        data: list[str] = []
+        lines = self.response.content
+        while True:
+            try:
+                raw = await lines.readline()
+            except aiohttp.ClientPayloadError:
+                return
+            if not raw:
+                return
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if event_id is not None:
+                    self.last_event_id = event_id
+                if data:
+                    yield kind or "message", "\n".join(data), self.last_event_id
+                kind, data, event_id = "", [], None
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                kind = value
+            elif name == "data":
+                data.append(value)
+            elif name == "id" and "\0" not in value:
+                event_id = value
+
+    async def post(self, token: str, seq: int, n: int) -> int:
+        async with self.http.post(self.url, json={"n": n}, headers={
+                hdr.SESSION: self.session, "X-Meshxl-Stream": token,
+                "X-Meshxl-Seq": str(seq)}) as resp:
+            return resp.status
 
 
-async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
-        grpc_streams_deployment: DemoDeployment) -> None:
-    """Both kinds of gRPC stream: bidirectional (the tally) and server-streaming (ticks
-    whose count is the stream's state): every message once, in order, after the kill."""
-    from grpc import aio
+@pytest.mark.parametrize("action", ["kill", "drain"])
+async def test_a_plain_event_source_resumes_with_last_event_id(
+        streams_deployment: DemoDeployment, action: str) -> None:
+    """No meshxl library, only what a browser's ``EventSource`` does: its connection
+    breaks when the member serving it is killed -9 or drained, and its one reconnect,
+    sent with ``Last-Event-ID`` (the last event it dispatched), gets the stream on the
+    new owner and exactly the events after that id: none missed, none twice. The
+    events it had not dispatched when the connection broke (in flight) come again; the
+    later messages are answered by the new owner, the tally going on from the
+    committed one."""
+    d = streams_deployment
+    rng = random.Random(17)
+    url = f"{d.url}/streams/sse"
+    sent: list[int] = []
+    seen: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+            total=None, sock_read=scaled(20))) as http:
+        source = PlainEventSource(http, url, f"plain-{action}")
+        assert await source.connect() == 200
+        events = source.events()
+        kind, data, _ = await anext(events)
+        assert kind == "ready", (kind, data)
+        token = json.loads(data)["id"]
 
-    from meshxl.local import counter
-    from meshxl.streams.grpcio import connect_grpc
+        async def answered(count: int) -> None:
+            """POST the messages up to ``count``, one at a time as a page would, and
+            read their answers (ack events are the library's: not for a page)."""
+            while len(sent) < count:
+                sent.append(rng.randint(1, 9))
+                assert await source.post(token, len(sent), sent[-1]) == 202
+                while len(seen) < len(sent):
+                    kind, data, event_id = await asyncio.wait_for(anext(events), scaled(10))
+                    if kind == "message":
+                        seen.append({**json.loads(data), "id": event_id})
 
-    d = grpc_streams_deployment
-    rng = random.Random(11)
-    async with aio.insecure_channel(d.target) as channel:
-        talks: list[Tally] = []
-        ticks: list[ClientStream] = []
-        for i in range(6):
-            session = f"grpc-{i}"
-            talk = connect_grpc(channel, counter.TALK, request_type=counter.TallyRequest,
-                                response_type=counter.TallyReply,
-                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
-            talks.append(Tally(session, await asyncio.wait_for(talk.start(), 15)))
-            tick = connect_grpc(channel, counter.TICKS, response_type=counter.TallyReply,
-                                request=counter.WatchRequest(interval_ms=30, count=80),
-                                metadata=[(hdr.SESSION, session)], resume_timeout=20)
-            ticks.append(await asyncio.wait_for(tick.start(), 15))
-        for t in talks:
-            t.stream = ProtoTally(t.stream)  # type: ignore[assignment]
-        victim = ""
+        await answered(10)
+        served = seen[-1]["member"]
+        # The last four were in flight when the connection broke: never dispatched.
+        source.last_event_id = seen[5]["id"]
+        del seen[6:]
+        if action == "kill":
+            await d.kill_member(served)
+        else:
+            await member_down(d, served)
         try:
-            runs = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in talks]
-            await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
-                             what="8 answers on every gRPC stream")
-            served = {t.answers[-1]["member"] for t in talks}
-            assert len(served) == 1, served
-            victim = served.pop()
-            await d.kill_member(victim)
-            await asyncio.wait_for(asyncio.gather(*runs), 60)
-            for t in talks:
-                t.check()
-                assert t.answers[-1]["member"] != victim
-            for stream in ticks:
-                got = [m async for m in stream]
-                assert [m.seq for m in got] == list(range(1, 81)), [m.seq for m in got]
-                assert got[-1].member != victim and stream.connections >= 2
+            last_words = [(kind, json.loads(data).get("code")) async for kind, data, _
+                          in events if kind == "error"]  # until the connection ends
+            # A drain hands the stream on (``moved``); a kill just breaks the connection.
+            assert last_words == ([] if action == "kill" else [("error", "moved")])
+            assert await source.connect() == 200, source.response
+            events = source.events()
+            kind, data, _ = await asyncio.wait_for(anext(events), scaled(10))
+            ready = json.loads(data)
+            assert kind == "ready" and ready["id"] == token, (kind, data)
+            assert ready["in"] == 10  # every message answered was consumed: none to resend
+            await answered(16)
         finally:
-            for t in talks:
-                await t.stream.aclose()
-            for stream in ticks:
-                await stream.aclose()
-            if victim:
-                await restart(d, victim)
+            assert source.response is not None
+            source.response.close()
+            if action == "kill":
+                await restart(d, served)
+            else:
+                await member_down(d, served, down=False)
+    assert [a["seq"] for a in seen] == list(range(1, 17)), [a["seq"] for a in seen]
+    assert [a["id"] for a in seen] == [f"{token}:{i}" for i in range(1, 17)]
+    assert [a["total"] for a in seen] == [sum(sent[:i]) for i in range(1, 17)], (sent, seen)
+    assert all(a["member"] == served for a in seen[:10])  # 7-10: replayed, as committed
+    assert all(a["member"] != served for a in seen[10:])

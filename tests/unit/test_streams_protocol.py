@@ -95,6 +95,47 @@ def test_each_refusal_has_its_own_close_code_in_the_private_range() -> None:
     assert refusal_of_close(1000) is None and refusal_of_close(None) is None
 
 
+def test_moved_is_no_failure_of_the_member_that_says_it() -> None:
+    """``moved`` is the protocol at work during every move (a drained member hands its
+    streams on; an acknowledgement or a POST reaches a member that does not serve its
+    stream). Said as a 5xx or UNAVAILABLE, Envoy sent it again on another member (the
+    backup site), outlier detection counted it towards ejecting the member, and the
+    judge of predictive failover a failure of the member: the new owner of a drain's
+    streams was ejected, or degraded."""
+    import grpc
+
+    from meshxl.model.traffic import GRPC_RETRY_CONDITIONS
+    from meshxl.streams.grpcio import _RESUMABLE
+    from meshxl.streams.protocol import MOVED
+    from meshxl.xds.accesslog import http_sample
+
+    assert 400 <= MOVED.http_status < 500  # no gateway error, no 5xx
+    assert MOVED.grpc_status.lower().replace("_", "-") not in GRPC_RETRY_CONDITIONS
+    code = getattr(grpc.StatusCode, MOVED.grpc_status)
+    assert http_sample(_logged_grpc(code.value[0])) == ("demo", "127.0.0.2:80", 0.001, False)
+    assert http_sample(_logged_grpc(grpc.StatusCode.UNAVAILABLE.value[0]))[3]  # counted
+    # ...and the client library still resumes after it, its name in the trailers or not.
+    assert {getattr(grpc.StatusCode, r.grpc_status) for r in REFUSALS if r.retry} \
+        <= _RESUMABLE
+
+
+def _logged_grpc(status: int) -> Any:
+    """Envoy's access log entry of a gRPC call that ended with ``status`` in its
+    trailers (what the judge reads)."""
+    from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogType, HTTPAccessLogEntry
+
+    entry = HTTPAccessLogEntry()
+    common = entry.common_properties
+    common.upstream_cluster = "demo"
+    common.upstream_remote_address.socket_address.address = "127.0.0.2"
+    common.upstream_remote_address.socket_address.port_value = 80
+    common.time_to_first_upstream_rx_byte.FromMilliseconds(1)
+    common.access_log_type = AccessLogType.UpstreamEnd
+    entry.response.response_code.value = 200
+    entry.response.response_trailers["grpc-status"] = str(status)
+    return entry
+
+
 @pytest.mark.parametrize("bad", [
     {"max_unacked_bytes": 0}, {"max_message_bytes": 10, "max_unacked_bytes": 5},
     {"lag_timeout": float("inf")}, {"ack_delay": float("nan")}, {"ack_every": True},
