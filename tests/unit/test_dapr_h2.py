@@ -186,6 +186,82 @@ async def test_a_compressed_or_broken_message_is_refused_by_status() -> None:
     assert got[3]["headers"][0]["grpc-status"] == "13"
 
 
+async def test_a_header_block_sent_again_decodes_with_the_table_as_it_is_now() -> None:
+    """Blocks that only index the dynamic table are kept decoded, but the same bytes
+    after the table changed (a field added, a size update) name other fields: each
+    call gets the headers its block means when it arrives."""
+    fixed = b"\x83\x86\x04\x09/svc/Echo"  # :method POST, :scheme http, :path literal
+    newest = fixed + b"\xbe"  # and the dynamic table's newest entry (index 62)
+
+    def added(x_id: bytes) -> bytes:  # x-id: a literal added to the table
+        return fixed + b"\x40\x04x-id" + bytes((len(x_id),)) + x_id
+
+    emptied = b"\x20\x3f\xe1\x1f"  # table size updates: 0 (emptied), then 4096
+    blocks = [added(b"1"), newest, newest, added(b"2"), newest, emptied + added(b"3"),
+              newest]
+    connection, transport = open_connection(echo)
+
+    def call(i: int, block: bytes) -> None:
+        connection.data_received((PREFACE if i == 0 else b"")
+                                 + frame(h2.HEADERS, h2.END_HEADERS, 1 + 2 * i, block)
+                                 + frame(h2.DATA, h2.END_STREAM, 1 + 2 * i, bytes(5)))
+
+    for i, block in enumerate(blocks):
+        call(i, block)
+        await settle()
+    got = answers(bytes(transport.sent))
+    reference = hpack.Decoder()
+    expected = [dict(reference.decode(block))["x-id"] for block in blocks]
+    assert expected == ["1", "1", "1", "2", "2", "3", "3"]
+    assert [got[1 + 2 * i]["data"][5:].decode().rpartition("|")[2]
+            for i in range(len(blocks))] == expected
+    # The table emptied by a block that adds nothing: index 62 names nothing any more.
+    call(len(blocks), emptied + fixed)
+    call(len(blocks) + 1, newest)
+    assert transport.closed
+    goaway = frames(bytes(transport.sent))[-1]
+    assert goaway[0] == h2.GOAWAY and goaway[3][4:8] == struct.pack(">L", h2.COMPRESSION_ERROR)
+
+
+HEADER_LISTS = st.lists(st.tuples(
+    st.lists(st.tuples(st.sampled_from(["x-a", "x-b", "grpc-timeout", "dapr-api-token"]),
+                       st.sampled_from(["1", "2", "10S", "a" * 40]), st.booleans()),
+             max_size=4),
+    st.booleans(), st.sampled_from([None, None, None, 0, 64, 4096])), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(HEADER_LISTS)
+def test_each_call_gets_the_headers_its_block_means(
+        calls: list[tuple[list[tuple[str, str, bool]], bool, int | None]]) -> None:
+    """Any client's header blocks (fields indexed, added, never indexed, the table
+    resized; Huffman or not), repeated or not: the handler sees what a reference
+    decoder reads from each, in order."""
+    async def run() -> None:
+        seen: list[dict[str, str]] = []
+
+        async def record(path: str, message: bytes,
+                         headers: dict[str, str]) -> tuple[int, str, bytes]:
+            seen.append(headers)
+            return 0, "", b""
+
+        connection, _ = open_connection(record)
+        encoder, reference, expected = hpack.Encoder(), hpack.Decoder(), []
+        connection.data_received(PREFACE)
+        for i, (fields, huffman, table_size) in enumerate(calls):
+            if table_size is not None:
+                encoder.header_table_size = table_size
+            block = encoder.encode([(":method", "POST"), (":path", "/svc/Echo"),
+                                    *fields], huffman=huffman)
+            expected.append(dict(reference.decode(block)))
+            connection.data_received(frame(h2.HEADERS, h2.END_HEADERS, 1 + 2 * i, block)
+                                     + frame(h2.DATA, h2.END_STREAM, 1 + 2 * i, bytes(5)))
+            await settle()
+        assert seen == expected
+
+    asyncio.run(run())
+
+
 async def test_protocol_errors_end_the_connection_with_goaway() -> None:
     for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
                  PREFACE + frame(h2.HEADERS, h2.END_HEADERS, 1, b"\xff\xff\xff\xff"),

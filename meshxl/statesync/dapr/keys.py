@@ -33,6 +33,8 @@ MAX_KEY_BYTES = 512
 engine's :data:`~meshxl.statesync.record.MAX_STORED_ID`)."""
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~-:{}")
 _ESCAPE = [chr(b) if b in _PLAIN else f"%{b:02X}" for b in range(256)]
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._~:{}-]*")
+"""A key of :data:`_PLAIN` characters only (one match, not a test per character)."""
 _ENCODED = re.compile(r"%([0-9A-F]{2})")
 PREFIX = re.compile(r"^[A-Za-z0-9._~:{}-]{1,128}$")
 """What a literal prefix (and an application id used as one) may be."""
@@ -47,7 +49,7 @@ def encode_key(key: str) -> str:
     ``%XX``; ``.`` and ``..`` (not an id) encoded too."""
     if key in (".", ".."):
         return key.replace(".", "%2E")
-    if key.isascii() and all(ord(c) in _PLAIN for c in key):
+    if _PLAIN_KEY.fullmatch(key):
         return key
     return "".join(_ESCAPE[b] for b in key.encode("utf-8", "surrogatepass"))
 

@@ -40,6 +40,8 @@ class BadMessage(InputError):
 
 
 def _varint(buf: bytes, at: int) -> tuple[int, int]:
+    if at < len(buf) and buf[at] < 0x80:  # one byte: tags, short lengths
+        return buf[at], at + 1
     result = shift = 0
     while True:
         if at >= len(buf):
@@ -59,13 +61,15 @@ def fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
     a length-delimited field); fixed-width fields skipped."""
     at, end = 0, len(buf)
     while at < end:
-        tag, at = _varint(buf, at)
+        tag = buf[at]  # one byte (fields 1 to 15) read here, longer ones by _varint
+        tag, at = (tag, at + 1) if tag < 0x80 else _varint(buf, at)
         number, kind = tag >> 3, tag & 7
         if kind == 0:
             value, at = _varint(buf, at)
             yield number, value
         elif kind == 2:
-            size, at = _varint(buf, at)
+            size = buf[at] if at < end else 0x80
+            size, at = (size, at + 1) if size < 0x80 else _varint(buf, at)
             if at + size > end:
                 raise BadMessage("truncated field")
             yield number, buf[at:at + size]
