@@ -32,7 +32,8 @@ from tests.harness.clock import scaled, window
 from tests.harness.protocols import deployment, member_down, restart, tiers
 from tests.integration.test_streams import DRAIN_WINDOW, Tally
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole"),
+              pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
