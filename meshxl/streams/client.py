@@ -98,6 +98,14 @@ class Connection(Protocol):
 Connect = Callable[[], Awaitable[Connection]]
 
 
+async def _chain(first: Frame | None, rest: AsyncIterator[Frame]) -> AsyncIterator[Frame]:
+    if first is None:
+        return
+    yield first
+    async for frame in rest:
+        yield frame
+
+
 class ClientStream:
     """A resumable stream's client end (the module docstring). ``connect`` makes a new
     connection to the stream's URL (with the session's header or cookie, so the mesh
@@ -105,6 +113,7 @@ class ClientStream:
 
     def __init__(self, connect: Connect, *, limits: Limits | None = None,
                  resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
+                 connect_timeout: float = 10.0,
                  measure: Callable[[Payload], int] = encoded_size,
                  on_close: Callable[[], Awaitable[None]] | None = None):
         self._connect = connect
@@ -112,6 +121,11 @@ class ClientStream:
         self._measure = measure
         self.limits = limits or Limits()
         self.resume_timeout = resume_timeout
+        self.connect_timeout = connect_timeout
+        """Seconds one attempt has to connect and carry the server's first frame (ready,
+        or a refusal; the browser client's ``connectTimeoutMs``): a member taking a
+        stream over answers within a few (etcd's own timeouts bound it); a connection
+        held silent longer is given up and the stream connects again."""
         self._backoff = backoff
         self.token: str | None = None
         self.recv = 0
@@ -281,12 +295,21 @@ class ClientStream:
             conn: Connection | None = None
             refusal: Refusal | None = None
             try:
-                conn = await self._connect()
-                self.connections += 1
-                self._conn = conn
-                await conn.hello(Frame(OPEN) if self.token is None else
-                                 Frame(RESUME, token=self.token, recv=self.recv))
-                async for frame in conn.frames():
+                # Connected, and the server's first frame (ready, or a refusal), within
+                # connect_timeout and what is left of the resume budget: a connection
+                # that Envoy or a member holds open and silent is given up and another
+                # tried, and none outlasts resume_timeout unnoticed.
+                budget = self.resume_timeout - (time.monotonic() - broken
+                                                if broken is not None else 0.0)
+                async with asyncio.timeout(max(0.0, min(self.connect_timeout, budget))):
+                    conn = await self._connect()
+                    self.connections += 1
+                    self._conn = conn
+                    frames = conn.frames()
+                    await conn.hello(Frame(OPEN) if self.token is None else
+                                     Frame(RESUME, token=self.token, recv=self.recv))
+                    first = await anext(frames, None)
+                async for frame in _chain(first, frames):
                     if frame.type == READY:
                         await self._on_ready(frame, conn)
                         if broken is not None:

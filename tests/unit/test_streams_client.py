@@ -209,3 +209,40 @@ async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one
     assert [s for s in second.sent if s[0] == "m"] == [("m", 2, 2), ("m", 3, 3)]
     assert [s for s in first.sent if s[0] == "m"] == [("m", 1, 1), ("m", 2, 2)]
     await stream.aclose()
+
+
+class Silent(Scripted):
+    """A connection held open that never answers its hello (a member taking a stream
+    over that hangs, a request Envoy holds)."""
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        await self.closed.wait()
+        return
+        yield  # an async generator
+
+
+async def test_a_connection_silent_after_its_hello_is_given_up_for_another() -> None:
+    first = Scripted([ready(), message(1, "r1")])  # then breaks
+    silent = Silent([])
+    third = Scripted([ready(consumed=0, out=1), message(2, "r2")], hold=True)
+    stream = ClientStream(connections(first, silent, third), backoff=(0.001, 0.001),
+                          connect_timeout=0.05)
+    await stream.start()
+    assert await asyncio.wait_for(stream.receive(), 2) == "r1"
+    assert await asyncio.wait_for(stream.receive(), 2) == "r2"
+    assert silent.closed.is_set() and silent.hello_frame is not None
+    assert third.hello_frame == Frame(RESUME, token=TOKEN, recv=1)
+    assert stream.connections == 3 and len(stream.resumes) == 1
+    await stream.aclose()
+
+
+async def test_a_mesh_that_never_answers_loses_the_stream_within_its_budget() -> None:
+    from meshxl.streams.client import StreamLost
+
+    first = Scripted([ready(), message(1, "r1")])  # then breaks; nothing answers after
+    stream = ClientStream(connections(first), resume_timeout=0.2, backoff=(0.001, 0.001))
+    await stream.start()
+    assert await asyncio.wait_for(stream.receive(), 2) == "r1"
+    with pytest.raises(StreamLost):
+        await asyncio.wait_for(stream.receive(), 2)
+    await stream.aclose()
