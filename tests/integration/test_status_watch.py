@@ -47,7 +47,10 @@ class Watch:
         self._master = -1
 
     async def __aenter__(self) -> Watch:
-        env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm"}
+        # PYTHONFAULTHANDLER: a watch that outlives Ctrl-C is aborted by interrupt() and
+        # prints where each of its threads was.
+        env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm",
+               "PYTHONFAULTHANDLER": "1"}
         argv = [sys.executable, "-m", "meshxl.cli", "status", "--watch", *self.args]
         if self.terminal:
             self._master, slave = pty.openpty()
@@ -95,12 +98,18 @@ class Watch:
     async def interrupt(self, timeout: float = 10.0) -> int:
         """Ctrl-C; the exit code."""
         self.proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while self.proc.returncode is None and time.monotonic() < deadline:
             await self._read()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 0.1)
-        assert self.proc.returncode is not None, "still running after Ctrl-C"
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), scaled(5.0))
+            stderr = await self.proc.stderr.read()
+            raise AssertionError(f"still running {timeout:g} s after Ctrl-C; its threads:\n"
+                                 f"{stderr.decode(errors='replace')[-6000:]}")
         await self._read()
         self.stderr = await self.proc.stderr.read()
         return int(self.proc.returncode)
