@@ -45,7 +45,7 @@ from tests.harness.cli import meshxl_json
 from tests.harness.controlplane import InProcessControlPlane
 from tests.harness.load import under_way
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 POLL = 0.25
 """The page's poll period in these tests (seconds; ?interval=)."""

@@ -35,6 +35,12 @@ clusters:
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+UNBLOCKED = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, "
+             "{signal.SIGINT}); signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+"""Exec the rest of argv with SIGINT unblocked and at its default disposition."""
+
+
 class Watch:
     """``meshxl status --watch`` in a child process, its output collected as it comes."""
 
@@ -51,7 +57,13 @@ class Watch:
         # prints where each of its threads was.
         env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm",
                "PYTHONFAULTHANDLER": "1"}
-        argv = [sys.executable, "-m", "meshxl.cli", "status", "--watch", *self.args]
+        # Started as a shell starts a foreground job: SIGINT unblocked and at its
+        # default. A child inherits its parent's signal mask across exec, and a test
+        # worker's main thread at times has SIGINT blocked (a thread some library
+        # started under it): Ctrl-C then never reached the watch (reproduced by
+        # starting the test with SIGINT blocked).
+        argv = [sys.executable, "-c", UNBLOCKED, sys.executable, "-m", "meshxl.cli",
+                "status", "--watch", *self.args]
         if self.terminal:
             self._master, slave = pty.openpty()
             self.proc = await asyncio.create_subprocess_exec(
