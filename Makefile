@@ -45,7 +45,7 @@ quickstart: $(DEMO_STAMP)
 # The suite in WORKERS parallel processes (pytest-xdist; WORKERS=0: one process, no
 # xdist). Every deadline in it is multiplied by MESHXL_TEST_TIME_SCALE (default 1): a
 # slower machine sets a larger one (docs/design.md, "Testing").
-WORKERS ?= 5
+WORKERS ?= 4
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadgroup tests
 

@@ -75,17 +75,13 @@ _own_port_slice()
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Heavy tests run in one xdist worker per lane, one at a time: ``@pytest.mark.heavy``
-    (a whole installation under load whose timing the product judges) in the ``heavy``
-    lane, as two of them side by side on two cores would starve each other's leases and
-    judges; ``@pytest.mark.heavy("whole")`` (a whole installation whose outcome, not its
-    timing, is judged) in a second lane beside it. pytest-timeout's limit of a test
+    """Heavy tests (``@pytest.mark.heavy``: a whole installation under load, its timing
+    judged) run in one xdist worker, one at a time: two of them side by side on two
+    cores would starve each other's leases and judges. pytest-timeout's limit of a test
     (pyproject.toml) follows the suite's clock."""
     for item in items:
-        marker = item.get_closest_marker("heavy")
-        if marker is not None:
-            lane = "-".join(["heavy", *map(str, marker.args)])
-            item.add_marker(pytest.mark.xdist_group(lane))
+        if item.get_closest_marker("heavy") is not None:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
     if getattr(config.option, "loadgroup", False):
         _group_node_ids(items)
     if _clock.SCALE == 1.0:

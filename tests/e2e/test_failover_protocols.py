@@ -16,7 +16,7 @@ import pytest
 
 from tests.harness.clock import scaled
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SESSIONS = 20
 RUN_TIMEOUT = scaled(240.0)

@@ -21,7 +21,7 @@ import pytest
 
 from tests.harness.clock import scaled
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "vsls.py"
 RUN_TIMEOUT = scaled(180.0)

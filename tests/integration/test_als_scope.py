@@ -26,7 +26,7 @@ from meshxl.operator.actions import apply_model
 from tests.harness.als import AlsFeed, subscribe
 from tests.harness.controlplane import ControlPlaneProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 LOOPBACK = "127.0.0.1"

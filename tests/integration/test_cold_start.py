@@ -15,7 +15,7 @@ import pytest
 from meshxl.local.coldstart import cold_start, random_orders, write_sessions
 from meshxl.local.deployment import DemoDeployment
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 async def test_a_cold_start_in_any_order_loses_nothing(tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ async def test_sticky_sessions_over_delta_xds(
 # -- 2. failover ------------------------------------------------------------------------------
 
 
-@pytest.mark.heavy("whole")
+@pytest.mark.heavy
 async def test_active_member_killed_traffic_moves_to_standby(
     tmp_path: Path, start_control_plane: Any, start_envoy: Any, start_backends: Any,
 ) -> None:

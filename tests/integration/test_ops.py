@@ -25,7 +25,7 @@ from tests.harness.cli import meshxl, meshxl_json
 from tests.harness.clock import window
 from tests.harness.load import under_way
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 @pytest.fixture

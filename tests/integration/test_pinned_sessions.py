@@ -34,7 +34,7 @@ from tests.harness import Backend, EnvoyFixture
 from tests.harness.load import under_way
 from tests.integration.test_envoy_routing import LOOPBACK, cluster, member, write_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 KEYS = Keys()
 SESSION = "x-session-id"

@@ -34,7 +34,7 @@ from tests.harness.clock import window
 from tests.integration.test_ops import scrape
 from tests.integration.test_pinned_sessions import Browser, moved
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 
 @pytest.fixture

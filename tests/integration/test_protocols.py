@@ -17,8 +17,8 @@ members, each with its statesync sidecar), one deployment per protocol.
   through Envoy to a member that already holds their state, none failing, no
   acknowledged write lost (one test, parametrised).
 
-A heavy module of the ``whole`` lane: its tests run in the one worker of that lane, one
-after the other, so each deployment starts once.
+A heavy module: its tests run in the one worker that runs heavy tests, one after the
+other, so each deployment starts once.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ from tests.harness.protocols import (
     traffic_around,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole"),
-              pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
 
 DRAIN_WINDOW = 1.5
 ENVOY_DRAIN = 1.0  # the local Envoy's --drain-time-s

@@ -36,7 +36,7 @@ from tests.harness.clock import scaled, window
 from tests.harness.etcd import start_etcd
 from tests.harness.sidecar import SidecarProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 CLUSTER = "shop"
 KEYS = Keys()

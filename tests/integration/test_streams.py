@@ -38,8 +38,7 @@ from meshxl.streams.protocol import FORBIDDEN, MALFORMED, UNKNOWN, new_token
 from tests.harness.clock import scaled
 from tests.harness.protocols import deployment, member_down, restart
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy("whole"),
-              pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
