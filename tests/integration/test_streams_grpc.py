@@ -61,6 +61,18 @@ async def _grpc_talks(channel: Any, prefix: str, count: int) -> list[Tally]:
     return talks
 
 
+async def _talking(talks: list[Tally], count: int, rng: random.Random
+                   ) -> tuple[list[asyncio.Task[None]], str]:
+    """Every stream talking (``count`` messages each), once each had 8 answers; and the
+    one member serving them all."""
+    runs = [asyncio.create_task(t.talk(count, 0.03, rng)) for t in talks]
+    await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
+                     what="8 answers on every gRPC stream")
+    served = {t.answers[-1]["member"] for t in talks}
+    assert len(served) == 1, served
+    return runs, served.pop()
+
+
 async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
         grpc_streams_deployment: DemoDeployment) -> None:
     """Both kinds of gRPC stream: bidirectional (the tally) and server-streaming (ticks
@@ -82,12 +94,7 @@ async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
             ticks.append(await asyncio.wait_for(tick.start(), 15))
         victim = ""
         try:
-            runs = [asyncio.create_task(t.talk(40, 0.03, rng)) for t in talks]
-            await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
-                             what="8 answers on every gRPC stream")
-            served = {t.answers[-1]["member"] for t in talks}
-            assert len(served) == 1, served
-            victim = served.pop()
+            runs, victim = await _talking(talks, 40, rng)
             await d.kill_member(victim)
             await asyncio.wait_for(asyncio.gather(*runs), 60)
             for t in talks:
@@ -255,12 +262,7 @@ async def test_a_drained_members_grpc_streams_move_with_no_failure_charged(
         talks = await _grpc_talks(channel, "grpc-drain", 6)
         served = ""
         try:
-            runs = [asyncio.create_task(t.talk(100, 0.03, rng)) for t in talks]
-            await wait_until(lambda: all(len(t.answers) >= 8 for t in talks), timeout=20,
-                             what="8 answers on every gRPC stream")
-            members = {t.answers[-1]["member"] for t in talks}
-            assert len(members) == 1, members
-            served = members.pop()
+            runs, served = await _talking(talks, 100, rng)
             async with Judged(d) as judged:
                 before = await Charged.read(d)
                 await member_down(d, served)

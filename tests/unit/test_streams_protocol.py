@@ -121,17 +121,10 @@ def test_moved_is_no_failure_of_the_member_that_says_it() -> None:
 
 def _logged_grpc(status: int) -> Any:
     """Envoy's access log entry of a gRPC call that ended with ``status`` in its
-    trailers (what the judge reads)."""
-    from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogType, HTTPAccessLogEntry
+    trailers (what the judge reads): an answer of 200 with the status in its trailers."""
+    from tests.unit.test_streams_sse_fence import _logged
 
-    entry = HTTPAccessLogEntry()
-    common = entry.common_properties
-    common.upstream_cluster = "demo"
-    common.upstream_remote_address.socket_address.address = "127.0.0.2"
-    common.upstream_remote_address.socket_address.port_value = 80
-    common.time_to_first_upstream_rx_byte.FromMilliseconds(1)
-    common.access_log_type = AccessLogType.UpstreamEnd
-    entry.response.response_code.value = 200
+    entry = _logged(200)
     entry.response.response_trailers["grpc-status"] = str(status)
     return entry
 
