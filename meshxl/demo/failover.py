@@ -187,7 +187,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                               members=[m.name for m in deployment.members],
                               sessions=sessions, duration=duration, started=started,
                               kill_time=kill_time, killed=killed)
-        fo = failover_times(spans, killed) if killed else FailoverTimes()
+        fo = (failover_times(spans, killed, since_ns=int(kill_time * 1e9))
+              if killed and kill_time is not None else FailoverTimes())
         report["protocol"] = protocol
         if isinstance(traffic, StreamTraffic) and protocol != "grpc":
             report["reconnects"] = reconnect_report(traffic.reconnects, kill_time, killed)

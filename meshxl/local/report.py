@@ -145,10 +145,13 @@ def _root(span: Any) -> bool:
     return not span.parent_span_id
 
 
-def failover_roots(spans: Iterable[Any], member: str | None = None) -> list[Any]:
-    """Root ``meshxl.failover`` spans, of one lost member if given, oldest first."""
+def failover_roots(spans: Iterable[Any], member: str | None = None,
+                   since_ns: int | None = None) -> list[Any]:
+    """Root ``meshxl.failover`` spans, of one lost member if given, started at or after
+    ``since_ns`` if given, oldest first."""
     roots = [s for s in spans if s.name == names.FAILOVER and _root(s)
-             and (member is None or s.attributes.get(names.MEMBER) == member)]
+             and (member is None or s.attributes.get(names.MEMBER) == member)
+             and (since_ns is None or s.start_ns >= since_ns)]
     return sorted(roots, key=lambda s: s.start_ns)
 
 
@@ -196,9 +199,13 @@ class FailoverTimes:
     violations: list[str] = field(default_factory=list)
 
 
-def failover_times(spans: Sequence[Any], member: str) -> FailoverTimes:
-    """The first failover trace of ``member``: stages, convergence and takeovers."""
-    roots = failover_roots(spans, member)
+def failover_times(spans: Sequence[Any], member: str,
+                   since_ns: int | None = None) -> FailoverTimes:
+    """The first failover trace of ``member`` (started at or after ``since_ns``, the
+    kill, if given: on a loaded machine the sick-member judge may step a slow member's
+    share down before it is killed, and that failover did not detect the kill): stages,
+    convergence and takeovers."""
+    roots = failover_roots(spans, member, since_ns)
     out = FailoverTimes(traces=len(roots))
     if not roots:
         return out
@@ -286,8 +293,9 @@ def build_report(records: Sequence[Record], final: Mapping[str, int | None],
     report["per_member_requests_before_kill"] = member_counts(posts, until=kill_time)
     report["per_member_requests_after_kill"] = member_counts(posts, since=kill_time)
     rto, unrecovered = recovery_times_ms(posts, kill_time, killed)
-    fo = failover_times(spans, killed)
     kill_ns = int(kill_time * 1e9)
+    fo = failover_times(spans, killed, since_ns=kill_ns)
+    earlier = [r for r in failover_roots(spans, killed) if r.start_ns < kill_ns]
     report.update(
         rto_ms=distribution(rto),
         unrecovered_sessions=unrecovered,
@@ -301,6 +309,9 @@ def build_report(records: Sequence[Record], final: Mapping[str, int | None],
             "takeovers": len(fo.takeovers_ns), "takeover_spans": fo.takeover_source,
             "causal_order": not fo.violations, "violations": fo.violations,
             "start_unix_ns": fo.start_ns, "converged_unix_ns": fo.converged_ns,
+            # The member's failovers before the kill (a share stepped down by the
+            # sick-member judge on a loaded machine), not counted as detecting it.
+            "before_kill": [r.attributes.get(names.CAUSE) for r in earlier],
         },
     )
     return report

@@ -206,6 +206,22 @@ def test_build_report_has_every_field() -> None:
         assert key in report
 
 
+def test_a_failover_before_the_kill_does_not_count_as_detecting_it() -> None:
+    # Under load the sick-member judge stepped the busiest member's share down 1 s
+    # before it was killed (a degraded failover); the kill's own failover came 1.8 s
+    # after. Detection is kill -> the kill's failover, never negative.
+    early = failover_trace(trace_id="d" * 32, start=-1.0)
+    early[0].attributes[names.CAUSE] = "degraded"
+    records = [post(3.0, "s1", "a", 1), post(4.25, "s1", "b", 2)]
+    report = demo.build_report(records, {"s1": 2}, early + failover_trace(), cluster="demo",
+                               mode="load-sharing", members=["a", "b", "c"], sessions=1,
+                               duration=8.0, started=T0, kill_time=KILL, killed="a")
+    assert report["detection_ms"] == pytest.approx(1800, abs=0.1)
+    assert report["failover"]["trace_id"] == "f" * 32
+    assert report["failover"]["before_kill"] == ["degraded"]
+    assert demo.failover_times(early, "a", since_ns=KILL_NS).traces == 0
+
+
 def test_build_report_without_a_kill() -> None:
     report = demo.build_report([post(0, "s1", "a", 1)], {"s1": 1}, [], cluster="demo",
                                mode="load-sharing", members=["a"], sessions=1, duration=1.0,
