@@ -360,8 +360,10 @@ class ClientStream:
                 self._fail(StreamLost(f"no connection carried the stream for "
                                       f"{self.resume_timeout:.0f} s"))
                 return
+            # The exponent capped: a stream given hours to resume makes thousands of
+            # attempts, and 2 ** 1100 is no float (the stream would die of it).
             pause = 0.0 if attempt == 0 else min(self._backoff[1],
-                                                 self._backoff[0] * 2 ** (attempt - 1))
+                                                 self._backoff[0] * 2 ** min(attempt - 1, 60))
             attempt += 1
             await asyncio.sleep(pause * (0.5 + rng.random()))
 

@@ -407,17 +407,22 @@ class _Call:
         task.add_done_callback(self._tasks.discard)
 
     async def _pump(self) -> None:
+        """The call's messages as frames, then how it ended, then ``None``: whatever
+        ends the pump (the call's status, a cancellation, an error of grpc's own),
+        :meth:`frames` ends with it, so the stream resumes instead of waiting on a
+        call that is gone."""
+        ended: Frame | None = None
         try:
             async for message in self.call:
                 self.frames_queue.put_nowait(Frame(MESSAGE, seq=self.next_seq,
                                                    payload=message))
                 self.next_seq += 1
-            code = await self.call.code()
-            trailing = await self.call.trailing_metadata()
+            ended = self._ended(await self.call.code(), await self.call.trailing_metadata())
         except aio.AioRpcError as exc:
-            code, trailing = exc.code(), exc.trailing_metadata()
-        self.frames_queue.put_nowait(self._ended(code, trailing))
-        self.frames_queue.put_nowait(None)
+            ended = self._ended(exc.code(), exc.trailing_metadata())
+        finally:
+            self.frames_queue.put_nowait(ended)
+            self.frames_queue.put_nowait(None)
 
     def _ended(self, code: grpc.StatusCode, trailing: Any) -> Frame | None:
         self.code = code
@@ -477,12 +482,15 @@ class _Call:
         return None
 
     async def close(self) -> None:
+        """Cancel the call; :meth:`frames` ends (a send that failed closes the call
+        while the stream still reads it: it must not wait on it forever)."""
         if self._probe is not None:
             self._probe.cancel()
         if self.call is not None:
             self.call.cancel()
         for task in list(self._tasks):
             task.cancel()
+        self.frames_queue.put_nowait(None)
 
 
 def _serialize(message: Any) -> bytes:

@@ -246,3 +246,93 @@ async def test_a_mesh_that_never_answers_loses_the_stream_within_its_budget() ->
     with pytest.raises(StreamLost):
         await asyncio.wait_for(stream.receive(), 2)
     await stream.aclose()
+
+
+async def test_thousands_of_failed_attempts_leave_the_stream_trying() -> None:
+    # A connection refused at once, again and again: the backoff's exponent grows with
+    # each attempt, and past about 1,070 of them 2 ** n was no float (the stream's task
+    # died of an OverflowError and the stream waited forever, neither lost nor resumed).
+    attempts = 0
+    many = asyncio.Event()
+
+    async def refused() -> Scripted:
+        nonlocal attempts
+        attempts += 1
+        if attempts >= 1200:
+            many.set()
+            await asyncio.Event().wait()  # then a mesh that never answers
+        raise ConnectionRefusedError
+
+    stream = ClientStream(refused, resume_timeout=3600, backoff=(0.0, 0.0))
+    starting = asyncio.create_task(stream.start())
+    await asyncio.wait_for(many.wait(), 30)
+    assert stream._task is not None and not stream._task.done()
+    starting.cancel()
+    await stream.aclose()
+
+
+class _DeadCall:
+    """A grpc.aio stream-stream call whose member was killed: writes fail at once, while
+    its messages' iteration has not yet seen the end (it is cancelled first: the race
+    that left gRPC streams waiting forever on a call that was gone)."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.cancelled = False
+
+    async def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        from meshxl.streams import grpcio
+        return ((grpcio.STREAM, self.token), (grpcio.FROM, "1"), (grpcio.IN, "0"))
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        await asyncio.Event().wait()
+        yield None  # never: an async generator
+
+    async def write(self, message: Any) -> None:
+        raise asyncio.InvalidStateError("RPC already finished")
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+class _Message:
+    FromString = staticmethod(bytes)
+
+
+class _Channel:
+    """Only what :class:`~meshxl.streams.grpcio._Call` asks of a channel (no socket)."""
+
+    def __init__(self) -> None:
+        self.calls: list[_DeadCall] = []
+
+    def unary_unary(self, *_: Any, **__: Any) -> Any:
+        async def ack(*_: Any, **__: Any) -> dict[str, int]:
+            return {"in": 0}
+        return ack
+
+    def stream_stream(self, *_: Any, **__: Any) -> Any:
+        def call(metadata: Any = ()) -> _DeadCall:
+            self.calls.append(_DeadCall(TOKEN))
+            return self.calls[-1]
+        return call
+
+
+async def test_a_grpc_call_whose_send_failed_is_left_and_the_stream_resumes() -> None:
+    from meshxl.streams import grpcio
+
+    channel = _Channel()
+
+    async def connect() -> grpcio._Call:
+        return grpcio._Call(channel, "/m", None, None, _Message, [], 0.01)
+
+    stream = ClientStream(connect, backoff=(0.001, 0.001))
+    await asyncio.wait_for(stream.start(), 2)
+    await stream.send({"n": 1})  # the write fails: the call is closed, the pump cancelled
+    await wait_until(lambda: len(stream.resumes) >= 1, timeout=2, interval=0.001,
+                     what="the stream resumed on a new call")
+    assert channel.calls[0].cancelled and len(channel.calls) >= 2
+    await stream.aclose()
