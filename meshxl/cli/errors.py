@@ -10,6 +10,7 @@ passes ``overrides``, looked up before the table.
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn, TypeVar
@@ -97,17 +98,41 @@ def checked(fn: Callable[[], T], overrides: Overrides | None = None) -> T:
 
 def run(coro_fn: Callable[[], Awaitable[T]], overrides: Overrides | None = None,
         interrupted: int = INTERRUPTED,
-        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+        sigterm: bool = False) -> T:
     """Run an async command: meshxl failures reported as one line and an exit, an etcd
     or gRPC failure as one line (never a traceback), Ctrl-C as exit ``interrupted``
     (130; 0 for a command that runs until Ctrl-C, such as ``meshxl status --watch``).
-    ``loop_factory``: the event loop (:func:`meshxl.loops.loop_factory`), else asyncio's."""
+    ``loop_factory``: the event loop (:func:`meshxl.loops.loop_factory`), else asyncio's.
+
+    ``sigterm``: SIGTERM (Kubernetes stopping a pod) ends the command as Ctrl-C does,
+    by cancelling it, so its cleanup runs. Not by raising KeyboardInterrupt wherever the
+    process happens to be: raised inside an event-loop callback, uvloop logs it as a
+    transport's fatal error and goes on, and the server outlived its SIGTERM until
+    SIGKILL (a sidecar that never withdrew its registration)."""
+    terminated = False
+
     async def main() -> T:
+        if sigterm:
+            task = asyncio.current_task()
+            assert task is not None
+
+            def stop() -> None:
+                nonlocal terminated
+                terminated = True
+                task.cancel()
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
         return await coro_fn()
 
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(main())
+            try:
+                return runner.run(main())
+            except asyncio.CancelledError:
+                if terminated:
+                    raise KeyboardInterrupt from None
+                raise
     except MeshxlError as exc:
         report(exc, overrides)
     except KeyboardInterrupt:

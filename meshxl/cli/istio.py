@@ -330,7 +330,7 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
                     await runner.cleanup()
                 await api.close()
 
-    run(label)
+    run(label, sigterm=True)
 
 
 async def _serve_health(sock: Any, labelers: list[Any], resync: float) -> Any:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import click
 
 from meshxl.kube.inject import DEFAULT_IMAGE, InjectConfig
 
-from .errors import checked, fail
+from .errors import checked, fail, run
 from .options import with_options
 from .serving import setup_logging
 
@@ -127,8 +126,6 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
                           etcd_credentials_secret: str | None, xds_client_secret: str | None,
                           log_level: str) -> None:
     """The sidecar-injection admission webhook (AdmissionReview v1 over HTTPS)."""
-    import asyncio
-    import signal
     import ssl
 
     from meshxl.kube.webhook import WebhookConfig, serve, tls_context
@@ -147,11 +144,8 @@ def serve_webhook(tls_cert: Path, tls_key: Path, listen: str, image: str,
         fail(f"bad TLS certificate or key ({tls_cert}, {tls_key}): {exc.reason or exc}")
     except OSError as exc:
         fail(f"cannot read the TLS certificate or key: {exc.strerror or exc}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        asyncio.run(serve(config))
-    except KeyboardInterrupt:
-        sys.exit(0)
+        run(lambda: serve(config), interrupted=0, sigterm=True)
     except OSError as exc:  # the port is taken and friends
         fail(f"cannot listen on {listen}: {exc.strerror or exc}")
 

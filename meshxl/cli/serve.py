@@ -268,7 +268,7 @@ def serve_otlp_receiver(listen: str, path: Path, log_level: str) -> None:
 
     checked(lambda: parse_listen(listen))
     setup_logging(log_level)
-    run(lambda: serve_receiver(listen, str(path)))
+    run(lambda: serve_receiver(listen, str(path)), sigterm=True)
 
 
 SERVERS: list[click.Command] = [serve_xds, serve_statesync, serve_otlp_receiver]

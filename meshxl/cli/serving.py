@@ -61,15 +61,12 @@ def traced(component: str, trace_file: Path | None, attributes: dict[str, Any],
            loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
     """Run a server with tracing set up (OTEL_* and --trace-file), flushed at exit, on
     the event loop ``loop_factory`` makes (asyncio's by default)."""
-    import signal
-
     from meshxl.telemetry.tracing import setup_tracing, shutdown_tracing
 
     checked(lambda: setup_tracing(component, attributes=attributes, trace_file=trace_file))
     # SIGTERM ends the server like Ctrl-C: cleanup runs and the spans are flushed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(coro_fn, loop_factory=loop_factory)
+        return run(coro_fn, loop_factory=loop_factory, sigterm=True)
     finally:
         shutdown_tracing()
 

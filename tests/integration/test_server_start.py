@@ -361,3 +361,35 @@ async def test_a_registration_with_an_infinite_port_stops_no_other_cluster(
                                   timeout=30)
     assert code == 0 and "Traceback" not in err, err
     assert '"good"' in out and '"bad"' not in out, out
+
+
+async def test_a_sidecar_stopped_while_connections_close_ends_on_its_sigterm(
+    harness: Any, etcd: Any,
+) -> None:
+    """SIGTERM (Kubernetes stopping the pod) while clients' connections close, as when
+    the app beside the sidecar stops with it: the sidecar ends on the SIGTERM, its
+    registration withdrawn. It used to raise KeyboardInterrupt wherever it was; inside an
+    event-loop callback (a connection's end) uvloop logged it as a transport's fatal
+    error and went on serving, until SIGKILL."""
+    import signal
+
+    from meshxl.local.procs import WaitTimeout
+
+    sidecar = SidecarProcess(harness, cluster="c", member="a", etcd=etcd.url,
+                             app_port=free_port(), log_level="info")
+    for _ in range(4):
+        await sidecar.start()
+        streams = [await asyncio.open_connection(sidecar.host, sidecar.port)
+                   for _ in range(60)]
+        for _, writer in streams:  # keep-alive connections the sidecar holds open
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: s\r\n\r\n")
+        await asyncio.gather(*(reader.readuntil(b"\r\n\r\n") for reader, _ in streams))
+        for _, writer in streams:  # they all end as the SIGTERM comes
+            writer.transport.abort()
+        sidecar.process.signal(signal.SIGTERM)
+        try:
+            code = await sidecar.process.wait_exit(scaled(15.0))
+        except WaitTimeout:
+            pytest.fail("the sidecar outlived its SIGTERM:\n" + sidecar.process.tail(30))
+        assert code != -signal.SIGKILL
+        assert "Fatal error on transport" not in sidecar.process.logs()
