@@ -22,6 +22,7 @@ from meshxl.model import parse_model
 from meshxl.model.vsls import placement_of
 from meshxl.operator.actions import apply_model
 from tests.harness.cli import meshxl
+from tests.harness.clock import scaled
 from tests.harness.secure_etcd import ROOT_PASSWORD, enable_auth_on
 from tests.harness.sidecar import SidecarProcess
 
@@ -206,7 +207,10 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     root_security = etcd.EtcdSecurity(user="root", password=ROOT_PASSWORD)
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         await apply_model(client, KEYS, POOL_MODEL, "test")
-    ctl = ["etcdctl", "--endpoints", auth_etcd.url, "--user", f"root:{ROOT_PASSWORD}"]
+    # etcdctl's own 5 s per command is short for user adds (bcrypt) beside the grants on
+    # two loaded cores.
+    ctl = ["etcdctl", "--endpoints", auth_etcd.url, "--user", f"root:{ROOT_PASSWORD}",
+           f"--command-timeout={int(scaled(30))}s"]
     creds = tmp_path / "creds"
     for tenant in ("ta", "tb", "web"):
         (creds / tenant).mkdir(parents=True)
