@@ -75,6 +75,8 @@ async def drive(
     request_timeout: float = 5.0,
     method: str = "GET",
     origin: float | None = None,
+    live: list[Outcome] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[Outcome]:
     """Send the load and return one ``Outcome`` per request sent, in completion order.
 
@@ -86,7 +88,9 @@ async def drive(
     their answer or ``request_timeout``. ``origin``: the
     ``time.monotonic()`` an outcome's ``started`` counts from (default: when this call
     starts), for a caller that times a fault with its own clock: the load starts a while
-    after its task is made (its queue filled first).
+    after its task is made (its queue filled first). ``live``: a list the outcomes are
+    appended to as they come (for :func:`under_way`, or to wait for enough after a
+    fault); ``stop``: no request is started once it is set.
     """
     _check_loopback(url)
     names = [f"s{i}" for i in range(sessions)] if isinstance(sessions, int) else list(sessions)
@@ -100,7 +104,7 @@ async def drive(
         for name in names:
             queue.put_nowait((name, seq))
     jars: dict[str, dict[str, str]] = defaultdict(dict)
-    results: list[Outcome] = []
+    results: list[Outcome] = [] if live is None else live
     t0 = time.monotonic()
     deadline = t0 + max_seconds
     zero = t0 if origin is None else origin
@@ -152,7 +156,7 @@ async def drive(
         )
 
     async def worker(http: aiohttp.ClientSession) -> None:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             try:
                 session, seq = queue.get_nowait()
             except asyncio.QueueEmpty:

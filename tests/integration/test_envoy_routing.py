@@ -23,7 +23,7 @@ import yaml
 from meshxl.local.ports import free_ports
 from meshxl.local.wait import wait_until
 from tests.harness import Backend, EnvoyFixture, Host, Outcome, drive, failures, members_seen
-from tests.harness.clock import window
+from tests.harness.clock import scaled
 
 pytestmark = pytest.mark.integration
 
@@ -420,14 +420,25 @@ async def test_ha_kill9_active_under_load_fails_no_request(
     assert set(served(res)) == {active.name}, served(res)
 
     started = time.monotonic()  # the outcomes' times count from here too (origin)
-    load = asyncio.create_task(drive(url, 50, 300, concurrency=8, max_seconds=3.0,
-                                     origin=started))
-    await window(0.7, "the fault is injected at a chosen point of the load")
+    live: list[Outcome] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(drive(url, 50, 300, concurrency=8, max_seconds=scaled(30),
+                                     origin=started, live=live, stop=stop))
+    # The fault comes once the load is under way: answers older than the margin the
+    # checks below give the kill's signal.
+    def answered_a_while_ago() -> bool:
+        now = time.monotonic() - started
+        return sum(1 for o in live if o.started + o.elapsed < now - 0.1) >= 20
+
+    await wait_until(answered_a_while_ago, timeout=30, what="the load under way")
     # The signal goes at once; kill9() returns once the process is reaped, which a busy
     # machine can delay by a hundred ms or more while the standby already serves.
     signalled = time.monotonic() - started
     await active.kill9()
     reaped = time.monotonic() - started
+    await wait_until(lambda: sum(1 for o in live if o.started > reaped) > 150, timeout=20,
+                     what="150 requests sent after the kill answered")
+    stop.set()
     res = await load
 
     assert not failures(res), f"{len(failures(res))} of {len(res)} failed, e.g. {failures(res)[:5]}"

@@ -333,7 +333,7 @@ async def test_the_page_shows_a_member_warming_up(
     await etcd_client.put(keys.member("w", "m1").encode(), json.dumps(registration).encode())
     # m1 joins a cluster where nobody serves: it takes its share at once.
     await wait_until(lambda: etcd_client.get(keys.member_state("w", "m1").encode()),
-                     timeout=10, what="m1 in the member history")
+                     timeout=30, what="m1 in the member history")
     assert plane.warming.fractions == {}
     async with open_page(tmp_path / "profile") as (page, console):
         # The page first, polling, then m2 joins: a browser slow to start on a busy
