@@ -1,6 +1,6 @@
 """``python -m meshxl``: the ``meshxl`` command."""
 
-from meshxl.cli.entry import main
+from meshxl.cli.entry import console
 
 if __name__ == "__main__":
-    main(prog_name="meshxl")
+    console(prog_name="meshxl")

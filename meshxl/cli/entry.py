@@ -22,12 +22,12 @@ import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from meshxl.model.limits import Bound
 
-__all__ = ["main", "statesync_values"]
+__all__ = ["console", "main", "statesync_values"]
 
 _STR, _FILE, _PATH, _INT, _FLOAT, _CHOICE = range(6)
 
@@ -188,6 +188,16 @@ def main(args: Sequence[str] | None = None, prog_name: str | None = None) -> Any
     from meshxl.cli.root import main as command
 
     return command(args, prog_name=prog_name)
+
+
+def console(prog_name: str | None = None) -> NoReturn:
+    """The process's entry (the ``meshxl`` script, ``python -m meshxl``): :func:`main`,
+    then an exit that skips the interpreter's teardown of every module the command
+    imported (:mod:`meshxl.exiting`): a stopped sidecar or control plane is gone as soon
+    as its own cleanup is done, and so is every short command."""
+    from meshxl.exiting import run_main
+
+    run_main(lambda: main(prog_name=prog_name))
 
 
 def _serve_statesync(values: dict[str, Any]) -> None:

@@ -50,7 +50,6 @@ import contextlib
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -407,4 +406,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshxl.exiting import run_main
+
+    run_main(main)

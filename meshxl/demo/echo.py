@@ -219,4 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshxl.exiting import run_main
+
+    run_main(main)

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 from typing import Any
 
 import grpc
@@ -181,4 +180,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meshxl.exiting import run_main
+
+    run_main(main)
