@@ -120,14 +120,26 @@ async def test_the_page_shows_members_and_a_failover_as_it_happens(
         assert "100%" in by_member["a"][5] and "0%" in by_member["b"][5], rows
         assert by_member["a"][7] == "ready", rows  # the reason column
 
-        # Envoy's ACKed versions are this replica's (both serve the same hashes).
+        # Envoy's ACKed versions are this replica's (both serve the same hashes), once
+        # the page has polled after the last change (endpoints move while members settle:
+        # a read of each at one moment may fall on either side of one).
         await page.wait_for_selector('tr.node[data-node="meshxl-demo"]')
-        node = await page.eval_on_selector('tr.node[data-node="meshxl-demo"]',
-                                           "r => Array.from(r.cells).map(c => c.textContent)")
-        async with aiohttp.ClientSession() as http, \
-                http.get(f"{quiet.admin_url}/v1/status") as resp:
-            served = (await resp.json())["versions"]
-        assert node[3:7] == [served[CDS], served[ENDPOINT], *node[5:7]], node
+        shown: list[Any] = []
+
+        async def page_shows_what_is_served() -> bool:
+            node = await page.eval_on_selector(
+                'tr.node[data-node="meshxl-demo"]',
+                "r => Array.from(r.cells).map(c => c.textContent)")
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{quiet.admin_url}/v1/status") as resp:
+                served = (await resp.json())["versions"]
+            shown[:] = [node, served]
+            return bool(node[3:5] == [served[CDS], served[ENDPOINT]])
+
+        await wait_until(page_shows_what_is_served, timeout=10,
+                         what="the page showing the versions the replica serves",
+                         explain=lambda: shown)
+        node = shown[0]
         assert node[0] == "meshxl-demo" and node[1] == busy.name
         # The sidecars' sync state.
         await wait_for_js(page, "document.querySelectorAll('#sidecars tr.sidecar').length"
