@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 __all__ = ["exit_code", "exit_now", "run_main"]
@@ -47,11 +48,10 @@ def exit_now(code: object = 0) -> NoReturn:
     os._exit(status)
 
 
-def run_main(main: object) -> NoReturn:
+def run_main(main: Callable[[], object]) -> NoReturn:
     """A process's entry: ``main()`` (a ``SystemExit`` is its status), then
     :func:`exit_now`. An exception other than ``SystemExit`` ends the process as Python
     would (its traceback printed)."""
-    assert callable(main)
     try:
         code = main()
     except SystemExit as exc:

@@ -35,13 +35,7 @@ from rich.markup import escape
 
 from meshxl.local.deployment import CLUSTER, MODES, DemoDeployment
 from meshxl.local.plot import plot_timeline
-from meshxl.local.report import (
-    FailoverTimes,
-    build_report,
-    busiest_member,
-    failover_times,
-    print_summary,
-)
+from meshxl.local.report import build_report, busiest_member, kill_failover, print_summary
 from meshxl.local.streams import StreamTraffic, read_back_kind, reconnect_report
 from meshxl.local.tallies import TallyTraffic
 from meshxl.local.traffic import REQUEST_INTERVAL, Traffic, read_back
@@ -183,12 +177,11 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
         merge_traces(traces, out / "traces.jsonl")
         spans = read_spans([str(out / "traces.jsonl")])
 
+        fo = kill_failover(spans, killed, kill_time)
         report = build_report(records, final, spans, cluster=CLUSTER, mode=mode,
                               members=[m.name for m in deployment.members],
                               sessions=sessions, duration=duration, started=started,
-                              kill_time=kill_time, killed=killed)
-        fo = (failover_times(spans, killed, since_ns=int(kill_time * 1e9))
-              if killed and kill_time is not None else FailoverTimes())
+                              kill_time=kill_time, killed=killed, failover=fo)
         report["protocol"] = protocol
         if isinstance(traffic, StreamTraffic) and protocol != "grpc":
             report["reconnects"] = reconnect_report(traffic.reconnects, kill_time, killed)

@@ -262,11 +262,22 @@ def envoy_retry_traces(spans: Iterable[Any]) -> list[str]:
     return sorted(found)
 
 
+def kill_failover(spans: Sequence[Any], killed: str | None,
+                  kill_time: float | None) -> FailoverTimes:
+    """The failover that detected a kill (Unix seconds): the killed member's first one at
+    or after it (empty without a kill)."""
+    if killed is None or kill_time is None:
+        return FailoverTimes()
+    return failover_times(spans, killed, since_ns=int(kill_time * 1e9))
+
+
 def build_report(records: Sequence[Record], final: Mapping[str, int | None],
                  spans: Sequence[Any], *, cluster: str, mode: str, members: Sequence[str],
                  sessions: int, duration: float, started: float,
-                 kill_time: float | None, killed: str | None) -> dict[str, Any]:
-    """The run's report (``report.json``); ``started`` and ``kill_time`` in Unix seconds."""
+                 kill_time: float | None, killed: str | None,
+                 failover: FailoverTimes | None = None) -> dict[str, Any]:
+    """The run's report (``report.json``); ``started`` and ``kill_time`` in Unix seconds;
+    ``failover``: :func:`kill_failover` of the same spans, if the caller has it."""
     posts = [r for r in records if r.method == "POST"]
     failed = [r for r in posts if not r.ok]
     lost = lost_writes(posts, final)
@@ -294,7 +305,7 @@ def build_report(records: Sequence[Record], final: Mapping[str, int | None],
     report["per_member_requests_after_kill"] = member_counts(posts, since=kill_time)
     rto, unrecovered = recovery_times_ms(posts, kill_time, killed)
     kill_ns = int(kill_time * 1e9)
-    fo = failover_times(spans, killed, since_ns=kill_ns)
+    fo = failover if failover is not None else kill_failover(spans, killed, kill_time)
     earlier = [r for r in failover_roots(spans, killed) if r.start_ns < kill_ns]
     report.update(
         rto_ms=distribution(rto),
@@ -395,5 +406,5 @@ def print_summary(console: Any, report: Mapping[str, Any], out: Path) -> None:
 
 __all__ = ["FailoverTimes", "Record", "build_report", "busiest_member", "causal_violations",
            "distribution", "envoy_retry_traces", "failover_roots", "failover_times",
-           "failure_examples", "failure_kinds", "last_acknowledged", "lost_writes", "member_counts",
-           "print_summary", "recovery_times_ms"]
+           "failure_examples", "failure_kinds", "kill_failover", "last_acknowledged",
+           "lost_writes", "member_counts", "print_summary", "recovery_times_ms"]

@@ -421,7 +421,8 @@ class _Call:
         except aio.AioRpcError as exc:
             ended = self._ended(exc.code(), exc.trailing_metadata())
         finally:
-            self.frames_queue.put_nowait(ended)
+            if ended is not None:
+                self.frames_queue.put_nowait(ended)
             self.frames_queue.put_nowait(None)
 
     def _ended(self, code: grpc.StatusCode, trailing: Any) -> Frame | None:

@@ -122,11 +122,11 @@ def test_moved_is_no_failure_of_the_member_that_says_it() -> None:
 def _logged_grpc(status: int) -> Any:
     """Envoy's access log entry of a gRPC call that ended with ``status`` in its
     trailers (what the judge reads): an answer of 200 with the status in its trailers."""
-    from tests.unit.test_streams_sse_fence import _logged
+    from tests.harness.als import entry
 
-    entry = _logged(200)
-    entry.response.response_trailers["grpc-status"] = str(status)
-    return entry
+    logged = entry("demo", "127.0.0.2:80", 0.001)
+    logged.response.response_trailers["grpc-status"] = str(status)
+    return logged
 
 
 @pytest.mark.parametrize("bad", [

@@ -16,7 +16,6 @@ from unittest import mock
 
 from aiohttp import streams as aiostreams
 from aiohttp.test_utils import make_mocked_request
-from envoy.data.accesslog.v3.accesslog_pb2 import AccessLogType, HTTPAccessLogEntry
 
 from meshxl.client import AsyncClient
 from meshxl.streams import StreamHost, sse
@@ -24,6 +23,7 @@ from meshxl.streams.protocol import MOVED, READY, Limits, new_token
 from meshxl.streams.record import StreamRecord
 from meshxl.streams.server import ServerStream
 from meshxl.xds.accesslog import http_sample
+from tests.harness.als import entry
 
 
 def _stream(epoch: int) -> ServerStream:
@@ -84,21 +84,9 @@ async def test_a_post_a_process_cannot_take_is_no_failure_of_its_member() -> Non
     for answer in answers:
         assert json.loads(answer.body)["code"] == MOVED.name  # type: ignore[attr-defined]
         assert 400 <= answer.status < 500, answer.status  # no gateway error, no 5xx
-        assert http_sample(_logged(answer.status)) == ("demo", "127.0.0.2:80", 0.001, False)
+        logged = entry("demo", "127.0.0.2:80", 0.001, answer.status)  # what the judge reads
+        assert http_sample(logged) == ("demo", "127.0.0.2:80", 0.001, False)
     await host.sessions.close()
-
-
-def _logged(status: int) -> HTTPAccessLogEntry:
-    """Envoy's access log entry of an answer of ``status`` (what the judge reads)."""
-    entry = HTTPAccessLogEntry()
-    common = entry.common_properties
-    common.upstream_cluster = "demo"
-    common.upstream_remote_address.socket_address.address = "127.0.0.2"
-    common.upstream_remote_address.socket_address.port_value = 80
-    common.time_to_first_upstream_rx_byte.FromMilliseconds(1)
-    common.access_log_type = AccessLogType.UpstreamEnd
-    entry.response.response_code.value = status
-    return entry
 
 
 class _Answer:
