@@ -31,14 +31,28 @@ import pytest
 from meshxl.local.deployment import CLUSTER, DemoDeployment
 from meshxl.local.procs import Owner
 from meshxl.local.wait import wait_until
-from tests.harness.clock import window
+from tests.harness.clock import scaled, window
 from tests.integration.test_pinned_sessions import Browser
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 SESSIONS = 24
-ROUNDS = 400  # bound: rounds of one POST per session
+ROUNDS = 5_000  # bounds: rounds of one POST per session, and LOAD_S of them
+LOAD_S = 240.0
+"""Each session's requests end after this long (scaled): far past the test's own waits,
+so no session stops while it still has to move (400 rounds did, on a loaded machine,
+while a slowed member was still being judged)."""
 HA_SESSIONS = 12
+TIMEOUT_S = 10.0
+"""A request's whole time: a request that takes longer counts as failed."""
+
+
+def slowdown_ms(normal_s: float) -> float:
+    """The fault's delay for a member whose p90 was ``normal_s``: ten times that (a
+    loaded machine answers slower already), at least 100 ms, and at most 2.5 s so a
+    slowed request stays well inside :data:`TIMEOUT_S` (2.5 s on top of a p90 over
+    0.25 s is still more than the judge's ``latency_factor`` of 3)."""
+    return min(2_500.0, max(100.0, 10_000 * normal_s))
 
 
 @pytest.fixture
@@ -68,6 +82,8 @@ class Sessions:
     failed: list[str] = field(default_factory=list)
     waits: list[tuple[float, float]] = field(default_factory=list)
     """(time, seconds) each answer took."""
+    ended: list[str] = field(default_factory=list)
+    """Sessions whose requests reached their bound before the block ended."""
 
     def p90(self, since: float) -> float:
         took = sorted(w for t, w in self.waits if t >= since)
@@ -78,6 +94,13 @@ class Sessions:
         for _, s, m, _ in self.answers:
             on[s] = m
         return on
+
+    def explain(self, sessions: list[str], member: str, slow_ms: float) -> str:
+        """Why ``sessions`` are not all answered away from ``member`` yet."""
+        on = self.last_member()
+        return (f"{member} {slow_ms:.0f} ms slower; still there: "
+                f"{[s for s in sessions if on[s] == member]}; requests ended: "
+                f"{self.ended[:5]}; failed: {self.failed[:3]}")
 
     def of(self, session: str) -> list[tuple[str, int]]:
         return [(m, seq) for _, sess, m, seq in self.answers if sess == session]
@@ -97,24 +120,35 @@ async def sessions_on(d: DemoDeployment, names: list[str],
     stop = asyncio.Event()
 
     async def loop(http: aiohttp.ClientSession, session: str) -> None:
+        end = time.monotonic() + scaled(LOAD_S)
         for _ in range(ROUNDS):
             if stop.is_set():
                 return
+            if time.monotonic() > end:
+                break
             sent = time.monotonic()
-            async with http.post(got.browser.url,
-                                 headers=got.browser.headers(session)) as resp:
-                body = await resp.json(content_type=None)
-                if resp.status != 200:
-                    got.failed.append(f"{session}: HTTP {resp.status} {body}")
-                    continue
-                got.browser.keep(session, resp)
-                got.answers.append((time.time(), session, resp.headers["x-meshxl-member"],
-                                    int(body["seq"])))
-                got.waits.append((time.time(), time.monotonic() - sent))
+            try:
+                async with http.post(got.browser.url,
+                                     headers=got.browser.headers(session)) as resp:
+                    body = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        got.failed.append(f"{session}: HTTP {resp.status} {body}")
+                        continue
+                    got.browser.keep(session, resp)
+                    got.answers.append((time.time(), session,
+                                        resp.headers["x-meshxl-member"], int(body["seq"])))
+                    got.waits.append((time.time(), time.monotonic() - sent))
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Recorded, and the session goes on: a session whose loop ended would
+                # stay "on" its last member for good.
+                got.failed.append(f"{session}: {type(exc).__name__} after "
+                                  f"{time.monotonic() - sent:.2f} s: {exc}")
+                continue
             await asyncio.sleep(0.02)
+        got.ended.append(session)
 
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(),
-                                     timeout=aiohttp.ClientTimeout(total=10)) as http:
+                                     timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as http:
         tasks = [asyncio.create_task(loop(http, s)) for s in names]
         try:
             yield got
@@ -131,8 +165,7 @@ async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
         sick = "b"
         pinned_there = sorted(s for s, m in run.last_member().items() if m == sick)
         assert pinned_there, run.last_member()  # the hash gave b some of the sessions
-        # Ten times slower than it was (a loaded machine answers slower already).
-        slow_ms = max(100.0, 10_000 * run.p90(time.time() - 2.0))
+        slow_ms = slowdown_ms(run.p90(time.time() - 2.0))
         started = time.time()
         d.set_faults(sick, delay_ms=slow_ms)
 
@@ -151,7 +184,8 @@ async def test_pinned_sessions_leave_a_degraded_member_with_their_state(
         # Once every session pinned to b is answered elsewhere, Envoy has the push, and
         # after the requests in flight on b (up to its delay) nothing goes there.
         await wait_until(lambda: all(run.last_member()[s] != sick for s in pinned_there),
-                         timeout=30, what="every session pinned to b answered elsewhere")
+                         timeout=30, what="every session pinned to b answered elsewhere",
+                         explain=lambda: run.explain(pinned_there, sick, slow_ms))
         quiet = time.time() + slow_ms / 1000
         await window(1.0 + slow_ms / 1000, "nothing may go to b any more")
         late = [a for a in run.answers if a[0] >= quiet and a[2] == sick]
@@ -182,12 +216,12 @@ async def high_availability(harness: Owner, tmp_path: Path) -> AsyncIterator[Dem
 
 
 async def pinned_to_a(run: Sessions) -> tuple[float, float]:
-    """After the active's normal is seen (every session pinned to a): its p90 and a
-    delay ten times that (a loaded machine answers slower already), in ms."""
+    """After the active's normal is seen (every session pinned to a): its p90, and the
+    delay (:func:`slowdown_ms`) in ms."""
     await window(4.0, "the active's normal: the judge compares with 3 s of it")
     assert set(run.last_member().values()) == {"a"}, run.last_member()
     normal = run.p90(time.time() - 2.0)
-    return normal, max(100.0, 10_000 * normal)
+    return normal, slowdown_ms(normal)
 
 
 async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
@@ -215,7 +249,8 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
             # Once every session is answered on b, Envoy has the push; after the
             # requests in flight on a (up to its delay), b serves all.
             await wait_until(lambda: set(run.last_member().values()) == {"b"}, timeout=30,
-                             what="every session answered on b")
+                             what="every session answered on b",
+                             explain=lambda: run.explain(names, "a", slow_ms))
             settled = time.time() + slow_ms / 1000
             await window(1.0 + slow_ms / 1000, "nothing may go to a any more")
         # Answered on b before the role moved (the judgement is seen within 0.5 s).
@@ -270,7 +305,9 @@ async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_b
                 # the requests in flight on b (up to its delay), a serves all.
                 await wait_until(lambda: set(run.last_member().values()) |
                                  set(new.last_member().values()) == {"a"}, timeout=20,
-                                 what="every session answered on a")
+                                 what="every session answered on a",
+                                 explain=lambda: (run.explain(names, "b", slow_ms),
+                                                  new.explain(fresh, "b", slow_ms)))
                 settled = time.time() + slow_ms / 1000
                 await window(1.0 + slow_ms / 1000, "nothing may go to b any more")
             assert "a" not in await degraded(d)  # no predictive failover
