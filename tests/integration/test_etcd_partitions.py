@@ -64,7 +64,7 @@ PACE = 0.02
 """Pause between one session's writes: about 50 writes a second per session at most."""
 LOAD_LIMIT = 40.0
 """No load loop runs longer than this (seconds)."""
-WINDOW = 4.0
+WINDOW = 3.0
 """Seconds of load after a fault (and after its repair) before judging."""
 ETCD_HOSTS = (0, 1, 2)
 SIDECAR_HOSTS = (3, 4, 5)

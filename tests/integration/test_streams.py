@@ -38,7 +38,10 @@ from meshxl.streams.protocol import FORBIDDEN, MALFORMED, UNKNOWN, new_token
 from tests.harness.clock import scaled
 from tests.harness.protocols import deployment, member_down, restart
 
-pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.asyncio(loop_scope="module")]
+# Not ``heavy``: every scenario waits for its streams' messages, none judges a duration;
+# one worker runs them all, on the module's deployment.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("streams"),
+              pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
