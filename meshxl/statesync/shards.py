@@ -199,6 +199,21 @@ class ShardedSessions:
         try:
             await self.mover.move(old.client, shard.client, old.engine.ledger.key(session_id),
                                   m.version, (old.name, shard.name))
+        except asyncio.CancelledError:
+            # Not this request's own cancellation: a call of the move was cancelled under
+            # it, as closing a shard's client does. Nothing of the request was sent:
+            # planned again under the newer map if it closed the old shard, else 503.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            if self.shards.get(old.name) is not old:
+                raise ShardClosed(f"session shard {old.name} was closed while session "
+                                  f"{session_id!r} moved from it to {shard.name}: shard "
+                                  f"map version {m.version} was replaced by "
+                                  f"{self.map.version}; send it again") from None
+            raise Unavailable(f"session {session_id!r} moves from shard {old.name} to "
+                              f"{shard.name}, and that was interrupted; send it "
+                              "again") from None
         except Fenced as exc:
             self._fence_found(exc.fence)
             raise
@@ -212,7 +227,7 @@ class ShardedSessions:
         return shard
 
     async def _settle_all(self, session_ids: Sequence[str],
-                          m: ShardMap) -> dict[str, BaseException]:
+                          m: ShardMap) -> dict[str, Exception]:
         """:meth:`settle` of every moving session among ``session_ids``, side by side:
         the errors, by session."""
         moving = [s for s in dict.fromkeys(session_ids) if m.source_of(s) is not None]
@@ -220,8 +235,13 @@ class ShardedSessions:
             return {}
         done = await asyncio.gather(*(self.settle(s, m) for s in moving),
                                     return_exceptions=True)
-        return {s: e for s, e in zip(moving, done, strict=True)
-                if isinstance(e, BaseException)}
+        errors: dict[str, Exception] = {}
+        for session_id, outcome in zip(moving, done, strict=True):
+            if isinstance(outcome, Exception):
+                errors[session_id] = outcome
+            elif isinstance(outcome, BaseException):  # a cancellation: never an answer
+                raise outcome
+        return errors
 
     def status(self) -> dict[str, Any]:
         """``/v1/status`` ``shards``: the map served, each shard, and what is wrong

@@ -7,6 +7,7 @@ Real etcd: ``tests/integration/test_reshard_faults.py``, ``test_reshard_model.py
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
@@ -224,3 +225,55 @@ async def test_an_etag_of_a_renamed_shard_is_compared_in_its_cluster() -> None:
     [outcome] = await router.write([Write(session_id="u1", if_match='"s1:7"')])
     assert outcome is None and parts[0].engine.asked[0][0].if_match == "7"
     assert parts[0].store.fencing.version() == 4  # type: ignore[attr-defined]
+
+
+async def test_a_move_cancelled_by_its_shard_closing_is_planned_again_under_the_new_map(
+) -> None:
+    """A write whose session is moving when a newer map closes its old shard: closing
+    the shard's client cancels the move's call under the write, which is then planned
+    again under the newer map (nothing of it was sent), never answered with the
+    cancellation as if it were stored (a 500, seen in an online reshard under load)."""
+    moving = ShardMap(6, (A, C), (A, B, C), MOVE)
+    session = next(s for s in IDS if moving.source_of(s) == B and moving.of(s) == C)
+    parts = {name: _Part(name) for name in ("s1", "s2", "s3")}
+    for part in parts.values():
+        part.client = object()  # type: ignore[attr-defined]
+        part.engine.ledger = _Ledger()  # type: ignore[attr-defined]
+    router = ShardedSessions(moving, list(parts.values()), Settings(),  # type: ignore[arg-type]
+                             b"/fence")
+
+    class _Mover:
+        async def move(self, *args: Any) -> None:
+            router.map = ShardMap(7, (A, C), (), "")  # the next map closes s2...
+            del router.shards["s2"]
+            raise asyncio.CancelledError  # ...and its client's calls with it
+
+    router.mover = _Mover()  # type: ignore[assignment]
+    [outcome] = await router.write([Write(session_id=session)])
+    assert outcome is None, outcome  # stored in s3 under map 7
+    assert [w.session_id for w in parts["s3"].engine.asked[0]] == [session]
+    assert not parts["s2"].engine.asked
+
+
+async def test_a_move_cancelled_under_a_write_while_its_shard_stays_is_a_503() -> None:
+    moving = ShardMap(6, (A, C), (A, B, C), MOVE)
+    session = next(s for s in IDS if moving.source_of(s) == B and moving.of(s) == C)
+    parts = [_Part(name) for name in ("s1", "s2", "s3")]
+    for part in parts:
+        part.client = object()  # type: ignore[attr-defined]
+        part.engine.ledger = _Ledger()  # type: ignore[attr-defined]
+    router = ShardedSessions(moving, parts, Settings(), b"/fence")  # type: ignore[arg-type]
+
+    class _Mover:
+        async def move(self, *args: Any) -> None:
+            raise asyncio.CancelledError
+
+    router.mover = _Mover()  # type: ignore[assignment]
+    [outcome] = await router.write([Write(session_id=session)])
+    assert isinstance(outcome, Unavailable) and "interrupted" in str(outcome), outcome
+    assert not any(p.engine.asked for p in parts)
+
+
+class _Ledger:
+    def key(self, session_id: str) -> bytes:
+        return session_id.encode()
