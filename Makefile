@@ -36,10 +36,19 @@ setup: $(STAMP)
 lock:
 	@scripts/lock.sh "$(VENV)"
 
+# The package's bytecode, at both levels its processes run with (-OO: the sidecars),
+# compiled once before the processes start: the project is installed editable, and
+# where PYTHONDONTWRITEBYTECODE is set no process writes it, so each sidecar, control
+# plane and app would compile every module of meshxl again (0.14-0.17 s of CPU each).
+# Up to date, this takes a tenth of a second.
+BYTECODE = $(PY) -m compileall -q -j 0 -o 0 -o 2 meshxl bench > /dev/null
+
 demo: $(DEMO_STAMP)
+	@$(BYTECODE)
 	$(VENV)/bin/meshxl demo --output-dir out/demo
 
 quickstart: $(DEMO_STAMP)
+	@$(BYTECODE)
 	$(VENV)/bin/meshxl quickstart
 
 # The suite in WORKERS parallel processes (pytest-xdist; WORKERS=0: one process, no
@@ -47,12 +56,14 @@ quickstart: $(DEMO_STAMP)
 # slower machine sets a larger one (docs/design.md, "Testing").
 WORKERS ?= 4
 test: $(STAMP)
+	@$(BYTECODE)
 	$(PY) -m pytest -q -ra --durations=25 -n $(WORKERS) --dist loadgroup tests
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests/unit
 
 integration: $(STAMP)
+	@$(BYTECODE)
 	$(PY) -m pytest -q -ra -n $(WORKERS) --dist loadgroup tests/integration
 
 # Every benchmark beside its reference, then bench/results/summary.png (how long it
