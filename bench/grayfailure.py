@@ -403,6 +403,7 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
                               for p in p99s],
         "latency_ms": latency_summary_ms(window),
         "sick_latency_ms": latency_summary_ms(r for r in window if r.member == SICK),
+        "others_latency_ms": latency_summary_ms(r for r in window if r.member != SICK),
         "sessions_moved": session_moves(records, fault_start, fault_end)["sessions"],
         "moves": session_moves(records, fault_start, fault_end),
         "lost": regressions(records) + sum(lost_writes(records, final).values()),

@@ -50,10 +50,13 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
             assert a["lost"] == 0, (name, arm, a)
             assert a["seconds"] >= 3, (name, arm, a)
     outlier = {name: sc["arms"]["outlier"] for name, sc in res["scenarios"].items()}
-    healthy = res["calibration"]["healthy_p50_ms"]
-    # The starved member answers much slower (its sessions' p99 breaches the SLO
-    # whenever maglev gave it enough of them); the delayed one always breaches it.
-    assert outlier["cpu"]["sick_latency_ms"]["p50"] > 3 * healthy, outlier["cpu"]
+    # The starved member answers much slower than its peers in the same seconds (its
+    # sessions' p99 breaches the SLO whenever maglev gave it enough of them); the
+    # delayed one always breaches it. Peers of the same seconds, not the calibration:
+    # on two cores shared with the rest of the suite, a calibration taken in a busy
+    # moment answered at 519 ms p50, and the starved member's 1,517 ms was not 3x that.
+    cpu = outlier["cpu"]
+    assert cpu["sick_latency_ms"]["p50"] > 2 * cpu["others_latency_ms"]["p50"], cpu
     assert outlier["latency"]["breach_seconds"] >= 1, outlier["latency"]
     # Envoy's failure-percentage ejection judges a host once it had 20 requests in an
     # interval (1 s): a slow machine's quick run may give the sick member fewer.
