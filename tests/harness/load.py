@@ -3,7 +3,8 @@
 ``drive`` sends ``requests_per_session`` requests for each session, round-robin across
 sessions (so every session's requests spread over the whole run, which is what a
 failover test needs), with at most ``concurrency`` in flight, and stops at
-``max_seconds``. It refuses non-loopback targets and more than ``MAX_REQUESTS``.
+``max_seconds`` (scaled by the suite's clock, :mod:`tests.harness.clock`). It refuses
+non-loopback targets and more than ``MAX_REQUESTS``.
 
 ``under_way(answered, count)`` waits until a running load has had ``count`` answers
 (a fault injected "under load" comes once the load is under way, not after a fixed
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from meshxl.local.wait import wait_until
+from tests.harness.clock import scaled
 
 __all__ = ["MAX_REQUESTS", "Outcome", "by_session", "drive", "failures", "members_seen",
            "under_way"]
@@ -106,7 +108,7 @@ async def drive(
     jars: dict[str, dict[str, str]] = defaultdict(dict)
     results: list[Outcome] = [] if live is None else live
     t0 = time.monotonic()
-    deadline = t0 + max_seconds
+    deadline = t0 + scaled(max_seconds)
     zero = t0 if origin is None else origin
 
     async def one(http: aiohttp.ClientSession, session: str, seq: int) -> Outcome:
