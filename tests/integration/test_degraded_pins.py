@@ -244,8 +244,9 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
 
             await wait_until(moved, timeout=30, what="the role moved from the slow active")
             took = time.time() - started
-            reason = (await degraded(d))["a"]["reason"]
-            assert "predictive failover to b" in reason, reason
+            judged = (await degraded(d))["a"]
+            assert "predictive failover to b" in judged["reason"], judged
+            moved_at = float(judged["since"])  # the judging replica's clock: this host's
             # Once every session is answered on b, Envoy has the push; after the
             # requests in flight on a (up to its delay), b serves all.
             await wait_until(lambda: set(run.last_member().values()) == {"b"}, timeout=30,
@@ -253,8 +254,9 @@ async def test_high_availability_pinned_sessions_follow_a_predictive_failover(
                              explain=lambda: run.explain(names, "a", slow_ms))
             settled = time.time() + slow_ms / 1000
             await window(1.0 + slow_ms / 1000, "nothing may go to a any more")
-        # Answered on b before the role moved (the judgement is seen within 0.5 s).
-        probed = {s for t, s, m, _ in run.answers if m == "b" and t < started + took - 0.5}
+        # Answered on b before the role moved: while b was probed. (Not "half a second
+        # before the test saw the move": a loaded machine's probe can be shorter.)
+        probed = {s for t, s, m, _ in run.answers if m == "b" and t < moved_at}
     assert not run.failed, run.failed[:5]
     assert probed, "the probe gave b none of the pinned sessions"
     late = [a for a in run.answers if a[0] >= settled and a[2] != "b"]
