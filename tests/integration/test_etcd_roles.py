@@ -208,9 +208,11 @@ async def test_a_pool_sidecar_talks_to_etcd_as_each_vs_own_user(
     async with etcd.client(auth_etcd.url, security=root_security) as client:
         await apply_model(client, KEYS, POOL_MODEL, "test")
     # etcdctl's own 5 s per command is short for user adds (bcrypt) beside the grants on
-    # two loaded cores.
+    # two loaded cores; and its 2 s to dial includes logging in, which etcd retries while
+    # the grants beside it change the auth store ("revision when password checked became
+    # stale; retrying"): "context deadline exceeded" at its first attempt.
     ctl = ["etcdctl", "--endpoints", auth_etcd.url, "--user", f"root:{ROOT_PASSWORD}",
-           f"--command-timeout={int(scaled(30))}s"]
+           f"--command-timeout={int(scaled(30))}s", f"--dial-timeout={int(scaled(30))}s"]
     creds = tmp_path / "creds"
     for tenant in ("ta", "tb", "web"):
         (creds / tenant).mkdir(parents=True)
