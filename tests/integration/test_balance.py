@@ -15,14 +15,18 @@ import yaml
 
 from meshxl.local.ports import free_ports
 from tests.harness import Backend
+from tests.harness.clock import scaled
 
 pytestmark = pytest.mark.integration
 
 LOOPBACK = "127.0.0.1"
 HEADER = "x-session-id"
 HOT = 24          # hot sessions, all hashed to one member
-DELAY = 1.2       # seconds each hot request stays in flight
 STAGGER = 0.03    # between hot requests: Envoy counts a request once it is upstream
+DELAY = scaled(3.0)
+"""Seconds each hot request stays in flight: all HOT must overlap, and sending them
+takes HOT x STAGGER (0.72 s) plus whatever a loaded machine stalls the client (1.2 s
+let early ones end before late ones were routed, and the busiest member took 13)."""
 
 
 def model(backends: list[Backend], ports: list[int]) -> dict[str, Any]:
@@ -32,6 +36,9 @@ def model(backends: list[Backend], ports: list[int]) -> dict[str, Any]:
         return {"name": name, "mode": "load-sharing", "members": members,
                 "stickiness": {"header": HEADER, **stickiness},
                 "outlier_detection": {"enabled": False},
+                # Past a hot request's DELAY: neither its route nor a try ends it.
+                "route": {"timeout": f"{DELAY + 30:g}s"},
+                "retries": {"per_try_timeout": f"{DELAY + 20:g}s"},
                 "listener": {"address": LOOPBACK, "port": port}}
 
     return {"clusters": [cluster("plain", ports[0]),
@@ -62,7 +69,7 @@ async def test_bounded_loads_cap_a_member_with_hot_sessions(
 
     async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=4 * HOT),
-            timeout=aiohttp.ClientTimeout(total=10)) as http:
+            timeout=aiohttp.ClientTimeout(total=DELAY + scaled(10))) as http:
         # Without load the bound never applies: each session has one member, the same in
         # both clusters (same members, same hash), and keeps it.
         home = {}
@@ -78,7 +85,7 @@ async def test_bounded_loads_cap_a_member_with_hot_sessions(
 
         async def burst(port: int) -> Counter[str]:
             async def one(k: int, session: str) -> str:
-                await asyncio.sleep(k * STAGGER)  # all HOT overlap: 24 x 30 ms < 1.2 s
+                await asyncio.sleep(k * STAGGER)  # all HOT overlap: 24 x 30 ms < DELAY
                 return await ask(http, port, session, DELAY)
 
             served = await asyncio.gather(*(one(k, s) for k, s in enumerate(hot)))
