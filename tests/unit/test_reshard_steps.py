@@ -227,51 +227,51 @@ async def test_an_etag_of_a_renamed_shard_is_compared_in_its_cluster() -> None:
     assert parts[0].store.fencing.version() == 4  # type: ignore[attr-defined]
 
 
+MOVING = ShardMap(6, (A, C), (A, B, C), MOVE)
+MOVED = next(s for s in IDS if MOVING.source_of(s) == B and MOVING.of(s) == C)
+"""A session moving from s2 to s3 under MOVING."""
+
+
+def _moving_router(closes_s2: bool) -> tuple[ShardedSessions, dict[str, _Part]]:
+    """A router at MOVING whose move of a session is cancelled under the write, as
+    closing a shard's client cancels its calls; ``closes_s2``: a newer map closed s2
+    first (version 7: s1 and s3)."""
+    parts = {name: _Part(name) for name in ("s1", "s2", "s3")}
+    for part in parts.values():
+        part.client = object()  # type: ignore[attr-defined]
+        part.engine.ledger = _Ledger()  # type: ignore[attr-defined]
+    router = ShardedSessions(MOVING, list(parts.values()), Settings(),  # type: ignore[arg-type]
+                             b"/fence")
+
+    class _Mover:
+        async def move(self, *args: Any) -> None:
+            if closes_s2:
+                router.map = ShardMap(7, (A, C), (), "")
+                del router.shards["s2"]
+            raise asyncio.CancelledError
+
+    router.mover = _Mover()  # type: ignore[assignment]
+    return router, parts
+
+
 async def test_a_move_cancelled_by_its_shard_closing_is_planned_again_under_the_new_map(
 ) -> None:
     """A write whose session is moving when a newer map closes its old shard: closing
     the shard's client cancels the move's call under the write, which is then planned
     again under the newer map (nothing of it was sent), never answered with the
     cancellation as if it were stored (a 500, seen in an online reshard under load)."""
-    moving = ShardMap(6, (A, C), (A, B, C), MOVE)
-    session = next(s for s in IDS if moving.source_of(s) == B and moving.of(s) == C)
-    parts = {name: _Part(name) for name in ("s1", "s2", "s3")}
-    for part in parts.values():
-        part.client = object()  # type: ignore[attr-defined]
-        part.engine.ledger = _Ledger()  # type: ignore[attr-defined]
-    router = ShardedSessions(moving, list(parts.values()), Settings(),  # type: ignore[arg-type]
-                             b"/fence")
-
-    class _Mover:
-        async def move(self, *args: Any) -> None:
-            router.map = ShardMap(7, (A, C), (), "")  # the next map closes s2...
-            del router.shards["s2"]
-            raise asyncio.CancelledError  # ...and its client's calls with it
-
-    router.mover = _Mover()  # type: ignore[assignment]
-    [outcome] = await router.write([Write(session_id=session)])
+    router, parts = _moving_router(closes_s2=True)
+    [outcome] = await router.write([Write(session_id=MOVED)])
     assert outcome is None, outcome  # stored in s3 under map 7
-    assert [w.session_id for w in parts["s3"].engine.asked[0]] == [session]
+    assert [w.session_id for w in parts["s3"].engine.asked[0]] == [MOVED]
     assert not parts["s2"].engine.asked
 
 
 async def test_a_move_cancelled_under_a_write_while_its_shard_stays_is_a_503() -> None:
-    moving = ShardMap(6, (A, C), (A, B, C), MOVE)
-    session = next(s for s in IDS if moving.source_of(s) == B and moving.of(s) == C)
-    parts = [_Part(name) for name in ("s1", "s2", "s3")]
-    for part in parts:
-        part.client = object()  # type: ignore[attr-defined]
-        part.engine.ledger = _Ledger()  # type: ignore[attr-defined]
-    router = ShardedSessions(moving, parts, Settings(), b"/fence")  # type: ignore[arg-type]
-
-    class _Mover:
-        async def move(self, *args: Any) -> None:
-            raise asyncio.CancelledError
-
-    router.mover = _Mover()  # type: ignore[assignment]
-    [outcome] = await router.write([Write(session_id=session)])
+    router, parts = _moving_router(closes_s2=False)
+    [outcome] = await router.write([Write(session_id=MOVED)])
     assert isinstance(outcome, Unavailable) and "interrupted" in str(outcome), outcome
-    assert not any(p.engine.asked for p in parts)
+    assert not any(p.engine.asked for p in parts.values())
 
 
 class _Ledger:
