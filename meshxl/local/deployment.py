@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from meshxl import headers as hdr
 from meshxl.etcd.keys import Keys
 from meshxl.local import commands
@@ -356,6 +358,25 @@ class DemoDeployment:
         await wait_until(self.all_healthy, timeout=timeout,
                          what=f"Envoy to see all {len(self.members)} members healthy",
                          explain=lambda: envoy_hosts(self.admin_url))
+
+    async def steady(self) -> bool:
+        """Whether no EDS weight changes by itself: the live control-plane replicas ramp
+        no member up (one that registered after another, or came back, warms over the
+        cluster's ``warmup``, a new weight each step) and judge none degraded."""
+        live = [r for r in self.replicas if r.process is not None and r.process.running]
+        if not live:
+            return False
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+            for replica in live:
+                async with http.get(f"{replica.admin_url}/v1/status") as resp:
+                    status = await resp.json()
+                if status["warming"] or status["degraded"]:
+                    return False
+        return True
+
+    async def wait_steady(self, timeout: float = 30) -> None:
+        await wait_until(self.steady, timeout=timeout,
+                         what="no member ramping up or judged degraded")
 
     async def add_member(self, name: str, site: str) -> DemoMember:
         """Scale out: a new member (app + sidecar) that registers itself; returns once

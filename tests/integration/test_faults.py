@@ -343,7 +343,9 @@ async def test_etcd_member_loss_and_full_outage_under_load(
             assert r.status == 503 and r.error, r
         final = await check_no_loss(d, load.sessions, records)
 
-        # Full outage: every etcd member killed -9.
+        # Full outage: every etcd member killed -9, once no weight changes by itself (a
+        # member that registered after another ramps up, a new EDS each step).
+        await d.wait_steady()
         replica = d.replicas[0].admin_url
         versions = (await get_json(f"{replica}/v1/status"))[1]["versions"]
         await asyncio.gather(*(m.kill() for m in etcd_cluster.members))

@@ -250,6 +250,9 @@ async def _served_from(d: DemoDeployment, source: str, session: str) -> str:
 @on("tcp")
 async def test_connections_are_hashed_on_the_clients_source_address(
         d: DemoDeployment) -> None:
+    # The members' hash shares follow their weights: none may be ramping up (the last to
+    # register, or one restarted by an earlier test, starts at a tenth of its weight).
+    await d.wait_steady()
     async with EnvoyAdmin(d.admin_url) as admin:
         cluster = (await admin.dynamic_clusters())["demo"]
     assert cluster["lb_policy"] == "MAGLEV" and "tcp_health_check" in cluster["health_checks"][0]
