@@ -29,6 +29,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-sync", "--no-first-run", "--no-default-browser-check"]
 
 
+COMMIT_LAG = 2.0
+"""How long after an aborted request's failure the commit of the navigation that
+aborted it may be reported (Playwright's events are not ordered across the two)."""
+
+
 class BrowserNotInstalled(RuntimeError):
     """No chromium (or no playwright package) to run the page tests with."""
 
@@ -51,11 +56,38 @@ def find_chromium() -> str:
 
 @dataclass
 class Console:
-    """What a page said: console messages and uncaught errors."""
+    """What a page said: console messages, uncaught errors and failed requests.
+
+    A request still in flight when the test navigates the page away is aborted by the
+    navigation (net::ERR_ABORTED): that is the test's doing, not a failure of the page.
+    Any other failure, or an abort with no navigation after the request started, is a
+    problem. The order is decided when the failures are read, not as the events arrive:
+    Playwright may report the old document's aborted request just before the commit of
+    the new document that aborted it (up to :data:`COMMIT_LAG` seconds later counts)."""
 
     messages: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    failed_requests: list[str] = field(default_factory=list)
+    failures: list[tuple[int, float, str, str]] = field(default_factory=list)
+    """(when the request started, in :meth:`tick` order; when it failed, monotonic; its
+    URL; its failure)."""
+    navigations: list[tuple[int, float]] = field(default_factory=list)
+    """When navigations (requests for a document, and commits) started: tick, monotonic."""
+    _clock: int = 0
+
+    def tick(self) -> int:
+        """The next instant of the page's event order."""
+        self._clock += 1
+        return self._clock
+
+    @property
+    def failed_requests(self) -> list[str]:
+        return [f"{url}: {failure}" for started, failed, url, failure in self.failures
+                if not (failure == "net::ERR_ABORTED" and any(
+                    n > started and at <= failed + scaled(COMMIT_LAG)
+                    for n, at in self.navigations))]
+
+    def navigated(self, tick: int | None = None) -> None:
+        self.navigations.append((self.tick() if tick is None else tick, time.monotonic()))
 
     def problems(self) -> list[str]:
         """Errors and warnings of any kind, one line each."""
@@ -81,30 +113,19 @@ async def open_page(profile: Path) -> AsyncIterator[tuple[Any, Console]]:
             page = context.pages[0] if context.pages else await context.new_page()
             page.on("console", lambda m: console.messages.append((m.type, m.text)))
             page.on("pageerror", lambda e: console.errors.append(str(e)))
-            # A request still in flight when the test navigates the page away is
-            # aborted by the navigation (net::ERR_ABORTED): that is the test's doing,
-            # not a failure of the page. Any other failure, or an abort with no
-            # navigation after the request started, is recorded.
             started: dict[Any, int] = {}
-            navigations: list[int] = []
-            order = iter(range(1 << 62))
 
             def on_request(r: Any) -> None:
-                started[r] = next(order)
+                started[r] = console.tick()
                 if r.is_navigation_request():
-                    navigations.append(started[r])
-
-            def on_failed(r: Any) -> None:
-                aborted = r.failure == "net::ERR_ABORTED" and any(
-                    n > started.get(r, -1) for n in navigations)
-                if not aborted:
-                    console.failed_requests.append(f"{r.url}: {r.failure}")
+                    console.navigated(started[r])
 
             page.on("request", on_request)
             # A request the old document made after the navigation started is aborted
             # when the new one commits: the commit counts as a navigation too.
-            page.on("framenavigated", lambda frame: navigations.append(next(order)))
-            page.on("requestfailed", on_failed)
+            page.on("framenavigated", lambda frame: console.navigated())
+            page.on("requestfailed", lambda r: console.failures.append(
+                (started.get(r, 0), time.monotonic(), r.url, r.failure)))
             yield page, console
         finally:
             await context.close()
