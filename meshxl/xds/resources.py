@@ -73,6 +73,7 @@ from meshxl.xds.warmup import MIN_FRACTION
 # A lower tier takes traffic only when the tier above has no healthy member: Envoy
 # scales a tier's health by this factor / 100, so any healthy host keeps it at 100 %.
 _NO_SPILLOVER_FACTOR = 1_000_000
+_UNCAPPED = wrappers_pb2.UInt32Value(value=2**32 - 1)  # a threshold that caps nothing
 _ADS = config_source_pb2.ConfigSource(
     ads=config_source_pb2.AggregatedConfigSource(),
     resource_api_version=config_source_pb2.ApiVersion.V3,
@@ -203,10 +204,13 @@ def build_cluster(spec: ClusterSpec, path: str = "cluster") -> cluster_pb2.Clust
 
     # Retries are capped by the circuit breaker (3 outstanding by default): when a
     # member dies under load most retries would overflow. A budget scales with load.
+    # Nothing else is capped, as in Istio (Envoy's default 1,024 connections, pending
+    # requests and requests answer a thousand open streams' requests with 503s).
     r = spec.retries
     c.circuit_breakers.CopyFrom(circuit_breaker_pb2.CircuitBreakers(thresholds=[
         circuit_breaker_pb2.CircuitBreakers.Thresholds(
             priority=base_pb2.RoutingPriority.DEFAULT,
+            max_connections=_UNCAPPED, max_pending_requests=_UNCAPPED, max_requests=_UNCAPPED,
             retry_budget=circuit_breaker_pb2.CircuitBreakers.Thresholds.RetryBudget(
                 budget_percent=percent_pb2.Percent(value=r.budget_percent),
                 min_retry_concurrency=wrappers_pb2.UInt32Value(value=r.min_retry_concurrency),

@@ -413,7 +413,18 @@ def test_circuit_breaker_has_retry_budget() -> None:
     (default,) = cds().circuit_breakers.thresholds
     # Every request in flight may be retried once: a dead active member held all of them.
     assert default.retry_budget.budget_percent.value == 100.0
-    assert default.retry_budget.min_retry_concurrency.value == 1024  # Envoy's max_requests
+    assert default.retry_budget.min_retry_concurrency.value == 1024
+
+
+def test_circuit_breaker_caps_no_connection_or_request() -> None:
+    """Envoy's defaults (1,024 connections, pending requests and requests in flight per
+    cluster) would answer a thousand open streams' next requests with 503s; the cluster
+    is uncapped, as Istio renders it, unless its overrides set a cap."""
+    (t,) = cds().circuit_breakers.thresholds
+    assert t.max_connections.value == t.max_pending_requests.value == 2**32 - 1
+    assert t.max_requests.value == 2**32 - 1
+    capped = cds('overrides: {cluster: {circuit_breakers: {thresholds: [{max_requests: 500}]}}}')
+    assert [th.max_requests.value for th in capped.circuit_breakers.thresholds] == [500]
 
 
 def test_connect_timeout_from_model() -> None:
