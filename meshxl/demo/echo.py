@@ -68,13 +68,14 @@ async def _member_header(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
-MAX_DELAY = 5.0
+MAX_DELAY = 60.0
+"""The longest ``?delay``: as long as a hang (a slow machine's test scales its delays)."""
 HANG_SECONDS = 60.0
 """How long a hanging member (``{"hang": true}``) holds a request before it drops it."""
 
 
 async def _echo(request: web.Request) -> web.Response:
-    """Echo the member; ``?delay=SECONDS`` (at most 5) answers that much later, to keep
+    """Echo the member; ``?delay=SECONDS`` (at most :data:`MAX_DELAY`) answers that much later, to keep
     requests in flight in tests of load-bounded hashing."""
     try:
         delay = float(request.query.get("delay", 0))
