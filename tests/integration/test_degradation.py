@@ -29,7 +29,7 @@ from meshxl.operator.views.read import read_mesh
 from meshxl.operator.views.status import status_report
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture
-from tests.harness.clock import window
+from tests.harness.clock import scaled, window
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
@@ -37,6 +37,10 @@ KEYS = Keys()
 LOOPBACK = "127.0.0.1"
 SESSIONS = 60
 CONCURRENCY = 6
+RECOVER = scaled(4.0)
+"""A judgement's ``recover``: a member that no request reaches shows no worse window,
+so this long after its last one its judgement ends; the test's windows on a member at
+its last step (scaled) must end first."""
 SLOW = 0.1  # seconds: ten times and more the loopback echo's few milliseconds
 PAUSE = 0.003
 """Each worker's pause between requests: ~1,000 requests/s in all, plenty for the judge,
@@ -53,7 +57,7 @@ clusters:
   stickiness: {{header: {hdr.SESSION}}}
   warmup: 2s
   outlier_detection: {{enabled: false}}
-  degradation: {{detect: 1s, recover: 4s, min_requests: 10}}
+  degradation: {{detect: 1s, recover: {RECOVER:g}s, min_requests: 10}}
   listener: {{address: {LOOPBACK}, port: {port}}}{route}
   members:{members}
 """
