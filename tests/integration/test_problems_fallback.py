@@ -30,7 +30,7 @@ from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from meshxl.operator.views import read_mesh, status_report
 from tests.harness.cli import meshxl
-from tests.harness.clock import window
+from tests.harness.clock import scaled, window
 from tests.integration.test_ops import scrape
 from tests.integration.test_pinned_sessions import Browser, moved
 
@@ -155,14 +155,17 @@ async def test_a_problem_with_a_ttl_ends_unless_renewed_and_outlives_a_restart(
         bad = await put_problem(sidecar, "db", {"ttl": ttl})
         assert bad.status == 400 and bad.json()["field"] == "ttl", (ttl, bad.json())
 
-    ok = await put_problem(sidecar, "flaky", {"ttl": "1s"})
-    assert ok.status == 201 and ok.json()["ttl"] == 1.0
+    # The TTL scales with the heartbeats' windows: a slow machine's half a TTL between
+    # heartbeats must stay half of it.
+    ttl = scaled(1.0)
+    ok = await put_problem(sidecar, "flaky", {"ttl": f"{ttl:g}s"})
+    assert ok.status == 201 and ok.json()["ttl"] == ttl
     assert (await put_problem(sidecar, "db", {"detail": "down", "ttl": 60})).status == 201
     assert (await sidecar.request("PUT", "/v1/problems/disk")).status == 201
     # Heartbeats keep it: two TTLs' worth of renewals at half the TTL.
     for _ in range(4):
         await window(0.5, "half the TTL between heartbeats")
-        assert (await put_problem(sidecar, "flaky", {"ttl": "1s"})).status == 200
+        assert (await put_problem(sidecar, "flaky", {"ttl": f"{ttl:g}s"})).status == 200
         assert "flaky" in await problems()
     # Without them it ends, in the registration too.
     await wait_until(lambda: _without(problems, "flaky"), timeout=5, what="flaky expired")
