@@ -73,7 +73,7 @@ from meshxl.local.report import lost_writes  # noqa: E402
 from meshxl.local.servers import start_etcd  # noqa: E402
 from meshxl.local.throttle import CpuThrottle, remove_stale  # noqa: E402
 from meshxl.local.traffic import Record, Traffic, read_back  # noqa: E402
-from meshxl.local.wait import LocalError  # noqa: E402
+from meshxl.local.wait import LocalError, wait_until  # noqa: E402
 from meshxl.stats import quantile  # noqa: E402
 
 NAME = "grayfailure"
@@ -337,12 +337,18 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
         async with asyncio.timeout(SETUP_TIMEOUT):
             await d.start()
         watcher.start()
-        started = time.time()
-        budget = plan.baseline + plan.fault + plan.tail + 2.0
-        traffic = Traffic(f"{d.url}/counter", plan.sessions, started + budget,
+        # The traffic's bound: the run's phases, after at most SETUP_TIMEOUT for every
+        # session's first answer (a busy machine's first connections are slow).
+        budget = SETUP_TIMEOUT + plan.baseline + plan.fault + plan.tail + 2.0
+        traffic = Traffic(f"{d.url}/counter", plan.sessions, time.time() + budget,
                           max_requests=int(plan.sessions * budget / plan.interval) + 100,
                           interval=plan.interval, prefix=scenario[0])
         load = asyncio.create_task(traffic.run())
+        step = "every session's first answer"
+        await wait_until(lambda: len({r.session for r in traffic.records if r.ok})
+                         == plan.sessions, timeout=SETUP_TIMEOUT,
+                         what="every session answered once")
+        started = time.time()
         step = "healthy baseline"
         await asyncio.sleep(plan.baseline)
         warm = started + min(1.0, plan.baseline / 3)
