@@ -75,8 +75,8 @@ HANG_SECONDS = 60.0
 
 
 async def _echo(request: web.Request) -> web.Response:
-    """Echo the member; ``?delay=SECONDS`` (at most :data:`MAX_DELAY`) answers that much later, to keep
-    requests in flight in tests of load-bounded hashing."""
+    """Echo the member; ``?delay=SECONDS`` (at most :data:`MAX_DELAY`) answers that
+    much later, to keep requests in flight in tests of load-bounded hashing."""
     try:
         delay = float(request.query.get("delay", 0))
     except ValueError:

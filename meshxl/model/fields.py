@@ -23,6 +23,7 @@ from .limits import (
     MEMBER_WEIGHT,
     PORT,
     POSITIVE_DURATION,
+    PROBE_TIME,
     SYNC_DELAY,
     WARMUP,
     Bound,
@@ -30,7 +31,8 @@ from .limits import (
 
 __all__ = ["DURATION_SCHEMA", "HEADER_PATTERN", "MAX_WARMUP", "UINT32_MAX", "Count", "Domain",
            "Duration", "ListenAddress", "MemberAddress", "Name", "Port", "PositiveDuration",
-           "SpecModel", "SyncDelay", "WarmUp", "Weight", "checked", "read_as", "within"]
+           "ProbeTime", "SpecModel", "SyncDelay", "WarmUp", "Weight", "checked", "read_as",
+           "within"]
 
 HEADER_PATTERN = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
 _DOMAIN_CHARS = r"[A-Za-z0-9._\-\[\]:]"
@@ -73,6 +75,7 @@ _DURATION_TEXT = Meta(extra={"read": read_duration, "check": check_duration},
                       extra_json_schema={"x-duration": True})
 Duration = Annotated[float, within(DURATION), _DURATION_TEXT]
 PositiveDuration = Annotated[float, within(POSITIVE_DURATION), _DURATION_TEXT]
+ProbeTime = Annotated[float, within(PROBE_TIME), _DURATION_TEXT]
 SyncDelay = Annotated[float, within(SYNC_DELAY), _DURATION_TEXT]
 MAX_WARMUP = WARMUP.high
 """The longest warm-up window (10 minutes)."""

@@ -37,7 +37,7 @@ __all__ = [
     # the model's
     "BACKUPS", "BALANCE_FACTOR", "DURATION", "ENVOY_COUNT", "ERROR_MARGIN", "HOST_SELECTION",
     "HTTP_STATUS", "LATENCY_FACTOR", "MAGLEV_TABLE", "MIN_SHARE", "PERCENT",
-    "POSITIVE_DURATION", "PRIORITY", "PROBE_SHARE", "QUOTA_BURST", "QUOTA_BYTES",
+    "POSITIVE_DURATION", "PRIORITY", "PROBE_SHARE", "PROBE_TIME", "QUOTA_BURST", "QUOTA_BYTES",
     "QUOTA_RATE", "QUOTA_SESSIONS", "RETRY_ATTEMPTS", "RETRY_BUDGET", "RING_SIZE",
     "SHARE_PERCENT", "THRESHOLD", "WARMUP",
 ]
@@ -269,6 +269,9 @@ MIN_SHARE = number(0, 1)
 """``degradation.min_share``: a share of a member's weight."""
 PROBE_SHARE = number(0, 0.5, above=True)
 """``degradation.probe_share``: a share of the active's sessions."""
+PROBE_TIME = seconds(1, 600)
+"""``degradation.probe_time``: two of the judge's half-second windows at least (the first
+is passed over, the probe's moves), at most 10 minutes."""
 BACKUPS = count(0, 20)
 """A virtual system's ``backups``."""
 QUOTA_SESSIONS = count(1, 1_000_000_000)

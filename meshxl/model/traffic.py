@@ -9,7 +9,16 @@ from typing import Annotated, Any, Literal
 from msgspec import Meta, field
 
 from .basics import DegradeAction, HealthCheckType
-from .fields import Count, Duration, Port, PositiveDuration, SpecModel, read_as, within
+from .fields import (
+    Count,
+    Duration,
+    Port,
+    PositiveDuration,
+    ProbeTime,
+    SpecModel,
+    read_as,
+    within,
+)
 from .limits import (
     ERROR_MARGIN,
     HOST_SELECTION,
@@ -117,6 +126,10 @@ class Degradation(SpecModel, frozen=True, kw_only=True):
     probe_share: Annotated[float, within(PROBE_SHARE)] = 0.05
     """High availability: the share of the active's sessions sent to the standby to
     compare the two before a predictive failover (their state is replicated there)."""
+    probe_time: ProbeTime = 1.0
+    """High availability: how long a probe runs before the active and the standby are
+    compared (up to three times this while the standby has seen too few requests). A
+    longer probe judges on more requests, and moves the probe's sessions for longer."""
 
 
 GRPC_RETRY_CONDITIONS = (

@@ -27,7 +27,7 @@ What a degraded member gets, with ``action: move``:
   :data:`LOAD_BAND`; latency grows with load, so a busier minute is no sickness);
   when it is worse for ``detect``, the standby is *probed*: it joins the
   active's tier with ``probe_share`` of the weight (those sessions take over on the
-  standby, whose copy of their state is current), and after :data:`PROBE_SECONDS` the
+  standby, whose copy of their state is current), and after ``probe_time`` the
   two are compared like peers (with pinned sessions the active's pins are let go
   meanwhile, and a probe that moves nothing hands the standby's back:
   :mod:`meshxl.xds.stepdown`). A standby that serves better takes the active role
@@ -65,7 +65,7 @@ from meshxl.stats import quantile
 
 from .stepdown import HALVINGS, released, share, shares
 
-__all__ = ["BASELINE", "HALVINGS", "LOAD_BAND", "PROBE_SECONDS", "WINDOW", "Bound", "Judge",
+__all__ = ["BASELINE", "HALVINGS", "LOAD_BAND", "WINDOW", "Bound", "Judge",
            "Judgement",
            "Samples", "member_samples", "released", "share", "shares", "worse"]
 
@@ -75,9 +75,6 @@ windows of this length on the Unix clock."""
 BASELINE = 60.0
 """How far back a member's normal is read (its ratio to its peers, or in high
 availability its own p90)."""
-PROBE_SECONDS = 1.0
-"""How long a probe runs before the active and the standby are compared (longer when
-the standby has seen too few requests, at most three times this)."""
 _JUDGED = frozenset({MemberState.DEGRADED, MemberState.READY, MemberState.RETURNING})
 """States in which a judged high-availability member keeps its record: degraded, probed
 (ready) or held (returning)."""
@@ -438,7 +435,7 @@ class Judge:
                    samples: Samples, now: float, hosts: Mapping[str, Iterable[str]],
                    out: Judgement) -> None:
         """A probe under way: the probed member (a standby, or a degraded member held
-        behind) has ``probe_share`` of the active's sessions. After :data:`PROBE_SECONDS`
+        behind) has ``probe_share`` of the active's sessions. After ``probe_time``
         (up to three times that while it has seen too few requests) the two are
         compared: a standby that serves better takes the active role; a degraded member
         no worse than the active is well again (failback decides its place), a worse
@@ -454,7 +451,7 @@ class Judge:
                 if probe.recovery else f"probed: the active's {probe.why}")
         elapsed = now - probe.since
         keep = self._record(spec, PROBE_KIND, what, probe.since, behind=probe.active)
-        if elapsed < PROBE_SECONDS:
+        if elapsed < d.probe_time:
             out.records[(name, probe.standby)] = keep
             return
         # Skip the first window: the probe's EDS push and the sessions' first moves.
@@ -463,7 +460,7 @@ class Judge:
         merged = member_samples([active, probed], samples.summary(name, since, until), hosts)
         a, s = merged.get(active.name), merged.get(probed.name)
         enough = s is not None and s.requests >= max(3, d.min_requests // 4)
-        if not enough and elapsed < 3 * PROBE_SECONDS:
+        if not enough and elapsed < 3 * d.probe_time:
             out.records[(name, probe.standby)] = keep
             return
         del self._probes[name]

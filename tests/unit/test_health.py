@@ -11,10 +11,14 @@ from dataclasses import dataclass
 import pytest
 
 from meshxl.model import RuntimeState, cluster_view, parse_model
+from meshxl.model.decode import problems_of
 from meshxl.model.runtime import AdminAction, Health, MemberState, Registration, Role
-from meshxl.xds.health import PROBE_SECONDS, WINDOW, Judge, share, shares
+from meshxl.model.spec import ClusterSpec
+from meshxl.model.traffic import Degradation
+from meshxl.xds.health import WINDOW, Judge, share, shares
 
 NOW = 1_000_000.0  # a window boundary
+PROBE_SECONDS = Degradation().probe_time  # the default
 
 
 @dataclass(frozen=True)
@@ -256,8 +260,11 @@ def test_cluster_view_high_availability_degraded_active_goes_behind_the_standby(
     assert roles["c"] == (Role.BACKUP, 1)
 
 
-def test_high_availability_probe_then_predictive_failover() -> None:
-    model = _ha()
+@pytest.mark.parametrize("probe_time", [None, 3.0])
+def test_high_availability_probe_then_predictive_failover(probe_time: float | None) -> None:
+    model = _ha() if probe_time is None else _model("high-availability",
+                                                    probe_time=f"{probe_time:g}s")
+    probe_for = PROBE_SECONDS if probe_time is None else probe_time
     judge = Judge("r1")
 
     def only(port: str, p90: Callable[[float], float]) -> Samples:
@@ -274,12 +281,12 @@ def test_high_availability_probe_then_predictive_failover() -> None:
     assert {m: h.kind for (_, m), h in found.records.items()} == {"b": "probe"}
     assert "its normal" in found.suspects["web"]
     probe = _state(b=found.records[("web", "b")])
-    # the probe runs for PROBE_SECONDS; then the two are compared
+    # the probe runs for probe_time; then the two are compared
     fast_standby = Samples(lambda host, at: S(20, 0, active_slow(at)) if host.endswith("8001")
                            else S(10, 0, 0.01) if host.endswith("8002") else None)
-    held = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS - 0.5)  # type: ignore[arg-type]
+    held = judge.judge(model, probe, fast_standby, NOW + probe_for - 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}
-    moved = judge.judge(model, probe, fast_standby, NOW + PROBE_SECONDS + 0.5)  # type: ignore[arg-type]
+    moved = judge.judge(model, probe, fast_standby, NOW + probe_for + 0.5)  # type: ignore[arg-type]
     assert {m: h.kind for (_, m), h in moved.records.items()} == {"a": "degraded"}
     assert moved.records[("web", "a")].reason == (
         "p90 200 ms against the standby's 10 ms (predictive failover to b)")
@@ -483,3 +490,12 @@ def test_a_member_killed_is_down_not_sick() -> None:
     # answered failures (503s with a latency) are sickness
     answered = steady(errors={"8003": 0.5})
     assert list(_judge(_model(), answered)) == ["c"]
+
+
+@pytest.mark.parametrize("written", ["500ms", "0s", "11m", -1, "soon"])
+def test_a_probe_time_outside_one_second_to_ten_minutes_is_refused(written: object) -> None:
+    problems = problems_of({"name": "web", "mode": "high-availability",
+                            "degradation": {"probe_time": written},
+                            "members": [{"name": "a", "address": "127.0.0.1", "port": 8001}]},
+                           ClusterSpec)
+    assert [p.path for p in problems] == ["degradation.probe_time"], problems
