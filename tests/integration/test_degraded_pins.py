@@ -209,11 +209,13 @@ async def high_availability(harness: Owner, tmp_path: Path) -> AsyncIterator[Dem
     these scenarios slow members down. A starved test machine (CI on two cores) also
     fails some of the loaded active's requests, more than the lightly loaded standby's
     (measured: 14% against 0, with four CPU hogs), which the default error margin (5%)
-    would judge; the margin here keeps the judgement on what the scenario does."""
+    would judge; the margin here keeps the judgement on what the scenario does. The
+    probe lasts its default second on the scale of the test's clock: the test acts while
+    it runs (beside two CPU hogs at scale 3 a 1 s probe ended before the test saw it)."""
     async with DemoDeployment(
             tmp_path / "work", mode="high-availability", pin=True, faults=True,
             fields={"degradation": "{detect: 1s, recover: 60s, min_requests: 10, "
-                                   "error_margin: 0.5}",
+                                   f"error_margin: 0.5, probe_time: {scaled(1.0):g}s}}",
                     "sessions": "{ttl: 5m, sync_delay: 60s}"}) as d:
         harness.own(d.owner)
         yield d
