@@ -99,11 +99,17 @@ def test_kill_the_active_member_under_traffic(mode: str, tmp_path: Path) -> None
     assert all(r.attributes.get(names.CAUSE) == "degraded" for r in early), [
         (r.attributes.get(names.MEMBER), r.attributes.get(names.CAUSE)) for r in early]
     roots = failover_roots(spans, since_ns=kill_ns)
+    # After it too, as before: a survivor slowed by a starved machine may be stepped
+    # down (degraded, still serving; seen beside two CPU hogs). No survivor fails over.
+    survivors = [r for r in roots if r.attributes.get(names.MEMBER) != killed]
+    assert all(r.attributes.get(names.CAUSE) == "degraded" for r in survivors), [
+        (r.attributes.get(names.MEMBER), r.attributes.get(names.CAUSE)) for r in survivors]
+    of_killed = [r for r in roots if r.attributes.get(names.MEMBER) == killed]
     # One failover of the killed member; or, when the sick-member judge saw its failed
     # requests before its lease expired, two: its share stepped down (degraded, still
     # serving), then the rest moved (from degraded, the lease expired).
     causes = [(r.attributes.get(names.MEMBER), r.attributes.get(names.CAUSE),
-               r.attributes.get(names.FROM_STATE)) for r in roots]
+               r.attributes.get(names.FROM_STATE)) for r in of_killed]
     assert [member for member, _, _ in causes] in ([killed], [killed, killed]), causes
     if len(causes) == 2:
         assert causes[0][1] == "degraded" and causes[1][2] == "degraded", causes
