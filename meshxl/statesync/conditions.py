@@ -21,7 +21,9 @@ why (its *mode*), is one of:
   afresh) are compared again and replaced.
 
 A session kept only on this member (delayed sync) has the ETag ``L<n>``, its n-th
-version here, and its conditions are checked against that.
+version here, and its conditions are checked against that. Once it is replicated (or
+given up) the ETag names nothing any more: a write that still carries it gets 412, and
+its client reads the session again (:func:`if_match_revision`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from .record import SessionRecord
 from .writes import DELETE, PUT, Write
 
 __all__ = ["BLIND", "BLIND_RETRIES", "IF_ABSENT", "IF_EXISTS", "IF_MATCH", "OWNER",
-           "REPLICATE", "check_if_match", "check_size", "check_write", "known_expectation",
-           "local_precondition", "parse_etag", "revision", "written_since"]
+           "REPLICATE", "check_if_match", "check_size", "check_write", "if_match_revision",
+           "known_expectation", "local_precondition", "parse_etag", "revision",
+           "written_since"]
 
 IF_ABSENT, IF_EXISTS, IF_MATCH, OWNER, BLIND, REPLICATE = (
     "if-absent", "if-exists", "if-match", "owner", "blind", "replicate")
@@ -79,14 +82,32 @@ def revision(tag: str) -> int:
     return number
 
 
+def _local_tag(tag: str) -> bool:
+    """``L<n>``: the ETag of a session kept on this member only."""
+    return tag[:1] == "L" and tag[1:].isdigit()
+
+
 def check_if_match(value: str) -> str:
     """An If-Match value's tag, checked (InputError): ``*``, an etcd revision (with its
     shard, ``s1:42``, when sessions are sharded), or ``L<n>`` (a session kept on this
     member only)."""
     tag = parse_etag(value, strong=False)
-    if tag != "*" and not (tag[:1] == "L" and tag[1:].isdigit()):
+    if tag != "*" and not _local_tag(tag):
         revision(split_etag(tag)[1])
     return tag
+
+
+def if_match_revision(write: Write, tag: str) -> int:
+    """The etcd revision an If-Match ``tag`` (not ``*``) names. An ``L<n>`` tag named a
+    copy kept on this member only, and the write found none: the session was replicated
+    since (its delay over, the periodic flush, a planned move) or given up, so its ETag
+    is etcd's now and the tag names nothing (412: read it again). Not a 400: the tag
+    was the session's a moment ago."""
+    if _local_tag(tag):
+        raise PreconditionFailed(f"session {write.session_id!r} is no longer kept on this "
+                                 f"member only (If-Match {tag} named that copy; it was "
+                                 "replicated or given up since): read it again for its ETag")
+    return revision(tag)
 
 
 def check_size(data: bytes, limit: int) -> None:
@@ -120,7 +141,7 @@ def known_expectation(write: Write, observed: int | None,
         return IF_ABSENT, 0
     if write.if_match is not None:
         tag = parse_etag(write.if_match)
-        return None if tag == "*" else (IF_MATCH, revision(tag))
+        return None if tag == "*" else (IF_MATCH, if_match_revision(write, tag))
     if observed is not None:
         return OWNER, observed
     return BLIND, cached

@@ -36,6 +36,7 @@ from .conditions import (
     IF_MATCH,
     OWNER,
     REPLICATE,
+    if_match_revision,
     parse_etag,
     revision,
     written_since,
@@ -166,7 +167,7 @@ class Ledger:
                     raise PreconditionFailed(f"session {session_id!r} does not exist",
                                              current=None)
             else:
-                mode, expected_revision = IF_MATCH, revision(tag)
+                mode, expected_revision = IF_MATCH, if_match_revision(write, tag)
                 self.check_not_replaced(write)
         elif observed is not None:
             mode, expected_revision = OWNER, observed

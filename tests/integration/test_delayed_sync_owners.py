@@ -23,7 +23,7 @@ import aetcd
 import pytest
 
 from meshxl import etcd as metcd
-from meshxl.errors import Conflict
+from meshxl.errors import Conflict, PreconditionFailed
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
@@ -35,7 +35,7 @@ from meshxl.statesync.quota import RECOUNT_AFTER
 from meshxl.statesync.record import SessionRecord
 from meshxl.statesync.sessions import Sessions
 from meshxl.statesync.store import SessionStore
-from meshxl.statesync.writes import DELETE, Settings, Stored, Transacted, Write
+from meshxl.statesync.writes import DELETE, PUT, Settings, Stored, Transacted, Write
 from tests.harness import EtcdServer
 from tests.harness.sidecar import SidecarProcess
 
@@ -409,6 +409,36 @@ async def test_a_write_asked_to_sync_now_is_committed_whatever_the_delay(
     bad = await a.post_json("/v1/sessions:bulkSave", {"items": [
         {"session": "y", "data": {}, "sync": "soon"}]})
     assert bad.status == 400 and bad.json()["field"] == "items[0].sync", bad
+
+
+@pytest.mark.parametrize("replicated_by", ["the periodic flush", "a planned move"])
+async def test_the_etag_of_a_copy_replicated_since_is_refused_with_412_not_400(
+        members: Members, replicated_by: str) -> None:
+    """A client read a young session (``L1``) and writes it back with that If-Match, as
+    every read-modify-write does, and the member replicated the session in between
+    (its delay over, or a planned move's write-through). The tag names nothing any
+    more: 412, on which a compare-and-set reads again, never 400 (a bad request the
+    client could not have avoided; the demo app answered it 503, so Envoy counted the
+    member failing every session at once, and a probe under way failed it over)."""
+    m = members
+    kept = await put(m.a, "rmw", {"n": 1})
+    assert kept.etag == "L1"
+    if replicated_by == "a planned move":
+        m.a.local.writing_through = True
+    else:
+        await wait_until(lambda: time.time() - kept.record.created >= DELAY, timeout=5,
+                         what="a's copy due")
+    assert await m.a.flush_due() == 1 and m.a.local.get("rmw") is None
+    for op in (PUT, DELETE):
+        [stale] = await m.a.write([Write(session_id="rmw", op=op, data=b'{"n": 2}',
+                                         if_match='"L1"')])
+        assert isinstance(stale, PreconditionFailed), stale
+        assert "read it again" in str(stale)
+    read = await m.a.get("rmw")
+    assert json.loads(read.record.data) == {"n": 1}
+    [fresh] = await m.a.write([Write(session_id="rmw", data=b'{"n": 2}',
+                                     if_match=f'"{read.etag}"')])
+    assert isinstance(fresh, Stored), fresh
 
 
 async def test_sessions_moved_while_young_keep_their_newest_state_without_a_pause(
