@@ -26,8 +26,8 @@ from datetime import datetime
 from .records import DEGRADED_KIND, HANDBACK_KIND, PROBE_KIND, AdminAction, Health
 from .runtime import RuntimeState
 
-__all__ = ["GRACE", "Held", "Move", "down_token", "held_back", "moves", "moves_away_from",
-           "offline_token", "record_time"]
+__all__ = ["GRACE", "Held", "Move", "down_token", "health_token", "held_back", "moves",
+           "moves_away_from", "offline_token", "record_time"]
 
 GRACE = 1.0
 """Seconds past ``sync_delay`` after which a move goes ahead unacknowledged (the
@@ -68,6 +68,11 @@ def offline_token(site: str, action: AdminAction) -> str:
     return f"offline:{site}@{action.at}"
 
 
+def health_token(kind: str, member: str, since: float) -> str:
+    """The token of a judgement's record (``kind`` of ``member`` since ``since``)."""
+    return f"{kind}:{member}@{since!r}"
+
+
 def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
           pool: str | None = None) -> list[Move]:
     """The planned moves in ``state`` away from members of ``cluster``; ``sites``: the
@@ -85,10 +90,10 @@ def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
             found.append(Move(offline_token(site, action), "site", (site, ""), members,
                               record_time(action.at)))
     for member, health in state.health_of(cluster).items():
-        away = _away(member, health)
-        if away is not None and away in sites:
-            found.append(Move(f"{health.kind}:{member}@{health.since!r}", "health",
-                              (cluster, member), (away,), health.since))
+        away = tuple(m for m in _away(member, health) if m in sites)
+        if away:
+            found.append(Move(health_token(health.kind, member, health.since), "health",
+                              (cluster, member), away, health.since))
     for (vs, chosen), action in state.preferred.items():
         if vs == cluster:
             members = tuple(sorted(m for m in sites if m != chosen))
@@ -98,15 +103,20 @@ def moves(cluster: str, sites: Mapping[str, str], state: RuntimeState,
     return found
 
 
-def _away(member: str, health: Health) -> str | None:
-    """The member a judgement moves sessions away from (None: it moves none)."""
+def _away(member: str, health: Health) -> tuple[str, ...]:
+    """The members a judgement of ``member`` moves sessions away from. A probe gives the
+    probed member a share of the active's (``behind``) sessions and may hand them back:
+    both replicate, and both write through while it runs, so the two it compares pay
+    the same etcd commit on every write (one keeping young sessions in memory beside
+    one writing through would look faster for that alone: with a slow etcd, a probe
+    failed an active over for the cost of its own write-through)."""
     if not health.moves:
-        return None
+        return ()
     if health.kind in (DEGRADED_KIND, HANDBACK_KIND):
-        return member
+        return (member,)
     if health.kind == PROBE_KIND:
-        return health.behind or None  # the active the probe gives a share of
-    return None  # held: it serves nothing already
+        return tuple(m for m in (health.behind, member) if m)
+    return ()  # held: it serves nothing already
 
 
 def moves_away_from(cluster: str, member: str, site: str | None, state: RuntimeState,

@@ -128,8 +128,10 @@ class Degradation(SpecModel, frozen=True, kw_only=True):
     compare the two before a predictive failover (their state is replicated there)."""
     probe_time: ProbeTime = 1.0
     """High availability: how long a probe runs before the active and the standby are
-    compared (up to three times this while the standby has seen too few requests). A
-    longer probe judges on more requests, and moves the probe's sessions for longer."""
+    compared (up to three times this while the standby has seen too few requests),
+    from when its share moved (with delayed sync, once both have replicated their young
+    sessions). A longer probe judges on more requests, and moves the probe's sessions
+    for longer."""
 
 
 GRPC_RETRY_CONDITIONS = (

@@ -123,10 +123,11 @@ class ControlPlane:
         self.warmup = WarmUp()
         self.warming = Warming()
         """The warm-up ramps under way (:mod:`meshxl.xds.warmup`)."""
-        self.judging = Judging(config.replica, self.keys, self.upstream, self._changed)
+        self.moves = MoveGate(self.metrics)
+        self.judging = Judging(config.replica, self.keys, self.upstream, self._changed,
+                               self.moves.began)
         """Sick members (:mod:`meshxl.xds.health`), judged from the Envoys' access logs."""
         self._local_runtime: tuple[Any, RuntimeState] | None = None
-        self.moves = MoveGate(self.metrics)
         self.placements: PlacementWriter | None = None
         """The pools' stored placements (:mod:`.placements`; with etcd only)."""
 

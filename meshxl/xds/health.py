@@ -28,8 +28,9 @@ What a degraded member gets, with ``action: move``:
   when it is worse for ``detect``, the standby is *probed*: it joins the
   active's tier with ``probe_share`` of the weight (those sessions take over on the
   standby, whose copy of their state is current), and after ``probe_time`` the
-  two are compared like peers (with pinned sessions the active's pins are let go
-  meanwhile, and a probe that moves nothing hands the standby's back:
+  two are compared like peers (counted from when its move went ahead: delayed sync
+  waits for the sidecars first, :mod:`meshxl.model.moves`; with pinned sessions the
+  active's pins are let go meanwhile, and a probe that moves nothing hands the standby's back:
   :mod:`meshxl.xds.stepdown`). A standby that serves better takes the active role
   (predictive failover: the active goes behind it, DEGRADED), as long as the active is
   also worse than the cluster was at the active's load (the standby carries only the
@@ -54,11 +55,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState, cluster_view
+from meshxl.model.moves import health_token
 from meshxl.model.records import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND, Health
 from meshxl.model.runtime import SERVING, ClusterView, MemberState, MemberView, Role
 from meshxl.stats import quantile
@@ -213,10 +215,14 @@ class Judge:
     """One replica's judge: call :meth:`judge` every :data:`WINDOW` seconds.
 
     ``hosts``: the addresses a member named by host name resolves to (the DNS
-    resolver's answers), so its requests (logged by address) are found."""
+    resolver's answers), so its requests (logged by address) are found. ``began``:
+    when a planned move (its token, record time) went ahead, None while it waits
+    (:meth:`meshxl.xds.planned.MoveGate.began`); without one, at once."""
 
-    def __init__(self, replica: str) -> None:
+    def __init__(self, replica: str,
+                 began: Callable[[str, float], float | None] | None = None) -> None:
         self.replica = replica
+        self.began = began or (lambda _token, at: at)
         self._normal: dict[tuple[str, str], tuple[float, float]] = {}
         self._probes: dict[str, _Probe] = {}
         self._quiet_until: dict[str, float] = {}
@@ -449,9 +455,10 @@ class Judge:
             return
         what = (f"probed beside {probe.active}: well again? (was {probe.why})"
                 if probe.recovery else f"probed: the active's {probe.why}")
-        elapsed = now - probe.since
         keep = self._record(spec, PROBE_KIND, what, probe.since, behind=probe.active)
-        if elapsed < d.probe_time:
+        went = self.began(health_token(PROBE_KIND, probe.standby, probe.since), probe.since)
+        elapsed = 0.0 if went is None else now - went
+        if went is None or elapsed < d.probe_time:
             out.records[(name, probe.standby)] = keep
             return
         # Skip the first window: the probe's EDS push and the sessions' first moves.
@@ -487,6 +494,7 @@ class Judge:
                     "(failover.failback: manual)", now, behind=probe.active)
             return
         verdict = worse(a, [s], margins) if a is not None and s is not None and enough else None
+        seen = f"{probe.active}: {_figures(a)}; {probed.name}: {_figures(s)}"
         if verdict is not None and a is not None:
             # The standby carried the probe's small share, the active the rest: its
             # advantage counts only while the active is also worse than the cluster
@@ -496,14 +504,15 @@ class Judge:
                               a.requests, windows)
             if worse(a, [normal], margins) is None:
                 verdict = None
+                seen += f"; the cluster at {probe.active}'s load: {_figures(normal)}"
         if verdict is None:
             self._quiet_until[name] = now + d.recover
             out.suspects.pop(name, None)
             if spec.stickiness is not None and spec.stickiness.pin is not None:
                 # The sessions the probe gave it go back to the active (stepdown.py).
                 out.records[(name, probe.standby)] = self._record(
-                    spec, HANDBACK_KIND, f"probed beside {probe.active}, no better: "
-                    "its sessions go back", now, behind=probe.active)
+                    spec, HANDBACK_KIND, f"probed beside {probe.active}, no better "
+                    f"({seen}): its sessions go back", now, behind=probe.active)
             return
         out.records[(name, active.name)] = self._record(
             spec, DEGRADED_KIND, f"{_against(verdict, 'the standby')} "
@@ -513,6 +522,14 @@ class Judge:
         # health check, outlier detection and lease still act), so the role cannot
         # swing on between members within that time.
         self._quiet_until[name] = now + d.recover
+
+
+def _figures(s: Sample | None) -> str:
+    """What a probe saw of one member, for its record's reason."""
+    if s is None or s.requests == 0:
+        return "no requests"
+    p90 = "" if s.p90 is None else f"p90 {s.p90 * 1000:.0f} ms, "
+    return f"{p90}{s.requests} requests, {_error_rate(s):.0%} failed"
 
 
 def _against(reason: str, whom: str) -> str:

@@ -44,11 +44,12 @@ class Judging:
     """One replica's judge, its loop and its records."""
 
     def __init__(self, replica: str, keys: Keys, samples: Samples,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None],
+                 began: Callable[[str, float], float | None] | None = None) -> None:
         self.replica = replica
         self.keys = keys
         self.samples = samples
-        self.judge = Judge(replica)
+        self.judge = Judge(replica, began)
         self.on_change = on_change
         self.local: dict[tuple[str, str], Health] = {}
         """Without etcd: the judgements themselves (the control plane merges them into

@@ -34,6 +34,14 @@ class MoveGate:
         self.waiting: tuple[str, ...] = ()
         """The tokens of the moves held back at the last compile."""
 
+    def began(self, token: str, at: float) -> float | None:
+        """When the planned move ``token``, recorded at ``at``, went ahead: None while
+        it waits for its members' sidecars; ``at`` for a move this gate does not hold
+        (no delayed sync) or has not compiled yet."""
+        if token in self.waiting:
+            return None
+        return self.started.get(token, at)
+
     def gate(self, model: ModelSpec, state: RuntimeState, now: float) -> Held:
         """``state`` to compile at ``now``: the unacknowledged planned moves left out."""
         if not (state.members_down or state.sites_offline or state.health

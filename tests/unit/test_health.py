@@ -326,6 +326,9 @@ def test_high_availability_pinned_a_probe_that_moves_nothing_hands_back() -> Non
     after = judge.judge(model, _state(b=first.records[("web", "b")]), both_slow, ended)  # type: ignore[arg-type]
     handback = after.records[("web", "b")]
     assert (handback.kind, handback.behind, handback.since) == ("handback", "a", ended)
+    assert handback.reason == (  # what the probe saw: why it moved nothing
+        "probed beside a, no better (a: p90 200 ms, 40 requests, 0% failed; b: p90 200 ms, "
+        "40 requests, 0% failed): its sessions go back")
     view = cluster_view(model.clusters[0], _state(b=handback))  # type: ignore[attr-defined]
     roles = {m.name: (m.role, m.priority, m.state) for m in view.members}
     assert roles["a"] == (Role.ACTIVE, 0, MemberState.READY)

@@ -15,11 +15,12 @@ import pytest
 from meshxl.etcd.keys import Keys
 from meshxl.etcd.mesh import flushed_moves, runtime_from_values
 from meshxl.model import AdminAction, RuntimeState, parse_model
-from meshxl.model.moves import GRACE, held_back, moves, moves_away_from
+from meshxl.model.moves import GRACE, health_token, held_back, moves, moves_away_from
 from meshxl.model.runtime import Health, Registration
 from meshxl.statesync.delayed import LocalSessions
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.planned import PlannedFlush, ack_value
+from meshxl.xds.health import Judge
 from meshxl.xds.metrics import XdsMetrics
 from meshxl.xds.planned import MoveGate
 
@@ -41,9 +42,11 @@ def test_each_planned_move_names_the_members_it_moves_sessions_away_from() -> No
         health={("web", "b"): Health("degraded", since=NOW)})
     assert _tokens(state) == {"a": (f"down@{AT}",), "b": (f"degraded:b@{NOW!r}",),
                               "c": (f"offline:dc2@{AT}",)}
-    # A probe moves the active's sessions (it is beside it); a handback the standby's.
+    # A probe moves the active's sessions to the probed member and may hand them back:
+    # both replicate (and write through while it runs); a handback the standby's.
     probe = RuntimeState(health={("web", "b"): Health("probe", since=NOW, behind="a")})
-    assert _tokens(probe) == {"a": (f"probe:b@{NOW!r}",), "b": (), "c": ()}
+    assert _tokens(probe) == {"a": (f"probe:b@{NOW!r}",), "b": (f"probe:b@{NOW!r}",),
+                              "c": ()}
     handback = RuntimeState(health={("web", "b"): Health("handback", since=NOW)})
     assert _tokens(handback)["b"] == (f"handback:b@{NOW!r}",)
     # Moving nothing: held behind already, or reported only.
@@ -272,3 +275,67 @@ def test_a_step_down_keeps_its_start_when_the_acknowledgement_goes_with_a_lease(
                          flushed=_acked(("a", f"degraded:a@{NOW!r}", NOW + 30)))
     for state in (RuntimeState(registrations=registered, health=judged), again):
         assert gate.gate(model, state, NOW + 31).state.health[("web", "a")].since == NOW + 0.2
+
+
+HA_MODEL = """
+clusters:
+- name: web
+  mode: high-availability
+  sessions: {sync_delay: 60s}
+  stickiness: {header: x-session}
+  degradation: {action: move}
+  members:
+  - {name: a, address: 127.0.0.1, port: 8001}
+  - {name: b, address: 127.0.0.1, port: 8002}
+"""
+
+
+def test_a_probe_counts_its_time_from_when_its_move_went_ahead() -> None:
+    """With delayed sync a probe waits for the active's sidecar to replicate its young
+    sessions before it moves any (a slow etcd: seconds). Meanwhile the active writes
+    through, and a request it fails Envoy retries on the standby: those windows show
+    a failing active beside a standby that serves, though the probe moved nothing.
+    The probe's ``probe_time`` counts from when its move went ahead, so they are never
+    its verdict."""
+    from tests.unit.test_health import S, Samples
+
+    model = parse_model(HA_MODEL)
+    probe_time = model.clusters[0].degradation.probe_time
+    gate = MoveGate()
+    judge = Judge("r1", gate.began)
+    registered = {("web", m): Registration(address="127.0.0.1", port=port)
+                  for m, port in (("a", 8001), ("b", 8002))}
+    slow = Samples(lambda host, at: S(20, 0, 0.2 if at >= NOW - 3 else 0.01)
+                   if host.endswith("8001") else None)
+    probe = judge.judge(model, RuntimeState(registrations=registered), slow, NOW  # type: ignore[arg-type]
+                        ).records[("web", "b")]
+    assert probe.kind == "probe" and probe.behind == "a"
+    probed = RuntimeState(registrations=registered, health={("web", "b"): probe})
+    token = health_token("probe", "b", probe.since)
+    gate.gate(model, probed, NOW + 0.1)
+    assert gate.waiting == (token,) and gate.began(token, probe.since) is None
+
+    went = NOW + 5.0  # a's sidecar acknowledged then
+
+    def sample(host: str, at: float) -> S | None:
+        if host.endswith("8001"):  # writing through: failing, retried on b
+            return S(20, 20 if at < went else 0, 0.2)
+        return S(20, 0, 0.2) if host.endswith("8002") else None
+    flushing = Samples(sample)
+    for t in (1.0, 3 * probe_time + 0.5, 4.5):
+        held = judge.judge(model, probed, flushing, NOW + t)  # type: ignore[arg-type]
+        assert {m: h.kind for (_, m), h in held.records.items()} == {"b": "probe"}, t
+    # Both members replicate and write through while a probe runs: it waits for both.
+    half = RuntimeState(registrations=registered, health=probed.health,
+                        flushed=_acked(("b", token, NOW + 0.2)))
+    gate.gate(model, half, NOW + 0.3)
+    assert gate.began(token, probe.since) is None
+    acked = RuntimeState(registrations=registered, health=probed.health,
+                         flushed=_acked(("b", token, NOW + 0.2), ("a", token, went)))
+    gate.gate(model, acked, went + 0.1)
+    assert gate.began(token, probe.since) == went
+    assert {m: h.kind for (_, m), h in judge.judge(  # type: ignore[arg-type]
+        model, acked, flushing, went + probe_time - 0.5).records.items()} == {"b": "probe"}
+    # Then the two serve alike: the probe ends, and nothing fails over.
+    done = judge.judge(model, acked, flushing, went + probe_time + 0.5)  # type: ignore[arg-type]
+    assert done.records == {}
