@@ -208,6 +208,7 @@ async def _counter(request: web.Request, *, increment: bool) -> web.Response:
         return _answer(429, {**over_quota_body(exc), "member": member, "session": session},
                        member, {"Retry-After": exc.retry_after_header})
     except (MeshxlError, _NoCounter) as exc:  # sidecar 5xx, unreachable, refused
+        log.warning("session %s: answered 503 (%s)", session, exc)
         return _error(503, str(exc), member, session=session)
     return _answer(200, {"member": member, "session": session, "seq": seq}, member)
 

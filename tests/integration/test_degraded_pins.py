@@ -134,10 +134,11 @@ async def sessions_on(d: DemoDeployment, names: list[str],
             try:
                 async with http.post(got.browser.url,
                                      headers=got.browser.headers(session)) as resp:
-                    body = await resp.json(content_type=None)
-                    if resp.status != 200:
-                        got.failed.append(f"{session}: HTTP {resp.status} {body}")
+                    if resp.status != 200:  # Envoy's own answers are not JSON
+                        got.failed.append(f"{session}: HTTP {resp.status} "
+                                          f"{(await resp.text())[:200]!r}")
                         continue
+                    body = await resp.json(content_type=None)
                     got.browser.keep(session, resp)
                     got.answers.append((time.time(), session,
                                         resp.headers["x-meshxl-member"], int(body["seq"])))
@@ -305,9 +306,11 @@ async def test_high_availability_a_probe_that_moves_nothing_hands_the_sessions_b
             moved = await wait_until(one_on_b, timeout=30, what="a session probed on b")
             async with sessions_on(d, fresh, dict.fromkeys(
                     fresh, run.browser.pins[moved])) as new:
+                async def why() -> Any:
+                    return await degraded(d), run.failed[:3], new.failed[:3]
+
                 await wait_until(lambda: state_of_b("handback"), timeout=30,
-                                 what="the probe's sessions handed back",
-                                 explain=lambda: degraded(d))
+                                 what="the probe's sessions handed back", explain=why)
                 took = time.time() - started
                 # Once every session is answered on a, Envoy has the handback; after
                 # the requests in flight on b (up to its delay), a serves all.
