@@ -131,6 +131,13 @@ class Replica:
     def admin_url(self) -> str:
         return f"http://{HOST}:{self.admin_port}"
 
+    async def status(self) -> dict[str, Any]:
+        """Its ``/v1/status`` (versions served, judgements, ramps, upstream signals)."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http, \
+                http.get(f"{self.admin_url}/v1/status") as resp:
+            resp.raise_for_status()
+            return dict(await resp.json())
+
 
 async def envoy_hosts(admin_url: str, cluster: str = CLUSTER) -> list[Host]:
     """The hosts of ``cluster`` in Envoy's ``/clusters?format=json``."""
@@ -366,12 +373,10 @@ class DemoDeployment:
         live = [r for r in self.replicas if r.process is not None and r.process.running]
         if not live:
             return False
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
-            for replica in live:
-                async with http.get(f"{replica.admin_url}/v1/status") as resp:
-                    status = await resp.json()
-                if status["warming"] or status["degraded"]:
-                    return False
+        for replica in live:
+            status = await replica.status()
+            if status["warming"] or status["degraded"]:
+                return False
         return True
 
     async def wait_steady(self, timeout: float = 30) -> None:

@@ -70,10 +70,7 @@ async def pinned(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment
 
 
 async def degraded(d: DemoDeployment) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"{d.replicas[0].admin_url}/v1/status") as resp:
-        body = await resp.json()
-    return dict(body.get("degraded", {}).get(CLUSTER, {}))
+    return dict((await d.replicas[0].status()).get("degraded", {}).get(CLUSTER, {}))
 
 
 @dataclass

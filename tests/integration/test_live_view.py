@@ -134,9 +134,7 @@ async def test_the_page_shows_members_and_a_failover_as_it_happens(
             node = await page.eval_on_selector(
                 'tr.node[data-node="meshxl-demo"]',
                 "r => Array.from(r.cells).map(c => c.textContent)")
-            async with aiohttp.ClientSession() as http, \
-                    http.get(f"{quiet.admin_url}/v1/status") as resp:
-                served = (await resp.json())["versions"]
+            served = (await quiet.status())["versions"]
             shown[:] = [node, served]
             return bool(node[3:5] == [served[CDS], served[ENDPOINT]])
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from meshxl.local.deployment import CLUSTER, DemoDeployment
@@ -90,10 +89,6 @@ async def test_kill_the_connected_replica_under_load(deployment: DemoDeployment)
 
     # The restarted replica serves the same versions (content hashes).
     await d.start_replica(d.replicas[0])
-    async with aiohttp.ClientSession() as http:
-        versions = []
-        for replica in d.replicas:
-            async with http.get(f"{replica.admin_url}/v1/status") as resp:
-                versions.append((await resp.json())["versions"])
+    versions = [(await replica.status())["versions"] for replica in d.replicas]
     assert versions[0] == versions[1]
     assert (await meshxl_json("verify", "--envoy-admin", d.admin_url, *etcd))["ok"]

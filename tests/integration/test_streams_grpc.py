@@ -152,19 +152,19 @@ class Judged:
     a test runs: the most failed calls it ever showed for each member."""
 
     def __init__(self, d: DemoDeployment):
-        self.url = f"{d.replicas[0].admin_url}/v1/status"
+        self.replica = d.replicas[0]
         self.names = {f"{HOST}:{m.app_port}": m.name for m in d.members}
         self.errors: dict[str, int] = {}
         self.degraded: dict[str, Any] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def _status(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http, http.get(self.url) as resp:
-            return dict(await resp.json())
-
     async def _poll(self) -> None:
         while True:
-            status = await self._status()
+            try:
+                status = await self.replica.status()
+            except (aiohttp.ClientError, TimeoutError):  # a starved replica: ask again
+                await asyncio.sleep(0.2)
+                continue
             for address, seen in status["upstream"].get("demo", {}).items():
                 name = self.names.get(address, address)
                 self.errors[name] = max(self.errors.get(name, 0), seen["errors"])
@@ -183,7 +183,7 @@ class Judged:
         """Once the failed calls of the tests before (a kill's) are out of the judge's
         view (the last 10 s), so what it shows from now on is this test's."""
         async def clean() -> bool:
-            seen = (await self._status())["upstream"].get("demo", {}).values()
+            seen = (await self.replica.status())["upstream"].get("demo", {}).values()
             return all(s["errors"] == 0 for s in seen)
 
         await wait_until(clean, timeout=scaled(30), what="no failed call in the judge's view")
