@@ -122,11 +122,17 @@ def test_kill_the_active_member_under_traffic(mode: str, tmp_path: Path) -> None
     envoy = [s for s in spans if s.service.startswith("envoy")]
     assert envoy, "no Envoy request spans"
     assert any(s.name == "ingress" for s in envoy)
-    attempts = [s for s in envoy if s.kind == 3]
-    if attempts:
-        retried = envoy_retry_traces(spans)
-        assert retried, "no request trace with a failed attempt followed by a retry"
-        assert report["envoy_retried_requests"] == len(retried)
+    # Every request whose attempt failed (on the killed member) shows the retry that
+    # answered it. None may have failed: a client slower than Envoy's health check (two
+    # CPU hogs) sent nothing to the member before it was marked down.
+    upgrades = {s.trace_id for s in envoy  # the resumable streams' WebSockets
+                if s.name == "ingress" and s.attributes.get("http.status_code") == "101"}
+    failed = {s.trace_id for s in envoy if s.kind == 3 and s.trace_id not in upgrades
+              and not (str(s.attributes.get("http.status_code", "")).startswith("2")
+                       and s.attributes.get("error") not in ("true", True))}
+    retried = envoy_retry_traces(spans)
+    assert set(retried) == failed, (sorted(failed - set(retried)), sorted(set(retried) - failed))
+    assert report["envoy_retried_requests"] == len(retried)
 
     # One trace per request: Envoy -> app -> sidecar.
     services: dict[str, set[str]] = defaultdict(set)
