@@ -17,7 +17,8 @@ from .client import ClientStream, StreamLost, StreamRefused, connect_websocket
 from .host import Refused, StreamHost
 from .protocol import SUBPROTOCOL, Limits, Refusal
 from .server import ServerStream, StreamClosed
-from .sse import connect_sse, server_sent_events
+from .sse import server_sent_events
+from .sse_client import connect_sse
 from .websocket import websocket
 
 __all__ = ["SUBPROTOCOL", "ClientStream", "Limits", "Refusal", "Refused", "ServerStream",

@@ -18,7 +18,8 @@ client's). ``end`` says the handler finished after message ``s``.
 
 Carried over WebSocket (subprotocol :data:`SUBPROTOCOL`): text frames hold JSON
 objects (:func:`encode_frame`, :func:`decode_frame`); a binary message travels as a
-binary frame, its number in 8 bytes before it. Over Server-Sent Events and gRPC the
+binary frame, its number in 8 bytes before it (where frames are text lines, as base64 in
+the message frame's ``b``). Over Server-Sent Events and gRPC the
 same fields travel as event ids, headers and metadata (:mod:`.sse`, :mod:`.grpcio`).
 
 Refusals have one code per transport (:data:`REFUSALS`): a WebSocket close code in the
@@ -209,14 +210,19 @@ def _seq(value: object, field: str, *, zero: bool = False) -> int:
     return value
 
 
-def encode_frame(frame: Frame) -> str:
-    """A frame as a WebSocket text frame's JSON (a binary message: :func:`encode_binary`)."""
+def encode_frame(frame: Frame, *, text_bytes: bool = False) -> str:
+    """A frame as a WebSocket text frame's JSON (a binary message: :func:`encode_binary`;
+    ``text_bytes``: in the frame, as base64 in ``b``, for a transport whose frames are
+    text lines: the event stream's upload, :mod:`.sse`)."""
     t = frame.type
     doc: dict[str, Any] = {"t": t}
     if t == MESSAGE:
         if isinstance(frame.payload, bytes | bytearray | memoryview):
-            raise ValueError("a binary message travels in a binary frame (encode_binary)")
-        doc["s"], doc["d"] = frame.seq, frame.payload
+            if not text_bytes:
+                raise ValueError("a binary message travels in a binary frame (encode_binary)")
+            doc["s"], doc["b"] = frame.seq, base64.b64encode(frame.payload).decode("ascii")
+        else:
+            doc["s"], doc["d"] = frame.seq, frame.payload
     elif t in (ACK, END):
         doc["s"] = frame.seq
     elif t == RESUME:
@@ -242,9 +248,16 @@ def decode_frame(text: str | bytes) -> Frame:
                             f"{sorted(_TYPES)}")
     t = doc["t"]
     if t == MESSAGE:
-        if "d" not in doc:
-            raise ProtocolError("a message frame carries its payload in d")
-        return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=doc["d"])
+        if "d" in doc:
+            return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=doc["d"])
+        if not isinstance(doc.get("b"), str):
+            raise ProtocolError("a message frame carries its payload in d (JSON) or b "
+                                "(bytes, base64)")
+        try:
+            data = base64.b64decode(doc["b"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("a message frame's b is base64") from None
+        return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=data)
     if t == ACK:
         return Frame(ACK, seq=_seq(doc.get("s"), "s", zero=True))
     if t == END:

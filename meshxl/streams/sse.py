@@ -1,4 +1,4 @@
-"""Resumable Server-Sent Events for aiohttp servers, and their Python client.
+"""Resumable Server-Sent Events for aiohttp servers (their Python client: :mod:`.sse_client`).
 
 ::
 
@@ -19,7 +19,14 @@ text/event-stream``); the client's as ``POST`` requests to the same URL. The fie
   bytes), ``event: ack`` (data: the client messages the handler consumed), ``event:
   end`` (data: the last message), ``event: error`` (data ``{"code", "message"}``)
   before the server closes, and ``: ping`` comments as a heartbeat;
-* a client message: ``POST`` with ``X-Meshxl-Stream: TOKEN`` and ``X-Meshxl-Seq: N``,
+* the client's frames, from the Python client: an *upload*, one ``POST`` per connection
+  (``Content-Type: application/x-ndjson``, ``X-Meshxl-Stream`` and ``X-Meshxl-Epoch``)
+  whose body streams the frames of :mod:`.protocol`, a JSON line each (messages, bytes
+  as base64 in ``b``, acknowledgements, the end), answered ``200`` at once; a refusal
+  is an ``error`` line, then the answer's end. A message then costs a line, not a
+  request through the mesh (``bench/streams.py``: docs/streams.md);
+* a client message, from a browser (which cannot stream a request body over HTTP/1.1):
+  ``POST`` with ``X-Meshxl-Stream: TOKEN`` and ``X-Meshxl-Seq: N``,
   its body the message (``application/json``, or ``application/octet-stream`` for
   bytes); answered 202 ``{"in": K}``; an acknowledgement: ``X-Meshxl-Ack: N`` (on a
   message's POST, or alone, 204); the end of the client's side: ``X-Meshxl-End: N``;
@@ -37,19 +44,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from meshxl import headers as hdr
 
-from .client import ClientStream, Connection, HttpSessions
 from .host import Refused, StreamHost
 from .protocol import (
     ACK,
@@ -57,26 +63,27 @@ from .protocol import (
     ERROR,
     FORBIDDEN,
     MALFORMED,
+    MAX_FRAME_BYTES,
     MESSAGE,
     MOVED,
-    READY,
-    RESUME,
     Frame,
-    Limits,
     Payload,
     ProtocolError,
     Refusal,
     compact_json,
+    decode_frame,
+    encode_frame,
+    encoded_size,
     refusal_named,
     valid_token,
 )
-from .server import Handler
+from .server import Handler, ServerStream
 from .websocket import SessionOf, session_reader
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACK_HEADER", "ACK_LINGER", "END_HEADER", "EPOCH_HEADER", "RECV_HEADER", "SEQ_HEADER",
-           "STREAM_HEADER", "connect_sse", "server_sent_events"]
+__all__ = ["ACK_HEADER", "END_HEADER", "EPOCH_HEADER", "EVENT_STREAM", "RECV_HEADER",
+           "SEQ_HEADER", "STREAM_HEADER", "UPLOAD_TYPE", "server_sent_events"]
 
 STREAM_HEADER = "X-Meshxl-Stream"
 RECV_HEADER = "X-Meshxl-Recv"
@@ -85,6 +92,8 @@ ACK_HEADER = "X-Meshxl-Ack"
 END_HEADER = "X-Meshxl-End"
 EPOCH_HEADER = "X-Meshxl-Epoch"
 EVENT_STREAM = "text/event-stream"
+UPLOAD_TYPE = "application/x-ndjson"
+"""The content type of an upload: one POST for the client's frames of a connection."""
 
 
 def _event(data: str, *, event: str | None = None, id: str | None = None) -> bytes:
@@ -274,6 +283,8 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
         # resumes and sends it again where the stream is.
         return _refused(MOVED, f"the stream is at epoch {stream.record.epoch} here, not "
                                f"{epoch}: send it again once its events resume")
+    if request.content_type == UPLOAD_TYPE:
+        return await _upload(host, request, stream, epoch)
     try:
         seq = _number(request.headers.get(SEQ_HEADER), SEQ_HEADER)
         ack = _number(request.headers.get(ACK_HEADER), ACK_HEADER)
@@ -296,6 +307,59 @@ async def _post(host: StreamHost, request: web.Request, session: str) -> web.Str
     return web.json_response({"in": stream.record.consumed}, status=202)
 
 
+def _taken_here(host: StreamHost, stream: ServerStream, epoch: int | None) -> bool:
+    """``stream`` is still this process's, at the epoch a POST names (the checks of
+    :func:`_post`, made again for each frame of an upload)."""
+    return host.live.get(stream.token) is stream \
+        and (epoch is None or epoch == stream.record.epoch)
+
+
+async def _upload(host: StreamHost, request: web.Request, stream: ServerStream,
+                  epoch: int | None) -> web.StreamResponse:
+    """An upload: one POST whose body carries the client's frames of one connection, a
+    line each (messages, acknowledgements, its end: :func:`~.protocol.encode_frame`,
+    bytes as base64), for as long as the connection lasts. Answered at once ``200``
+    (so that no proxy keeps the body to send it again: Envoy's retries end with the
+    answer's headers); a refusal later is an ``error`` line, then the answer's end."""
+    response = web.StreamResponse(headers={"Content-Type": UPLOAD_TYPE,
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    refusal: Refusal | None = None
+    reason = ""
+    limit = host.limits.max_message_bytes
+    try:
+        while line := await request.content.readline(max_line_length=MAX_FRAME_BYTES):
+            if not _taken_here(host, stream, epoch):
+                refusal, reason = MOVED, "the stream goes on elsewhere now: resume it"
+                break
+            frame = decode_frame(line)
+            seq = frame.seq
+            if frame.type == MESSAGE and seq is not None:
+                if len(line) > limit and encoded_size(frame.payload) > limit:
+                    raise ProtocolError(f"a message of {encoded_size(frame.payload)} "
+                                        f"bytes; the limit is {limit}")
+                stream.received(seq, frame.payload, ordered=False)
+            elif frame.type == ACK and seq is not None:
+                stream.acked(seq)
+            elif frame.type == END and seq is not None:
+                stream.client_ended(seq)
+            else:
+                raise ProtocolError(f"an upload carries messages, acknowledgements and "
+                                    f"the end, not {frame.type!r} frames")
+    except (ProtocolError, LineTooLong) as exc:
+        log.info("stream %s: %s", stream.token[:6], exc)
+        stream.stop(MALFORMED)
+        refusal, reason = MALFORMED, str(exc)
+    except (ConnectionError, aiohttp.ClientPayloadError):
+        return response  # the client's connection ended: it resumes, or it closed
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        if refusal is not None:
+            await response.write(encode_frame(Frame(ERROR, refusal=refusal,
+                                                    message=reason[:500])).encode() + b"\n")
+        await response.write_eof()
+    return response
+
+
 def _payload(body: bytes, content_type: str) -> Payload:
     if content_type == "application/octet-stream":
         return body
@@ -304,163 +368,3 @@ def _payload(body: bytes, content_type: str) -> Payload:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"a message is JSON (or application/octet-stream): {exc}") \
             from None
-
-
-# -- the client --------------------------------------------------------------------------
-
-
-ACK_LINGER = 0.25
-"""Seconds an acknowledgement waits for a message's POST to carry it (``X-Meshxl-Ack`` on
-that POST) before it is POSTed alone. Each POST is a request through the mesh: a client
-that talks about as often as it listens sends one for each message instead of two
-(measured in ``bench/streams.py``: docs/streams.md). One that lingers when its
-connection closes is dropped with it; the stream says what it received when it
-resumes."""
-
-
-class _Events:
-    """A stream's event stream and its POSTs (:class:`.client.Connection`)."""
-
-    def __init__(self, http: aiohttp.ClientSession, url: str, headers: Mapping[str, str]):
-        self.http, self.url, self.headers = http, url, dict(headers)
-        self.response: aiohttp.ClientResponse | None = None
-        self.token: str | None = None
-        self.epoch: int | None = None
-        """The stream's epoch on this connection's server (its ``ready``): the POSTs
-        name it, so that no former server of the stream takes them."""
-        self.status: int | None = None
-        self._ack: int | None = None
-        self._ack_alone: asyncio.Task[None] | None = None
-
-    async def hello(self, frame: Frame) -> None:
-        headers = {**self.headers, "Accept": EVENT_STREAM}
-        if frame.type == RESUME:
-            assert frame.token is not None
-            headers[STREAM_HEADER], headers[RECV_HEADER] = frame.token, str(frame.recv)
-            self.token = frame.token
-        # The server's pings come every heartbeat (2 s by default): a silence three
-        # times that long is a connection whose server is gone without a word.
-        self.response = await self.http.get(self.url, headers=headers,
-                                            timeout=aiohttp.ClientTimeout(sock_read=6.0))
-
-    async def _post(self, extra: dict[str, str], body: bytes | None = None,
-                    content_type: str | None = None) -> None:
-        assert self.token is not None
-        headers = {**self.headers, STREAM_HEADER: self.token, **extra}
-        if self.epoch is not None:
-            headers[EPOCH_HEADER] = str(self.epoch)
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        async with self.http.post(self.url, data=body, headers=headers) as answer:
-            if answer.status not in (202, 204):
-                raise ConnectionError(f"a message's POST answered {answer.status}: "
-                                      f"{(await answer.text())[:200]}")
-
-    async def send_message(self, seq: int, payload: Payload) -> None:
-        extra = {SEQ_HEADER: str(seq), **self._take_ack()}
-        if isinstance(payload, bytes | bytearray | memoryview):
-            await self._post(extra, bytes(payload), "application/octet-stream")
-        else:
-            await self._post(extra, _compact(payload).encode(), "application/json")
-
-    def _take_ack(self) -> dict[str, str]:
-        ack, self._ack = self._ack, None
-        return {} if ack is None else {ACK_HEADER: str(ack)}
-
-    async def send_ack(self, seq: int) -> None:
-        """Acknowledge with the next message's POST, or alone after :data:`ACK_LINGER`."""
-        self._ack = max(self._ack or 0, seq)
-        if self._ack_alone is None or self._ack_alone.done():
-            self._ack_alone = asyncio.get_running_loop().create_task(self._linger())
-
-    async def _linger(self) -> None:
-        await asyncio.sleep(ACK_LINGER)
-        extra = self._take_ack()
-        if extra:
-            # A POST that fails is a connection that broke: the stream resumes, and
-            # says there what it received.
-            with contextlib.suppress(ConnectionError, aiohttp.ClientError, TimeoutError):
-                await self._post(extra)
-
-    async def send_end(self, last: int) -> None:
-        await self._post({END_HEADER: str(last), **self._take_ack()})
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        response = self.response
-        assert response is not None
-        self.status = response.status
-        if response.status != 200:
-            try:
-                code = (await response.json()).get("code")
-            except (ValueError, aiohttp.ContentTypeError):
-                code = None
-            refusal = refusal_named(code) if isinstance(code, str) else None
-            if refusal is not None:
-                yield Frame(ERROR, refusal=refusal)
-            return
-        event, data, ident = "message", [], None
-        async for raw in response.content:
-            line = raw.decode().rstrip("\r\n")
-            if line:
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "event":
-                    event = value
-                elif name == "data":
-                    data.append(value)
-                elif name == "id":
-                    ident = value
-                continue
-            if data:
-                yield self._frame(event, "\n".join(data), ident)
-            event, data, ident = "message", [], None
-
-    def _frame(self, event: str, data: str, ident: str | None) -> Frame:
-        try:
-            if event == "ready":
-                doc = json.loads(data)
-                self.token = doc["id"]
-                epoch = doc.get("epoch")
-                self.epoch = epoch if type(epoch) is int and epoch >= 0 else None
-                return Frame(READY, token=doc["id"], consumed=int(doc["in"]),
-                             last=int(doc["out"]))
-            if event in ("message", "binary"):
-                seq = int((ident or "").rpartition(":")[2])
-                payload = base64.b64decode(data) if event == "binary" else json.loads(data)
-                return Frame(MESSAGE, seq=seq, payload=payload)
-            if event == "ack":
-                return Frame(ACK, seq=int(data))
-            if event == "end":
-                return Frame(END, seq=int(data))
-            if event == "error":
-                doc = json.loads(data)
-                refusal = refusal_named(str(doc.get("code")))
-                if refusal is not None:
-                    return Frame(ERROR, refusal=refusal, message=str(doc.get("message")))
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-            raise ProtocolError(f"an event the protocol does not know: {exc}") from None
-        raise ProtocolError(f"an event the protocol does not know: {event[:40]!r}")
-
-    @property
-    def close_code(self) -> int | None:
-        return None
-
-    async def close(self) -> None:
-        if self._ack_alone is not None:
-            self._ack_alone.cancel()
-        if self.response is not None:
-            self.response.close()
-
-
-def connect_sse(url: str, *, headers: Mapping[str, str] | None = None,
-                http: aiohttp.ClientSession | None = None, limits: Limits | None = None,
-                resume_timeout: float = 30.0) -> ClientStream:
-    """A resumable stream over Server-Sent Events to ``url`` (as
-    :func:`.client.connect_websocket`)."""
-    http_of = HttpSessions(http, aiohttp.ClientTimeout(total=None, sock_connect=5))
-
-    async def connect() -> Connection:
-        return _Events(http_of(), url, headers or {})
-
-    return ClientStream(connect, limits=limits, resume_timeout=resume_timeout,
-                        on_close=http_of.close)

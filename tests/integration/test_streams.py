@@ -102,9 +102,11 @@ def _url(d: DemoDeployment) -> str:
 
 
 async def _open(d: DemoDeployment, session: str, kind: str = "websocket") -> ClientStream:
-    if kind == "sse":
+    """``sse``: the client's frames in one upload per connection; ``sse-posts``: one
+    POST per message (what the browser client does)."""
+    if kind in ("sse", "sse-posts"):
         stream = connect_sse(f"{d.url}/streams/sse", headers={hdr.SESSION: session},
-                             resume_timeout=20)
+                             resume_timeout=20, upload=kind == "sse")
     else:
         stream = connect_websocket(_url(d), headers={hdr.SESSION: session},
                                    resume_timeout=20)
@@ -173,7 +175,7 @@ async def _talking(d: DemoDeployment, prefix: str, kind: str, streams: int, mess
     return talking
 
 
-@pytest.mark.parametrize("kind", ["websocket", "sse"])
+@pytest.mark.parametrize("kind", ["websocket", "sse", "sse-posts"])
 async def test_streams_survive_a_kill_9_of_their_member_exactly_once(
         streams_deployment: DemoDeployment, kind: str) -> None:
     d = streams_deployment
@@ -255,6 +257,68 @@ async def test_a_stream_outlives_the_routes_timeout_on_one_connection(
         assert stream.connections == 1 and not stream.resumes
     finally:
         await stream.aclose()
+
+
+async def test_an_upload_carries_more_than_envoys_buffer_on_one_connection(
+        streams_deployment: DemoDeployment) -> None:
+    """An event stream's client frames travel in one POST per connection. It is
+    answered at once, so Envoy keeps none of it to send again (a retry's buffer, 1 MiB
+    per request): 1.6 MB of messages go through one upload, on one connection, every
+    one answered once, and Envoy abandoned no retry buffer for it."""
+    from meshxl.proxy.admin import EnvoyAdmin
+
+    d = streams_deployment
+    async with EnvoyAdmin(d.admin_url, timeout=2.0) as admin:
+        abandoned = sum((await admin.stats("retry_or_shadow_abandoned")).values())
+    stream = await _open(d, "big-upload", "sse")
+    pad = "x" * 40_000
+    try:
+        for i in range(1, 41):
+            await stream.send({"n": 1, "pad": pad})
+            assert (await asyncio.wait_for(stream.receive(), scaled(10)))["total"] == i
+        assert stream.connections == 1 and not stream.resumes
+    finally:
+        await stream.aclose()
+    async with EnvoyAdmin(d.admin_url, timeout=2.0) as admin:
+        assert sum((await admin.stats("retry_or_shadow_abandoned")).values()) == abandoned
+
+
+async def test_a_malformed_upload_closes_only_its_own_stream(
+        streams_deployment: DemoDeployment) -> None:
+    """An upload is refused as a POST is for another session's stream (403); a frame in
+    it that breaks the protocol (an acknowledgement of a message never sent) ends the
+    upload with a ``malformed`` line and closes that stream, and no other."""
+    d = streams_deployment
+    url = f"{d.url}/streams/sse"
+    bystander = await _open(d, "upload-bystander", "sse")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=None, sock_read=scaled(20))) as http:
+            source = PlainEventSource(http, url, "upload-bad")
+            assert await source.connect() == 200
+            events = source.events()
+            kind, data, _ = await anext(events)
+            assert kind == "ready", (kind, data)
+            ready = json.loads(data)
+            headers = {"X-Meshxl-Stream": ready["id"], "X-Meshxl-Epoch": str(ready["epoch"]),
+                       "Content-Type": "application/x-ndjson"}
+            async with http.post(url, data=b'{"t":"m","s":1,"d":{"n":1}}\n', headers={
+                    **headers, hdr.SESSION: "upload-thief"}) as answer:
+                assert answer.status == FORBIDDEN.http_status, await answer.text()
+            async with http.post(url, data=b'{"t":"a","s":99}\n', headers={
+                    **headers, hdr.SESSION: "upload-bad"}) as answer:  # 99 never sent
+                assert answer.status == 200
+                lines = (await answer.text()).splitlines()
+                assert [json.loads(line)["code"] for line in lines] == [MALFORMED.name]
+            last_words = [json.loads(data).get("code") async for kind, data, _ in events
+                          if kind == "error"]
+            assert last_words == [MALFORMED.name]
+            assert source.response is not None
+            source.response.close()
+        await bystander.send({"n": 4})
+        assert (await asyncio.wait_for(bystander.receive(), scaled(10)))["total"] == 4
+    finally:
+        await bystander.aclose()
 
 
 async def test_resuming_another_sessions_stream_is_refused(

@@ -61,8 +61,19 @@ def test_binary_messages_round_trip(seq: int, data: bytes) -> None:
     assert decode_binary(encode_binary(seq, data)) == (seq, data)
 
 
+@given(SEQ, st.binary(max_size=64))
+def test_binary_messages_round_trip_in_text_frames(seq: int, data: bytes) -> None:
+    """Where frames are text lines (an event stream's upload), bytes travel as base64."""
+    text = encode_frame(Frame(MESSAGE, seq=seq, payload=data), text_bytes=True)
+    assert "\n" not in text
+    assert decode_frame(text) == Frame(MESSAGE, seq=seq, payload=data)
+    with pytest.raises(ValueError):
+        encode_frame(Frame(MESSAGE, seq=seq, payload=data))  # a WebSocket's binary frame
+
+
 @pytest.mark.parametrize("text", [
     "", "[]", "null", '{"t": "x"}', '{"t": "m", "s": 0, "d": 1}', '{"t": "m", "s": 1}',
+    '{"t": "m", "s": 1, "b": "not base64!"}', '{"t": "m", "s": 1, "b": 5}',
     '{"t": "m", "s": true, "d": 1}', '{"t": "m", "s": 9007199254740992, "d": 1}',
     '{"t": "a", "s": -1}', '{"t": "resume", "id": "short", "recv": 0}',
     '{"t": "resume", "id": "AAAAAAAAAAAAAAAAAAAAA+", "recv": 0}',

@@ -10,7 +10,7 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
-from meshxl.streams import sse
+from meshxl.streams import sse, sse_client
 from meshxl.streams.protocol import new_token
 
 
@@ -38,7 +38,8 @@ class _Http:
 
 
 def _events(http: _Http) -> Any:
-    events = sse._Events(http, "http://mesh/feed", {"x-session-id": "s"})  # type: ignore[arg-type]
+    events = sse_client._Events(http, "http://mesh/feed", {"x-session-id": "s"},  # type: ignore[arg-type]
+                                upload=False)
     events.token = new_token()
     return events
 
@@ -49,7 +50,7 @@ async def test_an_acknowledgement_rides_on_the_next_message() -> None:
     await events.send_ack(4)
     await events.send_ack(5)
     await events.send_message(7, {"n": 1})
-    await asyncio.sleep(sse.ACK_LINGER * 2)
+    await asyncio.sleep(sse_client.ACK_LINGER * 2)
     assert len(http.posts) == 1, http.posts
     assert http.posts[0][sse.SEQ_HEADER] == "7" and http.posts[0][sse.ACK_HEADER] == "5"
     await events.close()
@@ -59,7 +60,7 @@ async def test_an_acknowledgement_with_no_message_to_carry_it_goes_alone() -> No
     http = _Http()
     events = _events(http)
     await events.send_ack(3)
-    await asyncio.sleep(sse.ACK_LINGER * 2)
+    await asyncio.sleep(sse_client.ACK_LINGER * 2)
     assert [p.get(sse.ACK_HEADER) for p in http.posts] == ["3"]
     assert sse.SEQ_HEADER not in http.posts[0]
     await events.send_message(4, {"n": 1})  # nothing left to carry

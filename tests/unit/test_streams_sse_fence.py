@@ -18,7 +18,7 @@ from aiohttp import streams as aiostreams
 from aiohttp.test_utils import make_mocked_request
 
 from meshxl.client import AsyncClient
-from meshxl.streams import StreamHost, sse
+from meshxl.streams import StreamHost, sse, sse_client
 from meshxl.streams.protocol import MOVED, READY, Limits, new_token
 from meshxl.streams.record import StreamRecord
 from meshxl.streams.server import ServerStream
@@ -111,7 +111,8 @@ class _Http:
 
 async def test_the_client_names_its_connections_epoch_on_every_post() -> None:
     http = _Http()
-    events = sse._Events(http, "http://mesh/feed", {"x-session-id": "s"})  # type: ignore[arg-type]
+    events = sse_client._Events(http, "http://mesh/feed", {"x-session-id": "s"},  # type: ignore[arg-type]
+                                upload=False)
     token = new_token()
     ready = events._frame("ready", json.dumps({"id": token, "in": 0, "out": 0,
                                                "epoch": 7}), None)
