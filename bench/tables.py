@@ -321,7 +321,9 @@ def streams(results: dict[str, dict[str, Any]]) -> str:
         refs.append(f"Socket.IO: {num(sio.get('recovered'))} of "
                     f"{num(sio.get('reconnections'))} reconnections recovered their "
                     f"session; answered twice {num(sio.get('answered_twice'))}, applied "
-                    f"twice {num(sio.get('applied_twice'))}")
+                    f"twice {num(sio.get('applied_twice'))}"
+                    + (f"; {sio['not_resumed_in_time']}" if sio.get("not_resumed_in_time")
+                       else ""))
     elif sio:
         refs.append(f"Socket.IO: not measured ({_cell(str(sio.get('failed', ''))[:120])})")
     return "\n".join(out + [""] + [f"* {r}" for r in refs])
