@@ -344,24 +344,33 @@ def _json_out(value: Any) -> bytes:
 # -- the client --------------------------------------------------------------------------
 
 
-ACK_LINGER = 0.25
+ACK_LINGER = 1.0
 """Seconds a client's acknowledgement, and its question of what the handler consumed,
-wait before one Ack call carries both. Each Ack is a unary call through the mesh: a
-client that talks as often as it listens made about two for each message it sent
-(``bench/streams.py``: the call's CPU per message was ten times the plain call's).
-One that lingers when its call closes is dropped with it; the stream says what it
-received when it resumes."""
+wait before one Ack call carries both, unless :data:`ACK_EARLY` of the unacknowledged
+bytes have gathered first. Each Ack is a unary call through the mesh: a client that
+talks as often as it listens made about two for each message it sent, then (lingering
+0.25 s) four a second at 5 messages a second (``bench/streams.py``, 1,000 streams: the
+call's CPU per message was 2,172 us against the plain call's 346). One that lingers
+when its call closes is dropped with it; the stream says what it received when it
+resumes."""
+ACK_EARLY = 4
+"""An Ack goes at once when the bytes sent, or received, since the last one reach
+``max_unacked_bytes / ACK_EARLY``: a side that sends fast waits for no linger to free
+what it may send (``Limits.max_unacked_bytes`` an Ack interval would bound it to)."""
 
 
 class _Call:
     """A stream's call (:class:`.client.Connection`)."""
 
     def __init__(self, channel: aio.Channel, method: str, request: Any, request_type: Any,
-                 response_type: Any, metadata: Sequence[tuple[str, str]], ack_delay: float):
+                 response_type: Any, metadata: Sequence[tuple[str, str]], limits: Limits):
         self.channel, self.method, self.request = channel, method, request
         self.request_type, self.response_type = request_type, response_type
         self.metadata = list(metadata)
-        self.ack_delay = ack_delay
+        self.ack_delay = limits.ack_delay
+        self._early = max(1, limits.max_unacked_bytes // ACK_EARLY)
+        self._unasked = 0
+        """Bytes sent and received since the last Ack call was made."""
         self.call: Any = None
         self.token: str | None = None
         self.frames_queue: asyncio.Queue[Frame | None] = asyncio.Queue()
@@ -417,6 +426,7 @@ class _Call:
                 self.frames_queue.put_nowait(Frame(MESSAGE, seq=self.next_seq,
                                                    payload=message))
                 self.next_seq += 1
+                self._count(int(message.ByteSize()))
             ended = self._ended(await self.call.code(), await self.call.trailing_metadata())
         except aio.AioRpcError as exc:
             ended = self._ended(exc.code(), exc.trailing_metadata())
@@ -440,7 +450,17 @@ class _Call:
 
     async def send_message(self, seq: int, payload: Payload) -> None:
         await self.call.write(payload)
+        self._count(int(payload.ByteSize()))
         self._exchange_soon()  # learn what the handler consumed, soon
+
+    def _count(self, size: int) -> None:
+        """``size`` bytes more sent or received: past :data:`ACK_EARLY`'s share of the
+        limit, the Ack goes now."""
+        self._unasked += size
+        if self._unasked >= self._early and self.token is not None:
+            if self._probe is not None:
+                self._probe.cancel()
+            self._probe_now()
 
     def _exchange_soon(self) -> None:
         """One Ack call within :data:`ACK_LINGER` carries both ways' acknowledgements:
@@ -451,6 +471,7 @@ class _Call:
 
     def _probe_now(self) -> None:
         self._probe = None
+        self._unasked = 0
         self._spawn(self._send_ack(self._recv))
 
     async def send_ack(self, seq: int) -> None:
@@ -512,7 +533,7 @@ def connect_grpc(channel: aio.Channel, method: str, *, response_type: Any,
 
     async def connect() -> Connection:
         return _Call(channel, method, request, request_type, response_type, pairs,
-                     settings.ack_delay)
+                     settings)
 
     return ClientStream(connect, limits=settings, resume_timeout=resume_timeout,
                         measure=lambda message: int(message.ByteSize()))

@@ -327,7 +327,7 @@ async def test_a_grpc_call_whose_send_failed_is_left_and_the_stream_resumes() ->
     channel = _Channel()
 
     async def connect() -> grpcio._Call:
-        return grpcio._Call(channel, "/m", None, None, _Message, [], 0.01)
+        return grpcio._Call(channel, "/m", None, None, _Message, [], Limits(ack_delay=0.01))
 
     stream = ClientStream(connect, backoff=(0.001, 0.001))
     await asyncio.wait_for(stream.start(), 2)
