@@ -68,36 +68,6 @@ async def test_an_acknowledgement_with_no_message_to_carry_it_goes_alone() -> No
     await events.close()
 
 
-async def test_a_grpc_clients_acknowledgements_and_questions_share_one_ack_call() -> None:
-    from meshxl.streams import grpcio
-
-    acks: list[dict[str, Any]] = []
-
-    class _Channel:
-        def unary_unary(self, method: str, **kwargs: Any) -> Any:
-            async def ack(body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-                acks.append(body)
-                return {"in": 0}
-            return ack
-
-    class _Stream:
-        async def write(self, message: Any) -> None:
-            return None
-
-        def cancel(self) -> None:
-            return None
-
-    call = grpcio._Call(_Channel(), "/t.T/Talk", None, None, None, [],  # type: ignore[arg-type]
-                        Limits(ack_delay=0.05))
-    call.token, call.call = new_token(), _Stream()
-    await call.send_ack(3)
-    await call.send_message(1, _Sized(10))  # would ask what the handler consumed
-    await call.send_ack(5)
-    await asyncio.sleep(grpcio.ACK_LINGER * 2)
-    assert [a["recv"] for a in acks] == [5], acks  # one call, the latest acknowledgement
-    await call.close()
-
-
 class _Sized:
     """A protobuf message as the client measures it."""
 
@@ -108,37 +78,60 @@ class _Sized:
         return self.size
 
 
+class _AckChannel:
+    """A channel whose Ack calls are recorded (answered: nothing consumed yet)."""
+
+    def __init__(self) -> None:
+        self.acks: list[dict[str, Any]] = []
+
+    def unary_unary(self, method: str, **kwargs: Any) -> Any:
+        async def ack(body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            self.acks.append(body)
+            return {"in": 0}
+        return ack
+
+
+class _Writable:
+    async def write(self, message: Any) -> None:
+        return None
+
+    def cancel(self) -> None:
+        return None
+
+
+def _grpc_call(channel: _AckChannel, limits: Limits) -> Any:
+    from meshxl.streams import grpcio
+
+    call = grpcio._Call(channel, "/t.T/Talk", None, None, None, [],  # type: ignore[arg-type]
+                        limits)
+    call.token, call.call = new_token(), _Writable()
+    return call
+
+
+async def test_a_grpc_clients_acknowledgements_and_questions_share_one_ack_call() -> None:
+    from meshxl.streams import grpcio
+
+    channel = _AckChannel()
+    call = _grpc_call(channel, Limits(ack_delay=0.05))
+    await call.send_ack(3)
+    await call.send_message(1, _Sized(10))  # would ask what the handler consumed
+    await call.send_ack(5)
+    await asyncio.sleep(grpcio.ACK_LINGER * 2)
+    assert [a["recv"] for a in channel.acks] == [5], channel.acks  # one call, the latest
+    await call.close()
+
+
 async def test_a_grpc_client_that_sends_fast_acknowledges_without_lingering() -> None:
     """The linger spares an Ack call per message at a chat's pace; a client sending a
     quarter of ``max_unacked_bytes`` asks at once, so it never waits a linger to be
     allowed to send more."""
-    from meshxl.streams import grpcio
-
-    acks: list[dict[str, Any]] = []
-
-    class _Channel:
-        def unary_unary(self, method: str, **kwargs: Any) -> Any:
-            async def ack(body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-                acks.append(body)
-                return {"in": 0}
-            return ack
-
-    class _Stream:
-        async def write(self, message: Any) -> None:
-            return None
-
-        def cancel(self) -> None:
-            return None
-
-    limits = Limits(max_unacked_bytes=4096, max_message_bytes=1024)
-    call = grpcio._Call(_Channel(), "/t.T/Talk", None, None, None, [],  # type: ignore[arg-type]
-                        limits)
-    call.token, call.call = new_token(), _Stream()
+    channel = _AckChannel()
+    call = _grpc_call(channel, Limits(max_unacked_bytes=4096, max_message_bytes=1024))
     for seq in range(1, 4):
         await call.send_message(seq, _Sized(300))  # 900 bytes: less than 4096 / 4
     await asyncio.sleep(0.05)
-    assert acks == []  # lingering
+    assert channel.acks == []  # lingering
     await call.send_message(4, _Sized(300))  # 1,200 bytes: a quarter of the limit
     await asyncio.sleep(0.05)
-    assert len(acks) == 1, acks
+    assert len(channel.acks) == 1, channel.acks
     await call.close()
