@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshxl.local.report import distribution, last_acknowledged, lost_writes
-from meshxl.local.sites import PIN, SITES, DualSite
+from meshxl.local.sites import PIN, SITES, DualSite, etcd_timings
 from meshxl.local.traffic import Record, Traffic, read_back
 
 __all__ = ["SiteLoss", "site_loss", "write_latencies"]
@@ -121,8 +121,15 @@ async def site_loss(bed: DualSite, lost: str = "east", sessions: int = 8,
     surviving = next(s for s in SITES if s != lost)
     members = {m.name for m in bed.site_members if m.site == surviving}
     until = time.time() + warmup + window + 5
+    # A write of the surviving site waits for the election of a new etcd leader when
+    # the lost site had it: the clients wait longer than an election can take (etcd
+    # draws each round's timeout from [T, 2T); two rounds and the commit), so what
+    # they count as failed is meshxl's, not their own impatience.
+    _, election_ms = etcd_timings(bed.rtt_ms)
+    patience = max(5.0, 5 * election_ms / 1000 + 3)
     traffic = {site: Traffic(bed.counter_url(site), sessions, until, max_requests=50_000,
-                             prefix=f"{site[0]}-", pin_header=PIN) for site in SITES}
+                             prefix=f"{site[0]}-", pin_header=PIN, request_timeout=patience)
+               for site in SITES}
     runs = [asyncio.create_task(t.run()) for t in traffic.values()]
     try:
         await asyncio.sleep(warmup)

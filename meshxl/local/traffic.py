@@ -51,11 +51,13 @@ class Traffic:
     def __init__(self, url: str, sessions: int, until: float, max_requests: int,
                  trace_file: Path | None = None,
                  interval: float = REQUEST_INTERVAL, prefix: str = "s",
-                 pin_header: str | None = None) -> None:
+                 pin_header: str | None = None, request_timeout: float = 5.0) -> None:
         """``url`` may be changed while it runs (a site's clients sent to the other
         site); ``pin_header``: the header Envoy pins sessions with, kept per session
-        and sent back, as a client of a pinned cluster does."""
+        and sent back, as a client of a pinned cluster does; ``request_timeout``: how
+        long a request may take before the client gives it up (a failure)."""
         self.url = url
+        self.request_timeout = request_timeout
         self.interval = interval
         self.trace_file = trace_file
         self.sessions = [f"{prefix}{i:03d}" for i in range(sessions)]
@@ -86,7 +88,7 @@ class Traffic:
         if self.trace_file is not None:
             provider.add_span_processor(BatchSpanProcessor(FileSpanExporter(str(self.trace_file)),
                                                            schedule_delay_millis=500))
-        timeout = aiohttp.ClientTimeout(total=5.0)
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
         connector = aiohttp.TCPConnector(limit=len(self.sessions) + 4)
         try:
             async with aiohttp.ClientSession(
