@@ -44,8 +44,12 @@ from typing import Any, Protocol
 from meshxl.errors import Unavailable
 
 from .protocol import (
+    ACK,
+    END,
     FAILED,
+    MESSAGE,
     TOO_FAR_BEHIND,
+    Frame,
     Limits,
     Payload,
     ProtocolError,
@@ -332,6 +336,20 @@ class ServerStream:
         self._received = seq
         self._inbox.append((seq, payload))
         self._changed.set()
+
+    def client_frame(self, frame: Frame, *, ordered: bool = True) -> None:
+        """A client's frame on a connection that carries them (a WebSocket's, an
+        upload's): a message (:meth:`received`), an acknowledgement (:meth:`acked`) or
+        its end (:meth:`client_ended`); any other is a :class:`ProtocolError`."""
+        seq = frame.seq
+        if frame.type == MESSAGE and seq is not None:
+            self.received(seq, frame.payload, ordered=ordered)
+        elif frame.type == ACK and seq is not None:
+            self.acked(seq)
+        elif frame.type == END and seq is not None:
+            self.client_ended(seq)
+        else:
+            raise ProtocolError(f"a client does not send {frame.type} frames")
 
     def client_ended(self, last: int) -> None:
         """The client closed its side after its message ``last``."""

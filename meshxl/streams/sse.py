@@ -58,8 +58,6 @@ from meshxl import headers as hdr
 
 from .host import Refused, StreamHost
 from .protocol import (
-    ACK,
-    END,
     ERROR,
     FORBIDDEN,
     MALFORMED,
@@ -333,19 +331,11 @@ async def _upload(host: StreamHost, request: web.Request, stream: ServerStream,
                 refusal, reason = MOVED, "the stream goes on elsewhere now: resume it"
                 break
             frame = decode_frame(line)
-            seq = frame.seq
-            if frame.type == MESSAGE and seq is not None:
-                if len(line) > limit and encoded_size(frame.payload) > limit:
-                    raise ProtocolError(f"a message of {encoded_size(frame.payload)} "
-                                        f"bytes; the limit is {limit}")
-                stream.received(seq, frame.payload, ordered=False)
-            elif frame.type == ACK and seq is not None:
-                stream.acked(seq)
-            elif frame.type == END and seq is not None:
-                stream.client_ended(seq)
-            else:
-                raise ProtocolError(f"an upload carries messages, acknowledgements and "
-                                    f"the end, not {frame.type!r} frames")
+            if frame.type == MESSAGE and len(line) > limit \
+                    and encoded_size(frame.payload) > limit:
+                raise ProtocolError(f"a message of {encoded_size(frame.payload)} "
+                                    f"bytes; the limit is {limit}")
+            stream.client_frame(frame, ordered=False)
     except (ProtocolError, LineTooLong) as exc:
         log.info("stream %s: %s", stream.token[:6], exc)
         stream.stop(MALFORMED)

@@ -186,18 +186,7 @@ async def _read(ws: web.WebSocketResponse, stream: ServerStream, conduit: _Condu
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
-                frame = decode_frame(msg.data)
-                if frame.type == MESSAGE:
-                    assert frame.seq is not None
-                    stream.received(frame.seq, frame.payload)
-                elif frame.type == ACK:
-                    assert frame.seq is not None
-                    stream.acked(frame.seq)
-                elif frame.type == END:
-                    assert frame.seq is not None
-                    stream.client_ended(frame.seq)
-                else:
-                    raise ProtocolError(f"a client does not send {frame.type} frames")
+                stream.client_frame(decode_frame(msg.data))
             elif msg.type == WSMsgType.BINARY:
                 seq, data = decode_binary(msg.data)
                 stream.received(seq, data)
