@@ -202,7 +202,8 @@ async def _wait_complete(hub: Hub, type_urls: tuple[str, ...], exclude: dict[str
                                f" ({len(hub.complete)} complete)")
         hub.changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(hub.changed.wait(), remaining)
+            async with asyncio.timeout(remaining):
+                await hub.changed.wait()
 
 
 async def _load(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -285,7 +285,8 @@ async def run(work: Path, repeats: int, sessions: int, interval: float,
             await wait_until(lambda: _at_least(_served_by(traffic, KILLED, since), 0.95),
                              what="traffic back on a", timeout=PHASE_TIMEOUT, interval=0.1)
         traffic.until = time.time()
-        await asyncio.wait_for(load, 15.0)
+        async with asyncio.timeout(15.0):
+            await load
         ended = time.time()
         step = "reading every session back"
         final, readback = await read_back(f"{d.url}/counter", traffic.sessions)

@@ -70,7 +70,8 @@ async def run_kind(work: Path, kind: str, repeats: int, sessions: int, interval:
     load: asyncio.Task[None] | None = None
     kills: list[dict[str, Any]] = []
     try:
-        await asyncio.wait_for(d.start(), 90)
+        async with asyncio.timeout(90):
+            await d.start()
         started = time.time()
         budget = 30.0 + repeats * (STEADY + 3 * PHASE_TIMEOUT)
         traffic = StreamTraffic(kind, d.target, sessions, started + budget,
@@ -98,7 +99,8 @@ async def run_kind(work: Path, kind: str, repeats: int, sessions: int, interval:
             await d.start_member(d.member(victim))
             await d.wait_all_healthy(PHASE_TIMEOUT)
         traffic.until = time.time()
-        await asyncio.wait_for(load, 30)
+        async with asyncio.timeout(30):
+            await load
         final, readback = await read_back_kind(kind, d.target, traffic.sessions)
     finally:
         await stop_load(load, traffic)

@@ -381,7 +381,8 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
         step = "after the fault"
         await asyncio.sleep(plan.tail)
         traffic.until = time.time()
-        await asyncio.wait_for(load, 15.0)
+        async with asyncio.timeout(15.0):
+            await load
         step = "reading every session back"
         final, _ = await read_back(f"{d.url}/counter", traffic.sessions)
     except (LocalError, TimeoutError, OSError) as exc:
@@ -467,7 +468,8 @@ async def soak(top: Owner, etcd_url: str, plan: Plan, calibration: dict[str, flo
         step = "the rest of the soak"
         await asyncio.sleep(max(0.0, end - time.time()))
         traffic.until = time.time()
-        await asyncio.wait_for(load, 15.0)
+        async with asyncio.timeout(15.0):
+            await load
         step = "reading every session back"
         final, _ = await read_back(f"{d.url}/counter", traffic.sessions)
     except (LocalError, TimeoutError, OSError) as exc:

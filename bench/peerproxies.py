@@ -240,8 +240,9 @@ class _Line:
         sock.setblocking(False)
         try:
             sock.bind((self.source, 0))
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
-                sock, (self.host, self.port)), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(
+                    sock, (self.host, self.port))
             self.reader, self.writer = await asyncio.open_connection(sock=sock)
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -252,7 +253,8 @@ class _Line:
         try:
             self.writer.write(counter.tcp_request("INC", self.session))
             await self.writer.drain()
-            line = await asyncio.wait_for(self.reader.readline(), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                line = await self.reader.readline()
             member, _, seq = counter.parse_tcp_answer(line)
         except (OSError, TimeoutError, ValueError) as exc:
             raise Broken(str(exc)) from None
@@ -261,7 +263,8 @@ class _Line:
     async def idle(self, seconds: float) -> None:
         assert self.reader is not None
         try:
-            data = await asyncio.wait_for(self.reader.read(1), seconds)
+            async with asyncio.timeout(seconds):
+                data = await self.reader.read(1)
         except TimeoutError:
             return
         except OSError as exc:
@@ -287,8 +290,9 @@ class _WebSocket:
 
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            self.ws = await asyncio.wait_for(self.http.ws_connect(
-                self.url, headers={hdr.SESSION: self.session}, autoping=True), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                self.ws = await self.http.ws_connect(
+                    self.url, headers={hdr.SESSION: self.session}, autoping=True)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise Broken(str(exc)) from None
 
@@ -421,7 +425,8 @@ async def warm_members(d: Any, kind: str, sessions: int) -> None:
                                  interval=0.05, prefix="warm")
         else:
             warm = Sessions(kind, target, sessions, 0.05, until, "warm")
-        await asyncio.wait_for(warm.run(), WARM_SECONDS + 30)
+        async with asyncio.timeout(WARM_SECONDS + 30):
+            await warm.run()
         taken = {r.session for r in warm.records if r.ok}
         if taken != set(names):
             print(f"    warm-up: {m.name} served {len(taken)} of {sessions} sessions",

@@ -96,7 +96,8 @@ async def _read(kind: str, target: str, sessions: list[str],
 async def _probe(kind: str, target: str) -> str | None:
     """The member a fresh session is served by through ``target``."""
     try:
-        _, records = await asyncio.wait_for(_read(kind, target, ["probe"]), 10)
+        async with asyncio.timeout(10):
+            _, records = await _read(kind, target, ["probe"])
     except Exception:  # noqa: BLE001 - not yet
         return None
     return records[0].member if records and records[0].ok else None
@@ -210,7 +211,8 @@ async def one_failover(d: DemoDeployment, kind: str, target: str, sessions: int,
         await asyncio.sleep(0.5)
     finally:
         traffic.until = 0.0
-        await asyncio.wait_for(load, 30)
+        async with asyncio.timeout(30):
+            await load
     after = await envoy_counters(admin)
     final, readback = await _read(kind, target, traffic.sessions)
     records = traffic.records
@@ -286,7 +288,8 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
     per_proxy: dict[str, list[dict[str, Any]]] = {p: [] for p in PROXIES}
     restarts: list[dict[str, Any]] = []
     try:
-        await asyncio.wait_for(d.start(), 90)
+        async with asyncio.timeout(90):
+            await d.start()
         members = [(m.name, m.app_port) for m in d.members]
         haproxy_port, envoy_port, envoy_admin = free_ports(3)
         cfg = work / "haproxy.cfg"

@@ -139,7 +139,8 @@ async def phase(kind: str, target: str, pid: int, sessions: int, interval: float
     else:
         traffic = Sessions(kind, target, sessions, interval, until, prefix)
     started, cpu = time.time(), cpu_seconds(pid)
-    await asyncio.wait_for(traffic.run(), seconds + 30)
+    async with asyncio.timeout(seconds + 30):
+        await traffic.run()
     cpu = cpu_seconds(pid) - cpu
     records = traffic.records
     latencies = [(r.ended - r.sent) * 1000 for r in records
@@ -157,7 +158,8 @@ async def run_kind(work: Path, kind: str, rounds: int, sessions: int, interval: 
     names = arms(kind)
     found: dict[str, list[dict[str, Any]]] = {a: [] for a in names}
     try:
-        await asyncio.wait_for(d.start(), 90)
+        async with asyncio.timeout(90):
+            await d.start()
         members = [(m.name, m.app_port) for m in d.members]
         port, admin = free_ports(2)
         static = EnvoyProcess(static_envoy_config(kind, (HOST, port), admin, members),

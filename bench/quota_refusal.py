@@ -75,7 +75,8 @@ async def writer(port: int, vs: str, k: int, count: int, end: float,
             if time.perf_counter() >= end:
                 break
             writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            async with asyncio.timeout(10.0):
+                head = await reader.readuntil(b"\r\n\r\n")
             lines = head.split(b"\r\n")
             length = next(int(line.split(b":", 1)[1]) for line in lines
                           if line.lower().startswith(b"content-length:"))

@@ -272,7 +272,8 @@ async def run(d: DemoDeployment, stack: Owner | None, args: argparse.Namespace,
     except SoakError as exc:
         error = str(exc)
         traffic.until = time.time()
-        await asyncio.wait_for(load, 15.0)
+        async with asyncio.timeout(15.0):
+            await load
     sampler.sample()
     ended = time.time()
 

@@ -255,7 +255,8 @@ class _Load:
         async def warm(task: int) -> None:
             for _ in range(int(self.cfg["warmup"])):
                 await write(task)
-        await asyncio.wait_for(asyncio.gather(*(warm(t) for t in range(self.conc))), 15.0)
+        async with asyncio.timeout(15.0):
+            await asyncio.gather(*(warm(t) for t in range(self.conc)))
 
     async def round(self, duration: float, max_writes: int) -> dict[str, Any]:
         """One measured window: writes, latency, CPU of the processes named, batches."""
@@ -283,8 +284,8 @@ class _Load:
         own_before = time.process_time()
         start = time.perf_counter()
         end = start + duration
-        await asyncio.wait_for(asyncio.gather(*(worker(t, end) for t in range(self.conc))),
-                               duration + 15.0)
+        async with asyncio.timeout(duration + 15.0):
+            await asyncio.gather(*(worker(t, end) for t in range(self.conc)))
         elapsed = time.perf_counter() - start
         own = time.process_time() - own_before
         cpu_after = [cpu_seconds(p) for p in self.pids]
@@ -426,7 +427,8 @@ class LoadProcess:
         self._writer.write(f"{duration} {max_writes}\n".encode())
         await self._writer.drain()
         try:
-            line = await asyncio.wait_for(self._reader.readline(), duration + CLIENT_GRACE)
+            async with asyncio.timeout(duration + CLIENT_GRACE):
+                line = await self._reader.readline()
         except TimeoutError:
             raise RuntimeError(f"load {self.mode}: no answer within "
                                f"{duration + CLIENT_GRACE:g} s\n{self.process.tail()}") from None
@@ -627,7 +629,8 @@ async def bench_lag(url: str, a: str, b: str, rounds: int) -> dict[str, Any]:
                 await client.put(key, value)
                 t_ack = time.perf_counter()
                 try:
-                    t_event = await asyncio.wait_for(fut, LAG_TIMEOUT)
+                    async with asyncio.timeout(LAG_TIMEOUT):
+                        t_event = await fut
                 except TimeoutError:
                     timeouts["raw"] += 1
                     pending.pop(key, None)

@@ -288,7 +288,8 @@ class Load:
             async with gate:
                 self.conversations[k] = await self.opener(self, self.logs[k].id)
 
-        await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(self.count))), timeout)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(one(k) for k in range(self.count)))
 
     def start(self) -> None:
         self._sending = True
@@ -369,7 +370,8 @@ class Load:
         for k, conv in enumerate(self.conversations):
             if conv is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conv.close(), 5)
+                    async with asyncio.timeout(5):
+                        await conv.close()
                 if isinstance(conv, _Resumable):
                     self.logs[k].resumes = list(conv.stream.resumes)
         if self.http is not None:

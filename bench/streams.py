@@ -142,7 +142,8 @@ async def _on_a(d: DemoDeployment, kind: Kind) -> bool:
         conv = load.conversations[0]
         assert conv is not None
         await conv.send(1)
-        answer = await asyncio.wait_for(conv.receive(), 5)
+        async with asyncio.timeout(5):
+            answer = await conv.receive()
         return answer.get("member") == KILLED
     finally:
         await load.close(0)
@@ -226,7 +227,8 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
         if http is not None:
             http.until = 0.0
         if http_task is not None:
-            await asyncio.wait_for(http_task, 30)
+            async with asyncio.timeout(30):
+                await http_task
         await load.close(20)
     out = {**_per_message({**report(load.logs, steady=(window.t0, window.t1), event=at,
                                     member=KILLED), **facts}),

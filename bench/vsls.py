@@ -224,7 +224,8 @@ async def run(work: Path, plan: Plan, stateful: bool, quotas: bool) -> dict[str,
                         {"skipped": "no per-VS quotas in this checkout" if stateful
                          else "no state (echo members)"})
         traffic.until = time.time()
-        await asyncio.wait_for(load, 30.0)
+        async with asyncio.timeout(30.0):
+            await load
         step = "reading every session back"
         if stateful:
             final = await read_back(bed.url, sessions)

@@ -125,7 +125,8 @@ async def _tenant(base: str, phase: str, seconds: float) -> dict[str, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--load", base, "--phase", phase, "--seconds", str(seconds),
         stdout=asyncio.subprocess.PIPE)
-    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    async with asyncio.timeout(seconds + 30):
+        out, _ = await proc.communicate()
     counts: dict[str, int] = json.loads(out)
     return counts
 

@@ -312,7 +312,8 @@ def label_command(file: Path | None, namespaces: tuple[str, ...], kube_api: str 
             view = _View(source, file_source)
             runner = await _serve_health(health, labelers, resync) if health else None
             try:
-                await asyncio.wait_for(source.synced.wait(), 30)
+                async with asyncio.timeout(30):
+                    await source.synced.wait()
                 if once:
                     for labeler in labelers:
                         await labeler.reconcile(view.model, view.runtime)

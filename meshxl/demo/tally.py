@@ -138,7 +138,8 @@ def _plain_sse(member: str) -> Any:
         try:  # a ping every 2 s finds a client that went away
             while not events.closed.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(events.closed.wait(), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await events.closed.wait()
                 async with events.lock:
                     await response.write(b": ping\n\n")
         except (ConnectionError, RuntimeError):

@@ -352,6 +352,7 @@ class PodLabeler:
                 log.warning("labelling pods in %s failed: %s", self.namespace or
                             "all namespaces", exc)
             try:
-                await asyncio.wait_for(self._wake.wait(), self.resync)
+                async with asyncio.timeout(self.resync):
+                    await self._wake.wait()
             except TimeoutError:
                 pass

@@ -335,7 +335,8 @@ class Owner:
             with contextlib.suppress(Exception):
                 result = closer()
                 if asyncio.iscoroutine(result):
-                    await asyncio.wait_for(result, 5.0)
+                    async with asyncio.timeout(5.0):
+                        await result
         results = await asyncio.gather(
             *(self._end(thing) for thing in self._owned), return_exceptions=True
         )
@@ -361,7 +362,8 @@ async def run(argv: Sequence[str], *, timeout: float = 30.0, cwd: Path | None = 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
         env=dict(env) if env is not None else None, start_new_session=True)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

@@ -247,7 +247,8 @@ class DualSite:
 
     async def _listening(self, site: str, port: int) -> bool:
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.ip(site), port), 1)
+            async with asyncio.timeout(1):
+                _, writer = await asyncio.open_connection(self.ip(site), port)
         except (OSError, TimeoutError):
             return False
         writer.close()

@@ -226,7 +226,8 @@ class _WatchStream:
         import grpc
 
         try:
-            reply = await asyncio.wait_for(self.call.read(), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                reply = await self.call.read()
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             raise _Broken(_describe(exc)) from None
         if reply is grpc.aio.EOF:
@@ -264,7 +265,8 @@ class _WebSocket:
 
         try:
             await self.ws.send_str("inc")
-            message = await asyncio.wait_for(self.ws.receive(), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                message = await self.ws.receive()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise _Broken(_describe(exc)) from None
         if message.type != aiohttp.WSMsgType.TEXT:
@@ -294,8 +296,9 @@ class _Line:
 
     async def open(self) -> None:
         try:
-            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
-                self.host, self.port, local_addr=(self.source, 0)), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                self.reader, self.writer = await asyncio.open_connection(
+                    self.host, self.port, local_addr=(self.source, 0))
         except (OSError, TimeoutError) as exc:
             raise _Broken(_describe(exc)) from None
 
@@ -303,7 +306,8 @@ class _Line:
         try:
             self.writer.write(counter.tcp_request("INC", self.session))
             await self.writer.drain()
-            line = await asyncio.wait_for(self.reader.readline(), CALL_TIMEOUT)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                line = await self.reader.readline()
             member, _, seq = counter.parse_tcp_answer(line)
         except (OSError, TimeoutError, ValueError) as exc:
             raise _Broken(_describe(exc)) from None
@@ -367,7 +371,8 @@ async def _read_one(kind: str, target: str, session: str, k: int) -> tuple[str, 
         try:
             await ws.open()
             await ws.ws.send_str("get")
-            answer = json.loads((await asyncio.wait_for(ws.ws.receive(), CALL_TIMEOUT)).data)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                answer = json.loads((await ws.ws.receive()).data)
             return str(answer["member"]), int(answer["seq"])
         finally:
             await ws.close()
@@ -375,8 +380,8 @@ async def _read_one(kind: str, target: str, session: str, k: int) -> tuple[str, 
     try:
         await line.open()
         line.writer.write(counter.tcp_request("GET", session))
-        member, _, seq = counter.parse_tcp_answer(
-            await asyncio.wait_for(line.reader.readline(), CALL_TIMEOUT))
+        async with asyncio.timeout(CALL_TIMEOUT):
+            member, _, seq = counter.parse_tcp_answer(await line.reader.readline())
         return member, seq
     finally:
         await line.close()

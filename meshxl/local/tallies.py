@@ -86,6 +86,10 @@ class TallyTraffic:
         self._rng = random.Random(seed)
         self._channel: Any = None
 
+    async def _open_within(self, tally: TallyStream) -> Any:
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            return await self._open(tally)
+
     async def _open(self, tally: TallyStream) -> Any:
         headers = {hdr.SESSION: tally.session}
         if self.kind == "websocket":
@@ -110,7 +114,7 @@ class TallyTraffic:
             self._channel = aio.insecure_channel(target)
         try:
             opened = await asyncio.gather(
-                *(asyncio.wait_for(self._open(t), OPEN_TIMEOUT) for t in self.streams),
+                *(self._open_within(t) for t in self.streams),
                 return_exceptions=True)
             for tally, stream in zip(self.streams, opened, strict=True):
                 if isinstance(stream, BaseException):

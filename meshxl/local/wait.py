@@ -184,7 +184,8 @@ async def wait_http(url: str, *, process: Watched | None = None, timeout: float 
 
 async def port_open(host: str, port: int) -> bool:
     """Does ``host:port`` accept a TCP connection? (Errors propagate: "not yet".)"""
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    async with asyncio.timeout(1.0):
+        _, writer = await asyncio.open_connection(host, port)
     writer.close()
     return True
 

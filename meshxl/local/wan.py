@@ -104,7 +104,8 @@ async def _link(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter,
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = original_destination(sock)
         await asyncio.sleep(2 * delay)  # the handshake's round trip
-        server_r, writer = await asyncio.wait_for(_connect_marked(host, port), 10)
+        async with asyncio.timeout(10):
+            server_r, writer = await _connect_marked(host, port)
         server_w = writer
         await asyncio.gather(_carry(client_r, writer, delay),
                              _carry(server_r, client_w, delay))
@@ -153,7 +154,8 @@ async def round_trips(host: str, port: int, count: int = 20,
     """A raw TCP round trip through the link: the connect (a handshake, and the proxy's
     own) and ``count`` one-byte ping-pongs on one connection, in milliseconds."""
     started = time.perf_counter()
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     times: list[float] = []
     try:
@@ -161,7 +163,8 @@ async def round_trips(host: str, port: int, count: int = 20,
             sent = time.perf_counter()
             writer.write(b"x")
             await writer.drain()
-            await asyncio.wait_for(reader.readexactly(1), timeout)
+            async with asyncio.timeout(timeout):
+                await reader.readexactly(1)
             times.append((time.perf_counter() - sent) * 1e3)
         connect = (time.perf_counter() - started) * 1e3 - sum(times)
     finally:

@@ -224,7 +224,8 @@ class _Sampler:
             while not stop.is_set():
                 await self.sample(http)
                 try:
-                    await asyncio.wait_for(stop.wait(), self.interval)
+                    async with asyncio.timeout(self.interval):
+                        await stop.wait()
                 except TimeoutError:
                     pass
             await self.sample(http)

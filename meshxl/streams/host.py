@@ -415,8 +415,8 @@ class StreamHost:
         How many streams were moved."""
         streams = list(self.live.values())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(s.flush() for s in streams),
-                                                  return_exceptions=True), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(s.flush() for s in streams), return_exceptions=True)
         for stream in streams:
             stream.stop(MOVED)
         return len(streams)

@@ -383,7 +383,8 @@ class ServerStream:
                 self._raise_if_stopped()
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._changed.wait()
 
     # -- the handler's run ------------------------------------------------------------------
 

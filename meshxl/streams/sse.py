@@ -248,7 +248,8 @@ async def _events(host: StreamHost, handler: Handler, request: web.Request, sess
     try:
         while not conduit.closed.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conduit.closed.wait(), heartbeat)
+                async with asyncio.timeout(heartbeat):
+                    await conduit.closed.wait()
             if not conduit.closed.is_set():
                 async with conduit.lock:
                     await response.write(b": ping\n\n")

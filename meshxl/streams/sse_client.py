@@ -134,7 +134,8 @@ class _Events:
         async def body() -> AsyncIterator[bytes]:
             while True:
                 try:
-                    first = await asyncio.wait_for(lines.get(), UPLOAD_IDLE)
+                    async with asyncio.timeout(UPLOAD_IDLE):
+                        first = await lines.get()
                 except TimeoutError:
                     if lines.empty():
                         if self._lines is lines:  # the next frame opens another

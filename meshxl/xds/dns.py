@@ -80,7 +80,8 @@ class Resolution:
 async def _resolve_one(name: str, lookup: Lookup, timeout: float,
                        last: Resolution) -> Resolution:
     try:
-        found = _normalize(await asyncio.wait_for(lookup(name), timeout))
+        async with asyncio.timeout(timeout):
+            found = _normalize(await lookup(name))
         if not found:
             raise OSError("no IPv4 or IPv6 address")
     except asyncio.CancelledError:
@@ -174,6 +175,7 @@ class Resolver:
                 self._on_change()
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass

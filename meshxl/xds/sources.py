@@ -68,7 +68,8 @@ class Debouncer:
                 if remaining <= 0:
                     break
                 try:
-                    await asyncio.wait_for(self._poked.wait(), min(self._quiet, remaining))
+                    async with asyncio.timeout(min(self._quiet, remaining)):
+                        await self._poked.wait()
                 except TimeoutError:
                     break
             self._poked.clear()

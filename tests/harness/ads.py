@@ -127,12 +127,14 @@ class _Client:
 
     async def recv(self, within: float = WAIT) -> Any:
         """The next response (a deadline: ``within`` seconds, already scaled)."""
-        return await asyncio.wait_for(self._responses.get(), within)
+        async with asyncio.timeout(within):
+            return await self._responses.get()
 
     async def silent(self, window: float = QUIET) -> None:
         """Nothing arrives within ``window`` (already scaled)."""
         with pytest.raises(asyncio.TimeoutError):
-            response = await asyncio.wait_for(self._responses.get(), window)
+            async with asyncio.timeout(window):
+                response = await self._responses.get()
             pytest.fail(f"unexpected response: {response}")
 
     def close(self) -> None:

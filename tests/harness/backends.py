@@ -55,8 +55,8 @@ class Backend:
 
     async def wait_listening(self, timeout: float = 30.0) -> None:
         async def accepts() -> bool:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port),
-                                               1.0)
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(self.host, self.port)
             writer.close()
             await writer.wait_closed()
             return True

@@ -10,7 +10,7 @@ early still ends its wait early, so the scale costs nothing on a fast machine.
 
 Two helpers for the rest:
 
-* :func:`scaled` turns a deadline given to anything else (``asyncio.wait_for``, a
+* :func:`scaled` turns a deadline given to anything else (``asyncio.timeout``, a
   client's timeout, a loop's end) into this machine's;
 * :func:`window` is the one deliberate pause: a test that proves nothing happens
   during a window (no request reaches a drained member, no write is lost while a

@@ -37,7 +37,8 @@ async def deployment(work: Path, protocol: str, *, mode: str = "high-availabilit
                        drain_window=drain_window, lease_ttl=2.0, fields=fields,
                        hash_cookie=hash_cookie, failover=failover)
     try:
-        await asyncio.wait_for(d.start(), scaled(90))
+        async with asyncio.timeout(scaled(90)):
+            await d.start()
     except BaseException:
         report = d.owner.report()
         await d.close()
@@ -99,7 +100,8 @@ async def traffic_around(d: DemoDeployment, kind: str, sessions: int, *, before:
             await window(after, "traffic after the action, for the checks to judge")
     finally:
         traffic.until = time.time()
-        await asyncio.wait_for(load, scaled(30))
+        async with asyncio.timeout(scaled(30)):
+            await load
     return traffic, result, at
 
 

@@ -268,9 +268,10 @@ async def test_contended_update_from_two_clients_counts_every_increment_once(
                     seen.append(seq)
 
         with Client(b.url, settings=settings) as on_b:
-            await asyncio.wait_for(asyncio.gather(
-                *(async_writer() for _ in range(writers)),
-                *(asyncio.to_thread(sync_writer, on_b) for _ in range(writers))), 120)
+            async with asyncio.timeout(120):
+                await asyncio.gather(
+                    *(async_writer() for _ in range(writers)),
+                    *(asyncio.to_thread(sync_writer, on_b) for _ in range(writers)))
             final = await on_a.get("hot")
 
     total = 2 * writers * per_writer
@@ -317,7 +318,8 @@ async def test_503_while_etcd_is_down_then_recovery(
         await wait_until(retrying, timeout=10, what="update's writes answered 503")
         assert not pending.done()
         await etcd.start()
-        result = await asyncio.wait_for(pending, 30)
+        async with asyncio.timeout(30):
+            result = await pending
         assert result.state == {"seq": 2}
         got = await quick.get("counter")
         assert got.state == {"seq": 2} and got.source in ("cache", "etcd")

@@ -48,7 +48,8 @@ def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[Any]
         async def bounded() -> Any:
             loop = asyncio.get_running_loop()
             assert isinstance(loop, uvloop.Loop) == (factory is uvloop.new_event_loop)
-            return await asyncio.wait_for(main(), 30)
+            async with asyncio.timeout(30):
+                return await main()
 
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(bounded())
@@ -259,7 +260,8 @@ def test_idle_connections_are_closed_after_keepalive(run: Any) -> None:
         pool = server.pool(ClientSettings(keepalive=0.2, timeout=2))
         assert isinstance(await pool.request("GET", "/a", {}, None), Answer)
         started = time.monotonic()
-        await asyncio.wait_for(server.peers[0].closed, 5)  # closed by the client's sweep
+        async with asyncio.timeout(5):
+            await server.peers[0].closed  # closed by the client's sweep
         assert 0.15 <= time.monotonic() - started < scaled(2)
         assert isinstance(await pool.request("GET", "/b", {}, None), Answer)
         assert len(server.peers) == 2 and pool.opened == 2
@@ -331,7 +333,8 @@ def test_connection_close_and_http_1_0_answers_close_the_connection(run: Any,
         # The client closed each connection after its answer (the server did not).
         assert len(server.peers) == 3 and pool.opened == 3
         for peer in server.peers:
-            await asyncio.wait_for(peer.closed, 5)
+            async with asyncio.timeout(5):
+                await peer.closed
         await pool.close()
         await server.stop()
 
@@ -447,7 +450,8 @@ def test_a_peer_that_never_answers_times_out(run: Any) -> None:
         assert isinstance(got, Unanswered) and got.sent
         assert got.reason == "TimeoutError: no answer within 0.25 s"
         assert 0.2 <= elapsed < scaled(2)
-        await asyncio.wait_for(server.peers[0].closed, 5)  # the connection was dropped
+        async with asyncio.timeout(5):
+            await server.peers[0].closed  # the connection was dropped
         await pool.close()
         await server.stop()
 
@@ -574,6 +578,10 @@ def test_a_pool_used_again_in_a_new_loop_starts_afresh(tmp_path: Path) -> None:
     served: list[int] = []
 
     async def once(factory_name: str) -> None:
+        async with asyncio.timeout(30):
+            await talk(factory_name)
+
+    async def talk(factory_name: str) -> None:
         server = await Server().start(unix=path)
         got = await pool.request("GET", f"/{factory_name}", {}, None)
         assert isinstance(got, Answer) and got.body == f"/{factory_name}".encode()
@@ -582,7 +590,7 @@ def test_a_pool_used_again_in_a_new_loop_starts_afresh(tmp_path: Path) -> None:
 
     for name in ("asyncio", "uvloop", "asyncio"):
         with asyncio.Runner(loop_factory=LOOPS[name]) as runner:
-            runner.run(asyncio.wait_for(once(name), 30))
+            runner.run(once(name))
     assert served == [1, 1, 1] and pool.opened == 3
 
 
@@ -617,7 +625,8 @@ def test_a_cancelled_request_frees_its_connection(run: Any) -> None:
             await slow
         got = await waiting
         assert isinstance(got, Answer) and got.body == b"/after"
-        await asyncio.wait_for(server.peers[0].closed, 5)  # its answer would be no one's
+        async with asyncio.timeout(5):
+            await server.peers[0].closed  # its answer would be no one's
         assert len(server.peers) == 2
         await pool.close()
         await server.stop()
@@ -635,7 +644,8 @@ def test_close_closes_every_connection_and_the_pool_opens_new_ones(run: Any) -> 
         await until(lambda: len(server.requests) == 3, "the hanging request")
         await pool.close()
         assert await hanging == Unanswered("the client was closed", sent=True)
-        await asyncio.wait_for(asyncio.gather(*(p.closed for p in server.peers)), 5)
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(p.closed for p in server.peers))
         assert isinstance(await pool.request("GET", "/again", {}, None), Answer)
         assert pool.opened == 3
         await pool.close()
@@ -855,7 +865,8 @@ def test_a_cancelled_pipelined_request_leaves_the_others_their_answers(run: Any)
         server = await Server(handler=handler).start()
         pool = server.pool(ClientSettings(timeout=5, pipeline=4))
         tasks = [asyncio.create_task(pool.request("GET", f"/{n}", {}, None)) for n in range(3)]
-        await asyncio.wait_for(release.wait(), 5)
+        async with asyncio.timeout(5):
+            await release.wait()
         tasks[1].cancel()
         with pytest.raises(asyncio.CancelledError):
             await tasks[1]

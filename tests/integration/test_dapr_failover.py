@@ -144,7 +144,8 @@ async def test_python_sdk_over_grpc_loses_no_acknowledged_save_in_a_kill_9(
         await wait_until(lambda: len(acked) >= 80, timeout=60, what="80 saves acknowledged")
         await members[0][0].kill9()
         killed_at.append(len(acked))
-        await asyncio.wait_for(asyncio.shield(saving), timeout=120)
+        async with asyncio.timeout(120):
+            await asyncio.shield(saving)
     finally:
         stop.set()
         await saving

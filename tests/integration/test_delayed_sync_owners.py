@@ -187,7 +187,8 @@ async def test_the_cache_gives_up_a_kept_copy_as_soon_as_another_member_writes_i
     m = members
     watch = asyncio.create_task(m.a.cache.run())
     try:
-        await asyncio.wait_for(m.a.cache.synced.wait(), 10)
+        async with asyncio.timeout(10):
+            await m.a.cache.synced.wait()
         await put(m.a, "w", {"by": "a"})
         await put(m.b, "w", {"by": "b"})
         await wait_until(lambda: m.a.local.get("w") is None, timeout=5,

@@ -123,7 +123,8 @@ class Load:
 
     async def stop(self) -> list[Record]:
         self.traffic.until = time.time()
-        await asyncio.wait_for(self.task, CLIENT_TIMEOUT + 10)
+        async with asyncio.timeout(CLIENT_TIMEOUT + 10):
+            await self.task
         return self.records
 
 
@@ -607,7 +608,8 @@ async def test_isolated_former_owner_is_fenced_and_its_writes_never_merged(
         finally:
             _signal_member(d, "a", signal.SIGCONT)
         resumed = time.time()
-        results = await asyncio.wait_for(asyncio.gather(*stale), 20)
+        async with asyncio.timeout(20):
+            results = await asyncio.gather(*stale)
 
         for status, body in results:  # fenced: a lost the sessions while it was away
             doc = assert_json_error(status, body, 409, mentions="ownership lost")

@@ -83,7 +83,8 @@ async def test_the_reported_overlap_is_refused_naming_both_listeners(
     path.write_text(yaml.safe_dump({"clusters": [
         cluster("plain", tcp, "0.0.0.0", port, protocol="tcp"),
         cluster("web", web, "127.0.0.1", port)]}, sort_keys=False))
-    code, out, err = await asyncio.wait_for(meshxl("validate", str(path)), 30)
+    async with asyncio.timeout(30):
+        code, out, err = await meshxl("validate", str(path))
     assert code == 1, out + err
     lines = [line for line in err.splitlines() if "overlaps" in line]
     assert len(lines) == 1, err

@@ -216,8 +216,9 @@ async def test_a_websocket_client_hears_of_its_members_death_at_once(
             waiting = [asyncio.create_task(closed(ws)) for ws in mine]
             await window(0.2, "every receive is pending")
             kill = await d.kill_member(victim)
-            seen = [(t - kill) * 1000 for t in await asyncio.wait_for(
-                asyncio.gather(*waiting), scaled(10))]
+            async with asyncio.timeout(scaled(10)):
+                closed_at = await asyncio.gather(*waiting)
+            seen = [(t - kill) * 1000 for t in closed_at]
         finally:
             for group in sockets.values():
                 for ws in group:
@@ -235,13 +236,14 @@ async def test_a_websocket_client_hears_of_its_members_death_at_once(
 
 
 async def _served_from(d: DemoDeployment, source: str, session: str) -> str:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(
-        "127.0.0.1", d.listen_port, local_addr=(source, 0)), scaled(5))
+    async with asyncio.timeout(scaled(5)):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", d.listen_port, local_addr=(source, 0))
     try:
         writer.write(counter.tcp_request("INC", session))
         await writer.drain()
-        member, _, _ = counter.parse_tcp_answer(
-            await asyncio.wait_for(reader.readline(), scaled(5)))
+        async with asyncio.timeout(scaled(5)):
+            member, _, _ = counter.parse_tcp_answer(await reader.readline())
         return member
     finally:
         writer.close()

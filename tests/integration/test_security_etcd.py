@@ -264,8 +264,10 @@ async def test_a_watch_refused_for_a_forgotten_token_authenticates_again(
         await forget_tokens(auth_etcd.url)
         with pytest.raises(aetcd.exceptions.ConnectionFailedError,
                            match="etcd canceled the watch: .*invalid auth token"):
-            await asyncio.wait_for(first_response(), 5.0)
-        response = await asyncio.wait_for(first_response(), 5.0)
+            async with asyncio.timeout(5.0):
+                await first_response()
+        async with asyncio.timeout(5.0):
+            response = await first_response()
         assert [e.kv.mod_revision for e in response.events] == [head]
 
 

@@ -34,7 +34,8 @@ async def running_cache(url: str) -> AsyncIterator[SessionCache]:
     cache = SessionCache(client, PREFIX)
     task = asyncio.create_task(cache.run())
     try:
-        await asyncio.wait_for(cache.synced.wait(), 10)
+        async with asyncio.timeout(10):
+            await cache.synced.wait()
         yield cache
     finally:
         task.cancel()

@@ -99,8 +99,9 @@ async def test_clients_that_do_not_read_cost_a_budget_not_their_answers(
     assert grown < GROWTH_MAX, f"the sidecar grew by {grown / 2**20:.1f} MiB"
 
     # Back-pressure loses nothing: once read, every answer comes, whole and in order.
-    sizes = await asyncio.wait_for(asyncio.gather(
-        *(read_answers(reader, SESSIONS) for reader, _ in clients)), 60)
+    async with asyncio.timeout(60):
+        sizes = await asyncio.gather(
+            *(read_answers(reader, SESSIONS) for reader, _ in clients))
     assert sizes == [[SESSION_BYTES] * SESSIONS] * CLIENTS
     assert (await sidecar.request("GET", "/healthz")).status == 200
     for _, writer in clients:

@@ -85,7 +85,8 @@ async def exchange(port: int, data: bytes, *, until_close: bool = True,
         writer.write(data)
         await writer.drain()
         if until_close:
-            return await asyncio.wait_for(reader.read(), timeout)
+            async with asyncio.timeout(timeout):
+                return await reader.read()
         raw = b""
         async with asyncio.timeout(timeout):
             while not _whole(raw, head_only=data.startswith(b"HEAD")):
@@ -217,10 +218,11 @@ def test_expect_continue(loop: str) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"PUT /v1/sessions/e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
                          b"Expect: 100-continue\r\n\r\n")
-            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == \
-                b"HTTP/1.1 100 Continue\r\n\r\n"
+            async with asyncio.timeout(5):
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
             writer.write(b"ok")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 OK")
             writer.close()
             # Refused from the head: answered at once, no 100, then closed.
@@ -342,9 +344,11 @@ def test_close_finishes_answers_under_way(loop: str) -> None:
             idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
             await wait_until(lambda: len(server.connections) == 2, what="the idle connection")
             await server.close(grace=3.0)
-            raw = await asyncio.wait_for(reader.read(), 5)
+            async with asyncio.timeout(5):
+                raw = await reader.read()
             assert raw.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in raw
-            assert await asyncio.wait_for(idle_reader.read(), 5) == b""
+            async with asyncio.timeout(5):
+                assert await idle_reader.read() == b""
             assert not server.connections
             writer.close()
             idle_writer.close()
@@ -362,7 +366,8 @@ def test_unix_socket(loop: str, tmp_path: Any) -> None:
         try:
             reader, writer = await asyncio.open_unix_connection(path)
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            raw = await asyncio.wait_for(reader.read(), 5)
+            async with asyncio.timeout(5):
+                raw = await reader.read()
             assert answers(raw)[0][0] == 200
             writer.close()
         finally:

@@ -284,7 +284,8 @@ async def _exchange(port: int, data: bytes) -> bytes:
     try:
         writer.write(data + CLOSE)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), 5)
+        async with asyncio.timeout(5):
+            return await reader.read()
     finally:
         writer.close()
 
@@ -375,7 +376,8 @@ def test_any_framing_and_any_split_gives_the_same_bodies(
                 at += cut
                 await writer.drain()
             writer.write(stream[at:])
-            raw = await asyncio.wait_for(reader.read(), 10)
+            async with asyncio.timeout(10):
+                raw = await reader.read()
             writer.close()
             return answers(raw)
 

@@ -122,7 +122,8 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
                                       if c.holding is not None],  # type: ignore[attr-defined]
                              what="the request held")
             writer.write_eof()
-            raw = await asyncio.wait_for(reader.read(), 2.0)
+            async with asyncio.timeout(2.0):
+                raw = await reader.read()
             assert answers(raw)[0][0] == 429 and clock() - started < SOON
             writer.close()
             # The server shuts down: the held answer goes, then the connection closes.
@@ -134,7 +135,8 @@ def test_a_held_refusal_ends_with_its_connection(loop: str) -> None:
             started = clock()
             await server.close(grace=3.0)
             assert clock() - started < SOON
-            raw = await asyncio.wait_for(reader.read(), 2.0)
+            async with asyncio.timeout(2.0):
+                raw = await reader.read()
             (status, headers, _), = answers(raw)
             assert status == 429 and headers["connection"] == "close"
             writer.close()

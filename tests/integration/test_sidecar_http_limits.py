@@ -139,7 +139,8 @@ def test_answers_unsent_are_bounded_by_the_budget_not_by_the_requests(loop: str)
 
             heads = []
             for _ in range(count):
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
                 await reader.readexactly(len(body))
                 heads.append(head)
             assert [h.split(b"X-Session: ")[1].split(b"\r\n")[0] for h in heads] == [
@@ -217,7 +218,8 @@ def test_at_the_cap_full_of_slow_bodies_the_longest_stuck_makes_room(loop: str) 
                 assert not r.at_eof()
             r, w = slow[1]
             w.write(b"y" * 990)
-            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            async with asyncio.timeout(5):
+                head = await r.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
             for _, w in slow:
                 w.close()
@@ -240,7 +242,8 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503(loop: str) -> 
                 "error"]
             assert server.site.hits["connections"] == 1
             for r, w in busy:  # the busy ones are answered all the same
-                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                async with asyncio.timeout(5):
+                    head = await r.readuntil(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 200 ")
                 w.close()
 

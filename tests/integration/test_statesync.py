@@ -370,7 +370,8 @@ class RawConnection:
         await self.writer.drain()
 
     async def answer(self) -> tuple[int, bytes]:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 15)
+        async with asyncio.timeout(15):
+            head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode().split("\r\n")
         fields = {k.strip().lower(): v.strip() for k, _, v in
                   (line.partition(":") for line in lines[1:] if line)}
@@ -684,7 +685,8 @@ async def test_full_sync_shrinks_pages_that_exceed_the_message_limit(etcd: EtcdS
     cache = SessionCache(small, prefix)
     task = asyncio.create_task(cache.run())
     try:
-        await asyncio.wait_for(cache.synced.wait(), 10)
+        async with asyncio.timeout(10):
+            await cache.synced.wait()
         assert len(cache) == 8 and cache.errors == 0
         assert cache.get("s7") is not None and cache.get("s7").record.data == record.data
     finally:
@@ -722,7 +724,8 @@ async def test_pipelined_requests_keep_their_order_and_writes_share_transactions
     reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
     writer.write(stream)
     await writer.drain()
-    raw = await asyncio.wait_for(reader.read(), 30)
+    async with asyncio.timeout(30):
+        raw = await reader.read()
     writer.close()
     answers = _answers(raw)
     statuses = [status for status, _ in answers]

@@ -237,8 +237,8 @@ async def test_concurrent_transactions_on_one_member_serialize_without_deadlock(
     async def move(n: int, order: list[str]) -> Reply:
         return await a.transaction([{"session": s, "data": {"n": n}} for s in order])
 
-    replies = await asyncio.wait_for(asyncio.gather(*(move(n, order) for n, order in
-                                                      enumerate(orders))), 60)
+    async with asyncio.timeout(60):
+        replies = await asyncio.gather(*(move(n, order) for n, order in enumerate(orders)))
     assert [r.status for r in replies] == [200] * len(orders), replies
     revisions = [r.json()["revision"] for r in replies]
     assert len(set(revisions)) == len(orders)  # one etcd transaction each
@@ -370,7 +370,8 @@ async def test_full_batches_and_wide_transactions_stay_within_etcds_operation_li
     reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
     writer.write(stream)
     await writer.drain()
-    answers = _answers(await asyncio.wait_for(reader.read(), 30))
+    async with asyncio.timeout(30):
+        answers = _answers(await reader.read())
     writer.close()
     assert [status for status, _ in answers] == [200] * 41, answers[:3]
     got = await a.get("t126")

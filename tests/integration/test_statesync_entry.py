@@ -190,7 +190,8 @@ async def test_every_error_is_json_and_deep_nesting_is_refused(
     reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
     await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
+    async with asyncio.timeout(10):
+        answer = await reader.read()
     writer.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:200]

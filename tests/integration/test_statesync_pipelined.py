@@ -118,7 +118,8 @@ async def test_a_busy_session_waits_alone_and_keeps_its_place(sidecar: Sidecar) 
     assert sessions.locks.try_acquire("busy")  # another write of it, under way
     writes = [Write(session_id=s, data=json.dumps({"by": "group", "s": s}).encode())
               for s in ("x", "busy", "y")]
-    outcomes = await asyncio.wait_for(sessions.write(writes, early=True), 10)
+    async with asyncio.timeout(10):
+        outcomes = await sessions.write(writes, early=True)
     assert isinstance(outcomes[0], Stored) and isinstance(outcomes[2], Stored)
     waiting = outcomes[1]
     assert isinstance(waiting, asyncio.Task)

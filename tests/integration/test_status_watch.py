@@ -91,7 +91,8 @@ class Watch:
                     self.output += chunk
         else:
             with contextlib.suppress(TimeoutError):
-                self.output += await asyncio.wait_for(self.proc.stdout.read(65536), 0.05)
+                async with asyncio.timeout(0.05):
+                    self.output += await self.proc.stdout.read(65536)
 
     def text(self) -> str:
         return ANSI.sub("", self.output.decode("utf-8", "replace"))
@@ -114,11 +115,13 @@ class Watch:
         while self.proc.returncode is None and time.monotonic() < deadline:
             await self._read()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await self.proc.wait()
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), scaled(5.0))
+                async with asyncio.timeout(scaled(5.0)):
+                    await self.proc.wait()
             stderr = await self.proc.stderr.read()
             raise AssertionError(f"still running {timeout:g} s after Ctrl-C; its threads:\n"
                                  f"{stderr.decode(errors='replace')[-6000:]}")

@@ -78,7 +78,8 @@ class Tally:
                 self.sent.append(n)
                 await self.stream.send({"n": n})
                 await asyncio.sleep(pause)
-            await asyncio.wait_for(reader, 30)
+            async with asyncio.timeout(30):
+                await reader
         finally:
             reader.cancel()
 
@@ -110,7 +111,8 @@ async def _open(d: DemoDeployment, session: str, kind: str = "websocket") -> Cli
     else:
         stream = connect_websocket(_url(d), headers={hdr.SESSION: session},
                                    resume_timeout=20)
-    return await asyncio.wait_for(stream.start(), 15)
+    async with asyncio.timeout(15):
+        return await stream.start()
 
 
 @dataclass
@@ -125,7 +127,8 @@ class Talking:
     async def done(self) -> None:
         """Every message sent and answered; each stream's checks."""
         try:
-            await asyncio.wait_for(asyncio.gather(*self.talks), 60)
+            async with asyncio.timeout(60):
+                await asyncio.gather(*self.talks)
         except TimeoutError:
             raise AssertionError("streams not answered in time: " + "; ".join(
                 f"{t.session}: {len(t.answers)} of {len(t.sent)} answered (last by "
@@ -252,7 +255,8 @@ async def test_a_stream_outlives_the_routes_timeout_on_one_connection(
         while asyncio.get_running_loop().time() - started < ROUTE_TIMEOUT * 2:
             sent += 1
             await stream.send({"n": 1})
-            assert (await asyncio.wait_for(stream.receive(), 10))["total"] == sent
+            async with asyncio.timeout(10):
+                assert (await stream.receive())["total"] == sent
             await asyncio.sleep(0.1)
         assert stream.connections == 1 and not stream.resumes
     finally:
@@ -275,7 +279,8 @@ async def test_an_upload_carries_more_than_envoys_buffer_on_one_connection(
     try:
         for i in range(1, 41):
             await stream.send({"n": 1, "pad": pad})
-            assert (await asyncio.wait_for(stream.receive(), scaled(10)))["total"] == i
+            async with asyncio.timeout(scaled(10)):
+                assert (await stream.receive())["total"] == i
         assert stream.connections == 1 and not stream.resumes
     finally:
         await stream.aclose()
@@ -316,7 +321,8 @@ async def test_a_malformed_upload_closes_only_its_own_stream(
             assert source.response is not None
             source.response.close()
         await bystander.send({"n": 4})
-        assert (await asyncio.wait_for(bystander.receive(), scaled(10)))["total"] == 4
+        async with asyncio.timeout(scaled(10)):
+            assert (await bystander.receive())["total"] == 4
     finally:
         await bystander.aclose()
 
@@ -383,7 +389,8 @@ async def test_a_stream_refused_for_good_raises_to_the_application(
     stolen.token = owner.token  # as if it had learned the token
     try:
         with pytest.raises(StreamRefused) as refused:
-            await asyncio.wait_for(stolen.start(), 15)
+            async with asyncio.timeout(15):
+                await stolen.start()
         assert refused.value.refusal is FORBIDDEN
     finally:
         await stolen.aclose()
@@ -482,7 +489,8 @@ async def test_a_plain_event_source_resumes_with_last_event_id(
                 sent.append(rng.randint(1, 9))
                 assert await source.post(token, len(sent), sent[-1]) == 202
                 while len(seen) < len(sent):
-                    kind, data, event_id = await asyncio.wait_for(anext(events), scaled(10))
+                    async with asyncio.timeout(scaled(10)):
+                        kind, data, event_id = await anext(events)
                     if kind == "message":
                         seen.append({**json.loads(data), "id": event_id})
 
@@ -502,7 +510,8 @@ async def test_a_plain_event_source_resumes_with_last_event_id(
             assert last_words == ([] if action == "kill" else [("error", "moved")])
             assert await source.connect() == 200, source.response
             events = source.events()
-            kind, data, _ = await asyncio.wait_for(anext(events), scaled(10))
+            async with asyncio.timeout(scaled(10)):
+                kind, data, _ = await anext(events)
             ready = json.loads(data)
             assert kind == "ready" and ready["id"] == token, (kind, data)
             assert ready["in"] == 10  # every message answered was consumed: none to resend

@@ -55,7 +55,8 @@ async def _grpc_talks(channel: Any, prefix: str, count: int) -> list[Tally]:
         talk = connect_grpc(channel, counter.TALK, request_type=counter.TallyRequest,
                             response_type=counter.TallyReply,
                             metadata=[(hdr.SESSION, session)], resume_timeout=20)
-        talks.append(Tally(session, await asyncio.wait_for(talk.start(), 15)))
+        async with asyncio.timeout(15):
+            talks.append(Tally(session, await talk.start()))
     for t in talks:
         t.stream = ProtoTally(t.stream)  # type: ignore[assignment]
     return talks
@@ -91,12 +92,14 @@ async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
             tick = connect_grpc(channel, counter.TICKS, response_type=counter.TallyReply,
                                 request=counter.WatchRequest(interval_ms=30, count=80),
                                 metadata=[(hdr.SESSION, t.session)], resume_timeout=20)
-            ticks.append(await asyncio.wait_for(tick.start(), 15))
+            async with asyncio.timeout(15):
+                ticks.append(await tick.start())
         victim = ""
         try:
             runs, victim = await _talking(talks, 40, rng)
             await d.kill_member(victim)
-            await asyncio.wait_for(asyncio.gather(*runs), 60)
+            async with asyncio.timeout(60):
+                await asyncio.gather(*runs)
             for t in talks:
                 t.check()
                 assert t.answers[-1]["member"] != victim
@@ -266,7 +269,8 @@ async def test_a_drained_members_grpc_streams_move_with_no_failure_charged(
             async with Judged(d) as judged:
                 before = await Charged.read(d)
                 await member_down(d, served)
-                await asyncio.wait_for(asyncio.gather(*runs), 60)
+                async with asyncio.timeout(60):
+                    await asyncio.gather(*runs)
                 await judged.settle()
             cost = (await Charged.read(d)).since(before)
             for t in talks:

@@ -116,9 +116,11 @@ def model(members: dict[str, Member], tcp: list[TcpMember], ports: list[int]
 
 async def tcp_connections(port: int, count: int) -> None:
     for i in range(count):
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), 5)
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
         writer.write(f"hello {i}\n".encode())
-        assert await asyncio.wait_for(reader.readline(), 5) == f"hello {i}\n".encode()
+        async with asyncio.timeout(5):
+            assert await reader.readline() == f"hello {i}\n".encode()
         writer.close()
         await writer.wait_closed()
 

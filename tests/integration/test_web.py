@@ -102,7 +102,8 @@ async def _raw(port: int, data: bytes) -> bytes:
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), 10)
+        async with asyncio.timeout(10):
+            return await reader.read()
     finally:
         writer.close()
 
@@ -128,14 +129,16 @@ async def test_slow_clients_are_cut_off(server: tuple[str, int]) -> None:
     started = loop.time()
     writer.write(b"GET /teapot HTTP/1.1\r\nHost: x\r\n")
     await writer.drain()
-    assert await asyncio.wait_for(reader.read(), 10) == b""
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
     assert loop.time() - started < scaled(5)  # the header timeout, not the 10 s wait
     writer.close()
     # A body that never completes: 408 after the body timeout.
     reader, writer = await asyncio.open_connection("127.0.0.1", server[1])
     writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
     await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 10)
+    async with asyncio.timeout(10):
+        answer = await reader.read()
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
 

@@ -83,7 +83,8 @@ async def _end_as_rfc_client(url: str, session: str, member: str) -> None:
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                       f"Sec-WebSocket-Version: 13\r\n{hdr.SESSION}: {session}\r\n\r\n"
                       ).encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
         assert f"{hdr.MEMBER}: {member}".lower().encode() in head.lower(), head
         mask = os.urandom(4)
@@ -91,7 +92,8 @@ async def _end_as_rfc_client(url: str, session: str, member: str) -> None:
         writer.write(bytes([0x88, 0x80 | len(payload)]) + mask
                      + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         await writer.drain()
-        rest_of_it = await asyncio.wait_for(reader.read(), 5)  # until the member closes
+        async with asyncio.timeout(5):
+            rest_of_it = await reader.read()  # until the member closes
         assert rest_of_it[:1] == b"\x88", rest_of_it  # its close frame, then EOF
     finally:
         writer.close()

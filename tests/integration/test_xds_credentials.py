@@ -186,7 +186,8 @@ async def next_eds(envoy: Envoy) -> Any:
 
 async def refused_with(envoy: Envoy) -> tuple[grpc.StatusCode, str]:
     envoy.request(CLUSTER)
-    code = await asyncio.wait_for(envoy.call.code(), 3)
+    async with asyncio.timeout(3):
+        code = await envoy.call.code()
     return code, await envoy.call.details()
 
 

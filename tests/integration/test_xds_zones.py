@@ -138,7 +138,8 @@ class Hostile:
         if request:
             self.requests.put_nowait(DiscoveryRequest(node=self.node, type_url=CLUSTER))
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await asyncio.wait_for(self._first_response(), 5)
+            async with asyncio.timeout(5):
+                await self._first_response()
         return info.value.code(), info.value.details() or ""
 
     async def _first_response(self) -> DiscoveryResponse:

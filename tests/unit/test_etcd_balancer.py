@@ -270,9 +270,11 @@ async def test_a_batch_on_a_member_that_goes_is_sent_again_elsewhere_but_creatio
     assert lost.sent == [1, 1] and not good.sent
     _silent(client.balancer.endpoints[0])   # its probes stop answering
     client.balancer._evaluate()
-    assert (await asyncio.wait_for(update, scaled(10))) == WriteResult(True, 7)
+    async with asyncio.timeout(scaled(10)):
+        assert (await update) == WriteResult(True, 7)
     with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
-        await asyncio.wait_for(create, scaled(10))
+        async with asyncio.timeout(scaled(10)):
+            await create
     assert good.sent == [1], "only the update is sent again"
     await store.close()
 
@@ -297,10 +299,12 @@ async def test_a_transaction_is_sent_again_when_one_compare_holds_once_at_most()
     await wait_until(lambda: len(lost.sent) == 2, what="the second batch sent too")
     _silent(client.balancer.endpoints[0])
     client.balancer._evaluate()
-    done = await asyncio.wait_for(delete, scaled(10))
+    async with asyncio.timeout(scaled(10)):
+        done = await delete
     assert done.ok and done.revision == 7, done
     with pytest.raises(EtcdUnavailable, match="may or may not have applied"):
-        await asyncio.wait_for(create, scaled(10))
+        async with asyncio.timeout(scaled(10)):
+            await create
     assert good.sent == [1], "only the transaction with a delete is sent again"
     await store.close()
 

@@ -302,7 +302,8 @@ async def test_following_failovers_stops_when_cancelled_even_if_the_watch_cannot
     watch must not turn the cancellation into a retry (the sidecar never stopped)."""
     client: Any = _Client()
     task = asyncio.create_task(follow_failovers(client, "/f/", TakeoverTracer("c", "a")))
-    await asyncio.wait_for(client.watching.wait(), 2)
+    async with asyncio.timeout(2):
+        await client.watching.wait()
     await asyncio.sleep(0)  # in the watch
     task.cancel()
     done, _ = await asyncio.wait([task], timeout=2)

@@ -115,6 +115,23 @@ async def test_a_failing_rebuild_does_not_stop_later_ones() -> None:
         task.cancel()
 
 
+async def test_a_cancel_that_meets_a_poke_still_ends_the_debouncer() -> None:
+    """A control plane's stop cancels the rebuild loop: a change poked in the same loop
+    turn must not swallow that cancel (asyncio.wait_for did on Python 3.11, and a stop
+    waited for the loop forever)."""
+    debouncer, runs, task = await run_debouncer(quiet=5.0, max_delay=10.0)
+    debouncer.poke()
+    await until(lambda: runs)
+    debouncer.poke()  # within quiet of a run: a burst, waited out on the next poke
+    for _ in range(20):
+        await asyncio.sleep(0)
+    debouncer.poke()
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=scaled(2.0))
+    assert done, "the cancel was swallowed: the debouncer still runs"
+    assert task.cancelled()
+
+
 def test_model_file_loads_and_a_bad_file_refuses_to_start(tmp_path: Path) -> None:
     path = tmp_path / "model.yaml"
     path.write_text(GOOD)

@@ -98,7 +98,8 @@ async def test_a_resume_sends_again_only_what_the_server_had_not_consumed() -> N
     for n in (1, 2, 3):
         await stream.send(n)
     assert await stream.receive() == "r1"
-    assert await asyncio.wait_for(stream.receive(), 2) == "r2"  # r1 again: dropped
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r2"  # r1 again: dropped
     assert first.hello_frame == Frame(OPEN)
     assert second.hello_frame == Frame(RESUME, token=TOKEN, recv=1)
     resent = [s for s in second.sent if s[0] == "m"]
@@ -113,7 +114,8 @@ async def test_acknowledgements_free_what_was_sent() -> None:
     await stream.start()
     await stream.send("a")
     await stream.send("b")
-    await asyncio.wait_for(stream.flush(), 2)
+    async with asyncio.timeout(2):
+        await stream.flush()
     assert stream.consumed == 2
     await stream.aclose()
 
@@ -143,7 +145,8 @@ async def test_a_refusal_for_good_is_raised_and_not_retried() -> None:
     refused = Scripted([Frame(ERROR, refusal=FORBIDDEN)])
     stream = ClientStream(connections(refused, Scripted([ready()])))
     with pytest.raises(StreamRefused) as caught:
-        await asyncio.wait_for(stream.start(), 2)
+        async with asyncio.timeout(2):
+            await stream.start()
     assert caught.value.refusal is FORBIDDEN and stream.connections == 1
     await stream.aclose()
 
@@ -153,7 +156,8 @@ async def test_a_server_message_that_skips_one_is_a_protocol_error() -> None:
     stream = ClientStream(connections(conn))
     await stream.start()
     with pytest.raises(Exception, match="gap"):
-        await asyncio.wait_for(stream.receive(), 2)
+        async with asyncio.timeout(2):
+            await stream.receive()
     await stream.aclose()
 
 
@@ -163,7 +167,8 @@ async def test_a_connection_failing_however_its_transport_says_is_made_again() -
     broken = Scripted([], broken=RuntimeError("a transport's own error"))
     stream = ClientStream(connections(broken, Scripted([ready()], hold=True)),
                           backoff=(0.001, 0.001))
-    await asyncio.wait_for(stream.start(), 2)
+    async with asyncio.timeout(2):
+        await stream.start()
     assert stream.connections == 2 and stream.token == TOKEN
     await stream.aclose()
 
@@ -199,12 +204,14 @@ async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one
     await stream.start()
     await stream.send(1)
     sending = asyncio.create_task(stream.send(2))  # held up on the first connection
-    await asyncio.wait_for(first.sending.wait(), 2)
+    async with asyncio.timeout(2):
+        await first.sending.wait()
     await first.close()  # its events end: the stream resumes on the second
     await wait_until(lambda: stream.consumed == 1, timeout=2, interval=0.001,
                      what="the second connection's ready")
     first.answered.set()  # the held-up message is answered on the first, too late
-    await asyncio.wait_for(sending, 2)
+    async with asyncio.timeout(2):
+        await sending
     await stream.send(3)
     assert [s for s in second.sent if s[0] == "m"] == [("m", 2, 2), ("m", 3, 3)]
     assert [s for s in first.sent if s[0] == "m"] == [("m", 1, 1), ("m", 2, 2)]
@@ -228,8 +235,10 @@ async def test_a_connection_silent_after_its_hello_is_given_up_for_another() -> 
     stream = ClientStream(connections(first, silent, third), backoff=(0.001, 0.001),
                           connect_timeout=0.05)
     await stream.start()
-    assert await asyncio.wait_for(stream.receive(), 2) == "r1"
-    assert await asyncio.wait_for(stream.receive(), 2) == "r2"
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r1"
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r2"
     assert silent.closed.is_set() and silent.hello_frame is not None
     assert third.hello_frame == Frame(RESUME, token=TOKEN, recv=1)
     assert stream.connections == 3 and len(stream.resumes) == 1
@@ -242,9 +251,11 @@ async def test_a_mesh_that_never_answers_loses_the_stream_within_its_budget() ->
     first = Scripted([ready(), message(1, "r1")])  # then breaks; nothing answers after
     stream = ClientStream(connections(first), resume_timeout=0.2, backoff=(0.001, 0.001))
     await stream.start()
-    assert await asyncio.wait_for(stream.receive(), 2) == "r1"
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r1"
     with pytest.raises(StreamLost):
-        await asyncio.wait_for(stream.receive(), 2)
+        async with asyncio.timeout(2):
+            await stream.receive()
     await stream.aclose()
 
 
@@ -265,7 +276,8 @@ async def test_thousands_of_failed_attempts_leave_the_stream_trying() -> None:
 
     stream = ClientStream(refused, resume_timeout=3600, backoff=(0.0, 0.0))
     starting = asyncio.create_task(stream.start())
-    await asyncio.wait_for(many.wait(), 30)
+    async with asyncio.timeout(30):
+        await many.wait()
     assert stream._task is not None and not stream._task.done()
     starting.cancel()
     await stream.aclose()
@@ -330,7 +342,8 @@ async def test_a_grpc_call_whose_send_failed_is_left_and_the_stream_resumes() ->
         return grpcio._Call(channel, "/m", None, None, _Message, [], Limits(ack_delay=0.01))
 
     stream = ClientStream(connect, backoff=(0.001, 0.001))
-    await asyncio.wait_for(stream.start(), 2)
+    async with asyncio.timeout(2):
+        await stream.start()
     await stream.send({"n": 1})  # the write fails: the call is closed, the pump cancelled
     await wait_until(lambda: len(stream.resumes) >= 1, timeout=2, interval=0.001,
                      what="the stream resumed on a new call")

@@ -130,7 +130,8 @@ async def test_an_acknowledgement_lets_a_waiting_send_go() -> None:
     await asyncio.sleep(0)
     assert not waiting.done()
     stream.acked(1)
-    assert await asyncio.wait_for(waiting, 1) == 2
+    async with asyncio.timeout(1):
+        assert await waiting == 2
 
 
 async def test_a_message_over_the_limit_is_refused_before_it_is_sent() -> None:

@@ -119,7 +119,8 @@ async def test_an_idle_upload_ends_and_the_next_frame_opens_another(
     events = _events(http)
     await events.send_message(1, {"n": 1})
     await _settle()
-    await asyncio.wait_for(http.uploads[0].drained.wait(), 2)  # ended: nothing to carry
+    async with asyncio.timeout(2):
+        await http.uploads[0].drained.wait()  # ended: nothing to carry
     await events.send_message(2, {"n": 2})
     await _settle()
     assert [u.frames() for u in http.uploads] == [[Frame(MESSAGE, seq=1, payload={"n": 1})],
@@ -189,11 +190,13 @@ async def test_an_upload_is_refused_from_the_frame_its_stream_was_taken_over() -
         "Content-Type": sse.UPLOAD_TYPE})
     body.feed_data(b'{"t":"m","s":1,"d":{"n":1}}\n')
     upload = asyncio.create_task(sse._post(host, request, "s"))
-    assert await asyncio.wait_for(stream.receive(), 2) == {"n": 1}
+    async with asyncio.timeout(2):
+        assert await stream.receive() == {"n": 1}
     del host.live[stream.token]  # taken over elsewhere: this process learns it
     body.feed_data(b'{"t":"m","s":2,"d":{"n":2}}\n')
     body.feed_eof()
-    answer = await asyncio.wait_for(upload, 2)
+    async with asyncio.timeout(2):
+        answer = await upload
     assert answer.status == 200
     [line] = writer.body.splitlines()
     assert decode_frame(line) == Frame(ERROR, refusal=MOVED,

@@ -130,13 +130,15 @@ async def test_cache_wait_returns_newer_snapshot() -> None:
     assert not waiter.done()  # nothing to serve yet
     first = Snapshot.build(model())
     snapshots.set(first)
-    assert await asyncio.wait_for(waiter, 1) is first
+    async with asyncio.timeout(1):
+        assert await waiter is first
 
     generation = snapshots.generation
     waiter = asyncio.create_task(snapshots.wait(generation))
     second = Snapshot.build(model(ports=(1,)))
     snapshots.set(second)
-    assert await asyncio.wait_for(waiter, 1) is second
+    async with asyncio.timeout(1):
+        assert await waiter is second
 
 
 def test_one_message_per_nonce_is_shared_by_every_stream() -> None:
