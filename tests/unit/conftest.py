@@ -23,7 +23,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import matplotlib.font_manager  # noqa: F401  (see below)
 import pytest
+
+# matplotlib.font_manager (imported above) finds the system's fonts with `fc-list` the
+# first time it loads on a machine, and caches them (~/.cache/matplotlib): loaded here,
+# before any test's guard, so the plotting tests do not start that process on a fresh
+# machine.
 
 
 class Impure(AssertionError):
