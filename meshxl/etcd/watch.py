@@ -103,7 +103,8 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
             try:
                 response = await call.read()
             except asyncio.CancelledError:
-                if gone:  # the watchdog's cancel, not ours
+                task = asyncio.current_task()
+                if gone and not (task and task.cancelling()):  # the watchdog's, not ours
                     raise aetcd.exceptions.ConnectionFailedError(gone[0]) from None
                 raise
             if response is grpc.aio.EOF:
