@@ -130,6 +130,8 @@ class ServerStream:
         self.committing = False
         self.conduit: Conduit | None = None
         self._pushed = record.out
+        self._ack_sent = -1
+        """The last acknowledgement sent on ``conduit`` (-1: none yet on it)."""
         self._task: asyncio.Task[None] | None = None
         self._detached: asyncio.TimerHandle | None = None
         self.stopped: Refusal | None = None
@@ -265,7 +267,9 @@ class ServerStream:
             if fresh:
                 await conduit.send_messages(fresh)
                 self._pushed = fresh[-1][0]
-            await conduit.send_ack(record.consumed)
+            if record.consumed != self._ack_sent:  # a stream that only pushes acks once
+                await conduit.send_ack(record.consumed)
+                self._ack_sent = record.consumed
             if record.done:
                 failure = FAILED if record.failure is not None else None
                 await conduit.send_end(record.out, failure)
@@ -286,6 +290,7 @@ class ServerStream:
             asyncio.get_running_loop().create_task(_quietly(old.close(None)))
         self.acked(recv)
         self._pushed = self.record.out
+        self._ack_sent = -1
         return self.record.after(recv)
 
     def detach(self, conduit: Conduit) -> None:

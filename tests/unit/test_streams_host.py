@@ -99,3 +99,45 @@ async def test_messages_handled_back_to_back_make_one_write_at_a_time() -> None:
     assert conduit.messages == [(seq, {"echo": seq}) for seq in range(1, 6)]
     assert host.live == {stream.token: stream}
     await host.aclose()
+
+
+class AckConduit(Conduit):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acks: list[int] = []
+
+    async def send_ack(self, consumed: int) -> None:
+        self.acks.append(consumed)
+
+
+async def test_a_stream_that_only_pushes_acknowledges_once_per_connection() -> None:
+    """Each commit told the client what the handler had consumed, also when nothing new
+    was: a frame per commit for nothing in a stream that only pushes (tokens, prices).
+    An acknowledgement now goes when what was consumed changed, and once on each new
+    connection."""
+    sessions = Sessions()
+    host = StreamHost(sessions)  # type: ignore[arg-type]
+    go = asyncio.Event()
+
+    async def push(stream: ServerStream) -> None:
+        for n in range(1, 4):
+            await go.wait()
+            go.clear()
+            await stream.send({"n": n})
+        await echo(stream)
+
+    conduit = AckConduit()
+    stream = await host.open("s", "websocket", push, conduit)
+    for n in range(1, 4):
+        go.set()
+        await wait_until(lambda n=n: len(conduit.messages) == n, timeout=5,  # type: ignore[misc]
+                         what=f"pushed message {n} sent")
+        await stream.idle()
+    assert conduit.acks == [0], conduit.acks
+    again = AckConduit()
+    assert stream.attach(again, 3) == []
+    assert again.acks == []
+    stream.received(1, {"hi": 1})  # the client speaks: what was consumed changes
+    await wait_until(lambda: again.acks == [1], timeout=5, what="the new consumed acknowledged")
+    assert again.messages == [(4, {"echo": {"hi": 1}})] and conduit.acks == [0]
+    await host.aclose()
