@@ -77,7 +77,6 @@ from meshxl.demo.tally import add_routes as add_tally_routes
 from meshxl.errors import MeshxlError
 from meshxl.streams import StreamHost
 from meshxl.telemetry import tracing
-from meshxl.telemetry.http import client_trace_configs, server_middleware
 
 log = logging.getLogger("meshxl.demo.app")
 
@@ -304,7 +303,11 @@ async def _pauses(app: web.Application) -> None:
 
 
 async def _resources(app: web.Application) -> Any:
-    configs = client_trace_configs() if tracing.enabled() else None
+    configs = None
+    if tracing.enabled():
+        from meshxl.telemetry.http import client_trace_configs
+
+        configs = client_trace_configs()
     app[_client] = AsyncClient(app[_sidecar], token=app[_token] or None, settings=SETTINGS,
                                trace_configs=configs)
     # Readiness is polled outside of any request: an untraced client, no span noise.
@@ -328,8 +331,13 @@ def make_app(member: str, sidecar: str, token: str | None = None,
              faults: Path | None = None, clusters_by_host: bool = False) -> web.Application:
     """``faults``: the file of injected faults (module docstring), None for none;
     ``clusters_by_host``: each request's cluster from its Host (module docstring)."""
-    # W3C trace context through the app, when its spans go somewhere.
-    middlewares = [server_middleware()] if tracing.enabled() else []
+    # W3C trace context through the app, when its spans go somewhere (OpenTelemetry's
+    # aiohttp instrumentation is imported only then: a tenth of a second of start-up).
+    middlewares = []
+    if tracing.enabled():
+        from meshxl.telemetry.http import server_middleware
+
+        middlewares.append(server_middleware())
     app = mweb.application(middlewares=middlewares)
     app[_member] = member
     app[_sidecar] = sidecar.rstrip("/")
