@@ -79,7 +79,16 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
         # rate leave a window under that now and then (binomial), and each such window
         # costs up to 1.5 s more (3.21 s seen in a full suite run; 1.48 s in the full
         # bench). The 3 s is a 10x latency's, measured by the full bench.
-        assert errors["detect_s"] is not None and errors["detect_s"] <= scaled(4.5), errors
+        # With fewer than ~20 a window (a slow machine's quick run: 10 seen, the sick
+        # member then shows no failure in a window one time in ten, and three windows in
+        # a row with one are not there within the fault's 4 s), the judge rightly waits:
+        # asserted only where the volume makes a judgement due, as for Envoy's above.
+        per_window = errors["requests"] * errors["sick_share_served"] / max(
+            1, errors["seconds"]) / 2
+        if per_window >= 20:
+            assert errors["detect_s"] is not None and errors["detect_s"] <= scaled(4.5), \
+                (per_window, errors)
+        assert not errors["degraded_before_fault"], errors
         assert soak["degraded_verdicts"] == 0, soak["verdicts"]
     else:  # no degradation in the control plane yet: nothing may show as degraded
         assert errors["detect_s"] is None and soak["degraded_verdicts"] == 0
