@@ -333,12 +333,13 @@ class DemoDeployment:
             "meshxl-demo", [(HOST, r.port) for r in self.replicas],
             admin_port=self.envoy_admin_port, delta=self.delta,
             otlp=(HOST, otlp_port) if otlp_port is not None else None)
-        # Envoy exports request spans every 5 s by default; flush them soon so none are
-        # left in its buffer when it stops.
-        bootstrap["layered_runtime"] = {"layers": [{"name": "meshxl-demo", "static_layer": {
-            "tracing.opentelemetry.flush_interval_ms": 200,
-            "tracing.opentelemetry.min_flush_spans": 64,
-        }}]}
+        if otlp_port is not None:
+            # Envoy exports request spans every 5 s or SPAN_BATCH spans; a demo flushes
+            # them sooner, so none are left in its buffer when it stops.
+            bootstrap["layered_runtime"]["layers"][0]["static_layer"].update({
+                "tracing.opentelemetry.flush_interval_ms": 200,
+                "tracing.opentelemetry.min_flush_spans": 64,
+            })
         return bootstrap
 
     async def start_envoy(self, otlp_port: int | None) -> None:

@@ -40,6 +40,13 @@ __all__ = [
 XDS_CLUSTER = "meshxl_xds"
 OTLP_CLUSTER = "meshxl_otlp"
 
+#: Spans Envoy's OpenTelemetry tracer buffers before one export call (its runtime key
+#: ``tracing.opentelemetry.min_flush_spans``), the OpenTelemetry SDK's batch size.
+#: Envoy's default, 5, is an export every two or three traced requests (a span per
+#: request and one per upstream attempt); what stays buffered goes every 5 s
+#: (``tracing.opentelemetry.flush_interval_ms``), so a quiet Envoy's spans still arrive.
+SPAN_BATCH = 512
+
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
@@ -322,7 +329,18 @@ def build_bootstrap(
                 )
             ] + ([_otlp_cluster(collector, connect_timeout)] if collector else []),
         },
+        **({"layered_runtime": _tracing_runtime()} if collector else {}),
     }
+
+
+def _tracing_runtime() -> dict[str, Any]:
+    """The span batch (:data:`SPAN_BATCH`), under an admin layer: Envoy's
+    ``/runtime_modify`` still changes any runtime key (without a ``layered_runtime``
+    Envoy has none)."""
+    return {"layers": [
+        {"name": "meshxl", "static_layer": {"tracing.opentelemetry.min_flush_spans": SPAN_BATCH}},
+        {"name": "admin", "admin_layer": {}},
+    ]}
 
 
 def _otlp_cluster(address: tuple[str, int], connect_timeout: float) -> dict[str, Any]:

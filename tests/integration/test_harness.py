@@ -117,8 +117,9 @@ async def _validate(path: Path) -> tuple[int, str]:
         (["127.0.0.1:18000"], {"delta": True}),
         (["127.0.0.1:18000", "127.0.0.1:18001", "[::1]:18002"], {"zone": "a", "region": "r"}),
         (["localhost:18000", "localhost:18001"], {"delta": True, "initial_fetch_timeout": 0}),
+        (["127.0.0.1:18000"], {"otlp": "127.0.0.1:4317"}),
     ],
-    ids=["single", "delta", "replicas", "dns-replicas-delta"],
+    ids=["single", "delta", "replicas", "dns-replicas-delta", "otlp"],
 )
 async def test_envoy_validate_accepts_generated_bootstrap(
     tmp_path: Path, xds: list[str], options: dict[str, Any]

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 import yaml
 
-from meshxl.proxy.bootstrap import XDS_CLUSTER, build_bootstrap, parse_hostport, render_yaml
+from meshxl.proxy.bootstrap import (
+    SPAN_BATCH,
+    XDS_CLUSTER,
+    build_bootstrap,
+    parse_hostport,
+    render_yaml,
+)
 
 
 def _xds_cluster(bootstrap: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +102,17 @@ def test_single_replica_sotw_bootstrap() -> None:
     assert options["@type"].endswith("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
     keepalive = options["explicit_http_config"]["http2_protocol_options"]["connection_keepalive"]
     assert keepalive == {"interval": "1s", "timeout": "1s"}
+
+
+def test_a_collector_gets_spans_in_batches_and_the_runtime_stays_modifiable() -> None:
+    """Envoy's tracer exports every 5 spans by default: with a collector, the bootstrap
+    batches them as the OpenTelemetry SDK does, and keeps an admin runtime layer."""
+    assert "layered_runtime" not in build_bootstrap("n", ["127.0.0.1:18000"], admin_port=1)
+    b = build_bootstrap("n", ["127.0.0.1:18000"], admin_port=1, otlp="127.0.0.1:4317")
+    layers = b["layered_runtime"]["layers"]
+    assert layers[0]["static_layer"] == {"tracing.opentelemetry.min_flush_spans": SPAN_BATCH}
+    assert layers[-1] == {"name": "admin", "admin_layer": {}}
+    assert SPAN_BATCH == 512
 
 
 def test_delta_selects_delta_grpc() -> None:
