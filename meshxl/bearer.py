@@ -14,13 +14,17 @@ from pathlib import Path
 
 from meshxl.errors import InputError
 
-__all__ = ["MAX_TOKEN_LENGTH", "MIN_TOKEN_LENGTH", "TokenError", "bearer_matches",
-           "read_token", "valid_token"]
+__all__ = ["MAX_TOKEN_LENGTH", "MIN_TOKEN_LENGTH", "STATESYNC_TOKEN_ENV", "TokenError",
+           "bearer_matches", "read_token", "valid_token"]
 
 # RFC 6750 b64token: what an Authorization header can carry without quoting.
 _TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 4096
+STATESYNC_TOKEN_ENV = "MESHXL_STATESYNC_TOKEN"
+"""The sidecar API's token, read by the sidecar and by whatever calls its API (an app,
+``meshxl drill``): here, not in :mod:`meshxl.statesync`, so a caller needs none of the
+sidecar's code (importing that package costs an app a quarter of a second of CPU)."""
 
 
 class TokenError(InputError):

@@ -66,7 +66,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     """
     import os
 
-    from meshxl.bearer import read_token
+    from meshxl.bearer import STATESYNC_TOKEN_ENV, read_token
     from meshxl.errors import InputError
     from meshxl.operator.drill import REFUSED, DrillConfig, DrillSettingsError, run_drill
 
@@ -74,7 +74,7 @@ def drill(site: str, duration: float, slo: tuple[str, ...], traces: tuple[str, .
     check_admin_urls(envoy_admin, REFUSED)
     check_admin_urls(check_sidecars, REFUSED, "--check-sidecar")
     try:
-        token = read_token(sidecar_token_file, os.environ, "MESHXL_STATESYNC_TOKEN",
+        token = read_token(sidecar_token_file, os.environ, STATESYNC_TOKEN_ENV,
                            "--sidecar-token-file")
     except InputError as exc:
         fail(str(exc), REFUSED)

@@ -390,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="inject faults from this JSON file, re-read when it changes "
                              "(module docstring; for tests and benchmarks)")
     args = parser.parse_args(argv)
-    from meshxl.statesync.auth import TokenError, read_token
+    from meshxl.bearer import STATESYNC_TOKEN_ENV, TokenError, read_token
 
     token_file = os.environ.get("MESHXL_STATESYNC_TOKEN_FILE")
     try:
-        token = read_token(Path(token_file) if token_file else None, dict(os.environ))
+        token = read_token(Path(token_file) if token_file else None, os.environ,
+                           STATESYNC_TOKEN_ENV, "MESHXL_STATESYNC_TOKEN_FILE")
     except TokenError as exc:
         parser.exit(1, f"meshxl.demo.app: {exc}\n")
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),

@@ -22,7 +22,7 @@ from .http import Authorize, Request, Response, error
 __all__ = ["OPEN_PATHS", "TOKEN_ENV", "TokenError", "check_exposure", "read_token",
            "token_check", "valid_token"]
 
-TOKEN_ENV = "MESHXL_STATESYNC_TOKEN"
+TOKEN_ENV = bearer.STATESYNC_TOKEN_ENV
 """The environment variable holding the token (the alternative to ``--token-file``)."""
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 """Paths answered without a token: liveness and readiness probes."""
