@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import io
 import re
@@ -97,8 +98,14 @@ def _docstrings(tree: ast.AST) -> Iterator[ast.Constant]:
                 yield first.value
 
 
-def _prose(path: Path) -> Iterator[tuple[int, str]]:
-    """What a reader reads of ``path``: a doc whole; a module's docstrings and comments."""
+@functools.cache
+def _prose(path: Path) -> tuple[tuple[int, str], ...]:
+    """What a reader reads of ``path``: a doc whole; a module's docstrings and comments
+    (read once: three checks go through every file)."""
+    return tuple(_read_prose(path))
+
+
+def _read_prose(path: Path) -> Iterator[tuple[int, str]]:
     source = path.read_text()
     if path.suffix == ".md":
         for number, line in enumerate(source.splitlines(), 1):
@@ -112,7 +119,8 @@ def _prose(path: Path) -> Iterator[tuple[int, str]]:
             yield token.start[0], token.string
 
 
-def _sent_names() -> set[str]:
+@functools.cache
+def _sent_names() -> frozenset[str]:
     """The ``meshxl.``-names the code sends (span attributes, labels, loggers, gRPC
     services): its string constants that are not docstrings."""
     names = set()
@@ -123,9 +131,10 @@ def _sent_names() -> set[str]:
             if (isinstance(node, ast.Constant) and isinstance(node.value, str)
                     and id(node) not in docs):
                 names.update(match.group().rstrip(".") for match in DOTTED.finditer(node.value))
-    return names
+    return frozenset(names)
 
 
+@functools.cache
 def _imports(dotted: str) -> bool:
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
