@@ -35,7 +35,10 @@ from meshxl.local.wait import wait_until
 from tests.harness.clock import scaled, window
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-QUICK = ClientSettings(timeout=2.0, connect_timeout=1.0)
+QUICK = ClientSettings(timeout=scaled(10.0), connect_timeout=scaled(5.0))
+"""For requests that are answered (the tests of timeouts set their own): the timeout only
+bounds a test gone wrong. At 2 s, a worker starved on two busy cores once failed a
+request before it was sent."""
 
 
 @pytest.fixture(params=sorted(LOOPS))
