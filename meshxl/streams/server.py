@@ -238,7 +238,7 @@ class ServerStream:
             out=taken[-1][0] if taken else self.record.out, acked=self.record.acked,
             done=self._pending_done[0], failure=self._pending_done[1],
             state=self._pending_state, created=self.record.created,
-            journal=[*self.record.journal, *taken])
+            journal=[*self.record.journal, *taken], fragments=self.record.fragments)
         record.acknowledge(self._client_acked)
         self.committing = True
         return record, taken

@@ -3,6 +3,7 @@ hostile input (docs/streams.md). Pure: no socket, no process."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -22,6 +23,7 @@ from meshxl.streams.protocol import (
     Frame,
     Limits,
     ProtocolError,
+    compact_json,
     decode_binary,
     decode_frame,
     encode_binary,
@@ -175,6 +177,53 @@ def test_an_acknowledgement_drops_exactly_what_the_client_has(record: StreamReco
     assert record.journal == [(s, p) for s, p in before if s > seq]
     assert record.acked == max(min(seq, record.out), record.acked)
     assert StreamRecord.decode(record.encode()) == record
+
+
+def _whole(record: StreamRecord) -> dict[str, Any]:
+    """The record's text as one JSON encoding of all its fields makes it."""
+    return {"v": 1, "session": record.session, "kind": record.kind, "epoch": record.epoch,
+            "in": record.consumed, "out": record.out, "acked": record.acked,
+            "done": record.done, "failure": record.failure, "state": record.state,
+            "created": record.created,
+            "journal": [[s, "b", base64.b64encode(p).decode()] if isinstance(p, bytes)
+                        else [s, "j", p] for s, p in record.journal]}
+
+
+@given(RECORDS, st.integers(0, 2000), st.lists(JSON | st.binary(max_size=16), max_size=4))
+def test_a_records_text_is_the_same_whether_its_entries_are_made_once_or_anew(
+        record: StreamRecord, seq: int, more: list[Any]) -> None:
+    """Each journal entry's text is made once and shared by the stream's next records
+    (they only add messages at the end and drop acknowledged ones): the record's text
+    is byte for byte the one a single encoding of the whole record gives."""
+    first = record.encode()
+    assert first == compact_json(_whole(record)).encode()
+    assert record.encode() == first
+    later = StreamRecord(session=record.session, kind=record.kind, epoch=record.epoch,
+                         consumed=record.consumed, out=record.out + len(more),
+                         acked=record.acked, done=record.done, state=record.state,
+                         created=record.created, fragments=record.fragments,
+                         journal=[*record.journal, *((record.out + 1 + i, p)
+                                                     for i, p in enumerate(more))])
+    later.acknowledge(seq)
+    assert later.encode() == compact_json(_whole(later)).encode()
+    assert set(later.fragments) == {s for s, _ in later.journal}
+
+
+def test_a_journal_entry_is_encoded_once_across_the_streams_records(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshxl.streams.record as module
+
+    encoded: list[bytes] = []
+    real = module.base64.b64encode
+    monkeypatch.setattr(module.base64, "b64encode",
+                        lambda data: encoded.append(bytes(data)) or real(data))
+    record = StreamRecord(session="s", kind="grpc", out=2, journal=[(1, b"a"), (2, b"b")])
+    record.encode()
+    nxt = StreamRecord(session="s", kind="grpc", out=3, fragments=record.fragments,
+                       journal=[*record.journal, (3, b"c")])
+    nxt.encode()
+    nxt.encode()
+    assert encoded == [b"a", b"b", b"c"]
 
 
 @pytest.mark.parametrize("change", [
