@@ -50,6 +50,8 @@ class _Upload:
         self.task.cancel()
 
     async def _drain(self) -> None:
+        if self.http.stuck:  # a server that takes no more of the body
+            return
         async for chunk in self.data:
             self.chunks.append(chunk)
         self.drained.set()
@@ -74,8 +76,9 @@ class _Upload:
 
 
 class _Http:
-    def __init__(self) -> None:
+    def __init__(self, stuck: bool = False) -> None:
         self.uploads: list[_Upload] = []
+        self.stuck = stuck
 
     def post(self, url: str, *, data: Any, headers: dict[str, str], **_: Any) -> _Upload:
         self.uploads.append(_Upload(self, data, headers))
@@ -86,6 +89,7 @@ def _events(http: _Http, epoch: int = 7) -> Any:
     events = sse_client._Events(http, "http://mesh/feed", {"x-session-id": "s"})  # type: ignore[arg-type]
     events.token, events.epoch = new_token(), epoch
     events.response = mock.Mock()
+    events.response.content.exception.return_value = None  # the event stream reads
     return events
 
 
@@ -141,6 +145,26 @@ async def test_a_refused_upload_breaks_the_connection_so_the_stream_resumes() ->
     with pytest.raises(ConnectionError):
         await events.send_message(2, {"n": 2})  # sent again on the next connection
     await events.close()
+
+
+@pytest.mark.parametrize(("broken", "flushed"), [(None, True),
+                                                (ConnectionResetError("reset"), False)])
+async def test_a_closing_connection_ends_its_upload_only_while_its_events_read(
+        monkeypatch: pytest.MonkeyPatch, broken: Exception | None, flushed: bool) -> None:
+    """Closing, a connection ends its upload after what is queued while its event stream
+    reads; once that broke (its member killed), the upload is cut instead: ending its
+    body would have aiohttp write the end on a closed transport in a task whose error
+    nobody reads. What was queued goes again on the next connection."""
+    monkeypatch.setattr(sse_client, "UPLOAD_FLUSH", 0.01)
+    http = _Http(stuck=True)
+    events = _events(http)
+    events.response.content.exception.return_value = broken
+    await events.send_message(1, {"n": 1})
+    await _settle()
+    lines = events._lines
+    assert lines is not None and lines.qsize() == 1
+    await events.close()
+    assert lines.qsize() == (2 if flushed else 1)  # the end marker, or nothing more
 
 
 # -- the server ---------------------------------------------------------------------------
