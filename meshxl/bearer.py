@@ -14,7 +14,8 @@ from pathlib import Path
 
 from meshxl.errors import InputError
 
-__all__ = ["MAX_TOKEN_LENGTH", "MIN_TOKEN_LENGTH", "STATESYNC_TOKEN_ENV", "TokenError",
+__all__ = ["MAX_TOKEN_LENGTH", "MIN_TOKEN_LENGTH", "STATESYNC_TOKEN_ENV",
+           "STATESYNC_TOKEN_FILE_ENV", "TokenError",
            "bearer_matches", "read_token", "valid_token"]
 
 # RFC 6750 b64token: what an Authorization header can carry without quoting.
@@ -25,6 +26,8 @@ STATESYNC_TOKEN_ENV = "MESHXL_STATESYNC_TOKEN"
 """The sidecar API's token, read by the sidecar and by whatever calls its API (an app,
 ``meshxl drill``): here, not in :mod:`meshxl.statesync`, so a caller needs none of the
 sidecar's code (importing that package costs an app a quarter of a second of CPU)."""
+STATESYNC_TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
+"""The file holding that token (a mounted Secret), for those that take a file."""
 
 
 class TokenError(InputError):

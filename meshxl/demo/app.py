@@ -390,12 +390,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="inject faults from this JSON file, re-read when it changes "
                              "(module docstring; for tests and benchmarks)")
     args = parser.parse_args(argv)
-    from meshxl.bearer import STATESYNC_TOKEN_ENV, TokenError, read_token
+    from meshxl.bearer import (
+        STATESYNC_TOKEN_ENV,
+        STATESYNC_TOKEN_FILE_ENV,
+        TokenError,
+        read_token,
+    )
 
-    token_file = os.environ.get("MESHXL_STATESYNC_TOKEN_FILE")
+    token_file = os.environ.get(STATESYNC_TOKEN_FILE_ENV)
     try:
         token = read_token(Path(token_file) if token_file else None, os.environ,
-                           STATESYNC_TOKEN_ENV, "MESHXL_STATESYNC_TOKEN_FILE")
+                           STATESYNC_TOKEN_ENV, STATESYNC_TOKEN_FILE_ENV)
     except TokenError as exc:
         parser.exit(1, f"meshxl.demo.app: {exc}\n")
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshxl.addr import parse_hostport
+from meshxl.bearer import STATESYNC_TOKEN_FILE_ENV
 from meshxl.kube.config import InjectConfig
 from meshxl.kube.istio_pod import istio_env
 
@@ -22,7 +23,7 @@ ENVOY_WORK_DIR = "/var/run/meshxl/envoy"
 TOKEN_VOLUME = "meshxl-statesync-token"
 TOKEN_DIR = "/var/run/meshxl/statesync-token"
 TOKEN_KEY = "token"
-TOKEN_FILE_ENV = "MESHXL_STATESYNC_TOKEN_FILE"
+TOKEN_FILE_ENV = STATESYNC_TOKEN_FILE_ENV
 #: The etcd client certificate (with https:// etcd): a Secret volume (keys tls.crt,
 #: tls.key, ca.crt, as cert-manager writes them) mounted into the statesync sidecar only.
 ETCD_CLIENT_VOLUME = "meshxl-etcd-client"

@@ -273,8 +273,8 @@ class _Events:
         return None
 
     def _events_read(self) -> bool:
-        """Whether the connection's event stream broke with no error: a member killed or
-        cut off breaks it and the upload beside it. Ending that upload's body then makes
+        """Whether the connection's event stream still reads (no error on it): a member
+        killed or cut off breaks it and the upload beside it. Ending that upload's body then makes
         aiohttp write the body's end on a closed transport, in a task of its own whose
         error nobody reads ("Task exception was never retrieved", logged by asyncio):
         25 such lines in a kill of 1,000 streams (``bench/streams.py``). The frames
