@@ -41,6 +41,9 @@ fi
 "$venv/bin/python" -m pip install -q --require-hashes -r "$lock"
 "$venv/bin/python" -m pip install -q --no-deps -e .
 "$venv/bin/python" -m pip check
+# The sidecars run with -OO: their dependencies' optimised bytecode, written once here
+# (no process writes it where PYTHONDONTWRITEBYTECODE is set; scripts/bytecode.py).
+"$venv/bin/python" scripts/bytecode.py
 
 if [ "$purpose" = demo ]; then
   # etcd is all the demo needs from Debian; no browser, no test tools.
