@@ -101,3 +101,24 @@ def test_the_image_holds_the_bytecode_the_sidecar_runs() -> None:
     assert "python -m compileall -q -o 0 -o 2 /opt/meshxl/lib" in docker
     assert re.search(r'compileall -q -o 0 -o 2 .*\\\n\s+"\$\(python -c .*get_path\("stdlib"\)',
                      docker)
+
+
+def test_the_set_up_compiles_the_bytecode_the_local_sidecars_run() -> None:
+    """The demo's, the suite's and the benchmarks' sidecars run with -OO too, where
+    PYTHONDONTWRITEBYTECODE may be set: setup.sh compiles meshxl's run-time
+    dependencies at that level once, for every purpose (scripts/bytecode.py)."""
+    import importlib.util
+
+    from meshxl.local.commands import SIDECAR_PYTHON_FLAGS
+
+    assert "-OO" in SIDECAR_PYTHON_FLAGS
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    before_purposes = setup.split('if [ "$purpose" = demo ]; then', 1)[0]
+    assert '"$venv/bin/python" scripts/bytecode.py' in before_purposes
+    spec = importlib.util.spec_from_file_location("bytecode", ROOT / "scripts" / "bytecode.py")
+    assert spec is not None and spec.loader is not None
+    bytecode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bytecode)
+    names = {canonicalize_name(d.metadata["Name"]) for d in bytecode.closure("meshxl")}
+    assert {"meshxl", "aetcd", "grpcio", "protobuf", "msgspec", "httptools"} <= names
+    assert not {"pytest", "mypy", "hypothesis", "playwright", "matplotlib"} & names
