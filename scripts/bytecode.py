@@ -6,7 +6,7 @@ A sidecar runs with ``-OO`` (``meshxl.local.commands.SIDECAR_PYTHON_FLAGS``; an 
 one with ``PYTHONOPTIMIZE=2``), which reads ``.opt-2.pyc`` files only. pip writes plain
 bytecode, and where ``PYTHONDONTWRITEBYTECODE`` is set (CI, containers) no process
 writes any, so every sidecar compiled protobuf, grpc, aetcd, msgspec and the rest again
-at each start: 0.25 s of CPU of its 0.7. The container image compiles them the same
+at each start: about 0.3 s of CPU of its 0.65. The container image compiles them the same
 way (Dockerfile). Only the distributions meshxl needs at run time (its dependencies
 and theirs, extras left out) are compiled: the whole virtualenv of the test set-up
 holds ten times as many files (type checkers, browsers' drivers, plotting).

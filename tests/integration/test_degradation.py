@@ -30,6 +30,7 @@ from meshxl.operator.views.status import status_report
 from meshxl.xds.app import ControlPlane
 from tests.harness import Backend, EnvoyFixture
 from tests.harness.clock import scaled, window
+from tests.harness.load import under_way
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
@@ -82,8 +83,8 @@ class Load:
     async def answered(self, since: float, count: int = 10) -> None:
         """Until ``count`` requests sent since ``since`` have their answers (a share is
         judged on answers, however slowly a busy machine gives them)."""
-        await wait_until(lambda: len(self.since(since)) >= count, timeout=10,
-                         what=f"{count} requests sent since {since:.3f} answered")
+        await under_way(lambda: self.since(since), count, timeout=10,
+                        what=f"the requests sent since {since:.3f}")
 
 
 @contextlib.asynccontextmanager
