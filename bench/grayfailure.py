@@ -171,6 +171,20 @@ def per_second_p99(records: Sequence[Record], start: float, end: float,
     return out
 
 
+def served_per_second(records: Sequence[Record], member: str, start: float, end: float,
+                      ) -> list[int]:
+    """How many of ``records`` ``member`` answered in each whole second from ``start``
+    to ``end`` (by when they were sent): the volume Envoy's outlier detection judges
+    it on, per interval, less the failures it retried elsewhere."""
+    seconds = int(max(0.0, end - start) + 1e-9)
+    counts = [0] * seconds
+    for r in records:
+        k = int(r.sent - start)
+        if r.member == member and r.sent >= start and k < seconds:
+            counts[k] += 1
+    return counts
+
+
 def typical_p99(records: Sequence[Record], start: float, end: float) -> float | None:
     """The healthy p99 (seconds): the median of the half-seconds' p99s, so one burst
     of a busy machine does not set the yardstick of the whole run."""
@@ -258,13 +272,16 @@ def compare(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
 class Watcher:
     """Polls the control plane's ``/v1/status`` and Envoy's hosts every :data:`POLL`
     seconds: when each member first showed as degraded (and every distinct verdict),
-    when the sick member was first ejected, and its EDS weight over time."""
+    when each member was ejected (every onset: one during the baseline, which a busy
+    machine's load can cause, must not hide the fault's), and its EDS weight over time."""
 
     def __init__(self, d: DemoDeployment) -> None:
         self.d = d
         self.first_degraded: dict[str, float] = {}
         self.verdicts: dict[tuple[str, Any], dict[str, Any]] = {}
-        self.first_ejected: dict[str, float] = {}
+        self.ejections: dict[str, list[float]] = {}
+        """Per member, each time it was seen ejected after being seen in service."""
+        self._ejected: set[str] = set()
         self.weights: list[tuple[float, dict[str, int]]] = []
         self.status_errors = 0
         self.reports_degraded = False
@@ -300,9 +317,10 @@ class Watcher:
                                          LocalError, OSError):
                     hosts = await envoy_hosts(self.d.admin_url)
                     self.weights.append((now, {h.hostname: h.weight for h in hosts}))
-                    for h in hosts:
-                        if "failed_outlier_check" in h.flags:
-                            self.first_ejected.setdefault(h.hostname, now)
+                    ejected = {h.hostname for h in hosts if "failed_outlier_check" in h.flags}
+                    for member in ejected - self._ejected:
+                        self.ejections.setdefault(member, []).append(now)
+                    self._ejected = ejected
                 await asyncio.sleep(POLL)
 
     def weight_share(self, member: str, since: float) -> float | None:
@@ -398,7 +416,8 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
     p99s = per_second_p99(records, fault_start, fault_end)
     slo_s = calibration["slo_ms"] / 1000
     detected = watcher.first_degraded.get(SICK)
-    ejected = watcher.first_ejected.get(SICK)
+    ejections = watcher.ejections.get(SICK, [])
+    ejected = next((t for t in ejections if t >= fault_start), None)
     served = [r for r in window if r.ok]
     return {
         "scenario": scenario, "arm": arm, "fault": values,
@@ -417,8 +436,9 @@ async def run_one(top: Owner, etcd_url: str, scenario: str, arm: str, plan: Plan
         "detect_s": None if detected is None or detected < fault_start
         else round(detected - fault_start, 2),
         "degraded_before_fault": detected is not None and detected < fault_start,
-        "ejected_s": None if ejected is None or ejected < fault_start
-        else round(ejected - fault_start, 2),
+        "ejected_s": None if ejected is None else round(ejected - fault_start, 2),
+        "ejected_before_fault": any(t < fault_start for t in ejections),
+        "sick_served_per_second": served_per_second(served, SICK, fault_start, fault_end),
         "sick_share_served": round(sum(1 for r in served if r.member == SICK)
                                    / max(1, len(served)), 3),
         "sick_lowest_weight_share": watcher.weight_share(SICK, fault_start),
@@ -488,7 +508,7 @@ async def soak(top: Owner, etcd_url: str, plan: Plan, calibration: dict[str, flo
             "lost": regressions(records) + sum(lost_writes(records, final).values()),
             "degraded_verdicts": len(watcher.verdicts),
             "verdicts": list(watcher.verdicts.values()),
-            "outlier_ejections": len(watcher.first_ejected),
+            "outlier_ejections": sum(len(t) for t in watcher.ejections.values()),
             "control_plane_reports_degraded": watcher.reports_degraded,
             "status_errors": watcher.status_errors}
 
@@ -592,7 +612,7 @@ def print_report(res: Mapping[str, Any], verdict_list: Sequence[Verdict]) -> Non
               f"{soaked['failed']} failed, {soaked['breach_seconds']} breach s, "
               f"{len(soaked['kills'])} kill -9, {soaked['lost']} lost, "
               f"{soaked['degraded_verdicts']} DEGRADED verdicts, "
-              f"{soaked['outlier_ejections']} members ejected by Envoy")
+              f"{soaked['outlier_ejections']} ejections by Envoy")
     faults = {name: sc["arms"]["outlier"]["fault"] for name, sc in res["scenarios"].items()}
     print(f"  faults on {res['sick_member']}: {faults}")
     print_verdicts("sick members", verdict_list)

@@ -58,12 +58,19 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
     cpu = outlier["cpu"]
     assert cpu["sick_latency_ms"]["p50"] > 2 * cpu["others_latency_ms"]["p50"], cpu
     assert outlier["latency"]["breach_seconds"] >= 1, outlier["latency"]
-    # Envoy's failure-percentage ejection judges a host once it had 20 requests in an
-    # interval (1 s): a slow machine's quick run may give the sick member fewer.
+    # Envoy's failure-percentage ejection judges a host in an interval (1 s) in which it
+    # had 20 requests. A second in which the sick member answered 20 gave it about 25
+    # (its 503s, retried elsewhere, are not among those answers), and 20 % of 25 falls
+    # under the 10 % threshold about once in ten: three such seconds make a missed
+    # ejection about a 0.1 % event (a quiet machine's quick run has four). A slow
+    # machine's may give the sick member fewer, or its timeouts may eject it during the
+    # baseline, out past the fault's few seconds.
     errs = outlier["errors"]
-    volume = errs["requests"] * errs["sick_share_served"] / max(1, errs["seconds"])
-    if volume >= 30:
-        assert errs["ejected_s"] is not None, (volume, errs)
+    judged = sum(1 for n in errs["sick_served_per_second"] if n >= 20)
+    if judged >= 3 and not errs["ejected_before_fault"]:
+        assert errs["ejected_s"] is not None, {k: errs[k] for k in (
+            "sick_served_per_second", "ejected_before_fault", "requests", "failed",
+            "seconds")}
     # Envoy retries the injected 503s on another member: clients see few failures.
     assert outlier["errors"]["failed"] <= 0.05 * outlier["errors"]["requests"]
 

@@ -34,7 +34,9 @@ async def test_an_unanswered_batch_stops_holding_the_queue(etcd: EtcdServer) -> 
             first = store.write([(b"/stall/one", b"1", 0)], lease)
             # Unanswered: stalled, beyond the one batch allowed in flight.
             await wait_until(lambda: batcher.in_flight == (0, 1, 0), timeout=10,
-                             what="the unanswered batch to stall", interval=0.02)
+                             what="the unanswered batch to stall", interval=0.02,
+                             explain=lambda: f"in flight {batcher.in_flight}, "
+                                             f"answered {first.done() and first.result()}")
             second = store.write([(b"/stall/two", b"2", 0)], lease)
             third = store.write([(b"/stall/three", b"3", 0)], lease)
             # The second left at once (the first stalled), the third waits behind it,
@@ -42,7 +44,7 @@ async def test_an_unanswered_batch_stops_holding_the_queue(etcd: EtcdServer) -> 
             assert batcher.in_flight == (1, 1, 1)
             await wait_until(lambda: batcher.in_flight == (0, 3, 0), timeout=10,
                              what="the second and third batches to stall too",
-                             interval=0.02)
+                             interval=0.02, explain=lambda: f"in flight {batcher.in_flight}")
         finally:
             os.kill(pid, signal.SIGCONT)
         results = [await first, await second, await third]

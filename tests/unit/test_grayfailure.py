@@ -42,6 +42,16 @@ def test_per_second_p99_counts_requests_still_waiting_with_their_age() -> None:
     assert one == [pytest.approx(0.005)] * 3
 
 
+def test_served_per_second_counts_one_members_answers_in_each_whole_second() -> None:
+    records = [rec(99.9, 0.01, member="b"),  # before the window
+               *(rec(100.0 + i / 10, 0.01, member="b") for i in range(25)),  # 2.5 s
+               rec(100.5, 0.01, member="a"),  # another member
+               rec(103.0, 0.01, member="b")]  # at the window's end: not in it
+    assert g.served_per_second(records, "b", 100.0, 103.0) == [10, 10, 5]
+    assert g.served_per_second(records, "b", 100.0, 100.0) == []
+    assert g.served_per_second(records, "c", 100.0, 102.0) == [0, 0]
+
+
 def test_the_healthy_p99_is_the_median_half_seconds_not_one_burst() -> None:
     steady = [rec(10.0 + i / 100, 0.010, f"s{i}") for i in range(400)]  # 4 s of 10 ms
     burst = [rec(11.0 + i / 100, 0.300, f"b{i}") for i in range(20)]  # one bad half-second
