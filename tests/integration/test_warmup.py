@@ -41,6 +41,7 @@ WINDOW = 6.0        # seconds at least: six steps of one second (longer on a slo
 KEYS_PER_BATCH = 400
 STEP_KEYS = 2000     # a step is judged on at least this many keys (one sd: 1 %)
 SETTLED_KEYS = 2000  # at full weight: a third of them, give or take 1 % (one sd)
+STEP_FULL = STEP_KEYS + KEYS_PER_BATCH  # a step with these many keys gets no more
 CONCURRENCY = 24
 TOLERANCE = 0.10    # the issue's target: the share within 10 % of the ramp's
 LOOPBACK = "127.0.0.1"
@@ -116,13 +117,28 @@ async def measure_ramp(plane: ControlPlane, envoy: EnvoyFixture, http: aiohttp.C
                        cluster: str, port: int, member: str,
                        others: list[str], window: float) -> list[dict[str, float]]:
     """Batches of fresh keys until the member is back at full weight: per batch inside
-    one step, the ramp's fraction, the share it should give and the share measured."""
+    one step, the ramp's fraction, the share it should give and the share measured.
+
+    A step judged on enough keys (:data:`STEP_FULL`) gets no more: the rest of it is
+    spent waiting for Envoy's next weights, not sending keys nobody counts (the window
+    is sized with a margin for a slow machine, which a fast one would otherwise fill
+    with two and a half times the keys a step needs)."""
     samples: list[dict[str, float]] = []
     deadline = time.monotonic() + window + 10
     batch = 0
     while time.monotonic() < deadline:
         started = plane.warming.starts.get(cluster, {}).get(member)
         before = await weights(envoy, cluster)
+        if samples and started is not None and member in before and \
+                sum(KEYS_PER_BATCH for s in samples if s["ramp"] == samples[-1]["ramp"]) \
+                >= STEP_FULL and before[member] == max(
+                    1, round(before[others[0]] * samples[-1]["ramp"])):
+            async def stepped(seen: dict[str, int] = before) -> bool:
+                return await weights(envoy, cluster) != seen
+
+            await wait_until(stepped, timeout=window + 10,
+                             what=f"the next step of {member}'s ramp in {cluster}")
+            continue
         t0 = time.time()
         keys = [f"{cluster}-{batch}-{i}" for i in range(KEYS_PER_BATCH)]
         batch += 1
