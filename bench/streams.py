@@ -75,6 +75,11 @@ FIELDS = {"degradation": "{action: report}"}
 """Sick members are judged and reported, never moved: the active serving every stream
 stays the active under the bench's own load (a predictive failover is not what is
 measured here; docs/faults.md)."""
+QUICK_STREAMS = 20
+QUICK_STEADY = 1.5
+"""The quick run's streams per kind and steady seconds: the smallest run that still has
+every phase's streams talking, resumed and counted (the suite's smoke run: 32 CPU-s
+where 40 streams and 3 s took 60), not a measurement (the full run is)."""
 
 
 # -- one phase ---------------------------------------------------------------------------
@@ -444,7 +449,7 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="40 streams per kind, 3 s steady (the suite's smoke run)")
+                        help="20 streams per kind, 1.5 s steady (the suite's smoke run)")
     parser.add_argument("--streams", type=int, help="streams per kind (default 1000)")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated among {', '.join(KINDS)} (default all)")
@@ -455,12 +460,13 @@ def main() -> int:
                         help="do not write bench/results/streams.json (with --output)")
     args = parser.parse_args()
     quick = quick_requested(args.quick)
-    streams = args.streams or (40 if quick else 1000)
+    streams = args.streams or (QUICK_STREAMS if quick else 1000)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if streams < 1 or not kinds or set(kinds) - set(KINDS) \
             or (args.steady is not None and args.steady <= 0):
         parser.error(f"streams >= 1, steady > 0, kinds among {', '.join(KINDS)}")
-    t = {"warmup": 1.0 if quick else 3.0, "steady": args.steady or (3.0 if quick else 10.0),
+    t = {"warmup": 1.0 if quick else 3.0,
+         "steady": args.steady or (QUICK_STEADY if quick else 10.0),
          "after": 1.0 if quick else 3.0, "resume_timeout": 30.0}
     return run_benchmark(NAME, quick, "meshxl-bench-streams-",
                          lambda work: run(work, kinds, streams, t, not args.no_peer),

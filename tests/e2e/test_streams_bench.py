@@ -1,6 +1,6 @@
 """``bench/streams.py --quick`` end to end, as a user runs it (the smoke run of
 docs/streams.md's measurement): a high-availability deployment (etcd, control plane,
-three members with their sidecars, a real Envoy) on loopback, a few dozen resumable
+three members with their sidecars, a real Envoy) on loopback, twenty resumable
 streams per kind at 5 messages a second each way, kill -9 and ``member down`` of the
 member serving them, and the same streams without resumption.
 
