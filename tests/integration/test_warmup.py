@@ -129,10 +129,7 @@ async def measure_ramp(plane: ControlPlane, envoy: EnvoyFixture, http: aiohttp.C
     while time.monotonic() < deadline:
         started = plane.warming.starts.get(cluster, {}).get(member)
         before = await weights(envoy, cluster)
-        if samples and started is not None and member in before and \
-                sum(KEYS_PER_BATCH for s in samples if s["ramp"] == samples[-1]["ramp"]) \
-                >= STEP_FULL and before[member] == max(
-                    1, round(before[others[0]] * samples[-1]["ramp"])):
+        if started is not None and step_full(samples, before, member, others[0]):
             async def stepped(seen: dict[str, int] = before) -> bool:
                 return await weights(envoy, cluster) != seen
 
@@ -250,6 +247,17 @@ async def test_a_returning_members_share_follows_the_ramp(
     print(f"{algorithm}: snapshots published from the return to the end of the ramp: "
           f"{pushes:.0f}")
     assert pushes <= steps(window) + 1, pushes
+
+
+def step_full(samples: list[dict[str, float]], weights: dict[str, int], member: str,
+              other: str) -> bool:
+    """Whether Envoy still has the step of the last sample (``weights``) and that step
+    has :data:`STEP_FULL` keys already."""
+    if not samples or member not in weights:
+        return False
+    ramp = samples[-1]["ramp"]
+    return weights[member] == max(1, round(weights[other] * ramp)) and \
+        per_step(samples)[ramp][0] >= STEP_FULL
 
 
 def per_step(samples: list[dict[str, float]]) -> dict[float, tuple[int, float, float]]:
