@@ -22,8 +22,8 @@ from .serving import setup_logging
 @click.option("--duration", type=bounded(limits.DEMO_DURATION), default=20.0, show_default=True,
               metavar="SECONDS", help="How long to drive traffic (the kill comes at 40 %).")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where report.json, traces.jsonl and timeline.png go (default: a "
-                   "temporary directory).")
+              help="Where report.json, traces.jsonl, timeline.png and the processes' "
+                   "logs (logs/) go (default: a temporary directory).")
 @click.option("--etcd", "etcd_url", metavar="URL", help="Use a running etcd instead of a "
               "temporary one (keys go under a fresh prefix).")
 @click.option("--protocol", type=click.Choice(["http", "grpc", "websocket", "tcp"]),

@@ -35,6 +35,7 @@ from rich.markup import escape
 
 from meshxl.local.deployment import CLUSTER, MODES, DemoDeployment
 from meshxl.local.plot import plot_timeline
+from meshxl.local.procs import remove_if_empty
 from meshxl.local.report import build_report, busiest_member, kill_failover, print_summary
 from meshxl.local.streams import StreamTraffic, read_back_kind, reconnect_report
 from meshxl.local.tallies import TallyTraffic
@@ -123,7 +124,9 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
     traces.mkdir(exist_ok=True)
     for old in traces.glob("*.jsonl"):
         old.unlink()
-    work = Path(tempfile.mkdtemp(prefix="meshxl-demo-work-"))
+    # Everything a run leaves is in `out`: its results, and its processes' logs in
+    # out/logs (etcd's data there is removed at close: Owner.scratch).
+    work = out / "logs"
     deployment = DemoDeployment(work, mode=mode, etcd_url=etcd_url, trace_dir=traces,
                                 protocol=protocol)
     try:
@@ -209,6 +212,8 @@ async def run_demo(console: Any, *, mode: str = "high-availability", sessions: i
                                     "errors")) else 0
     finally:
         await deployment.close()
+        if output_dir is None:
+            remove_if_empty(out)
 
 
 __all__ = ["KINDS", "run_demo"]

@@ -29,7 +29,7 @@ from meshxl import headers as hdr
 from meshxl.etcd.keys import Keys
 from meshxl.local.envoy import EnvoyProcess
 from meshxl.local.ports import free_ports
-from meshxl.local.procs import Owner
+from meshxl.local.procs import Owner, remove_if_empty
 from meshxl.local.servers import HOST, start_echo, start_etcd
 from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model, set_member_admin, set_site_admin
@@ -227,3 +227,5 @@ async def quickstart(console: Console, work_dir: Path | None = None,
         if plane is not None:
             await plane.stop()
         await owner.aclose()
+        if work_dir is None:
+            remove_if_empty(work)

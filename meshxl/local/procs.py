@@ -38,6 +38,7 @@ __all__ = [
     "Owner",
     "Process",
     "die_with_parent",
+    "remove_if_empty",
     "run",
     "tail",
 ]
@@ -224,10 +225,13 @@ class Owner:
     """Every process of one run (a demo, a benchmark, a test) and its work directory.
 
     ``root``: the work directory, kept at close; None makes a temporary one, removed at
-    close unless MESHXL_KEEP_TMP=1. ``aclose`` ends everything owned and records the
-    log tails (``log_sections``): with SIGKILL, or, given ``grace``, with SIGTERM and
-    SIGKILL for what is still alive ``grace`` seconds later (a demo's processes flush
-    their traces and withdraw their registrations).
+    close unless MESHXL_KEEP_TMP=1. In a kept root, what :meth:`scratch` names (etcd's
+    data: its write-ahead log preallocates 64 MB) is removed at close all the same, so a
+    kept directory holds logs and results, not tens of megabytes per run. ``aclose``
+    ends everything owned and records the log tails (``log_sections``): with SIGKILL,
+    or, given ``grace``, with SIGTERM and SIGKILL for what is still alive ``grace``
+    seconds later (a demo's processes flush their traces and withdraw their
+    registrations).
     """
 
     def __init__(self, root: Path | None = None, *, label: str = "run",
@@ -246,6 +250,7 @@ class Owner:
         self._names: set[str] = set()
         self._final_logs: list[tuple[str, str]] | None = None
         self._closers: list[Callable[[], object]] = []
+        self._scratch: list[Path] = []
         self.closed = False
 
     @property
@@ -286,6 +291,12 @@ class Owner:
               env: Mapping[str, str] | None = None) -> Process:
         """:meth:`process`, started."""
         return self.process(name, argv, cwd=cwd, env=env).start()
+
+    def scratch(self, path: Path) -> Path:
+        """``path``, removed at close once everything owned has ended (the class
+        docstring); returned for convenience."""
+        self._scratch.append(path)
+        return path
 
     def on_close(self, closer: Callable[[], object]) -> None:
         """An async callable (``aiohttp.ClientSession.close``...) to await at close."""
@@ -341,12 +352,20 @@ class Owner:
             *(self._end(thing) for thing in self._owned), return_exceptions=True
         )
         self._final_logs = self.log_sections()
-        if (self._remove_root and not keep_dir
-                and os.environ.get("MESHXL_KEEP_TMP") != "1"):
-            await asyncio.to_thread(shutil.rmtree, self.root, True)
+        if not keep_dir and os.environ.get("MESHXL_KEEP_TMP") != "1":
+            for path in [self.root] if self._remove_root else self._scratch:
+                await asyncio.to_thread(shutil.rmtree, path, True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise LocalError(f"could not kill all processes: {errors!r}")
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove the directory ``path`` when no file is in it at any depth: a run that
+    stopped before writing anything leaves no empty directory behind."""
+    with contextlib.suppress(OSError):
+        if not any(p.is_file() or p.is_symlink() for p in path.rglob("*")):
+            shutil.rmtree(path)
 
 
 async def run(argv: Sequence[str], *, timeout: float = 30.0, cwd: Path | None = None,

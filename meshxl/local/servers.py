@@ -21,11 +21,12 @@ HOST = "127.0.0.1"
 
 async def start_etcd(owner: Owner, name: str = "etcd", *, extra: Sequence[str] = (),
                      timeout: float = 15.0) -> tuple[str, Process]:
-    """A single-member etcd in the owner's directory: (client URL, process)."""
+    """A single-member etcd in the owner's directory: (client URL, process). Its data
+    is the owner's scratch: removed when the owner closes."""
     client, peer = free_ports(2)
     url = f"http://{HOST}:{client}"
     proc = owner.spawn(name, commands.etcd(
-        name=name, data_dir=owner.root / f"{name}.data", client_url=url,
+        name=name, data_dir=owner.scratch(owner.root / f"{name}.data"), client_url=url,
         peer_url=f"http://{HOST}:{peer}", extra=extra))
     await wait_http(f"{url}/health", process=proc, timeout=timeout)
     return url, proc

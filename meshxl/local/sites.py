@@ -265,7 +265,7 @@ class DualSite:
         token = f"mxs-{os.getpid()}-{time.time_ns()}"
         for m in self.etcd_members:
             argv = commands.etcd(
-                name=m.name, data_dir=self.owner.root / f"etcd-{m.name}",
+                name=m.name, data_dir=self.owner.scratch(self.owner.root / f"etcd-{m.name}"),
                 client_url=self.etcd_url(m),
                 peer_url=f"http://{self.ip(m.site)}:{_ETCD_PEER + 10 * m.index}",
                 initial_cluster=peers, token=token, heartbeat_ms=heartbeat,

@@ -153,6 +153,10 @@ def test_demo_traces_hold_envoy_spans_and_slo_review_reads_them(installed: Insta
     installed.seconds["demo"] = time.monotonic() - t0
     report = json.loads((out / "report.json").read_text())
     assert report["lost_writes"] == 0
+    # One directory holds the run: its logs too, and not etcd's data (64 MB of WAL).
+    assert report["files"]["logs"] == str(out / "logs")
+    assert (out / "logs" / "etcd.log").stat().st_size > 0
+    assert not list(out.rglob("*.data")), sorted(map(str, out.rglob("*.data")))
     # Without the demo extra (matplotlib) the run completes and says how to get the plot.
     assert "pip install 'matplotlib>=" in done.stdout and "timeline" not in report["files"]
     envoy_spans = _envoy_spans(out / "traces.jsonl")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshxl.local import commands
-from meshxl.local.procs import Owner
+from meshxl.local.procs import Owner, remove_if_empty
 from meshxl.local.wait import LocalError, ProcessExited, WaitTimeout, wait_until
 from tests.harness.clock import scaled
 
@@ -148,3 +148,29 @@ async def test_a_missing_program_is_a_one_line_error_not_an_exit_code() -> None:
     finally:
         await owner.aclose()
     assert not owner.root.exists()
+
+
+async def test_a_kept_directory_loses_its_scratch_at_close_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    owner = Owner(tmp_path / "run")
+    data = owner.scratch(owner.root / "etcd.data")
+    (data / "member" / "wal").mkdir(parents=True)
+    (data / "member" / "wal" / "0.wal").write_bytes(b"x" * 1024)
+    (owner.root / "etcd.log").write_text("started\n")
+    await owner.aclose()
+    assert not data.exists()
+    assert (owner.root / "etcd.log").read_text() == "started\n"
+
+
+def test_remove_if_empty_removes_only_a_directory_without_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "traces").mkdir(parents=True)
+    remove_if_empty(empty)
+    assert not empty.exists()
+    kept = tmp_path / "kept"
+    (kept / "logs").mkdir(parents=True)
+    (kept / "logs" / "etcd.log").write_text("")
+    remove_if_empty(kept)
+    assert (kept / "logs" / "etcd.log").exists()
+    remove_if_empty(tmp_path / "never-made")  # nothing there: nothing to do
