@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from meshxl.local.ports import free_ports
+from meshxl.local.wait import wait_until
 from tests.harness import Backend
 from tests.harness.clock import scaled
 
@@ -22,11 +23,11 @@ pytestmark = pytest.mark.integration
 LOOPBACK = "127.0.0.1"
 HEADER = "x-session-id"
 HOT = 24          # hot sessions, all hashed to one member
-STAGGER = 0.03    # between hot requests: Envoy counts a request once it is upstream
 DELAY = scaled(3.0)
-"""Seconds each hot request stays in flight: all HOT must overlap, and sending them
-takes HOT x STAGGER (0.72 s) plus whatever a loaded machine stalls the client (1.2 s
-let early ones end before late ones were routed, and the busiest member took 13)."""
+"""Seconds each hot request stays in flight: all HOT must overlap. Each is sent once
+the one before it is upstream (Envoy's ``upstream_rq_active``): the bound counts only
+requests on a member's connections, and one still connecting counts for none (on two
+busy cores, requests sent 30 ms apart left the busiest member 17 of 24)."""
 
 
 def model(backends: list[Backend], ports: list[int]) -> dict[str, Any]:
@@ -83,22 +84,31 @@ async def test_bounded_loads_cap_a_member_with_hot_sessions(
         hot = [s for s, m in home.items() if m == busiest][:HOT]
         assert len(hot) == HOT, Counter(home.values())
 
-        async def burst(port: int) -> Counter[str]:
-            async def one(k: int, session: str) -> str:
-                await asyncio.sleep(k * STAGGER)  # all HOT overlap: 24 x 30 ms < DELAY
-                return await ask(http, port, session, DELAY)
+        async def burst(port: int, cluster: str) -> Counter[str]:
+            active = f"cluster.{cluster}.upstream_rq_active"
+            calls = []
+            for k, session in enumerate(hot):
+                calls.append(asyncio.ensure_future(ask(http, port, session, DELAY)))
 
-            served = await asyncio.gather(*(one(k, s) for k, s in enumerate(hot)))
-            return Counter(served)
+                async def upstream(n: int = k + 1) -> bool:
+                    return await envoy.stat(active) >= n
+
+                await wait_until(upstream, timeout=3.0, interval=0.01,  # scaled there
+                                 what=f"{cluster}: hot request {k + 1} upstream")
+            in_flight = await envoy.stat(active)
+            served = Counter(await asyncio.gather(*calls))
+            # Else the premise failed: early requests ended before late ones were routed.
+            assert in_flight == HOT, (in_flight, served)
+            return served
 
         # Plain consistent hashing: every hot request in flight lands on one member.
-        plain = await burst(ports[0])
+        plain = await burst(ports[0], "plain")
         assert plain == Counter({busiest: HOT})
 
         # Bounded: that member takes at most about 1.25 x the mean in flight; the rest
         # spill to the next members of the table, and every request is still served.
         for _ in range(2):
-            bounded = await burst(ports[1])
+            bounded = await burst(ports[1], "bounded")
             mean = HOT / 3
             assert sum(bounded.values()) == HOT
             assert bounded[busiest] <= int(1.25 * mean) + 2, bounded
