@@ -59,7 +59,7 @@ from tests.harness.netns import Network, unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
-RESUMED_WITHIN = 1.5
+RESUMED_WITHIN = scaled(1.5)
 """The longest write outage asserted (seconds, scaled; beyond etcd's election when the
 leader is lost): half the judged window, so writes resumed on another member rather
 than waiting for the lost one (the module docstring)."""
@@ -80,11 +80,6 @@ WINDOW = 3.0
 """Seconds of load after a fault (and after its repair) before judging."""
 ETCD_HOSTS = (0, 1, 2)
 SIDECAR_HOSTS = (3, 4, 5)
-
-
-def bound() -> float:
-    """The longest outage asserted here: :data:`RESUMED_WITHIN`, scaled."""
-    return scaled(RESUMED_WITHIN)
 
 
 # -- the deployment in namespaces ---------------------------------------------------------
@@ -494,7 +489,7 @@ async def run_fault(d: Deployment, fault: str) -> None:
         await ready.stop()
 
     target = (election + ELECTION_MARGIN) if elected else MEMBER_TARGET
-    allowed = election + bound()
+    allowed = election + RESUMED_WITHIN
     report(fault, {"election_s": round(election, 3), "victim_was_leader": elected,
                    "sidecars_using_victim": users, "target_s": round(target, 3),
                    "outage_s": {m: round(o, 3) for m, o in outages.items()},
@@ -508,7 +503,7 @@ async def run_fault(d: Deployment, fault: str) -> None:
             f"not move to another member (target {target:.2f} s, election "
             f"{election:.2f} s)")
     for member, outage in after_repair.items():
-        assert outage <= bound(), (
+        assert outage <= RESUMED_WITHIN, (
             f"{fault}: sidecar {member} wrote nothing for {outage:.2f} s after the "
             "member returned")
     assert not rejoin_election, f"{fault}: the returning member forced an election"
@@ -563,7 +558,7 @@ async def test_a_sidecar_cut_off_reads_unverified_and_verified_again_once_healed
     report("sidecar-cut-off", {"verified_again_after_s": round(verified_after, 3),
                                "source": got})
     assert got == "cache", got
-    assert verified_after <= bound(), (
+    assert verified_after <= RESUMED_WITHIN, (
         f"reads verified again only {verified_after:.2f} s after the partition healed")
 
 
