@@ -39,7 +39,7 @@ from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
 from .health import released, shares
 from .history import MemberHistory, transitions
-from .judging import Judging, cut
+from .judging import Judging
 from .judging import report as health_report
 from .metrics import Convergence, XdsMetrics, member_state_counts, placement_series
 from .nodestatus import NodeStatuses
@@ -48,6 +48,7 @@ from .planned import MoveGate
 from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
+from .stepdown import cut
 from .types import ENDPOINT
 from .upstream import UpstreamSignals
 from .upstream import status as upstream_status

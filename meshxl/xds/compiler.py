@@ -77,13 +77,15 @@ def compile_resources(model: ModelSpec, state: RuntimeState | None = None,
                       resolved: Mapping[str, tuple[str, ...]] | None = None,
                       drained: frozenset[tuple[str, str]] = frozenset(),
                       warming: Mapping[str, Mapping[str, float]] | None = None,
-                released: Mapping[str, frozenset[str]] | None = None) -> Resources:
+                      released: Mapping[str, frozenset[str]] | None = None) -> Resources:
     """The whole Envoy configuration for a model and the runtime state; ``resolved``
     maps member addresses that are host names to their IP addresses
     (:mod:`meshxl.xds.dns`); ``drained``: the (cluster, member) pairs whose drain
     window has passed (:mod:`meshxl.xds.drains`); ``warming``: per cluster, the
-    fraction of their weight the members that ramp get now (:mod:`meshxl.xds.warmup`)."""
-    return Compiler().compile(model, state, resolved, drained, warming)
+    fraction of their weight the members that ramp or are judged get now
+    (:mod:`meshxl.xds.warmup`, :mod:`meshxl.xds.stepdown`); ``released``: per cluster,
+    the members whose pins Envoy no longer honours (:func:`meshxl.xds.stepdown.released`)."""
+    return Compiler().compile(model, state, resolved, drained, warming, released)
 
 
 def _listeners_of(model: ModelSpec) -> dict[tuple[str, int], list[ClusterSpec]]:

@@ -33,7 +33,7 @@ from .loadshares import LoadShares
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WRITE_ATTEMPTS", "Judging", "cut", "report", "within_bounds"]
+__all__ = ["WRITE_ATTEMPTS", "Judging", "report", "within_bounds"]
 
 WRITE_ATTEMPTS = 3
 """Reads and transactions a write tries while other replicas' judgements change under it
@@ -182,21 +182,6 @@ def within_bounds(replica: str, puts: Mapping[tuple[str, str], Health],
             continue  # another replica's record of this member stays theirs
         allowed[key] = after[key] = health
     return allowed
-
-
-def cut(*parts: Mapping[str, Mapping[str, float]]) -> Mapping[str, Mapping[str, float]]:
-    """Per cluster and member, the product of the fractions of their weight each part
-    gives them (the warm-up ramp's, a degraded member's, a load-based share)."""
-    live = [p for p in parts if p]
-    if len(live) <= 1:
-        return live[0] if live else {}
-    out: dict[str, dict[str, float]] = {}
-    for part in live:
-        for cluster, members in part.items():
-            mine = out.setdefault(cluster, {})
-            for member, fraction in members.items():
-                mine[member] = mine.get(member, 1.0) * fraction
-    return out
 
 
 def report(runtime: RuntimeState, model: ModelSpec | None, now: float) -> dict[str, Any]:

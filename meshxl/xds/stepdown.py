@@ -41,11 +41,12 @@ request.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from meshxl.model import ClusterSpec, ModelSpec, RuntimeState
 from meshxl.model.records import DEGRADED_KIND, HANDBACK_KIND, HELD_KIND, PROBE_KIND
 
-__all__ = ["HALVINGS", "released", "share", "shares"]
+__all__ = ["HALVINGS", "cut", "released", "share", "shares"]
 
 HALVINGS = 4
 """Steps of halving before a degraded member's share drops to ``min_share`` (1/2, 1/4,
@@ -121,4 +122,19 @@ def released(model: ModelSpec, state: RuntimeState, now: float) -> dict[str, fro
                 gone.add(health.behind)  # the active a probe runs beside
         if gone:
             out[spec.name] = frozenset(gone)
+    return out
+
+
+def cut(*parts: Mapping[str, Mapping[str, float]]) -> Mapping[str, Mapping[str, float]]:
+    """Per cluster and member, the product of the fractions of their weight each part
+    gives them (the warm-up ramp's, a degraded member's, a load-based share)."""
+    live = [p for p in parts if p]
+    if len(live) <= 1:
+        return live[0] if live else {}
+    out: dict[str, dict[str, float]] = {}
+    for part in live:
+        for cluster, members in part.items():
+            mine = out.setdefault(cluster, {})
+            for member, fraction in members.items():
+                mine[member] = mine.get(member, 1.0) * fraction
     return out

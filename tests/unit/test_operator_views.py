@@ -4,12 +4,14 @@ status / sync / verify reports, convergence timing, and the table renderers."""
 from __future__ import annotations
 
 import io
+import time
 from textwrap import dedent
 from typing import Any
 
 from rich.console import Console
 
 from meshxl.model import AdminAction, Registration, RuntimeState, parse_model
+from meshxl.model.records import DEGRADED_KIND, PROBE_KIND, Health
 from meshxl.operator.tables import render_status, render_sync, render_verify
 from meshxl.operator.views import (
     DEPARTED_SECONDS,
@@ -28,6 +30,7 @@ from meshxl.xds.compiler import Compiler
 from meshxl.xds.failover import losses
 from meshxl.xds.history import transitions
 from meshxl.xds.metrics import Convergence, XdsMetrics
+from meshxl.xds.stepdown import released, shares
 from meshxl.xds.types import CLUSTER, ENDPOINT
 
 MODEL = parse_model(dedent("""
@@ -261,6 +264,30 @@ def test_expected_versions_are_what_the_control_plane_serves() -> None:
     state = runtime()
     served = Snapshot.build(Compiler().compile(MODEL, state).by_type()).versions
     assert expected_versions(read_of(state)) == served
+
+
+def test_verify_expects_the_weights_the_judgements_give() -> None:
+    """A probed standby and a degraded load-sharing member (judgements in etcd) get a
+    share of their weight from the control plane: verify expects those weights, not
+    the model's, so a mesh that is exactly as the control plane made it verifies."""
+    now = time.time()
+    state = runtime(health={
+        ("web", "b"): Health(kind=PROBE_KIND, since=now - 1, by="xds-0", behind="a"),
+        ("api", "x"): Health(kind=DEGRADED_KIND, since=now - 1, by="xds-0")})
+    judged, _ = shares(MODEL, state, now)
+    assert judged["web"]["b"] < 1 and judged["api"]["x"] < 1
+    served = Compiler().compile(MODEL, state, warming=judged,
+                                released=released(MODEL, state, now))
+    assert expected_versions(read_of(state)) == Snapshot.build(served.by_type()).versions
+    assert expected_versions(read_of(state)) != expected_versions(read_of(runtime()))
+    weights = {name: {h["member"]: h["weight"] for h in hosts}
+               for name, hosts in expected_endpoints(read_of(state)).items()}
+    plain = {name: {h["member"]: h["weight"] for h in hosts}
+             for name, hosts in expected_endpoints(read_of(runtime())).items()}
+    assert weights["api"]["x"] == round(plain["api"]["x"] * judged["api"]["x"])
+    assert weights["web"]["b"] < plain["web"]["b"]
+    read = read_of(state, nodes={"e1": acked_node(expected_versions(read_of(state)))})
+    assert verify_report(read, [live_from_model(read)])["ok"]
 
 
 def acked_node(versions: dict[str, str], **extra: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from meshxl.xds.cache import Snapshot
 from meshxl.xds.compiler import compile_resources
 from meshxl.xds.drains import expired_drains
 from meshxl.xds.resources import CompileError
+from meshxl.xds.stepdown import cut, released, shares
 from meshxl.xds.types import short_type
 from meshxl.xds.upgrades import model_cluster
 
@@ -76,14 +77,23 @@ def expected_snapshot(read: MeshRead) -> Snapshot | None:
     now = time.time()
     drained = expired_drains(read.model, read.runtime, now).expired
     resources = compile_resources(read.model, read.runtime, read.resolved, drained,
-                                  _ramps(read, now))
+                                  *_steered(read, now))
     return Snapshot.build(resources.by_type(), zones=resources.by_zone())
 
 
-def _ramps(read: MeshRead, now: float) -> dict[str, dict[str, float]]:
-    """The warm-up ramps under way, as the control plane applies them to EDS weights."""
-    return {cluster: {m: w["fraction"] for m, w in members.items()}
-            for cluster, members in warming_of(read, now).items()}
+def _steered(read: MeshRead, now: float) -> tuple[Mapping[str, Mapping[str, float]],
+                                                   dict[str, frozenset[str]]]:
+    """What the control plane applies to EDS at ``now`` beside the model: per cluster,
+    the fraction of their weight members get (a warm-up ramp under way, a degraded
+    member's step, a probed standby's share: :mod:`meshxl.xds.stepdown`), and the
+    members whose pins Envoy no longer honours. A ``shares: load`` cluster's
+    load-based shares live in each replica's memory (:mod:`meshxl.xds.loadshares`):
+    not here, so its weights can differ while they steer."""
+    assert read.model is not None
+    ramps = {cluster: {m: w["fraction"] for m, w in members.items()}
+             for cluster, members in warming_of(read, now).items()}
+    judged, _ = shares(read.model, read.runtime, now)
+    return cut(ramps, judged), released(read.model, read.runtime, now)
 
 
 def expected_versions(read: MeshRead, zone: str = "") -> dict[str, str]:
@@ -98,8 +108,8 @@ def expected_endpoints(read: MeshRead, zone: str = "") -> dict[str, list[dict[st
     out: dict[str, list[dict[str, Any]]] = {}
     if read.model is None:
         return out
-    resources = compile_resources(read.model, read.runtime, read.resolved,
-                                  warming=_ramps(read, time.time()))
+    resources = compile_resources(read.model, read.runtime, read.resolved, frozenset(),
+                                  *_steered(read, time.time()))
     for name, cla in {**resources.endpoints, **resources.zones.get(zone, {})}.items():
         hosts = []
         for group in cla.endpoints:
