@@ -392,11 +392,19 @@ async def test_retries_leave_a_dead_member_whatever_the_sessions_hash(
     before = await drive(url, 400, 1, concurrency=16, max_seconds=20)
     assert not failures(before) and served(before)[heavy.name] > 200, served(before)
 
+    # The cluster's retry and connection counters, so a failed session says which step
+    # failed (a retry refused by the budget, a connect to a live member, a re-pick).
+    counters = r"^cluster\.shop\.(upstream_rq_retry|upstream_cx_connect|retry_or_shadow)"
+    cx_before = await envoy.stats(counters)
     await heavy.kill9()
     res = await drive(url, 2000, 1, concurrency=16, max_seconds=30)
     assert len(res) == 2000
     bad = failures(res)
-    assert not bad, f"{len(bad)} of {len(res)} sessions failed, e.g. {bad[:3]}"
+    if bad:
+        cx = ", ".join(f"{k.removeprefix('cluster.shop.')} {v - cx_before.get(k, 0):+d}"
+                       for k, v in sorted((await envoy.stats(counters)).items())
+                       if v != cx_before.get(k, 0))
+        raise AssertionError(f"{len(bad)} of {len(res)} sessions failed, e.g. {bad[:3]}; {cx}")
     assert set(served(res)) == {b.name, c.name}, served(res)
     # The retries did it: Envoy still takes the dead member for healthy.
     (dead,) = [h for h in await envoy.hosts("shop") if h.port == heavy.port]
