@@ -37,7 +37,6 @@ from .config import ControlPlaneConfig
 from .dns import Resolver, hostnames, is_ip_literal
 from .drains import expired_drains
 from .failover import FailoverTracer, Loss, losses
-from .health import released, shares
 from .history import MemberHistory, transitions
 from .judging import Judging
 from .judging import report as health_report
@@ -48,7 +47,7 @@ from .planned import MoveGate
 from .resources import CompileError
 from .server import AdsServer
 from .sources import Debouncer, ModelFileSource
-from .stepdown import cut
+from .stepdown import cut, released, shares
 from .types import ENDPOINT
 from .upstream import UpstreamSignals
 from .upstream import status as upstream_status
