@@ -176,7 +176,12 @@ class Retries(SpecModel, frozen=True, kw_only=True):
     whose re-picks all fall on a dead member fails every retry until the member is
     removed: with 5 re-picks, 0.4 % of the sessions of a dead member of three equal
     ones, and 24 % of those of a member holding 75 % of the weight
-    (``tests/integration/test_envoy_routing.py``). A re-pick is one table lookup."""
+    (``tests/integration/test_envoy_routing.py``). A re-pick is one table lookup.
+    Maglev's re-picks are neighbouring slots of its table, so a few sessions of a heavy
+    member may have no way out at any count: at 6:1:1 and a 4,099-slot table, about one
+    member set in 200 leaves a run of slots to the heavy member alone, holding up to 3
+    sessions in 4,000 (``tests/harness/maglev.py``); ejection or the health check
+    removes the member for them."""
     previous_priorities: bool | None = None
     """Move a retry to the next priority; default: on in high-availability mode."""
     backoff_base: PositiveDuration = 0.005
