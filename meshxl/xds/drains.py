@@ -12,7 +12,9 @@ changes the drain generation of the listeners of that cluster
 (:func:`meshxl.xds.protocols.drain_generation`): Envoy then drains those listeners'
 connections in place (HTTP/2 clients get a GOAWAY, the rest is closed at the end of
 Envoy's ``--drain-time-s``), and the clients' new connections go to the new owner.
-Clusters of plain HTTP/1.1 requests have nothing to close.
+The listener's plain HTTP/1.1 keep-alive connections are drained too: a request sent on
+an idle one as Envoy closes it fails (docs/model.md, "Drains"). Clusters of plain
+HTTP/1.1 requests have nothing to close.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from meshxl.local.procs import Owner
 from meshxl.local.traffic import Traffic
 from meshxl.local.wait import wait_until
 from tests.harness.cli import REPO, meshxl, meshxl_json
+from tests.harness.clock import LONG_DRAIN_WINDOW
 from tests.harness.load import under_way
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
@@ -43,7 +44,8 @@ def slo_file(tmp_path: Path, name: str, takeover_below_ms: float) -> Path:
 
 @pytest.fixture
 async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
-    async with DemoDeployment(tmp_path / "work", trace_dir=tmp_path / "traces") as d:
+    async with DemoDeployment(tmp_path / "work", trace_dir=tmp_path / "traces",
+                              drain_window=LONG_DRAIN_WINDOW) as d:
         harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 

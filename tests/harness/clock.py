@@ -24,7 +24,7 @@ import os
 
 from meshxl.local import wait
 
-__all__ = ["ENV", "SCALE", "scaled", "window"]
+__all__ = ["ENV", "LONG_DRAIN_WINDOW", "SCALE", "scaled", "window"]
 
 #: The environment variable that sets the scale.
 ENV = "MESHXL_TEST_TIME_SCALE"
@@ -52,6 +52,13 @@ wait.set_time_scale(SCALE)
 def scaled(seconds: float) -> float:
     """``seconds`` on this machine: a deadline not given to ``wait_until``."""
     return seconds * SCALE
+
+
+LONG_DRAIN_WINDOW = scaled(60.0)
+"""A drain window no test outlasts on the suite's clock, for a deployment whose tests
+judge planned moves under a steady load of POSTs: the window's end drains the
+listener's idle HTTP/1.1 keep-alive connections too, and a POST sent on one as Envoy
+closes it fails (docs/model.md, "Drains"). test_protocols measures that end itself."""
 
 
 async def window(seconds: float, why: str) -> None:

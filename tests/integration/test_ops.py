@@ -22,7 +22,7 @@ from meshxl.local.report import lost_writes
 from meshxl.local.traffic import Record, Traffic, read_back
 from meshxl.local.wait import wait_until
 from tests.harness.cli import meshxl, meshxl_json
-from tests.harness.clock import window
+from tests.harness.clock import LONG_DRAIN_WINDOW, window
 from tests.harness.load import under_way
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 @pytest.fixture
 async def deployment(harness: Owner, tmp_path: Path) -> AsyncIterator[DemoDeployment]:
-    async with DemoDeployment(tmp_path / "work") as d:
+    async with DemoDeployment(tmp_path / "work", drain_window=LONG_DRAIN_WINDOW) as d:
         harness.own(d.owner)  # its processes' logs in a failure report
         yield d
 
