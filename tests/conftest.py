@@ -84,9 +84,11 @@ heavy module is in the first lane."""
 
 
 def heavy_lane(item: pytest.Item) -> str:
-    """The xdist group of a heavy test: ``heavy`` or ``heavy-b``, by its module. On a
-    machine that needs a time scale (slower or busier), one lane: two heavy tests side
-    by side beside two busy loops starved each other's judges and streams."""
+    """The xdist group of a heavy test: ``heavy`` or ``heavy-b``, by its module, so no
+    more than two installations under load judge their timing at once on two cores (one
+    lane was the suite's critical path: 810 s of a run of 850). On a machine that needs
+    a time scale (slower or busier), one lane: two heavy tests side by side beside two
+    busy loops starved each other's judges and streams."""
     if _clock.SCALE > 1.0:
         return "heavy"
     return "heavy-b" if item.path.stem in HEAVY_LANE_B else "heavy"
@@ -95,11 +97,8 @@ def heavy_lane(item: pytest.Item) -> str:
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Heavy tests (``@pytest.mark.heavy``: a whole installation under load, its timing
-    judged) run in two lanes, one test at a time in each (one xdist worker per lane):
-    on two cores, no more than two installations under load judge their timing at once
-    (one lane where the suite's clock is scaled: :func:`heavy_lane`).
-    One lane alone was the suite's critical path (810 s of a run of 850). pytest-timeout's
-    limit of a test (pyproject.toml) follows the suite's clock."""
+    judged) run one at a time in each lane of :func:`heavy_lane` (one xdist worker per
+    lane). pytest-timeout's limit of a test (pyproject.toml) follows the suite's clock."""
     for item in items:
         if item.get_closest_marker("heavy") is not None:
             item.add_marker(pytest.mark.xdist_group(heavy_lane(item)))

@@ -49,10 +49,8 @@ def table(hosts: Iterable[tuple[str, int]], size: int) -> list[str]:
             if turn * weights[i] < targets[i]:
                 continue
             targets[i] += heaviest
-            slot = (offsets[i] + skips[i] * nexts[i]) % size
-            while slots[slot] is not None:
+            while slots[slot := (offsets[i] + skips[i] * nexts[i]) % size] is not None:
                 nexts[i] += 1
-                slot = (offsets[i] + skips[i] * nexts[i]) % size
             slots[slot] = key
             nexts[i] += 1
             filled += 1
