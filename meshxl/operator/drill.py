@@ -184,12 +184,18 @@ class _Sampler:
         self.urls = urls
         self.sites = sites  # cluster/address -> site
         self.interval = interval
-        # {"t": ts, "sites": {site: requests}, "failed": n, "answered": n}
+        # {"t": ts, "since": ts, "sites": {site: requests}, "failed": n, "answered": n}:
+        # the requests counted between the previous sample's first read ("since") and
+        # this sample's last ("t"). Reading every Envoy's counters takes time (a busy
+        # Envoy, a slow admin), so a sample stamped after an event may still hold
+        # requests sent before it.
         self.samples: list[dict[str, Any]] = []
         self.errors = 0
         self._last: dict[str, int] | None = None
+        self._last_read = 0.0
 
     async def sample(self, http: aiohttp.ClientSession) -> None:
+        reading = time.time()
         counts: dict[str, int] = {}
         for url in self.urls:
             try:
@@ -213,8 +219,9 @@ class _Sampler:
                 if site is None:
                     continue  # not a meshxl member (the xDS or OTLP cluster)
                 per_site[site] = per_site.get(site, 0) + delta
-            self.samples.append({"t": now, "sites": per_site, **answers})
-        self._last = counts
+            self.samples.append({"t": now, "since": self._last_read, "sites": per_site,
+                                 **answers})
+        self._last, self._last_read = counts, reading
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.urls:
@@ -230,8 +237,12 @@ class _Sampler:
                     pass
             await self.sample(http)
 
-    def requests(self, site: str, start: float, end: float) -> int:
-        return sum(s["sites"].get(site, 0) for s in self.samples if start < s["t"] <= end)
+    def requests(self, site: str, start: float, end: float, *, within: bool = False) -> int:
+        """Requests to ``site`` in the samples stamped in ``(start, end]``; ``within``:
+        only those whose counters were all read after ``start`` (none of their requests
+        can have been sent before it)."""
+        return sum(s["sites"].get(site, 0) for s in self.samples
+                   if start < s["t"] <= end and (not within or s.get("since", s["t"]) >= start))
 
     def answers(self, kind: str, start: float, end: float) -> int:
         """Requests ``failed`` (5xx) or ``answered`` through Envoy in ``(start, end]``."""
@@ -478,12 +489,13 @@ def _traffic(sampler: _Sampler, site: str, events: dict[str, float]) -> dict[str
     off = events.get("offline converged", events.get("offline", end))
     on = events.get("online", end)
 
-    def phase(a: float, b: float) -> dict[str, int]:
+    def phase(a: float, b: float, within: bool = False) -> dict[str, int]:
         sites = {s for sample in sampler.samples for s in sample["sites"]}
-        return {s: sampler.requests(s, a, b) for s in sorted(sites)}
+        return {s: sampler.requests(s, a, b, within=within) for s in sorted(sites)}
 
-    # Allow one sample interval after convergence for requests already in flight.
-    during = phase(off + sampler.interval, on)
+    # Allow one sample interval after convergence for requests already in flight, and
+    # count only samples read wholly after it: one stamped later may span the move.
+    during = phase(off + sampler.interval, on, within=True)
     elsewhere = sum(v for s, v in during.items() if s != site)
     moved = None if elsewhere == 0 and during.get(site, 0) == 0 else during.get(site, 0) == 0
     return {"sampled": True, "before": phase(first, events.get("offline", end)),

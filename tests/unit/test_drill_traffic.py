@@ -46,3 +46,24 @@ def test_a_clusters_websockets_count_with_its_requests() -> None:
     counts = host_counters({"web": [host(1, 5), host(2, 1)], "web~ws": [host(1, 3)],
                             "api": [host(3, 7)]})
     assert counts == {"web/127.0.0.1:1": 8, "web/127.0.0.1:2": 1, "api/127.0.0.1:3": 7}
+
+
+def test_a_sample_that_spans_the_move_is_not_counted_as_during() -> None:
+    """A dual-site run of the suite: the counters took 0.6 s to read, so the first
+    sample stamped a sample interval after convergence held requests sent before it, and
+    the drill failed with "Traffic left the site: False". Its counters were first read
+    before the move: it belongs to no phase's verdict."""
+    s = _Sampler(["http://envoy:9901"], {}, 0.5)
+    s.samples = [
+        {"t": 0.5, "since": 0.0, "sites": {"east": 9, "west": 9}},
+        {"t": 1.6, "since": 0.4, "sites": {"east": 2, "west": 20}},  # read 0.4 .. 1.6
+        {"t": 2.4, "since": 1.0, "sites": {"east": 0, "west": 25}},
+        {"t": 3.4, "since": 1.9, "sites": {"east": 0, "west": 25}},
+        {"t": 4.4, "since": 2.9, "sites": {"east": 0, "west": 25}},
+    ]
+    t = _traffic(s, "east", {"offline": 0.45, "offline converged": 0.85, "online": 4.0})
+    assert t["during"] == {"east": 0, "west": 25} and t["moved"] is True
+    # A request sent to the drilled site after the move still fails the drill.
+    s.samples[3]["sites"]["east"] = 1
+    assert _traffic(s, "east", {"offline": 0.45, "offline converged": 0.85,
+                                "online": 4.0})["moved"] is False
