@@ -81,7 +81,9 @@ class Connection(Protocol):
 
     async def hello(self, frame: Frame) -> None: ...
 
-    async def send_message(self, seq: int, payload: Payload) -> None: ...
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
+        """Send the message, and deliver ``ack`` (the highest server message received):
+        in its frame where the transport can, else as the transport acknowledges."""
 
     async def send_ack(self, seq: int) -> None: ...
 
@@ -221,10 +223,13 @@ class ClientStream:
                         and self._unacked[-1][0] > self._sent[1]:
                     for seq, payload, _ in list(self._unacked):
                         if seq > self._sent[1]:
-                            await conn.send_message(seq, payload)
+                            ack = self.recv if self.recv > self._acked else None
+                            await conn.send_message(seq, payload, ack)
                             if not self._carries(conn):
                                 return
                             self._sent = (conn, seq)
+                            if ack is not None:  # carried: the timer finds nothing to do
+                                self._acked = max(self._acked, ack)
             except Exception:  # the connection broke: sent again on the next one
                 self._broken(conn)
 
@@ -317,6 +322,8 @@ class ClientStream:
                         broken, attempt = None, 0
                     elif frame.type == MESSAGE:
                         self._on_message(frame, conn)
+                        if frame.ack is not None:
+                            self._on_consumed(frame.ack)
                     elif frame.type == ACK:
                         assert frame.seq is not None
                         self._on_consumed(frame.seq)
@@ -442,11 +449,14 @@ class _WebSocket:
     async def hello(self, frame: Frame) -> None:
         await self.ws.send_str(encode_frame(frame))
 
-    async def send_message(self, seq: int, payload: Payload) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
         if isinstance(payload, bytes | bytearray | memoryview):
             await self.ws.send_bytes(encode_binary(seq, payload))
+            if ack is not None:  # a binary frame carries no acknowledgement
+                await self.send_ack(ack)
         else:
-            await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload)))
+            await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload,
+                                                      ack=ack)))
 
     async def send_ack(self, seq: int) -> None:
         await self.ws.send_str(encode_frame(Frame(ACK, seq=seq)))

@@ -168,9 +168,12 @@ class _Conduit:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.consumed = 0
 
-    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
         for _, payload in messages:
             self.queue.put_nowait(payload)
+        if ack is not None:
+            await self.send_ack(ack)
 
     async def send_ack(self, consumed: int) -> None:
         self.consumed = max(self.consumed, consumed)
@@ -448,8 +451,10 @@ class _Call:
                          message=f"the call ended with {code.name}")
         return None
 
-    async def send_message(self, seq: int, payload: Payload) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
         await self.call.write(payload)
+        if ack is not None:
+            self._recv = max(self._recv, ack)
         self._count(int(payload.ByteSize()))
         self._exchange_soon()  # learn what the handler consumed, soon
 

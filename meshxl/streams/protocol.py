@@ -14,7 +14,8 @@ the stream's token, how many client messages its handler has consumed (``in``: t
 client sends again everything after it), and then the server messages after ``recv``.
 From then on, both send messages (``m``, numbered) and acknowledgements (``a``: the
 highest number received, for the server's messages; committed as consumed, for the
-client's). ``end`` says the handler finished after message ``s``.
+client's), an acknowledgement riding on a message where one goes anyway (``m``'s ``a``).
+``end`` says the handler finished after message ``s``.
 
 Carried over WebSocket (subprotocol :data:`SUBPROTOCOL`): text frames hold JSON
 objects (:func:`encode_frame`, :func:`decode_frame`); a binary message travels as a
@@ -144,8 +145,11 @@ class Limits:
     detached_timeout: float = 30.0
     """How long a server keeps a stream's handler running with no connection before it
     stops it (a later resume starts it again from the committed state)."""
-    ack_delay: float = 0.05
-    """At most this long between receiving a message and acknowledging it."""
+    ack_delay: float = 0.25
+    """At most this long between receiving a message and acknowledging it (sooner when a
+    message of one's own goes first: it carries the acknowledgement). An acknowledgement
+    only lets the sender drop what it keeps for a replay, so it may wait for a ride: a
+    stream that talks about as often as it listens sends one frame a message, not two."""
     ack_every: int = 32
     """...or at once after this many unacknowledged messages."""
 
@@ -191,6 +195,9 @@ class Frame:
     seq: int | None = None
     """``m``: the message's number; ``a``: the highest acknowledged; ``end``: the last."""
     payload: Payload = None
+    ack: int | None = None
+    """``m`` (a JSON message's): an acknowledgement carried along, as an ``a`` frame's
+    ``s`` would say it (one frame instead of two, where the other side answers)."""
     token: str | None = None
     recv: int | None = None
     """``resume``: the highest server message the client received."""
@@ -217,12 +224,16 @@ def encode_frame(frame: Frame, *, text_bytes: bool = False) -> str:
     t = frame.type
     doc: dict[str, Any] = {"t": t}
     if t == MESSAGE:
-        if isinstance(frame.payload, bytes | bytearray | memoryview):
-            if not text_bytes:
-                raise ValueError("a binary message travels in a binary frame (encode_binary)")
-            doc["s"], doc["b"] = frame.seq, base64.b64encode(frame.payload).decode("ascii")
+        binary = isinstance(frame.payload, bytes | bytearray | memoryview)
+        if binary and not text_bytes:
+            raise ValueError("a binary message travels in a binary frame (encode_binary)")
+        doc["s"] = frame.seq
+        if frame.ack is not None:
+            doc["a"] = frame.ack
+        if binary:
+            doc["b"] = base64.b64encode(frame.payload).decode("ascii")
         else:
-            doc["s"], doc["d"] = frame.seq, frame.payload
+            doc["d"] = frame.payload
     elif t in (ACK, END):
         doc["s"] = frame.seq
     elif t == RESUME:
@@ -248,8 +259,9 @@ def decode_frame(text: str | bytes) -> Frame:
                             f"{sorted(_TYPES)}")
     t = doc["t"]
     if t == MESSAGE:
+        ack = _seq(doc["a"], "a", zero=True) if "a" in doc else None
         if "d" in doc:
-            return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=doc["d"])
+            return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=doc["d"], ack=ack)
         if not isinstance(doc.get("b"), str):
             raise ProtocolError("a message frame carries its payload in d (JSON) or b "
                                 "(bytes, base64)")
@@ -257,7 +269,7 @@ def decode_frame(text: str | bytes) -> Frame:
             data = base64.b64decode(doc["b"], validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError("a message frame's b is base64") from None
-        return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=data)
+        return Frame(MESSAGE, seq=_seq(doc.get("s"), "s"), payload=data, ack=ack)
     if t == ACK:
         return Frame(ACK, seq=_seq(doc.get("s"), "s", zero=True))
     if t == END:

@@ -75,7 +75,10 @@ class Conduit(Protocol):
     """One connection carrying a stream, as a transport adapter provides it. Each
     method sends at once, or fails (the adapter then detaches it)."""
 
-    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None: ...
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
+        """``messages``, then ``ack`` (what the handler consumed, when it changed): in
+        one frame or write where the transport can."""
 
     async def send_ack(self, consumed: int) -> None: ...
 
@@ -263,13 +266,16 @@ class ServerStream:
         if conduit is None:
             return
         fresh = [(s, p) for s, p in record.journal if s > self._pushed]
+        # A stream that only pushes acknowledges once; one that answers, with its answer.
+        ack = record.consumed if record.consumed != self._ack_sent else None
         try:
             if fresh:
-                await conduit.send_messages(fresh)
+                await conduit.send_messages(fresh, ack)
                 self._pushed = fresh[-1][0]
-            if record.consumed != self._ack_sent:  # a stream that only pushes acks once
-                await conduit.send_ack(record.consumed)
-                self._ack_sent = record.consumed
+            elif ack is not None:
+                await conduit.send_ack(ack)
+            if ack is not None:
+                self._ack_sent = ack
             if record.done:
                 failure = FAILED if record.failure is not None else None
                 await conduit.send_end(record.out, failure)
@@ -349,6 +355,8 @@ class ServerStream:
         seq = frame.seq
         if frame.type == MESSAGE and seq is not None:
             self.received(seq, frame.payload, ordered=ordered)
+            if frame.ack is not None:
+                self.acked(frame.ack)
         elif frame.type == ACK and seq is not None:
             self.acked(seq)
         elif frame.type == END and seq is not None:

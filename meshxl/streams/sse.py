@@ -124,22 +124,27 @@ class _Conduit:
         self.lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
-    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
         async with self.lock:
-            await self._messages(messages)
+            await self._messages(messages, ack)
 
-    async def _messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+    async def _messages(self, messages: Sequence[tuple[int, Payload]],
+                        ack: int | None = None) -> None:
+        """The messages' events, and ``ack``'s, in one write."""
         out = b"".join(
             _event(base64.b64encode(bytes(p)).decode("ascii"), event="binary",
                    id=f"{self.token}:{seq}")
             if isinstance(p, bytes | bytearray | memoryview) else
             _event(_compact(p), id=f"{self.token}:{seq}") for seq, p in messages)
+        if ack is not None:
+            out += _event(str(ack), event="ack")
         if out:
             await self.response.write(out)
 
     async def send_ack(self, consumed: int) -> None:
         async with self.lock:
-            await self.response.write(_event(str(consumed), event="ack"))
+            await self._messages((), consumed)
 
     async def send_end(self, last: int, failure: Refusal | None) -> None:
         async with self.lock:

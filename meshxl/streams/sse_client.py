@@ -172,9 +172,12 @@ class _Events:
 
     # -- what the stream sends --------------------------------------------------------
 
-    async def send_message(self, seq: int, payload: Payload) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
+        if ack is not None:
+            self._ack = max(self._ack or 0, ack)
         if self.upload:
-            self._send_lines(*self._take_ack_frame(), Frame(MESSAGE, seq=seq, payload=payload))
+            ack, self._ack = self._ack, None
+            self._send_lines(Frame(MESSAGE, seq=seq, payload=payload, ack=ack))
             return
         extra = {SEQ_HEADER: str(seq), **self._take_ack()}
         if isinstance(payload, bytes | bytearray | memoryview):

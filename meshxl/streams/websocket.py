@@ -79,20 +79,31 @@ class _Conduit:
         self.ws = ws
         self.lock = asyncio.Lock()
 
-    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
         async with self.lock:
-            await self._messages(messages)
+            await self._messages(messages, ack)
 
-    async def _messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
-        for seq, payload in messages:
+    async def _messages(self, messages: Sequence[tuple[int, Payload]],
+                        ack: int | None = None) -> None:
+        """The messages, ``ack`` on the last if it is JSON (a binary frame carries
+        none: then an ``a`` frame of its own)."""
+        last = len(messages) - 1
+        for i, (seq, payload) in enumerate(messages):
             if isinstance(payload, bytes | bytearray | memoryview):
                 await self.ws.send_bytes(encode_binary(seq, payload))
             else:
-                await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload)))
+                carried = ack if i == last else None
+                await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload,
+                                                          ack=carried)))
+                if carried is not None:
+                    ack = None
+        if ack is not None:
+            await self.ws.send_str(encode_frame(Frame(ACK, seq=ack)))
 
     async def send_ack(self, consumed: int) -> None:
         async with self.lock:
-            await self.ws.send_str(encode_frame(Frame(ACK, seq=consumed)))
+            await self._messages((), consumed)
 
     async def send_end(self, last: int, failure: Refusal | None) -> None:
         async with self.lock:

@@ -91,11 +91,13 @@ async def _fixture() -> dict[str, Any]:
               Frame(MESSAGE, seq=1,
                     payload={"text": "h\u00e9 \u4e16 \U0001f600", "n": [1, 2.5, None]}),
               Frame(MESSAGE, seq=2, payload="a string"), Frame(MESSAGE, seq=3, payload=None),
+              Frame(MESSAGE, seq=4, payload={"k": 1}, ack=3),
               Frame(ACK, seq=0), Frame(END, seq=9),
               Frame(ERROR, refusal=TOO_FAR_BEHIND, message="behind by 300 KiB")]
     malformed = ['{"t":"m","s":0,"d":1}', '{"t":"m","s":true,"d":1}', '{"t":"ack","s":1}',
                  '{"t":"ready","id":"short","in":0,"out":0}', '{"t":"error","code":"nope"}',
-                 '{"t":"a","s":9007199254740992}', "[1]", "not json"]
+                 '{"t":"a","s":9007199254740992}', '{"t":"m","s":1,"a":-1,"d":1}',
+                 '{"t":"m","s":1,"a":"2","d":1}', "[1]", "not json"]
     for text in malformed:
         with pytest.raises(ProtocolError):
             decode_frame(text)
@@ -114,7 +116,7 @@ async def _fixture() -> dict[str, Any]:
         "client": {"resume_timeout": defaults["resume_timeout"].default,
                    "backoff": list(defaults["backoff"].default)},
         "frames": [{"text": encode_frame(f), "frame": {
-            "type": f.type, "seq": f.seq, "payload": f.payload, "token": f.token,
+            "type": f.type, "seq": f.seq, "payload": f.payload, "ack": f.ack, "token": f.token,
             "recv": f.recv, "consumed": f.consumed, "last": f.last,
             "refusal": f.refusal.name if f.refusal else None, "message": f.message}}
             for f in frames],
@@ -157,8 +159,10 @@ def test_the_browser_client_logic_under_node(node: str, tmp_path: Path) -> None:
     # What the JavaScript side wrote, as the Python side reads it.
     written = json.loads(out.read_text())
     decoded = [decode_frame(text) for text in written["frames"]]
-    assert [f.type for f in decoded] == [OPEN, RESUME, RESUME, MESSAGE, MESSAGE, ACK, END]
+    assert [f.type for f in decoded] == [OPEN, RESUME, RESUME, MESSAGE, MESSAGE, MESSAGE,
+                                         ACK, END]
     assert decoded[2].recv == (1 << 53) - 1 and decoded[4].seq == 1 << 40
+    assert decoded[5] == Frame(MESSAGE, seq=3, payload=[1], ack=2) and decoded[4].ack is None
     assert decoded[3].payload == {"text": "h\u00e9\u4e16 \U0001f600",
                                   "n": [1, 2.5, -3e-7, None, True]}
     for seq, frame, data in written["binary"]:

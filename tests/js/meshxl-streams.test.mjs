@@ -93,7 +93,8 @@ test("frames this side writes are written for the Python side to read", crossChe
   const frames = [
     { type: OPEN }, { type: RESUME, token: TOKEN, recv: 0 }, { type: RESUME, token: OTHER, recv: 2 ** 53 - 1 },
     { type: MESSAGE, seq: 1, payload: { text: "h\u00e9\u4e16 \ud83d\ude00", n: [1, 2.5, -3e-7, null, true] } },
-    { type: MESSAGE, seq: 2 ** 40, payload: "only a string" }, { type: ACK, seq: 0 }, { type: END, seq: 7 },
+    { type: MESSAGE, seq: 2 ** 40, payload: "only a string" }, { type: MESSAGE, seq: 3, payload: [1], ack: 2 },
+    { type: ACK, seq: 0 }, { type: END, seq: 7 },
   ];
   const binary = [[1, new Uint8Array([0, 1, 255])], [2 ** 53 - 1, new Uint8Array(0)],
     [2 ** 33 + 5, new Uint8Array([42])]];
@@ -210,7 +211,10 @@ class Scripted {
   }
 
   async hello(frame) { this.said = frame; }
-  async sendMessage(seq, payload) { this._say(["m", seq, payload]); }
+  async sendMessage(seq, payload, text, ack = null) {
+    this._say(["m", seq, payload]);
+    if (ack !== null) this._say(["a", ack, "carried"]);
+  }
   async sendAck(seq) { this._say(["a", seq]); }
   async sendEnd(last) { this._say(["end", last]); }
 
@@ -332,6 +336,18 @@ test("acknowledgements wait ackDelayMs, and go at once after ackEvery messages",
   other.push({ type: MESSAGE, seq: 1, payload: 1 });
   await until(() => other.acks().length, "the delayed acknowledgement");
   assert.deepEqual(other.acks(), [1]);
+});
+
+test("an acknowledgement rides on the next message; the server's answer carries its own", async (t) => {
+  const setup = scripted({ ackDelayMs: 60_000 });
+  t.after(() => setup.stream.disconnect());
+  const conn = await opened(setup);
+  await setup.stream.send("q1");
+  conn.push({ type: MESSAGE, seq: 1, payload: "r1", ack: 1 }); // the answer, and q1 consumed
+  await until(() => setup.stream.recv === 1, "the answer");
+  await until(() => setup.stream.consumed === 1, "q1 consumed");
+  await setup.stream.send("q2");
+  assert.deepEqual(conn.log, [["m", 1, "q1"], ["m", 2, "q2"], ["a", 1, "carried"]]);
 });
 
 test("a refusal that cannot be retried fails the stream with its name", async (t) => {

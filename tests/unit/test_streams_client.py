@@ -45,8 +45,10 @@ class Scripted:
         if self.broken is not None:
             raise self.broken
 
-    async def send_message(self, seq: int, payload: Any) -> None:
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
         self.sent.append(("m", seq, payload))
+        if ack is not None:  # carried in the message's frame
+            self.sent.append(("a", ack, "carried"))
 
     async def send_ack(self, seq: int) -> None:
         self.sent.append(("a", seq))
@@ -120,6 +122,35 @@ async def test_acknowledgements_free_what_was_sent() -> None:
     await stream.aclose()
 
 
+async def test_an_acknowledgement_rides_on_the_next_message_and_the_answer_on_its_own(
+        ) -> None:
+    """A stream that talks about as often as it listens sent two frames a message: its
+    message and an acknowledgement of the server's, each through the mesh. The
+    acknowledgement waits up to ack_delay for a message of the client's own to ride on,
+    and the server's answer carries what its handler consumed (``m``'s ``a``)."""
+    conn = Scripted([ready(), Frame(MESSAGE, seq=1, payload="r1", ack=1)], hold=True)
+    stream = ClientStream(connections(conn), limits=Limits(ack_delay=0.1))
+    await stream.send("q1")  # queued: it goes once the stream is ready
+    await stream.start()
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r1"
+    assert stream.consumed == 1  # the answer's acknowledgement freed q1
+    await stream.send("q2")
+    await asyncio.sleep(0.25)  # past ack_delay: nothing left to send alone
+    assert conn.sent == [("m", 1, "q1"), ("m", 2, "q2"), ("a", 1, "carried")]
+    await stream.aclose()
+
+
+async def test_an_acknowledgement_with_no_message_to_ride_on_goes_alone() -> None:
+    conn = Scripted([ready(), message(1, "r1")], hold=True)
+    stream = ClientStream(connections(conn), limits=Limits(ack_delay=0.05))
+    await stream.start()
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r1"
+    await wait_until(lambda: ("a", 1) in conn.sent, timeout=2, what="the acknowledgement")
+    await stream.aclose()
+
+
 async def test_the_end_after_every_message_ends_the_iteration() -> None:
     conn = Scripted([ready(), message(1, "x"), message(2, "y"), Frame(END, seq=2)])
     stream = ClientStream(connections(conn))
@@ -184,11 +215,11 @@ class Slow(Scripted):
         self.sending = asyncio.Event()
         self.answered = asyncio.Event()
 
-    async def send_message(self, seq: int, payload: Any) -> None:
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
         if seq == self.slow_seq:
             self.sending.set()
             await self.answered.wait()
-        await super().send_message(seq, payload)
+        await super().send_message(seq, payload, ack)
 
 
 async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one() -> None:

@@ -62,8 +62,11 @@ class Conduit:
         self.messages: list[tuple[int, Payload]] = []
         self.closed: list[Refusal | None] = []
 
-    async def send_messages(self, messages: Sequence[tuple[int, Payload]]) -> None:
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
         self.messages.extend(messages)
+        if ack is not None:
+            await self.send_ack(ack)
 
     async def send_ack(self, consumed: int) -> None:
         pass
@@ -108,6 +111,37 @@ class AckConduit(Conduit):
 
     async def send_ack(self, consumed: int) -> None:
         self.acks.append(consumed)
+
+
+class CarryConduit(Conduit):
+    """Records each send: ("messages", seqs, ack) and ("ack", n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    async def send_messages(self, messages: Sequence[tuple[int, Payload]],
+                            ack: int | None = None) -> None:
+        self.messages.extend(messages)
+        self.calls.append(("messages", [seq for seq, _ in messages], ack))
+
+    async def send_ack(self, consumed: int) -> None:
+        self.calls.append(("ack", consumed))
+
+
+async def test_an_answer_carries_the_acknowledgement_of_what_it_answers() -> None:
+    """What a client message caused and its consumption are one commit; they reach the
+    client together (one frame over a WebSocket), not as a message and an ``a`` frame."""
+    host = StreamHost(Sessions())  # type: ignore[arg-type]
+    conduit = CarryConduit()
+    stream = await host.open("s", "websocket", echo, conduit)
+    stream.received(1, {"hi": 1})
+    await wait_until(lambda: conduit.messages, timeout=5, what="the answer sent")
+    stream.received(2, {"hi": 2})
+    await wait_until(lambda: len(conduit.messages) == 2, timeout=5, what="the second")
+    await stream.idle()
+    assert conduit.calls == [("messages", [1], 1), ("messages", [2], 2)], conduit.calls
+    await host.aclose()
 
 
 async def test_a_stream_that_only_pushes_acknowledges_once_per_connection() -> None:

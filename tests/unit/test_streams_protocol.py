@@ -47,6 +47,7 @@ TOKENS = st.builds(lambda _: new_token(), st.integers())
 
 @given(st.one_of(
     st.builds(lambda s, d: Frame(MESSAGE, seq=s, payload=d), SEQ, JSON),
+    st.builds(lambda s, a, d: Frame(MESSAGE, seq=s, payload=d, ack=a), SEQ, COUNT, JSON),
     st.builds(lambda s: Frame(ACK, seq=s), COUNT),
     st.builds(lambda s: Frame(END, seq=s), COUNT),
     st.just(Frame(OPEN)),
@@ -63,12 +64,13 @@ def test_binary_messages_round_trip(seq: int, data: bytes) -> None:
     assert decode_binary(encode_binary(seq, data)) == (seq, data)
 
 
-@given(SEQ, st.binary(max_size=64))
-def test_binary_messages_round_trip_in_text_frames(seq: int, data: bytes) -> None:
+@given(SEQ, st.binary(max_size=64), st.none() | COUNT)
+def test_binary_messages_round_trip_in_text_frames(seq: int, data: bytes,
+                                                   ack: int | None) -> None:
     """Where frames are text lines (an event stream's upload), bytes travel as base64."""
-    text = encode_frame(Frame(MESSAGE, seq=seq, payload=data), text_bytes=True)
+    text = encode_frame(Frame(MESSAGE, seq=seq, payload=data, ack=ack), text_bytes=True)
     assert "\n" not in text
-    assert decode_frame(text) == Frame(MESSAGE, seq=seq, payload=data)
+    assert decode_frame(text) == Frame(MESSAGE, seq=seq, payload=data, ack=ack)
     with pytest.raises(ValueError):
         encode_frame(Frame(MESSAGE, seq=seq, payload=data))  # a WebSocket's binary frame
 
@@ -81,6 +83,8 @@ def test_binary_messages_round_trip_in_text_frames(seq: int, data: bytes) -> Non
     '{"t": "resume", "id": "AAAAAAAAAAAAAAAAAAAAA+", "recv": 0}',
     '{"t": "error", "code": "nope"}', '{"t": "m", "s": 1, "d": NaN}',
     "[" * 10_000 + "]" * 10_000, '{"t": "m", "s": 1.5, "d": 1}',
+    '{"t": "m", "s": 1, "a": -1, "d": 1}', '{"t": "m", "s": 1, "a": "3", "d": 1}',
+    '{"t": "m", "s": 1, "a": null, "d": 1}', '{"t": "m", "s": 1, "a": 2.5, "d": 1}',
 ])
 def test_malformed_frames_are_protocol_errors(text: str) -> None:
     with pytest.raises(ProtocolError):

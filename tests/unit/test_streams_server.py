@@ -9,9 +9,19 @@ from typing import Any
 
 import pytest
 
-from meshxl.streams.protocol import TOO_FAR_BEHIND, Limits, ProtocolError
+from meshxl.streams.protocol import (
+    ACK,
+    MESSAGE,
+    TOO_FAR_BEHIND,
+    Frame,
+    Limits,
+    ProtocolError,
+    decode_binary,
+    decode_frame,
+)
 from meshxl.streams.record import StreamRecord
 from meshxl.streams.server import ServerStream, StreamClosed
+from meshxl.streams.websocket import _Conduit as WebSocketConduit
 
 
 class Host:
@@ -172,3 +182,32 @@ async def test_a_handler_that_fails_ends_the_stream_as_failed() -> None:
     await asyncio.sleep(0.01)
     record = await host.commit(stream)
     assert record.done and record.failure == "failed"
+
+
+class _Socket:
+    """A WebSocket's sends, as frames."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+
+    async def send_str(self, text: str) -> None:
+        self.frames.append(decode_frame(text))
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.frames.append(decode_binary(data))
+
+
+async def test_a_websocket_acknowledgement_rides_on_the_last_json_message() -> None:
+    ws = _Socket()
+    conduit = WebSocketConduit(ws)  # type: ignore[arg-type]
+    await conduit.send_messages([(1, {"x": 1}), (2, [2])], 7)
+    assert ws.frames == [Frame(MESSAGE, seq=1, payload={"x": 1}),
+                         Frame(MESSAGE, seq=2, payload=[2], ack=7)]
+    ws.frames.clear()
+    await conduit.send_messages([(3, {"x": 3}), (4, b"\x00")], 8)  # a binary frame: none
+    assert ws.frames == [Frame(MESSAGE, seq=3, payload={"x": 3}), (4, b"\x00"),
+                         Frame(ACK, seq=8)]
+    ws.frames.clear()
+    await conduit.send_messages([(5, "y")])
+    await conduit.send_ack(9)
+    assert ws.frames == [Frame(MESSAGE, seq=5, payload="y"), Frame(ACK, seq=9)]

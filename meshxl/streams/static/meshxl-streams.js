@@ -64,7 +64,7 @@ export function refusalOfClose(code) { return BY_CODE.get(code) ?? null; }
 export const DEFAULTS = Object.freeze({
   maxUnackedBytes: 256 * 1024, // sent and not consumed by the server: beyond, send waits
   maxMessageBytes: 64 * 1024, // one message's encoded size at most
-  ackDelayMs: 50, // at most this long between receiving a message and acknowledging it
+  ackDelayMs: 250, // at most this long between receiving a message and acknowledging it (a message sent first carries it)
   ackEvery: 32, // ...or at once after this many unacknowledged messages
   resumeTimeoutMs: 30_000, // no connection for this long: StreamLost
   backoffMs: [20, 1000], // pauses between attempts: 0, then first * 2**n up to the max
@@ -174,7 +174,8 @@ export function frameOf(doc) {
   switch (doc.t) {
     case MESSAGE:
       if (!("d" in doc)) throw new ProtocolError("a message frame carries its payload in d");
-      return { type: MESSAGE, seq: seqOf(doc.s, "s"), payload: doc.d };
+      return { type: MESSAGE, seq: seqOf(doc.s, "s"), payload: doc.d,
+        ack: "a" in doc ? seqOf(doc.a, "a", true) : null };
     case ACK: return { type: ACK, seq: seqOf(doc.s, "s", true) };
     case END: return { type: END, seq: seqOf(doc.s, "s", true) };
     case OPEN: return { type: OPEN };
@@ -207,12 +208,13 @@ export function decodeFrame(text) {
 }
 
 /** A frame as a WebSocket text frame's JSON (a binary message: encodeBinary). A message
- * frame may carry its payload's JSON text already (`text`). */
+ * frame may carry its payload's JSON text already (`text`), and an acknowledgement
+ * (`ack`, as an "a" frame's s). */
 export function encodeFrame(frame) {
   switch (frame.type) {
     case MESSAGE:
       if (isBinary(frame.payload)) throw new TypeError("a binary message travels in a binary frame (encodeBinary)");
-      return `{"t":"m","s":${seqOf(frame.seq, "seq")},"d":${frame.text ?? jsonText(frame.payload)}}`;
+      return `{"t":"m","s":${seqOf(frame.seq, "seq")}${frame.ack == null ? "" : `,"a":${seqOf(frame.ack, "ack", true)}`},"d":${frame.text ?? jsonText(frame.payload)}}`;
     case ACK: case END: return JSON.stringify({ t: frame.type, s: seqOf(frame.seq, "seq", true) });
     case OPEN: return JSON.stringify({ t: OPEN });
     case RESUME: return JSON.stringify({ t: RESUME, id: frame.token, recv: seqOf(frame.recv, "recv", true) });
@@ -375,7 +377,7 @@ function checkOptions(options) {
 /**
  * A resumable stream's client end: one logical stream over as many connections as it
  * takes. `connect(signal)` makes a new connection (an object with hello(frame),
- * sendMessage(seq, payload, text), sendAck(seq), sendEnd(last), frames() (an async
+ * sendMessage(seq, payload, text, ack), sendAck(seq), sendEnd(last), frames() (an async
  * iterable of frames), closeCode, closeReason and close()); openWebSocketStream and
  * openEventStream make one for their transport.
  *
@@ -584,6 +586,7 @@ export class ClientStream extends EventTarget {
             attempt = 0;
           } else if (frame.type === MESSAGE) {
             this._onMessage(frame, conn);
+            if (frame.ack != null) this._onConsumed(frame.ack);
           } else if (frame.type === ACK) {
             this._onConsumed(frame.seq);
           } else if (frame.type === END) {
@@ -657,8 +660,10 @@ export class ClientStream extends EventTarget {
                && this._unacked[this._unacked.length - 1].seq > conn.sent) {
           for (const entry of [...this._unacked]) {
             if (entry.seq > conn.sent && this._conn === conn) {
-              await conn.sendMessage(entry.seq, entry.payload, entry.text);
+              const ack = this.recv > this._acked ? this.recv : null;
+              await conn.sendMessage(entry.seq, entry.payload, entry.text, ack);
               conn.sent = entry.seq;
+              if (ack !== null) this._acked = Math.max(this._acked, ack); // carried
             }
           }
         }
@@ -803,9 +808,13 @@ class WebSocketConnection {
 
   async hello(frame) { this._send(encodeFrame(frame)); }
 
-  async sendMessage(seq, payload, text) {
-    this._send(isBinary(payload) ? encodeBinary(seq, payload)
-      : encodeFrame({ type: MESSAGE, seq, payload, text }));
+  async sendMessage(seq, payload, text, ack = null) {
+    if (isBinary(payload)) {
+      this._send(encodeBinary(seq, payload));
+      if (ack !== null) await this.sendAck(ack); // a binary frame carries none
+    } else {
+      this._send(encodeFrame({ type: MESSAGE, seq, payload, text, ack }));
+    }
   }
 
   async sendAck(seq) { this._send(encodeFrame({ type: ACK, seq })); }
@@ -894,9 +903,11 @@ class EventStreamConnection {
     await answer.arrayBuffer().catch(() => null);
   }
 
-  async sendMessage(seq, payload, text) {
-    if (isBinary(payload)) await this._post({ [SEQ_HEADER]: String(seq) }, payload, "application/octet-stream");
-    else await this._post({ [SEQ_HEADER]: String(seq) }, text ?? jsonText(payload), "application/json");
+  async sendMessage(seq, payload, text, ack = null) {
+    const extra = { [SEQ_HEADER]: String(seq) };
+    if (ack !== null) extra[ACK_HEADER] = String(ack); // one POST, not two
+    if (isBinary(payload)) await this._post(extra, payload, "application/octet-stream");
+    else await this._post(extra, text ?? jsonText(payload), "application/json");
   }
 
   async sendAck(seq) { await this._post({ [ACK_HEADER]: String(seq) }); }
