@@ -205,20 +205,28 @@ def run_benchmark(name: str, quick: bool, work_prefix: str, run: Any, verdicts: 
     res: dict[str, Any] = {"benchmark": name, "quick": quick, "env": env_info()}
     from meshxl.binaries import MissingBinary
 
+    def finish() -> None:
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        verdict_list = verdicts(res)
+        if output is not None:
+            output.write_text(json.dumps({**res, "verdicts": [v.as_dict()
+                                                              for v in verdict_list]},
+                                         indent=2, default=str) + "\n")
+        path = write_results(name, res, verdict_list) if write else output
+        print_report(res, verdict_list)
+        print(f"  results: {path}; ran in {res['seconds']} s", flush=True)
+
     with tempfile.TemporaryDirectory(prefix=work_prefix) as work:
         try:
-            res.update(asyncio.run(run(Path(work))))
+            # The results are kept before the loop is closed: closing it cancels what
+            # is left, and a library's thread that does not end (grpc.aio's poller,
+            # seen once after a 7-minute run) must not cost the run.
+            with asyncio.Runner() as runner:
+                res.update(runner.run(run(Path(work))))
+                finish()
         except MissingBinary as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             return 1
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    verdict_list = verdicts(res)
-    if output is not None:
-        output.write_text(json.dumps({**res, "verdicts": [v.as_dict() for v in verdict_list]},
-                                     indent=2, default=str) + "\n")
-    path = write_results(name, res, verdict_list) if write else output
-    print_report(res, verdict_list)
-    print(f"  results: {path}; ran in {res['seconds']} s")
     return 0
 
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from benchlib import Verdict, print_verdicts, quick_requested, run_benchmark, summary_ms
 from failover import disruption_ms
+from grpc import aio
 from streamcheck import report
 from streamload import (
     INTERVAL,
@@ -66,6 +67,8 @@ from meshxl.operator.actions import set_member_admin
 from meshxl.stats import cpu_seconds
 
 NAME = "streams"
+_KEEP: list[Any] = []
+"""What lives as long as the process (the idle gRPC channel of :func:`run`)."""
 KILLED = "a"
 DRAIN_WINDOW = 2.0
 HTTP_SESSIONS = 50
@@ -326,25 +329,36 @@ async def run_protocol(work: Path, kinds: list[Kind], streams: int, t: dict[str,
 
 async def run(work: Path, kinds: list[str], streams: int, t: dict[str, float],
               peer: bool) -> dict[str, Any]:
-    import streampeer
-
     res: dict[str, Any] = {"streams": streams, "interval_s": INTERVAL,
                            "drain_window_s": DRAIN_WINDOW, "timings_s": t,
                            "http_sessions": HTTP_SESSIONS, "kinds": {}}
     chosen = [KINDS[k] for k in kinds]
+    # grpc.aio shuts its engine down when its last channel is freed (the gRPC kind's),
+    # joining its poller thread, which may never wake (grpc/grpc#40989): two runs hung
+    # there, one in the Socket.IO phase (the garbage collector freeing the channel),
+    # one at the end. One idle channel, never connected and never closed, keeps the
+    # engine up for the process's life (grpc/grpc#22365's workaround).
+    _KEEP.append(aio.insecure_channel("127.0.0.1:9"))
     for protocol in dict.fromkeys(k.protocol for k in chosen):
         res["kinds"].update(await run_protocol(
             work / protocol, [k for k in chosen if k.protocol == protocol], streams, t))
     if peer:
-        print(f"== Socket.IO: {streams} clients, kill -9", flush=True)
-        try:
-            res["socketio"] = await streampeer.run_peer(
-                work / "socketio", streams, INTERVAL, t["warmup"], t["steady"], t["after"],
-                t["resume_timeout"])
-        except (LocalError, OSError) as exc:
-            traceback.print_exc()
-            res["socketio"] = {"failed": str(exc)[:2000]}
+        await _peer(work, streams, t, res)
     return res
+
+
+async def _peer(work: Path, streams: int, t: dict[str, float], res: dict[str, Any]) -> None:
+    """Socket.IO beside the streams (``res["socketio"]``: its figures, or why it failed)."""
+    import streampeer
+
+    print(f"== Socket.IO: {streams} clients, kill -9", flush=True)
+    try:
+        res["socketio"] = await streampeer.run_peer(
+            work / "socketio", streams, INTERVAL, t["warmup"], t["steady"], t["after"],
+            t["resume_timeout"])
+    except (LocalError, OSError) as exc:
+        traceback.print_exc()
+        res["socketio"] = {"failed": str(exc)[:2000]}
 
 
 # -- verdicts and report -------------------------------------------------------------------
