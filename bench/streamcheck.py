@@ -16,9 +16,12 @@ once by a tally (``meshxl.demo.tally``), so:
   tally that jumps above that sum applied a message again (it stays above: one jump,
   one duplicate), one that drops below lost a message's effect (counted as lost);
 * **reordered**: answers that arrive after the answer of a later message;
-* **resume time**: from the kill (or drain) to the stream's first answer on a later
-  connection than the one that carried it at that moment (replayed answers included:
-  the first message on the resumed stream);
+* **resume time**: from the kill (or drain) to the stream's first answer on the
+  connection that carried it from then on to the end of the phase (replayed answers
+  included: the first message on the resumed stream). A stream whose first new
+  connection broke again had not resumed yet: under a backlog, streams broke two or
+  three times after one kill, and their first answer on the first new connection said
+  they were back seconds before they were;
 * **latency**: from a message's send to its answer's arrival (first answers of
   messages sent within a window), and the **rate**: answers a second in the window.
 """
@@ -136,7 +139,8 @@ def rates(logs: Sequence[StreamLog], since: float, until: float) -> dict[str, fl
 def resume_times_ms(logs: Sequence[StreamLog], at: float,
                     member: str | None = None) -> tuple[list[float], list[str]]:
     """Per stream served at ``at`` (by ``member``, if given): ``at`` -> its first answer
-    on a later connection; and the streams that got none."""
+    on a later connection that carried it to the end (the module docstring); and the
+    streams that got none."""
     times: list[float] = []
     unresumed: list[str] = []
     for log in logs:
@@ -146,7 +150,9 @@ def resume_times_ms(logs: Sequence[StreamLog], at: float,
         if member is not None and (not before or before[-1][3] != member):
             continue
         connection = before[-1][5] if before else 1
-        later = next((a for a in log.answers[k:] if a[5] > connection), None)
+        last = log.answers[-1][5] if log.answers else connection
+        later = next((a for a in log.answers[k:] if a[5] > connection and a[5] >= last),
+                     None)
         if later is None:
             unresumed.append(log.id)
         else:

@@ -22,7 +22,8 @@ and reading its answers: 5 messages a second each way per stream
    the app's sidecar's bulk saves and sessions per save), then kill -9 of member a (app
    and sidecar) while HTTP sessions (``POST /counter``, the demo's counter) run too:
    their RTO (``bench/failover.py``'s definition) is the reference for the streams'
-   resume time (kill -> first message on the resumed stream). Then a restarted;
+   resume time (kill -> first message on the resumed stream: on the connection that
+   carries it from then on, ``bench/streamcheck.py``). Then a restarted;
 3. **drain**: the resumable streams, then ``meshxl member down a`` (then up again).
 
 Every stream's log is checked (``bench/streamcheck.py``): errors that reached the
