@@ -176,8 +176,7 @@ class _Events:
         if ack is not None:
             self._ack = max(self._ack or 0, ack)
         if self.upload:
-            ack, self._ack = self._ack, None
-            self._send_lines(Frame(MESSAGE, seq=seq, payload=payload, ack=ack))
+            self._send_lines(Frame(MESSAGE, seq=seq, payload=payload, ack=self._take()))
             return
         extra = {SEQ_HEADER: str(seq), **self._take_ack()}
         if isinstance(payload, bytes | bytearray | memoryview):
@@ -185,12 +184,17 @@ class _Events:
         else:
             await self._post(extra, compact_json(payload).encode(), "application/json")
 
-    def _take_ack(self) -> dict[str, str]:
+    def _take(self) -> int | None:
+        """The acknowledgement waiting for a ride, taken (None: none waits)."""
         ack, self._ack = self._ack, None
+        return ack
+
+    def _take_ack(self) -> dict[str, str]:
+        ack = self._take()
         return {} if ack is None else {ACK_HEADER: str(ack)}
 
     def _take_ack_frame(self) -> list[Frame]:
-        ack, self._ack = self._ack, None
+        ack = self._take()
         return [] if ack is None else [Frame(ACK, seq=ack)]
 
     async def send_ack(self, seq: int) -> None:

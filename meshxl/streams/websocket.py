@@ -90,15 +90,12 @@ class _Conduit:
         none: then an ``a`` frame of its own)."""
         last = len(messages) - 1
         for i, (seq, payload) in enumerate(messages):
-            if isinstance(payload, bytes | bytearray | memoryview):
+            if _binary(payload):
                 await self.ws.send_bytes(encode_binary(seq, payload))
             else:
-                carried = ack if i == last else None
-                await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload,
-                                                          ack=carried)))
-                if carried is not None:
-                    ack = None
-        if ack is not None:
+                await self.ws.send_str(encode_frame(Frame(
+                    MESSAGE, seq=seq, payload=payload, ack=ack if i == last else None)))
+        if ack is not None and (not messages or _binary(messages[-1][1])):
             await self.ws.send_str(encode_frame(Frame(ACK, seq=ack)))
 
     async def send_ack(self, consumed: int) -> None:
@@ -212,6 +209,10 @@ async def _read(ws: web.WebSocketResponse, stream: ServerStream, conduit: _Condu
         await ws.close(code=MALFORMED.close_code, message=b"malformed")
     finally:
         stream.detach(conduit)
+
+
+def _binary(payload: Payload) -> bool:
+    return isinstance(payload, bytes | bytearray | memoryview)
 
 
 def _refusal(name: str) -> Refusal | None:
