@@ -359,7 +359,24 @@ resumes."""
 ACK_EARLY = 4
 """An Ack goes at once when the bytes sent, or received, since the last one reach
 ``max_unacked_bytes / ACK_EARLY``: a side that sends fast waits for no linger to free
-what it may send (``Limits.max_unacked_bytes`` an Ack interval would bound it to)."""
+what it may send (``Limits.max_unacked_bytes`` an Ack interval would bound it to).
+
+A stream has at most one Ack call in flight; one due meanwhile goes when it returns,
+with what is acknowledged by then. None is cancelled early: not on a short deadline of
+the client's (the route's per-try timeout bounds it, in Envoy), and not when its
+stream's call ends (it is left to finish, its answer dropped). Each call a client gives
+up is a RST_STREAM on its channel's connection, and Envoy's HTTP/2 server allows a
+client a burst of 1,000 of them and 33 a second after (nghttp2's limit on reset
+floods): past it, Envoy closes the connection (GOAWAY, INTERNAL_ERROR) with every
+stream on it. Acks given up at 5 s under load, several per stream, spent it
+(bench/streams.py's gRPC kind, 1,000 streams: every stream broke and resumed again
+every 15 s or so, and the Acks cost 35 % more CPU a message than one at a time)."""
+ACK_DEADLINE = 30.0
+"""A backstop only: an Ack that neither a member nor Envoy answers is given up."""
+
+
+_ACKS: set[asyncio.Task[None]] = set()
+"""The Ack calls in flight of calls closed meanwhile (held until they finish)."""
 
 
 class _Call:
@@ -380,6 +397,11 @@ class _Call:
         self.next_seq = 0
         self.code: grpc.StatusCode | None = None
         self._probe: asyncio.TimerHandle | None = None
+        self._acking = False
+        """An Ack call is in flight."""
+        self._closed = False
+        self._again = False
+        """Another Ack is due when the one in flight returns."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._ack = channel.unary_unary(ACK_METHOD, request_serializer=_json_out,
                                         response_deserializer=_json_in)
@@ -477,22 +499,35 @@ class _Call:
     def _probe_now(self) -> None:
         self._probe = None
         self._unasked = 0
-        self._spawn(self._send_ack(self._recv))
+        if self._acking:
+            self._again = True
+            return
+        self._acking = True
+        task = asyncio.get_running_loop().create_task(self._send_ack())
+        _ACKS.add(task)  # not one of the call's tasks: close() leaves it to finish
+        task.add_done_callback(_ACKS.discard)
 
     async def send_ack(self, seq: int) -> None:
         self._recv = max(self._recv, seq)
         self._exchange_soon()
 
-    async def _send_ack(self, seq: int) -> None:
-        if self.token is None:
-            return
+    async def _send_ack(self) -> None:
         try:
-            answer = await self._ack({"id": self.token, "recv": seq},
-                                     metadata=self.metadata, timeout=5.0)
-        except aio.AioRpcError:
-            return  # the call itself tells whether the stream goes on
-        if isinstance(answer, dict) and isinstance(answer.get("in"), int):
-            self.frames_queue.put_nowait(Frame(ACK, seq=answer["in"]))
+            while self.token is not None and not self._closed:
+                self._again = False
+                try:
+                    answer = await self._ack({"id": self.token, "recv": self._recv},
+                                             metadata=self.metadata, timeout=ACK_DEADLINE)
+                except aio.AioRpcError:
+                    return  # the call itself tells whether the stream goes on
+                if self._closed:
+                    return
+                if isinstance(answer, dict) and isinstance(answer.get("in"), int):
+                    self.frames_queue.put_nowait(Frame(ACK, seq=answer["in"]))
+                if not self._again:
+                    return
+        finally:
+            self._acking = False
 
     async def send_end(self, last: int) -> None:
         await self.call.done_writing()
@@ -510,7 +545,9 @@ class _Call:
 
     async def close(self) -> None:
         """Cancel the call; :meth:`frames` ends (a send that failed closes the call
-        while the stream still reads it: it must not wait on it forever)."""
+        while the stream still reads it: it must not wait on it forever). An Ack in
+        flight is left to finish (:data:`ACK_EARLY`'s note)."""
+        self._closed = True
         if self._probe is not None:
             self._probe.cancel()
         if self.call is not None:

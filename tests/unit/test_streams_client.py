@@ -380,3 +380,74 @@ async def test_a_grpc_call_whose_send_failed_is_left_and_the_stream_resumes() ->
                      what="the stream resumed on a new call")
     assert channel.calls[0].cancelled and len(channel.calls) >= 2
     await stream.aclose()
+
+
+async def test_a_grpc_stream_has_one_ack_call_in_flight_and_the_next_carries_the_latest(
+        ) -> None:
+    """A member slow to answer Acks (one taking many streams over) is sent no second
+    Ack of the same stream meanwhile, and none is given up on a short deadline: each
+    given up is a RST_STREAM on the shared connection. When it returns, one more
+    carries what was acknowledged meanwhile."""
+    from meshxl.streams import grpcio
+
+    asked: list[dict[str, Any]] = []
+    in_flight, most = 0, 0
+    answer = asyncio.Event()
+
+    class SlowAcks(_Channel):
+        def unary_unary(self, *_: Any, **__: Any) -> Any:
+            async def ack(request: dict[str, Any], **kwargs: Any) -> dict[str, int]:
+                nonlocal in_flight, most
+                assert kwargs.get("timeout", 1e9) >= 30, kwargs  # a backstop only
+                asked.append(request)
+                in_flight += 1
+                most = max(most, in_flight)
+                try:
+                    await answer.wait()
+                finally:
+                    in_flight -= 1
+                return {"in": 0}
+            return ack
+
+    call = grpcio._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
+    call.token = TOKEN
+    for seq in (1, 2, 3):
+        await call.send_ack(seq)
+        call._probe_now()  # due at once, as when ACK_EARLY's bytes have gathered
+        await asyncio.sleep(0.01)
+    assert [a["recv"] for a in asked] == [1] and most == 1
+    answer.set()
+    await wait_until(lambda: len(asked) == 2 and not call._acking, timeout=2,
+                     interval=0.001, what="the one Ack due meanwhile")
+    assert asked[1]["recv"] == 3 and most == 1
+    await call.close()
+
+
+async def test_a_closed_grpc_calls_ack_in_flight_is_left_to_finish() -> None:
+    """A thousand streams breaking at once must not cancel a thousand Acks: each
+    cancelled call is a RST_STREAM, and past nghttp2's burst of them Envoy closes the
+    connection with every stream on it."""
+    from meshxl.streams import grpcio
+
+    answer, finished = asyncio.Event(), asyncio.Event()
+
+    class SlowAcks(_Channel):
+        def unary_unary(self, *_: Any, **__: Any) -> Any:
+            async def ack(request: dict[str, Any], **kwargs: Any) -> dict[str, int]:
+                await answer.wait()
+                finished.set()
+                return {"in": 0}
+            return ack
+
+    call = grpcio._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
+    call.token = TOKEN
+    await call.send_ack(1)
+    call._probe_now()
+    await asyncio.sleep(0.01)
+    await call.close()
+    answer.set()
+    async with asyncio.timeout(2):
+        await finished.wait()  # not cancelled by the close
+    await asyncio.sleep(0.01)
+    assert not call._acking and not grpcio._ACKS
+    assert [f async for f in call.frames()] == []  # its answer dropped with the call
