@@ -154,6 +154,31 @@ def build_event_stream_route(plain: route_components_pb2.Route
     return r
 
 
+def listener_protocols(hcm: hcm_pb2.HttpConnectionManager, websocket: bool) -> None:
+    """A meshxl listener's clients' protocols: HTTP/2 (:func:`downstream_http2`), and
+    WebSocket upgrades where a cluster on it allows them."""
+    downstream_http2(hcm)
+    if websocket:
+        websocket_upgrades(hcm)
+
+
+def downstream_http2(hcm: hcm_pb2.HttpConnectionManager) -> None:
+    """Clients' HTTP/2 (gRPC) on Envoy's oghttp2 codec.
+
+    Envoy's other HTTP/2 codec (nghttp2) allows a client 1,000 RST_STREAM frames at
+    once and 33 a second after (its guard against reset floods), counting resets of
+    streams already closed, and past that closes the connection (GOAWAY, INTERNAL_ERROR)
+    with every stream on it. One gRPC channel carrying a thousand resumable streams
+    spends it when their member dies: the client resets each stream Envoy reset
+    (bench/streams.py's gRPC kill: 1,000 at once), and the next few dozen resets, within
+    half a minute, closed the channel's connection and broke every stream again, the
+    resumed ones included. oghttp2 has no such bucket; Envoy's own guard stays (a
+    connection whose streams are mostly reset within a second of opening is closed).
+    Envoy's ``stream_reset_burst`` and ``stream_reset_rate`` (1.39) would raise the
+    bucket instead; the API this control plane is built on predates them."""
+    hcm.http2_protocol_options.use_oghttp2_codec.value = True
+
+
 WEBSOCKET_CLOSE_GRACE = 0.0
 """Envoy's ``delayed_close_timeout`` on listeners that carry WebSockets: 0, Envoy closes
 the client's connection as soon as what it wrote is flushed.

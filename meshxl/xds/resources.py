@@ -63,9 +63,9 @@ from meshxl.xds.protocols import (
     build_event_stream_route,
     has_event_stream_route,
     health_check_kind,
+    listener_protocols,
     mark_generation,
     route_protocol,
-    websocket_upgrades,
 )
 from meshxl.xds.upgrades import build_upgrade_route, has_upgrade_cluster
 from meshxl.xds.warmup import MIN_FRACTION
@@ -437,8 +437,7 @@ def build_listener(name: str, address: str, port: int, telemetry: Telemetry | No
         rds=hcm_pb2.Rds(config_source=_ADS, route_config_name=name),
         http_filters=filters,
     )
-    if websocket:
-        websocket_upgrades(hcm)
+    listener_protocols(hcm, websocket)
     if telemetry is not None and telemetry.tracing:
         otel = opentelemetry_pb2.OpenTelemetryConfig(service_name=telemetry.service_name)
         otel.grpc_service.envoy_grpc.cluster_name = telemetry.collector_cluster

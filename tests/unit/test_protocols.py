@@ -126,6 +126,15 @@ def test_grpc_compiles_to_http2_grpc_health_checks_and_stream_friendly_routes() 
     assert route.route.hash_policy[0].header.header_name == "x-session-id"
 
 
+def test_clients_http2_is_on_the_codec_without_a_reset_bucket() -> None:
+    """A thousand gRPC streams whose member died are reset at once by their client:
+    nghttp2's bucket of 1,000 resets would close the connection at the next few."""
+    out = compile_resources(model(cluster(protocol="grpc")))
+    hcm = hcm_pb2.HttpConnectionManager()
+    out.listeners["meshxl_127.0.0.1_8080"].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert hcm.http2_protocol_options.use_oghttp2_codec.value is True
+
+
 def test_http2_health_checks_speak_http2() -> None:
     c = compile_resources(model(cluster(protocol="http2"))).clusters["c"]
     assert c.health_checks[0].http_health_check.codec_client_type == http_pb2.HTTP2
