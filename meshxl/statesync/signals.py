@@ -95,7 +95,7 @@ class LoopLag:
 
     def __init__(self, interval: float = LAG_INTERVAL, window: Window | None = None):
         self.interval = interval
-        self.window = window or Window()
+        self.window = window if window is not None else Window()
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
 

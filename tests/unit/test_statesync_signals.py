@@ -91,6 +91,13 @@ def test_a_window_is_bounded_in_count() -> None:
     assert window.stat("last") == 0.5
 
 
+def test_the_loop_lag_keeps_the_window_it_is_given_empty_as_it_is() -> None:
+    """A window with no sample yet is falsy (it has a length): it must not be swapped
+    for a default one, whose samples its owner would never see."""
+    given = Window(span=60.0)
+    assert LoopLag(window=given).window is given
+
+
 async def test_the_loop_lag_rises_when_the_loop_is_blocked() -> None:
     lag = LoopLag(interval=0.02)
     lag.start()
