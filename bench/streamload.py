@@ -30,6 +30,7 @@ from meshxl import etcd
 from meshxl import headers as hdr
 from meshxl.local import counter
 from meshxl.local.wait import LocalError, wait_until
+from meshxl.statesync.signals import Window
 from meshxl.streams import ClientStream, connect_sse, connect_websocket
 
 INTERVAL = 0.2
@@ -415,6 +416,23 @@ class CommitProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+
+
+class LoopLagLog(Window):
+    """Every lag :class:`~meshxl.statesync.signals.LoopLag` samples, with its time
+    (Unix seconds): how late this process's own loop ran, that is, how late the bench's
+    clients read what reached them. A client starved of its CPU sees a stream come back
+    late that the mesh brought back at once."""
+
+    def __init__(self) -> None:
+        super().__init__(clock=time.time)
+        self.log: list[tuple[float, float]] = []
+
+    def add(self, value: float) -> None:
+        self.log.append((time.time(), value))
+
+    def ms(self, start: float, end: float = float("inf")) -> list[float]:
+        return [v * 1000 for t, v in self.log if start <= t <= end]
 
 
 async def sidecar_counters(url: str) -> dict[str, float]:

@@ -54,6 +54,7 @@ from streamload import (
     CommitProbe,
     Kind,
     Load,
+    LoopLagLog,
     load_now,
     machine_busy,
     sidecar_counters,
@@ -65,6 +66,7 @@ from meshxl.local.streams import StreamTraffic
 from meshxl.local.traffic import Traffic
 from meshxl.local.wait import LocalError, wait_until
 from meshxl.operator.actions import set_member_admin
+from meshxl.statesync.signals import LoopLag
 from meshxl.stats import cpu_seconds
 
 NAME = "streams"
@@ -190,6 +192,7 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
                           action: str) -> dict[str, Any]:
     """The resumable streams, steady, then ``action`` (``kill`` or ``drain``) of a."""
     load = Load(kind.resumable, d.target, streams, f"{kind.name}-{action}-{time.time_ns()}-")
+    lag = LoopLag(interval=0.05, window=LoopLagLog())
     http: Any = None
     http_task: asyncio.Task[None] | None = None
     probe = CommitProbe(d.etcd_url, f"{d.keys.root}/bench-commit-probe")
@@ -197,6 +200,7 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
     try:
         await load.open(180)
         load.start()
+        lag.start()
         await asyncio.sleep(warmup)
         counters = await sidecar_counters(sidecar)
         window = Window(d)
@@ -236,6 +240,7 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
         all_back = time.time() - at
         await asyncio.sleep(after)
     finally:
+        lag.stop()
         if http is not None:
             http.until = 0.0
         if http_task is not None:
@@ -246,7 +251,9 @@ async def resumable_phase(d: DemoDeployment, kind: Kind, streams: int, warmup: f
                                     member=KILLED), **facts}),
            "served_by_before": sorted(s for s in served if s),
            "all_back_s": round(all_back, 3),
-           "etcd_put_ms": summary_ms(probe.times_ms)}
+           "etcd_put_ms": summary_ms(probe.times_ms),
+           "bench_loop_lag_ms": {"steady": summary_ms(lag.window.ms(window.t0, window.t1)),
+                                 "after": summary_ms(lag.window.ms(at))}}
     if http is not None:
         rto, unrecovered = disruption_ms(http.records, at, KILLED)
         out["http"] = {"kind": kind.requests, "sessions": HTTP_SESSIONS,
@@ -449,7 +456,8 @@ def print_report(res: dict[str, Any], found: list[Verdict]) -> None:
               f"etcd put "
               f"{k['etcd_put_ms']}; sidecar a {k['sidecar_a']}; cores {k['cores_used']}; "
               f"load {k['load_at_start']} -> {k['load_at_end']}; served by "
-              f"{k['served_by_before']}; errors {k['error_kinds']}")
+              f"{k['served_by_before']}; errors {k['error_kinds']}; the bench's loop late "
+              f"{k.get('bench_loop_lag_ms')}")
     sio = res.get("socketio")
     if sio and "lost" in sio:
         print(_row("Socket.IO kill", sio))
