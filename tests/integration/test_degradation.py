@@ -48,7 +48,8 @@ PAUSE = 0.003
 and the test's own loop (which also runs the control plane) is not saturated."""
 
 
-def model(mode: str, backends: list[Backend], port: int, route: str = "") -> str:
+def model(mode: str, backends: list[Backend], port: int, route: str = "",
+          recover: float = RECOVER) -> str:
     members = "".join(f"\n  - {{name: {b.name}, address: {LOOPBACK}, port: {b.port}}}"
                       for b in backends)
     return f"""
@@ -58,7 +59,7 @@ clusters:
   stickiness: {{header: {hdr.SESSION}}}
   warmup: 2s
   outlier_detection: {{enabled: false}}
-  degradation: {{detect: 1s, recover: {RECOVER:g}s, min_requests: 10}}
+  degradation: {{detect: 1s, recover: {recover:g}s, min_requests: 10}}
   listener: {{address: {LOOPBACK}, port: {port}}}{route}
   members:{members}
 """
@@ -118,11 +119,9 @@ async def load(port: int, seconds: float = 60.0,
             await asyncio.gather(*tasks)
 
 
-async def requests_per_member(envoy: EnvoyFixture) -> dict[str, tuple[int, int]]:
-    """Per member of ``web``: the requests Envoy sent it, and those that timed out."""
-    hosts = await envoy.hosts("web")
-    return {h.hostname: (h.stats.get("rq_total", 0), h.stats.get("rq_timeout", 0))
-            for h in hosts}
+async def requests_per_member(envoy: EnvoyFixture) -> dict[str, int]:
+    """Per member of ``web``: the requests Envoy sent it."""
+    return {h.hostname: h.stats.get("rq_total", 0) for h in await envoy.hosts("web")}
 
 
 async def fault(backend: Backend, **fault: float | bool) -> None:
@@ -132,11 +131,12 @@ async def fault(backend: Backend, **fault: float | bool) -> None:
 
 
 async def setup(mode: str, start_control_plane: Any, start_envoy: Any, start_backends: Any,
-                etcd: Any, etcd_client: aetcd.Client, route: str = ""
+                etcd: Any, etcd_client: aetcd.Client, route: str = "",
+                recover: float = RECOVER
                 ) -> tuple[ControlPlane, EnvoyFixture, list[Backend], int]:
     backends = await start_backends(3)
     (port,) = free_ports(1)
-    await apply_model(etcd_client, KEYS, model(mode, backends, port, route), "test")
+    await apply_model(etcd_client, KEYS, model(mode, backends, port, route, recover), "test")
     plane: ControlPlane = await start_control_plane(etcd=etcd.url)
     envoy = await start_envoy("edge", plane.port)
     await envoy.wait_ready()
@@ -272,9 +272,12 @@ async def test_a_member_that_accepts_requests_and_never_answers_is_sick(
     response and the time it waited, which counts as that slow an answer, so the member
     is judged sick (a member that answers nothing, refused or reset, is down and passed
     over instead), and its sessions move off it."""
+    # Its judgement must outlast the test's window on it: at its last step no request
+    # reaches it, so ``recover`` after the last one it would end (a loaded machine
+    # stretched the waits before that window past RECOVER, and requests went to it).
     plane, envoy, backends, port = await setup(
         "load-sharing", start_control_plane, start_envoy, start_backends, etcd,
-        etcd_client, route="\n  route: {timeout: 500ms}")
+        etcd_client, route="\n  route: {timeout: 500ms}", recover=scaled(30.0))
     sick = backends[2].name
     async with load(port) as traffic:
         await window(2.5, "every member's normal (the judge's history)")
@@ -295,15 +298,12 @@ async def test_a_member_that_accepts_requests_and_never_answers_is_sick(
         await window(2.0, "no request may go to it any more")
         await traffic.answered(settled)
         after = await requests_per_member(envoy)
+        assert degraded(plane)[sick].get("share") == 0.0, degraded(plane)  # still judged
         # Envoy's own count of what it sent where: the hanging member never answers, so
         # the answers cannot say whether a request still went to it.
-        assert after[sick][0] == before[sick][0], (before, after)
-        # Any other failure is a well member's answer later than the route's timeout on a
-        # starved machine, which Envoy charges to that member, never one sent to the sick.
+        assert after[sick] == before[sick], (before, after)
         late = [a for a in traffic.since(settled) if a[2] != 200]
-        timed_out_elsewhere = sum(after[m][1] - before[m][1] for m in after if m != sick)
-        assert len(late) <= timed_out_elsewhere and all(a[2] == 504 for a in late), (
-            late[:5], before, after)
+        assert not late, late[:5]
     hosts = await envoy.hosts("web")
     assert all(h.healthy for h in hosts), hosts  # its health check passed throughout
     timed_out = [a for a in traffic.answers if a[2] == 504]
