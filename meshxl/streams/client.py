@@ -150,7 +150,9 @@ class ClientStream:
         """The connection the stream was last ready on, and the highest message of ours
         sent on it: a position of that connection only (a message a former one sent may
         have reached a server that no longer carries the stream)."""
-        self._sending = asyncio.Lock()
+        self._sending: tuple[Connection | None, asyncio.Lock] = (None, asyncio.Lock())
+        """The connection whose sender holds the lock, and the lock: one sender at a time
+        on a connection (:meth:`_sender`)."""
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._failure: BaseException | None = None
@@ -217,7 +219,7 @@ class ClientStream:
         time: a message never overtakes another). A sender whose connection was replaced
         meanwhile stops, and what it sent counts for nothing: the new connection sends
         again everything its server had not consumed (``ready``)."""
-        async with self._sending:
+        async with self._sender(conn):
             try:
                 while self._carries(conn) and self._unacked \
                         and self._unacked[-1][0] > self._sent[1]:
@@ -232,6 +234,21 @@ class ClientStream:
                                 self._acked = max(self._acked, ack)
             except Exception:  # the connection broke: sent again on the next one
                 self._broken(conn)
+
+    def _sender(self, conn: Connection) -> asyncio.Lock:
+        """The lock of ``conn``'s senders. Each connection has its own: a sender still
+        writing on a connection that broke (a message POST held up by a member that
+        died, until its timeout) must not hold back the new connection's resend, and
+        what it writes there counts for nothing anyway (:meth:`_carries`).
+        A sender of a connection that is not the stream's gets a lock of its own: it
+        finds nothing to send."""
+        owner, lock = self._sending
+        if owner is conn:
+            return lock
+        lock = asyncio.Lock()
+        if conn is self._conn:
+            self._sending = (conn, lock)
+        return lock
 
     def _carries(self, conn: Connection) -> bool:
         """``conn`` is the stream's connection, and the one its sent position counts."""
@@ -250,7 +267,7 @@ class ClientStream:
             conn = self._conn
             if conn is not None and self._ready.is_set():
                 await self._send_unsent(conn)
-                async with self._sending:
+                async with self._sender(conn):
                     with contextlib.suppress(Exception):
                         await conn.send_end(self._next - 1)
 

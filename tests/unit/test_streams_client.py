@@ -249,6 +249,32 @@ async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one
     await stream.aclose()
 
 
+async def test_a_sender_stuck_on_a_broken_connection_holds_back_no_resend() -> None:
+    """A write on a connection whose member died may not return for long (a message
+    POST held up until its timeout). The new connection sends again at once
+    what its server had not consumed, and messages queued meanwhile follow it there,
+    whatever the former connection's sender is still doing."""
+    first = Slow([ready()], seq=2)
+    second = Scripted([ready(consumed=1, out=0)], hold=True)
+    stream = ClientStream(connections(first, second), backoff=(0.001, 0.001))
+    await stream.start()
+    await stream.send(1)
+    sending = asyncio.create_task(stream.send(2))  # stuck on the first connection
+    async with asyncio.timeout(2):
+        await first.sending.wait()
+    await first.close()
+    await wait_until(lambda: ("m", 2, 2) in second.sent, timeout=2, interval=0.001,
+                     what="the new connection's resend, the old sender still stuck")
+    async with asyncio.timeout(2):
+        await stream.send(3)
+    assert [x for x in second.sent if x[0] == "m"] == [("m", 2, 2), ("m", 3, 3)]
+    first.answered.set()
+    async with asyncio.timeout(2):
+        await sending
+    assert [x for x in second.sent if x[0] == "m"] == [("m", 2, 2), ("m", 3, 3)]
+    await stream.aclose()
+
+
 class Silent(Scripted):
     """A connection held open that never answers its hello (a member taking a stream
     over that hangs, a request Envoy holds)."""
