@@ -397,8 +397,7 @@ class _Call:
         self.next_seq = 0
         self.code: grpc.StatusCode | None = None
         self._probe: asyncio.TimerHandle | None = None
-        self._acking = False
-        """An Ack call is in flight."""
+        self._ack_task: asyncio.Task[None] | None = None
         self._closed = False
         self._again = False
         """Another Ack is due when the one in flight returns."""
@@ -502,8 +501,7 @@ class _Call:
         if self._acking:
             self._again = True
             return
-        self._acking = True
-        task = asyncio.get_running_loop().create_task(self._send_ack())
+        self._ack_task = task = asyncio.get_running_loop().create_task(self._send_ack())
         _ACKS.add(task)  # not one of the call's tasks: close() leaves it to finish
         task.add_done_callback(_ACKS.discard)
 
@@ -511,23 +509,25 @@ class _Call:
         self._recv = max(self._recv, seq)
         self._exchange_soon()
 
+    @property
+    def _acking(self) -> bool:
+        """An Ack call is in flight."""
+        return self._ack_task is not None and not self._ack_task.done()
+
     async def _send_ack(self) -> None:
-        try:
-            while self.token is not None and not self._closed:
-                self._again = False
-                try:
-                    answer = await self._ack({"id": self.token, "recv": self._recv},
-                                             metadata=self.metadata, timeout=ACK_DEADLINE)
-                except aio.AioRpcError:
-                    return  # the call itself tells whether the stream goes on
-                if self._closed:
-                    return
-                if isinstance(answer, dict) and isinstance(answer.get("in"), int):
-                    self.frames_queue.put_nowait(Frame(ACK, seq=answer["in"]))
-                if not self._again:
-                    return
-        finally:
-            self._acking = False
+        while self.token is not None and not self._closed:
+            self._again = False
+            try:
+                answer = await self._ack({"id": self.token, "recv": self._recv},
+                                         metadata=self.metadata, timeout=ACK_DEADLINE)
+            except aio.AioRpcError:
+                return  # the call itself tells whether the stream goes on
+            if self._closed:
+                return
+            if isinstance(answer, dict) and isinstance(answer.get("in"), int):
+                self.frames_queue.put_nowait(Frame(ACK, seq=answer["in"]))
+            if not self._again:
+                return
 
     async def send_end(self, last: int) -> None:
         await self.call.done_writing()
