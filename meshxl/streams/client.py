@@ -157,6 +157,7 @@ class ClientStream:
         self._changed = asyncio.Event()
         self._failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
+        self._resending: set[asyncio.Task[None]] = set()
         self._closing = False
         self.resumes: list[float] = []
         """Seconds from each break to the next ``ready`` (a statistic)."""
@@ -181,9 +182,10 @@ class ClientStream:
         is left alone for its detached timeout)."""
         self._closing = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        tasks = [t for t in (task, *self._resending) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -409,12 +411,29 @@ class ClientStream:
         self.token = frame.token
         self._on_consumed(frame.consumed)
         self._sent = (conn, frame.consumed)
-        await self._send_unsent(conn)
-        if self._ended_sent:
-            await conn.send_end(self._next - 1)
+        # The resend goes beside the reading of this connection, not before it: a
+        # transport's send completes only as its flow control lets the message go, and
+        # a server that sends (replay, new messages) while its client reads nothing
+        # waits on that client's window in turn; with 1,000 streams resending at once
+        # through one Envoy, the first message after a resume came 35-38 s late.
+        # Messages the application sends meanwhile queue behind it (one sender a
+        # connection), and an end said before this ready goes after it; one said later
+        # is close()'s to send.
+        ended = self._ended_sent
         self._ready.set()
         self._changed.set()
-        await self._send_unsent(conn)  # what was queued while this one said hello
+        self._resend(conn, ended)
+
+    def _resend(self, conn: Connection, ended: bool) -> None:
+        async def resend() -> None:
+            await self._send_unsent(conn)
+            if ended and self._carries(conn):
+                async with self._sender(conn):
+                    with contextlib.suppress(Exception):
+                        await conn.send_end(self._next - 1)
+        task = asyncio.get_running_loop().create_task(resend())
+        self._resending.add(task)
+        task.add_done_callback(self._resending.discard)
 
     def _on_message(self, frame: Frame, conn: Connection) -> None:
         assert frame.seq is not None

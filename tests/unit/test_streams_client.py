@@ -477,3 +477,71 @@ async def test_a_closed_grpc_calls_ack_in_flight_is_left_to_finish() -> None:
     await asyncio.sleep(0.01)
     assert not call._acking and not grpcio._ACKS
     assert [f async for f in call.frames()] == []  # its answer dropped with the call
+
+
+class Held(Scripted):
+    """A connection whose sends wait on ``gate``: a transport's flow control, holding a
+    resend until its peer reads, which it does only as fast as its own sends go."""
+
+    def __init__(self, frames: list[Frame]):
+        super().__init__(frames, hold=True)
+        self.gate = asyncio.Event()
+
+    async def _through(self) -> None:
+        await wait_until(lambda: self.gate.is_set() or self.closed.is_set(), timeout=5,
+                         interval=0.005)
+        if not self.gate.is_set():
+            raise ConnectionResetError("closed")
+
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
+        await self._through()
+        await super().send_message(seq, payload, ack)
+
+    async def send_end(self, last: int) -> None:
+        await self._through()
+        await super().send_end(last)
+
+
+async def test_a_resume_reads_the_new_connection_while_its_resend_waits() -> None:
+    first = Scripted([ready()], hold=True)
+    second = Held([ready(), message(1, "r1"), message(2, "r2")])
+    stream = ClientStream(connections(first, second), backoff=(0.001, 0.001))
+    await stream.start()
+    await stream.send("q1")
+    await stream.send("q2")
+    first.closed.set()  # it breaks with both unconsumed
+    async with asyncio.timeout(2):  # the resend of q1, q2 still waits on the gate
+        assert [await stream.receive(), await stream.receive()] == ["r1", "r2"]
+    assert [s for s in second.sent if s[0] == "m"] == []
+    second.gate.set()
+    await wait_until(lambda: [s for s in second.sent if s[0] == "m"]
+                     == [("m", 1, "q1"), ("m", 2, "q2")], timeout=2)
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("closed_before_ready", [True, False])
+async def test_the_end_goes_once_after_the_resend(closed_before_ready: bool) -> None:
+    first = Held([ready()])  # its sends never go
+    second = Held([ready()])
+    stream = ClientStream(connections(first, second), backoff=(0.001, 0.001))
+    await stream.start()
+    sending = asyncio.get_running_loop().create_task(stream.send("q1"))
+    await asyncio.sleep(0.01)
+    if closed_before_ready:
+        closing = asyncio.get_running_loop().create_task(stream.close())
+        await asyncio.sleep(0.01)
+        first.closed.set()  # the end said: the resend carries it
+    else:
+        first.closed.set()
+        await wait_until(lambda: second.hello_frame is not None, timeout=2)
+        await asyncio.sleep(0.01)
+        closing = asyncio.get_running_loop().create_task(stream.close())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # behind the resend, which waits on the gate
+    second.gate.set()
+    await wait_until(lambda: ("end", 1) in second.sent, timeout=2)
+    await asyncio.gather(sending, closing)
+    await asyncio.sleep(0.05)
+    assert second.sent == [("m", 1, "q1"), ("end", 1)]
+    assert first.sent == []
+    await stream.aclose()
