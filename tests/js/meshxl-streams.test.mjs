@@ -309,6 +309,31 @@ test("what the server did not consume is sent again, in order, on the next conne
   assert.equal(setup.stream.consumed, 4);
 });
 
+test("a resume reads the new connection while its resend waits on the transport", async (t) => {
+  const setup = scripted();
+  t.after(() => setup.stream.disconnect());
+  const first = await opened(setup);
+  for (const value of ["x", "y"]) await setup.stream.send(value);
+  first.drop(1006);
+  const second = await until(() => setup.conns[1]?.said && setup.conns[1], "the resume");
+  let open;
+  const gate = new Promise((resolve) => { open = resolve; });
+  const send = second.sendMessage.bind(second);
+  second.sendMessage = async (...args) => { await gate; return send(...args); };
+  second.push({ type: READY, token: TOKEN, consumed: 0, last: 0 });
+  second.push({ type: MESSAGE, seq: 1, payload: "r1" });
+  const got = [];
+  for await (const message of setup.stream) {
+    got.push(message);
+    break;
+  }
+  assert.deepEqual(got, ["r1"]); // read while the resend waits
+  assert.deepEqual(second.messages(), []);
+  open();
+  await until(() => second.messages().length === 2, "the resent messages");
+  assert.deepEqual(second.messages(), [[1, "x"], [2, "y"]]);
+});
+
 test("a gap in the server's messages fails the stream", async (t) => {
   const setup = scripted();
   t.after(() => setup.stream.disconnect());

@@ -686,12 +686,19 @@ export class ClientStream extends EventTarget {
     this.token = frame.token;
     this._onConsumed(frame.consumed);
     conn.sent = frame.consumed;
-    await this._sendUnsent(conn);
-    if (this._endedSent) {
-      await this._exclusive(() => conn.sendEnd(this._next - 1).catch(() => this._broken(conn)));
-    }
+    // The resend goes beside the reading of this connection, not before it: a send
+    // that waits on its transport (an event stream's POST, a full socket) would hold
+    // back every frame the new server sends meanwhile. Messages sent meanwhile queue
+    // behind it (one sender at a time); an end said before this ready goes after it,
+    // one said later is close()'s to send.
+    const ended = this._endedSent;
     this._ready = true;
-    await this._sendUnsent(conn); // what was queued while this one said hello
+    this._sendUnsent(conn).then(() => {
+      if (ended && this._conn === conn) {
+        return this._exclusive(() => conn.sendEnd(this._next - 1).catch(() => this._broken(conn)));
+      }
+      return undefined;
+    });
   }
 
   _onMessage(frame, conn) {
