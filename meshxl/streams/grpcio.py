@@ -1,5 +1,5 @@
 """Resumable gRPC streams (grpc.aio): server-streaming and bidirectional calls whose stream
-outlives their member, and their Python client.
+outlives their member; their Python client is :func:`.grpc_client.connect_grpc`.
 
 Server::
 
@@ -19,35 +19,32 @@ messages (bidirectional), ``request`` (server-streaming), ``state``, as
                           response_type=Reply, metadata=[("x-session-id", "s1")])
     async with stream: await stream.send(Line(...)); async for reply in stream: ...
 
-On the wire, the stream's fields are metadata, and its messages the call's own:
+On the wire (:mod:`.grpcwire`), the stream's fields are metadata, and its messages the
+call's own:
 
 * the call's metadata: ``x-meshxl-stream`` and ``x-meshxl-recv`` to resume (none: a
-  new stream); the server's initial metadata: ``x-meshxl-stream`` (the token),
-  ``x-meshxl-in`` (the client messages its handler consumed: the client sends the rest
-  again, first) and ``x-meshxl-from`` (the number of the first message on this call:
-  messages are numbered in their order on the call); trailing metadata
-  ``x-meshxl-end`` when the handler finished (status OK), ``x-meshxl-refusal`` with a
-  refusal's name (status :data:`~.protocol.REFUSALS`' gRPC code);
-* acknowledgements: a unary call ``/meshxl.streams.v1.Streams/Ack`` (JSON bodies
-  ``{"id", "recv"}`` -> ``{"in"}``), routed like the stream by its session metadata:
-  the client's acknowledgement of what it received, and its answer the server's of what
-  the handler consumed. gRPC has no room for either inside a call's messages.
+  new stream), ``x-meshxl-acks: field`` to carry acknowledgements in the messages; the
+  server's initial metadata: ``x-meshxl-stream`` (the token), ``x-meshxl-in`` (the
+  client messages its handler consumed: the client sends the rest again, first),
+  ``x-meshxl-from`` (the number of the first message on this call: messages are
+  numbered in their order on the call) and ``x-meshxl-acks: field`` when it grants
+  them; trailing metadata ``x-meshxl-end`` when the handler finished (status OK),
+  ``x-meshxl-refusal`` with a refusal's name (status :data:`~.protocol.REFUSALS`' gRPC
+  code);
+* acknowledgements: each message carries one (the client's of what it received, the
+  server's of what the handler consumed) as a protobuf field appended to it; a
+  direction with no message to carry it calls the unary
+  ``/meshxl.streams.v1.Streams/Ack`` (JSON bodies ``{"id", "recv"}`` -> ``{"in"}``),
+  routed like the stream by its session metadata.
 
-A call that ends with UNAVAILABLE, CANCELLED, INTERNAL, UNKNOWN or DEADLINE_EXCEEDED
-without a refusal (its member died, Envoy reset it), or with the status of a refusal
-the client resumes after (ABORTED: ``moved``), is resumed. ``moved`` is ABORTED, not
-UNAVAILABLE: an acknowledgement refused as UNAVAILABLE (it reached a member that does
-not serve its stream, as many do during a move) was sent again by Envoy on the other
-members and counted towards ejecting the member that refused it (a 503 to Envoy), and
-the judge of predictive failover counted it a failure of that member.
+The client and its resumption: :mod:`.grpc_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -55,21 +52,28 @@ from grpc import aio
 
 from meshxl import headers as hdr
 
-from .client import ClientStream, Connection
+from .grpc_client import connect_grpc
+from .grpcwire import (
+    ACK_METHOD,
+    ACKS,
+    END_KEY,
+    FIELD,
+    FROM,
+    IN,
+    RECV,
+    REFUSAL,
+    SERVICE,
+    STREAM,
+    json_in,
+    json_out,
+    split_ack,
+    with_ack,
+)
 from .host import Refused, StreamHost
 from .protocol import (
-    ACK,
-    END,
-    ERROR,
     FORBIDDEN,
     MALFORMED,
-    MESSAGE,
     MOVED,
-    READY,
-    REFUSALS,
-    RESUME,
-    Frame,
-    Limits,
     Payload,
     ProtocolError,
     Refusal,
@@ -83,18 +87,6 @@ log = logging.getLogger(__name__)
 __all__ = ["ACK_METHOD", "GrpcStream", "acknowledgements", "connect_grpc", "stream_stream",
            "unary_stream"]
 
-SERVICE = "meshxl.streams.v1.Streams"
-ACK_METHOD = f"/{SERVICE}/Ack"
-STREAM, RECV, IN, FROM, END_KEY, REFUSAL = (
-    "x-meshxl-stream", "x-meshxl-recv", "x-meshxl-in", "x-meshxl-from", "x-meshxl-end",
-    "x-meshxl-refusal")
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        *(getattr(grpc.StatusCode, r.grpc_status) for r in REFUSALS
-                          if r.retry)})
-"""What a call may end with and its stream goes on: a member gone (or a call reset),
-or a refusal the client resumes after whose name the trailers lost."""
 
 SessionOf = Callable[[aio.ServicerContext], str | None]
 
@@ -103,8 +95,9 @@ class GrpcStream:
     """A gRPC stream as its handler sees it: a :class:`.server.ServerStream` whose
     messages are the call's protobuf messages."""
 
-    def __init__(self, inner: ServerStream, request: Any):
+    def __init__(self, inner: ServerStream, request: Any, response_type: Any):
         self.inner = inner
+        self.response_type = response_type
         self.request = request
         """The call's request (server-streaming; None for a bidirectional call)."""
 
@@ -129,6 +122,11 @@ class GrpcStream:
         return self.inner.session
 
     async def send(self, message: Any, **state: Any) -> int:
+        """As :meth:`.server.ServerStream.send`, a message of the method's response type
+        (TypeError for another: its bytes would reach the client as one)."""
+        if not isinstance(message, self.response_type):
+            raise TypeError(f"the stream sends {self.response_type.__name__} messages, "
+                            f"not {type(message).__name__}")
         return await self.inner.send(message.SerializeToString(), **state)
 
     async def receive(self) -> Any:
@@ -163,8 +161,7 @@ class _Conduit:
 
     _END = object()
 
-    def __init__(self, response_type: Any):
-        self.response_type = response_type
+    def __init__(self) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.consumed = 0
 
@@ -200,15 +197,17 @@ def _number(context: aio.ServicerContext, key: str) -> int | None:
     return None
 
 
-async def _serve(host: StreamHost, handler: Handler, response_type: Any, request: Any,
-                 messages: AsyncIterator[Any] | None, context: aio.ServicerContext,
+async def _serve(host: StreamHost, handler: Handler, request_type: Any, request: Any,
+                 messages: AsyncIterator[bytes] | None, context: aio.ServicerContext,
                  session_of: SessionOf) -> None:
     session = session_of(context)
     if not session:
         await _abort(context, MALFORMED, "no session in the call's metadata")
         return
-    conduit = _Conduit(response_type)
-    token = dict(context.invocation_metadata() or ()).get(STREAM)
+    conduit = _Conduit()
+    metadata = dict(context.invocation_metadata() or ())
+    token = metadata.get(STREAM)
+    carried = metadata.get(ACKS) == FIELD
     try:
         recv = _number(context, RECV) or 0
         if token is not None and not valid_token(token):
@@ -230,14 +229,20 @@ async def _serve(host: StreamHost, handler: Handler, response_type: Any, request
     conduit.consumed = stream.record.consumed
     await context.send_initial_metadata(((STREAM, stream.token),
                                          (IN, str(stream.record.consumed)),
-                                         (FROM, str(first))))
+                                         (FROM, str(first)),
+                                         *(((ACKS, FIELD),) if carried else ())))
+
+    def wire(payload: Payload) -> bytes:  # a message as written: its bytes, and its ack
+        assert isinstance(payload, bytes)
+        return with_ack(payload, conduit.consumed) if carried else payload
+
     for _, payload in replay:
-        await context.write(response_type.FromString(payload))
+        await context.write(wire(payload))
     if stream.record.done:
         conduit.queue.put_nowait((_Conduit._END, stream.record.out,
                                   refusal_named(stream.record.failure or "")))
-    reader = asyncio.get_running_loop().create_task(_read(stream, messages)) \
-        if messages is not None else None
+    reader = asyncio.get_running_loop().create_task(
+        _read(stream, messages, request_type, carried)) if messages is not None else None
     try:
         while True:
             item = await conduit.queue.get()
@@ -247,7 +252,7 @@ async def _serve(host: StreamHost, handler: Handler, response_type: Any, request
                     await _abort(context, refusal)
                 context.set_trailing_metadata(((END_KEY, str(last)),))
                 return
-            await context.write(response_type.FromString(item))
+            await context.write(wire(item))
     finally:
         if reader is not None:
             reader.cancel()
@@ -262,10 +267,22 @@ taken for the client's end, the handler would finish the stream for good, and th
 client, resuming elsewhere, would find it ended (bench/streams.py's drain did)."""
 
 
-async def _read(stream: ServerStream, messages: AsyncIterator[Any]) -> None:
+async def _read(stream: ServerStream, messages: AsyncIterator[bytes], request_type: Any,
+                carried: bool) -> None:
+    """The call's messages into the stream, each parsed here (the call's own
+    deserializer would fail the call, not only the stream, on one that is not a
+    message), its acknowledgement first when it carries one."""
     seq = stream.record.consumed
     try:
-        async for message in messages:
+        async for data in messages:
+            if carried:
+                data, recv = split_ack(data)
+                stream.acked(recv)
+            try:
+                message = request_type.FromString(data)
+            except Exception as exc:  # protobuf's DecodeError, or what a type raises
+                raise ProtocolError(f"a client message that is no "
+                                    f"{request_type.__name__}: {exc}") from None
             seq += 1
             stream.received(seq, message)
         await asyncio.sleep(END_GRACE)  # cancelled here (by _serve) if the call was reset
@@ -280,31 +297,28 @@ async def _read(stream: ServerStream, messages: AsyncIterator[Any]) -> None:
 def unary_stream(host: StreamHost, handler: Callable[[GrpcStream], Any], *,
                  request_type: Any, response_type: Any,
                  session: str = hdr.SESSION) -> grpc.RpcMethodHandler:
-    """A server-streaming method whose stream is resumable (the module docstring)."""
+    """A resumable server-streaming method (its handler gets a :class:`GrpcStream`)."""
     session_of = _metadata_session(session)
 
     async def method(request: Any, context: aio.ServicerContext) -> None:
-        await _serve(host, lambda s: handler(GrpcStream(s, request)), response_type,
+        await _serve(host, lambda s: handler(GrpcStream(s, request, response_type)), request_type,
                      request, None, context, session_of)
 
     return grpc.unary_stream_rpc_method_handler(
-        method, request_deserializer=request_type.FromString,
-        response_serializer=response_type.SerializeToString)
+        method, request_deserializer=request_type.FromString)
 
 
 def stream_stream(host: StreamHost, handler: Callable[[GrpcStream], Any], *,
                   request_type: Any, response_type: Any,
                   session: str = hdr.SESSION) -> grpc.RpcMethodHandler:
-    """A bidirectional method whose stream is resumable (the module docstring)."""
+    """A resumable bidirectional method (its handler gets a :class:`GrpcStream`)."""
     session_of = _metadata_session(session)
 
-    async def method(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
-        await _serve(host, lambda s: handler(GrpcStream(s, None)), response_type, None,
-                     requests, context, session_of)
+    async def method(requests: AsyncIterator[bytes], context: aio.ServicerContext) -> None:
+        await _serve(host, lambda s: handler(GrpcStream(s, None, response_type)),
+                     request_type, None, requests, context, session_of)
 
-    return grpc.stream_stream_rpc_method_handler(
-        method, request_deserializer=request_type.FromString,
-        response_serializer=response_type.SerializeToString)
+    return grpc.stream_stream_rpc_method_handler(method)
 
 
 def acknowledgements(host: StreamHost, *, session: str = hdr.SESSION
@@ -330,252 +344,4 @@ def acknowledgements(host: StreamHost, *, session: str = hdr.SESSION
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Ack": grpc.unary_unary_rpc_method_handler(
-            ack, request_deserializer=_json_in, response_serializer=_json_out)})
-
-
-def _json_in(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _json_out(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-# -- the client --------------------------------------------------------------------------
-
-
-ACK_LINGER = 1.0
-"""Seconds a client's acknowledgement, and its question of what the handler consumed,
-wait before one Ack call carries both, unless :data:`ACK_EARLY` of the unacknowledged
-bytes have gathered first. Each Ack is a unary call through the mesh: a client that
-talks as often as it listens made about two for each message it sent, then (lingering
-0.25 s) four a second at 5 messages a second (``bench/streams.py``, 1,000 streams: the
-call's CPU per message was 2,172 us against the plain call's 346). One that lingers
-when its call closes is dropped with it; the stream says what it received when it
-resumes."""
-ACK_EARLY = 4
-"""An Ack goes at once when the bytes sent, or received, since the last one reach
-``max_unacked_bytes / ACK_EARLY``: a side that sends fast waits for no linger to free
-what it may send (``Limits.max_unacked_bytes`` an Ack interval would bound it to).
-
-A stream has at most one Ack call in flight; one due meanwhile goes when it returns,
-with what is acknowledged by then. None is cancelled early: not on a short deadline of
-the client's (the route's per-try timeout bounds it, in Envoy), and not when its
-stream's call ends (it is left to finish, its answer dropped). Each call a client gives
-up is a RST_STREAM on its channel's connection, and Envoy's HTTP/2 server allows a
-client a burst of 1,000 of them and 33 a second after (nghttp2's limit on reset
-floods): past it, Envoy closes the connection (GOAWAY, INTERNAL_ERROR) with every
-stream on it. Acks given up at 5 s under load, several per stream, spent it
-(bench/streams.py's gRPC kind, 1,000 streams: every stream broke and resumed again
-every 15 s or so, at about 780 us of CPU a message against 560 one Ack at a time)."""
-ACK_DEADLINE = 30.0
-"""A backstop only: an Ack that neither a member nor Envoy answers is given up."""
-
-
-_ACKS: set[asyncio.Task[None]] = set()
-"""The Ack calls in flight of calls closed meanwhile (held until they finish)."""
-
-
-class _Call:
-    """A stream's call (:class:`.client.Connection`)."""
-
-    def __init__(self, channel: aio.Channel, method: str, request: Any, request_type: Any,
-                 response_type: Any, metadata: Sequence[tuple[str, str]], limits: Limits):
-        self.channel, self.method, self.request = channel, method, request
-        self.request_type, self.response_type = request_type, response_type
-        self.metadata = list(metadata)
-        self.ack_delay = limits.ack_delay
-        self._early = max(1, limits.max_unacked_bytes // ACK_EARLY)
-        self._unasked = 0
-        """Bytes sent and received since the last Ack call was made."""
-        self.call: Any = None
-        self.token: str | None = None
-        self.frames_queue: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self.next_seq = 0
-        self.code: grpc.StatusCode | None = None
-        self._probe: asyncio.TimerHandle | None = None
-        self._ack_task: asyncio.Task[None] | None = None
-        self._closed = False
-        self._again = False
-        """Another Ack is due when the one in flight returns."""
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._ack = channel.unary_unary(ACK_METHOD, request_serializer=_json_out,
-                                        response_deserializer=_json_in)
-        self._recv = 0
-
-    async def hello(self, frame: Frame) -> None:
-        metadata = list(self.metadata)
-        if frame.type == RESUME:
-            assert frame.token is not None
-            self.token = frame.token
-            metadata += [(STREAM, frame.token), (RECV, str(frame.recv))]
-        if self.request is not None:
-            self.call = self.channel.unary_stream(
-                self.method, request_serializer=_serialize,
-                response_deserializer=self.response_type.FromString)(
-                    self.request, metadata=metadata)
-        else:
-            self.call = self.channel.stream_stream(
-                self.method, request_serializer=_serialize,
-                response_deserializer=self.response_type.FromString)(metadata=metadata)
-        initial = dict(await self.call.initial_metadata() or ())
-        if STREAM not in initial:  # refused before its first message: read the status
-            code = await self.call.code()
-            self.frames_queue.put_nowait(self._ended(code, await self.call.trailing_metadata()))
-            self.frames_queue.put_nowait(None)
-            return
-        self.token = str(initial[STREAM])
-        self.next_seq = int(initial[FROM])
-        self.frames_queue.put_nowait(Frame(READY, token=self.token,
-                                           consumed=int(initial[IN]),
-                                           last=self.next_seq - 1))
-        self._spawn(self._pump())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _pump(self) -> None:
-        """The call's messages as frames, then how it ended, then ``None``: whatever
-        ends the pump (the call's status, a cancellation, an error of grpc's own),
-        :meth:`frames` ends with it, so the stream resumes instead of waiting on a
-        call that is gone."""
-        ended: Frame | None = None
-        try:
-            async for message in self.call:
-                self.frames_queue.put_nowait(Frame(MESSAGE, seq=self.next_seq,
-                                                   payload=message))
-                self.next_seq += 1
-                self._count(int(message.ByteSize()))
-            ended = self._ended(await self.call.code(), await self.call.trailing_metadata())
-        except aio.AioRpcError as exc:
-            ended = self._ended(exc.code(), exc.trailing_metadata())
-        finally:
-            if ended is not None:
-                self.frames_queue.put_nowait(ended)
-            self.frames_queue.put_nowait(None)
-
-    def _ended(self, code: grpc.StatusCode, trailing: Any) -> Frame | None:
-        self.code = code
-        meta = dict(trailing or ())
-        if code == grpc.StatusCode.OK and END_KEY in meta:
-            return Frame(END, seq=int(meta[END_KEY]))
-        refusal = refusal_named(str(meta.get(REFUSAL, "")))
-        if refusal is not None:
-            return Frame(ERROR, refusal=refusal)
-        if code not in _RESUMABLE and code != grpc.StatusCode.OK:
-            return Frame(ERROR, refusal=MALFORMED,
-                         message=f"the call ended with {code.name}")
-        return None
-
-    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
-        await self.call.write(payload)
-        if ack is not None:
-            self._recv = max(self._recv, ack)
-        self._count(int(payload.ByteSize()))
-        self._exchange_soon()  # learn what the handler consumed, soon
-
-    def _count(self, size: int) -> None:
-        """``size`` bytes more sent or received: past :data:`ACK_EARLY`'s share of the
-        limit, the Ack goes now."""
-        self._unasked += size
-        if self._unasked >= self._early and self.token is not None:
-            if self._probe is not None:
-                self._probe.cancel()
-            self._probe_now()
-
-    def _exchange_soon(self) -> None:
-        """One Ack call within :data:`ACK_LINGER` carries both ways' acknowledgements:
-        what the client received, and (its answer) what the handler consumed."""
-        if self._probe is None:
-            self._probe = asyncio.get_running_loop().call_later(
-                max(self.ack_delay, ACK_LINGER), self._probe_now)
-
-    def _probe_now(self) -> None:
-        self._probe = None
-        self._unasked = 0
-        if self._acking:
-            self._again = True
-            return
-        self._ack_task = task = asyncio.get_running_loop().create_task(self._send_ack())
-        _ACKS.add(task)  # not one of the call's tasks: close() leaves it to finish
-        task.add_done_callback(_ACKS.discard)
-
-    async def send_ack(self, seq: int) -> None:
-        self._recv = max(self._recv, seq)
-        self._exchange_soon()
-
-    @property
-    def _acking(self) -> bool:
-        """An Ack call is in flight."""
-        return self._ack_task is not None and not self._ack_task.done()
-
-    async def _send_ack(self) -> None:
-        while self.token is not None and not self._closed:
-            self._again = False
-            try:
-                answer = await self._ack({"id": self.token, "recv": self._recv},
-                                         metadata=self.metadata, timeout=ACK_DEADLINE)
-            except aio.AioRpcError:
-                return  # the call itself tells whether the stream goes on
-            if self._closed:
-                return
-            if isinstance(answer, dict) and isinstance(answer.get("in"), int):
-                self.frames_queue.put_nowait(Frame(ACK, seq=answer["in"]))
-            if not self._again:
-                return
-
-    async def send_end(self, last: int) -> None:
-        await self.call.done_writing()
-
-    async def frames(self) -> AsyncIterator[Frame]:
-        while True:
-            frame = await self.frames_queue.get()
-            if frame is None:
-                return
-            yield frame
-
-    @property
-    def close_code(self) -> int | None:
-        return None
-
-    async def close(self) -> None:
-        """Cancel the call; :meth:`frames` ends (a send that failed closes the call
-        while the stream still reads it: it must not wait on it forever). An Ack in
-        flight is left to finish (:data:`ACK_EARLY`'s note)."""
-        self._closed = True
-        if self._probe is not None:
-            self._probe.cancel()
-        if self.call is not None:
-            self.call.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        self.frames_queue.put_nowait(None)
-
-
-def _serialize(message: Any) -> bytes:
-    return bytes(message.SerializeToString())
-
-
-def connect_grpc(channel: aio.Channel, method: str, *, response_type: Any,
-                 request_type: Any = None, request: Any = None,
-                 metadata: Sequence[tuple[str, str]] | Mapping[str, str] = (),
-                 limits: Limits | None = None, resume_timeout: float = 30.0
-                 ) -> ClientStream:
-    """A resumable gRPC stream: server-streaming with ``request`` (sent again with every
-    resume), else bidirectional (``send`` messages of ``request_type``). ``metadata``
-    goes with every call: the session's (what the mesh routes on). Messages sent and
-    received are the protobuf messages themselves."""
-    pairs = list(metadata.items()) if isinstance(metadata, Mapping) else list(metadata)
-    settings = limits or Limits()
-
-    async def connect() -> Connection:
-        return _Call(channel, method, request, request_type, response_type, pairs,
-                     settings)
-
-    return ClientStream(connect, limits=settings, resume_timeout=resume_timeout,
-                        measure=lambda message: int(message.ByteSize()))
+            ack, request_deserializer=json_in, response_serializer=json_out)})

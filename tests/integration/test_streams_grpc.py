@@ -116,6 +116,37 @@ async def test_grpc_streams_survive_a_kill_9_of_their_member_exactly_once(
                 await restart(d, victim)
 
 
+async def test_grpc_streams_that_talk_both_ways_make_no_ack_calls(
+        grpc_streams_deployment: DemoDeployment) -> None:
+    """Both ends carry the acknowledgements in the call's messages (through Envoy, as
+    they are): while a stream talks both ways it makes no Ack call, and when it falls
+    silent at most one (what the client received last). With an Ack call for each
+    linger, 4 s of talk made about four a stream."""
+    from grpc import aio
+
+    from meshxl.streams import grpc_client
+
+    d = grpc_streams_deployment
+    rng = random.Random(17)
+    async with aio.insecure_channel(d.target) as channel:
+        before = await Charged.read(d)
+        talks = await _grpc_talks(channel, "grpc-carried", STREAMS)
+        try:
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(t.talk(100, 0.04, rng) for t in talks))
+            await asyncio.sleep(grpc_client.ACK_LINGER * 3)  # the last ones go
+            for t in talks:
+                t.check()
+        finally:
+            for t in talks:
+                await t.stream.aclose()
+        calls = sum((await Charged.read(d)).since(before).calls.values())
+    assert STREAMS <= calls <= 2 * STREAMS, calls  # the streams' calls, an Ack at most
+
+
+STREAMS = 4
+
+
 @dataclass
 class Charged:
     """What Envoy and the judge of predictive failover hold against the members: read
@@ -217,7 +248,7 @@ async def test_an_acknowledgement_refused_as_moved_is_charged_to_no_member(
     answers only the calls sent to it, and none is charged."""
     from grpc import aio
 
-    from meshxl.streams.grpcio import ACK_METHOD, REFUSAL, _json_in, _json_out
+    from meshxl.streams.grpcwire import ACK_METHOD, REFUSAL, json_in, json_out
     from meshxl.streams.protocol import MOVED
 
     d = grpc_streams_deployment
@@ -225,8 +256,8 @@ async def test_an_acknowledgement_refused_as_moved_is_charged_to_no_member(
     active = min(priorities, key=priorities.__getitem__)
     before = await Charged.read(d)
     async with Judged(d) as judged, aio.insecure_channel(d.target) as channel:
-        ack = channel.unary_unary(ACK_METHOD, request_serializer=_json_out,
-                                  response_deserializer=_json_in)
+        ack = channel.unary_unary(ACK_METHOD, request_serializer=json_out,
+                                  response_deserializer=json_in)
         for i in range(ACKS):
             with pytest.raises(aio.AioRpcError) as refused:
                 await ack({"id": new_token(), "recv": 0},

@@ -350,8 +350,8 @@ class _DeadCall:
         self.cancelled = False
 
     async def initial_metadata(self) -> tuple[tuple[str, str], ...]:
-        from meshxl.streams import grpcio
-        return ((grpcio.STREAM, self.token), (grpcio.FROM, "1"), (grpcio.IN, "0"))
+        from meshxl.streams import grpcwire
+        return ((grpcwire.STREAM, self.token), (grpcwire.FROM, "1"), (grpcwire.IN, "0"))
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._messages()
@@ -373,7 +373,7 @@ class _Message:
 
 
 class _Channel:
-    """Only what :class:`~meshxl.streams.grpcio._Call` asks of a channel (no socket)."""
+    """Only what :class:`~meshxl.streams.grpc_client._Call` asks of a channel (no socket)."""
 
     def __init__(self) -> None:
         self.calls: list[_DeadCall] = []
@@ -391,12 +391,12 @@ class _Channel:
 
 
 async def test_a_grpc_call_whose_send_failed_is_left_and_the_stream_resumes() -> None:
-    from meshxl.streams import grpcio
+    from meshxl.streams import grpc_client
 
     channel = _Channel()
 
-    async def connect() -> grpcio._Call:
-        return grpcio._Call(channel, "/m", None, None, _Message, [], Limits(ack_delay=0.01))
+    async def connect() -> grpc_client._Call:
+        return grpc_client._Call(channel, "/m", None, None, _Message, [], Limits(ack_delay=0.01))
 
     stream = ClientStream(connect, backoff=(0.001, 0.001))
     async with asyncio.timeout(2):
@@ -414,7 +414,7 @@ async def test_a_grpc_stream_has_one_ack_call_in_flight_and_the_next_carries_the
     Ack of the same stream meanwhile, and none is given up on a short deadline: each
     given up is a RST_STREAM on the shared connection. When it returns, one more
     carries what was acknowledged meanwhile."""
-    from meshxl.streams import grpcio
+    from meshxl.streams import grpc_client
 
     asked: list[dict[str, Any]] = []
     in_flight, most = 0, 0
@@ -435,7 +435,7 @@ async def test_a_grpc_stream_has_one_ack_call_in_flight_and_the_next_carries_the
                 return {"in": 0}
             return ack
 
-    call = grpcio._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
+    call = grpc_client._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
     call.token = TOKEN
     for seq in (1, 2, 3):
         await call.send_ack(seq)
@@ -453,7 +453,7 @@ async def test_a_closed_grpc_calls_ack_in_flight_is_left_to_finish() -> None:
     """A thousand streams breaking at once must not cancel a thousand Acks: each
     cancelled call is a RST_STREAM, and past nghttp2's burst of them Envoy closes the
     connection with every stream on it."""
-    from meshxl.streams import grpcio
+    from meshxl.streams import grpc_client
 
     answer, finished = asyncio.Event(), asyncio.Event()
 
@@ -465,7 +465,7 @@ async def test_a_closed_grpc_calls_ack_in_flight_is_left_to_finish() -> None:
                 return {"in": 0}
             return ack
 
-    call = grpcio._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
+    call = grpc_client._Call(SlowAcks(), "/m", None, None, _Message, [], Limits(ack_delay=0.01))
     call.token = TOKEN
     await call.send_ack(1)
     call._probe_now()
@@ -475,7 +475,7 @@ async def test_a_closed_grpc_calls_ack_in_flight_is_left_to_finish() -> None:
     async with asyncio.timeout(2):
         await finished.wait()  # not cancelled by the close
     await asyncio.sleep(0.01)
-    assert not call._acking and not grpcio._ACKS
+    assert not call._acking and not grpc_client._ACKS
     assert [f async for f in call.frames()] == []  # its answer dropped with the call
 
 

@@ -6,6 +6,8 @@ socket, no process (the stream is driven directly)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,12 @@ def _stream(consumed: int = 0, limits: Limits | None = None) -> ServerStream:
     record = StreamRecord(session="s", kind="sse", consumed=consumed)
     return ServerStream(new_token(), record, "1", limits or Limits(), lambda _: None,
                         lambda _: None, resumed=consumed > 0)
+
+
+class _Json:
+    """A message type whose messages are JSON documents."""
+
+    FromString = staticmethod(json.loads)
 
 
 async def _drain(stream: ServerStream, count: int) -> list[object]:
@@ -110,10 +118,10 @@ async def test_a_grpc_call_reset_is_not_the_clients_end() -> None:
 
     async def messages(count: int):  # type: ignore[no-untyped-def]
         for n in range(count):
-            yield {"n": n}
+            yield json.dumps({"n": n}).encode()
 
     reset = _stream()
-    reader = asyncio.create_task(grpcio._read(reset, messages(2)))
+    reader = asyncio.create_task(grpcio._read(reset, messages(2), _Json, False))
     await _drain(reset, 2)
     await asyncio.sleep(0)  # the messages ended; the cancellation comes at once
     reader.cancel()
@@ -122,7 +130,7 @@ async def test_a_grpc_call_reset_is_not_the_clients_end() -> None:
     assert await reset.receive() == {"n": 3}
 
     closed = _stream()  # a half-close that nothing cancels: the client's end
-    await grpcio._read(closed, messages(1))
+    await grpcio._read(closed, messages(1), _Json, False)
     assert await closed.receive() == {"n": 0}
     with pytest.raises(EOFError):
         await closed.receive()

@@ -122,7 +122,7 @@ def test_moved_is_no_failure_of_the_member_that_says_it() -> None:
     import grpc
 
     from meshxl.model.traffic import GRPC_RETRY_CONDITIONS
-    from meshxl.streams.grpcio import _RESUMABLE
+    from meshxl.streams.grpc_client import _RESUMABLE
     from meshxl.streams.protocol import MOVED
     from meshxl.xds.accesslog import http_sample
 

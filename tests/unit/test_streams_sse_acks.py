@@ -77,6 +77,9 @@ class _Sized:
     def ByteSize(self) -> int:  # noqa: N802 - protobuf's name
         return self.size
 
+    def SerializeToString(self) -> bytes:  # noqa: N802 - protobuf's name
+        return b"x" * self.size
+
 
 class _AckChannel:
     """A channel whose Ack calls are recorded (answered: nothing consumed yet)."""
@@ -100,23 +103,23 @@ class _Writable:
 
 
 def _grpc_call(channel: _AckChannel, limits: Limits) -> Any:
-    from meshxl.streams import grpcio
+    from meshxl.streams import grpc_client
 
-    call = grpcio._Call(channel, "/t.T/Talk", None, None, None, [],  # type: ignore[arg-type]
+    call = grpc_client._Call(channel, "/t.T/Talk", None, None, None, [],  # type: ignore[arg-type]
                         limits)
     call.token, call.call = new_token(), _Writable()
     return call
 
 
 async def test_a_grpc_clients_acknowledgements_and_questions_share_one_ack_call() -> None:
-    from meshxl.streams import grpcio
+    from meshxl.streams import grpc_client
 
     channel = _AckChannel()
     call = _grpc_call(channel, Limits(ack_delay=0.05))
     await call.send_ack(3)
     await call.send_message(1, _Sized(10))  # would ask what the handler consumed
     await call.send_ack(5)
-    await asyncio.sleep(grpcio.ACK_LINGER * 2)
+    await asyncio.sleep(grpc_client.ACK_LINGER * 2)
     assert [a["recv"] for a in channel.acks] == [5], channel.acks  # one call, the latest
     await call.close()
 
