@@ -27,6 +27,7 @@ member was cut off, elsewhere.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -93,7 +94,8 @@ class StreamHost:
         self.max_inflight = max_inflight
         self.live: dict[str, ServerStream] = {}
         self._of_session: dict[str, set[str]] = {}
-        self._dirty: dict[str, ServerStream] = {}
+        self._dirty: collections.OrderedDict[str, ServerStream] = collections.OrderedDict()
+        """Streams that want a commit and have none in flight, oldest first."""
         self._inflight = 0
         self._failing_since: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -263,21 +265,23 @@ class StreamHost:
     # -- commits --------------------------------------------------------------------------
 
     def _mark(self, stream: ServerStream) -> None:
-        if stream.stopped is None and self.live.get(stream.token) is stream:
+        """``stream`` wants a commit. One whose commit is in flight is left out: the
+        commit's end marks it again if it still wants one (:meth:`_commit`), so the
+        streams waiting are never walked past (with them in, each mark, one a
+        message, walked every stream of the process: 5 % of a WebSocket app's CPU at
+        1,000 streams, ``bench/streams.py``)."""
+        if stream.stopped is None and not stream.committing \
+                and self.live.get(stream.token) is stream:
             self._dirty[stream.token] = stream
             self._kick()
 
     def _kick(self) -> None:
         while self._dirty and self._inflight < self.max_inflight:
             batch: list[ServerStream] = []
-            for token, stream in list(self._dirty.items()):
-                if stream.committing:
-                    continue
-                del self._dirty[token]
-                if stream.wants_commit:
+            while self._dirty and len(batch) < self.max_batch:
+                _, stream = self._dirty.popitem(last=False)
+                if stream.wants_commit and not stream.committing:
                     batch.append(stream)
-                if len(batch) >= self.max_batch:
-                    break
             if not batch:
                 return
             self._inflight += 1

@@ -175,3 +175,25 @@ async def test_a_stream_that_only_pushes_acknowledges_once_per_connection() -> N
     await wait_until(lambda: again.acks == [1], timeout=5, what="the new consumed acknowledged")
     assert again.messages == [(4, {"echo": {"hi": 1}})] and conduit.acks == [0]
     await host.aclose()
+
+
+async def test_streams_marked_while_their_commit_is_in_flight_wait_outside_the_queue(
+        ) -> None:
+    """Many streams, each asking for a commit with every message, most with one in
+    flight: the queue holds only those that can go (each mark walked every stream
+    waiting), and each is committed again once its write lands, none forgotten."""
+    sessions = Sessions()
+    host = StreamHost(sessions, max_batch=4, max_inflight=1)  # type: ignore[arg-type]
+    streams = [await host.open(f"s{i}", "websocket", echo, Conduit()) for i in range(12)]
+    most = 0
+    for seq in range(1, 9):
+        for stream in streams:
+            stream.received(seq, seq)
+        await asyncio.sleep(0)
+        most = max(most, len(host._dirty))
+        assert not any(s.committing for s in host._dirty.values())
+    await wait_until(lambda: all(s.record.consumed == 8 for s in streams), timeout=5,
+                     what="every message of every stream committed")
+    assert sessions.refused == [] and all(s.stopped is None for s in streams)
+    assert most <= len(streams)
+    await host.aclose()
