@@ -50,6 +50,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -365,7 +366,12 @@ async def serve(member: str, listen: str, sidecar: str, token: str | None = None
     host, port = parse_hostport(listen)
     runner = mweb.Runner(make_app(member, sidecar, token, faults, clusters_by_host))
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    # A member takes over every stream of a peer that dies at once: two connections
+    # an event stream (its GET and its upload), one a WebSocket. aiohttp's default
+    # backlog (128) overflowed (bench/streams.py: 2,368 dropped SYNs in one SSE run);
+    # a dropped SYN outlasts Envoy's connect timeout, so the request went to another
+    # member, which refused it (421), and the stream resumed again and again.
+    await web.TCPSite(runner, host, port, backlog=socket.SOMAXCONN).start()
     log.info("member %s serving on %s, state in %s", member, listen, sidecar)
     try:
         await until_stopped()
