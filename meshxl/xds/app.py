@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aetcd
@@ -59,6 +59,18 @@ log = logging.getLogger(__name__)
 
 FAILOVER_RECORD_TTL = 300
 """Seconds a failover's trace context stays in etcd for late takeovers to link to."""
+
+
+STOP_STEP = 5.0
+"""Seconds each step of a stopping replica may take before it is given up."""
+
+
+async def _bounded(step: Awaitable[None], seconds: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await step
+    except TimeoutError:
+        log.warning("stopping: %s took more than %.1f s; given up", what, seconds)
 
 
 AdminPages = Callable[[web.Application, "ControlPlane"], None]
@@ -192,9 +204,15 @@ class ControlPlane:
                 "TLS" if self.tls.client_ca is None else "mutual TLS", self.ads.auth.describe())
 
     async def stop(self) -> None:
+        """Stop serving and let go of what this replica holds, each step bounded: with
+        etcd gone, grpc.aio's shutdown of the ADS server once waited minutes on its
+        streams' handlers (a test's teardown, 281 s), and a replica told to stop must
+        stop."""
         self._wake_at(None)
         if self._grpc is not None:
-            await self._grpc.stop(grace=0.5 if self._serving else None)
+            grace = 0.5 if self._serving else None
+            await _bounded(self._grpc.stop(grace=grace), (grace or 0.0) + STOP_STEP,
+                           "the ADS server's shutdown")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -205,9 +223,9 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.client is not None:
-            await self.nodes.revoke()
+            await _bounded(self.nodes.revoke(), STOP_STEP, "the node statuses' lease revoke")
             with contextlib.suppress(Exception):
-                await self.client.close()
+                await _bounded(self.client.close(), STOP_STEP, "the etcd client's close")
 
     async def run_forever(self) -> None:
         try:
