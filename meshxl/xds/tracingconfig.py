@@ -1,9 +1,10 @@
 """Envoy's request tracing, as the model asks for it (pure: model -> protos).
 
-Envoy's OpenTelemetry tracer, sampling the way OpenTelemetry SDKs do by default
-(``parentbased_traceidratio``): a request whose W3C ``traceparent`` carries the caller's
-decision keeps it, sampled or not, so a trace a client started stays whole through
-Envoy, the app and its sidecar; of the traces Envoy starts itself (no ``traceparent``)
+Envoy's OpenTelemetry tracer, sampling parent-based as OpenTelemetry SDKs do by default,
+with a trace-id ratio for its own traces (the SDKs' ``parentbased_traceidratio``): a
+request whose W3C ``traceparent`` carries the caller's decision keeps it, sampled or
+not, so a trace a client started stays whole through Envoy, the app and its sidecar;
+of the traces Envoy starts itself (no ``traceparent``)
 it records ``sampling_percent``, chosen by the trace id.
 
 The connection manager's own ``random_sampling`` stays at 100 %: below that Envoy
