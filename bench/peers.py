@@ -9,8 +9,10 @@ HAProxy and Redis are Debian's ``haproxy`` and ``redis-server``.
 WebSocket, TCP) one local meshxl deployment (high availability: a active, b standby, c
 backup; the sample counter app and its statesync sidecar each) with, in front of the
 same members, its own Envoy (meshxl's control plane), HAProxy and a static Envoy
-configured by hand. meshxl runs with its features on: stickiness, pins (HTTP: carried in
-a header), the access logs the sick-member judge reads, tracing. Sessions are first
+configured by hand. meshxl runs with its features on, as they default: stickiness, pins
+(HTTP: carried in a header), the access logs the sick-member judge reads, tracing (the
+clients start no trace; Envoy records the default share of those it starts). Sessions
+are first
 written straight to each member in turn (the standby's takeover path warm before the
 first kill, which went through whichever proxy came first). ``--runs`` times, the
 proxies in rotating order (over three runs each proxy goes first, second and last once;
@@ -177,7 +179,7 @@ async def one_failover(d: DemoDeployment, kind: str, target: str, sessions: int,
     if kind == "http":
         traffic = Traffic(f"http://{target}/counter", sessions, until,
                           max_requests=sessions * 2000, interval=interval, prefix=prefix,
-                          pin_header=PIN_HEADER)
+                          pin_header=PIN_HEADER, traced=False)
     elif kind == "grpc":
         traffic = StreamTraffic("grpc", target, sessions, until, max_requests=sessions * 2000,
                                 interval=interval, prefix=prefix)

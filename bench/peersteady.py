@@ -7,12 +7,14 @@ Envoy in front of the same members. Arms, each a short phase of the same steady 
 message per interval on a connection each), in rotating order over ``rounds`` rounds:
 
 * ``envoy-static``: the static Envoy;
-* ``meshxl``: meshxl's Envoy with its features on: stickiness, pins (HTTP: carried in
-  a header), the access logs the sick-member judge reads, tracing (a span per request
-  and per upstream attempt; the client starts every trace, sampled);
-* HTTP only, one feature off each (the model changed between arms, the control plane
-  pushes it, the arm starts once Envoy has it): ``-tracing``, ``-access-log``,
-  ``-pins``, and ``bare`` (all three off).
+* ``meshxl``: meshxl's Envoy with its features on, as they default: stickiness, pins
+  (HTTP: carried in a header), the access logs the sick-member judge reads, tracing
+  (the clients start no trace, as the static Envoy's; Envoy records the default share
+  of the traces it starts, a span per request and per upstream attempt);
+* HTTP only: ``traced``, the same with a client that starts every request's trace,
+  sampled (as the demo's: Envoy records each), and one feature off each (the model
+  changed between arms, the control plane pushes it, the arm starts once Envoy has
+  it): ``-tracing``, ``-access-log``, ``-pins``, and ``bare`` (all three off).
 
 Per arm, pooled over its rounds: request latency (p50, p99; the first
 :data:`WARM_UP` seconds of each phase, while connections open, left out) and the
@@ -46,15 +48,17 @@ PIN_HEADER = "x-meshxl-pin"
 FEATURES = ("tracing", "access-log", "pins")
 STATIC = "envoy-static"
 MESHXL = "meshxl"
+TRACED = "traced"
 LABEL = {"http": "HTTP/1.1", "grpc": "gRPC unary", "websocket": "WebSocket", "tcp": "TCP"}
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def arms(kind: str) -> list[str]:
-    """The arms of ``kind``: the two Envoys, and for HTTP each feature off."""
+    """The arms of ``kind``: the two Envoys, and for HTTP every request traced and each
+    feature off."""
     if kind != "http":
         return [STATIC, MESHXL]
-    return [STATIC, MESHXL, *(f"-{f}" for f in FEATURES), "bare"]
+    return [STATIC, MESHXL, TRACED, *(f"-{f}" for f in FEATURES), "bare"]
 
 
 def features_of(arm: str) -> set[str]:
@@ -123,15 +127,16 @@ async def _serve(d: DemoDeployment, features: set[str]) -> None:
 
 
 async def phase(kind: str, target: str, pid: int, sessions: int, interval: float,
-                seconds: float, prefix: str, pins: bool) -> dict[str, Any]:
+                seconds: float, prefix: str, pins: bool, traced: bool = False,
+                ) -> dict[str, Any]:
     """``seconds`` of steady load through ``target``; its latencies and the Envoy's
-    (``pid``) CPU per request."""
+    (``pid``) CPU per request. ``traced``: the HTTP client starts every trace, sampled."""
     until = time.time() + seconds
     traffic: Any
     if kind == "http":
         traffic = Traffic(f"http://{target}/counter", sessions, until,
                           max_requests=sessions * 1000, interval=interval, prefix=prefix,
-                          pin_header=PIN_HEADER if pins else None)
+                          pin_header=PIN_HEADER if pins else None, traced=traced)
     elif kind == "grpc":
         traffic = StreamTraffic("grpc", target, sessions, until,
                                 max_requests=sessions * 1000, interval=interval,
@@ -181,7 +186,8 @@ async def run_kind(work: Path, kind: str, rounds: int, sessions: int, interval: 
                 assert envoy.pid is not None
                 result = await phase(kind, target, envoy.pid, sessions, interval, seconds,
                                      f"{r}{names.index(arm)}-",
-                                     pins=arm != STATIC and "pins" in serving)
+                                     pins=arm != STATIC and "pins" in serving,
+                                     traced=arm == TRACED)
                 found[arm].append(result)
                 s = summary_ms(result["latencies_ms"])
                 print(f"  {kind:<9} round {r + 1} {arm:<13} p50 {s.get('p50')} p99 "
@@ -221,18 +227,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def costs(res: dict[str, Any]) -> dict[str, Any]:
     """Each feature's cost: Envoy CPU per request and latency p50, ``meshxl`` against the
-    arm without it (HTTP)."""
+    arm without it (HTTP); tracing every request: ``traced`` against ``meshxl``."""
     a = res["arms"]
-    full = a[MESHXL]
     out = {}
     for arm in a:
         if arm in (STATIC, MESHXL):
             continue
-        out[arm[1:] if arm.startswith("-") else "all three"] = {
-            "envoy_cpu_us_per_request": round((full["envoy_cpu_us_per_request"] or 0)
-                                              - (a[arm]["envoy_cpu_us_per_request"] or 0), 1),
-            "p50_ms": round((full["latency_ms"].get("p50") or 0)
-                            - (a[arm]["latency_ms"].get("p50") or 0), 2)}
+        more, less = (a[arm], a[MESHXL]) if arm == TRACED else (a[MESHXL], a[arm])
+        name = ("tracing every request" if arm == TRACED else "all three" if arm == "bare"
+                else arm[1:])
+        out[name] = {
+            "envoy_cpu_us_per_request": round((more["envoy_cpu_us_per_request"] or 0)
+                                              - (less["envoy_cpu_us_per_request"] or 0), 1),
+            "p50_ms": round((more["latency_ms"].get("p50") or 0)
+                            - (less["latency_ms"].get("p50") or 0), 2)}
     return out
 
 

@@ -67,7 +67,7 @@ def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
                algorithm: str = "maglev", pin: bool = False, protocol: str = "http",
                drain_window: float | None = None, failover: str = "",
                fields: Mapping[str, str] | None = None, pin_header: str | None = None,
-               hash_cookie: str | None = None) -> str:
+               hash_cookie: str | None = None, sampling_percent: float | None = None) -> str:
     """The demo cluster; ``pin``: sessions are pinned to the member that served them
     (``stickiness.pin``, cookie :data:`PIN_COOKIE`), the hash places new ones;
     ``pin_header``: pinned, the pin carried in this header instead (a client that sends
@@ -77,7 +77,8 @@ def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
     ``failover`` settings (YAML flow mapping); ``fields``: further cluster fields, each
     a YAML flow value (``{"degradation": "{action: off}"}``); ``hash_cookie``: HTTP
     sessions hash on this cookie instead of the session header (what a browser's
-    WebSocket carries)."""
+    WebSocket carries); ``sampling_percent``: of the traces Envoy starts, the share it
+    records (None: the model's default)."""
     sites = sorted({site for _, site in members})
     pinned = (f", pin: {{header: {pin_header}}}" if pin_header
               else f", pin: {{cookie: {{name: {PIN_COOKIE}}}}}" if pin else "")
@@ -92,6 +93,7 @@ def demo_model(mode: str, listen_port: int, members: Sequence[tuple[str, str]],
     fields = {"sessions": "{ttl: 5m}", **(fields or {})}  # fields may set sessions too
     lines += [f"    {name}: {value}" for name, value in fields.items()]
     extra = "".join(f"{line}\n" for line in lines)
+    sampled = "" if sampling_percent is None else f", sampling_percent: {sampling_percent:g}"
     return f"""\
 clusters:
   - name: {CLUSTER}
@@ -100,7 +102,7 @@ clusters:
     stickiness: {{algorithm: {algorithm}, {key}{pinned}}}
     sites: [{", ".join(f"{{name: {s}}}" for s in sites)}]
 {extra}    listener: {{address: {HOST}, port: {listen_port}}}
-{f"    failover: {failover}{chr(10)}" if failover else ""}telemetry: {{tracing: true}}
+{f"    failover: {failover}{chr(10)}" if failover else ""}telemetry: {{tracing: true{sampled}}}
 """
 
 
@@ -154,7 +156,8 @@ class DemoDeployment:
     """etcd + ``replicas`` control planes + three members + Envoy, all on loopback.
 
     ``trace_dir``: every process writes its spans there (and Envoy's go to an OTLP
-    receiver writing ``envoy.jsonl``); None runs without tracing. ``pin``: pinned
+    receiver writing ``envoy.jsonl``), and Envoy records every request it sees; None
+    collects no spans (Envoy's tracer samples as the model's default). ``pin``: pinned
     sessions (see :func:`demo_model`; ``pin_header``: pinned by that header); ``fields``:
     further cluster fields (ditto); ``hash_cookie``: sessions hash on this cookie (ditto).
     ``faults``: every app reads injected faults from a file of its own
@@ -250,7 +253,9 @@ class DemoDeployment:
             await apply_model(client, self.keys, demo_model(
                 self.mode, self.listen_port, [(m.name, m.site) for m in self.members],
                 self.algorithm, self.pin, self.protocol, self.drain_window, self.failover,
-                self.fields, self.pin_header, self.hash_cookie),
+                self.fields, self.pin_header, self.hash_cookie,
+                # A run that keeps its traces records every request Envoy sees.
+                100.0 if self.trace_dir is not None else None),
                 "demo model")
         otlp_port = None
         if self.trace_dir is not None:

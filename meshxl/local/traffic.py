@@ -51,11 +51,15 @@ class Traffic:
     def __init__(self, url: str, sessions: int, until: float, max_requests: int,
                  trace_file: Path | None = None,
                  interval: float = REQUEST_INTERVAL, prefix: str = "s",
-                 pin_header: str | None = None, request_timeout: float = 5.0) -> None:
+                 pin_header: str | None = None, request_timeout: float = 5.0,
+                 traced: bool = True) -> None:
         """``url`` may be changed while it runs (a site's clients sent to the other
         site); ``pin_header``: the header Envoy pins sessions with, kept per session
         and sent back, as a client of a pinned cluster does; ``request_timeout``: how
-        long a request may take before the client gives it up (a failure)."""
+        long a request may take before the client gives it up (a failure); ``traced``:
+        the client starts every request's trace, sampled (False: it sends no
+        ``traceparent``, and Envoy's own sampling decides)."""
+        self.traced = traced
         self.url = url
         self.request_timeout = request_timeout
         self.interval = interval
@@ -93,7 +97,8 @@ class Traffic:
         try:
             async with aiohttp.ClientSession(
                     timeout=timeout, connector=connector,
-                    trace_configs=client_trace_configs(tracer_provider=provider)) as http:
+                    trace_configs=client_trace_configs(tracer_provider=provider)
+                    if self.traced else []) as http:
                 await asyncio.gather(*(self._session(http, s, k)
                                        for k, s in enumerate(self.sessions)))
         finally:

@@ -99,7 +99,9 @@ class Telemetry(SpecModel, frozen=True, kw_only=True):
         "meshxl_otlp")
     """The bootstrap cluster of the OTLP/gRPC collector (``meshxl bootstrap --otlp``)."""
     service_name: Annotated[str, Meta(pattern=r"^[\x20-\x7e]+$", max_length=256)] = "envoy"
-    sampling_percent: Annotated[float, within(SHARE_PERCENT)] = 100.0
+    sampling_percent: Annotated[float, within(SHARE_PERCENT)] = 1.0
+    """Of the traces Envoy starts itself (a request without ``traceparent``), the share
+    it records; a caller's decision, sampled or not, is kept (docs/telemetry.md)."""
 
 
 MAX_VIRTUAL_SYSTEMS = 5_000

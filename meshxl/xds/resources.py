@@ -30,7 +30,6 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.config.trace.v3 import opentelemetry_pb2
 from envoy.extensions.filters.http.stateful_session.v3 import stateful_session_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -67,6 +66,7 @@ from meshxl.xds.protocols import (
     mark_generation,
     route_protocol,
 )
+from meshxl.xds.tracingconfig import trace
 from meshxl.xds.upgrades import build_upgrade_route, has_upgrade_cluster
 from meshxl.xds.warmup import MIN_FRACTION
 
@@ -439,13 +439,7 @@ def build_listener(name: str, address: str, port: int, telemetry: Telemetry | No
     )
     listener_protocols(hcm, websocket)
     if telemetry is not None and telemetry.tracing:
-        otel = opentelemetry_pb2.OpenTelemetryConfig(service_name=telemetry.service_name)
-        otel.grpc_service.envoy_grpc.cluster_name = telemetry.collector_cluster
-        hcm.tracing.provider.name = "envoy.tracers.opentelemetry"
-        hcm.tracing.provider.typed_config.Pack(otel)
-        hcm.tracing.random_sampling.value = telemetry.sampling_percent
-        # A span per upstream attempt: a failed attempt and its retry show in the trace.
-        hcm.tracing.spawn_upstream_span.value = True
+        trace(hcm, telemetry)
     listener = listener_pb2.Listener(name=name)
     listener.address.socket_address.address = address
     listener.address.socket_address.port_value = port

@@ -70,6 +70,8 @@ def test_the_steady_part_reads_features_from_listeners_and_routes() -> None:
     assert peersteady.features_served('"access_log": [') == {"access-log"}  # TCP proxy
     assert peersteady.features_served("{}") == set()
     assert peersteady.arms("tcp") == ["envoy-static", "meshxl"]
+    assert peersteady.arms("http")[:3] == ["envoy-static", "meshxl", "traced"]
+    assert peersteady.features_of("traced") == {"tracing", "access-log", "pins"}
     assert peersteady.features_of("-pins") == {"tracing", "access-log"}
     assert peersteady.features_of("bare") == set()
 
@@ -82,8 +84,10 @@ def test_each_filter_costs_what_its_arm_saves_and_the_verdicts_compare_to_static
     res = {"rounds": 6, "arms": {
         "envoy-static": _arm(10.0, 20.0, 50.0), "meshxl": _arm(10.4, 21.5, 90.0),
         "-tracing": _arm(10.2, 21.0, 70.0), "-access-log": _arm(10.3, 21.2, 80.0),
-        "-pins": _arm(10.4, 21.4, 85.0), "bare": _arm(10.0, 20.1, 52.0)}}
+        "-pins": _arm(10.4, 21.4, 85.0), "bare": _arm(10.0, 20.1, 52.0),
+        "traced": _arm(11.0, 23.0, 150.0)}}
     costs = peersteady.costs(res)
+    assert costs["tracing every request"]["envoy_cpu_us_per_request"] == 60.0
     assert costs["tracing"]["envoy_cpu_us_per_request"] == 20.0
     assert costs["all three"]["envoy_cpu_us_per_request"] == 38.0
     verdicts = {v.name: v for v in peersteady.verdicts({"http": res})}
