@@ -58,7 +58,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,7 +67,7 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.errors import detached
-from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
+from meshxl.etcd import EtcdUnavailable, MemberChanged, h2c, retryable
 from meshxl.etcd.fence import Fenced, raise_fence
 from meshxl.etcd.shards import parse_fence
 
@@ -396,7 +396,7 @@ class Batcher:
             # One member and nowhere else to go: one attempt, the whole deadline.
             timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if probing else remaining
             floor = self._history.floor()
-            call = _txn(ep.client)(request, timeout=timeout, metadata=ep.client.metadata)
+            call = _txn(ep.client)(request, timeout)
             try:
                 response = await (balancer.attempt(ep, call, timeout) if probing else call)
             except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
@@ -475,15 +475,30 @@ class Batcher:
             self._queue.popleft().settle(EtcdUnavailable("the store is closing"))
 
 
-def _txn(client: aetcd.Client) -> Any:
-    """``KV.Txn`` on the client's channel taking a serialized request (:mod:`.wire`),
-    made once per channel."""
+_Txn = Callable[[bytes, float], Awaitable[Any]]
+
+
+def _txn(client: aetcd.Client) -> _Txn:
+    """``KV.Txn`` taking a serialized request (:mod:`.wire`) and a timeout: over the
+    client's own HTTP/2 connection (:mod:`meshxl.etcd.h2c`, a plain client's), else on
+    its grpcio channel (TLS, credentials); made once per channel."""
     made = client.__dict__.get("_meshxl_txn")
     if made is None or made[0] is not client.channel:
-        call = client.channel.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
-                                          response_deserializer=rpc.TxnResponse.FromString)
+        if isinstance(client, h2c.Client):
+            channel = client.channel_h2c()
+
+            def call(request: bytes, timeout: float) -> Awaitable[Any]:
+                return channel.call(h2c.TXN, request, timeout, h2c.txn_parse)
+        else:
+            unary = client.channel.unary_unary(
+                h2c.TXN, request_serializer=None,
+                response_deserializer=rpc.TxnResponse.FromString)
+
+            def call(request: bytes, timeout: float) -> Awaitable[Any]:
+                return unary(request, timeout=timeout,  # type: ignore[no-any-return]
+                             metadata=client.metadata)
         made = client.__dict__["_meshxl_txn"] = (client.channel, call)
-    return made[1]
+    return made[1]  # type: ignore[no-any-return]
 
 
 def _fence_of(response: Any) -> int:
