@@ -90,10 +90,12 @@ class Channel:
         self._timer_at = 0.0
         self._closed = False
         self._calls = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of its calls, kept (:attr:`.h2conn.Connection.loop`)."""
 
     def call(self, path: str, request: bytes, timeout: float,
              parse: Callable[[bytes], Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(error(grpc.StatusCode.UNAVAILABLE, "the channel is closed"))
@@ -113,7 +115,7 @@ class Channel:
 
     def stream(self, path: str, request: bytes, parse: Callable[[bytes], Any]) -> StreamCall:
         """A stream opened with ``request``, its messages each ``parse``d."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         call = StreamCall(loop.create_future(), self._heads.get(path) or self._head(path),
                           b"\x00" + len(request).to_bytes(4, "big") + request, parse)
         call.cancel = lambda: self._cancel(call)
@@ -122,6 +124,10 @@ class Channel:
         else:
             self._start(call, loop)
         return call
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _start(self, call: Call, loop: asyncio.AbstractEventLoop) -> None:
         connection = self._connection
@@ -190,14 +196,14 @@ class Channel:
                 connection.start(call)
         if waiting and (connection is None or connection.transport is None
                         or connection.going_away):
-            self._dial(asyncio.get_running_loop())
+            self._dial(self._loop or self._bind())
 
     def lost(self, connection: Connection) -> None:
         """``connection`` closed or going away: the next call dials anew."""
         if self._connection is connection:
             self._connection = None
         if self._waiting and not self._closed:
-            self._dial(asyncio.get_running_loop())
+            self._dial(self._loop or self._bind())
 
     def close(self) -> None:
         """Fail what is under way (UNAVAILABLE) and close the connection."""
@@ -225,7 +231,7 @@ class Channel:
 
     def _expire(self) -> None:
         """Fail the calls past their deadline; drop those settled from the heap."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         now = loop.time()
         deadlines = self._deadlines
         self._timer = None

@@ -143,11 +143,12 @@ class StreamCall(Call):
     """A stream: one request message (its side stays open), then each message the
     server sends, read in order with :meth:`read` (``grpc.aio.EOF`` once it ended)."""
 
-    __slots__ = ("cancel", "closed", "consumed", "messages", "reader")
+    __slots__ = ("cancel", "closed", "consumed", "loop", "messages", "reader")
 
     def __init__(self, future: asyncio.Future[Any], head: bytes, message: bytes,
                  parse: Callable[[bytes], Any]):
         super().__init__(future, head, message, parse, 0.0, float("inf"))
+        self.loop = future.get_loop()
         self.end_stream = False
         self.messages: deque[Any] = deque()
         self.reader: asyncio.Future[None] | None = None
@@ -216,7 +217,7 @@ class StreamCall(Call):
                 if isinstance(closed, asyncio.CancelledError):
                     raise asyncio.CancelledError
                 raise closed
-            reader = self.reader = asyncio.get_running_loop().create_future()
+            reader = self.reader = self.loop.create_future()
             await reader
         return self.messages.popleft()
 

@@ -77,6 +77,9 @@ class Connection(asyncio.Protocol):
         import hpack  # loaded with the first connection (docs/performance.md, footprint)
 
         self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        """Kept: on Python 3.11 each ``asyncio.get_running_loop()`` is a ``getpid``
+        system call, and the hot path would make several a call."""
         self.decoder = hpack.Decoder()
         self.hpack_error: type[Exception] = hpack.HPACKError
         self.known: dict[bytes, dict[bytes, bytes]] = {}
@@ -115,14 +118,13 @@ class Connection(asyncio.Protocol):
         settings = struct.pack(">HLHL", 0x2, 0, 0x4, RECEIVE_WINDOW)  # no push; windows
         transport.write(PREFACE + frame(SETTINGS, 0, 0, settings) + frame(
             WINDOW_UPDATE, 0, 0, struct.pack(">L", RECEIVE_WINDOW - _DEFAULT_WINDOW)))
-        loop = asyncio.get_running_loop()
-        self.received_at = loop.time()
-        self.keepalive = loop.call_later(KEEPALIVE, self._keep_alive)
+        self.received_at = self.loop.time()
+        self.keepalive = self.loop.call_later(KEEPALIVE, self._keep_alive)
 
     def _keep_alive(self) -> None:
         if self.transport is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         silent = loop.time() - self.received_at
         if silent >= KEEPALIVE and self.streams:
             self.ping(f"{silent:.1f} s without a frame")
@@ -134,7 +136,7 @@ class Connection(asyncio.Protocol):
         :data:`PING_TIMEOUT`."""
         if self.pinged is None and self.transport is not None:
             self.out.append(frame(PING, 0, 0, b"meshxl\0\0"))
-            self.pinged = asyncio.get_running_loop().call_later(
+            self.pinged = self.loop.call_later(
                 PING_TIMEOUT, self.abort, f"{why}, and no answer to a PING in "
                                           f"{PING_TIMEOUT:g} s")
 
@@ -171,7 +173,7 @@ class Connection(asyncio.Protocol):
         write."""
         if not self.flushing:
             self.flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     # -- calls ------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Connection(asyncio.Protocol):
             self.owner.lost(self)
         call.stream = stream
         call.window = self.initial_window
-        call.sent = now = asyncio.get_running_loop().time()
+        call.sent = now = self.loop.time()
         self.streams[stream] = call
         head = call.head
         if call.end_stream:  # a unary call: its deadline goes with it
@@ -247,7 +249,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
         pos, end = 0, len(buffer)
-        self.received_at = asyncio.get_running_loop().time()
+        self.received_at = self.loop.time()
         if self.pinged is not None:  # anything received: the connection is alive
             self.pinged.cancel()
             self.pinged = None
@@ -296,8 +298,8 @@ class Connection(asyncio.Protocol):
         if self.consumed >= RECEIVE_WINDOW // 2:
             self.out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">L", self.consumed)))
             self.consumed = 0
-        if self.out:
-            self._flush()
+        if self.out:  # PING acknowledgements with the calls this turn starts: one write
+            self._flush_soon()
 
     def _data(self, stream: int, flags: int, payload: bytes) -> None:
         self.consumed += len(payload)

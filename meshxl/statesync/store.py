@@ -260,6 +260,13 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
         self.fencing: Fencing | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop its batches run on, kept: on Python 3.11 each
+        ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def submit(self, request: bytes | rpc.RequestOp,
                      parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
@@ -277,7 +284,7 @@ class Batcher:
         a plain read)."""
         if not isinstance(request, bytes):
             request = request.SerializeToString()
-        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Answer] = (self._loop or self._bind()).create_future()
         fencing = self.fencing
         self._queue.append(Op(request, size, parse, future, resend, width=width,
                                fence=fencing.version() if fencing is not None else UNFENCED))
@@ -287,7 +294,7 @@ class Batcher:
                                                 bool]]) -> asyncio.Future[list[Any]]:
         """Queue ``(request, parse, size, resend)`` ops together (no send: :meth:`kick`):
         one future for their answers, in order, each a result or an exception."""
-        group = Group(len(ops))
+        group = Group(len(ops), (self._loop or self._bind()).create_future())
         append = self._queue.append
         fencing = self.fencing
         fence = fencing.version() if fencing is not None else UNFENCED
@@ -313,13 +320,13 @@ class Batcher:
                                  self._max_ops):
             batch = take_batch(queue, self._max_ops, self._max_bytes)
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            task = (self._loop or self._bind()).create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[Op]) -> None:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         flight = Flight(loop.time())
         self._flights.append(flight)
         if self._stall_check is None:
