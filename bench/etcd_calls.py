@@ -11,8 +11,9 @@ alternating rounds: grpcio (``KV.Txn`` on the aetcd client's channel, the watch 
 ``Watch`` stream on it) and h2c (both over one HTTP/2 connection on the event loop).
 Reported: the process's CPU microseconds per transaction (its own threads included:
 grpcio's event engine and completion-queue poller), the least and the median of the
-rounds, and transactions per second. CPU per call does not depend on how busy the
-machine is nearly as much as a rate does; etcd's own CPU is not in it. No targets:
+rounds, and transactions per second; beside it etcd's CPU per transaction, each
+client's requests as etcd takes them. CPU per call does not depend on how busy the
+machine is nearly as much as a rate does. No targets:
 ``bench/statesync.py`` judges the sidecar end to end.
 """
 
@@ -35,6 +36,7 @@ from meshxl.local.procs import Owner
 from meshxl.local.servers import start_etcd
 from meshxl.loops import loop_factory
 from meshxl.statesync import wire
+from meshxl.stats import cpu_seconds
 
 WRITERS = 64
 VALUE = b"x" * 1024
@@ -44,7 +46,8 @@ PREFIX = b"/bench-calls/"
 _ROUNDS = iter(range(1 << 30))
 
 
-async def _round(client: h2c.Client, kind: str, calls: int) -> dict[str, float]:
+async def _round(client: h2c.Client, kind: str, calls: int, etcd_pid: int = 0
+                 ) -> dict[str, float]:
     """``calls`` transactions from :data:`WRITERS` writers, a watch reading their events
     (each round on keys of its own: every transaction applies)."""
     head = await client.kvstub.Range(rpc.RangeRequest(key=b"\0", limit=1))
@@ -93,14 +96,19 @@ async def _round(client: h2c.Client, kind: str, calls: int) -> dict[str, float]:
     else:
         watcher = asyncio.ensure_future(watch())
     await asyncio.sleep(0.05)  # the watch is open
+    server = cpu_seconds(etcd_pid) if etcd_pid else None
     cpu, wall = time.process_time(), time.perf_counter()
     async with asyncio.timeout(60.0):
         await asyncio.gather(*(writer(i) for i in range(WRITERS)))
         await done.wait()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    after = cpu_seconds(etcd_pid) if etcd_pid else None
+    etcd_us = (after - server) / calls * 1e6 if after is not None and server is not None \
+        else float("nan")
     watcher.cancel()
     await asyncio.gather(watcher, return_exceptions=True)
-    return {"us_per_txn": cpu / calls * 1e6, "txn_per_s": calls / wall}
+    return {"us_per_txn": cpu / calls * 1e6, "txn_per_s": calls / wall,
+            "etcd_us_per_txn": etcd_us}
 
 
 async def _grpcio_watch(client: Any, prefix: bytes, end: bytes, start: int, calls: int,
@@ -123,7 +131,8 @@ async def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
         stack = Owner(Path(work), grace=3.0)
         try:
-            url, _ = await start_etcd(stack)
+            url, etcd_proc = await start_etcd(stack)
+            assert etcd_proc.pid is not None
             client = etcd.client(url)
             assert isinstance(client, h2c.Client)
             await client.connect()
@@ -133,7 +142,7 @@ async def run(quick: bool) -> dict[str, Any]:
                     await _round(client, kind, 500)
                 for r in range(rounds):
                     for kind in (("grpcio", "h2c") if r % 2 == 0 else ("h2c", "grpcio")):
-                        runs[kind].append(await _round(client, kind, calls))
+                        runs[kind].append(await _round(client, kind, calls, etcd_proc.pid))
             finally:
                 await client.close()
         finally:
@@ -143,10 +152,12 @@ async def run(quick: bool) -> dict[str, Any]:
     for kind, results in runs.items():
         cpu = sorted(x["us_per_txn"] for x in results)
         rate = sorted(x["txn_per_s"] for x in results)
+        server = sorted(x["etcd_us_per_txn"] for x in results)
         out["modes"][kind] = {"us_per_txn_least": round(cpu[0], 1),
                               "us_per_txn_median": round(cpu[len(cpu) // 2], 1),
                               "us_per_txn": [round(x["us_per_txn"], 1) for x in results],
-                              "txn_per_s_median": round(rate[len(rate) // 2])}
+                              "txn_per_s_median": round(rate[len(rate) // 2]),
+                              "etcd_us_per_txn_median": round(server[len(server) // 2], 1)}
     grpcio, lean = out["modes"]["grpcio"], out["modes"]["h2c"]
     out["ratio_median"] = round(lean["us_per_txn_median"] / grpcio["us_per_txn_median"], 3)
     return out
@@ -168,7 +179,7 @@ def main() -> int:
     for kind, m in res["modes"].items():
         print(f"  {kind:<8} CPU us per transaction: least {m['us_per_txn_least']:7.1f}  "
               f"median {m['us_per_txn_median']:7.1f}  ({m['txn_per_s_median']:,} txn/s "
-              f"median)  {m['us_per_txn']}")
+              f"median; etcd {m['etcd_us_per_txn_median']} us)  {m['us_per_txn']}")
     print(f"  h2c / grpcio, median CPU per transaction: {res['ratio_median']:.3f}x")
     print(f"  results: {path}\n  ran in {res['seconds']} s")
     return 0
