@@ -24,6 +24,7 @@ import grpc
 from meshxl import tls
 from meshxl.addr import bracketed
 from meshxl.errors import InputError
+from meshxl.etcd import h2c
 from meshxl.etcd.balancer import Endpoint
 from meshxl.etcd.endpoints import EtcdEndpointError, parse_urls
 
@@ -183,7 +184,7 @@ def _one_client(host: str, port: int, tls: bool, security: EtcdSecurity,
                 timeout: float | None, options: dict[str, Any]) -> aetcd.Client:
     host = bracketed(host)
     if not tls and not security.user:
-        return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+        return h2c.Client(host=host, port=port, timeout=timeout, options=options)
     from meshxl.etcd.auth import SecureClient, TokenAuth
 
     return SecureClient(host=host, port=port, timeout=timeout, options=options,

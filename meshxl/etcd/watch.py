@@ -15,6 +15,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 
+from meshxl.etcd import h2c
 from meshxl.etcd.balancer import DOWN, UP, Balancer, Endpoint, balancer_of
 
 __all__ = ["CANCEL_TIMEOUT", "cancel_watch", "member_events", "watch_responses"]
@@ -73,7 +74,8 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
 
     The lean path, for a watch that sees every write (the session cache): aetcd's
     watcher wraps each event in objects and passes it through a lock, a callback and a
-    queue, which cost more than applying it. Ends with ``RevisionCompactedError`` when
+    queue, which cost more than applying it; on a plain client it is a stream of
+    :mod:`meshxl.etcd.h2c`, without grpcio's threads. Ends with ``RevisionCompactedError`` when
     ``start_revision`` is compacted, and with ``ConnectionFailedError`` when the stream
     ends, etcd cancels the watch, or (several members) its member stops being up: the
     caller resumes from the last revision it applied, elsewhere if need be. A watch etcd
@@ -84,7 +86,14 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
     balancer = balancer_of(client)
     ep = balancer.current
     member = ep.client
-    call = rpc.WatchStub(member.channel).Watch(metadata=member.metadata)
+    create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+        key=key, range_end=range_end, start_revision=start_revision))
+    call: Any
+    if isinstance(member, h2c.Client):  # no TLS, no token: grpcio's threads left out
+        call = member.channel_h2c().stream(h2c.WATCH, create.SerializeToString(),
+                                           h2c.watch_parse)
+    else:
+        call = rpc.WatchStub(member.channel).Watch(metadata=member.metadata)
     gone: list[str] = []
 
     async def watchdog() -> None:
@@ -97,8 +106,8 @@ async def watch_responses(client: aetcd.Client, key: bytes, range_end: bytes,
 
     guard = asyncio.get_running_loop().create_task(watchdog()) if balancer.probing else None
     try:
-        await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=key, range_end=range_end, start_revision=start_revision)))
+        if not isinstance(call, h2c.StreamCall):
+            await call.write(create)
         while True:
             try:
                 response = await call.read()

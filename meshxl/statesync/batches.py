@@ -73,8 +73,8 @@ class Group:
 
     __slots__ = ("future", "pending", "results")
 
-    def __init__(self, size: int):
-        self.future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+    def __init__(self, size: int, future: asyncio.Future[list[Any]]):
+        self.future = future
         self.results: list[Any] = [_PENDING] * size
         self.pending = size
 

@@ -58,7 +58,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,7 +67,7 @@ from aetcd import rpc
 
 from meshxl import etcd
 from meshxl.errors import detached
-from meshxl.etcd import EtcdUnavailable, MemberChanged, retryable
+from meshxl.etcd import EtcdUnavailable, MemberChanged, h2c, retryable
 from meshxl.etcd.fence import Fenced, raise_fence
 from meshxl.etcd.shards import parse_fence
 
@@ -260,6 +260,13 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch
         self.fencing: Fencing | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop its batches run on, kept: on Python 3.11 each
+        ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
+
+    def _bind(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def submit(self, request: bytes | rpc.RequestOp,
                      parse: Callable[[Any, int, bool], _Answer], size: int = 64, *,
@@ -277,7 +284,7 @@ class Batcher:
         a plain read)."""
         if not isinstance(request, bytes):
             request = request.SerializeToString()
-        future: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Answer] = (self._loop or self._bind()).create_future()
         fencing = self.fencing
         self._queue.append(Op(request, size, parse, future, resend, width=width,
                                fence=fencing.version() if fencing is not None else UNFENCED))
@@ -287,7 +294,7 @@ class Batcher:
                                                 bool]]) -> asyncio.Future[list[Any]]:
         """Queue ``(request, parse, size, resend)`` ops together (no send: :meth:`kick`):
         one future for their answers, in order, each a result or an exception."""
-        group = Group(len(ops))
+        group = Group(len(ops), (self._loop or self._bind()).create_future())
         append = self._queue.append
         fencing = self.fencing
         fence = fencing.version() if fencing is not None else UNFENCED
@@ -313,13 +320,13 @@ class Batcher:
                                  self._max_ops):
             batch = take_batch(queue, self._max_ops, self._max_bytes)
             self._inflight += 1
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            task = (self._loop or self._bind()).create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[Op]) -> None:
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind()
         flight = Flight(loop.time())
         self._flights.append(flight)
         if self._stall_check is None:
@@ -396,7 +403,7 @@ class Batcher:
             # One member and nowhere else to go: one attempt, the whole deadline.
             timeout = min(etcd.ATTEMPT_TIMEOUT, remaining) if probing else remaining
             floor = self._history.floor()
-            call = _txn(ep.client)(request, timeout=timeout, metadata=ep.client.metadata)
+            call = _txn(ep.client)(request, timeout)
             try:
                 response = await (balancer.attempt(ep, call, timeout) if probing else call)
             except (rpc.AioRpcError, TimeoutError, MemberChanged) as exc:
@@ -475,15 +482,30 @@ class Batcher:
             self._queue.popleft().settle(EtcdUnavailable("the store is closing"))
 
 
-def _txn(client: aetcd.Client) -> Any:
-    """``KV.Txn`` on the client's channel taking a serialized request (:mod:`.wire`),
-    made once per channel."""
+_Txn = Callable[[bytes, float], Awaitable[Any]]
+
+
+def _txn(client: aetcd.Client) -> _Txn:
+    """``KV.Txn`` taking a serialized request (:mod:`.wire`) and a timeout: over the
+    client's own HTTP/2 connection (:mod:`meshxl.etcd.h2c`, a plain client's), else on
+    its grpcio channel (TLS, credentials); made once per channel."""
     made = client.__dict__.get("_meshxl_txn")
     if made is None or made[0] is not client.channel:
-        call = client.channel.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
-                                          response_deserializer=rpc.TxnResponse.FromString)
+        if isinstance(client, h2c.Client):
+            channel = client.channel_h2c()
+
+            def call(request: bytes, timeout: float) -> Awaitable[Any]:
+                return channel.call(h2c.TXN, request, timeout, h2c.txn_parse)
+        else:
+            unary = client.channel.unary_unary(
+                h2c.TXN, request_serializer=None,
+                response_deserializer=rpc.TxnResponse.FromString)
+
+            def call(request: bytes, timeout: float) -> Awaitable[Any]:
+                return unary(request, timeout=timeout,  # type: ignore[no-any-return]
+                             metadata=client.metadata)
         made = client.__dict__["_meshxl_txn"] = (client.channel, call)
-    return made[1]
+    return made[1]  # type: ignore[no-any-return]
 
 
 def _fence_of(response: Any) -> int:

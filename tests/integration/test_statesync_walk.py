@@ -11,7 +11,9 @@ housekeeping). Three things are held:
   stack when its etcd transaction goes out (a call from a meshxl frame into gRPC),
   where the stack of a task the PUT made is continued by the stack that made the task
   (the connection's callback that took the request up, down to the batch's task): at
-  most :data:`MAX_SPINE`, and equal to the doc's spine list. Every other module the PUT
+  most :data:`MAX_SPINE`, and equal to the doc's spine list (the transaction goes out in
+  a call into gRPC or into ``meshxl.etcd.h2c``'s ``Channel.call``, a plain client's
+  HTTP/2 path, neither of them part of the spine). Every other module the PUT
   runs in is a *leaf*: its functions are called and return while no transaction of
   the PUT is under way from them;
 * with session shards (one shard, its own etcd), the same spine: the shard is chosen
@@ -49,6 +51,15 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = str(Path(meshxl.__file__).resolve().parent)
 GRPC = "/grpc/"
+H2C = "meshxl/etcd/h2c.py"
+"""A plain etcd client's transactions go out through ``Channel.call`` there rather than
+through gRPC (``meshxl.etcd.h2c``): the call that sends, not a module that carries."""
+TRANSPORT = frozenset({H2C, "meshxl/etcd/h2conn.py", "meshxl/etcd/h2calls.py",
+                       "meshxl/h2wire.py"})
+"""That HTTP/2 path's modules: named in the walk like any module a PUT runs in, but left
+out of the returns counted, as grpcio's code (outside meshxl) is on a secure client's
+path: its frames, calls and connection calling each other are the transport's own
+work, not the PUT's path going back and forth."""
 
 MAX_SPINE = 5
 """Modules that carry a PUT to etcd, at most (issue 39)."""
@@ -126,6 +137,8 @@ class Trace:
         return task
 
     def _stay(self, task: asyncio.Task[Any] | None, module: str) -> None:
+        if module in TRANSPORT:
+            return
         stays = self.stays.setdefault(task, [])
         if not stays or stays[-1] != module:
             stays.append(module)
@@ -140,13 +153,14 @@ class Trace:
         if task is not None and task in self.background:
             return
         module = _module(frame)
+        if event == "call" and (module is None and GRPC in frame.f_code.co_filename
+                                or module == H2C and frame.f_code.co_name == "call"):
+            caller = frame.f_back  # the transaction goes out (the store's etcd call)
+            if caller is not None and _module(caller) is not None:
+                self.sent += 1
+                self.spine.update(_modules_on(caller))
+                self.spine.update(self.lineage.get(task, ()))
         if module is None:
-            if event == "call" and GRPC in frame.f_code.co_filename:
-                caller = frame.f_back
-                if caller is not None and _module(caller) is not None:
-                    self.sent += 1
-                    self.spine.update(_modules_on(caller))
-                    self.spine.update(self.lineage.get(task, ()))
             return
         caller = frame.f_back
         caller_module = _module(caller) if caller is not None else None

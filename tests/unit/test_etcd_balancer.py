@@ -355,7 +355,10 @@ def test_the_kubernetes_etcd_runs_with_pre_vote() -> None:
 def test_a_multi_member_client_is_balanced_and_a_single_one_stays_plain() -> None:
     import aetcd
 
-    assert type(etcd.client("http://127.0.0.1:2379")) is aetcd.Client
+    from meshxl.etcd import h2c
+
+    plain = etcd.client("http://127.0.0.1:2379")
+    assert type(plain) is h2c.Client and isinstance(plain, aetcd.Client)
     balanced = etcd.client("http://127.0.0.1:2379,http://127.0.0.2:2379")
     assert isinstance(balanced, etcd.BalancedClient)
     assert [ep.name for ep in balanced.balancer.endpoints] == ["127.0.0.1:2379",

@@ -60,11 +60,16 @@ def test_https_endpoints_are_accepted_and_schemes_never_mixed() -> None:
 def test_plain_clients_stay_vanilla_and_secure_ones_are_not() -> None:
     import aetcd
 
-    assert type(etcd.client("http://127.0.0.1:2379")) is aetcd.Client
-    assert type(etcd.client("https://127.0.0.1:2379")) is not aetcd.Client
+    from meshxl.etcd import h2c
+
+    # A plain client is aetcd's own, plus its HTTP/2 channel (meshxl.etcd.h2c); a
+    # secure one keeps grpcio's channel and its interceptors, never that channel.
+    assert type(etcd.client("http://127.0.0.1:2379")) is h2c.Client
+    secure = etcd.client("https://127.0.0.1:2379")
+    assert isinstance(secure, aetcd.Client) and not isinstance(secure, h2c.Client)
     authed = etcd.client("http://127.0.0.1:2379",
                          security=etcd.EtcdSecurity(user="u", password="p"))
-    assert type(authed) is not aetcd.Client
+    assert isinstance(authed, aetcd.Client) and not isinstance(authed, h2c.Client)
 
 
 @pytest.mark.parametrize(("security", "message"), [

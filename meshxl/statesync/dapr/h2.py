@@ -44,17 +44,33 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 
+from meshxl.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+)
+from meshxl.h2wire import frame as _frame
+from meshxl.h2wire import keeps_table as _keeps_table
+from meshxl.h2wire import literal as _literal
+
 __all__ = ["MAX_MESSAGE", "MAX_STREAMS", "Call", "Connections", "Early", "GrpcConnection",
            "Handler",
            "serve_on", "trailers"]
 
 log = logging.getLogger(__name__)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
-    CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
 REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x8, 0x9, 0xB
 MAX_FRAME = 16_384
@@ -100,69 +116,6 @@ answered at once and its stream reset; None: read its message and call the handl
 
 _OK_TRAILERS = b"\x00\x0bgrpc-status\x010"
 """``grpc-status: 0`` (:func:`trailers`), the same for every call answered."""
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return struct.pack(">BHBBL", size >> 16, size & 0xFFFF, kind, flags, stream) + payload
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """A header field, literal without indexing, new name (no Huffman)."""
-    return b"\x00" + _length(name) + name + _length(value) + value
-
-
-def _length(text: bytes) -> bytes:
-    size = len(text)
-    if size < 127:
-        return bytes((size,))
-    size -= 127
-    out = bytearray((127,))
-    while size >= 128:
-        out.append(size & 0x7F | 0x80)
-        size >>= 7
-    out.append(size)
-    return bytes(out)
-
-
-def _integer(block: bytes, at: int, prefix: int) -> tuple[int, int]:
-    """An HPACK integer of ``prefix`` bits at ``at`` (RFC 7541 section 5.1): its value
-    and where what follows it starts."""
-    value = block[at] & prefix
-    at += 1
-    if value < prefix:
-        return value, at
-    shift = 0
-    while True:
-        byte = block[at]
-        at += 1
-        value += (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def _keeps_table(block: bytes) -> bool:
-    """Whether decoding a header block leaves the HPACK dynamic table as it was: only
-    indexed fields and literals not indexed (RFC 7541 sections 6.1, 6.2.2, 6.2.3), no
-    literal added to the table, no table size update. Then its decoding depends on the
-    table alone, and the same bytes decode the same while the table is unchanged."""
-    at, end = 0, len(block)
-    try:
-        while at < end:
-            first = block[at]
-            if first & 0x80:  # indexed
-                at = _integer(block, at, 0x7F)[1]
-            elif first & 0x60:  # a literal added to the table; a table size update
-                return False
-            else:  # a literal without indexing or never indexed: name (index 0), value
-                index, at = _integer(block, at, 0x0F)
-                for _ in range(1 if index else 2):
-                    size, at = _integer(block, at, 0x7F)
-                    at += size
-    except IndexError:
-        return False
-    return at == end
 
 
 def _grpc_message(text: str) -> bytes:

@@ -1,0 +1,333 @@
+"""The etcd client's HTTP/2 path (meshxl.etcd.h2c, .h2conn, .h2calls) against the
+reference implementation of HTTP/2, python-hyper's h2, as the server: calls with
+requests beyond the frame and window sizes (generated), answers in any chunks, a watch's
+messages split across frames, gRPC statuses, GOAWAY, a lost connection, a deadline.
+No socket: the two ends exchange bytes in memory (real etcd: the statesync integration
+tests, whose sidecars use it)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import hpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshxl import h2wire
+from meshxl.etcd import h2c, h2conn
+from meshxl.etcd.h2calls import Call, grpc_timeout
+from meshxl.etcd.h2conn import Connection
+
+
+def grpc_message(payload: bytes) -> bytes:
+    return b"\x00" + struct.pack(">L", len(payload)) + payload
+
+
+class Pipe:
+    """The client connection's transport: what it writes, kept."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed = False
+        self.aborted = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def take(self) -> bytes:
+        out, self.data = bytes(self.data), bytearray()
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+        self.aborted.set()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class Owner:
+    host, port = "127.0.0.1", 2379
+
+    def __init__(self) -> None:
+        self.lost_count = 0
+        self.drained = 0
+
+    def drain(self) -> None:
+        self.drained += 1
+
+    def lost(self, connection: Connection) -> None:
+        self.lost_count += 1
+
+
+class Server:
+    """h2 as etcd's side: takes the client's bytes, answers as told."""
+
+    def __init__(self, window: int = 65_535, frame_size: int = 16_384) -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding="utf-8"))
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: frame_size})
+        self.h2.initiate_connection()
+        self.requests: dict[int, bytearray] = {}
+        self.headers: dict[int, dict[str, str]] = {}
+        self.ended: set[int] = set()
+        self.reset: set[int] = set()
+
+    def receive(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                self.headers[event.stream_id] = dict(event.headers)
+                self.requests[event.stream_id] = bytearray()
+            elif isinstance(event, h2.events.DataReceived):
+                self.requests[event.stream_id] += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length,
+                                                  event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self.reset.add(event.stream_id)
+
+    def answer(self, stream: int, message: bytes | None, status: int = 0,
+               text: str = "") -> None:
+        if message is None:  # trailers only
+            self.h2.send_headers(stream, [(":status", "200"), ("content-type",
+                                                              "application/grpc"),
+                                          ("grpc-status", str(status)),
+                                          ("grpc-message", text)], end_stream=True)
+            return
+        self.h2.send_headers(stream, [(":status", "200"),
+                                      ("content-type", "application/grpc")])
+        self.send(stream, grpc_message(message))
+        self.h2.send_headers(stream, [("grpc-status", str(status))], end_stream=True)
+
+    def send(self, stream: int, data: bytes) -> None:
+        """DATA in frames of the client's size (its window is 1 GiB)."""
+        size = self.h2.max_outbound_frame_size
+        for at in range(0, len(data), size):
+            self.h2.send_data(stream, data[at:at + size])
+
+    def take(self) -> bytes:
+        return self.h2.data_to_send()
+
+
+def exchange(client: Connection, pipe: Pipe, server: Server, chunk: int = 1 << 20) -> None:
+    """Bytes both ways until neither side has more."""
+    for _ in range(1000):
+        out = pipe.take()
+        if out:
+            server.receive(out)
+        back = server.take()
+        for at in range(0, len(back), chunk):
+            client.data_received(back[at:at + chunk])
+        client._flush()
+        if not out and not back and not pipe.data:
+            return
+    raise AssertionError("no end to the exchange")
+
+
+def connect(server: Server) -> tuple[Connection, Pipe, Owner]:
+    owner = Owner()
+    connection = Connection(owner)
+    pipe = Pipe()
+    connection.connection_made(pipe)  # type: ignore[arg-type]
+    exchange(connection, pipe, server)
+    return connection, pipe, owner
+
+
+def unary(connection: Connection, request: bytes, timeout: float = 5.0) -> Call:
+    loop = asyncio.get_running_loop()
+    call = Call(loop.create_future(), h2c.Channel("127.0.0.1", 2379)._head(h2c.TXN),
+                grpc_message(request), bytes, timeout, loop.time() + timeout)
+    connection.start(call)
+    connection._flush()
+    return call
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(requests=st.lists(st.binary(max_size=150_000), min_size=1, max_size=4),
+       window=st.sampled_from([65_535, 16_384, 1 << 20]),
+       frame_size=st.sampled_from([16_384, 65_536]), chunk=st.integers(1, 40_000))
+def test_calls_reach_h2_whole_and_their_answers_come_back(
+        requests: list[bytes], window: int, frame_size: int, chunk: int) -> None:
+    async def run() -> None:
+        server = Server(window, frame_size)
+        connection, pipe, _ = connect(server)
+        calls = [unary(connection, request) for request in requests]
+        futures = [call.future for call in calls]
+        exchange(connection, pipe, server, chunk)
+        for call, request in zip(calls, requests, strict=True):
+            assert call.stream in server.ended  # END_STREAM after the whole message
+            assert bytes(server.requests[call.stream]) == grpc_message(request)
+            headers = server.headers[call.stream]
+            assert headers[":path"] == h2c.TXN and headers[":method"] == "POST"
+            assert headers["content-type"] == "application/grpc"
+            assert headers["te"] == "trailers" and headers["grpc-timeout"].endswith("m")
+            server.answer(call.stream, request[::-1])
+        exchange(connection, pipe, server, chunk)
+        for future, request in zip(futures, requests, strict=True):
+            assert future is not None and future.result() == request[::-1]
+        assert not connection.streams
+    asyncio.run(run())
+
+
+async def test_an_answer_is_the_parsed_message_and_a_status_an_aio_rpc_error() -> None:
+    server = Server()
+    connection, pipe, _ = connect(server)
+    ok, refused, trailers_only = (unary(connection, b"a"), unary(connection, b"b"),
+                                  unary(connection, b"c"))
+    futures = [ok.future, refused.future, trailers_only.future]
+    exchange(connection, pipe, server)
+    server.answer(ok.stream, b"answer")
+    server.answer(refused.stream, b"", status=9)
+    server.answer(trailers_only.stream, None, status=3, text="lease%20not%20found")
+    exchange(connection, pipe, server)
+    assert futures[0] is not None and futures[0].result() == b"answer"
+    assert futures[1] is not None
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        futures[1].result()
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert futures[2] is not None
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        futures[2].result()
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details() == "lease not found"
+
+
+async def test_a_watch_reads_every_message_in_order_however_split() -> None:
+    server = Server()
+    owner = Owner()
+    channel = h2c.Channel("127.0.0.1", 2379)
+    connection = Connection(channel)
+    pipe = Pipe()
+    connection.connection_made(pipe)  # type: ignore[arg-type]
+    channel._connection = connection
+    exchange(connection, pipe, server)
+    stream = channel.stream(h2c.WATCH, b"create", bytes)
+    connection._flush()
+    exchange(connection, pipe, server)
+    assert bytes(server.requests[stream.stream]) == grpc_message(b"create")
+    assert stream.stream not in server.ended  # a watch keeps its side open
+    messages = [bytes([i]) * (i * 997) for i in range(1, 12)]
+    server.h2.send_headers(stream.stream, [(":status", "200"),
+                                           ("content-type", "application/grpc")])
+    server.send(stream.stream, b"".join(grpc_message(m) for m in messages))
+    exchange(connection, pipe, server, chunk=333)
+    assert [await stream.read() for _ in messages] == messages
+    server.h2.send_headers(stream.stream, [("grpc-status", "0")], end_stream=True)
+    exchange(connection, pipe, server)
+    assert await stream.read() is grpc.aio.EOF
+    later = channel.stream(h2c.WATCH, b"again", bytes)
+    connection._flush()
+    exchange(connection, pipe, server)
+    reading = asyncio.ensure_future(later.read())
+    await asyncio.sleep(0)
+    later.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    exchange(connection, pipe, server)
+    assert later.stream in server.reset
+    assert owner.lost_count == 0
+
+
+async def test_goaway_fails_the_streams_it_did_not_take_and_a_loss_fails_the_rest() -> None:
+    server = Server()
+    connection, pipe, owner = connect(server)
+    calls = [unary(connection, b"x") for _ in range(3)]
+    futures = [call.future for call in calls]
+    exchange(connection, pipe, server)
+    server.h2.close_connection(last_stream_id=calls[0].stream)
+    exchange(connection, pipe, server)
+    assert owner.lost_count == 1 and not connection.usable()
+    for future in futures[1:]:
+        assert future is not None
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            future.result()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert futures[0] is not None and not futures[0].done()  # taken: it may still answer
+    connection.connection_lost(ConnectionResetError("reset"))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        futures[0].result()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_deadline_fails_its_call_resets_its_stream_and_pings() -> None:
+    server = Server()
+    channel = h2c.Channel("127.0.0.1", 2379)
+    connection = Connection(channel)
+    pipe = Pipe()
+    connection.connection_made(pipe)  # type: ignore[arg-type]
+    channel._connection = connection
+    exchange(connection, pipe, server)
+    future = channel.call(h2c.TXN, b"slow", 0.05, bytes)
+    await asyncio.sleep(0)  # the call's frames leave
+    out = pipe.take()
+    server.receive(out)
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async with asyncio.timeout(5.0):
+            await future
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.sleep(0)
+    frames = pipe.take()
+    server.receive(frames)
+    assert server.reset  # RST_STREAM(CANCEL)
+    assert connection.pinged is not None  # nothing came since it was sent: PING
+    exchange(connection, pipe, server)  # h2 answers the PING
+    assert connection.pinged is None and connection.transport is not None
+    channel.close()
+
+
+async def test_a_silent_connection_with_a_watch_pings_and_closes_unanswered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h2conn, "KEEPALIVE", 0.05)
+    monkeypatch.setattr(h2conn, "PING_TIMEOUT", 0.1)
+    server = Server()
+    channel = h2c.Channel("127.0.0.1", 2379)
+    connection = Connection(channel)
+    pipe = Pipe()
+    connection.connection_made(pipe)  # type: ignore[arg-type]
+    channel._connection = connection
+    exchange(connection, pipe, server)
+    channel.stream(h2c.WATCH, b"create", bytes)
+    await asyncio.sleep(0.01)
+    server.receive(pipe.take())  # the watch's request; nothing comes back
+    async with asyncio.timeout(5.0):
+        await pipe.aborted.wait()  # silent for KEEPALIVE: PING; unanswered: closed
+    pinged = [e for e in server.h2.receive_data(pipe.take())
+              if isinstance(e, h2.events.PingReceived)]
+    assert [e.ping_data for e in pinged] == [b"meshxl\0\0"]
+    channel.close()
+
+
+def test_the_literals_sent_decode_with_hpack_and_keep_its_table() -> None:
+    block = h2c.Channel("[::1]", 2379)._head(h2c.TXN) + h2wire.literal(
+        b"grpc-timeout", grpc_timeout(4.9999))
+    decoder = hpack.Decoder()
+    assert decoder.decode(block) == [
+        (":method", "POST"), (":scheme", "http"), (":path", h2c.TXN),
+        (":authority", "[::1]:2379"), ("content-type", "application/grpc"),
+        ("te", "trailers"), ("user-agent", "meshxl-h2c"), ("grpc-timeout", "5000m")]
+    assert h2wire.keeps_table(block)
+    encoder = hpack.Encoder()
+    assert not h2wire.keeps_table(encoder.encode([("grpc-status", "0")]))
+    assert h2wire.keeps_table(encoder.encode([("grpc-status", "0")]))  # indexed now
+
+
+@pytest.mark.parametrize(("seconds", "value"), [
+    (0.0, b"1m"), (0.0004, b"1m"), (1.5, b"1500m"), (5.0, b"5000m"),
+    (99_999.998, b"99999998m"), (99_999.9999, b"100000S"), (100_000.0, b"100000S"),
+    (1e12, b"99999999S")])
+def test_grpc_timeout_is_eight_digits_and_a_unit(seconds: float, value: bytes) -> None:
+    assert grpc_timeout(seconds) == value
