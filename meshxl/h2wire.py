@@ -3,9 +3,10 @@ gRPC on the event loop's own transports: the Dapr API's server
 (``meshxl.statesync.dapr.h2``) and the etcd client's transactions (``meshxl.etcd.h2c``).
 
 Header blocks sent are literals without indexing (no dynamic table of this side to keep
-in step); blocks received are decoded by ``hpack`` (python-hyper's, its tables and
-Huffman code), and :func:`keeps_table` tells which of them may be kept decoded. Pure
-code: ``tests/unit/test_h2wire.py`` decodes what is written here with ``hpack``.
+in step); blocks received are decoded by ``hpack`` (python-hyper's: the Dapr API's
+server) or :mod:`meshxl.hpackin` (the etcd client), and :func:`keeps_table` tells which
+of them may be kept decoded. Pure code: ``tests/unit/test_etcd_h2c.py`` and
+``tests/unit/test_dapr_h2.py`` decode what is written here with ``hpack``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ What it does (RFC 9113; gRPC's HTTP/2 protocol):
   call but ``grpc-timeout``) and its message in DATA frames
   within the server's windows and frame size (the rest waits for its WINDOW_UPDATE);
   at most the server's MAX_CONCURRENT_STREAMS at once, the calls beyond them queued;
-* answers' header blocks decoded with ``hpack`` (python-hyper's), a block that leaves the
+* answers' header blocks decoded with :mod:`meshxl.hpackin`, a block that leaves the
   dynamic table as it was kept decoded (Go's encoder sends the same indexed bytes for
   every answer: :func:`meshxl.h2wire.keeps_table`); the message uncompressed, at most
   :data:`~.h2calls.MAX_MESSAGE` bytes (the channels' limit, ``meshxl.etcd.connect``);

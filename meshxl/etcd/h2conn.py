@@ -30,6 +30,7 @@ from meshxl.h2wire import (
     keeps_table,
     literal,
 )
+from meshxl.hpackin import HeaderDecoder, HeaderError
 
 from .h2calls import RECEIVE_WINDOW, Call, error, grpc_timeout
 
@@ -74,14 +75,11 @@ class Connection(asyncio.Protocol):
     """One connection: calls started on it (:meth:`start`) get their answers here."""
 
     def __init__(self, owner: Owner):
-        import hpack  # loaded with the first connection (docs/performance.md, footprint)
-
         self.owner = owner
         self.loop = asyncio.get_running_loop()
         """Kept: on Python 3.11 each ``asyncio.get_running_loop()`` is a ``getpid``
         system call, and the hot path would make several a call."""
-        self.decoder = hpack.Decoder()
-        self.hpack_error: type[Exception] = hpack.HPACKError
+        self.decoder = HeaderDecoder()  # the table size of SETTINGS' default (4,096)
         self.known: dict[bytes, dict[bytes, bytes]] = {}
         """Header blocks decoded that leave the dynamic table as it was (etcd's answers
         after the first), while the table is as they found it."""
@@ -325,8 +323,8 @@ class Connection(asyncio.Protocol):
         fields = self.known.get(block)
         if fields is None:
             try:  # every block decoded, so the dynamic table stays the server's
-                decoded = self.decoder.decode(block, raw=True)
-            except self.hpack_error as exc:
+                decoded = self.decoder.decode(block)
+            except HeaderError as exc:
                 return self.abort(f"a header block that does not decode: {exc}")
             fields = {bytes(name): bytes(value) for name, value in decoded}
             if not keeps_table(block):
