@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import collections
 
+from meshxl.errors import InputError
+
 __all__ = ["HeaderDecoder", "HeaderError", "huffman_decode"]
 
 
-class HeaderError(ValueError):
+class HeaderError(InputError):
     """A header block that does not decode (the connection is broken off)."""
 
 
