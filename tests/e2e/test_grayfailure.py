@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from meshxl.model.traffic import Retries
 from tests.harness.clock import scaled
 
 pytestmark = [pytest.mark.integration, pytest.mark.heavy]
@@ -57,7 +58,13 @@ def test_the_quick_grayfailure_run(tmp_path: Path) -> None:
     # moment answered at 519 ms p50, and the starved member's 1,517 ms was not 3x that.
     cpu = outlier["cpu"]
     assert cpu["sick_latency_ms"]["p50"] > 2 * cpu["others_latency_ms"]["p50"], cpu
-    assert outlier["latency"]["breach_seconds"] >= 1, outlier["latency"]
+    # The delay is 10 healthy p99s: a calibration taken in a busy moment of the suite
+    # (453 ms p99) made it 4.5 s, past the route's per-try timeout, so every delayed
+    # request was cut and answered by another member within the SLO (5 p99s): no breach
+    # to see. Judged where the delayed answers reach the clients.
+    latency = outlier["latency"]
+    if latency["fault"]["delay_ms"] < 1000 * Retries().per_try_timeout:
+        assert latency["breach_seconds"] >= 1, latency
     # Envoy's failure-percentage ejection judges a host in an interval (1 s) in which it
     # had 20 requests. A second in which the sick member answered 20 gave it about 25
     # (its 503s, retried elsewhere, are not among those answers), and 20 % of 25 falls
