@@ -206,11 +206,7 @@ class ShardedSessions:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            if self.shards.get(old.name) is not old:
-                raise ShardClosed(f"session shard {old.name} was closed while session "
-                                  f"{session_id!r} moved from it to {shard.name}: shard "
-                                  f"map version {m.version} was replaced by "
-                                  f"{self.map.version}; send it again") from None
+            self._raise_if_closed(session_id, old, shard, m)
             raise Unavailable(f"session {session_id!r} moves from shard {old.name} to "
                               f"{shard.name}, and that was interrupted; send it "
                               "again") from None
@@ -220,11 +216,25 @@ class ShardedSessions:
         except MeshxlError:
             raise
         except Exception as exc:
+            # A shard's client closed before a call of the move started fails it
+            # otherwise (aetcd's stubs are gone: "'NoneType' object has no attribute
+            # 'Txn'", seen in an online reshard under load): planned again, as above.
+            self._raise_if_closed(session_id, old, shard, m)
             raise Unavailable(f"session {session_id!r} moves from shard {old.name} to "
                               f"{shard.name}, and that failed: {type(exc).__name__}: "
                               f"{str(exc)[:200]}") from None
         self._carry(session_id, old, shard, m)  # a write in the old shard since apply()
         return shard
+
+    def _raise_if_closed(self, session_id: str, old: Shard, new: Shard, m: ShardMap) -> None:
+        """ShardClosed (the request is planned again under the newer map) when a newer
+        map closed either shard of the move while it ran."""
+        for part in (old, new):
+            if self.shards.get(part.name) is not part:
+                raise ShardClosed(f"session shard {part.name} was closed while session "
+                                  f"{session_id!r} moved from {old.name} to {new.name}: "
+                                  f"shard map version {m.version} was replaced by "
+                                  f"{self.map.version}; send it again") from None
 
     async def _settle_all(self, session_ids: Sequence[str],
                           m: ShardMap) -> dict[str, Exception]:
