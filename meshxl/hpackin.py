@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 
 from meshxl.errors import InputError
+from meshxl.h2wire import integer
 
 __all__ = ["HeaderDecoder", "HeaderError", "huffman_decode"]
 
@@ -150,20 +151,10 @@ class HeaderDecoder:
 
     @staticmethod
     def _integer(block: bytes, at: int, prefix: int) -> tuple[int, int]:
-        value = block[at] & prefix
-        at += 1
-        if value < prefix:
-            return value, at
-        shift = 0
-        while True:
-            byte = block[at]
-            at += 1
-            value += (byte & 0x7F) << shift
-            if value > MAX_INTEGER:
-                raise HeaderError("an integer past 2**28")
-            if byte < 0x80:
-                return value, at
-            shift += 7
+        value, at = integer(block, at, prefix)  # ends within the block, or IndexError
+        if value > MAX_INTEGER:
+            raise HeaderError("an integer past 2**28")
+        return value, at
 
     def _string(self, block: bytes, at: int) -> tuple[bytes, int]:
         huffman = block[at] & 0x80
