@@ -17,6 +17,10 @@ The member's own writes come back through the watch too, usually before etcd's a
 to the write: the sidecar says what it is writing (:meth:`SessionCache.expect`), and an
 event carrying exactly those bytes takes the record already built instead of decoding
 it again.
+
+Resumable streams' records (:data:`~.record.STREAM_RECORDS`) are the exception: another
+member's are neither decoded nor held. Each is written again with every message of its
+stream, and a member reads one only when it takes the stream over, asking etcd then.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from aetcd.exceptions import RevisionCompactedError
 from meshxl import etcd
 
 from .history import History, Rewound
-from .record import SessionRecord, storable_session_id
+from .record import STREAM_RECORDS, SessionRecord, storable_session_id
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class SessionCache:
         """etcd's history as this sidecar saw it (shared with the session store)."""
         self.history.listen(self.forget)
         self._prefix = prefix.encode()
+        self._streams = self._prefix + STREAM_RECORDS.encode()
+        """Keys of streams' records: another member's are not kept (:meth:`_apply`)."""
         self._page_size = page_size
         self._on_lag = on_lag
         self._on_rewind = on_rewind
@@ -268,6 +274,8 @@ class SessionCache:
             if revision == 0:
                 revision = response.header.revision
             for kv in response.kvs:
+                if kv.key.startswith(self._streams):  # read when taken over (_apply)
+                    continue
                 session_id = self._session_id(kv.key)
                 record = self._decode(session_id, kv.key, kv.value, kv.mod_revision)
                 if record is not None and session_id is not None:
@@ -407,6 +415,9 @@ class SessionCache:
             if revision > self.applied:
                 self.applied = revision
             return
+        if kv.key.startswith(self._streams):
+            self._drop_stream(kv.key, revision)
+            return
         session_id = self._session_id(kv.key)
         if session_id is None:
             self._note_bad(kv.key, "not a session id", revision)
@@ -430,6 +441,16 @@ class SessionCache:
             self.undecodable.pop(session_id, None)
             if entry is not None and entry.revision < revision:
                 del self.entries[session_id]
+        self.applied = max(self.applied, revision)
+
+    def _drop_stream(self, key: bytes, revision: int) -> None:
+        """Another member's write (or the expiry) of a stream's record: not kept. It is
+        written again with every message of the stream, and only a member taking the
+        stream over reads it, asking etcd (:data:`~.record.STREAM_RECORDS`); what this
+        member holds of it is older now."""
+        entry = self.entries.get(session_id := key[len(self._prefix):].decode(errors="replace"))
+        if entry is not None and entry.revision < revision:
+            del self.entries[session_id]
         self.applied = max(self.applied, revision)
 
     def _session_id(self, key: bytes) -> str | None:

@@ -25,6 +25,13 @@ STORED_ID = re.compile(r"^[A-Za-z0-9._~:{}%|-]{1,1024}$")
 API writes them (``app||cart%2F1``: its key's other characters percent-encoded,
 :mod:`.dapr.keys`), which no id of the API can be (it has neither ``|`` nor ``%``)."""
 MAX_STORED_ID = 1024
+STREAM_RECORDS = "~stream."
+"""Session ids of resumable streams' records (:mod:`meshxl.streams`, its
+``RECORD_PREFIX``): written again with every message of the stream by the member that
+serves it, read by another member only when it takes the stream over (a read that asks
+etcd anyway). Other members' caches keep none of them (:mod:`.cache`): decoding each
+record on every member cost each sidecar about 11 us a stream message, which grew with
+the cluster."""
 NO_EXPIRY = -1
 """A write's :attr:`SessionRecord.ttl` that keeps it until it is deleted (Dapr's
 ``ttlInSeconds: -1``)."""

@@ -16,7 +16,7 @@ from meshxl.statesync.app import StatesyncConfig
 from meshxl.statesync.cache import SessionCache, _prefix_end
 from meshxl.statesync.conditions import parse_etag
 from meshxl.statesync.locks import SessionLocks
-from meshxl.statesync.record import SessionRecord, is_json, valid_session_id
+from meshxl.statesync.record import STREAM_RECORDS, SessionRecord, is_json, valid_session_id
 
 PREFIX = "/meshxl/v1/sessions/c/"
 
@@ -145,6 +145,30 @@ def test_owned_by_counts_owners() -> None:
     c._apply(event("PUT", "y", 2, record("b").encode()))
     c._apply(event("PUT", "z", 3, record("a").encode()))
     assert (c.owned_by("a"), c.owned_by("b"), len(c)) == (2, 1, 3)
+
+
+def test_other_members_stream_records_are_not_kept() -> None:
+    """A stream's record is written again with every message; only the member taking the
+    stream over reads it (from etcd). Another member's are not decoded or held; this
+    member's own write stays until a newer one (another member's, or the expiry)."""
+    from meshxl.streams.record import RECORD_PREFIX
+
+    assert RECORD_PREFIX == STREAM_RECORDS
+    c = cache()
+    stream = STREAM_RECORDS + "tok"
+    c._apply(event("PUT", stream, 5, record("b", b"{}").encode()))
+    c._apply(event("PUT", stream + "2", 6, b"not even a record"))
+    assert c.get(stream) is None and c.bad_records == 0 and c.applied == 6
+    c.write_through(stream, 7, record("a", b"mine"))  # this member's own write
+    c._apply(event("PUT", stream, 7, record("a", b"mine").encode()))  # its event
+    assert c.get(stream) is not None
+    c._apply(event("PUT", stream, 8, record("c", b"taken over").encode()))
+    assert c.get(stream) is None and c.applied == 8
+    c.write_through(stream, 9, record("a", b"again"))
+    c._apply(event("DELETE", stream, 10))
+    assert c.get(stream) is None and c.applied == 10 and len(c) == 0
+    c._apply(event("PUT", "~streamlike", 11, record("b").encode()))  # a session: kept
+    assert c.get("~streamlike") is not None
 
 
 @pytest.mark.parametrize("prefix,end", [(b"/a/", b"/a0"), (b"a\xff", b"b"), (b"\xff", b"\0")])
