@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -80,7 +80,7 @@ from .protocol import (
     refusal_named,
     valid_token,
 )
-from .server import Handler, ServerStream
+from .server import NO_TEXTS, Handler, ServerStream
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,9 @@ class _Conduit:
         self.consumed = 0
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
-        for _, payload in messages:
+                            ack: int | None = None,
+                            texts: Mapping[int, str] = NO_TEXTS) -> None:
+        for _, payload in messages:  # bytes: no texts
             self.queue.put_nowait(payload)
         if ack is not None:
             await self.send_ack(ack)

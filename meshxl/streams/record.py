@@ -25,9 +25,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import Payload, compact_json, refusal_named
+from .protocol import Payload, compact_json, json_text, refusal_named
 
-__all__ = ["KINDS", "RECORD_PREFIX", "RECORD_TYPE", "StreamRecord", "record_id"]
+__all__ = ["KINDS", "RECORD_PREFIX", "RECORD_TYPE", "StateText", "StreamRecord",
+           "record_id"]
 
 RECORD_TYPE = "application/vnd.meshxl.stream-record"
 """The records' media type: their JSON text, which the sidecar stores as the bytes it is.
@@ -45,6 +46,27 @@ def record_id(token: str) -> str:
     return RECORD_PREFIX + token
 
 
+class StateText:
+    """A handler's state as committed: its compact JSON text, made once at the
+    checkpoint (a copy the handler cannot change afterwards, written into the record as
+    it is). Equal only to another of the same text: a live stream compares the state it
+    would commit with the one it committed."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StateText) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"StateText({self.text[:60]!r})"
+
+
 @dataclass(slots=True)
 class StreamRecord:
     session: str
@@ -58,6 +80,7 @@ class StreamRecord:
     failure: str | None = None
     """The refusal's name a finished stream ended with (None: it ended well)."""
     state: Any = None
+    """A JSON value (a record read back), or :class:`StateText` (a live stream's)."""
     created: float = 0.0
     journal: list[tuple[int, Payload]] = field(default_factory=list)
     """Server messages ``acked + 1 .. out`` in order: ``(seq, payload)``."""
@@ -69,26 +92,38 @@ class StreamRecord:
     more as the journal grew. The records of one stream share it (a seq's message never
     changes); a missing entry is only made again."""
 
+    texts: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
+    """Each JSON journal entry's message text (:func:`~.protocol.json_text`) by its seq,
+    made once when it was sent (the limits counted it, the transport sends it as it is);
+    shared as :attr:`fragments` is."""
+
     def encode(self) -> bytes:
-        """The record's JSON text: its fields, then the journal (last, each entry's text
-        from :attr:`fragments`)."""
-        made = self.fragments
+        """The record's JSON text: its fields, the state, then the journal (last, each
+        entry's text from :attr:`fragments`)."""
+        made, texts = self.fragments, self.texts
         entries = []
         for seq, p in self.journal:
-            text = made.get(seq)
-            if text is None:
+            entry = made.get(seq)
+            if entry is None:
                 # base64's alphabet needs no JSON escape; seq is an int
-                text = made[seq] = (
-                    f'[{seq},"b","{base64.b64encode(p).decode("ascii")}"]'
-                    if isinstance(p, bytes | bytearray | memoryview)
-                    else f'[{seq},"j",{compact_json(p)}]')
-            entries.append(text)
-        head = compact_json({"v": _VERSION, "session": self.session, "kind": self.kind,
-                             "epoch": self.epoch, "in": self.consumed, "out": self.out,
-                             "acked": self.acked, "done": self.done,
-                             "failure": self.failure, "state": self.state,
-                             "created": self.created})
-        return f'{head[:-1]},"journal":[{",".join(entries)}]}}'.encode()
+                if isinstance(p, bytes | bytearray | memoryview):
+                    entry = f'[{seq},"b","{base64.b64encode(p).decode("ascii")}"]'
+                else:
+                    text = texts.get(seq)
+                    if text is None:
+                        text = texts[seq] = json_text(p)
+                    entry = f'[{seq},"j",{text}]'
+                made[seq] = entry
+            entries.append(entry)
+        state = self.state
+        state = state.text if isinstance(state, StateText) else compact_json(state)
+        return (f'{{"v":{_VERSION},"session":{compact_json(self.session)},'
+                f'"kind":{compact_json(self.kind)},"epoch":{self.epoch},'
+                f'"in":{self.consumed},"out":{self.out},"acked":{self.acked},'
+                f'"done":{"true" if self.done else "false"},'
+                f'"failure":{compact_json(self.failure)},"state":{state},'
+                f'"created":{compact_json(self.created)},'
+                f'"journal":[{",".join(entries)}]}}').encode()
 
     @classmethod
     def decode(cls, raw: bytes | str | Any) -> StreamRecord:
@@ -139,6 +174,7 @@ class StreamRecord:
             self.journal = [(s, p) for s, p in self.journal if s > seq]
             for gone in range(self.acked + 1, seq + 1):
                 self.fragments.pop(gone, None)
+                self.texts.pop(gone, None)
             self.acked = seq
 
     def after(self, recv: int) -> list[tuple[int, Payload]]:

@@ -35,10 +35,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from meshxl.errors import Unavailable
@@ -56,14 +55,16 @@ from .protocol import (
     Refusal,
     compact_json,
     encoded_size,
+    json_text,
 )
-from .record import StreamRecord
+from .record import StateText, StreamRecord
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Conduit", "Handler", "ServerStream", "StreamClosed"]
 
 _NO_STATE: Any = object()
+NO_TEXTS: Mapping[int, str] = {}
 
 
 class StreamClosed(Unavailable):
@@ -76,9 +77,11 @@ class Conduit(Protocol):
     method sends at once, or fails (the adapter then detaches it)."""
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
+                            ack: int | None = None,
+                            texts: Mapping[int, str] = NO_TEXTS) -> None:
         """``messages``, then ``ack`` (what the handler consumed, when it changed): in
-        one frame or write where the transport can."""
+        one frame or write where the transport can. ``texts``: JSON messages' text by
+        seq where it was made already (:func:`~.protocol.json_text`)."""
 
     async def send_ack(self, consumed: int) -> None: ...
 
@@ -188,13 +191,19 @@ class ServerStream:
         ``state``, a checkpoint: the message, what was sent before it and ``state`` are
         committed together (the module docstring). Waits while the client lags by
         ``max_unacked_bytes``; gives the stream up after ``lag_timeout`` of that."""
-        size = encoded_size(payload)
+        if isinstance(payload, bytes | bytearray | memoryview):
+            text, size = None, len(payload)
+        else:
+            text = json_text(payload)
+            size = len(text.encode())
         if size > self.limits.max_message_bytes:
             raise ProtocolError(f"a message of {size} bytes; the limit is "
                                 f"{self.limits.max_message_bytes}")
         await self._room(size)
         seq = self._next
         self._next += 1
+        if text is not None:
+            self.record.texts[seq] = text  # shared by the records that follow (take)
         self._unacked.append((seq, size))
         self._unacked_bytes += size
         self._held.append((seq, payload))
@@ -241,7 +250,8 @@ class ServerStream:
             out=taken[-1][0] if taken else self.record.out, acked=self.record.acked,
             done=self._pending_done[0], failure=self._pending_done[1],
             state=self._pending_state, created=self.record.created,
-            journal=[*self.record.journal, *taken], fragments=self.record.fragments)
+            journal=[*self.record.journal, *taken], fragments=self.record.fragments,
+            texts=self.record.texts)
         record.acknowledge(self._client_acked)
         self.committing = True
         return record, taken
@@ -270,7 +280,7 @@ class ServerStream:
         ack = record.consumed if record.consumed != self._ack_sent else None
         try:
             if fresh:
-                await conduit.send_messages(fresh, ack)
+                await conduit.send_messages(fresh, ack, record.texts)
                 self._pushed = fresh[-1][0]
             elif ack is not None:
                 await conduit.send_ack(ack)
@@ -453,16 +463,14 @@ class ServerStream:
         return self.record.done
 
 
-_copy = json.JSONDecoder().decode
-
-
 def _snapshot(state: Any) -> Any:
-    """The state as committed: a copy the handler cannot change afterwards (a JSON
-    value: anything else is a ProtocolError at the checkpoint)."""
-    if state is None or isinstance(state, bool | int | float | str):
+    """The state as committed: its text, which the handler cannot change afterwards (a
+    JSON value: anything else is a ProtocolError at the checkpoint). Encoded once, not
+    copied through JSON and encoded again when the record is written."""
+    if state is None or isinstance(state, bool | int | str):
         return state
     try:
-        return _copy(compact_json(state))
+        return StateText(compact_json(state))
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"a stream's state must be a JSON value: {exc}") from None
 

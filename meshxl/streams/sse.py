@@ -47,7 +47,7 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -75,7 +75,7 @@ from .protocol import (
     refusal_named,
     valid_token,
 )
-from .server import Handler, ServerStream
+from .server import NO_TEXTS, Handler, ServerStream
 from .websocket import SessionOf, session_reader
 
 log = logging.getLogger(__name__)
@@ -125,18 +125,21 @@ class _Conduit:
         self.closed = asyncio.Event()
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
+                            ack: int | None = None,
+                            texts: Mapping[int, str] = NO_TEXTS) -> None:
         async with self.lock:
-            await self._messages(messages, ack)
+            await self._messages(messages, ack, texts)
 
     async def _messages(self, messages: Sequence[tuple[int, Payload]],
-                        ack: int | None = None) -> None:
+                        ack: int | None = None,
+                        texts: Mapping[int, str] = NO_TEXTS) -> None:
         """The messages' events, and ``ack``'s, in one write."""
         out = b"".join(
             _event(base64.b64encode(bytes(p)).decode("ascii"), event="binary",
                    id=f"{self.token}:{seq}")
             if isinstance(p, bytes | bytearray | memoryview) else
-            _event(_compact(p), id=f"{self.token}:{seq}") for seq, p in messages)
+            _event(texts.get(seq) or _compact(p), id=f"{self.token}:{seq}")
+            for seq, p in messages)
         if ack is not None:
             out += _event(str(ack), event="ack")
         if out:

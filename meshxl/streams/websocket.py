@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import WSMsgType, web
 
@@ -33,7 +33,6 @@ from .protocol import (
     END,
     ERROR,
     MALFORMED,
-    MESSAGE,
     OPEN,
     RESUME,
     SUBPROTOCOL,
@@ -45,8 +44,10 @@ from .protocol import (
     decode_frame,
     encode_binary,
     encode_frame,
+    json_text,
+    message_frame,
 )
-from .server import Handler, ServerStream
+from .server import NO_TEXTS, Handler, ServerStream
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,14 @@ class _Conduit:
         self.lock = asyncio.Lock()
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
+                            ack: int | None = None,
+                            texts: Mapping[int, str] = NO_TEXTS) -> None:
         async with self.lock:
-            await self._messages(messages, ack)
+            await self._messages(messages, ack, texts)
 
     async def _messages(self, messages: Sequence[tuple[int, Payload]],
-                        ack: int | None = None) -> None:
+                        ack: int | None = None,
+                        texts: Mapping[int, str] = NO_TEXTS) -> None:
         """The messages, ``ack`` on the last if it is JSON (a binary frame carries
         none: then an ``a`` frame of its own)."""
         last = len(messages) - 1
@@ -93,8 +96,10 @@ class _Conduit:
             if _binary(payload):
                 await self.ws.send_bytes(encode_binary(seq, payload))
             else:
-                await self.ws.send_str(encode_frame(Frame(
-                    MESSAGE, seq=seq, payload=payload, ack=ack if i == last else None)))
+                text = texts.get(seq)
+                await self.ws.send_str(message_frame(
+                    seq, json_text(payload) if text is None else text,
+                    ack if i == last else None))
         if ack is not None and (not messages or _binary(messages[-1][1])):
             await self.ws.send_str(encode_frame(Frame(ACK, seq=ack)))
 

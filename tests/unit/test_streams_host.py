@@ -63,7 +63,7 @@ class Conduit:
         self.closed: list[Refusal | None] = []
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
+                            ack: int | None = None, texts: Any = None) -> None:
         self.messages.extend(messages)
         if ack is not None:
             await self.send_ack(ack)
@@ -121,7 +121,7 @@ class CarryConduit(Conduit):
         self.calls: list[tuple[Any, ...]] = []
 
     async def send_messages(self, messages: Sequence[tuple[int, Payload]],
-                            ack: int | None = None) -> None:
+                            ack: int | None = None, texts: Any = None) -> None:
         self.messages.extend(messages)
         self.calls.append(("messages", [seq for seq, _ in messages], ack))
 

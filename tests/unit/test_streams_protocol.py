@@ -32,7 +32,7 @@ from meshxl.streams.protocol import (
     refusal_of_close,
     valid_token,
 )
-from meshxl.streams.record import StreamRecord
+from meshxl.streams.record import StateText, StreamRecord
 
 SEQ = st.integers(min_value=1, max_value=(1 << 53) - 1)
 COUNT = st.integers(min_value=0, max_value=(1 << 53) - 1)
@@ -202,6 +202,11 @@ def test_a_records_text_is_the_same_whether_its_entries_are_made_once_or_anew(
     first = record.encode()
     assert first == compact_json(_whole(record)).encode()
     assert record.encode() == first
+    live = StreamRecord(session=record.session, kind=record.kind, epoch=record.epoch,
+                        consumed=record.consumed, out=record.out, acked=record.acked,
+                        done=record.done, created=record.created, journal=record.journal,
+                        state=StateText(compact_json(record.state)))  # a live stream's
+    assert live.encode() == first
     later = StreamRecord(session=record.session, kind=record.kind, epoch=record.epoch,
                          consumed=record.consumed, out=record.out + len(more),
                          acked=record.acked, done=record.done, state=record.state,

@@ -38,9 +38,10 @@ class Host:
                             self.stopped.append, resumed=record is not None)
 
     async def commit(self, stream: ServerStream) -> StreamRecord:
+        """The record committed, as etcd holds it (what a takeover reads)."""
         record, _ = stream.take()
         await stream.committed(record, '"2"')
-        return record
+        return StreamRecord.decode(record.encode())
 
 
 async def test_a_push_outside_any_client_message_is_committed_at_once() -> None:
@@ -211,3 +212,31 @@ async def test_a_websocket_acknowledgement_rides_on_the_last_json_message() -> N
     await conduit.send_messages([(5, "y")])
     await conduit.send_ack(9)
     assert ws.frames == [Frame(MESSAGE, seq=5, payload="y"), Frame(ACK, seq=9)]
+
+
+class _Counted(dict[str, Any]):
+    """A JSON object that counts its encodings (the encoder asks a dict subclass for its
+    items each time)."""
+
+    encodings = 0
+
+    def items(self) -> Any:  # type: ignore[override]
+        _Counted.encodings += 1
+        return super().items()
+
+
+async def test_a_message_and_the_state_are_encoded_once_from_send_to_socket() -> None:
+    """The limits' size, the record's journal entry and the WebSocket frame share one
+    encoding of the message; the state is encoded once at its checkpoint."""
+    ws = _Socket()
+    host = Host()
+    stream = host.stream()
+    stream.attach(WebSocketConduit(ws), 0)  # type: ignore[arg-type]
+    _Counted.encodings = 0
+    stream.state = _Counted(total=1)
+    await stream.send(_Counted(x=1))
+    record, _ = stream.take()
+    await stream.committed(record, '"2"')
+    assert ws.frames[-1] == Frame(MESSAGE, seq=1, payload={"x": 1}, ack=0)
+    assert StreamRecord.decode(record.encode()).state == {"total": 1}
+    assert _Counted.encodings == 2

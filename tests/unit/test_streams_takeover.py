@@ -66,7 +66,8 @@ class _Sidecar:
 
 
 class _Conduit:
-    async def send_messages(self, messages: Any, ack: int | None = None) -> None: ...
+    async def send_messages(self, messages: Any, ack: int | None = None,
+                            texts: Any = None) -> None: ...
 
     async def send_ack(self, consumed: int) -> None: ...
 
