@@ -68,6 +68,8 @@ MAX_BATCH = 64
 """Stream records in one bulk save."""
 MAX_INFLIGHT = 2
 """Bulk saves in flight at once (the next one fills while one commits)."""
+MAX_TAKEOVERS = 4
+"""Takeover batches (a bulk read, then a bulk save) in flight at once."""
 
 
 class Refused(Conflict):
@@ -86,12 +88,13 @@ class StreamHost:
 
     def __init__(self, sessions: AsyncClient, limits: Limits | None = None, *,
                  commit_timeout: float = 5.0, max_batch: int = MAX_BATCH,
-                 max_inflight: int = MAX_INFLIGHT):
+                 max_inflight: int = MAX_INFLIGHT, max_takeovers: int = MAX_TAKEOVERS):
         self.sessions = sessions
         self.limits = limits or Limits()
         self.commit_timeout = commit_timeout
         self.max_batch = max_batch
         self.max_inflight = max_inflight
+        self.max_takeovers = max_takeovers
         self.live: dict[str, ServerStream] = {}
         self._of_session: dict[str, set[str]] = {}
         self._dirty: collections.OrderedDict[str, ServerStream] = collections.OrderedDict()
@@ -101,7 +104,9 @@ class StreamHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rng = random.Random()
         self._takeovers: list[_Takeover] = []
-        self._taking: asyncio.Task[None] | None = None
+        self._taking: set[asyncio.Task[None]] = set()
+        self._tokens_taking: set[str] = set()
+        """Streams in a takeover batch under way (one batch at a time each)."""
         self.commits = 0
         """Bulk saves sent (a statistic)."""
         self._moving_since: float | None = None
@@ -159,31 +164,52 @@ class StreamHost:
         """The stream's record read and written with a raised epoch (from then on, its
         former server's writes are refused). The takeovers asked for while others are
         under way go together, in one bulk read and one bulk save: when a member dies
-        or is drained, all its streams come here at once."""
+        or is drained, all its streams come here at once. Up to ``max_takeovers``
+        batches go at a time (one after another, a thousand streams waited for sixteen
+        round trips of two requests each); a stream is in one of them at most."""
         wanted.future = asyncio.get_running_loop().create_future()
         self._takeovers.append(wanted)
-        if self._taking is None or self._taking.done():
-            self._taking = asyncio.get_running_loop().create_task(self._take_overs())
+        self._start_takeovers()
         return await wanted.future
 
+    def _start_takeovers(self) -> None:
+        """Another worker while takeovers wait and fewer than ``max_takeovers`` run;
+        each takes its batch when it runs, so the takeovers asked for meanwhile (a
+        storm's, in the same turn of the loop) go together."""
+        if self._takeovers and len(self._taking) < self.max_takeovers:
+            task = asyncio.get_running_loop().create_task(self._take_overs())
+            self._taking.add(task)
+            task.add_done_callback(self._taking.discard)
+
+    def _next_batch(self) -> list[_Takeover]:
+        batch: list[_Takeover] = []
+        later: list[_Takeover] = []
+        tokens = self._tokens_taking
+        for wanted in self._takeovers:  # a stream in one batch at a time (one key per txn)
+            if len(batch) < self.max_batch and wanted.token not in tokens:
+                tokens.add(wanted.token)
+                batch.append(wanted)
+            else:
+                later.append(wanted)
+        self._takeovers = later
+        return batch
+
     async def _take_overs(self) -> None:
-        while self._takeovers:
-            batch: list[_Takeover] = []
-            later: list[_Takeover] = []
-            for wanted in self._takeovers:  # a stream once per batch (one key per txn)
-                if len(batch) < self.max_batch and all(w.token != wanted.token
-                                                       for w in batch):
-                    batch.append(wanted)
-                else:
-                    later.append(wanted)
-            self._takeovers = later
+        while batch := self._next_batch():
             try:
                 await self._take_over_batch(batch)
+            except asyncio.CancelledError:  # the host closes
+                for wanted in batch:
+                    _refuse(wanted, Refused(TRY_AGAIN, "this server is closing"))
+                raise
             except Exception as exc:  # a bug: every takeover of the batch refused
                 log.exception("stream takeovers failed")
                 for wanted in batch:
                     _refuse(wanted, Refused(TRY_AGAIN, f"the stream could not be taken "
                                                        f"over: {exc}"))
+            finally:
+                for wanted in batch:
+                    self._tokens_taking.discard(wanted.token)
 
     async def _take_over_batch(self, batch: list[_Takeover]) -> None:
         try:
@@ -430,7 +456,7 @@ class StreamHost:
             self._move.cancel()
         for stream in list(self.live.values()):
             stream.stop(None)
-        tasks = [*self._tasks, *([self._taking] if self._taking is not None else [])]
+        tasks = [*self._tasks, *self._taking]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -116,13 +116,14 @@ class StreamRecord:
                 made[seq] = entry
             entries.append(entry)
         state = self.state
-        state = state.text if isinstance(state, StateText) else compact_json(state)
+        state = state.text if isinstance(state, StateText) else \
+            "null" if state is None else compact_json(state)
         return (f'{{"v":{_VERSION},"session":{compact_json(self.session)},'
                 f'"kind":{compact_json(self.kind)},"epoch":{self.epoch},'
                 f'"in":{self.consumed},"out":{self.out},"acked":{self.acked},'
                 f'"done":{"true" if self.done else "false"},'
-                f'"failure":{compact_json(self.failure)},"state":{state},'
-                f'"created":{compact_json(self.created)},'
+                f'"failure":{"null" if self.failure is None else compact_json(self.failure)},'
+                f'"state":{state},"created":{float(self.created)!r},'
                 f'"journal":[{",".join(entries)}]}}').encode()
 
     @classmethod

@@ -96,12 +96,28 @@ async def test_a_storm_of_resumes_is_read_and_claimed_in_one_request_each() -> N
     resumed = await asyncio.gather(*(host.resume(f"s{k}", "websocket", t, 2, _handler,
                                                  _Conduit())
                                      for k, t in enumerate(tokens)))
-    assert sidecar.calls == [("get", 64), ("save", 64), ("get", 36), ("save", 36)], \
-        sidecar.calls  # at most max_batch (64) in one request
+    # At most max_batch (64) in one request; the batches go side by side.
+    assert sidecar.calls == [("get", 64), ("get", 36), ("save", 64), ("save", 36)], \
+        sidecar.calls
     for (stream, replay), token in zip(resumed, tokens, strict=True):
         assert stream.token == token and stream.resumed and stream.record.epoch == 2
         assert replay == [(3, {"m": 3})]  # what the client has not received
         assert StreamRecord.decode(sidecar.kept[record_id(token)][0]).epoch == 2
+    await host.aclose()
+
+
+async def test_a_stream_resumed_twice_at_once_is_in_one_batch_at_a_time() -> None:
+    """Batches go side by side, but a stream's two resumes never do (each batch writes a
+    key once): the later one is read after the earlier one's claim, and carries it."""
+    sidecar = _Sidecar()
+    host = StreamHost(sidecar, max_batch=2)  # type: ignore[arg-type]
+    tokens = [_stored(sidecar, f"s{k}") for k in range(4)]
+    twice = [(0, tokens[0]), (1, tokens[1]), (0, tokens[0]), (2, tokens[2]), (3, tokens[3])]
+    resumed = await asyncio.gather(*(host.resume(f"s{k}", "websocket", t, 2, _handler,
+                                                 _Conduit()) for k, t in twice))
+    assert sidecar.calls == [("get", 2), ("get", 2), ("save", 2), ("save", 2),
+                             ("get", 1), ("save", 1)], sidecar.calls
+    assert resumed[2][0].record.epoch == 3 and host.live[tokens[0]] is resumed[2][0]
     await host.aclose()
 
 
