@@ -52,7 +52,8 @@ from .protocol import (
     decode_frame,
     encode_binary,
     encode_frame,
-    encoded_size,
+    json_text,
+    message_frame,
     refusal_of_close,
 )
 
@@ -81,9 +82,11 @@ class Connection(Protocol):
 
     async def hello(self, frame: Frame) -> None: ...
 
-    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None,
+                           text: str | None = None) -> None:
         """Send the message, and deliver ``ack`` (the highest server message received):
-        in its frame where the transport can, else as the transport acknowledges."""
+        in its frame where the transport can, else as the transport acknowledges.
+        ``text``: a JSON message's text (:func:`~.protocol.json_text`), made once."""
 
     async def send_ack(self, seq: int) -> None: ...
 
@@ -116,7 +119,7 @@ class ClientStream:
     def __init__(self, connect: Connect, *, limits: Limits | None = None,
                  resume_timeout: float = 30.0, backoff: tuple[float, float] = (0.02, 1.0),
                  connect_timeout: float = 10.0,
-                 measure: Callable[[Payload], int] = encoded_size,
+                 measure: Callable[[Payload], int] | None = None,
                  on_close: Callable[[], Awaitable[None]] | None = None):
         self._connect = connect
         self._on_close = on_close
@@ -133,7 +136,9 @@ class ClientStream:
         self.recv = 0
         """The highest server message received (delivered in order)."""
         self._next = 1
-        self._unacked: collections.deque[tuple[int, Payload, int]] = collections.deque()
+        self._unacked: collections.deque[tuple[int, Payload, int, str | None]] = \
+            collections.deque()
+        """Sent and not consumed: ``(seq, payload, size, JSON text or None)``."""
         self._unacked_bytes = 0
         self.consumed = 0
         """The highest message of ours the server's handler consumed (committed)."""
@@ -201,7 +206,14 @@ class ClientStream:
         self._raise_failure()
         if self._ended_sent:
             raise RuntimeError("the stream's sending side was closed (close)")
-        size = self._measure(payload)
+        text: str | None = None
+        if self._measure is not None:
+            size = self._measure(payload)
+        elif isinstance(payload, bytes | bytearray | memoryview):
+            size = len(payload)
+        else:  # encoded once: the limits count it, every connection sends it as it is
+            text = json_text(payload)
+            size = len(text.encode())
         if size > self.limits.max_message_bytes:
             raise ProtocolError(f"a message of {size} bytes; the limit is "
                                 f"{self.limits.max_message_bytes}")
@@ -209,7 +221,7 @@ class ClientStream:
                          or not self._unacked)
         seq = self._next
         self._next += 1
-        self._unacked.append((seq, payload, size))
+        self._unacked.append((seq, payload, size, text))
         self._unacked_bytes += size
         conn = self._conn
         if conn is not None and self._ready.is_set():
@@ -223,17 +235,18 @@ class ClientStream:
         again everything its server had not consumed (``ready``)."""
         async with self._sender(conn):
             try:
-                while self._carries(conn) and self._unacked \
-                        and self._unacked[-1][0] > self._sent[1]:
-                    for seq, payload, _ in list(self._unacked):
-                        if seq > self._sent[1]:
-                            ack = self.recv if self.recv > self._acked else None
-                            await conn.send_message(seq, payload, ack)
-                            if not self._carries(conn):
-                                return
-                            self._sent = (conn, seq)
-                            if ack is not None:  # carried: the timer finds nothing to do
-                                self._acked = max(self._acked, ack)
+                unacked = self._unacked
+                while self._carries(conn) and unacked and unacked[-1][0] > self._sent[1]:
+                    # Numbers follow one another: the first not sent is found by its
+                    # place, not by walking what waits for its acknowledgement.
+                    seq, payload, _, text = unacked[max(0, self._sent[1] + 1 - unacked[0][0])]
+                    ack = self.recv if self.recv > self._acked else None
+                    await conn.send_message(seq, payload, ack, text)
+                    if not self._carries(conn):
+                        return
+                    self._sent = (conn, seq)
+                    if ack is not None:  # carried: the timer finds nothing to do
+                        self._acked = max(self._acked, ack)
             except Exception:  # the connection broke: sent again on the next one
                 self._broken(conn)
 
@@ -485,14 +498,15 @@ class _WebSocket:
     async def hello(self, frame: Frame) -> None:
         await self.ws.send_str(encode_frame(frame))
 
-    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None,
+                           text: str | None = None) -> None:
         if isinstance(payload, bytes | bytearray | memoryview):
             await self.ws.send_bytes(encode_binary(seq, payload))
             if ack is not None:  # a binary frame carries no acknowledgement
                 await self.send_ack(ack)
         else:
-            await self.ws.send_str(encode_frame(Frame(MESSAGE, seq=seq, payload=payload,
-                                                      ack=ack)))
+            await self.ws.send_str(message_frame(
+                seq, json_text(payload) if text is None else text, ack))
 
     async def send_ack(self, seq: int) -> None:
         await self.ws.send_str(encode_frame(Frame(ACK, seq=seq)))

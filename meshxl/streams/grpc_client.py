@@ -216,8 +216,9 @@ class _Call:
                          message=f"the call ended with {code.name}")
         return None
 
-    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
-        data = _serialize(payload)
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None,
+                           text: str | None = None) -> None:
+        data = _serialize(payload)  # a message (its own measure): no text
         if ack is not None:
             self._recv = max(self._recv, ack)
         if self.carried:

@@ -172,7 +172,8 @@ class _Events:
 
     # -- what the stream sends --------------------------------------------------------
 
-    async def send_message(self, seq: int, payload: Payload, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Payload, ack: int | None = None,
+                           text: str | None = None) -> None:
         if ack is not None:
             self._ack = max(self._ack or 0, ack)
         if self.upload:
@@ -182,7 +183,8 @@ class _Events:
         if isinstance(payload, bytes | bytearray | memoryview):
             await self._post(extra, bytes(payload), "application/octet-stream")
         else:
-            await self._post(extra, compact_json(payload).encode(), "application/json")
+            await self._post(extra, (compact_json(payload) if text is None else text).encode(),
+                             "application/json")
 
     def _take(self) -> int | None:
         """The acknowledgement waiting for a ride, taken (None: none waits)."""

@@ -45,7 +45,8 @@ class Scripted:
         if self.broken is not None:
             raise self.broken
 
-    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None,
+                           text: str | None = None) -> None:
         self.sent.append(("m", seq, payload))
         if ack is not None:  # carried in the message's frame
             self.sent.append(("a", ack, "carried"))
@@ -215,11 +216,12 @@ class Slow(Scripted):
         self.sending = asyncio.Event()
         self.answered = asyncio.Event()
 
-    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None,
+                           text: str | None = None) -> None:
         if seq == self.slow_seq:
             self.sending.set()
             await self.answered.wait()
-        await super().send_message(seq, payload, ack)
+        await super().send_message(seq, payload, ack, text)
 
 
 async def test_a_message_a_replaced_connection_sent_is_sent_again_on_the_new_one() -> None:
@@ -493,9 +495,10 @@ class Held(Scripted):
         if not self.gate.is_set():
             raise ConnectionResetError("closed")
 
-    async def send_message(self, seq: int, payload: Any, ack: int | None = None) -> None:
+    async def send_message(self, seq: int, payload: Any, ack: int | None = None,
+                           text: str | None = None) -> None:
         await self._through()
-        await super().send_message(seq, payload, ack)
+        await super().send_message(seq, payload, ack, text)
 
     async def send_end(self, last: int) -> None:
         await self._through()
@@ -545,3 +548,36 @@ async def test_the_end_goes_once_after_the_resend(closed_before_ready: bool) -> 
     assert second.sent == [("m", 1, "q1"), ("end", 1)]
     assert first.sent == []
     await stream.aclose()
+
+
+async def test_a_message_is_encoded_once_however_often_it_is_sent() -> None:
+    """The limits' size and every connection's frame share one encoding of a message:
+    a resume sends again what was not consumed without encoding it again."""
+    texts: list[str | None] = []
+
+    class Texts(Scripted):
+        async def send_message(self, seq: int, payload: Any, ack: int | None = None,
+                               text: str | None = None) -> None:
+            texts.append(text)
+            await super().send_message(seq, payload, ack, text)
+
+    first = Texts([ready()], hold=True)
+    second = Texts([ready()], hold=True)
+    stream = ClientStream(connections(first, second), backoff=(0.001, 0.001))
+    await stream.start()
+    encodings = 0
+
+    class Counted(dict[str, Any]):
+        def items(self) -> Any:  # type: ignore[override]
+            nonlocal encodings
+            encodings += 1
+            return super().items()
+
+    await stream.send(Counted(n=1))
+    assert texts == ['{"n":1}']
+    first.closed.set()  # the connection breaks before the server consumed it
+    async with asyncio.timeout(2):
+        while len(texts) < 2:
+            await asyncio.sleep(0.001)
+    assert texts == ['{"n":1}', '{"n":1}'] and encodings == 1
+    await stream.close()
