@@ -35,6 +35,7 @@ from .grpcwire import (
     RECV,
     REFUSAL,
     STREAM,
+    end_message,
     json_in,
     json_out,
     split_ack,
@@ -305,6 +306,10 @@ class _Call:
                 return
 
     async def send_end(self, last: int) -> None:
+        if self.carried:  # said, not inferred from the half-close (grpcwire.py)
+            told = self._recv
+            await self.call.write(end_message(last, told))
+            self._told = max(self._told, told)
         await self.call.done_writing()
 
     async def frames(self) -> AsyncIterator[Frame]:

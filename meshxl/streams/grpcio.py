@@ -64,6 +64,7 @@ from .grpcwire import (
     REFUSAL,
     SERVICE,
     STREAM,
+    ended_at,
     json_in,
     json_out,
     split_ack,
@@ -261,11 +262,15 @@ async def _serve(host: StreamHost, handler: Handler, request_type: Any, request:
 
 
 END_GRACE = 0.1
-"""Seconds the end of a call's messages waits before it counts as the client's end. A
-call reset by its client, or by Envoy draining its listener, ends its messages just as
-a half-close does, and is cancelled an instant later (grpc.aio, measured: 0.05 ms):
-taken for the client's end, the handler would finish the stream for good, and the
-client, resuming elsewhere, would find it ended (bench/streams.py's drain did)."""
+"""Seconds the end of a call's messages waits before it counts as the client's end, in
+a call whose client does not say its end (one without acknowledgements in its
+messages: an earlier release's). A call reset by its client, or by Envoy draining its
+listener, ends its messages just as a half-close does, and is cancelled an instant
+later (grpc.aio, measured: 0.05 ms), later still on a busy server: taken for the
+client's end, the handler would finish the stream for good, and the client, resuming
+elsewhere, would find it ended (bench/streams.py's drain did, on an idle machine
+without this grace and on a saturated one with it). A client that says its end
+(grpcwire.py) needs none: the end of its messages without it is never its end."""
 
 
 async def _read(stream: ServerStream, messages: AsyncIterator[bytes], request_type: Any,
@@ -279,6 +284,10 @@ async def _read(stream: ServerStream, messages: AsyncIterator[bytes], request_ty
             if carried:
                 data, recv = split_ack(data)
                 stream.acked(recv)
+                last = ended_at(data)
+                if last is not None:
+                    stream.client_ended(last)
+                    return
             try:
                 message = request_type.FromString(data)
             except Exception as exc:  # protobuf's DecodeError, or what a type raises
@@ -286,8 +295,9 @@ async def _read(stream: ServerStream, messages: AsyncIterator[bytes], request_ty
                                     f"{request_type.__name__}: {exc}") from None
             seq += 1
             stream.received(seq, message)
-        await asyncio.sleep(END_GRACE)  # cancelled here (by _serve) if the call was reset
-        stream.client_ended(seq)
+        if not carried:  # an earlier client: the end of its messages, if not a reset
+            await asyncio.sleep(END_GRACE)  # cancelled here (by _serve) if it was reset
+            stream.client_ended(seq)
     except ProtocolError as exc:
         log.info("stream %s: %s", stream.token[:6], exc)
         stream.stop(MALFORMED)

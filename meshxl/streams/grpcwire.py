@@ -13,6 +13,15 @@ last :data:`TRAILER_SIZE` bytes off before it parses the message. A direction th
 idle still acknowledges with the unary ``/meshxl.streams.v1.Streams/Ack`` (JSON
 bodies ``{"id", "recv"}`` -> ``{"in"}``); a call without the field (a client or
 server of an earlier release) acknowledges only with it.
+
+In such a call the client says its end before it half-closes: one last message made
+only of :data:`END_FIELD` (the number of its last message, I64) and its
+acknowledgement (:func:`end_message`). The end of the call's messages alone does not
+say it: a call reset by its client or by Envoy draining ends them just as a
+half-close does, and is cancelled only later, later still on a busy server; a server
+that took that for the client's end would finish the stream for good, and the
+client, resuming elsewhere, would find it ended. (A call without the field falls back
+on a grace period: grpcio.END_GRACE.)
 """
 
 from __future__ import annotations
@@ -22,9 +31,9 @@ from typing import Any
 
 from .protocol import ProtocolError
 
-__all__ = ["ACKS", "ACK_FIELD", "ACK_METHOD", "END_KEY", "FIELD", "FROM", "IN", "RECV",
-           "REFUSAL", "SERVICE", "STREAM", "TRAILER_SIZE", "json_in", "json_out",
-           "split_ack", "with_ack"]
+__all__ = ["ACKS", "ACK_FIELD", "ACK_METHOD", "END_FIELD", "END_KEY", "FIELD", "FROM", "IN",
+           "RECV", "REFUSAL", "SERVICE", "STREAM", "TRAILER_SIZE", "end_message", "ended_at",
+           "json_in", "json_out", "split_ack", "with_ack"]
 
 SERVICE = "meshxl.streams.v1.Streams"
 ACK_METHOD = f"/{SERVICE}/Ack"
@@ -42,6 +51,26 @@ _LAST = (1 << 53) - 1
 _TAG = bytes([0xF9, 0xFF, 0xFF, 0xFF, 0x0F])
 """The field's key: ``(ACK_FIELD << 3) | 1`` (wire type I64) as a varint."""
 TRAILER_SIZE = len(_TAG) + 8
+END_FIELD = ACK_FIELD - 1
+"""The client's end: the field of the message that says it (:func:`end_message`)."""
+_END_TAG = bytes([0xF1, 0xFF, 0xFF, 0xFF, 0x0F])
+"""``(END_FIELD << 3) | 1`` as a varint."""
+
+
+def end_message(last: int, ack: int) -> bytes:
+    """The message that says the client's end after its message ``last``."""
+    return with_ack(_END_TAG + last.to_bytes(8, "little"), ack)
+
+
+def ended_at(body: bytes) -> int | None:
+    """The last message number an end message says (its bytes without the
+    acknowledgement: :func:`split_ack`'s); None: a message of the stream."""
+    if len(body) != len(_END_TAG) + 8 or not body.startswith(_END_TAG):
+        return None
+    last = int.from_bytes(body[-8:], "little")
+    if last > _LAST:
+        raise ProtocolError(f"an end after message {last}, past the highest")
+    return last
 
 
 def with_ack(body: bytes, ack: int) -> bytes:

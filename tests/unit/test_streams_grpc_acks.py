@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from meshxl.local import counter
 from meshxl.streams import grpc_client, grpcio
-from meshxl.streams.grpcwire import TRAILER_SIZE, split_ack, with_ack
+from meshxl.streams.grpcwire import TRAILER_SIZE, end_message, ended_at, split_ack, with_ack
 from meshxl.streams.protocol import MALFORMED, Limits, ProtocolError, new_token
 from meshxl.streams.record import StreamRecord
 from meshxl.streams.server import ServerStream
@@ -192,3 +192,47 @@ async def test_a_malformed_client_message_stops_its_stream_only(data: bytes) -> 
     stream = _stream()
     await grpcio._read(stream, _messages(data), counter.TallyRequest, True)
     assert stream.stopped is MALFORMED
+
+
+# -- the client's end ----------------------------------------------------------------
+
+
+@given(st.integers(0, (1 << 53) - 1), st.integers(0, (1 << 53) - 1))
+def test_an_end_message_says_its_last_message_and_no_message_is_one(last: int,
+                                                                    ack: int) -> None:
+    body, told = split_ack(end_message(last, ack))
+    assert (ended_at(body), told) == (last, ack)
+    assert counter.TallyRequest.FromString(body).n == 0  # a parser skips the field
+    assert ended_at(counter.TallyRequest(n=last % 1000).SerializeToString()) is None
+
+
+async def test_a_carried_call_ends_its_stream_only_when_the_client_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call reset by its client or by a draining Envoy ends its messages as a
+    half-close does, and may be cancelled only much later on a busy server: without
+    the end message that is no end of the stream (it resumes elsewhere); with it, the
+    stream ends after the last message."""
+    monkeypatch.setattr(grpcio, "END_GRACE", 0.0)  # a cancellation later than any grace
+    one = with_ack(counter.TallyRequest(n=1).SerializeToString(), 0)
+    reset = _stream()
+    await grpcio._read(reset, _messages(one), counter.TallyRequest, True)
+    assert reset._client_done is None and reset.stopped is None
+    said = _stream()
+    await grpcio._read(said, _messages(one, end_message(1, 0)), counter.TallyRequest, True)
+    assert said._client_done == 1
+    earlier = _stream()  # a client without acknowledgements in its messages
+    await grpcio._read(earlier, _messages(b"\x08\x01"), counter.TallyRequest, False)
+    assert earlier._client_done == 1
+
+
+async def test_the_client_says_its_end_before_it_half_closes() -> None:
+    call = _carried(_Acks())
+    done: list[bool] = []
+
+    async def done_writing() -> None:
+        done.append(True)
+
+    call.call.done_writing = done_writing  # type: ignore[attr-defined]
+    await call.send_message(1, counter.TallyRequest(n=1))
+    await call.send_end(1)
+    assert ended_at(split_ack(call.call.written[-1])[0]) == 1 and done == [True]
