@@ -34,6 +34,7 @@ from .protocol import (
     ProtocolError,
     compact_json,
     encode_frame,
+    message_frame,
     refusal_named,
 )
 from .sse import (
@@ -120,7 +121,8 @@ class _Events:
 
     # -- the upload: one POST for the connection's frames --------------------------------
 
-    def _send_lines(self, *frames: Frame) -> None:
+    def _send_lines(self, *frames: Frame | str) -> None:
+        """Frames on the upload (a str: one encoded already)."""
         if self._broken is not None:
             raise ConnectionError(f"the upload broke: {self._broken}")
         if self._lines is None:
@@ -128,7 +130,8 @@ class _Events:
             self._uploading = asyncio.get_running_loop().create_task(
                 self._upload(self._lines))
         for frame in frames:
-            self._lines.put_nowait(encode_frame(frame, text_bytes=True).encode() + b"\n")
+            line = frame if isinstance(frame, str) else encode_frame(frame, text_bytes=True)
+            self._lines.put_nowait(line.encode() + b"\n")
 
     async def _upload(self, lines: asyncio.Queue[bytes | None]) -> None:
         async def body() -> AsyncIterator[bytes]:
@@ -177,7 +180,8 @@ class _Events:
         if ack is not None:
             self._ack = max(self._ack or 0, ack)
         if self.upload:
-            self._send_lines(Frame(MESSAGE, seq=seq, payload=payload, ack=self._take()))
+            self._send_lines(Frame(MESSAGE, seq=seq, payload=payload, ack=self._take())
+                             if text is None else message_frame(seq, text, self._take()))
             return
         extra = {SEQ_HEADER: str(seq), **self._take_ack()}
         if isinstance(payload, bytes | bytearray | memoryview):

@@ -102,11 +102,12 @@ async def test_frames_queued_together_travel_in_one_chunk_of_one_upload() -> Non
     http = _Http()
     events = _events(http)
     await events.send_ack(5)
-    await events.send_message(7, {"n": 1})
+    await events.send_message(7, {"n": 1}, text='{"n": 1}')  # sent as the stream made it
     await events.send_message(8, b"\x00\xff")
     await events.send_end(8)
     await _settle()
     [upload] = http.uploads
+    assert b'"d":{"n": 1}}' in b"".join(upload.chunks)
     assert upload.headers["Content-Type"] == sse.UPLOAD_TYPE
     assert upload.headers[sse.EPOCH_HEADER] == "7"
     assert upload.headers[sse.STREAM_HEADER] == events.token
