@@ -1,6 +1,7 @@
 """Virtual systems: one tenant flooding writes, another tenant's write latency.
 
-Run: ``.venv/bin/python bench/vsls_quota.py [--quick] [--no-confine]``
+Run: ``.venv/bin/python bench/vsls_quota.py [--quick] [--rounds N] [--no-confine]
+[--output FILE]``
 
 One etcd, three virtual systems on one pool, a sidecar each: ``t01`` with
 ``sessions.quota.writes_per_second: QUOTA``, ``t02`` and ``t03`` without a quota.
@@ -67,6 +68,8 @@ PHASES = ("idle", "at_quota", "flood", "flood_no_quota")
 TENANT = {"at_quota": "t01", "flood": "t01", "flood_no_quota": "t03"}
 TARGET_P99_RATIO = 1.2
 SETUP_TIMEOUT = 60.0
+ROUNDS = 5
+"""Rounds of a full run (``--rounds``): each measures every phase once."""
 LOAD_SECONDS = 60.0
 """The other tenant's writers stop after this at the latest (they stop when t02's
 writes of the phase are done)."""
@@ -287,8 +290,9 @@ async def measure(bases: dict[str, str], rounds: int, writes: int,
     return result
 
 
-async def run(quick: bool, work: Path, confined: bool) -> dict[str, Any]:
-    rounds, writes = (2, 300) if quick else (5, 1000)
+async def run(quick: bool, work: Path, confined: bool, rounds: int | None = None
+              ) -> dict[str, Any]:
+    rounds, writes = (rounds or 2, 300) if quick else (rounds or ROUNDS, 1000)
     stack = Owner(work, grace=3.0)
     step = "starting etcd"
     try:
@@ -349,6 +353,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (< ~1 min)")
     parser.add_argument("--no-confine", action="store_true",
                         help="every process on any CPU (default: each tenant on its own)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds (default {ROUNDS}; 2 with --quick)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="write the results here instead of bench/results")
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--phase", default="flood", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -363,8 +371,11 @@ def main() -> int:
         print_report(res)
         print_verdicts("vsls_quota", verdict_list)
 
+    if args.rounds is not None and not 1 <= args.rounds <= 200:
+        parser.error("--rounds takes 1 to 200")
     return run_benchmark("vsls_quota", quick, "meshxl-bench-",
-                         lambda work: run(quick, work, confined), verdicts, report)
+                         lambda work: run(quick, work, confined, args.rounds), verdicts,
+                         report, write=args.output is None, output=args.output)
 
 
 if __name__ == "__main__":
