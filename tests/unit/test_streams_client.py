@@ -554,11 +554,14 @@ async def test_a_message_is_encoded_once_however_often_it_is_sent() -> None:
     """The limits' size and every connection's frame share one encoding of a message:
     a resume sends again what was not consumed without encoding it again."""
     texts: list[str | None] = []
+    resent = asyncio.Event()
 
     class Texts(Scripted):
         async def send_message(self, seq: int, payload: Any, ack: int | None = None,
                                text: str | None = None) -> None:
             texts.append(text)
+            if len(texts) == 2:
+                resent.set()
             await super().send_message(seq, payload, ack, text)
 
     first = Texts([ready()], hold=True)
@@ -577,7 +580,6 @@ async def test_a_message_is_encoded_once_however_often_it_is_sent() -> None:
     assert texts == ['{"n":1}']
     first.closed.set()  # the connection breaks before the server consumed it
     async with asyncio.timeout(2):
-        while len(texts) < 2:
-            await asyncio.sleep(0.001)
+        await resent.wait()
     assert texts == ['{"n":1}', '{"n":1}'] and encodings == 1
     await stream.close()
