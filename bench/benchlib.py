@@ -179,6 +179,21 @@ async def convergence_histogram(http: Any, admin: str) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+async def watch_events(client: Any, prefix: bytes, end: bytes, start: int, count: int,
+                       done: asyncio.Event) -> None:
+    """Read etcd's watch of ``[prefix, end)`` from revision ``start`` (meshxl's own
+    watch path) until ``count`` events came, then set ``done``: the writes of a round
+    have reached a watcher, as they reach a sidecar."""
+    from meshxl import etcd
+
+    seen = 0
+    async for response in etcd.watch_responses(client, prefix, end, start):
+        seen += len(response.events)
+        if seen >= count:
+            done.set()
+            return
+
+
 async def stop_load(load: asyncio.Task[Any] | None, traffic: Any) -> None:
     """End a benchmark's load task, also on failure: its traffic stops at once
     (``traffic.until = 0``), the task is cancelled and awaited, whatever it raised."""

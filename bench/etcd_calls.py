@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aetcd import rpc
-from benchlib import env_info, quick_requested, write_results
+from benchlib import env_info, quick_requested, watch_events, write_results
 
 from meshxl import etcd
 from meshxl.etcd import h2c
@@ -65,16 +65,7 @@ async def _round(client: h2c.Client, kind: str, calls: int, etcd_pid: int = 0
 
         def txn(request: bytes) -> Any:
             return unary(request, timeout=5.0)
-    seen = 0
     done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal seen
-        async for response in etcd.watch_responses(client, prefix, end, start):
-            seen += len(response.events)
-            if seen >= calls:
-                done.set()
-                return
 
     sent = 0
     revisions = [0] * WRITERS
@@ -94,7 +85,7 @@ async def _round(client: h2c.Client, kind: str, calls: int, etcd_pid: int = 0
         watcher = asyncio.ensure_future(_grpcio_watch(client, prefix, end, start, calls,
                                                       done))
     else:
-        watcher = asyncio.ensure_future(watch())
+        watcher = asyncio.ensure_future(watch_events(client, prefix, end, start, calls, done))
     await asyncio.sleep(0.05)  # the watch is open
     server = cpu_seconds(etcd_pid) if etcd_pid else None
     cpu, wall = time.process_time(), time.perf_counter()

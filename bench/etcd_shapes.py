@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from aetcd import rpc
-from benchlib import env_info, quick_requested, write_results
+from benchlib import env_info, quick_requested, watch_events, write_results
 
 from meshxl import etcd
 from meshxl.etcd import h2c
@@ -82,16 +82,7 @@ async def _round(client: h2c.Client, url: str, shape: str, calls: int, lease: in
     prefix = PREFIX + b"%d/" % next(_ROUNDS)
     end = prefix[:-1] + bytes([prefix[-1] + 1])
     channel = client.channel_h2c()
-    seen = 0
     done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal seen
-        async for response in etcd.watch_responses(client, prefix, end, start):
-            seen += len(response.events)
-            if seen >= calls:
-                done.set()
-                return
 
     sent = 0
     revisions = [0] * WRITERS
@@ -117,7 +108,7 @@ async def _round(client: h2c.Client, url: str, shape: str, calls: int, lease: in
                 raise RuntimeError(f"{shape}: a compare failed")
             revisions[i] = answer.header.revision
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.ensure_future(watch_events(client, prefix, end, start, calls, done))
     await asyncio.sleep(0.05)  # the watch is open
     fsyncs, server, wall = _fsyncs(url), cpu_seconds(etcd_pid), time.perf_counter()
     async with asyncio.timeout(120.0):
