@@ -15,8 +15,8 @@ import struct
 
 __all__ = ["ACK", "CONTINUATION", "DATA", "END_HEADERS", "END_STREAM", "GOAWAY", "HEADERS",
            "PADDED", "PING", "PREFACE", "PRIORITY", "PRIORITY_FLAG", "PUSH_PROMISE",
-           "RST_STREAM", "SETTINGS", "WINDOW_UPDATE", "frame", "integer", "keeps_table",
-           "length", "literal"]
+           "RST_STREAM", "SETTINGS", "WINDOW_UPDATE", "frame", "frame_head", "integer",
+           "keeps_table", "length", "literal"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -29,6 +29,14 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     """A frame: its 9-byte header (RFC 9113 section 4.1) and ``payload``."""
     size = len(payload)
     return struct.pack(">BHBBL", size >> 16, size & 0xFFFF, kind, flags, stream) + payload
+
+
+def frame_head(buffer: bytes, pos: int) -> tuple[int, int, int, int]:
+    """The frame header at ``pos`` (its 9 bytes there): ``(size, kind, flags, stream)``,
+    the payload's size first so a reader can refuse a frame too large before it waits
+    for it."""
+    return (buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2], buffer[pos + 3],
+            buffer[pos + 4], int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF)
 
 
 def length(text: bytes) -> bytes:

@@ -27,6 +27,7 @@ from meshxl.h2wire import (
     SETTINGS,
     WINDOW_UPDATE,
     frame,
+    frame_head,
     keeps_table,
     literal,
 )
@@ -252,13 +253,11 @@ class Connection(asyncio.Protocol):
             self.pinged.cancel()
             self.pinged = None
         while end - pos >= 9 and self.transport is not None:
-            size = buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2]
+            size, kind, flags, stream = frame_head(buffer, pos)
             if size > _MAX_FRAME:
                 return self.abort(f"a frame of {size} bytes")
             if end - pos - 9 < size:
                 break
-            kind, flags = buffer[pos + 3], buffer[pos + 4]
-            stream = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF
             payload = buffer[pos + 9:pos + 9 + size]
             pos += 9 + size
             if self.block is not None and kind != CONTINUATION:
@@ -353,8 +352,7 @@ class Connection(asyncio.Protocol):
             self._ended()
 
     def _settings(self, payload: bytes) -> None:
-        for at in range(0, len(payload) - len(payload) % 6, 6):
-            key, value = struct.unpack_from(">HL", payload, at)
+        for key, value in struct.iter_unpack(">HL", payload[:len(payload) - len(payload) % 6]):
             if key == 0x3:
                 self.max_streams = value
             elif key == 0x4 and value <= 0x7FFFFFFF:

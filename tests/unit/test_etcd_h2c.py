@@ -146,6 +146,17 @@ def connect(server: Server) -> tuple[Connection, Pipe, Owner]:
     return connection, pipe, owner
 
 
+def channel_on(server: Server) -> tuple[h2c.Channel, Connection, Pipe]:
+    """A channel whose one connection is to ``server``, its SETTINGS exchanged."""
+    channel = h2c.Channel("127.0.0.1", 2379)
+    connection = Connection(channel)
+    pipe = Pipe()
+    connection.connection_made(pipe)  # type: ignore[arg-type]
+    channel._connection = connection
+    exchange(connection, pipe, server)
+    return channel, connection, pipe
+
+
 def unary(connection: Connection, request: bytes, timeout: float = 5.0) -> Call:
     loop = asyncio.get_running_loop()
     call = Call(loop.create_future(), h2c.Channel("127.0.0.1", 2379)._head(h2c.TXN),
@@ -209,12 +220,7 @@ async def test_an_answer_is_the_parsed_message_and_a_status_an_aio_rpc_error() -
 async def test_a_watch_reads_every_message_in_order_however_split() -> None:
     server = Server()
     owner = Owner()
-    channel = h2c.Channel("127.0.0.1", 2379)
-    connection = Connection(channel)
-    pipe = Pipe()
-    connection.connection_made(pipe)  # type: ignore[arg-type]
-    channel._connection = connection
-    exchange(connection, pipe, server)
+    channel, connection, pipe = channel_on(server)
     stream = channel.stream(h2c.WATCH, b"create", bytes)
     connection._flush()
     exchange(connection, pipe, server)
@@ -265,12 +271,7 @@ async def test_goaway_fails_the_streams_it_did_not_take_and_a_loss_fails_the_res
 
 async def test_a_deadline_fails_its_call_resets_its_stream_and_pings() -> None:
     server = Server()
-    channel = h2c.Channel("127.0.0.1", 2379)
-    connection = Connection(channel)
-    pipe = Pipe()
-    connection.connection_made(pipe)  # type: ignore[arg-type]
-    channel._connection = connection
-    exchange(connection, pipe, server)
+    channel, connection, pipe = channel_on(server)
     future = channel.call(h2c.TXN, b"slow", 0.05, bytes)
     await asyncio.sleep(0)  # the call's frames leave
     out = pipe.take()
@@ -294,12 +295,7 @@ async def test_a_silent_connection_with_a_watch_pings_and_closes_unanswered(
     monkeypatch.setattr(h2conn, "KEEPALIVE", 0.05)
     monkeypatch.setattr(h2conn, "PING_TIMEOUT", 0.1)
     server = Server()
-    channel = h2c.Channel("127.0.0.1", 2379)
-    connection = Connection(channel)
-    pipe = Pipe()
-    connection.connection_made(pipe)  # type: ignore[arg-type]
-    channel._connection = connection
-    exchange(connection, pipe, server)
+    channel, connection, pipe = channel_on(server)
     channel.stream(h2c.WATCH, b"create", bytes)
     await asyncio.sleep(0.01)
     server.receive(pipe.take())  # the watch's request; nothing comes back
@@ -331,3 +327,15 @@ def test_the_literals_sent_decode_with_hpack_and_keep_its_table() -> None:
     (1e12, b"99999999S")])
 def test_grpc_timeout_is_eight_digits_and_a_unit(seconds: float, value: bytes) -> None:
     assert grpc_timeout(seconds) == value
+
+
+@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, (1 << 32) - 1),
+       st.binary(max_size=64), st.binary(max_size=16))
+def test_a_frame_head_reads_what_frame_wrote(kind: int, flags: int, stream: int,
+                                              payload: bytes, before: bytes) -> None:
+    written = before + h2wire.frame(kind, flags, stream & 0x7FFFFFFF, payload)
+    assert h2wire.frame_head(written, len(before)) == (len(payload), kind, flags,
+                                                       stream & 0x7FFFFFFF)
+    reserved = bytearray(written)
+    reserved[len(before) + 5] |= 0x80  # the reserved bit is not the stream's
+    assert h2wire.frame_head(bytes(reserved), len(before))[3] == stream & 0x7FFFFFFF

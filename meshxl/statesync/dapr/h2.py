@@ -60,6 +60,7 @@ from meshxl.h2wire import (
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
+    frame_head,
 )
 from meshxl.h2wire import frame as _frame
 from meshxl.h2wire import keeps_table as _keeps_table
@@ -237,13 +238,11 @@ class GrpcConnection(asyncio.Protocol):
         pos, end = 0, len(buffer)
         granted = 0
         while end - pos >= 9 and self.transport is not None:
-            size = buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2]
+            size, kind, flags, stream = frame_head(buffer, pos)
             if size > MAX_FRAME:
                 return self._fail(FRAME_SIZE_ERROR, f"a frame of {size} bytes")
             if end - pos - 9 < size:
                 break
-            kind, flags = buffer[pos + 3], buffer[pos + 4]
-            stream = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF
             payload = buffer[pos + 9:pos + 9 + size]
             pos += 9 + size
             if self.block is not None and kind != CONTINUATION:
@@ -399,8 +398,7 @@ class GrpcConnection(asyncio.Protocol):
             return
         if len(payload) % 6:
             return self._fail(FRAME_SIZE_ERROR, "SETTINGS of a bad size")
-        for at in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HL", payload, at)
+        for key, value in struct.iter_unpack(">HL", payload):
             if key == 0x4:
                 if value > 0x7FFFFFFF:
                     return self._fail(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE too large")
