@@ -19,7 +19,7 @@ import runpy
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -177,6 +177,71 @@ async def convergence_histogram(http: Any, admin: str) -> tuple[float, float]:
             return (values.get("meshxl_xds_convergence_seconds_count", 0.0),
                     values.get("meshxl_xds_convergence_seconds_sum", 0.0))
     return 0.0, 0.0
+
+
+@contextlib.asynccontextmanager
+async def etcd_with_client() -> AsyncIterator[tuple[Any, str, int]]:
+    """A fresh etcd in a temporary directory and meshxl's client to it (its h2c path):
+    ``(client, url, etcd's pid)``; both stopped at the end."""
+    import tempfile
+
+    from meshxl import etcd
+    from meshxl.etcd import h2c
+    from meshxl.local.procs import Owner
+    from meshxl.local.servers import start_etcd
+
+    with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
+        stack = Owner(Path(work), grace=3.0)
+        try:
+            url, etcd_proc = await start_etcd(stack)
+            assert etcd_proc.pid is not None
+            client = etcd.client(url)
+            assert isinstance(client, h2c.Client)
+            await client.connect()
+            try:
+                yield client, url, etcd_proc.pid
+            finally:
+                await client.close()
+        finally:
+            await stack.aclose()
+
+
+def probe_main(name: str, doc: str, run: Callable[[bool], Any],
+               report: Callable[[dict[str, Any]], None]) -> int:
+    """``main`` of a benchmark without verdicts: ``--quick``, ``run(quick)`` on meshxl's
+    event loop, the results written to ``bench/results/NAME.json``, ``report(res)``."""
+    import argparse
+
+    from meshxl.loops import loop_factory
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    quick = quick_requested(parser.parse_args().quick)
+    started = time.perf_counter()
+    res: dict[str, Any] = {"benchmark": name, "quick": quick, "env": env_info()}
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        res.update(runner.run(run(quick)))
+    res["seconds"] = round(time.perf_counter() - started, 1)
+    path = write_results(name, res, [])
+    report(res)
+    print(f"  results: {path}\n  ran in {res['seconds']} s")
+    return 0
+
+
+async def share_writes(calls: int, writers: int,
+                       write: Callable[[int, bytes], Awaitable[None]], prefix: bytes) -> None:
+    """``calls`` writes shared by ``writers`` concurrent writers: writer ``i`` calls
+    ``write(i, its key)`` (``prefix`` and its number) while writes are left to take."""
+    sent = 0
+
+    async def writer(i: int) -> None:
+        nonlocal sent
+        key = prefix + b"%04d" % i
+        while sent < calls:
+            sent += 1
+            await write(i, key)
+
+    await asyncio.gather(*(writer(i) for i in range(writers)))
 
 
 async def watch_events(client: Any, prefix: bytes, end: bytes, start: int, count: int,

@@ -19,22 +19,15 @@ machine is nearly as much as a rate does. No targets:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from aetcd import rpc
-from benchlib import env_info, quick_requested, watch_events, write_results
+from benchlib import etcd_with_client, probe_main, share_writes, watch_events
 
-from meshxl import etcd
 from meshxl.etcd import h2c
-from meshxl.local.procs import Owner
-from meshxl.local.servers import start_etcd
-from meshxl.loops import loop_factory
 from meshxl.statesync import wire
 from meshxl.stats import cpu_seconds
 
@@ -66,20 +59,14 @@ async def _round(client: h2c.Client, kind: str, calls: int, etcd_pid: int = 0
         def txn(request: bytes) -> Any:
             return unary(request, timeout=5.0)
     done = asyncio.Event()
-
-    sent = 0
     revisions = [0] * WRITERS
 
-    async def writer(i: int) -> None:
-        nonlocal sent
-        key = prefix + b"%04d" % i
-        while sent < calls:
-            sent += 1
-            answer = await txn(wire.txn_request([wire.guarded_put(key, VALUE, revisions[i],
-                                                                  0)]))
-            inner = answer.responses[0].response_txn
-            revisions[i] = (answer.header.revision if inner.succeeded
-                            else inner.responses[0].response_range.kvs[0].mod_revision)
+    async def write(i: int, key: bytes) -> None:
+        answer = await txn(wire.txn_request([wire.guarded_put(key, VALUE, revisions[i],
+                                                              0)]))
+        inner = answer.responses[0].response_txn
+        revisions[i] = (answer.header.revision if inner.succeeded
+                        else inner.responses[0].response_range.kvs[0].mod_revision)
 
     if kind == "grpcio":  # the watch on grpcio's channel: as a secure client's
         watcher = asyncio.ensure_future(_grpcio_watch(client, prefix, end, start, calls,
@@ -90,7 +77,7 @@ async def _round(client: h2c.Client, kind: str, calls: int, etcd_pid: int = 0
     server = cpu_seconds(etcd_pid) if etcd_pid else None
     cpu, wall = time.process_time(), time.perf_counter()
     async with asyncio.timeout(60.0):
-        await asyncio.gather(*(writer(i) for i in range(WRITERS)))
+        await share_writes(calls, WRITERS, write, prefix)
         await done.wait()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     after = cpu_seconds(etcd_pid) if etcd_pid else None
@@ -119,25 +106,13 @@ async def _grpcio_watch(client: Any, prefix: bytes, end: bytes, start: int, call
 
 async def run(quick: bool) -> dict[str, Any]:
     rounds, calls = (3, 2000) if quick else (8, 6000)
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
-        stack = Owner(Path(work), grace=3.0)
-        try:
-            url, etcd_proc = await start_etcd(stack)
-            assert etcd_proc.pid is not None
-            client = etcd.client(url)
-            assert isinstance(client, h2c.Client)
-            await client.connect()
-            runs: dict[str, list[dict[str, float]]] = {"grpcio": [], "h2c": []}
-            try:
-                for kind in ("grpcio", "h2c"):  # warm-up, not counted
-                    await _round(client, kind, 500)
-                for r in range(rounds):
-                    for kind in (("grpcio", "h2c") if r % 2 == 0 else ("h2c", "grpcio")):
-                        runs[kind].append(await _round(client, kind, calls, etcd_proc.pid))
-            finally:
-                await client.close()
-        finally:
-            await stack.aclose()
+    runs: dict[str, list[dict[str, float]]] = {"grpcio": [], "h2c": []}
+    async with etcd_with_client() as (client, _, etcd_pid):
+        for kind in ("grpcio", "h2c"):  # warm-up, not counted
+            await _round(client, kind, 500)
+        for r in range(rounds):
+            for kind in (("grpcio", "h2c") if r % 2 == 0 else ("h2c", "grpcio")):
+                runs[kind].append(await _round(client, kind, calls, etcd_pid))
     out: dict[str, Any] = {"writers": WRITERS, "value_bytes": len(VALUE), "rounds": rounds,
                            "calls_per_round": calls, "modes": {}}
     for kind, results in runs.items():
@@ -154,17 +129,7 @@ async def run(quick: bool) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    args = parser.parse_args()
-    quick = quick_requested(args.quick)
-    started = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": "etcd_calls", "quick": quick, "env": env_info()}
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        res.update(runner.run(run(quick)))
-    res["seconds"] = round(time.perf_counter() - started, 1)
-    path = write_results("etcd_calls", res, [])
+def print_report(res: dict[str, Any]) -> None:
     print(f"\n== etcd transactions from one process ({res['writers']} writers, "
           f"~{res['value_bytes']} B guarded puts, a watch reading every event)")
     for kind, m in res["modes"].items():
@@ -172,8 +137,10 @@ def main() -> int:
               f"median {m['us_per_txn_median']:7.1f}  ({m['txn_per_s_median']:,} txn/s "
               f"median; etcd {m['etcd_us_per_txn_median']} us)  {m['us_per_txn']}")
     print(f"  h2c / grpcio, median CPU per transaction: {res['ratio_median']:.3f}x")
-    print(f"  results: {path}\n  ran in {res['seconds']} s")
-    return 0
+
+
+def main() -> int:
+    return probe_main("etcd_calls", __doc__ or "", run, print_report)
 
 
 if __name__ == "__main__":

@@ -25,24 +25,17 @@ costs more), writes per second. For where etcd spends it, run etcd with
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from aetcd import rpc
-from benchlib import env_info, quick_requested, watch_events, write_results
+from benchlib import etcd_with_client, probe_main, share_writes, watch_events
 
-from meshxl import etcd
 from meshxl.etcd import h2c
-from meshxl.local.procs import Owner
-from meshxl.local.servers import start_etcd
-from meshxl.loops import loop_factory
 from meshxl.statesync import wire
 from meshxl.stats import cpu_seconds
 
@@ -83,36 +76,30 @@ async def _round(client: h2c.Client, url: str, shape: str, calls: int, lease: in
     end = prefix[:-1] + bytes([prefix[-1] + 1])
     channel = client.channel_h2c()
     done = asyncio.Event()
-
-    sent = 0
     revisions = [0] * WRITERS
 
-    async def writer(i: int) -> None:
-        nonlocal sent
-        key = prefix + b"%04d" % i
-        while sent < calls:
-            sent += 1
-            if shape == "put":
-                await channel.call(PUT, rpc.PutRequest(key=key, value=VALUE).SerializeToString(),
-                                   5.0, rpc.PutResponse.FromString)
-                continue
-            if shape == "txn_put":
-                request = rpc.TxnRequest(success=[rpc.RequestOp(request_put=rpc.PutRequest(
-                    key=key, value=VALUE))]).SerializeToString()
-            else:
-                op = wire.guarded_put(key, VALUE, revisions[i], lease)
-                request = wire.txn_request([op]) if shape == "guarded" else _unnested(op)
-            answer = await channel.call(h2c.TXN, request, 5.0, h2c.txn_parse)
-            inner = answer.responses[0].response_txn if shape == "guarded" else answer
-            if not inner.succeeded:
-                raise RuntimeError(f"{shape}: a compare failed")
-            revisions[i] = answer.header.revision
+    async def write(i: int, key: bytes) -> None:
+        if shape == "put":
+            await channel.call(PUT, rpc.PutRequest(key=key, value=VALUE).SerializeToString(),
+                               5.0, rpc.PutResponse.FromString)
+            return
+        if shape == "txn_put":
+            request = rpc.TxnRequest(success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key, value=VALUE))]).SerializeToString()
+        else:
+            op = wire.guarded_put(key, VALUE, revisions[i], lease)
+            request = wire.txn_request([op]) if shape == "guarded" else _unnested(op)
+        answer = await channel.call(h2c.TXN, request, 5.0, h2c.txn_parse)
+        inner = answer.responses[0].response_txn if shape == "guarded" else answer
+        if not inner.succeeded:
+            raise RuntimeError(f"{shape}: a compare failed")
+        revisions[i] = answer.header.revision
 
     watcher = asyncio.ensure_future(watch_events(client, prefix, end, start, calls, done))
     await asyncio.sleep(0.05)  # the watch is open
     fsyncs, server, wall = _fsyncs(url), cpu_seconds(etcd_pid), time.perf_counter()
     async with asyncio.timeout(120.0):
-        await asyncio.gather(*(writer(i) for i in range(WRITERS)))
+        await share_writes(calls, WRITERS, write, prefix)
         await done.wait()
     wall = time.perf_counter() - wall
     server_after, fsyncs = cpu_seconds(etcd_pid), _fsyncs(url) - fsyncs
@@ -127,29 +114,19 @@ async def _round(client: h2c.Client, url: str, shape: str, calls: int, lease: in
 async def run(quick: bool) -> dict[str, Any]:
     rounds, calls = (3, 2000) if quick else (7, 5000)
     runs: dict[str, list[dict[str, float]]] = {shape: [] for shape in SHAPES}
-    with tempfile.TemporaryDirectory(prefix="meshxl-bench-") as work:
-        stack = Owner(Path(work), grace=3.0)
-        try:
-            url, etcd_proc = await start_etcd(stack)
-            assert etcd_proc.pid is not None
-            client = etcd.client(url)
-            assert isinstance(client, h2c.Client)
-            await client.connect()
-            try:
-                lease = (await client.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=600))).ID
-                for shape in SHAPES:  # warm-up, not counted
-                    await _round(client, url, shape, 500, lease, etcd_proc.pid)
-                for r in range(rounds):
-                    for shape in (SHAPES if r % 2 == 0 else SHAPES[::-1]):
-                        runs[shape].append(await _round(client, url, shape, calls, lease,
-                                                        etcd_proc.pid))
-            finally:
-                await client.close()
-        finally:
-            await stack.aclose()
-    modes = {shape: {figure: round(statistics.median(r[figure] for r in results), 1)
-                     for figure in ("etcd_us_per_write", "writes_per_fsync", "writes_per_s")}
-             for shape, results in runs.items()}
+    async with etcd_with_client() as (client, url, etcd_pid):
+        lease = (await client.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=600))).ID
+        for shape in SHAPES:  # warm-up, not counted
+            await _round(client, url, shape, 500, lease, etcd_pid)
+        for r in range(rounds):
+            for shape in (SHAPES if r % 2 == 0 else SHAPES[::-1]):
+                runs[shape].append(await _round(client, url, shape, calls, lease,
+                                                etcd_pid))
+    figures = ("etcd_us_per_write", "writes_per_fsync", "writes_per_s")
+    modes: dict[str, dict[str, Any]] = {
+        shape: {figure: round(statistics.median(r[figure] for r in results), 1)
+                for figure in figures}
+        for shape, results in runs.items()}
     for shape, results in runs.items():
         modes[shape]["etcd_us_per_write_runs"] = [round(r["etcd_us_per_write"], 1)
                                                   for r in results]
@@ -157,17 +134,7 @@ async def run(quick: bool) -> dict[str, Any]:
             "calls_per_round": calls, "modes": modes}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
-    args = parser.parse_args()
-    quick = quick_requested(args.quick)
-    started = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": "etcd_shapes", "quick": quick, "env": env_info()}
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        res.update(runner.run(run(quick)))
-    res["seconds"] = round(time.perf_counter() - started, 1)
-    path = write_results("etcd_shapes", res, [])
+def print_report(res: dict[str, Any]) -> None:
     print(f"\n== etcd's CPU per write by request shape ({res['writers']} writers, "
           f"~{res['value_bytes']} B, a watch reading every event; medians of "
           f"{res['rounds']} rounds)")
@@ -175,8 +142,10 @@ def main() -> int:
         print(f"  {shape:<13} etcd {m['etcd_us_per_write']:6.1f} us/write  "
               f"{m['writes_per_fsync']:5.1f} writes/fsync  {m['writes_per_s']:7,.0f} "
               f"writes/s  {m['etcd_us_per_write_runs']}")
-    print(f"  results: {path}\n  ran in {res['seconds']} s")
-    return 0
+
+
+def main() -> int:
+    return probe_main("etcd_shapes", __doc__ or "", run, print_report)
 
 
 if __name__ == "__main__":
