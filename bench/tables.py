@@ -117,7 +117,7 @@ def peers(results: dict[str, dict[str, Any]]) -> str:
     if not data:
         return "No `bench/results/peers.json` yet: run `bench/peers.py`."
     out = [f"Run: {_run(data)}; {data.get('runs')} runs per protocol and proxy, "
-           "alternating order, pooled.", ""]
+           "rotating order, pooled.", ""]
     if data.get("failover"):
         out += ["| protocol | proxy | RTO / reconnect p50 ms | p99 ms | max ms | "
                 "p99 / static Envoy's | p99 / HAProxy's | on the active at the kill | "

@@ -93,3 +93,13 @@ def test_each_filter_costs_what_its_arm_saves_and_the_verdicts_compare_to_static
     verdicts = {v.name: v for v in peersteady.verdicts({"http": res})}
     assert verdicts["HTTP/1.1 steady path: request p50 / static Envoy's"].measured == 1.04
     assert verdicts["HTTP/1.1 steady path: request p99 / static Envoy's"].met is False
+
+
+def test_a_proxy_that_ejects_on_a_websocket_end_is_probed_without_one() -> None:
+    # The static Envoy ejected member a when the probe's WebSocket closed, so the next
+    # run's sessions opened on the standby (0 of 100 on the active at the kill).
+    assert peers.probe_kind("websocket", "envoy-static") == "http"
+    assert peers.probe_kind("websocket", "meshxl") == "websocket"
+    assert peers.probe_kind("websocket", "haproxy") == "websocket"
+    for kind in ("http", "grpc", "tcp"):
+        assert {peers.probe_kind(kind, p) for p in peers.PROXIES} == {kind}
