@@ -15,11 +15,14 @@ clients start no trace; Envoy records the default share of those it starts). Ses
 are first
 written straight to each member in turn (the standby's takeover path warm before the
 first kill, which went through whichever proxy came first). ``--runs`` times, the
-proxies in rotating order (over six runs, the default, each proxy goes first, second and
-last twice; alternating, HAProxy was always second): ``--sessions`` sticky sessions (connections for
-WebSocket and TCP) through one proxy, :data:`STEADY` seconds of steady load (the steady
-path's latency, after :data:`WARM_UP`), kill -9 of the active member a, every session
-served again by the standby, a restarted until every proxy sends a fresh session to it.
+proxies in rotating order (over six runs, the default, each proxy goes first, second
+and last twice; alternating, HAProxy was always second): ``--sessions`` sticky
+sessions (connections for WebSocket and TCP) through one proxy, :data:`STEADY` seconds
+of steady load (the steady path's latency, after :data:`WARM_UP`), kill -9 of the
+active member a, every session served again by the standby, a restarted until every
+proxy sends a fresh session to it. A first round through every proxy is not measured:
+Envoy keeps the connections it opened to the standby in a failover, so the proxy that
+failed over first in the first run was the only one to fail over without them.
 Per proxy: failed requests, acknowledged writes lost, the sessions on a at the kill
 (when some are not: who served them since when, and the Envoy's hosts), and the time
 from the kill to each session's next answer (HTTP and gRPC: the RTO, from when the
@@ -307,6 +310,7 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
                        lease_ttl=2.0, failover="{failback_delay: 0s}",
                        pin_header=PIN_HEADER if kind == "http" else None)
     per_proxy: dict[str, list[dict[str, Any]]] = {p: [] for p in PROXIES}
+    warm_up: list[dict[str, Any]] = []
     restarts: list[dict[str, Any]] = []
     try:
         async with asyncio.timeout(90):
@@ -330,15 +334,18 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
         await wait_until(lambda: _all_on_a(kind, targets), timeout=PHASE_TIMEOUT,
                          interval=0.2, what="every proxy serving from member a")
         await warm_members(d, kind, sessions)
-        for run in range(runs):
+        for run in range(-1, runs):
             order = PROXIES[run % len(PROXIES):] + PROXIES[:run % len(PROXIES)]
             for proxy in order:
                 result = await one_failover(d, kind, targets[proxy], sessions, interval,
                                             prefix=f"{proxy[0]}{run}-",
                                             admin=admins.get(proxy))
                 result["order"] = order.index(proxy)
-                per_proxy[proxy].append(result)
-                print(f"  {kind:<9} run {run + 1} {proxy:<12} "
+                if run >= 0:
+                    per_proxy[proxy].append(result)
+                else:
+                    warm_up.append({"proxy": proxy, **result})
+                print(f"  {kind:<9} {f'run {run + 1}' if run >= 0 else 'warm-up'} {proxy:<12} "
                       f"on {KILLED} at the kill {result['on_killed_member']}, "
                       f"p99 {summary_ms(result['times_ms']).get('p99')} ms, failed "
                       f"{result['failed']}, lost {result['lost_writes']}, steady p50/p99 "
@@ -355,6 +362,8 @@ async def run_kind(work: Path, kind: str, runs: int, sessions: int,
         await d.close()
     return {"kind": kind, "runs": runs, "sessions": sessions, "interval_s": interval,
             "restarts": restarts,
+            "warm_up": [{k: v for k, v in r.items() if k not in ("steady_samples_ms",)}
+                        for r in warm_up],
             "proxies": {p: _pooled(kind, rs) for p, rs in per_proxy.items()}}
 
 
