@@ -129,7 +129,8 @@ class Sidecar:
         config, metrics = self.config, self.metrics
         store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
                              max_batch_bytes=config.batch_max_bytes,
-                             max_inflight=config.max_inflight, on_batch=metrics.on_batch)
+                             max_inflight=config.max_inflight, on_batch=metrics.on_batch,
+                             linger=self._linger)
         engine: list[Sessions] = []
         cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
                              on_lag=metrics.replication_lag.observe,
@@ -139,6 +140,10 @@ class Sidecar:
         engine.append(Sessions(store, cache, self.keys, config.cluster, config.member,
                                settings, metrics, shard=name))
         return Shard(name, client, store, cache, engine[0])
+
+    def _linger(self) -> float:
+        """How long the cluster's write batches wait for more (its rate quota's)."""
+        return self.quota.linger()
 
     async def start(self) -> None:
         if self.shard_map is not None:

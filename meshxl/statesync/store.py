@@ -146,14 +146,16 @@ class SessionStore:
     def __init__(self, client: aetcd.Client, *, ttl: float, max_batch_ops: int = MAX_TXN_WRITES,
                  max_batch_bytes: int = 1_000_000, max_inflight: int = 2,
                  timeout: float = 5.0,
-                 on_batch: Callable[[str, int, float], None] | None = None):
+                 on_batch: Callable[[str, int, float], None] | None = None,
+                 linger: Callable[[], float] | None = None):
         self._client = client
         self.leases = Leases(client, ttl)
         self.history = History()  # of this etcd cluster, as every answer shows it
         self.writer = Batcher(client, "write", max_ops=max_batch_ops,
                                 max_bytes=max_batch_bytes, max_inflight=max_inflight,
                                 timeout=timeout, on_batch=on_batch,
-                                on_lease_lost=self.leases.forget, history=self.history)
+                                on_lease_lost=self.leases.forget, history=self.history,
+                                linger=linger)
         self._reads = Batcher(client, "read", max_ops=MAX_TXN_OPS, max_bytes=MAX_REQUEST_BYTES,
                                max_inflight=max_inflight, timeout=timeout, on_batch=on_batch,
                                history=self.history)
@@ -235,14 +237,27 @@ class Batcher:
     delay a batch adds is bounded by one etcd round trip. A full batch does not wait
     (:func:`may_send`): under a load that fills batches, etcd gets the next one while
     it commits the last.
+
+    ``linger``: how long a batch that is not full may wait for more ops before it
+    leaves, asked when an op finds the queue empty (0: it does not wait). A cluster
+    past its rate quota waits (:meth:`meshxl.statesync.quota.QuotaGuard.linger`): its
+    admitted writes, spread 1/rate apart by the bucket, go together instead of one
+    transaction each.
     """
 
     def __init__(self, client: aetcd.Client, name: str, *, max_ops: int, max_bytes: int,
                  max_inflight: int, timeout: float,
                  on_batch: Callable[[str, int, float], None] | None = None,
                  on_lease_lost: Callable[[], None] | None = None,
-                 history: History | None = None):
+                 history: History | None = None,
+                 linger: Callable[[], float] | None = None):
         self._client = client
+        self._linger = linger
+        self._lingering: asyncio.TimerHandle | None = None
+        self._lingered = False
+        """The ops queued waited their linger (or needed none): they leave as
+        ``max_inflight`` allows, and so do those that join them until the queue is
+        empty again."""
         self._on_lease_lost = on_lease_lost
         self._history = history or History()
         self.name = name
@@ -316,6 +331,8 @@ class Batcher:
 
     def _kick(self) -> None:
         queue = self._queue
+        if self._linger is not None and self._waits(len(queue)):
+            return
         while queue and may_send(len(queue), self._inflight, self._max_inflight,
                                  self._max_ops):
             batch = take_batch(queue, self._max_ops, self._max_bytes)
@@ -323,6 +340,33 @@ class Batcher:
             task = (self._loop or self._bind()).create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if not queue:
+            self._lingered = False
+
+    def _waits(self, queued: int) -> bool:
+        """Whether the ``queued`` ops wait (``linger``) for more to join them: not once
+        they waited, nor when they fill a batch."""
+        if self._lingering is not None:
+            if queued < self._max_ops:
+                return True
+            self._lingering.cancel()
+            self._lingering = None
+            self._lingered = True
+            return False
+        if self._lingered or not queued or queued >= self._max_ops:
+            return False
+        assert self._linger is not None
+        seconds = self._linger()
+        if seconds <= 0:
+            self._lingered = True
+            return False
+        self._lingering = (self._loop or self._bind()).call_later(seconds, self._lingered_out)
+        return True
+
+    def _lingered_out(self) -> None:
+        self._lingering = None
+        self._lingered = True
+        self._kick()
 
     async def _send(self, batch: list[Op]) -> None:
         started = time.perf_counter()
@@ -475,6 +519,9 @@ class Batcher:
         if self._stall_check is not None:
             self._stall_check.cancel()
             self._stall_check = None
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

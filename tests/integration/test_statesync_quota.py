@@ -129,6 +129,70 @@ async def test_a_flood_beyond_the_write_quota_is_refused_while_another_vs_writes
     assert (await t02.status())["quota"] is None
 
 
+FAST = 200
+"""t04's rate: a write admitted every 5 ms past it, each alone in its transaction."""
+
+
+def _writes_and_batches(metrics: str) -> tuple[float, float]:
+    """The write batcher's ops and batches so far (``/metrics``)."""
+    found = {}
+    for line in metrics.splitlines():
+        for name in ("sum", "count"):
+            if line.startswith(f'meshxl_statesync_batch_size_{name}{{kind="write"}} '):
+                found[name] = float(line.rsplit(" ", 1)[1])
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+async def test_a_tenant_past_its_rate_has_its_writes_committed_together(
+        harness: Owner, etcd: Any, etcd_client: aetcd.Client) -> None:
+    # Past its rate, the bucket admits t04's writes one at a time as tokens come, 5 ms
+    # apart: each found the batcher idle and was a transaction of its own (1.0 a batch),
+    # costing the etcd every tenant shares more than the same writes at the rate did.
+    # Past the rate they wait for one another (THROTTLED_LINGER, 20 ms: about 4).
+    await apply_model(etcd_client, KEYS, MODEL + f"""\
+  - name: t04
+    pool: web
+    sessions: {{quota: {{writes_per_second: {FAST}, writes_burst: 1}}}}
+""", "test")
+    t04 = SidecarProcess(harness, cluster="t04", member="w1", etcd=etcd.url,
+                         app_port=free_port(), log_level="info")
+    await t04.start()
+    before = _writes_and_batches((await t04.request("GET", "/metrics")).body.decode())
+    acked: dict[str, int] = {}
+    statuses: dict[int, int] = {}
+    end = time.monotonic() + 1.5
+
+    async def flooder(w: int) -> None:
+        i = 0
+        while time.monotonic() < end and i < 500:
+            reply = await t04.put(f"w{w}", {"i": i})
+            statuses[reply.status] = statuses.get(reply.status, 0) + 1
+            if reply.status in (200, 201):
+                acked[f"w{w}"] = i
+            i += 1
+
+    await asyncio.gather(*(flooder(w) for w in range(16)))
+    writes, batches = (after - earlier for after, earlier in zip(
+        _writes_and_batches((await t04.request("GET", "/metrics")).body.decode()), before,
+        strict=True))
+    assert set(statuses) <= {200, 201, 429} and statuses.get(429), statuses
+    assert writes >= FAST / 2, (writes, statuses)  # 1.5 s at the rate, less start-up
+    assert writes / batches >= 2.0, (writes, batches, statuses)
+    for session, last in acked.items():  # nothing acknowledged is lost
+        got = await t04.get(session)
+        assert got.status == 200 and got.json()["i"] == last, (session, got)
+    # The tenant is past its rate for THROTTLED_FOR after its last refusal, no longer.
+    await window(1.1, "t04 stopped writing past its rate")
+    before = _writes_and_batches((await t04.request("GET", "/metrics")).body.decode())
+    for i in range(5):
+        assert (await t04.put("alone", {"i": i})).status in (200, 201)
+        await asyncio.sleep(0.03)
+    writes, batches = (after - earlier for after, earlier in zip(
+        _writes_and_batches((await t04.request("GET", "/metrics")).body.decode()), before,
+        strict=True))
+    assert writes == batches == 5
+
+
 def test_the_server_answers_a_refusal_from_the_head_without_the_handler() -> None:
     """The body of a write refused from its head is read and dropped, its handler never
     runs, and the connection goes on with the next request."""

@@ -21,6 +21,8 @@ from meshxl.statesync.http.routing import failure
 from meshxl.statesync.metrics import StatesyncMetrics
 from meshxl.statesync.quota import (
     RECOUNT_AFTER,
+    THROTTLED_FOR,
+    THROTTLED_LINGER,
     QuotaGuard,
     QuotaRefused,
     TokenBucket,
@@ -89,6 +91,30 @@ def guard(cluster: Cluster, clock: Clock, metrics: StatesyncMetrics | None = Non
 
 def put(session: str, size: int) -> Write:
     return Write(session_id=session, data=b"x" * size)
+
+
+def test_write_batches_linger_only_while_the_cluster_is_past_its_rate() -> None:
+    clock = Clock()
+    assert guard(Cluster(), clock).linger() == 0.0  # no quota
+    assert guard(Cluster(), clock, sessions=5).linger() == 0.0  # none for the rate
+    g = guard(Cluster(), clock, writes_per_second=10, writes_burst=2)
+    g.admit([put("a", 1)])
+    g.admit([put("b", 1)])
+    assert g.linger() == 0.0  # at the rate: every write taken, nothing refused
+    assert g.rate_refusal() is not None  # a refusal from a request's head counts
+    assert g.linger() == THROTTLED_LINGER
+    clock.now += THROTTLED_FOR - 0.01
+    assert g.linger() == THROTTLED_LINGER
+    clock.now += 0.02
+    assert g.linger() == 0.0
+    g.admit([put("c", 1)])
+    with pytest.raises(QuotaRefused):  # and one from a request's body
+        g.admit([put("d", 1), put("e", 1), put("f", 1)])
+    assert g.linger() == THROTTLED_LINGER
+    sessions = guard(Cluster(a=5), clock, sessions=1)
+    with pytest.raises(QuotaRefused):  # another quota's refusal: not the rate
+        sessions.admit([put("new", 1)])
+    assert sessions.linger() == 0.0
 
 
 def test_no_quota_admits_everything_and_counts_nothing() -> None:
