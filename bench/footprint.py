@@ -113,6 +113,20 @@ def mapped(files: list[Path], pid: int | str = "self") -> set[Path]:
     return {file for file in files if str(file) in names}
 
 
+def held_elsewhere(files: list[Path]) -> dict[str, list[int]]:
+    """Which of ``files`` other processes map (by path within site-packages), and
+    their pids: those cached pages stay as they are whatever is dropped (another run
+    from the same environment, a demo's sidecars)."""
+    out: dict[str, list[int]] = {}
+    for entry in sorted(Path("/proc").iterdir(), key=lambda p: p.name.zfill(12)):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        for file in mapped(files, entry.name):
+            out.setdefault(str(file).rpartition("site-packages/")[2],
+                           []).append(int(entry.name))
+    return out
+
+
 def drop_cached_extensions(files: list[Path]) -> None:
     """Drop the page cache's copies of ``files`` (``POSIX_FADV_DONTNEED``; pages a
     running process maps stay). What a process maps of an extension module counts in
@@ -341,12 +355,14 @@ async def measure(stack: Owner, url: str, sessions: int, load_seconds: float,
     # against what the sidecar maps.
     held = mapped(cached)
     drop_cached_extensions(cached)
+    elsewhere = held_elsewhere(cached)
     from meshxl.operator.actions import apply_model
 
     async with etcd.client(url) as client:
         await apply_model(client, keys, model(), "bench footprint model")
     res: dict[str, Any] = {"python": python,
                            "versions": await asyncio.to_thread(versions, python),
+                           "held_elsewhere": elsewhere,
                            "bare_python": await bare_python(stack, python, cached),
                            "bare_etcd_client": await bare_etcd_client(stack, url, python,
                                                                       cached)}
@@ -387,6 +403,9 @@ def report(res: dict[str, Any]) -> list[str]:
     if "versions" in res:
         lines.append(f"  {res['python']}: " + ", ".join(
             f"{name} {v}" for name, v in res["versions"].items()))
+    for file, pids in res.get("held_elsewhere", {}).items():
+        lines.append(f"  NOTE: {file} mapped by other processes ({len(pids)}, pid "
+                     f"{pids[0]}...): its cached pages were not dropped")
     for name in ("bare_python", "bare_etcd_client"):
         p = res[name]
         lines.append(f"  {name:<26} {p['rss_mb']:>6} MiB {p['threads']:>3} threads")

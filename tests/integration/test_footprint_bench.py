@@ -39,3 +39,23 @@ def test_the_check_sees_them() -> None:
     assert _sidecars(["grpc", "grpc._cython.cygrpc", "google._upb._message", "orjson",
                       "grpcio_tools", "json"]) == [
         "grpc", "grpc._cython.cygrpc", "google._upb._message", "orjson"]
+
+
+def test_held_elsewhere_names_another_process_mapping_an_extension() -> None:
+    sys.path.insert(0, str(BENCH))
+    import _json
+
+    import footprint
+
+    ext = Path(_json.__file__)
+    other = subprocess.Popen([sys.executable, "-c", "import _json, sys; print(1, flush=True);"
+                              " sys.stdin.read()"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "1"
+        held = footprint.held_elsewhere([ext])
+        assert other.pid in held[str(ext).rpartition("site-packages/")[2]]
+        assert footprint.mapped([ext]) == {ext}
+    finally:
+        other.kill()
+        other.wait(timeout=10)
