@@ -68,7 +68,6 @@ from meshxl.local.ports import free_ports
 from meshxl.local.procs import Owner
 from meshxl.local.servers import HOST, start_etcd
 from meshxl.local.wait import LocalError, wait_http, wait_until
-from meshxl.statesync.record import SessionRecord
 from meshxl.stats import rss_bytes
 
 NAME = "sidecar_memory"
@@ -116,6 +115,8 @@ def document(session_id: str, size: int) -> bytes:
 
 async def fill(url: str, keys: Keys, cluster: str, sessions: int, size: int) -> int:
     """Write ``sessions`` records into etcd (transactions of 128 puts); payload bytes."""
+    from meshxl.statesync.record import SessionRecord  # grpcio: after the footprint
+
     payload = 0
     now = time.time()
     ops: list[tuple[bytes, bytes]] = []

@@ -389,6 +389,14 @@ def test_the_footprints_model_has_a_cluster_per_replication() -> None:
     assert len(footprint.document("all-0000001", 1024)) == 1024
 
 
+def test_mapped_names_the_extensions_a_process_maps(tmp_path: Path) -> None:
+    import _json
+
+    mapped_here = footprint.mapped([Path(_json.__file__), tmp_path / "none.so"])
+    assert mapped_here == {Path(_json.__file__)}
+    assert footprint.mapped([Path(_json.__file__)], pid=2**22 + 1) == set()
+
+
 def test_ab_compares_the_figures_asked_for() -> None:
     result = {"loads": {"put": {"us_per_request": 90.5, "runs_us": [1.0]},
                         "floor": {"us_per_request": 40}}, "quick": True, "seconds": 3.2}
