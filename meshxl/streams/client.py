@@ -245,8 +245,9 @@ class ClientStream:
                     if not self._carries(conn):
                         return
                     self._sent = (conn, seq)
-                    if ack is not None:  # carried: the timer finds nothing to do
+                    if ack is not None:  # carried: no wait for an ack alone
                         self._acked = max(self._acked, ack)
+                        self._carried()
             except Exception:  # the connection broke: sent again on the next one
                 self._broken(conn)
 
@@ -462,6 +463,17 @@ class ClientStream:
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(
                 self.limits.ack_delay, self._ack_later)
+
+    def _carried(self) -> None:
+        """Everything received is acknowledged (a message carried it): the wait for an
+        acknowledgement alone starts again with the next message received. Left
+        running, the timer of the first one fired ``ack_delay`` after it, found a
+        later message unacknowledged and sent an acknowledgement alone that the next
+        message would have carried (a stream that talks and listens every 0.2 s sent
+        one every other message or so)."""
+        if self.recv <= self._acked and self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
 
     def _ack_later(self) -> None:
         self._ack_timer = None

@@ -26,6 +26,7 @@ const TOKEN = "AAAAAAAAAAAAAAAAAAAAAA";
 const OTHER = "BBBBBBBBBBBBBBBBBBBBBQ";
 
 const hex = (bytes) => Buffer.from(bytes).toString("hex");
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const unhex = (text) => new Uint8Array(Buffer.from(text, "hex"));
 
 /** Until `condition()` is truthy (its value), polling; fails after `ms`. */
@@ -361,6 +362,23 @@ test("acknowledgements wait ackDelayMs, and go at once after ackEvery messages",
   other.push({ type: MESSAGE, seq: 1, payload: 1 });
   await until(() => other.acks().length, "the delayed acknowledgement");
   assert.deepEqual(other.acks(), [1]);
+});
+
+test("an acknowledgement carried starts the wait for the next anew", async (t) => {
+  const setup = scripted({ ackDelayMs: 300 });
+  t.after(() => setup.stream.disconnect());
+  const conn = await opened(setup);
+  conn.push({ type: MESSAGE, seq: 1, payload: "r1" });
+  await until(() => setup.stream.recv === 1, "r1");
+  await sleep(200);
+  await setup.stream.send("q1"); // carries 1
+  conn.push({ type: MESSAGE, seq: 2, payload: "r2" });
+  await until(() => setup.stream.recv === 2, "r2");
+  await sleep(200); // 400 ms after r1, 200 after r2: r1's wait would have sent 2 alone
+  await setup.stream.send("q2"); // carries 2
+  await sleep(400);
+  assert.deepEqual(conn.log, [["m", 1, "q1"], ["a", 1, "carried"], ["m", 2, "q2"],
+    ["a", 2, "carried"]]);
 });
 
 test("an acknowledgement rides on the next message; the server's answer carries its own", async (t) => {

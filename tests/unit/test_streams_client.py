@@ -142,6 +142,48 @@ async def test_an_acknowledgement_rides_on_the_next_message_and_the_answer_on_it
     await stream.aclose()
 
 
+class Fed(Scripted):
+    """A connection whose server frames come when the test feeds them."""
+
+    def __init__(self) -> None:
+        super().__init__([], hold=True)
+        self.feed: asyncio.Queue[Frame | None] = asyncio.Queue()
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while (frame := await self.feed.get()) is not None:
+            yield frame
+
+    async def close(self) -> None:
+        self.feed.put_nowait(None)
+
+
+async def test_an_acknowledgement_carried_starts_the_wait_for_the_next_anew() -> None:
+    """The wait for an acknowledgement alone runs from the first message received that
+    is not acknowledged: a message of the client's that carried it ends the wait. (Its
+    timer used to run on from the first message and, finding one received since,
+    acknowledge it alone just before the next message would have carried it.)"""
+    conn = Fed()
+    stream = ClientStream(connections(conn), limits=Limits(ack_delay=0.3))
+    conn.feed.put_nowait(ready())
+    await stream.start()
+    conn.feed.put_nowait(message(1, "r1"))
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r1"
+    await asyncio.sleep(0.2)
+    await stream.send("q1")  # carries 1
+    conn.feed.put_nowait(message(2, "r2"))
+    async with asyncio.timeout(2):
+        assert await stream.receive() == "r2"
+    await asyncio.sleep(0.2)  # 0.4 s after r1, 0.2 s after r2
+    await stream.send("q2")  # carries 2
+    await asyncio.sleep(0.4)
+    assert conn.sent == [("m", 1, "q1"), ("a", 1, "carried"), ("m", 2, "q2"),
+                         ("a", 2, "carried")]
+    conn.feed.put_nowait(message(3, "r3"))  # and one with nothing to ride on goes alone
+    await wait_until(lambda: ("a", 3) in conn.sent, timeout=2, what="the acknowledgement")
+    await stream.aclose()
+
+
 async def test_an_acknowledgement_with_no_message_to_ride_on_goes_alone() -> None:
     conn = Scripted([ready(), message(1, "r1")], hold=True)
     stream = ClientStream(connections(conn), limits=Limits(ack_delay=0.05))

@@ -663,7 +663,10 @@ export class ClientStream extends EventTarget {
               const ack = this.recv > this._acked ? this.recv : null;
               await conn.sendMessage(entry.seq, entry.payload, entry.text, ack);
               conn.sent = entry.seq;
-              if (ack !== null) this._acked = Math.max(this._acked, ack); // carried
+              if (ack !== null) { // carried: no wait for an acknowledgement alone
+                this._acked = Math.max(this._acked, ack);
+                this._carried();
+              }
             }
           }
         }
@@ -711,6 +714,15 @@ export class ClientStream extends EventTarget {
       this._ackNow(conn);
     } else if (this._ackTimer === null) {
       this._ackTimer = setTimeout(() => this._ackLater(), this.options.ackDelayMs);
+    }
+  }
+
+  /** Everything received is acknowledged (a message carried it): the wait for an
+   * acknowledgement alone starts again with the next message received. */
+  _carried() {
+    if (this.recv <= this._acked && this._ackTimer !== null) {
+      clearTimeout(this._ackTimer);
+      this._ackTimer = null;
     }
   }
 
