@@ -18,10 +18,13 @@ usually arrive). Building etcd's answers is timed apart and left out; gRPC, the 
 and the other processes of a real run are not here (``docs/performance.md``: a write
 costs the sidecar about twice as much CPU end to end).
 
-Five loads, each a round of 4 connections x 16 pipelined requests:
+Six loads, each a round of 4 connections x 16 pipelined requests:
 
 * ``floor``: the same server with a PUT route that answers at once (HTTP in and out);
 * ``put``: ``PUT /v1/sessions/{id}`` with a ~1 KiB JSON state;
+* ``put batch 1``: the same through a store sending each write in a transaction of its
+  own, 64 in flight (``bench/statesync.py``'s unbatched sidecar; etcd's side answers
+  each transaction as it does a batch);
 * ``bulk``: ``POST /v1/sessions:bulkSave`` of 16 sessions (figures per session);
 * ``put fenced``, ``bulk fenced``: the same through a session shard's store, whose
   every batch compares the shard map version fence (docs/scaling.md, "The map version
@@ -147,11 +150,14 @@ class _Sidecar:
     quota: QuotaGuard = field(default_factory=QuotaGuard.unlimited)
 
 
-def _sessions(fenced: bool = False) -> tuple[Sessions, _Etcd]:
+def _sessions(fenced: bool = False, unbatched: bool = False) -> tuple[Sessions, _Etcd]:
     keys = Keys("/meshxl")
     cache = SessionCache(None, keys.sessions_prefix(CLUSTER))  # type: ignore[arg-type]
     etcd = _Etcd(cache)
-    store = SessionStore(etcd, ttl=1800.0)  # type: ignore[arg-type]
+    # Unbatched: bench/statesync.py's "batch 1, 64 in flight" sidecar, a transaction a write.
+    store = SessionStore(etcd, ttl=1800.0,  # type: ignore[arg-type]
+                         **({"max_batch_ops": 1, "max_inflight": CONNECTIONS * PIPELINED}
+                            if unbatched else {}))
     if fenced:  # a session shard's store: every batch compares the map version fence
         store.fence(Fencing(keys.shard_fence.encode(), lambda: 7, lambda _: None, "s1"))
     bucket = int(time.time() // store.leases.bucket)
@@ -185,7 +191,7 @@ def _server(load: str) -> tuple[HttpServer, _Etcd | None]:
         router.add("PUT", "/v1/sessions/{session_id}", _answer_at_once, max_body=1 << 20,
                    access=WRITE, key="session_id")
         return HttpServer(router), None
-    sessions, etcd = _sessions(fenced=load.endswith("fenced"))
+    sessions, etcd = _sessions(fenced=load.endswith("fenced"), unbatched=load == "put batch 1")
     routes = SessionRoutes(_Sidecar(sessions))
     return HttpServer(routes.router(sessions.settings.max_bytes)), etcd
 
@@ -239,7 +245,7 @@ async def measure(load: str, rounds: int, repeats: int, profile: bool = False
 async def run(quick: bool) -> dict[str, Any]:
     rounds, repeats = (60, 3) if quick else (300, 9)
     loads = {load: await measure(load, rounds, repeats)
-             for load in ("floor", "put", "put fenced", "bulk", "bulk fenced")}
+             for load in ("floor", "put", "put batch 1", "put fenced", "bulk", "bulk fenced")}
     return {"rounds": rounds, "repeats": repeats, "connections": CONNECTIONS,
             "pipelined": PIPELINED, "state_bytes": len(STATE), "loads": loads,
             "bulk_sessions_per_request": PIPELINED}
@@ -254,6 +260,7 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"  {'load':<44} {'CPU us':>8} {'x floor':>8} {'calls':>7}  runs")
     labels = {"floor": "floor: HTTP in and out, answered at once",
               "put": "PUT of one session",
+              "put batch 1": "PUT, batch 1 (a transaction each)",
               "put fenced": "PUT, a shard's store (map version fence)",
               "bulk": f"bulk save of {res['bulk_sessions_per_request']}, per session",
               "bulk fenced": "bulk save, a shard's store, per session"}

@@ -13,6 +13,7 @@ __all__ = [
     "ETAG",
     "IF_MATCH",
     "IF_NONE_MATCH",
+    "LOWERED",
     "MEMBER",
     "OWNER",
     "SESSION",
@@ -51,17 +52,18 @@ def bearer(token: str | None) -> dict[str, str]:
     return {AUTHORIZATION: f"Bearer {token}"} if token else {}
 
 
-_LOWER: dict[bytes, str] = {}
-"""Header names as received -> lower case: a peer sends a handful, each decoded once."""
+LOWERED: dict[bytes, str] = {}
+"""Header names as received -> lower case: a peer sends a handful, each decoded once (a
+parser's hot path may look a name up here first, :func:`lower_name` when it is not)."""
 
 
 def lower_name(name: bytes) -> str:
     """A received header name (ISO-8859-1 bytes) in lower case, the key both HTTP parsers
     of the session API (the sidecar's server, ``meshxl.client``'s transport) file headers
     under. The first 256 names seen are remembered (a peer could send endless new ones)."""
-    key = _LOWER.get(name)
+    key = LOWERED.get(name)
     if key is None:
         key = name.decode("latin-1").lower()
-        if len(_LOWER) < 256:
-            _LOWER[name] = key
+        if len(LOWERED) < 256:
+            LOWERED[name] = key
     return key

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 import httptools
 
 from meshxl import errors
-from meshxl.headers import lower_name
+from meshxl.headers import LOWERED, lower_name
 
 from .errors import BadRequest, describe
 from .plans import Answer
@@ -164,7 +164,8 @@ class AnswerReader:
             if self._trailers > self._max_head:
                 self._fail(f"the answer's trailers are larger than {self._max_head} bytes")
             return
-        self._headers[lower_name(name)] = value.decode("latin-1")
+        # A name seen before found here, lower_name called only for a new one.
+        self._headers[LOWERED.get(name) or lower_name(name)] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         self._headers_done = True

@@ -14,8 +14,10 @@ from urllib.parse import unquote_to_bytes
 
 import grpc
 
+from meshxl.h2wire import literal
+
 __all__ = ["MAX_MESSAGE", "RECEIVE_WINDOW", "Call", "StreamCall", "error", "grpc_timeout",
-           "status_of"]
+           "status_of", "timeout_field"]
 
 MAX_MESSAGE = 32 << 20
 """Bytes of one answer at most (``grpc.max_receive_message_length`` of the channels)."""
@@ -37,6 +39,24 @@ def grpc_timeout(seconds: float) -> bytes:
     if millis < 100_000_000:
         return b"%dm" % millis
     return b"%dS" % min(-int(-seconds // 1), 99_999_999)
+
+
+_TIMEOUT_FIELDS: dict[int, bytes] = {}
+"""``grpc-timeout`` header fields by their milliseconds, each encoded once."""
+
+
+def timeout_field(seconds: float) -> bytes:
+    """The ``grpc-timeout`` header field of a call (:func:`grpc_timeout`), a literal
+    without indexing: the store's calls each take what is left of their deadline, so
+    nearly every one sends one of a few values (about 5,000 ms), kept encoded (at most
+    1,024 of them)."""
+    millis = -int(-seconds * 1000 // 1)
+    field = _TIMEOUT_FIELDS.get(millis)
+    if field is None:
+        field = literal(b"grpc-timeout", grpc_timeout(seconds))
+        if 0 < millis < 100_000_000 and len(_TIMEOUT_FIELDS) < 1024:
+            _TIMEOUT_FIELDS[millis] = field
+    return field
 
 
 def status_of(fields: dict[bytes, bytes]) -> grpc.aio.AioRpcError | None:
@@ -78,8 +98,9 @@ class Call:
         self.stream = 0
         """Its stream's id once started."""
         self.sent = 0.0
-        self.received: bytearray | None = None
-        """The answer's DATA so far (None until its headers came)."""
+        self.received: bytes | bytearray | None = None
+        """The answer's DATA so far (None until its headers came): the first DATA frame's
+        payload as it came (usually the whole message), a bytearray once more came."""
         self.window = 0
         """Its stream's send window."""
 
@@ -100,15 +121,18 @@ class Call:
         """The answer's headers: whether they open an answer (``:status`` 200)."""
         if fields.get(b":status") != b"200":
             return False
-        self.received = bytearray()
+        self.received = b""
         return True
 
     def take(self, payload: bytes) -> int:
         """DATA of its answer; what to grant back to its stream (0: nothing yet)."""
         received = self.received
-        if received is None:
-            self.received = received = bytearray()
-        received += payload
+        if not received:  # kept as it came: not copied to be parsed
+            self.received = received = payload
+        else:
+            if not isinstance(received, bytearray):  # more than one frame: gathered
+                self.received = received = bytearray(received)
+            received += payload
         if len(received) > MAX_MESSAGE + 5:
             self.fail(error(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"etcd's answer is larger than {MAX_MESSAGE} bytes"))
@@ -169,7 +193,19 @@ class StreamCall(Call):
 
     def take(self, payload: bytes) -> int:
         received = self.received
-        if received is None:
+        if not received:
+            size = len(payload) - 5
+            if size >= 0 and not payload[0] and size <= MAX_MESSAGE \
+                    and int.from_bytes(payload[1:5], "big") == size:
+                # The usual: a DATA frame holding one whole message, parsed from it.
+                try:
+                    self.messages.append(self.parse(payload[5:]))
+                except Exception as exc:  # noqa: BLE001 - a message that does not parse
+                    self.fail(error(grpc.StatusCode.INTERNAL,
+                                    f"etcd's message does not parse: {exc}"))
+                    return -1
+                return self._taken(len(payload))
+        if not isinstance(received, bytearray):
             self.received = received = bytearray()
         received += payload
         while len(received) >= 5:
@@ -189,8 +225,12 @@ class StreamCall(Call):
                                                           f"{exc}"))
                 return -1
             del received[:5 + size]
+        return self._taken(len(payload))
+
+    def _taken(self, size: int) -> int:
+        """``size`` bytes of DATA taken: the reader woken, what to grant back."""
         self._wake()
-        self.consumed += len(payload)
+        self.consumed += size
         if self.consumed >= RECEIVE_WINDOW // 2:
             granted, self.consumed = self.consumed, 0
             return granted

@@ -27,13 +27,11 @@ from meshxl.h2wire import (
     SETTINGS,
     WINDOW_UPDATE,
     frame,
-    frame_head,
     keeps_table,
-    literal,
 )
 from meshxl.hpackin import HeaderDecoder, HeaderError
 
-from .h2calls import RECEIVE_WINDOW, Call, error, grpc_timeout
+from .h2calls import RECEIVE_WINDOW, Call, error, timeout_field
 
 __all__ = ["KEEPALIVE", "PING_TIMEOUT", "Connection", "Owner"]
 
@@ -98,7 +96,9 @@ class Connection(asyncio.Protocol):
         self.blocked: dict[int, None] = {}
         """Streams whose request waits for window, in order."""
         self.consumed = 0
-        self.block: bytearray | None = None
+        self.block: bytes | bytearray | None = None
+        """The header block being read (its HEADERS frame's payload, and its
+        CONTINUATIONs')."""
         self.block_stream = 0
         self.block_flags = 0
         self.received_at = 0.0
@@ -189,8 +189,7 @@ class Connection(asyncio.Protocol):
         head = call.head
         if call.end_stream:  # a unary call: its deadline goes with it
             remaining = call.deadline - now
-            head += literal(b"grpc-timeout",
-                            grpc_timeout(remaining if remaining > 0 else call.timeout))
+            head += timeout_field(remaining if remaining > 0 else call.timeout)
         self.out.append(frame(HEADERS, END_HEADERS, stream, head))
         self._send(stream, call)
         self._flush_soon()
@@ -253,7 +252,10 @@ class Connection(asyncio.Protocol):
             self.pinged.cancel()
             self.pinged = None
         while end - pos >= 9 and self.transport is not None:
-            size, kind, flags, stream = frame_head(buffer, pos)
+            # frame_head's fields, inline: this runs for every frame of every answer
+            size = buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2]
+            kind, flags = buffer[pos + 3], buffer[pos + 4]
+            stream = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF
             if size > _MAX_FRAME:
                 return self.abort(f"a frame of {size} bytes")
             if end - pos - 9 < size:
@@ -269,14 +271,16 @@ class Connection(asyncio.Protocol):
                     payload = payload[1:len(payload) - payload[0]] if payload else payload
                 if flags & PRIORITY_FLAG:
                     payload = payload[5:]
-                self.block, self.block_stream, self.block_flags = bytearray(payload), \
-                    stream, flags
+                self.block, self.block_stream, self.block_flags = payload, stream, flags
                 if flags & END_HEADERS:
                     self._header_block()
             elif kind == CONTINUATION:
                 if self.block is None or stream != self.block_stream:
                     return self.abort("CONTINUATION without its HEADERS")
-                self.block += payload
+                block = self.block
+                if not isinstance(block, bytearray):  # rare: a block in several frames
+                    self.block = block = bytearray(block)
+                block += payload
                 if flags & END_HEADERS:
                     self._header_block()
             elif kind == SETTINGS:
@@ -317,7 +321,9 @@ class Connection(asyncio.Protocol):
 
     def _header_block(self) -> None:
         assert self.block is not None
-        block, stream, flags = bytes(self.block), self.block_stream, self.block_flags
+        block, stream, flags = self.block, self.block_stream, self.block_flags
+        if not isinstance(block, bytes):  # a block in several frames
+            block = bytes(block)
         self.block = None
         fields = self.known.get(block)
         if fields is None:

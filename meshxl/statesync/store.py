@@ -278,6 +278,9 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop its batches run on, kept: on Python 3.11 each
         ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
+        self._balancer: etcd.Balancer | None = None
+        """The client's (:func:`meshxl.etcd.balancer_of`, one for the client's life),
+        kept: looked up for every batch otherwise."""
 
     def _bind(self) -> asyncio.AbstractEventLoop:
         loop = self._loop = asyncio.get_running_loop()
@@ -397,6 +400,10 @@ class Batcher:
             flights.popleft()
         self._kick()
 
+    def _bind_balancer(self) -> etcd.Balancer:
+        balancer = self._balancer = etcd.balancer_of(self._client)
+        return balancer
+
     def _check_stalls(self) -> None:
         """Stall the batches unanswered for :data:`STALLED_AFTER` (:func:`stall_due`):
         one timer for all the batches in flight, at the oldest one's time (a timer per
@@ -419,7 +426,7 @@ class Batcher:
         With one etcd member (nowhere else to go) an attempt is the gRPC call alone,
         bounded by its own deadline: no member to watch, and an asyncio timeout around
         it cost about a tenth of a single write's CPU."""
-        balancer = etcd.balancer_of(self._client)
+        balancer = self._balancer or self._bind_balancer()
         deadline = time.monotonic() + self._timeout
         pending = batch
         last = "no attempt"
@@ -427,11 +434,7 @@ class Batcher:
         fencing = self.fencing if version != UNFENCED else None
         fence = wire.fence_parts(fencing.key, version) if fencing is not None else None
         raises = 0
-
-        def fail(ops: list[Op], error: Exception) -> None:
-            for op in ops:
-                op.settle(error)
-
+        fail = _fail
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -527,6 +530,11 @@ class Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         while self._queue:
             self._queue.popleft().settle(EtcdUnavailable("the store is closing"))
+
+
+def _fail(ops: list[Op], error: Exception) -> None:
+    for op in ops:
+        op.settle(error)
 
 
 _Txn = Callable[[bytes, float], Awaitable[Any]]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from meshxl import h2wire
 from meshxl.etcd import h2c, h2conn
-from meshxl.etcd.h2calls import Call, grpc_timeout
+from meshxl.etcd.h2calls import MAX_MESSAGE, Call, grpc_timeout, timeout_field
 from meshxl.etcd.h2conn import Connection
 
 
@@ -249,6 +249,90 @@ async def test_a_watch_reads_every_message_in_order_however_split() -> None:
     assert connection.usable() and channel._connection is connection
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(st.tuples(st.lists(st.binary(max_size=3000), min_size=1, max_size=3),
+                                st.booleans()), min_size=1, max_size=8),
+       chunk=st.integers(1, 5000))
+def test_a_watchs_messages_each_in_its_frame_or_not_come_in_order(
+        parts: list[tuple[list[bytes], bool]], chunk: int) -> None:
+    """Messages each alone in a DATA frame (read from the frame as it came), several in
+    one, or one split across frames (gathered), in any mix and order."""
+    async def run() -> None:
+        server = Server()
+        channel, connection, pipe = channel_on(server)
+        stream = channel.stream(h2c.WATCH, b"create", bytes)
+        connection._flush()
+        exchange(connection, pipe, server)
+        server.h2.send_headers(stream.stream, [(":status", "200"),
+                                               ("content-type", "application/grpc")])
+        sent: list[bytes] = []
+        for messages, split in parts:
+            data = b"".join(grpc_message(m) for m in messages)
+            if split and len(data) > 1:  # cut in two frames anywhere
+                server.h2.send_data(stream.stream, data[:len(data) // 2])
+                server.h2.send_data(stream.stream, data[len(data) // 2:])
+            else:
+                server.send(stream.stream, data)
+            sent += messages
+        exchange(connection, pipe, server, chunk)
+        assert [await stream.read() for _ in sent] == sent
+        assert not stream.messages and stream.closed is None
+    asyncio.run(run())
+
+
+async def test_a_watch_message_compressed_or_too_large_in_its_own_frame_fails_it() -> None:
+    for flag, size, code in ((1, 3, grpc.StatusCode.INTERNAL),
+                             (0, MAX_MESSAGE + 1, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+        server = Server()
+        channel, connection, pipe = channel_on(server)
+        stream = channel.stream(h2c.WATCH, b"create", bytes)
+        connection._flush()
+        exchange(connection, pipe, server)
+        server.h2.send_headers(stream.stream, [(":status", "200"),
+                                               ("content-type", "application/grpc")])
+        server.h2.send_data(stream.stream, bytes([flag]) + struct.pack(">L", size) + b"abc")
+        exchange(connection, pipe, server)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await stream.read()
+        assert failed.value.code() == code
+
+
+async def test_a_header_block_in_several_frames_is_read_whole() -> None:
+    """Trailers larger than a frame come as HEADERS and CONTINUATION frames."""
+    server = Server()
+    connection, pipe, _ = connect(server)
+    call = unary(connection, b"a")
+    future = call.future
+    exchange(connection, pipe, server)
+    server.h2.send_headers(call.stream, [(":status", "200"),
+                                         ("content-type", "application/grpc")])
+    server.send(call.stream, grpc_message(b""))
+    detail = "x" * 40_000
+    server.h2.send_headers(call.stream, [("grpc-status", "9"), ("grpc-message", detail)],
+                           end_stream=True)
+    sent = server.take()
+    assert any(sent[at + 3] == h2wire.CONTINUATION for at in _frame_starts(sent))
+    connection.data_received(sent)
+    assert future is not None
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        future.result()
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert failed.value.details() == detail
+    again = unary(connection, b"b")  # the connection reads on
+    exchange(connection, pipe, server)
+    server.answer(again.stream, b"ok")
+    exchange(connection, pipe, server)
+    assert again.future is None and not connection.streams
+
+
+def _frame_starts(data: bytes) -> list[int]:
+    starts, at = [], 0
+    while at + 9 <= len(data):
+        starts.append(at)
+        at += 9 + int.from_bytes(data[at:at + 3], "big")
+    return starts
+
+
 async def test_goaway_fails_the_streams_it_did_not_take_and_a_loss_fails_the_rest() -> None:
     server = Server()
     connection, pipe, owner = connect(server)
@@ -328,6 +412,14 @@ def test_the_literals_sent_decode_with_hpack_and_keep_its_table() -> None:
     (1e12, b"99999999S")])
 def test_grpc_timeout_is_eight_digits_and_a_unit(seconds: float, value: bytes) -> None:
     assert grpc_timeout(seconds) == value
+
+
+@given(st.one_of(st.floats(-1.0, 2e5), st.sampled_from([0.0, 4.9995, 5.0, 99_999.9999])))
+def test_the_timeout_field_is_grpc_timeouts_literal_however_often_asked(
+        seconds: float) -> None:
+    for _ in range(2):  # the second from what was kept
+        assert timeout_field(seconds) == h2wire.literal(b"grpc-timeout",
+                                                        grpc_timeout(seconds))
 
 
 @given(st.integers(0, 255), st.integers(0, 255), st.integers(0, (1 << 32) - 1),

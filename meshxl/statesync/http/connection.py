@@ -13,7 +13,7 @@ from collections import deque
 
 import httptools
 
-from meshxl.headers import lower_name
+from meshxl.headers import LOWERED, lower_name
 from meshxl.httpbase import MAX_FIELD_SIZE, MAX_HEADERS
 
 from .admission import Hold, admit
@@ -206,7 +206,7 @@ class Connection(asyncio.Protocol):
         self._header_count += 1
         if self._header_count > MAX_HEADERS or len(name) + len(value) > MAX_FIELD_SIZE:
             self._too_large(name)
-        key = lower_name(name)
+        key = LOWERED.get(name) or lower_name(name)  # (the call only for a name not seen)
         headers = self._headers
         text = value.decode("latin-1")
         if key in headers:

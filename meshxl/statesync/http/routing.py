@@ -108,6 +108,10 @@ class Router:
     def __init__(self) -> None:
         self._exact: dict[str, dict[str, Route]] = {}
         self._patterns: dict[int, list[tuple[list[str | None], list[str], dict[str, Route]]]] = {}
+        self._leading: dict[int, tuple[str, str, dict[str, Route]]] = {}
+        """By segment count, when the first pattern of that count has one parameter, its
+        last segment (``/v1/sessions/{session_id}``): its literal prefix, the parameter's
+        name, its methods; a path without ``%`` is matched against it by its prefix."""
         self._routes: list[Route] = []
         self.fallback: Route | None = None
         """What answers a path no route matches, any method (None: 404)."""
@@ -138,7 +142,11 @@ class Router:
             if known == literals and known_names == names:
                 methods[method] = route
                 return
-        self._patterns.setdefault(len(segments), []).append((literals, names, {method: route}))
+        methods = {method: route}
+        if len(segments) not in self._patterns and literals[-1] is None \
+                and None not in literals[:-1]:
+            self._leading[len(segments)] = ("/".join(segments[:-1]) + "/", names[0], methods)
+        self._patterns.setdefault(len(segments), []).append((literals, names, methods))
 
     def routes(self) -> list[Route]:
         return list(self._routes)
@@ -149,6 +157,10 @@ class Router:
         methods = self._exact.get(path if plain else unquote(path, errors="replace"))
         if methods is not None:
             return methods, {}
+        if plain and (leading := self._leading.get(path.count("/") + 1)) is not None:
+            prefix, name, methods = leading  # the first pattern, as the loop below tries it
+            if len(path) > len(prefix) and path.startswith(prefix):
+                return methods, {name: path[len(prefix):]}
         segments = path.split("/")
         for literals, names, methods in self._patterns.get(len(segments), ()):
             values: list[str] = []
