@@ -400,10 +400,6 @@ class Batcher:
             flights.popleft()
         self._kick()
 
-    def _bind_balancer(self) -> etcd.Balancer:
-        balancer = self._balancer = etcd.balancer_of(self._client)
-        return balancer
-
     def _check_stalls(self) -> None:
         """Stall the batches unanswered for :data:`STALLED_AFTER` (:func:`stall_due`):
         one timer for all the batches in flight, at the oldest one's time (a timer per
@@ -426,7 +422,9 @@ class Batcher:
         With one etcd member (nowhere else to go) an attempt is the gRPC call alone,
         bounded by its own deadline: no member to watch, and an asyncio timeout around
         it cost about a tenth of a single write's CPU."""
-        balancer = self._balancer or self._bind_balancer()
+        balancer = self._balancer
+        if balancer is None:
+            balancer = self._balancer = etcd.balancer_of(self._client)
         deadline = time.monotonic() + self._timeout
         pending = batch
         last = "no attempt"
@@ -434,17 +432,16 @@ class Batcher:
         fencing = self.fencing if version != UNFENCED else None
         fence = wire.fence_parts(fencing.key, version) if fencing is not None else None
         raises = 0
-        fail = _fail
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                fail(pending, EtcdUnavailable(f"etcd did not answer in time ({last})"))
+                _fail(pending, EtcdUnavailable(f"etcd did not answer in time ({last})"))
                 return
             probing = balancer.probing
             try:
                 ep = await balancer.choose(deadline) if probing else balancer.current
             except EtcdUnavailable as exc:
-                fail(pending, EtcdUnavailable(str(exc)))
+                _fail(pending, EtcdUnavailable(str(exc)))
                 return
             request = wire.txn_request([op.request for op in pending], fence)
             # One member and nowhere else to go: one attempt, the whole deadline.
@@ -463,15 +460,15 @@ class Batcher:
                         # Refused whole (nothing applied) for a lease etcd lost.
                         if self._on_lease_lost is not None:
                             self._on_lease_lost()
-                        fail(pending, LeaseLost(last))
+                        _fail(pending, LeaseLost(last))
                         return
                     if not retryable(exc) or not balancer.probing:
-                        fail(pending, EtcdUnavailable(last))
+                        _fail(pending, EtcdUnavailable(last))
                         return
                 else:
                     last = f"{type(exc).__name__}: {exc}"
                     if not balancer.probing:
-                        fail(pending, EtcdUnavailable(f"etcd did not answer: {last}"))
+                        _fail(pending, EtcdUnavailable(f"etcd did not answer: {last}"))
                         return
                 if not isinstance(exc, MemberChanged):
                     balancer.failed(ep, exc)
@@ -481,7 +478,7 @@ class Batcher:
                     if op.resend:
                         again.append(op)
                     else:
-                        fail([op], EtcdUnavailable(
+                        _fail([op], EtcdUnavailable(
                             f"etcd did not answer ({last}); the write may or may not have "
                             "applied"))
                 pending = again
@@ -492,7 +489,7 @@ class Batcher:
                 if now > version:
                     self._leave(flight)
                     fencing.fenced(now)
-                    fail(pending, Fenced(version, now, fencing.shard))
+                    _fail(pending, Fenced(version, now, fencing.shard))
                     return
                 raises += 1
                 try:
@@ -501,7 +498,7 @@ class Batcher:
                     await raise_fence(self._client, fencing.key, version,
                                       max(deadline - time.monotonic(), 0.01))
                 except Exception as exc:  # nothing of the batch applied
-                    fail(pending, EtcdUnavailable(
+                    _fail(pending, EtcdUnavailable(
                         f"the shard map fence could not be raised to {version}: "
                         f"{type(exc).__name__}: {str(exc)[:200]}"))
                     return
