@@ -84,6 +84,8 @@ class Sidecar:
         self.client = client
         self.metrics = metrics or StatesyncMetrics()
         self.metrics.member.labels(config.cluster, config.member, config.site or "").set(1)
+        # Before the stores: their write batchers ask it how long to linger.
+        self.quota = QuotaGuard(settings.quota, self._usage, self._session_size, self.metrics)
         if shard_map is None:  # sessions in the main cluster, beside everything else
             self.parts = [self._part("", client, settings)]
             self.sessions: Sessions | ShardedSessions = self.parts[0].engine
@@ -103,7 +105,6 @@ class Sidecar:
         self.membership.sync_delay = settings.sync_delay
         self.metrics.shard_map_version.set(shard_map.version if shard_map is not None else 0)
         self.metrics.shard_map_unusable.set(1 if shard_map and not shard_map.shards else 0)
-        self.quota = QuotaGuard(settings.quota, self._usage, self._session_size, self.metrics)
         self.takeovers = TakeoverTracer(config.cluster, config.member)
         self.sessions.on_takeover = self.takeovers.record
         self.started = time.time()
@@ -130,7 +131,7 @@ class Sidecar:
         store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
                              max_batch_bytes=config.batch_max_bytes,
                              max_inflight=config.max_inflight, on_batch=metrics.on_batch,
-                             linger=self._linger)
+                             linger=self.quota.linger)
         engine: list[Sessions] = []
         cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
                              on_lag=metrics.replication_lag.observe,
@@ -140,10 +141,6 @@ class Sidecar:
         engine.append(Sessions(store, cache, self.keys, config.cluster, config.member,
                                settings, metrics, shard=name))
         return Shard(name, client, store, cache, engine[0])
-
-    def _linger(self) -> float:
-        """How long the cluster's write batches wait for more (its rate quota's)."""
-        return self.quota.linger()
 
     async def start(self) -> None:
         if self.shard_map is not None:
