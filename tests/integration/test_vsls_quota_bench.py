@@ -16,6 +16,7 @@ import pytest
 from meshxl.etcd.keys import Keys
 from meshxl.local.ports import free_port
 from meshxl.local.procs import Owner
+from meshxl.local.wait import wait_until
 from meshxl.operator.actions import apply_model
 from tests.harness.sidecar import SidecarProcess
 
@@ -42,7 +43,17 @@ async def test_the_flooding_tenant_is_past_its_burst_before_it_says_ready(
     try:
         await tenant.start()
         # Under way: the bucket's burst (a second's worth) is spent, refusals come.
-        assert await _refused(t01) >= 1
+        ready = await _refused(t01)
+        assert ready >= 1
+
+        async def refused_since() -> bool:
+            return await _refused(t01) > ready
+
+        # The writes it counts from then on: a refusal among them (answered late, its
+        # answer held until a token would be there; the writer waits for it before it
+        # stops). Stopped at once, its writes past the rate could all be still held.
+        await wait_until(refused_since, timeout=10, interval=0.05,
+                         what="a write refused after the tenant said it was under way")
         stopping = time.monotonic()
         counts = await tenant.stop()
     finally:
