@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from meshxl import h2wire
 from meshxl.etcd import h2c, h2conn
-from meshxl.etcd.h2calls import MAX_MESSAGE, Call, grpc_timeout, timeout_field
+from meshxl.etcd.h2calls import MAX_MESSAGE, Call, StreamCall, grpc_timeout, timeout_field
 from meshxl.etcd.h2conn import Connection
 
 
@@ -157,6 +157,18 @@ def channel_on(server: Server) -> tuple[h2c.Channel, Connection, Pipe]:
     return channel, connection, pipe
 
 
+def watch_answered(server: Server) -> tuple[h2c.Channel, Connection, Pipe, StreamCall]:
+    """A channel on ``server`` with a watch open: its request taken, the headers of its
+    answer sent (its messages to come)."""
+    channel, connection, pipe = channel_on(server)
+    stream = channel.stream(h2c.WATCH, b"create", bytes)
+    connection._flush()
+    exchange(connection, pipe, server)
+    server.h2.send_headers(stream.stream, [(":status", "200"),
+                                           ("content-type", "application/grpc")])
+    return channel, connection, pipe, stream
+
+
 def unary(connection: Connection, request: bytes, timeout: float = 5.0) -> Call:
     loop = asyncio.get_running_loop()
     call = Call(loop.create_future(), h2c.Channel("127.0.0.1", 2379)._head(h2c.TXN),
@@ -259,12 +271,7 @@ def test_a_watchs_messages_each_in_its_frame_or_not_come_in_order(
     one, or one split across frames (gathered), in any mix and order."""
     async def run() -> None:
         server = Server()
-        channel, connection, pipe = channel_on(server)
-        stream = channel.stream(h2c.WATCH, b"create", bytes)
-        connection._flush()
-        exchange(connection, pipe, server)
-        server.h2.send_headers(stream.stream, [(":status", "200"),
-                                               ("content-type", "application/grpc")])
+        _, connection, pipe, stream = watch_answered(server)
         sent: list[bytes] = []
         for messages, split in parts:
             data = b"".join(grpc_message(m) for m in messages)
@@ -284,12 +291,7 @@ async def test_a_watch_message_compressed_or_too_large_in_its_own_frame_fails_it
     for flag, size, code in ((1, 3, grpc.StatusCode.INTERNAL),
                              (0, MAX_MESSAGE + 1, grpc.StatusCode.RESOURCE_EXHAUSTED)):
         server = Server()
-        channel, connection, pipe = channel_on(server)
-        stream = channel.stream(h2c.WATCH, b"create", bytes)
-        connection._flush()
-        exchange(connection, pipe, server)
-        server.h2.send_headers(stream.stream, [(":status", "200"),
-                                               ("content-type", "application/grpc")])
+        _, connection, pipe, stream = watch_answered(server)
         server.h2.send_data(stream.stream, bytes([flag]) + struct.pack(">L", size) + b"abc")
         exchange(connection, pipe, server)
         with pytest.raises(grpc.aio.AioRpcError) as failed:
