@@ -58,6 +58,7 @@ from meshxl.streams.protocol import (
 )
 from meshxl.streams.sse import _Conduit, _ready
 from tests.harness.browser import BrowserNotInstalled, find_chromium, open_page, wait_for_js
+from tests.harness.clock import SCALE
 from tests.harness.protocols import deployment
 
 pytestmark = pytest.mark.integration
@@ -148,7 +149,8 @@ def test_the_browser_client_logic_under_node(node: str, tmp_path: Path) -> None:
     run = subprocess.run([node, "--test", "--test-reporter=tap", str(JS_TESTS)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "MESHXL_STREAMS_FIXTURE": str(fixture),
-                              "MESHXL_STREAMS_OUT": str(out)})
+                              "MESHXL_STREAMS_OUT": str(out),
+                              "MESHXL_STREAMS_TIME_SCALE": str(SCALE)})
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     counts = dict(line[2:].split(" ", 1) for line in run.stdout.splitlines()

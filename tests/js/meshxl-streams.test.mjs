@@ -26,7 +26,10 @@ const TOKEN = "AAAAAAAAAAAAAAAAAAAAAA";
 const OTHER = "BBBBBBBBBBBBBBBBBBBBBQ";
 
 const hex = (bytes) => Buffer.from(bytes).toString("hex");
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+// The suite's time scale (tests/harness/clock.py), passed in by its runner.
+const SCALE = Number(process.env.MESHXL_STREAMS_TIME_SCALE || "1");
+/** Let ms (scaled) pass on purpose: for what must not happen meanwhile. */
+const window = (ms) => new Promise((resolve) => setTimeout(resolve, ms * SCALE));
 const unhex = (text) => new Uint8Array(Buffer.from(text, "hex"));
 
 /** Until `condition()` is truthy (its value), polling; fails after `ms`. */
@@ -365,18 +368,18 @@ test("acknowledgements wait ackDelayMs, and go at once after ackEvery messages",
 });
 
 test("an acknowledgement carried starts the wait for the next anew", async (t) => {
-  const setup = scripted({ ackDelayMs: 300 });
+  const setup = scripted({ ackDelayMs: 300 * SCALE });
   t.after(() => setup.stream.disconnect());
   const conn = await opened(setup);
   conn.push({ type: MESSAGE, seq: 1, payload: "r1" });
   await until(() => setup.stream.recv === 1, "r1");
-  await sleep(200);
+  await window(200); // r1 waits for a message to carry its acknowledgement
   await setup.stream.send("q1"); // carries 1
   conn.push({ type: MESSAGE, seq: 2, payload: "r2" });
   await until(() => setup.stream.recv === 2, "r2");
-  await sleep(200); // 400 ms after r1, 200 after r2: r1's wait would have sent 2 alone
+  await window(200); // 400 ms after r1, 200 after r2: r1's wait would have sent 2 alone
   await setup.stream.send("q2"); // carries 2
-  await sleep(400);
+  await window(400); // no acknowledgement goes alone
   assert.deepEqual(conn.log, [["m", 1, "q1"], ["a", 1, "carried"], ["m", 2, "q2"],
     ["a", 2, "carried"]]);
 });

@@ -24,6 +24,7 @@ from meshxl.streams.protocol import (
     Frame,
     Limits,
 )
+from tests.harness.clock import scaled, window
 
 TOKEN = "A" * 22
 
@@ -163,20 +164,20 @@ async def test_an_acknowledgement_carried_starts_the_wait_for_the_next_anew() ->
     timer used to run on from the first message and, finding one received since,
     acknowledge it alone just before the next message would have carried it.)"""
     conn = Fed()
-    stream = ClientStream(connections(conn), limits=Limits(ack_delay=0.3))
+    stream = ClientStream(connections(conn), limits=Limits(ack_delay=scaled(0.3)))
     conn.feed.put_nowait(ready())
     await stream.start()
     conn.feed.put_nowait(message(1, "r1"))
     async with asyncio.timeout(2):
         assert await stream.receive() == "r1"
-    await asyncio.sleep(0.2)
+    await window(0.2, "r1 waits for a message to carry its acknowledgement")
     await stream.send("q1")  # carries 1
     conn.feed.put_nowait(message(2, "r2"))
     async with asyncio.timeout(2):
         assert await stream.receive() == "r2"
-    await asyncio.sleep(0.2)  # 0.4 s after r1, 0.2 s after r2
+    await window(0.2, "r1's wait would end here, r2's not")  # 0.4 s after r1, 0.2 after r2
     await stream.send("q2")  # carries 2
-    await asyncio.sleep(0.4)
+    await window(0.4, "no acknowledgement goes alone")
     assert conn.sent == [("m", 1, "q1"), ("a", 1, "carried"), ("m", 2, "q2"),
                          ("a", 2, "carried")]
     conn.feed.put_nowait(message(3, "r3"))  # and one with nothing to ride on goes alone
