@@ -27,6 +27,7 @@ from meshxl.h2wire import (
     SETTINGS,
     WINDOW_UPDATE,
     frame,
+    frame_head,
     keeps_table,
 )
 from meshxl.hpackin import HeaderDecoder, HeaderError
@@ -252,10 +253,7 @@ class Connection(asyncio.Protocol):
             self.pinged.cancel()
             self.pinged = None
         while end - pos >= 9 and self.transport is not None:
-            # frame_head's fields, inline: this runs for every frame of every answer
-            size = buffer[pos] << 16 | buffer[pos + 1] << 8 | buffer[pos + 2]
-            kind, flags = buffer[pos + 3], buffer[pos + 4]
-            stream = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+            size, kind, flags, stream = frame_head(buffer, pos)
             if size > _MAX_FRAME:
                 return self.abort(f"a frame of {size} bytes")
             if end - pos - 9 < size:

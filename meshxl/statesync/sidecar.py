@@ -131,7 +131,8 @@ class Sidecar:
         store = SessionStore(client, ttl=settings.ttl, max_batch_ops=config.batch_max_ops,
                              max_batch_bytes=config.batch_max_bytes,
                              max_inflight=config.max_inflight, on_batch=metrics.on_batch,
-                             linger=self.quota.linger)
+                             # Only a rate quota ever lingers: no call per batch without.
+                             linger=self.quota.linger if self.quota.bucket else None)
         engine: list[Sessions] = []
         cache = SessionCache(client, self.keys.sessions_prefix(config.cluster),
                              on_lag=metrics.replication_lag.observe,
